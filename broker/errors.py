@@ -1,0 +1,574 @@
+"""The broker's one error tree, and the catalogue of every Amazon error code.
+
+Exceptions are for misuse, bad configuration, and "no key can serve"; per-ASIN
+failures are data (an ``ItemResult`` with ``status`` and ``error``), never raised.
+
+::
+
+    BrokerError
+    ├── ConfigError            bad config.toml / config objects (names the key path)
+    ├── JobFileError           a job file that cannot be read as a whole
+    ├── TransportError         the network failed us (retryable)
+    │   ├── ConnectError       (also a ConnectionError)
+    │   ├── RequestTimeout     (also a TimeoutError)
+    │   └── BodyTooLarge       the response body passed the read cap
+    ├── ResponseError          a response we cannot read: truncated, not JSON, wrong shape (retryable)
+    ├── ApiError               Amazon answered with an error code
+    │   ├── ThrottledError     429 TooManyRequests / ThrottleException
+    │   ├── AuthError          401/403 and signature codes (token, key or account problems)
+    │   ├── BadRequestError    other 4xx
+    │   └── ServerError        5xx
+    ├── KeyUnusableError       a key was taken out of rotation (names the key, code and remedy)
+    └── NoUsableKeyError       every key that could serve a marketplace is out of rotation
+
+The catalogue (``CATALOGUE``) maps each code Amazon sends (PA-API ``Code``, or the
+Creators API ``reason``, else its ``type``) to an :class:`ErrorInfo`: what it means, its
+scope, whether the broker retries it, and a remedy a user can act on.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "CATALOGUE",
+    "ApiError",
+    "AuthError",
+    "BadRequestError",
+    "BodyTooLarge",
+    "BrokerError",
+    "ConfigError",
+    "ConnectError",
+    "ErrorInfo",
+    "JobFileError",
+    "KeyUnusableError",
+    "NoUsableKeyError",
+    "RequestTimeout",
+    "ResponseError",
+    "Scope",
+    "ServerError",
+    "ThrottledError",
+    "TransportError",
+    "describe",
+]
+
+
+class BrokerError(Exception):
+    """Base of every exception the broker raises on purpose."""
+
+
+class ConfigError(BrokerError, ValueError):
+    """The configuration is invalid; ``path`` names the offending key (``keys[0].tps``)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class JobFileError(BrokerError, ValueError):
+    """A job file cannot be processed as a whole (missing column, undecodable, truncated)."""
+
+
+class TransportError(BrokerError):
+    """The request did not complete at the network level; always retryable."""
+
+
+class ConnectError(TransportError, ConnectionError):
+    """Connecting, or keeping the connection, failed (refused, reset, DNS)."""
+
+
+class RequestTimeout(TransportError, builtins.TimeoutError):
+    """The request or the response body did not complete in time."""
+
+
+class BodyTooLarge(TransportError):
+    """The response body was larger than the configured read cap."""
+
+
+class ResponseError(BrokerError):
+    """A response arrived but cannot be used: truncated, not JSON, or the wrong shape."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class ApiError(BrokerError):
+    """Amazon answered a whole request with an error.
+
+    Attributes:
+        code: the catalogue code (PA-API ``Code``, Creators ``reason`` or ``type``).
+        message: Amazon's message, which never holds a credential.
+        status: the HTTP status.
+        retry_after: seconds the server asked us to wait, if it said.
+        server_date: the server's ``Date`` header, used to learn clock skew.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int,
+        retry_after: float | None = None,
+        server_date: str | None = None,
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.server_date = server_date
+        super().__init__(f"{code} (HTTP {status}): {message}")
+
+    @property
+    def info(self) -> ErrorInfo:
+        """The catalogue entry for this error's code."""
+        return describe(self.code, status=self.status)
+
+
+class ThrottledError(ApiError):
+    """HTTP 429: the key is over its rate, its daily quota, or no longer eligible."""
+
+
+class AuthError(ApiError):
+    """The credential, token, signature or account was rejected."""
+
+
+class BadRequestError(ApiError):
+    """Any other 4xx: the request itself (or the key's partner tag) is wrong."""
+
+
+class ServerError(ApiError):
+    """5xx: a server-side failure; retryable."""
+
+
+class KeyUnusableError(BrokerError):
+    """A key was taken out of rotation; carries which key, the code and the remedy."""
+
+    def __init__(self, key: str, code: str, message: str, remedy: str) -> None:
+        self.key = key
+        self.code = code
+        self.message = message
+        self.remedy = remedy
+        super().__init__(f"key {key!r} out of rotation: {code}: {message} -> {remedy}")
+
+
+class NoUsableKeyError(BrokerError):
+    """No key can serve the request: every candidate key is out of rotation.
+
+    ``failures`` holds one :class:`KeyUnusableError` per key, saying why.
+    """
+
+    def __init__(self, marketplace: str, failures: Sequence[KeyUnusableError]) -> None:
+        self.marketplace = marketplace
+        self.failures = tuple(failures)
+        reasons = "; ".join(f"{f.key}: {f.code} ({f.remedy})" for f in self.failures)
+        super().__init__(f"no key can serve {marketplace}: {reasons or 'no key configured'}")
+
+
+class Scope(enum.Enum):
+    """What an error condemns."""
+
+    #: one ASIN in the request; the rest of the batch is fine
+    ASIN = "asin"
+    #: this request; another attempt may succeed
+    REQUEST = "request"
+    #: the key (credential) for every marketplace
+    KEY = "key"
+    #: the key for one marketplace (its partner tag there)
+    KEY_MARKETPLACE = "key+marketplace"
+    #: every key: the service is gone or the client is wrong
+    GLOBAL = "global"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """One catalogue entry: what a code means and what the broker and the user should do."""
+
+    code: str
+    meaning: str
+    scope: Scope
+    retryable: bool
+    remedy: str
+
+
+def _entries(*infos: ErrorInfo) -> Mapping[str, ErrorInfo]:
+    return {info.code: info for info in infos}
+
+
+_RETRY = "None needed: the broker retries this by itself."
+
+#: Every code of Amazon's error tables (protocol.md sections 2.8, 3.5 and 4), plus the broker's own.
+CATALOGUE: Mapping[str, ErrorInfo] = _entries(
+    # Throttling, both APIs.
+    ErrorInfo(
+        "TooManyRequests",
+        "The key sent more requests than its per-second or daily quota allows, or the account "
+        "is not (or no longer) eligible.",
+        Scope.KEY,
+        True,
+        "Usually none: the broker slows the key down. If it persists for hours, the daily quota "
+        "(TPD) is spent or the account lost eligibility (no referred sales in 30 days).",
+    ),
+    ErrorInfo(
+        "ThrottleException",
+        "Creators API: the key sent more requests per second than allowed.",
+        Scope.KEY,
+        True,
+        "Usually none: the broker slows the key down. If it persists, check the key's TPS/TPD "
+        "in config.toml against Associates Central.",
+    ),
+    # PA-API signature and credential codes.
+    ErrorInfo(
+        "RequestExpired",
+        "The request's x-amz-date is more than 15 minutes away from Amazon's clock.",
+        Scope.REQUEST,
+        True,
+        "The broker re-signs with the server's clock offset; if it repeats, fix this machine's "
+        "clock (enable NTP).",
+    ),
+    ErrorInfo(
+        "InvalidSignature",
+        "The request signature does not match: usually a wrong secret key.",
+        Scope.KEY,
+        False,
+        "Check the secret key in the environment variable named in config.toml; regenerate it "
+        "in Associates Central if unsure.",
+    ),
+    ErrorInfo(
+        "IncompleteSignature",
+        "The Authorization header is missing parts of the SigV4 signature.",
+        Scope.GLOBAL,
+        False,
+        "A client bug: report it with the broker version.",
+    ),
+    ErrorInfo(
+        "UnrecognizedClient",
+        "The access key is unknown to Amazon.",
+        Scope.KEY,
+        False,
+        "Check the access key (credential_id) in config.toml; it must be a PA-API key from "
+        "Associates Central, not an AWS key.",
+    ),
+    ErrorInfo(
+        "AccessDenied",
+        "The key is not enabled for the API (or the API is retired).",
+        Scope.KEY,
+        False,
+        "Enable the key for the API in Associates Central; after May 2026 PA-API is retired: "
+        "migrate to the Creators API (protocol = \"creators\").",
+    ),
+    ErrorInfo(
+        "AccessDeniedAwsUsers",
+        "AWS credentials were used where Associates credentials are required.",
+        Scope.KEY,
+        False,
+        "Use the credentials from Associates Central, not from the AWS console.",
+    ),
+    ErrorInfo(
+        "InvalidAssociate",
+        "The credential is not linked to an approved Associates store for this marketplace.",
+        Scope.KEY_MARKETPLACE,
+        False,
+        "Check that the key belongs to the store whose partner tag you use, in Associates "
+        "Central for this marketplace.",
+    ),
+    ErrorInfo(
+        "InvalidPartnerTag",
+        "The partner tag is missing or not a tracking ID of this key's store in this marketplace.",
+        Scope.KEY_MARKETPLACE,
+        False,
+        "Check the tracking ID for this marketplace in Associates Central and set it under "
+        "keys.partner_tags in config.toml.",
+    ),
+    ErrorInfo(
+        "InvalidParameterValue",
+        "A parameter (usually an item id) is invalid.",
+        Scope.ASIN,
+        False,
+        "Check the ASIN: it must be 10 letters or digits and exist in this marketplace.",
+    ),
+    ErrorInfo(
+        "MissingParameter",
+        "A required parameter is missing from the request.",
+        Scope.REQUEST,
+        False,
+        "A client bug: report it with the broker version.",
+    ),
+    ErrorInfo(
+        "UnknownOperation",
+        "The operation (path or X-Amz-Target) is unknown.",
+        Scope.GLOBAL,
+        False,
+        "Check api.endpoint in config.toml: it must be the API host, without a path.",
+    ),
+    ErrorInfo(
+        "ItemNotAccessible",
+        "The item exists but is not available through the API.",
+        Scope.ASIN,
+        False,
+        "None: Amazon does not serve this item through the API.",
+    ),
+    ErrorInfo(
+        "ItemNotFound",
+        "No item with this ASIN exists in this marketplace.",
+        Scope.ASIN,
+        False,
+        "Check the ASIN and the marketplace.",
+    ),
+    ErrorInfo(
+        "InvalidItemId",
+        "The item id is not valid.",
+        Scope.ASIN,
+        False,
+        "Check the ASIN: it must be 10 letters or digits.",
+    ),
+    ErrorInfo(
+        "NoResults",
+        "The search found nothing.",
+        Scope.REQUEST,
+        False,
+        "Broaden the search.",
+    ),
+    ErrorInfo(
+        "InternalFailure",
+        "Amazon failed to process the request.",
+        Scope.REQUEST,
+        True,
+        _RETRY,
+    ),
+    # Creators API exception types and reasons.
+    ErrorInfo(
+        "ResourceNotFoundException",
+        "None of the requested ids exist.",
+        Scope.ASIN,
+        False,
+        "Check the ASINs and the marketplace.",
+    ),
+    ErrorInfo(
+        "ValidationException",
+        "The request failed validation.",
+        Scope.REQUEST,
+        False,
+        "A client bug or an unsupported parameter: report it with the broker version.",
+    ),
+    ErrorInfo(
+        "FieldValidationFailed",
+        "A field of the request failed validation.",
+        Scope.REQUEST,
+        False,
+        "Check the resources and marketplace in config.toml; otherwise report it.",
+    ),
+    ErrorInfo(
+        "CannotParse",
+        "The request body is not valid JSON.",
+        Scope.GLOBAL,
+        False,
+        "A client bug: report it with the broker version.",
+    ),
+    ErrorInfo(
+        "Other",
+        "Amazon rejected the request for an unspecified reason.",
+        Scope.REQUEST,
+        False,
+        "Read the message; contact Associates support if it persists.",
+    ),
+    ErrorInfo(
+        "TokenExpired",
+        "The bearer token has expired.",
+        Scope.REQUEST,
+        True,
+        "None: the broker fetches a new token and re-sends.",
+    ),
+    ErrorInfo(
+        "InvalidToken",
+        "The bearer token is invalid or malformed.",
+        Scope.REQUEST,
+        True,
+        "None: the broker fetches a new token once; if it repeats, check the credential version.",
+    ),
+    ErrorInfo(
+        "InvalidIssuer",
+        "The token was issued for another region or credential version.",
+        Scope.KEY,
+        False,
+        "Set the key's version in config.toml to the one shown in Associates Central "
+        "(2.1/2.2/2.3 or 3.1/3.2/3.3).",
+    ),
+    ErrorInfo(
+        "MissingClaim",
+        "The token lacks a required claim.",
+        Scope.KEY,
+        False,
+        "Regenerate the credential in Associates Central.",
+    ),
+    ErrorInfo(
+        "MissingKeyId",
+        "The token lacks a key id.",
+        Scope.KEY,
+        False,
+        "Regenerate the credential in Associates Central.",
+    ),
+    ErrorInfo(
+        "UnsupportedClient",
+        "The client (credential) is not supported by the Creators API.",
+        Scope.KEY,
+        False,
+        "Use a Creators API credential from Associates Central.",
+    ),
+    ErrorInfo(
+        "InvalidClient",
+        "The credential id or secret was rejected.",
+        Scope.KEY,
+        False,
+        "Check the credential id in config.toml and the secret in the environment variable it "
+        "names.",
+    ),
+    ErrorInfo(
+        "MissingCredential",
+        "The request carried no credential.",
+        Scope.KEY,
+        False,
+        "Check the key's version: 2.x credentials need ', Version x.y' (the broker adds it).",
+    ),
+    ErrorInfo(
+        "AssociateNotEligible",
+        "The account does not meet the eligibility requirements (10 qualified sales in the "
+        "trailing 30 days).",
+        Scope.KEY,
+        False,
+        "Refer qualifying sales; access returns about two days after they ship.",
+    ),
+    ErrorInfo(
+        "AuthorizationFailed",
+        "The account is not authorized for this operation.",
+        Scope.KEY,
+        False,
+        "Check the account's status in Associates Central.",
+    ),
+    ErrorInfo(
+        "UnauthorizedException",
+        "The request was not authenticated.",
+        Scope.KEY,
+        False,
+        "Check the credential id, secret and version of the key.",
+    ),
+    ErrorInfo(
+        "AccessDeniedException",
+        "Access was denied to the account.",
+        Scope.KEY,
+        False,
+        "Check the account's status in Associates Central.",
+    ),
+    ErrorInfo(
+        "InternalServerException",
+        "Amazon failed to process the request.",
+        Scope.REQUEST,
+        True,
+        _RETRY,
+    ),
+    # The OAuth2 token endpoint's errors.
+    ErrorInfo(
+        "invalid_client",
+        "The token endpoint rejected the credential id or secret.",
+        Scope.KEY,
+        False,
+        "Check the credential id in config.toml and the secret in the environment variable it "
+        "names; check the version picks the right region.",
+    ),
+    ErrorInfo(
+        "invalid_scope",
+        "The token endpoint rejected the scope (wrong credential family for the version).",
+        Scope.KEY,
+        False,
+        "Set the key's version to the one shown in Associates Central.",
+    ),
+    ErrorInfo(
+        "invalid_request",
+        "The token request was malformed.",
+        Scope.KEY,
+        False,
+        "A client bug or a wrong version: check the key's version, else report it.",
+    ),
+    ErrorInfo(
+        "unsupported_grant_type",
+        "The token endpoint does not accept the client-credentials grant.",
+        Scope.KEY,
+        False,
+        "Check the key's version.",
+    ),
+    # The broker's own codes for failures that carry no Amazon code.
+    ErrorInfo(
+        "ServerError",
+        "Amazon answered with a 5xx status.",
+        Scope.REQUEST,
+        True,
+        _RETRY,
+    ),
+    ErrorInfo(
+        "TransportError",
+        "The connection failed, was reset, or timed out.",
+        Scope.REQUEST,
+        True,
+        "None if it passes; if it persists, check the network and api.endpoint.",
+    ),
+    ErrorInfo(
+        "BadResponse",
+        "The response was truncated, not JSON, or not shaped as documented.",
+        Scope.REQUEST,
+        True,
+        _RETRY,
+    ),
+    ErrorInfo(
+        "MissingFromResponse",
+        "Amazon's answer did not mention this ASIN.",
+        Scope.ASIN,
+        True,
+        _RETRY,
+    ),
+    ErrorInfo(
+        "InvalidAsin",
+        "The id is not a well-formed ASIN, so it was never sent.",
+        Scope.ASIN,
+        False,
+        "Fix the id: an ASIN is 10 letters or digits (an ISBN-10 for books).",
+    ),
+    ErrorInfo(
+        "KeyOutOfRotation",
+        "Every key that could serve this lookup was taken out of rotation.",
+        Scope.GLOBAL,
+        False,
+        "Fix the keys named in the log (see their codes), then run again.",
+    ),
+    ErrorInfo(
+        "AttemptsExhausted",
+        "The lookup failed on every attempt the retry policy allows.",
+        Scope.REQUEST,
+        False,
+        "Run again later; the last error says why.",
+    ),
+)
+
+_UNKNOWN_REMEDY = "Read Amazon's message; report the code if the broker should know it."
+
+
+def describe(code: str, *, status: int | None = None) -> ErrorInfo:
+    """Return the catalogue entry for ``code``, or a sensible one for a code we do not know.
+
+    Unknown codes are classed by HTTP status: 429 throttling, 5xx retryable, 401/403 per key,
+    other 4xx per request.
+    """
+    info = CATALOGUE.get(code)
+    if info is not None:
+        return info
+    if status == 429:
+        return CATALOGUE["TooManyRequests"]
+    if status is not None and status >= 500:
+        return ErrorInfo(code, "Amazon failed to process the request.", Scope.REQUEST, True, _RETRY)
+    if status in (401, 403):
+        return ErrorInfo(code, "The key was rejected.", Scope.KEY, False, _UNKNOWN_REMEDY)
+    return ErrorInfo(code, "Amazon rejected the request.", Scope.REQUEST, False, _UNKNOWN_REMEDY)

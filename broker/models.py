@@ -1,0 +1,161 @@
+"""Values that flow down the pipeline: lookups, batches and per-ASIN results.
+
+All are frozen, slotted dataclasses; JSON payloads from Amazon travel as plain
+``Mapping[str, object]`` so nothing here knows either wire format.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+__all__ = [
+    "ErrorDetail",
+    "ItemResult",
+    "ItemSummary",
+    "Protocol",
+    "Secret",
+    "Status",
+]
+
+
+class Protocol(enum.Enum):
+    """The two wire protocols the broker speaks."""
+
+    #: Amazon Creators API: OAuth2 bearer tokens, camelCase JSON, one host
+    CREATORS = "creators"
+    #: Product Advertising API 5.0 (retired 2026): SigV4, PascalCase JSON, a host per marketplace
+    PAAPI5 = "paapi5"
+
+
+class Status(enum.Enum):
+    """The outcome of one ASIN lookup."""
+
+    #: Amazon returned the item
+    OK = "ok"
+    #: Amazon says the item does not exist (or is not accessible through the API)
+    NOT_FOUND = "not_found"
+    #: the id is malformed (never sent) or Amazon rejected it as invalid
+    INVALID = "invalid"
+    #: every attempt failed, or no key could serve it; ``error`` says why
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetail:
+    """Why a lookup did not end ``ok``: Amazon's code and message, and what to do."""
+
+    code: str
+    message: str
+    remedy: str
+
+    def to_json(self) -> dict[str, str]:
+        """Return the error as the JSON object of an output row."""
+        return {"code": self.code, "message": self.message, "remedy": self.remedy}
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSummary:
+    """A small typed view of an item, the same for both protocols."""
+
+    title: str | None = None
+    price: float | None = None
+    currency: str | None = None
+    availability: str | None = None
+    detail_url: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Return the summary as a JSON object."""
+        return {
+            "title": self.title,
+            "price": self.price,
+            "currency": self.currency,
+            "availability": self.availability,
+            "detail_url": self.detail_url,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """The answer for one ASIN in one marketplace.
+
+    Attributes:
+        asin: the normalised ASIN (or the raw input when it was invalid).
+        marketplace: for example ``www.amazon.com``.
+        status: ok / not_found / invalid / failed.
+        item: the raw item JSON as Amazon sent it (camelCase for Creators, PascalCase
+            for PA-API), or None.
+        summary: title, price, currency, availability, detail URL; None unless ok.
+        error: why it is not ok, or None.
+        attempts: how many requests carried this ASIN.
+        key: the name of the key that answered, or None.
+        fetched_at: when the answer arrived (UTC), or None if nothing was sent.
+    """
+
+    asin: str
+    marketplace: str
+    status: Status
+    item: Mapping[str, object] | None = None
+    summary: ItemSummary | None = None
+    error: ErrorDetail | None = None
+    attempts: int = 0
+    key: str | None = None
+    fetched_at: datetime | None = field(default=None)
+
+    @property
+    def ok(self) -> bool:
+        """True when Amazon returned the item."""
+        return self.status is Status.OK
+
+    def to_json(self) -> dict[str, object]:
+        """Return the result as the JSON object used by ``broker lookup`` and output rows."""
+        return {
+            "asin": self.asin,
+            "marketplace": self.marketplace,
+            "status": self.status.value,
+            "item": self.item,
+            "summary": self.summary.to_json() if self.summary else None,
+            "error": self.error.to_json() if self.error else None,
+            "attempts": self.attempts,
+            "key": self.key,
+            "fetched_at": _iso(self.fetched_at),
+        }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class Secret:
+    """A credential that never shows itself: ``repr`` and ``str`` are ``'***'``.
+
+    Call :meth:`reveal` at the one place the value is needed (signing, the token request).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret value itself."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a Secret cannot be pickled")
