@@ -1,9 +1,12 @@
 """ASIN validation and normalisation, so a malformed id is never sent to Amazon.
 
 An ASIN is 10 ASCII letters or digits. All-digit ids are ISBN-10s, whose last character
-may be ``X`` and whose check digit must be right. Amazon product URLs are accepted and
-their ASIN extracted. Only ASCII counts: full-width digits and look-alike letters are
-rejected, not folded.
+may be ``X`` and whose check digit must be right; nine digits followed by any other
+letter are taken for a mistyped ISBN-10 and rejected. Amazon product URLs (``/dp/``,
+``/gp/product/``, ``/gp/aw/d/`` and older forms, on any Amazon domain, with or without
+the scheme) are accepted and their ASIN extracted. Only ASCII counts: full-width digits
+and look-alike letters are rejected, not folded. A 978 ISBN-13 is converted to its
+ISBN-10 only when asked.
 """
 
 from __future__ import annotations
@@ -13,12 +16,27 @@ from dataclasses import dataclass
 
 __all__ = ["AsinCheck", "check_asin", "is_isbn10", "isbn13_to_isbn10", "normalize_asin"]
 
-_ASIN = re.compile(r"[0-9A-Z]{10}")
 _ISBN10 = re.compile(r"[0-9]{9}[0-9X]")
+_ISBN13 = re.compile(r"97[89][0-9]{10}")
+_ISBN13_SHAPED = re.compile(r"97[89][0-9-]{10,14}")
+# The host must be an Amazon domain (amazon.com, www.amazon.co.uk, smile.amazon.de,
+# amazon.com.au ...), so "amazon.com.evil.net" and "amazon.com@evil.net" do not pass.
+# The title slug before the marker may hold any characters (amazon.de slugs carry
+# umlauts); the ASIN itself must be ASCII and end the path segment.
 _URL = re.compile(
-    r"^https?://[^/\s]*amazon\.[^/\s]+/(?:[^\s?#]*/)?"
-    r"(?:dp|gp/product|gp/aw/d|dp/product|exec/obidos/ASIN)/([A-Za-z0-9]{10})(?:[/?#]|$)",
+    r"(?:https?://)?(?:[a-z0-9-]+\.)*amazon\.[a-z]{2,3}(?:\.[a-z]{2,3})?(?::[0-9]{1,5})?"
+    r"/(?:[^\s?#]*/)?"
+    r"(?:dp|dp/product|gp/product|gp/aw/d|gp/offer-listing|product-reviews|o/ASIN"
+    r"|exec/obidos/ASIN|exec/obidos/tg/detail/-)"
+    r"/([a-z0-9]{10})(?:[/?#]|$)",
+    re.IGNORECASE,
 )
+_LOOKS_LIKE_URL = re.compile(
+    r"[a-z][a-z0-9+.-]*://|www\.|(?:[a-z0-9-]+\.)*(?:amazon|amzn)\.[a-z]{2,3}\b",
+    re.IGNORECASE,
+)
+_SHORT_LINK = re.compile(r"(?:https?://)?(?:amzn\.to|amzn\.eu|amzn\.asia|a\.co)/", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,46 +64,102 @@ def is_isbn10(value: str) -> bool:
 def isbn13_to_isbn10(value: str) -> str | None:
     """Convert a 978-prefixed ISBN-13 (hyphens allowed) to its ISBN-10, else None."""
     digits = value.replace("-", "")
-    if not re.fullmatch(r"978[0-9]{10}", digits):
+    if not _ISBN13.fullmatch(digits) or not digits.startswith("978"):
         return None
-    check13 = sum((1 if i % 2 == 0 else 3) * int(c) for i, c in enumerate(digits[:12]))
-    if (10 - check13 % 10) % 10 != int(digits[12]):
+    if not _isbn13_check_ok(digits):
         return None
     core = digits[3:12]
     check = (11 - sum((10 - i) * int(c) for i, c in enumerate(core)) % 11) % 11
     return core + ("X" if check == 10 else str(check))
 
 
+def _isbn13_check_ok(digits: str) -> bool:
+    check13 = sum((1 if i % 2 == 0 else 3) * int(c) for i, c in enumerate(digits[:12]))
+    return (10 - check13 % 10) % 10 == int(digits[12])
+
+
+def _isbn13_reason(text: str, *, convert_isbn13: bool) -> str | None:
+    """Say why an ISBN-13-shaped id is not usable, or None if it is not ISBN-13-shaped."""
+    if not _ISBN13_SHAPED.fullmatch(text):
+        return None
+    digits = text.replace("-", "")
+    if not _ISBN13.fullmatch(digits):
+        return None
+    if not _isbn13_check_ok(digits):
+        return "an ISBN-13 with a wrong check digit"
+    if digits.startswith("979"):
+        return "a 979 ISBN-13 has no ISBN-10 form, so no ASIN; look the book up by its ASIN"
+    if not convert_isbn13:
+        return "an ISBN-13, not an ASIN; enable ISBN-13 conversion to look up its ISBN-10"
+    return None
+
+
 def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     """Validate one raw id (an ASIN, ISBN-10 or Amazon product URL).
 
-    Whitespace is stripped and letters upper-cased. Returns an :class:`AsinCheck`
-    whose ``reason`` is a short sentence a user can act on.
+    Whitespace around the id is stripped and letters upper-cased.
+
+    Args:
+        raw: the id as written in the input.
+        convert_isbn13: convert a 978-prefixed ISBN-13 (hyphens allowed) to its ISBN-10.
+
+    Returns:
+        An :class:`AsinCheck` whose ``asin`` is the normalised ASIN, or whose ``reason``
+        is a short sentence a user can act on.
     """
     text = raw.strip()
+    # The common case, a bare ASIN, costs three string tests and no regex: isalnum() on an
+    # ASCII string accepts exactly A-Z, a-z and 0-9.
+    if len(text) == 10 and text.isascii() and text.isalnum():
+        return _verdict(raw, text if text.isupper() else text.upper())
     if not text:
         return AsinCheck(raw, None, "empty id")
-    if not text.isascii():
-        return AsinCheck(raw, None, "contains non-ASCII characters")
     url = _URL.match(text)
     if url:
-        text = url.group(1)
-    elif "://" in text:
+        return _verdict(raw, url.group(1).upper())
+    if _SHORT_LINK.match(text):
+        return AsinCheck(
+            raw, None, "a short link has no ASIN in it; open it and use the full product URL"
+        )
+    if _LOOKS_LIKE_URL.match(text):
         return AsinCheck(raw, None, "not an Amazon product URL with an ASIN in it")
+    if not text.isascii():
+        char = next(c for c in text if not c.isascii())
+        return AsinCheck(
+            raw,
+            None,
+            f"contains the non-ASCII character {char!r} (U+{ord(char):04X}); "
+            "an ASIN has only ASCII letters A-Z and digits 0-9",
+        )
+    if any(c.isspace() for c in text):
+        return AsinCheck(raw, None, "contains whitespace; give one id per line or cell")
+    control = _CONTROL.search(text)
+    if control:
+        return AsinCheck(raw, None, f"contains the control character U+{ord(control.group()):04X}")
+    isbn13 = _isbn13_reason(text, convert_isbn13=convert_isbn13)
+    if isbn13 is not None:
+        return AsinCheck(raw, None, isbn13)
     if convert_isbn13:
         converted = isbn13_to_isbn10(text)
         if converted is not None:
             return AsinCheck(raw, converted)
-    value = text.upper()
-    if len(value) != 10:
-        return AsinCheck(raw, None, f"an ASIN has 10 characters, this has {len(value)}")
-    if not _ASIN.fullmatch(value):
-        return AsinCheck(raw, None, "an ASIN has only letters A-Z and digits 0-9")
-    if value[:9].isdigit():
-        if is_isbn10(value):
-            return AsinCheck(raw, value)
+    if len(text) != 10:
+        return AsinCheck(raw, None, f"an ASIN has 10 characters, this has {len(text)}")
+    bad = next(c for c in text if not c.isalnum())
+    return AsinCheck(raw, None, f"contains {bad!r}; an ASIN has only letters A-Z and digits 0-9")
+
+
+def _verdict(raw: str, value: str) -> AsinCheck:
+    """Judge a 10-character upper-case ASCII alphanumeric id."""
+    if not value[0].isdigit() or not value[:9].isdigit():
+        return AsinCheck(raw, value)
+    if is_isbn10(value):
+        return AsinCheck(raw, value)
+    if value[9].isdigit():
         return AsinCheck(raw, None, "all-digit id with a wrong ISBN-10 check digit")
-    return AsinCheck(raw, value)
+    if value[9] == "X":
+        return AsinCheck(raw, None, "an ISBN-10 ending in X with a wrong check digit")
+    return AsinCheck(raw, None, f"nine digits then {value[9]!r}: an ISBN-10 ends in a digit or X")
 
 
 def normalize_asin(raw: str) -> str:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from broker.models import ErrorDetail, ItemSummary, Status
+if TYPE_CHECKING:
+    from broker.models import ErrorDetail, ItemSummary, Status
 
 __all__ = [
     "Dialect",
@@ -54,8 +55,9 @@ class HttpRequest:
 
     def with_headers(self, extra: Mapping[str, str]) -> HttpRequest:
         """Return a copy with ``extra`` headers added (replacing same-named ones)."""
-        merged = {k: v for k, v in self.headers.items() if k.lower() not in
-                  {e.lower() for e in extra}}
+        merged = {
+            k: v for k, v in self.headers.items() if k.lower() not in {e.lower() for e in extra}
+        }
         merged.update(extra)
         return HttpRequest(self.method, self.url, merged, self.body)
 

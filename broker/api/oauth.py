@@ -1,0 +1,272 @@
+"""The OAuth2 client-credentials token cache of one Creators API credential (v2.x and v3.x).
+
+One :class:`CreatorsTokenCache` per credential keeps one bearer token, fetches a new one
+ahead of expiry with a single request however many callers wait (single flight), and
+forgets a token the API rejected. Expiry runs on the monotonic clock, so wall-clock jumps
+change nothing. Neither the secret nor a token ever appears in a repr, a message or a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode
+
+from broker.api.base import HttpRequest, RawResponse
+from broker.api.errors_map import header, load_object, number, retry_after_s, short, text
+from broker.api.marketplaces import BodyEncoding, CredentialVersion, credential_version
+from broker.errors import AuthError, BrokerError, ResponseError, ServerError, ThrottledError
+from broker.models import Secret
+
+if TYPE_CHECKING:
+    from broker.clock import Clock
+
+__all__ = ["DEFAULT_LIFETIME_S", "CreatorsTokenCache", "Sender"]
+
+#: What a token lives when the endpoint does not say (``expires_in`` absent), in seconds.
+DEFAULT_LIFETIME_S = 3600.0
+
+#: Sends one HTTP request and returns the whole response (the engine's transport).
+Sender = Callable[[HttpRequest], Awaitable[RawResponse]]
+
+
+class CreatorsTokenCache:
+    """The cached bearer token of one Creators API credential.
+
+    Args:
+        credential_id: the OAuth2 client id ("Credential ID" in Associates Central).
+        secret: the client secret.
+        version: the credential version, ``2.1`` .. ``2.3`` (Cognito) or ``3.1`` .. ``3.3``
+            (Login with Amazon).
+        token_url: the token endpoint; by default Amazon's for the version (use
+            :func:`broker.api.marketplaces.token_url` to point at a simulator).
+        send: sends the token request (the transport, so timeouts and errors are shared).
+        clock: expiry is measured on ``clock.monotonic()``.
+        refresh_margin_s: fetch a new token this long before the current one expires
+            (at most half the token's lifetime, so a short-lived token is still used).
+
+    Raises:
+        ValueError: unknown version, blank credential id, or a negative margin.
+    """
+
+    __slots__ = (
+        "_attempts",
+        "_clock",
+        "_credential_id",
+        "_failure",
+        "_lock",
+        "_margin_s",
+        "_refresh_at",
+        "_requests_sent",
+        "_secret",
+        "_send",
+        "_token",
+        "_token_url",
+        "_version",
+    )
+
+    def __init__(
+        self,
+        credential_id: str,
+        secret: Secret,
+        version: str,
+        *,
+        token_url: str | None = None,
+        send: Sender,
+        clock: Clock,
+        refresh_margin_s: float = 30.0,
+    ) -> None:
+        if not credential_id.strip():
+            raise ValueError("credential id must not be blank")
+        if refresh_margin_s < 0:
+            raise ValueError(f"refresh_margin_s must not be negative, got {refresh_margin_s}")
+        self._version: CredentialVersion = credential_version(version)
+        self._credential_id = credential_id
+        self._secret = secret
+        self._token_url = token_url or self._version.token_url
+        self._send = send
+        self._clock = clock
+        self._margin_s = refresh_margin_s
+        self._token: Secret | None = None
+        self._refresh_at = float("-inf")
+        # Refresh attempts finished (success or not); waiters compare it to learn whether a
+        # refresh ran while they queued, so one failure answers them all.
+        self._attempts = 0
+        self._failure: Exception | None = None
+        self._requests_sent = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def version(self) -> str:
+        """The credential version, for example ``3.1``."""
+        return self._version.version
+
+    @property
+    def token_url(self) -> str:
+        """The token endpoint this cache asks."""
+        return self._token_url
+
+    @property
+    def requests_sent(self) -> int:
+        """How many token requests this cache has sent."""
+        return self._requests_sent
+
+    def __repr__(self) -> str:
+        state = "cached" if self._token is not None else "empty"
+        return f"CreatorsTokenCache(version={self.version!r}, url={self._token_url!r}, {state})"
+
+    async def token(self) -> str:
+        """Return a bearer token, fetching one when there is none or it is about to expire.
+
+        Concurrent callers during a fetch wait for that one fetch; if it fails, they all
+        get its error (the engine's retry spaces the next attempt).
+
+        Raises:
+            AuthError: the endpoint rejected the credential (``code`` is the OAuth2
+                ``error``: ``invalid_client``, ``invalid_scope``, ...).
+            ThrottledError, ServerError: the endpoint is throttling or failing (retryable).
+            TransportError: the request did not complete (retryable).
+            ResponseError: the endpoint's answer cannot be read (retryable).
+        """
+        current = self._current()
+        if current is not None:
+            return current
+        seen = self._attempts
+        async with self._lock:
+            current = self._current()
+            if current is not None:
+                return current
+            if self._attempts != seen and self._failure is not None:
+                raise self._failure
+            return await self._refresh()
+
+    def invalidate(self, token: str) -> None:
+        """Forget ``token`` if it is still the cached one (the API said it expired or is bad).
+
+        Many requests failing with the same token cause one refresh: the first call drops
+        it, later calls name a token that is no longer cached and change nothing.
+        """
+        if self._token is not None and self._token.reveal() == token:
+            self._token = None
+            self._refresh_at = float("-inf")
+
+    def authorization_header(self, token: str) -> str:
+        """Return the ``Authorization`` value for ``token``.
+
+        v2.x (Cognito) tokens need the version: ``Bearer <t>, Version 2.1``; v3.x (Login
+        with Amazon) tokens go alone: ``Bearer <t>``.
+        """
+        if self._version.encoding is BodyEncoding.FORM:
+            return f"Bearer {token}, Version {self._version.version}"
+        return f"Bearer {token}"
+
+    async def authorize(self, request: HttpRequest) -> tuple[HttpRequest, str]:
+        """Return ``request`` with its ``authorization`` header, and the token used.
+
+        Keep the token to :meth:`invalidate` it if the API answers ``TokenExpired``.
+        """
+        token = await self.token()
+        return request.with_headers({"authorization": self.authorization_header(token)}), token
+
+    def _current(self) -> str | None:
+        if self._token is None or self._clock.monotonic() >= self._refresh_at:
+            return None
+        return self._token.reveal()
+
+    async def _refresh(self) -> str:
+        self._failure = None
+        # Lifetime counts from before the request: the token was issued after this instant.
+        started = self._clock.monotonic()
+        try:
+            self._requests_sent += 1
+            response = await self._send(self._token_request())
+            token, lifetime_s = self._grant(response)
+        except Exception as exc:
+            self._failure = exc
+            raise
+        finally:
+            self._attempts += 1
+        self._token = token
+        self._refresh_at = started + lifetime_s - min(self._margin_s, lifetime_s / 2)
+        return token.reveal()
+
+    def _token_request(self) -> HttpRequest:
+        fields = {
+            "grant_type": "client_credentials",
+            "client_id": self._credential_id,
+            "client_secret": self._secret.reveal(),
+            "scope": self._version.scope,
+        }
+        if self._version.encoding is BodyEncoding.FORM:
+            body = urlencode(fields).encode()
+            content_type = "application/x-www-form-urlencoded"
+        else:
+            body = json.dumps(fields, separators=(",", ":")).encode()
+            content_type = "application/json"
+        headers = {"content-type": content_type, "accept": "application/json"}
+        return HttpRequest("POST", self._token_url, headers, body)
+
+    def _grant(self, response: RawResponse) -> tuple[Secret, float]:
+        if response.status != 200:
+            raise self._error(response)
+        data = self._body(response)
+        if data is None:
+            raise ResponseError("token endpoint: HTTP 200 body is not a JSON object", status=200)
+        raw = data.get("access_token")
+        if not isinstance(raw, str) or not raw:
+            raise ResponseError("token endpoint: HTTP 200 without an access_token", status=200)
+        return Secret(raw), _lifetime_s(data.get("expires_in"))
+
+    def _body(self, response: RawResponse) -> Mapping[str, object] | None:
+        try:
+            return load_object(response.body, status=response.status, what="token endpoint")
+        except ResponseError:
+            # Dropped, not chained: the JSON decoder's error holds the whole document, which
+            # for a truncated success is the token itself.
+            return None
+
+    def _error(self, response: RawResponse) -> BrokerError:
+        status = response.status
+        data = self._body(response)
+        raw_error = text(data.get("error")) if data is not None else None
+        error = self._scrub(raw_error) if raw_error else None
+        description = text(data.get("error_description")) if data is not None else None
+        message = self._scrub(description or error or f"HTTP {status}")
+        date = header(response.headers, "date")
+        if status == 429:
+            wait = retry_after_s(None, response.headers, self._clock)
+            return ThrottledError(
+                "TooManyRequests", message, status=status, retry_after=wait, server_date=date
+            )
+        if status >= 500:
+            return ServerError(error or "ServerError", message, status=status, server_date=date)
+        if 400 <= status < 500:
+            if data is None:
+                return ResponseError(
+                    f"token endpoint: HTTP {status} body is not JSON", status=status
+                )
+            # RFC 6749 section 5.2: a 401 without an error code is a rejected client.
+            code = error or ("invalid_client" if status == 401 else "invalid_request")
+            return AuthError(code, message, status=status, server_date=date)
+        return ResponseError(f"token endpoint: unexpected HTTP status {status}", status=status)
+
+    def _scrub(self, message: str) -> str:
+        # Amazon never echoes the secret, but a message must not carry it even if one did.
+        secret = self._secret.reveal()
+        if secret and secret in message:
+            message = message.replace(secret, "***")
+        return short(message)
+
+
+def _lifetime_s(value: object) -> float:
+    seconds = number(value)
+    if seconds is None and isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = None
+    if seconds is None or not 0 < seconds < float("inf"):
+        return DEFAULT_LIFETIME_S
+    return seconds

@@ -1,0 +1,490 @@
+"""The PA-API 5.0 wire format: hosts, PascalCase bodies, resource names, responses and errors.
+
+Requests come out unsigned: the engine's SigV4 signer adds ``x-amz-date`` and
+``Authorization`` at dispatch time, for the region :meth:`PaapiDialect.signing_region`
+names. Shapes follow protocol.md section 3 (SDK-P's field names; the error envelope
+``{"__type": …, "Errors": [{"Code", "Message"}]}``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from broker.api.base import HttpRequest, Operation, ParsedItems, RawResponse
+from broker.api.errors_map import (
+    READ_ERRORS,
+    ItemError,
+    SummaryFields,
+    api_error,
+    assemble,
+    first_object,
+    load_object,
+    read_errors,
+    read_items,
+    retry_after_s,
+    strip_type,
+    summarize,
+    text,
+)
+from broker.api.marketplaces import Marketplace
+from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.errors import ApiError, BadRequestError, ResponseError
+
+if TYPE_CHECKING:
+    from broker.clock import Clock
+    from broker.models import ItemSummary
+
+__all__ = [
+    "DROPPED_RESOURCES",
+    "MAX_ITEM_IDS",
+    "RESOURCE_NAMES",
+    "TARGET_PREFIX",
+    "InvalidItemIdsError",
+    "PaapiDialect",
+    "ResourceTranslation",
+    "offending_ids",
+    "translate_resources",
+]
+
+#: GetItems takes at most 10 ItemIds.
+MAX_ITEM_IDS = 10
+
+#: ``x-amz-target`` is this prefix plus the operation name.
+TARGET_PREFIX = "com.amazon.paapi5.v1.ProductAdvertisingAPIv1."
+
+# Creators API resource names (protocol.md 2.5, plus the other operations' resources).
+_CREATORS_RESOURCES = (
+    "browseNodeInfo.browseNodes",
+    "browseNodeInfo.browseNodes.ancestor",
+    "browseNodeInfo.browseNodes.salesRank",
+    "browseNodeInfo.websiteSalesRank",
+    "customerReviews.count",
+    "customerReviews.starRating",
+    "images.primary.small",
+    "images.primary.medium",
+    "images.primary.large",
+    "images.variants.small",
+    "images.variants.medium",
+    "images.variants.large",
+    "itemInfo.byLineInfo",
+    "itemInfo.contentInfo",
+    "itemInfo.contentRating",
+    "itemInfo.classifications",
+    "itemInfo.externalIds",
+    "itemInfo.features",
+    "itemInfo.manufactureInfo",
+    "itemInfo.productInfo",
+    "itemInfo.technicalInfo",
+    "itemInfo.title",
+    "itemInfo.tradeInInfo",
+    "offersV2.listings.availability",
+    "offersV2.listings.condition",
+    "offersV2.listings.dealDetails",
+    "offersV2.listings.isBuyBoxWinner",
+    "offersV2.listings.loyaltyPoints",
+    "offersV2.listings.merchantInfo",
+    "offersV2.listings.price",
+    "offersV2.listings.type",
+    "parentASIN",
+    "searchRefinements",
+    "variationSummary.price.highestPrice",
+    "variationSummary.price.lowestPrice",
+    "variationSummary.variationDimension",
+    "browseNodes.ancestor",
+    "browseNodes.children",
+)
+
+
+def _pascal(name: str) -> str:
+    # PA-API spells every path segment with a capital first letter and is otherwise the
+    # same: itemInfo.byLineInfo -> ItemInfo.ByLineInfo, parentASIN -> ParentASIN.
+    return ".".join(part[:1].upper() + part[1:] for part in name.split("."))
+
+
+#: Creators API resource name -> PA-API resource name.
+RESOURCE_NAMES: Mapping[str, str] = {name: _pascal(name) for name in _CREATORS_RESOURCES}
+
+#: Creators API resources PA-API has no equivalent for, and why they are dropped.
+DROPPED_RESOURCES: Mapping[str, str] = {
+    f"images.{kind}.highRes": "PA-API images come in Small, Medium and Large only; "
+    "it has no HighRes resource and rejects unknown names"
+    for kind in ("primary", "variants")
+}
+
+# Parameter names whose PascalCase is not just a capital first letter.
+_PARAM_NAMES: Mapping[str, str] = {"asin": "ASIN"}
+
+# "The value [9791186701072] provided in the request for ItemIds is invalid."
+_BRACKETED = re.compile(r"\[([^\]]*)\]")
+_ID_TOKEN = re.compile(r"(?<![0-9A-Za-z])[0-9A-Za-z]{10}(?![0-9A-Za-z])")
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceTranslation:
+    """Resource names ready for PA-API, and the ones left out.
+
+    Attributes:
+        resources: PascalCase names, in the order given, without duplicates.
+        dropped: the names left out (see :data:`DROPPED_RESOURCES` for why).
+    """
+
+    resources: tuple[str, ...]
+    dropped: tuple[str, ...] = ()
+
+
+def translate_resources(names: Iterable[str]) -> ResourceTranslation:
+    """Translate the broker's (Creators, camelCase) resource names to PA-API names.
+
+    Known names use :data:`RESOURCE_NAMES`; PascalCase names pass through unchanged; names
+    in :data:`DROPPED_RESOURCES` are dropped; other camelCase names get PA-API's spelling
+    rule (a capital first letter per segment), so a resource Amazon adds later still works.
+    """
+    return _translate(tuple(names))
+
+
+@functools.lru_cache(maxsize=128)
+def _translate(names: tuple[str, ...]) -> ResourceTranslation:
+    # Cached: a run uses a handful of resource lists for every one of its requests.
+    kept: dict[str, None] = {}
+    dropped: list[str] = []
+    for name in names:
+        if name in DROPPED_RESOURCES or name.rpartition(".")[2] == "highRes":
+            dropped.append(name)
+            continue
+        translated = RESOURCE_NAMES.get(name)
+        if translated is None:
+            translated = name if name[:1].isupper() else _pascal(name)
+        kept[translated] = None
+    return ResourceTranslation(tuple(kept), tuple(dropped))
+
+
+class InvalidItemIdsError(BadRequestError):
+    """A 400 ``InvalidParameterValue`` that names item ids: the whole request failed.
+
+    ``invalid_ids`` holds the named ids (as requested, when the request is known), so the
+    engine can mark them invalid and re-send the rest of the batch.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int,
+        invalid_ids: Sequence[str],
+        retry_after: float | None = None,
+        server_date: str | None = None,
+    ) -> None:
+        super().__init__(
+            code, message, status=status, retry_after=retry_after, server_date=server_date
+        )
+        self.invalid_ids = tuple(invalid_ids)
+
+
+def offending_ids(error: BaseException) -> tuple[str, ...]:
+    """Return the item ids an error blames (empty unless it is an InvalidItemIdsError)."""
+    return error.invalid_ids if isinstance(error, InvalidItemIdsError) else ()
+
+
+class PaapiDialect:
+    """Builds PA-API 5.0 requests and reads their responses; no I/O.
+
+    Args:
+        endpoint: None for Amazon (``https://<marketplace host>/paapi5/<op>``), or a base
+            URL (a local simulator). Either way the ``host`` header is the marketplace's
+            PA-API host: it is signed, and the simulator picks the marketplace from it.
+        clock: used only to read an HTTP-date ``Retry-After`` when the response has no
+            ``Date`` header.
+
+    Raises:
+        ValueError: the endpoint is not an http(s) URL.
+    """
+
+    __slots__ = ("_base", "_clock")
+
+    def __init__(self, endpoint: str | None = None, *, clock: Clock | None = None) -> None:
+        if endpoint is not None:
+            endpoint = endpoint.strip().rstrip("/")
+            if not endpoint.startswith(("https://", "http://")):
+                raise ValueError(f"PA-API endpoint must be an http(s) URL, got {endpoint!r}")
+        self._base = endpoint
+        self._clock = clock
+
+    @property
+    def endpoint(self) -> str | None:
+        """The override base URL, or None when requests go to Amazon's hosts."""
+        return self._base
+
+    def __repr__(self) -> str:
+        return f"PaapiDialect({self._base!r})"
+
+    def host(self, marketplace: str) -> str:
+        """Return the PA-API host of a marketplace (``webservices.amazon.de``)."""
+        return lookup_marketplace(marketplace).paapi_host
+
+    def signing_region(self, marketplace: str) -> str:
+        """Return the SigV4 region requests for a marketplace are signed for."""
+        return lookup_marketplace(marketplace).paapi_region
+
+    def get_items_request(
+        self,
+        asins: Sequence[str],
+        *,
+        marketplace: str,
+        partner_tag: str,
+        resources: Sequence[str],
+    ) -> HttpRequest:
+        """Build the GetItems request for 1..10 ASINs.
+
+        Body, compact and in SDK-P's order: ``ItemIds``, ``ItemIdType``, ``Marketplace``,
+        ``PartnerTag``, ``PartnerType``, ``Resources`` (translated by
+        :func:`translate_resources`; left out when empty).
+
+        Raises:
+            ValueError: no ASINs, more than 10, a blank partner tag, or an unknown
+                marketplace.
+        """
+        ids = list(asins)
+        if not 1 <= len(ids) <= MAX_ITEM_IDS:
+            raise ValueError(f"GetItems takes 1 to {MAX_ITEM_IDS} ASINs, got {len(ids)}")
+        place = lookup_marketplace(marketplace)
+        body: dict[str, object] = {
+            "ItemIds": ids,
+            "ItemIdType": "ASIN",
+            "Marketplace": place.name,
+            "PartnerTag": _tag(partner_tag),
+            "PartnerType": "Associates",
+        }
+        translated = translate_resources(resources).resources
+        if translated:
+            body["Resources"] = list(translated)
+        return self._request(Operation.GET_ITEMS, body, place)
+
+    def operation_request(
+        self,
+        operation: Operation,
+        params: Mapping[str, object],
+        *,
+        marketplace: str,
+        partner_tag: str,
+    ) -> HttpRequest:
+        """Build any operation's request from camelCase (or PascalCase) ``params``.
+
+        Names get a capital first letter (``asin`` becomes ``ASIN``), ``resources`` are
+        translated, and ``PartnerTag``, ``PartnerType`` and ``Marketplace`` are set from the
+        key and marketplace (values for them in ``params`` are ignored).
+
+        Raises:
+            ValueError: a blank partner tag, an unknown marketplace, or ``params`` that
+                are not JSON.
+        """
+        place = lookup_marketplace(marketplace)
+        fixed = {"PartnerTag", "PartnerType", "Marketplace"}
+        body: dict[str, object] = {}
+        for key, value in params.items():
+            name = _PARAM_NAMES.get(key) or key[:1].upper() + key[1:]
+            if name in fixed:
+                continue
+            if name == "Resources" and isinstance(value, list | tuple):
+                value = list(translate_resources(str(v) for v in value).resources)
+            body[name] = value
+        if operation is Operation.GET_ITEMS and "ItemIds" in body:
+            body.setdefault("ItemIdType", "ASIN")
+        body["Marketplace"] = place.name
+        body["PartnerTag"] = _tag(partner_tag)
+        body["PartnerType"] = "Associates"
+        return self._request(operation, body, place)
+
+    def _request(
+        self, operation: Operation, body: Mapping[str, object], place: Marketplace
+    ) -> HttpRequest:
+        path = "/paapi5/" + operation.value.lower()
+        base = self._base if self._base is not None else "https://" + place.paapi_host
+        headers = {
+            "host": place.paapi_host,
+            "content-type": "application/json; charset=utf-8",
+            "content-encoding": "amz-1.0",
+            "x-amz-target": TARGET_PREFIX + operation.value,
+        }
+        return HttpRequest("POST", base + path, headers, _encode(body))
+
+    def parse_get_items(self, response: RawResponse, requested: Sequence[str]) -> ParsedItems:
+        """Read a GetItems response item by item.
+
+        A 200 gives ``ItemsResult.Items`` keyed by ``ASIN`` plus per-item ``Errors`` (a
+        200 with only ``Errors``, every id unknown, gives per-item outcomes too).
+
+        Raises:
+            InvalidItemIdsError: a 400 ``InvalidParameterValue`` naming requested ids.
+            ApiError: any other failure (see :meth:`parse_operation`).
+            ResponseError: the body cannot be read or has the wrong shape.
+        """
+        try:
+            if response.status != 200:
+                raise _failure(response, "GetItems", requested, self._clock)
+            data = load_object(response.body, status=200, what="PA-API GetItems")
+            return assemble(
+                requested,
+                _read_items(data.get("ItemsResult")),
+                _read_errors(data.get("Errors")),
+                _summary,
+                status=200,
+                headers=response.headers,
+            )
+        except READ_ERRORS as exc:
+            raise _unreadable("GetItems", response, exc) from exc
+
+    def parse_operation(self, response: RawResponse) -> Mapping[str, object]:
+        """Return the JSON object of a 200 response.
+
+        Raises:
+            ApiError: the subclass by status (429 :class:`~broker.errors.ThrottledError`,
+                401/403 and signature codes :class:`~broker.errors.AuthError`, 5xx
+                :class:`~broker.errors.ServerError`, else
+                :class:`~broker.errors.BadRequestError`), with ``code`` from
+                ``Errors[0].Code`` (else the ``__type``'s exception name) and
+                ``server_date`` from the ``Date`` header. A 200 holding only ``Errors``
+                (``NoResults``) raises the first as BadRequestError.
+            ResponseError: the body cannot be read, or the status is not an error.
+        """
+        try:
+            if response.status != 200:
+                raise _failure(response, "operation", None, self._clock)
+            data = load_object(response.body, status=200, what="PA-API operation")
+            errors = _read_errors(data.get("Errors"))
+            if errors and not any(
+                key.endswith("Result") and value is not None for key, value in data.items()
+            ):
+                raise api_error(200, errors[0].code, errors[0].message, response.headers)
+            return data
+        except READ_ERRORS as exc:
+            raise _unreadable("operation", response, exc) from exc
+
+
+def _tag(partner_tag: str) -> str:
+    if not partner_tag.strip():
+        raise ValueError("partner tag must not be blank")
+    return partner_tag
+
+
+def _encode(body: Mapping[str, object]) -> bytes:
+    # The signer hashes exactly these bytes, and the transport must send exactly them.
+    try:
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"request parameters are not JSON: {exc}") from exc
+
+
+def _fallback_code(status: int) -> str:
+    if status == 429:
+        return "TooManyRequests"
+    return "InternalFailure" if status >= 500 else "Other"
+
+
+def _failure(
+    response: RawResponse, what: str, requested: Sequence[str] | None, clock: Clock | None
+) -> ApiError | ResponseError:
+    status = response.status
+    if not 400 <= status <= 599:
+        return ResponseError(f"PA-API {what}: unexpected HTTP status {status}", status=status)
+    try:
+        data = load_object(response.body, status=status, what=f"PA-API {what}")
+    except ResponseError:
+        # A 429 means throttled whatever its body says; an unreadable one still slows the key.
+        if status != 429:
+            raise
+        data = {}
+    entries = data.get("Errors")
+    first = first_object(entries)
+    # The retired-API notice may come flat ({"__type", "Code", "Message"}), not enveloped.
+    code = (
+        (text(first.get("Code")) if first else None)
+        or text(data.get("Code"))
+        or strip_type(data.get("__type"))
+        or _fallback_code(status)
+    )
+    message = (
+        (text(first.get("Message")) if first else None)
+        or text(data.get("Message"))
+        or text(data.get("message"))
+        or f"HTTP {status}"
+    )
+    wait = retry_after_s(None, response.headers, clock)
+    error = api_error(status, code, message, response.headers, retry_after=wait)
+    if code == "InvalidParameterValue" and status < 500 and isinstance(entries, list):
+        named = _named_ids(entries, requested)
+        if named:
+            return InvalidItemIdsError(
+                error.code,
+                error.message,
+                status=status,
+                invalid_ids=named,
+                server_date=error.server_date,
+            )
+    return error
+
+
+def _named_ids(entries: list[object], requested: Sequence[str] | None) -> list[str]:
+    """The item ids InvalidParameterValue messages blame, limited to the request if known."""
+    index = {asin.upper(): asin for asin in requested} if requested is not None else None
+    named: dict[str, None] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("Code") != "InvalidParameterValue":
+            continue
+        message = text(entry.get("Message")) or ""
+        if "ItemId" not in message:
+            continue
+        bracketed = _BRACKETED.findall(message)
+        if bracketed:
+            candidates = [part.strip() for group in bracketed for part in group.split(",")]
+        else:
+            candidates = _ID_TOKEN.findall(message)
+        for candidate in candidates:
+            if not candidate:
+                continue
+            if index is None:
+                named[candidate] = None
+            elif candidate.upper() in index:
+                named[index[candidate.upper()]] = None
+    return list(named)
+
+
+def _unreadable(what: str, response: RawResponse, exc: Exception) -> ResponseError:
+    return ResponseError(
+        f"PA-API {what}: HTTP {response.status} body has the wrong shape ({type(exc).__name__})",
+        status=response.status,
+    )
+
+
+_SUMMARY = SummaryFields(
+    info="ItemInfo",
+    title="Title",
+    display="DisplayValue",
+    offers="OffersV2",
+    listings="Listings",
+    price="Price",
+    money="Money",
+    amount="Amount",
+    currency="Currency",
+    availability="Availability",
+    type="Type",
+    message="Message",
+    url="DetailPageURL",
+)
+
+
+def _read_items(container: object) -> list[tuple[str, Mapping[str, object]]]:
+    return read_items(container, items="Items", asin="ASIN", api="PA-API")
+
+
+def _read_errors(raw: object) -> list[ItemError]:
+    return read_errors(raw, code="Code", message="Message", api="PA-API")
+
+
+def _summary(item: Mapping[str, object]) -> ItemSummary:
+    return summarize(item, _SUMMARY)

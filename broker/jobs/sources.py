@@ -1,0 +1,853 @@
+"""Job-file readers: stream a txt, CSV or JSON Lines job file (optionally gzipped) into rows.
+
+Each input row becomes one :class:`JobRow` carrying its 1-based physical line number, the id
+as written, the normalised ASIN or the reason it is invalid. Memory stays constant whatever
+the file size: lines are read with a length cap, and a line over the cap is skipped in
+bounded chunks and reported as an invalid row.
+
+Formats (``detect_format`` picks one by extension, else by sniffing the first lines):
+
+- **txt**: one ASIN, ISBN-10 or Amazon product URL per line. Blank lines, ``#`` comment lines
+  and trailing ``  # comments`` (a ``#`` after whitespace; a URL's ``#fragment`` is kept)
+  produce no row.
+- **csv**: a header row with an ``asin`` column (case-insensitive), an optional
+  ``marketplace`` column, and any other columns, which travel in ``extra`` so the output can
+  carry them. The delimiter is ``,`` unless the header only has an ``asin`` column when split
+  on ``;``, tab or ``|``. Quoted fields (also across lines), CRLF and a BOM are handled.
+  Blank lines and rows whose cells are all blank produce no row. A short row is padded with
+  empty cells; a row with surplus non-empty cells is invalid, because its columns cannot be
+  trusted to line up.
+- **jsonl**: one JSON object per line with a string ``asin``, optional string
+  ``marketplace`` and optional ``resources`` (a list of strings). Every other top-level field
+  goes to ``extra``: strings as they are, any other value as its compact JSON text. A line
+  that is not valid JSON, not an object or has wrongly typed fields is an invalid row; it
+  never stops the file. Blank lines produce no row.
+
+A problem with one row is data (``JobRow.error``); a problem with the file as a whole
+(undecodable bytes, a truncated ``.gz``, a CSV without an ``asin`` column) raises
+:class:`~broker.errors.JobFileError` after the rows before it were yielded. A file that
+cannot be opened raises the ``OSError`` itself, so the CLI can tell "no input" (exit 66)
+from "bad input" (exit 65).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, TypeAlias
+
+from broker.asin import AsinCheck, check_asin
+from broker.errors import JobFileError
+
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "FORMATS",
+    "JobFingerprint",
+    "JobFormat",
+    "JobRow",
+    "count_rows",
+    "detect_format",
+    "fingerprint",
+    "read_job",
+]
+
+JobFormat = Literal["txt", "csv", "jsonl"]
+
+#: The job-file formats, as accepted by ``format=``.
+FORMATS: Final[tuple[JobFormat, ...]] = ("txt", "csv", "jsonl")
+
+#: The default cap on one line, in bytes without its line ending.
+DEFAULT_MAX_LINE_BYTES: Final = 65536
+
+_EXTENSIONS: Final[Mapping[str, JobFormat]] = {
+    ".txt": "txt",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonlines": "jsonl",
+}
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_UTF8_BOM: Final = b"\xef\xbb\xbf"
+_UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
+_ZIP_MAGIC: Final = b"PK\x03\x04"
+# How much of an over-long line we read at a time while skipping it.
+_SKIP_CHUNK: Final = 1 << 16
+# How many characters of a bad line we keep in ``raw``, so the invalid-rows report shows
+# what the line was without copying up to 64 KiB into every report row.
+_PREVIEW_CHARS: Final = 120
+# How much the format sniffer reads before it decides.
+_SNIFF_BYTES: Final = 1 << 16
+_SNIFF_LINES: Final = 50
+_CSV_DELIMITERS: Final = (",", ";", "\t", "|")
+_JSONL_KEYS: Final = frozenset({"asin", "marketplace", "resources"})
+_TRAILING_COMMENT: Final = re.compile(r"\s#")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One input row of a job file: where it was, what it said, and whether it is usable.
+
+    ``asin`` is None exactly when ``error`` is set, so ``row.error is not None`` (or
+    ``not row.valid``) is all a strict pre-pass needs.
+
+    Attributes:
+        line: 1-based physical line number where the row starts in the (decompressed) file.
+        raw: the id as written; for a line that could not be parsed, its first characters.
+        asin: the normalised ASIN, None when the row is invalid.
+        marketplace: from the CSV ``marketplace`` column or the JSONL field; None means the
+            job's default marketplace applies.
+        resources: the JSONL ``resources`` list; None means the job's default resources.
+        extra: the other CSV columns or JSONL fields (see the module docstring), None when
+            there are none.
+        error: why the row is invalid, a sentence a user can act on; None when valid.
+    """
+
+    line: int
+    raw: str
+    asin: str | None
+    marketplace: str | None = None
+    resources: tuple[str, ...] | None = None
+    extra: Mapping[str, str] | None = None
+    error: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        """True when the row holds a well-formed ASIN."""
+        return self.error is None
+
+
+def _slot_setter(name: str) -> Callable[[JobRow, object], None]:
+    setter: Callable[[JobRow, object], None] = getattr(JobRow, name).__set__
+    return setter
+
+
+# A frozen dataclass's __init__ sets every field through object.__setattr__, which costs
+# about a third of reading a plain-text row; the per-row paths below fill the slots through
+# their descriptors instead (the same values, without the per-field indirection).
+_set_line = _slot_setter("line")
+_set_raw = _slot_setter("raw")
+_set_asin = _slot_setter("asin")
+_set_marketplace = _slot_setter("marketplace")
+_set_resources = _slot_setter("resources")
+_set_extra = _slot_setter("extra")
+_set_error = _slot_setter("error")
+
+
+def _row(
+    line: int,
+    raw: str,
+    asin: str | None,
+    marketplace: str | None,
+    resources: tuple[str, ...] | None,
+    extra: Mapping[str, str] | None,
+    error: str | None,
+) -> JobRow:
+    """Build a JobRow quickly; equal to ``JobRow(line, raw, ...)``, every field given."""
+    row: JobRow = object.__new__(JobRow)
+    _set_line(row, line)
+    _set_raw(row, raw)
+    _set_asin(row, asin)
+    _set_marketplace(row, marketplace)
+    _set_resources(row, resources)
+    _set_extra(row, extra)
+    _set_error(row, error)
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class JobFingerprint:
+    """What a job file was when the job started, to refuse a resume against a changed file.
+
+    ``sha256`` is the hex digest of the file's bytes as stored (compressed, for a ``.gz``).
+    """
+
+    path: Path
+    size: int
+    mtime_ns: int
+    sha256: str
+
+    def same_content(self, other: JobFingerprint) -> bool:
+        """True when ``other`` has the same bytes; the path and mtime may differ (a spool
+        daemon renames the file, ``touch`` changes the mtime)."""
+        return self.size == other.size and self.sha256 == other.sha256
+
+
+def detect_format(path: str | os.PathLike[str]) -> JobFormat:
+    """Return the job file's format: by extension, else by sniffing the first lines.
+
+    Extensions: ``.txt``; ``.csv`` and ``.tsv``; ``.jsonl``, ``.ndjson`` and ``.jsonlines``;
+    each optionally followed by ``.gz``. For any other name the first non-blank,
+    non-comment line decides: ``{`` starts JSON Lines; an ``asin`` header cell, or a
+    delimiter in a line that is not a URL, means CSV; anything else (or an empty file) is
+    plain text.
+
+    Raises:
+        OSError: the file cannot be opened (only when sniffing is needed).
+        JobFileError: the file is gzip-named but not gzip, or its gzip data is corrupt.
+    """
+    name = Path(path).name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    by_extension = _EXTENSIONS.get(os.path.splitext(name)[1])
+    if by_extension is not None:
+        return by_extension
+    return _sniff(Path(path))
+
+
+def read_job(
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    encoding: str = "utf-8",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    convert_isbn13: bool = False,
+) -> Iterator[JobRow]:
+    """Stream a job file as one :class:`JobRow` per input row, in file order.
+
+    The arguments are checked at once; the file is opened when iteration starts and closed
+    when it ends or the iterator is closed.
+
+    Args:
+        path: the job file; gzip-compressed data is detected by its magic bytes.
+        format: ``"txt"``, ``"csv"`` or ``"jsonl"``; None detects it (:func:`detect_format`).
+        encoding: the text encoding; any ASCII-compatible codec (``latin-1``, ``cp1252``
+            ...). A UTF-8 byte-order mark at the start is always skipped.
+        max_line_bytes: longer lines (not counting the line ending) become invalid rows.
+        convert_isbn13: turn 978 ISBN-13s into ISBN-10s instead of reporting them invalid.
+
+    Returns:
+        An iterator of rows, valid and invalid.
+
+    Raises:
+        ValueError: an unknown format or encoding, or a non-positive ``max_line_bytes``
+            (raised by this call, before any reading).
+        OSError: the file cannot be opened or read.
+        JobFileError: the file cannot be read as a whole: undecodable bytes (the message
+            names the line and byte offset), truncated or corrupt gzip data, a CSV without
+            an ``asin`` column. Rows before the problem have been yielded by then.
+    """
+    fmt, codec = _check_arguments(format, encoding, max_line_bytes)
+
+    def check(raw: str) -> AsinCheck:
+        return check_asin(raw, convert_isbn13=convert_isbn13)
+
+    return _rows(Path(path), fmt, codec, encoding, max_line_bytes, check)
+
+
+def count_rows(
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    encoding: str = "utf-8",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> int:
+    """Count the rows :func:`read_job` would yield, for a progress total.
+
+    It reads the file once, keeping nothing and validating no ASIN. In txt and JSON Lines
+    every non-blank (txt: non-comment) line is exactly one row, so it counts lines without
+    parsing them; CSV records can span lines, so they go through the CSV parser.
+
+    Raises:
+        The same errors as :func:`read_job`.
+    """
+    fmt, codec = _check_arguments(format, encoding, max_line_bytes)
+    source = Path(path)
+    if fmt is None:
+        fmt = detect_format(source)
+    count = 0
+    if fmt == "csv":
+        for _ in _rows(source, fmt, codec, encoding, max_line_bytes, _no_check):
+            count += 1
+        return count
+    with ExitStack() as stack:
+        stream, gzipped = _open(stack, source)
+        for _, text in _lines(stream, source, codec, encoding, max_line_bytes, gzipped):
+            if isinstance(text, _Oversize):
+                count += 1
+                continue
+            # The same tests as _txt_rows and _jsonl_rows make before they yield a row.
+            text = text.strip()
+            if text and (fmt == "jsonl" or text[0] != "#"):
+                count += 1
+    return count
+
+
+def fingerprint(path: str | os.PathLike[str]) -> JobFingerprint:
+    """Hash a job file in a streaming pass and note its size and mtime.
+
+    Raises:
+        OSError: the file cannot be opened or read.
+        JobFileError: the file changed while it was being hashed (a producer still writing).
+    """
+    absolute = Path(path).absolute()
+    with open(absolute, "rb") as stream:
+        before = os.fstat(stream.fileno())
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        after = os.fstat(stream.fileno())
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise JobFileError(
+            f"{absolute}: the file changed while it was being read; is it still being "
+            "written? Producers should write to a temporary name and rename it into place."
+        )
+    return JobFingerprint(absolute, before.st_size, before.st_mtime_ns, digest)
+
+
+# -- argument checks -----------------------------------------------------------------------
+
+
+def _check_arguments(
+    format: str | None, encoding: str, max_line_bytes: int
+) -> tuple[JobFormat | None, str]:
+    """Validate the reader options; return the format (None: detect) and the codec name."""
+    fmt: JobFormat | None = None
+    if format is not None:
+        for known in FORMATS:
+            if format.lower() == known:
+                fmt = known
+        if fmt is None:
+            raise ValueError(f"unknown job-file format {format!r}; use one of {FORMATS}")
+    if max_line_bytes < 1:
+        raise ValueError(f"max_line_bytes must be positive, got {max_line_bytes}")
+    return fmt, _codec(encoding)
+
+
+def _codec(encoding: str) -> str:
+    """Return the codec to decode single lines with, refusing non-ASCII-compatible ones.
+
+    We split lines on the byte ``\\n`` before decoding, which is only right when the
+    encoding writes ``\\n``, ``#``, ``,`` and ASCII letters as themselves (UTF-16 does not).
+    """
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r}") from None
+    if name == "utf-8-sig":
+        # We strip the BOM ourselves at the start of the file; decoding every line with
+        # utf-8-sig would also eat a U+FEFF at the start of any later line.
+        name = "utf-8"
+    probe = '\n\r #,;{}"asinASIN09'
+    try:
+        compatible = probe.encode(name) == probe.encode("ascii")
+    except (UnicodeError, LookupError):
+        compatible = False
+    if not compatible:
+        raise ValueError(
+            f"encoding {encoding!r} is not supported for job files; convert the file to UTF-8"
+        )
+    return name
+
+
+def _no_check(raw: str) -> AsinCheck:
+    """Stand-in for ``check_asin`` when only counting rows."""
+    return _COUNTED
+
+
+_COUNTED: Final = AsinCheck("", "", None)
+
+
+# -- bytes to lines ------------------------------------------------------------------------
+
+
+class _Oversize:
+    """A line over the length cap, standing in for its text; ``preview`` is its start."""
+
+    __slots__ = ("preview",)
+
+    def __init__(self, preview: str) -> None:
+        self.preview = preview
+
+
+_Line: TypeAlias = tuple[int, str | _Oversize]
+
+
+def _open(stack: ExitStack, path: Path) -> tuple[io.BufferedIOBase, bool]:
+    """Open ``path`` for binary reading, decompressing gzip data; return (stream, gzipped)."""
+    raw = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - the caller's stack closes it
+    head = raw.peek(2)[:2]
+    if head == _GZIP_MAGIC:
+        unzipped = gzip.GzipFile(fileobj=raw, mode="rb")
+        stack.callback(unzipped.close)
+        return unzipped, True
+    if path.name.lower().endswith(".gz") and head:
+        raise JobFileError(f"{path}: the name ends in .gz but the file is not gzip-compressed")
+    return raw, False
+
+
+def _lines(
+    stream: io.BufferedIOBase,
+    path: Path,
+    codec: str,
+    encoding: str,
+    max_line_bytes: int,
+    gzipped: bool,
+) -> Iterator[_Line]:
+    """Yield ``(line_number, text)`` per physical line, the text with its line ending.
+
+    The ending stays on because every consumer wants it: the txt and JSONL readers strip
+    whitespace anyway, and ``csv`` needs it to keep newlines inside quoted fields; so no
+    line is copied just to cut it off. A line longer than ``max_line_bytes`` (not counting
+    its ending) is skipped in bounded reads and yielded as an :class:`_Oversize`, so memory
+    is bounded by the cap, not by the longest line.
+    """
+    readline = stream.readline
+    # Room for a line of exactly the cap plus "\r\n"; anything that fills it is too long.
+    limit = max_line_bytes + 2
+    lineno = 0
+    try:
+        while True:
+            data = readline(limit)
+            if not data:
+                return
+            lineno += 1
+            if lineno == 1:
+                data = _strip_file_head(data, path)
+            if len(data) > max_line_bytes:
+                if len(data) == limit and not data.endswith(b"\n"):
+                    while True:
+                        more = readline(_SKIP_CHUNK)
+                        if not more or more.endswith(b"\n"):
+                            break
+                    yield lineno, _oversize(data, codec)
+                    continue
+                ending = 2 if data.endswith(b"\r\n") else 1 if data.endswith(b"\n") else 0
+                if len(data) - ending > max_line_bytes:
+                    yield lineno, _oversize(data, codec)
+                    continue
+            try:
+                text = data.decode(codec)
+            except UnicodeDecodeError as exc:
+                # We ask the stream where we are only here, on the way out, rather than
+                # keep a running offset for every line. The line starts len(data) before
+                # that (after the BOM, on line 1, as the BOM is cut from data).
+                try:
+                    start: int | None = stream.tell() - len(data)
+                except (OSError, ValueError):  # a pipe cannot tell; the line number must do
+                    start = None
+                raise _undecodable(path, encoding, lineno, start, data, exc, gzipped) from None
+            yield lineno, text
+    except EOFError as exc:
+        raise JobFileError(
+            f"{path}: the gzip data ends early after line {lineno} (a truncated file, or one "
+            f"still being written); the rows before it were read, the rest is missing"
+        ) from exc
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise JobFileError(
+            f"{path}: the gzip data is corrupt after line {lineno} ({exc}); the rows before "
+            "it were read, the rest is missing"
+        ) from exc
+
+
+def _strip_file_head(content: bytes, path: Path) -> bytes:
+    """Drop a UTF-8 BOM from the first line; refuse files that are clearly not text we read."""
+    if content.startswith(_UTF8_BOM):
+        return content[len(_UTF8_BOM) :]
+    if content.startswith(_UTF16_BOMS):
+        raise JobFileError(
+            f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it "
+            "as UTF-8 (in Excel: 'CSV UTF-8')"
+        )
+    if content.startswith(_ZIP_MAGIC):
+        raise JobFileError(
+            f"{path}: this is a ZIP archive (an Excel .xlsx workbook?), not a text job file; "
+            "export the sheet as CSV"
+        )
+    return content
+
+
+def _undecodable(
+    path: Path,
+    encoding: str,
+    lineno: int,
+    line_offset: int | None,
+    content: bytes,
+    exc: UnicodeDecodeError,
+    gzipped: bool,
+) -> JobFileError:
+    """Build the error for a line that does not decode, naming line and byte offset."""
+    bad = content[exc.start : exc.start + 1]
+    if line_offset is None:
+        position = f"byte 0x{bad.hex()} at byte {exc.start + 1} of the line"
+    else:
+        where = "of the decompressed data" if gzipped else "of the file"
+        position = f"byte 0x{bad.hex()} at byte offset {line_offset + exc.start} {where}"
+    hint = (
+        "if the file is Latin-1 or Windows-1252 (older Excel exports), run again with "
+        "--encoding latin-1"
+        if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
+        else "run again with the file's real encoding (--encoding)"
+    )
+    return JobFileError(f"{path}: line {lineno}: {position} is not valid {encoding}; {hint}")
+
+
+def _oversize(data: bytes, codec: str) -> _Oversize:
+    # Four bytes per character is the most any codec we accept needs.
+    start = data[: 4 * _PREVIEW_CHARS + 4].decode(codec, "replace")
+    return _Oversize(_preview(start.rstrip("\r\n")))
+
+
+def _preview(text: str) -> str:
+    """The first characters of a bad line, for ``JobRow.raw``."""
+    if len(text) <= _PREVIEW_CHARS:
+        return text
+    return text[:_PREVIEW_CHARS] + "..."
+
+
+def _too_long(max_line_bytes: int) -> str:
+    return f"line longer than {max_line_bytes} bytes"
+
+
+# -- lines to rows -------------------------------------------------------------------------
+
+
+def _rows(
+    path: Path,
+    fmt: JobFormat | None,
+    codec: str,
+    encoding: str,
+    max_line_bytes: int,
+    check: Callable[[str], AsinCheck],
+) -> Iterator[JobRow]:
+    """Open the file, pick the format and yield its rows."""
+    if fmt is None:
+        fmt = detect_format(path)
+    with ExitStack() as stack:
+        stream, gzipped = _open(stack, path)
+        lines = _lines(stream, path, codec, encoding, max_line_bytes, gzipped)
+        if fmt == "txt":
+            yield from _txt_rows(lines, max_line_bytes, check)
+        elif fmt == "csv":
+            yield from _csv_rows(lines, path, max_line_bytes, check)
+        else:
+            yield from _jsonl_rows(lines, max_line_bytes, check)
+
+
+def _txt_rows(
+    lines: Iterable[_Line], max_line_bytes: int, check: Callable[[str], AsinCheck]
+) -> Iterator[JobRow]:
+    for lineno, text in lines:
+        if isinstance(text, _Oversize):
+            yield JobRow(lineno, text.preview, None, error=_too_long(max_line_bytes))
+            continue
+        text = text.strip()
+        if not text or text[0] == "#":
+            continue
+        if "#" in text:
+            comment = _TRAILING_COMMENT.search(text)
+            if comment is not None:
+                text = text[: comment.start()].rstrip()
+        verdict = check(text)
+        yield _row(lineno, text, verdict.asin, None, None, None, verdict.reason)
+
+
+class _CsvFeed:
+    """Lines for ``csv.reader``, remembering where we are and which lines were too long.
+
+    ``csv.reader`` pulls lines itself and never reads past the end of a record, so
+    ``lineno`` after a record is that record's last physical line. An over-long line is fed
+    as an empty line and noted in ``oversize_line``, so the record holding it can be
+    reported invalid without the reader ever holding the line.
+    """
+
+    __slots__ = ("_lines", "lineno", "oversize_line")
+
+    def __init__(self, lines: Iterator[_Line]) -> None:
+        self._lines = lines
+        self.lineno = 0
+        self.oversize_line: int | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def take_oversize(self) -> int | None:
+        """Return the first over-long line since the last call (None if none) and forget it."""
+        lineno, self.oversize_line = self.oversize_line, None
+        return lineno
+
+    def __next__(self) -> str:
+        lineno, text = next(self._lines)
+        self.lineno = lineno
+        if isinstance(text, _Oversize):
+            if self.oversize_line is None:
+                self.oversize_line = lineno
+            return "\n"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class _CsvLayout:
+    """Where the columns are, decided from the header."""
+
+    delimiter: str
+    width: int
+    asin: int
+    marketplace: int | None
+    extra: tuple[tuple[int, str], ...]
+
+
+def _csv_rows(
+    lines: Iterator[_Line], path: Path, max_line_bytes: int, check: Callable[[str], AsinCheck]
+) -> Iterator[JobRow]:
+    feed = _CsvFeed(lines)
+    first = next((text for text in feed if text.strip()), None)
+    if first is None:
+        return  # an empty file (or only blank lines): no header, no rows
+    if feed.take_oversize() is not None:
+        raise JobFileError(f"{path}: the CSV header line is longer than {max_line_bytes} bytes")
+    header_line = feed.lineno
+    delimiter = _csv_delimiter(first)
+    reader = csv.reader(itertools.chain((first,), feed), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except csv.Error as exc:
+        raise JobFileError(f"{path}: line {header_line}: malformed CSV header: {exc}") from None
+    layout = _csv_layout(header, delimiter, path, header_line)
+    end = feed.lineno
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # The reader starts a fresh record on the next call, so one bad record costs
+            # one invalid row, not the file.
+            start, end = end + 1, feed.lineno
+            feed.take_oversize()
+            yield JobRow(start, "", None, error=f"malformed CSV: {exc}")
+            continue
+        start, end = end + 1, feed.lineno
+        if feed.take_oversize() is not None:
+            yield JobRow(start, "", None, error=_too_long(max_line_bytes))
+            continue
+        if not any(cell.strip() for cell in record):
+            continue
+        yield _csv_row(start, record, layout, check)
+
+
+def _csv_row(
+    lineno: int, record: list[str], layout: _CsvLayout, check: Callable[[str], AsinCheck]
+) -> JobRow:
+    size = len(record)
+    raw = record[layout.asin] if layout.asin < size else ""
+    marketplace = None
+    if layout.marketplace is not None and layout.marketplace < size:
+        marketplace = record[layout.marketplace].strip() or None
+    extra = {name: record[i] if i < size else "" for i, name in layout.extra} or None
+    error = None
+    if size > layout.width and any(cell.strip() for cell in record[layout.width :]):
+        error = (
+            f"row has {size} fields but the header has {layout.width} (an unquoted "
+            f"{layout.delimiter!r} inside a field?)"
+        )
+    elif layout.asin >= size:
+        error = f"row has {size} fields but the header has {layout.width}: no asin value"
+    if error is not None:
+        return JobRow(lineno, raw, None, marketplace, None, extra, error)
+    verdict = check(raw)
+    return _row(lineno, raw, verdict.asin, marketplace, None, extra, verdict.reason)
+
+
+def _csv_delimiter(header_line: str) -> str:
+    """Pick the delimiter: ``,`` unless only another one splits out an ``asin`` header."""
+    for delimiter in _CSV_DELIMITERS:
+        if delimiter in header_line and any(
+            cell.strip().lower() == "asin" for cell in _split_header(header_line, delimiter)
+        ):
+            return delimiter
+    return ","
+
+
+def _split_header(line: str, delimiter: str) -> list[str]:
+    try:
+        return next(csv.reader([line], delimiter=delimiter), [])
+    except csv.Error:
+        return []
+
+
+def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _CsvLayout:
+    """Find the asin and marketplace columns and name the others; refuse a header without asin."""
+    names = [cell.strip().lstrip("\ufeff").strip() for cell in header]
+    lowered = [name.lower() for name in names]
+    asin = [i for i, name in enumerate(lowered) if name == "asin"]
+    if not asin:
+        found = ", ".join(repr(name) for name in names) or "none"
+        raise JobFileError(
+            f"{path}: line {lineno}: the CSV header has no 'asin' column (found: {found}); "
+            "add a header row whose id column is named asin"
+        )
+    marketplace = [i for i, name in enumerate(lowered) if name == "marketplace"]
+    for column, where in (("asin", asin), ("marketplace", marketplace)):
+        if len(where) > 1:
+            raise JobFileError(
+                f"{path}: line {lineno}: the CSV header has {len(where)} {column!r} columns "
+                f"(columns {', '.join(str(i + 1) for i in where)}); keep one"
+            )
+    special = {asin[0], *marketplace}
+    extra: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if i in special:
+            continue
+        key = name or f"column{i + 1}"
+        # Duplicate names get a pandas-style ".1", ".2" suffix so no column is lost.
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        extra.append((i, f"{key}.{count}" if count else key))
+    return _CsvLayout(
+        delimiter, len(header), asin[0], marketplace[0] if marketplace else None, tuple(extra)
+    )
+
+
+def _jsonl_rows(
+    lines: Iterable[_Line], max_line_bytes: int, check: Callable[[str], AsinCheck]
+) -> Iterator[JobRow]:
+    for lineno, text in lines:
+        if isinstance(text, _Oversize):
+            yield JobRow(lineno, text.preview, None, error=_too_long(max_line_bytes))
+            continue
+        if not text.strip():
+            continue
+        yield _jsonl_row(lineno, text, check)
+
+
+def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> JobRow:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return JobRow(
+            lineno,
+            _preview(text.strip()),
+            None,
+            error=f"not valid JSON: {exc.msg} at column {exc.colno}",
+        )
+    except (ValueError, RecursionError) as exc:
+        # json raises plain ValueError for an integer past the int-digit limit, and
+        # RecursionError for very deep nesting; both are bad lines, not bad files.
+        kind = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        return JobRow(lineno, _preview(text.strip()), None, error=f"not valid JSON: {kind}")
+    if "\\u" in text and _has_lone_surrogate(value):
+        # "\ud800" is valid JSON but not encodable text; it would break the UTF-8 output.
+        return JobRow(
+            lineno, _preview(text.strip()), None, error="contains an unpaired surrogate escape"
+        )
+    if not isinstance(value, dict):
+        return JobRow(
+            lineno,
+            _preview(text.strip()),
+            None,
+            error=f"a JSON Lines row must be an object, got {_json_kind(value)}",
+        )
+    asin = value.get("asin")
+    raw = asin if isinstance(asin, str) else _preview(text.strip())
+    error = None
+    marketplace = value.get("marketplace")
+    if marketplace is not None and not isinstance(marketplace, str):
+        error = f'"marketplace" must be a string, got {_json_kind(marketplace)}'
+        marketplace = None
+    elif isinstance(marketplace, str):
+        marketplace = marketplace.strip() or None
+    resources_value = value.get("resources")
+    resources: tuple[str, ...] | None = None
+    if resources_value is not None:
+        if isinstance(resources_value, list) and all(
+            isinstance(item, str) for item in resources_value
+        ):
+            resources = tuple(resources_value)
+        else:
+            error = '"resources" must be a list of strings'
+    extra = {
+        key: item if isinstance(item, str) else _compact_json(item)
+        for key, item in value.items()
+        if key not in _JSONL_KEYS
+    } or None
+    if asin is None:
+        error = _missing_asin(value)
+    elif not isinstance(asin, str):
+        error = f'"asin" must be a string, got {_json_kind(asin)}'
+    if error is not None:
+        return JobRow(lineno, raw, None, marketplace, resources, extra, error)
+    verdict = check(raw)
+    return _row(lineno, raw, verdict.asin, marketplace, resources, extra, verdict.reason)
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    try:
+        _compact_json(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _missing_asin(value: Mapping[str, object]) -> str:
+    near = [key for key in value if key.strip().lower() == "asin"]
+    if near:
+        return f'no "asin" field (found {near[0]!r}; field names are case-sensitive)'
+    return 'no "asin" field'
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _compact_json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# -- sniffing ------------------------------------------------------------------------------
+
+
+def _sniff(path: Path) -> JobFormat:
+    """Guess the format of a file with an unknown extension from its first lines."""
+    with ExitStack() as stack:
+        stream, _ = _open(stack, path)
+        budget = _SNIFF_BYTES
+        try:
+            for _ in range(_SNIFF_LINES):
+                data = stream.readline(budget)
+                if not data:
+                    break
+                budget -= len(data)
+                text = data.decode("utf-8", "replace").lstrip("\ufeff").strip()
+                if text and not text.startswith("#"):
+                    return _guess(text)
+                if budget <= 0:
+                    break
+        except (EOFError, gzip.BadGzipFile, zlib.error):
+            # Let the real read report the damage, with line numbers.
+            return "txt"
+    return "txt"
+
+
+def _guess(line: str) -> JobFormat:
+    if line.startswith("{"):
+        return "jsonl"
+    if line.strip('"').strip().lower() == "asin":
+        return "csv"
+    if "://" in line:
+        return "txt"
+    for delimiter in _CSV_DELIMITERS:
+        if delimiter in line:
+            return "csv"
+    return "txt"

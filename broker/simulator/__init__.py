@@ -1,0 +1,36 @@
+"""The local Amazon: a simulator of the Creators API and PA-API 5.0 for tests, demos and benchmarks.
+
+It is an independent judge of the broker's client code (it never imports the engine): token
+endpoints, SigV4 verification, per-key quotas, a deterministic catalogue, seeded faults and
+counters. Start it in-process with :func:`create_app` or :class:`SimulatorServer`, or from the
+command line with ``broker simulate``.
+"""
+
+from __future__ import annotations
+
+from broker.simulator.accounts import DEMO_ACCOUNTS, Account, simulator_secret
+from broker.simulator.app import SIMULATOR_KEY, STATS_KEY, create_app
+from broker.simulator.catalog import CatalogEntry, CatalogItem, lookup
+from broker.simulator.render import render_item
+from broker.simulator.server import SimulatorServer, serve_forever
+from broker.simulator.settings import FaultRates, LatencyProfile, SimulatorSettings
+from broker.simulator.stats import SimulatorStats
+
+__all__ = [
+    "DEMO_ACCOUNTS",
+    "SIMULATOR_KEY",
+    "STATS_KEY",
+    "Account",
+    "CatalogEntry",
+    "CatalogItem",
+    "FaultRates",
+    "LatencyProfile",
+    "SimulatorServer",
+    "SimulatorSettings",
+    "SimulatorStats",
+    "create_app",
+    "lookup",
+    "render_item",
+    "serve_forever",
+    "simulator_secret",
+]

@@ -1,0 +1,157 @@
+"""The simulator as one aiohttp.web application: both APIs, their token endpoints, and controls.
+
+Routes:
+
+- ``POST /oauth2/token`` (Creators v2.x, Cognito-style) and ``POST /auth/o2/token`` (v3.x, LWA);
+- ``POST /catalog/v1/{operation}`` (Creators API) and ``POST /paapi5/{operation}`` (PA-API 5.0);
+- ``GET /_sim/stats`` (counters as JSON; ``?since=<monotonic>`` trims timestamps,
+  ``?timestamps=0`` drops them) and ``POST /_sim/control`` (``{"account": name, "tps": x}``,
+  ``{"account": name, "tpd": n}`` or ``{"limits": true|false}``).
+
+Every response carries ``x-amzn-RequestId`` and a ``Date`` from the simulator's skewed clock.
+API calls get the configured latency once before the quota check and once after it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from broker.clock import Clock, LoopClock
+from broker.simulator import creators, oauth, paapi
+from broker.simulator.faults import Reply, deliver
+from broker.simulator.settings import SimulatorSettings
+from broker.simulator.state import Simulator
+from broker.simulator.stats import SimulatorStats
+
+__all__ = ["SIMULATOR_KEY", "STATS_KEY", "create_app"]
+
+#: The app's live state (:class:`~broker.simulator.state.Simulator`), for in-process tests.
+SIMULATOR_KEY = web.AppKey("simulator", Simulator)
+#: The app's counters (:class:`~broker.simulator.stats.SimulatorStats`), for in-process tests.
+STATS_KEY = web.AppKey("simulator_stats", SimulatorStats)
+
+_Handler = Callable[[web.Request, Simulator], Awaitable[tuple[Reply, str | None]]]
+
+
+def create_app(
+    settings: SimulatorSettings | None = None, *, clock: Clock | None = None
+) -> web.Application:
+    """Build the simulator app.
+
+    Args:
+        settings: accounts, limits and faults; None means the defaults (demo accounts).
+        clock: the simulator's clock; None means the event loop's. Pass a
+            ``broker.testing.FakeClock`` to drive token expiry, quotas and days by hand.
+
+    Returns:
+        An application serving both APIs; ``app[STATS_KEY]`` holds its counters.
+    """
+    sim = Simulator(
+        settings if settings is not None else SimulatorSettings(),
+        clock if clock is not None else LoopClock(),
+    )
+    app = web.Application(client_max_size=1 << 20)
+    app[SIMULATOR_KEY] = sim
+    app[STATS_KEY] = sim.stats
+
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["x-amzn-RequestId"] = str(uuid.uuid4())
+        response.headers["Date"] = sim.http_date()
+
+    async def stop(app: web.Application) -> None:
+        sim.stopping.set()
+
+    app.on_response_prepare.append(stamp)
+    app.on_shutdown.append(stop)
+
+    def api(handler: _Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def route(request: web.Request) -> web.StreamResponse:
+            sim.stats.requests += 1
+            delay = sim.faults.latency_s()
+            if delay:
+                await sim.clock.sleep(delay)
+            reply, fault = await handler(request, sim)
+            delay = sim.faults.latency_s()
+            if delay:
+                await sim.clock.sleep(delay)
+            return await deliver(
+                request,
+                reply,
+                fault,
+                clock=sim.clock,
+                hang_s=sim.settings.faults.hang_s,
+                stopping=sim.stopping,
+            )
+
+        return route
+
+    async def cognito(request: web.Request) -> web.Response:
+        return await oauth.token_endpoint(request, sim, "v2")
+
+    async def lwa(request: web.Request) -> web.Response:
+        return await oauth.token_endpoint(request, sim, "v3")
+
+    async def stats(request: web.Request) -> web.Response:
+        since_text = request.query.get("since")
+        try:
+            since = float(since_text) if since_text is not None else None
+        except ValueError:
+            return web.json_response({"error": "since must be a number"}, status=400)
+        timestamps = request.query.get("timestamps", "1") not in ("0", "false", "no")
+        body = sim.stats.snapshot(since, timestamps=timestamps)
+        body["now"] = sim.clock.monotonic()
+        body["limits"] = sim.limits
+        body["quotas"] = {
+            name: {"tps": q.tps, "tpd": q.tpd, "used_today": q.used_today}
+            for name, q in sim.quotas.items()
+        }
+        return web.json_response(body)
+
+    async def control(request: web.Request) -> web.Response:
+        return _control(sim, await request.read())
+
+    app.router.add_post("/oauth2/token", cognito)
+    app.router.add_post("/auth/o2/token", lwa)
+    app.router.add_post("/catalog/v1/{operation}", api(creators.handle))
+    app.router.add_post("/paapi5/{operation}", api(paapi.handle))
+    app.router.add_get("/_sim/stats", stats)
+    app.router.add_post("/_sim/control", control)
+    return app
+
+
+def _control(sim: Simulator, raw: bytes) -> web.Response:
+    """Apply a runtime change: an account's tps or tpd, or limits on/off."""
+    try:
+        body = json.loads(raw or b"{}")
+    except json.JSONDecodeError:
+        return web.json_response({"error": "body must be JSON"}, status=400)
+    if not isinstance(body, dict):
+        return web.json_response({"error": "body must be a JSON object"}, status=400)
+    if "limits" in body:
+        if not isinstance(body["limits"], bool):
+            return web.json_response({"error": "limits must be true or false"}, status=400)
+        sim.limits = body["limits"]
+    if "account" in body:
+        quota = sim.quotas.get(str(body["account"]))
+        if quota is None:
+            return web.json_response({"error": f"unknown account {body['account']!r}"}, status=404)
+        tps = body.get("tps")
+        tpd = body.get("tpd")
+        if tps is not None:
+            if isinstance(tps, bool) or not isinstance(tps, int | float) or tps <= 0:
+                return web.json_response({"error": "tps must be a positive number"}, status=400)
+            quota.tps = float(tps)
+        if tpd is not None:
+            if isinstance(tpd, bool) or not isinstance(tpd, int) or tpd < 1:
+                return web.json_response({"error": "tpd must be a positive integer"}, status=400)
+            quota.tpd = tpd
+    return web.json_response(
+        {
+            "limits": sim.limits,
+            "quotas": {name: {"tps": q.tps, "tpd": q.tpd} for name, q in sim.quotas.items()},
+        }
+    )

@@ -1,0 +1,419 @@
+"""The simulator's catalogue: a deterministic synthetic item for every well-formed ASIN.
+
+Product facts (title, brand, features, images, browse nodes, reviews) come from a seeded hash
+of (seed, ASIN); the offer (price in the marketplace's currency, availability, merchant) and
+whether the item exists or is accessible come from a hash of (seed, marketplace, ASIN). So the
+same settings always produce the same catalogue, and tests of the whole product can check
+output rows against :func:`lookup` (and :func:`broker.simulator.render.render_item` for the
+exact wire JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Literal
+
+from broker.simulator.marketplaces import MARKETPLACES, Marketplace, format_amount
+
+if TYPE_CHECKING:
+    from broker.simulator.settings import SimulatorSettings
+
+__all__ = [
+    "BrowseNodeData",
+    "CatalogEntry",
+    "CatalogItem",
+    "ItemStatus",
+    "Listing",
+    "browse_node",
+    "is_well_formed",
+    "lookup",
+    "lookup_by_key",
+    "search_asins",
+    "variation_asins",
+]
+
+ItemStatus = Literal["ok", "not_found", "not_accessible", "invalid"]
+
+_WELL_FORMED = re.compile(r"[0-9A-Za-z]{10}")
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """The featured (buy-box) offer of an item in one marketplace."""
+
+    amount: float
+    currency: str
+    display_amount: str
+    availability_type: str
+    availability_message: str
+    max_order_quantity: int
+    condition: str
+    merchant_name: str
+    merchant_id: str
+    saving_basis_amount: float | None
+    saving_basis_display: str | None
+    savings_amount: float | None
+    savings_display: str | None
+    savings_percentage: int | None
+    deal_badge: str | None
+    loyalty_points: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BrowseNodeData:
+    """A browse node and its chain of ancestors, nearest first."""
+
+    id: str
+    name: str
+    sales_rank: int
+    ancestors: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogItem:
+    """Every fact the simulator can render for one ASIN in one marketplace."""
+
+    asin: str
+    marketplace: str
+    locale: str
+    title: str
+    brand: str
+    manufacturer: str
+    features: tuple[str, ...]
+    product_group: str
+    binding: str
+    color: str
+    model: str
+    part_number: str
+    ean: str
+    release_date: str
+    image_ids: tuple[str, ...]
+    browse_nodes: tuple[BrowseNodeData, ...]
+    website_sales_rank: int
+    review_count: int
+    star_rating: float
+    parent_asin: str | None
+    listing: Listing
+
+    def detail_page_url(self, partner_tag: str) -> str:
+        """The detail page URL carrying ``partner_tag``, as Amazon builds it."""
+        return (
+            f"https://{self.marketplace}/dp/{self.asin}?tag={partner_tag}&linkCode=ogi&th=1&psc=1"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """What the simulator knows of one (marketplace, id): its status and, if any, the item."""
+
+    asin: str
+    marketplace: str
+    status: ItemStatus
+    item: CatalogItem | None
+
+
+def is_well_formed(item_id: str) -> bool:
+    """True when ``item_id`` looks like an ASIN: exactly 10 ASCII letters or digits."""
+    return _WELL_FORMED.fullmatch(item_id) is not None
+
+
+def lookup(settings: SimulatorSettings, marketplace: str, asin: str) -> CatalogEntry:
+    """Return whether ``asin`` exists and is accessible in ``marketplace``, and its item.
+
+    ``status`` is ``invalid`` for an id that is not 10 letters or digits, ``not_found`` or
+    ``not_accessible`` for the configured shares of well-formed ids, else ``ok``. ``item`` is
+    set for ``ok`` only. Lower-case ids are looked up upper-cased.
+    """
+    return lookup_by_key(
+        settings.seed, settings.missing_share, settings.inaccessible_share, marketplace, asin
+    )
+
+
+def search_asins(
+    settings: SimulatorSettings, marketplace: str, query: str, page: int, count: int
+) -> tuple[int, list[str]]:
+    """Return (total result count, the ASINs of one page) for a search, deterministically.
+
+    A query that starts with ``noresults`` finds nothing (a documented simulator convention,
+    so tests can reach the no-results answer).
+    """
+    if query.lower().startswith("noresults"):
+        return 0, []
+    rng = _rng(settings.seed, "search", marketplace, query)
+    total = rng.randrange(count * 3, 1000)
+    asins: list[str] = []
+    index = (page - 1) * count
+    while len(asins) < count and index < total:
+        candidate = _derived_asin(settings.seed, "search", marketplace, query, str(index))
+        index += 1
+        if lookup(settings, marketplace, candidate).status == "ok":
+            asins.append(candidate)
+    return total, asins
+
+
+def variation_asins(settings: SimulatorSettings, marketplace: str, parent: str) -> list[str]:
+    """Return the child ASINs of ``parent`` (two to six of them), deterministically."""
+    rng = _rng(settings.seed, "variations", parent)
+    children = [
+        _derived_asin(settings.seed, "child", parent, str(i)) for i in range(rng.randint(2, 6))
+    ]
+    return [c for c in children if lookup(settings, marketplace, c).status == "ok"]
+
+
+def browse_node(
+    node_id: str,
+) -> tuple[str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] | None:
+    """Return (name, ancestors nearest first, children) of a browse node id, or None.
+
+    Known ids are those of the simulator's small taxonomy; other all-digit ids get a
+    synthetic name; anything else is invalid.
+    """
+    if not node_id.isdigit() or len(node_id) > 19:
+        return None
+    for chain in _TAXONOMY:
+        ids = [node for node, _ in chain]
+        if node_id in ids:
+            at = ids.index(node_id)
+            ancestors = tuple(reversed(chain[:at]))
+            children = (chain[at + 1],) if at + 1 < len(chain) else ()
+            return chain[at][1], ancestors, children
+    return f"Category {node_id}", (), ()
+
+
+# -- generation -------------------------------------------------------------------------
+
+_BRANDS = (
+    "Acme",
+    "Northwind",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Stark",
+    "Wayne",
+    "Tyrell",
+    "Soylent",
+    "Hooli",
+    "Vandelay",
+    "Cyberdyne",
+    "Aperture",
+    "Massive",
+    "Wonka",
+)
+_ADJECTIVES = (
+    "Compact",
+    "Wireless",
+    "Portable",
+    "Premium",
+    "Smart",
+    "Ultra-Slim",
+    "Rugged",
+    "Classic",
+    "Ergonomic",
+    "Rechargeable",
+    "Stainless",
+    "Foldable",
+)
+_NOUNS = (
+    "Bluetooth Speaker",
+    "Desk Lamp",
+    "Coffee Grinder",
+    "Backpack",
+    "Headphones",
+    "Water Bottle",
+    "Keyboard",
+    "Phone Stand",
+    "Air Purifier",
+    "Chef's Knife",
+    "Yoga Mat",
+    "Travel Mug",
+    "Power Bank",
+    "Webcam",
+    "Electric Kettle",
+)
+_COLORS = ("Black", "White", "Silver", "Navy Blue", "Red", "Forest Green", "Graphite", "Rose Gold")
+_FEATURES = (
+    "Built to last with premium materials",
+    "Easy to set up in minutes, no tools required",
+    "Compact design that fits anywhere",
+    "Long-lasting battery for all-day use",
+    "Backed by a 1-year limited warranty",
+    "Energy efficient and quiet in operation",
+    "Dishwasher-safe parts for easy cleaning",
+    "Works with most devices and accessories",
+    "Lightweight for travel and everyday carry",
+)
+_TAXONOMY: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("172282", "Electronics"), ("667846011", "Home Audio"), ("12097479011", "Speakers")),
+    (("1055398", "Home & Kitchen"), ("284507", "Kitchen & Dining"), ("289913", "Coffee Grinders")),
+    (
+        ("541966", "Computers & Accessories"),
+        ("172456", "Computer Accessories & Peripherals"),
+        ("12879431", "Keyboards"),
+    ),
+    (
+        ("3375251", "Sports & Outdoors"),
+        ("706814011", "Outdoor Recreation"),
+        ("3400371", "Water Bottles"),
+    ),
+    (
+        ("2335752011", "Cell Phones & Accessories"),
+        ("2407755011", "Accessories"),
+        ("7073956011", "Portable Power Banks"),
+    ),
+)
+_AVAILABILITY = (
+    # type, message, weight
+    ("IN_STOCK", "In Stock", 80),
+    ("IN_STOCK_SCARCE", "Only {n} left in stock - order soon.", 5),
+    ("OUT_OF_STOCK", "Currently unavailable.", 5),
+    ("LEADTIME", "Usually ships within 4 to 5 days.", 4),
+    ("PREORDER", "Available for Pre-order.", 3),
+    ("AVAILABLE_DATE", "This item will be released on June 30, 2026.", 3),
+)
+# Rough price levels per currency, relative to USD, so prices look plausible everywhere.
+_PRICE_LEVEL: Mapping[str, float] = {
+    "USD": 1.0,
+    "CAD": 1.35,
+    "MXN": 17.0,
+    "BRL": 5.0,
+    "GBP": 0.8,
+    "EUR": 0.92,
+    "PLN": 4.0,
+    "SEK": 10.5,
+    "TRY": 32.0,
+    "AED": 3.67,
+    "SAR": 3.75,
+    "INR": 83.0,
+    "EGP": 48.0,
+    "JPY": 150.0,
+    "AUD": 1.5,
+    "SGD": 1.35,
+}
+_ASIN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=16).digest()
+
+
+def _rng(*parts: object) -> random.Random:
+    return random.Random(int.from_bytes(_digest(*parts), "big"))
+
+
+def _derived_asin(*parts: object) -> str:
+    number = int.from_bytes(_digest(*parts), "big")
+    chars = []
+    for _ in range(8):
+        number, rem = divmod(number, 36)
+        chars.append(_ASIN_CHARS[rem])
+    return "B0" + "".join(chars)
+
+
+@lru_cache(maxsize=131_072)
+def lookup_by_key(
+    seed: int, missing: float, inaccessible: float, marketplace: str, asin: str
+) -> CatalogEntry:
+    """:func:`lookup` by its cache key (seed, shares, marketplace, id); cached."""
+    if not is_well_formed(asin):
+        return CatalogEntry(asin, marketplace, "invalid", None)
+    asin = asin.upper()
+    draw = int.from_bytes(_digest(seed, "exists", marketplace, asin)[:8], "big") / 2.0**64
+    if draw < missing:
+        return CatalogEntry(asin, marketplace, "not_found", None)
+    if draw < missing + inaccessible:
+        return CatalogEntry(asin, marketplace, "not_accessible", None)
+    market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
+    return CatalogEntry(asin, marketplace, "ok", _make_item(seed, market, asin))
+
+
+def _make_item(seed: int, market: Marketplace, asin: str) -> CatalogItem:
+    product = _rng(seed, "product", asin)
+    brand = product.choice(_BRANDS)
+    noun = product.choice(_NOUNS)
+    color = product.choice(_COLORS)
+    model = f"{brand[:2].upper()}-{product.randrange(100, 9999)}"
+    title = f"{brand} {product.choice(_ADJECTIVES)} {noun}, {color}, {model}"
+    features = tuple(product.sample(_FEATURES, product.randint(3, 5)))
+    chain = product.choice(_TAXONOMY)
+    nodes = (
+        BrowseNodeData(
+            chain[-1][0], chain[-1][1], product.randrange(1, 50_000), tuple(reversed(chain[:-1]))
+        ),
+    )
+    image_ids = tuple(_image_id(product) for _ in range(product.randint(1, 4)))
+    parent = _derived_asin(seed, "parent", asin) if product.random() < 0.4 else None
+    ean = "".join(str(product.randrange(10)) for _ in range(13))
+    year = product.randrange(2015, 2026)
+    return CatalogItem(
+        asin=asin,
+        marketplace=market.name,
+        locale=market.locale,
+        title=title,
+        brand=brand,
+        manufacturer=f"{brand} Industries",
+        features=features,
+        product_group=chain[0][1],
+        binding=chain[0][1],
+        color=color,
+        model=model,
+        part_number=f"{model}-{product.randrange(10, 99)}",
+        ean=ean,
+        release_date=f"{year}-{product.randrange(1, 13):02d}-{product.randrange(1, 29):02d}"
+        "T00:00:01Z",
+        image_ids=image_ids,
+        browse_nodes=nodes,
+        website_sales_rank=product.randrange(1, 500_000),
+        review_count=product.randrange(0, 25_000),
+        star_rating=round(product.uniform(2.5, 5.0), 1),
+        parent_asin=parent,
+        listing=_make_listing(_rng(seed, "offer", market.name, asin), market, brand),
+    )
+
+
+def _image_id(rng: random.Random) -> str:
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz+-"
+    return "".join(rng.choice(alphabet) for _ in range(11))
+
+
+def _make_listing(rng: random.Random, market: Marketplace, brand: str) -> Listing:
+    currency = market.currency
+    usd = round(10 ** rng.uniform(0.6, 2.8), 2)
+    amount = round(usd * _PRICE_LEVEL.get(currency.code, 1.0), currency.decimals)
+    if currency.decimals == 0:
+        amount = float(int(amount))
+    kinds = [k for k, _, _ in _AVAILABILITY]
+    weights = [w for _, _, w in _AVAILABILITY]
+    kind = rng.choices(kinds, weights)[0]
+    message = next(m for k, m, _ in _AVAILABILITY if k == kind).format(n=rng.randint(1, 9))
+    by_amazon = rng.random() < 0.6
+    merchant = (
+        f"Amazon.{market.name.removeprefix('www.amazon.')}" if by_amazon else f"{brand} Direct"
+    )
+    merchant_id = (
+        "ATVPDKIKX0DER" if by_amazon else "A" + "".join(rng.choice(_ASIN_CHARS) for _ in range(12))
+    )
+    basis = round(amount * rng.uniform(1.1, 1.6), currency.decimals) if rng.random() < 0.3 else None
+    saved = round(basis - amount, currency.decimals) if basis is not None else None
+    return Listing(
+        amount=amount,
+        currency=currency.code,
+        display_amount=format_amount(amount, currency),
+        availability_type=kind,
+        availability_message=message,
+        max_order_quantity=rng.choice((10, 20, 30)),
+        condition="New",
+        merchant_name=merchant,
+        merchant_id=merchant_id,
+        saving_basis_amount=basis,
+        saving_basis_display=format_amount(basis, currency) if basis is not None else None,
+        savings_amount=saved,
+        savings_display=format_amount(saved, currency) if saved is not None else None,
+        savings_percentage=round(100 * saved / basis) if saved is not None and basis else None,
+        deal_badge="Limited time deal" if rng.random() < 0.1 else None,
+        loyalty_points=int(amount * 0.01) if currency.code == "JPY" else None,
+    )

@@ -1,0 +1,98 @@
+"""``broker simulate``: read the ``[simulator]`` table of a config file and serve until Ctrl-C.
+
+Exit codes: 0 after Ctrl-C or SIGTERM, 78 (EX_CONFIG) for a bad config file or a refused
+bind address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ConfigError
+from broker.simulator.accounts import DEMO_ACCOUNTS
+from broker.simulator.server import SimulatorServer, check_host, serve_forever
+from broker.simulator.settings import SimulatorSettings
+
+__all__ = ["EX_CONFIG", "load_settings", "simulate_command"]
+
+#: sysexits.h: configuration error
+EX_CONFIG = 78
+_DEFAULT_CONFIG = "config.toml"
+
+
+def load_settings(path: str, *, explicit: bool) -> SimulatorSettings:
+    """Read the ``[simulator]`` table of the TOML file at ``path`` (other tables are ignored).
+
+    A missing file means the built-in settings unless the path was given explicitly.
+
+    Raises:
+        ConfigError: the file is missing (when explicit), unreadable, not TOML, or its
+            ``[simulator]`` table is invalid.
+    """
+    file = Path(path)
+    if not file.exists():
+        if explicit:
+            raise ConfigError("config", f"config file {path} does not exist")
+        return SimulatorSettings()
+    try:
+        document = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from exc
+    table = document.get("simulator", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError("simulator", "must be a table")
+    return SimulatorSettings.from_mapping(table)
+
+
+def _ready_line(server: SimulatorServer) -> None:
+    ids = ", ".join(
+        f"{a.credential_id} ({'PA-API' if a.protocol == 'paapi5' else 'Creators ' + a.version})"
+        for a in DEMO_ACCOUNTS
+    )
+    print(
+        f"simulator listening on {server.url} - demo keys: {ids}; their secrets are in the "
+        "README. Ctrl-C stops it.",
+        flush=True,
+    )
+
+
+def simulate_command(
+    args: argparse.Namespace, *, run: Callable[[Coroutine[Any, Any, None]], int]
+) -> int:
+    """Run ``broker simulate`` with parsed ``args`` (config, host, port, allow_remote).
+
+    Args:
+        args: the parsed command line.
+        run: runs a coroutine to completion on an event loop (the CLI's loop policy).
+
+    Returns:
+        The process exit code.
+    """
+    config = str(args.config)
+    try:
+        check_host(args.host, allow_remote=bool(args.allow_remote))
+        settings = load_settings(config, explicit=config != _DEFAULT_CONFIG)
+        return run(
+            serve_forever(
+                settings,
+                host=args.host,
+                port=int(args.port),
+                allow_remote=bool(args.allow_remote),
+                on_ready=_ready_line,
+            )
+        )
+    except ConfigError as exc:
+        print(f"broker simulate: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:
+        print(f"broker simulate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,246 @@
+"""The Creators API front end: bearer-token checks, quotas and camelCase wire shapes.
+
+A call to ``POST /catalog/v1/<operation>`` is checked in this order, each step answering with
+the documented error (protocol.md 2.8): operation name (400 UnknownOperation), Authorization
+(401 MissingCredential / InvalidToken / TokenExpired / InvalidIssuer), ``x-marketplace`` (400
+FieldValidationFailed), eligibility (403 AssociateNotEligible), the key's quota (429
+ThrottleException), injected server faults, the JSON body (400 CannotParse), then the
+operation itself (400 FieldValidationFailed / InvalidAssociate / InvalidPartnerTag, 404
+ResourceNotFoundException, or 200 with optional ``errors``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING
+
+from broker.simulator.faults import Reply, html_page
+from broker.simulator.marketplaces import MARKETPLACES
+from broker.simulator.operations import Context, ItemError, Names, Rejected, run_operation
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from broker.simulator.state import Simulator
+
+__all__ = ["OPERATIONS", "handle"]
+
+#: The operations of ``/catalog/v1/`` the simulator serves.
+OPERATIONS = frozenset({"getItems", "searchItems", "getVariations", "getBrowseNodes"})
+
+_NAMES = Names("creators")
+_BEARER = re.compile(r"^\s*Bearer\s+([^\s,]+)\s*(?:,\s*Version\s+([^\s,]+)\s*)?$", re.IGNORECASE)
+
+_MESSAGES = {
+    "UnknownOperation": "The operation requested is invalid. Please verify that the operation "
+    "name is typed correctly.",
+    "CannotParse": "Unable to parse the request payload. Please verify that the request body "
+    "is valid JSON.",
+    "FieldValidationFailed": "Request validation failed.",
+    "InvalidAssociate": "Your credential is not linked to the partner tag in the request for "
+    "the given Marketplace.",
+    "InvalidPartnerTag": "Partner tag in the request is invalid or is not mapped to the store "
+    "associated with your credential.",
+    "TokenExpired": "Authentication token has expired.",
+    "InvalidToken": "The authentication token is invalid or malformed.",
+    "MissingCredential": "Missing authentication credentials.",
+    "InvalidIssuer": "Ensure the credential version in your request header matches the region "
+    "where the token was generated.",
+    "AssociateNotEligible": "Your account does not currently meet the eligibility requirements.",
+}
+_THROTTLE_MESSAGE = (
+    "The request was denied due to request throttling. Please verify the "
+    "number of requests made per second."
+)
+_SERVER_ERRORS = {
+    500: {
+        "type": "InternalServerException",
+        "message": "An unexpected error occurred while processing your request.",
+    },
+    502: {"message": "Bad Gateway"},
+    503: {"message": "Service Unavailable"},
+    504: {"message": "Endpoint request timed out"},
+}
+
+
+def _json(status: int, body: object) -> Reply:
+    return Reply(status, json.dumps(body, separators=(",", ":")).encode())
+
+
+def _error(
+    sim: Simulator,
+    account: str | None,
+    status: int,
+    type_: str,
+    reason: str | None,
+    **extra: object,
+) -> Reply:
+    sim.stats.error(account, reason or type_)
+    body: dict[str, object] = {"type": type_, "message": _MESSAGES.get(reason or "", "")}
+    if reason:
+        body["reason"] = reason
+    body.update(extra)
+    return _json(status, body)
+
+
+def _field_list(sim: Simulator, name: str, message: str) -> list[object]:
+    if sim.settings.field_list_style == "strings":
+        return [name]
+    return [{"name": name, "message": message}]
+
+
+def _server_error(sim: Simulator, kind: str) -> Reply:
+    """The reply of an injected 5xx fault (``error_500`` .. ``error_504``, ``html``)."""
+    if kind == "html":
+        return html_page(sim.faults.html_status())
+    status = int(kind.removeprefix("error_"))
+    return _json(status, _SERVER_ERRORS[status])
+
+
+async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | None]:
+    """Answer one Creators API call; returns the reply and the write fault (if any)."""
+    operation = request.match_info.get("operation", "")
+    if operation not in OPERATIONS:
+        return _error(sim, None, 400, "ValidationException", "UnknownOperation"), None
+
+    header = request.headers.get("Authorization")
+    if not header:
+        return _error(sim, None, 401, "UnauthorizedException", "MissingCredential"), None
+    match = _BEARER.match(header)
+    token = sim.tokens.find(match.group(1)) if match else None
+    if match is None or token is None:
+        return _error(sim, None, 401, "UnauthorizedException", "InvalidToken"), None
+    account = token.account
+    version = match.group(2)
+    if sim.clock.monotonic() >= token.expires_at:
+        return _error(sim, account.name, 401, "UnauthorizedException", "TokenExpired"), None
+    if (token.family == "v2" and version != token.version) or (
+        token.family == "v3" and version is not None and version != token.version
+    ):
+        return _error(sim, account.name, 401, "UnauthorizedException", "InvalidIssuer"), None
+    if sim.faults.expired_token():
+        sim.stats.faults["expired_token"] += 1
+        return _error(sim, account.name, 401, "UnauthorizedException", "TokenExpired"), None
+
+    marketplace = request.headers.get("x-marketplace", "").strip()
+    if marketplace not in MARKETPLACES:
+        message = (
+            "x-marketplace header is required"
+            if not marketplace
+            else f"{marketplace} is not a supported marketplace"
+        )
+        return _error(
+            sim,
+            account.name,
+            400,
+            "ValidationException",
+            "FieldValidationFailed",
+            fieldList=_field_list(sim, "x-marketplace", message),
+        ), None
+    if account.not_eligible:
+        return _error(sim, account.name, 403, "AccessDeniedException", "AssociateNotEligible"), None
+
+    decision = sim.admit(account)
+    if not decision.allowed:
+        sim.stats.error(account.name, "ThrottleException")
+        body: dict[str, object] = {"type": "ThrottleException", "message": _THROTTLE_MESSAGE}
+        headers: dict[str, str] = {}
+        wait = sim.retry_after(decision)
+        if sim.settings.retry_after in ("body", "both"):
+            body["retryAfterSeconds"] = wait
+        if sim.settings.retry_after in ("header", "both"):
+            headers["Retry-After"] = str(wait)
+        return Reply(429, json.dumps(body, separators=(",", ":")).encode(), headers=headers), None
+
+    fault = sim.faults.response_fault()
+    if fault is not None:
+        sim.stats.faults[fault] += 1
+        if fault.startswith("error_") or fault == "html":
+            sim.stats.error(account.name, "ServerError")
+            return _server_error(sim, fault), None
+
+    reply = _operation(
+        sim,
+        account.name,
+        operation,
+        await request.read(),
+        Context(sim.settings, account, marketplace, _NAMES, sim.shuffle),
+    )
+    return reply, fault
+
+
+def _operation(
+    sim: Simulator, account_name: str, operation: str, raw: bytes, context: Context
+) -> Reply:
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        return _error(sim, account_name, 400, "ValidationException", "CannotParse")
+    try:
+        outcome = run_operation(operation, body, context)
+    except Rejected as rejected:
+        return _rejected(sim, account_name, rejected)
+    stats = sim.stats.account(account_name)
+    stats.items_served += outcome.items_served
+    container = outcome.container
+    if container == "itemsResult":
+        container = sim.settings.items_container
+    parts = []
+    if outcome.payload:
+        parts.append(f'"{container}":{outcome.payload}')
+    if outcome.errors:
+        errors = [_item_error(e) for e in outcome.errors]
+        for error in errors:
+            stats.errors[error["code"]] += 1
+        parts.append('"errors":' + json.dumps(errors, separators=(",", ":")))
+    return Reply(200, ("{" + ",".join(parts) + "}").encode())
+
+
+def _rejected(sim: Simulator, account: str, rejected: Rejected) -> Reply:
+    if rejected.kind == "invalid_associate":
+        return _error(sim, account, 400, "ValidationException", "InvalidAssociate")
+    if rejected.kind == "invalid_partner_tag":
+        return _error(sim, account, 400, "ValidationException", "InvalidPartnerTag")
+    if rejected.kind == "not_found":
+        sim.stats.error(account, "ResourceNotFoundException")
+        return _json(
+            404,
+            {
+                "type": "ResourceNotFoundException",
+                "message": rejected.detail,
+                "resourceType": rejected.resource_type,
+                "resourceId": rejected.resource_id,
+            },
+        )
+    if rejected.kind == "missing":
+        message = rejected.detail or f"{rejected.field} is required"
+    else:
+        message = rejected.detail or f"{rejected.value} is not a valid value for {rejected.field}"
+    return _error(
+        sim,
+        account,
+        400,
+        "ValidationException",
+        "FieldValidationFailed",
+        fieldList=_field_list(sim, rejected.field, message),
+    )
+
+
+def _item_error(error: ItemError) -> dict[str, str]:
+    if error.kind == "not_accessible":
+        return {
+            "code": "ItemNotAccessible",
+            "message": f"The ItemId {error.item_id} is not accessible through the Creators API.",
+        }
+    if error.kind == "bad_node":
+        return {
+            "code": "InvalidParameterValue",
+            "message": f"The BrowseNodeId {error.item_id} provided in the request is invalid.",
+        }
+    return {
+        "code": "InvalidParameterValue",
+        "message": f"The ItemIds {error.item_id} provided in the request is invalid.",
+    }

@@ -1,0 +1,130 @@
+"""The Creators API token endpoints: OAuth2 client-credentials for both credential families.
+
+``/oauth2/token`` is the Cognito-style endpoint of v2.x credentials (form body or HTTP Basic,
+scope ``creatorsapi/default``); ``/auth/o2/token`` the Login-with-Amazon-style endpoint of v3.x
+credentials (JSON body, scope ``creatorsapi::default``; form bodies and Basic are accepted too,
+as protocol.md 2.2 advises a lenient simulator). Each endpoint knows only its own family's
+keys. Errors are standard OAuth2 bodies ``{"error", "error_description"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from broker.simulator.state import Simulator
+
+__all__ = ["COGNITO_SCOPE", "LWA_SCOPE", "token_endpoint"]
+
+COGNITO_SCOPE = "creatorsapi/default"
+LWA_SCOPE = "creatorsapi::default"
+
+
+class _OAuthError(Exception):
+    def __init__(self, error: str, description: str) -> None:
+        self.error = error
+        self.description = description
+        super().__init__(error)
+
+
+async def token_endpoint(request: web.Request, sim: Simulator, family: str) -> web.Response:
+    """Answer one token request for ``family`` (``v2`` Cognito or ``v3`` LWA)."""
+    try:
+        params = await _read_params(request)
+        body = _grant(sim, family, params, request.headers.get("Authorization", ""))
+    except _OAuthError as exc:
+        status = (
+            sim.settings.invalid_client_status
+            if exc.error == "invalid_client"
+            else sim.settings.oauth_error_status
+        )
+        sim.stats.error(None, exc.error)
+        return web.json_response(
+            {"error_description": exc.description, "error": exc.error}, status=status
+        )
+    return web.json_response(body)
+
+
+async def _read_params(request: web.Request) -> dict[str, str]:
+    raw = await request.read()
+    content_type = request.content_type
+    text = raw.decode("utf-8", errors="replace")
+    form = content_type == "application/x-www-form-urlencoded"
+    if content_type == "application/json" or (not form and text.lstrip().startswith("{")):
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError:
+            raise _OAuthError("invalid_request", "The request body is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise _OAuthError("invalid_request", "The request body must be a JSON object.")
+        return {str(k): str(v) for k, v in data.items() if v is not None}
+    return dict(parse_qsl(text, keep_blank_values=True))
+
+
+def _basic(header: str) -> tuple[str, str] | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise _OAuthError("invalid_client", "Client authentication failed") from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise _OAuthError("invalid_client", "Client authentication failed")
+    return client_id, secret
+
+
+def _grant(
+    sim: Simulator, family: str, params: Mapping[str, str], authorization: str
+) -> dict[str, object]:
+    grant_type = params.get("grant_type")
+    if not grant_type:
+        raise _OAuthError(
+            "invalid_request", "The request is missing a required parameter : grant_type"
+        )
+    if grant_type != "client_credentials":
+        raise _OAuthError(
+            "unsupported_grant_type", f"The authorization grant type {grant_type} is not supported"
+        )
+    basic = _basic(authorization) if authorization else None
+    client_id, secret = basic if basic else (params.get("client_id"), params.get("client_secret"))
+    if not client_id:
+        raise _OAuthError(
+            "invalid_request", "The request is missing a required parameter : client_id"
+        )
+    if not secret:
+        raise _OAuthError(
+            "invalid_request", "The request is missing a required parameter : client_secret"
+        )
+    expected_scope = LWA_SCOPE if family == "v3" else COGNITO_SCOPE
+    scope = params.get("scope")
+    if scope and scope != expected_scope:
+        raise _OAuthError("invalid_scope", "The requested scope is invalid, unknown, or malformed.")
+    account = sim.accounts.by_id("creators", client_id)
+    if (
+        account is None
+        or account.family != family
+        or not hmac.compare_digest(account.secret.encode(), secret.encode())
+    ):
+        raise _OAuthError("invalid_client", "Client authentication failed")
+    lifetime = sim.settings.token_lifetime_s
+    token = sim.tokens.issue(account, sim.clock.monotonic(), lifetime)
+    expires_in = max(1, math.ceil(lifetime))
+    if family == "v3":
+        return {
+            "access_token": token.value,
+            "scope": LWA_SCOPE,
+            "token_type": "bearer",
+            "expires_in": expires_in,
+        }
+    return {"access_token": token.value, "expires_in": expires_in, "token_type": "Bearer"}

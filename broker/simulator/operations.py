@@ -1,0 +1,434 @@
+"""The four catalogue operations, written once for both protocols.
+
+GetItems, SearchItems, GetVariations and GetBrowseNodes validate their body, consult the
+catalogue and build their result here. Field names are spelled through :class:`Names`
+(camelCase for the Creators API, PascalCase for PA-API); whole-request problems are raised as
+:class:`Rejected` and per-id problems returned as :class:`ItemError`, so each protocol module
+only turns them into its own wire shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import quote_plus
+
+from broker.simulator.catalog import (
+    browse_node,
+    is_well_formed,
+    lookup,
+    search_asins,
+    variation_asins,
+)
+from broker.simulator.render import (
+    CREATORS_ITEM_RESOURCES,
+    EXTRA_RESOURCES,
+    PAAPI_ITEM_RESOURCES,
+    item_json,
+    resources_key,
+)
+
+if TYPE_CHECKING:
+    from broker.simulator.accounts import Account
+    from broker.simulator.settings import SimulatorSettings
+
+__all__ = ["Context", "ItemError", "Names", "Outcome", "Rejected", "run_operation"]
+
+Style = Literal["creators", "paapi5"]
+RejectKind = Literal[
+    "missing", "bad_value", "invalid_associate", "invalid_partner_tag", "not_found"
+]
+ItemErrorKind = Literal["invalid", "not_found", "not_accessible", "bad_node"]
+
+_SEARCH_FIELDS = (
+    "keywords",
+    "actor",
+    "artist",
+    "author",
+    "brand",
+    "title",
+    "browseNodeId",
+    "searchIndex",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Spells a camelCase field name in the protocol's style."""
+
+    style: Style
+
+    def __call__(self, camel: str) -> str:
+        if self.style == "creators":
+            return camel
+        if camel == "asin":
+            return "ASIN"
+        return camel[:1].upper() + camel[1:]
+
+
+class Rejected(Exception):
+    """The whole request is refused; each protocol renders ``kind`` in its own shape."""
+
+    def __init__(
+        self,
+        kind: RejectKind,
+        field: str = "",
+        *,
+        value: str = "",
+        detail: str = "",
+        resource_type: str = "",
+        resource_id: str = "",
+    ) -> None:
+        self.kind = kind
+        self.field = field
+        self.value = value
+        self.detail = detail
+        self.resource_type = resource_type
+        self.resource_id = resource_id
+        super().__init__(f"{kind}: {field} {detail}".strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    """One id of the request that could not be served."""
+
+    kind: ItemErrorKind
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A successful (possibly partial) result: the container and its JSON text."""
+
+    #: the result key in camelCase (``itemsResult``); the protocol spells it
+    container: str
+    payload: str
+    errors: tuple[ItemError, ...]
+    items_served: int
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What an operation needs besides its body."""
+
+    settings: SimulatorSettings
+    account: Account
+    marketplace: str
+    names: Names
+    shuffle: random.Random
+
+
+def run_operation(operation: str, body: Mapping[str, object], context: Context) -> Outcome:
+    """Run one catalogue operation (Creators path name, e.g. ``getItems``) on a parsed body.
+
+    Raises:
+        Rejected: the whole request is refused.
+    """
+    tag = _partner_tag(body, context)
+    if operation == "getItems":
+        return _get_items(body, context, tag)
+    if operation == "searchItems":
+        return _search_items(body, context, tag)
+    if operation == "getVariations":
+        return _get_variations(body, context, tag)
+    return _get_browse_nodes(body, context)
+
+
+def _partner_tag(body: Mapping[str, object], ctx: Context) -> str:
+    field = ctx.names("partnerTag")
+    tag = body.get(field)
+    if tag is None or (isinstance(tag, str) and not tag.strip()):
+        raise Rejected("missing", field)
+    if not isinstance(tag, str):
+        raise Rejected("bad_value", field, value=str(tag), detail="must be a string")
+    if ctx.account.no_store:
+        raise Rejected("invalid_associate", field, value=tag)
+    if not ctx.account.has_tag(ctx.marketplace, tag):
+        raise Rejected("invalid_partner_tag", field, value=tag)
+    return tag
+
+
+def _string_list(
+    body: Mapping[str, object], field: str, *, low: int, high: int, required: bool = True
+) -> list[str] | None:
+    raw = body.get(field)
+    if raw is None:
+        if required:
+            raise Rejected("missing", field)
+        return None
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise Rejected("bad_value", field, value=str(raw), detail="must be a list of strings")
+    if not low <= len(raw) <= high:
+        if not raw and required:
+            raise Rejected("missing", field)
+        raise Rejected(
+            "bad_value",
+            field,
+            value=",".join(raw),
+            detail=f"must contain between {low} and {high} items",
+        )
+    return list(raw)
+
+
+def _integer(body: Mapping[str, object], field: str, default: int, low: int, high: int) -> int:
+    raw = body.get(field)
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != int(raw):
+        raise Rejected("bad_value", field, value=str(raw), detail="must be an integer")
+    if not low <= raw <= high:
+        raise Rejected(
+            "bad_value", field, value=str(raw), detail=f"must be between {low} and {high}"
+        )
+    return int(raw)
+
+
+def _resources(
+    body: Mapping[str, object], ctx: Context, extra: frozenset[str] = frozenset()
+) -> frozenset[str]:
+    field = ctx.names("resources")
+    requested = _string_list(body, field, low=0, high=100, required=False)
+    if requested is None:
+        requested = [ctx.names("itemInfo") + "." + ctx.names("title")]
+    if ctx.names.style == "creators":
+        known = CREATORS_ITEM_RESOURCES | extra
+    else:
+        known = PAAPI_ITEM_RESOURCES | {Names("paapi5")(r) for r in extra}
+    for resource in requested:
+        if resource not in known:
+            raise Rejected(
+                "bad_value", field, value=resource, detail=f"{resource} is not a valid resource"
+            )
+    return resources_key(requested, ctx.names.style)
+
+
+def _render(ctx: Context, asin: str, resources: frozenset[str], tag: str) -> str | None:
+    return item_json(ctx.settings, ctx.marketplace, asin, resources, tag, ctx.names.style)
+
+
+def _join(ctx: Context, key: str, parts: Sequence[str], extra: str = "") -> str:
+    return "{" + json.dumps(ctx.names(key)) + ":[" + ",".join(parts) + "]" + extra + "}"
+
+
+def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
+    ids = _string_list(body, ctx.names("itemIds"), low=1, high=10)
+    assert ids is not None
+    if ctx.names.style == "paapi5":
+        # PA-API fails the whole request on one malformed id (protocol.md 3.4).
+        for item_id in ids:
+            if not is_well_formed(item_id):
+                raise Rejected("bad_value", "ItemIds", value=item_id)
+    resources = _resources(body, ctx)
+    rendered: list[str] = []
+    errors: list[ItemError] = []
+    seen: set[str] = set()
+    for item_id in ids:
+        key = item_id.upper()
+        if key in seen:
+            continue
+        seen.add(key)
+        entry = lookup(ctx.settings, ctx.marketplace, item_id)
+        if entry.item is None:
+            kind: ItemErrorKind = (
+                "not_accessible"
+                if entry.status == "not_accessible"
+                else ("invalid" if entry.status == "invalid" else "not_found")
+            )
+            errors.append(ItemError(kind, item_id))
+            continue
+        text = _render(ctx, item_id, resources, tag)
+        if text is not None:
+            rendered.append(text)
+    if not rendered and ctx.names.style == "creators":
+        only_inaccessible = all(e.kind == "not_accessible" for e in errors)
+        if not only_inaccessible or ctx.settings.not_found_when_all_inaccessible:
+            raise Rejected(
+                "not_found",
+                resource_type="Item",
+                resource_id=",".join(e.item_id for e in errors),
+                detail="No items found for the requested item IDs.",
+            )
+    if ctx.settings.shuffle_items:
+        ctx.shuffle.shuffle(rendered)
+    payload = _join(ctx, "items", rendered) if rendered else ""
+    return Outcome("itemsResult", payload, tuple(errors), len(rendered))
+
+
+def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
+    terms = []
+    for field in _SEARCH_FIELDS:
+        value = body.get(ctx.names(field))
+        if value is not None:
+            if not isinstance(value, str) or not value.strip():
+                raise Rejected(
+                    "bad_value",
+                    ctx.names(field),
+                    value=str(value),
+                    detail="must be a non-empty string",
+                )
+            terms.append(value)
+    if not terms:
+        raise Rejected(
+            "missing",
+            ctx.names("keywords"),
+            detail="give at least one of keywords, actor, artist, author, brand, "
+            "title, browseNodeId or searchIndex",
+        )
+    high = 100 if ctx.names.style == "creators" else 10
+    count = _integer(body, ctx.names("itemCount"), 10, 1, high)
+    page = _integer(body, ctx.names("itemPage"), 1, 1, 10)
+    resources = _resources(body, ctx, EXTRA_RESOURCES["searchItems"])
+    query = " ".join(terms)
+    total, asins = search_asins(ctx.settings, ctx.marketplace, query, page, count)
+    if not asins:
+        raise Rejected(
+            "not_found",
+            resource_type="SearchResult",
+            resource_id=query,
+            detail="No results found for your search request",
+        )
+    rendered = [text for asin in asins if (text := _render(ctx, asin, resources, tag))]
+    url = f"https://{ctx.marketplace}/s?k={quote_plus(query)}&tag={tag}&linkCode=osi"
+    extra = (
+        f",{json.dumps(ctx.names('totalResultCount'))}:{total},"
+        f"{json.dumps(ctx.names('searchURL'))}:{json.dumps(url)}"
+    )
+    return Outcome("searchResult", _join(ctx, "items", rendered, extra), (), len(rendered))
+
+
+def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
+    field = ctx.names("asin")
+    asin = body.get(field)
+    if asin is None or asin == "":
+        raise Rejected("missing", field)
+    if not isinstance(asin, str) or not is_well_formed(asin):
+        raise Rejected("bad_value", field, value=str(asin))
+    count = _integer(body, ctx.names("variationCount"), 10, 1, 10)
+    page = _integer(body, ctx.names("variationPage"), 1, 1, 1000)
+    resources = _resources(body, ctx, EXTRA_RESOURCES["getVariations"])
+    entry = lookup(ctx.settings, ctx.marketplace, asin)
+    parent = (entry.item.parent_asin or entry.item.asin) if entry.item is not None else None
+    children = variation_asins(ctx.settings, ctx.marketplace, parent) if parent else []
+    page_ids = children[(page - 1) * count : page * count]
+    if not page_ids:
+        raise Rejected(
+            "not_found",
+            resource_type="Variation",
+            resource_id=asin.upper(),
+            detail="No variations found for the requested ASIN.",
+        )
+    rendered: list[str] = []
+    colors: list[str] = []
+    prices: list[tuple[float, str, str]] = []
+    for child in page_ids:
+        child_entry = lookup(ctx.settings, ctx.marketplace, child)
+        if child_entry.item is None:
+            continue
+        colors.append(child_entry.item.color)
+        listing = child_entry.item.listing
+        prices.append((listing.amount, listing.currency, listing.display_amount))
+        text = _render(ctx, child, resources, tag)
+        if text is None:
+            continue
+        tree = json.loads(text)
+        tree[ctx.names("parentASIN")] = (
+            parent if "parentASIN" in resources else tree.get(ctx.names("parentASIN"))
+        )
+        tree[ctx.names("variationAttributes")] = [
+            {ctx.names("name"): "color_name", ctx.names("value"): child_entry.item.color}
+        ]
+        rendered.append(json.dumps(tree, ensure_ascii=False, separators=(",", ":")))
+    n = ctx.names
+    summary: dict[str, object] = {
+        n("pageCount"): max(1, -(-len(children) // count)),
+        n("variationCount"): len(children),
+    }
+    if "variationSummary.variationDimension" in resources:
+        summary[n("variationDimensions")] = [
+            {
+                n("displayName"): "Color",
+                n("locale"): "en_US",
+                n("name"): "color_name",
+                n("values"): sorted(set(colors)),
+            }
+        ]
+    if prices and any(r.startswith("variationSummary.price.") for r in resources):
+        low, high = min(prices), max(prices)
+        summary[n("price")] = {
+            n("highestPrice"): {
+                n("amount"): high[0],
+                n("currency"): high[1],
+                n("displayAmount"): high[2],
+            },
+            n("lowestPrice"): {
+                n("amount"): low[0],
+                n("currency"): low[1],
+                n("displayAmount"): low[2],
+            },
+        }
+    extra = f",{json.dumps(n('variationSummary'))}:{json.dumps(summary, ensure_ascii=False)}"
+    return Outcome("variationsResult", _join(ctx, "items", rendered, extra), (), len(rendered))
+
+
+def _get_browse_nodes(body: Mapping[str, object], ctx: Context) -> Outcome:
+    n = ctx.names
+    ids = _string_list(body, n("browseNodeIds"), low=1, high=10)
+    assert ids is not None
+    requested = _string_list(body, n("resources"), low=0, high=100, required=False) or []
+    known = {n("browseNodes") + "." + n("ancestor"), n("browseNodes") + "." + n("children")}
+    for resource in requested:
+        if resource not in known:
+            raise Rejected(
+                "bad_value",
+                n("resources"),
+                value=resource,
+                detail=f"{resource} is not a valid resource",
+            )
+    want_ancestor = n("browseNodes") + "." + n("ancestor") in requested
+    want_children = n("browseNodes") + "." + n("children") in requested
+    nodes: list[dict[str, object]] = []
+    errors: list[ItemError] = []
+    for node_id in ids:
+        found = browse_node(node_id)
+        if found is None:
+            errors.append(ItemError("bad_node", node_id))
+            continue
+        name, ancestors, children = found
+        ancestor: dict[str, object] | None = None
+        if want_ancestor:
+            for anc_id, anc_name in reversed(ancestors):
+                ancestor = {
+                    n("ancestor"): ancestor,
+                    n("contextFreeName"): anc_name,
+                    n("displayName"): anc_name,
+                    n("id"): anc_id,
+                }
+        node: dict[str, object] = {
+            n("ancestor"): ancestor,
+            n("children"): [
+                {n("contextFreeName"): c_name, n("displayName"): c_name, n("id"): c_id}
+                for c_id, c_name in children
+            ]
+            if want_children
+            else None,
+            n("contextFreeName"): name,
+            n("displayName"): name,
+            n("id"): node_id,
+            n("isRoot"): not ancestors,
+            n("salesRank"): None,
+        }
+        if ctx.names.style == "paapi5" or not ctx.settings.explicit_nulls:
+            node = {k: v for k, v in node.items() if v is not None}
+        nodes.append(node)
+    if not nodes:
+        raise Rejected(
+            "not_found",
+            resource_type="BrowseNode",
+            resource_id=",".join(ids),
+            detail="No browse nodes found for the requested browse node IDs.",
+        )
+    payload = "{" + json.dumps(n("browseNodes")) + ":" + json.dumps(nodes, ensure_ascii=False) + "}"
+    return Outcome("browseNodesResult", payload, tuple(errors), len(nodes))

@@ -1,0 +1,138 @@
+"""Running the simulator app on a socket: an async context manager, and a serve-forever loop.
+
+The simulator has no TLS and fake credentials, so it binds loopback only (127.0.0.0/8, ::1,
+``localhost``) unless the caller explicitly allows a remote address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import signal
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from broker.errors import ConfigError
+from broker.simulator.app import STATS_KEY, create_app
+
+if TYPE_CHECKING:
+    from broker.clock import Clock
+    from broker.simulator.settings import SimulatorSettings
+    from broker.simulator.stats import SimulatorStats
+
+__all__ = ["SimulatorServer", "check_host", "serve_forever"]
+
+# Hanging responses end at shutdown, so a short grace period is enough for the rest.
+_SHUTDOWN_TIMEOUT_S = 2.0
+
+
+def check_host(host: str, *, allow_remote: bool) -> None:
+    """Refuse a non-loopback ``host`` unless ``allow_remote``.
+
+    Raises:
+        ConfigError: (path ``simulator.host``) the address is not loopback.
+    """
+    if allow_remote or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            "simulator.host",
+            f"refusing to bind {host!r}: the simulator has no "
+            "TLS and fake credentials, so it binds loopback only (127.0.0.1, ::1, "
+            "localhost); pass --allow-remote to bind another address",
+        )
+
+
+class SimulatorServer:
+    """The simulator listening on a TCP port, for tests and the CLI.
+
+    Usage::
+
+        async with SimulatorServer() as server:
+            ...  # server.url is e.g. http://127.0.0.1:54321
+
+    Attributes (after entering): ``url``, ``port``, ``app``, ``stats``.
+    """
+
+    def __init__(
+        self,
+        settings: SimulatorSettings | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Clock | None = None,
+        allow_remote: bool = False,
+    ) -> None:
+        check_host(host, allow_remote=allow_remote)
+        self._settings = settings
+        self._host = host
+        self._requested_port = port
+        self._clock = clock
+        self._runner: web.AppRunner | None = None
+        self.app: web.Application = create_app(settings, clock=clock)
+        self.port = 0
+        self.url = ""
+
+    @property
+    def stats(self) -> SimulatorStats:
+        """The app's live counters."""
+        return self.app[STATS_KEY]
+
+    async def __aenter__(self) -> SimulatorServer:
+        runner = web.AppRunner(self.app, shutdown_timeout=_SHUTDOWN_TIMEOUT_S, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._requested_port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        addresses = runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self._requested_port
+        shown = f"[{self._host}]" if ":" in self._host else self._host
+        self.url = f"http://{shown}:{self.port}"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+
+async def serve_forever(
+    settings: SimulatorSettings | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    allow_remote: bool = False,
+    on_ready: Callable[[SimulatorServer], None] | None = None,
+) -> None:
+    """Serve until cancelled (Ctrl-C) or SIGTERM; ``on_ready`` runs once the port is bound."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        async with SimulatorServer(
+            settings, host=host, port=port, allow_remote=allow_remote
+        ) as server:
+            if on_ready is not None:
+                on_ready(server)
+            await stop.wait()
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)

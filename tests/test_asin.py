@@ -1,0 +1,245 @@
+"""Tests for broker.asin: what counts as an ASIN, and what a user is told when it does not."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.asin import AsinCheck, check_asin, is_isbn10, isbn13_to_isbn10, normalize_asin
+
+
+class TestBareIds:
+    @pytest.mark.parametrize(
+        ("raw", "asin"),
+        [
+            ("B0ABCDEFGH", "B0ABCDEFGH"),
+            ("b0abcdefgh", "B0ABCDEFGH"),
+            ("B0aBcDeFgH", "B0ABCDEFGH"),
+            ("  B0ABCDEFGH\t", "B0ABCDEFGH"),
+            ("B000000001", "B000000001"),
+            ("A1B2C3D4E5", "A1B2C3D4E5"),
+        ],
+    )
+    def test_valid_ids_are_normalised(self, raw: str, asin: str) -> None:
+        """Surrounding whitespace is stripped and letters upper-cased."""
+        verdict = check_asin(raw)
+        assert verdict == AsinCheck(raw, asin, None)
+        assert verdict.valid
+
+    @pytest.mark.parametrize(
+        ("raw", "reason_part"),
+        [
+            ("", "empty id"),
+            ("   ", "empty id"),
+            ("B0ABCDEFG", "this has 9"),
+            ("B0ABCDEFGHI", "this has 11"),
+            ("B0ABC-DEFG", "'-'"),
+            ("B0ABC_DEF!", "'_'"),
+            ("B0ABC DEFG", "whitespace"),
+            ("B0ABC\tDEFG", "whitespace"),
+            ("B0ABCDEF\x00H", "control character U+0000"),
+            ("B0ABCDEF\x7fH", "control character U+007F"),
+        ],
+    )
+    def test_malformed_ids_say_why(self, raw: str, reason_part: str) -> None:
+        """Wrong lengths, symbols, inner spaces and control bytes are invalid with a reason."""
+        verdict = check_asin(raw)
+        assert verdict.asin is None
+        assert not verdict.valid
+        assert verdict.reason is not None
+        assert reason_part in verdict.reason
+
+    @pytest.mark.parametrize(
+        ("raw", "codepoint"),
+        [
+            ("B0ABCDEFG１", "U+FF11"),  # full-width digit one
+            ("ＢＯＡＢＣＤＥＦＧＨ", "U+FF22"),  # full-width letters
+            ("В0ABCDEFGH", "U+0412"),  # Cyrillic capital Ve, looks like B
+            ("B0ABC\u200bDEFGH", "U+200B"),  # zero-width space inside
+            ("B0ABCDEFGÉ", "U+00C9"),
+            ("٠١٢٣٤٥٦٧٨٩", "U+0660"),  # Arabic-Indic digits: isdigit() but not ASCII
+        ],
+    )
+    def test_non_ascii_is_rejected_not_folded(self, raw: str, codepoint: str) -> None:
+        """Look-alike and full-width characters are rejected, naming the first one."""
+        verdict = check_asin(raw)
+        assert verdict.asin is None
+        assert verdict.reason is not None
+        assert "non-ASCII" in verdict.reason
+        assert codepoint in verdict.reason
+
+
+class TestIsbn10:
+    @pytest.mark.parametrize("raw", ["0306406152", "080442957X", "080442957x", "1861972717"])
+    def test_valid_isbn10_including_x(self, raw: str) -> None:
+        """An ISBN-10 with a right check digit is an ASIN, a final x upper-cased."""
+        assert check_asin(raw).asin == raw.upper()
+        assert is_isbn10(raw.upper())
+
+    @pytest.mark.parametrize("raw", ["0306406153", "0000000001", "1861972718"])
+    def test_all_digit_bad_checksum_is_invalid(self, raw: str) -> None:
+        """An all-digit id whose ISBN-10 check digit is wrong is invalid."""
+        verdict = check_asin(raw)
+        assert verdict.asin is None
+        assert verdict.reason == "all-digit id with a wrong ISBN-10 check digit"
+        assert not is_isbn10(raw)
+
+    def test_x_with_bad_checksum_is_invalid(self) -> None:
+        """Nine digits and X with a wrong check digit is an ISBN-10 typo, not an ASIN."""
+        verdict = check_asin("030640615X")
+        assert verdict.asin is None
+        assert verdict.reason is not None
+        assert "ending in X" in verdict.reason
+
+    def test_nine_digits_then_another_letter_is_invalid(self) -> None:
+        """Nine digits then a letter other than X is taken for a mistyped ISBN-10."""
+        verdict = check_asin("123456789A")
+        assert verdict.asin is None
+        assert verdict.reason is not None
+        assert "digit or X" in verdict.reason
+
+    def test_is_isbn10_wants_upper_case(self) -> None:
+        """is_isbn10 is the low-level test: it takes the value already upper-cased."""
+        assert not is_isbn10("080442957x")
+        assert not is_isbn10("08044295")
+
+
+class TestIsbn13:
+    @pytest.mark.parametrize(
+        ("isbn13", "isbn10"),
+        [
+            ("9780306406157", "0306406152"),
+            ("978-0-306-40615-7", "0306406152"),
+            ("9780804429573", "080442957X"),
+            ("9781861972712", "1861972717"),
+        ],
+    )
+    def test_978_converted_only_when_enabled(self, isbn13: str, isbn10: str) -> None:
+        """A 978 ISBN-13 becomes its ISBN-10 with convert_isbn13, and is invalid without."""
+        assert isbn13_to_isbn10(isbn13) == isbn10
+        assert check_asin(isbn13, convert_isbn13=True) == AsinCheck(isbn13, isbn10, None)
+        off = check_asin(isbn13)
+        assert off.asin is None
+        assert off.reason is not None
+        assert "enable ISBN-13 conversion" in off.reason
+
+    @pytest.mark.parametrize("convert", [True, False])
+    def test_979_has_no_isbn10(self, convert: bool) -> None:
+        """A 979 ISBN-13 has no ISBN-10 form, so it is invalid either way."""
+        verdict = check_asin("9791034304011", convert_isbn13=convert)
+        assert verdict.asin is None
+        assert verdict.reason is not None
+        assert "979" in verdict.reason
+        assert isbn13_to_isbn10("9791034304011") is None
+
+    def test_bad_isbn13_check_digit(self) -> None:
+        """An ISBN-13 with a wrong check digit is not converted."""
+        verdict = check_asin("9780306406158", convert_isbn13=True)
+        assert verdict.asin is None
+        assert verdict.reason == "an ISBN-13 with a wrong check digit"
+        assert isbn13_to_isbn10("9780306406158") is None
+
+
+class TestUrls:
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "https://www.amazon.com/dp/B0ABCDEFGH",
+            "https://www.amazon.com/dp/B0ABCDEFGH/",
+            "https://www.amazon.com/dp/B0ABCDEFGH?th=1&psc=1",
+            "https://www.amazon.com/dp/B0ABCDEFGH#customerReviews",
+            "https://www.amazon.com/Some-Product-Title/dp/B0ABCDEFGH/ref=sr_1_1?keywords=x&qid=1",
+            "https://www.amazon.com/gp/product/B0ABCDEFGH",
+            "https://www.amazon.com/gp/product/B0ABCDEFGH/ref=ox_sc_act_title_1?smid=X",
+            "https://www.amazon.com/gp/aw/d/B0ABCDEFGH",
+            "https://www.amazon.com/gp/aw/d/B0ABCDEFGH/?tag=x-20",
+            "https://www.amazon.com/dp/product/B0ABCDEFGH",
+            "https://www.amazon.com/exec/obidos/ASIN/B0ABCDEFGH/tag-20",
+            "https://www.amazon.com/o/ASIN/B0ABCDEFGH",
+            "https://www.amazon.com/gp/offer-listing/B0ABCDEFGH",
+            "https://www.amazon.com/product-reviews/B0ABCDEFGH",
+            "https://www.amazon.co.uk/dp/B0ABCDEFGH",
+            "https://www.amazon.co.uk/Title/dp/B0ABCDEFGH?ref_=ast_sto_dp",
+            "https://www.amazon.de/K\u00fcchen-Waage-Digital/dp/B0ABCDEFGH",
+            "https://www.amazon.com.au/dp/B0ABCDEFGH",
+            "https://www.amazon.co.jp/gp/product/B0ABCDEFGH",
+            "https://smile.amazon.com/dp/B0ABCDEFGH",
+            "https://m.amazon.in/dp/B0ABCDEFGH",
+            "http://amazon.com/dp/B0ABCDEFGH",
+            "HTTPS://WWW.AMAZON.COM/DP/B0ABCDEFGH",
+            "https://www.amazon.com:443/dp/B0ABCDEFGH",
+            "https://www.amazon.com/dp/b0abcdefgh",
+            "www.amazon.com/dp/B0ABCDEFGH",
+            "amazon.co.uk/gp/product/B0ABCDEFGH",
+            "  https://www.amazon.com/dp/B0ABCDEFGH  ",
+        ],
+    )
+    def test_product_urls_yield_their_asin(self, url: str) -> None:
+        """Every Amazon product-URL form, on any Amazon domain, gives its ASIN."""
+        assert check_asin(url) == AsinCheck(url, "B0ABCDEFGH", None)
+
+    def test_url_with_isbn_is_checked_as_isbn(self) -> None:
+        """A book URL carries an ISBN-10, whose check digit still counts."""
+        assert check_asin("https://www.amazon.com/dp/0306406152").asin == "0306406152"
+        assert check_asin("https://www.amazon.com/dp/0306406153").asin is None
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "https://www.amazon.com.evil.net/dp/B0ABCDEFGH",
+            "https://www.amazon.com@evil.net/dp/B0ABCDEFGH",
+            "https://evilamazon.com/dp/B0ABCDEFGH",
+            "https://www.example.com/dp/B0ABCDEFGH",
+            "https://www.amazon.com/s?k=B0ABCDEFGH",
+            "https://www.amazon.com/dp/B0ABCDEFGHI",
+            "https://www.amazon.com/dp/B0ABCDEFG",
+            "https://www.amazon.com/",
+            "ftp://www.amazon.com/dp/B0ABCDEFGH",
+        ],
+    )
+    def test_other_urls_are_invalid(self, url: str) -> None:
+        """URLs off Amazon, or without a 10-character id after a product marker, are invalid."""
+        verdict = check_asin(url)
+        assert verdict.asin is None
+        assert verdict.reason == "not an Amazon product URL with an ASIN in it"
+
+    @pytest.mark.parametrize("url", ["https://amzn.to/3AbCdEf", "a.co/d/abc1234", "amzn.eu/d/x"])
+    def test_short_links_explain_themselves(self, url: str) -> None:
+        """Short links carry no ASIN; the reason says to use the full URL."""
+        verdict = check_asin(url)
+        assert verdict.asin is None
+        assert verdict.reason is not None
+        assert "short link" in verdict.reason
+
+
+class TestNormalize:
+    def test_normalize_returns_asin(self) -> None:
+        """normalize_asin returns the normalised ASIN of a valid id."""
+        assert normalize_asin(" b0abcdefgh ") == "B0ABCDEFGH"
+
+    def test_normalize_raises_with_reason(self) -> None:
+        """normalize_asin raises ValueError carrying the reason."""
+        with pytest.raises(ValueError, match="this has 3"):
+            normalize_asin("abc")
+
+
+@given(st.text(max_size=80))
+def test_check_asin_never_raises_and_valid_means_ten_ascii(raw: str) -> None:
+    """Any text gets a verdict; a valid one is 10 ASCII upper-case letters or digits."""
+    verdict = check_asin(raw)
+    assert verdict.raw == raw
+    assert (verdict.asin is None) != (verdict.reason is None)
+    if verdict.asin is not None:
+        assert len(verdict.asin) == 10
+        assert verdict.asin.isascii()
+        assert verdict.asin.isalnum()
+        assert verdict.asin == verdict.asin.upper()
+        assert check_asin(verdict.asin).asin == verdict.asin
+
+
+@given(st.text(alphabet="0123456789X", min_size=10, max_size=10))
+def test_digit_ids_are_valid_exactly_when_isbn10(raw: str) -> None:
+    """An id of nine digits and a digit or X is valid exactly when it is an ISBN-10."""
+    if raw[:9].isdigit():
+        assert check_asin(raw).valid == is_isbn10(raw)

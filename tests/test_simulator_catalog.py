@@ -1,0 +1,163 @@
+"""The synthetic catalogue and the simulator's quota primitive."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from creatorsapi_python_sdk.models.item import Item
+
+from broker.simulator.catalog import is_well_formed, lookup, search_asins
+from broker.simulator.marketplaces import MARKETPLACES, format_amount
+from broker.simulator.quota import KeyQuota
+from broker.simulator.render import (
+    CREATORS_ITEM_RESOURCES,
+    PAAPI_ITEM_RESOURCES,
+    paapi_resource_to_creators,
+    render_item,
+)
+from broker.simulator.settings import SimulatorSettings
+
+SETTINGS = SimulatorSettings()
+ASINS = [f"B0{i:08d}" for i in range(2000)]
+
+
+class TestCatalogue:
+    def test_deterministic(self) -> None:
+        """The same settings give the same item; another seed gives another."""
+        first = lookup(SETTINGS, "www.amazon.com", "B000TEST01")
+        again = lookup(SimulatorSettings(), "www.amazon.com", "B000TEST01")
+        other = lookup(SimulatorSettings(seed=1), "www.amazon.com", "B000TEST01")
+        assert first == again
+        assert first.item is not None
+        assert other.item is not None
+        assert first.item.title != other.item.title or first.item.listing != other.item.listing
+
+    @pytest.mark.parametrize(
+        "value", ["B000TEST0", "B000TEST011", "B000TEST0!", "ＢＢＢＢＢＢＢＢＢＢ"]
+    )
+    def test_malformed_ids_are_invalid(self, value: str) -> None:
+        """Anything but 10 ASCII letters or digits is invalid."""
+        assert not is_well_formed(value)
+        assert lookup(SETTINGS, "www.amazon.com", value).status == "invalid"
+
+    def test_shares(self) -> None:
+        """missing_share and inaccessible_share decide the share of each status."""
+        settings = replace(SETTINGS, missing_share=0.2, inaccessible_share=0.1)
+        statuses = [lookup(settings, "www.amazon.com", a).status for a in ASINS]
+        assert statuses.count("not_found") / len(ASINS) == pytest.approx(0.2, abs=0.03)
+        assert statuses.count("not_accessible") / len(ASINS) == pytest.approx(0.1, abs=0.03)
+        assert all(s == "ok" for s in (lookup(SETTINGS, "www.amazon.com", a).status for a in ASINS))
+
+    @pytest.mark.parametrize(
+        ("marketplace", "currency"),
+        [
+            ("www.amazon.com", "USD"),
+            ("www.amazon.co.uk", "GBP"),
+            ("www.amazon.de", "EUR"),
+            ("www.amazon.co.jp", "JPY"),
+            ("www.amazon.in", "INR"),
+            ("www.amazon.se", "SEK"),
+        ],
+    )
+    def test_currency_per_marketplace(self, marketplace: str, currency: str) -> None:
+        """Prices are in the marketplace's currency; yen have no decimals."""
+        item = lookup(SETTINGS, marketplace, "B000TEST01").item
+        assert item is not None
+        assert item.listing.currency == currency
+        if currency == "JPY":
+            assert item.listing.amount == int(item.listing.amount)
+            assert "." not in item.listing.display_amount
+
+    def test_display_amounts(self) -> None:
+        """displayAmount follows each currency's conventions."""
+        assert format_amount(1234.5, MARKETPLACES["www.amazon.com"].currency) == "$1,234.50"
+        assert format_amount(1234.5, MARKETPLACES["www.amazon.de"].currency) == "1.234,50 €"
+        assert format_amount(1234, MARKETPLACES["www.amazon.co.jp"].currency) == "￥1,234"
+
+    def test_every_item_validates_against_the_sdk_model(self) -> None:
+        """With every resource requested, items parse with Amazon's SDK Item model."""
+        for asin in ASINS[:200]:
+            rendered = render_item(
+                SETTINGS,
+                "www.amazon.com",
+                asin,
+                resources=CREATORS_ITEM_RESOURCES,
+                partner_tag="x-20",
+            )
+            assert rendered is not None
+            parsed = Item.from_dict(rendered)
+            assert parsed is not None
+            assert parsed.asin == asin
+            assert parsed.offers_v2 is not None
+            assert parsed.offers_v2.listings
+
+    def test_paapi_rendering(self) -> None:
+        """PA-API items are PascalCase with unrequested members absent and no HighRes."""
+        rendered = render_item(
+            SETTINGS,
+            "www.amazon.com",
+            "B000TEST01",
+            resources=sorted(PAAPI_ITEM_RESOURCES),
+            partner_tag="x-20",
+            protocol="paapi5",
+        )
+        assert rendered is not None
+        assert "ASIN" in rendered
+        assert "asin" not in rendered
+        tree: Any = rendered
+        listing = tree["OffersV2"]["Listings"][0]
+        assert set(listing) >= {
+            "Availability",
+            "Condition",
+            "IsBuyBoxWinner",
+            "MerchantInfo",
+            "Price",
+        }
+        assert "HiRes" not in tree["Images"]["Primary"]
+        assert not any(r.endswith("HighRes") for r in PAAPI_ITEM_RESOURCES)
+        assert paapi_resource_to_creators("OffersV2.Listings.IsBuyBoxWinner") == (
+            "offersV2.listings.isBuyBoxWinner"
+        )
+
+    def test_search_is_deterministic(self) -> None:
+        """A search returns the same page of existing items each time."""
+        first = search_asins(SETTINGS, "www.amazon.com", "lamp", 1, 10)
+        assert first == search_asins(SETTINGS, "www.amazon.com", "lamp", 1, 10)
+        assert len(first[1]) == 10
+        assert search_asins(SETTINGS, "www.amazon.com", "noresults", 1, 10) == (0, [])
+
+
+class TestKeyQuota:
+    NOON = datetime(2026, 5, 1, 12, tzinfo=UTC)
+
+    def test_rate_and_burst(self) -> None:
+        """GCRA admits burst at once, then one per interval; refusals consume nothing."""
+        quota = KeyQuota(tps=2.0, tpd=1000, burst=2)
+        assert [quota.check(0.0, self.NOON).allowed for _ in range(3)] == [True, True, False]
+        refused = quota.check(0.1, self.NOON)
+        assert not refused.allowed
+        assert refused.retry_after_s == pytest.approx(0.4)
+        assert quota.check(0.5, self.NOON).allowed
+        assert not quota.check(0.5, self.NOON).allowed
+
+    def test_rate_change_at_runtime(self) -> None:
+        """Raising tps takes effect on the next request."""
+        quota = KeyQuota(tps=1.0, tpd=1000, burst=1)
+        assert quota.check(0.0, self.NOON).allowed
+        quota.tps = 10.0
+        assert not quota.check(0.5, self.NOON).allowed
+        assert quota.check(1.0, self.NOON).allowed
+        assert quota.check(1.1, self.NOON).allowed
+
+    def test_daily_limit(self) -> None:
+        """TPD refuses until 00:00 UTC, then the count starts again."""
+        quota = KeyQuota(tps=100.0, tpd=2, burst=1)
+        assert quota.check(0.0, self.NOON).allowed
+        assert quota.check(1.0, self.NOON).allowed
+        refused = quota.check(2.0, self.NOON)
+        assert refused.limit == "tpd"
+        assert refused.retry_after_s == 12 * 3600
+        assert quota.check(3.0, self.NOON + timedelta(hours=12)).allowed

@@ -1,0 +1,663 @@
+"""The simulated Creators API: token endpoints, every error on its real trigger, and shapes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import replace
+
+import pytest
+from creatorsapi_python_sdk.models.access_denied_exception_response_content import (
+    AccessDeniedExceptionResponseContent,
+)
+from creatorsapi_python_sdk.models.get_browse_nodes_response_content import (
+    GetBrowseNodesResponseContent,
+)
+from creatorsapi_python_sdk.models.get_items_response_content import GetItemsResponseContent
+from creatorsapi_python_sdk.models.get_variations_response_content import (
+    GetVariationsResponseContent,
+)
+from creatorsapi_python_sdk.models.resource_not_found_exception_response_content import (
+    ResourceNotFoundExceptionResponseContent,
+)
+from creatorsapi_python_sdk.models.search_items_response_content import (
+    SearchItemsResponseContent,
+)
+from creatorsapi_python_sdk.models.throttle_exception_response_content import (
+    ThrottleExceptionResponseContent,
+)
+from creatorsapi_python_sdk.models.unauthorized_exception_response_content import (
+    UnauthorizedExceptionResponseContent,
+)
+from creatorsapi_python_sdk.models.validation_exception_response_content import (
+    ValidationExceptionResponseContent,
+)
+
+from broker.simulator.accounts import DEMO_ACCOUNTS, Account
+from broker.simulator.catalog import lookup
+from broker.simulator.render import CREATORS_ITEM_RESOURCES, render_item
+from broker.simulator.settings import FaultRates, SimulatorSettings
+from broker.simulator.state import Simulator
+from broker.simulator.testclient import SimResponse, SimulatorClient, running_simulator
+from broker.testing import FakeClock
+
+Start = Callable[..., Awaitable[tuple[SimulatorClient, Simulator]]]
+OPEN = SimulatorSettings(limits=False)
+TAGS = {"www.amazon.com": ("t-20",)}
+ASIN = "B000TEST01"
+ITEMS = [f"B0{i:08d}" for i in range(10)]
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Start]:
+    """Start simulators on free ports; each call returns a client and the live state."""
+    async with AsyncExitStack() as stack:
+
+        async def factory(
+            settings: SimulatorSettings | None = OPEN, *, clock: FakeClock | None = None
+        ) -> tuple[SimulatorClient, Simulator]:
+            return await stack.enter_async_context(running_simulator(settings, clock=clock))
+
+        yield factory
+
+
+def _account(name: str, **flags: object) -> Account:
+    return Account(name, "creators", f"{name}-id", f"{name}-secret", "3.1", TAGS, **flags)  # type: ignore[arg-type]
+
+
+async def _get(
+    client: SimulatorClient, token: str | None, ids: list[str], **extra: object
+) -> SimResponse:
+    body = {"partnerTag": "demo-20", "itemIds": ids, **extra}
+    return await client.creators("getItems", body, token=token)
+
+
+class TestTokenEndpoints:
+    async def test_lwa_json_token(self, start: Start) -> None:
+        """A v3 key gets an LWA-shaped bearer token from /auth/o2/token with a JSON body."""
+        client, _ = await start()
+        response = await client.token_response("demo-id", "demo-secret", family="v3")
+        body = response.json()
+        assert response.status == 200
+        assert str(body["access_token"]).startswith("Atc|")
+        assert body["token_type"] == "bearer"
+        assert body["scope"] == "creatorsapi::default"
+        assert body["expires_in"] == 3600
+
+    @pytest.mark.parametrize("style", ["form", "basic"])
+    async def test_lwa_lenient_bodies(self, start: Start, style: str) -> None:
+        """The LWA endpoint also accepts a form body and HTTP Basic credentials."""
+        client, _ = await start()
+        response = await client.token_response("demo-id", "demo-secret", style=style)
+        assert response.status == 200
+
+    @pytest.mark.parametrize("style", ["form", "basic"])
+    async def test_cognito_token(self, start: Start, style: str) -> None:
+        """A v2 key gets a Cognito-shaped token from /oauth2/token (form body or Basic)."""
+        client, _ = await start()
+        response = await client.token_response(
+            "demo-v2-id", "demo-v2-secret", family="v2", style=style
+        )
+        body = response.json()
+        assert response.status == 200
+        assert str(body["access_token"]).startswith("eyJ")
+        assert body["token_type"] == "Bearer"
+        assert body["expires_in"] == 3600
+
+    @pytest.mark.parametrize(
+        ("client_id", "secret", "family"),
+        [
+            ("demo-id", "wrong", "v3"),
+            ("nobody", "demo-secret", "v3"),
+            ("demo-v2-id", "demo-v2-secret", "v3"),
+            ("demo-id", "demo-secret", "v2"),
+            ("DEMOACCESSKEY", "demo-secret-key", "v3"),
+        ],
+    )
+    async def test_invalid_client(
+        self, start: Start, client_id: str, secret: str, family: str
+    ) -> None:
+        """A wrong secret, unknown id or a key of the other family is 401 invalid_client."""
+        client, _ = await start()
+        response = await client.token_response(client_id, secret, family=family)
+        assert response.status == 401
+        assert response.json()["error"] == "invalid_client"
+        assert response.json()["error_description"] == "Client authentication failed"
+
+    async def test_invalid_client_status_knob(self, start: Start) -> None:
+        """invalid_client_status changes the status of invalid_client answers."""
+        client, _ = await start(replace(OPEN, invalid_client_status=400))
+        response = await client.token_response("demo-id", "wrong")
+        assert response.status == 400
+
+    @pytest.mark.parametrize(
+        ("fields", "error"),
+        [
+            ({"grant_type": "client_credentials", "scope": "creatorsapi/default"}, "invalid_scope"),
+            ({"grant_type": "password"}, "unsupported_grant_type"),
+            ({}, "invalid_request"),
+            ({"grant_type": "client_credentials", "client_secret": None}, "invalid_request"),
+        ],
+    )
+    async def test_oauth_errors(self, start: Start, fields: dict[str, object], error: str) -> None:
+        """A wrong scope, grant type or missing parameter is a 400 OAuth2 error body."""
+        client, _ = await start()
+        body: dict[str, object] = {"client_id": "demo-id", "client_secret": "demo-secret"}
+        body.update(fields)
+        body = {k: v for k, v in body.items() if v is not None}
+        response = await client.post(
+            "/auth/o2/token", data=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        assert response.status == 400
+        assert response.json()["error"] == error
+
+    async def test_token_lifetime_setting(self, start: Start) -> None:
+        """token_lifetime_s sets expires_in."""
+        client, _ = await start(replace(OPEN, token_lifetime_s=120))
+        response = await client.token_response("demo-id", "demo-secret")
+        assert response.json()["expires_in"] == 120
+
+
+class TestAuthorization:
+    async def test_missing_credential(self, start: Start) -> None:
+        """No Authorization header is 401 MissingCredential."""
+        client, _ = await start()
+        response = await _get(client, None, [ASIN])
+        assert response.status == 401
+        assert response.json() == {
+            "type": "UnauthorizedException",
+            "message": "Missing authentication credentials.",
+            "reason": "MissingCredential",
+        }
+        UnauthorizedExceptionResponseContent.from_json(response.text)
+
+    @pytest.mark.parametrize("token", ["never-issued", "Atc|forged", "a b c"])
+    async def test_invalid_token(self, start: Start, token: str) -> None:
+        """A token the simulator never issued is 401 InvalidToken."""
+        client, _ = await start()
+        response = await _get(client, token, [ASIN])
+        assert response.status == 401
+        assert response.json()["reason"] == "InvalidToken"
+
+    async def test_token_expires_on_the_simulator_clock(self, start: Start) -> None:
+        """A token used after its lifetime is 401 TokenExpired; a new one works."""
+        clock = FakeClock()
+        client, _ = await start(replace(OPEN, token_lifetime_s=60), clock=clock)
+        token = await client.token()
+        assert (await _get(client, token, [ASIN])).status == 200
+        await clock.advance(60.5)
+        expired = await _get(client, token, [ASIN])
+        assert expired.status == 401
+        assert expired.json()["reason"] == "TokenExpired"
+        assert expired.json()["message"] == "Authentication token has expired."
+        assert (await _get(client, await client.token(), [ASIN])).status == 200
+
+    @pytest.mark.parametrize(
+        ("family", "version", "status"),
+        [
+            ("v2", "2.1", 200),
+            ("v2", None, 401),
+            ("v2", "2.2", 401),
+            ("v2", "3.1", 401),
+            ("v3", None, 200),
+            ("v3", "3.1", 200),
+            ("v3", "2.1", 401),
+            ("v3", "3.2", 401),
+        ],
+    )
+    async def test_version_must_match_the_token(
+        self, start: Start, family: str, version: str | None, status: int
+    ) -> None:
+        """A v2 token needs its ', Version x.y'; another version or family is InvalidIssuer."""
+        client, _ = await start()
+        if family == "v2":
+            token = await client.token("demo-v2-id", "demo-v2-secret", family="v2")
+        else:
+            token = await client.token()
+        body = {"partnerTag": "demo-20", "itemIds": [ASIN]}
+        response = await client.creators("getItems", body, token=token, version=version)
+        assert response.status == status
+        if status == 401:
+            assert response.json()["reason"] == "InvalidIssuer"
+
+    async def test_expired_token_injection(self, start: Start) -> None:
+        """The expired_token fault answers a fresh token with 401 TokenExpired, and counts."""
+        client, sim = await start(replace(OPEN, faults=FaultRates(expired_token=1.0)))
+        response = await _get(client, await client.token(), [ASIN])
+        assert response.status == 401
+        assert response.json()["reason"] == "TokenExpired"
+        assert sim.stats.faults["expired_token"] == 1
+
+    async def test_not_eligible(self, start: Start) -> None:
+        """An ineligible account gets the captured 403 AssociateNotEligible body."""
+        settings = replace(OPEN, accounts=(_account("poor", not_eligible=True),))
+        client, _ = await start(settings)
+        token = await client.token("poor-id", "poor-secret")
+        response = await client.creators(
+            "getItems", {"partnerTag": "t-20", "itemIds": [ASIN]}, token=token
+        )
+        assert response.status == 403
+        assert response.json() == {
+            "type": "AccessDeniedException",
+            "message": "Your account does not currently meet the eligibility requirements.",
+            "reason": "AssociateNotEligible",
+        }
+        AccessDeniedExceptionResponseContent.from_json(response.text)
+
+
+class TestValidation:
+    async def test_unknown_operation(self, start: Start) -> None:
+        """A path that is no operation is 400 ValidationException UnknownOperation."""
+        client, _ = await start()
+        response = await client.creators("getItem", {}, token=await client.token())
+        assert response.status == 400
+        assert response.json()["reason"] == "UnknownOperation"
+        ValidationExceptionResponseContent.from_json(response.text)
+
+    @pytest.mark.parametrize("marketplace", [None, "www.amazon.moon"])
+    async def test_marketplace_header(self, start: Start, marketplace: str | None) -> None:
+        """A missing or unknown x-marketplace is 400 FieldValidationFailed naming it."""
+        client, _ = await start()
+        body = {"partnerTag": "demo-20", "itemIds": [ASIN]}
+        token = await client.token()
+        response = await client.creators("getItems", body, token=token, marketplace=marketplace)
+        assert response.status == 400
+        assert response.json()["reason"] == "FieldValidationFailed"
+        assert response.json()["fieldList"][0]["name"] == "x-marketplace"
+
+    async def test_cannot_parse(self, start: Start) -> None:
+        """A body that is not JSON is 400 CannotParse."""
+        client, _ = await start()
+        response = await client.creators("getItems", None, token=await client.token(), raw=b"{")
+        assert response.status == 400
+        assert response.json()["reason"] == "CannotParse"
+        assert response.json()["message"].startswith("Unable to parse the request payload.")
+
+    async def test_missing_partner_tag(self, start: Start) -> None:
+        """A missing partnerTag is FieldValidationFailed with fieldList naming it."""
+        client, _ = await start()
+        response = await client.creators(
+            "getItems", {"itemIds": [ASIN]}, token=await client.token()
+        )
+        assert response.status == 400
+        assert response.json()["fieldList"][0]["name"] == "partnerTag"
+
+    async def test_invalid_associate(self, start: Start) -> None:
+        """A key not mapped to a store is 400 InvalidAssociate."""
+        client, _ = await start(replace(OPEN, accounts=(_account("lost", no_store=True),)))
+        token = await client.token("lost-id", "lost-secret")
+        response = await client.creators(
+            "getItems", {"partnerTag": "t-20", "itemIds": [ASIN]}, token=token
+        )
+        assert response.status == 400
+        assert response.json()["reason"] == "InvalidAssociate"
+
+    @pytest.mark.parametrize(
+        ("tag", "marketplace"),
+        [
+            ("other-20", "www.amazon.com"),
+            ("demo-20", "www.amazon.co.uk"),
+            ("demo-20", "www.amazon.fr"),
+        ],
+    )
+    async def test_invalid_partner_tag(self, start: Start, tag: str, marketplace: str) -> None:
+        """A tag that is not this key's in this marketplace is 400 InvalidPartnerTag."""
+        client, _ = await start()
+        body = {"partnerTag": tag, "itemIds": [ASIN]}
+        token = await client.token()
+        response = await client.creators("getItems", body, token=token, marketplace=marketplace)
+        assert response.status == 400
+        assert response.json()["reason"] == "InvalidPartnerTag"
+
+    @pytest.mark.parametrize("ids", [[], [*ITEMS, "B0XXXXXXXX"]])
+    async def test_item_count_bounds(self, start: Start, ids: list[str]) -> None:
+        """0 or more than 10 itemIds is FieldValidationFailed with an object fieldList."""
+        client, _ = await start()
+        response = await _get(client, await client.token(), ids)
+        assert response.status == 400
+        body = response.json()
+        assert body["reason"] == "FieldValidationFailed"
+        assert body["message"] == "Request validation failed."
+        assert body["fieldList"][0]["name"] == "itemIds"
+        assert isinstance(body["fieldList"][0]["message"], str)
+        ValidationExceptionResponseContent.from_json(response.text)
+
+    async def test_field_list_strings_knob(self, start: Start) -> None:
+        """field_list_style = strings sends fieldList as bare names."""
+        client, _ = await start(replace(OPEN, field_list_style="strings"))
+        response = await _get(client, await client.token(), [])
+        assert response.json()["fieldList"] == ["itemIds"]
+
+    async def test_unknown_resource(self, start: Start) -> None:
+        """A resource name outside the enum (e.g. PA-API spelling) fails validation."""
+        client, _ = await start()
+        response = await _get(client, await client.token(), [ASIN], resources=["ItemInfo.Title"])
+        assert response.status == 400
+        assert response.json()["fieldList"][0]["name"] == "resources"
+
+    async def test_unknown_body_fields_are_ignored(self, start: Start) -> None:
+        """Documented extras (itemIdType, marketplace, operation) are accepted."""
+        client, _ = await start()
+        extra = {"itemIdType": "ASIN", "marketplace": "www.amazon.com", "operation": "GetItems"}
+        response = await _get(client, await client.token(), [ASIN], **extra)
+        assert response.status == 200
+
+
+class TestGetItems:
+    async def test_items_match_the_catalogue(self, start: Start) -> None:
+        """Every served item is exactly render_item's, with no errors key when all are good."""
+        client, _ = await start()
+        resources = sorted(CREATORS_ITEM_RESOURCES)
+        response = await _get(client, await client.token(), ITEMS, resources=resources)
+        body = response.json()
+        assert response.status == 200
+        assert "errors" not in body
+        items = {item["asin"]: item for item in body["itemsResult"]["items"]}
+        assert set(items) == set(ITEMS)
+        for asin in ITEMS:
+            expected = render_item(
+                OPEN, "www.amazon.com", asin, resources=resources, partner_tag="demo-20"
+            )
+            assert items[asin] == expected
+        parsed = GetItemsResponseContent.from_json(response.text)
+        assert parsed is not None
+        assert parsed.items_result is not None
+        assert len(parsed.items_result.items or []) == 10
+
+    async def test_unrequested_members_are_null(self, start: Start) -> None:
+        """Only requested members are filled; the rest are explicit nulls; highRes is hiRes."""
+        client, _ = await start()
+        resources = ["itemInfo.title", "images.primary.highRes"]
+        response = await _get(client, await client.token(), [ASIN], resources=resources)
+        item = response.json()["itemsResult"]["items"][0]
+        assert item["offersV2"] is None
+        assert item["browseNodeInfo"] is None
+        assert item["itemInfo"]["features"] is None
+        assert item["itemInfo"]["title"]["label"] == "Title"
+        assert item["images"]["primary"]["small"] is None
+        assert item["images"]["primary"]["hiRes"]["url"].startswith("https://m.media-amazon.com/")
+        assert item["detailPageURL"] == (
+            f"https://www.amazon.com/dp/{ASIN}?tag=demo-20&linkCode=ogi&th=1&psc=1"
+        )
+
+    async def test_default_resources_title_only(self, start: Start) -> None:
+        """Without resources, only itemInfo.title is returned."""
+        client, _ = await start()
+        item = (await _get(client, await client.token(), [ASIN])).json()["itemsResult"]["items"][0]
+        assert item["itemInfo"]["title"] is not None
+        assert item["offersV2"] is None
+
+    async def test_explicit_nulls_off(self, start: Start) -> None:
+        """explicit_nulls = false omits unrequested members."""
+        client, _ = await start(replace(OPEN, explicit_nulls=False))
+        item = (await _get(client, await client.token(), [ASIN])).json()["itemsResult"]["items"][0]
+        assert set(item) == {"asin", "detailPageURL", "itemInfo"}
+        assert set(item["itemInfo"]) == {"title"}
+
+    async def test_price_in_marketplace_currency(self, start: Start) -> None:
+        """offersV2 prices use the marketplace's currency and the partner tag of that store."""
+        client, _ = await start()
+        token = await client.token()
+        body = {
+            "partnerTag": "demo-22",
+            "itemIds": [ASIN],
+            "resources": ["offersV2.listings.price"],
+        }
+        response = await client.creators("getItems", body, token=token, marketplace="www.amazon.de")
+        item = response.json()["itemsResult"]["items"][0]
+        money = item["offersV2"]["listings"][0]["price"]["money"]
+        assert money["currency"] == "EUR"
+        assert money["displayAmount"].endswith(" €")
+        assert "tag=demo-22" in item["detailPageURL"]
+
+    async def test_partial_success(self, start: Start) -> None:
+        """Unknown and malformed ids come back in errors beside the good items, naming the id."""
+        settings = replace(OPEN, missing_share=0.5)
+        client, _ = await start(settings)
+        missing = [a for a in ITEMS if lookup(settings, "www.amazon.com", a).status == "not_found"]
+        present = [a for a in ITEMS if a not in missing]
+        assert missing
+        assert present
+        response = await _get(client, await client.token(), [*ITEMS[:9], "bad!"])
+        body = response.json()
+        assert response.status == 200
+        served = {item["asin"] for item in body["itemsResult"]["items"]}
+        assert served == set(present[: len(served)]) | (served & set(present))
+        assert served.isdisjoint(missing)
+        messages = [e["message"] for e in body["errors"]]
+        assert all(e["code"] == "InvalidParameterValue" for e in body["errors"])
+        for asin in [*[a for a in missing if a in ITEMS[:9]], "bad!"]:
+            assert f"The ItemIds {asin} provided in the request is invalid." in messages
+        GetItemsResponseContent.from_json(response.text)
+
+    async def test_not_accessible(self, start: Start) -> None:
+        """Inaccessible items are ItemNotAccessible errors with the documented message."""
+        settings = replace(OPEN, inaccessible_share=0.5)
+        client, _ = await start(settings)
+        hidden = [a for a in ITEMS if lookup(settings, "www.amazon.com", a).status != "ok"]
+        response = await _get(client, await client.token(), ITEMS)
+        errors = response.json()["errors"]
+        assert {e["message"] for e in errors} == {
+            f"The ItemId {a} is not accessible through the Creators API." for a in hidden
+        }
+
+    async def test_all_bad_is_404(self, start: Start) -> None:
+        """When no id is good the answer is 404 ResourceNotFoundException naming them."""
+        client, _ = await start(replace(OPEN, missing_share=1.0))
+        response = await _get(client, await client.token(), ["B08N5WRWNW"])
+        assert response.status == 404
+        assert response.json() == {
+            "type": "ResourceNotFoundException",
+            "message": "No items found for the requested item IDs.",
+            "resourceType": "Item",
+            "resourceId": "B08N5WRWNW",
+        }
+        ResourceNotFoundExceptionResponseContent.from_json(response.text)
+
+    @pytest.mark.parametrize(("knob", "status"), [(True, 404), (False, 200)])
+    async def test_all_inaccessible_knob(self, start: Start, knob: bool, status: int) -> None:
+        """not_found_when_all_inaccessible decides 404 vs 200 errors-only."""
+        settings = replace(OPEN, inaccessible_share=1.0, not_found_when_all_inaccessible=knob)
+        client, _ = await start(settings)
+        response = await _get(client, await client.token(), [ASIN])
+        assert response.status == status
+        if status == 200:
+            assert set(response.json()) == {"errors"}
+
+    async def test_items_container_knob(self, start: Start) -> None:
+        """items_container = itemResults renames the container, as one docs page shows."""
+        client, _ = await start(replace(OPEN, items_container="itemResults"))
+        body = (await _get(client, await client.token(), [ASIN])).json()
+        assert "itemResults" in body
+        assert "itemsResult" not in body
+
+    async def test_item_order_is_shuffled(self, start: Start) -> None:
+        """Items come back in shuffled order by default, in request order when switched off."""
+        client, _ = await start()
+        token = await client.token()
+        orders = set()
+        for _ in range(5):
+            body = (await _get(client, token, ITEMS)).json()
+            orders.add(tuple(i["asin"] for i in body["itemsResult"]["items"]))
+        assert len(orders) > 1
+        client, _ = await start(replace(OPEN, shuffle_items=False))
+        body = (await _get(client, await client.token(), ITEMS)).json()
+        assert [i["asin"] for i in body["itemsResult"]["items"]] == ITEMS
+
+    async def test_duplicates_and_case(self, start: Start) -> None:
+        """A repeated id is served once and a lower-case id upper-cased."""
+        client, sim = await start()
+        body = (await _get(client, await client.token(), [ASIN, ASIN, ASIN.lower()])).json()
+        assert [i["asin"] for i in body["itemsResult"]["items"]] == [ASIN]
+        assert sim.stats.accounts["demo"].items_served == 1
+
+
+class TestOtherOperations:
+    async def test_search_items(self, start: Start) -> None:
+        """searchItems returns searchResult with items and a total count."""
+        client, _ = await start()
+        body = {"partnerTag": "demo-20", "keywords": "kettle", "itemCount": 5}
+        response = await client.creators("searchItems", body, token=await client.token())
+        assert response.status == 200
+        result = response.json()["searchResult"]
+        assert len(result["items"]) == 5
+        assert result["totalResultCount"] >= 5
+        SearchItemsResponseContent.from_json(response.text)
+
+    async def test_search_without_results(self, start: Start) -> None:
+        """A search with no hits is 404 with resourceType SearchResult."""
+        client, _ = await start()
+        body = {"partnerTag": "demo-20", "keywords": "noresults at all"}
+        response = await client.creators("searchItems", body, token=await client.token())
+        assert response.status == 404
+        assert response.json()["resourceType"] == "SearchResult"
+
+    async def test_get_variations(self, start: Start) -> None:
+        """getVariations returns child items with variationAttributes and a summary."""
+        client, _ = await start()
+        body = {
+            "partnerTag": "demo-20",
+            "asin": ASIN,
+            "resources": ["itemInfo.title", "parentASIN", "variationSummary.variationDimension"],
+        }
+        response = await client.creators("getVariations", body, token=await client.token())
+        assert response.status == 200
+        result = response.json()["variationsResult"]
+        assert result["items"][0]["variationAttributes"][0]["name"] == "color_name"
+        assert result["variationSummary"]["variationCount"] >= 1
+        GetVariationsResponseContent.from_json(response.text)
+
+    async def test_get_browse_nodes(self, start: Start) -> None:
+        """getBrowseNodes returns nodes with ancestors and children; bad ids are errors."""
+        client, _ = await start()
+        body = {
+            "partnerTag": "demo-20",
+            "browseNodeIds": ["667846011", "abc"],
+            "resources": ["browseNodes.ancestor", "browseNodes.children"],
+        }
+        response = await client.creators("getBrowseNodes", body, token=await client.token())
+        assert response.status == 200
+        result = response.json()
+        node = result["browseNodesResult"]["browseNodes"][0]
+        assert node["ancestor"]["id"] == "172282"
+        assert node["children"][0]["id"] == "12097479011"
+        assert result["errors"][0]["message"] == (
+            "The BrowseNodeId abc provided in the request is invalid."
+        )
+        GetBrowseNodesResponseContent.from_json(response.text)
+
+
+class TestQuota:
+    async def test_one_transaction_per_request(self, start: Start) -> None:
+        """At 1 TPS with burst 1 a second request in the same instant is 429, whatever its size."""
+        clock = FakeClock()
+        slow = replace(DEMO_ACCOUNTS[0], tps=1.0)
+        client, sim = await start(SimulatorSettings(accounts=(slow,)), clock=clock)
+        token = await client.token()
+        assert (await _get(client, token, ITEMS)).status == 200
+        throttled = await _get(client, token, [ASIN])
+        assert throttled.status == 429
+        assert throttled.json() == {
+            "type": "ThrottleException",
+            "message": "The request was denied due to request throttling. Please verify the "
+            "number of requests made per second.",
+        }
+        assert "retry-after" not in throttled.headers
+        ThrottleExceptionResponseContent.from_json(throttled.text)
+        await clock.advance(1.0)
+        assert (await _get(client, token, [ASIN])).status == 200
+        stats = sim.stats.accounts["demo"]
+        assert (stats.accepted, stats.throttled, stats.items_served) == (2, 1, 11)
+        assert list(stats.throttled_at) == [clock.monotonic() - 1.0]
+
+    async def test_burst(self, start: Start) -> None:
+        """burst = 3 lets three requests through at once, then throttles."""
+        clock = FakeClock()
+        client, _ = await start(SimulatorSettings(burst=3), clock=clock)
+        token = await client.token()
+        statuses = [(await _get(client, token, [ASIN])).status for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+
+    @pytest.mark.parametrize(
+        ("style", "in_body", "in_header"),
+        [("body", True, False), ("header", False, True), ("both", True, True)],
+    )
+    async def test_retry_after_knob(
+        self, start: Start, style: str, in_body: bool, in_header: bool
+    ) -> None:
+        """retry_after puts retryAfterSeconds and/or Retry-After on a 429."""
+        clock = FakeClock()
+        settings = SimulatorSettings(retry_after=style, retry_after_s=7)  # type: ignore[arg-type]
+        client, _ = await start(settings, clock=clock)
+        token = await client.token()
+        await _get(client, token, [ASIN])
+        response = await _get(client, token, [ASIN])
+        assert response.status == 429
+        assert (response.json().get("retryAfterSeconds") == 7) is in_body
+        assert (response.headers.get("retry-after") == "7") is in_header
+
+    async def test_computed_retry_after(self, start: Start) -> None:
+        """Without a fixed value, Retry-After is the wait until the bucket refills, rounded up."""
+        clock = FakeClock()
+        slow = replace(DEMO_ACCOUNTS[0], tps=0.25)
+        client, _ = await start(
+            SimulatorSettings(accounts=(slow,), retry_after="both"), clock=clock
+        )
+        token = await client.token()
+        await _get(client, token, [ASIN])
+        await clock.advance(1.5)
+        response = await _get(client, token, [ASIN])
+        assert response.json()["retryAfterSeconds"] == 3
+        assert response.headers["retry-after"] == "3"
+
+    async def test_daily_quota_resets_at_midnight_utc(self, start: Start) -> None:
+        """After TPD requests the key is throttled until 00:00 UTC of the simulator clock."""
+        clock = FakeClock()
+        limited = replace(DEMO_ACCOUNTS[0], tps=100.0, tpd=2)
+        client, sim = await start(SimulatorSettings(accounts=(limited,)), clock=clock)
+        token = await client.token()
+        assert (await _get(client, token, [ASIN])).status == 200
+        await clock.advance(1)
+        assert (await _get(client, token, [ASIN])).status == 200
+        await clock.advance(59)
+        assert (await _get(client, token, [ASIN])).status == 429
+        # The fake epoch is 12:00 UTC; midnight is 12 hours (minus the minute) away.
+        await clock.advance(12 * 3600 - 61)
+        assert (await _get(client, await client.token(), [ASIN])).status == 429
+        await clock.advance(2)
+        assert (await _get(client, await client.token(), [ASIN])).status == 200
+        assert sim.quotas["demo"].used_today == 1
+
+    async def test_limits_off(self, start: Start) -> None:
+        """limits = false never throttles, but still counts accepted requests."""
+        client, sim = await start(SimulatorSettings(limits=False))
+        token = await client.token()
+        assert {(await _get(client, token, [ASIN])).status for _ in range(20)} == {200}
+        assert sim.stats.accounts["demo"].accepted == 20
+
+    async def test_only_authenticated_requests_count(self, start: Start) -> None:
+        """Requests with a bad token or an unknown operation do not use the quota."""
+        clock = FakeClock()
+        client, sim = await start(SimulatorSettings(), clock=clock)
+        for _ in range(3):
+            await _get(client, "forged", [ASIN])
+        assert sim.stats.accounts["demo"].accepted == 0
+        assert sim.stats.unattributed_errors["InvalidToken"] == 3
+        assert (await _get(client, await client.token(), [ASIN])).status == 200
+
+
+class TestHeaders:
+    async def test_request_id_and_skewed_date_everywhere(self, start: Start) -> None:
+        """Every response, errors and token answers included, has x-amzn-RequestId and Date."""
+        clock = FakeClock()
+        client, _ = await start(replace(OPEN, clock_skew_s=3600), clock=clock)
+        responses = [
+            await client.token_response("demo-id", "demo-secret"),
+            await client.token_response("demo-id", "bad"),
+            await _get(client, "forged", [ASIN]),
+            await client.get("/_sim/stats"),
+        ]
+        ids = {r.headers["x-amzn-requestid"] for r in responses}
+        assert len(ids) == len(responses)
+        assert {r.headers["date"] for r in responses} == {"Fri, 01 May 2026 13:00:00 GMT"}

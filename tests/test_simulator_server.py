@@ -1,0 +1,200 @@
+"""The simulator on a socket: SimulatorServer, the stats and control endpoints, and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker.cli import main
+from broker.errors import ConfigError
+from broker.simulator.cli import EX_CONFIG, load_settings, simulate_command
+from broker.simulator.server import SimulatorServer, check_host
+from broker.simulator.settings import SimulatorSettings
+from broker.simulator.testclient import running_simulator
+from broker.testing import FakeClock
+
+BODY = {"partnerTag": "demo-20", "itemIds": ["B000TEST01"]}
+
+
+async def test_server_binds_a_free_loopback_port() -> None:
+    """SimulatorServer on port 0 exposes url, port, app and stats, and answers there."""
+    async with SimulatorServer() as server, aiohttp.ClientSession() as session:
+        assert server.port > 0
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        async with session.get(server.url + "/_sim/stats") as response:
+            assert response.status == 200
+        assert server.stats.requests == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
+def test_loopback_hosts_are_allowed(host: str) -> None:
+    """Loopback addresses and 'localhost' pass the bind check."""
+    check_host(host, allow_remote=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.com", "::"])
+def test_remote_hosts_need_the_flag(host: str) -> None:
+    """A non-loopback host is refused with ConfigError('simulator.host') unless allowed."""
+    with pytest.raises(ConfigError) as caught:
+        SimulatorServer(host=host)
+    assert caught.value.path == "simulator.host"
+    check_host(host, allow_remote=True)
+
+
+async def test_stats_endpoint() -> None:
+    """GET /_sim/stats reports per-key counters, timestamps (filterable) and faults."""
+    clock = FakeClock()
+    async with running_simulator(SimulatorSettings(), clock=clock) as (client, _):
+        token = await client.token()
+        await client.creators("getItems", BODY, token=token)
+        await client.creators("getItems", BODY, token=token)
+        stats = (await client.get("/_sim/stats")).json()
+        demo = stats["accounts"]["demo"]
+        assert (demo["accepted"], demo["throttled"], demo["items_served"]) == (1, 1, 1)
+        assert demo["accepted_at"] == [clock.monotonic()]
+        assert demo["errors"] == {"ThrottleException": 1}
+        assert stats["faults"] == {}
+        assert stats["now"] == clock.monotonic()
+        later = (await client.get(f"/_sim/stats?since={clock.monotonic() + 1}")).json()
+        assert later["accounts"]["demo"]["accepted_at"] == []
+        bare = (await client.get("/_sim/stats?timestamps=0")).json()
+        assert "accepted_at" not in bare["accounts"]["demo"]
+
+
+async def test_control_changes_tps_and_limits() -> None:
+    """POST /_sim/control changes a key's tps at runtime and switches limits off and on."""
+    clock = FakeClock()
+    async with running_simulator(SimulatorSettings(), clock=clock) as (client, sim):
+        token = await client.token()
+
+        async def status() -> int:
+            return (await client.creators("getItems", BODY, token=token)).status
+
+        changed = await client.post(
+            "/_sim/control", data=json.dumps({"account": "demo", "tps": 0.5})
+        )
+        assert changed.status == 200
+        assert sim.quotas["demo"].tps == 0.5
+        assert [await status(), await status()] == [200, 429]
+        await clock.advance(1.0)
+        assert await status() == 429
+        await clock.advance(1.0)
+        assert await status() == 200
+        await client.post("/_sim/control", data=json.dumps({"limits": False}))
+        assert [await status() for _ in range(3)] == [200, 200, 200]
+        await client.post("/_sim/control", data=json.dumps({"limits": True}))
+        assert await status() == 429
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"account": "nobody", "tps": 1}, 404),
+        ({"account": "demo", "tps": 0}, 400),
+        ({"account": "demo", "tpd": 1.5}, 400),
+        ({"limits": "no"}, 400),
+        ([], 400),
+    ],
+)
+async def test_control_rejects_bad_input(body: object, status: int) -> None:
+    """Bad control requests are refused with 4xx and change nothing."""
+    async with running_simulator() as (client, sim):
+        response = await client.post("/_sim/control", data=json.dumps(body))
+        assert response.status == status
+        assert sim.quotas["demo"].tps == 5.0
+        assert sim.limits
+
+
+def _args(**overrides: object) -> argparse.Namespace:
+    values: dict[str, object] = {
+        "config": "config.toml",
+        "host": "127.0.0.1",
+        "port": 0,
+        "allow_remote": False,
+    }
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def _interrupting_run(seconds: float) -> Any:
+    """A ``run`` that serves for a moment, then behaves like Ctrl-C."""
+
+    def run(coro: Coroutine[Any, Any, None]) -> int:
+        async def driver() -> None:
+            task = asyncio.ensure_future(coro)
+            await asyncio.sleep(seconds)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(driver())
+        raise KeyboardInterrupt
+
+    return run
+
+
+def test_cli_serves_until_interrupted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """broker simulate prints the URL and the demo ids, serves, and exits 0 on Ctrl-C."""
+    monkeypatch.chdir(tmp_path)
+    code = simulate_command(_args(), run=_interrupting_run(0.2))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("simulator listening on http://127.0.0.1:")
+    assert "demo-id" in out
+    assert "DEMOACCESSKEY" in out
+    assert "demo-secret" not in out
+    assert "README" in out
+
+
+def test_cli_reads_only_the_simulator_table(tmp_path: Path) -> None:
+    """load_settings parses [simulator] and ignores the other tables."""
+    config = tmp_path / "broker.toml"
+    config.write_text('[api]\nprotocol = "creators"\n[simulator]\nseed = 5\nburst = 3\n')
+    settings = load_settings(str(config), explicit=True)
+    assert (settings.seed, settings.burst) == (5, 3)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("[simulator\n", "not valid TOML"),
+        ("[simulator]\nburst = 0\n", "simulator.burst"),
+    ],
+)
+def test_cli_config_errors_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
+    """A missing explicit file, bad TOML or a bad value prints the problem and exits 78."""
+    config = tmp_path / "mine.toml"
+    if content is not None:
+        config.write_text(content)
+    code = simulate_command(_args(config=str(config)), run=_interrupting_run(0))
+    assert code == EX_CONFIG
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_default_config_means_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No config.toml in the working directory means the built-in settings."""
+    monkeypatch.chdir(tmp_path)
+    assert load_settings("config.toml", explicit=False) == SimulatorSettings()
+
+
+def test_cli_refuses_remote_host(capsys: pytest.CaptureFixture[str]) -> None:
+    """broker simulate --host 0.0.0.0 without --allow-remote exits 78 with a clear message."""
+    code = main(["simulate", "--host", "0.0.0.0", "--port", "0"])
+    assert code == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "--allow-remote" in err
+    assert "0.0.0.0" in err

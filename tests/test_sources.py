@@ -1,0 +1,745 @@
+"""Tests for broker.jobs.sources: job files in, one JobRow per input row out.
+
+The bad-input cases C1-C11 of reliability.md section 3.3 are marked in the test names.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.errors import JobFileError
+from broker.jobs.sources import (
+    DEFAULT_MAX_LINE_BYTES,
+    JobFingerprint,
+    JobRow,
+    count_rows,
+    detect_format,
+    fingerprint,
+    read_job,
+)
+
+VALID = "B0ABCDEFGH"
+
+
+def write(tmp_path: Path, name: str, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, bytes as is) to ``tmp_path / name``, gzipping .gz names."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    return path
+
+
+def rows(path: Path, **options: object) -> list[JobRow]:
+    return list(read_job(path, **options))  # type: ignore[arg-type]
+
+
+def brief(found: list[JobRow]) -> list[tuple[int, str | None, str | None]]:
+    """(line, asin, error) per row, the part most tests pin."""
+    return [(row.line, row.asin, row.error) for row in found]
+
+
+class TestEmpty:
+    @pytest.mark.parametrize(
+        "name", ["job.txt", "job.csv", "job.jsonl", "job.txt.gz", "job.csv.gz", "job.bin"]
+    )
+    def test_c1_empty_file_has_no_rows(self, tmp_path: Path, name: str) -> None:
+        """C1: an empty file, of any format, yields no rows and counts 0."""
+        path = write(tmp_path, name, b"")
+        assert rows(path) == []
+        assert count_rows(path) == 0
+
+    def test_c1_zero_byte_gz_is_empty(self, tmp_path: Path) -> None:
+        """C1: a zero-byte file named .gz is empty, not a gzip error."""
+        path = tmp_path / "job.txt.gz"
+        path.write_bytes(b"")
+        assert rows(path) == []
+
+    @pytest.mark.parametrize(
+        ("name", "data"),
+        [
+            ("job.txt", "\n\n# only a comment\n   \n\t# indented comment\n"),
+            ("job.csv", "\r\n\r\n"),
+            ("job.csv", "asin,sku\r\n"),
+            ("job.jsonl", "\n  \n"),
+        ],
+    )
+    def test_c1_blank_and_comment_only_files(self, tmp_path: Path, name: str, data: str) -> None:
+        """C1: blank lines, comments or a lone CSV header yield no rows."""
+        path = write(tmp_path, name, data)
+        assert rows(path) == []
+        assert count_rows(path) == 0
+
+
+class TestPlainText:
+    def test_rows_keep_physical_line_numbers(self, tmp_path: Path) -> None:
+        """Blank and comment lines yield nothing but still count for line numbers."""
+        path = write(
+            tmp_path,
+            "job.txt",
+            f"# header comment\n\n{VALID}\n  b0abcdefgh  # trailing comment\n\n{VALID}\n",
+        )
+        assert brief(rows(path)) == [(3, VALID, None), (4, VALID, None), (6, VALID, None)]
+
+    def test_raw_is_the_id_without_comment(self, tmp_path: Path) -> None:
+        """raw holds the id as written, stripped and without its trailing comment."""
+        path = write(tmp_path, "job.txt", "  b0abcdefgh\t# note\n")
+        (row,) = rows(path)
+        assert row == JobRow(1, "b0abcdefgh", VALID)
+
+    def test_url_fragment_is_not_a_comment(self, tmp_path: Path) -> None:
+        """A '#' inside a URL is a fragment, not a comment; only '#' after whitespace is."""
+        url = f"https://www.amazon.com/dp/{VALID}#reviews"
+        path = write(tmp_path, "job.txt", f"{url}\n{url} # mine\n")
+        assert [(row.raw, row.asin) for row in rows(path)] == [(url, VALID), (url, VALID)]
+
+    def test_urls_of_every_form(self, tmp_path: Path) -> None:
+        """Amazon product URLs on any domain give their ASIN."""
+        urls = [
+            f"https://www.amazon.com/dp/{VALID}?th=1",
+            f"https://www.amazon.co.uk/gp/product/{VALID}/ref=x",
+            f"https://www.amazon.de/gp/aw/d/{VALID}",
+            f"https://www.amazon.de/K\u00fcche/dp/{VALID}",
+        ]
+        path = write(tmp_path, "job.txt", "\n".join(urls))
+        assert [row.asin for row in rows(path)] == [VALID] * 4
+
+    def test_crlf_and_no_final_newline(self, tmp_path: Path) -> None:
+        """CRLF endings and a last line without a newline are read."""
+        path = write(tmp_path, "job.txt", f"{VALID}\r\nb0abcdefgh")
+        assert brief(rows(path)) == [(1, VALID, None), (2, VALID, None)]
+
+    def test_c2_mixed_bad_ids(self, tmp_path: Path) -> None:
+        """C2: 9/11-char ids, symbols, full-width digits, spaces are invalid with line numbers;
+        lowercase is normalised and valid rows come through."""
+        lines = [
+            "B0ABCDEFG",  # 9
+            "B0ABCDEFGHI",  # 11
+            "B0ABC$DEFG",  # symbol
+            "B0ABCDEFG１",  # full-width digit
+            "B0ABC DEFGH",  # space inside
+            "b0abcdefgh",  # lowercase, valid
+            VALID,
+        ]
+        found = rows(write(tmp_path, "job.txt", "\n".join(lines) + "\n"))
+        assert [row.line for row in found] == [1, 2, 3, 4, 5, 6, 7]
+        assert [row.raw for row in found] == lines
+        assert [row.asin for row in found] == [None] * 5 + [VALID, VALID]
+        reasons = [row.error or "" for row in found]
+        assert "has 9" in reasons[0]
+        assert "has 11" in reasons[1]
+        assert "'$'" in reasons[2]
+        assert "U+FF11" in reasons[3]
+        assert "whitespace" in reasons[4]
+        assert reasons[5:] == ["", ""]
+        assert [row.valid for row in found] == [False] * 5 + [True, True]
+
+    def test_c3_isbn_rules(self, tmp_path: Path) -> None:
+        """C3: ISBN-10 ending in X valid; bad checksum invalid; 978 ISBN-13 converted only
+        when enabled."""
+        path = write(tmp_path, "job.txt", "080442957X\n0306406153\n9780306406157\n")
+        assert [row.asin for row in rows(path)] == ["080442957X", None, None]
+        converted = rows(path, convert_isbn13=True)
+        assert [row.asin for row in converted] == ["080442957X", None, "0306406152"]
+        assert converted[2].raw == "9780306406157"
+        assert "check digit" in (converted[1].error or "")
+
+
+class TestCsv:
+    def test_c4_no_asin_column_lists_headers(self, tmp_path: Path) -> None:
+        """C4: a CSV without an asin column is refused, listing the headers found."""
+        path = write(tmp_path, "job.csv", "sku,title,product id\n1,x,B0ABCDEFGH\n")
+        with pytest.raises(JobFileError, match="no 'asin' column") as caught:
+            rows(path)
+        message = str(caught.value)
+        assert "'sku', 'title', 'product id'" in message
+        assert "line 1" in message
+        with pytest.raises(JobFileError):
+            count_rows(path)
+
+    def test_duplicate_asin_columns_are_refused(self, tmp_path: Path) -> None:
+        """Two asin columns are ambiguous, so the file is refused."""
+        path = write(tmp_path, "job.csv", "asin,ASIN\nB0ABCDEFGH,B0ABCDEFGH\n")
+        with pytest.raises(JobFileError, match="2 'asin' columns"):
+            rows(path)
+
+    def test_c5_bom_crlf_and_quoted_fields(self, tmp_path: Path) -> None:
+        """C5: a BOM, CRLF endings and quoted fields (commas, quotes, newlines) parse right."""
+        data = (
+            "\ufeffASIN,sku,Marketplace,note\r\n"
+            f'{VALID},"A,1",www.amazon.de,"say ""hi"""\r\n'
+            f'"b0abcdefgh",B2,,"two\r\nlines"\r\n'
+            f"0306406152,C3, www.amazon.co.uk ,plain\r\n"
+        )
+        found = rows(write(tmp_path, "job.csv", data.encode("utf-8")))
+        assert brief(found) == [(2, VALID, None), (3, VALID, None), (5, "0306406152", None)]
+        assert found[0].extra == {"sku": "A,1", "note": 'say "hi"'}
+        assert found[0].marketplace == "www.amazon.de"
+        assert found[1].extra == {"sku": "B2", "note": "two\r\nlines"}
+        assert found[1].marketplace is None
+        assert found[1].raw == "b0abcdefgh"
+        assert found[2].marketplace == "www.amazon.co.uk"
+        assert all(row.resources is None for row in found)
+
+    def test_bom_with_utf8_sig_encoding(self, tmp_path: Path) -> None:
+        """encoding='utf-8-sig' works the same as the utf-8 default."""
+        path = write(tmp_path, "job.csv", f"\ufeffasin\n{VALID}\n")
+        assert brief(rows(path, encoding="utf-8-sig")) == [(2, VALID, None)]
+
+    def test_short_and_long_rows_are_still_rows(self, tmp_path: Path) -> None:
+        """A short row is padded; surplus empty cells are ignored; surplus data makes the
+        row invalid, since its columns cannot be trusted; each is one row."""
+        data = f"sku,asin,title\nS1,{VALID}\nS2\nS3,{VALID},t,,\nS4,{VALID},t,extra\n"
+        found = rows(write(tmp_path, "job.csv", data))
+        assert [row.line for row in found] == [2, 3, 4, 5]
+        assert found[0].asin == VALID
+        assert found[0].extra == {"sku": "S1", "title": ""}
+        assert found[1].asin is None
+        assert "no asin value" in (found[1].error or "")
+        assert found[2].asin == VALID
+        assert found[3].asin is None
+        assert found[3].raw == VALID
+        assert "4 fields but the header has 3" in (found[3].error or "")
+
+    def test_blank_rows_are_skipped(self, tmp_path: Path) -> None:
+        """Blank lines and all-blank rows (',,') yield no row; an empty asin cell does."""
+        data = f"asin,sku\n\n,\n , \n,S1\n{VALID},S2\n"
+        found = rows(write(tmp_path, "job.csv", data))
+        assert brief(found) == [(5, None, "empty id"), (6, VALID, None)]
+
+    @pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+    def test_other_delimiters_found_from_header(self, tmp_path: Path, delimiter: str) -> None:
+        """A header that only splits into an asin column on ; tab or | picks that delimiter."""
+        data = f"asin{delimiter}sku\n{VALID}{delimiter}S,1\n"
+        (row,) = rows(write(tmp_path, "job.csv", data))
+        assert (row.asin, row.extra) == (VALID, {"sku": "S,1"})
+
+    def test_duplicate_and_empty_header_names(self, tmp_path: Path) -> None:
+        """Repeated names get .1 suffixes and unnamed columns a positional name."""
+        data = f"asin,tag,tag,\n{VALID},a,b,c\n"
+        (row,) = rows(write(tmp_path, "job.csv", data))
+        assert row.extra == {"tag": "a", "tag.1": "b", "column4": "c"}
+
+    def test_no_extra_columns_gives_none(self, tmp_path: Path) -> None:
+        """extra is None when the CSV has no other columns."""
+        (row,) = rows(write(tmp_path, "job.csv", f"asin,marketplace\n{VALID},\n"))
+        assert row.extra is None
+
+    def test_unterminated_quote_costs_one_row(self, tmp_path: Path) -> None:
+        """A runaway quoted field ends in one invalid row, and reading continues."""
+        runaway = "x" * 60_000  # under the line cap; three pass the csv field limit
+        data = f'asin,note\n{VALID},"{runaway}\n{runaway}\n{runaway}\n'
+        data += f'{VALID},"ok"\n'
+        found = rows(write(tmp_path, "job.csv", data))
+        assert found[0].line == 2
+        assert found[0].error is not None
+        assert "malformed CSV" in found[0].error
+        assert found[-1].asin == VALID
+        assert count_rows(write(tmp_path, "again.csv", data)) == len(found)
+
+
+class TestJsonLines:
+    def test_fields_and_extra(self, tmp_path: Path) -> None:
+        """asin, marketplace and resources are read; other fields go to extra as text."""
+        data = (
+            '{"asin": "b0abcdefgh", "marketplace": "www.amazon.de", '
+            '"resources": ["ItemInfo.Title"], "id": 7, "tag": "x", "meta": {"a": [1, true]}}\n'
+            f'{{"asin": "{VALID}"}}\n'
+        )
+        found = rows(write(tmp_path, "job.jsonl", data))
+        assert found[0] == JobRow(
+            1,
+            "b0abcdefgh",
+            VALID,
+            "www.amazon.de",
+            ("ItemInfo.Title",),
+            {"id": "7", "tag": "x", "meta": '{"a":[1,true]}'},
+        )
+        assert found[1] == JobRow(2, VALID, VALID)
+
+    def test_c6_malformed_line_reported_rest_processed(self, tmp_path: Path) -> None:
+        """C6: a malformed line is an invalid row with its line number; the rest is read,
+        and a strict pre-pass sees it at once."""
+        data = f'{{"asin": "{VALID}"}}\n{{"asin": "B0ABC\n\n{{"asin": "{VALID}"}}\n'
+        found = rows(write(tmp_path, "job.jsonl", data))
+        assert [(row.line, row.asin) for row in found] == [(1, VALID), (2, None), (4, VALID)]
+        assert (found[1].error or "").startswith("not valid JSON")
+        assert found[1].raw == '{"asin": "B0ABC'
+        assert [row.line for row in found if not row.valid] == [2]
+
+    @pytest.mark.parametrize(
+        ("line", "reason_part"),
+        [
+            ("[1, 2]", "must be an object, got an array"),
+            ('"B0ABCDEFGH"', "must be an object, got a string"),
+            ("null", "must be an object, got null"),
+            ('{"sku": 1}', 'no "asin" field'),
+            ('{"ASIN": "B0ABCDEFGH"}', "case-sensitive"),
+            ('{"asin": 306406152}', '"asin" must be a string, got a number'),
+            ('{"asin": null}', 'no "asin" field'),
+            ('{"asin": "B0ABCDEFGH", "marketplace": 1}', '"marketplace" must be a string'),
+            ('{"asin": "B0ABCDEFGH", "resources": "Images"}', "list of strings"),
+            ('{"asin": "B0ABCDEFGH", "resources": [1]}', "list of strings"),
+            ('{"asin": "B0ABCDEFG"}', "has 9"),
+            ('{"asin": "\\ud800"}', "surrogate"),
+            ("{" * 100_000, "not valid JSON"),
+            ("[" * 60_000, "not valid JSON"),
+            ('{"asin": "B0ABCDEFGH", "n": ' + "9" * 5000 + "}", "not valid JSON"),
+        ],
+    )
+    def test_c6_bad_objects_are_invalid_rows(
+        self, tmp_path: Path, line: str, reason_part: str
+    ) -> None:
+        """C6: wrong shapes and types become invalid rows saying why, never an exception."""
+        path = write(tmp_path, "job.jsonl", f'{line}\n{{"asin": "{VALID}"}}\n')
+        found = rows(path, max_line_bytes=200_000)
+        assert len(found) == 2
+        assert found[0].asin is None
+        assert reason_part in (found[0].error or "")
+        assert found[1].asin == VALID
+
+    def test_empty_resources_list_is_kept(self, tmp_path: Path) -> None:
+        """An explicit empty resources list is kept as (), distinct from absent (None)."""
+        (row,) = rows(write(tmp_path, "job.jsonl", f'{{"asin": "{VALID}", "resources": []}}'))
+        assert row.resources == ()
+
+
+class TestDuplicates:
+    def test_c7_duplicates_each_get_a_row(self, tmp_path: Path) -> None:
+        """C7: duplicate ids are not merged here: every input row yields its own row."""
+        ids = [VALID, "B0ZZZZZZZZ"] * 50
+        found = rows(write(tmp_path, "job.txt", "\n".join(ids)))
+        assert len(found) == 100
+        assert {row.asin for row in found} == {VALID, "B0ZZZZZZZZ"}
+        assert [row.line for row in found] == list(range(1, 101))
+
+
+class TestLongLinesAndJunk:
+    @pytest.mark.parametrize("name", ["job.txt", "job.jsonl", "job.txt.gz"])
+    def test_c9_ten_megabyte_line(self, tmp_path: Path, name: str) -> None:
+        """C9: a 10 MB line becomes one invalid row, the next line is read, memory stays small."""
+        good = f'{{"asin": "{VALID}"}}' if "jsonl" in name else VALID
+        path = write(tmp_path, name, f"{good}\n{'A' * 10_000_000}\n{good}\n")
+        tracemalloc.start()
+        try:
+            found = rows(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert brief(found) == [
+            (1, VALID, None),
+            (2, None, f"line longer than {DEFAULT_MAX_LINE_BYTES} bytes"),
+            (3, VALID, None),
+        ]
+        assert found[1].raw.startswith("AAAA")
+        assert len(found[1].raw) < 200
+        assert peak < 2_000_000
+
+    def test_c9_long_line_in_csv(self, tmp_path: Path) -> None:
+        """C9: an over-long CSV line is an invalid row; rows around it are fine."""
+        data = f"asin,note\n{VALID},a\n{VALID},{'n' * 100_000}\n{VALID},c\n"
+        found = rows(write(tmp_path, "job.csv", data))
+        assert brief(found) == [
+            (2, VALID, None),
+            (3, None, "line longer than 65536 bytes"),
+            (4, VALID, None),
+        ]
+
+    def test_c9_long_csv_header_is_refused(self, tmp_path: Path) -> None:
+        """C9: a CSV header over the cap cannot be read, so the file is refused."""
+        path = write(tmp_path, "job.csv", "asin," + "h" * 100 + f"\n{VALID}\n")
+        with pytest.raises(JobFileError, match="header line is longer than 50 bytes"):
+            rows(path, max_line_bytes=50)
+
+    @pytest.mark.parametrize(
+        ("body", "ok"),
+        [("x" * 10, True), ("x" * 11, False)],
+    )
+    @pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+    def test_line_cap_boundary(self, tmp_path: Path, body: str, ok: bool, ending: str) -> None:
+        """The cap counts bytes without the line ending: exactly the cap is fine."""
+        path = write(tmp_path, "job.txt", f"{body}{ending}")
+        (row,) = rows(path, max_line_bytes=10)
+        assert (row.error != "line longer than 10 bytes") == ok
+
+    def test_c9_nul_bytes(self, tmp_path: Path) -> None:
+        """C9: NUL bytes make invalid rows with a reason, in every format."""
+        txt = write(tmp_path, "job.txt", b"B0ABC\x00DEFG\n\x00\x00\x00\nB0ABCDEFGH\n")
+        assert [row.asin for row in rows(txt)] == [None, None, VALID]
+        assert "U+0000" in (rows(txt)[0].error or "")
+        csv_path = write(tmp_path, "job.csv", b"asin\nB0ABC\x00DEFG\nB0ABCDEFGH\n")
+        assert [row.asin for row in rows(csv_path)] == [None, VALID]
+        jsonl = write(tmp_path, "job.jsonl", b'{"asin":\x00}\n{"asin":"B0ABCDEFGH"}\n')
+        assert [row.asin for row in rows(jsonl)] == [None, VALID]
+
+    def test_c9_binary_junk_is_a_clean_error(self, tmp_path: Path) -> None:
+        """C9: random binary is refused as undecodable (or read as junk rows), never a crash."""
+        junk = bytes(range(256)) * 4
+        path = write(tmp_path, "job.txt", junk)
+        with pytest.raises(JobFileError, match="not valid utf-8"):
+            rows(path)
+        assert all(row.asin is None for row in rows(path, encoding="latin-1"))
+
+    def test_utf16_file_is_refused_with_advice(self, tmp_path: Path) -> None:
+        """A UTF-16 file (Excel 'Unicode text') is refused, saying to save as UTF-8."""
+        path = write(tmp_path, "job.csv", "asin\nB0ABCDEFGH\n".encode("utf-16"))
+        with pytest.raises(JobFileError, match="UTF-16"):
+            rows(path)
+
+    def test_xlsx_is_refused_with_advice(self, tmp_path: Path) -> None:
+        """A ZIP (an .xlsx renamed .csv) is refused, saying to export CSV."""
+        path = write(tmp_path, "job.csv", b"PK\x03\x04\x14\x00\x06\x00junk")
+        with pytest.raises(JobFileError, match="export the sheet as CSV"):
+            rows(path)
+
+
+class TestEncoding:
+    def test_c10_latin1_names_line_and_offset(self, tmp_path: Path) -> None:
+        """C10: a Latin-1 file read as UTF-8 fails naming the line, byte offset and the
+        --encoding latin-1 remedy; rows before it were yielded."""
+        data = f"{VALID}\n# caf\u00e9\n".encode("latin-1")
+        path = write(tmp_path, "job.txt", data)
+        seen: list[JobRow] = []
+        with pytest.raises(JobFileError) as caught:
+            seen.extend(read_job(path))  # extend keeps the rows it got before the error
+        assert seen == [JobRow(1, VALID, VALID)]
+        message = str(caught.value)
+        assert "line 2" in message
+        assert "byte 0xe9 at byte offset 16" in message
+        assert data[16] == 0xE9
+        assert "--encoding latin-1" in message
+
+    def test_c10_offset_counts_the_bom(self, tmp_path: Path) -> None:
+        """C10: the byte offset is in the file's bytes, BOM included."""
+        data = b"\xef\xbb\xbfasin\nB0ABCDEFG\xe9\n"
+        with pytest.raises(JobFileError, match="byte offset 17 "):
+            rows(write(tmp_path, "job.csv", data))
+        assert data[17] == 0xE9
+
+    def test_c10_latin1_encoding_works(self, tmp_path: Path) -> None:
+        """C10: with encoding='latin-1' the same file is read; the accented line is a
+        comment here, and an accented id is invalid with a reason."""
+        data = f"{VALID}\n# caf\u00e9\nB0ABCDEF\u00c9H\n".encode("latin-1")
+        found = rows(write(tmp_path, "job.txt", data), encoding="latin-1")
+        assert brief(found)[0] == (1, VALID, None)
+        assert found[1].line == 3
+        assert "U+00C9" in (found[1].error or "")
+
+    def test_c10_latin1_csv_extra_decoded(self, tmp_path: Path) -> None:
+        """C10: a Latin-1 CSV passes its accented columns through decoded."""
+        data = f"asin,title\n{VALID},Cr\u00e8me\n".encode("cp1252")
+        (row,) = rows(write(tmp_path, "job.csv", data), encoding="cp1252")
+        assert row.extra == {"title": "Cr\u00e8me"}
+
+    def test_c10_error_in_gz_says_decompressed(self, tmp_path: Path) -> None:
+        """C10: in a .gz the offset is said to be in the decompressed data."""
+        path = write(tmp_path, "job.txt.gz", b"B0ABCDEFGH\n\xe9\n")
+        with pytest.raises(JobFileError, match="offset 11 of the decompressed data"):
+            rows(path)
+
+
+class TestGzip:
+    @pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl"])
+    def test_gz_of_each_format(self, tmp_path: Path, fmt: str) -> None:
+        """A .gz of any format reads like the plain file."""
+        body = {
+            "txt": f"{VALID}\n",
+            "csv": f"asin\n{VALID}\n",
+            "jsonl": f'{{"asin": "{VALID}"}}\n',
+        }[fmt]
+        plain = rows(write(tmp_path, f"job.{fmt}", body))
+        assert rows(write(tmp_path, f"job.{fmt}.gz", body)) == plain
+        assert plain[0].asin == VALID
+
+    def test_gzip_detected_by_magic_bytes(self, tmp_path: Path) -> None:
+        """Gzip data is decompressed whatever the file is called."""
+        path = tmp_path / "job.txt"
+        path.write_bytes(gzip.compress(f"{VALID}\n".encode()))
+        assert brief(rows(path)) == [(1, VALID, None)]
+
+    def test_gz_name_without_gzip_data_is_refused(self, tmp_path: Path) -> None:
+        """A file named .gz that is not gzip is refused clearly."""
+        path = tmp_path / "job.txt.gz"
+        path.write_bytes(f"{VALID}\n".encode())
+        with pytest.raises(JobFileError, match="not gzip-compressed"):
+            rows(path)
+
+    def test_c11_truncated_gz_yields_rows_then_fails(self, tmp_path: Path) -> None:
+        """C11: a truncated .gz yields the rows read so far, then a clear JobFileError."""
+        body = "".join(f"B{i:09d}\n" for i in range(20_000)).encode()
+        whole = gzip.compress(body)
+        path = tmp_path / "job.txt.gz"
+        path.write_bytes(whole[: len(whole) // 2])
+        seen: list[JobRow] = []
+        with pytest.raises(JobFileError, match="gzip data ends early after line") as caught:
+            seen.extend(read_job(path))  # extend keeps the rows it got before the error
+        assert 0 < len(seen) < 20_000
+        assert [row.line for row in seen] == list(range(1, len(seen) + 1))
+        assert all(row.valid for row in seen)
+        assert f"after line {len(seen)}" in str(caught.value)
+        assert isinstance(caught.value.__cause__, EOFError)
+        with pytest.raises(JobFileError):
+            count_rows(path)
+
+    def test_c11_corrupt_gz(self, tmp_path: Path) -> None:
+        """C11: corrupt gzip data is a JobFileError, not a zlib traceback."""
+        whole = bytearray(gzip.compress(("B0ABCDEFGH\n" * 1000).encode()))
+        whole[len(whole) // 2] ^= 0xFF
+        whole[len(whole) // 2 + 1] ^= 0xFF
+        path = tmp_path / "job.txt.gz"
+        path.write_bytes(bytes(whole))
+        with pytest.raises(JobFileError, match="gzip data"):
+            rows(path)
+
+
+class TestDetectFormat:
+    @pytest.mark.parametrize(
+        ("name", "fmt"),
+        [
+            ("a.txt", "txt"),
+            ("a.TXT", "txt"),
+            ("a.csv", "csv"),
+            ("a.tsv", "csv"),
+            ("a.jsonl", "jsonl"),
+            ("a.ndjson", "jsonl"),
+            ("a.2026.01.csv.gz", "csv"),
+            ("a.jsonl.GZ", "jsonl"),
+            ("a.txt.gz", "txt"),
+        ],
+    )
+    def test_by_extension(self, name: str, fmt: str) -> None:
+        """Known extensions decide without opening the file."""
+        assert detect_format(Path("/nonexistent") / name) == fmt
+
+    @pytest.mark.parametrize(
+        ("data", "fmt"),
+        [
+            (f"# ids\n\n{VALID}\n", "txt"),
+            (f"https://www.amazon.com/dp/{VALID}?a=1,2\n", "txt"),
+            ("\ufeffASIN,sku\n", "csv"),
+            ("asin\n", "csv"),
+            ("sku;name\n", "csv"),
+            (f'\n{{"asin": "{VALID}"}}\n', "jsonl"),
+            ("", "txt"),
+        ],
+    )
+    def test_sniffing_unknown_extensions(self, tmp_path: Path, data: str, fmt: str) -> None:
+        """Other names are sniffed from the first non-blank, non-comment line."""
+        assert detect_format(write(tmp_path, "job.dat", data)) == fmt
+        assert detect_format(write(tmp_path, "job.dat.gz", data)) == fmt
+
+    def test_read_job_sniffs_and_format_overrides(self, tmp_path: Path) -> None:
+        """read_job uses detection by default, and format= overrides it."""
+        path = write(tmp_path, "job.list", f"asin\n{VALID}\n")
+        assert brief(rows(path)) == [(2, VALID, None)]
+        assert [row.line for row in rows(path, format="txt")] == [1, 2]
+
+
+class TestArguments:
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"format": "xml"}, "unknown job-file format"),
+            ({"encoding": "no-such-codec"}, "unknown encoding"),
+            ({"encoding": "utf-16"}, "not supported"),
+            ({"max_line_bytes": 0}, "must be positive"),
+        ],
+    )
+    def test_bad_options_raise_at_call(
+        self, tmp_path: Path, options: dict[str, object], message: str
+    ) -> None:
+        """Bad options raise ValueError when read_job is called, before any reading."""
+        with pytest.raises(ValueError, match=message):
+            read_job(tmp_path / "missing.txt", **options)  # type: ignore[arg-type]
+
+    def test_missing_file_is_an_oserror(self, tmp_path: Path) -> None:
+        """A missing file raises FileNotFoundError (exit 66), not JobFileError (exit 65)."""
+        iterator = read_job(tmp_path / "missing.txt")
+        with pytest.raises(FileNotFoundError):
+            next(iterator)
+        with pytest.raises(FileNotFoundError):
+            count_rows(tmp_path / "missing.txt")
+
+
+class TestCountAndFingerprint:
+    @pytest.mark.parametrize(
+        ("name", "data", "expected"),
+        [
+            ("job.txt", f"# c\n{VALID}\n\nbad\n", 2),
+            ("job.csv", f'asin,n\n{VALID},"a\nb"\n,\nx,1\n', 2),
+            ("job.jsonl", f'{{"asin": "{VALID}"}}\n\n{{bad\n', 2),
+        ],
+    )
+    def test_count_matches_rows(self, tmp_path: Path, name: str, data: str, expected: int) -> None:
+        """count_rows agrees with the number of rows read_job yields."""
+        path = write(tmp_path, name, data)
+        assert count_rows(path) == len(rows(path)) == expected
+
+    def test_fingerprint_tracks_content(self, tmp_path: Path) -> None:
+        """The fingerprint changes with the content; a touch keeps the content the same."""
+        path = write(tmp_path, "job.txt", f"{VALID}\n")
+        first = fingerprint(path)
+        assert first == JobFingerprint(
+            path.absolute(),
+            11,
+            path.stat().st_mtime_ns,
+            hashlib.sha256(f"{VALID}\n".encode()).hexdigest(),
+        )
+        os.utime(path, ns=(first.mtime_ns + 10**9, first.mtime_ns + 10**9))
+        touched = fingerprint(path)
+        assert touched.mtime_ns != first.mtime_ns
+        assert touched.same_content(first)
+        path.write_text(f"{VALID}\nB0ZZZZZZZZ\n")
+        changed = fingerprint(path)
+        assert not changed.same_content(first)
+        assert changed.size == 22
+
+
+def test_c8_million_lines_in_constant_memory(tmp_path: Path) -> None:
+    """C8: reading a 1,000,000-line file keeps the tracemalloc peak far under 20 MB."""
+    path = tmp_path / "big.txt"
+    block = "".join(f"B{i:09d}\n" for i in range(100_000))
+    with path.open("w") as out:
+        for _ in range(10):
+            out.write(block)
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        count = 0
+        for row in read_job(path):
+            count += row.valid
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 1_000_000
+    assert peak < 20_000_000, f"peak {peak} bytes"
+    assert time.perf_counter() - started < 60
+
+
+# Fragments that reach the interesting paths (headers, quotes, JSON, BOMs, bad UTF-8)
+# far more often than uniform random bytes do.
+_FRAGMENTS = [
+    b"asin",
+    b"ASIN",
+    b"marketplace",
+    b",",
+    b";",
+    b"\t",
+    b"\n",
+    b"\r\n",
+    b"\r",
+    b'"',
+    b"#",
+    b" ",
+    b"{",
+    b"}",
+    b"[",
+    b'"asin":',
+    b'"resources":',
+    b"\\ud800",
+    b"\x00",
+    b"\xff",
+    b"\xe9",
+    b"\xef\xbb\xbf",
+    b"\xff\xfe",
+    b"PK\x03\x04",
+    b"B0ABCDEFGH",
+    b"080442957X",
+    b"https://www.amazon.com/dp/",
+    b"9" * 40,
+]
+_junk = st.one_of(
+    st.binary(max_size=600),
+    st.lists(st.sampled_from(_FRAGMENTS), max_size=60).map(b"".join),
+)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    data=_junk,
+    name=st.sampled_from(["job.txt", "job.csv", "job.jsonl", "job.csv.gz", "job.other"]),
+    encoding=st.sampled_from(["utf-8", "latin-1"]),
+    max_line_bytes=st.sampled_from([8, 64, DEFAULT_MAX_LINE_BYTES]),
+)
+def test_arbitrary_bytes_never_crash(
+    tmp_path: Path, data: bytes, name: str, encoding: str, max_line_bytes: int
+) -> None:
+    """Any bytes in any job file yield rows or raise JobFileError, nothing else, and
+    count_rows agrees with read_job."""
+    path = write(tmp_path, name, data)
+    options: dict[str, object] = {"encoding": encoding, "max_line_bytes": max_line_bytes}
+    try:
+        found = rows(path, **options)
+    except JobFileError:
+        with pytest.raises(JobFileError):
+            count_rows(path, **options)  # type: ignore[arg-type]
+        return
+    assert count_rows(path, **options) == len(found)  # type: ignore[arg-type]
+    lines = [row.line for row in found]
+    assert lines == sorted(set(lines))
+    for row in found:
+        assert (row.asin is None) == (row.error is not None)
+        assert row.line >= 1
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+_json_rows = st.one_of(
+    _json_values,
+    st.fixed_dictionaries(
+        {"asin": st.one_of(st.sampled_from([VALID, "b0abcdefgh", "bad"]), _json_values)},
+        optional={
+            "marketplace": _json_values,
+            "resources": st.one_of(st.lists(st.text(max_size=8), max_size=3), _json_values),
+            "id": _json_values,
+        },
+    ),
+)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(values=st.lists(_json_rows, min_size=1, max_size=8))
+def test_any_json_values_give_one_row_per_line(tmp_path: Path, values: list[object]) -> None:
+    """Every JSON value on a line yields exactly one row; extra values are always text."""
+    lines = [json.dumps(value, ensure_ascii=False) for value in values]
+    found = rows(write(tmp_path, "job.jsonl", "\n".join(lines) + "\n"))
+    assert [row.line for row in found] == list(range(1, len(values) + 1))
+    for value, row in zip(values, found, strict=True):
+        assert (row.asin is None) == (row.error is not None)
+        if row.asin is not None:
+            assert isinstance(value, dict)
+            assert row.asin == VALID
+        for key, text in (row.extra or {}).items():
+            assert isinstance(value, dict)
+            assert key in value
+            assert isinstance(text, str)
+
+
+def test_fast_row_builder_matches_the_constructor() -> None:
+    """The internal fast row builder fills every field as the dataclass constructor does."""
+    from broker.jobs.sources import _row
+
+    fields = (7, "raw", "B0ABCDEFGH", "www.amazon.de", ("Images",), {"k": "v"}, None)
+    built = _row(*fields)
+    assert built == JobRow(*fields)
+    assert [getattr(built, name) for name in JobRow.__slots__] == list(fields)
