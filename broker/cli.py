@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -26,18 +27,82 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run the local simulator of the Creators API and PA-API 5.0",
         description="Run the local Amazon simulator (both APIs) until interrupted.",
     )
-    sim.add_argument("--config", default="config.toml", help="config file whose [simulator] "
-                     "table sets accounts, limits and faults (default: %(default)s; "
-                     "a missing default file means built-in settings)")
+    sim.add_argument(
+        "--config",
+        default="config.toml",
+        help="config file whose [simulator] "
+        "table sets accounts, limits and faults (default: %(default)s; "
+        "a missing default file means built-in settings)",
+    )
     sim.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    sim.add_argument("--port", type=int, default=8787, help="port to bind; 0 picks a free one "
-                     "(default: %(default)s)")
-    sim.add_argument("--allow-remote", action="store_true",
-                     help="allow binding a non-loopback address (the simulator has no TLS)")
+    sim.add_argument(
+        "--port",
+        type=int,
+        default=8787,
+        help="port to bind; 0 picks a free one (default: %(default)s)",
+    )
+    sim.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow binding a non-loopback address (the simulator has no TLS)",
+    )
+
+    run = sub.add_parser(
+        "run",
+        help="run a job file to the end (resumable)",
+        description="Look up every row of a job file and write one output row per input row. "
+        "Run it again with the same job and output to resume after a crash or a stop.",
+        epilog="exit codes: 0 done; 3 done but some rows failed; 65 bad input, input changed "
+        "or job locked; 66 input missing; 74 cannot write output; 75 stopped, run again to "
+        "resume; 77 a key was rejected (rows stay pending); 78 bad config",
+    )
+    run.add_argument("job", help="job file: .txt, .csv or .jsonl, optionally .gz")
+    run.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    run.add_argument("--out", help="output file (default: <output.directory>/<job name>.<format>)")
+    run.add_argument(
+        "--format",
+        choices=("jsonl", "csv", "sqlite"),
+        help="output format (default: output.format of the config)",
+    )
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse the whole file, before any API call, if a row is invalid",
+    )
+    run.add_argument(
+        "--new-job",
+        action="store_true",
+        help="start over when the input changed since the job started",
+    )
+    run.add_argument("--encoding", default="utf-8", help="input encoding (default: %(default)s)")
+    run.add_argument(
+        "--progress",
+        choices=("auto", "bar", "log", "none"),
+        default="auto",
+        help="live line on a terminal, periodic log events otherwise (default: %(default)s)",
+    )
+
+    look = sub.add_parser(
+        "lookup",
+        help="look up ASINs and print the results as JSON lines",
+        description="Look up ASINs (or Amazon product URLs); print one JSON "
+        "object per ASIN on stdout.",
+    )
+    look.add_argument("asins", nargs="+", metavar="ASIN")
+    look.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    look.add_argument("--marketplace", help="marketplace (default: api.marketplace of the config)")
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file and print a summary (secrets "
+        "masked); exit 78 naming the bad key path if it is invalid.",
+    )
+    check.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
     return parser
 
 
-def _run_loop(coro: object) -> int:
+def _run_loop(coro: Coroutine[Any, Any, object]) -> int:
     """Run ``coro`` on uvloop when installed, else on the default asyncio loop."""
     try:
         import uvloop
@@ -46,7 +111,7 @@ def _run_loop(coro: object) -> int:
     else:
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        result = runner.run(coro)  # type: ignore[arg-type]
+        result = runner.run(coro)
     return int(result) if isinstance(result, int) else 0
 
 
@@ -57,5 +122,102 @@ def main(argv: Sequence[str] | None = None) -> int:
         from broker.simulator.cli import simulate_command
 
         return simulate_command(args, run=_run_loop)
+    from broker.config import BrokerConfig, load_config
+    from broker.errors import ConfigError
+
+    try:
+        config: BrokerConfig = load_config(args.config)
+    except ConfigError as exc:
+        print(f"broker: invalid config {args.config}: {exc}", file=sys.stderr)
+        return 78
+    from broker.logs import configure_logging
+
+    configure_logging(config.log.level, config.log.format)
+    if args.command == "check-config":
+        return _check_config(config)
+    if args.command == "lookup":
+        return _run_loop(_lookup(config, args.asins, args.marketplace))
+    if args.command == "run":
+        return _run_loop(_run(config, args))
     print(f"unknown command {args.command}", file=sys.stderr)  # pragma: no cover
     return 2
+
+
+def _check_config(config: object) -> int:
+    from broker.config import BrokerConfig
+
+    assert isinstance(config, BrokerConfig)
+    print(f"config ok: {config.source}")
+    print(
+        f"  api: {config.api.protocol.value} at {config.api.endpoint}, "
+        f"marketplace {config.api.marketplace}"
+    )
+    for key in config.keys:
+        secret = key.secret_source or "simulator demo secret"
+        print(
+            f"  key {key.name}: id {key.credential_id}, secret from {secret} (***), "
+            f"{key.tps:g} TPS, {key.tpd or 'unlimited'} TPD, "
+            f"marketplaces {', '.join(key.partner_tags)}"
+        )
+    return 0
+
+
+async def _lookup(config: object, asins: Sequence[str], marketplace: str | None) -> int:
+    import json
+
+    from broker.config import BrokerConfig
+    from broker.engine.broker import Broker
+    from broker.errors import NoUsableKeyError
+
+    assert isinstance(config, BrokerConfig)
+    try:
+        async with Broker(config) as broker:
+            results = await broker.get_items(asins, marketplace=marketplace)
+    except NoUsableKeyError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 77
+    for result in results:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    return 0 if all(r.status.value != "failed" for r in results) else 3
+
+
+async def _run(config: object, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from broker.config import BrokerConfig
+    from broker.jobs.runner import JobOptions, describe_failure, run_job
+
+    assert isinstance(config, BrokerConfig)
+    job = Path(args.job)
+    fmt = args.format or config.output.format
+    suffix = {"jsonl": ".jsonl", "csv": ".csv", "sqlite": ".sqlite"}[fmt]
+    stem = job.name.removesuffix(".gz").rsplit(".", 1)[0] or job.name
+    out = Path(args.out) if args.out else Path(config.output.directory) / f"{stem}{suffix}"
+    options = JobOptions(
+        job=job,
+        out=out,
+        format=fmt,
+        strict=args.strict,
+        new_job=args.new_job,
+        encoding=args.encoding,
+        progress=args.progress,
+    )
+    try:
+        summary = await run_job(config, options)
+    except Exception as exc:
+        code, message = describe_failure(exc)
+        print(f"broker: {message}", file=sys.stderr)
+        return code
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.by_status.items())) or "no rows"
+    print(f"rows: {summary.total} ({statuses}); pending {summary.pending}", file=sys.stderr)
+    print(
+        f"requests {summary.requests}, 429s {summary.throttled}, retries {summary.retries}, "
+        f"{summary.wall_s:.1f} s",
+        file=sys.stderr,
+    )
+    print(f"output: {summary.out}", file=sys.stderr)
+    if summary.invalid_report:
+        print(f"invalid rows: {summary.invalid_report}", file=sys.stderr)
+    if summary.stopped_by_signal:
+        print("stopped by signal: run the same command again to resume", file=sys.stderr)
+    return summary.exit_code()

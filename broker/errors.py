@@ -12,7 +12,7 @@ failures are data (an ``ItemResult`` with ``status`` and ``error``), never raise
     │   ├── ConnectError       (also a ConnectionError)
     │   ├── RequestTimeout     (also a TimeoutError)
     │   └── BodyTooLarge       the response body passed the read cap
-    ├── ResponseError          a response we cannot read: truncated, not JSON, wrong shape (retryable)
+    ├── ResponseError          unreadable response: truncated, not JSON, wrong shape (retryable)
     ├── ApiError               Amazon answered with an error code
     │   ├── ThrottledError     429 TooManyRequests / ThrottleException
     │   ├── AuthError          401/403 and signature codes (token, key or account problems)
@@ -260,7 +260,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         Scope.KEY,
         False,
         "Enable the key for the API in Associates Central; after May 2026 PA-API is retired: "
-        "migrate to the Creators API (protocol = \"creators\").",
+        'migrate to the Creators API (protocol = "creators").',
     ),
     ErrorInfo(
         "AccessDeniedAwsUsers",

@@ -88,8 +88,12 @@ class FakeClock:
         self._now = target
         await settle()
 
-    async def run_until(self, awaitable_done: asyncio.Future[object] | asyncio.Task[object],
-                        *, limit: float = 86_400.0 * 30) -> None:
+    async def run_until(
+        self,
+        awaitable_done: asyncio.Future[object] | asyncio.Task[object],
+        *,
+        limit: float = 86_400.0 * 30,
+    ) -> None:
         """Jump from deadline to deadline until ``awaitable_done`` finishes (autojump).
 
         Raises:

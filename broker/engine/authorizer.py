@@ -1,0 +1,120 @@
+"""Authorization at dispatch time, after the pacer: a bearer token or a fresh SigV4 signature.
+
+Signing late matters: a PA-API signature carries a timestamp valid for 15 minutes, and a
+Creators token expires after an hour, so a request that waited in a queue must never
+carry credentials taken when it was queued. Each authorizer also knows how to recover
+from its own auth errors: a Creators ``TokenExpired`` / ``InvalidToken`` drops the token
+(one refresh for many failed requests), a PA-API ``RequestExpired`` learns the offset
+between our clock and the server's ``Date`` header so the re-signed request is in time.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Protocol
+
+from broker.api.base import HttpRequest, RawResponse
+from broker.api.oauth import CreatorsTokenCache
+from broker.api.sigv4 import SigV4Signer
+from broker.clock import Clock
+from broker.errors import ApiError
+from broker.models import Secret
+
+__all__ = ["Authorizer", "BearerAuthorizer", "SigV4Authorizer"]
+
+#: Creators codes that a new token fixes.
+_TOKEN_CODES = frozenset({"TokenExpired", "InvalidToken"})
+
+
+class Authorizer(Protocol):
+    """Protocol: adds credentials to a request just before it is sent.
+
+    - ``authorize(request, region=...)`` returns the request with its Authorization
+      (and, for SigV4, x-amz-date) headers; it may await a token refresh.
+    - ``recover(error, request)`` is called with an auth error the server returned for
+      ``request``; it returns True when it changed something so a retry can succeed.
+    """
+
+    async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest: ...
+
+    def recover(self, error: ApiError, request: HttpRequest) -> bool: ...
+
+
+class BearerAuthorizer:
+    """Creators API: a cached OAuth2 bearer token per key, refreshed single-flight."""
+
+    __slots__ = ("_tokens",)
+
+    def __init__(
+        self,
+        credential_id: str,
+        secret: Secret,
+        version: str,
+        *,
+        token_url: str,
+        send: Callable[[HttpRequest], Awaitable[RawResponse]],
+        clock: Clock,
+    ) -> None:
+        self._tokens = CreatorsTokenCache(
+            credential_id,
+            secret,
+            version,
+            token_url=token_url,
+            send=send,
+            clock=clock,
+        )
+
+    async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest:
+        """Add ``Authorization: Bearer ...`` (with ``, Version x.y`` for 2.x credentials)."""
+        token = await self._tokens.token()
+        return request.with_headers({"Authorization": self._tokens.authorization_header(token)})
+
+    def recover(self, error: ApiError, request: HttpRequest) -> bool:
+        """Drop the token the failed request carried, if the error says it is stale."""
+        if error.code not in _TOKEN_CODES:
+            return False
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").split(",", 1)[0].strip()
+        self._tokens.invalidate(token)
+        return True
+
+    def __repr__(self) -> str:
+        return "BearerAuthorizer()"
+
+
+class SigV4Authorizer:
+    """PA-API 5.0: SigV4 at send time, with the server's clock offset once learned."""
+
+    __slots__ = ("_clock", "_offset", "_signer")
+
+    def __init__(self, access_key: str, secret: Secret, *, clock: Clock) -> None:
+        self._signer = SigV4Signer(access_key, secret)
+        self._clock = clock
+        self._offset = timedelta(0)
+
+    @property
+    def clock_offset_s(self) -> float:
+        """Seconds to add to our wall clock to match the server's (learned from RequestExpired)."""
+        return self._offset.total_seconds()
+
+    async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest:
+        """Sign with the current (offset-corrected) time."""
+        return self._signer.sign(request, region=region, now=self._clock.utcnow() + self._offset)
+
+    def recover(self, error: ApiError, request: HttpRequest) -> bool:
+        """On RequestExpired, learn the offset from the server's Date header."""
+        if error.code != "RequestExpired" or not error.server_date:
+            return False
+        try:
+            server_now = email.utils.parsedate_to_datetime(error.server_date)
+        except (TypeError, ValueError):
+            return False
+        if server_now.tzinfo is None:
+            return False
+        self._offset = server_now - self._clock.utcnow()
+        return True
+
+    def __repr__(self) -> str:
+        return f"SigV4Authorizer(clock_offset_s={self.clock_offset_s:.0f})"

@@ -1,0 +1,270 @@
+"""One key's state in the scheduler: its limiter, adaptive rate, circuit, health and counters.
+
+A key serves the marketplaces it has a partner tag for. It is *active*, *paused* (a
+Retry-After or a token-endpoint failure), *parked* (its circuit is open because its
+429s mean "daily quota exhausted" or "access revoked"), or *out of rotation* (a key-level
+error such as InvalidSignature or AssociateNotEligible), for all marketplaces or one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import random
+from collections.abc import Collection
+
+import structlog
+
+from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.clock import Clock
+from broker.config import BrokerConfig, KeyConfig
+from broker.engine.adaptive import (
+    AdaptiveRate,
+    AdaptiveSettings,
+    Circuit,
+    CircuitState,
+    ThrottleVerdict,
+)
+from broker.engine.authorizer import Authorizer
+from broker.engine.limiter import LocalKeyLimiter, Pacer
+from broker.engine.metrics import KeySnapshot
+from broker.engine.quota import BudgetStore, DailyBudget
+from broker.engine.retry import RetryBudget
+from broker.errors import KeyUnusableError, ThrottledError
+
+__all__ = ["KeyHealth", "KeyState"]
+
+logger = structlog.get_logger("broker")
+
+#: Pause after a token-endpoint failure, doubling per consecutive failure up to the cap.
+_AUTH_PAUSE_S = 1.0
+_AUTH_PAUSE_CAP_S = 60.0
+
+
+class KeyHealth(enum.Enum):
+    """Where a key stands."""
+
+    #: sending at its (adaptive) rate
+    ACTIVE = "active"
+    #: waiting out a Retry-After or a token-endpoint failure
+    PAUSED = "paused"
+    #: circuit open: quota exhausted or access revoked; probed rarely
+    PARKED = "parked"
+    #: a key-level error took it out of rotation until the config is fixed
+    DISABLED = "disabled"
+
+
+class KeyState:
+    """Everything the dispatcher and the executor need to know about one key."""
+
+    def __init__(self, config: KeyConfig, authorizer: Authorizer, *, limiter: LocalKeyLimiter,
+                 adaptive: AdaptiveRate, circuit: Circuit, retry_budget: RetryBudget,
+                 clock: Clock) -> None:
+        self.config = config
+        self.name = config.name
+        self.authorizer = authorizer
+        self.limiter = limiter
+        self.adaptive = adaptive
+        self.circuit = circuit
+        self.retry_budget = retry_budget
+        self._clock = clock
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._in_flight = 0
+        self.sent = 0
+        self.throttled = 0
+        self.errors = 0
+        self._auth_failures = 0
+        self._disabled: KeyUnusableError | None = None
+        self._disabled_markets: dict[str, KeyUnusableError] = {}
+        self._paused_reason: str | None = None
+
+    @classmethod
+    def from_config(cls, key: KeyConfig, authorizer: Authorizer, *, config: BrokerConfig,
+                    clock: Clock, rng: random.Random,
+                    budget_store: BudgetStore | None = None) -> KeyState:
+        """Build a key's state with the rate settings of ``config``."""
+        rate = config.rate
+        settings = AdaptiveSettings(
+            beta=rate.beta, target_loss=rate.target_429_share,
+            min_rate_per_s=min(rate.min_rate, key.tps), discover=rate.discover,
+            retry_after_cap_s=rate.retry_after_cap_s,
+        )
+        budget = DailyBudget(clock, key.tpd, key_name=key.name, guard_fraction=rate.tpd_guard,
+                             store=budget_store)
+        limiter = LocalKeyLimiter(clock, Pacer(clock, key.tps), budget)
+        return cls(
+            key, authorizer, limiter=limiter,
+            adaptive=AdaptiveRate(key.tps, clock=clock, settings=settings),
+            circuit=Circuit(clock, random=rng.random, settings=settings),
+            retry_budget=RetryBudget(clock), clock=clock,
+        )
+
+    # -- marketplaces -------------------------------------------------------------------------
+
+    @property
+    def tagged_marketplaces(self) -> Collection[str]:
+        """Every marketplace this key has a partner tag for."""
+        return self.config.partner_tags.keys()
+
+    def has_tag(self, marketplace: str) -> bool:
+        """True if the key has a partner tag for ``marketplace``."""
+        return marketplace in self.config.partner_tags
+
+    def partner_tag(self, marketplace: str) -> str:
+        """The key's tracking id in ``marketplace``."""
+        return self.config.partner_tags[marketplace]
+
+    def region(self, marketplace: str) -> str:
+        """The SigV4 region of ``marketplace`` (PA-API; unused by the Creators API)."""
+        try:
+            return lookup_marketplace(marketplace).paapi_region
+        except ValueError:
+            return "us-east-1"
+
+    def serves(self, marketplace: str) -> bool:
+        """True while the key may be given work for ``marketplace``."""
+        return (self._disabled is None and marketplace not in self._disabled_markets
+                and self.has_tag(marketplace))
+
+    def active_marketplaces(self) -> Collection[str]:
+        """Marketplaces the key takes work for right now."""
+        if self._disabled is not None:
+            return ()
+        return [m for m in self.config.partner_tags if m not in self._disabled_markets]
+
+    def failure_for(self, marketplace: str) -> KeyUnusableError | None:
+        """Why the key cannot serve ``marketplace``, if it cannot."""
+        return self._disabled or self._disabled_markets.get(marketplace)
+
+    # -- slots and pacing ---------------------------------------------------------------------
+
+    async def acquire_slot(self) -> None:
+        """Wait for an in-flight slot (at most ``max_in_flight`` requests at once)."""
+        await self._slots.acquire()
+        self._in_flight += 1
+
+    def release_slot(self) -> None:
+        """Give back an in-flight slot."""
+        self._in_flight -= 1
+        self._slots.release()
+
+    async def wait_ready(self) -> None:
+        """Wait until the key may send: its pacer slot, pause, circuit and daily budget."""
+        while True:
+            if self.circuit.state is CircuitState.PROBING:
+                await self._clock.sleep(1.0)
+                continue
+            probe_at = self.circuit.probe_at
+            if probe_at is not None and not math.isinf(probe_at):
+                now = self._clock.monotonic()
+                if now < probe_at:
+                    await self._clock.sleep(probe_at - now)
+                    continue
+                if not self.circuit.try_probe():
+                    await self._clock.sleep(1.0)
+                    continue
+            await self.limiter.wait_ready()
+            self._paused_reason = None
+            return
+
+    async def try_send(self) -> float | None:
+        """Book a send now; None when the daily budget is spent (wait_ready again)."""
+        if self.limiter.exhausted:
+            return None
+        return await self.limiter.commit()
+
+    # -- feedback -----------------------------------------------------------------------------
+
+    def on_success(self, sent_at: float, *, demand_limited: bool) -> None:
+        """A request of this key was answered (not throttled)."""
+        self._auth_failures = 0
+        self.retry_budget.record_send()
+        if self.circuit.verdict is not None:
+            self.circuit.on_success()
+            self.adaptive.reset()
+            logger.info("broker.key_recovered", key=self.name)
+        self.limiter.set_rate(self.adaptive.on_success(demand_limited=demand_limited))
+
+    def on_throttled(self, error: ThrottledError, sent_at: float) -> ThrottleVerdict:
+        """A request was answered 429: cut the rate, honour Retry-After, or park the key."""
+        self.throttled += 1
+        self.retry_budget.record_send()
+        verdict = self.adaptive.on_throttled(
+            sent_at, budget_exhausted=self.limiter.exhausted,
+            quota_used=self.limiter.used_fraction,
+        )
+        self.limiter.set_rate(self.adaptive.rate)
+        pause = self.adaptive.pause_for(error.retry_after)
+        if pause > 0:
+            self.limiter.pause_until(self._clock.monotonic() + pause)
+            self._paused_reason = "Retry-After"
+        parked_as = verdict if verdict is not ThrottleVerdict.RATE else self.circuit.verdict
+        if parked_as is not None and self.circuit.state is not CircuitState.OPEN:
+            probe_at = self.circuit.open(parked_as)
+            logger.warning("broker.key_parked", key=self.name, verdict=verdict.value,
+                           probe_in_s=round(probe_at - self._clock.monotonic()))
+        return verdict
+
+    def pause_after_error(self, error: BaseException) -> None:
+        """The token endpoint failed: back off exponentially before the key sends again."""
+        self._auth_failures += 1
+        pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
+        self.limiter.pause_until(self._clock.monotonic() + pause)
+        self._paused_reason = f"token endpoint: {type(error).__name__}"
+        logger.warning("broker.token_fetch_failed", key=self.name, error=type(error).__name__,
+                       pause_s=pause)
+
+    def disable(self, code: str, message: str, remedy: str, *,
+                marketplace: str | None = None) -> bool:
+        """Take the key (or the key in one marketplace) out of rotation; True if newly done."""
+        failure = KeyUnusableError(self.name, code, message, remedy)
+        if marketplace is None:
+            if self._disabled is not None:
+                return False
+            self._disabled = failure
+            return True
+        if marketplace in self._disabled_markets:
+            return False
+        self._disabled_markets[marketplace] = failure
+        return True
+
+    # -- introspection ------------------------------------------------------------------------
+
+    @property
+    def health(self) -> KeyHealth:
+        """The key's state now."""
+        if self._disabled is not None:
+            return KeyHealth.DISABLED
+        if self.circuit.verdict is not None:
+            return KeyHealth.PARKED
+        if self._paused_reason is not None:
+            return KeyHealth.PAUSED
+        return KeyHealth.ACTIVE
+
+    def snapshot(self) -> KeySnapshot:
+        """The key's counters and state as a value."""
+        reason: str | None = None
+        until: str | None = None
+        health = self.health
+        if health is KeyHealth.DISABLED and self._disabled is not None:
+            reason = f"{self._disabled.code}: {self._disabled.remedy}"
+        elif health is KeyHealth.PARKED and self.circuit.verdict is not None:
+            reason = self.circuit.verdict.value
+        elif self.limiter.exhausted:
+            reason = "waiting for daily quota"
+            until = self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ")
+        elif health is KeyHealth.PAUSED:
+            reason = self._paused_reason
+        return KeySnapshot(
+            name=self.name, state=health.value, rate=self.limiter.rate,
+            configured_tps=self.config.tps, in_flight=self._in_flight, sent=self.sent,
+            throttled=self.throttled, errors=self.errors, daily_spent=self.limiter.spent,
+            daily_limit=self.config.tpd, daily_resets_at=(
+                self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ")
+                if self.config.tpd else None),
+            reason=reason, until=until,
+        )
+
+    def __repr__(self) -> str:
+        return f"KeyState({self.name!r}, {self.health.value}, rate={self.limiter.rate:.3g}/s)"

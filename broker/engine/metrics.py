@@ -1,0 +1,111 @@
+"""Counters the engine keeps while it runs, and the frozen snapshots it hands out.
+
+The daemon renders snapshots as Prometheus text and progress lines; benchmarks read them.
+Counting is plain integer arithmetic on the hot path; snapshots are taken on demand.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["LATENCY_BUCKETS_S", "EngineMetrics", "KeySnapshot", "MetricsSnapshot"]
+
+#: Upper bounds of the request-latency histogram, seconds (Prometheus ``le`` labels).
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    """One key's state at a moment."""
+
+    name: str
+    state: str
+    rate: float
+    configured_tps: float
+    in_flight: int
+    sent: int
+    throttled: int
+    errors: int
+    daily_spent: int
+    daily_limit: int | None
+    daily_resets_at: str | None
+    #: why the key is parked or out of rotation, and until when (ISO UTC), if it is
+    reason: str | None = None
+    until: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """The engine's counters at a moment."""
+
+    requests: int
+    responses_by_status: Mapping[int, int]
+    throttled: int
+    retries: int
+    transport_errors: int
+    items_by_status: Mapping[str, int]
+    latency_buckets: tuple[int, ...]
+    latency_sum_s: float
+    latency_count: int
+    queued_batches: int
+    outstanding_lookups: int
+    keys: tuple[KeySnapshot, ...] = field(default=())
+
+
+class EngineMetrics:
+    """Mutable counters owned by one broker."""
+
+    __slots__ = (
+        "items_by_status",
+        "latency_buckets",
+        "latency_count",
+        "latency_sum_s",
+        "requests",
+        "responses_by_status",
+        "retries",
+        "throttled",
+        "transport_errors",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.responses_by_status: dict[int, int] = {}
+        self.throttled = 0
+        self.retries = 0
+        self.transport_errors = 0
+        self.items_by_status: dict[str, int] = {}
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.latency_sum_s = 0.0
+        self.latency_count = 0
+
+    def record_response(self, status: int, elapsed_s: float) -> None:
+        """Count one response and its latency."""
+        self.responses_by_status[status] = self.responses_by_status.get(status, 0) + 1
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_S, elapsed_s)] += 1
+        self.latency_sum_s += elapsed_s
+        self.latency_count += 1
+
+    def record_item(self, status: str) -> None:
+        """Count one finished lookup by status."""
+        self.items_by_status[status] = self.items_by_status.get(status, 0) + 1
+
+    def snapshot(
+        self, *, queued_batches: int, outstanding_lookups: int, keys: tuple[KeySnapshot, ...]
+    ) -> MetricsSnapshot:
+        """Return the counters as a frozen value."""
+        return MetricsSnapshot(
+            requests=self.requests,
+            responses_by_status=dict(self.responses_by_status),
+            throttled=self.throttled,
+            retries=self.retries,
+            transport_errors=self.transport_errors,
+            items_by_status=dict(self.items_by_status),
+            latency_buckets=tuple(self.latency_buckets),
+            latency_sum_s=self.latency_sum_s,
+            latency_count=self.latency_count,
+            queued_batches=queued_batches,
+            outstanding_lookups=outstanding_lookups,
+            keys=keys,
+        )

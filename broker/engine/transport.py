@@ -1,0 +1,177 @@
+"""The HTTP transport: one aiohttp session, explicit timeouts, a capped body read.
+
+It sends an already-authorized :class:`~broker.api.base.HttpRequest` and returns the
+whole response as a :class:`~broker.api.base.RawResponse`; parsing happens elsewhere.
+Every aiohttp, socket and timeout exception becomes a
+:class:`~broker.errors.TransportError` in one place (:func:`_mapped_errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
+
+import aiohttp
+
+from broker.api.base import HttpRequest, RawResponse
+from broker.errors import BodyTooLarge, ConnectError, RequestTimeout, TransportError
+
+__all__ = ["AiohttpTransport", "MockTransport", "Transport"]
+
+
+class Transport(Protocol):
+    """Protocol: sends one request and returns the whole response.
+
+    ``send`` raises only :class:`~broker.errors.TransportError` subclasses; any HTTP
+    status (including 4xx/5xx) is a normal response.
+    """
+
+    async def send(self, request: HttpRequest) -> RawResponse: ...
+
+
+class _State(enum.Enum):
+    #: created, session not opened yet
+    UNOPENED = 1
+    #: inside ``async with``: sending is allowed
+    OPEN = 2
+    #: closed; cannot be reopened
+    CLOSED = 3
+
+
+@contextlib.contextmanager
+def _mapped_errors(request: HttpRequest) -> Iterator[None]:
+    """Translate foreign exceptions into the broker's transport errors, without header values."""
+    where = f"{request.method} {request.url}"
+    try:
+        yield
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise RequestTimeout(f"{where}: timed out") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise ConnectError(f"{where}: response body incomplete ({type(exc).__name__})") from exc
+    except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+        raise ConnectError(f"{where}: connection failed ({type(exc).__name__}: {exc})") from exc
+    except aiohttp.ClientError as exc:
+        raise TransportError(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+class AiohttpTransport:
+    """The real transport: one ``aiohttp.ClientSession`` for the transport's whole life.
+
+    Create it, then ``async with transport:``; the session is created inside the running
+    loop and closed on exit. Reuse after close raises ``RuntimeError``.
+    """
+
+    __slots__ = (
+        "_connect_timeout_s",
+        "_max_body_bytes",
+        "_max_connections",
+        "_session",
+        "_state",
+        "_timeout_s",
+    )
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        max_body_bytes: int = 8 * 1024 * 1024,
+        max_connections: int = 64,
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._max_body_bytes = max_body_bytes
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._state = _State.UNOPENED
+
+    async def __aenter__(self) -> AiohttpTransport:
+        if self._state is not _State.UNOPENED:
+            raise RuntimeError("a transport can be opened only once")
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=self._max_connections,
+            ttl_dns_cache=300,
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=self._timeout_s,
+            connect=self._connect_timeout_s,
+            sock_read=self._timeout_s,
+        )
+        # auto_decompress stays on; skip_auto_headers keeps the bytes we sign as they are.
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            raise_for_status=False,
+            skip_auto_headers=("Content-Type",),
+        )
+        self._state = _State.OPEN
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._state = _State.CLOSED
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, request: HttpRequest) -> RawResponse:
+        """Send ``request`` and read the whole body (at most ``max_body_bytes``)."""
+        if self._state is not _State.OPEN or self._session is None:
+            raise RuntimeError("transport is not open (use 'async with')")
+        started = time.perf_counter()
+        with _mapped_errors(request):
+            async with self._session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                allow_redirects=False,
+            ) as response:
+                declared = response.content_length
+                if declared is not None and declared > self._max_body_bytes:
+                    raise BodyTooLarge(
+                        f"{request.method} {request.url}: body of {declared} bytes is over "
+                        f"the {self._max_body_bytes}-byte cap"
+                    )
+                body = await response.content.read(self._max_body_bytes + 1)
+                if len(body) > self._max_body_bytes:
+                    raise BodyTooLarge(
+                        f"{request.method} {request.url}: body over the "
+                        f"{self._max_body_bytes}-byte cap"
+                    )
+                # A short read means the server closed early; read() returns what it had.
+                while not response.content.at_eof():
+                    more = await response.content.read(self._max_body_bytes + 1 - len(body))
+                    if not more:
+                        break
+                    body += more
+                    if len(body) > self._max_body_bytes:
+                        raise BodyTooLarge(
+                            f"{request.method} {request.url}: body over the "
+                            f"{self._max_body_bytes}-byte cap"
+                        )
+                headers = {k.lower(): v for k, v in response.headers.items()}
+                return RawResponse(response.status, headers, body, time.perf_counter() - started)
+
+    def __repr__(self) -> str:
+        return f"AiohttpTransport(state={self._state.name}, timeout_s={self._timeout_s})"
+
+
+class MockTransport:
+    """A transport that calls ``handler(request)`` instead of the network (for unit tests)."""
+
+    __slots__ = ("_handler", "requests")
+
+    def __init__(self, handler: Callable[[HttpRequest], Awaitable[RawResponse]]) -> None:
+        self._handler = handler
+        self.requests: list[HttpRequest] = []
+
+    async def send(self, request: HttpRequest) -> RawResponse:
+        """Record the request and return the handler's response."""
+        self.requests.append(request)
+        await asyncio.sleep(0)
+        return await self._handler(request)

@@ -1,0 +1,79 @@
+"""structlog set-up for the command line only: console on a terminal, JSON lines otherwise.
+
+The library never configures logging. Every event passes through :func:`redact`, which
+masks values under secret-looking keys and bearer tokens or SigV4 signatures wherever
+they appear, and tracebacks never carry local variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = ["configure_logging", "redact"]
+
+_SECRET_KEY = re.compile(
+    r"secret|token|authorization|password|credential_secret|signature", re.IGNORECASE
+)
+_SECRET_VALUE = re.compile(
+    r"(Bearer\s+)[^\s,\"']+|(Signature=)[0-9a-fA-F]{16,}|(client_secret=)[^&\s\"']+",
+)
+
+
+def _mask(value: object) -> object:
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "***", value)
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET_KEY.search(str(k)) else _mask(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v) for v in value]
+    return value
+
+
+def redact(
+    _logger: object, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: mask secrets by key name and by value pattern, at any depth."""
+    for key in list(event):
+        if _SECRET_KEY.search(key):
+            event[key] = "***"
+        else:
+            event[key] = _mask(event[key])
+    return event
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None
+) -> None:
+    """Configure structlog for the CLI: level, and console or JSON rendering on ``stream``."""
+    out = stream or sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    renderer: Any
+    if use_console:
+        renderer = structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.plain_traceback,
+        )
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact,
+            # Plain text tracebacks: the dict/rich formatters would print local variables.
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            getattr(logging, level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
