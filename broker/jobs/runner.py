@@ -140,7 +140,8 @@ async def run_job(
             pending=counts.pending,
         )
         sink = open_sink(options.format, options.out)
-        sink.open(ledger.sink_state("out"))
+        # The sink may cut itself back further than recorded (a hand-truncated file).
+        ledger.set_sink_state("out", sink.open(ledger.sink_state("out")))
         try:
             _emit(ledger, sink)
             if ledger.pending_lookup_count():
