@@ -47,6 +47,20 @@ def redact(
     return event
 
 
+class _StreamFactory:
+    """Loggers that write to ``stream``, or to whatever ``sys.stderr`` is at each call.
+
+    Resolving stderr late keeps logging working when the stream is replaced (tests, daemons
+    that redirect), instead of writing to a closed file.
+    """
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+
+    def __call__(self, *args: object) -> structlog.PrintLogger:
+        return structlog.PrintLogger(self._stream or sys.stderr)
+
+
 def configure_logging(
     level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None
 ) -> None:
@@ -74,6 +88,6 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=_StreamFactory(stream),
         cache_logger_on_first_use=False,
     )

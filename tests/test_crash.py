@@ -27,11 +27,18 @@ _SIM = {
     "seed": 11,
     "missing_share": 0.02,
     "faults": {"error_503": 0.02, "reset": 0.02, "truncated": 0.02},
-    "accounts": [{
-        "name": "crash", "protocol": "creators", "credential_id": "crash-id",
-        "secret": "crash-secret", "version": "3.1",
-        "partner_tags": {"www.amazon.com": "crash-20"}, "tps": 200.0, "tpd": 10_000_000,
-    }],
+    "accounts": [
+        {
+            "name": "crash",
+            "protocol": "creators",
+            "credential_id": "crash-id",
+            "secret": "crash-secret",
+            "version": "3.1",
+            "partner_tags": {"www.amazon.com": "crash-20"},
+            "tps": 200.0,
+            "tpd": 10_000_000,
+        }
+    ],
 }
 
 _CONFIG = """\
@@ -90,10 +97,23 @@ def _job(tmp_path: Path, rows: int, seed: int) -> tuple[Path, list[str]]:
 def _run(tmp_path: Path, job: Path, *, capture: bool = False) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASINB_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "broker", "run", str(job), "--config", str(tmp_path / "c.toml"),
-         "--out", str(tmp_path / "out.jsonl"), "--progress", "none"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if capture else subprocess.DEVNULL,
-        env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "run",
+            str(job),
+            "--config",
+            str(tmp_path / "c.toml"),
+            "--out",
+            str(tmp_path / "out.jsonl"),
+            "--progress",
+            "none",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if capture else subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
     )
 
 
@@ -129,8 +149,9 @@ def _check_output(out: Path, lines: list[str]) -> None:
         if row["status"] == "invalid":
             assert len(raw) != 10
             continue
-        expected = render_item(settings, "www.amazon.com", raw, resources=resources,
-                               partner_tag="crash-20")
+        expected = render_item(
+            settings, "www.amazon.com", raw, resources=resources, partner_tag="crash-20"
+        )
         if expected is None:
             assert row["status"] == "not_found", row
         else:

@@ -1,0 +1,284 @@
+"""``broker run`` end to end through ``cli.main`` against the embedded simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker import cli
+from broker.config import parse_config
+from broker.jobs.runner import ExitCode, JobOptions, run_job
+
+_KEY = """
+[[keys]]
+name = "demo"
+credential_id = "demo-id"
+version = "3.1"
+partner_tags = { "www.amazon.com" = "demo-20" }
+tps = 50.0
+tpd = 0
+"""
+
+_SIM = """
+[simulator]
+seed = 3
+missing_share = 0.1
+
+[[simulator.accounts]]
+name = "demo"
+protocol = "creators"
+credential_id = "demo-id"
+secret = "demo-secret"
+version = "3.1"
+partner_tags = { "www.amazon.com" = "demo-20" }
+tps = 100.0
+tpd = 1000000
+"""
+
+
+def _config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[api]\nendpoint = "simulator"\n' + _KEY + extra + '\n[log]\nformat = "json"\n' + _SIM
+    )
+    return path
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _main(tmp_path: Path, *args: str) -> int:
+    return cli.main(["run", *args, "--config", str(_config(tmp_path)), "--progress", "none"])
+
+
+@pytest.fixture(autouse=True)
+def _no_env_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ASINB_DEMO_SECRET", raising=False)
+
+
+class TestFormats:
+    def test_text_job_gives_one_row_per_input_row(self, tmp_path: Path) -> None:
+        """A text job with comments, a URL, a duplicate and a bad id yields one row per input row."""
+        job = tmp_path / "job.txt"
+        job.write_text(
+            "# header\nB0AAAAAAA1\nhttps://www.amazon.com/dp/B0AAAAAAA2\n"
+            "B0AAAAAAA1\nnot-an-asin\n\nb0aaaaaaa3  # lower case\n"
+        )
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
+        rows = sorted(_rows(out), key=lambda r: r["line"])  # type: ignore[arg-type, return-value]
+        assert [r["line"] for r in rows] == [2, 3, 4, 5, 7]
+        assert rows[3]["status"] == "invalid"
+        assert rows[0]["asin"] == rows[2]["asin"] == "B0AAAAAAA1"
+        assert rows[0]["item"] == rows[2]["item"]
+        assert rows[4]["asin"] == "B0AAAAAAA3"
+        assert all(r["status"] in ("ok", "not_found") for r in rows if r["line"] != 5)
+        report = _rows(tmp_path / "out.jsonl.invalid.jsonl")
+        assert [r["line"] for r in report] == [5]
+
+    def test_csv_job_passes_other_columns_through(self, tmp_path: Path) -> None:
+        """A CSV job with a BOM, CRLF and extra columns keeps the columns in the output."""
+        job = tmp_path / "job.csv"
+        job.write_bytes("\ufeffsku,ASIN\r\nx1,B0CCCCCCC1\r\nx2,B0CCCCCCC2\r\n".encode())
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
+        rows = sorted(_rows(out), key=lambda r: r["line"])  # type: ignore[arg-type, return-value]
+        assert [r["extra"] for r in rows] == [{"sku": "x1"}, {"sku": "x2"}]
+
+    def test_gzipped_jsonl_job_to_csv_output(self, tmp_path: Path) -> None:
+        """A gzipped JSON Lines job written as CSV has the documented header and one row each."""
+        job = tmp_path / "job.jsonl.gz"
+        with gzip.open(job, "wt") as handle:
+            handle.write('{"asin": "B0JJJJJJJ1"}\n{"asin": "B0JJJJJJJ2"}\n{broken\n')
+        out = tmp_path / "out.csv"
+        assert _main(tmp_path, str(job), "--out", str(out), "--format", "csv") == ExitCode.OK
+        with out.open(newline="") as handle:
+            table = list(csv.reader(handle))
+        assert table[0][:5] == ["line", "input", "asin", "marketplace", "status"]
+        assert sorted(row[0] for row in table[1:]) == ["1", "2", "3"]
+
+    def test_sqlite_output(self, tmp_path: Path) -> None:
+        """The SQLite output has one results row per input row."""
+        import sqlite3
+
+        job = tmp_path / "job.txt"
+        job.write_text("B0SSSSSSS1\nB0SSSSSSS2\n")
+        out = tmp_path / "out.sqlite"
+        assert _main(tmp_path, str(job), "--out", str(out), "--format", "sqlite") == 0
+        with sqlite3.connect(out) as conn:
+            assert conn.execute("SELECT count(*) FROM results").fetchone() == (2,)
+
+
+class TestResume:
+    def test_second_run_fetches_nothing(self, tmp_path: Path) -> None:
+        """Running the same job again resumes: no row is fetched or written twice."""
+        job = tmp_path / "job.txt"
+        job.write_text("\n".join(f"B0RRRRRR{i:02d}" for i in range(30)) + "\n")
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out)) == 0
+        before = out.read_bytes()
+        assert _main(tmp_path, str(job), "--out", str(out)) == 0
+        assert out.read_bytes() == before
+
+    def test_changed_input_is_refused_unless_new_job(self, tmp_path: Path) -> None:
+        """An input edited since the job started is refused (65) unless --new-job."""
+        job = tmp_path / "job.txt"
+        job.write_text("B0CHCHCH01\n")
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out)) == 0
+        job.write_text("B0CHCHCH01\nB0CHCHCH02\n")
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.DATA_ERROR
+        assert _main(tmp_path, str(job), "--out", str(out), "--new-job") == 0
+        assert len(_rows(out)) == 2
+
+    def test_strict_refuses_before_any_call(self, tmp_path: Path) -> None:
+        """--strict refuses a file with an invalid row and writes nothing."""
+        job = tmp_path / "job.txt"
+        job.write_text("B0STSTST01\nnope\n")
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out), "--strict") == ExitCode.DATA_ERROR
+        assert not out.exists()
+
+    def test_missing_input(self, tmp_path: Path) -> None:
+        """A missing job file exits 66."""
+        assert _main(tmp_path, str(tmp_path / "nope.txt")) == ExitCode.NO_INPUT
+
+    def test_second_process_is_refused(self, tmp_path: Path) -> None:
+        """A second process on the same job is refused and told the holder's PID."""
+        from broker.jobs.lock import JobLock
+
+        job = tmp_path / "job.txt"
+        job.write_text("B0LOLOLO01\n")
+        out = tmp_path / "out.jsonl"
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys,time; from pathlib import Path; from broker.jobs.lock import JobLock;"
+                f"JobLock(Path({str(out) + '.ledger'!r})).acquire(); print('held', flush=True);"
+                "time.sleep(30)",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == b"held"
+            assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.DATA_ERROR
+        finally:
+            holder.kill()
+            holder.wait()
+            if holder.stdout is not None:
+                holder.stdout.close()
+        assert JobLock  # the lock module is the one the runner uses
+
+
+class TestKeysAndSignals:
+    def test_bad_credentials_stop_with_77_and_leave_rows_pending(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A key with a wrong secret stops the job (77) naming the key; rows stay pending."""
+        monkeypatch.setenv("ASINB_BAD", "wrong-secret")
+        config = tmp_path / "bad.toml"
+        config.write_text(
+            '[api]\nendpoint = "simulator"\n'
+            + _KEY.replace(
+                'version = "3.1"', 'version = "3.1"\ncredential_secret_env = "ASINB_BAD"'
+            )
+            + _SIM
+        )
+        job = tmp_path / "job.txt"
+        job.write_text("B0BCBCBC01\nB0BCBCBC02\n")
+        out = tmp_path / "out.jsonl"
+        code = cli.main(
+            ["run", str(job), "--config", str(config), "--out", str(out), "--progress", "none"]
+        )
+        assert code == ExitCode.NO_PERMISSION
+        err = capsys.readouterr().err
+        assert "demo" in err and "invalid_client" in err
+        assert "wrong-secret" not in err
+
+    async def test_tpd_spent_waits_instead_of_failing(self, tmp_path: Path) -> None:
+        """With the daily budget spent the job waits (rows stay pending), it does not fail rows."""
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [
+                {
+                    "name": "demo",
+                    "credential_id": "demo-id",
+                    "version": "3.1",
+                    "partner_tags": {"www.amazon.com": "demo-20"},
+                    "tps": 50.0,
+                    "tpd": 2,
+                }
+            ],
+        }
+        config = parse_config(document, environ={})
+        job = tmp_path / "job.txt"
+        job.write_text("\n".join(f"B0TPTPTP{i:02d}" for i in range(40)) + "\n")
+        options = JobOptions(
+            job=job, out=tmp_path / "out.jsonl", progress="none", handle_signals=False
+        )
+        task = asyncio.get_running_loop().create_task(run_job(config, options))
+        await asyncio.sleep(3.0)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        rows = _rows(tmp_path / "out.jsonl")
+        assert 0 < len(rows) <= 20
+        assert all(r["status"] in ("ok", "not_found") for r in rows)
+
+    def test_sigterm_drains_and_exits_resumable(self, tmp_path: Path) -> None:
+        """SIGTERM mid-job exits 75 with the finished rows written; a rerun completes the job."""
+        config = tmp_path / "slow.toml"
+        config.write_text(
+            '[api]\nendpoint = "simulator"\n'
+            + _KEY.replace("tps = 50.0", "tps = 2.0")
+            + '\n[log]\nformat = "json"\n'
+        )
+        job = tmp_path / "job.txt"
+        job.write_text("\n".join(f"B0SGSGSG{i:02d}" for i in range(60)) + "\n")
+        out = tmp_path / "out.jsonl"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASINB_")}
+        argv = [
+            sys.executable,
+            "-m",
+            "broker",
+            "run",
+            str(job),
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--progress",
+            "none",
+        ]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(3.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == ExitCode.RESUMABLE
+        partial = _rows(out)
+        assert 0 < len(partial) < 60
+        config.write_text(config.read_text().replace("tps = 2.0", "tps = 5.0"))
+        done = subprocess.run(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0
+        rows = _rows(out)
+        assert sorted(r["line"] for r in rows) == list(range(1, 61))  # type: ignore[type-var]
