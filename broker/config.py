@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
+from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import ConfigError
 from broker.models import Protocol, Secret
 from broker.simulator.settings import SimulatorSettings
@@ -289,7 +290,7 @@ class _Table:
         if value is None:
             return []
         if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-            raise ConfigError(self._key(name), "must be an array of tables ([[{name}]])")
+            raise ConfigError(self._key(name), f"must be an array of tables ([[{name}]])")
         return [_Table(v, f"{self._key(name)}[{i}]") for i, v in enumerate(value)]
 
     def text(self, name: str, default: str | None = None, *, required: bool = False) -> str:
@@ -395,7 +396,7 @@ def _parse_api(table: _Table) -> ApiConfig:
     resources = table.str_list("resources", DEFAULT_RESOURCES)
     if len(resources) > 100:
         raise ConfigError("api.resources", "Amazon accepts at most 100 resources")
-    marketplace = table.text("marketplace", "www.amazon.com")
+    marketplace = _marketplace(table.text("marketplace", "www.amazon.com"), "api.marketplace")
     table.finish()
     return ApiConfig(
         protocol,
@@ -404,6 +405,14 @@ def _parse_api(table: _Table) -> ApiConfig:
         resources,
         token_endpoint.rstrip("/") if token_endpoint else None,
     )
+
+
+def _marketplace(name: str, path: str) -> str:
+    """The canonical name (``www.amazon.de``) of a marketplace given as name, domain or code."""
+    try:
+        return lookup_marketplace(name).name
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
 
 
 def _check_url(url: str, path: str) -> None:
@@ -480,7 +489,10 @@ def _parse_key(
                 f"unsupported version {version!r}; expected "
                 "one of " + ", ".join(sorted(_CREATORS_VERSIONS)),
             )
-    tags = table.str_map("partner_tags")
+    tags = {
+        _marketplace(market, f"{path}.partner_tags.{market}"): tag
+        for market, tag in table.str_map("partner_tags").items()
+    }
     if not tags:
         raise ConfigError(
             f"{path}.partner_tags",

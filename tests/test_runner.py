@@ -69,7 +69,7 @@ def _no_env_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class TestFormats:
     def test_text_job_gives_one_row_per_input_row(self, tmp_path: Path) -> None:
-        """A text job with comments, a URL, a duplicate and a bad id yields one row per input row."""
+        """Comments, a URL, a duplicate and a bad id: one output row per input row."""
         job = tmp_path / "job.txt"
         job.write_text(
             "# header\nB0AAAAAAA1\nhttps://www.amazon.com/dp/B0AAAAAAA2\n"
@@ -205,7 +205,8 @@ class TestKeysAndSignals:
         )
         assert code == ExitCode.NO_PERMISSION
         err = capsys.readouterr().err
-        assert "demo" in err and "invalid_client" in err
+        assert "demo" in err
+        assert "invalid_client" in err
         assert "wrong-secret" not in err
 
     async def test_tpd_spent_waits_instead_of_failing(self, tmp_path: Path) -> None:

@@ -13,14 +13,16 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from broker.api.base import HttpRequest, RawResponse
 from broker.api.oauth import CreatorsTokenCache
 from broker.api.sigv4 import SigV4Signer
-from broker.clock import Clock
-from broker.errors import ApiError
-from broker.models import Secret
+
+if TYPE_CHECKING:
+    from broker.api.base import HttpRequest, RawResponse
+    from broker.clock import Clock
+    from broker.errors import ApiError
+    from broker.models import Secret
 
 __all__ = ["Authorizer", "BearerAuthorizer", "SigV4Authorizer"]
 

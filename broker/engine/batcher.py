@@ -18,10 +18,12 @@ import collections
 import itertools
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from broker.api.base import Operation
-from broker.clock import Clock
-from broker.models import ItemResult
+if TYPE_CHECKING:
+    from broker.api.base import Operation
+    from broker.clock import Clock
+    from broker.models import ItemResult
 
 __all__ = ["Batch", "Batcher", "Lookup", "WorkQueue"]
 
@@ -44,6 +46,8 @@ class Lookup:
     missing: int = 0
     #: attempts answered with 429; they never count toward failing the lookup
     throttles: int = 0
+    #: callers still waiting for the answer; the last one to give up cancels the lookup
+    waiters: int = 1
 
     @property
     def group(self) -> tuple[str, tuple[str, ...]]:

@@ -10,13 +10,15 @@ dispatched to the key that can send soonest.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import os
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -32,11 +34,13 @@ from broker.engine.batcher import Batch, Batcher, Lookup, WorkQueue
 from broker.engine.executor import Executor
 from broker.engine.keys import KeyState
 from broker.engine.metrics import EngineMetrics, MetricsSnapshot
-from broker.engine.quota import BudgetStore
 from broker.engine.retry import RetryPolicy
 from broker.engine.transport import AiohttpTransport, Transport
 from broker.errors import ConfigError, describe
 from broker.models import ErrorDetail, ItemResult, Protocol, Secret, Status
+
+if TYPE_CHECKING:
+    from broker.engine.quota import BudgetStore
 
 __all__ = ["Broker", "Query"]
 
@@ -95,6 +99,8 @@ class Broker:
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inflight: dict[tuple[str, str, tuple[str, ...]], Lookup] = {}
+        #: pending SearchItems / GetVariations / GetBrowseNodes answers
+        self._ops: set[asyncio.Future[Mapping[str, object]]] = set()
         self._capacity: asyncio.Semaphore | None = None
         self._metrics = EngineMetrics()
         self._keys: list[KeyState] = []
@@ -105,8 +111,11 @@ class Broker:
 
     @classmethod
     def from_config(
-        cls, path: str | os.PathLike[str] = "config.toml", *,
-        environ: Mapping[str, str] | None = None, **kwargs: Any,
+        cls,
+        path: str | os.PathLike[str] = "config.toml",
+        *,
+        environ: Mapping[str, str] | None = None,
+        **kwargs: Any,
     ) -> Broker:
         """Build a broker from a config file (secrets from ``environ``, default os.environ)."""
         return cls(load_config(path, environ=environ), **kwargs)
@@ -124,8 +133,12 @@ class Broker:
             await stack.aclose()
             raise
         self._stack = stack
-        logger.info("broker.started", keys=[k.name for k in self._keys],
-                    protocol=self.config.api.protocol.value, endpoint=self._endpoint_label())
+        logger.info(
+            "broker.started",
+            keys=[k.name for k in self._keys],
+            protocol=self.config.api.protocol.value,
+            endpoint=self._endpoint_label(),
+        )
         return self
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
@@ -142,10 +155,14 @@ class Broker:
         transport = self._given_transport
         if transport is None:
             engine = config.engine
-            transport = await stack.enter_async_context(AiohttpTransport(
-                timeout_s=engine.request_timeout_s, connect_timeout_s=engine.connect_timeout_s,
-                max_body_bytes=engine.max_body_bytes, max_connections=engine.max_connections,
-            ))
+            transport = await stack.enter_async_context(
+                AiohttpTransport(
+                    timeout_s=engine.request_timeout_s,
+                    connect_timeout_s=engine.connect_timeout_s,
+                    max_body_bytes=engine.max_body_bytes,
+                    max_connections=engine.max_connections,
+                )
+            )
         dialect: Dialect
         if config.api.protocol is Protocol.CREATORS:
             dialect = CreatorsDialect(base_url) if base_url else CreatorsDialect()
@@ -155,58 +172,86 @@ class Broker:
         self._work = WorkQueue()
         self._keys = [
             KeyState.from_config(
-                key, self._authorizer(key, transport, token_base), config=config,
-                clock=self._clock, rng=self._rng, budget_store=self._budget_store,
+                key,
+                self._authorizer(key, transport, token_base),
+                config=config,
+                clock=self._clock,
+                rng=self._rng,
+                budget_store=self._budget_store,
             )
             for key in config.keys
         ]
         retry = config.retry
         policy = RetryPolicy(
-            max_attempts=retry.max_attempts, max_age_s=retry.max_age_s,
-            base_delay_s=retry.base_delay_s, max_delay_s=retry.max_delay_s,
-            retry_after_cap_s=config.rate.retry_after_cap_s, random=self._rng.random,
+            max_attempts=retry.max_attempts,
+            max_age_s=retry.max_age_s,
+            base_delay_s=retry.base_delay_s,
+            max_delay_s=retry.max_delay_s,
+            retry_after_cap_s=config.rate.retry_after_cap_s,
+            random=self._rng.random,
         )
         self._executor = Executor(
-            dialect=dialect, transport=transport, work=self._work, keys=self._keys,
-            policy=policy, clock=self._clock, metrics=self._metrics, spawn=self._spawn,
+            dialect=dialect,
+            transport=transport,
+            work=self._work,
+            keys=self._keys,
+            policy=policy,
+            clock=self._clock,
+            metrics=self._metrics,
+            spawn=self._spawn,
         )
-        self._batcher = Batcher(self._work, clock=self._clock,
-                                batch_size=config.engine.batch_size,
-                                linger_s=config.engine.linger_s)
+        self._batcher = Batcher(
+            self._work,
+            clock=self._clock,
+            batch_size=config.engine.batch_size,
+            linger_s=config.engine.linger_s,
+        )
         self._capacity = asyncio.Semaphore(config.engine.queue_size)
         self._spawn(self._batcher.run())
         for key in self._keys:
             self._spawn(self._dispatch(key))
 
-    def _authorizer(self, key: KeyConfig, transport: Transport,
-                    token_base: str | None) -> Authorizer:
+    def _authorizer(
+        self, key: KeyConfig, transport: Transport, token_base: str | None
+    ) -> Authorizer:
         secret = key.secret or self._simulator_secret(key)
         if self.config.api.protocol is Protocol.PAAPI5:
             return SigV4Authorizer(key.credential_id, secret, clock=self._clock)
         assert key.version is not None  # checked by the config loader
         url = token_url(key.version, token_base)
-        return BearerAuthorizer(key.credential_id, secret, key.version, token_url=url,
-                                send=transport.send, clock=self._clock)
+        return BearerAuthorizer(
+            key.credential_id,
+            secret,
+            key.version,
+            token_url=url,
+            send=transport.send,
+            clock=self._clock,
+        )
 
     def _simulator_secret(self, key: KeyConfig) -> Secret:
         """The embedded simulator's own secret for a key whose secret env var is unset."""
         from broker.simulator.accounts import simulator_secret
 
-        value = simulator_secret(self.config.api.protocol.value, key.credential_id,
-                                 self.config.simulator)
+        value = simulator_secret(
+            self.config.api.protocol.value, key.credential_id, self.config.simulator
+        )
         if value is None:
             raise ConfigError(
                 f"keys.{key.name}",
-                f"no secret for credential {key.credential_id!r}: set {key.secret_source or 'credential_secret_env'} "
-                "or add the account to [simulator]",
+                f"no secret for credential {key.credential_id!r}: set "
+                f"{key.secret_source or 'credential_secret_env'} or add the account to [simulator]",
             )
         return Secret(value)
 
     def _endpoint_label(self) -> str:
         return self.simulator_url or self.config.api.endpoint
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -221,6 +266,9 @@ class Broker:
             if not lookup.future.done():
                 lookup.future.cancel()
         self._inflight.clear()
+        for future in list(self._ops):
+            future.cancel()
+        self._ops.clear()
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
@@ -239,7 +287,8 @@ class Broker:
 
     async def _dispatch(self, key: KeyState) -> None:
         """One key's loop: wait for a slot, take the oldest batch it can serve, send it."""
-        assert self._work is not None and self._executor is not None
+        assert self._work is not None
+        assert self._executor is not None
         work = self._work
         executor = self._executor
         while True:
@@ -263,8 +312,9 @@ class Broker:
                 raise
             self._spawn(self._send(key, batch, sent_at, demand_limited))
 
-    async def _send(self, key: KeyState, batch: Batch, sent_at: float,
-                    demand_limited: bool) -> None:
+    async def _send(
+        self, key: KeyState, batch: Batch, sent_at: float, demand_limited: bool
+    ) -> None:
         assert self._executor is not None
         try:
             with structlog.contextvars.bound_contextvars(key=key.name, batch_id=batch.batch_id):
@@ -278,20 +328,30 @@ class Broker:
         if self._stack is None or self._batcher is None or self._executor is None:
             raise RuntimeError("use 'async with Broker(...)' before looking anything up")
 
-    def _query(self, item: _Input, marketplace: str | None,
-               resources: Sequence[str] | None) -> Query:
+    def _query(
+        self, item: _Input, marketplace: str | None, resources: Sequence[str] | None
+    ) -> Query:
         if isinstance(item, Query):
-            return Query(item.asin, item.marketplace or marketplace,
-                         item.resources if item.resources is not None else
-                         (tuple(resources) if resources is not None else None))
+            return Query(
+                item.asin,
+                item.marketplace or marketplace,
+                item.resources
+                if item.resources is not None
+                else (tuple(resources) if resources is not None else None),
+            )
         if not isinstance(item, str):
             raise TypeError(f"expected an ASIN string or a Query, got {type(item).__name__}")
         return Query(item, marketplace, tuple(resources) if resources is not None else None)
 
-    async def _submit(self, query: Query) -> asyncio.Future[ItemResult]:
-        """Admit one query (waiting for capacity) and return the future of its result."""
+    async def _submit(self, query: Query) -> tuple[asyncio.Future[ItemResult], Lookup | None]:
+        """Admit one query (waiting for capacity); return its result's future and lookup.
+
+        The lookup (None for an id that is invalid and never sent) is shared by every
+        caller who asks for it; each caller that gives up early must :meth:`_abandon` it.
+        """
         self._require_open()
-        assert self._capacity is not None and self._batcher is not None
+        assert self._capacity is not None
+        assert self._batcher is not None
         assert self._executor is not None
         loop = asyncio.get_running_loop()
         marketplace = query.marketplace or self.config.api.marketplace
@@ -300,27 +360,44 @@ class Broker:
         if verdict.asin is None:
             info = describe("InvalidAsin")
             future: asyncio.Future[ItemResult] = loop.create_future()
-            result = ItemResult(query.asin, marketplace, Status.INVALID,
-                                error=ErrorDetail(info.code, verdict.reason or "invalid ASIN",
-                                                  info.remedy))
+            result = ItemResult(
+                query.asin,
+                marketplace,
+                Status.INVALID,
+                error=ErrorDetail(info.code, verdict.reason or "invalid ASIN", info.remedy),
+            )
             self._metrics.record_item(result.status.value)
             future.set_result(result)
-            return future
+            return future, None
         self._executor.check_servable(marketplace)
         key = (marketplace, verdict.asin, tuple(resources))
         existing = self._inflight.get(key)
         if existing is not None:
-            return existing.future
+            existing.waiters += 1
+            return existing.future, existing
         await self._capacity.acquire()
         existing = self._inflight.get(key)
         if existing is not None:
             self._capacity.release()
-            return existing.future
+            existing.waiters += 1
+            return existing.future, existing
         lookup = Lookup(marketplace, verdict.asin, tuple(resources), loop.create_future())
         self._inflight[key] = lookup
         lookup.future.add_done_callback(lambda _f: self._finished(key))
         self._batcher.add(lookup)
-        return lookup.future
+        return lookup.future, lookup
+
+    @staticmethod
+    def _abandon(lookup: Lookup | None, count: int = 1) -> None:
+        """A caller stops waiting for ``lookup``; the last one to leave cancels it.
+
+        Cancelling a caller must not cancel a lookup another caller still waits for.
+        """
+        if lookup is None:
+            return
+        lookup.waiters -= count
+        if lookup.waiters <= 0 and not lookup.future.done():
+            lookup.future.cancel()
 
     def _finished(self, key: tuple[str, str, tuple[str, ...]]) -> None:
         self._inflight.pop(key, None)
@@ -328,7 +405,10 @@ class Broker:
             self._capacity.release()
 
     async def get_items(
-        self, asins: Iterable[_Input], *, marketplace: str | None = None,
+        self,
+        asins: Iterable[_Input],
+        *,
+        marketplace: str | None = None,
         resources: Sequence[str] | None = None,
     ) -> list[ItemResult]:
         """Look up any number of ASINs; return one result per distinct input, in input order.
@@ -336,37 +416,71 @@ class Broker:
         Raises:
             NoUsableKeyError: no key can serve the marketplace (every key disabled).
         """
-        futures: dict[tuple[str, str | None, tuple[str, ...] | None], asyncio.Future[ItemResult]]
-        futures = {}
-        for item in asins:
-            query = self._query(item, marketplace, resources)
-            ident = (query.asin.strip().upper(), query.marketplace, query.resources)
-            if ident not in futures:
-                futures[ident] = await self._submit(query)
-        self._flush()
-        return list(await asyncio.gather(*futures.values()))
+        held: dict[
+            tuple[str, str | None, tuple[str, ...] | None],
+            tuple[asyncio.Future[ItemResult], Lookup | None],
+        ] = {}
+        try:
+            for item in asins:
+                query = self._query(item, marketplace, resources)
+                ident = (query.asin.strip().upper(), query.marketplace, query.resources)
+                if ident not in held:
+                    held[ident] = await self._submit(query)
+            self._flush()
+            futures = [future for future, _ in held.values()]
+            if futures:
+                # Not gather(): cancelling this caller must not cancel shared lookups.
+                await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            for future in futures:
+                if future.done() and not future.cancelled():
+                    error = future.exception()
+                    if error is not None:
+                        # Shared by every caller of the lookup: do not stack their tracebacks.
+                        raise error.with_traceback(None)
+            return [future.result() for future in futures]
+        except BaseException:
+            for future, lookup in held.values():
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: asyncio must not log it as forgotten
+                self._abandon(lookup)
+            raise
 
-    async def get_item(self, asin: str, *, marketplace: str | None = None,
-                       resources: Sequence[str] | None = None) -> ItemResult:
+    async def get_item(
+        self, asin: str, *, marketplace: str | None = None, resources: Sequence[str] | None = None
+    ) -> ItemResult:
         """Look up one ASIN."""
         (result,) = await self.get_items([asin], marketplace=marketplace, resources=resources)
         return result
 
     async def stream(
-        self, asins: Iterable[_Input] | AsyncIterable[_Input], *,
-        marketplace: str | None = None, resources: Sequence[str] | None = None,
+        self,
+        asins: Iterable[_Input] | AsyncIterable[_Input],
+        *,
+        marketplace: str | None = None,
+        resources: Sequence[str] | None = None,
     ) -> AsyncIterator[ItemResult]:
         """Yield one result per input as results complete, holding at most ``queue_size``.
 
-        The input is consumed lazily: a producer admits items only as capacity frees up,
-        so memory stays bounded however long the input is.
+        The input is consumed lazily: a producer admits an item only when fewer than
+        ``queue_size`` of this stream's items are in flight or waiting to be yielded, so
+        memory stays bounded however long the input and however slow the consumer.
         """
         self._require_open()
         done: asyncio.Queue[ItemResult | BaseException | _Wake] = asyncio.Queue()
+        # Lookups submitted and not yet delivered, with how many inputs asked for each:
+        # released when the consumer stops early, so an abandoned stream holds nothing.
+        held: collections.Counter[Lookup] = collections.Counter()
+        # Admitted but not yet yielded: the producer waits here, so a slow consumer bounds
+        # the finished results buffered for it too, not only the lookups in flight.
+        window = asyncio.Semaphore(self.config.engine.queue_size)
         submitted = 0
         finished = False
 
-        def deliver(future: asyncio.Future[ItemResult]) -> None:
+        def deliver(lookup: Lookup | None, future: asyncio.Future[ItemResult]) -> None:
+            if lookup is not None:
+                held[lookup] -= 1
+                if held[lookup] <= 0:
+                    del held[lookup]
             if future.cancelled():
                 done.put_nowait(asyncio.CancelledError())
             elif future.exception() is not None:
@@ -378,9 +492,12 @@ class Broker:
             nonlocal submitted, finished
             try:
                 async for item in _aiter(asins):
-                    future = await self._submit(self._query(item, marketplace, resources))
+                    await window.acquire()
+                    future, lookup = await self._submit(self._query(item, marketplace, resources))
                     submitted += 1
-                    future.add_done_callback(deliver)
+                    if lookup is not None:
+                        held[lookup] += 1
+                    future.add_done_callback(functools.partial(deliver, lookup))
                 self._flush()
             except BaseException as exc:
                 done.put_nowait(exc)
@@ -399,45 +516,58 @@ class Broker:
                 if isinstance(item, BaseException):
                     raise item
                 yielded += 1
+                window.release()
                 yield item
         finally:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await producer
+            for lookup, count in list(held.items()):
+                self._abandon(lookup, count)
+            held.clear()
 
     def _flush(self) -> None:
         """End of a caller's input: send its partial batches now instead of lingering."""
         if self._batcher is not None:
             self._batcher.flush()
 
-    async def _operation(self, operation: Operation, params: Mapping[str, object],
-                         marketplace: str | None) -> Mapping[str, object]:
+    async def _operation(
+        self, operation: Operation, params: Mapping[str, object], marketplace: str | None
+    ) -> Mapping[str, object]:
         self._require_open()
-        assert self._work is not None and self._executor is not None
+        assert self._work is not None
+        assert self._executor is not None
         market = marketplace or self.config.api.marketplace
         self._executor.check_servable(market)
         future: asyncio.Future[Mapping[str, object]] = asyncio.get_running_loop().create_future()
+        self._ops.add(future)
+        future.add_done_callback(self._ops.discard)
         self._work.put(Batch(market, operation=operation, params=dict(params), op_future=future))
         return await future
 
-    async def search_items(self, *, marketplace: str | None = None,
-                           **params: object) -> Mapping[str, object]:
+    async def search_items(
+        self, *, marketplace: str | None = None, **params: object
+    ) -> Mapping[str, object]:
         """SearchItems with camelCase parameters (``keywords=...``, ``searchIndex=...``)."""
         return await self._operation(Operation.SEARCH_ITEMS, params, marketplace)
 
-    async def get_variations(self, asin: str, *, marketplace: str | None = None,
-                             **params: object) -> Mapping[str, object]:
+    async def get_variations(
+        self, asin: str, *, marketplace: str | None = None, **params: object
+    ) -> Mapping[str, object]:
         """GetVariations of one ASIN."""
-        return await self._operation(Operation.GET_VARIATIONS, {"asin": asin, **params},
-                                     marketplace)
+        return await self._operation(
+            Operation.GET_VARIATIONS, {"asin": asin, **params}, marketplace
+        )
 
-    async def get_browse_nodes(self, browse_node_ids: Sequence[str], *,
-                               marketplace: str | None = None,
-                               **params: object) -> Mapping[str, object]:
+    async def get_browse_nodes(
+        self, browse_node_ids: Sequence[str], *, marketplace: str | None = None, **params: object
+    ) -> Mapping[str, object]:
         """GetBrowseNodes for up to 10 ids."""
-        return await self._operation(Operation.GET_BROWSE_NODES,
-                                     {"browseNodeIds": list(browse_node_ids), **params},
-                                     marketplace)
+        return await self._operation(
+            Operation.GET_BROWSE_NODES,
+            {"browseNodeIds": list(browse_node_ids), **params},
+            marketplace,
+        )
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -468,4 +598,3 @@ async def _aiter(items: Iterable[_Input] | AsyncIterable[_Input]) -> AsyncIterat
     else:
         for item in items:
             yield item
-

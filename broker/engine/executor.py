@@ -13,16 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
-from broker.api.base import Dialect, HttpRequest, ItemOutcome
-from broker.clock import Clock
 from broker.engine.batcher import Batch, Lookup, WorkQueue
-from broker.engine.keys import KeyState
-from broker.engine.metrics import EngineMetrics
-from broker.engine.retry import RetryPolicy
-from broker.engine.transport import Transport
 from broker.errors import (
     ApiError,
     AuthError,
@@ -37,6 +32,14 @@ from broker.errors import (
     describe,
 )
 from broker.models import ErrorDetail, ItemResult, Status
+
+if TYPE_CHECKING:
+    from broker.api.base import Dialect, HttpRequest, ItemOutcome
+    from broker.clock import Clock
+    from broker.engine.keys import KeyState
+    from broker.engine.metrics import EngineMetrics
+    from broker.engine.retry import RetryPolicy
+    from broker.engine.transport import Transport
 
 __all__ = ["Executor"]
 
@@ -87,21 +90,23 @@ class Executor:
         """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace``."""
         dead = self._dead.get(marketplace)
         if dead is not None:
-            raise dead
+            # A fresh instance per raise: re-raising one stored exception grows its traceback.
+            raise NoUsableKeyError(dead.marketplace, dead.failures)
         if not any(key.serves(marketplace) for key in self._keys):
             raise self._no_key_error(marketplace)
 
     def _no_key_error(self, marketplace: str) -> NoUsableKeyError:
         failures = [
-            failure
-            for key in self._keys
-            if (failure := key.failure_for(marketplace)) is not None
+            failure for key in self._keys if (failure := key.failure_for(marketplace)) is not None
         ]
         if not failures and not any(key.has_tag(marketplace) for key in self._keys):
             failures = [
-                KeyUnusableError(key.name, "InvalidPartnerTag",
-                                 f"key has no partner tag for {marketplace}",
-                                 f"add {marketplace} to keys.partner_tags in config.toml")
+                KeyUnusableError(
+                    key.name,
+                    "InvalidPartnerTag",
+                    f"key has no partner tag for {marketplace}",
+                    f"add {marketplace} to keys.partner_tags in config.toml",
+                )
                 for key in self._keys
             ]
         return NoUsableKeyError(marketplace, failures)
@@ -109,17 +114,43 @@ class Executor:
     # -- the attempt ----------------------------------------------------------------------
 
     async def run(self, key: KeyState, batch: Batch, sent_at: float, demand_limited: bool) -> None:
-        """Carry out one attempt of ``batch`` on ``key`` and route its outcome."""
+        """Carry out one attempt of ``batch`` on ``key`` and route its outcome.
+
+        An unexpected exception (a bug) fails the batch instead of leaving its callers
+        waiting forever; cancellation passes through.
+        """
+        try:
+            await self._attempt(key, batch, sent_at, demand_limited)
+        except Exception as exc:
+            logger.exception(
+                "broker.attempt_crashed",
+                key=key.name,
+                batch_id=batch.batch_id,
+                error=type(exc).__name__,
+            )
+            key.on_failed_attempt(transient=True)
+            self._fail(batch, exc, key=key.name)
+
+    async def _attempt(
+        self, key: KeyState, batch: Batch, sent_at: float, demand_limited: bool
+    ) -> None:
+        if batch.operation is None:
+            # Lookups every caller gave up on while the batch queued are not asked for.
+            batch.lookups = [lookup for lookup in batch.lookups if not lookup.future.done()]
+            if not batch.lookups:
+                return
         self._count_attempt(batch, sent_at)
         region = key.region(batch.marketplace)
         request: HttpRequest | None = None
         try:
             request = self._build(key, batch)
             request = await key.authorizer.authorize(request, region=region)
-        except (TransportError, ResponseError, ServerError) as exc:
-            # The token endpoint is down or slow: not this batch's fault (B13).
+        except (TransportError, ResponseError, ServerError, ThrottledError) as exc:
+            # The token endpoint is down, slow or throttling: not this batch's fault, and
+            # no reason to take the key out of rotation (B13).
             self._uncount_attempt(batch)
             key.pause_after_error(exc)
+            key.on_failed_attempt(transient=True)
             self.requeue(batch)
             return
         except ApiError as exc:
@@ -129,6 +160,9 @@ class Executor:
             return
         self._metrics.requests += 1
         key.sent += 1
+        # Every send counts toward the retry budget, failed ones included: the budget is a
+        # share of sends, and a storm of failures must not shrink it to its floor.
+        key.retry_budget.record_send()
         try:
             response = await self._transport.send(request)
             self._metrics.record_response(response.status, response.elapsed_s)
@@ -143,12 +177,14 @@ class Executor:
             self.requeue(batch)
             return
         except ApiError as exc:
+            key.on_failed_attempt(transient=isinstance(exc, ServerError))
             self._on_api_error(key, batch, request, exc)
             return
         except (TransportError, ResponseError) as exc:
             if isinstance(exc, TransportError):
                 self._metrics.transport_errors += 1
             key.errors += 1
+            key.on_failed_attempt(transient=True)
             self._transient(key, batch, exc)
             return
         key.on_success(sent_at, demand_limited=demand_limited)
@@ -162,11 +198,16 @@ class Executor:
         tag = key.partner_tag(batch.marketplace)
         if batch.operation is None:
             return self._dialect.get_items_request(
-                batch.asins, marketplace=batch.marketplace, partner_tag=tag,
+                batch.asins,
+                marketplace=batch.marketplace,
+                partner_tag=tag,
                 resources=batch.resources,
             )
         return self._dialect.operation_request(
-            batch.operation, batch.params or {}, marketplace=batch.marketplace, partner_tag=tag,
+            batch.operation,
+            batch.params or {},
+            marketplace=batch.marketplace,
+            partner_tag=tag,
         )
 
     # -- attempt bookkeeping ----------------------------------------------------------------
@@ -201,27 +242,60 @@ class Executor:
 
     # -- outcomes ---------------------------------------------------------------------------
 
-    def _deliver(self, key: KeyState, batch: Batch, outcomes: Mapping[str, ItemOutcome],
-                 missing: Sequence[str]) -> None:
+    def _deliver(
+        self,
+        key: KeyState,
+        batch: Batch,
+        outcomes: Mapping[str, ItemOutcome],
+        missing: Sequence[str],
+    ) -> None:
         fetched_at = self._clock.utcnow()
         missing_set = set(missing)
         for lookup in batch.lookups:
             outcome = outcomes.get(lookup.asin)
             if outcome is not None:
-                self._resolve(lookup, ItemResult(
-                    lookup.asin, lookup.marketplace, outcome.status, outcome.item,
-                    outcome.summary, outcome.error, lookup.attempts, key.name, fetched_at,
-                ))
+                status = outcome.status
+                if status is Status.INVALID:
+                    # Every id sent was validated first, so an item-level "invalid" in a 200
+                    # (InvalidParameterValue) means no such item here (protocol.md 4).
+                    status = Status.NOT_FOUND
+                self._resolve(
+                    lookup,
+                    ItemResult(
+                        lookup.asin,
+                        lookup.marketplace,
+                        status,
+                        outcome.item,
+                        outcome.summary,
+                        outcome.error,
+                        lookup.attempts,
+                        key.name,
+                        fetched_at,
+                    ),
+                )
             elif lookup.asin in missing_set or not lookup.future.done():
                 lookup.missing += 1
                 if lookup.missing >= _MAX_MISSING:
                     info = describe("MissingFromResponse")
-                    self._resolve(lookup, ItemResult(
-                        lookup.asin, lookup.marketplace, Status.NOT_FOUND, None, None,
-                        ErrorDetail(info.code, "Amazon's responses did not mention this ASIN "
-                                    f"{lookup.missing} times", info.remedy),
-                        lookup.attempts, key.name, fetched_at,
-                    ))
+                    self._resolve(
+                        lookup,
+                        ItemResult(
+                            lookup.asin,
+                            lookup.marketplace,
+                            Status.NOT_FOUND,
+                            None,
+                            None,
+                            ErrorDetail(
+                                info.code,
+                                "Amazon's responses did not mention this ASIN "
+                                f"{lookup.missing} times",
+                                info.remedy,
+                            ),
+                            lookup.attempts,
+                            key.name,
+                            fetched_at,
+                        ),
+                    )
                 else:
                     # Re-ask singly: a one-ASIN request isolates whatever made it drop out.
                     self.requeue(Batch(lookup.marketplace, [lookup]))
@@ -231,8 +305,14 @@ class Executor:
             lookup.future.set_result(result)
             self._metrics.record_item(result.status.value)
 
-    def _fail(self, batch: Batch, error: BaseException | ErrorDetail, *,
-              key: str | None = None, status: Status = Status.FAILED) -> None:
+    def _fail(
+        self,
+        batch: Batch,
+        error: BaseException | ErrorDetail,
+        *,
+        key: str | None = None,
+        status: Status = Status.FAILED,
+    ) -> None:
         """End every open lookup of ``batch`` with ``error`` (a NoUsableKeyError is raised)."""
         if isinstance(error, NoUsableKeyError):
             for future in self._futures(batch):
@@ -248,10 +328,20 @@ class Executor:
             return
         fetched_at = self._clock.utcnow()
         for lookup in batch.lookups:
-            self._resolve(lookup, ItemResult(
-                lookup.asin, lookup.marketplace, status, None, None, detail, lookup.attempts,
-                key, fetched_at,
-            ))
+            self._resolve(
+                lookup,
+                ItemResult(
+                    lookup.asin,
+                    lookup.marketplace,
+                    status,
+                    None,
+                    None,
+                    detail,
+                    lookup.attempts,
+                    key,
+                    fetched_at,
+                ),
+            )
 
     @staticmethod
     def _futures(batch: Batch) -> list[asyncio.Future[object]]:
@@ -275,11 +365,13 @@ class Executor:
         else:
             self._work.put(batch)
 
-    def _on_api_error(self, key: KeyState, batch: Batch, request: HttpRequest,
-                      exc: ApiError) -> None:
+    def _on_api_error(
+        self, key: KeyState, batch: Batch, request: HttpRequest, exc: ApiError
+    ) -> None:
         info = exc.info
-        if isinstance(exc, ServerError) or (info.retryable and info.scope is Scope.REQUEST
-                                            and not isinstance(exc, AuthError)):
+        if isinstance(exc, ServerError) or (
+            info.retryable and info.scope is Scope.REQUEST and not isinstance(exc, AuthError)
+        ):
             key.errors += 1
             self._transient(key, batch, exc)
             return
@@ -310,20 +402,32 @@ class Executor:
                 self.requeue(Batch(batch.marketplace, [lookup]))
             return
         status = Status.INVALID if info.scope is Scope.ASIN else Status.FAILED
-        self._fail(batch, _detail(exc), key=key.name, status=status)
+        # The exception itself, so an operation's caller gets the ApiError (code, status).
+        self._fail(batch, exc, key=key.name, status=status)
 
-    def _split_invalid(self, key: KeyState, batch: Batch, exc: ApiError,
-                       offending: Sequence[str]) -> None:
+    def _split_invalid(
+        self, key: KeyState, batch: Batch, exc: ApiError, offending: Sequence[str]
+    ) -> None:
         """PA-API failed the whole request for malformed ids: mark them, re-send the rest."""
         bad = set(offending)
         fetched_at = self._clock.utcnow()
         rest: list[Lookup] = []
         for lookup in batch.lookups:
             if lookup.asin in bad:
-                self._resolve(lookup, ItemResult(
-                    lookup.asin, lookup.marketplace, Status.INVALID, None, None, _detail(exc),
-                    lookup.attempts, key.name, fetched_at,
-                ))
+                self._resolve(
+                    lookup,
+                    ItemResult(
+                        lookup.asin,
+                        lookup.marketplace,
+                        Status.INVALID,
+                        None,
+                        None,
+                        _detail(exc),
+                        lookup.attempts,
+                        key.name,
+                        fetched_at,
+                    ),
+                )
             else:
                 rest.append(lookup)
         if rest:
@@ -353,8 +457,14 @@ class Executor:
             # Retries are over 10 % of sends: slow down rather than storm (B15).
             delay = max(delay, self._policy.max_delay_s)
         self._metrics.retries += 1
-        logger.debug("broker.retry_scheduled", key=key.name, batch_id=batch.batch_id,
-                     attempt=attempt, delay_s=round(delay, 3), error=type(exc).__name__)
+        logger.debug(
+            "broker.retry_scheduled",
+            key=key.name,
+            batch_id=batch.batch_id,
+            attempt=attempt,
+            delay_s=round(delay, 3),
+            error=type(exc).__name__,
+        )
         if delay <= 0:
             self.requeue(batch)
         else:
@@ -370,8 +480,12 @@ class Executor:
         scope_marketplace = marketplace if info.scope is Scope.KEY_MARKETPLACE else None
         if key.disable(exc.code, exc.message, info.remedy, marketplace=scope_marketplace):
             logger.error(
-                "broker.key_disabled", key=key.name, code=exc.code, message=exc.message,
-                remedy=info.remedy, marketplace=scope_marketplace,
+                "broker.key_disabled",
+                key=key.name,
+                code=exc.code,
+                message=exc.message,
+                remedy=info.remedy,
+                marketplace=scope_marketplace,
             )
         affected_marketplaces = (
             {marketplace} if scope_marketplace else set(key.tagged_marketplaces) | {marketplace}

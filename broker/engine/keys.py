@@ -13,12 +13,11 @@ import enum
 import math
 import random
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import structlog
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
-from broker.clock import Clock
-from broker.config import BrokerConfig, KeyConfig
 from broker.engine.adaptive import (
     AdaptiveRate,
     AdaptiveSettings,
@@ -26,12 +25,16 @@ from broker.engine.adaptive import (
     CircuitState,
     ThrottleVerdict,
 )
-from broker.engine.authorizer import Authorizer
 from broker.engine.limiter import LocalKeyLimiter, Pacer
 from broker.engine.metrics import KeySnapshot
 from broker.engine.quota import BudgetStore, DailyBudget
 from broker.engine.retry import RetryBudget
 from broker.errors import KeyUnusableError, ThrottledError
+
+if TYPE_CHECKING:
+    from broker.clock import Clock
+    from broker.config import BrokerConfig, KeyConfig
+    from broker.engine.authorizer import Authorizer
 
 __all__ = ["KeyHealth", "KeyState"]
 
@@ -58,9 +61,17 @@ class KeyHealth(enum.Enum):
 class KeyState:
     """Everything the dispatcher and the executor need to know about one key."""
 
-    def __init__(self, config: KeyConfig, authorizer: Authorizer, *, limiter: LocalKeyLimiter,
-                 adaptive: AdaptiveRate, circuit: Circuit, retry_budget: RetryBudget,
-                 clock: Clock) -> None:
+    def __init__(
+        self,
+        config: KeyConfig,
+        authorizer: Authorizer,
+        *,
+        limiter: LocalKeyLimiter,
+        adaptive: AdaptiveRate,
+        circuit: Circuit,
+        retry_budget: RetryBudget,
+        clock: Clock,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.authorizer = authorizer
@@ -80,24 +91,37 @@ class KeyState:
         self._paused_reason: str | None = None
 
     @classmethod
-    def from_config(cls, key: KeyConfig, authorizer: Authorizer, *, config: BrokerConfig,
-                    clock: Clock, rng: random.Random,
-                    budget_store: BudgetStore | None = None) -> KeyState:
+    def from_config(
+        cls,
+        key: KeyConfig,
+        authorizer: Authorizer,
+        *,
+        config: BrokerConfig,
+        clock: Clock,
+        rng: random.Random,
+        budget_store: BudgetStore | None = None,
+    ) -> KeyState:
         """Build a key's state with the rate settings of ``config``."""
         rate = config.rate
         settings = AdaptiveSettings(
-            beta=rate.beta, target_loss=rate.target_429_share,
-            min_rate_per_s=min(rate.min_rate, key.tps), discover=rate.discover,
+            beta=rate.beta,
+            target_loss=rate.target_429_share,
+            min_rate_per_s=min(rate.min_rate, key.tps),
+            discover=rate.discover,
             retry_after_cap_s=rate.retry_after_cap_s,
         )
-        budget = DailyBudget(clock, key.tpd, key_name=key.name, guard_fraction=rate.tpd_guard,
-                             store=budget_store)
+        budget = DailyBudget(
+            clock, key.tpd, key_name=key.name, guard_fraction=rate.tpd_guard, store=budget_store
+        )
         limiter = LocalKeyLimiter(clock, Pacer(clock, key.tps), budget)
         return cls(
-            key, authorizer, limiter=limiter,
+            key,
+            authorizer,
+            limiter=limiter,
             adaptive=AdaptiveRate(key.tps, clock=clock, settings=settings),
             circuit=Circuit(clock, random=rng.random, settings=settings),
-            retry_budget=RetryBudget(clock), clock=clock,
+            retry_budget=RetryBudget(clock),
+            clock=clock,
         )
 
     # -- marketplaces -------------------------------------------------------------------------
@@ -124,8 +148,11 @@ class KeyState:
 
     def serves(self, marketplace: str) -> bool:
         """True while the key may be given work for ``marketplace``."""
-        return (self._disabled is None and marketplace not in self._disabled_markets
-                and self.has_tag(marketplace))
+        return (
+            self._disabled is None
+            and marketplace not in self._disabled_markets
+            and self.has_tag(marketplace)
+        )
 
     def active_marketplaces(self) -> Collection[str]:
         """Marketplaces the key takes work for right now."""
@@ -179,7 +206,6 @@ class KeyState:
     def on_success(self, sent_at: float, *, demand_limited: bool) -> None:
         """A request of this key was answered (not throttled)."""
         self._auth_failures = 0
-        self.retry_budget.record_send()
         if self.circuit.verdict is not None:
             self.circuit.on_success()
             self.adaptive.reset()
@@ -189,9 +215,9 @@ class KeyState:
     def on_throttled(self, error: ThrottledError, sent_at: float) -> ThrottleVerdict:
         """A request was answered 429: cut the rate, honour Retry-After, or park the key."""
         self.throttled += 1
-        self.retry_budget.record_send()
         verdict = self.adaptive.on_throttled(
-            sent_at, budget_exhausted=self.limiter.exhausted,
+            sent_at,
+            budget_exhausted=self.limiter.exhausted,
             quota_used=self.limiter.used_fraction,
         )
         self.limiter.set_rate(self.adaptive.rate)
@@ -202,9 +228,37 @@ class KeyState:
         parked_as = verdict if verdict is not ThrottleVerdict.RATE else self.circuit.verdict
         if parked_as is not None and self.circuit.state is not CircuitState.OPEN:
             probe_at = self.circuit.open(parked_as)
-            logger.warning("broker.key_parked", key=self.name, verdict=verdict.value,
-                           probe_in_s=round(probe_at - self._clock.monotonic()))
+            logger.warning(
+                "broker.key_parked",
+                key=self.name,
+                verdict=parked_as.value,
+                probe_in_s=round(probe_at - self._clock.monotonic()),
+            )
         return verdict
+
+    def on_failed_attempt(self, *, transient: bool) -> None:
+        """An attempt ended without a 2xx or a 429: settle the parked key's probe, if it was one.
+
+        Without this a probe that met anything but a success or a 429 would leave the
+        circuit half-open for good, and the key would never send again. A transient failure
+        (5xx, network, token endpoint) says nothing about the quota: park again. Any other
+        answer got past Amazon's throttle: the key is back.
+        """
+        verdict = self.circuit.verdict
+        if self.circuit.state is not CircuitState.PROBING or verdict is None:
+            return
+        if transient:
+            probe_at = self.circuit.open(verdict)
+            logger.warning(
+                "broker.key_parked",
+                key=self.name,
+                verdict=verdict.value,
+                probe_in_s=round(probe_at - self._clock.monotonic()),
+            )
+            return
+        self.circuit.on_success()
+        self.adaptive.reset()
+        logger.info("broker.key_recovered", key=self.name)
 
     def pause_after_error(self, error: BaseException) -> None:
         """The token endpoint failed: back off exponentially before the key sends again."""
@@ -212,11 +266,13 @@ class KeyState:
         pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
         self.limiter.pause_until(self._clock.monotonic() + pause)
         self._paused_reason = f"token endpoint: {type(error).__name__}"
-        logger.warning("broker.token_fetch_failed", key=self.name, error=type(error).__name__,
-                       pause_s=pause)
+        logger.warning(
+            "broker.token_fetch_failed", key=self.name, error=type(error).__name__, pause_s=pause
+        )
 
-    def disable(self, code: str, message: str, remedy: str, *,
-                marketplace: str | None = None) -> bool:
+    def disable(
+        self, code: str, message: str, remedy: str, *, marketplace: str | None = None
+    ) -> bool:
         """Take the key (or the key in one marketplace) out of rotation; True if newly done."""
         failure = KeyUnusableError(self.name, code, message, remedy)
         if marketplace is None:
@@ -257,13 +313,21 @@ class KeyState:
         elif health is KeyHealth.PAUSED:
             reason = self._paused_reason
         return KeySnapshot(
-            name=self.name, state=health.value, rate=self.limiter.rate,
-            configured_tps=self.config.tps, in_flight=self._in_flight, sent=self.sent,
-            throttled=self.throttled, errors=self.errors, daily_spent=self.limiter.spent,
-            daily_limit=self.config.tpd, daily_resets_at=(
-                self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ")
-                if self.config.tpd else None),
-            reason=reason, until=until,
+            name=self.name,
+            state=health.value,
+            rate=self.limiter.rate,
+            configured_tps=self.config.tps,
+            in_flight=self._in_flight,
+            sent=self.sent,
+            throttled=self.throttled,
+            errors=self.errors,
+            daily_spent=self.limiter.spent,
+            daily_limit=self.config.tpd,
+            daily_resets_at=(
+                self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ") if self.config.tpd else None
+            ),
+            reason=reason,
+            until=until,
         )
 
     def __repr__(self) -> str:
