@@ -1,0 +1,788 @@
+"""The job ledger: one SQLite file (WAL) holding each input row, its result and output progress.
+
+The ledger is the source of truth for resume (``reliability.md`` 2.3). Output files are derived
+from it: each input row gets a ``done_order`` when it becomes final, and each sink records the
+``done_order`` (and byte offset) up to which it is known good, so a rerun re-emits exactly what
+is missing.
+
+Layout:
+
+- ``rows``: one row per input row, keyed by ``seq`` (the 0-based row index in file order),
+  with its ``(marketplace, asin, resources)``. Invalid rows are final at ingestion.
+- ``lookups``: one row per distinct ``(marketplace, asin, resources)``, in order of first
+  appearance, holding the result once it arrives; duplicates in the input share it. It is
+  built in one pass when ingestion completes, so work starts after ingestion.
+- ``tally``: row counts per status, kept in the same transactions as the rows, so progress
+  never scans a million rows.
+- ``sinks``, ``budget``, ``meta``: sink progress, the daily request counters (kept across
+  ``new_job``) and the schema version, job fingerprint and ingestion progress.
+
+Invariants the sinks rely on: ``done_order`` starts at 1 and has no gaps, and a row's
+``done_order`` is above every ``done_order`` committed before it. So "the first *k* rows of
+an output file" is the same as "``done_order`` 1..*k*".
+
+Memory stays flat whatever the job size: ingestion goes in chunks of ``executemany``, and
+every read is paged with short statements (no cursor stays open across a commit, and no read
+transaction is held open, so the WAL can always be checkpointed).
+
+One process drives a job at a time (:class:`~broker.jobs.lock.JobLock`); inside it the
+ledger may be used from several threads, one call at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from itertools import islice
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+from broker.errors import JobFileError
+
+if TYPE_CHECKING:
+    from broker.jobs.sources import JobFingerprint, JobRow
+    from broker.models import ItemResult
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Counts",
+    "DoneRow",
+    "JobChangedError",
+    "Ledger",
+    "Lookup",
+    "SinkState",
+]
+
+#: The ledger schema this code reads and writes (``meta.schema_version``).
+SCHEMA_VERSION: Final = 1
+
+# Marks a SQLite file as ours, so a different database passed by mistake is refused, not reused.
+_APPLICATION: Final = "asin-broker-ledger"
+_SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+_SYNCHRONOUS: Final = ("FULL", "NORMAL")
+# Rows per page of the paged readers; small enough to keep memory flat, big enough that
+# per-statement overhead does not matter.
+_PAGE: Final = 1000
+# The job tables, dropped and recreated by ``new_job``; ``budget`` and ``meta`` survive.
+_JOB_TABLES: Final = ("rows", "lookups", "tally", "sinks")
+
+_SCHEMA_JOB: Final = """
+CREATE TABLE rows (
+    seq         INTEGER PRIMARY KEY,   -- 0-based row index in file order
+    line        INTEGER NOT NULL,
+    raw         TEXT NOT NULL,
+    marketplace TEXT NOT NULL,         -- the job's default when the row names none
+    asin        TEXT,                  -- NULL for a row that was invalid at ingestion
+    resources   TEXT NOT NULL,         -- '' for the job's default, else a JSON array
+    status      TEXT NOT NULL,         -- 'pending' until final
+    reason      TEXT,                  -- why an invalid row is invalid
+    extra       TEXT,                  -- pass-through columns as a JSON object
+    done_order  INTEGER                -- 1, 2, 3... in the order rows became final
+);
+CREATE UNIQUE INDEX rows_done ON rows (done_order) WHERE done_order IS NOT NULL;
+CREATE TABLE lookups (
+    id          INTEGER PRIMARY KEY,   -- order of first appearance in the file
+    marketplace TEXT NOT NULL,
+    asin        TEXT NOT NULL,
+    resources   TEXT NOT NULL,
+    status      TEXT,                  -- NULL while pending
+    result      TEXT                   -- ItemResult.to_json() as JSON, NULL while pending
+);
+CREATE INDEX lookups_pending ON lookups (id) WHERE status IS NULL;
+CREATE TABLE tally (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE sinks (
+    name       TEXT PRIMARY KEY,
+    offset     INTEGER NOT NULL,
+    done_order INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+# Built once when ingestion ends, not row by row: inserting a million random ASINs into a
+# B-tree a chunk at a time dirties most of its pages on every commit (tens of seconds of
+# WAL writes for a 1M-row job), while one sorted build takes about a second.
+_SCHEMA_LOOKUPS: Final = """
+CREATE INDEX rows_waiting ON rows (marketplace, asin, resources) WHERE done_order IS NULL;
+INSERT INTO lookups (marketplace, asin, resources)
+    SELECT marketplace, asin, resources FROM rows WHERE done_order IS NULL
+    GROUP BY marketplace, asin, resources ORDER BY MIN(seq);
+CREATE UNIQUE INDEX lookups_key ON lookups (marketplace, asin, resources);
+"""
+
+_SCHEMA_KEEP: Final = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE budget (
+    key_name TEXT NOT NULL,
+    day      TEXT NOT NULL,
+    count    INTEGER NOT NULL,
+    PRIMARY KEY (key_name, day)
+) WITHOUT ROWID;
+"""
+
+_INSERT_ROW: Final = """
+INSERT OR IGNORE INTO rows (seq, line, raw, marketplace, asin, resources, status, reason, extra)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+# Invalid rows are final as soon as they are in: number them in file order.
+_FINALISE_CHUNK: Final = """
+UPDATE rows SET done_order = :base + t.rn
+FROM (
+    SELECT seq, row_number() OVER (ORDER BY seq) AS rn FROM rows
+    WHERE seq >= :lo AND seq < :hi AND status = 'invalid' AND done_order IS NULL
+) AS t
+WHERE rows.seq = t.seq
+"""
+_FINISH_LOOKUP: Final = """
+UPDATE rows SET status = :status, done_order = :base + t.rn
+FROM (
+    SELECT seq, row_number() OVER (ORDER BY seq) AS rn FROM rows
+    WHERE marketplace = :marketplace AND asin = :asin AND resources = :resources
+      AND done_order IS NULL
+) AS t
+WHERE rows.seq = t.seq
+"""
+_DONE_ROWS: Final = """
+SELECT r.done_order, r.seq, r.line, r.raw, r.asin, r.marketplace, r.status, l.result,
+       r.reason, r.extra
+FROM rows AS r LEFT JOIN lookups AS l
+    ON l.marketplace = r.marketplace AND l.asin = r.asin AND l.resources = r.resources
+"""
+
+
+class JobChangedError(JobFileError):
+    """The ledger belongs to a different job file (or settings) than the one given.
+
+    Resuming would mix two jobs' rows; start anew (``new_job=True``, ``--new-job``) or restore
+    the original file.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """One unit of work: a distinct ``(marketplace, asin, resources)`` over the input rows.
+
+    ``resources`` None means the job's default resources.
+    """
+
+    marketplace: str
+    asin: str
+    resources: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """How far a job is.
+
+    Attributes:
+        total: rows ingested so far (all rows once ingestion is complete).
+        done: rows that are final (have an output row).
+        pending: rows still waiting for their lookup.
+        by_status: final rows per status (``ok``, ``not_found``, ``invalid``, ``failed``);
+            only statuses with at least one row; sums to ``done``.
+    """
+
+    total: int
+    done: int
+    pending: int
+    by_status: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkState:
+    """How far one output is known good.
+
+    Attributes:
+        offset: bytes of the output file that are complete and fsynced (file sinks).
+        done_order: every row with ``done_order`` up to this one is in the output.
+    """
+
+    offset: int = 0
+    done_order: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DoneRow:
+    """A final input row with everything an output row needs.
+
+    Attributes:
+        done_order: the row's place in the order rows became final (1, 2, 3, ...).
+        seq: the 0-based row index in the job file.
+        line: the 1-based line number where the row starts.
+        raw: the id as written in the file.
+        asin: the normalised ASIN; None for a row that was invalid at ingestion.
+        marketplace: the row's marketplace (the job's default when the row named none).
+        status: ``ok``, ``not_found``, ``invalid`` or ``failed``.
+        result: ``ItemResult.to_json()`` of the row's lookup; None for a row that was
+            invalid at ingestion.
+        error_reason: why the row was invalid at ingestion, else None.
+        extra: pass-through columns of the input row, or None.
+    """
+
+    done_order: int
+    seq: int
+    line: int
+    raw: str
+    asin: str | None
+    marketplace: str
+    status: str
+    result: Mapping[str, object] | None
+    error_reason: str | None
+    extra: Mapping[str, str] | None
+
+
+class Ledger:
+    """The durable state of one job; see the module docstring.
+
+    Use :meth:`open` to create or open one; close it (or use it as a context manager).
+    """
+
+    __slots__ = ("_conn", "_default_marketplace", "_lock", "_path", "_synchronous")
+
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, default_marketplace: str, synchronous: str
+    ) -> None:
+        self._conn = conn
+        self._path = path
+        self._default_marketplace = default_marketplace
+        self._synchronous = synchronous
+        self._lock = threading.RLock()
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        fingerprint: JobFingerprint,
+        default_marketplace: str,
+        new_job: bool = False,
+        synchronous: str = "FULL",
+    ) -> Ledger:
+        """Create the ledger at ``path``, or open the existing one for the same job.
+
+        A new ledger file gets mode 0600 (its directory 0700 if we create it). An existing
+        ledger is reused when the job file has the same content (size and SHA-256; the path
+        and mtime may change, since a spool daemon renames files and a copy changes the
+        mtime) and the same default marketplace.
+
+        Args:
+            path: the ledger file.
+            fingerprint: the job file as it is now.
+            default_marketplace: the marketplace of rows that name none.
+            new_job: start the job again: drop every row, result and sink state (the daily
+                request counters are kept).
+            synchronous: ``"FULL"`` (fsync every commit; the default) or ``"NORMAL"``
+                (survives a crash of the process, not of the machine; for benchmarks).
+
+        Raises:
+            JobFileError: ``path`` exists but is not a ledger (it is left untouched), or its
+                schema version is not ours.
+            JobChangedError: the ledger is for another job file or default marketplace, and
+                ``new_job`` is False.
+            ValueError: ``synchronous`` is not FULL or NORMAL.
+        """
+        sync = synchronous.upper()
+        if sync not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        path = Path(path)
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            _check_sqlite_header(path)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            ledger = cls(conn, path, default_marketplace, sync)
+            ledger._setup(fingerprint, default_marketplace, new_job=new_job)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise JobFileError(f"{path}: cannot be read as a job ledger: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return ledger
+
+    def _setup(
+        self,
+        fingerprint: JobFingerprint,
+        default_marketplace: str,
+        *,
+        new_job: bool,
+    ) -> None:
+        conn = self._conn
+        # Read before writing anything: a SQLite file that is not a ledger must stay untouched.
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")}
+        fresh = not tables
+        if not fresh:
+            self._check_ours(tables)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        # A bigger page cache than the 2 MB default keeps ingestion of big jobs fast.
+        conn.execute("PRAGMA cache_size = -16384")
+        if fresh:
+            with self._transaction():
+                _run_script(conn, _SCHEMA_KEEP)
+                _run_script(conn, _SCHEMA_JOB)
+                self._set_meta("application", _APPLICATION)
+                self._set_meta("schema_version", SCHEMA_VERSION)
+                self._start_job(fingerprint, default_marketplace)
+            return
+        if new_job:
+            with self._transaction():
+                for table in _JOB_TABLES:
+                    conn.execute(f"DROP TABLE {table}")
+                _run_script(conn, _SCHEMA_JOB)
+                self._start_job(fingerprint, default_marketplace)
+            return
+        self._check_same_job(fingerprint, default_marketplace)
+        # The content is the same; remember where and when it is now.
+        with self._transaction():
+            self._set_meta("job_path", str(fingerprint.path))
+            self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
+
+    def _check_ours(self, tables: set[str]) -> None:
+        found = None
+        if "meta" in tables:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'application'").fetchone()
+            found = row[0] if row else None
+        if found != _APPLICATION:
+            raise JobFileError(
+                f"{self._path}: is a SQLite database but not an asin-broker job ledger; "
+                "it was left untouched. Choose another output path or move the file away."
+            )
+        version = self._meta("schema_version")
+        if version != SCHEMA_VERSION:
+            raise JobFileError(
+                f"{self._path}: job ledger schema version {version}, this broker reads "
+                f"version {SCHEMA_VERSION}; finish the job with the broker that started it, "
+                "or start it again with --new-job."
+            )
+
+    def _start_job(self, fingerprint: JobFingerprint, default_marketplace: str) -> None:
+        self._set_meta("job_path", str(fingerprint.path))
+        self._set_meta("job_size", fingerprint.size)
+        self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
+        self._set_meta("job_sha256", fingerprint.sha256)
+        self._set_meta("default_marketplace", default_marketplace)
+        self._set_meta("ingested_rows", 0)
+        self._set_meta("ingest_complete", 0)
+        self._set_meta("last_done_order", 0)
+
+    def _check_same_job(self, fingerprint: JobFingerprint, default_marketplace: str) -> None:
+        size, sha256 = self._meta("job_size"), self._meta("job_sha256")
+        if (size, sha256) != (fingerprint.size, fingerprint.sha256):
+            raise JobChangedError(
+                f"{fingerprint.path}: the job file changed since this job started, so the "
+                f"ledger {self._path} no longer matches it (the job started from "
+                f"{self._meta('job_path')}: {size} bytes, mtime_ns {self._meta('job_mtime_ns')}, "
+                f"sha256 {sha256}; now {fingerprint.path}: {fingerprint.size} bytes, mtime_ns "
+                f"{fingerprint.mtime_ns}, sha256 {fingerprint.sha256}). Restore the original "
+                "file to resume, or run with --new-job to start the job again."
+            )
+        stored = self._meta("default_marketplace")
+        if stored != default_marketplace:
+            raise JobChangedError(
+                f"{self._path}: this job started with default marketplace {stored}, and the "
+                f"configuration now says {default_marketplace}; rows already resolved would "
+                "mix marketplaces. Restore the setting to resume, or run with --new-job."
+            )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The ledger file."""
+        return self._path
+
+    def close(self) -> None:
+        """Close the database; committed state is already durable."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self._path)!r})"
+
+    # -- ingestion -------------------------------------------------------------------------
+
+    @property
+    def ingest_complete(self) -> bool:
+        """True once every row of the job file is in the ledger."""
+        with self._lock:
+            return bool(self._meta_int("ingest_complete"))
+
+    @property
+    def total_rows(self) -> int:
+        """Rows ingested so far (every row of the file once :attr:`ingest_complete`)."""
+        with self._lock:
+            return self._meta_int("ingested_rows")
+
+    def ingest(self, rows: Iterable[JobRow], *, chunk: int = 5000) -> int:
+        """Store the job file's rows; idempotent and resumable.
+
+        Row ``seq`` is its index in ``rows``. Each chunk is one transaction that also records
+        how many rows are in, so after a crash mid-ingest the next call skips (reads past,
+        without writing) the rows already stored and continues. Once complete, further calls
+        return at once without reading ``rows``.
+
+        Invalid rows (``row.error`` set or no ``asin``) are final at once: status
+        ``invalid`` with the reason, and a ``done_order`` so the outputs carry them.
+
+        Args:
+            rows: the job file's rows in file order (:func:`broker.jobs.sources.read_job`).
+            chunk: rows per transaction.
+
+        Returns:
+            The number of rows in the job.
+        """
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, not {chunk}")
+        with self._lock:
+            if self._meta_int("ingest_complete"):
+                return self._meta_int("ingested_rows")
+            seq = self._meta_int("ingested_rows")
+        stream = iter(rows)
+        skipped = sum(1 for _ in islice(stream, seq))
+        if skipped < seq:
+            raise JobFileError(
+                f"{self._path}: the job file has {skipped} rows but {seq} are already in the "
+                "ledger; was it changed? Run with --new-job to start again."
+            )
+        # Chunks need not be durable one by one: each records how far ingestion got in the
+        # same transaction, so losing the last few to a power cut only means re-reading
+        # them. The final commit runs at the configured level and makes all of them durable.
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            while batch := list(islice(stream, chunk)):
+                with self._lock:
+                    self._ingest_chunk(seq, batch)
+                seq += len(batch)
+        finally:
+            self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        with self._lock, self._transaction():
+            _run_script(self._conn, _SCHEMA_LOOKUPS)
+            self._set_meta("ingest_complete", 1)
+        return seq
+
+    def _ingest_chunk(self, first: int, batch: list[JobRow]) -> None:
+        default = self._default_marketplace
+        values: list[tuple[object, ...]] = []
+        for seq, row in enumerate(batch, first):
+            extra = _dumps(dict(row.extra)) if row.extra else None
+            marketplace = row.marketplace or default
+            resources = _encode_resources(row.resources)
+            if row.error is None and row.asin is not None:
+                values.append(
+                    (
+                        seq,
+                        row.line,
+                        row.raw,
+                        marketplace,
+                        row.asin,
+                        resources,
+                        "pending",
+                        None,
+                        extra,
+                    )
+                )
+            else:
+                reason = row.error or "the row has no ASIN"
+                values.append(
+                    (seq, row.line, row.raw, marketplace, None, resources, "invalid", reason, extra)
+                )
+        end = first + len(batch)
+        with self._transaction():
+            conn = self._conn
+            conn.executemany(_INSERT_ROW, values)
+            base = self._meta_int("last_done_order")
+            finished = conn.execute(_FINALISE_CHUNK, {"base": base, "lo": first, "hi": end})
+            self._set_meta("last_done_order", base + finished.rowcount)
+            for status, n in conn.execute(
+                "SELECT status, COUNT(*) FROM rows WHERE seq >= ? AND seq < ? GROUP BY status",
+                (first, end),
+            ):
+                self._add_tally(status, n)
+            self._set_meta("ingested_rows", end)
+
+    # -- work ------------------------------------------------------------------------------
+
+    def pending_lookups(self) -> Iterator[Lookup]:
+        """Yield each distinct lookup that has no result yet, in order of first appearance.
+
+        Empty until :attr:`ingest_complete` (the lookups are built when ingestion ends).
+
+        Paged with short statements, so results may be recorded while iterating: a lookup
+        that got its result before the iteration reached it is skipped.
+        """
+        after = 0
+        while True:
+            with self._lock:
+                page = self._conn.execute(
+                    "SELECT id, marketplace, asin, resources FROM lookups "
+                    "WHERE status IS NULL AND id > ? ORDER BY id LIMIT ?",
+                    (after, _PAGE),
+                ).fetchall()
+            if not page:
+                return
+            for _ident, marketplace, asin, resources in page:
+                yield Lookup(marketplace, asin, _decode_resources(resources))
+            after = page[-1][0]
+
+    def pending_lookup_count(self) -> int:
+        """How many distinct lookups have no result yet."""
+        with self._lock:
+            (count,) = self._conn.execute(
+                "SELECT COUNT(*) FROM lookups WHERE status IS NULL"
+            ).fetchone()
+        return int(count)
+
+    def record_results(self, results: Sequence[tuple[Lookup, ItemResult]]) -> int:
+        """Store results and make every row of their lookups final, in one transaction.
+
+        Each lookup keeps the first result recorded for it; a later one (an at-least-once
+        repeat) is ignored. Every row of the lookup gets the lookup's status and the next
+        ``done_order`` numbers, in file order.
+
+        Returns:
+            How many rows became final.
+
+        Raises:
+            ValueError: a lookup is not in this ledger, or ingestion is not complete
+                (nothing is recorded).
+        """
+        completed = 0
+        with self._lock, self._transaction():
+            conn = self._conn
+            base = self._meta_int("last_done_order")
+            per_status: dict[str, int] = {}
+            for lookup, result in results:
+                resources = _encode_resources(lookup.resources)
+                found = conn.execute(
+                    "SELECT id, status FROM lookups "
+                    "WHERE marketplace = ? AND asin = ? AND resources = ?",
+                    (lookup.marketplace, lookup.asin, resources),
+                ).fetchone()
+                if found is None:
+                    raise ValueError(
+                        f"{lookup} is not a lookup of this job (lookups exist once ingestion "
+                        "is complete)"
+                    )
+                ident, stored = found
+                if stored is not None:
+                    continue
+                status = result.status.value
+                conn.execute(
+                    "UPDATE lookups SET status = ?, result = ? WHERE id = ?",
+                    (status, _dumps(result.to_json()), ident),
+                )
+                n = conn.execute(
+                    _FINISH_LOOKUP,
+                    {
+                        "status": status,
+                        "base": base,
+                        "marketplace": lookup.marketplace,
+                        "asin": lookup.asin,
+                        "resources": resources,
+                    },
+                ).rowcount
+                base += n
+                completed += n
+                per_status[status] = per_status.get(status, 0) + n
+            for status, n in per_status.items():
+                self._add_tally(status, n)
+                self._add_tally("pending", -n)
+            self._set_meta("last_done_order", base)
+        return completed
+
+    def counts(self) -> Counts:
+        """Return the row counts (kept up to date in every transaction; no table scan)."""
+        with self._lock:
+            tally = dict(self._conn.execute("SELECT status, n FROM tally").fetchall())
+        pending = int(tally.pop("pending", 0))
+        by_status = {status: int(n) for status, n in sorted(tally.items()) if n}
+        done = sum(by_status.values())
+        return Counts(total=done + pending, done=done, pending=pending, by_status=by_status)
+
+    # -- sinks -----------------------------------------------------------------------------
+
+    def sink_state(self, name: str) -> SinkState:
+        """Return how far the output ``name`` is known good; ``SinkState(0, 0)`` when new."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT offset, done_order FROM sinks WHERE name = ?", (name,)
+            ).fetchone()
+        return SinkState(int(row[0]), int(row[1])) if row else SinkState()
+
+    def set_sink_state(self, name: str, state: SinkState) -> None:
+        """Record how far the output ``name`` is known good (after the sink has flushed)."""
+        with self._lock, self._transaction():
+            self._conn.execute(
+                "INSERT INTO sinks (name, offset, done_order) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET offset = excluded.offset, "
+                "done_order = excluded.done_order",
+                (name, state.offset, state.done_order),
+            )
+
+    def done_rows_after(self, done_order: int, *, limit: int = 1000) -> list[DoneRow]:
+        """Return up to ``limit`` final rows with ``done_order`` above ``done_order``, in order."""
+        with self._lock:
+            found = self._conn.execute(
+                f"{_DONE_ROWS} WHERE r.done_order > ? ORDER BY r.done_order LIMIT ?",
+                (done_order, limit),
+            ).fetchall()
+        return [_done_row(values) for values in found]
+
+    def invalid_rows(self) -> Iterator[DoneRow]:
+        """Yield every final row with status ``invalid``, in file order (paged).
+
+        These are the rows invalid at ingestion (``error_reason`` set) and the ids Amazon
+        rejected as invalid (the reason is in ``result["error"]``).
+        """
+        after = -1
+        while True:
+            with self._lock:
+                page = self._conn.execute(
+                    f"{_DONE_ROWS} WHERE r.seq > ? AND r.status = 'invalid' ORDER BY r.seq LIMIT ?",
+                    (after, _PAGE),
+                ).fetchall()
+            if not page:
+                return
+            for values in page:
+                yield _done_row(values)
+            after = page[-1][1]
+
+    # -- daily budget (the engine's BudgetStore) --------------------------------------------
+
+    def load(self, key_name: str, day: date | str) -> int:
+        """Return the request count saved for ``key_name`` on ``day`` (UTC), or 0."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT count FROM budget WHERE key_name = ? AND day = ?",
+                (key_name, _day(day)),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def save(self, key_name: str, day: date | str, count: int) -> None:
+        """Record the request count for ``key_name`` on ``day``; the latest call wins."""
+        with self._lock, self._transaction():
+            self._conn.execute(
+                "INSERT INTO budget (key_name, day, count) VALUES (?, ?, ?) "
+                "ON CONFLICT (key_name, day) DO UPDATE SET count = excluded.count",
+                (key_name, _day(day), count),
+            )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front, so a transaction never fails half-way
+        # on a lock upgrade.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _meta(self, key: str) -> object:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _meta_int(self, key: str) -> int:
+        value = self._meta(key)
+        if not isinstance(value, int):
+            raise JobFileError(f"{self._path}: the ledger is damaged: meta {key} is {value!r}")
+        return value
+
+    def _set_meta(self, key: str, value: object) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _add_tally(self, status: str, n: int) -> None:
+        self._conn.execute(
+            "INSERT INTO tally (status, n) VALUES (?, ?) "
+            "ON CONFLICT (status) DO UPDATE SET n = n + excluded.n",
+            (status, n),
+        )
+
+
+def _check_sqlite_header(path: Path) -> None:
+    """Refuse an existing file that is neither empty nor a SQLite database (A9)."""
+    with open(path, "rb") as stream:
+        head = stream.read(len(_SQLITE_MAGIC))
+    # An empty file is what a crash between creating the file and the first commit leaves.
+    if head and head != _SQLITE_MAGIC:
+        raise JobFileError(
+            f"{path}: is not a job ledger (not a SQLite database); it was left untouched. "
+            "Choose another output path or move the file away."
+        )
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits the open transaction first, and the schema must be
+    # created in the same transaction as the metadata that says it exists.
+    for statement in script.split(";\n"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+# The row tuple comes from sqlite3 untyped; the schema fixes each column's type.
+def _done_row(values: tuple[Any, ...]) -> DoneRow:
+    done_order, seq, line, raw, asin, marketplace, status, result, reason, extra = values
+    return DoneRow(
+        done_order=done_order,
+        seq=seq,
+        line=line,
+        raw=raw,
+        asin=asin,
+        marketplace=marketplace,
+        status=status,
+        result=None if result is None else json.loads(result),
+        error_reason=reason,
+        extra=None if extra is None else json.loads(extra),
+    )
+
+
+def _encode_resources(resources: tuple[str, ...] | None) -> str:
+    # '' (not NULL) for "the default", so the UNIQUE index and plain '=' compare it.
+    return "" if resources is None else _dumps(list(resources))
+
+
+def _decode_resources(text: str) -> tuple[str, ...] | None:
+    return None if text == "" else tuple(json.loads(text))
+
+
+def _day(day: date | str) -> str:
+    return day.isoformat() if isinstance(day, date) else day
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_jsonable)

@@ -1,0 +1,350 @@
+"""The daemon's HTTP face: ``/healthz``, ``/readyz`` and Prometheus ``/metrics`` on loopback.
+
+``/metrics`` is the Prometheus text exposition format (version 0.0.4), written by hand so
+the daemon needs no ``prometheus_client``: each family gets ``# HELP`` and ``# TYPE`` lines,
+label values are escaped, counters end in ``_total`` and the latency histogram has
+cumulative ``_bucket{le=...}`` samples plus ``_sum`` and ``_count``. Counters restart at
+zero with the daemon, as Prometheus expects of a process restart.
+
+The endpoints read the daemon through :class:`StatusSource`, so they hold no state of their
+own and can be tested with a stub.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Final, Protocol
+
+from aiohttp import web
+
+from broker.config import is_loopback_host
+from broker.engine.metrics import LATENCY_BUCKETS_S
+from broker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from broker.engine.metrics import KeySnapshot, MetricsSnapshot
+
+__all__ = [
+    "CONTENT_TYPE",
+    "JobRows",
+    "MetricsServer",
+    "Readiness",
+    "SpoolSnapshot",
+    "StatusSource",
+    "check_host",
+    "create_app",
+    "readiness",
+    "render_metrics",
+]
+
+#: The Content-Type of the Prometheus text format.
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+# A key paused for a server's Retry-After is throttled for seconds, not out of service; a
+# key paused for any other reason (the token endpoint failing) is not ready (reliability B13).
+_TRANSIENT_PAUSE: Final = "Retry-After"
+_SHUTDOWN_TIMEOUT_S: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobRows:
+    """One job's rows by status (``pending`` included while the job runs)."""
+
+    job: str
+    by_status: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSnapshot:
+    """The daemon's own counters at a moment.
+
+    Attributes:
+        state: ``starting``, ``running`` or ``stopping``.
+        jobs_done: jobs filed under ``done/`` since the daemon started.
+        jobs_failed: jobs filed under ``failed/`` since the daemon started.
+        inbox: job files waiting in ``inbox/`` at the last scan.
+        rows_by_status: final rows of every job since the daemon started, the current
+            job's rows so far included.
+        jobs: the current job first (if any), then the most recent finished jobs.
+    """
+
+    state: str = "starting"
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    inbox: int = 0
+    rows_by_status: Mapping[str, int] = field(default_factory=dict)
+    jobs: tuple[JobRows, ...] = ()
+
+
+class StatusSource(Protocol):
+    """Protocol: what the HTTP endpoints read from the daemon.
+
+    - ``engine_metrics()`` is the broker's snapshot, or None while the broker is not open.
+    - ``spool_snapshot()`` is the daemon's job counters.
+    Both are called on the event loop for every request and must not block for long.
+    """
+
+    def engine_metrics(self) -> MetricsSnapshot | None: ...
+
+    def spool_snapshot(self) -> SpoolSnapshot: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """The answer of ``/readyz``: ready, or why not (and until when, if known)."""
+
+    ready: bool
+    reason: str | None = None
+    until: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The response body."""
+        body: dict[str, object] = {"ready": self.ready}
+        if self.reason is not None:
+            body["reason"] = self.reason
+        if self.until is not None:
+            body["until"] = self.until
+        return body
+
+
+def check_host(host: str, *, allow_remote: bool) -> None:
+    """Refuse a non-loopback ``host`` unless ``allow_remote``.
+
+    Raises:
+        ConfigError: (path ``serve.host``) the address is not loopback.
+    """
+    if allow_remote or is_loopback_host(host):
+        return
+    raise ConfigError(
+        "serve.host",
+        f"refusing to serve /metrics on {host!r}: the endpoints have no authentication, so "
+        "they bind loopback only (127.0.0.1, ::1, localhost); pass --allow-remote to bind "
+        "another address",
+    )
+
+
+def readiness(metrics: MetricsSnapshot | None, *, state: str) -> Readiness:
+    """Decide ``/readyz``: ready while at least one key can send.
+
+    Not ready while starting or stopping, when every key is out of rotation (disabled,
+    parked, or paused by a failing token endpoint), or when the keys that are left wait for
+    their daily quota: then the reason says until when (the earliest reset).
+    """
+    if state != "running":
+        return Readiness(False, state)
+    if metrics is None:
+        return Readiness(False, "starting")
+    if not metrics.keys or any(_can_send(key) for key in metrics.keys):
+        return Readiness(True)
+    waits = sorted(key.until for key in metrics.keys if key.until is not None)
+    if waits:
+        return Readiness(False, f"waiting for daily quota until {waits[0]}", waits[0])
+    out = "; ".join(f"{key.name}: {key.reason or key.state}" for key in metrics.keys)
+    return Readiness(False, f"no key can send ({out})")
+
+
+def _can_send(key: KeySnapshot) -> bool:
+    if key.until is not None:
+        return False
+    return key.state == "active" or (key.state == "paused" and key.reason == _TRANSIENT_PAUSE)
+
+
+def render_metrics(metrics: MetricsSnapshot | None, spool: SpoolSnapshot) -> str:
+    """Return the Prometheus text exposition of the engine and spool counters."""
+    out = _Exposition()
+    out.family("asinb_jobs_total", "counter", "Jobs filed since the daemon started, by outcome.")
+    out.sample("asinb_jobs_total", spool.jobs_done, outcome="done")
+    out.sample("asinb_jobs_total", spool.jobs_failed, outcome="failed")
+    out.family("asinb_inbox_jobs", "gauge", "Job files waiting in inbox/ at the last scan.")
+    out.sample("asinb_inbox_jobs", spool.inbox)
+    out.family("asinb_rows_total", "counter", "Final rows of all jobs since start, by status.")
+    for status, count in sorted(spool.rows_by_status.items()):
+        out.sample("asinb_rows_total", count, status=status)
+    out.family("asinb_job_rows", "gauge", "Rows of the current and recent jobs, by status.")
+    for job in spool.jobs:
+        for status, count in sorted(job.by_status.items()):
+            out.sample("asinb_job_rows", count, job=job.job, status=status)
+    if metrics is not None:
+        _render_engine(out, metrics)
+    return out.text()
+
+
+def _render_engine(out: _Exposition, m: MetricsSnapshot) -> None:
+    out.family("asinb_requests_total", "counter", "HTTP responses from the API, by status code.")
+    for code, count in sorted(m.responses_by_status.items()):
+        out.sample("asinb_requests_total", count, status=str(code))
+    out.family("asinb_requests_sent_total", "counter", "Requests sent (every attempt).")
+    out.sample("asinb_requests_sent_total", m.requests)
+    out.family("asinb_throttled_total", "counter", "Responses 429 (throttled).")
+    out.sample("asinb_throttled_total", m.throttled)
+    out.family("asinb_retries_total", "counter", "Attempts scheduled again after a failure.")
+    out.sample("asinb_retries_total", m.retries)
+    out.family("asinb_transport_errors_total", "counter", "Requests that failed on the network.")
+    out.sample("asinb_transport_errors_total", m.transport_errors)
+    out.family("asinb_items_total", "counter", "Finished lookups (distinct ASINs), by status.")
+    for status, count in sorted(m.items_by_status.items()):
+        out.sample("asinb_items_total", count, status=status)
+    name = "asinb_request_duration_seconds"
+    out.family(name, "histogram", "Request latency, send to full response body.")
+    cumulative = 0
+    for bound, count in zip((*LATENCY_BUCKETS_S, math.inf), m.latency_buckets, strict=True):
+        cumulative += count
+        out.sample(f"{name}_bucket", cumulative, le=_number(bound))
+    out.sample(f"{name}_sum", m.latency_sum_s)
+    out.sample(f"{name}_count", m.latency_count)
+    out.family("asinb_inflight_requests", "gauge", "Requests on the wire now, all keys.")
+    out.sample("asinb_inflight_requests", sum(k.in_flight for k in m.keys))
+    out.family("asinb_queued_batches", "gauge", "Batches waiting for a key.")
+    out.sample("asinb_queued_batches", m.queued_batches)
+    out.family("asinb_outstanding_lookups", "gauge", "Lookups admitted and not finished.")
+    out.sample("asinb_outstanding_lookups", m.outstanding_lookups)
+    keys = m.keys
+    _per_key(out, keys, "asinb_key_rate_per_second", "gauge", "Current (adaptive) request rate.")
+    for k in keys:
+        out.sample("asinb_key_rate_per_second", k.rate, key=k.name)
+    _per_key(out, keys, "asinb_key_configured_tps", "gauge", "Configured requests per second.")
+    for k in keys:
+        out.sample("asinb_key_configured_tps", k.configured_tps, key=k.name)
+    _per_key(out, keys, "asinb_key_inflight_requests", "gauge", "Requests on the wire now.")
+    for k in keys:
+        out.sample("asinb_key_inflight_requests", k.in_flight, key=k.name)
+    _per_key(out, keys, "asinb_key_requests_total", "counter", "Requests sent by the key.")
+    for k in keys:
+        out.sample("asinb_key_requests_total", k.sent, key=k.name)
+    _per_key(out, keys, "asinb_key_throttled_total", "counter", "429s the key received.")
+    for k in keys:
+        out.sample("asinb_key_throttled_total", k.throttled, key=k.name)
+    _per_key(out, keys, "asinb_key_daily_spent", "gauge", "Requests counted in today's window.")
+    for k in keys:
+        out.sample("asinb_key_daily_spent", k.daily_spent, key=k.name)
+    _per_key(out, keys, "asinb_key_daily_limit", "gauge", "Requests per day (TPD) of the key.")
+    for k in keys:
+        if k.daily_limit is not None:
+            out.sample("asinb_key_daily_limit", k.daily_limit, key=k.name)
+    _per_key(out, keys, "asinb_key_state", "gauge", "1 for the key's current state.")
+    for k in keys:
+        for state in ("active", "paused", "parked", "disabled"):
+            out.sample("asinb_key_state", int(k.state == state), key=k.name, state=state)
+    _per_key(out, keys, "asinb_key_waiting_quota", "gauge", "1 while waiting for daily quota.")
+    for k in keys:
+        out.sample("asinb_key_waiting_quota", int(k.until is not None), key=k.name)
+
+
+def _per_key(out: _Exposition, keys: tuple[KeySnapshot, ...], *family: str) -> None:
+    if keys:
+        out.family(*family)
+
+
+class _Exposition:
+    """Accumulates lines of the text format."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+        self._lines.append(f"# HELP {name} {escaped}")
+        self._lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        if labels:
+            pairs = ",".join(f'{key}="{_label(text)}"' for key, text in labels.items())
+            name = f"{name}{{{pairs}}}"
+        self._lines.append(f"{name} {_number(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(float(value))
+
+
+def create_app(source: StatusSource) -> web.Application:
+    """The aiohttp application serving the three endpoints from ``source``."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        # Liveness only: answering at all proves the event loop turns.
+        return web.json_response({"ok": True})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        verdict = readiness(source.engine_metrics(), state=source.spool_snapshot().state)
+        return web.json_response(verdict.to_json(), status=200 if verdict.ready else 503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = render_metrics(source.engine_metrics(), source.spool_snapshot())
+        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+class MetricsServer:
+    """Serves :func:`create_app` on ``host:port`` inside ``async with``.
+
+    Args:
+        source: what the endpoints report.
+        host: address to bind; loopback unless ``allow_remote``.
+        port: port to bind; 0 picks a free one (read :attr:`port` after entering).
+        allow_remote: allow a non-loopback ``host``.
+
+    Raises:
+        ConfigError: ``host`` is not loopback and ``allow_remote`` is False.
+    """
+
+    def __init__(
+        self, source: StatusSource, *, host: str, port: int, allow_remote: bool = False
+    ) -> None:
+        check_host(host, allow_remote=allow_remote)
+        self._app = create_app(source)
+        self._host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. ``http://127.0.0.1:9464``."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    async def __aenter__(self) -> MetricsServer:
+        runner = web.AppRunner(self._app, shutdown_timeout=_SHUTDOWN_TIMEOUT_S, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        addresses: Iterable[object] = runner.addresses
+        for address in addresses:
+            if isinstance(address, tuple) and len(address) >= 2:
+                self.port = int(address[1])
+                break
+        self._runner = runner
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

@@ -1,0 +1,717 @@
+"""``broker serve``: claim job files from a spool directory, run each through one broker, file them.
+
+The spool follows the maildir convention (``ecosystem.md`` 2.4)::
+
+    SPOOL/inbox/       producers write name.tmp or .name, then rename() it in here
+    SPOOL/processing/  the claimed job file <name> and its work files: <name>.out.<format>,
+                       its ledger <name>.out.<format>.ledger and invalid-row report
+    SPOOL/done/        <name>, <name>.out.<format>, <name>.out.<format>.invalid.jsonl (if
+                       any row was invalid) and <name>.status.json
+    SPOOL/failed/      <name> and <name>.status.json naming the error (a data error)
+    SPOOL/state/       budget.sqlite: every key's daily request count, shared by all jobs
+                       and kept across restarts
+
+Choices:
+
+- **Claiming** is a hard link from ``inbox/x`` to ``processing/x`` followed by an unlink of
+  ``inbox/x``. Like a rename it is atomic (of two daemons, one link fails), and unlike a
+  rename it never replaces a same-named job that another daemon is still processing. A
+  filesystem without hard links falls back to a rename.
+- **Ignored entries**: dotfiles, ``*.tmp``, symlinks and anything but a regular file. Names
+  containing ``.out.jsonl``, ``.out.csv`` or ``.out.sqlite`` are the daemon's own work files
+  and are refused into ``failed/``. Output names derive from the job's name only.
+- **One job at a time**, oldest first, through one :class:`~broker.engine.broker.Broker`
+  kept open for the daemon's life, so rates, circuits and the daily budget carry over
+  from job to job.
+- **Crash safety**: the job file leaves ``processing/`` last, after its output and status,
+  and its ledger is removed after that. A job found in ``processing/`` at start is resumed;
+  its ledger makes every row come out exactly once. In ``done/`` and ``failed/`` a job
+  file's presence marks a complete filing: outputs without their job file are leftovers of
+  an interrupted filing and are overwritten when the job is filed again.
+- **Signals**: the first SIGTERM/SIGINT stops claiming and cancels the current job (its
+  finished rows are committed; it stays in ``processing/`` and resumes at the next start),
+  closes the broker and returns (exit 0). A second signal (a second or more after the
+  first) exits at once with 75.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import errno
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from broker.clock import Clock, LoopClock
+from broker.engine.broker import Broker
+from broker.errors import ConfigError, JobFileError
+from broker.jobs.lock import JobLockedError
+from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
+from broker.jobs.runner import ExitCode, JobOptions, JobSummary, describe_failure, run_job
+
+if TYPE_CHECKING:
+    from broker.config import BrokerConfig
+    from broker.engine.metrics import MetricsSnapshot
+
+__all__ = [
+    "DEFAULT_PORT",
+    "Daemon",
+    "ServeOptions",
+    "Spool",
+    "SpoolBudgetStore",
+    "SpoolJob",
+    "serve_command",
+]
+
+logger = structlog.get_logger("broker")
+
+#: The default port of ``/metrics`` (the Prometheus exporter convention's range).
+DEFAULT_PORT: Final = 9464
+_FORMATS: Final = ("jsonl", "csv", "sqlite")
+_RESERVED: Final = tuple(f".out.{fmt}" for fmt in _FORMATS)
+_STATUSES: Final = ("ok", "not_found", "invalid", "failed")
+#: Finished jobs whose row counts ``/metrics`` keeps showing (bounds label cardinality).
+_RECENT_JOBS: Final = 20
+# One Ctrl-C or one systemd stop often arrives twice: the terminal (or the cgroup) signals
+# every process of the group, and ``uv run`` forwards its own copy to us. A repeat this soon
+# after the first is that echo, not a user insisting.
+_SIGNAL_ECHO_S: Final = 1.0
+# Hard links are not supported here: claim with a rename instead.
+_NO_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """How to run the daemon.
+
+    Attributes:
+        spool: the spool directory (its subdirectories are created as needed).
+        host: address of the HTTP endpoints; loopback unless ``allow_remote``.
+        port: port of the HTTP endpoints; 0 picks a free one.
+        allow_remote: allow a non-loopback ``host``.
+        poll_s: seconds between scans of ``inbox/`` while idle.
+        progress: progress display of each job (see :class:`~broker.jobs.runner.JobOptions`).
+        handle_signals: install SIGTERM/SIGINT handlers (tests and embedders turn it off and
+            call :meth:`Daemon.request_stop`).
+    """
+
+    spool: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    allow_remote: bool = False
+    poll_s: float = 1.0
+    progress: str = "auto"
+    handle_signals: bool = True
+
+
+class SpoolBudgetStore:
+    """The daemon's :class:`~broker.engine.quota.BudgetStore`: daily counts in one SQLite file.
+
+    WAL with ``synchronous = NORMAL``: a count survives a crash of the daemon; a power cut
+    may lose the last few, which the budget's guard margin below TPD absorbs. Two daemons
+    on one spool each count their own requests (the latest save wins), so give each its
+    own keys.
+    """
+
+    __slots__ = ("_conn", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS budget (key_name TEXT NOT NULL, day TEXT NOT NULL, "
+            "count INTEGER NOT NULL, PRIMARY KEY (key_name, day)) WITHOUT ROWID"
+        )
+
+    def load(self, key_name: str, day: date) -> int:
+        """Return the count saved for ``key_name`` on ``day`` (UTC window day), or 0."""
+        row = self._conn.execute(
+            "SELECT count FROM budget WHERE key_name = ? AND day = ?", (key_name, day.isoformat())
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def save(self, key_name: str, day: date, count: int) -> None:
+        """Record ``count`` for ``key_name`` on ``day``; the latest call wins."""
+        self._conn.execute(
+            "INSERT INTO budget (key_name, day, count) VALUES (?, ?, ?) "
+            "ON CONFLICT (key_name, day) DO UPDATE SET count = excluded.count",
+            (key_name, day.isoformat(), count),
+        )
+
+    def close(self) -> None:
+        """Close the database."""
+        self._conn.close()
+
+    def __enter__(self) -> SpoolBudgetStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SpoolBudgetStore({str(self.path)!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolJob:
+    """A claimed job: its file in ``processing/`` and the work files derived from its name."""
+
+    name: str
+    path: Path
+    format: str
+
+    @property
+    def out(self) -> Path:
+        """The output file, ``processing/<name>.out.<format>``."""
+        return self.path.with_name(f"{self.name}.out.{self.format}")
+
+    @property
+    def ledger(self) -> Path:
+        """The job's ledger (the runner puts it beside the output)."""
+        return self.out.with_name(self.out.name + ".ledger")
+
+    @property
+    def invalid_report(self) -> Path:
+        """The invalid-row report (the runner writes it beside the output)."""
+        return self.out.with_name(self.out.name + ".invalid.jsonl")
+
+    def work_files(self) -> tuple[Path, ...]:
+        """Every file the runner may leave beside the job."""
+        ledger = self.ledger
+        side = ("-wal", "-shm", "-journal", ".lock")
+        return (
+            self.out,
+            self.invalid_report,
+            self.invalid_report.with_name(self.invalid_report.name + ".tmp"),
+            ledger,
+            *(ledger.with_name(ledger.name + suffix) for suffix in side),
+        )
+
+
+class Spool:
+    """The spool directory: listing, claiming and filing jobs (synchronous file operations)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.inbox = self.root / "inbox"
+        self.processing = self.root / "processing"
+        self.done = self.root / "done"
+        self.failed = self.root / "failed"
+        self.state = self.root / "state"
+
+    def prepare(self) -> None:
+        """Create the subdirectories that are missing."""
+        for directory in (self.inbox, self.processing, self.done, self.failed, self.state):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def waiting(self) -> list[str]:
+        """Job files in ``inbox/``, oldest first."""
+        return _job_files(self.inbox)
+
+    def claimed(self) -> list[str]:
+        """Job files in ``processing/`` (left by a stopped or crashed daemon), oldest first."""
+        return [name for name in _job_files(self.processing) if not _is_reserved(name)]
+
+    def sweep(self) -> list[str]:
+        """Remove work files in ``processing/`` whose job file is gone; return their names.
+
+        They are what a crash between filing a job and removing its ledger leaves behind.
+        A job that is still there (ours to resume, or another daemon's) keeps its files.
+        """
+        removed = []
+        with os.scandir(self.processing) as entries:
+            names = [entry.name for entry in entries]
+        for name in names:
+            owner = _owner(name)
+            if owner is not None and not (self.processing / owner).exists():
+                (self.processing / name).unlink(missing_ok=True)
+                removed.append(name)
+        return removed
+
+    def claim(self, name: str) -> bool:
+        """Move ``inbox/<name>`` to ``processing/<name>``; False if someone else has it."""
+        source, target = self.inbox / name, self.processing / name
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileNotFoundError:
+            return False  # another daemon claimed it first
+        except FileExistsError:
+            # The same file (a daemon died between link and unlink): it is claimed already.
+            with contextlib.suppress(OSError):
+                if os.path.samefile(source, target):
+                    source.unlink()
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            if target.exists():
+                return False
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                return False
+            return True
+        with contextlib.suppress(FileNotFoundError):
+            source.unlink()
+        return True
+
+    def job(self, name: str, default_format: str) -> SpoolJob:
+        """The claimed job ``name``; a job begun with another output format keeps it."""
+        path = self.processing / name
+        for fmt in (default_format, *_FORMATS):
+            job = SpoolJob(name, path, fmt)
+            if job.ledger.exists():
+                return job
+        return SpoolJob(name, path, default_format)
+
+    def reject(self, name: str, status: Mapping[str, object]) -> Path | None:
+        """File ``inbox/<name>`` straight into ``failed/``; None if it vanished meanwhile."""
+        base = _free_name(self.failed, name)
+        _write_status(self.failed / f"{base}.status.json", status)
+        try:
+            os.rename(self.inbox / name, self.failed / base)
+        except FileNotFoundError:
+            (self.failed / f"{base}.status.json").unlink(missing_ok=True)
+            return None
+        _fsync_dir(self.failed)
+        return self.failed / base
+
+    def file(self, job: SpoolJob, outcome: str, status: Mapping[str, object]) -> Path:
+        """Move a finished job into ``done/`` (with its outputs) or ``failed/``.
+
+        Outputs and the status file go first, the job file last, then the work files are
+        removed: a crash at any point leaves the job in ``processing/`` to be filed again.
+
+        Returns:
+            The job file's new path.
+        """
+        dest = self.done if outcome == "done" else self.failed
+        base = _free_name(dest, job.name)
+        record = dict(status)
+        if outcome == "done":
+            record["output"] = _move(job.out, dest, f"{base}.out.{job.format}")
+            record["invalid_report"] = _move(
+                job.invalid_report, dest, f"{base}.out.{job.format}.invalid.jsonl"
+            )
+        _write_status(dest / f"{base}.status.json", record)
+        os.replace(job.path, dest / base)
+        _fsync_dir(dest)
+        _fsync_dir(self.processing)
+        for path in job.work_files():
+            path.unlink(missing_ok=True)
+        return dest / base
+
+
+def _is_reserved(name: str) -> bool:
+    """True for names of the daemon's own work files, which a job may not take."""
+    return any(part in name for part in _RESERVED)
+
+
+def _owner(name: str) -> str | None:
+    """The job a work file belongs to (``a.txt`` for ``a.txt.out.csv.ledger``), else None."""
+    cut = min((i for i in (name.find(part) for part in _RESERVED) if i > 0), default=-1)
+    return name[:cut] if cut > 0 else None
+
+
+def _job_files(directory: Path) -> list[str]:
+    found: list[tuple[int, str]] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name.endswith(".tmp"):
+                continue
+            try:
+                if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                    continue
+                found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+            except FileNotFoundError:
+                continue  # taken by another daemon while we looked
+    return [name for _, name in sorted(found)]
+
+
+def _free_name(directory: Path, name: str) -> str:
+    """``name``, or ``head-2.rest``, ``head-3.rest``... whichever has no job file yet."""
+    if not (directory / name).exists():
+        return name
+    head, dot, rest = name.partition(".")
+    for n in itertools.count(2):
+        candidate = f"{head}-{n}{dot}{rest}"
+        if not (directory / candidate).exists():
+            return candidate
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _move(source: Path, directory: Path, name: str) -> str | None:
+    if not source.exists():
+        return None
+    os.replace(source, directory / name)
+    return name
+
+
+def _write_status(path: Path, status: Mapping[str, object]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as stream:
+        json.dump(status, stream, ensure_ascii=False, indent=2)
+        stream.write("\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ledger_tally(ledger: Path) -> dict[str, int] | None:
+    """A running job's rows by status, read from its ledger's ``tally`` table, read-only.
+
+    Reading the runner's ledger from the side keeps ``/metrics`` live without a callback
+    into the runner; a ledger not created yet (or busy) just gives None.
+    """
+    try:
+        conn = sqlite3.connect(f"{ledger.absolute().as_uri()}?mode=ro", uri=True, timeout=0.05)
+        try:
+            rows = conn.execute("SELECT status, n FROM tally").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return {str(status): int(n) for status, n in rows if n}
+
+
+class Daemon:
+    """The spool daemon; see the module docstring. Implements the HTTP ``StatusSource``.
+
+    Args:
+        config: the validated configuration (the broker's and the jobs' output format).
+        options: spool, HTTP address and behaviour.
+        clock: time source of the broker and of ``finished_at`` stamps.
+
+    Raises:
+        ConfigError: ``options.host`` is not loopback and remote binding is not allowed, or
+            ``options.port`` is not a port number.
+    """
+
+    def __init__(
+        self, config: BrokerConfig, options: ServeOptions, *, clock: Clock | None = None
+    ) -> None:
+        check_host(options.host, allow_remote=options.allow_remote)
+        if not 0 <= options.port <= 65535:
+            raise ConfigError("serve.port", f"{options.port} is not a port number (0-65535)")
+        self._config = config
+        self._options = options
+        self._clock: Clock = clock or LoopClock()
+        self.spool = Spool(options.spool)
+        self._stop = asyncio.Event()
+        #: set once the HTTP endpoints listen and the broker is open
+        self.started = asyncio.Event()
+        self.url: str | None = None
+        self._state = "starting"
+        self._signalled_at: float | None = None
+        self._broker: Broker | None = None
+        self._job_task: asyncio.Task[JobSummary] | None = None
+        self._current: SpoolJob | None = None
+        self._jobs_done = 0
+        self._jobs_failed = 0
+        self._inbox = 0
+        self._rows: collections.Counter[str] = collections.Counter()
+        self._recent: collections.deque[JobRows] = collections.deque(maxlen=_RECENT_JOBS)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until :meth:`request_stop` or a signal, then close everything and return.
+
+        Raises:
+            NoUsableKeyError: every key is out of rotation (the job stays in processing/).
+            ConfigError: the HTTP port cannot be bound, or a key has no secret.
+            OSError: the spool cannot be written.
+        """
+        loop = asyncio.get_running_loop()
+        if self._options.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            self.spool.prepare()
+            async with contextlib.AsyncExitStack() as stack:
+                store = stack.enter_context(SpoolBudgetStore(self.spool.state / "budget.sqlite"))
+                self.url = await self._listen(stack)
+                broker = Broker(self._config, clock=self._clock, budget_store=store)
+                self._broker = await stack.enter_async_context(broker)
+                self._state = "running"
+                self.started.set()
+                logger.info("broker.daemon_started", spool=str(self.spool.root), url=self.url)
+                try:
+                    await self._work(self._broker)
+                finally:
+                    self._state = "stopping"
+            self._broker = None
+        finally:
+            self._state = "stopping"
+            if self._options.handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+        logger.info(
+            "broker.daemon_stopped", jobs_done=self._jobs_done, jobs_failed=self._jobs_failed
+        )
+
+    def request_stop(self) -> None:
+        """Stop claiming and cancel the current job (it resumes at the next start)."""
+        self._stop.set()
+        if self._job_task is not None:
+            self._job_task.cancel()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        now = self._clock.monotonic()
+        if self._signalled_at is not None and now - self._signalled_at < _SIGNAL_ECHO_S:
+            return  # the same stop delivered twice (see _SIGNAL_ECHO_S)
+        if self._signalled_at is not None:
+            logger.warning("broker.daemon_forced", signal=sig.name, exit_code=ExitCode.RESUMABLE)
+            sys.stderr.flush()
+            # The ledgers are crash-safe, so even this leaves every job resumable.
+            os._exit(ExitCode.RESUMABLE)
+        logger.warning(
+            "broker.daemon_stopping",
+            signal=sig.name,
+            job=self._current.name if self._current else None,
+            note="the current job stays in processing/ and resumes at the next start; "
+            "send the signal again to stop at once",
+        )
+        self._signalled_at = now
+        self.request_stop()
+
+    async def _listen(self, stack: contextlib.AsyncExitStack) -> str:
+        options = self._options
+        server = MetricsServer(
+            self, host=options.host, port=options.port, allow_remote=options.allow_remote
+        )
+        try:
+            await stack.enter_async_context(server)
+        except OSError as exc:
+            raise ConfigError(
+                "serve.port", f"cannot listen on {options.host}:{options.port}: {exc.strerror}"
+            ) from exc
+        return server.url
+
+    # -- the work loop ------------------------------------------------------------------------
+
+    async def _work(self, broker: Broker) -> None:
+        swept = self.spool.sweep()
+        if swept:
+            logger.info("broker.spool_swept", removed=swept)
+        for left in self.spool.claimed():
+            if self._stop.is_set():
+                return
+            logger.info("broker.job_resumed", job=left)
+            await self._process(broker, left)
+        while not self._stop.is_set():
+            name = self._claim_next()
+            if name is None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._options.poll_s):
+                        await self._stop.wait()
+                continue
+            await self._process(broker, name)
+
+    def _claim_next(self) -> str | None:
+        waiting = self.spool.waiting()
+        self._inbox = len(waiting)
+        for name in waiting:
+            if _is_reserved(name):
+                message = (
+                    f"the name {name!r} is reserved for the daemon's work files "
+                    f"(it contains {' or '.join(_RESERVED)}); rename the job"
+                )
+                if self.spool.reject(name, self._failure_status(name, message)) is not None:
+                    self._count_failed(name, message)
+                continue
+            if self.spool.claim(name):
+                self._inbox -= 1
+                logger.info("broker.job_claimed", job=name)
+                return name
+        return None
+
+    async def _process(self, broker: Broker, name: str) -> None:
+        job = self.spool.job(name, self._config.output.format)
+        options = JobOptions(
+            job=job.path,
+            out=job.out,
+            format=job.format,
+            progress=self._options.progress,
+            handle_signals=False,
+        )
+        before = broker.metrics()
+        self._current = job
+        task = asyncio.get_running_loop().create_task(run_job(self._config, options, broker=broker))
+        self._job_task = task
+        try:
+            summary = await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._stop.is_set() and (current is None or not current.cancelling()):
+                logger.info("broker.job_stopped", job=name, note="resumes at the next start")
+                return
+            raise
+        except JobLockedError as exc:
+            logger.warning("broker.job_skipped", job=name, reason=str(exc))
+            return
+        except JobFileError as exc:
+            self._fail(job, exc)
+            return
+        except FileNotFoundError:
+            if job.path.exists():
+                raise
+            logger.warning("broker.job_vanished", job=name, path=str(job.path))
+            return
+        finally:
+            self._job_task = None
+            self._current = None
+        if summary.stopped_by_signal or summary.pending:
+            logger.error("broker.job_unfinished", job=name, pending=summary.pending)
+            return
+        self._finish(job, summary, before, broker.metrics())
+
+    # -- filing -------------------------------------------------------------------------------
+
+    def _finish(
+        self, job: SpoolJob, summary: JobSummary, before: MetricsSnapshot, after: MetricsSnapshot
+    ) -> None:
+        rows = {status: summary.by_status.get(status, 0) for status in _STATUSES}
+        rows.update(summary.by_status)
+        status: dict[str, object] = {
+            "job": job.name,
+            "outcome": "done",
+            "exit_code": summary.exit_code(),
+            "rows": {"total": summary.total, **rows},
+            "requests": after.requests - before.requests,
+            "throttled": after.throttled - before.throttled,
+            "retries": after.retries - before.retries,
+            "wall_s": round(summary.wall_s, 3),
+            "finished_at": self._now(),
+            "error": None,
+        }
+        path = self.spool.file(job, "done", status)
+        self._jobs_done += 1
+        self._rows.update(summary.by_status)
+        self._recent.appendleft(JobRows(job.name, dict(summary.by_status)))
+        logger.info(
+            "broker.job_filed",
+            job=job.name,
+            outcome="done",
+            path=str(path),
+            **{key: value for key, value in status.items() if key not in ("job", "outcome")},
+        )
+
+    def _fail(self, job: SpoolJob, exc: BaseException) -> None:
+        code, message = describe_failure(exc)
+        status = self._failure_status(job.name, message, code)
+        path = self.spool.file(job, "failed", status)
+        self._count_failed(job.name, message, path)
+
+    def _failure_status(
+        self, name: str, message: str, code: int = ExitCode.DATA_ERROR
+    ) -> dict[str, object]:
+        return {
+            "job": name,
+            "outcome": "failed",
+            "exit_code": code,
+            "error": message,
+            "finished_at": self._now(),
+        }
+
+    def _count_failed(self, name: str, message: str, path: Path | None = None) -> None:
+        self._jobs_failed += 1
+        logger.warning(
+            "broker.job_filed",
+            job=name,
+            outcome="failed",
+            error=message,
+            path=str(path or self.spool.failed / name),
+        )
+
+    def _now(self) -> str:
+        return self._clock.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    # -- StatusSource -------------------------------------------------------------------------
+
+    def engine_metrics(self) -> MetricsSnapshot | None:
+        """The broker's counters, or None while it is not open."""
+        return self._broker.metrics() if self._broker is not None else None
+
+    def spool_snapshot(self) -> SpoolSnapshot:
+        """The daemon's job counters, the current job's rows read live from its ledger."""
+        rows = collections.Counter(self._rows)
+        jobs = list(self._recent)
+        if self._current is not None:
+            live = _ledger_tally(self._current.ledger) or {}
+            rows.update({status: n for status, n in live.items() if status != "pending"})
+            jobs.insert(0, JobRows(self._current.name, live))
+        return SpoolSnapshot(
+            state=self._state,
+            jobs_done=self._jobs_done,
+            jobs_failed=self._jobs_failed,
+            inbox=self._inbox,
+            rows_by_status=dict(rows),
+            jobs=tuple(jobs),
+        )
+
+
+def serve_command(
+    config: BrokerConfig,
+    args: argparse.Namespace,
+    *,
+    run: Callable[[Coroutine[Any, Any, object]], int],
+) -> int:
+    """Run ``broker serve`` with parsed ``args`` (spool, host, port, allow_remote).
+
+    Args:
+        config: the loaded configuration.
+        args: the parsed command line.
+        run: runs a coroutine to completion on an event loop (the CLI's loop policy).
+
+    Returns:
+        The process exit code: 0 after a stop by signal, else the code of the failure.
+    """
+    options = ServeOptions(
+        spool=Path(args.spool),
+        host=str(args.host),
+        port=int(args.port),
+        allow_remote=bool(args.allow_remote),
+    )
+    try:
+        daemon = Daemon(config, options)
+        run(daemon.run())
+    except ConfigError as exc:
+        print(f"broker serve: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except Exception as exc:
+        code, message = describe_failure(exc)
+        logger.error("broker.daemon_failed", exit_code=code, error=message)
+        print(f"broker serve: {message}", file=sys.stderr)
+        return code
+    return ExitCode.OK

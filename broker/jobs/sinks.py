@@ -1,0 +1,655 @@
+"""Output sinks: write the ledger's final rows to JSONL, CSV or SQLite so each lands exactly once.
+
+Every sink is derived from the ledger (``reliability.md`` 2.3): the runner feeds it rows in
+``done_order``, calls :meth:`ResultSink.flush` (which makes them durable and returns the new
+:class:`~broker.jobs.ledger.SinkState`), then records that state in the ledger. After a crash
+at any point the next run opens the sink with the recorded state and re-emits everything
+after it.
+
+Resume scheme of the file sinks (JSONL, CSV). ``SinkState`` is ``(offset, done_order)``: the
+first ``offset`` bytes are complete, fsynced rows, and they are exactly the rows with
+``done_order`` 1..``done_order`` (the ledger numbers final rows 1, 2, 3... without gaps, and
+a sink refuses rows out of that sequence). On open:
+
+- a file at least ``offset`` long is cut back to ``offset``, which drops a torn or
+  unrecorded tail (A5), and writing resumes after ``done_order``;
+- a file *shorter* than ``offset`` (cut by hand, or deleted) is cut back to its last
+  complete record, and since record *k* of the file is ``done_order`` *k*, counting the
+  complete records gives the ``done_order`` to resume after. ``open`` returns that state:
+  the caller re-emits from it (and should record it);
+- ``offset`` 0 means a fresh output: the file is emptied (CSV: the header is rewritten).
+
+So the final file holds every row exactly once, in ``done_order``. A failed write or fsync
+(disk full, A7) raises ``OSError``, and the sink then refuses further use; its state never
+moves past what was fsynced, and the next run cuts the partial tail off.
+
+The SQLite sink upserts by ``seq`` and keeps its own state in the same transaction as the
+rows, so it needs no byte offsets (``offset`` is always 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final, Protocol
+
+import structlog
+
+from broker.errors import JobFileError, describe
+from broker.jobs.ledger import DoneRow, SinkState
+
+if TYPE_CHECKING:
+    from broker.jobs.ledger import Ledger
+
+__all__ = [
+    "CSV_COLUMNS",
+    "SINK_FORMATS",
+    "CsvSink",
+    "InvalidReport",
+    "JsonlSink",
+    "ResultSink",
+    "SqliteSink",
+    "open_sink",
+    "output_row",
+]
+
+logger = structlog.get_logger("broker")
+
+#: The CSV header, fixed because CSV cannot grow columns. ``extra`` columns of the input and
+#: the raw ``item`` are not in CSV; use JSONL or SQLite for them.
+CSV_COLUMNS: Final = (
+    "line",
+    "input",
+    "asin",
+    "marketplace",
+    "status",
+    "title",
+    "price",
+    "currency",
+    "availability",
+    "detail_url",
+    "error_code",
+    "error_message",
+    "attempts",
+    "key",
+    "fetched_at",
+)
+
+#: The output formats :func:`open_sink` accepts.
+SINK_FORMATS: Final = ("jsonl", "csv", "sqlite")
+
+# Output holds what Amazon said about the user's items; like the ledger, owner-only.
+_FILE_MODE: Final = 0o600
+# Bytes buffered before they go to the OS; a flush always writes everything.
+_BUFFER_BYTES: Final = 1 << 20
+_SCAN_CHUNK: Final = 1 << 20
+_SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+_INVALID_INPUT = describe("InvalidAsin")
+_SQLITE_COLUMNS: Final = ("seq", *CSV_COLUMNS, "row_json")
+
+
+class ResultSink(Protocol):
+    """Protocol: one output of a job, written from the ledger in ``done_order``.
+
+    - ``open(resume_from)`` opens (creating if needed) the output and returns the state it
+      really resumes from: usually ``resume_from``, less when the output lost rows (cut by
+      hand, deleted). The caller emits every row after the returned ``done_order``.
+    - ``write(rows)`` takes rows in ``done_order``; a file sink requires them to continue the
+      sequence without a gap (``ValueError`` otherwise). Rows may be buffered.
+    - ``flush()`` makes everything written so far durable (fsync / commit) and returns the new
+      known-good state, which the caller then records in the ledger.
+    - ``close()`` releases the output; rows not flushed are dropped (the ledger still has
+      them, and the next open re-emits them).
+    - ``write`` and ``flush`` raise ``OSError`` when the disk is full or failing; the sink
+      is then unusable and the state it reported last stays the truth.
+    """
+
+    def open(self, resume_from: SinkState) -> SinkState: ...
+
+    def write(self, rows: Sequence[DoneRow]) -> None: ...
+
+    def flush(self) -> SinkState: ...
+
+    def close(self) -> None: ...
+
+
+def output_row(row: DoneRow) -> dict[str, object]:
+    """Return the JSON object of one output row (the architecture doc's row format).
+
+    Keys: line, input, asin, marketplace, status, item, summary, error, attempts, key,
+    fetched_at, and ``extra`` only when the input row had extra columns. A row invalid at
+    ingestion has ``asin`` null, error code ``InvalidAsin`` with the reason, 0 attempts.
+    """
+    result = row.result
+    out: dict[str, object]
+    if result is None:
+        out = {
+            "line": row.line,
+            "input": row.raw,
+            "asin": None,
+            "marketplace": row.marketplace,
+            "status": "invalid",
+            "item": None,
+            "summary": None,
+            "error": {
+                "code": _INVALID_INPUT.code,
+                "message": row.error_reason or "not an ASIN",
+                "remedy": _INVALID_INPUT.remedy,
+            },
+            "attempts": 0,
+            "key": None,
+            "fetched_at": None,
+        }
+    else:
+        out = {
+            "line": row.line,
+            "input": row.raw,
+            "asin": row.asin,
+            "marketplace": row.marketplace,
+            "status": row.status,
+            "item": result.get("item"),
+            "summary": result.get("summary"),
+            "error": result.get("error"),
+            "attempts": result.get("attempts", 0),
+            "key": result.get("key"),
+            "fetched_at": result.get("fetched_at"),
+        }
+    if row.extra:
+        out["extra"] = dict(row.extra)
+    return out
+
+
+def _csv_values(row: DoneRow) -> list[object]:
+    """The row as CSV cells in :data:`CSV_COLUMNS` order (None as empty)."""
+    out = output_row(row)
+    summary = _mapping(out["summary"])
+    error = _mapping(out["error"])
+    return [
+        out["line"],
+        out["input"],
+        out["asin"],
+        out["marketplace"],
+        out["status"],
+        summary.get("title"),
+        summary.get("price"),
+        summary.get("currency"),
+        summary.get("availability"),
+        summary.get("detail_url"),
+        error.get("code"),
+        error.get("message"),
+        out["attempts"],
+        out["key"],
+        out["fetched_at"],
+    ]
+
+
+def _mapping(value: object) -> Mapping[str, object]:
+    return value if isinstance(value, Mapping) else _EMPTY
+
+
+_EMPTY: Final[Mapping[str, object]] = MappingProxyType({})
+
+
+def _json_line(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _utf8(text: str) -> bytes:
+    # A lone surrogate (undecodable input kept as is) cannot be UTF-8; inside a JSON string
+    # its backslash form is a valid escape, and in CSV it stays readable.
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at the descriptor's position (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # A new file's directory entry is durable only once the directory is synced.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FileSink:
+    """The file mechanics shared by JSONL and CSV: buffering, truncation, resume, fsync."""
+
+    _header: bytes = b""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._buffer = bytearray()
+        self._written = 0  # bytes handed to the OS; the file's logical end
+        self._done_order = 0  # the last row written or buffered
+        self._failed: OSError | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def _encode(self, rows: Sequence[DoneRow]) -> bytes:
+        raise NotImplementedError
+
+    def _scan(self, fd: int) -> tuple[int, int]:
+        """Return (end offset of the last complete record, number of complete records)."""
+        raise NotImplementedError
+
+    def open(self, resume_from: SinkState) -> SinkState:
+        """Open the file and cut it back to a known-good state; return that state.
+
+        Raises:
+            OSError: the file cannot be opened, truncated or synced.
+        """
+        if self._fd is not None:
+            raise RuntimeError(f"{self!r} is already open")
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            state = self._resume(fd, resume_from)
+            os.ftruncate(fd, state.offset)
+            os.lseek(fd, state.offset, os.SEEK_SET)
+            if state.offset == 0 and self._header:
+                # Written at once, so even a job with no rows gets a file with its header.
+                _write_all(fd, self._header)
+                state = SinkState(len(self._header), 0)
+            os.fsync(fd)
+            if created:
+                _fsync_dir(self.path.absolute().parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._written = state.offset
+        self._done_order = state.done_order
+        self._failed = None
+        self._buffer.clear()
+        return state
+
+    def _resume(self, fd: int, resume_from: SinkState) -> SinkState:
+        if resume_from.offset == 0:
+            return SinkState()
+        size = os.fstat(fd).st_size
+        if size >= resume_from.offset:
+            return resume_from
+        end, records = self._scan(fd)
+        rows = records - (1 if self._header else 0)
+        state = SinkState(end, rows) if rows >= 0 else SinkState()
+        logger.warning(
+            "broker.output_shorter_than_recorded",
+            path=str(self.path),
+            recorded_bytes=resume_from.offset,
+            recorded_rows=resume_from.done_order,
+            size=size,
+            kept_rows=state.done_order,
+            note="the rows after kept_rows are written again",
+        )
+        return state
+
+    def write(self, rows: Sequence[DoneRow]) -> None:
+        """Append rows (buffered); they must continue the ``done_order`` sequence.
+
+        Raises:
+            ValueError: a row does not follow the previous one in ``done_order``.
+            OSError: the buffer could not be written out (the sink is then unusable).
+        """
+        fd = self._usable()
+        expected = self._done_order
+        for row in rows:
+            expected += 1
+            if row.done_order != expected:
+                raise ValueError(
+                    f"{self.path}: row done_order {row.done_order} written where "
+                    f"{expected} was due; rows must come from Ledger.done_rows_after() "
+                    "of the state open() returned"
+                )
+        if not rows:
+            return
+        self._buffer += self._encode(rows)
+        self._done_order = expected
+        if len(self._buffer) >= _BUFFER_BYTES:
+            self._drain(fd)
+
+    def flush(self) -> SinkState:
+        """Write out the buffer, fsync, and return the new known-good state.
+
+        Raises:
+            OSError: the write or fsync failed; nothing after the last returned state is
+                known good, and the sink is unusable.
+        """
+        fd = self._usable()
+        self._drain(fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._failed = exc
+            raise
+        return SinkState(self._written, self._done_order)
+
+    def close(self) -> None:
+        """Close the file; rows not flushed are dropped (re-emitted on the next open)."""
+        fd, self._fd = self._fd, None
+        self._buffer.clear()
+        if fd is not None:
+            os.close(fd)
+
+    def _usable(self) -> int:
+        if self._fd is None:
+            raise RuntimeError(f"{self!r} is not open")
+        if self._failed is not None:
+            failed = self._failed
+            raise OSError(
+                failed.errno,
+                f"{self.path}: an earlier write failed ({failed.strerror or failed}); "
+                "reopen the output to resume from its last flushed state",
+            )
+        return self._fd
+
+    def _drain(self, fd: int) -> None:
+        if not self._buffer:
+            return
+        try:
+            _write_all(fd, bytes(self._buffer))
+        except OSError as exc:
+            # Part of the buffer may be on disk now; the next open cuts it off.
+            self._failed = exc
+            raise
+        self._written += len(self._buffer)
+        self._buffer.clear()
+
+
+class JsonlSink(_FileSink):
+    """JSON Lines output: UTF-8 without BOM, one compact object per row, ``\\n``-terminated."""
+
+    def _encode(self, rows: Sequence[DoneRow]) -> bytes:
+        return _utf8("".join(_json_line(output_row(row)) for row in rows))
+
+    def _scan(self, fd: int) -> tuple[int, int]:
+        end = records = position = 0
+        while chunk := os.pread(fd, _SCAN_CHUNK, position):
+            newlines = chunk.count(b"\n")
+            if newlines:
+                records += newlines
+                end = position + chunk.rindex(b"\n") + 1
+            position += len(chunk)
+        return end, records
+
+
+class CsvSink(_FileSink):
+    """CSV output (RFC 4180: ``,``, ``"`` quoting, CRLF) under the fixed :data:`CSV_COLUMNS`.
+
+    Cells are UTF-8 without BOM; null values are empty cells; ``price`` is a plain decimal.
+    A quoted cell may span lines (an input row with a line break), so records are found by
+    quote parity, not by counting lines.
+    """
+
+    _header = _utf8(",".join(CSV_COLUMNS) + "\r\n")
+
+    def _encode(self, rows: Sequence[DoneRow]) -> bytes:
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\r\n")
+        writer.writerows(_csv_values(row) for row in rows)
+        return _utf8(text.getvalue())
+
+    def _scan(self, fd: int) -> tuple[int, int]:
+        # The csv module doubles quotes inside a quoted cell, so a newline ends a record
+        # exactly when the quotes before it (in this record) are even in number.
+        end = records = position = 0
+        odd = False
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            stream.seek(0)
+            for line in stream:
+                position += len(line)
+                odd ^= line.count(b'"') % 2 == 1
+                if line.endswith(b"\n") and not odd:
+                    records += 1
+                    end = position
+        return end, records
+
+
+class SqliteSink:
+    """SQLite output: table ``results`` with one row per input row, upserted by ``seq``.
+
+    Columns: ``seq`` (primary key), the :data:`CSV_COLUMNS`, and ``row_json`` (the whole
+    JSONL row, ``item`` and ``extra`` included). The sink's own progress lives in table
+    ``broker_sink`` and is committed with the rows, so the file is always self-consistent.
+    A fresh state (``done_order`` 0) empties ``results`` first.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._done_order = 0
+        self._durable = 0
+        self._failed: OSError | None = None
+
+    def __repr__(self) -> str:
+        return f"SqliteSink({str(self.path)!r})"
+
+    def open(self, resume_from: SinkState) -> SinkState:
+        """Open or create the database; return the state it holds (offset 0).
+
+        Raises:
+            JobFileError: the file exists but is not SQLite, or has a different ``results``
+                table (it is left untouched).
+            OSError: the disk is full or failing.
+        """
+        if self._conn is not None:
+            raise RuntimeError(f"{self!r} is already open")
+        if self.path.exists():
+            with open(self.path, "rb") as stream:
+                head = stream.read(len(_SQLITE_MAGIC))
+            if head and head != _SQLITE_MAGIC:
+                raise JobFileError(
+                    f"{self.path}: is not a SQLite database; it was left untouched. "
+                    "Choose another output path."
+                )
+        else:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            with _disk_errors(self.path):
+                own = self._prepare(conn, fresh=resume_from.done_order == 0)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._done_order = self._durable = own
+        return SinkState(0, own)
+
+    def _prepare(self, conn: sqlite3.Connection, *, fresh: bool) -> int:
+        columns = [name for (_, name, *_) in conn.execute("PRAGMA table_info(results)")]
+        if columns and columns != list(_SQLITE_COLUMNS):
+            raise JobFileError(
+                f"{self.path}: has a results table with other columns ({', '.join(columns)}); "
+                "it was left untouched. Choose another output path."
+            )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, line INTEGER, "
+                "input TEXT, asin TEXT, marketplace TEXT, status TEXT, title TEXT, price REAL, "
+                "currency TEXT, availability TEXT, detail_url TEXT, error_code TEXT, "
+                "error_message TEXT, attempts INTEGER, key TEXT, fetched_at TEXT, "
+                "row_json TEXT)"
+            )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS broker_sink "
+                "(id INTEGER PRIMARY KEY CHECK (id = 1), done_order INTEGER NOT NULL)"
+            )
+            if fresh:
+                conn.execute("DELETE FROM results")
+                conn.execute("DELETE FROM broker_sink")
+            conn.execute("INSERT OR IGNORE INTO broker_sink (id, done_order) VALUES (1, 0)")
+            (own,) = conn.execute("SELECT done_order FROM broker_sink").fetchone()
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return int(own)
+
+    def write(self, rows: Sequence[DoneRow]) -> None:
+        """Upsert rows by ``seq`` inside the open transaction (committed by :meth:`flush`)."""
+        conn = self._usable()
+        if not rows:
+            return
+        values = []
+        for row in rows:
+            out = output_row(row)
+            values.append((row.seq, *_csv_values(row), _json_line(out).rstrip("\n")))
+        placeholders = ", ".join("?" for _ in _SQLITE_COLUMNS)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in _SQLITE_COLUMNS[1:])
+        with self._failing(conn):
+            if not conn.in_transaction:
+                conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                f"INSERT INTO results ({', '.join(_SQLITE_COLUMNS)}) VALUES ({placeholders}) "
+                f"ON CONFLICT (seq) DO UPDATE SET {updates}",
+                values,
+            )
+        self._done_order = max(self._done_order, rows[-1].done_order)
+
+    def flush(self) -> SinkState:
+        """Commit the rows with the new state in one transaction and return it."""
+        conn = self._usable()
+        with self._failing(conn):
+            if not conn.in_transaction:
+                conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE broker_sink SET done_order = ?", (self._done_order,))
+            conn.execute("COMMIT")
+        self._durable = self._done_order
+        return SinkState(0, self._durable)
+
+    def close(self) -> None:
+        """Roll back what was not flushed and close the database."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.close()
+
+    def _usable(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"{self!r} is not open")
+        if self._failed is not None:
+            raise OSError(
+                self._failed.errno,
+                f"{self.path}: an earlier write failed ({self._failed.strerror}); "
+                "reopen the output to resume from its last flushed state",
+            )
+        return self._conn
+
+    @contextmanager
+    def _failing(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """Roll back on a SQLite error; a disk error makes the sink unusable."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._done_order = self._durable
+            failure = _as_os_error(self.path, exc)
+            if failure is None:
+                raise
+            self._failed = failure
+            raise failure from exc
+
+
+@contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """Raise SQLite's disk errors as ``OSError`` (so the CLI maps them to exit 74)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        failure = _as_os_error(path, exc)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _as_os_error(path: Path, exc: sqlite3.Error) -> OSError | None:
+    """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO), else None."""
+    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if primary == sqlite3.SQLITE_FULL:
+        return OSError(errno.ENOSPC, f"{path}: disk full ({exc})")
+    if primary == sqlite3.SQLITE_IOERR:
+        return OSError(errno.EIO, f"{path}: I/O error ({exc})")
+    return None
+
+
+class InvalidReport:
+    """``<out>.invalid.jsonl``: the job's invalid input rows, one ``{line, input, reason}`` each.
+
+    Written from the ledger at the end of a run, to a temporary file renamed into place, so
+    it is rewritten whole and never seen half-written. When the job has no invalid row,
+    there is no report (a stale one is removed).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"InvalidReport({str(self.path)!r})"
+
+    def write(self, ledger: Ledger) -> int:
+        """Rewrite the report from ``ledger`` and return how many rows it lists.
+
+        Raises:
+            OSError: the report cannot be written.
+        """
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        count = 0
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as stream:
+                for row in ledger.invalid_rows():
+                    entry = {"line": row.line, "input": row.raw, "reason": _reason(row)}
+                    stream.write(_utf8(_json_line(entry)))
+                    count += 1
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if count:
+            os.replace(temporary, self.path)
+        else:
+            temporary.unlink()
+            self.path.unlink(missing_ok=True)
+        _fsync_dir(self.path.absolute().parent)
+        return count
+
+
+def _reason(row: DoneRow) -> str:
+    if row.error_reason:
+        return row.error_reason
+    error = _mapping(row.result.get("error") if row.result else None)
+    return str(error.get("message") or "Amazon rejected the id as invalid")
+
+
+def open_sink(format: str, path: Path) -> ResultSink:
+    """Return an unopened sink for ``format`` (``jsonl``, ``csv`` or ``sqlite``) at ``path``.
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    if format == "jsonl":
+        return JsonlSink(path)
+    if format == "csv":
+        return CsvSink(path)
+    if format == "sqlite":
+        return SqliteSink(path)
+    raise ValueError(f"unknown output format {format!r}; choose one of {', '.join(SINK_FORMATS)}")

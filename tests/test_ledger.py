@@ -1,0 +1,489 @@
+"""Tests for broker.jobs.ledger and broker.jobs.lock: the job's durable state and its lock.
+
+Crash cases of reliability.md section 3.3 are marked in the test names (A2, A6, A8, A9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from broker.errors import JobFileError
+from broker.jobs.ledger import (
+    SCHEMA_VERSION,
+    JobChangedError,
+    Ledger,
+    Lookup,
+    SinkState,
+)
+from broker.jobs.lock import JobLock, JobLockedError
+from broker.jobs.sources import JobFingerprint, JobRow
+from broker.models import ErrorDetail, ItemResult, ItemSummary, Status
+
+US = "www.amazon.com"
+DE = "www.amazon.de"
+FP = JobFingerprint(Path("/jobs/job.txt"), 120, 1_700_000_000_000_000_000, "a" * 64)
+
+
+def asin(i: int) -> str:
+    """A well-formed ASIN for index ``i``."""
+    return f"B{i:09d}"
+
+
+def job_rows(*ids: str | None) -> list[JobRow]:
+    """One row per id on lines 1, 2, ...; None makes an invalid row."""
+    return [
+        JobRow(n, raw or "???", raw, error=None if raw else "not an ASIN: '???'")
+        for n, raw in enumerate(ids, 1)
+    ]
+
+
+def open_ledger(tmp_path: Path, fingerprint: JobFingerprint = FP, **options: object) -> Ledger:
+    """Open the ledger ``tmp_path / "job.ledger"`` for ``fingerprint``."""
+    return Ledger.open(
+        tmp_path / "job.ledger",
+        fingerprint=fingerprint,
+        default_marketplace=str(options.pop("default_marketplace", US)),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def result(lookup: Lookup, status: Status = Status.OK) -> ItemResult:
+    """An ItemResult for ``lookup`` as the engine would deliver it."""
+    ok = status is Status.OK
+    return ItemResult(
+        lookup.asin,
+        lookup.marketplace,
+        status,
+        item={"asin": lookup.asin, "title": "Tea, «green»"} if ok else None,
+        summary=ItemSummary(title="Tea, «green»", price=4.5, currency="USD") if ok else None,
+        error=None if ok else ErrorDetail("ItemNotAccessible", "gone", "check the ASIN"),
+        attempts=1,
+        key="main",
+        fetched_at=datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC),
+    )
+
+
+def finish_all(ledger: Ledger, status: Status = Status.OK) -> int:
+    """Record a result for every pending lookup; return rows completed."""
+    return ledger.record_results([(lk, result(lk, status)) for lk in ledger.pending_lookups()])
+
+
+class TestOpen:
+    def test_new_ledger_is_private(self, tmp_path: Path) -> None:
+        """A new ledger is mode 0600 in a directory created 0700, with the schema version."""
+        path = tmp_path / "state" / "job.ledger"
+        with Ledger.open(path, fingerprint=FP, default_marketplace=US):
+            pass
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        with sqlite3.connect(path) as conn:
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+            assert version.fetchone() == (SCHEMA_VERSION,)
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+    @pytest.mark.parametrize("content", [b"line 1\nline 2\n", b"\x00" * 4096, b"SQLite format"])
+    def test_a9_not_a_database_is_refused_and_untouched(
+        self, tmp_path: Path, content: bytes
+    ) -> None:
+        """A9: a file that is not SQLite is refused with a clear error and never written."""
+        path = tmp_path / "job.ledger"
+        path.write_bytes(content)
+        with pytest.raises(JobFileError, match="not a job ledger"):
+            Ledger.open(path, fingerprint=FP, default_marketplace=US)
+        assert path.read_bytes() == content
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["job.ledger"]
+
+    def test_a9_other_sqlite_database_is_refused_and_untouched(self, tmp_path: Path) -> None:
+        """A9: a SQLite file that is not a ledger (say, the SQLite output) is left alone."""
+        path = tmp_path / "job.ledger"
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE results (seq INTEGER PRIMARY KEY)")
+        conn.close()
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        with pytest.raises(JobFileError, match="not an asin-broker job ledger"):
+            Ledger.open(path, fingerprint=FP, default_marketplace=US)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+    def test_empty_file_becomes_a_ledger(self, tmp_path: Path) -> None:
+        """An empty file (a crash right after creating it) is initialised, not refused."""
+        (tmp_path / "job.ledger").touch()
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.counts().total == 0
+
+    def test_a6_changed_job_file_is_refused_naming_both(self, tmp_path: Path) -> None:
+        """A6: a different size/hash is refused; the message names the old and new file."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+        edited = JobFingerprint(Path("/jobs/job.txt"), 121, FP.mtime_ns + 5, "b" * 64)
+        with pytest.raises(JobChangedError) as caught:
+            open_ledger(tmp_path, edited)
+        message = str(caught.value)
+        assert "a" * 64 in message
+        assert "b" * 64 in message
+        assert "120 bytes" in message
+        assert "121 bytes" in message
+        assert "--new-job" in message
+        assert isinstance(caught.value, JobFileError)
+
+    def test_same_content_moved_and_touched_resumes(self, tmp_path: Path) -> None:
+        """Same bytes under another path and mtime (spool rename, cp) resume the job."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1), asin(2)))
+        moved = JobFingerprint(Path("/spool/work/job.txt"), FP.size, FP.mtime_ns + 10, FP.sha256)
+        with open_ledger(tmp_path, moved) as ledger:
+            assert ledger.ingest_complete
+            assert ledger.total_rows == 2
+
+    def test_changed_default_marketplace_is_refused(self, tmp_path: Path) -> None:
+        """Resuming with another default marketplace would mix marketplaces: refused."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+        with pytest.raises(JobChangedError, match=DE):
+            open_ledger(tmp_path, default_marketplace=DE)
+
+    def test_new_job_resets_rows_but_keeps_budget(self, tmp_path: Path) -> None:
+        """new_job drops rows, results and sink states; the daily counters survive."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1), asin(2)))
+            finish_all(ledger)
+            ledger.set_sink_state("out", SinkState(100, 2))
+            ledger.save("main", date(2026, 3, 1), 77)
+        edited = JobFingerprint(FP.path, 10, FP.mtime_ns, "c" * 64)
+        with open_ledger(tmp_path, edited, new_job=True) as ledger:
+            assert not ledger.ingest_complete
+            assert ledger.counts().total == 0
+            assert ledger.sink_state("out") == SinkState(0, 0)
+            assert ledger.load("main", date(2026, 3, 1)) == 77
+            assert ledger.ingest(job_rows(asin(3))) == 1
+            assert [lk.asin for lk in ledger.pending_lookups()] == [asin(3)]
+        with open_ledger(tmp_path, edited) as ledger:
+            assert ledger.total_rows == 1
+
+    def test_synchronous_option(self, tmp_path: Path) -> None:
+        """synchronous is FULL by default, NORMAL on request, anything else refused."""
+        with open_ledger(tmp_path) as ledger:
+            assert ledger._conn.execute("PRAGMA synchronous").fetchone() == (2,)
+        with open_ledger(tmp_path, synchronous="normal") as ledger:
+            assert ledger._conn.execute("PRAGMA synchronous").fetchone() == (1,)
+        with pytest.raises(ValueError, match="FULL or NORMAL"):
+            open_ledger(tmp_path, synchronous="OFF")
+
+
+class TestIngest:
+    def test_ingest_twice_adds_nothing(self, tmp_path: Path) -> None:
+        """A second ingest of a complete job reads nothing and changes nothing."""
+        rows = job_rows(asin(1), asin(2), None)
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.ingest(rows) == 3
+            assert ledger.ingest(rows) == 3
+            assert ledger.ingest(iter(())) == 3
+            assert ledger.counts().total == 3
+            assert ledger.pending_lookup_count() == 2
+
+    def test_a2_kill_mid_ingest_resumes_without_duplicates(self, tmp_path: Path) -> None:
+        """A2: ingestion stopped half-way (committed chunks kept) resumes with every row once."""
+        rows = job_rows(*(asin(i) if i % 4 else None for i in range(10)))
+
+        def dies_after_seven() -> Iterator[JobRow]:
+            yield from rows[:7]
+            raise KeyboardInterrupt  # stands in for kill -9 mid-ingest
+
+        with open_ledger(tmp_path) as ledger, pytest.raises(KeyboardInterrupt):
+            ledger.ingest(dies_after_seven(), chunk=3)
+        with open_ledger(tmp_path) as ledger:
+            resumed_from = (ledger.ingest_complete, ledger.total_rows)
+            assert resumed_from == (False, 6)  # two chunks of 3 committed
+            assert ledger.ingest(rows, chunk=3) == 10
+            assert ledger.ingest_complete
+            finish_all(ledger)
+            done = ledger.done_rows_after(0)
+            assert ledger.counts().by_status == {"invalid": 3, "ok": 7}
+        assert sorted(row.seq for row in done) == list(range(10))
+        assert [row.done_order for row in done] == list(range(1, 11))
+
+    def test_invalid_rows_are_final_at_ingest(self, tmp_path: Path) -> None:
+        """Invalid rows get status invalid, the reason and a done_order, in file order."""
+        rows = [
+            JobRow(3, "B000000001", "B000000001"),
+            JobRow(4, "12345", None, error="too short: 5 characters"),
+            JobRow(7, "x", None, marketplace=DE, extra={"sku": "A-1"}, error="bad"),
+        ]
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(rows)
+            done = ledger.done_rows_after(0)
+            counts = ledger.counts()
+        assert [(r.done_order, r.seq, r.line, r.raw, r.asin) for r in done] == [
+            (1, 1, 4, "12345", None),
+            (2, 2, 7, "x", None),
+        ]
+        assert done[0].error_reason == "too short: 5 characters"
+        assert done[0].marketplace == US
+        assert done[1].marketplace == DE
+        assert done[1].extra == {"sku": "A-1"}
+        assert done[0].result is None
+        assert done[0].status == "invalid"
+        assert (counts.total, counts.done, counts.pending) == (3, 2, 1)
+        assert counts.by_status == {"invalid": 2}
+
+    def test_shorter_source_on_resume_is_refused(self, tmp_path: Path) -> None:
+        """Resuming ingestion from a source with fewer rows than already stored is an error."""
+        rows = job_rows(*(asin(i) for i in range(6)))
+
+        def dies() -> Iterator[JobRow]:
+            yield from rows[:4]
+            raise KeyboardInterrupt
+
+        with open_ledger(tmp_path) as ledger:
+            with pytest.raises(KeyboardInterrupt):
+                ledger.ingest(dies(), chunk=2)
+            with pytest.raises(JobFileError, match="4 are already in the ledger"):
+                ledger.ingest(rows[:2])
+
+
+class TestWork:
+    def test_duplicates_are_fetched_once_and_copied(self, tmp_path: Path) -> None:
+        """Three rows of one ASIN: one pending lookup, one result, three rows done."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(7), asin(8), asin(7), asin(7)))
+            lookups = list(ledger.pending_lookups())
+            assert lookups == [Lookup(US, asin(7)), Lookup(US, asin(8))]
+            assert ledger.pending_lookup_count() == 2
+            assert ledger.record_results([(lookups[0], result(lookups[0]))]) == 3
+            done = ledger.done_rows_after(0)
+            assert [row.line for row in done] == [1, 3, 4]
+            assert all(row.result == result(lookups[0]).to_json() for row in done)
+            assert list(ledger.pending_lookups()) == [lookups[1]]
+            assert ledger.counts().pending == 1
+
+    def test_lookup_key_includes_marketplace_and_resources(self, tmp_path: Path) -> None:
+        """The same ASIN in another marketplace or with other resources is another lookup."""
+        rows = [
+            JobRow(1, asin(1), asin(1)),
+            JobRow(2, asin(1), asin(1), marketplace=US),
+            JobRow(3, asin(1), asin(1), marketplace=DE),
+            JobRow(4, asin(1), asin(1), resources=("ItemInfo.Title",)),
+            JobRow(5, asin(1), asin(1), resources=()),
+        ]
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(rows)
+            assert list(ledger.pending_lookups()) == [
+                Lookup(US, asin(1)),
+                Lookup(DE, asin(1)),
+                Lookup(US, asin(1), ("ItemInfo.Title",)),
+                Lookup(US, asin(1), ()),
+            ]
+            assert finish_all(ledger) == 5
+
+    def test_done_order_is_dense_and_monotonic(self, tmp_path: Path) -> None:
+        """done_order runs 1, 2, 3... across ingest and every commit, each above the last."""
+        ids = [asin(i % 5) if i % 7 else None for i in range(40)]
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(*ids), chunk=6)
+            seen = [row.done_order for row in ledger.done_rows_after(0)]
+            for lookup in list(ledger.pending_lookups()):
+                before = max(seen)
+                ledger.record_results([(lookup, result(lookup, Status.NOT_FOUND))])
+                new = [row.done_order for row in ledger.done_rows_after(before)]
+                assert new
+                assert min(new) == before + 1
+                seen += new
+            assert seen == list(range(1, 41))
+            assert [r.done_order for r in ledger.done_rows_after(10, limit=3)] == [11, 12, 13]
+
+    def test_repeated_result_is_ignored(self, tmp_path: Path) -> None:
+        """At-least-once: a second result for a done lookup changes nothing."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1), asin(1)))
+            (lookup,) = ledger.pending_lookups()
+            first = result(lookup)
+            assert ledger.record_results([(lookup, first), (lookup, first)]) == 2
+            assert ledger.record_results([(lookup, result(lookup, Status.FAILED))]) == 0
+            assert {row.status for row in ledger.done_rows_after(0)} == {"ok"}
+            assert ledger.counts().by_status == {"ok": 2}
+
+    def test_unknown_lookup_rolls_back_the_whole_batch(self, tmp_path: Path) -> None:
+        """A lookup not in the job raises ValueError and nothing of the batch is recorded."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+            (known,) = ledger.pending_lookups()
+            stranger = Lookup(US, asin(99))
+            with pytest.raises(ValueError, match="not a lookup of this job"):
+                ledger.record_results([(known, result(known)), (stranger, result(stranger))])
+            assert ledger.pending_lookup_count() == 1
+            assert ledger.done_rows_after(0) == []
+
+    def test_pending_lookups_page_while_results_are_recorded(self, tmp_path: Path) -> None:
+        """The stream is paged: recording results while iterating neither repeats nor skips."""
+        # NORMAL: 1,200 single-result commits would otherwise spend seconds in fsync.
+        with open_ledger(tmp_path, synchronous="NORMAL") as ledger:
+            ledger.ingest(job_rows(*(asin(i) for i in range(1200))))
+            yielded = []
+            for lookup in ledger.pending_lookups():
+                yielded.append(lookup.asin)
+                ledger.record_results([(lookup, result(lookup))])
+            assert yielded == [asin(i) for i in range(1200)]
+            assert ledger.pending_lookup_count() == 0
+            assert ledger.counts().by_status == {"ok": 1200}
+
+    def test_results_survive_reopen_and_map_to_rows(self, tmp_path: Path) -> None:
+        """Committed results, statuses and counts are there after close and reopen."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1), None, asin(2)))
+            first, second = ledger.pending_lookups()
+            ledger.record_results([(first, result(first)), (second, result(second, Status.FAILED))])
+        with open_ledger(tmp_path) as ledger:
+            counts = ledger.counts()
+            done = ledger.done_rows_after(0)
+        assert (counts.total, counts.done, counts.pending) == (3, 3, 0)
+        assert counts.by_status == {"failed": 1, "invalid": 1, "ok": 1}
+        by_line = {row.line: row for row in done}
+        assert by_line[1].result is not None
+        assert by_line[1].result["key"] == "main"
+        assert by_line[1].result["fetched_at"] == "2026-03-01T12:00:00.000Z"
+        assert by_line[3].status == "failed"
+
+    def test_invalid_rows_lists_ingest_and_amazon_rejections(self, tmp_path: Path) -> None:
+        """invalid_rows() yields rows invalid at ingest and ids Amazon called invalid."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1), None, asin(2)))
+            first, second = ledger.pending_lookups()
+            rejected = ItemResult(
+                asin(2), US, Status.INVALID, error=ErrorDetail("InvalidParameterValue", "no", "x")
+            )
+            ledger.record_results([(first, result(first)), (second, rejected)])
+            assert [(r.line, r.error_reason) for r in ledger.invalid_rows()] == [
+                (2, "not an ASIN: '???'"),
+                (3, None),
+            ]
+
+
+class TestSinkStateAndBudget:
+    def test_sink_state_round_trip(self, tmp_path: Path) -> None:
+        """A sink's state is (0, 0) when new and what was last set afterwards."""
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.sink_state("out") == SinkState(0, 0)
+            ledger.set_sink_state("out", SinkState(10, 1))
+            ledger.set_sink_state("out", SinkState(25, 2))
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.sink_state("out") == SinkState(25, 2)
+            assert ledger.sink_state("other") == SinkState()
+
+    def test_budget_store_round_trip(self, tmp_path: Path) -> None:
+        """load/save keep per-key, per-day counts across reopen; date and ISO text agree."""
+        day = date(2026, 3, 1)
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.load("main", day) == 0
+            ledger.save("main", day, 5)
+            ledger.save("main", day, 8)
+            ledger.save("spare", "2026-03-01", 1)
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.load("main", day) == 8
+            assert ledger.load("main", "2026-03-01") == 8
+            assert ledger.load("spare", day) == 1
+            assert ledger.load("main", date(2026, 3, 2)) == 0
+
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from broker.jobs.lock import JobLock
+lock = JobLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+class TestLock:
+    def test_a8_second_process_is_refused_with_holder_pid(self, tmp_path: Path) -> None:
+        """A8: while a process holds the job, another is refused and told the holder's PID."""
+        ledger_path = tmp_path / "job.ledger"
+        with subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(ledger_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as holder:
+            try:
+                assert holder.stdout is not None
+                assert holder.stdout.readline().strip() == "held"
+                with pytest.raises(JobLockedError) as caught:
+                    JobLock(ledger_path).acquire()
+                assert caught.value.pid == holder.pid
+                assert str(holder.pid) in str(caught.value)
+                assert isinstance(caught.value, JobFileError)
+            finally:
+                holder.kill()
+        # The dead holder's PID is still in the file, but its flock died with it.
+        assert (tmp_path / "job.ledger.lock").read_text().strip() == str(holder.pid)
+        with JobLock(ledger_path) as lock:
+            assert lock.held
+            assert (tmp_path / "job.ledger.lock").read_text().strip() == str(os.getpid())
+
+    def test_lock_is_exclusive_in_process_and_released_on_close(self, tmp_path: Path) -> None:
+        """A second JobLock is refused while the first is held, and succeeds after close."""
+        first = JobLock(tmp_path / "job.ledger").acquire()
+        with pytest.raises(JobLockedError, match=str(os.getpid())):
+            JobLock(tmp_path / "job.ledger").acquire()
+        first.close()
+        assert not first.held
+        with JobLock(tmp_path / "job.ledger") as second:
+            assert second.held
+        assert stat.S_IMODE((tmp_path / "job.ledger.lock").stat().st_mode) == 0o600
+
+
+def _rows(count: int) -> Iterator[JobRow]:
+    """``count`` rows: half of them duplicates, one in a hundred invalid."""
+    for i in range(count):
+        if i % 100 == 99:
+            yield JobRow(i + 1, "bad", None, error="not an ASIN")
+        else:
+            value = asin(i % (count // 2))
+            yield JobRow(i + 1, value, value)
+
+
+def _measure(tmp_path: Path, count: int) -> tuple[float, float, int]:
+    """Ingest ``count`` rows and stream the pending lookups under tracemalloc.
+
+    Returns (seconds, peak MB, lookups streamed).
+    """
+    tracemalloc.start()
+    try:
+        started = time.perf_counter()
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.ingest(_rows(count)) == count
+            streamed = sum(1 for _ in ledger.pending_lookups())
+            assert streamed == ledger.pending_lookup_count()
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+    return elapsed, peak, streamed
+
+
+class TestScale:
+    def test_ingest_and_stream_memory_is_flat(self, tmp_path: Path) -> None:
+        """100,000 rows ingest and stream with a traced peak of a few MB, not O(rows)."""
+        elapsed, peak, streamed = _measure(tmp_path, 100_000)
+        print(f"\n100k rows: {elapsed:.2f} s under tracemalloc, peak {peak:.1f} MB")
+        assert streamed == 49_500
+        assert peak < 20
+
+    @pytest.mark.slow
+    def test_million_rows(self, tmp_path: Path) -> None:
+        """1,000,000 rows ingest and stream with a traced peak under 50 MB (run with -m slow)."""
+        elapsed, peak, streamed = _measure(tmp_path, 1_000_000)
+        print(f"\n1M rows: {elapsed:.1f} s under tracemalloc, peak {peak:.1f} MB")
+        assert streamed == 495_000
+        assert peak < 50

@@ -1,0 +1,461 @@
+"""``broker serve``: the spool daemon and its HTTP endpoints, against the embedded simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker import cli
+from broker.config import BrokerConfig, parse_config
+from broker.engine.metrics import KeySnapshot, MetricsSnapshot
+from broker.errors import ConfigError
+from broker.jobs.metrics_http import SpoolSnapshot, readiness, render_metrics
+from broker.jobs.runner import ExitCode
+from broker.jobs.serve import Daemon, ServeOptions, SpoolBudgetStore
+from broker.testing import FakeClock
+
+_ACCOUNT = {
+    "name": "demo",
+    "protocol": "creators",
+    "credential_id": "demo-id",
+    "secret": "demo-secret",
+    "version": "3.1",
+    "partner_tags": {"www.amazon.com": "demo-20"},
+    "tps": 200.0,
+    "tpd": 1_000_000,
+}
+
+
+def _config(*, tps: float = 100.0, tpd: int = 100_000, batch_size: int = 10) -> BrokerConfig:
+    key = {
+        "name": "demo",
+        "credential_id": "demo-id",
+        "version": "3.1",
+        "partner_tags": {"www.amazon.com": "demo-20"},
+        "tps": tps,
+        "tpd": tpd,
+    }
+    document = {
+        "api": {"endpoint": "simulator"},
+        "keys": [key],
+        "engine": {"linger_s": 0.005, "batch_size": batch_size},
+        "simulator": {"seed": 5, "missing_share": 0.1, "accounts": [_ACCOUNT]},
+    }
+    return parse_config(document, environ={})
+
+
+def _config_file(tmp_path: Path, key_extra: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[api]\nendpoint = "simulator"\n\n[[keys]]\nname = "demo"\ncredential_id = "demo-id"\n'
+        'version = "3.1"\npartner_tags = { "www.amazon.com" = "demo-20" }\ntps = 100.0\n'
+        f'{key_extra}\n[log]\nformat = "json"\n'
+    )
+    return path
+
+
+def _asins(count: int, prefix: str) -> list[str]:
+    return [f"{prefix}{i:0{10 - len(prefix)}d}" for i in range(count)]
+
+
+def _drop(spool: Path, name: str, text: str) -> Path:
+    """Write a job the way producers must: a dotfile first, then rename into inbox/."""
+    inbox = spool / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / f".{name}").write_text(text)
+    os.rename(inbox / f".{name}", inbox / name)
+    return inbox / name
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def _until(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        # The file system has no event to wait on: poll it.
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def _filed(spool: Path, name: str, where: str = "done") -> dict[str, Any]:
+    status = spool / where / f"{name}.status.json"
+    await _until(status.exists)
+    result: dict[str, Any] = json.loads(status.read_text())
+    return result
+
+
+async def _get(url: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+def _samples(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value, checking that every sample's family has HELP and TYPE."""
+    typed: set[str] = set()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            family = name.split("{")[0]
+            assert (
+                family.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+                in (typed)
+                or family in typed
+            ), line
+            values[name] = float(value)
+    return values
+
+
+@dataclass
+class _Running:
+    daemon: Daemon
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.daemon.request_stop()
+        await self.task
+
+    @property
+    def url(self) -> str:
+        assert self.daemon.url is not None
+        return self.daemon.url
+
+
+Start = Callable[..., Awaitable[_Running]]
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
+    """A factory of running daemons on a free port (stopped after the test)."""
+    running: list[_Running] = []
+
+    async def factory(config: BrokerConfig | None = None, **options: Any) -> _Running:
+        settings = {
+            "spool": tmp_path / "spool",
+            "port": 0,
+            "poll_s": 0.05,
+            "progress": "none",
+            "handle_signals": False,
+            **options,
+        }
+        daemon = Daemon(config or _config(), ServeOptions(**settings))
+        task = asyncio.get_running_loop().create_task(daemon.run())
+        started = asyncio.get_running_loop().create_task(daemon.started.wait())
+        await asyncio.wait({task, started}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if task.done():
+            task.result()
+        handle = _Running(daemon, task)
+        running.append(handle)
+        return handle
+
+    yield factory
+    for handle in running:
+        if not handle.task.done():
+            await handle.stop()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    """The spool directory the ``start`` fixture's daemons use."""
+    return tmp_path / "spool"
+
+
+class TestJobs:
+    async def test_dropped_job_ends_in_done_with_rows_and_status(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A job dropped into inbox/ is filed in done/ with one row per input row and a status."""
+        await start()
+        ids = _asins(12, "B0DONE")
+        _drop(spool, "job.txt", "\n".join([*ids, ids[0], "not-an-asin"]) + "\n")
+        status = await _filed(spool, "job.txt")
+        assert (spool / "done" / "job.txt").exists()
+        rows = _rows(spool / "done" / "job.txt.out.jsonl")
+        assert sorted(r["line"] for r in rows) == list(range(1, 15))
+        assert status["outcome"] == "done"
+        assert status["exit_code"] == ExitCode.OK
+        assert status["rows"]["total"] == 14
+        assert status["rows"]["invalid"] == 1
+        assert status["rows"]["ok"] + status["rows"]["not_found"] == 13
+        assert status["requests"] == 2  # 12 distinct ASINs, 10 per request
+        assert status["throttled"] == 0
+        assert status["output"] == "job.txt.out.jsonl"
+        assert status["invalid_report"] == "job.txt.out.jsonl.invalid.jsonl"
+        assert datetime.strptime(status["finished_at"], "%Y-%m-%dT%H:%M:%SZ")
+        assert os.listdir(spool / "processing") == []
+
+    async def test_bad_job_ends_in_failed_naming_the_error(self, start: Start, spool: Path) -> None:
+        """A CSV without an asin column is filed in failed/ with a status naming the error."""
+        await start()
+        _drop(spool, "bad.csv", "sku,title\nx1,thing\n")
+        status = await _filed(spool, "bad.csv", "failed")
+        assert status["outcome"] == "failed"
+        assert status["exit_code"] == ExitCode.DATA_ERROR
+        assert "asin" in status["error"]
+        assert (spool / "failed" / "bad.csv").exists()
+        assert not (spool / "done" / "bad.csv").exists()
+        assert os.listdir(spool / "processing") == []
+
+    async def test_files_present_at_start_are_picked_up(self, start: Start, spool: Path) -> None:
+        """Jobs dropped while the daemon was down are processed; orphaned work files swept."""
+        _drop(spool, "first.txt", "\n".join(_asins(3, "B0FRST")) + "\n")
+        _drop(spool, "second.csv", "asin,sku\nB0SECOND01,a\nB0SECOND02,b\n")
+        (spool / "processing").mkdir()
+        orphan = spool / "processing" / "gone.txt.out.jsonl.ledger"
+        orphan.write_bytes(b"")  # a crash between filing "gone.txt" and removing its ledger
+        await start()
+        assert (await _filed(spool, "first.txt"))["rows"]["total"] == 3
+        assert (await _filed(spool, "second.csv"))["rows"]["total"] == 2
+        extra = [r["extra"] for r in _rows(spool / "done" / "second.csv.out.jsonl")]
+        assert sorted(e["sku"] for e in extra) == ["a", "b"]
+        assert not orphan.exists()
+
+    async def test_same_name_again_is_filed_beside_the_first(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A second job with a finished job's name gets its own files; nothing is overwritten."""
+        await start()
+        _drop(spool, "again.txt", "B0AGAIN001\n")
+        await _filed(spool, "again.txt")
+        _drop(spool, "again.txt", "B0AGAIN002\nB0AGAIN003\n")
+        status = await _filed(spool, "again-2.txt")
+        assert status["rows"]["total"] == 2
+        assert len(_rows(spool / "done" / "again.txt.out.jsonl")) == 1
+        assert len(_rows(spool / "done" / "again-2.txt.out.jsonl")) == 2
+
+    async def test_dotfiles_tmp_symlinks_and_directories_are_ignored(
+        self, start: Start, spool: Path
+    ) -> None:
+        """Only regular, finished job files are claimed; reserved names are refused."""
+        inbox = spool / "inbox"
+        inbox.mkdir(parents=True)
+        (inbox / ".hidden.txt").write_text("B0HIDDEN01\n")
+        (inbox / "writing.txt.tmp").write_text("B0WRITING1\n")
+        (inbox / "subdir").mkdir()
+        (tmp := spool / "elsewhere.txt").write_text("B0ELSEWHR1\n")
+        (inbox / "link.txt").symlink_to(tmp)
+        _drop(spool, "x.out.jsonl", '{"asin": "B0RESERVD1"}\n')
+        await start()
+        _drop(spool, "real.txt", "B0REALJOB1\n")
+        await _filed(spool, "real.txt")
+        reserved = await _filed(spool, "x.out.jsonl", "failed")
+        assert "reserved" in reserved["error"]
+        assert sorted(os.listdir(inbox)) == [".hidden.txt", "link.txt", "subdir", "writing.txt.tmp"]
+        assert sorted(os.listdir(spool / "done")) == [
+            "real.txt",
+            "real.txt.out.jsonl",
+            "real.txt.status.json",
+        ]
+
+
+class TestResume:
+    async def test_job_left_in_processing_is_resumed_exactly_once(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A job stopped mid-way stays in processing/; the next daemon finishes it, no row twice."""
+        slow = _config(tps=10.0, batch_size=1)
+        first = await start(slow)
+        _drop(spool, "slow.txt", "\n".join(_asins(25, "B0SLOW")) + "\n")
+        out = spool / "processing" / "slow.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 5)
+        live = _samples((await _get(f"{first.url}/metrics"))[2])
+        assert live['asinb_job_rows{job="slow.txt",status="pending"}'] > 0
+        await first.stop()
+        assert (spool / "processing" / "slow.txt").exists()
+        partial = len(_rows(out))
+        assert 5 <= partial < 25
+        await start(_config(tps=100.0, batch_size=1))
+        status = await _filed(spool, "slow.txt")
+        rows = _rows(spool / "done" / "slow.txt.out.jsonl")
+        assert sorted(r["line"] for r in rows) == list(range(1, 26))
+        assert status["rows"]["total"] == 25
+        assert status["requests"] <= 25 - partial + 4  # only what was not done (+ in flight)
+        assert os.listdir(spool / "processing") == []
+
+    async def test_budget_store_persists_across_restarts(self, start: Start, spool: Path) -> None:
+        """The daily request count is kept in state/ and carried into the next daemon."""
+        first = await start()
+        _drop(spool, "a.txt", "\n".join(_asins(20, "B0BUDGA")) + "\n")
+        assert (await _filed(spool, "a.txt"))["requests"] == 2
+        await first.stop()
+        second = await start()
+        spent = 'asinb_key_daily_spent{key="demo"}'
+        assert _samples((await _get(f"{second.url}/metrics"))[2])[spent] == 2
+        _drop(spool, "b.txt", "\n".join(_asins(5, "B0BUDGB")) + "\n")
+        await _filed(spool, "b.txt")
+        assert _samples((await _get(f"{second.url}/metrics"))[2])[spent] == 3
+        await second.stop()
+        with SpoolBudgetStore(spool / "state" / "budget.sqlite") as store:
+            assert store.load("demo", datetime.now(UTC).date()) == 3
+
+
+class TestHttp:
+    async def test_healthz_readyz_and_metrics_answer(self, start: Start, spool: Path) -> None:
+        """/healthz and /readyz say 200; /metrics is Prometheus text with the documented names."""
+        running = await start()
+        _drop(spool, "m.txt", "\n".join(_asins(4, "B0METRIC")) + "\nbad-id\n")
+        await _filed(spool, "m.txt")
+        _drop(spool, "m.csv", "no_asin_here\nx\n")
+        await _filed(spool, "m.csv", "failed")
+        assert (await _get(f"{running.url}/healthz"))[0] == 200
+        code, _, body = await _get(f"{running.url}/readyz")
+        assert (code, json.loads(body)) == (200, {"ready": True})
+        code, content_type, text = await _get(f"{running.url}/metrics")
+        assert code == 200
+        assert content_type.startswith("text/plain; version=0.0.4")
+        values = _samples(text)
+        assert values['asinb_jobs_total{outcome="done"}'] == 1
+        assert values['asinb_jobs_total{outcome="failed"}'] == 1
+        assert values['asinb_rows_total{status="invalid"}'] == 1
+        assert values['asinb_job_rows{job="m.txt",status="invalid"}'] == 1
+        assert values['asinb_requests_total{status="200"}'] == 1
+        assert values["asinb_throttled_total"] == 0
+        assert values["asinb_retries_total"] == 0
+        assert values["asinb_transport_errors_total"] == 0
+        assert values['asinb_request_duration_seconds_bucket{le="+Inf"}'] == 1
+        assert values["asinb_request_duration_seconds_count"] == 1
+        assert values['asinb_key_configured_tps{key="demo"}'] == 100.0
+        assert values['asinb_key_rate_per_second{key="demo"}'] > 0
+        assert values['asinb_key_daily_limit{key="demo"}'] == 100_000
+        assert values['asinb_key_state{key="demo",state="active"}'] == 1
+        assert values["asinb_queued_batches"] == 0
+        assert values["asinb_outstanding_lookups"] == 0
+        assert values["asinb_inflight_requests"] == 0
+        assert values["asinb_inbox_jobs"] == 0
+
+    async def test_readyz_503_while_waiting_for_daily_quota(
+        self, start: Start, spool: Path
+    ) -> None:
+        """With the day's budget spent (kept in state/), /readyz is 503 and says until when."""
+        (spool / "state").mkdir(parents=True)
+        with SpoolBudgetStore(spool / "state" / "budget.sqlite") as store:
+            store.save("demo", datetime.now(UTC).date(), 10)
+        running = await start(_config(tpd=10))
+        code, _, body = await _get(f"{running.url}/readyz")
+        answer = json.loads(body)
+        assert code == 503
+        assert answer["ready"] is False
+        assert answer["reason"] == f"waiting for daily quota until {answer['until']}"
+        until = datetime.strptime(answer["until"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert until > datetime.now(UTC)
+        assert (await _get(f"{running.url}/healthz"))[0] == 200
+
+    def test_readiness_when_every_key_is_out_of_rotation(self) -> None:
+        """Every key disabled: not ready, and the reason names each key and why."""
+        key = KeySnapshot("demo", "disabled", 1.0, 1.0, 0, 3, 0, 1, 3, 8640, None, "AuthError: x")
+        snapshot = MetricsSnapshot(0, {}, 0, 0, 0, {}, (0,) * 11, 0.0, 0, 0, 0, keys=(key,))
+        verdict = readiness(snapshot, state="running")
+        assert not verdict.ready
+        assert verdict.reason == "no key can send (demo: AuthError: x)"
+        assert readiness(snapshot, state="stopping").reason == "stopping"
+        assert readiness(None, state="running").reason == "starting"
+
+    def test_label_values_are_escaped(self) -> None:
+        """Job names with quotes, backslashes or newlines stay valid exposition text."""
+        from broker.jobs.metrics_http import JobRows
+
+        text = render_metrics(None, SpoolSnapshot(jobs=(JobRows('a"b\\c\nd', {"ok": 1}),)))
+        assert 'asinb_job_rows{job="a\\"b\\\\c\\nd",status="ok"} 1' in text.splitlines()
+
+    async def test_non_loopback_host_is_refused(self, tmp_path: Path) -> None:
+        """A non-loopback --host is refused unless --allow-remote."""
+        with pytest.raises(ConfigError, match="allow-remote"):
+            Daemon(_config(), ServeOptions(spool=tmp_path, host="0.0.0.0"))
+        Daemon(_config(), ServeOptions(spool=tmp_path, host="0.0.0.0", allow_remote=True))
+        Daemon(_config(), ServeOptions(spool=tmp_path, host="::1"))
+
+
+class TestProcess:
+    def test_cli_refuses_remote_host_with_78(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``broker serve --host 0.0.0.0`` exits 78 and says how to allow it."""
+        argv = ["serve", "--spool", str(tmp_path / "s"), "--host", "0.0.0.0"]
+        code = cli.main([*argv, "--config", str(_config_file(tmp_path))])
+        assert code == ExitCode.CONFIG
+        assert "--allow-remote" in capsys.readouterr().err
+        assert not (tmp_path / "s").exists()
+
+    def test_every_key_rejected_stops_with_77_and_keeps_the_job(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Bad credentials stop the daemon with 77 naming the key; the job stays in processing/."""
+        monkeypatch.setenv("ASINB_BAD", "wrong-secret")
+        config = _config_file(tmp_path, 'credential_secret_env = "ASINB_BAD"\n')
+        spool = tmp_path / "spool"
+        _drop(spool, "job.txt", "B0REJECT01\n")
+        argv = ["serve", "--spool", str(spool), "--config", str(config), "--port", "0"]
+        assert cli.main(argv) == ExitCode.NO_PERMISSION
+        err = capsys.readouterr().err
+        assert "demo" in err
+        assert "wrong-secret" not in err
+        assert (spool / "processing" / "job.txt").exists()
+        assert not (spool / "failed" / "job.txt").exists()
+
+    def test_sigterm_stops_the_process_with_0(self, tmp_path: Path) -> None:
+        """A real ``broker serve`` files a job, answers /healthz and exits 0 on SIGTERM."""
+        spool = tmp_path / "spool"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASINB_")}
+        argv = [sys.executable, "-m", "broker", "serve", "--spool", str(spool), "--port", "0"]
+        argv += ["--config", str(_config_file(tmp_path))]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+        try:
+            assert proc.stderr is not None
+            url = None
+            deadline = time.monotonic() + 20
+            while url is None and time.monotonic() < deadline:
+                line = proc.stderr.readline()
+                assert line, "broker serve exited before it started"
+                event = json.loads(line)
+                if event["event"] == "broker.daemon_started":
+                    url = event["url"]
+            assert url is not None
+            _drop(spool, "p.txt", "B0PROCES01\n")
+            status = spool / "done" / "p.txt.status.json"
+            while not status.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert json.loads(status.read_text())["rows"]["total"] == 1
+            assert asyncio.run(_get(f"{url}/healthz"))[0] == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+    async def test_second_signal_forces_exit_75(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The first signal stops gracefully; its echo is ignored; a later one exits 75 at once."""
+        exits: list[int] = []
+        monkeypatch.setattr(os, "_exit", exits.append)
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path), clock=clock)
+        daemon._on_signal(signal.SIGTERM)
+        daemon._on_signal(signal.SIGINT)  # the same Ctrl-C, delivered twice
+        assert exits == []
+        await clock.advance(2.0)
+        daemon._on_signal(signal.SIGTERM)
+        assert exits == [ExitCode.RESUMABLE]

@@ -1,0 +1,526 @@
+"""Tests for broker.jobs.sinks: output rows, the JSONL/CSV/SQLite sinks and the invalid report.
+
+Crash cases of reliability.md section 3.3 are marked in the test names (A5, A7). Sinks are
+driven the way the runner drives them: open with the ledger's state, emit
+``done_rows_after`` of the state ``open`` returned, flush, record.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import sqlite3
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from broker.errors import JobFileError
+from broker.jobs import sinks
+from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState
+from broker.jobs.sinks import (
+    CSV_COLUMNS,
+    CsvSink,
+    InvalidReport,
+    JsonlSink,
+    ResultSink,
+    SqliteSink,
+    open_sink,
+    output_row,
+)
+from broker.jobs.sources import JobFingerprint, JobRow
+from broker.models import ErrorDetail, ItemResult, ItemSummary, Status
+
+US = "www.amazon.com"
+FP = JobFingerprint(Path("/jobs/job.csv"), 10, 1, "f" * 64)
+FORMATS = ("jsonl", "csv", "sqlite")
+
+
+def asin(i: int) -> str:
+    """A well-formed ASIN for index ``i``."""
+    return f"B{i:09d}"
+
+
+def result(lookup: Lookup) -> ItemResult:
+    """An ok result for ``lookup``, except ASINs ending in 3, which are not found."""
+    if lookup.asin.endswith("3"):
+        return ItemResult(
+            lookup.asin,
+            lookup.marketplace,
+            Status.NOT_FOUND,
+            error=ErrorDetail("ItemNotAccessible", 'not, "found"', "check the ASIN"),
+            attempts=2,
+            key="main",
+            fetched_at=datetime(2026, 3, 1, tzinfo=UTC),
+        )
+    return ItemResult(
+        lookup.asin,
+        lookup.marketplace,
+        Status.OK,
+        item={"asin": lookup.asin, "itemInfo": {"title": {"displayValue": "Thé «vert»"}}},
+        summary=ItemSummary(title="Thé, «vert»", price=4.5, currency="EUR", availability="In"),
+        attempts=1,
+        key="main",
+        fetched_at=datetime(2026, 3, 1, 9, 30, tzinfo=UTC),
+    )
+
+
+def make_ledger(tmp_path: Path, count: int = 10) -> Ledger:
+    """A ledger of ``count`` rows (every 5th invalid, one with a multi-line id), all final."""
+    rows = []
+    for i in range(count):
+        if i % 5 == 4:
+            raw = 'bad "id"\nsecond line' if i == 4 else f"bad{i}"
+            rows.append(JobRow(i + 1, raw, None, error=f"not an ASIN: {raw!r}"))
+        else:
+            rows.append(JobRow(i + 1, asin(i), asin(i), extra={"sku": f"S{i}"} if i == 1 else None))
+    ledger = Ledger.open(
+        tmp_path / "job.ledger", fingerprint=FP, default_marketplace=US, synchronous="NORMAL"
+    )
+    ledger.ingest(rows)
+    ledger.record_results([(lk, result(lk)) for lk in ledger.pending_lookups()])
+    return ledger
+
+
+def emit(ledger: Ledger, sink: ResultSink, *, batch: int = 3) -> SinkState:
+    """Open ``sink`` from the ledger's state and write every missing row, as the runner does."""
+    state = sink.open(ledger.sink_state("out"))
+    ledger.set_sink_state("out", state)
+    while rows := ledger.done_rows_after(state.done_order, limit=batch):
+        sink.write(rows)
+        state = sink.flush()
+        ledger.set_sink_state("out", state)
+    return state
+
+
+def expected_lines(ledger: Ledger) -> list[dict[str, object]]:
+    """Every output row the job should produce, in done_order."""
+    return [output_row(row) for row in ledger.done_rows_after(0, limit=10_000)]
+
+
+def jsonl(path: Path) -> list[dict[str, object]]:
+    """Parse a JSONL file strictly: every line complete and an object."""
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n")
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+
+
+class TestOutputRow:
+    def test_ok_row_has_the_documented_keys(self, tmp_path: Path) -> None:
+        """An ok row carries line, input, item, summary, attempts, key and fetched_at."""
+        with make_ledger(tmp_path) as ledger:
+            row = ledger.done_rows_after(0)[2]  # line 1: the first valid row
+        out = output_row(row)
+        assert list(out) == [
+            "line",
+            "input",
+            "asin",
+            "marketplace",
+            "status",
+            "item",
+            "summary",
+            "error",
+            "attempts",
+            "key",
+            "fetched_at",
+        ]
+        assert out["line"] == 1
+        assert out["input"] == asin(0)
+        assert out["asin"] == asin(0)
+        assert out["status"] == "ok"
+        assert out["error"] is None
+        assert out["fetched_at"] == "2026-03-01T09:30:00.000Z"
+        assert out["summary"] == result(Lookup(US, asin(0))).to_json()["summary"]
+
+    def test_invalid_row(self, tmp_path: Path) -> None:
+        """An input row with a bad id: asin null, InvalidAsin with the reason, 0 attempts."""
+        with make_ledger(tmp_path) as ledger:
+            row = ledger.done_rows_after(0)[0]
+        out = output_row(row)
+        assert out["line"] == 5
+        assert out["input"] == 'bad "id"\nsecond line'
+        assert out["asin"] is None
+        assert out["status"] == "invalid"
+        assert out["error"] == {
+            "code": "InvalidAsin",
+            "message": "not an ASIN: 'bad \"id\"\\nsecond line'",
+            "remedy": "Fix the id: an ASIN is 10 letters or digits (an ISBN-10 for books).",
+        }
+        assert (out["attempts"], out["key"], out["fetched_at"], out["item"]) == (
+            0,
+            None,
+            None,
+            None,
+        )
+        assert "extra" not in out
+
+    def test_extra_only_when_the_input_had_it(self, tmp_path: Path) -> None:
+        """Extra input columns appear under "extra", and only on rows that had them."""
+        with make_ledger(tmp_path) as ledger:
+            outs = expected_lines(ledger)
+        with_extra = [out for out in outs if "extra" in out]
+        assert [(out["line"], out["extra"]) for out in with_extra] == [(2, {"sku": "S1"})]
+
+
+class TestJsonlSink:
+    def test_format(self, tmp_path: Path) -> None:
+        """UTF-8 without BOM, compact objects, one per line, every row once, mode 0600."""
+        out = tmp_path / "out.jsonl"
+        with make_ledger(tmp_path) as ledger:
+            sink = JsonlSink(out)
+            state = emit(ledger, sink)
+            sink.close()
+            expected = expected_lines(ledger)
+        data = out.read_bytes()
+        assert not data.startswith(b"\xef\xbb\xbf")
+        assert "Thé «vert»".encode() in data
+        assert b'{"line":1,"input":"B000000000",' in data
+        assert jsonl(out) == expected
+        assert state == SinkState(len(data), 10)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+    def test_a5_torn_tail_is_cut_and_rows_land_once(self, tmp_path: Path) -> None:
+        """A5: rows written after the last recorded flush plus half a line are cut off."""
+        out = tmp_path / "out.jsonl"
+        with make_ledger(tmp_path) as ledger:
+            sink = JsonlSink(out)
+            state = sink.open(SinkState())
+            sink.write(ledger.done_rows_after(0, limit=4))
+            ledger.set_sink_state("out", sink.flush())
+            # Unrecorded rows, then a crash in the middle of a line.
+            sink.write(ledger.done_rows_after(4, limit=3))
+            sink.flush()
+            sink.close()
+            with open(out, "ab") as stream:
+                stream.write(b'{"line":9,"input":"B0000')
+            recorded = ledger.sink_state("out")
+            state = emit(ledger, JsonlSink(out))
+            expected = expected_lines(ledger)
+        assert recorded.done_order == 4
+        assert jsonl(out) == expected
+        assert state.offset == out.stat().st_size
+
+    def test_a5_file_cut_by_hand_is_refilled_exactly_once(self, tmp_path: Path) -> None:
+        """A5: a file shorter than recorded is cut to its last full line and refilled."""
+        out = tmp_path / "out.jsonl"
+        with make_ledger(tmp_path) as ledger:
+            sink = JsonlSink(out)
+            emit(ledger, sink)
+            sink.close()
+            original = out.read_bytes()
+            lines = original.split(b"\n")
+            cut = len(b"\n".join(lines[:6])) + 1 + len(lines[6]) // 2  # mid-way through row 7
+            out.write_bytes(original[:cut])
+            sink = JsonlSink(out)
+            resumed = sink.open(ledger.sink_state("out"))
+            assert resumed.done_order == 6
+            assert resumed.offset == len(b"\n".join(lines[:6])) + 1
+            sink.close()
+            emit(ledger, JsonlSink(out))
+        assert out.read_bytes() == original
+
+    def test_deleted_file_is_rewritten(self, tmp_path: Path) -> None:
+        """A deleted output is written again in full from the ledger."""
+        out = tmp_path / "out.jsonl"
+        with make_ledger(tmp_path) as ledger:
+            emit(ledger, JsonlSink(out))
+            original = out.read_bytes()
+            out.unlink()
+            emit(ledger, JsonlSink(out))
+        assert out.read_bytes() == original
+
+    def test_fresh_state_empties_an_old_file(self, tmp_path: Path) -> None:
+        """State (0, 0) (a new ledger or --new-job) starts the output from empty."""
+        out = tmp_path / "out.jsonl"
+        out.write_text('{"line":1}\n{"line":2}\n')
+        with make_ledger(tmp_path) as ledger:
+            emit(ledger, JsonlSink(out))
+            assert jsonl(out) == expected_lines(ledger)
+
+    def test_rows_out_of_sequence_are_refused(self, tmp_path: Path) -> None:
+        """A gap in done_order is refused, since resume counts rows to find done_order."""
+        with make_ledger(tmp_path) as ledger:
+            sink = JsonlSink(tmp_path / "out.jsonl")
+            sink.open(SinkState())
+            with pytest.raises(ValueError, match="done_order 3 written where 1 was due"):
+                sink.write(ledger.done_rows_after(2, limit=2))
+            sink.close()
+
+    def test_a7_disk_full_leaves_state_unadvanced(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A7: ENOSPC mid-write raises OSError, the recorded state stays put, resume completes."""
+        out = tmp_path / "out.jsonl"
+        real_write_all = sinks._write_all
+
+        def half_then_full(fd: int, data: bytes) -> None:
+            real_write_all(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with make_ledger(tmp_path) as ledger:
+            sink = JsonlSink(out)
+            sink.open(SinkState())
+            sink.write(ledger.done_rows_after(0, limit=4))
+            ledger.set_sink_state("out", sink.flush())
+            before = ledger.sink_state("out")
+            monkeypatch.setattr(sinks, "_write_all", half_then_full)
+            with pytest.raises(OSError, match="No space") as caught:
+                emit_more(ledger, sink)
+            assert caught.value.errno == errno.ENOSPC
+            assert ledger.sink_state("out") == before
+            assert out.stat().st_size > before.offset  # a partial tail is on disk
+            with pytest.raises(OSError, match="earlier write failed") as again:
+                sink.flush()
+            assert again.value.errno == errno.ENOSPC
+            sink.close()
+            monkeypatch.undo()
+            emit(ledger, JsonlSink(out))
+            assert jsonl(out) == expected_lines(ledger)
+
+    def test_a7_fsync_failure_leaves_state_unadvanced(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A7: a failing fsync raises OSError and returns no new state."""
+        with make_ledger(tmp_path) as ledger:
+            sink = JsonlSink(tmp_path / "out.jsonl")
+            sink.open(SinkState())
+            sink.write(ledger.done_rows_after(0, limit=4))
+
+            def fails(fd: int) -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            monkeypatch.setattr(os, "fsync", fails)
+            with pytest.raises(OSError, match="Input/output"):
+                sink.flush()
+            monkeypatch.undo()
+            with pytest.raises(OSError, match="earlier write failed"):
+                sink.write(ledger.done_rows_after(4, limit=1))
+            sink.close()
+
+
+def emit_more(ledger: Ledger, sink: ResultSink) -> None:
+    """Continue an open sink from the ledger's recorded state, recording after each flush."""
+    state = ledger.sink_state("out")
+    while rows := ledger.done_rows_after(state.done_order, limit=3):
+        sink.write(rows)
+        state = sink.flush()
+        ledger.set_sink_state("out", state)
+
+
+class TestCsvSink:
+    def test_header_and_quoting(self, tmp_path: Path) -> None:
+        """Fixed header, RFC 4180 quoting of commas, quotes and line breaks; parses back."""
+        out = tmp_path / "out.csv"
+        with make_ledger(tmp_path) as ledger:
+            emit(ledger, CsvSink(out))
+        data = out.read_bytes()
+        assert data.startswith(
+            b"line,input,asin,marketplace,status,title,price,currency,availability,"
+            b"detail_url,error_code,error_message,attempts,key,fetched_at\r\n"
+        )
+        assert b'"bad ""id""\nsecond line"' in data
+        records = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+        assert len(records) == 10
+        by_line = {int(r["line"]): r for r in records}
+        assert by_line[1]["title"] == "Thé, «vert»"
+        assert by_line[1]["price"] == "4.5"
+        assert by_line[4]["status"] == "not_found"
+        assert by_line[4]["error_message"] == 'not, "found"'
+        assert by_line[5]["input"] == 'bad "id"\nsecond line'
+        assert by_line[5]["error_code"] == "InvalidAsin"
+        assert by_line[5]["asin"] == ""
+        assert list(records[0]) == list(CSV_COLUMNS)
+
+    def test_a5_cut_inside_a_quoted_multiline_cell(self, tmp_path: Path) -> None:
+        """A5: a CSV cut inside a quoted cell that spans lines resumes on record boundaries."""
+        out = tmp_path / "out.csv"
+        with make_ledger(tmp_path) as ledger:
+            emit(ledger, CsvSink(out))
+            original = out.read_bytes()
+            # Cut right after the line break inside row 1's quoted input cell.
+            out.write_bytes(original[: original.index(b"second line")])
+            sink = CsvSink(out)
+            resumed = sink.open(ledger.sink_state("out"))
+            sink.close()
+            assert resumed.done_order == 0  # only the header was complete
+            emit(ledger, CsvSink(out))
+        assert out.read_bytes() == original
+
+    def test_empty_job_still_has_a_header(self, tmp_path: Path) -> None:
+        """A CSV sink writes its header at open, so even a job with no rows has one."""
+        out = tmp_path / "out.csv"
+        sink = CsvSink(out)
+        state = sink.open(SinkState())
+        sink.close()
+        assert out.read_bytes() == (",".join(CSV_COLUMNS) + "\r\n").encode()
+        assert state == SinkState(out.stat().st_size, 0)
+
+
+def sqlite_rows(path: Path) -> list[tuple[object, ...]]:
+    """(seq, line, status, row_json) of the SQLite output, by seq."""
+    with sqlite3.connect(path) as conn:
+        found = conn.execute("SELECT seq, line, status, row_json FROM results ORDER BY seq")
+        rows = found.fetchall()
+    conn.close()
+    return rows
+
+
+class TestSqliteSink:
+    def test_rows_and_columns(self, tmp_path: Path) -> None:
+        """One row per input row with the documented columns and the JSON row."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            state = emit(ledger, SqliteSink(out))
+            expected = {row["line"]: row for row in expected_lines(ledger)}
+        assert state == SinkState(0, 10)
+        rows = sqlite_rows(out)
+        assert [seq for seq, *_ in rows] == list(range(10))
+        for _, line, status, row_json in rows:
+            assert json.loads(str(row_json)) == expected[line]
+            assert status == expected[line]["status"]
+        with sqlite3.connect(out) as conn:
+            columns = [c[1] for c in conn.execute("PRAGMA table_info(results)")]
+            price = conn.execute("SELECT price, title FROM results WHERE line = 1").fetchone()
+        conn.close()
+        assert columns == ["seq", *CSV_COLUMNS, "row_json"]
+        assert price == (4.5, "Thé, «vert»")
+
+    def test_upsert_is_idempotent(self, tmp_path: Path) -> None:
+        """Writing the same rows again (a resume re-emitting) leaves one row per seq."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            emit(ledger, SqliteSink(out))
+            sink = SqliteSink(out)
+            assert sink.open(SinkState(0, 4)) == SinkState(0, 10)  # its own state wins
+            sink.write(ledger.done_rows_after(0, limit=100))
+            assert sink.flush() == SinkState(0, 10)
+            sink.close()
+        assert len(sqlite_rows(out)) == 10
+
+    def test_unflushed_rows_are_rolled_back(self, tmp_path: Path) -> None:
+        """Rows written but not flushed are not in the file after close."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            sink.open(SinkState())
+            sink.write(ledger.done_rows_after(0, limit=3))
+            sink.flush()
+            sink.write(ledger.done_rows_after(3, limit=3))
+            sink.close()
+            assert len(sqlite_rows(out)) == 3
+            sink = SqliteSink(out)
+            assert sink.open(SinkState(0, 3)) == SinkState(0, 3)
+            sink.close()
+
+    def test_fresh_state_empties_the_table(self, tmp_path: Path) -> None:
+        """State (0, 0) clears rows of an earlier job before writing."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            emit(ledger, SqliteSink(out))
+            sink = SqliteSink(out)
+            assert sink.open(SinkState()) == SinkState(0, 0)
+            sink.close()
+        assert sqlite_rows(out) == []
+
+    def test_a7_disk_full_is_an_os_error(self, tmp_path: Path) -> None:
+        """A7: SQLITE_FULL becomes OSError(ENOSPC); the sink's state does not move."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path, count=400) as ledger:
+            sink = SqliteSink(out)
+            sink.open(SinkState())
+            sink.write(ledger.done_rows_after(0, limit=2))
+            assert sink.flush() == SinkState(0, 2)
+            assert sink._conn is not None
+            (pages,) = sink._conn.execute("PRAGMA page_count").fetchone()
+            sink._conn.execute(f"PRAGMA max_page_count = {pages + 1}")
+            with pytest.raises(OSError, match="disk full") as caught:
+                sink.write(ledger.done_rows_after(2, limit=398))
+            assert caught.value.errno == errno.ENOSPC
+            with pytest.raises(OSError, match="earlier write failed"):
+                sink.flush()
+            sink.close()
+            sink = SqliteSink(out)
+            assert sink.open(SinkState(0, 2)) == SinkState(0, 2)
+            sink.close()
+
+    def test_not_sqlite_is_refused_untouched(self, tmp_path: Path) -> None:
+        """An existing non-SQLite file at the output path is refused and left alone."""
+        out = tmp_path / "out.sqlite"
+        out.write_text("my notes\n")
+        with pytest.raises(JobFileError, match="not a SQLite database"):
+            SqliteSink(out).open(SinkState())
+        assert out.read_text() == "my notes\n"
+
+
+class TestInvalidReport:
+    def test_lists_invalid_rows_and_rewrites(self, tmp_path: Path) -> None:
+        """The report lists each invalid row's line, input and reason; rewriting is idempotent."""
+        report = InvalidReport(tmp_path / "out.jsonl.invalid.jsonl")
+        with make_ledger(tmp_path) as ledger:
+            assert report.write(ledger) == 2
+            first = report.path.read_bytes()
+            assert report.write(ledger) == 2
+        assert report.path.read_bytes() == first
+        assert jsonl(report.path) == [
+            {
+                "line": 5,
+                "input": 'bad "id"\nsecond line',
+                "reason": "not an ASIN: 'bad \"id\"\\nsecond line'",
+            },
+            {"line": 10, "input": "bad9", "reason": "not an ASIN: 'bad9'"},
+        ]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+    def test_no_invalid_rows_no_report(self, tmp_path: Path) -> None:
+        """Without invalid rows there is no report, and a stale one is removed."""
+        report = InvalidReport(tmp_path / "out.invalid.jsonl")
+        report.path.write_text("stale\n")
+        with make_ledger(tmp_path, count=4) as ledger:
+            assert report.write(ledger) == 0
+        assert not report.path.exists()
+
+
+class TestOpenSink:
+    @pytest.mark.parametrize(
+        ("name", "kind"), [("jsonl", JsonlSink), ("csv", CsvSink), ("sqlite", SqliteSink)]
+    )
+    def test_formats(self, tmp_path: Path, name: str, kind: type) -> None:
+        """Each documented format gives its sink."""
+        assert isinstance(open_sink(name, tmp_path / "out"), kind)
+
+    def test_unknown_format(self, tmp_path: Path) -> None:
+        """An unknown format is a ValueError naming the choices."""
+        with pytest.raises(ValueError, match="jsonl, csv, sqlite"):
+            open_sink("parquet", tmp_path / "out")
+
+    @pytest.mark.parametrize("name", FORMATS)
+    def test_every_format_resumes_to_the_same_rows(self, tmp_path: Path, name: str) -> None:
+        """Emitting in two runs (a stop in between) gives the same rows as one run."""
+        out = tmp_path / f"out.{name}"
+        with make_ledger(tmp_path) as ledger:
+            sink = open_sink(name, out)
+            state = sink.open(SinkState())
+            sink.write(ledger.done_rows_after(0, limit=5))
+            ledger.set_sink_state("out", sink.flush())
+            sink.close()
+            emit(ledger, open_sink(name, out))
+            state = ledger.sink_state("out")
+        assert state.done_order == 10
+        if name == "jsonl":
+            assert len(jsonl(out)) == 10
+        elif name == "csv":
+            assert len(list(csv.reader(io.StringIO(out.read_text(), newline="")))) == 11
+        else:
+            assert len(sqlite_rows(out)) == 10
+
+
+def test_done_row_fields_cover_output(tmp_path: Path) -> None:
+    """output_row needs nothing beyond DoneRow: it works on a hand-made row."""
+    row = DoneRow(1, 0, 3, "x", None, US, "invalid", None, "bad", {"a": "b"})
+    out = output_row(row)
+    assert out["extra"] == {"a": "b"}
+    assert out["line"] == 3
