@@ -82,6 +82,32 @@ def _build_parser() -> argparse.ArgumentParser:
         help="live line on a terminal, periodic log events otherwise (default: %(default)s)",
     )
 
+    serve = sub.add_parser(
+        "serve",
+        help="run the spool daemon: job files in, results filed under done/ or failed/",
+        description="Process job files dropped into SPOOL/inbox/ (write name.tmp, then rename), "
+        "one at a time; file each with its output and a status file under SPOOL/done/ or "
+        "SPOOL/failed/. Serves /healthz, /readyz and Prometheus /metrics.",
+        epilog="exit codes: 0 stopped by SIGTERM/SIGINT (the current job resumes at the next "
+        "start); 74 cannot write the spool; 75 forced by a second signal (still resumable); "
+        "77 every key was rejected (the job stays in processing/); 78 bad config, refused "
+        "--host or port in use",
+    )
+    serve.add_argument("--spool", required=True, metavar="DIR", help="the spool directory")
+    serve.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=9464,
+        help="port of /healthz, /readyz and /metrics; 0 picks a free one (default: %(default)s)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow binding a non-loopback address (the endpoints have no authentication)",
+    )
+
     look = sub.add_parser(
         "lookup",
         help="look up ASINs and print the results as JSON lines",
@@ -139,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_loop(_lookup(config, args.asins, args.marketplace))
     if args.command == "run":
         return _run_loop(_run(config, args))
+    if args.command == "serve":
+        from broker.jobs.serve import serve_command
+
+        return serve_command(config, args, run=_run_loop)
     print(f"unknown command {args.command}", file=sys.stderr)  # pragma: no cover
     return 2
 

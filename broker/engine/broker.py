@@ -320,7 +320,7 @@ class Broker:
             with structlog.contextvars.bound_contextvars(key=key.name, batch_id=batch.batch_id):
                 await self._executor.run(key, batch, sent_at, demand_limited)
         finally:
-            key.release_slot()
+            key.release_slot(sent=True)
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -415,7 +415,9 @@ class Broker:
 
         Raises:
             NoUsableKeyError: no key can serve the marketplace (every key disabled).
+            TypeError: ``asins`` is a single string (use :meth:`get_item`).
         """
+        _check_not_str(asins)
         held: dict[
             tuple[str, str | None, tuple[str, ...] | None],
             tuple[asyncio.Future[ItemResult], Lookup | None],
@@ -466,6 +468,7 @@ class Broker:
         memory stays bounded however long the input and however slow the consumer.
         """
         self._require_open()
+        _check_not_str(asins)
         done: asyncio.Queue[ItemResult | BaseException | _Wake] = asyncio.Queue()
         # Lookups submitted and not yet delivered, with how many inputs asked for each:
         # released when the consumer stops early, so an abandoned stream holds nothing.
@@ -589,6 +592,12 @@ class _Wake:
 
 
 _WAKE = _Wake()
+
+
+def _check_not_str(asins: object) -> None:
+    # A lone string is an iterable of characters: ten one-letter "ASINs", all invalid.
+    if isinstance(asins, str | bytes):
+        raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
 
 
 async def _aiter(items: Iterable[_Input] | AsyncIterable[_Input]) -> AsyncIterator[_Input]:

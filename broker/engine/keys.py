@@ -169,11 +169,11 @@ class KeyState:
     async def acquire_slot(self) -> None:
         """Wait for an in-flight slot (at most ``max_in_flight`` requests at once)."""
         await self._slots.acquire()
-        self._in_flight += 1
 
-    def release_slot(self) -> None:
-        """Give back an in-flight slot."""
-        self._in_flight -= 1
+    def release_slot(self, *, sent: bool = False) -> None:
+        """Give back an in-flight slot (``sent``: its request, booked by try_send, is done)."""
+        if sent:
+            self._in_flight -= 1
         self._slots.release()
 
     async def wait_ready(self) -> None:
@@ -199,7 +199,11 @@ class KeyState:
         """Book a send now; None when the daily budget is spent (wait_ready again)."""
         if self.limiter.exhausted:
             return None
-        return await self.limiter.commit()
+        sent_at = await self.limiter.commit()
+        # Counted here, not when the slot is taken: a dispatcher holds a slot while it
+        # waits for work, and an idle key must not show a request in flight.
+        self._in_flight += 1
+        return sent_at
 
     # -- feedback -----------------------------------------------------------------------------
 

@@ -1,0 +1,194 @@
+"""Shared helpers of the engine tests: config documents, a simulator + broker harness, fake time.
+
+Tests import the plain helpers (``asins``, ``key_doc``, ``make_config``, ``CountingTransport``,
+``drive``) from here and get resources through the ``harness`` fixture, whose exit stack
+closes brokers before the simulators they talk to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from broker.config import BrokerConfig, parse_config
+from broker.engine.broker import Broker
+from broker.engine.transport import AiohttpTransport
+from broker.simulator.accounts import Account
+from broker.simulator.server import SimulatorServer
+from broker.testing import FakeClock, settle
+
+if TYPE_CHECKING:
+    from broker.api.base import HttpRequest, RawResponse
+    from broker.clock import Clock
+    from broker.simulator.settings import SimulatorSettings
+
+#: Secrets of the simulator's demo accounts, as the environment would hold them.
+ENV: Mapping[str, str] = {
+    "ASINB_DEMO_SECRET": "demo-secret",
+    "ASINB_V2_SECRET": "demo-v2-secret",
+    "ASINB_PAAPI_SECRET": "demo-secret-key",
+}
+
+US = "www.amazon.com"
+
+
+def asins(count: int, prefix: str = "B0") -> list[str]:
+    """``count`` distinct well-formed ASINs starting with ``prefix``."""
+    width = 10 - len(prefix)
+    return [f"{prefix}{i:0{width}d}" for i in range(count)]
+
+
+def key_doc(
+    name: str = "demo",
+    *,
+    credential_id: str = "demo-id",
+    env: str = "ASINB_DEMO_SECRET",
+    version: str | None = "3.1",
+    tps: float = 100.0,
+    tpd: int = 100_000,
+    tags: Mapping[str, str] | None = None,
+    **extra: object,
+) -> dict[str, object]:
+    """One ``[[keys]]`` table (the demo Creators key by default)."""
+    doc: dict[str, object] = {
+        "name": name,
+        "credential_id": credential_id,
+        "credential_secret_env": env,
+        "partner_tags": dict(tags or {US: "demo-20"}),
+        "tps": tps,
+        "tpd": tpd,
+        **extra,
+    }
+    if version is not None:
+        doc["version"] = version
+    return doc
+
+
+def paapi_key_doc(name: str = "paapi", **overrides: Any) -> dict[str, object]:
+    """The simulator's demo PA-API key (DEMOACCESSKEY)."""
+    params: dict[str, Any] = {
+        "credential_id": "DEMOACCESSKEY",
+        "env": "ASINB_PAAPI_SECRET",
+        "version": None,
+    }
+    params.update(overrides)
+    return key_doc(name, **params)
+
+
+def make_config(
+    endpoint: str,
+    *,
+    protocol: str = "creators",
+    keys: list[dict[str, object]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **tables: Mapping[str, object],
+) -> BrokerConfig:
+    """A validated config for ``endpoint`` (fast retries and a short linger by default)."""
+    document: dict[str, object] = {
+        "api": {"protocol": protocol, "endpoint": endpoint},
+        "keys": keys
+        if keys is not None
+        else [paapi_key_doc() if protocol == "paapi5" else key_doc()],
+        "engine": {"linger_s": 0.005, **tables.pop("engine", {})},
+        "retry": {"base_delay_s": 0.01, "max_delay_s": 0.05, **tables.pop("retry", {})},
+        **tables,
+    }
+    return parse_config(document, environ={**ENV, **(environ or {})})
+
+
+def account(name: str, credential_id: str, secret: str, **fields: Any) -> Account:
+    """A Creators simulator account tagged for www.amazon.com."""
+    params: dict[str, Any] = {"version": "3.1", "partner_tags": {US: ("demo-20",)}}
+    params.update(fields)
+    protocol = params.pop("protocol", "creators")
+    return Account(name, protocol, credential_id, secret, **params)
+
+
+class CountingTransport:
+    """Wraps a transport; counts requests (by URL path) and those in flight right now."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.in_flight = 0
+        self.requests: list[HttpRequest] = []
+        self.responses: list[RawResponse] = []
+
+    async def send(self, request: HttpRequest) -> RawResponse:
+        """Send through the wrapped transport, counting."""
+        self.in_flight += 1
+        self.requests.append(request)
+        try:
+            response = await self.inner.send(request)
+        finally:
+            self.in_flight -= 1
+        self.responses.append(response)
+        return response
+
+    def count(self, path_part: str) -> int:
+        """Requests whose URL contains ``path_part``."""
+        return sum(1 for request in self.requests if path_part in request.url)
+
+
+async def drive(
+    clock: FakeClock,
+    task: asyncio.Future[Any],
+    transport: CountingTransport,
+    *,
+    limit_s: float = 3 * 86_400.0,
+    real_timeout_s: float = 30.0,
+) -> None:
+    """Run ``task`` on ``clock``, jumping fake time only while no request is in flight.
+
+    ``FakeClock.run_until`` cannot wait for real sockets; this does: while a request is on
+    the wire it lets real time pass, and when the loop is idle it jumps to the next sleeper.
+    """
+    end = clock.monotonic() + limit_s
+    async with asyncio.timeout(real_timeout_s):
+        while not task.done():
+            if transport.in_flight:
+                await asyncio.sleep(0.0005)
+                continue
+            await settle()
+            if task.done() or transport.in_flight:
+                continue
+            deadline = clock.next_deadline()
+            if deadline is None:
+                await asyncio.sleep(0.0005)
+                continue
+            if deadline > end:
+                raise TimeoutError(f"fake time limit of {limit_s} s reached")
+            await clock.advance(max(0.0, deadline - clock.monotonic()))
+    await task
+
+
+class Harness:
+    """Starts simulators and brokers inside one exit stack (closed in reverse order)."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+
+    async def simulator(
+        self, settings: SimulatorSettings | None = None, *, clock: Clock | None = None
+    ) -> SimulatorServer:
+        """A simulator on a free loopback port."""
+        return await self._stack.enter_async_context(SimulatorServer(settings, clock=clock))
+
+    async def transport(self, **kwargs: Any) -> CountingTransport:
+        """An open aiohttp transport wrapped in a counter."""
+        inner = await self._stack.enter_async_context(AiohttpTransport(**kwargs))
+        return CountingTransport(inner)
+
+    async def broker(self, config: BrokerConfig, **kwargs: Any) -> Broker:
+        """An open broker (closed before anything started earlier)."""
+        return await self._stack.enter_async_context(Broker(config, **kwargs))
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    """A harness whose simulators and brokers are closed after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield Harness(stack)

@@ -1,0 +1,228 @@
+"""Batcher and work queue: full batches at once, partial ones after linger, a retry lane."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from broker.api.base import Operation
+from broker.engine.batcher import Batch, Batcher, Lookup, WorkQueue
+from broker.testing import FakeClock, settle
+
+US = "www.amazon.com"
+DE = "www.amazon.de"
+TITLE = ("itemInfo.title",)
+
+
+def _lookup(asin: str, marketplace: str = US, resources: tuple[str, ...] = TITLE) -> Lookup:
+    return Lookup(marketplace, asin, resources, asyncio.get_running_loop().create_future())
+
+
+def _take_all(work: WorkQueue, marketplaces: tuple[str, ...] = (US, DE)) -> list[Batch]:
+    batches = []
+    while (batch := work.take(marketplaces)) is not None:
+        batches.append(batch)
+    return batches
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[tuple[FakeClock, WorkQueue, Batcher]]:
+    """A batcher (linger 50 ms) running on a fake clock, cancelled after the test."""
+    clock = FakeClock()
+    work = WorkQueue()
+    batcher = Batcher(work, clock=clock, batch_size=10, linger_s=0.05)
+    task = asyncio.get_running_loop().create_task(batcher.run())
+    await settle()
+    yield clock, work, batcher
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+class TestBatcher:
+    """Grouping and flushing."""
+
+    async def test_full_batch_flushes_at_once(
+        self, running: tuple[FakeClock, WorkQueue, Batcher]
+    ) -> None:
+        """The tenth lookup of a group sends the batch with no time passing."""
+        _, work, batcher = running
+        for i in range(10):
+            batcher.add(_lookup(f"B00000000{i}"))
+        assert len(work) == 1
+        (batch,) = _take_all(work)
+        assert batch.asins == [f"B00000000{i}" for i in range(10)]
+        assert batcher.pending() == 0
+
+    async def test_partial_batch_waits_for_linger(
+        self, running: tuple[FakeClock, WorkQueue, Batcher]
+    ) -> None:
+        """A partial group is sent when its linger time is up, not before."""
+        clock, work, batcher = running
+        for i in range(3):
+            batcher.add(_lookup(f"B00000000{i}"))
+        await clock.advance(0.049)
+        assert len(work) == 0
+        assert batcher.pending() == 3
+        await clock.advance(0.0011)
+        (batch,) = _take_all(work)
+        assert len(batch.lookups) == 3
+        assert batcher.pending() == 0
+
+    async def test_linger_counts_from_first_lookup(
+        self, running: tuple[FakeClock, WorkQueue, Batcher]
+    ) -> None:
+        """Lookups joining a lingering group do not extend its deadline."""
+        clock, work, batcher = running
+        batcher.add(_lookup("B000000001"))
+        await clock.advance(0.04)
+        batcher.add(_lookup("B000000002"))
+        await clock.advance(0.0101)
+        (batch,) = _take_all(work)
+        assert batch.asins == ["B000000001", "B000000002"]
+
+    async def test_groups_by_marketplace_and_resources(
+        self, running: tuple[FakeClock, WorkQueue, Batcher]
+    ) -> None:
+        """Lookups share a request only with the same marketplace and resources."""
+        clock, work, batcher = running
+        batcher.add(_lookup("B000000001"))
+        batcher.add(_lookup("B000000002", DE))
+        batcher.add(_lookup("B000000003", US, ("images.primary.medium",)))
+        batcher.add(_lookup("B000000004"))
+        await clock.advance(0.05)
+        groups = {(b.marketplace, b.resources): b.asins for b in _take_all(work)}
+        assert groups == {
+            (US, TITLE): ["B000000001", "B000000004"],
+            (DE, TITLE): ["B000000002"],
+            (US, ("images.primary.medium",)): ["B000000003"],
+        }
+
+    async def test_filled_group_is_replaced_by_a_younger_one(
+        self, running: tuple[FakeClock, WorkQueue, Batcher]
+    ) -> None:
+        """After a group fills, the next lookups start a new group with its own linger."""
+        clock, work, batcher = running
+        for i in range(12):
+            batcher.add(_lookup(f"B0000000{i:02d}"))
+            await clock.advance(0.001)
+        assert [len(b.lookups) for b in _take_all(work)] == [10]
+        await clock.advance(0.039)
+        assert len(work) == 0
+        await clock.advance(0.0101)
+        assert [len(b.lookups) for b in _take_all(work)] == [2]
+
+    async def test_flush_sends_partial_groups(
+        self, running: tuple[FakeClock, WorkQueue, Batcher]
+    ) -> None:
+        """flush() (end of a caller's input) sends every partial group now."""
+        _, work, batcher = running
+        batcher.add(_lookup("B000000001"))
+        batcher.add(_lookup("B000000002", DE))
+        batcher.flush()
+        assert sorted(b.marketplace for b in _take_all(work)) == [US, DE]
+
+    async def test_no_linger_sends_singly(self) -> None:
+        """With linger 0 every lookup is its own batch at once."""
+        work = WorkQueue()
+        batcher = Batcher(work, clock=FakeClock(), linger_s=0)
+        batcher.add(_lookup("B000000001"))
+        batcher.add(_lookup("B000000002"))
+        assert [b.asins for b in _take_all(work)] == [["B000000001"], ["B000000002"]]
+
+    @pytest.mark.parametrize("size", [0, 11])
+    def test_batch_size_bounds(self, size: int) -> None:
+        """Amazon takes 1 to 10 ids per GetItems."""
+        with pytest.raises(ValueError, match="batch_size"):
+            Batcher(WorkQueue(), clock=FakeClock(), batch_size=size)
+
+    async def test_small_batch_size(self) -> None:
+        """batch_size 3 flushes every third lookup."""
+        work = WorkQueue()
+        batcher = Batcher(work, clock=FakeClock(), batch_size=3)
+        for i in range(7):
+            batcher.add(_lookup(f"B00000000{i}"))
+        assert [len(b.lookups) for b in _take_all(work)] == [3, 3]
+        assert batcher.pending() == 1
+
+
+class TestWorkQueue:
+    """FIFO with a head lane, per-marketplace takes, and dead batches dropped."""
+
+    async def test_head_lane_for_retries(self) -> None:
+        """A batch put at the front (a retry) is taken before older new work."""
+        work = WorkQueue()
+        first, second, retry = (Batch(US, [_lookup(f"B00000000{i}")]) for i in range(3))
+        work.put(first)
+        work.put(second)
+        work.put_front(retry)
+        assert _take_all(work) == [retry, first, second]
+
+    async def test_take_only_served_marketplaces(self) -> None:
+        """A key takes only batches of marketplaces it serves; others stay queued in order."""
+        work = WorkQueue()
+        de = Batch(DE, [_lookup("B000000001", DE)])
+        us = Batch(US, [_lookup("B000000002")])
+        work.put(de)
+        work.put(us)
+        assert work.pending((US,)) == 1
+        assert work.take((US,)) is us
+        assert work.take((US,)) is None
+        assert work.take((DE,)) is de
+
+    async def test_dead_batches_dropped(self) -> None:
+        """A batch whose every caller is gone is skipped and removed."""
+        work = WorkQueue()
+        dead = Batch(US, [_lookup("B000000001")])
+        dead.lookups[0].future.cancel()
+        live = Batch(US, [_lookup("B000000002")])
+        work.put(dead)
+        work.put(live)
+        assert work.take((US,)) is live
+        assert len(work) == 0
+
+    async def test_get_waits_for_work(self) -> None:
+        """get() blocks until a batch for the key's marketplaces arrives."""
+        work = WorkQueue()
+        getter = asyncio.get_running_loop().create_task(work.get(lambda: (US,)))
+        await settle()
+        work.put(Batch(DE, [_lookup("B000000001", DE)]))
+        await settle()
+        assert not getter.done()
+        batch = Batch(US, [_lookup("B000000002")])
+        work.put(batch)
+        await settle()
+        assert getter.result() is batch
+
+    async def test_wake_rereads_marketplaces(self) -> None:
+        """wake() makes waiting getters re-read their marketplaces (a key changed state)."""
+        work = WorkQueue()
+        served: list[str] = []
+        work.put(Batch(DE, [_lookup("B000000001", DE)]))
+        getter = asyncio.get_running_loop().create_task(work.get(lambda: served))
+        await settle()
+        assert not getter.done()
+        served.append(DE)
+        work.wake()
+        await settle()
+        assert getter.result().marketplace == DE
+
+    async def test_drain(self) -> None:
+        """drain(marketplace) removes just that marketplace's batches."""
+        work = WorkQueue()
+        work.put(Batch(US, [_lookup("B000000001")]))
+        work.put(Batch(DE, [_lookup("B000000002", DE)]))
+        assert [b.marketplace for b in work.drain(DE)] == [DE]
+        assert len(work) == 1
+        assert len(work.drain()) == 1
+        assert len(work) == 0
+
+    async def test_operation_batch_liveness(self) -> None:
+        """An operation batch lives while its caller waits."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        batch = Batch(US, operation=Operation.SEARCH_ITEMS, op_future=future)  # type: ignore[arg-type]
+        assert batch.live()
+        future.cancel()
+        assert not batch.live()

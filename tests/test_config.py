@@ -1,0 +1,313 @@
+"""config.toml -> BrokerConfig: every error names its key path, secrets stay out of the file."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.config import load_config, parse_config
+from broker.errors import ConfigError
+from broker.models import Protocol
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {"ASINB_DEMO_SECRET": "s3cr3t-value"}
+
+
+def _doc(**tables: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "api": {"protocol": "creators", "endpoint": "https://creatorsapi.example"},
+        "keys": [
+            {
+                "name": "demo",
+                "credential_id": "demo-id",
+                "credential_secret_env": "ASINB_DEMO_SECRET",
+                "version": "3.1",
+                "partner_tags": {"www.amazon.com": "demo-20"},
+            }
+        ],
+    }
+    document.update(tables)
+    return document
+
+
+def _with(path: str, value: object) -> dict[str, Any]:
+    """The base document with ``value`` set at a dotted path (``keys.0.tps``)."""
+    document = copy.deepcopy(_doc())
+    *parents, last = path.split(".")
+    node: Any = document
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    if last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return document
+
+
+def _error(document: dict[str, Any], environ: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(document, environ=ENV if environ is None else environ)
+    return info.value
+
+
+class TestKeyPaths:
+    """Each validation error carries the path of the key that is wrong."""
+
+    @pytest.mark.parametrize(
+        ("where", "value", "path"),
+        [
+            ("api", 3, "api"),
+            ("api.protocol", "soap", "api.protocol"),
+            ("api.endpoint", "ftp://example.com", "api.endpoint"),
+            ("api.endpoint", "", "api.endpoint"),
+            ("api.token_endpoint", "not a url", "api.token_endpoint"),
+            ("api.marketplace", "www.amazon.cmo", "api.marketplace"),
+            ("api.resources", "itemInfo.title", "api.resources"),
+            ("keys", "demo", "keys"),
+            ("keys", [], "keys"),
+            ("keys.0.name", 7, "keys[0].name"),
+            ("keys.0.tps", 0, "keys[0].tps"),
+            ("keys.0.tps", "fast", "keys[0].tps"),
+            ("keys.0.tps", 5000, "keys[0].tps"),
+            ("keys.0.tpd", -1, "keys[0].tpd"),
+            ("keys.0.tpd", 1.5, "keys[0].tpd"),
+            ("keys.0.max_in_flight", 0, "keys[0].max_in_flight"),
+            ("keys.0.version", "9.9", "keys[0].version"),
+            ("keys.0.partner_tags", {}, "keys[0].partner_tags"),
+            (
+                "keys.0.partner_tags",
+                {"www.amazon.cmo": "x-20"},
+                "keys[0].partner_tags.www.amazon.cmo",
+            ),
+            (
+                "keys.0.partner_tags",
+                {"www.amazon.com": "x" * 65},
+                "keys[0].partner_tags.www.amazon.com",
+            ),
+            ("engine.queue_size", 0, "engine.queue_size"),
+            ("engine.batch_size", 11, "engine.batch_size"),
+            ("engine.linger_s", -0.1, "engine.linger_s"),
+            ("engine.request_timeout_s", 0, "engine.request_timeout_s"),
+            ("engine.max_body_bytes", 10, "engine.max_body_bytes"),
+            ("rate.beta", 1.0, "rate.beta"),
+            ("rate.discover", "yes", "rate.discover"),
+            ("rate.tpd_guard", 0, "rate.tpd_guard"),
+            ("retry.max_attempts", 0, "retry.max_attempts"),
+            ("retry.max_age_s", float("inf"), "retry.max_age_s"),
+            ("output.format", "xml", "output.format"),
+            ("log.level", "loud", "log.level"),
+            ("log.format", "xml", "log.format"),
+            ("simulator", "on", "simulator"),
+            ("simulator.burst", 0, "simulator.burst"),
+            ("simulator.faults.error_500", "often", "simulator.faults.error_500"),
+        ],
+    )
+    def test_bad_value_names_its_path(self, where: str, value: object, path: str) -> None:
+        """A bad value is refused with a ConfigError whose path (and message) names the key."""
+        error = _error(_with(where, value))
+        assert error.path == path
+        assert str(error).startswith(f"{path}: ")
+
+    def test_missing_required_key(self) -> None:
+        """A missing credential_id names keys[0].credential_id."""
+        document = _doc()
+        del document["keys"][0]["credential_id"]
+        assert _error(document).path == "keys[0].credential_id"
+
+    def test_creators_key_needs_version(self) -> None:
+        """A Creators key without a version names keys[0].version and lists the choices."""
+        document = _doc()
+        del document["keys"][0]["version"]
+        error = _error(document)
+        assert error.path == "keys[0].version"
+        assert "3.1" in error.message
+
+    def test_duplicate_key_names(self) -> None:
+        """Two keys with one name: the second is named."""
+        document = _doc()
+        document["keys"].append(copy.deepcopy(document["keys"][0]))
+        assert _error(document).path == "keys[1].name"
+
+    def test_unset_secret_env_names_the_variable(self) -> None:
+        """With a real endpoint, an unset secret variable is an error naming the variable."""
+        error = _error(_doc(), environ={})
+        assert error.path == "keys[0].credential_secret_env"
+        assert "ASINB_DEMO_SECRET" in error.message
+
+    def test_simulator_endpoint_needs_no_secret(self) -> None:
+        """With the embedded simulator a key may name an unset variable (the secret is built in)."""
+        config = parse_config(_with("api.endpoint", "simulator"), environ={})
+        assert config.keys[0].secret is None
+        assert config.api.uses_simulator
+
+    @pytest.mark.parametrize(
+        ("where", "path"),
+        [
+            ("apii", "apii"),
+            ("api.endpiont", "api.endpiont"),
+            ("keys.0.tsp", "keys[0].tsp"),
+            ("engine.lingr_s", "engine.lingr_s"),
+            ("rate.bta", "rate.bta"),
+            ("retry.attempts", "retry.attempts"),
+            ("output.dir", "output.dir"),
+            ("log.colour", "log.colour"),
+            ("simulator.sede", "simulator.sede"),
+            ("simulator.faults.error_501", "simulator.faults.error_501"),
+        ],
+    )
+    def test_unknown_key_refused(self, where: str, path: str) -> None:
+        """An unknown key (usually a typo) is refused, naming it."""
+        error = _error(_with(where, 1))
+        assert error.path == path
+        assert "unknown" in error.message
+
+
+class TestSecrets:
+    """Secrets live in the environment or a private file, never in config.toml."""
+
+    @pytest.mark.parametrize(
+        "field", ["credential_secret", "secret", "secret_key", "token", "password"]
+    )
+    def test_secret_in_file_refused(self, field: str) -> None:
+        """A secret written in [[keys]] is refused, naming the env var to use, not echoing it."""
+        error = _error(_with(f"keys.0.{field}", "hunter2-do-not-echo"))
+        assert error.path == f"keys[0].{field}"
+        assert 'credential_secret_env = "ASINB_DEMO_SECRET"' in error.message
+        assert "hunter2" not in str(error)
+
+    def test_secret_from_env(self) -> None:
+        """The secret is read from the named variable and never shown in a repr."""
+        config = parse_config(_doc(), environ=ENV)
+        key = config.keys[0]
+        assert key.secret is not None
+        assert key.secret.reveal() == "s3cr3t-value"
+        assert key.secret_source == "$ASINB_DEMO_SECRET"
+        assert "s3cr3t-value" not in repr(config)
+        assert "s3cr3t-value" not in str(key)
+
+    def test_secret_file_private(self, tmp_path: Path) -> None:
+        """A 0600 secret file next to the config is read (relative to the config's folder)."""
+        secret = tmp_path / "demo.secret"
+        secret.write_text("file-secret\n")
+        secret.chmod(0o600)
+        config_file = tmp_path / "config.toml"
+        config_file.write_text(
+            '[api]\nendpoint = "https://creatorsapi.example"\n'
+            '[[keys]]\nname = "demo"\ncredential_id = "demo-id"\n'
+            'credential_secret_file = "demo.secret"\nversion = "3.1"\n'
+            'partner_tags = { "www.amazon.com" = "demo-20" }\n'
+        )
+        config = load_config(config_file, environ={})
+        assert config.keys[0].secret is not None
+        assert config.keys[0].secret.reveal() == "file-secret"
+
+    @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+    def test_readable_secret_file_refused(self, tmp_path: Path, mode: int) -> None:
+        """A secret file others can read is refused with the chmod that fixes it."""
+        secret = tmp_path / "demo.secret"
+        secret.write_text("file-secret")
+        secret.chmod(mode)
+        document = _doc()
+        keys = document["keys"][0]
+        del keys["credential_secret_env"]
+        keys["credential_secret_file"] = str(secret)
+        error = _error(document)
+        assert error.path == "keys[0].credential_secret_file"
+        assert "chmod 600" in error.message
+        assert "file-secret" not in str(error)
+
+    def test_env_and_file_together_refused(self) -> None:
+        """Naming both a variable and a file is ambiguous and refused."""
+        error = _error(_with("keys.0.credential_secret_file", "x.secret"))
+        assert error.path == "keys[0].credential_secret_file"
+
+
+class TestEndpoints:
+    """Credentials never travel in clear text to another machine."""
+
+    @pytest.mark.parametrize("where", ["api.endpoint", "api.token_endpoint"])
+    @pytest.mark.parametrize("url", ["http://creatorsapi.example", "http://10.0.0.5:8080"])
+    def test_plain_http_to_remote_refused(self, where: str, url: str) -> None:
+        """http:// to a non-loopback host is refused for the API and token endpoints."""
+        error = _error(_with(where, url))
+        assert error.path == where
+        assert "https://" in error.message
+
+    @pytest.mark.parametrize(
+        "url", ["http://127.0.0.1:8787", "http://localhost:1", "http://[::1]:8787/"]
+    )
+    def test_plain_http_to_loopback_allowed(self, url: str) -> None:
+        """A local simulator may be reached over http:// (the trailing slash is dropped)."""
+        config = parse_config(_with("api.endpoint", url), environ=ENV)
+        assert config.api.endpoint == url.rstrip("/")
+
+    def test_credentials_in_url_refused(self) -> None:
+        """A URL carrying user:password is refused."""
+        error = _error(_with("api.endpoint", "https://user:pw@creatorsapi.example"))
+        assert error.path == "api.endpoint"
+        assert "pw@" not in error.message
+
+
+class TestDefaults:
+    """Defaults and normalisation."""
+
+    def test_shipped_config_loads(self) -> None:
+        """The shipped config.toml loads with an empty environment (it targets the simulator)."""
+        config = load_config(REPO / "config.toml", environ={})
+        assert config.api.protocol is Protocol.CREATORS
+        assert config.api.uses_simulator
+        assert [key.name for key in config.keys] == ["demo"]
+        assert config.keys[0].partner_tags == {"www.amazon.com": "demo-20"}
+        assert config.source.endswith("config.toml")
+
+    def test_paapi_key_needs_no_version(self) -> None:
+        """A PA-API key has no credential version."""
+        document = _with("api.protocol", "paapi5")
+        del document["keys"][0]["version"]
+        config = parse_config(document, environ=ENV)
+        assert config.api.protocol is Protocol.PAAPI5
+        assert config.keys[0].version is None
+
+    def test_tpd_zero_means_unlimited(self) -> None:
+        """tpd = 0 is unlimited; an absent tpd is PA-API's starting 8640."""
+        assert parse_config(_with("keys.0.tpd", 0), environ=ENV).keys[0].tpd is None
+        assert parse_config(_doc(), environ=ENV).keys[0].tpd == 8640
+
+    def test_marketplace_aliases_canonical(self) -> None:
+        """Marketplaces given as a code or domain are stored under their canonical name."""
+        document = _with("keys.0.partner_tags", {"DE": "demo-22", "amazon.co.uk": "demo-21"})
+        document["api"]["marketplace"] = "de"
+        config = parse_config(document, environ=ENV)
+        assert config.api.marketplace == "www.amazon.de"
+        assert set(config.keys[0].partner_tags) == {"www.amazon.de", "www.amazon.co.uk"}
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A missing config file is a ConfigError naming the file."""
+        with pytest.raises(ConfigError, match="not found"):
+            load_config(tmp_path / "nope.toml", environ={})
+
+    def test_bad_toml(self, tmp_path: Path) -> None:
+        """A file that is not TOML is a ConfigError, not a tomllib exception."""
+        bad = tmp_path / "config.toml"
+        bad.write_text("[api\n")
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            load_config(bad, environ={})
+
+    def test_environ_defaults_to_os_environ(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without an environ mapping the loader reads os.environ."""
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "from-os")
+        file = tmp_path / "config.toml"
+        file.write_text(
+            '[api]\nendpoint = "https://creatorsapi.example"\n[[keys]]\nname = "demo"\n'
+            'credential_id = "demo-id"\ncredential_secret_env = "ASINB_DEMO_SECRET"\n'
+            'version = "3.1"\npartner_tags = { "www.amazon.com" = "demo-20" }\n'
+        )
+        secret = load_config(file).keys[0].secret
+        assert secret is not None
+        assert secret.reveal() == os.environ["ASINB_DEMO_SECRET"]

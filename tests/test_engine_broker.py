@@ -1,0 +1,567 @@
+"""The broker end to end against the simulator: every healthy ASIN ok, none lost or twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    US,
+    Harness,
+    account,
+    asins,
+    drive,
+    key_doc,
+    make_config,
+    paapi_key_doc,
+)
+from structlog.testing import capture_logs
+
+from broker.engine.broker import Broker, Query
+from broker.errors import ApiError, NoUsableKeyError
+from broker.models import ItemResult, Status
+from broker.simulator.catalog import lookup
+from broker.simulator.server import SimulatorServer
+from broker.simulator.settings import FaultRates, SimulatorSettings
+from broker.testing import FakeClock
+
+REPO = Path(__file__).resolve().parent.parent
+FREE = SimulatorSettings(limits=False)
+
+
+def _statuses(results: list[ItemResult]) -> Counter[str]:
+    return Counter(result.status.value for result in results)
+
+
+def _assert_each_once(results: list[ItemResult], expected: list[str]) -> None:
+    """One result per distinct input, in input order, none twice."""
+    assert [result.asin for result in results] == expected
+    assert len({result.asin for result in results}) == len(expected)
+
+
+class TestHealthy:
+    """A healthy key and simulator."""
+
+    async def test_all_ok_each_once(self, harness: Harness) -> None:
+        """200 ASINs: all ok, each served once, in full batches of 10."""
+        sim = await harness.simulator(FREE)
+        transport = await harness.transport()
+        broker = await harness.broker(make_config(sim.url), transport=transport)
+        wanted = asins(200)
+        results = await broker.get_items(wanted)
+        _assert_each_once(results, wanted)
+        assert _statuses(results) == {"ok": 200}
+        stats = sim.stats.accounts["demo"]
+        assert (stats.accepted, stats.items_served) == (20, 200)
+        first = results[0]
+        assert first.key == "demo"
+        assert first.attempts == 1
+        assert first.marketplace == US
+        assert first.item is not None
+        assert "itemInfo" in first.item
+        assert first.summary is not None
+        assert first.summary.title
+        assert first.summary.detail_url
+        assert "tag=demo-20" in first.summary.detail_url
+        assert first.fetched_at is not None
+        assert first.error is None
+        metrics = broker.metrics()
+        assert metrics.requests == 20
+        assert metrics.responses_by_status == {200: 20}
+        assert metrics.items_by_status == {"ok": 200}
+        assert metrics.latency_count == 20
+        assert metrics.outstanding_lookups == 0
+        (key,) = metrics.keys
+        assert (key.name, key.state, key.sent, key.throttled) == ("demo", "active", 20, 0)
+        await asyncio.sleep(0)  # the last send's task finishes
+        assert broker.metrics().keys[0].in_flight == 0
+        assert key.daily_spent == 20
+
+    async def test_from_config_starts_embedded_simulator(self) -> None:
+        """The shipped config.toml works with no environment: it starts its own simulator."""
+        async with Broker.from_config(REPO / "config.toml", environ={}) as broker:
+            assert broker.simulator_url is not None
+            assert broker.simulator_url.startswith("http://127.0.0.1:")
+            results = await broker.get_items(asins(12))
+        assert _statuses(results) == {"ok": 12}
+
+    async def test_v2_credentials(self, harness: Harness) -> None:
+        """A 2.x (Cognito) key uses its token endpoint and sends ', Version 2.1'."""
+        sim = await harness.simulator(FREE)
+        transport = await harness.transport()
+        config = make_config(
+            sim.url,
+            keys=[key_doc("v2", credential_id="demo-v2-id", env="ASINB_V2_SECRET", version="2.1")],
+        )
+        broker = await harness.broker(config, transport=transport)
+        assert _statuses(await broker.get_items(asins(15))) == {"ok": 15}
+        assert transport.count("/oauth2/token") == 1
+        api = [r for r in transport.requests if "/catalog/" in r.url]
+        assert all(r.headers["Authorization"].endswith(", Version 2.1") for r in api)
+
+    async def test_paapi_protocol(self, harness: Harness) -> None:
+        """PA-API 5.0 with the demo access key (no version) works; items are PascalCase."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, protocol="paapi5"))
+        wanted = asins(45)
+        results = await broker.get_items(wanted)
+        _assert_each_once(results, wanted)
+        assert _statuses(results) == {"ok": 45}
+        assert results[0].item is not None
+        assert results[0].item["ASIN"] == wanted[0]
+        assert "ItemInfo" in results[0].item
+        assert sim.stats.accounts["demo-paapi"].accepted == 5
+
+
+class TestCallers:
+    """Dedup across callers, streams, validation, cancellation."""
+
+    async def test_dedup_across_concurrent_callers(self, harness: Harness) -> None:
+        """Two callers with overlapping ASINs: one request slot per distinct ASIN."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        first, second = asins(60), asins(100)[30:]
+        one, two = await asyncio.gather(broker.get_items(first), broker.get_items(second))
+        _assert_each_once(one, first)
+        _assert_each_once(two, second)
+        assert _statuses(one + two) == {"ok": 130}
+        assert sim.stats.accounts["demo"].items_served == 100
+        assert broker.metrics().items_by_status == {"ok": 100}
+
+    async def test_duplicates_in_one_call(self, harness: Harness) -> None:
+        """Repeated and differently-cased ids in one call give one result each."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        results = await broker.get_items(
+            ["B000000001", "b000000001", " B000000001 ", Query("B000000002"), "B000000002"]
+        )
+        assert [r.asin for r in results] == ["B000000001", "B000000002"]
+        assert sim.stats.accounts["demo"].items_served == 2
+
+    async def test_cancelled_caller_keeps_shared_lookups(self, harness: Harness) -> None:
+        """Cancelling one caller does not cancel lookups another caller still waits for."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, keys=[key_doc(tps=20.0)]))
+        doomed = asyncio.get_running_loop().create_task(broker.get_items(asins(40)))
+        survivor = asyncio.get_running_loop().create_task(broker.get_items(asins(40)))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        results = await survivor
+        assert _statuses(results) == {"ok": 40}
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+
+    async def test_invalid_ids_never_sent(self, harness: Harness) -> None:
+        """Malformed ids are answered invalid at once and never reach Amazon."""
+        sim = await harness.simulator(FREE)
+        transport = await harness.transport()
+        broker = await harness.broker(make_config(sim.url), transport=transport)
+        results = await broker.get_items(
+            ["B000000001", "not-an-asin", "B00000001", "", "9791186701072", "B000000002"]
+        )
+        by_asin = {r.asin: r for r in results}
+        assert by_asin["B000000001"].ok
+        assert by_asin["B000000002"].ok
+        for bad in ("not-an-asin", "B00000001", "", "9791186701072"):
+            result = by_asin[bad]
+            assert result.status is Status.INVALID
+            assert result.error is not None
+            assert result.error.code == "InvalidAsin"
+            assert result.error.remedy
+            assert result.attempts == 0
+            assert result.key is None
+        sent = b"".join(r.body for r in transport.requests)
+        assert b"not-an-asin" not in sent
+        assert b"9791186701072" not in sent
+        assert sim.stats.accounts["demo"].items_served == 2
+
+    async def test_misuse_raises(self, harness: Harness) -> None:
+        """Looking up outside ``async with`` or with a non-string is misuse, not a result."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url)
+        with pytest.raises(RuntimeError, match="async with"):
+            await Broker(config).get_items(["B000000001"])
+        broker = await harness.broker(config)
+        with pytest.raises(TypeError):
+            await broker.get_items([1234567890])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="single string"):
+            await broker.get_items("B000000001")
+        with pytest.raises(TypeError, match="single string"):
+            async for _ in broker.stream("B000000001"):
+                pass
+
+    @pytest.mark.parametrize("kind", ["sync", "async"])
+    async def test_stream_bounded(self, harness: Harness, kind: str) -> None:
+        """stream() takes a sync or async iterable, yields each once, holds <= queue_size."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, engine={"queue_size": 5}))
+        wanted = asins(60)
+        pulled = 0
+
+        def plain() -> Iterator[str]:
+            nonlocal pulled
+            for asin in wanted:
+                pulled += 1
+                yield asin
+
+        async def agen() -> AsyncIterator[str]:
+            for asin in plain():
+                await asyncio.sleep(0)
+                yield asin
+
+        seen: list[str] = []
+        most = 0
+        async for result in broker.stream(plain() if kind == "sync" else agen()):
+            # Lazy input: at most queue_size items admitted and not yet yielded (plus
+            # one pulled and waiting for room), however slow this consumer is.
+            assert pulled <= len(seen) + 5 + 1
+            seen.append(result.asin)
+            assert result.ok
+            most = max(most, broker.metrics().outstanding_lookups)
+            await asyncio.sleep(0.002)  # a slow consumer
+        assert sorted(seen) == wanted
+        assert most <= 5
+        assert broker.metrics().outstanding_lookups == 0
+
+    async def test_stream_early_exit_releases(self, harness: Harness) -> None:
+        """A consumer that stops early leaves no lookup outstanding."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, keys=[key_doc(tps=5.0)]))
+        stream = broker.stream(asins(50))
+        async for _ in stream:
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        await asyncio.sleep(0)  # let the cancelled lookups' callbacks run
+        assert broker.metrics().outstanding_lookups == 0
+
+    async def test_cancel_releases_everything(self) -> None:
+        """Cancelling get_items frees its capacity; after aclose no task is left behind."""
+        async with SimulatorServer(FREE) as sim:
+            config = make_config(sim.url, keys=[key_doc(tps=5.0)], engine={"queue_size": 20})
+            async with Broker(config) as broker:
+                task = asyncio.get_running_loop().create_task(broker.get_items(asins(100)))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert broker.metrics().outstanding_lookups == 0
+                # All 20 capacity slots are free again.
+                again = await asyncio.wait_for(broker.get_items(asins(20, "B9")), 10)
+                assert _statuses(again) == {"ok": 20}
+            assert broker.metrics().queued_batches == 0
+            assert "closed" in repr(broker)
+        await asyncio.sleep(0)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    async def test_operation_cancelled_with_its_caller(self, harness: Harness) -> None:
+        """Closing the broker ends a pending search instead of leaving its caller hanging."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, keys=[key_doc(tps=0.5)])
+        broker = Broker(config)
+        await broker.__aenter__()
+        await broker.get_item("B000000001")  # spend the pacer slot
+        search = asyncio.get_running_loop().create_task(broker.search_items(keywords="kettle"))
+        await asyncio.sleep(0.01)
+        await broker.aclose()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(search, 5)
+
+
+class TestPartialResults:
+    """Items Amazon does not have are not_found, item by item."""
+
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_missing_and_inaccessible(self, harness: Harness, protocol: str) -> None:
+        """Unknown and inaccessible ASINs end not_found with Amazon's code; the rest ok."""
+        settings = SimulatorSettings(
+            limits=False, seed=7, missing_share=0.3, inaccessible_share=0.2
+        )
+        sim = await harness.simulator(settings)
+        broker = await harness.broker(make_config(sim.url, protocol=protocol))
+        wanted = asins(100)
+        results = await broker.get_items(wanted)
+        _assert_each_once(results, wanted)
+        expected = {
+            "ok": Status.OK,
+            "not_found": Status.NOT_FOUND,
+            "not_accessible": Status.NOT_FOUND,
+        }
+        codes: Counter[str] = Counter()
+        for result in results:
+            truth = lookup(settings, US, result.asin).status
+            assert result.status is expected[truth], (result.asin, truth, result.error)
+            if truth != "ok":
+                assert result.error is not None
+                assert result.error.remedy
+                codes[result.error.code] += 1
+        assert codes["ItemNotAccessible"] > 0
+        assert codes["InvalidParameterValue"] + codes["ResourceNotFoundException"] > 0
+        assert 0 < _statuses(results)["not_found"] < 100
+
+
+class TestAuthRecovery:
+    """Expired tokens and a skewed server clock cost one refresh, never an ASIN."""
+
+    async def test_token_expires_mid_run(self, harness: Harness) -> None:
+        """A token the server expired is refreshed once for all its requests; all ok."""
+        sim_clock = FakeClock()
+        sim = await harness.simulator(FREE, clock=sim_clock)
+        transport = await harness.transport()
+        broker = await harness.broker(make_config(sim.url), transport=transport)
+        assert _statuses(await broker.get_items(asins(10))) == {"ok": 10}
+        assert transport.count("/auth/o2/token") == 1
+        await sim_clock.advance(3700)  # past the server's 1-hour token lifetime
+        with capture_logs() as logs:
+            results = await broker.get_items(asins(40, "B1"))
+        assert _statuses(results) == {"ok": 40}
+        assert transport.count("/auth/o2/token") == 2
+        expired = sim.stats.accounts["demo"].errors["TokenExpired"]
+        assert 1 <= expired <= 4
+        refreshed = [e for e in logs if e["event"] == "broker.credentials_refreshed"]
+        assert len(refreshed) == expired
+        assert {e["code"] for e in refreshed} == {"TokenExpired"}
+
+    async def test_server_clock_20_minutes_off(self, harness: Harness) -> None:
+        """PA-API RequestExpired teaches the broker the server's clock; then all ok."""
+        sim = await harness.simulator(SimulatorSettings(limits=False, clock_skew_s=1200))
+        broker = await harness.broker(make_config(sim.url, protocol="paapi5"))
+        results = await broker.get_items(asins(100))
+        assert _statuses(results) == {"ok": 100}
+        expired = sim.stats.accounts["demo-paapi"].errors["RequestExpired"]
+        assert 1 <= expired <= 4  # only requests signed before the first answer
+        authorizer = broker._keys[0].authorizer
+        assert abs(authorizer.clock_offset_s - 1200) < 5  # type: ignore[attr-defined]
+        # Later requests are signed in the server's time at once.
+        assert _statuses(await broker.get_items(asins(30, "B1"))) == {"ok": 30}
+        assert sim.stats.accounts["demo-paapi"].errors["RequestExpired"] == expired
+
+
+class TestThrottling:
+    """429s slow a key down and never fail an ASIN; a spent day waits for the reset."""
+
+    async def test_429_storm(self, harness: Harness) -> None:
+        """A key configured at twice its real rate (burst 1): all ok, 429s counted, rate cut."""
+        clock = FakeClock()
+        settings = SimulatorSettings(
+            burst=1, accounts=(account("demo", "demo-id", "demo-secret", tps=10.0),)
+        )
+        sim = await harness.simulator(settings, clock=clock)
+        transport = await harness.transport()
+        config = make_config(sim.url, keys=[key_doc(tps=20.0)])
+        broker = await harness.broker(config, clock=clock, transport=transport)
+        task = asyncio.get_running_loop().create_task(broker.get_items(asins(400)))
+        await drive(clock, task, transport)
+        results = task.result()
+        assert _statuses(results) == {"ok": 400}
+        stats = sim.stats.accounts["demo"]
+        assert stats.accepted == 40
+        assert stats.items_served == 400
+        metrics = broker.metrics()
+        assert 0 < metrics.throttled == stats.throttled
+        assert metrics.responses_by_status[429] == stats.throttled
+        (key,) = metrics.keys
+        assert key.throttled == stats.throttled
+        assert key.rate < 20.0
+        assert key.state == "active"
+        assert all(r.attempts >= 1 for r in results)
+
+    async def test_exhausted_tpd_waits_for_reset(self, harness: Harness) -> None:
+        """With the day's quota spent the key waits for midnight UTC instead of failing."""
+        clock = FakeClock()  # 12:00 UTC
+        settings = SimulatorSettings(
+            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=3),)
+        )
+        sim = await harness.simulator(settings, clock=clock)
+        transport = await harness.transport()
+        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=3)])
+        broker = await harness.broker(config, clock=clock, transport=transport)
+        start = clock.utcnow()
+        task = asyncio.get_running_loop().create_task(broker.get_items(asins(30)))
+        await drive(clock, task, transport)
+        assert _statuses(task.result()) == {"ok": 30}
+        waited = (clock.utcnow() - start).total_seconds()
+        assert 12 * 3600 <= waited < 12 * 3600 + 60
+        stats = sim.stats.accounts["demo"]
+        assert (stats.accepted, stats.throttled) == (3, 0)  # never hammered the server
+        (key,) = broker.metrics().keys
+        assert key.daily_spent == 1
+        assert key.daily_limit == 3
+
+
+class TestFaults:
+    """5xx, resets, truncated and HTML bodies are retried until every ASIN is ok."""
+
+    async def test_faults_retried(self, harness: Harness) -> None:
+        """Every injected fault costs one retry; all ASINs end ok."""
+        faults = FaultRates(
+            error_500=0.1,
+            error_502=0.05,
+            error_503=0.05,
+            error_504=0.05,
+            reset=0.1,
+            truncated=0.1,
+            html=0.05,
+        )
+        sim = await harness.simulator(SimulatorSettings(limits=False, seed=3, faults=faults))
+        config = make_config(sim.url, retry={"max_attempts": 30})
+        broker = await harness.broker(config)
+        wanted = asins(300)
+        results = await broker.get_items(wanted)
+        _assert_each_once(results, wanted)
+        assert _statuses(results) == {"ok": 300}
+        injected = sim.stats.faults
+        for kind in ("error_500", "reset", "truncated", "html"):
+            assert injected[kind] > 0, kind
+        metrics = broker.metrics()
+        assert metrics.retries == sum(injected.values())
+        assert metrics.transport_errors == injected["reset"]
+        assert metrics.requests == 30 + sum(injected.values())
+        assert max(r.attempts for r in results) > 1
+
+    async def test_retries_exhausted(self, harness: Harness) -> None:
+        """A server that always fails: each ASIN ends failed with the last error and its remedy."""
+        sim = await harness.simulator(
+            SimulatorSettings(limits=False, faults=FaultRates(error_503=1.0))
+        )
+        broker = await harness.broker(make_config(sim.url, retry={"max_attempts": 3}))
+        results = await broker.get_items(asins(12))
+        assert _statuses(results) == {"failed": 12}
+        for result in results:
+            assert result.attempts == 3
+            assert result.error is not None
+            assert result.error.remedy
+        assert sim.stats.faults["error_503"] == 6
+
+
+def _broken_cases() -> list[object]:
+    paapi_bad = account("p2", "P2ACCESSKEY", "right-secret", protocol="paapi5", version="")
+    not_eligible = account("ne", "ne-id", "ne-secret", not_eligible=True)
+    return [
+        pytest.param(
+            "creators",
+            (),
+            key_doc("bad", credential_id="demo-v2-id", env="BAD", version="2.1"),
+            "invalid_client",
+            id="wrong-secret",
+        ),
+        pytest.param(
+            "creators",
+            (not_eligible,),
+            key_doc("bad", credential_id="ne-id", env="BAD_NE"),
+            "AssociateNotEligible",
+            id="not-eligible",
+        ),
+        pytest.param(
+            "paapi5",
+            (paapi_bad,),
+            paapi_key_doc("bad", credential_id="P2ACCESSKEY", env="BAD"),
+            "InvalidSignature",
+            id="paapi-wrong-secret",
+        ),
+    ]
+
+
+BAD_ENV = {"BAD": "wrong-secret", "BAD_NE": "ne-secret"}
+
+
+class TestBrokenKeys:
+    """A broken key is taken out with one clear event; other keys go on."""
+
+    @pytest.mark.parametrize(("protocol", "accounts", "bad", "code"), _broken_cases())
+    async def test_healthy_and_broken_key(
+        self,
+        harness: Harness,
+        protocol: str,
+        accounts: tuple[object, ...],
+        bad: dict[str, object],
+        code: str,
+    ) -> None:
+        """The broken key is disabled once (one broker.key_disabled); all ASINs ok via the other."""
+        sim = await harness.simulator(SimulatorSettings(limits=False, accounts=accounts))  # type: ignore[arg-type]
+        good = paapi_key_doc("good") if protocol == "paapi5" else key_doc("good")
+        config = make_config(sim.url, protocol=protocol, keys=[good, bad], environ=BAD_ENV)
+        broker = await harness.broker(config)
+        with capture_logs() as logs:
+            results = await broker.get_items(asins(100))
+        assert _statuses(results) == {"ok": 100}
+        assert {r.key for r in results} == {"good"}
+        disabled = [e for e in logs if e["event"] == "broker.key_disabled"]
+        assert len(disabled) == 1
+        assert disabled[0]["key"] == "bad"
+        assert disabled[0]["code"] == code
+        assert disabled[0]["remedy"]
+        states = {k.name: k for k in broker.metrics().keys}
+        assert states["good"].state == "active"
+        assert states["bad"].state == "disabled"
+        assert states["bad"].reason is not None
+        assert states["bad"].reason.startswith(code)
+
+    async def test_every_key_broken(self, harness: Harness) -> None:
+        """No usable key: NoUsableKeyError naming each key and why, now and on later calls."""
+        not_eligible = account("ne", "ne-id", "ne-secret", not_eligible=True)
+        sim = await harness.simulator(SimulatorSettings(limits=False, accounts=(not_eligible,)))
+        keys = [
+            key_doc("wrong", credential_id="demo-v2-id", env="BAD", version="2.1"),
+            key_doc("ineligible", credential_id="ne-id", env="BAD_NE"),
+        ]
+        broker = await harness.broker(make_config(sim.url, keys=keys, environ=BAD_ENV))
+        with pytest.raises(NoUsableKeyError) as info:
+            await broker.get_items(asins(50))
+        error = info.value
+        assert error.marketplace == US
+        assert {(f.key, f.code) for f in error.failures} == {
+            ("wrong", "invalid_client"),
+            ("ineligible", "AssociateNotEligible"),
+        }
+        message = str(error)
+        assert "wrong: invalid_client" in message
+        assert "ineligible: AssociateNotEligible" in message
+        assert all(f.remedy in message for f in error.failures)
+        with pytest.raises(NoUsableKeyError):
+            await broker.get_item("B000000001")
+        with pytest.raises(NoUsableKeyError):
+            await broker.search_items(keywords="kettle")
+        await asyncio.sleep(0)  # done-callbacks of the abandoned lookups run
+        assert broker.metrics().outstanding_lookups == 0
+
+    async def test_unserved_marketplace(self, harness: Harness) -> None:
+        """A marketplace no key has a partner tag for raises at once, naming the fix."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        with pytest.raises(NoUsableKeyError, match="InvalidPartnerTag"):
+            await broker.get_items(["B000000001"], marketplace="www.amazon.de")
+
+
+class TestOperations:
+    """The other operations go through the same keys, limiter and retries."""
+
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_operations(self, harness: Harness, protocol: str) -> None:
+        """get_item, search_items, get_variations and get_browse_nodes all answer."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, protocol=protocol))
+        item = await broker.get_item("B000000001")
+        assert item.ok
+        assert item.asin == "B000000001"
+        paapi = protocol == "paapi5"
+        search = await broker.search_items(keywords="kettle")
+        assert ("SearchResult" if paapi else "searchResult") in search
+        variations = await broker.get_variations("B000000001")
+        assert ("VariationsResult" if paapi else "variationsResult") in variations
+        nodes = await broker.get_browse_nodes(["283155"])
+        assert ("BrowseNodesResult" if paapi else "browseNodesResult") in nodes
+        account_name = "demo-paapi" if paapi else "demo"
+        assert sim.stats.accounts[account_name].accepted == 4
+
+    async def test_operation_error_raises(self, harness: Harness) -> None:
+        """An operation Amazon refuses raises its ApiError (operations have no per-item rows)."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        with pytest.raises(ApiError) as info:
+            await broker.search_items(keywords="noresults here")
+        assert info.value.code
+        assert json.dumps(info.value.code)

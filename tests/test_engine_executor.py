@@ -1,0 +1,422 @@
+"""The executor's outcome routing, on a fake clock with a MockTransport standing in for Amazon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from conftest import US, asins, key_doc, make_config
+from structlog.testing import capture_logs
+
+from broker.api.base import HttpRequest, RawResponse
+from broker.engine.broker import Broker
+from broker.engine.transport import MockTransport
+from broker.errors import NoUsableKeyError, RequestTimeout
+from broker.models import ItemResult, Status
+from broker.testing import FakeClock
+
+PAAPI = "https://paapi.test"
+CREATORS = "https://creators.test"
+DE = "www.amazon.de"
+JSON = {"content-type": "application/json"}
+
+Handler = Callable[[HttpRequest], Awaitable[RawResponse]]
+
+
+def _ids(request: HttpRequest) -> list[str]:
+    body = json.loads(request.body)
+    return list(body.get("ItemIds") or body.get("itemIds") or [])
+
+
+def _reply(status: int, body: object, headers: dict[str, str] | None = None) -> RawResponse:
+    return RawResponse(status, {**JSON, **(headers or {})}, json.dumps(body).encode())
+
+
+def _paapi_ok(ids: list[str], skip: tuple[str, ...] = ()) -> RawResponse:
+    items = [
+        {"ASIN": a, "ItemInfo": {"Title": {"DisplayValue": f"Title {a}"}}}
+        for a in ids
+        if a not in skip
+    ]
+    return _reply(200, {"ItemsResult": {"Items": items}})
+
+
+def _paapi_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> RawResponse:
+    body = {"__type": "com.amazon.paapi5#Error", "Errors": [{"Code": code, "Message": message}]}
+    return _reply(status, body, headers)
+
+
+def _creators_ok(ids: list[str], errors: list[dict[str, str]] | None = None) -> RawResponse:
+    bad = {e["message"].split()[2] for e in errors or []}
+    items = [
+        {"asin": a, "itemInfo": {"title": {"displayValue": f"Title {a}"}}}
+        for a in ids
+        if a not in bad
+    ]
+    body: dict[str, Any] = {"itemsResult": {"items": items}}
+    if errors:
+        body["errors"] = errors
+    return _reply(200, body)
+
+
+def _token(value: str) -> RawResponse:
+    return _reply(200, {"access_token": value, "token_type": "bearer", "expires_in": 3600})
+
+
+async def _run(
+    broker: Broker, clock: FakeClock, asins_: list[str], marketplace: str | None = None
+) -> list[ItemResult]:
+    task = asyncio.get_running_loop().create_task(broker.get_items(asins_, marketplace=marketplace))
+    await clock.run_until(task)
+    return task.result()
+
+
+def _broker(
+    endpoint: str, handler: Handler, clock: FakeClock, *, protocol: str = "paapi5", **tables: Any
+) -> tuple[Broker, MockTransport]:
+    transport = MockTransport(handler)
+    config = make_config(endpoint, protocol=protocol, **tables)
+    return Broker(config, clock=clock, transport=transport, rng=random.Random(0)), transport
+
+
+class TestInvalidIds:
+    """PA-API fails a whole request for a bad id: mark it, re-send the rest."""
+
+    async def test_named_id_split_out(self) -> None:
+        """A 400 InvalidParameterValue naming an id marks it invalid and re-sends the other 9."""
+        bad = "B0BAD00001"
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            ids = _ids(request)
+            if bad in ids:
+                return _paapi_error(
+                    400,
+                    "InvalidParameterValue",
+                    f"The value [{bad}] provided in the request for ItemIds is invalid.",
+                )
+            return _paapi_ok(ids)
+
+        clock = FakeClock()
+        broker, transport = _broker(PAAPI, handler, clock)
+        wanted = [*asins(9), bad]
+        async with broker:
+            results = await _run(broker, clock, wanted)
+        by_asin = {r.asin: r for r in results}
+        assert by_asin[bad].status is Status.INVALID
+        assert by_asin[bad].error is not None
+        assert by_asin[bad].error.code == "InvalidParameterValue"
+        assert by_asin[bad].error.remedy
+        assert all(by_asin[a].ok and by_asin[a].attempts == 2 for a in asins(9))
+        assert [_ids(r) for r in transport.requests] == [wanted, asins(9)]
+
+    async def test_unnamed_id_isolates_each(self) -> None:
+        """An id-level 400 naming none of the ids re-asks each id alone."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            ids = _ids(request)
+            if len(ids) > 1:
+                return _paapi_error(
+                    400,
+                    "InvalidParameterValue",
+                    "The value [B0ZZZZZZZZ] provided in the request for ItemIds is invalid.",
+                )
+            return _paapi_ok(ids)
+
+        clock = FakeClock()
+        broker, transport = _broker(PAAPI, handler, clock)
+        async with broker:
+            results = await _run(broker, clock, asins(5))
+        assert all(r.ok for r in results)
+        assert len(transport.requests) == 1 + 5
+
+
+class TestPartialAnswers:
+    """Responses that leave ASINs out or name them as errors."""
+
+    async def test_missing_asin_reasked_then_not_found(self) -> None:
+        """An ASIN a response never mentions is re-asked alone, then ends not_found."""
+        gone = "B000000003"
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return _paapi_ok(_ids(request), skip=(gone,))
+
+        clock = FakeClock()
+        broker, transport = _broker(PAAPI, handler, clock)
+        async with broker:
+            results = await _run(broker, clock, asins(6))
+        by_asin = {r.asin: r for r in results}
+        assert by_asin[gone].status is Status.NOT_FOUND
+        assert by_asin[gone].error is not None
+        assert by_asin[gone].error.code == "MissingFromResponse"
+        assert sum(r.ok for r in results) == 5
+        assert [_ids(r) for r in transport.requests][1:] == [[gone], [gone]]
+
+    async def test_creators_item_errors_are_not_found(self) -> None:
+        """A 200 with ``errors`` for some ids: those are not_found (they were well-formed)."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _creators_ok(
+                _ids(request),
+                [
+                    {
+                        "code": "InvalidParameterValue",
+                        "message": "The ItemIds B000000002 provided in the request is invalid.",
+                    },
+                    {
+                        "code": "ItemNotAccessible",
+                        "message": "The ItemId B000000004 is not accessible through the API.",
+                    },
+                ],
+            )
+
+        clock = FakeClock()
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators")
+        async with broker:
+            results = await _run(broker, clock, asins(6))
+        codes = {r.asin: (r.status, r.error.code if r.error else None) for r in results}
+        assert codes["B000000002"] == (Status.NOT_FOUND, "InvalidParameterValue")
+        assert codes["B000000004"] == (Status.NOT_FOUND, "ItemNotAccessible")
+        assert sum(r.ok for r in results) == 4
+
+    async def test_creators_404_all_not_found(self) -> None:
+        """Creators' 404 ResourceNotFoundException: every ASIN of the batch not_found."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _reply(
+                404,
+                {
+                    "type": "ResourceNotFoundException",
+                    "message": "No items found for the requested item IDs.",
+                },
+            )
+
+        clock = FakeClock()
+        broker, transport = _broker(CREATORS, handler, clock, protocol="creators")
+        async with broker:
+            results = await _run(broker, clock, asins(4))
+        assert {r.status for r in results} == {Status.NOT_FOUND}
+        assert {r.error.code for r in results if r.error} == {"ResourceNotFoundException"}
+        assert len(transport.requests) == 2  # token + one GetItems
+
+
+class TestRetries:
+    """Transient failures back off on the clock; 429s never fail an ASIN."""
+
+    async def test_server_errors_exhaust_attempts(self) -> None:
+        """A 500 every time: failed after max_attempts, with the last error; budget counts sends."""
+        sent_at: list[float] = []
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            sent_at.append(clock.monotonic())
+            return _paapi_error(500, "InternalFailure", "Internal failure.")
+
+        broker, transport = _broker(
+            PAAPI,
+            handler,
+            clock,
+            retry={"max_attempts": 3, "base_delay_s": 1.0, "max_delay_s": 4.0},
+        )
+        async with broker:
+            results = await _run(broker, clock, asins(3))
+            key = broker._keys[0]
+            assert key.retry_budget.sends == 3
+            metrics = broker.metrics()
+        for result in results:
+            assert result.status is Status.FAILED
+            assert result.attempts == 3
+            assert result.error is not None
+            assert result.error.code == "InternalFailure"
+        assert len(transport.requests) == 3
+        assert sent_at[-1] > sent_at[0]  # jittered backoff slept on the fake clock
+        assert metrics.retries == 2
+        assert metrics.items_by_status == {"failed": 3}
+        assert metrics.keys[0].errors == 3
+
+    async def test_timeout_retried(self) -> None:
+        """A transport timeout is retried and counted as a transport error."""
+        calls = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RequestTimeout("POST https://paapi.test/paapi5/getitems: timed out")
+            return _paapi_ok(_ids(request))
+
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, handler, clock)
+        async with broker:
+            results = await _run(broker, clock, asins(3))
+            metrics = broker.metrics()
+        assert all(r.ok and r.attempts == 2 for r in results)
+        assert (metrics.transport_errors, metrics.retries) == (1, 1)
+
+    async def test_429s_never_fail_an_asin(self) -> None:
+        """Ten 429s in a row with max_attempts 2: the ASINs still end ok; the rate is cut."""
+        calls = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal calls
+            calls += 1
+            if calls <= 10:
+                return _paapi_error(429, "TooManyRequests", "The request was denied.")
+            return _paapi_ok(_ids(request))
+
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, handler, clock, retry={"max_attempts": 2})
+        async with broker:
+            results = await _run(broker, clock, asins(5))
+            metrics = broker.metrics()
+        assert all(r.ok for r in results)
+        assert results[0].attempts == 11
+        assert metrics.throttled == 10
+        assert metrics.keys[0].rate < 100.0
+        assert metrics.retries == 0
+
+    async def test_retry_after_pauses_the_key(self) -> None:
+        """A 429 with Retry-After: 5 holds the key 5 s (on the fake clock)."""
+        sent_at: list[float] = []
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            sent_at.append(clock.monotonic())
+            if len(sent_at) == 1:
+                return _paapi_error(429, "TooManyRequests", "Slow down.", {"retry-after": "5"})
+            return _paapi_ok(_ids(request))
+
+        broker, _ = _broker(PAAPI, handler, clock)
+        async with broker:
+            results = await _run(broker, clock, asins(2))
+        assert all(r.ok for r in results)
+        assert sent_at[1] - sent_at[0] >= 5.0
+
+    async def test_unexpected_exception_fails_batch(self) -> None:
+        """A bug below the executor fails the batch (logged) instead of hanging its callers."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            raise ValueError("boom")
+
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, handler, clock)
+        with capture_logs() as logs:
+            async with broker:
+                results = await _run(broker, clock, asins(2))
+        assert {r.status for r in results} == {Status.FAILED}
+        assert {r.error.code for r in results if r.error} == {"ValueError"}
+        assert [e["event"] for e in logs].count("broker.attempt_crashed") == 1
+
+
+class TestCredentials:
+    """Token endpoint trouble pauses a key; expired tokens cost one refresh."""
+
+    async def test_token_endpoint_throttled_pauses_not_disables(self) -> None:
+        """A 429 from the token endpoint pauses the key and tries again; the key stays usable."""
+        token_calls = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal token_calls
+            if "/auth/" in request.url:
+                token_calls += 1
+                if token_calls == 1:
+                    return _reply(429, {"error": "slow_down"})
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        start = clock.monotonic()
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators")
+        with capture_logs() as logs:
+            async with broker:
+                results = await _run(broker, clock, asins(3))
+                state = broker.metrics().keys[0].state
+        assert all(r.ok and r.attempts == 1 for r in results)
+        assert token_calls == 2
+        assert state == "active"
+        events = [e["event"] for e in logs]
+        assert "broker.key_disabled" not in events
+        assert events.count("broker.token_fetch_failed") == 1
+        assert clock.monotonic() - start >= 1.0
+
+    async def test_token_expired_single_refresh(self) -> None:
+        """Three requests rejected with the same expired token cause one token refresh."""
+        tokens = iter(["tok1", "tok2", "tok3"])
+        token_calls = 0
+        stale: list[HttpRequest] = []
+        all_stale = asyncio.Event()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal token_calls
+            if "/auth/" in request.url:
+                token_calls += 1
+                return _token(next(tokens))
+            if request.headers["Authorization"] == "Bearer tok1":
+                stale.append(request)
+                if len(stale) == 3:
+                    all_stale.set()
+                await all_stale.wait()
+                return _reply(
+                    401,
+                    {
+                        "type": "UnauthorizedException",
+                        "reason": "TokenExpired",
+                        "message": "The access token has expired.",
+                    },
+                )
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators")
+        with capture_logs() as logs:
+            async with broker:
+                results = await _run(broker, clock, asins(30))
+        assert all(r.ok and r.attempts == 1 for r in results)
+        assert token_calls == 2
+        refreshed = [e for e in logs if e["event"] == "broker.credentials_refreshed"]
+        assert len(refreshed) == 3
+
+    async def test_partner_tag_disables_key_in_one_marketplace(self) -> None:
+        """InvalidPartnerTag takes the key out of that marketplace only."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            if request.headers.get("x-marketplace") == DE:
+                return _reply(
+                    400,
+                    {
+                        "type": "ValidationException",
+                        "reason": "InvalidPartnerTag",
+                        "message": "The partner tag is invalid.",
+                    },
+                )
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        keys = [key_doc(tags={US: "demo-20", DE: "demo-22"})]
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        with capture_logs() as logs:
+            async with broker:
+                task = asyncio.get_running_loop().create_task(
+                    broker.get_items(asins(3), marketplace=DE)
+                )
+                await clock.run_until(task)
+                error = task.exception()
+                assert isinstance(error, NoUsableKeyError)
+                assert [(f.key, f.code) for f in error.failures] == [("demo", "InvalidPartnerTag")]
+                results = await _run(broker, clock, asins(3))
+                state = broker.metrics().keys[0].state
+        assert all(r.ok for r in results)
+        assert state == "active"
+        disabled = [e for e in logs if e["event"] == "broker.key_disabled"]
+        assert len(disabled) == 1
+        assert disabled[0]["marketplace"] == DE

@@ -1,0 +1,121 @@
+"""Per-key state: marketplaces served, disabling, parking and probing, and snapshots."""
+
+from __future__ import annotations
+
+import random
+
+from conftest import US, key_doc, make_config
+
+from broker.engine.adaptive import CircuitState, ThrottleVerdict
+from broker.engine.authorizer import SigV4Authorizer
+from broker.engine.keys import KeyHealth, KeyState
+from broker.errors import ThrottledError
+from broker.models import Secret
+from broker.testing import FakeClock
+
+DE = "www.amazon.de"
+
+
+def _key(clock: FakeClock, **fields: object) -> KeyState:
+    config = make_config(
+        "https://creators.test", keys=[key_doc(tags={US: "demo-20", DE: "demo-22"}, **fields)]
+    )
+    authorizer = SigV4Authorizer("AKID", Secret("s"), clock=clock)
+    return KeyState.from_config(
+        config.keys[0], authorizer, config=config, clock=clock, rng=random.Random(0)
+    )
+
+
+class TestMarketplaces:
+    """Which marketplaces a key serves."""
+
+    def test_disable_one_marketplace(self) -> None:
+        """A key+marketplace failure removes just that marketplace, once."""
+        key = _key(FakeClock())
+        assert key.serves(US)
+        assert key.serves(DE)
+        assert not key.serves("www.amazon.fr")
+        assert key.disable("InvalidPartnerTag", "bad tag", "fix it", marketplace=DE)
+        assert not key.disable("InvalidPartnerTag", "bad tag", "fix it", marketplace=DE)
+        assert key.serves(US)
+        assert not key.serves(DE)
+        assert list(key.active_marketplaces()) == [US]
+        failure = key.failure_for(DE)
+        assert failure is not None
+        assert failure.code == "InvalidPartnerTag"
+        assert key.health is KeyHealth.ACTIVE
+
+    def test_disable_whole_key(self) -> None:
+        """A key-level failure removes every marketplace; the snapshot says why."""
+        key = _key(FakeClock())
+        assert key.disable("InvalidSignature", "bad sig", "check the secret")
+        assert not key.disable("InvalidSignature", "bad sig", "check the secret")
+        assert not key.serves(US)
+        assert list(key.active_marketplaces()) == []
+        snapshot = key.snapshot()
+        assert snapshot.state == "disabled"
+        assert snapshot.reason == "InvalidSignature: check the secret"
+
+
+class TestCircuit:
+    """A parked key is probed, and every probe outcome settles the circuit."""
+
+    def _parked(self, clock: FakeClock) -> KeyState:
+        key = _key(clock)
+        key.circuit.open(ThrottleVerdict.ACCESS_REVOKED)
+        assert key.health is KeyHealth.PARKED
+        assert key.snapshot().reason == ThrottleVerdict.ACCESS_REVOKED.value
+        return key
+
+    async def test_probe_failing_transiently_parks_again(self) -> None:
+        """A probe that meets a 5xx or a reset re-parks the key instead of wedging it."""
+        clock = FakeClock()
+        key = self._parked(clock)
+        await clock.advance(4000)
+        assert key.circuit.try_probe()
+        assert key.circuit.state is CircuitState.PROBING
+        key.on_failed_attempt(transient=True)
+        assert key.circuit.state is CircuitState.OPEN
+        probe_at = key.circuit.probe_at
+        assert probe_at is not None
+        assert probe_at > clock.monotonic()
+
+    async def test_probe_answered_closes(self) -> None:
+        """A probe answered with anything but a 429 or a transient failure closes the circuit."""
+        clock = FakeClock()
+        key = self._parked(clock)
+        await clock.advance(4000)
+        assert key.circuit.try_probe()
+        key.on_failed_attempt(transient=False)
+        assert key.circuit.state is CircuitState.CLOSED
+        assert key.health is KeyHealth.ACTIVE
+
+    def test_failed_attempt_outside_probe_changes_nothing(self) -> None:
+        """An ordinary failure of an active key leaves the circuit closed."""
+        key = _key(FakeClock())
+        key.on_failed_attempt(transient=True)
+        assert key.circuit.state is CircuitState.CLOSED
+
+    def test_retry_after_pauses(self) -> None:
+        """A 429 with Retry-After pauses the key and cuts its rate."""
+        clock = FakeClock()
+        key = _key(clock, tps=10.0)
+        sent = clock.monotonic()
+        key.on_throttled(
+            ThrottledError("TooManyRequests", "x", status=429, retry_after=3.0), sent + 0.001
+        )
+        assert key.health is KeyHealth.PAUSED
+        assert key.limiter.rate < 10.0
+        assert key.snapshot().reason == "Retry-After"
+
+    def test_token_endpoint_failures_back_off(self) -> None:
+        """Repeated token-endpoint failures pause the key longer each time, capped at 60 s."""
+        clock = FakeClock()
+        key = _key(clock)
+        pauses = []
+        for _ in range(8):
+            key.pause_after_error(ConnectionError("down"))
+            pauses.append(key.limiter.next_ready() - clock.monotonic())
+        assert pauses[:3] == [2.0, 4.0, 8.0]
+        assert pauses[-1] == 60.0
+        assert key.snapshot().reason == "token endpoint: ConnectionError"

@@ -1,0 +1,179 @@
+"""The error tree and the catalogue: every code has a remedy, unknown codes fall back by status."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.errors import (
+    CATALOGUE,
+    ApiError,
+    AuthError,
+    BadRequestError,
+    BodyTooLarge,
+    BrokerError,
+    ConfigError,
+    ConnectError,
+    KeyUnusableError,
+    NoUsableKeyError,
+    RequestTimeout,
+    Scope,
+    ServerError,
+    ThrottledError,
+    TransportError,
+    describe,
+)
+
+#: Codes of Amazon's tables (protocol.md 2.8, 3.5, 4) that must each have an entry.
+AMAZON_CODES = [
+    "TooManyRequests",
+    "ThrottleException",
+    "RequestExpired",
+    "InvalidSignature",
+    "IncompleteSignature",
+    "UnrecognizedClient",
+    "AccessDenied",
+    "AccessDeniedAwsUsers",
+    "InvalidAssociate",
+    "InvalidPartnerTag",
+    "InvalidParameterValue",
+    "MissingParameter",
+    "UnknownOperation",
+    "ItemNotAccessible",
+    "ResourceNotFoundException",
+    "ValidationException",
+    "TokenExpired",
+    "InvalidToken",
+    "AssociateNotEligible",
+    "InternalFailure",
+]
+
+#: Codes that take a key (or key+marketplace) out of rotation (the engine issue's list).
+KEY_FATAL = [
+    "UnrecognizedClient",
+    "InvalidSignature",
+    "AccessDenied",
+    "AccessDeniedAwsUsers",
+    "InvalidAssociate",
+    "InvalidPartnerTag",
+    "AssociateNotEligible",
+    "InvalidClient",
+]
+
+
+class TestCatalogue:
+    """One entry per code, each actionable."""
+
+    @pytest.mark.parametrize("code", sorted(CATALOGUE))
+    def test_entry_complete(self, code: str) -> None:
+        """Every entry is filed under its own code, with a meaning and a remedy in plain words."""
+        info = CATALOGUE[code]
+        assert info.code == code
+        assert info.meaning.strip().endswith(".")
+        assert len(info.remedy.strip()) > 10
+        assert isinstance(info.scope, Scope)
+
+    @pytest.mark.parametrize("code", AMAZON_CODES)
+    def test_amazon_codes_present(self, code: str) -> None:
+        """Every code of Amazon's tables is in the catalogue."""
+        assert code in CATALOGUE
+
+    @pytest.mark.parametrize("code", KEY_FATAL)
+    def test_key_fatal_codes(self, code: str) -> None:
+        """Key-fatal codes are scoped to the key (or key+marketplace) and never retried."""
+        info = describe(code)
+        assert info.scope in (Scope.KEY, Scope.KEY_MARKETPLACE)
+        assert not info.retryable
+
+    @pytest.mark.parametrize(
+        "code",
+        [
+            "TokenExpired",
+            "InvalidToken",
+            "RequestExpired",
+            "InternalFailure",
+            "ServerError",
+            "TransportError",
+            "BadResponse",
+            "TooManyRequests",
+        ],
+    )
+    def test_transient_codes_retried(self, code: str) -> None:
+        """Expired credentials, 5xx, network and throttling are retried."""
+        assert describe(code).retryable
+
+
+class TestDescribeFallbacks:
+    """Codes we do not know are classed by HTTP status."""
+
+    def test_429_is_throttling(self) -> None:
+        """An unknown code on a 429 is throttling."""
+        assert describe("SomethingNew", status=429) is CATALOGUE["TooManyRequests"]
+
+    @pytest.mark.parametrize("status", [500, 502, 503, 504])
+    def test_5xx_retried(self, status: int) -> None:
+        """An unknown code on a 5xx is a retryable request error."""
+        info = describe("Weird", status=status)
+        assert (info.code, info.scope, info.retryable) == ("Weird", Scope.REQUEST, True)
+        assert info.remedy
+
+    @pytest.mark.parametrize("status", [401, 403])
+    def test_auth_statuses_per_key(self, status: int) -> None:
+        """An unknown code on a 401/403 condemns the key, not retried."""
+        info = describe("Weird", status=status)
+        assert (info.scope, info.retryable) == (Scope.KEY, False)
+        assert info.remedy
+
+    @pytest.mark.parametrize("status", [400, 404, 418, None])
+    def test_other_statuses_per_request(self, status: int | None) -> None:
+        """Anything else is a request error, not retried, with a generic remedy."""
+        info = describe("Weird", status=status)
+        assert (info.scope, info.retryable) == (Scope.REQUEST, False)
+        assert "report" in info.remedy
+
+    def test_known_code_wins_over_status(self) -> None:
+        """A known code keeps its entry whatever the status."""
+        assert describe("InvalidSignature", status=500) is CATALOGUE["InvalidSignature"]
+
+
+class TestTree:
+    """The hierarchy and messages."""
+
+    def test_builtin_bases(self) -> None:
+        """Errors subclass the builtin whose meaning they share."""
+        assert issubclass(ConfigError, ValueError)
+        assert issubclass(ConnectError, ConnectionError)
+        assert issubclass(RequestTimeout, TimeoutError)
+        for cls in (ConnectError, RequestTimeout, BodyTooLarge):
+            assert issubclass(cls, TransportError)
+        for cls in (ThrottledError, AuthError, BadRequestError, ServerError):
+            assert issubclass(cls, ApiError)
+        for cls in (ConfigError, TransportError, ApiError, KeyUnusableError, NoUsableKeyError):
+            assert issubclass(cls, BrokerError)
+
+    def test_api_error_fields(self) -> None:
+        """ApiError carries code, status, retry_after and its catalogue entry."""
+        error = ThrottledError("TooManyRequests", "slow down", status=429, retry_after=2.0)
+        assert str(error) == "TooManyRequests (HTTP 429): slow down"
+        assert error.retry_after == 2.0
+        assert error.info is CATALOGUE["TooManyRequests"]
+
+    def test_no_usable_key_names_each_key(self) -> None:
+        """NoUsableKeyError says which keys failed, with what code and what to do."""
+        failures = [
+            KeyUnusableError("a", "InvalidSignature", "bad", describe("InvalidSignature").remedy),
+            KeyUnusableError(
+                "b", "AssociateNotEligible", "no sales", describe("AssociateNotEligible").remedy
+            ),
+        ]
+        error = NoUsableKeyError("www.amazon.com", failures)
+        text = str(error)
+        assert "www.amazon.com" in text
+        assert "a: InvalidSignature" in text
+        assert "b: AssociateNotEligible" in text
+        assert describe("InvalidSignature").remedy in text
+        assert "no key configured" in str(NoUsableKeyError("www.amazon.de", []))
+
+    def test_config_error_path(self) -> None:
+        """ConfigError's message starts with the key path."""
+        assert str(ConfigError("keys[0].tps", "must be > 0")) == "keys[0].tps: must be > 0"
+        assert str(ConfigError("", "file not found")) == "file not found"

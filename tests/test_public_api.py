@@ -1,0 +1,97 @@
+"""The public surface: a sorted, complete ``broker.__all__``; modules that import alone."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import broker
+import broker.simulator
+import broker.testing
+
+MODULES = sorted(
+    ["broker"]
+    + [
+        info.name
+        for info in pkgutil.walk_packages(broker.__path__, "broker.")
+        if not info.name.endswith("__main__")
+    ]  # __main__ runs the CLI when imported
+)
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_all_sorted_and_complete() -> None:
+    """broker.__all__ is sorted and names every public object the package defines."""
+    assert list(broker.__all__) == sorted(broker.__all__)
+    assert len(set(broker.__all__)) == len(broker.__all__)
+    for name in broker.__all__:
+        assert hasattr(broker, name), name
+    public = {
+        name
+        for name, value in vars(broker).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)
+        and getattr(value, "__module__", "").startswith("broker")
+    }
+    assert public <= set(broker.__all__)
+    assert isinstance(broker.__version__, str)
+    assert broker.__version__
+
+
+def test_testing_helpers_public() -> None:
+    """The test helpers users need are exported from broker.testing."""
+    assert {"FakeClock", "settle"} <= set(broker.testing.__all__)
+
+
+def test_declared_names_exist() -> None:
+    """Every name a module lists in __all__ exists in it."""
+    for name in MODULES:
+        module = importlib.import_module(name)
+        for exported in getattr(module, "__all__", ()):
+            assert hasattr(module, exported), f"{name}.{exported}"
+
+
+def test_every_module_imports_alone() -> None:
+    """Each module imports in a fresh interpreter (no import cycles, no order dependence)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        runs = dict(zip(MODULES, pool.map(lambda m: _python(f"import {m}"), MODULES), strict=True))
+    failed = {
+        name: run.stderr.strip().splitlines()[-1:]
+        for name, run in runs.items()
+        if run.returncode != 0
+    }
+    assert not failed
+
+
+def test_simulator_independent_of_engine() -> None:
+    """The simulator, an independent judge, never imports the engine or the job runner."""
+    run = _python(
+        "import importlib, pkgutil, sys, broker.simulator as s\n"
+        "for m in pkgutil.walk_packages(s.__path__, 'broker.simulator.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('broker.engine', 'broker.jobs'))))"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    assert "broker.simulator.server" in MODULES
+
+
+def test_library_never_configures_logging() -> None:
+    """Importing the library leaves structlog's configuration alone."""
+    run = _python(
+        "import structlog\n"
+        "before = structlog.get_config()\n"
+        "import broker.engine.broker, broker.config, broker.simulator\n"
+        "print(structlog.get_config() == before)"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "True"

@@ -1,0 +1,175 @@
+"""The aiohttp transport: whole bodies under a cap, mapped errors, and a one-way lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from broker.api.base import HttpRequest, RawResponse
+from broker.engine.transport import AiohttpTransport, MockTransport
+from broker.errors import BodyTooLarge, ConnectError, RequestTimeout, TransportError
+from broker.simulator.server import SimulatorServer
+
+SECRET_HEADER = "Bearer tok-do-not-leak"
+
+
+async def _ok(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.Response(status=200, body=b"echo:" + body, headers={"X-Thing": "Yes"})
+
+
+async def _error(request: web.Request) -> web.Response:
+    return web.Response(status=503, text="down")
+
+
+async def _big(request: web.Request) -> web.Response:
+    return web.Response(body=b"x" * 5000)
+
+
+async def _big_chunked(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for _ in range(10):
+        await response.write(b"y" * 1000)
+    await response.write_eof()
+    return response
+
+
+async def _reset(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    response.content_length = 1000
+    await response.prepare(request)
+    await response.write(b"z" * 500)
+    assert request.transport is not None
+    request.transport.abort()
+    return response
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    """A tiny aiohttp server with well-behaved and badly-behaved routes; yields its URL."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_post("/ok", _ok)
+    app.router.add_post("/error", _error)
+    app.router.add_post("/big", _big)
+    app.router.add_post("/chunked", _big_chunked)
+    app.router.add_post("/reset", _reset)
+    app.router.add_post("/slow", slow)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}"
+    release.set()
+    await runner.cleanup()
+
+
+def _request(url: str) -> HttpRequest:
+    return HttpRequest("POST", url, {"Authorization": SECRET_HEADER}, b"hello")
+
+
+class TestSend:
+    """What send returns and raises."""
+
+    async def test_whole_response(self, server: str) -> None:
+        """Status, lower-cased headers, the whole body and the elapsed time come back."""
+        async with AiohttpTransport() as transport:
+            response = await transport.send(_request(server + "/ok"))
+        assert response.status == 200
+        assert response.body == b"echo:hello"
+        assert response.headers["x-thing"] == "Yes"
+        assert response.elapsed_s > 0
+
+    async def test_error_status_is_a_response(self, server: str) -> None:
+        """A 5xx is a normal response, not an exception (parsing decides)."""
+        async with AiohttpTransport() as transport:
+            response = await transport.send(_request(server + "/error"))
+        assert (response.status, response.body) == (503, b"down")
+
+    @pytest.mark.parametrize("path", ["/big", "/chunked"])
+    async def test_body_cap(self, server: str, path: str) -> None:
+        """A body over max_body_bytes is refused, declared (Content-Length) or streamed."""
+        async with AiohttpTransport(max_body_bytes=4096) as transport:
+            with pytest.raises(BodyTooLarge, match="4096-byte cap") as info:
+                await transport.send(_request(server + path))
+        assert isinstance(info.value, TransportError)
+
+    async def test_body_at_cap_is_fine(self, server: str) -> None:
+        """A body of exactly the cap is read whole."""
+        async with AiohttpTransport(max_body_bytes=5000) as transport:
+            response = await transport.send(_request(server + "/big"))
+        assert len(response.body) == 5000
+
+    async def test_timeout(self, server: str) -> None:
+        """A response slower than the timeout raises RequestTimeout (also a TimeoutError)."""
+        async with AiohttpTransport(timeout_s=0.2) as transport:
+            with pytest.raises(RequestTimeout) as info:
+                await transport.send(_request(server + "/slow"))
+        assert isinstance(info.value, TimeoutError)
+        assert SECRET_HEADER not in str(info.value)
+
+    async def test_reset_mid_body(self, server: str) -> None:
+        """A connection reset half way through the body raises ConnectError."""
+        async with AiohttpTransport() as transport:
+            with pytest.raises(ConnectError) as info:
+                await transport.send(_request(server + "/reset"))
+        assert isinstance(info.value, ConnectionError)
+        assert "tok-do-not-leak" not in str(info.value)
+
+    async def test_connection_refused(self, server: str) -> None:
+        """Nothing listening is a ConnectError naming the URL."""
+        async with SimulatorServer() as sim:
+            url = sim.url
+        async with AiohttpTransport(connect_timeout_s=1.0) as transport:
+            with pytest.raises(ConnectError, match="connection failed"):
+                await transport.send(_request(url + "/ok"))
+
+
+class TestLifecycle:
+    """unopened -> open -> closed, never back."""
+
+    async def test_send_before_open(self) -> None:
+        """Sending before ``async with`` is misuse."""
+        with pytest.raises(RuntimeError, match="not open"):
+            await AiohttpTransport().send(_request("http://127.0.0.1:1/"))
+
+    async def test_reuse_after_close_refused(self, server: str) -> None:
+        """A closed transport cannot send or be reopened."""
+        transport = AiohttpTransport()
+        async with transport:
+            await transport.send(_request(server + "/ok"))
+        assert "CLOSED" in repr(transport)
+        with pytest.raises(RuntimeError, match="not open"):
+            await transport.send(_request(server + "/ok"))
+        with pytest.raises(RuntimeError, match="only once"):
+            await transport.__aenter__()
+
+    async def test_enter_twice_refused(self) -> None:
+        """An open transport cannot be entered again."""
+        async with AiohttpTransport() as transport:
+            with pytest.raises(RuntimeError, match="only once"):
+                await transport.__aenter__()
+
+
+async def test_mock_transport_records() -> None:
+    """MockTransport records each request and returns its handler's answer."""
+
+    async def handler(request: HttpRequest) -> RawResponse:
+        return RawResponse(201, {}, request.body)
+
+    transport = MockTransport(handler)
+    response = await transport.send(_request("https://example.test/x"))
+    assert response.status == 201
+    assert [r.url for r in transport.requests] == ["https://example.test/x"]
+    assert "tok-do-not-leak" not in repr(transport.requests[0])
