@@ -1,0 +1,403 @@
+"""Overhead: client CPU per GetItems request of the whole pipeline, beside a bare aiohttp loop.
+
+The simulator runs with limits off and no added latency, in its own process, so the only
+CPU this process spends is the client's. Two clients send the same requests (10 unique
+ASINs each, the config's default resources, one key, the same concurrency) in the same run:
+
+- ``pipeline``: ``Broker.stream`` over a generator of unique ASINs, one key with
+  ``tps = 1000`` and ``max_in_flight = --concurrency``: validation, deduplication, batching,
+  pacing, dispatch, authorization at send time (a cached bearer token, or a fresh SigV4
+  signature per request), parsing every item and building one result per ASIN;
+- ``bare``: the transport ceiling: N workers (N = the same concurrency) posting prebuilt
+  bodies with prebuilt headers (a bearer token fetched once, or signatures taken before the
+  clock starts) on one ``aiohttp.ClientSession`` and reading each body, nothing else;
+- ``bare+json``: the same, plus ``json.loads`` of each body, to show how much of the gap is
+  only parsing the JSON at all.
+
+CPU is ``time.process_time()`` of this process (user + system, every thread) around the
+measured requests only, after a warm-up that fetches the token and opens the connections.
+Each figure is the median of ``--repeat`` rounds; variants alternate inside a round so a
+noisy neighbour hits them alike. Done on uvloop and on the default asyncio loop, for the
+Creators API and PA-API 5.0 (SigV4).
+
+Run: ``uv run python benchmarks/overhead.py [--quick] [--requests 2000] [--repeat 5]``.
+Prints a table to stderr and one JSON line to stdout, and writes the JSON to
+``benchmarks/results/overhead.json`` (``overhead-quick.json`` with ``--quick``, so a smoke
+run never replaces the figures the README quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from _harness import (
+    MARKETPLACE,
+    SimulatorProcess,
+    asin_stream,
+    broker_config,
+    loop_factory,
+    machine_info,
+    print_table,
+    quiet_logging,
+    warn_if_busy,
+    write_results,
+)
+
+from broker.api.creators import CreatorsDialect
+from broker.api.marketplaces import token_url
+from broker.api.oauth import CreatorsTokenCache
+from broker.api.paapi5 import PaapiDialect
+from broker.api.sigv4 import SigV4Signer
+from broker.clock import LoopClock
+from broker.config import DEFAULT_RESOURCES
+from broker.engine.broker import Broker
+from broker.engine.transport import AiohttpTransport
+from broker.models import Secret, Status
+
+if TYPE_CHECKING:
+    from broker.api.base import HttpRequest
+
+__all__ = ["main"]
+
+# The simulator's built-in demo keys (README): no secrets of ours involved.
+ACCOUNTS: Mapping[str, Mapping[str, object]] = {
+    "creators": {
+        "name": "demo",
+        "protocol": "creators",
+        "credential_id": "demo-id",
+        "secret": "demo-secret",
+        "version": "3.1",
+        "partner_tags": {MARKETPLACE: "demo-20"},
+    },
+    "paapi5": {
+        "name": "demo-paapi",
+        "protocol": "paapi5",
+        "access_key": "DEMOACCESSKEY",
+        "secret": "demo-secret-key",
+        "partner_tags": {MARKETPLACE: "demo-20"},
+    },
+}
+# Far above what one simulator process serves, so the pacer never holds a request back
+# for long; the pipeline still pays for asking it.
+PIPELINE_TPS = 1000.0
+ITEMS_PER_REQUEST = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measured run of one client."""
+
+    requests: int
+    items: int
+    cpu_s: float
+    wall_s: float
+    failed: int
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.cpu_s / self.requests
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.wall_s
+
+
+def _chunks(ids: Iterator[str], count: int) -> list[list[str]]:
+    return [list(itertools.islice(ids, ITEMS_PER_REQUEST)) for _ in range(count)]
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+
+
+async def _pipeline(
+    url: str, protocol: str, *, requests: int, warmup: int, concurrency: int, prefix: str
+) -> Sample:
+    config = broker_config(
+        url, [ACCOUNTS[protocol]], tps=PIPELINE_TPS, max_in_flight=concurrency, tpd=0
+    )
+    async with Broker(config) as broker:
+        # Token fetch, connection pool, first-call code paths: not what we measure.
+        await broker.get_items(
+            list(itertools.islice(asin_stream(prefix + "W"), warmup * ITEMS_PER_REQUEST))
+        )
+        sent_before = broker.metrics().requests
+        ids = itertools.islice(asin_stream(prefix + "M"), requests * ITEMS_PER_REQUEST)
+        items = failed = 0
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        async for result in broker.stream(ids):
+            items += 1
+            if result.status is not Status.OK:
+                failed += 1
+        cpu1, wall1 = time.process_time(), time.perf_counter()
+        sent = broker.metrics().requests - sent_before
+    return Sample(sent, items, cpu1 - cpu0, wall1 - wall0, failed)
+
+
+# -- the bare loop --------------------------------------------------------------------------------
+
+
+async def _bearer(url: str) -> str:
+    account = ACCOUNTS["creators"]
+    async with AiohttpTransport() as transport:
+        cache = CreatorsTokenCache(
+            str(account["credential_id"]),
+            Secret(str(account["secret"])),
+            str(account["version"]),
+            token_url=token_url(str(account["version"]), url),
+            send=transport.send,
+            clock=LoopClock(),
+        )
+        return cache.authorization_header(await cache.token())
+
+
+async def _prebuilt(url: str, protocol: str, batches: list[list[str]]) -> list[HttpRequest]:
+    """Authorized requests, identical to what the pipeline sends, built before the clock."""
+    account = ACCOUNTS[protocol]
+    tag = str(account["partner_tags"][MARKETPLACE])  # type: ignore[index]
+    if protocol == "creators":
+        dialect = CreatorsDialect(url)
+        authorization = await _bearer(url)
+        return [
+            dialect.get_items_request(
+                b, marketplace=MARKETPLACE, partner_tag=tag, resources=DEFAULT_RESOURCES
+            ).with_headers({"Authorization": authorization})
+            for b in batches
+        ]
+    paapi = PaapiDialect(url)
+    signer = SigV4Signer(str(account["access_key"]), Secret(str(account["secret"])))
+    now = dt.datetime.now(dt.UTC)
+    region = paapi.signing_region(MARKETPLACE)
+    return [
+        signer.sign(
+            paapi.get_items_request(
+                b, marketplace=MARKETPLACE, partner_tag=tag, resources=DEFAULT_RESOURCES
+            ),
+            region=region,
+            now=now,
+        )
+        for b in batches
+    ]
+
+
+async def _bare(
+    url: str,
+    protocol: str,
+    *,
+    requests: int,
+    warmup: int,
+    concurrency: int,
+    prefix: str,
+    parse: bool,
+) -> Sample:
+    ids = asin_stream(prefix)
+    warm = await _prebuilt(url, protocol, _chunks(ids, warmup))
+    timed = await _prebuilt(url, protocol, _chunks(ids, requests))
+    # The same connector and timeouts as the broker's transport, so the ceiling is fair.
+    connector = aiohttp.TCPConnector(limit=64, limit_per_host=64, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=30.0, connect=10.0, sock_read=30.0)
+    failed = 0
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, skip_auto_headers=("Content-Type",)
+    ) as session:
+
+        async def worker(queue: Iterator[HttpRequest]) -> None:
+            nonlocal failed
+            for request in queue:
+                async with session.post(
+                    request.url, data=request.body, headers=request.headers
+                ) as response:
+                    body = await response.read()
+                    if response.status != 200:
+                        failed += 1
+                    if parse:
+                        json.loads(body)
+
+        async def run(batch: list[HttpRequest]) -> None:
+            # One shared iterator: each worker takes the next request when it is free.
+            shared = iter(batch)
+            await asyncio.gather(*(worker(shared) for _ in range(concurrency)))
+
+        await run(warm)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await run(timed)
+        cpu1, wall1 = time.process_time(), time.perf_counter()
+    return Sample(len(timed), len(timed) * ITEMS_PER_REQUEST, cpu1 - cpu0, wall1 - wall0, failed)
+
+
+# -- orchestration --------------------------------------------------------------------------------
+
+VARIANTS = ("pipeline", "bare", "bare+json")
+
+
+def _measure(loop: str, factory: Callable[[], Coroutine[Any, Any, Sample]]) -> Sample:
+    # A fresh loop per sample: nothing one client left behind (tasks, sockets, caches of
+    # the loop) runs during another's measurement.
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        return runner.run(factory())
+
+
+def _median(samples: list[Sample]) -> dict[str, Any]:
+    cpu = [s.cpu_us_per_request for s in samples]
+    return {
+        "cpu_us_per_request": round(statistics.median(cpu), 1),
+        "cpu_us_per_request_samples": [round(c, 1) for c in cpu],
+        "requests_per_s": round(statistics.median(s.requests_per_s for s in samples), 1),
+        "items_per_s": round(statistics.median(s.items / s.wall_s for s in samples), 1),
+        "requests": samples[0].requests,
+        "failed": sum(s.failed for s in samples),
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="300 requests, 1 round (CI smoke)")
+    parser.add_argument("--requests", type=int, help="measured requests per sample (2000)")
+    parser.add_argument("--repeat", type=int, help="rounds; figures are medians (5)")
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="requests in flight (the key's max_in_flight)"
+    )
+    parser.add_argument(
+        "--loop",
+        action="append",
+        choices=("uvloop", "asyncio"),
+        help="event loops to measure (default both)",
+    )
+    parser.add_argument(
+        "--protocol",
+        action="append",
+        choices=tuple(ACCOUNTS),
+        help="protocols to measure (default both)",
+    )
+    parser.add_argument("--no-write", action="store_true", help="do not write a results file")
+    args = parser.parse_args(argv)
+    requests = args.requests or (300 if args.quick else 2000)
+    repeat = args.repeat or (1 if args.quick else 5)
+    warmup = max(20, requests // 20)
+    loops = args.loop or ["uvloop", "asyncio"]
+    protocols = args.protocol or list(ACCOUNTS)
+    quiet_logging()
+    warn_if_busy()
+
+    samples: dict[tuple[str, str, str], list[Sample]] = {}
+    settings = {"seed": 3, "limits": False}
+    with SimulatorProcess(settings) as sim:
+        serial = itertools.count()
+        for round_no in range(repeat):
+            for loop in loops:
+                for protocol in protocols:
+                    # Rotate the order each round so no variant always runs first.
+                    shift = round_no % len(VARIANTS)
+                    for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+                        # A fresh ASIN prefix per sample: nothing is answered twice.
+                        prefix = "B" + format(next(serial), "03X")
+
+                        def factory(
+                            variant: str = variant, protocol: str = protocol, prefix: str = prefix
+                        ) -> Coroutine[Any, Any, Sample]:
+                            if variant == "pipeline":
+                                return _pipeline(
+                                    sim.url,
+                                    protocol,
+                                    requests=requests,
+                                    warmup=warmup,
+                                    concurrency=args.concurrency,
+                                    prefix=prefix,
+                                )
+                            return _bare(
+                                sim.url,
+                                protocol,
+                                requests=requests,
+                                warmup=warmup,
+                                concurrency=args.concurrency,
+                                prefix=prefix,
+                                parse=variant == "bare+json",
+                            )
+
+                        sample = _measure(loop, factory)
+                        samples.setdefault((loop, protocol, variant), []).append(sample)
+                        print(
+                            f"round {round_no + 1}/{repeat} {loop:7} {protocol:8} "
+                            f"{variant:9} {sample.cpu_us_per_request:8.1f} us/request "
+                            f"{sample.requests_per_s:7.1f} req/s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+
+    results: dict[str, dict[str, Any]] = {}
+    rows: list[list[object]] = []
+    for loop in loops:
+        for protocol in protocols:
+            entry: dict[str, Any] = {v: _median(samples[(loop, protocol, v)]) for v in VARIANTS}
+            pipeline = entry["pipeline"]["cpu_us_per_request"]
+            bare = entry["bare"]["cpu_us_per_request"]
+            entry["ratio_pipeline_to_bare"] = round(pipeline / bare, 2)
+            entry["ratio_pipeline_to_bare_json"] = round(
+                pipeline / entry["bare+json"]["cpu_us_per_request"], 2
+            )
+            entry["met"] = entry["ratio_pipeline_to_bare"] <= 1.5
+            results[f"{loop}/{protocol}"] = entry
+            rows.append(
+                [
+                    loop,
+                    protocol,
+                    pipeline,
+                    bare,
+                    entry["bare+json"]["cpu_us_per_request"],
+                    f"{entry['ratio_pipeline_to_bare']:.2f}x",
+                    entry["pipeline"]["requests_per_s"],
+                    entry["bare"]["requests_per_s"],
+                    "met" if entry["met"] else "MISSED",
+                ]
+            )
+    print_table(
+        [
+            "loop",
+            "protocol",
+            "pipeline us/req",
+            "bare us/req",
+            "bare+json us/req",
+            "pipeline/bare",
+            "pipeline req/s",
+            "bare req/s",
+            "<= 1.5x",
+        ],
+        rows,
+    )
+    line = {
+        "benchmark": "overhead",
+        "machine": machine_info(),
+        "settings": {
+            "quick": args.quick,
+            "requests": requests,
+            "warmup_requests": warmup,
+            "repeat": repeat,
+            "concurrency": args.concurrency,
+            "items_per_request": ITEMS_PER_REQUEST,
+            "pipeline_tps": PIPELINE_TPS,
+            "resources": list(DEFAULT_RESOURCES),
+            "target_ratio": 1.5,
+        },
+        "results": results,
+    }
+    print(json.dumps(line, sort_keys=True))
+    if not args.no_write:
+        # A smoke run must not overwrite the figures the README quotes.
+        write_results("overhead-quick" if args.quick else "overhead", line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
