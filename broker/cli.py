@@ -118,6 +118,18 @@ def _build_parser() -> argparse.ArgumentParser:
     look.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
     look.add_argument("--marketplace", help="marketplace (default: api.marketplace of the config)")
 
+    bench = sub.add_parser(
+        "bench",
+        help="measure throughput against a rate-limited simulator in another process",
+        description="Start the simulator in a child process with the chosen limits, latency "
+        "and faults, stream unique ASINs through the broker for a while, and print requests/s, "
+        "ASINs/s, the rate the server granted against the rate it allows, 429 share, retries, "
+        "latency p50/p99, CPU per request and peak memory. Needs no config file.",
+    )
+    from broker.bench import add_arguments
+
+    add_arguments(bench)
+
     check = sub.add_parser(
         "check-config",
         help="validate a config file",
@@ -148,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from broker.simulator.cli import simulate_command
 
         return simulate_command(args, run=_run_loop)
+    if args.command == "bench":
+        from broker.bench import bench_command
+
+        return bench_command(args)
     from broker.config import BrokerConfig, load_config
     from broker.errors import ConfigError
 

@@ -116,9 +116,9 @@ class WorkQueue:
         self._batches.appendleft(batch)
         self._changed.set()
 
-    def pending(self, marketplaces: Collection[str]) -> int:
-        """How many queued batches one of ``marketplaces`` could serve."""
-        return sum(1 for b in self._batches if b.marketplace in marketplaces)
+    def has_work_for(self, marketplaces: Collection[str]) -> bool:
+        """True if a queued batch is for one of ``marketplaces`` (stops at the first)."""
+        return any(b.marketplace in marketplaces for b in self._batches)
 
     def take(self, marketplaces: Collection[str]) -> Batch | None:
         """Remove and return the oldest live batch for ``marketplaces``; drop dead ones met."""

@@ -300,7 +300,7 @@ class Broker:
                     executor.requeue(batch)
                     key.release_slot()
                     continue
-                demand_limited = work.pending(key.active_marketplaces()) > 0
+                demand_limited = work.has_work_for(key.active_marketplaces())
                 sent_at = await key.try_send()
                 if sent_at is None:
                     # The daily budget is spent: the key waits for its window to reset.

@@ -1,0 +1,616 @@
+"""``broker bench``: the broker against a rate-limited simulator in another process, measured.
+
+The simulator runs as a child process (:class:`~broker.simulator.process.SimulatorProcess`)
+with one account per key at the chosen true rate, server burst, latency and faults. The
+broker streams an endless backlog of unique ASINs through those keys, so every key always
+has work. After a warm-up (which also spends the server bucket's initial burst), a window
+of ``duration`` seconds is measured:
+
+- on the server side, from ``GET /_sim/stats`` timestamps: requests granted and throttled,
+  so "granted / allowed" is what Amazon's quota would have let through, counted by the
+  side that enforces it (``ratelimit.md`` 5.2);
+- on the client side: requests, ASINs answered, retries, per-request latency (timed around
+  the transport), CPU time of this process per request, and peak RSS.
+
+The same account builders serve the scripts in ``benchmarks/``, so the CLI and the
+published figures measure the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from broker.config import BrokerConfig, parse_config
+from broker.errors import ConfigError
+from broker.simulator.settings import FaultRates
+
+if TYPE_CHECKING:
+    from broker.api.base import HttpRequest, RawResponse
+    from broker.engine.transport import AiohttpTransport
+
+__all__ = [
+    "MARKETPLACE",
+    "BenchOptions",
+    "BenchReport",
+    "asin_stream",
+    "bench_command",
+    "broker_config",
+    "creators_account",
+    "loop_factory",
+    "paapi_account",
+    "run_bench",
+]
+
+MARKETPLACE = "www.amazon.com"
+#: How many request latencies the bench keeps (the newest win); bounds its own memory.
+_LATENCY_RING = 1_000_000
+
+
+# -- accounts and configs ---------------------------------------------------------------------
+
+
+def creators_account(index: int, *, tps: float, tpd: int = 10_000_000) -> dict[str, object]:
+    """A Creators v3.1 simulator account ``k<index>`` with its own credential and tag."""
+    return {
+        "name": f"k{index}",
+        "protocol": "creators",
+        "credential_id": f"bench-{index}-id",
+        "secret": f"bench-{index}-secret",
+        "version": "3.1",
+        "partner_tags": {MARKETPLACE: f"bench{index}-20"},
+        "tps": tps,
+        "tpd": tpd,
+    }
+
+
+def paapi_account(index: int, *, tps: float, tpd: int = 10_000_000) -> dict[str, object]:
+    """A PA-API simulator account ``p<index>`` with its own access key and tag."""
+    return {
+        "name": f"p{index}",
+        "protocol": "paapi5",
+        "access_key": f"BENCHACCESSKEY{index}",
+        "secret": f"bench-{index}-secret-key",
+        "partner_tags": {MARKETPLACE: f"bench{index}-20"},
+        "tps": tps,
+        "tpd": tpd,
+    }
+
+
+def broker_config(
+    url: str,
+    accounts: Sequence[Mapping[str, object]],
+    *,
+    tps: float,
+    max_in_flight: int = 4,
+    tpd: int = 0,
+    engine: Mapping[str, object] | None = None,
+    rate: Mapping[str, object] | None = None,
+) -> BrokerConfig:
+    """A broker config with one key per simulator account, pointed at ``url``.
+
+    Secrets go through the environment mapping, as they must for a non-simulator endpoint.
+    ``tpd = 0`` means no daily guard on the client (the simulator's TPD is set far away).
+    """
+    protocol = str(accounts[0]["protocol"])
+    keys: list[dict[str, object]] = []
+    environ: dict[str, str] = {}
+    for index, account in enumerate(accounts):
+        env_name = f"ASINB_BENCH_{index}_SECRET"
+        environ[env_name] = str(account["secret"])
+        tags = account["partner_tags"]
+        assert isinstance(tags, Mapping)
+        key: dict[str, object] = {
+            "name": str(account["name"]),
+            "credential_id": str(account.get("credential_id") or account["access_key"]),
+            "credential_secret_env": env_name,
+            "partner_tags": dict(tags),
+            "tps": tps,
+            "tpd": tpd,
+            "max_in_flight": max_in_flight,
+        }
+        if protocol == "creators":
+            key["version"] = str(account["version"])
+        keys.append(key)
+    document: dict[str, object] = {
+        "api": {"protocol": protocol, "endpoint": url, "marketplace": MARKETPLACE},
+        "keys": keys,
+        "engine": dict(engine or {}),
+        "rate": dict(rate or {}),
+    }
+    return parse_config(document, environ=environ, source="<benchmark>")
+
+
+def asin_stream(prefix: str = "B", start: int = 0) -> Iterator[str]:
+    """Unique well-formed ASINs forever: ``prefix`` + a hex counter, 10 characters.
+
+    The prefix is a letter, so no id is all digits (an ISBN-10 needs a check digit).
+    """
+    width = 10 - len(prefix)
+    number = start
+    while True:
+        yield f"{prefix}{number:0{width}X}"
+        number += 1
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop factory for ``"uvloop"`` or ``"asyncio"``."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    raise ValueError(f"unknown loop {name!r}")
+
+
+# -- options and report -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """What one bench run sets up."""
+
+    keys: int = 1
+    #: the simulator's true rate per key; 0 turns its limits off
+    tps: float = 5.0
+    #: the broker's configured rate per key (None: the true rate)
+    broker_tps: float | None = None
+    burst: int = 1
+    protocol: str = "creators"
+    loop: str = "uvloop"
+    duration_s: float = 30.0
+    warmup_s: float = 3.0
+    latency_ms: float = 40.0
+    jitter_ms: float = 10.0
+    max_in_flight: int = 4
+    faults: Mapping[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.keys < 1:
+            raise ConfigError("bench.keys", "must be at least 1")
+        if self.tps < 0 or (self.broker_tps is not None and self.broker_tps <= 0):
+            raise ConfigError("bench.tps", "must be positive (0 = simulator limits off)")
+        if self.duration_s <= 0 or self.warmup_s < 0:
+            raise ConfigError("bench.duration", "must be positive (warm-up non-negative)")
+        if self.protocol not in ("creators", "paapi5"):
+            raise ConfigError("bench.protocol", "must be 'creators' or 'paapi5'")
+        unknown = sorted(set(self.faults) - set(FaultRates.RESPONSE_KINDS) - {"expired_token"})
+        if unknown:
+            known = ", ".join((*FaultRates.RESPONSE_KINDS, "expired_token"))
+            raise ConfigError("bench.fault", f"unknown fault {unknown[0]!r}; known: {known}")
+
+    @property
+    def client_tps(self) -> float:
+        """The rate the broker is configured with per key."""
+        if self.broker_tps is not None:
+            return self.broker_tps
+        # With the server unlimited: the highest rate a key may be configured with, more
+        # than one simulator process serves.
+        return self.tps if self.tps > 0 else 1000.0
+
+    def simulator_settings(self) -> dict[str, object]:
+        """The ``[simulator]`` table of this run."""
+        true_tps = self.tps if self.tps > 0 else 1_000_000.0
+        make = creators_account if self.protocol == "creators" else paapi_account
+        return {
+            "seed": self.seed,
+            "burst": self.burst,
+            "limits": self.tps > 0,
+            "demo_accounts": False,
+            "latency": {"fixed_ms": self.latency_ms / 2, "exp_mean_ms": self.jitter_ms / 2},
+            "faults": dict(self.faults),
+            "accounts": [make(i, tps=true_tps) for i in range(self.keys)],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BenchReport:
+    """The measured window of one run."""
+
+    options: BenchOptions
+    window_s: float
+    requests: int
+    asins: int
+    items_by_status: Mapping[str, int]
+    granted: int
+    throttled_server: int
+    allowed_per_s: float | None
+    throttled_client: int
+    retries: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    cpu_s: float
+    peak_rss_mb: float
+    faults_injected: Mapping[str, int]
+
+    @property
+    def requests_per_s(self) -> float:
+        """Requests the client sent per second of the window."""
+        return self.requests / self.window_s
+
+    @property
+    def asins_per_s(self) -> float:
+        """ASINs answered (any status) per second of the window."""
+        return self.asins / self.window_s
+
+    @property
+    def granted_per_s(self) -> float:
+        """Requests the server accepted per second of the window."""
+        return self.granted / self.window_s
+
+    @property
+    def utilisation_pct(self) -> float | None:
+        """Granted over allowed, in percent (None with the server's limits off)."""
+        if not self.allowed_per_s:
+            return None
+        return 100.0 * self.granted_per_s / self.allowed_per_s
+
+    @property
+    def share_429_pct(self) -> float:
+        """Throttled over arrived, counted by the server, in percent."""
+        arrived = self.granted + self.throttled_server
+        return 100.0 * self.throttled_server / arrived if arrived else 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """Client CPU (user + system) per request sent."""
+        return 1e6 * self.cpu_s / self.requests if self.requests else None
+
+    def to_json(self) -> dict[str, object]:
+        """Every figure, JSON-ready."""
+        options = asdict(self.options)
+        options["faults"] = dict(self.options.faults)
+        return {
+            "options": options,
+            "window_s": round(self.window_s, 3),
+            "requests": self.requests,
+            "requests_per_s": round(self.requests_per_s, 2),
+            "asins": self.asins,
+            "asins_per_s": round(self.asins_per_s, 1),
+            "items_by_status": dict(self.items_by_status),
+            "granted": self.granted,
+            "granted_per_s": round(self.granted_per_s, 2),
+            "allowed_per_s": self.allowed_per_s,
+            "utilisation_pct": _rounded(self.utilisation_pct, 2),
+            "throttled_server": self.throttled_server,
+            "share_429_pct": round(self.share_429_pct, 2),
+            "throttled_client": self.throttled_client,
+            "retries": self.retries,
+            "latency_p50_ms": _rounded(self.latency_p50_ms, 1),
+            "latency_p99_ms": _rounded(self.latency_p99_ms, 1),
+            "cpu_us_per_request": _rounded(self.cpu_us_per_request, 1),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "faults_injected": dict(self.faults_injected),
+        }
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+_COLUMNS = (
+    "loop",
+    "req/s",
+    "ASINs/s",
+    "granted/allowed req/s",
+    "util",
+    "429s",
+    "retries",
+    "p50 ms",
+    "p99 ms",
+    "CPU us/req",
+    "peak RSS MB",
+)
+
+
+def render_table(reports: Sequence[BenchReport]) -> str:
+    """A plain aligned table, one row per report, with a heading line of the setup."""
+    first = reports[0].options
+    limits = (
+        f"{first.keys} key(s) x {first.tps:g} TPS, server burst {first.burst}"
+        if first.tps > 0
+        else f"{first.keys} key(s), simulator limits off"
+    )
+    faults = ", ".join(f"{k}={v:g}" for k, v in sorted(first.faults.items())) or "none"
+    head = (
+        f"broker bench: {limits}; broker at {first.client_tps:g} TPS/key; {first.protocol}; "
+        f"latency {first.latency_ms:g} ms + Exp({first.jitter_ms:g} ms); faults {faults}; "
+        f"{first.duration_s:g} s window after {first.warmup_s:g} s warm-up"
+    )
+    rows = [list(_COLUMNS)]
+    for report in reports:
+        util = report.utilisation_pct
+        allowed = f"{report.allowed_per_s:.1f}" if report.allowed_per_s else "-"
+        rows.append(
+            [
+                report.options.loop,
+                f"{report.requests_per_s:.1f}",
+                f"{report.asins_per_s:.1f}",
+                f"{report.granted_per_s:.1f}/{allowed}",
+                "-" if util is None else f"{util:.1f}%",
+                f"{report.share_429_pct:.2f}%",
+                str(report.retries),
+                _cell(report.latency_p50_ms),
+                _cell(report.latency_p99_ms),
+                _cell(report.cpu_us_per_request, "{:.0f}"),
+                f"{report.peak_rss_mb:.0f}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = [head, ""]
+    for number, row in enumerate(rows):
+        lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if number == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    for report in reports:
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(report.items_by_status.items()))
+        injected = ", ".join(f"{k} x{n}" for k, n in sorted(report.faults_injected.items()))
+        lines.append(
+            f"{report.options.loop}: ASINs {statuses or 'none'}; "
+            f"faults injected: {injected or 'none'}"
+        )
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+class _TimedTransport:
+    """Wraps the real transport and keeps (start, seconds) of every request it sends."""
+
+    def __init__(self, inner: AiohttpTransport, clock: Callable[[], float]) -> None:
+        self._inner = inner
+        self._clock = clock
+        self.samples: deque[tuple[float, float]] = deque(maxlen=_LATENCY_RING)
+
+    async def send(self, request: HttpRequest) -> RawResponse:
+        start = self._clock()
+        try:
+            return await self._inner.send(request)
+        finally:
+            self.samples.append((start, self._clock() - start))
+
+
+def _percentile(values: Sequence[float], q: int) -> float | None:
+    if len(values) < 2:
+        return values[0] if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def _peak_rss_mb() -> float:
+    # Linux reports ru_maxrss in KiB (macOS in bytes; we run on Linux).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def _measure(url: str, options: BenchOptions) -> BenchReport:
+    import aiohttp
+
+    from broker.engine.broker import Broker
+    from broker.engine.transport import AiohttpTransport
+    from broker.simulator.process import sim_stats
+
+    settings = options.simulator_settings()
+    accounts = settings["accounts"]
+    assert isinstance(accounts, list)
+    config = broker_config(
+        url, accounts, tps=options.client_tps, max_in_flight=options.max_in_flight
+    )
+    engine = config.engine
+    inner = AiohttpTransport(
+        timeout_s=engine.request_timeout_s,
+        connect_timeout_s=engine.connect_timeout_s,
+        max_body_bytes=engine.max_body_bytes,
+        max_connections=engine.max_connections,
+    )
+    transport = _TimedTransport(inner, time.perf_counter)
+    statuses: Counter[str] = Counter()
+
+    async def consume(broker: Broker) -> None:
+        async for result in broker.stream(asin_stream()):
+            statuses[result.status.value] += 1
+
+    async with (
+        inner,
+        Broker(config, transport=transport) as broker,
+        aiohttp.ClientSession() as session,
+    ):
+        consumer = asyncio.create_task(consume(broker))
+        try:
+            await asyncio.sleep(options.warmup_s)
+            before = await sim_stats(session, url, timestamps=False)
+            start = float(before["now"])
+            metrics0, statuses0 = broker.metrics(), Counter(statuses)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            await asyncio.sleep(options.duration_s)
+            cpu1, wall1 = time.process_time(), time.perf_counter()
+            metrics1, statuses1 = broker.metrics(), Counter(statuses)
+            stats = await sim_stats(session, url, since=start)
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+    if not consumer.cancelled() and consumer.exception() is not None:
+        raise RuntimeError(f"the stream failed: {consumer.exception()!r}")
+
+    end = float(stats["now"])
+    granted = throttled = 0
+    for account in stats["accounts"].values():
+        granted += sum(1 for t in account.get("accepted_at", ()) if start <= t < end)
+        throttled += sum(1 for t in account.get("throttled_at", ()) if start <= t < end)
+    latencies = sorted(1000.0 * s for t, s in transport.samples if wall0 <= t < wall1)
+    injected = {k: int(v) - int(before["faults"].get(k, 0)) for k, v in stats["faults"].items()}
+    items = statuses1 - statuses0
+    return BenchReport(
+        options=options,
+        window_s=wall1 - wall0,
+        requests=metrics1.requests - metrics0.requests,
+        asins=sum(items.values()),
+        items_by_status=dict(items),
+        granted=granted,
+        throttled_server=throttled,
+        allowed_per_s=options.tps * options.keys if options.tps > 0 else None,
+        throttled_client=metrics1.throttled - metrics0.throttled,
+        retries=metrics1.retries - metrics0.retries,
+        latency_p50_ms=_percentile(latencies, 50),
+        latency_p99_ms=_percentile(latencies, 99),
+        cpu_s=cpu1 - cpu0,
+        peak_rss_mb=_peak_rss_mb(),
+        faults_injected={k: v for k, v in injected.items() if v},
+    )
+
+
+def run_bench(options: BenchOptions) -> BenchReport:
+    """Start the simulator in a child process, run the broker against it, return the figures."""
+    from broker.simulator.process import SimulatorProcess
+
+    with (
+        SimulatorProcess(options.simulator_settings()) as sim,
+        asyncio.Runner(loop_factory=loop_factory(options.loop)) as runner,
+    ):
+        return runner.run(_measure(sim.url, options))
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``broker bench``."""
+    parser.add_argument("--keys", type=int, default=1, help="keys (default: %(default)s)")
+    parser.add_argument(
+        "--tps",
+        type=float,
+        default=5.0,
+        help="the simulator's true rate per key; 0 turns its limits off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--broker-tps",
+        type=float,
+        help="the rate the broker is configured with per key (default: the true rate)",
+    )
+    parser.add_argument(
+        "--burst", type=int, default=1, help="the simulator's bucket depth (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("creators", "paapi5"),
+        default="creators",
+        help="wire protocol (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--loop",
+        action="append",
+        choices=("uvloop", "asyncio"),
+        help="event loop; repeat to compare (default: uvloop)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        help="measured seconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=3.0, help="seconds before measuring (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=40.0,
+        help="fixed round-trip latency the simulator adds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jitter-ms",
+        type=float,
+        default=10.0,
+        help="mean of the exponential latency added on top (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=4,
+        help="requests in flight per key (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND=P",
+        help="inject a fault with probability P per request, e.g. error_503=0.02; kinds: "
+        + ", ".join((*FaultRates.RESPONSE_KINDS, "expired_token")),
+    )
+    parser.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per run")
+
+
+def _faults(specs: Sequence[str]) -> dict[str, float]:
+    faults: dict[str, float] = {}
+    for spec in specs:
+        kind, sep, value = spec.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = -1.0
+        if not sep or not 0 <= rate <= 1:
+            raise ConfigError("bench.fault", f"{spec!r}: expected KIND=P with 0 <= P <= 1")
+        faults[kind.strip()] = rate
+    return faults
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Run ``broker bench`` with parsed ``args``; print the table (or JSON lines)."""
+    from broker.logs import configure_logging
+
+    # Only warnings and errors: the table is the output.
+    configure_logging("warning", "console", stream=sys.stderr)
+    try:
+        base = BenchOptions(
+            keys=args.keys,
+            tps=args.tps,
+            broker_tps=args.broker_tps,
+            burst=args.burst,
+            protocol=args.protocol,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            latency_ms=args.latency_ms,
+            jitter_ms=args.jitter_ms,
+            max_in_flight=args.max_in_flight,
+            faults=_faults(args.fault),
+            seed=args.seed,
+        )
+    except ConfigError as exc:
+        print(f"broker bench: {exc}", file=sys.stderr)
+        return 2
+    reports: list[BenchReport] = []
+    for loop in args.loop or ["uvloop"]:
+        options = dataclasses.replace(base, loop=loop)
+        print(
+            f"running {loop} for {options.warmup_s + options.duration_s:g} s ...", file=sys.stderr
+        )
+        try:
+            report = run_bench(options)
+        except ConfigError as exc:
+            print(f"broker bench: {exc}", file=sys.stderr)
+            return 2
+        reports.append(report)
+        if args.json:
+            print(json.dumps(report.to_json(), sort_keys=True), flush=True)
+    if not args.json:
+        print(render_table(reports))
+    return 0

@@ -1,0 +1,199 @@
+"""``broker bench`` and the simulator child process it measures against."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from broker.bench import BenchOptions, BenchReport, _faults, render_table, run_bench
+from broker.errors import ConfigError
+from broker.simulator.process import SimulatorProcess, toml_document
+from broker.simulator.settings import SimulatorSettings
+
+
+class TestOptions:
+    def test_defaults_describe_a_new_account(self) -> None:
+        """The defaults are one key at 5 TPS behind a strict (burst 1) bucket."""
+        options = BenchOptions()
+        settings = SimulatorSettings.from_mapping(options.simulator_settings())
+        assert (options.keys, options.tps, options.burst) == (1, 5.0, 1)
+        assert settings.limits
+        assert [a.tps for a in settings.accounts] == [5.0]
+
+    def test_zero_tps_turns_the_simulator_limits_off(self) -> None:
+        """--tps 0 means an unlimited server and the broker at its highest configurable rate."""
+        options = BenchOptions(tps=0, keys=3)
+        settings = SimulatorSettings.from_mapping(options.simulator_settings())
+        assert not settings.limits
+        assert len(settings.accounts) == 3
+        assert options.client_tps == 1000.0
+
+    def test_paapi_accounts_for_the_paapi_protocol(self) -> None:
+        """--protocol paapi5 builds PA-API accounts with access keys."""
+        settings = SimulatorSettings.from_mapping(
+            BenchOptions(protocol="paapi5", keys=2).simulator_settings()
+        )
+        assert {a.protocol for a in settings.accounts} == {"paapi5"}
+
+    @pytest.mark.parametrize(
+        ("kwargs", "path"),
+        [
+            ({"keys": 0}, "bench.keys"),
+            ({"tps": -1.0}, "bench.tps"),
+            ({"broker_tps": 0.0}, "bench.tps"),
+            ({"duration_s": 0.0}, "bench.duration"),
+            ({"protocol": "soap"}, "bench.protocol"),
+            ({"faults": {"gremlins": 0.1}}, "bench.fault"),
+        ],
+    )
+    def test_bad_options_name_the_option(self, kwargs: dict[str, object], path: str) -> None:
+        """Every bad option is refused with a ConfigError naming it."""
+        with pytest.raises(ConfigError) as info:
+            BenchOptions(**kwargs)  # type: ignore[arg-type]
+        assert info.value.path == path
+
+    def test_fault_specs_parse_to_rates(self) -> None:
+        """--fault KIND=P pairs become a rate table."""
+        assert _faults(["error_503=0.02", "reset=0.5"]) == {"error_503": 0.02, "reset": 0.5}
+
+    @pytest.mark.parametrize("spec", ["error_503", "error_503=x", "reset=1.5", "reset=-0.1"])
+    def test_bad_fault_specs_are_refused(self, spec: str) -> None:
+        """A fault spec without a probability in [0, 1] is refused."""
+        with pytest.raises(ConfigError):
+            _faults([spec])
+
+
+class TestSimulatorProcess:
+    def test_toml_document_round_trips_through_tomllib(self) -> None:
+        """The TOML writer produces what tomllib reads back as the same table."""
+        table = BenchOptions(keys=2, faults={"reset": 0.25}).simulator_settings()
+        assert tomllib.loads(toml_document({"simulator": table}))["simulator"] == table
+
+    def test_bad_settings_fail_before_a_process_starts(self) -> None:
+        """Invalid settings raise a ConfigError in the parent, naming the key."""
+        with pytest.raises(ConfigError, match="burst"):
+            SimulatorProcess({"burst": 0})
+
+    def test_child_serves_and_stops(self) -> None:
+        """The child prints its URL, answers /_sim/stats, and is gone after the block."""
+        import urllib.request
+
+        with SimulatorProcess({"seed": 1}) as sim:
+            assert sim.url.startswith("http://127.0.0.1:")
+            with urllib.request.urlopen(f"{sim.url}/_sim/stats?timestamps=0") as response:
+                assert "requests" in json.loads(response.read())
+            pid = sim.pid
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+class TestRun:
+    def test_short_run_is_paced_within_the_quota(self) -> None:
+        """A short run gets answers for every request and never exceeds the allowed rate."""
+        options = BenchOptions(
+            keys=2, tps=10.0, burst=2, duration_s=1.5, warmup_s=0.5, latency_ms=0, jitter_ms=0
+        )
+        report = run_bench(options)
+        assert report.requests > 0
+        assert report.asins == sum(report.items_by_status.values()) > 0
+        assert set(report.items_by_status) == {"ok"}
+        assert report.allowed_per_s == 20.0
+        # A bucket of depth 2 lets through at most R*T + B - 1 per key in the window.
+        assert report.granted <= 20.0 * report.window_s + 2 * (2 - 1) + 2
+        assert report.latency_p50_ms is not None
+        assert report.cpu_us_per_request is not None
+        table = render_table([report])
+        assert "granted/allowed" in table
+        assert "2 key(s) x 10 TPS, server burst 2" in table
+
+    def test_faults_are_injected_and_counted(self) -> None:
+        """Injected faults are counted in the report and retried, losing no ASIN."""
+        options = BenchOptions(
+            tps=0,
+            duration_s=1.0,
+            warmup_s=0.3,
+            latency_ms=0,
+            jitter_ms=0,
+            faults={"error_503": 0.2},
+        )
+        report = run_bench(options)
+        assert report.faults_injected.get("error_503", 0) > 0
+        assert report.retries > 0
+        assert report.utilisation_pct is None
+        assert "failed" not in report.items_by_status
+
+    def test_cli_prints_one_json_line_per_loop(self) -> None:
+        """``broker bench --json`` runs each requested loop and prints one JSON line each."""
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "bench",
+                "--tps",
+                "0",
+                "--duration",
+                "0.5",
+                "--warmup",
+                "0.2",
+                "--latency-ms",
+                "0",
+                "--jitter-ms",
+                "0",
+                "--loop",
+                "uvloop",
+                "--loop",
+                "asyncio",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stderr
+        lines = [json.loads(line) for line in completed.stdout.splitlines()]
+        assert [line["options"]["loop"] for line in lines] == ["uvloop", "asyncio"]
+        assert all(line["requests"] > 0 for line in lines)
+
+    def test_cli_refuses_a_bad_fault_with_exit_2(self) -> None:
+        """A bad --fault is a usage error (exit 2) that lists the known kinds."""
+        completed = subprocess.run(
+            [sys.executable, "-m", "broker", "bench", "--fault", "gremlins=0.1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 2
+        assert "error_503" in completed.stderr
+
+
+def test_report_json_is_serialisable() -> None:
+    """A report's JSON form holds every figure and dumps without custom encoders."""
+    report = BenchReport(
+        options=BenchOptions(),
+        window_s=2.0,
+        requests=10,
+        asins=100,
+        items_by_status={"ok": 100},
+        granted=10,
+        throttled_server=0,
+        allowed_per_s=5.0,
+        throttled_client=0,
+        retries=0,
+        latency_p50_ms=50.0,
+        latency_p99_ms=60.0,
+        cpu_s=0.01,
+        peak_rss_mb=60.0,
+        faults_injected={},
+    )
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["utilisation_pct"] == 100.0
+    assert data["cpu_us_per_request"] == 1000.0
+    assert data["asins_per_s"] == 50.0
