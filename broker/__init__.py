@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from broker.errors import (
     ApiError,
@@ -13,6 +14,9 @@ from broker.errors import (
 )
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Status
 
+if TYPE_CHECKING:
+    from broker.engine.broker import Broker, Query
+
 try:
     __version__ = version("asin-broker")
 except PackageNotFoundError:  # running from a source tree that is not installed
@@ -20,6 +24,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "ApiError",
+    "Broker",
     "BrokerError",
     "ConfigError",
     "ErrorDetail",
@@ -28,6 +33,17 @@ __all__ = [
     "JobFileError",
     "NoUsableKeyError",
     "Protocol",
+    "Query",
     "Status",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Broker pulls in aiohttp and the engine; importing it lazily keeps ``import broker``
+    # (and every CLI start, such as ``broker check-config``) light.
+    if name in ("Broker", "Query"):
+        from broker.engine import broker as engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'broker' has no attribute {name!r}")
