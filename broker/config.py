@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -51,7 +52,12 @@ SIMULATOR: Final = "simulator"
 AMAZON: Final = "amazon"
 
 _CREATORS_VERSIONS: Final = frozenset({"2.1", "2.2", "2.3", "3.1", "3.2", "3.3"})
-_SECRET_WORDS: Final = ("secret", "password", "token", "private")
+#: Key names that would hold a credential; such a key is refused without echoing its value.
+_SECRET_NAME: Final = re.compile(
+    r"secret|passw|private|token(?!_?(endpoint|url))|api_?key", re.IGNORECASE
+)
+#: A conventional environment variable name: upper-case letters, digits and underscores.
+_ENV_NAME: Final = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +160,8 @@ class RetryConfig:
     max_age_s: float = 600.0
     base_delay_s: float = 0.5
     max_delay_s: float = 30.0
+    #: how long a key may find the endpoint unreachable before the run gives up (exit 69)
+    outage_budget_s: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +386,14 @@ class _Table:
         """Raise for any key that no getter read: an unknown key is almost always a typo."""
         for name in self._data:
             if name not in self._seen:
+                if _looks_secret(name):
+                    # Never echo the value: it is probably a real credential.
+                    raise ConfigError(
+                        self._key(name),
+                        "unknown key; secrets are never read from the config file: put the "
+                        "secret in an environment variable and name it in "
+                        "keys[].credential_secret_env (or use credential_secret_file)",
+                    )
                 raise ConfigError(self._key(name), "unknown key")
 
 
@@ -416,30 +432,53 @@ def _marketplace(name: str, path: str) -> str:
 
 
 def _check_url(url: str, path: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(path, f'must be "simulator", "amazon" or an http(s) URL, got {url!r}')
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+        has_credentials = bool(parts.username or parts.password or parts.query)
+    except ValueError:
+        # urlsplit refuses some malformed hosts (an unclosed "[" for instance).
+        raise ConfigError(
+            path, f'must be "simulator", "amazon" or an http(s) URL, got {_shown_url(url)!r}'
+        ) from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise ConfigError(
+            path, f'must be "simulator", "amazon" or an http(s) URL, got {_shown_url(url)!r}'
+        )
+    if parts.scheme == "http" and not is_loopback_host(hostname):
         raise ConfigError(
             path,
             "plain http:// is only allowed for a loopback host; use https:// so "
             "credentials are not sent in clear text",
         )
-    if parts.username or parts.password or parts.query:
+    if has_credentials:
         raise ConfigError(path, "must not carry credentials or a query string")
+
+
+def _shown_url(url: str) -> str:
+    """``url`` fit for an error message: user:password@ and any query string cut out."""
+    shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@", r"\1***@", url)
+    return re.sub(r"[?#].*", "?***", shown)
+
+
+def _looks_secret(name: str) -> bool:
+    """True for a key name that would hold a credential (``secret``, ``token``, ...)."""
+    return _SECRET_NAME.search(name) is not None
 
 
 def _parse_key(
     table: _Table, path: str, api: ApiConfig, environ: Mapping[str, str], base_dir: Path
 ) -> KeyConfig:
     for name in list(table._data):
-        lowered = name.lower()
-        if any(word in lowered for word in _SECRET_WORDS) and lowered not in (
+        if _looks_secret(name) and name.lower() not in (
             "credential_secret_env",
             "credential_secret_file",
         ):
-            key_name = table._data.get("name", "KEY")
-            env_name = f"ASINB_{str(key_name).upper().replace('-', '_')}_SECRET"
+            key_name = table._data.get("name")
+            label = re.sub(r"[^A-Z0-9]+", "_", str(key_name).upper()).strip("_")
+            if not isinstance(key_name, str) or not label:
+                label = "KEY"
+            env_name = f"ASINB_{label}_SECRET"
             raise ConfigError(
                 f"{path}.{name}",
                 "secrets are never read from the config file; put the secret in an "
@@ -460,6 +499,14 @@ def _parse_key(
         source = f"file {secret_file}"
         secret = _read_secret_file(base_dir / secret_file, f"{path}.credential_secret_file")
     elif secret_env:
+        if not _ENV_NAME.fullmatch(secret_env):
+            # Not a variable name: most likely the secret itself pasted here, so never echo it.
+            raise ConfigError(
+                f"{path}.credential_secret_env",
+                "must be the name of an environment variable (upper-case letters, digits "
+                "and _), not the secret itself; put the secret in a variable such as "
+                'ASINB_SECRET and write credential_secret_env = "ASINB_SECRET"',
+            )
         source = f"${secret_env}"
         value = environ.get(secret_env, "")
         if value:
@@ -521,10 +568,22 @@ def _read_secret_file(file: Path, path: str) -> Secret:
     except OSError as exc:
         raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(path, f"{file} is readable by group or others; run chmod 600 {file}")
+        mode = stat.S_IMODE(info.st_mode)
+        raise ConfigError(
+            path,
+            f"{file} is accessible by group or others (mode {mode:04o}); run chmod 600 {file}",
+        )
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
         raise ConfigError(path, f"{file} is not owned by the user running the broker")
-    value = file.read_text(encoding="utf-8").strip()
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(path, f"{file} is not a regular file")
+    try:
+        value = file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        # The decoder's message quotes bytes of the file: say where, not what.
+        raise ConfigError(path, f"{file} is not UTF-8 text") from None
     if not value:
         raise ConfigError(path, f"{file} is empty")
     return Secret(value)
@@ -563,6 +622,7 @@ def _parse_retry(table: _Table) -> RetryConfig:
         max_age_s=table.number("max_age_s", 600.0, exclusive=True),
         base_delay_s=table.number("base_delay_s", 0.5),
         max_delay_s=table.number("max_delay_s", 30.0),
+        outage_budget_s=table.number("outage_budget_s", 900.0, exclusive=True),
     )
     table.finish()
     return config

@@ -17,17 +17,31 @@ import structlog
 
 __all__ = ["configure_logging", "redact"]
 
+# reliability.md section 4: the key list many open-source redaction processors use. A
+# credential *id* is not secret (it names the key in messages), so it stays readable.
 _SECRET_KEY = re.compile(
-    r"secret|token|authorization|password|credential_secret|signature", re.IGNORECASE
+    r"secret|token|authorization|password|credential(?!_?id)|signature", re.IGNORECASE
 )
+# Values that are credentials wherever they appear: a bearer token, a SigV4 signature, and
+# the secret or token members of a token request or response (form or JSON).
 _SECRET_VALUE = re.compile(
-    r"(Bearer\s+)[^\s,\"']+|(Signature=)[0-9a-fA-F]{16,}|(client_secret=)[^&\s\"']+",
+    r"(Bearer\s+)[^\s,\"']+"
+    r"|(Signature=)[0-9a-fA-F]{16,}"
+    r"|((?:client_secret|access_token|refresh_token)=)[^&\s\"']+"
+    r"|(\\?[\"'](?:client_secret|access_token|refresh_token)\\?[\"']\s*:\s*\\?[\"'])"
+    r"(?:[^\"'\\]|\\[^\"'])+",
+    re.IGNORECASE,
 )
+
+
+def _keep(match: re.Match[str]) -> str:
+    """The part of a secret-bearing match that names it, followed by the mask."""
+    return next(group for group in match.groups() if group is not None) + "***"
 
 
 def _mask(value: object) -> object:
     if isinstance(value, str):
-        return _SECRET_VALUE.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "***", value)
+        return _SECRET_VALUE.sub(_keep, value)
     if isinstance(value, dict):
         return {k: ("***" if _SECRET_KEY.search(str(k)) else _mask(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):

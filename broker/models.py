@@ -7,6 +7,7 @@ All are frozen, slotted dataclasses; JSON payloads from Amazon travel as plain
 from __future__ import annotations
 
 import enum
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -151,8 +152,15 @@ class Secret:
     def __str__(self) -> str:
         return "***"
 
+    def __format__(self, spec: str) -> str:
+        # f"{secret:>20}" pads the mask instead of failing (object.__format__ refuses a spec).
+        return format("***", spec)
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        # Constant time: how long a comparison takes must not tell how much of it matched.
+        return isinstance(other, Secret) and hmac.compare_digest(
+            other._value.encode(), self._value.encode()
+        )
 
     def __hash__(self) -> int:
         return hash(self._value)
