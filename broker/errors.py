@@ -10,6 +10,7 @@ failures are data (an ``ItemResult`` with ``status`` and ``error``), never raise
     ├── JobFileError           a job file that cannot be read as a whole
     ├── TransportError         the network failed us (retryable)
     │   ├── ConnectError       (also a ConnectionError)
+    │   │   └── EndpointUnreachable  no connection at all: DNS, refused, connect timeout
     │   ├── RequestTimeout     (also a TimeoutError)
     │   └── BodyTooLarge       the response body passed the read cap
     ├── ResponseError          unreadable response: truncated, not JSON, wrong shape (retryable)
@@ -42,6 +43,7 @@ __all__ = [
     "BrokerError",
     "ConfigError",
     "ConnectError",
+    "EndpointUnreachable",
     "ErrorInfo",
     "JobFileError",
     "KeyUnusableError",
@@ -79,6 +81,14 @@ class TransportError(BrokerError):
 
 class ConnectError(TransportError, ConnectionError):
     """Connecting, or keeping the connection, failed (refused, reset, DNS)."""
+
+
+class EndpointUnreachable(ConnectError):
+    """No connection could be made (DNS failure, connection refused, connect timeout).
+
+    Nothing reached the server, so the request says nothing about its ASINs: the engine
+    pauses the key and re-queues the batch without counting an attempt (reliability B15).
+    """
 
 
 class RequestTimeout(TransportError, builtins.TimeoutError):
@@ -543,6 +553,14 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         Scope.GLOBAL,
         False,
         "Fix the keys named in the log (see their codes), then run again.",
+    ),
+    ErrorInfo(
+        "EndpointUnavailable",
+        "The API or token endpoint could not be reached for longer than the outage budget.",
+        Scope.KEY,
+        False,
+        "Check the network, DNS and api.endpoint; run again (rows stay pending). "
+        "retry.outage_budget_s sets how long an outage is waited out.",
     ),
     ErrorInfo(
         "AttemptsExhausted",

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import structlog
 
 from broker.config import BrokerConfig, parse_config
 from broker.engine.broker import Broker
@@ -192,3 +193,11 @@ async def harness() -> AsyncIterator[Harness]:
     """A harness whose simulators and brokers are closed after the test."""
     async with contextlib.AsyncExitStack() as stack:
         yield Harness(stack)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Every test starts with structlog's defaults: CLI tests configure it process-wide."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

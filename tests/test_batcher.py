@@ -167,7 +167,8 @@ class TestWorkQueue:
         us = Batch(US, [_lookup("B000000002")])
         work.put(de)
         work.put(us)
-        assert work.pending((US,)) == 1
+        assert work.has_work_for((US,))
+        assert not work.has_work_for(("www.amazon.co.jp",))
         assert work.take((US,)) is us
         assert work.take((US,)) is None
         assert work.take((DE,)) is de

@@ -457,11 +457,10 @@ class TestGetItemsSuccess:
         assert info.value.code == "InvalidPartnerTag"
         assert info.value.status == 200
 
-    def test_empty_200_leaves_everything_missing(self) -> None:
-        """A 200 with neither items nor errors answers nothing: all missing, retried."""
-        parsed = parse(200, {}, ["B000000001", "B000000002"])
-        assert parsed.outcomes == {}
-        assert parsed.missing == ("B000000001", "B000000002")
+    def test_empty_200_is_the_wrong_shape(self) -> None:
+        """A 200 with neither items nor errors is a bad response (retried), not missing items."""
+        with pytest.raises(ResponseError, match="no result and no error list"):
+            parse(200, {}, ["B000000001", "B000000002"])
 
 
 class TestGetItemsNotFound:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from broker.errors import (
@@ -13,6 +15,7 @@ from broker.errors import (
     BrokerError,
     ConfigError,
     ConnectError,
+    ErrorInfo,
     KeyUnusableError,
     NoUsableKeyError,
     RequestTimeout,
@@ -177,3 +180,16 @@ class TestTree:
         """ConfigError's message starts with the key path."""
         assert str(ConfigError("keys[0].tps", "must be > 0")) == "keys[0].tps: must be > 0"
         assert str(ConfigError("", "file not found")) == "file not found"
+
+
+def _readme_row(info: ErrorInfo) -> str:
+    retried = "yes" if info.retryable else "no"
+    return f"| `{info.code}` | {info.meaning} | {info.scope.value} | {retried} | {info.remedy} |"
+
+
+def test_readme_error_table_matches_the_catalogue() -> None:
+    """README's error-code table lists every catalogue entry exactly as the code has it."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    table = [row for row in rows if any(row.startswith(f"| `{c}` |") for c in CATALOGUE)]
+    assert table == [_readme_row(info) for info in CATALOGUE.values()]

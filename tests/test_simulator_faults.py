@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 import aiohttp
 import pytest
 
+from broker.errors import ConfigError
 from broker.simulator.settings import FaultRates, LatencyProfile, SimulatorSettings
 from broker.simulator.state import Simulator
 from broker.simulator.testclient import SimResponse, SimulatorClient, running_simulator
@@ -190,3 +191,181 @@ def test_exponential_latency_has_the_configured_mean() -> None:
     draws = [injector.latency_s() for _ in range(20_000)]
     assert min(draws) >= 0.040
     assert sum(draws) / len(draws) == pytest.approx(0.050, rel=0.03)
+
+
+# -- switches for the fault matrix (reliability.md 3.3 B4, B7, B8, B10, B13, B16) -----------
+
+BATCH = {"partnerTag": "demo-20", "itemIds": ["B000TEST01", "B000TEST02", "B000TEST03"]}
+PAAPI_BATCH = {"PartnerTag": "demo-20", "ItemIds": ["B000TEST01", "B000TEST02", "B000TEST03"]}
+
+
+async def test_disconnect_before_any_byte(start: Start) -> None:
+    """The disconnect fault closes the connection before the status line, on both APIs."""
+    client, sim = await start(_faulty(disconnect=1.0))
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await _creators(client)
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await client.paapi("GetItems", PAAPI_BATCH)
+    assert sim.stats.faults["disconnect"] == 2
+
+
+async def test_html_ok_is_a_200_html_page(start: Start) -> None:
+    """The html_ok fault answers 200 with a text/html page instead of JSON, on both APIs."""
+    client, sim = await start(_faulty(html_ok=1.0))
+    for response in (await _creators(client), await client.paapi("GetItems", PAAPI_BATCH)):
+        assert response.status == 200
+        assert response.headers["content-type"].startswith("text/html")
+        assert response.text.startswith("<html>")
+    assert sim.stats.faults["html_ok"] == 2
+
+
+def _shape(body: dict[str, object], container: str, items: str, asin: str) -> str:
+    """Which wrong shape ``body`` has (asserting it has one)."""
+    result = body.get(container)
+    if result is None:
+        return "no container"
+    assert isinstance(result, dict)
+    if isinstance(result[items], dict):
+        return "items not a list"
+    assert asin not in result[items][0]
+    return "item without asin"
+
+
+async def test_bad_shape_variants(start: Start) -> None:
+    """bad_shape answers 200 JSON in three wrong shapes, drawn from the seed, on both APIs."""
+    client, sim = await start(_faulty(bad_shape=1.0))
+    token = await client.token()
+    creators, paapi = set(), set()
+    for _ in range(12):
+        response = await client.creators("getItems", BATCH, token=token)
+        assert response.status == 200
+        creators.add(_shape(response.json(), "itemsResult", "items", "asin"))
+        response = await client.paapi("GetItems", PAAPI_BATCH)
+        assert response.status == 200
+        paapi.add(_shape(response.json(), "ItemsResult", "Items", "ASIN"))
+    assert creators == paapi == {"no container", "items not a list", "item without asin"}
+    assert sim.stats.faults["bad_shape"] == 24
+
+
+async def test_oversized_body_is_streamed_without_length(start: Start) -> None:
+    """oversized streams a chunked 200 JSON body of oversized_bytes, with no Content-Length."""
+    settings = SimulatorSettings(
+        limits=False, faults=FaultRates(oversized=1.0, oversized_bytes=300_000)
+    )
+    client, sim = await start(settings)
+    response = await _creators(client)
+    assert response.status == 200
+    assert "content-length" not in response.headers
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert len(response.text) == 300_000
+    assert json.loads(response.text)["itemsResult"] == {"items": []}
+    assert sim.stats.faults["oversized"] == 1
+
+
+@pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+async def test_item_faults_alter_the_item_list(start: Start, protocol: str) -> None:
+    """drop_item, extra_item and duplicate_item remove, add or repeat one item of GetItems."""
+    seen: dict[str, list[str]] = {}
+    for kind in ("drop_item", "extra_item", "duplicate_item"):
+        client, sim = await start(_faulty(**{kind: 1.0}))
+        if protocol == "creators":
+            body = (await client.creators("getItems", BATCH, token=await client.token())).json()
+            seen[kind] = [item["asin"] for item in body["itemsResult"]["items"]]
+        else:
+            body = (await client.paapi("GetItems", PAAPI_BATCH)).json()
+            seen[kind] = [item["ASIN"] for item in body["ItemsResult"]["Items"]]
+        assert sim.stats.faults[kind] == 1
+    asked = set(BATCH["itemIds"])
+    assert len(seen["drop_item"]) == 2
+    assert set(seen["drop_item"]) < asked
+    assert len(seen["extra_item"]) == 4
+    assert set(seen["extra_item"]) > asked
+    assert len(seen["duplicate_item"]) == 4
+    assert set(seen["duplicate_item"]) == asked
+
+
+async def test_item_faults_count_only_when_applied(start: Start) -> None:
+    """An item fault drawn for an answer with no items changes nothing and is not counted."""
+    settings = SimulatorSettings(limits=False, missing_share=1.0, faults=FaultRates(drop_item=1.0))
+    client, sim = await start(settings)
+    response = await client.paapi("GetItems", PAAPI_BATCH)
+    assert response.status == 200
+    assert "ItemsResult" not in response.json()
+    assert sim.stats.faults["drop_item"] == 0
+
+
+async def test_omitted_asins_are_left_out_silently(start: Start) -> None:
+    """omitted_asins never appear in an answer and get no error entry; each is counted."""
+    settings = SimulatorSettings.from_mapping({"limits": False, "omitted_asins": ["b000test02"]})
+    assert settings.omitted_asins == frozenset({"B000TEST02"})
+    client, sim = await start(settings)
+    token = await client.token()
+    body = (await client.creators("getItems", BATCH, token=token)).json()
+    assert sorted(i["asin"] for i in body["itemsResult"]["items"]) == ["B000TEST01", "B000TEST03"]
+    assert "errors" not in body
+    alone = await client.creators(
+        "getItems", {"partnerTag": "demo-20", "itemIds": ["B000TEST02"]}, token=token
+    )
+    assert (alone.status, alone.json()) == (200, {"itemsResult": {"items": []}})
+    paapi = await client.paapi("GetItems", {"PartnerTag": "demo-20", "ItemIds": ["B000TEST02"]})
+    assert (paapi.status, paapi.json()) == (200, {"ItemsResult": {"Items": []}})
+    assert sim.stats.faults["omitted"] == 3
+
+
+async def test_token_error_and_slow_token_endpoint() -> None:
+    """token_error answers 503 temporarily_unavailable; token_slow answers after hang_s."""
+    clock = FakeClock()
+    settings = SimulatorSettings(
+        limits=False, faults=FaultRates(token_error=0.5, token_slow=0.5, hang_s=7.0)
+    )
+    async with running_simulator(settings, clock=clock) as (client, sim):
+        outcomes = []
+        for _ in range(8):
+            call = asyncio.ensure_future(client.token_response("demo-id", "demo-secret"))
+            for _ in range(200):
+                await asyncio.sleep(0.002)
+                if call.done() or clock.sleepers:
+                    break
+            if not call.done():
+                assert clock.sleepers == 1
+                await clock.advance(6.9)
+                await asyncio.sleep(0.01)
+                assert not call.done()
+                await clock.advance(0.1)
+            response = await asyncio.wait_for(call, 2.0)
+            outcomes.append(response.status)
+            if response.status == 503:
+                assert response.json()["error"] == "temporarily_unavailable"
+        assert set(outcomes) == {200, 503}
+        assert sim.stats.faults["token_error"] == outcomes.count(503)
+        assert sim.stats.faults["token_slow"] == outcomes.count(200)
+
+
+def test_new_fault_settings_parse_and_validate() -> None:
+    """The new switches parse from [simulator.faults]; rates are bounded like the others."""
+    settings = SimulatorSettings.from_mapping(
+        {
+            "faults": {
+                "disconnect": 0.1,
+                "html_ok": 0.1,
+                "bad_shape": 0.1,
+                "oversized": 0.1,
+                "drop_item": 0.1,
+                "extra_item": 0.1,
+                "duplicate_item": 0.1,
+                "token_error": 0.2,
+                "token_slow": 0.3,
+                "oversized_bytes": 1024,
+            }
+        }
+    )
+    assert settings.faults.oversized_bytes == 1024
+    assert settings.faults.token_slow == 0.3
+    with pytest.raises(ConfigError, match=r"simulator\.faults.*more than 1"):
+        SimulatorSettings.from_mapping({"faults": {"error_500": 0.5, "bad_shape": 0.6}})
+    with pytest.raises(ConfigError, match=r"token_error \+ token_slow"):
+        SimulatorSettings.from_mapping({"faults": {"token_error": 0.6, "token_slow": 0.6}})
+    with pytest.raises(ConfigError, match=r"simulator\.faults\.oversized_bytes"):
+        SimulatorSettings.from_mapping({"faults": {"oversized_bytes": 0}})
+    with pytest.raises(ConfigError, match=r"simulator\.omitted_asins"):
+        SimulatorSettings.from_mapping({"omitted_asins": "B000TEST01"})

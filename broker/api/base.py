@@ -94,11 +94,13 @@ class ParsedItems:
         outcomes: one entry per requested ASIN that the response answered (item or error).
         missing: requested ASINs the response did not mention (to be retried).
         unexpected: ASINs in the response that were not requested (ignored, logged).
+        duplicated: requested ASINs the response held more than once (the first counts).
     """
 
     outcomes: Mapping[str, ItemOutcome]
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = field(default=())
+    duplicated: tuple[str, ...] = field(default=())
 
 
 class Dialect(Protocol):

@@ -23,6 +23,7 @@ from broker.api.errors_map import (
     not_found_all,
     read_errors,
     read_items,
+    require_answer,
     retry_after_s,
     strip_type,
     summarize,
@@ -211,6 +212,7 @@ class CreatorsDialect:
             container = data.get("itemsResult")
             if container is None:
                 container = data.get("itemResults")
+            require_answer(data, container, "errors", api="Creators")
             return assemble(
                 requested,
                 _read_items(container),

@@ -45,6 +45,7 @@ __all__ = [
     "number",
     "read_errors",
     "read_items",
+    "require_answer",
     "retry_after_s",
     "short",
     "strip_type",
@@ -386,8 +387,8 @@ def assemble(
 
     ``summary`` reads one item's :class:`ItemSummary` (the dialect's spelling).
 
-    - Items are keyed by their ASIN (case-insensitively); a duplicate keeps the first,
-      one nobody asked for goes to ``unexpected``.
+    - Items are keyed by their ASIN (case-insensitively); a duplicate keeps the first (and
+      goes to ``duplicated``), one nobody asked for goes to ``unexpected``.
     - An error is attributed to every requested, still unanswered ASIN its message names.
       If exactly one per-item error names none and exactly one ASIN is unanswered, it is
       that ASIN's (the only reading that fits).
@@ -400,12 +401,15 @@ def assemble(
     index = {asin.upper(): asin for asin in requested}
     outcomes: dict[str, ItemOutcome] = {}
     unexpected: dict[str, None] = {}
+    duplicated: dict[str, None] = {}
     for asin, item in items:
         key = index.get(asin.upper())
         if key is None:
             unexpected[asin] = None
         elif key not in outcomes:
             outcomes[key] = ItemOutcome(key, Status.OK, item, summary(item))
+        else:
+            duplicated[key] = None
     unnamed: list[ItemError] = []
     for error in errors:
         named = False
@@ -428,7 +432,28 @@ def assemble(
             if request_level is not None:
                 raise api_error(status, request_level.code, request_level.message, headers)
     missing = tuple(asin for asin in index.values() if asin not in outcomes)
-    return ParsedItems(outcomes, missing, tuple(unexpected))
+    return ParsedItems(outcomes, missing, tuple(unexpected), tuple(duplicated))
+
+
+def require_answer(
+    data: Mapping[str, object], container: object, errors_key: str, *, api: str
+) -> None:
+    """Refuse a 200 GetItems body that holds neither a result container nor an error list.
+
+    Amazon's every 200 answer carries one or both, so a body with neither (only unknown
+    fields, or nothing) is the wrong shape, not "every item missing": reading it as missing
+    items would report real ASINs ``not_found`` (reliability B7). Unknown fields *next to*
+    the documented ones are ignored, so a field Amazon adds later breaks nothing.
+
+    Raises:
+        ResponseError: neither is present.
+    """
+    if container is None and data.get(errors_key) is None:
+        raise ResponseError(
+            f"{api} GetItems: HTTP 200 body has no result and no error list "
+            f"({len(data)} other fields)",
+            status=200,
+        )
 
 
 def _error_outcome(asin: str, error: ItemError) -> ItemOutcome:

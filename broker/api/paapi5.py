@@ -26,6 +26,7 @@ from broker.api.errors_map import (
     load_object,
     read_errors,
     read_items,
+    require_answer,
     retry_after_s,
     strip_type,
     summarize,
@@ -328,6 +329,7 @@ class PaapiDialect:
             if response.status != 200:
                 raise _failure(response, "GetItems", requested, self._clock)
             data = load_object(response.body, status=200, what="PA-API GetItems")
+            require_answer(data, data.get("ItemsResult"), "Errors", api="PA-API")
             return assemble(
                 requested,
                 _read_items(data.get("ItemsResult")),

@@ -4,8 +4,10 @@ For every batch a key dispatches it builds the request, authorizes it (token or 
 now, after the pacer), sends it, parses the answer, and then routes the outcome:
 results to their callers; a 429 back to the head of the queue (the key's lowered pacer
 is the backoff); an expired token or signature to a refresh and an immediate retry;
-a transient failure to a jittered delay; a key-level error to taking the key out of
-rotation while other keys go on. Retries loop here and never go back upstream.
+a transient failure to a jittered delay; an endpoint that cannot be reached to a paused
+key and a re-queued batch that spends no attempt (until the outage budget is spent); a
+key-level error to taking the key out of rotation while other keys go on. Retries loop
+here and never go back upstream.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import TYPE_CHECKING
 import structlog
 
 from broker.engine.batcher import Batch, Lookup, WorkQueue
+from broker.engine.keys import OUTAGE_CODE
 from broker.errors import (
     ApiError,
     AuthError,
     BrokerError,
+    EndpointUnreachable,
     KeyUnusableError,
     NoUsableKeyError,
     ResponseError,
@@ -34,7 +38,7 @@ from broker.errors import (
 from broker.models import ErrorDetail, ItemResult, Status
 
 if TYPE_CHECKING:
-    from broker.api.base import Dialect, HttpRequest, ItemOutcome
+    from broker.api.base import Dialect, HttpRequest, ItemOutcome, RawResponse
     from broker.clock import Clock
     from broker.engine.keys import KeyState
     from broker.engine.metrics import EngineMetrics
@@ -147,10 +151,15 @@ class Executor:
             request = await key.authorizer.authorize(request, region=region)
         except (TransportError, ResponseError, ServerError, ThrottledError) as exc:
             # The token endpoint is down, slow or throttling: not this batch's fault, and
-            # no reason to take the key out of rotation (B13).
+            # no reason to take the key out of rotation (B13), unless it lasts (B15).
             self._uncount_attempt(batch)
-            key.pause_after_error(exc)
+            if isinstance(exc, EndpointUnreachable):
+                spent = key.on_unreachable(exc, sent_at)
+            else:
+                spent = key.pause_after_error(exc)
             key.on_failed_attempt(transient=True)
+            if spent:
+                self._end_outage(key, batch.marketplace, exc)
             self.requeue(batch)
             return
         except ApiError as exc:
@@ -163,8 +172,10 @@ class Executor:
         # Every send counts toward the retry budget, failed ones included: the budget is a
         # share of sends, and a storm of failures must not shrink it to its floor.
         key.retry_budget.record_send()
+        response: RawResponse | None = None
         try:
             response = await self._transport.send(request)
+            key.on_reachable()
             self._metrics.record_response(response.status, response.elapsed_s)
             if batch.operation is None:
                 parsed = self._dialect.parse_get_items(response, batch.asins)
@@ -185,10 +196,38 @@ class Executor:
                 self._metrics.transport_errors += 1
             key.errors += 1
             key.on_failed_attempt(transient=True)
+            if isinstance(exc, EndpointUnreachable):
+                # Nothing reached Amazon: the batch waits out the outage with its attempts
+                # intact instead of failing for a network it cannot fix (B15).
+                self._uncount_attempt(batch)
+                if key.on_unreachable(exc, sent_at):
+                    self._end_outage(key, batch.marketplace, exc)
+                self.requeue(batch)
+                return
+            if isinstance(exc, ResponseError):
+                # The request id lets Amazon find the answer; the body stays out of the log
+                # (a token endpoint's body is a credential) (B7).
+                logger.warning(
+                    "broker.bad_response",
+                    key=key.name,
+                    batch_id=batch.batch_id,
+                    status=exc.status,
+                    request_id=_request_id(response),
+                    error=str(exc),
+                )
             self._transient(key, batch, exc)
             return
         key.on_success(sent_at, demand_limited=demand_limited)
         if batch.operation is None:
+            if parsed.unexpected or parsed.duplicated:
+                logger.warning(
+                    "broker.unexpected_items",
+                    key=key.name,
+                    batch_id=batch.batch_id,
+                    request_id=_request_id(response),
+                    unrequested=list(parsed.unexpected[:10]),
+                    duplicated=list(parsed.duplicated[:10]),
+                )
             self._deliver(key, batch, parsed.outcomes, parsed.missing)
         else:
             if batch.op_future is not None and not batch.op_future.done():
@@ -226,11 +265,17 @@ class Executor:
 
     @staticmethod
     def _uncount_attempt(batch: Batch) -> None:
+        # An attempt that never reached Amazon does not start the max_age clock either:
+        # otherwise the first 5xx after a long outage would fail the batch as too old.
         if batch.operation is not None:
             batch.op_attempts -= 1
+            if batch.op_attempts == 0:
+                batch.op_first_sent_at = None
             return
         for lookup in batch.lookups:
             lookup.attempts -= 1
+            if lookup.attempts == 0:
+                lookup.first_sent_at = None
 
     @staticmethod
     def _count_throttle(batch: Batch) -> None:
@@ -383,7 +428,18 @@ class Executor:
                 logger.info("broker.credentials_refreshed", key=key.name, code=exc.code)
                 self.requeue(batch)
                 return
-            self._take_out(key, batch.marketplace, exc)
+            # Fresh credentials were refused too: the catalogue's remedy ("the broker
+            # fetches a new token") no longer applies, so say what does (B11).
+            self._disable(
+                key,
+                batch.marketplace,
+                exc.code,
+                f"credentials rejected: {exc.code} again after {batch.auth_retries} fresh "
+                f"token(s) or signature(s): {exc.message}",
+                "credentials rejected: check the key's credential id, secret and version "
+                "(and, for PA-API, this machine's clock) in config.toml and Associates Central",
+                scope=Scope.KEY,
+            )
             self._uncount_attempt(batch)
             self.requeue(batch)
             return
@@ -454,8 +510,9 @@ class Executor:
             self._fail(batch, exc, key=key.name)
             return
         if not key.retry_budget.try_retry():
-            # Retries are over 10 % of sends: slow down rather than storm (B15).
-            delay = max(delay, self._policy.max_delay_s)
+            # Retries are over 10 % of sends: slow down rather than storm (see retry.py on
+            # why this waits instead of failing, and not a flat max_delay).
+            delay = max(delay, self._policy.budget_delay(attempt))
         self._metrics.retries += 1
         logger.debug(
             "broker.retry_scheduled",
@@ -477,14 +534,41 @@ class Executor:
     def _take_out(self, key: KeyState, marketplace: str, exc: ApiError) -> None:
         """Take the key (or key+marketplace) out of rotation; fail work no key can serve."""
         info = exc.info
-        scope_marketplace = marketplace if info.scope is Scope.KEY_MARKETPLACE else None
-        if key.disable(exc.code, exc.message, info.remedy, marketplace=scope_marketplace):
+        self._disable(key, marketplace, exc.code, exc.message, info.remedy, scope=info.scope)
+
+    def _end_outage(self, key: KeyState, marketplace: str, exc: BaseException) -> None:
+        """The key found no endpoint for its whole outage budget: take it out (B15)."""
+        self._disable(
+            key,
+            marketplace,
+            OUTAGE_CODE,
+            f"no answer from the API or its token endpoint for {key.outage_s:.0f} s "
+            f"(last error: {exc})",
+            "check the network, DNS, proxy or firewall and api.endpoint, then run again: "
+            "unfinished lookups were not failed; retry.outage_budget_s sets how long a run "
+            "waits",
+            scope=Scope.KEY,
+        )
+
+    def _disable(
+        self,
+        key: KeyState,
+        marketplace: str,
+        code: str,
+        message: str,
+        remedy: str,
+        *,
+        scope: Scope,
+    ) -> None:
+        """Take the key (or key+marketplace) out of rotation; fail work no key can serve."""
+        scope_marketplace = marketplace if scope is Scope.KEY_MARKETPLACE else None
+        if key.disable(code, message, remedy, marketplace=scope_marketplace):
             logger.error(
                 "broker.key_disabled",
                 key=key.name,
-                code=exc.code,
-                message=exc.message,
-                remedy=info.remedy,
+                code=code,
+                message=message,
+                remedy=remedy,
                 marketplace=scope_marketplace,
             )
         affected_marketplaces = (
@@ -511,6 +595,13 @@ def _detail(error: BaseException) -> ErrorDetail:
         code = type(error).__name__
     info = describe(code)
     return ErrorDetail(code, str(error), info.remedy)
+
+
+def _request_id(response: RawResponse | None) -> str | None:
+    """Amazon's id of one answer (``x-amzn-RequestId``), to quote in logs instead of its body."""
+    if response is None:
+        return None
+    return response.headers.get("x-amzn-requestid")
 
 
 def _offending_ids(exc: ApiError) -> tuple[str, ...]:

@@ -1,9 +1,16 @@
 """One key's state in the scheduler: its limiter, adaptive rate, circuit, health and counters.
 
 A key serves the marketplaces it has a partner tag for. It is *active*, *paused* (a
-Retry-After or a token-endpoint failure), *parked* (its circuit is open because its
-429s mean "daily quota exhausted" or "access revoked"), or *out of rotation* (a key-level
-error such as InvalidSignature or AssociateNotEligible), for all marketplaces or one.
+Retry-After, a token-endpoint failure, or an endpoint it cannot reach), *parked* (its
+circuit is open because its 429s mean "daily quota exhausted" or "access revoked"), or *out
+of rotation* (a key-level error such as InvalidSignature or AssociateNotEligible, or an
+outage longer than its budget), for all marketplaces or one.
+
+Outages (reliability B13, B15): while a key cannot reach the API or its token endpoint, it
+pauses with a growing, jittered interval, and its batches wait without spending attempts.
+Any HTTP answer from the API ends the outage. One that lasts ``outage_budget_s`` takes the
+key out of rotation with the code ``EndpointUnavailable``, so a run stops (``broker run``
+exits 69) with its unfinished rows pending instead of failing them.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import asyncio
 import enum
 import math
 import random
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 import structlog
@@ -36,13 +43,18 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig, KeyConfig
     from broker.engine.authorizer import Authorizer
 
-__all__ = ["KeyHealth", "KeyState"]
+__all__ = ["OUTAGE_CODE", "KeyHealth", "KeyState"]
 
 logger = structlog.get_logger("broker")
 
 #: Pause after a token-endpoint failure, doubling per consecutive failure up to the cap.
 _AUTH_PAUSE_S = 1.0
 _AUTH_PAUSE_CAP_S = 60.0
+#: Pause after the API endpoint could not be reached, doubling per round up to the cap.
+_OUTAGE_PAUSE_S = 1.0
+_OUTAGE_PAUSE_CAP_S = 60.0
+#: The code a key taken out by an outage carries (``broker run`` maps it to exit 69).
+OUTAGE_CODE = "EndpointUnavailable"
 
 
 class KeyHealth(enum.Enum):
@@ -71,6 +83,8 @@ class KeyState:
         circuit: Circuit,
         retry_budget: RetryBudget,
         clock: Clock,
+        outage_budget_s: float = 900.0,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -89,6 +103,12 @@ class KeyState:
         self._disabled: KeyUnusableError | None = None
         self._disabled_markets: dict[str, KeyUnusableError] = {}
         self._paused_reason: str | None = None
+        #: how long an outage (no answer from the endpoints) may last before the key is out
+        self.outage_budget_s = outage_budget_s
+        self._jitter = jitter
+        self._outage_since: float | None = None
+        self._outage_rounds = 0
+        self._outage_paused_at = -math.inf
 
     @classmethod
     def from_config(
@@ -122,6 +142,8 @@ class KeyState:
             circuit=Circuit(clock, random=rng.random, settings=settings),
             retry_budget=RetryBudget(clock),
             clock=clock,
+            outage_budget_s=config.retry.outage_budget_s,
+            jitter=rng.random,
         )
 
     # -- marketplaces -------------------------------------------------------------------------
@@ -264,8 +286,14 @@ class KeyState:
         self.adaptive.reset()
         logger.info("broker.key_recovered", key=self.name)
 
-    def pause_after_error(self, error: BaseException) -> None:
-        """The token endpoint failed: back off exponentially before the key sends again."""
+    def pause_after_error(self, error: BaseException) -> bool:
+        """The token endpoint failed: back off exponentially before the key sends again.
+
+        Without a token the key can send nothing, so this counts toward the outage budget.
+
+        Returns:
+            True when the outage has lasted ``outage_budget_s``: take the key out.
+        """
         self._auth_failures += 1
         pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
         self.limiter.pause_until(self._clock.monotonic() + pause)
@@ -273,6 +301,62 @@ class KeyState:
         logger.warning(
             "broker.token_fetch_failed", key=self.name, error=type(error).__name__, pause_s=pause
         )
+        return self._outage_spent()
+
+    def on_unreachable(self, error: BaseException, sent_at: float) -> bool:
+        """No connection to the API or its token endpoint: pause the key, longer each round.
+
+        Requests sent before the current pause began fail together (up to ``max_in_flight``
+        of them); only one sent after it starts a new, doubled round, as a 429 cuts the rate
+        once per round. The pause is jittered so keys and machines do not probe in step.
+
+        Returns:
+            True when the outage has lasted ``outage_budget_s``: take the key out.
+        """
+        spent = self._outage_spent()
+        now = self._clock.monotonic()
+        if sent_at >= self._outage_paused_at:
+            self._outage_rounds += 1
+            ceiling = min(
+                _OUTAGE_PAUSE_CAP_S, _OUTAGE_PAUSE_S * 2 ** min(self._outage_rounds - 1, 10)
+            )
+            pause = ceiling * (0.5 + 0.5 * self._jitter())
+            self._outage_paused_at = now
+            self.limiter.pause_until(now + pause)
+            self._paused_reason = f"endpoint unreachable: {type(error).__name__}"
+            logger.warning(
+                "broker.endpoint_unreachable",
+                key=self.name,
+                error=type(error).__name__,
+                pause_s=round(pause, 3),
+                outage_s=round(self.outage_s, 3),
+            )
+        return spent
+
+    def on_reachable(self) -> None:
+        """The API answered (any HTTP status): an outage, if there was one, is over."""
+        if self._outage_since is not None:
+            logger.info(
+                "broker.endpoint_reachable",
+                key=self.name,
+                outage_s=round(self._clock.monotonic() - self._outage_since, 3),
+            )
+        self._outage_since = None
+        self._outage_rounds = 0
+        self._outage_paused_at = -math.inf
+
+    def _outage_spent(self) -> bool:
+        now = self._clock.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        return now - self._outage_since >= self.outage_budget_s
+
+    @property
+    def outage_s(self) -> float:
+        """Seconds the current outage has lasted (0 when the endpoints answer)."""
+        if self._outage_since is None:
+            return 0.0
+        return self._clock.monotonic() - self._outage_since
 
     def disable(
         self, code: str, message: str, remedy: str, *, marketplace: str | None = None

@@ -13,6 +13,17 @@
 
 :class:`RetryBudget` caps a key's retries at 10 % of its sends over a sliding minute, plus
 one, like the AWS SDKs' retry quota, so a broken key cannot spend its day on retries.
+
+What a refused retry does differs from botocore on purpose. botocore's empty retry quota
+means "no retry": the error goes back to a caller who can decide. Our callers are output
+rows, and a row failed for a few bad minutes is worse than a late one, so a refused retry
+waits instead (:meth:`RetryPolicy.budget_delay`). It waits the next step of the exponential
+schedule with equal jitter, not a flat ``max_delay_s``: every key's total rate is already
+capped by its pacer, so the budget only keeps retries from crowding out first attempts,
+and a flat 30 s made every refused retry of a fault burst wait the longest delay there is,
+and return in lockstep. Outages, the case botocore's quota really guards against, are
+handled before the budget: an unreachable endpoint pauses the key without spending
+attempts (``keys.py``).
 """
 
 from __future__ import annotations
@@ -105,6 +116,17 @@ class RetryPolicy:
         if delay is None or age_s + delay > self.max_age_s:
             return None
         return delay
+
+    def budget_delay(self, attempt: int) -> float:
+        """The wait of a retry the :class:`RetryBudget` refused, after ``attempt`` attempts.
+
+        Equal jitter on the ceiling of the *next* backoff step, ``U(c/2, c)`` with
+        ``c = min(max_delay, base * 2**attempt)``: always longer than the step the normal
+        backoff would draw from (the budget's point is to slow down), growing as attempts
+        do, and spread so refused retries do not come back together.
+        """
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2.0 ** min(attempt, _MAX_EXPONENT))
+        return ceiling * (0.5 + 0.5 * self.random())
 
     def _classify(
         self, attempt: int, error: BaseException, previous: BaseException | None

@@ -3,7 +3,9 @@
 It sends an already-authorized :class:`~broker.api.base.HttpRequest` and returns the
 whole response as a :class:`~broker.api.base.RawResponse`; parsing happens elsewhere.
 Every aiohttp, socket and timeout exception becomes a
-:class:`~broker.errors.TransportError` in one place (:func:`_mapped_errors`).
+:class:`~broker.errors.TransportError` in one place (:func:`_mapped_errors`); a failure to
+connect at all (DNS, refused, connect timeout) is the subclass :class:`EndpointUnreachable`,
+which the engine treats as an outage of the endpoint rather than a failure of the request.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import Protocol
 import aiohttp
 
 from broker.api.base import HttpRequest, RawResponse
-from broker.errors import BodyTooLarge, ConnectError, RequestTimeout, TransportError
+from broker.errors import (
+    BodyTooLarge,
+    ConnectError,
+    EndpointUnreachable,
+    RequestTimeout,
+    TransportError,
+)
 
 __all__ = ["AiohttpTransport", "MockTransport", "Transport"]
 
@@ -48,6 +56,12 @@ def _mapped_errors(request: HttpRequest) -> Iterator[None]:
     where = f"{request.method} {request.url}"
     try:
         yield
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        # Before the generic cases: a connect timeout is also a TimeoutError, and a refused
+        # connection also a ClientConnectionError.
+        raise EndpointUnreachable(
+            f"{where}: connection failed, no connection made ({type(exc).__name__}: {exc})"
+        ) from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise RequestTimeout(f"{where}: timed out") from exc
     except aiohttp.ClientPayloadError as exc:
@@ -137,25 +151,28 @@ class AiohttpTransport:
                         f"{request.method} {request.url}: body of {declared} bytes is over "
                         f"the {self._max_body_bytes}-byte cap"
                     )
-                body = await response.content.read(self._max_body_bytes + 1)
-                if len(body) > self._max_body_bytes:
-                    raise BodyTooLarge(
-                        f"{request.method} {request.url}: body over the "
-                        f"{self._max_body_bytes}-byte cap"
-                    )
-                # A short read means the server closed early; read() returns what it had.
-                while not response.content.at_eof():
-                    more = await response.content.read(self._max_body_bytes + 1 - len(body))
-                    if not more:
-                        break
-                    body += more
-                    if len(body) > self._max_body_bytes:
-                        raise BodyTooLarge(
-                            f"{request.method} {request.url}: body over the "
-                            f"{self._max_body_bytes}-byte cap"
-                        )
+                body = await self._read_capped(request, response.content)
                 headers = {k.lower(): v for k, v in response.headers.items()}
                 return RawResponse(response.status, headers, body, time.perf_counter() - started)
+
+    async def _read_capped(self, request: HttpRequest, content: aiohttp.StreamReader) -> bytes:
+        """Read the body to its end, refusing it as soon as it passes ``max_body_bytes``.
+
+        A body without a Content-Length (chunked) can be any size, so the cap is checked per
+        chunk; at most ``max_body_bytes`` plus one chunk is ever held. Chunks go into one
+        bytearray, not ``bytes +=``, which would copy the whole body on every chunk.
+        """
+        cap = self._max_body_bytes
+        buffer = bytearray()
+        while True:
+            chunk = await content.read(cap + 1 - len(buffer))
+            if not chunk:
+                # read() returns b"" only at the end of the body; a connection closed early
+                # raised ClientPayloadError instead.
+                return bytes(buffer)
+            buffer += chunk
+            if len(buffer) > cap:
+                raise BodyTooLarge(f"{request.method} {request.url}: body over the {cap}-byte cap")
 
     def __repr__(self) -> str:
         return f"AiohttpTransport(state={self._state.name}, timeout_s={self._timeout_s})"

@@ -85,6 +85,7 @@ def create_app(
                 clock=sim.clock,
                 hang_s=sim.settings.faults.hang_s,
                 stopping=sim.stopping,
+                oversized_bytes=sim.settings.faults.oversized_bytes,
             )
 
         return route

@@ -15,7 +15,13 @@ import json
 import re
 from typing import TYPE_CHECKING
 
-from broker.simulator.faults import Reply, html_page
+from broker.simulator.faults import (
+    ITEM_FAULTS,
+    WRITE_FAULTS,
+    Reply,
+    bad_shape_reply,
+    html_page,
+)
 from broker.simulator.marketplaces import MARKETPLACES
 from broker.simulator.operations import Context, ItemError, Names, Rejected, run_operation
 
@@ -154,11 +160,14 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
         return Reply(429, json.dumps(body, separators=(",", ":")).encode(), headers=headers), None
 
     fault = sim.faults.response_fault()
-    if fault is not None:
+    if fault is not None and fault not in ITEM_FAULTS:
         sim.stats.faults[fault] += 1
         if fault.startswith("error_") or fault == "html":
             sim.stats.error(account.name, "ServerError")
             return _server_error(sim, fault), None
+        replaced = _replacement(sim, fault)
+        if replaced is not None:
+            return replaced, fault if fault in WRITE_FAULTS else None
 
     reply = _operation(
         sim,
@@ -166,12 +175,35 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
         operation,
         await request.read(),
         Context(sim.settings, account, marketplace, _NAMES, sim.shuffle),
+        fault,
     )
-    return reply, fault
+    return reply, None if fault in ITEM_FAULTS else fault
+
+
+def _replacement(sim: Simulator, fault: str) -> Reply | None:
+    """The whole answer of a fault that needs no operation result, else None."""
+    if fault == "html_ok":
+        return html_page(200)
+    if fault == "bad_shape":
+        return bad_shape_reply(
+            sim.faults.bad_shape_variant(),
+            container=sim.settings.items_container,
+            items="items",
+            asin="asin",
+        )
+    if fault in WRITE_FAULTS:
+        # Written by deliver(): nothing of the operation is sent.
+        return Reply(200, b"")
+    return None
 
 
 def _operation(
-    sim: Simulator, account_name: str, operation: str, raw: bytes, context: Context
+    sim: Simulator,
+    account_name: str,
+    operation: str,
+    raw: bytes,
+    context: Context,
+    fault: str | None = None,
 ) -> Reply:
     try:
         body = json.loads(raw) if raw.strip() else {}
@@ -185,18 +217,37 @@ def _operation(
         return _rejected(sim, account_name, rejected)
     stats = sim.stats.account(account_name)
     stats.items_served += outcome.items_served
+    if outcome.omitted:
+        sim.stats.faults["omitted"] += outcome.omitted
     container = outcome.container
+    payload = outcome.payload
     if container == "itemsResult":
         container = sim.settings.items_container
+        if fault in ITEM_FAULTS and payload:
+            altered = sim.faults.alter_items(
+                payload,
+                fault,
+                items_key="items",
+                asin_key="asin",
+                requested=_requested(body, "itemIds"),
+            )
+            if altered is not None:
+                sim.stats.faults[fault] += 1
+                payload = altered
     parts = []
-    if outcome.payload:
-        parts.append(f'"{container}":{outcome.payload}')
+    if payload:
+        parts.append(f'"{container}":{payload}')
     if outcome.errors:
         errors = [_item_error(e) for e in outcome.errors]
         for error in errors:
             stats.errors[error["code"]] += 1
         parts.append('"errors":' + json.dumps(errors, separators=(",", ":")))
     return Reply(200, ("{" + ",".join(parts) + "}").encode())
+
+
+def _requested(body: dict[str, object], field: str) -> set[str]:
+    ids = body.get(field)
+    return {v.upper() for v in ids if isinstance(v, str)} if isinstance(ids, list) else set()
 
 
 def _rejected(sim: Simulator, account: str, rejected: Rejected) -> Reply:

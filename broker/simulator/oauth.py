@@ -9,8 +9,10 @@ keys. Errors are standard OAuth2 bodies ``{"error", "error_description"}``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import math
@@ -37,7 +39,25 @@ class _OAuthError(Exception):
 
 
 async def token_endpoint(request: web.Request, sim: Simulator, family: str) -> web.Response:
-    """Answer one token request for ``family`` (``v2`` Cognito or ``v3`` LWA)."""
+    """Answer one token request for ``family`` (``v2`` Cognito or ``v3`` LWA).
+
+    The ``token_error`` fault answers 503 ``temporarily_unavailable``; ``token_slow`` answers
+    normally after ``hang_s`` on the simulator's clock (or at shutdown).
+    """
+    fault = sim.faults.token_fault()
+    if fault is not None:
+        sim.stats.faults[fault] += 1
+    if fault == "token_error":
+        sim.stats.error(None, "temporarily_unavailable")
+        return web.json_response(
+            {
+                "error_description": "The service is temporarily unavailable.",
+                "error": "temporarily_unavailable",
+            },
+            status=503,
+        )
+    if fault == "token_slow":
+        await _stall(sim, sim.settings.faults.hang_s)
     try:
         params = await _read_params(request)
         body = _grant(sim, family, params, request.headers.get("Authorization", ""))
@@ -52,6 +72,19 @@ async def token_endpoint(request: web.Request, sim: Simulator, family: str) -> w
             {"error_description": exc.description, "error": exc.error}, status=status
         )
     return web.json_response(body)
+
+
+async def _stall(sim: Simulator, seconds: float) -> None:
+    """Wait ``seconds`` on the simulator's clock, or until it shuts down."""
+    sleeper = asyncio.ensure_future(sim.clock.sleep(seconds))
+    waiter = asyncio.ensure_future(sim.stopping.wait())
+    try:
+        await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sleeper, waiter):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _read_params(request: web.Request) -> dict[str, str]:

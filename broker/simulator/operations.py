@@ -108,6 +108,8 @@ class Outcome:
     payload: str
     errors: tuple[ItemError, ...]
     items_served: int
+    #: requested ids left out of the answer on purpose (``settings.omitted_asins``)
+    omitted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,11 +227,15 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
     rendered: list[str] = []
     errors: list[ItemError] = []
     seen: set[str] = set()
+    omitted = 0
     for item_id in ids:
         key = item_id.upper()
         if key in seen:
             continue
         seen.add(key)
+        if key in ctx.settings.omitted_asins:
+            omitted += 1
+            continue
         entry = lookup(ctx.settings, ctx.marketplace, item_id)
         if entry.item is None:
             kind: ItemErrorKind = (
@@ -242,7 +248,7 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
         text = _render(ctx, item_id, resources, tag)
         if text is not None:
             rendered.append(text)
-    if not rendered and ctx.names.style == "creators":
+    if not rendered and ctx.names.style == "creators" and (errors or not omitted):
         only_inaccessible = all(e.kind == "not_accessible" for e in errors)
         if not only_inaccessible or ctx.settings.not_found_when_all_inaccessible:
             raise Rejected(
@@ -253,8 +259,10 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
             )
     if ctx.settings.shuffle_items:
         ctx.shuffle.shuffle(rendered)
-    payload = _join(ctx, "items", rendered) if rendered else ""
-    return Outcome("itemsResult", payload, tuple(errors), len(rendered))
+    # An answer whose every id was omitted still has its (empty) item list: silently
+    # missing items, not a malformed answer.
+    payload = _join(ctx, "items", rendered) if rendered or omitted else ""
+    return Outcome("itemsResult", payload, tuple(errors), len(rendered), omitted)
 
 
 def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:

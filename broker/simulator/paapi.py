@@ -29,7 +29,13 @@ from broker.api.sigv4 import (
     signature,
     string_to_sign,
 )
-from broker.simulator.faults import Reply, html_page
+from broker.simulator.faults import (
+    ITEM_FAULTS,
+    WRITE_FAULTS,
+    Reply,
+    bad_shape_reply,
+    html_page,
+)
 from broker.simulator.marketplaces import MARKETPLACES, MARKETPLACES_BY_HOST, Marketplace
 from broker.simulator.operations import Context, ItemError, Names, Rejected, run_operation
 
@@ -246,30 +252,54 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
         return _error(sim, account.name, "TooManyRequests", headers=headers), None
 
     fault = sim.faults.response_fault()
-    if fault is not None:
+    if fault is not None and fault not in ITEM_FAULTS:
         sim.stats.faults[fault] += 1
         if fault.startswith("error_") or fault == "html":
             sim.stats.error(account.name, "ServerError")
             return _server_error(sim, fault), None
+        if fault == "html_ok":
+            return html_page(200), None
+        if fault == "bad_shape":
+            variant = sim.faults.bad_shape_variant()
+            return bad_shape_reply(
+                variant, container="ItemsResult", items="Items", asin="ASIN"
+            ), None
+        if fault in WRITE_FAULTS:
+            return Reply(200, b""), fault
+    write_fault = None if fault in ITEM_FAULTS else fault
 
     if not isinstance(body, dict):
-        return _error_invalid_body(sim, account.name), fault
+        return _error_invalid_body(sim, account.name), write_fault
     context = Context(sim.settings, account, market.name, _NAMES, sim.shuffle)
     try:
         outcome = run_operation(operation[1], body, context)
     except Rejected as rejected:
-        return _rejected(sim, account.name, rejected), fault
+        return _rejected(sim, account.name, rejected), write_fault
     stats = sim.stats.account(account.name)
     stats.items_served += outcome.items_served
+    if outcome.omitted:
+        sim.stats.faults["omitted"] += outcome.omitted
+    payload = outcome.payload
+    if fault in ITEM_FAULTS and payload and outcome.container == "itemsResult":
+        ids = body.get("ItemIds")
+        requested = (
+            {v.upper() for v in ids if isinstance(v, str)} if isinstance(ids, list) else set()
+        )
+        altered = sim.faults.alter_items(
+            payload, fault, items_key="Items", asin_key="ASIN", requested=requested
+        )
+        if altered is not None:
+            sim.stats.faults[fault] += 1
+            payload = altered
     parts = []
     if outcome.errors:
         errors = [_item_error(e) for e in outcome.errors]
         for error in errors:
             stats.errors[error["Code"]] += 1
         parts.append('"Errors":' + json.dumps(errors, separators=(",", ":")))
-    if outcome.payload:
-        parts.append(f'"{_NAMES(outcome.container)}":{outcome.payload}')
-    return Reply(200, ("{" + ",".join(parts) + "}").encode()), fault
+    if payload:
+        parts.append(f'"{_NAMES(outcome.container)}":{payload}')
+    return Reply(200, ("{" + ",".join(parts) + "}").encode()), write_fault
 
 
 def _verify(

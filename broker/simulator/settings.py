@@ -34,11 +34,21 @@ Settings of ``[simulator]`` (defaults in brackets):
 - ``demo_accounts`` [true]: include :data:`~broker.simulator.accounts.DEMO_ACCOUNTS`.
 - ``[simulator.latency]``: ``fixed_ms`` [0] + an exponential of mean ``exp_mean_ms`` [0], drawn
   once before the quota check (request travel) and once after it (response travel).
-- ``[simulator.faults]``: per-request probabilities [all 0.0] of ``error_500``, ``error_502``,
-  ``error_503``, ``error_504``, ``reset`` (connection reset mid-body), ``truncated`` (a body
-  cut short), ``html`` (a 502/503 HTML page), ``hang`` (a body that never completes, for at
-  most ``hang_s`` [30] seconds) and ``expired_token`` (a fresh Creators token answered as
-  expired). The first eight together must not exceed 1.
+- ``omitted_asins`` [empty]: ASINs that GetItems answers always leave out, with no error
+  entry (an answer silently missing a requested item); a request of only such ASINs gets a
+  200 with an empty item list.
+- ``[simulator.faults]``: per-request probabilities [all 0.0] of the response faults
+  ``error_500``, ``error_502``, ``error_503``, ``error_504``, ``reset`` (connection reset
+  mid-body), ``truncated`` (a body cut short), ``html`` (a 502/503 HTML page), ``hang`` (a body
+  that never completes, for at most ``hang_s`` [30] seconds), ``disconnect`` (the connection
+  closed before any response), ``html_ok`` (a 200 HTML page, as a proxy or captive portal
+  sends), ``bad_shape`` (a 200 JSON body of the wrong shape), ``oversized`` (a 200 body of
+  ``oversized_bytes`` [50 MiB], streamed without a Content-Length), ``drop_item`` (a GetItems
+  answer missing one item), ``extra_item`` (one with an item nobody asked for) and
+  ``duplicate_item`` (one with an item twice); the response faults are drawn together, so
+  their rates must not add up to more than 1. Drawn on their own: ``expired_token`` (a fresh
+  Creators token answered as expired), ``token_error`` (the token endpoint answers 503) and
+  ``token_slow`` (the token endpoint answers only after ``hang_s``).
 - ``[[simulator.accounts]]``: ``name``, ``protocol`` ["creators"], ``credential_id`` (Creators)
   or ``access_key`` (PA-API), ``secret``, ``version`` ["3.1"; Creators only],
   ``partner_tags`` (marketplace -> tag or list of tags), ``tps`` [1.0], ``tpd`` [8640], and the
@@ -89,8 +99,20 @@ class FaultRates:
     hang: float = 0.0
     expired_token: float = 0.0
     hang_s: float = 30.0
+    disconnect: float = 0.0
+    html_ok: float = 0.0
+    bad_shape: float = 0.0
+    oversized: float = 0.0
+    drop_item: float = 0.0
+    extra_item: float = 0.0
+    duplicate_item: float = 0.0
+    token_error: float = 0.0
+    token_slow: float = 0.0
+    oversized_bytes: int = 50 * 1024 * 1024
 
-    #: the faults that replace a response; they are drawn together, so their sum is at most 1
+    #: the faults that replace or alter a response; they are drawn together, so their sum is
+    #: at most 1. New kinds go at the end: the order fixes which draw hits which kind, so
+    #: appending keeps the faults of an existing seed and config where they were.
     RESPONSE_KINDS = (
         "error_500",
         "error_502",
@@ -100,7 +122,16 @@ class FaultRates:
         "truncated",
         "html",
         "hang",
+        "disconnect",
+        "html_ok",
+        "bad_shape",
+        "oversized",
+        "drop_item",
+        "extra_item",
+        "duplicate_item",
     )
+    #: the faults of the token endpoints, drawn from their own seeded stream
+    TOKEN_KINDS = ("token_error", "token_slow")
 
     def response_rates(self) -> tuple[tuple[str, float], ...]:
         """The response-replacing faults with a non-zero rate, in a fixed order."""
@@ -134,6 +165,7 @@ class SimulatorSettings:
     invalid_client_status: int = 401
     oauth_error_status: int = 400
     demo_accounts: bool = True
+    omitted_asins: frozenset[str] = frozenset()
     latency: LatencyProfile = LatencyProfile()
     faults: FaultRates = FaultRates()
     accounts: tuple[Account, ...] = ()
@@ -142,6 +174,12 @@ class SimulatorSettings:
         total = sum(rate for _, rate in self.faults.response_rates())
         if total > 1.0 + 1e-9:
             raise ConfigError("simulator.faults", f"fault rates add up to {total:g}, more than 1")
+        if self.faults.token_error + self.faults.token_slow > 1.0 + 1e-9:
+            raise ConfigError("simulator.faults", "token_error + token_slow is more than 1")
+        # Upper-cased once here, as the catalogue matches ids case-insensitively.
+        object.__setattr__(
+            self, "omitted_asins", frozenset(asin.upper() for asin in self.omitted_asins)
+        )
         if self.missing_share + self.inaccessible_share > 1.0 + 1e-9:
             raise ConfigError(
                 "simulator.missing_share", "missing_share + inaccessible_share is more than 1"
@@ -213,6 +251,7 @@ class SimulatorSettings:
                 "oauth_error_status", defaults.oauth_error_status, minimum=400, maximum=499
             ),
             "demo_accounts": reader.boolean("demo_accounts", defaults.demo_accounts),
+            "omitted_asins": frozenset(reader.strings("omitted_asins")),
             "latency": _parse_latency(reader.table("latency")),
             "faults": _parse_faults(reader.table("faults")),
             "accounts": _parse_accounts(reader.array_of_tables("accounts")),
@@ -307,6 +346,14 @@ class _Reader:
             raise ConfigError(self.at(key), f"must be a non-empty string, not {value!r}")
         return value
 
+    def strings(self, key: str) -> list[str]:
+        value = self._raw(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(self.at(key), "must be a list of non-empty strings")
+        return [v.strip() for v in value]
+
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.string(key, default)
         if value not in choices:
@@ -354,18 +401,24 @@ def _parse_latency(reader: _Reader) -> LatencyProfile:
 
 
 def _parse_faults(reader: _Reader) -> FaultRates:
+    defaults = FaultRates()
     kwargs: dict[str, float] = {}
     for item in fields(FaultRates):
         if item.name == "hang_s":
-            kwargs[item.name] = reader.number("hang_s", 30.0, minimum=0.0)
+            kwargs[item.name] = reader.number("hang_s", defaults.hang_s, minimum=0.0)
+        elif item.name == "oversized_bytes":
+            kwargs[item.name] = reader.integer(
+                "oversized_bytes", defaults.oversized_bytes, minimum=1
+            )
         else:
             kwargs[item.name] = reader.number(item.name, 0.0, minimum=0.0, maximum=1.0)
     reader.reject_unknown()
-    rates = FaultRates(**kwargs)
-    total = sum(rate for _, rate in rates.response_rates())
+    total = sum(kwargs[kind] for kind in FaultRates.RESPONSE_KINDS)
     if total > 1.0 + 1e-9:
         raise ConfigError(reader.path, f"fault rates add up to {total:g}, more than 1")
-    return rates
+    if kwargs["token_error"] + kwargs["token_slow"] > 1.0 + 1e-9:
+        raise ConfigError(reader.path, "token_error + token_slow is more than 1")
+    return FaultRates(**kwargs)  # type: ignore[arg-type]
 
 
 def _parse_accounts(readers: list[_Reader]) -> tuple[Account, ...]:

@@ -48,7 +48,9 @@ class SimulatorStats:
 
     Attributes:
         accounts: per account name.
-        faults: injected faults by kind (``error_500`` .. ``hang``, ``expired_token``).
+        faults: injected faults by kind (each ``[simulator.faults]`` rate's name, an item
+            fault only when it changed an answer), plus ``omitted`` (ids of
+            ``omitted_asins`` left out of answers).
         unattributed_errors: error codes of requests that named no known key.
         requests: every request the API routes received.
     """
