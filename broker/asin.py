@@ -18,7 +18,9 @@ __all__ = ["AsinCheck", "check_asin", "is_isbn10", "isbn13_to_isbn10", "normaliz
 
 _ISBN10 = re.compile(r"[0-9]{9}[0-9X]")
 _ISBN13 = re.compile(r"97[89][0-9]{10}")
-_ISBN13_SHAPED = re.compile(r"97[89][0-9-]{10,14}")
+# Hyphens are formatting wherever they stand, as isbn13_to_isbn10 takes them; an id of
+# digits and hyphens whose 13 digits start 978/979 is an ISBN-13, converted or not.
+_ISBN13_SHAPED = re.compile(r"[0-9-]+")
 # The host must be an Amazon domain (amazon.com, www.amazon.co.uk, smile.amazon.de,
 # amazon.com.au ...), so "amazon.com.evil.net" and "amazon.com@evil.net" do not pass.
 # The title slug before the marker may hold any characters (amazon.de slugs carry
@@ -90,7 +92,10 @@ def _isbn13_reason(text: str, *, convert_isbn13: bool) -> str | None:
     if digits.startswith("979"):
         return "a 979 ISBN-13 has no ISBN-10 form, so no ASIN; look the book up by its ASIN"
     if not convert_isbn13:
-        return "an ISBN-13, not an ASIN; enable ISBN-13 conversion to look up its ISBN-10"
+        return (
+            "an ISBN-13, not an ASIN; enable ISBN-13 conversion (broker run --convert-isbn13) "
+            "to look up its ISBN-10"
+        )
     return None
 
 

@@ -76,6 +76,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--encoding", default="utf-8", help="input encoding (default: %(default)s)")
     run.add_argument(
+        "--convert-isbn13",
+        action="store_true",
+        help="look up a 978 ISBN-13 by its ISBN-10 instead of reporting it invalid",
+    )
+    run.add_argument(
         "--progress",
         choices=("auto", "bar", "log", "none"),
         default="auto",
@@ -246,6 +251,7 @@ async def _run(config: object, args: argparse.Namespace) -> int:
         strict=args.strict,
         new_job=args.new_job,
         encoding=args.encoding,
+        convert_isbn13=args.convert_isbn13,
         progress=args.progress,
     )
     try:
