@@ -5,8 +5,10 @@ Crash cases of reliability.md section 3.3 are marked in the test names (A2, A6, 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -21,11 +23,14 @@ import pytest
 
 from broker.errors import JobFileError
 from broker.jobs.ledger import (
+    CRASH_ENV,
+    CRASH_POINTS,
     SCHEMA_VERSION,
     JobChangedError,
     Ledger,
     Lookup,
     SinkState,
+    crash_point,
 )
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.sources import JobFingerprint, JobRow
@@ -393,6 +398,49 @@ class TestSinkStateAndBudget:
             assert ledger.load("main", "2026-03-01") == 8
             assert ledger.load("spare", day) == 1
             assert ledger.load("main", date(2026, 3, 2)) == 0
+
+
+class TestFailures:
+    def test_a7_disk_full_is_an_os_error_and_rolls_back(self, tmp_path: Path) -> None:
+        """A7: a full disk under the ledger raises OSError(ENOSPC) and records nothing."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(*(asin(i) for i in range(2000))))
+            results = [(lk, result(lk)) for lk in ledger.pending_lookups()]
+            conn = ledger._conn
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk has no room left
+            with pytest.raises(OSError, match="disk full") as caught:
+                ledger.record_results(results)
+            assert caught.value.errno == errno.ENOSPC
+            assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+            assert ledger.counts().done == 0
+            assert ledger.pending_lookup_count() == 2000
+            conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+            assert ledger.record_results(results) == 2000
+            done = ledger.done_rows_after(1995)
+            assert [row.done_order for row in done] == list(range(1996, 2001))
+
+    def test_crash_hook_signals_once_at_the_nth_hit_of_its_point(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The crash hook fires at the n-th hit of the named point only; ``before`` is KILL-only."""
+        seen: list[str] = []
+        previous = signal.signal(signal.SIGUSR1, lambda *_: seen.append("signal"))
+        try:
+            monkeypatch.setenv(CRASH_ENV, "test_point_a:2:USR1")
+            for name in ("test_point_b", "test_point_a", "test_point_a", "test_point_a"):
+                crash_point(name, before=lambda name=name: seen.append(f"before {name}"))
+                seen.append(f"passed {name}")
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert seen == [
+            "passed test_point_b",
+            "passed test_point_a",
+            "signal",
+            "passed test_point_a",
+            "passed test_point_a",
+        ]
+        assert "mid_commit" in CRASH_POINTS
 
 
 _HOLDER = """

@@ -518,6 +518,15 @@ class TestOpenSink:
             assert len(sqlite_rows(out)) == 10
 
 
+@pytest.mark.parametrize("data", [b'{"a":1}\n{"b":2}\n', b"x\n\n\n\ny\n", b"a,b\r\nc,d\r\n", b"ab"])
+def test_torn_write_of_the_crash_hook_never_ends_a_record(data: bytes) -> None:
+    """The mid_write crash hook leaves a prefix of the data that stops inside a record."""
+    torn = sinks._torn(data)
+    assert data.startswith(torn)
+    assert 0 < len(torn) < len(data)
+    assert not torn.endswith((b"\n", b"\r"))
+
+
 def test_done_row_fields_cover_output(tmp_path: Path) -> None:
     """output_row needs nothing beyond DoneRow: it works on a hand-made row."""
     row = DoneRow(1, 0, 3, "x", None, US, "invalid", None, "bad", {"a": "b"})

@@ -27,15 +27,21 @@ transaction is held open, so the WAL can always be checkpointed).
 
 One process drives a job at a time (:class:`~broker.jobs.lock.JobLock`); inside it the
 ledger may be used from several threads, one call at a time.
+
+A SQLite disk error (full, I/O) is raised as ``OSError``. :func:`crash_point` is a test-only
+hook that kills the process at named points of a job, inert unless ``ASINB_CRASH_AT`` is set.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import json
 import os
+import signal
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -51,6 +57,8 @@ if TYPE_CHECKING:
     from broker.models import ItemResult
 
 __all__ = [
+    "CRASH_ENV",
+    "CRASH_POINTS",
     "SCHEMA_VERSION",
     "Counts",
     "DoneRow",
@@ -58,6 +66,8 @@ __all__ = [
     "Ledger",
     "Lookup",
     "SinkState",
+    "crash_point",
+    "disk_error",
 ]
 
 #: The ledger schema this code reads and writes (``meta.schema_version``).
@@ -304,7 +314,13 @@ class Ledger:
             ledger._setup(fingerprint, default_marketplace, new_job=new_job)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise JobFileError(f"{path}: cannot be read as a job ledger: {exc}") from exc
+            failure = disk_error(path, exc)
+            if failure is not None:
+                raise failure from exc
+            raise JobFileError(
+                f"{path}: cannot be read as a job ledger ({exc}); it was left untouched. "
+                "Choose another output path or move the file away."
+            ) from exc
         except BaseException:
             conn.close()
             raise
@@ -471,10 +487,23 @@ class Ledger:
         # them. The final commit runs at the configured level and makes all of them durable.
         self._conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            while batch := list(islice(stream, chunk)):
-                with self._lock:
-                    self._ingest_chunk(seq, batch)
-                seq += len(batch)
+            while True:
+                batch: list[JobRow] = []
+                failure: JobFileError | None = None
+                try:
+                    batch.extend(islice(stream, chunk))
+                except JobFileError as exc:
+                    # The rows read before a file error (a truncated .gz) are stored too,
+                    # so they are kept and counted, and a rerun reads past them.
+                    failure = exc
+                if batch:
+                    with self._lock:
+                        self._ingest_chunk(seq, batch)
+                    seq += len(batch)
+                if failure is not None:
+                    raise failure
+                if len(batch) < chunk:
+                    break
         finally:
             self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         with self._lock, self._transaction():
@@ -521,6 +550,7 @@ class Ledger:
             ):
                 self._add_tally(status, n)
             self._set_meta("ingested_rows", end)
+            crash_point("mid_ingest")
 
     # -- work ------------------------------------------------------------------------------
 
@@ -610,6 +640,7 @@ class Ledger:
                 self._add_tally(status, n)
                 self._add_tally("pending", -n)
             self._set_meta("last_done_order", base)
+            crash_point("mid_commit")
         return completed
 
     def counts(self) -> Counts:
@@ -695,13 +726,22 @@ class Ledger:
     def _transaction(self) -> Iterator[None]:
         # IMMEDIATE takes the write lock up front, so a transaction never fails half-way
         # on a lock upgrade.
-        self._conn.execute("BEGIN IMMEDIATE")
+        conn = self._conn
         try:
-            yield
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite rolls back by itself after some errors (a full disk among them).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            failure = disk_error(self._path, exc)
+            if failure is None:
+                raise
+            raise failure from exc
 
     def _meta(self, key: str) -> object:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -726,6 +766,59 @@ class Ledger:
             "ON CONFLICT (status) DO UPDATE SET n = n + excluded.n",
             (status, n),
         )
+
+
+def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
+    """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO), else None.
+
+    Raised instead of the ``sqlite3`` error, so a full disk under the ledger is reported
+    like one under the output (exit 74), not as an internal error.
+    """
+    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if primary == sqlite3.SQLITE_FULL:
+        return OSError(errno.ENOSPC, f"{path}: disk full ({exc})")
+    if primary == sqlite3.SQLITE_IOERR:
+        return OSError(errno.EIO, f"{path}: I/O error ({exc})")
+    return None
+
+
+#: The environment variable of the test-only crash hook (see :func:`crash_point`).
+CRASH_ENV: Final = "ASINB_CRASH_AT"
+#: The named points of the crash hook, in the order a job first reaches them.
+CRASH_POINTS: Final = ("mid_ingest", "mid_write", "after_flush", "mid_commit", "after_commit")
+_crash_hits: collections.Counter[str] = collections.Counter()
+
+
+def crash_point(name: str, before: Callable[[], object] | None = None) -> None:
+    """Test-only fault hook: signal this process at a named point of a job (reliability.md A1).
+
+    Inert unless the environment variable ``ASINB_CRASH_AT`` is ``<point>[:<n>[:<signal>]]``
+    naming this point: then the ``n``-th time (default the first) the process reaches it,
+    one line naming the point goes to stderr and the process sends itself ``<signal>``
+    (default ``KILL``; ``TERM`` tests a stop at that moment). Before a ``KILL``, ``before``
+    runs: it may leave a torn write behind, as a kill inside ``write()`` does (a process
+    that lives on must not leave one). Crash tests use it to hit moments a timed
+    ``kill -9`` rarely lands on: a transaction open in the ledger (``mid_ingest``,
+    ``mid_commit``), results committed but not written out (``after_commit``), a record half
+    written (``mid_write``), and output flushed but its progress not recorded
+    (``after_flush``).
+    """
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    if point != name:
+        return
+    count, _, signame = rest.partition(":")
+    _crash_hits[name] += 1
+    hit = _crash_hits[name]
+    if hit != int(count or 1):
+        return
+    sig = signal.Signals[f"SIG{signame or 'KILL'}"]
+    if before is not None and sig is signal.SIGKILL:
+        before()
+    os.write(2, f"asin-broker: crash point {name} #{hit}: sending {sig.name}\n".encode())
+    os.kill(os.getpid(), sig)
 
 
 def _check_sqlite_header(path: Path) -> None:

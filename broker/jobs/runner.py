@@ -4,6 +4,9 @@ The ledger (SQLite, WAL) is the source of truth: input rows are ingested into it
 are committed to it, and the output file is written from it, recording how far the output
 is known good. A rerun of the same job truncates any torn output tail, re-emits what is
 missing and fetches only lookups that have no result yet.
+
+SIGINT/SIGTERM: the first admits no new lookup and lets those admitted finish (for at most
+``drain_grace_s``), a second stops at once; the run exits 75 if rows remain, else as usual.
 """
 
 from __future__ import annotations
@@ -16,17 +19,19 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
 from broker.engine.broker import Broker, Query
+from broker.engine.keys import OUTAGE_CODE
 from broker.errors import BrokerError, JobFileError, NoUsableKeyError
-from broker.jobs.ledger import Ledger, Lookup
+from broker.jobs.ledger import Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
-from broker.jobs.sinks import InvalidReport, ResultSink, open_sink
-from broker.jobs.sources import fingerprint, read_job
+from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
+from broker.jobs.sources import JobRow, fingerprint, read_job
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -40,6 +45,10 @@ logger = structlog.get_logger("broker")
 _COMMIT_ROWS = 500
 #: How long results may wait before they are committed and emitted.
 _COMMIT_EVERY_S = 1.0
+# One Ctrl-C or one systemd stop often arrives twice: the terminal (or the cgroup) signals
+# every process of the group, and ``uv run`` forwards its own copy. A repeat this soon after
+# the first is that echo, not a user insisting (the daemon uses the same rule).
+_SIGNAL_ECHO_S = 1.0
 
 
 class ExitCode:
@@ -72,9 +81,13 @@ class JobOptions:
     strict: bool = False
     new_job: bool = False
     encoding: str = "utf-8"
+    convert_isbn13: bool = False
     progress: str = "auto"
     progress_every_s: float = 30.0
     handle_signals: bool = True
+    #: After a first SIGINT/SIGTERM, how long lookups already admitted may take to finish
+    #: before the run stops anyway; under the 30 s Kubernetes waits before SIGKILL.
+    drain_grace_s: float = 20.0
 
 
 @dataclass(slots=True)
@@ -90,6 +103,7 @@ class JobSummary:
     wall_s: float = 0.0
     out: str = ""
     invalid_report: str | None = None
+    #: a signal ended the run before the job was done (rows remain for a rerun)
     stopped_by_signal: bool = False
     error: str | None = None
 
@@ -117,7 +131,9 @@ async def run_job(
     ledger_path = options.out.with_name(options.out.name + ".ledger")
     options.out.parent.mkdir(parents=True, exist_ok=True)
     summary = JobSummary(out=str(options.out))
+    stop = _Stop(options.drain_grace_s)
     with (
+        _signals(stop, enabled=options.handle_signals),
         JobLock(ledger_path),
         Ledger.open(
             ledger_path,
@@ -129,8 +145,21 @@ async def run_job(
         if not ledger.ingest_complete:
             if options.strict:
                 _refuse_invalid(options)
-            ledger.ingest(read_job(options.job, encoding=options.encoding))
+            ingest_started = time.monotonic()
+            ingested = await _ingest(ledger, options, stop)
+            ingest_s = time.monotonic() - ingest_started
+            logger.info(
+                "broker.job_ingested",
+                job=str(options.job),
+                rows=ingested,
+                seconds=round(ingest_s, 3),
+                rows_per_s=round(ingested / ingest_s) if ingest_s > 0 else None,
+            )
         counts = ledger.counts()
+        if counts.total == 0 and ledger.ingest_complete:
+            logger.warning(
+                "broker.job_empty", job=str(options.job), note="the job file has no rows"
+            )
         logger.info(
             "broker.job_started",
             job=str(options.job),
@@ -139,21 +168,26 @@ async def run_job(
             done=counts.done,
             pending=counts.pending,
         )
+        name = _sink_name(options.format)
+        _forget_other_formats(ledger, name)
         sink = open_sink(options.format, options.out)
         # The sink may cut itself back further than recorded (a hand-truncated file).
-        ledger.set_sink_state("out", sink.open(ledger.sink_state("out")))
+        ledger.set_sink_state(name, sink.open(ledger.sink_state(name)))
+        # No second emit on the way out: _fetch commits and emits what finished, and after
+        # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
         try:
-            _emit(ledger, sink)
-            if ledger.pending_lookup_count():
-                own = broker or Broker(config, budget_store=ledger)
+            _emit(ledger, sink, name)
+            if ledger.pending_lookup_count() and not stop.requested:
+                own = broker or Broker(config, budget_store=_Budget(ledger, stop))
                 async with own if broker is None else contextlib.nullcontext(own):
-                    summary.stopped_by_signal = await _fetch(ledger, sink, own, options)
-                    metrics = own.metrics()
-                    summary.requests = metrics.requests
-                    summary.throttled = metrics.throttled
-                    summary.retries = metrics.retries
+                    # A shared broker (the daemon's) counts every job; report this one's.
+                    before = own.metrics()
+                    await _fetch(ledger, _Output(sink, name), own, options, stop)
+                    after = own.metrics()
+                    summary.requests = after.requests - before.requests
+                    summary.throttled = after.throttled - before.throttled
+                    summary.retries = after.retries - before.retries
         finally:
-            _emit(ledger, sink)
             sink.close()
         report = options.out.with_name(options.out.name + ".invalid.jsonl")
         invalid = InvalidReport(report).write(ledger)
@@ -162,39 +196,103 @@ async def run_job(
         summary.total = counts.total
         summary.by_status = dict(counts.by_status)
         summary.pending = counts.pending
+        summary.stopped_by_signal = stop.requested and (
+            counts.pending > 0 or not ledger.ingest_complete
+        )
     summary.wall_s = time.monotonic() - started
     return summary
 
 
+def _read(options: JobOptions) -> Iterator[JobRow]:
+    """The job file's rows, read as the options say (ingestion and --strict read alike)."""
+    return read_job(options.job, encoding=options.encoding, convert_isbn13=options.convert_isbn13)
+
+
 def _refuse_invalid(options: JobOptions) -> None:
-    bad = [row for row in read_job(options.job, encoding=options.encoding) if row.error]
+    bad = [row for row in _read(options) if row.error]
     if bad:
         shown = "; ".join(f"line {row.line}: {row.error}" for row in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise StrictInputError(f"{options.job}: {len(bad)} invalid rows{more}: {shown}")
 
 
-def _emit(ledger: Ledger, sink: ResultSink) -> None:
+class _IngestStopped(Exception):
+    """Raised inside the ingestion thread when a signal asks the run to stop."""
+
+
+async def _ingest(ledger: Ledger, options: JobOptions, stop: _Stop) -> int:
+    """Ingest the job file in a worker thread, so a signal is handled while it runs.
+
+    A signal (or a cancelled run) stops ingestion at the next row; the chunks stored so far
+    are kept and the next run continues after them. Returns the rows stored.
+    """
+
+    def rows() -> Iterator[JobRow]:
+        for row in _read(options):
+            if stop.requested:
+                raise _IngestStopped
+            yield row
+
+    done = asyncio.get_running_loop().run_in_executor(None, ledger.ingest, rows())
+    try:
+        # Shielded: the thread must be done with the ledger before the run closes it.
+        return await asyncio.shield(done)
+    except _IngestStopped:
+        return ledger.total_rows
+    except asyncio.CancelledError:
+        stop.requested = True
+        with contextlib.suppress(_IngestStopped):
+            await done
+        raise
+
+
+def _sink_name(format: str) -> str:
+    # Per format: offsets of a JSONL file mean nothing to the CSV writer of the same path.
+    return f"out.{format}"
+
+
+def _forget_other_formats(ledger: Ledger, name: str) -> None:
+    """Reset the recorded progress of the output's other formats: this one overwrites it."""
+    for other in map(_sink_name, SINK_FORMATS):
+        if other != name and ledger.sink_state(other) != SinkState():
+            ledger.set_sink_state(other, SinkState())
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """An open sink and the name its progress is recorded under in the ledger."""
+
+    sink: ResultSink
+    name: str
+
+
+def _emit(ledger: Ledger, sink: ResultSink, name: str) -> None:
     """Write every committed row the output does not have yet, then record the new state."""
-    state = ledger.sink_state("out")
+    state = ledger.sink_state(name)
     while True:
         rows = ledger.done_rows_after(state.done_order, limit=1000)
         if not rows:
             break
         sink.write(rows)
         state = sink.flush()
-        ledger.set_sink_state("out", state)
+        crash_point("after_flush")
+        ledger.set_sink_state(name, state)
 
 
-async def _fetch(ledger: Ledger, sink: ResultSink, broker: Broker, options: JobOptions) -> bool:
+async def _fetch(
+    ledger: Ledger, output: _Output, broker: Broker, options: JobOptions, stop: _Stop
+) -> None:
     """Stream pending lookups through the broker; commit and emit as results arrive.
 
-    Returns True when stopped by SIGINT/SIGTERM (work remains, resumable).
+    Stops admitting lookups once a signal asks the run to stop; returns when those admitted
+    are done, or when :class:`_Stop` cancels it (then lookups in flight stay pending).
     """
     waiting: dict[tuple[str, str], collections.deque[Lookup]] = {}
 
     def queries() -> Iterator[Query]:
         for lookup in ledger.pending_lookups():
+            if stop.requested:
+                return
             waiting.setdefault((lookup.marketplace, lookup.asin), collections.deque()).append(
                 lookup
             )
@@ -209,7 +307,8 @@ async def _fetch(ledger: Ledger, sink: ResultSink, broker: Broker, options: JobO
         if buffer:
             ledger.record_results(buffer)
             buffer.clear()
-            _emit(ledger, sink)
+            crash_point("after_commit")
+            _emit(ledger, output.sink, output.name)
         last_commit = time.monotonic()
 
     async def consume() -> None:
@@ -225,38 +324,137 @@ async def _fetch(ledger: Ledger, sink: ResultSink, broker: Broker, options: JobO
                 commit()
                 progress.tick()
 
-    task = asyncio.get_running_loop().create_task(consume())
-    stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
-    if options.handle_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, _on_signal, task, stopped)
+    task = loop.create_task(consume())
+    stop.watch(task)
     ticker = loop.create_task(progress.run())
     try:
         await task
     except asyncio.CancelledError:
-        if not stopped.is_set():
+        current = asyncio.current_task()
+        if not stop.forced or (current is not None and current.cancelling()):
             raise
     finally:
         ticker.cancel()
-        if options.handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
         commit()
         progress.done()
-    return stopped.is_set()
+    if stop.error is not None:
+        raise stop.error
 
 
-def _on_signal(task: asyncio.Task[None], stopped: asyncio.Event) -> None:
-    if stopped.is_set():
-        return
-    stopped.set()
-    logger.warning(
-        "broker.job_stopping",
-        reason="signal",
-        note="committing finished results; in-flight lookups stay pending",
-    )
-    task.cancel()
+class _Stop:
+    """SIGINT/SIGTERM during a run: the first drains, a second stops at once.
+
+    Draining admits no new lookup and lets those already admitted finish and be committed,
+    for at most ``grace_s`` seconds. Then, or at a second signal, the fetch is cancelled:
+    finished results are committed and written, and lookups still in flight stay pending
+    for the next run (the ledger makes either way resumable).
+    """
+
+    __slots__ = ("_fetch", "_first_at", "_grace_s", "_timer", "error", "forced", "requested")
+
+    def __init__(self, grace_s: float) -> None:
+        #: the run must stop: a signal, or an error (read by the ingestion thread, too)
+        self.requested = False
+        #: the fetch was cancelled rather than drained
+        self.forced = False
+        #: why the fetch was stopped, when it was an error (see :meth:`fail`)
+        self.error: Exception | None = None
+        self._grace_s = grace_s
+        self._first_at = 0.0
+        self._fetch: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        """Handle one SIGINT/SIGTERM (a loop signal handler)."""
+        now = time.monotonic()
+        if not self.requested:
+            self.requested = True
+            self._first_at = now
+            logger.warning(
+                "broker.job_stopping",
+                signal=sig.name,
+                mode="drain",
+                grace_s=self._grace_s,
+                note="no new lookups; those in flight finish and are written; "
+                "send the signal again to stop at once",
+            )
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._grace_s, self._force, "drain grace period over")
+        elif now - self._first_at >= _SIGNAL_ECHO_S:
+            self._force(f"second {sig.name}")
+
+    def watch(self, fetch: asyncio.Task[None]) -> None:
+        """Cancel ``fetch`` when the run must stop at once."""
+        self._fetch = fetch
+
+    def close(self) -> None:
+        """Cancel the grace timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def fail(self, error: Exception) -> None:
+        """Stop the fetch at once because of ``error``, which the run then raises."""
+        if self.error is None:
+            self.error = error
+        self.requested = True
+        self._cancel()
+
+    def _force(self, reason: str) -> None:
+        if self.forced:
+            return
+        logger.warning(
+            "broker.job_stop_forced",
+            reason=reason,
+            note="finished results are written; lookups in flight stay pending for the rerun",
+        )
+        self._cancel()
+
+    def _cancel(self) -> None:
+        self.forced = True
+        if self._fetch is not None and not self._fetch.done():
+            self._fetch.cancel()
+
+
+class _Budget:
+    """The ledger as the engine's store of daily request counts; a failed save stops the run.
+
+    The engine saves from inside its dispatch loop, where an exception would end that loop
+    and leave the job waiting forever; so the error goes to the run instead, which stops
+    and raises it (a full disk under the ledger: exit 74, like one under the output).
+    """
+
+    __slots__ = ("_ledger", "_stop")
+
+    def __init__(self, ledger: Ledger, stop: _Stop) -> None:
+        self._ledger = ledger
+        self._stop = stop
+
+    def load(self, key_name: str, day: date) -> int:
+        """Return the count saved for ``key_name`` on ``day``."""
+        return self._ledger.load(key_name, day)
+
+    def save(self, key_name: str, day: date, count: int) -> None:
+        """Save the count; on failure, stop the run with the error instead of raising."""
+        try:
+            self._ledger.save(key_name, day, count)
+        except Exception as exc:
+            self._stop.fail(exc)
+
+
+@contextlib.contextmanager
+def _signals(stop: _Stop, *, enabled: bool) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``stop`` for the whole run (when ``enabled``)."""
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGINT, signal.SIGTERM) if enabled else ()
+    for sig in sigs:
+        loop.add_signal_handler(sig, stop.on_signal, sig)
+    try:
+        yield
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+        stop.close()
 
 
 class _Progress:
@@ -340,6 +538,14 @@ def _fmt_eta(eta: float | None) -> str:
 
 def describe_failure(exc: BaseException) -> tuple[int, str]:
     """Map an exception of a run to (exit code, one-line message for the user)."""
+    if (
+        isinstance(exc, NoUsableKeyError)
+        and exc.failures
+        and all(failure.code == OUTAGE_CODE for failure in exc.failures)
+    ):
+        return ExitCode.UNAVAILABLE, (
+            f"stopped: {exc}. Unfinished rows stay pending for the next run."
+        )
     if isinstance(exc, NoUsableKeyError):
         return ExitCode.NO_PERMISSION, (
             f"stopped: {exc}. Unfinished rows stay pending; fix the key and run again."

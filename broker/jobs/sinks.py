@@ -30,7 +30,6 @@ rows, so it needs no byte offsets (``offset`` is always 0).
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 import structlog
 
 from broker.errors import JobFileError, describe
-from broker.jobs.ledger import DoneRow, SinkState
+from broker.jobs.ledger import DoneRow, SinkState, crash_point, disk_error
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger
@@ -361,14 +360,24 @@ class _FileSink:
     def _drain(self, fd: int) -> None:
         if not self._buffer:
             return
+        data = bytes(self._buffer)
         try:
-            _write_all(fd, bytes(self._buffer))
+            crash_point("mid_write", before=lambda: _write_all(fd, _torn(data)))
+            _write_all(fd, data)
         except OSError as exc:
             # Part of the buffer may be on disk now; the next open cuts it off.
             self._failed = exc
             raise
         self._written += len(self._buffer)
         self._buffer.clear()
+
+
+def _torn(data: bytes) -> bytes:
+    """The first half of ``data``, never ending on a line break: what a kill mid-write leaves."""
+    cut = len(data) // 2
+    while cut > 1 and data[cut - 1 : cut] in (b"\n", b"\r"):
+        cut -= 1
+    return data[:cut]
 
 
 class JsonlSink(_FileSink):
@@ -563,7 +572,7 @@ class SqliteSink:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._done_order = self._durable
-            failure = _as_os_error(self.path, exc)
+            failure = disk_error(self.path, exc)
             if failure is None:
                 raise
             self._failed = failure
@@ -576,20 +585,10 @@ def _disk_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        failure = _as_os_error(path, exc)
+        failure = disk_error(path, exc)
         if failure is None:
             raise
         raise failure from exc
-
-
-def _as_os_error(path: Path, exc: sqlite3.Error) -> OSError | None:
-    """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO), else None."""
-    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if primary == sqlite3.SQLITE_FULL:
-        return OSError(errno.ENOSPC, f"{path}: disk full ({exc})")
-    if primary == sqlite3.SQLITE_IOERR:
-        return OSError(errno.EIO, f"{path}: I/O error ({exc})")
-    return None
 
 
 class InvalidReport:
