@@ -565,3 +565,44 @@ class TestOperations:
             await broker.search_items(keywords="noresults here")
         assert info.value.code
         assert json.dumps(info.value.code)
+
+
+class _FullDisk:
+    """A budget store whose saves fail as a full disk would."""
+
+    def __init__(self) -> None:
+        self.saves = 0
+
+    def load(self, key_name: str, day: object) -> int:
+        return 0
+
+    def save(self, key_name: str, day: object, count: int) -> None:
+        self.saves += 1
+        raise OSError(28, "No space left on device")
+
+
+class TestEngineCrash:
+    """A dead engine task fails its waiters instead of hanging them."""
+
+    async def test_get_items_raises_the_crash_instead_of_hanging(self, harness: Harness) -> None:
+        """A budget store failing inside the dispatcher surfaces as that OSError to callers."""
+        sim = await harness.simulator(FREE)
+        store = _FullDisk()
+        broker = await harness.broker(make_config(sim.url), budget_store=store)
+        with pytest.raises(OSError, match="No space left"):
+            await asyncio.wait_for(broker.get_items(asins(30)), timeout=10)
+        assert store.saves >= 1
+
+    async def test_stream_and_later_calls_raise_it_too(self, harness: Harness) -> None:
+        """After a crash the stream raises it, and so does every later call."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url), budget_store=_FullDisk())
+
+        async def consume() -> None:
+            async for _ in broker.stream(asins(30)):
+                pass
+
+        with pytest.raises(OSError, match="No space left"):
+            await asyncio.wait_for(consume(), timeout=10)
+        with pytest.raises(OSError, match="No space left"):
+            await broker.get_item(asins(1)[0])

@@ -108,6 +108,8 @@ class Broker:
         self._batcher: Batcher | None = None
         self._work: WorkQueue | None = None
         self.simulator_url: str | None = None
+        #: why an engine task died (a bug, or e.g. the budget store's disk failing)
+        self._crash: BaseException | None = None
 
     @classmethod
     def from_config(
@@ -280,8 +282,29 @@ class Broker:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("broker.task_crashed", error=repr(task.exception()))
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        logger.error("broker.task_crashed", error=repr(exc))
+        self._crashed(exc)
+
+    def _crashed(self, exc: BaseException) -> None:
+        """An engine task died: fail every waiter with its exception instead of hanging them.
+
+        A dead dispatcher or batcher would otherwise leave every caller waiting forever.
+        The exception is re-raised to callers as it is (an ``OSError`` from a failing
+        budget store stays an ``OSError``), and every later call raises it too.
+        """
+        if self._crash is not None:
+            return
+        self._crash = exc
+        for lookup in list(self._inflight.values()):
+            if not lookup.future.done():
+                lookup.future.set_exception(exc)
+        for future in list(self._ops):
+            if not future.done():
+                future.set_exception(exc)
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -325,6 +348,8 @@ class Broker:
     # -- lookups ------------------------------------------------------------------------------
 
     def _require_open(self) -> None:
+        if self._crash is not None:
+            raise self._crash
         if self._stack is None or self._batcher is None or self._executor is None:
             raise RuntimeError("use 'async with Broker(...)' before looking anything up")
 
