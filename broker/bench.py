@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 MARKETPLACE = "www.amazon.com"
+#: The fault switches ``--fault`` accepts: every per-request rate of ``[simulator.faults]``.
+_FAULT_KINDS = (*FaultRates.RESPONSE_KINDS, "expired_token", *FaultRates.TOKEN_KINDS)
 #: How many request latencies the bench keeps (the newest win); bounds its own memory.
 _LATENCY_RING = 1_000_000
 
@@ -187,9 +189,9 @@ class BenchOptions:
             raise ConfigError("bench.duration", "must be positive (warm-up non-negative)")
         if self.protocol not in ("creators", "paapi5"):
             raise ConfigError("bench.protocol", "must be 'creators' or 'paapi5'")
-        unknown = sorted(set(self.faults) - set(FaultRates.RESPONSE_KINDS) - {"expired_token"})
+        unknown = sorted(set(self.faults) - set(_FAULT_KINDS))
         if unknown:
-            known = ", ".join((*FaultRates.RESPONSE_KINDS, "expired_token"))
+            known = ", ".join(_FAULT_KINDS)
             raise ConfigError("bench.fault", f"unknown fault {unknown[0]!r}; known: {known}")
 
     @property
@@ -553,7 +555,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KIND=P",
         help="inject a fault with probability P per request, e.g. error_503=0.02; kinds: "
-        + ", ".join((*FaultRates.RESPONSE_KINDS, "expired_token")),
+        + ", ".join(_FAULT_KINDS),
     )
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per run")

@@ -53,8 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Look up every row of a job file and write one output row per input row. "
         "Run it again with the same job and output to resume after a crash or a stop.",
         epilog="exit codes: 0 done; 3 done but some rows failed; 65 bad input, input changed "
-        "or job locked; 66 input missing; 74 cannot write output; 75 stopped, run again to "
-        "resume; 77 a key was rejected (rows stay pending); 78 bad config",
+        "or job locked; 66 input missing; 69 API endpoint unreachable past the outage budget "
+        "(rows stay pending); 74 cannot write output; 75 stopped (signal or --no-wait), run "
+        "again to resume; 77 a key was rejected (rows stay pending); 78 bad config",
     )
     run.add_argument("job", help="job file: .txt, .csv or .jsonl, optionally .gz")
     run.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
@@ -73,6 +74,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--new-job",
         action="store_true",
         help="start over when the input changed since the job started",
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="stop (exit 75, resumable) instead of waiting when every key's daily quota is spent",
     )
     run.add_argument("--encoding", default="utf-8", help="input encoding (default: %(default)s)")
     run.add_argument(
@@ -252,6 +258,7 @@ async def _run(config: object, args: argparse.Namespace) -> int:
         new_job=args.new_job,
         encoding=args.encoding,
         convert_isbn13=args.convert_isbn13,
+        no_wait=args.no_wait,
         progress=args.progress,
     )
     try:
@@ -270,6 +277,12 @@ async def _run(config: object, args: argparse.Namespace) -> int:
     print(f"output: {summary.out}", file=sys.stderr)
     if summary.invalid_report:
         print(f"invalid rows: {summary.invalid_report}", file=sys.stderr)
+    if summary.quota_wait_until:
+        print(
+            f"daily quota spent on every key until {summary.quota_wait_until}: "
+            "run the same command again after that to resume",
+            file=sys.stderr,
+        )
     if summary.stopped_by_signal:
         print("stopped by signal: run the same command again to resume", file=sys.stderr)
     return summary.exit_code()

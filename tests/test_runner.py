@@ -246,6 +246,39 @@ class TestKeysAndSignals:
         assert "invalid_client" in err
         assert "wrong-secret" not in err
 
+    async def test_no_wait_stops_resumable_when_tpd_is_spent(self, tmp_path: Path) -> None:
+        """--no-wait: with every key's daily budget spent the run stops with 75, rows pending."""
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [
+                {
+                    "name": "demo",
+                    "credential_id": "demo-id",
+                    "version": "3.1",
+                    "partner_tags": {"www.amazon.com": "demo-20"},
+                    "tps": 50.0,
+                    "tpd": 2,
+                }
+            ],
+        }
+        config = parse_config(document, environ={})
+        job = tmp_path / "job.txt"
+        job.write_text("\n".join(f"B0NWNWNW{i:02d}" for i in range(40)) + "\n")
+        options = JobOptions(
+            job=job,
+            out=tmp_path / "out.jsonl",
+            progress="none",
+            handle_signals=False,
+            no_wait=True,
+        )
+        summary = await asyncio.wait_for(run_job(config, options), timeout=20)
+        assert summary.exit_code() == ExitCode.RESUMABLE == 75
+        assert summary.quota_wait_until is not None
+        assert summary.quota_wait_until.endswith("T00:00:00Z")
+        assert not summary.stopped_by_signal
+        assert 1 <= summary.requests <= 2
+        assert summary.pending == 40 - len(_rows(tmp_path / "out.jsonl")) > 0
+
     async def test_tpd_spent_waits_instead_of_failing(self, tmp_path: Path) -> None:
         """With the daily budget spent the job waits (rows stay pending), it does not fail rows."""
         document = {

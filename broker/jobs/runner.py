@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.broker import Broker, Query
 from broker.engine.keys import OUTAGE_CODE
 from broker.errors import BrokerError, JobFileError, NoUsableKeyError
@@ -88,6 +89,9 @@ class JobOptions:
     #: After a first SIGINT/SIGTERM, how long lookups already admitted may take to finish
     #: before the run stops anyway; under the 30 s Kubernetes waits before SIGKILL.
     drain_grace_s: float = 20.0
+    #: Stop (exit 75, resumable) instead of waiting when every usable key's daily quota
+    #: is spent; for cron-style runs that should not sit idle until the window resets.
+    no_wait: bool = False
 
 
 @dataclass(slots=True)
@@ -105,6 +109,9 @@ class JobSummary:
     invalid_report: str | None = None
     #: a signal ended the run before the job was done (rows remain for a rerun)
     stopped_by_signal: bool = False
+    #: ``no_wait``: the run stopped because every usable key's daily quota was spent;
+    #: when the earliest one resets (ISO UTC)
+    quota_wait_until: str | None = None
     error: str | None = None
 
     def exit_code(self) -> int:
@@ -196,8 +203,11 @@ async def run_job(
         summary.total = counts.total
         summary.by_status = dict(counts.by_status)
         summary.pending = counts.pending
-        summary.stopped_by_signal = stop.requested and (
-            counts.pending > 0 or not ledger.ingest_complete
+        summary.quota_wait_until = stop.quota_until if counts.pending else None
+        summary.stopped_by_signal = (
+            stop.requested
+            and summary.quota_wait_until is None
+            and (counts.pending > 0 or not ledger.ingest_complete)
         )
     summary.wall_s = time.monotonic() - started
     return summary
@@ -328,6 +338,7 @@ async def _fetch(
     task = loop.create_task(consume())
     stop.watch(task)
     ticker = loop.create_task(progress.run())
+    quota_watch = loop.create_task(_watch_quota(broker, stop)) if options.no_wait else None
     try:
         await task
     except asyncio.CancelledError:
@@ -336,10 +347,38 @@ async def _fetch(
             raise
     finally:
         ticker.cancel()
+        if quota_watch is not None:
+            quota_watch.cancel()
         commit()
         progress.done()
     if stop.error is not None:
         raise stop.error
+
+
+#: How often ``no_wait`` checks whether every key waits for its daily quota.
+_QUOTA_POLL_S = 0.5
+
+
+def _quota_wait(broker: Broker) -> str | None:
+    """When every key that is not disabled waits for its daily quota: the earliest reset."""
+    waits: list[str] = []
+    for key in broker.metrics().keys:
+        if key.state == "disabled":
+            continue
+        if key.reason not in ("waiting for daily quota", ThrottleVerdict.QUOTA_EXHAUSTED.value):
+            return None
+        waits.append(key.until or key.daily_resets_at or "the next window")
+    return min(waits) if waits else None
+
+
+async def _watch_quota(broker: Broker, stop: _Stop) -> None:
+    """``no_wait``: stop the run at once when every key is waiting for its daily quota."""
+    while True:
+        await asyncio.sleep(_QUOTA_POLL_S)
+        until = _quota_wait(broker)
+        if until is not None:
+            stop.quota_spent(until)
+            return
 
 
 class _Stop:
@@ -351,7 +390,16 @@ class _Stop:
     for the next run (the ledger makes either way resumable).
     """
 
-    __slots__ = ("_fetch", "_first_at", "_grace_s", "_timer", "error", "forced", "requested")
+    __slots__ = (
+        "_fetch",
+        "_first_at",
+        "_grace_s",
+        "_timer",
+        "error",
+        "forced",
+        "quota_until",
+        "requested",
+    )
 
     def __init__(self, grace_s: float) -> None:
         #: the run must stop: a signal, or an error (read by the ingestion thread, too)
@@ -360,6 +408,8 @@ class _Stop:
         self.forced = False
         #: why the fetch was stopped, when it was an error (see :meth:`fail`)
         self.error: Exception | None = None
+        #: set when ``no_wait`` stopped the run: the earliest daily-quota reset (ISO UTC)
+        self.quota_until: str | None = None
         self._grace_s = grace_s
         self._first_at = 0.0
         self._fetch: asyncio.Task[None] | None = None
@@ -398,6 +448,17 @@ class _Stop:
         if self.error is None:
             self.error = error
         self.requested = True
+        self._cancel()
+
+    def quota_spent(self, until: str) -> None:
+        """``no_wait``: every key waits for its daily quota, so stop now (resumable)."""
+        self.quota_until = until
+        self.requested = True
+        logger.warning(
+            "broker.job_quota_spent",
+            until=until,
+            note="--no-wait: stopping; run the same command again after the reset",
+        )
         self._cancel()
 
     def _force(self, reason: str) -> None:
