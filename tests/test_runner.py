@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker import cli
-from broker.config import parse_config
+from broker.config import BrokerConfig, parse_config
 from broker.engine.broker import Broker
 from broker.jobs.ledger import Ledger
 from broker.jobs.runner import ExitCode, JobOptions, run_job
@@ -42,6 +42,24 @@ partner_tags = { "www.amazon.com" = "demo-20" }
 tps = 100.0
 tpd = 1000000
 """
+
+
+def _tpd2_config() -> BrokerConfig:
+    """The embedded simulator's demo key with a daily budget of 2 requests."""
+    document = {
+        "api": {"endpoint": "simulator"},
+        "keys": [
+            {
+                "name": "demo",
+                "credential_id": "demo-id",
+                "version": "3.1",
+                "partner_tags": {"www.amazon.com": "demo-20"},
+                "tps": 50.0,
+                "tpd": 2,
+            }
+        ],
+    }
+    return parse_config(document, environ={})
 
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
@@ -248,20 +266,7 @@ class TestKeysAndSignals:
 
     async def test_no_wait_stops_resumable_when_tpd_is_spent(self, tmp_path: Path) -> None:
         """--no-wait: with every key's daily budget spent the run stops with 75, rows pending."""
-        document = {
-            "api": {"endpoint": "simulator"},
-            "keys": [
-                {
-                    "name": "demo",
-                    "credential_id": "demo-id",
-                    "version": "3.1",
-                    "partner_tags": {"www.amazon.com": "demo-20"},
-                    "tps": 50.0,
-                    "tpd": 2,
-                }
-            ],
-        }
-        config = parse_config(document, environ={})
+        config = _tpd2_config()
         job = tmp_path / "job.txt"
         job.write_text("\n".join(f"B0NWNWNW{i:02d}" for i in range(40)) + "\n")
         options = JobOptions(
@@ -281,20 +286,7 @@ class TestKeysAndSignals:
 
     async def test_tpd_spent_waits_instead_of_failing(self, tmp_path: Path) -> None:
         """With the daily budget spent the job waits (rows stay pending), it does not fail rows."""
-        document = {
-            "api": {"endpoint": "simulator"},
-            "keys": [
-                {
-                    "name": "demo",
-                    "credential_id": "demo-id",
-                    "version": "3.1",
-                    "partner_tags": {"www.amazon.com": "demo-20"},
-                    "tps": 50.0,
-                    "tpd": 2,
-                }
-            ],
-        }
-        config = parse_config(document, environ={})
+        config = _tpd2_config()
         job = tmp_path / "job.txt"
         job.write_text("\n".join(f"B0TPTPTP{i:02d}" for i in range(40)) + "\n")
         options = JobOptions(
