@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime, time
 
 import pytest
 
-from broker.engine.quota import BudgetStore, DailyBudget, MemoryBudgetStore
+from broker.engine.quota import BatchedBudgetStore, BudgetStore, DailyBudget, MemoryBudgetStore
 from broker.testing import FakeClock
 
 # FakeClock's wall time starts at 2026-05-01 12:00 UTC: midnight is 12 h away.
@@ -188,3 +188,56 @@ class TestClockJumps:
         budget = DailyBudget(FakeClock(), 10, key_name="main")
         budget.try_spend()
         assert repr(budget) == ("DailyBudget(key='main', day=2026-05-01, spent=1, limit=9, tpd=10)")
+
+
+class TestBatchedBudgetStore:
+    """Durable budget writes batched to at most one per interval."""
+
+    def _store(self) -> tuple[BatchedBudgetStore, MemoryBudgetStore, list[float]]:
+        now = [100.0]
+        inner = MemoryBudgetStore()
+        return BatchedBudgetStore(inner, monotonic=lambda: now[0], every_s=1.0), inner, now
+
+    def test_first_save_writes_through_then_batches(self) -> None:
+        """The first count is written at once; later ones wait for the interval."""
+        store, inner, now = self._store()
+        day = date(2026, 5, 1)
+        store.save("k", day, 1)
+        assert inner.load("k", day) == 1
+        store.save("k", day, 2)
+        store.save("k", day, 3)
+        assert inner.load("k", day) == 1
+        assert store.load("k", day) == 3
+        now[0] += 1.0
+        store.save("k", day, 4)
+        assert inner.load("k", day) == 4
+
+    def test_flush_writes_every_key(self) -> None:
+        """flush writes the unwritten counts of every key and day."""
+        store, inner, _ = self._store()
+        day = date(2026, 5, 1)
+        store.save("a", day, 1)
+        store.save("a", day, 2)
+        store.save("b", day, 7)
+        store.flush()
+        assert (inner.load("a", day), inner.load("b", day)) == (2, 7)
+
+    def test_failed_write_keeps_the_unwritten_count(self) -> None:
+        """A write that fails leaves its count unwritten for the next flush."""
+
+        class Flaky(MemoryBudgetStore):
+            fail = True
+
+            def save(self, key_name: str, day: date, count: int) -> None:
+                if self.fail:
+                    raise OSError(28, "No space left on device")
+                super().save(key_name, day, count)
+
+        inner = Flaky()
+        store = BatchedBudgetStore(inner, monotonic=lambda: 0.0)
+        day = date(2026, 5, 1)
+        with pytest.raises(OSError, match="No space"):
+            store.save("k", day, 5)
+        inner.fail = False
+        store.flush()
+        assert inner.load("k", day) == 5

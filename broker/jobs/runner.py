@@ -17,7 +17,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -28,6 +28,7 @@ import structlog
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.broker import Broker, Query
 from broker.engine.keys import OUTAGE_CODE
+from broker.engine.quota import BatchedBudgetStore
 from broker.errors import BrokerError, JobFileError, NoUsableKeyError
 from broker.jobs.ledger import Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
@@ -185,8 +186,12 @@ async def run_job(
         try:
             _emit(ledger, sink, name)
             if ledger.pending_lookup_count() and not stop.requested:
-                own = broker or Broker(config, budget_store=_Budget(ledger, stop))
-                async with own if broker is None else contextlib.nullcontext(own):
+                budget = _Budget(ledger, stop)
+                own = broker or Broker(config, budget_store=budget)
+                async with (
+                    budget.flushed(),
+                    own if broker is None else contextlib.nullcontext(own),
+                ):
                     # A shared broker (the daemon's) counts every job; report this one's.
                     before = own.metrics()
                     await _fetch(ledger, _Output(sink, name), own, options, stop)
@@ -485,22 +490,34 @@ class _Budget:
     and raises it (a full disk under the ledger: exit 74, like one under the output).
     """
 
-    __slots__ = ("_ledger", "_stop")
+    __slots__ = ("_batched", "_stop")
 
     def __init__(self, ledger: Ledger, stop: _Stop) -> None:
-        self._ledger = ledger
+        # A ledger commit is fsynced: once per request would cost more than the request.
+        self._batched = BatchedBudgetStore(ledger, monotonic=time.monotonic)
         self._stop = stop
 
     def load(self, key_name: str, day: date) -> int:
         """Return the count saved for ``key_name`` on ``day``."""
-        return self._ledger.load(key_name, day)
+        return self._batched.load(key_name, day)
 
     def save(self, key_name: str, day: date, count: int) -> None:
         """Save the count; on failure, stop the run with the error instead of raising."""
         try:
-            self._ledger.save(key_name, day, count)
+            self._batched.save(key_name, day, count)
         except Exception as exc:
             self._stop.fail(exc)
+
+    @contextlib.asynccontextmanager
+    async def flushed(self) -> AsyncIterator[None]:
+        """Write the counts still unwritten when the block ends (the broker closed first).
+
+        A failure here raises (the run is over; a full disk still means exit 74).
+        """
+        try:
+            yield
+        finally:
+            self._batched.flush()
 
 
 @contextlib.contextmanager
