@@ -8,6 +8,7 @@ script has one import block.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -28,10 +29,12 @@ from broker.bench import (
 from broker.simulator.process import SimulatorProcess, sim_control, sim_stats, toml_document
 
 __all__ = [
+    "LATENCY",
     "MARKETPLACE",
     "REPO_ROOT",
     "RESULTS_DIR",
     "SimulatorProcess",
+    "add_output_arguments",
     "asin_stream",
     "broker_config",
     "creators_account",
@@ -40,6 +43,7 @@ __all__ = [
     "paapi_account",
     "print_table",
     "quiet_logging",
+    "results_name",
     "sim_control",
     "sim_stats",
     "toml_document",
@@ -47,6 +51,9 @@ __all__ = [
     "write_results",
 ]
 
+#: Internet-like latency, each way: drawn before the quota check and again after it, so
+#: arrivals at the server's bucket are jittered as they are over a real network.
+LATENCY = {"fixed_ms": 40.0, "exp_mean_ms": 10.0}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -107,9 +114,25 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
             print("  ".join("-" * w for w in widths), file=sys.stderr)
 
 
-def write_results(name: str, data: Mapping[str, object]) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (pretty) and return its path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--no-write`` and ``--results-dir``, the same in every script."""
+    parser.add_argument("--no-write", action="store_true", help="do not write results files")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where results files go (default: benchmarks/results; tests pass a tmp dir)",
+    )
+
+
+def results_name(name: str, quick: bool) -> str:
+    """``<name>`` or ``<name>-quick``: a smoke run never replaces the figures the README quotes."""
+    return f"{name}-quick" if quick else name
+
+
+def write_results(name: str, data: Mapping[str, object], directory: Path = RESULTS_DIR) -> Path:
+    """Write ``<directory>/<name>.json`` (pretty) and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path

@@ -7,8 +7,9 @@ once, while every later one comes from a timer), and achieved rate is
 shows whether a limiter ever sends two requests closer than ``1/R``. The last case shows the
 initial burst of ``AsyncLimiter(R, 1)``: sends in the first second.
 
-Run: ``uv run python benchmarks/pacer_precision.py [--seconds 5]``. Prints a table to
-stderr and one JSON line to stdout.
+Run: ``uv run python benchmarks/pacer_precision.py [--quick] [--seconds 5]``. Prints a table
+to stderr and one JSON line to stdout, and writes ``benchmarks/results/pacer_precision.json``
+(``pacer_precision-quick.json`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import argparse
 import asyncio
 import itertools
 import json
-import platform
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
+from _harness import add_output_arguments, machine_info, results_name, warn_if_busy, write_results
 from aiolimiter import AsyncLimiter
 
 from broker.clock import LoopClock
@@ -77,12 +78,12 @@ async def _burst_first_second(rate: float) -> int:
     return len(await _run(limiter.acquire, 1.0)) + 1
 
 
-async def _bench(seconds: float) -> dict[str, object]:
+async def _bench(seconds: float, rates: Sequence[float], min_gaps: int) -> dict[str, object]:
     results: dict[str, object] = {}
-    for rate in RATES:
+    for rate in rates:
         # Long enough for 20 gaps at the slowest rate, so one late wake-up at the end of the
-        # run moves the figure by well under 0.1 %.
-        span = max(seconds, 21.0 / rate)
+        # run moves the figure by well under 0.1 % (a quick run settles for 3).
+        span = max(seconds, (min_gaps + 1) / rate)
         results[f"pacer_r{rate:g}"] = _summary(await _pacer(rate, span), rate)
         results[f"aiolimiter_1_per_{1 / rate:g}s_r{rate:g}"] = _summary(
             await _aiolimiter(rate, span), rate
@@ -94,18 +95,35 @@ async def _bench(seconds: float) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="run time per rate")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 s per rate, at least 3 gaps (CI smoke)"
+    )
+    parser.add_argument("--seconds", type=float, help="run time per rate (default 5)")
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [float(r) for r in text.split(",")],
+        default=list(RATES),
+        help="rates per second to measure, e.g. 1,10,100 (the default)",
+    )
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    results = asyncio.run(_bench(args.seconds))
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    min_gaps = 3 if args.quick else 20
+    warn_if_busy()
+    results = asyncio.run(_bench(seconds, args.rates, min_gaps))
     for name, value in results.items():
         print(f"{name:42} {value}", file=sys.stderr)
     line = {
         "benchmark": "pacer_precision",
-        "python": platform.python_version(),
-        "seconds_per_rate": args.seconds,
+        "machine": machine_info(),
+        "quick": args.quick,
+        "seconds_per_rate": seconds,
+        "min_gaps": min_gaps,
         "results": results,
     }
     print(json.dumps(line, sort_keys=True))
+    if not args.no_write:
+        write_results(results_name("pacer_precision", args.quick), line, args.results_dir)
     return 0
 
 

@@ -6,24 +6,38 @@ GCRA bucket on its own clock, in a separate process, with internet-like latency 
 it, so arrivals at the bucket are jittered). The broker streams an endless backlog of
 unique, valid ASINs, so every key always has work.
 
-Everything is counted on the server side, from the timestamps ``GET /_sim/stats`` returns,
-over a window that starts after a warm-up (``ratelimit.md`` 5.2): the warm-up lets the
-server's bucket drain the burst it starts with, which would otherwise inflate the figure.
+Beside it, against the same simulator but on N keys of its own, runs the peer:
+python-amazon-paapi 7.1.0's async Creators client configured as its docs suggest (one
+client per key, ``throttling`` = 1/TPS, four tasks calling each client, its default three
+retries), in a child process so that neither client's CPU delays the other's timers. The
+peer believes the same rate as the broker. When its retries are spent it raises and the
+ASINs of that call are lost; the script counts them.
+
+Everything rate-related is counted on the server side, from the timestamps
+``GET /_sim/stats`` returns, over a window that starts after a warm-up (``ratelimit.md``
+5.2): the warm-up lets the server's bucket drain the burst it starts with, which would
+otherwise inflate the figure.
 
 - utilisation = requests the server accepted in the window / (true rate x window), per key
   and in total. A GCRA of depth B can accept at most ``R*T + B - 1`` in a window, so with
   B = 2 a perfect client can score up to ``1/(R*T)`` above 100 % (0.3 points at 5/s x 60 s).
 - 429 share = requests the server throttled / requests that arrived, in the same window.
+- ASINs lost = ASINs whose call ended in an error (the peer) or whose result was ``failed``
+  (the broker), over the whole run.
 
-Scenarios: ``burst2`` and ``burst1`` (the server's bucket depth; the broker is configured at
-the true rate), ``over25`` (the broker believes 6.25/s against a true 5/s, burst 2), and
+Scenarios: ``burst2`` and ``burst1`` (the server's bucket depth; the clients are configured
+at the true rate), ``over25`` (the clients believe 6.25/s against a true 5/s, burst 2), and
 ``halving`` (burst 2; after a first window the server's rate drops to half through
 ``POST /_sim/control``; reported: 429s per key in the window after the drop, default 2 min).
+Then a sweep over the number of keys (``--keys-sweep``, default 1,4,16) at server burst
+``--sweep-burst``.
 
 Run: ``uv run python benchmarks/utilisation.py [--quick] [--keys 4] [--tps 5] [--duration 60]
-[--scenario burst2 ...]``. Prints a table to stderr and one JSON line to stdout, and writes
-the JSON to ``benchmarks/results/utilisation.json`` (``utilisation-quick.json`` with
-``--quick``, so a smoke run never replaces the figures the README quotes).
+[--scenario burst2 ...] [--keys-sweep 1,4,16] [--no-peer]``. Prints a table to stderr and
+one JSON line to stdout, and writes the JSON to ``benchmarks/results/utilisation.json`` and a
+bar chart to ``utilisation.png`` (``utilisation-quick.*`` with ``--quick``, so a smoke run
+never replaces the figures the README quotes). The chart needs matplotlib:
+``uv run --group bench python benchmarks/utilisation.py``.
 """
 
 from __future__ import annotations
@@ -33,13 +47,17 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 from _harness import (
+    LATENCY,
     SimulatorProcess,
+    add_output_arguments,
     asin_stream,
     broker_config,
     creators_account,
@@ -47,11 +65,14 @@ from _harness import (
     machine_info,
     print_table,
     quiet_logging,
+    results_name,
     sim_control,
     sim_stats,
     warn_if_busy,
     write_results,
 )
+from _peer import PEER, PeerProcess, PeerRun, peer_accounts, summarise_calls
+from _plots import plot_utilisation
 
 from broker.engine.broker import Broker
 
@@ -59,7 +80,6 @@ __all__ = ["main"]
 
 #: The simulator's per-key rate unless --tps says otherwise (issue 3: 5 TPS).
 DEFAULT_TPS = 5.0
-LATENCY = {"fixed_ms": 40.0, "exp_mean_ms": 10.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +88,7 @@ class Scenario:
 
     name: str
     burst: int
-    #: the broker's configured tps as a multiple of the true rate
+    #: the clients' configured tps as a multiple of the true rate
     broker_factor: float
     #: halve the server's rate after the first window and watch this long after
     halving: bool = False
@@ -82,6 +102,8 @@ SCENARIOS = (
     Scenario("over25", 2, 1.25, target=">= 98 % utilisation, <= 2 % 429s"),
     Scenario("halving", 2, 1.0, halving=True, target="<= 10 429s per key after the drop"),
 )
+#: the target of a sweep step, by server burst (the burst1/burst2 targets)
+_SWEEP_TARGETS = {1: SCENARIOS[1].target, 2: SCENARIOS[0].target}
 
 
 def _count(stamps: list[float], start: float, end: float) -> int:
@@ -130,6 +152,27 @@ async def _consume(broker: Broker, statuses: Counter[str]) -> None:
         statuses[result.status.value] += 1
 
 
+def _side(
+    stats: dict[str, Any],
+    names: list[str],
+    *,
+    start: float,
+    halved_at: float | None,
+    end: float,
+    true_tps: float,
+) -> dict[str, Any]:
+    """The server-side figures of one client's keys: the window, and after the halving."""
+    side: dict[str, Any] = {}
+    if halved_at is None:
+        side["window"] = _window(stats, names, start, end, true_tps)
+    else:
+        side["window"] = _window(stats, names, start, halved_at, true_tps)
+        after = _window(stats, names, halved_at, end, true_tps / 2)
+        side["after_halving"] = after
+        side["max_429s_per_key_after_halving"] = max(k["throttled"] for k in after["keys"].values())
+    return side
+
+
 async def _run_scenario(
     scenario: Scenario,
     *,
@@ -139,29 +182,41 @@ async def _run_scenario(
     warmup: float,
     after_halving: float,
     seed: int,
+    peer: bool,
+    loop: str,
 ) -> dict[str, Any]:
     accounts = [creators_account(i, tps=true_tps) for i in range(keys)]
     names = [str(a["name"]) for a in accounts]
+    peers = peer_accounts(keys, true_tps) if peer else []
+    peer_names = [str(a["name"]) for a in peers]
+    client_tps = true_tps * scenario.broker_factor
     settings = {
         "seed": seed,
         "burst": scenario.burst,
         "demo_accounts": False,
         "latency": LATENCY,
-        "accounts": accounts,
+        "accounts": accounts + peers,
     }
-    with SimulatorProcess(settings) as sim:
-        config = broker_config(sim.url, accounts, tps=true_tps * scenario.broker_factor)
+    peer_run: PeerRun | None = None
+    with SimulatorProcess(settings) as sim, contextlib.ExitStack() as stack:
+        config = broker_config(sim.url, accounts, tps=client_tps)
         statuses: Counter[str] = Counter()
+        peer_process = (
+            stack.enter_context(PeerProcess(sim.url, peers, tps=client_tps, loop=loop))
+            if peer
+            else None
+        )
         async with Broker(config) as broker, aiohttp.ClientSession() as session:
             consumer = asyncio.create_task(_consume(broker, statuses))
             try:
                 await asyncio.sleep(warmup)
                 start = (await sim_stats(session, sim.url, timestamps=False))["now"]
+                local_start = time.monotonic()
                 halved_at: float | None = None
                 if scenario.halving:
                     # The first half of the duration at the full rate, then the drop.
                     await asyncio.sleep(duration / 2)
-                    for name in names:
+                    for name in names + peer_names:
                         await sim_control(session, sim.url, account=name, tps=true_tps / 2)
                     halved_at = (await sim_stats(session, sim.url, timestamps=False))["now"]
                     await asyncio.sleep(after_halving)
@@ -169,7 +224,10 @@ async def _run_scenario(
                     await asyncio.sleep(duration)
                 stats = await sim_stats(session, sim.url, since=start)
                 end = stats["now"]
+                local_end = time.monotonic()
                 metrics = broker.metrics()
+                if peer_process is not None:
+                    peer_run = await asyncio.to_thread(peer_process.stop)
             finally:
                 consumer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -180,69 +238,83 @@ async def _run_scenario(
     result: dict[str, Any] = {
         "server_burst": scenario.burst,
         "server_true_tps": true_tps,
-        "broker_tps": true_tps * scenario.broker_factor,
+        "broker_tps": client_tps,
         "keys": keys,
         "warmup_s": warmup,
         "target": scenario.target,
     }
-    if halved_at is None:
-        result["window"] = _window(stats, names, start, end, true_tps)
-    else:
-        result["window"] = _window(stats, names, start, halved_at, true_tps)
-        after = _window(stats, names, halved_at, end, true_tps / 2)
-        result["after_halving"] = after
-        result["max_429s_per_key_after_halving"] = max(
-            k["throttled"] for k in after["keys"].values()
-        )
+    window = {"start": start, "halved_at": halved_at, "end": end, "true_tps": true_tps}
+    result.update(_side(stats, names, **window))
     result["client"] = {
         "requests": metrics.requests,
         "throttled": metrics.throttled,
         "retries": metrics.retries,
         "transport_errors": metrics.transport_errors,
         "items_by_status": dict(statuses),
+        "asins_lost": statuses.get("failed", 0),
         "final_rate_per_key": {k.name: round(k.rate, 3) for k in metrics.keys},
     }
     result["met"] = _judge(scenario, result)
+    if peer_run is not None:
+        side = _side(stats, peer_names, **window)
+        side["client"] = {
+            "library": PEER,
+            "throttling_s": round(1.0 / client_tps, 4),
+            "calls": len(peer_run.calls),
+            "cpu_s": round(peer_run.cpu_s, 3),
+            "run": summarise_calls(peer_run.calls),
+            "window": summarise_calls(peer_run.calls, local_start, local_end),
+        }
+        # ASINs never answered over the whole run, as for the broker.
+        side["client"]["asins_lost"] = side["client"]["run"]["asins_lost"]
+        side["met"] = _judge(scenario, side)
+        result["peer"] = side
     return result
 
 
 def _judge(scenario: Scenario, result: dict[str, Any]) -> bool:
     window = result["window"]
     u, share = float(window["utilisation_pct"]), float(window["share_429_pct"])
-    if scenario.name == "burst2":
-        return u >= 99.0 and int(window["throttled"]) == 0
-    if scenario.name == "burst1":
-        return u >= 90.0 and share <= 2.0
-    if scenario.name == "over25":
-        return u >= 98.0 and share <= 2.0
-    if scenario.name == "halving":
+    if scenario.halving:
         return int(result["max_429s_per_key_after_halving"]) <= 10
-    return False
+    if scenario.burst >= 2 and scenario.broker_factor > 1.0:
+        return u >= 98.0 and share <= 2.0
+    if scenario.burst >= 2:
+        return u >= 99.0 and int(window["throttled"]) == 0
+    return u >= 90.0 and share <= 2.0
 
 
-def _table(results: dict[str, dict[str, Any]]) -> None:
+def _row(label: str, client: str, r: dict[str, Any], side: dict[str, Any]) -> list[object]:
+    w = side["window"]
+    after = side.get("after_halving")
+    return [
+        label,
+        client,
+        r["server_burst"],
+        f"{r['broker_tps']:g}/{r['server_true_tps']:g}",
+        f"{w['seconds']:.0f}",
+        f"{w['utilisation_pct']:.2f}",
+        f"{w['share_429_pct']:.2f}",
+        f"{after['utilisation_pct']:.2f}" if after else "-",
+        f"{after['share_429_pct']:.2f}" if after else "-",
+        ",".join(str(k["throttled"]) for k in after["keys"].values()) if after else "-",
+        side["client"]["asins_lost"],
+        "met" if side["met"] else "MISSED",
+    ]
+
+
+def _table(results: dict[str, dict[str, Any]], sweep: dict[str, dict[str, Any]]) -> None:
     rows: list[list[object]] = []
-    for name, r in results.items():
-        w = r["window"]
-        after = r.get("after_halving")
-        rows.append(
-            [
-                name,
-                r["server_burst"],
-                f"{r['broker_tps']:g}/{r['server_true_tps']:g}",
-                f"{w['seconds']:.0f}",
-                f"{w['utilisation_pct']:.2f}",
-                f"{w['share_429_pct']:.2f}",
-                f"{after['utilisation_pct']:.2f}" if after else "-",
-                f"{after['share_429_pct']:.2f}" if after else "-",
-                ",".join(str(k["throttled"]) for k in after["keys"].values()) if after else "-",
-                r["target"],
-                "met" if r["met"] else "MISSED",
-            ]
-        )
+    labelled = [(name, r) for name, r in results.items()]
+    labelled += [(f"sweep {k} keys", r) for k, r in sweep.items()]
+    for label, r in labelled:
+        rows.append(_row(label, "broker", r, r))
+        if "peer" in r:
+            rows.append(_row("", "peer", r, r["peer"]))
     print_table(
         [
             "scenario",
+            "client",
             "B",
             "tps cfg/true",
             "window s",
@@ -251,20 +323,32 @@ def _table(results: dict[str, dict[str, Any]]) -> None:
             "U after %",
             "429 after %",
             "429s/key after",
+            "ASINs lost",
             "target",
-            "",
         ],
         rows,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _sweep_keys(text: str) -> list[int]:
+    if text.strip().lower() in ("", "none", "0"):
+        return []
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,4,16, got {text!r}") from None
+    if any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError("key counts must be at least 1")
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the scenarios and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="10 s windows, 3 s warm-up, 10 s after the halving (CI smoke)",
+        help="10 s windows, 3 s warm-up, 10 s after the halving, sweep 1,4 x 5 s (CI smoke)",
     )
     parser.add_argument("--keys", type=int, default=4, help="keys (simulator accounts)")
     parser.add_argument(
@@ -278,44 +362,78 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenario",
         action="append",
-        choices=[s.name for s in SCENARIOS],
-        help="run only these (repeatable)",
+        choices=[*(s.name for s in SCENARIOS), "none"],
+        help="run only these (repeatable); --scenario none runs only the sweep",
     )
+    parser.add_argument(
+        "--keys-sweep",
+        type=_sweep_keys,
+        help="key counts of the sweep, e.g. 1,4,16 (default; 1,4 with --quick); none: no sweep",
+    )
+    parser.add_argument(
+        "--sweep-burst", type=int, default=2, choices=(1, 2), help="server burst of the sweep"
+    )
+    parser.add_argument("--sweep-duration", type=float, help="window per sweep step, s (30)")
+    parser.add_argument("--no-peer", action="store_true", help="run the broker alone")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--seed", type=int, default=7, help="the simulator's latency draws")
-    parser.add_argument("--no-write", action="store_true", help="do not write a results file")
     parser.add_argument(
         "--results-name",
         default="utilisation",
-        help="write benchmarks/results/<NAME>.json (default: %(default)s)",
+        help="write <results-dir>/<NAME>.json and .png (default: %(default)s)",
     )
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     duration = args.duration or (10.0 if args.quick else 60.0)
     warmup = args.warmup or (3.0 if args.quick else 5.0)
     after_halving = args.after_halving or (10.0 if args.quick else 120.0)
+    sweep_keys = args.keys_sweep if args.keys_sweep is not None else [1, 4, 16]
+    if args.keys_sweep is None and args.quick:
+        sweep_keys = [1, 4]
+    sweep_duration = args.sweep_duration or (5.0 if args.quick else 30.0)
     quiet_logging()
     warn_if_busy()
 
     chosen = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
-    results: dict[str, dict[str, Any]] = {}
-    for scenario in chosen:
-        print(f"running {scenario.name} ...", file=sys.stderr, flush=True)
+    if args.scenario and "none" in args.scenario:
+        chosen = []
+    started = time.perf_counter()
+
+    def run(scenario: Scenario, keys: int, window: float) -> dict[str, Any]:
         with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-            results[scenario.name] = runner.run(
+            return runner.run(
                 _run_scenario(
                     scenario,
-                    keys=args.keys,
+                    keys=keys,
                     true_tps=args.tps,
-                    duration=duration,
+                    duration=window,
                     warmup=warmup,
                     after_halving=after_halving,
                     seed=args.seed,
+                    peer=not args.no_peer,
+                    loop=args.loop,
                 )
             )
-    _table(results)
+
+    results: dict[str, dict[str, Any]] = {}
+    for scenario in chosen:
+        print(f"running {scenario.name} ...", file=sys.stderr, flush=True)
+        results[scenario.name] = run(scenario, args.keys, duration)
+    sweep: dict[str, dict[str, Any]] = {}
+    base = SCENARIOS[1] if args.sweep_burst == 1 else SCENARIOS[0]
+    for keys in sweep_keys:
+        print(f"running sweep, {keys} keys ...", file=sys.stderr, flush=True)
+        step = replace(base, name=f"sweep{keys}", target=_SWEEP_TARGETS[args.sweep_burst])
+        sweep[str(keys)] = run(step, keys, sweep_duration)
+    _table(results, sweep)
+    name = results_name(args.results_name, args.quick)
+    plot = None
+    if not args.no_write:
+        plot = plot_utilisation(results, sweep, args.results_dir / f"{name}.png")
     line = {
         "benchmark": "utilisation",
         "machine": machine_info(),
+        "wall_s": round(time.perf_counter() - started, 1),
         "settings": {
             "quick": args.quick,
             "keys": args.keys,
@@ -326,14 +444,18 @@ def main(argv: list[str] | None = None) -> int:
             "latency": LATENCY,
             "true_tps": args.tps,
             "seed": args.seed,
+            "peer": None if args.no_peer else PEER,
+            "keys_sweep": sweep_keys,
+            "sweep_burst": args.sweep_burst,
+            "sweep_duration_s": sweep_duration,
         },
         "scenarios": results,
+        "sweep": sweep,
+        "plot": plot,
     }
     print(json.dumps(line, sort_keys=True))
     if not args.no_write:
-        # A smoke run must not overwrite the figures the README quotes.
-        name = args.results_name + ("-quick" if args.quick else "")
-        write_results(name, line)
+        write_results(name, line, args.results_dir)
     return 0
 
 

@@ -1,0 +1,232 @@
+"""The scripts in benchmarks/ keep working: each runs once, tiny, and reports what it promises.
+
+Each script runs as a subprocess in ``--quick`` mode (shrunk further with its own options so
+this file stays well under a minute), with ``--results-dir`` pointing at a temporary
+directory, so CI never touches the committed figures. The numbers are not judged (the machine
+is shared and noisy); the shape of the JSON line, the files written and the absence of
+failures are. A few pure helpers are checked directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(script: str, tmp_path: Path, *args: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Run ``benchmarks/<script>`` and return its one JSON line (after checking it is one)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--results-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stdout[-2000:]
+    body: dict[str, Any] = json.loads(lines[0])
+    assert isinstance(body["machine"]["loadavg_1_5_15"], list)
+    return body
+
+
+def _written(tmp_path: Path, name: str, body: dict[str, Any]) -> None:
+    """A quick run writes ``<name>-quick.json`` (the same JSON), never ``<name>.json``."""
+    assert json.loads((tmp_path / f"{name}-quick.json").read_text()) == body
+    assert not (tmp_path / f"{name}.json").exists()
+
+
+def _check_plot(body: dict[str, Any], path: Path) -> None:
+    if HAVE_MATPLOTLIB:
+        assert body["plot"] == str(path)
+        assert path.read_bytes()[:8] == PNG_MAGIC
+    else:
+        assert body["plot"] is None
+        assert not path.exists()
+
+
+def test_overhead_quick(tmp_path: Path) -> None:
+    """overhead.py measures pipeline, bare, bare+json and the peer, with no failed request."""
+    body = _run(
+        "overhead.py", tmp_path, "--quick", "--loop", "uvloop", "--requests", "40", "--repeat", "1"
+    )
+    assert body["benchmark"] == "overhead"
+    assert body["settings"]["quick"] is True
+    assert body["settings"]["peer"] == "python-amazon-paapi 7.1.0"
+    creators, paapi = body["results"]["uvloop/creators"], body["results"]["uvloop/paapi5"]
+    assert set(creators) >= {"pipeline", "bare", "bare+json", "peer", "ratio_peer_to_bare"}
+    assert "peer" not in paapi
+    assert "ratio_pipeline_to_bare" in paapi
+    for entry in (creators, paapi):
+        for variant in ("pipeline", "bare", "bare+json", "peer"):
+            if variant in entry:
+                assert entry[variant]["failed"] == 0
+                assert entry[variant]["requests"] == 40
+                assert entry[variant]["cpu_us_per_request"] > 0
+    # Every ASIN came back, from the peer too.
+    assert creators["peer"]["samples"][0]["items"] == 400
+    _written(tmp_path, "overhead", body)
+
+
+def test_utilisation_quick(tmp_path: Path) -> None:
+    """utilisation.py reports broker and peer side by side, a halving and a keys sweep."""
+    body = _run(
+        "utilisation.py",
+        tmp_path,
+        "--quick",
+        "--scenario",
+        "halving",
+        "--keys",
+        "1",
+        "--duration",
+        "2",
+        "--warmup",
+        "1",
+        "--after-halving",
+        "2",
+        "--keys-sweep",
+        "2",
+        "--sweep-duration",
+        "2",
+    )
+    assert body["benchmark"] == "utilisation"
+    halving = body["scenarios"]["halving"]
+    assert set(halving) >= {"window", "after_halving", "client", "peer", "met"}
+    assert halving["after_halving"]["true_tps"] == 2.5
+    assert set(halving["peer"]["client"]) >= {"asins_lost", "run", "window", "calls"}
+    assert halving["peer"]["window"]["accepted"] > 0
+    assert halving["window"]["accepted"] > 0
+    sweep = body["sweep"]["2"]
+    assert sweep["keys"] == 2
+    assert set(sweep["window"]["keys"]) == {"k0", "k1"}
+    assert set(sweep["peer"]["window"]["keys"]) == {"peer0", "peer1"}
+    assert sweep["client"]["asins_lost"] == 0
+    _written(tmp_path, "utilisation", body)
+    _check_plot(body, tmp_path / "utilisation-quick.png")
+
+
+def test_adaptation_quick(tmp_path: Path) -> None:
+    """adaptation.py samples both clients per second through a down-and-up schedule."""
+    body = _run(
+        "adaptation.py",
+        tmp_path,
+        "--quick",
+        "--schedule",
+        "2:5,3:2.5,3:5",
+        "--keys",
+        "1",
+        "--warmup",
+        "1",
+    )
+    assert body["benchmark"] == "adaptation"
+    assert body["bins"] == list(range(8))
+    assert [c["tps"] for c in body["changes"]] == [5.0, 2.5, 5.0]
+    for client in ("broker", "peer"):
+        side = body[client]
+        assert [p["true_tps"] for p in side["phases"]] == [5.0, 2.5, 5.0]
+        assert all(len(v) == 8 for v in side["sent"].values())
+        assert "throttled_per_key_after_drop" in side["phases"][1]
+        assert "recovery_s_per_key" in side["phases"][2]
+        assert sum(sum(v) for v in side["accepted"].values()) > 0
+    assert set(body["broker"]["own_rate"]) == {"k0"}
+    assert body["broker"]["asins_lost"] == 0
+    _written(tmp_path, "adaptation", body)
+    _check_plot(body, tmp_path / "adaptation-quick.png")
+
+
+def test_scale_quick(tmp_path: Path) -> None:
+    """scale.py runs a job through `broker run`: one output row per input row, RSS sampled."""
+    body = _run("scale.py", tmp_path, "--quick", "--rows", "3000")
+    assert body["benchmark"] == "scale"
+    result = body["results"]
+    assert result["exit_code"] == 0
+    assert result["rows_out"] == 3000
+    assert result["statuses_as_expected"] is True
+    assert result["job"]["duplicates"] > 0
+    assert result["job"]["invalid"] > 0
+    assert result["peak_rss_mb"] > 0
+    assert result["rss_mb_at_end"] is not None
+    _written(tmp_path, "scale", body)
+
+
+def test_pacer_precision_quick(tmp_path: Path) -> None:
+    """pacer_precision.py reports achieved rates for our pacer and aiolimiter."""
+    body = _run("pacer_precision.py", tmp_path, "--quick", "--rates", "10,100")
+    assert body["benchmark"] == "pacer_precision"
+    assert set(body["results"]) >= {"pacer_r10", "pacer_r100", "aiolimiter_1_per_0.1s_r10"}
+    assert body["results"]["pacer_r100"]["sends"] > 50
+    _written(tmp_path, "pacer_precision", body)
+
+
+# -- helpers, in process ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def bench_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks directory on sys.path, as it is for the scripts themselves."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+@pytest.mark.usefixtures("bench_modules")
+def test_scale_job_holds_what_it_says(tmp_path: Path) -> None:
+    """The generated job has the stated rows, repeats and invalid ids, one per line."""
+    import scale
+
+    job = scale.write_job(tmp_path / "job.txt", 5000, duplicate_share=0.2, invalid_share=0.01)
+    lines = (tmp_path / "job.txt").read_text().splitlines()
+    assert len(lines) == job.rows == 5000
+    assert job.unique + job.duplicates + job.invalid == 5000
+    assert len(set(lines)) == job.unique + job.invalid
+    assert sum(1 for line in lines if len(line) != 10) == job.invalid
+    assert 800 < job.duplicates < 1200
+
+
+@pytest.mark.usefixtures("bench_modules")
+def test_peer_calls_are_counted_in_their_window() -> None:
+    """Lost ASINs are the calls that raised, counted by finish time within the window."""
+    from _peer import PeerCall, summarise_calls
+
+    calls = [
+        PeerCall("peer0", 1.0, 10, "ok"),
+        PeerCall("peer0", 2.0, 10, "TooManyRequestsError"),
+        PeerCall("peer1", 3.0, 7, "ok"),
+        PeerCall("peer1", 4.0, 10, "TooManyRequestsError"),
+    ]
+    assert summarise_calls(calls) == {
+        "asins_answered": 17,
+        "asins_lost": 20,
+        "lost_pct": 54.05,
+        "lost_by_error": {"TooManyRequestsError": 20},
+    }
+    assert summarise_calls(calls, 1.5, 3.5)["asins_lost"] == 10
+    assert summarise_calls(calls, 1.5, 3.5)["asins_answered"] == 7
+
+
+@pytest.mark.usefixtures("bench_modules")
+def test_adaptation_schedule_and_recovery() -> None:
+    """A schedule parses to phases; recovery is the first 5 s mean at >= 90 % of the rate."""
+    import adaptation
+
+    assert adaptation.parse_schedule("20:5,40:2.5") == [
+        adaptation.Phase(20.0, 5.0),
+        adaptation.Phase(40.0, 2.5),
+    ]
+    with pytest.raises(argparse.ArgumentTypeError, match="SECONDS:TPS"):
+        adaptation.parse_schedule("20-5")
+    accepted = [2, 2, 2, 3, 4, 5, 5, 5, 5, 5, 5]
+    # From second 0: the mean of [4,5,5,5,5] (seconds 4..8) is the first >= 4.5.
+    assert adaptation._recovery_s(accepted, 0, len(accepted), 5.0) == 9.0
+    assert adaptation._recovery_s([1] * 10, 0, 10, 5.0) is None
