@@ -21,6 +21,7 @@ from pathlib import Path
 from broker.bench import (
     MARKETPLACE,
     asin_stream,
+    backlog,
     broker_config,
     creators_account,
     loop_factory,
@@ -36,6 +37,7 @@ __all__ = [
     "SimulatorProcess",
     "add_output_arguments",
     "asin_stream",
+    "backlog",
     "broker_config",
     "creators_account",
     "loop_factory",

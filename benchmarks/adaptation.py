@@ -33,7 +33,6 @@ import contextlib
 import json
 import math
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,7 @@ from _harness import (
     LATENCY,
     SimulatorProcess,
     add_output_arguments,
-    asin_stream,
+    backlog,
     broker_config,
     creators_account,
     loop_factory,
@@ -206,7 +205,6 @@ async def _run(args: argparse.Namespace, phases: Sequence[Phase]) -> dict[str, A
     }
     total = round(sum(p.seconds for p in phases))
     own_rate: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-    statuses: Counter[str] = Counter()
     changes: list[tuple[float, float]] = []
     calls: tuple[PeerCall, ...] | None = None
     with SimulatorProcess(settings) as sim, contextlib.ExitStack() as stack:
@@ -216,41 +214,32 @@ async def _run(args: argparse.Namespace, phases: Sequence[Phase]) -> dict[str, A
             else stack.enter_context(PeerProcess(sim.url, peers, tps=first, loop=args.loop))
         )
         config = broker_config(sim.url, accounts, tps=first)
-        async with Broker(config) as broker, aiohttp.ClientSession() as session:
-
-            async def consume() -> None:
-                async for result in broker.stream(asin_stream()):
-                    statuses[result.status.value] += 1
-
-            consumer = asyncio.create_task(consume())
-            try:
-                await asyncio.sleep(args.warmup)
-                # One reading of both clocks: the offset maps local stamps onto the server's.
-                before = time.monotonic()
-                t0 = float((await sim_stats(session, sim.url, timestamps=False))["now"])
-                to_sim = t0 - (before + time.monotonic()) / 2
-                changes.append((0.0, first))
-                deadline = t0
-                for number, phase in enumerate(phases):
-                    if number:
-                        for name in names + peer_names:
-                            await sim_control(session, sim.url, account=name, tps=phase.tps)
-                        now = float((await sim_stats(session, sim.url, timestamps=False))["now"])
-                        changes.append((now - t0, phase.tps))
-                    deadline += phase.seconds
-                    while (now_sim := time.monotonic() + to_sim) < deadline:
-                        for key in broker.metrics().keys:
-                            own_rate[key.name].append((round(now_sim - t0, 2), round(key.rate, 3)))
-                        await asyncio.sleep(min(_SAMPLE_EVERY_S, deadline - now_sim))
-                stats = await sim_stats(session, sim.url, since=t0)
-                if peer is not None:
-                    calls = (await asyncio.to_thread(peer.stop)).calls
-            finally:
-                consumer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await consumer
-        if not consumer.cancelled() and consumer.exception() is not None:
-            raise RuntimeError(f"the stream failed: {consumer.exception()!r}")
+        async with (
+            Broker(config) as broker,
+            aiohttp.ClientSession() as session,
+            backlog(broker) as statuses,
+        ):
+            await asyncio.sleep(args.warmup)
+            # One reading of both clocks: the offset maps local stamps onto the server's.
+            before = time.monotonic()
+            t0 = float((await sim_stats(session, sim.url, timestamps=False))["now"])
+            to_sim = t0 - (before + time.monotonic()) / 2
+            changes.append((0.0, first))
+            deadline = t0
+            for number, phase in enumerate(phases):
+                if number:
+                    for name in names + peer_names:
+                        await sim_control(session, sim.url, account=name, tps=phase.tps)
+                    now = float((await sim_stats(session, sim.url, timestamps=False))["now"])
+                    changes.append((now - t0, phase.tps))
+                deadline += phase.seconds
+                while (now_sim := time.monotonic() + to_sim) < deadline:
+                    for key in broker.metrics().keys:
+                        own_rate[key.name].append((round(now_sim - t0, 2), round(key.rate, 3)))
+                    await asyncio.sleep(min(_SAMPLE_EVERY_S, deadline - now_sim))
+            stats = await sim_stats(session, sim.url, since=t0)
+            if peer is not None:
+                calls = (await asyncio.to_thread(peer.stop)).calls
 
     ours = _series(stats, names, t0, total)
     result: dict[str, Any] = {

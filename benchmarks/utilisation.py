@@ -48,7 +48,6 @@ import contextlib
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -58,7 +57,7 @@ from _harness import (
     LATENCY,
     SimulatorProcess,
     add_output_arguments,
-    asin_stream,
+    backlog,
     broker_config,
     creators_account,
     loop_factory,
@@ -144,14 +143,6 @@ def _window(
     }
 
 
-async def _consume(broker: Broker, statuses: Counter[str]) -> None:
-    # An endless backlog: the stream admits lookups only as capacity frees up, so memory
-    # stays bounded however long the scenario runs. Cancelling this task ends the stream
-    # (its producer is cancelled in the stream's own ``finally``).
-    async for result in broker.stream(asin_stream()):
-        statuses[result.status.value] += 1
-
-
 def _side(
     stats: dict[str, Any],
     names: list[str],
@@ -200,40 +191,35 @@ async def _run_scenario(
     peer_run: PeerRun | None = None
     with SimulatorProcess(settings) as sim, contextlib.ExitStack() as stack:
         config = broker_config(sim.url, accounts, tps=client_tps)
-        statuses: Counter[str] = Counter()
         peer_process = (
             stack.enter_context(PeerProcess(sim.url, peers, tps=client_tps, loop=loop))
             if peer
             else None
         )
-        async with Broker(config) as broker, aiohttp.ClientSession() as session:
-            consumer = asyncio.create_task(_consume(broker, statuses))
-            try:
-                await asyncio.sleep(warmup)
-                start = (await sim_stats(session, sim.url, timestamps=False))["now"]
-                local_start = time.monotonic()
-                halved_at: float | None = None
-                if scenario.halving:
-                    # The first half of the duration at the full rate, then the drop.
-                    await asyncio.sleep(duration / 2)
-                    for name in names + peer_names:
-                        await sim_control(session, sim.url, account=name, tps=true_tps / 2)
-                    halved_at = (await sim_stats(session, sim.url, timestamps=False))["now"]
-                    await asyncio.sleep(after_halving)
-                else:
-                    await asyncio.sleep(duration)
-                stats = await sim_stats(session, sim.url, since=start)
-                end = stats["now"]
-                local_end = time.monotonic()
-                metrics = broker.metrics()
-                if peer_process is not None:
-                    peer_run = await asyncio.to_thread(peer_process.stop)
-            finally:
-                consumer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await consumer
-        if consumer.done() and not consumer.cancelled() and consumer.exception() is not None:
-            raise RuntimeError(f"the stream failed: {consumer.exception()!r}")
+        async with (
+            Broker(config) as broker,
+            aiohttp.ClientSession() as session,
+            backlog(broker) as statuses,
+        ):
+            await asyncio.sleep(warmup)
+            start = (await sim_stats(session, sim.url, timestamps=False))["now"]
+            local_start = time.monotonic()
+            halved_at: float | None = None
+            if scenario.halving:
+                # The first half of the duration at the full rate, then the drop.
+                await asyncio.sleep(duration / 2)
+                for name in names + peer_names:
+                    await sim_control(session, sim.url, account=name, tps=true_tps / 2)
+                halved_at = (await sim_stats(session, sim.url, timestamps=False))["now"]
+                await asyncio.sleep(after_halving)
+            else:
+                await asyncio.sleep(duration)
+            stats = await sim_stats(session, sim.url, since=start)
+            end = stats["now"]
+            local_end = time.monotonic()
+            metrics = broker.metrics()
+            if peer_process is not None:
+                peer_run = await asyncio.to_thread(peer_process.stop)
 
     result: dict[str, Any] = {
         "server_burst": scenario.burst,

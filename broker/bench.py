@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,6 +38,7 @@ from broker.simulator.settings import FaultRates
 
 if TYPE_CHECKING:
     from broker.api.base import HttpRequest, RawResponse
+    from broker.engine.broker import Broker
     from broker.engine.transport import AiohttpTransport
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "BenchOptions",
     "BenchReport",
     "asin_stream",
+    "backlog",
     "bench_command",
     "broker_config",
     "creators_account",
@@ -144,6 +146,29 @@ def asin_stream(prefix: str = "B", start: int = 0) -> Iterator[str]:
     while True:
         yield f"{prefix}{number:0{width}X}"
         number += 1
+
+
+@contextlib.asynccontextmanager
+async def backlog(broker: Broker) -> AsyncIterator[Counter[str]]:
+    """Keep ``broker`` busy with unique ASINs for the block; yield the statuses so far.
+
+    The stream admits lookups only as capacity frees up, so memory stays bounded however
+    long the block runs. Leaving the block cancels the stream; a stream that failed on its
+    own re-raises its error there.
+    """
+    statuses: Counter[str] = Counter()
+
+    async def consume() -> None:
+        async for result in broker.stream(asin_stream()):
+            statuses[result.status.value] += 1
+
+    consumer = asyncio.get_running_loop().create_task(consume())
+    try:
+        yield statuses
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -423,34 +448,21 @@ async def _measure(url: str, options: BenchOptions) -> BenchReport:
         max_connections=engine.max_connections,
     )
     transport = _TimedTransport(inner, time.perf_counter)
-    statuses: Counter[str] = Counter()
-
-    async def consume(broker: Broker) -> None:
-        async for result in broker.stream(asin_stream()):
-            statuses[result.status.value] += 1
-
     async with (
         inner,
         Broker(config, transport=transport) as broker,
         aiohttp.ClientSession() as session,
+        backlog(broker) as statuses,
     ):
-        consumer = asyncio.create_task(consume(broker))
-        try:
-            await asyncio.sleep(options.warmup_s)
-            before = await sim_stats(session, url, timestamps=False)
-            start = float(before["now"])
-            metrics0, statuses0 = broker.metrics(), Counter(statuses)
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            await asyncio.sleep(options.duration_s)
-            cpu1, wall1 = time.process_time(), time.perf_counter()
-            metrics1, statuses1 = broker.metrics(), Counter(statuses)
-            stats = await sim_stats(session, url, since=start)
-        finally:
-            consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await consumer
-    if not consumer.cancelled() and consumer.exception() is not None:
-        raise RuntimeError(f"the stream failed: {consumer.exception()!r}")
+        await asyncio.sleep(options.warmup_s)
+        before = await sim_stats(session, url, timestamps=False)
+        start = float(before["now"])
+        metrics0, statuses0 = broker.metrics(), Counter(statuses)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(options.duration_s)
+        cpu1, wall1 = time.process_time(), time.perf_counter()
+        metrics1, statuses1 = broker.metrics(), Counter(statuses)
+        stats = await sim_stats(session, url, since=start)
 
     end = float(stats["now"])
     granted = throttled = 0
