@@ -13,7 +13,7 @@ own and can be tested with a stub.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
@@ -202,40 +202,51 @@ def _render_engine(out: _Exposition, m: MetricsSnapshot) -> None:
     out.family("asinb_outstanding_lookups", "gauge", "Lookups admitted and not finished.")
     out.sample("asinb_outstanding_lookups", m.outstanding_lookups)
     keys = m.keys
-    _per_key(out, keys, "asinb_key_rate_per_second", "gauge", "Current (adaptive) request rate.")
-    for k in keys:
-        out.sample("asinb_key_rate_per_second", k.rate, key=k.name)
-    _per_key(out, keys, "asinb_key_configured_tps", "gauge", "Configured requests per second.")
-    for k in keys:
-        out.sample("asinb_key_configured_tps", k.configured_tps, key=k.name)
-    _per_key(out, keys, "asinb_key_inflight_requests", "gauge", "Requests on the wire now.")
-    for k in keys:
-        out.sample("asinb_key_inflight_requests", k.in_flight, key=k.name)
-    _per_key(out, keys, "asinb_key_requests_total", "counter", "Requests sent by the key.")
-    for k in keys:
-        out.sample("asinb_key_requests_total", k.sent, key=k.name)
-    _per_key(out, keys, "asinb_key_throttled_total", "counter", "429s the key received.")
-    for k in keys:
-        out.sample("asinb_key_throttled_total", k.throttled, key=k.name)
-    _per_key(out, keys, "asinb_key_daily_spent", "gauge", "Requests counted in today's window.")
-    for k in keys:
-        out.sample("asinb_key_daily_spent", k.daily_spent, key=k.name)
-    _per_key(out, keys, "asinb_key_daily_limit", "gauge", "Requests per day (TPD) of the key.")
-    for k in keys:
-        if k.daily_limit is not None:
-            out.sample("asinb_key_daily_limit", k.daily_limit, key=k.name)
-    _per_key(out, keys, "asinb_key_state", "gauge", "1 for the key's current state.")
+    for name, kind, help_text, value in _KEY_SERIES:
+        if keys:
+            out.family(name, kind, help_text)
+        for k in keys:
+            number = value(k)
+            if number is not None:
+                out.sample(name, number, key=k.name)
+    if keys:
+        out.family("asinb_key_state", "gauge", "1 for the key's current state.")
     for k in keys:
         for state in ("active", "paused", "parked", "disabled"):
             out.sample("asinb_key_state", int(k.state == state), key=k.name, state=state)
-    _per_key(out, keys, "asinb_key_waiting_quota", "gauge", "1 while waiting for daily quota.")
-    for k in keys:
-        out.sample("asinb_key_waiting_quota", int(k.until is not None), key=k.name)
 
 
-def _per_key(out: _Exposition, keys: tuple[KeySnapshot, ...], *family: str) -> None:
-    if keys:
-        out.family(*family)
+#: One series per key: name, type, help, and the value of a key (None: no sample).
+_KEY_SERIES: tuple[tuple[str, str, str, Callable[[KeySnapshot], float | None]], ...] = (
+    ("asinb_key_rate_per_second", "gauge", "Current (adaptive) request rate.", lambda k: k.rate),
+    (
+        "asinb_key_configured_tps",
+        "gauge",
+        "Configured requests per second.",
+        lambda k: k.configured_tps,
+    ),
+    ("asinb_key_inflight_requests", "gauge", "Requests on the wire now.", lambda k: k.in_flight),
+    ("asinb_key_requests_total", "counter", "Requests sent by the key.", lambda k: k.sent),
+    ("asinb_key_throttled_total", "counter", "429s the key received.", lambda k: k.throttled),
+    (
+        "asinb_key_daily_spent",
+        "gauge",
+        "Requests counted in today's window.",
+        lambda k: k.daily_spent,
+    ),
+    (
+        "asinb_key_daily_limit",
+        "gauge",
+        "Requests per day (TPD) of the key.",
+        lambda k: k.daily_limit,
+    ),
+    (
+        "asinb_key_waiting_quota",
+        "gauge",
+        "1 while waiting for daily quota.",
+        lambda k: int(k.until is not None),
+    ),
+)
 
 
 class _Exposition:
