@@ -41,7 +41,7 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # Broker pulls in aiohttp and the engine; importing it lazily keeps ``import broker``
-    # (and every CLI start, such as ``broker check-config``) light.
+    # light for code that needs only the models and errors.
     if name in ("Broker", "Query"):
         from broker.engine import broker as engine
 

@@ -100,7 +100,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "one at a time; file each with its output and a status file under SPOOL/done/ or "
         "SPOOL/failed/. Serves /healthz, /readyz and Prometheus /metrics.",
         epilog="exit codes: 0 stopped by SIGTERM/SIGINT (the current job resumes at the next "
-        "start); 74 cannot write the spool; 75 forced by a second signal (still resumable); "
+        "start); 69 the API endpoint stayed unreachable past the outage budget (the job stays in "
+        "processing/); 74 cannot write the spool; 75 forced by a second signal (still "
+        "resumable); "
         "77 every key was rejected (the job stays in processing/); 78 bad config, refused "
         "--host or port in use",
     )

@@ -197,3 +197,14 @@ def test_report_json_is_serialisable() -> None:
     assert data["utilisation_pct"] == 100.0
     assert data["cpu_us_per_request"] == 1000.0
     assert data["asins_per_s"] == 50.0
+
+
+def test_a_simulator_that_fails_to_start_reports_its_stderr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the child never prints its URL, the error carries the child's stderr."""
+    import broker.simulator.process as process
+
+    monkeypatch.setattr(process, "_READY", __import__("re").compile(r"never matches \d{99}"))
+    with pytest.raises(RuntimeError, match="simulator did not start"), SimulatorProcess({}):
+        pass

@@ -606,3 +606,15 @@ class TestEngineCrash:
             await asyncio.wait_for(consume(), timeout=10)
         with pytest.raises(OSError, match="No space left"):
             await broker.get_item(asins(1)[0])
+
+    async def test_caller_waiting_for_room_gets_the_crash(self, harness: Harness) -> None:
+        """A caller blocked on a full queue when the engine dies raises the crash too."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, engine={"queue_size": 1, "linger_s": 0.0})
+        broker = await harness.broker(config, budget_store=_FullDisk())
+        first = asyncio.ensure_future(broker.get_item(asins(2)[0]))
+        second = asyncio.ensure_future(broker.get_item(asins(2)[1]))
+        done = await asyncio.wait_for(
+            asyncio.gather(first, second, return_exceptions=True), timeout=10
+        )
+        assert all(isinstance(outcome, OSError) for outcome in done)

@@ -301,3 +301,13 @@ class TestKeysAndSignals:
         rows = _rows(tmp_path / "out.jsonl")
         assert 0 < len(rows) <= 20
         assert all(r["status"] in ("ok", "not_found") for r in rows)
+
+
+def test_config_error_at_run_time_maps_to_78() -> None:
+    """A ConfigError raised during a run (e.g. a key with no secret) exits 78, not 1."""
+    from broker.errors import ConfigError
+    from broker.jobs.runner import describe_failure
+
+    code, message = describe_failure(ConfigError("keys.x", "no secret"))
+    assert code == ExitCode.CONFIG == 78
+    assert "keys.x" in message

@@ -349,7 +349,8 @@ class Broker:
 
     def _require_open(self) -> None:
         if self._crash is not None:
-            raise self._crash
+            # Without its old traceback: re-raising one object would grow it on every call.
+            raise self._crash.with_traceback(None)
         if self._stack is None or self._batcher is None or self._executor is None:
             raise RuntimeError("use 'async with Broker(...)' before looking anything up")
 
@@ -401,6 +402,10 @@ class Broker:
             existing.waiters += 1
             return existing.future, existing
         await self._capacity.acquire()
+        if self._crash is not None:
+            # The engine died while this caller waited for room: nothing would answer.
+            self._capacity.release()
+            raise self._crash.with_traceback(None)
         existing = self._inflight.get(key)
         if existing is not None:
             self._capacity.release()

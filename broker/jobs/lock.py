@@ -74,8 +74,13 @@ class JobLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            # Closing drops the flock: a lock we cannot label must not stay held.
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 

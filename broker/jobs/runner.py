@@ -29,7 +29,7 @@ from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.broker import Broker, Query
 from broker.engine.keys import OUTAGE_CODE
 from broker.engine.quota import BatchedBudgetStore
-from broker.errors import BrokerError, JobFileError, NoUsableKeyError
+from broker.errors import BrokerError, ConfigError, JobFileError, NoUsableKeyError
 from broker.jobs.ledger import Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
@@ -628,6 +628,8 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
         return ExitCode.NO_PERMISSION, (
             f"stopped: {exc}. Unfinished rows stay pending; fix the key and run again."
         )
+    if isinstance(exc, ConfigError):
+        return ExitCode.CONFIG, f"invalid config: {exc}"
     if isinstance(exc, FileNotFoundError):
         return ExitCode.NO_INPUT, f"input not found: {exc.filename}"
     if isinstance(exc, JobFileError):

@@ -134,8 +134,10 @@ class SimulatorProcess:
         line = found[0] if found else ""
         match = _READY.search(line)
         if match is None:
-            self._stop()
+            self._stop_process()
+            # Read before _stop removes the temporary directory that holds it.
             detail = stderr_path.read_text(encoding="utf-8", errors="replace").strip()
+            self._stop()
             raise RuntimeError(
                 f"simulator did not start (first line {line!r}); stderr:\n{detail[-2000:]}"
             )
@@ -150,6 +152,12 @@ class SimulatorProcess:
                 pass
 
     def _stop(self) -> None:
+        self._stop_process()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _stop_process(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             # SIGTERM: serve_forever shuts the app down cleanly.
@@ -162,9 +170,6 @@ class SimulatorProcess:
         if proc is not None and proc.stdout is not None:
             with contextlib.suppress(OSError):
                 proc.stdout.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
     def __exit__(
         self,
