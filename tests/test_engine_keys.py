@@ -119,3 +119,27 @@ class TestCircuit:
         assert pauses[:3] == [2.0, 4.0, 8.0]
         assert pauses[-1] == 60.0
         assert key.snapshot().reason == "token endpoint: ConnectionError"
+
+
+class TestOutageClock:
+    """The outage budget counts only time the endpoint is seen to be down."""
+
+    async def test_idle_gap_starts_a_new_outage(self) -> None:
+        """One failure, an hour idle, one more failure: a fresh outage, not an hour-long one."""
+        clock = FakeClock()
+        key = _key(clock)
+        assert not key.on_unreachable(ConnectionRefusedError(), clock.monotonic())
+        await clock.advance(3600.0)
+        assert not key.on_unreachable(ConnectionRefusedError(), clock.monotonic())
+        assert key.outage_s == 0.0
+
+    async def test_continuing_outage_spends_the_budget(self) -> None:
+        """Failures every minute for the whole budget take the key out."""
+        clock = FakeClock()
+        key = _key(clock)
+        spent = False
+        for _ in range(16):
+            spent = key.on_unreachable(ConnectionRefusedError(), clock.monotonic())
+            await clock.advance(60.0)
+        assert spent
+        assert key.outage_s >= key.outage_budget_s

@@ -55,6 +55,10 @@ _OUTAGE_PAUSE_S = 1.0
 _OUTAGE_PAUSE_CAP_S = 60.0
 #: The code a key taken out by an outage carries (``broker run`` maps it to exit 69).
 OUTAGE_CODE = "EndpointUnavailable"
+#: A failure this long after the previous one starts a new outage: a continuing outage fails
+#: again at least once per longest pause (plus a timeout), so a longer silence means the key
+#: was idle, not that the endpoint stayed down, and must not count toward the budget.
+_OUTAGE_GAP_S = 2 * max(_OUTAGE_PAUSE_CAP_S, _AUTH_PAUSE_CAP_S)
 
 
 class KeyHealth(enum.Enum):
@@ -107,6 +111,7 @@ class KeyState:
         self.outage_budget_s = outage_budget_s
         self._jitter = jitter
         self._outage_since: float | None = None
+        self._outage_last = -math.inf
         self._outage_rounds = 0
         self._outage_paused_at = -math.inf
 
@@ -347,8 +352,11 @@ class KeyState:
 
     def _outage_spent(self) -> bool:
         now = self._clock.monotonic()
-        if self._outage_since is None:
+        if self._outage_since is None or now - self._outage_last > _OUTAGE_GAP_S:
             self._outage_since = now
+            self._outage_rounds = 0
+            self._outage_paused_at = -math.inf
+        self._outage_last = now
         return now - self._outage_since >= self.outage_budget_s
 
     @property
