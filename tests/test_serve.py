@@ -213,6 +213,18 @@ class TestJobs:
         assert not (spool / "done" / "bad.csv").exists()
         assert os.listdir(spool / "processing") == []
 
+    async def test_job_for_an_unconfigured_marketplace_is_filed_failed(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A row for a marketplace no key serves files the job in failed/; the next job runs."""
+        await start()
+        _drop(spool, "jp.jsonl", '{"asin": "B0JPJPJP01", "marketplace": "www.amazon.co.jp"}\n')
+        _drop(spool, "next.txt", "B0NEXTNX01\n")
+        status = await _filed(spool, "jp.jsonl", "failed")
+        assert status["exit_code"] == ExitCode.NO_PERMISSION
+        assert "www.amazon.co.jp" in status["error"]
+        assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
+
     async def test_files_present_at_start_are_picked_up(self, start: Start, spool: Path) -> None:
         """Jobs dropped while the daemon was down are processed; orphaned work files swept."""
         _drop(spool, "first.txt", "\n".join(_asins(3, "B0FRST")) + "\n")

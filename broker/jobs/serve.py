@@ -58,7 +58,7 @@ import structlog
 
 from broker.clock import Clock, LoopClock
 from broker.engine.broker import Broker
-from broker.errors import ConfigError, JobFileError
+from broker.errors import ConfigError, JobFileError, NoUsableKeyError
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.runner import ExitCode, JobOptions, JobSummary, describe_failure, run_job
@@ -581,6 +581,13 @@ class Daemon:
             logger.warning("broker.job_skipped", job=name, reason=str(exc))
             return
         except JobFileError as exc:
+            self._fail(job, exc)
+            return
+        except NoUsableKeyError as exc:
+            if any(exc.marketplace in key.partner_tags for key in self._config.keys):
+                raise  # the keys themselves failed: the daemon stops, the job stays claimed
+            # The job asks for a marketplace no key is configured for: the job's problem, so
+            # it is filed, and the daemon does not stop on it at every start.
             self._fail(job, exc)
             return
         except FileNotFoundError:
