@@ -24,6 +24,7 @@ from broker.bench import (
     backlog,
     broker_config,
     creators_account,
+    format_table,
     loop_factory,
     paapi_account,
 )
@@ -108,12 +109,7 @@ def warn_if_busy() -> None:
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """A plain aligned table on stderr."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for number, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)), file=sys.stderr)
-        if number == 0:
-            print("  ".join("-" * w for w in widths), file=sys.stderr)
+    print(format_table(headers, rows), file=sys.stderr)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

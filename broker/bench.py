@@ -50,6 +50,7 @@ __all__ = [
     "bench_command",
     "broker_config",
     "creators_account",
+    "format_table",
     "loop_factory",
     "paapi_account",
     "run_bench",
@@ -357,7 +358,7 @@ def render_table(reports: Sequence[BenchReport]) -> str:
         f"latency {first.latency_ms:g} ms + Exp({first.jitter_ms:g} ms); faults {faults}; "
         f"{first.duration_s:g} s window after {first.warmup_s:g} s warm-up"
     )
-    rows = [list(_COLUMNS)]
+    rows: list[list[str]] = []
     for report in reports:
         util = report.utilisation_pct
         allowed = f"{report.allowed_per_s:.1f}" if report.allowed_per_s else "-"
@@ -376,13 +377,7 @@ def render_table(reports: Sequence[BenchReport]) -> str:
                 f"{report.peak_rss_mb:.0f}",
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = [head, ""]
-    for number, row in enumerate(rows):
-        lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-        if number == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    lines.append("")
+    lines = [head, "", format_table(_COLUMNS, rows), ""]
     for report in reports:
         statuses = ", ".join(f"{n} {s}" for s, n in sorted(report.items_by_status.items()))
         injected = ", ".join(f"{k} x{n}" for k, n in sorted(report.faults_injected.items()))
@@ -390,6 +385,15 @@ def render_table(reports: Sequence[BenchReport]) -> str:
             f"{report.options.loop}: ASINs {statuses or 'none'}; "
             f"faults injected: {injected or 'none'}"
         )
+    return "\n".join(lines)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain right-aligned text table: a header row, a rule, then the rows."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
@@ -608,23 +612,19 @@ def bench_command(args: argparse.Namespace) -> int:
             faults=_faults(args.fault),
             seed=args.seed,
         )
+        reports: list[BenchReport] = []
+        for loop in args.loop or ["uvloop"]:
+            options = dataclasses.replace(base, loop=loop)
+            seconds = options.warmup_s + options.duration_s
+            print(f"running {loop} for {seconds:g} s ...", file=sys.stderr)
+            # The broker's own config checks (e.g. --broker-tps above 1000) run inside.
+            report = run_bench(options)
+            reports.append(report)
+            if args.json:
+                print(json.dumps(report.to_json(), sort_keys=True), flush=True)
     except ConfigError as exc:
         print(f"broker bench: {exc}", file=sys.stderr)
         return 2
-    reports: list[BenchReport] = []
-    for loop in args.loop or ["uvloop"]:
-        options = dataclasses.replace(base, loop=loop)
-        print(
-            f"running {loop} for {options.warmup_s + options.duration_s:g} s ...", file=sys.stderr
-        )
-        try:
-            report = run_bench(options)
-        except ConfigError as exc:
-            print(f"broker bench: {exc}", file=sys.stderr)
-            return 2
-        reports.append(report)
-        if args.json:
-            print(json.dumps(report.to_json(), sort_keys=True), flush=True)
     if not args.json:
         print(render_table(reports))
     return 0
