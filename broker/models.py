@@ -17,6 +17,7 @@ __all__ = [
     "ItemResult",
     "ItemSummary",
     "Protocol",
+    "Query",
     "Secret",
     "Status",
 ]
@@ -79,6 +80,22 @@ class ItemSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class Query:
+    """What a caller asked: one ASIN, with optional marketplace, resources and caller tag.
+
+    ``marketplace`` and ``resources`` left as None take the config's defaults; the broker
+    fills them in, so every :class:`ItemResult` carries the complete query it answers.
+    ``tag`` is opaque to the broker (a row number, a request id): it comes back unchanged
+    with the result, so callers never match answers back by guessing.
+    """
+
+    asin: str
+    marketplace: str | None = None
+    resources: tuple[str, ...] | None = None
+    tag: object = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ItemResult:
     """The answer for one ASIN in one marketplace.
 
@@ -93,6 +110,10 @@ class ItemResult:
         attempts: how many requests carried this ASIN.
         key: the name of the key that answered, or None.
         fetched_at: when the answer arrived (UTC), or None if nothing was sent.
+        query: the query this result answers, complete (marketplace and resources filled
+            in) and with the caller's tag.
+        cached: True when the answer came from the item cache instead of a request
+            (``fetched_at`` is then when Amazon originally sent it).
     """
 
     asin: str
@@ -104,6 +125,8 @@ class ItemResult:
     attempts: int = 0
     key: str | None = None
     fetched_at: datetime | None = field(default=None)
+    query: Query | None = field(default=None, compare=False)
+    cached: bool = False
 
     @property
     def ok(self) -> bool:
@@ -122,6 +145,7 @@ class ItemResult:
             "attempts": self.attempts,
             "key": self.key,
             "fetched_at": _iso(self.fetched_at),
+            "cached": self.cached,
         }
 
 

@@ -16,7 +16,6 @@ import functools
 import os
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ from broker.engine.metrics import EngineMetrics, MetricsSnapshot
 from broker.engine.retry import RetryPolicy
 from broker.engine.transport import AiohttpTransport, Transport
 from broker.errors import ConfigError, describe
-from broker.models import ErrorDetail, ItemResult, Protocol, Secret, Status
+from broker.models import ErrorDetail, ItemResult, Protocol, Query, Secret, Status
 
 if TYPE_CHECKING:
     from broker.engine.quota import BudgetStore
@@ -45,15 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["Broker", "Query"]
 
 logger = structlog.get_logger("broker")
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """One ASIN to look up, with optional per-item marketplace and resources."""
-
-    asin: str
-    marketplace: str | None = None
-    resources: tuple[str, ...] | None = None
 
 
 _Input = str | Query
