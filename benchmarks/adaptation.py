@@ -58,7 +58,7 @@ from _harness import (
 from _peer import PEER, PeerCall, PeerProcess, peer_accounts, summarise_calls
 from _plots import AdaptationSeries, plot_adaptation
 
-from broker.engine.broker import Broker
+from broker.client import Broker
 
 __all__ = ["main"]
 

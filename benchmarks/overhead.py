@@ -67,9 +67,9 @@ from broker.api.marketplaces import token_url
 from broker.api.oauth import CreatorsTokenCache
 from broker.api.paapi5 import PaapiDialect
 from broker.api.sigv4 import SigV4Signer
+from broker.client import Broker
 from broker.clock import LoopClock
 from broker.config import DEFAULT_RESOURCES
-from broker.engine.broker import Broker
 from broker.engine.transport import AiohttpTransport
 from broker.models import Secret, Status
 

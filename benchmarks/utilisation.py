@@ -73,7 +73,7 @@ from _harness import (
 from _peer import PEER, PeerProcess, PeerRun, peer_accounts, summarise_calls
 from _plots import plot_utilisation
 
-from broker.engine.broker import Broker
+from broker.client import Broker
 
 __all__ = ["main"]
 

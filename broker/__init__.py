@@ -12,10 +12,10 @@ from broker.errors import (
     JobFileError,
     NoUsableKeyError,
 )
-from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Status
+from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Status
 
 if TYPE_CHECKING:
-    from broker.engine.broker import Broker, Query
+    from broker.client import Broker
 
 try:
     __version__ = version("asin-broker")
@@ -42,8 +42,8 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # Broker pulls in aiohttp and the engine; importing it lazily keeps ``import broker``
     # light for code that needs only the models and errors.
-    if name in ("Broker", "Query"):
-        from broker.engine import broker as engine
+    if name == "Broker":
+        from broker.client import Broker
 
-        return getattr(engine, name)
+        return Broker
     raise AttributeError(f"module 'broker' has no attribute {name!r}")

@@ -38,7 +38,7 @@ from broker.simulator.settings import FaultRates
 
 if TYPE_CHECKING:
     from broker.api.base import HttpRequest, RawResponse
-    from broker.engine.broker import Broker
+    from broker.client import Broker
     from broker.engine.transport import AiohttpTransport
 
 __all__ = [
@@ -434,7 +434,7 @@ def _peak_rss_mb() -> float:
 async def _measure(url: str, options: BenchOptions) -> BenchReport:
     import aiohttp
 
-    from broker.engine.broker import Broker
+    from broker.client import Broker
     from broker.engine.transport import AiohttpTransport
     from broker.simulator.process import sim_stats
 

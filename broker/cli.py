@@ -224,8 +224,8 @@ def _check_config(config: object) -> int:
 async def _lookup(config: object, asins: Sequence[str], marketplace: str | None) -> int:
     import json
 
+    from broker.client import Broker
     from broker.config import BrokerConfig
-    from broker.engine.broker import Broker
     from broker.errors import NoUsableKeyError
 
     assert isinstance(config, BrokerConfig)

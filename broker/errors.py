@@ -40,6 +40,7 @@ __all__ = [
     "AuthError",
     "BadRequestError",
     "BodyTooLarge",
+    "BrokerClosedError",
     "BrokerError",
     "ConfigError",
     "ConnectError",
@@ -54,6 +55,7 @@ __all__ = [
     "ServerError",
     "ThrottledError",
     "TransportError",
+    "WrongEventLoopError",
     "describe",
 ]
 
@@ -178,6 +180,14 @@ class NoUsableKeyError(BrokerError):
         self.failures = tuple(failures)
         reasons = "; ".join(f"{f.key}: {f.code} ({f.remedy})" for f in self.failures)
         super().__init__(f"no key can serve {marketplace}: {reasons or 'no key configured'}")
+
+
+class BrokerClosedError(BrokerError, RuntimeError):
+    """The broker was closed while this call waited, or before it was made."""
+
+
+class WrongEventLoopError(BrokerError, RuntimeError):
+    """The broker was opened on another event loop; it can only be used from that loop."""
 
 
 class Scope(enum.Enum):
@@ -546,6 +556,21 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         Scope.ASIN,
         False,
         "Fix the id: an ASIN is 10 letters or digits (an ISBN-10 for books).",
+    ),
+    ErrorInfo(
+        "UnknownMarketplace",
+        "The marketplace named is not one of Amazon's, so nothing was sent.",
+        Scope.ASIN,
+        False,
+        "Name a marketplace as www.amazon.co.uk, amazon.co.uk or its code (UK).",
+    ),
+    ErrorInfo(
+        "NoKeyForMarketplace",
+        "No configured key has a partner tag for this marketplace, so nothing was sent.",
+        Scope.ASIN,
+        False,
+        "Add the marketplace to a key's partner_tags in config.toml "
+        '(keys.partner_tags: "www.amazon.co.uk" = "yourtag-21").',
     ),
     ErrorInfo(
         "KeyOutOfRotation",

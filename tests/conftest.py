@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import structlog
 
+from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
-from broker.engine.broker import Broker
 from broker.engine.transport import AiohttpTransport
 from broker.simulator.accounts import Account
 from broker.simulator.server import SimulatorServer

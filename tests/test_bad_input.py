@@ -24,8 +24,8 @@ import structlog
 from conftest import US, key_doc
 
 from broker import cli
+from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
-from broker.engine.broker import Broker
 from broker.engine.transport import AiohttpTransport
 from broker.errors import JobFileError
 from broker.jobs.ledger import Ledger

@@ -9,6 +9,7 @@ import pytest
 
 from broker.api.base import Operation
 from broker.engine.batcher import Batch, Batcher, Lookup, WorkQueue
+from broker.models import Query
 from broker.testing import FakeClock, settle
 
 US = "www.amazon.com"
@@ -16,8 +17,22 @@ DE = "www.amazon.de"
 TITLE = ("itemInfo.title",)
 
 
+class _Caller:
+    """A receiver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[object] = []
+
+    def receive(self, lookup: Lookup, query: Query, outcome: object) -> None:
+        self.outcomes.append(outcome)
+
+
+CALLER = _Caller()
+
+
 def _lookup(asin: str, marketplace: str = US, resources: tuple[str, ...] = TITLE) -> Lookup:
-    return Lookup(marketplace, asin, resources, asyncio.get_running_loop().create_future())
+    query = Query(asin, marketplace, resources)
+    return Lookup(query, [(CALLER, query)])
 
 
 def _take_all(work: WorkQueue, marketplaces: tuple[str, ...] = (US, DE)) -> list[Batch]:
@@ -154,7 +169,7 @@ class TestWorkQueue:
     async def test_head_lane_for_retries(self) -> None:
         """A batch put at the front (a retry) is taken before older new work."""
         work = WorkQueue()
-        first, second, retry = (Batch(US, [_lookup(f"B00000000{i}")]) for i in range(3))
+        first, second, retry = (Batch.of([_lookup(f"B00000000{i}")]) for i in range(3))
         work.put(first)
         work.put(second)
         work.put_front(retry)
@@ -163,8 +178,8 @@ class TestWorkQueue:
     async def test_take_only_served_marketplaces(self) -> None:
         """A key takes only batches of marketplaces it serves; others stay queued in order."""
         work = WorkQueue()
-        de = Batch(DE, [_lookup("B000000001", DE)])
-        us = Batch(US, [_lookup("B000000002")])
+        de = Batch.of([_lookup("B000000001", DE)])
+        us = Batch.of([_lookup("B000000002")])
         work.put(de)
         work.put(us)
         assert work.has_work_for((US,))
@@ -174,47 +189,49 @@ class TestWorkQueue:
         assert work.take((DE,)) is de
 
     async def test_dead_batches_dropped(self) -> None:
-        """A batch whose every caller is gone is skipped and removed."""
+        """A batch whose every caller is gone leaves the queue at once (N11)."""
         work = WorkQueue()
-        dead = Batch(US, [_lookup("B000000001")])
-        dead.lookups[0].future.cancel()
-        live = Batch(US, [_lookup("B000000002")])
+        dead = Batch.of([_lookup("B000000001")])
+        live = Batch.of([_lookup("B000000002")])
         work.put(dead)
         work.put(live)
+        dead.lookups[0].detach(CALLER)
+        assert len(work) == 1
         assert work.take((US,)) is live
         assert len(work) == 0
 
-    async def test_get_waits_for_work(self) -> None:
-        """get() blocks until a batch for the key's marketplaces arrives."""
+    async def test_wait_for_work(self) -> None:
+        """wait_for() blocks until a batch for the key's marketplaces arrives."""
         work = WorkQueue()
-        getter = asyncio.get_running_loop().create_task(work.get(lambda: (US,)))
+        getter = asyncio.get_running_loop().create_task(work.wait_for(lambda: (US,)))
         await settle()
-        work.put(Batch(DE, [_lookup("B000000001", DE)]))
+        work.put(Batch.of([_lookup("B000000001", DE)]))
         await settle()
         assert not getter.done()
-        batch = Batch(US, [_lookup("B000000002")])
+        batch = Batch.of([_lookup("B000000002")])
         work.put(batch)
         await settle()
-        assert getter.result() is batch
+        assert getter.done()
+        assert work.take((US,)) is batch
 
     async def test_wake_rereads_marketplaces(self) -> None:
-        """wake() makes waiting getters re-read their marketplaces (a key changed state)."""
+        """wake() makes waiting keys re-read their marketplaces (a key changed state)."""
         work = WorkQueue()
         served: list[str] = []
-        work.put(Batch(DE, [_lookup("B000000001", DE)]))
-        getter = asyncio.get_running_loop().create_task(work.get(lambda: served))
+        work.put(Batch.of([_lookup("B000000001", DE)]))
+        getter = asyncio.get_running_loop().create_task(work.wait_for(lambda: served))
         await settle()
         assert not getter.done()
         served.append(DE)
         work.wake()
         await settle()
-        assert getter.result().marketplace == DE
+        assert getter.done()
 
     async def test_drain(self) -> None:
         """drain(marketplace) removes just that marketplace's batches."""
         work = WorkQueue()
-        work.put(Batch(US, [_lookup("B000000001")]))
-        work.put(Batch(DE, [_lookup("B000000002", DE)]))
+        work.put(Batch.of([_lookup("B000000001")]))
+        work.put(Batch.of([_lookup("B000000002", DE)]))
         assert [b.marketplace for b in work.drain(DE)] == [DE]
         assert len(work) == 1
         assert len(work.drain()) == 1

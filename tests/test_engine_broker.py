@@ -21,9 +21,9 @@ from conftest import (
 )
 from structlog.testing import capture_logs
 
-from broker.engine.broker import Broker, Query
-from broker.errors import ApiError, NoUsableKeyError
-from broker.models import ItemResult, Status
+from broker.client import Broker
+from broker.errors import ApiError, BrokerClosedError, NoUsableKeyError
+from broker.models import ItemResult, Query, Status
 from broker.simulator.catalog import lookup
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import FaultRates, SimulatorSettings
@@ -258,7 +258,7 @@ class TestCallers:
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
     async def test_operation_cancelled_with_its_caller(self, harness: Harness) -> None:
-        """Closing the broker ends a pending search instead of leaving its caller hanging."""
+        """Closing the broker ends a pending search with BrokerClosedError, not a hang (N15)."""
         sim = await harness.simulator(FREE)
         config = make_config(sim.url, keys=[key_doc(tps=0.5)])
         broker = Broker(config)
@@ -267,7 +267,7 @@ class TestCallers:
         search = asyncio.get_running_loop().create_task(broker.search_items(keywords="kettle"))
         await asyncio.sleep(0.01)
         await broker.aclose()
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(BrokerClosedError):
             await asyncio.wait_for(search, 5)
 
 
@@ -529,11 +529,39 @@ class TestBrokenKeys:
         assert broker.metrics().outstanding_lookups == 0
 
     async def test_unserved_marketplace(self, harness: Harness) -> None:
-        """A marketplace no key has a partner tag for raises at once, naming the fix."""
+        """A marketplace no key is configured for fails that query only, naming the fix."""
         sim = await harness.simulator(FREE)
         broker = await harness.broker(make_config(sim.url))
-        with pytest.raises(NoUsableKeyError, match="InvalidPartnerTag"):
-            await broker.get_items(["B000000001"], marketplace="www.amazon.de")
+        unserved, served = await broker.get_items(
+            [Query("B000000001", "DE"), Query("B000000002")]
+        )
+        assert unserved.status is Status.FAILED
+        assert unserved.error is not None
+        assert unserved.error.code == "NoKeyForMarketplace"
+        assert "partner_tags" in unserved.error.remedy
+        assert unserved.query == Query("B000000001", "www.amazon.de", unserved.query.resources)
+        assert served.ok
+        assert broker.metrics().requests == 1
+
+    async def test_unknown_marketplace(self, harness: Harness) -> None:
+        """A marketplace that is not Amazon's is an invalid query, never sent."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        (result,) = await broker.get_items([Query("B000000001", "amazon.nowhere")])
+        assert result.status is Status.INVALID
+        assert result.error is not None
+        assert result.error.code == "UnknownMarketplace"
+        assert broker.metrics().requests == 0
+
+    async def test_marketplace_aliases(self, harness: Harness) -> None:
+        """US, amazon.com and www.amazon.com name one marketplace: one lookup, one request."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        results = await broker.get_items(
+            [Query("B000000001", "US"), Query("B000000001", "amazon.com")]
+        )
+        assert [r.query.marketplace for r in results if r.query] == ["www.amazon.com"]
+        assert broker.metrics().requests == 1
 
 
 class TestOperations:

@@ -12,7 +12,7 @@ from conftest import US, asins, key_doc, make_config
 from structlog.testing import capture_logs
 
 from broker.api.base import HttpRequest, RawResponse
-from broker.engine.broker import Broker
+from broker.client import Broker
 from broker.engine.transport import MockTransport
 from broker.errors import NoUsableKeyError, RequestTimeout
 from broker.models import ItemResult, Status

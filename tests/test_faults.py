@@ -74,7 +74,7 @@ from broker.simulator.settings import FaultRates, SimulatorSettings
 from broker.testing import FakeClock
 
 if TYPE_CHECKING:
-    from broker.engine.broker import Broker
+    from broker.client import Broker
     from broker.simulator.state import Simulator
 
 FREE = SimulatorSettings(limits=False)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from broker import cli
+from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
-from broker.engine.broker import Broker
 from broker.jobs.ledger import Ledger
 from broker.jobs.runner import ExitCode, JobOptions, run_job
 

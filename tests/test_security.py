@@ -37,9 +37,9 @@ from broker import cli
 from broker.api.base import HttpRequest, RawResponse
 from broker.api.oauth import CreatorsTokenCache
 from broker.api.sigv4 import SigV4Signer
+from broker.client import Broker
 from broker.config import BrokerConfig, load_config, parse_config
 from broker.engine.authorizer import BearerAuthorizer, SigV4Authorizer
-from broker.engine.broker import Broker
 from broker.engine.transport import AiohttpTransport
 from broker.errors import AuthError, ConfigError, TransportError
 from broker.jobs.metrics_http import MetricsServer

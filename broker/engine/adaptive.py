@@ -396,6 +396,16 @@ class Circuit:
             return True
         return False
 
+    def abandon_probe(self) -> None:
+        """The probe admitted was never sent (its caller left): admit the next one at once.
+
+        Without this the circuit would stay probing with no probe in flight, and the key
+        would never send again (N9).
+        """
+        if self._state is CircuitState.PROBING:
+            self._state = CircuitState.OPEN
+            self._probe_at = self._clock.monotonic()
+
     def on_success(self) -> None:
         """Close the circuit: a request got through (the probe, or one already in flight)."""
         self._state = CircuitState.CLOSED

@@ -1,58 +1,127 @@
 """Batching: lookups grouped into GetItems batches of up to 10, and the queue keys take work from.
 
-A :class:`Lookup` is one (marketplace, ASIN, resources) question with the future its
-callers await. The :class:`Batcher` groups lookups of the same marketplace and resources,
-flushing a group when it is full or when its linger time is up, into the
-:class:`WorkQueue`. Key dispatchers take batches from the work queue; a batch that must
-be tried again (after a 429, an expired token, a transient error) goes back to the head
-of the queue, so the retry never waits behind new work.
+A :class:`Lookup` is one (marketplace, ASIN, resources) question shared by every caller
+who asked it; its callers are *receivers*, called synchronously with the answer (no
+future and no loop hop per ASIN). The :class:`Batcher` groups lookups of the same
+marketplace and resources into a :class:`Batch`, handing it to the :class:`WorkQueue`
+when it is full or its linger time is up. Key dispatchers take batches from the queue;
+a batch that must be tried again (after a 429, an expired token, a transient error) goes
+back to the head of the queue, so the retry never waits behind new work.
 
-Lookups and batches are mutable records on purpose: they carry an ASIN's attempt count
-and last error through its retries inside the executor, and are never shared outside it.
+A lookup always knows the batch it waits in, so a lookup every caller gave up on leaves
+its batch at once, and an emptied batch leaves the batcher or the queue: abandoned work
+holds no memory and is never sent (N11). A batch's attempt state
+(:class:`~broker.engine.attempt.Attempts`) travels with it and only the executor edits it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import enum
 import itertools
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
+
+from broker.engine.attempt import Attempts
 
 if TYPE_CHECKING:
     from broker.api.base import Operation
     from broker.clock import Clock
-    from broker.models import ItemResult
+    from broker.models import ItemResult, Query
 
-__all__ = ["Batch", "Batcher", "Lookup", "WorkQueue"]
+__all__ = ["Batch", "BatchPlace", "Batcher", "Lookup", "Receiver", "WorkQueue"]
 
 _batch_ids = itertools.count(1)
 
 
+class Receiver(Protocol):
+    """A caller waiting for lookups: told each outcome synchronously, with its own query."""
+
+    def receive(self, lookup: Lookup, query: Query, outcome: ItemResult | BaseException) -> None:
+        """``lookup`` (asked as ``query``) ended with ``outcome``."""
+
+
+class BatchPlace(enum.Enum):
+    """Where a batch is: what must happen to it when its last lookup is abandoned."""
+
+    #: filling up in the batcher
+    LINGERING = "lingering"
+    #: in the work queue, waiting for a key
+    QUEUED = "queued"
+    #: with the executor (being sent, or waiting out a retry delay)
+    ACTIVE = "active"
+
+
 @dataclass(slots=True, eq=False)
 class Lookup:
-    """One ASIN question in flight, shared by every caller who asked it."""
+    """One question in flight: ``query`` is complete (marketplace and resources filled in).
 
-    marketplace: str
-    asin: str
-    resources: tuple[str, ...]
-    future: asyncio.Future[ItemResult]
-    attempts: int = 0
-    first_sent_at: float | None = None
-    #: the last transient error, reported if every attempt fails
-    last_error: BaseException | None = None
-    #: times the response did not mention this ASIN
-    missing: int = 0
-    #: attempts answered with 429; they never count toward failing the lookup
-    throttles: int = 0
-    #: callers still waiting for the answer; the last one to give up cancels the lookup
-    waiters: int = 1
+    ``receivers`` holds each waiting caller with the query it asked (its tag included);
+    :meth:`finish` hands every one of them the outcome, each with its own query.
+    """
+
+    query: Query
+    #: (receiver, the caller's own query) for every caller still waiting
+    receivers: list[tuple[Receiver, Query]] = field(default_factory=list)
+    #: the batch the lookup waits in (None before it is batched)
+    batch: Batch | None = None
+    done: bool = False
+    #: called once when the lookup ends or is abandoned (the intake's bookkeeping)
+    on_done: Callable[[Lookup], None] | None = None
+
+    @property
+    def asin(self) -> str:
+        """The normalised ASIN asked for."""
+        return self.query.asin
+
+    @property
+    def marketplace(self) -> str:
+        """The marketplace asked for, e.g. ``www.amazon.com``."""
+        return self.query.marketplace or ""
+
+    @property
+    def resources(self) -> tuple[str, ...]:
+        """The resources asked for."""
+        return self.query.resources or ()
 
     @property
     def group(self) -> tuple[str, tuple[str, ...]]:
         """Lookups of one group may share a request."""
         return (self.marketplace, self.resources)
+
+    def finish(self, outcome: ItemResult | BaseException) -> bool:
+        """End the lookup: every receiver gets ``outcome``. False if it had already ended."""
+        if self.done:
+            return False
+        self.done = True
+        receivers, self.receivers = self.receivers, []
+        self._leave()
+        for receiver, query in receivers:
+            if query is self.query or isinstance(outcome, BaseException):
+                receiver.receive(self, query, outcome)
+            else:
+                receiver.receive(self, query, replace(outcome, query=query))
+        return True
+
+    def detach(self, receiver: Receiver) -> None:
+        """A caller stops waiting; the last one to leave abandons the lookup (never sent)."""
+        if self.done:
+            return
+        self.receivers = [entry for entry in self.receivers if entry[0] is not receiver]
+        if not self.receivers:
+            self.done = True
+            self._leave()
+
+    def _leave(self) -> None:
+        batch, self.batch = self.batch, None
+        if batch is not None:
+            batch.remove(self)
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(self)
 
 
 @dataclass(slots=True, eq=False)
@@ -61,40 +130,74 @@ class Batch:
 
     marketplace: str
     lookups: list[Lookup] = field(default_factory=list)
+    resources: tuple[str, ...] = ()
     #: set for SearchItems / GetVariations / GetBrowseNodes; None for GetItems
     operation: Operation | None = None
     params: Mapping[str, object] | None = None
     op_future: asyncio.Future[Mapping[str, object]] | None = None
-    op_attempts: int = 0
-    op_throttles: int = 0
-    op_first_sent_at: float | None = None
-    #: token refreshes or re-signings spent on this batch (bounded to avoid a loop)
-    auth_retries: int = 0
+    #: the attempt state; only the executor edits it
+    attempts: Attempts = field(default_factory=Attempts)
+    place: BatchPlace = BatchPlace.ACTIVE
+    #: told when the batch's last lookup is abandoned while it lingers or queues
+    on_empty: Callable[[Batch], None] | None = None
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
+
+    @classmethod
+    def of(cls, lookups: list[Lookup], *, attempts: Attempts | None = None) -> Batch:
+        """A GetItems batch of ``lookups`` (one group), each lookup pointed at it."""
+        first = lookups[0]
+        batch = cls(
+            first.marketplace,
+            lookups,
+            first.resources,
+            attempts=attempts if attempts is not None else Attempts(),
+        )
+        for lookup in lookups:
+            lookup.batch = batch
+        return batch
 
     @property
     def asins(self) -> list[str]:
         """The ASINs this batch asks for."""
         return [lookup.asin for lookup in self.lookups]
 
-    @property
-    def resources(self) -> tuple[str, ...]:
-        """The resources of this batch's group."""
-        return self.lookups[0].resources if self.lookups else ()
+    def add(self, lookup: Lookup) -> None:
+        """Add a lookup of this batch's group."""
+        self.lookups.append(lookup)
+        lookup.batch = self
+
+    def remove(self, lookup: Lookup) -> None:
+        """Take an ended or abandoned lookup out; tell the holder if the batch emptied."""
+        try:
+            self.lookups.remove(lookup)
+        except ValueError:
+            return
+        if not self.lookups and self.on_empty is not None:
+            self.on_empty(self)
+
+    def fail(self, error: BaseException) -> None:
+        """End every open lookup (or the operation) of the batch with ``error``."""
+        if self.operation is not None:
+            if self.op_future is not None and not self.op_future.done():
+                self.op_future.set_exception(error)
+            return
+        for lookup in list(self.lookups):
+            lookup.finish(error)
 
     def live(self) -> bool:
         """True while some caller still waits for an answer."""
         if self.operation is not None:
             return self.op_future is not None and not self.op_future.done()
-        return any(not lookup.future.done() for lookup in self.lookups)
+        return bool(self.lookups)
 
 
 class WorkQueue:
     """Batches waiting for a key, FIFO, with a head lane for retries.
 
     ``get(marketplaces)`` returns the oldest batch for one of the given marketplaces
-    (a key serves only the marketplaces it has a partner tag for). Its size is bounded
-    upstream: the broker admits at most ``queue_size`` outstanding lookups.
+    (a key serves only the marketplaces it has a partner tag for). A batch whose lookups
+    were all abandoned is dropped at once (:meth:`discard`). Its size is bounded
+    upstream: the intake admits at most ``queue_size`` outstanding lookups.
     """
 
     __slots__ = ("_batches", "_changed")
@@ -106,22 +209,35 @@ class WorkQueue:
     def __len__(self) -> int:
         return len(self._batches)
 
+    def _admit(self, batch: Batch) -> None:
+        batch.place = BatchPlace.QUEUED
+        batch.on_empty = self.discard
+        self._changed.set()
+
     def put(self, batch: Batch) -> None:
         """Queue a new batch behind the others."""
         self._batches.append(batch)
-        self._changed.set()
+        self._admit(batch)
 
     def put_front(self, batch: Batch) -> None:
         """Queue a batch to be retried ahead of new work."""
         self._batches.appendleft(batch)
-        self._changed.set()
+        self._admit(batch)
+
+    def discard(self, batch: Batch) -> None:
+        """Drop a queued batch (its last lookup was abandoned)."""
+        if batch.place is BatchPlace.QUEUED:
+            with contextlib.suppress(ValueError):
+                self._batches.remove(batch)
+            batch.place = BatchPlace.ACTIVE
+            batch.on_empty = None
 
     def has_work_for(self, marketplaces: Collection[str]) -> bool:
         """True if a queued batch is for one of ``marketplaces`` (stops at the first)."""
         return any(b.marketplace in marketplaces for b in self._batches)
 
     def take(self, marketplaces: Collection[str]) -> Batch | None:
-        """Remove and return the oldest live batch for ``marketplaces``; drop dead ones met."""
+        """Remove and return the oldest live batch for ``marketplaces``."""
         index = 0
         while index < len(self._batches):
             batch = self._batches[index]
@@ -129,16 +245,15 @@ class WorkQueue:
                 index += 1
                 continue
             del self._batches[index]
+            batch.place = BatchPlace.ACTIVE
+            batch.on_empty = None
             if batch.live():
                 return batch
         return None
 
-    async def get(self, marketplaces: Callable[[], Collection[str]]) -> Batch:
-        """Wait for a batch one of ``marketplaces()`` can serve (re-read on every change)."""
-        while True:
-            batch = self.take(marketplaces())
-            if batch is not None:
-                return batch
+    async def wait_for(self, marketplaces: Callable[[], Collection[str]]) -> None:
+        """Wait until a batch one of ``marketplaces()`` can serve is queued (not taking it)."""
+        while not self.has_work_for(marketplaces()):
             self._changed.clear()
             await self._changed.wait()
 
@@ -153,6 +268,9 @@ class WorkQueue:
         for batch in self._batches:
             (taken if marketplace in (None, batch.marketplace) else kept).append(batch)
         self._batches = kept
+        for batch in taken:
+            batch.place = BatchPlace.ACTIVE
+            batch.on_empty = None
         return taken
 
 
@@ -175,7 +293,7 @@ class Batcher:
         self._batch_size = batch_size
         self._linger_s = linger_s
         # Insertion order = age order, so the first group is always the next to expire.
-        self._groups: dict[tuple[str, tuple[str, ...]], tuple[float, list[Lookup]]] = {}
+        self._groups: dict[tuple[str, tuple[str, ...]], tuple[float, Batch]] = {}
         self._new_group = asyncio.Event()
 
     def add(self, lookup: Lookup) -> None:
@@ -183,26 +301,46 @@ class Batcher:
         key = lookup.group
         entry = self._groups.get(key)
         if entry is None:
+            batch = Batch.of([lookup])
             if self._batch_size == 1 or self._linger_s <= 0:
-                self._work.put(Batch(lookup.marketplace, [lookup]))
+                self._work.put(batch)
                 return
-            self._groups[key] = (self._clock.monotonic() + self._linger_s, [lookup])
+            batch.place = BatchPlace.LINGERING
+            batch.on_empty = self._dropped
+            self._groups[key] = (self._clock.monotonic() + self._linger_s, batch)
             self._new_group.set()
             return
-        entry[1].append(lookup)
-        if len(entry[1]) >= self._batch_size:
+        batch = entry[1]
+        batch.add(lookup)
+        if len(batch.lookups) >= self._batch_size:
             del self._groups[key]
-            self._work.put(Batch(lookup.marketplace, entry[1]))
+            self._work.put(batch)
+
+    def _dropped(self, batch: Batch) -> None:
+        """A lingering group lost its last lookup: forget it."""
+        key = (batch.marketplace, batch.resources)
+        entry = self._groups.get(key)
+        if entry is not None and entry[1] is batch:
+            del self._groups[key]
 
     def flush(self) -> None:
         """Send every partial group now (end of input)."""
         groups, self._groups = self._groups, {}
-        for (marketplace, _), (_, lookups) in groups.items():
-            self._work.put(Batch(marketplace, lookups))
+        for _, batch in groups.values():
+            self._work.put(batch)
+
+    def drain(self, marketplace: str) -> list[Batch]:
+        """Remove and return the lingering groups of ``marketplace`` (no key serves it)."""
+        taken = [batch for _, batch in self._groups.values() if batch.marketplace == marketplace]
+        for batch in taken:
+            del self._groups[(batch.marketplace, batch.resources)]
+            batch.place = BatchPlace.ACTIVE
+            batch.on_empty = None
+        return taken
 
     def pending(self) -> int:
         """Lookups waiting in partial groups."""
-        return sum(len(lookups) for _, lookups in self._groups.values())
+        return sum(len(batch.lookups) for _, batch in self._groups.values())
 
     async def run(self) -> None:
         """Flush groups as their linger time runs out; runs until cancelled."""
@@ -211,13 +349,13 @@ class Batcher:
                 self._new_group.clear()
                 await self._new_group.wait()
                 continue
-            key, (deadline, lookups) = next(iter(self._groups.items()))
+            key, (deadline, batch) = next(iter(self._groups.items()))
             wait = deadline - self._clock.monotonic()
             if wait > 0:
                 await self._clock.sleep(wait)
                 continue
             current = self._groups.get(key)
             # The group may have filled and been replaced by a younger one meanwhile.
-            if current is not None and current[0] == deadline:
+            if current is not None and current[1] is batch:
                 del self._groups[key]
-                self._work.put(Batch(key[0], lookups))
+                self._work.put(batch)

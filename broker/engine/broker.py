@@ -1,10 +1,15 @@
-"""The library API: ``async with Broker(...)``, then get_items / stream / get_item and friends.
+"""The library API and the engine's composition root: ``async with Broker(...)``, then look up.
 
-The broker owns every task of a run (batcher, one dispatcher per key, in-flight sends) in
-one TaskGroup, one HTTP session, and, when the config's endpoint is ``simulator``, an
-in-process simulator on a free loopback port. Lookups are validated before anything is
-sent, deduplicated per (marketplace, ASIN, resources) across every caller, batched, and
-dispatched to the key that can send soonest.
+The broker builds the pipeline (intake, batcher, key pool, executor, transport) and runs
+its tasks (the batcher, one dispatcher per key, every send) in one ``asyncio.TaskGroup``
+inside a single engine task: closing the broker cancels that task and with it everything
+it started, and a task that dies fails every waiting caller with its exception instead of
+hanging them. Results reach callers through receivers (one per ``get_items`` call or
+``stream``), each result carrying the query that asked for it.
+
+The engine talks to a URL; starting the embedded simulator for ``endpoint = "simulator"``
+belongs to the layer above (:class:`broker.client.Broker`), so the engine never imports
+the simulator that judges it.
 """
 
 from __future__ import annotations
@@ -12,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import os
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import structlog
 
@@ -25,18 +29,19 @@ from broker.api.base import Dialect, Operation
 from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import token_url
 from broker.api.paapi5 import PaapiDialect
-from broker.asin import check_asin
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
 from broker.engine.batcher import Batch, Batcher, Lookup, WorkQueue
 from broker.engine.executor import Executor
+from broker.engine.intake import Intake
 from broker.engine.keys import KeyState
 from broker.engine.metrics import EngineMetrics, MetricsSnapshot
 from broker.engine.retry import RetryPolicy
+from broker.engine.scheduler import KeyPool
 from broker.engine.transport import AiohttpTransport, Transport
-from broker.errors import ConfigError, describe
-from broker.models import ErrorDetail, ItemResult, Protocol, Query, Secret, Status
+from broker.errors import BrokerClosedError, ConfigError, WrongEventLoopError
+from broker.models import ItemResult, Protocol, Query, Secret
 
 if TYPE_CHECKING:
     from broker.engine.quota import BudgetStore
@@ -45,8 +50,8 @@ __all__ = ["Broker", "Query"]
 
 logger = structlog.get_logger("broker")
 
-
 _Input = str | Query
+_Ident = tuple[str, str, tuple[str, ...]]
 
 
 class Broker:
@@ -57,12 +62,14 @@ class Broker:
         async with Broker.from_config("config.toml") as broker:
             results = await broker.get_items(["B0C1234567", "B0D7654321"])
             async for result in broker.stream(asin_iter):
-                ...
+                print(result.query.tag, result.status)
 
-    Per-ASIN failures are results (``status`` + ``error``). Exceptions are for misuse,
-    configuration (:class:`~broker.errors.ConfigError`) and the case where no key can
-    serve a marketplace (:class:`~broker.errors.NoUsableKeyError`, naming each key's
-    failure).
+    Per-ASIN failures are results (``status`` + ``error``), including ids that are not
+    ASINs, unknown marketplaces and marketplaces no key is configured for. Exceptions are
+    for misuse, configuration (:class:`~broker.errors.ConfigError`), the case where every
+    key that could serve a marketplace left rotation
+    (:class:`~broker.errors.NoUsableKeyError`, naming each key's failure), and a broker
+    closed while a caller waited (:class:`~broker.errors.BrokerClosedError`).
 
     Args:
         config: the validated configuration.
@@ -87,19 +94,22 @@ class Broker:
         self._rng = rng or random.Random()
         self._budget_store = budget_store
         self._stack: contextlib.AsyncExitStack | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._inflight: dict[tuple[str, str, tuple[str, ...]], Lookup] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
         #: pending SearchItems / GetVariations / GetBrowseNodes answers
         self._ops: set[asyncio.Future[Mapping[str, object]]] = set()
-        self._capacity: asyncio.Semaphore | None = None
         self._metrics = EngineMetrics()
         self._keys: list[KeyState] = []
+        self._pool: KeyPool | None = None
         self._executor: Executor | None = None
         self._batcher: Batcher | None = None
+        self._intake: Intake | None = None
         self._work: WorkQueue | None = None
+        #: the base URL requests go to when it is not Amazon's (the embedded simulator's)
         self.simulator_url: str | None = None
-        #: why an engine task died (a bug, or e.g. the budget store's disk failing)
-        self._crash: BaseException | None = None
+        #: why the engine stopped: its crash (a bug, a failing budget store) or the close
+        self._stopped: BaseException | None = None
 
     @classmethod
     def from_config(
@@ -108,15 +118,16 @@ class Broker:
         *,
         environ: Mapping[str, str] | None = None,
         **kwargs: Any,
-    ) -> Broker:
+    ) -> Self:
         """Build a broker from a config file (secrets from ``environ``, default os.environ)."""
         return cls(load_config(path, environ=environ), **kwargs)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Broker:
-        if self._stack is not None:
+    async def __aenter__(self) -> Self:
+        if self._stack is not None or self._loop is not None:
             raise RuntimeError("a Broker can be entered only once")
+        self._loop = asyncio.get_running_loop()
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -133,17 +144,34 @@ class Broker:
         )
         return self
 
+    async def _open_endpoint(self, stack: contextlib.AsyncExitStack) -> str | None:
+        """The base URL to send to (None: Amazon's own hosts).
+
+        The embedded simulator is started by :class:`broker.client.Broker`, which
+        overrides this; the engine alone only talks to URLs.
+        """
+        api = self.config.api
+        if api.uses_simulator:
+            raise ConfigError(
+                "api.endpoint",
+                '"simulator" needs the embedded simulator: use broker.Broker '
+                "(from broker import Broker), not broker.engine.broker.Broker",
+            )
+        return None if api.endpoint == AMAZON else api.endpoint
+
+    def _missing_secret(self, key: KeyConfig) -> Secret:
+        """The secret of a key whose secret is not configured (only the simulator has one)."""
+        raise ConfigError(
+            f"keys.{key.name}",
+            f"no secret for credential {key.credential_id!r}: set "
+            f"{key.secret_source or 'credential_secret_env'}",
+        )
+
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         config = self.config
-        base_url: str | None = None
-        if config.api.uses_simulator:
-            from broker.simulator.server import SimulatorServer
-
-            server = await stack.enter_async_context(SimulatorServer(config.simulator))
-            base_url = server.url
-            self.simulator_url = server.url
-        elif config.api.endpoint != AMAZON:
-            base_url = config.api.endpoint
+        base_url = await self._open_endpoint(stack)
+        if base_url is not None and config.api.uses_simulator:
+            self.simulator_url = base_url
         transport = self._given_transport
         if transport is None:
             engine = config.engine
@@ -153,6 +181,7 @@ class Broker:
                     connect_timeout_s=engine.connect_timeout_s,
                     max_body_bytes=engine.max_body_bytes,
                     max_connections=engine.max_connections,
+                    trust_env=not config.api.uses_simulator,
                 )
             )
         dialect: Dialect
@@ -161,7 +190,6 @@ class Broker:
         else:
             dialect = PaapiDialect(base_url)
         token_base = config.api.token_endpoint or base_url
-        self._work = WorkQueue()
         self._keys = [
             KeyState.from_config(
                 key,
@@ -182,31 +210,84 @@ class Broker:
             retry_after_cap_s=config.rate.retry_after_cap_s,
             random=self._rng.random,
         )
+        self._work = work = WorkQueue()
+        self._batcher = batcher = Batcher(
+            work,
+            clock=self._clock,
+            batch_size=config.engine.batch_size,
+            linger_s=config.engine.linger_s,
+        )
+        self._pool = pool = KeyPool(self._keys, work, batcher)
         self._executor = Executor(
             dialect=dialect,
             transport=transport,
-            work=self._work,
-            keys=self._keys,
+            pool=pool,
             policy=policy,
             clock=self._clock,
             metrics=self._metrics,
             spawn=self._spawn,
         )
-        self._batcher = Batcher(
-            self._work,
-            clock=self._clock,
-            batch_size=config.engine.batch_size,
-            linger_s=config.engine.linger_s,
+        self._intake = Intake(
+            marketplace=config.api.marketplace,
+            resources=config.api.resources,
+            queue_size=config.engine.queue_size,
+            pool=pool,
+            batcher=batcher,
+            metrics=self._metrics,
+            closed=lambda: self._stopped,
         )
-        self._capacity = asyncio.Semaphore(config.engine.queue_size)
-        self._spawn(self._batcher.run())
-        for key in self._keys:
-            self._spawn(self._dispatch(key))
+        self._engine = asyncio.get_running_loop().create_task(self._run(), name="broker-engine")
+        self._engine.add_done_callback(self._engine_done)
+
+    async def _run(self) -> None:
+        """The engine task: every other task of the broker lives in its TaskGroup."""
+        assert self._batcher is not None
+        assert self._pool is not None
+        assert self._executor is not None
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            group.create_task(self._batcher.run(), name="broker-batcher")
+            for key in self._keys:
+                group.create_task(
+                    self._pool.dispatch(key, self._executor.run, self._spawn),
+                    name=f"broker-dispatch-{key.name}",
+                )
+
+    def _spawn(self, coro: Any) -> None:
+        if self._group is None:
+            coro.close()
+            raise BrokerClosedError("the broker's engine is not running")
+        self._group.create_task(coro)
+
+    def _engine_done(self, task: asyncio.Task[None]) -> None:
+        self._group = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        # The TaskGroup wraps what killed it; callers get the cause itself (an OSError
+        # from a failing budget store stays an OSError).
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        logger.error("broker.task_crashed", error=repr(exc))
+        self._stop(exc)
+
+    def _stop(self, exc: BaseException) -> None:
+        """The engine stopped: fail every waiter with ``exc`` instead of hanging them."""
+        if self._stopped is not None:
+            return
+        self._stopped = exc
+        if self._intake is not None:
+            self._intake.fail_all(exc)
+        for future in list(self._ops):
+            if not future.done():
+                future.set_exception(exc)
 
     def _authorizer(
         self, key: KeyConfig, transport: Transport, token_base: str | None
     ) -> Authorizer:
-        secret = key.secret or self._simulator_secret(key)
+        secret = key.secret or self._missing_secret(key)
         if self.config.api.protocol is Protocol.PAAPI5:
             return SigV4Authorizer(key.credential_id, secret, clock=self._clock)
         assert key.version is not None  # checked by the config loader
@@ -220,21 +301,6 @@ class Broker:
             clock=self._clock,
         )
 
-    def _simulator_secret(self, key: KeyConfig) -> Secret:
-        """The embedded simulator's own secret for a key whose secret env var is unset."""
-        from broker.simulator.accounts import simulator_secret
-
-        value = simulator_secret(
-            self.config.api.protocol.value, key.credential_id, self.config.simulator
-        )
-        if value is None:
-            raise ConfigError(
-                f"keys.{key.name}",
-                f"no secret for credential {key.credential_id!r}: set "
-                f"{key.secret_source or 'credential_secret_env'} or add the account to [simulator]",
-            )
-        return Secret(value)
-
     def _endpoint_label(self) -> str:
         return self.simulator_url or self.config.api.endpoint
 
@@ -247,182 +313,37 @@ class Broker:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop every task, fail what is still pending, close the session and simulator."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
-        for lookup in list(self._inflight.values()):
-            if not lookup.future.done():
-                lookup.future.cancel()
-        self._inflight.clear()
-        for future in list(self._ops):
-            future.cancel()
+        """Stop every task, fail what is still pending, close the session and simulator.
+
+        Callers still waiting get :class:`~broker.errors.BrokerClosedError` (N15).
+        """
+        self._stop(BrokerClosedError("the broker was closed while this call waited"))
+        engine, self._engine = self._engine, None
+        if engine is not None and not engine.done():
+            engine.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await engine
         self._ops.clear()
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        exc = task.exception()
-        assert exc is not None
-        logger.error("broker.task_crashed", error=repr(exc))
-        self._crashed(exc)
-
-    def _crashed(self, exc: BaseException) -> None:
-        """An engine task died: fail every waiter with its exception instead of hanging them.
-
-        A dead dispatcher or batcher would otherwise leave every caller waiting forever.
-        The exception is re-raised to callers as it is (an ``OSError`` from a failing
-        budget store stays an ``OSError``), and every later call raises it too.
-        """
-        if self._crash is not None:
-            return
-        self._crash = exc
-        for lookup in list(self._inflight.values()):
-            if not lookup.future.done():
-                lookup.future.set_exception(exc)
-        for future in list(self._ops):
-            if not future.done():
-                future.set_exception(exc)
-
-    # -- dispatch -----------------------------------------------------------------------------
-
-    async def _dispatch(self, key: KeyState) -> None:
-        """One key's loop: wait for a slot, take the oldest batch it can serve, send it."""
-        assert self._work is not None
-        assert self._executor is not None
-        work = self._work
-        executor = self._executor
-        while True:
-            await key.acquire_slot()
-            try:
-                await key.wait_ready()
-                batch = await work.get(key.active_marketplaces)
-                if not key.serves(batch.marketplace):
-                    executor.requeue(batch)
-                    key.release_slot()
-                    continue
-                demand_limited = work.has_work_for(key.active_marketplaces())
-                sent_at = await key.try_send()
-                if sent_at is None:
-                    # The daily budget is spent: the key waits for its window to reset.
-                    executor.requeue(batch)
-                    key.release_slot()
-                    continue
-            except BaseException:
-                key.release_slot()
-                raise
-            self._spawn(self._send(key, batch, sent_at, demand_limited))
-
-    async def _send(
-        self, key: KeyState, batch: Batch, sent_at: float, demand_limited: bool
-    ) -> None:
-        assert self._executor is not None
-        try:
-            with structlog.contextvars.bound_contextvars(key=key.name, batch_id=batch.batch_id):
-                await self._executor.run(key, batch, sent_at, demand_limited)
-        finally:
-            key.release_slot(sent=True)
-
     # -- lookups ------------------------------------------------------------------------------
 
-    def _require_open(self) -> None:
-        if self._crash is not None:
+    def _require_open(self) -> Intake:
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            raise WrongEventLoopError(
+                "this Broker was opened on another event loop; use it from that loop "
+                "(or open one Broker per loop, or use broker.SyncBroker from threads)"
+            )
+        if self._stopped is not None:
+            if isinstance(self._stopped, BrokerClosedError):
+                raise BrokerClosedError("the broker is closed")
             # Without its old traceback: re-raising one object would grow it on every call.
-            raise self._crash.with_traceback(None)
-        if self._stack is None or self._batcher is None or self._executor is None:
+            raise self._stopped.with_traceback(None)
+        if self._stack is None or self._intake is None:
             raise RuntimeError("use 'async with Broker(...)' before looking anything up")
-
-    def _query(
-        self, item: _Input, marketplace: str | None, resources: Sequence[str] | None
-    ) -> Query:
-        if isinstance(item, Query):
-            return Query(
-                item.asin,
-                item.marketplace or marketplace,
-                item.resources
-                if item.resources is not None
-                else (tuple(resources) if resources is not None else None),
-            )
-        if not isinstance(item, str):
-            raise TypeError(f"expected an ASIN string or a Query, got {type(item).__name__}")
-        return Query(item, marketplace, tuple(resources) if resources is not None else None)
-
-    async def _submit(self, query: Query) -> tuple[asyncio.Future[ItemResult], Lookup | None]:
-        """Admit one query (waiting for capacity); return its result's future and lookup.
-
-        The lookup (None for an id that is invalid and never sent) is shared by every
-        caller who asks for it; each caller that gives up early must :meth:`_abandon` it.
-        """
-        self._require_open()
-        assert self._capacity is not None
-        assert self._batcher is not None
-        assert self._executor is not None
-        loop = asyncio.get_running_loop()
-        marketplace = query.marketplace or self.config.api.marketplace
-        resources = query.resources if query.resources is not None else self.config.api.resources
-        verdict = check_asin(query.asin)
-        if verdict.asin is None:
-            info = describe("InvalidAsin")
-            future: asyncio.Future[ItemResult] = loop.create_future()
-            result = ItemResult(
-                query.asin,
-                marketplace,
-                Status.INVALID,
-                error=ErrorDetail(info.code, verdict.reason or "invalid ASIN", info.remedy),
-            )
-            self._metrics.record_item(result.status.value)
-            future.set_result(result)
-            return future, None
-        self._executor.check_servable(marketplace)
-        key = (marketplace, verdict.asin, tuple(resources))
-        existing = self._inflight.get(key)
-        if existing is not None:
-            existing.waiters += 1
-            return existing.future, existing
-        await self._capacity.acquire()
-        if self._crash is not None:
-            # The engine died while this caller waited for room: nothing would answer.
-            self._capacity.release()
-            raise self._crash.with_traceback(None)
-        existing = self._inflight.get(key)
-        if existing is not None:
-            self._capacity.release()
-            existing.waiters += 1
-            return existing.future, existing
-        lookup = Lookup(marketplace, verdict.asin, tuple(resources), loop.create_future())
-        self._inflight[key] = lookup
-        lookup.future.add_done_callback(lambda _f: self._finished(key))
-        self._batcher.add(lookup)
-        return lookup.future, lookup
-
-    @staticmethod
-    def _abandon(lookup: Lookup | None, count: int = 1) -> None:
-        """A caller stops waiting for ``lookup``; the last one to leave cancels it.
-
-        Cancelling a caller must not cancel a lookup another caller still waits for.
-        """
-        if lookup is None:
-            return
-        lookup.waiters -= count
-        if lookup.waiters <= 0 and not lookup.future.done():
-            lookup.future.cancel()
-
-    def _finished(self, key: tuple[str, str, tuple[str, ...]]) -> None:
-        self._inflight.pop(key, None)
-        if self._capacity is not None:
-            self._capacity.release()
+        return self._intake
 
     async def get_items(
         self,
@@ -431,40 +352,30 @@ class Broker:
         marketplace: str | None = None,
         resources: Sequence[str] | None = None,
     ) -> list[ItemResult]:
-        """Look up any number of ASINs; return one result per distinct input, in input order.
+        """Look up any number of ASINs; return one result per distinct query, in input order.
 
         Raises:
-            NoUsableKeyError: no key can serve the marketplace (every key disabled).
+            NoUsableKeyError: every key that could serve the marketplace left rotation.
             TypeError: ``asins`` is a single string (use :meth:`get_item`).
         """
+        intake = self._require_open()
         _check_not_str(asins)
-        held: dict[
-            tuple[str, str | None, tuple[str, ...] | None],
-            tuple[asyncio.Future[ItemResult], Lookup | None],
-        ] = {}
+        collector = _Collector(asyncio.get_running_loop())
+        held: list[Lookup] = []
         try:
             for item in asins:
-                query = self._query(item, marketplace, resources)
-                ident = (query.asin.strip().upper(), query.marketplace, query.resources)
-                if ident not in held:
-                    held[ident] = await self._submit(query)
+                query = intake.complete(item, marketplace, resources)
+                if isinstance(query, ItemResult):
+                    collector.add(_ident(query.query), query)
+                    continue
+                ident = _ident(query)
+                if collector.expect(ident):
+                    held.append(await intake.admit(query, collector))
             self._flush()
-            futures = [future for future, _ in held.values()]
-            if futures:
-                # Not gather(): cancelling this caller must not cancel shared lookups.
-                await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-            for future in futures:
-                if future.done() and not future.cancelled():
-                    error = future.exception()
-                    if error is not None:
-                        # Shared by every caller of the lookup: do not stack their tracebacks.
-                        raise error.with_traceback(None)
-            return [future.result() for future in futures]
+            return await collector.results()
         except BaseException:
-            for future, lookup in held.values():
-                if future.done() and not future.cancelled():
-                    future.exception()  # retrieved: asyncio must not log it as forgotten
-                self._abandon(lookup)
+            for lookup in held:
+                lookup.detach(collector)
             raise
 
     async def get_item(
@@ -483,71 +394,44 @@ class Broker:
     ) -> AsyncIterator[ItemResult]:
         """Yield one result per input as results complete, holding at most ``queue_size``.
 
-        The input is consumed lazily: a producer admits an item only when fewer than
-        ``queue_size`` of this stream's items are in flight or waiting to be yielded, so
-        memory stays bounded however long the input and however slow the consumer.
+        Each result's ``query`` is the input that asked for it (a :class:`Query`'s ``tag``
+        comes back unchanged), so results never need matching back. The input is consumed
+        lazily: an item is admitted only when fewer than ``queue_size`` of this stream's
+        items are in flight or waiting to be yielded, so memory stays bounded however long
+        the input and however slow the consumer.
         """
-        self._require_open()
+        intake = self._require_open()
         _check_not_str(asins)
-        done: asyncio.Queue[ItemResult | BaseException | _Wake] = asyncio.Queue()
-        # Lookups submitted and not yet delivered, with how many inputs asked for each:
-        # released when the consumer stops early, so an abandoned stream holds nothing.
-        held: collections.Counter[Lookup] = collections.Counter()
+        receiver = _StreamReceiver(asyncio.get_running_loop())
         # Admitted but not yet yielded: the producer waits here, so a slow consumer bounds
         # the finished results buffered for it too, not only the lookups in flight.
         window = asyncio.Semaphore(self.config.engine.queue_size)
-        submitted = 0
-        finished = False
-
-        def deliver(lookup: Lookup | None, future: asyncio.Future[ItemResult]) -> None:
-            if lookup is not None:
-                held[lookup] -= 1
-                if held[lookup] <= 0:
-                    del held[lookup]
-            if future.cancelled():
-                done.put_nowait(asyncio.CancelledError())
-            elif future.exception() is not None:
-                done.put_nowait(future.exception())  # type: ignore[arg-type]
-            else:
-                done.put_nowait(future.result())
 
         async def produce() -> None:
-            nonlocal submitted, finished
             try:
                 async for item in _aiter(asins):
                     await window.acquire()
-                    future, lookup = await self._submit(self._query(item, marketplace, resources))
-                    submitted += 1
-                    if lookup is not None:
-                        held[lookup] += 1
-                    future.add_done_callback(functools.partial(deliver, lookup))
+                    query = intake.complete(item, marketplace, resources)
+                    if isinstance(query, ItemResult):
+                        receiver.push(query)
+                    else:
+                        receiver.expect(await intake.admit(query, receiver))
                 self._flush()
             except BaseException as exc:
-                done.put_nowait(exc)
+                receiver.end(exc)
                 raise
-            finally:
-                finished = True
-                done.put_nowait(_WAKE)
+            receiver.end(None)
 
         producer = asyncio.get_running_loop().create_task(produce())
-        yielded = 0
         try:
-            while not (finished and yielded >= submitted):
-                item = await done.get()
-                if isinstance(item, _Wake):
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                yielded += 1
+            while (result := await receiver.next()) is not None:
                 window.release()
-                yield item
+                yield result
         finally:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await producer
-            for lookup, count in list(held.items()):
-                self._abandon(lookup, count)
-            held.clear()
+            receiver.leave()
 
     def _flush(self) -> None:
         """End of a caller's input: send its partial batches now instead of lingering."""
@@ -558,14 +442,13 @@ class Broker:
         self, operation: Operation, params: Mapping[str, object], marketplace: str | None
     ) -> Mapping[str, object]:
         self._require_open()
-        assert self._work is not None
-        assert self._executor is not None
+        assert self._pool is not None
         market = marketplace or self.config.api.marketplace
-        self._executor.check_servable(market)
+        self._pool.check_servable(market)
         future: asyncio.Future[Mapping[str, object]] = asyncio.get_running_loop().create_future()
         self._ops.add(future)
         future.add_done_callback(self._ops.discard)
-        self._work.put(Batch(market, operation=operation, params=dict(params), op_future=future))
+        self._pool.submit(Batch(market, operation=operation, params=dict(params), op_future=future))
         return await future
 
     async def search_items(
@@ -598,7 +481,7 @@ class Broker:
         """Counters and per-key state right now."""
         return self._metrics.snapshot(
             queued_batches=len(self._work) if self._work is not None else 0,
-            outstanding_lookups=len(self._inflight),
+            outstanding_lookups=len(self._intake) if self._intake is not None else 0,
             keys=tuple(key.snapshot() for key in self._keys),
         )
 
@@ -607,11 +490,130 @@ class Broker:
         return f"Broker({state}, keys={[k.name for k in self._keys]})"
 
 
-class _Wake:
-    """Sentinel that wakes the stream's consumer to re-check the end condition."""
+def _ident(query: Query | None) -> _Ident:
+    assert query is not None
+    return (query.marketplace or "", query.asin, query.resources or ())
 
 
-_WAKE = _Wake()
+class _Collector:
+    """The receiver of one ``get_items`` call: one slot per distinct query, one future."""
+
+    __slots__ = ("_done", "_future", "_input_done", "_remaining", "_slots", "_values")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._slots: dict[_Ident, int] = {}
+        self._values: list[ItemResult | None] = []
+        self._remaining = 0
+        self._input_done = False
+        self._future: asyncio.Future[None] = loop.create_future()
+        self._done = False
+
+    def add(self, ident: _Ident, result: ItemResult) -> None:
+        """An answer known at once (invalid id, unknown marketplace)."""
+        if ident not in self._slots:
+            self._slots[ident] = len(self._values)
+            self._values.append(result)
+
+    def expect(self, ident: _Ident) -> bool:
+        """Reserve the slot of a query; False if the same query was already asked."""
+        if ident in self._slots:
+            return False
+        self._slots[ident] = len(self._values)
+        self._values.append(None)
+        self._remaining += 1
+        return True
+
+    def receive(self, lookup: Lookup, query: Query, outcome: ItemResult | BaseException) -> None:
+        """A lookup of this call ended."""
+        if self._future.done():
+            return
+        if isinstance(outcome, BaseException):
+            self._future.set_exception(outcome.with_traceback(None))
+            return
+        self._values[self._slots[_ident(query)]] = outcome
+        self._remaining -= 1
+        if self._input_done and self._remaining == 0:
+            self._future.set_result(None)
+
+    async def results(self) -> list[ItemResult]:
+        """Wait for every slot (the input is complete) and return them in input order."""
+        self._input_done = True
+        if self._remaining == 0 and not self._future.done():
+            self._future.set_result(None)
+        await self._future
+        return [value for value in self._values if value is not None]
+
+
+class _StreamReceiver:
+    """The receiver of one ``stream``: results queue up for the consumer as they arrive."""
+
+    __slots__ = ("_error", "_held", "_input_done", "_loop", "_pending", "_ready", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ready: collections.deque[ItemResult | BaseException] = collections.deque()
+        # Lookups this stream waits for, with how many of its inputs asked each: detached
+        # when the consumer stops early, so an abandoned stream holds nothing.
+        self._held: collections.Counter[Lookup] = collections.Counter()
+        self._pending = 0
+        self._input_done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def expect(self, lookup: Lookup) -> None:
+        """The producer admitted one more input, answered by ``lookup``."""
+        self._held[lookup] += 1
+        self._pending += 1
+
+    def push(self, result: ItemResult) -> None:
+        """An answer known at once (invalid id, unknown marketplace)."""
+        self._ready.append(result)
+        self._wake()
+
+    def receive(self, lookup: Lookup, query: Query, outcome: ItemResult | BaseException) -> None:
+        """A lookup of this stream ended."""
+        count = self._held.pop(lookup, 0)
+        if count > 1:
+            self._held[lookup] = count - 1
+        self._pending -= 1
+        self._ready.append(outcome)
+        self._wake()
+
+    def end(self, error: BaseException | None) -> None:
+        """The producer is done (``error``: it failed)."""
+        self._input_done = True
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            self._error = error
+        self._wake()
+
+    async def next(self) -> ItemResult | None:
+        """The next result, or None at the end of the stream."""
+        while True:
+            if self._ready:
+                item = self._ready.popleft()
+                if isinstance(item, BaseException):
+                    raise item.with_traceback(None)
+                return item
+            if self._error is not None:
+                raise self._error
+            if self._input_done and self._pending <= 0:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def leave(self) -> None:
+        """The consumer stopped: let go of every lookup still held."""
+        held, self._held = self._held, collections.Counter()
+        for lookup in held:
+            lookup.detach(self)
 
 
 def _check_not_str(asins: object) -> None:

@@ -12,21 +12,18 @@ here and never go back upstream.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from broker.engine.batcher import Batch, Lookup, WorkQueue
+from broker.engine.batcher import Batch, Lookup
 from broker.engine.keys import OUTAGE_CODE
 from broker.errors import (
     ApiError,
     AuthError,
     BrokerError,
     EndpointUnreachable,
-    KeyUnusableError,
     NoUsableKeyError,
     ResponseError,
     Scope,
@@ -40,9 +37,11 @@ from broker.models import ErrorDetail, ItemResult, Status
 if TYPE_CHECKING:
     from broker.api.base import Dialect, HttpRequest, ItemOutcome, RawResponse
     from broker.clock import Clock
+    from broker.engine.attempt import Attempts
     from broker.engine.keys import KeyState
     from broker.engine.metrics import EngineMetrics
     from broker.engine.retry import RetryPolicy
+    from broker.engine.scheduler import KeyPool
     from broker.engine.transport import Transport
 
 __all__ = ["Executor"]
@@ -55,13 +54,6 @@ _MAX_AUTH_RETRIES = 2
 _MAX_MISSING = 3
 
 
-@dataclass(frozen=True, slots=True)
-class _Retry:
-    """Put the batch back after ``delay_s`` (0: at once, at the head of the queue)."""
-
-    delay_s: float
-
-
 class Executor:
     """Runs attempts and routes their outcomes; shared by every key of one broker."""
 
@@ -70,50 +62,19 @@ class Executor:
         *,
         dialect: Dialect,
         transport: Transport,
-        work: WorkQueue,
-        keys: Sequence[KeyState],
+        pool: KeyPool,
         policy: RetryPolicy,
         clock: Clock,
         metrics: EngineMetrics,
-        spawn: Callable[[object], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self._dialect = dialect
         self._transport = transport
-        self._work = work
-        self._keys = keys
+        self._pool = pool
         self._policy = policy
         self._clock = clock
         self._metrics = metrics
         self._spawn = spawn
-        #: marketplaces no key can serve any more, with the failures that caused it
-        self._dead: dict[str, NoUsableKeyError] = {}
-
-    # -- coverage -------------------------------------------------------------------------
-
-    def check_servable(self, marketplace: str) -> None:
-        """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace``."""
-        dead = self._dead.get(marketplace)
-        if dead is not None:
-            # A fresh instance per raise: re-raising one stored exception grows its traceback.
-            raise NoUsableKeyError(dead.marketplace, dead.failures)
-        if not any(key.serves(marketplace) for key in self._keys):
-            raise self._no_key_error(marketplace)
-
-    def _no_key_error(self, marketplace: str) -> NoUsableKeyError:
-        failures = [
-            failure for key in self._keys if (failure := key.failure_for(marketplace)) is not None
-        ]
-        if not failures and not any(key.has_tag(marketplace) for key in self._keys):
-            failures = [
-                KeyUnusableError(
-                    key.name,
-                    "InvalidPartnerTag",
-                    f"key has no partner tag for {marketplace}",
-                    f"add {marketplace} to keys.partner_tags in config.toml",
-                )
-                for key in self._keys
-            ]
-        return NoUsableKeyError(marketplace, failures)
 
     # -- the attempt ----------------------------------------------------------------------
 
@@ -138,12 +99,13 @@ class Executor:
     async def _attempt(
         self, key: KeyState, batch: Batch, sent_at: float, demand_limited: bool
     ) -> None:
-        if batch.operation is None:
-            # Lookups every caller gave up on while the batch queued are not asked for.
-            batch.lookups = [lookup for lookup in batch.lookups if not lookup.future.done()]
-            if not batch.lookups:
-                return
-        self._count_attempt(batch, sent_at)
+        if not batch.live():
+            # Every caller gave up while the batch queued: nothing is asked, and a probe
+            # slot the key claimed for it goes to the next send (N9).
+            key.abandon_probe()
+            return
+        attempts = batch.attempts
+        attempts.begin(sent_at)
         region = key.region(batch.marketplace)
         request: HttpRequest | None = None
         try:
@@ -152,7 +114,7 @@ class Executor:
         except (TransportError, ResponseError, ServerError, ThrottledError) as exc:
             # The token endpoint is down, slow or throttling: not this batch's fault, and
             # no reason to take the key out of rotation (B13), unless it lasts (B15).
-            self._uncount_attempt(batch)
+            attempts.not_sent(self._clock.monotonic(), outage=True)
             if isinstance(exc, EndpointUnreachable):
                 spent = key.on_unreachable(exc, sent_at)
             else:
@@ -160,32 +122,33 @@ class Executor:
             key.on_failed_attempt(transient=True)
             if spent:
                 self._end_outage(key, batch.marketplace, exc)
-            self.requeue(batch)
+            self._pool.submit(batch, front=True)
             return
         except ApiError as exc:
-            self._uncount_attempt(batch)
+            attempts.not_sent(self._clock.monotonic())
             self._take_out(key, batch.marketplace, exc)
-            self.requeue(batch)
+            self._pool.submit(batch, front=True)
             return
         self._metrics.requests += 1
         key.sent += 1
         # Every send counts toward the retry budget, failed ones included: the budget is a
         # share of sends, and a storm of failures must not shrink it to its floor.
         key.retry_budget.record_send()
+        asins = batch.asins
         response: RawResponse | None = None
         try:
             response = await self._transport.send(request)
             key.on_reachable()
             self._metrics.record_response(response.status, response.elapsed_s)
             if batch.operation is None:
-                parsed = self._dialect.parse_get_items(response, batch.asins)
+                parsed = self._dialect.parse_get_items(response, asins)
             else:
                 data = self._dialect.parse_operation(response)
         except ThrottledError as exc:
             self._metrics.throttled += 1
             key.on_throttled(exc, sent_at)
-            self._count_throttle(batch)
-            self.requeue(batch)
+            attempts.throttled += 1
+            self._pool.submit(batch, front=True)
             return
         except ApiError as exc:
             key.on_failed_attempt(transient=isinstance(exc, ServerError))
@@ -198,11 +161,12 @@ class Executor:
             key.on_failed_attempt(transient=True)
             if isinstance(exc, EndpointUnreachable):
                 # Nothing reached Amazon: the batch waits out the outage with its attempts
-                # intact instead of failing for a network it cannot fix (B15).
-                self._uncount_attempt(batch)
+                # intact and its age stopped, instead of failing for a network it cannot
+                # fix (B15, K6).
+                attempts.not_sent(self._clock.monotonic(), outage=True)
                 if key.on_unreachable(exc, sent_at):
                     self._end_outage(key, batch.marketplace, exc)
-                self.requeue(batch)
+                self._pool.submit(batch, front=True)
                 return
             if isinstance(exc, ResponseError):
                 # The request id lets Amazon find the answer; the body stays out of the log
@@ -229,9 +193,8 @@ class Executor:
                     duplicated=list(parsed.duplicated[:10]),
                 )
             self._deliver(key, batch, parsed.outcomes, parsed.missing)
-        else:
-            if batch.op_future is not None and not batch.op_future.done():
-                batch.op_future.set_result(data)
+        elif batch.op_future is not None and not batch.op_future.done():
+            batch.op_future.set_result(data)
 
     def _build(self, key: KeyState, batch: Batch) -> HttpRequest:
         tag = key.partner_tag(batch.marketplace)
@@ -249,42 +212,6 @@ class Executor:
             partner_tag=tag,
         )
 
-    # -- attempt bookkeeping ----------------------------------------------------------------
-
-    @staticmethod
-    def _count_attempt(batch: Batch, sent_at: float) -> None:
-        if batch.operation is not None:
-            batch.op_attempts += 1
-            if batch.op_first_sent_at is None:
-                batch.op_first_sent_at = sent_at
-            return
-        for lookup in batch.lookups:
-            lookup.attempts += 1
-            if lookup.first_sent_at is None:
-                lookup.first_sent_at = sent_at
-
-    @staticmethod
-    def _uncount_attempt(batch: Batch) -> None:
-        # An attempt that never reached Amazon does not start the max_age clock either:
-        # otherwise the first 5xx after a long outage would fail the batch as too old.
-        if batch.operation is not None:
-            batch.op_attempts -= 1
-            if batch.op_attempts == 0:
-                batch.op_first_sent_at = None
-            return
-        for lookup in batch.lookups:
-            lookup.attempts -= 1
-            if lookup.attempts == 0:
-                lookup.first_sent_at = None
-
-    @staticmethod
-    def _count_throttle(batch: Batch) -> None:
-        if batch.operation is not None:
-            batch.op_throttles += 1
-            return
-        for lookup in batch.lookups:
-            lookup.throttles += 1
-
     # -- outcomes ---------------------------------------------------------------------------
 
     def _deliver(
@@ -295,59 +222,83 @@ class Executor:
         missing: Sequence[str],
     ) -> None:
         fetched_at = self._clock.utcnow()
-        missing_set = set(missing)
-        for lookup in batch.lookups:
+        attempts = batch.attempts
+        metrics = self._metrics
+        missed: list[Lookup] = []
+        # A copy: each lookup leaves the batch as it is answered.
+        for lookup in list(batch.lookups):
             outcome = outcomes.get(lookup.asin)
-            if outcome is not None:
-                status = outcome.status
-                if status is Status.INVALID:
-                    # Every id sent was validated first, so an item-level "invalid" in a 200
-                    # (InvalidParameterValue) means no such item here (protocol.md 4).
-                    status = Status.NOT_FOUND
-                self._resolve(
-                    lookup,
-                    ItemResult(
-                        lookup.asin,
-                        lookup.marketplace,
-                        status,
-                        outcome.item,
-                        outcome.summary,
-                        outcome.error,
-                        lookup.attempts,
-                        key.name,
-                        fetched_at,
-                    ),
+            if outcome is None:
+                missed.append(lookup)
+                continue
+            status = outcome.status
+            if status is Status.INVALID:
+                # Every id sent was validated first, so an item-level "invalid" in a 200
+                # (InvalidParameterValue) means no such item here (protocol.md 4).
+                status = Status.NOT_FOUND
+            if lookup.finish(
+                ItemResult(
+                    lookup.asin,
+                    lookup.marketplace,
+                    status,
+                    outcome.item,
+                    outcome.summary,
+                    outcome.error,
+                    attempts.sent,
+                    key.name,
+                    fetched_at,
+                    lookup.query,
                 )
-            elif lookup.asin in missing_set or not lookup.future.done():
-                lookup.missing += 1
-                if lookup.missing >= _MAX_MISSING:
-                    info = describe("MissingFromResponse")
-                    self._resolve(
-                        lookup,
-                        ItemResult(
-                            lookup.asin,
-                            lookup.marketplace,
-                            Status.NOT_FOUND,
-                            None,
-                            None,
-                            ErrorDetail(
-                                info.code,
-                                "Amazon's responses did not mention this ASIN "
-                                f"{lookup.missing} times",
-                                info.remedy,
-                            ),
-                            lookup.attempts,
-                            key.name,
-                            fetched_at,
-                        ),
-                    )
-                else:
-                    # Re-ask singly: a one-ASIN request isolates whatever made it drop out.
-                    self.requeue(Batch(lookup.marketplace, [lookup]))
+            ):
+                metrics.record_item(status.value)
+        if not missed:
+            return
+        if attempts.missing + 1 >= _MAX_MISSING:
+            info = describe("MissingFromResponse")
+            detail = ErrorDetail(
+                info.code,
+                f"Amazon's responses did not mention this ASIN {attempts.missing + 1} times",
+                info.remedy,
+            )
+            for lookup in missed:
+                self._resolve(
+                    lookup, self._result(lookup, Status.NOT_FOUND, detail, attempts, key.name)
+                )
+            return
+        # Re-ask each alone: a one-ASIN request isolates whatever made it drop out.
+        self._split(batch, missed, missed_once=True)
+
+    def _split(self, batch: Batch, lookups: Sequence[Lookup], *, missed_once: bool) -> None:
+        """Re-queue each of ``lookups`` as a batch of its own, carrying the batch's history."""
+        for lookup in lookups:
+            if lookup in batch.lookups:
+                batch.lookups.remove(lookup)
+            single = Batch.of([lookup], attempts=batch.attempts.child(missed=missed_once))
+            self._pool.submit(single, front=True)
+
+    def _result(
+        self,
+        lookup: Lookup,
+        status: Status,
+        detail: ErrorDetail | None,
+        attempts: Attempts,
+        key: str | None,
+    ) -> ItemResult:
+        return ItemResult(
+            lookup.asin,
+            lookup.marketplace,
+            status,
+            None,
+            None,
+            detail,
+            attempts.sent,
+            key,
+            self._clock.utcnow(),
+            lookup.query,
+        )
 
     def _resolve(self, lookup: Lookup, result: ItemResult) -> None:
-        if not lookup.future.done():
-            lookup.future.set_result(result)
+        if lookup.finish(result):
             self._metrics.record_item(result.status.value)
 
     def _fail(
@@ -360,60 +311,20 @@ class Executor:
     ) -> None:
         """End every open lookup of ``batch`` with ``error`` (a NoUsableKeyError is raised)."""
         if isinstance(error, NoUsableKeyError):
-            for future in self._futures(batch):
-                if not future.done():
-                    future.set_exception(error)
+            batch.fail(error)
             return
         detail = error if isinstance(error, ErrorDetail) else _detail(error)
         if batch.operation is not None:
-            if batch.op_future is not None and not batch.op_future.done():
-                batch.op_future.set_exception(
-                    error if isinstance(error, BaseException) else BrokerError(detail.message)
-                )
+            batch.fail(error if isinstance(error, BaseException) else BrokerError(detail.message))
             return
-        fetched_at = self._clock.utcnow()
-        for lookup in batch.lookups:
-            self._resolve(
-                lookup,
-                ItemResult(
-                    lookup.asin,
-                    lookup.marketplace,
-                    status,
-                    None,
-                    None,
-                    detail,
-                    lookup.attempts,
-                    key,
-                    fetched_at,
-                ),
-            )
-
-    @staticmethod
-    def _futures(batch: Batch) -> list[asyncio.Future[object]]:
-        if batch.operation is not None:
-            return [batch.op_future] if batch.op_future is not None else []  # type: ignore[list-item]
-        return [lookup.future for lookup in batch.lookups]  # type: ignore[misc]
-
-    def requeue(self, batch: Batch, *, front: bool = True) -> None:
-        """Put a batch back for any key, or fail it if no key can serve its marketplace."""
-        if not batch.live():
-            return
-        if batch.operation is None:
-            batch.lookups = [lookup for lookup in batch.lookups if not lookup.future.done()]
-        try:
-            self.check_servable(batch.marketplace)
-        except NoUsableKeyError as exc:
-            self._fail(batch, exc)
-            return
-        if front:
-            self._work.put_front(batch)
-        else:
-            self._work.put(batch)
+        for lookup in list(batch.lookups):
+            self._resolve(lookup, self._result(lookup, status, detail, batch.attempts, key))
 
     def _on_api_error(
         self, key: KeyState, batch: Batch, request: HttpRequest, exc: ApiError
     ) -> None:
         info = exc.info
+        attempts = batch.attempts
         if isinstance(exc, ServerError) or (
             info.retryable and info.scope is Scope.REQUEST and not isinstance(exc, AuthError)
         ):
@@ -422,26 +333,26 @@ class Executor:
             return
         if isinstance(exc, AuthError) and info.retryable:
             # TokenExpired / InvalidToken / RequestExpired: new credentials, try again now.
-            if batch.auth_retries < _MAX_AUTH_RETRIES and key.authorizer.recover(exc, request):
-                batch.auth_retries += 1
-                self._uncount_attempt(batch)
+            if attempts.auth_retries < _MAX_AUTH_RETRIES and key.authorizer.recover(exc, request):
+                attempts.auth_retries += 1
+                attempts.not_sent(self._clock.monotonic())
                 logger.info("broker.credentials_refreshed", key=key.name, code=exc.code)
-                self.requeue(batch)
+                self._pool.submit(batch, front=True)
                 return
             # Fresh credentials were refused too: the catalogue's remedy ("the broker
             # fetches a new token") no longer applies, so say what does (B11).
-            self._disable(
+            self._pool.take_out(
                 key,
                 batch.marketplace,
                 exc.code,
-                f"credentials rejected: {exc.code} again after {batch.auth_retries} fresh "
+                f"credentials rejected: {exc.code} again after {attempts.auth_retries} fresh "
                 f"token(s) or signature(s): {exc.message}",
                 "credentials rejected: check the key's credential id, secret and version "
                 "(and, for PA-API, this machine's clock) in config.toml and Associates Central",
                 scope=Scope.KEY,
             )
-            self._uncount_attempt(batch)
-            self.requeue(batch)
+            attempts.not_sent(self._clock.monotonic())
+            self._pool.submit(batch, front=True)
             return
         offending = _offending_ids(exc)
         if offending and batch.operation is None:
@@ -449,13 +360,12 @@ class Executor:
             return
         if info.scope in (Scope.KEY, Scope.KEY_MARKETPLACE, Scope.GLOBAL):
             self._take_out(key, batch.marketplace, exc)
-            self._uncount_attempt(batch)
-            self.requeue(batch)
+            attempts.not_sent(self._clock.monotonic())
+            self._pool.submit(batch, front=True)
             return
         if info.scope is Scope.ASIN and batch.operation is None and len(batch.lookups) > 1:
             # An id-level error for the whole request that names no id: ask each alone.
-            for lookup in batch.lookups:
-                self.requeue(Batch(batch.marketplace, [lookup]))
+            self._split(batch, list(batch.lookups), missed_once=False)
             return
         status = Status.INVALID if info.scope is Scope.ASIN else Status.FAILED
         # The exception itself, so an operation's caller gets the ApiError (code, status).
@@ -466,47 +376,27 @@ class Executor:
     ) -> None:
         """PA-API failed the whole request for malformed ids: mark them, re-send the rest."""
         bad = set(offending)
-        fetched_at = self._clock.utcnow()
-        rest: list[Lookup] = []
-        for lookup in batch.lookups:
-            if lookup.asin in bad:
-                self._resolve(
-                    lookup,
-                    ItemResult(
-                        lookup.asin,
-                        lookup.marketplace,
-                        Status.INVALID,
-                        None,
-                        None,
-                        _detail(exc),
-                        lookup.attempts,
-                        key.name,
-                        fetched_at,
-                    ),
-                )
-            else:
-                rest.append(lookup)
-        if rest:
-            if len(rest) == len(batch.lookups):
-                # Nothing matched what Amazon named: isolate each id instead of looping.
-                for lookup in rest:
-                    self.requeue(Batch(batch.marketplace, [lookup]))
-                return
-            batch.lookups = rest
-            self.requeue(batch)
+        detail = _detail(exc)
+        before = len(batch.lookups)
+        for lookup in [lk for lk in batch.lookups if lk.asin in bad]:
+            self._resolve(
+                lookup, self._result(lookup, Status.INVALID, detail, batch.attempts, key.name)
+            )
+        if not batch.lookups:
+            return
+        if len(batch.lookups) == before:
+            # Nothing matched what Amazon named: isolate each id instead of looping.
+            self._split(batch, list(batch.lookups), missed_once=False)
+            return
+        self._pool.submit(batch, front=True)
 
     def _transient(self, key: KeyState, batch: Batch, exc: BaseException) -> None:
         now = self._clock.monotonic()
-        if batch.operation is None:
-            for lookup in batch.lookups:
-                lookup.last_error = exc
-            attempt = max((lk.attempts - lk.throttles for lk in batch.lookups), default=1)
-            first = min((lk.first_sent_at or now for lk in batch.lookups), default=now)
-        else:
-            attempt = batch.op_attempts - batch.op_throttles
-            first = batch.op_first_sent_at or now
+        attempts = batch.attempts
+        attempts.last_error = exc
+        attempt = attempts.failures
         delay = self._policy.next_delay(attempt, exc)
-        if delay is None or now - first + delay > self._policy.max_age_s:
+        if delay is None or attempts.age(now) + delay > self._policy.max_age_s:
             self._fail(batch, exc, key=key.name)
             return
         if not key.retry_budget.try_retry():
@@ -523,22 +413,22 @@ class Executor:
             error=type(exc).__name__,
         )
         if delay <= 0:
-            self.requeue(batch)
+            self._pool.submit(batch, front=True)
         else:
-            self._spawn(self._requeue_later(batch, delay))
+            self._spawn(self._submit_later(batch, delay))
 
-    async def _requeue_later(self, batch: Batch, delay_s: float) -> None:
+    async def _submit_later(self, batch: Batch, delay_s: float) -> None:
         await self._clock.sleep(delay_s)
-        self.requeue(batch)
+        self._pool.submit(batch, front=True)
 
     def _take_out(self, key: KeyState, marketplace: str, exc: ApiError) -> None:
         """Take the key (or key+marketplace) out of rotation; fail work no key can serve."""
         info = exc.info
-        self._disable(key, marketplace, exc.code, exc.message, info.remedy, scope=info.scope)
+        self._pool.take_out(key, marketplace, exc.code, exc.message, info.remedy, scope=info.scope)
 
     def _end_outage(self, key: KeyState, marketplace: str, exc: BaseException) -> None:
         """The key found no endpoint for its whole outage budget: take it out (B15)."""
-        self._disable(
+        self._pool.take_out(
             key,
             marketplace,
             OUTAGE_CODE,
@@ -549,38 +439,6 @@ class Executor:
             "waits",
             scope=Scope.KEY,
         )
-
-    def _disable(
-        self,
-        key: KeyState,
-        marketplace: str,
-        code: str,
-        message: str,
-        remedy: str,
-        *,
-        scope: Scope,
-    ) -> None:
-        """Take the key (or key+marketplace) out of rotation; fail work no key can serve."""
-        scope_marketplace = marketplace if scope is Scope.KEY_MARKETPLACE else None
-        if key.disable(code, message, remedy, marketplace=scope_marketplace):
-            logger.error(
-                "broker.key_disabled",
-                key=key.name,
-                code=code,
-                message=message,
-                remedy=remedy,
-                marketplace=scope_marketplace,
-            )
-        affected_marketplaces = (
-            {marketplace} if scope_marketplace else set(key.tagged_marketplaces) | {marketplace}
-        )
-        for affected in affected_marketplaces:
-            if affected in self._dead or any(k.serves(affected) for k in self._keys):
-                continue
-            self._dead[affected] = self._no_key_error(affected)
-            for batch in self._work.drain(affected):
-                self._fail(batch, self._dead[affected])
-        self._work.wake()
 
 
 def _detail(error: BaseException) -> ErrorDetail:

@@ -222,6 +222,10 @@ class KeyState:
             self._paused_reason = None
             return
 
+    def abandon_probe(self) -> None:
+        """A probe slot :meth:`wait_ready` admitted was not used: hand it to the next send."""
+        self.circuit.abandon_probe()
+
     async def try_send(self) -> float | None:
         """Book a send now; None when the daily budget is spent (wait_ready again)."""
         if self.limiter.exhausted:
@@ -304,7 +308,11 @@ class KeyState:
         self.limiter.pause_until(self._clock.monotonic() + pause)
         self._paused_reason = f"token endpoint: {type(error).__name__}"
         logger.warning(
-            "broker.token_fetch_failed", key=self.name, error=type(error).__name__, pause_s=pause
+            "broker.token_fetch_failed",
+            key=self.name,
+            error=type(error).__name__,
+            cause=str(error),
+            pause_s=pause,
         )
         return self._outage_spent()
 
@@ -333,6 +341,7 @@ class KeyState:
                 "broker.endpoint_unreachable",
                 key=self.name,
                 error=type(error).__name__,
+                cause=str(error),
                 pause_s=round(pause, 3),
                 outage_s=round(self.outage_s, 3),
             )

@@ -86,6 +86,7 @@ class AiohttpTransport:
         "_session",
         "_state",
         "_timeout_s",
+        "_trust_env",
     )
 
     def __init__(
@@ -95,8 +96,10 @@ class AiohttpTransport:
         connect_timeout_s: float = 10.0,
         max_body_bytes: int = 8 * 1024 * 1024,
         max_connections: int = 64,
+        trust_env: bool = True,
     ) -> None:
         self._timeout_s = timeout_s
+        self._trust_env = trust_env
         self._connect_timeout_s = connect_timeout_s
         self._max_body_bytes = max_body_bytes
         self._max_connections = max_connections
@@ -111,17 +114,23 @@ class AiohttpTransport:
             limit_per_host=self._max_connections,
             ttl_dns_cache=300,
         )
+        # sock_connect, not connect: aiohttp's ``connect`` also counts the wait for a free
+        # pooled connection, and a busy pool is not an unreachable endpoint (K3). That wait
+        # is bounded by ``total`` like the rest of the request.
         timeout = aiohttp.ClientTimeout(
             total=self._timeout_s,
-            connect=self._connect_timeout_s,
+            sock_connect=self._connect_timeout_s,
             sock_read=self._timeout_s,
         )
         # auto_decompress stays on; skip_auto_headers keeps the bytes we sign as they are.
+        # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc) apply, as users expect
+        # (off for the embedded simulator on loopback, which no proxy should see).
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
             raise_for_status=False,
             skip_auto_headers=("Content-Type",),
+            trust_env=self._trust_env,
         )
         self._state = _State.OPEN
         return self

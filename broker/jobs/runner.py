@@ -12,7 +12,6 @@ SIGINT/SIGTERM: the first admits no new lookup and lets those admitted finish (f
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import signal
 import sys
@@ -25,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
-from broker.engine.broker import Broker, Query
 from broker.engine.keys import OUTAGE_CODE
 from broker.engine.quota import BatchedBudgetStore
 from broker.errors import BrokerError, ConfigError, JobFileError, NoUsableKeyError
@@ -34,6 +33,7 @@ from broker.jobs.ledger import Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import JobRow, fingerprint, read_job
+from broker.models import Query
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -302,16 +302,14 @@ async def _fetch(
     Stops admitting lookups once a signal asks the run to stop; returns when those admitted
     are done, or when :class:`_Stop` cancels it (then lookups in flight stay pending).
     """
-    waiting: dict[tuple[str, str], collections.deque[Lookup]] = {}
 
     def queries() -> Iterator[Query]:
         for lookup in ledger.pending_lookups():
             if stop.requested:
                 return
-            waiting.setdefault((lookup.marketplace, lookup.asin), collections.deque()).append(
-                lookup
-            )
-            yield Query(lookup.asin, lookup.marketplace, lookup.resources)
+            # The ledger's lookup rides along as the query's tag and comes back with its
+            # result: no matching by (marketplace, ASIN) that could swap rows (K9).
+            yield Query(lookup.asin, lookup.marketplace, lookup.resources, tag=lookup)
 
     buffer: list[tuple[Lookup, ItemResult]] = []
     last_commit = time.monotonic()
@@ -328,12 +326,9 @@ async def _fetch(
 
     async def consume() -> None:
         async for result in broker.stream(queries()):
-            pending = waiting.get((result.marketplace, result.asin))
-            if not pending:
-                continue
-            lookup = pending.popleft()
-            if not pending:
-                del waiting[(result.marketplace, result.asin)]
+            assert result.query is not None
+            lookup = result.query.tag
+            assert isinstance(lookup, Lookup)
             buffer.append((lookup, result))
             if len(buffer) >= _COMMIT_ROWS or time.monotonic() - last_commit >= _COMMIT_EVERY_S:
                 commit()

@@ -56,8 +56,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
+from broker.client import Broker
 from broker.clock import Clock, LoopClock
-from broker.engine.broker import Broker
 from broker.errors import ConfigError, JobFileError, NoUsableKeyError
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host

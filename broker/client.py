@@ -1,0 +1,51 @@
+"""The Broker users import: the engine's broker, plus the embedded simulator when configured.
+
+``api.endpoint = "simulator"`` (the default config) starts the local simulator of both
+APIs in-process on a free loopback port, so a fresh clone runs with no credentials. That
+composition lives here, above both the engine and the simulator: the engine never imports
+the simulator that judges it (the import-layer test keeps it so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from broker.engine.broker import Broker as EngineBroker
+from broker.errors import ConfigError
+from broker.models import Query, Secret
+
+if TYPE_CHECKING:
+    from broker.config import KeyConfig
+
+__all__ = ["Broker", "Query"]
+
+
+class Broker(EngineBroker):
+    __doc__ = EngineBroker.__doc__
+
+    async def _open_endpoint(self, stack: contextlib.AsyncExitStack) -> str | None:
+        if not self.config.api.uses_simulator:
+            return await super()._open_endpoint(stack)
+        from broker.simulator.server import SimulatorServer
+
+        server = await stack.enter_async_context(SimulatorServer(self.config.simulator))
+        return server.url
+
+    def _missing_secret(self, key: KeyConfig) -> Secret:
+        """The embedded simulator's own secret for a key whose secret env var is unset."""
+        from broker.simulator.accounts import simulator_secret
+
+        value = None
+        if self.config.api.uses_simulator:
+            value = simulator_secret(
+                self.config.api.protocol.value, key.credential_id, self.config.simulator
+            )
+        if value is None:
+            raise ConfigError(
+                f"keys.{key.name}",
+                f"no secret for credential {key.credential_id!r}: set "
+                f"{key.secret_source or 'credential_secret_env'} or add the account to "
+                "[simulator]",
+            )
+        return Secret(value)

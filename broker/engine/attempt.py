@@ -1,0 +1,82 @@
+"""A batch's attempt state: how often it was sent, throttled, re-authorized, and for how long.
+
+One :class:`Attempts` travels with each batch through its retries (a throttled batch may go
+back to the queue for whichever key can send soonest) and only the executor edits it, so
+no other module counts or un-counts attempts. ``age`` leaves out the time the batch waited
+out an outage (K6): a network it cannot fix must not age a lookup into failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Attempts"]
+
+
+@dataclass(slots=True, eq=False)
+class Attempts:
+    """Counters of one batch's attempts, on the engine's monotonic clock."""
+
+    #: requests that carried the batch and reached the API (or may have)
+    sent: int = 0
+    #: of those, how many were answered 429 (they never count toward failing it)
+    throttled: int = 0
+    #: when the first counted request went (None until one did)
+    first_sent_at: float | None = None
+    #: seconds spent waiting out outages since the first send, left out of ``age``
+    paused_s: float = 0.0
+    #: when the batch began waiting out an outage (None when it is not)
+    unreachable_since: float | None = None
+    #: token refreshes or re-signings spent (bounded to avoid a loop)
+    auth_retries: int = 0
+    #: times the responses left this batch's ASIN out (single-ASIN re-asks only)
+    missing: int = 0
+    #: the last transient error, reported if every attempt fails
+    last_error: BaseException | None = None
+
+    def begin(self, sent_at: float) -> None:
+        """A request carrying the batch is about to go at ``sent_at``."""
+        self.sent += 1
+        if self.first_sent_at is None:
+            self.first_sent_at = sent_at
+        if self.unreachable_since is not None:
+            self.paused_s += max(0.0, sent_at - self.unreachable_since)
+            self.unreachable_since = None
+
+    def not_sent(self, now: float, *, outage: bool = False) -> None:
+        """The attempt begun last never reached the API: it does not count.
+
+        With ``outage`` the time from ``now`` until the next attempt is left out of ``age``.
+        """
+        self.sent = max(0, self.sent - 1)
+        if self.sent == 0:
+            self.first_sent_at = None
+            self.paused_s = 0.0
+        if outage and self.unreachable_since is None and self.first_sent_at is not None:
+            self.unreachable_since = now
+
+    @property
+    def failures(self) -> int:
+        """Counted attempts that were not throttled: the retry policy's attempt number."""
+        return max(1, self.sent - self.throttled)
+
+    def age(self, now: float) -> float:
+        """Seconds since the first send, less the time spent waiting out outages."""
+        if self.first_sent_at is None:
+            return 0.0
+        paused = self.paused_s
+        if self.unreachable_since is not None:
+            paused += max(0.0, now - self.unreachable_since)
+        return max(0.0, now - self.first_sent_at - paused)
+
+    def child(self, *, missed: bool = False) -> Attempts:
+        """The state for one ASIN re-asked alone: the same history (``missed``: one more miss)."""
+        return Attempts(
+            sent=self.sent,
+            throttled=self.throttled,
+            first_sent_at=self.first_sent_at,
+            paused_s=self.paused_s,
+            auth_retries=self.auth_retries,
+            missing=self.missing + 1 if missed else self.missing,
+            last_error=self.last_error,
+        )

@@ -1,0 +1,189 @@
+"""Intake: a caller's query made complete, validated, deduplicated and admitted.
+
+Every query is completed with the config's marketplace and resources, so the result that
+answers it carries exactly what was asked. Ids that are not ASINs, marketplaces that are
+not Amazon's, and marketplaces no key is configured for are answered at once, as results
+(``invalid`` / ``failed``), never sent. Everything else joins the one in-flight lookup of
+its (marketplace, ASIN, resources), or starts one when fewer than ``queue_size`` are
+outstanding: admission waits for room, and re-checks afterwards that a key can still serve
+the marketplace (N5). A lookup every caller left is dropped at once, so a new caller of the
+same ASIN starts afresh instead of inheriting another caller's cancellation (N8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.asin import check_asin
+from broker.engine.batcher import Lookup
+from broker.errors import describe
+from broker.models import ErrorDetail, ItemResult, Query, Status
+
+if TYPE_CHECKING:
+    from broker.engine.batcher import Batcher, Receiver
+    from broker.engine.metrics import EngineMetrics
+    from broker.engine.scheduler import KeyPool
+
+__all__ = ["Intake"]
+
+_Ident = tuple[str, str, tuple[str, ...]]
+
+
+class Intake:
+    """Admission, completion and deduplication of lookups for one broker."""
+
+    def __init__(
+        self,
+        *,
+        marketplace: str,
+        resources: Sequence[str],
+        queue_size: int,
+        pool: KeyPool,
+        batcher: Batcher,
+        metrics: EngineMetrics,
+        closed: Callable[[], BaseException | None],
+    ) -> None:
+        self._marketplace = marketplace
+        self._resources = tuple(resources)
+        self._pool = pool
+        self._batcher = batcher
+        self._metrics = metrics
+        self._closed = closed
+        self._capacity = asyncio.Semaphore(queue_size)
+        self._inflight: dict[_Ident, Lookup] = {}
+        # Canonical names of marketplaces as callers spell them ("UK", "amazon.co.uk").
+        self._markets: dict[str, str | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def lookups(self) -> list[Lookup]:
+        """Every lookup still in flight."""
+        return list(self._inflight.values())
+
+    def complete(
+        self,
+        item: str | Query,
+        marketplace: str | None = None,
+        resources: Sequence[str] | None = None,
+    ) -> Query | ItemResult:
+        """The caller's query made complete, or the result it gets without any request.
+
+        Raises:
+            TypeError: ``item`` is neither an ASIN string nor a :class:`Query`.
+        """
+        if isinstance(item, str):
+            raw, market, wanted, tag = item, marketplace, resources, None
+        elif isinstance(item, Query):
+            raw, tag = item.asin, item.tag
+            market = item.marketplace or marketplace
+            wanted = item.resources if item.resources is not None else resources
+        else:
+            raise TypeError(f"expected an ASIN string or a Query, got {type(item).__name__}")
+        named = market or self._marketplace
+        canonical = self._canonical_market(named)
+        res = tuple(wanted) if wanted is not None else self._resources
+        verdict = check_asin(raw)
+        if canonical is None:
+            return self._immediate(
+                Query(raw, named, res, tag), "UnknownMarketplace", f"unknown marketplace {named!r}"
+            )
+        if verdict.asin is None:
+            return self._immediate(
+                Query(raw, canonical, res, tag), "InvalidAsin", verdict.reason or "invalid ASIN"
+            )
+        query = Query(verdict.asin, canonical, res, tag)
+        if not self._pool.has_tag(canonical):
+            return self._immediate(
+                query,
+                "NoKeyForMarketplace",
+                f"no key in the config has a partner tag for {canonical}",
+                status=Status.FAILED,
+            )
+        return query
+
+    def _canonical_market(self, name: str) -> str | None:
+        try:
+            return self._markets[name]
+        except KeyError:
+            pass
+        try:
+            canonical: str | None = lookup_marketplace(name).name
+        except ValueError:
+            canonical = None
+        if len(self._markets) < 1024:
+            self._markets[name] = canonical
+        return canonical
+
+    def _immediate(
+        self, query: Query, code: str, message: str, *, status: Status = Status.INVALID
+    ) -> ItemResult:
+        info = describe(code)
+        result = ItemResult(
+            query.asin,
+            query.marketplace or "",
+            status,
+            error=ErrorDetail(code, message, info.remedy),
+            query=query,
+        )
+        self._metrics.record_item(result.status.value)
+        return result
+
+    async def admit(self, query: Query, receiver: Receiver) -> Lookup:
+        """Attach ``receiver`` to the lookup answering ``query``, starting one if needed.
+
+        Raises:
+            NoUsableKeyError: every key that could serve the marketplace left rotation.
+            BrokerClosedError / the engine's crash: the broker stopped meanwhile.
+        """
+        assert query.marketplace is not None
+        assert query.resources is not None
+        ident = (query.marketplace, query.asin, query.resources)
+        lookup = self._join(ident, query, receiver)
+        if lookup is not None:
+            return lookup
+        self._pool.check_servable(query.marketplace)
+        await self._capacity.acquire()
+        try:
+            stopped = self._closed()
+            if stopped is not None:
+                raise stopped
+            # The last key may have left while this caller waited for room (N5).
+            self._pool.check_servable(query.marketplace)
+        except BaseException:
+            # Hand the room on: the next waiter must also wake and see the same.
+            self._capacity.release()
+            raise
+        lookup = self._join(ident, query, receiver)
+        if lookup is not None:
+            self._capacity.release()
+            return lookup
+        canonical = (
+            query if query.tag is None else Query(query.asin, query.marketplace, query.resources)
+        )
+        lookup = Lookup(canonical, [(receiver, query)], on_done=self._finished)
+        self._inflight[ident] = lookup
+        self._batcher.add(lookup)
+        return lookup
+
+    def _join(self, ident: _Ident, query: Query, receiver: Receiver) -> Lookup | None:
+        lookup = self._inflight.get(ident)
+        if lookup is None or lookup.done:
+            return None
+        lookup.receivers.append((receiver, query))
+        return lookup
+
+    def _finished(self, lookup: Lookup) -> None:
+        query = lookup.query
+        ident = (query.marketplace or "", query.asin, query.resources or ())
+        if self._inflight.get(ident) is lookup:
+            del self._inflight[ident]
+        self._capacity.release()
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every lookup in flight with ``error`` (the broker closed or crashed)."""
+        for lookup in list(self._inflight.values()):
+            lookup.finish(error)

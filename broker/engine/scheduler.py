@@ -1,0 +1,178 @@
+"""The key pool: which key sends next, which keys can serve a marketplace, taking keys out.
+
+Each key has one dispatch loop. It holds an in-flight slot, waits until there is work the
+key can serve, *then* waits for the key to be ready (its pacer slot, a Retry-After or
+outage pause, its circuit, its daily budget) and takes the oldest batch at that moment.
+Waiting for work before readiness means a pause that began while the key was idle is
+honoured by its next send (N7), and whichever key is ready first takes the batch.
+
+When the last key for a marketplace leaves rotation, every batch of that marketplace still
+lingering in the batcher or waiting in the queue fails with :class:`NoUsableKeyError`, and
+so does every later lookup for it (N5): nothing waits for a key that will never come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from broker.errors import KeyUnusableError, NoUsableKeyError, Scope
+
+if TYPE_CHECKING:
+    from broker.engine.batcher import Batch, Batcher, WorkQueue
+    from broker.engine.keys import KeyState
+
+__all__ = ["KeyPool", "SendFn"]
+
+logger = structlog.get_logger("broker")
+
+#: One attempt of a batch on a key: (key, batch, sent_at, demand_limited).
+SendFn = Callable[["KeyState", "Batch", float, bool], Coroutine[Any, Any, None]]
+
+
+class KeyPool:
+    """Every key of one broker, the marketplaces they serve, and their dispatch loops."""
+
+    def __init__(self, keys: Sequence[KeyState], work: WorkQueue, batcher: Batcher) -> None:
+        self._keys = tuple(keys)
+        self._work = work
+        self._batcher = batcher
+        #: marketplaces no key can serve any more, with the failures that caused it
+        self._dead: dict[str, NoUsableKeyError] = {}
+
+    @property
+    def keys(self) -> tuple[KeyState, ...]:
+        """The keys, in config order."""
+        return self._keys
+
+    # -- coverage -------------------------------------------------------------------------
+
+    def has_tag(self, marketplace: str) -> bool:
+        """True if some key is configured for ``marketplace`` (has a partner tag there)."""
+        return any(key.has_tag(marketplace) for key in self._keys)
+
+    def check_servable(self, marketplace: str) -> None:
+        """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace`` now."""
+        dead = self._dead.get(marketplace)
+        if dead is not None:
+            # A fresh instance per raise: re-raising one stored exception grows its traceback.
+            raise NoUsableKeyError(dead.marketplace, dead.failures)
+        if not any(key.serves(marketplace) for key in self._keys):
+            raise self._no_key_error(marketplace)
+
+    def _no_key_error(self, marketplace: str) -> NoUsableKeyError:
+        failures = [
+            failure for key in self._keys if (failure := key.failure_for(marketplace)) is not None
+        ]
+        if not failures and not self.has_tag(marketplace):
+            failures = [
+                KeyUnusableError(
+                    key.name,
+                    "NoKeyForMarketplace",
+                    f"key has no partner tag for {marketplace}",
+                    f"add {marketplace} to keys.partner_tags in config.toml",
+                )
+                for key in self._keys
+            ]
+        return NoUsableKeyError(marketplace, failures)
+
+    # -- work -----------------------------------------------------------------------------
+
+    def submit(self, batch: Batch, *, front: bool = False) -> None:
+        """Queue a batch for any key, or fail it if no key can serve its marketplace."""
+        if not batch.live():
+            return
+        try:
+            self.check_servable(batch.marketplace)
+        except NoUsableKeyError as exc:
+            batch.fail(exc)
+            return
+        if front:
+            self._work.put_front(batch)
+        else:
+            self._work.put(batch)
+
+    def take_out(
+        self,
+        key: KeyState,
+        marketplace: str,
+        code: str,
+        message: str,
+        remedy: str,
+        *,
+        scope: Scope,
+    ) -> None:
+        """Take ``key`` (or the key in ``marketplace``) out of rotation.
+
+        Work for a marketplace no key can serve any more fails at once, whether it waits
+        in the queue or still lingers in the batcher.
+        """
+        scope_marketplace = marketplace if scope is Scope.KEY_MARKETPLACE else None
+        if key.disable(code, message, remedy, marketplace=scope_marketplace):
+            logger.error(
+                "broker.key_disabled",
+                key=key.name,
+                code=code,
+                message=message,
+                remedy=remedy,
+                marketplace=scope_marketplace,
+            )
+        affected = (
+            {marketplace} if scope_marketplace else set(key.tagged_marketplaces) | {marketplace}
+        )
+        for market in affected:
+            if market in self._dead or any(k.serves(market) for k in self._keys):
+                continue
+            self._dead[market] = self._no_key_error(market)
+            for batch in self._work.drain(market) + self._batcher.drain(market):
+                batch.fail(NoUsableKeyError(market, self._dead[market].failures))
+        self._work.wake()
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    async def dispatch(
+        self, key: KeyState, send: SendFn, spawn: Callable[[Coroutine[Any, Any, None]], object]
+    ) -> None:
+        """One key's loop: a slot, work it can serve, readiness, then the oldest such batch."""
+        work = self._work
+        while True:
+            await key.acquire_slot()
+            try:
+                batch, sent_at = await self._next(key)
+                demand_limited = work.has_work_for(key.active_marketplaces())
+            except BaseException:
+                key.release_slot()
+                raise
+            spawn(self._send(key, batch, sent_at, demand_limited, send))
+
+    async def _next(self, key: KeyState) -> tuple[Batch, float]:
+        """Wait until ``key`` may send and has work; book the send and return the batch."""
+        work = self._work
+        while True:
+            await work.wait_for(key.active_marketplaces)
+            await key.wait_ready()
+            # Nothing awaited since wait_ready returned: the key is ready at this instant.
+            batch = work.take(key.active_marketplaces())
+            if batch is None:
+                # Another key took the work first; a probe slot claimed for it is handed back.
+                key.abandon_probe()
+                continue
+            sent_at = await key.try_send()
+            if sent_at is None:
+                # The daily budget is spent: the key waits for its window to reset.
+                key.abandon_probe()
+                self.submit(batch, front=True)
+                continue
+            return batch, sent_at
+
+    @staticmethod
+    async def _send(
+        key: KeyState, batch: Batch, sent_at: float, demand_limited: bool, send: SendFn
+    ) -> None:
+        try:
+            with structlog.contextvars.bound_contextvars(key=key.name, batch_id=batch.batch_id):
+                await send(key, batch, sent_at, demand_limited)
+        finally:
+            key.release_slot(sent=True)

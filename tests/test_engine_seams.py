@@ -1,0 +1,408 @@
+"""The engine's seams under concurrency: each test is a defect reproduced in shared/repros.
+
+N5 (admitted after the last key died), N7 (a pause set while idle), N8 (another caller's
+cancellation), N9 (an abandoned probe), N11 (abandoned work held), N12 (a second event
+loop), N15 (closing with callers waiting), K3 (a busy pool is not an outage), K6 (an
+outage ages no lookup), and identity: every result carries the query that asked for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+from aiohttp import web
+from conftest import Harness, key_doc, make_config, paapi_key_doc
+
+from broker.api.base import HttpRequest, RawResponse
+from broker.client import Broker
+from broker.engine.adaptive import CircuitState, ThrottleVerdict
+from broker.engine.transport import AiohttpTransport, MockTransport
+from broker.errors import (
+    BrokerClosedError,
+    EndpointUnreachable,
+    NoUsableKeyError,
+    WrongEventLoopError,
+)
+from broker.models import Query
+from broker.simulator.settings import LatencyProfile, SimulatorSettings
+from broker.testing import FakeClock, settle
+
+FREE = SimulatorSettings(limits=False)
+PAAPI_ENDPOINT = "http://127.0.0.1:9"
+
+DENIED = json.dumps(
+    {
+        "__type": "com.amazon.paapi5#AccessDeniedException",
+        "Errors": [{"Code": "AccessDenied", "Message": "not enabled"}],
+    }
+).encode()
+THROTTLED = json.dumps(
+    {
+        "__type": "com.amazon.paapi5#TooManyRequestsException",
+        "Errors": [{"Code": "TooManyRequests", "Message": "slow down"}],
+    }
+).encode()
+
+
+def _paapi_body(*asins: str) -> bytes:
+    items = [{"ASIN": a, "ItemInfo": {"Title": {"DisplayValue": f"t {a}"}}} for a in asins]
+    return json.dumps({"ItemsResult": {"Items": items}}).encode()
+
+
+def _asked(request: HttpRequest) -> list[str]:
+    return list(json.loads(request.body)["ItemIds"])
+
+
+def _paapi(**tables: dict[str, object]) -> object:
+    keys = tables.pop("keys", None)
+    return make_config(
+        PAAPI_ENDPOINT,
+        protocol="paapi5",
+        keys=keys if keys is not None else [paapi_key_doc()],  # type: ignore[arg-type]
+        **tables,
+    )
+
+
+class TestDeadKeys:
+    """N5: nobody waits for a key that will never come."""
+
+    async def test_caller_admitted_after_last_key_died_fails_at_once(self) -> None:
+        """A caller waiting for room when the last key dies gets NoUsableKeyError (N5)."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            await clock.sleep(0.5)
+            return RawResponse(403, {}, DENIED, 0.5)
+
+        config = _paapi(engine={"queue_size": 1})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            loop = asyncio.get_running_loop()
+            a = loop.create_task(broker.get_item("B000000001"))
+            await asyncio.sleep(0.01)
+            b = loop.create_task(broker.get_item("B000000002"))
+            await asyncio.sleep(0.01)
+            await clock.run_until(a, limit=60)
+            assert isinstance(a.exception(), NoUsableKeyError)
+            await clock.run_until(b, limit=5)
+            assert isinstance(b.exception(), NoUsableKeyError)
+            metrics = broker.metrics()
+            assert metrics.outstanding_lookups == 0
+            assert metrics.queued_batches == 0
+
+    async def test_lingering_lookups_fail_when_last_key_dies(self) -> None:
+        """Lookups still lingering in the batcher fail when no key is left (N5)."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return RawResponse(403, {}, DENIED, 0.01)
+
+        config = _paapi(engine={"linger_s": 30.0})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            loop = asyncio.get_running_loop()
+            first = loop.create_task(broker.get_item("B000000001"))
+            await clock.run_until(first, limit=60)
+            assert isinstance(first.exception(), NoUsableKeyError)
+            with pytest.raises(NoUsableKeyError):
+                await broker.get_item("B000000002")
+
+
+class TestPauses:
+    """N7: no send inside a pause, whatever the queue was doing."""
+
+    @pytest.mark.parametrize("latency", [0.1, 0.5])
+    async def test_retry_after_honoured_by_an_idle_dispatcher(self, latency: float) -> None:
+        """A Retry-After that arrives after the pacer interval still holds the key (N7)."""
+        clock = FakeClock()
+        t0 = clock.monotonic()
+        sent: list[float] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            sent.append(clock.monotonic() - t0)
+            await clock.sleep(latency)
+            if len(sent) == 1:
+                return RawResponse(429, {"retry-after": "10"}, THROTTLED, latency)
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), latency)
+
+        config = _paapi(keys=[paapi_key_doc(tps=5.0, max_in_flight=2)])
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            task = asyncio.get_running_loop().create_task(broker.get_items(["B000000001"]))
+            await clock.run_until(task)
+        assert task.result()[0].ok
+        assert len(sent) == 2
+        assert sent[1] >= sent[0] + latency + 10 - 1e-6
+
+
+class TestCancellation:
+    """N8: a caller is never handed another caller's cancellation."""
+
+    async def test_cancelled_lookup_is_not_reused(self, harness: Harness) -> None:
+        """B, starting in the turn A was cancelled, gets its result, not CancelledError (N8)."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        loop = asyncio.get_running_loop()
+        a = loop.create_task(broker.get_item("B0C1234567"))
+        await asyncio.sleep(0)
+        a.cancel()
+        b = loop.create_task(broker.get_item("B0C1234567"))
+        await asyncio.gather(a, b, return_exceptions=True)
+        assert a.cancelled()
+        assert b.result().ok
+        assert (await broker.get_item("B0C1234567")).ok
+
+    async def test_stress_no_spurious_cancellation(self, harness: Harness) -> None:
+        """Callers timing out at random never cancel the others (N8, 30 rounds of 60)."""
+        sim = await harness.simulator(FREE)
+        config = make_config(
+            sim.url,
+            keys=[key_doc(tps=500.0, max_in_flight=8)],
+            engine={"queue_size": 64, "linger_s": 0.01},
+        )
+        broker = await harness.broker(config)
+        rng = random.Random(7)
+        pool = [f"B0{i:08d}" for i in range(120)]
+        spurious = 0
+
+        async def caller() -> None:
+            nonlocal spurious
+            wanted = rng.sample(pool, 15)
+            try:
+                if rng.random() < 0.4:
+                    await asyncio.wait_for(broker.get_items(wanted), rng.uniform(0.001, 0.05))
+                else:
+                    results = await broker.get_items(wanted)
+                    assert [r.asin for r in results] == wanted
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                spurious += 1
+
+        for _ in range(30):
+            await asyncio.gather(*(caller() for _ in range(60)))
+        assert spurious == 0
+        await asyncio.sleep(0.1)
+        assert broker.metrics().outstanding_lookups == 0
+
+
+class TestParkedKeys:
+    """N9 and N11: a parked key's abandoned probe and abandoned work."""
+
+    async def test_abandoned_probe_frees_the_probe_slot(self) -> None:
+        """A parked key whose probe caller left sends the next lookup (N9)."""
+        clock = FakeClock()
+        sent: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            asked = _asked(request)
+            sent.extend(asked)
+            return RawResponse(200, {}, _paapi_body(*asked), 0.01)
+
+        async with Broker(_paapi(), clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            key = broker._keys[0]
+            key.circuit.open(ThrottleVerdict.ACCESS_REVOKED)
+            await settle()
+            await clock.advance(4000)
+            first = asyncio.get_running_loop().create_task(broker.get_item("B000000001"))
+            await asyncio.sleep(0)
+            first.cancel()
+            await settle()
+            assert key.circuit.state is not CircuitState.PROBING or sent
+            later = asyncio.get_running_loop().create_task(broker.get_item("B000000002"))
+            await clock.run_until(later, limit=60)
+            assert later.result().ok
+            assert "B000000002" in sent
+
+    async def test_abandoned_lookups_leave_the_queue(self) -> None:
+        """Callers that give up while the key is parked leave nothing queued (N11)."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return RawResponse(500, {}, b"{}", 0.01)
+
+        config = _paapi(engine={"queue_size": 100})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            broker._keys[0].circuit.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+            await settle()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.take_snapshot()
+                n = 0
+                for _ in range(20):
+                    tasks = [
+                        asyncio.ensure_future(broker.get_item(f"B{n + i:09d}")) for i in range(100)
+                    ]
+                    n += 100
+                    await settle()
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                await settle()
+                grown = sum(
+                    s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename")
+                )
+            finally:
+                tracemalloc.stop()
+            metrics = broker.metrics()
+            assert metrics.outstanding_lookups == 0
+            assert metrics.queued_batches == 0
+            assert grown < 500_000
+
+
+class TestLifecycle:
+    """N12 and N15: the broker's loop, and closing with callers waiting."""
+
+    async def test_close_fails_waiting_callers_clearly(self, harness: Harness) -> None:
+        """Callers waiting when the broker closes get BrokerClosedError (N15)."""
+        sim = await harness.simulator(FREE)
+        broker = Broker(make_config(sim.url, keys=[key_doc(tps=1.0)]))
+        await broker.__aenter__()
+        waiter = asyncio.get_running_loop().create_task(
+            broker.get_items([f"B0{i:08d}" for i in range(50)])
+        )
+        await asyncio.sleep(0.3)
+        await broker.aclose()
+        with pytest.raises(BrokerClosedError):
+            await waiter
+        assert not waiter.cancelled()
+        with pytest.raises(BrokerClosedError, match="closed"):
+            await broker.get_item("B0C1234567")
+
+    def test_second_event_loop_is_refused_at_once(self) -> None:
+        """A broker opened on one loop raises WrongEventLoopError from another (N12)."""
+        loop1 = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop1.run_forever, daemon=True)
+        thread.start()
+        from broker.simulator.server import SimulatorServer
+
+        sim = SimulatorServer(FREE)
+
+        async def open_broker() -> Broker:
+            await sim.__aenter__()
+            broker = Broker(make_config(sim.url))
+            await broker.__aenter__()
+            return broker
+
+        async def close_broker(broker: Broker) -> None:
+            await broker.aclose()
+            await sim.__aexit__(None, None, None)
+
+        broker = asyncio.run_coroutine_threadsafe(open_broker(), loop1).result(10)
+        try:
+
+            async def from_loop2() -> None:
+                await asyncio.wait_for(broker.get_items(["B0C1234567"]), 5)
+
+            with pytest.raises(WrongEventLoopError, match="another event loop"):
+                asyncio.run(from_loop2())
+            results = asyncio.run_coroutine_threadsafe(
+                broker.get_items(["B0C1234567"]), loop1
+            ).result(10)
+            assert results[0].ok
+        finally:
+            asyncio.run_coroutine_threadsafe(close_broker(broker), loop1).result(10)
+            loop1.call_soon_threadsafe(loop1.stop)
+            thread.join(5)
+            loop1.close()
+
+
+class TestOutages:
+    """K3 and K6: what is and is not an outage."""
+
+    async def test_waiting_for_a_pooled_connection_is_not_an_outage(self) -> None:
+        """With one pooled connection, a second request waits for it and gets 200 (K3)."""
+
+        async def slow(_request: web.Request) -> web.Response:
+            await asyncio.sleep(0.5)
+            return web.Response(text="{}")
+
+        app = web.Application()
+        app.router.add_post("/", slow)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with AiohttpTransport(max_connections=1, connect_timeout_s=0.2) as transport:
+                request = HttpRequest("POST", f"http://127.0.0.1:{port}/", {}, b"{}")
+                first, second = await asyncio.gather(
+                    transport.send(request), transport.send(request)
+                )
+            assert (first.status, second.status) == (200, 200)
+        finally:
+            await runner.cleanup()
+
+    async def test_outage_time_does_not_age_a_lookup(self) -> None:
+        """After a 700 s outage a lookup keeps retrying, not failed as too old (K6)."""
+        clock = FakeClock()
+        t0 = clock.monotonic()
+        calls: list[float] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            elapsed = clock.monotonic() - t0
+            calls.append(elapsed)
+            if len(calls) == 1:
+                return RawResponse(503, {}, b"Service Unavailable", 0.01)
+            if elapsed < 700:
+                raise EndpointUnreachable("refused")
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.01)
+
+        config = _paapi(retry={"max_attempts": 20, "max_age_s": 600.0})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            task = asyncio.get_running_loop().create_task(broker.get_items(["B000000001"]))
+            await clock.run_until(task, limit=3600)
+        (result,) = task.result()
+        assert result.ok
+        assert result.attempts == 2
+        assert calls[-1] >= 700
+
+
+class TestIdentity:
+    """Every result carries the query that asked for it."""
+
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_stream_pairs_results_with_their_queries(
+        self, harness: Harness, protocol: str
+    ) -> None:
+        """One ASIN asked under two resource lists: each tag gets its own resources' item."""
+        settings = SimulatorSettings(
+            limits=False, latency=LatencyProfile(fixed_ms=2.0, exp_mean_ms=5.0)
+        )
+        sim = await harness.simulator(settings)
+        broker = await harness.broker(make_config(sim.url, protocol=protocol))
+        title = ("ItemInfo.Title",) if protocol == "paapi5" else ("itemInfo.title",)
+        offers = (
+            ("OffersV2.Listings.Price",) if protocol == "paapi5" else ("offersV2.listings.price",)
+        )
+        wanted = [f"B0{i:08d}" for i in range(40)]
+
+        def queries() -> Iterator[Query]:
+            for n, asin in enumerate(wanted):
+                yield Query(asin, resources=title, tag=("title", n))
+                yield Query(asin.lower(), resources=offers, tag=("offers", n))
+
+        seen = {}
+        async for result in broker.stream(queries()):
+            assert result.query is not None
+            kind, n = result.query.tag  # type: ignore[misc]
+            seen[(kind, n)] = result
+            assert result.asin == wanted[n]
+            assert result.query.resources == (title if kind == "title" else offers)
+            assert result.item is not None
+            top = {k.lower() for k, v in result.item.items() if v is not None}
+            assert ("iteminfo" in top) == (kind == "title")
+            assert ("offersv2" in top) == (kind == "offers")
+        assert len(seen) == 80
+
+    async def test_get_items_results_carry_complete_queries(self, harness: Harness) -> None:
+        """get_items fills in marketplace and resources in each result's query."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url)
+        broker = await harness.broker(config)
+        (result,) = await broker.get_items(["b0c1234567"])
+        assert result.query == Query("B0C1234567", "www.amazon.com", config.api.resources)
