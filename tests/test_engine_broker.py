@@ -532,9 +532,7 @@ class TestBrokenKeys:
         """A marketplace no key is configured for fails that query only, naming the fix."""
         sim = await harness.simulator(FREE)
         broker = await harness.broker(make_config(sim.url))
-        unserved, served = await broker.get_items(
-            [Query("B000000001", "DE"), Query("B000000002")]
-        )
+        unserved, served = await broker.get_items([Query("B000000001", "DE"), Query("B000000002")])
         assert unserved.status is Status.FAILED
         assert unserved.error is not None
         assert unserved.error.code == "NoKeyForMarketplace"
