@@ -42,7 +42,18 @@ class ManualClock:
         return FAKE_EPOCH + timedelta(seconds=self.now)
 
 
+#: Pure target-loss AIMD: no recovery curve, and the cap zone cut like any other.
+TL_ONLY: dict[str, object] = {"recovery": False, "cap_beta": 0.1, "cap_target_loss": 0.01}
+
+
 def _rate(nominal: float = 1.0, **settings: object) -> tuple[ManualClock, AdaptiveRate]:
+    clock = ManualClock()
+    config = AdaptiveSettings(**{**TL_ONLY, **settings})  # type: ignore[arg-type]
+    return clock, AdaptiveRate(nominal, clock=clock, settings=config)
+
+
+def _full(nominal: float = 5.0, **settings: object) -> tuple[ManualClock, AdaptiveRate]:
+    """The controller with every default: recovery curve and cap zone on."""
     clock = ManualClock()
     config = AdaptiveSettings(**settings)  # type: ignore[arg-type]
     return clock, AdaptiveRate(nominal, clock=clock, settings=config)
@@ -191,6 +202,60 @@ class TestRecovery:
             "AdaptiveRate(rate=0.9/s, range=[0.05, 1], boost=1, consecutive_429=1, "
             "share_429=1.000, cuts=1)"
         )
+
+
+class TestCeilingAwareRecovery:
+    """The defaults: small cuts for jitter at the cap, a fast climb after a real drop."""
+
+    def test_isolated_429_at_the_cap_is_a_small_cut(self) -> None:
+        """One 429 at the configured rate cuts by cap_beta (3 %), not beta."""
+        clock, ctl = _full()
+        clock.now += 10
+        ctl.on_throttled(sent_at=clock.now - 0.1)
+        assert ctl.rate == pytest.approx(5.0 * 0.97)
+
+    def test_three_quick_429s_mean_a_drop(self) -> None:
+        """The third 429 within a few seconds cuts by beta: the server slowed down."""
+        clock, ctl = _full()
+        rates = []
+        for _ in range(4):
+            clock.now += 0.5
+            ctl.on_throttled(sent_at=clock.now - 0.1)
+            rates.append(ctl.rate)
+        assert rates[1] == pytest.approx(5.0 * 0.97**2)
+        assert rates[2] == pytest.approx(rates[1] * 0.9)
+        assert rates[3] == pytest.approx(rates[2] * 0.9)
+
+    def test_climbs_back_within_seconds_after_a_drop(self) -> None:
+        """After a drop the key regains its configured rate in seconds, not minutes."""
+        clock, ctl = _full()
+        for _ in range(8):
+            clock.now += 0.5
+            ctl.on_throttled(sent_at=clock.now - 0.1)
+        low = ctl.rate
+        assert low < 2.6
+        start = clock.now
+        while ctl.rate < 4.5 and clock.now - start < 60:
+            clock.now += 1.0 / max(ctl.rate, 0.1)
+            ctl.on_success(demand_limited=True)
+        assert ctl.rate >= 4.5
+        assert clock.now - start <= 12.0
+
+    def test_a_throttled_probe_returns_below_the_last_limit(self) -> None:
+        """A probe's 429 goes back under the limit found before, not a step below the peak."""
+        clock, ctl = _full()
+        for _ in range(8):
+            clock.now += 0.5
+            ctl.on_throttled(sent_at=clock.now - 0.1)
+        limit = ctl.rate / 0.9
+        start = clock.now
+        while ctl.rate < limit * 1.1 and clock.now - start < 30.0:
+            clock.now += 0.2
+            ctl.on_success(demand_limited=True)
+        assert limit * 1.1 <= ctl.rate < 0.75 * 5.0
+        clock.now += 0.2
+        ctl.on_throttled(sent_at=clock.now - 0.1)
+        assert ctl.rate <= limit * 0.9 + 1e-9
 
 
 class _GcraServer:

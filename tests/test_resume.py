@@ -439,7 +439,8 @@ class TestA8SecondProcess:
     def test_a8_second_run_is_refused_naming_the_holder_pid(self, tmp_path: Path) -> None:
         """A8: a second ``broker run`` of a running job exits 65 naming the first one's PID."""
         slow = embedded_config(tmp_path / "slow.toml", tps=1.0, queue_size=10)
-        job = text_job(tmp_path / "job.txt", 40, "B0A8A8")
+        # 30 requests at 1/s: the holder is still running however slowly the second starts.
+        job = text_job(tmp_path / "job.txt", 300, "B0A8A8")
         out = tmp_path / "out.jsonl"
         lock = tmp_path / "out.jsonl.ledger.lock"
         argv = [sys.executable, "-m", "broker", "run", str(job), "--out", str(out)]

@@ -213,16 +213,23 @@ class TestJobs:
         assert not (spool / "done" / "bad.csv").exists()
         assert os.listdir(spool / "processing") == []
 
-    async def test_job_for_an_unconfigured_marketplace_is_filed_failed(
+    async def test_row_for_an_unconfigured_marketplace_fails_alone(
         self, start: Start, spool: Path
     ) -> None:
-        """A row for a marketplace no key serves files the job in failed/; the next job runs."""
+        """A row for a marketplace no key serves is failed (NoKeyForMarketplace); the rest go on."""
         await start()
-        _drop(spool, "jp.jsonl", '{"asin": "B0JPJPJP01", "marketplace": "www.amazon.co.jp"}\n')
+        _drop(
+            spool,
+            "jp.jsonl",
+            '{"asin": "B0JPJPJP01", "marketplace": "www.amazon.co.jp"}\n{"asin": "B0USUSUS01"}\n',
+        )
         _drop(spool, "next.txt", "B0NEXTNX01\n")
-        status = await _filed(spool, "jp.jsonl", "failed")
-        assert status["exit_code"] == ExitCode.NO_PERMISSION
-        assert "www.amazon.co.jp" in status["error"]
+        status = await _filed(spool, "jp.jsonl")
+        assert status["exit_code"] == ExitCode.SOME_FAILED
+        rows = {r["asin"]: r for r in _rows(spool / "done" / "jp.jsonl.out.jsonl")}
+        assert rows["B0JPJPJP01"]["status"] == "failed"
+        assert rows["B0JPJPJP01"]["error"]["code"] == "NoKeyForMarketplace"
+        assert rows["B0USUSUS01"]["status"] == "ok"
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
 
     async def test_files_present_at_start_are_picked_up(self, start: Start, spool: Path) -> None:

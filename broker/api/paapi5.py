@@ -19,6 +19,7 @@ from broker.api.base import HttpRequest, Operation, ParsedItems, RawResponse
 from broker.api.errors_map import (
     READ_ERRORS,
     ItemError,
+    LazySummary,
     SummaryFields,
     api_error,
     assemble,
@@ -29,7 +30,6 @@ from broker.api.errors_map import (
     require_answer,
     retry_after_s,
     strip_type,
-    summarize,
     text,
 )
 from broker.api.marketplaces import Marketplace
@@ -489,4 +489,4 @@ def _read_errors(raw: object) -> list[ItemError]:
 
 
 def _summary(item: Mapping[str, object]) -> ItemSummary:
-    return summarize(item, _SUMMARY)
+    return LazySummary(item, _SUMMARY)

@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from broker.clock import Clock
 
+#: Three cuts within this many seconds mean the server's rate dropped (not jitter).
+_DROP_WINDOW_S = 5.0
+
 __all__ = ["AdaptiveRate", "AdaptiveSettings", "Circuit", "CircuitState", "ThrottleVerdict"]
 
 
@@ -54,6 +57,23 @@ class AdaptiveSettings:
         max_park_s: the longest park interval; each failed probe doubles up to it (60 min).
         probe_jitter: a probe waits ``park * (1 + probe_jitter * u)``, ``u`` in [0, 1), so
             keys and machines parked together do not probe together.
+        recovery: after a cut, climb back on a cubic curve in time towards the rate that
+            was throttled and then past it towards the configured rate (below), instead of
+            only the slow per-success increase.
+        regrow_s: seconds to climb from the cut back to ``plateau`` times the throttled rate.
+        plateau: the share of the throttled rate the key holds until it probes higher.
+        probe_after_s: seconds after a cut before the key probes above its plateau, and at
+            least ``probe_after_sends`` sends at the plateau rate (a slow key must not spend
+            a 429 every few requests). Each probe throttled at about the same rate doubles
+            the wait, up to ``max_probe_after_s`` times that (a server that really is
+            slower is probed less often); a cut at a clearly different rate resets it.
+        probe_after_sends: see ``probe_after_s``.
+        cap_beta: the cut for a 429 sent within ``cap_zone`` of the configured rate (see
+            ``_note_cut``), where the increase per success is matched to it.
+        cap_zone: the share of the configured rate from which a key counts as at its cap.
+        cap_target_loss: the 429 share the increase aims at within ``cap_zone``.
+        probe_gain: ``c`` of the probe curve ``plateau + c * (t - probe_after)^3``, as a
+            share of the throttled rate (0.01: +8 % after 2 s, x1.6 after 4 s, x2.2 after 5 s).
     """
 
     beta: float = 0.1
@@ -72,6 +92,16 @@ class AdaptiveSettings:
     park_s: float = 900.0
     max_park_s: float = 3600.0
     probe_jitter: float = 0.1
+    recovery: bool = True
+    regrow_s: float = 2.0
+    plateau: float = 0.97
+    probe_after_s: float = 3.0
+    probe_after_sends: int = 8
+    max_probe_after_s: float = 6.0
+    probe_gain: float = 0.01
+    cap_beta: float = 0.03
+    cap_zone: float = 0.75
+    cap_target_loss: float = 0.015
 
     def __post_init__(self) -> None:
         if not 0.0 < self.beta < 1.0:
@@ -88,6 +118,10 @@ class AdaptiveSettings:
             raise ValueError("need 0 < park_s <= max_park_s and probe_jitter >= 0")
         if self.retry_after_cap_s < 0.0:
             raise ValueError("retry_after_cap_s must be >= 0")
+        if not 0.0 < self.plateau <= 1.0 or self.regrow_s <= 0.0 or self.probe_gain <= 0.0:
+            raise ValueError("need 0 < plateau <= 1, regrow_s > 0 and probe_gain > 0")
+        if not 0.0 < self.probe_after_s <= self.max_probe_after_s:
+            raise ValueError("need 0 < probe_after_s <= max_probe_after_s")
 
     @property
     def increase_per_success(self) -> float:
@@ -128,14 +162,18 @@ class AdaptiveRate:
         "_clock",
         "_consecutive",
         "_cuts",
+        "_descending",
         "_last_cut_at",
         "_max_rate",
         "_min_rate",
         "_nominal",
         "_outcomes",
+        "_probe_after",
         "_rate",
+        "_recent_cuts",
         "_settings",
         "_streak",
+        "_throttled_at_rate",
     )
 
     def __init__(
@@ -161,6 +199,12 @@ class AdaptiveRate:
         self._consecutive = 0
         # True for a 429, False for a success, over the last `window` outcomes.
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=s.window)
+        #: the rate the last fresh 429 was sent at, while recovering towards the cap
+        self._throttled_at_rate: float | None = None
+        self._probe_after = s.probe_after_s
+        #: the last cut came while still coming down: hold the cut rate until the probe
+        self._descending = False
+        self._recent_cuts: collections.deque[float] = collections.deque(maxlen=3)
 
     @property
     def settings(self) -> AdaptiveSettings:
@@ -224,9 +268,20 @@ class AdaptiveRate:
         self._consecutive = 0
         if demand_limited:
             s = self._settings
-            self._rate = min(
-                self._max_rate, self._rate * math.exp(s.increase_per_success * self._boost)
-            )
+            if self._rate >= s.cap_zone * self._max_rate and not s.discover:
+                # Near the known cap: small steps without boost, matched to cap_beta, so
+                # the key settles at the target 429 share instead of swinging around it.
+                loss = s.cap_target_loss
+                gain = -math.log1p(-s.cap_beta) * loss / (1.0 - loss)
+            else:
+                gain = s.increase_per_success * self._boost
+            grown = self._rate * math.exp(gain)
+            if self._throttled_at_rate is not None:
+                grown = max(grown, self._recovery_rate())
+            self._rate = min(self._max_rate, grown)
+            if self._rate >= self._nominal:
+                # Back at the configured rate: the recovery is over.
+                self._throttled_at_rate = None
             self._streak += 1
             if self._streak % s.boost_every == 0:
                 self._boost = min(s.max_boost, self._boost * 2.0)
@@ -259,10 +314,82 @@ class AdaptiveRate:
         self._boost = 1.0
         verdict = self._classify(budget_exhausted, quota_used)
         if verdict is ThrottleVerdict.RATE and sent_at > self._last_cut_at:
-            self._rate = max(self._min_rate, self._rate * (1.0 - self._settings.beta))
+            s = self._settings
+            # A 429 near the cap is arrival jitter, unless three come within a few seconds:
+            # then the server's rate dropped.
+            now = self._clock.monotonic()
+            while self._recent_cuts and now - self._recent_cuts[0] > _DROP_WINDOW_S:
+                self._recent_cuts.popleft()
+            dropped = len(self._recent_cuts) >= 2
+            self._recent_cuts.append(now)
+            at_cap = not dropped and self._rate >= s.cap_zone * self._max_rate
+            previous = self._throttled_at_rate
+            probed = self._note_cut(at_cap)
+            beta = s.cap_beta if at_cap else s.beta
+            cut = self._rate * (1.0 - beta)
+            if probed and previous is not None:
+                # A probe above the last limit was throttled: back to below that limit, not
+                # merely a step below the probe's peak, which may still be over it.
+                cut = min(cut, previous * (1.0 - beta))
+            self._rate = max(self._min_rate, cut)
             self._last_cut_at = self._clock.monotonic()
             self._cuts += 1
         return verdict
+
+    def _note_cut(self, at_cap: bool) -> bool:
+        """Remember the rate being throttled, and how soon to probe above it again.
+
+        Returns True when the 429 answered a probe above the plateau.
+
+        A 429 at the configured rate is most often arrival jitter against a strict server:
+        the cut is small (``cap_beta``) and the climb back is the slow per-success one, so
+        the key settles where the 429 share is ``target_loss`` instead of swinging.
+        """
+        s = self._settings
+        if not s.recovery or at_cap:
+            self._throttled_at_rate = None
+            return False
+        previous = self._throttled_at_rate
+        self._descending = previous is not None and self._rate < 0.97 * previous
+        since_cut = self._clock.monotonic() - self._last_cut_at
+        probing = previous is not None and since_cut >= self._probe_wait(previous)
+        if previous is not None and probing and abs(self._rate - previous) <= 0.07 * previous:
+            # A probe found the same limit again: the server is slower; probe less often.
+            self._probe_after = min(s.max_probe_after_s, self._probe_after * 2.0)
+        elif previous is None or abs(self._rate - previous) > 0.1 * previous:
+            self._probe_after = s.probe_after_s
+        self._throttled_at_rate = self._rate
+        return probing
+
+    def _probe_wait(self, top: float) -> float:
+        """Seconds after a cut before probing above the plateau of ``top``."""
+        s = self._settings
+        scale = self._probe_after / s.probe_after_s
+        return scale * max(s.probe_after_s, s.probe_after_sends / (top * s.plateau))
+
+    def _recovery_rate(self) -> float:
+        """The rate the recovery curve allows now (``ratelimit.md`` 1.3, CUBIC in shape).
+
+        Concave back to ``plateau`` times the throttled rate within ``regrow_s`` (most of
+        the throughput a cut costs is won back at once), flat until ``probe_after``, then
+        convex above it: a server whose rate came back is found within seconds, while one
+        that is still slower costs about one 429 per probe.
+        """
+        s = self._settings
+        top = self._throttled_at_rate
+        assert top is not None
+        t = self._clock.monotonic() - self._last_cut_at
+        cut = 1.0 - s.beta
+        wait = self._probe_wait(top)
+        # Coming down (each cut lower than the last), the cut rate is held: climbing back
+        # towards a rate that was just throttled would only meet the next 429.
+        plateau = cut if self._descending else s.plateau
+        if t < wait:
+            frac = min(1.0, t / s.regrow_s)
+            share = plateau - (plateau - cut) * (1.0 - frac) ** 3
+        else:
+            share = plateau + s.probe_gain * (t - wait) ** 3
+        return top * share
 
     def _classify(self, budget_exhausted: bool, quota_used: float | None) -> ThrottleVerdict:
         s = self._settings
@@ -293,6 +420,9 @@ class AdaptiveRate:
         """
         self._rate = self._nominal
         self._last_cut_at = self._clock.monotonic()
+        self._throttled_at_rate = None
+        self._probe_after = self._settings.probe_after_s
+        self._descending = False
         self._boost = 1.0
         self._streak = 0
         self._consecutive = 0

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from broker.clock import Clock
     from broker.models import ItemResult, Query
 
-__all__ = ["Batch", "BatchPlace", "Batcher", "Lookup", "Receiver", "WorkQueue"]
+__all__ = ["Batch", "BatchPlace", "Batcher", "Lookup", "Receiver", "Room", "WorkQueue"]
 
 _batch_ids = itertools.count(1)
 
@@ -42,6 +42,47 @@ class Receiver(Protocol):
 
     def receive(self, lookup: Lookup, query: Query, outcome: ItemResult | BaseException) -> None:
         """``lookup`` (asked as ``query``) ended with ``outcome``."""
+
+
+class Room:
+    """A counting gate: at most ``size`` holders; ``take`` waits only when it is full.
+
+    Like ``asyncio.Semaphore``, but taking free room is a plain decrement with no await
+    (one per ASIN on the hot path), and waiters are woken first in, first out.
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def take(self) -> None:
+        """Take one unit, waiting while there is none."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # Woken and cancelled in the same turn: the unit was ours; pass it on.
+                self.give()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        """Return one unit, handing it to the oldest waiter if any."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 class BatchPlace(enum.Enum):

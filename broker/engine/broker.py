@@ -32,7 +32,7 @@ from broker.api.paapi5 import PaapiDialect
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
-from broker.engine.batcher import Batch, Batcher, Lookup, WorkQueue
+from broker.engine.batcher import Batch, Batcher, Lookup, Room, WorkQueue
 from broker.engine.executor import Executor
 from broker.engine.intake import Intake
 from broker.engine.keys import KeyState
@@ -405,12 +405,12 @@ class Broker:
         receiver = _StreamReceiver(asyncio.get_running_loop())
         # Admitted but not yet yielded: the producer waits here, so a slow consumer bounds
         # the finished results buffered for it too, not only the lookups in flight.
-        window = asyncio.Semaphore(self.config.engine.queue_size)
+        window = Room(self.config.engine.queue_size)
 
         async def produce() -> None:
             try:
                 async for item in _aiter(asins):
-                    await window.acquire()
+                    await window.take()
                     query = intake.complete(item, marketplace, resources)
                     if isinstance(query, ItemResult):
                         receiver.push(query)
@@ -425,7 +425,7 @@ class Broker:
         producer = asyncio.get_running_loop().create_task(produce())
         try:
             while (result := await receiver.next()) is not None:
-                window.release()
+                window.give()
                 yield result
         finally:
             producer.cancel()

@@ -12,13 +12,12 @@ same ASIN starts afresh instead of inheriting another caller's cancellation (N8)
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.asin import check_asin
-from broker.engine.batcher import Lookup
+from broker.engine.batcher import Lookup, Room
 from broker.errors import describe
 from broker.models import ErrorDetail, ItemResult, Query, Status
 
@@ -52,7 +51,7 @@ class Intake:
         self._batcher = batcher
         self._metrics = metrics
         self._closed = closed
-        self._capacity = asyncio.Semaphore(queue_size)
+        self._capacity = Room(queue_size)
         self._inflight: dict[_Ident, Lookup] = {}
         # Canonical names of marketplaces as callers spell them ("UK", "amazon.co.uk").
         self._markets: dict[str, str | None] = {}
@@ -96,7 +95,7 @@ class Intake:
                 Query(raw, canonical, res, tag), "InvalidAsin", verdict.reason or "invalid ASIN"
             )
         query = Query(verdict.asin, canonical, res, tag)
-        if not self._pool.has_tag(canonical):
+        if not self._pool.configured(canonical):
             return self._immediate(
                 query,
                 "NoKeyForMarketplace",
@@ -146,7 +145,7 @@ class Intake:
         if lookup is not None:
             return lookup
         self._pool.check_servable(query.marketplace)
-        await self._capacity.acquire()
+        await self._capacity.take()
         try:
             stopped = self._closed()
             if stopped is not None:
@@ -155,11 +154,11 @@ class Intake:
             self._pool.check_servable(query.marketplace)
         except BaseException:
             # Hand the room on: the next waiter must also wake and see the same.
-            self._capacity.release()
+            self._capacity.give()
             raise
         lookup = self._join(ident, query, receiver)
         if lookup is not None:
-            self._capacity.release()
+            self._capacity.give()
             return lookup
         canonical = (
             query if query.tag is None else Query(query.asin, query.marketplace, query.resources)
@@ -181,7 +180,7 @@ class Intake:
         ident = (query.marketplace or "", query.asin, query.resources or ())
         if self._inflight.get(ident) is lookup:
             del self._inflight[ident]
-        self._capacity.release()
+        self._capacity.give()
 
     def fail_all(self, error: BaseException) -> None:
         """End every lookup in flight with ``error`` (the broker closed or crashed)."""

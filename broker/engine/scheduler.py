@@ -41,6 +41,10 @@ class KeyPool:
         self._batcher = batcher
         #: marketplaces no key can serve any more, with the failures that caused it
         self._dead: dict[str, NoUsableKeyError] = {}
+        #: marketplaces some key has a partner tag for (the config: it never changes)
+        self._configured = frozenset(m for key in self._keys for m in key.tagged_marketplaces)
+        #: marketplaces some key served at the last check; cleared when a key leaves
+        self._serving: set[str] = set()
 
     @property
     def keys(self) -> tuple[KeyState, ...]:
@@ -49,24 +53,27 @@ class KeyPool:
 
     # -- coverage -------------------------------------------------------------------------
 
-    def has_tag(self, marketplace: str) -> bool:
+    def configured(self, marketplace: str) -> bool:
         """True if some key is configured for ``marketplace`` (has a partner tag there)."""
-        return any(key.has_tag(marketplace) for key in self._keys)
+        return marketplace in self._configured
 
     def check_servable(self, marketplace: str) -> None:
         """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace`` now."""
+        if marketplace in self._serving:
+            return
         dead = self._dead.get(marketplace)
         if dead is not None:
             # A fresh instance per raise: re-raising one stored exception grows its traceback.
             raise NoUsableKeyError(dead.marketplace, dead.failures)
         if not any(key.serves(marketplace) for key in self._keys):
             raise self._no_key_error(marketplace)
+        self._serving.add(marketplace)
 
     def _no_key_error(self, marketplace: str) -> NoUsableKeyError:
         failures = [
             failure for key in self._keys if (failure := key.failure_for(marketplace)) is not None
         ]
-        if not failures and not self.has_tag(marketplace):
+        if not failures and not self.configured(marketplace):
             failures = [
                 KeyUnusableError(
                     key.name,
@@ -110,6 +117,7 @@ class KeyPool:
         in the queue or still lingers in the batcher.
         """
         scope_marketplace = marketplace if scope is Scope.KEY_MARKETPLACE else None
+        self._serving.clear()
         if key.disable(code, message, remedy, marketplace=scope_marketplace):
             logger.error(
                 "broker.key_disabled",
