@@ -474,7 +474,7 @@ class TestA8SecondProcess:
         fast = embedded_config(tmp_path / "fast.toml")
         assert main(fast, job, out) == 0
         rows = read_jsonl(out)
-        assert sorted(row["line"] for row in rows) == list(range(1, 41))  # type: ignore[type-var]
+        assert sorted(row["line"] for row in rows) == list(range(1, 301))  # type: ignore[type-var]
 
 
 class TestA9NotALedger:
