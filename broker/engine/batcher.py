@@ -57,10 +57,16 @@ class Room:
         self._free = size
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    async def take(self) -> None:
-        """Take one unit, waiting while there is none."""
+    def try_take(self) -> bool:
+        """Take one unit if one is free now (no await: the hot path)."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Take one unit, waiting while there is none."""
+        if self.try_take():
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)

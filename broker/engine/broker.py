@@ -370,7 +370,8 @@ class Broker:
                     continue
                 ident = _ident(query)
                 if collector.expect(ident):
-                    held.append(await intake.admit(query, collector))
+                    lookup = intake.admit_now(query, collector)
+                    held.append(lookup or await intake.admit(query, collector))
             self._flush()
             return await collector.results()
         except BaseException:
@@ -410,12 +411,14 @@ class Broker:
         async def produce() -> None:
             try:
                 async for item in _aiter(asins):
-                    await window.take()
+                    if not window.try_take():
+                        await window.take()
                     query = intake.complete(item, marketplace, resources)
                     if isinstance(query, ItemResult):
                         receiver.push(query)
                     else:
-                        receiver.expect(await intake.admit(query, receiver))
+                        lookup = intake.admit_now(query, receiver)
+                        receiver.expect(lookup or await intake.admit(query, receiver))
                 self._flush()
             except BaseException as exc:
                 receiver.end(exc)

@@ -131,6 +131,22 @@ class Intake:
         self._metrics.record_item(result.status.value)
         return result
 
+    def admit_now(self, query: Query, receiver: Receiver) -> Lookup | None:
+        """:meth:`admit` without waiting: None when there is no room now (then await it).
+
+        Most queries are admitted this way, with no coroutine per ASIN.
+        """
+        assert query.marketplace is not None
+        assert query.resources is not None
+        ident = (query.marketplace, query.asin, query.resources)
+        lookup = self._join(ident, query, receiver)
+        if lookup is not None:
+            return lookup
+        self._pool.check_servable(query.marketplace)
+        if self._closed() is not None or not self._capacity.try_take():
+            return None
+        return self._start(ident, query, receiver)
+
     async def admit(self, query: Query, receiver: Receiver) -> Lookup:
         """Attach ``receiver`` to the lookup answering ``query``, starting one if needed.
 
@@ -160,6 +176,9 @@ class Intake:
         if lookup is not None:
             self._capacity.give()
             return lookup
+        return self._start(ident, query, receiver)
+
+    def _start(self, ident: _Ident, query: Query, receiver: Receiver) -> Lookup:
         canonical = (
             query if query.tag is None else Query(query.asin, query.marketplace, query.resources)
         )
