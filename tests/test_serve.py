@@ -152,6 +152,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             "poll_s": 0.05,
             "progress": "none",
             "handle_signals": False,
+            "settle_s": 0.0,
             **options,
         }
         daemon = Daemon(config or _config(), ServeOptions(**settings))
