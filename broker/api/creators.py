@@ -7,6 +7,7 @@ token at dispatch time (:mod:`broker.api.oauth`). Shapes follow protocol.md sect
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -323,4 +324,22 @@ def _read_errors(raw: object) -> list[ItemError]:
 
 
 def _summary(item: Mapping[str, object]) -> ItemSummary:
-    return summarize(item, _SUMMARY)
+    summary = summarize(item, _SUMMARY)
+    image = _image_url(item)
+    return summary if image is None else dataclasses.replace(summary, image_url=image)
+
+
+_IMAGE_SIZES = ("hiRes", "highRes", "large", "medium", "small")
+
+
+def _image_url(item: Mapping[str, object]) -> str | None:
+    """The primary image's URL, the largest size the item holds, or None."""
+    images = item.get("images")
+    primary = images.get("primary") if isinstance(images, dict) else None
+    if isinstance(primary, dict):
+        for size in _IMAGE_SIZES:
+            image = primary.get(size)
+            url = image.get("url") if isinstance(image, dict) else None
+            if isinstance(url, str):
+                return url
+    return None

@@ -8,6 +8,7 @@ names. Shapes follow protocol.md section 3 (SDK-P's field names; the error envel
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -489,4 +490,22 @@ def _read_errors(raw: object) -> list[ItemError]:
 
 
 def _summary(item: Mapping[str, object]) -> ItemSummary:
-    return summarize(item, _SUMMARY)
+    summary = summarize(item, _SUMMARY)
+    image = _image_url(item)
+    return summary if image is None else dataclasses.replace(summary, image_url=image)
+
+
+_IMAGE_SIZES = ("HiRes", "HighRes", "Large", "Medium", "Small")
+
+
+def _image_url(item: Mapping[str, object]) -> str | None:
+    """The primary image's URL, the largest size the item holds, or None."""
+    images = item.get("Images")
+    primary = images.get("Primary") if isinstance(images, dict) else None
+    if isinstance(primary, dict):
+        for size in _IMAGE_SIZES:
+            image = primary.get(size)
+            url = image.get("URL") if isinstance(image, dict) else None
+            if isinstance(url, str):
+                return url
+    return None
