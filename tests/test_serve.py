@@ -716,3 +716,27 @@ class TestServeConfig:
         assert long.endswith(".csv.gz")
         assert len(long.encode()) <= 200
         assert long != spool_name("j" * 301 + ".csv.gz")
+
+
+class TestNoWait:
+    async def test_job_deferred_on_spent_quota_stays_claimed_and_the_daemon_goes_on(
+        self, start: Start, spool: Path
+    ) -> None:
+        """no_wait: a job whose key spent its daily quota waits in processing/, the daemon
+        goes on, and the job finishes once a key can send again (here: the next start)."""
+        with structlog.testing.capture_logs() as logs:
+            first = await start(_config(tpd=2, batch_size=1), no_wait=True)
+            _drop(spool, "big.txt", "\n".join(_asins(12, "B0NOWAIT")) + "\n")
+            await _until(lambda: any(e["event"] == "broker.job_deferred" for e in logs))
+            _drop(spool, "next.txt", "B0NOWNEXT1\n")
+            await _until(lambda: not (spool / "inbox" / "next.txt").exists())
+            assert not first.task.done()
+            await first.stop()
+        deferred = [e for e in logs if e["event"] == "broker.job_deferred"]
+        assert deferred[0]["job"] == "big.txt"
+        assert deferred[0]["until"].endswith("T00:00:00Z")
+        assert (spool / "processing" / "big.txt").exists()
+        assert not (spool / "done" / "big.txt").exists()
+        await start(_config(tpd=100_000))
+        assert (await _filed(spool, "big.txt"))["rows"]["total"] == 12
+        assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
