@@ -540,6 +540,19 @@ class TestDaemonSurvives:
         assert not (spool / "done" / "gone.txt.status.json").exists()
         assert os.listdir(spool / "processing") == []
 
+    async def test_n4_long_reserved_name_is_refused_under_a_safe_name(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N4: a refused name too long for its status file is filed under its safe name."""
+        long = "r" * 240 + ".out.jsonl"
+        _drop(spool, long, '{"asin": "B0LONGRES1"}\n')
+        await start()
+        _drop(spool, "later.txt", "B0LATER003\n")
+        assert (await _filed(spool, "later.txt"))["rows"]["total"] == 1
+        safe = spool_name(long)
+        assert "reserved" in (await _filed(spool, safe, "failed"))["error"]
+        assert os.listdir(spool / "inbox") == []
+
     async def test_k1_unreadable_job_is_filed_failed_and_the_daemon_goes_on(
         self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

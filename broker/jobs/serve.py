@@ -371,9 +371,12 @@ class Spool:
                 return job
         return SpoolJob(name, path, default_format)
 
-    def reject(self, name: str, status: Mapping[str, object]) -> Path | None:
-        """File ``inbox/<name>`` straight into ``failed/``; None if it vanished meanwhile."""
-        base = _free_name(self.failed, name)
+    def reject(
+        self, name: str, status: Mapping[str, object], as_name: str | None = None
+    ) -> Path | None:
+        """File ``inbox/<name>`` straight into ``failed/`` (as ``as_name``, default the same
+        name); None if it vanished meanwhile."""
+        base = _free_name(self.failed, as_name or name)
         _write_status(self.failed / f"{base}.status.json", status)
         try:
             os.rename(self.inbox / name, self.failed / base)
@@ -674,8 +677,8 @@ class Daemon:
                     f"the name {_shown(name)!r} is reserved for the daemon's work files "
                     f"(it contains {' or '.join(_RESERVED)}); rename the job"
                 )
-                status = self._failure_status(spool_name(name), message)
-                path = self.spool.reject(name, status)
+                safe = spool_name(name)
+                path = self.spool.reject(name, self._failure_status(safe, message), safe)
                 if path is not None:
                     self._count_failed(name, message, path)
                 continue
