@@ -35,6 +35,7 @@ __all__ = [
     "OutputConfig",
     "RateConfig",
     "RetryConfig",
+    "ServeConfig",
     "is_loopback_host",
     "load_config",
     "parse_config",
@@ -173,6 +174,20 @@ class OutputConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """``broker serve``: the options of every job it runs, and when a job file is claimed."""
+
+    #: turn 978 ISBN-13s into ISBN-10s (``broker run --convert-isbn13``)
+    convert_isbn13: bool = False
+    #: a job whose keys have spent their daily quota stays in processing/ and is resumed
+    #: after the reset, instead of holding the daemon (``broker run --no-wait``)
+    no_wait: bool = False
+    #: a job file is claimed once it has not changed for this long (0: at once; for
+    #: producers that always write ``name.tmp`` and rename it into inbox/)
+    settle_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """CLI logging: level and renderer (auto: console on a terminal, JSON otherwise)."""
 
@@ -191,6 +206,7 @@ class BrokerConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
     source: str = "<objects>"
 
@@ -263,6 +279,7 @@ def parse_config(
         retry=_parse_retry(table.table("retry")),
         output=_parse_output(table.table("output")),
         log=_parse_log(table.table("log")),
+        serve=_parse_serve(table.table("serve")),
         simulator=SimulatorSettings.from_mapping(sim_table or {}, path="simulator"),
         source=source,
     )
@@ -633,6 +650,16 @@ def _parse_output(table: _Table) -> OutputConfig:
     if fmt not in ("jsonl", "csv", "sqlite"):
         raise ConfigError("output.format", 'must be "jsonl", "csv" or "sqlite"')
     config = OutputConfig(fmt, table.text("directory", "out"))
+    table.finish()
+    return config
+
+
+def _parse_serve(table: _Table) -> ServeConfig:
+    config = ServeConfig(
+        convert_isbn13=table.boolean("convert_isbn13", False),
+        no_wait=table.boolean("no_wait", False),
+        settle_s=table.number("settle_s", 2.0, maximum=3600.0),
+    )
     table.finish()
     return config
 

@@ -67,6 +67,8 @@ class ItemSummary:
     currency: str | None = None
     availability: str | None = None
     detail_url: str | None = None
+    #: the primary image's URL, the largest size the response holds
+    image_url: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """Return the summary as a JSON object."""
@@ -76,6 +78,7 @@ class ItemSummary:
             "currency": self.currency,
             "availability": self.availability,
             "detail_url": self.detail_url,
+            "image_url": self.image_url,
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -17,14 +18,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from broker import cli
 from broker.config import BrokerConfig, parse_config
 from broker.engine.metrics import KeySnapshot, MetricsSnapshot
 from broker.errors import ConfigError
-from broker.jobs.metrics_http import SpoolSnapshot, readiness, render_metrics
+from broker.jobs.metrics_http import JobRows, SpoolSnapshot, readiness, render_metrics
 from broker.jobs.runner import ExitCode
-from broker.jobs.serve import Daemon, ServeOptions, SpoolBudgetStore
+from broker.jobs.serve import Daemon, ServeOptions, SpoolBudgetStore, spool_name
 from broker.testing import FakeClock
 
 _ACCOUNT = {
@@ -152,6 +154,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             "poll_s": 0.05,
             "progress": "none",
             "handle_signals": False,
+            "settle_s": 0.0,
             **options,
         }
         daemon = Daemon(config or _config(), ServeOptions(**settings))
@@ -478,3 +481,282 @@ class TestProcess:
         await clock.advance(2.0)
         daemon._on_signal(signal.SIGTERM)
         assert exits == [ExitCode.RESUMABLE]
+
+
+def _wait_drop(spool: Path, name: str, text: str, *, age_s: float = 60.0) -> Path:
+    """Write a job straight into inbox/, its mtime ``age_s`` in the past (written long ago)."""
+    path = _drop(spool, name, text)
+    past = time.time() - age_s
+    os.utime(path, (past, past))
+    return path
+
+
+class TestDaemonSurvives:
+    async def test_n4_latin1_name_is_processed_and_the_next_job_runs(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N4: a job whose name is not UTF-8 runs under a %XX name; the next job runs too."""
+        inbox = spool / "inbox"
+        inbox.mkdir(parents=True)
+        (inbox / os.fsdecode(b"lat\xe9.txt")).write_text("B0LATIN001\n")
+        await start()
+        _drop(spool, "later.txt", "B0LATER001\n")
+        status = await _filed(spool, "lat%E9.txt")
+        assert status["rows"]["total"] == 1
+        assert (await _filed(spool, "later.txt"))["rows"]["total"] == 1
+        assert len(_rows(spool / "done" / "lat%E9.txt.out.jsonl")) == 1
+        assert os.listdir(spool / "processing") == []
+
+    async def test_n4_244_byte_name_is_processed_and_the_next_job_runs(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N4: a name too long for its work files runs under a shortened, hashed name."""
+        long = "j" * 240 + ".txt"
+        _drop(spool, long, "B0LONGNM01\n")
+        await start()
+        _drop(spool, "later.txt", "B0LATER002\n")
+        assert (await _filed(spool, "later.txt"))["rows"]["total"] == 1
+        done = os.listdir(spool / "done")
+        (job,) = [name for name in done if name.startswith("jjj") and name.endswith(".txt")]
+        assert len(job.encode()) <= 200
+        assert (await _filed(spool, job))["rows"]["total"] == 1
+        assert f"{job}.out.jsonl" in done
+
+    async def test_n4_latin1_name_left_in_processing_is_renamed_and_resumed(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N4: a non-UTF-8 job an older daemon left in processing/ is renamed and finished."""
+        processing = spool / "processing"
+        processing.mkdir(parents=True)
+        (processing / os.fsdecode(b"old\xff.txt")).write_text("B0OLDJOB01\n")
+        await start()
+        assert (await _filed(spool, "old%FF.txt"))["rows"]["total"] == 1
+
+    async def test_n4_job_deleted_from_processing_is_dropped_and_the_daemon_goes_on(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N4: a job file deleted from processing/ mid-run ends that job; the next one runs."""
+        await start(_config(tps=10.0, batch_size=1))
+        _drop(spool, "gone.txt", "\n".join(_asins(20, "B0GONE")) + "\n")
+        out = spool / "processing" / "gone.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2)
+        (spool / "processing" / "gone.txt").unlink()
+        _drop(spool, "next.txt", "B0NEXTJOB1\n")
+        assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
+        assert not (spool / "done" / "gone.txt").exists()
+        assert not (spool / "done" / "gone.txt.status.json").exists()
+        assert os.listdir(spool / "processing") == []
+
+    async def test_n4_long_reserved_name_is_refused_under_a_safe_name(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N4: a refused name too long for its status file is filed under its safe name."""
+        long = "r" * 240 + ".out.jsonl"
+        _drop(spool, long, '{"asin": "B0LONGRES1"}\n')
+        await start()
+        _drop(spool, "later.txt", "B0LATER003\n")
+        assert (await _filed(spool, "later.txt"))["rows"]["total"] == 1
+        safe = spool_name(long)
+        assert "reserved" in (await _filed(spool, safe, "failed"))["error"]
+        assert os.listdir(spool / "inbox") == []
+
+    async def test_k1_unreadable_job_is_filed_failed_and_the_daemon_goes_on(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """K1: an unreadable job is filed in failed/ with the reason, not "cannot write"."""
+        secret = _drop(spool, "secret.txt", "B0SECRET01\n")
+        if os.geteuid() == 0:
+            # Root reads any file: make the job reader's open fail as it would for a user.
+            from broker.jobs import sources
+
+            real_open = open
+
+            def refusing_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+                if Path(file).name == "secret.txt":
+                    raise PermissionError(errno.EACCES, "Permission denied", str(file))
+                return real_open(file, *args, **kwargs)
+
+            monkeypatch.setattr(sources, "open", refusing_open, raising=False)
+        else:
+            secret.chmod(0)
+        await start()
+        _drop(spool, "zz_ok.txt", "B0OKJOB001\n")
+        status = await _filed(spool, "secret.txt", "failed")
+        assert "cannot read" in status["error"]
+        assert "Permission denied" in status["error"]
+        assert "cannot write" not in status["error"]
+        assert status["exit_code"] == ExitCode.NO_INPUT
+        assert (await _filed(spool, "zz_ok.txt"))["rows"]["total"] == 1
+        assert os.listdir(spool / "processing") == []
+
+    async def test_k4_inbox_link_of_a_claimed_job_is_removed_at_start(
+        self, start: Start, spool: Path
+    ) -> None:
+        """K4: a job in both inbox/ and processing/ (stopped mid-claim) runs once."""
+        claimed = _drop(spool, "x.txt", "B0CLAIMD01\nB0CLAIMD02\n")
+        (spool / "processing").mkdir()
+        os.link(claimed, spool / "processing" / "x.txt")
+        await start()
+        status = await _filed(spool, "x.txt")
+        assert status["requests"] == 1
+        _drop(spool, "after.txt", "B0AFTER001\n")
+        await _filed(spool, "after.txt")
+        assert not (spool / "done" / "x-2.txt").exists()
+        assert os.listdir(spool / "inbox") == []
+
+    async def test_k8_failed_filing_logs_the_name_it_was_filed_under(
+        self, start: Start, spool: Path
+    ) -> None:
+        """K8: a refused job filed as x-2.out.jsonl is logged with that path, not x.out.jsonl."""
+        with structlog.testing.capture_logs() as logs:
+            await start()
+            _drop(spool, "x.out.jsonl", '{"asin": "B0RESERVD1"}\n')
+            await _filed(spool, "x.out.jsonl", "failed")
+            _drop(spool, "x.out.jsonl", '{"asin": "B0RESERVD2"}\n')
+            await _filed(spool, "x-2.out.jsonl", "failed")
+        paths = [e["path"] for e in logs if e["event"] == "broker.job_filed"]
+        assert paths == [
+            str(spool / "failed" / "x.out.jsonl"),
+            str(spool / "failed" / "x-2.out.jsonl"),
+        ]
+
+    async def test_n13_same_name_twice_gives_distinct_series(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N13: two jobs called daily.txt are labelled daily.txt and daily-2.txt in /metrics."""
+        running = await start()
+        _drop(spool, "daily.txt", "B0DAILY001\n")
+        await _filed(spool, "daily.txt")
+        _drop(spool, "daily.txt", "B0DAILY002\nB0DAILY003\n")
+        await _filed(spool, "daily-2.txt")
+        text = (await _get(f"{running.url}/metrics"))[2]
+        series = [
+            line.rpartition(" ")[0] for line in text.splitlines() if "asinb_job_rows{" in line
+        ]
+        assert len(series) == len(set(series))
+        jobs = {line.split('job="')[1].split('"')[0] for line in series}
+        assert jobs == {"daily.txt", "daily-2.txt"}
+
+    def test_n13_repeated_label_is_rendered_once(self) -> None:
+        """N13: the exposition never holds two samples with the same labels."""
+        spool = SpoolSnapshot(
+            jobs=(JobRows("a.txt", {"ok": 2}), JobRows("a.txt", {"ok": 1})),
+        )
+        lines = [line for line in render_metrics(None, spool).splitlines() if "job=" in line]
+        assert lines == ['asinb_job_rows{job="a.txt",status="ok"} 2']
+
+    async def test_n14_a_growing_job_is_claimed_only_once_it_settles(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N14: a job written line by line into inbox/ is claimed whole, after it stops growing."""
+        await start(settle_s=0.6)
+        inbox = spool / "inbox"
+        inbox.mkdir(parents=True, exist_ok=True)
+        ids = _asins(15, "B0GROW")
+        with (inbox / "upload.txt").open("w") as stream:
+            for asin in ids:
+                stream.write(asin + "\n")
+                stream.flush()
+                await asyncio.sleep(0.1)
+        status = await _filed(spool, "upload.txt")
+        assert status["rows"]["total"] == 15
+        assert len(_rows(spool / "done" / "upload.txt.out.jsonl")) == 15
+
+    async def test_n14_a_job_changed_while_running_is_filed_failed(
+        self, start: Start, spool: Path
+    ) -> None:
+        """N14: a job written to after it was claimed is never filed as done with rows missing."""
+        await start(_config(tps=10.0, batch_size=1))
+        job = _drop(spool, "late.txt", "\n".join(_asins(15, "B0LATE")) + "\n")
+        out = spool / "processing" / "late.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 1)
+        with (spool / "processing" / "late.txt").open("a") as stream:
+            stream.write("B0LATEXTRA\n")
+        assert not job.exists()
+        status = await _filed(spool, "late.txt", "failed")
+        assert "changed while the job ran" in status["error"]
+        assert not (spool / "done" / "late.txt").exists()
+
+    async def test_n14_an_old_file_is_claimed_at_once(self, start: Start, spool: Path) -> None:
+        """N14: a file last written longer ago than settle_s (renamed in) waits for nothing."""
+        _wait_drop(spool, "old.txt", "B0OLDFILE1\n")
+        await start(settle_s=30.0)
+        assert (await _filed(spool, "old.txt"))["rows"]["total"] == 1
+
+    async def test_failed_job_moved_back_to_inbox_runs_again(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A job in failed/ runs again when moved back into inbox/ (after fixing it)."""
+        await start()
+        _drop(spool, "retry.csv", "sku\nB0RETRY001\n")
+        await _filed(spool, "retry.csv", "failed")
+        failed = spool / "failed" / "retry.csv"
+        failed.write_text("asin\nB0RETRY001\n")
+        os.rename(failed, spool / "inbox" / "retry.csv")
+        status = await _filed(spool, "retry.csv")
+        assert status["rows"]["total"] == 1
+        assert len(_rows(spool / "done" / "retry.csv.out.jsonl")) == 1
+
+    async def test_convert_isbn13_option_reaches_every_job(self, start: Start, spool: Path) -> None:
+        """convert_isbn13 (config [serve]) turns a 978 ISBN-13 row into its ISBN-10."""
+        await start(convert_isbn13=True)
+        _drop(spool, "isbn.txt", "9780306406157\n")
+        await _filed(spool, "isbn.txt")
+        (row,) = _rows(spool / "done" / "isbn.txt.out.jsonl")
+        assert row["asin"] == "0306406152"
+        assert row["status"] != "invalid"
+
+
+class TestServeConfig:
+    def test_serve_table_is_read(self) -> None:
+        """[serve] convert_isbn13, no_wait and settle_s are read; defaults off and 2 s."""
+        assert _config().serve.settle_s == 2.0
+        assert not _config().serve.no_wait
+        key = {"name": "d", "credential_id": "x", "version": "3.1", "partner_tags": {"US": "t-20"}}
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [key],
+            "serve": {"convert_isbn13": True, "no_wait": True, "settle_s": 0.5},
+        }
+        serve = parse_config(document, environ={}).serve
+        assert (serve.convert_isbn13, serve.no_wait, serve.settle_s) == (True, True, 0.5)
+
+    def test_unknown_serve_key_is_refused(self) -> None:
+        """A typo in [serve] is a config error naming the key."""
+        key = {"name": "d", "credential_id": "x", "version": "3.1", "partner_tags": {"US": "t-20"}}
+        document = {"api": {"endpoint": "simulator"}, "keys": [key], "serve": {"no_wiat": True}}
+        with pytest.raises(ConfigError, match=r"serve\.no_wiat"):
+            parse_config(document, environ={})
+
+    def test_spool_name_keeps_good_names_and_fixes_awkward_ones(self) -> None:
+        """spool_name: UTF-8 names unchanged; bad bytes as %XX; long names cut with a hash."""
+        assert spool_name("prix été.csv") == "prix été.csv"
+        assert spool_name(os.fsdecode(b"lat\xe9.txt")) == "lat%E9.txt"
+        long = spool_name("j" * 300 + ".csv.gz")
+        assert long.endswith(".csv.gz")
+        assert len(long.encode()) <= 200
+        assert long != spool_name("j" * 301 + ".csv.gz")
+
+
+class TestNoWait:
+    async def test_job_deferred_on_spent_quota_stays_claimed_and_the_daemon_goes_on(
+        self, start: Start, spool: Path
+    ) -> None:
+        """no_wait: a job whose key spent its daily quota waits in processing/, the daemon
+        goes on, and the job finishes once a key can send again (here: the next start)."""
+        with structlog.testing.capture_logs() as logs:
+            first = await start(_config(tpd=2, batch_size=1), no_wait=True)
+            _drop(spool, "big.txt", "\n".join(_asins(12, "B0NOWAIT")) + "\n")
+            await _until(lambda: any(e["event"] == "broker.job_deferred" for e in logs))
+            _drop(spool, "next.txt", "B0NOWNEXT1\n")
+            await _until(lambda: not (spool / "inbox" / "next.txt").exists())
+            assert not first.task.done()
+            await first.stop()
+        deferred = [e for e in logs if e["event"] == "broker.job_deferred"]
+        assert deferred[0]["job"] == "big.txt"
+        assert deferred[0]["until"].endswith("T00:00:00Z")
+        assert (spool / "processing" / "big.txt").exists()
+        assert not (spool / "done" / "big.txt").exists()
+        await start(_config(tpd=100_000))
+        assert (await _filed(spool, "big.txt"))["rows"]["total"] == 12
+        assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1

@@ -38,6 +38,7 @@ from broker.models import ErrorDetail, ItemResult, ItemSummary, Status
 US = "www.amazon.com"
 FP = JobFingerprint(Path("/jobs/job.csv"), 10, 1, "f" * 64)
 FORMATS = ("jsonl", "csv", "sqlite")
+IMAGE = "https://m.media-amazon.com/images/I/41cNJGm9ZFL._SL160_.jpg"
 
 
 def asin(i: int) -> str:
@@ -62,7 +63,9 @@ def result(lookup: Lookup) -> ItemResult:
         lookup.marketplace,
         Status.OK,
         item={"asin": lookup.asin, "itemInfo": {"title": {"displayValue": "Thé «vert»"}}},
-        summary=ItemSummary(title="Thé, «vert»", price=4.5, currency="EUR", availability="In"),
+        summary=ItemSummary(
+            title="Thé, «vert»", price=4.5, currency="EUR", availability="In", image_url=IMAGE
+        ),
         attempts=1,
         key="main",
         fetched_at=datetime(2026, 3, 1, 9, 30, tzinfo=UTC),
@@ -320,7 +323,7 @@ class TestCsvSink:
         data = out.read_bytes()
         assert data.startswith(
             b"line,input,asin,marketplace,status,title,price,currency,availability,"
-            b"detail_url,error_code,error_message,attempts,key,fetched_at\r\n"
+            b"detail_url,image_url,error_code,error_message,attempts,key,fetched_at\r\n"
         )
         assert b'"bad ""id""\nsecond line"' in data
         records = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
@@ -358,6 +361,77 @@ class TestCsvSink:
         sink.close()
         assert out.read_bytes() == (",".join(CSV_COLUMNS) + "\r\n").encode()
         assert state == SinkState(out.stat().st_size, 0)
+
+
+def csv_job_ledger(tmp_path: Path, count: int = 6) -> Ledger:
+    """A CSV job's ledger: every row has the pass-through columns sku and title."""
+    rows = [
+        JobRow(i + 1, asin(i), asin(i), extra={"sku": f"S{i}", "title": f"mine {i}"})
+        if i != 2
+        else JobRow(3, "nope", None, extra={"sku": "S2", "title": ""}, error="not an ASIN")
+        for i in range(count)
+    ]
+    ledger = Ledger.open(
+        tmp_path / "csvjob.ledger", fingerprint=FP, default_marketplace=US, synchronous="NORMAL"
+    )
+    ledger.ingest(rows)
+    ledger.record_results([(lk, result(lk)) for lk in ledger.pending_lookups()])
+    return ledger
+
+
+def csv_records(path: Path) -> list[dict[str, str]]:
+    """The CSV output as dicts, header names as keys."""
+    data = path.read_bytes().decode("utf-8")
+    return list(csv.DictReader(io.StringIO(data, newline="")))
+
+
+class TestCsvPassThrough:
+    def test_input_columns_follow_ours(self, tmp_path: Path) -> None:
+        """A CSV job's extra columns follow ours; one that clashes gets an input_ prefix."""
+        out = tmp_path / "out.csv"
+        with csv_job_ledger(tmp_path) as ledger:
+            emit(ledger, CsvSink(out), batch=2)
+        header = out.read_bytes().split(b"\r\n")[0].decode().split(",")
+        assert header == [*CSV_COLUMNS, "sku", "input_title"]
+        records = {int(r["line"]): r for r in csv_records(out)}
+        assert len(records) == 6
+        assert records[1]["sku"] == "S0"
+        assert records[1]["input_title"] == "mine 0"
+        assert records[1]["title"] == "Thé, «vert»"
+        assert records[3]["status"] == "invalid"
+        assert records[3]["sku"] == "S2"
+
+    def test_resume_keeps_the_columns(self, tmp_path: Path) -> None:
+        """A resumed output reads its pass-through columns back and writes the same layout."""
+        out = tmp_path / "out.csv"
+        with csv_job_ledger(tmp_path) as ledger:
+            emit(ledger, CsvSink(out))
+            whole = out.read_bytes()
+            last = whole.rstrip(b"\r\n").rfind(b"\r\n") + 2
+            out.write_bytes(whole[:last])  # the last row lost (cut by hand)
+            emit(ledger, CsvSink(out))
+        assert out.read_bytes() == whole
+
+    def test_crash_before_the_first_flush_starts_over(self, tmp_path: Path) -> None:
+        """A crash after the header was rewritten but before a flush leaves a clean restart."""
+        out = tmp_path / "out.csv"
+        with csv_job_ledger(tmp_path) as ledger:
+            sink = CsvSink(out)
+            ledger.set_sink_state("out", sink.open(ledger.sink_state("out")))
+            sink.write(ledger.done_rows_after(0, limit=2))
+            sink.close()  # no flush: the ledger still records the bare header
+            emit(ledger, CsvSink(out))
+        records = csv_records(out)
+        assert sorted(int(r["line"]) for r in records) == list(range(1, 7))
+        assert list(records[0])[-2:] == ["sku", "input_title"]
+
+    def test_image_url_column(self, tmp_path: Path) -> None:
+        """The summary's image_url fills the CSV image_url column (empty without one)."""
+        out = tmp_path / "out.csv"
+        with make_ledger(tmp_path, count=4) as ledger:
+            emit(ledger, CsvSink(out))
+        by_line = {int(r["line"]): r["image_url"] for r in csv_records(out)}
+        assert by_line == {1: IMAGE, 2: IMAGE, 3: IMAGE, 4: ""}
 
 
 def sqlite_rows(path: Path) -> list[tuple[object, ...]]:

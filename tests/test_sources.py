@@ -246,6 +246,30 @@ class TestCsv:
         assert found[-1].asin == VALID
         assert count_rows(write(tmp_path, "again.csv", data)) == len(found)
 
+    def test_n1_unclosed_quote_costs_one_row(self, tmp_path: Path) -> None:
+        """N1: a quote left open is one invalid row (its line); every later line is a row."""
+        data = "asin,note\n" + f'{VALID},"5" screen\n' + f'{VALID},"unclosed quote\n'
+        data += "".join(f"{VALID},fine {i}\n" for i in range(50))
+        found = rows(write(tmp_path, "job.csv", data))
+        assert len(found) == 52
+        bad = [row for row in found if not row.valid]
+        assert [row.line for row in bad] == [3]
+        assert "never closed" in (bad[0].error or "")
+        assert bad[0].raw == f'{VALID},"unclosed quote'
+        assert bad[0].extra == {"note": ""}
+        assert [row.line for row in found[2:]] == list(range(4, 54))
+        assert found[-1].extra == {"note": "fine 49"}
+        assert count_rows(write(tmp_path, "again.csv", data)) == 52
+
+    def test_n1_quoted_cell_across_lines_still_one_row(self, tmp_path: Path) -> None:
+        """N1: a closed quoted cell spanning lines stays one row with its line breaks."""
+        data = f'asin,note\n{VALID},"two\nlines"\n{VALID},x\n'
+        found = rows(write(tmp_path, "job.csv", data))
+        assert [(row.line, row.extra) for row in found] == [
+            (2, {"note": "two\nlines"}),
+            (4, {"note": "x"}),
+        ]
+
 
 class TestJsonLines:
     def test_fields_and_extra(self, tmp_path: Path) -> None:

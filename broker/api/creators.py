@@ -311,6 +311,10 @@ _SUMMARY = SummaryFields(
     type="type",
     message="message",
     url="detailPageURL",
+    images="images",
+    primary="primary",
+    image_sizes=("hiRes", "highRes", "large", "medium", "small"),
+    image_url="url",
 )
 
 

@@ -112,7 +112,9 @@ class SummaryFields:
 
     The title is ``item[info][title][display]``; price and currency are
     ``item[offers][listings][0][price][money][amount | currency]``; availability is
-    ``listing[availability][type]``, else its ``[message]``; the URL is ``item[url]``.
+    ``listing[availability][type]``, else its ``[message]``; the URL is ``item[url]``; the
+    image is ``item[images][primary][size][image_url]`` for the first of ``image_sizes``
+    (largest first) the item holds.
     """
 
     info: str
@@ -128,6 +130,10 @@ class SummaryFields:
     type: str
     message: str
     url: str
+    images: str
+    primary: str
+    image_sizes: tuple[str, ...]
+    image_url: str
 
 
 def summarize(item: Mapping[str, object], f: SummaryFields) -> ItemSummary:
@@ -168,7 +174,17 @@ def summarize(item: Mapping[str, object], f: SummaryFields) -> ItemSummary:
     value = item.get(f.url)
     if isinstance(value, str):
         url = value
-    return ItemSummary(title, price, currency, availability, url)
+    image_url: str | None = None
+    images = item.get(f.images)
+    primary = images.get(f.primary) if isinstance(images, dict) else None
+    if isinstance(primary, dict):
+        for size in f.image_sizes:
+            image = primary.get(size)
+            value = image.get(f.image_url) if isinstance(image, dict) else None
+            if isinstance(value, str):
+                image_url = value
+                break
+    return ItemSummary(title, price, currency, availability, url, image_url)
 
 
 def _loads(body: bytes) -> object:

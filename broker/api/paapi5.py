@@ -477,6 +477,10 @@ _SUMMARY = SummaryFields(
     type="Type",
     message="Message",
     url="DetailPageURL",
+    images="Images",
+    primary="Primary",
+    image_sizes=("HiRes", "HighRes", "Large", "Medium", "Small"),
+    image_url="URL",
 )
 
 

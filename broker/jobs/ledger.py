@@ -38,6 +38,7 @@ import collections
 import errno
 import json
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -361,7 +362,7 @@ class Ledger:
         self._check_same_job(fingerprint, default_marketplace)
         # The content is the same; remember where and when it is now.
         with self._transaction():
-            self._set_meta("job_path", str(fingerprint.path))
+            self._set_meta("job_path", _text(str(fingerprint.path)))
             self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
 
     def _check_ours(self, tables: set[str]) -> None:
@@ -383,7 +384,7 @@ class Ledger:
             )
 
     def _start_job(self, fingerprint: JobFingerprint, default_marketplace: str) -> None:
-        self._set_meta("job_path", str(fingerprint.path))
+        self._set_meta("job_path", _text(str(fingerprint.path)))
         self._set_meta("job_size", fingerprint.size)
         self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
         self._set_meta("job_sha256", fingerprint.sha256)
@@ -878,4 +879,16 @@ def _jsonable(value: object) -> object:
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_jsonable)
+    return _text(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_jsonable))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(text: str) -> str:
+    """``text`` with lone surrogates as U+FFFD: SQLite stores UTF-8, which cannot hold them.
+
+    They come from Amazon's JSON (an emoji cut in half, ``"\\ud83d"``) and from file names
+    that are not UTF-8 (``os.fsdecode`` keeps such bytes as surrogates).
+    """
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)

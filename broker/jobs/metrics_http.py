@@ -164,7 +164,13 @@ def render_metrics(metrics: MetricsSnapshot | None, spool: SpoolSnapshot) -> str
     for status, count in sorted(spool.rows_by_status.items()):
         out.sample("asinb_rows_total", count, status=status)
     out.family("asinb_job_rows", "gauge", "Rows of the current and recent jobs, by status.")
+    labels: set[str] = set()
     for job in spool.jobs:
+        # One series per label set: a repeated name (only the newest shows) never gives
+        # Prometheus two samples it cannot tell apart.
+        if job.job in labels:
+            continue
+        labels.add(job.job)
         for status, count in sorted(job.by_status.items()):
             out.sample("asinb_job_rows", count, job=job.job, status=status)
     if metrics is not None:

@@ -17,9 +17,25 @@ Choices:
   ``inbox/x``. Like a rename it is atomic (of two daemons, one link fails), and unlike a
   rename it never replaces a same-named job that another daemon is still processing. A
   filesystem without hard links falls back to a rename.
+- **Settling**: a job file is claimed once it has not changed (size, mtime) for
+  ``settle_s`` (``[serve] settle_s``, default 2 s), or at once when it was last modified
+  longer ago than that (a file renamed into ``inbox/`` after it was written). A producer
+  still writing straight into ``inbox/`` is so not claimed half-written; should it write
+  again after a pause longer than ``settle_s``, the change is seen when the job ends and
+  the job is filed under ``failed/``, never as done with rows missing.
 - **Ignored entries**: dotfiles, ``*.tmp``, symlinks and anything but a regular file. Names
   containing ``.out.jsonl``, ``.out.csv`` or ``.out.sqlite`` are the daemon's own work files
   and are refused into ``failed/``. Output names derive from the job's name only.
+- **Awkward names**: a job whose name is not UTF-8, or too long to take the work files'
+  suffixes (over 200 bytes), is claimed under a safe name (:func:`spool_name`: bytes that
+  are not UTF-8 as ``%XX``, a long name cut and given a hash), logged as ``received_as``.
+- **Unreadable or vanished jobs**: a job file the daemon cannot read is filed under
+  ``failed/`` with the reason; one deleted from ``processing/`` is dropped with its work
+  files. Neither stops the daemon. At start, an ``inbox/`` entry that is the same file as a
+  job in ``processing/`` (a daemon stopped between the claim's link and unlink) is removed,
+  so no job runs twice.
+- **Retry**: a job in ``failed/`` runs again when moved back into ``inbox/`` (its work
+  files were removed when it was filed, so it starts over).
 - **One job at a time**, oldest first, through one :class:`~broker.engine.broker.Broker`
   kept open for the daemon's life, so rates, circuits and the daily budget carry over
   from job to job.
@@ -41,16 +57,19 @@ import asyncio
 import collections
 import contextlib
 import errno
+import hashlib
 import itertools
 import json
 import os
 import signal
 import sqlite3
+import stat
 import sys
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import date
-from pathlib import Path
+from datetime import UTC, date, datetime
+from pathlib import Path, PurePath
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -75,6 +94,7 @@ __all__ = [
     "SpoolBudgetStore",
     "SpoolJob",
     "serve_command",
+    "spool_name",
 ]
 
 logger = structlog.get_logger("broker")
@@ -92,6 +112,9 @@ _RECENT_JOBS: Final = 20
 _SIGNAL_ECHO_S: Final = 1.0
 # Hard links are not supported here: claim with a rename instead.
 _NO_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
+# The longest name a job is processed under, in bytes: the longest work file adds 30 bytes
+# (".out.sqlite.invalid.jsonl.tmp") and filing may add "-NNN", within the usual 255.
+_MAX_NAME_BYTES: Final = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +130,10 @@ class ServeOptions:
         progress: progress display of each job (see :class:`~broker.jobs.runner.JobOptions`).
         handle_signals: install SIGTERM/SIGINT handlers (tests and embedders turn it off and
             call :meth:`Daemon.request_stop`).
+        settle_s: claim a job file only once it has not changed for this long (0: at once).
+        convert_isbn13: every job turns 978 ISBN-13s into ISBN-10s.
+        no_wait: a job whose keys spent their daily quota stays in ``processing/`` and is
+            resumed once the quota resets, and the daemon goes on with other jobs.
     """
 
     spool: Path
@@ -116,6 +143,39 @@ class ServeOptions:
     poll_s: float = 1.0
     progress: str = "auto"
     handle_signals: bool = True
+    settle_s: float = 2.0
+    convert_isbn13: bool = False
+    no_wait: bool = False
+
+
+def spool_name(name: str) -> str:
+    """The name a job file is processed and filed under: ``name``, unless it is awkward.
+
+    Bytes of the name that are not UTF-8 become ``%XX`` (``lat%E9.txt``), because the
+    ledger, the logs and the status files hold text. A name longer than 200 bytes is cut
+    and given a hash of the whole name (keeping its extensions, which tell the format), so
+    that the work files' longer names stay within the file system's 255 bytes.
+    """
+    raw = os.fsencode(name)
+    text = raw.decode("utf-8", "surrogateescape")
+    if any("\udc80" <= char <= "\udcff" for char in text):
+        text = "".join(
+            f"%{ord(char) - 0xDC00:02X}" if "\udc80" <= char <= "\udcff" else char for char in text
+        )
+    if len(text.encode("utf-8")) <= _MAX_NAME_BYTES:
+        return text
+    suffix = "".join(PurePath(text).suffixes[-2:])
+    if len(suffix.encode("utf-8")) > 24:
+        suffix = ""
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    budget = _MAX_NAME_BYTES - len(suffix.encode("utf-8")) - len(digest) - 1
+    head = text[: len(text) - len(suffix)].encode("utf-8")[:budget].decode("utf-8", "ignore")
+    return f"{head}~{digest}{suffix}"
+
+
+def _shown(name: str) -> str:
+    """A file name as printable text (bytes that are not UTF-8 as ``\\xNN``)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 class SpoolBudgetStore:
@@ -230,6 +290,27 @@ class Spool:
         """Job files in ``inbox/``, oldest first."""
         return _job_files(self.inbox)
 
+    def waiting_entries(self) -> list[tuple[str, os.stat_result]]:
+        """Job files in ``inbox/`` with what ``stat`` said of them, oldest first."""
+        return _job_entries(self.inbox)
+
+    def drop_duplicates(self) -> list[str]:
+        """Remove ``inbox/`` entries that are the same file as a job in ``processing/``.
+
+        A daemon stopped between a claim's link and unlink leaves the job in both places;
+        it is claimed already, so the ``inbox/`` entry goes (else the job would run twice).
+        """
+        claimed: set[tuple[int, int]] = set()
+        for name, info in _job_entries(self.processing):
+            if not _is_reserved(name):
+                claimed.add((info.st_dev, info.st_ino))
+        removed = []
+        for name, info in _job_entries(self.inbox):
+            if (info.st_dev, info.st_ino) in claimed:
+                (self.inbox / name).unlink(missing_ok=True)
+                removed.append(name)
+        return removed
+
     def claimed(self) -> list[str]:
         """Job files in ``processing/`` (left by a stopped or crashed daemon), oldest first."""
         return [name for name in _job_files(self.processing) if not _is_reserved(name)]
@@ -250,9 +331,13 @@ class Spool:
                 removed.append(name)
         return removed
 
-    def claim(self, name: str) -> bool:
-        """Move ``inbox/<name>`` to ``processing/<name>``; False if someone else has it."""
-        source, target = self.inbox / name, self.processing / name
+    def claim(self, name: str, as_name: str | None = None) -> bool:
+        """Move ``inbox/<name>`` to ``processing/<as_name>`` (default: the same name).
+
+        Returns:
+            False if someone else has it, or ``processing/`` has a job of that name.
+        """
+        source, target = self.inbox / name, self.processing / (as_name or name)
         try:
             os.link(source, target, follow_symlinks=False)
         except FileNotFoundError:
@@ -286,9 +371,12 @@ class Spool:
                 return job
         return SpoolJob(name, path, default_format)
 
-    def reject(self, name: str, status: Mapping[str, object]) -> Path | None:
-        """File ``inbox/<name>`` straight into ``failed/``; None if it vanished meanwhile."""
-        base = _free_name(self.failed, name)
+    def reject(
+        self, name: str, status: Mapping[str, object], as_name: str | None = None
+    ) -> Path | None:
+        """File ``inbox/<name>`` straight into ``failed/`` (as ``as_name``, default the same
+        name); None if it vanished meanwhile."""
+        base = _free_name(self.failed, as_name or name)
         _write_status(self.failed / f"{base}.status.json", status)
         try:
             os.rename(self.inbox / name, self.failed / base)
@@ -324,6 +412,11 @@ class Spool:
         return dest / base
 
 
+def _names(exc: OSError, path: Path) -> bool:
+    """True when ``exc`` is about the file ``path``."""
+    return exc.filename is not None and Path(exc.filename).absolute() == path.absolute()
+
+
 def _is_reserved(name: str) -> bool:
     """True for names of the daemon's own work files, which a job may not take."""
     return any(part in name for part in _RESERVED)
@@ -336,18 +429,22 @@ def _owner(name: str) -> str | None:
 
 
 def _job_files(directory: Path) -> list[str]:
-    found: list[tuple[int, str]] = []
+    return [name for name, _ in _job_entries(directory)]
+
+
+def _job_entries(directory: Path) -> list[tuple[str, os.stat_result]]:
+    found: list[tuple[int, str, os.stat_result]] = []
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith(".") or entry.name.endswith(".tmp"):
                 continue
             try:
-                if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
-                    continue
-                found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+                info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # taken by another daemon while we looked
-    return [name for _, name in sorted(found)]
+            if stat.S_ISREG(info.st_mode):
+                found.append((info.st_mtime_ns, entry.name, info))
+    return [(name, info) for _, name, info in sorted(found, key=lambda item: item[:2])]
 
 
 def _free_name(directory: Path, name: str) -> str:
@@ -441,6 +538,10 @@ class Daemon:
         self._inbox = 0
         self._rows: collections.Counter[str] = collections.Counter()
         self._recent: collections.deque[JobRows] = collections.deque(maxlen=_RECENT_JOBS)
+        # inbox/ name -> (what stat said, monotonic time it was first seen so)
+        self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}
+        # Jobs stopped by ``no_wait`` -> when their keys' daily quota resets.
+        self._deferred: dict[str, datetime] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -521,16 +622,24 @@ class Daemon:
     # -- the work loop ------------------------------------------------------------------------
 
     async def _work(self, broker: Broker) -> None:
+        self._rename_awkward_claims()
         swept = self.spool.sweep()
         if swept:
             logger.info("broker.spool_swept", removed=swept)
+        duplicates = self.spool.drop_duplicates()
+        if duplicates:
+            logger.warning(
+                "broker.spool_duplicates_removed",
+                removed=[_shown(name) for name in duplicates],
+                note="each was the same file as a job in processing/ (a stop mid-claim)",
+            )
         for left in self.spool.claimed():
             if self._stop.is_set():
                 return
             logger.info("broker.job_resumed", job=left)
             await self._process(broker, left)
         while not self._stop.is_set():
-            name = self._claim_next()
+            name = self._due_deferred() or self._claim_next()
             if name is None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._options.poll_s):
@@ -538,32 +647,86 @@ class Daemon:
                 continue
             await self._process(broker, name)
 
+    def _rename_awkward_claims(self) -> None:
+        """Give jobs left in processing/ under an awkward name (an older daemon's) a safe one."""
+        for name in self.spool.claimed():
+            safe = spool_name(name)
+            if safe != name and not (self.spool.processing / safe).exists():
+                os.rename(self.spool.processing / name, self.spool.processing / safe)
+                logger.info("broker.job_renamed", job=safe, received_as=_shown(name))
+
+    def _due_deferred(self) -> str | None:
+        """A job stopped by ``no_wait`` whose keys' daily quota has reset, if any."""
+        now = self._clock.utcnow()
+        for name, until in list(self._deferred.items()):
+            if until <= now:
+                del self._deferred[name]
+                if (self.spool.processing / name).exists():
+                    logger.info("broker.job_resumed", job=name, note="daily quota reset")
+                    return name
+        return None
+
     def _claim_next(self) -> str | None:
-        waiting = self.spool.waiting()
+        waiting = self.spool.waiting_entries()
         self._inbox = len(waiting)
-        for name in waiting:
+        seen: set[str] = set()
+        for name, info in waiting:
+            seen.add(name)
             if _is_reserved(name):
                 message = (
-                    f"the name {name!r} is reserved for the daemon's work files "
+                    f"the name {_shown(name)!r} is reserved for the daemon's work files "
                     f"(it contains {' or '.join(_RESERVED)}); rename the job"
                 )
-                if self.spool.reject(name, self._failure_status(name, message)) is not None:
-                    self._count_failed(name, message)
+                safe = spool_name(name)
+                path = self.spool.reject(name, self._failure_status(safe, message), safe)
+                if path is not None:
+                    self._count_failed(name, message, path)
                 continue
-            if self.spool.claim(name):
+            if not self._settled(name, info):
+                continue
+            safe = spool_name(name)
+            if self.spool.claim(name, safe):
                 self._inbox -= 1
-                logger.info("broker.job_claimed", job=name)
-                return name
+                self._settling.pop(name, None)
+                if safe == name:
+                    logger.info("broker.job_claimed", job=safe)
+                else:
+                    logger.info("broker.job_claimed", job=safe, received_as=_shown(name))
+                return safe
+        for gone in self._settling.keys() - seen:
+            del self._settling[gone]
         return None
+
+    def _settled(self, name: str, info: os.stat_result) -> bool:
+        """True when ``inbox/<name>`` has stopped changing (see "Settling" above)."""
+        settle_s = self._options.settle_s
+        if settle_s <= 0:
+            return True
+        # The mtime is the file system's wall-clock time, so it is read against the real
+        # wall clock, not the daemon's (possibly fake) one.
+        if time.time() - info.st_mtime_ns / 1e9 >= settle_s:
+            return True
+        signature = (info.st_ino, info.st_size, info.st_mtime_ns)
+        now = self._clock.monotonic()
+        first = self._settling.get(name)
+        if first is None or first[0] != signature:
+            self._settling[name] = (signature, now)
+            return False
+        return now - first[1] >= settle_s
 
     async def _process(self, broker: Broker, name: str) -> None:
         job = self.spool.job(name, self._config.output.format)
+        before_stat = self._check_readable(job)
+        if before_stat is None:
+            return
         options = JobOptions(
             job=job.path,
             out=job.out,
             format=job.format,
             progress=self._options.progress,
             handle_signals=False,
+            convert_isbn13=self._options.convert_isbn13,
+            no_wait=self._options.no_wait,
         )
         before = broker.metrics()
         self._current = job
@@ -590,18 +753,81 @@ class Daemon:
             # it is filed, and the daemon does not stop on it at every start.
             self._fail(job, exc)
             return
-        except FileNotFoundError:
-            if job.path.exists():
-                raise
-            logger.warning("broker.job_vanished", job=name, path=str(job.path))
-            return
+        except OSError as exc:
+            if not job.path.exists():
+                self._vanished(job)
+                return
+            if _names(exc, job.path):
+                self._fail_unreadable(job, exc)
+                return
+            raise
         finally:
             self._job_task = None
             self._current = None
+        if summary.quota_wait_until is not None:
+            self._defer(job, summary.quota_wait_until)
+            return
         if summary.stopped_by_signal or summary.pending:
             logger.error("broker.job_unfinished", job=name, pending=summary.pending)
             return
+        try:
+            after_stat = os.stat(job.path)
+        except FileNotFoundError:
+            self._vanished(job)
+            return
+        if (after_stat.st_size, after_stat.st_mtime_ns) != (
+            before_stat.st_size,
+            before_stat.st_mtime_ns,
+        ):
+            message = (
+                f"the job file changed while the job ran ({before_stat.st_size} bytes when it "
+                f"started, {after_stat.st_size} now): it was still being written, so rows may "
+                "be missing. Producers should write name.tmp and rename it into inbox/; move "
+                "the job back into inbox/ to run it again"
+            )
+            self._fail_message(job, message, ExitCode.DATA_ERROR)
+            return
         self._finish(job, summary, before, broker.metrics())
+
+    def _check_readable(self, job: SpoolJob) -> os.stat_result | None:
+        """The job file's stat; None (the job filed or dropped) when it cannot be read."""
+        try:
+            with open(job.path, "rb"):
+                pass
+            return os.stat(job.path)
+        except FileNotFoundError:
+            self._vanished(job)
+        except OSError as exc:
+            self._fail_unreadable(job, exc)
+        return None
+
+    def _defer(self, job: SpoolJob, until: str) -> None:
+        """``no_wait``: the keys' daily quota is spent; resume the job after the reset."""
+        try:
+            when = datetime.fromisoformat(until.replace("Z", "+00:00"))
+        except ValueError:
+            when = self._clock.utcnow()
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        self._deferred[job.name] = when
+        logger.warning(
+            "broker.job_deferred",
+            job=job.name,
+            until=until,
+            note="the keys' daily quota is spent; the job stays in processing/ and resumes "
+            "after the reset",
+        )
+
+    def _vanished(self, job: SpoolJob) -> None:
+        """The job file was deleted from processing/: drop its work files and go on."""
+        for path in job.work_files():
+            path.unlink(missing_ok=True)
+        logger.warning(
+            "broker.job_vanished",
+            job=job.name,
+            path=str(job.path),
+            note="the job file was removed from processing/; its work files are dropped",
+        )
 
     # -- filing -------------------------------------------------------------------------------
 
@@ -622,10 +848,14 @@ class Daemon:
             "finished_at": self._now(),
             "error": None,
         }
+        if not job.path.exists():
+            self._vanished(job)
+            return
         path = self.spool.file(job, "done", status)
         self._jobs_done += 1
         self._rows.update(summary.by_status)
-        self._recent.appendleft(JobRows(job.name, dict(summary.by_status)))
+        # Labelled by the filed name: two jobs called daily.txt are daily.txt and daily-2.txt.
+        self._recent.appendleft(JobRows(path.name, dict(summary.by_status)))
         logger.info(
             "broker.job_filed",
             job=job.name,
@@ -636,6 +866,20 @@ class Daemon:
 
     def _fail(self, job: SpoolJob, exc: BaseException) -> None:
         code, message = describe_failure(exc)
+        self._fail_message(job, message, code)
+
+    def _fail_unreadable(self, job: SpoolJob, exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        message = (
+            f"cannot read the job file {job.name!r}: {reason}; make it readable by the "
+            "daemon and move it back into inbox/"
+        )
+        self._fail_message(job, message, ExitCode.NO_INPUT)
+
+    def _fail_message(self, job: SpoolJob, message: str, code: int) -> None:
+        if not job.path.exists():
+            self._vanished(job)
+            return
         status = self._failure_status(job.name, message, code)
         path = self.spool.file(job, "failed", status)
         self._count_failed(job.name, message, path)
@@ -651,14 +895,14 @@ class Daemon:
             "finished_at": self._now(),
         }
 
-    def _count_failed(self, name: str, message: str, path: Path | None = None) -> None:
+    def _count_failed(self, name: str, message: str, path: Path) -> None:
         self._jobs_failed += 1
         logger.warning(
             "broker.job_filed",
-            job=name,
+            job=_shown(name),
             outcome="failed",
             error=message,
-            path=str(path or self.spool.failed / name),
+            path=str(path),
         )
 
     def _now(self) -> str:
@@ -677,7 +921,9 @@ class Daemon:
         if self._current is not None:
             live = _ledger_tally(self._current.ledger) or {}
             rows.update({status: n for status, n in live.items() if status != "pending"})
-            jobs.insert(0, JobRows(self._current.name, live))
+            # The name it will be filed under, so it never repeats a finished job's label.
+            label = _free_name(self.spool.done, self._current.name)
+            jobs.insert(0, JobRows(label, live))
         return SpoolSnapshot(
             state=self._state,
             jobs_done=self._jobs_done,
@@ -696,6 +942,9 @@ def serve_command(
 ) -> int:
     """Run ``broker serve`` with parsed ``args`` (spool, host, port, allow_remote).
 
+    The options of every job (``convert_isbn13``, ``no_wait``) and ``settle_s`` come from
+    the config's ``[serve]`` table.
+
     Args:
         config: the loaded configuration.
         args: the parsed command line.
@@ -709,6 +958,9 @@ def serve_command(
         host=str(args.host),
         port=int(args.port),
         allow_remote=bool(args.allow_remote),
+        settle_s=config.serve.settle_s,
+        convert_isbn13=config.serve.convert_isbn13,
+        no_wait=config.serve.no_wait,
     )
     try:
         daemon = Daemon(config, options)

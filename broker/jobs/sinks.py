@@ -62,8 +62,8 @@ __all__ = [
 
 logger = structlog.get_logger("broker")
 
-#: The CSV header, fixed because CSV cannot grow columns. ``extra`` columns of the input and
-#: the raw ``item`` are not in CSV; use JSONL or SQLite for them.
+#: The CSV output's own columns. The input's pass-through columns (``extra``) follow them
+#: (see :class:`CsvSink`); the raw ``item`` is not in CSV (use JSONL or SQLite for it).
 CSV_COLUMNS: Final = (
     "line",
     "input",
@@ -75,6 +75,7 @@ CSV_COLUMNS: Final = (
     "currency",
     "availability",
     "detail_url",
+    "image_url",
     "error_code",
     "error_message",
     "attempts",
@@ -182,6 +183,7 @@ def _csv_values(row: DoneRow) -> list[object]:
         summary.get("currency"),
         summary.get("availability"),
         summary.get("detail_url"),
+        summary.get("image_url"),
         error.get("code"),
         error.get("message"),
         out["attempts"],
@@ -398,19 +400,79 @@ class JsonlSink(_FileSink):
 
 
 class CsvSink(_FileSink):
-    """CSV output (RFC 4180: ``,``, ``"`` quoting, CRLF) under the fixed :data:`CSV_COLUMNS`.
+    """CSV output (RFC 4180: ``,``, ``"`` quoting, CRLF): :data:`CSV_COLUMNS`, then the
+    input's pass-through columns.
 
     Cells are UTF-8 without BOM; null values are empty cells; ``price`` is a plain decimal.
     A quoted cell may span lines (an input row with a line break), so records are found by
     quote parity, not by counting lines.
+
+    The pass-through columns are the ``extra`` names of the first rows written (every row
+    of a CSV job has the same ones; for a JSON Lines job, those of the first batch), in
+    their order; a name that is one of ours (or starts with ``input_``) gets an ``input_``
+    prefix. The header is written at open with our columns alone and rewritten with the
+    pass-through ones at the first write; until a row is recorded, a reopened output
+    starts over, so the header is always decided afresh from the rows. A resumed output
+    reads its pass-through columns back from its header.
     """
 
     _header = _utf8(",".join(CSV_COLUMNS) + "\r\n")
 
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        #: the pass-through columns (input names); None until the first write decides them
+        self._extra: tuple[str, ...] | None = None
+
+    def open(self, resume_from: SinkState) -> SinkState:
+        """Open the file (see :meth:`_FileSink.open`); a state with no row starts over."""
+        if resume_from.done_order == 0:
+            resume_from = SinkState()
+        state = super().open(resume_from)
+        if state.done_order == 0 and state.offset != len(self._header):
+            # Cut back to the header alone (a hand-cut file): decide the columns again.
+            self.close()
+            state = super().open(SinkState())
+        self._extra = None if state.done_order == 0 else self._read_extra()
+        return state
+
+    def write(self, rows: Sequence[DoneRow]) -> None:
+        """Append rows (see :meth:`_FileSink.write`); the first rows decide the columns."""
+        if self._extra is None and rows:
+            extra = _extra_names(rows)
+            if extra:
+                self._rewrite_header(extra)
+            self._extra = extra
+        super().write(rows)
+
+    def _rewrite_header(self, extra: tuple[str, ...]) -> None:
+        fd = self._usable()
+        header = _csv_header(extra)
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            _write_all(fd, header)
+        except OSError as exc:
+            self._failed = exc
+            raise
+        self._written = len(header)
+
+    def _read_extra(self) -> tuple[str, ...]:
+        """The pass-through columns named in the file's header."""
+        with open(self.path, "rb") as stream:
+            line = stream.readline(1 << 20)
+        header = next(csv.reader([line.decode("utf-8", "replace")]), [])
+        return tuple(_input_name(name) for name in header[len(CSV_COLUMNS) :])
+
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
+        extra = self._extra or ()
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\r\n")
-        writer.writerows(_csv_values(row) for row in rows)
+        for row in rows:
+            values = _csv_values(row)
+            if extra:
+                cells = _mapping(row.extra)
+                values.extend(cells.get(name, "") for name in extra)
+            writer.writerow(values)
         return _utf8(text.getvalue())
 
     def _scan(self, fd: int) -> tuple[int, int]:
@@ -427,6 +489,38 @@ class CsvSink(_FileSink):
                     records += 1
                     end = position
         return end, records
+
+
+_INPUT_PREFIX: Final = "input_"
+
+
+def _extra_names(rows: Sequence[DoneRow]) -> tuple[str, ...]:
+    """The pass-through names of ``rows``, in order of first appearance."""
+    names: dict[str, None] = {}
+    for row in rows:
+        if row.extra:
+            names.update(dict.fromkeys(row.extra))
+    return tuple(names)
+
+
+def _column_name(name: str) -> str:
+    """The CSV header cell of pass-through column ``name`` (prefixed if it would clash)."""
+    if name in CSV_COLUMNS or name.startswith(_INPUT_PREFIX):
+        return _INPUT_PREFIX + name
+    return name
+
+
+def _input_name(column: str) -> str:
+    """The inverse of :func:`_column_name`."""
+    return column.removeprefix(_INPUT_PREFIX)
+
+
+def _csv_header(extra: Sequence[str]) -> bytes:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\r\n").writerow(
+        [*CSV_COLUMNS, *(_column_name(name) for name in extra)]
+    )
+    return _utf8(text.getvalue())
 
 
 class SqliteSink:
@@ -493,8 +587,8 @@ class SqliteSink:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, line INTEGER, "
                 "input TEXT, asin TEXT, marketplace TEXT, status TEXT, title TEXT, price REAL, "
-                "currency TEXT, availability TEXT, detail_url TEXT, error_code TEXT, "
-                "error_message TEXT, attempts INTEGER, key TEXT, fetched_at TEXT, "
+                "currency TEXT, availability TEXT, detail_url TEXT, image_url TEXT, "
+                "error_code TEXT, error_message TEXT, attempts INTEGER, key TEXT, fetched_at TEXT, "
                 "row_json TEXT)"
             )
             conn.execute(

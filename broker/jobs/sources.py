@@ -33,6 +33,7 @@ from "bad input" (exit 65).
 from __future__ import annotations
 
 import codecs
+import collections
 import csv
 import gzip
 import hashlib
@@ -553,20 +554,25 @@ def _txt_rows(
 
 
 class _CsvFeed:
-    """Lines for ``csv.reader``, remembering where we are and which lines were too long.
+    """Lines for ``csv.reader``, remembering where we are, which lines were too long, and
+    which lines the current record took.
 
     ``csv.reader`` pulls lines itself and never reads past the end of a record, so
-    ``lineno`` after a record is that record's last physical line. An over-long line is fed
-    as an empty line and noted in ``oversize_line``, so the record holding it can be
-    reported invalid without the reader ever holding the line.
+    ``lineno`` after a record is that record's last physical line, and ``taken`` holds the
+    record's lines (kept so a record that turns out malformed can be read again from its
+    second line). An over-long line is fed as an empty line and noted in ``oversize_line``,
+    so the record holding it can be reported invalid without the reader ever holding the
+    line.
     """
 
-    __slots__ = ("_lines", "lineno", "oversize_line")
+    __slots__ = ("_lines", "_replay", "lineno", "oversize_line", "taken")
 
     def __init__(self, lines: Iterator[_Line]) -> None:
         self._lines = lines
+        self._replay: collections.deque[_Line] = collections.deque()
         self.lineno = 0
         self.oversize_line: int | None = None
+        self.taken: list[_Line] = []
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -576,8 +582,14 @@ class _CsvFeed:
         lineno, self.oversize_line = self.oversize_line, None
         return lineno
 
+    def replay(self, lines: Iterable[_Line]) -> None:
+        """Feed ``lines`` again, before any line not read yet."""
+        self._replay.extendleft(reversed(list(lines)))
+
     def __next__(self) -> str:
-        lineno, text = next(self._lines)
+        line = self._replay.popleft() if self._replay else next(self._lines)
+        self.taken.append(line)
+        lineno, text = line
         self.lineno = lineno
         if isinstance(text, _Oversize):
             if self.oversize_line is None:
@@ -614,26 +626,55 @@ def _csv_rows(
     except csv.Error as exc:
         raise JobFileError(f"{path}: line {header_line}: malformed CSV header: {exc}") from None
     layout = _csv_layout(header, delimiter, path, header_line)
-    end = feed.lineno
+    # Malformed rows still carry the other columns (empty), so every row of the job has the
+    # same pass-through columns and a CSV output's header can be taken from any row.
+    blank = {name: "" for _, name in layout.extra} or None
     while True:
+        feed.taken = []
         try:
             record = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            # The reader starts a fresh record on the next call, so one bad record costs
-            # one invalid row, not the file.
-            start, end = end + 1, feed.lineno
-            feed.take_oversize()
-            yield JobRow(start, "", None, error=f"malformed CSV: {exc}")
-            continue
-        start, end = end + 1, feed.lineno
-        if feed.take_oversize() is not None:
-            yield JobRow(start, "", None, error=_too_long(max_line_bytes))
-            continue
-        if not any(cell.strip() for cell in record):
-            continue
-        yield _csv_row(start, record, layout, check)
+            error = f"malformed CSV: {exc}"
+        else:
+            if len(feed.taken) < 2 or _quotes_closed(feed.taken):
+                start = feed.taken[0][0] if feed.taken else feed.lineno
+                if feed.take_oversize() is not None:
+                    yield JobRow(start, "", None, extra=blank, error=_too_long(max_line_bytes))
+                    continue
+                if not any(cell.strip() for cell in record):
+                    continue
+                yield _csv_row(start, record, layout, check)
+                continue
+            error = (
+                "malformed CSV: a quoted field starts on this line and is never closed "
+                '(a stray " ?); the following lines were read as rows of their own'
+            )
+        # One bad record costs one invalid row, not the file: report its first line and
+        # read the lines after it again with a fresh reader (a quote left open would
+        # otherwise swallow the rest of the file into one cell).
+        taken = feed.taken
+        feed.take_oversize()
+        start, text = taken[0] if taken else (feed.lineno, "")
+        raw = text.preview if isinstance(text, _Oversize) else _preview(text.rstrip("\r\n"))
+        yield JobRow(start, raw, None, extra=blank, error=error)
+        feed.replay(taken[1:])
+        reader = csv.reader(feed, delimiter=delimiter)
+
+
+def _quotes_closed(lines: list[_Line]) -> bool:
+    """True when a record's lines hold an even number of quotes.
+
+    A well-formed record always does (a quoted field opens and closes, and quotes inside
+    it are doubled); an odd count means a quote was left open and the reader took the
+    following lines into that field.
+    """
+    count = 0
+    for _, text in lines:
+        if not isinstance(text, _Oversize):
+            count += text.count('"')
+    return count % 2 == 0
 
 
 def _csv_row(
