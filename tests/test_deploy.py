@@ -31,6 +31,7 @@ import pytest
 from yaml_subset import load as load_yaml
 
 from broker.config import load_config, parse_config
+from broker.errors import ConfigError
 from broker.jobs.serve import Daemon, ServeOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -470,6 +471,28 @@ class TestSystemd:
         (key,) = config.keys
         assert key.secret is not None
         assert "s3cr3t-value" not in repr(key)
+
+    def test_credential_as_systemd_writes_it_is_accepted(self, tmp_path: Path) -> None:
+        """A 0440 file in $CREDENTIALS_DIRECTORY (systemd's ACL) is read; elsewhere, refused."""
+        credentials = tmp_path / "credentials"
+        credentials.mkdir()
+        secret = credentials / "main-secret"
+        secret.write_text("s3cr3t-value\n")
+        secret.chmod(0o440)  # what a user ACL entry shows as: r for the mask (group bits)
+        text = (DEPLOY / "systemd" / "config.toml").read_text()
+        text = text.replace("/run/credentials/asin-broker.service/main-secret", str(secret))
+        (tmp_path / "config.toml").write_text(text)
+        environ = {"CREDENTIALS_DIRECTORY": str(credentials)}
+        (key,) = load_config(tmp_path / "config.toml", environ=environ).keys
+        assert key.secret is not None
+        with pytest.raises(ConfigError, match="mode 0440"):
+            load_config(tmp_path / "config.toml", environ={})
+        with pytest.raises(ConfigError, match="mode 0440"):
+            load_config(tmp_path / "config.toml", environ={"CREDENTIALS_DIRECTORY": ""})
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        with pytest.raises(ConfigError, match="mode 0440"):
+            load_config(tmp_path / "config.toml", environ={"CREDENTIALS_DIRECTORY": str(elsewhere)})
 
     @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
     def test_systemd_analyze_verify(self, tmp_path: Path) -> None:
