@@ -321,7 +321,8 @@ class TestPackage:
         }
         readme = (ROOT / "README.md").read_text()
         section = readme.split("### Python versions", 1)[1].split("\n#", 1)[0]
-        tested = set(re.findall(r"CPython (3\.\d+)\.\d+", section))
+        tested_line = section.split("**Tested:**", 1)[1].split("\n- ", 1)[0]
+        tested = set(re.findall(r"CPython (3\.\d+)\.\d+", tested_line))
         assert claimed == tested
         assert project["requires-python"] == f">={min(claimed, key=lambda v: int(v[2:]))}"
 
