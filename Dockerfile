@@ -51,6 +51,7 @@ EXPOSE 9464
 # The first SIGTERM stops claiming jobs and lets the current one commit its rows; give
 # `docker stop` a grace period of 30 s (docker stop -t 30; compose stop_grace_period).
 STOPSIGNAL SIGTERM
+# Polls the default port: a CMD with another --port needs its own HEALTHCHECK.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=4).status != 200)"]
 ENTRYPOINT ["asin-broker"]
