@@ -514,7 +514,11 @@ def _parse_key(
     source = ""
     if secret_file:
         source = f"file {secret_file}"
-        secret = _read_secret_file(base_dir / secret_file, f"{path}.credential_secret_file")
+        secret = _read_secret_file(
+            base_dir / secret_file,
+            f"{path}.credential_secret_file",
+            credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
+        )
     elif secret_env:
         if not _ENV_NAME.fullmatch(secret_env):
             # Not a variable name: most likely the secret itself pasted here, so never echo it.
@@ -578,19 +582,26 @@ def _parse_key(
     return KeyConfig(name, credential_id, secret, source, version, tags, tps, tpd, max_in_flight)
 
 
-def _read_secret_file(file: Path, path: str) -> Secret:
-    """Read a secret file, refusing one that others can read (the libpq .pgpass rule)."""
+def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = None) -> Secret:
+    """Read a secret file, refusing one that others can read (the libpq .pgpass rule).
+
+    A file in ``credentials_dir`` (systemd's ``$CREDENTIALS_DIRECTORY``, filled by
+    ``LoadCredential=``) skips the owner and mode checks: systemd makes such a file root's,
+    mode 0400, and grants the service user read access with an ACL (which shows as group
+    bits), in a directory private to the service.
+    """
     try:
         info = file.stat()
     except OSError as exc:
         raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    trusted = bool(credentials_dir and _is_inside(file, Path(credentials_dir)))
+    if not trusted and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         mode = stat.S_IMODE(info.st_mode)
         raise ConfigError(
             path,
             f"{file} is accessible by group or others (mode {mode:04o}); run chmod 600 {file}",
         )
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+    if not trusted and hasattr(os, "getuid") and info.st_uid != os.getuid():
         raise ConfigError(path, f"{file} is not owned by the user running the broker")
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(path, f"{file} is not a regular file")
@@ -604,6 +615,13 @@ def _read_secret_file(file: Path, path: str) -> Secret:
     if not value:
         raise ConfigError(path, f"{file} is empty")
     return Secret(value)
+
+
+def _is_inside(file: Path, directory: Path) -> bool:
+    try:
+        return file.resolve().is_relative_to(directory.resolve())
+    except OSError:
+        return False
 
 
 def _parse_engine(table: _Table) -> EngineConfig:

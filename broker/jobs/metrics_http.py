@@ -13,6 +13,7 @@ own and can be tested with a stub.
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -20,9 +21,11 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from aiohttp import web
 
+from broker import __version__
 from broker.config import is_loopback_host
 from broker.engine.metrics import LATENCY_BUCKETS_S
 from broker.errors import ConfigError
+from broker.jobs.process_stats import ProcessStats, read_process_stats
 
 if TYPE_CHECKING:
     from broker.engine.metrics import KeySnapshot, MetricsSnapshot
@@ -175,6 +178,8 @@ def render_metrics(metrics: MetricsSnapshot | None, spool: SpoolSnapshot) -> str
             out.sample("asinb_job_rows", count, job=job.job, status=status)
     if metrics is not None:
         _render_engine(out, metrics)
+    _render_build_info(out)
+    _render_process(out, read_process_stats())
     return out.text()
 
 
@@ -220,6 +225,31 @@ def _render_engine(out: _Exposition, m: MetricsSnapshot) -> None:
     for k in keys:
         for state in ("active", "paused", "parked", "disabled"):
             out.sample("asinb_key_state", int(k.state == state), key=k.name, state=state)
+
+
+def _render_build_info(out: _Exposition) -> None:
+    # The info-metric convention: a constant 1 whose labels carry the facts, so a dashboard
+    # can join on them and a deploy shows as a label change.
+    out.family("asinb_build_info", "gauge", "The running asin-broker version and Python (1).")
+    out.sample("asinb_build_info", 1, version=__version__, python=platform.python_version())
+
+
+def _render_process(out: _Exposition, stats: ProcessStats) -> None:
+    """The Prometheus client libraries' standard ``process_*`` families, where known."""
+    out.family("process_cpu_seconds_total", "counter", "User and system CPU time, seconds.")
+    out.sample("process_cpu_seconds_total", stats.cpu_seconds)
+    out.family("process_start_time_seconds", "gauge", "Start of the process, Unix time.")
+    out.sample("process_start_time_seconds", stats.start_time_s)
+    optional = (
+        ("process_resident_memory_bytes", "Resident memory size, bytes.", stats.resident_bytes),
+        ("process_virtual_memory_bytes", "Virtual memory size, bytes.", stats.virtual_bytes),
+        ("process_open_fds", "Open file descriptors.", stats.open_fds),
+        ("process_max_fds", "Limit on open file descriptors.", stats.max_fds),
+    )
+    for name, help_text, value in optional:
+        if value is not None:
+            out.family(name, "gauge", help_text)
+            out.sample(name, value)
 
 
 #: One series per key: name, type, help, and the value of a key (None: no sample).

@@ -1,0 +1,716 @@
+"""The shipping kit: wheel metadata, Dockerfile, systemd unit, compose stack, Prometheus, Grafana.
+
+Every file under ``deploy/`` (and the Dockerfile) is parsed and checked against the code it
+deploys: the command lines against ``broker serve --help``, the volumes against the paths the
+daemon writes, and every metric a dashboard panel or alert rule queries against what a running
+``broker serve`` serves on ``/metrics``. Where a tool exists on the machine (``promtool``,
+``systemd-analyze``, ``uv``) the files also go through it; otherwise those tests are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yaml_subset import load as load_yaml
+
+from broker.config import load_config, parse_config
+from broker.errors import ConfigError
+from broker.jobs.serve import Daemon, ServeOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+REPO_URL = "https://github.com/asin-broker/asin-broker"
+_METRIC = re.compile(r"\b((?:asinb|process)_[a-z0-9_]+)\b")
+_SELECTOR = re.compile(r"\b((?:asinb|process)_[a-z0-9_]+)\{([^}]*)\}")
+_SECRET_WORDS = re.compile(r"SECRET|PASSWORD|TOKEN|PRIVATE|CREDENTIAL", re.IGNORECASE)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """A Dockerfile as (INSTRUCTION, arguments) pairs, continuation lines joined."""
+    joined: list[str] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in joined]
+
+
+def _final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
+    return instructions[last_from:]
+
+
+def _exec_form(arguments: str) -> list[str]:
+    value = json.loads(arguments)
+    assert isinstance(value, list), arguments
+    return [str(part) for part in value]
+
+
+def _unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """A systemd unit file as section -> [(key, value)] (keys may repeat, as systemd allows)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"option outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not key=value: {line}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def _values(section: list[tuple[str, str]], key: str) -> list[str]:
+    return [value for name, value in section if name == key]
+
+
+@functools.cache
+def _serve_flags() -> frozenset[str]:
+    """The options ``broker serve --help`` documents."""
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return frozenset(re.findall(r"(--[a-z][a-z-]+)", done.stdout))
+
+
+def _check_serve_command(argv: list[str]) -> dict[str, str | None]:
+    """Assert ``argv`` is ``serve`` with documented options only; return option -> value."""
+    assert argv[0] == "serve", argv
+    options: dict[str, str | None] = {}
+    args = iter(argv[1:])
+    for arg in args:
+        assert arg in _serve_flags(), f"{arg} is not an option of broker serve"
+        options[arg] = None if arg == "--allow-remote" else next(args)
+    assert "--spool" in options
+    return options
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|min|m)?", text.strip())
+    assert match, text
+    factor = {"ms": 0.001, "s": 1.0, None: 1.0, "min": 60.0, "m": 60.0}[match[2]]
+    return float(match[1]) * factor
+
+
+@functools.cache
+def _served() -> dict[str, frozenset[str]]:
+    """Families on a running ``broker serve``'s /metrics (after one job) -> their label names."""
+    return asyncio.run(_scrape())
+
+
+async def _scrape() -> dict[str, frozenset[str]]:
+    import tempfile
+
+    account = {
+        "name": "demo",
+        "protocol": "creators",
+        "credential_id": "demo-id",
+        "secret": "demo-secret",
+        "version": "3.1",
+        "partner_tags": {"www.amazon.com": "demo-20"},
+        "tps": 200.0,
+        "tpd": 1_000_000,
+    }
+    key = {
+        "name": "demo",
+        "credential_id": "demo-id",
+        "version": "3.1",
+        "partner_tags": {"www.amazon.com": "demo-20"},
+        "tps": 100.0,
+    }
+    document = {
+        "api": {"endpoint": "simulator"},
+        "keys": [key],
+        "engine": {"linger_s": 0.005},
+        "simulator": {"seed": 3, "accounts": [account]},
+    }
+    config = parse_config(document, environ={})
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = Path(tmp) / "spool"
+        options = ServeOptions(
+            spool=spool, port=0, poll_s=0.05, progress="none", handle_signals=False
+        )
+        daemon = Daemon(config, options)
+        task = asyncio.get_running_loop().create_task(daemon.run())
+        try:
+            async with asyncio.timeout(30):
+                await daemon.started.wait()
+                (spool / "inbox" / ".j.txt").write_text("B0DEPLOY01\nB0DEPLOY02\nnot-an-asin\n")
+                os.rename(spool / "inbox" / ".j.txt", spool / "inbox" / "j.txt")
+                # The file system has no event to wait on: poll it.
+                while not (spool / "done" / "j.txt.status.json").exists():  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"{daemon.url}/metrics") as response,
+                ):
+                    text = await response.text()
+        finally:
+            daemon.request_stop()
+            await task
+    return _families(text)
+
+
+def _families(text: str) -> dict[str, frozenset[str]]:
+    kinds: dict[str, str] = {}
+    labels: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            kinds[name] = kind
+            labels.setdefault(name, set())
+        elif line and not line.startswith("#"):
+            sample = line.rpartition(" ")[0]
+            name, _, rest = sample.partition("{")
+            family = name
+            if family not in kinds:
+                family = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert family in kinds, line
+            labels[family].update(re.findall(r'([a-zA-Z_]\w*)="', rest))
+    for name, kind in kinds.items():
+        if kind == "histogram":
+            labels[name].discard("le")
+    return {name: frozenset(found) for name, found in labels.items()}
+
+
+def _family_of(name: str, served: dict[str, frozenset[str]]) -> str | None:
+    if name in served:
+        return name
+    base = re.sub(r"_(bucket|sum|count)$", "", name)
+    return base if base in served else None
+
+
+def _check_queries(expressions: list[str], where: str) -> None:
+    """Every metric in ``expressions`` is served, and every label they match on exists."""
+    served = _served()
+    assert expressions, f"no queries found in {where}"
+    for expr in expressions:
+        for name in _METRIC.findall(expr):
+            assert _family_of(name, served), f"{where}: {name} is not on /metrics ({expr})"
+        for name, matchers in _SELECTOR.findall(expr):
+            family = _family_of(name, served)
+            assert family is not None
+            for label in re.findall(r"([a-zA-Z_]\w*)\s*[!=]~?", matchers):
+                allowed = served[family] | ({"le"} if name.endswith("_bucket") else set())
+                if label in ("job", "instance"):
+                    continue  # attached by Prometheus at scrape time
+                assert label in allowed, f"{where}: {name} has no label {label} ({expr})"
+
+
+def _dashboard() -> dict[str, object]:
+    data: dict[str, object] = json.loads((DEPLOY / "grafana" / "asin-broker.json").read_text())
+    return data
+
+
+def _dashboard_exprs() -> list[str]:
+    panels = _dashboard()["panels"]
+    assert isinstance(panels, list)
+    return [str(target["expr"]) for panel in panels for target in panel["targets"]]
+
+
+def _alert_rules() -> list[dict[str, object]]:
+    document = load_yaml((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert isinstance(document, dict)
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def _compose() -> dict[str, object]:
+    document = load_yaml((DEPLOY / "compose.yaml").read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+# -- the package ----------------------------------------------------------------------------
+
+
+class TestPackage:
+    @pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not on PATH")
+    def test_wheel_metadata(self, tmp_path: Path) -> None:
+        """The built wheel has the distribution name, both scripts, licence, URLs and typing."""
+        subprocess.run(
+            ["uv", "build", "--wheel", "--out-dir", str(tmp_path), str(ROOT)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        (wheel,) = tmp_path.glob("asin_broker-*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            info = next(n for n in names if n.endswith(".dist-info/METADATA"))
+            meta = Parser().parsestr(archive.read(info).decode())
+            scripts = archive.read(info.replace("METADATA", "entry_points.txt")).decode()
+            licence = archive.read(info.replace("METADATA", "licenses/LICENSE")).decode()
+        assert meta["Name"] == "asin-broker"
+        assert meta["License-Expression"] == "Apache-2.0"
+        assert "Apache License" in licence
+        assert "Version 2.0, January 2004" in licence
+        assert "END OF TERMS AND CONDITIONS" in licence
+        classifiers = meta.get_all("Classifier") or []
+        assert "Typing :: Typed" in classifiers
+        assert "Programming Language :: Python :: 3.11" in classifiers
+        assert "broker/py.typed" in names
+        urls = dict(url.split(", ", 1) for url in meta.get_all("Project-URL") or [])
+        assert urls["Source"] == REPO_URL
+        assert "amazon" in (meta["Keywords"] or "")
+        assert "broker = broker.cli:main" in scripts
+        assert "asin-broker = broker.cli:main" in scripts
+        description = meta.get_payload()
+        assert isinstance(description, str)
+        assert f"https://raw.githubusercontent.com/{REPO_URL.split('github.com/')[1]}/" in (
+            description
+        )
+
+    def test_readme_links_work_on_a_package_index(self) -> None:
+        """README links and images are absolute, so they render on PyPI."""
+        readme = (ROOT / "README.md").read_text()
+        targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+        assert targets
+        for target in targets:
+            assert target.startswith(("https://", "http://", "#")), target
+
+    def test_python_versions_claimed_are_the_tested_ones(self) -> None:
+        """The classifiers name exactly the Python versions the README says are tested."""
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        claimed = {
+            c.rsplit(" :: ", 1)[1]
+            for c in project["classifiers"]
+            if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+        }
+        readme = (ROOT / "README.md").read_text()
+        section = readme.split("### Python versions", 1)[1].split("\n#", 1)[0]
+        tested_line = section.split("**Tested:**", 1)[1].split("\n- ", 1)[0]
+        tested = set(re.findall(r"CPython (3\.\d+)\.\d+", tested_line))
+        assert claimed == tested
+        assert project["requires-python"] == f">={min(claimed, key=lambda v: int(v[2:]))}"
+
+
+# -- the container --------------------------------------------------------------------------
+
+
+class TestDockerfile:
+    def test_multi_stage_non_root_healthcheck_volumes(self) -> None:
+        """Two stages built with uv; the image runs as a non-root user with health and volumes."""
+        instructions = _instructions(ROOT / "Dockerfile")
+        froms = [args for op, args in instructions if op == "FROM"]
+        assert len(froms) >= 2
+        assert all(" AS " in args.upper() for args in froms)
+        runs = " ".join(args for op, args in instructions if op == "RUN")
+        assert "uv sync --frozen --no-dev" in runs
+        final = _final_stage(instructions)
+        users = [args for op, args in final if op == "USER"]
+        assert users, "the runtime stage sets no USER"
+        assert users[-1].split(":")[0] not in ("root", "0")
+        (health,) = [args for op, args in final if op == "HEALTHCHECK"]
+        assert "/healthz" in health
+        assert "--interval=" in health
+        (volumes,) = [_exec_form(args) for op, args in final if op == "VOLUME"]
+        command = _exec_form(next(args for op, args in final if op == "CMD"))
+        options = _check_serve_command(command)
+        assert options["--spool"] in volumes
+        env = " ".join(args for op, args in final if op == "ENV")
+        state_home = re.search(r"XDG_STATE_HOME=(\S+)", env)
+        assert state_home is not None
+        assert f"{state_home[1]}/asin-broker" in volumes
+        assert _exec_form(next(args for op, args in final if op == "ENTRYPOINT")) == ["asin-broker"]
+        assert ("EXPOSE", options["--port"]) in final
+
+    def test_no_secret_is_baked_in(self) -> None:
+        """No ENV/ARG carries a secret, and the build context excludes secret files."""
+        for op, args in _instructions(ROOT / "Dockerfile"):
+            if op in ("ENV", "ARG"):
+                for name in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", args):
+                    assert not _SECRET_WORDS.search(name), f"{op} {name} looks like a secret"
+            if op in ("COPY", "ADD"):
+                assert not re.search(r"\.env\b|secret|credential", args, re.IGNORECASE), args
+        ignore = [
+            line
+            for line in (ROOT / ".dockerignore").read_text().splitlines()
+            if line and not line.startswith("#")
+        ]
+        assert ignore[0] == "*", "the build context should admit only what the image needs"
+        assert "**/.env" in ignore
+        assert "**/*.secret" in ignore
+
+    def test_entry_command_serves_health_and_stops_on_sigterm(self, tmp_path: Path) -> None:
+        """The image's ENTRYPOINT + CMD, run from this venv, passes its HEALTHCHECK and stops."""
+        final = _final_stage(_instructions(ROOT / "Dockerfile"))
+        entry = _exec_form(next(args for op, args in final if op == "ENTRYPOINT"))
+        command = _exec_form(next(args for op, args in final if op == "CMD"))
+        health = next(args for op, args in final if op == "HEALTHCHECK")
+        port = str(_free_port())
+        config = tmp_path / "config.toml"
+        shutil.copy(ROOT / "config.toml", config)  # what the image copies in
+        replace = {
+            "/etc/asin-broker/config.toml": str(config),
+            "/var/spool/asin-broker": str(tmp_path / "spool"),
+            "9464": port,
+            "0.0.0.0": "127.0.0.1",
+        }
+        argv = [replace.get(arg, arg) for arg in command]
+        script = Path(sys.executable).with_name(entry[0])
+        assert script.exists(), f"{script}: the console script is not installed"
+        env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+        process = subprocess.Popen(
+            [str(script), *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            check = _exec_form(health.split(" CMD ", 1)[1])
+            check = [part.replace(":9464/", f":{port}/") for part in check]
+            check[0] = sys.executable if check[0].startswith("python") else check[0]
+            deadline = time.monotonic() + 30
+            while subprocess.run(check, capture_output=True, timeout=10).returncode != 0:
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "HEALTHCHECK never passed"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 0, stderr
+        assert b"broker.daemon_stopped" in stderr
+
+
+# -- systemd --------------------------------------------------------------------------------
+
+
+class TestSystemd:
+    UNIT = DEPLOY / "systemd" / "asin-broker.service"
+
+    def test_unit_runs_serve_hardened_with_credentials(self) -> None:
+        """The unit runs `serve` as its own user, hardened, with secrets as credentials."""
+        service = _unit(self.UNIT)["Service"]
+        (exec_start,) = _values(service, "ExecStart")
+        argv = shlex.split(exec_start)
+        assert argv[0].endswith("/asin-broker")
+        options = _check_serve_command(argv[1:])
+        assert _values(service, "User") == ["asin-broker"]
+        assert _values(service, "NoNewPrivileges") == ["yes"]
+        assert _values(service, "ProtectSystem") == ["strict"]
+        assert _values(service, "ProtectHome") == ["yes"]
+        assert _values(service, "PrivateTmp") == ["yes"]
+        assert _values(service, "CapabilityBoundingSet") == [""]
+        writable = " ".join(_values(service, "ReadWritePaths")).split()
+        assert options["--spool"] in writable
+        (state,) = _values(service, "StateDirectory")
+        assert f"/var/lib/{state}" in writable
+        assert "XDG_STATE_HOME=/var/lib" in _values(service, "Environment")
+        assert _values(service, "Restart") == ["on-failure"]
+        assert set(" ".join(_values(service, "RestartPreventExitStatus")).split()) == {"77", "78"}
+        (credential,) = _values(service, "LoadCredential")
+        name = credential.split(":", 1)[0]
+        config = (DEPLOY / "systemd" / "config.toml").read_text()
+        path = f"/run/credentials/{self.UNIT.name}/{name}"
+        assert f'credential_secret_file = "{path}"' in config
+        assert options["--config"] == "/etc/asin-broker/config.toml"
+
+    def test_stop_matches_the_drain(self) -> None:
+        """SIGTERM goes to the daemon alone, and systemd waits past the 20 s drain."""
+        service = _unit(self.UNIT)["Service"]
+        assert _values(service, "KillMode") == ["mixed"]
+        assert _values(service, "KillSignal") == ["SIGTERM"]
+        (timeout,) = _values(service, "TimeoutStopSec")
+        assert _seconds(timeout) >= 25
+        readme = (ROOT / "README.md").read_text()
+        drain = re.search(r"for at most (\d+) s; a second signal", readme)
+        assert drain is not None
+        assert _seconds(timeout) > int(drain[1])
+
+    def test_example_config_reads_the_credential(self, tmp_path: Path) -> None:
+        """The unit's example config loads, taking the key's secret from the credential file."""
+        secret = tmp_path / "main-secret"
+        secret.write_text("s3cr3t-value\n")
+        secret.chmod(0o600)
+        text = (DEPLOY / "systemd" / "config.toml").read_text()
+        text = text.replace("/run/credentials/asin-broker.service/main-secret", str(secret))
+        (tmp_path / "config.toml").write_text(text)
+        config = load_config(tmp_path / "config.toml", environ={})
+        (key,) = config.keys
+        assert key.secret is not None
+        assert "s3cr3t-value" not in repr(key)
+
+    def test_credential_as_systemd_writes_it_is_accepted(self, tmp_path: Path) -> None:
+        """A 0440 file in $CREDENTIALS_DIRECTORY (systemd's ACL) is read; elsewhere, refused."""
+        credentials = tmp_path / "credentials"
+        credentials.mkdir()
+        secret = credentials / "main-secret"
+        secret.write_text("s3cr3t-value\n")
+        secret.chmod(0o440)  # what a user ACL entry shows as: r for the mask (group bits)
+        text = (DEPLOY / "systemd" / "config.toml").read_text()
+        text = text.replace("/run/credentials/asin-broker.service/main-secret", str(secret))
+        (tmp_path / "config.toml").write_text(text)
+        environ = {"CREDENTIALS_DIRECTORY": str(credentials)}
+        (key,) = load_config(tmp_path / "config.toml", environ=environ).keys
+        assert key.secret is not None
+        with pytest.raises(ConfigError, match="mode 0440"):
+            load_config(tmp_path / "config.toml", environ={})
+        with pytest.raises(ConfigError, match="mode 0440"):
+            load_config(tmp_path / "config.toml", environ={"CREDENTIALS_DIRECTORY": ""})
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        with pytest.raises(ConfigError, match="mode 0440"):
+            load_config(tmp_path / "config.toml", environ={"CREDENTIALS_DIRECTORY": str(elsewhere)})
+
+    @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+    def test_systemd_analyze_verify(self, tmp_path: Path) -> None:
+        """systemd-analyze verify accepts the unit without a warning."""
+        script = Path(sys.executable).with_name("asin-broker")
+        text = self.UNIT.read_text().replace("/opt/asin-broker/bin/asin-broker", str(script))
+        unit = tmp_path / self.UNIT.name
+        unit.write_text(text)
+        done = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
+        )
+        assert done.returncode == 0, done.stderr
+        assert [line for line in done.stderr.splitlines() if self.UNIT.name in line] == []
+
+
+# -- the stack ------------------------------------------------------------------------------
+
+
+class TestCompose:
+    def test_two_replicas_share_spool_and_redis(self) -> None:
+        """Two `serve` replicas share a spool and Redis key state; no broker port is published."""
+        services = _compose()["services"]
+        assert isinstance(services, dict)
+        assert set(services) >= {"broker", "redis", "prometheus", "grafana"}
+        broker = services["broker"]
+        assert broker["deploy"]["replicas"] == 2
+        options = _check_serve_command([str(arg) for arg in broker["command"]])
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in broker["volumes"]}
+        assert options["--spool"] in mounts
+        assert "/var/lib/asin-broker" in mounts
+        assert "ports" not in broker
+        assert _seconds(broker["stop_grace_period"]) >= 25
+        config_source = mounts[str(options["--config"])]
+        config = tomllib.loads((DEPLOY / config_source).read_text())
+        state = config["state"]
+        assert state["backend"] == "redis"
+        assert state["redis_url"].startswith("redis://redis:")
+        assert state["redis_password_env"] in broker["environment"]
+        assert "healthcheck" in services["redis"]
+        assert broker["depends_on"]["redis"]["condition"] == "service_healthy"
+        for name in ("prometheus", "grafana"):
+            for port in services[name].get("ports", []):
+                assert str(port).startswith("127.0.0.1:"), port
+
+    def test_mounted_files_exist(self) -> None:
+        """Every file the stack bind-mounts is in the repository."""
+        services = _compose()["services"]
+        assert isinstance(services, dict)
+        for service in services.values():
+            for volume in service.get("volumes", []):
+                source = str(volume).split(":")[0]
+                if source.startswith("."):
+                    assert (DEPLOY / source).exists(), volume
+        assert (DEPLOY / services["broker"]["build"]["context"] / "Dockerfile").exists()
+
+    def test_prometheus_scrapes_the_replicas_and_loads_the_rules(self) -> None:
+        """Prometheus discovers every broker replica on its metrics port and loads the rules."""
+        config = load_yaml((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+        assert isinstance(config, dict)
+        services = _compose()["services"]
+        assert isinstance(services, dict)
+        options = _check_serve_command([str(arg) for arg in services["broker"]["command"]])
+        (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "asin-broker"]
+        (discovery,) = job["dns_sd_configs"]
+        assert discovery["names"] == ["broker"]
+        assert str(discovery["port"]) == options["--port"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
+        for rule_file in config["rule_files"]:
+            assert (DEPLOY / mounts[rule_file]).exists()
+
+    def test_grafana_provisioning_points_at_the_dashboard(self) -> None:
+        """The provisioned datasource and dashboard folder match what the dashboard uses."""
+        services = _compose()["services"]
+        assert isinstance(services, dict)
+        provisioning = DEPLOY / "grafana" / "provisioning"
+        datasources = load_yaml((provisioning / "datasources" / "prometheus.yaml").read_text())
+        providers = load_yaml((provisioning / "dashboards" / "asin-broker.yaml").read_text())
+        assert isinstance(datasources, dict)
+        assert isinstance(providers, dict)
+        (source,) = datasources["datasources"]
+        assert source["url"] == "http://prometheus:9090"
+        (provider,) = providers["providers"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"]}
+        dashboard_path = next(t for t in mounts if t.endswith("/asin-broker.json"))
+        assert str(Path(dashboard_path).parent) == provider["options"]["path"]
+        panels = _dashboard()["panels"]
+        assert isinstance(panels, list)
+        for panel in panels:
+            assert panel["datasource"]["uid"] == source["uid"]
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == source["uid"]
+
+
+class TestDashboard:
+    def test_shape(self) -> None:
+        """The dashboard is a Grafana dashboard: unique panel ids, positions, PromQL targets."""
+        dashboard = _dashboard()
+        assert dashboard["uid"] == "asin-broker"
+        assert isinstance(dashboard["schemaVersion"], int)
+        panels = dashboard["panels"]
+        assert isinstance(panels, list)
+        ids = [panel["id"] for panel in panels]
+        assert len(ids) == len(set(ids))
+        for panel in panels:
+            assert panel["type"] in ("timeseries", "stat", "bargauge", "table", "state-timeline")
+            assert set(panel["gridPos"]) == {"h", "w", "x", "y"}
+            assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+            refs = [target["refId"] for target in panel["targets"]]
+            assert len(refs) == len(set(refs))
+            assert all(target["expr"].strip() for target in panel["targets"])
+
+    def test_covers_what_an_operator_needs(self) -> None:
+        """Panels show rate vs configured, 429s, TPD, parked keys, queue, jobs, rows, latency."""
+        exprs = "\n".join(_dashboard_exprs())
+        for needed in (
+            "asinb_key_requests_total",
+            "asinb_key_configured_tps",
+            "asinb_key_throttled_total",
+            "asinb_key_daily_spent",
+            "asinb_key_daily_limit",
+            'asinb_key_state{state="parked"}',
+            "asinb_inbox_jobs",
+            "asinb_queued_batches",
+            "asinb_job_rows",
+            "asinb_rows_total",
+            "asinb_request_duration_seconds_bucket",
+        ):
+            assert needed in exprs, needed
+
+    def test_every_queried_metric_is_served(self) -> None:
+        """Every metric and label the dashboard queries is on a running daemon's /metrics."""
+        _check_queries(_dashboard_exprs(), "dashboard")
+
+
+class TestAlerts:
+    def test_rules_cover_quota_parked_and_stalls(self) -> None:
+        """Alerts exist for a nearly spent daily quota, a parked key and 15 minutes stalled."""
+        rules = {str(rule["alert"]): rule for rule in _alert_rules()}
+        assert {
+            "AsinBrokerDailyQuotaNearlySpent",
+            "AsinBrokerKeyParked",
+            "AsinBrokerNoProgress",
+        } <= set(rules)
+        assert "[15m]" in str(rules["AsinBrokerNoProgress"]["expr"])
+        for rule in rules.values():
+            assert rule["labels"]["severity"] in ("warning", "critical")
+            assert rule["annotations"]["summary"]
+
+    def test_every_queried_metric_is_served(self) -> None:
+        """Every metric and label the alert rules query is on a running daemon's /metrics."""
+        _check_queries([str(rule["expr"]) for rule in _alert_rules()], "alerts.yml")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+class TestPromtool:
+    def test_check_config_and_rules(self, tmp_path: Path) -> None:
+        """promtool accepts the Prometheus config with its rule file."""
+        config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+        shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+        (tmp_path / "prometheus.yml").write_text(
+            config.replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml"))
+        )
+        done = subprocess.run(
+            ["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "SUCCESS: 1 rule files found" in done.stdout + done.stderr
+
+    def test_rule_unit_tests(self) -> None:
+        """The alerts fire, and stay quiet, on the scripted series of alerts.test.yml."""
+        done = subprocess.run(
+            ["promtool", "test", "rules", "alerts.test.yml"],
+            cwd=DEPLOY / "prometheus",
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "SUCCESS" in done.stdout + done.stderr
+
+    def test_dashboard_queries_parse(self, tmp_path: Path) -> None:
+        """Every dashboard query is valid PromQL (Grafana's $__rate_interval set to 5m)."""
+        lines = ["groups:", "  - name: dashboard", "    rules:"]
+        for i, expr in enumerate(_dashboard_exprs()):
+            lines.append(f"      - record: dashboard:query_{i}")
+            lines.append(f"        expr: {json.dumps(expr.replace('$__rate_interval', '5m'))}")
+        (tmp_path / "queries.yml").write_text("\n".join(lines) + "\n")
+        done = subprocess.run(
+            ["promtool", "check", "rules", str(tmp_path / "queries.yml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- metrics documentation ------------------------------------------------------------------
+
+
+class TestMetricsDocs:
+    def test_readme_table_matches_metrics(self) -> None:
+        """The README's metrics table lists exactly the served families with their labels."""
+        readme = (ROOT / "README.md").read_text()
+        section = readme.split("### Metrics (`/metrics`)", 1)[1].split("\n#", 1)[0]
+        documented: dict[str, frozenset[str]] = {}
+        for row in re.findall(r"^\| `([a-z_]+)` \|([^|]*)\|([^|]*)\|", section, re.MULTILINE):
+            name, _kind, labels = row
+            documented[name] = frozenset(re.findall(r"`([a-z_]+)`", labels))
+        assert documented == _served()
