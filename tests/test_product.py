@@ -316,21 +316,99 @@ _FAST = settings(
 _NAMES = sorted(
     {
         name
-        for camel in (
-            "asin itemInfo title displayValue displayValues byLineInfo brand manufacturer "
-            "contributors name role roleType locale features classifications binding "
-            "productGroup productInfo releaseDate color size manufactureInfo model "
-            "itemPartNumber externalIds eans isbns upcs images primary variants small medium "
-            "large hiRes url width height offersV2 offers listings price money amount currency "
-            "displayAmount savings percentage savingBasis savingBasisType pricePerUnit "
-            "availability type message minOrderQuantity maxOrderQuantity condition value "
-            "subCondition conditionNote merchantInfo id dealDetails badge accessType startTime "
-            "endTime percentClaimed deliveryInfo isPrimeEligible isFreeShippingEligible "
-            "isAmazonFulfilled isBuyBoxWinner loyaltyPoints points violatesMAP customerReviews "
-            "count starRating browseNodeInfo browseNodes ancestor children displayName "
-            "contextFreeName isRoot salesRank websiteSalesRank variationAttributes parentASIN "
-            "detailPageURL"
-        ).split()
+        for camel in [
+            "asin",
+            "itemInfo",
+            "title",
+            "displayValue",
+            "displayValues",
+            "byLineInfo",
+            "brand",
+            "manufacturer",
+            "contributors",
+            "name",
+            "role",
+            "roleType",
+            "locale",
+            "features",
+            "classifications",
+            "binding",
+            "productGroup",
+            "productInfo",
+            "releaseDate",
+            "color",
+            "size",
+            "manufactureInfo",
+            "model",
+            "itemPartNumber",
+            "externalIds",
+            "eans",
+            "isbns",
+            "upcs",
+            "images",
+            "primary",
+            "variants",
+            "small",
+            "medium",
+            "large",
+            "hiRes",
+            "url",
+            "width",
+            "height",
+            "offersV2",
+            "offers",
+            "listings",
+            "price",
+            "money",
+            "amount",
+            "currency",
+            "displayAmount",
+            "savings",
+            "percentage",
+            "savingBasis",
+            "savingBasisType",
+            "pricePerUnit",
+            "availability",
+            "type",
+            "message",
+            "minOrderQuantity",
+            "maxOrderQuantity",
+            "condition",
+            "value",
+            "subCondition",
+            "conditionNote",
+            "merchantInfo",
+            "id",
+            "dealDetails",
+            "badge",
+            "accessType",
+            "startTime",
+            "endTime",
+            "percentClaimed",
+            "deliveryInfo",
+            "isPrimeEligible",
+            "isFreeShippingEligible",
+            "isAmazonFulfilled",
+            "isBuyBoxWinner",
+            "loyaltyPoints",
+            "points",
+            "violatesMAP",
+            "customerReviews",
+            "count",
+            "starRating",
+            "browseNodeInfo",
+            "browseNodes",
+            "ancestor",
+            "children",
+            "displayName",
+            "contextFreeName",
+            "isRoot",
+            "salesRank",
+            "websiteSalesRank",
+            "variationAttributes",
+            "parentASIN",
+            "detailPageURL",
+        ]
         for name in (camel, camel[:1].upper() + camel[1:], camel.upper())
     }
 )
