@@ -43,6 +43,7 @@ __all__ = [
     "Spelling",
     "VariationAttribute",
     "detect_protocol",
+    "read_browse_node",
     "read_product",
 ]
 
@@ -414,6 +415,11 @@ def read_product(raw: object, protocol: Protocol | None = None) -> Product:
         detail_page_url=_str(item.get(s("detailPageURL"))),
         raw=item,
     )
+
+
+def read_browse_node(raw: object, protocol: Protocol) -> BrowseNode:
+    """Read one browse node (GetBrowseNodes, or an item's ``browseNodes``); never raises."""
+    return _node(raw if isinstance(raw, Mapping) else _EMPTY, _SPELLINGS[protocol])
 
 
 # -- readers: each takes what may be any JSON value and returns a typed value or None ------
