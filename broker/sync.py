@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mappin
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from broker.api.resources import resolve_resources
 from broker.config import BrokerConfig, config_from_dict, load_config
 from broker.engine.broker import Broker
 
@@ -52,7 +53,9 @@ class SyncBroker:
 
     It starts at once (the background loop, the HTTP session, the embedded simulator when
     the config says so) and stops on :meth:`close` or at the end of a ``with`` block.
-    Methods take the same arguments as the async ones and return the same values.
+    Methods take the same arguments as the async ones and return the same values;
+    ``resources`` may be spelled either way (``ItemInfo.Title`` or ``itemInfo.title``) and
+    an unknown name raises ``ValueError`` before anything is sent.
 
     Args:
         config: the validated configuration (:func:`~broker.config.load_config`,
@@ -134,6 +137,12 @@ class SyncBroker:
 
     # -- lookups -------------------------------------------------------------------------------
 
+    def _resources(self, resources: Sequence[str] | None) -> tuple[str, ...] | None:
+        """Resource names in either spelling, checked and spelled for the protocol in use."""
+        if resources is None:
+            return None
+        return resolve_resources(resources, self._broker.config.api.protocol)
+
     def get_items(
         self,
         asins: Iterable[str | Query],
@@ -147,14 +156,17 @@ class SyncBroker:
             raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
         items = list(asins)
         return self._call(
-            self._broker.get_items(items, marketplace=marketplace, resources=resources)
+            self._broker.get_items(
+                items, marketplace=marketplace, resources=self._resources(resources)
+            )
         )
 
     def get_item(
         self, asin: str, *, marketplace: str | None = None, resources: Sequence[str] | None = None
     ) -> ItemResult:
         """Look up one ASIN."""
-        return self._call(self._broker.get_item(asin, marketplace=marketplace, resources=resources))
+        wanted = self._resources(resources)
+        return self._call(self._broker.get_item(asin, marketplace=marketplace, resources=wanted))
 
     def stream(
         self,
@@ -171,7 +183,7 @@ class SyncBroker:
         if isinstance(asins, str | bytes):
             raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
         agen: AsyncIterator[ItemResult] = self._broker.stream(
-            asins, marketplace=marketplace, resources=resources
+            asins, marketplace=marketplace, resources=self._resources(resources)
         )
         try:
             while True:

@@ -49,6 +49,18 @@ class TestSyncBroker:
         results = sync_broker.get_items(asins(25))
         assert [r.asin for r in results] == asins(25)
 
+    def test_resources_either_spelling(self, sync_broker: SyncBroker) -> None:
+        """PA-API spelling works on the Creators API; an unknown name raises before sending."""
+        result = sync_broker.get_item("B000000002", resources=["ItemInfo.Features"])
+        assert result.ok
+        assert result.product is not None
+        assert result.product.features
+        assert result.product.title is None
+        sent = sync_broker.metrics().requests
+        with pytest.raises(ValueError, match=r"unknown resource 'ItemInfo\.Feature'"):
+            sync_broker.get_items(["B000000003"], resources=["ItemInfo.Feature"])
+        assert sync_broker.metrics().requests == sent
+
     def test_operations(self, sync_broker: SyncBroker) -> None:
         """search_items, get_variations and get_browse_nodes block and come back typed."""
         found = sync_broker.search_items(keywords="kettle", item_count=2)
