@@ -311,28 +311,27 @@ class Product:
         return largest.url if largest else None
 
 
-class Spelling:
+class Spelling(dict[str, str]):
     """Spells the camelCase member names of the Creators API in one protocol's style.
 
-    Creators names are used as they are; PA-API capitalises the first letter of each name,
-    with ``asin`` -> ``ASIN``, ``url`` -> ``URL`` as exceptions. Names are computed once
-    and remembered.
+    ``spelling["itemInfo"]`` is ``itemInfo`` for the Creators API and ``ItemInfo`` for
+    PA-API, which capitalises the first letter of each name (``asin`` -> ``ASIN`` and
+    ``url`` -> ``URL`` are the exceptions). A dict that fills itself on first use: a plain
+    subscript is the cheapest lookup Python has, and the reader makes a hundred per item.
     """
 
-    __slots__ = ("_names", "protocol")
+    __slots__ = ("protocol",)
 
     def __init__(self, protocol: Protocol) -> None:
+        super().__init__()
         self.protocol = protocol
-        self._names: dict[str, str] = {}
 
-    def __call__(self, camel: str) -> str:
-        name = self._names.get(camel)
-        if name is None:
-            if self.protocol is Protocol.CREATORS:
-                name = camel
-            else:
-                name = _PASCAL_SPECIAL.get(camel) or camel[:1].upper() + camel[1:]
-            self._names[camel] = name
+    def __missing__(self, camel: str) -> str:
+        if self.protocol is Protocol.CREATORS:
+            name = camel
+        else:
+            name = _PASCAL_SPECIAL.get(camel) or camel[:1].upper() + camel[1:]
+        self[camel] = name
         return name
 
 
@@ -364,62 +363,62 @@ def read_product(raw: object, protocol: Protocol | None = None) -> Product:
         raw: the item object as Amazon sent it (anything else gives an empty Product).
         protocol: the API that sent it; None detects it from the keys.
     """
-    item = raw if isinstance(raw, Mapping) else {}
+    item = _as_dict(raw)
     s = _SPELLINGS[protocol or detect_protocol(item)]
-    info = _map(item, s("itemInfo"))
-    by_line = _map(info, s("byLineInfo"))
-    classes = _map(info, s("classifications"))
-    product_info = _map(info, s("productInfo"))
-    manufacture = _map(info, s("manufactureInfo"))
-    external = _map(info, s("externalIds"))
-    browse = _map(item, s("browseNodeInfo"))
+    info = _map(item, s["itemInfo"])
+    by_line = _map(info, s["byLineInfo"])
+    classes = _map(info, s["classifications"])
+    product_info = _map(info, s["productInfo"])
+    manufacture = _map(info, s["manufactureInfo"])
+    external = _map(info, s["externalIds"])
+    browse = _map(item, s["browseNodeInfo"])
     return Product(
-        asin=_str(item.get(s("asin"))),
-        title=_display(info, s("title"), s),
-        brand=_display(by_line, s("brand"), s),
-        manufacturer=_display(by_line, s("manufacturer"), s),
-        features=_display_list(info, s("features"), s),
+        asin=_str(item.get(s["asin"])),
+        title=_display(info, s["title"], s),
+        brand=_display(by_line, s["brand"], s),
+        manufacturer=_display(by_line, s["manufacturer"], s),
+        features=_display_list(info, s["features"], s),
         contributors=tuple(
             Contributor(
-                name=_str(c.get(s("name"))),
-                role=_str(c.get(s("role"))),
-                role_type=_str(c.get(s("roleType"))),
-                locale=_str(c.get(s("locale"))),
+                name=_str(c.get(s["name"])),
+                role=_str(c.get(s["role"])),
+                role_type=_str(c.get(s["roleType"])),
+                locale=_str(c.get(s["locale"])),
             )
-            for c in _maps(by_line.get(s("contributors")))
+            for c in _maps(by_line.get(s["contributors"]))
         ),
         classifications=Classifications(
-            binding=_display(classes, s("binding"), s),
-            product_group=_display(classes, s("productGroup"), s),
+            binding=_display(classes, s["binding"], s),
+            product_group=_display(classes, s["productGroup"], s),
         )
         if classes
         else None,
-        release_date=_date(_display(product_info, s("releaseDate"), s)),
-        color=_display(product_info, s("color"), s),
-        size=_display(product_info, s("size"), s),
-        model=_display(manufacture, s("model"), s),
-        part_number=_display(manufacture, s("itemPartNumber"), s),
-        eans=_display_list(external, s("eans"), s),
-        isbns=_display_list(external, s("isbns"), s),
-        upcs=_display_list(external, s("upcs"), s),
-        images=_images(_map(item, s("images")), s),
+        release_date=_date(_display(product_info, s["releaseDate"], s)),
+        color=_display(product_info, s["color"], s),
+        size=_display(product_info, s["size"], s),
+        model=_display(manufacture, s["model"], s),
+        part_number=_display(manufacture, s["itemPartNumber"], s),
+        eans=_display_list(external, s["eans"], s),
+        isbns=_display_list(external, s["isbns"], s),
+        upcs=_display_list(external, s["upcs"], s),
+        images=_images(_map(item, s["images"]), s),
         offers=_offers(item, s),
-        customer_reviews=_reviews(_map(item, s("customerReviews")), s),
-        browse_nodes=tuple(_node(n, s) for n in _maps(browse.get(s("browseNodes")))),
-        website_sales_rank=_sales_rank(_map(browse, s("websiteSalesRank")), s),
+        customer_reviews=_reviews(_map(item, s["customerReviews"]), s),
+        browse_nodes=tuple(_node(n, s) for n in _maps(browse.get(s["browseNodes"]))),
+        website_sales_rank=_sales_rank(_map(browse, s["websiteSalesRank"]), s),
         variation_attributes=tuple(
-            VariationAttribute(name=_str(a.get(s("name"))), value=_str(a.get(s("value"))))
-            for a in _maps(item.get(s("variationAttributes")))
+            VariationAttribute(name=_str(a.get(s["name"])), value=_str(a.get(s["value"])))
+            for a in _maps(item.get(s["variationAttributes"]))
         ),
-        parent_asin=_str(item.get(s("parentASIN"))),
-        detail_page_url=_str(item.get(s("detailPageURL"))),
+        parent_asin=_str(item.get(s["parentASIN"])),
+        detail_page_url=_str(item.get(s["detailPageURL"])),
         raw=item,
     )
 
 
 def read_browse_node(raw: object, protocol: Protocol) -> BrowseNode:
     """Read one browse node (GetBrowseNodes, or an item's ``browseNodes``); never raises."""
-    return _node(raw if isinstance(raw, Mapping) else _EMPTY, _SPELLINGS[protocol])
+    return _node(_as_dict(raw), _SPELLINGS[protocol])
 
 
 # -- readers: each takes what may be any JSON value and returns a typed value or None ------
@@ -428,15 +427,23 @@ def read_browse_node(raw: object, protocol: Protocol) -> BrowseNode:
 _EMPTY: Final[Mapping[str, object]] = {}
 
 
+def _as_dict(raw: object) -> Mapping[str, object]:
+    # Decoded JSON is made of dicts, and the readers test for dict (a type check, where
+    # Mapping walks the ABC registry); another mapping is copied into one first.
+    if isinstance(raw, dict):
+        return raw
+    return dict(raw) if isinstance(raw, Mapping) else _EMPTY
+
+
 def _map(parent: Mapping[str, object], name: str) -> Mapping[str, object]:
     value = parent.get(name)
-    return value if isinstance(value, Mapping) else _EMPTY
+    return value if isinstance(value, dict) else _EMPTY
 
 
 def _maps(value: object) -> list[Mapping[str, object]]:
     if not isinstance(value, list):
         return []
-    return [v for v in value if isinstance(v, Mapping)]
+    return [v for v in value if isinstance(v, dict)]
 
 
 def _str(value: object) -> str | None:
@@ -473,7 +480,7 @@ def _bool(value: object) -> bool | None:
 
 def _display(parent: Mapping[str, object], name: str, s: Spelling) -> str | None:
     """The ``displayValue`` of a ``{displayValue, label, locale}`` member, as text."""
-    value = _map(parent, name).get(s("displayValue"))
+    value = _map(parent, name).get(s["displayValue"])
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
@@ -482,7 +489,7 @@ def _display(parent: Mapping[str, object], name: str, s: Spelling) -> str | None
 
 
 def _display_list(parent: Mapping[str, object], name: str, s: Spelling) -> tuple[str, ...]:
-    values = _map(parent, name).get(s("displayValues"))
+    values = _map(parent, name).get(s["displayValues"])
     if not isinstance(values, list):
         return ()
     return tuple(v for v in values if isinstance(v, str))
@@ -499,37 +506,37 @@ def _date(text: str | None) -> date | None:
 
 
 def _image(value: object, s: Spelling) -> Image | None:
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):
         return None
-    url = _str(value.get(s("url")))
+    url = _str(value.get(s["url"]))
     if url is None:
         return None
-    return Image(url, _int(value.get(s("width"))), _int(value.get(s("height"))))
+    return Image(url, _int(value.get(s["width"])), _int(value.get(s["height"])))
 
 
 def _image_set(value: Mapping[str, object], s: Spelling) -> ImageSet:
     return ImageSet(
-        small=_image(value.get(s("small")), s),
-        medium=_image(value.get(s("medium")), s),
-        large=_image(value.get(s("large")), s),
-        hi_res=_image(value.get(s("hiRes")), s),
+        small=_image(value.get(s["small"]), s),
+        medium=_image(value.get(s["medium"]), s),
+        large=_image(value.get(s["large"]), s),
+        hi_res=_image(value.get(s["hiRes"]), s),
     )
 
 
 def _images(images: Mapping[str, object], s: Spelling) -> Images:
-    primary = images.get(s("primary"))
+    primary = images.get(s["primary"])
     return Images(
-        primary=_image_set(primary, s) if isinstance(primary, Mapping) else None,
-        variants=tuple(_image_set(v, s) for v in _maps(images.get(s("variants")))),
+        primary=_image_set(primary, s) if isinstance(primary, dict) else None,
+        variants=tuple(_image_set(v, s) for v in _maps(images.get(s["variants"]))),
     )
 
 
 def _money(value: object, s: Spelling) -> Money | None:
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):
         return None
-    amount = _float(value.get(s("amount")))
-    currency = _str(value.get(s("currency")))
-    display = _str(value.get(s("displayAmount")))
+    amount = _float(value.get(s["amount"]))
+    currency = _str(value.get(s["currency"]))
+    display = _str(value.get(s["displayAmount"]))
     if amount is None and currency is None and display is None:
         return None
     return Money(amount, currency, display)
@@ -537,115 +544,115 @@ def _money(value: object, s: Spelling) -> Money | None:
 
 def _price(value: object, s: Spelling) -> Price | None:
     """OffersV2 nests the amount in ``money``; V1 offers carry it in the price itself."""
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):
         return None
-    money_key = s("money")
+    money_key = s["money"]
     money = _money(value.get(money_key), s) if money_key in value else _money(value, s)
-    savings_raw = value.get(s("savings"))
+    savings_raw = value.get(s["savings"])
     savings: Savings | None = None
-    if isinstance(savings_raw, Mapping):
+    if isinstance(savings_raw, dict):
         savings_money = (
             _money(savings_raw.get(money_key), s) if money_key in savings_raw else None
         ) or _money(savings_raw, s)
-        savings = Savings(savings_money, _float(savings_raw.get(s("percentage"))))
-    basis_raw = value.get(s("savingBasis"))
+        savings = Savings(savings_money, _float(savings_raw.get(s["percentage"])))
+    basis_raw = value.get(s["savingBasis"])
     basis: Money | None = None
     basis_type: str | None = None
-    if isinstance(basis_raw, Mapping):
+    if isinstance(basis_raw, dict):
         basis = (_money(basis_raw.get(money_key), s) if money_key in basis_raw else None) or _money(
             basis_raw, s
         )
-        basis_type = _str(basis_raw.get(s("savingBasisType")))
-    per_unit = value.get(s("pricePerUnit"))
+        basis_type = _str(basis_raw.get(s["savingBasisType"]))
+    per_unit = value.get(s["pricePerUnit"])
     return Price(
         money=money,
         savings=savings,
         saving_basis=basis,
         saving_basis_type=basis_type,
         price_per_unit=_money(per_unit.get(money_key), s)
-        if isinstance(per_unit, Mapping) and money_key in per_unit
+        if isinstance(per_unit, dict) and money_key in per_unit
         else _money(per_unit, s),
     )
 
 
 def _listing(value: Mapping[str, object], s: Spelling) -> Listing:
-    availability = _map(value, s("availability"))
-    condition = _map(value, s("condition"))
-    merchant = _map(value, s("merchantInfo"))
-    deal = _map(value, s("dealDetails"))
-    delivery = _map(value, s("deliveryInfo"))
-    sub_condition = condition.get(s("subCondition"))
-    if isinstance(sub_condition, Mapping):  # V1 offers: {"Value": "New", ...}
-        sub_condition = sub_condition.get(s("value"))
-    condition_value = condition.get(s("value"))
+    availability = _map(value, s["availability"])
+    condition = _map(value, s["condition"])
+    merchant = _map(value, s["merchantInfo"])
+    deal = _map(value, s["dealDetails"])
+    delivery = _map(value, s["deliveryInfo"])
+    sub_condition = condition.get(s["subCondition"])
+    if isinstance(sub_condition, dict):  # V1 offers: {"Value": "New", ...}
+        sub_condition = sub_condition.get(s["value"])
+    condition_value = condition.get(s["value"])
     return Listing(
-        price=_price(value.get(s("price")), s),
+        price=_price(value.get(s["price"]), s),
         availability=Availability(
-            type=_str(availability.get(s("type"))),
-            message=_str(availability.get(s("message"))),
-            min_order_quantity=_int(availability.get(s("minOrderQuantity"))),
-            max_order_quantity=_int(availability.get(s("maxOrderQuantity"))),
+            type=_str(availability.get(s["type"])),
+            message=_str(availability.get(s["message"])),
+            min_order_quantity=_int(availability.get(s["minOrderQuantity"])),
+            max_order_quantity=_int(availability.get(s["maxOrderQuantity"])),
         )
         if availability
         else None,
         condition=Condition(
             value=_str(condition_value),
             sub_condition=_str(sub_condition),
-            note=_str(condition.get(s("conditionNote"))),
+            note=_str(condition.get(s["conditionNote"])),
         )
         if condition
         else None,
-        merchant=Merchant(_str(merchant.get(s("name"))), _str(merchant.get(s("id"))))
+        merchant=Merchant(_str(merchant.get(s["name"])), _str(merchant.get(s["id"])))
         if merchant
         else None,
         deal=Deal(
-            badge=_str(deal.get(s("badge"))),
-            access_type=_str(deal.get(s("accessType"))),
-            start_time=_str(deal.get(s("startTime"))),
-            end_time=_str(deal.get(s("endTime"))),
-            percent_claimed=_float(deal.get(s("percentClaimed"))),
+            badge=_str(deal.get(s["badge"])),
+            access_type=_str(deal.get(s["accessType"])),
+            start_time=_str(deal.get(s["startTime"])),
+            end_time=_str(deal.get(s["endTime"])),
+            percent_claimed=_float(deal.get(s["percentClaimed"])),
         )
         if deal
         else None,
         delivery=Delivery(
-            is_prime_eligible=_bool(delivery.get(s("isPrimeEligible"))),
-            is_free_shipping_eligible=_bool(delivery.get(s("isFreeShippingEligible"))),
-            is_amazon_fulfilled=_bool(delivery.get(s("isAmazonFulfilled"))),
+            is_prime_eligible=_bool(delivery.get(s["isPrimeEligible"])),
+            is_free_shipping_eligible=_bool(delivery.get(s["isFreeShippingEligible"])),
+            is_amazon_fulfilled=_bool(delivery.get(s["isAmazonFulfilled"])),
         )
         if delivery
         else None,
-        is_buy_box_winner=_bool(value.get(s("isBuyBoxWinner"))),
-        loyalty_points=_int(_map(value, s("loyaltyPoints")).get(s("points"))),
-        type=_str(value.get(s("type"))),
-        violates_map=_bool(value.get(s("violatesMAP"))),
+        is_buy_box_winner=_bool(value.get(s["isBuyBoxWinner"])),
+        loyalty_points=_int(_map(value, s["loyaltyPoints"]).get(s["points"])),
+        type=_str(value.get(s["type"])),
+        violates_map=_bool(value.get(s["violatesMAP"])),
     )
 
 
 def _offers(item: Mapping[str, object], s: Spelling) -> Offers:
-    offers = _map(item, s("offersV2")) or _map(item, s("offers"))
-    return Offers(tuple(_listing(v, s) for v in _maps(offers.get(s("listings")))))
+    offers = _map(item, s["offersV2"]) or _map(item, s["offers"])
+    return Offers(tuple(_listing(v, s) for v in _maps(offers.get(s["listings"]))))
 
 
 def _reviews(reviews: Mapping[str, object], s: Spelling) -> CustomerReviews | None:
     if not reviews:
         return None
-    rating = reviews.get(s("starRating"))
-    value = rating.get(s("value")) if isinstance(rating, Mapping) else rating
-    return CustomerReviews(count=_int(reviews.get(s("count"))), star_rating=_float(value))
+    rating = reviews.get(s["starRating"])
+    value = rating.get(s["value"]) if isinstance(rating, dict) else rating
+    return CustomerReviews(count=_int(reviews.get(s["count"])), star_rating=_float(value))
 
 
 def _node(value: Mapping[str, object], s: Spelling) -> BrowseNode:
     # Ancestors form a chain of any depth: read it iteratively (no recursion limit), then
     # build it from the root down, since each node holds its ancestor.
     chain: list[Mapping[str, object]] = []
-    ancestor = value.get(s("ancestor"))
-    while isinstance(ancestor, Mapping) and len(chain) < MAX_ANCESTORS:
+    ancestor = value.get(s["ancestor"])
+    while isinstance(ancestor, dict) and len(chain) < MAX_ANCESTORS:
         chain.append(ancestor)
-        ancestor = ancestor.get(s("ancestor"))
+        ancestor = ancestor.get(s["ancestor"])
     built: BrowseNode | None = None
     for raw in reversed(chain):
         built = _flat_node(raw, s, built, ())
-    children = tuple(_flat_node(c, s, None, ()) for c in _maps(value.get(s("children"))))
+    children = tuple(_flat_node(c, s, None, ()) for c in _maps(value.get(s["children"])))
     return _flat_node(value, s, built, children)
 
 
@@ -656,11 +663,11 @@ def _flat_node(
     children: tuple[BrowseNode, ...],
 ) -> BrowseNode:
     return BrowseNode(
-        id=_id(value.get(s("id"))),
-        display_name=_str(value.get(s("displayName"))),
-        context_free_name=_str(value.get(s("contextFreeName"))),
-        is_root=_bool(value.get(s("isRoot"))),
-        sales_rank=_int(value.get(s("salesRank"))),
+        id=_id(value.get(s["id"])),
+        display_name=_str(value.get(s["displayName"])),
+        context_free_name=_str(value.get(s["contextFreeName"])),
+        is_root=_bool(value.get(s["isRoot"])),
+        sales_rank=_int(value.get(s["salesRank"])),
         ancestor=ancestor,
         children=children,
     )
@@ -670,8 +677,8 @@ def _sales_rank(value: Mapping[str, object], s: Spelling) -> SalesRank | None:
     if not value:
         return None
     return SalesRank(
-        id=_id(value.get(s("id"))),
-        display_name=_str(value.get(s("displayName"))),
-        context_free_name=_str(value.get(s("contextFreeName"))),
-        sales_rank=_int(value.get(s("salesRank"))),
+        id=_id(value.get(s["id"])),
+        display_name=_str(value.get(s["displayName"])),
+        context_free_name=_str(value.get(s["contextFreeName"])),
+        sales_rank=_int(value.get(s["salesRank"])),
     )

@@ -481,17 +481,17 @@ def _texts(value: object) -> tuple[str, ...]:
 
 
 def _items(result: Mapping[str, object], s: Spelling) -> tuple[Product, ...]:
-    return tuple(read_product(item, s.protocol) for item in _maps(result.get(s("items"))))
+    return tuple(read_product(item, s.protocol) for item in _maps(result.get(s["items"])))
 
 
 def _refinement(kind: str, value: Mapping[str, object], s: Spelling) -> Refinement:
     return Refinement(
         kind=kind,
-        id=_str(value.get(s("id"))),
-        display_name=_str(value.get(s("displayName"))),
+        id=_str(value.get(s["id"])),
+        display_name=_str(value.get(s["displayName"])),
         bins=tuple(
-            RefinementBin(_str(b.get(s("id"))), _str(b.get(s("displayName"))))
-            for b in _maps(value.get(s("bins")))
+            RefinementBin(_str(b.get(s["id"])), _str(b.get(s["displayName"])))
+            for b in _maps(value.get(s["bins"]))
         ),
     )
 
@@ -499,18 +499,18 @@ def _refinement(kind: str, value: Mapping[str, object], s: Spelling) -> Refineme
 def read_search(raw: Mapping[str, object], protocol: Protocol) -> SearchResult:
     """Read a SearchItems answer (either spelling) as a :class:`SearchResult`; never raises."""
     s = Spelling(protocol)
-    result = _map(raw, s("searchResult"))
-    found = _map(result, s("searchRefinements")) or _map(raw, s("searchRefinements"))
+    result = _map(raw, s["searchResult"])
+    found = _map(result, s["searchRefinements"]) or _map(raw, s["searchRefinements"])
     refinements: list[Refinement] = []
     for kind, key in (("search_index", "searchIndex"), ("browse_node", "browseNode")):
-        part = _map(found, s(key))
+        part = _map(found, s[key])
         if part:
             refinements.append(_refinement(kind, part, s))
-    refinements.extend(_refinement("other", r, s) for r in _maps(found.get(s("otherRefinements"))))
+    refinements.extend(_refinement("other", r, s) for r in _maps(found.get(s["otherRefinements"])))
     return SearchResult(
         items=_items(result, s),
-        total_result_count=_int(result.get(s("totalResultCount"))),
-        search_url=_str(result.get(s("searchURL"))),
+        total_result_count=_int(result.get(s["totalResultCount"])),
+        search_url=_str(result.get(s["searchURL"])),
         refinements=tuple(refinements),
         raw=raw,
     )
@@ -519,35 +519,35 @@ def read_search(raw: Mapping[str, object], protocol: Protocol) -> SearchResult:
 def _money(value: object, s: Spelling) -> Money | None:
     if not isinstance(value, Mapping):
         return None
-    amount = value.get(s("amount"))
+    amount = value.get(s["amount"])
     return Money(
         float(amount) if isinstance(amount, int | float) and not isinstance(amount, bool) else None,
-        _str(value.get(s("currency"))),
-        _str(value.get(s("displayAmount"))),
+        _str(value.get(s["currency"])),
+        _str(value.get(s["displayAmount"])),
     )
 
 
 def read_variations(raw: Mapping[str, object], protocol: Protocol) -> VariationsResult:
     """Read a GetVariations answer (either spelling) as a :class:`VariationsResult`."""
     s = Spelling(protocol)
-    result = _map(raw, s("variationsResult"))
-    summary = _map(result, s("variationSummary"))
-    price = _map(summary, s("price"))
+    result = _map(raw, s["variationsResult"])
+    summary = _map(result, s["variationSummary"])
+    price = _map(summary, s["price"])
     return VariationsResult(
         items=_items(result, s),
-        variation_count=_int(summary.get(s("variationCount"))),
-        page_count=_int(summary.get(s("pageCount"))),
+        variation_count=_int(summary.get(s["variationCount"])),
+        page_count=_int(summary.get(s["pageCount"])),
         dimensions=tuple(
             VariationDimension(
-                name=_str(d.get(s("name"))),
-                display_name=_str(d.get(s("displayName"))),
-                locale=_str(d.get(s("locale"))),
-                values=_texts(d.get(s("values"))),
+                name=_str(d.get(s["name"])),
+                display_name=_str(d.get(s["displayName"])),
+                locale=_str(d.get(s["locale"])),
+                values=_texts(d.get(s["values"])),
             )
-            for d in _maps(summary.get(s("variationDimensions")))
+            for d in _maps(summary.get(s["variationDimensions"]))
         ),
-        lowest_price=_money(price.get(s("lowestPrice")), s),
-        highest_price=_money(price.get(s("highestPrice")), s),
+        lowest_price=_money(price.get(s["lowestPrice"]), s),
+        highest_price=_money(price.get(s["highestPrice"]), s),
         raw=raw,
     )
 
@@ -555,15 +555,15 @@ def read_variations(raw: Mapping[str, object], protocol: Protocol) -> Variations
 def read_browse_nodes(raw: Mapping[str, object], protocol: Protocol) -> BrowseNodesResult:
     """Read a GetBrowseNodes answer (either spelling) as a :class:`BrowseNodesResult`."""
     s = Spelling(protocol)
-    result = _map(raw, s("browseNodesResult"))
+    result = _map(raw, s["browseNodesResult"])
     errors: list[ErrorDetail] = []
-    for entry in _maps(raw.get(s("errors"))):
-        code = _str(entry.get(s("code"))) or "Unknown"
-        message = _str(entry.get(s("message"))) or ""
+    for entry in _maps(raw.get(s["errors"])):
+        code = _str(entry.get(s["code"])) or "Unknown"
+        message = _str(entry.get(s["message"])) or ""
         errors.append(ErrorDetail(code, message, describe(code).remedy))
     return BrowseNodesResult(
         browse_nodes=tuple(
-            read_browse_node(n, protocol) for n in _maps(result.get(s("browseNodes")))
+            read_browse_node(n, protocol) for n in _maps(result.get(s["browseNodes"]))
         ),
         errors=tuple(errors),
         raw=raw,
