@@ -260,3 +260,14 @@ class TestAgainstSimulator:
         with pytest.raises(ValueError, match="not a valid ASIN"):
             await broker.get_variations("B0")
         assert sim.stats.accounts["demo"].accepted == 0
+
+
+def test_peer_enums_accepted() -> None:
+    """python-amazon-paapi's enum members (str enums of Amazon's values) work as they are."""
+    from amazon_creatorsapi.models import Condition as PeerCondition
+    from amazon_creatorsapi.models import SortBy as PeerSortBy
+
+    params = _search(
+        keywords="x", sort_by=PeerSortBy.PRICE_COLON_LOW_TO_HIGH, condition=PeerCondition.NEW
+    )
+    assert (params["sortBy"], params["condition"]) == ("Price:LowToHigh", "New")
