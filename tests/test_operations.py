@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 from conftest import Harness, make_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.api.base import Operation
 from broker.api.operations import (
@@ -271,3 +273,56 @@ def test_peer_enums_accepted() -> None:
         keywords="x", sort_by=PeerSortBy.PRICE_COLON_LOW_TO_HIGH, condition=PeerCondition.NEW
     )
     assert (params["sortBy"], params["condition"]) == ("Price:LowToHigh", "New")
+
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+_keys = st.sampled_from(
+    [
+        "searchResult",
+        "SearchResult",
+        "items",
+        "Items",
+        "totalResultCount",
+        "searchURL",
+        "searchRefinements",
+        "SearchRefinements",
+        "searchIndex",
+        "otherRefinements",
+        "bins",
+        "Bins",
+        "variationsResult",
+        "VariationsResult",
+        "variationSummary",
+        "variationDimensions",
+        "values",
+        "price",
+        "lowestPrice",
+        "amount",
+        "browseNodesResult",
+        "BrowseNodesResult",
+        "browseNodes",
+        "BrowseNodes",
+        "ancestor",
+        "children",
+        "errors",
+        "Errors",
+        "code",
+        "Code",
+        "id",
+        "displayName",
+    ]
+) | st.text(max_size=5)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=5),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@given(raw=st.dictionaries(_keys, _json, max_size=4), protocol=st.sampled_from(list(Protocol)))
+def test_readers_never_raise(raw: dict[str, object], protocol: Protocol) -> None:
+    """Any JSON object reads as a typed answer of each operation, without raising."""
+    assert read_search(raw, protocol).raw is raw
+    assert read_variations(raw, protocol).raw is raw
+    assert read_browse_nodes(raw, protocol).raw is raw
