@@ -244,8 +244,10 @@ def _common(
     resources = options.get("resources")
     if resources is None:
         params["resources"] = list(default_resources)
+    elif isinstance(resources, Iterable):
+        params["resources"] = list(resolve_resources(resources, protocol, operation))
     else:
-        params["resources"] = list(resolve_resources(resources, protocol, operation))  # type: ignore[arg-type]
+        raise TypeError(f"resources must be a list of names, got {type(resources).__name__}")
     condition = options.get("condition")
     if condition is not None:
         chosen = _choice("condition", condition, Condition)
