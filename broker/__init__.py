@@ -13,9 +13,12 @@ from broker.errors import (
     NoUsableKeyError,
 )
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Status
+from broker.product import Product
 
 if TYPE_CHECKING:
     from broker.client import Broker
+    from broker.config import config_from_dict
+    from broker.sync import SyncBroker
 
 try:
     __version__ = version("asin-broker")
@@ -32,10 +35,13 @@ __all__ = [
     "ItemSummary",
     "JobFileError",
     "NoUsableKeyError",
+    "Product",
     "Protocol",
     "Query",
     "Status",
+    "SyncBroker",
     "__version__",
+    "config_from_dict",
 ]
 
 
@@ -46,4 +52,12 @@ def __getattr__(name: str) -> object:
         from broker.client import Broker
 
         return Broker
+    if name == "SyncBroker":
+        from broker.sync import SyncBroker
+
+        return SyncBroker
+    if name == "config_from_dict":
+        from broker.config import config_from_dict
+
+        return config_from_dict
     raise AttributeError(f"module 'broker' has no attribute {name!r}")

@@ -15,7 +15,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
@@ -36,6 +36,7 @@ __all__ = [
     "RateConfig",
     "RetryConfig",
     "ServeConfig",
+    "config_from_dict",
     "is_loopback_host",
     "load_config",
     "parse_config",
@@ -285,6 +286,71 @@ def parse_config(
     )
     table.finish()
     return config
+
+
+def config_from_dict(
+    document: Mapping[str, object],
+    *,
+    secrets: Mapping[str, str | Secret] | None = None,
+    environ: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> BrokerConfig:
+    """Validate a configuration given in code: the checks and messages of config.toml.
+
+    ``document`` has the shape of the TOML file (``{"api": {...}, "keys": [{...}]}``).
+    Secrets are never in it: a key names its environment variable
+    (``credential_secret_env``, read from ``environ``, default ``os.environ``), or the
+    application passes ``secrets``, a key's name to its secret, for credentials kept in
+    its own settings.
+
+    Raises:
+        ConfigError: the document is invalid (the message names the key path), or
+            ``secrets`` names no key or a key that already names its secret's source.
+    """
+    env = dict(os.environ if environ is None else environ)
+    given = dict(secrets or {})
+    keys = document.get("keys")
+    inline: dict[str, str] = {}
+    if given:
+        if not isinstance(keys, list):
+            raise ConfigError("keys", "must be an array of tables ([[keys]])")
+        patched: list[object] = []
+        for i, table in enumerate(keys):
+            name = table.get("name") if isinstance(table, Mapping) else None
+            if not isinstance(table, Mapping) or not isinstance(name, str) or name not in given:
+                patched.append(table)
+                continue
+            if table.get("credential_secret_env") or table.get("credential_secret_file"):
+                raise ConfigError(
+                    f"keys[{i}]",
+                    f"key {name!r} has its secret in secrets= and names another source; give one",
+                )
+            value = given.pop(name)
+            text = value.reveal() if isinstance(value, Secret) else value
+            if not isinstance(text, str) or not text:
+                raise ConfigError(f"keys[{i}]", f"the secret given for key {name!r} is empty")
+            # The secret travels the TOML path through a variable of our own, so a key
+            # given in code is checked exactly as one read from the file.
+            variable = f"ASINB_INLINE_SECRET_{i}"
+            env[variable] = text
+            inline[name] = variable
+            patched.append({**table, "credential_secret_env": variable})
+        if given:
+            raise ConfigError("secrets", f"no key named {sorted(given)[0]!r} in keys")
+        document = {**document, "keys": patched}
+    config = parse_config(
+        document,
+        environ=env,
+        source="<dict>",
+        base_dir=Path(base_dir) if base_dir is not None else None,
+    )
+    if not inline:
+        return config
+    keys_out = tuple(
+        replace(key, secret_source=f"secrets[{key.name!r}]") if key.name in inline else key
+        for key in config.keys
+    )
+    return replace(config, keys=keys_out)
 
 
 class _Table:

@@ -565,6 +565,14 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "Name a marketplace as www.amazon.co.uk, amazon.co.uk or its code (UK).",
     ),
     ErrorInfo(
+        "InvalidResource",
+        "A resource name the API does not know, so nothing was sent.",
+        Scope.ASIN,
+        False,
+        "Use the API's resource names (either spelling: ItemInfo.Title or itemInfo.title); "
+        "broker.api.resources.resource_names() lists them.",
+    ),
+    ErrorInfo(
         "NoKeyForMarketplace",
         "No configured key has a partner tag for this marketplace, so nothing was sent.",
         Scope.ASIN,

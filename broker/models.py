@@ -11,6 +11,10 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.product import Product
 
 __all__ = [
     "ErrorDetail",
@@ -117,6 +121,8 @@ class ItemResult:
             in) and with the caller's tag.
         cached: True when the answer came from the item cache instead of a request
             (``fetched_at`` is then when Amazon originally sent it).
+        product: ``item`` as typed values (see :class:`broker.product.Product`), read on
+            first access and kept; None when there is no item.
     """
 
     asin: str
@@ -130,11 +136,30 @@ class ItemResult:
     fetched_at: datetime | None = field(default=None)
     query: Query | None = field(default=None, compare=False)
     cached: bool = False
+    # The typed item, built on first access to ``product``: results nobody reads it from
+    # (bulk jobs) pay only this empty slot.
+    _product: Product | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         """True when Amazon returned the item."""
         return self.status is Status.OK
+
+    @property
+    def product(self) -> Product | None:
+        """The item as typed values, the same for both APIs; None when there is no item.
+
+        Read from ``item`` on first access (the spelling, camelCase or PascalCase, tells
+        which API sent it) and kept, so later reads are free.
+        """
+        product = self._product
+        if product is None and self.item is not None:
+            from broker.product import read_product
+
+            product = read_product(self.item)
+            # A frozen dataclass: the cache slot is set behind its back, once.
+            object.__setattr__(self, "_product", product)
+        return product
 
     def to_json(self) -> dict[str, object]:
         """Return the result as the JSON object used by ``broker lookup`` and output rows."""

@@ -230,3 +230,20 @@ def test_adaptation_schedule_and_recovery() -> None:
     # From second 0: the mean of [4,5,5,5,5] (seconds 4..8) is the first >= 4.5.
     assert adaptation._recovery_s(accepted, 0, len(accepted), 5.0) == 9.0
     assert adaptation._recovery_s([1] * 10, 0, 10, 5.0) is None
+
+
+def test_product_cost_quick(tmp_path: Path) -> None:
+    """product_cost.py reports, per protocol, the cost of a result unread, read and re-read."""
+    body = _run("product_cost.py", tmp_path, "--quick", "--items", "50")
+    assert body["benchmark"] == "product_cost"
+    rows = body["rows"]
+    assert {(r["protocol"], r["resources"]) for r in rows} == {
+        (p, r) for p in ("creators", "paapi5") for r in ("default", "all")
+    }
+    for row in rows:
+        assert row["items"] == 50
+        for name in ("result_before_us", "result_unread_us", "first_read_us", "cached_read_us"):
+            assert row[name] >= 0
+        # A cached read is a slot lookup: never dearer than reading the JSON again.
+        assert row["cached_read_us"] <= row["first_read_us"]
+    _written(tmp_path, "product_cost", body)

@@ -12,8 +12,8 @@ import pytest
 
 from broker import cli
 from broker.api.base import HttpRequest, RawResponse
+from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
-from broker.engine.broker import Broker
 from broker.engine.transport import MockTransport
 from broker.jobs.runner import ExitCode, JobOptions, run_job
 

@@ -575,11 +575,11 @@ class TestOperations:
         assert item.asin == "B000000001"
         paapi = protocol == "paapi5"
         search = await broker.search_items(keywords="kettle")
-        assert ("SearchResult" if paapi else "searchResult") in search
+        assert ("SearchResult" if paapi else "searchResult") in search.raw
         variations = await broker.get_variations("B000000001")
-        assert ("VariationsResult" if paapi else "variationsResult") in variations
+        assert ("VariationsResult" if paapi else "variationsResult") in variations.raw
         nodes = await broker.get_browse_nodes(["283155"])
-        assert ("BrowseNodesResult" if paapi else "browseNodesResult") in nodes
+        assert ("BrowseNodesResult" if paapi else "browseNodesResult") in nodes.raw
         account_name = "demo-paapi" if paapi else "demo"
         assert sim.stats.accounts[account_name].accepted == 4
 

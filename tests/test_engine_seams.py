@@ -29,7 +29,7 @@ from broker.errors import (
     NoUsableKeyError,
     WrongEventLoopError,
 )
-from broker.models import Query
+from broker.models import Query, Status
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
 from broker.testing import FakeClock, settle
 
@@ -406,3 +406,38 @@ class TestIdentity:
         broker = await harness.broker(config)
         (result,) = await broker.get_items(["b0c1234567"])
         assert result.query == Query("B0C1234567", "www.amazon.com", config.api.resources)
+
+
+class TestResourceNames:
+    """Resource names in either spelling; unknown ones never sent."""
+
+    async def test_pascal_case_names_work_on_creators(self, harness: Harness) -> None:
+        """ItemInfo.Title (PA-API's spelling) asks the Creators API for itemInfo.title."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        (result,) = await broker.get_items(["B0C1234567"], resources=["ItemInfo.Title"])
+        assert result.ok
+        assert result.query is not None
+        assert result.query.resources == ("itemInfo.title",)
+        assert result.summary is not None
+        assert result.summary.title
+
+    async def test_unknown_name_in_a_call_raises_before_any_request(self, harness: Harness) -> None:
+        """A call's unknown resource raises ValueError naming it; nothing is sent."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        with pytest.raises(ValueError, match=r"Nope\.Title"):
+            await broker.get_items(["B0C1234567"], resources=["Nope.Title"])
+        assert broker.metrics().requests == 0
+
+    async def test_unknown_name_in_one_query_is_that_query_invalid(self, harness: Harness) -> None:
+        """One query's unknown resource makes it invalid; the others are answered."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        bad, good = await broker.get_items(
+            [Query("B0C1234567", resources=("Nope.Title",)), Query("B0C1234568")]
+        )
+        assert bad.status is Status.INVALID
+        assert bad.error is not None
+        assert bad.error.code == "InvalidResource"
+        assert good.ok

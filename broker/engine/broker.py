@@ -44,6 +44,16 @@ from broker.errors import BrokerClosedError, ConfigError, WrongEventLoopError
 from broker.models import ItemResult, Protocol, Query, Secret
 
 if TYPE_CHECKING:
+    from typing import Unpack
+
+    from broker.api.operations import (
+        BrowseNodesOptions,
+        BrowseNodesResult,
+        SearchOptions,
+        SearchResult,
+        VariationsOptions,
+        VariationsResult,
+    )
     from broker.engine.quota import BudgetStore
 
 __all__ = ["Broker", "Query"]
@@ -230,6 +240,7 @@ class Broker:
         self._intake = Intake(
             marketplace=config.api.marketplace,
             resources=config.api.resources,
+            protocol=config.api.protocol,
             queue_size=config.engine.queue_size,
             pool=pool,
             batcher=batcher,
@@ -360,6 +371,7 @@ class Broker:
         """
         intake = self._require_open()
         _check_not_str(asins)
+        resources = intake.resources(resources)
         collector = _Collector(asyncio.get_running_loop())
         held: list[Lookup] = []
         try:
@@ -403,6 +415,7 @@ class Broker:
         """
         intake = self._require_open()
         _check_not_str(asins)
+        resources = intake.resources(resources)
         receiver = _StreamReceiver(asyncio.get_running_loop())
         # Admitted but not yet yielded: the producer waits here, so a slow consumer bounds
         # the finished results buffered for it too, not only the lookups in flight.
@@ -455,28 +468,63 @@ class Broker:
         return await future
 
     async def search_items(
-        self, *, marketplace: str | None = None, **params: object
-    ) -> Mapping[str, object]:
-        """SearchItems with camelCase parameters (``keywords=...``, ``searchIndex=...``)."""
-        return await self._operation(Operation.SEARCH_ITEMS, params, marketplace)
+        self, *, marketplace: str | None = None, **options: Unpack[SearchOptions]
+    ) -> SearchResult:
+        """SearchItems with snake_case options (``keywords=``, ``search_index=``, ``item_count=``).
+
+        Every option is checked before anything is sent; ``resources`` (either spelling)
+        default to the config's. See :class:`~broker.api.operations.SearchOptions`.
+
+        Raises:
+            TypeError, ValueError: an unknown option or a bad value (the message names it).
+            ApiError: Amazon refused the search (``NoResults`` included).
+        """
+        from broker.api import operations
+
+        protocol = self.config.api.protocol
+        params = operations.search_params(
+            options, protocol=protocol, default_resources=self.config.api.resources
+        )
+        raw = await self._operation(Operation.SEARCH_ITEMS, params, marketplace)
+        return operations.read_search(raw, protocol)
 
     async def get_variations(
-        self, asin: str, *, marketplace: str | None = None, **params: object
-    ) -> Mapping[str, object]:
-        """GetVariations of one ASIN."""
-        return await self._operation(
-            Operation.GET_VARIATIONS, {"asin": asin, **params}, marketplace
+        self, asin: str, *, marketplace: str | None = None, **options: Unpack[VariationsOptions]
+    ) -> VariationsResult:
+        """GetVariations of one ASIN (``variation_count=``, ``variation_page=``...), typed.
+
+        Raises:
+            TypeError, ValueError: an invalid ASIN, an unknown option or a bad value.
+            ApiError: Amazon refused the request.
+        """
+        from broker.api import operations
+
+        protocol = self.config.api.protocol
+        params = operations.variations_params(
+            asin, options, protocol=protocol, default_resources=self.config.api.resources
         )
+        raw = await self._operation(Operation.GET_VARIATIONS, params, marketplace)
+        return operations.read_variations(raw, protocol)
 
     async def get_browse_nodes(
-        self, browse_node_ids: Sequence[str], *, marketplace: str | None = None, **params: object
-    ) -> Mapping[str, object]:
-        """GetBrowseNodes for up to 10 ids."""
-        return await self._operation(
-            Operation.GET_BROWSE_NODES,
-            {"browseNodeIds": list(browse_node_ids), **params},
-            marketplace,
-        )
+        self,
+        browse_node_ids: Iterable[str | int],
+        *,
+        marketplace: str | None = None,
+        **options: Unpack[BrowseNodesOptions],
+    ) -> BrowseNodesResult:
+        """GetBrowseNodes for 1 to 10 ids, with ancestors and children unless told otherwise.
+
+        Raises:
+            TypeError, ValueError: bad ids, an unknown option or a bad value.
+            ApiError: Amazon refused the request.
+        """
+        from broker.api import operations
+
+        protocol = self.config.api.protocol
+        params = operations.browse_nodes_params(browse_node_ids, options, protocol=protocol)
+        raw = await self._operation(Operation.GET_BROWSE_NODES, params, marketplace)
+        return operations.read_browse_nodes(raw, protocol)
 
     # -- introspection ------------------------------------------------------------------------
 

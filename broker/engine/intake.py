@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.api.resources import resolve_resources
 from broker.asin import check_asin
 from broker.engine.batcher import Lookup, Room
 from broker.errors import describe
-from broker.models import ErrorDetail, ItemResult, Query, Status
+from broker.models import ErrorDetail, ItemResult, Protocol, Query, Status
 
 if TYPE_CHECKING:
     from broker.engine.batcher import Batcher, Receiver
@@ -39,6 +40,7 @@ class Intake:
         *,
         marketplace: str,
         resources: Sequence[str],
+        protocol: Protocol,
         queue_size: int,
         pool: KeyPool,
         batcher: Batcher,
@@ -46,7 +48,8 @@ class Intake:
         closed: Callable[[], BaseException | None],
     ) -> None:
         self._marketplace = marketplace
-        self._resources = tuple(resources)
+        self._protocol = protocol
+        self._resources = resolve_resources(resources, protocol)
         self._pool = pool
         self._batcher = batcher
         self._metrics = metrics
@@ -63,6 +66,14 @@ class Intake:
         """Every lookup still in flight."""
         return list(self._inflight.values())
 
+    def resources(self, names: Sequence[str] | None) -> tuple[str, ...] | None:
+        """A call's ``resources=`` in either spelling, as the protocol spells them.
+
+        Raises:
+            TypeError, ValueError: not a list of names, or a name the API does not know.
+        """
+        return None if names is None else resolve_resources(names, self._protocol)
+
     def complete(
         self,
         item: str | Query,
@@ -70,6 +81,10 @@ class Intake:
         resources: Sequence[str] | None = None,
     ) -> Query | ItemResult:
         """The caller's query made complete, or the result it gets without any request.
+
+        ``resources`` (the call's) must already be resolved (:meth:`resources`); a
+        query's own resources are resolved here, and an unknown name makes the query
+        ``invalid`` (``InvalidResource``) rather than failing the other queries.
 
         Raises:
             TypeError: ``item`` is neither an ASIN string nor a :class:`Query`.
@@ -79,7 +94,17 @@ class Intake:
         elif isinstance(item, Query):
             raw, tag = item.asin, item.tag
             market = item.marketplace or marketplace
-            wanted = item.resources if item.resources is not None else resources
+            wanted = resources
+            if item.resources is not None:
+                try:
+                    wanted = resolve_resources(item.resources, self._protocol)
+                except (TypeError, ValueError) as exc:
+                    named = market or self._marketplace
+                    return self._immediate(
+                        Query(raw, named, tuple(map(str, item.resources)), tag),
+                        "InvalidResource",
+                        str(exc),
+                    )
         else:
             raise TypeError(f"expected an ASIN string or a Query, got {type(item).__name__}")
         named = market or self._marketplace

@@ -1,0 +1,271 @@
+"""SyncBroker: the broker as blocking calls, for scripts, notebooks and WSGI apps.
+
+Each SyncBroker runs one :class:`~broker.engine.broker.Broker` on an event loop in a
+background thread of its own; every method hands a coroutine to that loop and waits for
+its answer. Any number of threads may call one SyncBroker at once: their lookups share the
+broker's keys, batches and rate limits, exactly as concurrent tasks of an async app do.
+
+Example::
+
+    from broker import SyncBroker
+
+    with SyncBroker.from_config("config.toml") as broker:
+        result = broker.get_item("B0C1234567")
+        if result.product is not None:
+            print(result.product.title, result.product.price)
+        found = broker.search_items(keywords="kettle", item_count=3)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from broker.api.resources import resolve_resources
+from broker.client import Broker
+from broker.config import BrokerConfig, config_from_dict, load_config
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from broker.api.operations import (
+        BrowseNodesOptions,
+        BrowseNodesResult,
+        SearchOptions,
+        SearchResult,
+        VariationsOptions,
+        VariationsResult,
+    )
+    from broker.engine.metrics import MetricsSnapshot
+    from broker.models import ItemResult, Query, Secret
+
+__all__ = ["SyncBroker"]
+
+_T = TypeVar("_T")
+
+
+class SyncBroker:
+    """A :class:`~broker.engine.broker.Broker` with blocking methods; thread-safe.
+
+    It starts at once (the background loop, the HTTP session, the embedded simulator when
+    the config says so) and stops on :meth:`close` or at the end of a ``with`` block.
+    Methods take the same arguments as the async ones and return the same values;
+    ``resources`` may be spelled either way (``ItemInfo.Title`` or ``itemInfo.title``) and
+    an unknown name raises ``ValueError`` before anything is sent.
+
+    Args:
+        config: the validated configuration (:func:`~broker.config.load_config`,
+            :func:`~broker.config.config_from_dict`).
+        **kwargs: passed to :class:`~broker.engine.broker.Broker` (clock, transport, rng,
+            budget_store).
+
+    Raises:
+        ConfigError, NoUsableKeyError, OSError: the broker could not start.
+    """
+
+    def __init__(self, config: BrokerConfig, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="asin-broker-loop", daemon=True
+        )
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread.start()
+        try:
+            self._broker = self._call(self._open(config, kwargs))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @staticmethod
+    async def _open(config: BrokerConfig, kwargs: Mapping[str, Any]) -> Broker:
+        # Built inside the loop's thread: the broker binds to the loop it is entered on.
+        broker = Broker(config, **kwargs)
+        await broker.__aenter__()
+        return broker
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | os.PathLike[str] = "config.toml",
+        *,
+        environ: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> SyncBroker:
+        """Start a broker from a config file (secrets from ``environ``, default os.environ)."""
+        return cls(load_config(path, environ=environ), **kwargs)
+
+    @classmethod
+    def from_dict(
+        cls,
+        document: Mapping[str, object],
+        *,
+        secrets: Mapping[str, str | Secret] | None = None,
+        environ: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> SyncBroker:
+        """Start a broker from a configuration in code (see :func:`.config_from_dict`)."""
+        return cls(config_from_dict(document, secrets=secrets, environ=environ), **kwargs)
+
+    @property
+    def config(self) -> BrokerConfig:
+        """The configuration the broker runs with."""
+        return self._broker.config
+
+    # -- running coroutines on the loop thread -------------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("SyncBroker methods block; call the async Broker from its loop")
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise RuntimeError("this SyncBroker is closed")
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Ctrl-C (or any exception raised in this thread while waiting) cancels the
+            # call on the loop, so nothing is left running for a caller that is gone.
+            future.cancel()
+            raise
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def _resources(self, resources: Sequence[str] | None) -> tuple[str, ...] | None:
+        """Resource names in either spelling, checked and spelled for the protocol in use."""
+        if resources is None:
+            return None
+        return resolve_resources(resources, self._broker.config.api.protocol)
+
+    def get_items(
+        self,
+        asins: Iterable[str | Query],
+        *,
+        marketplace: str | None = None,
+        resources: Sequence[str] | None = None,
+    ) -> list[ItemResult]:
+        """Look up any number of ASINs; one result per distinct input, in input order."""
+        # The iterable is read here, in the caller's thread, not on the loop.
+        if isinstance(asins, str | bytes):
+            raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
+        items = list(asins)
+        return self._call(
+            self._broker.get_items(
+                items, marketplace=marketplace, resources=self._resources(resources)
+            )
+        )
+
+    def get_item(
+        self, asin: str, *, marketplace: str | None = None, resources: Sequence[str] | None = None
+    ) -> ItemResult:
+        """Look up one ASIN."""
+        wanted = self._resources(resources)
+        return self._call(self._broker.get_item(asin, marketplace=marketplace, resources=wanted))
+
+    def stream(
+        self,
+        asins: Iterable[str | Query],
+        *,
+        marketplace: str | None = None,
+        resources: Sequence[str] | None = None,
+    ) -> Iterator[ItemResult]:
+        """Yield one result per input as results complete, holding at most ``queue_size``.
+
+        The input is read lazily, on the loop thread, so it must not block for long
+        (a list, a file, a generator over either).
+        """
+        if isinstance(asins, str | bytes):
+            raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
+        agen: AsyncIterator[ItemResult] = self._broker.stream(
+            asins, marketplace=marketplace, resources=self._resources(resources)
+        )
+        try:
+            while True:
+                try:
+                    yield self._call(_next(agen))
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                self._call(_close(agen))
+
+    def search_items(
+        self, *, marketplace: str | None = None, **options: Unpack[SearchOptions]
+    ) -> SearchResult:
+        """SearchItems with snake_case options (see the async :meth:`Broker.search_items`)."""
+        return self._call(self._broker.search_items(marketplace=marketplace, **options))
+
+    def get_variations(
+        self, asin: str, *, marketplace: str | None = None, **options: Unpack[VariationsOptions]
+    ) -> VariationsResult:
+        """GetVariations of one ASIN (see the async :meth:`Broker.get_variations`)."""
+        return self._call(self._broker.get_variations(asin, marketplace=marketplace, **options))
+
+    def get_browse_nodes(
+        self,
+        browse_node_ids: Iterable[str | int],
+        *,
+        marketplace: str | None = None,
+        **options: Unpack[BrowseNodesOptions],
+    ) -> BrowseNodesResult:
+        """GetBrowseNodes for 1 to 10 ids (see the async :meth:`Broker.get_browse_nodes`)."""
+        return self._call(
+            self._broker.get_browse_nodes(browse_node_ids, marketplace=marketplace, **options)
+        )
+
+    def metrics(self) -> MetricsSnapshot:
+        """Counters and per-key state right now."""
+        return self._call(_metrics(self._broker))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the broker and its loop thread; safe to call twice and from any thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._broker.aclose(), self._loop).result()
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncBroker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"SyncBroker({state}, keys={[k.name for k in self._broker.config.keys]})"
+
+
+async def _next(agen: AsyncIterator[ItemResult]) -> ItemResult:
+    return await anext(agen)
+
+
+async def _close(agen: AsyncIterator[ItemResult]) -> None:
+    aclose = getattr(agen, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _metrics(broker: Broker) -> MetricsSnapshot:
+    return broker.metrics()

@@ -1,0 +1,82 @@
+"""The scripts in examples/ run against the embedded simulator and print what they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def _run(script: str, *args: str) -> list[str]:
+    """Run ``examples/<script>`` from the project root; return its output lines (logs aside)."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [line for line in done.stdout.splitlines() if "broker.started" not in line]
+
+
+def test_every_example_is_tested() -> None:
+    """Each script in examples/ has a test here."""
+    tested = {"async_bulk.py", "sync_lookup.py", "search.py", "wsgi_app.py", "asgi_app.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_async_bulk() -> None:
+    """The example job: one result per input, typed products printed for the first ones."""
+    inputs = [
+        line
+        for line in (EXAMPLES / "asins.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    lines = _run("async_bulk.py")
+    summary = lines[-1]
+    assert summary.startswith(f"{len(inputs)} inputs: ")
+    counts = {part.split()[1]: int(part.split()[0]) for part in summary.split(": ")[1].split(", ")}
+    assert sum(counts.values()) == len(inputs)
+    assert counts["ok"] > 0
+    assert counts["invalid"] == sum(1 for line in inputs if line == "not-an-asin")
+    assert len(lines) == 4
+    assert all("$" in line for line in lines[:3])
+
+
+def test_sync_lookup() -> None:
+    """Blocking lookups print typed fields; an invalid id prints its status and code."""
+    lines = _run("sync_lookup.py", "B000000001", "nope")
+    assert lines[0].startswith("B000000001: ")
+    assert any(line.strip().startswith("price:") and "$" in line for line in lines)
+    assert any("https://m.media-amazon.com/" in line for line in lines)
+    assert lines[-1] == "nope: invalid (InvalidAsin)"
+
+
+def test_search() -> None:
+    """Search, variations and browse nodes print typed answers; a bad option is refused."""
+    lines = _run("search.py", "kettle")
+    assert "results for 'kettle'" in lines[0]
+    assert sum(1 for line in lines if line.startswith("  B")) >= 5
+    assert any(line.startswith("browse node 283155") for line in lines)
+    assert lines[-1].startswith("refused before sending: item_count")
+
+
+@pytest.mark.parametrize("script", ["wsgi_app.py", "asgi_app.py"])
+def test_web_handlers(script: str) -> None:
+    """The WSGI and ASGI handlers answer a good ASIN with 200 JSON and a bad one with 404."""
+    lines = [line for line in _run(script, "--demo") if not line.startswith("lifespan.")]
+    answers = [(line.split(" ", 1)[0], line.split(" {", 1)[1]) for line in lines]
+    bodies = [json.loads("{" + body) for _, body in answers]
+    assert answers[0][0] == "200"
+    assert bodies[0]["asin"] == "B000000001"
+    assert bodies[0]["title"]
+    assert answers[-1][0] == "404"
+    assert bodies[-1]["status"] == "invalid"

@@ -1,0 +1,328 @@
+"""SearchItems, GetVariations, GetBrowseNodes in Python's idiom: checked options, typed answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import Harness, make_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.api.base import Operation
+from broker.api.operations import (
+    Availability,
+    DeliveryFlag,
+    SortBy,
+    browse_nodes_params,
+    read_browse_nodes,
+    read_search,
+    read_variations,
+    search_params,
+    variations_params,
+)
+from broker.api.resources import ITEM_RESOURCES, resolve_resources, resource_names
+from broker.config import DEFAULT_RESOURCES
+from broker.models import Protocol
+from broker.simulator.settings import SimulatorSettings
+
+FREE = SimulatorSettings(limits=False)
+C, P = Protocol.CREATORS, Protocol.PAAPI5
+
+
+def _search(protocol: Protocol = C, **options: Any) -> dict[str, object]:
+    return search_params(options, protocol=protocol, default_resources=DEFAULT_RESOURCES)  # type: ignore[arg-type]
+
+
+class TestResources:
+    """Resource names in either spelling, checked and spelled for the protocol."""
+
+    @pytest.mark.parametrize("name", ["ItemInfo.Title", "itemInfo.title", "ITEMINFO.TITLE"])
+    def test_either_spelling(self, name: str) -> None:
+        """Any spelling of a resource resolves to each protocol's own."""
+        assert resolve_resources([name], C) == ("itemInfo.title",)
+        assert resolve_resources([name], P) == ("ItemInfo.Title",)
+
+    def test_order_kept_duplicates_dropped(self) -> None:
+        """The order given is kept; the same resource twice is sent once."""
+        names = ["OffersV2.Listings.Price", "itemInfo.title", "offersV2.listings.price"]
+        assert resolve_resources(names, C) == ("offersV2.listings.price", "itemInfo.title")
+
+    @pytest.mark.parametrize(
+        ("name", "protocol", "message"),
+        [
+            ("ItemInfo.Titel", C, "unknown resource 'ItemInfo.Titel'"),
+            ("Offers.Listings.Price", P, "retired on 2026-01-31"),
+            ("images.primary.highRes", P, "no PA-API equivalent"),
+            ("searchRefinements", C, "is a SearchItems resource"),
+        ],
+    )
+    def test_unknown_names_raise(self, name: str, protocol: Protocol, message: str) -> None:
+        """A name the operation does not take raises ValueError saying why."""
+        with pytest.raises(ValueError, match=message):
+            resolve_resources([name], protocol)
+
+    def test_single_string_refused(self) -> None:
+        """A lone string is not a list of resources."""
+        with pytest.raises(TypeError, match="not a single string"):
+            resolve_resources("itemInfo.title", C)
+
+    def test_full_lists(self) -> None:
+        """Both APIs' item lists: 34 Creators names; PA-API the same less the two highRes."""
+        assert len(ITEM_RESOURCES) == 34
+        paapi = resource_names(P)
+        assert len(paapi) == 32
+        assert "ParentASIN" in paapi
+        assert "searchRefinements" in resource_names(C, Operation.SEARCH_ITEMS)
+        assert "BrowseNodes.Children" in resource_names(P, Operation.GET_BROWSE_NODES)
+
+
+class TestSearchParams:
+    """search_params checks every option before a request exists."""
+
+    def test_snake_case_to_wire(self) -> None:
+        """Options become the API's camelCase parameters, enums their values."""
+        params = _search(
+            keywords="kettle",
+            search_index="Kitchen",
+            item_count=3,
+            item_page=2,
+            sort_by=SortBy.PRICE_LOW_TO_HIGH,
+            min_price=1000,
+            max_price=5000,
+            brand="Aperture",
+            condition="new",
+            availability=Availability.AVAILABLE,
+            delivery_flags=[DeliveryFlag.PRIME, "FreeShipping"],
+            min_reviews_rating=4,
+            browse_node_id=283155,
+            resources=["ItemInfo.Title", "searchRefinements"],
+        )
+        assert params == {
+            "keywords": "kettle",
+            "searchIndex": "Kitchen",
+            "itemCount": 3,
+            "itemPage": 2,
+            "sortBy": "Price:LowToHigh",
+            "minPrice": 1000,
+            "maxPrice": 5000,
+            "brand": "Aperture",
+            "condition": "New",
+            "availability": "Available",
+            "deliveryFlags": ["Prime", "FreeShipping"],
+            "minReviewsRating": 4,
+            "browseNodeId": "283155",
+            "resources": ["itemInfo.title", "searchRefinements"],
+        }
+
+    def test_config_resources_by_default(self) -> None:
+        """Without resources, the config's are asked for."""
+        assert _search(keywords="x")["resources"] == list(DEFAULT_RESOURCES)
+
+    @pytest.mark.parametrize(
+        ("options", "error", "names"),
+        [
+            ({"keywords": "x", "itemcount": 3}, TypeError, "'itemcount'"),
+            ({"keywords": "x", "item_count": 0}, ValueError, "item_count must be between 1"),
+            ({"keywords": "x", "item_count": 101}, ValueError, "item_count"),
+            ({"keywords": "x", "item_count": "3"}, TypeError, "item_count must be an int"),
+            ({"keywords": "x", "item_page": 11}, ValueError, "item_page"),
+            ({"keywords": "x", "min_price": 9.99}, TypeError, "smallest currency unit"),
+            ({"keywords": "x", "min_price": 500, "max_price": 100}, ValueError, "min_price"),
+            ({"keywords": "x", "sort_by": "cheapest"}, ValueError, "sort_by must be a SortBy"),
+            ({"keywords": "x", "condition": "Used"}, ValueError, "Any or New only"),
+            ({"keywords": "x", "merchant": "Amazon"}, ValueError, "only PA-API"),
+            ({"keywords": "x", "delivery_flags": "Prime"}, TypeError, "delivery_flags"),
+            ({"keywords": "x", "browse_node_id": "abc"}, ValueError, "browse_node_id"),
+            ({"keywords": " "}, ValueError, "keywords must not be blank"),
+            ({"search_index": "All", "keywords": "x" * 1001}, ValueError, "at most 1000"),
+            ({"item_count": 3}, ValueError, "needs something to search for"),
+            ({"keywords": "x", "resources": ["Nope"]}, ValueError, "unknown resource 'Nope'"),
+        ],
+    )
+    def test_bad_options_named(
+        self, options: dict[str, Any], error: type[Exception], names: str
+    ) -> None:
+        """Unknown or out-of-range options raise TypeError/ValueError naming them."""
+        with pytest.raises(error, match=names):
+            _search(**options)
+
+    def test_paapi_limits(self) -> None:
+        """PA-API caps item_count at 10 and takes Used and a merchant; Creators takes 100."""
+        assert _search(C, keywords="x", item_count=100)["itemCount"] == 100
+        with pytest.raises(ValueError, match="between 1 and 10"):
+            _search(P, keywords="x", item_count=11)
+        params = _search(P, keywords="x", condition="Used", merchant="amazon")
+        assert (params["condition"], params["merchant"]) == ("Used", "Amazon")
+
+
+class TestOtherParams:
+    """get_variations and get_browse_nodes arguments."""
+
+    def test_variations(self) -> None:
+        """The ASIN is normalised; counts are range-checked."""
+        params = variations_params(
+            "b000000001", {"variation_count": 5}, protocol=C, default_resources=("parentASIN",)
+        )
+        assert params == {"asin": "B000000001", "resources": ["parentASIN"], "variationCount": 5}
+        with pytest.raises(ValueError, match="not a valid ASIN"):
+            variations_params("nope", {}, protocol=C, default_resources=())
+        with pytest.raises(ValueError, match="variation_count must be between 1 and 10"):
+            variations_params(
+                "B000000001", {"variation_count": 11}, protocol=C, default_resources=()
+            )
+
+    def test_browse_nodes(self) -> None:
+        """Ids as str or int, 1 to 10, ancestors and children by default."""
+        params = browse_nodes_params([283155, "283155", "1"], {}, protocol=P)
+        assert params == {
+            "browseNodeIds": ["283155", "1"],
+            "resources": ["BrowseNodes.Ancestor", "BrowseNodes.Children"],
+        }
+        with pytest.raises(TypeError, match="list of ids"):
+            browse_nodes_params("283155", {}, protocol=C)
+        with pytest.raises(ValueError, match="1 to 10"):
+            browse_nodes_params([str(i) for i in range(1, 12)], {}, protocol=C)
+        with pytest.raises(ValueError, match="a GetItems resource, not a GetBrowseNodes one"):
+            browse_nodes_params(["1"], {"resources": ["itemInfo.title"]}, protocol=C)
+
+
+class TestReaders:
+    """Answers of any shape read as typed results without raising."""
+
+    @pytest.mark.parametrize("raw", [{}, {"searchResult": []}, {"searchResult": {"items": 5}}])
+    def test_odd_answers(self, raw: dict[str, object]) -> None:
+        """Empty or ill-shaped answers give empty results."""
+        assert read_search(raw, C).items == ()
+        assert read_variations(raw, C).items == ()
+        assert read_browse_nodes(raw, C).browse_nodes == ()
+
+    def test_refinements(self) -> None:
+        """Search refinements of PA-API's shape are read."""
+        raw = {
+            "SearchResult": {
+                "TotalResultCount": 7,
+                "SearchRefinements": {
+                    "SearchIndex": {
+                        "Id": "SearchIndex",
+                        "DisplayName": "Department",
+                        "Bins": [{"Id": "Kitchen", "DisplayName": "Kitchen"}],
+                    },
+                    "OtherRefinements": [{"Id": "Brand", "Bins": [{"Id": "Aperture"}]}],
+                },
+            }
+        }
+        result = read_search(raw, P)
+        assert result.total_result_count == 7
+        assert [(r.kind, r.id) for r in result.refinements] == [
+            ("search_index", "SearchIndex"),
+            ("other", "Brand"),
+        ]
+        assert result.refinements[0].bins[0].display_name == "Kitchen"
+
+
+class TestAgainstSimulator:
+    """The broker's methods end to end, both protocols."""
+
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_typed_operations(self, harness: Harness, protocol: str) -> None:
+        """item_count is honoured; items, variations and nodes come back typed."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, protocol=protocol))
+        search = await broker.search_items(
+            keywords="kettle", item_count=3, resources=["ItemInfo.Title", "OffersV2.Listings.Price"]
+        )
+        assert len(search.items) == 3
+        assert all(p.title and p.price and p.price.amount for p in search.items)
+        assert search.total_result_count is not None
+        assert search.total_result_count >= 3
+        assert search.search_url is not None
+        assert "kettle" in search.search_url
+        variations = await broker.get_variations(
+            "B000000001", variation_count=2, resources=["itemInfo.title", "parentASIN"]
+        )
+        assert 1 <= len(variations.items) <= 2
+        assert all(p.variation_attributes for p in variations.items)
+        assert variations.variation_count is not None
+        nodes = await broker.get_browse_nodes(["283155"])
+        (node,) = nodes.browse_nodes
+        assert node.id == "283155"
+        assert node.display_name
+
+    async def test_checked_before_any_request(self, harness: Harness) -> None:
+        """Bad options and unknown resources raise without a request being sent."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        with pytest.raises(ValueError, match="item_count"):
+            await broker.search_items(keywords="kettle", item_count=0)
+        with pytest.raises(ValueError, match="unknown resource"):
+            await broker.search_items(keywords="kettle", resources=["itemInfo.price"])
+        with pytest.raises(TypeError, match="'itemcount'"):
+            await broker.search_items(keywords="kettle", itemcount=3)  # type: ignore[call-arg]
+        with pytest.raises(ValueError, match="not a valid ASIN"):
+            await broker.get_variations("B0")
+        assert sim.stats.accounts["demo"].accepted == 0
+
+
+def test_peer_enums_accepted() -> None:
+    """python-amazon-paapi's enum members (str enums of Amazon's values) work as they are."""
+    from amazon_creatorsapi.models import Condition as PeerCondition
+    from amazon_creatorsapi.models import SortBy as PeerSortBy
+
+    params = _search(
+        keywords="x", sort_by=PeerSortBy.PRICE_COLON_LOW_TO_HIGH, condition=PeerCondition.NEW
+    )
+    assert (params["sortBy"], params["condition"]) == ("Price:LowToHigh", "New")
+
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+_keys = st.sampled_from(
+    [
+        "searchResult",
+        "SearchResult",
+        "items",
+        "Items",
+        "totalResultCount",
+        "searchURL",
+        "searchRefinements",
+        "SearchRefinements",
+        "searchIndex",
+        "otherRefinements",
+        "bins",
+        "Bins",
+        "variationsResult",
+        "VariationsResult",
+        "variationSummary",
+        "variationDimensions",
+        "values",
+        "price",
+        "lowestPrice",
+        "amount",
+        "browseNodesResult",
+        "BrowseNodesResult",
+        "browseNodes",
+        "BrowseNodes",
+        "ancestor",
+        "children",
+        "errors",
+        "Errors",
+        "code",
+        "Code",
+        "id",
+        "displayName",
+    ]
+) | st.text(max_size=5)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=5),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@given(raw=st.dictionaries(_keys, _json, max_size=4), protocol=st.sampled_from(list(Protocol)))
+def test_readers_never_raise(raw: dict[str, object], protocol: Protocol) -> None:
+    """Any JSON object reads as a typed answer of each operation, without raising."""
+    assert read_search(raw, protocol).raw is raw
+    assert read_variations(raw, protocol).raw is raw
+    assert read_browse_nodes(raw, protocol).raw is raw

@@ -1,0 +1,173 @@
+"""SyncBroker (blocking calls on a loop thread of its own) and configuration given in code."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from conftest import asins
+
+from broker import SyncBroker, config_from_dict
+from broker.config import parse_config
+from broker.errors import ConfigError
+from broker.models import Secret, Status
+
+
+def _document(protocol: str = "creators", **key: Any) -> dict[str, Any]:
+    """A config in code for the embedded simulator (no rate limits, fast linger)."""
+    if protocol == "paapi5":
+        table = {"name": "demo", "credential_id": "DEMOACCESSKEY"}
+    else:
+        table = {"name": "demo", "credential_id": "demo-id", "version": "3.1"}
+    table.update({"partner_tags": {"www.amazon.com": "demo-20"}, "tps": 200.0, **key})
+    return {
+        "api": {"protocol": protocol, "endpoint": "simulator"},
+        "keys": [table],
+        "engine": {"linger_s": 0.005},
+        "simulator": {"limits": False},
+    }
+
+
+@pytest.fixture(name="sync_broker")
+def _sync_broker() -> Any:
+    with SyncBroker.from_dict(_document()) as broker:
+        yield broker
+
+
+class TestSyncBroker:
+    """Blocking calls give what the async ones give."""
+
+    def test_lookup_and_product(self, sync_broker: SyncBroker) -> None:
+        """get_item and get_items block and return results with a typed product."""
+        result = sync_broker.get_item("B000000001")
+        assert result.status is Status.OK
+        assert result.product is not None
+        assert result.product.title
+        assert result.product.price is not None
+        results = sync_broker.get_items(asins(25))
+        assert [r.asin for r in results] == asins(25)
+
+    def test_resources_either_spelling(self, sync_broker: SyncBroker) -> None:
+        """PA-API spelling works on the Creators API; an unknown name raises before sending."""
+        result = sync_broker.get_item("B000000002", resources=["ItemInfo.Features"])
+        assert result.ok
+        assert result.product is not None
+        assert result.product.features
+        assert result.product.title is None
+        sent = sync_broker.metrics().requests
+        with pytest.raises(ValueError, match=r"unknown resource 'ItemInfo\.Feature'"):
+            sync_broker.get_items(["B000000003"], resources=["ItemInfo.Feature"])
+        assert sync_broker.metrics().requests == sent
+
+    def test_operations(self, sync_broker: SyncBroker) -> None:
+        """search_items, get_variations and get_browse_nodes block and come back typed."""
+        found = sync_broker.search_items(keywords="kettle", item_count=2)
+        assert len(found.items) == 2
+        assert sync_broker.get_variations("B000000001").items
+        assert sync_broker.get_browse_nodes(["283155"]).browse_nodes[0].id == "283155"
+        with pytest.raises(ValueError, match="item_count"):
+            sync_broker.search_items(keywords="kettle", item_count=500)
+
+    def test_stream(self, sync_broker: SyncBroker) -> None:
+        """stream yields every input once; leaving early releases the rest."""
+        wanted = asins(30)
+        assert sorted(r.asin for r in sync_broker.stream(iter(wanted))) == wanted
+        for result in sync_broker.stream(asins(30, "B1")):
+            assert result.asin.startswith("B1")
+            break
+        assert sync_broker.metrics().outstanding_lookups == 0
+
+    def test_many_threads(self, sync_broker: SyncBroker) -> None:
+        """Threads calling at once share one broker, each getting its own complete answer."""
+        wanted = asins(40)
+
+        def work(offset: int) -> list[str]:
+            chunk = wanted[offset : offset + 20]
+            return [r.asin for r in sync_broker.get_items(chunk) if r.ok]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(work, [0, 10, 20, 0, 10, 20, 5, 15]))
+        assert all(
+            len(answer) == len(wanted[o : o + 20])
+            for answer, o in zip(answers, [0, 10, 20, 0, 10, 20, 5, 15], strict=True)
+        )
+        # 8 calls of 20 ASINs: 16 full batches at most, fewer when calls overlap in time.
+        assert sync_broker.metrics().requests <= 16
+
+    def test_close(self) -> None:
+        """close() stops the loop thread, is idempotent, and later calls raise."""
+        before = {t.name for t in threading.enumerate()}
+        broker = SyncBroker.from_dict(_document())
+        assert "asin-broker-loop" in {t.name for t in threading.enumerate()}
+        assert "open" in repr(broker)
+        broker.close()
+        broker.close()
+        assert "closed" in repr(broker)
+        assert not broker._thread.is_alive()
+        with pytest.raises(RuntimeError, match="closed"):
+            broker.get_item("B000000001")
+        assert {t.name for t in threading.enumerate()} == before
+
+    def test_start_failure_leaves_no_thread(self) -> None:
+        """A broker that fails while starting raises and leaves no thread behind."""
+        before = threading.active_count()
+        # The embedded simulator has no account for this credential: __aenter__ refuses it.
+        with pytest.raises(ConfigError, match="no secret for credential 'nobody'"):
+            SyncBroker.from_dict(_document(credential_id="nobody"), environ={})
+        assert threading.active_count() == before
+
+    def test_paapi(self) -> None:
+        """The PA-API protocol works the same, its items typed the same way."""
+        with SyncBroker.from_dict(_document("paapi5")) as broker:
+            result = broker.get_item("B000000001", resources=["ItemInfo.Title"])
+            assert result.product is not None
+            assert result.product.title
+
+
+class TestConfigFromDict:
+    """A configuration in code is checked like config.toml, with the same messages."""
+
+    def test_same_messages_as_toml(self) -> None:
+        """An invalid value gives exactly the TOML path's ConfigError."""
+        document = _document(tps=-1)
+        with pytest.raises(ConfigError) as from_code:
+            config_from_dict(document, environ={})
+        with pytest.raises(ConfigError) as from_toml:
+            parse_config(document, environ={})
+        assert str(from_code.value) == str(from_toml.value)
+        assert "keys[0].tps" in str(from_code.value)
+
+    def test_secrets_in_code(self) -> None:
+        """Secrets from the application's settings: never in the document, never shown."""
+        document = _document()
+        document["api"]["endpoint"] = "amazon"
+        with pytest.raises(ConfigError, match="credential_secret_env"):
+            config_from_dict(document, environ={})
+        config = config_from_dict(document, secrets={"demo": "s3cr3t-value"}, environ={})
+        (key,) = config.keys
+        assert key.secret == Secret("s3cr3t-value")
+        assert key.secret_source == "secrets['demo']"
+        assert "s3cr3t-value" not in repr(config)
+        assert config_from_dict(document, secrets={"demo": Secret("x")}).keys[0].secret == Secret(
+            "x"
+        )
+
+    @pytest.mark.parametrize(
+        ("secrets", "key", "message"),
+        [
+            ({"other": "x"}, {}, "no key named 'other'"),
+            ({"demo": ""}, {}, "is empty"),
+            ({"demo": "x"}, {"credential_secret_env": "ASINB_X"}, "give one"),
+        ],
+    )
+    def test_bad_secrets(self, secrets: dict[str, str], key: dict[str, str], message: str) -> None:
+        """secrets= naming no key, an empty secret, or two sources are refused."""
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(_document(**key), secrets=secrets, environ={})
+
+    def test_secret_in_document_refused(self) -> None:
+        """A secret written into the document itself is refused, as in the file."""
+        with pytest.raises(ConfigError, match="secrets are never read"):
+            config_from_dict(_document(credential_secret="oops"), environ={})
