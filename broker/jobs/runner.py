@@ -5,8 +5,9 @@ are committed to it, and the output file is written from it, recording how far t
 is known good. A rerun of the same job truncates any torn output tail, re-emits what is
 missing and fetches only lookups that have no result yet.
 
-SIGINT/SIGTERM: the first admits no new lookup and lets those admitted finish (for at most
-``drain_grace_s``), a second stops at once; the run exits 75 if rows remain, else as usual.
+SIGINT/SIGTERM (the policy of :mod:`broker.jobs.signals`): the first admits no new lookup and
+lets those admitted finish (for at most ``drain_grace_s``), a second stops at once whatever the
+gap; the run exits 75 if rows remain, else as usual.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from broker.engine.broker import Broker, Query
 from broker.engine.keys import OUTAGE_CODE
 from broker.engine.quota import BatchedBudgetStore
 from broker.errors import BrokerError, ConfigError, JobFileError, NoUsableKeyError
+from broker.exitcode import ExitCode
 from broker.jobs.ledger import Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
+from broker.jobs.signals import StopSignals, installed
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import JobRow, fingerprint, read_job
 
@@ -47,26 +50,6 @@ logger = structlog.get_logger("broker")
 _COMMIT_ROWS = 500
 #: How long results may wait before they are committed and emitted.
 _COMMIT_EVERY_S = 1.0
-# One Ctrl-C or one systemd stop often arrives twice: the terminal (or the cgroup) signals
-# every process of the group, and ``uv run`` forwards its own copy. A repeat this soon after
-# the first is that echo, not a user insisting (the daemon uses the same rule).
-_SIGNAL_ECHO_S = 1.0
-
-
-class ExitCode:
-    """The documented exit codes of ``broker run`` (BSD sysexits where one fits)."""
-
-    OK = 0
-    INTERNAL = 1
-    USAGE = 2
-    SOME_FAILED = 3
-    DATA_ERROR = 65
-    NO_INPUT = 66
-    UNAVAILABLE = 69
-    IO_ERROR = 74
-    RESUMABLE = 75
-    NO_PERMISSION = 77
-    CONFIG = 78
 
 
 class StrictInputError(JobFileError):
@@ -397,7 +380,6 @@ class _Stop:
 
     __slots__ = (
         "_fetch",
-        "_first_at",
         "_grace_s",
         "_timer",
         "error",
@@ -416,28 +398,27 @@ class _Stop:
         #: set when ``no_wait`` stopped the run: the earliest daily-quota reset (ISO UTC)
         self.quota_until: str | None = None
         self._grace_s = grace_s
-        self._first_at = 0.0
         self._fetch: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def on_signal(self, sig: signal.Signals) -> None:
-        """Handle one SIGINT/SIGTERM (a loop signal handler)."""
-        now = time.monotonic()
-        if not self.requested:
-            self.requested = True
-            self._first_at = now
-            logger.warning(
-                "broker.job_stopping",
-                signal=sig.name,
-                mode="drain",
-                grace_s=self._grace_s,
-                note="no new lookups; those in flight finish and are written; "
-                "send the signal again to stop at once",
-            )
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._grace_s, self._force, "drain grace period over")
-        elif now - self._first_at >= _SIGNAL_ECHO_S:
-            self._force(f"second {sig.name}")
+    def on_first_signal(self, sig: signal.Signals) -> None:
+        """The first SIGINT/SIGTERM: admit nothing new, drain for at most the grace period."""
+        self.requested = True
+        logger.warning(
+            "broker.job_stopping",
+            signal=sig.name,
+            mode="drain",
+            grace_s=self._grace_s,
+            note="no new lookups; those in flight finish and are written; "
+            "send the signal again to stop at once",
+        )
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._grace_s, self._force, "drain grace period over")
+
+    def on_next_signal(self, sig: signal.Signals) -> None:
+        """A later SIGINT/SIGTERM: stop at once."""
+        self.requested = True
+        self._force(f"second {sig.name}")
 
     def watch(self, fetch: asyncio.Task[None]) -> None:
         """Cancel ``fetch`` when the run must stop at once."""
@@ -523,15 +504,10 @@ class _Budget:
 @contextlib.contextmanager
 def _signals(stop: _Stop, *, enabled: bool) -> Iterator[None]:
     """Route SIGINT and SIGTERM to ``stop`` for the whole run (when ``enabled``)."""
-    loop = asyncio.get_running_loop()
-    sigs = (signal.SIGINT, signal.SIGTERM) if enabled else ()
-    for sig in sigs:
-        loop.add_signal_handler(sig, stop.on_signal, sig)
     try:
-        yield
+        with installed(StopSignals(stop.on_first_signal, stop.on_next_signal), enabled=enabled):
+            yield
     finally:
-        for sig in sigs:
-            loop.remove_signal_handler(sig)
         stop.close()
 
 
