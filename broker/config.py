@@ -38,6 +38,7 @@ __all__ = [
     "is_loopback_host",
     "load_config",
     "parse_config",
+    "shown_url",
 ]
 
 #: Resources asked for when the config names none: enough for the typed summary.
@@ -432,18 +433,25 @@ def _marketplace(name: str, path: str) -> str:
 
 
 def _check_url(url: str, path: str) -> None:
+    # Credentials first, before any parsing: urlsplit reads "user:pa/ss@host" or "user:pa#ss@host"
+    # as a host and a path or fragment, so only a plain "@" anywhere is a safe test (K5).
+    if "@" in url:
+        raise ConfigError(
+            path,
+            f"must not carry credentials (user:password@), got {shown_url(url)!r}; "
+            "keys authenticate with credential_id and credential_secret_env",
+        )
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
-        has_credentials = bool(parts.username or parts.password or parts.query)
     except ValueError:
         # urlsplit refuses some malformed hosts (an unclosed "[" for instance).
         raise ConfigError(
-            path, f'must be "simulator", "amazon" or an http(s) URL, got {_shown_url(url)!r}'
+            path, f'must be "simulator", "amazon" or an http(s) URL, got {shown_url(url)!r}'
         ) from None
     if parts.scheme not in ("http", "https") or not hostname:
         raise ConfigError(
-            path, f'must be "simulator", "amazon" or an http(s) URL, got {_shown_url(url)!r}'
+            path, f'must be "simulator", "amazon" or an http(s) URL, got {shown_url(url)!r}'
         )
     if parts.scheme == "http" and not is_loopback_host(hostname):
         raise ConfigError(
@@ -451,14 +459,23 @@ def _check_url(url: str, path: str) -> None:
             "plain http:// is only allowed for a loopback host; use https:// so "
             "credentials are not sent in clear text",
         )
-    if has_credentials:
-        raise ConfigError(path, "must not carry credentials or a query string")
+    if parts.query or parts.fragment:
+        raise ConfigError(path, "must not carry a query string or a fragment")
 
 
-def _shown_url(url: str) -> str:
-    """``url`` fit for an error message: user:password@ and any query string cut out."""
-    shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@", r"\1***@", url)
-    return re.sub(r"[?#].*", "?***", shown)
+def shown_url(url: str) -> str:
+    """``url`` fit for a message or a log: any ``user:password@`` and query string as ``***``.
+
+    Everything up to the last ``@`` after the scheme is user info, however many ``/``, ``#``
+    or ``:`` it holds.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    rest = re.sub(r"[?#].*", "?***", rest)
+    return f"{scheme}{sep}{rest}"
 
 
 def _looks_secret(name: str) -> bool:
