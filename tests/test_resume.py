@@ -316,8 +316,11 @@ class TestA6ChangedInput:
         capsys.readouterr()
         assert main(config, job, out) == ExitCode.DATA_ERROR
         err = capsys.readouterr().err
-        assert "the job file changed since this job started" in err
-        assert "--new-job" in err
+        assert "since this job started: run with --new-job" in err
+        assert "grew by 11 bytes" in err if edit == "line_added" else "was edited" in err
+        assert "sha256" not in err and "mtime" not in err
+        [message] = [line for line in err.splitlines() if line.startswith("broker:")]
+        assert len(message) < 300, message
         assert out.read_bytes() == before
         assert main(config, job, out, "--new-job") == 0
         rows = read_jsonl(out)

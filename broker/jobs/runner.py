@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import os
+import shutil
 import signal
 import sys
 import time
@@ -24,27 +27,37 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
+from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.broker import Broker, Query
 from broker.engine.keys import OUTAGE_CODE
 from broker.engine.quota import BatchedBudgetStore
 from broker.errors import BrokerError, ConfigError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
-from broker.jobs.ledger import Ledger, Lookup, SinkState, crash_point
+from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
 from broker.jobs.signals import StopSignals, installed
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
-from broker.jobs.sources import JobRow, fingerprint, read_job
+from broker.jobs.sources import JobFingerprint, JobRow, fingerprint, read_job
+from broker.logs import get_logger
+from broker.models import ErrorDetail, ItemResult, Status
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
-    from broker.models import ItemResult
 
-__all__ = ["ExitCode", "JobOptions", "JobSummary", "StrictInputError", "run_job"]
+__all__ = [
+    "NO_KEY_FOR_MARKETPLACE",
+    "UNKNOWN_MARKETPLACE",
+    "ExitCode",
+    "JobOptions",
+    "JobSummary",
+    "StrictInputError",
+    "run_job",
+    "served_marketplaces",
+    "unserved_result",
+]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
 
 #: How many results are committed to the ledger in one transaction, at most.
 _COMMIT_ROWS = 500
@@ -76,6 +89,13 @@ class JobOptions:
     #: Stop (exit 75, resumable) instead of waiting when every usable key's daily quota
     #: is spent; for cron-style runs that should not sit idle until the window resets.
     no_wait: bool = False
+    #: Fetch the job again on the same input, beside the finished one; its output and ledger
+    #: replace the old ones only when the new run completes.
+    refresh: bool = False
+    #: Once the job is complete, rewrite the output with its rows in input order.
+    ordered: bool = False
+    #: Seconds until the first periodic progress event when not on a terminal.
+    first_progress_s: float = 2.0
 
 
 @dataclass(slots=True)
@@ -97,6 +117,10 @@ class JobSummary:
     #: when the earliest one resets (ISO UTC)
     quota_wait_until: str | None = None
     error: str | None = None
+    #: the job was already complete before this run: what to tell the user (nothing fetched)
+    already_complete: str | None = None
+    #: ``refresh``: the new run did not complete, so the previous output stays in place
+    refresh_pending: bool = False
 
     def exit_code(self) -> int:
         """The exit code this outcome maps to."""
@@ -112,14 +136,114 @@ async def run_job(
 ) -> JobSummary:
     """Run a job to the end (or to a signal) and return its summary.
 
+    A job that is already complete is not fetched again: the summary's ``already_complete``
+    says so, and when its rows were fetched; ``options.refresh`` fetches it again.
+
     Raises:
+        FileNotFoundError: the job file is missing (nothing is created, not even a lock).
         JobFileError: the input is unreadable, changed since the job started, or has
             invalid rows under ``strict``; or another process holds the job.
         NoUsableKeyError: every key is out of rotation (rows stay pending for a rerun).
         OSError: the output or ledger cannot be written.
     """
+    job_print = fingerprint(options.job)
+    _finish_promotion(options.out)
+    if not options.refresh:
+        return await _run_once(config, options, broker, job_print)
+    side = _refresh_path(options.out)
+    summary = await _run_once(
+        config, dataclasses.replace(options, out=side, refresh=False), broker, job_print
+    )
+    summary.already_complete = None
+    summary.out = str(options.out)
+    if (
+        summary.pending
+        or summary.stopped_by_signal
+        or (summary.total == 0 and not summary.by_status)
+    ):
+        summary.refresh_pending = True
+        return summary
+    _promote(side, options.out)
+    if summary.invalid_report:
+        summary.invalid_report = str(_report_path(options.out))
+    return summary
+
+
+def _ledger_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ledger")
+
+
+def _report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".invalid.jsonl")
+
+
+def _refresh_path(out: Path) -> Path:
+    """Where ``--refresh`` writes until it completes: beside the output, with its own ledger."""
+    return out.with_name(out.name + ".refresh")
+
+
+def _promote(side: Path, out: Path) -> None:
+    """Make a completed refresh the job's output and ledger; resumable after a crash.
+
+    A marker file is written first, so a crash half-way through is finished by the next run
+    (:func:`_finish_promotion`) instead of leaving a new output with the old ledger.
+    """
+    marker = side.with_name(side.name + ".promote")
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _finish_promotion(out)
+
+
+def _finish_promotion(out: Path) -> None:
+    """Complete a promotion that a crash interrupted (a no-op when none is under way)."""
+    side = _refresh_path(out)
+    marker = side.with_name(side.name + ".promote")
+    if not marker.exists():
+        return
+    ledger = _ledger_path(out)
+    if side.exists():
+        os.replace(side, out)
+    if _ledger_path(side).exists():
+        # A journal left by the old ledger must not be replayed into the new one.
+        for suffix in ("-wal", "-shm"):
+            ledger.with_name(ledger.name + suffix).unlink(missing_ok=True)
+        os.replace(_ledger_path(side), ledger)
+    if _report_path(side).exists():
+        os.replace(_report_path(side), _report_path(out))
+    elif not side.exists():
+        _report_path(out).unlink(missing_ok=True)
+    _ledger_path(side).with_name(_ledger_path(side).name + ".lock").unlink(missing_ok=True)
+    marker.unlink()
+
+
+def _complete_message(ledger: Ledger, options: JobOptions, total: int) -> str:
+    """What a rerun of a finished job tells the user: complete, when, how to fetch again."""
+    fetched = ledger.fetched_range()
+    when = ""
+    if fetched is not None:
+        first, last = (moment[:16].replace("T", " ") + " UTC" for moment in fetched)
+        when = f", fetched {first}" if first == last else f", fetched {first} to {last}"
+    refreshing = ""
+    if _ledger_path(_refresh_path(options.out)).exists():
+        refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
+    return (
+        f"{options.job}: this job is already complete ({total} rows{when}); nothing was "
+        f"fetched. Output: {options.out}. To fetch the rows again, run the same command "
+        f"with --refresh (the output is replaced when the new run completes).{refreshing}"
+    )
+
+
+async def _run_once(
+    config: BrokerConfig,
+    options: JobOptions,
+    broker: Broker | None,
+    job_print: JobFingerprint,
+) -> JobSummary:
     started = time.monotonic()
-    ledger_path = options.out.with_name(options.out.name + ".ledger")
+    ledger_path = _ledger_path(options.out)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     summary = JobSummary(out=str(options.out))
     stop = _Stop(options.drain_grace_s)
@@ -128,11 +252,12 @@ async def run_job(
         JobLock(ledger_path),
         Ledger.open(
             ledger_path,
-            fingerprint=fingerprint(options.job),
+            fingerprint=job_print,
             default_marketplace=config.api.marketplace,
             new_job=options.new_job,
         ) as ledger,
     ):
+        resumed_complete = ledger.ingest_complete and ledger.counts().pending == 0
         if not ledger.ingest_complete:
             if options.strict:
                 _refuse_invalid(options)
@@ -177,14 +302,16 @@ async def run_job(
                 ):
                     # A shared broker (the daemon's) counts every job; report this one's.
                     before = own.metrics()
-                    await _fetch(ledger, _Output(sink, name), own, options, stop)
+                    await _fetch(ledger, _Output(sink, name), own, options, stop, config)
                     after = own.metrics()
                     summary.requests = after.requests - before.requests
                     summary.throttled = after.throttled - before.throttled
                     summary.retries = after.retries - before.retries
         finally:
             sink.close()
-        report = options.out.with_name(options.out.name + ".invalid.jsonl")
+        if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
+            _export_ordered(ledger, options, name)
+        report = _report_path(options.out)
         invalid = InvalidReport(report).write(ledger)
         summary.invalid_report = str(report) if invalid else None
         counts = ledger.counts()
@@ -197,8 +324,37 @@ async def run_job(
             and summary.quota_wait_until is None
             and (counts.pending > 0 or not ledger.ingest_complete)
         )
+        if resumed_complete:
+            summary.already_complete = _complete_message(ledger, options, counts.total)
     summary.wall_s = time.monotonic() - started
     return summary
+
+
+def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
+    """Rewrite the complete output with its rows in input order (``--ordered``).
+
+    Rows are read from the ledger a page at a time, so memory stays bounded; the new file
+    replaces the old one atomically. It holds the same rows, so the recorded progress (the
+    byte size and the row count) stays true and a rerun adds nothing.
+    """
+    if options.format == "sqlite":
+        return  # a table has no order of its own; the seq column gives input order
+    temporary = options.out.with_name(options.out.name + ".ordering")
+    sink = open_sink(options.format, temporary)
+    try:
+        sink.open(SinkState())
+        chunk: list[DoneRow] = []
+        for count, row in enumerate(ledger.done_rows_in_file_order(), 1):
+            chunk.append(dataclasses.replace(row, done_order=count))
+            if len(chunk) >= 1000:
+                sink.write(chunk)
+                chunk.clear()
+        sink.write(chunk)
+        state = sink.flush()
+    finally:
+        sink.close()
+    os.replace(temporary, options.out)
+    ledger.set_sink_state(name, state)
 
 
 def _read(options: JobOptions) -> Iterator[JobRow]:
@@ -207,11 +363,25 @@ def _read(options: JobOptions) -> Iterator[JobRow]:
 
 
 def _refuse_invalid(options: JobOptions) -> None:
-    bad = [row for row in _read(options) if row.error]
+    bad = [
+        row
+        if row.error or not row.marketplace or _known_marketplace(row.marketplace)
+        else dataclasses.replace(row, error=f"unknown marketplace {row.marketplace!r}")
+        for row in _read(options)
+    ]
+    bad = [row for row in bad if row.error]
     if bad:
         shown = "; ".join(f"line {row.line}: {row.error}" for row in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise StrictInputError(f"{options.job}: {len(bad)} invalid rows{more}: {shown}")
+
+
+def _known_marketplace(name: str) -> bool:
+    try:
+        lookup_marketplace(name)
+    except ValueError:
+        return False
+    return True
 
 
 class _IngestStopped(Exception):
@@ -278,7 +448,12 @@ def _emit(ledger: Ledger, sink: ResultSink, name: str) -> None:
 
 
 async def _fetch(
-    ledger: Ledger, output: _Output, broker: Broker, options: JobOptions, stop: _Stop
+    ledger: Ledger,
+    output: _Output,
+    broker: Broker,
+    options: JobOptions,
+    stop: _Stop,
+    config: BrokerConfig,
 ) -> None:
     """Stream pending lookups through the broker; commit and emit as results arrive.
 
@@ -287,16 +462,25 @@ async def _fetch(
     """
     waiting: dict[tuple[str, str], collections.deque[Lookup]] = {}
 
+    served = served_marketplaces(config)
+    buffer: list[tuple[Lookup, ItemResult]] = []
+
     def queries() -> Iterator[Query]:
         for lookup in ledger.pending_lookups():
             if stop.requested:
                 return
+            unserved = unserved_result(
+                Query(lookup.asin, lookup.marketplace, lookup.resources), served, config
+            )
+            if unserved is not None:
+                # Answered here, without a request; the rest of the job goes on.
+                buffer.append((lookup, unserved))
+                continue
             waiting.setdefault((lookup.marketplace, lookup.asin), collections.deque()).append(
                 lookup
             )
             yield Query(lookup.asin, lookup.marketplace, lookup.resources)
 
-    buffer: list[tuple[Lookup, ItemResult]] = []
     last_commit = time.monotonic()
     progress = _Progress(ledger, broker, options)
 
@@ -341,6 +525,58 @@ async def _fetch(
         progress.done()
     if stop.error is not None:
         raise stop.error
+
+
+#: Error code of a row whose marketplace no key has a partner tag for.
+NO_KEY_FOR_MARKETPLACE = "NoKeyForMarketplace"
+#: Error code of a row whose marketplace is no Amazon store.
+UNKNOWN_MARKETPLACE = "UnknownMarketplace"
+
+
+def served_marketplaces(config: BrokerConfig) -> frozenset[str]:
+    """The marketplaces some key has a partner tag for (canonical names)."""
+    return frozenset(name for key in config.keys for name in key.partner_tags)
+
+
+def unserved_result(
+    query: Query, served: frozenset[str], config: BrokerConfig
+) -> ItemResult | None:
+    """The final result of a query no key can serve, or None when one can.
+
+    A marketplace that is no Amazon store makes the row ``invalid``; one that no key has a
+    partner tag for makes it ``failed`` with code ``NoKeyForMarketplace`` and the config
+    line to add. Neither sends a request, and neither stops the job.
+    """
+    name = query.marketplace or config.api.marketplace
+    try:
+        name = lookup_marketplace(name).name
+    except ValueError:
+        return ItemResult(
+            query.asin,
+            name,
+            Status.INVALID,
+            error=ErrorDetail(
+                UNKNOWN_MARKETPLACE,
+                f"unknown marketplace {name!r}",
+                "name an Amazon store as config.toml does: www.amazon.co.uk, amazon.co.uk "
+                "or the country code UK (any case)",
+            ),
+            query=query,
+        )
+    if name in served:
+        return None
+    return ItemResult(
+        query.asin,
+        name,
+        Status.FAILED,
+        error=ErrorDetail(
+            NO_KEY_FOR_MARKETPLACE,
+            f"no key has a partner tag for {name}",
+            f"add the tracking id to a key in {config.source}: under [[keys]], "
+            f'partner_tags = {{ "{name}" = "yourtag-21" }} (beside the existing tags)',
+        ),
+        query=query,
+    )
 
 
 #: How often ``no_wait`` checks whether every key waits for its daily quota.
@@ -522,6 +758,7 @@ class _Progress:
         )
         self._quiet = options.progress == "none"
         self._every_s = 1.0 if self._live else options.progress_every_s
+        self._first_s = options.first_progress_s
         self._started = time.monotonic()
         self._start_done = ledger.counts().done
 
@@ -530,9 +767,11 @@ class _Progress:
             self._show()
 
     async def run(self) -> None:
+        # Piped output gets a first event soon, so a log reader sees the run is alive.
+        await asyncio.sleep(min(self._first_s, self._every_s))
         while True:
-            await asyncio.sleep(self._every_s)
             self._show()
+            await asyncio.sleep(self._every_s)
 
     def _show(self) -> None:
         if self._quiet:
@@ -553,7 +792,7 @@ class _Progress:
                 f"\r{counts.done}/{counts.total} rows  {rate:.1f} rows/s  "
                 f"ETA {_fmt_eta(eta)}  429s {metrics.throttled}  {keys}"
             )
-            sys.stderr.write(line[:200].ljust(120))
+            sys.stderr.write(_fit(line))
             sys.stderr.flush()
         else:
             logger.info(
@@ -580,6 +819,16 @@ class _Progress:
         if self._live:
             self._show()
             sys.stderr.write("\n")
+
+
+def _fit(line: str) -> str:
+    """A ``\\r`` live line cut to the terminal's width (one column spare, so it never wraps)."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        columns = shutil.get_terminal_size(fallback=(80, 24)).columns
+    width = max(columns - 1, 20)
+    return "\r" + line.lstrip("\r")[:width].ljust(width)
 
 
 def _fmt_eta(eta: float | None) -> str:
