@@ -205,10 +205,9 @@ def _build_parser() -> argparse.ArgumentParser:
     look.add_argument(
         "--outage-budget",
         type=float,
-        default=LOOKUP_OUTAGE_BUDGET_S,
         metavar="SECONDS",
-        help="give up (exit 69) when the endpoint stays unreachable this long "
-        "(default: %(default)g)",
+        help="give up (exit 69) when the endpoint stays unreachable this long (default: "
+        f"retry.outage_budget_s of the config, at most {LOOKUP_OUTAGE_BUDGET_S:g})",
     )
     look.add_argument("--config", help=_CONFIG_HELP)
     look.add_argument(
@@ -366,11 +365,14 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     resources: tuple[str, ...] | None = None
     if args.resources:
         resources = tuple(r.strip() for r in args.resources.split(",") if r.strip())
-    if args.outage_budget <= 0:
+    budget = args.outage_budget
+    if budget is None:
+        budget = min(config.retry.outage_budget_s, LOOKUP_OUTAGE_BUDGET_S)
+    elif budget <= 0:
         print("broker: --outage-budget must be more than 0 seconds", file=sys.stderr)
         return ExitCode.USAGE
     config = dataclasses.replace(
-        config, retry=dataclasses.replace(config.retry, outage_budget_s=args.outage_budget)
+        config, retry=dataclasses.replace(config.retry, outage_budget_s=budget)
     )
     as_json = args.json or not sys.stdout.isatty()
     return _run_loop(_lookup(config, args.asins, market, resources, as_json=as_json))

@@ -43,7 +43,7 @@ def _rows(path: Path) -> list[dict[str, object]]:
 
 class TestJobRows:
     def test_every_spelling_runs_and_bad_rows_do_not_stop_the_job(self, tmp_path: Path) -> None:
-        """US, amazon.com, the default, UK: ok; an unserved store failed, an unknown invalid; exit 3."""
+        """US, amazon.com, default, UK: ok; an unserved store failed, unknown invalid; exit 3."""
         job = tmp_path / "mk.csv"
         job.write_text(
             "asin,marketplace\n"
@@ -57,8 +57,16 @@ class TestJobRows:
         )
         out = tmp_path / "out.jsonl"
         code = cli.main(
-            ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
-            + ["--progress", "none"]
+            [
+                "run",
+                str(job),
+                "--config",
+                str(_config(tmp_path)),
+                "--out",
+                str(out),
+                "--progress",
+                "none",
+            ]
         )
         assert code == ExitCode.SOME_FAILED
         rows = {row["line"]: row for row in _rows(out)}
@@ -89,8 +97,16 @@ class TestJobRows:
         )
         out = tmp_path / "mk.jsonl"
         code = cli.main(
-            ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
-            + ["--progress", "none"]
+            [
+                "run",
+                str(job),
+                "--config",
+                str(_config(tmp_path)),
+                "--out",
+                str(out),
+                "--progress",
+                "none",
+            ]
         )
         assert code == ExitCode.OK
         rows = sorted(_rows(out), key=lambda row: str(row["line"]))
