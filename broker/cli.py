@@ -522,9 +522,6 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         return code
     finally:
         paths.copy_out()
-    if summary.already_complete is not None:
-        print(summary.already_complete, file=sys.stderr)
-        return summary.exit_code()
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.by_status.items())) or "no rows"
     print(f"rows: {summary.total} ({statuses}); pending {summary.pending}", file=sys.stderr)
     print(
@@ -545,4 +542,6 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         print("stopped by signal: run the same command again to resume", file=sys.stderr)
     if summary.refresh_pending:
         print("the refresh is not complete: the previous output stays in place", file=sys.stderr)
+    if summary.already_complete is not None:
+        print(summary.already_complete, file=sys.stderr)
     return summary.exit_code()

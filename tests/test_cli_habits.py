@@ -224,7 +224,7 @@ class TestReruns:
         err = capsys.readouterr().err
         assert "this job is already complete (5 rows, fetched 20" in err
         assert "--refresh" in err
-        assert "requests" not in err
+        assert "requests 0," in err
 
     def test_refresh_fetches_again_and_replaces_on_completion(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
