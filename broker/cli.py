@@ -287,12 +287,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(config)
     if args.command == "lookup":
         return _lookup_command(config, args)
-    if args.command == "run":
-        return _run_command(config, args)
-    if args.command == "serve":
-        from broker.jobs.serve import serve_command
+    if args.command in ("run", "serve"):
+        from broker.jobs.signals import caught_early
 
-        return serve_command(config, args, run=_run_loop)
+        # A signal while starting or finishing must not kill the run with the default action.
+        with caught_early():
+            if args.command == "run":
+                return _run_command(config, args)
+            from broker.jobs.serve import serve_command
+
+            return serve_command(config, args, run=_run_loop)
     print(f"unknown command {args.command}", file=sys.stderr)  # pragma: no cover
     return ExitCode.USAGE
 

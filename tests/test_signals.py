@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 
-from broker.jobs.signals import ECHO_S, StopSignals
+from broker.jobs.signals import ECHO_S, StopSignals, caught_early, installed
 
 
 class _Recorder:
@@ -42,3 +44,17 @@ class TestStopSignals:
         rec.now += 0.5
         policy(signal.SIGTERM)
         assert rec.calls[-1] == ("now", "SIGTERM")
+
+
+class TestCaughtEarly:
+    async def test_signal_before_the_handler_is_replayed_and_after_is_dropped(self) -> None:
+        """A SIGTERM before the run's handler reaches it; one after it is gone never kills."""
+        calls: list[signal.Signals] = []
+        with caught_early():
+            os.kill(os.getpid(), signal.SIGTERM)  # still starting: kept, not fatal
+            with installed(calls.append):
+                await asyncio.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)  # finishing: dropped
+            await asyncio.sleep(0.01)
+        assert calls == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

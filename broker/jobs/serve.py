@@ -63,7 +63,7 @@ from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.runner import JobOptions, JobSummary, describe_failure, run_job
-from broker.jobs.signals import STOP_SIGNALS, StopSignals
+from broker.jobs.signals import STOP_SIGNALS, StopSignals, release, replay_early
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -456,6 +456,7 @@ class Daemon:
         if self._options.handle_signals:
             for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, self._signals, sig)
+            replay_early(self._signals)
         try:
             self.spool.prepare()
             async with contextlib.AsyncExitStack() as stack:
@@ -476,6 +477,7 @@ class Daemon:
             if self._options.handle_signals:
                 for sig in STOP_SIGNALS:
                     loop.remove_signal_handler(sig)
+                release()
         logger.info(
             "broker.daemon_stopped", jobs_done=self._jobs_done, jobs_failed=self._jobs_failed
         )
