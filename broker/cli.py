@@ -395,16 +395,12 @@ async def _lookup(
     from broker.jobs.runner import describe_failure, served_marketplaces, unserved_result
     from broker.models import Query
 
-    unserved = unserved_result(
-        Query(asins[0], marketplace, resources), served_marketplaces(config), config
-    )
+    served = served_marketplaces(config)
     results: list[ItemResult]
-    if unserved is not None:
+    if marketplace not in served:
         # No key serves the marketplace: every row fails alike, without a request.
-        results = [
-            unserved_result(Query(a, marketplace, resources), frozenset(), config) or unserved
-            for a in asins
-        ]
+        answers = (unserved_result(Query(a, marketplace, resources), served, config) for a in asins)
+        results = [answer for answer in answers if answer is not None]
     else:
         try:
             async with Broker(config) as broker:

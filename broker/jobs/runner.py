@@ -151,21 +151,24 @@ async def run_job(
     if not options.refresh:
         return await _run_once(config, options, broker, job_print)
     side = _refresh_path(options.out)
-    summary = await _run_once(
-        config, dataclasses.replace(options, out=side, refresh=False), broker, job_print
-    )
+    # The job's own lock too: no plain run may use the old ledger while it is replaced.
+    with JobLock(_ledger_path(options.out)):
+        summary = await _run_once(
+            config, dataclasses.replace(options, out=side, refresh=False), broker, job_print
+        )
+        return _after_refresh(summary, side, options.out)
+
+
+def _after_refresh(summary: JobSummary, side: Path, out: Path) -> JobSummary:
+    """Promote a completed refresh; leave the previous output in place otherwise."""
     summary.already_complete = None
-    summary.out = str(options.out)
-    if (
-        summary.pending
-        or summary.stopped_by_signal
-        or (summary.total == 0 and not summary.by_status)
-    ):
+    summary.out = str(out)
+    if summary.pending or summary.stopped_by_signal:
         summary.refresh_pending = True
         return summary
-    _promote(side, options.out)
+    _promote(side, out)
     if summary.invalid_report:
-        summary.invalid_report = str(_report_path(options.out))
+        summary.invalid_report = str(_report_path(out))
     return summary
 
 
@@ -204,6 +207,12 @@ def _finish_promotion(out: Path) -> None:
     if not marker.exists():
         return
     ledger = _ledger_path(out)
+    # The report is derived from the ledger and rewritten at the end of every run, so a crash
+    # that leaves it out of step only lasts until the next run ends.
+    if _report_path(side).exists():
+        os.replace(_report_path(side), _report_path(out))
+    else:
+        _report_path(out).unlink(missing_ok=True)
     if side.exists():
         os.replace(side, out)
     if _ledger_path(side).exists():
@@ -211,10 +220,7 @@ def _finish_promotion(out: Path) -> None:
         for suffix in ("-wal", "-shm"):
             ledger.with_name(ledger.name + suffix).unlink(missing_ok=True)
         os.replace(_ledger_path(side), ledger)
-    if _report_path(side).exists():
-        os.replace(_report_path(side), _report_path(out))
-    elif not side.exists():
-        _report_path(out).unlink(missing_ok=True)
+    # Nobody holds the refresh's lock now (the main job's lock is held by this run).
     _ledger_path(side).with_name(_ledger_path(side).name + ".lock").unlink(missing_ok=True)
     marker.unlink()
 
