@@ -268,6 +268,31 @@ class TestReruns:
         assert out.read_bytes() != before
         assert len(_jsonl(out.read_text())) == 5
 
+    def test_promotion_interrupted_by_a_crash_is_finished_next_time(self, tmp_path: Path) -> None:
+        """A crash after the new output moved but before the ledger did is finished later."""
+        from broker.jobs import runner
+
+        out = tmp_path / "out.jsonl"
+        side = tmp_path / "out.jsonl.refresh"
+        for path, text in [
+            (out, "old rows"),
+            (tmp_path / "out.jsonl.ledger", "old ledger"),
+            (tmp_path / "out.jsonl.ledger-wal", "old journal"),
+            (side, "new rows"),
+            (tmp_path / "out.jsonl.refresh.ledger", "new ledger"),
+        ]:
+            path.write_text(text)
+        marker = tmp_path / "out.jsonl.refresh.promote"
+        marker.touch()
+        side.replace(out)  # the crash came right after the output moved
+        runner._finish_promotion(out)
+        assert out.read_text() == "new rows"
+        assert (tmp_path / "out.jsonl.ledger").read_text() == "new ledger"
+        assert not (tmp_path / "out.jsonl.ledger-wal").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.ledger"]
+        runner._finish_promotion(out)  # nothing under way: a no-op
+        assert out.read_text() == "new rows"
+
     def test_ordered_writes_rows_in_input_order(self, tmp_path: Path) -> None:
         """--ordered: the finished output lists rows in input order."""
         _job(tmp_path, 40)
