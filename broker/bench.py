@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from broker.config import BrokerConfig, parse_config
 from broker.errors import ConfigError
+from broker.exitcode import ExitCode
 from broker.simulator.settings import FaultRates
 
 if TYPE_CHECKING:
@@ -624,7 +625,7 @@ def bench_command(args: argparse.Namespace) -> int:
                 print(json.dumps(report.to_json(), sort_keys=True), flush=True)
     except ConfigError as exc:
         print(f"broker bench: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if not args.json:
         print(render_table(reports))
-    return 0
+    return ExitCode.OK

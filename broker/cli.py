@@ -1,26 +1,67 @@
-"""The command line: ``broker run | serve | lookup | simulate | bench | check-config``.
+"""The command line: ``broker init | run | serve | lookup | simulate | bench | check-config``.
 
-A thin edge over the library: it parses arguments, configures logging, picks the event
-loop (uvloop where available) and maps errors to documented exit codes.
+A thin edge over the library: it parses arguments, finds the config file, configures logging,
+picks the event loop (uvloop where available) and maps errors to documented exit codes
+(:class:`~broker.exitcode.ExitCode`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
-__all__ = ["main"]
+from broker.exitcode import ExitCode
+
+if TYPE_CHECKING:
+    from broker.config import BrokerConfig
+    from broker.models import ItemResult
+
+__all__ = ["CONFIG_ENV", "main", "resolve_config_path"]
+
+#: The environment variable that names the config file when ``--config`` is not given.
+CONFIG_ENV: Final = "ASINB_CONFIG"
+#: The config file used when neither ``--config`` nor :data:`CONFIG_ENV` names one.
+DEFAULT_CONFIG: Final = "config.toml"
+_CONFIG_HELP: Final = (
+    f"config file (default: ${CONFIG_ENV} if set, else ./{DEFAULT_CONFIG}; "
+    "`broker init` writes a starter)"
+)
+#: ``broker lookup`` gives up this soon when the endpoint cannot be reached (seconds).
+LOOKUP_OUTAGE_BUDGET_S: Final = 5.0
+
+
+def resolve_config_path(given: str | None, environ: dict[str, str] | None = None) -> Path:
+    """The config file to read: ``--config``, else ``$ASINB_CONFIG``, else ./config.toml."""
+    env = os.environ if environ is None else environ
+    return Path(given or env.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from broker import __version__
+
     parser = argparse.ArgumentParser(
         prog="broker",
         description="Asynchronous, rate-limited request broker for Amazon's product APIs.",
+        epilog=f"The config file is --config, else ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}.",
     )
+    parser.add_argument("--version", action="version", version=f"broker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser(
+        "init",
+        help="write a commented starter config.toml",
+        description="Write a commented starter config that works against the embedded "
+        "simulator out of the box; edit it to use real keys.",
+    )
+    init.add_argument(
+        "path", nargs="?", default=DEFAULT_CONFIG, help="where to write it (default: %(default)s)"
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     sim = sub.add_parser(
         "simulate",
@@ -52,14 +93,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run a job file to the end (resumable)",
         description="Look up every row of a job file and write one output row per input row. "
         "Run it again with the same job and output to resume after a crash or a stop.",
-        epilog="exit codes: 0 done; 3 done but some rows failed; 65 bad input, input changed "
-        "or job locked; 66 input missing; 69 API endpoint unreachable past the outage budget "
-        "(rows stay pending); 74 cannot write output; 75 stopped (signal or --no-wait), run "
-        "again to resume; 77 a key was rejected (rows stay pending); 78 bad config",
+        epilog="exit codes: 0 done; 2 usage (e.g. --out naming the job file); 3 done but some "
+        "rows failed; 65 bad input, input changed or job locked; 66 input missing; 69 API "
+        "endpoint unreachable past the outage budget (rows stay pending); 74 cannot write "
+        "output; 75 stopped (signal or --no-wait), run again to resume; 77 a key was rejected "
+        "(rows stay pending); 78 bad config",
     )
-    run.add_argument("job", help="job file: .txt, .csv or .jsonl, optionally .gz")
-    run.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
-    run.add_argument("--out", help="output file (default: <output.directory>/<job name>.<format>)")
+    run.add_argument(
+        "job", help="job file: .txt, .csv or .jsonl, optionally .gz; - reads stdin (see --input)"
+    )
+    run.add_argument("--config", help=_CONFIG_HELP)
+    run.add_argument(
+        "--out",
+        help="output file; - writes JSON lines to stdout at the end (not resumable) "
+        "(default: <output.directory>/<job name>.<format>)",
+    )
+    run.add_argument(
+        "--input",
+        choices=("txt", "csv", "jsonl"),
+        default="txt",
+        help="format of a job read from stdin (default: %(default)s)",
+    )
     run.add_argument(
         "--format",
         choices=("jsonl", "csv", "sqlite"),
@@ -74,6 +128,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "--new-job",
         action="store_true",
         help="start over when the input changed since the job started",
+    )
+    run.add_argument(
+        "--refresh",
+        action="store_true",
+        help="fetch a finished job again on the same input; the output is replaced only "
+        "when the new run completes",
+    )
+    run.add_argument(
+        "--ordered",
+        action="store_true",
+        help="write the output rows in input order (rewritten once the job is complete)",
     )
     run.add_argument(
         "--no-wait",
@@ -107,7 +172,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--host or port in use",
     )
     serve.add_argument("--spool", required=True, metavar="DIR", help="the spool directory")
-    serve.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    serve.add_argument("--config", help=_CONFIG_HELP)
     serve.add_argument(
         "--port",
         type=int,
@@ -123,13 +188,33 @@ def _build_parser() -> argparse.ArgumentParser:
 
     look = sub.add_parser(
         "lookup",
-        help="look up ASINs and print the results as JSON lines",
-        description="Look up ASINs (or Amazon product URLs); print one JSON "
-        "object per ASIN on stdout.",
+        help="look up ASINs: a summary on a terminal, JSON lines otherwise",
+        description="Look up ASINs (or Amazon product URLs). On a terminal, print a readable "
+        "summary; when piped or with --json, print one JSON object per ASIN, the same rows "
+        "as `broker run` writes (line = the argument's position).",
+        epilog="exit codes: 0 ok; 2 usage (unknown --marketplace); 3 some rows failed; 69 the "
+        "endpoint stayed unreachable for the outage budget; 77 a key was rejected; 78 bad "
+        "config",
     )
     look.add_argument("asins", nargs="+", metavar="ASIN")
-    look.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
-    look.add_argument("--marketplace", help="marketplace (default: api.marketplace of the config)")
+    look.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    look.add_argument(
+        "--resources",
+        help="comma-separated resources to ask for (default: api.resources of the config)",
+    )
+    look.add_argument(
+        "--outage-budget",
+        type=float,
+        metavar="SECONDS",
+        help="give up (exit 69) when the endpoint stays unreachable this long (default: "
+        f"retry.outage_budget_s of the config, at most {LOOKUP_OUTAGE_BUDGET_S:g})",
+    )
+    look.add_argument("--config", help=_CONFIG_HELP)
+    look.add_argument(
+        "--marketplace",
+        help="marketplace as in config.toml: www.amazon.co.uk, amazon.co.uk or UK "
+        "(default: api.marketplace of the config)",
+    )
 
     bench = sub.add_parser(
         "bench",
@@ -149,7 +234,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Validate a config file and print a summary (secrets "
         "masked); exit 78 naming the bad key path if it is invalid.",
     )
-    check.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    check.add_argument("--config", help=_CONFIG_HELP)
     return parser
 
 
@@ -177,38 +262,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         from broker.bench import bench_command
 
         return bench_command(args)
-    from broker.config import BrokerConfig, load_config
+    if args.command == "init":
+        return _init(Path(args.path), force=args.force)
+    from broker.config import load_config
     from broker.errors import ConfigError
 
+    path = resolve_config_path(args.config)
+    if not path.exists():
+        print(
+            f"broker: config file not found: {path}; create a starter with "
+            f"`broker init {path}`, or name one with --config or ${CONFIG_ENV}",
+            file=sys.stderr,
+        )
+        return ExitCode.CONFIG
     try:
-        config: BrokerConfig = load_config(args.config)
+        config = load_config(path)
     except ConfigError as exc:
-        print(f"broker: invalid config {args.config}: {exc}", file=sys.stderr)
-        return 78
+        print(f"broker: invalid config {path}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     from broker.logs import configure_logging
 
     configure_logging(config.log.level, config.log.format)
     if args.command == "check-config":
         return _check_config(config)
     if args.command == "lookup":
-        return _run_loop(_lookup(config, args.asins, args.marketplace))
-    if args.command == "run":
-        return _run_loop(_run(config, args))
-    if args.command == "serve":
-        from broker.jobs.serve import serve_command
+        return _lookup_command(config, args)
+    if args.command in ("run", "serve"):
+        from broker.jobs.signals import caught_early
 
-        return serve_command(config, args, run=_run_loop)
+        # A signal while starting or finishing must not kill the run with the default action.
+        with caught_early():
+            if args.command == "run":
+                return _run_command(config, args)
+            from broker.jobs.serve import serve_command
+
+            return serve_command(config, args, run=_run_loop)
     print(f"unknown command {args.command}", file=sys.stderr)  # pragma: no cover
-    return 2
+    return ExitCode.USAGE
 
 
-def _check_config(config: object) -> int:
-    from broker.config import BrokerConfig
+def _init(path: Path, *, force: bool) -> int:
+    """``broker init``: write the packaged starter config (never over a file unless --force)."""
+    from importlib.resources import files
 
-    assert isinstance(config, BrokerConfig)
+    template = files("broker").joinpath("templates", "config.toml").read_text(encoding="utf-8")
+    if path.exists() and not force:
+        print(f"broker: {path} exists; pass --force to overwrite it", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(template, encoding="utf-8")
+    except OSError as exc:
+        print(f"broker: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return ExitCode.IO_ERROR
+    print(
+        f"wrote {path}: it uses the embedded simulator; try `broker lookup B0C1234567"
+        f"{'' if path.name == DEFAULT_CONFIG and path.parent == Path() else f' --config {path}'}`",
+        file=sys.stderr,
+    )
+    return ExitCode.OK
+
+
+def _check_config(config: BrokerConfig) -> int:
+    from broker.config import shown_url
+
     print(f"config ok: {config.source}")
     print(
-        f"  api: {config.api.protocol.value} at {config.api.endpoint}, "
+        f"  api: {config.api.protocol.value} at {shown_url(config.api.endpoint)}, "
         f"marketplace {config.api.marketplace}"
     )
     for key in config.keys:
@@ -218,57 +338,185 @@ def _check_config(config: object) -> int:
             f"{key.tps:g} TPS, {key.tpd or 'unlimited'} TPD, "
             f"marketplaces {', '.join(key.partner_tags)}"
         )
-    return 0
+    if not any(config.api.marketplace in key.partner_tags for key in config.keys):
+        print(
+            f"warning: no key has a partner tag for the default marketplace "
+            f"{config.api.marketplace}: every row without a marketplace will fail; add "
+            f'partner_tags = {{ "{config.api.marketplace}" = "yourtag-20" }} to a key',
+            file=sys.stderr,
+        )
+    return ExitCode.OK
 
 
-async def _lookup(config: object, asins: Sequence[str], marketplace: str | None) -> int:
-    import json
+def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
+    """``broker lookup``: check the flags, then look up and print."""
+    import dataclasses
 
+    from broker.api.marketplaces import marketplace as lookup_marketplace
+
+    market = config.api.marketplace
+    if args.marketplace:
+        try:
+            market = lookup_marketplace(args.marketplace).name
+        except ValueError:
+            print(
+                f"broker: unknown marketplace {args.marketplace!r}; name it as config.toml "
+                "does: www.amazon.co.uk, amazon.co.uk or UK",
+                file=sys.stderr,
+            )
+            return ExitCode.USAGE
+    resources: tuple[str, ...] | None = None
+    if args.resources:
+        resources = tuple(r.strip() for r in args.resources.split(",") if r.strip())
+    budget = args.outage_budget
+    if budget is None:
+        budget = min(config.retry.outage_budget_s, LOOKUP_OUTAGE_BUDGET_S)
+    elif budget <= 0:
+        print("broker: --outage-budget must be more than 0 seconds", file=sys.stderr)
+        return ExitCode.USAGE
+    config = dataclasses.replace(
+        config, retry=dataclasses.replace(config.retry, outage_budget_s=budget)
+    )
+    as_json = args.json or not sys.stdout.isatty()
+    return _run_loop(_lookup(config, args.asins, market, resources, as_json=as_json))
+
+
+async def _lookup(
+    config: BrokerConfig,
+    asins: Sequence[str],
+    marketplace: str,
+    resources: tuple[str, ...] | None,
+    *,
+    as_json: bool,
+) -> int:
     from broker.client import Broker
-    from broker.config import BrokerConfig
     from broker.errors import NoUsableKeyError
+    from broker.jobs.runner import describe_failure
 
-    assert isinstance(config, BrokerConfig)
+    results: list[ItemResult]
     try:
+        # A marketplace no key is configured for is answered by the broker itself
+        # (failed, NoKeyForMarketplace) without a request.
         async with Broker(config) as broker:
-            results = await broker.get_items(asins, marketplace=marketplace)
+            results = await broker.get_items(asins, marketplace=marketplace, resources=resources)
     except NoUsableKeyError as exc:
+        code, message = describe_failure(exc)
+        if code == ExitCode.UNAVAILABLE:
+            message = (
+                f"gave up: the endpoint {config.api.endpoint} stayed unreachable for "
+                f"{config.retry.outage_budget_s:g} s (--outage-budget): {exc}"
+            )
+        print(f"broker: {message}", file=sys.stderr)
+        return code
+    except (TypeError, ValueError) as exc:
         print(f"broker: {exc}", file=sys.stderr)
-        return 77
-    for result in results:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
-    return 0 if all(r.status.value != "failed" for r in results) else 3
+        return ExitCode.USAGE
+    raw = list(asins) if len(results) == len(asins) else [r.asin for r in results]
+    rows = [
+        _lookup_row(n, text, result)
+        for n, (text, result) in enumerate(zip(raw, results, strict=True), 1)
+    ]
+    if as_json:
+        import json
+
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        for row in rows:
+            print(_readable(row))
+    return ExitCode.SOME_FAILED if any(r.status.value == "failed" for r in results) else 0
 
 
-async def _run(config: object, args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _lookup_row(line: int, raw: str, result: ItemResult) -> dict[str, object]:
+    """The output row ``broker run`` would write for this result (line = argument position)."""
+    from broker.jobs.ledger import DoneRow
+    from broker.jobs.sinks import output_row
 
-    from broker.config import BrokerConfig
+    return output_row(
+        DoneRow(
+            done_order=line,
+            seq=line - 1,
+            line=line,
+            raw=raw,
+            asin=result.asin,
+            marketplace=result.marketplace,
+            status=result.status.value,
+            result=result.to_json(),
+            error_reason=None,
+            extra=None,
+        )
+    )
+
+
+def _readable(row: dict[str, object]) -> str:
+    """A row as a few lines for a person: status, title, price, availability or the error."""
+    head = f"{row['asin'] or row['input']}  {row['marketplace']}  {row['status']}"
+    lines = [head]
+    summary = row.get("summary")
+    if isinstance(summary, dict):
+        if summary.get("title"):
+            lines.append(f"  {summary['title']}")
+        price = summary.get("price")
+        if price is not None:
+            lines.append(f"  price {price} {summary.get('currency') or ''}".rstrip())
+        if summary.get("availability"):
+            lines.append(f"  {summary['availability']}")
+        if summary.get("detail_url"):
+            lines.append(f"  {summary['detail_url']}")
+    error = row.get("error")
+    if isinstance(error, dict):
+        lines.append(f"  {error.get('code')}: {error.get('message')}")
+        if error.get("remedy"):
+            lines.append(f"  remedy: {error['remedy']}")
+    return "\n".join(lines)
+
+
+def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
+    from broker.jobs.paths import RunPaths, UsageError, plan_paths
+
+    try:
+        paths: RunPaths = plan_paths(
+            job=args.job,
+            out=args.out,
+            fmt=args.format or config.output.format,
+            directory=Path(config.output.directory),
+            stdin_format=args.input,
+        )
+    except UsageError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    with paths:
+        return _run_loop(_run(config, args, paths))
+
+
+async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> int:
+    from broker.jobs.paths import RunPaths
     from broker.jobs.runner import JobOptions, describe_failure, run_job
 
-    assert isinstance(config, BrokerConfig)
-    job = Path(args.job)
-    fmt = args.format or config.output.format
-    suffix = {"jsonl": ".jsonl", "csv": ".csv", "sqlite": ".sqlite"}[fmt]
-    stem = job.name.removesuffix(".gz").rsplit(".", 1)[0] or job.name
-    out = Path(args.out) if args.out else Path(config.output.directory) / f"{stem}{suffix}"
+    assert isinstance(paths, RunPaths)
     options = JobOptions(
-        job=job,
-        out=out,
-        format=fmt,
+        job=paths.job,
+        out=paths.out,
+        format=paths.format,
         strict=args.strict,
         new_job=args.new_job,
         encoding=args.encoding,
         convert_isbn13=args.convert_isbn13,
         no_wait=args.no_wait,
         progress=args.progress,
+        refresh=args.refresh,
+        ordered=args.ordered,
     )
     try:
+        if paths.stdin:
+            paths.read_stdin()
         summary = await run_job(config, options)
     except Exception as exc:
         code, message = describe_failure(exc)
         print(f"broker: {message}", file=sys.stderr)
         return code
+    finally:
+        paths.copy_out()
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.by_status.items())) or "no rows"
     print(f"rows: {summary.total} ({statuses}); pending {summary.pending}", file=sys.stderr)
     print(
@@ -276,7 +524,7 @@ async def _run(config: object, args: argparse.Namespace) -> int:
         f"{summary.wall_s:.1f} s",
         file=sys.stderr,
     )
-    print(f"output: {summary.out}", file=sys.stderr)
+    print(f"output: {paths.shown_out}", file=sys.stderr)
     if summary.invalid_report:
         print(f"invalid rows: {summary.invalid_report}", file=sys.stderr)
     if summary.quota_wait_until:
@@ -287,4 +535,8 @@ async def _run(config: object, args: argparse.Namespace) -> int:
         )
     if summary.stopped_by_signal:
         print("stopped by signal: run the same command again to resume", file=sys.stderr)
+    if summary.refresh_pending:
+        print("the refresh is not complete: the previous output stays in place", file=sys.stderr)
+    if summary.already_complete is not None:
+        print(summary.already_complete, file=sys.stderr)
     return summary.exit_code()

@@ -9,7 +9,6 @@ Environment access goes through an injectable ``environ`` mapping, so tests pass
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 import stat
@@ -24,6 +23,7 @@ from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import ConfigError
 from broker.models import Protocol, Secret
 from broker.simulator.settings import SimulatorSettings
+from broker.tomltable import TomlTable
 
 __all__ = [
     "DEFAULT_RESOURCES",
@@ -40,6 +40,7 @@ __all__ = [
     "is_loopback_host",
     "load_config",
     "parse_config",
+    "shown_url",
 ]
 
 #: Resources asked for when the config names none: enough for the typed summary.
@@ -257,7 +258,7 @@ def parse_config(
     base_dir: Path | None = None,
 ) -> BrokerConfig:
     """Validate a parsed TOML document into a :class:`BrokerConfig`."""
-    table = _Table(document, "")
+    table = TomlTable(document, "")
     api = _parse_api(table.table("api"))
     keys = tuple(
         _parse_key(item, f"keys[{i}]", api, environ, base_dir or Path.cwd())
@@ -284,7 +285,7 @@ def parse_config(
         simulator=SimulatorSettings.from_mapping(sim_table or {}, path="simulator"),
         source=source,
     )
-    table.finish()
+    _finish(table)
     return config
 
 
@@ -353,134 +354,21 @@ def config_from_dict(
     return replace(config, keys=keys_out)
 
 
-class _Table:
-    """A TOML table being read: typed getters that name the key path, and unknown-key checks."""
-
-    def __init__(self, data: Mapping[str, object], path: str) -> None:
-        self._data = data
-        self._path = path
-        self._seen: set[str] = set()
-
-    def _key(self, name: str) -> str:
-        return f"{self._path}.{name}" if self._path else name
-
-    def raw(self, name: str) -> object | None:
-        self._seen.add(name)
-        return self._data.get(name)
-
-    def table(self, name: str) -> _Table:
-        value = self.raw(name)
-        if value is None:
-            return _Table({}, self._key(name))
-        if not isinstance(value, Mapping):
-            raise ConfigError(self._key(name), "must be a table")
-        return _Table(value, self._key(name))
-
-    def array(self, name: str) -> list[_Table]:
-        value = self.raw(name)
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-            raise ConfigError(self._key(name), f"must be an array of tables ([[{name}]])")
-        return [_Table(v, f"{self._key(name)}[{i}]") for i, v in enumerate(value)]
-
-    def text(self, name: str, default: str | None = None, *, required: bool = False) -> str:
-        value = self.raw(name)
-        if value is None:
-            if required or default is None:
-                raise ConfigError(self._key(name), "is required")
-            return default
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(self._key(name), "must be a non-empty string")
-        return value.strip()
-
-    def opt_text(self, name: str) -> str | None:
-        if self._data.get(name) is None:
-            self._seen.add(name)
-            return None
-        return self.text(name)
-
-    def number(
-        self,
-        name: str,
-        default: float,
-        *,
-        minimum: float = 0.0,
-        exclusive: bool = False,
-        maximum: float | None = None,
-    ) -> float:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise ConfigError(self._key(name), "must be a number")
-        number = float(value)
-        if number < minimum or (exclusive and number == minimum):
-            op = ">" if exclusive else ">="
-            raise ConfigError(self._key(name), f"must be {op} {minimum:g}, got {number:g}")
-        if maximum is not None and number > maximum:
-            raise ConfigError(self._key(name), f"must be <= {maximum:g}, got {number:g}")
-        return number
-
-    def integer(
-        self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
-    ) -> int:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self._key(name), "must be an integer")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ConfigError(self._key(name), f"must be {bound}, got {value}")
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(self._key(name), "must be true or false")
-        return value
-
-    def str_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(self._key(name), "must be a list of non-empty strings")
-        return tuple(value)
-
-    def str_map(self, name: str) -> dict[str, str]:
-        value = self.raw(name)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping) or not all(
-            isinstance(v, str) and v for v in value.values()
-        ):
-            raise ConfigError(self._key(name), "must be a table of strings")
-        return {str(k): str(v) for k, v in value.items()}
-
-    def finish(self) -> None:
-        """Raise for any key that no getter read: an unknown key is almost always a typo."""
-        for name in self._data:
-            if name not in self._seen:
-                if _looks_secret(name):
-                    # Never echo the value: it is probably a real credential.
-                    raise ConfigError(
-                        self._key(name),
-                        "unknown key; secrets are never read from the config file: put the "
-                        "secret in an environment variable and name it in "
-                        "keys[].credential_secret_env (or use credential_secret_file)",
-                    )
-                raise ConfigError(self._key(name), "unknown key")
+def _finish(table: TomlTable) -> None:
+    """Refuse unknown keys; one that looks like a secret is refused without its value."""
+    for name in table.unread():
+        if _looks_secret(name):
+            # Never echo the value: it is probably a real credential.
+            raise ConfigError(
+                table.key(name),
+                "unknown key; secrets are never read from the config file: put the "
+                "secret in an environment variable and name it in "
+                "keys[].credential_secret_env (or use credential_secret_file)",
+            )
+    table.finish()
 
 
-def _parse_api(table: _Table) -> ApiConfig:
+def _parse_api(table: TomlTable) -> ApiConfig:
     protocol_name = table.text("protocol", "creators")
     try:
         protocol = Protocol(protocol_name)
@@ -496,7 +384,7 @@ def _parse_api(table: _Table) -> ApiConfig:
     if len(resources) > 100:
         raise ConfigError("api.resources", "Amazon accepts at most 100 resources")
     marketplace = _marketplace(table.text("marketplace", "www.amazon.com"), "api.marketplace")
-    table.finish()
+    _finish(table)
     return ApiConfig(
         protocol,
         endpoint.rstrip("/"),
@@ -515,18 +403,25 @@ def _marketplace(name: str, path: str) -> str:
 
 
 def _check_url(url: str, path: str) -> None:
+    # Credentials first, before any parsing: urlsplit reads "user:pa/ss@host" or "user:pa#ss@host"
+    # as a host and a path or fragment, so only a plain "@" anywhere is a safe test (K5).
+    if "@" in url:
+        raise ConfigError(
+            path,
+            f"must not carry credentials (user:password@), got {shown_url(url)!r}; "
+            "keys authenticate with credential_id and credential_secret_env",
+        )
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
-        has_credentials = bool(parts.username or parts.password or parts.query)
     except ValueError:
         # urlsplit refuses some malformed hosts (an unclosed "[" for instance).
         raise ConfigError(
-            path, f'must be "simulator", "amazon" or an http(s) URL, got {_shown_url(url)!r}'
+            path, f'must be "simulator", "amazon" or an http(s) URL, got {shown_url(url)!r}'
         ) from None
     if parts.scheme not in ("http", "https") or not hostname:
         raise ConfigError(
-            path, f'must be "simulator", "amazon" or an http(s) URL, got {_shown_url(url)!r}'
+            path, f'must be "simulator", "amazon" or an http(s) URL, got {shown_url(url)!r}'
         )
     if parts.scheme == "http" and not is_loopback_host(hostname):
         raise ConfigError(
@@ -534,14 +429,23 @@ def _check_url(url: str, path: str) -> None:
             "plain http:// is only allowed for a loopback host; use https:// so "
             "credentials are not sent in clear text",
         )
-    if has_credentials:
-        raise ConfigError(path, "must not carry credentials or a query string")
+    if parts.query or parts.fragment:
+        raise ConfigError(path, "must not carry a query string or a fragment")
 
 
-def _shown_url(url: str) -> str:
-    """``url`` fit for an error message: user:password@ and any query string cut out."""
-    shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@", r"\1***@", url)
-    return re.sub(r"[?#].*", "?***", shown)
+def shown_url(url: str) -> str:
+    """``url`` fit for a message or a log: any ``user:password@`` and query string as ``***``.
+
+    Everything up to the last ``@`` after the scheme is user info, however many ``/``, ``#``
+    or ``:`` it holds.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    rest = re.sub(r"[?#].*", "?***", rest)
+    return f"{scheme}{sep}{rest}"
 
 
 def _looks_secret(name: str) -> bool:
@@ -550,14 +454,14 @@ def _looks_secret(name: str) -> bool:
 
 
 def _parse_key(
-    table: _Table, path: str, api: ApiConfig, environ: Mapping[str, str], base_dir: Path
+    table: TomlTable, path: str, api: ApiConfig, environ: Mapping[str, str], base_dir: Path
 ) -> KeyConfig:
-    for name in list(table._data):
+    for name in list(table.data):
         if _looks_secret(name) and name.lower() not in (
             "credential_secret_env",
             "credential_secret_file",
         ):
-            key_name = table._data.get("name")
+            key_name = table.data.get("name")
             label = re.sub(r"[^A-Z0-9]+", "_", str(key_name).upper()).strip("_")
             if not isinstance(key_name, str) or not label:
                 label = "KEY"
@@ -636,7 +540,7 @@ def _parse_key(
     for marketplace, tag in tags.items():
         if len(tag) > 64:
             raise ConfigError(f"{path}.partner_tags.{marketplace}", "is longer than 64 characters")
-    tps = table.number("tps", 1.0, exclusive=True, maximum=1000.0)
+    tps = table.number("tps", 1.0, exclusive=True, maximum=1000.0, minimum=0.0)
     tpd_value = table.raw("tpd")
     tpd: int | None
     if tpd_value is None or tpd_value == 0:
@@ -644,7 +548,7 @@ def _parse_key(
     else:
         tpd = table.integer("tpd", 8640, minimum=1)
     max_in_flight = table.integer("max_in_flight", 4, minimum=1, maximum=1000)
-    table.finish()
+    _finish(table)
     return KeyConfig(name, credential_id, secret, source, version, tags, tps, tpd, max_in_flight)
 
 
@@ -690,55 +594,57 @@ def _is_inside(file: Path, directory: Path) -> bool:
         return False
 
 
-def _parse_engine(table: _Table) -> EngineConfig:
+def _parse_engine(table: TomlTable) -> EngineConfig:
     config = EngineConfig(
         queue_size=table.integer("queue_size", 10_000, minimum=1),
-        linger_s=table.number("linger_s", 0.05, maximum=60.0),
+        linger_s=table.number("linger_s", 0.05, maximum=60.0, minimum=0.0),
         batch_size=table.integer("batch_size", 10, minimum=1, maximum=10),
-        request_timeout_s=table.number("request_timeout_s", 30.0, exclusive=True),
-        connect_timeout_s=table.number("connect_timeout_s", 10.0, exclusive=True),
+        request_timeout_s=table.number("request_timeout_s", 30.0, exclusive=True, minimum=0.0),
+        connect_timeout_s=table.number("connect_timeout_s", 10.0, exclusive=True, minimum=0.0),
         max_body_bytes=table.integer("max_body_bytes", 8 * 1024 * 1024, minimum=1024),
         max_connections=table.integer("max_connections", 64, minimum=1),
     )
-    table.finish()
+    _finish(table)
     return config
 
 
-def _parse_rate(table: _Table) -> RateConfig:
+def _parse_rate(table: TomlTable) -> RateConfig:
     config = RateConfig(
-        beta=table.number("beta", 0.1, exclusive=True, maximum=0.9),
-        target_429_share=table.number("target_429_share", 0.01, exclusive=True, maximum=0.5),
-        min_rate=table.number("min_rate", 0.05, exclusive=True),
+        beta=table.number("beta", 0.1, exclusive=True, maximum=0.9, minimum=0.0),
+        target_429_share=table.number(
+            "target_429_share", 0.01, exclusive=True, maximum=0.5, minimum=0.0
+        ),
+        min_rate=table.number("min_rate", 0.05, exclusive=True, minimum=0.0),
         discover=table.boolean("discover", False),
-        retry_after_cap_s=table.number("retry_after_cap_s", 60.0),
-        tpd_guard=table.number("tpd_guard", 0.99, exclusive=True, maximum=1.0),
+        retry_after_cap_s=table.number("retry_after_cap_s", 60.0, minimum=0.0),
+        tpd_guard=table.number("tpd_guard", 0.99, exclusive=True, maximum=1.0, minimum=0.0),
     )
-    table.finish()
+    _finish(table)
     return config
 
 
-def _parse_retry(table: _Table) -> RetryConfig:
+def _parse_retry(table: TomlTable) -> RetryConfig:
     config = RetryConfig(
         max_attempts=table.integer("max_attempts", 6, minimum=1, maximum=100),
-        max_age_s=table.number("max_age_s", 600.0, exclusive=True),
-        base_delay_s=table.number("base_delay_s", 0.5),
-        max_delay_s=table.number("max_delay_s", 30.0),
-        outage_budget_s=table.number("outage_budget_s", 900.0, exclusive=True),
+        max_age_s=table.number("max_age_s", 600.0, exclusive=True, minimum=0.0),
+        base_delay_s=table.number("base_delay_s", 0.5, minimum=0.0),
+        max_delay_s=table.number("max_delay_s", 30.0, minimum=0.0),
+        outage_budget_s=table.number("outage_budget_s", 900.0, exclusive=True, minimum=0.0),
     )
-    table.finish()
+    _finish(table)
     return config
 
 
-def _parse_output(table: _Table) -> OutputConfig:
+def _parse_output(table: TomlTable) -> OutputConfig:
     fmt = table.text("format", "jsonl")
     if fmt not in ("jsonl", "csv", "sqlite"):
         raise ConfigError("output.format", 'must be "jsonl", "csv" or "sqlite"')
     config = OutputConfig(fmt, table.text("directory", "out"))
-    table.finish()
+    _finish(table)
     return config
 
 
-def _parse_serve(table: _Table) -> ServeConfig:
+def _parse_serve(table: TomlTable) -> ServeConfig:
     config = ServeConfig(
         convert_isbn13=table.boolean("convert_isbn13", False),
         no_wait=table.boolean("no_wait", False),
@@ -748,12 +654,12 @@ def _parse_serve(table: _Table) -> ServeConfig:
     return config
 
 
-def _parse_log(table: _Table) -> LogConfig:
+def _parse_log(table: TomlTable) -> LogConfig:
     level = table.text("level", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log.level", 'must be "debug", "info", "warning" or "error"')
     fmt = table.text("format", "auto")
     if fmt not in ("auto", "console", "json"):
         raise ConfigError("log.format", 'must be "auto", "console" or "json"')
-    table.finish()
+    _finish(table)
     return LogConfig(level, fmt)

@@ -1,8 +1,15 @@
-"""structlog set-up for the command line only: console on a terminal, JSON lines otherwise.
+"""Logging: the library's loggers, and the command line's set-up of structlog and stdlib logging.
 
-The library never configures logging. Every event passes through :func:`redact`, which
-masks values under secret-looking keys and bearer tokens or SigV4 signatures wherever
-they appear, and tracebacks never carry local variables.
+The library never configures logging and never writes to stdout: its modules take their
+loggers from :func:`get_logger`, structlog loggers bound to the standard library's
+``logging``, so an application decides where events go (with no set-up, Python's last-resort
+handler prints warnings and errors to stderr and drops the rest).
+
+The command line calls :func:`configure_logging`: one stderr handler on the root logger,
+whose formatter runs every record (the broker's structlog events and plain stdlib records,
+aiohttp's among them) through the same chain: level, timestamp, :func:`redact`, which masks
+values under secret-looking keys and bearer tokens or SigV4 signatures wherever they appear,
+plain tracebacks without local variables, then console or JSON rendering.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "redact"]
+__all__ = ["configure_logging", "get_logger", "redact"]
 
 # reliability.md section 4: the key list many open-source redaction processors use. A
 # credential *id* is not secret (it names the key in messages), so it stays readable.
@@ -61,24 +68,53 @@ def redact(
     return event
 
 
-class _StreamFactory:
-    """Loggers that write to ``stream``, or to whatever ``sys.stderr`` is at each call.
+def get_logger(name: str = "broker") -> Any:
+    """A structlog logger for library code, bound to the stdlib logger ``name``.
+
+    Its events pass structlog's configured processors and then go to ``logging`` (never to
+    stdout), at the event's level; so nothing shows unless the application configures
+    logging, apart from warnings and errors, which Python's last-resort handler prints to
+    stderr.
+    """
+    return structlog.wrap_logger(
+        logging.getLogger(name), wrapper_class=structlog.stdlib.BoundLogger
+    )
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to ``stream``, or to whatever ``sys.stderr`` is at each record.
 
     Resolving stderr late keeps logging working when the stream is replaced (tests, daemons
     that redirect), instead of writing to a closed file.
     """
 
     def __init__(self, stream: TextIO | None) -> None:
-        self._stream = stream
+        super().__init__(stream or sys.stderr)
+        self._fixed = stream
 
-    def __call__(self, *args: object) -> structlog.PrintLogger:
-        return structlog.PrintLogger(self._stream or sys.stderr)
+    def emit(self, record: logging.LogRecord) -> None:
+        # Not setStream(): that flushes the previous stream, which may be closed by now.
+        self.stream = self._fixed or sys.stderr
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.stream = self._fixed or sys.stderr
+        super().flush()
+
+
+#: Marks the handler :func:`configure_logging` installs, so a second call replaces it.
+_HANDLER_NAME = "broker-cli"
 
 
 def configure_logging(
     level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None
 ) -> None:
-    """Configure structlog for the CLI: level, and console or JSON rendering on ``stream``."""
+    """Configure structlog and stdlib logging for the CLI: level, console or JSON on ``stream``.
+
+    Every record, the broker's and other libraries' (aiohttp), is rendered by one formatter
+    with the same redaction. ``level = "debug"`` lets the engine's per-request and per-429
+    events through.
+    """
     out = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: Any
@@ -88,20 +124,41 @@ def configure_logging(
         )
     else:
         renderer = structlog.processors.JSONRenderer()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             # Plain text tracebacks: the dict/rich formatters would print local variables.
             structlog.processors.format_exc_info,
             redact,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)
-        ),
-        logger_factory=_StreamFactory(stream),
-        cache_logger_on_first_use=False,
+    )
+    handler = _StderrHandler(stream)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # aiohttp's access and client chatter is noise below a warning unless debugging.
+    logging.getLogger("aiohttp").setLevel(
+        logging.DEBUG if level.lower() == "debug" else logging.WARNING
     )

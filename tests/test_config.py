@@ -251,6 +251,31 @@ class TestEndpoints:
         assert error.path == "api.endpoint"
         assert "pw@" not in error.message
 
+    @pytest.mark.parametrize("where", ["api.endpoint", "api.token_endpoint"])
+    @pytest.mark.parametrize(
+        ("url", "password"),
+        [
+            ("https://user:s3cr/et@host.example", "s3cr/et"),
+            ("https://user:se#cret@[::1", "se#cret"),
+            ("ftp://user:s3cr/et@host.example", "s3cr/et"),
+            ("http://user:p%40ss:w@127.0.0.1:8787", "p%40ss:w"),
+            ("https://tok3n@host.example/path", "tok3n"),
+        ],
+    )
+    def test_any_user_info_refused_and_masked(self, where: str, url: str, password: str) -> None:
+        """K5: a URL with user info is refused as carrying credentials; the secret shows as ***."""
+        error = _error(_with(where, url))
+        assert error.path == where
+        assert "must not carry credentials" in error.message
+        assert password not in str(error)
+        assert "***@" in error.message
+
+    def test_query_string_refused(self) -> None:
+        """A query string could carry a token: refused, and not echoed."""
+        error = _error(_with("api.endpoint", "https://host.example/?api_key=abc123"))
+        assert "query string" in error.message
+        assert "abc123" not in str(error)
+
 
 class TestDefaults:
     """Defaults and normalisation."""

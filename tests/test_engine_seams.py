@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import threading
 import tracemalloc
@@ -441,3 +442,29 @@ class TestResourceNames:
         assert bad.error is not None
         assert bad.error.code == "InvalidResource"
         assert good.ok
+
+
+class TestDebugLog:
+    """At debug level the engine says one line per request and per 429."""
+
+    async def test_one_event_per_request_and_per_429(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Two requests, one of them a 429: two broker.request events and one broker.throttled."""
+        clock = FakeClock()
+        calls = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return RawResponse(429, {}, THROTTLED, 0.01)
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.01)
+
+        caplog.set_level(logging.DEBUG, logger="broker")
+        async with Broker(_paapi(), clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            task = asyncio.get_running_loop().create_task(broker.get_items(["B000000001"]))
+            await clock.run_until(task)
+        text = [record.getMessage() for record in caplog.records]
+        assert sum("broker.request" in line for line in text) == 2
+        assert sum("broker.throttled" in line for line in text) == 1

@@ -475,11 +475,11 @@ class TestProcess:
         monkeypatch.setattr(os, "_exit", exits.append)
         clock = FakeClock()
         daemon = Daemon(_config(), ServeOptions(spool=tmp_path), clock=clock)
-        daemon._on_signal(signal.SIGTERM)
-        daemon._on_signal(signal.SIGINT)  # the same Ctrl-C, delivered twice
+        daemon._signals(signal.SIGTERM)
+        daemon._signals(signal.SIGINT)  # the same Ctrl-C, delivered twice
         assert exits == []
-        await clock.advance(2.0)
-        daemon._on_signal(signal.SIGTERM)
+        await clock.advance(0.3)
+        daemon._signals(signal.SIGTERM)
         assert exits == [ExitCode.RESUMABLE]
 
 

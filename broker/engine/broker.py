@@ -23,8 +23,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Seq
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-import structlog
-
 from broker.api.base import Dialect, Operation
 from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import token_url
@@ -41,6 +39,7 @@ from broker.engine.retry import RetryPolicy
 from broker.engine.scheduler import KeyPool
 from broker.engine.transport import AiohttpTransport, Transport
 from broker.errors import BrokerClosedError, ConfigError, WrongEventLoopError
+from broker.logs import get_logger
 from broker.models import ItemResult, Protocol, Query, Secret
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Broker", "Query"]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
 
 _Input = str | Query
 _Ident = tuple[str, str, tuple[str, ...]]
@@ -241,6 +240,7 @@ class Broker:
             marketplace=config.api.marketplace,
             resources=config.api.resources,
             protocol=config.api.protocol,
+            config_source=str(config.source),
             queue_size=config.engine.queue_size,
             pool=pool,
             batcher=batcher,

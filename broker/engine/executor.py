@@ -12,10 +12,9 @@ here and never go back upstream.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
-
-import structlog
 
 from broker.engine.batcher import Batch, Lookup
 from broker.engine.keys import OUTAGE_CODE
@@ -32,6 +31,7 @@ from broker.errors import (
     TransportError,
     describe,
 )
+from broker.logs import get_logger
 from broker.models import ErrorDetail, ItemResult, Status
 
 if TYPE_CHECKING:
@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Executor"]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
+#: The stdlib logger behind ``logger``: per-request events are built only when it shows them.
+_LOG = logging.getLogger("broker")
 
 #: Token refreshes / re-signings one batch may trigger before the key is judged broken.
 _MAX_AUTH_RETRIES = 2
@@ -138,6 +140,16 @@ class Executor:
         response: RawResponse | None = None
         try:
             response = await self._transport.send(request)
+            if _LOG.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "broker.request",
+                    key=key.name,
+                    batch_id=batch.batch_id,
+                    status=response.status,
+                    asins=len(asins),
+                    elapsed_ms=round(response.elapsed_s * 1000, 1),
+                    request_id=_request_id(response),
+                )
             key.on_reachable()
             self._metrics.record_response(response.status, response.elapsed_s)
             if batch.operation is None:
@@ -146,8 +158,18 @@ class Executor:
                 data = self._dialect.parse_operation(response)
         except ThrottledError as exc:
             self._metrics.throttled += 1
-            key.on_throttled(exc, sent_at)
+            verdict = key.on_throttled(exc, sent_at)
             attempts.throttled += 1
+            if _LOG.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "broker.throttled",
+                    key=key.name,
+                    batch_id=batch.batch_id,
+                    retry_after_s=exc.retry_after,
+                    rate=round(key.limiter.rate, 3),
+                    wait_s=round(max(0.0, key.limiter.next_ready() - self._clock.monotonic()), 3),
+                    verdict=verdict.value,
+                )
             self._pool.submit(batch, front=True)
             return
         except ApiError as exc:

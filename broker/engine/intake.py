@@ -41,6 +41,7 @@ class Intake:
         marketplace: str,
         resources: Sequence[str],
         protocol: Protocol,
+        config_source: str,
         queue_size: int,
         pool: KeyPool,
         batcher: Batcher,
@@ -49,6 +50,7 @@ class Intake:
     ) -> None:
         self._marketplace = marketplace
         self._protocol = protocol
+        self._config_source = config_source
         self._resources = resolve_resources(resources, protocol)
         self._pool = pool
         self._batcher = batcher
@@ -124,8 +126,13 @@ class Intake:
             return self._immediate(
                 query,
                 "NoKeyForMarketplace",
-                f"no key in the config has a partner tag for {canonical}",
+                f"no key has a partner tag for {canonical}",
                 status=Status.FAILED,
+                remedy=(
+                    f"add the tracking id to a key in {self._config_source}: under [[keys]], "
+                    f'partner_tags = {{ "{canonical}" = "yourtag-21" }} (beside the existing '
+                    "tags)"
+                ),
             )
         return query
 
@@ -143,14 +150,19 @@ class Intake:
         return canonical
 
     def _immediate(
-        self, query: Query, code: str, message: str, *, status: Status = Status.INVALID
+        self,
+        query: Query,
+        code: str,
+        message: str,
+        *,
+        status: Status = Status.INVALID,
+        remedy: str | None = None,
     ) -> ItemResult:
-        info = describe(code)
         result = ItemResult(
             query.asin,
             query.marketplace or "",
             status,
-            error=ErrorDetail(code, message, info.remedy),
+            error=ErrorDetail(code, message, remedy or describe(code).remedy),
             query=query,
         )
         self._metrics.record_item(result.status.value)

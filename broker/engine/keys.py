@@ -22,8 +22,6 @@ import random
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
-import structlog
-
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.engine.adaptive import (
     AdaptiveRate,
@@ -37,6 +35,7 @@ from broker.engine.metrics import KeySnapshot
 from broker.engine.quota import BudgetStore, DailyBudget
 from broker.engine.retry import RetryBudget
 from broker.errors import KeyUnusableError, ThrottledError
+from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from broker.clock import Clock
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OUTAGE_CODE", "KeyHealth", "KeyState"]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
 
 #: Pause after a token-endpoint failure, doubling per consecutive failure up to the cap.
 _AUTH_PAUSE_S = 1.0

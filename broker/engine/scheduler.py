@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from broker.errors import KeyUnusableError, NoUsableKeyError, Scope
+from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from broker.engine.batcher import Batch, Batcher, WorkQueue
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyPool", "SendFn"]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
 
 #: One attempt of a batch on a key: (key, batch, sent_at, demand_limited).
 SendFn = Callable[["KeyState", "Batch", float, bool], Coroutine[Any, Any, None]]

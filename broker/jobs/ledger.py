@@ -51,6 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import JobFileError
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ __all__ = [
     "Ledger",
     "Lookup",
     "SinkState",
+    "canonical_marketplace",
     "crash_point",
     "disk_error",
 ]
@@ -397,12 +399,9 @@ class Ledger:
         size, sha256 = self._meta("job_size"), self._meta("job_sha256")
         if (size, sha256) != (fingerprint.size, fingerprint.sha256):
             raise JobChangedError(
-                f"{fingerprint.path}: the job file changed since this job started, so the "
-                f"ledger {self._path} no longer matches it (the job started from "
-                f"{self._meta('job_path')}: {size} bytes, mtime_ns {self._meta('job_mtime_ns')}, "
-                f"sha256 {sha256}; now {fingerprint.path}: {fingerprint.size} bytes, mtime_ns "
-                f"{fingerprint.mtime_ns}, sha256 {fingerprint.sha256}). Restore the original "
-                "file to resume, or run with --new-job to start the job again."
+                f"{fingerprint.path} {_what_changed(self._meta_int('job_size'), fingerprint.size)} "
+                "since this job started: run with --new-job to start over on the new file, "
+                "or restore the original to resume."
             )
         stored = self._meta("default_marketplace")
         if stored != default_marketplace:
@@ -517,7 +516,7 @@ class Ledger:
         values: list[tuple[object, ...]] = []
         for seq, row in enumerate(batch, first):
             extra = _dumps(dict(row.extra)) if row.extra else None
-            marketplace = row.marketplace or default
+            marketplace = canonical_marketplace(row.marketplace) if row.marketplace else default
             resources = _encode_resources(row.resources)
             if row.error is None and row.asin is not None:
                 values.append(
@@ -701,6 +700,33 @@ class Ledger:
                 yield _done_row(values)
             after = page[-1][1]
 
+    def done_rows_in_file_order(self) -> Iterator[DoneRow]:
+        """Yield every final row in file order (paged; for ``--ordered`` outputs)."""
+        after = -1
+        while True:
+            with self._lock:
+                page = self._conn.execute(
+                    f"{_DONE_ROWS} WHERE r.seq > ? AND r.done_order IS NOT NULL "
+                    "ORDER BY r.seq LIMIT ?",
+                    (after, _PAGE),
+                ).fetchall()
+            if not page:
+                return
+            for values in page:
+                yield _done_row(values)
+            after = page[-1][1]
+
+    def fetched_range(self) -> tuple[str, str] | None:
+        """The earliest and latest ``fetched_at`` of the job's results (ISO UTC), if any."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT MIN(f), MAX(f) FROM (SELECT json_extract(result, '$.fetched_at') AS f "
+                "FROM lookups WHERE result IS NOT NULL) WHERE f IS NOT NULL"
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return str(row[0]), str(row[1])
+
     # -- daily budget (the engine's BudgetStore) --------------------------------------------
 
     def load(self, key_name: str, day: date | str) -> int:
@@ -788,6 +814,38 @@ CRASH_ENV: Final = "ASINB_CRASH_AT"
 #: The named points of the crash hook, in the order a job first reaches them.
 CRASH_POINTS: Final = ("mid_ingest", "mid_write", "after_flush", "mid_commit", "after_commit")
 _crash_hits: collections.Counter[str] = collections.Counter()
+
+
+def _what_changed(before: int, now: int) -> str:
+    """What happened to the job file, in a few words (never hashes or timestamps)."""
+    if now > before:
+        return f"grew by {_size(now - before)} (now {_size(now)})"
+    if now < before:
+        return f"shrank by {_size(before - now)} (now {_size(now)})"
+    return f"was edited (same size, {_size(now)}, different content)"
+
+
+def _size(n: int) -> str:
+    if n == 1:
+        return "1 byte"
+    if n < 10_000:
+        return f"{n} bytes"
+    if n < 10_000_000:
+        return f"{n / 1000:.0f} kB"
+    return f"{n / 1_000_000:.0f} MB"
+
+
+def canonical_marketplace(name: str) -> str:
+    """``name`` as the canonical marketplace (``UK`` -> ``www.amazon.co.uk``), else unchanged.
+
+    A row names its marketplace as config.toml does (name, domain or country code, any
+    case); rows for one store then share their lookups. An unknown name is kept as written,
+    so the run can report the row ``invalid`` quoting it.
+    """
+    try:
+        return lookup_marketplace(name).name
+    except ValueError:
+        return name.strip()
 
 
 def crash_point(name: str, before: Callable[[], object] | None = None) -> None:

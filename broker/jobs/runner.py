@@ -5,14 +5,18 @@ are committed to it, and the output file is written from it, recording how far t
 is known good. A rerun of the same job truncates any torn output tail, re-emits what is
 missing and fetches only lookups that have no result yet.
 
-SIGINT/SIGTERM: the first admits no new lookup and lets those admitted finish (for at most
-``drain_grace_s``), a second stops at once; the run exits 75 if rows remain, else as usual.
+SIGINT/SIGTERM (the policy of :mod:`broker.jobs.signals`): the first admits no new lookup and
+lets those admitted finish (for at most ``drain_grace_s``), a second stops at once whatever the
+gap; the run exits 75 if rows remain, else as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
+import shutil
 import signal
 import sys
 import time
@@ -22,51 +26,38 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
+from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.keys import OUTAGE_CODE
 from broker.engine.quota import BatchedBudgetStore
 from broker.errors import BrokerError, ConfigError, JobFileError, NoUsableKeyError
-from broker.jobs.ledger import Ledger, Lookup, SinkState, crash_point
+from broker.exitcode import ExitCode
+from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
+from broker.jobs.signals import StopSignals, installed
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
-from broker.jobs.sources import JobRow, fingerprint, read_job
-from broker.models import Query
+from broker.jobs.sources import JobFingerprint, JobRow, fingerprint, read_job
+from broker.logs import get_logger
+from broker.models import ItemResult, Query
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
-    from broker.models import ItemResult
 
-__all__ = ["ExitCode", "JobOptions", "JobSummary", "StrictInputError", "run_job"]
+__all__ = [
+    "ExitCode",
+    "JobOptions",
+    "JobSummary",
+    "StrictInputError",
+    "run_job",
+]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
 
 #: How many results are committed to the ledger in one transaction, at most.
 _COMMIT_ROWS = 500
 #: How long results may wait before they are committed and emitted.
 _COMMIT_EVERY_S = 1.0
-# One Ctrl-C or one systemd stop often arrives twice: the terminal (or the cgroup) signals
-# every process of the group, and ``uv run`` forwards its own copy. A repeat this soon after
-# the first is that echo, not a user insisting (the daemon uses the same rule).
-_SIGNAL_ECHO_S = 1.0
-
-
-class ExitCode:
-    """The documented exit codes of ``broker run`` (BSD sysexits where one fits)."""
-
-    OK = 0
-    INTERNAL = 1
-    USAGE = 2
-    SOME_FAILED = 3
-    DATA_ERROR = 65
-    NO_INPUT = 66
-    UNAVAILABLE = 69
-    IO_ERROR = 74
-    RESUMABLE = 75
-    NO_PERMISSION = 77
-    CONFIG = 78
 
 
 class StrictInputError(JobFileError):
@@ -93,6 +84,13 @@ class JobOptions:
     #: Stop (exit 75, resumable) instead of waiting when every usable key's daily quota
     #: is spent; for cron-style runs that should not sit idle until the window resets.
     no_wait: bool = False
+    #: Fetch the job again on the same input, beside the finished one; its output and ledger
+    #: replace the old ones only when the new run completes.
+    refresh: bool = False
+    #: Once the job is complete, rewrite the output with its rows in input order.
+    ordered: bool = False
+    #: Seconds until the first periodic progress event when not on a terminal.
+    first_progress_s: float = 2.0
 
 
 @dataclass(slots=True)
@@ -114,6 +112,10 @@ class JobSummary:
     #: when the earliest one resets (ISO UTC)
     quota_wait_until: str | None = None
     error: str | None = None
+    #: the job was already complete before this run: what to tell the user (nothing fetched)
+    already_complete: str | None = None
+    #: ``refresh``: the new run did not complete, so the previous output stays in place
+    refresh_pending: bool = False
 
     def exit_code(self) -> int:
         """The exit code this outcome maps to."""
@@ -129,14 +131,120 @@ async def run_job(
 ) -> JobSummary:
     """Run a job to the end (or to a signal) and return its summary.
 
+    A job that is already complete is not fetched again: the summary's ``already_complete``
+    says so, and when its rows were fetched; ``options.refresh`` fetches it again.
+
     Raises:
+        FileNotFoundError: the job file is missing (nothing is created, not even a lock).
         JobFileError: the input is unreadable, changed since the job started, or has
             invalid rows under ``strict``; or another process holds the job.
         NoUsableKeyError: every key is out of rotation (rows stay pending for a rerun).
         OSError: the output or ledger cannot be written.
     """
+    job_print = fingerprint(options.job)
+    _finish_promotion(options.out)
+    if not options.refresh:
+        return await _run_once(config, options, broker, job_print)
+    side = _refresh_path(options.out)
+    # The job's own lock too: no plain run may use the old ledger while it is replaced.
+    with JobLock(_ledger_path(options.out)):
+        summary = await _run_once(
+            config, dataclasses.replace(options, out=side, refresh=False), broker, job_print
+        )
+        return _after_refresh(summary, side, options.out)
+
+
+def _after_refresh(summary: JobSummary, side: Path, out: Path) -> JobSummary:
+    """Promote a completed refresh; leave the previous output in place otherwise."""
+    summary.already_complete = None
+    summary.out = str(out)
+    if summary.pending or summary.stopped_by_signal:
+        summary.refresh_pending = True
+        return summary
+    _promote(side, out)
+    if summary.invalid_report:
+        summary.invalid_report = str(_report_path(out))
+    return summary
+
+
+def _ledger_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ledger")
+
+
+def _report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".invalid.jsonl")
+
+
+def _refresh_path(out: Path) -> Path:
+    """Where ``--refresh`` writes until it completes: beside the output, with its own ledger."""
+    return out.with_name(out.name + ".refresh")
+
+
+def _promote(side: Path, out: Path) -> None:
+    """Make a completed refresh the job's output and ledger; resumable after a crash.
+
+    A marker file is written first, so a crash half-way through is finished by the next run
+    (:func:`_finish_promotion`) instead of leaving a new output with the old ledger.
+    """
+    marker = side.with_name(side.name + ".promote")
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _finish_promotion(out)
+
+
+def _finish_promotion(out: Path) -> None:
+    """Complete a promotion that a crash interrupted (a no-op when none is under way)."""
+    side = _refresh_path(out)
+    marker = side.with_name(side.name + ".promote")
+    if not marker.exists():
+        return
+    ledger = _ledger_path(out)
+    # The report is derived from the ledger and rewritten at the end of every run, so a crash
+    # that leaves it out of step only lasts until the next run ends.
+    if _report_path(side).exists():
+        os.replace(_report_path(side), _report_path(out))
+    else:
+        _report_path(out).unlink(missing_ok=True)
+    if side.exists():
+        os.replace(side, out)
+    if _ledger_path(side).exists():
+        # A journal left by the old ledger must not be replayed into the new one.
+        for suffix in ("-wal", "-shm"):
+            ledger.with_name(ledger.name + suffix).unlink(missing_ok=True)
+        os.replace(_ledger_path(side), ledger)
+    # Nobody holds the refresh's lock now (the main job's lock is held by this run).
+    _ledger_path(side).with_name(_ledger_path(side).name + ".lock").unlink(missing_ok=True)
+    marker.unlink()
+
+
+def _complete_message(ledger: Ledger, options: JobOptions, total: int) -> str:
+    """What a rerun of a finished job tells the user: complete, when, how to fetch again."""
+    fetched = ledger.fetched_range()
+    when = ""
+    if fetched is not None:
+        first, last = (moment[:16].replace("T", " ") + " UTC" for moment in fetched)
+        when = f", fetched {first}" if first == last else f", fetched {first} to {last}"
+    refreshing = ""
+    if _ledger_path(_refresh_path(options.out)).exists():
+        refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
+    return (
+        f"{options.job}: this job is already complete ({total} rows{when}); nothing was "
+        f"fetched. Output: {options.out}. To fetch the rows again, run the same command "
+        f"with --refresh (the output is replaced when the new run completes).{refreshing}"
+    )
+
+
+async def _run_once(
+    config: BrokerConfig,
+    options: JobOptions,
+    broker: Broker | None,
+    job_print: JobFingerprint,
+) -> JobSummary:
     started = time.monotonic()
-    ledger_path = options.out.with_name(options.out.name + ".ledger")
+    ledger_path = _ledger_path(options.out)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     summary = JobSummary(out=str(options.out))
     stop = _Stop(options.drain_grace_s)
@@ -145,11 +253,12 @@ async def run_job(
         JobLock(ledger_path),
         Ledger.open(
             ledger_path,
-            fingerprint=fingerprint(options.job),
+            fingerprint=job_print,
             default_marketplace=config.api.marketplace,
             new_job=options.new_job,
         ) as ledger,
     ):
+        resumed_complete = ledger.ingest_complete and ledger.counts().pending == 0
         if not ledger.ingest_complete:
             if options.strict:
                 _refuse_invalid(options)
@@ -194,14 +303,16 @@ async def run_job(
                 ):
                     # A shared broker (the daemon's) counts every job; report this one's.
                     before = own.metrics()
-                    await _fetch(ledger, _Output(sink, name), own, options, stop)
+                    await _fetch(ledger, _Output(sink, name), own, options, stop, config)
                     after = own.metrics()
                     summary.requests = after.requests - before.requests
                     summary.throttled = after.throttled - before.throttled
                     summary.retries = after.retries - before.retries
         finally:
             sink.close()
-        report = options.out.with_name(options.out.name + ".invalid.jsonl")
+        if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
+            _export_ordered(ledger, options, name)
+        report = _report_path(options.out)
         invalid = InvalidReport(report).write(ledger)
         summary.invalid_report = str(report) if invalid else None
         counts = ledger.counts()
@@ -214,8 +325,37 @@ async def run_job(
             and summary.quota_wait_until is None
             and (counts.pending > 0 or not ledger.ingest_complete)
         )
+        if resumed_complete:
+            summary.already_complete = _complete_message(ledger, options, counts.total)
     summary.wall_s = time.monotonic() - started
     return summary
+
+
+def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
+    """Rewrite the complete output with its rows in input order (``--ordered``).
+
+    Rows are read from the ledger a page at a time, so memory stays bounded; the new file
+    replaces the old one atomically. It holds the same rows, so the recorded progress (the
+    byte size and the row count) stays true and a rerun adds nothing.
+    """
+    if options.format == "sqlite":
+        return  # a table has no order of its own; the seq column gives input order
+    temporary = options.out.with_name(options.out.name + ".ordering")
+    sink = open_sink(options.format, temporary)
+    try:
+        sink.open(SinkState())
+        chunk: list[DoneRow] = []
+        for count, row in enumerate(ledger.done_rows_in_file_order(), 1):
+            chunk.append(dataclasses.replace(row, done_order=count))
+            if len(chunk) >= 1000:
+                sink.write(chunk)
+                chunk.clear()
+        sink.write(chunk)
+        state = sink.flush()
+    finally:
+        sink.close()
+    os.replace(temporary, options.out)
+    ledger.set_sink_state(name, state)
 
 
 def _read(options: JobOptions) -> Iterator[JobRow]:
@@ -224,11 +364,25 @@ def _read(options: JobOptions) -> Iterator[JobRow]:
 
 
 def _refuse_invalid(options: JobOptions) -> None:
-    bad = [row for row in _read(options) if row.error]
+    bad = [
+        row
+        if row.error or not row.marketplace or _known_marketplace(row.marketplace)
+        else dataclasses.replace(row, error=f"unknown marketplace {row.marketplace!r}")
+        for row in _read(options)
+    ]
+    bad = [row for row in bad if row.error]
     if bad:
         shown = "; ".join(f"line {row.line}: {row.error}" for row in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise StrictInputError(f"{options.job}: {len(bad)} invalid rows{more}: {shown}")
+
+
+def _known_marketplace(name: str) -> bool:
+    try:
+        lookup_marketplace(name)
+    except ValueError:
+        return False
+    return True
 
 
 class _IngestStopped(Exception):
@@ -295,13 +449,20 @@ def _emit(ledger: Ledger, sink: ResultSink, name: str) -> None:
 
 
 async def _fetch(
-    ledger: Ledger, output: _Output, broker: Broker, options: JobOptions, stop: _Stop
+    ledger: Ledger,
+    output: _Output,
+    broker: Broker,
+    options: JobOptions,
+    stop: _Stop,
+    config: BrokerConfig,
 ) -> None:
     """Stream pending lookups through the broker; commit and emit as results arrive.
 
     Stops admitting lookups once a signal asks the run to stop; returns when those admitted
     are done, or when :class:`_Stop` cancels it (then lookups in flight stay pending).
     """
+
+    buffer: list[tuple[Lookup, ItemResult]] = []
 
     def queries() -> Iterator[Query]:
         for lookup in ledger.pending_lookups():
@@ -311,7 +472,6 @@ async def _fetch(
             # result: no matching by (marketplace, ASIN) that could swap rows (K9).
             yield Query(lookup.asin, lookup.marketplace, lookup.resources, tag=lookup)
 
-    buffer: list[tuple[Lookup, ItemResult]] = []
     last_commit = time.monotonic()
     progress = _Progress(ledger, broker, options)
 
@@ -392,7 +552,6 @@ class _Stop:
 
     __slots__ = (
         "_fetch",
-        "_first_at",
         "_grace_s",
         "_timer",
         "error",
@@ -411,28 +570,27 @@ class _Stop:
         #: set when ``no_wait`` stopped the run: the earliest daily-quota reset (ISO UTC)
         self.quota_until: str | None = None
         self._grace_s = grace_s
-        self._first_at = 0.0
         self._fetch: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def on_signal(self, sig: signal.Signals) -> None:
-        """Handle one SIGINT/SIGTERM (a loop signal handler)."""
-        now = time.monotonic()
-        if not self.requested:
-            self.requested = True
-            self._first_at = now
-            logger.warning(
-                "broker.job_stopping",
-                signal=sig.name,
-                mode="drain",
-                grace_s=self._grace_s,
-                note="no new lookups; those in flight finish and are written; "
-                "send the signal again to stop at once",
-            )
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._grace_s, self._force, "drain grace period over")
-        elif now - self._first_at >= _SIGNAL_ECHO_S:
-            self._force(f"second {sig.name}")
+    def on_first_signal(self, sig: signal.Signals) -> None:
+        """The first SIGINT/SIGTERM: admit nothing new, drain for at most the grace period."""
+        self.requested = True
+        logger.warning(
+            "broker.job_stopping",
+            signal=sig.name,
+            mode="drain",
+            grace_s=self._grace_s,
+            note="no new lookups; those in flight finish and are written; "
+            "send the signal again to stop at once",
+        )
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._grace_s, self._force, "drain grace period over")
+
+    def on_next_signal(self, sig: signal.Signals) -> None:
+        """A later SIGINT/SIGTERM: stop at once."""
+        self.requested = True
+        self._force(f"second {sig.name}")
 
     def watch(self, fetch: asyncio.Task[None]) -> None:
         """Cancel ``fetch`` when the run must stop at once."""
@@ -518,15 +676,10 @@ class _Budget:
 @contextlib.contextmanager
 def _signals(stop: _Stop, *, enabled: bool) -> Iterator[None]:
     """Route SIGINT and SIGTERM to ``stop`` for the whole run (when ``enabled``)."""
-    loop = asyncio.get_running_loop()
-    sigs = (signal.SIGINT, signal.SIGTERM) if enabled else ()
-    for sig in sigs:
-        loop.add_signal_handler(sig, stop.on_signal, sig)
     try:
-        yield
+        with installed(StopSignals(stop.on_first_signal, stop.on_next_signal), enabled=enabled):
+            yield
     finally:
-        for sig in sigs:
-            loop.remove_signal_handler(sig)
         stop.close()
 
 
@@ -541,6 +694,7 @@ class _Progress:
         )
         self._quiet = options.progress == "none"
         self._every_s = 1.0 if self._live else options.progress_every_s
+        self._first_s = options.first_progress_s
         self._started = time.monotonic()
         self._start_done = ledger.counts().done
 
@@ -549,9 +703,11 @@ class _Progress:
             self._show()
 
     async def run(self) -> None:
+        # Piped output gets a first event soon, so a log reader sees the run is alive.
+        await asyncio.sleep(min(self._first_s, self._every_s))
         while True:
-            await asyncio.sleep(self._every_s)
             self._show()
+            await asyncio.sleep(self._every_s)
 
     def _show(self) -> None:
         if self._quiet:
@@ -572,7 +728,7 @@ class _Progress:
                 f"\r{counts.done}/{counts.total} rows  {rate:.1f} rows/s  "
                 f"ETA {_fmt_eta(eta)}  429s {metrics.throttled}  {keys}"
             )
-            sys.stderr.write(line[:200].ljust(120))
+            sys.stderr.write(_fit(line))
             sys.stderr.flush()
         else:
             logger.info(
@@ -599,6 +755,16 @@ class _Progress:
         if self._live:
             self._show()
             sys.stderr.write("\n")
+
+
+def _fit(line: str) -> str:
+    """A ``\\r`` live line cut to the terminal's width (one column spare, so it never wraps)."""
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        columns = shutil.get_terminal_size(fallback=(80, 24)).columns
+    width = max(columns - 1, 20)
+    return "\r" + line.lstrip("\r")[:width].ljust(width)
 
 
 def _fmt_eta(eta: float | None) -> str:

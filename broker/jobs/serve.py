@@ -73,14 +73,15 @@ from pathlib import Path, PurePath
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-import structlog
-
 from broker.client import Broker
 from broker.clock import Clock, LoopClock
 from broker.errors import ConfigError, JobFileError, NoUsableKeyError
+from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
-from broker.jobs.runner import ExitCode, JobOptions, JobSummary, describe_failure, run_job
+from broker.jobs.runner import JobOptions, JobSummary, describe_failure, run_job
+from broker.jobs.signals import STOP_SIGNALS, StopSignals, release, replay_early
+from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -97,7 +98,7 @@ __all__ = [
     "spool_name",
 ]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
 
 #: The default port of ``/metrics`` (the Prometheus exporter convention's range).
 DEFAULT_PORT: Final = 9464
@@ -106,10 +107,6 @@ _RESERVED: Final = tuple(f".out.{fmt}" for fmt in _FORMATS)
 _STATUSES: Final = ("ok", "not_found", "invalid", "failed")
 #: Finished jobs whose row counts ``/metrics`` keeps showing (bounds label cardinality).
 _RECENT_JOBS: Final = 20
-# One Ctrl-C or one systemd stop often arrives twice: the terminal (or the cgroup) signals
-# every process of the group, and ``uv run`` forwards its own copy to us. A repeat this soon
-# after the first is that echo, not a user insisting.
-_SIGNAL_ECHO_S: Final = 1.0
 # Hard links are not supported here: claim with a rename instead.
 _NO_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
 # The longest name a job is processed under, in bytes: the longest work file adds 30 bytes
@@ -529,7 +526,9 @@ class Daemon:
         self.started = asyncio.Event()
         self.url: str | None = None
         self._state = "starting"
-        self._signalled_at: float | None = None
+        self._signals = StopSignals(
+            self._on_first_signal, self._on_next_signal, monotonic=self._clock.monotonic
+        )
         self._broker: Broker | None = None
         self._job_task: asyncio.Task[JobSummary] | None = None
         self._current: SpoolJob | None = None
@@ -555,8 +554,9 @@ class Daemon:
         """
         loop = asyncio.get_running_loop()
         if self._options.handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self._on_signal, sig)
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, self._signals, sig)
+            replay_early(self._signals)
         try:
             self.spool.prepare()
             async with contextlib.AsyncExitStack() as stack:
@@ -575,8 +575,9 @@ class Daemon:
         finally:
             self._state = "stopping"
             if self._options.handle_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in STOP_SIGNALS:
                     loop.remove_signal_handler(sig)
+                release()
         logger.info(
             "broker.daemon_stopped", jobs_done=self._jobs_done, jobs_failed=self._jobs_failed
         )
@@ -587,15 +588,7 @@ class Daemon:
         if self._job_task is not None:
             self._job_task.cancel()
 
-    def _on_signal(self, sig: signal.Signals) -> None:
-        now = self._clock.monotonic()
-        if self._signalled_at is not None and now - self._signalled_at < _SIGNAL_ECHO_S:
-            return  # the same stop delivered twice (see _SIGNAL_ECHO_S)
-        if self._signalled_at is not None:
-            logger.warning("broker.daemon_forced", signal=sig.name, exit_code=ExitCode.RESUMABLE)
-            sys.stderr.flush()
-            # The ledgers are crash-safe, so even this leaves every job resumable.
-            os._exit(ExitCode.RESUMABLE)
+    def _on_first_signal(self, sig: signal.Signals) -> None:
         logger.warning(
             "broker.daemon_stopping",
             signal=sig.name,
@@ -603,8 +596,13 @@ class Daemon:
             note="the current job stays in processing/ and resumes at the next start; "
             "send the signal again to stop at once",
         )
-        self._signalled_at = now
         self.request_stop()
+
+    def _on_next_signal(self, sig: signal.Signals) -> None:
+        logger.warning("broker.daemon_forced", signal=sig.name, exit_code=ExitCode.RESUMABLE)
+        sys.stderr.flush()
+        # The ledgers are crash-safe, so even this leaves every job resumable.
+        os._exit(ExitCode.RESUMABLE)
 
     async def _listen(self, stack: contextlib.AsyncExitStack) -> str:
         options = self._options

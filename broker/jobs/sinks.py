@@ -40,10 +40,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol
 
-import structlog
-
 from broker.errors import JobFileError, describe
 from broker.jobs.ledger import DoneRow, SinkState, crash_point, disk_error
+from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger
@@ -60,7 +59,7 @@ __all__ = [
     "output_row",
 ]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
 
 #: The CSV output's own columns. The input's pass-through columns (``extra``) follow them
 #: (see :class:`CsvSink`); the raw ``item`` is not in CSV (use JSONL or SQLite for it).

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import ConfigError
+from broker.exitcode import ExitCode
 from broker.simulator.accounts import DEMO_ACCOUNTS
 from broker.simulator.server import SimulatorServer, check_host, serve_forever
 from broker.simulator.settings import SimulatorSettings
 
 __all__ = ["EX_CONFIG", "load_settings", "simulate_command"]
 
-#: sysexits.h: configuration error
-EX_CONFIG = 78
+#: sysexits.h: configuration error (kept for callers of this module)
+EX_CONFIG = ExitCode.CONFIG
 _DEFAULT_CONFIG = "config.toml"
 
 
@@ -95,4 +96,4 @@ def simulate_command(
         print(f"broker simulate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
-        return 0
+        return ExitCode.OK

@@ -58,7 +58,6 @@ Settings of ``[simulator]`` (defaults in brackets):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Literal, cast
@@ -66,6 +65,7 @@ from typing import Literal, cast
 from broker.errors import ConfigError
 from broker.simulator.accounts import CREATORS_VERSIONS, DEMO_ACCOUNTS, Account, Protocol
 from broker.simulator.marketplaces import MARKETPLACES, MARKETPLACES_BY_HOST
+from broker.tomltable import TomlTable
 
 __all__ = ["FaultRates", "LatencyProfile", "RetryAfterStyle", "SimulatorSettings"]
 
@@ -211,7 +211,7 @@ class SimulatorSettings:
         Raises:
             ConfigError: naming the full key path of an unknown key or a bad value.
         """
-        reader = _Reader(table, path)
+        reader = TomlTable(table, path)
         defaults = cls()
         kwargs: dict[str, object] = {
             "seed": reader.integer("seed", defaults.seed),
@@ -223,7 +223,7 @@ class SimulatorSettings:
             "retry_after": reader.choice(
                 "retry_after", defaults.retry_after, ("none", "body", "header", "both")
             ),
-            "retry_after_s": reader.optional_number("retry_after_s", minimum=0.0),
+            "retry_after_s": reader.opt_number("retry_after_s", minimum=0.0),
             "missing_share": reader.number("missing_share", 0.0, minimum=0.0, maximum=1.0),
             "inaccessible_share": reader.number(
                 "inaccessible_share", 0.0, minimum=0.0, maximum=1.0
@@ -251,156 +251,32 @@ class SimulatorSettings:
                 "oauth_error_status", defaults.oauth_error_status, minimum=400, maximum=499
             ),
             "demo_accounts": reader.boolean("demo_accounts", defaults.demo_accounts),
-            "omitted_asins": frozenset(reader.strings("omitted_asins")),
+            "omitted_asins": frozenset(reader.str_list("omitted_asins")),
             "latency": _parse_latency(reader.table("latency")),
             "faults": _parse_faults(reader.table("faults")),
-            "accounts": _parse_accounts(reader.array_of_tables("accounts")),
+            "accounts": _parse_accounts(reader.array("accounts")),
         }
-        reader.reject_unknown()
+        _reject_unknown(reader)
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
-class _Reader:
-    """Typed reads of one TOML table that remember which keys were used."""
-
-    __slots__ = ("_path", "_table", "_used")
-
-    def __init__(self, table: Mapping[str, object], path: str) -> None:
-        if not isinstance(table, Mapping):
-            raise ConfigError(path, "must be a table")
-        self._table = table
-        self._path = path
-        self._used: set[str] = set()
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    def at(self, key: str) -> str:
-        return f"{self._path}.{key}"
-
-    def _raw(self, key: str) -> object:
-        self._used.add(key)
-        return self._table.get(key)
-
-    def has(self, key: str) -> bool:
-        return key in self._table
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._raw(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(self.at(key), f"must be true or false, not {value!r}")
-        return value
-
-    def integer(
-        self, key: str, default: int, *, minimum: int | None = None, maximum: int | None = None
-    ) -> int:
-        value = self._raw(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.at(key), f"must be an integer, not {value!r}")
-        if minimum is not None and value < minimum:
-            raise ConfigError(self.at(key), f"must be at least {minimum}, not {value}")
-        if maximum is not None and value > maximum:
-            raise ConfigError(self.at(key), f"must be at most {maximum}, not {value}")
-        return value
-
-    def number(
-        self,
-        key: str,
-        default: float,
-        *,
-        minimum: float | None = None,
-        maximum: float | None = None,
-    ) -> float:
-        value = self.optional_number(key, minimum=minimum, maximum=maximum)
-        return default if value is None else value
-
-    def optional_number(
-        self, key: str, *, minimum: float | None = None, maximum: float | None = None
-    ) -> float | None:
-        value = self._raw(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(self.at(key), f"must be a number, not {value!r}")
-        number = float(value)
-        if not math.isfinite(number):
-            raise ConfigError(self.at(key), "must be a finite number")
-        if minimum is not None and number < minimum:
-            raise ConfigError(self.at(key), f"must be at least {minimum:g}, not {number:g}")
-        if maximum is not None and number > maximum:
-            raise ConfigError(self.at(key), f"must be at most {maximum:g}, not {number:g}")
-        return number
-
-    def string(self, key: str, default: str | None = None) -> str:
-        value = self._raw(key)
-        if value is None:
-            if default is None:
-                raise ConfigError(self.at(key), "is required")
-            return default
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(self.at(key), f"must be a non-empty string, not {value!r}")
-        return value
-
-    def strings(self, key: str) -> list[str]:
-        value = self._raw(key)
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise ConfigError(self.at(key), "must be a list of non-empty strings")
-        return [v.strip() for v in value]
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.string(key, default)
-        if value not in choices:
-            raise ConfigError(self.at(key), f"must be one of {', '.join(choices)}; not {value!r}")
-        return value
-
-    def table(self, key: str) -> _Reader:
-        value = self._raw(key)
-        if value is None:
-            return _Reader({}, self.at(key))
-        if not isinstance(value, Mapping):
-            raise ConfigError(self.at(key), "must be a table")
-        return _Reader(cast("Mapping[str, object]", value), self.at(key))
-
-    def array_of_tables(self, key: str) -> list[_Reader]:
-        value = self._raw(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise ConfigError(self.at(key), "must be an array of tables ([[...]])")
-        readers = []
-        for index, item in enumerate(value):
-            if not isinstance(item, Mapping):
-                raise ConfigError(f"{self.at(key)}[{index}]", "must be a table")
-            readers.append(_Reader(cast("Mapping[str, object]", item), f"{self.at(key)}[{index}]"))
-        return readers
-
-    def raw(self, key: str) -> object:
-        return self._raw(key)
-
-    def reject_unknown(self) -> None:
-        for key in self._table:
-            if key not in self._used:
-                known = ", ".join(sorted(self._used))
-                raise ConfigError(self.at(key), f"unknown setting (known: {known})")
+def _reject_unknown(reader: TomlTable) -> None:
+    """Refuse a key no getter read, listing the known ones (settings are easy to misspell)."""
+    for key in reader.unread():
+        known = ", ".join(reader.read())
+        raise ConfigError(reader.key(key), f"unknown setting (known: {known})")
 
 
-def _parse_latency(reader: _Reader) -> LatencyProfile:
+def _parse_latency(reader: TomlTable) -> LatencyProfile:
     profile = LatencyProfile(
         fixed_ms=reader.number("fixed_ms", 0.0, minimum=0.0),
         exp_mean_ms=reader.number("exp_mean_ms", 0.0, minimum=0.0),
     )
-    reader.reject_unknown()
+    _reject_unknown(reader)
     return profile
 
 
-def _parse_faults(reader: _Reader) -> FaultRates:
+def _parse_faults(reader: TomlTable) -> FaultRates:
     defaults = FaultRates()
     kwargs: dict[str, float] = {}
     for item in fields(FaultRates):
@@ -412,7 +288,7 @@ def _parse_faults(reader: _Reader) -> FaultRates:
             )
         else:
             kwargs[item.name] = reader.number(item.name, 0.0, minimum=0.0, maximum=1.0)
-    reader.reject_unknown()
+    _reject_unknown(reader)
     total = sum(kwargs[kind] for kind in FaultRates.RESPONSE_KINDS)
     if total > 1.0 + 1e-9:
         raise ConfigError(reader.path, f"fault rates add up to {total:g}, more than 1")
@@ -421,48 +297,48 @@ def _parse_faults(reader: _Reader) -> FaultRates:
     return FaultRates(**kwargs)  # type: ignore[arg-type]
 
 
-def _parse_accounts(readers: list[_Reader]) -> tuple[Account, ...]:
+def _parse_accounts(readers: list[TomlTable]) -> tuple[Account, ...]:
     accounts: list[Account] = []
     names: set[str] = set()
     for reader in readers:
         account = _parse_account(reader)
         if account.name in names:
-            raise ConfigError(reader.at("name"), f"duplicate account name {account.name!r}")
+            raise ConfigError(reader.key("name"), f"duplicate account name {account.name!r}")
         names.add(account.name)
         accounts.append(account)
     return tuple(accounts)
 
 
-def _parse_account(reader: _Reader) -> Account:
-    name = reader.string("name")
+def _parse_account(reader: TomlTable) -> Account:
+    name = reader.text("name")
     protocol = cast("Protocol", reader.choice("protocol", "creators", ("creators", "paapi5")))
     if protocol == "creators":
         if reader.has("access_key"):
             raise ConfigError(
-                reader.at("access_key"),
+                reader.key("access_key"),
                 "is for paapi5 accounts; a creators account has credential_id",
             )
-        credential_id = reader.string("credential_id")
+        credential_id = reader.text("credential_id")
         version = reader.choice("version", "3.1", CREATORS_VERSIONS)
     else:
         if reader.has("credential_id") and reader.has("access_key"):
             raise ConfigError(
-                reader.at("credential_id"), "give access_key or credential_id, not both"
+                reader.key("credential_id"), "give access_key or credential_id, not both"
             )
         key = (
             "access_key"
             if reader.has("access_key") or not reader.has("credential_id")
             else "credential_id"
         )
-        credential_id = reader.string(key)
+        credential_id = reader.text(key)
         if reader.has("version"):
-            raise ConfigError(reader.at("version"), "is for creators accounts only")
+            raise ConfigError(reader.key("version"), "is for creators accounts only")
         version = ""
     account = Account(
         name=name,
         protocol=protocol,
         credential_id=credential_id,
-        secret=reader.string("secret"),
+        secret=reader.text("secret"),
         version=version,
         partner_tags=_parse_tags(reader),
         not_enabled=reader.boolean("not_enabled", False),
@@ -472,13 +348,13 @@ def _parse_account(reader: _Reader) -> Account:
         tps=reader.number("tps", 1.0, minimum=1e-6),
         tpd=reader.integer("tpd", 8640, minimum=1),
     )
-    reader.reject_unknown()
+    _reject_unknown(reader)
     return account
 
 
-def _parse_tags(reader: _Reader) -> dict[str, tuple[str, ...]]:
+def _parse_tags(reader: TomlTable) -> dict[str, tuple[str, ...]]:
     raw = reader.raw("partner_tags")
-    path = reader.at("partner_tags")
+    path = reader.key("partner_tags")
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):

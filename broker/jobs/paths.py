@@ -1,0 +1,131 @@
+"""Where ``broker run`` reads and writes: the job, the output, stdin and stdout, checked first.
+
+Every path is settled and checked before anything is written, so a command line that would
+overwrite its own input (``--out`` naming the job file, or a JSON Lines job inside the output
+directory) is a usage error that leaves every file as it was (N10).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["STDIO", "RunPaths", "UsageError", "plan_paths"]
+
+#: The name that means stdin (as the job) or stdout (as ``--out``).
+STDIO = "-"
+_SUFFIX = {"jsonl": ".jsonl", "csv": ".csv", "sqlite": ".sqlite"}
+
+
+class UsageError(ValueError):
+    """The command line asks for something impossible or destructive (exit 2)."""
+
+
+@dataclass(slots=True)
+class RunPaths:
+    """The settled paths of one run, and the temporary directory behind ``-`` if any.
+
+    Attributes:
+        job: the job file to read (a copy of stdin for ``-``).
+        out: the output file the runner writes (a temporary one for ``--out -``).
+        format: the output format.
+        stdin: the job comes from stdin.
+        to_stdout: the output goes to stdout once the run ends.
+    """
+
+    job: Path
+    out: Path
+    format: str
+    stdin: bool = False
+    to_stdout: bool = False
+    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+
+    @property
+    def shown_out(self) -> str:
+        """The output as the user named it."""
+        return "stdout" if self.to_stdout else str(self.out)
+
+    def read_stdin(self) -> None:
+        """Copy stdin to :attr:`job` (the same bytes give the same job, so a rerun resumes)."""
+        self.job.parent.mkdir(parents=True, exist_ok=True)
+        with self.job.open("wb") as handle:
+            shutil.copyfileobj(sys.stdin.buffer, handle)
+
+    def copy_out(self) -> None:
+        """``--out -``: write the finished output to stdout."""
+        if not self.to_stdout or not self.out.exists():
+            return
+        with self.out.open("rb") as handle:
+            shutil.copyfileobj(handle, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+
+    def __enter__(self) -> RunPaths:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def plan_paths(
+    *, job: str, out: str | None, fmt: str, directory: Path, stdin_format: str = "txt"
+) -> RunPaths:
+    """Settle the paths of ``broker run JOB [--out OUT]``.
+
+    Raises:
+        UsageError: ``--out -`` with the sqlite format, or an output (or its ledger or
+            invalid-row report) that is the job file itself.
+    """
+    to_stdout = out == STDIO
+    stdin = job == STDIO
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if to_stdout:
+        if fmt == "sqlite":
+            raise UsageError("--out - writes JSON lines or CSV; sqlite needs a file")
+        tmp = tempfile.TemporaryDirectory(prefix="broker-run-")
+        out_path = Path(tmp.name) / f"out{_SUFFIX[fmt]}"
+    elif out:
+        out_path = Path(out)
+    else:
+        stem = "stdin" if stdin else Path(job).name.removesuffix(".gz").rsplit(".", 1)[0]
+        out_path = directory / f"{stem or Path(job).name}{_SUFFIX[fmt]}"
+    if stdin:
+        job_path = out_path.with_name(f"{out_path.name}.stdin.{stdin_format}")
+    else:
+        job_path = Path(job)
+        _refuse_clobber(job_path, out_path, given=out is not None)
+    paths = RunPaths(job_path, out_path, fmt, stdin=stdin, to_stdout=to_stdout)
+    paths._tmp = tmp
+    return paths
+
+
+def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
+    """Raise when the output, its ledger or its report would be the job file."""
+    written = {
+        out: "the output",
+        out.with_name(out.name + ".ledger"): "the output's ledger",
+        out.with_name(out.name + ".invalid.jsonl"): "the invalid-row report",
+    }
+    target = _same(job)
+    for path, what in written.items():
+        if _same(path) == target or (path.exists() and job.exists() and path.samefile(job)):
+            how = "--out names" if given else f"the default output ({out}) is"
+            raise UsageError(
+                f"{how} the job file {job}: {what} would overwrite it; "
+                "give --out another path (nothing was written)"
+            )
+    if out.name.endswith(".ledger"):
+        raise UsageError(f"--out {out} looks like a job ledger; give the output file instead")
+
+
+def _same(path: Path) -> Path:
+    return path.expanduser().resolve()

@@ -1,0 +1,140 @@
+"""The stop policy of ``broker run`` and ``broker serve``: SIGINT/SIGTERM once drains, twice stops.
+
+One rule for both commands: the first signal asks for a graceful stop, any later one stops at
+once, however soon it follows. Only a copy arriving within :data:`ECHO_S` of the previous one is
+taken for an echo of it: one Ctrl-C or one ``systemctl stop`` can reach the process twice at the
+same instant (the terminal or the cgroup signals every process, and ``uv run`` forwards its own
+copy), while a person or a script sending a second signal takes longer than that.
+
+The command line calls :func:`caught_early` before its event loop starts, so a signal that comes
+while the process is still starting, or after the run has removed its handlers and is
+finishing, never kills it with the default action (exit 143 instead of the documented 75): one
+that comes early is handed to the run's handler as soon as it is installed, and one that comes
+late is dropped, since the process is already on its way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Final
+
+__all__ = [
+    "ECHO_S",
+    "STOP_SIGNALS",
+    "StopSignals",
+    "caught_early",
+    "installed",
+    "release",
+    "replay_early",
+]
+
+#: A repeat closer than this (seconds) to the previous signal is the same stop delivered twice.
+ECHO_S: Final = 0.05
+#: The signals that stop a run or the daemon.
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """Turns a stream of stop signals into "stop gracefully" (first) and "stop now" (later).
+
+    Args:
+        graceful: called with the first signal.
+        now: called with every later signal that is not an echo.
+        monotonic: the clock (injected in tests).
+    """
+
+    __slots__ = ("_graceful", "_last_at", "_monotonic", "_now", "count")
+
+    def __init__(
+        self,
+        graceful: Callable[[signal.Signals], None],
+        now: Callable[[signal.Signals], None],
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._graceful = graceful
+        self._now = now
+        self._monotonic = monotonic
+        self._last_at: float | None = None
+        #: signals taken into account so far (echoes not counted)
+        self.count = 0
+
+    def __call__(self, sig: signal.Signals) -> None:
+        """Handle one delivered signal (a loop signal handler)."""
+        at = self._monotonic()
+        last, self._last_at = self._last_at, at
+        if last is not None and at - last < ECHO_S:
+            return
+        self.count += 1
+        if self.count == 1:
+            self._graceful(sig)
+        else:
+            self._now(sig)
+
+
+#: Stop signals received while no loop handler was installed (see :func:`caught_early`).
+_early: list[signal.Signals] = []
+_catching = False
+
+
+def _remember(signum: int, _frame: object) -> None:
+    _early.append(signal.Signals(signum))
+
+
+@contextlib.contextmanager
+def caught_early() -> Iterator[None]:
+    """While the block runs, a stop signal with no loop handler installed is kept, not fatal.
+
+    For the command line: the block is the whole command, so the signal handlers it had before
+    (Python's defaults) come back when it returns.
+    """
+    global _catching
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    _catching = True
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _remember)
+    try:
+        yield
+    finally:
+        _catching = False
+        _early.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def replay_early(handler: Callable[[signal.Signals], None]) -> None:
+    """Hand the signals kept by :func:`caught_early` to ``handler`` on the running loop."""
+    loop = asyncio.get_running_loop()
+    for sig in _early:
+        loop.call_soon(handler, sig)
+    _early.clear()
+
+
+def release() -> None:
+    """After a loop handler is removed: keep catching (when :func:`caught_early` is on)."""
+    if _catching:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _remember)
+        _early.clear()
+
+
+@contextlib.contextmanager
+def installed(handler: Callable[[signal.Signals], None], *, enabled: bool = True) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``handler`` on the running loop while the block runs."""
+    loop = asyncio.get_running_loop()
+    sigs = STOP_SIGNALS if enabled else ()
+    for sig in sigs:
+        loop.add_signal_handler(sig, handler, sig)
+    if enabled:
+        replay_early(handler)
+    try:
+        yield
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+        if enabled:
+            release()

@@ -1,0 +1,456 @@
+"""Command-line habits: --version, init, ASINB_CONFIG, stdin/stdout, safe paths, lookup."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker import __version__, cli
+from broker.exitcode import ExitCode
+
+REPO = Path(__file__).resolve().parent.parent
+
+_CONFIG = """
+[api]
+endpoint = "simulator"
+
+[[keys]]
+name = "demo"
+credential_id = "demo-id"
+version = "3.1"
+partner_tags = { "www.amazon.com" = "demo-20" }
+tps = 50.0
+tpd = 0
+
+[log]
+format = "json"
+
+[simulator]
+seed = 3
+"""
+
+_DEAD = """
+[api]
+endpoint = "http://127.0.0.1:9"
+
+[[keys]]
+name = "demo"
+credential_id = "demo-id"
+credential_secret_env = "ASINB_DEMO_SECRET"
+version = "3.1"
+partner_tags = { "www.amazon.com" = "demo-20" }
+
+[retry]
+outage_budget_s = 600
+
+[log]
+format = "json"
+level = "error"
+"""
+
+
+def _config(tmp_path: Path, text: str = _CONFIG) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def _job(tmp_path: Path, n: int = 5, name: str = "job.txt") -> Path:
+    job = tmp_path / name
+    job.write_text("".join(f"B0TEST{i:04d}\n" for i in range(n)))
+    return job
+
+
+def _jsonl(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class TestVersionAndInit:
+    def test_version(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """``broker --version`` prints the package version and exits 0."""
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--version"])
+        assert info.value.code == 0
+        assert capsys.readouterr().out.strip() == f"broker {__version__}"
+
+    def test_init_writes_a_config_that_works_with_the_simulator(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``broker init PATH`` writes the packaged template; lookup works with it at once."""
+        path = tmp_path / "conf" / "broker.toml"
+        assert cli.main(["init", str(path)]) == ExitCode.OK
+        text = path.read_text()
+        assert text.startswith("# asin-broker configuration")
+        assert cli.main(["check-config", "--config", str(path)]) == ExitCode.OK
+        capsys.readouterr()
+        assert cli.main(["lookup", "B0C1234567", "--config", str(path), "--json"]) == 0
+        [row] = _jsonl(capsys.readouterr().out)
+        assert row["status"] == "ok"
+
+    def test_init_never_overwrites_without_force(self, tmp_path: Path) -> None:
+        """An existing file is kept unless --force is given."""
+        path = tmp_path / "config.toml"
+        path.write_text("mine")
+        assert cli.main(["init", str(path)]) == ExitCode.USAGE
+        assert path.read_text() == "mine"
+        assert cli.main(["init", str(path), "--force"]) == ExitCode.OK
+        assert path.read_text() != "mine"
+
+
+class TestConfigLookup:
+    def test_env_names_the_config(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Without --config, $ASINB_CONFIG names the file; --config still wins."""
+        config = _config(tmp_path)
+        monkeypatch.setenv("ASINB_CONFIG", str(config))
+        other = tmp_path / "sub"
+        other.mkdir()
+        monkeypatch.chdir(other)
+        assert cli.main(["check-config"]) == ExitCode.OK
+        assert f"config ok: {config}" in capsys.readouterr().out
+        assert cli.main(["check-config", "--config", "nope.toml"]) == ExitCode.CONFIG
+
+    def test_missing_config_says_how_to_create_one(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """No config anywhere: the error names the file and `broker init`."""
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("ASINB_CONFIG", raising=False)
+        assert cli.main(["lookup", "B0C1234567"]) == ExitCode.CONFIG
+        err = capsys.readouterr().err
+        assert "config file not found: config.toml" in err
+        assert "broker init config.toml" in err
+        assert "ASINB_CONFIG" in err
+
+
+class TestRunPaths:
+    def test_out_naming_the_job_is_refused_before_writing(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """N10: --out naming the job file is a usage error; the job file is untouched."""
+        job = _job(tmp_path)
+        before = job.read_bytes()
+        code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", str(job)])
+        assert code == ExitCode.USAGE
+        assert "would overwrite it" in capsys.readouterr().err
+        assert job.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
+
+    def test_default_output_equal_to_the_job_is_refused(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """N10: ``broker run out/y.jsonl`` (default output out/y.jsonl) is refused too."""
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "out").mkdir()
+        job = tmp_path / "out" / "y.jsonl"
+        job.write_text('{"asin": "B0TEST0001"}\n')
+        before = job.read_bytes()
+        code = cli.main(["run", "out/y.jsonl", "--config", str(_config(tmp_path))])
+        assert code == ExitCode.USAGE
+        assert job.read_bytes() == before
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["y.jsonl"]
+
+    def test_missing_input_leaves_no_lock_or_directory(self, tmp_path: Path) -> None:
+        """A missing job file exits 66 and creates nothing (no out/, no lock file)."""
+        out = tmp_path / "out" / "x.jsonl"
+        code = cli.main(
+            ["run", str(tmp_path / "x.txt"), "--config", str(_config(tmp_path)), "--out", str(out)]
+        )
+        assert code == ExitCode.NO_INPUT
+        assert not (tmp_path / "out").exists()
+
+    def test_stdin_to_stdout(self, tmp_path: Path) -> None:
+        """``broker run - --out -`` reads ASINs on stdin and writes only JSON lines to stdout."""
+        config = _config(tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "broker", "run", "-", "--out", "-", "--config", str(config)],
+            input="B0TEST0001\nB0TEST0002\nnot-an-asin\n",
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        rows = _jsonl(proc.stdout)
+        assert sorted(str(row["input"]) for row in rows) == [
+            "B0TEST0001",
+            "B0TEST0002",
+            "not-an-asin",
+        ]
+        assert not (tmp_path / "-").exists()
+        assert not (tmp_path / "out").exists()
+
+
+class TestReruns:
+    def _run(self, tmp_path: Path, *extra: str) -> int:
+        job = tmp_path / "job.txt"
+        return cli.main(
+            [
+                "run",
+                str(job),
+                "--config",
+                str(_config(tmp_path)),
+                "--out",
+                str(tmp_path / "out.jsonl"),
+                "--progress",
+                "none",
+                *extra,
+            ]
+        )
+
+    def test_finished_job_says_it_is_complete(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A rerun of a finished job says complete, when fetched, and how to fetch again."""
+        _job(tmp_path)
+        assert self._run(tmp_path) == ExitCode.OK
+        capsys.readouterr()
+        assert self._run(tmp_path) == ExitCode.OK
+        err = capsys.readouterr().err
+        assert "this job is already complete (5 rows, fetched 20" in err
+        assert "--refresh" in err
+        assert "requests 0," in err
+
+    def test_refresh_fetches_again_and_replaces_on_completion(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--refresh fetches every row again; the new output replaces the old one."""
+        _job(tmp_path)
+        assert self._run(tmp_path) == ExitCode.OK
+        out = tmp_path / "out.jsonl"
+        first = {row["line"]: row["fetched_at"] for row in _jsonl(out.read_text())}
+        time.sleep(0.01)
+        capsys.readouterr()
+        assert self._run(tmp_path, "--refresh") == ExitCode.OK
+        assert "requests" in capsys.readouterr().err
+        second = {row["line"]: row["fetched_at"] for row in _jsonl(out.read_text())}
+        assert second.keys() == first.keys()
+        assert all(str(second[n]) > str(first[n]) for n in first)
+        leftovers = sorted(p.name for p in tmp_path.iterdir() if "refresh" in p.name)
+        assert leftovers == []
+        capsys.readouterr()
+        assert self._run(tmp_path) == ExitCode.OK
+        assert "already complete" in capsys.readouterr().err
+
+    def test_stopped_refresh_keeps_the_previous_output(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A refresh that fails before completing leaves the previous complete output."""
+        _job(tmp_path)
+        assert self._run(tmp_path) == ExitCode.OK
+        out = tmp_path / "out.jsonl"
+        before = out.read_bytes()
+        from broker.jobs import runner
+
+        async def boom(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(runner, "_fetch", boom)
+        assert self._run(tmp_path, "--refresh") == ExitCode.IO_ERROR
+        assert out.read_bytes() == before
+        monkeypatch.undo()
+        assert self._run(tmp_path, "--refresh") == ExitCode.OK
+        assert out.read_bytes() != before
+        assert len(_jsonl(out.read_text())) == 5
+
+    def test_promotion_interrupted_by_a_crash_is_finished_next_time(self, tmp_path: Path) -> None:
+        """A crash after the new output moved but before the ledger did is finished later."""
+        from broker.jobs import runner
+
+        out = tmp_path / "out.jsonl"
+        side = tmp_path / "out.jsonl.refresh"
+        for path, text in [
+            (out, "old rows"),
+            (tmp_path / "out.jsonl.ledger", "old ledger"),
+            (tmp_path / "out.jsonl.ledger-wal", "old journal"),
+            (side, "new rows"),
+            (tmp_path / "out.jsonl.refresh.ledger", "new ledger"),
+        ]:
+            path.write_text(text)
+        marker = tmp_path / "out.jsonl.refresh.promote"
+        marker.touch()
+        side.replace(out)  # the crash came right after the output moved
+        runner._finish_promotion(out)
+        assert out.read_text() == "new rows"
+        assert (tmp_path / "out.jsonl.ledger").read_text() == "new ledger"
+        assert not (tmp_path / "out.jsonl.ledger-wal").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.ledger"]
+        runner._finish_promotion(out)  # nothing under way: a no-op
+        assert out.read_text() == "new rows"
+
+    def test_ordered_writes_rows_in_input_order(self, tmp_path: Path) -> None:
+        """--ordered: the finished output lists rows in input order."""
+        _job(tmp_path, 40)
+        assert self._run(tmp_path, "--ordered") == ExitCode.OK
+        lines = [row["line"] for row in _jsonl((tmp_path / "out.jsonl").read_text())]
+        assert lines == list(range(1, 41))
+        assert self._run(tmp_path, "--ordered") == ExitCode.OK
+        assert len(_jsonl((tmp_path / "out.jsonl").read_text())) == 40
+
+
+class TestLookup:
+    def test_outage_exits_69_within_the_budget(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """K10: an unreachable endpoint makes lookup give up after --outage-budget, exit 69."""
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "not-a-real-secret")
+        config = _config(tmp_path, _DEAD)
+        started = time.monotonic()
+        code = cli.main(["lookup", "B0C1234567", "--config", str(config), "--outage-budget", "0.5"])
+        took = time.monotonic() - started
+        assert code == ExitCode.UNAVAILABLE
+        assert took < 30
+        err = capsys.readouterr().err
+        assert "stayed unreachable for 0.5 s (--outage-budget)" in err
+
+    def test_rows_match_run_rows(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """lookup --json prints the row ``run`` writes for the same ASIN (bar fetch times)."""
+        config = _config(tmp_path)
+        job = tmp_path / "one.txt"
+        job.write_text("B0C1234567\n")
+        out = tmp_path / "one.jsonl"
+        assert cli.main(["run", str(job), "--config", str(config), "--out", str(out)]) == 0
+        [run_row] = _jsonl(out.read_text())
+        capsys.readouterr()
+        assert cli.main(["lookup", "B0C1234567", "--config", str(config), "--json"]) == 0
+        [lookup_row] = _jsonl(capsys.readouterr().out)
+        for row in (run_row, lookup_row):
+            row.pop("fetched_at")
+        assert lookup_row == run_row
+
+    def test_resources_flag(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """--resources picks what the item carries."""
+        config = _config(tmp_path)
+        code = cli.main(
+            [
+                "lookup",
+                "B0C1234567",
+                "--config",
+                str(config),
+                "--json",
+                "--resources",
+                "itemInfo.title",
+            ]
+        )
+        assert code == 0
+        [row] = _jsonl(capsys.readouterr().out)
+        item = row["item"]
+        assert isinstance(item, dict)
+        assert item.get("itemInfo")
+        assert not item.get("offersV2")
+
+    def test_terminal_gets_a_readable_summary(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """On a terminal lookup prints a few readable lines per ASIN, not JSON."""
+        config = _config(tmp_path)
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+        assert cli.main(["lookup", "B0C1234567", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("B0C1234567  www.amazon.com  ok\n")
+        assert "{" not in out
+
+
+class TestProgress:
+    def test_live_line_fits_the_terminal(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The live progress line is cut to the terminal's width (it never wraps)."""
+        from broker.jobs import runner
+
+        monkeypatch.setattr(os, "get_terminal_size", lambda fd=0: os.terminal_size((50, 20)))
+        line = runner._fit("\r" + "x" * 300)
+        assert line.startswith("\r")
+        assert len(line) == 50
+
+    def test_first_progress_event_comes_early_when_piped(self, tmp_path: Path) -> None:
+        """Piped, the first broker.progress event comes within a few seconds, not 30."""
+        job = _job(tmp_path, 600)
+        config = _config(tmp_path, _CONFIG.replace("tps = 50.0", "tps = 5.0"))
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "run",
+                str(job),
+                "--config",
+                str(config),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+            ],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        assert proc.stderr is not None
+        started = None
+        seen = None
+        try:
+            for line in proc.stderr:
+                # Timed from the job's start: interpreter start-up varies with machine load.
+                if '"broker.job_started"' in line:
+                    started = time.monotonic()
+                if '"broker.progress"' in line and started is not None:
+                    seen = time.monotonic() - started
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            proc.stderr.close()
+        assert seen is not None
+        assert seen < 8.0
+
+
+def test_library_stdout_is_only_the_scripts_output(tmp_path: Path) -> None:
+    """A script using the library prints JSON: its stdout parses as that JSON alone."""
+    config = _config(tmp_path)
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import asyncio, json, sys\n"
+        "from broker import Broker\n"
+        "async def main():\n"
+        f"    async with Broker.from_config({str(config)!r}) as broker:\n"
+        "        results = await broker.get_items(['B0C1234567', 'B0C1234568'])\n"
+        "    json.dump([r.status.value for r in results], sys.stdout)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["ok", "ok"]
+
+
+def test_cli_routes_stdlib_records_through_redaction() -> None:
+    """The CLI's logging renders aiohttp's stdlib records with the same redaction."""
+    import logging
+
+    from broker.logs import configure_logging, get_logger
+
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    try:
+        logging.getLogger("aiohttp.client").warning("sent Authorization: Bearer abc.def")
+        get_logger("broker").debug("broker.request", key="demo", status=200)
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            if handler.get_name() == "broker-cli":
+                logging.getLogger().removeHandler(handler)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert records[0]["event"] == "sent Authorization: Bearer ***"
+    assert records[1]["event"] == "broker.request"
+    assert records[1]["level"] == "debug"

@@ -1,0 +1,165 @@
+"""Marketplace names in job rows and ``broker lookup --marketplace`` (N2, issue 11)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from broker import cli
+from broker.exitcode import ExitCode
+
+_CONFIG = """
+[api]
+endpoint = "simulator"
+marketplace = "www.amazon.com"
+
+[[keys]]
+name = "demo"
+credential_id = "demo-id"
+version = "3.1"
+partner_tags = { "www.amazon.com" = "demo-20", "www.amazon.co.uk" = "demo-21" }
+tps = 50.0
+tpd = 0
+
+[log]
+format = "json"
+
+[simulator]
+seed = 3
+"""
+
+
+def _config(tmp_path: Path, text: str = _CONFIG) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class TestJobRows:
+    def test_every_spelling_runs_and_bad_rows_do_not_stop_the_job(self, tmp_path: Path) -> None:
+        """US, amazon.com, default, UK: ok; an unserved store failed, unknown invalid; exit 3."""
+        job = tmp_path / "mk.csv"
+        job.write_text(
+            "asin,marketplace\n"
+            "B0C1234567,US\n"
+            "B0C1234568,amazon.com\n"
+            "B0C1234569,\n"
+            "B0D7654321,amazon.co.uk\n"
+            "B0D7654322,uk\n"
+            "B0E1111111,DE\n"
+            "B0F2222222,amazon.moon\n"
+        )
+        out = tmp_path / "out.jsonl"
+        code = cli.main(
+            [
+                "run",
+                str(job),
+                "--config",
+                str(_config(tmp_path)),
+                "--out",
+                str(out),
+                "--progress",
+                "none",
+            ]
+        )
+        assert code == ExitCode.SOME_FAILED
+        rows = {row["line"]: row for row in _rows(out)}
+        assert len(rows) == 7
+        markets = [rows[n]["marketplace"] for n in range(2, 9)]
+        assert markets[:5] == ["www.amazon.com"] * 3 + ["www.amazon.co.uk"] * 2
+        assert {rows[n]["status"] for n in range(2, 7)} <= {"ok", "not_found"}
+        unserved = rows[7]
+        assert unserved["status"] == "failed"
+        assert unserved["marketplace"] == "www.amazon.de"
+        error = unserved["error"]
+        assert isinstance(error, dict)
+        assert error["code"] == "NoKeyForMarketplace"
+        assert '"www.amazon.de" = "yourtag-21"' in error["remedy"]
+        assert unserved["attempts"] == 0
+        unknown = rows[8]
+        assert unknown["status"] == "invalid"
+        assert isinstance(unknown["error"], dict)
+        assert unknown["error"]["code"] == "UnknownMarketplace"
+        assert "amazon.moon" in unknown["error"]["message"]
+
+    def test_alias_row_same_store_as_canonical(self, tmp_path: Path) -> None:
+        """N2: a row for amazon.co.uk finishes ok like www.amazon.co.uk (was exit 77, 0 rows)."""
+        job = tmp_path / "mk.csv"
+        job.write_text(
+            "asin,marketplace\nB0C1234567,www.amazon.com\nB0D7654321,amazon.co.uk\n"
+            "B0E1111111,www.amazon.com\n"
+        )
+        out = tmp_path / "mk.jsonl"
+        code = cli.main(
+            [
+                "run",
+                str(job),
+                "--config",
+                str(_config(tmp_path)),
+                "--out",
+                str(out),
+                "--progress",
+                "none",
+            ]
+        )
+        assert code == ExitCode.OK
+        rows = sorted(_rows(out), key=lambda row: str(row["line"]))
+        assert [row["marketplace"] for row in rows] == [
+            "www.amazon.com",
+            "www.amazon.co.uk",
+            "www.amazon.com",
+        ]
+
+
+class TestLookup:
+    @pytest.mark.parametrize("name", ["UK", "uk", "amazon.co.uk", "www.amazon.co.uk"])
+    def test_marketplace_flag_takes_config_names(
+        self, tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """N2: ``lookup --marketplace UK`` is the UK store (was exit 77 InvalidPartnerTag)."""
+        config = _config(tmp_path)
+        code = cli.main(["lookup", "B0C1234567", "--config", str(config), "--marketplace", name])
+        assert code == ExitCode.OK
+        [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert row["marketplace"] == "www.amazon.co.uk"
+        assert row["status"] == "ok"
+
+    def test_unknown_marketplace_is_a_usage_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An unknown --marketplace is refused before any request, naming it."""
+        config = _config(tmp_path)
+        code = cli.main(["lookup", "B0C1234567", "--config", str(config), "--marketplace", "xx"])
+        assert code == ExitCode.USAGE
+        assert "unknown marketplace 'xx'" in capsys.readouterr().err
+
+    def test_unserved_marketplace_is_a_failed_row(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A marketplace no key serves gives a failed row naming the config line, exit 3."""
+        config = _config(tmp_path)
+        code = cli.main(["lookup", "B0C1234567", "--config", str(config), "--marketplace", "DE"])
+        assert code == ExitCode.SOME_FAILED
+        [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert row["status"] == "failed"
+        assert row["error"]["code"] == "NoKeyForMarketplace"
+
+
+class TestCheckConfig:
+    def test_warns_when_default_marketplace_has_no_key(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """check-config says when no key has a partner tag for the default marketplace."""
+        config = _config(
+            tmp_path, _CONFIG.replace('marketplace = "www.amazon.com"', 'marketplace = "DE"')
+        )
+        assert cli.main(["check-config", "--config", str(config)]) == ExitCode.OK
+        err = capsys.readouterr().err
+        assert "warning" in err
+        assert "www.amazon.de" in err

@@ -1,0 +1,59 @@
+"""The one TOML table reader behind config.toml's broker and simulator tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.config import parse_config
+from broker.errors import ConfigError
+from broker.simulator.settings import SimulatorSettings
+from broker.tomltable import TomlTable
+
+
+class TestTomlTable:
+    def test_errors_name_the_path_and_never_the_value(self) -> None:
+        """A wrong type names the key path and the TOML type, not the value."""
+        table = TomlTable({"tps": "hunter2"}, "keys[0]")
+        with pytest.raises(ConfigError) as caught:
+            table.number("tps", 1.0)
+        assert caught.value.path == "keys[0].tps"
+        assert "hunter2" not in str(caught.value)
+        assert "a string" in caught.value.message
+
+    def test_unknown_keys_are_refused(self) -> None:
+        """A key no getter read is refused by finish()."""
+        table = TomlTable({"tps": 1, "tpss": 2}, "")
+        table.number("tps", 1.0)
+        with pytest.raises(ConfigError) as caught:
+            table.finish()
+        assert caught.value.path == "tpss"
+
+    def test_bounds(self) -> None:
+        """Exclusive and inclusive bounds, and integer ranges."""
+        table = TomlTable({"a": 0, "b": 11}, "t")
+        with pytest.raises(ConfigError, match="must be > 0"):
+            table.number("a", 1.0, minimum=0.0, exclusive=True)
+        with pytest.raises(ConfigError, match="between 1 and 10"):
+            table.integer("b", 1, minimum=1, maximum=10)
+
+    def test_config_and_simulator_read_alike(self) -> None:
+        """The broker's tables and [simulator] report a bad value the same way."""
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [
+                {
+                    "name": "demo",
+                    "credential_id": "demo-id",
+                    "version": "3.1",
+                    "partner_tags": {"US": "demo-20"},
+                    "tps": "x",
+                }
+            ],
+        }
+        with pytest.raises(ConfigError) as broker_error:
+            parse_config(document, environ={})
+        with pytest.raises(ConfigError) as sim_error:
+            SimulatorSettings.from_mapping({"burst": "x"})
+        assert broker_error.value.message == "must be a number, not a string"
+        assert sim_error.value.message == "must be an integer, not a string"
+        assert sim_error.value.path == "simulator.burst"
