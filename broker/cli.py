@@ -277,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.CONFIG
     try:
         config = load_config(path)
+        if config.api.uses_simulator or config.simulator.data:
+            from broker.client import simulator_settings
+
+            simulator_settings(config)  # [simulator] is checked now, not at first use
     except ConfigError as exc:
         print(f"broker: invalid config {path}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG

@@ -16,9 +16,21 @@ from broker.errors import ConfigError
 from broker.models import Query, Secret
 
 if TYPE_CHECKING:
-    from broker.config import KeyConfig
+    from broker.config import BrokerConfig, KeyConfig
+    from broker.simulator.settings import SimulatorSettings
 
-__all__ = ["Broker", "Query"]
+__all__ = ["Broker", "Query", "simulator_settings"]
+
+
+def simulator_settings(config: BrokerConfig) -> SimulatorSettings:
+    """The embedded simulator's settings from the config's ``[simulator]`` table.
+
+    Raises:
+        ConfigError: naming the key path of an unknown key or a bad value.
+    """
+    from broker.simulator.settings import SimulatorSettings
+
+    return SimulatorSettings.from_mapping(config.simulator.data, path="simulator")
 
 
 class Broker(EngineBroker):
@@ -29,7 +41,7 @@ class Broker(EngineBroker):
             return await super()._open_endpoint(stack)
         from broker.simulator.server import SimulatorServer
 
-        server = await stack.enter_async_context(SimulatorServer(self.config.simulator))
+        server = await stack.enter_async_context(SimulatorServer(simulator_settings(self.config)))
         return server.url
 
     def _missing_secret(self, key: KeyConfig) -> Secret:
@@ -39,7 +51,7 @@ class Broker(EngineBroker):
         value = None
         if self.config.api.uses_simulator:
             value = simulator_secret(
-                self.config.api.protocol.value, key.credential_id, self.config.simulator
+                self.config.api.protocol.value, key.credential_id, simulator_settings(self.config)
             )
         if value is None:
             raise ConfigError(

@@ -8,6 +8,7 @@ Environment access goes through an injectable ``environ`` mapping, so tests pass
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import re
@@ -22,7 +23,6 @@ from urllib.parse import urlsplit
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import ConfigError
 from broker.models import Protocol, Secret
-from broker.simulator.settings import SimulatorSettings
 from broker.tomltable import TomlTable
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "RateConfig",
     "RetryConfig",
     "ServeConfig",
+    "SimulatorTable",
     "config_from_dict",
     "is_loopback_host",
     "load_config",
@@ -197,6 +198,35 @@ class LogConfig:
     format: str = "auto"
 
 
+class SimulatorTable:
+    """The ``[simulator]`` table as written, for the embedded simulator to read.
+
+    The config layer does not import the simulator that judges the client (the import
+    layers, ``tests/test_layers.py``): :func:`broker.client.simulator_settings` reads and
+    checks this table, and the command line does so right after loading the file. Its
+    values may hold account secrets, so its repr shows only the key names.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, object] | None = None) -> None:
+        self._data: Mapping[str, object] = copy.deepcopy(dict(data or {}))
+
+    @property
+    def data(self) -> Mapping[str, object]:
+        """The table's contents (a private copy)."""
+        return copy.deepcopy(dict(self._data))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SimulatorTable) and other._data == self._data
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._data)))
+
+    def __repr__(self) -> str:
+        return f"SimulatorTable(keys={sorted(self._data)})"
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The whole configuration."""
@@ -209,7 +239,7 @@ class BrokerConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     log: LogConfig = field(default_factory=LogConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
+    simulator: SimulatorTable = field(default_factory=SimulatorTable)
     source: str = "<objects>"
 
 
@@ -282,7 +312,7 @@ def parse_config(
         output=_parse_output(table.table("output")),
         log=_parse_log(table.table("log")),
         serve=_parse_serve(table.table("serve")),
-        simulator=SimulatorSettings.from_mapping(sim_table or {}, path="simulator"),
+        simulator=SimulatorTable(sim_table),
         source=source,
     )
     _finish(table)

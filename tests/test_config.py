@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from broker.client import simulator_settings
 from broker.config import load_config, parse_config
 from broker.errors import ConfigError
 from broker.models import Protocol
@@ -49,8 +50,9 @@ def _with(path: str, value: object) -> dict[str, Any]:
 
 
 def _error(document: dict[str, Any], environ: dict[str, str] | None = None) -> ConfigError:
+    """The error of loading ``document`` as the CLI does ([simulator] checked at load)."""
     with pytest.raises(ConfigError) as info:
-        parse_config(document, environ=ENV if environ is None else environ)
+        simulator_settings(parse_config(document, environ=ENV if environ is None else environ))
     return info.value
 
 

@@ -37,7 +37,7 @@ from broker import cli
 from broker.api.base import HttpRequest, RawResponse
 from broker.api.oauth import CreatorsTokenCache
 from broker.api.sigv4 import SigV4Signer
-from broker.client import Broker
+from broker.client import Broker, simulator_settings
 from broker.config import BrokerConfig, load_config, parse_config
 from broker.engine.authorizer import BearerAuthorizer, SigV4Authorizer
 from broker.engine.transport import AiohttpTransport
@@ -1094,8 +1094,9 @@ class TestReprsHideCredentials:
             "accounts": [{"name": "a", "credential_id": "a-id", "secret": secret}]
         }
         config = parse_config(document, environ={})
-        assert config.simulator.accounts[0].secret == secret
-        assert secret not in repr(config) + str(config) + repr(config.simulator)
+        settings = simulator_settings(config)
+        assert settings.accounts[0].secret == secret
+        assert secret not in repr(config) + str(config) + repr(settings)
 
     def test_config_errors_never_quote_a_secret(self) -> None:
         """Every way of getting a key's secret wrong yields a message without the secret."""
