@@ -171,3 +171,24 @@ class TestConfigFromDict:
         """A secret written into the document itself is refused, as in the file."""
         with pytest.raises(ConfigError, match="secrets are never read"):
             config_from_dict(_document(credential_secret="oops"), environ={})
+
+
+async def test_async_broker_from_dict() -> None:
+    """Broker.from_dict builds the async broker from a document and secrets in code."""
+    from broker import Broker
+
+    document = {
+        "api": {"endpoint": "simulator"},
+        "keys": [
+            {
+                "name": "main",
+                "credential_id": "demo-id",
+                "version": "3.1",
+                "partner_tags": {"US": "demo-20"},
+            }
+        ],
+    }
+    async with Broker.from_dict(document, secrets={"main": "demo-secret"}) as broker:
+        result = await broker.get_item("B0C1234567")
+    assert result.ok
+    assert broker.config.keys[0].secret_source == "secrets['main']"

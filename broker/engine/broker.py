@@ -131,6 +131,24 @@ class Broker:
         """Build a broker from a config file (secrets from ``environ``, default os.environ)."""
         return cls(load_config(path, environ=environ), **kwargs)
 
+    @classmethod
+    def from_dict(
+        cls,
+        document: Mapping[str, object],
+        *,
+        secrets: Mapping[str, str | Secret] | None = None,
+        environ: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Build a broker from a configuration in code (see :func:`broker.config_from_dict`).
+
+        ``document`` has the shape of config.toml; ``secrets`` maps key names to their
+        secrets, for applications that keep credentials in their own settings.
+        """
+        from broker.config import config_from_dict
+
+        return cls(config_from_dict(document, secrets=secrets, environ=environ), **kwargs)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
