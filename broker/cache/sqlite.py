@@ -35,6 +35,8 @@ _T = TypeVar("_T")
 _BUSY_TIMEOUT_MS: Final = 5_000
 #: Run an incremental vacuum once this many pages are free, so the file shrinks back.
 _VACUUM_FREE_PAGES: Final = 256
+#: The write-ahead log is cut back to this size after a checkpoint.
+_WAL_LIMIT_BYTES: Final = 8 * 1024 * 1024
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS item_cache (
@@ -142,6 +144,8 @@ class SqliteCache(StoreCache):
             # WAL + NORMAL: a crashed process never tears a commit; a power cut may lose
             # the last ones, which for a cache is only a miss.
             db.execute("PRAGMA synchronous = NORMAL")
+            # The WAL is checkpointed every 1,000 pages; this truncates it back afterwards.
+            db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
             # One script, one transaction: two processes creating the file at once agree.
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
         except BaseException:
