@@ -1,4 +1,4 @@
-"""The command line: ``broker run | serve | lookup | simulate | bench | check-config``.
+"""The command line: ``broker run | serve | lookup | simulate | bench | check-config | cache``.
 
 A thin edge over the library: it parses arguments, configures logging, picks the event
 loop (uvloop where available) and maps errors to documented exit codes.
@@ -150,6 +150,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "masked); exit 78 naming the bad key path if it is invalid.",
     )
     check.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+
+    cache = sub.add_parser(
+        "cache",
+        help="show or purge the item cache (stats | purge)",
+        description="Inspect or empty the item cache of answers kept within Amazon's 24-hour rule.",
+    )
+    from broker.cache.cli import add_arguments as add_cache_arguments
+
+    add_cache_arguments(cache)
     return parser
 
 
@@ -194,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_loop(_lookup(config, args.asins, args.marketplace))
     if args.command == "run":
         return _run_loop(_run(config, args))
+    if args.command == "cache":
+        from broker.cache.cli import cache_command
+
+        return _run_loop(cache_command(config, args))
     if args.command == "serve":
         from broker.jobs.serve import serve_command
 

@@ -397,3 +397,43 @@ def test_fetched_at_kept_to_the_microsecond(clock: FakeClock) -> None:
     key = CacheKey.of(US, "B000000001", TITLE)
     back = decode(encode(key, answer), None)
     assert answer.to_json()["fetched_at"] == back.to_json()["fetched_at"]
+
+
+class TestCommandLine:
+    def _config(self, tmp_path: Path) -> Path:
+        config = tmp_path / "config.toml"
+        config.write_text(
+            '[api]\nprotocol = "paapi5"\n'
+            '[[keys]]\nname = "k"\ncredential_id = "id"\n'
+            'partner_tags = { "www.amazon.com" = "t-20" }\n'
+            '[cache]\npath = "cache.sqlite3"\n'
+        )
+        return config
+
+    async def _fill(self, path: Path) -> None:
+        clock = FakeClock()
+        async with SqliteCache(path, CachePolicy(60), namespace="paapi5", clock=clock) as cache:
+            await cache.put_many([ok(f"B00000000{i}", clock) for i in range(4)])
+
+    def test_stats_and_purge(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """``broker cache stats --json`` counts entries; ``purge --asin`` and ``purge`` delete."""
+        import asyncio
+        import json
+
+        from broker.cli import main
+
+        config = self._config(tmp_path)
+        asyncio.run(self._fill(tmp_path / "cache.sqlite3"))
+        assert main(["cache", "stats", "--config", str(config), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (
+            report["entries"],
+            report["namespace"],
+            report["max_age_s"],
+        ) == (4, "paapi5", 86_400)
+        assert main(["cache", "purge", "--config", str(config), "--asin", "b000000001"]) == 0
+        assert "purged 1 " in capsys.readouterr().out
+        assert main(["cache", "purge", "--config", str(config), "--older-than", "1e9"]) == 0
+        assert "purged 0 " in capsys.readouterr().out
+        assert main(["cache", "purge", "--config", str(config)]) == 0
+        assert "purged 3 " in capsys.readouterr().out

@@ -8,15 +8,16 @@ from typing import TYPE_CHECKING, Final
 
 from broker.cache.memory import MemoryCache
 from broker.cache.paths import default_cache_path
-from broker.cache.policy import CEILING_S
+from broker.cache.policy import CEILING_S, CachePolicy
 from broker.cache.sqlite import SqliteCache
+from broker.errors import ConfigError
 
 if TYPE_CHECKING:
     from broker.cache.base import StoreCache
     from broker.clock import Clock
     from broker.config import CacheConfig
 
-__all__ = ["LIBRARY_MAX_AGE_S", "RUN_MAX_AGE_S", "open_cache"]
+__all__ = ["LIBRARY_MAX_AGE_S", "RUN_MAX_AGE_S", "open_cache", "open_store"]
 
 #: Library default when ``[cache] max_age_s`` is unset: off.
 LIBRARY_MAX_AGE_S: Final = 0.0
@@ -56,14 +57,36 @@ def open_cache(
         )
     if not policy.enabled:
         return None
-    common = {"namespace": namespace, "clock": clock, "batch_size": batch_size}
+    return open_store(
+        config, policy, namespace=namespace, clock=clock, batch_size=batch_size, environ=environ
+    )
+
+
+def open_store(
+    config: CacheConfig,
+    policy: CachePolicy,
+    *,
+    namespace: str,
+    clock: Clock | None = None,
+    batch_size: int = 10,
+    environ: Mapping[str, str] | None = None,
+) -> StoreCache:
+    """Return the configured home with ``policy``, even a disabled one (for ``broker cache``)."""
     if config.backend == "memory":
         return MemoryCache(policy, namespace=namespace, clock=clock, batch_size=batch_size)
     if config.backend == "redis":
         # Imported here: redis is an optional dependency, needed only for this backend.
         from broker.cache.redis_store import RedisCache
 
-        assert config.redis_url is not None  # the config parser requires it
-        return RedisCache.from_url(config.redis_url, policy, key_prefix=config.key_prefix, **common)
+        if config.redis_url is None:
+            raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
+        return RedisCache.from_url(
+            config.redis_url,
+            policy,
+            key_prefix=config.key_prefix,
+            namespace=namespace,
+            clock=clock,
+            batch_size=batch_size,
+        )
     path = Path(config.path) if config.path else default_cache_path(environ)
     return SqliteCache(path, policy, namespace=namespace, clock=clock, batch_size=batch_size)

@@ -63,10 +63,27 @@ class RedisCache(StoreCache):
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, policy: CachePolicy, **kwargs: object) -> RedisCache:
+    def from_url(
+        cls,
+        url: str,
+        policy: CachePolicy,
+        *,
+        key_prefix: str = "asinb:cache:",
+        namespace: str = "creators",
+        clock: Clock | None = None,
+        batch_size: int = 10,
+    ) -> RedisCache:
         """Connect to ``url`` (``redis://host:port/db``); the cache owns the client."""
         client = Redis.from_url(url, decode_responses=False)
-        return cls(client, policy, owns_client=True, **kwargs)  # type: ignore[arg-type]
+        return cls(
+            client,
+            policy,
+            key_prefix=key_prefix,
+            namespace=namespace,
+            clock=clock,
+            batch_size=batch_size,
+            owns_client=True,
+        )
 
     def _name(self, key: CacheKey) -> str:
         return f"{self._base}item:{key.text()}"
