@@ -437,3 +437,20 @@ class TestCommandLine:
         assert "purged 0 " in capsys.readouterr().out
         assert main(["cache", "purge", "--config", str(config)]) == 0
         assert "purged 3 " in capsys.readouterr().out
+
+
+def test_cache_sits_below_the_engine() -> None:
+    """Importing every cache module loads no engine, jobs, cli or simulator module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, broker.cache as c\n"
+        "for m in pkgutil.walk_packages(c.__path__, 'broker.cache.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(\n"
+        "    ('broker.engine', 'broker.jobs', 'broker.cli', 'broker.simulator'))))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
