@@ -181,19 +181,21 @@ class StoreCache(abc.ABC):
         """Store the ``ok`` answers among ``results``; return how many were stored.
 
         not_found, invalid and failed results are never stored, nor results that were
-        themselves served from the cache (that would restart their age), nor results
-        without a complete query (their resource set is unknown).
+        themselves served from the cache (that would restart their age).
+
+        Raises:
+            ValueError: an ``ok`` result without a complete ``query`` (its resource set is
+                unknown, so it cannot be keyed).
         """
         entries: dict[CacheKey, Entry] = {}
         for result in results:
-            if (
-                result.status is not Status.OK
-                or result.cached
-                or result.fetched_at is None
-                or result.query is None
-                or result.query.resources is None
-            ):
+            if result.status is not Status.OK or result.cached or result.fetched_at is None:
                 continue
+            if result.query is None or result.query.resources is None:
+                raise ValueError(
+                    f"cannot cache {result.asin}: the result carries no complete query "
+                    "(marketplace and resources)"
+                )
             key = CacheKey.of(
                 result.query.marketplace or result.marketplace, result.asin, result.query.resources
             )
