@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from broker.cache import (
     normalise_resources,
     open_cache,
 )
+from broker.cache.front import CacheFront
 from broker.cache.redis_store import RedisCache
 from broker.config import CacheConfig, parse_config
 from broker.errors import ConfigError
@@ -454,3 +456,57 @@ def test_cache_sits_below_the_engine() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+class _CountingCache(MemoryCache):
+    """A memory cache that counts its batch calls and can be made to fail."""
+
+    def __init__(self, policy: CachePolicy, clock: FakeClock) -> None:
+        super().__init__(policy, clock=clock)
+        self.get_calls: list[int] = []
+        self.put_calls: list[int] = []
+        self.broken = False
+
+    async def get_many(
+        self, queries: Sequence[Query], *, max_age_s: float | None = None
+    ) -> list[ItemResult | None]:
+        self.get_calls.append(len(queries))
+        if self.broken:
+            raise OSError("disk gone")
+        return await super().get_many(queries, max_age_s=max_age_s)
+
+    async def put_many(self, results: Iterable[ItemResult]) -> int:
+        batch = list(results)
+        self.put_calls.append(len(batch))
+        if self.broken:
+            raise OSError("disk gone")
+        return await super().put_many(batch)
+
+
+class TestFront:
+    async def test_gets_of_one_tick_share_one_batch(self, clock: FakeClock) -> None:
+        """Fifty lookups admitted together cost one get_many; puts are written behind."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache)
+        for i in range(20):
+            front.put(ok(f"B0000000{i:02d}", clock))
+        front.put(dataclasses.replace(ok("B000000099", clock), status=Status.NOT_FOUND))
+        await front.flush()
+        assert sum(cache.put_calls) == 20
+        assert len(cache.put_calls) <= 2
+        got = await asyncio.gather(*(front.get(q(f"B0000000{i:02d}")) for i in range(50)))
+        assert cache.get_calls == [50]
+        assert [r is not None and r.cached for r in got] == [True] * 20 + [False] * 30
+        await front.aclose()
+
+    async def test_a_failing_store_never_fails_a_lookup(self, clock: FakeClock) -> None:
+        """Reads become misses and writes are dropped, counted, when the store fails."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache)
+        cache.broken = True
+        assert await front.get(q("B000000001")) is None
+        front.put(ok("B000000001", clock))
+        await front.flush()
+        assert (front.failed_reads, front.dropped_writes) == (1, 1)
+        await front.aclose()
+        assert await front.get(q("B000000001")) is None

@@ -6,6 +6,7 @@ Read before batching (only misses are sent), filled by ``ok`` answers only. Thre
 """
 
 from broker.cache.base import ItemCache, StoreCache, key_of
+from broker.cache.front import CacheFront
 from broker.cache.memory import MemoryCache
 from broker.cache.open import LIBRARY_MAX_AGE_S, RUN_MAX_AGE_S, open_cache
 from broker.cache.paths import default_cache_path, state_dir
@@ -25,6 +26,7 @@ __all__ = [
     "CEILING_S",
     "LIBRARY_MAX_AGE_S",
     "RUN_MAX_AGE_S",
+    "CacheFront",
     "CacheKey",
     "CachePolicy",
     "CacheStats",
