@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import structlog
 
+from broker.cache.base import key_of
+
 if TYPE_CHECKING:
     from broker.cache.base import ItemCache
-    from broker.cache.policy import CacheStats
+    from broker.cache.policy import CacheKey, CacheStats
     from broker.models import ItemResult, Query
 
 __all__ = ["CacheFront"]
@@ -51,6 +55,8 @@ class CacheFront:
         self._read_batch = read_batch
         self._write_batch = write_batch
         self._reads: list[tuple[Query, asyncio.Future[ItemResult | None]]] = []
+        # Answers read ahead by prefetch(), taken (once) by the next get() of the same key.
+        self._ahead: dict[CacheKey, ItemResult | None] = {}
         self._read_scheduled = False
         self._writes: list[ItemResult] = []
         self._writer: asyncio.Task[None] | None = None
@@ -61,10 +67,32 @@ class CacheFront:
         #: reads answered as misses because the store failed
         self.failed_reads = 0
 
+    async def prefetch(self, queries: Sequence[Query]) -> None:
+        """Read ``queries`` in one batch now, so their :meth:`get` returns without waiting.
+
+        For a caller that knows its whole input (``get_items``): each lookup's own
+        ``get`` then neither suspends nor delays the batcher's linger timer.
+        """
+        if self._closed or not queries:
+            return
+        try:
+            results = await self.cache.get_many(queries, max_age_s=self._max_age_s)
+        except Exception as exc:
+            self.failed_reads += len(queries)
+            _log.warning("cache.read_failed", error=type(exc).__name__, lookups=len(queries))
+            results = [None] * len(queries)
+        for query, result in zip(queries, results, strict=True):
+            self._ahead[key_of(query)] = result
+
     async def get(self, query: Query) -> ItemResult | None:
         """The cached answer for a complete ``query`` (``cached=True``), or None."""
         if self._closed:
             return None
+        if self._ahead:
+            key = key_of(query)
+            if key in self._ahead:
+                ahead = self._ahead.pop(key)
+                return None if ahead is None else dataclasses.replace(ahead, query=query)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ItemResult | None] = loop.create_future()
         self._reads.append((query, future))
@@ -135,6 +163,7 @@ class CacheFront:
         with contextlib.suppress(Exception):
             await self.flush()
         self._closed = True
+        self._ahead.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.cache.aclose()

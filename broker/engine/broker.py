@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import os
 import random
@@ -26,6 +27,7 @@ from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import token_url
 from broker.api.paapi5 import PaapiDialect
 from broker.asin import check_asin
+from broker.cache import CacheFront, open_cache
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
@@ -100,6 +102,8 @@ class Broker:
         self.simulator_url: str | None = None
         #: why an engine task died (a bug, or e.g. the budget store's disk failing)
         self._crash: BaseException | None = None
+        #: the item cache ([cache]; None when off): read before batching, filled by ok answers
+        self._cache: CacheFront | None = None
 
     @classmethod
     def from_config(
@@ -199,6 +203,12 @@ class Broker:
             linger_s=config.engine.linger_s,
         )
         self._capacity = asyncio.Semaphore(config.engine.queue_size)
+        # Item cache (issue 13): off unless [cache] max_age_s is set; closed (queued writes
+        # flushed) when the broker closes.
+        cache = open_cache(config.cache, namespace=config.api.protocol.value, clock=self._clock)
+        if cache is not None:
+            self._cache = CacheFront(cache)
+            stack.push_async_callback(self._cache.aclose)
         self._spawn(self._batcher.run())
         for key in self._keys:
             self._spawn(self._dispatch(key))
@@ -391,6 +401,21 @@ class Broker:
         if existing is not None:
             existing.waiters += 1
             return existing.future, existing
+        # -- item cache (issue 13): a fresh cached answer never enters a batch ----------------
+        if self._cache is not None:
+            complete = Query(verdict.asin, marketplace, tuple(resources), query.tag)
+            hit = await self._cache.get(complete)
+            if hit is not None:
+                self._metrics.record_item(hit.status.value)
+                cached: asyncio.Future[ItemResult] = loop.create_future()
+                cached.set_result(hit)
+                return cached, None
+            existing = self._inflight.get(key)
+            if existing is not None:
+                # Asked by another caller while we read the cache: join its lookup.
+                existing.waiters += 1
+                return existing.future, existing
+        # -- end item cache ---------------------------------------------------------------------
         await self._capacity.acquire()
         if self._crash is not None:
             # The engine died while this caller waited for room: nothing would answer.
@@ -404,8 +429,32 @@ class Broker:
         lookup = Lookup(marketplace, verdict.asin, tuple(resources), loop.create_future())
         self._inflight[key] = lookup
         lookup.future.add_done_callback(lambda _f: self._finished(key))
+        if self._cache is not None:
+            lookup.future.add_done_callback(functools.partial(self._cache_answer, lookup))
         self._batcher.add(lookup)
         return lookup.future, lookup
+
+    def _complete(self, query: Query) -> Query | None:
+        """``query`` with its normalised ASIN and the config's defaults, or None if invalid."""
+        asin = check_asin(query.asin).asin
+        if asin is None:
+            return None
+        return Query(
+            asin,
+            query.marketplace or self.config.api.marketplace,
+            tuple(query.resources if query.resources is not None else self.config.api.resources),
+            query.tag,
+        )
+
+    def _cache_answer(self, lookup: Lookup, future: asyncio.Future[ItemResult]) -> None:
+        """Queue an ok answer for the item cache, keyed by the lookup's complete query."""
+        if self._cache is None or future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if result.ok and result.query is None:
+            query = Query(lookup.asin, lookup.marketplace, lookup.resources)
+            result = dataclasses.replace(result, query=query)
+        self._cache.put(result)
 
     @staticmethod
     def _abandon(lookup: Lookup | None, count: int = 1) -> None:
@@ -443,8 +492,12 @@ class Broker:
             tuple[asyncio.Future[ItemResult], Lookup | None],
         ] = {}
         try:
-            for item in asins:
-                query = self._query(item, marketplace, resources)
+            queries = [self._query(item, marketplace, resources) for item in asins]
+            if self._cache is not None:
+                # Item cache (issue 13): one batched read for the whole input.
+                complete = [c for c in map(self._complete, queries) if c is not None]
+                await self._cache.prefetch(complete)
+            for query in queries:
                 ident = (query.asin.strip().upper(), query.marketplace, query.resources)
                 if ident not in held:
                     held[ident] = await self._submit(query)
