@@ -7,6 +7,7 @@ the resources were given in.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -45,16 +46,23 @@ def normalise_resources(resources: Iterable[str]) -> tuple[str, ...]:
     ``offersV2.listings.price`` and ``OffersV2.Listings.Price`` name the same field in the
     two protocols, and the order a caller lists resources in does not change the answer.
     """
+    return _normalised(tuple(resources))
+
+
+# A run asks for a handful of distinct resource sets, once per ASIN: remember them.
+@functools.lru_cache(maxsize=256)
+def _normalised(resources: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted({name.strip().casefold() for name in resources if name.strip()}))
 
 
 def has_offer_resources(resources: Iterable[str]) -> bool:
     """True when any resource is a price or availability field (offersV2.*, Offers.*)."""
-    for name in resources:
-        root = name.strip().casefold().split(".", 1)[0]
-        if root in _OFFER_ROOTS:
-            return True
-    return False
+    return _has_offers(tuple(resources))
+
+
+@functools.lru_cache(maxsize=256)
+def _has_offers(resources: tuple[str, ...]) -> bool:
+    return any(name.strip().casefold().split(".", 1)[0] in _OFFER_ROOTS for name in resources)
 
 
 def check_max_age(value: float, path: str) -> float:

@@ -78,10 +78,12 @@ ON CONFLICT (ns, marketplace, asin, resources) DO UPDATE SET
 WHERE excluded.fetched_at >= item_cache.fetched_at
 """
 
-_SELECT: Final = """
-SELECT fetched_at, checksum, payload FROM item_cache
-WHERE ns = ? AND marketplace = ? AND asin = ? AND resources = ?
+_SELECT_MANY: Final = """
+SELECT marketplace, asin, resources, fetched_at, checksum, payload FROM item_cache
+WHERE ns = ? AND (marketplace, asin, resources) IN (VALUES {values})
 """
+#: Keys per SELECT (3 parameters each, well under SQLite's 32,766).
+_READ_CHUNK: Final = 300
 
 
 class SqliteCache(StoreCache):
@@ -159,15 +161,24 @@ class SqliteCache(StoreCache):
     # -- the home -----------------------------------------------------------------------
 
     async def _load(self, keys: Sequence[CacheKey]) -> dict[CacheKey, Entry]:
+        by_text = {(key.marketplace, key.asin, ",".join(key.resources)): key for key in keys}
+        wanted = list(by_text)
+
         def load(db: sqlite3.Connection) -> dict[CacheKey, Entry]:
             found: dict[CacheKey, Entry] = {}
-            # One read transaction: a consistent snapshot, one lock acquisition.
+            # One read transaction: a consistent snapshot, one lock acquisition; keys go
+            # in chunks of row values, so 10,000 keys cost 34 statements, not 10,000.
             db.execute("BEGIN")
             try:
-                for key in keys:
-                    row = db.execute(_SELECT, self._key_params(key)).fetchone()
-                    if row is not None:
-                        found[key] = Entry(key, float(row[0]), bytes(row[2]), bytes(row[1]))
+                for start in range(0, len(wanted), _READ_CHUNK):
+                    chunk = wanted[start : start + _READ_CHUNK]
+                    values = ",".join(["(?,?,?)"] * len(chunk))
+                    params = [self.namespace, *(part for row in chunk for part in row)]
+                    for marketplace, asin, resources, fetched_at, digest, payload in db.execute(
+                        _SELECT_MANY.format(values=values), params
+                    ):
+                        key = by_text[(marketplace, asin, resources)]
+                        found[key] = Entry(key, float(fetched_at), bytes(payload), bytes(digest))
             finally:
                 db.execute("COMMIT")
             return found
