@@ -18,6 +18,7 @@ from broker.cache import (
     CEILING_S,
     CacheKey,
     CachePolicy,
+    CacheStats,
     MemoryCache,
     SqliteCache,
     StoreCache,
@@ -510,3 +511,17 @@ class TestFront:
         assert (front.failed_reads, front.dropped_writes) == (1, 1)
         await front.aclose()
         assert await front.get(q("B000000001")) is None
+
+
+def test_stats_families_for_prometheus() -> None:
+    """Stats export as counters and gauges with stable names."""
+    stats = CacheStats(hits=25, misses=5, requests_saved=2, entries=7, bytes=900, evictions=1)
+    families = {name: (kind, value) for name, kind, _help, value in stats.families()}
+    assert families == {
+        "asinb_cache_hits_total": ("counter", 25),
+        "asinb_cache_misses_total": ("counter", 5),
+        "asinb_cache_requests_saved_total": ("counter", 2),
+        "asinb_cache_evictions_total": ("counter", 1),
+        "asinb_cache_entries": ("gauge", 7),
+        "asinb_cache_bytes": ("gauge", 900),
+    }

@@ -185,6 +185,37 @@ class CacheStats:
     evictions: int
     oldest_age_s: float | None = None
 
+    def families(self) -> tuple[tuple[str, str, str, float], ...]:
+        """Prometheus families as (name, type, help, value), for the metrics endpoint."""
+        return (
+            (
+                "asinb_cache_hits_total",
+                "counter",
+                "Lookups answered from the item cache.",
+                self.hits,
+            ),
+            (
+                "asinb_cache_misses_total",
+                "counter",
+                "Lookups the item cache could not answer.",
+                self.misses,
+            ),
+            (
+                "asinb_cache_requests_saved_total",
+                "counter",
+                "GetItems requests the cache hits replaced (hits / batch size).",
+                self.requests_saved,
+            ),
+            (
+                "asinb_cache_evictions_total",
+                "counter",
+                "Entries evicted to keep the item cache's size bound.",
+                self.evictions,
+            ),
+            ("asinb_cache_entries", "gauge", "Answers the item cache holds.", self.entries),
+            ("asinb_cache_bytes", "gauge", "Payload bytes the item cache holds.", self.bytes),
+        )
+
     def to_json(self) -> dict[str, object]:
         """Return the stats as a JSON object."""
         return {
