@@ -66,3 +66,32 @@ class TestBrokerCache:
         sent = b"".join(r.body for r in transport.requests if "/catalog/" in r.url)
         assert all(a.encode() in sent for a in missing)
         assert all(r.cached == (r.status is Status.OK) for r in results)
+
+    async def test_stream_serves_cached_answers(self, harness: Harness, tmp_path: Path) -> None:
+        """stream() reads the cache per lookup too: a second stream sends nothing."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache=_cache(tmp_path))
+        wanted = asins(30)
+        async with Broker(config) as broker:
+            first = [r async for r in broker.stream(wanted)]
+        transport = await harness.transport()
+        async with Broker(config, transport=transport) as broker:
+            second = [r async for r in broker.stream(wanted)]
+        assert transport.count("/catalog/") == 0
+        assert sorted(r.asin for r in first) == sorted(r.asin for r in second)
+        assert all(r.cached for r in second)
+        assert not any(r.cached for r in first)
+
+    async def test_cache_off_by_default(self, harness: Harness, tmp_path: Path) -> None:
+        """Without [cache] max_age_s the library caches nothing and writes no file."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache={"path": str(tmp_path / "cache.sqlite3")})
+        wanted = asins(10)
+        async with Broker(config) as broker:
+            await broker.get_items(wanted)
+        transport = await harness.transport()
+        async with Broker(config, transport=transport) as broker:
+            results = await broker.get_items(wanted)
+        assert transport.count("/catalog/") == 1
+        assert not any(r.cached for r in results)
+        assert not (tmp_path / "cache.sqlite3").exists()
