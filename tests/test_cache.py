@@ -525,3 +525,21 @@ def test_stats_families_for_prometheus() -> None:
         "asinb_cache_entries": ("gauge", 7),
         "asinb_cache_bytes": ("gauge", 900),
     }
+
+
+async def test_prefetched_answer_is_checked_again(clock: FakeClock) -> None:
+    """An answer read ahead and taken after it aged past max_age_s is a miss, not served."""
+    cache = MemoryCache(CachePolicy(3_600), clock=clock)
+    front = CacheFront(cache)
+    await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
+    await clock.advance(3_000)
+    await front.prefetch([q("B000000001"), q("B000000002"), q("B000000003")])
+    hit = await front.get(Query("B000000001", US, TITLE, tag="row 1"))
+    assert hit is not None
+    assert hit.query is not None
+    assert hit.query.tag == "row 1"
+    await clock.advance(700)
+    assert await front.get(q("B000000002")) is None
+    front.discard([q("B000000003")])
+    assert not front._ahead
+    await front.aclose()

@@ -15,7 +15,7 @@ from typing import Protocol, Self
 import structlog
 
 from broker.cache.entry import CorruptEntry, Entry, decode, encode
-from broker.cache.policy import CEILING_S, CacheKey, CachePolicy, CacheStats
+from broker.cache.policy import CEILING_S, CacheKey, CachePolicy, CacheStats, check_max_age
 from broker.clock import Clock, LoopClock
 from broker.models import ItemResult, Query, Status
 
@@ -53,6 +53,10 @@ class ItemCache(Protocol):
 
     async def put_many(self, results: Iterable[ItemResult]) -> int:
         """Store the ``ok`` results among ``results``; return how many were stored."""
+        ...
+
+    def is_fresh(self, result: ItemResult, *, max_age_s: float | None = None) -> bool:
+        """True while a cached ``result`` may still be served (its age checked again now)."""
         ...
 
     async def purge(
@@ -148,7 +152,7 @@ class StoreCache(abc.ABC):
             ConfigError: ``max_age_s`` is above the 86,400 s ceiling.
         """
         if max_age_s is not None:
-            self.policy.limit_s(CacheKey("", "", ()), max_age_s)  # validates the override
+            check_max_age(max_age_s, "max_age_s")
         keys = [key_of(query) for query in queries]
         if not keys:
             return []
@@ -176,6 +180,17 @@ class StoreCache(abc.ABC):
         if corrupt:
             await self._delete(corrupt, fetched_before=None, asins=None)
         return out
+
+    def is_fresh(self, result: ItemResult, *, max_age_s: float | None = None) -> bool:
+        """True while a cached ``result`` may still be served, by the policy, now.
+
+        A result read ahead and held (``CacheFront.prefetch``) is checked again before
+        it is served, so a long wait never stretches the 24-hour rule.
+        """
+        if result.fetched_at is None or result.query is None:
+            return False
+        key = key_of(result.query)
+        return self.policy.fresh(key, self._now() - result.fetched_at.timestamp(), max_age_s)
 
     async def put_many(self, results: Iterable[ItemResult]) -> int:
         """Store the ``ok`` answers among ``results``; return how many were stored.

@@ -84,6 +84,11 @@ class CacheFront:
         for query, result in zip(queries, results, strict=True):
             self._ahead[key_of(query)] = result
 
+    def discard(self, queries: Sequence[Query]) -> None:
+        """Forget answers read ahead for ``queries`` that no :meth:`get` took."""
+        for query in queries:
+            self._ahead.pop(key_of(query), None)
+
     async def get(self, query: Query) -> ItemResult | None:
         """The cached answer for a complete ``query`` (``cached=True``), or None."""
         if self._closed:
@@ -92,7 +97,11 @@ class CacheFront:
             key = key_of(query)
             if key in self._ahead:
                 ahead = self._ahead.pop(key)
-                return None if ahead is None else dataclasses.replace(ahead, query=query)
+                if ahead is None:
+                    return None
+                ahead = dataclasses.replace(ahead, query=query)
+                # Read ahead maybe long ago (the caller waited for capacity): still fresh?
+                return ahead if self.cache.is_fresh(ahead, max_age_s=self._max_age_s) else None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ItemResult | None] = loop.create_future()
         self._reads.append((query, future))

@@ -493,14 +493,20 @@ class Broker:
         ] = {}
         try:
             queries = [self._query(item, marketplace, resources) for item in asins]
+            complete: list[Query] = []
             if self._cache is not None:
                 # Item cache (issue 13): one batched read for the whole input.
                 complete = [c for c in map(self._complete, queries) if c is not None]
                 await self._cache.prefetch(complete)
-            for query in queries:
-                ident = (query.asin.strip().upper(), query.marketplace, query.resources)
-                if ident not in held:
-                    held[ident] = await self._submit(query)
+            try:
+                for query in queries:
+                    ident = (query.asin.strip().upper(), query.marketplace, query.resources)
+                    if ident not in held:
+                        held[ident] = await self._submit(query)
+            finally:
+                if self._cache is not None:
+                    # Read ahead for lookups that joined one in flight instead: drop them.
+                    self._cache.discard(complete)
             self._flush()
             futures = [future for future, _ in held.values()]
             if futures:
