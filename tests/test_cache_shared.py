@@ -228,3 +228,24 @@ class TestRealRedis:
             assert await cache.purge(asins=[ASINS_A[7]]) == 1
             assert await cache.purge() == 4
             assert (await cache.stats()).entries == 0
+
+
+def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:
+    """Two processes writing the same file at the same time both land every answer."""
+    path = tmp_path / "cache.sqlite3"
+    groups = [[f"W{w}{i:08d}" for i in range(1_500)] for w in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, "sqlite", str(path), "put", ",".join(group)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for group in groups
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    assert all("stored 1500" in out for out in outputs)
+    with sqlite3.connect(path) as db:
+        assert db.execute(
+            "SELECT count(*), (SELECT entries FROM item_cache_totals) FROM item_cache"
+        ).fetchone() == (3_000, 3_000)
