@@ -1,4 +1,4 @@
-"""The command line: ``broker init | run | serve | lookup | simulate | bench | check-config``.
+"""The command line: ``broker init | run | serve | lookup | status | cache | check-config``.
 
 A thin edge over the library: it parses arguments, finds the config file, configures logging,
 picks the event loop (uvloop where available) and maps errors to documented exit codes
@@ -235,6 +235,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "masked); exit 78 naming the bad key path if it is invalid.",
     )
     check.add_argument("--config", help=_CONFIG_HELP)
+    cache = sub.add_parser(
+        "cache",
+        help="show or purge the item cache (stats | purge)",
+        description="Inspect or empty the item cache of answers kept within Amazon's 24-hour rule.",
+    )
+    from broker.cache.cli import add_arguments as add_cache_arguments
+
+    add_cache_arguments(cache)
     return parser
 
 
@@ -291,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(config)
     if args.command == "lookup":
         return _lookup_command(config, args)
+    if args.command == "cache":
+        from broker.cache.cli import cache_command
+
+        return _run_loop(cache_command(config, args))
     if args.command in ("run", "serve"):
         from broker.jobs.signals import caught_early
 

@@ -21,6 +21,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.cache.policy import CachePolicy, check_max_age
 from broker.errors import ConfigError
 from broker.models import Protocol, Secret
 from broker.tomltable import TomlTable
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_RESOURCES",
     "ApiConfig",
     "BrokerConfig",
+    "CacheConfig",
     "EngineConfig",
     "KeyConfig",
     "LogConfig",
@@ -228,6 +230,41 @@ class SimulatorTable:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The item cache (``[cache]``): how old an answer may be served, where it is kept.
+
+    Attributes:
+        max_age_s: answers older than this are fetched again; None (unset) means the
+            caller's default: 0 (off) for the library, 86,400 for ``broker run``. At most
+            86,400 (Amazon's 24-hour rule).
+        offers_max_age_s: the max age when the resources include price or availability.
+        max_items / max_bytes: the size bound; the oldest answers are evicted beyond it.
+        backend: ``"sqlite"`` (a file shared by the machine's processes), ``"redis"`` or
+            ``"memory"``.
+        path: the SQLite file (None: ``item-cache.sqlite3`` in the state directory).
+        redis_url: ``redis://host:port/db`` without a password, or None.
+        redis_url_env: the environment variable holding the Redis URL (it may carry a
+            password), or None.
+        key_prefix: prefix of every Redis key.
+    """
+
+    max_age_s: float | None = None
+    offers_max_age_s: float = 3_600.0
+    max_items: int = 100_000
+    max_bytes: int = 256 * 1024 * 1024
+    backend: str = "sqlite"
+    path: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    redis_url_env: str | None = None
+    key_prefix: str = "asinb:cache:"
+
+    def policy(self, default_max_age_s: float = 0.0) -> CachePolicy:
+        """The cache policy, with ``default_max_age_s`` when ``max_age_s`` is unset."""
+        max_age = self.max_age_s if self.max_age_s is not None else default_max_age_s
+        return CachePolicy(max_age, self.offers_max_age_s, self.max_items, self.max_bytes)
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The whole configuration."""
 
@@ -241,6 +278,7 @@ class BrokerConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     simulator: SimulatorTable = field(default_factory=SimulatorTable)
     source: str = "<objects>"
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -314,6 +352,7 @@ def parse_config(
         serve=_parse_serve(table.table("serve")),
         simulator=SimulatorTable(sim_table),
         source=source,
+        cache=_parse_cache(table.table("cache"), base_dir or Path.cwd(), environ),
     )
     _finish(table)
     return config
@@ -693,3 +732,53 @@ def _parse_log(table: TomlTable) -> LogConfig:
         raise ConfigError("log.format", 'must be "auto", "console" or "json"')
     _finish(table)
     return LogConfig(level, fmt)
+
+
+def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -> CacheConfig:
+    raw_max_age = table.raw("max_age_s")
+    max_age = None
+    if raw_max_age is not None:
+        max_age = check_max_age(table.number("max_age_s", 0.0), "cache.max_age_s")
+    offers = check_max_age(table.number("offers_max_age_s", 3_600.0), "cache.offers_max_age_s")
+    backend = table.text("backend", "sqlite")
+    if backend not in ("sqlite", "redis", "memory"):
+        raise ConfigError("cache.backend", 'must be "sqlite", "redis" or "memory"')
+    path = table.opt_text("path")
+    if path is not None:
+        file = Path(path).expanduser()
+        path = str(file if file.is_absolute() else base_dir / file)
+    redis_url = table.opt_text("redis_url")
+    redis_url_env = table.opt_text("redis_url_env")
+    if redis_url is not None:
+        parts = urlsplit(redis_url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("cache.redis_url", "must be a redis://, rediss:// or unix:// URL")
+        if parts.password:
+            raise ConfigError(
+                "cache.redis_url",
+                "must not carry a password: put the whole URL in an environment variable "
+                'and name it in redis_url_env = "ASINB_REDIS_URL"',
+            )
+    if redis_url_env is not None and not _ENV_NAME.fullmatch(redis_url_env):
+        raise ConfigError("cache.redis_url_env", "must be the name of an environment variable")
+    if redis_url_env is not None:
+        redis_url = environ.get(redis_url_env) or None
+        if redis_url is None:
+            raise ConfigError(
+                "cache.redis_url_env", f"environment variable {redis_url_env} is not set"
+            )
+    if backend == "redis" and redis_url is None:
+        raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
+    config = CacheConfig(
+        max_age_s=max_age,
+        offers_max_age_s=offers,
+        max_items=table.integer("max_items", 100_000, minimum=1),
+        max_bytes=table.integer("max_bytes", 256 * 1024 * 1024, minimum=0),
+        backend=backend,
+        path=path,
+        redis_url=redis_url,
+        redis_url_env=redis_url_env,
+        key_prefix=table.text("key_prefix", "asinb:cache:"),
+    )
+    table.finish()
+    return config

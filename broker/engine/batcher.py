@@ -116,8 +116,9 @@ class Lookup:
     #: the batch the lookup waits in (None before it is batched)
     batch: Batch | None = None
     done: bool = False
-    #: called once when the lookup ends or is abandoned (the intake's bookkeeping)
-    on_done: Callable[[Lookup], None] | None = None
+    #: called once when the lookup ends (with its outcome) or is abandoned (with None):
+    #: the intake's bookkeeping
+    on_done: Callable[[Lookup, ItemResult | BaseException | None], None] | None = None
 
     @property
     def asin(self) -> str:
@@ -145,7 +146,7 @@ class Lookup:
             return False
         self.done = True
         receivers, self.receivers = self.receivers, []
-        self._leave()
+        self._leave(outcome)
         for receiver, query in receivers:
             if query is self.query or isinstance(outcome, BaseException):
                 receiver.receive(self, query, outcome)
@@ -160,15 +161,15 @@ class Lookup:
         self.receivers = [entry for entry in self.receivers if entry[0] is not receiver]
         if not self.receivers:
             self.done = True
-            self._leave()
+            self._leave(None)
 
-    def _leave(self) -> None:
+    def _leave(self, outcome: ItemResult | BaseException | None) -> None:
         batch, self.batch = self.batch, None
         if batch is not None:
             batch.remove(self)
         on_done, self.on_done = self.on_done, None
         if on_done is not None:
-            on_done(self)
+            on_done(self, outcome)
 
 
 @dataclass(slots=True, eq=False)

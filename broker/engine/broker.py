@@ -27,6 +27,7 @@ from broker.api.base import Dialect, Operation
 from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import token_url
 from broker.api.paapi5 import PaapiDialect
+from broker.cache import CacheFront, open_cache
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
@@ -62,6 +63,9 @@ logger = get_logger("broker")
 _Input = str | Query
 _Ident = tuple[str, str, tuple[str, ...]]
 
+#: Inputs a stream reads ahead to look up in the item cache in one batch.
+_CACHE_CHUNK = 100
+
 
 class Broker:
     """Looks up any number of ASINs as fast as the configured keys allow.
@@ -86,6 +90,9 @@ class Broker:
         transport: HTTP transport (tests pass a MockTransport); default aiohttp.
         rng: randomness for jitter (seed it for reproducible runs).
         budget_store: where daily request counters persist (the daemon passes its ledger).
+        cache_default_max_age_s: the item cache's max age when ``[cache] max_age_s`` is
+            unset: 0 (off) for the library; ``broker run`` passes 86,400.
+        cache_max_age_s: a per-run override (``--max-age``; 0 turns the cache off).
     """
 
     def __init__(
@@ -96,8 +103,12 @@ class Broker:
         transport: Transport | None = None,
         rng: random.Random | None = None,
         budget_store: BudgetStore | None = None,
+        cache_default_max_age_s: float = 0.0,
+        cache_max_age_s: float | None = None,
     ) -> None:
         self.config = config
+        self._cache_default_max_age_s = cache_default_max_age_s
+        self._cache_max_age_s = cache_max_age_s
         self._clock: Clock = clock or LoopClock()
         self._given_transport = transport
         self._rng = rng or random.Random()
@@ -115,6 +126,8 @@ class Broker:
         self._batcher: Batcher | None = None
         self._intake: Intake | None = None
         self._work: WorkQueue | None = None
+        #: the item cache ([cache]); None when it is off
+        self._cache: CacheFront | None = None
         #: the base URL requests go to when it is not Amazon's (the embedded simulator's)
         self.simulator_url: str | None = None
         #: why the engine stopped: its crash (a bug, a failing budget store) or the close
@@ -254,6 +267,19 @@ class Broker:
             metrics=self._metrics,
             spawn=self._spawn,
         )
+        cache = open_cache(
+            config.cache,
+            namespace=config.api.protocol.value,
+            default_max_age_s=self._cache_default_max_age_s,
+            max_age_s=self._cache_max_age_s,
+            clock=self._clock,
+            batch_size=config.engine.batch_size,
+        )
+        front = None
+        if cache is not None:
+            front = CacheFront(cache)
+            stack.push_async_callback(front.aclose)
+        self._cache = front
         self._intake = Intake(
             marketplace=config.api.marketplace,
             resources=config.api.resources,
@@ -264,6 +290,7 @@ class Broker:
             batcher=batcher,
             metrics=self._metrics,
             closed=lambda: self._stopped,
+            cache=front,
         )
         self._engine = asyncio.get_running_loop().create_task(self._run(), name="broker-engine")
         self._engine.add_done_callback(self._engine_done)
@@ -392,14 +419,20 @@ class Broker:
         resources = intake.resources(resources)
         collector = _Collector(asyncio.get_running_loop())
         held: list[Lookup] = []
+        queries = [intake.complete(item, marketplace, resources) for item in asins]
+        # One batched read of the item cache for the whole input (no-op without one).
+        await intake.prefetch(queries)
         try:
-            for item in asins:
-                query = intake.complete(item, marketplace, resources)
+            for query in queries:
                 if isinstance(query, ItemResult):
                     collector.add(_ident(query.query), query)
                     continue
                 ident = _ident(query)
                 if collector.expect(ident):
+                    hit = await intake.cached(query)
+                    if hit is not None:
+                        collector.receive(None, query, hit)
+                        continue
                     lookup = intake.admit_now(query, collector)
                     held.append(lookup or await intake.admit(query, collector))
             self._flush()
@@ -408,6 +441,8 @@ class Broker:
             for lookup in held:
                 lookup.detach(collector)
             raise
+        finally:
+            intake.discard(queries)
 
     async def get_item(
         self, asin: str, *, marketplace: str | None = None, resources: Sequence[str] | None = None
@@ -435,21 +470,39 @@ class Broker:
         _check_not_str(asins)
         resources = intake.resources(resources)
         receiver = _StreamReceiver(asyncio.get_running_loop())
+        caching = self._cache is not None
         # Admitted but not yet yielded: the producer waits here, so a slow consumer bounds
         # the finished results buffered for it too, not only the lookups in flight.
         window = Room(self.config.engine.queue_size)
 
+        async def offer(query: Query | ItemResult) -> None:
+            if not window.try_take():
+                await window.take()
+            if isinstance(query, ItemResult):
+                receiver.push(query)
+                return
+            hit = await intake.cached(query) if caching else None
+            if hit is not None:
+                receiver.push(hit)
+                return
+            lookup = intake.admit_now(query, receiver)
+            receiver.expect(lookup or await intake.admit(query, receiver))
+
         async def produce() -> None:
             try:
-                async for item in _aiter(asins):
-                    if not window.try_take():
-                        await window.take()
-                    query = intake.complete(item, marketplace, resources)
-                    if isinstance(query, ItemResult):
-                        receiver.push(query)
-                    else:
-                        lookup = intake.admit_now(query, receiver)
-                        receiver.expect(lookup or await intake.admit(query, receiver))
+                if not caching:
+                    async for item in _aiter(asins):
+                        await offer(intake.complete(item, marketplace, resources))
+                else:
+                    # Read the cache a chunk at a time: one batched read per chunk.
+                    async for chunk in _chunks(_aiter(asins), _CACHE_CHUNK):
+                        queries = [intake.complete(i, marketplace, resources) for i in chunk]
+                        await intake.prefetch(queries)
+                        try:
+                            for query in queries:
+                                await offer(query)
+                        finally:
+                            intake.discard(queries)
                 self._flush()
             except BaseException as exc:
                 receiver.end(exc)
@@ -592,8 +645,10 @@ class _Collector:
         self._remaining += 1
         return True
 
-    def receive(self, lookup: Lookup, query: Query, outcome: ItemResult | BaseException) -> None:
-        """A lookup of this call ended."""
+    def receive(
+        self, lookup: Lookup | None, query: Query, outcome: ItemResult | BaseException
+    ) -> None:
+        """A lookup of this call ended (``lookup`` None: answered from the item cache)."""
         if self._future.done():
             return
         if isinstance(outcome, BaseException):
@@ -689,6 +744,17 @@ def _check_not_str(asins: object) -> None:
     # A lone string is an iterable of characters: ten one-letter "ASINs", all invalid.
     if isinstance(asins, str | bytes):
         raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
+
+
+async def _chunks(items: AsyncIterator[_Input], size: int) -> AsyncIterator[list[_Input]]:
+    chunk: list[_Input] = []
+    async for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 async def _aiter(items: Iterable[_Input] | AsyncIterable[_Input]) -> AsyncIterator[_Input]:

@@ -8,6 +8,9 @@ its (marketplace, ASIN, resources), or starts one when fewer than ``queue_size``
 outstanding: admission waits for room, and re-checks afterwards that a key can still serve
 the marketplace (N5). A lookup every caller left is dropped at once, so a new caller of the
 same ASIN starts afresh instead of inheriting another caller's cancellation (N8).
+
+With an item cache (``[cache]``), a fresh cached answer is served here and never enters a
+batch, and every ok answer is written to the cache when its lookup ends.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from broker.errors import describe
 from broker.models import ErrorDetail, ItemResult, Protocol, Query, Status
 
 if TYPE_CHECKING:
+    from broker.cache import CacheFront
     from broker.engine.batcher import Batcher, Receiver
     from broker.engine.metrics import EngineMetrics
     from broker.engine.scheduler import KeyPool
@@ -47,6 +51,7 @@ class Intake:
         batcher: Batcher,
         metrics: EngineMetrics,
         closed: Callable[[], BaseException | None],
+        cache: CacheFront | None = None,
     ) -> None:
         self._marketplace = marketplace
         self._protocol = protocol
@@ -56,6 +61,7 @@ class Intake:
         self._batcher = batcher
         self._metrics = metrics
         self._closed = closed
+        self._cache = cache
         self._capacity = Room(queue_size)
         self._inflight: dict[_Ident, Lookup] = {}
         # Canonical names of marketplaces as callers spell them ("UK", "amazon.co.uk").
@@ -231,12 +237,43 @@ class Intake:
         lookup.receivers.append((receiver, query))
         return lookup
 
-    def _finished(self, lookup: Lookup) -> None:
+    def _finished(self, lookup: Lookup, outcome: ItemResult | BaseException | None) -> None:
         query = lookup.query
         ident = (query.marketplace or "", query.asin, query.resources or ())
         if self._inflight.get(ident) is lookup:
             del self._inflight[ident]
         self._capacity.give()
+        if self._cache is not None and isinstance(outcome, ItemResult) and outcome.ok:
+            # Written behind, in batches; only Amazon's ok answers are kept.
+            self._cache.put(outcome)
+
+    # -- the item cache ---------------------------------------------------------------------
+
+    async def prefetch(self, queries: Sequence[Query | ItemResult]) -> None:
+        """Read the cached answers of ``queries`` in one batch (no-op without a cache)."""
+        if self._cache is not None:
+            await self._cache.prefetch([q for q in queries if isinstance(q, Query)])
+
+    def discard(self, queries: Sequence[Query | ItemResult]) -> None:
+        """Forget answers read ahead that no lookup took."""
+        if self._cache is not None:
+            self._cache.discard([q for q in queries if isinstance(q, Query)])
+
+    async def cached(self, query: Query) -> ItemResult | None:
+        """A fresh cached answer for ``query`` (``cached=True``), or None to look it up.
+
+        A query already in flight joins its lookup instead: the answer on its way is at
+        least as fresh as any cached one.
+        """
+        if self._cache is None:
+            return None
+        ident = (query.marketplace or "", query.asin, query.resources or ())
+        if ident in self._inflight:
+            return None
+        hit = await self._cache.get(query)
+        if hit is not None:
+            self._metrics.record_item(hit.status.value)
+        return hit
 
     def fail_all(self, error: BaseException) -> None:
         """End every lookup in flight with ``error`` (the broker closed or crashed)."""

@@ -1,0 +1,264 @@
+"""The item cache interface, and the freshness and counting logic every home shares.
+
+A home (memory, SQLite, Redis) only loads, stores and deletes :class:`~broker.cache.entry.Entry`
+values; :class:`StoreCache` decides what is fresh for the resources asked, rebuilds
+results, drops corrupt entries, and counts hits, misses and evictions.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Protocol, Self
+
+import structlog
+
+from broker.cache.entry import CorruptEntry, Entry, decode, encode
+from broker.cache.policy import CEILING_S, CacheKey, CachePolicy, CacheStats, check_max_age
+from broker.clock import Clock, LoopClock
+from broker.models import ItemResult, Query, Status
+
+__all__ = ["ItemCache", "StoreCache", "key_of"]
+
+_log = structlog.get_logger("broker.cache")
+
+
+def key_of(query: Query) -> CacheKey:
+    """The cache key of a complete query (marketplace and resources filled in).
+
+    Raises:
+        ValueError: the query's marketplace or resources are still None (the broker fills
+            them from the config before asking the cache).
+    """
+    if query.marketplace is None or query.resources is None:
+        raise ValueError("the cache needs a complete query: marketplace and resources set")
+    return CacheKey.of(query.marketplace, query.asin, query.resources)
+
+
+class ItemCache(Protocol):
+    """Protocol: a per-item cache of successful answers, within Amazon's 24-hour rule.
+
+    Every method is a coroutine and takes whole lists, so a caller pays one round trip
+    (or one thread hop) per batch of lookups, not per ASIN.
+    """
+
+    policy: CachePolicy
+
+    async def get_many(
+        self, queries: Sequence[Query], *, max_age_s: float | None = None
+    ) -> list[ItemResult | None]:
+        """Return, aligned with ``queries``, a cached result (``cached=True``) or None."""
+        ...
+
+    async def put_many(self, results: Iterable[ItemResult]) -> int:
+        """Store the ``ok`` results among ``results``; return how many were stored."""
+        ...
+
+    def is_fresh(self, result: ItemResult, *, max_age_s: float | None = None) -> bool:
+        """True while a cached ``result`` may still be served (its age checked again now)."""
+        ...
+
+    async def purge(
+        self, *, older_than_s: float | None = None, asins: Iterable[str] | None = None
+    ) -> int:
+        """Delete entries (all, those older than ``older_than_s``, or of ``asins``)."""
+        ...
+
+    async def stats(self) -> CacheStats:
+        """Return the counters and what the store holds now."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store (connections, threads); idempotent."""
+        ...
+
+
+class StoreCache(abc.ABC):
+    """An :class:`ItemCache` over a storage home that subclasses provide.
+
+    Args:
+        policy: max ages and size bound.
+        namespace: keeps the two protocols' answers apart (their item JSON differs in
+            shape): the broker passes ``config.api.protocol.value``.
+        clock: wall time for ages (``utcnow``); entries are shared across processes, so
+            only wall time makes sense.
+        batch_size: ASINs per GetItems request, to count requests saved.
+    """
+
+    def __init__(
+        self,
+        policy: CachePolicy,
+        *,
+        namespace: str = "creators",
+        clock: Clock | None = None,
+        batch_size: int = 10,
+    ) -> None:
+        self.policy = policy
+        self.namespace = namespace
+        self._clock: Clock = clock or LoopClock()
+        self._batch_size = batch_size
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+
+    # -- the home: subclasses implement these ------------------------------------------
+
+    @abc.abstractmethod
+    async def _load(self, keys: Sequence[CacheKey]) -> dict[CacheKey, Entry]:
+        """Return the stored entries among ``keys`` (absent keys left out)."""
+
+    @abc.abstractmethod
+    async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
+        """Store ``entries`` atomically, drop entries fetched before ``expire_before``, keep
+        the size bound by evicting the oldest; return how many were evicted."""
+
+    @abc.abstractmethod
+    async def _delete(
+        self,
+        keys: Sequence[CacheKey] | None,
+        *,
+        fetched_before: float | None,
+        asins: Sequence[str] | None,
+    ) -> int:
+        """Delete the given keys, or entries matching the filters (all when none)."""
+
+    @abc.abstractmethod
+    async def _measure(self) -> tuple[int, int, float | None]:
+        """Return (entries, payload bytes, oldest fetched_at) of what the home holds."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the home; idempotent."""
+
+    # -- the shared logic ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock.utcnow().timestamp()
+
+    async def get_many(
+        self, queries: Sequence[Query], *, max_age_s: float | None = None
+    ) -> list[ItemResult | None]:
+        """Return, aligned with ``queries``, a cached result or None for each.
+
+        A result is served when the store holds an answer for the same marketplace, ASIN
+        and resource set that is fresh enough: younger than ``max_age_s`` (default: the
+        policy's) and, when the resources include offers, than ``offers_max_age_s``.
+        Served results have ``cached=True``, ``attempts=0``, their original ``fetched_at``
+        and the caller's query (with its tag).
+
+        Raises:
+            ValueError: a query lacks its marketplace or resources.
+            ConfigError: ``max_age_s`` is above the 86,400 s ceiling.
+        """
+        if max_age_s is not None:
+            check_max_age(max_age_s, "max_age_s")
+        keys = [key_of(query) for query in queries]
+        if not keys:
+            return []
+        if not (self.policy.enabled or (max_age_s or 0) > 0):
+            self._misses += len(keys)
+            return [None] * len(keys)
+        entries = await self._load(list(dict.fromkeys(keys)))
+        now = self._now()
+        out: list[ItemResult | None] = []
+        corrupt: list[CacheKey] = []
+        for query, key in zip(queries, keys, strict=True):
+            entry = entries.get(key)
+            result = None
+            if entry is not None and self.policy.fresh(key, now - entry.fetched_at, max_age_s):
+                try:
+                    result = decode(entry, query)
+                except CorruptEntry:
+                    _log.warning("cache.corrupt_entry", marketplace=key.marketplace, asin=key.asin)
+                    corrupt.append(key)
+                    entries.pop(key)
+            out.append(result)
+        hits = sum(1 for result in out if result is not None)
+        self._hits += hits
+        self._misses += len(out) - hits
+        if corrupt:
+            await self._delete(corrupt, fetched_before=None, asins=None)
+        return out
+
+    def is_fresh(self, result: ItemResult, *, max_age_s: float | None = None) -> bool:
+        """True while a cached ``result`` may still be served, by the policy, now.
+
+        A result read ahead and held (``CacheFront.prefetch``) is checked again before
+        it is served, so a long wait never stretches the 24-hour rule.
+        """
+        if result.fetched_at is None or result.query is None:
+            return False
+        key = key_of(result.query)
+        return self.policy.fresh(key, self._now() - result.fetched_at.timestamp(), max_age_s)
+
+    async def put_many(self, results: Iterable[ItemResult]) -> int:
+        """Store the ``ok`` answers among ``results``; return how many were stored.
+
+        not_found, invalid and failed results are never stored, nor results that were
+        themselves served from the cache (that would restart their age).
+
+        Raises:
+            ValueError: an ``ok`` result without a complete ``query`` (its resource set is
+                unknown, so it cannot be keyed).
+        """
+        entries: dict[CacheKey, Entry] = {}
+        for result in results:
+            if result.status is not Status.OK or result.cached or result.fetched_at is None:
+                continue
+            if result.query is None or result.query.resources is None:
+                raise ValueError(
+                    f"cannot cache {result.asin}: the result carries no complete query "
+                    "(marketplace and resources)"
+                )
+            key = CacheKey.of(
+                result.query.marketplace or result.marketplace, result.asin, result.query.resources
+            )
+            entries[key] = encode(key, result)
+        if not entries:
+            return 0
+        evicted = await self._store(list(entries.values()), expire_before=self._now() - CEILING_S)
+        if evicted:
+            self._evictions += evicted
+            _log.info("cache.evicted", entries=evicted)
+        return len(entries)
+
+    async def purge(
+        self, *, older_than_s: float | None = None, asins: Iterable[str] | None = None
+    ) -> int:
+        """Delete entries; return how many went.
+
+        Args:
+            older_than_s: only entries fetched longer ago than this.
+            asins: only entries of these ASINs (any marketplace and resources).
+        With neither, everything in this namespace goes.
+        """
+        before = None if older_than_s is None else self._now() - older_than_s
+        wanted = None if asins is None else sorted({a.strip().upper() for a in asins})
+        removed = await self._delete(None, fetched_before=before, asins=wanted)
+        _log.info("cache.purged", entries=removed)
+        return removed
+
+    async def stats(self) -> CacheStats:
+        """Return this object's counters and what the home holds now."""
+        entries, size, oldest = await self._measure()
+        return CacheStats(
+            hits=self._hits,
+            misses=self._misses,
+            requests_saved=self._hits // self._batch_size,
+            entries=entries,
+            bytes=size,
+            evictions=self._evictions,
+            oldest_age_s=None if oldest is None else max(0.0, self._now() - oldest),
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

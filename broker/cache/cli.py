@@ -1,0 +1,100 @@
+"""``broker cache stats | purge``: look into and empty the item cache from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from broker.cache.open import RUN_MAX_AGE_S, open_store
+from broker.cache.sqlite import SqliteCache
+from broker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from broker.config import BrokerConfig
+
+__all__ = ["add_arguments", "cache_command"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``stats`` and ``purge`` sub-commands to the ``broker cache`` parser."""
+    sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    stats = sub.add_parser(
+        "stats",
+        help="show what the item cache holds",
+        description="Print the entries, payload bytes and oldest answer's age of the "
+        "configured item cache ([cache] of the config), and its max ages.",
+    )
+    stats.add_argument("--config", help="config file (default: $ASINB_CONFIG, else ./config.toml)")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    purge = sub.add_parser(
+        "purge",
+        help="delete cached answers (all, older than S seconds, or of some ASINs)",
+        description="Delete answers from the configured item cache: all of them, or only "
+        "those fetched more than --older-than seconds ago, or only those of the --asin "
+        "list (both filters together: answers matching both).",
+    )
+    purge.add_argument("--config", help="config file (default: $ASINB_CONFIG, else ./config.toml)")
+    purge.add_argument(
+        "--older-than",
+        type=float,
+        metavar="S",
+        help="only answers fetched more than S seconds ago",
+    )
+    purge.add_argument(
+        "--asin",
+        nargs="+",
+        action="extend",
+        metavar="ASIN",
+        help="only answers for these ASINs (any marketplace and resources)",
+    )
+
+
+async def cache_command(
+    config: BrokerConfig, args: argparse.Namespace, *, environ: Mapping[str, str] | None = None
+) -> int:
+    """Run ``broker cache stats`` or ``broker cache purge``; return the exit code.
+
+    The store is opened even when the cache is off (``max_age_s = 0``), so an old file
+    can still be inspected and emptied.
+    """
+    cache_config = config.cache
+    try:
+        policy = cache_config.policy(RUN_MAX_AGE_S)
+        store = open_store(
+            cache_config, policy, namespace=config.api.protocol.value, environ=environ
+        )
+    except ConfigError as exc:
+        print(f"broker: invalid config: {exc}", file=sys.stderr)
+        return 78
+    async with store:
+        if args.cache_command == "purge":
+            if args.older_than is not None and args.older_than < 0:
+                print("broker: --older-than must be >= 0", file=sys.stderr)
+                return 64
+            removed = await store.purge(older_than_s=args.older_than, asins=args.asin)
+            print(f"purged {removed} cached answers")
+            return 0
+        stats = await store.stats()
+    where = str(store.path) if isinstance(store, SqliteCache) else cache_config.backend
+    report: dict[str, object] = {
+        "backend": cache_config.backend,
+        "where": where,
+        "namespace": config.api.protocol.value,
+        "max_age_s": policy.max_age_s,
+        "offers_max_age_s": policy.offers_max_age_s,
+        "max_items": policy.max_items,
+        "max_bytes": policy.max_bytes,
+        "entries": stats.entries,
+        "bytes": stats.bytes,
+        "oldest_age_s": None if stats.oldest_age_s is None else round(stats.oldest_age_s, 1),
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        width = max(len(name) for name in report)
+        for name, value in report.items():
+            print(f"{name:<{width}}  {'-' if value is None else value}")
+    return 0

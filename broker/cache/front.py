@@ -1,0 +1,178 @@
+"""Per-lookup access to an item cache for the engine, batched underneath.
+
+The engine admits lookups one at a time; the stores want lists. :class:`CacheFront` turns
+the gets made in one event-loop tick into one ``get_many`` and writes answers behind the
+pipeline in batches (``put_many``), so a lookup pays a future, not a thread hop or a round
+trip of its own. A failing store (disk full, Redis down) never fails a lookup: a read
+becomes a miss and a write is dropped, each with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from broker.cache.base import key_of
+
+if TYPE_CHECKING:
+    from broker.cache.base import ItemCache
+    from broker.cache.policy import CacheKey, CacheStats
+    from broker.models import ItemResult, Query
+
+__all__ = ["CacheFront"]
+
+_log = structlog.get_logger("broker.cache")
+
+#: Answers waiting to be written at most; beyond it new answers are not cached (counted).
+_MAX_PENDING_WRITES: Final = 50_000
+
+
+class CacheFront:
+    """Coalesced reads and write-behind over an :class:`~broker.cache.base.ItemCache`.
+
+    Args:
+        cache: the store; closed by :meth:`aclose`.
+        max_age_s: a per-run override of the policy's max age (``--max-age``), or None.
+        read_batch: the most keys one ``get_many`` carries.
+        write_batch: the most answers one ``put_many`` carries.
+    """
+
+    def __init__(
+        self,
+        cache: ItemCache,
+        *,
+        max_age_s: float | None = None,
+        read_batch: int = 1_000,
+        write_batch: int = 1_000,
+    ) -> None:
+        self.cache = cache
+        self._max_age_s = max_age_s
+        self._read_batch = read_batch
+        self._write_batch = write_batch
+        self._reads: list[tuple[Query, asyncio.Future[ItemResult | None]]] = []
+        # Answers read ahead by prefetch(), taken (once) by the next get() of the same key.
+        self._ahead: dict[CacheKey, ItemResult | None] = {}
+        self._read_scheduled = False
+        self._writes: list[ItemResult] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        #: answers not cached because the write queue was full or the store failed
+        self.dropped_writes = 0
+        #: reads answered as misses because the store failed
+        self.failed_reads = 0
+
+    async def prefetch(self, queries: Sequence[Query]) -> None:
+        """Read ``queries`` in one batch now, so their :meth:`get` returns without waiting.
+
+        For a caller that knows its whole input (``get_items``): each lookup's own
+        ``get`` then neither suspends nor delays the batcher's linger timer.
+        """
+        if self._closed or not queries:
+            return
+        try:
+            results = await self.cache.get_many(queries, max_age_s=self._max_age_s)
+        except Exception as exc:
+            self.failed_reads += len(queries)
+            _log.warning("cache.read_failed", error=type(exc).__name__, lookups=len(queries))
+            results = [None] * len(queries)
+        for query, result in zip(queries, results, strict=True):
+            self._ahead[key_of(query)] = result
+
+    def discard(self, queries: Sequence[Query]) -> None:
+        """Forget answers read ahead for ``queries`` that no :meth:`get` took."""
+        for query in queries:
+            self._ahead.pop(key_of(query), None)
+
+    async def get(self, query: Query) -> ItemResult | None:
+        """The cached answer for a complete ``query`` (``cached=True``), or None."""
+        if self._closed:
+            return None
+        if self._ahead:
+            key = key_of(query)
+            if key in self._ahead:
+                ahead = self._ahead.pop(key)
+                if ahead is None:
+                    return None
+                ahead = dataclasses.replace(ahead, query=query)
+                # Read ahead maybe long ago (the caller waited for capacity): still fresh?
+                return ahead if self.cache.is_fresh(ahead, max_age_s=self._max_age_s) else None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ItemResult | None] = loop.create_future()
+        self._reads.append((query, future))
+        if not self._read_scheduled:
+            self._read_scheduled = True
+            # After the other callbacks of this tick: their gets join the same batch.
+            loop.call_soon(self._start_read)
+        return await future
+
+    def _start_read(self) -> None:
+        self._read_scheduled = False
+        while self._reads:
+            batch, self._reads = self._reads[: self._read_batch], self._reads[self._read_batch :]
+            task = asyncio.get_running_loop().create_task(self._read(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, batch: list[tuple[Query, asyncio.Future[ItemResult | None]]]) -> None:
+        try:
+            results = await self.cache.get_many(
+                [query for query, _ in batch], max_age_s=self._max_age_s
+            )
+        except Exception as exc:
+            self.failed_reads += len(batch)
+            _log.warning("cache.read_failed", error=type(exc).__name__, lookups=len(batch))
+            results = [None] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    def put(self, result: ItemResult) -> None:
+        """Queue an answer for the store (only ``ok``, not-cached answers are kept)."""
+        if self._closed or not result.ok or result.cached:
+            return
+        if len(self._writes) >= _MAX_PENDING_WRITES:
+            self.dropped_writes += 1
+            return
+        self._writes.append(result)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._writes:
+            batch = self._writes[: self._write_batch]
+            del self._writes[: self._write_batch]
+            try:
+                await self.cache.put_many(batch)
+            except Exception as exc:
+                self.dropped_writes += len(batch)
+                _log.warning("cache.write_failed", error=type(exc).__name__, answers=len(batch))
+
+    async def flush(self) -> None:
+        """Wait until every queued answer is stored (or dropped)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        if self._writes:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+            await self._writer
+
+    async def stats(self) -> CacheStats:
+        """The store's stats (hits, misses, requests saved, entries, bytes, evictions)."""
+        return await self.cache.stats()
+
+    async def aclose(self) -> None:
+        """Write what is queued, finish pending reads, close the store; idempotent."""
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):
+            await self.flush()
+        self._closed = True
+        self._ahead.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cache.aclose()

@@ -1,0 +1,86 @@
+"""The item cache in process memory: for tests, and for a library user with no state dir."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from broker.cache.base import StoreCache
+
+if TYPE_CHECKING:
+    from broker.cache.entry import Entry
+    from broker.cache.policy import CacheKey, CachePolicy
+    from broker.clock import Clock
+
+__all__ = ["MemoryCache"]
+
+
+class MemoryCache(StoreCache):
+    """Entries in a dict kept in store order, so the oldest answers are evicted first.
+
+    Answers are stored as they arrive from Amazon, so store order is ``fetched_at``
+    order; a re-stored key moves to the end.
+    """
+
+    def __init__(
+        self,
+        policy: CachePolicy,
+        *,
+        namespace: str = "creators",
+        clock: Clock | None = None,
+        batch_size: int = 10,
+    ) -> None:
+        super().__init__(policy, namespace=namespace, clock=clock, batch_size=batch_size)
+        self._entries: dict[CacheKey, Entry] = {}
+        self._bytes = 0
+
+    async def _load(self, keys: Sequence[CacheKey]) -> dict[CacheKey, Entry]:
+        return {key: self._entries[key] for key in keys if key in self._entries}
+
+    async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
+        for entry in entries:
+            self._drop(entry.key)
+            self._entries[entry.key] = entry
+            self._bytes += entry.size
+        for key in [k for k, e in self._entries.items() if e.fetched_at < expire_before]:
+            self._drop(key)
+        evicted = 0
+        max_bytes = self.policy.max_bytes
+        while len(self._entries) > self.policy.max_items or (max_bytes and self._bytes > max_bytes):
+            self._drop(next(iter(self._entries)))
+            evicted += 1
+        return evicted
+
+    def _drop(self, key: CacheKey) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._bytes -= entry.size
+        return True
+
+    async def _delete(
+        self,
+        keys: Sequence[CacheKey] | None,
+        *,
+        fetched_before: float | None,
+        asins: Sequence[str] | None,
+    ) -> int:
+        if keys is None:
+            wanted = set(asins) if asins is not None else None
+            keys = [
+                key
+                for key, entry in self._entries.items()
+                if (fetched_before is None or entry.fetched_at < fetched_before)
+                and (wanted is None or key.asin in wanted)
+            ]
+        return sum(self._drop(key) for key in keys)
+
+    async def _measure(self) -> tuple[int, int, float | None]:
+        oldest = min((e.fetched_at for e in self._entries.values()), default=None)
+        return len(self._entries), self._bytes, oldest
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+    def __repr__(self) -> str:
+        return f"MemoryCache(entries={len(self._entries)}, max_age_s={self.policy.max_age_s:g})"

@@ -1,0 +1,181 @@
+"""The item cache in Redis, shared by several machines; entries expire on Amazon's 24-hour rule.
+
+Layout under ``key_prefix`` + namespace (``asinb:cache:creators:``):
+
+- ``item:<marketplace>|<ASIN>|<resources>``: one string per answer, ``fetched_at`` (8-byte
+  double) + 16-byte checksum + payload, with a TTL that ends 86,400 s after ``fetched_at``;
+- ``index``: a sorted set of those names scored by ``fetched_at``, to evict the oldest;
+- ``sizes``: a hash of payload sizes, for the bytes figure.
+
+A SET is atomic, so no reader sees half an entry; the checksum is checked on read anyway.
+The bound is ``max_items`` (``max_bytes`` is left to Redis's own ``maxmemory``).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final, cast
+
+from redis.asyncio import Redis
+
+from broker.cache.base import StoreCache
+from broker.cache.entry import Entry
+from broker.cache.policy import CEILING_S, CacheKey, CachePolicy
+
+if TYPE_CHECKING:
+    from broker.clock import Clock
+
+__all__ = ["RedisCache"]
+
+_HEAD: Final = struct.Struct(">d16s")
+
+
+class RedisCache(StoreCache):
+    """An :class:`~broker.cache.base.ItemCache` in Redis (redis-py asyncio).
+
+    Args:
+        client: a ``redis.asyncio.Redis`` with ``decode_responses=False``; closed by
+            :meth:`aclose` only when ``owns_client``.
+        policy, namespace, clock, batch_size: as for :class:`StoreCache`.
+        key_prefix: prepended to every key, so several brokers can share one database.
+        owns_client: close the client on :meth:`aclose` (what :meth:`from_url` sets).
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        policy: CachePolicy,
+        *,
+        key_prefix: str = "asinb:cache:",
+        namespace: str = "creators",
+        clock: Clock | None = None,
+        batch_size: int = 10,
+        owns_client: bool = False,
+    ) -> None:
+        super().__init__(policy, namespace=namespace, clock=clock, batch_size=batch_size)
+        self._redis = client
+        self._owns = owns_client
+        self._base = f"{key_prefix}{namespace}:"
+        self._index = self._base + "index"
+        self._sizes = self._base + "sizes"
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        policy: CachePolicy,
+        *,
+        key_prefix: str = "asinb:cache:",
+        namespace: str = "creators",
+        clock: Clock | None = None,
+        batch_size: int = 10,
+    ) -> RedisCache:
+        """Connect to ``url`` (``redis://host:port/db``); the cache owns the client."""
+        client = Redis.from_url(url, decode_responses=False)
+        return cls(
+            client,
+            policy,
+            key_prefix=key_prefix,
+            namespace=namespace,
+            clock=clock,
+            batch_size=batch_size,
+            owns_client=True,
+        )
+
+    def _name(self, key: CacheKey) -> str:
+        return f"{self._base}item:{key.text()}"
+
+    def _member_name(self, member: bytes | str) -> str:
+        text = member.decode() if isinstance(member, bytes) else member
+        return f"{self._base}item:{text}"
+
+    # -- the home -----------------------------------------------------------------------
+
+    async def _load(self, keys: Sequence[CacheKey]) -> dict[CacheKey, Entry]:
+        values: list[bytes | str | None] = await self._redis.mget([self._name(key) for key in keys])
+        found: dict[CacheKey, Entry] = {}
+        for key, value in zip(keys, values, strict=True):
+            if not isinstance(value, bytes) or len(value) < _HEAD.size:
+                continue
+            fetched_at, digest = _HEAD.unpack_from(value)
+            found[key] = Entry(key, fetched_at, bytes(value[_HEAD.size :]), digest)
+        return found
+
+    async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
+        now = self._now()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for entry in entries:
+                ttl_s = math.ceil(entry.fetched_at + CEILING_S - now)
+                if ttl_s <= 0:
+                    continue
+                member = entry.key.text()
+                value = _HEAD.pack(entry.fetched_at, entry.checksum) + entry.payload
+                pipe.set(self._name(entry.key), value, ex=ttl_s)
+                pipe.zadd(self._index, {member: entry.fetched_at})
+                pipe.hset(self._sizes, member, entry.size)
+            await pipe.execute()
+        await self._forget_expired(expire_before)
+        excess = await self._redis.zcard(self._index) - self.policy.max_items
+        if excess <= 0:
+            return 0
+        # ZPOPMIN is atomic: two processes trimming at once pop different entries.
+        popped = cast("list[tuple[bytes, float]]", await self._redis.zpopmin(self._index, excess))
+        members = [member for member, _score in popped]
+        await self._drop_members(members)
+        return len(members)
+
+    async def _forget_expired(self, expire_before: float) -> None:
+        """Drop index and size records of entries whose TTL has run out."""
+        stale = cast(
+            "list[bytes]",
+            await self._redis.zrangebyscore(self._index, "-inf", f"({expire_before}"),
+        )
+        if stale:
+            await self._drop_members(stale)
+
+    async def _drop_members(self, members: Sequence[bytes | str]) -> int:
+        if not members:
+            return 0
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*[self._member_name(m) for m in members])
+            pipe.zrem(self._index, *members)
+            pipe.hdel(self._sizes, *members)
+            deleted, _, _ = await pipe.execute()
+        return int(deleted)
+
+    async def _delete(
+        self,
+        keys: Sequence[CacheKey] | None,
+        *,
+        fetched_before: float | None,
+        asins: Sequence[str] | None,
+    ) -> int:
+        if keys is not None:
+            return await self._drop_members([key.text() for key in keys])
+        top = "+inf" if fetched_before is None else f"({fetched_before}"
+        members = cast("list[bytes]", await self._redis.zrangebyscore(self._index, "-inf", top))
+        if asins is not None:
+            wanted = set(asins)
+            members = [m for m in members if m.decode().split("|")[1] in wanted]
+        return await self._drop_members(members)
+
+    async def _measure(self) -> tuple[int, int, float | None]:
+        await self._forget_expired(self._now() - CEILING_S)
+        entries = await self._redis.zcard(self._index)
+        sizes = await self._redis.hvals(self._sizes)
+        oldest = await self._redis.zrange(self._index, 0, 0, withscores=True)
+        return int(entries), sum(int(s) for s in sizes), float(oldest[0][1]) if oldest else None
+
+    async def aclose(self) -> None:
+        """Close the client when this cache owns it; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns:
+            await self._redis.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisCache(prefix={self._base!r}, max_age_s={self.policy.max_age_s:g})"

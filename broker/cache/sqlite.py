@@ -1,0 +1,300 @@
+"""The item cache in a SQLite file shared by every process of the machine.
+
+One table of its own (``item_cache``) in WAL mode. Every ``put_many`` is one
+``BEGIN IMMEDIATE`` transaction (insert, expire past the 24-hour ceiling, evict the oldest
+beyond the bound), so a process killed mid-write leaves the previous state: SQLite's
+journal rolls a torn transaction back, and each payload's checksum is checked on read as
+a second guard. Triggers keep a one-row totals table, so the bound is checked in O(1).
+All blocking calls run on one worker thread owned by the cache, so the event loop waits
+only for a thread hop per batch of keys, never for the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from broker.cache.base import StoreCache
+from broker.cache.entry import Entry
+
+if TYPE_CHECKING:
+    from broker.cache.policy import CacheKey, CachePolicy
+    from broker.clock import Clock
+
+__all__ = ["SqliteCache"]
+
+_T = TypeVar("_T")
+
+#: Lock waits longer than this (another process writing) raise instead of hanging.
+_BUSY_TIMEOUT_MS: Final = 5_000
+#: Run an incremental vacuum once this many pages are free, so the file shrinks back.
+_VACUUM_FREE_PAGES: Final = 256
+#: The write-ahead log is cut back to this size after a checkpoint.
+_WAL_LIMIT_BYTES: Final = 8 * 1024 * 1024
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS item_cache (
+    ns          TEXT NOT NULL,
+    marketplace TEXT NOT NULL,
+    asin        TEXT NOT NULL,
+    resources   TEXT NOT NULL,
+    fetched_at  REAL NOT NULL,
+    size        INTEGER NOT NULL,
+    checksum    BLOB NOT NULL,
+    payload     BLOB NOT NULL,
+    UNIQUE (ns, marketplace, asin, resources)
+);
+CREATE INDEX IF NOT EXISTS item_cache_age ON item_cache (fetched_at);
+CREATE INDEX IF NOT EXISTS item_cache_asin ON item_cache (asin);
+CREATE TABLE IF NOT EXISTS item_cache_totals (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    entries INTEGER NOT NULL,
+    bytes   INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO item_cache_totals VALUES (1, 0, 0);
+CREATE TRIGGER IF NOT EXISTS item_cache_ins AFTER INSERT ON item_cache BEGIN
+    UPDATE item_cache_totals SET entries = entries + 1, bytes = bytes + NEW.size WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS item_cache_del AFTER DELETE ON item_cache BEGIN
+    UPDATE item_cache_totals SET entries = entries - 1, bytes = bytes - OLD.size WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS item_cache_upd AFTER UPDATE OF size ON item_cache BEGIN
+    UPDATE item_cache_totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 1;
+END;
+"""
+
+_UPSERT: Final = """
+INSERT INTO item_cache (ns, marketplace, asin, resources, fetched_at, size, checksum, payload)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (ns, marketplace, asin, resources) DO UPDATE SET
+    fetched_at = excluded.fetched_at, size = excluded.size,
+    checksum = excluded.checksum, payload = excluded.payload
+WHERE excluded.fetched_at >= item_cache.fetched_at
+"""
+
+_SELECT_MANY: Final = """
+SELECT marketplace, asin, resources, fetched_at, checksum, payload FROM item_cache
+WHERE ns = ? AND (marketplace, asin, resources) IN (VALUES {values})
+"""
+#: Keys per SELECT (3 parameters each, well under SQLite's 32,766).
+_READ_CHUNK: Final = 300
+
+
+class SqliteCache(StoreCache):
+    """An :class:`~broker.cache.base.ItemCache` in a SQLite file.
+
+    Args:
+        path: the database file; its directory is created with mode 0700 when missing.
+            Default of the broker: :func:`broker.cache.paths.default_cache_path`.
+        policy, namespace, clock, batch_size: as for :class:`StoreCache`.
+    The size bound counts every namespace in the file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        policy: CachePolicy,
+        *,
+        namespace: str = "creators",
+        clock: Clock | None = None,
+        batch_size: int = 10,
+    ) -> None:
+        super().__init__(policy, namespace=namespace, clock=clock, batch_size=batch_size)
+        self.path = Path(path)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="item-cache")
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise RuntimeError("the item cache is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._db is None:
+            self._db = self._open()
+        return fn(self._db)
+
+    def _open(self) -> sqlite3.Connection:
+        directory = self.path.parent
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        new = not self.path.exists()
+        db = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,
+        )
+        try:
+            db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            if new:
+                # Before the first table: lets deleted pages go back to the file system.
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
+            db.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL: a crashed process never tears a commit; a power cut may lose
+            # the last ones, which for a cache is only a miss.
+            db.execute("PRAGMA synchronous = NORMAL")
+            # The WAL is checkpointed every 1,000 pages; this truncates it back afterwards.
+            db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
+            # One script, one transaction: two processes creating the file at once agree.
+            db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _key_params(self, key: CacheKey) -> tuple[str, str, str, str]:
+        return (self.namespace, key.marketplace, key.asin, ",".join(key.resources))
+
+    # -- the home -----------------------------------------------------------------------
+
+    async def _load(self, keys: Sequence[CacheKey]) -> dict[CacheKey, Entry]:
+        by_text = {(key.marketplace, key.asin, ",".join(key.resources)): key for key in keys}
+        wanted = list(by_text)
+
+        def load(db: sqlite3.Connection) -> dict[CacheKey, Entry]:
+            found: dict[CacheKey, Entry] = {}
+            # One read transaction: a consistent snapshot, one lock acquisition; keys go
+            # in chunks of row values, so 10,000 keys cost 34 statements, not 10,000.
+            db.execute("BEGIN")
+            try:
+                for start in range(0, len(wanted), _READ_CHUNK):
+                    chunk = wanted[start : start + _READ_CHUNK]
+                    values = ",".join(["(?,?,?)"] * len(chunk))
+                    params = [self.namespace, *(part for row in chunk for part in row)]
+                    for marketplace, asin, resources, fetched_at, digest, payload in db.execute(
+                        _SELECT_MANY.format(values=values), params
+                    ):
+                        key = by_text[(marketplace, asin, resources)]
+                        found[key] = Entry(key, float(fetched_at), bytes(payload), bytes(digest))
+            finally:
+                db.execute("COMMIT")
+            return found
+
+        return await self._run(load)
+
+    async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
+        policy = self.policy
+
+        def store(db: sqlite3.Connection) -> int:
+            rows = [
+                (*self._key_params(e.key), e.fetched_at, e.size, e.checksum, e.payload)
+                for e in entries
+            ]
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_UPSERT, rows)
+                db.execute("DELETE FROM item_cache WHERE fetched_at < ?", (expire_before,))
+                evicted = _evict(db, policy.max_items, policy.max_bytes)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            _vacuum(db)
+            return evicted
+
+        return await self._run(store)
+
+    async def _delete(
+        self,
+        keys: Sequence[CacheKey] | None,
+        *,
+        fetched_before: float | None,
+        asins: Sequence[str] | None,
+    ) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if keys is not None:
+                    removed = 0
+                    for key in keys:
+                        removed += db.execute(
+                            "DELETE FROM item_cache WHERE ns = ? AND marketplace = ? AND asin = ?"
+                            " AND resources = ?",
+                            self._key_params(key),
+                        ).rowcount
+                else:
+                    where: list[str] = ["ns = ?"]
+                    params: list[object] = [self.namespace]
+                    if fetched_before is not None:
+                        where.append("fetched_at < ?")
+                        params.append(fetched_before)
+                    if asins is not None:
+                        where.append(f"asin IN ({','.join('?' * len(asins))})")
+                        params.extend(asins)
+                    removed = db.execute(
+                        f"DELETE FROM item_cache WHERE {' AND '.join(where)}", params
+                    ).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            _vacuum(db)
+            return removed
+
+        return await self._run(delete)
+
+    async def _measure(self) -> tuple[int, int, float | None]:
+        def measure(db: sqlite3.Connection) -> tuple[int, int, float | None]:
+            entries, size = db.execute(
+                "SELECT entries, bytes FROM item_cache_totals WHERE id = 1"
+            ).fetchone()
+            (oldest,) = db.execute("SELECT min(fetched_at) FROM item_cache").fetchone()
+            return int(entries), int(size), None if oldest is None else float(oldest)
+
+        return await self._run(measure)
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the worker thread; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await loop.run_in_executor(self._thread, close)
+        self._thread.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"SqliteCache({str(self.path)!r}, max_age_s={self.policy.max_age_s:g})"
+
+
+def _evict(db: sqlite3.Connection, max_items: int, max_bytes: int) -> int:
+    """Delete the oldest entries until both bounds hold; return how many went."""
+    evicted = 0
+    while True:
+        entries, size = db.execute("SELECT entries, bytes FROM item_cache_totals").fetchone()
+        over_items = max(0, entries - max_items)
+        over_bytes = max_bytes > 0 and size > max_bytes
+        if not over_items and not over_bytes:
+            return evicted
+        # Over the byte bound only: drop a few at a time, re-checking the total.
+        count = over_items or max(1, entries // 100)
+        evicted += db.execute(
+            "DELETE FROM item_cache WHERE rowid IN "
+            "(SELECT rowid FROM item_cache ORDER BY fetched_at LIMIT ?)",
+            (count,),
+        ).rowcount
+
+
+def _vacuum(db: sqlite3.Connection) -> None:
+    """Give free pages back to the file system once enough have piled up."""
+    (free,) = db.execute("PRAGMA freelist_count").fetchone()
+    if free >= _VACUUM_FREE_PAGES:
+        db.execute("PRAGMA incremental_vacuum")

@@ -1,0 +1,545 @@
+"""The item cache: 24-hour ceiling, offers TTL, size bound, purge, stats, in every home."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import fakeredis
+import pytest
+
+from broker.cache import (
+    CEILING_S,
+    CacheKey,
+    CachePolicy,
+    CacheStats,
+    MemoryCache,
+    SqliteCache,
+    StoreCache,
+    has_offer_resources,
+    normalise_resources,
+    open_cache,
+)
+from broker.cache.front import CacheFront
+from broker.cache.redis_store import RedisCache
+from broker.config import CacheConfig, parse_config
+from broker.errors import ConfigError
+from broker.models import ErrorDetail, ItemResult, ItemSummary, Query, Status
+from broker.testing import FakeClock
+
+US = "www.amazon.com"
+DE = "www.amazon.de"
+TITLE = ("itemInfo.title",)
+OFFERS = ("itemInfo.title", "offersV2.listings.price")
+
+MakeCache = Callable[..., StoreCache]
+
+
+def ok(asin: str, clock: FakeClock, resources: tuple[str, ...] = TITLE, **kw: object) -> ItemResult:
+    """An ok answer for ``asin`` fetched now, carrying its complete query."""
+    return ItemResult(
+        asin,
+        str(kw.get("marketplace", US)),
+        Status.OK,
+        item={"ASIN": asin, "ItemInfo": {"Title": {"DisplayValue": f"title {asin}"}}},
+        summary=ItemSummary(title=f"title {asin}", price=9.99, currency="EUR"),
+        attempts=1,
+        key="main",
+        fetched_at=clock.utcnow(),
+        query=Query(asin, str(kw.get("marketplace", US)), resources),
+    )
+
+
+def q(asin: str, resources: tuple[str, ...] = TITLE, marketplace: str = US) -> Query:
+    """A complete query."""
+    return Query(asin, marketplace, resources)
+
+
+@pytest.fixture(name="clock")
+def _clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(name="make", params=["memory", "sqlite", "fakeredis"])
+async def _make(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[MakeCache]:
+    made: list[StoreCache] = []
+    server = fakeredis.FakeServer()
+
+    def make(policy: CachePolicy | None = None) -> StoreCache:
+        policy = policy or CachePolicy(max_age_s=3_600)
+        cache: StoreCache
+        if request.param == "memory":
+            cache = MemoryCache(policy, clock=clock)
+        elif request.param == "sqlite":
+            cache = SqliteCache(tmp_path / "state" / "cache.sqlite3", policy, clock=clock)
+        else:
+            client = fakeredis.FakeAsyncRedis(server=server)
+            cache = RedisCache(client, policy, clock=clock, owns_client=True)
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        await cache.aclose()
+
+
+def _file_sizes(path: Path) -> tuple[int, int]:
+    """Sizes of a SQLite file and of its write-ahead log."""
+    wal = Path(f"{path}-wal")
+    return path.stat().st_size, wal.stat().st_size if wal.exists() else 0
+
+
+class TestPolicy:
+    def test_ceiling_refused_quoting_rule(self) -> None:
+        """A max age above 86,400 s is a ConfigError that quotes Amazon's 24-hour rule."""
+        with pytest.raises(ConfigError, match="24 hours") as info:
+            CachePolicy(max_age_s=86_401)
+        assert info.value.path == "cache.max_age_s"
+        with pytest.raises(ConfigError, match="24 hours"):
+            CachePolicy(max_age_s=3_600, offers_max_age_s=100_000)
+        assert CachePolicy(max_age_s=CEILING_S).enabled
+
+    def test_config_table_refuses_ceiling(self) -> None:
+        """``[cache] max_age_s = 90000`` in config.toml is refused at load with the rule."""
+        doc = {
+            "api": {"protocol": "paapi5"},
+            "keys": [{"name": "k", "credential_id": "id", "partner_tags": {US: "t-20"}}],
+            "cache": {"max_age_s": 90_000},
+        }
+        with pytest.raises(ConfigError, match=r"cache\.max_age_s.*24 hours"):
+            parse_config(doc, environ={})
+
+    def test_config_table_parsed(self, tmp_path: Path) -> None:
+        """The [cache] table fills CacheConfig; a relative path is relative to the config."""
+        doc = {
+            "api": {"protocol": "paapi5"},
+            "keys": [{"name": "k", "credential_id": "id", "partner_tags": {US: "t-20"}}],
+            "cache": {"max_age_s": 7_200, "max_items": 50, "path": "c.db", "offers_max_age_s": 60},
+        }
+        config = parse_config(doc, environ={}, base_dir=tmp_path).cache
+        assert config.path == str(tmp_path / "c.db")
+        assert CachePolicy(7_200, 60, 50, 256 * 1024 * 1024) == config.policy()
+        unset = parse_config({**doc, "cache": {}}, environ={}).cache
+        assert unset.max_age_s is None
+        assert unset.policy().max_age_s == 0
+        assert unset.policy(CEILING_S).max_age_s == CEILING_S
+
+    def test_config_redis_password_refused(self) -> None:
+        """A Redis URL with a password in config.toml is refused without echoing it."""
+        doc = {
+            "api": {"protocol": "paapi5"},
+            "keys": [{"name": "k", "credential_id": "id", "partner_tags": {US: "t-20"}}],
+            "cache": {"backend": "redis", "redis_url": "redis://:hunter2@localhost:6379/0"},
+        }
+        with pytest.raises(ConfigError, match="redis_url_env") as info:
+            parse_config(doc, environ={})
+        assert "hunter2" not in str(info.value)
+        doc["cache"] = {"backend": "redis", "redis_url_env": "ASINB_REDIS_URL"}
+        parsed = parse_config(doc, environ={"ASINB_REDIS_URL": "redis://:pw@h:1/0"})
+        assert parsed.cache.redis_url == "redis://:pw@h:1/0"
+        assert "pw" not in repr(parsed.cache)
+
+    def test_resources_normalised(self) -> None:
+        """Order, case, blanks and duplicates of resources do not change the key."""
+        a = CacheKey.of(US, "b00000000a ", ["offersV2.listings.price", "itemInfo.title"])
+        b = CacheKey.of(US, "B00000000A", ["ItemInfo.Title", "OffersV2.Listings.Price", " "])
+        assert a == b
+        assert normalise_resources(a.resources) == ("iteminfo.title", "offersv2.listings.price")
+
+    def test_offer_resources(self) -> None:
+        """offersV2.*, OffersV2.* and Offers.* are price resources; others are not."""
+        assert has_offer_resources(["offersV2.listings.price"])
+        assert has_offer_resources(["OffersV2.Listings.Availability"])
+        assert has_offer_resources(["Offers.Listings.Price"])
+        assert not has_offer_resources(["itemInfo.title", "images.primary.medium"])
+        assert not has_offer_resources(["offersummary"])
+
+    async def test_open_cache_defaults(self, tmp_path: Path) -> None:
+        """Unset max age: off for the library, 24 h SQLite in the state dir for broker run."""
+        environ = {"XDG_STATE_HOME": str(tmp_path / "xdg")}
+        assert open_cache(CacheConfig(), namespace="creators", environ=environ) is None
+        cache = open_cache(
+            CacheConfig(), namespace="creators", default_max_age_s=CEILING_S, environ=environ
+        )
+        assert isinstance(cache, SqliteCache)
+        assert cache.path == tmp_path / "xdg" / "asin-broker" / "item-cache.sqlite3"
+        assert cache.policy.max_age_s == CEILING_S
+        await cache.aclose()
+        assert open_cache(CacheConfig(max_age_s=600), namespace="x", max_age_s=0) is None
+        with pytest.raises(ConfigError, match="24 hours"):
+            open_cache(CacheConfig(), namespace="x", max_age_s=100_000)
+
+
+class TestServe:
+    async def test_hit_is_marked_cached(self, make: MakeCache, clock: FakeClock) -> None:
+        """A stored answer comes back cached, with its original fetched_at and the new tag."""
+        cache = make()
+        answer = ok("B000000001", clock)
+        assert await cache.get_many([q("B000000001")]) == [None]
+        assert await cache.put_many([answer]) == 1
+        await clock.advance(600)
+        asked = Query("b000000001", US, ("ITEMINFO.TITLE",), tag=42)
+        [hit] = await cache.get_many([asked])
+        assert hit is not None
+        assert hit.cached
+        assert answer.fetched_at == hit.fetched_at
+        assert hit.attempts == 0
+        assert hit.key is None
+        assert answer.item == hit.item
+        assert answer.summary == hit.summary
+        assert hit.query is asked
+        assert hit.to_json()["cached"] is True
+
+    async def test_only_ok_answers_are_stored(self, make: MakeCache, clock: FakeClock) -> None:
+        """not_found, failed and already-cached results never enter the cache."""
+        cache = make()
+        error = ErrorDetail("ItemNotAccessible", "gone", "none")
+        results = [
+            ItemResult(
+                "B000000002",
+                US,
+                Status.NOT_FOUND,
+                error=error,
+                fetched_at=clock.utcnow(),
+                query=q("B000000002"),
+            ),
+            ItemResult("B000000003", US, Status.FAILED, error=error, query=q("B000000003")),
+            ItemResult(
+                "B000000004",
+                US,
+                Status.OK,
+                item={},
+                fetched_at=clock.utcnow(),
+                query=q("B000000004"),
+                cached=True,
+            ),
+        ]
+        assert await cache.put_many(results) == 0
+        assert (await cache.stats()).entries == 0
+
+    async def test_marketplace_and_resources_are_part_of_key(
+        self, make: MakeCache, clock: FakeClock
+    ) -> None:
+        """An answer for one marketplace or resource set does not serve another."""
+        cache = make()
+        await cache.put_many([ok("B000000001", clock)])
+        got = await cache.get_many(
+            [q("B000000001", marketplace=DE), q("B000000001", OFFERS), q("B000000001")]
+        )
+        assert [r is not None for r in got] == [False, False, True]
+
+    async def test_max_age(self, make: MakeCache, clock: FakeClock) -> None:
+        """Past max_age_s an answer is a miss; a --max-age override shortens or lengthens it."""
+        cache = make(CachePolicy(max_age_s=3_600, offers_max_age_s=3_600))
+        await cache.put_many([ok("B000000001", clock)])
+        await clock.advance(3_000)
+        assert await cache.get_many([q("B000000001")], max_age_s=2_000) == [None]
+        await clock.advance(1_000)
+        assert await cache.get_many([q("B000000001")]) == [None]
+        [hit] = await cache.get_many([q("B000000001")], max_age_s=86_400)
+        assert hit is not None
+        with pytest.raises(ConfigError, match="24 hours"):
+            await cache.get_many([q("B000000001")], max_age_s=86_401)
+
+    async def test_ceiling_even_with_override(self, make: MakeCache, clock: FakeClock) -> None:
+        """Nothing older than 86,400 s is ever served, and a later put deletes it."""
+        cache = make(CachePolicy(max_age_s=CEILING_S))
+        await cache.put_many([ok("B000000001", clock)])
+        await clock.advance(CEILING_S + 1)
+        assert await cache.get_many([q("B000000001")], max_age_s=CEILING_S) == [None]
+        await cache.put_many([ok("B000000002", clock)])
+        assert (await cache.stats()).entries == 1
+
+    async def test_offers_ttl(self, make: MakeCache, clock: FakeClock) -> None:
+        """Past offers_max_age_s, answers with price resources miss while others still hit."""
+        cache = make(CachePolicy(max_age_s=CEILING_S, offers_max_age_s=3_600))
+        await cache.put_many([ok("B000000001", clock, OFFERS), ok("B000000001", clock, TITLE)])
+        await clock.advance(3_599)
+        assert all(await cache.get_many([q("B000000001", OFFERS), q("B000000001")]))
+        await clock.advance(2)
+        offers, title = await cache.get_many([q("B000000001", OFFERS), q("B000000001")])
+        assert offers is None
+        assert title is not None
+
+    async def test_eviction_under_small_bound(self, make: MakeCache, clock: FakeClock) -> None:
+        """Beyond max_items the oldest answers go first, and the evictions are counted."""
+        cache = make(CachePolicy(max_age_s=3_600, max_items=3))
+        for i in range(5):
+            await cache.put_many([ok(f"B00000000{i}", clock)])
+            await clock.advance(10)
+        got = await cache.get_many([q(f"B00000000{i}") for i in range(5)])
+        assert [r is not None for r in got] == [False, False, True, True, True]
+        stats = await cache.stats()
+        assert (stats.entries, stats.evictions) == (3, 2)
+
+    async def test_purge(self, make: MakeCache, clock: FakeClock) -> None:
+        """purge by ASIN list, by age, and all."""
+        cache = make()
+        await cache.put_many([ok("B000000001", clock), ok("B000000002", clock, OFFERS)])
+        await clock.advance(100)
+        await cache.put_many([ok("B000000003", clock), ok("B000000004", clock)])
+        assert await cache.purge(asins=["b000000002", "B000000003"]) == 2
+        assert await cache.purge(older_than_s=50) == 1
+        got = await cache.get_many([q(f"B00000000{i}") for i in range(1, 5)])
+        assert [r is not None for r in got] == [False, False, False, True]
+        assert await cache.purge() == 1
+        assert (await cache.stats()).entries == 0
+
+    async def test_stats(self, make: MakeCache, clock: FakeClock) -> None:
+        """Stats count hits, misses, requests saved (per 10 hits), entries and bytes."""
+        cache = make()
+        await cache.put_many([ok(f"B0000000{i:02d}", clock) for i in range(12)])
+        await clock.advance(5)
+        await cache.get_many([q(f"B0000000{i:02d}") for i in range(15)])
+        stats = await cache.stats()
+        assert (stats.hits, stats.misses, stats.requests_saved, stats.entries) == (12, 3, 1, 12)
+        assert stats.bytes > 12 * 100
+        assert stats.oldest_age_s == pytest.approx(5)
+
+    async def test_off_serves_nothing(self, make: MakeCache, clock: FakeClock) -> None:
+        """With max_age_s 0 nothing is served (unless a call passes its own max age)."""
+        cache = make(CachePolicy(max_age_s=0))
+        await cache.put_many([ok("B000000001", clock)])
+        assert await cache.get_many([q("B000000001")]) == [None]
+        assert [r is not None for r in await cache.get_many([q("B000000001")], max_age_s=60)] == [
+            True
+        ]
+
+    async def test_incomplete_query_refused(self, make: MakeCache) -> None:
+        """A query without marketplace or resources is a ValueError (the broker fills them)."""
+        with pytest.raises(ValueError, match="complete query"):
+            await make().get_many([Query("B000000001")])
+
+
+class TestSqlite:
+    async def test_file_private_wal(self, tmp_path: Path, clock: FakeClock) -> None:
+        """The state directory is created 0700, the file 0600, in WAL mode."""
+        path = tmp_path / "state" / "asin-broker" / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock)])
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+    async def test_corrupt_payload_is_a_miss(self, tmp_path: Path, clock: FakeClock) -> None:
+        """A payload that fails its checksum is never served, and is deleted."""
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
+            with sqlite3.connect(path) as db:
+                db.execute(
+                    "UPDATE item_cache SET payload = substr(payload, 1, 20) WHERE asin = ?",
+                    ("B000000001",),
+                )
+            torn, whole = await cache.get_many([q("B000000001"), q("B000000002")])
+            assert torn is None
+            assert whole is not None
+            assert (await cache.stats()).entries == 1
+
+    async def test_byte_bound_keeps_file_small(self, tmp_path: Path, clock: FakeClock) -> None:
+        """Writing 30x the byte bound leaves a file of a few times the bound, WAL included."""
+        path = tmp_path / "cache.sqlite3"
+        policy = CachePolicy(CEILING_S, max_items=1_000_000, max_bytes=200_000)
+        async with SqliteCache(path, policy, clock=clock) as cache:
+            big = {"blob": "x" * 4_000}
+            for round_ in range(60):
+                results = [
+                    ItemResult(
+                        f"B{round_:03d}{i:06d}",
+                        US,
+                        Status.OK,
+                        item=big,
+                        fetched_at=clock.utcnow(),
+                        query=q(f"B{round_:03d}{i:06d}"),
+                    )
+                    for i in range(25)
+                ]
+                await cache.put_many(results)
+                await clock.advance(1)
+                assert _file_sizes(path)[1] <= 8 * 1024 * 1024 + 64 * 1024
+            stats = await cache.stats()
+        assert stats.bytes <= 200_000
+        assert stats.evictions >= 60 * 25 - 50
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert _file_sizes(path)[0] <= 4 * 200_000
+
+    async def test_old_fetched_at_never_overwrites_newer(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """A late writer with an older answer does not replace a fresher one."""
+        async with SqliteCache(tmp_path / "c.db", CachePolicy(3_600), clock=clock) as cache:
+            older = ok("B000000001", clock)
+            await clock.advance(100)
+            newer = ok("B000000001", clock)
+            await cache.put_many([newer])
+            await cache.put_many([older])
+            [hit] = await cache.get_many([q("B000000001")])
+            assert hit is not None
+            assert newer.fetched_at == hit.fetched_at
+
+
+def test_fetched_at_kept_to_the_microsecond(clock: FakeClock) -> None:
+    """Encoding keeps fetched_at exactly enough for output rows (milliseconds)."""
+    from broker.cache.entry import decode, encode
+
+    answer = ok("B000000001", clock)
+    assert answer.fetched_at is not None
+    answer = dataclasses.replace(
+        answer, fetched_at=answer.fetched_at + timedelta(microseconds=123_456)
+    )
+    key = CacheKey.of(US, "B000000001", TITLE)
+    back = decode(encode(key, answer), None)
+    assert answer.to_json()["fetched_at"] == back.to_json()["fetched_at"]
+
+
+class TestCommandLine:
+    def _config(self, tmp_path: Path) -> Path:
+        config = tmp_path / "config.toml"
+        config.write_text(
+            '[api]\nprotocol = "paapi5"\n'
+            '[[keys]]\nname = "k"\ncredential_id = "id"\n'
+            'partner_tags = { "www.amazon.com" = "t-20" }\n'
+            '[cache]\npath = "cache.sqlite3"\n'
+        )
+        return config
+
+    async def _fill(self, path: Path) -> None:
+        clock = FakeClock()
+        async with SqliteCache(path, CachePolicy(60), namespace="paapi5", clock=clock) as cache:
+            await cache.put_many([ok(f"B00000000{i}", clock) for i in range(4)])
+
+    def test_stats_and_purge(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """``broker cache stats --json`` counts entries; ``purge --asin`` and ``purge`` delete."""
+        import asyncio
+        import json
+
+        from broker.cli import main
+
+        config = self._config(tmp_path)
+        asyncio.run(self._fill(tmp_path / "cache.sqlite3"))
+        assert main(["cache", "stats", "--config", str(config), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (
+            report["entries"],
+            report["namespace"],
+            report["max_age_s"],
+        ) == (4, "paapi5", 86_400)
+        assert main(["cache", "purge", "--config", str(config), "--asin", "b000000001"]) == 0
+        assert "purged 1 " in capsys.readouterr().out
+        assert main(["cache", "purge", "--config", str(config), "--older-than", "1e9"]) == 0
+        assert "purged 0 " in capsys.readouterr().out
+        assert main(["cache", "purge", "--config", str(config)]) == 0
+        assert "purged 3 " in capsys.readouterr().out
+
+
+def test_cache_sits_below_the_engine() -> None:
+    """Importing every cache module loads no engine, jobs, cli or simulator module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, broker.cache as c\n"
+        "for m in pkgutil.walk_packages(c.__path__, 'broker.cache.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(\n"
+        "    ('broker.engine', 'broker.jobs', 'broker.cli', 'broker.simulator'))))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+class _CountingCache(MemoryCache):
+    """A memory cache that counts its batch calls and can be made to fail."""
+
+    def __init__(self, policy: CachePolicy, clock: FakeClock) -> None:
+        super().__init__(policy, clock=clock)
+        self.get_calls: list[int] = []
+        self.put_calls: list[int] = []
+        self.broken = False
+
+    async def get_many(
+        self, queries: Sequence[Query], *, max_age_s: float | None = None
+    ) -> list[ItemResult | None]:
+        self.get_calls.append(len(queries))
+        if self.broken:
+            raise OSError("disk gone")
+        return await super().get_many(queries, max_age_s=max_age_s)
+
+    async def put_many(self, results: Iterable[ItemResult]) -> int:
+        batch = list(results)
+        self.put_calls.append(len(batch))
+        if self.broken:
+            raise OSError("disk gone")
+        return await super().put_many(batch)
+
+
+class TestFront:
+    async def test_gets_of_one_tick_share_one_batch(self, clock: FakeClock) -> None:
+        """Fifty lookups admitted together cost one get_many; puts are written behind."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache)
+        for i in range(20):
+            front.put(ok(f"B0000000{i:02d}", clock))
+        front.put(dataclasses.replace(ok("B000000099", clock), status=Status.NOT_FOUND))
+        await front.flush()
+        assert sum(cache.put_calls) == 20
+        assert len(cache.put_calls) <= 2
+        got = await asyncio.gather(*(front.get(q(f"B0000000{i:02d}")) for i in range(50)))
+        assert cache.get_calls == [50]
+        assert [r is not None and r.cached for r in got] == [True] * 20 + [False] * 30
+        await front.aclose()
+
+    async def test_a_failing_store_never_fails_a_lookup(self, clock: FakeClock) -> None:
+        """Reads become misses and writes are dropped, counted, when the store fails."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache)
+        cache.broken = True
+        assert await front.get(q("B000000001")) is None
+        front.put(ok("B000000001", clock))
+        await front.flush()
+        assert (front.failed_reads, front.dropped_writes) == (1, 1)
+        await front.aclose()
+        assert await front.get(q("B000000001")) is None
+
+
+def test_stats_families_for_prometheus() -> None:
+    """Stats export as counters and gauges with stable names."""
+    stats = CacheStats(hits=25, misses=5, requests_saved=2, entries=7, bytes=900, evictions=1)
+    families = {name: (kind, value) for name, kind, _help, value in stats.families()}
+    assert families == {
+        "asinb_cache_hits_total": ("counter", 25),
+        "asinb_cache_misses_total": ("counter", 5),
+        "asinb_cache_requests_saved_total": ("counter", 2),
+        "asinb_cache_evictions_total": ("counter", 1),
+        "asinb_cache_entries": ("gauge", 7),
+        "asinb_cache_bytes": ("gauge", 900),
+    }
+
+
+async def test_prefetched_answer_is_checked_again(clock: FakeClock) -> None:
+    """An answer read ahead and taken after it aged past max_age_s is a miss, not served."""
+    cache = MemoryCache(CachePolicy(3_600), clock=clock)
+    front = CacheFront(cache)
+    await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
+    await clock.advance(3_000)
+    await front.prefetch([q("B000000001"), q("B000000002"), q("B000000003")])
+    hit = await front.get(Query("B000000001", US, TITLE, tag="row 1"))
+    assert hit is not None
+    assert hit.query is not None
+    assert hit.query.tag == "row 1"
+    await clock.advance(700)
+    assert await front.get(q("B000000002")) is None
+    front.discard([q("B000000003")])
+    assert not front._ahead
+    await front.aclose()

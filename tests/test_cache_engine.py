@@ -1,0 +1,97 @@
+"""The broker with the item cache (prototype integration): only misses are sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Harness, asins, make_config
+
+from broker.engine.broker import Broker
+from broker.models import Status
+from broker.simulator.catalog import lookup
+from broker.simulator.settings import SimulatorSettings
+
+FREE = SimulatorSettings(limits=False)
+
+
+def _cache(tmp_path: Path, **extra: object) -> dict[str, object]:
+    return {"max_age_s": 3_600, "path": str(tmp_path / "cache.sqlite3"), **extra}
+
+
+class TestBrokerCache:
+    async def test_second_run_sends_nothing(self, harness: Harness, tmp_path: Path) -> None:
+        """A list looked up twice within the max age sends no GetItems the second time."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache=_cache(tmp_path))
+        wanted = asins(50)
+        first_transport = await harness.transport()
+        async with Broker(config, transport=first_transport) as broker:
+            first = await broker.get_items(wanted)
+        assert first_transport.count("/catalog/") == 5
+        assert not any(r.cached for r in first)
+        second_transport = await harness.transport()
+        async with Broker(config, transport=second_transport) as broker:
+            second = await broker.get_items(wanted)
+        assert second_transport.count("/catalog/") == 0
+        assert all(r.cached for r in second)
+        assert [r.fetched_at for r in first] == [r.fetched_at for r in second]
+        assert [r.item for r in first] == [r.item for r in second]
+
+    async def test_half_cached_half_the_requests(self, harness: Harness, tmp_path: Path) -> None:
+        """With half the ASINs cached, a batch of ten cached-and-new sends only the new."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache=_cache(tmp_path))
+        wanted = asins(100)
+        async with Broker(config) as broker:
+            await broker.get_items(wanted[::2])
+        transport = await harness.transport()
+        async with Broker(config, transport=transport) as broker:
+            results = await broker.get_items(wanted)
+        assert transport.count("/catalog/") == 5
+        assert [i % 2 == 0 for i in range(100)] == [r.cached for r in results]
+
+    async def test_not_found_is_not_cached(self, harness: Harness, tmp_path: Path) -> None:
+        """not_found answers are asked again next time; ok ones are not."""
+        settings = SimulatorSettings(limits=False, missing_share=0.5)
+        sim = await harness.simulator(settings)
+        config = make_config(sim.url, cache=_cache(tmp_path))
+        wanted = asins(40)
+        missing = [a for a in wanted if lookup(settings, "www.amazon.com", a).status != "ok"]
+        assert missing
+        async with Broker(config) as broker:
+            await broker.get_items(wanted)
+        transport = await harness.transport()
+        async with Broker(config, transport=transport) as broker:
+            results = await broker.get_items(wanted)
+        sent = b"".join(r.body for r in transport.requests if "/catalog/" in r.url)
+        assert all(a.encode() in sent for a in missing)
+        assert all(r.cached == (r.status is Status.OK) for r in results)
+
+    async def test_stream_serves_cached_answers(self, harness: Harness, tmp_path: Path) -> None:
+        """stream() reads the cache per lookup too: a second stream sends nothing."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache=_cache(tmp_path))
+        wanted = asins(30)
+        async with Broker(config) as broker:
+            first = [r async for r in broker.stream(wanted)]
+        transport = await harness.transport()
+        async with Broker(config, transport=transport) as broker:
+            second = [r async for r in broker.stream(wanted)]
+        assert transport.count("/catalog/") == 0
+        assert sorted(r.asin for r in first) == sorted(r.asin for r in second)
+        assert all(r.cached for r in second)
+        assert not any(r.cached for r in first)
+
+    async def test_cache_off_by_default(self, harness: Harness, tmp_path: Path) -> None:
+        """Without [cache] max_age_s the library caches nothing and writes no file."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache={"path": str(tmp_path / "cache.sqlite3")})
+        wanted = asins(10)
+        async with Broker(config) as broker:
+            await broker.get_items(wanted)
+        transport = await harness.transport()
+        async with Broker(config, transport=transport) as broker:
+            results = await broker.get_items(wanted)
+        assert transport.count("/catalog/") == 1
+        assert not any(r.cached for r in results)
+        assert not (tmp_path / "cache.sqlite3").exists()

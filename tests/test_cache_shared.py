@@ -1,0 +1,251 @@
+"""The item cache across processes: shared SQLite, a real Redis, a writer killed mid-write."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from broker.cache import CacheKey, CachePolicy, SqliteCache
+from broker.cache.entry import Entry, decode
+from broker.cache.redis_store import RedisCache
+from broker.models import ItemResult, Query, Status
+
+US = "www.amazon.com"
+TITLE = ("itemInfo.title",)
+
+# The other process: puts ok answers, counts hits, or writes big batches until killed.
+CHILD = r"""
+import asyncio, sys
+from datetime import UTC, datetime
+from broker.cache import CachePolicy, SqliteCache
+from broker.cache.redis_store import RedisCache
+from broker.models import ItemResult, Query, Status
+
+backend, where, mode, arg = sys.argv[1:5]
+policy = CachePolicy(max_age_s=3600, max_items=1_000_000, max_bytes=0)
+
+def answer(asin, blob=""):
+    query = Query(asin, "www.amazon.com", ("itemInfo.title",))
+    item = {"ASIN": asin, "blob": blob}
+    return ItemResult(asin, "www.amazon.com", Status.OK, item=item,
+                      fetched_at=datetime.now(UTC), query=query)
+
+async def main():
+    if backend == "sqlite":
+        cache = SqliteCache(where, policy)
+    else:
+        cache = RedisCache.from_url(where, policy, key_prefix="t:")
+    async with cache:
+        if mode == "put":
+            print("stored", await cache.put_many([answer(a) for a in arg.split(",")]), flush=True)
+        elif mode == "get":
+            queries = [Query(a, "www.amazon.com", ("itemInfo.title",)) for a in arg.split(",")]
+            got = await cache.get_many(queries)
+            print("hits", sum(r is not None and r.item["ASIN"] == q.asin
+                              for r, q in zip(got, queries)), flush=True)
+        else:
+            batch = 0
+            while True:
+                asins = [f"{arg}X{batch:04d}{i:03d}" for i in range(200)]
+                await cache.put_many([answer(a, a * 2000) for a in asins])
+                print("committed", batch, flush=True)
+                batch += 1
+
+asyncio.run(main())
+"""
+
+
+def child(*args: str, timeout: float = 60) -> str:
+    """Run the child script to the end; return its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return done.stdout
+
+
+def answer(asin: str) -> ItemResult:
+    """An ok answer fetched now (wall time: the other process reads real time too)."""
+    return ItemResult(
+        asin,
+        US,
+        Status.OK,
+        item={"ASIN": asin, "blob": ""},
+        fetched_at=datetime.now(UTC),
+        query=Query(asin, US, TITLE),
+    )
+
+
+def queries(asins: list[str]) -> list[Query]:
+    """Complete queries for ``asins``."""
+    return [Query(a, US, TITLE) for a in asins]
+
+
+ASINS_A = [f"B0000000{i:02d}" for i in range(30)]
+ASINS_B = [f"B0000001{i:02d}" for i in range(30)]
+
+
+class TestSqliteShared:
+    async def test_two_processes_reuse_each_others_answers(self, tmp_path: Path) -> None:
+        """What one process stores, another serves, both ways, through one SQLite file."""
+        path = tmp_path / "state" / "cache.sqlite3"
+        assert "stored 30" in child("sqlite", str(path), "put", ",".join(ASINS_A))
+        async with SqliteCache(path, CachePolicy(3_600)) as cache:
+            got = await cache.get_many(queries(ASINS_A + ASINS_B))
+            assert [r is not None and r.cached for r in got] == [True] * 30 + [False] * 30
+            await cache.put_many([answer(a) for a in ASINS_B])
+        assert "hits 60" in child("sqlite", str(path), "get", ",".join(ASINS_A + ASINS_B))
+
+    def test_writer_killed_mid_write_never_leaves_a_torn_entry(self, tmp_path: Path) -> None:
+        """SIGKILL during 4 MB transactions: every batch is whole or absent, every entry reads."""
+        path = tmp_path / "cache.sqlite3"
+        rng = random.Random(13)
+        for run in range(4):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", CHILD, "sqlite", str(path), "hammer", f"C{run}"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert proc.stdout is not None
+                for _ in range(2):
+                    assert proc.stdout.readline().startswith("committed")
+                # Somewhere inside the next transactions (each takes tens of milliseconds).
+                time.sleep(rng.uniform(0.0, 0.15))
+                proc.send_signal(signal.SIGKILL)
+            finally:
+                proc.kill()
+                proc.wait(timeout=30)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            rows = db.execute(
+                "SELECT marketplace, asin, resources, fetched_at, checksum, payload FROM item_cache"
+            ).fetchall()
+            totals = db.execute("SELECT entries, bytes FROM item_cache_totals").fetchone()
+        assert len(rows) >= 4 * 2 * 200
+        assert (len(rows), sum(len(r[5]) for r in rows)) == totals
+        per_batch: dict[str, int] = {}
+        for marketplace, asin, resources, fetched_at, digest, payload in rows:
+            key = CacheKey(marketplace, asin, tuple(resources.split(",")))
+            result = decode(Entry(key, fetched_at, payload, digest), None)
+            assert result.item is not None
+            assert asin * 2000 == result.item["blob"]
+            per_batch[asin[:7]] = per_batch.get(asin[:7], 0) + 1
+        assert {200} == set(per_batch.values())
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(name="redis_url")
+def _redis_url(tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.path.exists(binary):
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class TestRealRedis:
+    async def test_two_processes_reuse_each_others_answers(self, redis_url: str) -> None:
+        """What one process stores in Redis, another serves, both ways."""
+        assert "stored 30" in child("redis", redis_url, "put", ",".join(ASINS_A))
+        async with RedisCache.from_url(redis_url, CachePolicy(3_600), key_prefix="t:") as cache:
+            got = await cache.get_many(queries(ASINS_A + ASINS_B))
+            assert [r is not None and r.cached for r in got] == [True] * 30 + [False] * 30
+            await cache.put_many([answer(a) for a in ASINS_B])
+        assert "hits 60" in child("redis", redis_url, "get", ",".join(ASINS_A + ASINS_B))
+
+    async def test_entries_carry_ttl_to_the_ceiling(self, redis_url: str) -> None:
+        """Each entry expires 86,400 s after Amazon sent it; the prefix keeps brokers apart."""
+        client = Redis.from_url(redis_url)
+        try:
+            async with RedisCache(client, CachePolicy(3_600), key_prefix="p1:") as cache:
+                await cache.put_many([answer("B000000001")])
+            names = [name async for name in client.scan_iter("p1:creators:item:*")]
+            assert names == [b"p1:creators:item:www.amazon.com|B000000001|iteminfo.title"]
+            ttl = await client.ttl(names[0])
+            assert 86_390 <= ttl <= 86_400
+            async with RedisCache(client, CachePolicy(3_600), key_prefix="p2:") as other:
+                assert await other.get_many(queries(["B000000001"])) == [None]
+        finally:
+            await client.aclose()
+
+    async def test_eviction_and_purge(self, redis_url: str) -> None:
+        """A small max_items evicts the oldest; purge by ASIN and all work on a real server."""
+        async with RedisCache.from_url(redis_url, CachePolicy(3_600, max_items=5)) as cache:
+            for asin in ASINS_A[:8]:
+                await cache.put_many([answer(asin)])
+            got = await cache.get_many(queries(ASINS_A[:8]))
+            assert [r is not None for r in got] == [False] * 3 + [True] * 5
+            stats = await cache.stats()
+            assert (stats.entries, stats.evictions) == (5, 3)
+            assert stats.bytes > 0
+            assert await cache.purge(asins=[ASINS_A[7]]) == 1
+            assert await cache.purge() == 4
+            assert (await cache.stats()).entries == 0
+
+
+def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:
+    """Two processes writing the same file at the same time both land every answer."""
+    path = tmp_path / "cache.sqlite3"
+    groups = [[f"W{w}{i:08d}" for i in range(1_500)] for w in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, "sqlite", str(path), "put", ",".join(group)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for group in groups
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    assert all("stored 1500" in out for out in outputs)
+    with sqlite3.connect(path) as db:
+        assert db.execute(
+            "SELECT count(*), (SELECT entries FROM item_cache_totals) FROM item_cache"
+        ).fetchone() == (3_000, 3_000)
