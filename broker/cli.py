@@ -41,6 +41,31 @@ def resolve_config_path(given: str | None, environ: dict[str, str] | None = None
     return Path(given or env.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
+def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """``--max-age`` and ``--no-cache``, shared by run and lookup."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--max-age",
+        type=float,
+        metavar="SECONDS",
+        help="serve cached answers up to this old (default: [cache] max_age_s, else 86400; "
+        "at most 86400, Amazon's 24-hour rule; 0 = no cache)",
+    )
+    group.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor fill the item cache",
+    )
+
+
+def _cache_max_age(args: argparse.Namespace) -> float | None:
+    """The run's cache override: 0 for --no-cache, --max-age as given, else None."""
+    if getattr(args, "no_cache", False):
+        return 0.0
+    value: float | None = getattr(args, "max_age", None)
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from broker import __version__
 
@@ -145,6 +170,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop (exit 75, resumable) instead of waiting when every key's daily quota is spent",
     )
+    _add_cache_flags(run)
     run.add_argument("--encoding", default="utf-8", help="input encoding (default: %(default)s)")
     run.add_argument(
         "--convert-isbn13",
@@ -209,6 +235,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="give up (exit 69) when the endpoint stays unreachable this long (default: "
         f"retry.outage_budget_s of the config, at most {LOOKUP_OUTAGE_BUDGET_S:g})",
     )
+    _add_cache_flags(look)
     look.add_argument("--config", help=_CONFIG_HELP)
     look.add_argument(
         "--marketplace",
@@ -394,7 +421,16 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         config, retry=dataclasses.replace(config.retry, outage_budget_s=budget)
     )
     as_json = args.json or not sys.stdout.isatty()
-    return _run_loop(_lookup(config, args.asins, market, resources, as_json=as_json))
+    return _run_loop(
+        _lookup(
+            config,
+            args.asins,
+            market,
+            resources,
+            as_json=as_json,
+            cache_max_age_s=_cache_max_age(args),
+        )
+    )
 
 
 async def _lookup(
@@ -404,7 +440,9 @@ async def _lookup(
     resources: tuple[str, ...] | None,
     *,
     as_json: bool,
+    cache_max_age_s: float | None = None,
 ) -> int:
+    from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
     from broker.errors import NoUsableKeyError
     from broker.jobs.runner import describe_failure
@@ -413,7 +451,9 @@ async def _lookup(
     try:
         # A marketplace no key is configured for is answered by the broker itself
         # (failed, NoKeyForMarketplace) without a request.
-        async with Broker(config) as broker:
+        async with Broker(
+            config, cache_default_max_age_s=RUN_MAX_AGE_S, cache_max_age_s=cache_max_age_s
+        ) as broker:
             results = await broker.get_items(asins, marketplace=marketplace, resources=resources)
     except NoUsableKeyError as exc:
         code, message = describe_failure(exc)
@@ -522,6 +562,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         progress=args.progress,
         refresh=args.refresh,
         ordered=args.ordered,
+        cache_max_age_s=_cache_max_age(args),
     )
     try:
         if paths.stdin:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.keys import OUTAGE_CODE
@@ -91,6 +92,9 @@ class JobOptions:
     ordered: bool = False
     #: Seconds until the first periodic progress event when not on a terminal.
     first_progress_s: float = 2.0
+    #: The item cache's max age for this run (``--max-age``; 0: ``--no-cache``); None: the
+    #: config's, else 86,400. ``refresh`` reads nothing from the cache.
+    cache_max_age_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -296,7 +300,12 @@ async def _run_once(
             _emit(ledger, sink, name)
             if ledger.pending_lookup_count() and not stop.requested:
                 budget = _Budget(ledger, stop)
-                own = broker or Broker(config, budget_store=budget)
+                own = broker or Broker(
+                    config,
+                    budget_store=budget,
+                    cache_default_max_age_s=RUN_MAX_AGE_S,
+                    cache_max_age_s=0.0 if options.refresh else options.cache_max_age_s,
+                )
                 async with (
                     budget.flushed(),
                     own if broker is None else contextlib.nullcontext(own),

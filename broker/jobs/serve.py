@@ -73,6 +73,7 @@ from pathlib import Path, PurePath
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.clock import Clock, LoopClock
 from broker.errors import ConfigError, JobFileError, NoUsableKeyError
@@ -562,7 +563,12 @@ class Daemon:
             async with contextlib.AsyncExitStack() as stack:
                 store = stack.enter_context(SpoolBudgetStore(self.spool.state / "budget.sqlite"))
                 self.url = await self._listen(stack)
-                broker = Broker(self._config, clock=self._clock, budget_store=store)
+                broker = Broker(
+                    self._config,
+                    clock=self._clock,
+                    budget_store=store,
+                    cache_default_max_age_s=RUN_MAX_AGE_S,
+                )
                 self._broker = await stack.enter_async_context(broker)
                 self._state = "running"
                 self.started.set()

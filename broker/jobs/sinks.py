@@ -80,6 +80,7 @@ CSV_COLUMNS: Final = (
     "attempts",
     "key",
     "fetched_at",
+    "cached",
 )
 
 #: The output formats :func:`open_sink` accepts.
@@ -124,7 +125,8 @@ def output_row(row: DoneRow) -> dict[str, object]:
     """Return the JSON object of one output row (the architecture doc's row format).
 
     Keys: line, input, asin, marketplace, status, item, summary, error, attempts, key,
-    fetched_at, and ``extra`` only when the input row had extra columns. A row invalid at
+    fetched_at, cached (the answer came from the item cache; ``fetched_at`` is then when
+    Amazon sent it), and ``extra`` only when the input row had extra columns. A row invalid at
     ingestion has ``asin`` null, error code ``InvalidAsin`` with the reason, 0 attempts.
     """
     result = row.result
@@ -146,6 +148,7 @@ def output_row(row: DoneRow) -> dict[str, object]:
             "attempts": 0,
             "key": None,
             "fetched_at": None,
+            "cached": False,
         }
     else:
         out = {
@@ -160,6 +163,7 @@ def output_row(row: DoneRow) -> dict[str, object]:
             "attempts": result.get("attempts", 0),
             "key": result.get("key"),
             "fetched_at": result.get("fetched_at"),
+            "cached": bool(result.get("cached", False)),
         }
     if row.extra:
         out["extra"] = dict(row.extra)
@@ -188,6 +192,7 @@ def _csv_values(row: DoneRow) -> list[object]:
         out["attempts"],
         out["key"],
         out["fetched_at"],
+        bool(out["cached"]),
     ]
 
 
@@ -588,7 +593,7 @@ class SqliteSink:
                 "input TEXT, asin TEXT, marketplace TEXT, status TEXT, title TEXT, price REAL, "
                 "currency TEXT, availability TEXT, detail_url TEXT, image_url TEXT, "
                 "error_code TEXT, error_message TEXT, attempts INTEGER, key TEXT, fetched_at TEXT, "
-                "row_json TEXT)"
+                "cached INTEGER, row_json TEXT)"
             )
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS broker_sink "

@@ -1,0 +1,128 @@
+"""The item cache through ``broker run`` and ``broker lookup``: reuse, opting out, the ceiling."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from broker import cli
+
+_CONFIG = """
+[api]
+endpoint = "simulator"
+resources = ["itemInfo.title", "images.primary.medium"]
+
+[[keys]]
+name = "demo"
+credential_id = "demo-id"
+version = "3.1"
+partner_tags = { "www.amazon.com" = "demo-20" }
+tps = 200.0
+tpd = 0
+
+[engine]
+linger_s = 0.005
+
+[log]
+format = "json"
+
+[simulator]
+limits = false
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_env_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ASINB_DEMO_SECRET", raising=False)
+
+
+def _run(tmp_path: Path, job: Path, out: Path, *flags: str) -> int:
+    config = tmp_path / "config.toml"
+    config.write_text(_CONFIG)
+    return cli.main(
+        ["run", str(job), "--out", str(out), "--config", str(config), "--progress", "none", *flags]
+    )
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _requests(err: str) -> int:
+    match = re.search(r"requests (\d+)", err)
+    assert match is not None, err
+    return int(match.group(1))
+
+
+def test_second_run_is_served_from_the_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new job over the same ASINs sends no GetItems; its rows say cached with the old time."""
+    job = tmp_path / "job.txt"
+    job.write_text("".join(f"B0{i:08d}\n" for i in range(40)))
+    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
+    assert _requests(capsys.readouterr().err) == 4
+    assert _run(tmp_path, job, tmp_path / "b.jsonl") == 0
+    assert _requests(capsys.readouterr().err) == 0
+    first = {r["asin"]: r for r in _rows(tmp_path / "a.jsonl")}
+    second = _rows(tmp_path / "b.jsonl")
+    assert len(second) == 40
+    for row in second:
+        assert row["cached"] is True
+        assert row["status"] == "ok"
+        assert row["fetched_at"] == first[row["asin"]]["fetched_at"]
+        assert row["item"] == first[row["asin"]]["item"]
+    assert all(r["cached"] is False for r in first.values())
+
+
+def test_half_cached_sends_half(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With half the ASINs cached, a job sends requests only for the other half."""
+    half = tmp_path / "half.txt"
+    half.write_text("".join(f"B0{i:08d}\n" for i in range(0, 100, 2)))
+    assert _run(tmp_path, half, tmp_path / "a.jsonl") == 0
+    assert _requests(capsys.readouterr().err) == 5
+    full = tmp_path / "full.txt"
+    full.write_text("".join(f"B0{i:08d}\n" for i in range(100)))
+    assert _run(tmp_path, full, tmp_path / "b.jsonl") == 0
+    assert _requests(capsys.readouterr().err) == 5
+
+
+def test_no_cache_and_max_age_zero_fetch_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--no-cache neither reads nor fills; --max-age 0 likewise."""
+    job = tmp_path / "job.txt"
+    job.write_text("".join(f"B0{i:08d}\n" for i in range(20)))
+    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
+    capsys.readouterr()
+    assert _run(tmp_path, job, tmp_path / "b.jsonl", "--no-cache") == 0
+    assert _requests(capsys.readouterr().err) == 2
+    assert _run(tmp_path, job, tmp_path / "c.jsonl", "--max-age", "0") == 0
+    assert _requests(capsys.readouterr().err) == 2
+
+
+def test_max_age_above_the_rule_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-age above 86,400 s is refused, quoting Amazon's 24-hour rule."""
+    job = tmp_path / "job.txt"
+    job.write_text("B000000001\n")
+    code = _run(tmp_path, job, tmp_path / "a.jsonl", "--max-age", "90000")
+    assert code != 0
+    assert "24" in capsys.readouterr().err
+
+
+def test_lookup_serves_cached_answers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """broker lookup after a run of the same ASIN answers from the cache (cached: true)."""
+    config = tmp_path / "config.toml"
+    config.write_text(_CONFIG)
+    job = tmp_path / "job.txt"
+    job.write_text("B000000001\n")
+    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
+    capsys.readouterr()
+    assert cli.main(["lookup", "B000000001", "--config", str(config), "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["cached"] is True
