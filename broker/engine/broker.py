@@ -491,8 +491,16 @@ class Broker:
         async def produce() -> None:
             try:
                 if not caching:
+                    # The hot path, written out: no coroutine per item.
                     async for item in _aiter(asins):
-                        await offer(intake.complete(item, marketplace, resources))
+                        if not window.try_take():
+                            await window.take()
+                        query = intake.complete(item, marketplace, resources)
+                        if isinstance(query, ItemResult):
+                            receiver.push(query)
+                            continue
+                        lookup = intake.admit_now(query, receiver)
+                        receiver.expect(lookup or await intake.admit(query, receiver))
                 else:
                     # Read the cache a chunk at a time: one batched read per chunk.
                     async for chunk in _chunks(_aiter(asins), _CACHE_CHUNK):
