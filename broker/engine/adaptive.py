@@ -71,6 +71,7 @@ class AdaptiveSettings:
         cap_beta: the cut for a 429 sent within ``cap_zone`` of the configured rate (see
             ``_note_cut``), where the increase per success is matched to it.
         cap_zone: the share of the configured rate from which a key counts as at its cap.
+        drop_beta: the cut for the third and later 429s within 5 s (the server slowed down).
         cap_target_loss: the 429 share the increase aims at within ``cap_zone``.
         probe_gain: ``c`` of the probe curve ``plateau + c * (t - probe_after)^3``, as a
             share of the throttled rate (0.01: +8 % after 2 s, x1.6 after 4 s, x2.2 after 5 s).
@@ -101,6 +102,7 @@ class AdaptiveSettings:
     probe_gain: float = 0.01
     cap_beta: float = 0.03
     cap_zone: float = 0.75
+    drop_beta: float = 0.2
     cap_target_loss: float = 0.015
 
     def __post_init__(self) -> None:
@@ -325,7 +327,9 @@ class AdaptiveRate:
             at_cap = not dropped and self._rate >= s.cap_zone * self._max_rate
             previous = self._throttled_at_rate
             probed = self._note_cut(at_cap)
-            beta = s.cap_beta if at_cap else s.beta
+            # In a run of quick 429s the server's rate fell: come down in bigger steps, so
+            # a halving costs a few 429s, not seven.
+            beta = s.cap_beta if at_cap else (s.drop_beta if dropped else s.beta)
             cut = self._rate * (1.0 - beta)
             if probed and previous is not None:
                 # A probe above the last limit was throttled: back to below that limit, not
@@ -353,13 +357,15 @@ class AdaptiveRate:
         self._descending = previous is not None and self._rate < 0.97 * previous
         since_cut = self._clock.monotonic() - self._last_cut_at
         probing = previous is not None and since_cut >= self._probe_wait(previous)
-        if previous is not None and probing and abs(self._rate - previous) <= 0.07 * previous:
-            # A probe found the same limit again: the server is slower; probe less often.
+        if probing:
+            # A probe above the last limit was throttled: the limit still holds (not the
+            # probe's peak), and the server is slower than configured: probe less often.
             self._probe_after = min(s.max_probe_after_s, self._probe_after * 2.0)
-        elif previous is None or abs(self._rate - previous) > 0.1 * previous:
+            return True
+        if previous is None or abs(self._rate - previous) > 0.1 * previous:
             self._probe_after = s.probe_after_s
         self._throttled_at_rate = self._rate
-        return probing
+        return False
 
     def _probe_wait(self, top: float) -> float:
         """Seconds after a cut before probing above the plateau of ``top``."""
