@@ -34,9 +34,11 @@ from broker.engine.executor import Executor
 from broker.engine.keys import KeyState
 from broker.engine.metrics import EngineMetrics, MetricsSnapshot
 from broker.engine.retry import RetryPolicy
+from broker.engine.shared_limiter import SharedKeyLimiter, SharedState
 from broker.engine.transport import AiohttpTransport, Transport
 from broker.errors import ConfigError, describe
 from broker.models import ErrorDetail, ItemResult, Protocol, Query, Secret, Status
+from broker.state import KeyStateStore, open_store, process_id
 
 if TYPE_CHECKING:
     from broker.engine.quota import BudgetStore
@@ -69,7 +71,11 @@ class Broker:
         clock: time source (tests pass a FakeClock); default the running loop's clock.
         transport: HTTP transport (tests pass a MockTransport); default aiohttp.
         rng: randomness for jitter (seed it for reproducible runs).
-        budget_store: where daily request counters persist (the daemon passes its ledger).
+        budget_store: where daily request counters persist, for a caller that keeps its
+            own counts (then, unless ``state_store`` is given too, the keys' state stays
+            in this process: the job runner and daemon, until they move to the state store).
+        state_store: where keys' shared state lives (rate, daily count, pauses, circuit);
+            default: the store ``config.state`` names, opened and closed by the broker.
     """
 
     def __init__(
@@ -80,8 +86,10 @@ class Broker:
         transport: Transport | None = None,
         rng: random.Random | None = None,
         budget_store: BudgetStore | None = None,
+        state_store: KeyStateStore | None = None,
     ) -> None:
         self.config = config
+        self._state_store = state_store
         self._clock: Clock = clock or LoopClock()
         self._given_transport = transport
         self._rng = rng or random.Random()
@@ -161,6 +169,13 @@ class Broker:
         else:
             dialect = PaapiDialect(base_url)
         token_base = config.api.token_endpoint or base_url
+        # A caller that passes its own budget store (the job runner and daemon, until they
+        # move their daily counts to the state store) keeps the in-process limiter.
+        shared = (
+            None
+            if self._budget_store is not None and self._state_store is None
+            else self._open_state(stack, base_url)
+        )
         self._work = WorkQueue()
         self._keys = [
             KeyState.from_config(
@@ -170,9 +185,13 @@ class Broker:
                 clock=self._clock,
                 rng=self._rng,
                 budget_store=self._budget_store,
+                shared=shared,
             )
             for key in config.keys
         ]
+        for key in self._keys:
+            if isinstance(key.limiter, SharedKeyLimiter):
+                stack.push_async_callback(key.limiter.aclose)
         retry = config.retry
         policy = RetryPolicy(
             max_attempts=retry.max_attempts,
@@ -295,6 +314,20 @@ class Broker:
         for future in list(self._ops):
             if not future.done():
                 future.set_exception(exc)
+
+    def _open_state(self, stack: contextlib.AsyncExitStack, base_url: str | None) -> SharedState:
+        """The keys' shared state: the given store, or the one ``[state]`` names."""
+        store = self._state_store
+        if store is None:
+            clock = self._clock
+            store = open_store(
+                self.config.state, now_us=lambda: int(clock.utcnow().timestamp() * 1_000_000)
+            )
+            stack.push_async_callback(store.aclose)
+        # Key identity includes the endpoint: embedded simulators (one port per process)
+        # never share a key, while every process talking to Amazon does.
+        endpoint = base_url or f"{AMAZON}:{self.config.api.protocol.value}"
+        return SharedState(store, endpoint, process_id())
 
     # -- dispatch -----------------------------------------------------------------------------
 

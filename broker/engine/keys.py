@@ -32,10 +32,11 @@ from broker.engine.adaptive import (
     CircuitState,
     ThrottleVerdict,
 )
-from broker.engine.limiter import LocalKeyLimiter, Pacer
+from broker.engine.limiter import KeyLimiter, LocalKeyLimiter, Pacer
 from broker.engine.metrics import KeySnapshot
 from broker.engine.quota import BudgetStore, DailyBudget
 from broker.engine.retry import RetryBudget
+from broker.engine.shared_limiter import SendRefused, SharedState, shared_key_parts
 from broker.errors import KeyUnusableError, ThrottledError
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class KeyState:
         config: KeyConfig,
         authorizer: Authorizer,
         *,
-        limiter: LocalKeyLimiter,
+        limiter: KeyLimiter,
         adaptive: AdaptiveRate,
         circuit: Circuit,
         retry_budget: RetryBudget,
@@ -125,8 +126,9 @@ class KeyState:
         clock: Clock,
         rng: random.Random,
         budget_store: BudgetStore | None = None,
+        shared: SharedState | None = None,
     ) -> KeyState:
-        """Build a key's state with the rate settings of ``config``."""
+        """Build a key's state with the rate settings of ``config`` (in ``shared``'s store)."""
         rate = config.rate
         settings = AdaptiveSettings(
             beta=rate.beta,
@@ -135,16 +137,26 @@ class KeyState:
             discover=rate.discover,
             retry_after_cap_s=rate.retry_after_cap_s,
         )
-        budget = DailyBudget(
-            clock, key.tpd, key_name=key.name, guard_fraction=rate.tpd_guard, store=budget_store
-        )
-        limiter = LocalKeyLimiter(clock, Pacer(clock, key.tps), budget)
+        limiter: KeyLimiter
+        adaptive: AdaptiveRate
+        circuit: Circuit
+        if shared is not None:
+            limiter, adaptive, circuit = shared_key_parts(
+                key, config=config, settings=settings, clock=clock, random=rng.random, shared=shared
+            )
+        else:
+            budget = DailyBudget(
+                clock, key.tpd, key_name=key.name, guard_fraction=rate.tpd_guard, store=budget_store
+            )
+            limiter = LocalKeyLimiter(clock, Pacer(clock, key.tps), budget)
+            adaptive = AdaptiveRate(key.tps, clock=clock, settings=settings)
+            circuit = Circuit(clock, random=rng.random, settings=settings)
         return cls(
             key,
             authorizer,
             limiter=limiter,
-            adaptive=AdaptiveRate(key.tps, clock=clock, settings=settings),
-            circuit=Circuit(clock, random=rng.random, settings=settings),
+            adaptive=adaptive,
+            circuit=circuit,
             retry_budget=RetryBudget(clock),
             clock=clock,
             outage_budget_s=config.retry.outage_budget_s,
@@ -226,7 +238,10 @@ class KeyState:
         """Book a send now; None when the daily budget is spent (wait_ready again)."""
         if self.limiter.exhausted:
             return None
-        sent_at = await self.limiter.commit()
+        try:
+            sent_at = await self.limiter.commit()
+        except SendRefused:
+            return None  # another process spent the day or parked the key meanwhile
         # Counted here, not when the slot is taken: a dispatcher holds a slot while it
         # waits for work, and an idle key must not show a request in flight.
         self._in_flight += 1
@@ -390,7 +405,7 @@ class KeyState:
             return KeyHealth.DISABLED
         if self.circuit.verdict is not None:
             return KeyHealth.PARKED
-        if self._paused_reason is not None:
+        if self._paused_reason is not None or self.limiter.blocked_reason is not None:
             return KeyHealth.PAUSED
         return KeyHealth.ACTIVE
 
@@ -407,7 +422,7 @@ class KeyState:
             reason = "waiting for daily quota"
             until = self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ")
         elif health is KeyHealth.PAUSED:
-            reason = self._paused_reason
+            reason = self.limiter.blocked_reason or self._paused_reason
         return KeySnapshot(
             name=self.name,
             state=health.value,

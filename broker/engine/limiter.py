@@ -19,8 +19,8 @@ its first second. The price of crediting lateness: single gaps can be shorter th
 absorbs (``ratelimit.md`` 5.3: 100 % with 0 429s at B >= 1.5 in the same real-time test).
 
 :class:`KeyLimiter` is what the pipeline needs from one key's pacing and daily budget, so a
-shared backend (one Redis GCRA per key, ``ratelimit.md`` 6.2) can replace
-:class:`LocalKeyLimiter` later.
+shared backend (``broker.engine.shared_limiter.SharedKeyLimiter``: the key's state in a
+SQLite file or Redis, ``ratelimit.md`` 6.2) can replace :class:`LocalKeyLimiter`.
 """
 
 from __future__ import annotations
@@ -239,6 +239,8 @@ class KeyLimiter(Protocol):
       lifts a pause.
     - ``spent``, ``remaining`` (``None``: unlimited), ``exhausted``, ``used_fraction`` and
       ``resets_at()`` describe the daily budget's current window.
+    - ``blocked_reason`` says why the key cannot send because its shared state store is
+      unreachable (``None``: it can; always ``None`` for in-process state).
     """
 
     async def wait_ready(self) -> None: ...
@@ -271,6 +273,9 @@ class KeyLimiter(Protocol):
     def used_fraction(self) -> float | None: ...
 
     def resets_at(self) -> datetime: ...
+
+    @property
+    def blocked_reason(self) -> str | None: ...
 
 
 class LocalKeyLimiter:
@@ -373,6 +378,11 @@ class LocalKeyLimiter:
     def resets_at(self) -> datetime:
         """The UTC instant the daily window resets."""
         return self._budget.resets_at()
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """Always None: in-process state is always reachable."""
+        return None
 
     def __repr__(self) -> str:
         return f"LocalKeyLimiter({self._pacer!r}, {self._budget!r})"

@@ -328,6 +328,9 @@ class SharedKeyLimiter:
                     await self._clock.sleep(self._unavailable_pause())
                     continue
             now = self._clock.monotonic()
+            if self.exhausted and self._hold_until <= now:
+                wait_s = (self.resets_at() - self._clock.utcnow()).total_seconds()
+                self._hold_until = now + min(max(wait_s, 1e-3), _RECHECK_S)
             if self._hold_until > now:
                 await self._clock.sleep(min(self._hold_until - now, _RECHECK_S))
                 if self._clock.monotonic() >= self._hold_until:

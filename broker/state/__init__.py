@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from broker.state.model import (
@@ -25,7 +25,7 @@ from broker.state.model import (
     StateKey,
     day_number,
 )
-from broker.state.store import KeyStateStore, KeyView, MemoryStateStore
+from broker.state.store import KeyStateStore, KeyView, MemoryStateStore, wall_us
 
 if TYPE_CHECKING:
     from broker.config import StateConfig
@@ -51,14 +51,22 @@ def process_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def open_store(config: StateConfig, environ: Mapping[str, str] | None = None) -> KeyStateStore:
+def open_store(
+    config: StateConfig,
+    environ: Mapping[str, str] | None = None,
+    *,
+    now_us: Callable[[], int] = wall_us,
+) -> KeyStateStore:
     """Open the store ``[state]`` names.
+
+    ``now_us`` is the clock of the local homes (memory, SQLite): the wall clock, which every
+    process of a machine shares; tests pass their fake clock's. Redis always uses ``TIME``.
 
     Raises:
         StateUnavailableError: the SQLite file cannot be opened, or redis-py is missing.
     """
     if config.backend == "memory":
-        return MemoryStateStore()
+        return MemoryStateStore(now_us)
     if config.backend == "redis":
         from broker.state.redis import RedisStateStore
 
@@ -68,4 +76,4 @@ def open_store(config: StateConfig, environ: Mapping[str, str] | None = None) ->
     from broker.state.sqlite import STATE_FILE, SqliteStateStore, default_state_dir
 
     path = config.path if config.path is not None else default_state_dir(environ) / STATE_FILE
-    return SqliteStateStore(path)
+    return SqliteStateStore(path, now_us=now_us)
