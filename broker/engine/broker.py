@@ -321,7 +321,9 @@ class Broker:
         if store is None:
             clock = self._clock
             store = open_store(
-                self.config.state, now_us=lambda: int(clock.utcnow().timestamp() * 1_000_000)
+                self.config.state,
+                now_us=lambda: int(clock.monotonic() * 1_000_000),
+                wall=lambda: int(clock.utcnow().timestamp() * 1_000_000),
             )
             stack.push_async_callback(store.aclose)
         # Key identity includes the endpoint: embedded simulators (one port per process)

@@ -311,9 +311,6 @@ class SharedKeyLimiter:
     def _local(self, store_us: int) -> float:
         return store_us / _US - self._offset
 
-    def _store_now_us(self) -> int:
-        return int((self._clock.monotonic() + self._offset) * _US)
-
     async def wait_ready(self) -> None:
         """Wait until the key may send, by the store's last answer; no store call when fresh.
 
@@ -338,9 +335,10 @@ class SharedKeyLimiter:
                     self._last = None  # ask the store again before trusting the old answer
                 continue
             due = self.next_ready()
-            if due > now:
-                await self._clock.sleep(due - now)
-            return
+            if due <= now:
+                return
+            # Then look again: a pause or park may have come in while we slept.
+            await self._clock.sleep(due - now)
 
     async def commit(self) -> float:
         """Reserve and count one send in the store, wait for its slot, return the send time.
@@ -437,7 +435,9 @@ class SharedKeyLimiter:
         self._kick()
 
     def _current_day(self) -> int:
-        return day_number(self._store_now_us(), self._limits.reset_offset_s)
+        # This process's wall clock: the store's own clock may be a monotonic one.
+        wall_us = int(self._clock.utcnow().timestamp() * _US)
+        return day_number(wall_us, self._limits.reset_offset_s)
 
     @property
     def spent(self) -> int:

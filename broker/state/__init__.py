@@ -25,7 +25,7 @@ from broker.state.model import (
     StateKey,
     day_number,
 )
-from broker.state.store import KeyStateStore, KeyView, MemoryStateStore, wall_us
+from broker.state.store import KeyStateStore, KeyView, MemoryStateStore, monotonic_us, wall_us
 
 if TYPE_CHECKING:
     from broker.config import StateConfig
@@ -55,18 +55,20 @@ def open_store(
     config: StateConfig,
     environ: Mapping[str, str] | None = None,
     *,
-    now_us: Callable[[], int] = wall_us,
+    now_us: Callable[[], int] = monotonic_us,
+    wall: Callable[[], int] = wall_us,
 ) -> KeyStateStore:
     """Open the store ``[state]`` names.
 
-    ``now_us`` is the clock of the local homes (memory, SQLite): the wall clock, which every
-    process of a machine shares; tests pass their fake clock's. Redis always uses ``TIME``.
+    ``now_us`` (slots, pauses: the system-wide monotonic clock) and ``wall`` (the daily
+    window) are the clocks of the local homes; tests pass their fake clock's. Redis always
+    uses its own ``TIME``.
 
     Raises:
         StateUnavailableError: the SQLite file cannot be opened, or redis-py is missing.
     """
     if config.backend == "memory":
-        return MemoryStateStore(now_us)
+        return MemoryStateStore(now_us, wall)
     if config.backend == "redis":
         from broker.state.redis import RedisStateStore
 
@@ -76,4 +78,4 @@ def open_store(
     from broker.state.sqlite import STATE_FILE, SqliteStateStore, default_state_dir
 
     path = config.path if config.path is not None else default_state_dir(environ) / STATE_FILE
-    return SqliteStateStore(path, now_us=now_us)
+    return SqliteStateStore(path, now_us=now_us, wall_us=wall)

@@ -68,6 +68,7 @@ class Record:
     park_reason: str = ""
     probing_until: int = 0
     last_429: int = 0
+    epoch: str = ""
     processes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
@@ -137,22 +138,33 @@ def decide(
     feedback: Feedback,
     reserve: bool,
     process: ProcessMark | None,
+    wall: int | None = None,
+    epoch: str = "",
 ) -> Decision:
     """Apply ``feedback`` to ``record`` and, if ``reserve``, reserve a send; mutate and answer.
 
     Args:
         record: the key's state (a fresh ``Record()`` for a key never seen or lost).
-        now: the store's clock, µs.
+        now: the store's clock for slots, pauses and parks, µs (monotonic for local homes).
         limits: the caller's limits for the key.
         feedback: what the caller learnt since its last call.
         reserve: reserve a slot and count it (else only apply feedback and report).
         process: who asks (registered as seen, and its high-water mark applied), or None.
+        wall: the wall clock in µs, for the daily window (default: ``now``).
+        epoch: names the era of ``now`` (the machine's boot id for a monotonic clock); a
+            record from another era has its times dropped, as they mean nothing now.
     """
+    if record.epoch != epoch:
+        record.epoch = epoch
+        record.next_slot = record.cut_at = record.paused_until = 0
+        record.parked_until = record.probing_until = record.last_429 = 0
+        record.pause_reason = record.park_reason = ""
+        record.processes = {}
     if record.nominal != limits.nominal_rate or record.rate <= 0:
         record.nominal = limits.nominal_rate
         record.rate = limits.nominal_rate
     record.rate = _clamp(record.rate, limits)
-    day = day_number(now, limits.reset_offset_s)
+    day = day_number(now if wall is None else wall, limits.reset_offset_s)
     if day > record.day:
         record.day = day
         record.count = 0
@@ -181,7 +193,10 @@ def decide(
         elif record.parked_until and record.probing_until > now:
             refusal, wait_us = "probing", record.probing_until - now
         elif limits.day_limit is not None and record.count >= limits.day_limit:
-            refusal, wait_us = "daily quota", day_end_us(record.day, limits.reset_offset_s) - now
+            refusal = "daily quota"
+            wait_us = day_end_us(record.day, limits.reset_offset_s) - (
+                now if wall is None else wall
+            )
         elif candidate - now > horizon_us:
             refusal, wait_us = "horizon", candidate - now - horizon_us
         else:

@@ -5,8 +5,9 @@ Each decision is one short ``BEGIN IMMEDIATE`` transaction: read the key's row, 
 write lock at the start, so two processes' decisions on one file never interleave; WAL lets
 ``broker status`` read while others write. The file lives in the user's state directory
 (``$XDG_STATE_HOME/asin-broker/``, else ``~/.local/state/asin-broker/``, created with mode
-0700), or where ``[state] path`` says. The clock is the machine's wall clock, shared by
-every process (a step back is bounded by the decision's horizon clamp).
+0700), or where ``[state] path`` says. Slots, pauses and parks run on the machine's
+monotonic clock (one for every process, deaf to wall-clock steps), tagged with the boot id
+so a reboot drops them; the daily window follows the wall clock.
 
 The transaction runs on the event loop's thread: it takes tens of microseconds when the
 file is not contended (``benchmarks/shared_key.py`` measures it), less than a thread hop.
@@ -24,7 +25,7 @@ import orjson
 from broker.errors import StateUnavailableError
 from broker.state.decision import Record, decide
 from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
-from broker.state.store import KeyView, wall_us
+from broker.state.store import KeyView, boot_epoch, monotonic_us, wall_us
 
 __all__ = ["STATE_FILE", "SqliteStateStore", "default_state_dir"]
 
@@ -53,7 +54,8 @@ class SqliteStateStore:
 
     Args:
         path: the database file; its directory is created with mode 0700 if missing.
-        now_us: the store's clock in µs (the wall clock; tests pass a fake).
+        now_us: the clock of slots and pauses in µs (system-wide monotonic; tests pass a fake).
+        wall_us: the wall clock in µs, for the daily window.
         busy_timeout_s: how long a decision waits for another process's transaction before
             the store is reported unavailable.
 
@@ -61,17 +63,20 @@ class SqliteStateStore:
         StateUnavailableError: the file cannot be created or opened.
     """
 
-    __slots__ = ("_conn", "_now_us", "_path")
+    __slots__ = ("_conn", "_epoch", "_now_us", "_path", "_wall_us")
 
     def __init__(
         self,
         path: Path,
         *,
-        now_us: Callable[[], int] = wall_us,
+        now_us: Callable[[], int] = monotonic_us,
+        wall_us: Callable[[], int] = wall_us,
         busy_timeout_s: float = 10.0,
     ) -> None:
         self._path = path
         self._now_us = now_us
+        self._wall_us = wall_us
+        self._epoch = boot_epoch()
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._conn = sqlite3.connect(
@@ -123,6 +128,8 @@ class SqliteStateStore:
                     feedback=feedback,
                     reserve=reserve,
                     process=process,
+                    wall=self._wall_us(),
+                    epoch=self._epoch,
                 )
                 conn.execute(
                     "INSERT OR REPLACE INTO key_state (digest, name, data) VALUES (?, ?, ?)",
@@ -144,7 +151,14 @@ class SqliteStateStore:
         except sqlite3.Error as exc:
             raise StateUnavailableError("local", f"{self._path}: {exc}") from exc
         decision = decide(
-            record, self._now_us(), limits, feedback=Feedback(), reserve=False, process=None
+            record,
+            self._now_us(),
+            limits,
+            feedback=Feedback(),
+            reserve=False,
+            process=None,
+            wall=self._wall_us(),
+            epoch=self._epoch,
         )
         return KeyView(key, limits, decision)
 

@@ -10,17 +10,35 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from broker.state.decision import Record, decide
 from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
 
-__all__ = ["KeyStateStore", "KeyView", "MemoryStateStore", "wall_us"]
+__all__ = ["KeyStateStore", "KeyView", "MemoryStateStore", "boot_epoch", "monotonic_us", "wall_us"]
 
 
 def wall_us() -> int:
-    """The machine's wall clock in integer microseconds (the local stores' clock)."""
+    """The machine's wall clock in integer microseconds (the local stores' daily window)."""
     return time.time_ns() // 1000
+
+
+def monotonic_us() -> int:
+    """The machine's monotonic clock in µs (the local stores' slots: one for all processes).
+
+    ``CLOCK_MONOTONIC`` is system-wide on Linux and macOS and never jumps with the wall
+    clock, so pacing ignores NTP steps; it restarts at boot, which :func:`boot_epoch` tells.
+    """
+    return time.monotonic_ns() // 1000
+
+
+def boot_epoch() -> str:
+    """The machine's boot id (Linux), so state written before a reboot is recognised."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +91,19 @@ class MemoryStateStore:
     """A :class:`KeyStateStore` in a dict: shared by the limiters of one process only.
 
     Args:
-        now_us: the store's clock in µs (defaults to the wall clock); tests pass a fake.
+        now_us: the clock of slots and pauses in µs (monotonic); tests pass a fake.
+        wall_us: the wall clock in µs, for the daily window.
     """
 
-    __slots__ = ("_now_us", "_records")
+    __slots__ = ("_now_us", "_records", "_wall_us")
 
-    def __init__(self, now_us: Callable[[], int] = wall_us) -> None:
+    def __init__(
+        self,
+        now_us: Callable[[], int] = monotonic_us,
+        wall_us: Callable[[], int] = wall_us,
+    ) -> None:
         self._now_us = now_us
+        self._wall_us = wall_us
         self._records: dict[str, Record] = {}
 
     @property
@@ -104,7 +128,13 @@ class MemoryStateStore:
         """Apply feedback and optionally reserve a send (see :class:`KeyStateStore`)."""
         record = self._records.setdefault(key.digest, Record())
         return decide(
-            record, self._now_us(), limits, feedback=feedback, reserve=reserve, process=process
+            record,
+            self._now_us(),
+            limits,
+            feedback=feedback,
+            reserve=reserve,
+            process=process,
+            wall=self._wall_us(),
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
@@ -112,7 +142,13 @@ class MemoryStateStore:
         record = Record.from_json(self._records.get(key.digest, Record()).to_json())
         record.processes = dict(record.processes)
         decision = decide(
-            record, self._now_us(), limits, feedback=Feedback(), reserve=False, process=None
+            record,
+            self._now_us(),
+            limits,
+            feedback=Feedback(),
+            reserve=False,
+            process=None,
+            wall=self._wall_us(),
         )
         return KeyView(key, limits, decision)
 
