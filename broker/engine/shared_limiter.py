@@ -81,7 +81,8 @@ _RECHECK_S = 300.0
 #: Retry interval while the store is unreachable: doubling from the first to the cap.
 _UNAVAILABLE_FIRST_S = 0.5
 _UNAVAILABLE_CAP_S = 10.0
-#: How many recent sends remember their store slot (for "sent after the last cut").
+#: How many recent sends remember when (store time) their slot was decided: a 429 cuts only
+#: if that was after the last cut, since slots decided before it were spaced at the old rate.
 _REMEMBERED_SENDS = 256
 #: A probe that met a 429 parks the key again for this long.
 _REPARK_S = 900.0
@@ -357,7 +358,7 @@ class SharedKeyLimiter:
                 if decision.wait_s > 0:
                     await self._clock.sleep(decision.wait_s)
                 sent_at = self._clock.monotonic()
-                self._sends[sent_at] = (decision.slot_us, decision.probe)
+                self._sends[sent_at] = (decision.now_us, decision.probe)
                 while len(self._sends) > _REMEMBERED_SENDS:
                     self._sends.popitem(last=False)
                 return sent_at
@@ -416,7 +417,7 @@ class SharedKeyLimiter:
             self._kick()
 
     def record_throttled(self, sent_at: float) -> None:
-        """A request sent at ``sent_at`` got a 429: report it with its store slot."""
+        """A request sent at ``sent_at`` got a 429: report it with its decision's store time."""
         slot, probe = self._sends.pop(sent_at, (int((sent_at + self._offset) * _US), False))
         self._throttled.append(slot)
         if probe and self._last is not None:

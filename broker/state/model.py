@@ -120,8 +120,9 @@ class Feedback:
 
     Attributes:
         successes: demand-limited successes (each raises the shared rate, boosted).
-        throttled: store times (µs) at which throttled requests were sent; each one sent
-            after the last cut cuts the shared rate once (a round of 429s cuts once).
+        throttled: store times (µs) at which throttled requests' slots were decided (their
+            decision's ``now_us``); each one decided after the last cut cuts the shared rate
+            once, so a round of 429s cuts once, however many processes see it.
         pause_s: hold the key this long from the store's now (Retry-After, outage); 0: none.
         pause_reason: why, for ``broker status`` and ``/readyz``.
         park_s: park the key this long (its 429s mean quota spent / access revoked); 0: none.

@@ -84,6 +84,9 @@ class RedisStateStore:
     ) -> None:
         try:
             from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
         except ImportError as exc:
             raise StateUnavailableError(
                 "redis", "redis-py is not installed: pip install 'asin-broker[redis]'"
@@ -96,6 +99,11 @@ class RedisStateStore:
             password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
+            # One retry on a fresh connection: a pooled connection dies with a restarted
+            # Redis. If the lost reply's script had run, the retry wastes one slot and
+            # counts one request too many: the safe side.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         self._script: AsyncScript = self._client.register_script(_SCRIPT)
 
