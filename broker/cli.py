@@ -1,4 +1,4 @@
-"""The command line: ``broker run | serve | lookup | simulate | bench | check-config``.
+"""The command line: ``broker run | serve | lookup | status | simulate | bench | check-config``.
 
 A thin edge over the library: it parses arguments, configures logging, picks the event
 loop (uvloop where available) and maps errors to documented exit codes.
@@ -150,7 +150,22 @@ def _build_parser() -> argparse.ArgumentParser:
         "masked); exit 78 naming the bad key path if it is invalid.",
     )
     check.add_argument("--config", default="config.toml", help="config file (default: %(default)s)")
+    _add_status(sub)
     return parser
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from broker.status import add_arguments
+
+    status = sub.add_parser(
+        "status",
+        help="show every key's shared state (rate, today's requests, pauses, parks)",
+        description="Show each configured key's state as every process and machine sharing "
+        "it sees it: the shared rate now and configured, requests today and left, paused or "
+        "parked until when and why, the last 429, processes seen in the last minute.",
+        epilog="exit codes: 0 shown; 69 the state store ([state]) cannot be reached; 78 bad config",
+    )
+    add_arguments(status)
 
 
 def _run_loop(coro: Coroutine[Any, Any, object]) -> int:
@@ -194,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_loop(_lookup(config, args.asins, args.marketplace))
     if args.command == "run":
         return _run_loop(_run(config, args))
+    if args.command == "status":
+        from broker.status import status_command
+
+        return _run_loop(status_command(config, args))
     if args.command == "serve":
         from broker.jobs.serve import serve_command
 
