@@ -115,7 +115,7 @@ next_slot = math.min(next_slot, now + horizon + interval)
 local granted, probe, refusal, wait, slot = 0, 0, '', 0, 0
 if reserve then
   local base = now
-  if next_slot >= now - math.min(math.floor(interval / 4), 10000) then base = next_slot end
+  if next_slot >= now - math.min(math.floor(interval / 4), 50000) then base = next_slot end
   local candidate = math.max(base, paused_until)
   if parked_until > 0 and now < parked_until then
     refusal, wait = 'parked', parked_until - now

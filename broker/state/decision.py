@@ -43,10 +43,11 @@ PROCESS_KEEP_S = 600.0
 def slack_us(interval_us: int) -> int:
     """How far in the past a next slot may lie and still be booked (keeps the grid).
 
-    A quarter interval, at most 10 ms: enough for timer lateness and a store round trip,
-    never enough for two sends closer than the server's burst of 2 tolerates.
+    A quarter interval, at most 50 ms: enough for timer lateness, a store round trip and a
+    busy machine's scheduling delay, never enough for two sends closer than a server's
+    burst of 2 tolerates (it is below one interval).
     """
-    return min(interval_us // 4, 10_000)
+    return min(interval_us // 4, 50_000)
 
 
 @dataclass(slots=True)
