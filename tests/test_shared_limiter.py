@@ -10,7 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from conftest import Harness, account, asins, drive, key_doc, make_config
@@ -290,3 +296,60 @@ class TestRedisOutage:
             await limiter.refresh()
         assert limiter.blocked_reason is not None
         await store.aclose()
+
+
+_PACED_WORKER = """
+import asyncio, sys, time
+from pathlib import Path
+from broker.clock import LoopClock
+from broker.engine.shared_limiter import SharedKeyLimiter
+from broker.state import KeyLimits, StateKey
+from broker.state.sqlite import SqliteStateStore
+
+async def main() -> None:
+    store = SqliteStateStore(Path(sys.argv[1]))
+    limiter = SharedKeyLimiter(
+        LoopClock(), store, StateKey.of("http://sim", "cred"),
+        KeyLimits(20.0, 1.0, 20.0), process_id=sys.argv[2],
+    )
+    stop = time.monotonic() + float(sys.argv[3])
+    while time.monotonic() < stop:
+        await limiter.wait_ready()
+        sent = await limiter.commit()
+        print(time.monotonic(), flush=True)
+
+asyncio.run(main())
+"""
+
+
+class TestKilledProcess:
+    """kill -9 of one process: the other goes on at the key's full rate."""
+
+    def test_survivor_keeps_the_full_rate(self, tmp_path: Path) -> None:
+        """Two processes pace one 20/s key on a SQLite file; one is killed; the other sends 20/s."""
+        db = tmp_path / "keys.sqlite3"
+        env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+
+        def start(name: str, seconds: float, *, output: bool) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                [sys.executable, "-c", _PACED_WORKER, str(db), name, str(seconds)],
+                stdout=subprocess.PIPE if output else subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
+
+        victim = start("victim", 30.0, output=False)
+        survivor = start("survivor", 4.0, output=True)
+        assert survivor.stdout is not None
+        first = float(survivor.stdout.readline())  # both are up and sending
+        time.sleep(max(0.0, first + 1.0 - time.monotonic()))
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.wait()
+        rest, _ = survivor.communicate(timeout=60)
+        assert survivor.returncode == 0
+        times = [float(line) for line in rest.split()]
+        before = [t for t in times if first + 0.2 <= t < killed_at]
+        assert len(before) <= 0.65 * 20 * (killed_at - first - 0.2) + 1  # sharing: about half
+        after = [t for t in times if killed_at + 0.5 <= t < killed_at + 2.0]
+        assert len(after) >= 27  # 20/s for 1.5 s is 30; the dead process held one slot at most
