@@ -269,7 +269,7 @@ class KeyState:
         self.limiter.set_rate(self.adaptive.rate)
         pause = self.adaptive.pause_for(error.retry_after)
         if pause > 0:
-            self.limiter.pause_until(self._clock.monotonic() + pause)
+            self.limiter.pause_until(self._clock.monotonic() + pause, reason="Retry-After")
             self._paused_reason = "Retry-After"
         parked_as = verdict if verdict is not ThrottleVerdict.RATE else self.circuit.verdict
         if parked_as is not None and self.circuit.state is not CircuitState.OPEN:
@@ -316,8 +316,8 @@ class KeyState:
         """
         self._auth_failures += 1
         pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
-        self.limiter.pause_until(self._clock.monotonic() + pause)
         self._paused_reason = f"token endpoint: {type(error).__name__}"
+        self.limiter.pause_until(self._clock.monotonic() + pause, reason=self._paused_reason)
         logger.warning(
             "broker.token_fetch_failed", key=self.name, error=type(error).__name__, pause_s=pause
         )
@@ -342,8 +342,8 @@ class KeyState:
             )
             pause = ceiling * (0.5 + 0.5 * self._jitter())
             self._outage_paused_at = now
-            self.limiter.pause_until(now + pause)
             self._paused_reason = f"endpoint unreachable: {type(error).__name__}"
+            self.limiter.pause_until(now + pause, reason=self._paused_reason)
             logger.warning(
                 "broker.endpoint_unreachable",
                 key=self.name,

@@ -235,7 +235,8 @@ class KeyLimiter(Protocol):
     - ``next_ready()`` is the monotonic time the key can send next (may be in the past or
       ``-inf``), without waiting; ``ready_now()`` is its boolean form.
     - ``rate``/``set_rate(r)`` read and change the pacing rate (from the next slot);
-      ``pause_until(t)`` holds the key until monotonic ``t`` (only extends); ``resume()``
+      ``pause_until(t, reason=...)`` holds the key until monotonic ``t`` (only extends; the
+      reason is shown by ``broker status`` for shared state); ``resume()``
       lifts a pause.
     - ``spent``, ``remaining`` (``None``: unlimited), ``exhausted``, ``used_fraction`` and
       ``resets_at()`` describe the daily budget's current window.
@@ -256,7 +257,7 @@ class KeyLimiter(Protocol):
 
     def set_rate(self, rate_per_s: float) -> None: ...
 
-    def pause_until(self, monotonic_t: float) -> None: ...
+    def pause_until(self, monotonic_t: float, *, reason: str = "paused") -> None: ...
 
     def resume(self) -> None: ...
 
@@ -347,8 +348,8 @@ class LocalKeyLimiter:
         """Change the pacer's rate (from the next slot)."""
         self._pacer.set_rate(rate_per_s)
 
-    def pause_until(self, monotonic_t: float) -> None:
-        """Hold the key until ``monotonic_t`` (only extends)."""
+    def pause_until(self, monotonic_t: float, *, reason: str = "paused") -> None:
+        """Hold the key until ``monotonic_t`` (only extends; the reason is for shared state)."""
         self._pacer.pause_until(monotonic_t)
 
     def resume(self) -> None:
