@@ -173,6 +173,7 @@ def _run(
             return await sim_stats(session, url, since=window[0])
 
     body = asyncio.run(stats())
+    final = asyncio.run(_final_state(mode, url, tmp / f"{mode}-{n}.sqlite3", redis_url, prefix))
     account = body["accounts"]["k0"]
     accepted = sum(1 for t in account.get("accepted_at", ()) if window[0] <= t < window[1])
     throttled = sum(1 for t in account.get("throttled_at", ()) if window[0] <= t < window[1])
@@ -197,7 +198,34 @@ def _run(
         "utilisation_pct": round(100.0 * accepted / (TPS * duration_s), 2),
         "share_429_pct": round(100.0 * throttled / arrivals, 2) if arrivals else 0.0,
         "per_process_rps": per_process,
+        "final_shared_state": final,
         "series_per_s": series,
+    }
+
+
+async def _final_state(
+    mode: str, url: str, db: Path, redis_url: str | None, prefix: str
+) -> dict[str, Any] | None:
+    """The key's shared state after the run: its rate, day count and last 429."""
+    from broker.state import KeyLimits, StateKey
+    from broker.state.redis import RedisStateStore
+    from broker.state.sqlite import SqliteStateStore
+
+    store: Any
+    if mode == "local":
+        store = SqliteStateStore(db)
+    elif mode == "redis" and redis_url is not None:
+        store = RedisStateStore(redis_url, key_prefix=prefix)
+    else:
+        return None
+    key = StateKey.of(url, str(creators_account(0, tps=TPS)["credential_id"]))
+    view = await store.view(key, KeyLimits(TPS, 0.05, TPS))
+    await store.aclose()
+    d = view.decision
+    return {
+        "rate": round(d.rate, 4),
+        "count": d.count,
+        "last_429_s_ago": round((d.now_us - d.last_429_us) / 1e6, 1) if d.last_429_us else None,
     }
 
 

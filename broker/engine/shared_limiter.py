@@ -11,8 +11,10 @@ key paces, counts and adapts as one:
   parked by any process, another process probing) raises :class:`SendRefused`, so the
   dispatcher puts its batch back; ``wait_ready()`` then sleeps until the store said to ask
   again. A slot beyond the horizon is waited for and asked again inside ``commit``.
-- ``wait_ready()`` makes no store call in the steady state: it sleeps until the next slot
-  the last answer named. The store is the judge; the estimate only saves round trips.
+- ``wait_ready()`` makes no store call in the steady state: it sleeps until shortly before
+  the next slot the last answer named (half an interval, at most 100 ms), so ``commit``
+  books the slot ahead and a late wake-up does not shift the key's grid. The store is the
+  judge; the estimate only saves round trips.
 - Feedback (demand-limited successes, 429s with their send slot, Retry-After and outage
   pauses, parks and unparks, an operator's rate) is queued and rides on the next decision;
   pauses, parks and 429s are also flushed at once in the background so other processes
@@ -84,6 +86,8 @@ _UNAVAILABLE_CAP_S = 10.0
 #: How many recent sends remember when (store time) their slot was decided: a 429 cuts only
 #: if that was after the last cut, since slots decided before it were spaced at the old rate.
 _REMEMBERED_SENDS = 256
+#: How early wait_ready returns before the expected slot, at most (half an interval below).
+_LEAD_S = 0.1
 #: A probe that met a 429 parks the key again for this long.
 _REPARK_S = 900.0
 
@@ -335,7 +339,9 @@ class SharedKeyLimiter:
                     self._hold_until = -math.inf
                     self._last = None  # ask the store again before trusting the old answer
                 continue
-            due = self.next_ready()
+            # Return a little before the slot: commit reserves it ahead and sleeps the exact
+            # rest, so a late wake-up (a busy machine) delays one send, not the key's grid.
+            due = self.next_ready() - min(0.5 / self.rate, _LEAD_S)
             if due <= now:
                 return
             # Then look again: a pause or park may have come in while we slept.
