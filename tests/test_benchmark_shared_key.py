@@ -30,7 +30,7 @@ def test_shared_key_quick_run(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=240,
         cwd=REPO,
         check=False,
     )
