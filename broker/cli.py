@@ -270,7 +270,22 @@ def _build_parser() -> argparse.ArgumentParser:
     from broker.cache.cli import add_arguments as add_cache_arguments
 
     add_cache_arguments(cache)
+    _add_status(sub)
     return parser
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from broker.status import add_arguments
+
+    status = sub.add_parser(
+        "status",
+        help="show every key's shared state (rate, today's requests, pauses, parks)",
+        description="Show each configured key's state as every process and machine sharing "
+        "it sees it: the shared rate now and configured, requests today and left, paused or "
+        "parked until when and why, the last 429, processes seen in the last minute.",
+        epilog="exit codes: 0 shown; 69 the state store ([state]) cannot be reached; 78 bad config",
+    )
+    add_arguments(status)
 
 
 def _run_loop(coro: Coroutine[Any, Any, object]) -> int:
@@ -326,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(config)
     if args.command == "lookup":
         return _lookup_command(config, args)
+    if args.command == "status":
+        from broker.status import status_command
+
+        return _run_loop(status_command(config, args))
     if args.command == "cache":
         from broker.cache.cli import cache_command
 

@@ -39,6 +39,7 @@ __all__ = [
     "RetryConfig",
     "ServeConfig",
     "SimulatorTable",
+    "StateConfig",
     "config_from_dict",
     "is_loopback_host",
     "load_config",
@@ -265,6 +266,64 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where keys' shared state (rate, daily count, pauses, circuit) lives: ``[state]``.
+
+    Attributes:
+        backend: ``"local"`` (a SQLite file shared by this machine's processes, the
+            default), ``"redis"`` (shared across machines) or ``"memory"`` (this process only).
+        path: the SQLite file (local); None: ``$XDG_STATE_HOME/asin-broker/keys.sqlite3``.
+        redis_url: ``redis://host:port/db`` (redis).
+        redis_password_env: the env var holding the Redis password (a secret, never in
+            the file); None: no password, or one inside ``redis_url``.
+        redis_password: its value, read at load time.
+        key_prefix: prepended to every Redis key.
+    """
+
+    backend: str = "local"
+    path: Path | None = None
+    redis_url: str | None = None
+    redis_password_env: str | None = None
+    redis_password: Secret | None = field(default=None, repr=False)
+    key_prefix: str = "asin-broker:"
+
+
+def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -> StateConfig:
+    backend = table.text("backend", "local")
+    if backend not in ("local", "redis", "memory"):
+        raise ConfigError("state.backend", 'must be "local", "redis" or "memory"')
+    raw_path = table.opt_text("path")
+    path = None if raw_path is None else base_dir / Path(raw_path).expanduser()
+    redis_url = table.opt_text("redis_url")
+    password_env = table.opt_text("redis_password_env")
+    key_prefix = table.text("key_prefix", "asin-broker:")
+    table.finish()
+    password: Secret | None = None
+    if backend == "redis":
+        if redis_url is None:
+            raise ConfigError("state.redis_url", 'is required with backend = "redis"')
+        if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("state.redis_url", "must be a redis://, rediss:// or unix:// URL")
+        if urlsplit(redis_url).password:
+            raise ConfigError(
+                "state.redis_url",
+                "must not hold a password: name its env var in redis_password_env",
+            )
+        if password_env is not None:
+            if not _ENV_NAME.fullmatch(password_env):
+                raise ConfigError(
+                    "state.redis_password_env", "must be an environment variable name"
+                )
+            value = environ.get(password_env, "")
+            if not value:
+                raise ConfigError(
+                    "state.redis_password_env", f"environment variable {password_env} is not set"
+                )
+            password = Secret(value)
+    return StateConfig(backend, path, redis_url, password_env, password, key_prefix)
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The whole configuration."""
 
@@ -279,6 +338,7 @@ class BrokerConfig:
     simulator: SimulatorTable = field(default_factory=SimulatorTable)
     source: str = "<objects>"
     cache: CacheConfig = field(default_factory=CacheConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -353,6 +413,7 @@ def parse_config(
         simulator=SimulatorTable(sim_table),
         source=source,
         cache=_parse_cache(table.table("cache"), base_dir or Path.cwd(), environ),
+        state=_parse_state(table.table("state"), environ, base_dir or Path.cwd()),
     )
     _finish(table)
     return config

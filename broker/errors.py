@@ -20,7 +20,8 @@ failures are data (an ``ItemResult`` with ``status`` and ``error``), never raise
     │   ├── BadRequestError    other 4xx
     │   └── ServerError        5xx
     ├── KeyUnusableError       a key was taken out of rotation (names the key, code and remedy)
-    └── NoUsableKeyError       every key that could serve a marketplace is out of rotation
+    ├── NoUsableKeyError       every key that could serve a marketplace is out of rotation
+    └── StateUnavailableError  the shared key-state store (SQLite file, Redis) cannot be reached
 
 The catalogue (``CATALOGUE``) maps each code Amazon sends (PA-API ``Code``, or the
 Creators API ``reason``, else its ``type``) to an :class:`ErrorInfo`: what it means, its
@@ -53,6 +54,7 @@ __all__ = [
     "ResponseError",
     "Scope",
     "ServerError",
+    "StateUnavailableError",
     "ThrottledError",
     "TransportError",
     "WrongEventLoopError",
@@ -188,6 +190,20 @@ class BrokerClosedError(BrokerError, RuntimeError):
 
 class WrongEventLoopError(BrokerError, RuntimeError):
     """The broker was opened on another event loop; it can only be used from that loop."""
+
+
+class StateUnavailableError(BrokerError):
+    """The shared key-state store cannot be reached or used (Redis down, SQLite file locked).
+
+    A key whose state cannot be read must not send: the engine pauses it and ``/readyz``
+    shows ``reason``. ``backend`` is ``"redis"``, ``"local"`` or ``"memory"``; the reason
+    never holds a password or a URL's credentials.
+    """
+
+    def __init__(self, backend: str, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"key-state store ({backend}) unavailable: {reason}")
 
 
 class Scope(enum.Enum):

@@ -26,7 +26,7 @@ from broker.engine.metrics import KeySnapshot, MetricsSnapshot
 from broker.errors import ConfigError
 from broker.jobs.metrics_http import JobRows, SpoolSnapshot, readiness, render_metrics
 from broker.jobs.runner import ExitCode
-from broker.jobs.serve import Daemon, ServeOptions, SpoolBudgetStore, spool_name
+from broker.jobs.serve import Daemon, ServeOptions, spool_name
 from broker.testing import FakeClock
 
 _ACCOUNT = {
@@ -311,21 +311,17 @@ class TestResume:
         assert status["requests"] <= 25 - partial + 4  # only what was not done (+ in flight)
         assert os.listdir(spool / "processing") == []
 
-    async def test_budget_store_persists_across_restarts(self, start: Start, spool: Path) -> None:
-        """The daily request count is kept in state/ and carried into the next daemon."""
-        first = await start()
+    async def test_daily_count_is_the_keys_shared_state(self, start: Start, spool: Path) -> None:
+        """The daemon counts requests in the shared key state, not a spool file of its own."""
+        running = await start()
         _drop(spool, "a.txt", "\n".join(_asins(20, "B0BUDGA")) + "\n")
         assert (await _filed(spool, "a.txt"))["requests"] == 2
-        await first.stop()
-        second = await start()
         spent = 'asinb_key_daily_spent{key="demo"}'
-        assert _samples((await _get(f"{second.url}/metrics"))[2])[spent] == 2
+        assert _samples((await _get(f"{running.url}/metrics"))[2])[spent] == 2
         _drop(spool, "b.txt", "\n".join(_asins(5, "B0BUDGB")) + "\n")
         await _filed(spool, "b.txt")
-        assert _samples((await _get(f"{second.url}/metrics"))[2])[spent] == 3
-        await second.stop()
-        with SpoolBudgetStore(spool / "state" / "budget.sqlite") as store:
-            assert store.load("demo", datetime.now(UTC).date()) == 3
+        assert _samples((await _get(f"{running.url}/metrics"))[2])[spent] == 3
+        assert not (spool / "state" / "budget.sqlite").exists()
 
 
 class TestHttp:
@@ -365,11 +361,13 @@ class TestHttp:
     async def test_readyz_503_while_waiting_for_daily_quota(
         self, start: Start, spool: Path
     ) -> None:
-        """With the day's budget spent (kept in state/), /readyz is 503 and says until when."""
-        (spool / "state").mkdir(parents=True)
-        with SpoolBudgetStore(spool / "state" / "budget.sqlite") as store:
-            store.save("demo", datetime.now(UTC).date(), 10)
-        running = await start(_config(tpd=10))
+        """With the day's budget spent, /readyz is 503 and says until when."""
+        running = await start(_config(tpd=3))
+        _drop(spool, "big.txt", "\n".join(_asins(60, "B0READY")) + "\n")
+        deadline = asyncio.get_running_loop().time() + 20
+        while (await _get(f"{running.url}/readyz"))[0] == 200:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
         code, _, body = await _get(f"{running.url}/readyz")
         answer = json.loads(body)
         assert code == 503

@@ -21,11 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from broker.ratecontrol import RecoveryState, RecoveryTuning, cut_rate, recovered_rate
+
 if TYPE_CHECKING:
     from broker.clock import Clock
-
-#: Three cuts within this many seconds mean the server's rate dropped (not jitter).
-_DROP_WINDOW_S = 5.0
 
 __all__ = ["AdaptiveRate", "AdaptiveSettings", "Circuit", "CircuitState", "ThrottleVerdict"]
 
@@ -125,6 +124,23 @@ class AdaptiveSettings:
         if not 0.0 < self.probe_after_s <= self.max_probe_after_s:
             raise ValueError("need 0 < probe_after_s <= max_probe_after_s")
 
+    def tuning(self) -> RecoveryTuning:
+        """The ceiling-aware controller's parameters (``broker/ratecontrol.py``)."""
+        return RecoveryTuning(
+            beta=self.beta,
+            recovery=self.recovery,
+            cap_beta=self.cap_beta,
+            cap_zone=self.cap_zone,
+            cap_target_loss=self.cap_target_loss,
+            drop_beta=self.drop_beta,
+            regrow_s=self.regrow_s,
+            plateau=self.plateau,
+            probe_after_s=self.probe_after_s,
+            probe_after_sends=self.probe_after_sends,
+            max_probe_after_s=self.max_probe_after_s,
+            probe_gain=self.probe_gain,
+        )
+
     @property
     def increase_per_success(self) -> float:
         """``a = -ln(1-beta) * p/(1-p)``: the log-rate gain per success at boost 1."""
@@ -164,18 +180,16 @@ class AdaptiveRate:
         "_clock",
         "_consecutive",
         "_cuts",
-        "_descending",
         "_last_cut_at",
         "_max_rate",
         "_min_rate",
         "_nominal",
         "_outcomes",
-        "_probe_after",
         "_rate",
-        "_recent_cuts",
+        "_recovery",
         "_settings",
         "_streak",
-        "_throttled_at_rate",
+        "_tuning",
     )
 
     def __init__(
@@ -201,12 +215,9 @@ class AdaptiveRate:
         self._consecutive = 0
         # True for a 429, False for a success, over the last `window` outcomes.
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=s.window)
-        #: the rate the last fresh 429 was sent at, while recovering towards the cap
-        self._throttled_at_rate: float | None = None
-        self._probe_after = s.probe_after_s
-        #: the last cut came while still coming down: hold the cut rate until the probe
-        self._descending = False
-        self._recent_cuts: collections.deque[float] = collections.deque(maxlen=3)
+        self._tuning = s.tuning()
+        #: the ceiling-aware controller's memory (broker/ratecontrol.py)
+        self._recovery = RecoveryState()
 
     @property
     def settings(self) -> AdaptiveSettings:
@@ -270,20 +281,16 @@ class AdaptiveRate:
         self._consecutive = 0
         if demand_limited:
             s = self._settings
-            if self._rate >= s.cap_zone * self._max_rate and not s.discover:
-                # Near the known cap: small steps without boost, matched to cap_beta, so
-                # the key settles at the target 429 share instead of swinging around it.
-                loss = s.cap_target_loss
-                gain = -math.log1p(-s.cap_beta) * loss / (1.0 - loss)
-            else:
-                gain = s.increase_per_success * self._boost
-            grown = self._rate * math.exp(gain)
-            if self._throttled_at_rate is not None:
-                grown = max(grown, self._recovery_rate())
-            self._rate = min(self._max_rate, grown)
-            if self._rate >= self._nominal:
-                # Back at the configured rate: the recovery is over.
-                self._throttled_at_rate = None
+            self._rate = recovered_rate(
+                self._recovery,
+                self._rate,
+                self._clock.monotonic(),
+                nominal=self._nominal,
+                max_rate=self._max_rate,
+                gain=s.increase_per_success * self._boost,
+                discover=s.discover,
+                tuning=self._tuning,
+            )
             self._streak += 1
             if self._streak % s.boost_every == 0:
                 self._boost = min(s.max_boost, self._boost * 2.0)
@@ -316,86 +323,14 @@ class AdaptiveRate:
         self._boost = 1.0
         verdict = self._classify(budget_exhausted, quota_used)
         if verdict is ThrottleVerdict.RATE and sent_at > self._last_cut_at:
-            s = self._settings
-            # A 429 near the cap is arrival jitter, unless three come within a few seconds:
-            # then the server's rate dropped.
             now = self._clock.monotonic()
-            while self._recent_cuts and now - self._recent_cuts[0] > _DROP_WINDOW_S:
-                self._recent_cuts.popleft()
-            dropped = len(self._recent_cuts) >= 2
-            self._recent_cuts.append(now)
-            at_cap = not dropped and self._rate >= s.cap_zone * self._max_rate
-            previous = self._throttled_at_rate
-            probed = self._note_cut(at_cap)
-            # In a run of quick 429s the server's rate fell: come down in bigger steps, so
-            # a halving costs a few 429s, not seven.
-            beta = s.cap_beta if at_cap else (s.drop_beta if dropped else s.beta)
-            cut = self._rate * (1.0 - beta)
-            if probed and previous is not None:
-                # A probe above the last limit was throttled: back to below that limit, not
-                # merely a step below the probe's peak, which may still be over it.
-                cut = min(cut, previous * (1.0 - beta))
+            cut = cut_rate(
+                self._recovery, self._rate, now, max_rate=self._max_rate, tuning=self._tuning
+            )
             self._rate = max(self._min_rate, cut)
-            self._last_cut_at = self._clock.monotonic()
+            self._last_cut_at = now
             self._cuts += 1
         return verdict
-
-    def _note_cut(self, at_cap: bool) -> bool:
-        """Remember the rate being throttled, and how soon to probe above it again.
-
-        Returns True when the 429 answered a probe above the plateau.
-
-        A 429 at the configured rate is most often arrival jitter against a strict server:
-        the cut is small (``cap_beta``) and the climb back is the slow per-success one, so
-        the key settles where the 429 share is ``target_loss`` instead of swinging.
-        """
-        s = self._settings
-        if not s.recovery or at_cap:
-            self._throttled_at_rate = None
-            return False
-        previous = self._throttled_at_rate
-        self._descending = previous is not None and self._rate < 0.97 * previous
-        since_cut = self._clock.monotonic() - self._last_cut_at
-        probing = previous is not None and since_cut >= self._probe_wait(previous)
-        if probing:
-            # A probe above the last limit was throttled: the limit still holds (not the
-            # probe's peak), and the server is slower than configured: probe less often.
-            self._probe_after = min(s.max_probe_after_s, self._probe_after * 2.0)
-            return True
-        if previous is None or abs(self._rate - previous) > 0.1 * previous:
-            self._probe_after = s.probe_after_s
-        self._throttled_at_rate = self._rate
-        return False
-
-    def _probe_wait(self, top: float) -> float:
-        """Seconds after a cut before probing above the plateau of ``top``."""
-        s = self._settings
-        scale = self._probe_after / s.probe_after_s
-        return scale * max(s.probe_after_s, s.probe_after_sends / (top * s.plateau))
-
-    def _recovery_rate(self) -> float:
-        """The rate the recovery curve allows now (``ratelimit.md`` 1.3, CUBIC in shape).
-
-        Concave back to ``plateau`` times the throttled rate within ``regrow_s`` (most of
-        the throughput a cut costs is won back at once), flat until ``probe_after``, then
-        convex above it: a server whose rate came back is found within seconds, while one
-        that is still slower costs about one 429 per probe.
-        """
-        s = self._settings
-        top = self._throttled_at_rate
-        assert top is not None
-        t = self._clock.monotonic() - self._last_cut_at
-        cut = 1.0 - s.beta
-        wait = self._probe_wait(top)
-        # Coming down (each cut lower than the last), the cut rate is held: climbing back
-        # towards a rate that was just throttled would only meet the next 429.
-        plateau = cut if self._descending else s.plateau
-        if t < wait:
-            frac = min(1.0, t / s.regrow_s)
-            share = plateau - (plateau - cut) * (1.0 - frac) ** 3
-        else:
-            share = plateau + s.probe_gain * (t - wait) ** 3
-        return top * share
 
     def _classify(self, budget_exhausted: bool, quota_used: float | None) -> ThrottleVerdict:
         s = self._settings
@@ -426,9 +361,7 @@ class AdaptiveRate:
         """
         self._rate = self._nominal
         self._last_cut_at = self._clock.monotonic()
-        self._throttled_at_rate = None
-        self._probe_after = self._settings.probe_after_s
-        self._descending = False
+        self._recovery.reset(self._last_cut_at)
         self._boost = 1.0
         self._streak = 0
         self._consecutive = 0

@@ -38,10 +38,12 @@ from broker.engine.keys import KeyState
 from broker.engine.metrics import EngineMetrics, MetricsSnapshot
 from broker.engine.retry import RetryPolicy
 from broker.engine.scheduler import KeyPool
+from broker.engine.shared_limiter import SharedKeyLimiter, SharedState
 from broker.engine.transport import AiohttpTransport, Transport
 from broker.errors import BrokerClosedError, ConfigError, WrongEventLoopError
 from broker.logs import get_logger
 from broker.models import ItemResult, Protocol, Query, Secret
+from broker.state import KeyStateStore, open_store, process_id
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -89,7 +91,11 @@ class Broker:
         clock: time source (tests pass a FakeClock); default the running loop's clock.
         transport: HTTP transport (tests pass a MockTransport); default aiohttp.
         rng: randomness for jitter (seed it for reproducible runs).
-        budget_store: where daily request counters persist (the daemon passes its ledger).
+        budget_store: where daily request counters persist, for a caller that keeps its
+            own counts (then, unless ``state_store`` is given too, the keys' state stays
+            in this process).
+        state_store: where keys' shared state lives (rate, daily count, pauses, circuit);
+            default: the store ``config.state`` names, opened and closed by the broker.
         cache_default_max_age_s: the item cache's max age when ``[cache] max_age_s`` is
             unset: 0 (off) for the library; ``broker run`` passes 86,400.
         cache_max_age_s: a per-run override (``--max-age``; 0 turns the cache off).
@@ -103,10 +109,12 @@ class Broker:
         transport: Transport | None = None,
         rng: random.Random | None = None,
         budget_store: BudgetStore | None = None,
+        state_store: KeyStateStore | None = None,
         cache_default_max_age_s: float = 0.0,
         cache_max_age_s: float | None = None,
     ) -> None:
         self.config = config
+        self._state_store = state_store
         self._cache_default_max_age_s = cache_default_max_age_s
         self._cache_max_age_s = cache_max_age_s
         self._clock: Clock = clock or LoopClock()
@@ -230,6 +238,13 @@ class Broker:
         else:
             dialect = PaapiDialect(base_url)
         token_base = config.api.token_endpoint or base_url
+        # A caller that passes its own budget store and no state store keeps the keys'
+        # state in this process (tests of the in-process limiter do).
+        shared = (
+            None
+            if self._budget_store is not None and self._state_store is None
+            else self._open_state(stack, base_url)
+        )
         self._keys = [
             KeyState.from_config(
                 key,
@@ -238,9 +253,13 @@ class Broker:
                 clock=self._clock,
                 rng=self._rng,
                 budget_store=self._budget_store,
+                shared=shared,
             )
             for key in config.keys
         ]
+        for key in self._keys:
+            if isinstance(key.limiter, SharedKeyLimiter):
+                stack.push_async_callback(key.limiter.aclose)
         retry = config.retry
         policy = RetryPolicy(
             max_attempts=retry.max_attempts,
@@ -294,6 +313,22 @@ class Broker:
         )
         self._engine = asyncio.get_running_loop().create_task(self._run(), name="broker-engine")
         self._engine.add_done_callback(self._engine_done)
+
+    def _open_state(self, stack: contextlib.AsyncExitStack, base_url: str | None) -> SharedState:
+        """The keys' shared state: the given store, or the one ``[state]`` names."""
+        store = self._state_store
+        if store is None:
+            clock = self._clock
+            store = open_store(
+                self.config.state,
+                now_us=lambda: int(clock.monotonic() * 1_000_000),
+                wall=lambda: int(clock.utcnow().timestamp() * 1_000_000),
+            )
+            stack.push_async_callback(store.aclose)
+        # Key identity includes the endpoint: embedded simulators (one port per process)
+        # never share a key, while every process talking to Amazon does.
+        endpoint = base_url or f"{AMAZON}:{self.config.api.protocol.value}"
+        return SharedState(store, endpoint, process_id())
 
     async def _run(self) -> None:
         """The engine task: every other task of the broker lives in its TaskGroup."""

@@ -30,10 +30,11 @@ from broker.engine.adaptive import (
     CircuitState,
     ThrottleVerdict,
 )
-from broker.engine.limiter import LocalKeyLimiter, Pacer
+from broker.engine.limiter import KeyLimiter, LocalKeyLimiter, Pacer
 from broker.engine.metrics import KeySnapshot
 from broker.engine.quota import BudgetStore, DailyBudget
 from broker.engine.retry import RetryBudget
+from broker.engine.shared_limiter import SendRefused, SharedState, shared_key_parts
 from broker.errors import KeyUnusableError, ThrottledError
 from broker.logs import get_logger
 
@@ -81,7 +82,7 @@ class KeyState:
         config: KeyConfig,
         authorizer: Authorizer,
         *,
-        limiter: LocalKeyLimiter,
+        limiter: KeyLimiter,
         adaptive: AdaptiveRate,
         circuit: Circuit,
         retry_budget: RetryBudget,
@@ -124,8 +125,9 @@ class KeyState:
         clock: Clock,
         rng: random.Random,
         budget_store: BudgetStore | None = None,
+        shared: SharedState | None = None,
     ) -> KeyState:
-        """Build a key's state with the rate settings of ``config``."""
+        """Build a key's state with the rate settings of ``config`` (in ``shared``'s store)."""
         rate = config.rate
         settings = AdaptiveSettings(
             beta=rate.beta,
@@ -134,16 +136,26 @@ class KeyState:
             discover=rate.discover,
             retry_after_cap_s=rate.retry_after_cap_s,
         )
-        budget = DailyBudget(
-            clock, key.tpd, key_name=key.name, guard_fraction=rate.tpd_guard, store=budget_store
-        )
-        limiter = LocalKeyLimiter(clock, Pacer(clock, key.tps), budget)
+        limiter: KeyLimiter
+        adaptive: AdaptiveRate
+        circuit: Circuit
+        if shared is not None:
+            limiter, adaptive, circuit = shared_key_parts(
+                key, config=config, settings=settings, clock=clock, random=rng.random, shared=shared
+            )
+        else:
+            budget = DailyBudget(
+                clock, key.tpd, key_name=key.name, guard_fraction=rate.tpd_guard, store=budget_store
+            )
+            limiter = LocalKeyLimiter(clock, Pacer(clock, key.tps), budget)
+            adaptive = AdaptiveRate(key.tps, clock=clock, settings=settings)
+            circuit = Circuit(clock, random=rng.random, settings=settings)
         return cls(
             key,
             authorizer,
             limiter=limiter,
-            adaptive=AdaptiveRate(key.tps, clock=clock, settings=settings),
-            circuit=Circuit(clock, random=rng.random, settings=settings),
+            adaptive=adaptive,
+            circuit=circuit,
             retry_budget=RetryBudget(clock),
             clock=clock,
             outage_budget_s=config.retry.outage_budget_s,
@@ -229,7 +241,10 @@ class KeyState:
         """Book a send now; None when the daily budget is spent (wait_ready again)."""
         if self.limiter.exhausted:
             return None
-        sent_at = await self.limiter.commit()
+        try:
+            sent_at = await self.limiter.commit()
+        except SendRefused:
+            return None  # another process spent the day or parked the key meanwhile
         # Counted here, not when the slot is taken: a dispatcher holds a slot while it
         # waits for work, and an idle key must not show a request in flight.
         self._in_flight += 1
@@ -257,7 +272,7 @@ class KeyState:
         self.limiter.set_rate(self.adaptive.rate)
         pause = self.adaptive.pause_for(error.retry_after)
         if pause > 0:
-            self.limiter.pause_until(self._clock.monotonic() + pause)
+            self.limiter.pause_until(self._clock.monotonic() + pause, reason="Retry-After")
             self._paused_reason = "Retry-After"
         parked_as = verdict if verdict is not ThrottleVerdict.RATE else self.circuit.verdict
         if parked_as is not None and self.circuit.state is not CircuitState.OPEN:
@@ -304,8 +319,8 @@ class KeyState:
         """
         self._auth_failures += 1
         pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
-        self.limiter.pause_until(self._clock.monotonic() + pause)
         self._paused_reason = f"token endpoint: {type(error).__name__}"
+        self.limiter.pause_until(self._clock.monotonic() + pause, reason=self._paused_reason)
         logger.warning(
             "broker.token_fetch_failed",
             key=self.name,
@@ -334,8 +349,8 @@ class KeyState:
             )
             pause = ceiling * (0.5 + 0.5 * self._jitter())
             self._outage_paused_at = now
-            self.limiter.pause_until(now + pause)
             self._paused_reason = f"endpoint unreachable: {type(error).__name__}"
+            self.limiter.pause_until(now + pause, reason=self._paused_reason)
             logger.warning(
                 "broker.endpoint_unreachable",
                 key=self.name,
@@ -398,7 +413,7 @@ class KeyState:
             return KeyHealth.DISABLED
         if self.circuit.verdict is not None:
             return KeyHealth.PARKED
-        if self._paused_reason is not None:
+        if self._paused_reason is not None or self.limiter.blocked_reason is not None:
             return KeyHealth.PAUSED
         return KeyHealth.ACTIVE
 
@@ -415,7 +430,7 @@ class KeyState:
             reason = "waiting for daily quota"
             until = self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ")
         elif health is KeyHealth.PAUSED:
-            reason = self._paused_reason
+            reason = self.limiter.blocked_reason or self._paused_reason
         return KeySnapshot(
             name=self.name,
             state=health.value,

@@ -19,8 +19,8 @@ its first second. The price of crediting lateness: single gaps can be shorter th
 absorbs (``ratelimit.md`` 5.3: 100 % with 0 429s at B >= 1.5 in the same real-time test).
 
 :class:`KeyLimiter` is what the pipeline needs from one key's pacing and daily budget, so a
-shared backend (one Redis GCRA per key, ``ratelimit.md`` 6.2) can replace
-:class:`LocalKeyLimiter` later.
+shared backend (``broker.engine.shared_limiter.SharedKeyLimiter``: the key's state in a
+SQLite file or Redis, ``ratelimit.md`` 6.2) can replace :class:`LocalKeyLimiter`.
 """
 
 from __future__ import annotations
@@ -235,10 +235,13 @@ class KeyLimiter(Protocol):
     - ``next_ready()`` is the monotonic time the key can send next (may be in the past or
       ``-inf``), without waiting; ``ready_now()`` is its boolean form.
     - ``rate``/``set_rate(r)`` read and change the pacing rate (from the next slot);
-      ``pause_until(t)`` holds the key until monotonic ``t`` (only extends); ``resume()``
+      ``pause_until(t, reason=...)`` holds the key until monotonic ``t`` (only extends; the
+      reason is shown by ``broker status`` for shared state); ``resume()``
       lifts a pause.
     - ``spent``, ``remaining`` (``None``: unlimited), ``exhausted``, ``used_fraction`` and
       ``resets_at()`` describe the daily budget's current window.
+    - ``blocked_reason`` says why the key cannot send because its shared state store is
+      unreachable (``None``: it can; always ``None`` for in-process state).
     """
 
     async def wait_ready(self) -> None: ...
@@ -254,7 +257,7 @@ class KeyLimiter(Protocol):
 
     def set_rate(self, rate_per_s: float) -> None: ...
 
-    def pause_until(self, monotonic_t: float) -> None: ...
+    def pause_until(self, monotonic_t: float, *, reason: str = "paused") -> None: ...
 
     def resume(self) -> None: ...
 
@@ -271,6 +274,9 @@ class KeyLimiter(Protocol):
     def used_fraction(self) -> float | None: ...
 
     def resets_at(self) -> datetime: ...
+
+    @property
+    def blocked_reason(self) -> str | None: ...
 
 
 class LocalKeyLimiter:
@@ -342,8 +348,8 @@ class LocalKeyLimiter:
         """Change the pacer's rate (from the next slot)."""
         self._pacer.set_rate(rate_per_s)
 
-    def pause_until(self, monotonic_t: float) -> None:
-        """Hold the key until ``monotonic_t`` (only extends)."""
+    def pause_until(self, monotonic_t: float, *, reason: str = "paused") -> None:
+        """Hold the key until ``monotonic_t`` (only extends; the reason is for shared state)."""
         self._pacer.pause_until(monotonic_t)
 
     def resume(self) -> None:
@@ -373,6 +379,11 @@ class LocalKeyLimiter:
     def resets_at(self) -> datetime:
         """The UTC instant the daily window resets."""
         return self._budget.resets_at()
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """Always None: in-process state is always reachable."""
+        return None
 
     def __repr__(self) -> str:
         return f"LocalKeyLimiter({self._pacer!r}, {self._budget!r})"

@@ -29,7 +29,24 @@ if TYPE_CHECKING:
 
     from broker.clock import Clock
 
-__all__ = ["BatchedBudgetStore", "BudgetStore", "DailyBudget", "MemoryBudgetStore"]
+__all__ = [
+    "BatchedBudgetStore",
+    "BudgetStore",
+    "DailyBudget",
+    "MemoryBudgetStore",
+    "day_limit",
+]
+
+
+def day_limit(tpd: int | None, guard_fraction: float) -> int | None:
+    """Sends the guard allows per window: ``floor(tpd * guard)``, at least 1 for any TPD > 0.
+
+    ``None`` for an unlimited key; 0 for a key with TPD 0. The shared key state
+    (``broker.state``) counts against the same limit.
+    """
+    if tpd is None:
+        return None
+    return 0 if tpd == 0 else max(1, math.floor(tpd * guard_fraction))
 
 
 class BudgetStore(Protocol):
@@ -155,9 +172,7 @@ class DailyBudget:
         self._key_name = key_name
         self._store: BudgetStore = store if store is not None else MemoryBudgetStore()
         # A key with any TPD may always send at least once; the guard only trims the top.
-        self._limit: int | None = (
-            None if tpd is None else (0 if tpd == 0 else max(1, math.floor(tpd * guard_fraction)))
-        )
+        self._limit = day_limit(tpd, guard_fraction)
         self._offset = timedelta(
             hours=reset_time_utc.hour,
             minutes=reset_time_utc.minute,

@@ -20,9 +20,8 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,6 @@ from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.keys import OUTAGE_CODE
-from broker.engine.quota import BatchedBudgetStore
 from broker.errors import BrokerError, ConfigError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
@@ -299,17 +297,15 @@ async def _run_once(
         try:
             _emit(ledger, sink, name)
             if ledger.pending_lookup_count() and not stop.requested:
-                budget = _Budget(ledger, stop)
+                # The keys' daily counts, rates and pauses live in the shared key state
+                # ([state]; by default a file every broker process of this machine shares),
+                # so two jobs on one key count each other's requests.
                 own = broker or Broker(
                     config,
-                    budget_store=budget,
                     cache_default_max_age_s=RUN_MAX_AGE_S,
                     cache_max_age_s=0.0 if options.refresh else options.cache_max_age_s,
                 )
-                async with (
-                    budget.flushed(),
-                    own if broker is None else contextlib.nullcontext(own),
-                ):
+                async with own if broker is None else contextlib.nullcontext(own):
                     # A shared broker (the daemon's) counts every job; report this one's.
                     before = own.metrics()
                     await _fetch(ledger, _Output(sink, name), own, options, stop, config)
@@ -642,44 +638,6 @@ class _Stop:
         self.forced = True
         if self._fetch is not None and not self._fetch.done():
             self._fetch.cancel()
-
-
-class _Budget:
-    """The ledger as the engine's store of daily request counts; a failed save stops the run.
-
-    The engine saves from inside its dispatch loop, where an exception would end that loop
-    and leave the job waiting forever; so the error goes to the run instead, which stops
-    and raises it (a full disk under the ledger: exit 74, like one under the output).
-    """
-
-    __slots__ = ("_batched", "_stop")
-
-    def __init__(self, ledger: Ledger, stop: _Stop) -> None:
-        # A ledger commit is fsynced: once per request would cost more than the request.
-        self._batched = BatchedBudgetStore(ledger, monotonic=time.monotonic)
-        self._stop = stop
-
-    def load(self, key_name: str, day: date) -> int:
-        """Return the count saved for ``key_name`` on ``day``."""
-        return self._batched.load(key_name, day)
-
-    def save(self, key_name: str, day: date, count: int) -> None:
-        """Save the count; on failure, stop the run with the error instead of raising."""
-        try:
-            self._batched.save(key_name, day, count)
-        except Exception as exc:
-            self._stop.fail(exc)
-
-    @contextlib.asynccontextmanager
-    async def flushed(self) -> AsyncIterator[None]:
-        """Write the counts still unwritten when the block ends (the broker closed first).
-
-        A failure here raises (the run is over; a full disk still means exit 74).
-        """
-        try:
-            yield
-        finally:
-            self._batched.flush()
 
 
 @contextlib.contextmanager

@@ -8,8 +8,9 @@ The spool follows the maildir convention (``ecosystem.md`` 2.4)::
     SPOOL/done/        <name>, <name>.out.<format>, <name>.out.<format>.invalid.jsonl (if
                        any row was invalid) and <name>.status.json
     SPOOL/failed/      <name> and <name>.status.json naming the error (a data error)
-    SPOOL/state/       budget.sqlite: every key's daily request count, shared by all jobs
-                       and kept across restarts
+    SPOOL/state/       kept for older daemons' files; every key's daily count, rate and
+                       pauses now live in the shared key state ([state]), which all jobs,
+                       restarts and other broker processes of the machine share
 
 Choices:
 
@@ -37,8 +38,8 @@ Choices:
 - **Retry**: a job in ``failed/`` runs again when moved back into ``inbox/`` (its work
   files were removed when it was filed, so it starts over).
 - **One job at a time**, oldest first, through one :class:`~broker.engine.broker.Broker`
-  kept open for the daemon's life, so rates, circuits and the daily budget carry over
-  from job to job.
+  kept open for the daemon's life; rates, circuits and the daily count are the keys'
+  shared state, so they carry over from job to job, across restarts and between daemons.
 - **Crash safety**: the job file leaves ``processing/`` last, after its output and status,
   and its ledger is removed after that. A job found in ``processing/`` at start is resumed;
   its ledger makes every row come out exactly once. In ``done/`` and ``failed/`` a job
@@ -68,9 +69,8 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path, PurePath
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from broker.cache import RUN_MAX_AGE_S
@@ -93,7 +93,6 @@ __all__ = [
     "Daemon",
     "ServeOptions",
     "Spool",
-    "SpoolBudgetStore",
     "SpoolJob",
     "serve_command",
     "spool_name",
@@ -174,62 +173,6 @@ def spool_name(name: str) -> str:
 def _shown(name: str) -> str:
     """A file name as printable text (bytes that are not UTF-8 as ``\\xNN``)."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-class SpoolBudgetStore:
-    """The daemon's :class:`~broker.engine.quota.BudgetStore`: daily counts in one SQLite file.
-
-    WAL with ``synchronous = NORMAL``: a count survives a crash of the daemon; a power cut
-    may lose the last few, which the budget's guard margin below TPD absorbs. Two daemons
-    on one spool each count their own requests (the latest save wins), so give each its
-    own keys.
-    """
-
-    __slots__ = ("_conn", "path")
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS budget (key_name TEXT NOT NULL, day TEXT NOT NULL, "
-            "count INTEGER NOT NULL, PRIMARY KEY (key_name, day)) WITHOUT ROWID"
-        )
-
-    def load(self, key_name: str, day: date) -> int:
-        """Return the count saved for ``key_name`` on ``day`` (UTC window day), or 0."""
-        row = self._conn.execute(
-            "SELECT count FROM budget WHERE key_name = ? AND day = ?", (key_name, day.isoformat())
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-    def save(self, key_name: str, day: date, count: int) -> None:
-        """Record ``count`` for ``key_name`` on ``day``; the latest call wins."""
-        self._conn.execute(
-            "INSERT INTO budget (key_name, day, count) VALUES (?, ?, ?) "
-            "ON CONFLICT (key_name, day) DO UPDATE SET count = excluded.count",
-            (key_name, day.isoformat(), count),
-        )
-
-    def close(self) -> None:
-        """Close the database."""
-        self._conn.close()
-
-    def __enter__(self) -> SpoolBudgetStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"SpoolBudgetStore({str(self.path)!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,13 +504,11 @@ class Daemon:
         try:
             self.spool.prepare()
             async with contextlib.AsyncExitStack() as stack:
-                store = stack.enter_context(SpoolBudgetStore(self.spool.state / "budget.sqlite"))
                 self.url = await self._listen(stack)
+                # Daily counts, rates and pauses live in the shared key state ([state]),
+                # shared with every other broker process (and daemon) using the keys.
                 broker = Broker(
-                    self._config,
-                    clock=self._clock,
-                    budget_store=store,
-                    cache_default_max_age_s=RUN_MAX_AGE_S,
+                    self._config, clock=self._clock, cache_default_max_age_s=RUN_MAX_AGE_S
                 )
                 self._broker = await stack.enter_async_context(broker)
                 self._state = "running"

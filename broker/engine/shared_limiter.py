@@ -1,0 +1,588 @@
+"""A key's pacing, daily count, adaptive rate and circuit kept in a shared ``KeyStateStore``.
+
+:class:`SharedKeyLimiter` is a :class:`broker.engine.limiter.KeyLimiter` whose state lives
+in a :mod:`broker.state` store, so every process (and, with Redis, every machine) using a
+key paces, counts and adapts as one:
+
+- ``commit()`` is the one atomic decision per send: the store applies this process's
+  pending feedback, reserves ``max(now, next slot, paused until)``, counts the day and
+  answers how long to wait; the limiter sleeps that long and returns. One store call (one
+  Redis round trip) per send. A refusal that will not clear soon (daily quota spent, key
+  parked by any process, another process probing) raises :class:`SendRefused`, so the
+  dispatcher puts its batch back; ``wait_ready()`` then sleeps until the store said to ask
+  again. A slot beyond the horizon is waited for and asked again inside ``commit``.
+- ``wait_ready()`` makes no store call in the steady state: it sleeps until shortly before
+  the next slot the last answer named (half an interval, at most 100 ms), so ``commit``
+  books the slot ahead and a late wake-up does not shift the key's grid. The store is the
+  judge; the estimate only saves round trips.
+- Feedback (demand-limited successes, 429s with their send slot, Retry-After and outage
+  pauses, parks and unparks, an operator's rate) is queued and rides on the next decision;
+  pauses, parks and 429s are also flushed at once in the background so other processes
+  stop promptly. A 429 cuts the shared rate only if its request was sent after the last
+  cut, so N processes seeing one round of 429s cut once, not N times.
+- Store unreachable (Redis down): nothing is sent. ``commit`` and ``wait_ready`` retry with
+  a growing interval (up to 10 s); ``blocked_reason`` says why, for ``/readyz``. Pending
+  feedback is kept and applied when the store is back.
+
+:class:`SharedAdaptiveRate` and :class:`SharedCircuit` keep the engine's classifier and
+circuit interfaces, but write their decisions (cuts, increases, parks, unparks) to the
+shared store through the limiter; :func:`shared_key_parts` builds the three for one key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import structlog
+
+from broker.engine.adaptive import (
+    AdaptiveRate,
+    AdaptiveSettings,
+    Circuit,
+    ThrottleVerdict,
+)
+from broker.engine.quota import day_limit
+from broker.errors import StateUnavailableError
+from broker.state import (
+    Decision,
+    Feedback,
+    KeyLimits,
+    KeyStateStore,
+    ProcessMark,
+    StateKey,
+    day_number,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from broker.clock import Clock
+    from broker.config import BrokerConfig, KeyConfig
+
+__all__ = [
+    "SendRefused",
+    "SharedAdaptiveRate",
+    "SharedCircuit",
+    "SharedKeyLimiter",
+    "SharedState",
+    "key_limits",
+    "shared_key_parts",
+]
+
+logger = structlog.get_logger("broker")
+
+_US = 1_000_000
+#: A key held (quota spent, parked) re-asks the store at least this often.
+_RECHECK_S = 300.0
+#: Retry interval while the store is unreachable: doubling from the first to the cap.
+_UNAVAILABLE_FIRST_S = 0.5
+_UNAVAILABLE_CAP_S = 10.0
+#: How many recent sends remember when (store time) their slot was decided: a 429 cuts only
+#: if that was after the last cut, since slots decided before it were spaced at the old rate.
+_REMEMBERED_SENDS = 256
+#: How early wait_ready returns before the expected slot, at most (half an interval below).
+_LEAD_S = 0.1
+#: A probe that met a 429 parks the key again for this long.
+_REPARK_S = 900.0
+
+
+class SendRefused(RuntimeError):
+    """The store refused the send (daily quota, parked, probing): put the batch back.
+
+    Raised by :meth:`SharedKeyLimiter.commit` when another process spent the day's last
+    request or parked the key between ``wait_ready`` and ``commit``.
+    """
+
+    def __init__(self, refusal: str, wait_s: float) -> None:
+        self.refusal = refusal
+        self.wait_s = wait_s
+        super().__init__(f"send refused by the key-state store: {refusal}")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """What a broker needs to put its keys' state in a store.
+
+    Attributes:
+        store: the opened store.
+        endpoint: the API endpoint's identity (base URL, or ``amazon:<protocol>``): with
+            the credential id it makes the key's :class:`broker.state.StateKey`.
+        process_id: this process run's id (``broker.state.process_id()``).
+    """
+
+    store: KeyStateStore
+    endpoint: str
+    process_id: str
+
+
+def key_limits(key: KeyConfig, config: BrokerConfig, settings: AdaptiveSettings) -> KeyLimits:
+    """The store's view of ``key``: rates, daily limit and adaptive tuning from the config."""
+    max_rate = key.tps * (settings.discover_factor if settings.discover else 1.0)
+    return KeyLimits(
+        nominal_rate=key.tps,
+        min_rate=min(settings.min_rate_per_s, key.tps),
+        max_rate=max_rate,
+        day_limit=day_limit(key.tpd, config.rate.tpd_guard),
+        tpd=key.tpd,
+        beta=settings.beta,
+        increase=settings.increase_per_success,
+        boost_every=settings.boost_every,
+        max_boost=settings.max_boost,
+        tuning=settings.tuning(),
+    )
+
+
+class SharedKeyLimiter:
+    """The :class:`broker.engine.limiter.KeyLimiter` of one key, backed by a shared store.
+
+    Args:
+        clock: the engine's clock (sleeping, and mapping sends to store time).
+        store: where the key's state lives.
+        key: the key's identity in the store.
+        limits: the key's limits and tuning.
+        process_id: this process run's id.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        store: KeyStateStore,
+        key: StateKey,
+        limits: KeyLimits,
+        *,
+        process_id: str,
+    ) -> None:
+        self._clock = clock
+        self._store = store
+        self._key = key
+        self._limits = limits
+        self._process_id = process_id
+        self._last: Decision | None = None
+        # store seconds minus local monotonic seconds, from the last answer
+        self._offset = 0.0
+        self._hold_until = -math.inf
+        self._hwm_day = -1
+        self._hwm_count = 0
+        self._successes = 0
+        self._throttled: list[int] = []
+        self._pause_s = 0.0
+        self._pause_reason = ""
+        self._park_s = 0.0
+        self._park_reason = ""
+        self._unpark = False
+        self._set_rate: float | None = None
+        self._sends: OrderedDict[float, tuple[int, bool]] = OrderedDict()
+        self._unavailable: StateUnavailableError | None = None
+        self._unavailable_failures = 0
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- the store ----------------------------------------------------------------------------
+
+    @property
+    def key(self) -> StateKey:
+        """The key's identity in the store."""
+        return self._key
+
+    @property
+    def limits(self) -> KeyLimits:
+        """The key's limits as the store sees them."""
+        return self._limits
+
+    @property
+    def last_decision(self) -> Decision | None:
+        """The store's last answer (``None`` before the first)."""
+        return self._last
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """Why the key cannot send because of its state store (``None``: it can)."""
+        if self._unavailable is None:
+            return None
+        return str(self._unavailable)
+
+    def _take_feedback(self) -> Feedback:
+        feedback = Feedback(
+            successes=self._successes,
+            throttled=tuple(self._throttled),
+            pause_s=self._pause_s,
+            pause_reason=self._pause_reason,
+            park_s=self._park_s,
+            park_reason=self._park_reason,
+            unpark=self._unpark,
+            set_rate=self._set_rate,
+        )
+        self._successes = 0
+        self._throttled = []
+        self._pause_s = 0.0
+        self._pause_reason = ""
+        self._park_s = 0.0
+        self._park_reason = ""
+        self._unpark = False
+        self._set_rate = None
+        return feedback
+
+    def _restore_feedback(self, feedback: Feedback) -> None:
+        self._successes += feedback.successes
+        self._throttled = list(feedback.throttled) + self._throttled
+        if feedback.pause_s > self._pause_s:
+            self._pause_s, self._pause_reason = feedback.pause_s, feedback.pause_reason
+        if feedback.park_s > self._park_s:
+            self._park_s, self._park_reason = feedback.park_s, feedback.park_reason
+        self._unpark = self._unpark or feedback.unpark
+        if self._set_rate is None:
+            self._set_rate = feedback.set_rate
+
+    async def _call(self, *, reserve: bool) -> Decision:
+        feedback = self._take_feedback()
+        mark = ProcessMark(self._process_id, self._hwm_day, self._hwm_count)
+        try:
+            decision = await self._store.decide(
+                self._key, self._limits, feedback=feedback, reserve=reserve, process=mark
+            )
+        except StateUnavailableError as exc:
+            self._restore_feedback(feedback)
+            if self._unavailable is None:
+                logger.error(
+                    "broker.state_unavailable",
+                    key=self._key.name,
+                    backend=exc.backend,
+                    reason=exc.reason,
+                )
+            self._unavailable = exc
+            self._unavailable_failures += 1
+            raise
+        if self._unavailable is not None:
+            logger.info("broker.state_restored", key=self._key.name, backend=self._store.backend)
+        self._unavailable = None
+        self._unavailable_failures = 0
+        self._offset = decision.now_us / _US - self._clock.monotonic()
+        self._last = decision
+        if decision.day > self._hwm_day:
+            self._hwm_day, self._hwm_count = decision.day, decision.count
+        elif decision.day == self._hwm_day:
+            self._hwm_count = max(self._hwm_count, decision.count)
+        if decision.cut:
+            logger.info("broker.rate_cut", key=self._key.name, rate=round(decision.rate, 4))
+        return decision
+
+    def _unavailable_pause(self) -> float:
+        return min(
+            _UNAVAILABLE_CAP_S,
+            _UNAVAILABLE_FIRST_S * 2.0 ** min(max(self._unavailable_failures - 1, 0), 10),
+        )
+
+    def _kick(self) -> None:
+        """Send urgent feedback (a pause, a park, a 429) now instead of with the next send."""
+        if self._flusher is not None and not self._flusher.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._flusher = loop.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        # On failure the feedback is kept for the next decision; the failure is logged.
+        with contextlib.suppress(StateUnavailableError):
+            await self._call(reserve=False)
+
+    async def refresh(self) -> Decision:
+        """Apply pending feedback and read the key's state, reserving nothing.
+
+        Raises:
+            StateUnavailableError: the store cannot be reached.
+        """
+        return await self._call(reserve=False)
+
+    async def aclose(self) -> None:
+        """Flush pending feedback (best effort) and stop the background flusher."""
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if not self._take_and_check_empty():
+            await self._flush()
+
+    def _take_and_check_empty(self) -> bool:
+        feedback = self._take_feedback()
+        self._restore_feedback(feedback)
+        return feedback.empty
+
+    # -- KeyLimiter ---------------------------------------------------------------------------
+
+    def _local(self, store_us: int) -> float:
+        return store_us / _US - self._offset
+
+    async def wait_ready(self) -> None:
+        """Wait until the key may send, by the store's last answer; no store call when fresh.
+
+        While the store is unreachable this keeps asking it, with a growing interval, and
+        returns only once it answers: a key never sends without its shared state.
+        """
+        while True:
+            if self._last is None or self._unavailable is not None:
+                try:
+                    await self._call(reserve=False)
+                except StateUnavailableError:
+                    await self._clock.sleep(self._unavailable_pause())
+                    continue
+            now = self._clock.monotonic()
+            if self.exhausted and self._hold_until <= now:
+                wait_s = (self.resets_at() - self._clock.utcnow()).total_seconds()
+                self._hold_until = now + min(max(wait_s, 1e-3), _RECHECK_S)
+            if self._hold_until > now:
+                await self._clock.sleep(min(self._hold_until - now, _RECHECK_S))
+                if self._clock.monotonic() >= self._hold_until:
+                    self._hold_until = -math.inf
+                    self._last = None  # ask the store again before trusting the old answer
+                continue
+            # Return a little before the slot: commit reserves it ahead and sleeps the exact
+            # rest, so a late wake-up (a busy machine) delays one send, not the key's grid.
+            due = self.next_ready() - min(0.5 / self.rate, _LEAD_S)
+            if due <= now:
+                return
+            # Then look again: a pause or park may have come in while we slept.
+            await self._clock.sleep(due - now)
+
+    async def commit(self) -> float:
+        """Reserve and count one send in the store, wait for its slot, return the send time.
+
+        Raises:
+            SendRefused: the daily quota is spent, or the key is parked or being probed by
+                another process: put the batch back and ``wait_ready`` again.
+        """
+        while True:
+            try:
+                decision = await self._call(reserve=True)
+            except StateUnavailableError:
+                await self._clock.sleep(self._unavailable_pause())
+                continue
+            if decision.granted:
+                if decision.wait_s > 0:
+                    await self._clock.sleep(decision.wait_s)
+                sent_at = self._clock.monotonic()
+                self._sends[sent_at] = (decision.now_us, decision.probe)
+                while len(self._sends) > _REMEMBERED_SENDS:
+                    self._sends.popitem(last=False)
+                return sent_at
+            if decision.refusal == "horizon":
+                await self._clock.sleep(decision.wait_s)
+                continue
+            refusal = decision.refusal or "refused"
+            self._hold_until = self._clock.monotonic() + min(decision.wait_s, _RECHECK_S)
+            raise SendRefused(refusal, decision.wait_s)
+
+    def next_ready(self) -> float:
+        """Monotonic time the key can send next, by the last answer (``-inf``: ask now)."""
+        if self._last is None:
+            return -math.inf
+        ready = max(self._local(self._last.next_slot_us), self._hold_until)
+        if self._last.parked_until_us:
+            ready = max(ready, self._local(self._last.parked_until_us))
+        return ready
+
+    def ready_now(self) -> bool:
+        """True when the last answer says the key may send now."""
+        return self._unavailable is None and self._clock.monotonic() >= self.next_ready()
+
+    @property
+    def rate(self) -> float:
+        """The shared rate (the nominal rate before the first answer)."""
+        return self._limits.nominal_rate if self._last is None else self._last.rate
+
+    def set_rate(self, rate_per_s: float) -> None:
+        """Set the shared rate (an operator's change); the shared rate itself is a no-op."""
+        if not (rate_per_s > 0.0 and math.isfinite(rate_per_s)):
+            raise ValueError(f"rate must be a positive finite number, got {rate_per_s!r}")
+        if not math.isclose(rate_per_s, self.rate, rel_tol=1e-9):
+            self._set_rate = rate_per_s
+
+    def pause_until(self, monotonic_t: float, *, reason: str = "paused") -> None:
+        """Hold the key, for every process, until ``monotonic_t`` (only extends)."""
+        pause_s = monotonic_t - self._clock.monotonic()
+        if pause_s <= 0:
+            return
+        if pause_s > self._pause_s:
+            self._pause_s, self._pause_reason = pause_s, reason
+        self._hold_until = max(self._hold_until, monotonic_t)
+        self._kick()
+
+    def resume(self) -> None:
+        """Lift this process's local hold (a shared pause runs out on its own)."""
+        self._hold_until = -math.inf
+
+    def record_success(self, *, demand_limited: bool) -> None:
+        """A request got through: raise the shared rate if demand-limited; unpark if parked."""
+        if demand_limited:
+            self._successes += 1
+        if self._last is not None and self._last.parked_until_us:
+            self._unpark = True
+            self._kick()
+
+    def record_throttled(self, sent_at: float) -> None:
+        """A request sent at ``sent_at`` got a 429: report it with its decision's store time."""
+        slot, probe = self._sends.pop(sent_at, (int((sent_at + self._offset) * _US), False))
+        self._throttled.append(slot)
+        if probe and self._last is not None:
+            self.park(_REPARK_S, self._last.park_reason or "probe throttled")
+        self._kick()
+
+    def park(self, park_s: float, reason: str) -> None:
+        """Park the key for every process for ``park_s`` (its 429s are not about rate)."""
+        if park_s > self._park_s:
+            self._park_s, self._park_reason = park_s, reason
+        self._kick()
+
+    def unpark(self) -> None:
+        """Close the key's circuit for every process."""
+        self._unpark = True
+        self._kick()
+
+    def _current_day(self) -> int:
+        # This process's wall clock: the store's own clock may be a monotonic one.
+        wall_us = int(self._clock.utcnow().timestamp() * _US)
+        return day_number(wall_us, self._limits.reset_offset_s)
+
+    @property
+    def spent(self) -> int:
+        """Requests counted in today's window, by the last answer (all processes)."""
+        if self._last is None or self._last.day < self._current_day():
+            return 0
+        return self._last.count
+
+    @property
+    def remaining(self) -> int | None:
+        """Sends left today under the guard (``None``: unlimited)."""
+        if self._limits.day_limit is None:
+            return None
+        return max(0, self._limits.day_limit - self.spent)
+
+    @property
+    def exhausted(self) -> bool:
+        """True when the last answer says the day's limit is reached."""
+        return self._limits.day_limit is not None and self.spent >= self._limits.day_limit
+
+    @property
+    def used_fraction(self) -> float | None:
+        """Share of TPD spent today (``None``: unlimited; 1.0 for TPD 0)."""
+        tpd = self._limits.tpd
+        if tpd is None:
+            return None
+        return 1.0 if tpd == 0 else self.spent / tpd
+
+    def resets_at(self) -> datetime:
+        """The UTC instant today's window ends."""
+        day = (
+            self._current_day() if self._last is None else max(self._last.day, self._current_day())
+        )
+        seconds = (day + 1) * 86_400 + self._limits.reset_offset_s
+        return datetime.fromtimestamp(seconds, UTC)
+
+    def __repr__(self) -> str:
+        return (
+            f"SharedKeyLimiter({self._key.name!r}, {self._store.backend}, rate={self.rate:.4g}/s, "
+            f"spent={self.spent}, limit={self._limits.day_limit})"
+        )
+
+
+class SharedAdaptiveRate(AdaptiveRate):
+    """The engine's 429 classifier, with the rate itself kept in the shared store.
+
+    Each outcome still feeds the local classifier (consecutive 429s, the 429 share), which
+    decides the verdict; the rate moves only in the store: a demand-limited success raises
+    it, a 429 sent after the last cut cuts it, for every process at once.
+    """
+
+    __slots__ = ("_limiter",)
+
+    def __init__(
+        self,
+        limiter: SharedKeyLimiter,
+        nominal_rate_per_s: float,
+        *,
+        clock: Clock,
+        settings: AdaptiveSettings | None = None,
+    ) -> None:
+        super().__init__(nominal_rate_per_s, clock=clock, settings=settings)
+        self._limiter = limiter
+
+    @property
+    def rate(self) -> float:
+        """The shared rate."""
+        return self._limiter.rate
+
+    def on_success(self, *, demand_limited: bool) -> float:
+        """Record a success locally and report it to the store; return the shared rate."""
+        super().on_success(demand_limited=demand_limited)
+        self._limiter.record_success(demand_limited=demand_limited)
+        return self._limiter.rate
+
+    def on_throttled(
+        self,
+        sent_at: float,
+        *,
+        budget_exhausted: bool = False,
+        quota_used: float | None = None,
+    ) -> ThrottleVerdict:
+        """Classify the 429 with the shared rate, and report it (the store decides the cut)."""
+        self._rate = self._limiter.rate
+        verdict = super().on_throttled(
+            sent_at, budget_exhausted=budget_exhausted, quota_used=quota_used
+        )
+        self._limiter.record_throttled(sent_at)
+        return verdict
+
+
+class SharedCircuit(Circuit):
+    """The engine's circuit, whose parks and recoveries apply to every process of the key."""
+
+    __slots__ = ("_limiter",)
+
+    def __init__(
+        self,
+        limiter: SharedKeyLimiter,
+        clock: Clock,
+        *,
+        random: Callable[[], float],
+        settings: AdaptiveSettings | None = None,
+    ) -> None:
+        super().__init__(clock, random=random, settings=settings)
+        self._limiter = limiter
+
+    def open(self, verdict: ThrottleVerdict) -> float:
+        """Park the key here and in the store (every process) until the probe time."""
+        probe_at = super().open(verdict)
+        self._limiter.park(max(0.0, probe_at - self._clock.monotonic()), verdict.value)
+        return probe_at
+
+    def on_success(self) -> None:
+        """Close the circuit here and in the store."""
+        if self.verdict is not None:
+            self._limiter.unpark()
+        super().on_success()
+
+
+def shared_key_parts(
+    key: KeyConfig,
+    *,
+    config: BrokerConfig,
+    settings: AdaptiveSettings,
+    clock: Clock,
+    random: Callable[[], float],
+    shared: SharedState,
+) -> tuple[SharedKeyLimiter, SharedAdaptiveRate, SharedCircuit]:
+    """Build one key's limiter, adaptive rate and circuit on the shared store."""
+    limiter = SharedKeyLimiter(
+        clock,
+        shared.store,
+        StateKey.of(shared.endpoint, key.credential_id, name=key.name),
+        key_limits(key, config, settings),
+        process_id=shared.process_id,
+    )
+    adaptive = SharedAdaptiveRate(limiter, key.tps, clock=clock, settings=settings)
+    circuit = SharedCircuit(limiter, clock, random=random, settings=settings)
+    return limiter, adaptive, circuit

@@ -1,0 +1,283 @@
+"""The send decision itself, as a pure function over one key's record.
+
+The memory and SQLite stores run :func:`decide` inside their lock or transaction; the
+Redis store runs the same steps as a Lua script (``broker/state/redis.py``), and the tests
+hold both to the same behaviour. One call:
+
+1. rolls the daily window forward (never back: a wall clock stepping back over midnight
+   does not reopen a day already spent) and raises the count to the caller's high-water mark;
+2. applies the caller's feedback: an operator rate, demand-limited successes (the
+   target-loss increase of ``ratelimit.md`` 6.1, boosted), throttles (one cut per *round*:
+   only a request sent after the last cut cuts again), a pause, a park, an unpark;
+3. if asked to reserve: refuses while parked (admitting exactly one probe per lease once
+   the park is over), when the day's limit is reached, or when the slot lies beyond the
+   horizon; else books ``slot = max(next_slot, now, paused_until)`` (a next slot at most
+   ``slack`` in the past keeps the grid, so a late wake-up is not lost), moves the next
+   slot one interval on and counts the send.
+
+A process that dies after reserving wastes only the slots it reserved: one per dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from broker.ratecontrol import RecoveryState, cut_rate, recovered_rate
+from broker.state.model import (
+    PROCESS_RECENT_S,
+    Decision,
+    Feedback,
+    KeyLimits,
+    ProcessMark,
+    day_end_us,
+    day_number,
+)
+
+__all__ = ["PROCESS_KEEP_S", "Record", "decide", "slack_us"]
+
+_US = 1_000_000
+#: Processes not seen for this long are dropped from a key's record.
+PROCESS_KEEP_S = 600.0
+
+
+def slack_us(interval_us: int) -> int:
+    """How far in the past a next slot may lie and still be booked (keeps the grid).
+
+    A quarter interval, at most 50 ms: enough for timer lateness, a store round trip and a
+    busy machine's scheduling delay, never enough for two sends closer than a server's
+    burst of 2 tolerates (it is below one interval).
+    """
+    return min(interval_us // 4, 50_000)
+
+
+@dataclass(slots=True)
+class Record:
+    """One key's shared state (mutable: the store owns it between decisions)."""
+
+    rate: float = 0.0
+    nominal: float = 0.0
+    next_slot: int = 0
+    cut_at: int = 0
+    cuts: int = 0
+    boost: float = 1.0
+    streak: int = 0
+    day: int = -1
+    count: int = 0
+    paused_until: int = 0
+    pause_reason: str = ""
+    parked_until: int = 0
+    park_reason: str = ""
+    probing_until: int = 0
+    last_429: int = 0
+    epoch: str = ""
+    processes: dict[str, int] = field(default_factory=dict)
+    #: the ceiling-aware controller's memory (see broker/ratecontrol.py): the throttled
+    #: rate while recovering, the probe-wait multiplier, "still coming down", and the
+    #: times of the last two cuts (µs)
+    rc_top: float = 0.0
+    rc_level: float = 1.0
+    rc_descending: bool = False
+    rc_recent: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        """The record as a JSON-able mapping."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Record:
+        """Rebuild a record written by :meth:`to_json` (unknown fields are ignored)."""
+        record = cls()
+        for name in cls.__slots__:
+            if name in data:
+                setattr(record, name, data[name])
+        return record
+
+
+def _clamp(rate: float, limits: KeyLimits) -> float:
+    return min(limits.max_rate, max(limits.min_rate, rate))
+
+
+def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedback) -> bool:
+    cut = False
+    if feedback.set_rate is not None and feedback.set_rate > 0 and math.isfinite(feedback.set_rate):
+        record.rate = _clamp(feedback.set_rate, limits)
+    tuning = limits.tuning
+    state = _recovery(record) if tuning is not None else None
+    for _ in range(feedback.successes):
+        gain = limits.increase * record.boost
+        if state is not None and tuning is not None:
+            record.rate = recovered_rate(
+                state,
+                record.rate,
+                now / _US,
+                nominal=limits.nominal_rate,
+                max_rate=limits.max_rate,
+                gain=gain,
+                discover=limits.max_rate > limits.nominal_rate,
+                tuning=tuning,
+            )
+        else:
+            record.rate = min(limits.max_rate, record.rate * math.exp(gain))
+        record.streak += 1
+        if record.streak % limits.boost_every == 0:
+            record.boost = min(limits.max_boost, record.boost * 2.0)
+    for sent_at in feedback.throttled:
+        record.streak = 0
+        record.boost = 1.0
+        record.last_429 = now
+        if sent_at > record.cut_at:
+            if state is not None and tuning is not None:
+                lowered = cut_rate(
+                    state, record.rate, now / _US, max_rate=limits.max_rate, tuning=tuning
+                )
+            else:
+                lowered = record.rate * (1.0 - limits.beta)
+            record.rate = max(limits.min_rate, lowered)
+            record.cut_at = now
+            record.cuts += 1
+            cut = True
+    if feedback.pause_s > 0:
+        until = now + int(feedback.pause_s * _US)
+        if until > record.paused_until:
+            record.paused_until = until
+            record.pause_reason = feedback.pause_reason
+    if feedback.unpark:
+        if record.parked_until:
+            record.rate = limits.nominal_rate
+            record.cut_at = now
+            if state is not None:
+                state.reset(now / _US)
+            record.boost = 1.0
+            record.streak = 0
+        record.parked_until = 0
+        record.park_reason = ""
+        record.probing_until = 0
+    if feedback.park_s > 0 and not (record.parked_until > now and record.probing_until == 0):
+        # A key already parked and not yet probing keeps its park: late 429s of requests sent
+        # before it must not stretch it. A failed probe (probing) parks it again.
+        record.parked_until = now + int(feedback.park_s * _US)
+        record.park_reason = feedback.park_reason
+        record.probing_until = 0
+    if state is not None:
+        _keep(record, state)
+    return cut
+
+
+def _recovery(record: Record) -> RecoveryState:
+    """The controller's memory as kept in ``record`` (times in seconds on the store's clock)."""
+    return RecoveryState(
+        last_cut=record.cut_at / _US if record.cut_at else -math.inf,
+        top=record.rc_top,
+        probe_level=record.rc_level,
+        descending=record.rc_descending,
+        recent=[t / _US for t in record.rc_recent],
+    )
+
+
+def _keep(record: Record, state: RecoveryState) -> None:
+    record.rc_top = state.top
+    record.rc_level = state.probe_level
+    record.rc_descending = state.descending
+    record.rc_recent = [int(t * _US) for t in state.recent]
+
+
+def decide(
+    record: Record,
+    now: int,
+    limits: KeyLimits,
+    *,
+    feedback: Feedback,
+    reserve: bool,
+    process: ProcessMark | None,
+    wall: int | None = None,
+    epoch: str = "",
+) -> Decision:
+    """Apply ``feedback`` to ``record`` and, if ``reserve``, reserve a send; mutate and answer.
+
+    Args:
+        record: the key's state (a fresh ``Record()`` for a key never seen or lost).
+        now: the store's clock for slots, pauses and parks, µs (monotonic for local homes).
+        limits: the caller's limits for the key.
+        feedback: what the caller learnt since its last call.
+        reserve: reserve a slot and count it (else only apply feedback and report).
+        process: who asks (registered as seen, and its high-water mark applied), or None.
+        wall: the wall clock in µs, for the daily window (default: ``now``).
+        epoch: names the era of ``now`` (the machine's boot id for a monotonic clock); a
+            record from another era has its times dropped, as they mean nothing now.
+    """
+    if record.epoch != epoch:
+        record.epoch = epoch
+        record.next_slot = record.cut_at = record.paused_until = 0
+        record.rc_recent = []
+        record.parked_until = record.probing_until = record.last_429 = 0
+        record.pause_reason = record.park_reason = ""
+        record.processes = {}
+    if record.nominal != limits.nominal_rate or record.rate <= 0:
+        record.nominal = limits.nominal_rate
+        record.rate = limits.nominal_rate
+    record.rate = _clamp(record.rate, limits)
+    day = day_number(now if wall is None else wall, limits.reset_offset_s)
+    if day > record.day:
+        record.day = day
+        record.count = 0
+    if process is not None:
+        if process.hwm_day == record.day and process.hwm_count > record.count:
+            record.count = process.hwm_count
+        record.processes[process.process_id] = now
+        horizon = now - int(PROCESS_KEEP_S * _US)
+        record.processes = {p: t for p, t in record.processes.items() if t >= horizon}
+    cut = _apply_feedback(record, now, limits, feedback)
+    interval = max(1, round(_US / record.rate))
+    horizon_us = int(limits.horizon_s * _US)
+    # A wall clock stepped back must not hold the key for the size of the step.
+    record.next_slot = min(record.next_slot, now + horizon_us + interval)
+
+    granted = False
+    probe = False
+    refusal: str | None = None
+    wait_us = 0
+    slot = 0
+    if reserve:
+        base = record.next_slot if record.next_slot >= now - slack_us(interval) else now
+        candidate = max(base, record.paused_until)
+        if record.parked_until and now < record.parked_until:
+            refusal, wait_us = "parked", record.parked_until - now
+        elif record.parked_until and record.probing_until > now:
+            refusal, wait_us = "probing", record.probing_until - now
+        elif limits.day_limit is not None and record.count >= limits.day_limit:
+            refusal = "daily quota"
+            wait_us = day_end_us(record.day, limits.reset_offset_s) - (
+                now if wall is None else wall
+            )
+        elif candidate - now > horizon_us:
+            refusal, wait_us = "horizon", candidate - now - horizon_us
+        else:
+            granted = True
+            slot = candidate
+            wait_us = max(0, slot - now)
+            record.next_slot = slot + interval
+            record.count += 1
+            if record.parked_until:
+                probe = True
+                record.probing_until = now + int(limits.probe_lease_s * _US)
+    recent = now - int(PROCESS_RECENT_S * _US)
+    return Decision(
+        granted=granted,
+        wait_s=max(0, wait_us) / _US,
+        refusal=refusal,
+        probe=probe,
+        now_us=now,
+        slot_us=slot,
+        next_slot_us=max(record.next_slot, record.paused_until),
+        rate=record.rate,
+        day=record.day,
+        count=record.count,
+        paused_until_us=record.paused_until if record.paused_until > now else 0,
+        pause_reason=record.pause_reason if record.paused_until > now else "",
+        parked_until_us=record.parked_until,
+        park_reason=record.park_reason,
+        last_429_us=record.last_429,
+        cut=cut,
+        processes=sum(1 for t in record.processes.values() if t >= recent),
+    )

@@ -1,0 +1,217 @@
+"""The values the key-state layer trades in: a key's identity, its limits, feedback, a decision.
+
+Every send decision and every piece of feedback is one call to a store
+(:class:`broker.state.store.KeyStateStore`) with these values; the store applies the
+feedback and, when asked, reserves the next slot and counts the day, in one atomic step.
+Times inside the store are integer microseconds on the *store's* clock (the machine's wall
+clock for SQLite, Redis's ``TIME`` for Redis); callers only ever receive durations
+(``wait_s``) and read store times back through the same store, so no client clock is trusted
+across processes or machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.ratecontrol import RecoveryTuning
+
+__all__ = [
+    "PROCESS_RECENT_S",
+    "Decision",
+    "Feedback",
+    "KeyLimits",
+    "ProcessMark",
+    "StateKey",
+    "day_number",
+]
+
+#: A process that made a decision for a key within this many seconds is "seen recently".
+PROCESS_RECENT_S = 60.0
+
+_US = 1_000_000
+_DAY_S = 86_400
+
+
+def day_number(now_us: int, reset_offset_s: int) -> int:
+    """The daily window ``now_us`` falls in, as days since 1970-01-01 (the window's start date).
+
+    The same boundary as :class:`broker.engine.quota.DailyBudget`: a window starts at
+    ``reset_offset_s`` seconds after 00:00 UTC (0 by default) and lasts one day.
+    """
+    return (now_us // _US - reset_offset_s) // _DAY_S
+
+
+def day_end_us(day: int, reset_offset_s: int) -> int:
+    """The store time (µs) at which daily window ``day`` ends."""
+    return ((day + 1) * _DAY_S + reset_offset_s) * _US
+
+
+@dataclass(frozen=True, slots=True)
+class StateKey:
+    """Which shared state a key uses: a hash of its API endpoint and credential id.
+
+    Two processes share a key's rate, day and health exactly when they talk to the same
+    endpoint with the same credential. The secret never enters the identity. Separate
+    embedded simulators listen on different ports, so their keys never meet.
+
+    Attributes:
+        digest: 32 hex digits of SHA-256 over endpoint and credential id.
+        name: the key's label in this process's config (for ``broker status``; not identity).
+    """
+
+    digest: str
+    name: str = ""
+
+    @classmethod
+    def of(cls, endpoint: str, credential_id: str, *, name: str = "") -> StateKey:
+        """Build the identity of ``credential_id`` at ``endpoint`` (a URL or ``"amazon"``)."""
+        raw = f"{endpoint.rstrip('/').lower()}\x00{credential_id}".encode()
+        return cls(hashlib.sha256(raw).hexdigest()[:32], name)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """What a key is allowed and how its shared rate adapts (from the config, per process).
+
+    Attributes:
+        nominal_rate: the configured TPS: start rate and, unless discovering, the cap.
+        min_rate: the floor of the adaptive rate.
+        max_rate: the cap of the adaptive rate.
+        day_limit: sends allowed per daily window (TPD times the guard); None: unlimited.
+        tpd: the configured TPD (for status), None: unlimited.
+        reset_offset_s: seconds after 00:00 UTC the daily window starts.
+        beta: the cut per fresh 429.
+        increase: the log-rate gain per demand-limited success at boost 1.
+        boost_every: successes per doubling of the increase.
+        max_boost: the largest boost.
+        horizon_s: a slot further ahead than this is not reserved (the caller waits, asks again).
+        probe_lease_s: how long a parked key's single probe holds the key before another
+            process may probe (a probing process that died frees it after this).
+        tuning: the ceiling-aware controller's parameters, or None for plain AIMD.
+    """
+
+    nominal_rate: float
+    min_rate: float
+    max_rate: float
+    day_limit: int | None = None
+    tpd: int | None = None
+    reset_offset_s: int = 0
+    beta: float = 0.1
+    increase: float = -math.log1p(-0.1) * 0.01 / 0.99
+    boost_every: int = 50
+    max_boost: float = 8.0
+    horizon_s: float = 5.0
+    probe_lease_s: float = 60.0
+    #: the ceiling-aware controller (``broker/ratecontrol.py``); None: plain target-loss
+    #: AIMD with ``beta`` and ``increase`` (what the Redis script runs)
+    tuning: RecoveryTuning | None = None
+
+    def __post_init__(self) -> None:
+        for rate in (self.nominal_rate, self.min_rate, self.max_rate):
+            if not (rate > 0.0 and math.isfinite(rate)):
+                raise ValueError(f"rates must be positive and finite, got {rate!r}")
+        if not self.min_rate <= self.nominal_rate <= self.max_rate:
+            raise ValueError("need min_rate <= nominal_rate <= max_rate")
+        if self.day_limit is not None and self.day_limit < 0:
+            raise ValueError("day_limit must be >= 0")
+        if self.horizon_s <= 0.0 or self.probe_lease_s <= 0.0:
+            raise ValueError("horizon_s and probe_lease_s must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """What a process learnt since its last call, applied atomically before any reservation.
+
+    Attributes:
+        successes: demand-limited successes (each raises the shared rate, boosted).
+        throttled: store times (µs) at which throttled requests' slots were decided (their
+            decision's ``now_us``); each one decided after the last cut cuts the shared rate
+            once, so a round of 429s cuts once, however many processes see it.
+        pause_s: hold the key this long from the store's now (Retry-After, outage); 0: none.
+        pause_reason: why, for ``broker status`` and ``/readyz``.
+        park_s: park the key this long (its 429s mean quota spent / access revoked); 0: none.
+        park_reason: the verdict, for ``broker status``.
+        unpark: a request got through: close the circuit and restart at the nominal rate.
+        set_rate: an operator's rate, applied as is (clamped to the limits); None: none.
+    """
+
+    successes: int = 0
+    throttled: tuple[int, ...] = ()
+    pause_s: float = 0.0
+    pause_reason: str = ""
+    park_s: float = 0.0
+    park_reason: str = ""
+    unpark: bool = False
+    set_rate: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to apply."""
+        return self == _EMPTY
+
+
+_EMPTY = Feedback()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessMark:
+    """Who is asking: a process id, and its high-water mark of the key's daily count.
+
+    The mark lets a store that lost its data (Redis restarted empty) rebuild the day's count
+    from what the surviving processes saw last, instead of starting again at zero.
+
+    Attributes:
+        process_id: ``host:pid:nonce``, unique per process run.
+        hwm_day: the daily window the mark belongs to (-1: none).
+        hwm_count: the highest count this process saw (or made) in that window.
+    """
+
+    process_id: str
+    hwm_day: int = -1
+    hwm_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A store's answer: whether a send was reserved, how long to wait, and the key's state.
+
+    Attributes:
+        granted: a slot was reserved and counted; send after ``wait_s``.
+        wait_s: granted: seconds until the reserved slot; refused: seconds before asking again.
+        refusal: why not granted (``"daily quota"``, ``"parked"``, ``"probing"``,
+            ``"horizon"``), or None (granted, or a query that asked for no slot).
+        probe: this grant is the single probe of a parked key.
+        now_us: the store's clock at the decision.
+        slot_us: the reserved slot (store time; 0 when none).
+        next_slot_us: the next free slot after this decision.
+        rate: the shared rate now.
+        day: the daily window (days since 1970-01-01 at the reset offset).
+        count: sends counted in that window, this one included.
+        paused_until_us, pause_reason: the key's pause (0 and "" when none).
+        parked_until_us, park_reason: the key's circuit (0 and "" when closed).
+        last_429_us: when a 429 was last reported (0: never).
+        cut: this call's feedback cut the rate.
+        processes: processes seen using the key within ``PROCESS_RECENT_S``.
+    """
+
+    granted: bool
+    wait_s: float
+    refusal: str | None
+    probe: bool
+    now_us: int
+    slot_us: int
+    next_slot_us: int
+    rate: float
+    day: int
+    count: int
+    paused_until_us: int
+    pause_reason: str
+    parked_until_us: int
+    park_reason: str
+    last_429_us: int
+    cut: bool
+    processes: int

@@ -1,0 +1,210 @@
+"""The ``redis`` key-state home: one hash per key, one Lua script per decision.
+
+The script (``decide.lua``) reads Redis's ``TIME``, so every machine's decisions share one
+clock and no client clock is trusted; it applies the caller's feedback, reserves the slot
+and counts the day, and answers in one round trip (redis-py's ``AsyncScript``: ``EVALSHA``,
+re-loading the script after a restart). Both keys of a StateKey carry the same hash tag, so
+the script also runs on Redis Cluster. Keys expire after ``ttl_s`` idle (two days: longer
+than a daily window, so an idle key's count survives until its day is over).
+
+Redis down or unreachable: every call raises :class:`broker.errors.StateUnavailableError`
+(never a fallback to uncoordinated sending). Redis restarted empty: each caller's
+:class:`broker.state.model.ProcessMark` carries the highest daily count it saw, and the
+script takes the maximum, so the day's count is rebuilt from the surviving processes, not
+zeroed (see the README, "Several processes or machines on one key").
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from broker.errors import StateUnavailableError
+from broker.state.model import (
+    PROCESS_RECENT_S,
+    Decision,
+    Feedback,
+    KeyLimits,
+    ProcessMark,
+    StateKey,
+)
+from broker.state.store import KeyView
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+__all__ = ["DEFAULT_KEY_PREFIX", "RedisStateStore", "redacted_url"]
+
+#: Prepended to every Redis key the broker writes.
+DEFAULT_KEY_PREFIX = "asin-broker:"
+_US = 1_000_000
+_SCRIPT = resources.files("broker.state").joinpath("decide.lua").read_text(encoding="utf-8")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without a user name or password, for messages and ``broker status``."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisStateStore:
+    """A :class:`broker.state.store.KeyStateStore` on Redis (redis-py's asyncio client).
+
+    Args:
+        url: ``redis://host:port/db`` (or ``rediss://``, ``unix://``).
+        password: the password (from the env var ``[state] redis_password_env`` names).
+        key_prefix: prepended to every key, so several deployments can share one Redis.
+        ttl_s: an idle key's state expires after this long.
+        timeout_s: connect and read timeout; a Redis that does not answer within it is down.
+
+    Raises:
+        StateUnavailableError: redis-py is not installed (the ``redis`` extra).
+    """
+
+    __slots__ = ("_client", "_prefix", "_script", "_ttl_ms", "_url")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        ttl_s: float = 2 * 86_400.0,
+        timeout_s: float = 2.0,
+    ) -> None:
+        try:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
+        except ImportError as exc:
+            raise StateUnavailableError(
+                "redis", "redis-py is not installed: pip install 'asin-broker[redis]'"
+            ) from exc
+        self._url = redacted_url(url)
+        self._prefix = key_prefix
+        self._ttl_ms = int(ttl_s * 1000)
+        self._client: Redis = Redis.from_url(
+            url,
+            password=password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # One retry on a fresh connection: a pooled connection dies with a restarted
+            # Redis. If the lost reply's script had run, the retry wastes one slot and
+            # counts one request too many: the safe side.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
+        self._script: AsyncScript = self._client.register_script(_SCRIPT)
+
+    @property
+    def backend(self) -> str:
+        """``"redis"``."""
+        return "redis"
+
+    @property
+    def where(self) -> str:
+        """The Redis URL without credentials."""
+        return self._url
+
+    def _keys(self, key: StateKey) -> list[str]:
+        base = f"{self._prefix}{{{key.digest}}}"
+        return [base, f"{base}:procs"]
+
+    def _args(
+        self,
+        limits: KeyLimits,
+        feedback: Feedback,
+        reserve: bool,
+        process: ProcessMark | None,
+    ) -> list[str]:
+        args: list[object] = [
+            repr(limits.nominal_rate),
+            repr(limits.min_rate),
+            repr(limits.max_rate),
+            -1 if limits.day_limit is None else limits.day_limit,
+            limits.reset_offset_s,
+            repr(limits.beta),
+            repr(limits.increase),
+            limits.boost_every,
+            repr(limits.max_boost),
+            int(limits.horizon_s * _US),
+            int(limits.probe_lease_s * _US),
+            1 if reserve else 0,
+            "" if process is None else process.process_id,
+            -1 if process is None else process.hwm_day,
+            0 if process is None else process.hwm_count,
+            feedback.successes,
+            int(feedback.pause_s * _US),
+            feedback.pause_reason,
+            int(feedback.park_s * _US),
+            feedback.park_reason,
+            1 if feedback.unpark else 0,
+            -1 if feedback.set_rate is None else repr(feedback.set_rate),
+            self._ttl_ms,
+            int(PROCESS_RECENT_S * _US),
+            *feedback.throttled,
+        ]
+        return [str(a) for a in args]
+
+    async def decide(
+        self,
+        key: StateKey,
+        limits: KeyLimits,
+        *,
+        feedback: Feedback,
+        reserve: bool,
+        process: ProcessMark | None,
+    ) -> Decision:
+        """Apply feedback and optionally reserve a send: one script call, one round trip."""
+        from redis.exceptions import RedisError
+
+        try:
+            reply: Any = await self._script(
+                keys=self._keys(key), args=self._args(limits, feedback, reserve, process)
+            )
+        except (RedisError, OSError) as exc:
+            raise StateUnavailableError(
+                "redis", f"{self._url}: {type(exc).__name__}: {exc}"
+            ) from exc
+        return Decision(
+            granted=int(reply[0]) == 1,
+            wait_s=int(reply[1]) / _US,
+            refusal=_text(reply[2]) or None,
+            probe=int(reply[3]) == 1,
+            now_us=int(reply[4]),
+            slot_us=int(reply[5]),
+            next_slot_us=int(reply[6]),
+            rate=float(_text(reply[7])),
+            day=int(reply[8]),
+            count=int(reply[9]),
+            paused_until_us=int(reply[10]),
+            pause_reason=_text(reply[11]),
+            parked_until_us=int(reply[12]),
+            park_reason=_text(reply[13]),
+            last_429_us=int(reply[14]),
+            cut=int(reply[15]) == 1,
+            processes=int(reply[16]),
+        )
+
+    async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
+        """Read the key's state (the script with nothing to apply and nothing to reserve)."""
+        decision = await self.decide(key, limits, feedback=Feedback(), reserve=False, process=None)
+        return KeyView(key, limits, decision)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisStateStore({self._url!r}, prefix={self._prefix!r})"

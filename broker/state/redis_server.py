@@ -1,0 +1,121 @@
+"""A throwaway ``redis-server`` on a free loopback port, for tests and benchmarks.
+
+It runs in a temporary directory with persistence off (``--save '' --appendonly no``), so
+:meth:`RedisServer.restart` brings it back *empty*, the case the daily count's high-water
+marks exist for. Not part of any production path.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["RedisServer", "free_port", "redis_server_binary"]
+
+
+def redis_server_binary() -> str | None:
+    """The ``redis-server`` on PATH (or Debian's /usr/bin one), None when there is none."""
+    found = shutil.which("redis-server")
+    if found is None and Path("/usr/bin/redis-server").exists():
+        found = "/usr/bin/redis-server"
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """Start ``redis-server`` on ``127.0.0.1:port`` in a temp dir; stop it on exit.
+
+    Args:
+        port: the port (a free one when None); kept across :meth:`stop`/:meth:`start`.
+        password: ``requirepass`` when given.
+    """
+
+    def __init__(self, port: int | None = None, *, password: str | None = None) -> None:
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self._binary = binary
+        self.port = port if port is not None else free_port()
+        self._password = password
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start the server (empty) and wait until it accepts connections."""
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="broker-redis-")
+        argv = [
+            self._binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir.name,
+        ]
+        if self._password is not None:
+            argv += ["--requirepass", self._password]
+        self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not start within 10 s")
+
+    def stop(self) -> None:
+        """Stop the server (its data is gone: persistence is off)."""
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port: an empty Redis, as after a crash."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None

@@ -1,0 +1,170 @@
+"""The ``local`` key-state home: one SQLite file (WAL) shared by every process of a machine.
+
+Each decision is one short ``BEGIN IMMEDIATE`` transaction: read the key's row, run
+:func:`broker.state.decision.decide`, write the row back. ``IMMEDIATE`` takes SQLite's
+write lock at the start, so two processes' decisions on one file never interleave; WAL lets
+``broker status`` read while others write. The file lives in the user's state directory
+(``$XDG_STATE_HOME/asin-broker/``, else ``~/.local/state/asin-broker/``, created with mode
+0700), or where ``[state] path`` says. Slots, pauses and parks run on the machine's
+monotonic clock (one for every process, deaf to wall-clock steps), tagged with the boot id
+so a reboot drops them; the daily window follows the wall clock.
+
+The transaction runs on the event loop's thread: it takes tens of microseconds when the
+file is not contended (``benchmarks/shared_key.py`` measures it), less than a thread hop.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import orjson
+
+from broker.errors import StateUnavailableError
+from broker.state.decision import Record, decide
+from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
+from broker.state.store import KeyView, boot_epoch, monotonic_us, wall_us
+
+__all__ = ["STATE_FILE", "SqliteStateStore", "default_state_dir"]
+
+#: The file name inside the state directory.
+STATE_FILE = "keys.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS key_state (
+    digest TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    data BLOB NOT NULL
+)
+"""
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/asin-broker``, else ``~/.local/state/asin-broker``."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME", "").strip()
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / "asin-broker"
+
+
+class SqliteStateStore:
+    """A :class:`broker.state.store.KeyStateStore` in one SQLite file.
+
+    Args:
+        path: the database file; its directory is created with mode 0700 if missing.
+        now_us: the clock of slots and pauses in µs (system-wide monotonic; tests pass a fake).
+        wall_us: the wall clock in µs, for the daily window.
+        busy_timeout_s: how long a decision waits for another process's transaction before
+            the store is reported unavailable.
+
+    Raises:
+        StateUnavailableError: the file cannot be created or opened.
+    """
+
+    __slots__ = ("_conn", "_epoch", "_now_us", "_path", "_wall_us")
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        now_us: Callable[[], int] = monotonic_us,
+        wall_us: Callable[[], int] = wall_us,
+        busy_timeout_s: float = 10.0,
+    ) -> None:
+        self._path = path
+        self._now_us = now_us
+        self._wall_us = wall_us
+        self._epoch = boot_epoch()
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a power cut may lose the last decisions, never corrupt the file; the
+            # daily count's guard margin covers a few lost increments.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateUnavailableError("local", f"{path}: {exc}") from exc
+
+    @property
+    def backend(self) -> str:
+        """``"local"``."""
+        return "local"
+
+    @property
+    def where(self) -> str:
+        """The database file."""
+        return str(self._path)
+
+    def _load(self, digest: str) -> Record:
+        row = self._conn.execute(
+            "SELECT data FROM key_state WHERE digest = ?", (digest,)
+        ).fetchone()
+        return Record() if row is None else Record.from_json(orjson.loads(row[0]))
+
+    async def decide(
+        self,
+        key: StateKey,
+        limits: KeyLimits,
+        *,
+        feedback: Feedback,
+        reserve: bool,
+        process: ProcessMark | None,
+    ) -> Decision:
+        """Apply feedback and optionally reserve a send, in one transaction."""
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                record = self._load(key.digest)
+                decision = decide(
+                    record,
+                    self._now_us(),
+                    limits,
+                    feedback=feedback,
+                    reserve=reserve,
+                    process=process,
+                    wall=self._wall_us(),
+                    epoch=self._epoch,
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO key_state (digest, name, data) VALUES (?, ?, ?)",
+                    (key.digest, key.name, orjson.dumps(record.to_json())),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StateUnavailableError("local", f"{self._path}: {exc}") from exc
+        return decision
+
+    async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
+        """Read the key's state without writing anything."""
+        try:
+            record = self._load(key.digest)
+        except sqlite3.Error as exc:
+            raise StateUnavailableError("local", f"{self._path}: {exc}") from exc
+        decision = decide(
+            record,
+            self._now_us(),
+            limits,
+            feedback=Feedback(),
+            reserve=False,
+            process=None,
+            wall=self._wall_us(),
+            epoch=self._epoch,
+        )
+        return KeyView(key, limits, decision)
+
+    async def aclose(self) -> None:
+        """Close the database connection."""
+        self._conn.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteStateStore({str(self._path)!r})"

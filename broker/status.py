@@ -1,0 +1,181 @@
+"""``broker status``: every configured key's shared state, as the state store holds it.
+
+Reads (never writes a reservation, never registers as a process) the store ``[state]``
+names, for each key of the config: the shared rate now and configured, requests today and
+left, whether it is paused or parked, until when and why, the last 429, and how many
+processes used it in the last minute. Times in the store are on the store's clock; they are
+shown as wall times computed from "how long from now", so no clock needs to agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import orjson
+
+from broker.bench import format_table
+from broker.config import AMAZON, BrokerConfig
+from broker.engine.adaptive import AdaptiveSettings
+from broker.engine.shared_limiter import key_limits
+from broker.errors import StateUnavailableError
+from broker.state import KeyView, StateKey, open_store
+
+if TYPE_CHECKING:
+    from broker.state import Decision
+
+__all__ = ["KeyStatus", "add_arguments", "key_statuses", "status_command"]
+
+_US = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatus:
+    """One key's shared state, ready to print."""
+
+    name: str
+    rate: float
+    configured_tps: float
+    today: int
+    day_limit: int | None
+    left: int | None
+    state: str
+    until: str | None
+    reason: str | None
+    last_429: str | None
+    processes: int
+
+    def to_json(self) -> dict[str, object]:
+        """The status as a JSON-able mapping (``--json``)."""
+        return {
+            "key": self.name,
+            "rate": round(self.rate, 4),
+            "configured_tps": self.configured_tps,
+            "requests_today": self.today,
+            "daily_limit": self.day_limit,
+            "left_today": self.left,
+            "state": self.state,
+            "until": self.until,
+            "reason": self.reason,
+            "last_429": self.last_429,
+            "processes_recent": self.processes,
+        }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``broker status``."""
+    parser.add_argument(
+        "--config", default="config.toml", help="config file (default: %(default)s)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def _iso(instant: datetime) -> str:
+    return instant.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _at(d: Decision, store_us: int, wall_now: datetime) -> datetime:
+    return wall_now + timedelta(microseconds=store_us - d.now_us)
+
+
+def _status(view: KeyView, configured_tps: float, wall_now: datetime) -> KeyStatus:
+    d = view.decision
+    limit = view.limits.day_limit
+    state, until, reason = "active", None, None
+    if d.parked_until_us:
+        state, reason = "parked", d.park_reason or None
+        until = _iso(_at(d, d.parked_until_us, wall_now)) if d.parked_until_us > d.now_us else None
+        if until is None:
+            state = "probing"
+    elif limit is not None and d.count >= limit:
+        state, reason = "waiting for daily quota", "daily quota spent"
+        until = _iso(datetime.fromtimestamp((d.day + 1) * 86_400 + view.limits.reset_offset_s, UTC))
+    elif d.paused_until_us:
+        state, reason = "paused", d.pause_reason or None
+        until = _iso(_at(d, d.paused_until_us, wall_now))
+    return KeyStatus(
+        name=view.key.name,
+        rate=d.rate,
+        configured_tps=configured_tps,
+        today=d.count,
+        day_limit=limit,
+        left=None if limit is None else max(0, limit - d.count),
+        state=state,
+        until=until,
+        reason=reason,
+        last_429=_iso(_at(d, d.last_429_us, wall_now)) if d.last_429_us else None,
+        processes=d.processes,
+    )
+
+
+async def key_statuses(config: BrokerConfig) -> list[KeyStatus]:
+    """Every configured key's shared state.
+
+    Raises:
+        StateUnavailableError: the store cannot be opened or reached.
+    """
+    endpoint = config.api.endpoint
+    if endpoint == AMAZON:
+        endpoint = f"{AMAZON}:{config.api.protocol.value}"
+    store = open_store(config.state)
+    try:
+        statuses = []
+        for key in config.keys:
+            settings = AdaptiveSettings(
+                beta=config.rate.beta,
+                target_loss=config.rate.target_429_share,
+                min_rate_per_s=min(config.rate.min_rate, key.tps),
+                discover=config.rate.discover,
+            )
+            view = await store.view(
+                StateKey.of(endpoint, key.credential_id, name=key.name),
+                key_limits(key, config, settings),
+            )
+            statuses.append(_status(view, key.tps, datetime.now(UTC)))
+        return statuses
+    finally:
+        await store.aclose()
+
+
+def _render(statuses: list[KeyStatus]) -> str:
+    rows = [
+        [
+            s.name,
+            f"{s.rate:.3g}/{s.configured_tps:g}",
+            f"{s.today}/{s.day_limit if s.day_limit is not None else '-'}",
+            "-" if s.left is None else str(s.left),
+            s.state,
+            s.until or "",
+            s.reason or "",
+            s.last_429 or "",
+            str(s.processes),
+        ]
+        for s in statuses
+    ]
+    headers = ["key", "rate/tps", "today", "left", "state", "until", "why", "last 429", "procs"]
+    return format_table(headers, rows)
+
+
+async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
+    """``broker status``: print the keys' shared state; exit 69 if the store is unreachable."""
+    if config.api.uses_simulator:
+        print(
+            "broker: the embedded simulator's keys are per process (each run starts its own "
+            "simulator on its own port): no shared state to show",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        statuses = await key_statuses(config)
+    except StateUnavailableError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 69
+    if args.json:
+        document = {"backend": config.state.backend, "keys": [s.to_json() for s in statuses]}
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(_render(statuses))
+    return 0

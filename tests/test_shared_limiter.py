@@ -1,0 +1,356 @@
+"""The shared limiter: several processes on one key pace, count, cut and park as one.
+
+"Processes" here are limiters or brokers with their own process ids on one store: the
+memory store on a fake clock for the unit tests, a SQLite file for the brokers in a row,
+and a real ``redis-server`` that is stopped and restarted mid-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import Harness, account, asins, drive, key_doc, make_config
+
+from broker.engine.adaptive import AdaptiveSettings, ThrottleVerdict
+from broker.engine.shared_limiter import (
+    SendRefused,
+    SharedAdaptiveRate,
+    SharedCircuit,
+    SharedKeyLimiter,
+)
+from broker.errors import StateUnavailableError
+from broker.simulator.settings import SimulatorSettings
+from broker.state import KeyLimits, MemoryStateStore, StateKey
+from broker.state.redis import RedisStateStore
+from broker.state.redis_server import RedisServer, redis_server_binary
+from broker.testing import FakeClock
+
+KEY = StateKey.of("http://sim", "cred", name="k")
+
+
+def _store(clock: FakeClock) -> MemoryStateStore:
+    return MemoryStateStore(
+        lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
+    )
+
+
+def _limiter(
+    clock: FakeClock, store: MemoryStateStore, name: str, limits: KeyLimits | None = None
+) -> SharedKeyLimiter:
+    limits = limits or KeyLimits(5.0, 0.05, 5.0, day_limit=1000, tpd=1000)
+    return SharedKeyLimiter(clock, store, KEY, limits, process_id=name)
+
+
+async def _send_loop(limiter: SharedKeyLimiter, sent: list[tuple[str, float]], name: str) -> None:
+    while True:
+        await limiter.wait_ready()
+        try:
+            sent.append((name, await limiter.commit()))
+        except SendRefused:
+            continue
+
+
+class TestPacing:
+    """Two processes' sends are spaced as one key's."""
+
+    async def test_two_processes_share_one_rate(self) -> None:
+        """Two limiters at 5/s on one key send 5/s together, never closer than 200 ms."""
+        clock = FakeClock()
+        store = _store(clock)
+        sent: list[tuple[str, float]] = []
+        tasks = [asyncio.create_task(_send_loop(_limiter(clock, store, n), sent, n)) for n in "ab"]
+        await clock.advance(10.0)
+        for task in tasks:
+            task.cancel()
+        times = sorted(t for _, t in sent)
+        assert 49 <= len(times) <= 52
+        assert min(b - a for a, b in itertools.pairwise(times)) >= 0.2 - 1e-6
+        assert {n for n, _ in sent} == {"a", "b"}
+
+    async def test_a_dead_process_costs_at_most_one_slot(self) -> None:
+        """A process that reserved and died delays the others by one slot, no more."""
+        clock = FakeClock()
+        store = _store(clock)
+        dead = _limiter(clock, store, "dead")
+        await dead.commit()
+        dying = asyncio.create_task(dead.commit())  # reserves the next slot, then is killed
+        await asyncio.sleep(0)
+        dying.cancel()
+        alive = _limiter(clock, store, "alive")
+        start = clock.monotonic()
+        task = asyncio.create_task(alive.commit())
+        await clock.advance(1.0)
+        assert task.done()
+        assert task.result() - start == pytest.approx(0.4)
+
+
+class TestSharedFeedback:
+    """Cuts, pauses and parks made by one process hold for the other."""
+
+    async def test_a_round_of_429s_in_two_processes_cuts_once(self) -> None:
+        """Both processes report a 429 of sends decided before any cut: one 10 % cut."""
+        clock = FakeClock()
+        store = _store(clock)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        sent_a = await a.commit()
+        task = asyncio.create_task(b.commit())
+        await clock.advance(0.2)
+        sent_b = task.result()
+        await clock.advance(0.05)
+        a.record_throttled(sent_a)
+        b.record_throttled(sent_b)
+        await clock.advance(0.01)
+        assert (await a.refresh()).rate == pytest.approx(4.5)
+        assert (await b.refresh()).rate == pytest.approx(4.5)
+
+    async def test_a_pause_in_one_process_holds_the_other(self) -> None:
+        """A Retry-After pause seen by one process moves the other's next slot past it."""
+        clock = FakeClock()
+        store = _store(clock)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        await a.commit()
+        a.pause_until(clock.monotonic() + 3.0, reason="Retry-After")
+        await clock.advance(0.001)
+        start = clock.monotonic()
+        task = asyncio.create_task(b.commit())
+        await clock.advance(3.5)
+        assert task.result() - start >= 2.99
+        assert (await b.refresh()).pause_reason == ""  # over by now
+
+    async def test_a_park_in_one_process_refuses_the_other(self) -> None:
+        """One process's circuit parks the key: the other's commit is refused until the probe."""
+        clock = FakeClock()
+        store = _store(clock)
+        settings = AdaptiveSettings(park_s=60.0, probe_jitter=0.0)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        circuit_a = SharedCircuit(a, clock, random=lambda: 0.0, settings=settings)
+        await a.commit()
+        circuit_a.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+        await clock.advance(0.001)
+        with pytest.raises(SendRefused) as info:
+            await b.commit()
+        assert info.value.refusal == "parked"
+        assert b.last_decision is not None
+        assert b.last_decision.park_reason == "daily quota exhausted"
+        waiter = asyncio.create_task(b.wait_ready())
+        await clock.advance(30.0)
+        assert not waiter.done()  # held for the park
+        await clock.advance(31.0)
+        assert waiter.done()
+        probe_at = await b.commit()  # the single probe
+        assert b.last_decision.probe
+        with pytest.raises(SendRefused, match="probing"):
+            await a.commit()
+        b.record_success(demand_limited=False)  # the probe got through: unpark for all
+        await clock.advance(0.001)
+        assert (await a.refresh()).parked_until_us == 0
+        assert probe_at > 0
+
+    async def test_adaptive_rate_reads_and_cuts_the_shared_rate(self) -> None:
+        """SharedAdaptiveRate classifies locally but its rate is the store's."""
+        clock = FakeClock()
+        store = _store(clock)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        adaptive = SharedAdaptiveRate(a, 5.0, clock=clock)
+        sent = await a.commit()
+        await clock.advance(0.1)
+        assert adaptive.on_throttled(sent) is ThrottleVerdict.RATE
+        await clock.advance(0.01)
+        await b.refresh()
+        assert b.rate == pytest.approx(4.5)
+        assert adaptive.rate == pytest.approx(4.5)
+
+
+class TestDailyQuota:
+    """The day's count is the key's, not a process's."""
+
+    async def test_refusal_at_the_limit_raises_send_refused(self) -> None:
+        """Another process spent the last request: commit raises SendRefused, exhausted is set."""
+        clock = FakeClock()
+        store = _store(clock)
+        limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=2)
+        a, b = _limiter(clock, store, "a", limits), _limiter(clock, store, "b", limits)
+        await a.commit()
+        task = asyncio.create_task(a.commit())
+        await clock.advance(0.3)
+        await task
+        with pytest.raises(SendRefused, match="daily quota"):
+            await b.commit()
+        assert b.exhausted
+        assert b.remaining == 0
+        assert b.used_fraction == 1.0
+
+    async def test_two_brokers_in_a_row_stay_within_tpd(self, harness: Harness) -> None:
+        """N6: two runs in a row on one key with tpd 30 send 29 requests in all, not 50."""
+        clock = FakeClock()
+        settings = SimulatorSettings(
+            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=1000),)
+        )
+        sim = await harness.simulator(settings, clock=clock)
+        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=30)])
+        spent = []
+        for run in range(2):
+            transport = await harness.transport()
+            broker = await harness.broker(config, clock=clock, transport=transport)
+            task = asyncio.get_running_loop().create_task(broker.get_items(asins(250, f"B{run}")))
+            with contextlib.suppress(TimeoutError):
+                await drive(clock, task, transport, limit_s=60.0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            (key,) = broker.metrics().keys
+            spent.append(key.daily_spent)
+        assert spent[0] < spent[1] == 29  # the second run sees the first one's count
+        assert key.reason == "waiting for daily quota"
+        demo = sim.stats.accounts["demo"]
+        assert demo.accepted + demo.throttled == 29  # 30 less the 1 % guard, 429s included
+
+
+class TestConcurrentBrokers:
+    """Brokers in one event loop stand in for processes sharing a key."""
+
+    async def test_two_brokers_share_the_rate_without_429s(self, harness: Harness) -> None:
+        """Two brokers on one store and one 5/s key: 5/s together, no 429."""
+        clock = FakeClock()
+        settings = SimulatorSettings(
+            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),)
+        )
+        sim = await harness.simulator(settings, clock=clock)
+        transport = await harness.transport()
+        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=100_000)])
+        store = _store(clock)
+        brokers = [
+            await harness.broker(config, clock=clock, transport=transport, state_store=store)
+            for _ in range(2)
+        ]
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(b.get_items(asins(200, f"B{i}"))) for i, b in enumerate(brokers)]
+        start = clock.monotonic()
+        await drive(clock, asyncio.gather(*tasks), transport)
+        elapsed = clock.monotonic() - start
+        stats = sim.stats.accounts["demo"]
+        assert stats.throttled == 0
+        assert stats.accepted == 40
+        assert 7.6 <= elapsed <= 8.5  # 40 sends at 5/s: 39 gaps of 200 ms
+
+
+needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A redis-server of this test's own."""
+    server = RedisServer()
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.__exit__, None, None, None)
+
+
+@needs_redis
+class TestRedisOutage:
+    """Redis stopped and restarted mid-run: the key pauses, then goes on; the day survives."""
+
+    async def test_stop_and_empty_restart(self, redis_server: RedisServer) -> None:
+        """While Redis is down nothing is sent and blocked_reason says why; after an empty
+        restart sending resumes and the day's count continues from the high-water mark."""
+        from broker.clock import LoopClock
+
+        clock = LoopClock()
+        store = RedisStateStore(redis_server.url, timeout_s=0.5)
+        limits = KeyLimits(50.0, 1.0, 50.0, day_limit=1000, tpd=1000)
+        limiter = SharedKeyLimiter(clock, store, KEY, limits, process_id="p1")
+        for _ in range(5):
+            await limiter.wait_ready()
+            await limiter.commit()
+        assert limiter.spent == 5
+        await asyncio.to_thread(redis_server.stop)
+        blocked = asyncio.create_task(limiter.commit())
+        await asyncio.sleep(1.5)
+        assert not blocked.done()  # never sends without its shared state
+        assert limiter.blocked_reason is not None
+        assert "redis" in limiter.blocked_reason
+        await asyncio.to_thread(redis_server.start)
+        await asyncio.wait_for(blocked, timeout=15.0)
+        assert limiter.blocked_reason is None
+        assert limiter.spent == 6  # rebuilt from the high-water mark, not restarted at 1
+        await store.aclose()
+
+    async def test_store_error_is_clear(self) -> None:
+        """A Redis nobody listens on: refresh raises StateUnavailableError."""
+        from broker.state.redis_server import free_port
+
+        clock = FakeClock()
+        store = RedisStateStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.3)
+        limiter = SharedKeyLimiter(clock, store, KEY, KeyLimits(5.0, 0.05, 5.0), process_id="p")
+        with pytest.raises(StateUnavailableError):
+            await limiter.refresh()
+        assert limiter.blocked_reason is not None
+        await store.aclose()
+
+
+_PACED_WORKER = """
+import asyncio, sys, time
+from pathlib import Path
+from broker.clock import LoopClock
+from broker.engine.shared_limiter import SharedKeyLimiter
+from broker.state import KeyLimits, StateKey
+from broker.state.sqlite import SqliteStateStore
+
+async def main() -> None:
+    store = SqliteStateStore(Path(sys.argv[1]))
+    limiter = SharedKeyLimiter(
+        LoopClock(), store, StateKey.of("http://sim", "cred"),
+        KeyLimits(20.0, 1.0, 20.0), process_id=sys.argv[2],
+    )
+    stop = time.monotonic() + float(sys.argv[3])
+    while time.monotonic() < stop:
+        await limiter.wait_ready()
+        sent = await limiter.commit()
+        print(time.monotonic(), flush=True)
+
+asyncio.run(main())
+"""
+
+
+class TestKilledProcess:
+    """kill -9 of one process: the other goes on at the key's full rate."""
+
+    def test_survivor_keeps_the_full_rate(self, tmp_path: Path) -> None:
+        """Two processes pace one 20/s key on a SQLite file; one is killed; the other sends 20/s."""
+        db = tmp_path / "keys.sqlite3"
+        env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+
+        def start(name: str, seconds: float, *, output: bool) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                [sys.executable, "-c", _PACED_WORKER, str(db), name, str(seconds)],
+                stdout=subprocess.PIPE if output else subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
+
+        victim = start("victim", 30.0, output=False)
+        survivor = start("survivor", 4.0, output=True)
+        assert survivor.stdout is not None
+        first = float(survivor.stdout.readline())  # both are up and sending
+        time.sleep(max(0.0, first + 1.0 - time.monotonic()))
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.wait()
+        rest, _ = survivor.communicate(timeout=60)
+        assert survivor.returncode == 0
+        times = [float(line) for line in rest.split()]
+        before = [t for t in times if first + 0.2 <= t < killed_at]
+        assert len(before) <= 0.65 * 20 * (killed_at - first - 0.2) + 1  # sharing: about half
+        after = [t for t in times if killed_at + 0.5 <= t < killed_at + 2.0]
+        assert len(after) >= 27  # 20/s for 1.5 s is 30; the dead process held one slot at most

@@ -1,0 +1,420 @@
+"""The key-state stores: memory, SQLite and Redis make the same atomic decisions.
+
+Memory and SQLite run on a fake clock; Redis runs on its own ``TIME`` (a real
+``redis-server`` on a free loopback port, started for this module), so its tests assert
+relations between answers rather than absolute times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ENV, key_doc
+
+from broker.config import StateConfig, parse_config
+from broker.errors import ConfigError, StateUnavailableError
+from broker.state import (
+    Decision,
+    Feedback,
+    KeyLimits,
+    KeyStateStore,
+    MemoryStateStore,
+    ProcessMark,
+    StateKey,
+    day_number,
+    open_store,
+)
+from broker.state.redis import RedisStateStore, redacted_url
+from broker.state.redis_server import RedisServer, redis_server_binary
+from broker.state.sqlite import SqliteStateStore, default_state_dir
+
+needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
+
+_T0 = 1_800_000_000_000_000  # µs, a fixed instant (2027-01-15 08:00 UTC)
+KEY = StateKey.of("http://127.0.0.1:1", "cred-1", name="k1")
+LIMITS = KeyLimits(nominal_rate=5.0, min_rate=0.05, max_rate=5.0, day_limit=100, tpd=101)
+ME = ProcessMark("test:1:a")
+
+
+@dataclass
+class Backend:
+    """A store under test and a way to let its time pass."""
+
+    name: str
+    store: KeyStateStore
+    fake: list[int] | None  # the fake clock (µs), None for Redis's real clock
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass on the store's clock."""
+        if self.fake is not None:
+            self.fake[0] += int(seconds * 1_000_000)
+        else:
+            await asyncio.sleep(seconds)
+
+    async def reserve(self, limits: KeyLimits = LIMITS, **feedback: Any) -> Decision:
+        """One reserving decision with optional feedback."""
+        return await self.store.decide(
+            KEY, limits, feedback=Feedback(**feedback), reserve=True, process=ME
+        )
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the module (each test uses fresh keys through a fresh prefix)."""
+    if redis_server_binary() is None:
+        pytest.skip("no redis-server")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "local", pytest.param("redis", marks=needs_redis)])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each store home in turn."""
+    clock = [_T0]
+    store: KeyStateStore
+    if request.param == "memory":
+        store = MemoryStateStore(lambda: clock[0], lambda: clock[0])
+    elif request.param == "local":
+        store = SqliteStateStore(
+            tmp_path / "s" / "keys.sqlite3", now_us=lambda: clock[0], wall_us=lambda: clock[0]
+        )
+    else:
+        server = request.getfixturevalue("redis_server")
+        store = RedisStateStore(server.url, key_prefix=f"t-{request.node.name}:")
+    yield Backend(request.param, store, None if request.param == "redis" else clock)
+    await store.aclose()
+
+
+class TestReserve:
+    """One decision reserves the next slot and counts the day."""
+
+    async def test_slots_are_one_interval_apart(self, backend: Backend) -> None:
+        """Three back-to-back reservations get slots 200 ms apart at 5/s; the first is now."""
+        first = await backend.reserve()
+        second = await backend.reserve()
+        third = await backend.reserve()
+        assert [first.granted, second.granted, third.granted] == [True, True, True]
+        assert first.wait_s == 0.0
+        assert second.slot_us - first.slot_us == 200_000
+        assert third.slot_us - second.slot_us == 200_000
+        assert third.count == 3
+        assert 0.3 <= third.wait_s <= 0.4  # less the time the calls took
+
+    async def test_day_limit_refuses_without_counting(self, backend: Backend) -> None:
+        """At the day's limit the store refuses with "daily quota" and the count stays put."""
+        limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=3)
+        assert (await backend.reserve(limits)).granted
+        assert (await backend.reserve(limits)).granted
+        refused = await backend.reserve(limits)
+        assert not refused.granted
+        assert refused.refusal == "daily quota"
+        assert refused.count == 2
+        assert refused.wait_s > 0
+
+    async def test_slot_beyond_horizon_is_not_reserved(self, backend: Backend) -> None:
+        """A slot further out than the horizon is refused with the time to ask again."""
+        limits = KeyLimits(5.0, 0.05, 5.0, horizon_s=0.5)
+        granted = [await backend.reserve(limits) for _ in range(3)]
+        assert all(d.granted for d in granted)
+        refused = await backend.reserve(limits)
+        assert refused.refusal == "horizon"
+        assert refused.count == 3
+        assert 0.0 < refused.wait_s <= 0.11
+
+    async def test_idle_key_starts_at_now(self, backend: Backend) -> None:
+        """After an idle spell the next slot is now, not a backlog of old slots (no burst)."""
+        await backend.reserve()
+        await backend.advance(0.5)
+        later = await backend.reserve()
+        again = await backend.reserve()
+        assert later.wait_s == 0.0
+        assert again.slot_us - later.slot_us == 200_000
+
+
+class TestFeedback:
+    """Feedback is applied atomically before the reservation."""
+
+    async def test_one_cut_per_round_of_429s(self, backend: Backend) -> None:
+        """Two 429s of sends decided before the cut cut once; one decided after it cuts again."""
+        sent = [await backend.reserve() for _ in range(3)]
+        d = await backend.store.decide(
+            KEY,
+            LIMITS,
+            feedback=Feedback(throttled=(sent[0].now_us, sent[1].now_us)),
+            reserve=False,
+            process=ME,
+        )
+        assert d.cut
+        assert d.rate == pytest.approx(4.5)
+        d = await backend.store.decide(
+            KEY,
+            LIMITS,
+            feedback=Feedback(throttled=(sent[2].now_us,)),
+            reserve=False,
+            process=ME,
+        )
+        assert not d.cut
+        assert d.rate == pytest.approx(4.5)
+        await backend.advance(0.01)
+        after = await backend.reserve()
+        d = await backend.store.decide(
+            KEY,
+            LIMITS,
+            feedback=Feedback(throttled=(after.now_us,)),
+            reserve=False,
+            process=ME,
+        )
+        assert d.cut
+        assert d.rate == pytest.approx(4.05)
+        assert d.last_429_us > 0
+
+    async def test_successes_raise_the_rate_to_the_cap(self, backend: Backend) -> None:
+        """Demand-limited successes raise a cut rate, never above the cap."""
+        sent = await backend.reserve()
+        await backend.reserve(throttled=(sent.now_us,))
+        raised = await backend.reserve(successes=10)
+        assert 4.5 < raised.rate < 5.0
+        capped = await backend.reserve(successes=5000)
+        assert capped.rate == pytest.approx(5.0)
+
+    async def test_pause_holds_the_next_slot(self, backend: Backend) -> None:
+        """A Retry-After pause of 1 s puts the next slot 1 s out, with its reason."""
+        await backend.reserve()
+        paused = await backend.store.decide(
+            KEY,
+            LIMITS,
+            feedback=Feedback(pause_s=1.0, pause_reason="Retry-After"),
+            reserve=False,
+            process=ME,
+        )
+        assert paused.pause_reason == "Retry-After"
+        held = await backend.reserve()
+        assert held.granted
+        assert 0.8 <= held.wait_s <= 1.0
+
+    async def test_park_admits_one_probe_then_unpark(self, backend: Backend) -> None:
+        """Parked: refused; after the park one probe, others refused; a success unparks."""
+        await backend.reserve()
+        parked = await backend.reserve(park_s=0.2, park_reason="daily quota exhausted")
+        assert parked.refusal == "parked"
+        assert parked.park_reason == "daily quota exhausted"
+        await backend.advance(0.25)
+        probe = await backend.reserve()
+        assert probe.granted
+        assert probe.probe
+        other = await backend.reserve()
+        assert other.refusal == "probing"
+        back = await backend.reserve(unpark=True)
+        assert back.granted
+        assert not back.probe
+        assert back.parked_until_us == 0
+        assert back.rate == pytest.approx(5.0)
+
+    async def test_a_parked_key_is_not_parked_longer_by_late_429s(self, backend: Backend) -> None:
+        """A second park while parked (late 429s) keeps the first park's end."""
+        first = await backend.reserve(park_s=10.0, park_reason="access revoked")
+        second = await backend.reserve(park_s=100.0, park_reason="access revoked")
+        assert second.parked_until_us == first.parked_until_us
+
+
+class TestDayAndProcesses:
+    """The daily count survives a lost store through high-water marks; processes are seen."""
+
+    async def test_high_water_mark_rebuilds_a_lost_count(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """A store that lost the key takes the asking process's high-water mark, not zero."""
+        first = await backend.reserve()
+        if isinstance(backend.store, MemoryStateStore):
+            backend.store.drop(KEY)
+        elif backend.name == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            await asyncio.to_thread(server.restart)
+        else:
+            pytest.skip("a SQLite file does not lose rows")
+        mark = ProcessMark("test:1:a", first.day, 42)
+        d = await backend.store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark)
+        assert d.count == 43
+
+    async def test_processes_seen_recently(self, backend: Backend) -> None:
+        """Two process ids asking make two processes seen; a view registers none."""
+        await backend.reserve()
+        await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=False, process=ProcessMark("other:2:b")
+        )
+        view = await backend.store.view(KEY, LIMITS)
+        assert view.decision.processes == 2
+        assert view.decision.count == 1
+
+    async def test_day_rolls_over_at_the_reset(self) -> None:
+        """The count restarts when the daily window moves on, and never moves back."""
+        clock = [_T0]
+        store = MemoryStateStore(lambda: clock[0], lambda: clock[0])
+        limits = KeyLimits(5.0, 0.05, 5.0, day_limit=1)
+        assert (
+            await store.decide(KEY, limits, feedback=Feedback(), reserve=True, process=ME)
+        ).granted
+        refused = await store.decide(KEY, limits, feedback=Feedback(), reserve=True, process=ME)
+        assert refused.refusal == "daily quota"
+        clock[0] += int(refused.wait_s * 1_000_000) + 1
+        assert (
+            await store.decide(KEY, limits, feedback=Feedback(), reserve=True, process=ME)
+        ).granted
+
+
+class TestIdentityAndConfig:
+    """Key identity, day numbering and the [state] table."""
+
+    def test_identity_is_endpoint_plus_credential(self) -> None:
+        """Another endpoint or credential is another key; case and a trailing / are not."""
+        a = StateKey.of("http://127.0.0.1:8787/", "cred", name="x")
+        assert a.digest == StateKey.of("HTTP://127.0.0.1:8787", "cred", name="y").digest
+        assert a.digest != StateKey.of("http://127.0.0.1:8788", "cred").digest
+        assert a.digest != StateKey.of("http://127.0.0.1:8787", "cred2").digest
+        assert "cred" not in a.digest
+
+    def test_day_number_matches_the_daily_budget(self) -> None:
+        """The store's day boundary is the DailyBudget's: 00:00 UTC plus the reset offset."""
+        midnight = 1_800_000_000 - 1_800_000_000 % 86_400
+        assert day_number((midnight - 1) * 1_000_000, 0) == midnight // 86_400 - 1
+        assert day_number(midnight * 1_000_000, 0) == midnight // 86_400
+        assert day_number(midnight * 1_000_000, 3600) == midnight // 86_400 - 1
+
+    def test_state_table_defaults_to_local(self) -> None:
+        """No [state] table: the local SQLite store in the user's state directory."""
+        config = parse_config({"keys": [key_doc()]}, environ=ENV, source="t")
+        assert config.state == StateConfig()
+        assert config.state.backend == "local"
+
+    def test_redis_password_comes_from_the_environment(self) -> None:
+        """redis_password_env names a variable; its value is a Secret, never in repr."""
+        doc = {
+            "keys": [key_doc()],
+            "state": {
+                "backend": "redis",
+                "redis_url": "redis://10.0.0.5:6379/2",
+                "redis_password_env": "REDIS_PW",
+                "key_prefix": "x:",
+            },
+        }
+        config = parse_config(doc, environ={**ENV, "REDIS_PW": "hunter2"}, source="t")
+        assert config.state.redis_password is not None
+        assert config.state.redis_password.reveal() == "hunter2"
+        assert "hunter2" not in repr(config.state)
+        with pytest.raises(ConfigError, match="REDIS_PW is not set"):
+            parse_config(doc, environ=ENV, source="t")
+
+    @pytest.mark.parametrize(
+        ("state", "message"),
+        [
+            ({"backend": "etcd"}, "must be"),
+            ({"backend": "redis"}, "redis_url"),
+            ({"backend": "redis", "redis_url": "http://x"}, "redis://"),
+            ({"backend": "redis", "redis_url": "redis://:pw@x:1"}, "must not hold a password"),
+            ({"colour": "blue"}, "colour"),
+        ],
+    )
+    def test_bad_state_tables_are_refused(self, state: dict[str, object], message: str) -> None:
+        """Unknown backends, missing or credentialed URLs and unknown keys are config errors."""
+        doc = {"keys": [key_doc()], "state": state}
+        with pytest.raises(ConfigError, match=message):
+            parse_config(doc, environ=ENV, source="t")
+
+    def test_state_dir_follows_xdg(self, tmp_path: Path) -> None:
+        """$XDG_STATE_HOME/asin-broker, else ~/.local/state/asin-broker; created mode 0700."""
+        assert default_state_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "asin-broker"
+        assert default_state_dir({}) == Path.home() / ".local" / "state" / "asin-broker"
+        store = open_store(StateConfig(), {"XDG_STATE_HOME": str(tmp_path)})
+        assert store.backend == "local"
+        assert (tmp_path / "asin-broker").stat().st_mode & 0o777 == 0o700
+        assert store.where.endswith("asin-broker/keys.sqlite3")
+
+    def test_redacted_url_hides_credentials(self) -> None:
+        """A URL with a user or password is shown without them."""
+        assert redacted_url("redis://u:pw@h:1/0") == "redis://h:1/0"
+        assert redacted_url("redis://h:1/0") == "redis://h:1/0"
+
+
+class TestUnavailable:
+    """A store that cannot be reached raises StateUnavailableError, never answers wrongly."""
+
+    async def test_redis_down_raises_state_unavailable(self) -> None:
+        """Nothing listening on the port: a clear error naming the backend and the URL."""
+        from broker.state.redis_server import free_port
+
+        store = RedisStateStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
+        with pytest.raises(StateUnavailableError) as info:
+            await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        assert info.value.backend == "redis"
+        await store.aclose()
+
+    def test_unwritable_state_dir_raises_state_unavailable(self, tmp_path: Path) -> None:
+        """A state path that cannot be created is a StateUnavailableError, not an OSError."""
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        with pytest.raises(StateUnavailableError):
+            SqliteStateStore(blocker / "sub" / "keys.sqlite3")
+
+
+_WORKER = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    from broker.state import Feedback, KeyLimits, ProcessMark, StateKey
+    from broker.state.sqlite import SqliteStateStore
+
+    async def main() -> None:
+        path, name, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+        store = SqliteStateStore(path)
+        key = StateKey.of("http://sim", "cred")
+        limits = KeyLimits(2000.0, 1.0, 2000.0, day_limit=150, horizon_s=60.0)
+        slots = []
+        for _ in range(n):
+            d = await store.decide(
+                key, limits, feedback=Feedback(), reserve=True, process=ProcessMark(name)
+            )
+            if d.granted:
+                slots.append(d.slot_us)
+        print(json.dumps(slots))
+
+    asyncio.run(main())
+    """
+)
+
+
+class TestManyProcesses:
+    """Several processes on one SQLite file: every slot once, the day never over its limit."""
+
+    def test_processes_share_slots_and_the_day(self, tmp_path: Path) -> None:
+        """4 processes x 60 reservations, limit 150: 150 granted, distinct slots 500 µs apart."""
+        db = tmp_path / "keys.sqlite3"
+        env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(db), f"p{i}", "60"],
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+            for i in range(4)
+        ]
+        slots: list[int] = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0
+            slots += json.loads(out)
+        assert len(slots) == 150
+        ordered = sorted(slots)
+        assert len(set(ordered)) == 150
+        gaps = [b - a for a, b in itertools.pairwise(ordered)]
+        assert min(gaps) >= 500 - 125  # a quarter interval of slack keeps the grid

@@ -1,0 +1,126 @@
+"""``broker status``: each configured key's shared state, from the store other processes use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from conftest import ENV
+
+from broker import cli
+from broker.state import Feedback, KeyLimits, ProcessMark, StateKey
+from broker.state.sqlite import SqliteStateStore
+
+_CONFIG = """
+[api]
+endpoint = "http://127.0.0.1:9"
+
+[[keys]]
+name = "main"
+credential_id = "cred-main"
+credential_secret_env = "ASINB_DEMO_SECRET"
+version = "3.1"
+partner_tags = {{ "www.amazon.com" = "demo-20" }}
+tps = 5
+tpd = 100
+
+[[keys]]
+name = "spare"
+credential_id = "cred-spare"
+credential_secret_env = "ASINB_DEMO_SECRET"
+version = "3.1"
+partner_tags = {{ "www.amazon.com" = "demo-20" }}
+tps = 1
+tpd = 50
+
+[state]
+path = "{db}"
+"""
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config with two keys whose state lives in tmp_path/keys.sqlite3."""
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "config.toml"
+    path.write_text(_CONFIG.format(db=tmp_path / "keys.sqlite3"))
+    return path
+
+
+async def _use_main_key(db: Path) -> None:
+    """Another process's traffic on key "main": 3 sends, a 429, a Retry-After pause."""
+    store = SqliteStateStore(db)
+    key = StateKey.of("http://127.0.0.1:9", "cred-main")
+    limits = KeyLimits(5.0, 0.05, 5.0, day_limit=99, tpd=100)
+    mark = ProcessMark("host:1:x")
+    sent = [
+        await store.decide(key, limits, feedback=Feedback(), reserve=True, process=mark)
+        for _ in range(3)
+    ]
+    await store.decide(
+        key,
+        limits,
+        feedback=Feedback(throttled=(sent[0].now_us,), pause_s=30.0, pause_reason="Retry-After"),
+        reserve=False,
+        process=mark,
+    )
+    await store.aclose()
+
+
+class TestStatus:
+    """The status verb reads, and never writes, the shared state."""
+
+    def test_json_shows_the_shared_state(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--json: rate after the cut, requests today and left, the pause and its reason."""
+        asyncio.run(_use_main_key(config_path.parent / "keys.sqlite3"))
+        assert cli.main(["status", "--config", str(config_path), "--json"]) == 0
+        document = json.loads(capsys.readouterr().out)
+        assert document["backend"] == "local"
+        main, spare = document["keys"]
+        assert main["key"] == "main"
+        assert main["rate"] == pytest.approx(4.5)
+        assert main["configured_tps"] == 5
+        assert (main["requests_today"], main["daily_limit"], main["left_today"]) == (3, 99, 96)
+        assert main["state"] == "paused"
+        assert main["reason"] == "Retry-After"
+        assert main["until"] is not None
+        assert main["last_429"] is not None
+        assert main["processes_recent"] == 1
+        assert spare["requests_today"] == 0
+        assert spare["state"] == "active"
+        assert spare["processes_recent"] == 0
+
+    def test_table_names_every_key(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The table has one row per configured key, with today's count."""
+        asyncio.run(_use_main_key(config_path.parent / "keys.sqlite3"))
+        assert cli.main(["status", "--config", str(config_path)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert "rate/tps" in out[0]
+        assert out[2].split()[0] == "main"
+        assert "3/99" in out[2]
+        assert "Retry-After" in out[2]
+        assert out[3].split()[0] == "spare"
+
+    def test_unreachable_redis_exits_69(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A [state] Redis nobody listens on: exit 69 with the reason on stderr."""
+        from broker.state.redis_server import free_port
+
+        for name, value in ENV.items():
+            monkeypatch.setenv(name, value)
+        text = _CONFIG.format(db=tmp_path / "x.sqlite3").replace(
+            f'path = "{tmp_path / "x.sqlite3"}"',
+            f'backend = "redis"\nredis_url = "redis://127.0.0.1:{free_port()}/0"',
+        )
+        path = tmp_path / "config.toml"
+        path.write_text(text)
+        assert cli.main(["status", "--config", str(path)]) == 69
+        assert "key-state store (redis) unavailable" in capsys.readouterr().err
