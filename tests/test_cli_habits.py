@@ -327,7 +327,8 @@ class TestLookup:
         assert cli.main(["run", str(job), "--config", str(config), "--out", str(out)]) == 0
         [run_row] = _jsonl(out.read_text())
         capsys.readouterr()
-        assert cli.main(["lookup", "B0C1234567", "--config", str(config), "--json"]) == 0
+        argv = ["lookup", "B0C1234567", "--config", str(config), "--json", "--no-cache"]
+        assert cli.main(argv) == 0
         [lookup_row] = _jsonl(capsys.readouterr().out)
         for row in (run_row, lookup_row):
             row.pop("fetched_at")

@@ -178,6 +178,8 @@ class SharedKeyLimiter:
         self._unpark = False
         self._set_rate: float | None = None
         self._sends: OrderedDict[float, tuple[int, bool]] = OrderedDict()
+        #: when this process last sent on the key (its own spacing, see commit)
+        self._last_sent = -math.inf
         self._unavailable: StateUnavailableError | None = None
         self._unavailable_failures = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -364,7 +366,16 @@ class SharedKeyLimiter:
             if decision.granted:
                 if decision.wait_s > 0:
                     await self._clock.sleep(decision.wait_s)
+                # The store books a slot up to its slack in the past to keep the grid after
+                # a late wake-up; after an idle spell that could put this send closer than
+                # one interval to this process's previous one, which a strict server
+                # refuses. Never closer than that, whatever the slot.
+                if decision.rate > 0:
+                    spacing = self._last_sent + 1.0 / decision.rate - self._clock.monotonic()
+                    if spacing > 0:
+                        await self._clock.sleep(spacing)
                 sent_at = self._clock.monotonic()
+                self._last_sent = sent_at
                 self._sends[sent_at] = (decision.now_us, decision.probe)
                 while len(self._sends) > _REMEMBERED_SENDS:
                     self._sends.popitem(last=False)

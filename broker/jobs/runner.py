@@ -151,7 +151,11 @@ async def run_job(
     # The job's own lock too: no plain run may use the old ledger while it is replaced.
     with JobLock(_ledger_path(options.out)):
         summary = await _run_once(
-            config, dataclasses.replace(options, out=side, refresh=False), broker, job_print
+            config,
+            # Fetched again means from Amazon: nothing from the item cache.
+            dataclasses.replace(options, out=side, refresh=False, cache_max_age_s=0.0),
+            broker,
+            job_print,
         )
         return _after_refresh(summary, side, options.out)
 
@@ -303,7 +307,7 @@ async def _run_once(
                 own = broker or Broker(
                     config,
                     cache_default_max_age_s=RUN_MAX_AGE_S,
-                    cache_max_age_s=0.0 if options.refresh else options.cache_max_age_s,
+                    cache_max_age_s=options.cache_max_age_s,
                 )
                 async with own if broker is None else contextlib.nullcontext(own):
                     # A shared broker (the daemon's) counts every job; report this one's.

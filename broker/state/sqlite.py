@@ -15,6 +15,7 @@ file is not contended (``benchmarks/shared_key.py`` measures it), less than a th
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -26,6 +27,10 @@ from broker.errors import StateUnavailableError
 from broker.state.decision import Record, decide
 from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
 from broker.state.store import KeyView, boot_epoch, monotonic_us, wall_us
+
+#: SQLite's primary result codes for a failing and a full disk.
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
 
 __all__ = ["STATE_FILE", "SqliteStateStore", "default_state_dir"]
 
@@ -141,8 +146,18 @@ class SqliteStateStore:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise StateUnavailableError("local", f"{self._path}: {exc}") from exc
+            raise self._failure(exc) from exc
         return decision
+
+    def _failure(self, exc: sqlite3.Error) -> Exception:
+        """A busy or locked file is unavailable for now (the key waits and asks again); a
+        disk that fails or is full is an I/O error that ends the run (exit 74), as waiting
+        would never end."""
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in (_SQLITE_IOERR, _SQLITE_FULL):
+            number = errno.ENOSPC if code == _SQLITE_FULL else errno.EIO
+            return OSError(number, f"{self._path}: {exc}")
+        return StateUnavailableError("local", f"{self._path}: {exc}")
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
         """Read the key's state without writing anything."""
