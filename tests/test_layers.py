@@ -95,3 +95,13 @@ def test_the_reader_sees_imports() -> None:
     found = _imports("broker.engine.broker", engine)
     assert "broker.engine.intake" in found
     assert "broker.engine.quota" in found  # imported only under TYPE_CHECKING
+
+
+def test_library_code_logs_through_broker_logs() -> None:
+    """Library modules take their logger from broker.logs (stdlib logging), never stdout."""
+    offenders = [
+        name
+        for name, path in _modules()
+        if name != "broker.logs" and "structlog.get_logger(" in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []

@@ -130,7 +130,9 @@ class TestOutputRow:
             "attempts",
             "key",
             "fetched_at",
+            "cached",
         ]
+        assert out["cached"] is False
         assert out["line"] == 1
         assert out["input"] == asin(0)
         assert out["asin"] == asin(0)
@@ -323,7 +325,7 @@ class TestCsvSink:
         data = out.read_bytes()
         assert data.startswith(
             b"line,input,asin,marketplace,status,title,price,currency,availability,"
-            b"detail_url,image_url,error_code,error_message,attempts,key,fetched_at\r\n"
+            b"detail_url,image_url,error_code,error_message,attempts,key,fetched_at,cached\r\n"
         )
         assert b'"bad ""id""\nsecond line"' in data
         records = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))

@@ -12,16 +12,15 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
-import structlog
-
 from broker.cache.entry import CorruptEntry, Entry, decode, encode
 from broker.cache.policy import CEILING_S, CacheKey, CachePolicy, CacheStats, check_max_age
 from broker.clock import Clock, LoopClock
+from broker.logs import get_logger
 from broker.models import ItemResult, Query, Status
 
 __all__ = ["ItemCache", "StoreCache", "key_of"]
 
-_log = structlog.get_logger("broker.cache")
+_log = get_logger("broker.cache")
 
 
 def key_of(query: Query) -> CacheKey:

@@ -15,9 +15,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-import structlog
-
 from broker.cache.base import key_of
+from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from broker.cache.base import ItemCache
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CacheFront"]
 
-_log = structlog.get_logger("broker.cache")
+_log = get_logger("broker.cache")
 
 #: Answers waiting to be written at most; beyond it new answers are not cached (counted).
 _MAX_PENDING_WRITES: Final = 50_000

@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import structlog
-
 from broker.engine.adaptive import (
     AdaptiveRate,
     AdaptiveSettings,
@@ -49,6 +47,7 @@ from broker.engine.adaptive import (
 )
 from broker.engine.quota import day_limit
 from broker.errors import StateUnavailableError
+from broker.logs import get_logger
 from broker.state import (
     Decision,
     Feedback,
@@ -75,7 +74,7 @@ __all__ = [
     "shared_key_parts",
 ]
 
-logger = structlog.get_logger("broker")
+logger = get_logger("broker")
 
 _US = 1_000_000
 #: A key held (quota spent, parked) re-asks the store at least this often.
