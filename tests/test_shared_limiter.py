@@ -209,7 +209,8 @@ class TestDailyQuota:
             await asyncio.gather(task, return_exceptions=True)
             (key,) = broker.metrics().keys
             spent.append(key.daily_spent)
-        assert spent == [25, 29]  # the second run sees the first one's count
+        assert 25 <= spent[0] < 29  # 25 batches (a linger flush may split one)
+        assert spent[1] == 29  # the second run counted on from the first one's count
         assert key.reason == "waiting for daily quota"
         assert sim.stats.accounts["demo"].accepted == 29  # 30 less the 1 % guard
 
