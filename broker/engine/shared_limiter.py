@@ -362,7 +362,10 @@ class SharedKeyLimiter:
                 continue
             if decision.granted:
                 if decision.wait_s > 0:
-                    await self._clock.sleep(decision.wait_s)
+                    # Plus the store's resolution: its clock is read truncated to the µs, so
+                    # a wait of exactly (slot - now) could send a µs before the grid, which a
+                    # strict server (burst 1) refuses.
+                    await self._clock.sleep(decision.wait_s + 1e-6)
                 sent_at = self._clock.monotonic()
                 self._sends[sent_at] = (decision.now_us, decision.probe)
                 while len(self._sends) > _REMEMBERED_SENDS:
