@@ -260,7 +260,9 @@ class SharedKeyLimiter:
             logger.info("broker.state_restored", key=self._key.name, backend=self._store.backend)
         self._unavailable = None
         self._unavailable_failures = 0
-        self._offset = decision.now_us / _US - self._clock.monotonic()
+        # Whole µs, rounded up: a store on this process's own clock (truncated to the µs)
+        # then maps its slots back to exactly the local instants they were taken from.
+        self._offset = math.ceil(decision.now_us - self._clock.monotonic() * _US) / _US
         self._last = decision
         if decision.day > self._hwm_day:
             self._hwm_day, self._hwm_count = decision.day, decision.count
@@ -362,10 +364,11 @@ class SharedKeyLimiter:
                 continue
             if decision.granted:
                 if decision.wait_s > 0:
-                    # Plus the store's resolution: its clock is read truncated to the µs, so
-                    # a wait of exactly (slot - now) could send a µs before the grid, which a
-                    # strict server (burst 1) refuses.
-                    await self._clock.sleep(decision.wait_s + 1e-6)
+                    # One µs (the store's resolution) past the slot: the first send of a run
+                    # went out up to a µs after its truncated slot, and a strict server
+                    # (burst 1) refuses anything a hair before its own grid.
+                    delay = decision.slot_us / _US - self._offset + 1e-6 - self._clock.monotonic()
+                    await self._clock.sleep(max(delay, 0.0))
                 sent_at = self._clock.monotonic()
                 self._sends[sent_at] = (decision.now_us, decision.probe)
                 while len(self._sends) > _REMEMBERED_SENDS:
