@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Harness, account, asins, drive, key_doc, make_config
 
-from broker.engine.adaptive import AdaptiveSettings, ThrottleVerdict
+from broker.engine.adaptive import AdaptiveSettings, CircuitState, ThrottleVerdict
 from broker.engine.shared_limiter import (
     SendRefused,
     SharedAdaptiveRate,
@@ -155,6 +155,34 @@ class TestSharedFeedback:
         await clock.advance(0.001)
         assert (await a.refresh()).parked_until_us == 0
         assert probe_at > 0
+
+    async def test_a_refused_probe_does_not_leave_the_circuit_half_open(self) -> None:
+        """Two parked processes: one probes; the other's refused probe re-opens its circuit,
+        and once the probe got through it sends again."""
+        clock = FakeClock()
+        store = _store(clock)
+        settings = AdaptiveSettings(park_s=60.0, probe_jitter=0.0)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        circuit_a = SharedCircuit(a, clock, random=lambda: 0.0, settings=settings)
+        circuit_b = SharedCircuit(b, clock, random=lambda: 0.0, settings=settings)
+        circuit_a.open(ThrottleVerdict.ACCESS_REVOKED)
+        circuit_b.open(ThrottleVerdict.ACCESS_REVOKED)
+        await clock.advance(60.5)
+        assert circuit_a.try_probe()
+        assert circuit_b.try_probe()
+        await a.commit()  # a's probe is the one
+        with pytest.raises(SendRefused, match="probing"):
+            await b.commit()
+        assert circuit_b.state is CircuitState.OPEN  # not stuck probing
+        circuit_a.on_success()  # a's probe got through: unparked for all
+        await clock.advance(0.01)
+        assert circuit_b.probe_at is not None
+        await clock.advance(circuit_b.probe_at - clock.monotonic())
+        assert circuit_b.try_probe()
+        task = asyncio.create_task(b.commit())
+        await clock.advance(0.5)
+        assert task.done()
+        assert task.result() > 0
 
     async def test_adaptive_rate_reads_and_cuts_the_shared_rate(self) -> None:
         """SharedAdaptiveRate classifies locally but its rate is the store's."""

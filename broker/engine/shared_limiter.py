@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ from broker.engine.adaptive import (
     AdaptiveRate,
     AdaptiveSettings,
     Circuit,
+    CircuitState,
     ThrottleVerdict,
 )
 from broker.engine.quota import day_limit
@@ -60,8 +62,6 @@ from broker.state import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from broker.clock import Clock
     from broker.config import BrokerConfig, KeyConfig
 
@@ -177,6 +177,7 @@ class SharedKeyLimiter:
         self._unpark = False
         self._set_rate: float | None = None
         self._sends: OrderedDict[float, tuple[int, bool]] = OrderedDict()
+        self._refusal_listeners: list[Callable[[str, float], None]] = []
         self._unavailable: StateUnavailableError | None = None
         self._unavailable_failures = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -197,6 +198,10 @@ class SharedKeyLimiter:
     def last_decision(self) -> Decision | None:
         """The store's last answer (``None`` before the first)."""
         return self._last
+
+    def add_refusal_listener(self, listener: Callable[[str, float], None]) -> None:
+        """Call ``listener(refusal, wait_s)`` whenever the store refuses a send."""
+        self._refusal_listeners.append(listener)
 
     @property
     def blocked_reason(self) -> str | None:
@@ -379,6 +384,8 @@ class SharedKeyLimiter:
                 continue
             refusal = decision.refusal or "refused"
             self._hold_until = self._clock.monotonic() + min(decision.wait_s, _RECHECK_S)
+            for listener in self._refusal_listeners:
+                listener(refusal, decision.wait_s)
             raise SendRefused(refusal, decision.wait_s)
 
     def next_ready(self) -> float:
@@ -557,6 +564,17 @@ class SharedCircuit(Circuit):
     ) -> None:
         super().__init__(clock, random=random, settings=settings)
         self._limiter = limiter
+        limiter.add_refusal_listener(self._refused)
+
+    def _refused(self, refusal: str, wait_s: float) -> None:
+        """The store refused our probe (another process probes, or re-parked): wait again.
+
+        Without this, a process whose probe was refused would stay half-open for good,
+        since no outcome of its own would ever settle the probe.
+        """
+        if self._state is CircuitState.PROBING:
+            self._state = CircuitState.OPEN
+            self._probe_at = self._clock.monotonic() + min(wait_s, _RECHECK_S)
 
     def open(self, verdict: ThrottleVerdict) -> float:
         """Park the key here and in the store (every process) until the probe time."""
