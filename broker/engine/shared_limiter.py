@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ from broker.engine.adaptive import (
     AdaptiveRate,
     AdaptiveSettings,
     Circuit,
+    CircuitState,
     ThrottleVerdict,
 )
 from broker.engine.quota import day_limit
@@ -59,8 +61,6 @@ from broker.state import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from broker.clock import Clock
     from broker.config import BrokerConfig, KeyConfig
 
@@ -177,8 +177,7 @@ class SharedKeyLimiter:
         self._unpark = False
         self._set_rate: float | None = None
         self._sends: OrderedDict[float, tuple[int, bool]] = OrderedDict()
-        #: when this process last sent on the key (its own spacing, see commit)
-        self._last_sent = -math.inf
+        self._refusal_listeners: list[Callable[[str, float], None]] = []
         self._unavailable: StateUnavailableError | None = None
         self._unavailable_failures = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -199,6 +198,10 @@ class SharedKeyLimiter:
     def last_decision(self) -> Decision | None:
         """The store's last answer (``None`` before the first)."""
         return self._last
+
+    def add_refusal_listener(self, listener: Callable[[str, float], None]) -> None:
+        """Call ``listener(refusal, wait_s)`` whenever the store refuses a send."""
+        self._refusal_listeners.append(listener)
 
     @property
     def blocked_reason(self) -> str | None:
@@ -262,7 +265,9 @@ class SharedKeyLimiter:
             logger.info("broker.state_restored", key=self._key.name, backend=self._store.backend)
         self._unavailable = None
         self._unavailable_failures = 0
-        self._offset = decision.now_us / _US - self._clock.monotonic()
+        # Whole µs, rounded up: a store on this process's own clock (truncated to the µs)
+        # then maps its slots back to exactly the local instants they were taken from.
+        self._offset = math.ceil(decision.now_us - self._clock.monotonic() * _US) / _US
         self._last = decision
         if decision.day > self._hwm_day:
             self._hwm_day, self._hwm_count = decision.day, decision.count
@@ -364,17 +369,12 @@ class SharedKeyLimiter:
                 continue
             if decision.granted:
                 if decision.wait_s > 0:
-                    await self._clock.sleep(decision.wait_s)
-                # The store books a slot up to its slack in the past to keep the grid after
-                # a late wake-up; after an idle spell that could put this send closer than
-                # one interval to this process's previous one, which a strict server
-                # refuses. Never closer than that, whatever the slot.
-                if decision.rate > 0:
-                    spacing = self._last_sent + 1.0 / decision.rate - self._clock.monotonic()
-                    if spacing > 0:
-                        await self._clock.sleep(spacing)
+                    # One µs (the store's resolution) past the slot: the first send of a run
+                    # went out up to a µs after its truncated slot, and a strict server
+                    # (burst 1) refuses anything a hair before its own grid.
+                    delay = decision.slot_us / _US - self._offset + 1e-6 - self._clock.monotonic()
+                    await self._clock.sleep(max(delay, 0.0))
                 sent_at = self._clock.monotonic()
-                self._last_sent = sent_at
                 self._sends[sent_at] = (decision.now_us, decision.probe)
                 while len(self._sends) > _REMEMBERED_SENDS:
                     self._sends.popitem(last=False)
@@ -384,6 +384,8 @@ class SharedKeyLimiter:
                 continue
             refusal = decision.refusal or "refused"
             self._hold_until = self._clock.monotonic() + min(decision.wait_s, _RECHECK_S)
+            for listener in self._refusal_listeners:
+                listener(refusal, decision.wait_s)
             raise SendRefused(refusal, decision.wait_s)
 
     def next_ready(self) -> float:
@@ -562,6 +564,17 @@ class SharedCircuit(Circuit):
     ) -> None:
         super().__init__(clock, random=random, settings=settings)
         self._limiter = limiter
+        limiter.add_refusal_listener(self._refused)
+
+    def _refused(self, refusal: str, wait_s: float) -> None:
+        """The store refused our probe (another process probes, or re-parked): wait again.
+
+        Without this, a process whose probe was refused would stay half-open for good,
+        since no outcome of its own would ever settle the probe.
+        """
+        if self._state is CircuitState.PROBING:
+            self._state = CircuitState.OPEN
+            self._probe_at = self._clock.monotonic() + min(wait_s, _RECHECK_S)
 
     def open(self, verdict: ThrottleVerdict) -> float:
         """Park the key here and in the store (every process) until the probe time."""
