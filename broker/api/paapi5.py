@@ -34,6 +34,7 @@ from broker.api.errors_map import (
 )
 from broker.api.marketplaces import Marketplace
 from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.api.resources import OPERATION_RESOURCES, pascal_name
 from broker.errors import ApiError, BadRequestError, ResponseError
 
 if TYPE_CHECKING:
@@ -58,57 +59,19 @@ MAX_ITEM_IDS = 10
 #: ``x-amz-target`` is this prefix plus the operation name.
 TARGET_PREFIX = "com.amazon.paapi5.v1.ProductAdvertisingAPIv1."
 
-# Creators API resource names (protocol.md 2.5, plus the other operations' resources).
-_CREATORS_RESOURCES = (
-    "browseNodeInfo.browseNodes",
-    "browseNodeInfo.browseNodes.ancestor",
-    "browseNodeInfo.browseNodes.salesRank",
-    "browseNodeInfo.websiteSalesRank",
-    "customerReviews.count",
-    "customerReviews.starRating",
-    "images.primary.small",
-    "images.primary.medium",
-    "images.primary.large",
-    "images.variants.small",
-    "images.variants.medium",
-    "images.variants.large",
-    "itemInfo.byLineInfo",
-    "itemInfo.contentInfo",
-    "itemInfo.contentRating",
-    "itemInfo.classifications",
-    "itemInfo.externalIds",
-    "itemInfo.features",
-    "itemInfo.manufactureInfo",
-    "itemInfo.productInfo",
-    "itemInfo.technicalInfo",
-    "itemInfo.title",
-    "itemInfo.tradeInInfo",
-    "offersV2.listings.availability",
-    "offersV2.listings.condition",
-    "offersV2.listings.dealDetails",
-    "offersV2.listings.isBuyBoxWinner",
-    "offersV2.listings.loyaltyPoints",
-    "offersV2.listings.merchantInfo",
-    "offersV2.listings.price",
-    "offersV2.listings.type",
-    "parentASIN",
-    "searchRefinements",
-    "variationSummary.price.highestPrice",
-    "variationSummary.price.lowestPrice",
-    "variationSummary.variationDimension",
-    "browseNodes.ancestor",
-    "browseNodes.children",
+# Creators API resource names of every operation (one list, in broker/api/resources.py).
+_CREATORS_RESOURCES = tuple(
+    dict.fromkeys(
+        name
+        for names in OPERATION_RESOURCES.values()
+        for name in names
+        if not name.endswith(".highRes")  # PA-API has none (DROPPED_RESOURCES)
+    )
 )
 
 
-def _pascal(name: str) -> str:
-    # PA-API spells every path segment with a capital first letter and is otherwise the
-    # same: itemInfo.byLineInfo -> ItemInfo.ByLineInfo, parentASIN -> ParentASIN.
-    return ".".join(part[:1].upper() + part[1:] for part in name.split("."))
-
-
 #: Creators API resource name -> PA-API resource name.
-RESOURCE_NAMES: Mapping[str, str] = {name: _pascal(name) for name in _CREATORS_RESOURCES}
+RESOURCE_NAMES: Mapping[str, str] = {name: pascal_name(name) for name in _CREATORS_RESOURCES}
 
 #: Creators API resources PA-API has no equivalent for, and why they are dropped.
 DROPPED_RESOURCES: Mapping[str, str] = {
@@ -159,7 +122,7 @@ def _translate(names: tuple[str, ...]) -> ResourceTranslation:
             continue
         translated = RESOURCE_NAMES.get(name)
         if translated is None:
-            translated = name if name[:1].isupper() else _pascal(name)
+            translated = name if name[:1].isupper() else pascal_name(name)
         kept[translated] = None
     return ResourceTranslation(tuple(kept), tuple(dropped))
 

@@ -21,6 +21,7 @@ __all__ = [
     "ITEM_RESOURCES",
     "OPERATION_RESOURCES",
     "RETIRED_PAAPI_PREFIXES",
+    "pascal_name",
     "resolve_resources",
     "resource_names",
 ]
@@ -86,7 +87,9 @@ RETIRED_PAAPI_PREFIXES: Final[Mapping[str, str]] = {
 }
 
 
-def _pascal(name: str) -> str:
+def pascal_name(name: str) -> str:
+    """PA-API's spelling of a Creators resource name: a capital first letter per segment
+    (itemInfo.byLineInfo -> ItemInfo.ByLineInfo, parentASIN -> ParentASIN)."""
     return ".".join(part[:1].upper() + part[1:] for part in name.split("."))
 
 
@@ -100,7 +103,7 @@ def resource_names(
     names = OPERATION_RESOURCES[operation]
     if protocol is Protocol.CREATORS:
         return names
-    return tuple(_pascal(n) for n in names if not n.endswith(".highRes"))
+    return tuple(pascal_name(n) for n in names if not n.endswith(".highRes"))
 
 
 def resolve_resources(
