@@ -216,13 +216,15 @@ class TestJobs:
     async def test_job_for_an_unconfigured_marketplace_is_filed_failed(
         self, start: Start, spool: Path
     ) -> None:
-        """A row for a marketplace no key serves files the job in failed/; the next job runs."""
+        """A row for a marketplace no key serves fails alone (NoKeyForMarketplace); jobs go on."""
         await start()
-        _drop(spool, "jp.jsonl", '{"asin": "B0JPJPJP01", "marketplace": "www.amazon.co.jp"}\n')
+        _drop(spool, "jp.jsonl", '{"asin": "B0JPJPJP01", "marketplace": "JP"}\n')
         _drop(spool, "next.txt", "B0NEXTNX01\n")
-        status = await _filed(spool, "jp.jsonl", "failed")
-        assert status["exit_code"] == ExitCode.NO_PERMISSION
-        assert "www.amazon.co.jp" in status["error"]
+        status = await _filed(spool, "jp.jsonl")
+        assert status["exit_code"] == ExitCode.SOME_FAILED
+        [row] = _rows(spool / "done" / "jp.jsonl.out.jsonl")
+        assert row["marketplace"] == "www.amazon.co.jp"
+        assert row["error"]["code"] == "NoKeyForMarketplace"
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
 
     async def test_files_present_at_start_are_picked_up(self, start: Start, spool: Path) -> None:
