@@ -116,6 +116,20 @@ class TestJobRows:
             "www.amazon.com",
         ]
 
+    def test_strict_refuses_an_unknown_marketplace(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--strict counts a row for no Amazon store as invalid and refuses the file."""
+        job = tmp_path / "mk.csv"
+        job.write_text("asin,marketplace\nB0C1234567,UK\nB0D7654321,amazon.moon\n")
+        out = tmp_path / "mk.jsonl"
+        code = cli.main(
+            ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out), "--strict"]
+        )
+        assert code == ExitCode.DATA_ERROR
+        assert "line 3: unknown marketplace 'amazon.moon'" in capsys.readouterr().err
+        assert not out.exists()
+
 
 class TestLookup:
     @pytest.mark.parametrize("name", ["UK", "uk", "amazon.co.uk", "www.amazon.co.uk"])
