@@ -135,6 +135,9 @@ class _Source:
     def spool_snapshot(self) -> SpoolSnapshot:
         return SpoolSnapshot(state="running")
 
+    async def cache_stats(self) -> None:
+        return None
+
 
 async def _readyz(broker: Broker) -> tuple[int, dict[str, Any]]:
     """GET /readyz of a metrics server reading ``broker``: (status, body)."""

@@ -784,6 +784,9 @@ class _NoStatus:
 
         return SpoolSnapshot()
 
+    async def cache_stats(self) -> None:
+        return None
+
 
 def _parser_defaults() -> dict[str, str]:
     parser = cli._build_parser()

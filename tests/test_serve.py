@@ -324,6 +324,21 @@ class TestResume:
         assert not (spool / "state" / "budget.sqlite").exists()
 
 
+class TestItemCache:
+    async def test_second_job_is_answered_from_the_cache(self, start: Start, spool: Path) -> None:
+        """The daemon caches ok answers: the same ASINs again are served from it (and counted)."""
+        running = await start()
+        _drop(spool, "one.txt", "\n".join(_asins(20, "B0CACHE")) + "\n")
+        assert (await _filed(spool, "one.txt"))["requests"] == 2
+        ok = {r["asin"] for r in _rows(spool / "done" / "one.txt.out.jsonl") if r["status"] == "ok"}
+        _drop(spool, "two.txt", "\n".join(_asins(20, "B0CACHE")) + "\n")
+        await _filed(spool, "two.txt")
+        rows = _rows(spool / "done" / "two.txt.out.jsonl")
+        assert {r["asin"] for r in rows if r["cached"]} == ok  # not_found is asked again
+        values = _samples((await _get(f"{running.url}/metrics"))[2])
+        assert values["asinb_cache_hits_total"] == len(ok)
+
+
 class TestHttp:
     async def test_healthz_readyz_and_metrics_answer(self, start: Start, spool: Path) -> None:
         """/healthz and /readyz say 200; /metrics is Prometheus text with the documented names."""

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         VariationsOptions,
         VariationsResult,
     )
+    from broker.cache.policy import CacheStats
     from broker.engine.quota import BudgetStore
 
 __all__ = ["Broker", "Query"]
@@ -641,6 +642,15 @@ class Broker:
         return operations.read_browse_nodes(raw, protocol)
 
     # -- introspection ------------------------------------------------------------------------
+
+    async def cache_stats(self) -> CacheStats | None:
+        """The item cache's hits, misses, requests saved, entries, bytes and evictions.
+
+        None when the cache is off (``[cache] max_age_s`` 0, the library's default).
+        """
+        if self._cache is None:
+            return None
+        return await self._cache.stats()
 
     def metrics(self) -> MetricsSnapshot:
         """Counters and per-key state right now."""

@@ -28,6 +28,7 @@ from broker.errors import ConfigError
 from broker.jobs.process_stats import ProcessStats, read_process_stats
 
 if TYPE_CHECKING:
+    from broker.cache.policy import CacheStats
     from broker.engine.metrics import KeySnapshot, MetricsSnapshot
 
 __all__ = [
@@ -87,12 +88,15 @@ class StatusSource(Protocol):
 
     - ``engine_metrics()`` is the broker's snapshot, or None while the broker is not open.
     - ``spool_snapshot()`` is the daemon's job counters.
-    Both are called on the event loop for every request and must not block for long.
+    - ``cache_stats()`` is the item cache's figures, or None when the cache is off.
+    All are called on the event loop for every request and must not block for long.
     """
 
     def engine_metrics(self) -> MetricsSnapshot | None: ...
 
     def spool_snapshot(self) -> SpoolSnapshot: ...
+
+    async def cache_stats(self) -> CacheStats | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +159,10 @@ def _can_send(key: KeySnapshot) -> bool:
     return key.state == "active" or (key.state == "paused" and key.reason == _TRANSIENT_PAUSE)
 
 
-def render_metrics(metrics: MetricsSnapshot | None, spool: SpoolSnapshot) -> str:
-    """Return the Prometheus text exposition of the engine and spool counters."""
+def render_metrics(
+    metrics: MetricsSnapshot | None, spool: SpoolSnapshot, cache: CacheStats | None = None
+) -> str:
+    """Return the Prometheus text exposition of the engine, spool and item-cache counters."""
     out = _Exposition()
     out.family("asinb_jobs_total", "counter", "Jobs filed since the daemon started, by outcome.")
     out.sample("asinb_jobs_total", spool.jobs_done, outcome="done")
@@ -178,6 +184,10 @@ def render_metrics(metrics: MetricsSnapshot | None, spool: SpoolSnapshot) -> str
             out.sample("asinb_job_rows", count, job=job.job, status=status)
     if metrics is not None:
         _render_engine(out, metrics)
+    if cache is not None:
+        for name, kind, help_text, value in cache.families():
+            out.family(name, kind, help_text)
+            out.sample(name, value)
     _render_build_info(out)
     _render_process(out, read_process_stats())
     return out.text()
@@ -332,7 +342,9 @@ def create_app(source: StatusSource) -> web.Application:
         return web.json_response(verdict.to_json(), status=200 if verdict.ready else 503)
 
     async def metrics(_request: web.Request) -> web.Response:
-        body = render_metrics(source.engine_metrics(), source.spool_snapshot())
+        body = render_metrics(
+            source.engine_metrics(), source.spool_snapshot(), await source.cache_stats()
+        )
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application()

@@ -85,6 +85,7 @@ from broker.jobs.signals import STOP_SIGNALS, StopSignals, release, replay_early
 from broker.logs import get_logger
 
 if TYPE_CHECKING:
+    from broker.cache.policy import CacheStats
     from broker.config import BrokerConfig
     from broker.engine.metrics import MetricsSnapshot
 
@@ -858,6 +859,10 @@ class Daemon:
     def engine_metrics(self) -> MetricsSnapshot | None:
         """The broker's counters, or None while it is not open."""
         return self._broker.metrics() if self._broker is not None else None
+
+    async def cache_stats(self) -> CacheStats | None:
+        """The item cache's figures (None while the broker is closed or the cache is off)."""
+        return await self._broker.cache_stats() if self._broker is not None else None
 
     def spool_snapshot(self) -> SpoolSnapshot:
         """The daemon's job counters, the current job's rows read live from its ledger."""
