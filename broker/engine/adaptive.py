@@ -281,16 +281,7 @@ class AdaptiveRate:
         self._consecutive = 0
         if demand_limited:
             s = self._settings
-            self._rate = recovered_rate(
-                self._recovery,
-                self._rate,
-                self._clock.monotonic(),
-                nominal=self._nominal,
-                max_rate=self._max_rate,
-                gain=s.increase_per_success * self._boost,
-                discover=s.discover,
-                tuning=self._tuning,
-            )
+            self._raise()
             self._streak += 1
             if self._streak % s.boost_every == 0:
                 self._boost = min(s.max_boost, self._boost * 2.0)
@@ -323,14 +314,31 @@ class AdaptiveRate:
         self._boost = 1.0
         verdict = self._classify(budget_exhausted, quota_used)
         if verdict is ThrottleVerdict.RATE and sent_at > self._last_cut_at:
-            now = self._clock.monotonic()
-            cut = cut_rate(
-                self._recovery, self._rate, now, max_rate=self._max_rate, tuning=self._tuning
-            )
-            self._rate = max(self._min_rate, cut)
-            self._last_cut_at = now
-            self._cuts += 1
+            self._cut()
         return verdict
+
+    def _raise(self) -> None:
+        """Move the rate up after a demand-limited success (before the boost moves)."""
+        self._rate = recovered_rate(
+            self._recovery,
+            self._rate,
+            self._clock.monotonic(),
+            nominal=self._nominal,
+            max_rate=self._max_rate,
+            gain=self._settings.increase_per_success * self._boost,
+            discover=self._settings.discover,
+            tuning=self._tuning,
+        )
+
+    def _cut(self) -> None:
+        """Cut the rate for a fresh rate 429."""
+        now = self._clock.monotonic()
+        cut = cut_rate(
+            self._recovery, self._rate, now, max_rate=self._max_rate, tuning=self._tuning
+        )
+        self._rate = max(self._min_rate, cut)
+        self._last_cut_at = now
+        self._cuts += 1
 
     def _classify(self, budget_exhausted: bool, quota_used: float | None) -> ThrottleVerdict:
         s = self._settings

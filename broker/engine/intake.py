@@ -70,10 +70,6 @@ class Intake:
     def __len__(self) -> int:
         return len(self._inflight)
 
-    def lookups(self) -> list[Lookup]:
-        """Every lookup still in flight."""
-        return list(self._inflight.values())
-
     def resources(self, names: Sequence[str] | None) -> tuple[str, ...] | None:
         """A call's ``resources=`` in either spelling, as the protocol spells them.
 

@@ -527,6 +527,14 @@ class SharedAdaptiveRate(AdaptiveRate):
         """The shared rate."""
         return self._limiter.rate
 
+    def _raise(self) -> None:
+        # The rate moves in the store (record_success); nothing to compute here.
+        return
+
+    def _cut(self) -> None:
+        # The store cuts once per round for every process (record_throttled).
+        return
+
     def on_success(self, *, demand_limited: bool) -> float:
         """Record a success locally and report it to the store; return the shared rate."""
         super().on_success(demand_limited=demand_limited)

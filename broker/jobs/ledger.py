@@ -14,8 +14,10 @@ Layout:
   built in one pass when ingestion completes, so work starts after ingestion.
 - ``tally``: row counts per status, kept in the same transactions as the rows, so progress
   never scans a million rows.
-- ``sinks``, ``budget``, ``meta``: sink progress, the daily request counters (kept across
-  ``new_job``) and the schema version, job fingerprint and ingestion progress.
+- ``sinks``, ``budget``, ``meta``: sink progress, daily request counters (kept across
+  ``new_job``; a :class:`~broker.engine.quota.BudgetStore` for callers that pass one: the
+  runner counts a key's day in the shared key state since ``[state]``) and the schema
+  version, job fingerprint and ingestion progress.
 
 Invariants the sinks rely on: ``done_order`` starts at 1 and has no gaps, and a row's
 ``done_order`` is above every ``done_order`` committed before it. So "the first *k* rows of
