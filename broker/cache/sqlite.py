@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
+from broker.sqlitewal import enable_wal
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheKey, CachePolicy
@@ -142,7 +143,7 @@ class SqliteCache(StoreCache):
                 # Before the first table: lets deleted pages go back to the file system.
                 db.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
-            db.execute("PRAGMA journal_mode = WAL")
+            enable_wal(db, timeout_s=_BUSY_TIMEOUT_MS / 1000)
             # WAL + NORMAL: a crashed process never tears a commit; a power cut may lose
             # the last ones, which for a cache is only a miss.
             db.execute("PRAGMA synchronous = NORMAL")

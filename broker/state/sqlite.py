@@ -24,6 +24,7 @@ from pathlib import Path
 import orjson
 
 from broker.errors import StateUnavailableError
+from broker.sqlitewal import enable_wal
 from broker.state.decision import Record, decide
 from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
 from broker.state.store import KeyView, boot_epoch, monotonic_us, wall_us
@@ -87,7 +88,7 @@ class SqliteStateStore:
             self._conn = sqlite3.connect(
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(self._conn, timeout_s=busy_timeout_s)
             # NORMAL: a power cut may lose the last decisions, never corrupt the file; the
             # daily count's guard margin covers a few lost increments.
             self._conn.execute("PRAGMA synchronous=NORMAL")
