@@ -1,13 +1,17 @@
 """The ceiling-aware rate controller's arithmetic, shared by the in-process and shared keys.
 
-A key's configured TPS is a known ceiling. Two kinds of 429 reach a key:
+A key's configured TPS is a known ceiling. Three kinds of 429 reach a key:
 
 - an isolated 429 at (or near) the ceiling is arrival jitter against a strict server: the
   key slows by ``cap_beta`` (3 %) and creeps back with a gain matched to that cut, so it
   settles where about ``cap_target_loss`` of its requests are throttled;
-- 429s in quick succession (three within 5 s) or far below the ceiling mean the server's
-  rate is lower: each fresh one cuts by ``beta`` (``drop_beta`` within a run), and the key
-  remembers the rate that was throttled. From there it climbs on a cubic curve in time
+- 429s in quick succession (three within 5 s) near the ceiling cut by ``beta`` each, and
+  the key creeps back as above: against a strict server a run there is still jitter, and
+  probing back up to the ceiling would only meet the next run (``burst1`` in
+  ``benchmarks/README.md``);
+- 429s below that zone (``cap_zone`` of the ceiling) mean the server's rate is lower: each
+  fresh one cuts by ``beta`` (``drop_beta`` within a run), and the key remembers the rate
+  that was throttled. From there it climbs on a cubic curve in time
   (``ratelimit.md`` 1.3, CUBIC in shape): back to ``plateau`` times that rate within
   ``regrow_s``, flat until the probe time, then convex above it, so a server whose rate came
   back is found within seconds while one that stayed slow costs about one 429 per probe. A
@@ -38,7 +42,7 @@ class RecoveryTuning:
     recovery: bool = True
     cap_beta: float = 0.03
     cap_zone: float = 0.75
-    cap_target_loss: float = 0.015
+    cap_target_loss: float = 0.0125
     drop_beta: float = 0.2
     regrow_s: float = 2.0
     plateau: float = 0.97
@@ -93,13 +97,18 @@ def cut_rate(
     recent = [t for t in state.recent if now - t <= DROP_WINDOW_S]
     dropped = len(recent) >= 2
     state.recent = [*recent, now][-2:]
-    at_cap = not dropped and rate >= tuning.cap_zone * max_rate
+    at_cap = rate >= tuning.cap_zone * max_rate
     previous = state.top if state.top > 0 else None
     since_cut = now - state.last_cut
     state.last_cut = now
     if not tuning.recovery or at_cap:
+        # Near the ceiling there is no lower limit worth probing back up to: an isolated
+        # 429 is arrival jitter (the small cut); a run cuts by beta and the key creeps
+        # back with the small gain, since probing up to the ceiling again would meet a
+        # strict server where it throttles every other request. A run that takes the rate
+        # below the zone is a drop, handled below.
         state.top = 0.0
-        return rate * (1.0 - (tuning.cap_beta if at_cap else tuning.beta))
+        return rate * (1.0 - (tuning.cap_beta if at_cap and not dropped else tuning.beta))
     beta = tuning.drop_beta if dropped else tuning.beta
     if previous is not None and since_cut >= _probe_wait(state, tuning, previous):
         # A probe above the last limit was throttled: the limit still holds (not the

@@ -214,17 +214,32 @@ class TestCeilingAwareRecovery:
         ctl.on_throttled(sent_at=clock.now - 0.1)
         assert ctl.rate == pytest.approx(5.0 * 0.97)
 
-    def test_three_quick_429s_mean_a_drop(self) -> None:
-        """The third 429 within a few seconds cuts by drop_beta (20 %): the server slowed down."""
+    def test_a_run_near_the_cap_cuts_by_beta_then_below_it_by_drop_beta(self) -> None:
+        """A run of 429s cuts by beta (10 %) near the cap, by drop_beta (20 %) below it."""
         clock, ctl = _full()
         rates = []
-        for _ in range(4):
+        for _ in range(6):
             clock.now += 0.5
             ctl.on_throttled(sent_at=clock.now - 0.1)
             rates.append(ctl.rate)
         assert rates[1] == pytest.approx(5.0 * 0.97**2)
-        assert rates[2] == pytest.approx(rates[1] * 0.8)
-        assert rates[3] == pytest.approx(rates[2] * 0.8)
+        # 4.70 -> 4.23 -> 3.81 -> 3.43: each still at or above 0.75 x 5 when it was sent.
+        assert rates[2] == pytest.approx(rates[1] * 0.9)
+        assert rates[3] == pytest.approx(rates[2] * 0.9)
+        assert rates[4] == pytest.approx(rates[3] * 0.9)
+        assert rates[5] == pytest.approx(rates[4] * 0.8)
+
+    def test_a_run_near_the_cap_does_not_probe_back_to_it(self) -> None:
+        """After a run near the cap the key creeps back slowly instead of probing the cap."""
+        clock, ctl = _full()
+        for _ in range(3):
+            clock.now += 0.5
+            ctl.on_throttled(sent_at=clock.now - 0.1)
+        after_run = ctl.rate
+        for _ in range(100):  # 20 s at 5/s: a recovery probe would be back near 5 by now
+            clock.now += 0.2
+            ctl.on_success(demand_limited=True)
+        assert after_run < ctl.rate < after_run * 1.06
 
     def test_climbs_back_within_seconds_after_a_drop(self) -> None:
         """After a drop the key regains its configured rate in seconds, not minutes."""
@@ -244,7 +259,7 @@ class TestCeilingAwareRecovery:
     def test_a_throttled_probe_returns_below_the_last_limit(self) -> None:
         """A probe's 429 goes back under the limit found before, not a step below the peak."""
         clock, ctl = _full()
-        for _ in range(5):
+        for _ in range(7):
             clock.now += 0.5
             limit = ctl.rate  # the rate the last of these 429s was sent at
             ctl.on_throttled(sent_at=clock.now - 0.1)

@@ -67,10 +67,12 @@ class AdaptiveSettings:
             the wait, up to ``max_probe_after_s`` times that (a server that really is
             slower is probed less often); a cut at a clearly different rate resets it.
         probe_after_sends: see ``probe_after_s``.
-        cap_beta: the cut for a 429 sent within ``cap_zone`` of the configured rate (see
-            ``_note_cut``), where the increase per success is matched to it.
+        cap_beta: the cut for an isolated 429 sent within ``cap_zone`` of the configured
+            rate (see :mod:`broker.ratecontrol`), where the increase per success is matched
+            to it; a run of 429s there cuts by ``beta`` and starts no recovery probe.
         cap_zone: the share of the configured rate from which a key counts as at its cap.
-        drop_beta: the cut for the third and later 429s within 5 s (the server slowed down).
+        drop_beta: the cut for the third and later 429s within 5 s below ``cap_zone`` (the
+            server slowed down).
         cap_target_loss: the 429 share the increase aims at within ``cap_zone``.
         probe_gain: ``c`` of the probe curve ``plateau + c * (t - probe_after)^3``, as a
             share of the throttled rate (0.01: +8 % after 2 s, x1.6 after 4 s, x2.2 after 5 s).
@@ -102,7 +104,7 @@ class AdaptiveSettings:
     cap_beta: float = 0.03
     cap_zone: float = 0.75
     drop_beta: float = 0.2
-    cap_target_loss: float = 0.015
+    cap_target_loss: float = 0.0125
 
     def __post_init__(self) -> None:
         if not 0.0 < self.beta < 1.0:
