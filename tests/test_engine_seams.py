@@ -17,6 +17,7 @@ import tracemalloc
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from aiohttp import web
 from conftest import Harness, key_doc, make_config, paapi_key_doc
 
@@ -469,3 +470,19 @@ class TestDebugLog:
         text = [record.getMessage() for record in caplog.records]
         assert sum("broker.request" in line for line in text) == 2
         assert sum("broker.throttled" in line for line in text) == 1
+
+    async def test_a_send_binds_its_key_and_batch_to_the_logs_of_that_send_only(self) -> None:
+        """Log lines made during a send carry its key and batch id; none outlive the send."""
+        seen: list[dict[str, object]] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            seen.append(structlog.contextvars.get_contextvars())
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.01)
+
+        async with Broker(_paapi(), transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            await broker.get_items(["B000000001"])
+            await broker.get_items(["B000000002"])
+            outside = structlog.contextvars.get_contextvars()
+        assert [s["key"] for s in seen] == ["paapi", "paapi"]
+        assert seen[0]["batch_id"] != seen[1]["batch_id"]
+        assert "batch_id" not in outside

@@ -181,7 +181,9 @@ class KeyPool:
         key: KeyState, batch: Batch, sent_at: float, demand_limited: bool, send: SendFn
     ) -> None:
         try:
-            with structlog.contextvars.bound_contextvars(key=key.name, batch_id=batch.batch_id):
-                await send(key, batch, sent_at, demand_limited)
+            # Each send is a task of its own, with its own copy of the context: the
+            # binding ends with the task, so nothing needs resetting.
+            structlog.contextvars.bind_contextvars(key=key.name, batch_id=batch.batch_id)
+            await send(key, batch, sent_at, demand_limited)
         finally:
             key.release_slot(sent=True)

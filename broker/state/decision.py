@@ -87,11 +87,12 @@ class Record:
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Record:
         """Rebuild a record written by :meth:`to_json` (unknown fields are ignored)."""
-        record = cls()
-        for name in cls.__slots__:
-            if name in data:
-                setattr(record, name, data[name])
-        return record
+        try:
+            return cls(**data)  # type: ignore[arg-type]
+        except TypeError:
+            # Written by another version of the broker: keep the fields this one knows.
+            known = cls.__slots__
+            return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
 
 
 def _clamp(rate: float, limits: KeyLimits) -> float:

@@ -137,9 +137,13 @@ class SqliteStateStore:
                     wall=self._wall_us(),
                     epoch=self._epoch,
                 )
+                # An upsert rewrites the row in place (INSERT OR REPLACE deletes and
+                # re-inserts it); orjson writes the record's fields as to_json() would.
                 conn.execute(
-                    "INSERT OR REPLACE INTO key_state (digest, name, data) VALUES (?, ?, ?)",
-                    (key.digest, key.name, orjson.dumps(record.to_json())),
+                    "INSERT INTO key_state (digest, name, data) VALUES (?, ?, ?) "
+                    "ON CONFLICT (digest) DO UPDATE SET name = excluded.name, "
+                    "data = excluded.data",
+                    (key.digest, key.name, orjson.dumps(record)),
                 )
                 conn.execute("COMMIT")
             except BaseException:
