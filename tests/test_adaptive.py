@@ -223,7 +223,7 @@ class TestCeilingAwareRecovery:
             ctl.on_throttled(sent_at=clock.now - 0.1)
             rates.append(ctl.rate)
         assert rates[1] == pytest.approx(5.0 * 0.97**2)
-        # 4.70 -> 4.23 -> 3.81 -> 3.43: each still at or above 0.75 x 5 when it was sent.
+        # The 3rd to 5th 429s come at 4.70, 4.23 and 3.81 (>= 0.75 x 5), the 6th at 3.43.
         assert rates[2] == pytest.approx(rates[1] * 0.9)
         assert rates[3] == pytest.approx(rates[2] * 0.9)
         assert rates[4] == pytest.approx(rates[3] * 0.9)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from conftest import ENV, key_doc
 
 from broker.config import StateConfig, parse_config
 from broker.errors import ConfigError, StateUnavailableError
+from broker.ratecontrol import RecoveryTuning
 from broker.state import (
     Decision,
     Feedback,
@@ -140,6 +141,43 @@ class TestReserve:
         again = await backend.reserve()
         assert later.wait_s == 0.0
         assert again.slot_us - later.slot_us == 200_000
+
+
+TUNED = replace(LIMITS, tuning=RecoveryTuning())
+
+
+class TestCeilingAwareController:
+    """Every home, Redis's script included, runs broker/ratecontrol.py's controller."""
+
+    async def _throttle_once(self, backend: Backend) -> Decision:
+        await backend.advance(0.01)  # the send is decided after the last cut: a fresh 429
+        sent = await backend.reserve(TUNED)
+        return await backend.store.decide(
+            KEY, TUNED, feedback=Feedback(throttled=(sent.now_us,)), reserve=False, process=ME
+        )
+
+    async def test_a_run_cuts_10_percent_near_the_cap_then_20_below_it(
+        self, backend: Backend
+    ) -> None:
+        """Cuts of 3, 3, 10, 10, 10 then 20 %: a run near the cap, then a drop below it."""
+        rates = [(await self._throttle_once(backend)).rate for _ in range(6)]
+        expected, rate = [], 5.0
+        for factor in (0.97, 0.97, 0.9, 0.9, 0.9, 0.8):
+            rate *= factor
+            expected.append(rate)
+        assert rates == pytest.approx(expected)
+
+    async def test_after_a_drop_the_rate_regrows_on_the_recovery_curve(
+        self, backend: Backend
+    ) -> None:
+        """Below the cap zone a drop remembers its rate: the next success regrows to 90 % of it."""
+        rates = [(await self._throttle_once(backend)).rate for _ in range(6)]
+        throttled_at, dropped_to = rates[4], rates[5]  # 3.43 -> 2.74 (20 %)
+        grown = (await backend.reserve(TUNED, successes=1)).rate
+        # The curve starts at 1 - beta of the throttled rate (3.09); the plain AIMD would
+        # add a fraction of a percent to 2.74.
+        assert grown > 1.1 * dropped_to
+        assert 0.9 * throttled_at <= grown < 0.93 * throttled_at
 
 
 class TestFeedback:

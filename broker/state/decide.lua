@@ -1,7 +1,9 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[24].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[37].
+-- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
+-- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
@@ -29,13 +31,27 @@ local unpark = ARGV[21] == '1'
 local set_rate = tonumber(ARGV[22])
 local ttl_ms = tonumber(ARGV[23])
 local recent_us = tonumber(ARGV[24])
+local tuned = ARGV[25] == '1'
+local recovery = ARGV[26] == '1'
+local cap_beta = tonumber(ARGV[27])
+local cap_zone = tonumber(ARGV[28])
+local cap_gain = tonumber(ARGV[29])
+local drop_beta = tonumber(ARGV[30])
+local regrow_s = tonumber(ARGV[31])
+local plateau = tonumber(ARGV[32])
+local probe_after_s = tonumber(ARGV[33])
+local probe_after_sends = tonumber(ARGV[34])
+local max_probe_after_s = tonumber(ARGV[35])
+local probe_gain = tonumber(ARGV[36])
+local drop_window = tonumber(ARGV[37])
+local first_throttled = 38
 
 local function int(x) return string.format('%d', x) end
 local function num(x) return string.format('%.17g', x) end
 
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
-  'probing_until', 'last_429')
+  'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -51,6 +67,73 @@ local parked_until = tonumber(h[12]) or 0
 local park_why = h[13] or ''
 local probing_until = tonumber(h[14]) or 0
 local last_429 = tonumber(h[15]) or 0
+-- the controller's memory: the throttled rate while recovering, the probe-wait multiplier,
+-- "still coming down", and the times of the last two cuts (µs, 0: none)
+local rc_top = tonumber(h[16]) or 0
+local rc_level = tonumber(h[17]) or 1
+local rc_desc = h[18] == '1'
+local rc_r1 = tonumber(h[19]) or 0
+local rc_r2 = tonumber(h[20]) or 0
+
+local function probe_wait(top)
+  return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
+end
+
+-- ratecontrol.cut_rate: the rate after a fresh 429 at `r`; cut_at is still the last cut.
+local function cut_rate(r)
+  local recent = {}
+  for _, t in ipairs({rc_r1, rc_r2}) do
+    if t > 0 and now - t <= drop_window then recent[#recent + 1] = t end
+  end
+  local dropped = #recent >= 2
+  recent[#recent + 1] = now
+  while #recent > 2 do table.remove(recent, 1) end
+  rc_r1, rc_r2 = recent[1] or 0, recent[2] or 0
+  local at_cap = r >= cap_zone * max_rate
+  local previous = rc_top
+  local since_cut = math.huge
+  if cut_at > 0 then since_cut = (now - cut_at) / 1000000 end
+  if not recovery or at_cap then
+    rc_top = 0
+    if at_cap and not dropped then return r * (1 - cap_beta) end
+    return r * (1 - beta)
+  end
+  local b = beta
+  if dropped then b = drop_beta end
+  if previous > 0 and since_cut >= probe_wait(previous) then
+    rc_level = math.min(max_probe_after_s / probe_after_s, rc_level * 2)
+    return math.min(r * (1 - b), previous * (1 - b))
+  end
+  rc_desc = previous > 0 and r < 0.97 * previous
+  if previous <= 0 or math.abs(r - previous) > 0.1 * previous then rc_level = 1 end
+  rc_top = r
+  return r * (1 - b)
+end
+
+-- ratecontrol.recovered_rate: the rate after a demand-limited success with gain `gain`.
+local function recovered_rate(r, gain)
+  if r >= cap_zone * max_rate and not (max_rate > nominal) then gain = cap_gain end
+  local grown = r * math.exp(gain)
+  if recovery and rc_top > 0 then
+    local t = math.huge
+    if cut_at > 0 then t = (now - cut_at) / 1000000 end
+    local wait = probe_wait(rc_top)
+    local cutf = 1 - beta
+    local plat = plateau
+    if rc_desc then plat = cutf end
+    local share
+    if t < wait then
+      local frac = math.min(1, t / regrow_s)
+      share = plat - (plat - cutf) * (1 - frac) ^ 3
+    else
+      share = plat + probe_gain * (t - wait) ^ 3
+    end
+    grown = math.max(grown, rc_top * share)
+  end
+  grown = math.min(max_rate, grown)
+  if grown >= nominal then rc_top = 0 end
+  return grown
+end
 
 if stored_nominal ~= nominal or rate <= 0 then
   stored_nominal = nominal
@@ -73,16 +156,24 @@ end
 local cut = 0
 if set_rate > 0 then rate = math.min(max_rate, math.max(min_rate, set_rate)) end
 for _ = 1, successes do
-  rate = math.min(max_rate, rate * math.exp(increase * boost))
+  if tuned then
+    rate = recovered_rate(rate, increase * boost)
+  else
+    rate = math.min(max_rate, rate * math.exp(increase * boost))
+  end
   streak = streak + 1
   if streak % boost_every == 0 then boost = math.min(max_boost, boost * 2) end
 end
-for i = 25, #ARGV do
+for i = first_throttled, #ARGV do
   streak = 0
   boost = 1
   last_429 = now
   if tonumber(ARGV[i]) > cut_at then
-    rate = math.max(min_rate, rate * (1 - beta))
+    if tuned then
+      rate = math.max(min_rate, cut_rate(rate))
+    else
+      rate = math.max(min_rate, rate * (1 - beta))
+    end
     cut_at = now
     cuts = cuts + 1
     cut = 1
@@ -96,6 +187,7 @@ if unpark then
   if parked_until > 0 then
     rate = nominal
     cut_at = now
+    rc_top, rc_level, rc_desc, rc_r1, rc_r2 = 0, 1, false, 0, 0
     boost = 1
     streak = 0
   end
@@ -142,7 +234,9 @@ redis.call('HSET', KEYS[1], 'rate', num(rate), 'nominal', num(stored_nominal),
   'next_slot', int(next_slot), 'cut_at', int(cut_at), 'cuts', int(cuts), 'boost', num(boost),
   'streak', int(streak), 'day', int(day), 'count', int(count), 'paused_until', int(paused_until),
   'pause_reason', pause_why, 'parked_until', int(parked_until), 'park_reason', park_why,
-  'probing_until', int(probing_until), 'last_429', int(last_429))
+  'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
+  'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
+  'rc_r2', int(rc_r2))
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
 

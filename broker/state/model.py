@@ -107,7 +107,7 @@ class KeyLimits:
     horizon_s: float = 5.0
     probe_lease_s: float = 60.0
     #: the ceiling-aware controller (``broker/ratecontrol.py``); None: plain target-loss
-    #: AIMD with ``beta`` and ``increase`` (what the Redis script runs)
+    #: AIMD with ``beta`` and ``increase``
     tuning: RecoveryTuning | None = None
 
     def __post_init__(self) -> None:

@@ -3,9 +3,11 @@
 The script (``decide.lua``) reads Redis's ``TIME``, so every machine's decisions share one
 clock and no client clock is trusted; it applies the caller's feedback, reserves the slot
 and counts the day, and answers in one round trip (redis-py's ``AsyncScript``: ``EVALSHA``,
-re-loading the script after a restart). Both keys of a StateKey carry the same hash tag, so
-the script also runs on Redis Cluster. Keys expire after ``ttl_s`` idle (two days: longer
-than a daily window, so an idle key's count survives until its day is over).
+re-loading the script after a restart). The script runs the same rate controller as the
+local homes (``broker/ratecontrol.py``, ported step for step). Both keys of a StateKey carry
+the same hash tag, so the script also runs on Redis Cluster. Keys expire after ``ttl_s``
+idle (two days: longer than a daily window, so an idle key's count survives until its day
+is over).
 
 Redis down or unreachable: every call raises :class:`broker.errors.StateUnavailableError`
 (never a fallback to uncoordinated sending). Redis restarted empty: each caller's
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from broker.errors import StateUnavailableError
+from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
 from broker.state.model import (
     PROCESS_RECENT_S,
     Decision,
@@ -153,6 +156,7 @@ class RedisStateStore:
             -1 if feedback.set_rate is None else repr(feedback.set_rate),
             self._ttl_ms,
             int(PROCESS_RECENT_S * _US),
+            *_tuning_args(limits.tuning),
             *feedback.throttled,
         ]
         return [str(a) for a in args]
@@ -208,3 +212,23 @@ class RedisStateStore:
 
     def __repr__(self) -> str:
         return f"RedisStateStore({self._url!r}, prefix={self._prefix!r})"
+
+
+def _tuning_args(tuning: RecoveryTuning | None) -> list[object]:
+    """ARGV[25..37] of the script: the ceiling-aware controller's parameters (or "off")."""
+    t = tuning if tuning is not None else RecoveryTuning()
+    return [
+        1 if tuning is not None else 0,
+        1 if t.recovery else 0,
+        repr(t.cap_beta),
+        repr(t.cap_zone),
+        repr(t.cap_gain),
+        repr(t.drop_beta),
+        repr(t.regrow_s),
+        repr(t.plateau),
+        repr(t.probe_after_s),
+        t.probe_after_sends,
+        repr(t.max_probe_after_s),
+        repr(t.probe_gain),
+        int(DROP_WINDOW_S * _US),
+    ]
