@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import math
 import random
 from datetime import datetime, timedelta
@@ -57,6 +58,19 @@ def _full(nominal: float = 5.0, **settings: object) -> tuple[ManualClock, Adapti
     clock = ManualClock()
     config = AdaptiveSettings(**settings)  # type: ignore[arg-type]
     return clock, AdaptiveRate(nominal, clock=clock, settings=config)
+
+
+def _run_of_429s(clock: ManualClock, ctl: AdaptiveRate, count: int) -> list[float]:
+    """``count`` 429s half a second apart, each for a send made after the last cut.
+
+    Returns the rate each 429 was sent at, then the rate after the last one.
+    """
+    rates = [ctl.rate]
+    for _ in range(count):
+        clock.now += 0.5
+        ctl.on_throttled(sent_at=clock.now - 0.1)
+        rates.append(ctl.rate)
+    return rates
 
 
 class TestSettings:
@@ -217,25 +231,15 @@ class TestCeilingAwareRecovery:
     def test_a_run_near_the_cap_cuts_by_beta_then_below_it_by_drop_beta(self) -> None:
         """A run of 429s cuts by beta (10 %) near the cap, by drop_beta (20 %) below it."""
         clock, ctl = _full()
-        rates = []
-        for _ in range(6):
-            clock.now += 0.5
-            ctl.on_throttled(sent_at=clock.now - 0.1)
-            rates.append(ctl.rate)
-        assert rates[1] == pytest.approx(5.0 * 0.97**2)
+        rates = _run_of_429s(clock, ctl, 6)
         # The 3rd to 5th 429s come at 4.70, 4.23 and 3.81 (>= 0.75 x 5), the 6th at 3.43.
-        assert rates[2] == pytest.approx(rates[1] * 0.9)
-        assert rates[3] == pytest.approx(rates[2] * 0.9)
-        assert rates[4] == pytest.approx(rates[3] * 0.9)
-        assert rates[5] == pytest.approx(rates[4] * 0.8)
+        cuts = [after / before for before, after in itertools.pairwise(rates)]
+        assert cuts == pytest.approx([0.97, 0.97, 0.9, 0.9, 0.9, 0.8])
 
     def test_a_run_near_the_cap_does_not_probe_back_to_it(self) -> None:
         """After a run near the cap the key creeps back slowly instead of probing the cap."""
         clock, ctl = _full()
-        for _ in range(3):
-            clock.now += 0.5
-            ctl.on_throttled(sent_at=clock.now - 0.1)
-        after_run = ctl.rate
+        after_run = _run_of_429s(clock, ctl, 3)[-1]
         for _ in range(100):  # 20 s at 5/s: a recovery probe would be back near 5 by now
             clock.now += 0.2
             ctl.on_success(demand_limited=True)
@@ -244,10 +248,7 @@ class TestCeilingAwareRecovery:
     def test_climbs_back_within_seconds_after_a_drop(self) -> None:
         """After a drop the key regains its configured rate in seconds, not minutes."""
         clock, ctl = _full()
-        for _ in range(8):
-            clock.now += 0.5
-            ctl.on_throttled(sent_at=clock.now - 0.1)
-        low = ctl.rate
+        low = _run_of_429s(clock, ctl, 8)[-1]
         assert low < 2.6
         start = clock.now
         while ctl.rate < 4.5 and clock.now - start < 60:
@@ -259,10 +260,7 @@ class TestCeilingAwareRecovery:
     def test_a_throttled_probe_returns_below_the_last_limit(self) -> None:
         """A probe's 429 goes back under the limit found before, not a step below the peak."""
         clock, ctl = _full()
-        for _ in range(7):
-            clock.now += 0.5
-            limit = ctl.rate  # the rate the last of these 429s was sent at
-            ctl.on_throttled(sent_at=clock.now - 0.1)
+        limit = _run_of_429s(clock, ctl, 7)[-2]  # the rate the last 429 was sent at
         start = clock.now
         while ctl.rate < limit * 1.1 and clock.now - start < 30.0:
             clock.now += 0.2
