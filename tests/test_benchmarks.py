@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from broker.state.redis_server import redis_server_binary
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -247,3 +249,40 @@ def test_product_cost_quick(tmp_path: Path) -> None:
         # A cached read is a slot lookup: never dearer than reading the JSON again.
         assert row["cached_read_us"] <= row["first_read_us"]
     _written(tmp_path, "product_cost", body)
+
+
+def test_cache_rerun_quick(tmp_path: Path) -> None:
+    """A 200-ASIN quick run: day 2 hits the 90 % seen on day 1 and sends fewer requests."""
+    body = _run(
+        "cache_rerun.py", tmp_path, "--quick", "--asins", "200", "--tps", "200", timeout=120
+    )
+    _written(tmp_path, "cache_rerun", body)
+    content = body["scenarios"]["content"]
+    assert content["day2_rerun"]["hits"] == 180
+    assert content["day2_rerun"]["requests"] < content["day2_no_cache"]["requests"]
+    assert body["scenarios"]["with_offers"]["day2_rerun"]["hits"] == 0
+
+
+def test_shared_key_quick_run(tmp_path: Path) -> None:
+    """N = 2 for 2 s in each mode: the JSON line, its runs, decision costs and the files."""
+    body = _run(
+        "shared_key.py",
+        tmp_path,
+        "--quick",
+        "--processes",
+        "2",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        timeout=240,
+    )
+    modes = {run["mode"] for run in body["runs"]}
+    expected = {"independent", "local"} | ({"redis"} if redis_server_binary() else set())
+    assert modes == expected
+    for run in body["runs"]:
+        assert run["processes"] == 2
+        assert len(run["per_process_rps"]) == 2
+        assert run["accepted"] > 0
+    assert body["decision_us"]["local"] > 0
+    _written(tmp_path, "shared_key", body)
