@@ -33,7 +33,7 @@ from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
 from broker.engine.batcher import Batch, Batcher, Lookup, Room, WorkQueue
 from broker.engine.executor import Executor
-from broker.engine.intake import Intake
+from broker.engine.intake import Ident, Intake, ident_of
 from broker.engine.keys import KeyState
 from broker.engine.metrics import EngineMetrics, MetricsSnapshot
 from broker.engine.retry import RetryPolicy
@@ -64,7 +64,6 @@ __all__ = ["Broker", "Query"]
 logger = get_logger("broker")
 
 _Input = str | Query
-_Ident = tuple[str, str, tuple[str, ...]]
 
 #: Inputs a stream reads ahead to look up in the item cache in one batch.
 _CACHE_CHUNK = 100
@@ -461,9 +460,10 @@ class Broker:
         try:
             for query in queries:
                 if isinstance(query, ItemResult):
-                    collector.add(_ident(query.query), query)
+                    assert query.query is not None
+                    collector.add(ident_of(query.query), query)
                     continue
-                ident = _ident(query)
+                ident = ident_of(query)
                 if collector.expect(ident):
                     hit = await intake.cached(query)
                     if hit is not None:
@@ -665,31 +665,26 @@ class Broker:
         return f"Broker({state}, keys={[k.name for k in self._keys]})"
 
 
-def _ident(query: Query | None) -> _Ident:
-    assert query is not None
-    return (query.marketplace or "", query.asin, query.resources or ())
-
-
 class _Collector:
     """The receiver of one ``get_items`` call: one slot per distinct query, one future."""
 
     __slots__ = ("_done", "_future", "_input_done", "_remaining", "_slots", "_values")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._slots: dict[_Ident, int] = {}
+        self._slots: dict[Ident, int] = {}
         self._values: list[ItemResult | None] = []
         self._remaining = 0
         self._input_done = False
         self._future: asyncio.Future[None] = loop.create_future()
         self._done = False
 
-    def add(self, ident: _Ident, result: ItemResult) -> None:
+    def add(self, ident: Ident, result: ItemResult) -> None:
         """An answer known at once (invalid id, unknown marketplace)."""
         if ident not in self._slots:
             self._slots[ident] = len(self._values)
             self._values.append(result)
 
-    def expect(self, ident: _Ident) -> bool:
+    def expect(self, ident: Ident) -> bool:
         """Reserve the slot of a query; False if the same query was already asked."""
         if ident in self._slots:
             return False
@@ -707,7 +702,7 @@ class _Collector:
         if isinstance(outcome, BaseException):
             self._future.set_exception(outcome.with_traceback(None))
             return
-        self._values[self._slots[_ident(query)]] = outcome
+        self._values[self._slots[ident_of(query)]] = outcome
         self._remaining -= 1
         if self._input_done and self._remaining == 0:
             self._future.set_result(None)

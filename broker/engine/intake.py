@@ -31,9 +31,15 @@ if TYPE_CHECKING:
     from broker.engine.metrics import EngineMetrics
     from broker.engine.scheduler import KeyPool
 
-__all__ = ["Intake"]
+__all__ = ["Ident", "Intake", "ident_of"]
 
-_Ident = tuple[str, str, tuple[str, ...]]
+#: What makes two queries one lookup: (marketplace, ASIN, resources); the tag is left out.
+Ident = tuple[str, str, tuple[str, ...]]
+
+
+def ident_of(query: Query) -> Ident:
+    """The lookup identity of a completed query (marketplace and resources filled in)."""
+    return (query.marketplace or "", query.asin, query.resources or ())
 
 
 class Intake:
@@ -63,7 +69,7 @@ class Intake:
         self._closed = closed
         self._cache = cache
         self._capacity = Room(queue_size)
-        self._inflight: dict[_Ident, Lookup] = {}
+        self._inflight: dict[Ident, Lookup] = {}
         # Canonical names of marketplaces as callers spell them ("UK", "amazon.co.uk").
         self._markets: dict[str, str | None] = {}
 
@@ -175,13 +181,11 @@ class Intake:
 
         Most queries are admitted this way, with no coroutine per ASIN.
         """
-        assert query.marketplace is not None
-        assert query.resources is not None
-        ident = (query.marketplace, query.asin, query.resources)
+        ident = ident_of(query)
         lookup = self._join(ident, query, receiver)
         if lookup is not None:
             return lookup
-        self._pool.check_servable(query.marketplace)
+        self._pool.check_servable(ident[0])
         if self._closed() is not None or not self._capacity.try_take():
             return None
         return self._start(ident, query, receiver)
@@ -193,31 +197,28 @@ class Intake:
             NoUsableKeyError: every key that could serve the marketplace left rotation.
             BrokerClosedError / the engine's crash: the broker stopped meanwhile.
         """
-        assert query.marketplace is not None
-        assert query.resources is not None
-        ident = (query.marketplace, query.asin, query.resources)
-        lookup = self._join(ident, query, receiver)
+        lookup = self.admit_now(query, receiver)
         if lookup is not None:
             return lookup
-        self._pool.check_servable(query.marketplace)
         await self._capacity.take()
         try:
             stopped = self._closed()
             if stopped is not None:
                 raise stopped
             # The last key may have left while this caller waited for room (N5).
-            self._pool.check_servable(query.marketplace)
+            self._pool.check_servable(query.marketplace or "")
         except BaseException:
             # Hand the room on: the next waiter must also wake and see the same.
             self._capacity.give()
             raise
+        ident = ident_of(query)
         lookup = self._join(ident, query, receiver)
         if lookup is not None:
             self._capacity.give()
             return lookup
         return self._start(ident, query, receiver)
 
-    def _start(self, ident: _Ident, query: Query, receiver: Receiver) -> Lookup:
+    def _start(self, ident: Ident, query: Query, receiver: Receiver) -> Lookup:
         canonical = (
             query if query.tag is None else Query(query.asin, query.marketplace, query.resources)
         )
@@ -226,7 +227,7 @@ class Intake:
         self._batcher.add(lookup)
         return lookup
 
-    def _join(self, ident: _Ident, query: Query, receiver: Receiver) -> Lookup | None:
+    def _join(self, ident: Ident, query: Query, receiver: Receiver) -> Lookup | None:
         lookup = self._inflight.get(ident)
         if lookup is None or lookup.done:
             return None
@@ -234,8 +235,7 @@ class Intake:
         return lookup
 
     def _finished(self, lookup: Lookup, outcome: ItemResult | BaseException | None) -> None:
-        query = lookup.query
-        ident = (query.marketplace or "", query.asin, query.resources or ())
+        ident = ident_of(lookup.query)
         if self._inflight.get(ident) is lookup:
             del self._inflight[ident]
         self._capacity.give()
@@ -263,8 +263,7 @@ class Intake:
         """
         if self._cache is None:
             return None
-        ident = (query.marketplace or "", query.asin, query.resources or ())
-        if ident in self._inflight:
+        if ident_of(query) in self._inflight:
             return None
         hit = await self._cache.get(query)
         if hit is not None:
