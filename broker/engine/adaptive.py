@@ -18,7 +18,7 @@ import collections
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from broker.ratecontrol import RecoveryState, RecoveryTuning, cut_rate, recovered_rate
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from broker.clock import Clock
 
 __all__ = ["AdaptiveRate", "AdaptiveSettings", "Circuit", "CircuitState", "ThrottleVerdict"]
+
+#: The controller's defaults live with its arithmetic; the settings below repeat none of them.
+_TUNING = RecoveryTuning()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,7 @@ class AdaptiveSettings:
             share of the throttled rate (0.01: +8 % after 2 s, x1.6 after 4 s, x2.2 after 5 s).
     """
 
-    beta: float = 0.1
+    beta: float = _TUNING.beta
     target_loss: float = 0.01
     min_rate_per_s: float = 0.05
     discover: bool = False
@@ -94,17 +97,17 @@ class AdaptiveSettings:
     park_s: float = 900.0
     max_park_s: float = 3600.0
     probe_jitter: float = 0.1
-    recovery: bool = True
-    regrow_s: float = 2.0
-    plateau: float = 0.97
-    probe_after_s: float = 3.0
-    probe_after_sends: int = 8
-    max_probe_after_s: float = 6.0
-    probe_gain: float = 0.01
-    cap_beta: float = 0.03
-    cap_zone: float = 0.75
-    drop_beta: float = 0.2
-    cap_target_loss: float = 0.0125
+    recovery: bool = _TUNING.recovery
+    regrow_s: float = _TUNING.regrow_s
+    plateau: float = _TUNING.plateau
+    probe_after_s: float = _TUNING.probe_after_s
+    probe_after_sends: int = _TUNING.probe_after_sends
+    max_probe_after_s: float = _TUNING.max_probe_after_s
+    probe_gain: float = _TUNING.probe_gain
+    cap_beta: float = _TUNING.cap_beta
+    cap_zone: float = _TUNING.cap_zone
+    drop_beta: float = _TUNING.drop_beta
+    cap_target_loss: float = _TUNING.cap_target_loss
 
     def __post_init__(self) -> None:
         if not 0.0 < self.beta < 1.0:
@@ -128,20 +131,7 @@ class AdaptiveSettings:
 
     def tuning(self) -> RecoveryTuning:
         """The ceiling-aware controller's parameters (``broker/ratecontrol.py``)."""
-        return RecoveryTuning(
-            beta=self.beta,
-            recovery=self.recovery,
-            cap_beta=self.cap_beta,
-            cap_zone=self.cap_zone,
-            cap_target_loss=self.cap_target_loss,
-            drop_beta=self.drop_beta,
-            regrow_s=self.regrow_s,
-            plateau=self.plateau,
-            probe_after_s=self.probe_after_s,
-            probe_after_sends=self.probe_after_sends,
-            max_probe_after_s=self.max_probe_after_s,
-            probe_gain=self.probe_gain,
-        )
+        return RecoveryTuning(**{f.name: getattr(self, f.name) for f in fields(RecoveryTuning)})
 
     @property
     def increase_per_success(self) -> float:
