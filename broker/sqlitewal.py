@@ -5,14 +5,22 @@ two processes open a new file at the same moment, the loser gets ``database is l
 once, whatever the busy timeout. The item cache and the key state both open files every broker
 process of a machine shares, so both switch through :func:`enable_wal`, which retries for as
 long as the busy timeout allows.
+
+Every such file also writes in short ``BEGIN IMMEDIATE`` transactions (:func:`immediate`:
+the write lock is taken up front, so a transaction never fails half-way on a lock upgrade),
+and reports a full or failing disk as the ``OSError`` it is (:func:`disk_error`).
 """
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-__all__ = ["enable_wal"]
+__all__ = ["disk_error", "enable_wal", "immediate"]
 
 #: Pause between attempts while another process holds the lock.
 _RETRY_S = 0.01
@@ -33,3 +41,31 @@ def enable_wal(conn: sqlite3.Connection, *, timeout_s: float) -> None:
             if "locked" not in str(exc) or time.monotonic() >= deadline:
                 raise
             time.sleep(_RETRY_S)
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed if the block ends, else rolled back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # SQLite rolls back by itself after some errors (a full disk among them).
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
+    """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO), else None.
+
+    Raised instead of the ``sqlite3`` error, so a full disk under a SQLite file is reported
+    like one under any other output (exit 74), not as an internal error.
+    """
+    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if primary == sqlite3.SQLITE_FULL:
+        return OSError(errno.ENOSPC, f"{path}: disk full ({exc})")
+    if primary == sqlite3.SQLITE_IOERR:
+        return OSError(errno.EIO, f"{path}: I/O error ({exc})")
+    return None

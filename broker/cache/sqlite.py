@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
-from broker.sqlitewal import enable_wal
+from broker.sqlitewal import enable_wal, immediate
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheKey, CachePolicy
@@ -194,15 +194,10 @@ class SqliteCache(StoreCache):
                 (*self._key_params(e.key), e.fetched_at, e.size, e.checksum, e.payload)
                 for e in entries
             ]
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 db.executemany(_UPSERT, rows)
                 db.execute("DELETE FROM item_cache WHERE fetched_at < ?", (expire_before,))
                 evicted = _evict(db, policy.max_items, policy.max_bytes)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             _vacuum(db)
             return evicted
 
@@ -216,8 +211,7 @@ class SqliteCache(StoreCache):
         asins: Sequence[str] | None,
     ) -> int:
         def delete(db: sqlite3.Connection) -> int:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 if keys is not None:
                     removed = 0
                     for key in keys:
@@ -238,10 +232,6 @@ class SqliteCache(StoreCache):
                     removed = db.execute(
                         f"DELETE FROM item_cache WHERE {' AND '.join(where)}", params
                     ).rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             _vacuum(db)
             return removed
 

@@ -37,7 +37,6 @@ hook that kills the process at named points of a job, inert unless ``ASINB_CRASH
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import os
 import re
@@ -55,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import JobFileError
+from broker.sqlitewal import disk_error, immediate
 
 if TYPE_CHECKING:
     from broker.jobs.sources import JobFingerprint, JobRow
@@ -753,19 +753,9 @@ class Ledger:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        # IMMEDIATE takes the write lock up front, so a transaction never fails half-way
-        # on a lock upgrade.
-        conn = self._conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._conn):
                 yield
-                conn.execute("COMMIT")
-            except BaseException:
-                # SQLite rolls back by itself after some errors (a full disk among them).
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             failure = disk_error(self._path, exc)
             if failure is None:
@@ -795,20 +785,6 @@ class Ledger:
             "ON CONFLICT (status) DO UPDATE SET n = n + excluded.n",
             (status, n),
         )
-
-
-def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
-    """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO), else None.
-
-    Raised instead of the ``sqlite3`` error, so a full disk under the ledger is reported
-    like one under the output (exit 74), not as an internal error.
-    """
-    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if primary == sqlite3.SQLITE_FULL:
-        return OSError(errno.ENOSPC, f"{path}: disk full ({exc})")
-    if primary == sqlite3.SQLITE_IOERR:
-        return OSError(errno.EIO, f"{path}: I/O error ({exc})")
-    return None
 
 
 #: The environment variable of the test-only crash hook (see :func:`crash_point`).

@@ -41,8 +41,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol
 
 from broker.errors import JobFileError, describe
-from broker.jobs.ledger import DoneRow, SinkState, crash_point, disk_error
+from broker.jobs.ledger import DoneRow, SinkState, crash_point
 from broker.logs import get_logger
+from broker.sqlitewal import disk_error
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger

@@ -15,7 +15,6 @@ file is not contended (``benchmarks/shared_key.py`` measures it), less than a th
 
 from __future__ import annotations
 
-import errno
 import os
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -24,14 +23,10 @@ from pathlib import Path
 import orjson
 
 from broker.errors import StateUnavailableError
-from broker.sqlitewal import enable_wal
+from broker.sqlitewal import disk_error, enable_wal, immediate
 from broker.state.decision import Record, decide
 from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
 from broker.state.store import KeyView, boot_epoch, monotonic_us, wall_us
-
-#: SQLite's primary result codes for a failing and a full disk.
-_SQLITE_IOERR = 10
-_SQLITE_FULL = 13
 
 __all__ = ["STATE_FILE", "SqliteStateStore", "default_state_dir"]
 
@@ -124,8 +119,7 @@ class SqliteStateStore:
         """Apply feedback and optionally reserve a send, in one transaction."""
         conn = self._conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 record = self._load(key.digest)
                 decision = decide(
                     record,
@@ -145,11 +139,6 @@ class SqliteStateStore:
                     "data = excluded.data",
                     (key.digest, key.name, orjson.dumps(record)),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
         return decision
@@ -158,11 +147,7 @@ class SqliteStateStore:
         """A busy or locked file is unavailable for now (the key waits and asks again); a
         disk that fails or is full is an I/O error that ends the run (exit 74), as waiting
         would never end."""
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        if code in (_SQLITE_IOERR, _SQLITE_FULL):
-            number = errno.ENOSPC if code == _SQLITE_FULL else errno.EIO
-            return OSError(number, f"{self._path}: {exc}")
-        return StateUnavailableError("local", f"{self._path}: {exc}")
+        return disk_error(self._path, exc) or StateUnavailableError("local", f"{self._path}: {exc}")
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
         """Read the key's state without writing anything."""
