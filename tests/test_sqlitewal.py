@@ -1,14 +1,15 @@
-"""Switching a shared SQLite file to WAL waits out another process's lock."""
+"""The shared SQLite helpers: the WAL switch waits out a lock; transactions; disk errors."""
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
-from broker.sqlitewal import enable_wal
+from broker.sqlitewal import disk_error, enable_wal, immediate
 
 
 def _locked(path: Path) -> sqlite3.Connection:
@@ -43,3 +44,38 @@ def test_gives_up_after_the_timeout(tmp_path: Path) -> None:
         conn.close()
         holder.execute("COMMIT")
         holder.close()
+
+
+def test_immediate_commits_a_block_and_rolls_back_a_failed_one(tmp_path: Path) -> None:
+    """A block that ends is committed; one that raises leaves nothing behind."""
+    conn = sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    with immediate(conn):
+        conn.execute("INSERT INTO t VALUES (1)")
+
+    def failing() -> None:
+        with immediate(conn):
+            conn.execute("INSERT INTO t VALUES (2)")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        failing()
+    assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
+    assert not conn.in_transaction
+    conn.close()
+
+
+def test_disk_errors_become_os_errors(tmp_path: Path) -> None:
+    """SQLITE_FULL is ENOSPC, SQLITE_IOERR is EIO, anything else stays a SQLite error."""
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    ioerr = sqlite3.OperationalError("disk I/O error")
+    ioerr.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    path = tmp_path / "t.sqlite3"
+    assert [getattr(disk_error(path, e), "errno", None) for e in (full, ioerr, busy)] == [
+        errno.ENOSPC,
+        errno.EIO,
+        None,
+    ]
