@@ -405,6 +405,60 @@ class TestUnavailable:
             SqliteStateStore(blocker / "sub" / "keys.sqlite3")
 
 
+class TestSqliteReuse:
+    """The SQLite store reuses the record it last wrote only while the row is unchanged."""
+
+    async def test_two_stores_on_one_file_see_each_others_writes(self, tmp_path: Path) -> None:
+        """Alternating decisions of two stores (two processes) take consecutive slots."""
+        clock = [_T0]
+        path = tmp_path / "keys.sqlite3"
+        a, b = (
+            SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+            for _ in range(2)
+        )
+        decisions = []
+        for store in (a, b, a, a, b):
+            decisions.append(
+                await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+            )
+        assert [d.count for d in decisions] == [1, 2, 3, 4, 5]
+        assert [d.slot_us - _T0 for d in decisions] == [0, 200_000, 400_000, 600_000, 800_000]
+        await a.aclose()
+        await b.aclose()
+
+    async def test_a_failed_write_is_not_remembered(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A decision whose write failed leaves no trace: the next one starts from the file."""
+        import sqlite3
+
+        import broker.state.sqlite as sqlite_module
+
+        clock = [_T0]
+        store = SqliteStateStore(
+            tmp_path / "keys.sqlite3", now_us=lambda: clock[0], wall_us=lambda: clock[0]
+        )
+        assert (await backend_reserve(store)).count == 1
+
+        class FailingJson:
+            @staticmethod
+            def dumps(record: object) -> bytes:
+                raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(sqlite_module, "orjson", FailingJson)
+        with pytest.raises(StateUnavailableError):
+            await backend_reserve(store)
+        monkeypatch.undo()
+        after = await backend_reserve(store)
+        assert (after.count, after.slot_us - _T0) == (2, 200_000)
+        await store.aclose()
+
+
+async def backend_reserve(store: KeyStateStore) -> Decision:
+    """One plain reserving decision of the test key."""
+    return await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+
+
 _WORKER = textwrap.dedent(
     """
     import asyncio, json, sys
