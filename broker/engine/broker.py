@@ -524,20 +524,22 @@ class Broker:
             lookup = intake.admit_now(query, receiver)
             receiver.expect(lookup or await intake.admit(query, receiver))
 
+        def place(item: _Input) -> Query | None:
+            # The hot path without a cache: no coroutine per item. Returns the query when
+            # the intake is full, for the caller to wait for room.
+            query = intake.complete(item, marketplace, resources)
+            if isinstance(query, ItemResult):
+                receiver.push(query)
+                return None
+            lookup = intake.admit_now(query, receiver)
+            if lookup is None:
+                return query
+            receiver.expect(lookup)
+            return None
+
         async def produce() -> None:
             try:
-                if not caching:
-                    # The hot path, written out: no coroutine per item.
-                    async for item in _aiter(asins):
-                        if not window.try_take():
-                            await window.take()
-                        query = intake.complete(item, marketplace, resources)
-                        if isinstance(query, ItemResult):
-                            receiver.push(query)
-                            continue
-                        lookup = intake.admit_now(query, receiver)
-                        receiver.expect(lookup or await intake.admit(query, receiver))
-                else:
+                if caching:
                     # Read the cache a chunk at a time: one batched read per chunk.
                     async for chunk in _chunks(_aiter(asins), _CACHE_CHUNK):
                         queries = [intake.complete(i, marketplace, resources) for i in chunk]
@@ -547,6 +549,19 @@ class Broker:
                                 await offer(query)
                         finally:
                             intake.discard(queries)
+                elif isinstance(asins, AsyncIterable):
+                    async for item in asins:
+                        if not window.try_take():
+                            await window.take()
+                        if (waiting := place(item)) is not None:
+                            receiver.expect(await intake.admit(waiting, receiver))
+                else:
+                    # A plain iterable is read here, not through an async generator.
+                    for item in asins:
+                        if not window.try_take():
+                            await window.take()
+                        if (waiting := place(item)) is not None:
+                            receiver.expect(await intake.admit(waiting, receiver))
                 self._flush()
             except BaseException as exc:
                 receiver.end(exc)
@@ -555,7 +570,12 @@ class Broker:
 
         producer = asyncio.get_running_loop().create_task(produce())
         try:
-            while (result := await receiver.next()) is not None:
+            while True:
+                result = receiver.take()
+                if result is None:
+                    if await receiver.wait():
+                        continue
+                    break
                 window.give()
                 yield result
         finally:
@@ -763,23 +783,32 @@ class _StreamReceiver:
             self._error = error
         self._wake()
 
-    async def next(self) -> ItemResult | None:
-        """The next result, or None at the end of the stream."""
-        while True:
-            if self._ready:
-                item = self._ready.popleft()
-                if isinstance(item, BaseException):
-                    raise item.with_traceback(None)
-                return item
-            if self._error is not None:
-                raise self._error
+    def take(self) -> ItemResult | None:
+        """The next result if one is ready (None: :meth:`wait`); raises a failure.
+
+        Raises:
+            the lookup's or the producer's error, as the stream's consumer must see it.
+        """
+        if self._ready:
+            item = self._ready.popleft()
+            if isinstance(item, BaseException):
+                raise item.with_traceback(None)
+            return item
+        if self._error is not None:
+            raise self._error
+        return None
+
+    async def wait(self) -> bool:
+        """Wait until a result is ready (True), or the stream has ended (False)."""
+        while not self._ready and self._error is None:
             if self._input_done and self._pending <= 0:
-                return None
+                return False
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        return True
 
     def leave(self) -> None:
         """The consumer stopped: let go of every lookup still held."""

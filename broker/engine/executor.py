@@ -245,11 +245,16 @@ class Executor:
     ) -> None:
         fetched_at = self._clock.utcnow()
         attempts = batch.attempts
+        sent = attempts.sent
+        name = key.name
         metrics = self._metrics
+        # The answered lookups leave the batch all at once (not one list removal each);
+        # the missed ones stay in it for what follows.
         missed: list[Lookup] = []
-        # A copy: each lookup leaves the batch as it is answered.
-        for lookup in list(batch.lookups):
-            outcome = outcomes.get(lookup.asin)
+        lookups, batch.lookups = batch.lookups, missed
+        for lookup in lookups:
+            query = lookup.query
+            outcome = outcomes.get(query.asin)
             if outcome is None:
                 missed.append(lookup)
                 continue
@@ -258,18 +263,19 @@ class Executor:
                 # Every id sent was validated first, so an item-level "invalid" in a 200
                 # (InvalidParameterValue) means no such item here (protocol.md 4).
                 status = Status.NOT_FOUND
+            lookup.batch = None
             if lookup.finish(
                 ItemResult(
-                    lookup.asin,
-                    lookup.marketplace,
+                    query.asin,
+                    batch.marketplace,
                     status,
                     outcome.item,
                     outcome.summary,
                     outcome.error,
-                    attempts.sent,
-                    key.name,
+                    sent,
+                    name,
                     fetched_at,
-                    lookup.query,
+                    query,
                 )
             ):
                 metrics.record_item(status.value)
