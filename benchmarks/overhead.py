@@ -8,6 +8,9 @@ ASINs each, the config's default resources, one key, the same concurrency) in th
   ``tps = 1000`` and ``max_in_flight = --concurrency``: validation, deduplication, batching,
   pacing, dispatch, authorization at send time (a cached bearer token, or a fresh SigV4
   signature per request), parsing every item and building one result per ASIN;
+- ``pipeline-mem``: the same pipeline with ``[state] backend = "memory"``: the key's
+  shared state (slot, daily count, rate) kept in this process instead of the machine's
+  SQLite file, to show what the one SQLite transaction per send costs;
 - ``bare``: the transport ceiling: N workers (N = the same concurrency) posting prebuilt
   bodies with prebuilt headers (a bearer token fetched once, or signatures taken before the
   clock starts) on one ``aiohttp.ClientSession`` and reading each body, nothing else;
@@ -41,7 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -131,11 +134,19 @@ def _chunks(ids: Iterator[str], count: int) -> list[list[str]]:
 
 
 async def _pipeline(
-    url: str, protocol: str, *, requests: int, warmup: int, concurrency: int, prefix: str
+    url: str,
+    protocol: str,
+    *,
+    requests: int,
+    warmup: int,
+    concurrency: int,
+    prefix: str,
+    state: str = "local",
 ) -> Sample:
     config = broker_config(
         url, [ACCOUNTS[protocol]], tps=PIPELINE_TPS, max_in_flight=concurrency, tpd=0
     )
+    config = replace(config, state=replace(config.state, backend=state))
     async with Broker(config) as broker:
         # Token fetch, connection pool, first-call code paths: not what we measure.
         await broker.get_items(
@@ -288,8 +299,8 @@ async def _peer(url: str, *, requests: int, warmup: int, concurrency: int, prefi
 
 #: The variants each protocol measures; the peer only speaks the Creators API asynchronously.
 VARIANTS: Mapping[str, tuple[str, ...]] = {
-    "creators": ("pipeline", "bare", "bare+json", "peer"),
-    "paapi5": ("pipeline", "bare", "bare+json"),
+    "creators": ("pipeline", "pipeline-mem", "bare", "bare+json", "peer"),
+    "paapi5": ("pipeline", "pipeline-mem", "bare", "bare+json"),
 }
 
 
@@ -324,7 +335,7 @@ def _factory(
     prefix: str,
 ) -> Callable[[], Coroutine[Any, Any, Sample]]:
     def make() -> Coroutine[Any, Any, Sample]:
-        if variant == "pipeline":
+        if variant in ("pipeline", "pipeline-mem"):
             return _pipeline(
                 url,
                 protocol,
@@ -332,6 +343,7 @@ def _factory(
                 warmup=warmup,
                 concurrency=concurrency,
                 prefix=prefix,
+                state="memory" if variant == "pipeline-mem" else "local",
             )
         if variant == "peer":
             return _peer(
@@ -373,6 +385,8 @@ def _summarise(
             entry["ratio_pipeline_to_bare_json"] = _ratio(
                 pipeline, entry["bare+json"]["cpu_us_per_request"]
             )
+            memory = entry["pipeline-mem"]["cpu_us_per_request"]
+            entry["ratio_pipeline_mem_to_bare"] = _ratio(memory, bare)
             entry["met"] = entry["ratio_pipeline_to_bare"] <= TARGET_RATIO
             peer = entry.get("peer")
             if peer is not None:
@@ -384,10 +398,12 @@ def _summarise(
                     loop,
                     protocol,
                     pipeline,
+                    memory,
                     bare,
                     entry["bare+json"]["cpu_us_per_request"],
                     peer["cpu_us_per_request"] if peer else "-",
                     f"{entry['ratio_pipeline_to_bare']:.2f}x",
+                    f"{entry['ratio_pipeline_mem_to_bare']:.2f}x",
                     f"{entry['ratio_peer_to_bare']:.2f}x" if peer else "-",
                     entry["pipeline"]["requests_per_s"],
                     entry["bare"]["requests_per_s"],
@@ -460,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                         samples.setdefault((loop, protocol, variant), []).append(sample)
                         print(
                             f"round {round_no + 1}/{repeat} {loop:7} {protocol:8} "
-                            f"{variant:9} {sample.cpu_us_per_request:8.1f} us/request "
+                            f"{variant:12} {sample.cpu_us_per_request:8.1f} us/request "
                             f"{sample.requests_per_s:7.1f} req/s",
                             file=sys.stderr,
                             flush=True,
@@ -472,10 +488,12 @@ def main(argv: list[str] | None = None) -> int:
             "loop",
             "protocol",
             "pipeline us/req",
+            "mem-state us/req",
             "bare us/req",
             "bare+json us/req",
             "peer us/req",
             "pipeline/bare",
+            "mem-state/bare",
             "peer/bare",
             "pipeline req/s",
             "bare req/s",

@@ -61,7 +61,7 @@ def _check_plot(body: dict[str, Any], path: Path) -> None:
 
 
 def test_overhead_quick(tmp_path: Path) -> None:
-    """overhead.py measures pipeline, bare, bare+json and the peer, with no failed request."""
+    """overhead.py measures pipeline (SQLite and memory key state), bare, bare+json, the peer."""
     body = _run(
         "overhead.py", tmp_path, "--quick", "--loop", "uvloop", "--requests", "40", "--repeat", "1"
     )
@@ -69,11 +69,19 @@ def test_overhead_quick(tmp_path: Path) -> None:
     assert body["settings"]["quick"] is True
     assert body["settings"]["peer"] == "python-amazon-paapi 7.1.0"
     creators, paapi = body["results"]["uvloop/creators"], body["results"]["uvloop/paapi5"]
-    assert set(creators) >= {"pipeline", "bare", "bare+json", "peer", "ratio_peer_to_bare"}
+    assert set(creators) >= {
+        "pipeline",
+        "pipeline-mem",
+        "bare",
+        "bare+json",
+        "peer",
+        "ratio_peer_to_bare",
+        "ratio_pipeline_mem_to_bare",
+    }
     assert "peer" not in paapi
     assert "ratio_pipeline_to_bare" in paapi
     for entry in (creators, paapi):
-        for variant in ("pipeline", "bare", "bare+json", "peer"):
+        for variant in ("pipeline", "pipeline-mem", "bare", "bare+json", "peer"):
             if variant in entry:
                 assert entry[variant]["failed"] == 0
                 assert entry[variant]["requests"] == 40
