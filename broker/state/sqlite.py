@@ -1,9 +1,11 @@
 """The ``local`` key-state home: one SQLite file (WAL) shared by every process of a machine.
 
 Each decision is one short ``BEGIN IMMEDIATE`` transaction: read the key's row, run
-:func:`broker.state.decision.decide`, write the row back. ``IMMEDIATE`` takes SQLite's
-write lock at the start, so two processes' decisions on one file never interleave; WAL lets
-``broker status`` read while others write. The file lives in the user's state directory
+:func:`broker.state.decision.decide`, write the row back (a row still holding the bytes this
+process last wrote is not parsed again: the record it was written from is reused).
+``IMMEDIATE`` takes SQLite's write lock at the start, so two processes' decisions on one
+file never interleave; WAL lets ``broker status`` read while others write. The file lives
+in the user's state directory
 (``$XDG_STATE_HOME/asin-broker/``, else ``~/.local/state/asin-broker/``, created with mode
 0700), or where ``[state] path`` says. Slots, pauses and parks run on the machine's
 monotonic clock (one for every process, deaf to wall-clock steps), tagged with the boot id
@@ -131,13 +133,13 @@ class SqliteStateStore:
         written = self._written.pop(key.digest, None)
         try:
             with immediate(conn):
-                data = self._read(key.digest)
-                if data is None:
+                stored = self._read(key.digest)
+                if stored is None:
                     record = Record()
-                elif written is not None and written[0] == data:
+                elif written is not None and written[0] == stored:
                     record = written[1]
                 else:
-                    record = Record.from_json(orjson.loads(data))
+                    record = Record.from_json(orjson.loads(stored))
                 decision = decide(
                     record,
                     self._now_us(),
