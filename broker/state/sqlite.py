@@ -5,11 +5,11 @@ Each decision is one short ``BEGIN IMMEDIATE`` transaction: read the key's row, 
 process last wrote is not parsed again: the record it was written from is reused).
 ``IMMEDIATE`` takes SQLite's write lock at the start, so two processes' decisions on one
 file never interleave; WAL lets ``broker status`` read while others write. The file lives
-in the user's state directory
-(``$XDG_STATE_HOME/asin-broker/``, else ``~/.local/state/asin-broker/``, created with mode
-0700), or where ``[state] path`` says. Slots, pauses and parks run on the machine's
-monotonic clock (one for every process, deaf to wall-clock steps), tagged with the boot id
-so a reboot drops them; the daily window follows the wall clock.
+in the user's state directory (``$XDG_STATE_HOME/asin-broker/``, else
+``~/.local/state/asin-broker/``, created with mode 0700), or where ``[state] path`` says.
+Slots, pauses and parks run on the machine's monotonic clock (one for every process, deaf
+to wall-clock steps), tagged with the boot id so a reboot drops them; the daily window
+follows the wall clock.
 
 The transaction runs on the event loop's thread: it takes tens of microseconds when the
 file is not contended (``benchmarks/shared_key.py`` measures it), less than a thread hop.
