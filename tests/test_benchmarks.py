@@ -226,6 +226,20 @@ def test_peer_calls_are_counted_in_their_window() -> None:
 
 
 @pytest.mark.usefixtures("bench_modules")
+def test_burst1_target_is_the_jitter_bound() -> None:
+    """The burst-1 bound is benchmarks/README.md's: 84.4 % at 5 TPS, 94.9 % at 1 TPS."""
+    import utilisation
+
+    assert round(utilisation.burst1_bound_pct(5.0), 1) == 84.4
+    assert round(utilisation.burst1_bound_pct(1.0), 1) == 94.9
+    burst1 = next(s for s in utilisation.SCENARIOS if s.name == "burst1")
+    window = {"utilisation_pct": 82.0, "share_429_pct": 1.5, "throttled": 3}
+    assert utilisation._judge(burst1, {"window": window}, 5.0)
+    assert not utilisation._judge(burst1, {"window": {**window, "share_429_pct": 2.5}}, 5.0)
+    assert not utilisation._judge(burst1, {"window": window}, 1.0)
+
+
+@pytest.mark.usefixtures("bench_modules")
 def test_adaptation_schedule_and_recovery() -> None:
     """A schedule parses to phases; recovery is the first 5 s mean at >= 90 % of the rate."""
     import adaptation
