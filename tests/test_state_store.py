@@ -453,6 +453,30 @@ class TestSqliteReuse:
         assert (after.count, after.slot_us - _T0) == (2, 200_000)
         await store.aclose()
 
+    async def test_a_new_file_has_small_pages_and_an_old_one_keeps_its_own(
+        self, tmp_path: Path
+    ) -> None:
+        """A new state file gets 1 KiB pages (one per decision goes to the WAL); old ones stay."""
+        import sqlite3
+
+        fresh = tmp_path / "new.sqlite3"
+        store = SqliteStateStore(fresh)
+        await backend_reserve(store)
+        await store.aclose()
+        old = tmp_path / "old.sqlite3"
+        conn = sqlite3.connect(old)
+        conn.execute("CREATE TABLE x (y)")
+        conn.close()
+        store = SqliteStateStore(old)
+        assert (await backend_reserve(store)).count == 1
+        await store.aclose()
+        sizes = {}
+        for path in (fresh, old):
+            conn = sqlite3.connect(path)
+            sizes[path.name] = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.close()
+        assert sizes == {"new.sqlite3": 1024, "old.sqlite3": 4096}
+
 
 async def backend_reserve(store: KeyStateStore) -> Decision:
     """One plain reserving decision of the test key."""

@@ -35,6 +35,9 @@ __all__ = ["STATE_FILE", "SqliteStateStore", "default_state_dir"]
 #: The file name inside the state directory.
 STATE_FILE = "keys.sqlite3"
 
+#: The page size of a new state file (see SqliteStateStore.__init__).
+_PAGE_SIZE = 1024
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS key_state (
     digest TEXT PRIMARY KEY,
@@ -89,6 +92,10 @@ class SqliteStateStore:
             self._conn = sqlite3.connect(
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
+            # A new file gets 1 KiB pages: every decision writes its key's page to the WAL,
+            # and a row is about 400 bytes (a bare read-and-update transaction measured
+            # 21-22 µs against 29-35 with the default 4 KiB). An existing file keeps its own.
+            self._conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
             enable_wal(self._conn, timeout_s=busy_timeout_s)
             # NORMAL: a power cut may lose the last decisions, never corrupt the file; the
             # daily count's guard margin covers a few lost increments.
