@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -430,8 +431,6 @@ class TestSqliteReuse:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A decision whose write failed leaves no trace: the next one starts from the file."""
-        import sqlite3
-
         import broker.state.sqlite as sqlite_module
 
         clock = [_T0]
@@ -457,8 +456,6 @@ class TestSqliteReuse:
         self, tmp_path: Path
     ) -> None:
         """A new state file gets 1 KiB pages (one per decision goes to the WAL); old ones stay."""
-        import sqlite3
-
         fresh = tmp_path / "new.sqlite3"
         store = SqliteStateStore(fresh)
         await backend_reserve(store)
