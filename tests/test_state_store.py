@@ -417,11 +417,7 @@ class TestSqliteReuse:
             SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
             for _ in range(2)
         )
-        decisions = []
-        for store in (a, b, a, a, b):
-            decisions.append(
-                await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
-            )
+        decisions = [await Backend("local", s, clock).reserve() for s in (a, b, a, a, b)]
         assert [d.count for d in decisions] == [1, 2, 3, 4, 5]
         assert [d.slot_us - _T0 for d in decisions] == [0, 200_000, 400_000, 600_000, 800_000]
         await a.aclose()
@@ -437,7 +433,8 @@ class TestSqliteReuse:
         store = SqliteStateStore(
             tmp_path / "keys.sqlite3", now_us=lambda: clock[0], wall_us=lambda: clock[0]
         )
-        assert (await backend_reserve(store)).count == 1
+        local = Backend("local", store, clock)
+        assert (await local.reserve()).count == 1
 
         class FailingJson:
             @staticmethod
@@ -446,9 +443,9 @@ class TestSqliteReuse:
 
         monkeypatch.setattr(sqlite_module, "orjson", FailingJson)
         with pytest.raises(StateUnavailableError):
-            await backend_reserve(store)
+            await local.reserve()
         monkeypatch.undo()
-        after = await backend_reserve(store)
+        after = await local.reserve()
         assert (after.count, after.slot_us - _T0) == (2, 200_000)
         await store.aclose()
 
@@ -458,14 +455,14 @@ class TestSqliteReuse:
         """A new state file gets 1 KiB pages (one per decision goes to the WAL); old ones stay."""
         fresh = tmp_path / "new.sqlite3"
         store = SqliteStateStore(fresh)
-        await backend_reserve(store)
+        await Backend("local", store, None).reserve()
         await store.aclose()
         old = tmp_path / "old.sqlite3"
         conn = sqlite3.connect(old)
         conn.execute("CREATE TABLE x (y)")
         conn.close()
         store = SqliteStateStore(old)
-        assert (await backend_reserve(store)).count == 1
+        assert (await Backend("local", store, None).reserve()).count == 1
         await store.aclose()
         sizes = {}
         for path in (fresh, old):
@@ -473,11 +470,6 @@ class TestSqliteReuse:
             sizes[path.name] = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.close()
         assert sizes == {"new.sqlite3": 1024, "old.sqlite3": 4096}
-
-
-async def backend_reserve(store: KeyStateStore) -> Decision:
-    """One plain reserving decision of the test key."""
-    return await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
 
 
 _WORKER = textwrap.dedent(

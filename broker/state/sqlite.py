@@ -114,15 +114,16 @@ class SqliteStateStore:
         """The database file."""
         return str(self._path)
 
-    def _read(self, digest: str) -> bytes | str | None:
+    def _load(self, digest: str, written: tuple[bytes, Record] | None = None) -> Record:
+        """The key's record; ``written`` (bytes, record) is reused if the row still holds it."""
         row = self._conn.execute(
             "SELECT data FROM key_state WHERE digest = ?", (digest,)
         ).fetchone()
-        return None if row is None else row[0]
-
-    def _load(self, digest: str) -> Record:
-        data = self._read(digest)
-        return Record() if data is None else Record.from_json(orjson.loads(data))
+        if row is None:
+            return Record()
+        if written is not None and written[0] == row[0]:
+            return written[1]
+        return Record.from_json(orjson.loads(row[0]))
 
     async def decide(
         self,
@@ -140,13 +141,7 @@ class SqliteStateStore:
         written = self._written.pop(key.digest, None)
         try:
             with immediate(conn):
-                stored = self._read(key.digest)
-                if stored is None:
-                    record = Record()
-                elif written is not None and written[0] == stored:
-                    record = written[1]
-                else:
-                    record = Record.from_json(orjson.loads(stored))
+                record = self._load(key.digest, written)
                 decision = decide(
                     record,
                     self._now_us(),
