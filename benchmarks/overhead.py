@@ -16,6 +16,12 @@ ASINs each, the config's default resources, one key, the same concurrency) in th
   clock starts) on one ``aiohttp.ClientSession`` and reading each body, nothing else;
 - ``bare+json``: the same, plus ``json.loads`` of each body, to show how much of the gap is
   only parsing the JSON at all;
+- ``bare+parse``: the same, plus the least any client that keeps the broker's result
+  contract must do with each answer and nothing more: the dialect's own
+  ``parse_get_items`` (orjson, assembly, per-item errors and summaries) and one
+  :class:`~broker.models.ItemResult` per ASIN carrying the query that asked it. No
+  validation, deduplication, pacing, key state, retries or streaming: the floor under the
+  pipeline, so ``pipeline / bare+parse`` is what the engine itself costs;
 - ``peer`` (Creators only): python-amazon-paapi 7.1.0's async client, the strongest one users
   have today, pointed at the simulator (``host=``, ``auth_endpoint=``), its throttling off and
   no retries, N tasks sharing one client and asking for the same resources (``_peer.py``).
@@ -65,6 +71,7 @@ from _harness import (
 from _peer import PEER, peer_client, peer_resources
 from amazon_creatorsapi.errors import AmazonCreatorsApiError
 
+from broker.api.base import RawResponse
 from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import token_url
 from broker.api.oauth import CreatorsTokenCache
@@ -74,10 +81,10 @@ from broker.client import Broker
 from broker.clock import LoopClock
 from broker.config import DEFAULT_RESOURCES
 from broker.engine.transport import AiohttpTransport
-from broker.models import Secret, Status
+from broker.models import ItemResult, Query, Secret, Status
 
 if TYPE_CHECKING:
-    from broker.api.base import HttpRequest
+    from broker.api.base import Dialect, HttpRequest, ParsedItems
 
 __all__ = ["main"]
 
@@ -219,11 +226,14 @@ async def _bare(
     warmup: int,
     concurrency: int,
     prefix: str,
-    parse: bool,
+    after: str = "",
 ) -> Sample:
+    """The bare loop; ``after`` is what it does with each body: nothing, "json" or "parse"."""
     ids = asin_stream(prefix)
-    warm = await _prebuilt(url, protocol, _chunks(ids, warmup))
-    timed = await _prebuilt(url, protocol, _chunks(ids, requests))
+    warm_ids, timed_ids = _chunks(ids, warmup), _chunks(ids, requests)
+    warm = await _prebuilt(url, protocol, warm_ids)
+    timed = await _prebuilt(url, protocol, timed_ids)
+    dialect: Dialect = CreatorsDialect(url) if protocol == "creators" else PaapiDialect(url)
     # The same connector and timeouts as the broker's transport, so the ceiling is fair.
     connector = aiohttp.TCPConnector(limit=64, limit_per_host=64, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=30.0, connect=10.0, sock_read=30.0)
@@ -232,28 +242,63 @@ async def _bare(
         connector=connector, timeout=timeout, skip_auto_headers=("Content-Type",)
     ) as session:
 
-        async def worker(queue: Iterator[HttpRequest]) -> None:
+        async def worker(queue: Iterator[tuple[HttpRequest, list[str]]]) -> None:
             nonlocal failed
-            for request in queue:
+            for request, asins in queue:
+                started = time.perf_counter()
                 async with session.post(
                     request.url, data=request.body, headers=request.headers
                 ) as response:
                     body = await response.read()
                     if response.status != 200:
                         failed += 1
-                    if parse:
+                    if after == "json":
                         json.loads(body)
+                    elif after == "parse":
+                        raw = RawResponse(
+                            response.status,
+                            {k.lower(): v for k, v in response.headers.items()},
+                            body,
+                            time.perf_counter() - started,
+                        )
+                        results = _results(dialect.parse_get_items(raw, asins))
+                        if len(results) != len(asins) or any(
+                            r.status is not Status.OK for r in results
+                        ):
+                            failed += 1
 
-        async def run(batch: list[HttpRequest]) -> None:
+        async def run(batch: list[HttpRequest], asins: list[list[str]]) -> None:
             # One shared iterator: each worker takes the next request when it is free.
-            shared = iter(batch)
+            shared = iter(zip(batch, asins, strict=True))
             await asyncio.gather(*(worker(shared) for _ in range(concurrency)))
 
-        await run(warm)
+        await run(warm, warm_ids)
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        await run(timed)
+        await run(timed, timed_ids)
         cpu1, wall1 = time.process_time(), time.perf_counter()
     return Sample(len(timed), len(timed) * ITEMS_PER_REQUEST, cpu1 - cpu0, wall1 - wall0, failed)
+
+
+def _results(parsed: ParsedItems) -> list[ItemResult]:
+    """One result per ASIN asked, as the pipeline builds them, each with its own query."""
+    fetched_at = dt.datetime.now(dt.UTC)
+    results = []
+    for asin, outcome in parsed.outcomes.items():
+        results.append(
+            ItemResult(
+                asin,
+                MARKETPLACE,
+                outcome.status,
+                outcome.item,
+                outcome.summary,
+                outcome.error,
+                1,
+                "bare",
+                fetched_at,
+                Query(asin, MARKETPLACE, DEFAULT_RESOURCES),
+            )
+        )
+    return results
 
 
 # -- the peer -------------------------------------------------------------------------------------
@@ -299,8 +344,8 @@ async def _peer(url: str, *, requests: int, warmup: int, concurrency: int, prefi
 
 #: The variants each protocol measures; the peer only speaks the Creators API asynchronously.
 VARIANTS: Mapping[str, tuple[str, ...]] = {
-    "creators": ("pipeline", "pipeline-mem", "bare", "bare+json", "peer"),
-    "paapi5": ("pipeline", "pipeline-mem", "bare", "bare+json"),
+    "creators": ("pipeline", "pipeline-mem", "bare", "bare+json", "bare+parse", "peer"),
+    "paapi5": ("pipeline", "pipeline-mem", "bare", "bare+json", "bare+parse"),
 }
 
 
@@ -356,7 +401,7 @@ def _factory(
             warmup=warmup,
             concurrency=concurrency,
             prefix=prefix,
-            parse=variant == "bare+json",
+            after=variant.partition("+")[2],
         )
 
     return make
@@ -387,6 +432,9 @@ def _summarise(
             )
             memory = entry["pipeline-mem"]["cpu_us_per_request"]
             entry["ratio_pipeline_mem_to_bare"] = _ratio(memory, bare)
+            floor = entry["bare+parse"]["cpu_us_per_request"]
+            entry["ratio_bare_parse_to_bare"] = _ratio(floor, bare)
+            entry["ratio_pipeline_to_bare_parse"] = _ratio(pipeline, floor)
             entry["met"] = entry["ratio_pipeline_to_bare"] <= TARGET_RATIO
             peer = entry.get("peer")
             if peer is not None:
@@ -401,9 +449,12 @@ def _summarise(
                     memory,
                     bare,
                     entry["bare+json"]["cpu_us_per_request"],
+                    floor,
                     peer["cpu_us_per_request"] if peer else "-",
                     f"{entry['ratio_pipeline_to_bare']:.2f}x",
                     f"{entry['ratio_pipeline_mem_to_bare']:.2f}x",
+                    f"{entry['ratio_bare_parse_to_bare']:.2f}x",
+                    f"{entry['ratio_pipeline_to_bare_parse']:.2f}x",
                     f"{entry['ratio_peer_to_bare']:.2f}x" if peer else "-",
                     entry["pipeline"]["requests_per_s"],
                     entry["bare"]["requests_per_s"],
@@ -491,9 +542,12 @@ def main(argv: list[str] | None = None) -> int:
             "mem-state us/req",
             "bare us/req",
             "bare+json us/req",
+            "bare+parse us/req",
             "peer us/req",
             "pipeline/bare",
             "mem-state/bare",
+            "bare+parse/bare",
+            "pipeline/bare+parse",
             "peer/bare",
             "pipeline req/s",
             "bare req/s",

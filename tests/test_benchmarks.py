@@ -61,7 +61,7 @@ def _check_plot(body: dict[str, Any], path: Path) -> None:
 
 
 def test_overhead_quick(tmp_path: Path) -> None:
-    """overhead.py measures pipeline (SQLite and memory key state), bare, bare+json, the peer."""
+    """overhead.py measures the pipeline (both key states), bare, bare+json, bare+parse, peer."""
     body = _run(
         "overhead.py", tmp_path, "--quick", "--loop", "uvloop", "--requests", "40", "--repeat", "1"
     )
@@ -74,14 +74,17 @@ def test_overhead_quick(tmp_path: Path) -> None:
         "pipeline-mem",
         "bare",
         "bare+json",
+        "bare+parse",
         "peer",
         "ratio_peer_to_bare",
         "ratio_pipeline_mem_to_bare",
+        "ratio_bare_parse_to_bare",
+        "ratio_pipeline_to_bare_parse",
     }
     assert "peer" not in paapi
     assert "ratio_pipeline_to_bare" in paapi
     for entry in (creators, paapi):
-        for variant in ("pipeline", "pipeline-mem", "bare", "bare+json", "peer"):
+        for variant in ("pipeline", "pipeline-mem", "bare", "bare+json", "bare+parse", "peer"):
             if variant in entry:
                 assert entry[variant]["failed"] == 0
                 assert entry[variant]["requests"] == 40
