@@ -14,6 +14,12 @@ from typing import Protocol
 
 __all__ = ["Clock", "LoopClock"]
 
+#: uvloop's tick: its clock and timers count whole milliseconds.
+_TICK_S = 0.001
+#: How early a wake-up may come and still count as on time: the default loop runs a timer
+#: up to its clock's resolution (a nanosecond) before the timer's instant.
+_EARLY_S = 1e-6
+
 
 class Clock(Protocol):
     """Protocol: the broker's source of time.
@@ -44,8 +50,23 @@ class LoopClock:
             return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep on the loop; negative durations return at once (after one yield)."""
-        await asyncio.sleep(max(0.0, seconds))
+        """Sleep until the loop's clock has moved on by ``seconds``; 0 or less: one yield.
+
+        uvloop counts its clock and its timers in whole milliseconds: a timer can fire up to
+        half a millisecond early, and one under half a millisecond fires at once. A caller
+        that loops until an instant (the pacer) would then busy-wait, waking hundreds of
+        times per wait, and could act before its instant. So the rest is slept again, at
+        least one tick at a time, until the loop's own clock says the time has come.
+        """
+        if seconds <= 0.0:
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        await asyncio.sleep(seconds)
+        # Not a busy-wait: each round is a timer of at least one tick, and one or two do.
+        while (rest := until - loop.time()) > _EARLY_S:  # noqa: ASYNC110
+            await asyncio.sleep(max(rest, _TICK_S))
 
     def utcnow(self) -> datetime:
         """Return the current UTC wall time."""
