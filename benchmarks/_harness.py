@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker.bench import (
     MARKETPLACE,
@@ -28,7 +29,11 @@ from broker.bench import (
     loop_factory,
     paapi_account,
 )
+from broker.models import ItemResult, Query
 from broker.simulator.process import SimulatorProcess, sim_control, sim_stats, toml_document
+
+if TYPE_CHECKING:
+    from broker.api.base import ParsedItems
 
 __all__ = [
     "LATENCY",
@@ -41,6 +46,7 @@ __all__ = [
     "backlog",
     "broker_config",
     "creators_account",
+    "floor_results",
     "loop_factory",
     "machine_info",
     "paapi_account",
@@ -134,3 +140,32 @@ def write_results(name: str, data: Mapping[str, object], directory: Path = RESUL
     path = directory / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
+
+
+# -- the floor ------------------------------------------------------------------------------------
+
+
+def floor_results(
+    parsed: ParsedItems, marketplace: str, resources: tuple[str, ...], key: str
+) -> list[ItemResult]:
+    """One result per ASIN of a parsed answer, as the engine builds them, each with its query.
+
+    The least any client that keeps the broker's result contract does with an answer: the
+    floor that ``overhead.py`` and ``engine_cost.py`` measure the engine against.
+    """
+    fetched_at = dt.datetime.now(dt.UTC)
+    return [
+        ItemResult(
+            asin,
+            marketplace,
+            outcome.status,
+            outcome.item,
+            outcome.summary,
+            outcome.error,
+            1,
+            key,
+            fetched_at,
+            Query(asin, marketplace, resources),
+        )
+        for asin, outcome in parsed.outcomes.items()
+    ]

@@ -60,6 +60,7 @@ from _harness import (
     add_output_arguments,
     asin_stream,
     broker_config,
+    floor_results,
     loop_factory,
     machine_info,
     print_table,
@@ -81,10 +82,10 @@ from broker.client import Broker
 from broker.clock import LoopClock
 from broker.config import DEFAULT_RESOURCES
 from broker.engine.transport import AiohttpTransport
-from broker.models import ItemResult, Query, Secret, Status
+from broker.models import Secret, Status
 
 if TYPE_CHECKING:
-    from broker.api.base import Dialect, HttpRequest, ParsedItems
+    from broker.api.base import Dialect, HttpRequest
 
 __all__ = ["main"]
 
@@ -263,7 +264,12 @@ async def _bare(
                             body,
                             time.perf_counter() - started,
                         )
-                        results = _results(dialect.parse_get_items(raw, asins))
+                        results = floor_results(
+                            dialect.parse_get_items(raw, asins),
+                            MARKETPLACE,
+                            DEFAULT_RESOURCES,
+                            "bare",
+                        )
                         if len(results) != len(asins) or any(
                             r.status is not Status.OK for r in results
                         ):
@@ -279,28 +285,6 @@ async def _bare(
         await run(timed, timed_ids)
         cpu1, wall1 = time.process_time(), time.perf_counter()
     return Sample(len(timed), len(timed) * ITEMS_PER_REQUEST, cpu1 - cpu0, wall1 - wall0, failed)
-
-
-def _results(parsed: ParsedItems) -> list[ItemResult]:
-    """One result per ASIN asked, as the pipeline builds them, each with its own query."""
-    fetched_at = dt.datetime.now(dt.UTC)
-    results = []
-    for asin, outcome in parsed.outcomes.items():
-        results.append(
-            ItemResult(
-                asin,
-                MARKETPLACE,
-                outcome.status,
-                outcome.item,
-                outcome.summary,
-                outcome.error,
-                1,
-                "bare",
-                fetched_at,
-                Query(asin, MARKETPLACE, DEFAULT_RESOURCES),
-            )
-        )
-    return results
 
 
 # -- the peer -------------------------------------------------------------------------------------

@@ -94,6 +94,29 @@ def test_overhead_quick(tmp_path: Path) -> None:
     _written(tmp_path, "overhead", body)
 
 
+def test_engine_cost_quick(tmp_path: Path) -> None:
+    """engine_cost.py measures the engine at 10 and 1 ASINs a request and the floor; splits them."""
+    body = _run("engine_cost.py", tmp_path, "--quick", "--requests", "60")
+    assert body["benchmark"] == "engine_cost"
+    assert body["settings"]["quick"] is True
+    # Every request found the answer prepared for it: nothing rendered inside the clock.
+    assert body["unprepared"] == 0
+    results = body["results"]
+    for name in ("engine-10", "engine-1", "floor"):
+        assert results[name]["failed"] == 0
+        assert results[name]["requests"] == 60
+        assert results[name]["cpu_us_per_request"] > 0
+    ten = results["engine-10"]["cpu_us_per_request"]
+    one = results["engine-1"]["cpu_us_per_request"]
+    split = body["split"]
+    assert split["per_asin_us"] == pytest.approx((ten - one) / 9, abs=0.06)
+    assert split["per_request_us"] == pytest.approx(one - split["per_asin_us"], abs=0.11)
+    assert split["floor_per_asin_us"] == pytest.approx(
+        results["floor"]["cpu_us_per_request"] / 10, abs=0.06
+    )
+    _written(tmp_path, "engine_cost", body)
+
+
 def test_utilisation_quick(tmp_path: Path) -> None:
     """utilisation.py reports broker and peer side by side, a halving and a keys sweep."""
     body = _run(
