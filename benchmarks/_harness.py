@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ __all__ = [
     "MARKETPLACE",
     "REPO_ROOT",
     "RESULTS_DIR",
+    "Sample",
     "SimulatorProcess",
     "add_output_arguments",
     "asin_stream",
@@ -142,7 +144,26 @@ def write_results(name: str, data: Mapping[str, object], directory: Path = RESUL
     return path
 
 
-# -- the floor ------------------------------------------------------------------------------------
+# -- CPU samples and the floor ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measured run of one client: its requests, items, CPU and wall time, failures."""
+
+    requests: int
+    items: int
+    cpu_s: float
+    wall_s: float
+    failed: int
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.cpu_s / self.requests
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.wall_s
 
 
 def floor_results(

@@ -44,11 +44,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from _harness import (
     MARKETPLACE,
+    Sample,
     add_output_arguments,
     asin_stream,
     broker_config,
@@ -82,20 +83,6 @@ TPS = 1000.0
 ITEMS_PER_REQUEST = 10
 TOKEN_BODY = b'{"access_token":"engine-cost-token","token_type":"bearer","expires_in":3600}'
 HEADERS = {"content-type": "application/json"}
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One measured run of one client."""
-
-    requests: int
-    items: int
-    cpu_s: float
-    failed: int
-
-    @property
-    def cpu_us_per_request(self) -> float:
-        return 1e6 * self.cpu_s / self.requests
 
 
 class Answers:
@@ -179,15 +166,15 @@ async def _engine(
         await broker.get_items([asin for chunk in warm for asin in chunk])
         sent_before = broker.metrics().requests
         items = failed = 0
-        cpu0 = time.process_time()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         async for result in broker.stream(asin for chunk in timed for asin in chunk):
             items += 1
             if result.status is not Status.OK:
                 failed += 1
-        cpu1 = time.process_time()
+        cpu1, wall1 = time.process_time(), time.perf_counter()
         sent = broker.metrics().requests - sent_before
     answers.clear()
-    return Sample(sent, items, cpu1 - cpu0, failed)
+    return Sample(sent, items, cpu1 - cpu0, wall1 - wall0, failed)
 
 
 async def _floor(answers: Answers, *, requests: int, prefix: str) -> Sample:
@@ -195,7 +182,7 @@ async def _floor(answers: Answers, *, requests: int, prefix: str) -> Sample:
     dialect = CreatorsDialect(URL)
     raws = [RawResponse(200, HEADERS, answers.body(asins), 0.001) for asins in timed]
     failed = items = 0
-    cpu0 = time.process_time()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for raw, asins in zip(raws, timed, strict=True):
         results = floor_results(
             dialect.parse_get_items(raw, asins), MARKETPLACE, answers.resources, "floor"
@@ -203,8 +190,8 @@ async def _floor(answers: Answers, *, requests: int, prefix: str) -> Sample:
         items += len(results)
         if len(results) != len(asins) or any(r.status is not Status.OK for r in results):
             failed += 1
-    cpu1 = time.process_time()
-    return Sample(len(timed), items, cpu1 - cpu0, failed)
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    return Sample(len(timed), items, cpu1 - cpu0, wall1 - wall0, failed)
 
 
 def _median(samples: list[Sample]) -> dict[str, Any]:

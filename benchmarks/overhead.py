@@ -50,12 +50,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from _harness import (
     MARKETPLACE,
+    Sample,
     SimulatorProcess,
     add_output_arguments,
     asin_stream,
@@ -113,25 +114,6 @@ PIPELINE_TPS = 1000.0
 ITEMS_PER_REQUEST = 10
 #: Issue 5: the full pipeline at most this many times the bare loop's CPU per request.
 TARGET_RATIO = 1.5
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One measured run of one client."""
-
-    requests: int
-    items: int
-    cpu_s: float
-    wall_s: float
-    failed: int
-
-    @property
-    def cpu_us_per_request(self) -> float:
-        return 1e6 * self.cpu_s / self.requests
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.requests / self.wall_s
 
 
 def _chunks(ids: Iterator[str], count: int) -> list[list[str]]:

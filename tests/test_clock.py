@@ -8,12 +8,15 @@ millisecond early. These tests sleep for real, a few milliseconds in all.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import pytest
 import uvloop
 
 from broker.clock import LoopClock
+
+T = TypeVar("T")
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop,
@@ -21,9 +24,9 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
-def _run(loop: str, coro: Callable[[], object]) -> object:
+def _run(loop: str, coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        return runner.run(coro())  # type: ignore[arg-type]
+        return runner.run(coro())
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
