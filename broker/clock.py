@@ -50,7 +50,7 @@ class LoopClock:
             return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep until the loop's clock has moved on by ``seconds``; 0 or less: one yield.
+        """Sleep until the loop's clock has moved on by ``seconds``; 0, less or NaN: one yield.
 
         uvloop counts its clock and its timers in whole milliseconds: a timer can fire up to
         half a millisecond early, and one under half a millisecond fires at once. A caller
@@ -58,7 +58,8 @@ class LoopClock:
         times per wait, and could act before its instant. So the rest is slept again, at
         least one tick at a time, until the loop's own clock says the time has come.
         """
-        if seconds <= 0.0:
+        if not seconds > 0.0:
+            # Also NaN, which would otherwise reach the loop's timer heap.
             await asyncio.sleep(0)
             return
         loop = asyncio.get_running_loop()

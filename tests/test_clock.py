@@ -8,6 +8,7 @@ millisecond early. These tests sleep for real, a few milliseconds in all.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -65,7 +66,7 @@ def test_waiting_for_an_instant_does_not_busy_wait(loop: str) -> None:
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 def test_sleep_of_nothing_yields_once(loop: str) -> None:
-    """sleep(0) and negative durations return at once, after letting other tasks run."""
+    """sleep(0), negative durations and NaN return at once, after letting other tasks run."""
 
     async def main() -> list[str]:
         order: list[str] = []
@@ -73,10 +74,11 @@ def test_sleep_of_nothing_yields_once(loop: str) -> None:
         async def other() -> None:
             order.append("other")
 
-        task = asyncio.get_running_loop().create_task(other())
-        await LoopClock().sleep(-1.0)
-        order.append("after sleep")
-        await task
+        for seconds in (0.0, -1.0, math.nan):
+            task = asyncio.get_running_loop().create_task(other())
+            await LoopClock().sleep(seconds)
+            order.append("after sleep")
+            await task
         return order
 
-    assert _run(loop, main) == ["other", "after sleep"]
+    assert _run(loop, main) == ["other", "after sleep"] * 3
