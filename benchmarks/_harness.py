@@ -9,16 +9,19 @@ script has one import block.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.bench import (
     MARKETPLACE,
@@ -30,11 +33,12 @@ from broker.bench import (
     loop_factory,
     paapi_account,
 )
-from broker.models import ItemResult, Query
+from broker.models import ItemResult, Query, Status
 from broker.simulator.process import SimulatorProcess, sim_control, sim_stats, toml_document
 
 if TYPE_CHECKING:
     from broker.api.base import ParsedItems
+    from broker.client import Broker
 
 __all__ = [
     "LATENCY",
@@ -51,10 +55,14 @@ __all__ = [
     "floor_results",
     "loop_factory",
     "machine_info",
+    "measure_stream",
+    "median_of",
     "paapi_account",
     "print_table",
     "quiet_logging",
     "results_name",
+    "rotated",
+    "run_sample",
     "sim_control",
     "sim_stats",
     "toml_document",
@@ -136,6 +144,12 @@ def results_name(name: str, quick: bool) -> str:
     return f"{name}-quick" if quick else name
 
 
+def rotated(order: Sequence[str], round_no: int) -> list[str]:
+    """``order`` for round ``round_no``, rotated so that no variant always runs first."""
+    shift = round_no % len(order)
+    return [*order[shift:], *order[:shift]]
+
+
 def write_results(name: str, data: Mapping[str, object], directory: Path = RESULTS_DIR) -> Path:
     """Write ``<directory>/<name>.json`` (pretty) and return its path."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -164,6 +178,47 @@ class Sample:
     @property
     def requests_per_s(self) -> float:
         return self.requests / self.wall_s
+
+
+def run_sample(loop: str, factory: Callable[[], Coroutine[Any, Any, Sample]]) -> Sample:
+    """Run one measured client in a fresh ``"uvloop"`` or ``"asyncio"`` loop.
+
+    A fresh loop per sample: nothing one client left behind (tasks, sockets, caches of the
+    loop) runs during another's measurement.
+    """
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        return runner.run(factory())
+
+
+def median_of(samples: Sequence[Sample]) -> dict[str, Any]:
+    """The rounds of one client: medians of CPU per request and rates, and every sample."""
+    cpu = [s.cpu_us_per_request for s in samples]
+    return {
+        "cpu_us_per_request": round(statistics.median(cpu), 1),
+        "cpu_us_per_request_samples": [round(c, 1) for c in cpu],
+        "requests_per_s": round(statistics.median(s.requests_per_s for s in samples), 1),
+        "items_per_s": round(statistics.median(s.items / s.wall_s for s in samples), 1),
+        "requests": samples[0].requests,
+        "failed": sum(s.failed for s in samples),
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+async def measure_stream(broker: Broker, asins: Iterable[str]) -> Sample:
+    """Stream ``asins`` through the open ``broker``, timed: requests sent, results, failures.
+
+    CPU and wall time cover the stream only; a result that is not ``ok`` counts as failed.
+    """
+    sent_before = broker.metrics().requests
+    items = failed = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    async for result in broker.stream(asins):
+        items += 1
+        if result.status is not Status.OK:
+            failed += 1
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    sent = broker.metrics().requests - sent_before
+    return Sample(sent, items, cpu1 - cpu0, wall1 - wall0, failed)
 
 
 def floor_results(

@@ -37,10 +37,9 @@ Prints a table to stderr and one JSON line to stdout, and writes
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import itertools
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -55,11 +54,14 @@ from _harness import (
     broker_config,
     creators_account,
     floor_results,
-    loop_factory,
     machine_info,
+    measure_stream,
+    median_of,
     print_table,
     quiet_logging,
     results_name,
+    rotated,
+    run_sample,
     warn_if_busy,
     write_results,
 )
@@ -164,17 +166,9 @@ async def _engine(
     async with Broker(config, transport=MockTransport(answers.handle)) as broker:
         # The token, first-call code paths: not what is measured.
         await broker.get_items([asin for chunk in warm for asin in chunk])
-        sent_before = broker.metrics().requests
-        items = failed = 0
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        async for result in broker.stream(asin for chunk in timed for asin in chunk):
-            items += 1
-            if result.status is not Status.OK:
-                failed += 1
-        cpu1, wall1 = time.process_time(), time.perf_counter()
-        sent = broker.metrics().requests - sent_before
+        sample = await measure_stream(broker, (asin for chunk in timed for asin in chunk))
     answers.clear()
-    return Sample(sent, items, cpu1 - cpu0, wall1 - wall0, failed)
+    return sample
 
 
 async def _floor(answers: Answers, *, requests: int, prefix: str) -> Sample:
@@ -194,15 +188,6 @@ async def _floor(answers: Answers, *, requests: int, prefix: str) -> Sample:
     return Sample(len(timed), items, cpu1 - cpu0, wall1 - wall0, failed)
 
 
-def _median(samples: list[Sample]) -> dict[str, Any]:
-    return {
-        "cpu_us_per_request": round(statistics.median(s.cpu_us_per_request for s in samples), 1),
-        "requests": samples[0].requests,
-        "failed": sum(s.failed for s in samples),
-        "samples": [round(s.cpu_us_per_request, 1) for s in samples],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -220,29 +205,20 @@ def main(argv: list[str] | None = None) -> int:
 
     answers = Answers()
     serial = itertools.count()
-    clients: dict[str, Callable[[str], Coroutine[Any, Any, Sample]]] = {
-        "engine-10": lambda prefix: _engine(
-            answers,
-            batch_size=10,
-            requests=requests,
-            concurrency=args.concurrency,
-            prefix=prefix,
-        ),
-        "engine-1": lambda prefix: _engine(
-            answers, batch_size=1, requests=requests, concurrency=args.concurrency, prefix=prefix
-        ),
-        "floor": lambda prefix: _floor(answers, requests=requests, prefix=prefix),
+    clients: dict[str, Callable[..., Coroutine[Any, Any, Sample]]] = {
+        f"engine-{size}": functools.partial(
+            _engine, answers, batch_size=size, requests=requests, concurrency=args.concurrency
+        )
+        for size in (ITEMS_PER_REQUEST, 1)
     }
+    clients["floor"] = functools.partial(_floor, answers, requests=requests)
     samples: dict[str, list[Sample]] = {name: [] for name in clients}
     started = time.perf_counter()
     for round_no in range(repeat):
-        names = list(clients)
-        shift = round_no % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(list(clients), round_no):
             # A fresh ASIN prefix per sample: nothing is answered twice.
             prefix = "E" + format(next(serial), "03X")
-            with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-                sample = runner.run(clients[name](prefix))
+            sample = run_sample(args.loop, functools.partial(clients[name], prefix=prefix))
             samples[name].append(sample)
             print(
                 f"round {round_no + 1}/{repeat} {name:9} "
@@ -251,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    results = {name: _median(runs) for name, runs in samples.items()}
+    results = {name: median_of(runs) for name, runs in samples.items()}
     ten = results["engine-10"]["cpu_us_per_request"]
     one = results["engine-1"]["cpu_us_per_request"]
     per_asin = (ten - one) / (ITEMS_PER_REQUEST - 1)
@@ -266,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         ["client", "us/request", "rounds", "failed"],
         [
-            [name, f"{r['cpu_us_per_request']:.1f}", " ".join(map(str, r["samples"])), r["failed"]]
+            [
+                name,
+                f"{r['cpu_us_per_request']:.1f}",
+                " ".join(map(str, r["cpu_us_per_request_samples"])),
+                r["failed"],
+            ]
             for name, r in results.items()
         ],
     )

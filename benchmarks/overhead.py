@@ -46,11 +46,10 @@ import asyncio
 import datetime as dt
 import itertools
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -62,11 +61,14 @@ from _harness import (
     asin_stream,
     broker_config,
     floor_results,
-    loop_factory,
     machine_info,
+    measure_stream,
+    median_of,
     print_table,
     quiet_logging,
     results_name,
+    rotated,
+    run_sample,
     warn_if_busy,
     write_results,
 )
@@ -142,17 +144,8 @@ async def _pipeline(
         await broker.get_items(
             list(itertools.islice(asin_stream(prefix + "W"), warmup * ITEMS_PER_REQUEST))
         )
-        sent_before = broker.metrics().requests
         ids = itertools.islice(asin_stream(prefix + "M"), requests * ITEMS_PER_REQUEST)
-        items = failed = 0
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        async for result in broker.stream(ids):
-            items += 1
-            if result.status is not Status.OK:
-                failed += 1
-        cpu1, wall1 = time.process_time(), time.perf_counter()
-        sent = broker.metrics().requests - sent_before
-    return Sample(sent, items, cpu1 - cpu0, wall1 - wall0, failed)
+        return await measure_stream(broker, ids)
 
 
 # -- the bare loop --------------------------------------------------------------------------------
@@ -317,26 +310,6 @@ VARIANTS: Mapping[str, tuple[str, ...]] = {
 }
 
 
-def _measure(loop: str, factory: Callable[[], Coroutine[Any, Any, Sample]]) -> Sample:
-    # A fresh loop per sample: nothing one client left behind (tasks, sockets, caches of
-    # the loop) runs during another's measurement.
-    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
-        return runner.run(factory())
-
-
-def _median(samples: list[Sample]) -> dict[str, Any]:
-    cpu = [s.cpu_us_per_request for s in samples]
-    return {
-        "cpu_us_per_request": round(statistics.median(cpu), 1),
-        "cpu_us_per_request_samples": [round(c, 1) for c in cpu],
-        "requests_per_s": round(statistics.median(s.requests_per_s for s in samples), 1),
-        "items_per_s": round(statistics.median(s.items / s.wall_s for s in samples), 1),
-        "requests": samples[0].requests,
-        "failed": sum(s.failed for s in samples),
-        "samples": [asdict(s) for s in samples],
-    }
-
-
 def _factory(
     url: str,
     protocol: str,
@@ -390,7 +363,7 @@ def _summarise(
     for loop in loops:
         for protocol in protocols:
             entry: dict[str, Any] = {
-                v: _median(samples[(loop, protocol, v)]) for v in variants[protocol]
+                v: median_of(samples[(loop, protocol, v)]) for v in variants[protocol]
             }
             pipeline = entry["pipeline"]["cpu_us_per_request"]
             bare = entry["bare"]["cpu_us_per_request"]
@@ -476,10 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(repeat):
             for loop in loops:
                 for protocol in protocols:
-                    # Rotate the order each round so no variant always runs first.
-                    order = variants[protocol]
-                    shift = round_no % len(order)
-                    for variant in order[shift:] + order[:shift]:
+                    for variant in rotated(variants[protocol], round_no):
                         # A fresh ASIN prefix per sample: nothing is answered twice.
                         prefix = "B" + format(next(serial), "03X")
                         factory = _factory(
@@ -491,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                             concurrency=args.concurrency,
                             prefix=prefix,
                         )
-                        sample = _measure(loop, factory)
+                        sample = run_sample(loop, factory)
                         samples.setdefault((loop, protocol, variant), []).append(sample)
                         print(
                             f"round {round_no + 1}/{repeat} {loop:7} {protocol:8} "
