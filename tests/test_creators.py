@@ -248,13 +248,31 @@ class TestOperationRequest:
             b'"resources":["browseNodes.ancestor"]}'
         )
 
-    @pytest.mark.parametrize("bad", [object(), float("nan"), {1, 2}])
+    @pytest.mark.parametrize("bad", [object(), float("nan"), {1, 2}, [None, float("-inf")]])
     def test_non_json_params_raise_value_error(self, bad: object) -> None:
-        """Params that cannot be JSON (NaN included) raise ValueError."""
+        """Params that cannot be JSON (NaN and infinity, beside a null too) raise ValueError."""
         with pytest.raises(ValueError, match="not JSON"):
             DIALECT.operation_request(
                 Operation.SEARCH_ITEMS, {"x": bad}, marketplace="US", partner_tag="t"
             )
+
+    @pytest.mark.parametrize(
+        ("params", "wanted"),
+        [
+            ({"keywords": "café"}, {"keywords": "café"}),
+            ({"keywords": "null", "maxPrice": None}, {"keywords": "null", "maxPrice": None}),
+            ({"keywords": "a\ud800b"}, {"keywords": "a\ud800b"}),
+            ({"minPrice": 2.5, "itemCount": 3}, {"minPrice": 2.5, "itemCount": 3}),
+        ],
+    )
+    def test_params_written_as_given(
+        self, params: dict[str, object], wanted: dict[str, object]
+    ) -> None:
+        """Non-ASCII text, nulls, a lone surrogate and finite floats are sent as given."""
+        request = DIALECT.operation_request(
+            Operation.SEARCH_ITEMS, params, marketplace="US", partner_tag="t"
+        )
+        assert json.loads(request.body) == {"partnerTag": "t", **wanted}
 
 
 class TestGetItemsSuccess:

@@ -7,12 +7,11 @@ token at dispatch time (:mod:`broker.api.oauth`). Shapes follow protocol.md sect
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from broker.api.base import HttpRequest, Operation, ParsedItems, RawResponse
+from broker.api.base import HttpRequest, Operation, ParsedItems, RawResponse, encode_body
 from broker.api.errors_map import (
     READ_ERRORS,
     ItemError,
@@ -161,7 +160,7 @@ class CreatorsDialect:
             "x-marketplace": lookup_marketplace(marketplace).name,
             "user-agent": USER_AGENT,
         }
-        return HttpRequest("POST", self._urls[operation], headers, _encode(body))
+        return HttpRequest("POST", self._urls[operation], headers, encode_body(body))
 
     def parse_get_items(self, response: RawResponse, requested: Sequence[str]) -> ParsedItems:
         """Read a GetItems response item by item.
@@ -252,13 +251,6 @@ def _tag(partner_tag: str) -> str:
     if not partner_tag.strip():
         raise ValueError("partner tag must not be blank")
     return partner_tag
-
-
-def _encode(body: Mapping[str, object]) -> bytes:
-    try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"request parameters are not JSON: {exc}") from exc
 
 
 def _fallback_code(status: int) -> str:

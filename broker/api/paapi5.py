@@ -9,13 +9,12 @@ names. Shapes follow protocol.md section 3 (SDK-P's field names; the error envel
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker.api.base import HttpRequest, Operation, ParsedItems, RawResponse
+from broker.api.base import HttpRequest, Operation, ParsedItems, RawResponse, encode_body
 from broker.api.errors_map import (
     READ_ERRORS,
     ItemError,
@@ -275,7 +274,7 @@ class PaapiDialect:
             "content-encoding": "amz-1.0",
             "x-amz-target": TARGET_PREFIX + operation.value,
         }
-        return HttpRequest("POST", base + path, headers, _encode(body))
+        return HttpRequest("POST", base + path, headers, encode_body(body))
 
     def parse_get_items(self, response: RawResponse, requested: Sequence[str]) -> ParsedItems:
         """Read a GetItems response item by item.
@@ -335,14 +334,6 @@ def _tag(partner_tag: str) -> str:
     if not partner_tag.strip():
         raise ValueError("partner tag must not be blank")
     return partner_tag
-
-
-def _encode(body: Mapping[str, object]) -> bytes:
-    # The signer hashes exactly these bytes, and the transport must send exactly them.
-    try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"request parameters are not JSON: {exc}") from exc
 
 
 def _fallback_code(status: int) -> str:
