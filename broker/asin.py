@@ -14,7 +14,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["AsinCheck", "check_asin", "is_isbn10", "isbn13_to_isbn10", "normalize_asin"]
+__all__ = [
+    "AsinCheck",
+    "check_asin",
+    "is_isbn10",
+    "isbn13_to_isbn10",
+    "normalize_asin",
+    "plain_asin",
+]
 
 _ISBN10 = re.compile(r"[0-9]{9}[0-9X]")
 _ISBN13 = re.compile(r"97[89][0-9]{10}")
@@ -96,6 +103,19 @@ def _isbn13_reason(text: str, *, convert_isbn13: bool) -> str | None:
             "an ISBN-13, not an ASIN; enable ISBN-13 conversion (broker run --convert-isbn13) "
             "to look up its ISBN-10"
         )
+    return None
+
+
+def plain_asin(raw: str) -> str | None:
+    """``raw`` itself if it is already a normalised ASIN with no ISBN-10 shape, else None.
+
+    The engine's hot path asks this first, for every id: most ids are such ASINs, and it
+    answers them with four string tests and no object. None only means "ask
+    :func:`check_asin`", which judges every other id (and gives the same ASIN for these).
+    """
+    if len(raw) == 10 and raw.isascii() and raw.isalnum() and raw.isupper():
+        # Nine leading digits are an ISBN-10's shape: its check digit must be checked.
+        return None if raw[:9].isdigit() else raw
     return None
 
 

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.asin import AsinCheck, check_asin, is_isbn10, isbn13_to_isbn10, normalize_asin
+from broker.asin import (
+    AsinCheck,
+    check_asin,
+    is_isbn10,
+    isbn13_to_isbn10,
+    normalize_asin,
+    plain_asin,
+)
 
 
 class TestBareIds:
@@ -243,3 +250,35 @@ def test_digit_ids_are_valid_exactly_when_isbn10(raw: str) -> None:
     """An id of nine digits and a digit or X is valid exactly when it is an ISBN-10."""
     if raw[:9].isdigit():
         assert check_asin(raw).valid == is_isbn10(raw)
+
+
+@given(
+    st.one_of(
+        st.text(max_size=12),
+        st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcxyz ", min_size=10, max_size=10),
+        st.text(alphabet="0123456789X", min_size=10, max_size=10),
+    )
+)
+def test_plain_asin_agrees_with_check_asin(raw: str) -> None:
+    """plain_asin answers only ids check_asin finds valid as they stand, with that ASIN."""
+    fast = plain_asin(raw)
+    if fast is not None:
+        assert fast == raw == check_asin(raw).asin
+
+
+@pytest.mark.parametrize(
+    ("raw", "fast"),
+    [
+        ("B0ABCDEFGH", "B0ABCDEFGH"),
+        ("B012345678", "B012345678"),
+        ("b0abcdefgh", None),
+        (" B0ABCDEFGH", None),
+        ("0306406152", None),
+        ("030640615X", None),
+        ("0123456789", None),
+        ("B0ABCDEFGÉ", None),
+    ],
+)
+def test_plain_asin_leaves_the_rest_to_check_asin(raw: str, fast: str | None) -> None:
+    """Lower case, spaces, ISBN-10 shapes and non-ASCII ids go to check_asin."""
+    assert plain_asin(raw) == fast

@@ -138,7 +138,8 @@ class Lookup:
     @property
     def group(self) -> tuple[str, tuple[str, ...]]:
         """Lookups of one group may share a request."""
-        return (self.marketplace, self.resources)
+        query = self.query
+        return (query.marketplace or "", query.resources or ())
 
     def finish(self, outcome: ItemResult | BaseException) -> bool:
         """End the lookup: every receiver gets ``outcome``. False if it had already ended."""

@@ -746,7 +746,9 @@ class _StreamReceiver:
         self._ready: collections.deque[ItemResult | BaseException] = collections.deque()
         # Lookups this stream waits for, with how many of its inputs asked each: detached
         # when the consumer stops early, so an abandoned stream holds nothing.
-        self._held: collections.Counter[Lookup] = collections.Counter()
+        # A plain dict, not a Counter: a Counter's miss is a Python-level __missing__ call,
+        # once per admitted input.
+        self._held: dict[Lookup, int] = {}
         self._pending = 0
         self._input_done = False
         self._error: BaseException | None = None
@@ -759,7 +761,8 @@ class _StreamReceiver:
 
     def expect(self, lookup: Lookup) -> None:
         """The producer admitted one more input, answered by ``lookup``."""
-        self._held[lookup] += 1
+        held = self._held
+        held[lookup] = held.get(lookup, 0) + 1
         self._pending += 1
 
     def push(self, result: ItemResult) -> None:
@@ -812,7 +815,7 @@ class _StreamReceiver:
 
     def leave(self) -> None:
         """The consumer stopped: let go of every lookup still held."""
-        held, self._held = self._held, collections.Counter()
+        held, self._held = self._held, {}
         for lookup in held:
             lookup.detach(self)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
-from broker.asin import check_asin
+from broker.asin import check_asin, plain_asin
 from broker.engine.batcher import Lookup, Room
 from broker.errors import describe
 from broker.models import ErrorDetail, ItemResult, Protocol, Query, Status
@@ -120,16 +120,19 @@ class Intake:
         named = market or self._marketplace
         canonical = self._canonical_market(named)
         res = tuple(wanted) if wanted is not None else self._resources
-        verdict = check_asin(raw)
         if canonical is None:
             return self._immediate(
                 Query(raw, named, res, tag), "UnknownMarketplace", f"unknown marketplace {named!r}"
             )
-        if verdict.asin is None:
-            return self._immediate(
-                Query(raw, canonical, res, tag), "InvalidAsin", verdict.reason or "invalid ASIN"
-            )
-        query = Query(verdict.asin, canonical, res, tag)
+        asin = plain_asin(raw)
+        if asin is None:
+            verdict = check_asin(raw)
+            if verdict.asin is None:
+                return self._immediate(
+                    Query(raw, canonical, res, tag), "InvalidAsin", verdict.reason or "invalid ASIN"
+                )
+            asin = verdict.asin
+        query = Query(asin, canonical, res, tag)
         if not self._pool.configured(canonical):
             return self._immediate(
                 query,
