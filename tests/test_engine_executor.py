@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from broker.api.base import HttpRequest, RawResponse
 from broker.client import Broker
+from broker.engine.metrics import EngineMetrics
 from broker.engine.transport import MockTransport
 from broker.errors import NoUsableKeyError, RequestTimeout
 from broker.models import ItemResult, Status
@@ -420,3 +421,15 @@ class TestCredentials:
         disabled = [e for e in logs if e["event"] == "broker.key_disabled"]
         assert len(disabled) == 1
         assert disabled[0]["marketplace"] == DE
+
+
+class TestEngineMetrics:
+    def test_items_counted_by_status_value(self) -> None:
+        """Finished lookups are counted by status value, ok ones included, none shown as 0."""
+        metrics = EngineMetrics()
+        assert metrics.items_by_status == {}
+        for status in (Status.OK, Status.NOT_FOUND, Status.OK, Status.FAILED, Status.INVALID):
+            metrics.record_item(status)
+        assert metrics.items_by_status == {"ok": 2, "not_found": 1, "failed": 1, "invalid": 1}
+        snapshot = metrics.snapshot(queued_batches=0, outstanding_lookups=0, keys=())
+        assert snapshot.items_by_status == metrics.items_by_status

@@ -208,7 +208,7 @@ class Batch:
     @property
     def asins(self) -> list[str]:
         """The ASINs this batch asks for."""
-        return [lookup.asin for lookup in self.lookups]
+        return [lookup.query.asin for lookup in self.lookups]
 
     def add(self, lookup: Lookup) -> None:
         """Add a lookup of this batch's group."""

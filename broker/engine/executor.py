@@ -278,7 +278,7 @@ class Executor:
                     query,
                 )
             ):
-                metrics.record_item(status.value)
+                metrics.record_item(status)
         if not missed:
             return
         if attempts.missing + 1 >= _MAX_MISSING:
@@ -327,7 +327,7 @@ class Executor:
 
     def _resolve(self, lookup: Lookup, result: ItemResult) -> None:
         if lookup.finish(result):
-            self._metrics.record_item(result.status.value)
+            self._metrics.record_item(result.status)
 
     def _fail(
         self,

@@ -176,7 +176,7 @@ class Intake:
             error=ErrorDetail(code, message, remedy or describe(code).remedy),
             query=query,
         )
-        self._metrics.record_item(result.status.value)
+        self._metrics.record_item(result.status)
         return result
 
     def admit_now(self, query: Query, receiver: Receiver) -> Lookup | None:
@@ -270,7 +270,7 @@ class Intake:
             return None
         hit = await self._cache.get(query)
         if hit is not None:
-            self._metrics.record_item(hit.status.value)
+            self._metrics.record_item(hit.status)
         return hit
 
     def fail_all(self, error: BaseException) -> None:

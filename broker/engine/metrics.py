@@ -10,6 +10,8 @@ import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from broker.models import Status
+
 __all__ = ["LATENCY_BUCKETS_S", "EngineMetrics", "KeySnapshot", "MetricsSnapshot"]
 
 #: Upper bounds of the request-latency histogram, seconds (Prometheus ``le`` labels).
@@ -58,7 +60,8 @@ class EngineMetrics:
     """Mutable counters owned by one broker."""
 
     __slots__ = (
-        "items_by_status",
+        "_items",
+        "_ok",
         "latency_buckets",
         "latency_count",
         "latency_sum_s",
@@ -75,7 +78,10 @@ class EngineMetrics:
         self.throttled = 0
         self.retries = 0
         self.transport_errors = 0
-        self.items_by_status: dict[str, int] = {}
+        # ok answers are counted apart: the test is an identity check, where hashing a
+        # Status or reading its ``.value`` is a Python-level call, once per ASIN.
+        self._ok = 0
+        self._items: dict[str, int] = {}
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.latency_sum_s = 0.0
         self.latency_count = 0
@@ -87,9 +93,19 @@ class EngineMetrics:
         self.latency_sum_s += elapsed_s
         self.latency_count += 1
 
-    def record_item(self, status: str) -> None:
+    @property
+    def items_by_status(self) -> dict[str, int]:
+        """Finished lookups by status value (``ok``, ``not_found`` ...)."""
+        counts = {Status.OK.value: self._ok} if self._ok else {}
+        counts.update(self._items)
+        return counts
+
+    def record_item(self, status: Status) -> None:
         """Count one finished lookup by status."""
-        self.items_by_status[status] = self.items_by_status.get(status, 0) + 1
+        if status is Status.OK:
+            self._ok += 1
+        else:
+            self._items[status.value] = self._items.get(status.value, 0) + 1
 
     def snapshot(
         self, *, queued_batches: int, outstanding_lookups: int, keys: tuple[KeySnapshot, ...]
@@ -101,7 +117,7 @@ class EngineMetrics:
             throttled=self.throttled,
             retries=self.retries,
             transport_errors=self.transport_errors,
-            items_by_status=dict(self.items_by_status),
+            items_by_status=self.items_by_status,
             latency_buckets=tuple(self.latency_buckets),
             latency_sum_s=self.latency_sum_s,
             latency_count=self.latency_count,
