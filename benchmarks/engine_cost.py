@@ -40,10 +40,12 @@ import argparse
 import functools
 import itertools
 import json
+import pickle
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from _harness import (
@@ -103,8 +105,10 @@ class Answers:
         self._settings = SimulatorSettings(seed=3, missing_share=0.0, inaccessible_share=0.0)
         self._key = resources_key(self.resources, "creators")
         self._bodies: dict[bytes, bytes] = {}
+        self._by_asins: dict[tuple[str, ...], bytes] = {}
         self.items_url = self.request(["B000000000"]).url
         self.unprepared = 0
+        self._loaded = False
 
     def request(self, asins: Sequence[str]) -> HttpRequest:
         """The GetItems request the engine builds for ``asins``."""
@@ -124,13 +128,45 @@ class Answers:
         return ('{"itemsResult":{"items":[' + ",".join(items) + "]}}").encode()
 
     def prepare(self, batches: Sequence[Sequence[str]]) -> None:
-        """Render the answers of ``batches`` now, outside the measured time."""
+        """Render the answers of ``batches`` now, outside the measured time.
+
+        Nothing is done for answers read by :meth:`load`: they were all prepared already.
+        """
+        if self._loaded:
+            return
         for asins in batches:
-            self._bodies[self.request(asins).body] = self.body(asins)
+            body = self.body(asins)
+            self._bodies[self.request(asins).body] = body
+            self._by_asins[tuple(asins)] = body
 
     def clear(self) -> None:
         """Forget the prepared answers (a round's bodies are not needed again)."""
-        self._bodies.clear()
+        if not self._loaded:
+            self._bodies.clear()
+            self._by_asins.clear()
+
+    def save(self, path: Path) -> None:
+        """Write the prepared answers to ``path``, for :meth:`load` in another process."""
+        path.write_bytes(pickle.dumps((self._bodies, self._by_asins)))
+
+    def load(self, path: Path) -> None:
+        """Read answers :meth:`save` wrote; :meth:`prepare` and :meth:`clear` then do nothing."""
+        # A pickle this script wrote itself, in a temporary directory of its own.
+        bodies, by_asins = pickle.loads(path.read_bytes())
+        self._bodies.update(bodies)
+        self._by_asins.update(by_asins)
+        self._loaded = True
+
+    def answer(self, asins: Sequence[str]) -> bytes:
+        """The prepared answer for ``asins`` (rendered now, and counted, if there is none).
+
+        Found by the ASINs, not by a request built for them: the floor builds no request.
+        """
+        body = self._by_asins.get(tuple(asins))
+        if body is None:
+            self.unprepared += 1
+            body = self.body(asins)
+        return body
 
     async def handle(self, request: HttpRequest) -> RawResponse:
         """The mock transport's handler: a token, or the prepared GetItems answer."""
@@ -173,8 +209,10 @@ async def _engine(
 
 async def _floor(answers: Answers, *, requests: int, prefix: str) -> Sample:
     timed = _chunks(asin_stream(prefix + "M"), requests, ITEMS_PER_REQUEST)
+    answers.prepare(timed)
     dialect = CreatorsDialect(URL)
-    raws = [RawResponse(200, HEADERS, answers.body(asins), 0.001) for asins in timed]
+    raws = [RawResponse(200, HEADERS, answers.answer(asins), 0.001) for asins in timed]
+    answers.clear()
     failed = items = 0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for raw, asins in zip(raws, timed, strict=True):

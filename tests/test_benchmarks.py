@@ -117,6 +117,48 @@ def test_engine_cost_quick(tmp_path: Path) -> None:
     _written(tmp_path, "engine_cost", body)
 
 
+def test_instructions_quick_without_valgrind(tmp_path: Path) -> None:
+    """instructions.py runs both clients at two sizes on prepared answers, without counting."""
+    body = _run("instructions.py", tmp_path, "--quick", "--no-valgrind", "--small", "20")
+    assert body["benchmark"] == "instructions"
+    assert body["settings"] == {
+        "quick": True,
+        "small": 20,
+        "large": 200,
+        "valgrind": False,
+        "repeat": 2,
+        "concurrency": 16,
+        "loop": "uvloop",
+        "protocol": "creators",
+        "state": "memory",
+    }
+    for name in ("engine-10", "floor"):
+        result = body["results"][name]
+        assert result["failed"] == 0
+        # The children read every answer the parent rendered: nothing rendered in a count.
+        assert result["unprepared"] == 0
+        assert result["instructions_per_request"] is None
+        assert result["instructions_runs"] == {"20": [None, None], "200": [None, None]}
+    assert body["engine_10_to_floor"] is None
+    _written(tmp_path, "instructions", body)
+
+
+def test_instructions_without_valgrind_says_how_to_get_it(tmp_path: Path) -> None:
+    """With no valgrind on the PATH the script exits 69 and names the package."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "instructions.py"), "--results-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+        env={"PATH": str(tmp_path), "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 69, done.stderr[-2000:]
+    assert "apt-get install valgrind" in done.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_utilisation_quick(tmp_path: Path) -> None:
     """utilisation.py reports broker and peer side by side, a halving and a keys sweep."""
     body = _run(
