@@ -179,6 +179,11 @@ class Answers:
         return RawResponse(200, HEADERS, body, 0.001)
 
 
+def warm_count(requests: int) -> int:
+    """How many 10-ASIN requests warm an engine client up before a run of ``requests``."""
+    return max(20, requests // 20)
+
+
 def _chunks(ids: Iterator[str], count: int, size: int) -> list[list[str]]:
     return [list(itertools.islice(ids, size)) for _ in range(count)]
 
@@ -195,7 +200,7 @@ async def _engine(
         engine={"batch_size": batch_size},
     )
     config = replace(config, state=replace(config.state, backend="memory"))
-    warm = _chunks(asin_stream(prefix + "W"), max(20, requests // 20), ITEMS_PER_REQUEST)
+    warm = _chunks(asin_stream(prefix + "W"), warm_count(requests), ITEMS_PER_REQUEST)
     timed = _chunks(asin_stream(prefix + "M"), requests, batch_size)
     answers.prepare([c[i : i + batch_size] for c in warm for i in range(0, len(c), batch_size)])
     answers.prepare(timed)

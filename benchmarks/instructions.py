@@ -26,7 +26,7 @@ A change to the engine shows as a change in ``engine-10``; instructions are not 
 of the code, and ``overhead.py`` stays the measure of the CPU target.
 
 Run: ``uv run python benchmarks/instructions.py [--quick]`` (needs ``valgrind`` on the
-PATH: ``apt-get install valgrind``; about 5 minutes on 2 cores, ``--quick`` about 3).
+PATH: ``apt-get install valgrind``; about 2 minutes on 2 cores, ``--quick`` a little less).
 Prints a table to stderr and one JSON line to stdout, and writes
 ``benchmarks/results/instructions.json`` (``instructions-quick.json`` with ``--quick``).
 ``--child`` is the run under valgrind (``--no-valgrind`` runs the same in-process, for a
@@ -60,7 +60,7 @@ from _harness import (
     run_sample,
     write_results,
 )
-from engine_cost import ITEMS_PER_REQUEST, Answers, _chunks, _engine, _floor
+from engine_cost import ITEMS_PER_REQUEST, Answers, _chunks, _engine, _floor, warm_count
 
 __all__ = ["main"]
 
@@ -71,14 +71,9 @@ CONCURRENCY = 16
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
-def _warm_count(requests: int) -> int:
-    # engine_cost._engine's warm-up size: the same at both sizes so it cancels out.
-    return max(20, requests // 20)
-
-
 def _prepare(answers: Answers, requests: int) -> None:
     """Render what ``engine-10`` and ``floor`` will ask in a run of ``requests``."""
-    warm = _chunks(asin_stream(PREFIX + "W"), _warm_count(requests), ITEMS_PER_REQUEST)
+    warm = _chunks(asin_stream(PREFIX + "W"), warm_count(requests), ITEMS_PER_REQUEST)
     timed = _chunks(asin_stream(PREFIX + "M"), requests, ITEMS_PER_REQUEST)
     answers.prepare(warm)
     answers.prepare(timed)
@@ -199,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--small must be positive and below --large")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if _warm_count(small) != _warm_count(large):
+    if warm_count(small) != warm_count(large):
         parser.error(
             f"--small {small} and --large {large} warm up differently; keep both at or below 400"
         )
