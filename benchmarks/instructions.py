@@ -17,10 +17,10 @@ under valgrind that reads answers this script rendered beforehand (so rendering 
 counted); the difference of the two totals over the difference of requests is the count
 per request, with the interpreter's start, the imports and the warm-up cancelled out.
 ``PYTHONHASHSEED`` is fixed; each count is run ``--repeat`` times and the smallest kept
-(two runs of one count agree to about 0.05 %, but on a busy machine one run in several of
-the engine has counted a third more: the engine runs on the real clock, slowed about fifty
+(two runs of one count agree to about 0.05 %, but one engine run of about fifteen, on a
+busy machine, counted a third more: the engine runs on the real clock, slowed about fifty
 times under valgrind, so it is not a fixed program, and extra work only ever adds). Slowed
-so, the pacer never holds a send back: the count leaves out its sleeps and wake-ups.
+so, the pacer's slots are always past: the count leaves out its sleeps and wake-ups.
 A change to the engine shows as a change in ``engine-10``; instructions are not time
 (cache misses and the kernel are not in them), so the figure is for comparing two versions
 of the code, and ``overhead.py`` stays the measure of the CPU target.
