@@ -158,6 +158,16 @@ def write_results(name: str, data: Mapping[str, object], directory: Path = RESUL
     return path
 
 
+def report(args: argparse.Namespace, name: str, data: Mapping[str, object]) -> None:
+    """Print ``data`` as the one JSON line on stdout and write it as ``<name>.json``.
+
+    Nothing is written with ``--no-write``; ``args`` carries :func:`add_output_arguments`.
+    """
+    print(json.dumps(data, sort_keys=True))
+    if not args.no_write:
+        write_results(name, data, args.results_dir)
+
+
 # -- CPU samples and the floor ---------------------------------------------------------------
 
 

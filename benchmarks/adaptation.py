@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -49,11 +48,11 @@ from _harness import (
     machine_info,
     print_table,
     quiet_logging,
+    report,
     results_name,
     sim_control,
     sim_stats,
     warn_if_busy,
-    write_results,
 )
 from _peer import PEER, PeerCall, PeerProcess, peer_accounts, summarise_calls
 from _plots import AdaptationSeries, plot_adaptation
@@ -390,9 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": plot,
         **result,
     }
-    print(json.dumps(line, sort_keys=True))
-    if not args.no_write:
-        write_results(name, line, args.results_dir)
+    report(args, name, line)
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -44,10 +43,10 @@ from _harness import (
     machine_info,
     print_table,
     quiet_logging,
+    report,
     results_name,
     sim_stats,
     warn_if_busy,
-    write_results,
 )
 
 from broker.cache import CachePolicy, SqliteCache
@@ -227,9 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": scenarios,
         "machine": machine_info(),
     }
-    if not args.no_write:
-        write_results(results_name("cache_rerun", args.quick), result, args.results_dir)
-    print(json.dumps(result))
+    report(args, results_name("cache_rerun", args.quick), result)
     return 0
 
 

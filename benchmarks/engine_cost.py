@@ -61,11 +61,11 @@ from _harness import (
     median_of,
     print_table,
     quiet_logging,
+    report,
     results_name,
     rotated,
     run_sample,
     warn_if_busy,
-    write_results,
 )
 
 from broker.api.base import HttpRequest, RawResponse
@@ -188,6 +188,12 @@ def _chunks(ids: Iterator[str], count: int, size: int) -> list[list[str]]:
     return [list(itertools.islice(ids, size)) for _ in range(count)]
 
 
+def batches(prefix: str, requests: int, batch_size: int) -> tuple[list[list[str]], list[list[str]]]:
+    """The ASINs a run asks: its warm-up requests (10 each) and its measured ones."""
+    warm = _chunks(asin_stream(prefix + "W"), warm_count(requests), ITEMS_PER_REQUEST)
+    return warm, _chunks(asin_stream(prefix + "M"), requests, batch_size)
+
+
 async def _engine(
     answers: Answers, *, batch_size: int, requests: int, concurrency: int, prefix: str
 ) -> Sample:
@@ -200,8 +206,7 @@ async def _engine(
         engine={"batch_size": batch_size},
     )
     config = replace(config, state=replace(config.state, backend="memory"))
-    warm = _chunks(asin_stream(prefix + "W"), warm_count(requests), ITEMS_PER_REQUEST)
-    timed = _chunks(asin_stream(prefix + "M"), requests, batch_size)
+    warm, timed = batches(prefix, requests, batch_size)
     answers.prepare([c[i : i + batch_size] for c in warm for i in range(0, len(c), batch_size)])
     answers.prepare(timed)
     async with Broker(config, transport=MockTransport(answers.handle)) as broker:
@@ -213,7 +218,7 @@ async def _engine(
 
 
 async def _floor(answers: Answers, *, requests: int, prefix: str) -> Sample:
-    timed = _chunks(asin_stream(prefix + "M"), requests, ITEMS_PER_REQUEST)
+    _, timed = batches(prefix, requests, ITEMS_PER_REQUEST)
     answers.prepare(timed)
     dialect = CreatorsDialect(URL)
     raws = [RawResponse(200, HEADERS, answers.answer(asins), 0.001) for asins in timed]
@@ -320,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "unprepared": answers.unprepared,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(line, sort_keys=True))
-    if not args.no_write:
-        write_results(results_name("engine_cost", args.quick), line, args.results_dir)
+    report(args, results_name("engine_cost", args.quick), line)
     return 0
 
 

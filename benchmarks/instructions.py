@@ -52,15 +52,14 @@ from pathlib import Path
 
 from _harness import (
     add_output_arguments,
-    asin_stream,
     machine_info,
     print_table,
     quiet_logging,
+    report,
     results_name,
     run_sample,
-    write_results,
 )
-from engine_cost import ITEMS_PER_REQUEST, Answers, _chunks, _engine, _floor, warm_count
+from engine_cost import ITEMS_PER_REQUEST, Answers, _engine, _floor, batches, warm_count
 
 __all__ = ["main"]
 
@@ -73,10 +72,8 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 
 def _prepare(answers: Answers, requests: int) -> None:
     """Render what ``engine-10`` and ``floor`` will ask in a run of ``requests``."""
-    warm = _chunks(asin_stream(PREFIX + "W"), warm_count(requests), ITEMS_PER_REQUEST)
-    timed = _chunks(asin_stream(PREFIX + "M"), requests, ITEMS_PER_REQUEST)
-    answers.prepare(warm)
-    answers.prepare(timed)
+    warm, timed = batches(PREFIX, requests, ITEMS_PER_REQUEST)
+    answers.prepare(warm + timed)
 
 
 def _child(client: str, requests: int, answers_path: Path) -> int:
@@ -196,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat must be at least 1")
     if warm_count(small) != warm_count(large):
         parser.error(
-            f"--small {small} and --large {large} warm up differently; keep both at or below 400"
+            f"--small {small} and --large {large} warm up differently; keep both below 420"
         )
     valgrind = None if args.no_valgrind else shutil.which("valgrind")
     if valgrind is None and not args.no_valgrind:
@@ -226,38 +223,30 @@ def main(argv: list[str] | None = None) -> int:
                 counts.setdefault((client, size), []).append(future.result())
 
     results: dict[str, dict[str, object]] = {}
+    slopes: dict[str, int | None] = {}
+    rows: list[list[object]] = []
     for client in CLIENTS:
         low, high = _fewest(counts[(client, small)]), _fewest(counts[(client, large)])
-        per_request = None if low is None or high is None else round((high - low) / (large - small))
+        slope = None if low is None or high is None else round((high - low) / (large - small))
         both = counts[(client, small)] + counts[(client, large)]
+        failed = sum(c.failed for c in both)
+        slopes[client] = slope
+        rows.append([client, slope, low, high, failed])
         results[client] = {
-            "instructions_per_request": per_request,
+            "instructions_per_request": slope,
             "instructions": {str(small): low, str(large): high},
             "instructions_runs": {
                 str(size): [c.instructions for c in counts[(client, size)]]
                 for size in (small, large)
             },
-            "failed": sum(c.failed for c in both),
+            "failed": failed,
             "unprepared": sum(c.unprepared for c in both),
         }
-    engine, floor = (results[c]["instructions_per_request"] for c in CLIENTS)
-    ratio = (
-        round(engine / floor, 2)
-        if isinstance(engine, int) and isinstance(floor, int) and floor
-        else None
-    )
+    engine, floor = slopes["engine-10"], slopes["floor"]
+    ratio = round(engine / floor, 2) if engine is not None and floor else None
     print_table(
         ["client", "instructions/request", f"total at {small}", f"total at {large}", "failed"],
-        [
-            [
-                client,
-                r["instructions_per_request"],
-                r["instructions"][str(small)],  # type: ignore[index]
-                r["instructions"][str(large)],  # type: ignore[index]
-                r["failed"],
-            ]
-            for client, r in results.items()
-        ],
+        rows,
     )
     print(
         "engine-10 / floor " + (f"{ratio}x" if ratio is not None else "n/a (nothing counted)"),
@@ -281,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_10_to_floor": ratio,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(line, sort_keys=True))
-    if not args.no_write:
-        write_results(results_name("instructions", args.quick), line, args.results_dir)
+    report(args, results_name("instructions", args.quick), line)
     return 0
 
 

@@ -66,11 +66,11 @@ from _harness import (
     median_of,
     print_table,
     quiet_logging,
+    report,
     results_name,
     rotated,
     run_sample,
     warn_if_busy,
-    write_results,
 )
 from _peer import PEER, peer_client, peer_resources
 from amazon_creatorsapi.errors import AmazonCreatorsApiError
@@ -512,9 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    print(json.dumps(line, sort_keys=True))
-    if not args.no_write:
-        write_results(results_name("overhead", args.quick), line, args.results_dir)
+    report(args, results_name("overhead", args.quick), line)
     return 0
 
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
-from _harness import add_output_arguments, machine_info, results_name, warn_if_busy, write_results
+from _harness import (
+    add_output_arguments,
+    machine_info,
+    report,
+    results_name,
+    warn_if_busy,
+)
 from aiolimiter import AsyncLimiter
 
 from broker.clock import LoopClock
@@ -121,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "min_gaps": min_gaps,
         "results": results,
     }
-    print(json.dumps(line, sort_keys=True))
-    if not args.no_write:
-        write_results(results_name("pacer_precision", args.quick), line, args.results_dir)
+    report(args, results_name("pacer_precision", args.quick), line)
     return 0
 
 

@@ -33,8 +33,8 @@ from _harness import (
     add_output_arguments,
     machine_info,
     print_table,
+    report,
     results_name,
-    write_results,
 )
 
 from broker.config import DEFAULT_RESOURCES
@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "machine": machine_info(),
     }
-    if not args.no_write:
-        write_results(results_name("product_cost", args.quick), body, args.results_dir)
-    print(json.dumps(body, sort_keys=True))
+    report(args, results_name("product_cost", args.quick), body)
     return 0
 
 

@@ -46,9 +46,9 @@ from _harness import (
     creators_account,
     machine_info,
     print_table,
+    report,
     results_name,
     warn_if_busy,
-    write_results,
 )
 
 __all__ = ["main"]
@@ -355,9 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "results": result,
     }
-    print(json.dumps(line, sort_keys=True))
-    if not args.no_write:
-        write_results(results_name("scale", args.quick), line, args.results_dir)
+    report(args, results_name("scale", args.quick), line)
     return 0
 
 

@@ -50,10 +50,10 @@ from _harness import (
     machine_info,
     print_table,
     quiet_logging,
+    report,
     results_name,
     sim_stats,
     warn_if_busy,
-    write_results,
 )
 from _plots import have_matplotlib
 
@@ -404,9 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": plot,
         "machine": machine_info(),
     }
-    if not args.no_write:
-        write_results(name, body, args.results_dir)
-    print(json.dumps(body))
+    report(args, name, body)
     return 0
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import sys
 import time
@@ -65,11 +64,11 @@ from _harness import (
     machine_info,
     print_table,
     quiet_logging,
+    report,
     results_name,
     sim_control,
     sim_stats,
     warn_if_busy,
-    write_results,
 )
 from _peer import PEER, PeerProcess, PeerRun, peer_accounts, summarise_calls
 from _plots import plot_utilisation
@@ -462,9 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sweep": sweep,
         "plot": plot,
     }
-    print(json.dumps(line, sort_keys=True))
-    if not args.no_write:
-        write_results(name, line, args.results_dir)
+    report(args, name, line)
     return 0
 
 
