@@ -85,6 +85,24 @@ class ItemSummary:
             "image_url": self.image_url,
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> ItemSummary:
+        """Read back what :meth:`to_json` wrote; a value of the wrong type reads as None."""
+        raw = data.get("price")
+        price = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else None
+        return cls(
+            title=_text(data.get("title")),
+            price=price,
+            currency=_text(data.get("currency")),
+            availability=_text(data.get("availability")),
+            detail_url=_text(data.get("detail_url")),
+            image_url=_text(data.get("image_url")),
+        )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
 
 @dataclass(frozen=True, slots=True)
 class Query:

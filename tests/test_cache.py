@@ -402,6 +402,19 @@ def test_fetched_at_kept_to_the_microsecond(clock: FakeClock) -> None:
     assert answer.to_json()["fetched_at"] == back.to_json()["fetched_at"]
 
 
+def test_every_summary_field_survives_the_cache(clock: FakeClock) -> None:
+    """A cached answer's summary has every field the fetched one had (image_url included)."""
+    from broker.cache.entry import decode, encode
+
+    values: dict[str, object] = {
+        f.name: 12.5 if f.name == "price" else f"{f.name} value"
+        for f in dataclasses.fields(ItemSummary)
+    }
+    answer = dataclasses.replace(ok("B000000001", clock), summary=ItemSummary(**values))
+    back = decode(encode(CacheKey.of(US, "B000000001", TITLE), answer), None)
+    assert back.summary == answer.summary
+
+
 class TestCommandLine:
     def _config(self, tmp_path: Path) -> Path:
         config = tmp_path / "config.toml"

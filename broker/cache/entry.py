@@ -89,15 +89,7 @@ def decode(entry: Entry, query: Query | None) -> ItemResult:
             raise CorruptEntry(f"unknown payload format for {entry.key.text()}")
         item = data["item"]
         raw_summary = data["summary"]
-        summary = None
-        if isinstance(raw_summary, dict):
-            summary = ItemSummary(
-                title=raw_summary.get("title"),
-                price=raw_summary.get("price"),
-                currency=raw_summary.get("currency"),
-                availability=raw_summary.get("availability"),
-                detail_url=raw_summary.get("detail_url"),
-            )
+        summary = ItemSummary.from_json(raw_summary) if isinstance(raw_summary, dict) else None
         return ItemResult(
             str(data["asin"]),
             str(data["marketplace"]),
