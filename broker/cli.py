@@ -95,10 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--config",
-        default="config.toml",
-        help="config file whose [simulator] "
-        "table sets accounts, limits and faults (default: %(default)s; "
-        "a missing default file means built-in settings)",
+        help="config file whose [simulator] table sets accounts, limits and faults (default: "
+        f"${CONFIG_ENV} if set, else ./{DEFAULT_CONFIG}; a missing default file means "
+        "built-in settings)",
     )
     sim.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     sim.add_argument(
@@ -307,7 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "simulate":
         from broker.simulator.cli import simulate_command
 
-        return simulate_command(args, run=_run_loop)
+        # Named by --config or $ASINB_CONFIG, the file must exist; ./config.toml need not.
+        named = args.config or os.environ.get(CONFIG_ENV)
+        return simulate_command(
+            args, config=named or DEFAULT_CONFIG, explicit=bool(named), run=_run_loop
+        )
     if args.command == "bench":
         from broker.bench import bench_command
 

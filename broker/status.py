@@ -68,7 +68,7 @@ class KeyStatus:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``broker status``."""
     parser.add_argument(
-        "--config", default="config.toml", help="config file (default: %(default)s)"
+        "--config", help="config file (default: $ASINB_CONFIG if set, else ./config.toml)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 

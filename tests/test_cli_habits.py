@@ -121,6 +121,39 @@ class TestConfigLookup:
         assert f"config ok: {config}" in capsys.readouterr().out
         assert cli.main(["check-config", "--config", "nope.toml"]) == ExitCode.CONFIG
 
+    def test_status_reads_the_env_config(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """`broker status` finds its config through $ASINB_CONFIG like every other command."""
+        config = _config(tmp_path, _DEAD)
+        monkeypatch.setenv("ASINB_CONFIG", str(config))
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "s")
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        other = tmp_path / "sub"
+        other.mkdir()
+        monkeypatch.chdir(other)
+        assert cli.main(["status", "--json"]) == ExitCode.OK
+        [key] = json.loads(capsys.readouterr().out)["keys"]
+        assert key["key"] == "demo"
+
+    def test_simulate_reads_the_env_config(self, tmp_path: Path) -> None:
+        """`broker simulate` reads $ASINB_CONFIG's [simulator] table: a bad one is exit 78."""
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[simulator]\nseed = 'three'\n", encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "simulate", "--port", "0"],
+            cwd=tmp_path,
+            env={**os.environ, "ASINB_CONFIG": str(bad)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == ExitCode.CONFIG, done.stderr
+        assert "seed" in done.stderr
+
     def test_missing_config_says_how_to_create_one(
         self,
         tmp_path: Path,

@@ -114,7 +114,6 @@ async def test_control_rejects_bad_input(body: object, status: int) -> None:
 
 def _args(**overrides: object) -> argparse.Namespace:
     values: dict[str, object] = {
-        "config": "config.toml",
         "host": "127.0.0.1",
         "port": 0,
         "allow_remote": False,
@@ -145,7 +144,9 @@ def test_cli_serves_until_interrupted(
 ) -> None:
     """broker simulate prints the URL and the demo ids, serves, and exits 0 on Ctrl-C."""
     monkeypatch.chdir(tmp_path)
-    code = simulate_command(_args(), run=_interrupting_run(0.2))
+    code = simulate_command(
+        _args(), config="config.toml", explicit=False, run=_interrupting_run(0.2)
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.startswith("simulator listening on http://127.0.0.1:")
@@ -178,7 +179,7 @@ def test_cli_config_errors_exit_78(
     config = tmp_path / "mine.toml"
     if content is not None:
         config.write_text(content)
-    code = simulate_command(_args(config=str(config)), run=_interrupting_run(0))
+    code = simulate_command(_args(), config=str(config), explicit=True, run=_interrupting_run(0))
     assert code == EX_CONFIG
     assert message in capsys.readouterr().err
 

@@ -23,7 +23,6 @@ __all__ = ["EX_CONFIG", "load_settings", "simulate_command"]
 
 #: sysexits.h: configuration error (kept for callers of this module)
 EX_CONFIG = ExitCode.CONFIG
-_DEFAULT_CONFIG = "config.toml"
 
 
 def load_settings(path: str, *, explicit: bool) -> SimulatorSettings:
@@ -65,21 +64,26 @@ def _ready_line(server: SimulatorServer) -> None:
 
 
 def simulate_command(
-    args: argparse.Namespace, *, run: Callable[[Coroutine[Any, Any, None]], int]
+    args: argparse.Namespace,
+    *,
+    config: str,
+    explicit: bool,
+    run: Callable[[Coroutine[Any, Any, None]], int],
 ) -> int:
-    """Run ``broker simulate`` with parsed ``args`` (config, host, port, allow_remote).
+    """Run ``broker simulate`` with parsed ``args`` (host, port, allow_remote).
 
     Args:
         args: the parsed command line.
+        config: the config file whose ``[simulator]`` table applies.
+        explicit: the user named ``config`` (a missing file is then an error).
         run: runs a coroutine to completion on an event loop (the CLI's loop policy).
 
     Returns:
         The process exit code.
     """
-    config = str(args.config)
     try:
         check_host(args.host, allow_remote=bool(args.allow_remote))
-        settings = load_settings(config, explicit=config != _DEFAULT_CONFIG)
+        settings = load_settings(config, explicit=explicit)
         return run(
             serve_forever(
                 settings,
