@@ -22,6 +22,7 @@ from broker.config import AMAZON, BrokerConfig
 from broker.engine.adaptive import AdaptiveSettings
 from broker.engine.shared_limiter import key_limits
 from broker.errors import StateUnavailableError
+from broker.exitcode import ExitCode
 from broker.state import KeyView, StateKey, open_store
 
 if TYPE_CHECKING:
@@ -167,15 +168,15 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             "simulator on its own port): no shared state to show",
             file=sys.stderr,
         )
-        return 0
+        return ExitCode.OK
     try:
         statuses = await key_statuses(config)
     except StateUnavailableError as exc:
         print(f"broker: {exc}", file=sys.stderr)
-        return 69
+        return ExitCode.UNAVAILABLE
     if args.json:
         document = {"backend": config.state.backend, "keys": [s.to_json() for s in statuses]}
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     else:
         print(_render(statuses))
-    return 0
+    return ExitCode.OK

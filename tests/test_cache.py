@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import sqlite3
 import stat
@@ -433,9 +434,6 @@ class TestCommandLine:
 
     def test_stats_and_purge(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """``broker cache stats --json`` counts entries; ``purge --asin`` and ``purge`` delete."""
-        import asyncio
-        import json
-
         from broker.cli import main
 
         config = self._config(tmp_path)
@@ -453,6 +451,20 @@ class TestCommandLine:
         assert "purged 0 " in capsys.readouterr().out
         assert main(["cache", "purge", "--config", str(config)]) == 0
         assert "purged 3 " in capsys.readouterr().out
+
+    @pytest.mark.parametrize("age", ["-5", "nan", "inf"])
+    def test_bad_older_than_is_a_usage_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], age: str
+    ) -> None:
+        """A negative or non-finite --older-than exits 2 (usage) and deletes nothing."""
+        from broker.cli import main
+
+        config = self._config(tmp_path)
+        asyncio.run(self._fill(tmp_path / "cache.sqlite3"))
+        assert main(["cache", "purge", "--config", str(config), "--older-than", age]) == 2
+        assert "--older-than" in capsys.readouterr().err
+        assert main(["cache", "stats", "--config", str(config), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["entries"] == 4
 
 
 def test_cache_sits_below_the_engine() -> None:

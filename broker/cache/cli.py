@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 from broker.cache.open import RUN_MAX_AGE_S, open_store
 from broker.cache.sqlite import SqliteCache
 from broker.errors import ConfigError
+from broker.exitcode import ExitCode
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -60,6 +62,12 @@ async def cache_command(
     The store is opened even when the cache is off (``max_age_s = 0``), so an old file
     can still be inspected and emptied.
     """
+    if args.cache_command == "purge" and not _valid_age(args.older_than):
+        print(
+            f"broker: --older-than must be a number of seconds >= 0, got {args.older_than}",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     cache_config = config.cache
     try:
         policy = cache_config.policy(RUN_MAX_AGE_S)
@@ -68,15 +76,12 @@ async def cache_command(
         )
     except ConfigError as exc:
         print(f"broker: invalid config: {exc}", file=sys.stderr)
-        return 78
+        return ExitCode.CONFIG
     async with store:
         if args.cache_command == "purge":
-            if args.older_than is not None and args.older_than < 0:
-                print("broker: --older-than must be >= 0", file=sys.stderr)
-                return 64
             removed = await store.purge(older_than_s=args.older_than, asins=args.asin)
             print(f"purged {removed} cached answers")
-            return 0
+            return ExitCode.OK
         stats = await store.stats()
     where = str(store.path) if isinstance(store, SqliteCache) else cache_config.backend
     report: dict[str, object] = {
@@ -97,4 +102,8 @@ async def cache_command(
         width = max(len(name) for name in report)
         for name, value in report.items():
             print(f"{name:<{width}}  {'-' if value is None else value}")
-    return 0
+    return ExitCode.OK
+
+
+def _valid_age(seconds: float | None) -> bool:
+    return seconds is None or (math.isfinite(seconds) and seconds >= 0)
