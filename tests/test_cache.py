@@ -29,9 +29,9 @@ from broker.cache import (
 )
 from broker.cache.front import CacheFront
 from broker.cache.redis_store import RedisCache
-from broker.config import CacheConfig, parse_config
+from broker.config import ApiConfig, CacheConfig, parse_config
 from broker.errors import ConfigError
-from broker.models import ErrorDetail, ItemResult, ItemSummary, Query, Status
+from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Status
 from broker.testing import FakeClock
 
 US = "www.amazon.com"
@@ -429,7 +429,8 @@ class TestCommandLine:
 
     async def _fill(self, path: Path) -> None:
         clock = FakeClock()
-        async with SqliteCache(path, CachePolicy(60), namespace="paapi5", clock=clock) as cache:
+        namespace = "paapi5.simulator"  # the config's: PA-API through the embedded simulator
+        async with SqliteCache(path, CachePolicy(60), namespace=namespace, clock=clock) as cache:
             await cache.put_many([ok(f"B00000000{i}", clock) for i in range(4)])
 
     def test_stats_and_purge(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -444,7 +445,7 @@ class TestCommandLine:
             report["entries"],
             report["namespace"],
             report["max_age_s"],
-        ) == (4, "paapi5", 86_400)
+        ) == (4, "paapi5.simulator", 86_400)
         assert main(["cache", "purge", "--config", str(config), "--asin", "b000000001"]) == 0
         assert "purged 1 " in capsys.readouterr().out
         assert main(["cache", "purge", "--config", str(config), "--older-than", "1e9"]) == 0
@@ -568,3 +569,31 @@ async def test_prefetched_answer_is_checked_again(clock: FakeClock) -> None:
     front.discard([q("B000000003")])
     assert not front._ahead
     await front.aclose()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "endpoint", "expected"),
+    [
+        (Protocol.CREATORS, "simulator", "creators.simulator"),
+        (Protocol.PAAPI5, "simulator", "paapi5.simulator"),
+        (Protocol.CREATORS, "amazon", "creators.amazon"),
+        (Protocol.PAAPI5, "amazon", "paapi5.amazon"),
+    ],
+)
+def test_namespace_names_protocol_and_endpoint(
+    protocol: Protocol, endpoint: str, expected: str
+) -> None:
+    """The simulator and Amazon are one source each, whatever port or host serves them."""
+    from broker.cache import cache_namespace
+
+    assert cache_namespace(ApiConfig(protocol, endpoint)) == expected
+
+
+def test_namespace_of_a_url_endpoint_is_its_own() -> None:
+    """Two endpoint URLs get two namespaces, short and free of the URL's ':' and '/'."""
+    from broker.cache import cache_namespace
+
+    urls = ("http://127.0.0.1:8787", "http://127.0.0.1:8788")
+    names = {cache_namespace(ApiConfig(endpoint=url)) for url in urls}
+    assert len(names) == 2
+    assert all(n.startswith("creators.url-") and ":" not in n and "/" not in n for n in names)

@@ -37,6 +37,22 @@ class TestBrokerCache:
         assert [r.fetched_at for r in first] == [r.fetched_at for r in second]
         assert [r.item for r in first] == [r.item for r in second]
 
+    async def test_answers_of_one_endpoint_are_not_served_to_another(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """A simulator's cached answers never answer a broker pointed at another endpoint."""
+        first_sim = await harness.simulator(FREE)
+        other_sim = await harness.simulator(FREE)
+        wanted = asins(20)
+        async with Broker(make_config(first_sim.url, cache=_cache(tmp_path))) as broker:
+            await broker.get_items(wanted)
+        transport = await harness.transport()
+        other = make_config(other_sim.url, cache=_cache(tmp_path))
+        async with Broker(other, transport=transport) as broker:
+            results = await broker.get_items(wanted)
+        assert transport.count("/catalog/") == 2
+        assert not any(r.cached for r in results)
+
     async def test_half_cached_half_the_requests(self, harness: Harness, tmp_path: Path) -> None:
         """With half the ASINs cached, a batch of ten cached-and-new sends only the new."""
         sim = await harness.simulator(FREE)

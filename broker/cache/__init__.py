@@ -28,7 +28,13 @@ if TYPE_CHECKING:
     from broker.cache.base import ItemCache, StoreCache, key_of
     from broker.cache.front import CacheFront
     from broker.cache.memory import MemoryCache
-    from broker.cache.open import LIBRARY_MAX_AGE_S, RUN_MAX_AGE_S, open_cache, open_store
+    from broker.cache.open import (
+        LIBRARY_MAX_AGE_S,
+        RUN_MAX_AGE_S,
+        cache_namespace,
+        open_cache,
+        open_store,
+    )
     from broker.cache.paths import default_cache_path, state_dir
     from broker.cache.sqlite import SqliteCache
 
@@ -45,6 +51,7 @@ __all__ = [
     "MemoryCache",
     "SqliteCache",
     "StoreCache",
+    "cache_namespace",
     "default_cache_path",
     "has_offer_resources",
     "key_of",
@@ -62,6 +69,7 @@ _LAZY = {
     "MemoryCache": "memory",
     "LIBRARY_MAX_AGE_S": "open",
     "RUN_MAX_AGE_S": "open",
+    "cache_namespace": "open",
     "open_cache": "open",
     "open_store": "open",
     "default_cache_path": "paths",

@@ -78,8 +78,8 @@ class StoreCache(abc.ABC):
 
     Args:
         policy: max ages and size bound.
-        namespace: keeps the two protocols' answers apart (their item JSON differs in
-            shape): the broker passes ``config.api.protocol.value``.
+        namespace: whose answers these are, kept apart from every other source's: the
+            broker passes :func:`broker.cache.open.cache_namespace` (protocol and endpoint).
         clock: wall time for ages (``utcnow``); entries are shared across processes, so
             only wall time makes sense.
         batch_size: ASINs per GetItems request, to count requests saved.

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from broker.cache.open import RUN_MAX_AGE_S, open_store
+from broker.cache.open import RUN_MAX_AGE_S, cache_namespace, open_store
 from broker.cache.sqlite import SqliteCache
 from broker.errors import ConfigError
 from broker.exitcode import ExitCode
@@ -72,7 +72,7 @@ async def cache_command(
     try:
         policy = cache_config.policy(RUN_MAX_AGE_S)
         store = open_store(
-            cache_config, policy, namespace=config.api.protocol.value, environ=environ
+            cache_config, policy, namespace=cache_namespace(config.api), environ=environ
         )
     except ConfigError as exc:
         print(f"broker: invalid config: {exc}", file=sys.stderr)
@@ -87,7 +87,7 @@ async def cache_command(
     report: dict[str, object] = {
         "backend": cache_config.backend,
         "where": where,
-        "namespace": config.api.protocol.value,
+        "namespace": store.namespace,
         "max_age_s": policy.max_age_s,
         "offers_max_age_s": policy.offers_max_age_s,
         "max_items": policy.max_items,

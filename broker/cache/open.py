@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -10,19 +11,37 @@ from broker.cache.memory import MemoryCache
 from broker.cache.paths import default_cache_path
 from broker.cache.policy import CEILING_S, CachePolicy
 from broker.cache.sqlite import SqliteCache
+from broker.config import AMAZON, SIMULATOR
 from broker.errors import ConfigError
 
 if TYPE_CHECKING:
     from broker.cache.base import StoreCache
     from broker.clock import Clock
-    from broker.config import CacheConfig
+    from broker.config import ApiConfig, CacheConfig
 
-__all__ = ["LIBRARY_MAX_AGE_S", "RUN_MAX_AGE_S", "open_cache", "open_store"]
+__all__ = ["LIBRARY_MAX_AGE_S", "RUN_MAX_AGE_S", "cache_namespace", "open_cache", "open_store"]
 
 #: Library default when ``[cache] max_age_s`` is unset: off.
 LIBRARY_MAX_AGE_S: Final = 0.0
 #: ``broker run`` / ``lookup`` default when ``[cache] max_age_s`` is unset: Amazon's 24 hours.
 RUN_MAX_AGE_S: Final = CEILING_S
+
+
+def cache_namespace(api: ApiConfig) -> str:
+    """Whose answers a cache holds: the protocol and the endpoint that gave them.
+
+    The two protocols' item JSON differs in shape, and an answer from the simulator must
+    never be served to a run against Amazon (nor one from Amazon to a test run). The
+    embedded simulator is one source whatever port it listens on (every run starts its
+    own), as is Amazon; any other endpoint URL is its own source, named by a short digest
+    so Redis keys and SQLite rows stay short: ``creators.simulator``, ``paapi5.amazon``,
+    ``creators.url-3f9a0c1b2d4e``.
+    """
+    if api.endpoint in (SIMULATOR, AMAZON):
+        source = api.endpoint
+    else:
+        source = "url-" + hashlib.blake2b(api.endpoint.encode(), digest_size=6).hexdigest()
+    return f"{api.protocol.value}.{source}"
 
 
 def open_cache(
@@ -39,7 +58,7 @@ def open_cache(
 
     Args:
         config: the ``[cache]`` table.
-        namespace: ``config.api.protocol.value`` (the two protocols' items differ in shape).
+        namespace: whose answers these are (:func:`cache_namespace`).
         default_max_age_s: used when the config leaves ``max_age_s`` unset
             (:data:`LIBRARY_MAX_AGE_S` or :data:`RUN_MAX_AGE_S`).
         max_age_s: a command-line ``--max-age`` that wins over both; 0 turns the cache off.

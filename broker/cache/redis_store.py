@@ -1,6 +1,6 @@
 """The item cache in Redis, shared by several machines; entries expire on Amazon's 24-hour rule.
 
-Layout under ``key_prefix`` + namespace (``asinb:cache:creators:``):
+Layout under ``key_prefix`` + namespace (``asinb:cache:creators.amazon:``):
 
 - ``item:<marketplace>|<ASIN>|<resources>``: one string per answer, ``fetched_at`` (8-byte
   double) + 16-byte checksum + payload, with a TTL that ends 86,400 s after ``fetched_at``;

@@ -27,7 +27,7 @@ from broker.api.base import Dialect, Operation
 from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import token_url
 from broker.api.paapi5 import PaapiDialect
-from broker.cache import CacheFront, open_cache
+from broker.cache import CacheFront, cache_namespace, open_cache
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
@@ -288,7 +288,7 @@ class Broker:
         )
         cache = open_cache(
             config.cache,
-            namespace=config.api.protocol.value,
+            namespace=cache_namespace(config.api),
             default_max_age_s=self._cache_default_max_age_s,
             max_age_s=self._cache_max_age_s,
             clock=self._clock,
