@@ -586,7 +586,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         Scope.ASIN,
         False,
         "Use the API's resource names (either spelling: ItemInfo.Title or itemInfo.title); "
-        "broker.api.resources.resource_names() lists them.",
+        "broker.api.resources.resource_names(protocol) lists them.",
     ),
     ErrorInfo(
         "NoKeyForMarketplace",

@@ -76,6 +76,23 @@ class TestResources:
         assert "searchRefinements" in resource_names(C, Operation.SEARCH_ITEMS)
         assert "BrowseNodes.Children" in resource_names(P, Operation.GET_BROWSE_NODES)
 
+    def test_lists_by_plain_names(self) -> None:
+        """resource_names takes the protocol and operation as the strings users write."""
+        assert resource_names("creators") == resource_names(C)
+        assert resource_names("paapi5", "GetItems") == resource_names(P)
+        assert resource_names("creators", "SearchItems") == resource_names(
+            C, Operation.SEARCH_ITEMS
+        )
+        with pytest.raises(ValueError, match="protocol"):
+            resource_names("paapi4")
+        with pytest.raises(ValueError, match="operation"):
+            resource_names("creators", "GetItem")
+
+    def test_unknown_name_message_names_a_call_that_works(self) -> None:
+        """The ValueError for an unknown name points at a resource_names call that runs."""
+        with pytest.raises(ValueError, match=r"resource_names\('paapi5'\)"):
+            resolve_resources(["ItemInfo.Nope"], P)
+
 
 class TestSearchParams:
     """search_params checks every option before a request exists."""

@@ -9,9 +9,10 @@ failed result.
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Final, TypeVar
 
 from broker.api.base import Operation
 from broker.models import Protocol
@@ -87,6 +88,9 @@ RETIRED_PAAPI_PREFIXES: Final[Mapping[str, str]] = {
 }
 
 
+_E = TypeVar("_E", bound=enum.Enum)
+
+
 def pascal_name(name: str) -> str:
     """PA-API's spelling of a Creators resource name: a capital first letter per segment
     (itemInfo.byLineInfo -> ItemInfo.ByLineInfo, parentASIN -> ParentASIN)."""
@@ -94,16 +98,31 @@ def pascal_name(name: str) -> str:
 
 
 def resource_names(
-    protocol: Protocol, operation: Operation = Operation.GET_ITEMS
+    protocol: Protocol | str, operation: Operation | str = Operation.GET_ITEMS
 ) -> tuple[str, ...]:
     """Every resource name ``operation`` accepts, spelled for ``protocol``.
 
-    PA-API has no ``highRes`` images (it stops at Large), so those are not in its list.
+    Both may be given as the enum or as its value: ``resource_names("paapi5")``,
+    ``resource_names("creators", "SearchItems")``. PA-API has no ``highRes`` images (it
+    stops at Large), so those are not in its list.
+
+    Raises:
+        ValueError: an unknown protocol or operation (the message lists the known ones).
     """
-    names = OPERATION_RESOURCES[operation]
-    if protocol is Protocol.CREATORS:
+    names = OPERATION_RESOURCES[_enum(Operation, operation, "operation")]
+    if _enum(Protocol, protocol, "protocol") is Protocol.CREATORS:
         return names
     return tuple(pascal_name(n) for n in names if not n.endswith(".highRes"))
+
+
+def _enum(kind: type[_E], value: _E | str, what: str) -> _E:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        known = ", ".join(repr(member.value) for member in kind)
+        raise ValueError(f"unknown {what} {value!r}; expected one of {known}") from None
 
 
 def resolve_resources(
@@ -158,5 +177,5 @@ def _why_unknown(name: str, protocol: Protocol, operation: Operation) -> str:
             return f"{name!r} is a {other.value} resource, not a {operation.value} one"
     return (
         f"unknown resource {name!r} for {operation.value}; "
-        "see broker.api.resources.resource_names() for the accepted names"
+        f"broker.api.resources.resource_names({protocol.value!r}) lists the accepted names"
     )
