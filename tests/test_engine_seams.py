@@ -12,9 +12,11 @@ import asyncio
 import json
 import logging
 import random
+import sqlite3
 import threading
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -138,6 +140,39 @@ class TestPauses:
         assert task.result()[0].ok
         assert len(sent) == 2
         assert sent[1] >= sent[0] + latency + 10 - 1e-6
+
+
+class TestFakeClockState:
+    """A fake clock's times never reach the machine's shared key-state file."""
+
+    async def _one_lookup(self, config: object) -> None:
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.0)
+
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            task = asyncio.get_running_loop().create_task(broker.get_items(["B000000001"]))
+            await clock.run_until(task)
+        assert task.result()[0].ok
+
+    async def test_default_state_file_is_left_alone(self) -> None:
+        """With a fake clock and no [state] path, the keys' state stays in memory."""
+        from broker.state.sqlite import STATE_FILE, default_state_dir
+
+        await self._one_lookup(_paapi())
+        # conftest points $XDG_STATE_HOME at this test's own directory.
+        assert not (default_state_dir() / STATE_FILE).exists()
+
+    async def test_a_named_state_file_is_still_used(self, tmp_path: Path) -> None:
+        """A [state] path named on purpose (a test of shared state) still gets the decisions."""
+        path = tmp_path / "keys.sqlite3"
+        await self._one_lookup(_paapi(state={"path": str(path)}))
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT count(*) FROM key_state").fetchone() == (1,)
+        finally:
+            conn.close()
 
 
 class TestCancellation:

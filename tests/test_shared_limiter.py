@@ -218,7 +218,9 @@ class TestDailyQuota:
         assert b.remaining == 0
         assert b.used_fraction == 1.0
 
-    async def test_two_brokers_in_a_row_stay_within_tpd(self, harness: Harness) -> None:
+    async def test_two_brokers_in_a_row_stay_within_tpd(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
         """N6: two runs in a row on one key with tpd 30 send 29 requests in all, not 50."""
         clock = FakeClock()
         settings = SimulatorSettings(
@@ -226,7 +228,9 @@ class TestDailyQuota:
             burst=2,  # as in the benchmark: the store's µs clock may send a µs before the grid
         )
         sim = await harness.simulator(settings, clock=clock)
-        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=30)])
+        # Named: on a fake clock, the default is a store per broker (see Broker's clock).
+        state = {"path": str(tmp_path / "keys.sqlite3")}
+        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=30)], state=state)
         spent = []
         for run in range(2):
             transport = await harness.transport()

@@ -20,6 +20,7 @@ import contextlib
 import os
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -89,6 +90,9 @@ class Broker:
     Args:
         config: the validated configuration.
         clock: time source (tests pass a FakeClock); default the running loop's clock.
+            With any clock but the real one, the keys' state stays in this process unless
+            ``[state]`` names a path or Redis: the machine's shared file would keep a fake
+            clock's pauses and days, and a later real run would obey them.
         transport: HTTP transport (tests pass a MockTransport); default aiohttp.
         rng: randomness for jitter (seed it for reproducible runs).
         budget_store: where daily request counters persist, for a caller that keeps its
@@ -319,8 +323,11 @@ class Broker:
         store = self._state_store
         if store is None:
             clock = self._clock
+            state = self.config.state
+            if not isinstance(clock, LoopClock) and state.backend == "local" and state.path is None:
+                state = replace(state, backend="memory")
             store = open_store(
-                self.config.state,
+                state,
                 now_us=lambda: int(clock.monotonic() * 1_000_000),
                 wall=lambda: int(clock.utcnow().timestamp() * 1_000_000),
             )
