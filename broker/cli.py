@@ -302,7 +302,21 @@ def _run_loop(coro: Coroutine[Any, Any, object]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    args = _build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if next((w for w in words if not w.startswith("-")), None) in ("run", "serve"):
+        from broker.jobs.signals import caught_early
+
+        # A signal while starting (building the parser imports the simulator and the
+        # engine, then the config is read) or finishing must not kill the run with the
+        # default action: it is kept for the run's handler. The command word is known
+        # before the parser exists: the top level has no option that takes a value.
+        with caught_early():
+            return _command(_build_parser().parse_args(words))
+    return _command(_build_parser().parse_args(words))
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command line."""
     if args.command == "simulate":
         from broker.simulator.cli import simulate_command
 
@@ -352,16 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from broker.cache.cli import cache_command
 
         return _run_loop(cache_command(config, args))
-    if args.command in ("run", "serve"):
-        from broker.jobs.signals import caught_early
+    if args.command == "run":
+        return _run_command(config, args)
+    if args.command == "serve":
+        from broker.jobs.serve import serve_command
 
-        # A signal while starting or finishing must not kill the run with the default action.
-        with caught_early():
-            if args.command == "run":
-                return _run_command(config, args)
-            from broker.jobs.serve import serve_command
-
-            return serve_command(config, args, run=_run_loop)
+        return serve_command(config, args, run=_run_loop)
     print(f"unknown command {args.command}", file=sys.stderr)  # pragma: no cover
     return ExitCode.USAGE
 

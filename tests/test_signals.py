@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from broker.jobs.signals import ECHO_S, StopSignals, caught_early, installed
+import pytest
+
+from broker.jobs.signals import (
+    ECHO_S,
+    UV_SIGINT_ECHO_S,
+    StopSignals,
+    caught_early,
+    installed,
+    sigint_echo_window,
+)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class _Recorder:
@@ -14,11 +30,12 @@ class _Recorder:
         self.now = 0.0
         self.calls: list[tuple[str, str]] = []
 
-    def policy(self) -> StopSignals:
+    def policy(self, sigint_echo: tuple[float, float] | None = None) -> StopSignals:
         return StopSignals(
             lambda sig: self.calls.append(("graceful", sig.name)),
             lambda sig: self.calls.append(("now", sig.name)),
             monotonic=lambda: self.now,
+            sigint_echo=sigint_echo,
         )
 
 
@@ -46,6 +63,109 @@ class TestStopSignals:
         assert rec.calls[-1] == ("now", "SIGTERM")
 
 
+class TestUvForwardedSigint:
+    """Under ``uv run`` without a terminal, uv passes on each SIGINT 200 ms later."""
+
+    def test_uv_copy_200ms_later_only_drains(self) -> None:
+        """One SIGINT to the process group (arriving again from uv 0.2 s later) drains."""
+        rec = _Recorder()
+        policy = rec.policy(UV_SIGINT_ECHO_S)
+        policy(signal.SIGINT)
+        rec.now += 0.2
+        policy(signal.SIGINT)
+        assert rec.calls == [("graceful", "SIGINT")]
+        rec.now += 2.0
+        policy(signal.SIGINT)
+        assert rec.calls[-1] == ("now", "SIGINT")
+
+    def test_window_covers_only_sigint_after_sigint(self) -> None:
+        """A SIGTERM 0.2 s after a SIGINT is a second stop, window or not."""
+        rec = _Recorder()
+        policy = rec.policy(UV_SIGINT_ECHO_S)
+        policy(signal.SIGINT)
+        rec.now += 0.2
+        policy(signal.SIGTERM)
+        assert rec.calls == [("graceful", "SIGINT"), ("now", "SIGTERM")]
+
+    def test_without_uv_a_second_sigint_200ms_later_stops(self) -> None:
+        """Not under uv (or in a terminal's foreground), 0.2 s later is a deliberate second."""
+        rec = _Recorder()
+        policy = rec.policy(None)
+        policy(signal.SIGINT)
+        rec.now += 0.2
+        policy(signal.SIGINT)
+        assert rec.calls == [("graceful", "SIGINT"), ("now", "SIGINT")]
+
+    @pytest.mark.parametrize(
+        ("parent", "foreground", "window"),
+        [
+            ("uv", False, UV_SIGINT_ECHO_S),
+            ("uv", True, None),
+            ("bash", False, None),
+            ("systemd", False, None),
+        ],
+    )
+    def test_window_only_under_uv_without_a_terminal(
+        self, parent: str, foreground: bool, window: tuple[float, float] | None
+    ) -> None:
+        """uv forwards only when its child is not the terminal's foreground process group."""
+        assert sigint_echo_window(parent=parent, in_foreground=foreground) == window
+
+    @pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv on the PATH")
+    def test_broker_run_under_uv_drains_on_one_group_sigint(self, tmp_path: Path) -> None:
+        """`uv run broker run` in its own session: one SIGINT to the group drains, exit 75."""
+        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+        (tmp_path / "job.txt").write_text(
+            "".join(f"B0UV{i:06d}\n" for i in range(400)), encoding="utf-8"
+        )
+        uv = shutil.which("uv")
+        assert uv is not None
+        command = [uv, "run", "--no-sync", "--project", str(REPO), "broker", "run", "job.txt"]
+        proc = subprocess.Popen(
+            [*command, "--out", "out.jsonl", "--no-cache"],
+            cwd=tmp_path,
+            env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"},
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # no terminal: uv forwards each SIGINT it receives
+        )
+        try:
+            out = tmp_path / "out.jsonl"
+            deadline = time.monotonic() + 60
+            while not (out.exists() and out.stat().st_size > 0):
+                assert proc.poll() is None
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 75, err
+        assert "broker.job_stopping" in err
+        assert "broker.job_stop_forced" not in err
+
+
+_SLOW_CONFIG = """
+[api]
+endpoint = "simulator"
+
+[[keys]]
+name = "demo"
+credential_id = "demo-id"
+version = "3.1"
+partner_tags = { "www.amazon.com" = "demo-20" }
+tps = 5.0
+tpd = 0
+
+[engine]
+queue_size = 20
+
+[log]
+format = "json"
+"""
+
+
 class TestCaughtEarly:
     async def test_signal_before_the_handler_is_replayed_and_after_is_dropped(self) -> None:
         """A SIGTERM before the run's handler reaches it; one after it is gone never kills."""
@@ -58,3 +178,23 @@ class TestCaughtEarly:
             await asyncio.sleep(0.01)
         assert calls == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def test_signal_while_the_parser_is_built_drains_the_run(self, tmp_path: Path) -> None:
+        """A SIGTERM while `broker run` still builds its parser is acted on, not fatal (143)."""
+        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+        (tmp_path / "job.txt").write_text("B0UV000001\nB0UV000002\n", encoding="utf-8")
+        code = (
+            "import os, signal, sys\n"
+            "import broker.cli as cli\n"
+            "build = cli._build_parser\n"
+            "def signalled():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return build()\n"
+            "cli._build_parser = signalled\n"
+            "sys.exit(cli.main(['run', 'job.txt', '--out', 'out.jsonl', '--no-cache']))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode in (0, 75), done.stderr
+        assert "broker.job_stopping" in done.stderr

@@ -34,7 +34,7 @@ from broker.errors import BrokerError, ConfigError, JobFileError, NoUsableKeyErr
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
-from broker.jobs.signals import StopSignals, installed
+from broker.jobs.signals import StopSignals, installed, sigint_echo_window
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import JobFingerprint, JobRow, fingerprint, read_job
 from broker.logs import get_logger
@@ -648,7 +648,12 @@ class _Stop:
 def _signals(stop: _Stop, *, enabled: bool) -> Iterator[None]:
     """Route SIGINT and SIGTERM to ``stop`` for the whole run (when ``enabled``)."""
     try:
-        with installed(StopSignals(stop.on_first_signal, stop.on_next_signal), enabled=enabled):
+        policy = StopSignals(
+            stop.on_first_signal,
+            stop.on_next_signal,
+            sigint_echo=sigint_echo_window() if enabled else None,
+        )
+        with installed(policy, enabled=enabled):
             yield
     finally:
         stop.close()

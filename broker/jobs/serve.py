@@ -81,7 +81,13 @@ from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.runner import JobOptions, JobSummary, describe_failure, run_job
-from broker.jobs.signals import STOP_SIGNALS, StopSignals, release, replay_early
+from broker.jobs.signals import (
+    STOP_SIGNALS,
+    StopSignals,
+    release,
+    replay_early,
+    sigint_echo_window,
+)
 from broker.logs import get_logger
 
 if TYPE_CHECKING:
@@ -472,7 +478,10 @@ class Daemon:
         self.url: str | None = None
         self._state = "starting"
         self._signals = StopSignals(
-            self._on_first_signal, self._on_next_signal, monotonic=self._clock.monotonic
+            self._on_first_signal,
+            self._on_next_signal,
+            monotonic=self._clock.monotonic,
+            sigint_echo=sigint_echo_window() if options.handle_signals else None,
         )
         self._broker: Broker | None = None
         self._job_task: asyncio.Task[JobSummary] | None = None

@@ -4,7 +4,10 @@ One rule for both commands: the first signal asks for a graceful stop, any later
 once, however soon it follows. Only a copy arriving within :data:`ECHO_S` of the previous one is
 taken for an echo of it: one Ctrl-C or one ``systemctl stop`` can reach the process twice at the
 same instant (the terminal or the cgroup signals every process, and ``uv run`` forwards its own
-copy), while a person or a script sending a second signal takes longer than that.
+copy of a SIGTERM), while a person or a script sending a second signal takes longer than that.
+One more echo is known: under ``uv run`` without a terminal (a script, a supervisor, ``timeout
+-s INT``), uv passes on each SIGINT it receives 200 ms later, so a signal sent to the process
+group arrives twice; :func:`sigint_echo_window` says when to expect that copy.
 
 The command line calls :func:`caught_early` before its event loop starts, so a signal that comes
 while the process is still starting, or after the run has removed its handlers and is
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -30,12 +34,56 @@ __all__ = [
     "installed",
     "release",
     "replay_early",
+    "sigint_echo_window",
 ]
 
 #: A repeat closer than this (seconds) to the previous signal is the same stop delivered twice.
 ECHO_S: Final = 0.05
 #: The signals that stop a run or the daemon.
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+#: When uv's forwarded copy of a SIGINT arrives after the original (uv waits 200 ms).
+UV_SIGINT_ECHO_S: Final = (0.1, 0.6)
+
+
+def sigint_echo_window(
+    *, parent: str | None = None, in_foreground: bool | None = None
+) -> tuple[float, float] | None:
+    """When a second SIGINT is ``uv run``'s copy of the first: (earliest, latest) seconds after.
+
+    uv passes on every SIGINT it receives, 200 ms later, unless its child is the terminal's
+    foreground process group (then the terminal already signalled the child). None when the
+    parent is not uv, or this process is in a terminal's foreground (Ctrl-C reaches it once).
+
+    Args:
+        parent: the parent process's name (default: read from ``/proc``; None elsewhere).
+        in_foreground: whether this process is the terminal's foreground group (default:
+            asked of the controlling terminal; False without one).
+    """
+    if (_parent_name() if parent is None else parent) != "uv":
+        return None
+    foreground = _in_terminal_foreground() if in_foreground is None else in_foreground
+    return None if foreground else UV_SIGINT_ECHO_S
+
+
+def _parent_name() -> str:
+    try:
+        with open(f"/proc/{os.getppid()}/comm", encoding="utf-8") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+def _in_terminal_foreground() -> bool:
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no controlling terminal
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)
 
 
 class StopSignals:
@@ -45,9 +93,11 @@ class StopSignals:
         graceful: called with the first signal.
         now: called with every later signal that is not an echo.
         monotonic: the clock (injected in tests).
+        sigint_echo: (earliest, latest) seconds after a SIGINT at which another SIGINT is a
+            copy of it (:func:`sigint_echo_window`); None: only :data:`ECHO_S` applies.
     """
 
-    __slots__ = ("_graceful", "_last_at", "_monotonic", "_now", "count")
+    __slots__ = ("_graceful", "_last", "_monotonic", "_now", "_sigint_echo", "count")
 
     def __init__(
         self,
@@ -55,25 +105,37 @@ class StopSignals:
         now: Callable[[signal.Signals], None],
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        sigint_echo: tuple[float, float] | None = None,
     ) -> None:
         self._graceful = graceful
         self._now = now
         self._monotonic = monotonic
-        self._last_at: float | None = None
+        self._sigint_echo = sigint_echo
+        self._last: tuple[float, signal.Signals] | None = None
         #: signals taken into account so far (echoes not counted)
         self.count = 0
 
     def __call__(self, sig: signal.Signals) -> None:
         """Handle one delivered signal (a loop signal handler)."""
         at = self._monotonic()
-        last, self._last_at = self._last_at, at
-        if last is not None and at - last < ECHO_S:
+        last, self._last = self._last, (at, sig)
+        if last is not None and self._echo(at - last[0], last[1], sig):
             return
         self.count += 1
         if self.count == 1:
             self._graceful(sig)
         else:
             self._now(sig)
+
+    def _echo(self, gap: float, previous: signal.Signals, sig: signal.Signals) -> bool:
+        if gap < ECHO_S:
+            return True
+        window = self._sigint_echo
+        return (
+            window is not None
+            and previous is sig is signal.SIGINT
+            and window[0] <= gap <= window[1]
+        )
 
 
 #: Stop signals received while no loop handler was installed (see :func:`caught_early`).
