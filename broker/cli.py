@@ -129,7 +129,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help=_CONFIG_HELP)
     run.add_argument(
         "--out",
-        help="output file; - writes JSON lines to stdout at the end (not resumable) "
+        help="output file; - writes the rows (JSON lines, or CSV with --format csv) to stdout "
+        "at the end (not resumable) "
         "(default: <output.directory>/<job name>.<format>)",
     )
     run.add_argument(
@@ -520,13 +521,17 @@ def _lookup_row(line: int, raw: str, result: ItemResult) -> dict[str, object]:
     from broker.jobs.ledger import DoneRow
     from broker.jobs.sinks import output_row
 
+    # An id that is not an ASIN has no ASIN: run's row says null (the text is in ``input``).
+    refused = (
+        result.error is not None and result.error.code == "InvalidAsin" and not result.attempts
+    )
     return output_row(
         DoneRow(
             done_order=line,
             seq=line - 1,
             line=line,
             raw=raw,
-            asin=result.asin,
+            asin=None if refused else result.asin,
             marketplace=result.marketplace,
             status=result.status.value,
             result=result.to_json(),

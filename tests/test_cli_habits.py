@@ -367,6 +367,26 @@ class TestLookup:
             row.pop("fetched_at")
         assert lookup_row == run_row
 
+    def test_invalid_id_row_matches_run_row(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An id that is not an ASIN: lookup prints run's row (asin null, input the text)."""
+        config = _config(tmp_path)
+        job = tmp_path / "bad.txt"
+        job.write_text("not-an-asin\n")
+        out = tmp_path / "bad.jsonl"
+        assert cli.main(["run", str(job), "--config", str(config), "--out", str(out)]) == 0
+        [run_row] = _jsonl(out.read_text())
+        capsys.readouterr()
+        argv = ["lookup", "not-an-asin", "--config", str(config), "--json", "--no-cache"]
+        assert cli.main(argv) == 0
+        [lookup_row] = _jsonl(capsys.readouterr().out)
+        assert (lookup_row["asin"], lookup_row["input"]) == (None, "not-an-asin")
+        assert lookup_row["error"]["code"] == run_row["error"]["code"] == "InvalidAsin"
+        assert {k: v for k, v in lookup_row.items() if k != "error"} == {
+            k: v for k, v in run_row.items() if k != "error"
+        }
+
     def test_resources_flag(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """--resources picks what the item carries."""
         config = _config(tmp_path)

@@ -338,6 +338,7 @@ class TestCsvSink:
         assert by_line[5]["input"] == 'bad "id"\nsecond line'
         assert by_line[5]["error_code"] == "InvalidAsin"
         assert by_line[5]["asin"] == ""
+        assert {r["cached"] for r in records} == {"false"}  # as JSON spells it, not "False"
         assert list(records[0]) == list(CSV_COLUMNS)
 
     def test_a5_cut_inside_a_quoted_multiline_cell(self, tmp_path: Path) -> None:

@@ -193,7 +193,7 @@ def _csv_values(row: DoneRow) -> list[object]:
         out["attempts"],
         out["key"],
         out["fetched_at"],
-        bool(out["cached"]),
+        "true" if out["cached"] else "false",
     ]
 
 
