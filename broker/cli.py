@@ -46,7 +46,7 @@ def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--max-age",
-        type=float,
+        type=_max_age,
         metavar="SECONDS",
         help="serve cached answers up to this old (default: [cache] max_age_s, else 86400; "
         "at most 86400, Amazon's 24-hour rule; 0 = no cache)",
@@ -56,6 +56,21 @@ def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="neither read nor fill the item cache",
     )
+
+
+def _max_age(text: str) -> float:
+    """``--max-age``: seconds from 0 to 86,400 (Amazon's 24-hour rule)."""
+    from broker.cache.policy import CEILING_S
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= seconds <= CEILING_S:
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside 0..{CEILING_S:.0f} s: Amazon allows caching for 24 hours at most"
+        )
+    return seconds
 
 
 def _cache_max_age(args: argparse.Namespace) -> float | None:
@@ -69,12 +84,14 @@ def _cache_max_age(args: argparse.Namespace) -> float | None:
 def _build_parser() -> argparse.ArgumentParser:
     from broker import __version__
 
+    # Installed as both `broker` and `asin-broker`: usage and --version name the one typed.
+    invoked = os.path.basename(sys.argv[0])
     parser = argparse.ArgumentParser(
-        prog="broker",
+        prog=invoked if invoked in ("broker", "asin-broker") else "broker",
         description="Asynchronous, rate-limited request broker for Amazon's product APIs.",
         epilog=f"The config file is --config, else ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}.",
     )
-    parser.add_argument("--version", action="version", version=f"broker {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = sub.add_parser(

@@ -80,6 +80,24 @@ class TestVersionAndInit:
         assert info.value.code == 0
         assert capsys.readouterr().out.strip() == f"broker {__version__}"
 
+    def test_second_name_says_its_own_name(self) -> None:
+        """Run as ``asin-broker``, --version and usage name asin-broker, not broker."""
+        script = Path(sys.executable).parent / "asin-broker"
+        if not script.exists():
+            pytest.skip("the asin-broker script is not installed in this environment")
+        done = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+        assert done.stdout.strip() == f"asin-broker {__version__}"
+
+    @pytest.mark.parametrize("age", ["90000", "-1", "nan", "soon"])
+    def test_bad_max_age_is_a_usage_error_naming_the_flag(
+        self, age: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--max-age outside 0..86400 s is refused by the parser, naming --max-age."""
+        with pytest.raises(SystemExit) as info:
+            cli.main(["lookup", "B0C1234567", "--max-age", age])
+        assert info.value.code == ExitCode.USAGE
+        assert "--max-age" in capsys.readouterr().err
+
     def test_init_writes_a_config_that_works_with_the_simulator(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -321,7 +321,7 @@ class TestResume:
         _drop(spool, "b.txt", "\n".join(_asins(5, "B0BUDGB")) + "\n")
         await _filed(spool, "b.txt")
         assert _samples((await _get(f"{running.url}/metrics"))[2])[spent] == 3
-        assert not (spool / "state" / "budget.sqlite").exists()
+        assert not (spool / "state").exists()  # nothing of the keys' state lives in the spool
 
 
 class TestItemCache:

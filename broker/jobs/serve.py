@@ -227,11 +227,10 @@ class Spool:
         self.processing = self.root / "processing"
         self.done = self.root / "done"
         self.failed = self.root / "failed"
-        self.state = self.root / "state"
 
     def prepare(self) -> None:
         """Create the subdirectories that are missing."""
-        for directory in (self.inbox, self.processing, self.done, self.failed, self.state):
+        for directory in (self.inbox, self.processing, self.done, self.failed):
             directory.mkdir(parents=True, exist_ok=True)
 
     def waiting(self) -> list[str]:
