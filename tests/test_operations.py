@@ -264,7 +264,8 @@ class TestAgainstSimulator:
         nodes = await broker.get_browse_nodes(["283155"])
         (node,) = nodes.browse_nodes
         assert node.id == "283155"
-        assert node.display_name
+        assert node.display_name == "Books"
+        assert [child.id for child in node.children] == ["1000"]
 
     async def test_checked_before_any_request(self, harness: Harness) -> None:
         """Bad options and unknown resources raise without a request being sent."""

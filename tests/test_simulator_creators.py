@@ -505,6 +505,40 @@ class TestOtherOperations:
         assert result["totalResultCount"] >= 5
         SearchItemsResponseContent.from_json(response.text)
 
+    @pytest.mark.parametrize(
+        ("order", "descending"), [("Price:LowToHigh", False), ("Price:HighToLow", True)]
+    )
+    async def test_search_sorts_and_filters_by_price(
+        self, start: Start, order: str, descending: bool
+    ) -> None:
+        """sortBy orders by the featured price; minPrice/maxPrice (cents) bound it."""
+        client, _ = await start()
+        body = {
+            "partnerTag": "demo-20",
+            "keywords": "kettle",
+            "itemCount": 10,
+            "resources": ["offersV2.listings.price"],
+            "sortBy": order,
+            "minPrice": 2000,
+            "maxPrice": 9000,
+        }
+        response = await client.creators("searchItems", body, token=await client.token())
+        assert response.status == 200
+        result = response.json()["searchResult"]
+        prices = [i["offersV2"]["listings"][0]["price"]["money"]["amount"] for i in result["items"]]
+        assert prices
+        assert prices == sorted(prices, reverse=descending)
+        assert all(20.0 <= p <= 90.0 for p in prices)
+        assert result["totalResultCount"] >= len(prices)
+
+    async def test_search_refuses_an_unknown_sort(self, start: Start) -> None:
+        """An unknown sortBy value is a 400 naming the field."""
+        client, _ = await start()
+        body = {"partnerTag": "demo-20", "keywords": "kettle", "sortBy": "Cheapest"}
+        response = await client.creators("searchItems", body, token=await client.token())
+        assert response.status == 400
+        assert "sortBy" in response.text
+
     async def test_search_without_results(self, start: Start) -> None:
         """A search with no hits is 404 with resourceType SearchResult."""
         client, _ = await start()

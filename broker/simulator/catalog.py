@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from broker.simulator.marketplaces import MARKETPLACES, Marketplace, format_amount
 
@@ -134,26 +134,59 @@ def lookup(settings: SimulatorSettings, marketplace: str, asin: str) -> CatalogE
     )
 
 
+#: The SearchItems orders the simulator applies (True: descending); the others (Relevance,
+#: Featured, NewestArrivals, AvgCustomerReviews) keep its relevance order.
+PRICE_ORDERS: Final = {"Price:LowToHigh": False, "Price:HighToLow": True}
+
+
 def search_asins(
-    settings: SimulatorSettings, marketplace: str, query: str, page: int, count: int
+    settings: SimulatorSettings,
+    marketplace: str,
+    query: str,
+    page: int,
+    count: int,
+    *,
+    min_price: int | None = None,
+    max_price: int | None = None,
+    sort_by: str | None = None,
 ) -> tuple[int, list[str]]:
     """Return (total result count, the ASINs of one page) for a search, deterministically.
 
     A query that starts with ``noresults`` finds nothing (a documented simulator convention,
-    so tests can reach the no-results answer).
+    so tests can reach the no-results answer). ``min_price`` and ``max_price`` (in the
+    currency's smallest unit, as both APIs take them) keep the items whose featured offer
+    lies within; ``sort_by`` ``Price:LowToHigh`` or ``Price:HighToLow`` orders by that price.
     """
     if query.lower().startswith("noresults"):
         return 0, []
     rng = _rng(settings.seed, "search", marketplace, query)
     total = rng.randrange(count * 3, 1000)
-    asins: list[str] = []
-    index = (page - 1) * count
-    while len(asins) < count and index < total:
+    if min_price is None and max_price is None and sort_by not in PRICE_ORDERS:
+        asins: list[str] = []
+        index = (page - 1) * count
+        while len(asins) < count and index < total:
+            candidate = _derived_asin(settings.seed, "search", marketplace, query, str(index))
+            index += 1
+            if lookup(settings, marketplace, candidate).status == "ok":
+                asins.append(candidate)
+        return total, asins
+    # A filter or a price order needs every result's price: all of them are looked up.
+    market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
+    unit = 10**market.currency.decimals
+    priced: list[tuple[int, str]] = []
+    for index in range(total):
         candidate = _derived_asin(settings.seed, "search", marketplace, query, str(index))
-        index += 1
-        if lookup(settings, marketplace, candidate).status == "ok":
-            asins.append(candidate)
-    return total, asins
+        item = lookup(settings, marketplace, candidate).item
+        if item is None:
+            continue
+        price = round(item.listing.amount * unit)
+        if (min_price is None or price >= min_price) and (max_price is None or price <= max_price):
+            priced.append((price, candidate))
+    if sort_by in PRICE_ORDERS:
+        # Stable: items of one price keep their relevance order.
+        priced.sort(key=lambda entry: entry[0], reverse=PRICE_ORDERS[sort_by])
+    start = (page - 1) * count
+    return len(priced), [asin for _, asin in priced[start : start + count]]
 
 
 def variation_asins(settings: SimulatorSettings, marketplace: str, parent: str) -> list[str]:
@@ -175,7 +208,7 @@ def browse_node(
     """
     if not node_id.isdigit() or len(node_id) > 19:
         return None
-    for chain in _TAXONOMY:
+    for chain in (*_TAXONOMY, *_BROWSE_ONLY):
         ids = [node for node, _ in chain]
         if node_id in ids:
             at = ids.index(node_id)
@@ -265,6 +298,12 @@ _TAXONOMY: tuple[tuple[tuple[str, str], ...], ...] = (
         ("2407755011", "Accessories"),
         ("7073956011", "Portable Power Banks"),
     ),
+)
+#: Nodes GetBrowseNodes knows that no generated item is filed under (kept out of _TAXONOMY,
+#: whose every entry is drawn for items: adding one would change every item of a seed).
+#: 283155 (Books) is the node Amazon's and our docs use as the example.
+_BROWSE_ONLY: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("283155", "Books"), ("1000", "Subjects"), ("5", "Computers & Technology")),
 )
 _AVAILABILITY = (
     # type, message, weight

@@ -55,6 +55,21 @@ _SEARCH_FIELDS = (
 )
 
 
+#: SearchItems' sortBy values (both APIs; ``Price:*`` reorder the simulator's results).
+_SORT_ORDERS = frozenset(
+    {
+        "AvgCustomerReviews",
+        "Featured",
+        "NewestArrivals",
+        "Price:HighToLow",
+        "Price:LowToHigh",
+        "Relevance",
+    }
+)
+#: The largest minPrice/maxPrice accepted (smallest currency unit).
+_MAX_PRICE = 10**12
+
+
 @dataclass(frozen=True, slots=True)
 class Names:
     """Spells a camelCase field name in the protocol's style."""
@@ -289,8 +304,27 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
     count = _integer(body, ctx.names("itemCount"), 10, 1, high)
     page = _integer(body, ctx.names("itemPage"), 1, 1, 10)
     resources = _resources(body, ctx, EXTRA_RESOURCES["searchItems"])
+    low = _integer(body, ctx.names("minPrice"), 0, 0, _MAX_PRICE)
+    high = _integer(body, ctx.names("maxPrice"), _MAX_PRICE, 0, _MAX_PRICE)
+    sort_by = body.get(ctx.names("sortBy"))
+    if sort_by is not None and sort_by not in _SORT_ORDERS:
+        raise Rejected(
+            "bad_value",
+            ctx.names("sortBy"),
+            value=str(sort_by),
+            detail="must be one of " + ", ".join(sorted(_SORT_ORDERS)),
+        )
     query = " ".join(terms)
-    total, asins = search_asins(ctx.settings, ctx.marketplace, query, page, count)
+    total, asins = search_asins(
+        ctx.settings,
+        ctx.marketplace,
+        query,
+        page,
+        count,
+        min_price=low if ctx.names("minPrice") in body else None,
+        max_price=high if ctx.names("maxPrice") in body else None,
+        sort_by=sort_by,
+    )
     if not asins:
         raise Rejected(
             "not_found",
