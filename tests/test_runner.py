@@ -165,12 +165,12 @@ class TestResume:
         assert out.read_bytes() == before
 
     def test_strict_refuses_before_any_call(self, tmp_path: Path) -> None:
-        """--strict refuses a file with an invalid row and writes nothing."""
+        """--strict refuses a file with an invalid row and writes nothing, not even a ledger."""
         job = tmp_path / "job.txt"
         job.write_text("B0STSTST01\nnope\n")
         out = tmp_path / "out.jsonl"
         assert _main(tmp_path, str(job), "--out", str(out), "--strict") == ExitCode.DATA_ERROR
-        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
 
     def test_missing_input(self, tmp_path: Path) -> None:
         """A missing job file exits 66."""

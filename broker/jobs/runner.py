@@ -251,6 +251,9 @@ async def _run_once(
 ) -> JobSummary:
     started = time.monotonic()
     ledger_path = _ledger_path(options.out)
+    if options.strict and not ledger_path.exists():
+        # A new job refused for its invalid rows leaves nothing behind (no ledger, no lock).
+        _refuse_invalid(options)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     summary = JobSummary(out=str(options.out))
     stop = _Stop(options.drain_grace_s)
