@@ -33,7 +33,7 @@ from broker.errors import (
     NoUsableKeyError,
     WrongEventLoopError,
 )
-from broker.models import Query, Status
+from broker.models import ItemResult, Query, Status
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
 from broker.testing import FakeClock, settle
 
@@ -289,6 +289,64 @@ class TestParkedKeys:
             assert metrics.outstanding_lookups == 0
             assert metrics.queued_batches == 0
             assert grown < 500_000
+
+
+class TestStreamStop:
+    """stream(stop=...): wind down without sending more, keeping the answers already paid for."""
+
+    async def test_stop_lets_go_of_unsent_lookups(self) -> None:
+        """After stop, only batches already sent are answered; nothing else is ever sent."""
+        clock = FakeClock()
+        sent: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            asked = _asked(request)
+            sent.extend(asked)
+            await clock.sleep(0.5)
+            return RawResponse(200, {}, _paapi_body(*asked), 0.5)
+
+        config = _paapi(keys=[paapi_key_doc(tps=1.0, max_in_flight=1)])
+        stop = asyncio.Event()
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+
+            async def consume() -> list[str]:
+                got = []
+                async for result in broker.stream([f"B{i:09d}" for i in range(100)], stop=stop):
+                    got.append(result.asin)
+                    stop.set()
+                return got
+
+            task = asyncio.get_running_loop().create_task(consume())
+            await clock.run_until(task)
+            got = task.result()
+            await clock.advance(30.0)
+            metrics = broker.metrics()
+        assert len(got) < 100
+        assert sorted(got) == sorted(sent)  # every answer paid for was yielded
+        assert len(sent) == len(set(sent)) <= 20  # at most the batch in flight after the first
+        assert (metrics.outstanding_lookups, metrics.queued_batches) == (0, 0)
+
+    async def test_stop_set_before_the_stream_sends_nothing(self) -> None:
+        """A stream whose stop is already set yields nothing, ends, and sends nothing."""
+        clock = FakeClock()
+        sent: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            sent.extend(_asked(request))
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.0)
+
+        stop = asyncio.Event()
+        stop.set()
+        async with Broker(_paapi(), clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+
+            async def consume() -> list[ItemResult]:
+                return [r async for r in broker.stream(["B000000001"], stop=stop)]
+
+            task = asyncio.get_running_loop().create_task(consume())
+            await clock.run_until(task)
+            await clock.advance(5.0)
+        assert task.result() == []
+        assert sent == []
 
 
 class TestLifecycle:

@@ -185,22 +185,27 @@ class TestA3SigtermOnce:
             assert code == 0, err[-2000:]
         check_output(out, lines, up.settings)
 
-    async def test_a3_sigterm_with_all_work_admitted_finishes_and_exits_0(
-        self, tmp_path: Path
-    ) -> None:
-        """A3: SIGTERM when every lookup is already admitted: they all finish, exit 0."""
+    async def test_a3_sigterm_with_all_work_admitted_sends_no_more(self, tmp_path: Path) -> None:
+        """A3: SIGTERM with every lookup admitted: the request on the wire is answered and
+        written, the batches not sent yet stay pending (exit 75), and the rerun ends the job."""
         job = tmp_path / "job.txt"
-        lines = make_job(job, 20, seed=4)
+        lines = make_job(job, 40, seed=4)
         out = tmp_path / "out.jsonl"
-        async with Upstream(sim_settings(latency={"fixed_ms": 100.0})) as up:
-            config = write_config(tmp_path / "c.toml", up.url, max_in_flight=1, queue_size=30)
+        async with Upstream(sim_settings(latency={"fixed_ms": 300.0}, missing_share=0)) as up:
+            config = write_config(tmp_path / "c.toml", up.url, max_in_flight=1, queue_size=100)
             proc = await spawn(config, job, out)
-            await wait_for(lambda: up.items_served() > 0 and up.in_flight > 0, proc)
+            await wait_for(lambda: up.in_flight > 0, proc)
             proc.send_signal(signal.SIGTERM)
             code, err = await finish(proc)
-        assert code == 0, err[-2000:]
-        assert [e["mode"] for e in events(err, "broker.job_stopping")] == ["drain"]
-        assert "stopped by signal" not in err
+            served = up.items_served()
+            assert code == ExitCode.RESUMABLE, err[-2000:]
+            assert [e["mode"] for e in events(err, "broker.job_stopping")] == ["drain"]
+            assert not events(err, "broker.job_stop_forced")
+            fetched = {row["asin"] for row in read_jsonl(out) if row["status"] != "invalid"}
+            # The one request in flight was answered and written; nothing more was sent.
+            assert len(fetched) == served == 10
+            code, err = await run_once(config, job, out)
+            assert code == 0, err[-2000:]
         check_output(out, lines, up.settings)
 
     async def test_a3_sigterm_during_ingestion_exits_75_and_resumes(self, tmp_path: Path) -> None:

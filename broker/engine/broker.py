@@ -32,7 +32,7 @@ from broker.cache import CacheFront, cache_namespace, open_cache
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
-from broker.engine.batcher import Batch, Batcher, Lookup, Room, WorkQueue
+from broker.engine.batcher import Batch, Batcher, BatchPlace, Lookup, Room, WorkQueue
 from broker.engine.executor import Executor
 from broker.engine.intake import Ident, Intake, ident_of
 from broker.engine.keys import KeyState
@@ -500,6 +500,7 @@ class Broker:
         *,
         marketplace: str | None = None,
         resources: Sequence[str] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> AsyncIterator[ItemResult]:
         """Yield one result per input as results complete, holding at most ``queue_size``.
 
@@ -508,11 +509,17 @@ class Broker:
         lazily: an item is admitted only when fewer than ``queue_size`` of this stream's
         items are in flight or waiting to be yielded, so memory stays bounded however long
         the input and however slow the consumer.
+
+        ``stop``, once set, winds the stream down without losing an answer already paid
+        for: nothing more is read from the input, the lookups not sent yet are let go (never
+        sent for this stream, never yielded), and the stream ends when the answers of those
+        already sent have been yielded. ``broker run`` sets it at its first SIGINT/SIGTERM.
         """
         intake = self._require_open()
         _check_not_str(asins)
         resources = intake.resources(resources)
-        receiver = _StreamReceiver(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        receiver = _StreamReceiver(loop)
         caching = self._cache is not None
         # Admitted but not yet yielded: the producer waits here, so a slow consumer bounds
         # the finished results buffered for it too, not only the lookups in flight.
@@ -544,6 +551,10 @@ class Broker:
             receiver.expect(lookup)
             return None
 
+        # Checked before each admission: ``stop`` set by the consumer takes effect at once,
+        # before the watcher below has run.
+        halted = stop.is_set if stop is not None else _never
+
         async def produce() -> None:
             try:
                 if caching:
@@ -553,13 +564,19 @@ class Broker:
                         await intake.prefetch(queries)
                         try:
                             for query in queries:
+                                if halted():
+                                    break
                                 await offer(query)
                         finally:
                             intake.discard(queries)
+                        if halted():
+                            break
                 elif isinstance(asins, AsyncIterable):
                     async for item in asins:
                         if not window.try_take():
                             await window.take()
+                        if halted():
+                            break
                         if (waiting := place(item)) is not None:
                             receiver.expect(await intake.admit(waiting, receiver))
                 else:
@@ -567,6 +584,8 @@ class Broker:
                     for item in asins:
                         if not window.try_take():
                             await window.take()
+                        if halted():
+                            break
                         if (waiting := place(item)) is not None:
                             receiver.expect(await intake.admit(waiting, receiver))
                 self._flush()
@@ -575,7 +594,21 @@ class Broker:
                 raise
             receiver.end(None)
 
-        producer = asyncio.get_running_loop().create_task(produce())
+        if halted():
+            receiver.end(None)
+        producer = loop.create_task(produce())
+        stopper: asyncio.Task[object] | None = None
+        if stop is not None:
+
+            def wind_down(_: object) -> None:
+                # The producer is cancelled before its next admission (or before it starts:
+                # hence end() here too); shedding leaves only the lookups already sent.
+                producer.cancel()
+                receiver.end(None)
+                receiver.shed()
+
+            stopper = loop.create_task(stop.wait())
+            stopper.add_done_callback(wind_down)
         try:
             while True:
                 result = receiver.take()
@@ -586,6 +619,8 @@ class Broker:
                 window.give()
                 yield result
         finally:
+            if stopper is not None:
+                stopper.cancel()
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await producer
@@ -820,11 +855,25 @@ class _StreamReceiver:
                 self._waiter = None
         return True
 
+    def shed(self) -> None:
+        """Let go of the lookups not sent yet (lingering or queued); keep those being sent."""
+        for lookup, count in list(self._held.items()):
+            batch = lookup.batch
+            if batch is not None and batch.place is not BatchPlace.ACTIVE:
+                del self._held[lookup]
+                self._pending -= count
+                lookup.detach(self)
+        self._wake()
+
     def leave(self) -> None:
         """The consumer stopped: let go of every lookup still held."""
         held, self._held = self._held, {}
         for lookup in held:
             lookup.detach(self)
+
+
+def _never() -> bool:
+    return False
 
 
 def _check_not_str(asins: object) -> None:

@@ -470,8 +470,9 @@ async def _fetch(
 ) -> None:
     """Stream pending lookups through the broker; commit and emit as results arrive.
 
-    Stops admitting lookups once a signal asks the run to stop; returns when those admitted
-    are done, or when :class:`_Stop` cancels it (then lookups in flight stay pending).
+    A signal winds the stream down (``stop.draining``): nothing more is admitted, lookups
+    not sent yet stay pending, and it returns once the requests already sent are answered
+    and written, or when :class:`_Stop` cancels it (then those stay pending too).
     """
 
     buffer: list[tuple[Lookup, ItemResult]] = []
@@ -497,7 +498,7 @@ async def _fetch(
         last_commit = time.monotonic()
 
     async def consume() -> None:
-        async for result in broker.stream(queries()):
+        async for result in broker.stream(queries(), stop=stop.draining):
             assert result.query is not None
             lookup = result.query.tag
             assert isinstance(lookup, Lookup)
@@ -556,16 +557,18 @@ async def _watch_quota(broker: Broker, stop: _Stop) -> None:
 class _Stop:
     """SIGINT/SIGTERM during a run: the first drains, a second stops at once.
 
-    Draining admits no new lookup and lets those already admitted finish and be committed,
-    for at most ``grace_s`` seconds. Then, or at a second signal, the fetch is cancelled:
-    finished results are committed and written, and lookups still in flight stay pending
-    for the next run (the ledger makes either way resumable).
+    Draining admits no new lookup, lets go of those not sent yet (they stay pending), and
+    lets the requests already sent be answered and committed, for at most ``grace_s``
+    seconds. Then, or at a second signal, the fetch is cancelled: finished results are
+    committed and written, and lookups still in flight stay pending for the next run (the
+    ledger makes either way resumable).
     """
 
     __slots__ = (
         "_fetch",
         "_grace_s",
         "_timer",
+        "draining",
         "error",
         "forced",
         "quota_until",
@@ -581,6 +584,8 @@ class _Stop:
         self.error: Exception | None = None
         #: set when ``no_wait`` stopped the run: the earliest daily-quota reset (ISO UTC)
         self.quota_until: str | None = None
+        #: set by the first signal: the fetch's stream winds down (``Broker.stream(stop=)``)
+        self.draining = asyncio.Event()
         self._grace_s = grace_s
         self._fetch: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -588,13 +593,14 @@ class _Stop:
     def on_first_signal(self, sig: signal.Signals) -> None:
         """The first SIGINT/SIGTERM: admit nothing new, drain for at most the grace period."""
         self.requested = True
+        self.draining.set()
         logger.warning(
             "broker.job_stopping",
             signal=sig.name,
             mode="drain",
             grace_s=self._grace_s,
-            note="no new lookups; those in flight finish and are written; "
-            "send the signal again to stop at once",
+            note="no new requests; those already sent are answered and written, the rest "
+            "stay pending; send the signal again to stop at once",
         )
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._grace_s, self._force, "drain grace period over")

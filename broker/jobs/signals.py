@@ -41,8 +41,9 @@ __all__ = [
 ECHO_S: Final = 0.05
 #: The signals that stop a run or the daemon.
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
-#: When uv's forwarded copy of a SIGINT arrives after the original (uv waits 200 ms).
-UV_SIGINT_ECHO_S: Final = (0.1, 0.6)
+#: When uv's forwarded copy of a SIGINT arrives after the original: uv waits 200 ms, and a
+#: busy machine adds its scheduling delay to both processes.
+UV_SIGINT_ECHO_S: Final = (0.1, 1.0)
 
 
 def sigint_echo_window(
