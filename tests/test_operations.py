@@ -281,6 +281,18 @@ class TestAgainstSimulator:
             await broker.get_variations("B0")
         assert sim.stats.accounts["demo"].accepted == 0
 
+    async def test_marketplace_names_as_lookups_take_them(self, harness: Harness) -> None:
+        """Operations take a marketplace as get_items does ("US", "amazon.com", any case)."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        for name in ("US", "amazon.com", "WWW.AMAZON.COM"):
+            found = await broker.search_items(keywords="kettle", item_count=1, marketplace=name)
+            assert found.items
+        assert (await broker.get_variations("B000000001", marketplace="us")).items
+        assert (await broker.get_browse_nodes(["283155"], marketplace="amazon.com")).browse_nodes
+        with pytest.raises(ValueError, match="unknown marketplace 'Narnia'"):
+            await broker.search_items(keywords="kettle", marketplace="Narnia")
+
 
 def test_peer_enums_accepted() -> None:
     """python-amazon-paapi's enum members (str enums of Amazon's values) work as they are."""

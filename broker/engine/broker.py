@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from broker.api.base import Dialect, Operation
 from broker.api.creators import CreatorsDialect
+from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.marketplaces import token_url
 from broker.api.paapi5 import PaapiDialect
 from broker.cache import CacheFront, cache_namespace, open_cache
@@ -636,7 +637,11 @@ class Broker:
     ) -> Mapping[str, object]:
         self._require_open()
         assert self._pool is not None
-        market = marketplace or self.config.api.marketplace
+        # Named as a lookup may name it ("UK", "amazon.co.uk"); an unknown name is a
+        # ValueError here, before anything is sent.
+        market = (
+            lookup_marketplace(marketplace).name if marketplace else self.config.api.marketplace
+        )
         self._pool.check_servable(market)
         future: asyncio.Future[Mapping[str, object]] = asyncio.get_running_loop().create_future()
         self._ops.add(future)
@@ -653,7 +658,8 @@ class Broker:
         default to the config's. See :class:`~broker.api.operations.SearchOptions`.
 
         Raises:
-            TypeError, ValueError: an unknown option or a bad value (the message names it).
+            TypeError, ValueError: an unknown option or a bad value (the message names it),
+                or a marketplace that is not Amazon's.
             ApiError: Amazon refused the search (``NoResults`` included).
         """
         from broker.api import operations
