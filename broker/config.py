@@ -21,6 +21,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.api.resources import resolve_resources
 from broker.cache.policy import CachePolicy, check_max_age
 from broker.errors import ConfigError
 from broker.models import Protocol, Secret
@@ -513,6 +514,10 @@ def _parse_api(table: TomlTable) -> ApiConfig:
     resources = table.str_list("resources", DEFAULT_RESOURCES)
     if len(resources) > 100:
         raise ConfigError("api.resources", "Amazon accepts at most 100 resources")
+    try:
+        resolve_resources(resources, protocol)
+    except ValueError as exc:
+        raise ConfigError("api.resources", str(exc).removeprefix("resources: ")) from None
     marketplace = _marketplace(table.text("marketplace", "www.amazon.com"), "api.marketplace")
     _finish(table)
     return ApiConfig(

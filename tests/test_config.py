@@ -69,6 +69,8 @@ class TestKeyPaths:
             ("api.token_endpoint", "not a url", "api.token_endpoint"),
             ("api.marketplace", "www.amazon.cmo", "api.marketplace"),
             ("api.resources", "itemInfo.title", "api.resources"),
+            ("api.resources", ["ItemInfo.Bogus"], "api.resources"),
+            ("api.resources", ["Offers.Listings.Price"], "api.resources"),
             ("keys", "demo", "keys"),
             ("keys", [], "keys"),
             ("keys.0.name", 7, "keys[0].name"),
