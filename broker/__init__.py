@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 from broker.errors import (
     ApiError,
+    BrokerClosedError,
     BrokerError,
     ConfigError,
     JobFileError,
     NoUsableKeyError,
+    WrongEventLoopError,
 )
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Status
 from broker.product import Product
@@ -28,6 +30,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "ApiError",
     "Broker",
+    "BrokerClosedError",
     "BrokerError",
     "ConfigError",
     "ErrorDetail",
@@ -40,6 +43,7 @@ __all__ = [
     "Query",
     "Status",
     "SyncBroker",
+    "WrongEventLoopError",
     "__version__",
     "config_from_dict",
 ]

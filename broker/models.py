@@ -237,3 +237,10 @@ class Secret:
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("a Secret cannot be pickled")
+
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Secret:
+        # Immutable: a copy is the same secret, so a config can be deep-copied (never pickled).
+        return self

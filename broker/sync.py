@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from broker.api.resources import resolve_resources
 from broker.client import Broker
 from broker.config import BrokerConfig, config_from_dict, load_config
+from broker.errors import BrokerClosedError
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -78,8 +80,11 @@ class SyncBroker:
         try:
             self._broker = self._call(self._open(config, kwargs))
         except BaseException:
-            self._stop_loop()
+            _stop_loop(self._loop, self._thread)
             raise
+        # A broker nobody closes (a script that just ends) is closed when it is collected or
+        # at interpreter exit, so no task, session or connector is left to warn about.
+        self._finalizer = weakref.finalize(self, _shut_down, self._broker, self._loop, self._thread)
 
     @staticmethod
     async def _open(config: BrokerConfig, kwargs: Mapping[str, Any]) -> Broker:
@@ -125,7 +130,7 @@ class SyncBroker:
         with self._lock:
             if self._closed:
                 coro.close()
-                raise RuntimeError("this SyncBroker is closed")
+                raise BrokerClosedError("this SyncBroker is closed")
             future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result()
@@ -162,9 +167,13 @@ class SyncBroker:
         )
 
     def get_item(
-        self, asin: str, *, marketplace: str | None = None, resources: Sequence[str] | None = None
+        self,
+        asin: str | Query,
+        *,
+        marketplace: str | None = None,
+        resources: Sequence[str] | None = None,
     ) -> ItemResult:
-        """Look up one ASIN."""
+        """Look up one ASIN (a string or a :class:`Query`)."""
         wanted = self._resources(resources)
         return self._call(self._broker.get_item(asin, marketplace=marketplace, resources=wanted))
 
@@ -231,15 +240,7 @@ class SyncBroker:
             if self._closed:
                 return
             self._closed = True
-        try:
-            asyncio.run_coroutine_threadsafe(self._broker.aclose(), self._loop).result()
-        finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._finalizer()
 
     def __enter__(self) -> SyncBroker:
         return self
@@ -255,6 +256,24 @@ class SyncBroker:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"SyncBroker({state}, keys={[k.name for k in self._broker.config.keys]})"
+
+
+def _shut_down(broker: Broker, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Close ``broker`` on its loop, then stop the loop and its thread (close or finalizer)."""
+    if threading.current_thread() is thread:
+        # Collected on the loop's own thread, which cannot wait for itself: close, then stop.
+        loop.create_task(broker.aclose()).add_done_callback(lambda _: loop.stop())
+        return
+    try:
+        asyncio.run_coroutine_threadsafe(broker.aclose(), loop).result()
+    finally:
+        _stop_loop(loop, thread)
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
 async def _next(agen: AsyncIterator[ItemResult]) -> ItemResult:

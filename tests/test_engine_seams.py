@@ -538,6 +538,15 @@ class TestResourceNames:
         assert bad.error.code == "InvalidResource"
         assert good.ok
 
+    async def test_a_lone_string_of_resources_is_echoed_whole(self, harness: Harness) -> None:
+        """Query(resources="ItemInfo.Title") is invalid, and its query echoes the one name."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        [bad] = await broker.get_items([Query("B0C1234567", resources="ItemInfo.Title")])  # type: ignore[arg-type]
+        assert bad.status is Status.INVALID
+        assert bad.query is not None
+        assert bad.query.resources == ("ItemInfo.Title",)
+
 
 class TestDebugLog:
     """At debug level the engine says one line per request and per 429."""

@@ -95,3 +95,34 @@ def test_library_never_configures_logging() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "True"
+
+
+def test_documented_errors_import_from_the_package() -> None:
+    """The errors the README names for callers import from ``broker`` itself."""
+    from broker import BrokerClosedError, NoUsableKeyError, WrongEventLoopError
+
+    assert issubclass(BrokerClosedError, broker.BrokerError)
+    assert issubclass(WrongEventLoopError, broker.BrokerError)
+    assert issubclass(NoUsableKeyError, broker.BrokerError)
+
+
+def test_a_config_deep_copies() -> None:
+    """copy.deepcopy of a config works (its secrets are shared, never pickled)."""
+    import copy
+
+    config = broker.config_from_dict(
+        {
+            "keys": [
+                {
+                    "name": "k",
+                    "credential_id": "id",
+                    "version": "3.1",
+                    "partner_tags": {"US": "t-20"},
+                }
+            ]
+        },
+        secrets={"k": "s3cr3t"},
+    )
+    clone = copy.deepcopy(config)
+    assert clone == config
+    assert clone.keys[0].secret is config.keys[0].secret

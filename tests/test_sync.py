@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +15,7 @@ from conftest import asins
 
 from broker import SyncBroker, config_from_dict
 from broker.config import parse_config
-from broker.errors import ConfigError
+from broker.errors import BrokerClosedError, ConfigError
 from broker.models import Secret, Status
 
 
@@ -106,9 +110,31 @@ class TestSyncBroker:
         broker.close()
         assert "closed" in repr(broker)
         assert not broker._thread.is_alive()
-        with pytest.raises(RuntimeError, match="closed"):
+        with pytest.raises(BrokerClosedError, match="closed"):
             broker.get_item("B000000001")
         assert {t.name for t in threading.enumerate()} == before
+
+    def test_never_closed_broker_closes_quietly_at_exit(self, tmp_path: Path) -> None:
+        """A script that never closes its SyncBroker exits without pending-task warnings."""
+        script = (
+            "from broker import SyncBroker\n"
+            "b = SyncBroker.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
+            " 'credential_id': 'demo-id', 'version': '3.1',"
+            " 'partner_tags': {'www.amazon.com': 'demo-20'}}]})\n"
+            "print(b.get_item('B000000001').status.value)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-X", "dev", "-c", script],
+            cwd=tmp_path,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "ok"
+        assert "destroyed but it is pending" not in done.stderr
+        assert "Unclosed" not in done.stderr
 
     def test_start_failure_leaves_no_thread(self) -> None:
         """A broker that fails while starting raises and leaves no thread behind."""

@@ -489,9 +489,13 @@ class Broker:
             intake.discard(queries)
 
     async def get_item(
-        self, asin: str, *, marketplace: str | None = None, resources: Sequence[str] | None = None
+        self,
+        asin: str | Query,
+        *,
+        marketplace: str | None = None,
+        resources: Sequence[str] | None = None,
     ) -> ItemResult:
-        """Look up one ASIN."""
+        """Look up one ASIN (a string or a :class:`Query`)."""
         (result,) = await self.get_items([asin], marketplace=marketplace, resources=resources)
         return result
 

@@ -15,7 +15,7 @@ batch, and every ok answer is written to the cache when its lookup ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
@@ -40,6 +40,13 @@ Ident = tuple[str, str, tuple[str, ...]]
 def ident_of(query: Query) -> Ident:
     """The lookup identity of a completed query (marketplace and resources filled in)."""
     return (query.marketplace or "", query.asin, query.resources or ())
+
+
+def _echo(resources: object) -> tuple[str, ...]:
+    """A refused query's resources as it gave them (a lone string stays one name)."""
+    if isinstance(resources, str) or not isinstance(resources, Iterable):
+        return (str(resources),)
+    return tuple(str(name) for name in resources)
 
 
 class Intake:
@@ -111,7 +118,7 @@ class Intake:
                 except (TypeError, ValueError) as exc:
                     named = market or self._marketplace
                     return self._immediate(
-                        Query(raw, named, tuple(map(str, item.resources)), tag),
+                        Query(raw, named, _echo(item.resources), tag),
                         "InvalidResource",
                         str(exc),
                     )
