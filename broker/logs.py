@@ -71,14 +71,34 @@ def redact(
 def get_logger(name: str = "broker") -> Any:
     """A structlog logger for library code, bound to the stdlib logger ``name``.
 
-    Its events pass structlog's configured processors and then go to ``logging`` (never to
-    stdout), at the event's level; so nothing shows unless the application configures
-    logging, apart from warnings and errors, which Python's last-resort handler prints to
-    stderr.
+    Its events go to ``logging`` (never to stdout), at the event's level; so nothing shows
+    unless the application configures logging, apart from warnings and errors, which
+    Python's last-resort handler prints to stderr. See :func:`_route` for their form.
     """
     return structlog.wrap_logger(
-        logging.getLogger(name), wrapper_class=structlog.stdlib.BoundLogger
+        logging.getLogger(name), processors=[_route], wrapper_class=structlog.stdlib.BoundLogger
     )
+
+
+def _route(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    """Run the configured structlog chain if there is one, else make one plain log message.
+
+    An application (or the CLI, :func:`configure_logging`) that configured structlog gets
+    the events through its own processors. One that did not gets, through its ``logging``
+    handlers, ``"broker.key_disabled key='main' code='...'"``: secrets masked
+    (:func:`redact`), no timestamp, level or colour of structlog's development defaults
+    (its own formatter adds those), a traceback passed on as ``exc_info``.
+    """
+    if structlog.is_configured():
+        result: Any = event
+        for processor in structlog.get_config()["processors"]:
+            result = processor(logger, method, result)
+        return result
+    event = redact(logger, method, structlog.contextvars.merge_contextvars(logger, method, event))
+    exc_info = event.pop("exc_info", None)
+    name = str(event.pop("event", ""))
+    message = " ".join([name, *(f"{key}={value!r}" for key, value in event.items())])
+    return (message,), ({"exc_info": exc_info} if exc_info else {})
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

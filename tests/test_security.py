@@ -1141,3 +1141,31 @@ def _live_config(url: str, env: Mapping[str, str], protocol: str) -> BrokerConfi
         "engine": {"linger_s": 0.005},
     }
     return parse_config(document, environ=env)
+
+
+def test_library_events_reach_an_application_plain_and_redacted() -> None:
+    """Without the CLI's set-up, an event reaches the app's logging as one plain line: no
+    second timestamp or level, no colour codes, secrets masked, tracebacks as exc_info."""
+    script = textwrap.dedent(
+        """
+        import logging, sys
+        logging.basicConfig(stream=sys.stdout, format="%(levelname)s|%(message)s", level="INFO")
+        from broker.logs import get_logger
+        log = get_logger("broker")
+        log.warning("broker.test_event", key="demo", client_secret="hunter2")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.exception("broker.crashed", key="k")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0] == "WARNING|broker.test_event key='demo' client_secret='***'"
+    assert lines[1] == "ERROR|broker.crashed key='k'"
+    assert lines[2].startswith("Traceback")
+    assert "ZeroDivisionError" in done.stdout
+    assert "\x1b[" not in done.stdout
+    assert "hunter2" not in done.stdout
