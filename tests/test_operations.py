@@ -34,6 +34,33 @@ def _search(protocol: Protocol = C, **options: Any) -> dict[str, object]:
     return search_params(options, protocol=protocol, default_resources=DEFAULT_RESOURCES)  # type: ignore[arg-type]
 
 
+class TestDefaultResources:
+    """Without resources=, an operation asks the config's plus what only it returns."""
+
+    def test_search_adds_refinements_in_the_protocol_spelling(self) -> None:
+        """The config's names (either spelling) plus searchRefinements, spelled per API."""
+        for protocol, expected in (
+            (C, ["itemInfo.title", "searchRefinements"]),
+            (P, ["ItemInfo.Title", "SearchRefinements"]),
+        ):
+            params = search_params(
+                {"keywords": "x"}, protocol=protocol, default_resources=["ItemInfo.Title"]
+            )
+            assert params["resources"] == expected
+
+    def test_variations_add_their_summary(self) -> None:
+        """get_variations asks its summary too, so dimensions and prices come back."""
+        params = variations_params(
+            "B000000001", {}, protocol=C, default_resources=["itemInfo.title"]
+        )
+        assert params["resources"] == [
+            "itemInfo.title",
+            "variationSummary.price.highestPrice",
+            "variationSummary.price.lowestPrice",
+            "variationSummary.variationDimension",
+        ]
+
+
 class TestResources:
     """Resource names in either spelling, checked and spelled for the protocol."""
 
@@ -133,8 +160,8 @@ class TestSearchParams:
         }
 
     def test_config_resources_by_default(self) -> None:
-        """Without resources, the config's are asked for."""
-        assert _search(keywords="x")["resources"] == list(DEFAULT_RESOURCES)
+        """Without resources, the config's are asked for (and the search's refinements)."""
+        assert _search(keywords="x")["resources"] == [*DEFAULT_RESOURCES, "searchRefinements"]
 
     @pytest.mark.parametrize(
         ("options", "error", "names"),
@@ -179,7 +206,10 @@ class TestOtherParams:
     def test_variations(self) -> None:
         """The ASIN is normalised; counts are range-checked."""
         params = variations_params(
-            "b000000001", {"variation_count": 5}, protocol=C, default_resources=("parentASIN",)
+            "b000000001",
+            {"variation_count": 5, "resources": ["parentASIN"]},
+            protocol=C,
+            default_resources=(),
         )
         assert params == {"asin": "B000000001", "resources": ["parentASIN"], "variationCount": 5}
         with pytest.raises(ValueError, match="not a valid ASIN"):
@@ -255,6 +285,9 @@ class TestAgainstSimulator:
         assert search.total_result_count >= 3
         assert search.search_url is not None
         assert "kettle" in search.search_url
+        defaults = await broker.get_variations("B000000001")
+        assert defaults.dimensions
+        assert defaults.lowest_price is not None
         variations = await broker.get_variations(
             "B000000001", variation_count=2, resources=["itemInfo.title", "parentASIN"]
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Final, TypedDict, TypeVar
 
 from broker.api.base import Operation
-from broker.api.resources import resolve_resources
+from broker.api.resources import ITEM_RESOURCES, OPERATION_RESOURCES, resolve_resources
 from broker.asin import check_asin
 from broker.errors import describe
 from broker.models import ErrorDetail, Protocol
@@ -243,7 +243,11 @@ def _common(
     params: dict[str, object] = {}
     resources = options.get("resources")
     if resources is None:
-        params["resources"] = list(default_resources)
+        # The config's item resources, plus what only this operation returns (refinements,
+        # a variation summary): asked for by default, as the peer's clients do.
+        extra = [r for r in OPERATION_RESOURCES[operation] if r not in ITEM_RESOURCES]
+        wanted = [*default_resources, *extra]
+        params["resources"] = list(resolve_resources(wanted, protocol, operation))
     elif isinstance(resources, Iterable):
         params["resources"] = list(resolve_resources(resources, protocol, operation))
     else:

@@ -28,6 +28,7 @@ from broker.simulator.render import (
     EXTRA_RESOURCES,
     PAAPI_ITEM_RESOURCES,
     item_json,
+    paapi_resource,
     resources_key,
 )
 
@@ -213,7 +214,7 @@ def _resources(
     if ctx.names.style == "creators":
         known = CREATORS_ITEM_RESOURCES | extra
     else:
-        known = PAAPI_ITEM_RESOURCES | {Names("paapi5")(r) for r in extra}
+        known = PAAPI_ITEM_RESOURCES | {paapi_resource(r) for r in extra}
     for resource in requested:
         if resource not in known:
             raise Rejected(

@@ -24,6 +24,7 @@ __all__ = [
     "PAAPI_ITEM_RESOURCES",
     "Style",
     "item_json",
+    "paapi_resource",
     "paapi_resource_to_creators",
     "render_item",
     "render_item_json",
@@ -90,11 +91,14 @@ def paapi_resource_to_creators(resource: str) -> str:
     return ".".join(part[:1].lower() + part[1:] for part in resource.split("."))
 
 
+def paapi_resource(resource: str) -> str:
+    """PA-API's spelling of a Creators resource name: every segment capitalised."""
+    return ".".join(part[:1].upper() + part[1:] for part in resource.split("."))
+
+
 #: GetItems resources of PA-API 5.0 (OffersV2 only: Offers V1 was retired in January 2026).
 PAAPI_ITEM_RESOURCES: frozenset[str] = frozenset(
-    ".".join(p[:1].upper() + p[1:] for p in r.split("."))
-    for r in CREATORS_ITEM_RESOURCES
-    if not r.endswith("highRes")
+    paapi_resource(r) for r in CREATORS_ITEM_RESOURCES if not r.endswith("highRes")
 )
 
 
