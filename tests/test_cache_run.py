@@ -107,12 +107,15 @@ def test_no_cache_and_max_age_zero_fetch_everything(
 def test_max_age_above_the_rule_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--max-age above 86,400 s is refused, quoting Amazon's 24-hour rule."""
+    """--max-age above 86,400 s is a usage error naming the flag and Amazon's 24-hour rule."""
     job = tmp_path / "job.txt"
     job.write_text("B000000001\n")
-    code = _run(tmp_path, job, tmp_path / "a.jsonl", "--max-age", "90000")
-    assert code != 0
-    assert "24" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        _run(tmp_path, job, tmp_path / "a.jsonl", "--max-age", "90000")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-age" in err
+    assert "24 hours" in err
 
 
 def test_lookup_serves_cached_answers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
