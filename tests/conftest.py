@@ -81,6 +81,27 @@ def paapi_key_doc(name: str = "paapi", **overrides: Any) -> dict[str, object]:
     return key_doc(name, **params)
 
 
+def embedded_toml(
+    *, tps: float = 50.0, api: str = "", engine: str = "", simulator: str = ""
+) -> str:
+    """A ``config.toml`` for the embedded simulator: its demo Creators key, tpd 0, JSON logs.
+
+    ``api`` adds lines to ``[api]``; ``engine`` and ``simulator``, when given, are the bodies
+    of an ``[engine]`` and a ``[simulator]`` table (TOML lines).
+    """
+    text = (
+        f'[api]\nendpoint = "simulator"\n{api}\n'
+        '[[keys]]\nname = "demo"\ncredential_id = "demo-id"\nversion = "3.1"\n'
+        f'partner_tags = {{ "www.amazon.com" = "demo-20" }}\ntps = {tps}\ntpd = 0\n\n'
+    )
+    if engine:
+        text += f"[engine]\n{engine}\n"
+    text += '[log]\nformat = "json"\n'
+    if simulator:
+        text += f"\n[simulator]\n{simulator}\n"
+    return text
+
+
 def make_config(
     endpoint: str,
     *,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import structlog
-from conftest import US, key_doc
+from conftest import US, embedded_toml, key_doc
 
 from broker import cli
 from broker.client import Broker
@@ -125,21 +125,7 @@ async def _run(tmp_path: Path, job: Path, **options: Any) -> _Outcome:
     return _Outcome(summary.exit_code(), summary, None, sim.stats, counter, out)
 
 
-_CLI_CONFIG = """
-[api]
-endpoint = "simulator"
-
-[[keys]]
-name = "demo"
-credential_id = "demo-id"
-version = "3.1"
-partner_tags = { "www.amazon.com" = "demo-20" }
-tps = 50.0
-tpd = 0
-
-[log]
-format = "json"
-"""
+_CLI_CONFIG = embedded_toml()
 
 
 def _cli(tmp_path: Path, job: Path, *args: str) -> int:

@@ -7,31 +7,16 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import embedded_toml
 
 from broker import cli
 
-_CONFIG = """
-[api]
-endpoint = "simulator"
-resources = ["itemInfo.title", "images.primary.medium"]
-
-[[keys]]
-name = "demo"
-credential_id = "demo-id"
-version = "3.1"
-partner_tags = { "www.amazon.com" = "demo-20" }
-tps = 200.0
-tpd = 0
-
-[engine]
-linger_s = 0.005
-
-[log]
-format = "json"
-
-[simulator]
-limits = false
-"""
+_CONFIG = embedded_toml(
+    tps=200.0,
+    api='resources = ["itemInfo.title", "images.primary.medium"]',
+    engine="linger_s = 0.005",
+    simulator="limits = false",
+)
 
 
 @pytest.fixture(autouse=True)

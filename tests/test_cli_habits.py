@@ -11,30 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import embedded_toml
 
 from broker import __version__, cli
 from broker.exitcode import ExitCode
 
 REPO = Path(__file__).resolve().parent.parent
 
-_CONFIG = """
-[api]
-endpoint = "simulator"
-
-[[keys]]
-name = "demo"
-credential_id = "demo-id"
-version = "3.1"
-partner_tags = { "www.amazon.com" = "demo-20" }
-tps = 50.0
-tpd = 0
-
-[log]
-format = "json"
-
-[simulator]
-seed = 3
-"""
+_CONFIG = embedded_toml(simulator="seed = 3")
 
 _DEAD = """
 [api]

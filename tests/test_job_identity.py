@@ -6,29 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import embedded_toml
 
 from broker import cli
 
-_CONFIG = """
-[api]
-endpoint = "simulator"
-
-[[keys]]
-name = "demo"
-credential_id = "demo-id"
-version = "3.1"
-partner_tags = { "www.amazon.com" = "demo-20" }
-tps = 200.0
-tpd = 0
-
-[engine]
-linger_s = 0.005
-
-[log]
-format = "json"
-
-[simulator]
-seed = 11
+_CONFIG = embedded_toml(
+    tps=200.0,
+    engine="linger_s = 0.005",
+    simulator="""seed = 11
 
 [simulator.latency]
 fixed_ms = 5
@@ -42,8 +27,8 @@ secret = "demo-secret"
 version = "3.1"
 partner_tags = { "www.amazon.com" = "demo-20" }
 tps = 1000.0
-tpd = 10000000
-"""
+tpd = 10000000""",
+)
 
 
 @pytest.fixture(autouse=True)

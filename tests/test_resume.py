@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import embedded_toml
 from test_crash import (
     US,
     Upstream,
@@ -43,23 +44,7 @@ from broker.jobs.ledger import Counts, Ledger, SinkState
 from broker.jobs.runner import ExitCode
 from broker.jobs.sources import fingerprint
 
-_EMBEDDED = """\
-[api]
-endpoint = "simulator"
-
-[[keys]]
-name = "demo"
-credential_id = "demo-id"
-version = "3.1"
-partner_tags = {{ "www.amazon.com" = "demo-20" }}
-tps = {tps}
-tpd = 0
-{engine}
-[log]
-format = "json"
-
-[simulator]
-seed = 3
+_SIMULATOR = """seed = 3
 missing_share = 0.1
 
 [[simulator.accounts]]
@@ -68,10 +53,9 @@ protocol = "creators"
 credential_id = "demo-id"
 secret = "demo-secret"
 version = "3.1"
-partner_tags = {{ "www.amazon.com" = "demo-20" }}
+partner_tags = { "www.amazon.com" = "demo-20" }
 tps = 100.0
-tpd = 1000000
-"""
+tpd = 1000000"""
 
 
 @pytest.fixture(autouse=True)
@@ -81,8 +65,8 @@ def _no_env_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def embedded_config(path: Path, *, tps: float = 50.0, queue_size: int | None = None) -> Path:
     """A config whose runs use the embedded simulator (demo key)."""
-    engine = f"\n[engine]\nqueue_size = {queue_size}\n" if queue_size else ""
-    path.write_text(_EMBEDDED.format(tps=tps, engine=engine))
+    engine = f"queue_size = {queue_size}" if queue_size else ""
+    path.write_text(embedded_toml(tps=tps, engine=engine, simulator=_SIMULATOR))
     return path
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import embedded_toml
 
 from broker.jobs.signals import (
     ECHO_S,
@@ -146,24 +147,7 @@ class TestUvForwardedSigint:
         assert "broker.job_stop_forced" not in err, err[-3000:]
 
 
-_SLOW_CONFIG = """
-[api]
-endpoint = "simulator"
-
-[[keys]]
-name = "demo"
-credential_id = "demo-id"
-version = "3.1"
-partner_tags = { "www.amazon.com" = "demo-20" }
-tps = 5.0
-tpd = 0
-
-[engine]
-queue_size = 20
-
-[log]
-format = "json"
-"""
+_SLOW_CONFIG = embedded_toml(tps=5.0, engine="queue_size = 20")
 
 
 class TestCaughtEarly:
