@@ -309,6 +309,35 @@ class TestB1ThrottleBursts:
 class TestB2QuotaExhausted:
     """B2: a spent day shows "waiting for quota" (progress, /readyz) and resumes after it."""
 
+    async def test_answers_are_committed_while_the_run_waits(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """The rows answered before a quota wait reach the ledger and the output during the
+        wait (within a second), so a kill -9 then loses no answer already paid for."""
+        clock = FakeClock()
+        settings = SimulatorSettings(
+            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=3),)
+        )
+        sim = await harness.simulator(settings, clock=clock)
+        transport = await harness.transport()
+        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=3)])
+        broker = await harness.broker(config, clock=clock, transport=transport)
+        job, out = _job(tmp_path, 50), tmp_path / "out.jsonl"
+        task = asyncio.get_running_loop().create_task(
+            run_job(config, _options(job, out), broker=broker)
+        )
+        with pytest.raises(TimeoutError, match="fake time limit"):
+            await drive(clock, task, transport, limit_s=3600.0)
+        assert not task.done()  # waiting for the daily reset
+        await asyncio.sleep(1.5)  # the runner commits on the real clock, once a second
+        statuses = _ledger_statuses(out)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        served = sim.stats.accounts["demo"].items_served
+        assert served > 0
+        assert statuses["ok"] == served  # every answer of the day so far is in the ledger
+        assert len(_rows(out)) == served  # ... and in the output
+
     async def test_daily_budget_waits_for_the_reset(self, harness: Harness, tmp_path: Path) -> None:
         """broker run with TPD 3: rows pending, readyz 503 until midnight UTC, then all done."""
         clock = FakeClock()  # 12:00 UTC

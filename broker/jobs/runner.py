@@ -507,10 +507,20 @@ async def _fetch(
                 commit()
                 progress.tick()
 
+    async def commit_when_idle() -> None:
+        # Answers followed by a wait (a daily quota, a pause, an outage) are committed on
+        # time anyway: a kill -9 during the wait must not lose answers already paid for.
+        while True:
+            await asyncio.sleep(_COMMIT_EVERY_S)
+            if buffer and time.monotonic() - last_commit >= _COMMIT_EVERY_S:
+                commit()
+                progress.tick()
+
     loop = asyncio.get_running_loop()
     task = loop.create_task(consume())
     stop.watch(task)
     ticker = loop.create_task(progress.run())
+    committer = loop.create_task(commit_when_idle())
     quota_watch = loop.create_task(_watch_quota(broker, stop)) if options.no_wait else None
     try:
         await task
@@ -520,6 +530,7 @@ async def _fetch(
             raise
     finally:
         ticker.cancel()
+        committer.cancel()
         if quota_watch is not None:
             quota_watch.cancel()
         commit()
