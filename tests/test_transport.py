@@ -105,6 +105,20 @@ class TestSend:
                 await transport.send(_request(server + path))
         assert isinstance(info.value, TransportError)
 
+    async def test_refused_body_is_not_kept_by_the_error(self, server: str) -> None:
+        """The BodyTooLarge a retry keeps holds no part of the body in its traceback."""
+        async with AiohttpTransport(max_body_bytes=4096) as transport:
+            with pytest.raises(BodyTooLarge) as info:
+                await transport.send(_request(server + "/chunked"))
+        held = 0
+        tb = info.value.__traceback__
+        while tb is not None:
+            for value in tb.tb_frame.f_locals.values():
+                if isinstance(value, bytes | bytearray):
+                    held = max(held, len(value))
+            tb = tb.tb_next
+        assert held < 1024
+
     async def test_body_at_cap_is_fine(self, server: str) -> None:
         """A body of exactly the cap is read whole."""
         async with AiohttpTransport(max_body_bytes=5000) as transport:

@@ -421,7 +421,9 @@ class Executor:
     def _transient(self, key: KeyState, batch: Batch, exc: BaseException) -> None:
         now = self._clock.monotonic()
         attempts = batch.attempts
-        attempts.last_error = exc
+        # Kept without its traceback: its frames' locals (a response body, a request) would
+        # stay alive for as long as the batch waits to be retried.
+        attempts.last_error = exc.with_traceback(None)
         attempt = attempts.failures
         delay = self._policy.next_delay(attempt, exc)
         if delay is None or attempts.age(now) + delay > self._policy.max_age_s:

@@ -207,6 +207,10 @@ class AiohttpTransport:
                 return bytes(buffer)
             buffer += chunk
             if len(buffer) > cap:
+                # Let go of the body first: a retry keeps the error, and its traceback would
+                # hold this frame's buffer (up to the cap, per waiting batch) with it.
+                buffer.clear()
+                chunk = b""
                 raise BodyTooLarge(f"{request.method} {request.url}: body over the {cap}-byte cap")
 
     def __repr__(self) -> str:
