@@ -406,6 +406,19 @@ class TestC6MalformedJsonl:
         assert (outcome.stats.requests, outcome.counter.get_items) == (0, 0)
         assert not outcome.out.exists()
 
+    async def test_c6_strict_refuses_an_unknown_resource(self, tmp_path: Path) -> None:
+        """C6: a row asking a resource the API does not know is invalid to --strict too."""
+        job = _write(
+            tmp_path,
+            "job.jsonl",
+            '{"asin": "B0ROGUBBB8"}\n{"asin": "B0ROGUBBB9", "resources": ["itemInfo.bogus"]}\n',
+        )
+        outcome = await _run(tmp_path, job, strict=True)
+        assert outcome.code == ExitCode.DATA_ERROR
+        assert "line 2" in (outcome.message or "")
+        assert "itemInfo.bogus" in (outcome.message or "")
+        assert (outcome.stats.requests, outcome.counter.get_items) == (0, 0)
+
     def test_c6_cli_strict_exits_65(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

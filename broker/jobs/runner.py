@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.api.resources import resolve_resources
 from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
@@ -38,7 +39,7 @@ from broker.jobs.signals import StopSignals, installed, sigint_echo_window
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import JobFingerprint, JobRow, fingerprint, read_job
 from broker.logs import get_logger
-from broker.models import ItemResult, Query
+from broker.models import ItemResult, Protocol, Query
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -253,7 +254,7 @@ async def _run_once(
     ledger_path = _ledger_path(options.out)
     if options.strict and not ledger_path.exists():
         # A new job refused for its invalid rows leaves nothing behind (no ledger, no lock).
-        _refuse_invalid(options)
+        _refuse_invalid(options, config.api.protocol)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     summary = JobSummary(out=str(options.out))
     stop = _Stop(options.drain_grace_s)
@@ -270,7 +271,7 @@ async def _run_once(
         resumed_complete = ledger.ingest_complete and ledger.counts().pending == 0
         if not ledger.ingest_complete:
             if options.strict:
-                _refuse_invalid(options)
+                _refuse_invalid(options, config.api.protocol)
             ingest_started = time.monotonic()
             ingested = await _ingest(ledger, options, stop)
             ingest_s = time.monotonic() - ingest_started
@@ -375,11 +376,9 @@ def _read(options: JobOptions) -> Iterator[JobRow]:
     return read_job(options.job, encoding=options.encoding, convert_isbn13=options.convert_isbn13)
 
 
-def _refuse_invalid(options: JobOptions) -> None:
+def _refuse_invalid(options: JobOptions, protocol: Protocol) -> None:
     bad = [
-        row
-        if row.error or not row.marketplace or _known_marketplace(row.marketplace)
-        else dataclasses.replace(row, error=f"unknown marketplace {row.marketplace!r}")
+        row if row.error else dataclasses.replace(row, error=_row_problem(row, protocol))
         for row in _read(options)
     ]
     bad = [row for row in bad if row.error]
@@ -389,12 +388,19 @@ def _refuse_invalid(options: JobOptions) -> None:
         raise StrictInputError(f"{options.job}: {len(bad)} invalid rows{more}: {shown}")
 
 
-def _known_marketplace(name: str) -> bool:
-    try:
-        lookup_marketplace(name)
-    except ValueError:
-        return False
-    return True
+def _row_problem(row: JobRow, protocol: Protocol) -> str | None:
+    """What makes a readable row invalid all the same: its marketplace or its resources."""
+    if row.marketplace:
+        try:
+            lookup_marketplace(row.marketplace)
+        except ValueError:
+            return f"unknown marketplace {row.marketplace!r}"
+    if row.resources is not None:
+        try:
+            resolve_resources(row.resources, protocol)
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+    return None
 
 
 class _IngestStopped(Exception):
