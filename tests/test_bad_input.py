@@ -332,6 +332,18 @@ class TestC4NoAsinColumn:
         assert "Traceback" not in err
         assert not (tmp_path / "out.jsonl").exists()
 
+    def test_c4_fixed_file_then_runs(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """C4: the refused file leaves no ledger, so the same command runs once it is fixed
+        (it was refused as "changed since the job started")."""
+        job = _write(tmp_path, "job.csv", "sku,title\r\nB0NOCOL001,x\r\n")
+        assert _cli(tmp_path, job) == ExitCode.DATA_ERROR
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.csv"]
+        job.write_text("asin,title\r\nB0NOCOL001,x\r\n")
+        capsys.readouterr()
+        assert _cli(tmp_path, job) == ExitCode.OK, capsys.readouterr().err
+
     async def test_c4_no_request_is_sent(self, tmp_path: Path) -> None:
         """C4: the missing column is found before any API request."""
         job = _write(tmp_path, "job.csv", "id;name\nB0NOCOL001;x\n")

@@ -202,6 +202,33 @@ def _promote(side: Path, out: Path) -> None:
     _finish_promotion(out)
 
 
+@dataclass(slots=True)
+class _Refusal:
+    """Set when this run's ingestion refused the job file before storing any row."""
+
+    nothing_read: bool = False
+
+
+@contextlib.contextmanager
+def _forget_refused(ledger_path: Path) -> Iterator[_Refusal]:
+    """Delete the ledger this run created if the job file is refused before its first row.
+
+    Nothing was stored or fetched for it, and a ledger left behind would hold the refused
+    file's fingerprint: the fixed file would then be refused as "changed since the job
+    started". Entered before the job's lock, so the files go once the ledger is closed and
+    unlocked.
+    """
+    fresh = not ledger_path.exists()
+    refusal = _Refusal()
+    try:
+        yield refusal
+    except JobFileError:
+        if fresh and refusal.nothing_read:
+            for suffix in ("", "-wal", "-shm", ".lock"):
+                ledger_path.with_name(ledger_path.name + suffix).unlink(missing_ok=True)
+        raise
+
+
 def _finish_promotion(out: Path) -> None:
     """Complete a promotion that a crash interrupted (a no-op when none is under way)."""
     side = _refresh_path(out)
@@ -259,6 +286,7 @@ async def _run_once(
     summary = JobSummary(out=str(options.out))
     stop = _Stop(options.drain_grace_s)
     with (
+        _forget_refused(ledger_path) as refusal,
         _signals(stop, enabled=options.handle_signals),
         JobLock(ledger_path),
         Ledger.open(
@@ -273,7 +301,13 @@ async def _run_once(
             if options.strict:
                 _refuse_invalid(options, config.api.protocol)
             ingest_started = time.monotonic()
-            ingested = await _ingest(ledger, options, stop)
+            try:
+                ingested = await _ingest(ledger, options, stop)
+            except JobFileError:
+                # A file refused before its first row (no asin column, not text) leaves
+                # nothing; one damaged later keeps the rows read (C11: a truncated .gz).
+                refusal.nothing_read = ledger.total_rows == 0
+                raise
             ingest_s = time.monotonic() - ingest_started
             logger.info(
                 "broker.job_ingested",
