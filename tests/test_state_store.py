@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -448,6 +449,15 @@ class TestSqliteReuse:
         after = await local.reserve()
         assert (after.count, after.slot_us - _T0) == (2, 200_000)
         await store.aclose()
+
+    async def test_a_new_state_file_is_private(self, tmp_path: Path) -> None:
+        """The key-state file is created 0600 in a 0700 directory, like the item cache."""
+        path = tmp_path / "state" / "keys.sqlite3"
+        store = SqliteStateStore(path)
+        await Backend("local", store, None).reserve()
+        await store.aclose()
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
     async def test_a_new_file_has_small_pages_and_an_old_one_keeps_its_own(
         self, tmp_path: Path
