@@ -300,6 +300,12 @@ class TestJsonLines:
         assert found[1].raw == '{"asin": "B0ABC'
         assert [row.line for row in found if not row.valid] == [2]
 
+    def test_c6_error_column_points_into_the_line(self, tmp_path: Path) -> None:
+        """C6: the column of a JSON error is where it is on the line, not "column 1" of the
+        line end the reader kept."""
+        found = rows(write(tmp_path, "job.jsonl", '{"asin": "B0ABCDEFGH"\n'))
+        assert found[0].error == "not valid JSON: Expecting ',' delimiter at column 22"
+
     @pytest.mark.parametrize(
         ("line", "reason_part"),
         [

@@ -765,7 +765,9 @@ def _jsonl_rows(
 
 def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> JobRow:
     try:
-        value = json.loads(text)
+        # Without its line end: an error at the end of the line is then reported where it
+        # is, not at column 1 of a second line.
+        value = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         return JobRow(
             lineno,
