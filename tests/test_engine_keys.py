@@ -114,11 +114,22 @@ class TestCircuit:
         key = _key(clock)
         pauses = []
         for _ in range(8):
-            key.pause_after_error(ConnectionError("down"))
+            # Each attempt started after the previous pause began: a new round each time.
+            key.pause_after_error(ConnectionError("down"), clock.monotonic())
             pauses.append(key.limiter.next_ready() - clock.monotonic())
         assert pauses[:3] == [2.0, 4.0, 8.0]
         assert pauses[-1] == 60.0
         assert key.snapshot().reason == "token endpoint: ConnectionError"
+
+    def test_one_failed_token_fetch_is_one_round(self) -> None:
+        """Batches that waited on one (single-flight) token fetch fail together: one pause,
+        not one doubling per batch."""
+        clock = FakeClock()
+        key = _key(clock)
+        sent_at = clock.monotonic() - 0.5  # all four began before the fetch failed
+        for _ in range(4):
+            key.pause_after_error(ConnectionError("down"), sent_at)
+        assert key.limiter.next_ready() - clock.monotonic() == 2.0
 
 
 class TestOutageClock:

@@ -120,7 +120,7 @@ class Executor:
             if isinstance(exc, EndpointUnreachable):
                 spent = key.on_unreachable(exc, sent_at)
             else:
-                spent = key.pause_after_error(exc)
+                spent = key.pause_after_error(exc, sent_at)
             key.on_failed_attempt(transient=True)
             if spent:
                 self._end_outage(key, batch.marketplace, exc)

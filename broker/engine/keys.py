@@ -104,6 +104,7 @@ class KeyState:
         self.throttled = 0
         self.errors = 0
         self._auth_failures = 0
+        self._auth_paused_at = -math.inf
         self._disabled: KeyUnusableError | None = None
         self._disabled_markets: dict[str, KeyUnusableError] = {}
         self._paused_reason: str | None = None
@@ -309,18 +310,24 @@ class KeyState:
         self.adaptive.reset()
         logger.info("broker.key_recovered", key=self.name)
 
-    def pause_after_error(self, error: BaseException) -> bool:
+    def pause_after_error(self, error: BaseException, sent_at: float) -> bool:
         """The token endpoint failed: back off exponentially before the key sends again.
 
         Without a token the key can send nothing, so this counts toward the outage budget.
+        Attempts begun before the current pause (the batches that waited on one single-flight
+        token fetch) share its round: only an attempt begun after it doubles the pause.
 
         Returns:
             True when the outage has lasted ``outage_budget_s``: take the key out.
         """
+        if sent_at < self._auth_paused_at:
+            return self._outage_spent()
         self._auth_failures += 1
         pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
         self._paused_reason = f"token endpoint: {type(error).__name__}"
-        self.limiter.pause_until(self._clock.monotonic() + pause, reason=self._paused_reason)
+        now = self._clock.monotonic()
+        self._auth_paused_at = now
+        self.limiter.pause_until(now + pause, reason=self._paused_reason)
         logger.warning(
             "broker.token_fetch_failed",
             key=self.name,
