@@ -142,6 +142,21 @@ class TestCallers:
         assert [r.asin for r in results] == ["B000000001", "B000000002"]
         assert sim.stats.accounts["demo"].items_served == 2
 
+    async def test_tagged_queries_each_get_their_result(self, harness: Harness) -> None:
+        """Queries with tags are each answered with their own tag, duplicates or not; the
+        lookup is still shared (one item served)."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        results = await broker.get_items(
+            [Query("B000000001", tag=1), Query("b000000001", tag=2), "B000000001"]
+        )
+        assert [(r.asin, r.query.tag if r.query else None) for r in results] == [
+            ("B000000001", 1),
+            ("B000000001", 2),
+            ("B000000001", None),
+        ]
+        assert sim.stats.accounts["demo"].items_served == 1
+
     async def test_cancelled_caller_keeps_shared_lookups(self, harness: Harness) -> None:
         """Cancelling one caller does not cancel lookups another caller still waits for."""
         sim = await harness.simulator(FREE)

@@ -469,10 +469,9 @@ class Broker:
             for query in queries:
                 if isinstance(query, ItemResult):
                     assert query.query is not None
-                    collector.add(ident_of(query.query), query)
+                    collector.add(_slot_of(query.query), query)
                     continue
-                ident = ident_of(query)
-                if collector.expect(ident):
+                if collector.expect(_slot_of(query)):
                     hit = await intake.cached(query)
                     if hit is not None:
                         collector.receive(None, query, hit)
@@ -737,30 +736,40 @@ class Broker:
         return f"Broker({state}, keys={[k.name for k in self._keys]})"
 
 
+#: A ``get_items`` result slot: one per lookup identity, and one per tagged query (a tag
+#: names the caller's row, so two rows asking one ASIN get a result each).
+_Slot = Ident | tuple[Ident, int]
+
+
+def _slot_of(query: Query) -> _Slot:
+    ident = ident_of(query)
+    return ident if query.tag is None else (ident, id(query))
+
+
 class _Collector:
     """The receiver of one ``get_items`` call: one slot per distinct query, one future."""
 
     __slots__ = ("_done", "_future", "_input_done", "_remaining", "_slots", "_values")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._slots: dict[Ident, int] = {}
+        self._slots: dict[_Slot, int] = {}
         self._values: list[ItemResult | None] = []
         self._remaining = 0
         self._input_done = False
         self._future: asyncio.Future[None] = loop.create_future()
         self._done = False
 
-    def add(self, ident: Ident, result: ItemResult) -> None:
+    def add(self, slot: _Slot, result: ItemResult) -> None:
         """An answer known at once (invalid id, unknown marketplace)."""
-        if ident not in self._slots:
-            self._slots[ident] = len(self._values)
+        if slot not in self._slots:
+            self._slots[slot] = len(self._values)
             self._values.append(result)
 
-    def expect(self, ident: Ident) -> bool:
+    def expect(self, slot: _Slot) -> bool:
         """Reserve the slot of a query; False if the same query was already asked."""
-        if ident in self._slots:
+        if slot in self._slots:
             return False
-        self._slots[ident] = len(self._values)
+        self._slots[slot] = len(self._values)
         self._values.append(None)
         self._remaining += 1
         return True
@@ -774,7 +783,7 @@ class _Collector:
         if isinstance(outcome, BaseException):
             self._future.set_exception(outcome.with_traceback(None))
             return
-        self._values[self._slots[ident_of(query)]] = outcome
+        self._values[self._slots[_slot_of(query)]] = outcome
         self._remaining -= 1
         if self._input_done and self._remaining == 0:
             self._future.set_result(None)

@@ -47,8 +47,9 @@ Settings of ``[simulator]`` (defaults in brackets):
   answer missing one item), ``extra_item`` (one with an item nobody asked for) and
   ``duplicate_item`` (one with an item twice); the response faults are drawn together, so
   their rates must not add up to more than 1. Drawn on their own: ``expired_token`` (a Creators
-  request answered 401 TokenExpired although its token is valid; drawn per request), ``token_error`` (the token endpoint answers 503) and
-  ``token_slow`` (the token endpoint answers only after ``hang_s``).
+  request answered 401 TokenExpired although its token is valid; drawn per request),
+  ``token_error`` (the token endpoint answers 503) and ``token_slow`` (the token endpoint
+  answers only after ``hang_s``).
 - ``[[simulator.accounts]]``: ``name``, ``protocol`` ["creators"], ``credential_id`` (Creators)
   or ``access_key`` (PA-API), ``secret``, ``version`` ["3.1"; Creators only],
   ``partner_tags`` (marketplace -> tag or list of tags), ``tps`` [1.0], ``tpd`` [8640], and the
