@@ -7,12 +7,14 @@ import csv
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker import cli
 from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
+from broker.engine.adaptive import ThrottleVerdict
 from broker.jobs.runner import ExitCode, JobOptions, run_job
 
 _KEY = """
@@ -257,6 +259,26 @@ class TestKeysAndSignals:
         assert not summary.stopped_by_signal
         assert 1 <= summary.requests <= 2
         assert summary.pending == 40 - len(_rows(tmp_path / "out.jsonl")) > 0
+
+    def test_no_wait_also_stops_for_keys_parked_after_sustained_429s(self) -> None:
+        """A key parked after sustained 429s with its own count low (the server's daily
+        quota is smaller than tpd says, or the account is not eligible) waits for hours
+        too: --no-wait stops for it as for a spent tpd."""
+        from types import SimpleNamespace
+
+        from broker.jobs.runner import _quota_wait
+
+        def broker(*reasons: str) -> Any:
+            keys = [
+                SimpleNamespace(state="parked", reason=r, until=None, daily_resets_at="Z")
+                for r in reasons
+            ]
+            return SimpleNamespace(metrics=lambda: SimpleNamespace(keys=keys))
+
+        revoked = ThrottleVerdict.ACCESS_REVOKED.value
+        assert _quota_wait(broker(revoked)) == "Z"
+        assert _quota_wait(broker(revoked, "waiting for daily quota")) == "Z"
+        assert _quota_wait(broker(revoked, "Retry-After")) is None
 
     async def test_tpd_spent_waits_instead_of_failing(self, tmp_path: Path) -> None:
         """With the daily budget spent the job waits (rows stay pending), it does not fail rows."""

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
@@ -583,13 +583,24 @@ async def _fetch(
 _QUOTA_POLL_S = 0.5
 
 
+#: Key states that last until Amazon's daily window resets (or, probed, about as long).
+_DAY_LONG_WAITS: Final = (
+    "waiting for daily quota",
+    ThrottleVerdict.QUOTA_EXHAUSTED.value,
+    ThrottleVerdict.ACCESS_REVOKED.value,
+)
+
+
 def _quota_wait(broker: Broker) -> str | None:
     """When every key that is not disabled waits for its daily quota: the earliest reset."""
     waits: list[str] = []
     for key in broker.metrics().keys:
         if key.state == "disabled":
             continue
-        if key.reason not in ("waiting for daily quota", ThrottleVerdict.QUOTA_EXHAUSTED.value):
+        # A key parked after sustained 429s with its own count low waits as long (Amazon's
+        # daily quota may be smaller than tpd says, or the account not eligible, and a 429
+        # does not tell which): --no-wait stops for it too.
+        if key.reason not in _DAY_LONG_WAITS:
             return None
         waits.append(key.until or key.daily_resets_at or "the next window")
     return min(waits) if waits else None
