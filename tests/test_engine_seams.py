@@ -326,6 +326,40 @@ class TestStreamStop:
         assert len(sent) == len(set(sent)) <= 20  # at most the batch in flight after the first
         assert (metrics.outstanding_lookups, metrics.queued_batches) == (0, 0)
 
+    async def test_a_sent_batch_that_comes_back_is_let_go(self) -> None:
+        """A batch on the wire at stop that is throttled is not sent again: the stream ends."""
+        clock = FakeClock()
+        sent: list[list[str]] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            asked = _asked(request)
+            sent.append(asked)
+            if len(sent) == 1:
+                await clock.sleep(0.1)
+                return RawResponse(200, {}, _paapi_body(*asked), 0.1)
+            await clock.sleep(0.5)
+            return RawResponse(429, {"retry-after": "10"}, THROTTLED, 0.5)
+
+        config = _paapi(keys=[paapi_key_doc(tps=100.0, max_in_flight=2)])
+        stop = asyncio.Event()
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+
+            async def consume() -> list[str]:
+                got = []
+                async for result in broker.stream([f"B{i:09d}" for i in range(30)], stop=stop):
+                    got.append(result.asin)
+                    stop.set()
+                return got
+
+            task = asyncio.get_running_loop().create_task(consume())
+            await clock.run_until(task, limit=60.0)
+            await clock.advance(60.0)
+            metrics = broker.metrics()
+        assert len(task.result()) == 10
+        asked = [asin for batch in sent for asin in batch]
+        assert len(asked) == len(set(asked))  # a throttled batch was never sent again
+        assert (metrics.outstanding_lookups, metrics.queued_batches) == (0, 0)
+
     async def test_stop_set_before_the_stream_sends_nothing(self) -> None:
         """A stream whose stop is already set yields nothing, ends, and sends nothing."""
         clock = FakeClock()

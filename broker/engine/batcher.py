@@ -32,7 +32,16 @@ if TYPE_CHECKING:
     from broker.clock import Clock
     from broker.models import ItemResult, Query
 
-__all__ = ["Batch", "BatchPlace", "Batcher", "Lookup", "Receiver", "Room", "WorkQueue"]
+__all__ = [
+    "Batch",
+    "BatchPlace",
+    "Batcher",
+    "Leaving",
+    "Lookup",
+    "Receiver",
+    "Room",
+    "WorkQueue",
+]
 
 _batch_ids = itertools.count(1)
 
@@ -42,6 +51,13 @@ class Receiver(Protocol):
 
     def receive(self, lookup: Lookup, query: Query, outcome: ItemResult | BaseException) -> None:
         """``lookup`` (asked as ``query``) ended with ``outcome``."""
+
+
+class Leaving(Protocol):
+    """A caller winding down (a stream told to stop): it waits only for requests on the wire."""
+
+    def let_go(self, lookup: Lookup) -> None:
+        """``lookup``'s batch is about to be queued again: stop waiting for it (detach)."""
 
 
 class Room:
@@ -119,6 +135,9 @@ class Lookup:
     #: called once when the lookup ends (with its outcome) or is abandoned (with None):
     #: the intake's bookkeeping
     on_done: Callable[[Lookup, ItemResult | BaseException | None], None] | None = None
+    #: callers that wait for this lookup only while its request is on the wire: told to let
+    #: go when its batch is queued again (a 429, a retry, a split)
+    leaving: list[Leaving] | None = None
 
     @property
     def asin(self) -> str:
@@ -261,7 +280,20 @@ class WorkQueue:
     def _admit(self, batch: Batch) -> None:
         batch.place = BatchPlace.QUEUED
         batch.on_empty = self.discard
+        for lookup in batch.lookups:
+            if lookup.leaving is not None:
+                self._release(batch)
+                break
         self._changed.set()
+
+    @staticmethod
+    def _release(batch: Batch) -> None:
+        """Callers winding down let go of the batch's lookups before it is sent again; a
+        lookup nobody else waits for leaves it (an emptied batch leaves the queue)."""
+        for lookup in list(batch.lookups):
+            leaving, lookup.leaving = lookup.leaving, None
+            for caller in leaving or ():
+                caller.let_go(lookup)
 
     def put(self, batch: Batch) -> None:
         """Queue a new batch behind the others."""

@@ -529,9 +529,15 @@ class Broker:
         # the finished results buffered for it too, not only the lookups in flight.
         window = Room(self.config.engine.queue_size)
 
+        # Checked before each admission: ``stop`` set by the consumer takes effect at once,
+        # before the watcher below has run.
+        halted = stop.is_set if stop is not None else _never
+
         async def offer(query: Query | ItemResult) -> None:
             if not window.try_take():
                 await window.take()
+            if halted():
+                return
             if isinstance(query, ItemResult):
                 receiver.push(query)
                 return
@@ -554,10 +560,6 @@ class Broker:
                 return query
             receiver.expect(lookup)
             return None
-
-        # Checked before each admission: ``stop`` set by the consumer takes effect at once,
-        # before the watcher below has run.
-        halted = stop.is_set if stop is not None else _never
 
         async def produce() -> None:
             try:
@@ -604,7 +606,9 @@ class Broker:
         stopper: asyncio.Task[object] | None = None
         if stop is not None:
 
-            def wind_down(_: object) -> None:
+            def wind_down(waited: asyncio.Task[object]) -> None:
+                if waited.cancelled():
+                    return  # the stream ended first
                 # The producer is cancelled before its next admission (or before it starts:
                 # hence end() here too); shedding leaves only the lookups already sent.
                 producer.cancel()
@@ -875,14 +879,25 @@ class _StreamReceiver:
         return True
 
     def shed(self) -> None:
-        """Let go of the lookups not sent yet (lingering or queued); keep those being sent."""
-        for lookup, count in list(self._held.items()):
+        """Let go of the lookups not sent yet (lingering or queued); wait for those being sent
+        only while they are: one whose batch is queued again (a 429, a retry) is let go too."""
+        for lookup in list(self._held):
             batch = lookup.batch
             if batch is not None and batch.place is not BatchPlace.ACTIVE:
-                del self._held[lookup]
-                self._pending -= count
-                lookup.detach(self)
+                self.let_go(lookup)
+            elif lookup.leaving is None:
+                lookup.leaving = [self]
+            else:
+                lookup.leaving.append(self)
         self._wake()
+
+    def let_go(self, lookup: Lookup) -> None:
+        """Stop waiting for ``lookup``: it is never yielded by this stream."""
+        count = self._held.pop(lookup, 0)
+        if count:
+            self._pending -= count
+            lookup.detach(self)
+            self._wake()
 
     def leave(self) -> None:
         """The consumer stopped: let go of every lookup still held."""
