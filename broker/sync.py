@@ -72,10 +72,11 @@ class SyncBroker:
     def __init__(self, config: BrokerConfig, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name="asin-broker-loop", daemon=True
+            target=_serve, args=(self._loop,), name="asin-broker-loop", daemon=True
         )
         self._lock = threading.Lock()
         self._closed = False
+        self._finalizer: weakref.finalize[Any, SyncBroker] | None = None
         self._thread.start()
         try:
             self._broker = self._call(self._open(config, kwargs))
@@ -128,7 +129,7 @@ class SyncBroker:
             coro.close()
             raise RuntimeError("SyncBroker methods block; call the async Broker from its loop")
         with self._lock:
-            if self._closed:
+            if self._is_closed():
                 coro.close()
                 raise BrokerClosedError("this SyncBroker is closed")
             future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -201,7 +202,7 @@ class SyncBroker:
                 except StopAsyncIteration:
                     return
         finally:
-            if not self._closed:
+            if not self._is_closed():
                 self._call(_close(agen))
 
     def search_items(
@@ -240,7 +241,12 @@ class SyncBroker:
             if self._closed:
                 return
             self._closed = True
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def _is_closed(self) -> bool:
+        # The finalizer may have run without close(): at interpreter exit.
+        return self._closed or (self._finalizer is not None and not self._finalizer.alive)
 
     def __enter__(self) -> SyncBroker:
         return self
@@ -254,18 +260,31 @@ class SyncBroker:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._is_closed() else "open"
         return f"SyncBroker({state}, keys={[k.name for k in self._broker.config.keys]})"
+
+
+#: How long a finalizer or close() waits for the broker to close before stopping its loop.
+_CLOSE_TIMEOUT_S = 30.0
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop thread: run until stopped, then close the loop (it is this thread's)."""
+    loop.run_forever()
+    loop.close()
 
 
 def _shut_down(broker: Broker, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     """Close ``broker`` on its loop, then stop the loop and its thread (close or finalizer)."""
     if threading.current_thread() is thread:
-        # Collected on the loop's own thread, which cannot wait for itself: close, then stop.
+        # Collected on the loop's own thread, which cannot wait for itself: close, then stop
+        # (the thread closes its loop as it ends).
         loop.create_task(broker.aclose()).add_done_callback(lambda _: loop.stop())
         return
     try:
-        asyncio.run_coroutine_threadsafe(broker.aclose(), loop).result()
+        # Bounded: a finalizer may run on any thread, perhaps one holding something the loop
+        # needs to finish closing.
+        asyncio.run_coroutine_threadsafe(broker.aclose(), loop).result(_CLOSE_TIMEOUT_S)
     finally:
         _stop_loop(loop, thread)
 
@@ -273,7 +292,6 @@ def _shut_down(broker: Broker, loop: asyncio.AbstractEventLoop, thread: threadin
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     loop.call_soon_threadsafe(loop.stop)
     thread.join()
-    loop.close()
 
 
 async def _next(agen: AsyncIterator[ItemResult]) -> ItemResult:

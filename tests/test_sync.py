@@ -136,6 +136,37 @@ class TestSyncBroker:
         assert "destroyed but it is pending" not in done.stderr
         assert "Unclosed" not in done.stderr
 
+    def test_after_the_exit_close_calls_say_closed(self, tmp_path: Path) -> None:
+        """Closed at exit, the broker answers a later call (an atexit handler) with
+        BrokerClosedError, and a stream left suspended ends without noise."""
+        script = (
+            "import atexit\n"
+            "from broker import BrokerClosedError, SyncBroker\n"
+            "def late():\n"
+            "    try:\n"
+            "        b.get_item('B000000001')\n"
+            "    except BrokerClosedError:\n"
+            "        print('closed')\n"
+            "atexit.register(late)\n"
+            "b = SyncBroker.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
+            " 'credential_id': 'demo-id', 'version': '3.1',"
+            " 'partner_tags': {'www.amazon.com': 'demo-20'}}]})\n"
+            "s = b.stream(['B000000001', 'B000000002'])\n"
+            "print(next(s).status.value)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-X", "dev", "-c", script],
+            cwd=tmp_path,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["ok", "closed"]
+        assert "Exception ignored" not in done.stderr
+        assert "never awaited" not in done.stderr
+
     def test_start_failure_leaves_no_thread(self) -> None:
         """A broker that fails while starting raises and leaves no thread behind."""
         before = threading.active_count()
