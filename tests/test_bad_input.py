@@ -339,7 +339,7 @@ class TestC4NoAsinColumn:
         (it was refused as "changed since the job started")."""
         job = _write(tmp_path, "job.csv", "sku,title\r\nB0NOCOL001,x\r\n")
         assert _cli(tmp_path, job) == ExitCode.DATA_ERROR
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.csv"]
+        assert not (tmp_path / "out.jsonl.ledger").exists()  # its lock file stays (lock.py)
         job.write_text("asin,title\r\nB0NOCOL001,x\r\n")
         capsys.readouterr()
         assert _cli(tmp_path, job) == ExitCode.OK, capsys.readouterr().err

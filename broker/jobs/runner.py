@@ -215,8 +215,9 @@ def _forget_refused(ledger_path: Path) -> Iterator[_Refusal]:
 
     Nothing was stored or fetched for it, and a ledger left behind would hold the refused
     file's fingerprint: the fixed file would then be refused as "changed since the job
-    started". Entered before the job's lock, so the files go once the ledger is closed and
-    unlocked.
+    started". Entered inside the job's lock and around the open ledger, so the files go
+    once the ledger is closed and before the lock is released; the lock file itself stays
+    (see :mod:`broker.jobs.lock`: unlinking it would let two processes hold the lock).
     """
     fresh = not ledger_path.exists()
     refusal = _Refusal()
@@ -224,7 +225,7 @@ def _forget_refused(ledger_path: Path) -> Iterator[_Refusal]:
         yield refusal
     except JobFileError:
         if fresh and refusal.nothing_read:
-            for suffix in ("", "-wal", "-shm", ".lock"):
+            for suffix in ("", "-wal", "-shm"):
                 ledger_path.with_name(ledger_path.name + suffix).unlink(missing_ok=True)
         raise
 
@@ -279,16 +280,17 @@ async def _run_once(
 ) -> JobSummary:
     started = time.monotonic()
     ledger_path = _ledger_path(options.out)
-    if options.strict and not ledger_path.exists():
+    checked = options.strict and not ledger_path.exists()
+    if checked:
         # A new job refused for its invalid rows leaves nothing behind (no ledger, no lock).
         _refuse_invalid(options, config.api.protocol)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     summary = JobSummary(out=str(options.out))
     stop = _Stop(options.drain_grace_s)
     with (
-        _forget_refused(ledger_path) as refusal,
         _signals(stop, enabled=options.handle_signals),
         JobLock(ledger_path),
+        _forget_refused(ledger_path) as refusal,
         Ledger.open(
             ledger_path,
             fingerprint=job_print,
@@ -298,7 +300,7 @@ async def _run_once(
     ):
         resumed_complete = ledger.ingest_complete and ledger.counts().pending == 0
         if not ledger.ingest_complete:
-            if options.strict:
+            if options.strict and not checked:
                 _refuse_invalid(options, config.api.protocol)
             ingest_started = time.monotonic()
             try:
@@ -553,7 +555,11 @@ async def _fetch(
         while True:
             await asyncio.sleep(_COMMIT_EVERY_S)
             if buffer and time.monotonic() - last_commit >= _COMMIT_EVERY_S:
-                commit()
+                try:
+                    commit()
+                except Exception as exc:  # a full disk, a failing sink: the run must end
+                    stop.fail(exc)
+                    return
                 progress.tick()
 
     loop = asyncio.get_running_loop()
