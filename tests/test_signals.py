@@ -79,6 +79,15 @@ class TestUvForwardedSigint:
         policy(signal.SIGINT)
         assert rec.calls[-1] == ("now", "SIGINT")
 
+    def test_one_copy_per_signal(self) -> None:
+        """A deliberate second SIGINT inside the window, after uv's copy of the first, stops."""
+        rec = _Recorder()
+        policy = rec.policy(UV_SIGINT_ECHO_S)
+        for at in (0.0, 0.2, 0.7, 0.9):  # the first, its copy, the second, its copy
+            rec.now = at
+            policy(signal.SIGINT)
+        assert rec.calls == [("graceful", "SIGINT"), ("now", "SIGINT")]
+
     def test_window_covers_only_sigint_after_sigint(self) -> None:
         """A SIGTERM 0.2 s after a SIGINT is a second stop, window or not."""
         rec = _Recorder()

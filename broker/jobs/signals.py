@@ -98,7 +98,15 @@ class StopSignals:
             copy of it (:func:`sigint_echo_window`); None: only :data:`ECHO_S` applies.
     """
 
-    __slots__ = ("_graceful", "_last", "_monotonic", "_now", "_sigint_echo", "count")
+    __slots__ = (
+        "_copy_due",
+        "_graceful",
+        "_last",
+        "_monotonic",
+        "_now",
+        "_sigint_echo",
+        "count",
+    )
 
     def __init__(
         self,
@@ -113,15 +121,20 @@ class StopSignals:
         self._monotonic = monotonic
         self._sigint_echo = sigint_echo
         self._last: tuple[float, signal.Signals] | None = None
+        # uv's copy of the last SIGINT has not arrived yet (one copy per signal).
+        self._copy_due = False
         #: signals taken into account so far (echoes not counted)
         self.count = 0
 
     def __call__(self, sig: signal.Signals) -> None:
         """Handle one delivered signal (a loop signal handler)."""
         at = self._monotonic()
-        last, self._last = self._last, (at, sig)
+        last = self._last
         if last is not None and self._echo(at - last[0], last[1], sig):
+            # An echo is measured against the signal it copies, never against another echo.
             return
+        self._last = (at, sig)
+        self._copy_due = self._sigint_echo is not None and sig is signal.SIGINT
         self.count += 1
         if self.count == 1:
             self._graceful(sig)
@@ -132,11 +145,15 @@ class StopSignals:
         if gap < ECHO_S:
             return True
         window = self._sigint_echo
-        return (
+        if (
             window is not None
+            and self._copy_due
             and previous is sig is signal.SIGINT
             and window[0] <= gap <= window[1]
-        )
+        ):
+            self._copy_due = False
+            return True
+        return False
 
 
 #: Stop signals received while no loop handler was installed (see :func:`caught_early`).
