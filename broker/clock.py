@@ -28,6 +28,10 @@ class Clock(Protocol):
     - ``sleep(seconds)`` waits that long on the same clock (never negative).
     - ``utcnow()`` is wall time (timezone-aware UTC), only for signatures, daily windows
       and timestamps in output rows.
+
+    A clock whose times mean nothing to other processes (a test's fake clock) says so with
+    a true ``private_time`` attribute: a Broker on it then keeps its keys' state out of the
+    machine's shared file unless ``[state]`` names a path.
     """
 
     def monotonic(self) -> float: ...

@@ -87,7 +87,8 @@ def _route(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     the events through its own processors. One that did not gets, through its ``logging``
     handlers, ``"broker.key_disabled key='main' code='...'"``: secrets masked
     (:func:`redact`), no timestamp, level or colour of structlog's development defaults
-    (its own formatter adds those), a traceback passed on as ``exc_info``.
+    (its own formatter adds those), a traceback or stack passed on as ``exc_info`` or
+    ``stack_info``.
     """
     if structlog.is_configured():
         result: Any = event
@@ -95,10 +96,10 @@ def _route(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
             result = processor(logger, method, result)
         return result
     event = redact(logger, method, structlog.contextvars.merge_contextvars(logger, method, event))
-    exc_info = event.pop("exc_info", None)
+    passed = {key: value for key in ("exc_info", "stack_info") if (value := event.pop(key, None))}
     name = str(event.pop("event", ""))
     message = " ".join([name, *(f"{key}={value!r}" for key, value in event.items())])
-    return (message,), ({"exc_info": exc_info} if exc_info else {})
+    return (message,), passed
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -27,6 +27,10 @@ class FakeClock:
     to simulate a wrong wall clock).
     """
 
+    #: Its times mean nothing to other processes: a Broker on it keeps its keys' state in
+    #: memory unless ``[state]`` names a path (see :class:`broker.clock.Clock`).
+    private_time = True
+
     def __init__(self, *, start: float = 123_456.789, epoch: datetime = FAKE_EPOCH) -> None:
         self._start = start
         self._now = start

@@ -108,14 +108,15 @@ class TestCircuit:
         assert key.limiter.rate < 10.0
         assert key.snapshot().reason == "Retry-After"
 
-    def test_token_endpoint_failures_back_off(self) -> None:
+    async def test_token_endpoint_failures_back_off(self) -> None:
         """Repeated token-endpoint failures pause the key longer each time, capped at 60 s."""
         clock = FakeClock()
         key = _key(clock)
-        pauses = []
+        pauses: list[float] = []
         for _ in range(8):
-            # Each attempt started after the previous pause began: a new round each time.
-            key.pause_after_error(ConnectionError("down"), clock.monotonic())
+            # Each attempt begins once the previous pause is over: a new round each time.
+            await clock.advance(pauses[-1] if pauses else 1.0)
+            key.pause_after_error(ConnectionError("down"), clock.monotonic() - 0.1)
             pauses.append(key.limiter.next_ready() - clock.monotonic())
         assert pauses[:3] == [2.0, 4.0, 8.0]
         assert pauses[-1] == 60.0

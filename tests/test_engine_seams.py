@@ -17,6 +17,7 @@ import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -163,6 +164,31 @@ class TestFakeClockState:
         await self._one_lookup(_paapi())
         # conftest points $XDG_STATE_HOME at this test's own directory.
         assert not (default_state_dir() / STATE_FILE).exists()
+
+    async def test_a_real_clock_of_the_callers_own_shares_the_state(self) -> None:
+        """A caller's own clock on real time (no private_time) keeps sharing key state."""
+        from broker.clock import LoopClock
+        from broker.state.sqlite import STATE_FILE, default_state_dir
+
+        class OwnClock:
+            def __init__(self) -> None:
+                self._real = LoopClock()
+
+            def monotonic(self) -> float:
+                return self._real.monotonic()
+
+            async def sleep(self, seconds: float) -> None:
+                await self._real.sleep(seconds)
+
+            def utcnow(self) -> Any:
+                return self._real.utcnow()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.0)
+
+        async with Broker(_paapi(), clock=OwnClock(), transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            assert (await broker.get_items(["B000000001"]))[0].ok
+        assert (default_state_dir() / STATE_FILE).exists()
 
     async def test_a_named_state_file_is_still_used(self, tmp_path: Path) -> None:
         """A [state] path named on purpose (a test of shared state) still gets the decisions."""

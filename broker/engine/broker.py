@@ -91,9 +91,9 @@ class Broker:
     Args:
         config: the validated configuration.
         clock: time source (tests pass a FakeClock); default the running loop's clock.
-            With any clock but the real one, the keys' state stays in this process unless
-            ``[state]`` names a path or Redis: the machine's shared file would keep a fake
-            clock's pauses and days, and a later real run would obey them.
+            With a clock of ``private_time`` (a FakeClock), the keys' state stays in this
+            process unless ``[state]`` names a path or Redis: the machine's shared file would
+            keep a fake clock's pauses and days, and a later real run would obey them.
         transport: HTTP transport (tests pass a MockTransport); default aiohttp.
         rng: randomness for jitter (seed it for reproducible runs).
         budget_store: where daily request counters persist, for a caller that keeps its
@@ -325,7 +325,8 @@ class Broker:
         if store is None:
             clock = self._clock
             state = self.config.state
-            if not isinstance(clock, LoopClock) and state.backend == "local" and state.path is None:
+            private = getattr(clock, "private_time", False)
+            if private and state.backend == "local" and state.path is None:
                 state = replace(state, backend="memory")
             store = open_store(
                 state,

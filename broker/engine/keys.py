@@ -320,7 +320,9 @@ class KeyState:
         Returns:
             True when the outage has lasted ``outage_budget_s``: take the key out.
         """
-        if sent_at < self._auth_paused_at:
+        if sent_at <= self._auth_paused_at:
+            # No attempt can begin inside the pause, so one stamped at or before its start
+            # waited on the fetch that set it (a coarse clock may stamp both alike).
             return self._outage_spent()
         self._auth_failures += 1
         pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
