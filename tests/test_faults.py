@@ -306,6 +306,19 @@ class TestB1ThrottleBursts:
 # -- B2 -----------------------------------------------------------------------------------------
 
 
+async def _tpd3(harness: Harness) -> tuple[FakeClock, Any, Any, Any, Any]:
+    """A fake clock at 12:00 UTC, a simulator and a broker whose key may send 3 a day."""
+    clock = FakeClock()
+    settings = SimulatorSettings(
+        accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=3),)
+    )
+    sim = await harness.simulator(settings, clock=clock)
+    transport = await harness.transport()
+    config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=3)])
+    broker = await harness.broker(config, clock=clock, transport=transport)
+    return clock, sim, transport, config, broker
+
+
 class TestB2QuotaExhausted:
     """B2: a spent day shows "waiting for quota" (progress, /readyz) and resumes after it."""
 
@@ -314,14 +327,7 @@ class TestB2QuotaExhausted:
     ) -> None:
         """The rows answered before a quota wait reach the ledger and the output during the
         wait (within a second), so a kill -9 then loses no answer already paid for."""
-        clock = FakeClock()
-        settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=3),)
-        )
-        sim = await harness.simulator(settings, clock=clock)
-        transport = await harness.transport()
-        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=3)])
-        broker = await harness.broker(config, clock=clock, transport=transport)
+        clock, sim, transport, config, broker = await _tpd3(harness)
         job, out = _job(tmp_path, 50), tmp_path / "out.jsonl"
         task = asyncio.get_running_loop().create_task(
             run_job(config, _options(job, out), broker=broker)
@@ -340,14 +346,7 @@ class TestB2QuotaExhausted:
 
     async def test_daily_budget_waits_for_the_reset(self, harness: Harness, tmp_path: Path) -> None:
         """broker run with TPD 3: rows pending, readyz 503 until midnight UTC, then all done."""
-        clock = FakeClock()  # 12:00 UTC
-        settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=3),)
-        )
-        sim = await harness.simulator(settings, clock=clock)
-        transport = await harness.transport()
-        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=3)])
-        broker = await harness.broker(config, clock=clock, transport=transport)
+        clock, sim, transport, config, broker = await _tpd3(harness)  # 12:00 UTC
         job, out = _job(tmp_path, 50), tmp_path / "out.jsonl"
         options = _options(job, out, progress="auto", progress_every_s=0.02)
         with capture_logs() as logs:

@@ -34,6 +34,28 @@ def _document(protocol: str = "creators", **key: Any) -> dict[str, Any]:
     }
 
 
+def _script(tmp_path: Path, body: str, *, before: str = "") -> subprocess.CompletedProcess[str]:
+    """Run ``before``, then ``b = SyncBroker(...)`` on the simulator's demo key, then
+    ``body``, in a fresh ``python -X dev`` that never closes ``b``; it must exit 0."""
+    script = (
+        f"{before}from broker import SyncBroker\n"
+        "b = SyncBroker.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
+        " 'credential_id': 'demo-id', 'version': '3.1',"
+        " 'partner_tags': {'www.amazon.com': 'demo-20'}}]})\n"
+        f"{body}"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.fixture(name="sync_broker")
 def _sync_broker() -> Any:
     with SyncBroker.from_dict(_document()) as broker:
@@ -116,22 +138,7 @@ class TestSyncBroker:
 
     def test_never_closed_broker_closes_quietly_at_exit(self, tmp_path: Path) -> None:
         """A script that never closes its SyncBroker exits without pending-task warnings."""
-        script = (
-            "from broker import SyncBroker\n"
-            "b = SyncBroker.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
-            " 'credential_id': 'demo-id', 'version': '3.1',"
-            " 'partner_tags': {'www.amazon.com': 'demo-20'}}]})\n"
-            "print(b.get_item('B000000001').status.value)\n"
-        )
-        done = subprocess.run(
-            [sys.executable, "-X", "dev", "-c", script],
-            cwd=tmp_path,
-            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
+        done = _script(tmp_path, "print(b.get_item('B000000001').status.value)\n")
         assert done.stdout.strip() == "ok"
         assert "destroyed but it is pending" not in done.stderr
         assert "Unclosed" not in done.stderr
@@ -139,30 +146,20 @@ class TestSyncBroker:
     def test_after_the_exit_close_calls_say_closed(self, tmp_path: Path) -> None:
         """Closed at exit, the broker answers a later call (an atexit handler) with
         BrokerClosedError, and a stream left suspended ends without noise."""
-        script = (
-            "import atexit\n"
-            "from broker import BrokerClosedError, SyncBroker\n"
-            "def late():\n"
-            "    try:\n"
-            "        b.get_item('B000000001')\n"
-            "    except BrokerClosedError:\n"
-            "        print('closed')\n"
-            "atexit.register(late)\n"
-            "b = SyncBroker.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
-            " 'credential_id': 'demo-id', 'version': '3.1',"
-            " 'partner_tags': {'www.amazon.com': 'demo-20'}}]})\n"
-            "s = b.stream(['B000000001', 'B000000002'])\n"
-            "print(next(s).status.value)\n"
+        done = _script(
+            tmp_path,
+            "s = b.stream(['B000000001', 'B000000002'])\nprint(next(s).status.value)\n",
+            before=(
+                "import atexit\n"
+                "from broker import BrokerClosedError\n"
+                "def late():\n"
+                "    try:\n"
+                "        b.get_item('B000000001')\n"
+                "    except BrokerClosedError:\n"
+                "        print('closed')\n"
+                "atexit.register(late)\n"
+            ),
         )
-        done = subprocess.run(
-            [sys.executable, "-X", "dev", "-c", script],
-            cwd=tmp_path,
-            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["ok", "closed"]
         assert "Exception ignored" not in done.stderr
         assert "never awaited" not in done.stderr
