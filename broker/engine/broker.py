@@ -601,9 +601,10 @@ class Broker:
                 raise
             receiver.end(None)
 
-        if halted():
+        # Stopped before it began: nothing is read from the input at all.
+        producer = None if halted() else loop.create_task(produce())
+        if producer is None:
             receiver.end(None)
-        producer = loop.create_task(produce())
         stopper: asyncio.Task[object] | None = None
         if stop is not None:
 
@@ -612,7 +613,8 @@ class Broker:
                     return  # the stream ended first
                 # The producer is cancelled before its next admission (or before it starts:
                 # hence end() here too); shedding leaves only the lookups already sent.
-                producer.cancel()
+                if producer is not None:
+                    producer.cancel()
                 receiver.end(None)
                 receiver.shed()
 
@@ -630,9 +632,10 @@ class Broker:
         finally:
             if stopper is not None:
                 stopper.cancel()
-            producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await producer
+            if producer is not None:
+                producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await producer
             receiver.leave()
 
     def _flush(self) -> None:
