@@ -10,7 +10,10 @@ back to the head of the queue, so the retry never waits behind new work.
 
 A lookup always knows the batch it waits in, so a lookup every caller gave up on leaves
 its batch at once, and an emptied batch leaves the batcher or the queue: abandoned work
-holds no memory and is never sent (N11). A batch's attempt state
+holds no memory and is never sent (N11). A caller winding down (``stream(stop=)``) waits for
+a lookup only while its request is on the wire: the lookup lists it in ``leaving``, and the
+work queue lets it go there if the batch comes back (a 429, a retry) instead of sending it
+again. A batch's attempt state
 (:class:`~broker.engine.attempt.Attempts`) travels with it and only the executor edits it.
 """
 
