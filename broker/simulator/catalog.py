@@ -161,24 +161,31 @@ def search_asins(
         return 0, []
     rng = _rng(settings.seed, "search", marketplace, query)
     total = rng.randrange(count * 3, 1000)
+
+    def result(index: int) -> CatalogEntry:
+        """The search's ``index``-th candidate (in relevance order) as the catalogue has it."""
+        asin = _derived_asin(settings.seed, "search", marketplace, query, str(index))
+        return lookup(settings, marketplace, asin)
+
     if min_price is None and max_price is None and sort_by not in PRICE_ORDERS:
         asins: list[str] = []
         index = (page - 1) * count
         while len(asins) < count and index < total:
-            candidate = _derived_asin(settings.seed, "search", marketplace, query, str(index))
+            entry = result(index)
             index += 1
-            if lookup(settings, marketplace, candidate).status == "ok":
-                asins.append(candidate)
+            if entry.status == "ok":
+                asins.append(entry.asin)
         return total, asins
     # A filter or a price order needs every result's price: all of them are looked up.
     market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
     unit = 10**market.currency.decimals
     priced: list[tuple[int, str]] = []
     for index in range(total):
-        candidate = _derived_asin(settings.seed, "search", marketplace, query, str(index))
-        item = lookup(settings, marketplace, candidate).item
+        entry = result(index)
+        item = entry.item
         if item is None:
             continue
+        candidate = entry.asin
         price = round(item.listing.amount * unit)
         if (min_price is None or price >= min_price) and (max_price is None or price <= max_price):
             priced.append((price, candidate))
