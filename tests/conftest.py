@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 import structlog
@@ -21,12 +21,12 @@ from broker.config import BrokerConfig, parse_config
 from broker.engine.transport import AiohttpTransport
 from broker.simulator.accounts import Account
 from broker.simulator.server import SimulatorServer
+from broker.simulator.settings import SimulatorSettings
 from broker.testing import FakeClock, settle
 
 if TYPE_CHECKING:
     from broker.api.base import HttpRequest, RawResponse
     from broker.clock import Clock
-    from broker.simulator.settings import SimulatorSettings
 
 #: Secrets of the simulator's demo accounts, as the environment would hold them.
 ENV: Mapping[str, str] = {
@@ -188,8 +188,31 @@ async def drive(
     await task
 
 
+class QuotaRig(NamedTuple):
+    """A fake clock, a simulator on it, a counting transport, and a broker using both."""
+
+    clock: FakeClock
+    sim: SimulatorServer
+    transport: CountingTransport
+    config: BrokerConfig
+    broker: Broker
+
+
 class Harness:
     """Starts simulators and brokers inside one exit stack (closed in reverse order)."""
+
+    async def quota_rig(self, *, tps: float, server_tpd: int, key_tpd: int) -> QuotaRig:
+        """A FakeClock at 12:00 UTC; the simulator's demo account at ``tps`` and
+        ``server_tpd`` a day; a broker whose demo key has ``tps`` and ``key_tpd``."""
+        clock = FakeClock()
+        settings = SimulatorSettings(
+            accounts=(account("demo", "demo-id", "demo-secret", tps=tps, tpd=server_tpd),)
+        )
+        sim = await self.simulator(settings, clock=clock)
+        transport = await self.transport()
+        config = make_config(sim.url, keys=[key_doc(tps=tps, tpd=key_tpd)])
+        broker = await self.broker(config, clock=clock, transport=transport)
+        return QuotaRig(clock, sim, transport, config, broker)
 
     def __init__(self, stack: contextlib.AsyncExitStack) -> None:
         self._stack = stack

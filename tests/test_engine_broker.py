@@ -386,14 +386,9 @@ class TestThrottling:
 
     async def test_exhausted_tpd_waits_for_reset(self, harness: Harness) -> None:
         """With the day's quota spent the key waits for midnight UTC instead of failing."""
-        clock = FakeClock()  # 12:00 UTC
-        settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=3),)
-        )
-        sim = await harness.simulator(settings, clock=clock)
-        transport = await harness.transport()
-        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=3)])
-        broker = await harness.broker(config, clock=clock, transport=transport)
+        clock, sim, transport, _, broker = await harness.quota_rig(
+            tps=5.0, server_tpd=3, key_tpd=3
+        )  # 12:00 UTC
         start = clock.utcnow()
         task = asyncio.get_running_loop().create_task(broker.get_items(asins(30)))
         await drive(clock, task, transport)

@@ -317,6 +317,15 @@ class TestParkedKeys:
             assert grown < 500_000
 
 
+async def _stop_at_first(broker: Broker, count: int, stop: asyncio.Event) -> list[str]:
+    """Stream ``count`` ASINs, setting ``stop`` at the first result; the ASINs yielded."""
+    got = []
+    async for result in broker.stream([f"B{i:09d}" for i in range(count)], stop=stop):
+        got.append(result.asin)
+        stop.set()
+    return got
+
+
 class TestStreamStop:
     """stream(stop=...): wind down without sending more, keeping the answers already paid for."""
 
@@ -334,15 +343,7 @@ class TestStreamStop:
         config = _paapi(keys=[paapi_key_doc(tps=1.0, max_in_flight=1)])
         stop = asyncio.Event()
         async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
-
-            async def consume() -> list[str]:
-                got = []
-                async for result in broker.stream([f"B{i:09d}" for i in range(100)], stop=stop):
-                    got.append(result.asin)
-                    stop.set()
-                return got
-
-            task = asyncio.get_running_loop().create_task(consume())
+            task = asyncio.get_running_loop().create_task(_stop_at_first(broker, 100, stop))
             await clock.run_until(task)
             got = task.result()
             await clock.advance(30.0)
@@ -369,15 +370,7 @@ class TestStreamStop:
         config = _paapi(keys=[paapi_key_doc(tps=100.0, max_in_flight=2)])
         stop = asyncio.Event()
         async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
-
-            async def consume() -> list[str]:
-                got = []
-                async for result in broker.stream([f"B{i:09d}" for i in range(30)], stop=stop):
-                    got.append(result.asin)
-                    stop.set()
-                return got
-
-            task = asyncio.get_running_loop().create_task(consume())
+            task = asyncio.get_running_loop().create_task(_stop_at_first(broker, 30, stop))
             await clock.run_until(task, limit=60.0)
             await clock.advance(60.0)
             metrics = broker.metrics()

@@ -306,19 +306,6 @@ class TestB1ThrottleBursts:
 # -- B2 -----------------------------------------------------------------------------------------
 
 
-async def _tpd3(harness: Harness) -> tuple[FakeClock, Any, Any, Any, Any]:
-    """A fake clock at 12:00 UTC, a simulator and a broker whose key may send 3 a day."""
-    clock = FakeClock()
-    settings = SimulatorSettings(
-        accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=3),)
-    )
-    sim = await harness.simulator(settings, clock=clock)
-    transport = await harness.transport()
-    config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=3)])
-    broker = await harness.broker(config, clock=clock, transport=transport)
-    return clock, sim, transport, config, broker
-
-
 class TestB2QuotaExhausted:
     """B2: a spent day shows "waiting for quota" (progress, /readyz) and resumes after it."""
 
@@ -327,7 +314,9 @@ class TestB2QuotaExhausted:
     ) -> None:
         """The rows answered before a quota wait reach the ledger and the output during the
         wait (within a second), so a kill -9 then loses no answer already paid for."""
-        clock, sim, transport, config, broker = await _tpd3(harness)
+        clock, sim, transport, config, broker = await harness.quota_rig(
+            tps=5.0, server_tpd=3, key_tpd=3
+        )
         job, out = _job(tmp_path, 50), tmp_path / "out.jsonl"
         task = asyncio.get_running_loop().create_task(
             run_job(config, _options(job, out), broker=broker)
@@ -346,7 +335,9 @@ class TestB2QuotaExhausted:
 
     async def test_daily_budget_waits_for_the_reset(self, harness: Harness, tmp_path: Path) -> None:
         """broker run with TPD 3: rows pending, readyz 503 until midnight UTC, then all done."""
-        clock, sim, transport, config, broker = await _tpd3(harness)  # 12:00 UTC
+        clock, sim, transport, config, broker = await harness.quota_rig(
+            tps=5.0, server_tpd=3, key_tpd=3
+        )
         job, out = _job(tmp_path, 50), tmp_path / "out.jsonl"
         options = _options(job, out, progress="auto", progress_every_s=0.02)
         with capture_logs() as logs:
@@ -381,14 +372,9 @@ class TestB2QuotaExhausted:
 
     async def test_server_quota_spent_parks_and_resumes(self, harness: Harness) -> None:
         """Sustained 429s (server TPD 10, ours 1000): parked, probed rarely, resumes next day."""
-        clock = FakeClock()
-        settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=10.0, tpd=10),)
+        clock, sim, transport, _, broker = await harness.quota_rig(
+            tps=10.0, server_tpd=10, key_tpd=1000
         )
-        sim = await harness.simulator(settings, clock=clock)
-        transport = await harness.transport()
-        config = make_config(sim.url, keys=[key_doc(tps=10.0, tpd=1000)])
-        broker = await harness.broker(config, clock=clock, transport=transport)
         start = clock.utcnow()
         with _Sampler(broker, clock, every_s=60.0) as sampler:
             task = asyncio.get_running_loop().create_task(broker.get_items(asins(150)))
