@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import embedded_toml
@@ -54,6 +55,23 @@ def _job(tmp_path: Path, n: int = 5, name: str = "job.txt") -> Path:
 
 def _jsonl(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _run_and_lookup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The row ``broker run`` writes for a one-line job ``text``, and ``lookup --json``'s."""
+    config = _config(tmp_path)
+    job = tmp_path / "one.txt"
+    job.write_text(f"{text}\n")
+    out = tmp_path / "one.jsonl"
+    assert cli.main(["run", str(job), "--config", str(config), "--out", str(out)]) == 0
+    [run_row] = _jsonl(out.read_text())
+    capsys.readouterr()
+    argv = ["lookup", text, "--config", str(config), "--json", "--no-cache"]
+    assert cli.main(argv) == 0
+    [lookup_row] = _jsonl(capsys.readouterr().out)
+    return run_row, lookup_row
 
 
 class TestVersionAndInit:
@@ -355,16 +373,7 @@ class TestLookup:
 
     def test_rows_match_run_rows(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """lookup --json prints the row ``run`` writes for the same ASIN (bar fetch times)."""
-        config = _config(tmp_path)
-        job = tmp_path / "one.txt"
-        job.write_text("B0C1234567\n")
-        out = tmp_path / "one.jsonl"
-        assert cli.main(["run", str(job), "--config", str(config), "--out", str(out)]) == 0
-        [run_row] = _jsonl(out.read_text())
-        capsys.readouterr()
-        argv = ["lookup", "B0C1234567", "--config", str(config), "--json", "--no-cache"]
-        assert cli.main(argv) == 0
-        [lookup_row] = _jsonl(capsys.readouterr().out)
+        run_row, lookup_row = _run_and_lookup(tmp_path, capsys, "B0C1234567")
         for row in (run_row, lookup_row):
             row.pop("fetched_at")
         assert lookup_row == run_row
@@ -373,16 +382,7 @@ class TestLookup:
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """An id that is not an ASIN: lookup prints run's row (asin null, input the text)."""
-        config = _config(tmp_path)
-        job = tmp_path / "bad.txt"
-        job.write_text("not-an-asin\n")
-        out = tmp_path / "bad.jsonl"
-        assert cli.main(["run", str(job), "--config", str(config), "--out", str(out)]) == 0
-        [run_row] = _jsonl(out.read_text())
-        capsys.readouterr()
-        argv = ["lookup", "not-an-asin", "--config", str(config), "--json", "--no-cache"]
-        assert cli.main(argv) == 0
-        [lookup_row] = _jsonl(capsys.readouterr().out)
+        run_row, lookup_row = _run_and_lookup(tmp_path, capsys, "not-an-asin")
         assert (lookup_row["asin"], lookup_row["input"]) == (None, "not-an-asin")
         assert lookup_row["error"]["code"] == run_row["error"]["code"] == "InvalidAsin"
         assert {k: v for k, v in lookup_row.items() if k != "error"} == {
