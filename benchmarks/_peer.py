@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from _harness import start_clock
 from amazon_creatorsapi.aio import AsyncAmazonCreatorsApi
 from amazon_creatorsapi.errors import AmazonCreatorsApiError
 from creatorsapi_python_sdk.models.get_items_resource import GetItemsResource
@@ -190,7 +191,7 @@ async def _child(spec: Mapping[str, Any]) -> PeerRun:
     # The parent closes our stdin to stop us; a thread waits for that EOF.
     eof = loop.run_in_executor(None, sys.stdin.buffer.read)
     eof.add_done_callback(lambda _: stop.set())
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    cpu0, wall0 = start_clock()
     calls = await _drive(spec, stop)
     return PeerRun(tuple(calls), time.process_time() - cpu0, time.perf_counter() - wall0)
 

@@ -70,6 +70,7 @@ from _harness import (
     results_name,
     rotated,
     run_sample,
+    start_clock,
     warn_if_busy,
 )
 from _peer import PEER, peer_client, peer_resources
@@ -256,7 +257,7 @@ async def _bare(
             await asyncio.gather(*(worker(shared) for _ in range(concurrency)))
 
         await run(warm, warm_ids)
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        cpu0, wall0 = start_clock()
         await run(timed, timed_ids)
         cpu1, wall1 = time.process_time(), time.perf_counter()
     return Sample(len(timed), len(timed) * ITEMS_PER_REQUEST, cpu1 - cpu0, wall1 - wall0, failed)
@@ -295,7 +296,7 @@ async def _peer(url: str, *, requests: int, warmup: int, concurrency: int, prefi
         # The token, the connections and first-call paths (pydantic's model builds).
         await run(warm)
         items = failed = 0
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        cpu0, wall0 = start_clock()
         await run(timed)
         cpu1, wall1 = time.process_time(), time.perf_counter()
     return Sample(len(timed), items, cpu1 - cpu0, wall1 - wall0, failed)
