@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,10 +22,17 @@ import pytest
 import structlog
 
 from broker import cli
+from broker.cache import CacheStats
 from broker.config import BrokerConfig, parse_config
 from broker.engine.metrics import KeySnapshot, MetricsSnapshot
 from broker.errors import ConfigError
-from broker.jobs.metrics_http import JobRows, SpoolSnapshot, readiness, render_metrics
+from broker.jobs.metrics_http import (
+    JobRows,
+    MetricsServer,
+    SpoolSnapshot,
+    readiness,
+    render_metrics,
+)
 from broker.jobs.runner import ExitCode
 from broker.jobs.serve import Daemon, ServeOptions, spool_name
 from broker.testing import FakeClock
@@ -339,7 +347,40 @@ class TestItemCache:
         assert values["asinb_cache_hits_total"] == len(ok)
 
 
+class _FlakyCacheSource:
+    """A StatusSource whose item cache store fails until ``healed``."""
+
+    def __init__(self) -> None:
+        self.healed = False
+
+    def engine_metrics(self) -> None:
+        return None
+
+    def spool_snapshot(self) -> SpoolSnapshot:
+        return SpoolSnapshot(state="running", jobs_done=2)
+
+    async def cache_stats(self) -> CacheStats:
+        if not self.healed:
+            raise sqlite3.DatabaseError("file is not a database")
+        return CacheStats(hits=3, misses=1, requests_saved=0, entries=3, bytes=900, evictions=0)
+
+
 class TestHttp:
+    async def test_metrics_survive_an_unreadable_cache_store(self) -> None:
+        """A cache store that fails gives asinb_cache_up 0 and the other metrics, not a 500."""
+        source = _FlakyCacheSource()
+        async with MetricsServer(source, host="127.0.0.1", port=0) as server:
+            status, _, text = await _get(f"{server.url}/metrics")
+            assert status == 200
+            values = _samples(text)
+            assert values["asinb_cache_up"] == 0
+            assert values['asinb_jobs_total{outcome="done"}'] == 2
+            assert "asinb_cache_entries" not in values
+            source.healed = True
+            values = _samples((await _get(f"{server.url}/metrics"))[2])
+            assert values["asinb_cache_up"] == 1
+            assert values["asinb_cache_entries"] == 3
+
     async def test_healthz_readyz_and_metrics_answer(self, start: Start, spool: Path) -> None:
         """/healthz and /readyz say 200; /metrics is Prometheus text with the documented names."""
         running = await start()

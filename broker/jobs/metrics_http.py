@@ -26,6 +26,7 @@ from broker.config import is_loopback_host
 from broker.engine.metrics import LATENCY_BUCKETS_S
 from broker.errors import ConfigError
 from broker.jobs.process_stats import ProcessStats, read_process_stats
+from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheStats
@@ -51,6 +52,8 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # key paused for any other reason (the token endpoint failing) is not ready (reliability B13).
 _TRANSIENT_PAUSE: Final = "Retry-After"
 _SHUTDOWN_TIMEOUT_S: Final = 2.0
+
+logger = get_logger("broker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +163,18 @@ def _can_send(key: KeySnapshot) -> bool:
 
 
 def render_metrics(
-    metrics: MetricsSnapshot | None, spool: SpoolSnapshot, cache: CacheStats | None = None
+    metrics: MetricsSnapshot | None,
+    spool: SpoolSnapshot,
+    cache: CacheStats | None = None,
+    *,
+    cache_unreadable: bool = False,
 ) -> str:
-    """Return the Prometheus text exposition of the engine, spool and item-cache counters."""
+    """Return the Prometheus text exposition of the engine, spool and item-cache counters.
+
+    ``cache_unreadable``: the cache is on but its store failed to answer (a damaged file,
+    Redis down): ``asinb_cache_up`` says 0 and the cache's own families are left out,
+    while everything else is served as usual.
+    """
     out = _Exposition()
     out.family("asinb_jobs_total", "counter", "Jobs filed since the daemon started, by outcome.")
     out.sample("asinb_jobs_total", spool.jobs_done, outcome="done")
@@ -184,6 +196,9 @@ def render_metrics(
             out.sample("asinb_job_rows", count, job=job.job, status=status)
     if metrics is not None:
         _render_engine(out, metrics)
+    if cache is not None or cache_unreadable:
+        out.family("asinb_cache_up", "gauge", "1 if the item cache's store answered, else 0.")
+        out.sample("asinb_cache_up", int(cache is not None))
     if cache is not None:
         for name, kind, help_text, value in cache.families():
             out.family(name, kind, help_text)
@@ -341,9 +356,28 @@ def create_app(source: StatusSource) -> web.Application:
         verdict = readiness(source.engine_metrics(), state=source.spool_snapshot().state)
         return web.json_response(verdict.to_json(), status=200 if verdict.ready else 503)
 
+    cache_failing = False
+
     async def metrics(_request: web.Request) -> web.Response:
+        nonlocal cache_failing
+        # A store that cannot answer must not take the other metrics down with it: a failed
+        # scrape marks the whole replica down.
+        try:
+            cache = await source.cache_stats()
+        except Exception as exc:
+            cache = None
+            if not cache_failing:
+                logger.warning("metrics.cache_unreadable", error=type(exc).__name__)
+            cache_failing = True
+        else:
+            if cache_failing:
+                logger.info("metrics.cache_readable")
+            cache_failing = False
         body = render_metrics(
-            source.engine_metrics(), source.spool_snapshot(), await source.cache_stats()
+            source.engine_metrics(),
+            source.spool_snapshot(),
+            cache,
+            cache_unreadable=cache_failing,
         )
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
 
