@@ -29,9 +29,17 @@ from broker.cache import (
 )
 from broker.cache.front import CacheFront
 from broker.cache.redis_store import RedisCache
-from broker.config import ApiConfig, CacheConfig, parse_config
+from broker.config import (
+    ApiConfig,
+    BrokerConfig,
+    CacheConfig,
+    KeyConfig,
+    SimulatorTable,
+    load_config,
+    parse_config,
+)
 from broker.errors import ConfigError
-from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Status
+from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Secret, Status
 from broker.testing import FakeClock
 
 US = "www.amazon.com"
@@ -427,9 +435,16 @@ class TestCommandLine:
         )
         return config
 
+    @staticmethod
+    def _namespace(config: Path) -> str:
+        """The config's namespace: PA-API through the embedded simulator, with its tag."""
+        from broker.cache import cache_namespace
+
+        return cache_namespace(load_config(config, environ={}))
+
     async def _fill(self, path: Path) -> None:
         clock = FakeClock()
-        namespace = "paapi5.simulator"  # the config's: PA-API through the embedded simulator
+        namespace = self._namespace(path.parent / "config.toml")
         async with SqliteCache(path, CachePolicy(60), namespace=namespace, clock=clock) as cache:
             await cache.put_many([ok(f"B00000000{i}", clock) for i in range(4)])
 
@@ -445,7 +460,7 @@ class TestCommandLine:
             report["entries"],
             report["namespace"],
             report["max_age_s"],
-        ) == (4, "paapi5.simulator", 86_400)
+        ) == (4, self._namespace(config), 86_400)
         assert main(["cache", "purge", "--config", str(config), "--asin", "b000000001"]) == 0
         assert "purged 1 " in capsys.readouterr().out
         assert main(["cache", "purge", "--config", str(config), "--older-than", "1e9"]) == 0
@@ -574,10 +589,10 @@ async def test_prefetched_answer_is_checked_again(clock: FakeClock) -> None:
 @pytest.mark.parametrize(
     ("protocol", "endpoint", "expected"),
     [
-        (Protocol.CREATORS, "simulator", "creators.simulator"),
-        (Protocol.PAAPI5, "simulator", "paapi5.simulator"),
-        (Protocol.CREATORS, "amazon", "creators.amazon"),
-        (Protocol.PAAPI5, "amazon", "paapi5.amazon"),
+        (Protocol.CREATORS, "simulator", "creators.simulator."),
+        (Protocol.PAAPI5, "simulator", "paapi5.simulator."),
+        (Protocol.CREATORS, "amazon", "creators.amazon."),
+        (Protocol.PAAPI5, "amazon", "paapi5.amazon."),
     ],
 )
 def test_namespace_names_protocol_and_endpoint(
@@ -586,7 +601,37 @@ def test_namespace_names_protocol_and_endpoint(
     """The simulator and Amazon are one source each, whatever port or host serves them."""
     from broker.cache import cache_namespace
 
-    assert cache_namespace(ApiConfig(protocol, endpoint)) == expected
+    assert cache_namespace(BrokerConfig(api=ApiConfig(protocol, endpoint))).startswith(expected)
+
+
+def _tagged(*tags: dict[str, str], simulator: dict[str, object] | None = None) -> BrokerConfig:
+    keys = tuple(
+        KeyConfig(f"k{n}", "id", Secret("secret"), partner_tags=t) for n, t in enumerate(tags)
+    )
+    return BrokerConfig(keys=keys, simulator=SimulatorTable(simulator))
+
+
+def test_namespace_follows_the_partner_tags() -> None:
+    """Answers asked with another partner tag (its links carry it) are another namespace."""
+    from broker.cache import cache_namespace
+
+    us, uk = "www.amazon.com", "www.amazon.co.uk"
+    first = cache_namespace(_tagged({us: "teama-20"}))
+    assert cache_namespace(_tagged({us: "teamb-20"})) != first
+    assert cache_namespace(_tagged({us: "teama-20"})) == first
+    both = cache_namespace(_tagged({us: "teama-20"}, {uk: "teama-21"}))
+    assert cache_namespace(_tagged({uk: "teama-21"}, {us: "teama-20"})) == both != first
+
+
+def test_namespace_of_the_embedded_simulator_follows_its_seed() -> None:
+    """Another simulator seed is another catalogue; the simulator's accounts are left out."""
+    from broker.cache import cache_namespace
+
+    us = {"www.amazon.com": "demo-20"}
+    seed7 = cache_namespace(_tagged(us, simulator={"seed": 7}))
+    assert cache_namespace(_tagged(us, simulator={"seed": 42})) != seed7
+    accounts = {"seed": 7, "accounts": [{"name": "x", "secret": "s"}]}
+    assert cache_namespace(_tagged(us, simulator=accounts)) == seed7
 
 
 def test_namespace_of_a_url_endpoint_is_its_own() -> None:
@@ -594,6 +639,6 @@ def test_namespace_of_a_url_endpoint_is_its_own() -> None:
     from broker.cache import cache_namespace
 
     urls = ("http://127.0.0.1:8787", "http://127.0.0.1:8788")
-    names = {cache_namespace(ApiConfig(endpoint=url)) for url in urls}
+    names = {cache_namespace(BrokerConfig(api=ApiConfig(endpoint=url))) for url in urls}
     assert len(names) == 2
     assert all(n.startswith("creators.url-") and ":" not in n and "/" not in n for n in names)

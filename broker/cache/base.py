@@ -79,7 +79,8 @@ class StoreCache(abc.ABC):
     Args:
         policy: max ages and size bound.
         namespace: whose answers these are, kept apart from every other source's: the
-            broker passes :func:`broker.cache.open.cache_namespace` (protocol and endpoint).
+            broker passes :func:`broker.cache.open.cache_namespace` (protocol, endpoint and
+            the keys' partner tags).
         clock: wall time for ages (``utcnow``); entries are shared across processes, so
             only wall time makes sense.
         batch_size: ASINs per GetItems request, to count requests saved.

@@ -72,9 +72,7 @@ async def cache_command(
     cache_config = config.cache
     try:
         policy = cache_config.policy(RUN_MAX_AGE_S)
-        store = open_store(
-            cache_config, policy, namespace=cache_namespace(config.api), environ=environ
-        )
+        store = open_store(cache_config, policy, namespace=cache_namespace(config), environ=environ)
     except ConfigError as exc:
         print(f"broker: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -17,7 +18,7 @@ from broker.errors import ConfigError
 if TYPE_CHECKING:
     from broker.cache.base import StoreCache
     from broker.clock import Clock
-    from broker.config import ApiConfig, CacheConfig
+    from broker.config import BrokerConfig, CacheConfig
 
 __all__ = ["LIBRARY_MAX_AGE_S", "RUN_MAX_AGE_S", "cache_namespace", "open_cache", "open_store"]
 
@@ -27,21 +28,37 @@ LIBRARY_MAX_AGE_S: Final = 0.0
 RUN_MAX_AGE_S: Final = CEILING_S
 
 
-def cache_namespace(api: ApiConfig) -> str:
-    """Whose answers a cache holds: the protocol and the endpoint that gave them.
+def cache_namespace(config: BrokerConfig) -> str:
+    """Whose answers a cache holds: the protocol, the endpoint and the keys' partner tags.
 
     The two protocols' item JSON differs in shape, and an answer from the simulator must
     never be served to a run against Amazon (nor one from Amazon to a test run). The
     embedded simulator is one source whatever port it listens on (every run starts its
     own), as is Amazon; any other endpoint URL is its own source, named by a short digest
-    so Redis keys and SQLite rows stay short: ``creators.simulator``, ``paapi5.amazon``,
-    ``creators.url-3f9a0c1b2d4e``.
+    so Redis keys and SQLite rows stay short. Amazon writes the request's partner tag into
+    an item's links (``detailPageURL``), so answers asked with other tags are not this
+    config's to serve: the tags of every key (and, for the embedded simulator, its
+    ``[simulator]`` table but the accounts, as the seed makes its catalogue) end the name
+    as a digest: ``creators.simulator.1c9e4f0a``, ``paapi5.amazon.77d0b2e1``,
+    ``creators.url-3f9a0c1b2d4e.9b04c1d2``.
     """
+    api = config.api
     if api.endpoint in (SIMULATOR, AMAZON):
         source = api.endpoint
     else:
-        source = "url-" + hashlib.blake2b(api.endpoint.encode(), digest_size=6).hexdigest()
-    return f"{api.protocol.value}.{source}"
+        source = "url-" + _digest(api.endpoint, 6)
+    tags = sorted(
+        {f"{market}={tag}" for key in config.keys for market, tag in key.partner_tags.items()}
+    )
+    shaped: dict[str, object] = {"tags": tags}
+    if api.endpoint == SIMULATOR:
+        shaped["simulator"] = {k: v for k, v in config.simulator.data.items() if k != "accounts"}
+    answers = _digest(json.dumps(shaped, sort_keys=True, default=str), 4)
+    return f"{api.protocol.value}.{source}.{answers}"
+
+
+def _digest(text: str, size: int) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
 
 
 def open_cache(

@@ -293,7 +293,7 @@ class Broker:
         )
         cache = open_cache(
             config.cache,
-            namespace=cache_namespace(config.api),
+            namespace=cache_namespace(config),
             default_max_age_s=self._cache_default_max_age_s,
             max_age_s=self._cache_max_age_s,
             clock=self._clock,
