@@ -9,6 +9,7 @@ Environment access goes through an injectable ``environ`` mapping, so tests pass
 from __future__ import annotations
 
 import copy
+import importlib.util
 import ipaddress
 import os
 import re
@@ -289,6 +290,20 @@ class StateConfig:
     key_prefix: str = "asin-broker:"
 
 
+def _redis_installed() -> bool:
+    return importlib.util.find_spec("redis") is not None
+
+
+def _require_redis(path: str) -> None:
+    """A Redis backend needs redis-py, an optional dependency: say so when the file loads,
+    so ``check-config`` catches it instead of the first lookup failing with a traceback."""
+    if not _redis_installed():
+        raise ConfigError(
+            path,
+            "\"redis\" needs redis-py, which is not installed: pip install 'asin-broker[redis]'",
+        )
+
+
 def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -> StateConfig:
     backend = table.text("backend", "local")
     if backend not in ("local", "redis", "memory"):
@@ -301,6 +316,7 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
     table.finish()
     password: Secret | None = None
     if backend == "redis":
+        _require_redis("state.backend")
         if redis_url is None:
             raise ConfigError("state.redis_url", 'is required with backend = "redis"')
         if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -833,8 +849,10 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
             raise ConfigError(
                 "cache.redis_url_env", f"environment variable {redis_url_env} is not set"
             )
-    if backend == "redis" and redis_url is None:
-        raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
+    if backend == "redis":
+        _require_redis("cache.backend")
+        if redis_url is None:
+            raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
     config = CacheConfig(
         max_age_s=max_age,
         offers_max_age_s=offers,

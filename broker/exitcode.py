@@ -29,7 +29,7 @@ class ExitCode(enum.IntEnum):
     NO_INPUT = 66
     #: the API endpoint stayed unreachable past the outage budget
     UNAVAILABLE = 69
-    #: cannot write the output, the ledger or the spool
+    #: cannot write the output, the ledger or the spool; ``broker cache`` cannot use the cache
     IO_ERROR = 74
     #: stopped before the end (signal or ``--no-wait``): run the same command again to resume
     RESUMABLE = 75

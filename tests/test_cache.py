@@ -468,6 +468,22 @@ class TestCommandLine:
         assert main(["cache", "purge", "--config", str(config)]) == 0
         assert "purged 3 " in capsys.readouterr().out
 
+    @pytest.mark.parametrize("action", ["stats", "purge"])
+    def test_damaged_cache_file_is_one_line_and_exit_74(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+    ) -> None:
+        """A cache file that is not a database: a message naming it and its remedy, exit 74."""
+        from broker.cli import main
+
+        config = self._config(tmp_path)
+        (tmp_path / "cache.sqlite3").write_bytes(os.urandom(20_000))
+        assert main(["cache", action, "--config", str(config)]) == 74
+        err = capsys.readouterr().err
+        assert str(tmp_path / "cache.sqlite3") in err
+        assert "DatabaseError" in err
+        assert "delete" in err
+        assert "Traceback" not in err
+
     @pytest.mark.parametrize("age", ["-5", "nan", "inf"])
     def test_bad_older_than_is_a_usage_error(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], age: str

@@ -340,3 +340,17 @@ class TestDefaults:
         secret = load_config(file).keys[0].secret
         assert secret is not None
         assert secret.reveal() == os.environ["ASINB_DEMO_SECRET"]
+
+
+@pytest.mark.parametrize("table", ["cache", "state"])
+def test_redis_backend_without_redis_py_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, table: str
+) -> None:
+    """backend = "redis" without redis-py installed fails at load, naming the extra to install."""
+    import broker.config
+
+    monkeypatch.setattr(broker.config, "_redis_installed", lambda: False)
+    redis = {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0"}
+    error = _error(_doc(**{table: redis}))
+    assert error.path == f"{table}.backend"
+    assert "asin-broker[redis]" in str(error)

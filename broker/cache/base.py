@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import ClassVar, Protocol, Self
 
 from broker.cache.entry import CorruptEntry, Entry, decode, encode
 from broker.cache.policy import CEILING_S, CacheKey, CachePolicy, CacheStats, check_max_age
@@ -85,6 +85,10 @@ class StoreCache(abc.ABC):
             only wall time makes sense.
         batch_size: ASINs per GetItems request, to count requests saved.
     """
+
+    #: What a failing home raises (damaged, unwritable, out of reach): the command line
+    #: reports these as one line instead of a traceback.
+    failures: ClassVar[tuple[type[Exception], ...]] = (OSError,)
 
     def __init__(
         self,

@@ -76,13 +76,28 @@ async def cache_command(
     except ConfigError as exc:
         print(f"broker: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    async with store:
-        if args.cache_command == "purge":
-            removed = await store.purge(older_than_s=args.older_than, asins=args.asin)
-            print(f"purged {removed} cached answers")
-            return ExitCode.OK
-        stats = await store.stats()
     where = str(store.path) if isinstance(store, SqliteCache) else cache_config.backend
+    try:
+        async with store:
+            if args.cache_command == "purge":
+                removed = await store.purge(older_than_s=args.older_than, asins=args.asin)
+                print(f"purged {removed} cached answers")
+                return ExitCode.OK
+            stats = await store.stats()
+    except store.failures as exc:
+        # The store itself is broken or out of reach: say which and what to do, not a
+        # traceback. Everything in it is a copy of Amazon's answers, so deleting is safe.
+        remedy = (
+            f"it holds only copies of Amazon's answers: delete {where} to start afresh"
+            if isinstance(store, SqliteCache)
+            else "check that Redis is up and [cache] redis_url is right"
+        )
+        print(
+            f"broker: the item cache ({where}) cannot be used: "
+            f"{type(exc).__name__}: {exc}; {remedy}",
+            file=sys.stderr,
+        )
+        return ExitCode.IO_ERROR
     report: dict[str, object] = {
         "backend": cache_config.backend,
         "where": where,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
@@ -42,6 +43,8 @@ class RedisCache(StoreCache):
         key_prefix: prepended to every key, so several brokers can share one database.
         owns_client: close the client on :meth:`aclose` (what :meth:`from_url` sets).
     """
+
+    failures = (RedisError, OSError)
 
     def __init__(
         self,

@@ -97,6 +97,8 @@ class SqliteCache(StoreCache):
     The size bound counts every namespace in the file.
     """
 
+    failures = (sqlite3.Error, OSError)
+
     def __init__(
         self,
         path: str | os.PathLike[str],
