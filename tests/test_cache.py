@@ -313,6 +313,30 @@ class TestServe:
         assert stats.bytes > 12 * 100
         assert stats.oldest_age_s == pytest.approx(5)
 
+    @pytest.mark.parametrize("home", ["sqlite", "fakeredis"])
+    async def test_stats_count_only_their_namespace(
+        self, home: str, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """Two namespaces in one home: each one's stats count its own answers only."""
+        server = fakeredis.FakeServer()
+
+        def open_as(namespace: str) -> StoreCache:
+            policy = CachePolicy(max_age_s=3_600)
+            if home == "sqlite":
+                path = tmp_path / "cache.sqlite3"
+                return SqliteCache(path, policy, namespace=namespace, clock=clock)
+            client = fakeredis.FakeAsyncRedis(server=server)
+            return RedisCache(client, policy, namespace=namespace, clock=clock, owns_client=True)
+
+        async with open_as("creators.a") as first, open_as("creators.b") as second:
+            await first.put_many([ok(f"B0000000{i:02d}", clock) for i in range(3)])
+            await clock.advance(60)
+            await second.put_many([ok("B000000099", clock)])
+            mine, theirs = await first.stats(), await second.stats()
+        assert (mine.entries, theirs.entries) == (3, 1)
+        assert mine.bytes > 2 * theirs.bytes
+        assert (mine.oldest_age_s, theirs.oldest_age_s) == (pytest.approx(60), pytest.approx(0))
+
     async def test_off_serves_nothing(self, make: MakeCache, clock: FakeClock) -> None:
         """With max_age_s 0 nothing is served (unless a call passes its own max age)."""
         cache = make(CachePolicy(max_age_s=0))

@@ -171,8 +171,8 @@ class CacheStats:
         misses: lookups the cache could not answer (absent, too old, unreadable).
         requests_saved: GetItems requests the hits replaced, counted at full batches
             (hits // batch size): a lower bound of the quota saved.
-        entries: answers the store holds now (every process's).
-        bytes: payload bytes the store holds now.
+        entries: answers of this namespace the store holds now (every process's).
+        bytes: their payload bytes.
         evictions: entries dropped to keep the size bound (since this object was opened).
         oldest_age_s: age of the oldest stored answer, None when empty.
     """

@@ -241,10 +241,13 @@ class SqliteCache(StoreCache):
 
     async def _measure(self) -> tuple[int, int, float | None]:
         def measure(db: sqlite3.Connection) -> tuple[int, int, float | None]:
-            entries, size = db.execute(
-                "SELECT entries, bytes FROM item_cache_totals WHERE id = 1"
+            # This namespace's answers, as the other homes report them (the file-wide
+            # totals are for the size bound, which counts every namespace).
+            entries, size, oldest = db.execute(
+                "SELECT count(*), coalesce(sum(size), 0), min(fetched_at) FROM item_cache "
+                "WHERE ns = ?",
+                (self.namespace,),
             ).fetchone()
-            (oldest,) = db.execute("SELECT min(fetched_at) FROM item_cache").fetchone()
             return int(entries), int(size), None if oldest is None else float(oldest)
 
         return await self._run(measure)
