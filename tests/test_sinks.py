@@ -462,9 +462,11 @@ class TestSqliteSink:
         with sqlite3.connect(out) as conn:
             columns = [c[1] for c in conn.execute("PRAGMA table_info(results)")]
             price = conn.execute("SELECT price, title FROM results WHERE line = 1").fetchone()
+            cached = conn.execute("SELECT DISTINCT typeof(cached), cached FROM results").fetchall()
         conn.close()
         assert columns == ["seq", *CSV_COLUMNS, "row_json"]
         assert price == (4.5, "Thé, «vert»")
+        assert cached == [("integer", 0)]  # the INTEGER column holds 0/1, so WHERE cached works
 
     def test_upsert_is_idempotent(self, tmp_path: Path) -> None:
         """Writing the same rows again (a resume re-emitting) leaves one row per seq."""

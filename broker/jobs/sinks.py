@@ -172,7 +172,14 @@ def output_row(row: DoneRow) -> dict[str, object]:
 
 
 def _csv_values(row: DoneRow) -> list[object]:
-    """The row as CSV cells in :data:`CSV_COLUMNS` order (None as empty)."""
+    """The row as CSV cells in :data:`CSV_COLUMNS` order (None as empty, cached as text)."""
+    values = _column_values(row)
+    values[-1] = "true" if values[-1] else "false"
+    return values
+
+
+def _column_values(row: DoneRow) -> list[object]:
+    """The row's values in :data:`CSV_COLUMNS` order, typed (``cached`` a bool)."""
     out = output_row(row)
     summary = _mapping(out["summary"])
     error = _mapping(out["error"])
@@ -193,7 +200,7 @@ def _csv_values(row: DoneRow) -> list[object]:
         out["attempts"],
         out["key"],
         out["fetched_at"],
-        "true" if out["cached"] else "false",
+        bool(out["cached"]),
     ]
 
 
@@ -619,7 +626,8 @@ class SqliteSink:
         values = []
         for row in rows:
             out = output_row(row)
-            values.append((row.seq, *_csv_values(row), _json_line(out).rstrip("\n")))
+            # sqlite3 stores a bool as the integer 0 or 1 the column is declared as.
+            values.append((row.seq, *_column_values(row), _json_line(out).rstrip("\n")))
         placeholders = ", ".join("?" for _ in _SQLITE_COLUMNS)
         updates = ", ".join(f"{name} = excluded.{name}" for name in _SQLITE_COLUMNS[1:])
         with self._failing(conn):
