@@ -685,6 +685,14 @@ class TestPromtool:
         assert done.returncode == 0, done.stdout + done.stderr
         assert "SUCCESS" in done.stdout + done.stderr
 
+    def test_shared_key_gauges_are_not_summed_over_replicas(self) -> None:
+        """Every replica reports a key's one shared rate and TPS: max over them, never sum."""
+        shared = ("asinb_key_rate_per_second", "asinb_key_configured_tps")
+        exprs = [e for e in _dashboard_exprs() if any(name in e for name in shared)]
+        assert exprs
+        for expr in exprs:
+            assert "sum" not in expr, expr
+
     def test_dashboard_queries_parse(self, tmp_path: Path) -> None:
         """Every dashboard query is valid PromQL (Grafana's $__rate_interval set to 5m)."""
         lines = ["groups:", "  - name: dashboard", "    rules:"]

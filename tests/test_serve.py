@@ -306,7 +306,7 @@ class TestResume:
         out = spool / "processing" / "slow.txt.out.jsonl"
         await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 5)
         live = _samples((await _get(f"{first.url}/metrics"))[2])
-        assert live['asinb_job_rows{job="slow.txt",status="pending"}'] > 0
+        assert live['asinb_job_rows{job_file="slow.txt",status="pending"}'] > 0
         await first.stop()
         assert (spool / "processing" / "slow.txt").exists()
         partial = len(_rows(out))
@@ -398,7 +398,7 @@ class TestHttp:
         assert values['asinb_jobs_total{outcome="done"}'] == 1
         assert values['asinb_jobs_total{outcome="failed"}'] == 1
         assert values['asinb_rows_total{status="invalid"}'] == 1
-        assert values['asinb_job_rows{job="m.txt",status="invalid"}'] == 1
+        assert values['asinb_job_rows{job_file="m.txt",status="invalid"}'] == 1
         assert values['asinb_requests_total{status="200"}'] == 1
         assert values["asinb_throttled_total"] == 0
         assert values["asinb_retries_total"] == 0
@@ -443,12 +443,30 @@ class TestHttp:
         assert readiness(snapshot, state="stopping").reason == "stopping"
         assert readiness(None, state="running").reason == "starting"
 
+    def test_no_label_is_one_prometheus_sets_on_the_target(self) -> None:
+        """No sample uses ``job`` or ``instance``: a scrape would rename it exported_*."""
+        key = KeySnapshot("demo", "active", 1.0, 1.0, 0, 3, 0, 1, 3, 8640, None, None)
+        snapshot = MetricsSnapshot(
+            0, {200: 1}, 0, 0, 0, {"ok": 1}, (0,) * 11, 0.0, 0, 0, 0, keys=(key,)
+        )
+        cache = CacheStats(hits=1, misses=0, requests_saved=0, entries=1, bytes=10, evictions=0)
+        spool = SpoolSnapshot(rows_by_status={"ok": 1}, jobs=(JobRows("a.txt", {"ok": 1}),))
+        text = render_metrics(snapshot, spool, cache)
+        labels = {
+            pair.split("=")[0]
+            for line in text.splitlines()
+            if "{" in line and not line.startswith("#")
+            for pair in line.split("{")[1].split("}")[0].split(",")
+        }
+        assert "job_file" in labels
+        assert not labels & {"job", "instance"}
+
     def test_label_values_are_escaped(self) -> None:
         """Job names with quotes, backslashes or newlines stay valid exposition text."""
         from broker.jobs.metrics_http import JobRows
 
         text = render_metrics(None, SpoolSnapshot(jobs=(JobRows('a"b\\c\nd', {"ok": 1}),)))
-        assert 'asinb_job_rows{job="a\\"b\\\\c\\nd",status="ok"} 1' in text.splitlines()
+        assert 'asinb_job_rows{job_file="a\\"b\\\\c\\nd",status="ok"} 1' in text.splitlines()
 
     async def test_non_loopback_host_is_refused(self, tmp_path: Path) -> None:
         """A non-loopback --host is refused unless --allow-remote."""
@@ -688,7 +706,7 @@ class TestDaemonSurvives:
             line.rpartition(" ")[0] for line in text.splitlines() if "asinb_job_rows{" in line
         ]
         assert len(series) == len(set(series))
-        jobs = {line.split('job="')[1].split('"')[0] for line in series}
+        jobs = {line.split('job_file="')[1].split('"')[0] for line in series}
         assert jobs == {"daily.txt", "daily-2.txt"}
 
     def test_n13_repeated_label_is_rendered_once(self) -> None:
@@ -696,8 +714,8 @@ class TestDaemonSurvives:
         spool = SpoolSnapshot(
             jobs=(JobRows("a.txt", {"ok": 2}), JobRows("a.txt", {"ok": 1})),
         )
-        lines = [line for line in render_metrics(None, spool).splitlines() if "job=" in line]
-        assert lines == ['asinb_job_rows{job="a.txt",status="ok"} 2']
+        lines = [line for line in render_metrics(None, spool).splitlines() if "job_file=" in line]
+        assert lines == ['asinb_job_rows{job_file="a.txt",status="ok"} 2']
 
     async def test_n14_a_growing_job_is_claimed_only_once_it_settles(
         self, start: Start, spool: Path

@@ -193,7 +193,7 @@ def render_metrics(
             continue
         labels.add(job.job)
         for status, count in sorted(job.by_status.items()):
-            out.sample("asinb_job_rows", count, job=job.job, status=status)
+            out.sample("asinb_job_rows", count, job_file=job.job, status=status)
     if metrics is not None:
         _render_engine(out, metrics)
     if cache is not None or cache_unreadable:
