@@ -19,7 +19,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: an unexpected error (a bug): the message names the exception
     INTERNAL = 1
-    #: bad command line (argparse's own code), or an output path that would clobber an input
+    #: bad command line (argparse's own code), an output path that would clobber an input, or
+    #: a job that is a directory or a pipe
     USAGE = 2
     #: done, but some rows failed
     SOME_FAILED = 3

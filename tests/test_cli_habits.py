@@ -226,6 +226,39 @@ class TestRunPaths:
         assert code == ExitCode.NO_INPUT
         assert not (tmp_path / "out").exists()
 
+    @pytest.mark.parametrize("kind", ["fifo", "directory"])
+    def test_job_that_is_not_a_regular_file_is_a_usage_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+    ) -> None:
+        """A pipe (read once, so it would look empty) or a directory as the job: exit 2."""
+        job = tmp_path / "job.txt"
+        if kind == "fifo":
+            os.mkfifo(job)
+        else:
+            job.mkdir()
+        out = tmp_path / "out" / "x.jsonl"
+        code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)])
+        assert code == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert ("broker run -" in err) if kind == "fifo" else ("directory" in err)
+        assert not (tmp_path / "out").exists()
+
+    def test_stdin_copy_is_renamed_into_place(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A run still reading its stdin copy keeps its own bytes when another ``-`` run starts."""
+        from broker.jobs.paths import plan_paths
+
+        paths = plan_paths(job="-", out=str(tmp_path / "o.jsonl"), fmt="jsonl", directory=tmp_path)
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"B0FIRST001\n")))
+        paths.read_stdin()
+        with paths.job.open("rb") as reading:
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"B0OTHER002\n")))
+            paths.read_stdin()
+            assert reading.read() == b"B0FIRST001\n"
+        assert paths.job.read_bytes() == b"B0OTHER002\n"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
     def test_stdin_to_stdout(self, tmp_path: Path) -> None:
         """``broker run - --out -`` reads ASINs on stdin and writes only JSON lines to stdout."""
         config = _config(tmp_path)

@@ -7,7 +7,9 @@ directory) is a usage error that leaves every file as it was (N10).
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -50,10 +52,23 @@ class RunPaths:
         return "stdout" if self.to_stdout else str(self.out)
 
     def read_stdin(self) -> None:
-        """Copy stdin to :attr:`job` (the same bytes give the same job, so a rerun resumes)."""
+        """Copy stdin to :attr:`job` (the same bytes give the same job, so a rerun resumes).
+
+        Written beside it and renamed into place: a run still reading the previous copy
+        (another ``broker run -`` with the same output, refused later by the job lock)
+        keeps reading its own bytes, never a mix of two inputs.
+        """
         self.job.parent.mkdir(parents=True, exist_ok=True)
-        with self.job.open("wb") as handle:
-            shutil.copyfileobj(sys.stdin.buffer, handle)
+        with tempfile.NamedTemporaryFile(
+            "wb", dir=self.job.parent, prefix=f".{self.job.name}.", delete=False
+        ) as handle:
+            try:
+                shutil.copyfileobj(sys.stdin.buffer, handle)
+            except BaseException:
+                handle.close()
+                Path(handle.name).unlink(missing_ok=True)
+                raise
+        os.replace(handle.name, self.job)
 
     def copy_out(self) -> None:
         """``--out -``: write the finished output to stdout."""
@@ -102,10 +117,30 @@ def plan_paths(
         job_path = out_path.with_name(f"{out_path.name}.stdin.{stdin_format}")
     else:
         job_path = Path(job)
+        _refuse_unreadable_kind(job_path)
         _refuse_clobber(job_path, out_path, given=out is not None)
     paths = RunPaths(job_path, out_path, fmt, stdin=stdin, to_stdout=to_stdout)
     paths._tmp = tmp
     return paths
+
+
+def _refuse_unreadable_kind(job: Path) -> None:
+    """Raise when the job is not a regular file: a directory, a pipe, a device.
+
+    A pipe (``<(...)``, ``/dev/stdin``) can be read once only, and the runner reads the job
+    twice (its fingerprint, then its rows): it would find nothing left and call the job done.
+    """
+    try:
+        mode = job.stat().st_mode
+    except OSError:
+        return  # missing or unreadable: the runner says which, with its own exit code
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"the job {job} is a directory; give a job file")
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            f"the job {job} is a pipe or device, which can be read only once: pipe it to "
+            "`broker run -` instead (stdin is copied, so the job can resume)"
+        )
 
 
 def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
