@@ -385,6 +385,11 @@ def load_config(
         raise ConfigError("", f"config file not found: {file}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{file} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 by definition; a Latin-1 comment or a UTF-16 file fails here.
+        raise ConfigError(
+            "", f"{file} is not UTF-8 (byte {exc.start}): TOML files must be saved as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError("", f"cannot read {file}: {exc.strerror}") from None
     return parse_config(

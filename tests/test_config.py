@@ -326,6 +326,16 @@ class TestDefaults:
         with pytest.raises(ConfigError, match="not valid TOML"):
             load_config(bad, environ={})
 
+    @pytest.mark.parametrize(
+        "data", [b'[api]\nprotocol = "creators"\n# caf\xe9\n', "[api]\n".encode("utf-16")]
+    )
+    def test_config_not_utf8(self, tmp_path: Path, data: bytes) -> None:
+        """A Latin-1 comment or a UTF-16 file is a ConfigError saying so, not a traceback."""
+        bad = tmp_path / "config.toml"
+        bad.write_bytes(data)
+        with pytest.raises(ConfigError, match="not UTF-8"):
+            load_config(bad, environ={})
+
     def test_environ_defaults_to_os_environ(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
