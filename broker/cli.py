@@ -496,6 +496,7 @@ async def _lookup(
     from broker.client import Broker
     from broker.errors import NoUsableKeyError
     from broker.jobs.runner import describe_failure
+    from broker.models import Query
 
     results: list[ItemResult]
     try:
@@ -504,7 +505,9 @@ async def _lookup(
         async with Broker(
             config, cache_default_max_age_s=RUN_MAX_AGE_S, cache_max_age_s=cache_max_age_s
         ) as broker:
-            results = await broker.get_items(asins, marketplace=marketplace, resources=resources)
+            # One tagged query per argument: a repeated ASIN is still a row of its own.
+            queries = [Query(text, tag=n) for n, text in enumerate(asins)]
+            results = await broker.get_items(queries, marketplace=marketplace, resources=resources)
     except NoUsableKeyError as exc:
         code, message = describe_failure(exc)
         if code == ExitCode.UNAVAILABLE:
@@ -517,10 +520,9 @@ async def _lookup(
     except (TypeError, ValueError) as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    raw = list(asins) if len(results) == len(asins) else [r.asin for r in results]
     rows = [
         _lookup_row(n, text, result)
-        for n, (text, result) in enumerate(zip(raw, results, strict=True), 1)
+        for n, (text, result) in enumerate(zip(asins, results, strict=True), 1)
     ]
     if as_json:
         import json

@@ -404,6 +404,17 @@ class TestLookup:
         err = capsys.readouterr().err
         assert "stayed unreachable for 0.5 s (--outage-budget)" in err
 
+    def test_one_row_per_argument_repeats_included(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A repeated ASIN is a row per argument; line is the position, input as typed."""
+        args = ["B0C1234567", "B0C1234567", "https://www.amazon.com/dp/B0PF91DHOD", "bad-id"]
+        code = cli.main(["lookup", *args, "--json", "--config", str(_config(tmp_path))])
+        assert code == ExitCode.OK
+        rows = _jsonl(capsys.readouterr().out)
+        assert [(r["line"], r["input"]) for r in rows] == list(enumerate(args, 1))
+        assert [r["asin"] for r in rows] == ["B0C1234567", "B0C1234567", "B0PF91DHOD", None]
+
     def test_rows_match_run_rows(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """lookup --json prints the row ``run`` writes for the same ASIN (bar fetch times)."""
         run_row, lookup_row = _run_and_lookup(tmp_path, capsys, "B0C1234567")
