@@ -638,16 +638,24 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         file=sys.stderr,
     )
     print(f"output: {paths.shown_out}", file=sys.stderr)
-    if summary.invalid_report:
+    # --out - keeps no ledger (and no report): its temporary directory goes at exit, so
+    # nothing it names can be read or resumed afterwards.
+    if summary.invalid_report and not paths.to_stdout:
         print(f"invalid rows: {summary.invalid_report}", file=sys.stderr)
+    over = "run it again to start over (--out - keeps no ledger, so it cannot resume)"
     if summary.quota_wait_until:
+        tail = (
+            f"after that, {over}"
+            if paths.to_stdout
+            else "run the same command again after that to resume"
+        )
         print(
-            f"daily quota spent on every key until {summary.quota_wait_until}: "
-            "run the same command again after that to resume",
+            f"daily quota spent on every key until {summary.quota_wait_until}: {tail}",
             file=sys.stderr,
         )
     if summary.stopped_by_signal:
-        print("stopped by signal: run the same command again to resume", file=sys.stderr)
+        tail = over if paths.to_stdout else "run the same command again to resume"
+        print(f"stopped by signal: {tail}", file=sys.stderr)
     if summary.refresh_pending:
         print("the refresh is not complete: the previous output stays in place", file=sys.stderr)
     if summary.already_complete is not None:

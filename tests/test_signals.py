@@ -155,6 +155,33 @@ class TestUvForwardedSigint:
         assert "broker.job_stopping" in err
         assert "broker.job_stop_forced" not in err, err[-3000:]
 
+    def test_out_dash_stopped_by_signal_does_not_promise_a_resume(self, tmp_path: Path) -> None:
+        """``--out -`` keeps no ledger: stopped by a signal it says start over, and names no
+        invalid-row report (its temporary directory is gone)."""
+        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+        rows = "".join(f"B0SG{i:06d}\n" for i in range(400))
+        (tmp_path / "job.txt").write_text("not-an-asin\n" + rows, encoding="utf-8")
+        command = [sys.executable, "-m", "broker", "run", "job.txt", "--out", "-", "--no-cache"]
+        proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(3)  # 400 rows at 5 requests a second: the run is far from done
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 75, err
+        assert "stopped by signal: run it again to start over" in err
+        assert "to resume" not in err
+        assert "invalid rows:" not in err
+        assert out.count("\n") > 1
+
 
 _SLOW_CONFIG = embedded_toml(tps=5.0, engine="queue_size = 20")
 
