@@ -12,7 +12,7 @@ ISBN-10 only when asked.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "AsinCheck",
@@ -33,7 +33,7 @@ _ISBN13_SHAPED = re.compile(r"[0-9-]+")
 # The title slug before the marker may hold any characters (amazon.de slugs carry
 # umlauts); the ASIN itself must be ASCII and end the path segment.
 _URL = re.compile(
-    r"(?:https?://)?(?:[a-z0-9-]+\.)*amazon\.[a-z]{2,3}(?:\.[a-z]{2,3})?(?::[0-9]{1,5})?"
+    r"(?:https?://)?(?:[a-z0-9-]+\.)*(amazon\.[a-z]{2,3}(?:\.[a-z]{2,3})?)(?::[0-9]{1,5})?"
     r"/(?:[^\s?#]*/)?"
     r"(?:dp|dp/product|gp/product|gp/aw/d|gp/offer-listing|product-reviews|o/ASIN"
     r"|exec/obidos/ASIN|exec/obidos/tg/detail/-)"
@@ -50,11 +50,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 @dataclass(frozen=True, slots=True)
 class AsinCheck:
-    """The verdict on one raw id: ``asin`` is set when valid, else ``reason`` says why."""
+    """The verdict on one raw id: ``asin`` is set when valid, else ``reason`` says why.
+
+    ``store`` is the Amazon domain of a product URL (``amazon.co.uk``), else None: the
+    marketplace the id belongs to when nothing more explicit names one.
+    """
 
     raw: str
     asin: str | None
     reason: str | None = None
+    store: str | None = None
 
     @property
     def valid(self) -> bool:
@@ -141,7 +146,8 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
         return AsinCheck(raw, None, "empty id")
     url = _URL.match(text)
     if url:
-        return _verdict(raw, url.group(1).upper())
+        verdict = _verdict(raw, url.group(2).upper())
+        return replace(verdict, store=url.group(1).lower()) if verdict.valid else verdict
     if _SHORT_LINK.match(text):
         return AsinCheck(
             raw, None, "a short link has no ASIN in it; open it and use the full product URL"

@@ -257,7 +257,7 @@ def _build_parser() -> argparse.ArgumentParser:
     look.add_argument(
         "--marketplace",
         help="marketplace as in config.toml: www.amazon.co.uk, amazon.co.uk or UK "
-        "(default: api.marketplace of the config)",
+        "(default: a product URL's own store, else api.marketplace of the config)",
     )
 
     bench = sub.add_parser(
@@ -447,7 +447,8 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
 
     from broker.api.marketplaces import marketplace as lookup_marketplace
 
-    market = config.api.marketplace
+    # None: each id's own store (a product URL's), else api.marketplace of the config.
+    market: str | None = None
     if args.marketplace:
         try:
             market = lookup_marketplace(args.marketplace).name
@@ -486,7 +487,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
 async def _lookup(
     config: BrokerConfig,
     asins: Sequence[str],
-    marketplace: str,
+    marketplace: str | None,
     resources: tuple[str, ...] | None,
     *,
     as_json: bool,

@@ -183,8 +183,26 @@ class TestUrls:
         ],
     )
     def test_product_urls_yield_their_asin(self, url: str) -> None:
-        """Every Amazon product-URL form, on any Amazon domain, gives its ASIN."""
-        assert check_asin(url) == AsinCheck(url, "B0ABCDEFGH", None)
+        """Every Amazon product-URL form, on any Amazon domain, gives its ASIN and store."""
+        verdict = check_asin(url)
+        assert (verdict.asin, verdict.reason) == ("B0ABCDEFGH", None)
+        assert verdict.store is not None
+        assert verdict.store in url.lower()
+
+    @pytest.mark.parametrize(
+        ("url", "store"),
+        [
+            ("https://www.amazon.co.uk/dp/B0ABCDEFGH", "amazon.co.uk"),
+            ("https://smile.amazon.com/dp/B0ABCDEFGH", "amazon.com"),
+            ("https://m.amazon.in/dp/B0ABCDEFGH", "amazon.in"),
+            ("HTTPS://WWW.AMAZON.COM.AU:443/dp/B0ABCDEFGH", "amazon.com.au"),
+            ("amazon.de/gp/product/B0ABCDEFGH", "amazon.de"),
+        ],
+    )
+    def test_product_url_names_its_store(self, url: str, store: str) -> None:
+        """The URL's Amazon domain is its store (the marketplace it belongs to)."""
+        assert check_asin(url).store == store
+        assert check_asin("B0ABCDEFGH").store is None
 
     def test_url_with_isbn_is_checked_as_isbn(self) -> None:
         """A book URL carries an ISBN-10, whose check digit still counts."""

@@ -415,6 +415,19 @@ class TestLookup:
         assert [(r["line"], r["input"]) for r in rows] == list(enumerate(args, 1))
         assert [r["asin"] for r in rows] == ["B0C1234567", "B0C1234567", "B0PF91DHOD", None]
 
+    def test_product_url_is_looked_up_in_its_store(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """lookup asks a product URL in its own store; --marketplace, when given, wins."""
+        url = "https://www.amazon.de/dp/B0PF91DHOD"
+        config = str(_config(tmp_path))
+        assert cli.main(["lookup", url, "--json", "--config", config]) == ExitCode.SOME_FAILED
+        (row,) = _jsonl(capsys.readouterr().out)
+        assert row["marketplace"] == "www.amazon.de"  # the demo key tags .com only
+        assert cli.main(["lookup", url, "--json", "--config", config, "--marketplace", "US"]) == 0
+        (row,) = _jsonl(capsys.readouterr().out)
+        assert (row["marketplace"], row["status"]) == ("www.amazon.com", "ok")
+
     def test_rows_match_run_rows(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """lookup --json prints the row ``run`` writes for the same ASIN (bar fetch times)."""
         run_row, lookup_row = _run_and_lookup(tmp_path, capsys, "B0C1234567")

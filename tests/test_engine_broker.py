@@ -551,6 +551,23 @@ class TestBrokenKeys:
         assert served.ok
         assert broker.metrics().requests == 1
 
+    async def test_product_url_asks_its_own_store(self, harness: Harness) -> None:
+        """A product URL is looked up in its store's marketplace unless the query names one."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        german, named, american = await broker.get_items(
+            [
+                "https://www.amazon.de/dp/B000000001",
+                Query("https://www.amazon.de/dp/B000000002", "US"),
+                "https://www.amazon.com/dp/B000000003",
+            ]
+        )
+        assert german.marketplace == "www.amazon.de"
+        assert german.error is not None
+        assert german.error.code == "NoKeyForMarketplace"  # the demo key tags .com only
+        assert (named.marketplace, named.ok) == ("www.amazon.com", True)
+        assert (american.marketplace, american.ok) == ("www.amazon.com", True)
+
     async def test_unknown_marketplace(self, harness: Harness) -> None:
         """A marketplace that is not Amazon's is an invalid query, never sent."""
         sim = await harness.simulator(FREE)

@@ -343,6 +343,30 @@ class TestJsonLines:
         assert row.resources == ()
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("job.txt", f"https://www.amazon.co.uk/dp/{VALID}\n{VALID}\n", ["amazon.co.uk", None]),
+        (
+            "job.csv",
+            f"asin,marketplace\nhttps://www.amazon.de/dp/{VALID},\namazon.de/dp/{VALID},US\n",
+            ["amazon.de", "US"],
+        ),
+        (
+            "job.jsonl",
+            f'{{"asin": "amazon.fr/dp/{VALID}"}}\n'
+            f'{{"asin": "amazon.fr/dp/{VALID}", "marketplace": "UK"}}\n',
+            ["amazon.fr", "UK"],
+        ),
+    ],
+)
+def test_product_url_row_takes_its_store(
+    tmp_path: Path, name: str, text: str, expected: list[str | None]
+) -> None:
+    """A product URL's store is the row's marketplace unless the row names one itself."""
+    assert [row.marketplace for row in rows(write(tmp_path, name, text))] == expected
+
+
 class TestDuplicates:
     def test_c7_duplicates_each_get_a_row(self, tmp_path: Path) -> None:
         """C7: duplicate ids are not merged here: every input row yields its own row."""

@@ -101,22 +101,23 @@ class Intake:
 
         ``resources`` (the call's) must already be resolved (:meth:`resources`); a
         query's own resources are resolved here, and an unknown name makes the query
-        ``invalid`` (``InvalidResource``) rather than failing the other queries.
+        ``invalid`` (``InvalidResource``) rather than failing the other queries. A product
+        URL's store (``amazon.co.uk``) is its marketplace unless the query or the call
+        names one.
 
         Raises:
             TypeError: ``item`` is neither an ASIN string nor a :class:`Query`.
         """
         if isinstance(item, str):
-            raw, market, wanted, tag = item, marketplace, resources, None
+            raw, own, wanted, tag = item, None, resources, None
         elif isinstance(item, Query):
-            raw, tag = item.asin, item.tag
-            market = item.marketplace or marketplace
+            raw, own, tag = item.asin, item.marketplace, item.tag
             wanted = resources
             if item.resources is not None:
                 try:
                     wanted = resolve_resources(item.resources, self._protocol)
                 except (TypeError, ValueError) as exc:
-                    named = market or self._marketplace
+                    named = own or marketplace or self._marketplace
                     return self._immediate(
                         Query(raw, named, _echo(item.resources), tag),
                         "InvalidResource",
@@ -124,21 +125,24 @@ class Intake:
                     )
         else:
             raise TypeError(f"expected an ASIN string or a Query, got {type(item).__name__}")
-        named = market or self._marketplace
+        asin = plain_asin(raw)
+        store = reason = None
+        if asin is None:
+            verdict = check_asin(raw)
+            asin, store, reason = verdict.asin, verdict.store, verdict.reason
+        # The query's own marketplace, else the call's, else a product URL's store
+        # (amazon.co.uk), else the config's: what is named beats what is inferred.
+        named = own or marketplace or store or self._marketplace
         canonical = self._canonical_market(named)
         res = tuple(wanted) if wanted is not None else self._resources
         if canonical is None:
             return self._immediate(
                 Query(raw, named, res, tag), "UnknownMarketplace", f"unknown marketplace {named!r}"
             )
-        asin = plain_asin(raw)
         if asin is None:
-            verdict = check_asin(raw)
-            if verdict.asin is None:
-                return self._immediate(
-                    Query(raw, canonical, res, tag), "InvalidAsin", verdict.reason or "invalid ASIN"
-                )
-            asin = verdict.asin
+            return self._immediate(
+                Query(raw, canonical, res, tag), "InvalidAsin", reason or "invalid ASIN"
+            )
         query = Query(asin, canonical, res, tag)
         if not self._pool.configured(canonical):
             return self._immediate(

@@ -108,8 +108,8 @@ class JobRow:
         line: 1-based physical line number where the row starts in the (decompressed) file.
         raw: the id as written; for a line that could not be parsed, its first characters.
         asin: the normalised ASIN, None when the row is invalid.
-        marketplace: from the CSV ``marketplace`` column or the JSONL field; None means the
-            job's default marketplace applies.
+        marketplace: from the CSV ``marketplace`` column or the JSONL field, else the store
+            of a product URL (``amazon.co.uk``); None means the job's default applies.
         resources: the JSONL ``resources`` list; None means the job's default resources.
         extra: the other CSV columns or JSONL fields (see the module docstring), None when
             there are none.
@@ -550,7 +550,7 @@ def _txt_rows(
             if comment is not None:
                 text = text[: comment.start()].rstrip()
         verdict = check(text)
-        yield _row(lineno, text, verdict.asin, None, None, None, verdict.reason)
+        yield _row(lineno, text, verdict.asin, verdict.store, None, None, verdict.reason)
 
 
 class _CsvFeed:
@@ -697,7 +697,8 @@ def _csv_row(
     if error is not None:
         return JobRow(lineno, raw, None, marketplace, None, extra, error)
     verdict = check(raw)
-    return _row(lineno, raw, verdict.asin, marketplace, None, extra, verdict.reason)
+    market = marketplace or verdict.store
+    return _row(lineno, raw, verdict.asin, market, None, extra, verdict.reason)
 
 
 def _csv_delimiter(header_line: str) -> str:
@@ -822,7 +823,8 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
     if error is not None:
         return JobRow(lineno, raw, None, marketplace, resources, extra, error)
     verdict = check(raw)
-    return _row(lineno, raw, verdict.asin, marketplace, resources, extra, verdict.reason)
+    market = marketplace or verdict.store
+    return _row(lineno, raw, verdict.asin, market, resources, extra, verdict.reason)
 
 
 def _has_lone_surrogate(value: object) -> bool:
