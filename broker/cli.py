@@ -73,6 +73,17 @@ def _max_age(text: str) -> float:
     return seconds
 
 
+def _encoding(text: str) -> str:
+    """``--encoding``: a codec job files can be read with, checked before any file is made."""
+    from broker.jobs.sources import check_encoding
+
+    try:
+        check_encoding(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _cache_max_age(args: argparse.Namespace) -> float | None:
     """The run's cache override: 0 for --no-cache, --max-age as given, else None."""
     if getattr(args, "no_cache", False):
@@ -188,7 +199,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="stop (exit 75, resumable) instead of waiting when every key's daily quota is spent",
     )
     _add_cache_flags(run)
-    run.add_argument("--encoding", default="utf-8", help="input encoding (default: %(default)s)")
+    run.add_argument(
+        "--encoding",
+        default="utf-8",
+        type=_encoding,
+        help="input encoding, one that writes ASCII as itself (default: %(default)s)",
+    )
     run.add_argument(
         "--convert-isbn13",
         action="store_true",

@@ -243,6 +243,26 @@ class TestRunPaths:
         assert ("broker run -" in err) if kind == "fifo" else ("directory" in err)
         assert not (tmp_path / "out").exists()
 
+    @pytest.mark.parametrize(
+        "flags", [["--encoding", "bogus"], ["--encoding", "utf-16"], ["--out", "outdir"]]
+    )
+    def test_bad_encoding_or_directory_output_is_usage_and_writes_nothing(
+        self, tmp_path: Path, flags: list[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An encoding no job can be read with, or --out naming a directory: exit 2, no files."""
+        monkeypatch.chdir(tmp_path)
+        job = _job(tmp_path)
+        (tmp_path / "outdir").mkdir()
+        config = _config(tmp_path)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        try:
+            code: object = cli.main(["run", str(job), "--config", str(config), *flags])
+        except SystemExit as exc:  # argparse's own usage error
+            code = exc.code
+        assert code == ExitCode.USAGE
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+        assert list((tmp_path / "outdir").iterdir()) == []
+
     def test_stdin_copy_is_renamed_into_place(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

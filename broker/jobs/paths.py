@@ -110,6 +110,8 @@ def plan_paths(
         out_path = Path(tmp.name) / f"out{_SUFFIX[fmt]}"
     elif out:
         out_path = Path(out)
+        if out_path.is_dir():
+            raise UsageError(f"--out {out} is a directory; give the output file's path")
     else:
         stem = "stdin" if stdin else Path(job).name.removesuffix(".gz").rsplit(".", 1)[0]
         out_path = directory / f"{stem or Path(job).name}{_SUFFIX[fmt]}"

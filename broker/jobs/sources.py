@@ -58,6 +58,7 @@ __all__ = [
     "JobFingerprint",
     "JobFormat",
     "JobRow",
+    "check_encoding",
     "count_rows",
     "detect_format",
     "fingerprint",
@@ -323,6 +324,16 @@ def _check_arguments(
     if max_line_bytes < 1:
         raise ValueError(f"max_line_bytes must be positive, got {max_line_bytes}")
     return fmt, _codec(encoding)
+
+
+def check_encoding(encoding: str) -> str:
+    """Return the codec name job files are read with for ``encoding``.
+
+    Raises:
+        ValueError: an unknown encoding, or one that does not write ASCII as itself
+            (UTF-16, UTF-32), which a line reader cannot split.
+    """
+    return _codec(encoding)
 
 
 def _codec(encoding: str) -> str:
