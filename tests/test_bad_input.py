@@ -706,6 +706,7 @@ class TestC11TruncatedGz:
         assert _cli(tmp_path, job) == ExitCode.DATA_ERROR
         err = capsys.readouterr().err
         assert f"the gzip data ends early after line {len(seen)}" in err
+        assert f"gzip -dc {job} > part.txt" in err  # how to run the part that reads
         assert "Traceback" not in err
         out = tmp_path / "out.jsonl"
         assert _ledger_rows(job, out) == (False, len(seen))

@@ -453,13 +453,22 @@ def _lines(
     except EOFError as exc:
         raise JobFileError(
             f"{path}: the gzip data ends early after line {lineno} (a truncated file, or one "
-            f"still being written); the rows before it were read, the rest is missing"
+            f"still being written); {_gzip_remedy(path)}"
         ) from exc
     except (gzip.BadGzipFile, zlib.error) as exc:
         raise JobFileError(
-            f"{path}: the gzip data is corrupt after line {lineno} ({exc}); the rows before "
-            "it were read, the rest is missing"
+            f"{path}: the gzip data is corrupt after line {lineno} ({exc}); "
+            f"{_gzip_remedy(path)}"
         ) from exc
+
+
+def _gzip_remedy(path: Path) -> str:
+    # A job runs only from a file that reads whole (a partial job must not spend quota);
+    # the readable part can still be had, as a file of its own.
+    return (
+        "the rest is missing: re-create the file, or save the part that reads with "
+        f"`gzip -dc {path} > part.txt` (gzip stops with an error at the damage) and use that"
+    )
 
 
 def _strip_file_head(content: bytes, path: Path) -> bytes:
