@@ -409,6 +409,24 @@ class TestReruns:
         assert len(_jsonl((tmp_path / "out.jsonl").read_text())) == 40
 
 
+def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two daily.txt in two folders share out/daily.jsonl: the second run names the first
+    job's file, instead of calling its own input changed."""
+    monkeypatch.chdir(tmp_path)
+    config = str(_config(tmp_path))
+    for folder, count in (("sa", 3), ("sb", 2)):
+        (tmp_path / folder).mkdir()
+        _job(tmp_path / folder, count, "daily.txt")
+    assert cli.main(["run", "sa/daily.txt", "--config", config]) == ExitCode.OK
+    capsys.readouterr()
+    assert cli.main(["run", "sb/daily.txt", "--config", config]) == ExitCode.DATA_ERROR
+    err = capsys.readouterr().err
+    assert f"is the output of another job file, {tmp_path / 'sa' / 'daily.txt'}" in err
+    assert "--out" in err
+
+
 class TestLookup:
     def test_outage_exits_69_within_the_budget(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -37,6 +37,7 @@ hook that kills the process at named points of a job, inert unless ``ASINB_CRASH
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -397,9 +398,28 @@ class Ledger:
         self._set_meta("ingest_complete", 0)
         self._set_meta("last_done_order", 0)
 
+    def _other_job(self, path: Path) -> str | None:
+        """The job file this ledger was started for, when that is another file still there
+        (two jobs of the same name in different folders share a default output)."""
+        stored = self._meta("job_path")
+        if not isinstance(stored, str):
+            return None
+        with contextlib.suppress(OSError):
+            if Path(stored).is_file() and not Path(stored).samefile(path):
+                return stored
+        return None
+
     def _check_same_job(self, fingerprint: JobFingerprint, default_marketplace: str) -> None:
         size, sha256 = self._meta("job_size"), self._meta("job_sha256")
         if (size, sha256) != (fingerprint.size, fingerprint.sha256):
+            other = self._other_job(fingerprint.path)
+            if other is not None:
+                output = self._path.with_name(self._path.name.removesuffix(".ledger"))
+                raise JobChangedError(
+                    f"{output} is the output of another job file, {other}: give "
+                    f"{fingerprint.path} an output of its own with --out, or run with "
+                    "--new-job to replace that job's output."
+                )
             raise JobChangedError(
                 f"{fingerprint.path} {_what_changed(self._meta_int('job_size'), fingerprint.size)} "
                 "since this job started: run with --new-job to start over on the new file, "
