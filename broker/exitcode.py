@@ -26,7 +26,7 @@ class ExitCode(enum.IntEnum):
     SOME_FAILED = 3
     #: bad input, the input changed since the job started, or the job is locked
     DATA_ERROR = 65
-    #: the input (job file or config file) is missing
+    #: the job file is missing (a missing config file is ``CONFIG``)
     NO_INPUT = 66
     #: the API endpoint stayed unreachable past the outage budget
     UNAVAILABLE = 69

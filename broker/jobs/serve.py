@@ -47,8 +47,9 @@ Choices:
   an interrupted filing and are overwritten when the job is filed again.
 - **Signals**: the first SIGTERM/SIGINT stops claiming and cancels the current job (its
   finished rows are committed; it stays in ``processing/`` and resumes at the next start),
-  closes the broker and returns (exit 0). A second signal (a second or more after the
-  first) exits at once with 75.
+  closes the broker and returns (exit 0). A second signal exits at once with 75, however
+  soon it follows (only a copy of the first SIGINT that ``uv run`` forwards within a
+  fraction of a second counts as the same signal).
 """
 
 from __future__ import annotations
