@@ -270,6 +270,19 @@ class TestJobs:
         assert len(_rows(spool / "done" / "again.txt.out.jsonl")) == 1
         assert len(_rows(spool / "done" / "again-2.txt.out.jsonl")) == 2
 
+    async def test_a_job_named_like_a_status_file_is_refused(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A job called r.txt.status.json is refused, so job r.txt's status never replaces it."""
+        await start()
+        _drop(spool, "r.txt.status.json", "B0STATUS01\n")
+        reserved = await _filed(spool, "r.txt.status.json", "failed")
+        assert "reserved" in reserved["error"]
+        _drop(spool, "r.txt", "B0STATUS02\nB0STATUS03\n")
+        status = await _filed(spool, "r.txt")
+        assert status["rows"]["total"] == 2
+        assert (spool / "failed" / "r.txt.status.json").read_text() == "B0STATUS01\n"
+
     async def test_dotfiles_tmp_symlinks_and_directories_are_ignored(
         self, start: Start, spool: Path
     ) -> None:

@@ -111,7 +111,9 @@ logger = get_logger("broker")
 #: The default port of ``/metrics`` (the Prometheus exporter convention's range).
 DEFAULT_PORT: Final = 9464
 _FORMATS: Final = ("jsonl", "csv", "sqlite")
-_RESERVED: Final = tuple(f".out.{fmt}" for fmt in _FORMATS)
+# The parts of the names of a job's own files (``a.txt.out.jsonl``, ``a.txt.status.json``):
+# a job named so would be overwritten by, or overwrite, another job's file when filed.
+_RESERVED: Final = (*(f".out.{fmt}" for fmt in _FORMATS), ".status.json")
 _STATUSES: Final = ("ok", "not_found", "invalid", "failed")
 #: Finished jobs whose row counts ``/metrics`` keeps showing (bounds label cardinality).
 _RECENT_JOBS: Final = 20
