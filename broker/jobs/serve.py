@@ -122,6 +122,8 @@ _NO_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errn
 # The longest name a job is processed under, in bytes: the longest work file adds 30 bytes
 # (".out.sqlite.invalid.jsonl.tmp") and filing may add "-NNN", within the usual 255.
 _MAX_NAME_BYTES: Final = 200
+#: How often a running job's file is checked for, so a job deleted from processing/ stops.
+_REMOVAL_CHECK_S: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,11 +689,16 @@ class Daemon:
         )
         before = broker.metrics()
         self._current = job
-        task = asyncio.get_running_loop().create_task(run_job(self._config, options, broker=broker))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(run_job(self._config, options, broker=broker))
         self._job_task = task
+        watcher = loop.create_task(self._watch_removal(job, task))
         try:
             summary = await task
         except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                self._vanished(job)
+                return
             current = asyncio.current_task()
             if self._stop.is_set() and (current is None or not current.cancelling()):
                 logger.info("broker.job_stopped", job=name, note="resumes at the next start")
@@ -719,6 +726,7 @@ class Daemon:
                 return
             raise
         finally:
+            watcher.cancel()
             self._job_task = None
             self._current = None
         if summary.quota_wait_until is not None:
@@ -774,6 +782,16 @@ class Daemon:
             note="the keys' daily quota is spent; the job stays in processing/ and resumes "
             "after the reset",
         )
+
+    async def _watch_removal(self, job: SpoolJob, task: asyncio.Task[JobSummary]) -> bool:
+        """Cancel ``task`` once its job file leaves processing/ (deleted or moved away):
+        nobody wants its rows any more, so its quota is not spent on them. True then."""
+        while not task.done():
+            await self._clock.sleep(_REMOVAL_CHECK_S)
+            if not task.done() and not job.path.exists():
+                task.cancel()
+                return True
+        return False
 
     def _vanished(self, job: SpoolJob) -> None:
         """The job file was deleted from processing/: drop its work files and go on."""
