@@ -223,9 +223,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Process job files dropped into SPOOL/inbox/ (write name.tmp, then rename), "
         "one at a time; file each with its output and a status file under SPOOL/done/ or "
         "SPOOL/failed/. Serves /healthz, /readyz and Prometheus /metrics.",
-        epilog="exit codes: 0 stopped by SIGTERM/SIGINT (the current job resumes at the next "
-        "start); 69 the API endpoint stayed unreachable past the outage budget (the job stays in "
-        "processing/); 74 cannot write the spool; 75 forced by a second signal (still "
+        epilog="exit codes: 0 stopped by SIGTERM/SIGINT/SIGHUP (the current job resumes at the "
+        "next start); 69 the API endpoint stayed unreachable past the outage budget (the job "
+        "stays in processing/); 74 cannot write the spool; 75 forced by a second signal (still "
         "resumable); "
         "77 every key was rejected (the job stays in processing/); 78 bad config, refused "
         "--host or port in use",

@@ -182,6 +182,31 @@ class TestUvForwardedSigint:
         assert "invalid rows:" not in err
         assert out.count("\n") > 1
 
+    def test_sighup_drains_like_sigterm(self, tmp_path: Path) -> None:
+        """SIGHUP (a closed terminal) drains the run and exits 75, resumable; not a silent 129."""
+        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+        rows = "".join(f"B0HU{i:06d}\n" for i in range(400))
+        (tmp_path / "job.txt").write_text(rows, encoding="utf-8")
+        command = [sys.executable, "-m", "broker", "run", "job.txt", "--out", "out.jsonl"]
+        proc = subprocess.Popen(
+            [*command, "--no-cache"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            out = tmp_path / "out.jsonl"
+            deadline = time.monotonic() + 60
+            while not (out.exists() and out.stat().st_size > 0):
+                assert proc.poll() is None
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 75, err
+        assert "broker.job_stopping" in err
+        assert "run the same command again to resume" in err
+
 
 _SLOW_CONFIG = embedded_toml(tps=5.0, engine="queue_size = 20")
 

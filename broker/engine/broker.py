@@ -518,7 +518,7 @@ class Broker:
         ``stop``, once set, winds the stream down without losing an answer already paid
         for: nothing more is read from the input, the lookups not sent yet are let go (never
         sent for this stream, never yielded), and the stream ends when the answers of those
-        already sent have been yielded. ``broker run`` sets it at its first SIGINT/SIGTERM.
+        already sent have been yielded. ``broker run`` sets it at its first SIGINT/SIGTERM/SIGHUP.
         """
         intake = self._require_open()
         _check_not_str(asins)

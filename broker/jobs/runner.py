@@ -5,7 +5,7 @@ are committed to it, and the output file is written from it, recording how far t
 is known good. A rerun of the same job truncates any torn output tail, re-emits what is
 missing and fetches only lookups that have no result yet.
 
-SIGINT/SIGTERM (the policy of :mod:`broker.jobs.signals`): the first admits no new lookup and
+SIGINT/SIGTERM/SIGHUP (the policy of :mod:`broker.jobs.signals`): the first admits no new lookup and
 lets those admitted finish (for at most ``drain_grace_s``), a second stops at once whatever the
 gap; the run exits 75 if rows remain, else as usual.
 """
@@ -78,7 +78,7 @@ class JobOptions:
     progress: str = "auto"
     progress_every_s: float = 30.0
     handle_signals: bool = True
-    #: After a first SIGINT/SIGTERM, how long lookups already admitted may take to finish
+    #: After a first SIGINT/SIGTERM/SIGHUP, how long lookups already admitted may take to finish
     #: before the run stops anyway; under the 30 s Kubernetes waits before SIGKILL.
     drain_grace_s: float = 20.0
     #: Stop (exit 75, resumable) instead of waiting when every usable key's daily quota
@@ -623,7 +623,7 @@ async def _watch_quota(broker: Broker, stop: _Stop) -> None:
 
 
 class _Stop:
-    """SIGINT/SIGTERM during a run: the first drains, a second stops at once.
+    """SIGINT/SIGTERM/SIGHUP during a run: the first drains, a second stops at once.
 
     Draining admits no new lookup, lets go of those not sent yet (they stay pending), and
     lets the requests already sent be answered and committed, for at most ``grace_s``
@@ -659,7 +659,7 @@ class _Stop:
         self._timer: asyncio.TimerHandle | None = None
 
     def on_first_signal(self, sig: signal.Signals) -> None:
-        """The first SIGINT/SIGTERM: admit nothing new, drain for at most the grace period."""
+        """The first stop signal: admit nothing new, drain for at most the grace period."""
         self.requested = True
         self.draining.set()
         logger.warning(
@@ -674,7 +674,7 @@ class _Stop:
         self._timer = loop.call_later(self._grace_s, self._force, "drain grace period over")
 
     def on_next_signal(self, sig: signal.Signals) -> None:
-        """A later SIGINT/SIGTERM: stop at once."""
+        """A later SIGINT/SIGTERM/SIGHUP: stop at once."""
         self.requested = True
         self._force(f"second {sig.name}")
 

@@ -45,7 +45,7 @@ Choices:
   its ledger makes every row come out exactly once. In ``done/`` and ``failed/`` a job
   file's presence marks a complete filing: outputs without their job file are leftovers of
   an interrupted filing and are overwritten when the job is filed again.
-- **Signals**: the first SIGTERM/SIGINT stops claiming and cancels the current job (its
+- **Signals**: the first SIGTERM/SIGINT/SIGHUP stops claiming and cancels the current job (its
   finished rows are committed; it stays in ``processing/`` and resumes at the next start),
   closes the broker and returns (exit 0). A second signal exits at once with 75, however
   soon it follows (only a copy of the first SIGINT that ``uv run`` forwards within a
@@ -137,7 +137,7 @@ class ServeOptions:
         allow_remote: allow a non-loopback ``host``.
         poll_s: seconds between scans of ``inbox/`` while idle.
         progress: progress display of each job (see :class:`~broker.jobs.runner.JobOptions`).
-        handle_signals: install SIGTERM/SIGINT handlers (tests and embedders turn it off and
+        handle_signals: install SIGTERM/SIGINT/SIGHUP handlers (tests and embedders turn it off and
             call :meth:`Daemon.request_stop`).
         settle_s: claim a job file only once it has not changed for this long (0: at once).
         convert_isbn13: every job turns 978 ISBN-13s into ISBN-10s.

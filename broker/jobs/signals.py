@@ -1,4 +1,7 @@
-"""The stop policy of ``broker run`` and ``broker serve``: SIGINT/SIGTERM once drains, twice stops.
+"""The stop policy of ``broker run`` and ``broker serve``: a stop signal once drains, twice stops.
+
+The stop signals are SIGINT, SIGTERM and SIGHUP (a closed terminal, an SSH session that
+dropped): left to its default, SIGHUP would kill a run mid-request with nothing committed.
 
 One rule for both commands: the first signal asks for a graceful stop, any later one stops at
 once, however soon it follows. Only a copy arriving within :data:`ECHO_S` of the previous one is
@@ -40,7 +43,7 @@ __all__ = [
 #: A repeat closer than this (seconds) to the previous signal is the same stop delivered twice.
 ECHO_S: Final = 0.05
 #: The signals that stop a run or the daemon.
-STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: When uv's forwarded copy of a SIGINT arrives after the original: uv waits 200 ms, and a
 #: busy machine adds its scheduling delay to both processes.
 UV_SIGINT_ECHO_S: Final = (0.1, 1.0)

@@ -457,8 +457,7 @@ def _lines(
         ) from exc
     except (gzip.BadGzipFile, zlib.error) as exc:
         raise JobFileError(
-            f"{path}: the gzip data is corrupt after line {lineno} ({exc}); "
-            f"{_gzip_remedy(path)}"
+            f"{path}: the gzip data is corrupt after line {lineno} ({exc}); {_gzip_remedy(path)}"
         ) from exc
 
 
