@@ -2,28 +2,73 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable
+from typing import TypeVar
 
+import pytest
 from conftest import US, key_doc, make_config
 
 from broker.engine.adaptive import CircuitState, ThrottleVerdict
 from broker.engine.authorizer import SigV4Authorizer
 from broker.engine.keys import KeyHealth, KeyState
+from broker.engine.shared_limiter import SharedState
 from broker.errors import ThrottledError
 from broker.models import Secret
+from broker.state import MemoryStateStore
 from broker.testing import FakeClock
 
 DE = "www.amazon.de"
 
 
-def _key(clock: FakeClock, **fields: object) -> KeyState:
+T = TypeVar("T")
+
+
+def _key(clock: FakeClock, shared: SharedState | None = None, **fields: object) -> KeyState:
     config = make_config(
         "https://creators.test", keys=[key_doc(tags={US: "demo-20", DE: "demo-22"}, **fields)]
     )
     authorizer = SigV4Authorizer("AKID", Secret("s"), clock=clock)
     return KeyState.from_config(
-        config.keys[0], authorizer, config=config, clock=clock, rng=random.Random(0)
+        config.keys[0], authorizer, config=config, clock=clock, rng=random.Random(0), shared=shared
     )
+
+
+class TestOutagesStayLocal:
+    """What one process cannot reach is its own trouble, not every process's."""
+
+    @pytest.mark.parametrize("trouble", ["network", "token endpoint"])
+    async def test_one_process_outage_does_not_pause_the_other(self, trouble: str) -> None:
+        """An outage or failing token endpoint seen by process a holds a, never b."""
+        clock = FakeClock()
+        store = MemoryStateStore(
+            lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
+        )
+        a = _key(clock, SharedState(store, "https://creators.test", "a"))
+        b = _key(clock, SharedState(store, "https://creators.test", "b"))
+        for key in (a, b):
+            assert await _driven(clock, key.wait_ready(), within_s=1.0) is None
+            assert await _driven(clock, key.try_send(), within_s=1.0) is not None
+        sent_at = clock.monotonic()
+        if trouble == "network":
+            a.on_unreachable(ConnectionError("no route"), sent_at)
+        else:
+            a.pause_after_error(ConnectionError("no route"), sent_at)
+        assert a.next_ready() - clock.monotonic() >= 0.5  # a jittered pause of its own
+        await _driven(clock, b.wait_ready(), within_s=0.5)  # b keeps its pace
+        assert b.health is KeyHealth.ACTIVE
+
+
+async def _driven(clock: FakeClock, step: Awaitable[T], *, within_s: float) -> T:
+    """Await ``step`` while moving the fake clock on; fail if it takes longer than ``within_s``."""
+    task = asyncio.ensure_future(step)
+    waited = 0.0
+    while not task.done():
+        assert waited <= within_s, "still waiting"
+        await clock.advance(0.01)
+        waited += 0.01
+    return task.result()
 
 
 class TestMarketplaces:
@@ -117,7 +162,7 @@ class TestCircuit:
             # Each attempt begins once the previous pause is over: a new round each time.
             await clock.advance(pauses[-1] if pauses else 1.0)
             key.pause_after_error(ConnectionError("down"), clock.monotonic() - 0.1)
-            pauses.append(key.limiter.next_ready() - clock.monotonic())
+            pauses.append(key.next_ready() - clock.monotonic())
         assert pauses[:3] == [2.0, 4.0, 8.0]
         assert pauses[-1] == 60.0
         assert key.snapshot().reason == "token endpoint: ConnectionError"
@@ -130,7 +175,7 @@ class TestCircuit:
         sent_at = clock.monotonic() - 0.5  # all four began before the fetch failed
         for _ in range(4):
             key.pause_after_error(ConnectionError("down"), sent_at)
-        assert key.limiter.next_ready() - clock.monotonic() == 2.0
+        assert key.next_ready() - clock.monotonic() == 2.0
 
 
 class TestOutageClock:

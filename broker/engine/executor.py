@@ -167,7 +167,7 @@ class Executor:
                     batch_id=batch.batch_id,
                     retry_after_s=exc.retry_after,
                     rate=round(key.limiter.rate, 3),
-                    wait_s=round(max(0.0, key.limiter.next_ready() - self._clock.monotonic()), 3),
+                    wait_s=round(max(0.0, key.next_ready() - self._clock.monotonic()), 3),
                     verdict=verdict.value,
                 )
             self._pool.submit(batch, front=True)

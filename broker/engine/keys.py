@@ -108,6 +108,9 @@ class KeyState:
         self._disabled: KeyUnusableError | None = None
         self._disabled_markets: dict[str, KeyUnusableError] = {}
         self._paused_reason: str | None = None
+        # This process's own hold (monotonic): a token endpoint or a network this process
+        # cannot reach is its trouble, not every process's (the shared state is not told).
+        self._local_hold_until = -math.inf
         #: how long an outage (no answer from the endpoints) may last before the key is out
         self.outage_budget_s = outage_budget_s
         self._jitter = jitter
@@ -230,9 +233,20 @@ class KeyState:
                 if not self.circuit.try_probe():
                     await self._clock.sleep(1.0)
                     continue
+            now = self._clock.monotonic()
+            if now < self._local_hold_until:
+                await self._clock.sleep(self._local_hold_until - now)
+                continue
             await self.limiter.wait_ready()
+            if self._clock.monotonic() < self._local_hold_until:
+                continue  # a hold of this process's came in while the limiter waited (N7)
             self._paused_reason = None
             return
+
+    def next_ready(self) -> float:
+        """Monotonic time the key may send next: its limiter's answer and this process's own
+        hold (an outage or a failing token endpoint seen here)."""
+        return max(self.limiter.next_ready(), self._local_hold_until)
 
     def abandon_probe(self) -> None:
         """A probe slot :meth:`wait_ready` admitted was not used: hand it to the next send."""
@@ -329,7 +343,7 @@ class KeyState:
         self._paused_reason = f"token endpoint: {type(error).__name__}"
         now = self._clock.monotonic()
         self._auth_paused_at = now
-        self.limiter.pause_until(now + pause, reason=self._paused_reason)
+        self._local_hold_until = max(self._local_hold_until, now + pause)
         logger.warning(
             "broker.token_fetch_failed",
             key=self.name,
@@ -359,7 +373,7 @@ class KeyState:
             pause = ceiling * (0.5 + 0.5 * self._jitter())
             self._outage_paused_at = now
             self._paused_reason = f"endpoint unreachable: {type(error).__name__}"
-            self.limiter.pause_until(now + pause, reason=self._paused_reason)
+            self._local_hold_until = max(self._local_hold_until, now + pause)
             logger.warning(
                 "broker.endpoint_unreachable",
                 key=self.name,
