@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
@@ -290,6 +290,15 @@ class StateConfig:
     key_prefix: str = "asin-broker:"
 
 
+def _url_has_password(url: str) -> bool:
+    """True when a Redis URL carries a password, as ``user:pw@`` or as redis-py's
+    ``?password=`` query parameter: a file must not hold one."""
+    parts = urlsplit(url)
+    return bool(parts.password) or any(
+        name.lower() == "password" for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+    )
+
+
 def _redis_installed() -> bool:
     return importlib.util.find_spec("redis") is not None
 
@@ -321,7 +330,7 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
             raise ConfigError("state.redis_url", 'is required with backend = "redis"')
         if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("state.redis_url", "must be a redis://, rediss:// or unix:// URL")
-        if urlsplit(redis_url).password:
+        if _url_has_password(redis_url):
             raise ConfigError(
                 "state.redis_url",
                 "must not hold a password: name its env var in redis_password_env",
@@ -840,7 +849,7 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
         parts = urlsplit(redis_url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("cache.redis_url", "must be a redis://, rediss:// or unix:// URL")
-        if parts.password:
+        if _url_has_password(redis_url):
             raise ConfigError(
                 "cache.redis_url",
                 "must not carry a password: put the whole URL in an environment variable "

@@ -151,6 +151,10 @@ class TestPolicy:
         with pytest.raises(ConfigError, match="redis_url_env") as info:
             parse_config(doc, environ={})
         assert "hunter2" not in str(info.value)
+        doc["cache"] = {"backend": "redis", "redis_url": "redis://localhost:6379/0?password=h2"}
+        with pytest.raises(ConfigError, match="redis_url_env") as info:
+            parse_config(doc, environ={})
+        assert "h2" not in str(info.value)
         doc["cache"] = {"backend": "redis", "redis_url_env": "ASINB_REDIS_URL"}
         parsed = parse_config(doc, environ={"ASINB_REDIS_URL": "redis://:pw@h:1/0"})
         assert parsed.cache.redis_url == "redis://:pw@h:1/0"

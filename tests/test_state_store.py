@@ -362,6 +362,10 @@ class TestIdentityAndConfig:
             ({"backend": "redis"}, "redis_url"),
             ({"backend": "redis", "redis_url": "http://x"}, "redis://"),
             ({"backend": "redis", "redis_url": "redis://:pw@x:1"}, "must not hold a password"),
+            (
+                {"backend": "redis", "redis_url": "redis://x:1/0?PassWord=TopSecretPW"},
+                "must not hold a password",
+            ),
             ({"colour": "blue"}, "colour"),
         ],
     )
@@ -384,6 +388,7 @@ class TestIdentityAndConfig:
         """A URL with a user or password is shown without them."""
         assert redacted_url("redis://u:pw@h:1/0") == "redis://h:1/0"
         assert redacted_url("redis://h:1/0") == "redis://h:1/0"
+        assert redacted_url("redis://h:1/0?password=TopSecretPW") == "redis://h:1/0"
 
 
 class TestUnavailable:

@@ -47,13 +47,17 @@ _SCRIPT = resources.files("broker.state").joinpath("decide.lua").read_text(encod
 
 
 def redacted_url(url: str) -> str:
-    """``url`` without a user name or password, for messages and ``broker status``."""
+    """``url`` without a user name, password or query, for messages and ``broker status``.
+
+    redis-py also reads credentials from the query (``?password=...``), so none of it is
+    shown.
+    """
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
+    if parts.username is None and parts.password is None and not parts.query:
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _text(value: object) -> str:
