@@ -511,7 +511,7 @@ async def _lookup(
 ) -> int:
     from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
-    from broker.errors import NoUsableKeyError
+    from broker.errors import NoUsableKeyError, StateUnavailableError
     from broker.jobs.runner import describe_failure
     from broker.models import Query
 
@@ -525,9 +525,9 @@ async def _lookup(
             # One tagged query per argument: a repeated ASIN is still a row of its own.
             queries = [Query(text, tag=n) for n, text in enumerate(asins)]
             results = await broker.get_items(queries, marketplace=marketplace, resources=resources)
-    except NoUsableKeyError as exc:
+    except (NoUsableKeyError, StateUnavailableError, OSError) as exc:
         code, message = describe_failure(exc)
-        if code == ExitCode.UNAVAILABLE:
+        if code == ExitCode.UNAVAILABLE and isinstance(exc, NoUsableKeyError):
             message = (
                 f"gave up: the endpoint {config.api.endpoint} stayed unreachable for "
                 f"{config.retry.outage_budget_s:g} s (--outage-budget): {exc}"

@@ -28,7 +28,8 @@ class ExitCode(enum.IntEnum):
     DATA_ERROR = 65
     #: the job file is missing (a missing config file is ``CONFIG``)
     NO_INPUT = 66
-    #: the API endpoint stayed unreachable past the outage budget
+    #: the API endpoint stayed unreachable past the outage budget, or the key-state store
+    #: could not be opened
     UNAVAILABLE = 69
     #: cannot write the output, the ledger or the spool; ``broker cache`` cannot use the cache
     IO_ERROR = 74

@@ -58,7 +58,8 @@ def immediate(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
-    """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO), else None.
+    """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO, read-only ->
+    EROFS), else None.
 
     Raised instead of the ``sqlite3`` error, so a full disk under a SQLite file is reported
     like one under any other output (exit 74), not as an internal error.
@@ -68,4 +69,7 @@ def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
         return OSError(errno.ENOSPC, f"{path}: disk full ({exc})")
     if primary == sqlite3.SQLITE_IOERR:
         return OSError(errno.EIO, f"{path}: I/O error ({exc})")
+    if primary == sqlite3.SQLITE_READONLY:
+        # A read-only file or file system: waiting never makes it writable.
+        return OSError(errno.EROFS, f"{path}: read-only ({exc})")
     return None

@@ -8,6 +8,7 @@ relations between answers rather than absolute times.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import os
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -410,6 +412,72 @@ class TestUnavailable:
         blocker.write_text("x")
         with pytest.raises(StateUnavailableError):
             SqliteStateStore(blocker / "sub" / "keys.sqlite3")
+
+
+class TestBrokenStateFile:
+    """A state file that waiting cannot mend ends the run (exit 74) with what to do."""
+
+    def test_damaged_file_is_an_io_error_naming_the_remedy(self, tmp_path: Path) -> None:
+        """A file that is not SQLite: an OSError (EIO) saying it may be deleted, not a wait."""
+        path = tmp_path / "keys.sqlite3"
+        path.write_bytes(os.urandom(8192))
+        with pytest.raises(OSError, match="damaged") as info:
+            SqliteStateStore(path)
+        assert info.value.errno == errno.EIO
+        assert "delete it" in str(info.value)
+
+    async def test_read_only_file_is_an_io_error(self, tmp_path: Path) -> None:
+        """SQLite's READONLY (a read-only file or mount) is EROFS, not a pause that never ends."""
+        store = SqliteStateStore(tmp_path / "keys.sqlite3")
+        refused = sqlite3.OperationalError("attempt to write a readonly database")
+        refused.sqlite_errorcode = sqlite3.SQLITE_READONLY  # type: ignore[attr-defined]
+        failure = store._failure(refused)
+        assert isinstance(failure, OSError)
+        assert failure.errno == errno.EROFS
+        await store.aclose()
+
+    async def test_a_held_lock_does_not_stall_the_loop(self, tmp_path: Path) -> None:
+        """Another process holding the file's write lock: the decision gives up in a fraction
+        of a second (the key pauses and asks again), instead of blocking the loop 10 s."""
+        path = tmp_path / "keys.sqlite3"
+        store = SqliteStateStore(path)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            with pytest.raises(StateUnavailableError, match="locked"):
+                await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+            assert time.monotonic() - started < 2.0
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+            await store.aclose()
+
+    def test_run_with_a_damaged_state_file_exits_74(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """broker run and broker lookup say the file is damaged and exit 74, no traceback."""
+        from conftest import embedded_toml
+
+        from broker import cli
+
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        (tmp_path / "state" / "asin-broker").mkdir(parents=True)
+        (tmp_path / "state" / "asin-broker" / "keys.sqlite3").write_bytes(os.urandom(8192))
+        config = tmp_path / "config.toml"
+        config.write_text(embedded_toml())
+        (tmp_path / "job.txt").write_text("B0TEST0001\n")
+        out = str(tmp_path / "out.jsonl")
+        assert (
+            cli.main(["run", str(tmp_path / "job.txt"), "--config", str(config), "--out", out])
+            == 74
+        )
+        assert cli.main(["lookup", "B0TEST0001", "--config", str(config)]) == 74
+        err = capsys.readouterr().err
+        said = [line for line in err.splitlines() if line.startswith("broker: ")]
+        assert len(said) == 2
+        assert all("damaged" in line and "delete it" in line for line in said)
+        assert "Traceback" not in err
 
 
 class TestSqliteReuse:

@@ -31,7 +31,13 @@ from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.keys import OUTAGE_CODE
-from broker.errors import BrokerError, ConfigError, JobFileError, NoUsableKeyError
+from broker.errors import (
+    BrokerError,
+    ConfigError,
+    JobFileError,
+    NoUsableKeyError,
+    StateUnavailableError,
+)
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
@@ -844,6 +850,10 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
         )
     if isinstance(exc, ConfigError):
         return ExitCode.CONFIG, f"invalid config: {exc}"
+    if isinstance(exc, StateUnavailableError):
+        return ExitCode.UNAVAILABLE, (
+            f"stopped: {exc}. Unfinished rows stay pending for the next run."
+        )
     if isinstance(exc, FileNotFoundError):
         return ExitCode.NO_INPUT, f"input not found: {exc.filename}"
     if isinstance(exc, JobFileError):

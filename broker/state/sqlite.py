@@ -17,6 +17,7 @@ file is not contended (``benchmarks/shared_key.py`` measures it), less than a th
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -63,7 +64,9 @@ class SqliteStateStore:
         now_us: the clock of slots and pauses in µs (system-wide monotonic; tests pass a fake).
         wall_us: the wall clock in µs, for the daily window.
         busy_timeout_s: how long a decision waits for another process's transaction before
-            the store is reported unavailable.
+            the store is reported unavailable. Decisions run on the event loop's thread and
+            take microseconds, so a lock held longer than this is a stuck process: the loop
+            must not stall behind it (the key pauses and asks again, backing off).
 
     Raises:
         StateUnavailableError: the file cannot be created or opened.
@@ -77,7 +80,7 @@ class SqliteStateStore:
         *,
         now_us: Callable[[], int] = monotonic_us,
         wall_us: Callable[[], int] = wall_us,
-        busy_timeout_s: float = 10.0,
+        busy_timeout_s: float = 0.25,
     ) -> None:
         self._path = path
         self._now_us = now_us
@@ -105,7 +108,9 @@ class SqliteStateStore:
             # daily count's guard margin covers a few lost increments.
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
+        except OSError as exc:
             raise StateUnavailableError("local", f"{path}: {exc}") from exc
 
     @property
@@ -172,8 +177,15 @@ class SqliteStateStore:
 
     def _failure(self, exc: sqlite3.Error) -> Exception:
         """A busy or locked file is unavailable for now (the key waits and asks again); a
-        disk that fails or is full is an I/O error that ends the run (exit 74), as waiting
-        would never end."""
+        disk that fails or is full, a read-only file and a damaged one are I/O errors that
+        end the run (exit 74), as waiting would never end."""
+        primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return OSError(
+                errno.EIO,
+                f"{self._path}: damaged ({exc}); it holds only the keys' shared pacing and "
+                "daily counts: delete it to start afresh",
+            )
         return disk_error(self._path, exc) or StateUnavailableError("local", f"{self._path}: {exc}")
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
