@@ -511,7 +511,7 @@ async def _lookup(
 ) -> int:
     from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
-    from broker.errors import NoUsableKeyError, StateUnavailableError
+    from broker.errors import ConfigError, NoUsableKeyError, StateUnavailableError
     from broker.jobs.runner import describe_failure
     from broker.models import Query
 
@@ -525,7 +525,7 @@ async def _lookup(
             # One tagged query per argument: a repeated ASIN is still a row of its own.
             queries = [Query(text, tag=n) for n, text in enumerate(asins)]
             results = await broker.get_items(queries, marketplace=marketplace, resources=resources)
-    except (NoUsableKeyError, StateUnavailableError, OSError) as exc:
+    except (NoUsableKeyError, StateUnavailableError, ConfigError, OSError) as exc:
         code, message = describe_failure(exc)
         if code == ExitCode.UNAVAILABLE and isinstance(exc, NoUsableKeyError):
             message = (

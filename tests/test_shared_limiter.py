@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Harness, account, asins, drive, key_doc, make_config
@@ -28,9 +29,9 @@ from broker.engine.shared_limiter import (
     SharedCircuit,
     SharedKeyLimiter,
 )
-from broker.errors import StateUnavailableError
+from broker.errors import ConfigError, StateUnavailableError
 from broker.simulator.settings import SimulatorSettings
-from broker.state import KeyLimits, MemoryStateStore, StateKey
+from broker.state import Decision, KeyLimits, MemoryStateStore, StateKey
 from broker.state.redis import RedisStateStore
 from broker.state.redis_server import RedisServer, redis_server_binary
 from broker.testing import FakeClock
@@ -332,6 +333,71 @@ class TestRedisOutage:
             await limiter.refresh()
         assert limiter.blocked_reason is not None
         await store.aclose()
+
+
+@needs_redis
+async def test_wrong_redis_password_is_a_config_error() -> None:
+    """Redis refusing the password is a ConfigError naming the setting, not a wait forever."""
+    server = RedisServer(password="right-one")
+    await asyncio.to_thread(server.start)
+    try:
+        store = RedisStateStore(server.url, password="wrong-one", timeout_s=0.5)
+        limiter = SharedKeyLimiter(
+            FakeClock(), store, KEY, KeyLimits(5.0, 0.05, 5.0), process_id="p"
+        )
+        with pytest.raises(ConfigError) as info:
+            await limiter.refresh()
+        assert info.value.path == "state.redis_password_env"
+        assert "wrong-one" not in str(info.value)
+        await store.aclose()
+    finally:
+        await asyncio.to_thread(server.__exit__, None, None, None)
+
+
+class _DownStore:
+    """A store that never answers (Redis down for good)."""
+
+    backend = "redis"
+
+    async def decide(self, *args: object, **kwargs: object) -> Decision:
+        raise StateUnavailableError("redis", "redis://127.0.0.1:1/0: ConnectionError")
+
+    async def aclose(self) -> None:
+        return None
+
+
+class TestGivingUp:
+    async def test_unreachable_store_gives_up_after_the_outage_budget(self) -> None:
+        """A store out of reach for give_up_after_s ends the wait with StateUnavailableError."""
+        clock = FakeClock()
+        limits = KeyLimits(5.0, 0.05, 5.0)
+        store: Any = _DownStore()
+        limiter = SharedKeyLimiter(clock, store, KEY, limits, process_id="p", give_up_after_s=30.0)
+        started = clock.monotonic()
+        waiting = asyncio.create_task(limiter.wait_ready())
+        while not waiting.done() and clock.monotonic() - started < 120:
+            await clock.advance(0.5)
+        with pytest.raises(StateUnavailableError):
+            waiting.result()
+        assert 30.0 <= clock.monotonic() - started <= 45.0
+
+    def test_lookup_with_redis_down_exits_69_within_its_budget(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """broker lookup against a Redis nobody listens on exits 69 after --outage-budget."""
+        from conftest import embedded_toml
+
+        from broker import cli
+        from broker.state.redis_server import free_port
+
+        config = tmp_path / "config.toml"
+        state = f'\n[state]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:{free_port()}/0"\n'
+        config.write_text(embedded_toml() + state)
+        started = time.monotonic()
+        code = cli.main(["lookup", "B0TEST0001", "--config", str(config), "--outage-budget", "2"])
+        assert code == 69
+        assert time.monotonic() - started < 60
+        assert "key-state store (redis) unavailable" in capsys.readouterr().err
 
 
 _PACED_WORKER = """

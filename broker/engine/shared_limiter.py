@@ -146,6 +146,9 @@ class SharedKeyLimiter:
         key: the key's identity in the store.
         limits: the key's limits and tuning.
         process_id: this process run's id.
+        give_up_after_s: how long the store may stay unreachable before a send gives up
+            with :class:`~broker.errors.StateUnavailableError` (the outage budget): a key
+            never sends without its shared state, and a run must not wait for it forever.
     """
 
     def __init__(
@@ -156,7 +159,10 @@ class SharedKeyLimiter:
         limits: KeyLimits,
         *,
         process_id: str,
+        give_up_after_s: float = math.inf,
     ) -> None:
+        self._give_up_after_s = give_up_after_s
+        self._unavailable_since: float | None = None
         self._clock = clock
         self._store = store
         self._key = key
@@ -251,6 +257,9 @@ class SharedKeyLimiter:
             )
         except StateUnavailableError as exc:
             self._restore_feedback(feedback)
+            now = self._clock.monotonic()
+            if self._unavailable_since is None:
+                self._unavailable_since = now
             if self._unavailable is None:
                 logger.error(
                     "broker.state_unavailable",
@@ -264,6 +273,7 @@ class SharedKeyLimiter:
         if self._unavailable is not None:
             logger.info("broker.state_restored", key=self._key.name, backend=self._store.backend)
         self._unavailable = None
+        self._unavailable_since = None
         self._unavailable_failures = 0
         # Whole µs, rounded up: a store on this process's own clock (truncated to the µs)
         # then maps its slots back to exactly the local instants they were taken from.
@@ -276,6 +286,14 @@ class SharedKeyLimiter:
         if decision.cut:
             logger.info("broker.rate_cut", key=self._key.name, rate=round(decision.rate, 4))
         return decision
+
+    async def _wait_for_store(self, exc: StateUnavailableError) -> None:
+        """Sleep before asking the unreachable store again, or give up once it has been out
+        of reach for ``give_up_after_s``."""
+        since = self._unavailable_since
+        if since is not None and self._clock.monotonic() - since >= self._give_up_after_s:
+            raise exc
+        await self._clock.sleep(self._unavailable_pause())
 
     def _unavailable_pause(self) -> float:
         return min(
@@ -328,13 +346,16 @@ class SharedKeyLimiter:
 
         While the store is unreachable this keeps asking it, with a growing interval, and
         returns only once it answers: a key never sends without its shared state.
+
+        Raises:
+            StateUnavailableError: the store stayed unreachable for ``give_up_after_s``.
         """
         while True:
             if self._last is None or self._unavailable is not None:
                 try:
                     await self._call(reserve=False)
-                except StateUnavailableError:
-                    await self._clock.sleep(self._unavailable_pause())
+                except StateUnavailableError as exc:
+                    await self._wait_for_store(exc)
                     continue
             now = self._clock.monotonic()
             if self.exhausted and self._hold_until <= now:
@@ -364,8 +385,8 @@ class SharedKeyLimiter:
         while True:
             try:
                 decision = await self._call(reserve=True)
-            except StateUnavailableError:
-                await self._clock.sleep(self._unavailable_pause())
+            except StateUnavailableError as exc:
+                await self._wait_for_store(exc)
                 continue
             if decision.granted:
                 if decision.wait_s > 0:
@@ -613,6 +634,7 @@ def shared_key_parts(
         StateKey.of(shared.endpoint, key.credential_id, name=key.name),
         key_limits(key, config, settings),
         process_id=shared.process_id,
+        give_up_after_s=config.retry.outage_budget_s,
     )
     adaptive = SharedAdaptiveRate(limiter, key.tps, clock=clock, settings=settings)
     circuit = SharedCircuit(limiter, clock, random=random, settings=settings)

@@ -22,7 +22,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from broker.errors import StateUnavailableError
+from broker.errors import ConfigError, StateUnavailableError
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
 from broker.state.model import (
     PROCESS_RECENT_S,
@@ -175,12 +175,19 @@ class RedisStateStore:
         process: ProcessMark | None,
     ) -> Decision:
         """Apply feedback and optionally reserve a send: one script call, one round trip."""
-        from redis.exceptions import RedisError
+        from redis.exceptions import AuthenticationError, RedisError
 
         try:
             reply: Any = await self._script(
                 keys=self._keys(key), args=self._args(limits, feedback, reserve, process)
             )
+        except AuthenticationError as exc:
+            # A wrong or missing password never mends by waiting: a config error (exit 78).
+            raise ConfigError(
+                "state.redis_password_env",
+                f"Redis at {self._url} refused the credentials ({type(exc).__name__}: {exc}); "
+                "set the password's environment variable to the right value",
+            ) from exc
         except (RedisError, OSError) as exc:
             raise StateUnavailableError(
                 "redis", f"{self._url}: {type(exc).__name__}: {exc}"
