@@ -219,6 +219,33 @@ class TestDailyQuota:
         assert b.remaining == 0
         assert b.used_fraction == 1.0
 
+    async def test_a_waiting_process_reasserts_the_day_after_an_empty_restart(self) -> None:
+        """The store loses the day (Redis restarted empty); a process waiting for the quota
+        brings its count back within 30 s, so a newcomer spends at most that long again."""
+        clock = FakeClock()
+        store = _store(clock)
+        limits = KeyLimits(1.0, 0.05, 1.0, day_limit=100, tpd=100)
+        a, b = _limiter(clock, store, "a", limits), _limiter(clock, store, "b", limits)
+        for _ in range(100):
+            sending = asyncio.create_task(a.commit())
+            await clock.advance(1.0)
+            await sending
+        waiting = asyncio.create_task(a.wait_ready())  # the day is spent: a waits for it
+        await clock.advance(5.0)
+        store._records.clear()  # the restart
+        granted = 0
+        for _ in range(100):
+            await clock.advance(1.0)
+            try:
+                sending = asyncio.create_task(b.commit())
+                await clock.advance(0.0)
+                await sending
+            except SendRefused:
+                break
+            granted += 1
+        assert granted <= 31
+        waiting.cancel()
+
     async def test_two_brokers_in_a_row_stay_within_tpd(
         self, harness: Harness, tmp_path: Path
     ) -> None:

@@ -77,8 +77,10 @@ __all__ = [
 logger = get_logger("broker")
 
 _US = 1_000_000
-#: A key held (quota spent, parked) re-asks the store at least this often.
-_RECHECK_S = 300.0
+#: A key held (quota spent, parked) re-asks the store at least this often. Each ask carries
+#: this process's high-water mark of the day's count, so a Redis that restarted empty learns
+#: the count again within this time from any process still waiting (a cheap call).
+_RECHECK_S = 30.0
 #: Retry interval while the store is unreachable: doubling from the first to the cap.
 _UNAVAILABLE_FIRST_S = 0.5
 _UNAVAILABLE_CAP_S = 10.0
