@@ -464,6 +464,15 @@ class TestSystemd:
         assert drain is not None
         assert _seconds(timeout) > int(drain[1])
 
+    def test_example_config_names_the_daemons_state_and_cache(self, tmp_path: Path) -> None:
+        """The config names the unit's state directory, so a shell's `broker status` with it
+        reads the daemon's key state (not ~/.local/state) and cache."""
+        service = _unit(self.UNIT)["Service"]
+        (state_dir,) = _values(service, "StateDirectory")
+        document = tomllib.loads((DEPLOY / "systemd" / "config.toml").read_text())
+        assert document["state"]["path"] == f"/var/lib/{state_dir}/keys.sqlite3"
+        assert document["cache"]["path"] == f"/var/lib/{state_dir}/item-cache.sqlite3"
+
     def test_example_config_reads_the_credential(self, tmp_path: Path) -> None:
         """The unit's example config loads, taking the key's secret from the credential file."""
         secret = tmp_path / "main-secret"
