@@ -23,7 +23,7 @@ from broker.engine.adaptive import AdaptiveSettings
 from broker.engine.shared_limiter import key_limits
 from broker.errors import StateUnavailableError
 from broker.exitcode import ExitCode
-from broker.state import KeyView, StateKey, open_store
+from broker.state import KeyView, StateKey, local_state_path, open_store
 
 if TYPE_CHECKING:
     from broker.state import Decision
@@ -90,7 +90,8 @@ def _status(view: KeyView, configured_tps: float, wall_now: datetime) -> KeyStat
         state, reason = "parked", d.park_reason or None
         until = _iso(_at(d, d.parked_until_us, wall_now)) if d.parked_until_us > d.now_us else None
         if until is None:
-            state = "probing"
+            # The park is over; the key's next send (by whichever process) is its probe.
+            state = "probe due"
     elif limit is not None and d.count >= limit:
         state, reason = "waiting for daily quota", "daily quota spent"
         until = _iso(datetime.fromtimestamp((d.day + 1) * 86_400 + view.limits.reset_offset_s, UTC))
@@ -169,6 +170,17 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitCode.OK
+    if config.state.backend == "local":
+        path = local_state_path(config.state)
+        if not path.exists():
+            # Opening the store would create an empty one and show every key fresh.
+            print(
+                f"broker: no key state at {path} yet: no broker has run with this [state] "
+                "(a daemon running as another user keeps its own: name the file in "
+                "[state] path)",
+                file=sys.stderr,
+            )
+            return ExitCode.OK
     try:
         statuses = await key_statuses(config)
     except StateUnavailableError as exc:

@@ -108,6 +108,35 @@ class TestStatus:
         assert "Retry-After" in out[2]
         assert out[3].split()[0] == "spare"
 
+    def test_no_state_file_says_so_and_creates_none(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A state file no broker has written: say so, create nothing, show no fresh keys."""
+        assert cli.main(["status", "--config", str(config_path)]) == 0
+        captured = capsys.readouterr()
+        assert "no key state at" in captured.err
+        assert captured.out == ""
+        assert not (config_path.parent / "keys.sqlite3").exists()
+
+    def test_a_park_that_ran_out_is_a_probe_due_not_probing(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A park whose time is up with nobody probing shows "probe due"."""
+
+        async def park_briefly(db: Path) -> None:
+            store = SqliteStateStore(db)
+            key = StateKey.of("http://127.0.0.1:9", "cred-main")
+            limits = KeyLimits(5.0, 0.05, 5.0, day_limit=99, tpd=100)
+            feedback = Feedback(park_s=0.001, park_reason="quota_exhausted")
+            await store.decide(key, limits, feedback=feedback, reserve=False, process=None)
+            await store.aclose()
+            await asyncio.sleep(0.01)
+
+        asyncio.run(park_briefly(config_path.parent / "keys.sqlite3"))
+        assert cli.main(["status", "--config", str(config_path), "--json"]) == 0
+        main = json.loads(capsys.readouterr().out)["keys"][0]
+        assert main["state"] == "probe due"
+
     def test_unreachable_redis_exits_69(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker.state.model import (
@@ -41,6 +42,7 @@ __all__ = [
     "ProcessMark",
     "StateKey",
     "day_number",
+    "local_state_path",
     "open_store",
     "process_id",
 ]
@@ -75,7 +77,14 @@ def open_store(
         assert config.redis_url is not None  # the config parser requires it
         password = None if config.redis_password is None else config.redis_password.reveal()
         return RedisStateStore(config.redis_url, password=password, key_prefix=config.key_prefix)
-    from broker.state.sqlite import STATE_FILE, SqliteStateStore, default_state_dir
+    from broker.state.sqlite import SqliteStateStore
 
-    path = config.path if config.path is not None else default_state_dir(environ) / STATE_FILE
-    return SqliteStateStore(path, now_us=now_us, wall_us=wall)
+    return SqliteStateStore(local_state_path(config, environ), now_us=now_us, wall_us=wall)
+
+
+def local_state_path(config: StateConfig, environ: Mapping[str, str] | None = None) -> Path:
+    """The SQLite file of the ``local`` backend: ``[state] path``, else the user's state
+    directory's ``keys.sqlite3``."""
+    from broker.state.sqlite import STATE_FILE, default_state_dir
+
+    return config.path if config.path is not None else default_state_dir(environ) / STATE_FILE
