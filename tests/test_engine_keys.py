@@ -35,6 +35,18 @@ def _key(clock: FakeClock, shared: SharedState | None = None, **fields: object) 
     )
 
 
+async def test_snapshot_left_today_is_where_the_key_stops() -> None:
+    """daily_left counts down from tpd times the guard (the stop point broker status shows),
+    not from tpd; daily_limit stays the configured tpd."""
+    clock = FakeClock()
+    key = _key(clock, tpd=100_000)
+    assert await _driven(clock, key.wait_ready(), within_s=1.0) is None
+    assert await _driven(clock, key.try_send(), within_s=1.0) is not None
+    snapshot = key.snapshot()
+    assert (snapshot.daily_limit, snapshot.daily_spent) == (100_000, 1)
+    assert snapshot.daily_left == 98_999
+
+
 class TestOutagesStayLocal:
     """What one process cannot reach is its own trouble, not every process's."""
 

@@ -470,6 +470,7 @@ class KeyState:
             ),
             reason=reason,
             until=until,
+            daily_left=self.limiter.remaining,
         )
 
     def __repr__(self) -> str:

@@ -36,6 +36,9 @@ class KeySnapshot:
     #: why the key is parked or out of rotation, and until when (ISO UTC), if it is
     reason: str | None = None
     until: str | None = None
+    #: sends left today before the key stops: ``tpd`` times the guard, less what is spent
+    #: (``None``: unlimited); what ``broker status`` shows as left
+    daily_left: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

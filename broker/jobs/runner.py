@@ -778,7 +778,7 @@ class _Progress:
         eta = counts.pending / rate if rate > 0 else None
         keys = ", ".join(
             f"{k.name} {k.rate:.2g}/s"
-            + (f" {k.daily_limit - k.daily_spent} left today" if k.daily_limit else "")
+            + (f" {k.daily_left} left today" if k.daily_left is not None else "")
             + (f" [{k.reason}{' until ' + k.until if k.until else ''}]" if k.reason else "")
             for k in metrics.keys
         )
@@ -802,7 +802,7 @@ class _Progress:
                         "name": k.name,
                         "rate": round(k.rate, 3),
                         "state": k.state,
-                        "daily_left": (k.daily_limit - k.daily_spent if k.daily_limit else None),
+                        "daily_left": k.daily_left,
                         "reason": k.reason,
                         "until": k.until,
                     }
