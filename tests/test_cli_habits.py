@@ -427,6 +427,19 @@ def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
     assert "--out" in err
 
 
+def test_embedded_simulator_runs_leave_no_key_state_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each embedded simulator is a new port, so new keys: a run keeps their state in memory
+    instead of adding a row to the machine's key-state file every time."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    config = str(_config(tmp_path))
+    job = _job(tmp_path, 3)
+    assert cli.main(["run", str(job), "--config", config, "--out", str(tmp_path / "o.jsonl")]) == 0
+    assert cli.main(["lookup", "B0TEST0001", "--config", config]) == 0
+    assert not (tmp_path / "state" / "asin-broker" / "keys.sqlite3").exists()
+
+
 class TestLookup:
     def test_outage_exits_69_within_the_budget(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -91,9 +91,10 @@ class Broker:
     Args:
         config: the validated configuration.
         clock: time source (tests pass a FakeClock); default the running loop's clock.
-            With a clock of ``private_time`` (a FakeClock), the keys' state stays in this
-            process unless ``[state]`` names a path or Redis: the machine's shared file would
-            keep a fake clock's pauses and days, and a later real run would obey them.
+            With a clock of ``private_time`` (a FakeClock), or the embedded simulator (a new
+            port, so new keys, each run), the keys' state stays in this process unless
+            ``[state]`` names a path or Redis: the machine's shared file would keep a fake
+            clock's pauses and days, and a later real run would obey them.
         transport: HTTP transport (tests pass a MockTransport); default aiohttp.
         rng: randomness for jitter (seed it for reproducible runs).
         budget_store: where daily request counters persist, for a caller that keeps its
@@ -326,7 +327,10 @@ class Broker:
             clock = self._clock
             state = self.config.state
             private = getattr(clock, "private_time", False)
-            if private and state.backend == "local" and state.path is None:
+            # The embedded simulator listens on a new port each run, so its keys are new
+            # each run too: the machine's file would only gather a row per run, forever.
+            ephemeral = private or self.config.api.uses_simulator
+            if ephemeral and state.backend == "local" and state.path is None:
                 state = replace(state, backend="memory")
             store = open_store(
                 state,
