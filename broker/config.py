@@ -813,7 +813,7 @@ def _parse_serve(table: TomlTable) -> ServeConfig:
     config = ServeConfig(
         convert_isbn13=table.boolean("convert_isbn13", False),
         no_wait=table.boolean("no_wait", False),
-        settle_s=table.number("settle_s", 2.0, maximum=3600.0),
+        settle_s=table.number("settle_s", 2.0, minimum=0.0, maximum=3600.0),
     )
     table.finish()
     return config

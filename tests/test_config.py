@@ -105,6 +105,7 @@ class TestKeyPaths:
             ("output.format", "xml", "output.format"),
             ("log.level", "loud", "log.level"),
             ("log.format", "xml", "log.format"),
+            ("serve.settle_s", -1, "serve.settle_s"),
             ("simulator", "on", "simulator"),
             ("simulator.burst", 0, "simulator.burst"),
             ("simulator.faults.error_500", "often", "simulator.faults.error_500"),
