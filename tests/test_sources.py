@@ -367,6 +367,18 @@ def test_product_url_row_takes_its_store(
     assert [row.marketplace for row in rows(write(tmp_path, name, text))] == expected
 
 
+@pytest.mark.parametrize("name", ["job.txt", "job.csv", "job.csv.gz"])
+def test_lines_ending_in_cr_alone_are_lines(tmp_path: Path, name: str) -> None:
+    """A classic-Mac file (Excel's "CSV (Macintosh)": lines end in CR alone) gives a row
+    per line, not one long line; the counter agrees."""
+    head = "asin,note\r" if ".csv" in name else ""
+    body = f"{VALID}{',a' if head else ''}\r" * 3
+    path = write(tmp_path, name, head + body)
+    found = rows(path)
+    assert [(row.asin, row.error) for row in found] == [(VALID, None)] * 3
+    assert count_rows(path) == 3
+
+
 class TestDuplicates:
     def test_c7_duplicates_each_get_a_row(self, tmp_path: Path) -> None:
         """C7: duplicate ids are not merged here: every input row yields its own row."""

@@ -47,10 +47,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 from broker.asin import AsinCheck, check_asin
 from broker.errors import JobFileError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
@@ -82,6 +85,8 @@ _EXTENSIONS: Final[Mapping[str, JobFormat]] = {
     ".jsonlines": "jsonl",
 }
 _GZIP_MAGIC: Final = b"\x1f\x8b"
+#: How much of a job file's head decides whether its lines end in CR alone.
+_CR_SNIFF_BYTES: Final = 8192
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
 _UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
 _ZIP_MAGIC: Final = b"PK\x03\x04"
@@ -386,16 +391,43 @@ _Line: TypeAlias = tuple[int, str | _Oversize]
 
 
 def _open(stack: ExitStack, path: Path) -> tuple[io.BufferedIOBase, bool]:
-    """Open ``path`` for binary reading, decompressing gzip data; return (stream, gzipped)."""
+    """Open ``path`` for binary reading, decompressing gzip data; return (stream, gzipped).
+
+    A file whose lines end in CR alone (classic Mac, Excel's "CSV (Macintosh)") is read
+    with LF endings, so it is not taken for one long line.
+    """
     raw = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - the caller's stack closes it
     head = raw.peek(2)[:2]
-    if head == _GZIP_MAGIC:
-        unzipped = gzip.GzipFile(fileobj=raw, mode="rb")
-        stack.callback(unzipped.close)
-        return unzipped, True
-    if path.name.lower().endswith(".gz") and head:
+    stream: io.BufferedIOBase = raw
+    gzipped = head == _GZIP_MAGIC
+    if gzipped:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        stack.callback(stream.close)
+    elif path.name.lower().endswith(".gz") and head:
         raise JobFileError(f"{path}: the name ends in .gz but the file is not gzip-compressed")
-    return raw, False
+    try:
+        sample = stream.peek(_CR_SNIFF_BYTES)[:_CR_SNIFF_BYTES]  # type: ignore[attr-defined]
+    except (OSError, EOFError, zlib.error):
+        sample = b""  # a damaged .gz: the line reader reports it where it happens
+    if b"\r" in sample and b"\n" not in sample:
+        stream = io.BufferedReader(_CrAsLf(stream))
+    return stream, gzipped
+
+
+class _CrAsLf(io.RawIOBase):
+    """A byte stream with every CR read as LF (for files whose lines end in CR alone)."""
+
+    def __init__(self, inner: io.BufferedIOBase) -> None:
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._inner.read(len(view)).replace(b"\r", b"\n")
+        view[: len(data)] = data
+        return len(data)
 
 
 def _lines(
