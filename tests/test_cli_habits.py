@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -152,6 +153,11 @@ class TestConfigLookup:
         monkeypatch.setenv("ASINB_CONFIG", str(config))
         monkeypatch.setenv("ASINB_DEMO_SECRET", "s")
         monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        from broker.state.sqlite import SqliteStateStore
+
+        # A store some broker made (status shows none without one, and makes none).
+        made = SqliteStateStore(tmp_path / "state" / "asin-broker" / "keys.sqlite3")
+        asyncio.run(made.aclose())
         other = tmp_path / "sub"
         other.mkdir()
         monkeypatch.chdir(other)
