@@ -627,15 +627,17 @@ def describe(code: str, *, status: int | None = None) -> ErrorInfo:
     """Return the catalogue entry for ``code``, or a sensible one for a code we do not know.
 
     Unknown codes are classed by HTTP status: 429 throttling, 5xx retryable, 401/403 per key,
-    other 4xx per request.
+    other 4xx per request. So is Creators' generic reason ``Other``, which protocol.md lists
+    for 400, 401 and 403 alike: on a 401 or 403 it is the key that was refused.
     """
     info = CATALOGUE.get(code)
-    if info is not None:
+    if info is not None and not (code == "Other" and status in (401, 403)):
         return info
     if status == 429:
         return CATALOGUE["TooManyRequests"]
     if status is not None and status >= 500:
         return ErrorInfo(code, "Amazon failed to process the request.", Scope.REQUEST, True, _RETRY)
     if status in (401, 403):
-        return ErrorInfo(code, "The key was rejected.", Scope.KEY, False, _UNKNOWN_REMEDY)
+        remedy = info.remedy if info is not None else _UNKNOWN_REMEDY
+        return ErrorInfo(code, "The key was rejected.", Scope.KEY, False, remedy)
     return ErrorInfo(code, "Amazon rejected the request.", Scope.REQUEST, False, _UNKNOWN_REMEDY)

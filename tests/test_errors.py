@@ -126,6 +126,21 @@ class TestDescribeFallbacks:
         assert (info.scope, info.retryable) == (Scope.KEY, False)
         assert info.remedy
 
+    @pytest.mark.parametrize(
+        ("status", "scope"), [(401, Scope.KEY), (403, Scope.KEY), (400, Scope.REQUEST)]
+    )
+    def test_generic_reason_other_follows_the_status(self, status: int, scope: Scope) -> None:
+        """Creators' reason "Other" on a 401/403 refuses the key; on a 400, the request."""
+        from broker.api.base import RawResponse
+        from broker.api.creators import CreatorsDialect
+
+        body = b'{"type":"AccessDeniedException","reason":"Other","message":"denied"}'
+        response = RawResponse(status, {"content-type": "application/json"}, body, 0.01)
+        with pytest.raises(ApiError) as caught:
+            CreatorsDialect("https://creators.test").parse_get_items(response, ["B000000001"])
+        assert caught.value.code == "Other"
+        assert (caught.value.info.scope, caught.value.info.retryable) == (scope, False)
+
     @pytest.mark.parametrize("status", [400, 404, 418, None])
     def test_other_statuses_per_request(self, status: int | None) -> None:
         """Anything else is a request error, not retried, with a generic remedy."""
