@@ -266,12 +266,15 @@ class TestErrors:
             ("aws_credentials", 403, "AccessDeniedAwsUsers", "AccessDeniedException"),
             ("not_enabled", 403, "AccessDenied", "AccessDeniedException"),
             ("no_store", 403, "InvalidAssociate", "AssociateValidationException"),
+            # As Amazon answers an account without qualifying sales (protocol.md 3.5).
+            ("not_eligible", 429, "TooManyRequests", "TooManyRequestsException"),
         ],
     )
     async def test_key_flags(
         self, start: Start, flag: str, status: int, code: str, exception: str
     ) -> None:
-        """A key's flags give AccessDeniedAwsUsers, AccessDenied or InvalidAssociate."""
+        """A key's flags give AccessDeniedAwsUsers, AccessDenied, InvalidAssociate or, for an
+        ineligible account, TooManyRequests on every request."""
         client, _, clock = await start(replace(OPEN, accounts=(_key("flagged", **{flag: True}),)))
         body = {**BODY, "PartnerTag": "t-20"}
         response = await _call(client, clock, body, access_key="FLAGGED", secret="s3cret")

@@ -43,7 +43,8 @@ class Account:
         not_enabled: PA-API answers ``AccessDenied`` (key not enabled for the API).
         aws_credentials: PA-API answers ``AccessDeniedAwsUsers`` (an AWS key, not an
             Associates one).
-        not_eligible: Creators answers 403 ``AssociateNotEligible``.
+        not_eligible: Creators answers 403 ``AssociateNotEligible``; PA-API answers every
+            request 429 ``TooManyRequests``, as Amazon does for an account without sales.
         no_store: both answer ``InvalidAssociate`` (key not mapped to a store).
         tps: transactions per second allowed.
         tpd: transactions per day allowed (the day starts at 00:00 UTC).

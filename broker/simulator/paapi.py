@@ -243,6 +243,9 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
         return _error(sim, account.name, "AccessDeniedAwsUsers"), None
     if account.not_enabled:
         return _error(sim, account.name, "AccessDenied"), None
+    if account.not_eligible:
+        # What Amazon shows an account without qualifying sales: throttling, at any rate.
+        return _error(sim, account.name, "TooManyRequests"), None
 
     decision = sim.admit(account)
     if not decision.allowed:
