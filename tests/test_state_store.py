@@ -454,18 +454,18 @@ class TestBrokenStateFile:
             await store.aclose()
 
     def test_run_with_a_damaged_state_file_exits_74(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """broker run and broker lookup say the file is damaged and exit 74, no traceback."""
         from conftest import embedded_toml
 
         from broker import cli
 
-        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-        (tmp_path / "state" / "asin-broker").mkdir(parents=True)
-        (tmp_path / "state" / "asin-broker" / "keys.sqlite3").write_bytes(os.urandom(8192))
+        damaged = tmp_path / "keys.sqlite3"
+        damaged.write_bytes(os.urandom(8192))
         config = tmp_path / "config.toml"
-        config.write_text(embedded_toml())
+        # Named: the embedded simulator's keys otherwise stay in memory.
+        config.write_text(embedded_toml() + f'\n[state]\npath = "{damaged}"\n')
         (tmp_path / "job.txt").write_text("B0TEST0001\n")
         out = str(tmp_path / "out.jsonl")
         assert (
