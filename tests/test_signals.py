@@ -207,6 +207,34 @@ class TestUvForwardedSigint:
         assert "broker.job_stopping" in err
         assert "run the same command again to resume" in err
 
+    def test_sighup_stays_ignored_under_nohup(self, tmp_path: Path) -> None:
+        """Started with SIGHUP ignored (nohup), a run ignores it and finishes every row."""
+        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+        rows = "".join(f"B0NH{i:06d}\n" for i in range(100))
+        (tmp_path / "job.txt").write_text(rows, encoding="utf-8")
+        command = [sys.executable, "-m", "broker", "run", "job.txt", "--out", "out.jsonl"]
+        proc = subprocess.Popen(
+            [*command, "--no-cache"],
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+        )
+        try:
+            out = tmp_path / "out.jsonl"
+            deadline = time.monotonic() + 60
+            while not (out.exists() and out.stat().st_size > 0):
+                assert proc.poll() is None
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err
+        assert len(out.read_text().splitlines()) == 100
+
 
 _SLOW_CONFIG = embedded_toml(tps=5.0, engine="queue_size = 20")
 

@@ -2,6 +2,7 @@
 
 The stop signals are SIGINT, SIGTERM and SIGHUP (a closed terminal, an SSH session that
 dropped): left to its default, SIGHUP would kill a run mid-request with nothing committed.
+A SIGHUP the process was started ignoring (``nohup``) stays ignored.
 
 One rule for both commands: the first signal asks for a graceful stop, any later one stops at
 once, however soon it follows. Only a copy arriving within :data:`ECHO_S` of the previous one is
@@ -43,7 +44,14 @@ __all__ = [
 #: A repeat closer than this (seconds) to the previous signal is the same stop delivered twice.
 ECHO_S: Final = 0.05
 #: The signals that stop a run or the daemon.
-STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# SIGHUP as the process found it: ignored under ``nohup`` (or a supervisor that sets it so),
+# and then left ignored, as the user asked.
+_HUP_IGNORED: Final = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+STOP_SIGNALS: Final = (
+    (signal.SIGINT, signal.SIGTERM)
+    if _HUP_IGNORED
+    else (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+)
 #: When uv's forwarded copy of a SIGINT arrives after the original: uv waits 200 ms, and a
 #: busy machine adds its scheduling delay to both processes.
 UV_SIGINT_ECHO_S: Final = (0.1, 1.0)
