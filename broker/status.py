@@ -21,7 +21,7 @@ from broker.bench import format_table
 from broker.config import AMAZON, BrokerConfig
 from broker.engine.adaptive import AdaptiveSettings
 from broker.engine.shared_limiter import key_limits
-from broker.errors import StateUnavailableError
+from broker.errors import ConfigError, StateUnavailableError
 from broker.exitcode import ExitCode
 from broker.state import KeyView, StateKey, local_state_path, open_store
 
@@ -172,7 +172,16 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         return ExitCode.OK
     if config.state.backend == "local":
         path = local_state_path(config.state)
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as exc:  # a daemon's 0700 state directory, seen by another user
+            print(
+                f"broker: cannot read {path}: {exc.strerror}; run as the user that owns it "
+                "(sudo -u asin-broker ...)",
+                file=sys.stderr,
+            )
+            return ExitCode.IO_ERROR
+        if not exists:
             # Opening the store would create an empty one and show every key fresh.
             print(
                 f"broker: no key state at {path} yet: no broker has run with this [state] "
@@ -186,6 +195,12 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     except StateUnavailableError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
+    except ConfigError as exc:  # Redis refusing the password
+        print(f"broker: invalid config: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except OSError as exc:  # a damaged or read-only state file
+        print(f"broker: {exc}", file=sys.stderr)
+        return ExitCode.IO_ERROR
     if args.json:
         document = {"backend": config.state.backend, "keys": [s.to_json() for s in statuses]}
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())

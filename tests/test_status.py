@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,16 @@ class TestStatus:
         assert cli.main(["status", "--config", str(config_path), "--json"]) == 0
         main = json.loads(capsys.readouterr().out)["keys"][0]
         assert main["state"] == "probe due"
+
+    def test_damaged_state_file_exits_74_with_a_line(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A state file that is not SQLite: one line saying so and what to do, exit 74."""
+        (config_path.parent / "keys.sqlite3").write_bytes(os.urandom(8192))
+        assert cli.main(["status", "--config", str(config_path)]) == 74
+        err = capsys.readouterr().err
+        assert "damaged" in err
+        assert "Traceback" not in err
 
     def test_unreachable_redis_exits_69(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
