@@ -408,6 +408,23 @@ class TestGivingUp:
             waiting.result()
         assert 30.0 <= clock.monotonic() - started <= 45.0
 
+    async def test_an_old_failure_does_not_shorten_a_new_outage(self) -> None:
+        """A store call that failed an hour ago does not make a new outage give up at once."""
+        clock = FakeClock()
+        store: Any = _DownStore()
+        limits = KeyLimits(5.0, 0.05, 5.0)
+        limiter = SharedKeyLimiter(clock, store, KEY, limits, process_id="p", give_up_after_s=30.0)
+        with pytest.raises(StateUnavailableError):
+            await limiter.refresh()  # a background flush's failure, say
+        await clock.advance(3600.0)
+        waiting = asyncio.create_task(limiter.wait_ready())
+        await clock.advance(10.0)
+        assert not waiting.done()  # still waiting out the new outage's budget
+        await clock.advance(40.0)
+        assert waiting.done()
+        with pytest.raises(StateUnavailableError):
+            waiting.result()
+
     def test_lookup_with_redis_down_exits_69_within_its_budget(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -259,9 +259,6 @@ class SharedKeyLimiter:
             )
         except StateUnavailableError as exc:
             self._restore_feedback(feedback)
-            now = self._clock.monotonic()
-            if self._unavailable_since is None:
-                self._unavailable_since = now
             if self._unavailable is None:
                 logger.error(
                     "broker.state_unavailable",
@@ -292,8 +289,12 @@ class SharedKeyLimiter:
     async def _wait_for_store(self, exc: StateUnavailableError) -> None:
         """Sleep before asking the unreachable store again, or give up once it has been out
         of reach for ``give_up_after_s``."""
-        since = self._unavailable_since
-        if since is not None and self._clock.monotonic() - since >= self._give_up_after_s:
+        # Timed from the first wait of this outage, not from any older failure (a background
+        # flush that failed an hour ago must not make a new blip give up at once).
+        now = self._clock.monotonic()
+        if self._unavailable_since is None:
+            self._unavailable_since = now
+        elif now - self._unavailable_since >= self._give_up_after_s:
             raise exc
         await self._clock.sleep(self._unavailable_pause())
 
