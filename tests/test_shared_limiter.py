@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from conftest import Harness, account, asins, drive, key_doc, make_config
@@ -200,6 +200,19 @@ class TestSharedFeedback:
         assert adaptive.rate == pytest.approx(4.5)
 
 
+class _Counting:
+    """A store that counts the decisions asked of it."""
+
+    def __init__(self, inner: MemoryStateStore) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.calls = 0
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        self.calls += 1
+        return await self.inner.decide(*args, **kwargs)
+
+
 class TestDailyQuota:
     """The day's count is the key's, not a process's."""
 
@@ -244,6 +257,24 @@ class TestDailyQuota:
                 break
             granted += 1
         assert granted <= 31
+        waiting.cancel()
+
+    async def test_a_parked_key_asks_the_store_every_30_s(self) -> None:
+        """A key parked for 15 minutes asks the store at least every 30 s while it waits."""
+        clock = FakeClock()
+        store = _Counting(_store(clock))
+        limiter = SharedKeyLimiter(
+            clock, cast("Any", store), KEY, KeyLimits(5.0, 0.05, 5.0), process_id="a"
+        )
+        await limiter.commit()
+        limiter.park(900.0, "quota_exhausted")
+        await limiter.refresh()
+        waiting = asyncio.create_task(limiter.wait_ready())
+        before = store.calls
+        for _ in range(20):
+            await clock.advance(30.0)
+        assert store.calls - before >= 19  # 600 s of waiting: an ask each 30 s
+        assert not waiting.done()
         waiting.cancel()
 
     async def test_two_brokers_in_a_row_stay_within_tpd(

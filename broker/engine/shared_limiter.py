@@ -375,7 +375,13 @@ class SharedKeyLimiter:
             due = self.next_ready() - min(0.5 / self.rate, _LEAD_S)
             if due <= now:
                 return
-            # Then look again: a pause or park may have come in while we slept.
+            # Then look again: a pause or park may have come in while we slept. A long wait (a
+            # park of 15 minutes or more) asks the store again every _RECHECK_S, as a spent
+            # day does: another process may have lifted it, and each ask carries our count.
+            if due - now > _RECHECK_S:
+                await self._clock.sleep(_RECHECK_S)
+                self._last = None
+                continue
             await self._clock.sleep(due - now)
 
     async def commit(self) -> float:
