@@ -68,7 +68,9 @@ class TestOutagesStayLocal:
         else:
             a.pause_after_error(ConnectionError("no route"), sent_at)
         assert a.next_ready() - clock.monotonic() >= 0.5  # a jittered pause of its own
-        await _driven(clock, b.wait_ready(), within_s=0.5)  # b keeps its pace
+        # b keeps its pace: it is told of no pause when it next asks the store for a slot.
+        await _driven(clock, b.wait_ready(), within_s=0.5)
+        assert await _driven(clock, b.try_send(), within_s=0.5) is not None
         assert b.health is KeyHealth.ACTIVE
 
 
