@@ -282,6 +282,8 @@ class TestJobs:
         status = await _filed(spool, "r.txt")
         assert status["rows"]["total"] == 2
         assert (spool / "failed" / "r.txt.status.json").read_text() == "B0STATUS01\n"
+        _drop(spool, "orders.status.jsonl", '{"asin": "B0STATUS04"}\n')  # a fine name
+        assert (await _filed(spool, "orders.status.jsonl"))["rows"]["total"] == 1
 
     async def test_dotfiles_tmp_symlinks_and_directories_are_ignored(
         self, start: Start, spool: Path

@@ -111,9 +111,11 @@ logger = get_logger("broker")
 #: The default port of ``/metrics`` (the Prometheus exporter convention's range).
 DEFAULT_PORT: Final = 9464
 _FORMATS: Final = ("jsonl", "csv", "sqlite")
-# The parts of the names of a job's own files (``a.txt.out.jsonl``, ``a.txt.status.json``):
-# a job named so would be overwritten by, or overwrite, another job's file when filed.
-_RESERVED: Final = (*(f".out.{fmt}" for fmt in _FORMATS), ".status.json")
+# The parts of the names of a job's work files (``a.txt.out.jsonl``, its ledger, its report).
+_RESERVED: Final = tuple(f".out.{fmt}" for fmt in _FORMATS)
+# The end of a filed job's status file: a job named so would overwrite, or be overwritten by,
+# another job's status when filed (``orders.status.jsonl`` is a fine job name).
+_STATUS_SUFFIX: Final = ".status.json"
 _STATUSES: Final = ("ok", "not_found", "invalid", "failed")
 #: Finished jobs whose row counts ``/metrics`` keeps showing (bounds label cardinality).
 _RECENT_JOBS: Final = 20
@@ -370,8 +372,8 @@ def _names(exc: OSError, path: Path) -> bool:
 
 
 def _is_reserved(name: str) -> bool:
-    """True for names of the daemon's own work files, which a job may not take."""
-    return any(part in name for part in _RESERVED)
+    """True for names of the daemon's own files, which a job may not take."""
+    return name.endswith(_STATUS_SUFFIX) or any(part in name for part in _RESERVED)
 
 
 def _owner(name: str) -> str | None:
@@ -634,7 +636,8 @@ class Daemon:
             if _is_reserved(name):
                 message = (
                     f"the name {_shown(name)!r} is reserved for the daemon's work files "
-                    f"(it contains {' or '.join(_RESERVED)}); rename the job"
+                    f"(it contains {' or '.join(_RESERVED)}, or ends in {_STATUS_SUFFIX}); "
+                    "rename the job"
                 )
                 safe = spool_name(name)
                 path = self.spool.reject(name, self._failure_status(safe, message), safe)
