@@ -317,6 +317,20 @@ class TestServe:
         assert stats.bytes > 12 * 100
         assert stats.oldest_age_s == pytest.approx(5)
 
+    async def test_sqlite_stats_read_an_index_not_the_payloads(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """A namespace's stats come from a covering index: a scrape never reads the payloads."""
+        from broker.cache import sqlite as home
+
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(max_age_s=3_600), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock)])
+        with sqlite3.connect(path) as db:
+            plan = db.execute("EXPLAIN QUERY PLAN " + home._MEASURE, ("creators",)).fetchall()
+        db.close()
+        assert "COVERING INDEX" in " ".join(str(step[-1]) for step in plan)
+
     @pytest.mark.parametrize("home", ["sqlite", "fakeredis"])
     async def test_stats_count_only_their_namespace(
         self, home: str, tmp_path: Path, clock: FakeClock

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS item_cache (
 );
 CREATE INDEX IF NOT EXISTS item_cache_age ON item_cache (fetched_at);
 CREATE INDEX IF NOT EXISTS item_cache_asin ON item_cache (asin);
+CREATE INDEX IF NOT EXISTS item_cache_ns ON item_cache (ns, fetched_at, size);
 CREATE TABLE IF NOT EXISTS item_cache_totals (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     entries INTEGER NOT NULL,
@@ -69,6 +70,11 @@ CREATE TRIGGER IF NOT EXISTS item_cache_upd AFTER UPDATE OF size ON item_cache B
     UPDATE item_cache_totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 1;
 END;
 """
+
+#: A namespace's entries, payload bytes and oldest answer (by the covering index).
+_MEASURE: Final = (
+    "SELECT count(*), coalesce(sum(size), 0), min(fetched_at) FROM item_cache WHERE ns = ?"
+)
 
 _UPSERT: Final = """
 INSERT INTO item_cache (ns, marketplace, asin, resources, fetched_at, size, checksum, payload)
@@ -242,12 +248,9 @@ class SqliteCache(StoreCache):
     async def _measure(self) -> tuple[int, int, float | None]:
         def measure(db: sqlite3.Connection) -> tuple[int, int, float | None]:
             # This namespace's answers, as the other homes report them (the file-wide
-            # totals are for the size bound, which counts every namespace).
-            entries, size, oldest = db.execute(
-                "SELECT count(*), coalesce(sum(size), 0), min(fetched_at) FROM item_cache "
-                "WHERE ns = ?",
-                (self.namespace,),
-            ).fetchone()
+            # totals are for the size bound, which counts every namespace); read from the
+            # covering index item_cache_ns, never from the payloads (every /metrics scrape).
+            entries, size, oldest = db.execute(_MEASURE, (self.namespace,)).fetchone()
             return int(entries), int(size), None if oldest is None else float(oldest)
 
         return await self._run(measure)
