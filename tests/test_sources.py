@@ -379,6 +379,14 @@ def test_lines_ending_in_cr_alone_are_lines(tmp_path: Path, name: str) -> None:
     assert count_rows(path) == 3
 
 
+def test_crlf_split_by_the_sniffed_buffer_is_not_taken_for_cr_alone(tmp_path: Path) -> None:
+    """A CRLF file whose first CR is the last byte the sniffing sees keeps its lines."""
+    for shift in range(-3, 4):  # a comment line whose CR falls around byte 4096
+        line = "#" + "x" * (4093 + shift) + "\r\n"
+        path = write(tmp_path, f"job{shift + 3}.txt", line + f"{VALID}\r\n{VALID}\r\n")
+        assert [row.line for row in rows(path)] == [2, 3], shift
+
+
 class TestDuplicates:
     def test_c7_duplicates_each_get_a_row(self, tmp_path: Path) -> None:
         """C7: duplicate ids are not merged here: every input row yields its own row."""

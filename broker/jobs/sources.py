@@ -409,7 +409,10 @@ def _open(stack: ExitStack, path: Path) -> tuple[io.BufferedIOBase, bool]:
         sample = stream.peek(_CR_SNIFF_BYTES)[:_CR_SNIFF_BYTES]  # type: ignore[attr-defined]
     except (OSError, EOFError, zlib.error):
         sample = b""  # a damaged .gz: the line reader reports it where it happens
-    if b"\r" in sample and b"\n" not in sample:
+    # A CR followed by something other than LF, and no LF at all. (peek gives one buffer,
+    # which may end between a CRLF's two bytes: a CR in last place proves nothing.)
+    cr = sample.find(b"\r")
+    if 0 <= cr < len(sample) - 1 and b"\n" not in sample:
         stream = io.BufferedReader(_CrAsLf(stream))
     return stream, gzipped
 
