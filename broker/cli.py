@@ -527,11 +527,16 @@ async def _lookup(
             results = await broker.get_items(queries, marketplace=marketplace, resources=resources)
     except (NoUsableKeyError, StateUnavailableError, ConfigError, OSError) as exc:
         code, message = describe_failure(exc)
+        # run's messages speak of rows left pending; a lookup has none, so say it plainly.
         if code == ExitCode.UNAVAILABLE and isinstance(exc, NoUsableKeyError):
             message = (
                 f"gave up: the endpoint {config.api.endpoint} stayed unreachable for "
                 f"{config.retry.outage_budget_s:g} s (--outage-budget): {exc}"
             )
+        elif isinstance(exc, StateUnavailableError):
+            message = f"gave up after {config.retry.outage_budget_s:g} s (--outage-budget): {exc}"
+        elif isinstance(exc, OSError):
+            message = str(exc)
         print(f"broker: {message}", file=sys.stderr)
         return code
     except (TypeError, ValueError) as exc:

@@ -472,7 +472,9 @@ class TestGivingUp:
         code = cli.main(["lookup", "B0TEST0001", "--config", str(config), "--outage-budget", "2"])
         assert code == 69
         assert time.monotonic() - started < 60
-        assert "key-state store (redis) unavailable" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "gave up after 2 s (--outage-budget): key-state store (redis) unavailable" in err
+        assert "rows" not in err  # a lookup has no rows left pending
 
 
 _PACED_WORKER = """
