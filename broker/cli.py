@@ -145,11 +145,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run a job file to the end (resumable)",
         description="Look up every row of a job file and write one output row per input row. "
         "Run it again with the same job and output to resume after a crash or a stop.",
-        epilog="exit codes: 0 done; 2 usage (e.g. --out naming the job file); 3 done but some "
-        "rows failed; 65 bad input, input changed or job locked; 66 input missing; 69 API "
-        "endpoint unreachable past the outage budget (rows stay pending); 74 cannot write "
-        "output; 75 stopped (signal or --no-wait), run again to resume; 77 a key was rejected "
-        "(rows stay pending); 78 bad config",
+        epilog="exit codes: 0 done; 2 usage (e.g. --out naming the job file, a job that is a "
+        "pipe); 3 done but some rows failed; 65 bad input, input changed or job locked; 66 "
+        "input missing; 69 API endpoint or key-state store unreachable past the outage budget "
+        "(rows stay pending); 74 cannot write output, or a damaged or read-only state file; 75 "
+        "stopped (signal or --no-wait), run again to resume; 77 a key was rejected (rows stay "
+        "pending); 78 bad config",
     )
     run.add_argument(
         "job", help="job file: .txt, .csv or .jsonl, optionally .gz; - reads stdin (see --input)"
@@ -224,11 +225,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "one at a time; file each with its output and a status file under SPOOL/done/ or "
         "SPOOL/failed/. Serves /healthz, /readyz and Prometheus /metrics.",
         epilog="exit codes: 0 stopped by SIGTERM/SIGINT/SIGHUP (the current job resumes at the "
-        "next start); 69 the API endpoint stayed unreachable past the outage budget (the job "
-        "stays in processing/); 74 cannot write the spool; 75 forced by a second signal (still "
-        "resumable); "
-        "77 every key was rejected (the job stays in processing/); 78 bad config, refused "
-        "--host or port in use",
+        "next start); 69 the API endpoint or the key-state store stayed unreachable past the "
+        "outage budget (the job stays in processing/); 74 cannot write the spool, or a damaged "
+        "or read-only state file; 75 forced by a second signal (still resumable); 77 every key "
+        "was rejected (the job stays in processing/); 78 bad config, refused --host or port in "
+        "use",
     )
     serve.add_argument("--spool", required=True, metavar="DIR", help="the spool directory")
     serve.add_argument("--config", help=_CONFIG_HELP)
@@ -252,8 +253,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "summary; when piped or with --json, print one JSON object per ASIN, the same rows "
         "as `broker run` writes (line = the argument's position).",
         epilog="exit codes: 0 ok; 2 usage (unknown --marketplace); 3 some rows failed; 69 the "
-        "endpoint stayed unreachable for the outage budget; 77 a key was rejected; 78 bad "
-        "config",
+        "endpoint or the key-state store stayed unreachable for the outage budget; 74 a "
+        "damaged or read-only state file; 77 a key was rejected; 78 bad config",
     )
     look.add_argument("asins", nargs="+", metavar="ASIN")
     look.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
@@ -316,7 +317,8 @@ def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Show each configured key's state as every process and machine sharing "
         "it sees it: the shared rate now and configured, requests today and left, paused or "
         "parked until when and why, the last 429, processes seen in the last minute.",
-        epilog="exit codes: 0 shown; 69 the state store ([state]) cannot be reached; 78 bad config",
+        epilog="exit codes: 0 shown; 69 the state store ([state]) cannot be reached; 74 a "
+        "damaged or read-only state file, or one this user cannot read; 78 bad config",
     )
     add_arguments(status)
 

@@ -29,9 +29,10 @@ class ExitCode(enum.IntEnum):
     #: the job file is missing (a missing config file is ``CONFIG``)
     NO_INPUT = 66
     #: the API endpoint stayed unreachable past the outage budget, or the key-state store
-    #: could not be opened
+    #: could not be opened or stayed unreachable that long
     UNAVAILABLE = 69
-    #: cannot write the output, the ledger or the spool; ``broker cache`` cannot use the cache
+    #: cannot write the output, the ledger or the spool; a damaged or read-only key-state
+    #: file; ``broker cache`` cannot use the cache
     IO_ERROR = 74
     #: stopped before the end (signal or ``--no-wait``): run the same command again to resume
     RESUMABLE = 75
