@@ -47,6 +47,38 @@ async def test_snapshot_left_today_is_where_the_key_stops() -> None:
     assert snapshot.daily_left == 98_999
 
 
+async def test_a_hold_that_comes_in_during_a_probe_wait_gives_the_probe_back() -> None:
+    """A local hold arriving while a claimed probe waits for its slot: the probe slot goes
+    back and the key probes once the hold ends, instead of waiting on PROBING for good."""
+    clock = FakeClock()
+    key = _key(clock)
+    probe_at = key.circuit.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+    await clock.advance(probe_at - clock.monotonic() + 0.1)
+    key.limiter = _HoldOnce(key, clock)  # type: ignore[assignment]
+    await _driven(clock, key.wait_ready(), within_s=120.0)
+    assert key.limiter.held  # type: ignore[attr-defined]
+    assert key.circuit.state is CircuitState.PROBING  # the probe claimed after the hold
+
+
+class _HoldOnce:
+    """The key's limiter, but its first wait lets a local hold in (an outage seen then)."""
+
+    def __init__(self, key: KeyState, clock: FakeClock) -> None:
+        self._inner = key.limiter
+        self._key = key
+        self._clock = clock
+        self.held = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    async def wait_ready(self) -> None:
+        if not self.held:
+            self.held = True
+            self._key.on_unreachable(ConnectionError("no route"), self._clock.monotonic())
+        await self._inner.wait_ready()
+
+
 class TestOutagesStayLocal:
     """What one process cannot reach is its own trouble, not every process's."""
 

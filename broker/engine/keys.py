@@ -221,6 +221,11 @@ class KeyState:
     async def wait_ready(self) -> None:
         """Wait until the key may send: its pacer slot, pause, circuit and daily budget."""
         while True:
+            # This process's own hold first: a probe slot claimed below must be used at once.
+            now = self._clock.monotonic()
+            if now < self._local_hold_until:
+                await self._clock.sleep(self._local_hold_until - now)
+                continue
             if self.circuit.state is CircuitState.PROBING:
                 await self._clock.sleep(1.0)
                 continue
@@ -233,13 +238,12 @@ class KeyState:
                 if not self.circuit.try_probe():
                     await self._clock.sleep(1.0)
                     continue
-            now = self._clock.monotonic()
-            if now < self._local_hold_until:
-                await self._clock.sleep(self._local_hold_until - now)
-                continue
             await self.limiter.wait_ready()
             if self._clock.monotonic() < self._local_hold_until:
-                continue  # a hold of this process's came in while the limiter waited (N7)
+                # A hold of this process's came in while the limiter waited (N7); a probe
+                # slot claimed above goes back, or the circuit would wait on it for good.
+                self.circuit.abandon_probe()
+                continue
             self._paused_reason = None
             return
 
