@@ -567,6 +567,12 @@ class TestBrokenKeys:
         assert german.error.code == "NoKeyForMarketplace"  # the demo key tags .com only
         assert (named.marketplace, named.ok) == ("www.amazon.com", True)
         assert (american.marketplace, american.ok) == ("www.amazon.com", True)
+        (refused,) = await broker.get_items(
+            [Query("https://www.amazon.de/dp/B000000004", resources=("Bogus.Name",))]
+        )
+        assert refused.error is not None
+        assert refused.error.code == "InvalidResource"
+        assert refused.marketplace == "www.amazon.de"  # still the URL's store
 
     async def test_unknown_marketplace(self, harness: Harness) -> None:
         """A marketplace that is not Amazon's is an invalid query, never sent."""

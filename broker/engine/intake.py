@@ -117,7 +117,8 @@ class Intake:
                 try:
                     wanted = resolve_resources(item.resources, self._protocol)
                 except (TypeError, ValueError) as exc:
-                    named = own or marketplace or self._marketplace
+                    named = own or marketplace or check_asin(raw).store or self._marketplace
+                    named = self._canonical_market(named) or named
                     return self._immediate(
                         Query(raw, named, _echo(item.resources), tag),
                         "InvalidResource",
