@@ -184,56 +184,48 @@ class TestUvForwardedSigint:
 
     def test_sighup_drains_like_sigterm(self, tmp_path: Path) -> None:
         """SIGHUP (a closed terminal) drains the run and exits 75, resumable; not a silent 129."""
-        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
-        rows = "".join(f"B0HU{i:06d}\n" for i in range(400))
-        (tmp_path / "job.txt").write_text(rows, encoding="utf-8")
-        command = [sys.executable, "-m", "broker", "run", "job.txt", "--out", "out.jsonl"]
-        proc = subprocess.Popen(
-            [*command, "--no-cache"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
-        )
-        try:
-            out = tmp_path / "out.jsonl"
-            deadline = time.monotonic() + 60
-            while not (out.exists() and out.stat().st_size > 0):
-                assert proc.poll() is None
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGHUP)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 75, err
+        code, err, _ = _signal_a_run(tmp_path, signal.SIGHUP, rows=400)
+        assert code == 75, err
         assert "broker.job_stopping" in err
         assert "run the same command again to resume" in err
 
     def test_sighup_stays_ignored_under_nohup(self, tmp_path: Path) -> None:
         """Started with SIGHUP ignored (nohup), a run ignores it and finishes every row."""
-        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
-        rows = "".join(f"B0NH{i:06d}\n" for i in range(100))
-        (tmp_path / "job.txt").write_text(rows, encoding="utf-8")
-        command = [sys.executable, "-m", "broker", "run", "job.txt", "--out", "out.jsonl"]
-        proc = subprocess.Popen(
-            [*command, "--no-cache"],
-            cwd=tmp_path,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
-        )
-        try:
-            out = tmp_path / "out.jsonl"
-            deadline = time.monotonic() + 60
-            while not (out.exists() and out.stat().st_size > 0):
-                assert proc.poll() is None
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGHUP)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 0, err
+        code, err, out = _signal_a_run(tmp_path, signal.SIGHUP, rows=100, nohup=True)
+        assert code == 0, err
         assert len(out.read_text().splitlines()) == 100
+
+
+def _signal_a_run(
+    tmp_path: Path, sig: signal.Signals, *, rows: int, nohup: bool = False
+) -> tuple[int, str, Path]:
+    """``broker run`` of ``rows`` ASINs at 5 requests a second, sent ``sig`` once its first
+    rows are written (``nohup``: started with SIGHUP ignored, as nohup does): the exit code,
+    stderr and the output file."""
+    (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+    job = "".join(f"B0SG{i:06d}\n" for i in range(rows))
+    (tmp_path / "job.txt").write_text(job, encoding="utf-8")
+    command = [sys.executable, "-m", "broker", "run", "job.txt", "--out", "out.jsonl"]
+    proc = subprocess.Popen(
+        [*command, "--no-cache"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
+    )
+    out = tmp_path / "out.jsonl"
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.stat().st_size > 0):
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err, out
 
 
 _SLOW_CONFIG = embedded_toml(tps=5.0, engine="queue_size = 20")
