@@ -76,8 +76,7 @@ from broker.client import Broker
 from broker.config import DEFAULT_RESOURCES
 from broker.engine.transport import MockTransport
 from broker.models import Protocol, Status
-from broker.simulator.catalog import lookup_by_key
-from broker.simulator.render import item_json, resources_key
+from broker.simulator.render import forget_rendered, item_json, resources_key
 from broker.simulator.settings import SimulatorSettings
 
 __all__ = ["main"]
@@ -140,10 +139,10 @@ class Answers:
             body = self.body(asins)
             self._bodies[self.request(asins).body] = body
             self._by_asins[tuple(asins)] = body
-        # The simulator's catalogue keeps every item it rendered (up to 131,072 of them):
-        # in this process they would only grow the heap each collection of the
+        # The simulator keeps every item it rendered, and its JSON (up to 131,072 and 65,536
+        # of them): in this process they would only grow the heap each collection of the
         # interpreter's cyclic garbage collector walks, and the rounds would grow dearer.
-        lookup_by_key.cache_clear()
+        forget_rendered()
 
     def clear(self) -> None:
         """Forget the prepared answers (a round's bodies are not needed again)."""

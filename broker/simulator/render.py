@@ -23,6 +23,7 @@ __all__ = [
     "EXTRA_RESOURCES",
     "PAAPI_ITEM_RESOURCES",
     "Style",
+    "forget_rendered",
     "item_json",
     "paapi_resource",
     "paapi_resource_to_creators",
@@ -155,6 +156,17 @@ def item_json(
         protocol,
         nulls,
     )
+
+
+def forget_rendered() -> None:
+    """Drop the memoized catalogue items and their rendered JSON.
+
+    A server keeps them (the same ASINs are asked again); a benchmark that renders answers in
+    its own process drops them after, so its heap, which every full garbage collection
+    walks, does not grow round after round.
+    """
+    _item_json.cache_clear()
+    lookup_by_key.cache_clear()
 
 
 @lru_cache(maxsize=65_536)
