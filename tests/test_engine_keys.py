@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from conftest import US, key_doc, make_config
@@ -77,6 +77,40 @@ class _HoldOnce:
             self.held = True
             self._key.on_unreachable(ConnectionError("no route"), self._clock.monotonic())
         await self._inner.wait_ready()
+
+
+async def test_a_parked_key_beats_to_the_shared_state_while_it_waits() -> None:
+    """The process that parked a key asks the store every 30 s while it waits for its probe
+    (each ask carries its count of the day), not once the park ends 15-60 minutes later."""
+    clock = FakeClock()
+    store = _CountingStore(
+        MemoryStateStore(
+            lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
+        )
+    )
+    key = _key(clock, SharedState(cast("Any", store), "https://creators.test", "a"))
+    key.circuit.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+    waiting = asyncio.create_task(key.wait_ready())
+    await clock.advance(0.0)
+    before = store.calls
+    for _ in range(20):
+        await clock.advance(30.0)
+    assert store.calls - before >= 19
+    assert not waiting.done()
+    waiting.cancel()
+
+
+class _CountingStore:
+    """A store that counts the decisions asked of it."""
+
+    def __init__(self, inner: MemoryStateStore) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.calls = 0
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return await self.inner.decide(*args, **kwargs)
 
 
 class TestOutagesStayLocal:

@@ -242,9 +242,13 @@ class KeyLimiter(Protocol):
       ``resets_at()`` describe the daily budget's current window.
     - ``blocked_reason`` says why the key cannot send because its shared state store is
       unreachable (``None``: it can; always ``None`` for in-process state).
+    - ``await heartbeat()`` tells the shared state this process is still here while the key
+      sends nothing (parked): each call carries its count of the day. No-op in process.
     """
 
     async def wait_ready(self) -> None: ...
+
+    async def heartbeat(self) -> None: ...
 
     async def commit(self) -> float: ...
 
@@ -304,6 +308,9 @@ class LocalKeyLimiter:
     def budget(self) -> DailyBudget:
         """The key's daily budget."""
         return self._budget
+
+    async def heartbeat(self) -> None:
+        """Nothing to tell: the key's state lives in this process."""
 
     async def wait_ready(self) -> None:
         """Wait for the key's next slot, and past the daily reset when the budget is spent."""

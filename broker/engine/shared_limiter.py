@@ -319,6 +319,13 @@ class SharedKeyLimiter:
         with contextlib.suppress(StateUnavailableError):
             await self._call(reserve=False)
 
+    async def heartbeat(self) -> None:
+        """Ask the store (reserving nothing) while the key waits on its own, parked: the ask
+        carries this process's count of the day, so a Redis that restarted empty learns it
+        again; an unreachable store is logged and asked again at the next beat."""
+        with contextlib.suppress(StateUnavailableError):
+            await self._call(reserve=False)
+
     async def refresh(self) -> Decision:
         """Apply pending feedback and read the key's state, reserving nothing.
 
