@@ -535,10 +535,10 @@ async def _lookup(
                 f"gave up: the endpoint {config.api.endpoint} stayed unreachable for "
                 f"{config.retry.outage_budget_s:g} s (--outage-budget): {exc}"
             )
-        elif isinstance(exc, StateUnavailableError):
-            message = f"gave up after {config.retry.outage_budget_s:g} s (--outage-budget): {exc}"
-        elif isinstance(exc, OSError):
-            message = str(exc)
+        elif isinstance(exc, NoUsableKeyError):
+            message = f"stopped: {exc}"
+        elif isinstance(exc, (StateUnavailableError, OSError)):
+            message = str(exc)  # it says itself whether it waited out the budget
         print(f"broker: {message}", file=sys.stderr)
         return code
     except (TypeError, ValueError) as exc:

@@ -453,6 +453,25 @@ class TestBrokenStateFile:
             holder.close()
             await store.aclose()
 
+    def test_lookup_with_an_unopenable_state_path_says_so_at_once(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A state path that cannot be made: exit 69 at once, with no claim of a wait."""
+        from conftest import embedded_toml
+
+        from broker import cli
+
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        config = tmp_path / "config.toml"
+        config.write_text(embedded_toml() + f'\n[state]\npath = "{blocker / "keys.sqlite3"}"\n')
+        args = ["lookup", "B0TEST0001", "--config", str(config), "--outage-budget", "300"]
+        assert cli.main(args) == 69
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("broker:")]
+        assert len(said) == 1
+        assert "key-state store (local) unavailable" in said[0]
+        assert "after" not in said[0]  # nothing was waited for
+
     def test_run_with_a_damaged_state_file_exits_74(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -295,7 +295,10 @@ class SharedKeyLimiter:
         if self._unavailable_since is None:
             self._unavailable_since = now
         elif now - self._unavailable_since >= self._give_up_after_s:
-            raise exc
+            waited = now - self._unavailable_since
+            raise StateUnavailableError(
+                exc.backend, f"{exc.reason}; still so after {waited:.0f} s (the outage budget)"
+            ) from exc
         await self._clock.sleep(self._unavailable_pause())
 
     def _unavailable_pause(self) -> float:
