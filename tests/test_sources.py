@@ -379,12 +379,17 @@ def test_lines_ending_in_cr_alone_are_lines(tmp_path: Path, name: str) -> None:
     assert count_rows(path) == 3
 
 
-def test_crlf_split_by_the_sniffed_buffer_is_not_taken_for_cr_alone(tmp_path: Path) -> None:
-    """A CRLF file whose first CR is the last byte the sniffing sees keeps its lines."""
-    for shift in range(-3, 4):  # a comment line whose CR falls around byte 4096
-        line = "#" + "x" * (4093 + shift) + "\r\n"
-        path = write(tmp_path, f"job{shift + 3}.txt", line + f"{VALID}\r\n{VALID}\r\n")
-        assert [row.line for row in rows(path)] == [2, 3], shift
+@pytest.mark.parametrize("ending", ["\r\n", "\r"])
+def test_a_first_line_ending_where_the_sniffing_stops_keeps_its_kind(
+    tmp_path: Path, ending: str
+) -> None:
+    """Whether the first CR falls at the end of a read buffer (4,096 or 8,192 bytes) or not,
+    a CRLF file stays CRLF and a CR-only file CR-only."""
+    for size in (4094, 4095, 4096, 8190, 8191, 8192):
+        line = "#" + "x" * (size - 1) + ending  # a comment line whose CR is at byte `size`
+        path = write(tmp_path, f"job{size}.txt", line + f"{VALID}{ending}{VALID}{ending}")
+        assert [row.line for row in rows(path)] == [2, 3], size
+        assert count_rows(path) == 2, size
 
 
 class TestDuplicates:

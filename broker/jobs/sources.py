@@ -85,8 +85,9 @@ _EXTENSIONS: Final[Mapping[str, JobFormat]] = {
     ".jsonlines": "jsonl",
 }
 _GZIP_MAGIC: Final = b"\x1f\x8b"
-#: How much of a job file's head decides whether its lines end in CR alone.
-_CR_SNIFF_BYTES: Final = 8192
+#: How much of a job file's head decides whether its lines end in CR alone: a longest line
+#: (64 KiB) and its ending, so a first line the reader accepts always shows its ending.
+_CR_SNIFF_BYTES: Final = DEFAULT_MAX_LINE_BYTES + 2
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
 _UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
 _ZIP_MAGIC: Final = b"PK\x03\x04"
@@ -405,16 +406,25 @@ def _open(stack: ExitStack, path: Path) -> tuple[io.BufferedIOBase, bool]:
         stack.callback(stream.close)
     elif path.name.lower().endswith(".gz") and head:
         raise JobFileError(f"{path}: the name ends in .gz but the file is not gzip-compressed")
-    try:
-        sample = stream.peek(_CR_SNIFF_BYTES)[:_CR_SNIFF_BYTES]  # type: ignore[attr-defined]
-    except (OSError, EOFError, zlib.error):
-        sample = b""  # a damaged .gz: the line reader reports it where it happens
-    # A CR followed by something other than LF, and no LF at all. (peek gives one buffer,
-    # which may end between a CRLF's two bytes: a CR in last place proves nothing.)
-    cr = sample.find(b"\r")
-    if 0 <= cr < len(sample) - 1 and b"\n" not in sample:
+    if _cr_only(path, gzipped):
         stream = io.BufferedReader(_CrAsLf(stream))
     return stream, gzipped
+
+
+def _cr_only(path: Path, gzipped: bool) -> bool:
+    """True when the file's lines end in CR alone: its head has a CR and no LF at all.
+
+    Read through a handle of its own (a buffer's peek may stop between a CRLF's two bytes),
+    one byte further when the head ends in CR, to see what follows it.
+    """
+    try:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as handle:
+            head = handle.read(_CR_SNIFF_BYTES)
+            if head.endswith(b"\r"):
+                head += handle.read(1)
+    except (OSError, EOFError, zlib.error):
+        return False  # a damaged .gz: the line reader reports it where it happens
+    return b"\r" in head and b"\n" not in head
 
 
 class _CrAsLf(io.RawIOBase):
