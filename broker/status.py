@@ -177,7 +177,7 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         except OSError as exc:  # a daemon's 0700 state directory, seen by another user
             print(
                 f"broker: cannot read {path}: {exc.strerror}; run as the user that owns it "
-                "(sudo -u asin-broker ...)",
+                "(for the systemd unit's state: sudo -u asin-broker ...)",
                 file=sys.stderr,
             )
             return ExitCode.IO_ERROR

@@ -211,7 +211,10 @@ def _signal_a_run(
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
+        # Set either way: a test run that is itself under nohup must not pass its SIG_IGN on.
+        preexec_fn=lambda: signal.signal(
+            signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL
+        ),
     )
     out = tmp_path / "out.jsonl"
     try:
