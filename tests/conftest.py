@@ -131,6 +131,19 @@ def account(name: str, credential_id: str, secret: str, **fields: Any) -> Accoun
     return Account(name, protocol, credential_id, secret, **params)
 
 
+class CountingStore:
+    """Wraps a key-state store; counts the decisions asked of it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.calls = 0
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return await self.inner.decide(*args, **kwargs)
+
+
 class CountingTransport:
     """Wraps a transport; counts requests (by URL path) and those in flight right now."""
 

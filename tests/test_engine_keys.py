@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar, cast
 
 import pytest
-from conftest import US, key_doc, make_config
+from conftest import US, CountingStore, key_doc, make_config
 
 from broker.engine.adaptive import CircuitState, ThrottleVerdict
 from broker.engine.authorizer import SigV4Authorizer
@@ -83,7 +83,7 @@ async def test_a_parked_key_beats_to_the_shared_state_while_it_waits() -> None:
     """The process that parked a key asks the store every 30 s while it waits for its probe
     (each ask carries its count of the day), not once the park ends 15-60 minutes later."""
     clock = FakeClock()
-    store = _CountingStore(
+    store = CountingStore(
         MemoryStateStore(
             lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
         )
@@ -98,19 +98,6 @@ async def test_a_parked_key_beats_to_the_shared_state_while_it_waits() -> None:
     assert store.calls - before >= 19
     assert not waiting.done()
     waiting.cancel()
-
-
-class _CountingStore:
-    """A store that counts the decisions asked of it."""
-
-    def __init__(self, inner: MemoryStateStore) -> None:
-        self.inner = inner
-        self.backend = inner.backend
-        self.calls = 0
-
-    async def decide(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        return await self.inner.decide(*args, **kwargs)
 
 
 class TestOutagesStayLocal:

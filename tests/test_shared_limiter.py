@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from conftest import Harness, account, asins, drive, key_doc, make_config
+from conftest import CountingStore, Harness, account, asins, drive, key_doc, make_config
 
 from broker.engine.adaptive import AdaptiveSettings, CircuitState, ThrottleVerdict
 from broker.engine.shared_limiter import (
@@ -201,19 +201,6 @@ class TestSharedFeedback:
         assert adaptive.rate == pytest.approx(4.5)
 
 
-class _Counting:
-    """A store that counts the decisions asked of it."""
-
-    def __init__(self, inner: MemoryStateStore) -> None:
-        self.inner = inner
-        self.backend = inner.backend
-        self.calls = 0
-
-    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
-        self.calls += 1
-        return await self.inner.decide(*args, **kwargs)
-
-
 class TestDailyQuota:
     """The day's count is the key's, not a process's."""
 
@@ -263,7 +250,7 @@ class TestDailyQuota:
     async def test_a_parked_key_asks_the_store_every_30_s(self) -> None:
         """A key parked for 15 minutes asks the store at least every 30 s while it waits."""
         clock = FakeClock()
-        store = _Counting(_store(clock))
+        store = CountingStore(_store(clock))
         limiter = SharedKeyLimiter(
             clock, cast("Any", store), KEY, KeyLimits(5.0, 0.05, 5.0), process_id="a"
         )
