@@ -221,6 +221,20 @@ class TestFeedback:
         assert d.rate == pytest.approx(4.05)
         assert d.last_429_us > 0
 
+    async def test_a_view_writes_nothing(self, backend: Backend) -> None:
+        """view (broker status) with another tps neither resets the shared rate nor counts."""
+        sent = await backend.reserve()
+        cut = await backend.reserve(throttled=(sent.now_us,))
+        assert cut.rate == pytest.approx(4.5)
+        other_tps = replace(LIMITS, nominal_rate=3.0, max_rate=3.0)
+        seen = await backend.store.view(KEY, other_tps)
+        assert seen.decision.count == 2
+        after = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=False, process=ME
+        )
+        assert after.rate == pytest.approx(4.5)  # not reset by the view's other nominal
+        assert after.count == 2
+
     async def test_successes_raise_the_rate_to_the_cap(self, backend: Backend) -> None:
         """Demand-limited successes raise a cut rate, never above the cap."""
         sent = await backend.reserve()

@@ -19,6 +19,8 @@ local max_boost = tonumber(ARGV[9])
 local horizon = tonumber(ARGV[10])
 local lease = tonumber(ARGV[11])
 local reserve = ARGV[12] == '1'
+-- 'view': decide as for reserve = 0, and store nothing (broker status reads, never writes)
+local view = ARGV[12] == 'view'
 local process_id = ARGV[13]
 local hwm_day = tonumber(ARGV[14])
 local hwm_count = tonumber(ARGV[15])
@@ -230,14 +232,17 @@ if reserve then
   end
 end
 
-redis.call('HSET', KEYS[1], 'rate', num(rate), 'nominal', num(stored_nominal),
-  'next_slot', int(next_slot), 'cut_at', int(cut_at), 'cuts', int(cuts), 'boost', num(boost),
-  'streak', int(streak), 'day', int(day), 'count', int(count), 'paused_until', int(paused_until),
-  'pause_reason', pause_why, 'parked_until', int(parked_until), 'park_reason', park_why,
-  'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
-  'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
-  'rc_r2', int(rc_r2))
-redis.call('PEXPIRE', KEYS[1], ttl_ms)
+if not view then
+  redis.call('HSET', KEYS[1], 'rate', num(rate), 'nominal', num(stored_nominal),
+    'next_slot', int(next_slot), 'cut_at', int(cut_at), 'cuts', int(cuts), 'boost', num(boost),
+    'streak', int(streak), 'day', int(day), 'count', int(count),
+    'paused_until', int(paused_until), 'pause_reason', pause_why,
+    'parked_until', int(parked_until), 'park_reason', park_why,
+    'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
+    'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
+    'rc_r2', int(rc_r2))
+  redis.call('PEXPIRE', KEYS[1], ttl_ms)
+end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
 
 if paused_until <= now then pause_why = '' end

@@ -134,6 +134,8 @@ class RedisStateStore:
         feedback: Feedback,
         reserve: bool,
         process: ProcessMark | None,
+        *,
+        view: bool = False,
     ) -> list[str]:
         args: list[object] = [
             repr(limits.nominal_rate),
@@ -147,7 +149,7 @@ class RedisStateStore:
             repr(limits.max_boost),
             int(limits.horizon_s * _US),
             int(limits.probe_lease_s * _US),
-            1 if reserve else 0,
+            "view" if view else 1 if reserve else 0,
             "" if process is None else process.process_id,
             -1 if process is None else process.hwm_day,
             0 if process is None else process.hwm_count,
@@ -175,12 +177,13 @@ class RedisStateStore:
         process: ProcessMark | None,
     ) -> Decision:
         """Apply feedback and optionally reserve a send: one script call, one round trip."""
+        return await self._decide(key, limits, self._args(limits, feedback, reserve, process))
+
+    async def _decide(self, key: StateKey, limits: KeyLimits, args: list[str]) -> Decision:
         from redis.exceptions import AuthenticationError, RedisError
 
         try:
-            reply: Any = await self._script(
-                keys=self._keys(key), args=self._args(limits, feedback, reserve, process)
-            )
+            reply: Any = await self._script(keys=self._keys(key), args=args)
         except AuthenticationError as exc:
             # A wrong or missing password never mends by waiting: a config error (exit 78).
             raise ConfigError(
@@ -213,9 +216,11 @@ class RedisStateStore:
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
-        """Read the key's state (the script with nothing to apply and nothing to reserve)."""
-        decision = await self.decide(key, limits, feedback=Feedback(), reserve=False, process=None)
-        return KeyView(key, limits, decision)
+        """Read the key's state without writing anything: the script's decision with nothing
+        to apply, reserved or stored (a key no broker used yet is not created, and a config
+        whose ``tps`` differs does not reset the shared rate)."""
+        args = self._args(limits, Feedback(), False, None, view=True)
+        return KeyView(key, limits, await self._decide(key, limits, args))
 
     async def aclose(self) -> None:
         """Close the connection pool."""
