@@ -20,10 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["disk_error", "enable_wal", "immediate"]
+__all__ = ["disk_error", "enable_wal", "immediate", "journal_files"]
 
 #: Pause between attempts while another process holds the lock.
 _RETRY_S = 0.01
+
+
+def journal_files(path: Path) -> tuple[Path, Path]:
+    """The write-ahead log and shared-memory index SQLite keeps beside a WAL database."""
+    return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
 
 
 def enable_wal(conn: sqlite3.Connection, *, timeout_s: float) -> None:

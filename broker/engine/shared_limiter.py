@@ -326,8 +326,7 @@ class SharedKeyLimiter:
         """Ask the store (reserving nothing) while the key waits on its own, parked: the ask
         carries this process's count of the day, so a Redis that restarted empty learns it
         again; an unreachable store is logged and asked again at the next beat."""
-        with contextlib.suppress(StateUnavailableError):
-            await self._call(reserve=False)
+        await self._flush()
 
     async def refresh(self) -> Decision:
         """Apply pending feedback and read the key's state, reserving nothing.

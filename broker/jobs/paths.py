@@ -59,16 +59,14 @@ class RunPaths:
         keeps reading its own bytes, never a mix of two inputs.
         """
         self.job.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "wb", dir=self.job.parent, prefix=f".{self.job.name}.", delete=False
-        ) as handle:
-            try:
+        fd, temporary = tempfile.mkstemp(dir=self.job.parent, prefix=f".{self.job.name}.")
+        try:
+            with os.fdopen(fd, "wb") as handle:
                 shutil.copyfileobj(sys.stdin.buffer, handle)
-            except BaseException:
-                handle.close()
-                Path(handle.name).unlink(missing_ok=True)
-                raise
-        os.replace(handle.name, self.job)
+            os.replace(temporary, self.job)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
     def copy_out(self) -> None:
         """``--out -``: write the finished output to stdout."""

@@ -46,6 +46,7 @@ from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import JobFingerprint, JobRow, fingerprint, read_job
 from broker.logs import get_logger
 from broker.models import ItemResult, Protocol, Query
+from broker.sqlitewal import journal_files
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -231,8 +232,8 @@ def _forget_refused(ledger_path: Path) -> Iterator[_Refusal]:
         yield refusal
     except JobFileError:
         if fresh and refusal.nothing_read:
-            for suffix in ("", "-wal", "-shm"):
-                ledger_path.with_name(ledger_path.name + suffix).unlink(missing_ok=True)
+            for path in (ledger_path, *journal_files(ledger_path)):
+                path.unlink(missing_ok=True)
         raise
 
 
@@ -253,8 +254,8 @@ def _finish_promotion(out: Path) -> None:
         os.replace(side, out)
     if _ledger_path(side).exists():
         # A journal left by the old ledger must not be replayed into the new one.
-        for suffix in ("-wal", "-shm"):
-            ledger.with_name(ledger.name + suffix).unlink(missing_ok=True)
+        for path in journal_files(ledger):
+            path.unlink(missing_ok=True)
         os.replace(_ledger_path(side), ledger)
     # Nobody holds the refresh's lock now (the main job's lock is held by this run).
     _ledger_path(side).with_name(_ledger_path(side).name + ".lock").unlink(missing_ok=True)

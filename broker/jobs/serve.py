@@ -90,6 +90,7 @@ from broker.jobs.signals import (
     sigint_echo_window,
 )
 from broker.logs import get_logger
+from broker.sqlitewal import journal_files
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheStats
@@ -215,13 +216,13 @@ class SpoolJob:
     def work_files(self) -> tuple[Path, ...]:
         """Every file the runner may leave beside the job."""
         ledger = self.ledger
-        side = ("-wal", "-shm", "-journal", ".lock")
         return (
             self.out,
             self.invalid_report,
             self.invalid_report.with_name(self.invalid_report.name + ".tmp"),
             ledger,
-            *(ledger.with_name(ledger.name + suffix) for suffix in side),
+            *journal_files(ledger),
+            *(ledger.with_name(ledger.name + suffix) for suffix in ("-journal", ".lock")),
         )
 
 
