@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import os
 import re
@@ -51,6 +52,22 @@ def _limiter(
 ) -> SharedKeyLimiter:
     limits = limits or KeyLimits(5.0, 0.05, 5.0, day_limit=1000, tpd=1000)
     return SharedKeyLimiter(clock, store, KEY, limits, process_id=name)
+
+
+class _Skewed:
+    """A clock whose wall time runs ``ahead_s`` ahead of ``inner``'s (its timers are inner's)."""
+
+    def __init__(self, inner: FakeClock, ahead_s: float) -> None:
+        self._inner, self._ahead_s = inner, ahead_s
+
+    def monotonic(self) -> float:
+        return self._inner.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+    def utcnow(self) -> dt.datetime:
+        return self._inner.utcnow() + dt.timedelta(seconds=self._ahead_s)
 
 
 async def _send_loop(limiter: SharedKeyLimiter, sent: list[tuple[str, float]], name: str) -> None:
@@ -219,6 +236,29 @@ class TestDailyQuota:
         assert b.exhausted
         assert b.remaining == 0
         assert b.used_fraction == 1.0
+
+    async def test_a_process_whose_clock_runs_ahead_counts_the_stores_day(self) -> None:
+        """A process 6 h ahead of the store's clock, past midnight by its own clock, still
+        sees the store's spent day: exhausted, nothing left, waiting until the store's reset."""
+        clock = FakeClock(epoch=dt.datetime(2026, 12, 3, 20, 0, tzinfo=dt.UTC))
+        store_wall = lambda: int(clock.utcnow().timestamp() * 1e6)  # noqa: E731
+        store = MemoryStateStore(lambda: int(clock.monotonic() * 1e6), store_wall)
+        limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=2)
+        # 02:00 the next day by its own clock
+        ahead = SharedKeyLimiter(_Skewed(clock, 6 * 3600.0), store, KEY, limits, process_id="a")
+        for _ in range(2):
+            sending = asyncio.create_task(ahead.commit())
+            await clock.advance(0.3)
+            await sending
+        assert ahead.exhausted
+        assert ahead.remaining == 0
+        assert ahead.resets_at() == dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
+        waiting = asyncio.create_task(ahead.wait_ready())
+        await clock.advance(3 * 3600.0)  # 23:00 by the store: the day is still spent
+        assert not waiting.done()
+        await clock.advance(3600.0 + 31.0)  # past the store's midnight: a new day
+        assert waiting.done()
+        assert ahead.spent == 0
 
     async def test_a_waiting_process_reasserts_the_day_after_an_empty_restart(self) -> None:
         """The store loses the day (Redis restarted empty); a process waiting for the quota

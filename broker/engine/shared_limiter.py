@@ -173,6 +173,9 @@ class SharedKeyLimiter:
         self._last: Decision | None = None
         # store seconds minus local monotonic seconds, from the last answer
         self._offset = 0.0
+        # the store's wall seconds minus local monotonic seconds (None: no answer yet); the
+        # day is the store's, so a process whose wall clock is wrong still counts it right
+        self._wall_offset: float | None = None
         self._hold_until = -math.inf
         self._hwm_day = -1
         self._hwm_count = 0
@@ -276,7 +279,9 @@ class SharedKeyLimiter:
         self._unavailable_failures = 0
         # Whole µs, rounded up: a store on this process's own clock (truncated to the µs)
         # then maps its slots back to exactly the local instants they were taken from.
-        self._offset = math.ceil(decision.now_us - self._clock.monotonic() * _US) / _US
+        local_us = self._clock.monotonic() * _US
+        self._offset = math.ceil(decision.now_us - local_us) / _US
+        self._wall_offset = (decision.wall_us - local_us) / _US
         self._last = decision
         if decision.day > self._hwm_day:
             self._hwm_day, self._hwm_count = decision.day, decision.count
@@ -371,7 +376,7 @@ class SharedKeyLimiter:
                     continue
             now = self._clock.monotonic()
             if self.exhausted and self._hold_until <= now:
-                wait_s = (self.resets_at() - self._clock.utcnow()).total_seconds()
+                wait_s = self.resets_at().timestamp() - self._store_wall()
                 self._hold_until = now + min(max(wait_s, 1e-3), _RECHECK_S)
             if self._hold_until > now:
                 await self._clock.sleep(min(self._hold_until - now, _RECHECK_S))
@@ -493,10 +498,19 @@ class SharedKeyLimiter:
         self._unpark = True
         self._kick()
 
+    def _store_wall(self) -> float:
+        """The store's wall clock now, in seconds, by its last answer.
+
+        The daily window is the store's: Redis judges it by its own TIME, so a process whose
+        clock is hours off must not start a new day (and send into a spent one) on its own.
+        Before the first answer, this process's wall clock stands in.
+        """
+        if self._wall_offset is None:
+            return self._clock.utcnow().timestamp()
+        return self._clock.monotonic() + self._wall_offset
+
     def _current_day(self) -> int:
-        # This process's wall clock: the store's own clock may be a monotonic one.
-        wall_us = int(self._clock.utcnow().timestamp() * _US)
-        return day_number(wall_us, self._limits.reset_offset_s)
+        return day_number(int(self._store_wall() * _US), self._limits.reset_offset_s)
 
     @property
     def spent(self) -> int:
@@ -526,7 +540,7 @@ class SharedKeyLimiter:
         return 1.0 if tpd == 0 else self.spent / tpd
 
     def resets_at(self) -> datetime:
-        """The UTC instant today's window ends."""
+        """The UTC instant today's window ends, by the store's clock."""
         day = (
             self._current_day() if self._last is None else max(self._last.day, self._current_day())
         )

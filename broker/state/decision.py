@@ -218,7 +218,9 @@ def decide(
         record.nominal = limits.nominal_rate
         record.rate = limits.nominal_rate
     record.rate = _clamp(record.rate, limits)
-    day = day_number(now if wall is None else wall, limits.reset_offset_s)
+    if wall is None:
+        wall = now
+    day = day_number(wall, limits.reset_offset_s)
     if day > record.day:
         record.day = day
         record.count = 0
@@ -248,9 +250,7 @@ def decide(
             refusal, wait_us = "probing", record.probing_until - now
         elif limits.day_limit is not None and record.count >= limits.day_limit:
             refusal = "daily quota"
-            wait_us = day_end_us(record.day, limits.reset_offset_s) - (
-                now if wall is None else wall
-            )
+            wait_us = day_end_us(record.day, limits.reset_offset_s) - wall
         elif candidate - now > horizon_us:
             refusal, wait_us = "horizon", candidate - now - horizon_us
         else:
@@ -281,4 +281,5 @@ def decide(
         last_429_us=record.last_429,
         cut=cut,
         processes=sum(1 for t in record.processes.values() if t >= recent),
+        wall_us=wall,
     )

@@ -196,6 +196,8 @@ class Decision:
         last_429_us: when a 429 was last reported (0: never).
         cut: this call's feedback cut the rate.
         processes: processes seen using the key within ``PROCESS_RECENT_S``.
+        wall_us: the store's wall clock at the decision, which judged ``day``: a process
+            whose own wall clock is wrong counts the day by this, not by its own.
     """
 
     granted: bool
@@ -215,3 +217,4 @@ class Decision:
     last_429_us: int
     cut: bool
     processes: int
+    wall_us: int

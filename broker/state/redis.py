@@ -213,6 +213,7 @@ class RedisStateStore:
             last_429_us=int(reply[14]),
             cut=int(reply[15]) == 1,
             processes=int(reply[16]),
+            wall_us=int(reply[4]),  # Redis's TIME judges both the slots and the day
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
