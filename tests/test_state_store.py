@@ -313,6 +313,34 @@ class TestDayAndProcesses:
         assert view.decision.processes == 2
         assert view.decision.count == 1
 
+    async def test_processes_with_different_tps_agree_on_the_lowest(self, backend: Backend) -> None:
+        """A rolling config change (one process at 5 TPS, one at 2) does not reset the shared
+        rate on each call: both pace at 2 while the 2-TPS process asks; the 5 takes over once
+        it has been silent for a minute."""
+        old = replace(LIMITS, nominal_rate=5.0, max_rate=5.0)
+        new = replace(LIMITS, nominal_rate=2.0, max_rate=2.0)
+        other = ProcessMark("other:2:b")
+
+        async def ask(limits: KeyLimits, mark: ProcessMark = ME) -> Decision:
+            return await backend.store.decide(
+                KEY, limits, feedback=Feedback(), reserve=True, process=mark
+            )
+
+        await ask(old)
+        assert (await ask(new, other)).rate == 2.0
+        rates = []
+        for _ in range(3):
+            rates.append((await ask(old)).rate)
+            rates.append((await ask(new, other)).rate)
+        assert rates == [2.0] * 6
+        first, second = await ask(old), await ask(old)
+        assert second.slot_us - first.slot_us == 500_000  # the 5-TPS process paces at 2 too
+        if backend.fake is None:
+            return  # Redis's clock: a minute of waiting is too long for a test
+        await backend.advance(61.0)
+        assert (await ask(old)).rate == 5.0
+        assert (await ask(old)).rate == 5.0
+
     async def test_day_rolls_over_at_the_reset(self) -> None:
         """The count restarts when the daily window moves on, and never moves back."""
         clock = [_T0]

@@ -53,7 +53,7 @@ local function num(x) return string.format('%.17g', x) end
 
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
-  'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2')
+  'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -76,6 +76,8 @@ local rc_level = tonumber(h[17]) or 1
 local rc_desc = h[18] == '1'
 local rc_r1 = tonumber(h[19]) or 0
 local rc_r2 = tonumber(h[20]) or 0
+-- when a process with the stored (agreed) nominal rate last asked, µs
+local nominal_seen = tonumber(h[21]) or 0
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -137,10 +139,23 @@ local function recovered_rate(r, gain)
   return grown
 end
 
-if stored_nominal ~= nominal or rate <= 0 then
-  stored_nominal = nominal
-  rate = nominal
+-- A rolling change of tps: the lowest configured rate asked with in the last recent_us wins
+-- (decision.py, _agree); a caller with a higher one paces by it, its ceiling scaled alike.
+local asking = process_id ~= ''
+local mine = nominal
+if stored_nominal <= 0
+    or (asking and (mine < stored_nominal or now - nominal_seen > recent_us)) then
+  stored_nominal = mine
+  rate = mine
 end
+if stored_nominal == mine then
+  if asking then nominal_seen = now end
+else
+  min_rate = math.min(min_rate, stored_nominal)
+  max_rate = max_rate * stored_nominal / mine
+  nominal = stored_nominal
+end
+if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
 local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
 if today > day then
@@ -240,7 +255,7 @@ if not view then
     'parked_until', int(parked_until), 'park_reason', park_why,
     'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
     'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
-    'rc_r2', int(rc_r2))
+    'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

@@ -21,7 +21,7 @@ A process that dies after reserving wastes only the slots it reserved: one per d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from broker.ratecontrol import RecoveryState, cut_rate, recovered_rate
 from broker.state.model import (
@@ -56,7 +56,10 @@ class Record:
     """One key's shared state (mutable: the store owns it between decisions)."""
 
     rate: float = 0.0
+    #: the configured rate the key paces by: the lowest one asked with recently
     nominal: float = 0.0
+    #: when a process with that configured rate last asked (µs)
+    nominal_seen: int = 0
     next_slot: int = 0
     cut_at: int = 0
     cuts: int = 0
@@ -93,6 +96,34 @@ class Record:
             # Written by another version of the broker: keep the fields this one knows.
             known = cls.__slots__
             return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
+
+
+def _agree(record: Record, now: int, limits: KeyLimits, *, asking: bool) -> KeyLimits:
+    """The limits the key paces by when processes' configs differ (a rolling change of tps).
+
+    The lowest configured rate asked with in the last ``PROCESS_RECENT_S`` wins: a lower
+    one takes over at once (and resets the rate to it), a higher one only once no process
+    with the lower one has asked for that long. Without this each process reset the shared
+    rate to its own on every call, so the key swung between the two. A caller with a higher
+    rate paces by the agreed one, its ceiling scaled alike. ``asking``: a process asks (a
+    view neither takes over nor counts as seen).
+    """
+    mine = limits.nominal_rate
+    agreed = record.nominal
+    stale = now - record.nominal_seen > int(PROCESS_RECENT_S * _US)
+    if agreed <= 0 or (asking and (mine < agreed or stale)):
+        record.nominal = record.rate = mine
+        agreed = mine
+    if agreed == mine:
+        if asking:
+            record.nominal_seen = now
+        return limits
+    return replace(
+        limits,
+        nominal_rate=agreed,
+        min_rate=min(limits.min_rate, agreed),
+        max_rate=limits.max_rate * agreed / mine,
+    )
 
 
 def _clamp(rate: float, limits: KeyLimits) -> float:
@@ -214,8 +245,9 @@ def decide(
         record.parked_until = record.probing_until = record.last_429 = 0
         record.pause_reason = record.park_reason = ""
         record.processes = {}
-    if record.nominal != limits.nominal_rate or record.rate <= 0:
-        record.nominal = limits.nominal_rate
+        record.nominal_seen = 0
+    limits = _agree(record, now, limits, asking=process is not None)
+    if record.rate <= 0:
         record.rate = limits.nominal_rate
     record.rate = _clamp(record.rate, limits)
     if wall is None:
