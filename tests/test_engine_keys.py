@@ -81,7 +81,8 @@ class _HoldOnce:
 
 async def test_a_parked_key_beats_to_the_shared_state_while_it_waits() -> None:
     """The process that parked a key asks the store every 30 s while it waits for its probe
-    (each ask carries its count of the day), not once the park ends 15-60 minutes later."""
+    (its keep-alive, each ask carrying its count of the day), not once the park ends 15-60
+    minutes later."""
     clock = FakeClock()
     store = CountingStore(
         MemoryStateStore(
@@ -91,6 +92,7 @@ async def test_a_parked_key_beats_to_the_shared_state_while_it_waits() -> None:
     key = _key(clock, SharedState(cast("Any", store), "https://creators.test", "a"))
     key.circuit.open(ThrottleVerdict.QUOTA_EXHAUSTED)
     waiting = asyncio.create_task(key.wait_ready())
+    beating = asyncio.create_task(key.limiter.keep_alive())  # as the engine runs it
     await clock.advance(0.0)
     before = store.calls
     for _ in range(20):
@@ -98,6 +100,7 @@ async def test_a_parked_key_beats_to_the_shared_state_while_it_waits() -> None:
     assert store.calls - before >= 19
     assert not waiting.done()
     waiting.cancel()
+    beating.cancel()
 
 
 class TestOutagesStayLocal:

@@ -364,6 +364,34 @@ class TestConcurrentBrokers:
         assert stats.accepted == 40
         assert 7.6 <= elapsed <= 8.5  # 40 sends at 5/s: 39 gaps of 200 ms
 
+    async def test_an_idle_broker_reasserts_the_day_after_an_empty_restart(
+        self, harness: Harness
+    ) -> None:
+        """A broker with no work (an idle daemon) still asks the store every 30 s: after the
+        store loses the key (Redis restarted empty) the day's count is back within 30 s."""
+        clock = FakeClock()
+        settings = SimulatorSettings(
+            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),),
+            burst=2,
+        )
+        sim = await harness.simulator(settings, clock=clock)
+        transport = await harness.transport()
+        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=100_000)])
+        store = _store(clock)
+        broker = await harness.broker(config, clock=clock, transport=transport, state_store=store)
+        await drive(
+            clock,
+            asyncio.get_running_loop().create_task(broker.get_items(asins(50, "B"))),
+            transport,
+        )
+        (key,) = broker.metrics().keys
+        assert key.daily_spent == 5
+        await clock.advance(120.0)  # idle
+        store._records.clear()  # the restart
+        await clock.advance(31.0)
+        (record,) = store._records.values()
+        assert record.count == 5
+
 
 needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
 

@@ -356,6 +356,7 @@ class Broker:
                     self._pool.dispatch(key, self._executor.run, self._spawn),
                     name=f"broker-dispatch-{key.name}",
                 )
+                group.create_task(key.limiter.keep_alive(), name=f"broker-keep-alive-{key.name}")
 
     def _spawn(self, coro: Any) -> None:
         if self._group is None:

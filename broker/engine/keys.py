@@ -59,8 +59,9 @@ OUTAGE_CODE = "EndpointUnavailable"
 #: again at least once per longest pause (plus a timeout), so a longer silence means the key
 #: was idle, not that the endpoint stayed down, and must not count toward the budget.
 _OUTAGE_GAP_S = 2 * max(_OUTAGE_PAUSE_CAP_S, _AUTH_PAUSE_CAP_S)
-#: A parked key tells the shared state it is still here this often (see KeyLimiter).
-_HEARTBEAT_S = 30.0
+#: A parked key reads its circuit again this often: another process may have closed it (the
+#: limiter's keep-alive brings the store's word at least as often).
+_PARKED_RECHECK_S = 30.0
 
 
 class KeyHealth(enum.Enum):
@@ -235,11 +236,7 @@ class KeyState:
             if probe_at is not None and not math.isinf(probe_at):
                 now = self._clock.monotonic()
                 if now < probe_at:
-                    # Parked (15-60 min): a beat to the shared state every _HEARTBEAT_S,
-                    # carrying this process's count of the day, while nothing is sent.
-                    await self._clock.sleep(min(probe_at - now, _HEARTBEAT_S))
-                    if self._clock.monotonic() < probe_at:
-                        await self.limiter.heartbeat()
+                    await self._clock.sleep(min(probe_at - now, _PARKED_RECHECK_S))
                     continue
                 if not self.circuit.try_probe():
                     await self._clock.sleep(1.0)

@@ -242,13 +242,14 @@ class KeyLimiter(Protocol):
       ``resets_at()`` describe the daily budget's current window.
     - ``blocked_reason`` says why the key cannot send because its shared state store is
       unreachable (``None``: it can; always ``None`` for in-process state).
-    - ``await heartbeat()`` tells the shared state this process is still here while the key
-      sends nothing (parked): each call carries its count of the day. No-op in process.
+    - ``await keep_alive()`` runs for the engine's life and tells the shared state this
+      process is still here while the key sends nothing (idle or parked): each beat carries
+      its count of the day. Returns at once for in-process state.
     """
 
     async def wait_ready(self) -> None: ...
 
-    async def heartbeat(self) -> None: ...
+    async def keep_alive(self) -> None: ...
 
     async def commit(self) -> float: ...
 
@@ -309,7 +310,7 @@ class LocalKeyLimiter:
         """The key's daily budget."""
         return self._budget
 
-    async def heartbeat(self) -> None:
+    async def keep_alive(self) -> None:
         """Nothing to tell: the key's state lives in this process."""
 
     async def wait_ready(self) -> None:

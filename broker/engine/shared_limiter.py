@@ -176,6 +176,8 @@ class SharedKeyLimiter:
         # the store's wall seconds minus local monotonic seconds (None: no answer yet); the
         # day is the store's, so a process whose wall clock is wrong still counts it right
         self._wall_offset: float | None = None
+        # when this process last asked the store (monotonic), for keep_alive
+        self._asked_at = clock.monotonic()
         self._hold_until = -math.inf
         self._hwm_day = -1
         self._hwm_count = 0
@@ -254,6 +256,7 @@ class SharedKeyLimiter:
             self._set_rate = feedback.set_rate
 
     async def _call(self, *, reserve: bool) -> Decision:
+        self._asked_at = self._clock.monotonic()
         feedback = self._take_feedback()
         mark = ProcessMark(self._process_id, self._hwm_day, self._hwm_count)
         try:
@@ -327,11 +330,22 @@ class SharedKeyLimiter:
         with contextlib.suppress(StateUnavailableError):
             await self._call(reserve=False)
 
-    async def heartbeat(self) -> None:
-        """Ask the store (reserving nothing) while the key waits on its own, parked: the ask
-        carries this process's count of the day, so a Redis that restarted empty learns it
-        again; an unreachable store is logged and asked again at the next beat."""
-        await self._flush()
+    async def keep_alive(self) -> None:
+        """Run for the engine's life: ask the store (reserving nothing) whenever this process
+        has not asked it for ``_RECHECK_S``: idle with no work, or parked.
+
+        Each ask carries this process's count of the day, so a Redis that restarted empty
+        learns it again within that time even from a daemon with nothing to do, and marks
+        the process as still using the key. An unreachable store is logged and asked again
+        at the next beat.
+        """
+        while True:
+            due = self._asked_at + _RECHECK_S
+            now = self._clock.monotonic()
+            if now < due:
+                await self._clock.sleep(due - now)
+                continue
+            await self._flush()
 
     async def refresh(self) -> Decision:
         """Apply pending feedback and read the key's state, reserving nothing.
