@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from creatorsapi_python_sdk.models.item import Item
 
-from broker.simulator.catalog import is_well_formed, lookup, search_asins
+from broker.simulator.catalog import browse_node, is_well_formed, lookup, search_asins
 from broker.simulator.marketplaces import MARKETPLACES, format_amount
 from broker.simulator.quota import KeyQuota
 from broker.simulator.render import (
@@ -42,6 +42,12 @@ class TestCatalogue:
         """Anything but 10 ASCII letters or digits is invalid."""
         assert not is_well_formed(value)
         assert lookup(SETTINGS, "www.amazon.com", value).status == "invalid"
+
+    @pytest.mark.parametrize("node_id", ["0", "000", "abc", "１２", "12345678901234567890"])
+    def test_bad_browse_node_ids_are_invalid(self, node_id: str) -> None:
+        """A browse node id is 1 to 19 ASCII digits and not zero (protocol.md: "The
+        BrowseNodeId 0 provided in the request is invalid.")."""
+        assert browse_node(node_id) is None
 
     def test_shares(self) -> None:
         """missing_share and inaccessible_share decide the share of each status."""

@@ -211,9 +211,9 @@ def browse_node(
     """Return (name, ancestors nearest first, children) of a browse node id, or None.
 
     Known ids are those of the simulator's small taxonomy; other all-digit ids get a
-    synthetic name; anything else is invalid.
+    synthetic name; anything else (zero, other than 1 to 19 ASCII digits) is invalid.
     """
-    if not node_id.isdigit() or len(node_id) > 19:
+    if not (node_id.isascii() and node_id.isdigit()) or len(node_id) > 19 or int(node_id) == 0:
         return None
     for chain in (*_TAXONOMY, *_BROWSE_ONLY):
         ids = [node for node, _ in chain]
