@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "redact"]
+__all__ = ["configure_logging", "end_live_line", "get_logger", "redact", "show_live_line"]
 
 # reliability.md section 4: the key list many open-source redaction processors use. A
 # credential *id* is not secret (it names the key in messages), so it stays readable.
@@ -102,6 +102,31 @@ def _route(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     return (message,), passed
 
 
+class _LiveLine:
+    """The one status line drawn in place on stderr (``broker run``'s progress), if it is up."""
+
+    text = ""
+
+
+def show_live_line(text: str) -> None:
+    """Draw ``text`` (``\r`` first, padded to the width it must cover) in place on stderr.
+
+    While it is up, the command line's log handler clears it before each record and draws
+    it again after, so a log line never prints into the middle of it.
+    """
+    _LiveLine.text = text
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def end_live_line() -> None:
+    """End the live line where it stands (a newline); later records print as usual."""
+    if _LiveLine.text:
+        _LiveLine.text = ""
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A handler writing to ``stream``, or to whatever ``sys.stderr`` is at each record.
 
@@ -116,7 +141,14 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         # Not setStream(): that flushes the previous stream, which may be closed by now.
         self.stream = self._fixed or sys.stderr
+        live = _LiveLine.text if self.stream is sys.stderr else ""
+        if live:
+            # Blank the live line, print the record from column 0, then draw the line again.
+            self.stream.write("\r" + " " * len(live.lstrip("\r")) + "\r")
         super().emit(record)
+        if live:
+            self.stream.write(live)
+            self.stream.flush()
 
     def flush(self) -> None:
         self.stream = self._fixed or sys.stderr

@@ -624,3 +624,50 @@ def test_cli_routes_stdlib_records_through_redaction() -> None:
     assert records[0]["event"] == "sent Authorization: Bearer ***"
     assert records[1]["event"] == "broker.request"
     assert records[1]["level"] == "debug"
+
+
+def _screen(text: str) -> list[str]:
+    """What a terminal shows for ``text``: ``\\r`` returns to column 0 and overwrites."""
+    lines: list[str] = []
+    row: list[str] = []
+    column = 0
+    for char in text:
+        if char == "\r":
+            column = 0
+        elif char == "\n":
+            lines.append("".join(row).rstrip())
+            row, column = [], 0
+        else:
+            if column < len(row):
+                row[column] = char
+            else:
+                row.append(char)
+            column += 1
+    lines.append("".join(row).rstrip())
+    return lines
+
+
+def test_log_lines_never_print_into_the_live_progress_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A log record while the progress line is up clears the line first and draws it again
+    after: every line on the screen is either a log record or the progress line."""
+    import logging
+
+    from broker.logs import configure_logging, end_live_line, get_logger, show_live_line
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("info", "json")
+    try:
+        show_live_line("\r10/20 rows  5.0 rows/s".ljust(60))
+        get_logger("broker").warning("broker.key_parked", key="demo")
+        show_live_line("\r11/20 rows  5.0 rows/s".ljust(60))
+        end_live_line()
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            if handler.get_name() == "broker-cli":
+                logging.getLogger().removeHandler(handler)
+    screen = [line for line in _screen(stream.getvalue()) if line]
+    assert json.loads(screen[0])["event"] == "broker.key_parked"
+    assert screen[1:] == ["11/20 rows  5.0 rows/s"]

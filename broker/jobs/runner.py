@@ -44,7 +44,7 @@ from broker.jobs.lock import JobLock
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import JobFingerprint, JobRow, fingerprint, read_job
-from broker.logs import get_logger
+from broker.logs import end_live_line, get_logger, show_live_line
 from broker.models import ItemResult, Protocol, Query
 from broker.sqlitewal import journal_files
 
@@ -788,8 +788,7 @@ class _Progress:
                 f"\r{counts.done}/{counts.total} rows  {rate:.1f} rows/s  "
                 f"ETA {_fmt_eta(eta)}  429s {metrics.throttled}  {keys}"
             )
-            sys.stderr.write(_fit(line))
-            sys.stderr.flush()
+            show_live_line(_fit(line))
         else:
             logger.info(
                 "broker.progress",
@@ -814,7 +813,7 @@ class _Progress:
     def done(self) -> None:
         if self._live:
             self._show()
-            sys.stderr.write("\n")
+            end_live_line()
 
 
 def _fit(line: str) -> str:
