@@ -285,6 +285,20 @@ class TestJobs:
         _drop(spool, "orders.status.jsonl", '{"asin": "B0STATUS04"}\n')  # a fine name
         assert (await _filed(spool, "orders.status.jsonl"))["rows"]["total"] == 1
 
+    async def test_a_failing_job_never_overwrites_a_refused_file_named_like_its_status(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A refused r.csv.status.json stays as it is in failed/ when job r.csv fails too: the
+        failed job is filed as r-2.csv, its status beside it."""
+        await start()
+        _drop(spool, "r.csv.status.json", "B0STATUS01\n")
+        await _filed(spool, "r.csv.status.json", "failed")
+        _drop(spool, "r.csv", "sku,title\nx1,thing\n")  # no ASIN column: a data error
+        status = await _filed(spool, "r-2.csv", "failed")
+        assert "asin" in status["error"].lower()
+        assert (spool / "failed" / "r.csv.status.json").read_text() == "B0STATUS01\n"
+        assert (spool / "failed" / "r-2.csv").read_text() == "sku,title\nx1,thing\n"
+
     async def test_dotfiles_tmp_symlinks_and_directories_are_ignored(
         self, start: Start, spool: Path
     ) -> None:

@@ -403,13 +403,20 @@ def _job_entries(directory: Path) -> list[tuple[str, os.stat_result]]:
 
 
 def _free_name(directory: Path, name: str) -> str:
-    """``name``, or ``head-2.rest``, ``head-3.rest``... whichever has no job file yet."""
-    if not (directory / name).exists():
+    """``name``, or ``head-2.rest``, ``head-3.rest``... whichever has neither a job file nor
+    a status file yet (a refused file named ``r.txt.status.json`` holds ``r.txt``'s)."""
+
+    def free(candidate: str) -> bool:
+        return not (directory / candidate).exists() and not (
+            directory / f"{candidate}{_STATUS_SUFFIX}"
+        ).exists()
+
+    if free(name):
         return name
     head, dot, rest = name.partition(".")
     for n in itertools.count(2):
         candidate = f"{head}-{n}{dot}{rest}"
-        if not (directory / candidate).exists():
+        if free(candidate):
             return candidate
     raise AssertionError("unreachable")  # pragma: no cover
 
