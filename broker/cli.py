@@ -147,10 +147,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "Run it again with the same job and output to resume after a crash or a stop.",
         epilog="exit codes: 0 done; 2 usage (e.g. --out naming the job file, a job that is a "
         "pipe); 3 done but some rows failed; 65 bad input, input changed or job locked; 66 "
-        "input missing; 69 API endpoint or key-state store unreachable past the outage budget "
-        "(rows stay pending); 74 cannot write output, or a damaged or read-only state file; 75 "
-        "stopped (signal or --no-wait), run again to resume; 77 a key was rejected (rows stay "
-        "pending); 78 bad config",
+        "input missing or unreadable; 69 API endpoint or key-state store unreachable past the "
+        "outage budget (rows stay pending); 74 cannot write output, or a damaged or read-only "
+        "state file; 75 stopped (signal or --no-wait), run again to resume; 77 a key was "
+        "rejected (rows stay pending); 78 bad config",
     )
     run.add_argument(
         "job", help="job file: .txt, .csv or .jsonl, optionally .gz; - reads stdin (see --input)"
@@ -649,7 +649,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
             paths.read_stdin()
         summary = await run_job(config, options)
     except Exception as exc:
-        code, message = describe_failure(exc)
+        code, message = describe_failure(exc, job=None if paths.stdin else options.job)
         print(f"broker: {message}", file=sys.stderr)
         return code
     finally:

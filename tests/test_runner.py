@@ -15,6 +15,7 @@ from broker import cli
 from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
 from broker.engine.adaptive import ThrottleVerdict
+from broker.jobs import sources
 from broker.jobs.runner import ExitCode, JobOptions, run_job
 
 _KEY = """
@@ -177,6 +178,27 @@ class TestResume:
     def test_missing_input(self, tmp_path: Path) -> None:
         """A missing job file exits 66."""
         assert _main(tmp_path, str(tmp_path / "nope.txt")) == ExitCode.NO_INPUT
+
+    def test_unreadable_input_is_bad_input_not_a_write_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A job file this user may not read exits 66 saying it cannot be read (not 74
+        "cannot write"), and creates nothing; as the daemon files such a job (K1)."""
+        job = tmp_path / "job.txt"
+        job.write_text("B0RRRRRR01\n")
+
+        def denied(path: object, *args: object, **kwargs: object) -> object:
+            if Path(str(path)).name == "job.txt":
+                raise PermissionError(13, "Permission denied", str(path))
+            return open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(sources, "open", denied, raising=False)  # as root, chmod 0 reads
+        assert _main(tmp_path, str(job)) == ExitCode.NO_INPUT
+        err = capsys.readouterr().err
+        assert "cannot read" in err
+        assert "Permission denied" in err
+        assert "cannot write" not in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
 
 
 class TestSummary:

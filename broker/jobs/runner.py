@@ -834,8 +834,17 @@ def _fmt_eta(eta: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def describe_failure(exc: BaseException) -> tuple[int, str]:
-    """Map an exception of a run to (exit code, one-line message for the user)."""
+def is_about(exc: OSError, path: Path) -> bool:
+    """True when ``exc`` is about the file ``path``."""
+    return exc.filename is not None and Path(exc.filename).absolute() == path.absolute()
+
+
+def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[int, str]:
+    """Map an exception of a run to (exit code, one-line message for the user).
+
+    ``job``: the job file, so an error reading it (not readable by this user) is told from
+    one writing the output.
+    """
     if (
         isinstance(exc, NoUsableKeyError)
         and exc.failures
@@ -858,6 +867,11 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
         return ExitCode.NO_INPUT, f"input not found: {exc.filename}"
     if isinstance(exc, JobFileError):
         return ExitCode.DATA_ERROR, str(exc)
+    if isinstance(exc, OSError) and job is not None and is_about(exc, job):
+        return ExitCode.NO_INPUT, (
+            f"cannot read the job file {job}: {exc.strerror or exc}; make it readable by the "
+            "user the broker runs as"
+        )
     if isinstance(exc, OSError):
         return ExitCode.IO_ERROR, f"cannot write: {exc}"
     if isinstance(exc, BrokerError):

@@ -81,7 +81,7 @@ from broker.errors import ConfigError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
-from broker.jobs.runner import JobOptions, JobSummary, describe_failure, run_job
+from broker.jobs.runner import JobOptions, JobSummary, describe_failure, is_about, run_job
 from broker.jobs.signals import (
     STOP_SIGNALS,
     StopSignals,
@@ -367,11 +367,6 @@ class Spool:
         return dest / base
 
 
-def _names(exc: OSError, path: Path) -> bool:
-    """True when ``exc`` is about the file ``path``."""
-    return exc.filename is not None and Path(exc.filename).absolute() == path.absolute()
-
-
 def _is_reserved(name: str) -> bool:
     """True for names of the daemon's own files, which a job may not take."""
     return name.endswith(_STATUS_SUFFIX) or any(part in name for part in _RESERVED)
@@ -407,9 +402,10 @@ def _free_name(directory: Path, name: str) -> str:
     a status file yet (a refused file named ``r.txt.status.json`` holds ``r.txt``'s)."""
 
     def free(candidate: str) -> bool:
-        return not (directory / candidate).exists() and not (
-            directory / f"{candidate}{_STATUS_SUFFIX}"
-        ).exists()
+        return (
+            not (directory / candidate).exists()
+            and not (directory / f"{candidate}{_STATUS_SUFFIX}").exists()
+        )
 
     if free(name):
         return name
@@ -732,7 +728,7 @@ class Daemon:
             if not job.path.exists():
                 self._vanished(job)
                 return
-            if _names(exc, job.path):
+            if is_about(exc, job.path):
                 self._fail_unreadable(job, exc)
                 return
             raise
