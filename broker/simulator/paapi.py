@@ -420,10 +420,16 @@ def _rejected(sim: Simulator, account: str, rejected: Rejected) -> Reply:
     ):
         return _error(sim, account, "InvalidPartnerTag")
     if rejected.kind == "not_found":
+        # protocol.md's documented NoResults body, with the __type real answers carry
+        # (com.amazon.paapi5#ErrorData); its status is not documented.
         sim.stats.error(account, "NoResults")
-        return _envelope(
-            404, "ResourceNotFoundException", "NoResults", "No results found for your request."
-        )
+        data = {
+            "__type": "com.amazon.paapi5#ErrorData",
+            "Code": "NoResults",
+            "Message": "No results found for your request.",
+        }
+        body = {"Errors": [data]}
+        return Reply(404, json.dumps(body, separators=(",", ":")).encode())
     if rejected.kind == "missing":
         sim.stats.error(account, "MissingParameter")
         return _envelope(
