@@ -336,6 +336,25 @@ class TestValidation:
         assert response.status == 400
         assert response.json()["fieldList"][0]["name"] == "resources"
 
+    @pytest.mark.parametrize(
+        ("operation", "body", "field"),
+        [
+            ("getItems", {"itemIds": [ASIN], "condition": "Used"}, "condition"),
+            ("searchItems", {"keywords": "lamp", "condition": "Refurbished"}, "condition"),
+            ("searchItems", {"keywords": "lamp", "minPrice": 0}, "minPrice"),
+            ("searchItems", {"keywords": "lamp", "maxPrice": 0}, "maxPrice"),
+        ],
+    )
+    async def test_field_rules(
+        self, start: Start, operation: str, body: dict[str, object], field: str
+    ) -> None:
+        """condition is Any or New; minPrice/maxPrice are at least 1 (protocol.md 2.5)."""
+        client, _ = await start()
+        token = await client.token()
+        response = await client.creators(operation, {"partnerTag": "demo-20", **body}, token=token)
+        assert response.status == 400
+        assert response.json()["fieldList"][0]["name"] == field
+
     async def test_unknown_body_fields_are_ignored(self, start: Start) -> None:
         """Documented extras (itemIdType, marketplace, operation) are accepted."""
         client, _ = await start()

@@ -204,6 +204,15 @@ def _integer(body: Mapping[str, object], field: str, default: int, low: int, hig
     return int(raw)
 
 
+def _check_condition(body: Mapping[str, object], ctx: Context) -> None:
+    """The Creators API takes ``condition`` ``Any`` or ``New`` only (protocol.md 2.5)."""
+    if ctx.names.style != "creators":
+        return
+    value = body.get("condition")
+    if value is not None and value not in ("Any", "New"):
+        raise Rejected("bad_value", "condition", value=str(value), detail="must be Any or New")
+
+
 def _resources(
     body: Mapping[str, object], ctx: Context, extra: frozenset[str] = frozenset()
 ) -> frozenset[str]:
@@ -239,6 +248,7 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
         for item_id in ids:
             if not is_well_formed(item_id):
                 raise Rejected("bad_value", "ItemIds", value=item_id)
+    _check_condition(body, ctx)
     resources = _resources(body, ctx)
     rendered: list[str] = []
     errors: list[ItemError] = []
@@ -304,9 +314,11 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
     high = 100 if ctx.names.style == "creators" else 10
     count = _integer(body, ctx.names("itemCount"), 10, 1, high)
     page = _integer(body, ctx.names("itemPage"), 1, 1, 10)
+    _check_condition(body, ctx)
     resources = _resources(body, ctx, EXTRA_RESOURCES["searchItems"])
-    low = _integer(body, ctx.names("minPrice"), 0, 0, _MAX_PRICE)
-    high = _integer(body, ctx.names("maxPrice"), _MAX_PRICE, 0, _MAX_PRICE)
+    # At least 1 (the lowest currency unit) when given, as the SDK's field rules say.
+    low = _integer(body, ctx.names("minPrice"), 0, 1, _MAX_PRICE)
+    high = _integer(body, ctx.names("maxPrice"), _MAX_PRICE, 1, _MAX_PRICE)
     sort_by = body.get(ctx.names("sortBy"))
     if sort_by is not None and sort_by not in _SORT_ORDERS:
         raise Rejected(
@@ -351,6 +363,7 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         raise Rejected("bad_value", field, value=str(asin))
     count = _integer(body, ctx.names("variationCount"), 10, 1, 10)
     page = _integer(body, ctx.names("variationPage"), 1, 1, 1000)
+    _check_condition(body, ctx)
     resources = _resources(body, ctx, EXTRA_RESOURCES["getVariations"])
     entry = lookup(ctx.settings, ctx.marketplace, asin)
     parent = (entry.item.parent_asin or entry.item.asin) if entry.item is not None else None
