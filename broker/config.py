@@ -692,10 +692,16 @@ def _parse_key(
                 f"unsupported version {version!r}; expected "
                 "one of " + ", ".join(sorted(_CREATORS_VERSIONS)),
             )
-    tags = {
-        _marketplace(market, f"{path}.partner_tags.{market}"): tag
-        for market, tag in table.str_map("partner_tags").items()
-    }
+    tags: dict[str, str] = {}
+    spelled: dict[str, str] = {}
+    for market, tag in table.str_map("partner_tags").items():
+        marketplace = _marketplace(market, f"{path}.partner_tags.{market}")
+        if marketplace in tags:
+            raise ConfigError(
+                f"{path}.partner_tags.{marketplace}",
+                f"is given twice, as {spelled[marketplace]!r} and {market!r}: keep one",
+            )
+        tags[marketplace], spelled[marketplace] = tag, market
     if not tags:
         raise ConfigError(
             f"{path}.partner_tags",

@@ -92,6 +92,11 @@ class TestKeyPaths:
                 {"www.amazon.com": "x" * 65},
                 "keys[0].partner_tags.www.amazon.com",
             ),
+            (  # two spellings of one store: which tag was meant?
+                "keys.0.partner_tags",
+                {"US": "demo-20", "www.amazon.com": "typo-20"},
+                "keys[0].partner_tags.www.amazon.com",
+            ),
             ("engine.queue_size", 0, "engine.queue_size"),
             ("engine.batch_size", 11, "engine.batch_size"),
             ("engine.linger_s", -0.1, "engine.linger_s"),
