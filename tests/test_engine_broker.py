@@ -89,6 +89,12 @@ class TestHealthy:
             results = await broker.get_items(asins(12))
         assert _statuses(results) == {"ok": 12}
 
+    def test_repr_of_a_broker_not_opened_yet_names_its_keys(self) -> None:
+        """Before it is opened, a Broker says so and names its config's keys (not "closed",
+        no keys)."""
+        config = make_config("http://127.0.0.1:1", keys=[key_doc(tps=5.0)])
+        assert repr(Broker(config)) == "Broker(not opened, keys=['demo'])"
+
     async def test_v2_credentials(self, harness: Harness) -> None:
         """A 2.x (Cognito) key uses its token endpoint and sends ', Version 2.1'."""
         sim = await harness.simulator(FREE)
@@ -268,7 +274,7 @@ class TestCallers:
                 again = await asyncio.wait_for(broker.get_items(asins(20, "B9")), 10)
                 assert _statuses(again) == {"ok": 20}
             assert broker.metrics().queued_batches == 0
-            assert "closed" in repr(broker)
+            assert repr(broker) == "Broker(closed, keys=['demo'])"
         await asyncio.sleep(0)
         assert asyncio.all_tasks() == {asyncio.current_task()}
 

@@ -745,8 +745,11 @@ class Broker:
         )
 
     def __repr__(self) -> str:
-        state = "open" if self._stack is not None else "closed"
-        return f"Broker({state}, keys={[k.name for k in self._keys]})"
+        if self._stack is not None:
+            state = "open"
+        else:
+            state = "closed" if self._loop is not None else "not opened"
+        return f"Broker({state}, keys={[k.name for k in self.config.keys]})"
 
 
 #: A ``get_items`` result slot: one per lookup identity, and one per tagged query (a tag
