@@ -105,8 +105,8 @@ def _isbn13_reason(text: str, *, convert_isbn13: bool) -> str | None:
         return "a 979 ISBN-13 has no ISBN-10 form, so no ASIN; look the book up by its ASIN"
     if not convert_isbn13:
         return (
-            "an ISBN-13, not an ASIN; enable ISBN-13 conversion (broker run --convert-isbn13) "
-            "to look up its ISBN-10"
+            "an ISBN-13, not an ASIN; look up its ISBN-10 instead (broker.asin.isbn13_to_isbn10 "
+            "in code, broker run --convert-isbn13 for a job)"
         )
     return None
 

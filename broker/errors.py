@@ -561,10 +561,11 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
     ),
     ErrorInfo(
         "MissingFromResponse",
-        "Amazon's answer did not mention this ASIN.",
+        "Amazon's answers did not mention this ASIN, each time the broker asked again.",
         Scope.ASIN,
         True,
-        _RETRY,
+        # Only a final result carries this code: the broker re-asked it already.
+        "Try it again later; if it stays missing, check the ASIN is sold in this marketplace.",
     ),
     ErrorInfo(
         "InvalidAsin",
