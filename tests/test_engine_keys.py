@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 from conftest import US, CountingStore, key_doc, make_config
+from structlog.testing import capture_logs
 
 from broker.engine.adaptive import CircuitState, ThrottleVerdict
 from broker.engine.authorizer import SigV4Authorizer
@@ -45,6 +46,22 @@ async def test_snapshot_left_today_is_where_the_key_stops() -> None:
     snapshot = key.snapshot()
     assert (snapshot.daily_limit, snapshot.daily_spent) == (100_000, 1)
     assert snapshot.daily_left == 98_999
+
+
+async def test_a_spent_daily_quota_is_logged_once_per_window() -> None:
+    """A key that runs out of its daily quota says so once (a warning naming the reset), so
+    a library caller whose lookups now wait for hours sees why; asking again says nothing."""
+    clock = FakeClock()
+    key = _key(clock, tpd=2)
+    with capture_logs() as logs:
+        sent = [await _driven(clock, key.try_send(), within_s=2.0) for _ in range(4)]
+    assert sent[0] is not None
+    assert sent[-1] is None
+    spent = [e for e in logs if e["event"] == "broker.daily_quota_spent"]
+    assert len(spent) == 1
+    assert spent[0]["log_level"] == "warning"
+    assert spent[0]["key"] == "demo"
+    assert spent[0]["resets_at"].endswith("T00:00:00Z")
 
 
 async def test_a_hold_that_comes_in_during_a_probe_wait_gives_the_probe_back() -> None:

@@ -20,6 +20,7 @@ import enum
 import math
 import random
 from collections.abc import Callable, Collection
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
@@ -114,6 +115,8 @@ class KeyState:
         # This process's own hold (monotonic): a token endpoint or a network this process
         # cannot reach is its trouble, not every process's (the shared state is not told).
         self._local_hold_until = -math.inf
+        # the reset of the daily window whose spent quota was last logged
+        self._quota_noted: datetime | None = None
         #: how long an outage (no answer from the endpoints) may last before the key is out
         self.outage_budget_s = outage_budget_s
         self._jitter = jitter
@@ -262,15 +265,35 @@ class KeyState:
     async def try_send(self) -> float | None:
         """Book a send now; None when the daily budget is spent (wait_ready again)."""
         if self.limiter.exhausted:
+            self._note_quota_spent()
             return None
         try:
             sent_at = await self.limiter.commit()
         except SendRefused:
-            return None  # another process spent the day or parked the key meanwhile
+            # Another process spent the day (logged) or parked the key meanwhile.
+            self._note_quota_spent()
+            return None
         # Counted here, not when the slot is taken: a dispatcher holds a slot while it
         # waits for work, and an idle key must not show a request in flight.
         self._in_flight += 1
         return sent_at
+
+    def _note_quota_spent(self) -> None:
+        """Warn once per daily window that the key now waits for its reset: lookups that only
+        it can serve wait for hours, and a library caller should learn why from the log.
+        Nothing when the quota is not spent (a refusal for another reason)."""
+        if not self.limiter.exhausted:
+            return
+        resets_at = self.limiter.resets_at()
+        if self._quota_noted == resets_at:
+            return
+        self._quota_noted = resets_at
+        logger.warning(
+            "broker.daily_quota_spent",
+            key=self.name,
+            spent=self.limiter.spent,
+            resets_at=resets_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
 
     # -- feedback -----------------------------------------------------------------------------
 
