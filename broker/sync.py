@@ -19,6 +19,10 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import enum
+import itertools
 import os
 import threading
 import weakref
@@ -30,6 +34,7 @@ from broker.api.resources import resolve_resources
 from broker.client import Broker
 from broker.config import BrokerConfig, config_from_dict, load_config
 from broker.errors import BrokerClosedError
+from broker.models import ItemResult
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
         VariationsResult,
     )
     from broker.engine.metrics import MetricsSnapshot
-    from broker.models import ItemResult, Query, Secret
+    from broker.models import Query, Secret
 
 __all__ = ["SyncBroker"]
 
@@ -187,23 +192,32 @@ class SyncBroker:
     ) -> Iterator[ItemResult]:
         """Yield one result per input as results complete, holding at most ``queue_size``.
 
-        The input is read lazily, on the loop thread, so it must not block for long
-        (a list, a file, a generator over either).
+        The input is read lazily, in the thread iterating the stream (never on the loop's
+        thread, where an event loop runs): a SQLite cursor or a Django QuerySet works, and a
+        slow input holds up only this stream. It is read ahead in chunks of
+        ``_CHUNK`` while the loop sends what it has; an input that raises raises here.
         """
         if isinstance(asins, str | bytes):
             raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
+        source = iter(asins)
+        feed = _Feed()
         agen: AsyncIterator[ItemResult] = self._broker.stream(
-            asins, marketplace=marketplace, resources=self._resources(resources)
+            feed, marketplace=marketplace, resources=self._resources(resources)
         )
+        pump = _Pump(agen, feed)
         try:
             while True:
-                try:
-                    yield self._call(_next(agen))
-                except StopAsyncIteration:
+                step = self._call(pump.step())
+                if isinstance(step, ItemResult):
+                    yield step
+                elif step is _Signal.MORE:
+                    chunk = list(itertools.islice(source, _CHUNK))
+                    self._call(feed.give(chunk, ended=len(chunk) < _CHUNK))
+                else:
                     return
         finally:
             if not self._is_closed():
-                self._call(_close(agen))
+                self._call(pump.aclose())
 
     def search_items(
         self, *, marketplace: str | None = None, **options: Unpack[SearchOptions]
@@ -294,14 +308,90 @@ def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> Non
     thread.join()
 
 
-async def _next(agen: AsyncIterator[ItemResult]) -> ItemResult:
-    return await anext(agen)
+#: Input items a SyncBroker stream reads ahead in the caller's thread at a time.
+_CHUNK = 256
 
 
-async def _close(agen: AsyncIterator[ItemResult]) -> None:
-    aclose = getattr(agen, "aclose", None)
-    if aclose is not None:
-        await aclose()
+class _Signal(enum.Enum):
+    """What a stream's step says instead of a result."""
+
+    MORE = "more"  # the feed wants the caller's thread to read more input first
+    END = "end"  # the stream is done
+
+
+class _Feed:
+    """A stream's input on the loop: what the caller's thread read, handed over in chunks.
+
+    It asks for the next chunk (through :class:`_Pump`) when fewer than half a chunk are
+    left, so the loop rarely waits for the caller's thread.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[str | Query] = collections.deque()
+        self._ended = False
+        self._given = asyncio.Event()
+        #: set while the feed wants the caller's thread to read more
+        self.hungry = asyncio.Event()
+        self.hungry.set()
+
+    def __aiter__(self) -> _Feed:
+        return self
+
+    async def __anext__(self) -> str | Query:
+        while not self._items:
+            if self._ended:
+                raise StopAsyncIteration
+            self.hungry.set()
+            self._given.clear()
+            await self._given.wait()
+        item = self._items.popleft()
+        if len(self._items) < _CHUNK // 2 and not self._ended:
+            self.hungry.set()
+        return item
+
+    async def give(self, chunk: list[str | Query], *, ended: bool) -> None:
+        """Take the next chunk read in the caller's thread (``ended``: the input is done)."""
+        self._items.extend(chunk)
+        self._ended = ended
+        self.hungry.clear()
+        self._given.set()
+
+
+class _Pump:
+    """Runs on the loop: the next result, or word that the feed wants more input first."""
+
+    def __init__(self, agen: AsyncIterator[ItemResult], feed: _Feed) -> None:
+        self._agen = agen
+        self._feed = feed
+        self._pending: asyncio.Task[ItemResult] | None = None
+
+    async def step(self) -> ItemResult | _Signal:
+        """The next result; MORE when the feed is hungry first; END at the end."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(anext(self._agen))
+        if not self._pending.done() and not self._feed.hungry.is_set():
+            hungry = asyncio.ensure_future(self._feed.hungry.wait())
+            try:
+                await asyncio.wait((self._pending, hungry), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                hungry.cancel()
+        if not self._pending.done():
+            return _Signal.MORE
+        pending, self._pending = self._pending, None
+        try:
+            return pending.result()
+        except StopAsyncIteration:
+            return _Signal.END
+
+    async def aclose(self) -> None:
+        """Let go of the stream: its pending step and its lookups."""
+        if self._pending is not None:
+            self._pending.cancel()
+            with contextlib.suppress(BaseException):
+                await self._pending
+        aclose = getattr(self._agen, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def _metrics(broker: Broker) -> MetricsSnapshot:

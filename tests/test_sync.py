@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,36 @@ class TestSyncBroker:
         for result in sync_broker.stream(asins(30, "B1")):
             assert result.asin.startswith("B1")
             break
+        assert sync_broker.metrics().outstanding_lookups == 0
+
+    def test_stream_reads_its_input_in_the_callers_thread(self, sync_broker: SyncBroker) -> None:
+        """The input is read in the thread that iterates the stream, where no event loop runs
+        (a SQLite cursor or a Django QuerySet works only there), however long it is."""
+        wanted = asins(700, "B2")
+        readers: set[tuple[threading.Thread, bool]] = set()
+
+        def rows() -> Iterator[str]:
+            for asin in wanted:
+                try:
+                    asyncio.get_running_loop()
+                    in_loop = True
+                except RuntimeError:
+                    in_loop = False
+                readers.add((threading.current_thread(), in_loop))
+                yield asin
+
+        assert sorted(r.asin for r in sync_broker.stream(rows())) == wanted
+        assert readers == {(threading.current_thread(), False)}
+
+    def test_stream_input_errors_reach_the_caller(self, sync_broker: SyncBroker) -> None:
+        """An input that raises raises in the caller, and the stream lets go of its lookups."""
+
+        def rows() -> Iterator[str]:
+            yield from asins(15, "B3")
+            raise ValueError("bad row 16")
+
+        with pytest.raises(ValueError, match="bad row 16"):
+            list(sync_broker.stream(rows()))
         assert sync_broker.metrics().outstanding_lookups == 0
 
     def test_many_threads(self, sync_broker: SyncBroker) -> None:
