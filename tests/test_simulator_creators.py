@@ -524,6 +524,31 @@ class TestOtherOperations:
         assert result["totalResultCount"] >= 5
         SearchItemsResponseContent.from_json(response.text)
 
+    async def test_search_refinements_when_asked(self, start: Start) -> None:
+        """resources searchRefinements adds searchResult.searchRefinements in the SDK's shape:
+        the departments (search index, root browse node) of the items found, and their
+        brands; without it there are none."""
+        client, _ = await start()
+        body = {"partnerTag": "demo-20", "keywords": "kettle", "itemCount": 10}
+        token = await client.token()
+        plain = (await client.creators("searchItems", body, token=token)).json()
+        assert "searchRefinements" not in plain["searchResult"]
+        asked = {**body, "resources": ["itemInfo.title", "searchRefinements"]}
+        response = await client.creators("searchItems", asked, token=token)
+        parsed = SearchItemsResponseContent.from_json(response.text)
+        assert parsed is not None
+        assert parsed.search_result is not None
+        found = parsed.search_result.search_refinements
+        assert found is not None
+        assert found.browse_node is not None
+        assert found.search_index is not None
+        assert found.browse_node.bins
+        assert all(b.id and b.display_name for b in found.browse_node.bins)
+        assert len(found.search_index.bins or []) == len(found.browse_node.bins)
+        (brand,) = found.other_refinements or []
+        assert brand.id == "Brand"
+        assert brand.bins
+
     @pytest.mark.parametrize(
         ("order", "descending"), [("Price:LowToHigh", False), ("Price:HighToLow", True)]
     )

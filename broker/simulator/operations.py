@@ -351,7 +351,45 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
         f",{json.dumps(ctx.names('totalResultCount'))}:{total},"
         f"{json.dumps(ctx.names('searchURL'))}:{json.dumps(url)}"
     )
+    if "searchRefinements" in resources:
+        refinements = json.dumps(_refinements(ctx, asins), ensure_ascii=False)
+        extra += f",{json.dumps(ctx.names('searchRefinements'))}:{refinements}"
     return Outcome("searchResult", _join(ctx, "items", rendered, extra), (), len(rendered))
+
+
+def _refinements(ctx: Context, asins: Sequence[str]) -> dict[str, object]:
+    """SearchRefinements (the SDK's shape) for the items found: their departments, as root
+    browse nodes and as search indexes, and their brands, each bin once in order of first
+    appearance."""
+    n = ctx.names
+    departments: dict[str, str] = {}
+    brands: dict[str, None] = {}
+    for asin in asins:
+        item = lookup(ctx.settings, ctx.marketplace, asin).item
+        if item is None:
+            continue
+        brands[item.brand] = None
+        for node in item.browse_nodes:
+            root_id, root_name = node.ancestors[-1] if node.ancestors else (node.id, node.name)
+            departments.setdefault(root_id, root_name)
+
+    def refinement(ref_id: str, name: str, bins: list[tuple[str, str]]) -> dict[str, object]:
+        return {
+            n("bins"): [{n("displayName"): label, n("id"): value} for value, label in bins],
+            n("displayName"): name,
+            n("id"): ref_id,
+        }
+
+    return {
+        n("browseNode"): refinement("BrowseNode", "Department", list(departments.items())),
+        n("otherRefinements"): [refinement("Brand", "Brand", [(brand, brand) for brand in brands])],
+        n("searchIndex"): refinement(
+            "SearchIndex",
+            "Department",
+            # A search index is the department's name without spaces or punctuation.
+            [("".join(ch for ch in name if ch.isalnum()), name) for name in departments.values()],
+        ),
+    }
 
 
 def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
