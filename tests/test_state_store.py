@@ -313,7 +313,24 @@ class TestDayAndProcesses:
         assert view.decision.processes == 2
         assert view.decision.count == 1
 
-    async def test_processes_with_different_tps_agree_on_the_lowest(self, backend: Backend) -> None:
+    async def test_a_cut_rate_survives_a_silence_of_the_same_tps(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A key whose rate was cut keeps the cut when, after more than a minute of silence,
+        a process with the same tps asks again (a new run, a reboot): no reset to nominal."""
+        silence = 61.0
+        if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
+            monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)
+            silence = 1.5
+        sent = await backend.reserve()
+        cut = await backend.reserve(throttled=(sent.now_us + 1,))
+        assert cut.rate == pytest.approx(4.5)
+        await backend.advance(silence)
+        assert (await backend.reserve()).rate == pytest.approx(4.5)
+
+    async def test_processes_with_different_tps_agree_on_the_lowest(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """A rolling config change (one process at 5 TPS, one at 2) does not reset the shared
         rate on each call: both pace at 2 while the 2-TPS process asks; the 5 takes over once
         it has been silent for a minute."""
@@ -335,9 +352,11 @@ class TestDayAndProcesses:
         assert rates == [2.0] * 6
         first, second = await ask(old), await ask(old)
         assert second.slot_us - first.slot_us == 500_000  # the 5-TPS process paces at 2 too
-        if backend.fake is None:
-            return  # Redis's clock: a minute of waiting is too long for a test
-        await backend.advance(61.0)
+        silence = 61.0
+        if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
+            monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)
+            silence = 1.5
+        await backend.advance(silence)
         assert (await ask(old)).rate == 5.0
         assert (await ask(old)).rate == 5.0
 

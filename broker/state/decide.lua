@@ -143,8 +143,8 @@ end
 -- (decision.py, _agree); a caller with a higher one paces by it, its ceiling scaled alike.
 local asking = process_id ~= ''
 local mine = nominal
-if stored_nominal <= 0
-    or (asking and (mine < stored_nominal or now - nominal_seen > recent_us)) then
+if stored_nominal <= 0 or (asking and (mine < stored_nominal
+    or (now - nominal_seen > recent_us and mine ~= stored_nominal))) then
   stored_nominal = mine
   rate = mine
 end

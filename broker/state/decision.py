@@ -111,7 +111,8 @@ def _agree(record: Record, now: int, limits: KeyLimits, *, asking: bool) -> KeyL
     mine = limits.nominal_rate
     agreed = record.nominal
     stale = now - record.nominal_seen > int(PROCESS_RECENT_S * _US)
-    if agreed <= 0 or (asking and (mine < agreed or stale)):
+    # Equal rates never take over: that would throw the learnt (cut) rate away.
+    if agreed <= 0 or (asking and (mine < agreed or (stale and mine != agreed))):
         record.nominal = record.rate = mine
         agreed = mine
     if agreed == mine:
