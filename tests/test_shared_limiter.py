@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import itertools
 import os
 import re
@@ -391,6 +392,54 @@ class TestConcurrentBrokers:
         await clock.advance(31.0)
         (record,) = store._records.values()
         assert record.count == 5
+
+    async def test_an_idle_broker_outlives_a_store_error_on_a_beat(self, harness: Harness) -> None:
+        """A keep-alive beat that meets a store error (a full disk) is logged and tried again
+        at the next beat; the engine does not stop, and work after the disk is freed is done."""
+        clock = FakeClock()
+        settings = SimulatorSettings(
+            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),),
+            burst=2,
+        )
+        sim = await harness.simulator(settings, clock=clock)
+        transport = await harness.transport()
+        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=100_000)])
+        store = _DiskFull(_store(clock))
+        broker = await harness.broker(
+            config, clock=clock, transport=transport, state_store=cast("Any", store)
+        )
+        loop = asyncio.get_running_loop()
+        await drive(clock, loop.create_task(broker.get_items(asins(10, "B"))), transport)
+        store.full = True  # the disk fills while the broker is idle
+        await clock.advance(65.0)  # two beats meet the error
+        assert store.refused >= 2
+        store.full = False
+        later = loop.create_task(broker.get_items(asins(10, "C")))
+        await drive(clock, later, transport)
+        assert all(r.ok for r in later.result())
+
+
+class _DiskFull:
+    """A store whose decisions fail with ENOSPC while ``full`` is set."""
+
+    def __init__(self, inner: MemoryStateStore) -> None:
+        self._inner = inner
+        self.full = False
+        self.refused = 0
+        self.backend = inner.backend
+        self.where = inner.where
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        if self.full:
+            self.refused += 1
+            raise OSError(errno.ENOSPC, "keys.sqlite3: disk full")
+        return await self._inner.decide(*args, **kwargs)
+
+    async def view(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._inner.view(*args, **kwargs)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")

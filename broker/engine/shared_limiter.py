@@ -336,8 +336,9 @@ class SharedKeyLimiter:
 
         Each ask carries this process's count of the day, so a Redis that restarted empty
         learns it again within that time even from a daemon with nothing to do, and marks
-        the process as still using the key. An unreachable store is logged and asked again
-        at the next beat.
+        the process as still using the key. A beat is best effort: whatever it meets (an
+        unreachable store, a full disk, a refused password) is logged and asked again at the
+        next beat, never ending the engine; a send meets a lasting failure itself.
         """
         while True:
             due = self._asked_at + _RECHECK_S
@@ -345,7 +346,14 @@ class SharedKeyLimiter:
             if now < due:
                 await self._clock.sleep(due - now)
                 continue
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception as exc:
+                logger.warning(
+                    "broker.state_beat_failed",
+                    key=self._key.name,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
 
     async def refresh(self) -> Decision:
         """Apply pending feedback and read the key's state, reserving nothing.
