@@ -671,3 +671,26 @@ def test_log_lines_never_print_into_the_live_progress_line(
     screen = [line for line in _screen(stream.getvalue()) if line]
     assert json.loads(screen[0])["event"] == "broker.key_parked"
     assert screen[1:] == ["11/20 rows  5.0 rows/s"]
+
+
+def test_a_failing_commit_still_ends_the_live_progress_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose ledger cannot be written (a full disk) ends the live progress line
+    before its error message, which starts on a line of its own."""
+    from broker import logs
+    from broker.jobs.ledger import Ledger
+
+    def full(self: Ledger, results: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Ledger, "record_results", full)
+    job = tmp_path / "job.txt"
+    job.write_text("B0LIVE0001\nB0LIVE0002\n")
+    # The line as the ticker leaves it between two draws (a short run may end before one).
+    logs.show_live_line("\r0/2 rows".ljust(40))
+    code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--progress", "bar"])
+    assert code == ExitCode.IO_ERROR
+    assert logs._LiveLine.text == ""
+    screen = _screen(capsys.readouterr().err)
+    assert any(line.startswith("broker: cannot write") for line in screen)

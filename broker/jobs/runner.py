@@ -586,8 +586,11 @@ async def _fetch(
         committer.cancel()
         if quota_watch is not None:
             quota_watch.cancel()
-        commit()
-        progress.done()
+        try:
+            commit()
+        finally:
+            # Also when the last commit fails: the error message gets a line of its own.
+            progress.done()
     if stop.error is not None:
         raise stop.error
 
@@ -812,8 +815,10 @@ class _Progress:
 
     def done(self) -> None:
         if self._live:
-            self._show()
-            end_live_line()
+            try:
+                self._show()
+            finally:
+                end_live_line()
 
 
 def _fit(line: str) -> str:
