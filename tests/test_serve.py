@@ -299,6 +299,20 @@ class TestJobs:
         assert (spool / "failed" / "r.csv.status.json").read_text() == "B0STATUS01\n"
         assert (spool / "failed" / "r-2.csv").read_text() == "sku,title\nx1,thing\n"
 
+    async def test_a_job_never_overwrites_an_output_left_in_done(
+        self, start: Start, spool: Path
+    ) -> None:
+        """An output kept in done/ after its job file and status were deleted is not
+        overwritten by a new job of that name: the new one is filed as r-2.txt."""
+        await start()
+        (spool / "done").mkdir(exist_ok=True)
+        kept = spool / "done" / "r.txt.out.jsonl"
+        kept.write_text('{"asin": "B0KEPT0001"}\n')
+        _drop(spool, "r.txt", "B0KEPT0002\n")
+        status = await _filed(spool, "r-2.txt")
+        assert status["output"] == "r-2.txt.out.jsonl"
+        assert kept.read_text() == '{"asin": "B0KEPT0001"}\n'
+
     async def test_dotfiles_tmp_symlinks_and_directories_are_ignored(
         self, start: Start, spool: Path
     ) -> None:

@@ -398,14 +398,15 @@ def _job_entries(directory: Path) -> list[tuple[str, os.stat_result]]:
 
 
 def _free_name(directory: Path, name: str) -> str:
-    """``name``, or ``head-2.rest``, ``head-3.rest``... whichever has neither a job file nor
-    a status file yet (a refused file named ``r.txt.status.json`` holds ``r.txt``'s)."""
+    """``name``, or ``head-2.rest``, ``head-3.rest``... whichever has no file of its own yet:
+    no job file, status file or output (a refused file named ``r.txt.status.json`` holds
+    ``r.txt``'s status; an output kept after its job file was deleted holds its outputs)."""
 
     def free(candidate: str) -> bool:
-        return (
-            not (directory / candidate).exists()
-            and not (directory / f"{candidate}{_STATUS_SUFFIX}").exists()
-        )
+        names = [candidate, f"{candidate}{_STATUS_SUFFIX}"]
+        for fmt in _FORMATS:
+            names += [f"{candidate}.out.{fmt}", f"{candidate}.out.{fmt}.invalid.jsonl"]
+        return not any((directory / each).exists() for each in names)
 
     if free(name):
         return name
