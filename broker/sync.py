@@ -194,8 +194,9 @@ class SyncBroker:
 
         The input is read lazily, in the thread iterating the stream (never on the loop's
         thread, where an event loop runs): a SQLite cursor or a Django QuerySet works, and a
-        slow input holds up only this stream. It is read ahead in chunks of
-        ``_CHUNK`` while the loop sends what it has; an input that raises raises here.
+        slow input holds up only this stream. It is read ahead in chunks of 256 items (up to
+        about 384 beyond ``queue_size``) while the loop sends what it has; an input that
+        raises raises here.
         """
         if isinstance(asins, str | bytes):
             raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")

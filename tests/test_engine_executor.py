@@ -155,7 +155,9 @@ class TestPartialAnswers:
         assert by_asin[gone].error is not None
         assert by_asin[gone].error.code == "MissingFromResponse"
         # A final result: its remedy must not say the broker will retry it by itself.
-        assert "retries this by itself" not in by_asin[gone].error.remedy
+        error = by_asin[gone].error
+        assert error is not None
+        assert "retries this by itself" not in error.remedy
         assert sum(r.ok for r in results) == 5
         assert [_ids(r) for r in transport.requests][1:] == [[gone], [gone]]
 
