@@ -649,7 +649,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
             paths.read_stdin()
         summary = await run_job(config, options)
     except Exception as exc:
-        code, message = describe_failure(exc, job=None if paths.stdin else options.job)
+        code, message = describe_failure(exc, job=options.job)
         print(f"broker: {message}", file=sys.stderr)
         return code
     finally:

@@ -689,7 +689,9 @@ def test_a_failing_commit_still_ends_the_live_progress_line(
     job.write_text("B0LIVE0001\nB0LIVE0002\n")
     # The line as the ticker leaves it between two draws (a short run may end before one).
     logs.show_live_line("\r0/2 rows".ljust(40))
-    code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--progress", "bar"])
+    out = tmp_path / "out.jsonl"
+    config = str(_config(tmp_path))
+    code = cli.main(["run", str(job), "--config", config, "--out", str(out), "--progress", "bar"])
     assert code == ExitCode.IO_ERROR
     assert logs._LiveLine.text == ""
     screen = _screen(capsys.readouterr().err)

@@ -179,6 +179,26 @@ class TestResume:
         """A missing job file exits 66."""
         assert _main(tmp_path, str(tmp_path / "nope.txt")) == ExitCode.NO_INPUT
 
+    def test_an_output_directory_gone_is_a_write_error_not_missing_input(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An output file that cannot be created (its directory removed mid-run) exits 74
+        "cannot write", not 66 "input not found"."""
+        from broker.jobs import ledger as ledger_module
+
+        job = tmp_path / "job.txt"
+        job.write_text("B0RRRRRR01\n")
+
+        def gone(self: object, *args: object, **kwargs: object) -> None:
+            raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "o.tmp"))
+
+        monkeypatch.setattr(ledger_module.Ledger, "record_results", gone)
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.IO_ERROR
+        err = capsys.readouterr().err
+        assert "cannot write" in err
+        assert "input not found" not in err
+
     def test_unreadable_input_is_bad_input_not_a_write_error(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -868,7 +868,7 @@ def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[in
         return ExitCode.UNAVAILABLE, (
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
         )
-    if isinstance(exc, FileNotFoundError):
+    if isinstance(exc, FileNotFoundError) and (job is None or is_about(exc, job)):
         return ExitCode.NO_INPUT, f"input not found: {exc.filename}"
     if isinstance(exc, JobFileError):
         return ExitCode.DATA_ERROR, str(exc)
