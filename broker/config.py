@@ -733,6 +733,14 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
     """
     try:
         info = file.stat()
+    except FileNotFoundError:
+        # Most likely the secret itself pasted here: never echo the value.
+        raise ConfigError(
+            path,
+            "names no file (No such file or directory; the value is not shown, in case it is "
+            "the secret itself): give the path of a file holding the secret, relative to the "
+            "config file's directory",
+        ) from None
     except OSError as exc:
         raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
     trusted = bool(credentials_dir and _is_inside(file, Path(credentials_dir)))

@@ -230,6 +230,18 @@ class TestSecrets:
         assert "chmod 600" in error.message
         assert "file-secret" not in str(error)
 
+    def test_a_secret_pasted_as_the_file_name_is_not_echoed(self) -> None:
+        """credential_secret_file naming no file (most likely the secret pasted there) is
+        refused without repeating the value."""
+        document = _doc()
+        keys = document["keys"][0]
+        del keys["credential_secret_env"]
+        keys["credential_secret_file"] = "fast-secret-XYZZY-123"
+        error = _error(document)
+        assert error.path == "keys[0].credential_secret_file"
+        assert "no such file" in error.message.lower()
+        assert "XYZZY" not in str(error)
+
     def test_env_and_file_together_refused(self) -> None:
         """Naming both a variable and a file is ambiguous and refused."""
         error = _error(_with("keys.0.credential_secret_file", "x.secret"))
