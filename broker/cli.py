@@ -646,7 +646,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     )
     try:
         if paths.stdin:
-            paths.read_stdin()
+            paths.read_stdin(new_job=args.new_job)
         summary = await run_job(config, options)
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)

@@ -272,7 +272,8 @@ class TestRunPaths:
     def test_stdin_copy_is_renamed_into_place(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """A run still reading its stdin copy keeps its own bytes when another ``-`` run starts."""
+        """A run still reading its stdin copy keeps its own bytes when another ``-`` run
+        starts a new job (--new-job) over it."""
         from broker.jobs.paths import plan_paths
 
         paths = plan_paths(job="-", out=str(tmp_path / "o.jsonl"), fmt="jsonl", directory=tmp_path)
@@ -280,9 +281,32 @@ class TestRunPaths:
         paths.read_stdin()
         with paths.job.open("rb") as reading:
             monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"B0OTHER002\n")))
-            paths.read_stdin()
+            paths.read_stdin(new_job=True)
             assert reading.read() == b"B0FIRST001\n"
         assert paths.job.read_bytes() == b"B0OTHER002\n"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    @pytest.mark.parametrize("other", [b"", b"B0FIRST001\n"])
+    def test_other_stdin_never_replaces_the_saved_copy(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: bytes
+    ) -> None:
+        """Other bytes on stdin (an empty pipe, a part of the input) leave the saved copy of
+        an unfinished job as it is, so the same input still resumes it: the run is refused
+        (65) saying so; the same bytes again are accepted as they are."""
+        from broker.errors import JobFileError
+        from broker.jobs.paths import plan_paths
+
+        paths = plan_paths(job="-", out=str(tmp_path / "o.jsonl"), fmt="jsonl", directory=tmp_path)
+        saved = b"B0FIRST001\nB0SECOND02\n"
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(saved)))
+        paths.read_stdin()
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(other)))
+        with pytest.raises(JobFileError, match="differs from the saved input"):
+            paths.read_stdin()
+        assert paths.job.read_bytes() == saved
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(saved)))
+        paths.read_stdin()
+        assert paths.job.read_bytes() == saved
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     def test_stdin_to_stdout(self, tmp_path: Path) -> None:

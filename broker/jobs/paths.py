@@ -7,6 +7,7 @@ directory) is a usage error that leaves every file as it was (N10).
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import stat
@@ -15,6 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from broker.errors import JobFileError
 
 __all__ = ["STDIO", "RunPaths", "UsageError", "plan_paths"]
 
@@ -51,18 +54,31 @@ class RunPaths:
         """The output as the user named it."""
         return "stdout" if self.to_stdout else str(self.out)
 
-    def read_stdin(self) -> None:
+    def read_stdin(self, *, new_job: bool = False) -> None:
         """Copy stdin to :attr:`job` (the same bytes give the same job, so a rerun resumes).
 
-        Written beside it and renamed into place: a run still reading the previous copy
-        (another ``broker run -`` with the same output, refused later by the job lock)
-        keeps reading its own bytes, never a mix of two inputs.
+        Written beside it first. A saved copy with the same bytes is left as it is; one
+        with other bytes is replaced only for ``new_job``, renamed over, so a run still
+        reading it keeps its own bytes, never a mix of two inputs. Otherwise the copy is
+        kept, so the input it holds can still resume its job.
+
+        Raises:
+            JobFileError: stdin differs from the saved copy and ``new_job`` is not set.
         """
         self.job.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=self.job.parent, prefix=f".{self.job.name}.")
         try:
             with os.fdopen(fd, "wb") as handle:
                 shutil.copyfileobj(sys.stdin.buffer, handle)
+            if self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False):
+                Path(temporary).unlink()
+                return
+            if self.job.exists() and not new_job:
+                raise JobFileError(
+                    f"the input on stdin differs from the saved input of this job's earlier "
+                    f"run ({self.job}, kept as it is): pipe that same input to resume it, or "
+                    "add --new-job to start over with this one"
+                )
             os.replace(temporary, self.job)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
