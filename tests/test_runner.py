@@ -6,6 +6,9 @@ import asyncio
 import csv
 import gzip
 import json
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +177,41 @@ class TestResume:
         out = tmp_path / "out.jsonl"
         assert _main(tmp_path, str(job), "--out", str(out), "--strict") == ExitCode.DATA_ERROR
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
+
+    def test_a_job_file_edited_while_it_is_read_is_refused_and_stores_no_edited_row(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A job file edited in place while it is being ingested (same size): the run stops
+        with 65 "changed while it was being read" before storing a row read after the edit;
+        with the original restored, the job resumes and every row answers its own line."""
+        from broker.jobs import runner
+
+        monkeypatch.setattr(runner, "_INGEST_CHUNK", 100)
+        lines = [f"B0{i:08d}" for i in range(3_000)]
+        original = "".join(f"{line}\n" for line in lines)
+        job = tmp_path / "job.txt"
+        job.write_text(original)
+        out = tmp_path / "out.jsonl"
+        read = runner._read
+
+        def edited_midway(options: runner.JobOptions) -> Iterator[sources.JobRow]:
+            for count, row in enumerate(read(options)):
+                if count == 300:  # overwrite line 2,901 in place, as an editor would
+                    with job.open("r+b") as handle:
+                        handle.seek(2_900 * 11)
+                        handle.write(b"B9EDITEDXX")
+                    os.utime(job, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+                yield row
+
+        monkeypatch.setattr(runner, "_read", edited_midway)
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.DATA_ERROR
+        assert "changed while it was being read" in capsys.readouterr().err
+        monkeypatch.setattr(runner, "_read", read)
+        job.write_text(original)
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(rows) == 3_000
+        assert all(row["input"] == lines[row["line"] - 1] for row in rows)
 
     def test_missing_input(self, tmp_path: Path) -> None:
         """A missing job file exits 66."""

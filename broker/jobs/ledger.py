@@ -473,7 +473,13 @@ class Ledger:
         with self._lock:
             return self._meta_int("ingested_rows")
 
-    def ingest(self, rows: Iterable[JobRow], *, chunk: int = 5000) -> int:
+    def ingest(
+        self,
+        rows: Iterable[JobRow],
+        *,
+        chunk: int = 5000,
+        unchanged: Callable[[], None] | None = None,
+    ) -> int:
         """Store the job file's rows; idempotent and resumable.
 
         Row ``seq`` is its index in ``rows``. Each chunk is one transaction that also records
@@ -487,6 +493,9 @@ class Ledger:
         Args:
             rows: the job file's rows in file order (:func:`broker.jobs.sources.read_job`).
             chunk: rows per transaction.
+            unchanged: called after each chunk is read and before it is stored; raises
+                (:class:`JobFileError`) when the file changed since the job started, so a
+                row read after a change is never stored.
 
         Returns:
             The number of rows in the job.
@@ -519,6 +528,8 @@ class Ledger:
                     # so they are kept and counted, and a rerun reads past them.
                     failure = exc
                 if batch:
+                    if unchanged is not None:
+                        unchanged()
                     with self._lock:
                         self._ingest_chunk(seq, batch)
                     seq += len(batch)

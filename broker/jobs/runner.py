@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -43,7 +44,13 @@ from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
-from broker.jobs.sources import JobFingerprint, JobRow, fingerprint, read_job
+from broker.jobs.sources import (
+    JobFingerprint,
+    JobRow,
+    check_unchanged,
+    fingerprint,
+    read_job,
+)
 from broker.logs import end_live_line, get_logger, show_live_line
 from broker.models import ItemResult, Protocol, Query
 from broker.sqlitewal import journal_files
@@ -311,7 +318,7 @@ async def _run_once(
                 _refuse_invalid(options, config.api.protocol)
             ingest_started = time.monotonic()
             try:
-                ingested = await _ingest(ledger, options, stop)
+                ingested = await _ingest(ledger, options, stop, job_print)
             except JobFileError:
                 # A file refused before its first row (no asin column, not text) leaves
                 # nothing; one damaged later keeps the rows read (C11: a truncated .gz).
@@ -446,15 +453,21 @@ def _row_problem(row: JobRow, protocol: Protocol) -> str | None:
     return None
 
 
+#: Job rows stored per ingestion transaction (and per check that the file is unchanged).
+_INGEST_CHUNK = 5000
+
+
 class _IngestStopped(Exception):
     """Raised inside the ingestion thread when a signal asks the run to stop."""
 
 
-async def _ingest(ledger: Ledger, options: JobOptions, stop: _Stop) -> int:
+async def _ingest(ledger: Ledger, options: JobOptions, stop: _Stop, started: JobFingerprint) -> int:
     """Ingest the job file in a worker thread, so a signal is handled while it runs.
 
     A signal (or a cancelled run) stops ingestion at the next row; the chunks stored so far
-    are kept and the next run continues after them. Returns the rows stored.
+    are kept and the next run continues after them. A file that changes from ``started``
+    while it is read stops it too (JobFileError), before a row read after the change is
+    stored. Returns the rows stored.
     """
 
     def rows() -> Iterator[JobRow]:
@@ -463,7 +476,10 @@ async def _ingest(ledger: Ledger, options: JobOptions, stop: _Stop) -> int:
                 raise _IngestStopped
             yield row
 
-    done = asyncio.get_running_loop().run_in_executor(None, ledger.ingest, rows())
+    ingest = functools.partial(
+        ledger.ingest, chunk=_INGEST_CHUNK, unchanged=functools.partial(check_unchanged, started)
+    )
+    done = asyncio.get_running_loop().run_in_executor(None, ingest, rows())
     try:
         # Shielded: the thread must be done with the ledger before the run closes it.
         return await asyncio.shield(done)

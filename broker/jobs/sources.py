@@ -313,6 +313,30 @@ def fingerprint(path: str | os.PathLike[str]) -> JobFingerprint:
     return JobFingerprint(absolute, before.st_size, before.st_mtime_ns, digest)
 
 
+def check_unchanged(started: JobFingerprint) -> None:
+    """Refuse a job file that changed since ``started`` was taken (its size or mtime).
+
+    Called while the file is being read: rows read after an edit in place must never be
+    stored under the fingerprint of the file as it was.
+
+    Raises:
+        JobFileError: the file's size or modification time differ, or it is gone.
+    """
+    try:
+        now = os.stat(started.path)
+    except OSError as exc:
+        raise JobFileError(
+            f"{started.path}: the file changed while it was being read ({exc.strerror})"
+        ) from None
+    if (now.st_size, now.st_mtime_ns) != (started.size, started.mtime_ns):
+        raise JobFileError(
+            f"{started.path}: the file changed while it was being read ({started.size} bytes "
+            f"when the run started, {now.st_size} now); the rows read before the change are "
+            "kept. Put the file back as it was to resume, or run with --new-job; producers "
+            "should write to a temporary name and rename it into place."
+        )
+
+
 # -- argument checks -----------------------------------------------------------------------
 
 
