@@ -617,7 +617,8 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The lookup failed on every attempt the retry policy allows.",
         Scope.REQUEST,
         False,
-        "Run again later; the last error says why.",
+        "Look it up again later (a finished job: broker run --refresh); the error says what "
+        "failed each time.",
     ),
 )
 

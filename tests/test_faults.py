@@ -445,7 +445,8 @@ class TestB3ServerErrors:
                 assert len(sent) == 3
                 assert all(a.status >= 500 for _, a in sent)
                 last = json.loads(sent[-1][1].body)["message"]
-                assert result.error.message == last  # the last error, not the first
+                # The last error, not the first, told as final.
+                assert result.error.message == f"{last} (gave up after 3 attempts)"
         delays = [e["delay_s"] for e in logs if e["event"] == "broker.retry_scheduled"]
         assert len(delays) == metrics.retries
         assert all(0 < d <= 30.0 for d in delays)

@@ -427,7 +427,10 @@ class Executor:
         attempt = attempts.failures
         delay = self._policy.next_delay(attempt, exc)
         if delay is None or attempts.age(now) + delay > self._policy.max_age_s:
-            self._fail(batch, exc, key=key.name)
+            # An operation's caller gets the exception itself; a lookup's row the last error
+            # told as final (its catalogue remedy says the broker retries it by itself).
+            final = exc if batch.operation is not None else _gave_up(exc, attempt)
+            self._fail(batch, final, key=key.name)
             return
         if not key.retry_budget.try_retry():
             # Retries are over 10 % of sends: slow down rather than storm (see retry.py on
@@ -469,6 +472,17 @@ class Executor:
             "waits",
             scope=Scope.KEY,
         )
+
+
+def _gave_up(error: BaseException, attempts: int) -> ErrorDetail:
+    """The final error of a lookup whose retries ran out: the last error's code and message,
+    with the remedy of ``AttemptsExhausted`` (what to do now, not "retried by itself")."""
+    last = _detail(error)
+    return ErrorDetail(
+        last.code,
+        f"{last.message} (gave up after {attempts} attempts)",
+        describe("AttemptsExhausted").remedy,
+    )
 
 
 def _detail(error: BaseException) -> ErrorDetail:
