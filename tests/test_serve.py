@@ -212,6 +212,17 @@ class TestJobs:
         assert datetime.strptime(status["finished_at"], "%Y-%m-%dT%H:%M:%SZ")
         assert os.listdir(spool / "processing") == []
 
+    async def test_a_latin1_job_is_failed_with_advice_the_daemon_can_follow(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A job that is not UTF-8 is filed in failed/ with a way to fix it that works for a
+        spool (convert it; the daemon has no --encoding), naming the job, not processing/."""
+        await start()
+        (spool / "inbox" / "old.txt").write_bytes("B0CAF\xc9S01\n".encode("latin-1"))
+        status = await _filed(spool, "old.txt", "failed")
+        assert "iconv" in status["error"]
+        assert "processing" not in status["error"]
+
     async def test_bad_job_ends_in_failed_naming_the_error(self, start: Start, spool: Path) -> None:
         """A CSV without an asin column is filed in failed/ with a status naming the error."""
         await start()

@@ -849,7 +849,8 @@ class Daemon:
 
     def _fail(self, job: SpoolJob, exc: BaseException) -> None:
         code, message = describe_failure(exc)
-        self._fail_message(job, message, code)
+        # The job is filed under failed/ by now: name it, not its place in processing/.
+        self._fail_message(job, message.replace(str(job.path), job.name), code)
 
     def _fail_unreadable(self, job: SpoolJob, exc: OSError) -> None:
         reason = exc.strerror or str(exc)

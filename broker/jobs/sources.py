@@ -574,9 +574,9 @@ def _undecodable(
         position = f"byte 0x{bad.hex()} at byte offset {line_offset + exc.start} {where}"
     hint = (
         "if the file is Latin-1 or Windows-1252 (older Excel exports), run again with "
-        "--encoding latin-1"
+        "--encoding latin-1, or convert it (iconv -f latin1 -t utf-8 FILE > FILE.utf8)"
         if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
-        else "run again with the file's real encoding (--encoding)"
+        else "run again with the file's real encoding (--encoding), or convert it to UTF-8"
     )
     return JobFileError(f"{path}: line {lineno}: {position} is not valid {encoding}; {hint}")
 
