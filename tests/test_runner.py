@@ -213,6 +213,17 @@ class TestResume:
         assert len(rows) == 3_000
         assert all(row["input"] == lines[row["line"] - 1] for row in rows)
 
+    def test_a_partial_ordered_export_left_by_a_kill_is_removed(self, tmp_path: Path) -> None:
+        """A --ordered export cut short by kill -9 leaves <out>.ordering (as large as the
+        output); the next run, ordered or not, removes it."""
+        job = tmp_path / "job.txt"
+        job.write_text("B0RRRRRR01\nB0RRRRRR02\n")
+        out = tmp_path / "out.jsonl"
+        stale = tmp_path / "out.jsonl.ordering"
+        stale.write_text('{"partial": true}\n')
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
+        assert not stale.exists()
+
     def test_missing_input(self, tmp_path: Path) -> None:
         """A missing job file exits 66."""
         assert _main(tmp_path, str(tmp_path / "nope.txt")) == ExitCode.NO_INPUT

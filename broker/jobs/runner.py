@@ -312,6 +312,9 @@ async def _run_once(
             new_job=options.new_job,
         ) as ledger,
     ):
+        # A --ordered export cut short (kill -9) left its partial copy; the job lock says
+        # no other run is writing it.
+        _ordering_path(options.out).unlink(missing_ok=True)
         resumed_complete = ledger.ingest_complete and ledger.counts().pending == 0
         if not ledger.ingest_complete:
             if options.strict and not checked:
@@ -394,6 +397,11 @@ async def _run_once(
     return summary
 
 
+def _ordering_path(out: Path) -> Path:
+    """Where ``--ordered`` writes the output in input order before it replaces it."""
+    return out.with_name(out.name + ".ordering")
+
+
 def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
     """Rewrite the complete output with its rows in input order (``--ordered``).
 
@@ -403,7 +411,7 @@ def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
     """
     if options.format == "sqlite":
         return  # a table has no order of its own; the seq column gives input order
-    temporary = options.out.with_name(options.out.name + ".ordering")
+    temporary = _ordering_path(options.out)
     sink = open_sink(options.format, temporary)
     try:
         sink.open(SinkState())
