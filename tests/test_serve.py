@@ -327,7 +327,8 @@ class TestJobs:
     async def test_dotfiles_tmp_symlinks_and_directories_are_ignored(
         self, start: Start, spool: Path
     ) -> None:
-        """Only regular, finished job files are claimed; reserved names are refused."""
+        """Only regular, finished job files are claimed; reserved names are refused. A link
+        or a directory left in inbox/ is said once (a warning), not passed over in silence."""
         inbox = spool / "inbox"
         inbox.mkdir(parents=True)
         (inbox / ".hidden.txt").write_text("B0HIDDEN01\n")
@@ -336,9 +337,15 @@ class TestJobs:
         (tmp := spool / "elsewhere.txt").write_text("B0ELSEWHR1\n")
         (inbox / "link.txt").symlink_to(tmp)
         _drop(spool, "x.out.jsonl", '{"asin": "B0RESERVD1"}\n')
-        await start()
-        _drop(spool, "real.txt", "B0REALJOB1\n")
-        await _filed(spool, "real.txt")
+        with structlog.testing.capture_logs() as logs:
+            await start()
+            _drop(spool, "real.txt", "B0REALJOB1\n")
+            await _filed(spool, "real.txt")
+            await asyncio.sleep(0.2)  # a few more polls of the inbox
+        ignored = sorted(
+            (e["entry"], e["kind"]) for e in logs if e["event"] == "broker.inbox_entry_ignored"
+        )
+        assert ignored == [("link.txt", "symbolic link"), ("subdir", "directory")]
         reserved = await _filed(spool, "x.out.jsonl", "failed")
         assert "reserved" in reserved["error"]
         assert sorted(os.listdir(inbox)) == [".hidden.txt", "link.txt", "subdir", "writing.txt.tmp"]

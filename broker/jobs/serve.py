@@ -245,9 +245,15 @@ class Spool:
         """Job files in ``inbox/``, oldest first."""
         return _job_files(self.inbox)
 
-    def waiting_entries(self) -> list[tuple[str, os.stat_result]]:
-        """Job files in ``inbox/`` with what ``stat`` said of them, oldest first."""
-        return _job_entries(self.inbox)
+    def waiting_entries(
+        self, skipped: dict[str, str] | None = None
+    ) -> list[tuple[str, os.stat_result]]:
+        """Job files in ``inbox/`` with what ``stat`` said of them, oldest first.
+
+        ``skipped``, if given, gets each entry that is no job file (a symbolic link, a
+        directory...) and what it is.
+        """
+        return _job_entries(self.inbox, skipped)
 
     def drop_duplicates(self) -> list[str]:
         """Remove ``inbox/`` entries that are the same file as a job in ``processing/``.
@@ -382,7 +388,9 @@ def _job_files(directory: Path) -> list[str]:
     return [name for name, _ in _job_entries(directory)]
 
 
-def _job_entries(directory: Path) -> list[tuple[str, os.stat_result]]:
+def _job_entries(
+    directory: Path, skipped: dict[str, str] | None = None
+) -> list[tuple[str, os.stat_result]]:
     found: list[tuple[int, str, os.stat_result]] = []
     with os.scandir(directory) as entries:
         for entry in entries:
@@ -394,7 +402,20 @@ def _job_entries(directory: Path) -> list[tuple[str, os.stat_result]]:
                 continue  # taken by another daemon while we looked
             if stat.S_ISREG(info.st_mode):
                 found.append((info.st_mtime_ns, entry.name, info))
+            elif skipped is not None:
+                skipped[entry.name] = _kind(info.st_mode)
     return [(name, info) for _, name, info in sorted(found, key=lambda item: item[:2])]
+
+
+def _kind(mode: int) -> str:
+    """What a directory entry that is no regular file is, in words."""
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    return "special file"
 
 
 def _free_name(directory: Path, name: str) -> str:
@@ -504,6 +525,8 @@ class Daemon:
         self._recent: collections.deque[JobRows] = collections.deque(maxlen=_RECENT_JOBS)
         # inbox/ name -> (what stat said, monotonic time it was first seen so)
         self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}
+        # inbox/ entries that are no job files, already warned about
+        self._ignored: set[str] = set()
         # Jobs stopped by ``no_wait`` -> when their keys' daily quota resets.
         self._deferred: dict[str, datetime] = {}
 
@@ -632,8 +655,21 @@ class Daemon:
                     return name
         return None
 
+    def _say_ignored(self, skipped: dict[str, str]) -> None:
+        """Warn once about each inbox/ entry that is no job file and stays there for good."""
+        for name in skipped.keys() - self._ignored:
+            logger.warning(
+                "broker.inbox_entry_ignored",
+                entry=_shown(name),
+                kind=skipped[name],
+                note="only regular files are jobs: move the file itself into inbox/",
+            )
+        self._ignored = set(skipped)
+
     def _claim_next(self) -> str | None:
-        waiting = self.spool.waiting_entries()
+        skipped: dict[str, str] = {}
+        waiting = self.spool.waiting_entries(skipped)
+        self._say_ignored(skipped)
         self._inbox = len(waiting)
         seen: set[str] = set()
         for name, info in waiting:
