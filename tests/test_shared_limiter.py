@@ -337,19 +337,24 @@ class TestDailyQuota:
         assert demo.accepted + demo.throttled == 29  # 30 less the 1 % guard, 429s included
 
 
+async def _one_key(harness: Harness, clock: FakeClock) -> tuple[Any, Any, Any]:
+    """A simulator with one 5/s key on ``clock``, a transport to it, and a config naming it."""
+    settings = SimulatorSettings(
+        accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),),
+        burst=2,
+    )
+    sim = await harness.simulator(settings, clock=clock)
+    transport = await harness.transport()
+    return sim, transport, make_config(sim.url, keys=[key_doc(tps=5.0, tpd=100_000)])
+
+
 class TestConcurrentBrokers:
     """Brokers in one event loop stand in for processes sharing a key."""
 
     async def test_two_brokers_share_the_rate_without_429s(self, harness: Harness) -> None:
         """Two brokers on one store and one 5/s key: 5/s together, no 429."""
         clock = FakeClock()
-        settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),),
-            burst=2,
-        )
-        sim = await harness.simulator(settings, clock=clock)
-        transport = await harness.transport()
-        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=100_000)])
+        sim, transport, config = await _one_key(harness, clock)
         store = _store(clock)
         brokers = [
             await harness.broker(config, clock=clock, transport=transport, state_store=store)
@@ -371,13 +376,7 @@ class TestConcurrentBrokers:
         """A broker with no work (an idle daemon) still asks the store every 30 s: after the
         store loses the key (Redis restarted empty) the day's count is back within 30 s."""
         clock = FakeClock()
-        settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),),
-            burst=2,
-        )
-        sim = await harness.simulator(settings, clock=clock)
-        transport = await harness.transport()
-        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=100_000)])
+        _, transport, config = await _one_key(harness, clock)
         store = _store(clock)
         broker = await harness.broker(config, clock=clock, transport=transport, state_store=store)
         await drive(
@@ -397,13 +396,7 @@ class TestConcurrentBrokers:
         """A keep-alive beat that meets a store error (a full disk) is logged and tried again
         at the next beat; the engine does not stop, and work after the disk is freed is done."""
         clock = FakeClock()
-        settings = SimulatorSettings(
-            accounts=(account("demo", "demo-id", "demo-secret", tps=5.0, tpd=100_000),),
-            burst=2,
-        )
-        sim = await harness.simulator(settings, clock=clock)
-        transport = await harness.transport()
-        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=100_000)])
+        _, transport, config = await _one_key(harness, clock)
         store = _DiskFull(_store(clock))
         broker = await harness.broker(
             config, clock=clock, transport=transport, state_store=cast("Any", store)
