@@ -54,6 +54,12 @@ def _job(tmp_path: Path, n: int = 5, name: str = "job.txt") -> Path:
     return job
 
 
+def _stdin_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, *args: str) -> int:
+    """``broker run -`` with ``data`` on stdin; its exit code."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    return cli.main(["run", "-", "--config", str(_config(tmp_path)), "--progress", "none", *args])
+
+
 def _jsonl(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -287,27 +293,49 @@ class TestRunPaths:
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     @pytest.mark.parametrize("other", [b"", b"B0FIRST001\n"])
-    def test_other_stdin_never_replaces_the_saved_copy(
+    def test_other_stdin_never_replaces_the_saved_copy_of_a_job(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: bytes
     ) -> None:
-        """Other bytes on stdin (an empty pipe, a part of the input) leave the saved copy of
-        an unfinished job as it is, so the same input still resumes it: the run is refused
-        (65) saying so; the same bytes again are accepted as they are."""
-        from broker.errors import JobFileError
-        from broker.jobs.paths import plan_paths
-
-        paths = plan_paths(job="-", out=str(tmp_path / "o.jsonl"), fmt="jsonl", directory=tmp_path)
+        """Other bytes on stdin (an empty pipe, a part of the input) for an output whose job
+        exists: exit 65 and the saved copy kept, so the same input still runs the job; the
+        same bytes again are accepted."""
         saved = b"B0FIRST001\nB0SECOND02\n"
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(saved)))
-        paths.read_stdin()
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(other)))
-        with pytest.raises(JobFileError, match="differs from the saved input"):
-            paths.read_stdin()
-        assert paths.job.read_bytes() == saved
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(saved)))
-        paths.read_stdin()
-        assert paths.job.read_bytes() == saved
-        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+        out = tmp_path / "o" / "a.jsonl"
+        copy = out.with_name("a.jsonl.stdin.txt")
+        assert _stdin_run(tmp_path, monkeypatch, saved, "--out", str(out)) == ExitCode.OK
+        assert _stdin_run(tmp_path, monkeypatch, other, "--out", str(out)) == ExitCode.DATA_ERROR
+        assert copy.read_bytes() == saved
+        assert _stdin_run(tmp_path, monkeypatch, saved, "--out", str(out)) == ExitCode.OK
+        assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+    def test_fixed_stdin_after_a_refused_first_run_is_accepted(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A first run refused before it made a job (--strict, an invalid row) leaves no job
+        to resume: the fixed input on the next run replaces the copy and runs."""
+        out = tmp_path / "o" / "a.jsonl"
+        bad, fixed = b"B0FIRST001\nnot-an-asin\n", b"B0FIRST001\n"
+        strict = ("--out", str(out), "--strict")
+        assert _stdin_run(tmp_path, monkeypatch, bad, *strict) == ExitCode.DATA_ERROR
+        assert _stdin_run(tmp_path, monkeypatch, fixed, *strict) == ExitCode.OK
+        assert len(_jsonl(out.read_text())) == 1
+
+    def test_new_job_never_replaces_the_copy_of_a_job_another_process_runs(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """--new-job with other input while another process holds the job: refused (65,
+        naming the holder) before the copy that process reads is touched."""
+        from broker.jobs.lock import JobLock
+
+        saved = b"B0FIRST001\n"
+        out = tmp_path / "o" / "a.jsonl"
+        copy = out.with_name("a.jsonl.stdin.txt")
+        assert _stdin_run(tmp_path, monkeypatch, saved, "--out", str(out)) == ExitCode.OK
+        with JobLock(out.with_name("a.jsonl.ledger")):  # the other process's run
+            args = ("--out", str(out), "--new-job")
+            code = _stdin_run(tmp_path, monkeypatch, b"B0OTHER002\n", *args)
+        assert code == ExitCode.DATA_ERROR
+        assert copy.read_bytes() == saved
 
     def test_stdin_to_stdout(self, tmp_path: Path) -> None:
         """``broker run - --out -`` reads ASINs on stdin and writes only JSON lines to stdout."""

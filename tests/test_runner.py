@@ -224,6 +224,16 @@ class TestResume:
         assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
         assert not stale.exists()
 
+    def test_a_job_named_like_the_ordered_copy_of_its_output_is_refused(
+        self, tmp_path: Path
+    ) -> None:
+        """A job file that is <out>.ordering (which a run removes, and --ordered writes) is a
+        usage error, and the job file stays."""
+        job = tmp_path / "list.ordering"
+        job.write_text("B0RRRRRR01\n")
+        assert _main(tmp_path, str(job), "--out", str(tmp_path / "list")) == ExitCode.USAGE
+        assert job.read_text() == "B0RRRRRR01\n"
+
     def test_missing_input(self, tmp_path: Path) -> None:
         """A missing job file exits 66."""
         assert _main(tmp_path, str(tmp_path / "nope.txt")) == ExitCode.NO_INPUT

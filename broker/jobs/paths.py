@@ -18,12 +18,23 @@ from pathlib import Path
 from types import TracebackType
 
 from broker.errors import JobFileError
+from broker.jobs.lock import JobLock
 
-__all__ = ["STDIO", "RunPaths", "UsageError", "plan_paths"]
+__all__ = ["STDIO", "RunPaths", "UsageError", "ledger_path", "ordering_path", "plan_paths"]
 
 #: The name that means stdin (as the job) or stdout (as ``--out``).
 STDIO = "-"
 _SUFFIX = {"jsonl": ".jsonl", "csv": ".csv", "sqlite": ".sqlite"}
+
+
+def ledger_path(out: Path) -> Path:
+    """The job's ledger (what is done, to resume) beside its output."""
+    return out.with_name(out.name + ".ledger")
+
+
+def ordering_path(out: Path) -> Path:
+    """Where ``--ordered`` writes the output in input order before it replaces it."""
+    return out.with_name(out.name + ".ordering")
 
 
 class UsageError(ValueError):
@@ -57,13 +68,14 @@ class RunPaths:
     def read_stdin(self, *, new_job: bool = False) -> None:
         """Copy stdin to :attr:`job` (the same bytes give the same job, so a rerun resumes).
 
-        Written beside it first. A saved copy with the same bytes is left as it is; one
-        with other bytes is replaced only for ``new_job``, renamed over, so a run still
-        reading it keeps its own bytes, never a mix of two inputs. Otherwise the copy is
-        kept, so the input it holds can still resume its job.
+        Written beside it first. A saved copy with the same bytes is left as it is. One
+        with other bytes is replaced, under the job's lock, only when no job was made from
+        it (no ledger: a first run refused early) or for ``new_job``; otherwise it is kept,
+        so the input it holds still runs its job. A job another process runs keeps its copy.
 
         Raises:
-            JobFileError: stdin differs from the saved copy and ``new_job`` is not set.
+            JobFileError: stdin differs from the copy of an existing job and ``new_job`` is
+                not set; or another process runs the job (:class:`JobLockedError`).
         """
         self.job.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=self.job.parent, prefix=f".{self.job.name}.")
@@ -73,13 +85,15 @@ class RunPaths:
             if self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False):
                 Path(temporary).unlink()
                 return
-            if self.job.exists() and not new_job:
-                raise JobFileError(
-                    f"the input on stdin differs from the saved input of this job's earlier "
-                    f"run ({self.job}, kept as it is): pipe that same input to resume it, or "
-                    "add --new-job to start over with this one"
-                )
-            os.replace(temporary, self.job)
+            ledger = ledger_path(self.out)
+            with JobLock(ledger):
+                if ledger.exists() and not new_job:
+                    raise JobFileError(
+                        f"the input on stdin differs from the saved input of this job "
+                        f"({self.job}, kept as it is): pipe that same input to run it, or "
+                        "add --new-job to start over with this one"
+                    )
+                os.replace(temporary, self.job)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -163,8 +177,9 @@ def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
     """Raise when the output, its ledger or its report would be the job file."""
     written = {
         out: "the output",
-        out.with_name(out.name + ".ledger"): "the output's ledger",
+        ledger_path(out): "the output's ledger",
         out.with_name(out.name + ".invalid.jsonl"): "the invalid-row report",
+        ordering_path(out): "the --ordered copy of the output",
     }
     target = _same(job)
     for path, what in written.items():

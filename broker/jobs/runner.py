@@ -42,6 +42,7 @@ from broker.errors import (
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
+from broker.jobs.paths import ledger_path, ordering_path
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import (
@@ -164,7 +165,7 @@ async def run_job(
         return await _run_once(config, options, broker, job_print)
     side = _refresh_path(options.out)
     # The job's own lock too: no plain run may use the old ledger while it is replaced.
-    with JobLock(_ledger_path(options.out)):
+    with JobLock(ledger_path(options.out)):
         summary = await _run_once(
             config,
             # Fetched again means from Amazon: nothing from the item cache.
@@ -186,10 +187,6 @@ def _after_refresh(summary: JobSummary, side: Path, out: Path) -> JobSummary:
     if summary.invalid_report:
         summary.invalid_report = str(_report_path(out))
     return summary
-
-
-def _ledger_path(out: Path) -> Path:
-    return out.with_name(out.name + ".ledger")
 
 
 def _report_path(out: Path) -> Path:
@@ -224,7 +221,7 @@ class _Refusal:
 
 
 @contextlib.contextmanager
-def _forget_refused(ledger_path: Path) -> Iterator[_Refusal]:
+def _forget_refused(ledger_file: Path) -> Iterator[_Refusal]:
     """Delete the ledger this run created if the job file is refused before its first row.
 
     Nothing was stored or fetched for it, and a ledger left behind would hold the refused
@@ -233,13 +230,13 @@ def _forget_refused(ledger_path: Path) -> Iterator[_Refusal]:
     once the ledger is closed and before the lock is released; the lock file itself stays
     (see :mod:`broker.jobs.lock`: unlinking it would let two processes hold the lock).
     """
-    fresh = not ledger_path.exists()
+    fresh = not ledger_file.exists()
     refusal = _Refusal()
     try:
         yield refusal
     except JobFileError:
         if fresh and refusal.nothing_read:
-            for path in (ledger_path, *journal_files(ledger_path)):
+            for path in (ledger_file, *journal_files(ledger_file)):
                 path.unlink(missing_ok=True)
         raise
 
@@ -250,7 +247,7 @@ def _finish_promotion(out: Path) -> None:
     marker = side.with_name(side.name + ".promote")
     if not marker.exists():
         return
-    ledger = _ledger_path(out)
+    ledger = ledger_path(out)
     # The report is derived from the ledger and rewritten at the end of every run, so a crash
     # that leaves it out of step only lasts until the next run ends.
     if _report_path(side).exists():
@@ -259,13 +256,13 @@ def _finish_promotion(out: Path) -> None:
         _report_path(out).unlink(missing_ok=True)
     if side.exists():
         os.replace(side, out)
-    if _ledger_path(side).exists():
+    if ledger_path(side).exists():
         # A journal left by the old ledger must not be replayed into the new one.
         for path in journal_files(ledger):
             path.unlink(missing_ok=True)
-        os.replace(_ledger_path(side), ledger)
+        os.replace(ledger_path(side), ledger)
     # Nobody holds the refresh's lock now (the main job's lock is held by this run).
-    _ledger_path(side).with_name(_ledger_path(side).name + ".lock").unlink(missing_ok=True)
+    ledger_path(side).with_name(ledger_path(side).name + ".lock").unlink(missing_ok=True)
     marker.unlink()
 
 
@@ -277,7 +274,7 @@ def _complete_message(ledger: Ledger, options: JobOptions, total: int) -> str:
         first, last = (moment[:16].replace("T", " ") + " UTC" for moment in fetched)
         when = f", fetched {first}" if first == last else f", fetched {first} to {last}"
     refreshing = ""
-    if _ledger_path(_refresh_path(options.out)).exists():
+    if ledger_path(_refresh_path(options.out)).exists():
         refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
     return (
         f"{options.job}: this job is already complete ({total} rows{when}); nothing was "
@@ -293,8 +290,8 @@ async def _run_once(
     job_print: JobFingerprint,
 ) -> JobSummary:
     started = time.monotonic()
-    ledger_path = _ledger_path(options.out)
-    checked = options.strict and not ledger_path.exists()
+    ledger_file = ledger_path(options.out)
+    checked = options.strict and not ledger_file.exists()
     if checked:
         # A new job refused for its invalid rows leaves nothing behind (no ledger, no lock).
         _refuse_invalid(options, config.api.protocol)
@@ -303,10 +300,10 @@ async def _run_once(
     stop = _Stop(options.drain_grace_s)
     with (
         _signals(stop, enabled=options.handle_signals),
-        JobLock(ledger_path),
-        _forget_refused(ledger_path) as refusal,
+        JobLock(ledger_file),
+        _forget_refused(ledger_file) as refusal,
         Ledger.open(
-            ledger_path,
+            ledger_file,
             fingerprint=job_print,
             default_marketplace=config.api.marketplace,
             new_job=options.new_job,
@@ -314,7 +311,7 @@ async def _run_once(
     ):
         # A --ordered export cut short (kill -9) left its partial copy; the job lock says
         # no other run is writing it.
-        _ordering_path(options.out).unlink(missing_ok=True)
+        ordering_path(options.out).unlink(missing_ok=True)
         resumed_complete = ledger.ingest_complete and ledger.counts().pending == 0
         if not ledger.ingest_complete:
             if options.strict and not checked:
@@ -397,11 +394,6 @@ async def _run_once(
     return summary
 
 
-def _ordering_path(out: Path) -> Path:
-    """Where ``--ordered`` writes the output in input order before it replaces it."""
-    return out.with_name(out.name + ".ordering")
-
-
 def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
     """Rewrite the complete output with its rows in input order (``--ordered``).
 
@@ -411,7 +403,7 @@ def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
     """
     if options.format == "sqlite":
         return  # a table has no order of its own; the seq column gives input order
-    temporary = _ordering_path(options.out)
+    temporary = ordering_path(options.out)
     sink = open_sink(options.format, temporary)
     try:
         sink.open(SinkState())

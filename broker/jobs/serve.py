@@ -81,6 +81,7 @@ from broker.errors import ConfigError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
+from broker.jobs.paths import ledger_path
 from broker.jobs.runner import JobOptions, JobSummary, describe_failure, is_about, run_job
 from broker.jobs.signals import (
     STOP_SIGNALS,
@@ -206,7 +207,7 @@ class SpoolJob:
     @property
     def ledger(self) -> Path:
         """The job's ledger (the runner puts it beside the output)."""
-        return self.out.with_name(self.out.name + ".ledger")
+        return ledger_path(self.out)
 
     @property
     def invalid_report(self) -> Path:
