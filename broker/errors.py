@@ -79,6 +79,10 @@ class JobFileError(BrokerError, ValueError):
     """A job file cannot be processed as a whole (missing column, undecodable, truncated)."""
 
 
+class JobChangedError(JobFileError):
+    """The job file changed while it was being read (a producer still writing, an edit)."""
+
+
 class TransportError(BrokerError):
     """The request did not complete at the network level; always retryable."""
 

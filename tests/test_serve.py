@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,6 +221,33 @@ class TestJobs:
         (spool / "inbox" / "old.txt").write_bytes("B0CAF\xc9S01\n".encode("latin-1"))
         status = await _filed(spool, "old.txt", "failed")
         assert "iconv" in status["error"]
+        assert "processing" not in status["error"]
+
+    async def test_a_job_changed_while_it_is_read_is_failed_with_spool_advice(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job file that changes while the daemon reads it is filed in failed/ with what
+        to do in a spool (move it back into inbox/), naming the job, never processing/ or
+        the command line's --new-job."""
+        from broker.jobs import runner
+
+        monkeypatch.setattr(runner, "_INGEST_CHUNK", 100)
+        read = runner._read
+
+        def appended_midway(options: runner.JobOptions) -> Iterator[Any]:
+            for count, row in enumerate(read(options)):
+                if count == 150:  # a producer still writing
+                    with options.job.open("a") as handle:
+                        handle.write("B0LATEROW1\n")
+                yield row
+
+        monkeypatch.setattr(runner, "_read", appended_midway)
+        await start()
+        _drop(spool, "big.txt", "".join(f"B0{i:08d}\n" for i in range(300)))
+        status = await _filed(spool, "big.txt", "failed")
+        assert "changed while" in status["error"]
+        assert "inbox/" in status["error"]
+        assert "--new-job" not in status["error"]
         assert "processing" not in status["error"]
 
     async def test_bad_job_ends_in_failed_naming_the_error(self, start: Start, spool: Path) -> None:

@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING, Any, Final
 from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.clock import Clock, LoopClock
-from broker.errors import ConfigError, JobFileError, NoUsableKeyError
+from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
@@ -752,6 +752,10 @@ class Daemon:
         except JobLockedError as exc:
             logger.warning("broker.job_skipped", job=name, reason=str(exc))
             return
+        except JobChangedError as exc:
+            if not self._fail_changed(job, before_stat):
+                self._fail(job, exc)  # changed and changed back: still refused
+            return
         except JobFileError as exc:
             self._fail(job, exc)
             return
@@ -780,24 +784,31 @@ class Daemon:
         if summary.stopped_by_signal or summary.pending:
             logger.error("broker.job_unfinished", job=name, pending=summary.pending)
             return
-        try:
-            after_stat = os.stat(job.path)
-        except FileNotFoundError:
-            self._vanished(job)
-            return
-        if (after_stat.st_size, after_stat.st_mtime_ns) != (
-            before_stat.st_size,
-            before_stat.st_mtime_ns,
-        ):
-            message = (
-                f"the job file changed while the job ran ({before_stat.st_size} bytes when it "
-                f"started, {after_stat.st_size} now): it was still being written, so rows may "
-                "be missing. Producers should write name.tmp and rename it into inbox/; move "
-                "the job back into inbox/ to run it again"
-            )
-            self._fail_message(job, message, ExitCode.DATA_ERROR)
+        if self._fail_changed(job, before_stat):
             return
         self._finish(job, summary, before, broker.metrics())
+
+    def _fail_changed(self, job: SpoolJob, before: os.stat_result) -> bool:
+        """File ``job`` in failed/ if it changed since ``before`` (or vanished); True if so.
+
+        The spool's own advice: a job that changed was still being written, and is run
+        again by moving it back into inbox/ (its ledger goes with the filing).
+        """
+        try:
+            after = os.stat(job.path)
+        except FileNotFoundError:
+            self._vanished(job)
+            return True
+        if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
+            return False
+        message = (
+            f"the job file changed while the job ran ({before.st_size} bytes when it "
+            f"started, {after.st_size} now): it was still being written, so rows may "
+            "be missing. Producers should write name.tmp and rename it into inbox/; move "
+            "the job back into inbox/ to run it again"
+        )
+        self._fail_message(job, message, ExitCode.DATA_ERROR)
+        return True
 
     def _check_readable(self, job: SpoolJob) -> os.stat_result | None:
         """The job file's stat; None (the job filed or dropped) when it cannot be read."""
@@ -886,8 +897,11 @@ class Daemon:
 
     def _fail(self, job: SpoolJob, exc: BaseException) -> None:
         code, message = describe_failure(exc)
-        # The job is filed under failed/ by now: name it, not its place in processing/.
-        self._fail_message(job, message.replace(str(job.path), job.name), code)
+        # The job is filed under failed/ by now: name it, not its place in processing/
+        # (messages name the path as given, or made absolute).
+        for place in (str(job.path.absolute()), str(job.path)):
+            message = message.replace(place, job.name)
+        self._fail_message(job, message, code)
 
     def _fail_unreadable(self, job: SpoolJob, exc: OSError) -> None:
         reason = exc.strerror or str(exc)

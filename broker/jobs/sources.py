@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 from broker.asin import AsinCheck, check_asin
-from broker.errors import JobFileError
+from broker.errors import JobChangedError, JobFileError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -320,16 +320,16 @@ def check_unchanged(started: JobFingerprint) -> None:
     stored under the fingerprint of the file as it was.
 
     Raises:
-        JobFileError: the file's size or modification time differ, or it is gone.
+        JobChangedError: the file's size or modification time differ, or it is gone.
     """
     try:
         now = os.stat(started.path)
     except OSError as exc:
-        raise JobFileError(
+        raise JobChangedError(
             f"{started.path}: the file changed while it was being read ({exc.strerror})"
         ) from None
     if (now.st_size, now.st_mtime_ns) != (started.size, started.mtime_ns):
-        raise JobFileError(
+        raise JobChangedError(
             f"{started.path}: the file changed while it was being read ({started.size} bytes "
             f"when the run started, {now.st_size} now); the rows read before the change are "
             "kept. Put the file back as it was to resume, or run with --new-job; producers "
@@ -573,8 +573,8 @@ def _undecodable(
         where = "of the decompressed data" if gzipped else "of the file"
         position = f"byte 0x{bad.hex()} at byte offset {line_offset + exc.start} {where}"
     hint = (
-        "if the file is Latin-1 or Windows-1252 (older Excel exports), run again with "
-        "--encoding latin-1, or convert it (iconv -f latin1 -t utf-8 FILE > FILE.utf8)"
+        "if the file is Latin-1 or Windows-1252 (older Excel exports), convert it "
+        "(iconv -f latin1 -t utf-8 FILE > FILE.utf8) or, with broker run, give --encoding latin-1"
         if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
         else "run again with the file's real encoding (--encoding), or convert it to UTF-8"
     )
