@@ -412,6 +412,21 @@ class TestConcurrentBrokers:
         assert all(r.ok for r in later.result())
 
 
+async def test_feedback_survives_a_store_error() -> None:
+    """Feedback taken for a decision that fails with any store error (a full disk, not only an
+    unreachable store) is kept for the next decision: the 429 still cuts the shared rate."""
+    clock = FakeClock()
+    store = _DiskFull(_store(clock))
+    limiter = _limiter(clock, cast("Any", store), "a")
+    sent_at = await limiter.commit()
+    limiter.record_throttled(sent_at)
+    store.full = True
+    with pytest.raises(OSError, match="disk full"):
+        await limiter.refresh()
+    store.full = False
+    assert (await limiter.refresh()).rate < 5.0
+
+
 class _DiskFull:
     """A store whose decisions fail with ENOSPC while ``full`` is set."""
 

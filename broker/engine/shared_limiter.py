@@ -32,7 +32,6 @@ shared store through the limiter; :func:`shared_key_parts` builds the three for 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -275,6 +274,11 @@ class SharedKeyLimiter:
             self._unavailable = exc
             self._unavailable_failures += 1
             raise
+        except Exception:
+            # Any other store failure (a full disk, a refused password) keeps it too; not a
+            # cancel, after which the store may have applied it already.
+            self._restore_feedback(feedback)
+            raise
         if self._unavailable is not None:
             logger.info("broker.state_restored", key=self._key.name, backend=self._store.backend)
         self._unavailable = None
@@ -326,9 +330,19 @@ class SharedKeyLimiter:
         self._flusher = loop.create_task(self._flush())
 
     async def _flush(self) -> None:
-        # On failure the feedback is kept for the next decision; the failure is logged.
-        with contextlib.suppress(StateUnavailableError):
+        """Best effort: tell the store what is pending, reserving nothing. On any failure
+        the feedback is kept for the next decision and the failure logged; a send meets a
+        lasting one itself, so nothing here ends the engine."""
+        try:
             await self._call(reserve=False)
+        except StateUnavailableError:
+            pass  # logged by _call, once per outage
+        except Exception as exc:
+            logger.warning(
+                "broker.state_flush_failed",
+                key=self._key.name,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     async def keep_alive(self) -> None:
         """Run for the engine's life: ask the store (reserving nothing) whenever this process
@@ -346,14 +360,7 @@ class SharedKeyLimiter:
             if now < due:
                 await self._clock.sleep(due - now)
                 continue
-            try:
-                await self._flush()
-            except Exception as exc:
-                logger.warning(
-                    "broker.state_beat_failed",
-                    key=self._key.name,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+            await self._flush()
 
     async def refresh(self) -> Decision:
         """Apply pending feedback and read the key's state, reserving nothing.
