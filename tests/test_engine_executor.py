@@ -242,7 +242,7 @@ class TestRetries:
             assert result.error is not None
             assert result.error.code == "InternalFailure"
             # A final answer: it says the broker gave up, and not that it will retry.
-            assert "gave up after 3 attempts" in result.error.message
+            assert "gave up after 3 failed attempts" in result.error.message
             assert "retries this by itself" not in result.error.remedy
             assert "--refresh" in result.error.remedy
         assert len(transport.requests) == 3

@@ -446,7 +446,7 @@ class TestB3ServerErrors:
                 assert all(a.status >= 500 for _, a in sent)
                 last = json.loads(sent[-1][1].body)["message"]
                 # The last error, not the first, told as final.
-                assert result.error.message == f"{last} (gave up after 3 attempts)"
+                assert result.error.message == f"{last} (gave up after 3 failed attempts)"
         delays = [e["delay_s"] for e in logs if e["event"] == "broker.retry_scheduled"]
         assert len(delays) == metrics.retries
         assert all(0 < d <= 30.0 for d in delays)

@@ -474,13 +474,14 @@ class Executor:
         )
 
 
-def _gave_up(error: BaseException, attempts: int) -> ErrorDetail:
+def _gave_up(error: BaseException, failures: int) -> ErrorDetail:
     """The final error of a lookup whose retries ran out: the last error's code and message,
     with the remedy of ``AttemptsExhausted`` (what to do now, not "retried by itself")."""
     last = _detail(error)
     return ErrorDetail(
         last.code,
-        f"{last.message} (gave up after {attempts} attempts)",
+        # Failed attempts: the row's ``attempts`` also counts the 429s, which never fail it.
+        f"{last.message} (gave up after {failures} failed attempts)",
         describe("AttemptsExhausted").remedy,
     )
 

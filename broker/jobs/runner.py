@@ -831,10 +831,11 @@ class _Progress:
 
     def done(self) -> None:
         if self._live:
-            try:
+            # The last figures are a courtesy: a ledger that cannot be read now (the error
+            # that ends the run) must not replace that error, and the line ends either way.
+            with contextlib.suppress(Exception):
                 self._show()
-            finally:
-                end_live_line()
+            end_live_line()
 
 
 def _fit(line: str) -> str:
