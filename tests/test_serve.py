@@ -212,16 +212,23 @@ class TestJobs:
         assert datetime.strptime(status["finished_at"], "%Y-%m-%dT%H:%M:%SZ")
         assert os.listdir(spool / "processing") == []
 
+    @pytest.mark.parametrize("relative", [False, True])
     async def test_a_latin1_job_is_failed_with_advice_the_daemon_can_follow(
-        self, start: Start, spool: Path
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch, relative: bool
     ) -> None:
         """A job that is not UTF-8 is filed in failed/ with a way to fix it that works for a
-        spool (convert it; the daemon has no --encoding), naming the job, not processing/."""
-        await start()
+        spool (convert it; the daemon has no --encoding), naming the job, not processing/,
+        whether the spool was given as an absolute or a relative path."""
+        if relative:
+            monkeypatch.chdir(spool.parent)
+            await start(spool=Path(spool.name))
+        else:
+            await start()
         (spool / "inbox" / "old.txt").write_bytes("B0CAF\xc9S01\n".encode("latin-1"))
         status = await _filed(spool, "old.txt", "failed")
         assert "iconv" in status["error"]
         assert "processing" not in status["error"]
+        assert status["error"].startswith("old.txt: ")
 
     async def test_a_job_changed_while_it_is_read_is_failed_with_spool_advice(
         self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
