@@ -20,7 +20,15 @@ from types import TracebackType
 from broker.errors import JobFileError
 from broker.jobs.lock import JobLock
 
-__all__ = ["STDIO", "RunPaths", "UsageError", "ledger_path", "ordering_path", "plan_paths"]
+__all__ = [
+    "STDIO",
+    "RunPaths",
+    "UsageError",
+    "ledger_path",
+    "ordering_path",
+    "plan_paths",
+    "report_path",
+]
 
 #: The name that means stdin (as the job) or stdout (as ``--out``).
 STDIO = "-"
@@ -30,6 +38,11 @@ _SUFFIX = {"jsonl": ".jsonl", "csv": ".csv", "sqlite": ".sqlite"}
 def ledger_path(out: Path) -> Path:
     """The job's ledger (what is done, to resume) beside its output."""
     return out.with_name(out.name + ".ledger")
+
+
+def report_path(out: Path) -> Path:
+    """The job's invalid-row report beside its output."""
+    return out.with_name(out.name + ".invalid.jsonl")
 
 
 def ordering_path(out: Path) -> Path:
@@ -178,7 +191,7 @@ def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
     written = {
         out: "the output",
         ledger_path(out): "the output's ledger",
-        out.with_name(out.name + ".invalid.jsonl"): "the invalid-row report",
+        report_path(out): "the invalid-row report",
         ordering_path(out): "the --ordered copy of the output",
     }
     target = _same(job)

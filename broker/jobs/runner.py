@@ -42,7 +42,7 @@ from broker.errors import (
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
-from broker.jobs.paths import ledger_path, ordering_path
+from broker.jobs.paths import ledger_path, ordering_path, report_path
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import (
@@ -185,12 +185,8 @@ def _after_refresh(summary: JobSummary, side: Path, out: Path) -> JobSummary:
         return summary
     _promote(side, out)
     if summary.invalid_report:
-        summary.invalid_report = str(_report_path(out))
+        summary.invalid_report = str(report_path(out))
     return summary
-
-
-def _report_path(out: Path) -> Path:
-    return out.with_name(out.name + ".invalid.jsonl")
 
 
 def _refresh_path(out: Path) -> Path:
@@ -250,10 +246,10 @@ def _finish_promotion(out: Path) -> None:
     ledger = ledger_path(out)
     # The report is derived from the ledger and rewritten at the end of every run, so a crash
     # that leaves it out of step only lasts until the next run ends.
-    if _report_path(side).exists():
-        os.replace(_report_path(side), _report_path(out))
+    if report_path(side).exists():
+        os.replace(report_path(side), report_path(out))
     else:
-        _report_path(out).unlink(missing_ok=True)
+        report_path(out).unlink(missing_ok=True)
     if side.exists():
         os.replace(side, out)
     if ledger_path(side).exists():
@@ -375,7 +371,7 @@ async def _run_once(
             sink.close()
         if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
             _export_ordered(ledger, options, name)
-        report = _report_path(options.out)
+        report = report_path(options.out)
         invalid = InvalidReport(report).write(ledger)
         summary.invalid_report = str(report) if invalid else None
         counts = ledger.counts()

@@ -81,7 +81,7 @@ from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKe
 from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
-from broker.jobs.paths import ledger_path
+from broker.jobs.paths import ledger_path, report_path
 from broker.jobs.runner import JobOptions, JobSummary, describe_failure, is_about, run_job
 from broker.jobs.signals import (
     STOP_SIGNALS,
@@ -212,7 +212,7 @@ class SpoolJob:
     @property
     def invalid_report(self) -> Path:
         """The invalid-row report (the runner writes it beside the output)."""
-        return self.out.with_name(self.out.name + ".invalid.jsonl")
+        return report_path(self.out)
 
     def work_files(self) -> tuple[Path, ...]:
         """Every file the runner may leave beside the job."""

@@ -173,14 +173,13 @@ def output_row(row: DoneRow) -> dict[str, object]:
 
 def _csv_values(row: DoneRow) -> list[object]:
     """The row as CSV cells in :data:`CSV_COLUMNS` order (None as empty, cached as text)."""
-    values = _column_values(row)
+    values = _column_values(output_row(row))
     values[-1] = "true" if values[-1] else "false"
     return values
 
 
-def _column_values(row: DoneRow) -> list[object]:
-    """The row's values in :data:`CSV_COLUMNS` order, typed (``cached`` a bool)."""
-    out = output_row(row)
+def _column_values(out: Mapping[str, object]) -> list[object]:
+    """An :func:`output_row`'s values in :data:`CSV_COLUMNS` order, typed (``cached`` a bool)."""
     summary = _mapping(out["summary"])
     error = _mapping(out["error"])
     return [
@@ -627,7 +626,7 @@ class SqliteSink:
         for row in rows:
             out = output_row(row)
             # sqlite3 stores a bool as the integer 0 or 1 the column is declared as.
-            values.append((row.seq, *_column_values(row), _json_line(out).rstrip("\n")))
+            values.append((row.seq, *_column_values(out), _json_line(out).rstrip("\n")))
         placeholders = ", ".join("?" for _ in _SQLITE_COLUMNS)
         updates = ", ".join(f"{name} = excluded.{name}" for name in _SQLITE_COLUMNS[1:])
         with self._failing(conn):

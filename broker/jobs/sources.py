@@ -353,24 +353,18 @@ def _check_arguments(
             raise ValueError(f"unknown job-file format {format!r}; use one of {FORMATS}")
     if max_line_bytes < 1:
         raise ValueError(f"max_line_bytes must be positive, got {max_line_bytes}")
-    return fmt, _codec(encoding)
+    return fmt, check_encoding(encoding)
 
 
 def check_encoding(encoding: str) -> str:
-    """Return the codec name job files are read with for ``encoding``.
+    """Return the codec job files are read with for ``encoding`` (each line decoded alone).
+
+    We split lines on the byte ``\\n`` before decoding, which is only right when the
+    encoding writes ``\\n``, ``#``, ``,`` and ASCII letters as themselves (UTF-16 does not).
 
     Raises:
         ValueError: an unknown encoding, or one that does not write ASCII as itself
             (UTF-16, UTF-32), which a line reader cannot split.
-    """
-    return _codec(encoding)
-
-
-def _codec(encoding: str) -> str:
-    """Return the codec to decode single lines with, refusing non-ASCII-compatible ones.
-
-    We split lines on the byte ``\\n`` before decoding, which is only right when the
-    encoding writes ``\\n``, ``#``, ``,`` and ASCII letters as themselves (UTF-16 does not).
     """
     try:
         name = codecs.lookup(encoding).name
