@@ -377,8 +377,10 @@ class TestConcurrentBrokers:
         store loses the key (Redis restarted empty) the day's count is back within 30 s."""
         clock = FakeClock()
         _, transport, config = await _one_key(harness, clock)
-        store = _store(clock)
-        broker = await harness.broker(config, clock=clock, transport=transport, state_store=store)
+        store = CountingStore(_store(clock))  # standing in for Redis
+        broker = await harness.broker(
+            config, clock=clock, transport=transport, state_store=cast("Any", store)
+        )
         await drive(
             clock,
             asyncio.get_running_loop().create_task(broker.get_items(asins(50, "B"))),
@@ -387,9 +389,9 @@ class TestConcurrentBrokers:
         (key,) = broker.metrics().keys
         assert key.daily_spent == 5
         await clock.advance(120.0)  # idle
-        store._records.clear()  # the restart
+        store.inner._records.clear()  # the restart
         await clock.advance(31.0)
-        (record,) = store._records.values()
+        (record,) = store.inner._records.values()
         assert record.count == 5
 
     async def test_an_idle_broker_outlives_a_store_error_on_a_beat(self, harness: Harness) -> None:
@@ -428,13 +430,14 @@ async def test_feedback_survives_a_store_error() -> None:
 
 
 class _DiskFull:
-    """A store whose decisions fail with ENOSPC while ``full`` is set."""
+    """A store whose decisions fail with ENOSPC while ``full`` is set (standing in for a
+    shared home: a memory one gets no keep-alive beats)."""
 
     def __init__(self, inner: MemoryStateStore) -> None:
         self._inner = inner
         self.full = False
         self.refused = 0
-        self.backend = inner.backend
+        self.backend = "local"
         self.where = inner.where
 
     async def decide(self, *args: Any, **kwargs: Any) -> Decision:

@@ -353,7 +353,12 @@ class SharedKeyLimiter:
         the process as still using the key. A beat is best effort: whatever it meets (an
         unreachable store, a full disk, a refused password) is logged and asked again at the
         next beat, never ending the engine; a send meets a lasting failure itself.
+
+        A store in this process's memory is never lost and shared with nobody: nothing to
+        beat for, so this returns at once (and sets no timer a fake clock would jump to).
         """
+        if self._store.backend == "memory":
+            return
         while True:
             due = self._asked_at + _RECHECK_S
             now = self._clock.monotonic()
