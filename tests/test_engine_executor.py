@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -392,6 +393,101 @@ class TestCredentials:
         assert token_calls == 2
         refreshed = [e for e in logs if e["event"] == "broker.credentials_refreshed"]
         assert len(refreshed) == 3
+
+    async def test_refusals_of_one_batch_while_others_are_accepted_are_retried(self) -> None:
+        """A batch refused after each fresh token, while the key's other requests are accepted
+        with those tokens, is retried as a transient error: the key stays in rotation."""
+        unlucky = asins(30)[0]
+        refusals = 0
+        accepted = 0
+        progress = asyncio.Condition()
+        tokens = itertools.count(1)
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal refusals, accepted
+            if "/auth/" in request.url:
+                return _token(f"tok{next(tokens)}")
+            ids = _ids(request)
+            if unlucky in ids and refusals < 3:
+                refusals += 1
+                # Answered only once another request, sent after this one, was accepted.
+                async with progress:
+                    await progress.wait_for(lambda: accepted >= refusals)
+                return _reply(
+                    401,
+                    {
+                        "type": "UnauthorizedException",
+                        "reason": "TokenExpired",
+                        "message": "The access token has expired.",
+                    },
+                )
+            async with progress:
+                accepted += 1
+                progress.notify_all()
+            return _creators_ok(ids)
+
+        clock = FakeClock()
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators")
+        with capture_logs() as logs:
+            async with broker:
+                results = await _run(broker, clock, asins(60))
+        assert refusals == 3
+        assert all(r.ok for r in results)
+        assert {r.attempts for r in results if r.asin == unlucky} == {2}
+        events = [e["event"] for e in logs]
+        assert "broker.key_disabled" not in events
+        assert events.count("broker.credentials_refreshed") == 2
+
+    async def test_refused_batch_waits_for_the_next_one_to_judge_the_key(self) -> None:
+        """One request at a time: a batch refused thrice goes behind the waiting work, whose
+        acceptance shows the credentials work; the batch is answered, the key stays."""
+        unlucky = asins(30)[0]
+        refusals = 0
+        tokens = itertools.count(1)
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal refusals
+            if "/auth/" in request.url:
+                return _token(f"tok{next(tokens)}")
+            ids = _ids(request)
+            if unlucky in ids and refusals < 3:
+                refusals += 1
+                return _reply(401, {"type": "UnauthorizedException", "reason": "TokenExpired"})
+            return _creators_ok(ids)
+
+        clock = FakeClock()
+        keys = [key_doc(max_in_flight=1)]
+        broker, transport = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        with capture_logs() as logs:
+            async with broker:
+                results = await _run(broker, clock, asins(30))
+        assert all(r.ok for r in results)
+        events = [e["event"] for e in logs]
+        assert "broker.key_disabled" not in events
+        assert events.count("broker.auth_error_deferred") == 1
+        sent = [_ids(r) for r in transport.requests if "/auth/" not in r.url]
+        assert [unlucky in ids for ids in sent] == [True, True, True, False, False, True]
+
+    async def test_every_fresh_token_refused_takes_the_key_out_after_six(self) -> None:
+        """Every token refused, one request at a time, work waiting: the first batch defers
+        to the next, whose three refusals make six in a row; the key is out, no loop."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _reply(401, {"type": "UnauthorizedException", "reason": "TokenExpired"})
+
+        clock = FakeClock()
+        keys = [key_doc(max_in_flight=1)]
+        broker, transport = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        with capture_logs() as logs:
+            async with broker:
+                task = asyncio.get_running_loop().create_task(broker.get_items(asins(50)))
+                await clock.run_until(task)
+        assert isinstance(task.exception(), NoUsableKeyError)
+        assert "credentials rejected" in str(task.exception())
+        assert len([r for r in transport.requests if "/auth/" not in r.url]) == 6
+        assert [e["event"] for e in logs].count("broker.key_disabled") == 1
 
     async def test_partner_tag_disables_key_in_one_marketplace(self) -> None:
         """InvalidPartnerTag takes the key out of that marketplace only."""

@@ -29,6 +29,8 @@ class Attempts:
     unreachable_since: float | None = None
     #: token refreshes or re-signings spent (bounded to avoid a loop)
     auth_retries: int = 0
+    #: when the first request refused for its credentials went (None until one was)
+    auth_refused_at: float | None = None
     #: times the responses left this batch's ASIN out (single-ASIN re-asks only)
     missing: int = 0
     #: the last transient error, reported if every attempt fails
@@ -77,6 +79,7 @@ class Attempts:
             first_sent_at=self.first_sent_at,
             paused_s=self.paused_s,
             auth_retries=self.auth_retries,
+            auth_refused_at=self.auth_refused_at,
             missing=self.missing + 1 if missed else self.missing,
             last_error=self.last_error,
         )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.engine.batcher import Batch, Lookup
-from broker.engine.keys import OUTAGE_CODE
+from broker.engine.keys import OUTAGE_CODE, CredentialsVerdict
 from broker.errors import (
     ApiError,
     AuthError,
@@ -174,7 +174,7 @@ class Executor:
             return
         except ApiError as exc:
             key.on_failed_attempt(transient=isinstance(exc, ServerError))
-            self._on_api_error(key, batch, request, exc)
+            self._on_api_error(key, batch, request, exc, sent_at)
             return
         except (TransportError, ResponseError) as exc:
             if isinstance(exc, TransportError):
@@ -349,7 +349,7 @@ class Executor:
             self._resolve(lookup, self._result(lookup, status, detail, batch.attempts, key))
 
     def _on_api_error(
-        self, key: KeyState, batch: Batch, request: HttpRequest, exc: ApiError
+        self, key: KeyState, batch: Batch, request: HttpRequest, exc: ApiError, sent_at: float
     ) -> None:
         info = exc.info
         attempts = batch.attempts
@@ -360,12 +360,33 @@ class Executor:
             self._transient(key, batch, exc)
             return
         if isinstance(exc, AuthError) and info.retryable:
+            key.on_credentials_refused()
+            if attempts.auth_refused_at is None:
+                attempts.auth_refused_at = sent_at
             # TokenExpired / InvalidToken / RequestExpired: new credentials, try again now.
             if attempts.auth_retries < _MAX_AUTH_RETRIES and key.authorizer.recover(exc, request):
                 attempts.auth_retries += 1
                 attempts.not_sent(self._clock.monotonic())
                 logger.info("broker.credentials_refreshed", key=key.name, code=exc.code)
                 self._pool.submit(batch, front=True)
+                return
+            verdict = key.judge_credentials(
+                attempts.auth_refused_at,
+                others_waiting=self._pool.has_work_for(batch.marketplace),
+            )
+            if verdict is CredentialsVerdict.ACCEPTED:
+                # Other requests were accepted with credentials as fresh as the ones refused
+                # here: the server's noise. Retried with backoff, within max_attempts and
+                # max_age_s, and the key stays in rotation.
+                logger.info("broker.auth_error_retried", key=key.name, code=exc.code)
+                self._transient(key, batch, exc)
+                return
+            if verdict is CredentialsVerdict.UNDECIDED:
+                # Behind the work waiting, whose answers settle it: an acceptance, or enough
+                # refusals in a row to take the key out.
+                attempts.not_sent(self._clock.monotonic())
+                logger.info("broker.auth_error_deferred", key=key.name, code=exc.code)
+                self._pool.submit(batch)
                 return
             # Fresh credentials were refused too: the catalogue's remedy ("the broker
             # fetches a new token") no longer applies, so say what does (B11).

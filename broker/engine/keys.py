@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig, KeyConfig
     from broker.engine.authorizer import Authorizer
 
-__all__ = ["OUTAGE_CODE", "KeyHealth", "KeyState"]
+__all__ = ["OUTAGE_CODE", "CredentialsVerdict", "KeyHealth", "KeyState"]
 
 logger = get_logger("broker")
 
@@ -63,6 +63,20 @@ _OUTAGE_GAP_S = 2 * max(_OUTAGE_PAUSE_CAP_S, _AUTH_PAUSE_CAP_S)
 #: A parked key reads its circuit again this often: another process may have closed it (the
 #: limiter's keep-alive brings the store's word at least as often).
 _PARKED_RECHECK_S = 30.0
+#: Refusals in a row that reject a key's credentials whatever else is waiting: one batch's
+#: three (its first credentials and two fresh ones) and another batch's three.
+_REJECT_AFTER = 6
+
+
+class CredentialsVerdict(enum.Enum):
+    """What a key's requests say of its credentials after a batch's fresh ones were refused."""
+
+    #: a request sent since was accepted: they work, and the refusals were the server's noise
+    ACCEPTED = "accepted"
+    #: refused again and again, and nothing left to say otherwise: take the key out
+    REJECTED = "rejected"
+    #: requests in flight or waiting may yet say either: let them go first
+    UNDECIDED = "undecided"
 
 
 class KeyHealth(enum.Enum):
@@ -109,6 +123,8 @@ class KeyState:
         self.errors = 0
         self._auth_failures = 0
         self._auth_paused_at = -math.inf
+        self._accepted_sent_at = -math.inf
+        self._refused_in_a_row = 0
         self._disabled: KeyUnusableError | None = None
         self._disabled_markets: dict[str, KeyUnusableError] = {}
         self._paused_reason: str | None = None
@@ -300,11 +316,36 @@ class KeyState:
     def on_success(self, sent_at: float, *, demand_limited: bool) -> None:
         """A request of this key was answered (not throttled)."""
         self._auth_failures = 0
+        self._accepted_sent_at = max(self._accepted_sent_at, sent_at)
+        self._refused_in_a_row = 0
         if self.circuit.verdict is not None:
             self.circuit.on_success()
             self.adaptive.reset()
             logger.info("broker.key_recovered", key=self.name)
         self.limiter.set_rate(self.adaptive.on_success(demand_limited=demand_limited))
+
+    def on_credentials_refused(self) -> None:
+        """A request was refused for its token or signature (a 401 a fresh one may fix)."""
+        self._refused_in_a_row += 1
+
+    def judge_credentials(self, since: float, *, others_waiting: bool) -> CredentialsVerdict:
+        """Judge the key's credentials once a batch first refused at ``since`` had its fresh
+        credentials refused too (``others_waiting``: other work could be sent on this key).
+
+        Credentials are taken just before a send, so a request sent since ``since`` carried
+        credentials at least as fresh as the refused ones: one accepted means they work. A
+        batch alone proves nothing either way while others are in flight or waiting, since
+        a server may refuse a valid token now and then; ``_REJECT_AFTER`` refusals in a row,
+        or no other request to ask, reject the key.
+        """
+        if self._accepted_sent_at >= since:
+            return CredentialsVerdict.ACCEPTED
+        if self._refused_in_a_row >= _REJECT_AFTER:
+            return CredentialsVerdict.REJECTED
+        # This request still holds its own in-flight place until its send task ends.
+        if self._in_flight > 1 or others_waiting:
+            return CredentialsVerdict.UNDECIDED
+        return CredentialsVerdict.REJECTED
 
     def on_throttled(self, error: ThrottledError, sent_at: float) -> ThrottleVerdict:
         """A request was answered 429: cut the rate, honour Retry-After, or park the key."""

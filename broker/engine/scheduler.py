@@ -102,6 +102,10 @@ class KeyPool:
         else:
             self._work.put(batch)
 
+    def has_work_for(self, marketplace: str) -> bool:
+        """True if a batch for ``marketplace`` waits for a key."""
+        return self._work.has_work_for((marketplace,))
+
     def take_out(
         self,
         key: KeyState,
