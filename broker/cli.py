@@ -379,7 +379,8 @@ def _command(args: argparse.Namespace) -> int:
         )
         return ExitCode.CONFIG
     try:
-        config = load_config(path)
+        # Commands that send nothing to Amazon run without its secrets, from any shell.
+        config = load_config(path, read_secrets=args.command not in ("status", "cache"))
         if config.api.uses_simulator or config.simulator.data:
             from broker.client import simulator_settings
 

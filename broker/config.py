@@ -379,9 +379,16 @@ def is_loopback_host(host: str) -> bool:
 
 
 def load_config(
-    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    read_secrets: bool = True,
 ) -> BrokerConfig:
     """Read and validate a config file.
+
+    With ``read_secrets=False`` no key's secret is read (every ``KeyConfig.secret`` is None),
+    for commands that send nothing to Amazon: ``broker status`` and ``broker cache``, run from
+    a shell that cannot see the daemon's secrets.
 
     Raises:
         ConfigError: the file is missing, not TOML, or invalid (the message names the key).
@@ -406,6 +413,7 @@ def load_config(
         environ=os.environ if environ is None else environ,
         source=str(file),
         base_dir=file.parent,
+        read_secrets=read_secrets,
     )
 
 
@@ -415,12 +423,14 @@ def parse_config(
     environ: Mapping[str, str],
     source: str = "<mapping>",
     base_dir: Path | None = None,
+    read_secrets: bool = True,
 ) -> BrokerConfig:
-    """Validate a parsed TOML document into a :class:`BrokerConfig`."""
+    """Validate a parsed TOML document into a :class:`BrokerConfig` (``read_secrets``: as
+    for :func:`load_config`)."""
     table = TomlTable(document, "")
     api = _parse_api(table.table("api"))
     keys = tuple(
-        _parse_key(item, f"keys[{i}]", api, environ, base_dir or Path.cwd())
+        _parse_key(item, f"keys[{i}]", api, environ, base_dir or Path.cwd(), read_secrets)
         for i, item in enumerate(table.array("keys"))
     )
     names = [k.name for k in keys]
@@ -619,7 +629,12 @@ def _looks_secret(name: str) -> bool:
 
 
 def _parse_key(
-    table: TomlTable, path: str, api: ApiConfig, environ: Mapping[str, str], base_dir: Path
+    table: TomlTable,
+    path: str,
+    api: ApiConfig,
+    environ: Mapping[str, str],
+    base_dir: Path,
+    read_secrets: bool,
 ) -> KeyConfig:
     for name in list(table.data):
         if _looks_secret(name) and name.lower() not in (
@@ -649,11 +664,12 @@ def _parse_key(
     source = ""
     if secret_file:
         source = f"file {secret_file}"
-        secret = _read_secret_file(
-            base_dir / secret_file,
-            f"{path}.credential_secret_file",
-            credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
-        )
+        if read_secrets:
+            secret = _read_secret_file(
+                base_dir / secret_file,
+                f"{path}.credential_secret_file",
+                credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
+            )
     elif secret_env:
         if not _ENV_NAME.fullmatch(secret_env):
             # Not a variable name: most likely the secret itself pasted here, so never echo it.
@@ -664,10 +680,10 @@ def _parse_key(
                 'ASINB_SECRET and write credential_secret_env = "ASINB_SECRET"',
             )
         source = f"${secret_env}"
-        value = environ.get(secret_env, "")
+        value = environ.get(secret_env, "") if read_secrets else ""
         if value:
             secret = Secret(value)
-        elif not api.uses_simulator:
+        elif read_secrets and not api.uses_simulator:
             raise ConfigError(
                 f"{path}.credential_secret_env",
                 f"environment variable {secret_env} is not set; export it with the secret of "

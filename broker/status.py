@@ -164,12 +164,12 @@ def _render(statuses: list[KeyStatus]) -> str:
 async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     """``broker status``: print the keys' shared state; exit 69 if the store is unreachable."""
     if config.api.uses_simulator:
-        print(
-            "broker: the embedded simulator's keys are per process (each run starts its own "
+        return _nothing_to_show(
+            config,
+            args,
+            "the embedded simulator's keys are per process (each run starts its own "
             "simulator on its own port): no shared state to show",
-            file=sys.stderr,
         )
-        return ExitCode.OK
     if config.state.backend == "local":
         path = local_state_path(config.state)
         try:
@@ -183,13 +183,13 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             return ExitCode.IO_ERROR
         if not exists:
             # Opening the store would create an empty one and show every key fresh.
-            print(
-                f"broker: no key state at {path} yet: no broker has run with this [state] "
+            return _nothing_to_show(
+                config,
+                args,
+                f"no key state at {path} yet: no broker has run with this [state] "
                 "(a daemon running as another user keeps its own: name the file in "
                 "[state] path)",
-                file=sys.stderr,
             )
-            return ExitCode.OK
     try:
         statuses = await key_statuses(config)
     except StateUnavailableError as exc:
@@ -206,4 +206,14 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     else:
         print(_render(statuses))
+    return ExitCode.OK
+
+
+def _nothing_to_show(config: BrokerConfig, args: argparse.Namespace, why: str) -> int:
+    """Say why there is no state; with ``--json`` still print a document (no keys), so a
+    script reading stdout always gets one."""
+    print(f"broker: {why}", file=sys.stderr)
+    if args.json:
+        document = {"backend": config.state.backend, "keys": [], "note": why}
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     return ExitCode.OK

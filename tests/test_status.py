@@ -164,3 +164,75 @@ class TestStatus:
         path.write_text(text)
         assert cli.main(["status", "--config", str(path)]) == 69
         assert "key-state store (redis) unavailable" in capsys.readouterr().err
+
+
+class TestWithoutSecrets:
+    """Status and cache commands send nothing to Amazon, so they need none of its secrets."""
+
+    @pytest.fixture
+    def bare(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        """The two-key config with no secret in the environment and one key's secret in a
+        file this user cannot see (the daemon's credentials directory)."""
+        for name in ENV:
+            monkeypatch.delenv(name, raising=False)
+        text = _CONFIG.format(db=tmp_path / "keys.sqlite3").replace(
+            'credential_id = "cred-spare"\ncredential_secret_env = "ASINB_DEMO_SECRET"',
+            'credential_id = "cred-spare"\n'
+            'credential_secret_file = "/run/credentials/asin-broker.service/spare-secret"',
+        )
+        path = tmp_path / "config.toml"
+        path.write_text(text + f'\n[cache]\npath = "{tmp_path / "cache.sqlite3"}"\n')
+        return path
+
+    def test_status_runs_without_the_secrets(
+        self, bare: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """broker status reads the shared state with no secret set or readable."""
+        asyncio.run(_use_main_key(bare.parent / "keys.sqlite3"))
+        assert cli.main(["status", "--config", str(bare), "--json"]) == 0
+        main, _ = json.loads(capsys.readouterr().out)["keys"]
+        assert main["requests_today"] == 3
+
+    def test_cache_stats_and_purge_run_without_the_secrets(
+        self, bare: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """broker cache stats and purge open the item cache with no secret set or readable."""
+        assert cli.main(["cache", "stats", "--config", str(bare)]) == 0
+        assert cli.main(["cache", "purge", "--config", str(bare)]) == 0
+        assert "purged 0 cached answers" in capsys.readouterr().out
+
+    def test_run_still_needs_them(self, bare: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A command that sends still refuses a config whose secret is missing (78)."""
+        job = bare.parent / "job.txt"
+        job.write_text("B0C1234567\n")
+        out = bare.parent / "out.jsonl"
+        assert cli.main(["run", str(job), "--config", str(bare), "--out", str(out)]) == 78
+        assert "ASINB_DEMO_SECRET is not set" in capsys.readouterr().err
+
+
+class TestJsonWithNothingToShow:
+    """--json always prints one JSON document, even when there is no state to show."""
+
+    def test_no_state_file_prints_an_empty_document(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """No state file yet: a document with no keys and the reason, exit 0."""
+        assert cli.main(["status", "--config", str(config_path), "--json"]) == 0
+        captured = capsys.readouterr()
+        document = json.loads(captured.out)
+        assert document["keys"] == []
+        assert "no key state at" in document["note"]
+        assert "no key state at" in captured.err
+
+    def test_embedded_simulator_prints_an_empty_document(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The embedded simulator's keys are per process: a document saying so."""
+        path = tmp_path / "config.toml"
+        path.write_text(
+            _CONFIG.format(db=tmp_path / "k.sqlite3").replace("http://127.0.0.1:9", "simulator")
+        )
+        assert cli.main(["status", "--config", str(path), "--json"]) == 0
+        document = json.loads(capsys.readouterr().out)
+        assert document["keys"] == []
+        assert "simulator" in document["note"]
