@@ -72,6 +72,13 @@ def result(lookup: Lookup) -> ItemResult:
     )
 
 
+def _umask() -> int:
+    """This process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def make_ledger(tmp_path: Path, count: int = 10) -> Ledger:
     """A ledger of ``count`` rows (every 5th invalid, one with a multi-line id), all final."""
     rows = []
@@ -173,7 +180,7 @@ class TestOutputRow:
 
 class TestJsonlSink:
     def test_format(self, tmp_path: Path) -> None:
-        """UTF-8 without BOM, compact objects, one per line, every row once, mode 0600."""
+        """UTF-8 without BOM, compact objects, one per line, every row once, mode by umask."""
         out = tmp_path / "out.jsonl"
         with make_ledger(tmp_path) as ledger:
             sink = JsonlSink(out)
@@ -186,7 +193,23 @@ class TestJsonlSink:
         assert b'{"line":1,"input":"B000000000",' in data
         assert jsonl(out) == expected
         assert state == SinkState(len(data), 10)
-        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~_umask()
+
+    @pytest.mark.parametrize("fmt", ["jsonl", "csv", "sqlite"])
+    def test_group_reads_the_output_under_the_units_umask(self, tmp_path: Path, fmt: str) -> None:
+        """Under the systemd unit's UMask=0027 every output format is 0640: the spool's group
+        (the producers) can read its results, others cannot; the ledger stays 0600."""
+        out = tmp_path / f"out.{fmt}"
+        previous = os.umask(0o027)
+        try:
+            with make_ledger(tmp_path) as ledger:
+                sink = open_sink(fmt, out)
+                emit(ledger, sink)
+                sink.close()
+        finally:
+            os.umask(previous)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o640
+        assert stat.S_IMODE((tmp_path / "job.ledger").stat().st_mode) == 0o600
 
     def test_a5_torn_tail_is_cut_and_rows_land_once(self, tmp_path: Path) -> None:
         """A5: rows written after the last recorded flush plus half a line are cut off."""

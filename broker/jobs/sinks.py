@@ -87,8 +87,10 @@ CSV_COLUMNS: Final = (
 #: The output formats :func:`open_sink` accepts.
 SINK_FORMATS: Final = ("jsonl", "csv", "sqlite")
 
-# Output holds what Amazon said about the user's items; like the ledger, owner-only.
-_FILE_MODE: Final = 0o600
+# Output is the user's product data, not a credential: the umask decides who may read it,
+# as for any file a command writes (the systemd unit's UMask=0027 lets the spool's group, the
+# producers, read their results). The ledger beside it stays owner-only.
+_FILE_MODE: Final = 0o666
 # Bytes buffered before they go to the OS; a flush always writes everything.
 _BUFFER_BYTES: Final = 1 << 20
 _SCAN_CHUNK: Final = 1 << 20
