@@ -555,6 +555,18 @@ class TestCompose:
             for port in services[name].get("ports", []):
                 assert str(port).startswith("127.0.0.1:"), port
 
+    def test_every_secret_variable_the_config_names_reaches_the_replicas(self) -> None:
+        """Each key's credential_secret_env is in the broker service's environment, so the
+        config works once it points at Amazon."""
+        services = _compose()["services"]
+        assert isinstance(services, dict)
+        broker = services["broker"]
+        options = _check_serve_command([str(arg) for arg in broker["command"]])
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in broker["volumes"]}
+        config = tomllib.loads((DEPLOY / mounts[str(options["--config"])]).read_text())
+        for key in config["keys"]:
+            assert key["credential_secret_env"] in broker["environment"], key["name"]
+
     def test_mounted_files_exist(self) -> None:
         """Every file the stack bind-mounts is in the repository."""
         services = _compose()["services"]
