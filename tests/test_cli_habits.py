@@ -121,6 +121,17 @@ class TestVersionAndInit:
         [row] = _jsonl(capsys.readouterr().out)
         assert row["status"] == "ok"
 
+    def test_init_template_shows_the_optional_tables(self, tmp_path: Path) -> None:
+        """The starter shows [state], [serve] and [cache] (commented), as the repository's
+        config.toml does, so a user of the installed wheel finds them too."""
+        path = tmp_path / "config.toml"
+        assert cli.main(["init", str(path)]) == ExitCode.OK
+        text = path.read_text()
+        repository = (Path(__file__).parent.parent / "config.toml").read_text()
+        for table in ("state", "serve", "cache"):
+            assert f"# [{table}]" in repository, table
+            assert f"# [{table}]" in text, table
+
     def test_init_never_overwrites_without_force(self, tmp_path: Path) -> None:
         """An existing file is kept unless --force is given."""
         path = tmp_path / "config.toml"
