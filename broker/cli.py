@@ -92,13 +92,18 @@ def _cache_max_age(args: argparse.Namespace) -> float | None:
     return value
 
 
+def _prog() -> str:
+    """The command as typed: installed as both ``broker`` and ``asin-broker``, usage and the
+    hints name the one the user runs (an unrelated PyPI package also installs a ``broker``)."""
+    invoked = os.path.basename(sys.argv[0])
+    return invoked if invoked in ("broker", "asin-broker") else "broker"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from broker import __version__
 
-    # Installed as both `broker` and `asin-broker`: usage and --version name the one typed.
-    invoked = os.path.basename(sys.argv[0])
     parser = argparse.ArgumentParser(
-        prog=invoked if invoked in ("broker", "asin-broker") else "broker",
+        prog=_prog(),
         description="Asynchronous, rate-limited request broker for Amazon's product APIs.",
         epilog=f"The config file is --config, else ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}.",
     )
@@ -372,9 +377,12 @@ def _command(args: argparse.Namespace) -> int:
 
     path = resolve_config_path(args.config)
     if not path.exists():
+        named = (
+            "" if args.config or not os.environ.get(CONFIG_ENV) else f" (named by ${CONFIG_ENV})"
+        )
         print(
-            f"broker: config file not found: {path}; create a starter with "
-            f"`broker init {path}`, or name one with --config or ${CONFIG_ENV}",
+            f"{_prog()}: config file not found: {path}{named}; create a starter with "
+            f"`{_prog()} init {path}`, or name one with --config or ${CONFIG_ENV}",
             file=sys.stderr,
         )
         return ExitCode.CONFIG
@@ -428,7 +436,7 @@ def _init(path: Path, *, force: bool) -> int:
         print(f"broker: cannot write {path}: {exc.strerror}", file=sys.stderr)
         return ExitCode.IO_ERROR
     print(
-        f"wrote {path}: it uses the embedded simulator; try `broker lookup B0C1234567"
+        f"wrote {path}: it uses the embedded simulator; try `{_prog()} lookup B0C1234567"
         f"{'' if path.name == DEFAULT_CONFIG and path.parent == Path() else f' --config {path}'}`",
         file=sys.stderr,
     )

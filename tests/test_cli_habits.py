@@ -159,6 +159,23 @@ class TestConfigLookup:
         assert f"config ok: {config}" in capsys.readouterr().out
         assert cli.main(["check-config", "--config", "nope.toml"]) == ExitCode.CONFIG
 
+    def test_missing_config_named_by_env_says_so_and_hints_the_typed_command(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A missing file named by $ASINB_CONFIG: the message says where the name came from,
+        and its hint names the command as typed (asin-broker, not the clashing broker)."""
+        missing = tmp_path / "nowhere.toml"
+        monkeypatch.setenv("ASINB_CONFIG", str(missing))
+        monkeypatch.setattr(sys, "argv", ["/opt/asin-broker/bin/asin-broker", "check-config"])
+        assert cli.main(["check-config"]) == ExitCode.CONFIG
+        err = capsys.readouterr().err
+        assert f"config file not found: {missing} (named by $ASINB_CONFIG)" in err
+        assert f"`asin-broker init {missing}`" in err
+        assert err.startswith("asin-broker: ")
+
     def test_status_reads_the_env_config(
         self,
         tmp_path: Path,
