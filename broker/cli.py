@@ -488,7 +488,16 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             return ExitCode.USAGE
     resources: tuple[str, ...] | None = None
     if args.resources:
-        resources = tuple(r.strip() for r in args.resources.split(",") if r.strip())
+        from broker.api.resources import resolve_resources
+
+        try:
+            # Checked before anything starts (the embedded simulator, the key state).
+            resources = resolve_resources(
+                (r.strip() for r in args.resources.split(",") if r.strip()), config.api.protocol
+            )
+        except ValueError as exc:
+            print(f"broker: --resources: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
     budget = args.outage_budget
     if budget is None:
         budget = min(config.retry.outage_budget_s, LOOKUP_OUTAGE_BUDGET_S)

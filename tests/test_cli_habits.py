@@ -604,6 +604,20 @@ class TestLookup:
         assert item.get("itemInfo")
         assert not item.get("offersV2")
 
+    def test_unknown_resource_is_refused_before_anything_starts(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--resources naming no resource: exit 2 naming it, with no simulator started."""
+        config = _config(tmp_path)
+        code = cli.main(
+            ["lookup", "B0C1234567", "--config", str(config), "--resources", "bogus.thing"]
+        )
+        assert code == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert "--resources" in err
+        assert "'bogus.thing'" in err
+        assert "broker.started" not in err
+
     def test_terminal_gets_a_readable_summary(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
