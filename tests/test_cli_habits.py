@@ -257,6 +257,40 @@ class TestRunPaths:
         assert job.read_bytes() == before
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["y.jsonl"]
 
+    @pytest.mark.parametrize("fmt", ["jsonl", "csv", "sqlite"])
+    def test_existing_file_no_job_wrote_is_never_overwritten(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+    ) -> None:
+        """--out naming a file with content and no ledger beside it (another tool's data,
+        the item cache): exit 2, the file untouched, nothing written."""
+        job = _job(tmp_path)
+        out = tmp_path / f"precious.{fmt}"
+        out.write_bytes(b'{"precious": "data"}\n')
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main([*args, "--format", fmt]) == ExitCode.USAGE
+        assert "was not written by a broker job" in capsys.readouterr().err
+        assert out.read_bytes() == b'{"precious": "data"}\n'
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "config.toml",
+            "job.txt",
+            f"precious.{fmt}",
+        ]
+
+    def test_own_output_and_an_empty_file_are_written(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An empty file is taken as the output; a job's own output (ledger beside it) is
+        resumed, and --new-job starts it over."""
+        job = _job(tmp_path)
+        out = tmp_path / "out.jsonl"
+        out.touch()
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main(args) == ExitCode.OK
+        assert out.stat().st_size > 0
+        assert cli.main(args) == ExitCode.OK
+        assert cli.main([*args, "--new-job"]) == ExitCode.OK
+        assert "already complete" in capsys.readouterr().err
+
     def test_missing_input_leaves_no_lock_or_directory(self, tmp_path: Path) -> None:
         """A missing job file exits 66 and creates nothing (no out/, no lock file)."""
         out = tmp_path / "out" / "x.jsonl"

@@ -162,6 +162,8 @@ def plan_paths(
         job_path = Path(job)
         _refuse_unreadable_kind(job_path)
         _refuse_clobber(job_path, out_path, given=out is not None)
+    if not to_stdout:
+        _refuse_foreign_output(out_path, given=out is not None)
     paths = RunPaths(job_path, out_path, fmt, stdin=stdin, to_stdout=to_stdout)
     paths._tmp = tmp
     return paths
@@ -204,6 +206,27 @@ def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
             )
     if out.name.endswith(".ledger"):
         raise UsageError(f"--out {out} looks like a job ledger; give the output file instead")
+
+
+def _refuse_foreign_output(out: Path, *, given: bool) -> None:
+    """Raise when the output holds data no job wrote: a new job would truncate it.
+
+    A job's output has its ledger beside it (kept for resuming and for ``--refresh``); a
+    file with content and no ledger is someone else's (another tool's results, the item
+    cache's database, a file typed by mistake), and is never overwritten.
+    """
+    try:
+        size = out.stat().st_size
+    except OSError:
+        return  # absent (the usual case) or unreadable: the sink says which
+    if size == 0 or ledger_path(out).exists():
+        return
+    how = "--out names" if given else "the default output is"
+    raise UsageError(
+        f"{how} {out}, which exists and was not written by a broker job (it has no "
+        f"ledger, {ledger_path(out).name}, beside it): a new job would overwrite it; move "
+        "or delete it, or give --out another path (nothing was written)"
+    )
 
 
 def _same(path: Path) -> Path:
