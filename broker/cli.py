@@ -170,8 +170,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--input",
         choices=("txt", "csv", "jsonl"),
-        default="txt",
-        help="format of a job read from stdin (default: %(default)s)",
+        help="format of a job read from stdin (default: txt); a job file's format comes "
+        "from its name (.txt, .csv, .jsonl, each optionally .gz), else from its first lines",
     )
     run.add_argument(
         "--format",
@@ -626,15 +626,25 @@ def _readable(row: dict[str, object]) -> str:
 
 
 def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
-    from broker.jobs.paths import RunPaths, UsageError, plan_paths
+    from broker.jobs.paths import STDIO, RunPaths, UsageError, plan_paths
 
+    if args.input and args.job != STDIO:
+        # Silently reading a CSV named .txt as plain text would make every row invalid.
+        print(
+            f"broker: --input is the format of a job read from stdin; {args.job}'s comes from "
+            "its name (.txt, .csv or .jsonl, each optionally .gz), else from its first lines: "
+            "rename it (e.g. to .csv), or pipe it: broker run - --input "
+            f"{args.input} < {args.job}",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     try:
         paths: RunPaths = plan_paths(
             job=args.job,
             out=args.out,
             fmt=args.format or config.output.format,
             directory=Path(config.output.directory),
-            stdin_format=args.input,
+            stdin_format=args.input or "txt",
         )
     except UsageError as exc:
         print(f"broker: {exc}", file=sys.stderr)

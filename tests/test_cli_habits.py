@@ -291,6 +291,21 @@ class TestRunPaths:
         assert cli.main([*args, "--new-job"]) == ExitCode.OK
         assert "already complete" in capsys.readouterr().err
 
+    def test_input_flag_with_a_job_file_is_a_usage_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--input names stdin's format: with a job file (a CSV named .txt) it is refused,
+        naming the remedy, instead of being ignored and every row read as invalid."""
+        job = tmp_path / "export.txt"
+        job.write_text("asin,sku\nB0TEST0001,1\n")
+        out = tmp_path / "out.jsonl"
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main([*args, "--input", "csv"]) == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert "rename it" in err
+        assert "broker run - --input csv" in err
+        assert not out.exists()
+
     def test_missing_input_leaves_no_lock_or_directory(self, tmp_path: Path) -> None:
         """A missing job file exits 66 and creates nothing (no out/, no lock file)."""
         out = tmp_path / "out" / "x.jsonl"
