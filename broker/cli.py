@@ -176,7 +176,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--format",
         choices=("jsonl", "csv", "sqlite"),
-        help="output format (default: output.format of the config)",
+        help="output format (default: the one --out's name says, .jsonl, .csv or .sqlite, "
+        "else output.format of the config)",
     )
     run.add_argument(
         "--strict",
@@ -626,7 +627,7 @@ def _readable(row: dict[str, object]) -> str:
 
 
 def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
-    from broker.jobs.paths import STDIO, RunPaths, UsageError, plan_paths
+    from broker.jobs.paths import STDIO, RunPaths, UsageError, output_format, plan_paths
 
     if args.input and args.job != STDIO:
         # Silently reading a CSV named .txt as plain text would make every row invalid.
@@ -642,7 +643,7 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         paths: RunPaths = plan_paths(
             job=args.job,
             out=args.out,
-            fmt=args.format or config.output.format,
+            fmt=output_format(args.out, args.format, config.output.format),
             directory=Path(config.output.directory),
             stdin_format=args.input or "txt",
         )

@@ -306,6 +306,41 @@ class TestRunPaths:
         assert "broker run - --input csv" in err
         assert not out.exists()
 
+    @pytest.mark.parametrize(
+        ("name", "fmt"),
+        [
+            ("x.csv", "csv"),
+            ("x.CSV", "csv"),
+            ("x.sqlite", "sqlite"),
+            ("x.db", "sqlite"),
+            ("x.out", "jsonl"),
+        ],
+    )
+    def test_out_name_tells_the_format_when_format_is_not_given(
+        self, tmp_path: Path, name: str, fmt: str
+    ) -> None:
+        """--out x.csv without --format writes CSV (not JSON lines named .csv); a name that
+        tells nothing keeps the config's format."""
+        job = _job(tmp_path)
+        out = tmp_path / name
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main(args) == ExitCode.OK
+        head = out.read_bytes()[:16]
+        if fmt == "csv":
+            assert head.startswith(b"line,")
+        elif fmt == "sqlite":
+            assert head == b"SQLite format 3\x00"
+        else:
+            assert head.startswith(b'{"line":1')
+
+    def test_format_flag_wins_over_the_out_name(self, tmp_path: Path) -> None:
+        """--format jsonl --out x.csv writes what --format says."""
+        job = _job(tmp_path)
+        out = tmp_path / "x.csv"
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main([*args, "--format", "jsonl"]) == ExitCode.OK
+        assert out.read_bytes().startswith(b'{"line":1')
+
     def test_missing_input_leaves_no_lock_or_directory(self, tmp_path: Path) -> None:
         """A missing job file exits 66 and creates nothing (no out/, no lock file)."""
         out = tmp_path / "out" / "x.jsonl"

@@ -26,6 +26,7 @@ __all__ = [
     "UsageError",
     "ledger_path",
     "ordering_path",
+    "output_format",
     "plan_paths",
     "report_path",
 ]
@@ -33,6 +34,27 @@ __all__ = [
 #: The name that means stdin (as the job) or stdout (as ``--out``).
 STDIO = "-"
 _SUFFIX = {"jsonl": ".jsonl", "csv": ".csv", "sqlite": ".sqlite"}
+
+
+#: Output formats told by the name ``--out`` gives, when ``--format`` does not say.
+_BY_SUFFIX = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".sqlite": "sqlite",
+    ".sqlite3": "sqlite",
+    ".db": "sqlite",
+}
+
+
+def output_format(out: str | None, given: str | None, default: str) -> str:
+    """The output format: ``--format``, else the one ``--out``'s name tells (``x.csv``),
+    else the config's ``[output] format``."""
+    if given:
+        return given
+    if out and out != STDIO:
+        return _BY_SUFFIX.get(Path(out).suffix.lower(), default)
+    return default
 
 
 def ledger_path(out: Path) -> Path:
