@@ -276,6 +276,12 @@ def _build_parser() -> argparse.ArgumentParser:
         f"retry.outage_budget_s of the config, at most {LOOKUP_OUTAGE_BUDGET_S:g})",
     )
     _add_cache_flags(look)
+    look.add_argument(
+        "--refresh",
+        action="store_true",
+        help="ask Amazon even when the item cache has a fresh answer, and keep the new one "
+        "in the cache",
+    )
     look.add_argument("--config", help=_CONFIG_HELP)
     look.add_argument(
         "--marketplace",
@@ -517,6 +523,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             resources,
             as_json=as_json,
             cache_max_age_s=_cache_max_age(args),
+            cache_refresh=args.refresh,
         )
     )
 
@@ -529,6 +536,7 @@ async def _lookup(
     *,
     as_json: bool,
     cache_max_age_s: float | None = None,
+    cache_refresh: bool = False,
 ) -> int:
     from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
@@ -541,7 +549,10 @@ async def _lookup(
         # A marketplace no key is configured for is answered by the broker itself
         # (failed, NoKeyForMarketplace) without a request.
         async with Broker(
-            config, cache_default_max_age_s=RUN_MAX_AGE_S, cache_max_age_s=cache_max_age_s
+            config,
+            cache_default_max_age_s=RUN_MAX_AGE_S,
+            cache_max_age_s=cache_max_age_s,
+            cache_refresh=cache_refresh,
         ) as broker:
             # One tagged query per argument: a repeated ASIN is still a row of its own.
             queries = [Query(text, tag=n) for n, text in enumerate(asins)]

@@ -114,3 +114,46 @@ def test_lookup_serves_cached_answers(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli.main(["lookup", "B000000001", "--config", str(config), "--json"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["cached"] is True
+
+
+def test_refresh_fetches_from_amazon_and_refills_the_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run --refresh asks Amazon for every row and writes the new answers to the cache, so a
+    later lookup gets the refreshed answer, not the one it replaced."""
+    config = tmp_path / "config.toml"
+    job = tmp_path / "job.txt"
+    job.write_text("".join(f"B0{i:08d}\n" for i in range(20)))
+    out = tmp_path / "a.jsonl"
+    assert _run(tmp_path, job, out) == 0
+    first = {r["asin"]: r["fetched_at"] for r in _rows(out)}
+    capsys.readouterr()
+    assert _run(tmp_path, job, out, "--refresh") == 0
+    assert _requests(capsys.readouterr().err) == 2
+    refreshed = {r["asin"]: r for r in _rows(out)}
+    assert all(r["cached"] is False for r in refreshed.values())
+    assert cli.main(["lookup", "B000000003", "--config", str(config), "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["cached"] is True
+    assert row["fetched_at"] == refreshed["B000000003"]["fetched_at"] != first["B000000003"]
+
+
+def test_lookup_refresh_asks_amazon_and_keeps_the_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lookup --refresh skips a fresh cached answer, and the next lookup gets the new one."""
+    config = tmp_path / "config.toml"
+    job = tmp_path / "job.txt"
+    job.write_text("B000000001\n")
+    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
+    (ran,) = _rows(tmp_path / "a.jsonl")
+    capsys.readouterr()
+    lookup = ["lookup", "B000000001", "--config", str(config), "--json"]
+    assert cli.main([*lookup, "--refresh"]) == 0
+    (fresh,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert fresh["cached"] is False
+    assert fresh["fetched_at"] != ran["fetched_at"]
+    assert cli.main(lookup) == 0
+    (again,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert again["cached"] is True
+    assert again["fetched_at"] == fresh["fetched_at"]

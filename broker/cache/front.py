@@ -37,6 +37,8 @@ class CacheFront:
     Args:
         cache: the store; closed by :meth:`aclose`.
         max_age_s: a per-run override of the policy's max age (``--max-age``), or None.
+        read: False to serve nothing (every get a miss) and still write every answer: a
+            refresh, whose fresh answers later lookups should get.
         read_batch: the most keys one ``get_many`` carries.
         write_batch: the most answers one ``put_many`` carries.
     """
@@ -46,11 +48,13 @@ class CacheFront:
         cache: ItemCache,
         *,
         max_age_s: float | None = None,
+        read: bool = True,
         read_batch: int = 1_000,
         write_batch: int = 1_000,
     ) -> None:
         self.cache = cache
         self._max_age_s = max_age_s
+        self._serves = read
         self._read_batch = read_batch
         self._write_batch = write_batch
         self._reads: list[tuple[Query, asyncio.Future[ItemResult | None]]] = []
@@ -72,7 +76,7 @@ class CacheFront:
         For a caller that knows its whole input (``get_items``): each lookup's own
         ``get`` then neither suspends nor delays the batcher's linger timer.
         """
-        if self._closed or not queries:
+        if self._closed or not self._serves or not queries:
             return
         try:
             results = await self.cache.get_many(queries, max_age_s=self._max_age_s)
@@ -90,7 +94,7 @@ class CacheFront:
 
     async def get(self, query: Query) -> ItemResult | None:
         """The cached answer for a complete ``query`` (``cached=True``), or None."""
-        if self._closed:
+        if self._closed or not self._serves:
             return None
         if self._ahead:
             key = key_of(query)

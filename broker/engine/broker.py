@@ -105,6 +105,8 @@ class Broker:
         cache_default_max_age_s: the item cache's max age when ``[cache] max_age_s`` is
             unset: 0 (off) for the library; ``broker run`` passes 86,400.
         cache_max_age_s: a per-run override (``--max-age``; 0 turns the cache off).
+        cache_refresh: serve nothing from the item cache but still write every answer to
+            it, so later lookups get the fresh ones (``--refresh``).
     """
 
     def __init__(
@@ -118,11 +120,13 @@ class Broker:
         state_store: KeyStateStore | None = None,
         cache_default_max_age_s: float = 0.0,
         cache_max_age_s: float | None = None,
+        cache_refresh: bool = False,
     ) -> None:
         self.config = config
         self._state_store = state_store
         self._cache_default_max_age_s = cache_default_max_age_s
         self._cache_max_age_s = cache_max_age_s
+        self._cache_refresh = cache_refresh
         self._clock: Clock = clock or LoopClock()
         self._given_transport = transport
         self._rng = rng or random.Random()
@@ -302,7 +306,7 @@ class Broker:
         )
         front = None
         if cache is not None:
-            front = CacheFront(cache)
+            front = CacheFront(cache, read=not self._cache_refresh)
             stack.push_async_callback(front.aclose)
         self._cache = front
         self._intake = Intake(

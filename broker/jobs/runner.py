@@ -107,8 +107,11 @@ class JobOptions:
     #: Seconds until the first periodic progress event when not on a terminal.
     first_progress_s: float = 2.0
     #: The item cache's max age for this run (``--max-age``; 0: ``--no-cache``); None: the
-    #: config's, else 86,400. ``refresh`` reads nothing from the cache.
+    #: config's, else 86,400.
     cache_max_age_s: float | None = None
+    #: Read nothing from the item cache, write every answer to it (``refresh`` sets it for
+    #: its run: fetched again means from Amazon, and later lookups get the new answers).
+    cache_refresh: bool = False
 
 
 @dataclass(slots=True)
@@ -168,8 +171,7 @@ async def run_job(
     with JobLock(ledger_path(options.out)):
         summary = await _run_once(
             config,
-            # Fetched again means from Amazon: nothing from the item cache.
-            dataclasses.replace(options, out=side, refresh=False, cache_max_age_s=0.0),
+            dataclasses.replace(options, out=side, refresh=False, cache_refresh=True),
             broker,
             job_print,
         )
@@ -358,6 +360,7 @@ async def _run_once(
                     config,
                     cache_default_max_age_s=RUN_MAX_AGE_S,
                     cache_max_age_s=options.cache_max_age_s,
+                    cache_refresh=options.cache_refresh,
                 )
                 async with own if broker is None else contextlib.nullcontext(own):
                     # A shared broker (the daemon's) counts every job; report this one's.
