@@ -14,6 +14,7 @@ from pathlib import Path
 
 import fakeredis
 import pytest
+from structlog.testing import capture_logs
 
 from broker.cache import (
     CEILING_S,
@@ -27,7 +28,7 @@ from broker.cache import (
     normalise_resources,
     open_cache,
 )
-from broker.cache.front import CacheFront
+from broker.cache.front import COOL_OFF_S, CacheFront
 from broker.cache.redis_store import RedisCache
 from broker.config import (
     ApiConfig,
@@ -610,6 +611,48 @@ class TestFront:
         assert (front.failed_reads, front.dropped_writes) == (1, 1)
         await front.aclose()
         assert await front.get(q("B000000001")) is None
+
+    async def test_a_failed_store_is_left_alone_a_minute_with_one_warning(
+        self, clock: FakeClock
+    ) -> None:
+        """After a failure the store is not asked for a minute (no wait on a locked file per
+        batch, no warning per batch); one warning says so; then it is tried again."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache, clock=clock)
+        cache.broken = True
+        with capture_logs() as logs:
+            assert await front.get(q("B000000001")) is None
+            for i in range(5):
+                assert await front.get(q(f"B00000001{i}")) is None
+                front.put(ok(f"B00000001{i}", clock))
+            await front.flush()
+        assert cache.get_calls == [1]
+        assert cache.put_calls == []
+        assert (front.failed_reads, front.dropped_writes) == (6, 5)
+        (warning,) = [e for e in logs if e["event"] == "cache.unavailable"]
+        assert warning["retry_in_s"] == COOL_OFF_S
+        assert "disk gone" in warning["message"]
+        cache.broken = False
+        await clock.advance(COOL_OFF_S)
+        front.put(ok("B000000020", clock))
+        await front.flush()
+        assert (await front.get(q("B000000020"))) is not None
+        await front.aclose()
+
+    async def test_a_damaged_file_is_named_with_its_remedy(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """A SQLite cache file that is not a database: the warning names the file and says
+        deleting it is safe."""
+        path = tmp_path / "item-cache.sqlite3"
+        path.write_bytes(os.urandom(8192))
+        front = CacheFront(SqliteCache(path, CachePolicy(3_600), clock=clock), clock=clock)
+        with capture_logs() as logs:
+            assert await front.get(q("B000000001")) is None
+        (warning,) = [e for e in logs if e["event"] == "cache.unavailable"]
+        assert str(path) in warning["message"]
+        assert "delete it to start afresh" in warning["message"]
+        await front.aclose()
 
 
 def test_stats_families_for_prometheus() -> None:

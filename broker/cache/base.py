@@ -72,6 +72,10 @@ class ItemCache(Protocol):
         """Release the store (connections, threads); idempotent."""
         ...
 
+    def describe_failure(self, error: BaseException) -> str:
+        """One line for ``error`` of the store: where it is, what failed, what to do."""
+        ...
+
 
 class StoreCache(abc.ABC):
     """An :class:`ItemCache` over a storage home that subclasses provide.
@@ -105,6 +109,16 @@ class StoreCache(abc.ABC):
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+
+    def describe_failure(self, error: BaseException) -> str:
+        """One line for ``error`` of the store: where it is, what failed, what to do."""
+        where, remedy = self._failure_advice()
+        failed = f"{type(error).__name__}: {error}"
+        return f"the item cache ({where}) cannot be used ({failed}); {remedy}"
+
+    def _failure_advice(self) -> tuple[str, str]:
+        """Where the home is, and what to do when it fails."""
+        return type(self).__name__, "see the error"
 
     # -- the home: subclasses implement these ------------------------------------------
 

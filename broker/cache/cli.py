@@ -86,17 +86,8 @@ async def cache_command(
             stats = await store.stats()
     except store.failures as exc:
         # The store itself is broken or out of reach: say which and what to do, not a
-        # traceback. Everything in it is a copy of Amazon's answers, so deleting is safe.
-        remedy = (
-            f"it holds only copies of Amazon's answers: delete {where} to start afresh"
-            if isinstance(store, SqliteCache)
-            else "check that Redis is up and [cache] redis_url is right"
-        )
-        print(
-            f"broker: the item cache ({where}) cannot be used: "
-            f"{type(exc).__name__}: {exc}; {remedy}",
-            file=sys.stderr,
-        )
+        # traceback.
+        print(f"broker: {store.describe_failure(exc)}", file=sys.stderr)
         return ExitCode.IO_ERROR
     report: dict[str, object] = {
         "backend": cache_config.backend,

@@ -3,8 +3,10 @@
 The engine admits lookups one at a time; the stores want lists. :class:`CacheFront` turns
 the gets made in one event-loop tick into one ``get_many`` and writes answers behind the
 pipeline in batches (``put_many``), so a lookup pays a future, not a thread hop or a round
-trip of its own. A failing store (disk full, Redis down) never fails a lookup: a read
-becomes a miss and a write is dropped, each with a warning.
+trip of its own. A failing store (a damaged or locked file, a full disk, Redis down) never
+fails a lookup: a read becomes a miss and a write is dropped. After a failure the store is
+left alone for a minute, with one warning naming it and the remedy, so a damaged file costs
+one warning and a locked one one wait, not one per batch.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from broker.cache.base import key_of
+from broker.clock import LoopClock
 from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from broker.cache.base import ItemCache
     from broker.cache.policy import CacheKey, CacheStats
+    from broker.clock import Clock
     from broker.models import ItemResult, Query
 
 __all__ = ["CacheFront"]
@@ -29,6 +34,8 @@ _log = get_logger("broker.cache")
 
 #: Answers waiting to be written at most; beyond it new answers are not cached (counted).
 _MAX_PENDING_WRITES: Final = 50_000
+#: Seconds a failed store is left alone: reads are misses and writes dropped meanwhile.
+COOL_OFF_S: Final = 60.0
 
 
 class CacheFront:
@@ -39,6 +46,7 @@ class CacheFront:
         max_age_s: a per-run override of the policy's max age (``--max-age``), or None.
         read: False to serve nothing (every get a miss) and still write every answer: a
             refresh, whose fresh answers later lookups should get.
+        clock: the monotonic clock of the cool-off after a failure.
         read_batch: the most keys one ``get_many`` carries.
         write_batch: the most answers one ``put_many`` carries.
     """
@@ -49,10 +57,13 @@ class CacheFront:
         *,
         max_age_s: float | None = None,
         read: bool = True,
+        clock: Clock | None = None,
         read_batch: int = 1_000,
         write_batch: int = 1_000,
     ) -> None:
         self.cache = cache
+        self._clock: Clock = clock or LoopClock()
+        self._down_until = -math.inf
         self._max_age_s = max_age_s
         self._serves = read
         self._read_batch = read_batch
@@ -76,13 +87,13 @@ class CacheFront:
         For a caller that knows its whole input (``get_items``): each lookup's own
         ``get`` then neither suspends nor delays the batcher's linger timer.
         """
-        if self._closed or not self._serves or not queries:
-            return
+        if self._closed or not self._serves or not queries or self._down():
+            return  # while the store is left alone, each get() is a counted miss
         try:
             results = await self.cache.get_many(queries, max_age_s=self._max_age_s)
         except Exception as exc:
             self.failed_reads += len(queries)
-            _log.warning("cache.read_failed", error=type(exc).__name__, lookups=len(queries))
+            self._failed(exc)
             results = [None] * len(queries)
         for query, result in zip(queries, results, strict=True):
             self._ahead[key_of(query)] = result
@@ -95,6 +106,9 @@ class CacheFront:
     async def get(self, query: Query) -> ItemResult | None:
         """The cached answer for a complete ``query`` (``cached=True``), or None."""
         if self._closed or not self._serves:
+            return None
+        if self._down():
+            self.failed_reads += 1
             return None
         if self._ahead:
             key = key_of(query)
@@ -123,14 +137,17 @@ class CacheFront:
             task.add_done_callback(self._tasks.discard)
 
     async def _read(self, batch: list[tuple[Query, asyncio.Future[ItemResult | None]]]) -> None:
-        try:
-            results = await self.cache.get_many(
-                [query for query, _ in batch], max_age_s=self._max_age_s
-            )
-        except Exception as exc:
+        results: Sequence[ItemResult | None] = [None] * len(batch)
+        if self._down():
             self.failed_reads += len(batch)
-            _log.warning("cache.read_failed", error=type(exc).__name__, lookups=len(batch))
-            results = [None] * len(batch)
+        else:
+            try:
+                results = await self.cache.get_many(
+                    [query for query, _ in batch], max_age_s=self._max_age_s
+                )
+            except Exception as exc:
+                self.failed_reads += len(batch)
+                self._failed(exc)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
@@ -150,11 +167,30 @@ class CacheFront:
         while self._writes:
             batch = self._writes[: self._write_batch]
             del self._writes[: self._write_batch]
+            if self._down():
+                self.dropped_writes += len(batch)
+                continue
             try:
                 await self.cache.put_many(batch)
             except Exception as exc:
                 self.dropped_writes += len(batch)
-                _log.warning("cache.write_failed", error=type(exc).__name__, answers=len(batch))
+                self._failed(exc)
+
+    def _down(self) -> bool:
+        """True while a failed store is left alone."""
+        return self._clock.monotonic() < self._down_until
+
+    def _failed(self, error: Exception) -> None:
+        """The store failed: warn once, naming it and the remedy, and leave it alone a while."""
+        if self._down():
+            return  # begun before the failure that started this cool-off: already told
+        self._down_until = self._clock.monotonic() + COOL_OFF_S
+        _log.warning(
+            "cache.unavailable",
+            error=type(error).__name__,
+            message=self.cache.describe_failure(error),
+            retry_in_s=COOL_OFF_S,
+        )
 
     async def flush(self) -> None:
         """Wait until every queued answer is stored (or dropped)."""

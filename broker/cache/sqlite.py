@@ -273,6 +273,13 @@ class SqliteCache(StoreCache):
     def __repr__(self) -> str:
         return f"SqliteCache({str(self.path)!r}, max_age_s={self.policy.max_age_s:g})"
 
+    def _failure_advice(self) -> tuple[str, str]:
+        """The file, and that deleting it is safe: it holds only copies of Amazon's answers."""
+        return str(self.path), (
+            "if another process holds it locked, wait for it; if it is damaged, delete it to "
+            "start afresh (it holds only copies of Amazon's answers)"
+        )
+
 
 def _evict(db: sqlite3.Connection, max_items: int, max_bytes: int) -> int:
     """Delete the oldest entries until both bounds hold; return how many went."""

@@ -306,7 +306,7 @@ class Broker:
         )
         front = None
         if cache is not None:
-            front = CacheFront(cache, read=not self._cache_refresh)
+            front = CacheFront(cache, read=not self._cache_refresh, clock=self._clock)
             stack.push_async_callback(front.aclose)
         self._cache = front
         self._intake = Intake(
