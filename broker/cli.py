@@ -617,6 +617,11 @@ def _lookup_row(line: int, raw: str, result: ItemResult) -> dict[str, object]:
 def _readable(row: dict[str, object]) -> str:
     """A row as a few lines for a person: status, title, price, availability or the error."""
     head = f"{row['asin'] or row['input']}  {row['marketplace']}  {row['status']}"
+    if row.get("cached"):
+        # Where the answer came from and how old it is: a price read from the cache is not
+        # this minute's.
+        fetched = str(row.get("fetched_at"))[:16].replace("T", " ")
+        head += f"  (from the item cache, fetched {fetched} UTC)"
     lines = [head]
     summary = row.get("summary")
     if isinstance(summary, dict):
@@ -696,9 +701,10 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         paths.copy_out()
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.by_status.items())) or "no rows"
     print(f"rows: {summary.total} ({statuses}); pending {summary.pending}", file=sys.stderr)
+    from_cache = f"from the item cache {summary.cached}, " if summary.cached else ""
     print(
         f"requests {summary.requests}, 429s {summary.throttled}, retries {summary.retries}, "
-        f"{summary.wall_s:.1f} s",
+        f"{from_cache}{summary.wall_s:.1f} s",
         file=sys.stderr,
     )
     print(f"output: {paths.shown_out}", file=sys.stderr)

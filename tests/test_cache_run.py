@@ -63,6 +63,35 @@ def test_second_run_is_served_from_the_cache(
     assert all(r["cached"] is False for r in first.values())
 
 
+def test_summary_counts_the_answers_from_the_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run's summary says how many lookups the cache answered (none: not mentioned)."""
+    job = tmp_path / "job.txt"
+    job.write_text("".join(f"B0{i:08d}\n" for i in range(30)))
+    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
+    assert "from the item cache" not in capsys.readouterr().err
+    assert _run(tmp_path, job, tmp_path / "b.jsonl") == 0
+    assert "requests 0, 429s 0, retries 0, from the item cache 30, " in capsys.readouterr().err
+
+
+def test_lookup_on_a_terminal_says_the_answer_is_cached(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The readable lookup output marks a cached answer and says when Amazon sent it."""
+    config = tmp_path / "config.toml"
+    job = tmp_path / "job.txt"
+    job.write_text("B000000001\n")
+    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
+    (ran,) = _rows(tmp_path / "a.jsonl")
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert cli.main(["lookup", "B000000001", "--config", str(config)]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    fetched = str(ran["fetched_at"])[:16].replace("T", " ")
+    assert head == f"B000000001  www.amazon.com  ok  (from the item cache, fetched {fetched} UTC)"
+
+
 def test_half_cached_sends_half(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With half the ASINs cached, a job sends requests only for the other half."""
     half = tmp_path / "half.txt"

@@ -435,9 +435,10 @@ class TestItemCache:
         assert (await _filed(spool, "one.txt"))["requests"] == 2
         ok = {r["asin"] for r in _rows(spool / "done" / "one.txt.out.jsonl") if r["status"] == "ok"}
         _drop(spool, "two.txt", "\n".join(_asins(20, "B0CACHE")) + "\n")
-        await _filed(spool, "two.txt")
+        second = await _filed(spool, "two.txt")
         rows = _rows(spool / "done" / "two.txt.out.jsonl")
         assert {r["asin"] for r in rows if r["cached"]} == ok  # not_found is asked again
+        assert second["from_cache"] == len(ok)
         values = _samples((await _get(f"{running.url}/metrics"))[2])
         assert values["asinb_cache_hits_total"] == len(ok)
 

@@ -124,6 +124,8 @@ class JobSummary:
     requests: int = 0
     throttled: int = 0
     retries: int = 0
+    #: lookups the item cache answered (no request sent for them)
+    cached: int = 0
     wall_s: float = 0.0
     out: str = ""
     invalid_report: str | None = None
@@ -365,7 +367,9 @@ async def _run_once(
                 async with own if broker is None else contextlib.nullcontext(own):
                     # A shared broker (the daemon's) counts every job; report this one's.
                     before = own.metrics()
-                    await _fetch(ledger, _Output(sink, name), own, options, stop, config)
+                    summary.cached = await _fetch(
+                        ledger, _Output(sink, name), own, options, stop, config
+                    )
                     after = own.metrics()
                     summary.requests = after.requests - before.requests
                     summary.throttled = after.throttled - before.throttled
@@ -531,15 +535,19 @@ async def _fetch(
     options: JobOptions,
     stop: _Stop,
     config: BrokerConfig,
-) -> None:
+) -> int:
     """Stream pending lookups through the broker; commit and emit as results arrive.
 
     A signal winds the stream down (``stop.draining``): nothing more is admitted, lookups
     not sent yet stay pending, and it returns once the requests already sent are answered
     and written, or when :class:`_Stop` cancels it (then those stay pending too).
+
+    Returns:
+        How many lookups the item cache answered.
     """
 
     buffer: list[tuple[Lookup, ItemResult]] = []
+    cached = 0
 
     def queries() -> Iterator[Query]:
         for lookup in ledger.pending_lookups():
@@ -562,7 +570,9 @@ async def _fetch(
         last_commit = time.monotonic()
 
     async def consume() -> None:
+        nonlocal cached
         async for result in broker.stream(queries(), stop=stop.draining):
+            cached += result.cached
             assert result.query is not None
             lookup = result.query.tag
             assert isinstance(lookup, Lookup)
@@ -608,6 +618,7 @@ async def _fetch(
             progress.done()
     if stop.error is not None:
         raise stop.error
+    return cached
 
 
 #: How often ``no_wait`` checks whether every key waits for its daily quota.

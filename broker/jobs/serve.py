@@ -875,6 +875,7 @@ class Daemon:
             "requests": after.requests - before.requests,
             "throttled": after.throttled - before.throttled,
             "retries": after.retries - before.retries,
+            "from_cache": summary.cached,
             "wall_s": round(summary.wall_s, 3),
             "finished_at": self._now(),
             "error": None,
