@@ -9,7 +9,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import fakeredis
@@ -382,6 +382,28 @@ class TestSqlite:
         with sqlite3.connect(path) as db:
             assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
+    async def test_answers_past_24_hours_go_without_a_write(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """Answers left past the 24-hour ceiling (a machine idle over a weekend) are deleted at
+        the first read of the next process, and stats never counts them, with no write."""
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
+        await clock.advance(3 * 86_400)
+        async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
+            stats = await cache.stats()
+            assert (stats.entries, stats.oldest_age_s) == (0, None)
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT count(*) FROM item_cache").fetchone() == (0,)
+        async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
+            await cache.put_many([ok("B000000003", clock)])
+        await clock.advance(86_401)
+        async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
+            assert await cache.get_many([q("B000000004")]) == [None]
+            with sqlite3.connect(path) as db:
+                assert db.execute("SELECT count(*) FROM item_cache").fetchone() == (0,)
+
     async def test_corrupt_payload_is_a_miss(self, tmp_path: Path, clock: FakeClock) -> None:
         """A payload that fails its checksum is never served, and is deleted."""
         path = tmp_path / "cache.sqlite3"
@@ -486,7 +508,8 @@ class TestCommandLine:
         return cache_namespace(load_config(config, environ={}))
 
     async def _fill(self, path: Path) -> None:
-        clock = FakeClock()
+        # Answers of now: the command line reads the real clock, and older ones are gone.
+        clock = FakeClock(epoch=datetime.now(UTC))
         namespace = self._namespace(path.parent / "config.toml")
         async with SqliteCache(path, CachePolicy(60), namespace=namespace, clock=clock) as cache:
             await cache.put_many([ok(f"B00000000{i}", clock) for i in range(4)])

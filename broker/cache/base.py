@@ -93,6 +93,9 @@ class StoreCache(abc.ABC):
     #: What a failing home raises (damaged, unwritable, out of reach): the command line
     #: reports these as one line instead of a traceback.
     failures: ClassVar[tuple[type[Exception], ...]] = (OSError,)
+    #: True for a home that deletes answers past the 24-hour ceiling by itself (Redis TTLs);
+    #: the others are swept here (:meth:`_expire`).
+    expires_itself: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -109,6 +112,7 @@ class StoreCache(abc.ABC):
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+        self._swept = False
 
     def describe_failure(self, error: BaseException) -> str:
         """One line for ``error`` of the store: where it is, what failed, what to do."""
@@ -174,6 +178,11 @@ class StoreCache(abc.ABC):
         keys = [key_of(query) for query in queries]
         if not keys:
             return []
+        if not self._swept:
+            # Answers left past the ceiling by processes that since stopped (a machine idle
+            # over a weekend) go at the first read, not at the next write.
+            self._swept = True
+            await self._expire()
         if not (self.policy.enabled or (max_age_s or 0) > 0):
             self._misses += len(keys)
             return [None] * len(keys)
@@ -258,8 +267,12 @@ class StoreCache(abc.ABC):
         return removed
 
     async def stats(self) -> CacheStats:
-        """Return this object's counters and what the home holds now."""
+        """Return this object's counters and what the home holds now (answers past the
+        24-hour ceiling are deleted first, so none is counted)."""
         entries, size, oldest = await self._measure()
+        if oldest is not None and self._now() - oldest > CEILING_S:
+            await self._expire()
+            entries, size, oldest = await self._measure()
         return CacheStats(
             hits=self._hits,
             misses=self._misses,
@@ -269,6 +282,14 @@ class StoreCache(abc.ABC):
             evictions=self._evictions,
             oldest_age_s=None if oldest is None else max(0.0, self._now() - oldest),
         )
+
+    async def _expire(self) -> None:
+        """Delete this namespace's answers past the 24-hour ceiling (Amazon's rule)."""
+        if self.expires_itself:
+            return
+        removed = await self._delete(None, fetched_before=self._now() - CEILING_S, asins=None)
+        if removed:
+            _log.info("cache.expired", entries=removed)
 
     async def __aenter__(self) -> Self:
         return self

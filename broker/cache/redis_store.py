@@ -45,6 +45,7 @@ class RedisCache(StoreCache):
     """
 
     failures = (RedisError, OSError)
+    expires_itself = True  # every entry carries a TTL ending at the ceiling
 
     def __init__(
         self,
