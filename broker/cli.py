@@ -49,7 +49,8 @@ def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
         type=_max_age,
         metavar="SECONDS",
         help="serve cached answers up to this old (default: [cache] max_age_s, else 86400; "
-        "at most 86400, Amazon's 24-hour rule; 0 = no cache)",
+        "at most 86400, Amazon's 24-hour rule; 0 = no cache); answers with prices "
+        "(offersV2.* resources) stay capped by [cache] offers_max_age_s (3600)",
     )
     group.add_argument(
         "--no-cache",
