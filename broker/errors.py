@@ -621,8 +621,9 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The lookup failed on every attempt the retry policy allows.",
         Scope.REQUEST,
         False,
-        "Look it up again later (a finished job: broker run --refresh); the error says what "
-        "failed each time.",
+        "Look it up again later (a finished job: broker run --new-job, which asks Amazon "
+        "only for what the item cache cannot answer: soon after the run, only the failed "
+        "rows); the error says what failed each time.",
     ),
 )
 

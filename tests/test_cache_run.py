@@ -186,3 +186,34 @@ def test_lookup_refresh_asks_amazon_and_keeps_the_answer(
     (again,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert again["cached"] is True
     assert again["fetched_at"] == fresh["fetched_at"]
+
+
+def test_new_job_after_failures_asks_amazon_only_for_the_failed_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """AttemptsExhausted's remedy holds: --new-job soon after a run with failed rows sends
+    requests only for those; the ok rows come from the item cache."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        embedded_toml(
+            tps=200.0,
+            api='resources = ["itemInfo.title"]',
+            engine="linger_s = 0.005",
+            simulator="limits = false\nseed = 3\n[simulator.faults]\nerror_503 = 0.3",
+        )
+        + "\n[retry]\nmax_attempts = 1\n"
+    )
+    job = tmp_path / "job.txt"
+    job.write_text("".join(f"B0{i:08d}\n" for i in range(200)))
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(job), "--out", str(out), "--config", str(config), "--progress", "none"]
+    assert cli.main(args) == 3
+    first = _rows(out)
+    failed = sum(row["status"] == "failed" for row in first)
+    ok = sum(row["status"] == "ok" for row in first)
+    assert failed >= 10
+    capsys.readouterr()
+    cli.main([*args, "--new-job"])
+    err = capsys.readouterr().err
+    assert _requests(err) <= -(-failed // 10)
+    assert f"from the item cache {ok}, " in err
