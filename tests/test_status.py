@@ -201,6 +201,19 @@ class TestWithoutSecrets:
         assert cli.main(["cache", "purge", "--config", str(bare)]) == 0
         assert "purged 0 cached answers" in capsys.readouterr().out
 
+    def test_cache_commands_create_no_cache(
+        self, bare: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """No item cache yet: stats shows zero entries and purge removes none, saying so,
+        and neither creates the file (as status creates no state file)."""
+        assert cli.main(["cache", "stats", "--config", str(bare), "--json"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["entries"] == 0
+        assert "no item cache at" in captured.err
+        assert cli.main(["cache", "purge", "--config", str(bare)]) == 0
+        assert "purged 0 cached answers" in capsys.readouterr().out
+        assert not (bare.parent / "cache.sqlite3").exists()
+
     def test_run_still_needs_them(self, bare: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A command that sends still refuses a config whose secret is missing (78)."""
         job = bare.parent / "job.txt"

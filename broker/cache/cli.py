@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from broker.cache.open import RUN_MAX_AGE_S, cache_namespace, open_store
+from broker.cache.policy import CacheStats
 from broker.cache.sqlite import SqliteCache
 from broker.errors import ConfigError
 from broker.exitcode import ExitCode
@@ -77,18 +78,26 @@ async def cache_command(
         print(f"broker: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     where = str(store.path) if isinstance(store, SqliteCache) else cache_config.backend
-    try:
-        async with store:
-            if args.cache_command == "purge":
-                removed = await store.purge(older_than_s=args.older_than, asins=args.asin)
-                print(f"purged {removed} cached answers")
-                return ExitCode.OK
-            stats = await store.stats()
-    except store.failures as exc:
-        # The store itself is broken or out of reach: say which and what to do, not a
-        # traceback.
-        print(f"broker: {store.describe_failure(exc)}", file=sys.stderr)
-        return ExitCode.IO_ERROR
+    if isinstance(store, SqliteCache) and not store.path.exists():
+        # Opening the store would create the file (and its directory) to report nothing.
+        print(f"broker: no item cache at {where} yet: nothing is cached", file=sys.stderr)
+        if args.cache_command == "purge":
+            print("purged 0 cached answers")
+            return ExitCode.OK
+        stats = CacheStats(hits=0, misses=0, requests_saved=0, entries=0, bytes=0, evictions=0)
+    else:
+        try:
+            async with store:
+                if args.cache_command == "purge":
+                    removed = await store.purge(older_than_s=args.older_than, asins=args.asin)
+                    print(f"purged {removed} cached answers")
+                    return ExitCode.OK
+                stats = await store.stats()
+        except store.failures as exc:
+            # The store itself is broken or out of reach: say which and what to do, not a
+            # traceback.
+            print(f"broker: {store.describe_failure(exc)}", file=sys.stderr)
+            return ExitCode.IO_ERROR
     report: dict[str, object] = {
         "backend": cache_config.backend,
         "where": where,
