@@ -414,9 +414,19 @@ class TestC6MalformedJsonl:
         job = _write(tmp_path, "job.jsonl", self._DATA)
         outcome = await _run(tmp_path, job, strict=True)
         assert outcome.code == ExitCode.DATA_ERROR
-        assert "1 invalid rows: line 2: not valid JSON" in (outcome.message or "")
+        assert "1 invalid rows; line 2: not valid JSON" in (outcome.message or "")
         assert (outcome.stats.requests, outcome.counter.get_items) == (0, 0)
         assert not outcome.out.exists()
+
+    async def test_c6_strict_counts_every_bad_row_once(self, tmp_path: Path) -> None:
+        """C6: many bad rows: the total, then the first five (not "N (and N-5 more)")."""
+        job = _write(tmp_path, "job.txt", "".join(f"bad{i}\n" for i in range(12)))
+        outcome = await _run(tmp_path, job, strict=True)
+        assert outcome.code == ExitCode.DATA_ERROR
+        message = outcome.message or ""
+        assert "12 invalid rows; the first 5: line 1: " in message
+        assert "more" not in message
+        assert message.count("line ") == 5
 
     async def test_c6_strict_refuses_an_unknown_resource(self, tmp_path: Path) -> None:
         """C6: a row asking a resource the API does not know is invalid to --strict too."""

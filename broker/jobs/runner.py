@@ -437,8 +437,8 @@ def _refuse_invalid(options: JobOptions, protocol: Protocol) -> None:
     bad = [row for row in bad if row.error]
     if bad:
         shown = "; ".join(f"line {row.line}: {row.error}" for row in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise StrictInputError(f"{options.job}: {len(bad)} invalid rows{more}: {shown}")
+        which = f"the first 5: {shown}" if len(bad) > 5 else shown
+        raise StrictInputError(f"{options.job}: {len(bad)} invalid rows; {which}")
 
 
 def _row_problem(row: JobRow, protocol: Protocol) -> str | None:
