@@ -405,7 +405,7 @@ class TestC6MalformedJsonl:
         assert bad["reason"].startswith("not valid JSON")
         rows = outcome.rows
         assert [(r["line"], r["status"]) for r in rows] == [(1, "ok"), (2, "invalid"), (4, "ok")]
-        assert rows[0]["extra"] == {"sku": "1"}
+        assert rows[0]["extra"] == {"sku": 1}  # the JSON value it was, not its text
         assert set(outcome.counter.pairs) == {(US, "B0JSONOK01"), (US, "B0JSONOK02")}
 
     async def test_c6_strict_refuses_before_any_api_call(self, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 import json
 import os
@@ -340,6 +341,21 @@ class TestRunPaths:
         args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
         assert cli.main([*args, "--format", "jsonl"]) == ExitCode.OK
         assert out.read_bytes().startswith(b'{"line":1')
+
+    def test_jsonl_pass_through_fields_keep_their_json_types(self, tmp_path: Path) -> None:
+        """A JSON Lines job's own fields come back as the values they were in JSON Lines
+        output (an integer id joins back), and as compact JSON text in CSV cells."""
+        job = tmp_path / "job.jsonl"
+        job.write_text('{"asin": "B0TEST0001", "id": 7, "flags": [1, true], "note": null}\n')
+        config = str(_config(tmp_path))
+        jsonl, csv_out = tmp_path / "out.jsonl", tmp_path / "out.csv"
+        assert cli.main(["run", str(job), "--config", config, "--out", str(jsonl)]) == 0
+        (row,) = _jsonl(jsonl.read_text())
+        assert row["extra"] == {"id": 7, "flags": [1, True], "note": None}
+        assert cli.main(["run", str(job), "--config", config, "--out", str(csv_out)]) == 0
+        header, line = csv_out.read_text().splitlines()
+        cells = dict(zip(header.split(","), next(csv.reader([line])), strict=True))
+        assert (cells["id"], cells["flags"], cells["note"]) == ("7", "[1,true]", "")
 
     def test_missing_input_leaves_no_lock_or_directory(self, tmp_path: Path) -> None:
         """A missing job file exits 66 and creates nothing (no out/, no lock file)."""

@@ -205,6 +205,14 @@ def _column_values(out: Mapping[str, object]) -> list[object]:
     ]
 
 
+def _cell(value: object) -> object:
+    """A pass-through value as a CSV cell: text as it is, JSON null (or absent) empty, any
+    other JSON value (a number, a list) as its compact JSON text."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _mapping(value: object) -> Mapping[str, object]:
     return value if isinstance(value, Mapping) else _EMPTY
 
@@ -484,7 +492,7 @@ class CsvSink(_FileSink):
             values = _csv_values(row)
             if extra:
                 cells = _mapping(row.extra)
-                values.extend(cells.get(name, "") for name in extra)
+                values.extend(_cell(cells.get(name)) for name in extra)
             writer.writerow(values)
         return _utf8(text.getvalue())
 

@@ -19,7 +19,8 @@ Formats (``detect_format`` picks one by extension, else by sniffing the first li
   trusted to line up.
 - **jsonl**: one JSON object per line with a string ``asin``, optional string
   ``marketplace`` and optional ``resources`` (a list of strings). Every other top-level field
-  goes to ``extra``: strings as they are, any other value as its compact JSON text. A line
+  goes to ``extra`` as the JSON value it is (a number stays a number in JSON Lines output; a
+  CSV output cell holds a non-string value as its compact JSON text). A line
   that is not valid JSON, not an object or has wrongly typed fields is an invalid row; it
   never stops the file. Blank lines produce no row.
 
@@ -128,7 +129,7 @@ class JobRow:
     asin: str | None
     marketplace: str | None = None
     resources: tuple[str, ...] | None = None
-    extra: Mapping[str, str] | None = None
+    extra: Mapping[str, object] | None = None
     error: str | None = None
 
     @property
@@ -160,7 +161,7 @@ def _row(
     asin: str | None,
     marketplace: str | None,
     resources: tuple[str, ...] | None,
-    extra: Mapping[str, str] | None,
+    extra: Mapping[str, object] | None,
     error: str | None,
 ) -> JobRow:
     """Build a JobRow quickly; equal to ``JobRow(line, raw, ...)``, every field given."""
@@ -893,11 +894,7 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
             resources = tuple(resources_value)
         else:
             error = '"resources" must be a list of strings'
-    extra = {
-        key: item if isinstance(item, str) else _compact_json(item)
-        for key, item in value.items()
-        if key not in _JSONL_KEYS
-    } or None
+    extra = {key: item for key, item in value.items() if key not in _JSONL_KEYS} or None
     if asin is None:
         error = _missing_asin(value)
     elif not isinstance(asin, str):
