@@ -245,7 +245,7 @@ class TestRetries:
             # A final answer: it says the broker gave up, and not that it will retry.
             assert "gave up after 3 failed attempts" in result.error.message
             assert "retries this by itself" not in result.error.remedy
-            assert "--refresh" in result.error.remedy
+            assert "--new-job" in result.error.remedy
         assert len(transport.requests) == 3
         assert sent_at[-1] > sent_at[0]  # jittered backoff slept on the fake clock
         assert metrics.retries == 2
