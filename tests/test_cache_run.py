@@ -36,6 +36,16 @@ def _rows(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _ran_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, dict[str, object]]:
+    """Run a job of B000000001 (so the cache holds it); its config and its output row."""
+    job = tmp_path / "job.txt"
+    job.write_text("B000000001\n")
+    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
+    (row,) = _rows(tmp_path / "a.jsonl")
+    capsys.readouterr()
+    return tmp_path / "config.toml", row
+
+
 def _requests(err: str) -> int:
     match = re.search(r"requests (\d+)", err)
     assert match is not None, err
@@ -79,12 +89,7 @@ def test_lookup_on_a_terminal_says_the_answer_is_cached(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The readable lookup output marks a cached answer and says when Amazon sent it."""
-    config = tmp_path / "config.toml"
-    job = tmp_path / "job.txt"
-    job.write_text("B000000001\n")
-    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
-    (ran,) = _rows(tmp_path / "a.jsonl")
-    capsys.readouterr()
+    config, ran = _ran_one(tmp_path, capsys)
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
     assert cli.main(["lookup", "B000000001", "--config", str(config)]) == 0
     head = capsys.readouterr().out.splitlines()[0]
@@ -134,12 +139,7 @@ def test_max_age_above_the_rule_is_refused(
 
 def test_lookup_serves_cached_answers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """broker lookup after a run of the same ASIN answers from the cache (cached: true)."""
-    config = tmp_path / "config.toml"
-    config.write_text(_CONFIG)
-    job = tmp_path / "job.txt"
-    job.write_text("B000000001\n")
-    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
-    capsys.readouterr()
+    config, _ = _ran_one(tmp_path, capsys)
     assert cli.main(["lookup", "B000000001", "--config", str(config), "--json"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["cached"] is True
@@ -171,12 +171,7 @@ def test_lookup_refresh_asks_amazon_and_keeps_the_answer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """lookup --refresh skips a fresh cached answer, and the next lookup gets the new one."""
-    config = tmp_path / "config.toml"
-    job = tmp_path / "job.txt"
-    job.write_text("B000000001\n")
-    assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
-    (ran,) = _rows(tmp_path / "a.jsonl")
-    capsys.readouterr()
+    config, ran = _ran_one(tmp_path, capsys)
     lookup = ["lookup", "B000000001", "--config", str(config), "--json"]
     assert cli.main([*lookup, "--refresh"]) == 0
     (fresh,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
