@@ -750,6 +750,14 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
     try:
         info = file.stat()
     except FileNotFoundError:
+        if file.is_absolute() and file.parts[1:3] == ("run", "credentials"):
+            # A systemd credential: it exists only inside its service (LoadCredential=).
+            raise ConfigError(
+                path,
+                f"{file} is a systemd credential, which only its service can read: run "
+                "this command as part of the service, or give it a config with a key of "
+                "its own",
+            ) from None
         # Most likely the secret itself pasted here: never echo the value.
         raise ConfigError(
             path,

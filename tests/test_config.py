@@ -242,6 +242,17 @@ class TestSecrets:
         assert "no such file" in error.message.lower()
         assert "XYZZY" not in str(error)
 
+    def test_a_systemd_credential_outside_its_service_says_so(self) -> None:
+        """A /run/credentials/... path missing here (a shell outside the service) is named
+        as a systemd credential only its service can read, not as a pasted secret."""
+        document = _doc()
+        keys = document["keys"][0]
+        del keys["credential_secret_env"]
+        keys["credential_secret_file"] = "/run/credentials/asin-broker.service/main-secret"
+        error = _error(document)
+        assert "is a systemd credential, which only its service can read" in error.message
+        assert "in case it is the secret itself" not in error.message
+
     def test_env_and_file_together_refused(self) -> None:
         """Naming both a variable and a file is ambiguous and refused."""
         error = _error(_with("keys.0.credential_secret_file", "x.secret"))
