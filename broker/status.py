@@ -20,6 +20,7 @@ import orjson
 from broker.bench import format_table
 from broker.config import AMAZON, BrokerConfig
 from broker.engine.adaptive import AdaptiveSettings
+from broker.engine.metrics import QUOTA_WAIT
 from broker.engine.shared_limiter import key_limits
 from broker.errors import ConfigError, StateUnavailableError
 from broker.exitcode import ExitCode
@@ -93,7 +94,7 @@ def _status(view: KeyView, configured_tps: float, wall_now: datetime) -> KeyStat
             # The park is over; the key's next send (by whichever process) is its probe.
             state = "probe due"
     elif limit is not None and d.count >= limit:
-        state, reason = "waiting for daily quota", "daily quota spent"
+        state, reason = QUOTA_WAIT, "daily quota spent"
         until = _iso(datetime.fromtimestamp((d.day + 1) * 86_400 + view.limits.reset_offset_s, UTC))
     elif d.paused_until_us:
         state, reason = "paused", d.pause_reason or None

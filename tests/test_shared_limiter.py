@@ -370,6 +370,35 @@ class TestConcurrentBrokers:
         assert stats.accepted == 40
         assert 7.6 <= elapsed <= 8.5  # 40 sends at 5/s: 39 gaps of 200 ms
 
+    async def test_a_park_set_by_another_process_shows_here(self, harness: Harness) -> None:
+        """A key another process parked shows parked here too, with the park's reason and
+        probe time, while this process waits: /readyz, /metrics and --no-wait read it."""
+        from broker.jobs.runner import _quota_wait
+        from broker.state import Feedback
+
+        clock = FakeClock()
+        sim, transport, config = await _one_key(harness, clock)
+        store = _store(clock)
+        broker = await harness.broker(config, clock=clock, transport=transport, state_store=store)
+        loop = asyncio.get_running_loop()
+        await drive(clock, loop.create_task(broker.get_items(asins(10, "B"))), transport)
+        (key,) = broker.metrics().keys
+        assert (key.state, key.reason) == ("active", None)
+        other = KeyLimits(5.0, 0.05, 5.0, day_limit=99_000, tpd=100_000)
+        park = Feedback(park_s=900.0, park_reason="daily quota exhausted")
+        state_key = StateKey.of(sim.url, "demo-id")
+        await store.decide(state_key, other, feedback=park, reserve=False, process=None)
+        waiting = loop.create_task(broker.get_items(asins(10, "C")))
+        await clock.advance(1.0)
+        (key,) = broker.metrics().keys
+        assert (key.state, key.reason) == ("parked", "daily quota exhausted")
+        probe_at = clock.utcnow() + dt.timedelta(seconds=899.0)
+        assert key.until == probe_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert _quota_wait(broker) == key.until
+        assert not waiting.done()
+        assert sim.stats.accounts["demo"].accepted == 1  # nothing sent into the park
+        waiting.cancel()
+
     async def test_an_idle_broker_reasserts_the_day_after_an_empty_restart(
         self, harness: Harness
     ) -> None:

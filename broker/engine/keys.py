@@ -20,7 +20,7 @@ import enum
 import math
 import random
 from collections.abc import Callable, Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
@@ -32,7 +32,7 @@ from broker.engine.adaptive import (
     ThrottleVerdict,
 )
 from broker.engine.limiter import KeyLimiter, LocalKeyLimiter, Pacer
-from broker.engine.metrics import KeySnapshot
+from broker.engine.metrics import QUOTA_WAIT, KeySnapshot
 from broker.engine.quota import BudgetStore, DailyBudget
 from broker.engine.retry import RetryBudget
 from broker.engine.shared_limiter import SendRefused, SharedState, shared_key_parts
@@ -505,7 +505,9 @@ class KeyState:
         """The key's state now."""
         if self._disabled is not None:
             return KeyHealth.DISABLED
-        if self.circuit.verdict is not None:
+        # Parked here, or by another process of the key (its shared state says so): this
+        # process sends nothing either, and /readyz, /metrics and --no-wait must say why.
+        if self.circuit.verdict is not None or self.limiter.parked() is not None:
             return KeyHealth.PARKED
         if self._paused_reason is not None or self.limiter.blocked_reason is not None:
             return KeyHealth.PAUSED
@@ -520,8 +522,15 @@ class KeyState:
             reason = f"{self._disabled.code}: {self._disabled.remedy}"
         elif health is KeyHealth.PARKED and self.circuit.verdict is not None:
             reason = self.circuit.verdict.value
+            probe_in_s = (self.circuit.probe_at or -math.inf) - self._clock.monotonic()
+            if probe_in_s > 0:
+                probe_at = self._clock.utcnow() + timedelta(seconds=probe_in_s)
+                until = probe_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        elif health is KeyHealth.PARKED and (shared := self.limiter.parked()) is not None:
+            reason, probe_at = shared
+            until = probe_at.strftime("%Y-%m-%dT%H:%M:%SZ")
         elif self.limiter.exhausted:
-            reason = "waiting for daily quota"
+            reason = QUOTA_WAIT
             until = self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ")
         elif health is KeyHealth.PAUSED:
             reason = self.limiter.blocked_reason or self._paused_reason

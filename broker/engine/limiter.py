@@ -242,6 +242,9 @@ class KeyLimiter(Protocol):
       ``resets_at()`` describe the daily budget's current window.
     - ``blocked_reason`` says why the key cannot send because its shared state store is
       unreachable (``None``: it can; always ``None`` for in-process state).
+    - ``parked()`` is the park the shared state holds, whichever process parked the key:
+      its reason and the UTC instant of its probe (``None``: not parked; always ``None``
+      for in-process state, whose only park is the key's own circuit).
     - ``await keep_alive()`` runs for the engine's life and tells the shared state this
       process is still here while the key sends nothing (idle or parked): each beat carries
       its count of the day. Returns at once for in-process state.
@@ -282,6 +285,8 @@ class KeyLimiter(Protocol):
 
     @property
     def blocked_reason(self) -> str | None: ...
+
+    def parked(self) -> tuple[str, datetime] | None: ...
 
 
 class LocalKeyLimiter:
@@ -391,6 +396,10 @@ class LocalKeyLimiter:
     @property
     def blocked_reason(self) -> str | None:
         """Always None: in-process state is always reachable."""
+        return None
+
+    def parked(self) -> tuple[str, datetime] | None:
+        """Always None: the key's own circuit is its only park."""
         return None
 
     def __repr__(self) -> str:

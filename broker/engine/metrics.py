@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 from broker.models import Status
 
-__all__ = ["LATENCY_BUCKETS_S", "EngineMetrics", "KeySnapshot", "MetricsSnapshot"]
+__all__ = ["LATENCY_BUCKETS_S", "QUOTA_WAIT", "EngineMetrics", "KeySnapshot", "MetricsSnapshot"]
+
+#: A key's ``reason`` while it waits for its daily quota to reset (``until`` says when).
+QUOTA_WAIT = "waiting for daily quota"
 
 #: Upper bounds of the request-latency histogram, seconds (Prometheus ``le`` labels).
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

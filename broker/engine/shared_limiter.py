@@ -36,7 +36,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from broker.engine.adaptive import (
@@ -465,6 +465,17 @@ class SharedKeyLimiter:
             for listener in self._refusal_listeners:
                 listener(refusal, decision.wait_s)
             raise SendRefused(refusal, decision.wait_s)
+
+    def parked(self) -> tuple[str, datetime] | None:
+        """The park the store held at its last answer, set by any process: its reason and
+        the UTC instant of its probe; ``None`` when the key is not parked (or it ran out)."""
+        last = self._last
+        if last is None or not last.parked_until_us:
+            return None
+        left_s = self._local(last.parked_until_us) - self._clock.monotonic()
+        if left_s <= 0:
+            return None
+        return last.park_reason or "parked", self._clock.utcnow() + timedelta(seconds=left_s)
 
     def next_ready(self) -> float:
         """Monotonic time the key can send next, by the last answer (``-inf``: ask now)."""

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from broker import __version__
 from broker.config import is_loopback_host
-from broker.engine.metrics import LATENCY_BUCKETS_S
+from broker.engine.metrics import LATENCY_BUCKETS_S, QUOTA_WAIT
 from broker.errors import ConfigError
 from broker.jobs.process_stats import ProcessStats, read_process_stats
 from broker.logs import get_logger
@@ -149,11 +149,15 @@ def readiness(metrics: MetricsSnapshot | None, *, state: str) -> Readiness:
         return Readiness(False, "starting")
     if not metrics.keys or any(_can_send(key) for key in metrics.keys):
         return Readiness(True)
-    waits = sorted(key.until for key in metrics.keys if key.until is not None)
+    waits = sorted(
+        key.until for key in metrics.keys if key.until is not None and key.reason == QUOTA_WAIT
+    )
     if waits:
-        return Readiness(False, f"waiting for daily quota until {waits[0]}", waits[0])
+        return Readiness(False, f"{QUOTA_WAIT} until {waits[0]}", waits[0])
     out = "; ".join(f"{key.name}: {key.reason or key.state}" for key in metrics.keys)
-    return Readiness(False, f"no key can send ({out})")
+    # A parked key's until is its probe: the earliest is when one may send again.
+    probes = sorted(key.until for key in metrics.keys if key.until is not None)
+    return Readiness(False, f"no key can send ({out})", probes[0] if probes else None)
 
 
 def _can_send(key: KeySnapshot) -> bool:

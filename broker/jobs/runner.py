@@ -32,6 +32,7 @@ from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.keys import OUTAGE_CODE
+from broker.engine.metrics import QUOTA_WAIT
 from broker.errors import (
     BrokerError,
     ConfigError,
@@ -636,7 +637,7 @@ _QUOTA_POLL_S = 0.5
 
 #: Key states that last until Amazon's daily window resets (or, probed, about as long).
 _DAY_LONG_WAITS: Final = (
-    "waiting for daily quota",
+    QUOTA_WAIT,
     ThrottleVerdict.QUOTA_EXHAUSTED.value,
     ThrottleVerdict.ACCESS_REVOKED.value,
 )
