@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import pytest
 from conftest import CountingStore, Harness, account, asins, drive, key_doc, make_config
+from structlog.testing import capture_logs
 
 from broker.engine.adaptive import AdaptiveSettings, CircuitState, ThrottleVerdict
 from broker.engine.shared_limiter import (
@@ -397,6 +398,34 @@ class TestConcurrentBrokers:
         assert _quota_wait(broker) == key.until
         assert not waiting.done()
         assert sim.stats.accounts["demo"].accepted == 1  # nothing sent into the park
+        waiting.cancel()
+
+    async def test_a_day_another_process_spent_is_warned_about_here(self, harness: Harness) -> None:
+        """A process that learns from the shared state that the day is spent (another spent
+        it, and it never reaches a send) still logs broker.daily_quota_spent, once."""
+        clock = FakeClock()
+        sim = await harness.simulator(
+            SimulatorSettings(accounts=(account("demo", "demo-id", "demo-secret", tps=5.0),)),
+            clock=clock,
+        )
+        transport = await harness.transport()
+        config = make_config(sim.url, keys=[key_doc(tps=5.0, tpd=10)])
+        store = _store(clock)
+        spender, waiter = [
+            await harness.broker(config, clock=clock, transport=transport, state_store=store)
+            for _ in range(2)
+        ]
+        loop = asyncio.get_running_loop()
+        with capture_logs() as logs:
+            spending = loop.create_task(spender.get_items(asins(200, "A")))
+            await clock.advance(10.0)
+            waiting = loop.create_task(waiter.get_items(asins(10, "B")))
+            await clock.advance(120.0)
+        warnings = [e for e in logs if e["event"] == "broker.daily_quota_spent"]
+        assert len(warnings) == 2  # one per process, though the second never sent
+        assert sim.stats.accounts["demo"].accepted == 9
+        assert not waiting.done()
+        spending.cancel()
         waiting.cancel()
 
     async def test_an_idle_broker_reasserts_the_day_after_an_empty_restart(

@@ -133,6 +133,9 @@ class KeyState:
         self._local_hold_until = -math.inf
         # the reset of the daily window whose spent quota was last logged
         self._quota_noted: datetime | None = None
+        # The shared state may say the day is spent while the limiter waits (another process
+        # spent it): the warning must not depend on this process reaching a send.
+        limiter.add_refusal_listener(lambda _refusal, _wait_s: self._note_quota_spent())
         #: how long an outage (no answer from the endpoints) may last before the key is out
         self.outage_budget_s = outage_budget_s
         self._jitter = jitter

@@ -31,6 +31,7 @@ import math
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from datetime import datetime
 
     from broker.clock import Clock
@@ -242,6 +243,9 @@ class KeyLimiter(Protocol):
       ``resets_at()`` describe the daily budget's current window.
     - ``blocked_reason`` says why the key cannot send because its shared state store is
       unreachable (``None``: it can; always ``None`` for in-process state).
+    - ``add_refusal_listener(fn)`` calls ``fn(refusal, wait_s)`` whenever the shared state
+      refuses sends (the day spent, the key parked or probed elsewhere); never for
+      in-process state, whose refusals are this process's own sends.
     - ``parked()`` is the park the shared state holds, whichever process parked the key:
       its reason and the UTC instant of its probe (``None``: not parked; always ``None``
       for in-process state, whose only park is the key's own circuit).
@@ -287,6 +291,8 @@ class KeyLimiter(Protocol):
     def blocked_reason(self) -> str | None: ...
 
     def parked(self) -> tuple[str, datetime] | None: ...
+
+    def add_refusal_listener(self, listener: Callable[[str, float], None]) -> None: ...
 
 
 class LocalKeyLimiter:
@@ -401,6 +407,9 @@ class LocalKeyLimiter:
     def parked(self) -> tuple[str, datetime] | None:
         """Always None: the key's own circuit is its only park."""
         return None
+
+    def add_refusal_listener(self, listener: Callable[[str, float], None]) -> None:
+        """Nothing to listen to: in-process state refuses nothing this process did not do."""
 
     def __repr__(self) -> str:
         return f"LocalKeyLimiter({self._pacer!r}, {self._budget!r})"

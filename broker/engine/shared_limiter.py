@@ -212,7 +212,8 @@ class SharedKeyLimiter:
         return self._last
 
     def add_refusal_listener(self, listener: Callable[[str, float], None]) -> None:
-        """Call ``listener(refusal, wait_s)`` whenever the store refuses a send."""
+        """Call ``listener(refusal, wait_s)`` whenever the store refuses a send, or
+        :meth:`wait_ready` finds the day spent (refusal ``"quota"``)."""
         self._refusal_listeners.append(listener)
 
     @property
@@ -412,6 +413,8 @@ class SharedKeyLimiter:
             if self.exhausted and self._hold_until <= now:
                 wait_s = self.resets_at().timestamp() - self._store_wall()
                 self._hold_until = now + min(max(wait_s, 1e-3), _RECHECK_S)
+                for listener in self._refusal_listeners:
+                    listener("quota", wait_s)
             if self._hold_until > now:
                 await self._clock.sleep(min(self._hold_until - now, _RECHECK_S))
                 if self._clock.monotonic() >= self._hold_until:
