@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,25 @@ class TestStatus:
         assert cli.main(["status", "--config", str(config_path)]) == 74
         err = capsys.readouterr().err
         assert "damaged" in err
+        assert "Traceback" not in err
+
+    @pytest.mark.parametrize(
+        "data", ['{"rate": 2.0, "count": "lots"', '{"rate": 2.0, "count": "lots"}', "[1, 2]"]
+    )
+    def test_a_damaged_key_record_exits_74_with_a_line(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str], data: str
+    ) -> None:
+        """A key's row that is not a record (cut short, a field of the wrong type): one line
+        saying the file is damaged and what to do, exit 74, no traceback."""
+        db = config_path.parent / "keys.sqlite3"
+        asyncio.run(_use_main_key(db))
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE key_state SET data = ?", (data,))
+        conn.close()
+        assert cli.main(["status", "--config", str(config_path)]) == 74
+        err = capsys.readouterr().err
+        assert "damaged" in err
+        assert "delete it to start afresh" in err
         assert "Traceback" not in err
 
     def test_unreachable_redis_exits_69(

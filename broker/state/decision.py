@@ -88,14 +88,41 @@ class Record:
         return {name: getattr(self, name) for name in self.__slots__}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> Record:
-        """Rebuild a record written by :meth:`to_json` (unknown fields are ignored)."""
-        try:
-            return cls(**data)  # type: ignore[arg-type]
-        except TypeError:
-            # Written by another version of the broker: keep the fields this one knows.
-            known = cls.__slots__
-            return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
+    def from_json(cls, data: object) -> Record:
+        """Rebuild a record written by :meth:`to_json` (unknown fields are ignored).
+
+        Raises:
+            ValueError: ``data`` is not such a record: not an object, or a field of the
+                wrong type (a damaged row must not fail later, inside a decision).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"not a key record but {type(data).__name__}")
+        # Another version of the broker may have written more fields: keep those known here.
+        known = {k: v for k, v in data.items() if k in cls.__slots__}
+        fresh = cls()
+        for name, value in known.items():
+            if not _same_kind(value, getattr(fresh, name)):
+                raise ValueError(f"field {name!r} is {value!r}")
+        return cls(**known)
+
+
+def _same_kind(value: object, default: object) -> bool:
+    """True when ``value`` may stand in a field whose default is ``default`` (an int for a
+    float; never a bool for a number)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, dict):
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in value.items()
+        )
+    if isinstance(default, list):
+        return isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+    return type(value) is type(default)
 
 
 def _agree(record: Record, now: int, limits: KeyLimits, *, asking: bool) -> KeyLimits:

@@ -132,7 +132,14 @@ class SqliteStateStore:
             return Record()
         if written is not None and written[0] == row[0]:
             return written[1]
-        return Record.from_json(orjson.loads(row[0]))
+        try:
+            return Record.from_json(orjson.loads(row[0]))
+        except ValueError as exc:  # orjson's JSONDecodeError is one too
+            raise OSError(
+                errno.EIO,
+                f"{self._path}: damaged (a key's record cannot be read: {exc}); it holds only "
+                "the keys' shared pacing and daily counts: delete it to start afresh",
+            ) from None
 
     async def decide(
         self,
