@@ -467,16 +467,24 @@ class TestUnavailable:
         assert info.value.backend == "redis"
         await store.aclose()
 
-    def test_unwritable_state_dir_raises_state_unavailable(self, tmp_path: Path) -> None:
-        """A state path that cannot be created is a StateUnavailableError, not an OSError."""
-        blocker = tmp_path / "file"
-        blocker.write_text("x")
-        with pytest.raises(StateUnavailableError):
-            SqliteStateStore(blocker / "sub" / "keys.sqlite3")
-
 
 class TestBrokenStateFile:
     """A state file that waiting cannot mend ends the run (exit 74) with what to do."""
+
+    def test_unwritable_state_dir_is_an_io_error(self, tmp_path: Path) -> None:
+        """A state path whose directory cannot be created (a file in the way, a read-only
+        file system) is an OSError naming it, not a store to wait for."""
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        with pytest.raises(OSError, match="cannot create its directory") as info:
+            SqliteStateStore(blocker / "sub" / "keys.sqlite3")
+        assert not isinstance(info.value, StateUnavailableError)
+
+    def test_a_directory_at_the_path_is_an_io_error(self, tmp_path: Path) -> None:
+        """A directory where the file should be: an OSError saying the path must be a file."""
+        (tmp_path / "keys.sqlite3").mkdir()
+        with pytest.raises(OSError, match="the path must be a file"):
+            SqliteStateStore(tmp_path / "keys.sqlite3")
 
     def test_damaged_file_is_an_io_error_naming_the_remedy(self, tmp_path: Path) -> None:
         """A file that is not SQLite: an OSError (EIO) saying it may be deleted, not a wait."""
@@ -517,7 +525,7 @@ class TestBrokenStateFile:
     def test_lookup_with_an_unopenable_state_path_says_so_at_once(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A state path that cannot be made: exit 69 at once, with no claim of a wait."""
+        """A state path that cannot be made: exit 74 at once, naming it, no claim of a wait."""
         from conftest import embedded_toml
 
         from broker import cli
@@ -527,10 +535,10 @@ class TestBrokenStateFile:
         config = tmp_path / "config.toml"
         config.write_text(embedded_toml() + f'\n[state]\npath = "{blocker / "keys.sqlite3"}"\n')
         args = ["lookup", "B0TEST0001", "--config", str(config), "--outage-budget", "300"]
-        assert cli.main(args) == 69
+        assert cli.main(args) == 74
         said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("broker:")]
         assert len(said) == 1
-        assert "key-state store (local) unavailable" in said[0]
+        assert "cannot create its directory" in said[0]
         assert "after" not in said[0]  # nothing was waited for
 
     def test_run_with_a_damaged_state_file_exits_74(

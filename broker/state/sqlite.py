@@ -111,7 +111,11 @@ class SqliteStateStore:
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
         except OSError as exc:
-            raise StateUnavailableError("local", f"{path}: {exc}") from exc
+            # Its directory cannot be made (a read-only file system, no permission, a file
+            # in the way): waiting never fixes that, so it ends the run (exit 74), not 69.
+            raise OSError(
+                exc.errno, f"{path}: cannot create its directory: {exc.strerror}"
+            ) from exc
 
     @property
     def backend(self) -> str:
@@ -193,6 +197,14 @@ class SqliteStateStore:
                 f"{self._path}: damaged ({exc}); it holds only the keys' shared pacing and "
                 "daily counts: delete it to start afresh",
             )
+        if primary == sqlite3.SQLITE_CANTOPEN:
+            # A directory at the path, no permission, a read-only file system (WAL needs
+            # its -shm file beside the database): permanent, unlike a busy file.
+            return OSError(
+                errno.EACCES,
+                f"{self._path}: cannot open it ({exc}): the path must be a file this user can "
+                "write, in a writable directory ([state] path moves it)",
+            )
         return disk_error(self._path, exc) or StateUnavailableError("local", f"{self._path}: {exc}")
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
@@ -200,7 +212,7 @@ class SqliteStateStore:
         try:
             record = self._load(key.digest)
         except sqlite3.Error as exc:
-            raise StateUnavailableError("local", f"{self._path}: {exc}") from exc
+            raise self._failure(exc) from exc
         decision = decide(
             record,
             self._now_us(),
