@@ -114,8 +114,9 @@ def _status(view: KeyView, configured_tps: float, wall_now: datetime) -> KeyStat
     )
 
 
-async def key_statuses(config: BrokerConfig) -> list[KeyStatus]:
-    """Every configured key's shared state.
+async def key_statuses(config: BrokerConfig) -> tuple[str, list[KeyStatus]]:
+    """Where the shared state was read (a file, a Redis URL without credentials) and every
+    configured key's state there.
 
     Raises:
         StateUnavailableError: the store cannot be opened or reached.
@@ -138,7 +139,7 @@ async def key_statuses(config: BrokerConfig) -> list[KeyStatus]:
                 key_limits(key, config, settings),
             )
             statuses.append(_status(view, key.tps, datetime.now(UTC)))
-        return statuses
+        return store.where, statuses
     finally:
         await store.aclose()
 
@@ -192,7 +193,7 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
                 "[state] path)",
             )
     try:
-        statuses = await key_statuses(config)
+        where, statuses = await key_statuses(config)
     except StateUnavailableError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
@@ -203,10 +204,15 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         print(f"broker: {exc}", file=sys.stderr)
         return ExitCode.IO_ERROR
     if args.json:
-        document = {"backend": config.state.backend, "keys": [s.to_json() for s in statuses]}
+        document = {
+            "backend": config.state.backend,
+            "where": where,
+            "keys": [s.to_json() for s in statuses],
+        }
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     else:
         print(_render(statuses))
+        print(f"\nkey state: {config.state.backend}, {where}")
     return ExitCode.OK
 
 

@@ -83,6 +83,7 @@ class TestStatus:
         assert cli.main(["status", "--config", str(config_path), "--json"]) == 0
         document = json.loads(capsys.readouterr().out)
         assert document["backend"] == "local"
+        assert document["where"] == str(config_path.parent / "keys.sqlite3")
         main, spare = document["keys"]
         assert main["key"] == "main"
         assert main["rate"] == pytest.approx(4.5)
@@ -109,6 +110,7 @@ class TestStatus:
         assert "3/99" in out[2]
         assert "Retry-After" in out[2]
         assert out[3].split()[0] == "spare"
+        assert out[-1] == f"key state: local, {config_path.parent / 'keys.sqlite3'}"
 
     def test_no_state_file_says_so_and_creates_none(
         self, config_path: Path, capsys: pytest.CaptureFixture[str]

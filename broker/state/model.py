@@ -3,8 +3,9 @@
 Every send decision and every piece of feedback is one call to a store
 (:class:`broker.state.store.KeyStateStore`) with these values; the store applies the
 feedback and, when asked, reserves the next slot and counts the day, in one atomic step.
-Times inside the store are integer microseconds on the *store's* clock (the machine's wall
-clock for SQLite, Redis's ``TIME`` for Redis); callers only ever receive durations
+Times inside the store are integer microseconds on the *store's* clock (the machine's
+monotonic clock for SQLite's slots, pauses and parks, with its wall clock for the daily
+window; Redis's ``TIME`` for Redis); callers only ever receive durations
 (``wait_s``) and read store times back through the same store, so no client clock is trusted
 across processes or machines.
 """
