@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import ENV, key_doc
+from structlog.testing import capture_logs
 
 from broker.config import StateConfig, parse_config
 from broker.errors import ConfigError, StateUnavailableError
@@ -584,6 +585,37 @@ class TestSqliteReuse:
         assert [d.slot_us - _T0 for d in decisions] == [0, 200_000, 400_000, 600_000, 800_000]
         await a.aclose()
         await b.aclose()
+
+    async def test_a_deleted_file_is_followed_and_shared_again(self, tmp_path: Path) -> None:
+        """The file deleted while two stores (processes) use it, and a third starts: the
+        first two open the new file at their next decision, so all three share slots (not
+        an unlinked copy beside the new one), with a warning each; the day's count is
+        rebuilt from the processes' own marks."""
+        clock = [_T0]
+        path = tmp_path / "keys.sqlite3"
+
+        def store() -> SqliteStateStore:
+            return SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+
+        a, b = store(), store()
+        before = [await Backend("local", s, clock).reserve() for s in (a, b)]
+        assert [d.count for d in before] == [1, 2]
+        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            leftover.unlink(missing_ok=True)
+        c = store()  # a process started after the delete: it makes the new file
+        # Each process brings its mark of the day's count, as the engine's limiter does.
+        day = before[1].day
+        marks = {a: ProcessMark("a", day, 2), b: ProcessMark("b", day, 2), c: ProcessMark("c")}
+        with capture_logs() as logs:
+            after = [
+                await s.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=marks[s])
+                for s in (c, a, b, c)
+            ]
+        assert [d.slot_us - _T0 for d in after] == [0, 200_000, 400_000, 600_000]  # one grid
+        assert [d.count for d in after] == [1, 3, 4, 5]
+        assert [e["event"] for e in logs].count("broker.state_file_replaced") == 2
+        for s in (a, b, c):
+            await s.aclose()
 
     async def test_a_failed_write_is_not_remembered(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

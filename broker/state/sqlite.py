@@ -26,12 +26,15 @@ from pathlib import Path
 import orjson
 
 from broker.errors import StateUnavailableError
+from broker.logs import get_logger
 from broker.sqlitewal import disk_error, enable_wal, immediate
 from broker.state.decision import Record, decide
 from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
 from broker.state.store import KeyView, boot_epoch, monotonic_us, wall_us
 
 __all__ = ["STATE_FILE", "SqliteStateStore", "default_state_dir"]
+
+logger = get_logger("broker")
 
 #: The file name inside the state directory.
 STATE_FILE = "keys.sqlite3"
@@ -68,11 +71,26 @@ class SqliteStateStore:
             take microseconds, so a lock held longer than this is a stuck process: the loop
             must not stall behind it (the key pauses and asks again, backing off).
 
+    A file deleted or replaced while processes use it (someone deleted a damaged one) is
+    opened again at the next decision, so every process meets in the new file instead of
+    each keeping its own unlinked copy; the day's count is rebuilt there from the
+    processes' own counts, as after a Redis restart.
+
     Raises:
-        StateUnavailableError: the file cannot be created or opened.
+        OSError: the file cannot be created or opened (exit 74).
+        StateUnavailableError: it is busy beyond ``busy_timeout_s``.
     """
 
-    __slots__ = ("_conn", "_epoch", "_now_us", "_path", "_wall_us", "_written")
+    __slots__ = (
+        "_busy_timeout_s",
+        "_conn",
+        "_epoch",
+        "_identity",
+        "_now_us",
+        "_path",
+        "_wall_us",
+        "_written",
+    )
 
     def __init__(
         self,
@@ -90,24 +108,18 @@ class SqliteStateStore:
         # no other process has written since (the bytes match), the record is reused
         # instead of parsed again, which is most of a decision's Python work.
         self._written: dict[str, tuple[bytes, Record]] = {}
+        self._busy_timeout_s = busy_timeout_s
+        self._conn, self._identity = self._connect()
+
+    def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """Open (creating if need be) the file; the connection and the file's identity."""
+        path = self._path
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             new = not path.exists()
-            self._conn = sqlite3.connect(
-                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            conn = sqlite3.connect(
+                path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-            if new:
-                # Owner-only, like the item cache: which keys run, their rates and counts.
-                os.chmod(path, 0o600)
-            # A new file gets 1 KiB pages: every decision writes its key's page to the WAL,
-            # and a row is about 400 bytes (a bare read-and-update transaction measured
-            # 21-22 µs against 29-35 with the default 4 KiB). An existing file keeps its own.
-            self._conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
-            enable_wal(self._conn, timeout_s=busy_timeout_s)
-            # NORMAL: a power cut may lose the last decisions, never corrupt the file; the
-            # daily count's guard margin covers a few lost increments.
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(_SCHEMA)
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
         except OSError as exc:
@@ -116,6 +128,46 @@ class SqliteStateStore:
             raise OSError(
                 exc.errno, f"{path}: cannot create its directory: {exc.strerror}"
             ) from exc
+        try:
+            if new:
+                # Owner-only, like the item cache: which keys run, their rates and counts.
+                os.chmod(path, 0o600)
+            # A new file gets 1 KiB pages: every decision writes its key's page to the WAL,
+            # and a row is about 400 bytes (a bare read-and-update transaction measured
+            # 21-22 µs against 29-35 with the default 4 KiB). An existing file keeps its own.
+            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
+            enable_wal(conn, timeout_s=self._busy_timeout_s)
+            # NORMAL: a power cut may lose the last decisions, never corrupt the file; the
+            # daily count's guard margin covers a few lost increments.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(_SCHEMA)
+            info = os.stat(path)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._failure(exc) from exc
+        except OSError as exc:
+            conn.close()
+            raise OSError(exc.errno, f"{path}: {exc.strerror}") from exc
+        return conn, (info.st_dev, info.st_ino)
+
+    def _follow_the_file(self) -> None:
+        """Open the file again when the one open is no longer at the path (deleted or
+        replaced): the other processes meet at the path, not in an unlinked file."""
+        try:
+            info = os.stat(self._path)
+            if (info.st_dev, info.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        conn, identity = self._connect()
+        self._conn.close()
+        self._conn, self._identity = conn, identity
+        self._written.clear()
+        logger.warning(
+            "broker.state_file_replaced",
+            path=str(self._path),
+            note="the key-state file was deleted or replaced while in use; opened again",
+        )
 
     @property
     def backend(self) -> str:
@@ -155,6 +207,7 @@ class SqliteStateStore:
         process: ProcessMark | None,
     ) -> Decision:
         """Apply feedback and optionally reserve a send, in one transaction."""
+        self._follow_the_file()
         conn = self._conn
         # Taken out while the decision runs: a failed transaction leaves the record changed
         # in memory but not on disk, so it must not be reused.
@@ -209,6 +262,7 @@ class SqliteStateStore:
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
         """Read the key's state without writing anything."""
+        self._follow_the_file()
         try:
             record = self._load(key.digest)
         except sqlite3.Error as exc:
