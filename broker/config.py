@@ -15,12 +15,15 @@ import os
 import re
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 from urllib.parse import parse_qsl, urlsplit
 
+from broker.api.creators import DEFAULT_ENDPOINT as CREATORS_ENDPOINT
+from broker.api.marketplaces import MARKETPLACES
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
 from broker.cache.policy import CachePolicy, check_max_age
@@ -548,6 +551,11 @@ def _parse_api(table: TomlTable) -> ApiConfig:
     endpoint = table.text("endpoint", SIMULATOR)
     if endpoint not in (SIMULATOR, AMAZON):
         _check_url(endpoint, "api.endpoint")
+        if _is_amazons(endpoint, protocol):
+            # Amazon's own API named by its URL is "amazon": one key identity and one cache
+            # namespace with configs that say "amazon", and its real token endpoint and
+            # per-marketplace hosts rather than ones derived from this URL.
+            endpoint = AMAZON
     token_endpoint = table.opt_text("token_endpoint")
     if token_endpoint is not None:
         _check_url(token_endpoint, "api.token_endpoint")
@@ -567,6 +575,17 @@ def _parse_api(table: TomlTable) -> ApiConfig:
         resources,
         token_endpoint.rstrip("/") if token_endpoint else None,
     )
+
+
+def _is_amazons(url: str, protocol: Protocol) -> bool:
+    """True when ``url`` is Amazon's own endpoint for ``protocol`` (scheme and case aside)."""
+    parsed = urllib.parse.urlsplit(url.strip())
+    host = (parsed.hostname or "").lower()
+    if parsed.scheme != "https" or parsed.path.strip("/") or parsed.port not in (None, 443):
+        return False
+    if protocol is Protocol.CREATORS:
+        return host == urllib.parse.urlsplit(CREATORS_ENDPOINT).hostname
+    return host in {market.paapi_host for market in MARKETPLACES.values()}
 
 
 def _marketplace(name: str, path: str) -> str:

@@ -393,3 +393,33 @@ def test_redis_backend_without_redis_py_is_a_config_error(
     error = _error(_doc(**{table: redis}))
     assert error.path == f"{table}.backend"
     assert "asin-broker[redis]" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "endpoint", "expected"),
+    [
+        ("creators", "https://creatorsapi.amazon", "amazon"),
+        ("creators", "HTTPS://CreatorsAPI.Amazon/", "amazon"),
+        ("paapi5", "https://webservices.amazon.de", "amazon"),
+        (
+            "creators",
+            "https://creatorsapi.amazon.example.com",
+            "https://creatorsapi.amazon.example.com",
+        ),
+        ("creators", "https://creatorsapi.amazon/v2", "https://creatorsapi.amazon/v2"),
+        ("creators", "https://creatorsapi.amazon:8443", "https://creatorsapi.amazon:8443"),
+        ("paapi5", "https://creatorsapi.amazon", "https://creatorsapi.amazon"),
+    ],
+)
+def test_amazons_own_url_is_the_amazon_endpoint(
+    protocol: str, endpoint: str, expected: str
+) -> None:
+    """Amazon's own API named by its URL is endpoint "amazon": one key identity in the shared
+    state and one cache namespace with configs saying "amazon", and Amazon's token endpoint
+    and per-marketplace hosts; any other URL stays as given."""
+    document = _with("api.endpoint", endpoint)
+    document["api"]["protocol"] = protocol
+    if protocol == "paapi5":
+        del document["keys"][0]["version"]
+    config = parse_config(document, environ=ENV)
+    assert config.api.endpoint == expected
