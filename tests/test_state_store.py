@@ -603,6 +603,7 @@ class TestSqliteReuse:
         for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             leftover.unlink(missing_ok=True)
         c = store()  # a process started after the delete: it makes the new file
+        clock[0] += 1_000_000  # the others look at the path once a second
         # Each process brings its mark of the day's count, as the engine's limiter does.
         day = before[1].day
         marks = {a: ProcessMark("a", day, 2), b: ProcessMark("b", day, 2), c: ProcessMark("c")}
@@ -611,7 +612,8 @@ class TestSqliteReuse:
                 await s.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=marks[s])
                 for s in (c, a, b, c)
             ]
-        assert [d.slot_us - _T0 for d in after] == [0, 200_000, 400_000, 600_000]  # one grid
+        grid = [d.slot_us - _T0 - 1_000_000 for d in after]
+        assert grid == [0, 200_000, 400_000, 600_000]  # one grid for all three
         assert [d.count for d in after] == [1, 3, 4, 5]
         assert [e["event"] for e in logs].count("broker.state_file_replaced") == 2
         for s in (a, b, c):

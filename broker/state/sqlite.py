@@ -36,6 +36,9 @@ __all__ = ["STATE_FILE", "SqliteStateStore", "default_state_dir"]
 
 logger = get_logger("broker")
 
+#: How often (µs) a store checks that its file is still the one at its path.
+_FOLLOW_EVERY_US = 1_000_000
+
 #: The file name inside the state directory.
 STATE_FILE = "keys.sqlite3"
 
@@ -83,6 +86,7 @@ class SqliteStateStore:
 
     __slots__ = (
         "_busy_timeout_s",
+        "_checked_us",
         "_conn",
         "_epoch",
         "_identity",
@@ -110,6 +114,7 @@ class SqliteStateStore:
         self._written: dict[str, tuple[bytes, Record]] = {}
         self._busy_timeout_s = busy_timeout_s
         self._conn, self._identity = self._connect()
+        self._checked_us = self._now_us()
 
     def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
         """Open (creating if need be) the file; the connection and the file's identity."""
@@ -152,7 +157,12 @@ class SqliteStateStore:
 
     def _follow_the_file(self) -> None:
         """Open the file again when the one open is no longer at the path (deleted or
-        replaced): the other processes meet at the path, not in an unlinked file."""
+        replaced): the other processes meet at the path, not in an unlinked file. Looked at
+        once a second at most: a stat per decision cost a tenth of the decision."""
+        now = self._now_us()
+        if now - self._checked_us < _FOLLOW_EVERY_US:
+            return
+        self._checked_us = now
         try:
             info = os.stat(self._path)
             if (info.st_dev, info.st_ino) == self._identity:
