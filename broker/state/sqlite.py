@@ -75,7 +75,7 @@ class SqliteStateStore:
             must not stall behind it (the key pauses and asks again, backing off).
 
     A file deleted or replaced while processes use it (someone deleted a damaged one) is
-    opened again at the next decision, so every process meets in the new file instead of
+    opened again at a decision within a second, so every process meets in the new file instead of
     each keeping its own unlinked copy; the day's count is rebuilt there from the
     processes' own counts, as after a Redis restart.
 
