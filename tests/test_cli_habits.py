@@ -518,24 +518,6 @@ class TestReruns:
         assert "--refresh" in err
         assert "requests 0," in err
 
-    def test_refresh_of_an_edited_job_file_is_refused_like_a_rerun(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-    ) -> None:
-        """--refresh fetches the same input again: a job file edited since is refused (65,
-        naming --new-job), as a plain rerun is, and the previous output stays."""
-        job = _job(tmp_path)
-        assert self._run(tmp_path) == ExitCode.OK
-        before = (tmp_path / "out.jsonl").read_bytes()
-        with job.open("a") as handle:
-            handle.write("B0NEWAAAAA\n")
-        capsys.readouterr()
-        assert self._run(tmp_path, "--refresh") == ExitCode.DATA_ERROR
-        err = capsys.readouterr().err
-        assert "since this job started" in err
-        assert "--new-job" in err
-        assert (tmp_path / "out.jsonl").read_bytes() == before
-        assert not any("refresh" in p.name for p in tmp_path.iterdir())
-
     def test_refresh_fetches_again_and_replaces_on_completion(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

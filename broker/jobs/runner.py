@@ -172,15 +172,6 @@ async def run_job(
     side = _refresh_path(options.out)
     # The job's own lock too: no plain run may use the old ledger while it is replaced.
     with JobLock(ledger_path(options.out)):
-        if ledger_path(options.out).exists() and not options.new_job:
-            # Fetched again means the same input: an edited file is refused as a plain
-            # rerun refuses it (JobChangedError says to use --new-job), not run silently.
-            with Ledger.open(
-                ledger_path(options.out),
-                fingerprint=job_print,
-                default_marketplace=config.api.marketplace,
-            ):
-                pass
         summary = await _run_once(
             config,
             dataclasses.replace(options, out=side, refresh=False, cache_refresh=True),
