@@ -518,6 +518,17 @@ class TestReruns:
         assert "--refresh" in err
         assert "requests 0," in err
 
+    def test_refresh_runs_the_job_file_as_it_is_now(self, tmp_path: Path) -> None:
+        """--refresh of a list regenerated since (a daily cron) fetches the new list."""
+        job = _job(tmp_path)
+        assert self._run(tmp_path) == ExitCode.OK
+        with job.open("a") as handle:
+            handle.write("B0NEWAAAAA\n")
+        assert self._run(tmp_path, "--refresh") == ExitCode.OK
+        rows = _jsonl((tmp_path / "out.jsonl").read_text())
+        assert len(rows) == 6
+        assert "B0NEWAAAAA" in {row["input"] for row in rows}
+
     def test_refresh_fetches_again_and_replaces_on_completion(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
