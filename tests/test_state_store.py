@@ -619,6 +619,24 @@ class TestSqliteReuse:
         for s in (a, b, c):
             await s.aclose()
 
+    async def test_a_file_deleted_alone_leaves_the_processes_on_it(self, tmp_path: Path) -> None:
+        """Only the file deleted, its -wal and -shm left (still the old database's): the
+        running stores stay on the file they have and go on deciding, with no I/O error."""
+        clock = [_T0]
+        path = tmp_path / "keys.sqlite3"
+        a, b = (
+            SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+            for _ in range(2)
+        )
+        assert [(await Backend("local", s, clock).reserve()).count for s in (a, b)] == [1, 2]
+        path.unlink()
+        clock[0] += 2_000_000
+        later = [await Backend("local", s, clock).reserve() for s in (a, b, a)]
+        assert [d.count for d in later] == [3, 4, 5]
+        assert not path.exists()
+        await a.aclose()
+        await b.aclose()
+
     async def test_a_failed_write_is_not_remembered(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

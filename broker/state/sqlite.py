@@ -74,10 +74,11 @@ class SqliteStateStore:
             take microseconds, so a lock held longer than this is a stuck process: the loop
             must not stall behind it (the key pauses and asks again, backing off).
 
-    A file deleted or replaced while processes use it (someone deleted a damaged one) is
-    opened again at a decision within a second, so every process meets in the new file instead of
-    each keeping its own unlinked copy; the day's count is rebuilt there from the
-    processes' own counts, as after a Redis restart.
+    A file replaced while processes use it (someone deleted a damaged one and a new process
+    made it again) is opened at a decision within a second, so every process meets in the
+    new file instead of each keeping its own unlinked copy; the day's count is rebuilt
+    there from the processes' own counts, as after a Redis restart. A path with no file
+    leaves each process on the file it has.
 
     Raises:
         OSError: the file cannot be created or opened (exit 74).
@@ -165,10 +166,14 @@ class SqliteStateStore:
         self._checked_us = now
         try:
             info = os.stat(self._path)
-            if (info.st_dev, info.st_ino) == self._identity:
-                return
         except FileNotFoundError:
-            pass
+            # Nothing to meet in yet. Opening would create a file beside the old one's
+            # -wal and -shm (deleted alone, they are still the old database's): SQLite
+            # then fails every process. Stay on the old file until another process has
+            # made the new one.
+            return
+        if (info.st_dev, info.st_ino) == self._identity:
+            return
         conn, identity = self._connect()
         self._conn.close()
         self._conn, self._identity = conn, identity
