@@ -209,7 +209,8 @@ class SqliteStateStore:
             raise OSError(
                 errno.EIO,
                 f"{self._path}: damaged (a key's record cannot be read: {exc}); it holds only "
-                "the keys' shared pacing and daily counts: delete it to start afresh",
+                "the keys' shared pacing and daily counts: delete it, with its -wal and -shm "
+                "files, to start afresh",
             ) from None
 
     async def decide(
@@ -263,7 +264,7 @@ class SqliteStateStore:
             return OSError(
                 errno.EIO,
                 f"{self._path}: damaged ({exc}); it holds only the keys' shared pacing and "
-                "daily counts: delete it to start afresh",
+                "daily counts: delete it, with its -wal and -shm files, to start afresh",
             )
         if primary == sqlite3.SQLITE_CANTOPEN:
             # A directory at the path, no permission, a read-only file system (WAL needs
