@@ -357,6 +357,19 @@ class TestRunPaths:
         cells = dict(zip(header.split(","), next(csv.reader([line])), strict=True))
         assert (cells["id"], cells["flags"], cells["note"]) == ("7", "[1,true]", "")
 
+    def test_jsonl_nan_and_infinity_pass_through_as_text(self, tmp_path: Path) -> None:
+        """A NaN or an infinity in a JSON Lines field (Python's json reads them) comes back as
+        its text, so every output line stays valid JSON."""
+        job = tmp_path / "job.jsonl"
+        job.write_text('{"asin": "B0TEST0001", "x": NaN, "big": 1e999, "ok": [1.5]}\n')
+        out = tmp_path / "out.jsonl"
+        assert (
+            cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]) == 0
+        )
+        (line,) = out.read_text().splitlines()
+        row = json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in output"))
+        assert row["extra"] == {"x": "NaN", "big": "Infinity", "ok": [1.5]}
+
     def test_missing_input_leaves_no_lock_or_directory(self, tmp_path: Path) -> None:
         """A missing job file exits 66 and creates nothing (no out/, no lock file)."""
         out = tmp_path / "out" / "x.jsonl"

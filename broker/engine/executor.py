@@ -376,8 +376,8 @@ class Executor:
             )
             if verdict is CredentialsVerdict.ACCEPTED:
                 # Other requests were accepted with credentials as fresh as the ones refused
-                # here: the server's noise. Retried with backoff, within max_attempts and
-                # max_age_s, and the key stays in rotation.
+                # here: the server's noise. Retried at once as a counted attempt (bounded by
+                # max_attempts and max_age_s), and the key stays in rotation.
                 logger.info("broker.auth_error_retried", key=key.name, code=exc.code)
                 self._transient(key, batch, exc)
                 return

@@ -249,7 +249,7 @@ class DoneRow:
     status: str
     result: Mapping[str, object] | None
     error_reason: str | None
-    extra: Mapping[str, str] | None
+    extra: Mapping[str, object] | None
 
 
 class Ledger:

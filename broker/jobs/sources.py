@@ -41,6 +41,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import re
 import zlib
@@ -894,7 +895,13 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
             resources = tuple(resources_value)
         else:
             error = '"resources" must be a list of strings'
-    extra = {key: item for key, item in value.items() if key not in _JSONL_KEYS} or None
+    extra = {
+        # A NaN or an infinity (Python's json reads them) would make the output invalid
+        # JSON: such a value travels as its text, as every value once did.
+        key: item if _finite(item) else _compact_json(item)
+        for key, item in value.items()
+        if key not in _JSONL_KEYS
+    } or None
     if asin is None:
         error = _missing_asin(value)
     elif not isinstance(asin, str):
@@ -933,6 +940,17 @@ def _json_kind(value: object) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
+
+
+def _finite(value: object) -> bool:
+    """True when ``value`` holds no NaN or infinity, however deep."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_finite(item) for item in value)
+    return True
 
 
 def _compact_json(value: object) -> str:
