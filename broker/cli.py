@@ -177,8 +177,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--format",
         choices=("jsonl", "csv", "sqlite"),
-        help="output format (default: the one --out's name says, .jsonl, .csv or .sqlite, "
-        "else output.format of the config)",
+        help="output format (default: the one --out's name says: .jsonl or .ndjson, .csv, "
+        ".sqlite, .sqlite3 or .db; else output.format of the config)",
     )
     run.add_argument(
         "--strict",

@@ -191,6 +191,7 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
                 f"no key state at {path} yet: no broker has run with this [state] "
                 "(a daemon running as another user keeps its own: name the file in "
                 "[state] path)",
+                str(path),
             )
     try:
         where, statuses = await key_statuses(config)
@@ -216,11 +217,18 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _nothing_to_show(config: BrokerConfig, args: argparse.Namespace, why: str) -> int:
+def _nothing_to_show(
+    config: BrokerConfig, args: argparse.Namespace, why: str, where: str | None = None
+) -> int:
     """Say why there is no state; with ``--json`` still print a document (no keys), so a
     script reading stdout always gets one."""
     print(f"broker: {why}", file=sys.stderr)
     if args.json:
-        document = {"backend": config.state.backend, "keys": [], "note": why}
+        document: dict[str, object] = {
+            "backend": config.state.backend,
+            "where": where,
+            "keys": [],
+            "note": why,
+        }
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     return ExitCode.OK

@@ -404,6 +404,25 @@ class TestSqlite:
             with sqlite3.connect(path) as db:
                 assert db.execute("SELECT count(*) FROM item_cache").fetchone() == (0,)
 
+    async def test_first_read_with_nothing_expired_takes_no_write_lock(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """With nothing past 24 hours, a process's first read only reads: another process
+        holding the write lock does not make it wait (and fail)."""
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock)])
+        async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
+            assert (await cache.stats()).entries == 1  # opened (its schema needs the lock)
+            writer = sqlite3.connect(path, isolation_level=None)
+            writer.execute("BEGIN IMMEDIATE")
+            try:
+                (hit,) = await cache.get_many([q("B000000001")])
+                assert hit is not None
+            finally:
+                writer.execute("ROLLBACK")
+                writer.close()
+
     async def test_corrupt_payload_is_a_miss(self, tmp_path: Path, clock: FakeClock) -> None:
         """A payload that fails its checksum is never served, and is deleted."""
         path = tmp_path / "cache.sqlite3"

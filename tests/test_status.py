@@ -256,6 +256,7 @@ class TestJsonWithNothingToShow:
         captured = capsys.readouterr()
         document = json.loads(captured.out)
         assert document["keys"] == []
+        assert document["where"] == str(config_path.parent / "keys.sqlite3")
         assert "no key state at" in document["note"]
         assert "no key state at" in captured.err
 
