@@ -489,6 +489,34 @@ class TestCredentials:
         assert len([r for r in transport.requests if "/auth/" not in r.url]) == 6
         assert [e["event"] for e in logs].count("broker.key_disabled") == 1
 
+    async def test_credentials_refused_in_one_marketplace_take_the_key_out_there(self) -> None:
+        """Tokens refused for DE while accepted for US: not noise (the acceptances are in
+        another marketplace), so the key leaves DE, saying why, and US goes on."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            if request.headers.get("x-marketplace") == DE:
+                return _reply(401, {"type": "UnauthorizedException", "reason": "TokenExpired"})
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        keys = [key_doc(tags={US: "demo-20", DE: "demo-22"})]
+        broker, transport = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        with capture_logs() as logs:
+            async with broker:
+                loop = asyncio.get_running_loop()
+                us = loop.create_task(broker.get_items(asins(200)))
+                de = loop.create_task(broker.get_items(asins(50), marketplace=DE))
+                await clock.run_until(asyncio.ensure_future(asyncio.wait([us, de])))
+        assert all(r.ok for r in us.result())
+        assert isinstance(de.exception(), NoUsableKeyError)
+        assert "credentials rejected for www.amazon.de" in str(de.exception())
+        (disabled,) = [e for e in logs if e["event"] == "broker.key_disabled"]
+        assert disabled["marketplace"] == DE
+        refused = [r for r in transport.requests if r.headers.get("x-marketplace") == DE]
+        assert len(refused) <= 5 * 3 + 6  # no batch is sent on and on
+
     async def test_partner_tag_disables_key_in_one_marketplace(self) -> None:
         """InvalidPartnerTag takes the key out of that marketplace only."""
 

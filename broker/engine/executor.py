@@ -203,7 +203,7 @@ class Executor:
                 )
             self._transient(key, batch, exc)
             return
-        key.on_success(sent_at, demand_limited=demand_limited)
+        key.on_success(sent_at, demand_limited=demand_limited, marketplace=batch.marketplace)
         if batch.operation is None:
             if parsed.unexpected or parsed.duplicated:
                 logger.warning(
@@ -360,7 +360,7 @@ class Executor:
             self._transient(key, batch, exc)
             return
         if isinstance(exc, AuthError) and info.retryable:
-            key.on_credentials_refused()
+            key.on_credentials_refused(batch.marketplace)
             if attempts.auth_refused_at is None:
                 attempts.auth_refused_at = sent_at
             # TokenExpired / InvalidToken / RequestExpired: new credentials, try again now.
@@ -372,6 +372,7 @@ class Executor:
                 return
             verdict = key.judge_credentials(
                 attempts.auth_refused_at,
+                batch.marketplace,
                 others_waiting=self._pool.has_work_for(batch.marketplace),
             )
             if verdict is CredentialsVerdict.ACCEPTED:
@@ -389,16 +390,34 @@ class Executor:
                 self._pool.submit(batch)
                 return
             # Fresh credentials were refused too: the catalogue's remedy ("the broker
-            # fetches a new token") no longer applies, so say what does (B11).
+            # fetches a new token") no longer applies, so say what does (B11). Accepted in
+            # another marketplace, they are out of this one only.
+            market = batch.marketplace
+            if key.accepted_elsewhere(market):
+                where, scope = (
+                    f" for {market} (accepted in other marketplaces)",
+                    Scope.KEY_MARKETPLACE,
+                )
+                remedy = (
+                    f"credentials rejected for {market}: check that the key's credentials "
+                    f"(their version's region) and its partner tag cover {market} in "
+                    "config.toml and Associates Central"
+                )
+            else:
+                where, scope = "", Scope.KEY
+                remedy = (
+                    "credentials rejected: check the key's credential id, secret and version "
+                    "(and, for PA-API, this machine's clock) in config.toml and Associates "
+                    "Central"
+                )
             self._pool.take_out(
                 key,
-                batch.marketplace,
+                market,
                 exc.code,
-                f"credentials rejected: {exc.code} again after {attempts.auth_retries} fresh "
-                f"token(s) or signature(s): {exc.message}",
-                "credentials rejected: check the key's credential id, secret and version "
-                "(and, for PA-API, this machine's clock) in config.toml and Associates Central",
-                scope=Scope.KEY,
+                f"credentials rejected{where}: {exc.code} again after {attempts.auth_retries} "
+                f"fresh token(s) or signature(s): {exc.message}",
+                remedy,
+                scope=scope,
             )
             attempts.not_sent(self._clock.monotonic())
             self._pool.submit(batch, front=True)

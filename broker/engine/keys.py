@@ -123,8 +123,10 @@ class KeyState:
         self.errors = 0
         self._auth_failures = 0
         self._auth_paused_at = -math.inf
-        self._accepted_sent_at = -math.inf
-        self._refused_in_a_row = 0
+        # Per marketplace: the send time of the last accepted request, and the refusals of
+        # credentials since (a region may refuse what another accepts).
+        self._accepted_sent_at: dict[str, float] = {}
+        self._refused_in_a_row: dict[str, int] = {}
         self._disabled: KeyUnusableError | None = None
         self._disabled_markets: dict[str, KeyUnusableError] = {}
         self._paused_reason: str | None = None
@@ -316,39 +318,57 @@ class KeyState:
 
     # -- feedback -----------------------------------------------------------------------------
 
-    def on_success(self, sent_at: float, *, demand_limited: bool) -> None:
-        """A request of this key was answered (not throttled)."""
+    def on_success(
+        self, sent_at: float, *, demand_limited: bool, marketplace: str | None = None
+    ) -> None:
+        """A request of this key (for ``marketplace``) was answered (not throttled)."""
         self._auth_failures = 0
-        self._accepted_sent_at = max(self._accepted_sent_at, sent_at)
-        self._refused_in_a_row = 0
+        if marketplace is not None:
+            accepted = self._accepted_sent_at.get(marketplace, -math.inf)
+            self._accepted_sent_at[marketplace] = max(accepted, sent_at)
+            self._refused_in_a_row[marketplace] = 0
         if self.circuit.verdict is not None:
             self.circuit.on_success()
             self.adaptive.reset()
             logger.info("broker.key_recovered", key=self.name)
         self.limiter.set_rate(self.adaptive.on_success(demand_limited=demand_limited))
 
-    def on_credentials_refused(self) -> None:
-        """A request was refused for its token or signature (a 401 a fresh one may fix)."""
-        self._refused_in_a_row += 1
+    def on_credentials_refused(self, marketplace: str) -> None:
+        """A request for ``marketplace`` was refused for its token or signature (a 401 a
+        fresh one may fix)."""
+        self._refused_in_a_row[marketplace] = self._refused_in_a_row.get(marketplace, 0) + 1
 
-    def judge_credentials(self, since: float, *, others_waiting: bool) -> CredentialsVerdict:
-        """Judge the key's credentials once a batch first refused at ``since`` had its fresh
-        credentials refused too (``others_waiting``: other work could be sent on this key).
+    def judge_credentials(
+        self, since: float, marketplace: str, *, others_waiting: bool
+    ) -> CredentialsVerdict:
+        """Judge the key's credentials in ``marketplace`` once a batch first refused at
+        ``since`` had its fresh credentials refused too (``others_waiting``: other work for
+        the marketplace could be sent on this key).
 
         Credentials are taken just before a send, so a request sent since ``since`` carried
-        credentials at least as fresh as the refused ones: one accepted means they work. A
-        batch alone proves nothing either way while others are in flight or waiting, since
-        a server may refuse a valid token now and then; ``_REJECT_AFTER`` refusals in a row,
-        or no other request to ask, reject the key.
+        credentials at least as fresh as the refused ones: one accepted in the marketplace
+        means they work. A batch alone proves nothing either way while others are in flight
+        or waiting, since a server may refuse a valid token now and then; ``_REJECT_AFTER``
+        refusals in a row there, or no other request to ask, reject them.
         """
-        if self._accepted_sent_at >= since:
+        if self._accepted_sent_at.get(marketplace, -math.inf) >= since:
             return CredentialsVerdict.ACCEPTED
-        if self._refused_in_a_row >= _REJECT_AFTER:
+        if self._refused_in_a_row.get(marketplace, 0) >= _REJECT_AFTER:
             return CredentialsVerdict.REJECTED
         # This request still holds its own in-flight place until its send task ends.
         if self._in_flight > 1 or others_waiting:
             return CredentialsVerdict.UNDECIDED
         return CredentialsVerdict.REJECTED
+
+    def accepted_elsewhere(self, marketplace: str) -> bool:
+        """True when the credentials were accepted in another marketplace, and not refused
+        there since: their rejection is ``marketplace``'s alone (a region they do not
+        cover). Were they revoked for good, that marketplace's own refusals take it out
+        too at its next requests."""
+        return any(
+            m != marketplace and not self._refused_in_a_row.get(m, 0)
+            for m in self._accepted_sent_at
+        )
 
     def on_throttled(self, error: ThrottledError, sent_at: float) -> ThrottleVerdict:
         """A request was answered 429: cut the rate, honour Retry-After, or park the key."""
