@@ -36,6 +36,13 @@ def _rows(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _job(tmp_path: Path, count: int) -> Path:
+    """A job file of ``count`` distinct ASINs, B000000000 on."""
+    job = tmp_path / "job.txt"
+    job.write_text("".join(f"B0{i:08d}\n" for i in range(count)))
+    return job
+
+
 def _ran_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, dict[str, object]]:
     """Run a job of B000000001 (so the cache holds it); its config and its output row."""
     job = tmp_path / "job.txt"
@@ -56,8 +63,7 @@ def test_second_run_is_served_from_the_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A new job over the same ASINs sends no GetItems; its rows say cached with the old time."""
-    job = tmp_path / "job.txt"
-    job.write_text("".join(f"B0{i:08d}\n" for i in range(40)))
+    job = _job(tmp_path, 40)
     assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
     assert _requests(capsys.readouterr().err) == 4
     assert _run(tmp_path, job, tmp_path / "b.jsonl") == 0
@@ -77,8 +83,7 @@ def test_summary_counts_the_answers_from_the_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The run's summary says how many lookups the cache answered (none: not mentioned)."""
-    job = tmp_path / "job.txt"
-    job.write_text("".join(f"B0{i:08d}\n" for i in range(30)))
+    job = _job(tmp_path, 30)
     assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
     assert "from the item cache" not in capsys.readouterr().err
     assert _run(tmp_path, job, tmp_path / "b.jsonl") == 0
@@ -113,8 +118,7 @@ def test_no_cache_and_max_age_zero_fetch_everything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--no-cache neither reads nor fills; --max-age 0 likewise."""
-    job = tmp_path / "job.txt"
-    job.write_text("".join(f"B0{i:08d}\n" for i in range(20)))
+    job = _job(tmp_path, 20)
     assert _run(tmp_path, job, tmp_path / "a.jsonl") == 0
     capsys.readouterr()
     assert _run(tmp_path, job, tmp_path / "b.jsonl", "--no-cache") == 0
@@ -151,8 +155,7 @@ def test_refresh_fetches_from_amazon_and_refills_the_cache(
     """run --refresh asks Amazon for every row and writes the new answers to the cache, so a
     later lookup gets the refreshed answer, not the one it replaced."""
     config = tmp_path / "config.toml"
-    job = tmp_path / "job.txt"
-    job.write_text("".join(f"B0{i:08d}\n" for i in range(20)))
+    job = _job(tmp_path, 20)
     out = tmp_path / "a.jsonl"
     assert _run(tmp_path, job, out) == 0
     first = {r["asin"]: r["fetched_at"] for r in _rows(out)}
@@ -198,8 +201,7 @@ def test_new_job_after_failures_asks_amazon_only_for_the_failed_rows(
         )
         + "\n[retry]\nmax_attempts = 1\n"
     )
-    job = tmp_path / "job.txt"
-    job.write_text("".join(f"B0{i:08d}\n" for i in range(200)))
+    job = _job(tmp_path, 200)
     out = tmp_path / "out.jsonl"
     args = ["run", str(job), "--out", str(out), "--config", str(config), "--progress", "none"]
     assert cli.main(args) == 3

@@ -70,6 +70,36 @@ def _token(value: str) -> RawResponse:
     return _reply(200, {"access_token": value, "token_type": "bearer", "expires_in": 3600})
 
 
+def _token_expired() -> RawResponse:
+    """Creators' 401 for a token it no longer takes."""
+    return _reply(
+        401,
+        {
+            "type": "UnauthorizedException",
+            "reason": "TokenExpired",
+            "message": "The access token has expired.",
+        },
+    )
+
+
+#: The demo key with partner tags for the US and DE stores.
+_US_DE = [key_doc(tags={US: "demo-20", DE: "demo-22"})]
+
+
+def _refusing_de(answer: RawResponse) -> Handler:
+    """A Creators endpoint that gives a token to anyone, ``answer`` to every DE request and
+    the items asked to every other."""
+
+    async def handler(request: HttpRequest) -> RawResponse:
+        if "/auth/" in request.url:
+            return _token("tok")
+        if request.headers.get("x-marketplace") == DE:
+            return answer
+        return _creators_ok(_ids(request))
+
+    return handler
+
+
 async def _run(
     broker: Broker, clock: FakeClock, asins_: list[str], marketplace: str | None = None
 ) -> list[ItemResult]:
@@ -374,14 +404,7 @@ class TestCredentials:
                 if len(stale) == 3:
                     all_stale.set()
                 await all_stale.wait()
-                return _reply(
-                    401,
-                    {
-                        "type": "UnauthorizedException",
-                        "reason": "TokenExpired",
-                        "message": "The access token has expired.",
-                    },
-                )
+                return _token_expired()
             return _creators_ok(_ids(request))
 
         clock = FakeClock()
@@ -413,14 +436,7 @@ class TestCredentials:
                 # Answered only once another request, sent after this one, was accepted.
                 async with progress:
                     await progress.wait_for(lambda: accepted >= refusals)
-                return _reply(
-                    401,
-                    {
-                        "type": "UnauthorizedException",
-                        "reason": "TokenExpired",
-                        "message": "The access token has expired.",
-                    },
-                )
+                return _token_expired()
             async with progress:
                 accepted += 1
                 progress.notify_all()
@@ -452,7 +468,7 @@ class TestCredentials:
             ids = _ids(request)
             if unlucky in ids and refusals < 3:
                 refusals += 1
-                return _reply(401, {"type": "UnauthorizedException", "reason": "TokenExpired"})
+                return _token_expired()
             return _creators_ok(ids)
 
         clock = FakeClock()
@@ -475,7 +491,7 @@ class TestCredentials:
         async def handler(request: HttpRequest) -> RawResponse:
             if "/auth/" in request.url:
                 return _token("tok")
-            return _reply(401, {"type": "UnauthorizedException", "reason": "TokenExpired"})
+            return _token_expired()
 
         clock = FakeClock()
         keys = [key_doc(max_in_flight=1)]
@@ -493,16 +509,9 @@ class TestCredentials:
         """Tokens refused for DE while accepted for US: not noise (the acceptances are in
         another marketplace), so the key leaves DE, saying why, and US goes on."""
 
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                return _token("tok")
-            if request.headers.get("x-marketplace") == DE:
-                return _reply(401, {"type": "UnauthorizedException", "reason": "TokenExpired"})
-            return _creators_ok(_ids(request))
-
         clock = FakeClock()
-        keys = [key_doc(tags={US: "demo-20", DE: "demo-22"})]
-        broker, transport = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        handler = _refusing_de(_token_expired())
+        broker, transport = _broker(CREATORS, handler, clock, protocol="creators", keys=_US_DE)
         with capture_logs() as logs:
             async with broker:
                 loop = asyncio.get_running_loop()
@@ -520,23 +529,14 @@ class TestCredentials:
     async def test_partner_tag_disables_key_in_one_marketplace(self) -> None:
         """InvalidPartnerTag takes the key out of that marketplace only."""
 
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                return _token("tok")
-            if request.headers.get("x-marketplace") == DE:
-                return _reply(
-                    400,
-                    {
-                        "type": "ValidationException",
-                        "reason": "InvalidPartnerTag",
-                        "message": "The partner tag is invalid.",
-                    },
-                )
-            return _creators_ok(_ids(request))
-
+        bad_tag = {
+            "type": "ValidationException",
+            "reason": "InvalidPartnerTag",
+            "message": "The partner tag is invalid.",
+        }
         clock = FakeClock()
-        keys = [key_doc(tags={US: "demo-20", DE: "demo-22"})]
-        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        handler = _refusing_de(_reply(400, bad_tag))
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=_US_DE)
         with capture_logs() as logs:
             async with broker:
                 task = asyncio.get_running_loop().create_task(

@@ -8,7 +8,6 @@ results, drops corrupt entries, and counts hits, misses and evictions.
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import ClassVar, Protocol, Self
@@ -183,7 +182,10 @@ class StoreCache(abc.ABC):
             # Answers left past the ceiling by processes that since stopped (a machine idle
             # over a weekend) go at the first read, not at the next write.
             self._swept = True
-            await self._expire_if_due()
+            if not self.expires_itself:
+                # A read first: with nothing expired, no write lock is waited for.
+                _, _, oldest = await self._measure()
+                await self._expire_if_due(oldest)
         if not (self.policy.enabled or (max_age_s or 0) > 0):
             self._misses += len(keys)
             return [None] * len(keys)
@@ -283,18 +285,10 @@ class StoreCache(abc.ABC):
             oldest_age_s=None if oldest is None else max(0.0, self._now() - oldest),
         )
 
-    async def _expire_if_due(self, oldest: float | None = -math.inf) -> bool:
+    async def _expire_if_due(self, oldest: float | None) -> bool:
         """Delete this namespace's answers past the 24-hour ceiling (Amazon's rule) when the
-        oldest answer (read here unless given; None: none) is past it; True if it was.
-
-        Looked at first with a read, so a cache with nothing expired never waits for a
-        write lock another process holds.
-        """
-        if self.expires_itself:
-            return False
-        if oldest is not None and math.isinf(oldest):
-            _, _, oldest = await self._measure()
-        if oldest is None or self._now() - oldest <= CEILING_S:
+        oldest answer (``oldest``, its fetch time; None: none) is past it; True if it was."""
+        if self.expires_itself or oldest is None or self._now() - oldest <= CEILING_S:
             return False
         removed = await self._delete(None, fetched_before=self._now() - CEILING_S, asins=None)
         if removed:

@@ -203,7 +203,7 @@ class Executor:
                 )
             self._transient(key, batch, exc)
             return
-        key.on_success(sent_at, demand_limited=demand_limited, marketplace=batch.marketplace)
+        key.on_success(sent_at, batch.marketplace, demand_limited=demand_limited)
         if batch.operation is None:
             if parsed.unexpected or parsed.duplicated:
                 logger.warning(

@@ -291,8 +291,8 @@ class KeyState:
         try:
             sent_at = await self.limiter.commit()
         except SendRefused:
-            # Another process spent the day (logged) or parked the key meanwhile.
-            self._note_quota_spent()
+            # Another process spent the day or parked the key meanwhile; the limiter told
+            # the refusal listeners, a spent day's warning among them.
             return None
         # Counted here, not when the slot is taken: a dispatcher holds a slot while it
         # waits for work, and an idle key must not show a request in flight.
@@ -313,20 +313,17 @@ class KeyState:
             "broker.daily_quota_spent",
             key=self.name,
             spent=self.limiter.spent,
-            resets_at=resets_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            resets_at=_utc_text(resets_at),
         )
 
     # -- feedback -----------------------------------------------------------------------------
 
-    def on_success(
-        self, sent_at: float, *, demand_limited: bool, marketplace: str | None = None
-    ) -> None:
-        """A request of this key (for ``marketplace``) was answered (not throttled)."""
+    def on_success(self, sent_at: float, marketplace: str, *, demand_limited: bool) -> None:
+        """A request of this key for ``marketplace`` was answered (not throttled)."""
         self._auth_failures = 0
-        if marketplace is not None:
-            accepted = self._accepted_sent_at.get(marketplace, -math.inf)
-            self._accepted_sent_at[marketplace] = max(accepted, sent_at)
-            self._refused_in_a_row[marketplace] = 0
+        accepted = self._accepted_sent_at.get(marketplace, -math.inf)
+        self._accepted_sent_at[marketplace] = max(accepted, sent_at)
+        self._refused_in_a_row[marketplace] = 0
         if self.circuit.verdict is not None:
             self.circuit.on_success()
             self.adaptive.reset()
@@ -530,11 +527,22 @@ class KeyState:
             return KeyHealth.DISABLED
         # Parked here, or by another process of the key (its shared state says so): this
         # process sends nothing either, and /readyz, /metrics and --no-wait must say why.
-        if self.circuit.verdict is not None or self.limiter.parked() is not None:
+        if self._park() is not None:
             return KeyHealth.PARKED
         if self._paused_reason is not None or self.limiter.blocked_reason is not None:
             return KeyHealth.PAUSED
         return KeyHealth.ACTIVE
+
+    def _park(self) -> tuple[str, datetime | None] | None:
+        """Why the key is parked and when its probe is due: by this process's circuit, else
+        by another process (the shared state's park); None when it is not parked."""
+        verdict = self.circuit.verdict
+        if verdict is None:
+            return self.limiter.parked()
+        probe_in_s = (self.circuit.probe_at or -math.inf) - self._clock.monotonic()
+        if probe_in_s <= 0:
+            return verdict.value, None
+        return verdict.value, self._clock.utcnow() + timedelta(seconds=probe_in_s)
 
     def snapshot(self) -> KeySnapshot:
         """The key's counters and state as a value."""
@@ -543,18 +551,12 @@ class KeyState:
         health = self.health
         if health is KeyHealth.DISABLED and self._disabled is not None:
             reason = f"{self._disabled.code}: {self._disabled.remedy}"
-        elif health is KeyHealth.PARKED and self.circuit.verdict is not None:
-            reason = self.circuit.verdict.value
-            probe_in_s = (self.circuit.probe_at or -math.inf) - self._clock.monotonic()
-            if probe_in_s > 0:
-                probe_at = self._clock.utcnow() + timedelta(seconds=probe_in_s)
-                until = probe_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        elif health is KeyHealth.PARKED and (shared := self.limiter.parked()) is not None:
-            reason, probe_at = shared
-            until = probe_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        elif health is KeyHealth.PARKED and (park := self._park()) is not None:
+            reason, probe_at = park
+            until = None if probe_at is None else _utc_text(probe_at)
         elif self.limiter.exhausted:
             reason = QUOTA_WAIT
-            until = self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ")
+            until = _utc_text(self.limiter.resets_at())
         elif health is KeyHealth.PAUSED:
             reason = self.limiter.blocked_reason or self._paused_reason
         return KeySnapshot(
@@ -568,9 +570,7 @@ class KeyState:
             errors=self.errors,
             daily_spent=self.limiter.spent,
             daily_limit=self.config.tpd,
-            daily_resets_at=(
-                self.limiter.resets_at().strftime("%Y-%m-%dT%H:%M:%SZ") if self.config.tpd else None
-            ),
+            daily_resets_at=_utc_text(self.limiter.resets_at()) if self.config.tpd else None,
             reason=reason,
             until=until,
             daily_left=self.limiter.remaining,
@@ -578,3 +578,8 @@ class KeyState:
 
     def __repr__(self) -> str:
         return f"KeyState({self.name!r}, {self.health.value}, rate={self.limiter.rate:.3g}/s)"
+
+
+def _utc_text(moment: datetime) -> str:
+    """An instant as the snapshots and logs show it: ISO 8601 UTC to the second."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -206,12 +206,7 @@ class SqliteStateStore:
         try:
             return Record.from_json(orjson.loads(row[0]))
         except ValueError as exc:  # orjson's JSONDecodeError is one too
-            raise OSError(
-                errno.EIO,
-                f"{self._path}: damaged (a key's record cannot be read: {exc}); it holds only "
-                "the keys' shared pacing and daily counts: delete it, with its -wal and -shm "
-                "files, to start afresh",
-            ) from None
+            raise self._damaged(f"a key's record cannot be read: {exc}") from None
 
     async def decide(
         self,
@@ -255,17 +250,21 @@ class SqliteStateStore:
         self._written[key.digest] = (data, record)
         return decision
 
+    def _damaged(self, detail: str) -> OSError:
+        """A damaged file: an I/O error (exit 74) saying what deleting it costs."""
+        return OSError(
+            errno.EIO,
+            f"{self._path}: damaged ({detail}); it holds only the keys' shared pacing and "
+            "daily counts: delete it, with its -wal and -shm files, to start afresh",
+        )
+
     def _failure(self, exc: sqlite3.Error) -> Exception:
         """A busy or locked file is unavailable for now (the key waits and asks again); a
         disk that fails or is full, a read-only file and a damaged one are I/O errors that
         end the run (exit 74), as waiting would never end."""
         primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
         if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-            return OSError(
-                errno.EIO,
-                f"{self._path}: damaged ({exc}); it holds only the keys' shared pacing and "
-                "daily counts: delete it, with its -wal and -shm files, to start afresh",
-            )
+            return self._damaged(str(exc))
         if primary == sqlite3.SQLITE_CANTOPEN:
             # A directory at the path, no permission, a read-only file system (WAL needs
             # its -shm file beside the database): permanent, unlike a busy file.
