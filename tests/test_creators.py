@@ -26,6 +26,7 @@ from broker.models import Status
 from broker.testing import FakeClock
 
 DIALECT = CreatorsDialect()
+SEARCH = Operation.SEARCH_ITEMS
 DATE = "Fri, 01 May 2026 12:00:00 GMT"
 
 
@@ -572,7 +573,7 @@ class TestErrorResponses:
             body["reason"] = reason
         for parse_call in (
             lambda r: DIALECT.parse_get_items(r, ["B000000001"]),
-            DIALECT.parse_operation,
+            lambda r: DIALECT.parse_operation(r, SEARCH),
         ):
             with pytest.raises(cls) as info:
                 parse_call(response(status, body, date=DATE))
@@ -672,7 +673,7 @@ class TestErrorResponses:
         """A transport that kept header case still gets Retry-After and Date read."""
         raw = RawResponse(429, {"Retry-After": "4", "Date": DATE}, b"{}")
         with pytest.raises(ThrottledError) as info:
-            DIALECT.parse_operation(raw)
+            DIALECT.parse_operation(raw, SEARCH)
         assert (info.value.retry_after, info.value.server_date) == (4.0, DATE)
 
     def test_unreadable_429_is_still_throttled(self) -> None:
@@ -722,7 +723,35 @@ class TestParseOperation:
     def test_returns_the_json(self) -> None:
         """A 200 returns the parsed JSON object as is."""
         body = {"searchResult": {"items": [{"asin": "B000000001"}], "totalResultCount": 1}}
-        assert DIALECT.parse_operation(response(200, body)) == body
+        assert DIALECT.parse_operation(response(200, body), SEARCH) == body
+
+    @pytest.mark.parametrize(
+        ("operation", "body", "problem"),
+        [
+            (SEARCH, {"itemsResult": {"items": []}}, "no searchResult object"),
+            (SEARCH, {"searchResult": {"items": {"asin": "B0"}}}, "searchResult.items is not"),
+            (SEARCH, {"searchResult": {"totalResultCount": 3}}, "searchResult.items is not"),
+            (
+                Operation.GET_VARIATIONS,
+                {"variationsResult": {"items": [{"title": "x"}]}},
+                "has no asin",
+            ),
+            (Operation.GET_BROWSE_NODES, {"browseNodesResult": []}, "no browseNodesResult"),
+            (
+                Operation.GET_BROWSE_NODES,
+                {"browseNodesResult": {"browseNodes": ["3040"]}},
+                "has no id",
+            ),
+        ],
+    )
+    def test_wrong_shape_raises_response_error(
+        self, operation: Operation, body: dict[str, object], problem: str
+    ) -> None:
+        """A 200 without the operation's result, or with entries lacking their id, is refused."""
+        with pytest.raises(ResponseError, match="wrong shape") as info:
+            DIALECT.parse_operation(response(200, body), operation)
+        assert problem in str(info.value)
+        assert info.value.status == 200
 
     def test_browse_nodes_partial_is_returned(self) -> None:
         """protocol.md 2.7's GetBrowseNodes result with errors beside it is returned whole."""
@@ -735,17 +764,17 @@ class TestParseOperation:
                 }
             ],
         }
-        assert DIALECT.parse_operation(response(200, body)) == body
+        assert DIALECT.parse_operation(response(200, body), Operation.GET_BROWSE_NODES) == body
 
     def test_errors_only_200_raises(self) -> None:
         """A 200 holding only errors raises the first as BadRequestError."""
         body = {"errors": [{"code": "NoResults", "message": "No results found."}]}
         with pytest.raises(BadRequestError) as info:
-            DIALECT.parse_operation(response(200, body))
+            DIALECT.parse_operation(response(200, body), SEARCH)
         assert info.value.code == "NoResults"
 
     def test_search_without_hits_404(self) -> None:
-        """The documented SearchItems 404 raises BadRequestError ResourceNotFoundException."""
+        """The documented SearchItems 404 raises BadRequestError NoResults, as on PA-API."""
         body = {
             "type": "ResourceNotFoundException",
             "message": "No results found for your search request",
@@ -753,14 +782,15 @@ class TestParseOperation:
             "resourceId": "echo",
         }
         with pytest.raises(BadRequestError) as info:
-            DIALECT.parse_operation(response(404, body))
-        assert info.value.code == "ResourceNotFoundException"
+            DIALECT.parse_operation(response(404, body), SEARCH)
+        assert info.value.code == "NoResults"
+        assert info.value.message == "No results found for your search request"
 
     @pytest.mark.parametrize("body", [b"[]", b'"x"', b"{", b"\xff\xfe\x00", b""])
     def test_unreadable_200_raises_response_error(self, body: bytes) -> None:
         """A 200 that is not one JSON object raises ResponseError."""
         with pytest.raises(ResponseError):
-            DIALECT.parse_operation(response(200, body))
+            DIALECT.parse_operation(response(200, body), SEARCH)
 
 
 class TestWrongShapes:
@@ -822,7 +852,7 @@ class TestFuzz:
         with contextlib.suppress(ApiError, ResponseError):
             check_parsed(DIALECT.parse_get_items(raw, ASINS), ASINS)
         with contextlib.suppress(ApiError, ResponseError):
-            DIALECT.parse_operation(raw)
+            DIALECT.parse_operation(raw, SEARCH)
 
     @settings(max_examples=300, deadline=None)
     @given(status=st.sampled_from([200, 400, 401, 403, 404, 429, 500, 503]), value=json_values)

@@ -23,8 +23,9 @@ from broker.api.operations import (
 )
 from broker.api.resources import ITEM_RESOURCES, resolve_resources, resource_names
 from broker.config import DEFAULT_RESOURCES
+from broker.errors import BadRequestError, ResponseError
 from broker.models import Protocol
-from broker.simulator.settings import SimulatorSettings
+from broker.simulator.settings import FaultRates, SimulatorSettings
 
 FREE = SimulatorSettings(limits=False)
 C, P = Protocol.CREATORS, Protocol.PAAPI5
@@ -299,6 +300,39 @@ class TestAgainstSimulator:
         assert node.id == "283155"
         assert node.display_name == "Books"
         assert [child.id for child in node.children] == ["1000"]
+
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_wrong_shape_is_bad_response_not_empty(
+        self, harness: Harness, protocol: str
+    ) -> None:
+        """A 200 of the wrong shape is retried and then raised, never read as "nothing found"."""
+        faults = FaultRates(bad_shape=1.0)
+        sim = await harness.simulator(SimulatorSettings(limits=False, seed=3, faults=faults))
+        broker = await harness.broker(
+            make_config(sim.url, protocol=protocol, retry={"max_attempts": 3})
+        )
+        calls = (
+            ("searchResult", lambda: broker.search_items(keywords="kettle")),
+            ("variationsResult", lambda: broker.get_variations("B000000001")),
+            ("browseNodesResult", lambda: broker.get_browse_nodes(["283155"])),
+        )
+        for container, call in calls:
+            with pytest.raises(ResponseError, match="wrong shape") as caught:
+                await call()
+            assert container.lower() in str(caught.value).lower()
+        assert sim.stats.faults["bad_shape"] == 9
+
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_no_hits_is_no_results_on_both_apis(
+        self, harness: Harness, protocol: str
+    ) -> None:
+        """A search that finds nothing raises NoResults with its remedy, whatever the API."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, protocol=protocol))
+        with pytest.raises(BadRequestError) as caught:
+            await broker.search_items(keywords="noresults at all")
+        assert caught.value.code == "NoResults"
+        assert caught.value.info.remedy == "Broaden the search."
 
     async def test_checked_before_any_request(self, harness: Harness) -> None:
         """Bad options and unknown resources raise without a request being sent."""

@@ -30,6 +30,7 @@ from broker.errors import (
 from broker.models import Status
 
 DIALECT = PaapiDialect()
+SEARCH = Operation.SEARCH_ITEMS
 DATE = "Fri, 01 May 2026 12:20:00 GMT"
 
 
@@ -466,7 +467,7 @@ class TestInvalidItemIds:
     def test_parse_operation_reports_raw_ids(self) -> None:
         """Without a request list, the named ids are reported as written."""
         with pytest.raises(InvalidItemIdsError) as info:
-            DIALECT.parse_operation(response(400, MALFORMED_CAPTURE))
+            DIALECT.parse_operation(response(400, MALFORMED_CAPTURE), SEARCH)
         assert info.value.invalid_ids == ("9791186701072",)
 
     def test_offending_ids_of_other_errors_is_empty(self) -> None:
@@ -519,7 +520,7 @@ class TestErrorResponses:
         """Every row of protocol.md 3.5 raises its class with code = Errors[0].Code."""
         for parse_call in (
             lambda r: DIALECT.parse_get_items(r, ["B000000001"]),
-            DIALECT.parse_operation,
+            lambda r: DIALECT.parse_operation(r, SEARCH),
         ):
             with pytest.raises(cls) as info:
                 parse_call(response(status, envelope(exception, code, message), date=DATE))
@@ -604,7 +605,28 @@ class TestParseOperation:
     def test_returns_the_json(self) -> None:
         """A 200 SearchItems answer is returned as parsed."""
         body = {"SearchResult": {"Items": [{"ASIN": "B000000001"}], "TotalResultCount": 1}}
-        assert DIALECT.parse_operation(response(200, body)) == body
+        assert DIALECT.parse_operation(response(200, body), SEARCH) == body
+
+    @pytest.mark.parametrize(
+        ("operation", "body", "problem"),
+        [
+            (SEARCH, {"ItemsResult": {"Items": []}}, "no SearchResult object"),
+            (SEARCH, {"SearchResult": {"Items": {"ASIN": "B0"}}}, "SearchResult.Items is not"),
+            (Operation.GET_VARIATIONS, {"VariationsResult": {"Items": [{}]}}, "has no ASIN"),
+            (
+                Operation.GET_BROWSE_NODES,
+                {"BrowseNodesResult": {"BrowseNodes": [{"id": "3040"}]}},
+                "has no Id",
+            ),
+        ],
+    )
+    def test_wrong_shape_raises_response_error(
+        self, operation: Operation, body: dict[str, object], problem: str
+    ) -> None:
+        """A 200 without the operation's result, or with entries lacking their id, is refused."""
+        with pytest.raises(ResponseError, match="wrong shape") as info:
+            DIALECT.parse_operation(response(200, body), operation)
+        assert problem in str(info.value)
 
     def test_no_results(self) -> None:
         """The documented NoResults body raises BadRequestError NoResults (any status)."""
@@ -619,7 +641,7 @@ class TestParseOperation:
         }
         for status in (200, 404):
             with pytest.raises(BadRequestError) as info:
-                DIALECT.parse_operation(response(status, body))
+                DIALECT.parse_operation(response(status, body), SEARCH)
             assert info.value.code == "NoResults"
 
 
@@ -668,7 +690,7 @@ class TestFuzz:
         except (ApiError, ResponseError):
             pass
         with contextlib.suppress(ApiError, ResponseError):
-            DIALECT.parse_operation(raw)
+            DIALECT.parse_operation(raw, SEARCH)
 
     @settings(max_examples=300, deadline=None)
     @given(status=st.sampled_from([200, 400, 401, 403, 404, 429, 500]), value=json_values)

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from broker.api.base import Dialect, ParsedItems, RawResponse
+from broker.api.base import Dialect, Operation, ParsedItems, RawResponse
 from broker.api.creators import CreatorsDialect
 from broker.api.paapi5 import PaapiDialect
 from broker.asin import check_asin, is_isbn10, isbn13_to_isbn10, normalize_asin
@@ -589,7 +589,9 @@ def test_any_answer_gives_result_or_documented_error(
         _check_failure(parsed, status)
     else:
         _check_parsed(parsed, requested)
-    result = _attempt(lambda: parser.parse_operation(raw), ApiError, ResponseError)
+    result = _attempt(
+        lambda: parser.parse_operation(raw, Operation.SEARCH_ITEMS), ApiError, ResponseError
+    )
     if isinstance(result, Exception):
         _check_failure(result, status)
     else:

@@ -16,6 +16,7 @@ from broker.api.errors_map import (
     READ_ERRORS,
     ItemError,
     LazySummary,
+    ResultShape,
     SummaryFields,
     api_error,
     assemble,
@@ -24,6 +25,7 @@ from broker.api.errors_map import (
     read_errors,
     read_items,
     require_answer,
+    require_result,
     retry_after_s,
     strip_type,
     text,
@@ -177,8 +179,8 @@ class CreatorsDialect:
         except READ_ERRORS as exc:
             raise _unreadable("GetItems", response, exc) from exc
 
-    def parse_operation(self, response: RawResponse) -> Mapping[str, object]:
-        """Return the JSON object of a 200 response.
+    def parse_operation(self, response: RawResponse, operation: Operation) -> Mapping[str, object]:
+        """Return the JSON object of a 200 response to ``operation``.
 
         Raises:
             ApiError: a non-200 answer: :class:`~broker.errors.ThrottledError` (429,
@@ -187,22 +189,28 @@ class CreatorsDialect:
                 :class:`~broker.errors.ServerError` (5xx), else
                 :class:`~broker.errors.BadRequestError`; ``code`` is the body's
                 ``reason``, else its ``type``; ``server_date`` is the ``Date`` header.
-                A 200 holding only ``errors`` raises the first as BadRequestError.
-            ResponseError: the body cannot be read, or the status is not an error.
+                A 200 holding only ``errors`` raises the first as BadRequestError. A
+                SearchItems 404 for a search with no hits has code ``NoResults``, as on
+                PA-API.
+            ResponseError: the body cannot be read or is not shaped as documented
+                (:func:`~broker.api.errors_map.require_result`), or the status is not an
+                error.
         """
+        what = f"Creators {operation.value}"
         try:
             if response.status != 200:
-                raise self._failure(response, "operation")
-            data = load_object(response.body, status=200, what="Creators operation")
+                raise self._failure(response, operation.value)
+            data = load_object(response.body, status=200, what=what)
             errors = _read_errors(data.get("errors"))
             if errors and not any(
                 key.endswith(("Result", "Results")) and value is not None
                 for key, value in data.items()
             ):
                 raise api_error(200, errors[0].code, errors[0].message, response.headers)
+            require_result(data, _RESULT_SHAPES[operation], what=what)
             return data
         except READ_ERRORS as exc:
-            raise _unreadable("operation", response, exc) from exc
+            raise _unreadable(operation.value, response, exc) from exc
 
     def _parse_items(self, response: RawResponse, requested: Sequence[str]) -> ParsedItems:
         status = response.status
@@ -239,6 +247,9 @@ class CreatorsDialect:
         status = response.status
         kind = strip_type(data.get("type")) or strip_type(data.get("__type"))
         code = text(data.get("reason")) or kind or _fallback_code(status)
+        if kind == "ResourceNotFoundException" and text(data.get("resourceType")) == "SearchResult":
+            # PA-API's name for the same answer, so callers test one code on both APIs.
+            code = "NoResults"
         message = text(data.get("message")) or text(data.get("Message")) or f"HTTP {status}"
         fields = _field_names(data.get("fieldList"))
         if fields:
@@ -288,6 +299,13 @@ def _field_names(raw: object) -> list[str]:
             names.append(name)
     return names
 
+
+#: where each operation's answer keeps its entries (GetItems has its own reader)
+_RESULT_SHAPES = {
+    Operation.SEARCH_ITEMS: ResultShape("searchResult", "items", "asin"),
+    Operation.GET_VARIATIONS: ResultShape("variationsResult", "items", "asin"),
+    Operation.GET_BROWSE_NODES: ResultShape("browseNodesResult", "browseNodes", "id"),
+}
 
 _SUMMARY = SummaryFields(
     info="itemInfo",

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "READ_ERRORS",
     "ItemError",
+    "ResultShape",
     "SummaryFields",
     "api_error",
     "assemble",
@@ -49,6 +50,7 @@ __all__ = [
     "read_errors",
     "read_items",
     "require_answer",
+    "require_result",
     "retry_after_s",
     "short",
     "strip_type",
@@ -529,6 +531,50 @@ def require_answer(
             f"({len(data)} other fields)",
             status=200,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ResultShape:
+    """Where an operation's answer keeps its entries, in one protocol's spelling.
+
+    Attributes:
+        container: the result object (``searchResult``).
+        entries: the list inside it (``items``, ``browseNodes``).
+        ident: the member every entry carries (``asin``, ``id``).
+    """
+
+    container: str
+    entries: str
+    ident: str
+
+
+def require_result(data: Mapping[str, object], shape: ResultShape, *, what: str) -> None:
+    """Refuse a 200 answer of SearchItems, GetVariations or GetBrowseNodes of the wrong shape.
+
+    The readers of these answers never raise, so a body without its result container (or
+    with entries that are not objects carrying their id) would read as "nothing found".
+    Like a GetItems body of the wrong shape (reliability B7) it is a :class:`ResponseError`,
+    retried. Unknown fields next to the documented ones are ignored.
+
+    Raises:
+        ResponseError: the container, its entry list or an entry's id is missing or of
+            the wrong type.
+    """
+    container = data.get(shape.container)
+    if not isinstance(container, Mapping):
+        problem = f"no {shape.container} object"
+    else:
+        entries = container.get(shape.entries)
+        if not isinstance(entries, list):
+            problem = f"{shape.container}.{shape.entries} is not a list"
+        elif not all(
+            isinstance(entry, Mapping) and isinstance(entry.get(shape.ident), str | int)
+            for entry in entries
+        ):
+            problem = f"an entry of {shape.container}.{shape.entries} has no {shape.ident}"
+        else:
+            return
+    raise ResponseError(f"{what}: HTTP 200 body has the wrong shape ({problem})", status=200)
 
 
 def _error_outcome(asin: str, error: ItemError) -> ItemOutcome:

@@ -19,6 +19,7 @@ from broker.api.errors_map import (
     READ_ERRORS,
     ItemError,
     LazySummary,
+    ResultShape,
     SummaryFields,
     api_error,
     assemble,
@@ -27,6 +28,7 @@ from broker.api.errors_map import (
     read_errors,
     read_items,
     require_answer,
+    require_result,
     retry_after_s,
     strip_type,
     text,
@@ -303,8 +305,8 @@ class PaapiDialect:
         except READ_ERRORS as exc:
             raise _unreadable("GetItems", response, exc) from exc
 
-    def parse_operation(self, response: RawResponse) -> Mapping[str, object]:
-        """Return the JSON object of a 200 response.
+    def parse_operation(self, response: RawResponse, operation: Operation) -> Mapping[str, object]:
+        """Return the JSON object of a 200 response to ``operation``.
 
         Raises:
             ApiError: the subclass by status (429 :class:`~broker.errors.ThrottledError`,
@@ -314,20 +316,24 @@ class PaapiDialect:
                 ``Errors[0].Code`` (else the ``__type``'s exception name) and
                 ``server_date`` from the ``Date`` header. A 200 holding only ``Errors``
                 (``NoResults``) raises the first as BadRequestError.
-            ResponseError: the body cannot be read, or the status is not an error.
+            ResponseError: the body cannot be read or is not shaped as documented
+                (:func:`~broker.api.errors_map.require_result`), or the status is not an
+                error.
         """
+        what = f"PA-API {operation.value}"
         try:
             if response.status != 200:
-                raise _failure(response, "operation", None, self._clock)
-            data = load_object(response.body, status=200, what="PA-API operation")
+                raise _failure(response, operation.value, None, self._clock)
+            data = load_object(response.body, status=200, what=what)
             errors = _read_errors(data.get("Errors"))
             if errors and not any(
                 key.endswith("Result") and value is not None for key, value in data.items()
             ):
                 raise api_error(200, errors[0].code, errors[0].message, response.headers)
+            require_result(data, _RESULT_SHAPES[operation], what=what)
             return data
         except READ_ERRORS as exc:
-            raise _unreadable("operation", response, exc) from exc
+            raise _unreadable(operation.value, response, exc) from exc
 
 
 def _tag(partner_tag: str) -> str:
@@ -416,6 +422,13 @@ def _unreadable(what: str, response: RawResponse, exc: Exception) -> ResponseErr
         status=response.status,
     )
 
+
+#: where each operation's answer keeps its entries (GetItems has its own reader)
+_RESULT_SHAPES = {
+    Operation.SEARCH_ITEMS: ResultShape("SearchResult", "Items", "ASIN"),
+    Operation.GET_VARIATIONS: ResultShape("VariationsResult", "Items", "ASIN"),
+    Operation.GET_BROWSE_NODES: ResultShape("BrowseNodesResult", "BrowseNodes", "Id"),
+}
 
 _SUMMARY = SummaryFields(
     info="ItemInfo",

@@ -155,7 +155,7 @@ class Executor:
             if batch.operation is None:
                 parsed = self._dialect.parse_get_items(response, asins)
             else:
-                data = self._dialect.parse_operation(response)
+                data = self._dialect.parse_operation(response, batch.operation)
         except ThrottledError as exc:
             self._metrics.throttled += 1
             verdict = key.on_throttled(exc, sent_at)

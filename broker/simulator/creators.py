@@ -23,7 +23,14 @@ from broker.simulator.faults import (
     html_page,
 )
 from broker.simulator.marketplaces import MARKETPLACES
-from broker.simulator.operations import Context, ItemError, Names, Rejected, run_operation
+from broker.simulator.operations import (
+    RESULT_NAMES,
+    Context,
+    ItemError,
+    Names,
+    Rejected,
+    run_operation,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -165,7 +172,7 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
         if fault.startswith("error_") or fault == "html":
             sim.stats.error(account.name, "ServerError")
             return _server_error(sim, fault), None
-        replaced = _replacement(sim, fault)
+        replaced = _replacement(sim, fault, operation)
         if replaced is not None:
             return replaced, fault if fault in WRITE_FAULTS else None
 
@@ -180,16 +187,16 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
     return reply, None if fault in ITEM_FAULTS else fault
 
 
-def _replacement(sim: Simulator, fault: str) -> Reply | None:
+def _replacement(sim: Simulator, fault: str, operation: str) -> Reply | None:
     """The whole answer of a fault that needs no operation result, else None."""
     if fault == "html_ok":
         return html_page(200)
     if fault == "bad_shape":
+        container, entries, ident = RESULT_NAMES[operation]
+        if operation == "getItems":
+            container = sim.settings.items_container
         return bad_shape_reply(
-            sim.faults.bad_shape_variant(),
-            container=sim.settings.items_container,
-            items="items",
-            asin="asin",
+            sim.faults.bad_shape_variant(), container=container, items=entries, asin=ident
         )
     if fault in WRITE_FAULTS:
         # Written by deliver(): nothing of the operation is sent.

@@ -36,7 +36,15 @@ if TYPE_CHECKING:
     from broker.simulator.accounts import Account
     from broker.simulator.settings import SimulatorSettings
 
-__all__ = ["Context", "ItemError", "Names", "Outcome", "Rejected", "run_operation"]
+__all__ = [
+    "RESULT_NAMES",
+    "Context",
+    "ItemError",
+    "Names",
+    "Outcome",
+    "Rejected",
+    "run_operation",
+]
 
 Style = Literal["creators", "paapi5"]
 RejectKind = Literal[
@@ -69,6 +77,16 @@ _SORT_ORDERS = frozenset(
 )
 #: The largest minPrice/maxPrice accepted (smallest currency unit).
 _MAX_PRICE = 10**12
+
+
+#: each operation's result container, its entry list and an entry's id, in camelCase
+#: (the Creators simulator may name the GetItems container ``itemResults`` instead)
+RESULT_NAMES: dict[str, tuple[str, str, str]] = {
+    "getItems": ("itemsResult", "items", "asin"),
+    "searchItems": ("searchResult", "items", "asin"),
+    "getVariations": ("variationsResult", "items", "asin"),
+    "getBrowseNodes": ("browseNodesResult", "browseNodes", "id"),
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,14 @@ from broker.simulator.faults import (
     html_page,
 )
 from broker.simulator.marketplaces import MARKETPLACES, MARKETPLACES_BY_HOST, Marketplace
-from broker.simulator.operations import Context, ItemError, Names, Rejected, run_operation
+from broker.simulator.operations import (
+    RESULT_NAMES,
+    Context,
+    ItemError,
+    Names,
+    Rejected,
+    run_operation,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -264,9 +271,8 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
             return html_page(200), None
         if fault == "bad_shape":
             variant = sim.faults.bad_shape_variant()
-            return bad_shape_reply(
-                variant, container="ItemsResult", items="Items", asin="ASIN"
-            ), None
+            container, entries, ident = (_NAMES(name) for name in RESULT_NAMES[operation[1]])
+            return bad_shape_reply(variant, container=container, items=entries, asin=ident), None
         if fault in WRITE_FAULTS:
             return Reply(200, b""), fault
     write_fault = None if fault in ITEM_FAULTS else fault
