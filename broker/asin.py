@@ -28,6 +28,8 @@ _ISBN13 = re.compile(r"97[89][0-9]{10}")
 # Hyphens are formatting wherever they stand, as isbn13_to_isbn10 takes them; an id of
 # digits and hyphens whose 13 digits start 978/979 is an ISBN-13, converted or not.
 _ISBN13_SHAPED = re.compile(r"[0-9-]+")
+#: an ISBN-10 as printed: ten characters, single hyphens between them (``0-306-40615-2``)
+_ISBN10_HYPHENATED = re.compile(r"[0-9](?:-?[0-9]){8}-?[0-9Xx]")
 # The host must be an Amazon domain (amazon.com, www.amazon.co.uk, smile.amazon.de,
 # amazon.com.au ...), so "amazon.com.evil.net" and "amazon.com@evil.net" do not pass.
 # The title slug before the marker may hold any characters (amazon.de slugs carry
@@ -174,6 +176,8 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
         converted = isbn13_to_isbn10(text)
         if converted is not None:
             return AsinCheck(raw, converted)
+    if _ISBN10_HYPHENATED.fullmatch(text):
+        return _verdict(raw, text.replace("-", "").upper())
     if len(text) != 10:
         return AsinCheck(raw, None, f"an ASIN has 10 characters, this has {len(text)}")
     bad = next(c for c in text if not c.isalnum())

@@ -106,6 +106,23 @@ class TestIsbn10:
         assert verdict.reason is not None
         assert "digit or X" in verdict.reason
 
+    @pytest.mark.parametrize(
+        ("raw", "asin"),
+        [
+            ("0-306-40615-2", "0306406152"),
+            ("0-8044-2957-x", "080442957X"),
+            ("3-16-148410-X", "316148410X"),
+        ],
+    )
+    def test_hyphenated_isbn10_is_its_asin(self, raw: str, asin: str) -> None:
+        """An ISBN-10 as printed, with hyphens, is the ASIN of its digits."""
+        assert check_asin(raw) == AsinCheck(raw, asin, None)
+
+    @pytest.mark.parametrize("raw", ["0-306-40615-3", "-0306406152", "0--306406152", "03064-0615-"])
+    def test_hyphenated_isbn10_must_be_right(self, raw: str) -> None:
+        """A wrong check digit, or hyphens that do not separate digits, stay invalid."""
+        assert check_asin(raw).asin is None
+
     def test_is_isbn10_wants_upper_case(self) -> None:
         """is_isbn10 is the low-level test: it takes the value already upper-cased."""
         assert not is_isbn10("080442957x")

@@ -215,6 +215,25 @@ class TestCallers:
             async for _ in broker.stream("B000000001"):
                 pass
 
+    async def test_wrong_types_are_named(self, harness: Harness) -> None:
+        """A non-string ASIN or marketplace is a TypeError naming it, not an internal error."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        calls = [
+            ("marketplace must be", lambda: broker.get_items(["B000000001"], marketplace=5)),
+            ("marketplace must be", lambda: broker.get_item(Query("B000000001", marketplace=3))),
+            (
+                "marketplace must be",
+                lambda: broker.get_item(Query("B000000001", marketplace=["US"])),
+            ),
+            ("Query.asin must be", lambda: broker.get_item(Query(1234567890))),
+            ("marketplace must be", lambda: broker.search_items(keywords="x", marketplace=5)),
+        ]
+        for message, call in calls:
+            with pytest.raises(TypeError, match=message):
+                await call()  # type: ignore[arg-type]
+        assert sim.stats.accounts["demo"].accepted == 0
+
     @pytest.mark.parametrize("kind", ["sync", "async"])
     async def test_stream_bounded(self, harness: Harness, kind: str) -> None:
         """stream() takes a sync or async iterable, yields each once, holds <= queue_size."""

@@ -22,6 +22,7 @@ __all__ = [
     "TokenFamily",
     "credential_version",
     "marketplace",
+    "not_a_name",
     "token_url",
 ]
 
@@ -224,6 +225,13 @@ _ALIASES: Mapping[str, str] = {
 }
 
 
+def not_a_name(value: object, what: str = "marketplace") -> TypeError:
+    """The error for a marketplace given as something other than a string."""
+    return TypeError(
+        f"{what} must be a string such as 'US' or 'www.amazon.com', got {type(value).__name__}"
+    )
+
+
 def marketplace(name: str) -> Marketplace:
     """Return the marketplace named ``name``.
 
@@ -231,8 +239,11 @@ def marketplace(name: str) -> Marketplace:
     (``amazon.de``) or the country code (``DE``; ``UK`` or ``GB``), in any case.
 
     Raises:
+        TypeError: ``name`` is not a string.
         ValueError: the name matches no marketplace Amazon's APIs serve.
     """
+    if not isinstance(name, str):
+        raise not_a_name(name)
     found = MARKETPLACES.get(name)
     if found is not None:
         return found

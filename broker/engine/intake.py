@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
+from broker.api.marketplaces import not_a_name
 from broker.api.resources import resolve_resources
 from broker.asin import check_asin, plain_asin
 from broker.engine.batcher import Lookup, Room
@@ -112,6 +113,10 @@ class Intake:
             raw, own, wanted, tag = item, None, resources, None
         elif isinstance(item, Query):
             raw, own, tag = item.asin, item.marketplace, item.tag
+            if not isinstance(raw, str):
+                raise TypeError(f"Query.asin must be a string, got {type(raw).__name__}")
+            if own is not None and not isinstance(own, str):
+                raise not_a_name(own, "Query.marketplace")
             wanted = resources
             if item.resources is not None:
                 try:
@@ -126,6 +131,8 @@ class Intake:
                     )
         else:
             raise TypeError(f"expected an ASIN string or a Query, got {type(item).__name__}")
+        if marketplace is not None and not isinstance(marketplace, str):
+            raise not_a_name(marketplace)
         asin = plain_asin(raw)
         store = reason = None
         if asin is None:
