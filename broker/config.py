@@ -711,7 +711,8 @@ def _parse_key(
     elif not api.uses_simulator:
         raise ConfigError(
             f"{path}.credential_secret_env",
-            "is required: name the environment variable that holds this key's secret",
+            "is required: name the environment variable that holds this key's secret (or "
+            f"give credential_secret_file; in code, pass secrets={{{name!r}: ...}})",
         )
     version = table.opt_text("version")
     if api.protocol is Protocol.CREATORS:

@@ -276,8 +276,8 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The request signature does not match: usually a wrong secret key.",
         Scope.KEY,
         False,
-        "Check the secret key in the environment variable named in config.toml; regenerate it "
-        "in Associates Central if unsure.",
+        "Check the key's secret (the variable or file config.toml names for it, or secrets= "
+        "in code); regenerate it in Associates Central if unsure.",
     ),
     ErrorInfo(
         "IncompleteSignature",
@@ -465,8 +465,8 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The credential id or secret was rejected.",
         Scope.KEY,
         False,
-        "Check the credential id in config.toml and the secret in the environment variable it "
-        "names.",
+        "Check the credential id and the key's secret (the variable or file config.toml names "
+        "for it, or secrets= in code).",
     ),
     ErrorInfo(
         "MissingCredential",
@@ -517,8 +517,8 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The token endpoint rejected the credential id or secret.",
         Scope.KEY,
         False,
-        "Check the credential id in config.toml and the secret in the environment variable it "
-        "names; check the version picks the right region.",
+        "Check the credential id and the key's secret (the variable or file config.toml names "
+        "for it, or secrets= in code); check the version picks the right region.",
     ),
     ErrorInfo(
         "invalid_scope",

@@ -9,6 +9,8 @@ import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 import broker
 import broker.simulator
 import broker.testing
@@ -126,3 +128,19 @@ def test_a_config_deep_copies() -> None:
     clone = copy.deepcopy(config)
     assert clone == config
     assert clone.keys[0].secret is config.keys[0].secret
+
+
+def test_missing_secret_names_every_way_to_give_it() -> None:
+    """A key with no secret source says how to give one, in code (secrets=) as in a file."""
+    document = {
+        "api": {"endpoint": "amazon"},
+        "keys": [
+            {"name": "k", "credential_id": "id", "version": "3.1", "partner_tags": {"US": "t"}}
+        ],
+    }
+    with pytest.raises(broker.ConfigError) as caught:
+        broker.config_from_dict(document, environ={})
+    message = str(caught.value)
+    assert "credential_secret_env" in message
+    assert "credential_secret_file" in message
+    assert "secrets={'k': ...}" in message
