@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         VariationsOptions,
         VariationsResult,
     )
+    from broker.cache import CacheStats
     from broker.engine.metrics import MetricsSnapshot
     from broker.models import Query, Secret
 
@@ -189,6 +190,7 @@ class SyncBroker:
         *,
         marketplace: str | None = None,
         resources: Sequence[str] | None = None,
+        stop: threading.Event | None = None,
     ) -> Iterator[ItemResult]:
         """Yield one result per input as results complete, holding at most ``queue_size``.
 
@@ -197,28 +199,43 @@ class SyncBroker:
         slow input holds up only this stream. It is read ahead in chunks of 256 items (up to
         about 384 beyond ``queue_size``) while the loop sends what it has; an input that
         raises raises here.
+
+        ``stop`` is the async ``stop=`` as a :class:`threading.Event`, set from any thread
+        (a signal handler, a shutdown hook): once set, nothing more is read or sent, and the
+        stream ends when the answers already sent for have been yielded. A caller waiting
+        for a result sees it within a quarter of a second.
         """
         if isinstance(asins, str | bytes):
             raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
         source = iter(asins)
         feed = _Feed()
+        # Set on the loop's thread when ``stop`` is seen set in the caller's.
+        wind_down = asyncio.Event() if stop is not None else None
         agen: AsyncIterator[ItemResult] = self._broker.stream(
-            feed, marketplace=marketplace, resources=self._resources(resources)
+            feed, marketplace=marketplace, resources=self._resources(resources), stop=wind_down
         )
-        pump = _Pump(agen, feed)
+        pump = _Pump(agen, feed, patience_s=None if stop is None else _STOP_CHECK_S)
         try:
             while True:
+                if wind_down is not None and stop is not None and stop.is_set():
+                    self._call(_set(wind_down))
+                    wind_down = None
                 step = self._call(pump.step())
                 if isinstance(step, ItemResult):
                     yield step
                 elif step is _Signal.MORE:
-                    chunk = list(itertools.islice(source, _CHUNK))
+                    halted = stop is not None and stop.is_set()
+                    chunk = [] if halted else list(itertools.islice(source, _CHUNK))
                     self._call(feed.give(chunk, ended=len(chunk) < _CHUNK))
-                else:
+                elif step is _Signal.END:
                     return
         finally:
             if not self._is_closed():
                 self._call(pump.aclose())
+
+    def cache_stats(self) -> CacheStats | None:
+        """The item cache's counts (see the async :meth:`Broker.cache_stats`); None if off."""
+        return self._call(self._broker.cache_stats())
 
     def search_items(
         self, *, marketplace: str | None = None, **options: Unpack[SearchOptions]
@@ -313,11 +330,20 @@ def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> Non
 _CHUNK = 256
 
 
+#: How often a waiting SyncBroker stream looks at its ``stop`` event, in seconds.
+_STOP_CHECK_S = 0.25
+
+
 class _Signal(enum.Enum):
     """What a stream's step says instead of a result."""
 
     MORE = "more"  # the feed wants the caller's thread to read more input first
     END = "end"  # the stream is done
+    IDLE = "idle"  # nothing yet within the step's patience: look at ``stop`` and step again
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()
 
 
 class _Feed:
@@ -361,23 +387,31 @@ class _Feed:
 class _Pump:
     """Runs on the loop: the next result, or word that the feed wants more input first."""
 
-    def __init__(self, agen: AsyncIterator[ItemResult], feed: _Feed) -> None:
+    def __init__(
+        self, agen: AsyncIterator[ItemResult], feed: _Feed, *, patience_s: float | None = None
+    ) -> None:
         self._agen = agen
         self._feed = feed
+        self._patience_s = patience_s
         self._pending: asyncio.Task[ItemResult] | None = None
 
     async def step(self) -> ItemResult | _Signal:
-        """The next result; MORE when the feed is hungry first; END at the end."""
+        """The next result; MORE when the feed is hungry first; END at the end; IDLE when
+        neither came within the patience (None: wait as long as it takes)."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(anext(self._agen))
         if not self._pending.done() and not self._feed.hungry.is_set():
             hungry = asyncio.ensure_future(self._feed.hungry.wait())
             try:
-                await asyncio.wait((self._pending, hungry), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    (self._pending, hungry),
+                    timeout=self._patience_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             finally:
                 hungry.cancel()
         if not self._pending.done():
-            return _Signal.MORE
+            return _Signal.MORE if self._feed.hungry.is_set() else _Signal.IDLE
         pending, self._pending = self._pending, None
         try:
             return pending.result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import asins
 
-from broker import SyncBroker, config_from_dict
+from broker import Broker, SyncBroker, config_from_dict
 from broker.config import parse_config
 from broker.errors import BrokerClosedError, ConfigError
 from broker.models import Secret, Status
@@ -106,6 +107,42 @@ class TestSyncBroker:
             assert result.asin.startswith("B1")
             break
         assert sync_broker.metrics().outstanding_lookups == 0
+
+    def test_stream_stop_set_from_another_thread(self) -> None:
+        """stop= winds the stream down while its caller waits: nothing more is sent, and the
+        answers already paid for are yielded."""
+        stop = threading.Event()
+        with SyncBroker.from_dict(_document(tps=0.5, max_in_flight=1)) as broker:
+            timer = threading.Timer(0.2, stop.set)
+            timer.start()
+            got = [r.asin for r in broker.stream(asins(100), stop=stop)]
+            timer.join()
+            sent = broker.metrics().requests
+        assert sent == 1
+        assert got == asins(10)
+
+    def test_same_methods_as_the_async_broker(self) -> None:
+        """Every public method of Broker has a blocking twin with the same parameters."""
+        for name, method in inspect.getmembers(Broker, callable):
+            if name.startswith("_") or name == "aclose":
+                continue
+            twin = getattr(SyncBroker, name, None)
+            assert twin is not None, name
+            assert list(inspect.signature(twin).parameters) == list(
+                inspect.signature(method).parameters
+            ), name
+
+    def test_cache_stats(self, tmp_path: Path) -> None:
+        """cache_stats() is the async one's: None without a cache, counts with one."""
+        with SyncBroker.from_dict(_document()) as broker:
+            assert broker.cache_stats() is None
+        document = {**_document(), "cache": {"max_age_s": 3600, "path": str(tmp_path / "c.db")}}
+        with SyncBroker.from_dict(document) as broker:
+            broker.get_items(asins(3))
+            broker.get_items(asins(3))
+            stats = broker.cache_stats()
+        assert stats is not None
+        assert stats.hits == 3
 
     def test_stream_reads_its_input_in_the_callers_thread(self, sync_broker: SyncBroker) -> None:
         """The input is read in the thread that iterates the stream, where no event loop runs
