@@ -334,6 +334,21 @@ class TestAgainstSimulator:
         assert caught.value.code == "NoResults"
         assert caught.value.info.remedy == "Broaden the search."
 
+    async def test_variation_summary_covers_every_page(self, harness: Harness) -> None:
+        """The summary (price range, dimension values) is the whole set's on every page."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        pages = [
+            await broker.get_variations("B000000001", variation_count=2, variation_page=page)
+            for page in (1, 2)
+        ]
+        assert pages[0].page_count is not None
+        assert pages[0].page_count >= 2
+        assert pages[0].items[0].asin != pages[1].items[0].asin
+        assert pages[0].lowest_price == pages[1].lowest_price
+        assert pages[0].highest_price == pages[1].highest_price
+        assert pages[0].dimensions == pages[1].dimensions
+
     async def test_checked_before_any_request(self, harness: Harness) -> None:
         """Bad options and unknown resources raise without a request being sent."""
         sim = await harness.simulator(FREE)

@@ -432,16 +432,20 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
             resource_id=asin.upper(),
             detail="No variations found for the requested ASIN.",
         )
-    rendered: list[str] = []
+    # The summary describes the whole set of variations, whichever page is asked for.
     colors: list[str] = []
     prices: list[tuple[float, str, str]] = []
+    for child in children:
+        child_item = lookup(ctx.settings, ctx.marketplace, child).item
+        if child_item is not None:
+            colors.append(child_item.color)
+            listing = child_item.listing
+            prices.append((listing.amount, listing.currency, listing.display_amount))
+    rendered: list[str] = []
     for child in page_ids:
         child_entry = lookup(ctx.settings, ctx.marketplace, child)
         if child_entry.item is None:
             continue
-        colors.append(child_entry.item.color)
-        listing = child_entry.item.listing
-        prices.append((listing.amount, listing.currency, listing.display_amount))
         text = _render(ctx, child, resources, tag)
         if text is None:
             continue
