@@ -43,8 +43,12 @@ Choices:
 - **Crash safety**: the job file leaves ``processing/`` last, after its output and status,
   and its ledger is removed after that. A job found in ``processing/`` at start is resumed;
   its ledger makes every row come out exactly once. In ``done/`` and ``failed/`` a job
-  file's presence marks a complete filing: outputs without their job file are leftovers of
-  an interrupted filing and are overwritten when the job is filed again.
+  file's presence marks a complete filing. The name a job is filed under is kept in a
+  marker beside it (``<name>.out.<format>.filing``) until the filing ends, so a job whose
+  filing was interrupted is filed again under the same name, over that filing's outputs,
+  never beside them. A refusal (a reserved name) takes the ``inbox/`` entry first, under a
+  hidden ``.refusing-`` name in ``failed/``: of two daemons only one files it, and one
+  interrupted is put back into ``inbox/`` at the next start.
 - **Signals**: the first SIGTERM/SIGINT/SIGHUP stops claiming and cancels the current job (its
   finished rows are committed; it stays in ``processing/`` and resumes at the next start),
   closes the broker and returns (exit 0). A second signal exits at once with 75, however
@@ -63,6 +67,7 @@ import hashlib
 import itertools
 import json
 import os
+import secrets
 import signal
 import sqlite3
 import stat
@@ -126,6 +131,8 @@ _NO_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errn
 # The longest name a job is processed under, in bytes: the longest work file adds 30 bytes
 # (".out.sqlite.invalid.jsonl.tmp") and filing may add "-NNN", within the usual 255.
 _MAX_NAME_BYTES: Final = 200
+# The start of the hidden name under which an inbox/ entry is refused into failed/.
+_REFUSING: Final = ".refusing-"
 #: How often a running job's file is checked for, so a job deleted from processing/ stops.
 _REMOVAL_CHECK_S: Final = 1.0
 
@@ -214,10 +221,16 @@ class SpoolJob:
         """The invalid-row report (the runner writes it beside the output)."""
         return report_path(self.out)
 
+    @property
+    def filing_marker(self) -> Path:
+        """Where the job is being filed (see :meth:`Spool.file`), while it is."""
+        return self.out.with_name(f"{self.out.name}.filing")
+
     def work_files(self) -> tuple[Path, ...]:
-        """Every file the runner may leave beside the job."""
+        """Every file the runner (or a filing) may leave beside the job."""
         ledger = self.ledger
         return (
+            self.filing_marker,
             self.out,
             self.invalid_report,
             self.invalid_report.with_name(self.invalid_report.name + ".tmp"),
@@ -337,16 +350,42 @@ class Spool:
         self, name: str, status: Mapping[str, object], as_name: str | None = None
     ) -> Path | None:
         """File ``inbox/<name>`` straight into ``failed/`` (as ``as_name``, default the same
-        name); None if it vanished meanwhile."""
-        base = _free_name(self.failed, as_name or name)
+        name); None if it vanished meanwhile (another daemon took it).
+
+        The entry is taken first, by a rename to a hidden name in ``failed/``: of two daemons
+        refusing it, only one gets it, and the other writes nothing. A crash before it is
+        filed leaves the hidden entry, which :meth:`recover` puts back into ``inbox/``.
+        """
+        target = as_name or name
+        held = self.failed / f"{_REFUSING}{secrets.token_hex(4)}.{target}"
+        try:
+            os.rename(self.inbox / name, held)
+        except FileNotFoundError:
+            return None
+        base = _free_name(self.failed, target)
         _write_status(self.failed / f"{base}.status.json", status)
         try:
-            os.rename(self.inbox / name, self.failed / base)
+            os.rename(held, self.failed / base)
         except FileNotFoundError:
+            # A daemon starting meanwhile put it back into inbox/: refused there again.
             (self.failed / f"{base}.status.json").unlink(missing_ok=True)
             return None
         _fsync_dir(self.failed)
         return self.failed / base
+
+    def recover(self) -> list[str]:
+        """Put entries a refusal left half-done (a crash) back into ``inbox/``; their names."""
+        recovered = []
+        with os.scandir(self.failed) as entries:
+            held = [entry.name for entry in entries if entry.name.startswith(_REFUSING)]
+        for entry in held:
+            _, _, name = entry[len(_REFUSING) :].partition(".")
+            if not name:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.failed / entry, self.inbox / _free_name(self.inbox, name))
+                recovered.append(name)
+        return recovered
 
     def file(self, job: SpoolJob, outcome: str, status: Mapping[str, object]) -> Path:
         """Move a finished job into ``done/`` (with its outputs) or ``failed/``.
@@ -358,7 +397,7 @@ class Spool:
             The job file's new path.
         """
         dest = self.done if outcome == "done" else self.failed
-        base = _free_name(dest, job.name)
+        base = self._filing_name(job, dest)
         record = dict(status)
         if outcome == "done":
             record["output"] = _move(job.out, dest, f"{base}.out.{job.format}")
@@ -372,6 +411,38 @@ class Spool:
         for path in job.work_files():
             path.unlink(missing_ok=True)
         return dest / base
+
+
+    def _filing_name(self, job: SpoolJob, dest: Path) -> str:
+        """The name ``job`` is filed under in ``dest``, kept in its filing marker.
+
+        A filing the daemon did not finish (a crash) left the marker: the job is filed
+        under the same name again, overwriting that filing's outputs and status, so
+        ``dest`` never holds its rows twice. Without a marker, the first free name.
+        """
+        marker = job.filing_marker
+        try:
+            before = json.loads(marker.read_text(encoding="utf-8"))
+            where, name = str(before["dest"]), str(before["name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            where = name = ""
+        if name and where == dest.name and not (dest / name).exists():
+            return name
+        if name and where in (self.done.name, self.failed.name):
+            # Filed elsewhere before the crash (the job's outcome changed): drop that try.
+            for left in _filing_files(self.root / where, name):
+                left.unlink(missing_ok=True)
+        base = _free_name(dest, job.name)
+        _write_status(marker, {"dest": dest.name, "name": base})
+        return base
+
+
+def _filing_files(directory: Path, name: str) -> list[Path]:
+    """The status and output files a filing under ``name`` writes into ``directory``."""
+    names = [f"{name}{_STATUS_SUFFIX}"]
+    for fmt in _FORMATS:
+        names += [f"{name}.out.{fmt}", f"{name}.out.{fmt}.invalid.jsonl"]
+    return [directory / each for each in names]
 
 
 def _is_reserved(name: str) -> bool:
@@ -425,10 +496,8 @@ def _free_name(directory: Path, name: str) -> str:
     ``r.txt``'s status; an output kept after its job file was deleted holds its outputs)."""
 
     def free(candidate: str) -> bool:
-        names = [candidate, f"{candidate}{_STATUS_SUFFIX}"]
-        for fmt in _FORMATS:
-            names += [f"{candidate}.out.{fmt}", f"{candidate}.out.{fmt}.invalid.jsonl"]
-        return not any((directory / each).exists() for each in names)
+        taken = [directory / candidate, *_filing_files(directory, candidate)]
+        return not any(path.exists() for path in taken)
 
     if free(name):
         return name
@@ -448,7 +517,8 @@ def _move(source: Path, directory: Path, name: str) -> str | None:
 
 
 def _write_status(path: Path, status: Mapping[str, object]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+    # A temporary name of its own: two daemons may write beside each other.
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with temporary.open("w", encoding="utf-8") as stream:
         json.dump(status, stream, ensure_ascii=False, indent=2)
         stream.write("\n")
@@ -616,6 +686,13 @@ class Daemon:
         swept = self.spool.sweep()
         if swept:
             logger.info("broker.spool_swept", removed=swept)
+        recovered = self.spool.recover()
+        if recovered:
+            logger.warning(
+                "broker.spool_refusals_recovered",
+                jobs=[_shown(name) for name in recovered],
+                note="a stop mid-refusal: back in inbox/, they are refused again",
+            )
         duplicates = self.spool.drop_duplicates()
         if duplicates:
             logger.warning(

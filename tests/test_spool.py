@@ -1,0 +1,145 @@
+"""The spool's file operations under two daemons and crashes: claiming, refusing, filing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from broker.jobs import serve
+from broker.jobs.serve import Spool, SpoolJob
+
+
+@pytest.fixture(name="spool")
+def _spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    return spool
+
+
+def _status(job: str) -> dict[str, object]:
+    return {"job": job, "outcome": "failed", "error": "reserved"}
+
+
+def _statuses(directory: Path) -> dict[str, Mapping[str, object]]:
+    return {
+        path.name: json.loads(path.read_text())
+        for path in directory.iterdir()
+        if path.name.endswith(".status.json")
+    }
+
+
+class TestRejectRace:
+    """Two daemons refusing the same inbox entry: one files it, the other moves on."""
+
+    def test_the_loser_neither_fails_nor_removes_the_winners_status(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The second daemon's refusal, interleaved with the first's, returns None quietly."""
+        (spool.inbox / "r.out.csv").write_text("B000000001\n")
+        other = Spool(spool.root)
+        original = serve._write_status
+        results: list[Path | None] = []
+        started: list[bool] = []
+
+        def interleaved(path: Path, status: Mapping[str, object]) -> None:
+            if not started:
+                started.append(True)
+                results.append(other.reject("r.out.csv", _status("r.out.csv")))
+            original(path, status)
+
+        monkeypatch.setattr(serve, "_write_status", interleaved)
+        results.append(spool.reject("r.out.csv", _status("r.out.csv")))
+        filed = [path for path in results if path is not None]
+        assert len(filed) == 1
+        assert sorted(p.name for p in spool.failed.iterdir()) == [
+            "r.out.csv",
+            "r.out.csv.status.json",
+        ]
+        assert _statuses(spool.failed)["r.out.csv.status.json"]["job"] == "r.out.csv"
+        assert not list(spool.inbox.iterdir())
+
+    def test_a_crash_mid_refusal_leaves_the_entry_to_be_refused_again(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A daemon that dies between taking the entry and filing it loses nothing: the next
+        start puts the entry back into inbox/, where it is refused again."""
+        (spool.inbox / "r.out.csv").write_text("B000000001\n")
+
+        def crash(path: Path, status: Mapping[str, object]) -> None:
+            raise SystemExit("killed")
+
+        monkeypatch.setattr(serve, "_write_status", crash)
+        with pytest.raises(SystemExit):
+            spool.reject("r.out.csv", _status("r.out.csv"))
+        monkeypatch.undo()
+        assert Spool(spool.root).recover() == ["r.out.csv"]
+        assert [p.name for p in spool.inbox.iterdir()] == ["r.out.csv"]
+        assert [p.name for p in spool.failed.iterdir()] == []
+
+
+def _finished_job(spool: Spool, name: str, rows: str) -> SpoolJob:
+    (spool.processing / name).write_text("B000000001\n")
+    job = spool.job(name, "jsonl")
+    job.out.write_text(rows)
+    return job
+
+
+class TestFilingCrash:
+    """A crash while a job is filed, then the job is filed again at the next start."""
+
+    @pytest.mark.parametrize("crash_at", ["status", "job file"])
+    def test_refiling_overwrites_the_leftovers_instead_of_a_second_copy(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch, crash_at: str
+    ) -> None:
+        """The second filing takes the first one's name: done/ holds the job's rows once."""
+        job = _finished_job(spool, "crash.txt", '{"asin": "B000000001"}\n')
+        crash: Callable[..., None]
+
+        def crash(*args: object, **kwargs: object) -> None:
+            raise SystemExit("killed")
+
+        if crash_at == "status":
+            monkeypatch.setattr(serve, "_write_status", crash)
+        else:
+            monkeypatch.setattr(serve.os, "replace", _failing_for(job.path, crash))
+        with pytest.raises(SystemExit):
+            spool.file(job, "done", {"job": "crash.txt", "outcome": "done"})
+        monkeypatch.undo()
+        assert job.path.exists()  # still claimed: it is filed again at the next start
+        again = Spool(spool.root)
+        job = again.job("crash.txt", "jsonl")
+        job.out.write_text('{"asin": "B000000001"}\n')
+        filed = again.file(job, "done", {"job": "crash.txt", "outcome": "done"})
+        assert filed == spool.done / "crash.txt"
+        assert sorted(p.name for p in spool.done.iterdir()) == [
+            "crash.txt",
+            "crash.txt.out.jsonl",
+            "crash.txt.status.json",
+        ]
+        assert sorted(p.name for p in spool.processing.iterdir()) == []
+
+    def test_outputs_kept_after_their_job_file_was_deleted_are_not_overwritten(
+        self, spool: Spool
+    ) -> None:
+        """Outputs a user kept (the job file deleted from done/) are no leftovers of ours."""
+        first = _finished_job(spool, "x.txt", "first\n")
+        spool.file(first, "done", {"job": "x.txt", "outcome": "done"})
+        (spool.done / "x.txt").unlink()
+        second = _finished_job(spool, "x.txt", "second\n")
+        assert spool.file(second, "done", {"job": "x.txt", "outcome": "done"}).name == "x-2.txt"
+        assert (spool.done / "x.txt.out.jsonl").read_text() == "first\n"
+
+
+def _failing_for(target: Path, crash: Callable[..., None]) -> Callable[..., None]:
+    """``os.replace`` that crashes when it would move ``target``."""
+    real = serve.os.replace
+
+    def replace(source: object, dest: object) -> None:
+        if Path(str(source)) == target:
+            crash()
+        real(source, dest)  # type: ignore[arg-type]
+
+    return replace
