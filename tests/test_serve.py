@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from conftest import ENV, key_doc
 
 from broker import cli
 from broker.cache import CacheStats
@@ -35,6 +36,8 @@ from broker.jobs.metrics_http import (
 )
 from broker.jobs.runner import ExitCode
 from broker.jobs.serve import Daemon, ServeOptions, spool_name
+from broker.simulator.server import SimulatorServer
+from broker.simulator.settings import LatencyProfile, SimulatorSettings
 from broker.testing import FakeClock
 
 _ACCOUNT = {
@@ -634,6 +637,37 @@ class TestProcess:
                 proc.wait()
             if proc.stderr is not None:
                 proc.stderr.close()
+
+    async def test_first_signal_drains_the_running_job(self, tmp_path: Path) -> None:
+        """A first SIGTERM lets the requests already sent be answered and written, as
+        ``broker run`` does: no answer paid for is thrown away, and the job resumes later."""
+        settings = SimulatorSettings(limits=False, latency=LatencyProfile(fixed_ms=300.0))
+        async with SimulatorServer(settings) as sim:
+            document = {
+                "api": {"endpoint": sim.url},
+                "keys": [{**key_doc(tps=100.0), "max_in_flight": 4}],
+                "engine": {"linger_s": 0.005},
+            }
+            config = parse_config(document, environ=ENV)
+            options = ServeOptions(
+                spool=tmp_path,
+                port=0,
+                poll_s=0.05,
+                progress="none",
+                handle_signals=False,
+                settle_s=0.0,
+            )
+            daemon = Daemon(config, options)
+            task = asyncio.get_running_loop().create_task(daemon.run())
+            _drop(tmp_path, "big.txt", "\n".join(_asins(200, "B3")) + "\n")
+            await _until(lambda: sim.stats.accounts["demo"].accepted >= 2)
+            daemon._signals(signal.SIGTERM)
+            await asyncio.wait_for(task, 15)
+            served = sim.stats.accounts["demo"].items_served
+        rows = _rows(tmp_path / "processing" / "big.txt.out.jsonl")
+        assert 0 < len(rows) < 200
+        assert len(rows) == served  # every answer the simulator sent was written
+        assert (tmp_path / "processing" / "big.txt").exists()
 
     async def test_second_signal_forces_exit_75(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -97,6 +97,9 @@ class JobOptions:
     #: After a first SIGINT/SIGTERM/SIGHUP, how long lookups already admitted may take to finish
     #: before the run stops anyway; under the 30 s Kubernetes waits before SIGKILL.
     drain_grace_s: float = 20.0
+    #: Set by a caller that handles the signals itself (``broker serve``) to drain the run
+    #: as a first signal does.
+    drain: asyncio.Event | None = field(default=None, compare=False)
     #: Stop (exit 75, resumable) instead of waiting when every usable key's daily quota
     #: is spent; for cron-style runs that should not sit idle until the window resets.
     no_wait: bool = False
@@ -300,7 +303,7 @@ async def _run_once(
     summary = JobSummary(out=str(options.out))
     stop = _Stop(options.drain_grace_s)
     with (
-        _signals(stop, enabled=options.handle_signals),
+        _signals(stop, enabled=options.handle_signals, drain=options.drain),
         JobLock(ledger_file),
         _forget_refused(ledger_file) as refusal,
         Ledger.open(
@@ -695,13 +698,22 @@ class _Stop:
         self._fetch: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
+    async def drain_when(self, event: asyncio.Event) -> None:
+        """Drain as at a first signal once ``event`` is set (a caller's own signal handling)."""
+        await event.wait()
+        if not self.requested:
+            self._drain(signal=None, asked_by="the caller")
+
     def on_first_signal(self, sig: signal.Signals) -> None:
         """The first stop signal: admit nothing new, drain for at most the grace period."""
+        self._drain(signal=sig.name)
+
+    def _drain(self, **why: str | None) -> None:
         self.requested = True
         self.draining.set()
         logger.warning(
             "broker.job_stopping",
-            signal=sig.name,
+            **why,
             mode="drain",
             grace_s=self._grace_s,
             note="no new requests; those already sent are answered and written, the rest "
@@ -759,8 +771,10 @@ class _Stop:
 
 
 @contextlib.contextmanager
-def _signals(stop: _Stop, *, enabled: bool) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to ``stop`` for the whole run (when ``enabled``)."""
+def _signals(stop: _Stop, *, enabled: bool, drain: asyncio.Event | None) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``stop`` for the whole run (when ``enabled``), and a
+    caller's ``drain`` event (when given)."""
+    waiter = asyncio.ensure_future(stop.drain_when(drain)) if drain is not None else None
     try:
         policy = StopSignals(
             stop.on_first_signal,
@@ -770,6 +784,8 @@ def _signals(stop: _Stop, *, enabled: bool) -> Iterator[None]:
         with installed(policy, enabled=enabled):
             yield
     finally:
+        if waiter is not None:
+            waiter.cancel()
         stop.close()
 
 

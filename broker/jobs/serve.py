@@ -49,11 +49,12 @@ Choices:
   never beside them. A refusal (a reserved name) takes the ``inbox/`` entry first, under a
   hidden ``.refusing-`` name in ``failed/``: of two daemons only one files it, and one
   interrupted is put back into ``inbox/`` at the next start.
-- **Signals**: the first SIGTERM/SIGINT/SIGHUP stops claiming and cancels the current job (its
-  finished rows are committed; it stays in ``processing/`` and resumes at the next start),
-  closes the broker and returns (exit 0). A second signal exits at once with 75, however
-  soon it follows (only a copy of the first SIGINT that ``uv run`` forwards within a
-  fraction of a second counts as the same signal).
+- **Signals**: the first SIGTERM/SIGINT/SIGHUP stops claiming and drains the current job as
+  ``broker run`` does (the requests already sent are answered and written, for at most 20 s;
+  the rest stay pending, and a job not finished so stays in ``processing/`` and resumes at
+  the next start), closes the broker and returns (exit 0). A second signal exits at once
+  with 75, however soon it follows (only a copy of the first SIGINT that ``uv run``
+  forwards within a fraction of a second counts as the same signal).
 """
 
 from __future__ import annotations
@@ -412,7 +413,6 @@ class Spool:
             path.unlink(missing_ok=True)
         return dest / base
 
-
     def _filing_name(self, job: SpoolJob, dest: Path) -> str:
         """The name ``job`` is filed under in ``dest``, kept in its filing marker.
 
@@ -587,7 +587,6 @@ class Daemon:
             sigint_echo=sigint_echo_window() if options.handle_signals else None,
         )
         self._broker: Broker | None = None
-        self._job_task: asyncio.Task[JobSummary] | None = None
         self._current: SpoolJob | None = None
         self._jobs_done = 0
         self._jobs_failed = 0
@@ -645,18 +644,18 @@ class Daemon:
         )
 
     def request_stop(self) -> None:
-        """Stop claiming and cancel the current job (it resumes at the next start)."""
+        """Stop claiming and drain the current job as ``broker run`` does at a first signal:
+        requests already sent are answered and written (for at most ``drain_grace_s``), the
+        rest stay pending, and the job resumes at the next start."""
         self._stop.set()
-        if self._job_task is not None:
-            self._job_task.cancel()
 
     def _on_first_signal(self, sig: signal.Signals) -> None:
         logger.warning(
             "broker.daemon_stopping",
             signal=sig.name,
             job=self._current.name if self._current else None,
-            note="the current job stays in processing/ and resumes at the next start; "
-            "send the signal again to stop at once",
+            note="no new requests; those already sent are answered and written, and an "
+            "unfinished job resumes at the next start; send the signal again to stop at once",
         )
         self.request_stop()
 
@@ -808,12 +807,12 @@ class Daemon:
             handle_signals=False,
             convert_isbn13=self._options.convert_isbn13,
             no_wait=self._options.no_wait,
+            drain=self._stop,
         )
         before = broker.metrics()
         self._current = job
         loop = asyncio.get_running_loop()
         task = loop.create_task(run_job(self._config, options, broker=broker))
-        self._job_task = task
         watcher = loop.create_task(self._watch_removal(job, task))
         try:
             summary = await task
@@ -853,13 +852,20 @@ class Daemon:
             raise
         finally:
             watcher.cancel()
-            self._job_task = None
             self._current = None
         if summary.quota_wait_until is not None:
             self._defer(job, summary.quota_wait_until)
             return
         if summary.stopped_by_signal or summary.pending:
-            logger.error("broker.job_unfinished", job=name, pending=summary.pending)
+            if self._stop.is_set():
+                logger.info(
+                    "broker.job_stopped",
+                    job=name,
+                    pending=summary.pending,
+                    note="resumes at the next start",
+                )
+            else:
+                logger.error("broker.job_unfinished", job=name, pending=summary.pending)
             return
         if self._fail_changed(job, before_stat):
             return
