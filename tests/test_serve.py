@@ -27,6 +27,8 @@ from broker.cache import CacheStats
 from broker.config import BrokerConfig, parse_config
 from broker.engine.metrics import KeySnapshot, MetricsSnapshot
 from broker.errors import ConfigError
+from broker.jobs import serve
+from broker.jobs.lock import JobLock
 from broker.jobs.metrics_http import (
     JobRows,
     MetricsServer,
@@ -34,6 +36,7 @@ from broker.jobs.metrics_http import (
     readiness,
     render_metrics,
 )
+from broker.jobs.paths import ledger_path
 from broker.jobs.runner import ExitCode
 from broker.jobs.serve import Daemon, ServeOptions, spool_name
 from broker.simulator.server import SimulatorServer
@@ -415,6 +418,25 @@ class TestResume:
         assert sorted(r["line"] for r in rows) == list(range(1, 26))
         assert status["rows"]["total"] == 25
         assert status["requests"] <= 25 - partial + 4  # only what was not done (+ in flight)
+        assert os.listdir(spool / "processing") == []
+
+    async def test_a_dead_siblings_job_is_taken_over(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job left in processing/ while this daemon runs (its replica was killed) is
+        resumed once its lock is free; while a live daemon holds it, it is left alone."""
+        monkeypatch.setattr(serve, "_ORPHAN_CHECK_S", 0.05)
+        await start()
+        (spool / "processing").mkdir(parents=True, exist_ok=True)
+        orphan = spool / "processing" / "orphan.txt"
+        orphan.write_text("\n".join(_asins(5, "B0ORPH")) + "\n")
+        held = JobLock(ledger_path(spool / "processing" / "orphan.txt.out.jsonl")).acquire()
+        await asyncio.sleep(0.5)
+        assert orphan.exists()  # a live sibling holds it: not ours
+        assert not (spool / "done" / "orphan.txt").exists()
+        held.close()  # the sibling dies: the kernel drops its lock
+        status = await _filed(spool, "orphan.txt")
+        assert status["rows"]["total"] == 5
         assert os.listdir(spool / "processing") == []
 
     async def test_daily_count_is_the_keys_shared_state(self, start: Start, spool: Path) -> None:

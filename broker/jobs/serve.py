@@ -41,7 +41,8 @@ Choices:
   kept open for the daemon's life; rates, circuits and the daily count are the keys'
   shared state, so they carry over from job to job, across restarts and between daemons.
 - **Crash safety**: the job file leaves ``processing/`` last, after its output and status,
-  and its ledger is removed after that. A job found in ``processing/`` at start is resumed;
+  and its ledger is removed after that. A job found in ``processing/`` at start is resumed,
+  and so is one whose lock no process holds while the daemon runs (another replica died);
   its ledger makes every row come out exactly once. In ``done/`` and ``failed/`` a job
   file's presence marks a complete filing. The name a job is filed under is kept in a
   marker beside it (``<name>.out.<format>.filing``) until the filing ends, so a job whose
@@ -85,7 +86,7 @@ from broker.client import Broker
 from broker.clock import Clock, LoopClock
 from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
-from broker.jobs.lock import JobLockedError
+from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.paths import ledger_path, report_path
 from broker.jobs.runner import JobOptions, JobSummary, describe_failure, is_about, run_job
@@ -134,6 +135,9 @@ _NO_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errn
 _MAX_NAME_BYTES: Final = 200
 # The start of the hidden name under which an inbox/ entry is refused into failed/.
 _REFUSING: Final = ".refusing-"
+#: How often an idle daemon looks in processing/ for a job no live daemon holds (its
+#: replica was killed while this one ran).
+_ORPHAN_CHECK_S: Final = 10.0
 #: How often a running job's file is checked for, so a job deleted from processing/ stops.
 _REMOVAL_CHECK_S: Final = 1.0
 
@@ -599,6 +603,8 @@ class Daemon:
         self._ignored: set[str] = set()
         # Jobs stopped by ``no_wait`` -> when their keys' daily quota resets.
         self._deferred: dict[str, datetime] = {}
+        # When processing/ is next looked at for jobs a dead daemon left (monotonic).
+        self._orphans_due = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -705,7 +711,7 @@ class Daemon:
             logger.info("broker.job_resumed", job=left)
             await self._process(broker, left)
         while not self._stop.is_set():
-            name = self._due_deferred() or self._claim_next()
+            name = self._due_deferred() or self._orphan() or self._claim_next()
             if name is None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._options.poll_s):
@@ -730,6 +736,32 @@ class Daemon:
                 if (self.spool.processing / name).exists():
                     logger.info("broker.job_resumed", job=name, note="daily quota reset")
                     return name
+        return None
+
+    def _orphan(self) -> str | None:
+        """A job in processing/ whose lock no process holds, at most every few seconds.
+
+        Jobs found there at start are resumed then; this takes over one whose daemon died
+        while this one ran (two replicas on one spool). A job another daemon drives holds
+        its lock and is left alone, as are this daemon's own deferred jobs.
+        """
+        now = self._clock.monotonic()
+        if now < self._orphans_due:
+            return None
+        self._orphans_due = now + _ORPHAN_CHECK_S
+        for name in self.spool.claimed():
+            if name in self._deferred:
+                continue
+            lock = JobLock(self.spool.job(name, self._config.output.format).ledger)
+            try:
+                lock.acquire()
+            except (JobLockedError, OSError):
+                continue
+            lock.close()
+            logger.warning(
+                "broker.job_resumed", job=name, note="left in processing/ by a daemon that died"
+            )
+            return name
         return None
 
     def _say_ignored(self, skipped: dict[str, str]) -> None:
