@@ -367,12 +367,16 @@ class TestJobs:
     async def test_dotfiles_tmp_symlinks_and_directories_are_ignored(
         self, start: Start, spool: Path
     ) -> None:
-        """Only regular, finished job files are claimed; reserved names are refused. A link
+        """Only regular, finished job files are claimed (not a download's or an editor's file
+        still being written); reserved names are refused. A link
         or a directory left in inbox/ is said once (a warning), not passed over in silence."""
         inbox = spool / "inbox"
         inbox.mkdir(parents=True)
         (inbox / ".hidden.txt").write_text("B0HIDDEN01\n")
         (inbox / "writing.txt.tmp").write_text("B0WRITING1\n")
+        partial = ["a.csv.part", "b.csv.partial", "c.csv.crdownload", "d.txt.swp", "e.txt~"]
+        for name in partial:
+            (inbox / name).write_text("B0PARTIAL1\n")
         (inbox / "subdir").mkdir()
         (tmp := spool / "elsewhere.txt").write_text("B0ELSEWHR1\n")
         (inbox / "link.txt").symlink_to(tmp)
@@ -388,7 +392,9 @@ class TestJobs:
         assert ignored == [("link.txt", "symbolic link"), ("subdir", "directory")]
         reserved = await _filed(spool, "x.out.jsonl", "failed")
         assert "reserved" in reserved["error"]
-        assert sorted(os.listdir(inbox)) == [".hidden.txt", "link.txt", "subdir", "writing.txt.tmp"]
+        assert sorted(os.listdir(inbox)) == sorted(
+            [".hidden.txt", "link.txt", "subdir", "writing.txt.tmp", *partial]
+        )
         assert sorted(os.listdir(spool / "done")) == [
             "real.txt",
             "real.txt.out.jsonl",

@@ -24,7 +24,9 @@ Choices:
   still writing straight into ``inbox/`` is so not claimed half-written; should it write
   again after a pause longer than ``settle_s``, the change is seen when the job ends and
   the job is filed under ``failed/``, never as done with rows missing.
-- **Ignored entries**: dotfiles, ``*.tmp``, symlinks and anything but a regular file. Names
+- **Ignored entries**: dotfiles, ``*.tmp`` and other names of files still being written
+  (``*.part``, ``*.partial``, ``*.crdownload``, ``*.swp``, ``*~``), symlinks and anything but
+  a regular file. Names
   containing ``.out.jsonl``, ``.out.csv`` or ``.out.sqlite`` are the daemon's own work files
   and are refused into ``failed/``. Output names derive from the job's name only.
 - **Awkward names**: a job whose name is not UTF-8, or too long to take the work files'
@@ -133,6 +135,9 @@ _NO_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errn
 # The longest name a job is processed under, in bytes: the longest work file adds 30 bytes
 # (".out.sqlite.invalid.jsonl.tmp") and filing may add "-NNN", within the usual 255.
 _MAX_NAME_BYTES: Final = 200
+# The ends of names that files still being written carry: ours (``*.tmp``), downloaders'
+# (``.part``, ``.partial``, ``.crdownload``) and editors' (``.swp``, ``~``).
+_UNFINISHED: Final = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
 # The start of the hidden name under which an inbox/ entry is refused into failed/.
 _REFUSING: Final = ".refusing-"
 #: How often an idle daemon looks in processing/ for a job no live daemon holds (its
@@ -470,7 +475,7 @@ def _job_entries(
     found: list[tuple[int, str, os.stat_result]] = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.name.startswith(".") or entry.name.endswith(".tmp"):
+            if entry.name.startswith(".") or entry.name.endswith(_UNFINISHED):
                 continue
             try:
                 info = entry.stat(follow_symlinks=False)
