@@ -779,6 +779,28 @@ class TestDaemonSurvives:
         assert not (spool / "done" / "gone.txt.status.json").exists()
         assert os.listdir(spool / "processing") == []
 
+    async def test_rows_total_never_goes_down(self, start: Start, spool: Path) -> None:
+        """asinb_rows_total is a counter: rows written by a job that is then dropped (or
+        resumed by a later start) stay counted, and none is counted twice."""
+        running = await start(_config(tps=10.0, batch_size=1))
+        _drop(spool, "gone.txt", "\n".join(_asins(200, "B0GONE")) + "\n")
+        out = spool / "processing" / "gone.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
+
+        async def total() -> float:
+            samples = _samples((await _get(f"{running.url}/metrics"))[2])
+            return sum(v for k, v in samples.items() if k.startswith("asinb_rows_total{"))
+
+        seen = await total()
+        assert seen >= 3
+        (spool / "processing" / "gone.txt").unlink()
+        _drop(spool, "next.txt", "B0NEXTJOB1\n")
+        await _filed(spool, "next.txt")
+        after = await total()
+        assert after >= seen + 1
+        written = len(_rows(out)) if out.exists() else None
+        assert written is None or after == written + 1
+
     async def test_n4_long_reserved_name_is_refused_under_a_safe_name(
         self, start: Start, spool: Path
     ) -> None:

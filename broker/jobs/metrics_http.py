@@ -73,8 +73,8 @@ class SpoolSnapshot:
         jobs_done: jobs filed under ``done/`` since the daemon started.
         jobs_failed: jobs filed under ``failed/`` since the daemon started.
         inbox: job files waiting in ``inbox/`` at the last scan.
-        rows_by_status: final rows of every job since the daemon started, the current
-            job's rows so far included.
+        rows_by_status: rows the daemon wrote since it started, by final status, counted
+            as they are written (a counter: it never goes down).
         jobs: the current job first (if any), then the most recent finished jobs.
     """
 
@@ -185,7 +185,9 @@ def render_metrics(
     out.sample("asinb_jobs_total", spool.jobs_failed, outcome="failed")
     out.family("asinb_inbox_jobs", "gauge", "Job files waiting in inbox/ at the last scan.")
     out.sample("asinb_inbox_jobs", spool.inbox)
-    out.family("asinb_rows_total", "counter", "Final rows of all jobs since start, by status.")
+    out.family(
+        "asinb_rows_total", "counter", "Rows written since the daemon started, by final status."
+    )
     for status, count in sorted(spool.rows_by_status.items()):
         out.sample("asinb_rows_total", count, status=status)
     out.family("asinb_job_rows", "gauge", "Rows of the current and recent jobs, by status.")

@@ -600,7 +600,10 @@ class Daemon:
         self._jobs_done = 0
         self._jobs_failed = 0
         self._inbox = 0
+        # Rows this process wrote, by final status: only ever grows (``asinb_rows_total``).
         self._rows: collections.Counter[str] = collections.Counter()
+        # The current job's rows already in ``_rows`` (its tally before this run, at first).
+        self._rows_counted: dict[str, int] = {}
         self._recent: collections.deque[JobRows] = collections.deque(maxlen=_RECENT_JOBS)
         # inbox/ name -> (what stat said, monotonic time it was first seen so)
         self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}
@@ -847,6 +850,8 @@ class Daemon:
             drain=self._stop,
         )
         before = broker.metrics()
+        # A resumed job's rows of earlier runs were counted by the process that wrote them.
+        self._rows_counted = _ledger_tally(job.ledger) or {}
         self._current = job
         loop = asyncio.get_running_loop()
         task = loop.create_task(run_job(self._config, options, broker=broker))
@@ -889,6 +894,7 @@ class Daemon:
             raise
         finally:
             watcher.cancel()
+            self._count_rows(_ledger_tally(job.ledger) or {})
             self._current = None
         if summary.quota_wait_until is not None:
             self._defer(job, summary.quota_wait_until)
@@ -1005,7 +1011,7 @@ class Daemon:
             return
         path = self.spool.file(job, "done", status)
         self._jobs_done += 1
-        self._rows.update(summary.by_status)
+        self._count_rows(summary.by_status)
         # Labelled by the filed name: two jobs called daily.txt are daily.txt and daily-2.txt.
         self._recent.appendleft(JobRows(path.name, dict(summary.by_status)))
         logger.info(
@@ -1074,13 +1080,23 @@ class Daemon:
         """The item cache's figures (None while the broker is closed or the cache is off)."""
         return await self._broker.cache_stats() if self._broker is not None else None
 
+    def _count_rows(self, tally: Mapping[str, int]) -> None:
+        """Add the current job's rows not counted yet (``tally``: its rows by status)."""
+        for status, n in tally.items():
+            if status == "pending":
+                continue
+            new = n - self._rows_counted.get(status, 0)
+            if new > 0:
+                self._rows[status] += new
+                self._rows_counted[status] = n
+
     def spool_snapshot(self) -> SpoolSnapshot:
         """The daemon's job counters, the current job's rows read live from its ledger."""
-        rows = collections.Counter(self._rows)
         jobs = list(self._recent)
         if self._current is not None:
             live = _ledger_tally(self._current.ledger) or {}
-            rows.update({status: n for status, n in live.items() if status != "pending"})
+            # Counted as they are written: a job dropped or stopped later keeps them counted.
+            self._count_rows(live)
             # The name it will be filed under, so it never repeats a finished job's label.
             label = _free_name(self.spool.done, self._current.name)
             jobs.insert(0, JobRows(label, live))
@@ -1089,7 +1105,7 @@ class Daemon:
             jobs_done=self._jobs_done,
             jobs_failed=self._jobs_failed,
             inbox=self._inbox,
-            rows_by_status=dict(rows),
+            rows_by_status=dict(self._rows),
             jobs=tuple(jobs),
         )
 
