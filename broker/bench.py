@@ -23,14 +23,16 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import resource
+import signal
 import statistics
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 from broker.config import BrokerConfig, parse_config
 from broker.errors import ConfigError
@@ -208,18 +210,26 @@ class BenchOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Each message names the command-line flag: the options come from there.
         if self.keys < 1:
-            raise ConfigError("bench.keys", "must be at least 1")
-        if self.tps < 0 or (self.broker_tps is not None and self.broker_tps <= 0):
-            raise ConfigError("bench.tps", "must be positive (0 = simulator limits off)")
-        if self.duration_s <= 0 or self.warmup_s < 0:
-            raise ConfigError("bench.duration", "must be positive (warm-up non-negative)")
+            raise ConfigError("--keys", f"must be at least 1, got {self.keys}")
+        _number("--tps", self.tps, low=0.0, hint=" (0 turns the simulator's limits off)")
+        if self.broker_tps is not None:
+            _number("--broker-tps", self.broker_tps, low=0.0, strict=True)
+        if self.burst < 1:
+            raise ConfigError("--burst", f"must be at least 1, got {self.burst}")
+        _number("--duration", self.duration_s, low=0.0, strict=True)
+        _number("--warmup", self.warmup_s, low=0.0)
+        _number("--latency-ms", self.latency_ms, low=0.0)
+        _number("--jitter-ms", self.jitter_ms, low=0.0)
+        if self.max_in_flight < 1:
+            raise ConfigError("--max-in-flight", f"must be at least 1, got {self.max_in_flight}")
         if self.protocol not in ("creators", "paapi5"):
-            raise ConfigError("bench.protocol", "must be 'creators' or 'paapi5'")
+            raise ConfigError("--protocol", "must be 'creators' or 'paapi5'")
         unknown = sorted(set(self.faults) - set(_FAULT_KINDS))
         if unknown:
             known = ", ".join(_FAULT_KINDS)
-            raise ConfigError("bench.fault", f"unknown fault {unknown[0]!r}; known: {known}")
+            raise ConfigError("--fault", f"unknown fault {unknown[0]!r}; known: {known}")
 
     @property
     def client_tps(self) -> float:
@@ -243,6 +253,14 @@ class BenchOptions:
             "faults": dict(self.faults),
             "accounts": [make(i, tps=true_tps) for i in range(self.keys)],
         }
+
+
+def _number(flag: str, value: float, *, low: float, strict: bool = False, hint: str = "") -> None:
+    """Refuse a value that is not finite, or below ``low`` (``strict``: not above it)."""
+    below = value <= low if strict else value < low
+    if not math.isfinite(value) or below:
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise ConfigError(flag, f"must be a finite number {bound}{hint}, got {value:g}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,15 +514,53 @@ async def _measure(url: str, options: BenchOptions) -> BenchReport:
     )
 
 
-def run_bench(options: BenchOptions) -> BenchReport:
-    """Start the simulator in a child process, run the broker against it, return the figures."""
+def run_bench(options: BenchOptions, *, stop_on_signals: bool = False) -> BenchReport:
+    """Start the simulator in a child process, run the broker against it, return the figures.
+
+    Args:
+        options: the run.
+        stop_on_signals: SIGTERM and SIGINT raise :class:`_Stopped` out of the run (the
+            command's choice; the main thread only), so the child is stopped on the way out.
+    """
     from broker.simulator.process import SimulatorProcess
 
     with (
         SimulatorProcess(options.simulator_settings()) as sim,
         asyncio.Runner(loop_factory=loop_factory(options.loop)) as runner,
     ):
-        return runner.run(_measure(sim.url, options))
+        measure = _measure(sim.url, options)
+        return runner.run(_stoppable(measure) if stop_on_signals else measure)
+
+
+async def _stoppable(run: Coroutine[Any, Any, BenchReport]) -> BenchReport:
+    """``run``, cancelled by SIGTERM or SIGINT, which then raise :class:`_Stopped`.
+
+    The loop's own signal handlers: a Python handler that raises is not propagated by
+    uvloop, which prints the exception and runs on.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    caught: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not caught:
+            caught.append(sig)
+            task.cancel()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if caught:
+            raise _Stopped(caught[0]) from None
+        raise
+    finally:
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+            # Outside the loop (the simulator starting or stopping), the plain handler.
+            signal.signal(sig, _stop_signal)
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -587,13 +643,47 @@ def _faults(specs: Sequence[str]) -> dict[str, float]:
         except ValueError:
             rate = -1.0
         if not sep or not 0 <= rate <= 1:
-            raise ConfigError("bench.fault", f"{spec!r}: expected KIND=P with 0 <= P <= 1")
+            raise ConfigError("--fault", f"{spec!r}: expected KIND=P with 0 <= P <= 1")
         faults[kind.strip()] = rate
     return faults
 
 
+class _Stopped(Exception):
+    """A stop signal during a run: unwinds it, so the simulator child and its files go too."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__(sig.name)
+        self.sig = sig
+
+
+def _stop_signal(signum: int, frame: object) -> None:
+    # Once: a second signal must not interrupt the cleanup the first one started.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signal.Signals(signum))
+
+
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+
 def bench_command(args: argparse.Namespace) -> int:
-    """Run ``broker bench`` with parsed ``args``; print the table (or JSON lines)."""
+    """Run ``broker bench`` with parsed ``args``; print the table (or JSON lines).
+
+    SIGTERM or SIGINT stops it: the simulator child is stopped and its temporary files
+    removed, and the exit code is 128 plus the signal's number, with no figures.
+    """
+    previous = {sig: signal.signal(sig, _stop_signal) for sig in _STOP_SIGNALS}
+    try:
+        return _bench(args)
+    except _Stopped as stop:
+        print(f"broker bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
+        return 128 + stop.sig
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _bench(args: argparse.Namespace) -> int:
     from broker.logs import configure_logging
 
     # Only warnings and errors: the table is the output.
@@ -619,7 +709,7 @@ def bench_command(args: argparse.Namespace) -> int:
             seconds = options.warmup_s + options.duration_s
             print(f"running {loop} for {seconds:g} s ...", file=sys.stderr)
             # The broker's own config checks (e.g. --broker-tps above 1000) run inside.
-            report = run_bench(options)
+            report = run_bench(options, stop_on_signals=True)
             reports.append(report)
             if args.json:
                 print(json.dumps(report.to_json(), sort_keys=True), flush=True)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -43,16 +48,24 @@ class TestOptions:
     @pytest.mark.parametrize(
         ("kwargs", "path"),
         [
-            ({"keys": 0}, "bench.keys"),
-            ({"tps": -1.0}, "bench.tps"),
-            ({"broker_tps": 0.0}, "bench.tps"),
-            ({"duration_s": 0.0}, "bench.duration"),
-            ({"protocol": "soap"}, "bench.protocol"),
-            ({"faults": {"gremlins": 0.1}}, "bench.fault"),
+            ({"keys": 0}, "--keys"),
+            ({"tps": -1.0}, "--tps"),
+            ({"tps": math.nan}, "--tps"),
+            ({"broker_tps": 0.0}, "--broker-tps"),
+            ({"broker_tps": math.inf}, "--broker-tps"),
+            ({"duration_s": 0.0}, "--duration"),
+            ({"duration_s": math.nan}, "--duration"),
+            ({"warmup_s": -1.0}, "--warmup"),
+            ({"latency_ms": -100.0}, "--latency-ms"),
+            ({"jitter_ms": math.inf}, "--jitter-ms"),
+            ({"max_in_flight": 0}, "--max-in-flight"),
+            ({"burst": 0}, "--burst"),
+            ({"protocol": "soap"}, "--protocol"),
+            ({"faults": {"gremlins": 0.1}}, "--fault"),
         ],
     )
     def test_bad_options_name_the_option(self, kwargs: dict[str, object], path: str) -> None:
-        """Every bad option is refused with a ConfigError naming it."""
+        """Every bad option (NaN and infinity included) is refused naming its flag."""
         with pytest.raises(ConfigError) as info:
             BenchOptions(**kwargs)  # type: ignore[arg-type]
         assert info.value.path == path
@@ -172,6 +185,54 @@ class TestRun:
         )
         assert completed.returncode == 2
         assert "error_503" in completed.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_bench_stops_its_simulator(sig: signal.Signals, tmp_path: Path) -> None:
+    """SIGTERM (a supervisor's stop) or Ctrl-C ends the run without a traceback, and the
+    simulator child and its temporary directory go with it."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "broker", "bench", "--tps", "0", "--duration", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert bench.stderr is not None
+    assert "running" in bench.stderr.readline()
+    children = [int(pid) for pid in _children(bench.pid)]
+    deadline = time.monotonic() + 30
+    while not children and time.monotonic() < deadline:
+        time.sleep(0.05)
+        children = [int(pid) for pid in _children(bench.pid)]
+    assert children
+    time.sleep(0.5)
+    bench.send_signal(sig)
+    _, err = bench.communicate(timeout=30)
+    assert "Traceback" not in err
+    assert "stopped" in err
+    assert bench.returncode == 128 + sig
+    for child in children:
+        assert not Path(f"/proc/{child}").exists() or _zombie(child)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("asinb-sim-")]
+
+
+def _children(pid: int) -> list[str]:
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(stat_file.parent.name)
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_report_json_is_serialisable() -> None:
