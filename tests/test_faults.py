@@ -364,6 +364,7 @@ class TestB2QuotaExhausted:
         assert sim.stats.accounts["demo"].throttled == 0  # never hammered the server
         assert sim.stats.accounts["demo"].accepted == 5  # 3 on day one, 2 after the reset
         progress = [e for e in logs if e["event"] == "broker.progress"]
+        assert {e["job"] for e in progress} == {str(job)}  # each names its job
         waiting = [
             k for e in progress for k in e["keys"] if k["reason"] == "waiting for daily quota"
         ]

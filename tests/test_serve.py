@@ -779,6 +779,18 @@ class TestDaemonSurvives:
         assert not (spool / "done" / "gone.txt.status.json").exists()
         assert os.listdir(spool / "processing") == []
 
+    async def test_every_event_of_a_job_names_it_alike(self, start: Start, spool: Path) -> None:
+        """The log names a job by its spool name in every event, never by its passing place
+        in processing/."""
+        with structlog.testing.capture_logs() as logs:
+            await start()
+            _drop(spool, "named.txt", "\n".join(_asins(30, "B0NAME")) + "\n")
+            await _filed(spool, "named.txt")
+        events = [e for e in logs if "job" in e or e["event"] == "broker.progress"]
+        kinds = {e["event"] for e in events}
+        assert {"broker.job_claimed", "broker.job_started", "broker.job_filed"} <= kinds
+        assert {e.get("job") for e in events} == {"named.txt"}
+
     async def test_rows_total_never_goes_down(self, start: Start, spool: Path) -> None:
         """asinb_rows_total is a counter: rows written by a job that is then dropped (or
         resumed by a later start) stay counted, and none is counted twice."""

@@ -97,6 +97,9 @@ class JobOptions:
     #: After a first SIGINT/SIGTERM/SIGHUP, how long lookups already admitted may take to finish
     #: before the run stops anyway; under the 30 s Kubernetes waits before SIGKILL.
     drain_grace_s: float = 20.0
+    #: How log events name the job (``broker serve``: its spool name); None: the job
+    #: file's path as given.
+    label: str | None = None
     #: Set by a caller that handles the signals itself (``broker serve``) to drain the run
     #: as a first signal does.
     drain: asyncio.Event | None = field(default=None, compare=False)
@@ -331,19 +334,17 @@ async def _run_once(
             ingest_s = time.monotonic() - ingest_started
             logger.info(
                 "broker.job_ingested",
-                job=str(options.job),
+                job=_label(options),
                 rows=ingested,
                 seconds=round(ingest_s, 3),
                 rows_per_s=round(ingested / ingest_s) if ingest_s > 0 else None,
             )
         counts = ledger.counts()
         if counts.total == 0 and ledger.ingest_complete:
-            logger.warning(
-                "broker.job_empty", job=str(options.job), note="the job file has no rows"
-            )
+            logger.warning("broker.job_empty", job=_label(options), note="the job file has no rows")
         logger.info(
             "broker.job_started",
-            job=str(options.job),
+            job=_label(options),
             out=str(options.out),
             rows=counts.total,
             done=counts.done,
@@ -770,6 +771,11 @@ class _Stop:
             self._fetch.cancel()
 
 
+def _label(options: JobOptions) -> str:
+    """How the log names the job of ``options``."""
+    return options.label if options.label is not None else str(options.job)
+
+
 @contextlib.contextmanager
 def _signals(stop: _Stop, *, enabled: bool, drain: asyncio.Event | None) -> Iterator[None]:
     """Route SIGINT and SIGTERM to ``stop`` for the whole run (when ``enabled``), and a
@@ -799,6 +805,7 @@ class _Progress:
             options.progress == "auto" and sys.stderr.isatty()
         )
         self._quiet = options.progress == "none"
+        self._label = _label(options)
         self._every_s = 1.0 if self._live else options.progress_every_s
         self._first_s = options.first_progress_s
         self._started = time.monotonic()
@@ -838,6 +845,7 @@ class _Progress:
         else:
             logger.info(
                 "broker.progress",
+                job=self._label,
                 done=counts.done,
                 total=counts.total,
                 rows_per_s=round(rate, 2),

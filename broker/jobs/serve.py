@@ -848,6 +848,7 @@ class Daemon:
             convert_isbn13=self._options.convert_isbn13,
             no_wait=self._options.no_wait,
             drain=self._stop,
+            label=name,
         )
         before = broker.metrics()
         # A resumed job's rows of earlier runs were counted by the process that wrote them.
