@@ -610,7 +610,8 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
     ),
     ErrorInfo(
         "EndpointUnavailable",
-        "The API or token endpoint could not be reached for longer than the outage budget.",
+        "The API or token endpoint could not be reached, or failed every request, for "
+        "longer than the outage budget.",
         Scope.KEY,
         False,
         "Check the network, DNS and api.endpoint; run again (rows stay pending). "

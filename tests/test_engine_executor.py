@@ -9,14 +9,16 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from conftest import US, asins, key_doc, make_config
 from structlog.testing import capture_logs
 
 from broker.api.base import HttpRequest, RawResponse
 from broker.client import Broker
+from broker.engine.keys import OUTAGE_CODE
 from broker.engine.metrics import EngineMetrics
 from broker.engine.transport import MockTransport
-from broker.errors import NoUsableKeyError, RequestTimeout
+from broker.errors import EndpointUnreachable, NoUsableKeyError, RequestTimeout
 from broker.models import ItemResult, Status
 from broker.testing import FakeClock
 
@@ -281,6 +283,74 @@ class TestRetries:
         assert metrics.retries == 2
         assert metrics.items_by_status == {"failed": 3}
         assert metrics.keys[0].errors == 3
+
+    async def test_a_server_failing_every_request_is_waited_out(self) -> None:
+        """5xx to every request for two minutes: after a streak the key waits it out as an
+        outage (B15), spending no attempt, so every row is ok once the server is back."""
+        clock = FakeClock()
+        back_at = clock.monotonic() + 120.0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if clock.monotonic() < back_at:
+                return _paapi_error(503, "ServiceUnavailable", "Service unavailable.")
+            return _paapi_ok(_ids(request))
+
+        broker, transport = _broker(PAAPI, handler, clock)
+        with capture_logs() as logs:
+            async with broker:
+                results = await _run(broker, clock, asins(200))
+        assert {r.status for r in results} == {Status.OK}
+        assert any(e["event"] == "broker.endpoint_failing" for e in logs)
+        # Paused, not hammered: the outage's rounds back off to a minute.
+        assert len(transport.requests) < 60
+
+    async def test_a_server_failing_past_the_outage_budget_fails_no_row(self) -> None:
+        """5xx to every request for longer than retry.outage_budget_s: the run stops with
+        the outage error (exit 69 for a job) and leaves the rows unanswered, not failed."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return _paapi_error(500, "InternalFailure", "Internal failure.")
+
+        broker, _ = _broker(PAAPI, handler, clock, retry={"outage_budget_s": 60.0})
+        got: list[ItemResult] = []
+
+        async def consume() -> None:
+            async for result in broker.stream(asins(200)):
+                got.append(result)
+
+        async with broker:
+            task = asyncio.get_running_loop().create_task(consume())
+            await clock.run_until(task)
+            with pytest.raises(NoUsableKeyError) as caught:
+                task.result()
+        assert caught.value.failures[0].code == OUTAGE_CODE
+        assert got == []
+
+    @pytest.mark.parametrize("where", ["api", "token endpoint"])
+    async def test_the_outage_budget_is_kept_not_overshot(self, where: str) -> None:
+        """Pauses that double (1, 2, 4 ... s) stop at the budget: the key is out within about
+        retry.outage_budget_s, not at the end of a pause that began just before it ran out."""
+        clock = FakeClock()
+        start = clock.monotonic()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                if where == "api":
+                    return _token("tok")
+                return _reply(500, {"error": "server_error"})  # answers, but no token
+            raise EndpointUnreachable("connection refused")
+
+        broker, _ = _broker(
+            CREATORS, handler, clock, protocol="creators", retry={"outage_budget_s": 20.0}
+        )
+        async with broker:
+            task = asyncio.get_running_loop().create_task(broker.get_items(asins(5)))
+            await clock.run_until(task)
+            with pytest.raises(NoUsableKeyError):
+                task.result()
+            elapsed = clock.monotonic() - start
+        assert 20.0 <= elapsed < 21.0
 
     async def test_timeout_retried(self) -> None:
         """A transport timeout is retried and counted as a transport error."""

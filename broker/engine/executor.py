@@ -150,13 +150,13 @@ class Executor:
                     elapsed_ms=round(response.elapsed_s * 1000, 1),
                     request_id=_request_id(response),
                 )
-            key.on_reachable()
             self._metrics.record_response(response.status, response.elapsed_s)
             if batch.operation is None:
                 parsed = self._dialect.parse_get_items(response, asins)
             else:
                 data = self._dialect.parse_operation(response, batch.operation)
         except ThrottledError as exc:
+            key.on_reachable()
             self._metrics.throttled += 1
             verdict = key.on_throttled(exc, sent_at)
             attempts.throttled += 1
@@ -173,7 +173,10 @@ class Executor:
             self._pool.submit(batch, front=True)
             return
         except ApiError as exc:
-            key.on_failed_attempt(transient=isinstance(exc, ServerError))
+            transient = _transient_api_error(exc)
+            if not transient:
+                key.on_reachable()
+            key.on_failed_attempt(transient=transient)
             self._on_api_error(key, batch, request, exc, sent_at)
             return
         except (TransportError, ResponseError) as exc:
@@ -201,8 +204,9 @@ class Executor:
                     request_id=_request_id(response),
                     error=str(exc),
                 )
-            self._transient(key, batch, exc)
+            self._transient(key, batch, exc, sent_at)
             return
+        key.on_reachable()
         key.on_success(sent_at, batch.marketplace, demand_limited=demand_limited)
         if batch.operation is None:
             if parsed.unexpected or parsed.duplicated:
@@ -353,11 +357,9 @@ class Executor:
     ) -> None:
         info = exc.info
         attempts = batch.attempts
-        if isinstance(exc, ServerError) or (
-            info.retryable and info.scope is Scope.REQUEST and not isinstance(exc, AuthError)
-        ):
+        if _transient_api_error(exc):
             key.errors += 1
-            self._transient(key, batch, exc)
+            self._transient(key, batch, exc, sent_at)
             return
         if isinstance(exc, AuthError) and info.retryable:
             key.on_credentials_refused(batch.marketplace)
@@ -380,7 +382,7 @@ class Executor:
                 # here: the server's noise. Retried at once as a counted attempt (bounded by
                 # max_attempts and max_age_s), and the key stays in rotation.
                 logger.info("broker.auth_error_retried", key=key.name, code=exc.code)
-                self._transient(key, batch, exc)
+                self._transient(key, batch, exc, sent_at)
                 return
             if verdict is CredentialsVerdict.UNDECIDED:
                 # Behind the work waiting, whose answers settle it: an acceptance, or enough
@@ -458,9 +460,18 @@ class Executor:
             return
         self._pool.submit(batch, front=True)
 
-    def _transient(self, key: KeyState, batch: Batch, exc: BaseException) -> None:
+    def _transient(self, key: KeyState, batch: Batch, exc: BaseException, sent_at: float) -> None:
         now = self._clock.monotonic()
         attempts = batch.attempts
+        if key.failing_systemically:
+            # The key's last requests all failed so, across its batches: the API is down,
+            # not this batch. Waited out as an outage (B15): no attempt spent and no age,
+            # and exit 69 once it lasts retry.outage_budget_s.
+            attempts.not_sent(now, outage=True)
+            if key.on_unreachable(exc, sent_at, failing=True):
+                self._end_outage(key, batch.marketplace, exc)
+            self._pool.submit(batch, front=True)
+            return
         # Kept without its traceback: its frames' locals (a response body, a request) would
         # stay alive for as long as the batch waits to be retried.
         attempts.last_error = exc.with_traceback(None)
@@ -505,13 +516,22 @@ class Executor:
             key,
             marketplace,
             OUTAGE_CODE,
-            f"no answer from the API or its token endpoint for {key.outage_s:.0f} s "
+            f"no usable answer from the API or its token endpoint for {key.outage_s:.0f} s "
             f"(last error: {exc})",
-            "check the network, DNS, proxy or firewall and api.endpoint, then run again: "
-            "unfinished lookups were not failed; retry.outage_budget_s sets how long a run "
-            "waits",
+            "check the network, DNS, proxy or firewall and api.endpoint (a 5xx or a reset "
+            "each time: the API itself is down, wait for it), then run again: unfinished "
+            "lookups were not failed; retry.outage_budget_s sets how long a run waits",
             scope=Scope.KEY,
         )
+
+
+def _transient_api_error(error: ApiError) -> bool:
+    """True for an API error worth retrying as is: a 5xx, or a request-level error the
+    catalogue calls retryable (credentials aside, which have their own path)."""
+    info = error.info
+    return isinstance(error, ServerError) or (
+        info.retryable and info.scope is Scope.REQUEST and not isinstance(error, AuthError)
+    )
 
 
 def _gave_up(error: BaseException, failures: int) -> ErrorDetail:

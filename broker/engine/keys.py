@@ -54,6 +54,8 @@ _AUTH_PAUSE_CAP_S = 60.0
 #: Pause after the API endpoint could not be reached, doubling per round up to the cap.
 _OUTAGE_PAUSE_S = 1.0
 _OUTAGE_PAUSE_CAP_S = 60.0
+#: Transient failures in a row (across the key's batches) that make an outage of the API.
+_SYSTEMIC_FAILURES = 10
 #: The code a key taken out by an outage carries (``broker run`` maps it to exit 69).
 OUTAGE_CODE = "EndpointUnavailable"
 #: A failure this long after the previous one starts a new outage: a continuing outage fails
@@ -144,6 +146,8 @@ class KeyState:
         self._outage_since: float | None = None
         self._outage_last = -math.inf
         self._outage_rounds = 0
+        # Transient failures (5xx, resets, unreadable answers) since the last usable answer.
+        self._failing = 0
         self._outage_paused_at = -math.inf
 
     @classmethod
@@ -399,6 +403,8 @@ class KeyState:
         (5xx, network, token endpoint) says nothing about the quota: park again. Any other
         answer got past Amazon's throttle: the key is back.
         """
+        if transient:
+            self._failing += 1
         verdict = self.circuit.verdict
         if self.circuit.state is not CircuitState.PROBING or verdict is None:
             return
@@ -425,12 +431,15 @@ class KeyState:
         Returns:
             True when the outage has lasted ``outage_budget_s``: take the key out.
         """
-        if sent_at <= self._auth_paused_at:
+        spent = self._outage_spent()
+        if sent_at <= self._auth_paused_at or spent:
             # No attempt can begin inside the pause, so one stamped at or before its start
-            # waited on the fetch that set it (a coarse clock may stamp both alike).
-            return self._outage_spent()
+            # waited on the fetch that set it (a coarse clock may stamp both alike). A spent
+            # budget takes the key out: no pause to begin.
+            return spent
         self._auth_failures += 1
         pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
+        pause = min(pause, self._budget_left())
         self._paused_reason = f"token endpoint: {type(error).__name__}"
         now = self._clock.monotonic()
         self._auth_paused_at = now
@@ -442,10 +451,23 @@ class KeyState:
             cause=str(error),
             pause_s=pause,
         )
-        return self._outage_spent()
+        return spent
 
-    def on_unreachable(self, error: BaseException, sent_at: float) -> bool:
-        """No connection to the API or its token endpoint: pause the key, longer each round.
+    @property
+    def failing_systemically(self) -> bool:
+        """True once the last ``_SYSTEMIC_FAILURES`` attempts all failed transiently.
+
+        Sporadic 5xx and resets are each batch's to retry (B3). A streak this long, across
+        the key's batches, is the API (or the way to it) failing as a whole: waited out as
+        an outage (B15), instead of spending every batch's attempts in seconds.
+        """
+        return self._failing >= _SYSTEMIC_FAILURES
+
+    def on_unreachable(
+        self, error: BaseException, sent_at: float, *, failing: bool = False
+    ) -> bool:
+        """No connection to the API or its token endpoint (``failing``: no usable answer
+        from it, see :attr:`failing_systemically`): pause the key, longer each round.
 
         Requests sent before the current pause began fail together (up to ``max_in_flight``
         of them); only one sent after it starts a new, doubled round, as a 429 cuts the rate
@@ -456,17 +478,21 @@ class KeyState:
         """
         spent = self._outage_spent()
         now = self._clock.monotonic()
-        if sent_at >= self._outage_paused_at:
+        if not failing:
+            # No connection is no answer at all: the streak of failed answers starts over.
+            self._failing = 0
+        if sent_at >= self._outage_paused_at and not spent:
             self._outage_rounds += 1
             ceiling = min(
                 _OUTAGE_PAUSE_CAP_S, _OUTAGE_PAUSE_S * 2 ** min(self._outage_rounds - 1, 10)
             )
-            pause = ceiling * (0.5 + 0.5 * self._jitter())
+            pause = min(ceiling * (0.5 + 0.5 * self._jitter()), self._budget_left())
             self._outage_paused_at = now
-            self._paused_reason = f"endpoint unreachable: {type(error).__name__}"
+            state = "failing" if failing else "unreachable"
+            self._paused_reason = f"endpoint {state}: {type(error).__name__}"
             self._local_hold_until = max(self._local_hold_until, now + pause)
             logger.warning(
-                "broker.endpoint_unreachable",
+                "broker.endpoint_failing" if failing else "broker.endpoint_unreachable",
                 key=self.name,
                 error=type(error).__name__,
                 cause=str(error),
@@ -476,7 +502,9 @@ class KeyState:
         return spent
 
     def on_reachable(self) -> None:
-        """The API answered (any HTTP status): an outage, if there was one, is over."""
+        """The API gave a usable answer (a 2xx, a 429, or an error that is not transient):
+        an outage, if there was one, is over."""
+        self._failing = 0
         if self._outage_since is not None:
             logger.info(
                 "broker.endpoint_reachable",
@@ -495,6 +523,11 @@ class KeyState:
             self._outage_paused_at = -math.inf
         self._outage_last = now
         return now - self._outage_since >= self.outage_budget_s
+
+    def _budget_left(self) -> float:
+        """Seconds of the outage budget left: no pause runs past it (the key would send
+        nothing until then, and go out of rotation only at its end)."""
+        return max(0.0, self.outage_budget_s - self.outage_s)
 
     @property
     def outage_s(self) -> float:
