@@ -210,6 +210,11 @@ def test_new_job_after_failures_asks_amazon_only_for_the_failed_rows(
     ok = sum(row["status"] == "ok" for row in first)
     assert failed >= 10
     capsys.readouterr()
+    cli.main(args)  # a rerun of the finished job points at the same remedy
+    complete = capsys.readouterr().err
+    assert "already complete" in complete
+    assert f"{failed} rows failed" in complete
+    assert "--new-job" in complete
     cli.main([*args, "--new-job"])
     err = capsys.readouterr().err
     assert _requests(err) <= -(-failed // 10)

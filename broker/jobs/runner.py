@@ -41,7 +41,7 @@ from broker.errors import (
     StateUnavailableError,
 )
 from broker.exitcode import ExitCode
-from broker.jobs.ledger import DoneRow, Ledger, Lookup, SinkState, crash_point
+from broker.jobs.ledger import Counts, DoneRow, Ledger, Lookup, SinkState, crash_point
 from broker.jobs.lock import JobLock
 from broker.jobs.paths import ledger_path, ordering_path, report_path
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
@@ -273,8 +273,9 @@ def _finish_promotion(out: Path) -> None:
     marker.unlink()
 
 
-def _complete_message(ledger: Ledger, options: JobOptions, total: int) -> str:
+def _complete_message(ledger: Ledger, options: JobOptions, counts: Counts) -> str:
     """What a rerun of a finished job tells the user: complete, when, how to fetch again."""
+    total = counts.total
     fetched = ledger.fetched_range()
     when = ""
     if fetched is not None:
@@ -283,10 +284,18 @@ def _complete_message(ledger: Ledger, options: JobOptions, total: int) -> str:
     refreshing = ""
     if ledger_path(_refresh_path(options.out)).exists():
         refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
+    failed = counts.by_status.get("failed", 0)
+    retry = (
+        f" {failed} rows failed: --new-job asks Amazon again for them only (the item cache "
+        "answers the rest, within its max age)."
+        if failed
+        else ""
+    )
     return (
         f"{options.job}: this job is already complete ({total} rows{when}); nothing was "
-        f"fetched. Output: {options.out}. To fetch the rows again, run the same command "
-        f"with --refresh (the output is replaced when the new run completes).{refreshing}"
+        f"fetched. Output: {options.out}.{retry} To fetch every row again, run the same "
+        f"command with --refresh (the output is replaced when the new run completes)."
+        f"{refreshing}"
     )
 
 
@@ -397,7 +406,7 @@ async def _run_once(
             and (counts.pending > 0 or not ledger.ingest_complete)
         )
         if resumed_complete:
-            summary.already_complete = _complete_message(ledger, options, counts.total)
+            summary.already_complete = _complete_message(ledger, options, counts)
     summary.wall_s = time.monotonic() - started
     return summary
 
