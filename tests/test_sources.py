@@ -316,7 +316,7 @@ class TestJsonLines:
             ('{"sku": 1}', 'no "asin" field'),
             ('{"ASIN": "B0ABCDEFGH"}', "case-sensitive"),
             ('{"asin": 306406152}', '"asin" must be a string, got a number'),
-            ('{"asin": null}', 'no "asin" field'),
+            ('{"asin": null}', '"asin" is null: give the ASIN as a string'),
             ('{"asin": "B0ABCDEFGH", "marketplace": 1}', '"marketplace" must be a string'),
             ('{"asin": "B0ABCDEFGH", "resources": "Images"}', "list of strings"),
             ('{"asin": "B0ABCDEFGH", "resources": [1]}', "list of strings"),

@@ -922,6 +922,8 @@ def _has_lone_surrogate(value: object) -> bool:
 
 
 def _missing_asin(value: Mapping[str, object]) -> str:
+    if "asin" in value:
+        return '"asin" is null: give the ASIN as a string'
     near = [key for key in value if key.strip().lower() == "asin"]
     if near:
         return f'no "asin" field (found {near[0]!r}; field names are case-sensitive)'
