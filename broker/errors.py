@@ -381,6 +381,13 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         True,
         _RETRY,
     ),
+    ErrorInfo(
+        "ServiceUnavailable",
+        "The API is unavailable for now (HTTP 503).",
+        Scope.REQUEST,
+        True,
+        _RETRY,
+    ),
     # Creators API exception types and reasons.
     ErrorInfo(
         "ResourceNotFoundException",

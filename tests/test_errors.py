@@ -208,3 +208,12 @@ def test_readme_error_table_matches_the_catalogue() -> None:
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
     table = [row for row in rows if any(row.startswith(f"| `{c}` |") for c in CATALOGUE)]
     assert table == [_readme_row(info) for info in CATALOGUE.values()]
+
+
+def test_every_code_the_simulator_sends_is_in_the_catalogue() -> None:
+    """A row failed by any error the simulator can send carries a code the README explains."""
+    from broker.simulator import creators, paapi
+
+    codes = set(paapi._ERRORS) | set(creators._MESSAGES)
+    codes |= {str(body["type"]) for body in creators._SERVER_ERRORS.values() if "type" in body}
+    assert sorted(codes - set(CATALOGUE)) == []
