@@ -309,7 +309,6 @@ class TestEndpoints:
         assert "query string" in error.message
         assert "abc123" not in str(error)
 
-
     @pytest.mark.parametrize("where", ["api.endpoint", "api.token_endpoint"])
     @pytest.mark.parametrize("url", ["http://127.0.0.1:8080/foo", "https://host.example/a/b/"])
     def test_a_path_is_refused(self, where: str, url: str) -> None:

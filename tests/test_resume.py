@@ -250,7 +250,7 @@ class TestA4SigtermTwice:
 
 class TestA5TruncatedOutput:
     @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-    @pytest.mark.parametrize("damage", ["cut_mid_record", "torn_tail_appended"])
+    @pytest.mark.parametrize("damage", ["cut_mid_record", "torn_tail_appended", "rows_deleted"])
     def test_a5_damaged_output_is_repaired_from_the_ledger(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str, damage: str
     ) -> None:
@@ -266,13 +266,17 @@ class TestA5TruncatedOutput:
             while original[cut - len(end) : cut] == end:
                 cut += 1
             out.write_bytes(original[:cut])
+        elif damage == "rows_deleted":
+            # Whole records taken out of the middle: the file still ends with a full one.
+            records = original.splitlines(keepends=True)
+            out.write_bytes(b"".join(records[:10] + records[15:]))
         else:
             last = original.splitlines(keepends=True)[-1]
             with out.open("ab") as stream:
                 stream.write(last[: len(last) // 2])
         damaged = out.read_bytes()
         assert damaged != original
-        assert not damaged.endswith(end)
+        assert damaged.endswith(end) == (damage == "rows_deleted")
         capsys.readouterr()
         assert main(config, job, out, "--format", fmt) == 0
         err = capsys.readouterr().err
@@ -280,7 +284,7 @@ class TestA5TruncatedOutput:
         assert out.read_bytes() == original
         assert "requests 0," in err
         noticed = events(err, "broker.output_shorter_than_recorded")
-        assert bool(noticed) == (damage == "cut_mid_record")
+        assert bool(noticed) == (damage != "torn_tail_appended")
         if fmt == "csv":
             assert len({r[0] for r in csv_records(out)}) == 42
         else:

@@ -233,7 +233,7 @@ class TestJsonlSink:
         assert state.offset == out.stat().st_size
 
     def test_a5_file_cut_by_hand_is_refilled_exactly_once(self, tmp_path: Path) -> None:
-        """A5: a file shorter than recorded is cut to its last full line and refilled."""
+        """A5: a file shorter than recorded is written again from the ledger, every row once."""
         out = tmp_path / "out.jsonl"
         with make_ledger(tmp_path) as ledger:
             sink = JsonlSink(out)
@@ -245,8 +245,7 @@ class TestJsonlSink:
             out.write_bytes(original[:cut])
             sink = JsonlSink(out)
             resumed = sink.open(ledger.sink_state("out"))
-            assert resumed.done_order == 6
-            assert resumed.offset == len(b"\n".join(lines[:6])) + 1
+            assert resumed == SinkState()  # which rows the rest holds cannot be known
             sink.close()
             emit(ledger, JsonlSink(out))
         assert out.read_bytes() == original

@@ -93,7 +93,6 @@ SINK_FORMATS: Final = ("jsonl", "csv", "sqlite")
 _FILE_MODE: Final = 0o666
 # Bytes buffered before they go to the OS; a flush always writes everything.
 _BUFFER_BYTES: Final = 1 << 20
-_SCAN_CHUNK: Final = 1 << 20
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 _INVALID_INPUT = describe("InvalidAsin")
 _SQLITE_COLUMNS: Final = ("seq", *CSV_COLUMNS, "row_json")
@@ -266,10 +265,6 @@ class _FileSink:
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
         raise NotImplementedError
 
-    def _scan(self, fd: int) -> tuple[int, int]:
-        """Return (end offset of the last complete record, number of complete records)."""
-        raise NotImplementedError
-
     def open(self, resume_from: SinkState) -> SinkState:
         """Open the file and cut it back to a known-good state; return that state.
 
@@ -307,19 +302,19 @@ class _FileSink:
         size = os.fstat(fd).st_size
         if size >= resume_from.offset:
             return resume_from
-        end, records = self._scan(fd)
-        rows = records - (1 if self._header else 0)
-        state = SinkState(end, rows) if rows >= 0 else SinkState()
+        # Bytes the run had made durable are gone: cut, or records taken out anywhere in
+        # the file. Which rows the rest holds cannot be told from its length, and keeping
+        # it would repeat some rows and lose others; the ledger holds every row, so the
+        # file is written again from it.
         logger.warning(
             "broker.output_shorter_than_recorded",
             path=str(self.path),
             recorded_bytes=resume_from.offset,
             recorded_rows=resume_from.done_order,
             size=size,
-            kept_rows=state.done_order,
-            note="the rows after kept_rows are written again",
+            note="the output is written again from the ledger, every row once",
         )
-        return state
+        return SinkState()
 
     def write(self, rows: Sequence[DoneRow]) -> None:
         """Append rows (buffered); they must continue the ``done_order`` sequence.
@@ -409,16 +404,6 @@ class JsonlSink(_FileSink):
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
         return _utf8("".join(_json_line(output_row(row)) for row in rows))
 
-    def _scan(self, fd: int) -> tuple[int, int]:
-        end = records = position = 0
-        while chunk := os.pread(fd, _SCAN_CHUNK, position):
-            newlines = chunk.count(b"\n")
-            if newlines:
-                records += newlines
-                end = position + chunk.rindex(b"\n") + 1
-            position += len(chunk)
-        return end, records
-
 
 class CsvSink(_FileSink):
     """CSV output (RFC 4180: ``,``, ``"`` quoting, CRLF): :data:`CSV_COLUMNS`, then the
@@ -495,21 +480,6 @@ class CsvSink(_FileSink):
                 values.extend(_cell(cells.get(name)) for name in extra)
             writer.writerow(values)
         return _utf8(text.getvalue())
-
-    def _scan(self, fd: int) -> tuple[int, int]:
-        # The csv module doubles quotes inside a quoted cell, so a newline ends a record
-        # exactly when the quotes before it (in this record) are even in number.
-        end = records = position = 0
-        odd = False
-        with os.fdopen(os.dup(fd), "rb") as stream:
-            stream.seek(0)
-            for line in stream:
-                position += len(line)
-                odd ^= line.count(b'"') % 2 == 1
-                if line.endswith(b"\n") and not odd:
-                    records += 1
-                    end = position
-        return end, records
 
 
 _INPUT_PREFIX: Final = "input_"
