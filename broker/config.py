@@ -625,12 +625,6 @@ def _check_url(url: str, path: str) -> None:
         )
     if parts.query or parts.fragment:
         raise ConfigError(path, "must not carry a query string or a fragment")
-    if parts.path.strip("/"):
-        raise ConfigError(
-            path,
-            f"must be a base URL without a path (the broker adds the API's own paths), got "
-            f"{shown_url(url)!r}; try {parts.scheme}://{parts.netloc}",
-        )
 
 
 def shown_url(url: str) -> str:

@@ -309,21 +309,6 @@ class TestEndpoints:
         assert "query string" in error.message
         assert "abc123" not in str(error)
 
-    @pytest.mark.parametrize("where", ["api.endpoint", "api.token_endpoint"])
-    @pytest.mark.parametrize("url", ["http://127.0.0.1:8080/foo", "https://host.example/a/b/"])
-    def test_a_path_is_refused(self, where: str, url: str) -> None:
-        """A base URL takes no path: the broker adds the API's own (/catalog/v1/..., /paapi5/...),
-        so one with a path would only ever get 404s, waited out as an outage."""
-        error = _error(_with(where, url))
-        assert error.path == where
-        assert "without a path" in error.message
-
-    @pytest.mark.parametrize("url", ["http://127.0.0.1:8080/", "https://host.example"])
-    def test_a_bare_slash_is_no_path(self, url: str) -> None:
-        """A trailing slash alone is still a base URL."""
-        config = parse_config(_with("api.endpoint", url), environ=ENV)
-        assert config.api.endpoint.rstrip("/") == url.rstrip("/")
-
 
 class TestDefaults:
     """Defaults and normalisation."""
@@ -421,6 +406,7 @@ def test_redis_backend_without_redis_py_is_a_config_error(
             "https://creatorsapi.amazon.example.com",
             "https://creatorsapi.amazon.example.com",
         ),
+        ("creators", "https://creatorsapi.amazon/v2", "https://creatorsapi.amazon/v2"),
         ("creators", "https://creatorsapi.amazon:8443", "https://creatorsapi.amazon:8443"),
         ("paapi5", "https://creatorsapi.amazon", "https://creatorsapi.amazon"),
     ],
