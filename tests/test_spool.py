@@ -143,3 +143,21 @@ def _failing_for(target: Path, crash: Callable[..., None]) -> Callable[..., None
         real(source, dest)  # type: ignore[arg-type]
 
     return replace
+
+
+def test_a_stale_marker_never_touches_a_finished_filing(spool: Spool) -> None:
+    """A marker left by a filing that completed (a crash after the job file moved) names an
+    earlier job of the same name: the new job is filed beside it, and nothing of the
+    finished filing is deleted."""
+    first = _finished_job(spool, "daily.txt", "yesterday\n")
+    spool.file(first, "done", {"job": "daily.txt", "outcome": "done"})
+    (spool.processing / "daily.txt").write_text("B000000001\n")  # today's, same name
+    today = spool.job("daily.txt", "jsonl")
+    today.filing_marker.write_text(json.dumps({"dest": "done", "name": "daily.txt"}))
+    today.out.write_text("today\n")
+    assert spool.file(today, "done", {"job": "daily.txt", "outcome": "done"}).name == (
+        "daily-2.txt"
+    )
+    assert (spool.done / "daily.txt.out.jsonl").read_text() == "yesterday\n"
+    assert (spool.done / "daily.txt.status.json").exists()
+    assert (spool.done / "daily-2.txt.out.jsonl").read_text() == "today\n"

@@ -427,22 +427,33 @@ class Spool:
 
         A filing the daemon did not finish (a crash) left the marker: the job is filed
         under the same name again, overwriting that filing's outputs and status, so
-        ``dest`` never holds its rows twice. Without a marker, the first free name.
+        ``dest`` never holds its rows twice. The marker names the job file it was written
+        for (device and inode): one left by an earlier job of the same name, whose filing
+        completed, is ignored, and nothing of that filing is touched. Without a marker of
+        this job, the first free name.
         """
         marker = job.filing_marker
+        info = os.stat(job.path)
+        identity = [info.st_dev, info.st_ino]
         try:
             before = json.loads(marker.read_text(encoding="utf-8"))
-            where, name = str(before["dest"]), str(before["name"])
+            where, name, ours = str(before["dest"]), str(before["name"]), before["file"]
         except (OSError, ValueError, KeyError, TypeError):
             where = name = ""
-        if name and where == dest.name and not (dest / name).exists():
-            return name
-        if name and where in (self.done.name, self.failed.name):
+            ours = None
+        if (
+            name
+            and ours == identity
+            and where in (self.done.name, self.failed.name)
+            and not (self.root / where / name).exists()
+        ):
+            if where == dest.name:
+                return name
             # Filed elsewhere before the crash (the job's outcome changed): drop that try.
             for left in _filing_files(self.root / where, name):
                 left.unlink(missing_ok=True)
         base = _free_name(dest, job.name)
-        _write_status(marker, {"dest": dest.name, "name": base})
+        _write_status(marker, {"dest": dest.name, "name": base, "file": identity})
         return base
 
 
