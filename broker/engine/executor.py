@@ -174,7 +174,9 @@ class Executor:
             return
         except ApiError as exc:
             transient = _transient_api_error(exc)
-            if not transient:
+            if transient:
+                key.on_failed_answer()
+            else:
                 key.on_reachable()
             key.on_failed_attempt(transient=transient)
             self._on_api_error(key, batch, request, exc, sent_at)
@@ -184,6 +186,8 @@ class Executor:
                 self._metrics.transport_errors += 1
             key.errors += 1
             key.on_failed_attempt(transient=True)
+            if not isinstance(exc, EndpointUnreachable):
+                key.on_failed_answer()
             if isinstance(exc, EndpointUnreachable):
                 # Nothing reached Amazon: the batch waits out the outage with its attempts
                 # intact and its age stopped, instead of failing for a network it cannot
@@ -463,13 +467,13 @@ class Executor:
     def _transient(self, key: KeyState, batch: Batch, exc: BaseException, sent_at: float) -> None:
         now = self._clock.monotonic()
         attempts = batch.attempts
-        if key.failing_systemically:
-            # The key's last requests all failed so, across its batches: the API is down,
-            # not this batch. Waited out as an outage (B15): no attempt spent and no age,
-            # and exit 69 once it lasts retry.outage_budget_s.
-            attempts.not_sent(now, outage=True)
-            if key.on_unreachable(exc, sent_at, failing=True):
-                self._end_outage(key, batch.marketplace, exc)
+        if key.failing_systemically and key.on_unreachable(exc, sent_at, failing=True):
+            # The key's requests, across its batches, have failed so for the whole outage
+            # budget: the API is down. The key goes out (exit 69) and this batch with the
+            # rest stays unanswered. Until then the key only waits between attempts, which
+            # still count: a request that fails whatever the API's state (a poison batch)
+            # must fail in the end, not hold the key.
+            self._end_outage(key, batch.marketplace, exc)
             self._pool.submit(batch, front=True)
             return
         # Kept without its traceback: its frames' locals (a response body, a request) would

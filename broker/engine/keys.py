@@ -403,8 +403,6 @@ class KeyState:
         (5xx, network, token endpoint) says nothing about the quota: park again. Any other
         answer got past Amazon's throttle: the key is back.
         """
-        if transient:
-            self._failing += 1
         verdict = self.circuit.verdict
         if self.circuit.state is not CircuitState.PROBING or verdict is None:
             return
@@ -453,13 +451,18 @@ class KeyState:
         )
         return spent
 
+    def on_failed_answer(self) -> None:
+        """The API failed an attempt transiently: a 5xx, a reset, an unreadable answer."""
+        self._failing += 1
+
     @property
     def failing_systemically(self) -> bool:
-        """True once the last ``_SYSTEMIC_FAILURES`` attempts all failed transiently.
+        """True once the key's last ``_SYSTEMIC_FAILURES`` attempts all failed transiently.
 
         Sporadic 5xx and resets are each batch's to retry (B3). A streak this long, across
-        the key's batches, is the API (or the way to it) failing as a whole: waited out as
-        an outage (B15), instead of spending every batch's attempts in seconds.
+        the key's batches, is most likely the API (or the way to it) failing as a whole: the
+        key then waits between attempts as in an outage (B15), so a storm costs a few
+        attempts a minute instead of every batch's attempts within seconds.
         """
         return self._failing >= _SYSTEMIC_FAILURES
 
