@@ -28,7 +28,6 @@ from broker.config import BrokerConfig, parse_config
 from broker.engine.metrics import KeySnapshot, MetricsSnapshot
 from broker.errors import ConfigError
 from broker.jobs import serve
-from broker.jobs.lock import JobLock
 from broker.jobs.metrics_http import (
     JobRows,
     MetricsServer,
@@ -36,9 +35,8 @@ from broker.jobs.metrics_http import (
     readiness,
     render_metrics,
 )
-from broker.jobs.paths import ledger_path
 from broker.jobs.runner import ExitCode
-from broker.jobs.serve import Daemon, ServeOptions, spool_name
+from broker.jobs.serve import Daemon, ServeOptions, Spool, spool_name
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
 from broker.testing import FakeClock
@@ -430,13 +428,14 @@ class TestResume:
         self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A job left in processing/ while this daemon runs (its replica was killed) is
-        resumed once its lock is free; while a live daemon holds it, it is left alone."""
+        resumed once no daemon holds its claim; while a live daemon holds it (from its claim
+        to its filing), it is left alone."""
         monkeypatch.setattr(serve, "_ORPHAN_CHECK_S", 0.05)
         await start()
         (spool / "processing").mkdir(parents=True, exist_ok=True)
         orphan = spool / "processing" / "orphan.txt"
         orphan.write_text("\n".join(_asins(5, "B0ORPH")) + "\n")
-        held = JobLock(ledger_path(spool / "processing" / "orphan.txt.out.jsonl")).acquire()
+        held = Spool(spool).job("orphan.txt", "jsonl").claim_lock().acquire()
         await asyncio.sleep(0.5)
         assert orphan.exists()  # a live sibling holds it: not ours
         assert not (spool / "done" / "orphan.txt").exists()
@@ -444,6 +443,23 @@ class TestResume:
         status = await _filed(spool, "orphan.txt")
         assert status["rows"]["total"] == 5
         assert os.listdir(spool / "processing") == []
+
+    async def test_a_job_is_taken_over_only_if_unheld_at_two_looks(self, tmp_path: Path) -> None:
+        """A sibling that claimed a job a moment ago and takes its claim lock in between
+        two looks keeps it: only a job no daemon held at two looks in a row is taken."""
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path), clock=clock)
+        daemon.spool.prepare()
+        (tmp_path / "processing" / "fresh.txt").write_text("B000000001\n")
+        claim = daemon.spool.job("fresh.txt", "jsonl").claim_lock()
+        looks = []
+        for held in (False, True, False, False):
+            if held:
+                claim.acquire()
+            looks.append(daemon._orphan())
+            claim.close()
+            await clock.advance(serve._ORPHAN_CHECK_S)
+        assert looks == [None, None, None, "fresh.txt"]
 
     async def test_daily_count_is_the_keys_shared_state(self, start: Start, spool: Path) -> None:
         """The daemon counts requests in the shared key state, not a spool file of its own."""

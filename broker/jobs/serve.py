@@ -44,7 +44,8 @@ Choices:
   shared state, so they carry over from job to job, across restarts and between daemons.
 - **Crash safety**: the job file leaves ``processing/`` last, after its output and status,
   and its ledger is removed after that. A job found in ``processing/`` at start is resumed,
-  and so is one whose lock no process holds while the daemon runs (another replica died);
+  and so is one no daemon holds at two looks 10 s apart while the daemon runs (another
+  replica died; a daemon holds a job's claim lock from before its run to its filing);
   its ledger makes every row come out exactly once. In ``done/`` and ``failed/`` a job
   file's presence marks a complete filing. The name a job is filed under is kept in a
   marker beside it (``<name>.out.<format>.filing``) until the filing ends, so a job whose
@@ -231,6 +232,11 @@ class SpoolJob:
         """The invalid-row report (the runner writes it beside the output)."""
         return report_path(self.out)
 
+    def claim_lock(self) -> JobLock:
+        """The lock a daemon holds while the job is its own, from before the run to the
+        end of the filing (not the runner's job lock, which the run alone holds)."""
+        return JobLock(self.out.with_name(f"{self.out.name}.claim"))
+
     @property
     def filing_marker(self) -> Path:
         """Where the job is being filed (see :meth:`Spool.file`), while it is."""
@@ -241,6 +247,7 @@ class SpoolJob:
         ledger = self.ledger
         return (
             self.filing_marker,
+            self.out.with_name(f"{self.out.name}.claim.lock"),
             self.out,
             self.invalid_report,
             self.invalid_report.with_name(self.invalid_report.name + ".tmp"),
@@ -622,8 +629,10 @@ class Daemon:
         self._ignored: set[str] = set()
         # Jobs stopped by ``no_wait`` -> when their keys' daily quota resets.
         self._deferred: dict[str, datetime] = {}
-        # When processing/ is next looked at for jobs a dead daemon left (monotonic).
+        # When processing/ is next looked at for jobs a dead daemon left (monotonic), and
+        # the jobs no daemon held at the last look.
         self._orphans_due = 0.0
+        self._unheld: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -758,25 +767,32 @@ class Daemon:
         return None
 
     def _orphan(self) -> str | None:
-        """A job in processing/ whose lock no process holds, at most every few seconds.
+        """A job in processing/ no daemon holds, seen so at two looks some seconds apart.
 
         Jobs found there at start are resumed then; this takes over one whose daemon died
-        while this one ran (two replicas on one spool). A job another daemon drives holds
-        its lock and is left alone, as are this daemon's own deferred jobs.
+        while this one ran (two replicas on one spool). A daemon holds a job's claim lock
+        from before it runs the job until it has filed it; the second look lets a sibling
+        that has just claimed a job take its lock. This daemon's deferred jobs wait their
+        turn.
         """
         now = self._clock.monotonic()
         if now < self._orphans_due:
             return None
         self._orphans_due = now + _ORPHAN_CHECK_S
+        seen, self._unheld = self._unheld, set()
+        format_ = self._config.output.format
         for name in self.spool.claimed():
             if name in self._deferred:
                 continue
-            lock = JobLock(self.spool.job(name, self._config.output.format).ledger)
+            claim = self.spool.job(name, format_).claim_lock()
             try:
-                lock.acquire()
+                claim.acquire()
             except (JobLockedError, OSError):
                 continue
-            lock.close()
+            claim.close()
+            if name not in seen:
+                self._unheld.add(name)
+                continue
             logger.warning(
                 "broker.job_resumed", job=name, note="left in processing/ by a daemon that died"
             )
@@ -846,7 +862,23 @@ class Daemon:
         return now - first[1] >= settle_s
 
     async def _process(self, broker: Broker, name: str) -> None:
+        """Run and file the claimed job ``name``, holding its claim lock throughout (a
+        sibling daemon then knows it is not left over), unless another daemon holds it."""
         job = self.spool.job(name, self._config.output.format)
+        claim = job.claim_lock()
+        try:
+            claim.acquire()
+        except JobLockedError:
+            logger.info("broker.job_held", job=name, note="another daemon runs it")
+            return
+        try:
+            if job.path.exists():
+                await self._run_claimed(broker, job)
+        finally:
+            claim.close()
+
+    async def _run_claimed(self, broker: Broker, job: SpoolJob) -> None:
+        name = job.name
         before_stat = self._check_readable(job)
         if before_stat is None:
             return
