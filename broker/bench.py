@@ -559,8 +559,9 @@ async def _stoppable(run: Coroutine[Any, Any, BenchReport]) -> BenchReport:
     finally:
         for sig in _STOP_SIGNALS:
             loop.remove_signal_handler(sig)
-            # Outside the loop (the simulator starting or stopping), the plain handler.
-            signal.signal(sig, _stop_signal)
+            # Outside the loop (the simulator starting or stopping), the plain handler; once
+            # stopped, nothing may interrupt the cleanup.
+            signal.signal(sig, signal.SIG_IGN if caught else _stop_signal)
 
 
 # -- the command ------------------------------------------------------------------------------

@@ -187,10 +187,16 @@ class TestRun:
         assert "error_503" in completed.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stopped_bench_stops_its_simulator(sig: signal.Signals, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "then"),
+    [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGTERM, signal.SIGINT)],
+)
+def test_a_stopped_bench_stops_its_simulator(
+    sig: signal.Signals, then: signal.Signals | None, tmp_path: Path
+) -> None:
     """SIGTERM (a supervisor's stop) or Ctrl-C ends the run without a traceback, and the
-    simulator child and its temporary directory go with it."""
+    simulator child and its temporary directory go with it; a second signal during that
+    cleanup does not interrupt it."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     bench = subprocess.Popen(
         [sys.executable, "-m", "broker", "bench", "--tps", "0", "--duration", "60"],
@@ -209,6 +215,9 @@ def test_a_stopped_bench_stops_its_simulator(sig: signal.Signals, tmp_path: Path
     assert children
     time.sleep(0.5)
     bench.send_signal(sig)
+    if then is not None:
+        time.sleep(0.05)
+        bench.send_signal(then)
     _, err = bench.communicate(timeout=30)
     assert "Traceback" not in err
     assert "stopped" in err
