@@ -186,8 +186,6 @@ class Executor:
                 self._metrics.transport_errors += 1
             key.errors += 1
             key.on_failed_attempt(transient=True)
-            if not isinstance(exc, EndpointUnreachable):
-                key.on_failed_answer()
             if isinstance(exc, EndpointUnreachable):
                 # Nothing reached Amazon: the batch waits out the outage with its attempts
                 # intact and its age stopped, instead of failing for a network it cannot
@@ -197,6 +195,7 @@ class Executor:
                     self._end_outage(key, batch.marketplace, exc)
                 self._pool.submit(batch, front=True)
                 return
+            key.on_failed_answer()
             if isinstance(exc, ResponseError):
                 # The request id lets Amazon find the answer; the body stays out of the log
                 # (a token endpoint's body is a credential) (B7).
@@ -524,7 +523,7 @@ class Executor:
             f"(last error: {exc})",
             "check the network, DNS, proxy or firewall and api.endpoint (a 5xx or a reset "
             "each time: the API itself is down, wait for it), then run again: unfinished "
-            "lookups were not failed; retry.outage_budget_s sets how long a run waits",
+            "lookups stay pending; retry.outage_budget_s sets how long a run waits",
             scope=Scope.KEY,
         )
 

@@ -54,7 +54,8 @@ _AUTH_PAUSE_CAP_S = 60.0
 #: Pause after the API endpoint could not be reached, doubling per round up to the cap.
 _OUTAGE_PAUSE_S = 1.0
 _OUTAGE_PAUSE_CAP_S = 60.0
-#: Transient failures in a row (across the key's batches) that make an outage of the API.
+#: Transient failures in a row (across the key's batches) after which the key waits between
+#: attempts as in an outage (see ``KeyState.failing_systemically``).
 _SYSTEMIC_FAILURES = 10
 #: The code a key taken out by an outage carries (``broker run`` maps it to exit 69).
 OUTAGE_CODE = "EndpointUnavailable"
