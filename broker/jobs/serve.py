@@ -26,9 +26,9 @@ Choices:
   the job is filed under ``failed/``, never as done with rows missing.
 - **Ignored entries**: dotfiles, ``*.tmp`` and other names of files still being written
   (``*.part``, ``*.partial``, ``*.crdownload``, ``*.swp``, ``*~``), symlinks and anything but
-  a regular file. Names
-  containing ``.out.jsonl``, ``.out.csv`` or ``.out.sqlite`` are the daemon's own work files
-  and are refused into ``failed/``. Output names derive from the job's name only.
+  a regular file. Names containing ``.out.jsonl``, ``.out.csv`` or ``.out.sqlite`` are the
+  daemon's own work files and are refused into ``failed/``. Output names derive from the
+  job's name only.
 - **Awkward names**: a job whose name is not UTF-8, or too long to take the work files'
   suffixes (over 200 bytes), is claimed under a safe name (:func:`spool_name`: bytes that
   are not UTF-8 as ``%XX``, a long name cut and given a hash), logged as ``received_as``.
