@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import US, asins, key_doc, make_config
+from conftest import US, asins, key_doc, make_config, paapi_key_doc
 from structlog.testing import capture_logs
 
 from broker.api.base import HttpRequest, RawResponse
@@ -333,6 +333,35 @@ class TestRetries:
         # Only the batches the probes carried spent their attempts; the rest stay unanswered.
         assert len(got) <= 30
         assert {r.status for r in got} <= {Status.FAILED}
+
+    async def test_a_failing_key_sends_one_request_at_a_time(self) -> None:
+        """Once its answers fail in a row, a key with four slots sends one request at a time,
+        so each pause's end costs one batch one attempt, not four."""
+        clock = FakeClock()
+        back_at = clock.monotonic() + 90.0
+        answered = 0
+        in_flight = 0
+        overlap_after_streak = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal answered, in_flight, overlap_after_streak
+            # Counted among the requests begun once 14 had failed (10 make the streak, and
+            # up to 4 were on their way then) and before the server is back.
+            late = answered >= 14 and clock.monotonic() < back_at
+            in_flight += late
+            overlap_after_streak = max(overlap_after_streak, in_flight)
+            await clock.sleep(0.2)
+            in_flight -= late
+            answered += 1
+            if clock.monotonic() < back_at:
+                return _paapi_error(503, "ServiceUnavailable", "Service unavailable.")
+            return _paapi_ok(_ids(request))
+
+        broker, _ = _broker(PAAPI, handler, clock, keys=[paapi_key_doc(max_in_flight=4)])
+        async with broker:
+            results = await _run(broker, clock, asins(100))
+        assert overlap_after_streak == 1
+        assert sum(r.status is Status.OK for r in results) >= 80
 
     async def test_batches_that_always_fail_fail_and_keep_the_key(self) -> None:
         """A request that fails whatever the API's state (a poison batch) fails after its

@@ -55,8 +55,10 @@ _AUTH_PAUSE_CAP_S = 60.0
 _OUTAGE_PAUSE_S = 1.0
 _OUTAGE_PAUSE_CAP_S = 60.0
 #: Transient failures in a row (across the key's batches) after which the key waits between
-#: attempts as in an outage (see ``KeyState.failing_systemically``).
+#: attempts as in an outage, one at a time (see ``KeyState.failing_systemically``).
 _SYSTEMIC_FAILURES = 10
+#: How often a key sending one request at a time looks whether that one has ended.
+_FAILING_RECHECK_S = 0.1
 #: The code a key taken out by an outage carries (``broker run`` maps it to exit 69).
 OUTAGE_CODE = "EndpointUnavailable"
 #: A failure this long after the previous one starts a new outage: a continuing outage fails
@@ -261,6 +263,11 @@ class KeyState:
             if self.circuit.state is CircuitState.PROBING:
                 await self._clock.sleep(1.0)
                 continue
+            if self._in_flight and self.failing_systemically:
+                # While every answer fails, one request at a time: each costs its batch an
+                # attempt, so a burst after each pause would fail batches for nothing.
+                await self._clock.sleep(_FAILING_RECHECK_S)
+                continue
             probe_at = self.circuit.probe_at
             if probe_at is not None and not math.isinf(probe_at):
                 now = self._clock.monotonic()
@@ -462,8 +469,8 @@ class KeyState:
 
         Sporadic 5xx and resets are each batch's to retry (B3). A streak this long, across
         the key's batches, is most likely the API (or the way to it) failing as a whole: the
-        key then waits between attempts as in an outage (B15), so a storm costs a few
-        attempts a minute instead of every batch's attempts within seconds.
+        key then waits between attempts as in an outage (B15), and sends one at a time, so a
+        storm costs an attempt a minute instead of every batch's attempts within seconds.
         """
         return self._failing >= _SYSTEMIC_FAILURES
 
