@@ -105,6 +105,16 @@ class TestTokenEndpoints:
         assert body["token_type"] == "Bearer"
         assert body["expires_in"] == 3600
 
+    async def test_cognito_takes_no_json(self, start: Start) -> None:
+        """Cognito (v2) takes a form body only (protocol.md 2.2); the JSON that LWA also
+        takes is refused, so a client sending LWA's body to Cognito is caught."""
+        client, _ = await start()
+        response = await client.token_response(
+            "demo-v2-id", "demo-v2-secret", family="v2", style="json"
+        )
+        assert response.status == 400
+        assert response.json()["error"] == "invalid_request"
+
     @pytest.mark.parametrize(
         ("client_id", "secret", "family"),
         [

@@ -33,6 +33,10 @@ async def start() -> AsyncIterator[Start]:
         yield factory
 
 
+#: The partner fields every PA-API GetItems carries.
+PAAPI_TAG = {"PartnerTag": "demo-20", "PartnerType": "Associates"}
+
+
 def _faulty(**rates: float) -> SimulatorSettings:
     return SimulatorSettings(limits=False, faults=FaultRates(**rates))
 
@@ -65,7 +69,7 @@ async def test_server_errors(
     response = await _creators(client)
     assert response.status == status
     assert response.json() == creators_body
-    paapi = await client.paapi("GetItems", {"ItemIds": ["B000TEST01"], "PartnerTag": "demo-20"})
+    paapi = await client.paapi("GetItems", {"ItemIds": ["B000TEST01"], **PAAPI_TAG})
     assert paapi.status == status
     assert sim.stats.faults[kind] == 2
     assert sim.stats.accounts["demo"].accepted == 1
@@ -74,7 +78,7 @@ async def test_server_errors(
 async def test_paapi_internal_failure_envelope(start: Start) -> None:
     """PA-API's 500 uses the error envelope with InternalFailure."""
     client, _ = await start(_faulty(error_500=1.0))
-    paapi = await client.paapi("GetItems", {"ItemIds": ["B000TEST01"], "PartnerTag": "demo-20"})
+    paapi = await client.paapi("GetItems", {"ItemIds": ["B000TEST01"], **PAAPI_TAG})
     assert paapi.json()["Errors"][0]["Code"] == "InternalFailure"
 
 
@@ -196,7 +200,7 @@ def test_exponential_latency_has_the_configured_mean() -> None:
 # -- switches for the fault matrix (reliability.md 3.3 B4, B7, B8, B10, B13, B16) -----------
 
 BATCH = {"partnerTag": "demo-20", "itemIds": ["B000TEST01", "B000TEST02", "B000TEST03"]}
-PAAPI_BATCH = {"PartnerTag": "demo-20", "ItemIds": ["B000TEST01", "B000TEST02", "B000TEST03"]}
+PAAPI_BATCH = {**PAAPI_TAG, "ItemIds": ["B000TEST01", "B000TEST02", "B000TEST03"]}
 
 
 async def test_disconnect_before_any_byte(start: Start) -> None:
@@ -307,7 +311,7 @@ async def test_omitted_asins_are_left_out_silently(start: Start) -> None:
         "getItems", {"partnerTag": "demo-20", "itemIds": ["B000TEST02"]}, token=token
     )
     assert (alone.status, alone.json()) == (200, {"itemsResult": {"items": []}})
-    paapi = await client.paapi("GetItems", {"PartnerTag": "demo-20", "ItemIds": ["B000TEST02"]})
+    paapi = await client.paapi("GetItems", {**PAAPI_TAG, "ItemIds": ["B000TEST02"]})
     assert (paapi.status, paapi.json()) == (200, {"ItemsResult": {"Items": []}})
     assert sim.stats.faults["omitted"] == 3
 

@@ -316,6 +316,28 @@ class TestErrors:
         assert response.status == 400
         assert _code(response) == "MissingParameter"
 
+    async def test_answers_carry_both_request_ids(self, start: Start) -> None:
+        """An answer carries x-amzn-RequestId and PA-API's x-amz-rid (protocol.md 3.5)."""
+        client, _, clock = await start()
+        response = await _call(client, clock, BODY)
+        assert response.headers["x-amzn-requestid"]
+        assert len(response.headers["x-amz-rid"]) == 20
+
+    @pytest.mark.parametrize(
+        ("value", "code"), [(None, "MissingParameter"), ("Bogus", "InvalidParameterValue")]
+    )
+    async def test_partner_type_is_required(
+        self, start: Start, value: str | None, code: str
+    ) -> None:
+        """PartnerType is required (protocol.md 3.3) and its one value is Associates."""
+        client, _, clock = await start()
+        body = {k: v for k, v in BODY.items() if k != "PartnerType"}
+        if value is not None:
+            body["PartnerType"] = value
+        response = await _call(client, clock, body)
+        assert response.status == 400
+        assert _code(response) == code
+
     async def test_one_malformed_id_fails_the_request(self, start: Start) -> None:
         """One malformed ItemId fails the whole request with the captured 400 body."""
         client, _, clock = await start()

@@ -8,7 +8,8 @@ Routes:
   ``?timestamps=0`` drops them) and ``POST /_sim/control`` (``{"account": name, "tps": x}``,
   ``{"account": name, "tpd": n}`` or ``{"limits": true|false}``).
 
-Every response carries ``x-amzn-RequestId`` and a ``Date`` from the simulator's skewed clock.
+Every response carries ``x-amzn-RequestId`` (PA-API's ``x-amz-rid`` too) and a ``Date``
+from the simulator's skewed clock.
 API calls get the configured latency once before the quota check and once after it.
 """
 
@@ -60,6 +61,9 @@ def create_app(
 
     async def stamp(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["x-amzn-RequestId"] = str(uuid.uuid4())
+        if request.path.startswith("/paapi5/"):
+            # PA-API's own request id beside the AWS one (protocol.md 3.5).
+            response.headers["x-amz-rid"] = uuid.uuid4().hex[:20].upper()
         response.headers["Date"] = sim.http_date()
 
     async def stop(app: web.Application) -> None:

@@ -59,6 +59,11 @@ async def token_endpoint(request: web.Request, sim: Simulator, family: str) -> w
     if fault == "token_slow":
         await _stall(sim, sim.settings.faults.hang_s)
     try:
+        if family == "v2" and request.content_type != "application/x-www-form-urlencoded":
+            # Cognito takes a form body only (protocol.md 2.2); LWA is lenient, Cognito not.
+            raise _OAuthError(
+                "invalid_request", "The request body must be application/x-www-form-urlencoded."
+            )
         params = await _read_params(request)
         body = _grant(sim, family, params, request.headers.get("Authorization", ""))
     except _OAuthError as exc:

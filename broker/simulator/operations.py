@@ -262,6 +262,12 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
     ids = _string_list(body, ctx.names("itemIds"), low=1, high=10)
     assert ids is not None
     if ctx.names.style == "paapi5":
+        # Required beside ItemIds and the tag (protocol.md 3.3), with its one value.
+        kind = body.get("PartnerType")
+        if kind is None:
+            raise Rejected("missing", "PartnerType")
+        if kind != "Associates":
+            raise Rejected("bad_value", "PartnerType", value=str(kind))
         # PA-API fails the whole request on one malformed id (protocol.md 3.4).
         for item_id in ids:
             if not is_well_formed(item_id):
