@@ -263,11 +263,11 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
     assert ids is not None
     if ctx.names.style == "paapi5":
         # Required beside ItemIds and the tag (protocol.md 3.3), with its one value.
-        kind = body.get("PartnerType")
-        if kind is None:
+        partner_type = body.get("PartnerType")
+        if partner_type is None:
             raise Rejected("missing", "PartnerType")
-        if kind != "Associates":
-            raise Rejected("bad_value", "PartnerType", value=str(kind))
+        if partner_type != "Associates":
+            raise Rejected("bad_value", "PartnerType", value=str(partner_type))
         # PA-API fails the whole request on one malformed id (protocol.md 3.4).
         for item_id in ids:
             if not is_well_formed(item_id):
