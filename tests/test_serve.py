@@ -25,7 +25,8 @@ from conftest import ENV, key_doc
 from broker import cli
 from broker.cache import CacheStats
 from broker.config import BrokerConfig, parse_config
-from broker.engine.metrics import KeySnapshot, MetricsSnapshot
+from broker.engine.adaptive import ThrottleVerdict
+from broker.engine.metrics import QUOTA_WAIT, KeySnapshot, MetricsSnapshot
 from broker.errors import ConfigError
 from broker.jobs import serve
 from broker.jobs.metrics_http import (
@@ -40,6 +41,9 @@ from broker.jobs.serve import Daemon, ServeOptions, Spool, spool_name
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
 from broker.testing import FakeClock
+
+QUOTA_SPENT = ThrottleVerdict.QUOTA_EXHAUSTED.value
+REVOKED = ThrottleVerdict.ACCESS_REVOKED.value
 
 _ACCOUNT = {
     "name": "demo",
@@ -585,6 +589,21 @@ class TestHttp:
         assert verdict.reason == "no key can send (demo: AuthError: x)"
         assert readiness(snapshot, state="stopping").reason == "stopping"
         assert readiness(None, state="running").reason == "starting"
+
+    def test_waiting_quota_is_only_a_quota_wait(self) -> None:
+        """asinb_key_waiting_quota is 1 for a key waiting for its daily quota (by its own
+        count or Amazon's), not for one parked as not eligible: the NoProgress alert stands
+        aside only for the wait that ends by itself."""
+        until = "2026-05-02T00:00:00Z"
+        keys = (
+            KeySnapshot("own", "parked", 1, 1, 0, 1, 0, 0, 1, 8640, None, QUOTA_WAIT, until),
+            KeySnapshot("amz", "parked", 1, 1, 0, 1, 0, 0, 1, 8640, None, QUOTA_SPENT, until),
+            KeySnapshot("ne", "parked", 1, 1, 0, 1, 0, 0, 1, 8640, None, REVOKED, until),
+        )
+        snapshot = MetricsSnapshot(0, {}, 0, 0, 0, {}, (0,) * 11, 0.0, 0, 0, 0, keys=keys)
+        values = _samples(render_metrics(snapshot, SpoolSnapshot(), None))
+        waiting = {k: values[f'asinb_key_waiting_quota{{key="{k}"}}'] for k in ("own", "amz", "ne")}
+        assert waiting == {"own": 1, "amz": 1, "ne": 0}
 
     def test_no_label_is_one_prometheus_sets_on_the_target(self) -> None:
         """No sample uses ``job`` or ``instance``: a scrape would rename it exported_*."""

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from broker import __version__
 from broker.config import is_loopback_host
+from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.metrics import LATENCY_BUCKETS_S, QUOTA_WAIT
 from broker.errors import ConfigError
 from broker.jobs.process_stats import ProcessStats, read_process_stats
@@ -284,6 +285,8 @@ def _render_process(out: _Exposition, stats: ProcessStats) -> None:
 
 
 #: One series per key: name, type, help, and the value of a key (None: no sample).
+#: The reasons of a key that waits for its daily quota to reset.
+_QUOTA_REASONS: Final = frozenset({QUOTA_WAIT, ThrottleVerdict.QUOTA_EXHAUSTED.value})
 _KEY_SERIES: tuple[tuple[str, str, str, Callable[[KeySnapshot], float | None]], ...] = (
     ("asinb_key_rate_per_second", "gauge", "Current (adaptive) request rate.", lambda k: k.rate),
     (
@@ -311,7 +314,8 @@ _KEY_SERIES: tuple[tuple[str, str, str, Callable[[KeySnapshot], float | None]], 
         "asinb_key_waiting_quota",
         "gauge",
         "1 while waiting for daily quota.",
-        lambda k: int(k.until is not None),
+        # Spent by the key's own count, or parked because Amazon says so; not any park.
+        lambda k: int(k.reason in _QUOTA_REASONS),
     ),
 )
 
