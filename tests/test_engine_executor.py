@@ -102,6 +102,10 @@ def _refusing_de(answer: RawResponse) -> Handler:
     return handler
 
 
+async def _never() -> RawResponse:
+    raise AssertionError("no request is sent")
+
+
 async def _run(
     broker: Broker, clock: FakeClock, asins_: list[str], marketplace: str | None = None
 ) -> list[ItemResult]:
@@ -362,6 +366,23 @@ class TestRetries:
             results = await _run(broker, clock, asins(100))
         assert overlap_after_streak == 1
         assert sum(r.status is Status.OK for r in results) >= 80
+
+    async def test_the_failing_streak_is_the_apis_and_recent(self) -> None:
+        """Only the API's failed answers make the streak: a refused token fetch leaves it,
+        and a failure long after the last one starts it afresh (a storm that outlasted a
+        daemon's last job does not make the next day's first 5xx an outage)."""
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, lambda request: _never(), clock)  # type: ignore[arg-type,return-value]
+        async with broker:
+            key = broker._keys[0]
+            for _ in range(10):
+                key.on_failed_answer()
+            assert key.failing_systemically
+            key.on_unreachable(EndpointUnreachable("refused"), clock.monotonic())
+            assert key.failing_systemically
+            await clock.advance(3600.0)
+            key.on_failed_answer()
+            assert not key.failing_systemically
 
     async def test_batches_that_always_fail_fail_and_keep_the_key(self) -> None:
         """A request that fails whatever the API's state (a poison batch) fails after its

@@ -317,7 +317,7 @@ class TestErrors:
         assert _code(response) == "MissingParameter"
 
     async def test_answers_carry_both_request_ids(self, start: Start) -> None:
-        """An answer carries x-amzn-RequestId and PA-API's x-amz-rid (protocol.md 3.5)."""
+        """An answer carries x-amzn-RequestId and PA-API's x-amz-rid (protocol.md 3.4)."""
         client, _, clock = await start()
         response = await _call(client, clock, BODY)
         assert response.headers["x-amzn-requestid"]

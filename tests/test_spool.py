@@ -161,3 +161,10 @@ def test_a_stale_marker_never_touches_a_finished_filing(spool: Spool) -> None:
     assert (spool.done / "daily.txt.out.jsonl").read_text() == "yesterday\n"
     assert (spool.done / "daily.txt.status.json").exists()
     assert (spool.done / "daily-2.txt.out.jsonl").read_text() == "today\n"
+
+
+def test_the_claim_lock_does_not_depend_on_the_output_format(spool: Spool) -> None:
+    """Daemons configured with other output formats probe the same claim lock."""
+    locks = {spool.job("x.txt", fmt).claim_lock().lock_path for fmt in ("jsonl", "csv", "sqlite")}
+    assert len(locks) == 1
+    assert spool.job("x.txt", "csv").work_files()[-1] == locks.pop()

@@ -149,8 +149,10 @@ class KeyState:
         self._outage_since: float | None = None
         self._outage_last = -math.inf
         self._outage_rounds = 0
-        # Transient failures (5xx, resets, unreadable answers) since the last usable answer.
+        # Transient failures (5xx, resets, unreadable answers) since the last usable answer,
+        # and when the last one came.
         self._failing = 0
+        self._failing_last = -math.inf
         self._outage_paused_at = -math.inf
 
     @classmethod
@@ -460,8 +462,16 @@ class KeyState:
         return spent
 
     def on_failed_answer(self) -> None:
-        """The API failed an attempt transiently: a 5xx, a reset, an unreadable answer."""
+        """The API failed an attempt transiently: a 5xx, a reset, an unreadable answer.
+
+        A failure long after the previous one starts the streak afresh, as an outage does:
+        a storm that outlasted a daemon's last job must not make tomorrow's first 5xx one.
+        """
+        now = self._clock.monotonic()
+        if now - self._failing_last > _OUTAGE_GAP_S:
+            self._failing = 0
         self._failing += 1
+        self._failing_last = now
 
     @property
     def failing_systemically(self) -> bool:
@@ -489,9 +499,6 @@ class KeyState:
         """
         spent = self._outage_spent()
         now = self._clock.monotonic()
-        if not failing:
-            # No connection is no answer at all: the streak of failed answers starts over.
-            self._failing = 0
         if sent_at >= self._outage_paused_at and not spent:
             self._outage_rounds += 1
             ceiling = min(

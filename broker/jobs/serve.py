@@ -139,6 +139,11 @@ _MAX_NAME_BYTES: Final = 200
 # The ends of names that files still being written carry: ours (``*.tmp``), downloaders'
 # (``.part``, ``.partial``, ``.crdownload``) and editors' (``.swp``, ``~``).
 _UNFINISHED: Final = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+# Waits between tries of a job's claim lock before it is left to the daemon holding it.
+_CLAIM_RETRIES_S: Final = (0.05, 0.1, 0.2, 0.0)
+# The end of a job's claim lock's name (with ``.lock``): one of the work files' names
+# (``.out.jsonl``), whatever the job's output format.
+_CLAIM: Final = ".out.jsonl.claim"
 # The start of the hidden name under which an inbox/ entry is refused into failed/.
 _REFUSING: Final = ".refusing-"
 #: How often an idle daemon looks in processing/ for a job no live daemon holds (its
@@ -234,8 +239,9 @@ class SpoolJob:
 
     def claim_lock(self) -> JobLock:
         """The lock a daemon holds while the job is its own, from before the run to the
-        end of the filing (not the runner's job lock, which the run alone holds)."""
-        return JobLock(self.out.with_name(f"{self.out.name}.claim"))
+        end of the filing (not the runner's job lock, which the run alone holds). Its name
+        does not depend on the output format, which daemons may see differently."""
+        return JobLock(self.path.with_name(f"{self.name}{_CLAIM}"))
 
     @property
     def filing_marker(self) -> Path:
@@ -247,13 +253,15 @@ class SpoolJob:
         ledger = self.ledger
         return (
             self.filing_marker,
-            self.out.with_name(f"{self.out.name}.claim.lock"),
             self.out,
             self.invalid_report,
             self.invalid_report.with_name(self.invalid_report.name + ".tmp"),
             ledger,
             *journal_files(ledger),
             *(ledger.with_name(ledger.name + suffix) for suffix in ("-journal", ".lock")),
+            # Last: the daemon holds it until the filing's end, and a sibling that probes it
+            # meanwhile must find the job file gone, not a free lock beside it.
+            self.path.with_name(f"{self.name}{_CLAIM}.lock"),
         )
 
 
@@ -435,13 +443,14 @@ class Spool:
         A filing the daemon did not finish (a crash) left the marker: the job is filed
         under the same name again, overwriting that filing's outputs and status, so
         ``dest`` never holds its rows twice. The marker names the job file it was written
-        for (device and inode): one left by an earlier job of the same name, whose filing
+        for (its inode): one left by an earlier job of the same name, whose filing
         completed, is ignored, and nothing of that filing is touched. Without a marker of
         this job, the first free name.
         """
         marker = job.filing_marker
-        info = os.stat(job.path)
-        identity = [info.st_dev, info.st_ino]
+        # The inode alone: a device number may change across the restart that follows a
+        # crash (network file systems, a volume mounted on another node).
+        identity = os.stat(job.path).st_ino
         try:
             before = json.loads(marker.read_text(encoding="utf-8"))
             where, name, ours = str(before["dest"]), str(before["name"]), before["file"]
@@ -784,10 +793,15 @@ class Daemon:
         for name in self.spool.claimed():
             if name in self._deferred:
                 continue
-            claim = self.spool.job(name, format_).claim_lock()
+            job = self.spool.job(name, format_)
+            claim = job.claim_lock()
             try:
                 claim.acquire()
             except (JobLockedError, OSError):
+                continue
+            if not job.path.exists():
+                claim.lock_path.unlink(missing_ok=True)  # filed since it was listed
+                claim.close()
                 continue
             claim.close()
             if name not in seen:
@@ -866,14 +880,23 @@ class Daemon:
         sibling daemon then knows it is not left over), unless another daemon holds it."""
         job = self.spool.job(name, self._config.output.format)
         claim = job.claim_lock()
-        try:
-            claim.acquire()
-        except JobLockedError:
-            logger.info("broker.job_held", job=name, note="another daemon runs it")
+        for wait_s in _CLAIM_RETRIES_S:
+            try:
+                claim.acquire()
+                break
+            except JobLockedError as exc:
+                held = exc
+            # A sibling's look at the job holds the lock for an instant; its run, for good.
+            await asyncio.sleep(wait_s)
+        else:
+            logger.info("broker.job_held", job=name, pid=held.pid, note="another daemon runs it")
             return
         try:
             if job.path.exists():
                 await self._run_claimed(broker, job)
+            else:
+                # Filed meanwhile (listed before): the lock file this made goes too.
+                claim.lock_path.unlink(missing_ok=True)
         finally:
             claim.close()
 

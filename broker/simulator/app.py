@@ -62,7 +62,7 @@ def create_app(
     async def stamp(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["x-amzn-RequestId"] = str(uuid.uuid4())
         if request.path.startswith("/paapi5/"):
-            # PA-API's own request id beside the AWS one (protocol.md 3.5).
+            # PA-API's own request id beside the AWS one (protocol.md 3.4).
             response.headers["x-amz-rid"] = uuid.uuid4().hex[:20].upper()
         response.headers["Date"] = sim.http_date()
 
