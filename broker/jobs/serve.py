@@ -887,7 +887,7 @@ class Daemon:
             except JobLockedError as exc:
                 held = exc
             # A sibling's look at the job holds the lock for an instant; its run, for good.
-            await asyncio.sleep(wait_s)
+            await self._clock.sleep(wait_s)
         else:
             logger.info("broker.job_held", job=name, pid=held.pid, note="another daemon runs it")
             return
