@@ -57,8 +57,6 @@ _OUTAGE_PAUSE_CAP_S = 60.0
 #: Transient failures in a row (across the key's batches) after which the key waits between
 #: attempts as in an outage, one at a time (see ``KeyState.failing_systemically``).
 _SYSTEMIC_FAILURES = 10
-#: How often a key sending one request at a time looks whether that one has ended.
-_FAILING_RECHECK_S = 0.1
 #: The code a key taken out by an outage carries (``broker run`` maps it to exit 69).
 OUTAGE_CODE = "EndpointUnavailable"
 #: A failure this long after the previous one starts a new outage: a continuing outage fails
@@ -123,6 +121,8 @@ class KeyState:
         self._clock = clock
         self._slots = asyncio.Semaphore(config.max_in_flight)
         self._in_flight = 0
+        # Set whenever a request of the key ends: the dispatcher's wait for one at a time.
+        self._request_ended = asyncio.Event()
         self.sent = 0
         self.throttled = 0
         self.errors = 0
@@ -252,6 +252,7 @@ class KeyState:
         """Give back an in-flight slot (``sent``: its request, booked by try_send, is done)."""
         if sent:
             self._in_flight -= 1
+            self._request_ended.set()
         self._slots.release()
 
     async def wait_ready(self) -> None:
@@ -268,7 +269,8 @@ class KeyState:
             if self._in_flight and self.failing_systemically:
                 # While every answer fails, one request at a time: each costs its batch an
                 # attempt, so a burst after each pause would fail batches for nothing.
-                await self._clock.sleep(_FAILING_RECHECK_S)
+                self._request_ended.clear()
+                await self._request_ended.wait()
                 continue
             probe_at = self.circuit.probe_at
             if probe_at is not None and not math.isinf(probe_at):
