@@ -557,11 +557,17 @@ async def _stoppable(run: Coroutine[Any, Any, BenchReport]) -> BenchReport:
             raise _Stopped(caught[0]) from None
         raise
     finally:
-        for sig in _STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
-            # Outside the loop (the simulator starting or stopping), the plain handler; once
-            # stopped, nothing may interrupt the cleanup.
-            signal.signal(sig, signal.SIG_IGN if caught else _stop_signal)
+        # Held back while the handlers change: removing the loop's handler restores the
+        # default action, which a signal arriving just then would take (no cleanup).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for sig in _STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+                # Outside the loop (the simulator starting or stopping), the plain handler;
+                # once stopped, nothing may interrupt the cleanup.
+                signal.signal(sig, signal.SIG_IGN if caught else _stop_signal)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 # -- the command ------------------------------------------------------------------------------
