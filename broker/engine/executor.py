@@ -179,7 +179,7 @@ class Executor:
             else:
                 key.on_reachable()
             key.on_failed_attempt(transient=transient)
-            self._on_api_error(key, batch, request, exc, sent_at)
+            self._on_api_error(key, batch, request, exc, sent_at, transient=transient)
             return
         except (TransportError, ResponseError) as exc:
             if isinstance(exc, TransportError):
@@ -356,11 +356,20 @@ class Executor:
             self._resolve(lookup, self._result(lookup, status, detail, batch.attempts, key))
 
     def _on_api_error(
-        self, key: KeyState, batch: Batch, request: HttpRequest, exc: ApiError, sent_at: float
+        self,
+        key: KeyState,
+        batch: Batch,
+        request: HttpRequest,
+        exc: ApiError,
+        sent_at: float,
+        *,
+        transient: bool,
     ) -> None:
+        """Route an API error: ``transient`` (:func:`_transient_api_error`, judged once by
+        the caller) is retried, a credentials error judged, anything else taken out."""
         info = exc.info
         attempts = batch.attempts
-        if _transient_api_error(exc):
+        if transient:
             key.errors += 1
             self._transient(key, batch, exc, sent_at)
             return

@@ -284,9 +284,9 @@ def _render_process(out: _Exposition, stats: ProcessStats) -> None:
             out.sample(name, value)
 
 
-#: One series per key: name, type, help, and the value of a key (None: no sample).
 #: The reasons of a key that waits for its daily quota to reset.
 _QUOTA_REASONS: Final = frozenset({QUOTA_WAIT, ThrottleVerdict.QUOTA_EXHAUSTED.value})
+#: One series per key: name, type, help, and the value of a key (None: no sample).
 _KEY_SERIES: tuple[tuple[str, str, str, Callable[[KeySnapshot], float | None]], ...] = (
     ("asinb_key_rate_per_second", "gauge", "Current (adaptive) request rate.", lambda k: k.rate),
     (

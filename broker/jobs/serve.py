@@ -141,7 +141,7 @@ _MAX_NAME_BYTES: Final = 200
 _UNFINISHED: Final = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
 # Waits between tries of a job's claim lock before it is left to the daemon holding it.
 _CLAIM_RETRIES_S: Final = (0.05, 0.1, 0.2, 0.0)
-# The end of a job's claim lock's name (with ``.lock``): one of the work files' names
+# The end of a job's claim lock's name (before ``.lock``): one of the work files' names
 # (``.out.jsonl``), whatever the job's output format.
 _CLAIM: Final = ".out.jsonl.claim"
 # The start of the hidden name under which an inbox/ entry is refused into failed/.
@@ -261,7 +261,7 @@ class SpoolJob:
             *(ledger.with_name(ledger.name + suffix) for suffix in ("-journal", ".lock")),
             # Last: the daemon holds it until the filing's end, and a sibling that probes it
             # meanwhile must find the job file gone, not a free lock beside it.
-            self.path.with_name(f"{self.name}{_CLAIM}.lock"),
+            self.claim_lock().lock_path,
         )
 
 
