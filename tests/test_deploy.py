@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import tomllib
 import zipfile
@@ -302,6 +303,45 @@ class TestPackage:
         assert f"https://raw.githubusercontent.com/{REPO_URL.split('github.com/')[1]}/" in (
             description
         )
+
+    @pytest.mark.skipif(
+        shutil.which("uv") is None or shutil.which("git") is None, reason="needs uv and git"
+    )
+    def test_sdist_holds_only_the_project(self, tmp_path: Path) -> None:
+        """The sdist holds the tracked sources, never a stray config, secret or spool file."""
+        tree = tmp_path / "tree"
+        tracked = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "ls-files", "-z"], check=True, capture_output=True
+            )
+            .stdout.decode()
+            .split("\0")
+        )
+        for name in filter(None, tracked):
+            if (ROOT / name).is_file():
+                (tree / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, tree / name)
+        strays = [".env", "main.secret", "my-config.toml", "spool/inbox/job.txt", "notes.txt"]
+        for stray in strays:
+            (tree / stray).parent.mkdir(parents=True, exist_ok=True)
+            (tree / stray).write_text("credential_secret = 'hunter2'\n")
+        subprocess.run(
+            ["uv", "build", "--sdist", "--out-dir", str(tmp_path / "dist"), str(tree)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        (sdist,) = (tmp_path / "dist").glob("asin_broker-*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        for stray in strays:
+            assert stray not in names
+        assert not any(name.startswith("benchmarks/results/") for name in names)
+        for wanted in ("pyproject.toml", "README.md", "LICENSE", "config.toml"):
+            assert wanted in names
+        assert "broker/cli.py" in names
+        assert "broker/state/decide.lua" in names
+        assert "tests/test_deploy.py" in names
 
     def test_readme_links_work_on_a_package_index(self) -> None:
         """README links and images are absolute, so they render on PyPI."""
