@@ -156,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "input missing or unreadable; 69 API endpoint or key-state store unreachable past the "
         "outage budget (rows stay pending); 74 cannot write output, or a damaged or read-only "
         "state file; 75 stopped (signal or --no-wait), run again to resume; 77 a key was "
-        "rejected (rows stay pending); 78 bad config",
+        "rejected (rows stay pending); 78 bad config; 141 stdout's reader went away (--out -)",
     )
     run.add_argument(
         "job", help="job file: .txt, .csv or .jsonl, optionally .gz; - reads stdin (see --input)"
@@ -261,7 +261,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "as `broker run` writes (line = the argument's position).",
         epilog="exit codes: 0 ok; 2 usage (unknown --marketplace); 3 some rows failed; 69 the "
         "endpoint or the key-state store stayed unreachable for the outage budget; 74 a "
-        "damaged or read-only state file; 77 a key was rejected; 78 bad config",
+        "damaged or read-only state file; 77 a key was rejected; 78 bad config; 141 "
+        "stdout's reader went away (| head)",
     )
     look.add_argument("asins", nargs="+", metavar="ASIN")
     look.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
@@ -351,6 +352,19 @@ def _run_loop(coro: Coroutine[Any, Any, object]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # stdout's reader went away (``| head``): what it did not read is not wanted, so no
+        # traceback. stdout now points at /dev/null, or the interpreter's last flush of the
+        # buffered rest would fail again on the way out.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return ExitCode.BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     if next((w for w in words if not w.startswith("-")), None) in ("run", "serve"):
         from broker.jobs.signals import caught_early

@@ -40,3 +40,6 @@ class ExitCode(enum.IntEnum):
     NO_PERMISSION = 77
     #: bad config
     CONFIG = 78
+    #: stdout's reader went away (``| head``): what it did not read is not wanted; the shell's
+    #: code for a process ended by SIGPIPE (128 + 13)
+    BROKEN_PIPE = 141

@@ -500,6 +500,33 @@ class TestRunPaths:
         assert not (tmp_path / "-").exists()
         assert not (tmp_path / "out").exists()
 
+    @pytest.mark.parametrize("command", ["lookup", "run"])
+    def test_reader_gone_is_quiet(self, tmp_path: Path, command: str) -> None:
+        """stdout's reader leaving (``| head``) ends the command quietly with 141, no traceback."""
+        config = str(_config(tmp_path))
+        asins = [f"B0PIPE{i:04d}" for i in range(40)]
+        if command == "lookup":
+            args = ["lookup", "--json", *asins, "--config", config]
+        else:
+            job = tmp_path / "job.txt"
+            job.write_text("\n".join(asins) + "\n")
+            args = ["run", str(job), "--out", "-", "--config", config]
+        env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+        with subprocess.Popen(
+            [sys.executable, "-m", "broker", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+            env=env,
+        ) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            proc.stdout.close()  # the reader is gone before the first row is written
+            err = proc.stderr.read().decode()
+            assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE
+        assert "Traceback" not in err
+        assert "BrokenPipeError" not in err
+
 
 class TestReruns:
     def _run(self, tmp_path: Path, *extra: str) -> int:
