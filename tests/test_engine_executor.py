@@ -172,6 +172,29 @@ class TestInvalidIds:
         assert all(r.ok for r in results)
         assert len(transport.requests) == 1 + 5
 
+    async def test_parameter_not_an_id_fails_the_request(self) -> None:
+        """An InvalidParameterValue naming another parameter (Marketplace) fails the rows
+        once, as a request error: no id is blamed (invalid) and nothing is re-asked alone."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return _paapi_error(
+                400,
+                "InvalidParameterValue",
+                "The value [www.amazon.com] provided in the request for Marketplace is invalid.",
+            )
+
+        clock = FakeClock()
+        broker, transport = _broker(PAAPI, handler, clock)
+        async with broker:
+            results = await _run(broker, clock, asins(4))
+        assert [r.status for r in results] == [Status.FAILED] * 4
+        for result in results:
+            assert result.error is not None
+            assert result.error.code == "InvalidParameterValue"
+            assert "Marketplace" in result.error.message
+            assert "Check the ASIN" not in result.error.remedy
+        assert len(transport.requests) == 1
+
 
 class TestPartialAnswers:
     """Responses that leave ASINs out or name them as errors."""

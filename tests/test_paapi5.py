@@ -15,6 +15,7 @@ from broker.api.paapi5 import (
     RESOURCE_NAMES,
     InvalidItemIdsError,
     PaapiDialect,
+    ParameterValueError,
     offending_ids,
     translate_resources,
 )
@@ -24,6 +25,7 @@ from broker.errors import (
     AuthError,
     BadRequestError,
     ResponseError,
+    Scope,
     ServerError,
     ThrottledError,
 )
@@ -455,14 +457,18 @@ class TestInvalidItemIds:
         assert offending_ids(error) == ()
 
     def test_other_parameter_is_plain_bad_request(self) -> None:
-        """An InvalidParameterValue about another parameter names no ids."""
+        """An InvalidParameterValue about another parameter names no ids: a request error."""
         body = envelope(
             "ValidationException",
             "InvalidParameterValue",
             "The value [Foo] provided in the request for Resources is invalid.",
         )
         error = failure(400, body)
-        assert type(error) is BadRequestError
+        assert type(error) is ParameterValueError
+        assert isinstance(error, BadRequestError)
+        assert offending_ids(error) == ()
+        assert error.info.scope is Scope.REQUEST
+        assert "not an item id" in error.info.remedy
 
     def test_parse_operation_reports_raw_ids(self) -> None:
         """Without a request list, the named ids are reported as written."""
@@ -501,7 +507,7 @@ ERROR_TABLE = [
     ("InvalidPartnerTag", "InvalidPartnerTagException", 400,
      "The partner tag is invalid or not present.", BadRequestError),
     ("InvalidParameterValue", "ValidationException", 400,
-     "The value [x] provided in the request for Keywords is invalid.", BadRequestError),
+     "The value [x] provided in the request for Keywords is invalid.", ParameterValueError),
     ("MissingParameter", "ValidationException", 400,
      "The request must contain the parameter PartnerTag.", BadRequestError),
     ("UnknownOperation", "UnknownOperationException", 404,

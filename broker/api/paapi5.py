@@ -8,6 +8,7 @@ names. Shapes follow protocol.md section 3 (SDK-P's field names; the error envel
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,7 +37,7 @@ from broker.api.errors_map import (
 from broker.api.marketplaces import Marketplace
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import OPERATION_RESOURCES, pascal_name
-from broker.errors import ApiError, BadRequestError, ResponseError
+from broker.errors import ApiError, BadRequestError, ErrorInfo, ResponseError, Scope
 
 if TYPE_CHECKING:
     from broker.clock import Clock
@@ -149,6 +150,27 @@ class InvalidItemIdsError(BadRequestError):
             code, message, status=status, retry_after=retry_after, server_date=server_date
         )
         self.invalid_ids = tuple(invalid_ids)
+
+
+class ParameterValueError(BadRequestError):
+    """A 400 ``InvalidParameterValue`` about a parameter other than the item ids.
+
+    Amazon's message names the parameter (``Marketplace``, ``Resources``, ...): the request
+    as a whole is wrong, so no id is blamed and none is re-asked alone (protocol.md 4 drops
+    an id only when the error names one). Its rows fail with Amazon's message.
+    """
+
+    @property
+    def info(self) -> ErrorInfo:
+        """The catalogue's entry as a request error, with a remedy about the request."""
+        return dataclasses.replace(super().info, scope=Scope.REQUEST, remedy=_PARAMETER_REMEDY)
+
+
+_PARAMETER_REMEDY = (
+    "Amazon refused the parameter its message names, not an item id: check the marketplace, "
+    "resources and partner tag in config.toml (and the key's marketplaces); if they are "
+    "right, report it with the broker version."
+)
 
 
 def offending_ids(error: BaseException) -> tuple[str, ...]:
@@ -388,17 +410,27 @@ def _failure(
                 invalid_ids=named,
                 server_date=error.server_date,
             )
+        if not any("ItemId" in message for message in _parameter_messages(entries)):
+            return ParameterValueError(
+                error.code, error.message, status=status, server_date=error.server_date
+            )
     return error
+
+
+def _parameter_messages(entries: list[object]) -> list[str]:
+    """The messages of the InvalidParameterValue entries among ``entries``."""
+    return [
+        text(entry.get("Message")) or ""
+        for entry in entries
+        if isinstance(entry, dict) and entry.get("Code") == "InvalidParameterValue"
+    ]
 
 
 def _named_ids(entries: list[object], requested: Sequence[str] | None) -> list[str]:
     """The item ids InvalidParameterValue messages blame, limited to the request if known."""
     index = {asin.upper(): asin for asin in requested} if requested is not None else None
     named: dict[str, None] = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or entry.get("Code") != "InvalidParameterValue":
-            continue
-        message = text(entry.get("Message")) or ""
+    for message in _parameter_messages(entries):
         if "ItemId" not in message:
             continue
         bracketed = _BRACKETED.findall(message)
