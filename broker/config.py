@@ -343,7 +343,7 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
                 raise ConfigError(
                     "state.redis_password_env", "must be an environment variable name"
                 )
-            value = environ.get(password_env, "")
+            value = environ.get(password_env, "").strip()
             if not value:
                 raise ConfigError(
                     "state.redis_password_env", f"environment variable {password_env} is not set"
@@ -699,7 +699,9 @@ def _parse_key(
                 'ASINB_SECRET and write credential_secret_env = "ASINB_SECRET"',
             )
         source = f"${secret_env}"
-        value = environ.get(secret_env, "") if read_secrets else ""
+        # Stripped as a secret file is: a variable filled from a Docker or Kubernetes
+        # secret often ends in a newline, which would make every signature wrong.
+        value = environ.get(secret_env, "").strip() if read_secrets else ""
         if value:
             secret = Secret(value)
         elif read_secrets and not api.uses_simulator:

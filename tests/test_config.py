@@ -199,6 +199,20 @@ class TestSecrets:
         assert "s3cr3t-value" not in repr(config)
         assert "s3cr3t-value" not in str(key)
 
+    @pytest.mark.parametrize("ending", ["\n", "\r\n", "  \n"])
+    def test_secret_from_env_loses_its_line_ending(self, ending: str) -> None:
+        """A secret variable ending in a newline (a Docker or Kubernetes secret) is read
+        as the same secret from a file is, without it: else every signature is wrong."""
+        config = parse_config(_doc(), environ={"ASINB_DEMO_SECRET": "s3cr3t-value" + ending})
+        assert config.keys[0].secret is not None
+        assert config.keys[0].secret.reveal() == "s3cr3t-value"
+
+    def test_blank_secret_env_is_unset(self) -> None:
+        """A secret variable holding only white space is reported as not set."""
+        error = _error(_doc(), environ={"ASINB_DEMO_SECRET": " \n"})
+        assert error.path == "keys[0].credential_secret_env"
+        assert "is not set" in error.message
+
     def test_secret_file_private(self, tmp_path: Path) -> None:
         """A 0600 secret file next to the config is read (relative to the config's folder)."""
         secret = tmp_path / "demo.secret"
