@@ -345,6 +345,31 @@ async def test_token_error_and_slow_token_endpoint() -> None:
         assert sim.stats.faults["token_slow"] == outcomes.count(200)
 
 
+async def test_slow_token_left_by_its_client_logs_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client giving up on a token_slow answer (its timeout) is no server error: nothing
+    is logged at ERROR, so a broker run that handled the fault shows no traceback."""
+    clock = FakeClock()
+    settings = SimulatorSettings(limits=False, faults=FaultRates(token_slow=1.0, hang_s=7.0))
+    with caplog.at_level("ERROR"):
+        async with running_simulator(settings, clock=clock) as (client, sim):
+            call = asyncio.ensure_future(client.token_response("demo-id", "demo-secret"))
+            for _ in range(500):
+                await asyncio.sleep(0.002)
+                if clock.sleepers:
+                    break
+            assert clock.sleepers == 1
+            call.cancel()  # the client's timeout: its connection closes mid-request
+            await asyncio.gather(call, return_exceptions=True)
+            await asyncio.sleep(0.05)
+            await clock.advance(7.0)
+            for _ in range(20):
+                await asyncio.sleep(0.005)
+            assert sim.stats.faults["token_slow"] == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
 def test_new_fault_settings_parse_and_validate() -> None:
     """The new switches parse from [simulator.faults]; rates are bounded like the others."""
     settings = SimulatorSettings.from_mapping(

@@ -57,6 +57,9 @@ async def token_endpoint(request: web.Request, sim: Simulator, family: str) -> w
             status=503,
         )
     if fault == "token_slow":
+        # The body is read before the stall, while the client still waits for it: one
+        # that gives up meanwhile (its timeout) has then left nothing to read that fails.
+        await request.read()
         await _stall(sim, sim.settings.faults.hang_s)
     try:
         if family == "v2" and request.content_type != "application/x-www-form-urlencoded":
