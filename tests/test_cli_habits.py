@@ -244,6 +244,36 @@ class TestRunPaths:
         assert job.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
 
+    @pytest.mark.parametrize(
+        "side", [".refresh", ".ledger.lock", ".ledger-wal", ".ledger-shm", ".ordering.tmp"]
+    )
+    def test_job_named_as_a_side_file_is_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], side: str
+    ) -> None:
+        """A job named like a file kept beside the output (``k.jsonl.refresh`` for
+        ``--out k.jsonl``) is refused before anything is written: it would be overwritten
+        or deleted."""
+        job = _job(tmp_path, name="k.jsonl" + side)
+        before = job.read_bytes()
+        out = tmp_path / "k.jsonl"
+        code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)])
+        assert code == ExitCode.USAGE
+        assert "beside the output" in capsys.readouterr().err
+        assert job.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", job.name]
+
+    def test_stdin_copy_named_as_the_job_resumes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The copy of a stdin job (``<out>.stdin.txt``) may be named as the job: it is that
+        job, not a side file, so the run finds it complete."""
+        out = tmp_path / "o" / "a.jsonl"
+        assert _stdin_run(tmp_path, monkeypatch, b"B0FIRST001\n", "--out", str(out)) == 0
+        copy = out.with_name("a.jsonl.stdin.txt")
+        args = ["run", str(copy), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main(args) == ExitCode.OK
+        assert len(_jsonl(out.read_text())) == 1
+
     def test_default_output_equal_to_the_job_is_refused(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -226,6 +226,22 @@ def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
                 f"{how} the job file {job}: {what} would overwrite it; "
                 "give --out another path (nothing was written)"
             )
+    side = _same(out).name + "."
+    if (
+        target.parent == _same(out).parent
+        and target.name.startswith(side)
+        and not target.name.startswith(side + "stdin.")
+    ):
+        # Every file a job keeps beside its output is named <output>.<something> (its
+        # ledger and the ledger's lock and journal, the invalid-row report, the --refresh
+        # and --ordered copies): a job named so would be overwritten or deleted. The copy
+        # of a stdin job (<output>.stdin.<format>) is that job, and may be named to resume.
+        how = "--out" if given else "the default output"
+        raise UsageError(
+            f"the job file {job} is named like a file the broker keeps beside the output "
+            f"({how} {out}), which would overwrite or delete it; rename the job or give "
+            "--out another path (nothing was written)"
+        )
     if out.name.endswith(".ledger"):
         raise UsageError(f"--out {out} looks like a job ledger; give the output file instead")
 
