@@ -10,6 +10,7 @@ details of each case are pinned in tests/test_sources.py; here is what a user of
 from __future__ import annotations
 
 import collections
+import csv
 import gzip
 import json
 import random
@@ -407,6 +408,28 @@ class TestC6MalformedJsonl:
         assert [(r["line"], r["status"]) for r in rows] == [(1, "ok"), (2, "invalid"), (4, "ok")]
         assert rows[0]["extra"] == {"sku": 1}  # the JSON value it was, not its text
         assert set(outcome.counter.pairs) == {(US, "B0JSONOK01"), (US, "B0JSONOK02")}
+
+    @pytest.mark.parametrize("bad_line", [1, 15])
+    def test_c6_csv_output_keeps_every_pass_through_column(
+        self, tmp_path: Path, bad_line: int
+    ) -> None:
+        """C6: a malformed line (first or anywhere) does not cost the CSV output the
+        columns of the other rows: the header names every row's pass-through names."""
+        lines = [json.dumps({"asin": f"B0JSONC{i:03d}", "sku": f"S{i}"}) for i in range(1, 31)]
+        lines[bad_line - 1] = '{"asin": "B0BAD", "sku": "S14"'
+        lines[20] = json.dumps({"asin": "B0JSONC021", "sku": "S21", "note": "late"})
+        job = _write(tmp_path, "job.jsonl", "\n".join(lines) + "\n")
+        out = tmp_path / "out.csv"
+        assert _cli(tmp_path, job, "--out", str(out), "--no-cache") == ExitCode.OK
+        with out.open(newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+        assert len(rows) == 30
+        by_line = {int(row["line"]): row for row in rows}
+        assert by_line[bad_line]["status"] == "invalid"
+        assert by_line[bad_line]["sku"] == ""
+        assert all(by_line[n]["sku"] == f"S{n}" for n in by_line if n != bad_line)
+        assert by_line[21]["note"] == "late"
+        assert by_line[2]["note"] == ""
 
     async def test_c6_strict_refuses_before_any_api_call(self, tmp_path: Path) -> None:
         """C6: with strict the job stops with 65 naming the bad line, before any request,

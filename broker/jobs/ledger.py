@@ -609,6 +609,20 @@ class Ledger:
                 yield Lookup(marketplace, asin, _decode_resources(resources))
             after = page[-1][0]
 
+    def extra_names(self) -> tuple[str, ...]:
+        """The pass-through names of every row ingested, in order of first appearance.
+
+        A CSV output takes its columns from them before its first row is written, so a row
+        without them (a malformed JSON line) written first costs no other row its cells.
+        One scan of the rows (about half a second per million).
+        """
+        with self._lock:
+            names = self._conn.execute(
+                "SELECT j.key FROM rows r, json_each(r.extra) j WHERE r.extra IS NOT NULL "
+                "GROUP BY j.key ORDER BY MIN(r.seq)"
+            ).fetchall()
+        return tuple(str(name) for (name,) in names)
+
     def pending_lookup_count(self) -> int:
         """How many distinct lookups have no result yet."""
         with self._lock:

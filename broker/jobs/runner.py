@@ -361,9 +361,13 @@ async def _run_once(
         )
         name = _sink_name(options.format)
         _forget_other_formats(ledger, name)
-        sink = open_sink(options.format, options.out)
+        state = ledger.sink_state(name)
+        # A new CSV output names every row's pass-through columns in its header, whichever
+        # row comes first (a resumed one reads them back from its header).
+        extra = ledger.extra_names() if options.format == "csv" and not state.done_order else ()
+        sink = open_sink(options.format, options.out, extra=extra)
         # The sink may cut itself back further than recorded (a hand-truncated file).
-        ledger.set_sink_state(name, sink.open(ledger.sink_state(name)))
+        ledger.set_sink_state(name, sink.open(state))
         # No second emit on the way out: _fetch commits and emits what finished, and after
         # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
         try:
@@ -421,7 +425,9 @@ def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
     if options.format == "sqlite":
         return  # a table has no order of its own; the seq column gives input order
     temporary = ordering_path(options.out)
-    sink = open_sink(options.format, temporary)
+    sink = open_sink(
+        options.format, temporary, extra=ledger.extra_names() if options.format == "csv" else ()
+    )
     try:
         sink.open(SinkState())
         chunk: list[DoneRow] = []

@@ -413,10 +413,10 @@ class CsvSink(_FileSink):
     A quoted cell may span lines (an input row with a line break), so records are found by
     quote parity, not by counting lines.
 
-    The pass-through columns are the ``extra`` names of the first rows written (every row
-    of a CSV job has the same ones; for a JSON Lines job, those of the first batch), in
-    their order; a name that is one of ours (or starts with ``input_``) gets an ``input_``
-    prefix. The header is written at open with our columns alone and rewritten with the
+    The pass-through columns are the ``extra`` names the sink was given (the job's rows'
+    names, :meth:`~broker.jobs.ledger.Ledger.extra_names`), then any other name of the
+    first rows written, in their order; a name that is one of ours (or starts with
+    ``input_``) gets an ``input_`` prefix. The header is written at open with our columns alone and rewritten with the
     pass-through ones at the first write; until a row is recorded, a reopened output
     starts over, so the header is always decided afresh from the rows. A resumed output
     reads its pass-through columns back from its header.
@@ -424,8 +424,10 @@ class CsvSink(_FileSink):
 
     _header = _utf8(",".join(CSV_COLUMNS) + "\r\n")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, extra: Sequence[str] = ()) -> None:
         super().__init__(path)
+        #: the pass-through names known before the first write
+        self._known = tuple(extra)
         #: the pass-through columns (input names); None until the first write decides them
         self._extra: tuple[str, ...] | None = None
 
@@ -444,7 +446,7 @@ class CsvSink(_FileSink):
     def write(self, rows: Sequence[DoneRow]) -> None:
         """Append rows (see :meth:`_FileSink.write`); the first rows decide the columns."""
         if self._extra is None and rows:
-            extra = _extra_names(rows)
+            extra = tuple(dict.fromkeys((*self._known, *_extra_names(rows))))
             if extra:
                 self._rewrite_header(extra)
             self._extra = extra
@@ -725,8 +727,10 @@ def _reason(row: DoneRow) -> str:
     return str(error.get("message") or "Amazon rejected the id as invalid")
 
 
-def open_sink(format: str, path: Path) -> ResultSink:
+def open_sink(format: str, path: Path, *, extra: Sequence[str] = ()) -> ResultSink:
     """Return an unopened sink for ``format`` (``jsonl``, ``csv`` or ``sqlite``) at ``path``.
+
+    ``extra``: the job's pass-through names, which a new CSV output makes its columns.
 
     Raises:
         ValueError: an unknown format.
@@ -734,7 +738,7 @@ def open_sink(format: str, path: Path) -> ResultSink:
     if format == "jsonl":
         return JsonlSink(path)
     if format == "csv":
-        return CsvSink(path)
+        return CsvSink(path, extra)
     if format == "sqlite":
         return SqliteSink(path)
     raise ValueError(f"unknown output format {format!r}; choose one of {', '.join(SINK_FORMATS)}")
