@@ -416,9 +416,10 @@ class CsvSink(_FileSink):
     The pass-through columns are the ``extra`` names the sink was given (the job's rows'
     names, :meth:`~broker.jobs.ledger.Ledger.extra_names`), then any other name of the
     first rows written, in their order; a name that is one of ours (or starts with
-    ``input_``) gets an ``input_`` prefix. The header is written at open with our columns alone and rewritten with the
-    pass-through ones at the first write; until a row is recorded, a reopened output
-    starts over, so the header is always decided afresh from the rows. A resumed output
+    ``input_``) gets an ``input_`` prefix. The header is written at open with our columns
+    alone and rewritten with the pass-through ones at the first write; until a row is
+    recorded, a reopened output starts over, so the header is always decided afresh from
+    the rows. A resumed output
     reads its pass-through columns back from its header.
     """
 
