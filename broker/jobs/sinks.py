@@ -419,8 +419,7 @@ class CsvSink(_FileSink):
     ``input_``) gets an ``input_`` prefix. The header is written at open with our columns
     alone and rewritten with the pass-through ones at the first write; until a row is
     recorded, a reopened output starts over, so the header is always decided afresh from
-    the rows. A resumed output
-    reads its pass-through columns back from its header.
+    the rows. A resumed output reads its pass-through columns back from its header.
     """
 
     _header = _utf8(",".join(CSV_COLUMNS) + "\r\n")
