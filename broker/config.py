@@ -9,6 +9,7 @@ Environment access goes through an injectable ``environ`` mapping, so tests pass
 from __future__ import annotations
 
 import copy
+import errno
 import importlib.util
 import ipaddress
 import os
@@ -771,23 +772,11 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
     """
     try:
         info = file.stat()
-    except FileNotFoundError:
-        if file.is_absolute() and file.parts[1:3] == ("run", "credentials"):
-            # A systemd credential: it exists only inside its service (LoadCredential=).
-            raise ConfigError(
-                path,
-                f"{file} is a systemd credential, which only its service can read: run "
-                "this command as part of the service, or give it a config with a key of "
-                "its own",
-            ) from None
-        # Most likely the secret itself pasted here: never echo the value.
-        raise ConfigError(
-            path,
-            "names no file (No such file or directory; the value is not shown, in case it is "
-            "the secret itself): give the path of a file holding the secret, relative to the "
-            "config file's directory",
-        ) from None
+    except ValueError:
+        raise _no_such_file(file, path) from None  # a NUL: no file has this name
     except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise _no_such_file(file, path) from None
         raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
     trusted = bool(credentials_dir and _is_inside(file, Path(credentials_dir)))
     if not trusted and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -810,6 +799,26 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
     if not value:
         raise ConfigError(path, f"{file} is empty")
     return Secret(value)
+
+
+def _no_such_file(file: Path, path: str) -> ConfigError:
+    """The error for a secret file name that names no file."""
+    if file.is_absolute() and file.parts[1:3] == ("run", "credentials"):
+        # A systemd credential: it exists only inside its service (LoadCredential=).
+        return ConfigError(
+            path,
+            f"{file} is a systemd credential, which only its service can read: run "
+            "this command as part of the service, or give it a config with a key of "
+            "its own",
+        )
+    # Most likely the secret itself pasted here (missing, too long for a path, holding a
+    # NUL): never echo the value.
+    return ConfigError(
+        path,
+        "names no file (No such file or directory; the value is not shown, in case it is "
+        "the secret itself): give the path of a file holding the secret, relative to the "
+        "config file's directory",
+    )
 
 
 def _is_inside(file: Path, directory: Path) -> bool:

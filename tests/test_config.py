@@ -256,6 +256,21 @@ class TestSecrets:
         assert "no such file" in error.message.lower()
         assert "XYZZY" not in str(error)
 
+    @pytest.mark.parametrize("pasted", ["S" * 300, "abc\x00def-XYZZY", "a/" + "Q" * 300])
+    def test_a_long_or_odd_secret_pasted_as_the_file_name_is_not_echoed(self, pasted: str) -> None:
+        """A value no file can have (too long, a NUL) is refused as a pasted secret too:
+        a ConfigError that does not repeat it, not a traceback."""
+        document = _doc()
+        keys = document["keys"][0]
+        del keys["credential_secret_env"]
+        keys["credential_secret_file"] = pasted
+        error = _error(document)
+        assert error.path == "keys[0].credential_secret_file"
+        assert "the value is not shown" in error.message
+        assert "SSSS" not in str(error)
+        assert "QQQQ" not in str(error)
+        assert "XYZZY" not in str(error)
+
     def test_a_systemd_credential_outside_its_service_says_so(self) -> None:
         """A /run/credentials/... path missing here (a shell outside the service) is named
         as a systemd credential only its service can read, not as a pasted secret."""
