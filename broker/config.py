@@ -321,8 +321,8 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
     backend = table.text("backend", "local")
     if backend not in ("local", "redis", "memory"):
         raise ConfigError("state.backend", 'must be "local", "redis" or "memory"')
-    raw_path = table.opt_text("path")
-    path = None if raw_path is None else base_dir / Path(raw_path).expanduser()
+    raw_path = _path_text(table, "path")
+    path = None if raw_path is None else base_dir / raw_path
     redis_url = table.opt_text("redis_url")
     password_env = table.opt_text("redis_password_env")
     key_prefix = table.text("key_prefix", "asin-broker:")
@@ -869,11 +869,26 @@ def _parse_retry(table: TomlTable) -> RetryConfig:
     return config
 
 
+def _path_text(table: TomlTable, name: str) -> str | None:
+    """A path setting, ``~`` expanded; None when unset.
+
+    Raises:
+        ConfigError: it holds a NUL, which no path can (the OS would refuse it later, far
+            from the config).
+    """
+    raw = table.opt_text(name)
+    if raw is None:
+        return None
+    if "\x00" in raw:
+        raise ConfigError(table.key(name), "holds a NUL character, which no path can hold")
+    return os.path.expanduser(raw)
+
+
 def _parse_output(table: TomlTable) -> OutputConfig:
     fmt = table.text("format", "jsonl")
     if fmt not in ("jsonl", "csv", "sqlite"):
         raise ConfigError("output.format", 'must be "jsonl", "csv" or "sqlite"')
-    config = OutputConfig(fmt, table.text("directory", "out"))
+    config = OutputConfig(fmt, _path_text(table, "directory") or "out")
     _finish(table)
     return config
 
@@ -908,10 +923,9 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
     backend = table.text("backend", "sqlite")
     if backend not in ("sqlite", "redis", "memory"):
         raise ConfigError("cache.backend", 'must be "sqlite", "redis" or "memory"')
-    path = table.opt_text("path")
+    path = _path_text(table, "path")
     if path is not None:
-        file = Path(path).expanduser()
-        path = str(file if file.is_absolute() else base_dir / file)
+        path = str(base_dir / path)  # an absolute path stays as it is
     redis_url = table.opt_text("redis_url")
     redis_url_env = table.opt_text("redis_url_env")
     if redis_url is not None:

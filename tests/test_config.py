@@ -176,6 +176,29 @@ class TestKeyPaths:
         assert "unknown" in error.message
 
 
+class TestPaths:
+    """Path settings: ``~`` is the home directory; a NUL is refused naming the key."""
+
+    def test_output_directory_expands_home(self) -> None:
+        """[output] directory = "~/x" is the home's x, not a folder named ~ here."""
+        config = parse_config(_with("output.directory", "~/asinb-out"), environ=ENV)
+        assert config.output.directory == str(Path.home() / "asinb-out")
+
+    @pytest.mark.parametrize(
+        ("where", "path"),
+        [
+            ("output.directory", "output.directory"),
+            ("state.path", "state.path"),
+            ("cache.path", "cache.path"),
+        ],
+    )
+    def test_nul_in_a_path_is_a_config_error(self, where: str, path: str) -> None:
+        """A path holding a NUL is refused at load, naming its key, not a traceback later."""
+        error = _error(_with(where, "out\x00put"))
+        assert error.path == path
+        assert "NUL" in error.message
+
+
 class TestSecrets:
     """Secrets live in the environment or a private file, never in config.toml."""
 
