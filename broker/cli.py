@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -509,22 +510,28 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             )
             return ExitCode.USAGE
     resources: tuple[str, ...] | None = None
-    if args.resources:
+    if args.resources is not None:
         from broker.api.resources import resolve_resources
 
+        names = [r.strip() for r in args.resources.split(",") if r.strip()]
+        if not names:
+            print(
+                "broker: --resources names no resource; give a comma-separated list, or "
+                "leave it out for api.resources of the config",
+                file=sys.stderr,
+            )
+            return ExitCode.USAGE
         try:
             # Checked before anything starts (the embedded simulator, the key state).
-            resources = resolve_resources(
-                (r.strip() for r in args.resources.split(",") if r.strip()), config.api.protocol
-            )
+            resources = resolve_resources(names, config.api.protocol)
         except ValueError as exc:
             print(f"broker: --resources: {exc}", file=sys.stderr)
             return ExitCode.USAGE
     budget = args.outage_budget
     if budget is None:
         budget = min(config.retry.outage_budget_s, LOOKUP_OUTAGE_BUDGET_S)
-    elif budget <= 0:
-        print("broker: --outage-budget must be more than 0 seconds", file=sys.stderr)
+    elif not 0 < budget < math.inf:  # NaN fails too: a budget that never runs out
+        print("broker: --outage-budget must be a finite number of seconds above 0", file=sys.stderr)
         return ExitCode.USAGE
     config = dataclasses.replace(
         config, retry=dataclasses.replace(config.retry, outage_budget_s=budget)

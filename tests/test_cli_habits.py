@@ -722,6 +722,29 @@ class TestLookup:
         err = capsys.readouterr().err
         assert "stayed unreachable for 0.5 s (--outage-budget)" in err
 
+    @pytest.mark.parametrize(
+        ("flags", "said"),
+        [
+            (["--outage-budget", "nan"], "--outage-budget must be"),
+            (["--outage-budget", "inf"], "--outage-budget must be"),
+            (["--outage-budget", "0"], "--outage-budget must be"),
+            (["--resources", ","], "--resources names no resource"),
+            (["--resources", " "], "--resources names no resource"),
+        ],
+    )
+    def test_flag_without_a_usable_value_is_a_usage_error(
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        flags: list[str],
+        said: str,
+    ) -> None:
+        """A budget that is not a finite positive number (NaN never runs out) and a
+        resource list naming nothing are usage errors (2), before anything is sent."""
+        code = cli.main(["lookup", "B0C1234567", "--config", str(_config(tmp_path)), *flags])
+        assert code == ExitCode.USAGE
+        assert said in capsys.readouterr().err
+
     def test_one_row_per_argument_repeats_included(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
