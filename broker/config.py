@@ -609,15 +609,18 @@ def _check_url(url: str, path: str) -> None:
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
+        port = parts.port  # a port out of 0..65535 or not a number raises here
     except ValueError:
         # urlsplit refuses some malformed hosts (an unclosed "[" for instance).
         raise ConfigError(
             path, f'must be "simulator", "amazon" or an http(s) URL, got {shown_url(url)!r}'
         ) from None
-    if parts.scheme not in ("http", "https") or not hostname:
+    if parts.scheme not in ("http", "https") or not hostname or any(c.isspace() for c in url):
         raise ConfigError(
             path, f'must be "simulator", "amazon" or an http(s) URL, got {shown_url(url)!r}'
         )
+    if port == 0:
+        raise ConfigError(path, "port 0 cannot be connected to; give the server's port")
     if parts.scheme == "http" and not is_loopback_host(hostname):
         raise ConfigError(
             path,

@@ -330,6 +330,24 @@ class TestEndpoints:
         config = parse_config(_with("api.endpoint", url), environ=ENV)
         assert config.api.endpoint == url.rstrip("/")
 
+    @pytest.mark.parametrize("where", ["api.endpoint", "api.token_endpoint"])
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "https://example.com:99999",
+            "https://example.com:-1",
+            "https://example.com:abc",
+            "http://127.0.0.1:99999",
+            "https://exa mple.com",
+            "http://127.0.0.1:0",
+        ],
+    )
+    def test_unusable_host_or_port_refused(self, where: str, url: str) -> None:
+        """A port outside 1..65535 or not a number, or a host with a space, is a config
+        error naming the key, not a traceback nor an outage at run time."""
+        error = _error(_with(where, url))
+        assert error.path == where
+
     def test_credentials_in_url_refused(self) -> None:
         """A URL carrying user:password is refused."""
         error = _error(_with("api.endpoint", "https://user:pw@creatorsapi.example"))
