@@ -101,6 +101,17 @@ def _prog() -> str:
     return invoked if invoked in ("broker", "asin-broker") else "broker"
 
 
+def _port(text: str) -> int:
+    """argparse type of ``--port``: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from broker import __version__
 
@@ -137,7 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     sim.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=8787,
         help="port to bind; 0 picks a free one (default: %(default)s)",
     )
@@ -243,7 +254,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help=_CONFIG_HELP)
     serve.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=9464,
         help="port of /healthz, /readyz and /metrics; 0 picks a free one (default: %(default)s)",
     )

@@ -231,6 +231,19 @@ class TestConfigLookup:
         assert "ASINB_CONFIG" in err
 
 
+@pytest.mark.parametrize("command", [["simulate"], ["serve", "--spool", "spool"]])
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_port_out_of_range_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], command: list[str], port: str
+) -> None:
+    """--port outside 0..65535 is refused naming the flag (exit 2), not bound modulo 65536
+    (simulate listened on 34463 for 99999) nor reported as a config error."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--port", port])
+    assert info.value.code == ExitCode.USAGE
+    assert "--port" in capsys.readouterr().err
+
+
 class TestRunPaths:
     def test_out_naming_the_job_is_refused_before_writing(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
