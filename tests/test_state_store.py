@@ -637,6 +637,30 @@ class TestSqliteReuse:
         await a.aclose()
         await b.aclose()
 
+    async def test_a_new_process_beside_orphaned_wal_refuses_and_harms_none(
+        self, tmp_path: Path
+    ) -> None:
+        """The file deleted alone while a store uses it, then a new process starts: it
+        refuses (an OSError naming the -wal and -shm to delete), creates no file beside
+        them, and the running store goes on deciding (it was killed by an I/O error)."""
+        clock = [_T0]
+        path = tmp_path / "keys.sqlite3"
+
+        def store() -> SqliteStateStore:
+            return SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+
+        a = store()
+        assert (await Backend("local", a, clock).reserve()).count == 1
+        path.unlink()
+        with pytest.raises(OSError, match=r"-wal") as info:
+            store()
+        assert "-shm" in str(info.value)
+        assert not path.exists()
+        clock[0] += 2_000_000
+        later = [await Backend("local", a, clock).reserve() for _ in range(3)]
+        assert [d.count for d in later] == [2, 3, 4]
+        await a.aclose()
+
     async def test_a_failed_write_is_not_remembered(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

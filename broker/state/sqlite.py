@@ -62,6 +62,25 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     return root / "asin-broker"
 
 
+def _refuse_orphans(path: Path) -> None:
+    """Raise when ``path`` is gone but its ``-wal`` or ``-shm`` is not.
+
+    They are a deleted database's, still in use by any process that has it open: a new
+    file beside them would be read with them, and SQLite would then fail every process on
+    it with an I/O error. Removing them here could race with another process creating the
+    new file, so the operator removes them (then the running processes move to the new
+    file, as when all three are deleted).
+    """
+    left = [f"{path}{end}" for end in ("-wal", "-shm") if os.path.exists(f"{path}{end}")]
+    if left:
+        raise OSError(
+            f"{path} was deleted without its {' and '.join(left)}, which belong to the "
+            "deleted file (processes still running use it): delete them too to start a "
+            "fresh key state (running processes then move to the new file), or leave the "
+            "path alone until they stop",
+        )
+
+
 class SqliteStateStore:
     """A :class:`broker.state.store.KeyStateStore` in one SQLite file.
 
@@ -123,17 +142,20 @@ class SqliteStateStore:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             new = not path.exists()
-            conn = sqlite3.connect(
-                path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise self._failure(exc) from exc
         except OSError as exc:
             # Its directory cannot be made (a read-only file system, no permission, a file
             # in the way): waiting never fixes that, so it ends the run (exit 74), not 69.
             raise OSError(
                 exc.errno, f"{path}: cannot create its directory: {exc.strerror}"
             ) from exc
+        if new:
+            _refuse_orphans(path)
+        try:
+            conn = sqlite3.connect(
+                path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from exc
         try:
             if new:
                 # Owner-only, like the item cache: which keys run, their rates and counts.
