@@ -361,6 +361,35 @@ class TestDayAndProcesses:
         assert (await ask(old)).rate == 5.0
         assert (await ask(old)).rate == 5.0
 
+    async def test_processes_with_different_tpd_keep_to_the_lowest(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A rolling change of tpd (one process allowed 3 a day, one 6, one unlimited):
+        while the 3 asks, all stop at 3 (the key's quota is the account's); the higher
+        limit takes over once the 3 has been silent for a minute."""
+        low = replace(LIMITS, day_limit=3, tpd=3)
+        high = replace(LIMITS, day_limit=6, tpd=6)
+        unlimited = replace(LIMITS, day_limit=None, tpd=None)
+        other = ProcessMark("other:2:b")
+
+        async def ask(limits: KeyLimits, mark: ProcessMark = ME) -> Decision:
+            return await backend.store.decide(
+                KEY, limits, feedback=Feedback(), reserve=True, process=mark
+            )
+
+        assert (await ask(high)).granted
+        assert (await ask(low, other)).granted
+        assert (await ask(unlimited)).granted
+        refused = [await ask(high), await ask(unlimited), await ask(low, other)]
+        assert [d.refusal for d in refused] == ["daily quota"] * 3
+        assert refused[0].count == 3
+        silence = 61.0
+        if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
+            monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)
+            silence = 1.5
+        await backend.advance(silence)
+        assert [(await ask(high)).granted for _ in range(4)] == [True, True, True, False]
+
     async def test_day_rolls_over_at_the_reset(self) -> None:
         """The count restarts when the daily window moves on, and never moves back."""
         clock = [_T0]

@@ -53,7 +53,8 @@ local function num(x) return string.format('%.17g', x) end
 
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
-  'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen')
+  'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
+  'day_cap', 'day_cap_seen')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -78,6 +79,9 @@ local rc_r1 = tonumber(h[19]) or 0
 local rc_r2 = tonumber(h[20]) or 0
 -- when a process with the stored (agreed) nominal rate last asked, µs
 local nominal_seen = tonumber(h[21]) or 0
+-- the lowest daily limit asked with recently (-1: none), and when it was last asked with
+local day_cap = tonumber(h[22]) or -1
+local day_cap_seen = tonumber(h[23]) or 0
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -154,6 +158,18 @@ else
   min_rate = math.min(min_rate, stored_nominal)
   max_rate = max_rate * stored_nominal / mine
   nominal = stored_nominal
+end
+-- A rolling change of tpd: the lowest daily limit asked with in the last recent_us holds
+-- for every caller (decision.py, _agree_day); day_limit -1 is unlimited.
+if asking and day_limit >= 0 then
+  if day_cap < 0 or day_limit < day_cap
+      or (now - day_cap_seen > recent_us and day_limit ~= day_cap) then
+    day_cap = day_limit
+  end
+  if day_limit == day_cap then day_cap_seen = now end
+end
+if day_cap >= 0 and now - day_cap_seen <= recent_us and (day_limit < 0 or day_cap < day_limit) then
+  day_limit = day_cap
 end
 if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
@@ -255,7 +271,8 @@ if not view then
     'parked_until', int(parked_until), 'park_reason', park_why,
     'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
     'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
-    'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen))
+    'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
+    'day_cap_seen', int(day_cap_seen))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

@@ -82,6 +82,10 @@ class Record:
     rc_level: float = 1.0
     rc_descending: bool = False
     rc_recent: list[int] = field(default_factory=list)
+    #: the daily limit the key keeps to: the lowest one asked with recently (-1: none)
+    day_cap: int = -1
+    #: when a process with that daily limit last asked (µs)
+    day_cap_seen: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -152,6 +156,27 @@ def _agree(record: Record, now: int, limits: KeyLimits, *, asking: bool) -> KeyL
         min_rate=min(limits.min_rate, agreed),
         max_rate=limits.max_rate * agreed / mine,
     )
+
+
+def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool) -> int | None:
+    """The daily limit the key keeps to when processes' configs differ (a rolling change
+    of tpd): as :func:`_agree` for the rate, the lowest limit asked with in the last
+    ``PROCESS_RECENT_S`` wins, so a process configured higher (or unlimited) cannot spend
+    the account's quota past what another process's config says it is."""
+    recent = int(PROCESS_RECENT_S * _US)
+    if asking and day_limit is not None:
+        stale = now - record.day_cap_seen > recent
+        if (
+            record.day_cap < 0
+            or day_limit < record.day_cap
+            or (stale and day_limit != record.day_cap)
+        ):
+            record.day_cap = day_limit
+        if day_limit == record.day_cap:
+            record.day_cap_seen = now
+    if record.day_cap < 0 or now - record.day_cap_seen > recent:
+        return day_limit
+    return record.day_cap if day_limit is None else min(day_limit, record.day_cap)
 
 
 def _clamp(rate: float, limits: KeyLimits) -> float:
@@ -273,8 +298,9 @@ def decide(
         record.parked_until = record.probing_until = record.last_429 = 0
         record.pause_reason = record.park_reason = ""
         record.processes = {}
-        record.nominal_seen = 0
+        record.nominal_seen = record.day_cap_seen = 0
     limits = _agree(record, now, limits, asking=process is not None)
+    day_limit = _agree_day(record, now, limits.day_limit, asking=process is not None)
     if record.rate <= 0:
         record.rate = limits.nominal_rate
     record.rate = _clamp(record.rate, limits)
@@ -308,7 +334,7 @@ def decide(
             refusal, wait_us = "parked", record.parked_until - now
         elif record.parked_until and record.probing_until > now:
             refusal, wait_us = "probing", record.probing_until - now
-        elif limits.day_limit is not None and record.count >= limits.day_limit:
+        elif day_limit is not None and record.count >= day_limit:
             refusal = "daily quota"
             wait_us = day_end_us(record.day, limits.reset_offset_s) - wall
         elif candidate - now > horizon_us:
