@@ -307,12 +307,15 @@ class SharedKeyLimiter:
         now = self._clock.monotonic()
         if self._unavailable_since is None:
             self._unavailable_since = now
-        elif now - self._unavailable_since >= self._give_up_after_s:
-            waited = now - self._unavailable_since
+        left = self._give_up_after_s - (now - self._unavailable_since)
+        if left <= 0:
             raise StateUnavailableError(
-                exc.backend, f"{exc.reason}; still so after {waited:.0f} s (the outage budget)"
+                exc.backend,
+                f"{exc.reason}; still so after {self._give_up_after_s:g} s (the outage budget)",
             ) from exc
-        await self._clock.sleep(self._unavailable_pause())
+        # The last pause ends with the budget: the store is asked once more then, and the
+        # wait gives up on time instead of a backoff step (up to 10 s) late.
+        await self._clock.sleep(min(self._unavailable_pause(), left))
 
     def _unavailable_pause(self) -> float:
         return min(
