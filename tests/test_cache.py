@@ -438,6 +438,31 @@ class TestSqlite:
             assert whole is not None
             assert (await cache.stats()).entries == 1
 
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            "fetched_at = 'abc'",
+            "checksum = 'text, not bytes'",
+            "payload = 42",
+        ],
+    )
+    async def test_a_damaged_row_costs_only_itself(
+        self, tmp_path: Path, clock: FakeClock, damage: str
+    ) -> None:
+        """A row whose fields cannot be read (a time that is no number, text for bytes) is a
+        miss and deleted; the other entries are still served, the cache stays on."""
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
+            with sqlite3.connect(path) as db:
+                db.execute(f"UPDATE item_cache SET {damage} WHERE asin = ?", ("B000000001",))
+            bad, good = await cache.get_many([q("B000000001"), q("B000000002")])
+            assert bad is None
+            assert good is not None
+            assert (await cache.stats()).entries == 1
+            (again,) = await cache.get_many([q("B000000002")])
+            assert again is not None
+
     async def test_byte_bound_keeps_file_small(self, tmp_path: Path, clock: FakeClock) -> None:
         """Writing 30x the byte bound leaves a file of a few times the bound, WAL included."""
         path = tmp_path / "cache.sqlite3"

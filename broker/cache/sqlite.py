@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
+from broker.logs import get_logger
 from broker.sqlitewal import enable_wal, immediate
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["SqliteCache"]
 
 _T = TypeVar("_T")
+
+_log = get_logger("broker.cache")
 
 #: Lock waits longer than this (another process writing) raise instead of hanging.
 _BUSY_TIMEOUT_MS: Final = 5_000
@@ -173,8 +176,9 @@ class SqliteCache(StoreCache):
         by_text = {(key.marketplace, key.asin, ",".join(key.resources)): key for key in keys}
         wanted = list(by_text)
 
-        def load(db: sqlite3.Connection) -> dict[CacheKey, Entry]:
+        def load(db: sqlite3.Connection) -> tuple[dict[CacheKey, Entry], list[CacheKey]]:
             found: dict[CacheKey, Entry] = {}
+            damaged: list[CacheKey] = []
             # One read transaction: a consistent snapshot, one lock acquisition; keys go
             # in chunks of row values, so 10,000 keys cost 34 statements, not 10,000.
             db.execute("BEGIN")
@@ -187,12 +191,26 @@ class SqliteCache(StoreCache):
                         _SELECT_MANY.format(values=values), params
                     ):
                         key = by_text[(marketplace, asin, resources)]
-                        found[key] = Entry(key, float(fetched_at), bytes(payload), bytes(digest))
+                        try:
+                            entry = Entry(key, float(fetched_at), bytes(payload), bytes(digest))
+                        except (TypeError, ValueError):
+                            # SQLite keeps any type in any column: a row damaged so is a
+                            # miss of its own, not a failure of the whole read.
+                            damaged.append(key)
+                            continue
+                        found[key] = entry
             finally:
                 db.execute("COMMIT")
-            return found
+            return found, damaged
 
-        return await self._run(load)
+        found, damaged = await self._run(load)
+        if damaged:
+            for key in damaged:
+                _log.warning("cache.corrupt_entry", marketplace=key.marketplace, asin=key.asin)
+            # Deleted, not left to be skipped: an upsert never replaces a row whose time
+            # is not a number (SQLite orders text after every number).
+            await self._delete(damaged, fetched_before=None, asins=None)
+        return found
 
     async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
         policy = self.policy
