@@ -492,6 +492,24 @@ class TestSystemd:
         assert f'credential_secret_file = "{path}"' in config
         assert options["--config"] == "/etc/asin-broker/config.toml"
 
+    def test_producers_can_file_retry_and_clean_up(self) -> None:
+        """tmpfiles makes every spool directory a producer of group asin-broker uses (the
+        README's drop, retry and clean-up steps: inbox/, failed/, done/) group-writable and
+        setgid, so the daemon's UMask=0027 does not leave failed/ and done/ at 2750."""
+        (spool,) = (
+            a
+            for a in shlex.split(_values(_unit(self.UNIT)["Service"], "ExecStart")[0])
+            if a.startswith("/var/spool/")
+        )
+        lines = (DEPLOY / "systemd" / "asin-broker.tmpfiles").read_text().splitlines()
+        entries = {
+            fields[1]: fields
+            for fields in (line.split() for line in lines if line and not line.startswith("#"))
+        }
+        for directory in (spool, f"{spool}/inbox", f"{spool}/failed", f"{spool}/done"):
+            kind, _, mode, user, group, *_ = entries[directory]
+            assert (kind, mode, user, group) == ("d", "2770", "asin-broker", "asin-broker")
+
     def test_stop_matches_the_drain(self) -> None:
         """SIGTERM goes to the daemon alone, and systemd waits past the 20 s drain."""
         service = _unit(self.UNIT)["Service"]
