@@ -44,6 +44,7 @@ __all__ = [
     "RateConfig",
     "RetryConfig",
     "ServeConfig",
+    "ServiceCredentialError",
     "SimulatorTable",
     "StateConfig",
     "config_from_dict",
@@ -804,11 +805,17 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
     return Secret(value)
 
 
+class ServiceCredentialError(ConfigError):
+    """A key's secret file is a systemd credential (``/run/credentials/<unit>/...``) and this
+    process is not that unit: only the service can read it. ``broker check-config`` then
+    validates the rest and says the secret was not checked."""
+
+
 def _no_such_file(file: Path, path: str) -> ConfigError:
     """The error for a secret file name that names no file."""
     if file.is_absolute() and file.parts[1:3] == ("run", "credentials"):
         # A systemd credential: it exists only inside its service (LoadCredential=).
-        return ConfigError(
+        return ServiceCredentialError(
             path,
             f"{file} is a systemd credential, which only its service can read: run "
             "this command as part of the service, or give it a config with a key of "

@@ -544,6 +544,26 @@ class TestSystemd:
         assert key.secret is not None
         assert "s3cr3t-value" not in repr(key)
 
+    def test_check_config_outside_the_service(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """check-config validates the unit's config from a shell before the service runs:
+        the systemd credential (only its service can read it) is named as not checked,
+        exit 0; a command that needs the secret still refuses, exit 78."""
+        from broker import cli
+
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        text = (DEPLOY / "systemd" / "config.toml").read_text()
+        text = text.replace("/var/lib/asin-broker", str(tmp_path / "state"))
+        config = tmp_path / "config.toml"
+        config.write_text(text)
+        assert cli.main(["check-config", "--config", str(config)]) == 0
+        captured = capsys.readouterr()
+        assert "config ok" in captured.out
+        assert "systemd credential" in captured.err
+        assert "not checked" in captured.err
+        assert cli.main(["lookup", "B0C1234567", "--config", str(config)]) == 78
+
     def test_credential_as_systemd_writes_it_is_accepted(self, tmp_path: Path) -> None:
         """A 0440 file in $CREDENTIALS_DIRECTORY (systemd's ACL) is read; elsewhere, refused."""
         credentials = tmp_path / "credentials"
