@@ -447,11 +447,19 @@ def parse_config(
     sim_table = table.raw("simulator")
     if sim_table is not None and not isinstance(sim_table, Mapping):
         raise ConfigError("simulator", "must be a table")
+    rate = _parse_rate(table.table("rate"))
+    for i, key in enumerate(keys):
+        if rate.min_rate >= key.tps:
+            raise ConfigError(
+                "rate.min_rate",
+                f"{rate.min_rate:g} is not below keys[{i}].tps ({key.tps:g}): the key could "
+                "not slow down after a 429; set it well below the lowest tps (default 0.05)",
+            )
     config = BrokerConfig(
         api=api,
         keys=keys,
         engine=_parse_engine(table.table("engine")),
-        rate=_parse_rate(table.table("rate")),
+        rate=rate,
         retry=_parse_retry(table.table("retry")),
         output=_parse_output(table.table("output")),
         log=_parse_log(table.table("log")),

@@ -142,6 +142,15 @@ class TestKeyPaths:
         document["keys"].append(copy.deepcopy(document["keys"][0]))
         assert _error(document).path == "keys[1].name"
 
+    def test_min_rate_not_below_a_keys_tps_refused(self) -> None:
+        """[rate] min_rate at or above a key's tps would leave the key no room to slow down
+        after a 429 (the floor is the rate): refused, naming both."""
+        document = _with("rate.min_rate", 100.0)
+        error = _error(document)
+        assert error.path == "rate.min_rate"
+        assert "keys[0].tps" in error.message
+        assert parse_config(_with("rate.min_rate", 0.5), environ=ENV).rate.min_rate == 0.5
+
     def test_unset_secret_env_names_the_variable(self) -> None:
         """With a real endpoint, an unset secret variable is an error naming the variable."""
         error = _error(_doc(), environ={})
