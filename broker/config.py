@@ -329,17 +329,18 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
     key_prefix = table.text("key_prefix", "asin-broker:")
     table.finish()
     password: Secret | None = None
+    if redis_url is not None and _url_has_password(redis_url):
+        # Refused whatever the backend: a secret written into the file is one too many.
+        raise ConfigError(
+            "state.redis_url",
+            "must not hold a password: name its env var in redis_password_env",
+        )
     if backend == "redis":
         _require_redis("state.backend")
         if redis_url is None:
             raise ConfigError("state.redis_url", 'is required with backend = "redis"')
         if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("state.redis_url", "must be a redis://, rediss:// or unix:// URL")
-        if _url_has_password(redis_url):
-            raise ConfigError(
-                "state.redis_url",
-                "must not hold a password: name its env var in redis_password_env",
-            )
         if password_env is not None:
             if not _ENV_NAME.fullmatch(password_env):
                 raise ConfigError(

@@ -221,6 +221,16 @@ class TestSecrets:
         assert 'credential_secret_env = "ASINB_DEMO_SECRET"' in error.message
         assert "hunter2" not in str(error)
 
+    @pytest.mark.parametrize("backend", ["local", "memory"])
+    def test_redis_password_in_the_file_refused_whatever_the_backend(self, backend: str) -> None:
+        """A password in [state] redis_url is refused even while the backend does not use it,
+        and not echoed."""
+        document = _with("state.redis_url", "redis://:hunter2@redis.example/0")
+        document["state"]["backend"] = backend
+        error = _error(document)
+        assert error.path == "state.redis_url"
+        assert "hunter2" not in str(error)
+
     def test_secret_from_env(self) -> None:
         """The secret is read from the named variable and never shown in a repr."""
         config = parse_config(_doc(), environ=ENV)
