@@ -586,6 +586,19 @@ async def test_wrong_redis_password_is_a_config_error() -> None:
         await asyncio.to_thread(server.__exit__, None, None, None)
 
 
+@needs_redis
+async def test_redis_database_out_of_range_is_a_config_error(redis_server: RedisServer) -> None:
+    """A redis_url naming a database the server does not have (/99 of 16) is a ConfigError
+    naming the setting, not an outage waited out for the whole budget (exit 69)."""
+    store = RedisStateStore(redis_server.url.rsplit("/", 1)[0] + "/99", timeout_s=0.5)
+    limiter = SharedKeyLimiter(FakeClock(), store, KEY, KeyLimits(5.0, 0.05, 5.0), process_id="p")
+    with pytest.raises(ConfigError) as info:
+        await limiter.refresh()
+    assert info.value.path == "state.redis_url"
+    assert "database" in info.value.message
+    await store.aclose()
+
+
 class _DownStore:
     """A store that never answers (Redis down for good)."""
 

@@ -180,7 +180,7 @@ class RedisStateStore:
         return await self._decide(key, limits, self._args(limits, feedback, reserve, process))
 
     async def _decide(self, key: StateKey, limits: KeyLimits, args: list[str]) -> Decision:
-        from redis.exceptions import AuthenticationError, RedisError
+        from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
         try:
             reply: Any = await self._script(keys=self._keys(key), args=args)
@@ -190,6 +190,17 @@ class RedisStateStore:
                 "state.redis_password_env",
                 f"Redis at {self._url} refused the credentials ({type(exc).__name__}: {exc}); "
                 "set the password's environment variable to the right value",
+            ) from exc
+        except ResponseError as exc:
+            if "DB index" not in str(exc):
+                raise StateUnavailableError(
+                    "redis", f"{self._url}: {type(exc).__name__}: {exc}"
+                ) from exc
+            # The URL's /N names a database the server does not have: no wait mends it.
+            raise ConfigError(
+                "state.redis_url",
+                f"Redis at {self._url} has no such database ({exc}); name one the server "
+                "has in the URL's path (/0 by default)",
             ) from exc
         except (RedisError, OSError) as exc:
             raise StateUnavailableError(
