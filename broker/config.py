@@ -401,8 +401,8 @@ def load_config(
     """
     file = Path(path)
     try:
-        with file.open("rb") as handle:
-            document = tomllib.load(handle)
+        # A UTF-8 byte order mark (Windows Notepad writes one) is not TOML: dropped.
+        document = tomllib.loads(file.read_bytes().removeprefix(b"\xef\xbb\xbf").decode())
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {file}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -766,7 +766,8 @@ def _parse_key(
     tps = table.number("tps", 1.0, exclusive=True, maximum=1000.0, minimum=0.0)
     tpd_value = table.raw("tpd")
     tpd: int | None
-    if tpd_value is None or tpd_value == 0:
+    # 0 is "unlimited"; false and 0.0 equal 0 in Python, so the type is checked too.
+    if tpd_value is None or (type(tpd_value) is int and tpd_value == 0):
         tpd = None if tpd_value == 0 else 8640
     else:
         tpd = table.integer("tpd", 8640, minimum=1)

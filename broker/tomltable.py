@@ -97,8 +97,10 @@ class TomlTable:
             if required or default is None:
                 raise ConfigError(self.key(name), "is required")
             return default
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str):
             raise ConfigError(self.key(name), f"must be a non-empty string, not {_kind(value)}")
+        if not value.strip():
+            raise ConfigError(self.key(name), "must not be empty")
         return value.strip()
 
     def opt_text(self, name: str) -> str | None:
@@ -189,15 +191,15 @@ class TomlTable:
         return tuple(v.strip() for v in value)
 
     def str_map(self, name: str) -> dict[str, str]:
-        """A table of non-empty strings; empty when absent."""
+        """A table of non-empty strings (stripped); empty when absent."""
         value = self.raw(name)
         if value is None:
             return {}
         if not isinstance(value, Mapping) or not all(
-            isinstance(v, str) and v for v in value.values()
+            isinstance(v, str) and v.strip() for v in value.values()
         ):
-            raise ConfigError(self.key(name), "must be a table of strings")
-        return {str(k): str(v) for k, v in value.items()}
+            raise ConfigError(self.key(name), "must be a table of non-empty strings")
+        return {str(k): str(v).strip() for k, v in value.items()}
 
     def unread(self) -> list[str]:
         """The keys of the table no getter has read, in file order."""

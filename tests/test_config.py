@@ -208,6 +208,45 @@ class TestPaths:
         assert "NUL" in error.message
 
 
+class TestSmallMistakes:
+    """Mistakes that were accepted or told confusingly."""
+
+    def test_blank_string_says_empty(self) -> None:
+        """An empty string is told as empty, not as "not a string"."""
+        error = _error(_with("api.marketplace", ""))
+        assert error.path == "api.marketplace"
+        assert "must not be empty" in error.message
+
+    @pytest.mark.parametrize("tag", ["", "   "])
+    def test_blank_partner_tag_refused(self, tag: str) -> None:
+        """A partner tag of white space is refused, naming the marketplace's entry."""
+        error = _error(_with("keys.0.partner_tags", {"www.amazon.com": tag}))
+        assert error.path.startswith("keys[0].partner_tags")
+
+    def test_partner_tag_is_stripped(self) -> None:
+        """White space around a tag is dropped, as around other strings."""
+        config = parse_config(_with("keys.0.partner_tags", {"US": " demo-20 "}), environ=ENV)
+        assert config.keys[0].partner_tags == {"www.amazon.com": "demo-20"}
+
+    @pytest.mark.parametrize("value", [False, True, 0.0])
+    def test_tpd_of_the_wrong_type_refused(self, value: object) -> None:
+        """tpd = false is not "unlimited" (0 is): a boolean or a float is refused."""
+        error = _error(_with("keys.0.tpd", value))
+        assert error.path == "keys[0].tpd"
+
+    def test_config_with_a_byte_order_mark_loads(self, tmp_path: Path) -> None:
+        """A config saved with a UTF-8 BOM (Windows Notepad) loads like one without."""
+        plain = tmp_path / "plain.toml"
+        plain.write_text(
+            '[api]\nendpoint = "simulator"\n[[keys]]\nname = "demo"\n'
+            'credential_id = "demo-id"\nversion = "3.1"\n'
+            'partner_tags = { "www.amazon.com" = "demo-20" }\n'
+        )
+        bom = tmp_path / "bom.toml"
+        bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+        assert load_config(bom, environ={}).keys == load_config(plain, environ={}).keys
+
+
 class TestSecrets:
     """Secrets live in the environment or a private file, never in config.toml."""
 

@@ -40,7 +40,7 @@ def load_settings(path: str, *, explicit: bool) -> SimulatorSettings:
             raise ConfigError("config", f"config file {path} does not exist")
         return SimulatorSettings()
     try:
-        document = tomllib.loads(file.read_text(encoding="utf-8"))
+        document = tomllib.loads(file.read_text(encoding="utf-8-sig"))  # a BOM is dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("config", f"cannot read {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
