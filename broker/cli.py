@@ -386,8 +386,18 @@ def _main(argv: Sequence[str] | None) -> int:
         # default action: it is kept for the run's handler. The command word is known
         # before the parser exists: the top level has no option that takes a value.
         with caught_early():
-            return _command(_build_parser().parse_args(words))
-    return _command(_build_parser().parse_args(words))
+            return _command(_parse(words))
+    return _command(_parse(words))
+
+
+def _parse(words: list[str]) -> argparse.Namespace:
+    """Parse the command line; a usage error (exit 2) for what argparse lets through."""
+    parser = _build_parser()
+    args = parser.parse_args(words)
+    if getattr(args, "config", None) is not None and not args.config.strip():
+        # An empty --config (an unset variable in a script) must not fall back silently.
+        parser.error("--config names no file")
+    return args
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -244,6 +244,17 @@ def test_port_out_of_range_is_a_usage_error(
     assert "--port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["check-config"], ["lookup", "B0C1234567"], ["status"]])
+def test_empty_config_flag_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """``--config ""`` (an unset variable in a script) is refused, not read as ./config.toml."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--config", ""])
+    assert info.value.code == ExitCode.USAGE
+    assert "--config names no file" in capsys.readouterr().err
+
+
 class TestRunPaths:
     def test_out_naming_the_job_is_refused_before_writing(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
