@@ -578,6 +578,25 @@ class TestCommandLine:
         assert main(["cache", "purge", "--config", str(config)]) == 0
         assert "purged 3 " in capsys.readouterr().out
 
+    def test_purge_takes_ids_as_run_does(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``purge --asin`` reads a product URL or spaced id as run and lookup do; an id
+        that is no ASIN is a usage error naming it, not "purged 0"."""
+        from broker.cli import main
+
+        config = self._config(tmp_path)
+        asyncio.run(self._fill(tmp_path / "cache.sqlite3"))
+        url = "https://www.amazon.com/dp/B000000001"
+        assert main(["cache", "purge", "--config", str(config), "--asin", url, " b000000002 "]) == 0
+        assert "purged 2 " in capsys.readouterr().out
+        assert main(["cache", "purge", "--config", str(config), "--asin", "not an asin"]) == 2
+        err = capsys.readouterr().err
+        assert "--asin" in err
+        assert "not an asin" in err
+        assert main(["cache", "stats", "--config", str(config), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["entries"] == 2
+
     @pytest.mark.parametrize("action", ["stats", "purge"])
     def test_damaged_cache_file_is_one_line_and_exit_74(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from broker.asin import check_asin
 from broker.cache.open import RUN_MAX_AGE_S, cache_namespace, open_store
 from broker.cache.policy import CacheStats
 from broker.cache.sqlite import SqliteCache
@@ -66,10 +67,21 @@ async def cache_command(
     """
     if args.cache_command == "purge" and not _valid_age(args.older_than):
         print(
-            f"broker: --older-than must be a number of seconds >= 0, got {args.older_than}",
+            f"broker: --older-than must be a finite number of seconds >= 0, got {args.older_than}",
             file=sys.stderr,
         )
         return ExitCode.USAGE
+    asins: list[str] | None = None
+    if args.cache_command == "purge" and args.asin is not None:
+        # Read as run and lookup read an id (a product URL, lower case, an ISBN-13), so
+        # the answers they cached are the ones deleted.
+        asins = []
+        for raw in args.asin:
+            check = check_asin(raw, convert_isbn13=True)
+            if check.asin is None:
+                print(f"broker: --asin {raw!r}: {check.reason}", file=sys.stderr)
+                return ExitCode.USAGE
+            asins.append(check.asin)
     cache_config = config.cache
     try:
         policy = cache_config.policy(RUN_MAX_AGE_S)
@@ -89,7 +101,7 @@ async def cache_command(
         try:
             async with store:
                 if args.cache_command == "purge":
-                    removed = await store.purge(older_than_s=args.older_than, asins=args.asin)
+                    removed = await store.purge(older_than_s=args.older_than, asins=asins)
                     print(f"purged {removed} cached answers")
                     return ExitCode.OK
                 stats = await store.stats()
