@@ -482,6 +482,13 @@ def _init(path: Path, *, force: bool) -> int:
     from importlib.resources import files
 
     template = files("broker").joinpath("templates", "config.toml").read_text(encoding="utf-8")
+    if path.is_dir():
+        print(
+            f"broker: {path} is a directory; give the config file's path, such as "
+            f"{path / DEFAULT_CONFIG}",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     if path.exists() and not force:
         print(f"broker: {path} exists; pass --force to overwrite it", file=sys.stderr)
         return ExitCode.USAGE

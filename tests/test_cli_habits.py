@@ -143,6 +143,18 @@ class TestVersionAndInit:
         assert path.read_text() != "mine"
 
 
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_init_on_a_directory_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], force: list[str]
+) -> None:
+    """``init DIR`` says DIR is a directory (with or without --force), never "pass --force"
+    then "Is a directory"."""
+    assert cli.main(["init", str(tmp_path), *force]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "is a directory" in err
+    assert "--force" not in err
+
+
 class TestConfigLookup:
     def test_env_names_the_config(
         self,
