@@ -310,6 +310,19 @@ class TestRunPaths:
         assert cli.main(args) == ExitCode.OK
         assert len(_jsonl(out.read_text())) == 1
 
+    def test_output_under_a_file_is_named_as_such(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--out under a path that is a file says the file is in the way (exit 74)."""
+        job = _job(tmp_path)
+        blocker = tmp_path / "plain"
+        blocker.write_text("x")
+        out = blocker / "sub" / "x.jsonl"
+        code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)])
+        assert code == ExitCode.IO_ERROR
+        err = capsys.readouterr().err
+        assert f"{blocker} is a file, not a directory" in err
+
     def test_default_output_equal_to_the_job_is_refused(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

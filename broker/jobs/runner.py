@@ -311,7 +311,7 @@ async def _run_once(
     if checked:
         # A new job refused for its invalid rows leaves nothing behind (no ledger, no lock).
         _refuse_invalid(options, config.api.protocol)
-    options.out.parent.mkdir(parents=True, exist_ok=True)
+    _make_output_directory(options.out.parent)
     summary = JobSummary(out=str(options.out))
     stop = _Stop(options.drain_grace_s)
     with (
@@ -413,6 +413,19 @@ async def _run_once(
             summary.already_complete = _complete_message(ledger, options, counts)
     summary.wall_s = time.monotonic() - started
     return summary
+
+
+def _make_output_directory(directory: Path) -> None:
+    """Create the output's directory; a file in its way is named as such ("File exists:
+    '/etc/passwd'" for ``--out /etc/passwd/x.jsonl`` told nothing)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        blocker = next((p for p in (directory, *directory.parents) if p.exists()), directory)
+        raise OSError(
+            f"cannot create the output's directory {directory}: {blocker} is a file, not a "
+            "directory; give --out a path in a directory"
+        ) from exc
 
 
 def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
