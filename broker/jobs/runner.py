@@ -424,7 +424,7 @@ def _make_output_directory(directory: Path) -> None:
         blocker = next((p for p in (directory, *directory.parents) if p.exists()), directory)
         raise OSError(
             f"cannot create the output's directory {directory}: {blocker} is a file, not a "
-            "directory; give --out a path in a directory"
+            "directory; give --out (or [output] directory) a path in a directory"
         ) from exc
 
 
