@@ -431,6 +431,17 @@ class TestC6MalformedJsonl:
         assert by_line[21]["note"] == "late"
         assert by_line[2]["note"] == ""
 
+    def test_csv_job_keeps_its_column_order_in_csv_output(self, tmp_path: Path) -> None:
+        """A CSV job's other columns come out in the job's order (zeta, alpha, mid), not
+        sorted by name."""
+        rows = "".join(f"B0ORDER{i:03d},z{i},a{i},m{i}\r\n" for i in range(3))
+        job = _write(tmp_path, "cols.csv", "asin,zeta,alpha,mid\r\n" + rows)
+        out = tmp_path / "out.csv"
+        assert _cli(tmp_path, job, "--out", str(out), "--no-cache") == ExitCode.OK
+        with out.open(newline="", encoding="utf-8") as stream:
+            header = next(csv.reader(stream))
+        assert header[-3:] == ["zeta", "alpha", "mid"]
+
     async def test_c6_strict_refuses_before_any_api_call(self, tmp_path: Path) -> None:
         """C6: with strict the job stops with 65 naming the bad line, before any request,
         and writes no output."""

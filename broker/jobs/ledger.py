@@ -617,11 +617,15 @@ class Ledger:
         One scan of the rows (about half a second per million).
         """
         with self._lock:
+            # With MIN() as the only aggregate, SQLite takes the bare column j.id (a name's
+            # place within its object, in document order) from the row holding the minimum:
+            # names order by the first row that has them, then by their place in it.
             names = self._conn.execute(
-                "SELECT j.key FROM rows r, json_each(r.extra) j WHERE r.extra IS NOT NULL "
-                "GROUP BY j.key ORDER BY MIN(r.seq)"
+                "SELECT j.key, MIN(r.seq) AS first, j.id AS place "
+                "FROM rows r, json_each(r.extra) j WHERE r.extra IS NOT NULL "
+                "GROUP BY j.key ORDER BY first, place"
             ).fetchall()
-        return tuple(str(name) for (name,) in names)
+        return tuple(str(name) for name, _, _ in names)
 
     def pending_lookup_count(self) -> int:
         """How many distinct lookups have no result yet."""
