@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
 import io
 import json
 import os
@@ -281,7 +282,8 @@ class TestRunPaths:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
 
     @pytest.mark.parametrize(
-        "side", [".refresh", ".ledger.lock", ".ledger-wal", ".ledger-shm", ".ordering.tmp"]
+        "side",
+        [".refresh", ".ledger.lock", ".ledger-wal", ".ledger-shm", ".ordering", ".refresh.ledger"],
     )
     def test_job_named_as_a_side_file_is_refused(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], side: str
@@ -294,9 +296,23 @@ class TestRunPaths:
         out = tmp_path / "k.jsonl"
         code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)])
         assert code == ExitCode.USAGE
-        assert "beside the output" in capsys.readouterr().err
+        assert "would overwrite" in capsys.readouterr().err
         assert job.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", job.name]
+
+    @pytest.mark.parametrize(("job_name", "out_name"), [("k.txt.gz", "k.txt"), ("k.txt", "k")])
+    def test_job_merely_named_after_the_output_runs(
+        self, tmp_path: Path, job_name: str, out_name: str
+    ) -> None:
+        """A job whose name only starts with the output's (k.txt.gz for --out k.txt, k.txt
+        for --out k) is no side file: it runs."""
+        raw = b"B0TEST0001\n"
+        job = tmp_path / job_name
+        job.write_bytes(gzip.compress(raw) if job_name.endswith(".gz") else raw)
+        out = tmp_path / out_name
+        code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)])
+        assert code == ExitCode.OK
+        assert len(_jsonl(out.read_text())) == 1
 
     def test_stdin_copy_named_as_the_job_resumes(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from broker.errors import JobFileError
 from broker.jobs.lock import JobLock
@@ -210,6 +211,21 @@ def _refuse_unreadable_kind(job: Path) -> None:
         )
 
 
+#: How the files a run keeps beside its output OUT are named: OUT plus one of these (the
+#: ledger and its lock and journal, the invalid-row report, the --ordered and --refresh
+#: copies with their own side files, a writer's temporary file, an SQLite output's journal).
+_SIDE_SUFFIXES: Final = (
+    ".ledger",
+    ".invalid.jsonl",
+    ".ordering",
+    ".refresh",
+    ".tmp",
+    "-wal",
+    "-shm",
+    "-journal",
+)
+
+
 def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
     """Raise when the output, its ledger or its report would be the job file."""
     written = {
@@ -226,16 +242,12 @@ def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
                 f"{how} the job file {job}: {what} would overwrite it; "
                 "give --out another path (nothing was written)"
             )
-    side = _same(out).name + "."
-    if (
-        target.parent == _same(out).parent
-        and target.name.startswith(side)
-        and not target.name.startswith(side + "stdin.")
-    ):
-        # Every file a job keeps beside its output is named <output>.<something> (its
-        # ledger and the ledger's lock and journal, the invalid-row report, the --refresh
-        # and --ordered copies): a job named so would be overwritten or deleted. The copy
-        # of a stdin job (<output>.stdin.<format>) is that job, and may be named to resume.
+    output = _same(out)
+    suffix = target.name[len(output.name) :] if target.name.startswith(output.name) else ""
+    if target.parent == output.parent and suffix.startswith(_SIDE_SUFFIXES):
+        # A job named as a file a run keeps beside its output would be overwritten or
+        # deleted. Other names that merely start with the output's (job.txt.gz for --out
+        # job.txt) are fine, and so is the copy of a stdin job, which is that job.
         how = "--out" if given else "the default output"
         raise UsageError(
             f"the job file {job} is named like a file the broker keeps beside the output "
