@@ -470,6 +470,25 @@ class TestInvalidItemIds:
         assert error.info.scope is Scope.REQUEST
         assert "not an item id" in error.info.remedy
 
+    @pytest.mark.parametrize(
+        "message",
+        [
+            "The value [B0BAD] provided in the request for ASIN is invalid.",
+            "The value [123] provided in the request for BrowseNodeIds is invalid.",
+            "The value [b0bad] provided in the request for itemIds is invalid.",
+            "",
+            "Something about the request is invalid.",
+        ],
+    )
+    def test_id_or_unnamed_parameter_stays_an_id_error(self, message: str) -> None:
+        """Only a message naming a parameter that is not an id (ASIN, BrowseNodeIds,
+        ItemIds in any case) is a request error; an id, or no parameter named, stays the
+        catalogue's id-level error."""
+        body = envelope("ValidationException", "InvalidParameterValue", message)
+        error = failure(400, body)
+        assert not isinstance(error, ParameterValueError)
+        assert error.info.scope is Scope.ASIN
+
     def test_parse_operation_reports_raw_ids(self) -> None:
         """Without a request list, the named ids are reported as written."""
         with pytest.raises(InvalidItemIdsError) as info:

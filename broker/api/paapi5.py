@@ -13,7 +13,7 @@ import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from broker.api.base import HttpRequest, Operation, ParsedItems, RawResponse, encode_body
 from broker.api.errors_map import (
@@ -410,11 +410,32 @@ def _failure(
                 invalid_ids=named,
                 server_date=error.server_date,
             )
-        if not any("ItemId" in message for message in _parameter_messages(entries)):
+        if _names_other_parameters(_parameter_messages(entries)):
             return ParameterValueError(
                 error.code, error.message, status=status, server_date=error.server_date
             )
     return error
+
+
+def _names_other_parameters(messages: list[str]) -> bool:
+    """True when every message names the parameter it refuses and none is an id parameter.
+
+    Amazon's messages read "The value [...] provided in the request for <Parameter> is
+    invalid." A message naming no parameter keeps the catalogue's id-level reading.
+    """
+    if not messages:
+        return False
+    for message in messages:
+        named = _PARAMETER.search(message)
+        if named is None or named.group(1).lower() in _ID_PARAMETERS:
+            return False
+    return True
+
+
+#: "... provided in the request for <Parameter> ...": the parameter a message refuses.
+_PARAMETER: Final = re.compile(r"provided in the request for (\w+)")
+#: Parameters that carry ids (lower case): an error about them is the ids', not the request's.
+_ID_PARAMETERS: Final = frozenset({"itemids", "itemid", "asin", "browsenodeids", "browsenodeid"})
 
 
 def _parameter_messages(entries: list[object]) -> list[str]:
