@@ -85,7 +85,8 @@ def _at(d: Decision, store_us: int, wall_now: datetime) -> datetime:
 
 def _status(view: KeyView, configured_tps: float, wall_now: datetime) -> KeyStatus:
     d = view.decision
-    limit = view.limits.day_limit
+    # The limit the key keeps to: the lowest a process sharing it asked with recently.
+    limit = d.day_limit
     state, until, reason = "active", None, None
     if d.parked_until_us:
         state, reason = "parked", d.park_reason or None

@@ -611,6 +611,27 @@ class _DownStore:
         return None
 
 
+class TestAgreedDailyLimit:
+    async def test_higher_configured_process_sees_the_agreed_limit_spent(self) -> None:
+        """A process configured with tpd 100 beside one with 3: once 3 are sent it reports
+        the day spent (exhausted, none left), as its sends are refused, so --no-wait stops
+        it and its status does not claim 97 left."""
+        clock = FakeClock()
+        store = _store(clock)
+        low = _limiter(clock, store, "low", KeyLimits(5.0, 0.05, 5.0, day_limit=3, tpd=3))
+        high = _limiter(clock, store, "high", KeyLimits(5.0, 0.05, 5.0, day_limit=100, tpd=100))
+        for _ in range(3):
+            sending = asyncio.create_task(low.commit())
+            await clock.advance(1.0)
+            await sending
+        await high.refresh()
+        assert high.exhausted
+        assert high.remaining == 0
+        assert low.exhausted
+        view = await store.view(KEY, KeyLimits(5.0, 0.05, 5.0, day_limit=100, tpd=100))
+        assert view.decision.day_limit == 3  # what `broker status` shows as the limit
+
+
 class TestGivingUp:
     async def test_unreachable_store_gives_up_after_the_outage_budget(self) -> None:
         """A store out of reach for give_up_after_s ends the wait with StateUnavailableError

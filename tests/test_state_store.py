@@ -383,6 +383,7 @@ class TestDayAndProcesses:
         refused = [await ask(high), await ask(unlimited), await ask(low, other)]
         assert [d.refusal for d in refused] == ["daily quota"] * 3
         assert refused[0].count == 3
+        assert [d.day_limit for d in refused] == [3, 3, 3]  # each caller is told the agreed one
         silence = 61.0
         if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
             monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)

@@ -571,16 +571,22 @@ class SharedKeyLimiter:
         return self._last.count
 
     @property
+    def day_limit(self) -> int | None:
+        """The daily limit the key keeps to, by the last answer: the lowest one a process
+        sharing the key asked with recently, else this config's (``None``: unlimited)."""
+        return self._limits.day_limit if self._last is None else self._last.day_limit
+
+    @property
     def remaining(self) -> int | None:
         """Sends left today under the guard (``None``: unlimited)."""
-        if self._limits.day_limit is None:
-            return None
-        return max(0, self._limits.day_limit - self.spent)
+        limit = self.day_limit
+        return None if limit is None else max(0, limit - self.spent)
 
     @property
     def exhausted(self) -> bool:
         """True when the last answer says the day's limit is reached."""
-        return self._limits.day_limit is not None and self.spent >= self._limits.day_limit
+        limit = self.day_limit
+        return limit is not None and self.spent >= limit
 
     @property
     def used_fraction(self) -> float | None:
@@ -601,7 +607,7 @@ class SharedKeyLimiter:
     def __repr__(self) -> str:
         return (
             f"SharedKeyLimiter({self._key.name!r}, {self._store.backend}, rate={self.rate:.4g}/s, "
-            f"spent={self.spent}, limit={self._limits.day_limit})"
+            f"spent={self.spent}, limit={self.day_limit})"
         )
 
 

@@ -281,4 +281,4 @@ if paused_until <= now then pause_why = '' end
 return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(math.max(next_slot, paused_until)), num(rate), int(day), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
-  int(last_429), cut, processes}
+  int(last_429), cut, processes, int(day_limit)}

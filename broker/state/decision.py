@@ -368,4 +368,5 @@ def decide(
         cut=cut,
         processes=sum(1 for t in record.processes.values() if t >= recent),
         wall_us=wall,
+        day_limit=day_limit,
     )

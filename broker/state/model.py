@@ -197,6 +197,8 @@ class Decision:
         last_429_us: when a 429 was last reported (0: never).
         cut: this call's feedback cut the rate.
         processes: processes seen using the key within ``PROCESS_RECENT_S``.
+        day_limit: the daily limit the key keeps to now: the lowest any process asked with
+            recently (see ``_agree_day``), else the caller's own; None: unlimited.
         wall_us: the store's wall clock at the decision, which judged ``day``: a process
             whose own wall clock is wrong counts the day by this, not by its own.
     """
@@ -219,3 +221,4 @@ class Decision:
     cut: bool
     processes: int
     wall_us: int
+    day_limit: int | None = None

@@ -225,6 +225,7 @@ class RedisStateStore:
             cut=int(reply[15]) == 1,
             processes=int(reply[16]),
             wall_us=int(reply[4]),  # Redis's TIME judges both the slots and the day
+            day_limit=None if int(reply[17]) < 0 else int(reply[17]),
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
