@@ -416,7 +416,7 @@ def _command(args: argparse.Namespace) -> int:
         return bench_command(args)
     if args.command == "init":
         return _init(Path(args.path), force=args.force)
-    from broker.config import ServiceCredentialError, load_config
+    from broker.config import ReadSecrets, load_config
     from broker.errors import ConfigError
 
     path = resolve_config_path(args.config)
@@ -432,19 +432,12 @@ def _command(args: argparse.Namespace) -> int:
         return ExitCode.CONFIG
     try:
         # Commands that send nothing to Amazon run without its secrets, from any shell.
-        try:
-            config = load_config(path, read_secrets=args.command not in ("status", "cache"))
-        except ServiceCredentialError as exc:
-            if args.command != "check-config":
-                raise
-            # Validated before the service runs (its install steps): everything but the
-            # secret, which only the service can read.
-            config = load_config(path, read_secrets=False)
-            print(
-                f"note: {exc.path}: the secret is a systemd credential, which only its service "
-                "can read: not checked here",
-                file=sys.stderr,
-            )
+        read: ReadSecrets = args.command not in ("status", "cache")
+        if args.command == "check-config":
+            # Run before the service starts (its install steps): every secret is checked
+            # but a systemd credential, which only the service can read.
+            read = "outside-service"
+        config = load_config(path, read_secrets=read)
         if config.api.uses_simulator or config.simulator.data:
             from broker.client import simulator_settings
 
@@ -515,6 +508,12 @@ def _check_config(config: BrokerConfig) -> int:
         f"marketplace {config.api.marketplace}"
     )
     for key in config.keys:
+        if key.secret is None and key.secret_source and not config.api.uses_simulator:
+            print(
+                f"note: key {key.name}: its secret ({key.secret_source}) is a systemd "
+                "credential, which only its service can read: not checked here",
+                file=sys.stderr,
+            )
         secret = key.secret_source or "simulator demo secret"
         print(
             f"  key {key.name}: id {key.credential_id}, secret from {secret} (***), "

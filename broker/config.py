@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from broker.api.creators import DEFAULT_ENDPOINT as CREATORS_ENDPOINT
@@ -53,6 +53,10 @@ __all__ = [
     "parse_config",
     "shown_url",
 ]
+
+#: Whether :func:`load_config` reads the keys' secrets: all, none, or all but systemd
+#: credentials (``"outside-service"``).
+ReadSecrets = bool | Literal["outside-service"]
 
 #: Resources asked for when the config names none: enough for the typed summary.
 DEFAULT_RESOURCES: Final = (
@@ -388,13 +392,15 @@ def load_config(
     path: str | os.PathLike[str],
     *,
     environ: Mapping[str, str] | None = None,
-    read_secrets: bool = True,
+    read_secrets: ReadSecrets = True,
 ) -> BrokerConfig:
     """Read and validate a config file.
 
     With ``read_secrets=False`` no key's secret is read (every ``KeyConfig.secret`` is None),
     for commands that send nothing to Amazon: ``broker status`` and ``broker cache``, run from
-    a shell that cannot see the daemon's secrets.
+    a shell that cannot see the daemon's secrets. With ``"outside-service"`` every secret is
+    read but a systemd credential, which only its service can (that key's secret is None):
+    ``broker check-config`` run before the service.
 
     Raises:
         ConfigError: the file is missing, not TOML, or invalid (the message names the key).
@@ -429,7 +435,7 @@ def parse_config(
     environ: Mapping[str, str],
     source: str = "<mapping>",
     base_dir: Path | None = None,
-    read_secrets: bool = True,
+    read_secrets: ReadSecrets = True,
 ) -> BrokerConfig:
     """Validate a parsed TOML document into a :class:`BrokerConfig` (``read_secrets``: as
     for :func:`load_config`)."""
@@ -667,7 +673,7 @@ def _parse_key(
     api: ApiConfig,
     environ: Mapping[str, str],
     base_dir: Path,
-    read_secrets: bool,
+    read_secrets: ReadSecrets,
 ) -> KeyConfig:
     for name in list(table.data):
         if _looks_secret(name) and name.lower() not in (
@@ -698,11 +704,15 @@ def _parse_key(
     if secret_file:
         source = f"file {secret_file}"
         if read_secrets:
-            secret = _read_secret_file(
-                base_dir / secret_file,
-                f"{path}.credential_secret_file",
-                credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
-            )
+            try:
+                secret = _read_secret_file(
+                    base_dir / secret_file,
+                    f"{path}.credential_secret_file",
+                    credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
+                )
+            except ServiceCredentialError:
+                if read_secrets != "outside-service":
+                    raise
     elif secret_env:
         if not _ENV_NAME.fullmatch(secret_env):
             # Not a variable name: most likely the secret itself pasted here, so never echo it.

@@ -563,6 +563,17 @@ class TestSystemd:
         assert "systemd credential" in captured.err
         assert "not checked" in captured.err
         assert cli.main(["lookup", "B0C1234567", "--config", str(config)]) == 78
+        # A second key whose variable is unset is still reported: only the credential skips.
+        second = (
+            '\n[[keys]]\nname = "second"\ncredential_id = "second-id"\n'
+            'credential_secret_env = "ASINB_NOT_SET_ANYWHERE"\nversion = "3.1"\n'
+            'partner_tags = { "www.amazon.com" = "second-20" }\n'
+        )
+        monkeypatch.delenv("ASINB_NOT_SET_ANYWHERE", raising=False)
+        config.write_text(text + second)
+        capsys.readouterr()
+        assert cli.main(["check-config", "--config", str(config)]) == 78
+        assert "ASINB_NOT_SET_ANYWHERE" in capsys.readouterr().err
 
     def test_credential_as_systemd_writes_it_is_accepted(self, tmp_path: Path) -> None:
         """A 0440 file in $CREDENTIALS_DIRECTORY (systemd's ACL) is read; elsewhere, refused."""
