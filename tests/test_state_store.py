@@ -691,6 +691,19 @@ class TestSqliteReuse:
         assert [d.count for d in later] == [2, 3, 4]
         await a.aclose()
 
+    async def test_a_file_made_meanwhile_is_no_orphan(self, tmp_path: Path) -> None:
+        """The orphan check looks at the file again: a process that found no file while
+        another made it (with its -wal) starts on it, not refuses a healthy first start."""
+        from broker.state.sqlite import _refuse_orphans
+
+        clock = [_T0]
+        path = tmp_path / "keys.sqlite3"
+        a = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+        assert (await Backend("local", a, clock).reserve()).count == 1
+        assert await asyncio.to_thread(os.path.exists, f"{path}-wal")
+        _refuse_orphans(path)  # what a process that looked before `a` made the file runs
+        await a.aclose()
+
     async def test_a_failed_write_is_not_remembered(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -72,7 +72,9 @@ def _refuse_orphans(path: Path) -> None:
     file, as when all three are deleted).
     """
     left = [f"{path}{end}" for end in ("-wal", "-shm") if os.path.exists(f"{path}{end}")]
-    if left:
+    # Looked at again after them: another process may have made the file (and its -wal)
+    # since this one found none, which is a first start, not a deleted file.
+    if left and not path.exists():
         raise OSError(
             f"{path} was deleted without its {' and '.join(left)}, which belong to the "
             "deleted file (processes still running use it): delete them too to start a "
