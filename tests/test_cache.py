@@ -28,6 +28,7 @@ from broker.cache import (
     normalise_resources,
     open_cache,
 )
+from broker.cache.base import key_of
 from broker.cache.front import COOL_OFF_S, CacheFront
 from broker.cache.redis_store import RedisCache
 from broker.config import (
@@ -462,6 +463,19 @@ class TestSqlite:
             assert (await cache.stats()).entries == 1
             (again,) = await cache.get_many([q("B000000002")])
             assert again is not None
+
+    async def test_a_row_mended_meanwhile_is_not_dropped(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """Dropping a damaged row deletes it only while it is still damaged: a good answer
+        another process wrote since the read stays."""
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock)])
+            key = key_of(q("B000000001"))
+            await cache._drop_damaged([key])
+            (hit,) = await cache.get_many([q("B000000001")])
+            assert hit is not None
 
     async def test_byte_bound_keeps_file_small(self, tmp_path: Path, clock: FakeClock) -> None:
         """Writing 30x the byte bound leaves a file of a few times the bound, WAL included."""

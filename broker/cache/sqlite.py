@@ -88,6 +88,13 @@ ON CONFLICT (ns, marketplace, asin, resources) DO UPDATE SET
 WHERE excluded.fetched_at >= item_cache.fetched_at
 """
 
+#: Deletes a key's row only while it is still unreadable (see ``_load``).
+_DELETE_DAMAGED: Final = """
+DELETE FROM item_cache WHERE ns = ? AND marketplace = ? AND asin = ? AND resources = ?
+AND (typeof(fetched_at) NOT IN ('integer', 'real') OR typeof(payload) <> 'blob'
+     OR typeof(checksum) <> 'blob')
+"""
+
 _SELECT_MANY: Final = """
 SELECT marketplace, asin, resources, fetched_at, checksum, payload FROM item_cache
 WHERE ns = ? AND (marketplace, asin, resources) IN (VALUES {values})
@@ -207,10 +214,25 @@ class SqliteCache(StoreCache):
         if damaged:
             for key in damaged:
                 _log.warning("cache.corrupt_entry", marketplace=key.marketplace, asin=key.asin)
-            # Deleted, not left to be skipped: an upsert never replaces a row whose time
-            # is not a number (SQLite orders text after every number).
-            await self._delete(damaged, fetched_before=None, asins=None)
+            await self._drop_damaged(damaged)
         return found
+
+    async def _drop_damaged(self, keys: Sequence[CacheKey]) -> None:
+        """Delete rows still damaged so; a good row another process wrote since stays.
+
+        Deleted, not left to be skipped: an upsert never replaces a row whose time is not a
+        number (SQLite orders text after every number). Best effort: the read it follows
+        stands whatever happens here (a lock held too long, a read-only file).
+        """
+
+        def delete(db: sqlite3.Connection) -> None:
+            with immediate(db):
+                db.executemany(_DELETE_DAMAGED, [self._key_params(key) for key in keys])
+
+        try:
+            await self._run(delete)
+        except self.failures as exc:
+            _log.warning("cache.corrupt_entry_kept", entries=len(keys), error=str(exc))
 
     async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
         policy = self.policy
