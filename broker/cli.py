@@ -367,13 +367,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:
+        fd = _broken_stdout()
+        if fd is None:
+            raise  # another pipe or socket: not the reader of stdout going away
         # stdout's reader went away (``| head``): what it did not read is not wanted, so no
         # traceback. stdout now points at /dev/null, or the interpreter's last flush of the
         # buffered rest would fail again on the way out.
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, fd)
         os.close(devnull)
         return ExitCode.BROKEN_PIPE
+
+
+def _broken_stdout() -> int | None:
+    """stdout's descriptor when it is a pipe whose reader has gone, else None."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None  # no stdout, or one replaced by an object without a descriptor
+    if not hasattr(select, "poll"):
+        return fd
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    # A pipe with no reader reports an error on its write end.
+    return fd if any(event & select.POLLERR for _, event in poller.poll(0)) else None
 
 
 def _main(argv: Sequence[str] | None) -> int:

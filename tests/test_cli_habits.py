@@ -268,6 +268,18 @@ def test_empty_config_flag_is_a_usage_error(
     assert "--config names no file" in capsys.readouterr().err
 
 
+def test_a_broken_pipe_not_of_stdout_is_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BrokenPipeError while stdout is fine (another pipe or socket) is not taken for
+    stdout's reader going away: it propagates instead of a silent exit 141."""
+
+    def broken(argv: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_main", broken)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["status"])
+
+
 class TestRunPaths:
     def test_out_naming_the_job_is_refused_before_writing(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
