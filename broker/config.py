@@ -353,7 +353,9 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
             value = environ.get(password_env, "").strip()
             if not value:
                 raise ConfigError(
-                    "state.redis_password_env", f"environment variable {password_env} is not set"
+                    "state.redis_password_env",
+                    f"environment variable {password_env} is "
+                    f"{'empty' if password_env in environ else 'not set'}",
                 )
             password = Secret(value)
     return StateConfig(backend, path, redis_url, password_env, password, key_prefix)
@@ -731,8 +733,9 @@ def _parse_key(
         elif read_secrets and not api.uses_simulator:
             raise ConfigError(
                 f"{path}.credential_secret_env",
-                f"environment variable {secret_env} is not set; export it with the secret of "
-                f"key {name!r}",
+                f"environment variable {secret_env} is "
+                f"{'empty' if secret_env in environ else 'not set'}; export it with the secret "
+                f"of key {name!r}",
             )
     elif not api.uses_simulator:
         raise ConfigError(

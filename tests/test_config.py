@@ -289,10 +289,10 @@ class TestSecrets:
         assert config.keys[0].secret.reveal() == "s3cr3t-value"
 
     def test_blank_secret_env_is_unset(self) -> None:
-        """A secret variable holding only white space is reported as not set."""
+        """A secret variable holding only white space is refused as empty."""
         error = _error(_doc(), environ={"ASINB_DEMO_SECRET": " \n"})
         assert error.path == "keys[0].credential_secret_env"
-        assert "is not set" in error.message
+        assert "is empty" in error.message
 
     def test_secret_file_private(self, tmp_path: Path) -> None:
         """A 0600 secret file next to the config is read (relative to the config's folder)."""

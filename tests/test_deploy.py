@@ -321,7 +321,17 @@ class TestPackage:
             if (ROOT / name).is_file():
                 (tree / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / name, tree / name)
-        strays = [".env", "main.secret", "my-config.toml", "spool/inbox/job.txt", "notes.txt"]
+        strays = [
+            ".env",
+            "main.secret",
+            "my-config.toml",
+            "spool/inbox/job.txt",
+            "notes.txt",
+            "deploy/systemd/main.secret",
+            "deploy/compose/.env",
+            "examples/out/asins.jsonl",
+            "examples/keys.sqlite3",
+        ]
         for stray in strays:
             (tree / stray).parent.mkdir(parents=True, exist_ok=True)
             (tree / stray).write_text("credential_secret = 'hunter2'\n")
