@@ -122,6 +122,62 @@ def _broker(
     return Broker(config, clock=clock, transport=transport, rng=random.Random(0)), transport
 
 
+class TestConcurrentCallers:
+    """Callers asking at once (a web app's request threads) share GetItems requests."""
+
+    @pytest.mark.parametrize("tps", [1.0, 100.0])
+    async def test_single_asin_callers_share_batches(self, tps: float) -> None:
+        """40 get_item calls made together go out as 4 requests of 10, not 40 of 1: a
+        batch still queued and never sent takes later callers' lookups of its group."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        broker, transport = _broker(
+            CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=tps)]
+        )
+        wanted = asins(40)
+        async with broker:
+            calls = [asyncio.ensure_future(broker.get_item(a)) for a in wanted]
+            await clock.run_until(asyncio.gather(*calls))
+        assert [c.result().asin for c in calls] == wanted
+        assert all(c.result().ok for c in calls)
+        sizes = [len(_ids(r)) for r in transport.requests if "/auth/" not in r.url]
+        assert sorted(sizes, reverse=True) == [10, 10, 10, 10]
+
+    async def test_callers_trickling_in_fill_the_batch_waiting_for_the_key(self) -> None:
+        """At 1 TPS, callers arriving 50 ms apart join the batch that waits for the key's
+        next slot instead of each sending a request of its own."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        broker, transport = _broker(
+            CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=1.0)]
+        )
+        wanted = asins(20)
+
+        async def trickle() -> list[ItemResult]:
+            calls = []
+            for asin in wanted:
+                calls.append(asyncio.ensure_future(broker.get_item(asin)))
+                await clock.sleep(0.05)
+            return list(await asyncio.gather(*calls))
+
+        async with broker:
+            task = asyncio.ensure_future(trickle())
+            await clock.run_until(task)
+        assert all(r.ok for r in task.result())
+        sizes = [len(_ids(r)) for r in transport.requests if "/auth/" not in r.url]
+        assert len(sizes) <= 4  # not 20
+
+
 class TestInvalidIds:
     """PA-API fails a whole request for a bad id: mark it, re-send the rest."""
 

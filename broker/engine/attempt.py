@@ -58,6 +58,19 @@ class Attempts:
             self.unreachable_since = now
 
     @property
+    def fresh(self) -> bool:
+        """True while nothing has happened to the batch: never sent, throttled, refused or
+        re-asked, so a lookup added now starts with the same (empty) history."""
+        return (
+            self.sent == 0
+            and self.throttled == 0
+            and self.auth_retries == 0
+            and self.auth_refused_at is None
+            and self.missing == 0
+            and self.last_error is None
+        )
+
+    @property
     def failures(self) -> int:
         """Counted attempts that were not throttled: the retry policy's attempt number."""
         return max(1, self.sent - self.throttled)

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import enum
 import itertools
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
@@ -195,7 +196,7 @@ class Lookup:
             on_done(self, outcome)
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class Batch:
     """The unit a key sends: up to 10 lookups of one group, or one other operation."""
 
@@ -365,7 +366,15 @@ class Batcher:
     that flushes groups whose linger time is up, sleeping on the injected clock.
     """
 
-    __slots__ = ("_batch_size", "_clock", "_groups", "_linger_s", "_new_group", "_work")
+    __slots__ = (
+        "_batch_size",
+        "_clock",
+        "_groups",
+        "_linger_s",
+        "_new_group",
+        "_queued",
+        "_work",
+    )
 
     def __init__(
         self, work: WorkQueue, *, clock: Clock, batch_size: int = 10, linger_s: float = 0.05
@@ -378,16 +387,27 @@ class Batcher:
         self._linger_s = linger_s
         # Insertion order = age order, so the first group is always the next to expire.
         self._groups: dict[tuple[str, tuple[str, ...]], tuple[float, Batch]] = {}
+        # The last partial batch of each group sent to the queue, while it may take more
+        # (weakly: a batch sent and answered is not kept alive here).
+        self._queued: dict[tuple[str, tuple[str, ...]], weakref.ref[Batch]] = {}
         self._new_group = asyncio.Event()
 
     def add(self, lookup: Lookup) -> None:
-        """Add a lookup to its group; a full group goes to the work queue at once."""
+        """Add a lookup to its group; a full group goes to the work queue at once.
+
+        A partial batch of the group that waits in the queue, never sent, takes the lookup
+        first: callers asking at once (a web app's requests, each for one ASIN, each
+        ending its input at once) share requests instead of sending one each, and so do
+        callers that arrive while a batch waits for its key's next slot.
+        """
         key = lookup.group
         entry = self._groups.get(key)
         if entry is None:
+            if self._top_up(key, lookup):
+                return
             batch = Batch.of([lookup])
             if self._batch_size == 1 or self._linger_s <= 0:
-                self._work.put(batch)
+                self._work.put(batch)  # no batching asked for: nothing is topped up either
                 return
             batch.place = BatchPlace.LINGERING
             batch.on_empty = self._dropped
@@ -400,6 +420,30 @@ class Batcher:
             del self._groups[key]
             self._work.put(batch)
 
+    def _top_up(self, key: tuple[str, tuple[str, ...]], lookup: Lookup) -> bool:
+        """Add ``lookup`` to the group's queued partial batch if it may still take it."""
+        ref = self._queued.get(key)
+        batch = None if ref is None else ref()
+        if (
+            batch is None
+            or batch.place is not BatchPlace.QUEUED
+            or not batch.attempts.fresh
+            or len(batch.lookups) >= self._batch_size
+        ):
+            if ref is not None:
+                del self._queued[key]
+            return False
+        batch.add(lookup)
+        if len(batch.lookups) >= self._batch_size:
+            del self._queued[key]
+        return True
+
+    def _send(self, batch: Batch) -> None:
+        """Put a batch of the batcher's in the queue; a partial one may still be topped up."""
+        self._work.put(batch)
+        if len(batch.lookups) < self._batch_size:
+            self._queued[(batch.marketplace, batch.resources)] = weakref.ref(batch)
+
     def _dropped(self, batch: Batch) -> None:
         """A lingering group lost its last lookup: forget it."""
         key = (batch.marketplace, batch.resources)
@@ -411,7 +455,7 @@ class Batcher:
         """Send every partial group now (end of input)."""
         groups, self._groups = self._groups, {}
         for _, batch in groups.values():
-            self._work.put(batch)
+            self._send(batch)
 
     def drain(self, marketplace: str) -> list[Batch]:
         """Remove and return the lingering groups of ``marketplace`` (no key serves it)."""
@@ -442,4 +486,4 @@ class Batcher:
             # The group may have filled and been replaced by a younger one meanwhile.
             if current is not None and current[1] is batch:
                 del self._groups[key]
-                self._work.put(batch)
+                self._send(batch)
