@@ -421,6 +421,31 @@ class TestLifecycle:
         with pytest.raises(BrokerClosedError, match="closed"):
             await broker.get_item("B0C1234567")
 
+    async def test_close_while_waiting_for_room_leaves_no_unretrieved_error(
+        self, harness: Harness, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A get_items waiting for room in the queue when the broker closes raises
+        BrokerClosedError and nothing more: no "Future exception was never retrieved"
+        logged at ERROR by asyncio."""
+        import gc
+
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, keys=[key_doc(tps=5.0)], engine={"queue_size": 20})
+        broker = Broker(config)
+        await broker.__aenter__()
+        waiter = asyncio.get_running_loop().create_task(
+            broker.get_items([f"B0{i:08d}" for i in range(100)])
+        )
+        await asyncio.sleep(0.3)
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            await broker.aclose()
+            with pytest.raises(BrokerClosedError):
+                await waiter
+            del waiter
+            gc.collect()
+            await asyncio.sleep(0)
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
     def test_second_event_loop_is_refused_at_once(self) -> None:
         """A broker opened on one loop raises WrongEventLoopError from another (N12)."""
         loop1 = asyncio.new_event_loop()

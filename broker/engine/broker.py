@@ -493,6 +493,7 @@ class Broker:
         except BaseException:
             for lookup in held:
                 lookup.detach(collector)
+            collector.abandon()
             raise
         finally:
             intake.discard(queries)
@@ -807,6 +808,16 @@ class _Collector:
         self._remaining -= 1
         if self._input_done and self._remaining == 0:
             self._future.set_result(None)
+
+    def abandon(self) -> None:
+        """The call ends without waiting for its results (it raised while admitting): an
+        error a lookup set meanwhile is taken as seen, so asyncio does not log it as never
+        retrieved."""
+        if self._future.done():
+            if not self._future.cancelled():
+                self._future.exception()
+        else:
+            self._future.cancel()
 
     async def results(self) -> list[ItemResult]:
         """Wait for every slot (the input is complete) and return them in input order."""
