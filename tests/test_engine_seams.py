@@ -447,7 +447,8 @@ class TestLifecycle:
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
     def test_second_event_loop_is_refused_at_once(self) -> None:
-        """A broker opened on one loop raises WrongEventLoopError from another (N12)."""
+        """A broker opened on one loop raises WrongEventLoopError from another, for a call or
+        for aclose(), and stays usable from its own (N12)."""
         loop1 = asyncio.new_event_loop()
         thread = threading.Thread(target=loop1.run_forever, daemon=True)
         thread.start()
@@ -473,6 +474,9 @@ class TestLifecycle:
 
             with pytest.raises(WrongEventLoopError, match="another event loop"):
                 asyncio.run(from_loop2())
+            # Closing from the wrong loop is refused the same way, before closing anything.
+            with pytest.raises(WrongEventLoopError, match="another event loop"):
+                asyncio.run(broker.aclose())
             results = asyncio.run_coroutine_threadsafe(
                 broker.get_items(["B0C1234567"]), loop1
             ).result(10)

@@ -425,7 +425,12 @@ class Broker:
         """Stop every task, fail what is still pending, close the session and simulator.
 
         Callers still waiting get :class:`~broker.errors.BrokerClosedError` (N15).
+
+        Raises:
+            WrongEventLoopError: called from another event loop than the one the broker was
+                opened on; nothing is closed (its tasks belong to that loop).
         """
+        self._check_loop()
         self._stop(BrokerClosedError("the broker was closed while this call waited"))
         engine, self._engine = self._engine, None
         if engine is not None and not engine.done():
@@ -439,12 +444,15 @@ class Broker:
 
     # -- lookups ------------------------------------------------------------------------------
 
-    def _require_open(self) -> Intake:
+    def _check_loop(self) -> None:
         if self._loop is not None and asyncio.get_running_loop() is not self._loop:
             raise WrongEventLoopError(
                 "this Broker was opened on another event loop; use it from that loop "
                 "(or open one Broker per loop, or use broker.SyncBroker from threads)"
             )
+
+    def _require_open(self) -> Intake:
+        self._check_loop()
         if self._stopped is not None:
             if isinstance(self._stopped, BrokerClosedError):
                 raise BrokerClosedError("the broker is closed")
