@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from broker.api.resources import resolve_resources
 from broker.client import Broker
 from broker.config import BrokerConfig, config_from_dict, load_config
-from broker.errors import BrokerClosedError
+from broker.errors import BrokerClosedError, WrongEventLoopError
 from broker.models import ItemResult
 
 if TYPE_CHECKING:
@@ -82,6 +82,8 @@ class SyncBroker:
         )
         self._lock = threading.Lock()
         self._closed = False
+        # The loop thread lives in this process only: a child forked from it has none.
+        self._pid = os.getpid()
         self._finalizer: weakref.finalize[Any, SyncBroker] | None = None
         self._thread.start()
         try:
@@ -91,7 +93,9 @@ class SyncBroker:
             raise
         # A broker nobody closes (a script that just ends) is closed when it is collected or
         # at interpreter exit, so no task, session or connector is left to warn about.
-        self._finalizer = weakref.finalize(self, _shut_down, self._broker, self._loop, self._thread)
+        self._finalizer = weakref.finalize(
+            self, _shut_down, self._broker, self._loop, self._thread, self._pid
+        )
 
     @staticmethod
     async def _open(config: BrokerConfig, kwargs: Mapping[str, Any]) -> Broker:
@@ -134,6 +138,13 @@ class SyncBroker:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("SyncBroker methods block; call the async Broker from its loop")
+        if os.getpid() != self._pid:
+            coro.close()
+            raise WrongEventLoopError(
+                "this SyncBroker was started in another process and this one was forked from "
+                "it: its event loop thread is not here. Start one per process (gunicorn: "
+                "without --preload, or in a post_fork hook)"
+            )
         with self._lock:
             if self._is_closed():
                 coro.close()
@@ -306,8 +317,16 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
     loop.close()
 
 
-def _shut_down(broker: Broker, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    """Close ``broker`` on its loop, then stop the loop and its thread (close or finalizer)."""
+def _shut_down(
+    broker: Broker, loop: asyncio.AbstractEventLoop, thread: threading.Thread, pid: int
+) -> None:
+    """Close ``broker`` on its loop, then stop the loop and its thread (close or finalizer).
+
+    In a process forked from the one that started it there is no loop thread to ask: its
+    exit must not wait for one, and the parent's broker is the parent's to close.
+    """
+    if os.getpid() != pid:
+        return
     if threading.current_thread() is thread:
         # Collected on the loop's own thread, which cannot wait for itself: close, then stop
         # (the thread closes its loop as it ends).

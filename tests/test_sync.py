@@ -212,6 +212,30 @@ class TestSyncBroker:
         assert "destroyed but it is pending" not in done.stderr
         assert "Unclosed" not in done.stderr
 
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+    def test_a_forked_child_is_refused_and_exits(self, tmp_path: Path) -> None:
+        """A SyncBroker started before fork() (gunicorn --preload): the child's call raises
+        WrongEventLoopError at once instead of hanging, the child exits (its exit does not
+        wait for the parent's loop), and the parent's broker goes on working."""
+        done = _script(
+            tmp_path,
+            "import os\n"
+            "from broker import WrongEventLoopError\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    try:\n"
+            "        b.get_item('B000000001')\n"
+            "    except WrongEventLoopError as exc:\n"
+            "        print('child refused:', 'fork' in str(exc), flush=True)\n"
+            "    raise SystemExit(0)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "print('child exit', os.waitstatus_to_exitcode(status))\n"
+            "print('parent', b.get_item('B000000002').status.value)\n",
+        )
+        assert "child refused: True" in done.stdout
+        assert "child exit 0" in done.stdout
+        assert "parent ok" in done.stdout
+
     def test_after_the_exit_close_calls_say_closed(self, tmp_path: Path) -> None:
         """Closed at exit, the broker answers a later call (an atexit handler) with
         BrokerClosedError, and a stream left suspended ends without noise."""
