@@ -120,8 +120,17 @@ if __name__ == "__main__":
     if args.demo:
         demo()
     else:
-        from wsgiref.simple_server import make_server
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIServer, make_server
 
-        with make_server("127.0.0.1", args.port, application) as server:
+        class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+            """A request thread each, as Django's runserver and gunicorn's threads give:
+            wsgiref's own server answers one request at a time."""
+
+            daemon_threads = True
+
+        with make_server(
+            "127.0.0.1", args.port, application, server_class=ThreadingWSGIServer
+        ) as server:
             print(f"serving on http://127.0.0.1:{args.port}/item?asin=B000000001")
             server.serve_forever()
