@@ -255,6 +255,23 @@ class TestInvalidIds:
 class TestPartialAnswers:
     """Responses that leave ASINs out or name them as errors."""
 
+    async def test_several_missing_asins_are_each_reasked(self) -> None:
+        """A response leaving out several ASINs: each is re-asked alone and ends (it hung:
+        every second one stayed in a batch nothing held)."""
+        gone = ("B000000002", "B000000003", "B000000005")
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            ids = _ids(request)
+            return _paapi_ok(ids, skip=gone if len(ids) > 1 else ())
+
+        clock = FakeClock()
+        broker, transport = _broker(PAAPI, handler, clock)
+        async with broker:
+            task = asyncio.ensure_future(broker.get_items(asins(6)))
+            await clock.run_until(task, limit=600)
+        assert all(r.ok for r in task.result())
+        assert sorted(_ids(r)[0] for r in transport.requests[1:]) == sorted(gone)
+
     async def test_missing_asin_reasked_then_not_found(self) -> None:
         """An ASIN a response never mentions is re-asked alone, then ends not_found."""
         gone = "B000000003"

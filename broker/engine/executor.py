@@ -305,7 +305,9 @@ class Executor:
 
     def _split(self, batch: Batch, lookups: Sequence[Lookup], *, missed_once: bool) -> None:
         """Re-queue each of ``lookups`` as a batch of its own, carrying the batch's history."""
-        for lookup in lookups:
+        # A copy: ``lookups`` may be ``batch.lookups`` itself, which the loop shrinks (every
+        # second lookup was skipped, left in a batch nothing held, its caller waiting forever).
+        for lookup in list(lookups):
             if lookup in batch.lookups:
                 batch.lookups.remove(lookup)
             single = Batch.of([lookup], attempts=batch.attempts.child(missed=missed_once))
