@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -176,6 +177,79 @@ class TestConcurrentCallers:
         assert all(r.ok for r in task.result())
         sizes = [len(_ids(r)) for r in transport.requests if "/auth/" not in r.url]
         assert len(sizes) <= 4  # not 20
+
+
+class TestManyCallersUnderFaults:
+    """Seeded stress: 150 callers over two resource groups with 429s, 5xx, unreachable
+    endpoints, expired tokens, dropped ASINs, cancellations and stream(stop=)."""
+
+    @pytest.mark.parametrize("seed", range(12))
+    async def test_every_caller_gets_its_answers_and_nothing_is_left(self, seed: int) -> None:
+        """Every batch sent holds at most 10 distinct ASINs of one group; every caller not
+        cancelled gets one result per distinct ASIN it asked; nothing stays in flight."""
+        rng = random.Random(seed)
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                if rng.random() < 0.05:
+                    raise EndpointUnreachable("token endpoint down")
+                return _token("tok")
+            ids = _ids(request)
+            assert len(ids) <= 10
+            assert len(set(ids)) == len(ids)
+            roll = rng.random()
+            if roll < 0.15:
+                return _reply(429, {"type": "ThrottleException", "message": "slow down"})
+            if roll < 0.22:
+                return _reply(500, {"message": "boom"})
+            if roll < 0.27:
+                raise EndpointUnreachable("down")
+            if roll < 0.30:
+                return _token_expired()
+            return _creators_ok([a for a in ids if rng.random() > 0.1])
+
+        clock = FakeClock()
+        broker, _ = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            keys=[key_doc(tps=rng.choice([1.0, 5.0, 50.0]))],
+            engine={"queue_size": 30},
+        )
+        pool = [f"B0{i:08d}" for i in range(60)]
+        groups = (["itemInfo.title"], ["itemInfo.title", "offersV2.listings.price"])
+
+        async def caller() -> None:
+            await clock.sleep(rng.random() * 5)
+            want = rng.sample(pool, rng.choice([1, 1, 1, 3, 12]))
+            resources = rng.choice(groups)
+            roll = rng.random()
+            if roll < 0.2:
+                call = asyncio.ensure_future(broker.get_items(want, resources=resources))
+                await clock.sleep(rng.random() * 2)
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+                return
+            if roll < 0.35:
+                stop = asyncio.Event()
+                clock_stop = asyncio.ensure_future(clock.sleep(rng.random() * 2))
+                clock_stop.add_done_callback(lambda _: stop.set())
+                async for result in broker.stream(want, resources=resources, stop=stop):
+                    assert result.asin in want
+                clock_stop.cancel()
+                return
+            got = await broker.get_items(want, resources=resources)
+            assert sorted(r.asin for r in got) == sorted(set(want))
+            assert all(r.query is not None and r.query.resources for r in got)
+
+        async with broker:
+            calls = [asyncio.ensure_future(caller()) for _ in range(150)]
+            await clock.run_until(asyncio.gather(*calls))
+            for call in calls:
+                call.result()
+            assert broker.metrics().outstanding_lookups == 0
 
 
 class TestInvalidIds:
