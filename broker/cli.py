@@ -391,8 +391,10 @@ def _broken_stdout() -> int | None:
         return fd
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    # A pipe with no reader reports an error on its write end.
-    return fd if any(event & select.POLLERR for _, event in poller.poll(0)) else None
+    # A pipe with no reader reports an error on its write end (Linux: POLLERR; the BSDs
+    # and macOS: POLLHUP).
+    gone = select.POLLERR | select.POLLHUP
+    return fd if any(event & gone for _, event in poller.poll(0)) else None
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -312,7 +312,16 @@ class TestRunPaths:
         assert job.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", job.name]
 
-    @pytest.mark.parametrize(("job_name", "out_name"), [("k.txt.gz", "k.txt"), ("k.txt", "k")])
+    @pytest.mark.parametrize(
+        ("job_name", "out_name"),
+        [
+            ("k.txt.gz", "k.txt"),
+            ("k.txt", "k"),
+            ("k.txt.tmpl", "k.txt"),
+            ("k.txt.refreshed.txt", "k.txt"),
+            ("k-walkthrough.txt", "k"),
+        ],
+    )
     def test_job_merely_named_after_the_output_runs(
         self, tmp_path: Path, job_name: str, out_name: str
     ) -> None:

@@ -226,6 +226,14 @@ _SIDE_SUFFIXES: Final = (
 )
 
 
+def _is_side_suffix(suffix: str) -> bool:
+    """True for a side file's suffix: one of ``_SIDE_SUFFIXES``, whole, or followed by
+    another part (``.ledger-wal``, ``.refresh.ledger``); ``.tmpl`` or ``-walk`` are not."""
+    return any(
+        suffix == side or suffix.startswith((f"{side}.", f"{side}-")) for side in _SIDE_SUFFIXES
+    )
+
+
 def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
     """Raise when the output, its ledger or its report would be the job file."""
     written = {
@@ -244,7 +252,7 @@ def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
             )
     output = _same(out)
     suffix = target.name[len(output.name) :] if target.name.startswith(output.name) else ""
-    if target.parent == output.parent and suffix.startswith(_SIDE_SUFFIXES):
+    if target.parent == output.parent and _is_side_suffix(suffix):
         # A job named as a file a run keeps beside its output would be overwritten or
         # deleted. Other names that merely start with the output's (job.txt.gz for --out
         # job.txt) are fine, and so is the copy of a stdin job, which is that job.
