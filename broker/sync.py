@@ -326,6 +326,10 @@ def _shut_down(
     exit must not wait for one, and the parent's broker is the parent's to close.
     """
     if os.getpid() != pid:
+        # The parent's broker, inherited: nothing of it runs here, so its tasks, session and
+        # connector, collected as this process exits, are not reported as left open (their
+        # reports go through the loop's handler), and its loop is never run to close them.
+        loop.set_exception_handler(_ignore)
         return
     if threading.current_thread() is thread:
         # Collected on the loop's own thread, which cannot wait for itself: close, then stop
@@ -338,6 +342,10 @@ def _shut_down(
         asyncio.run_coroutine_threadsafe(broker.aclose(), loop).result(_CLOSE_TIMEOUT_S)
     finally:
         _stop_loop(loop, thread)
+
+
+def _ignore(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An exception handler that reports nothing (a forked child's inherited loop)."""
 
 
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:

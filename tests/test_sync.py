@@ -235,6 +235,9 @@ class TestSyncBroker:
         assert "child refused: True" in done.stdout
         assert "child exit 0" in done.stdout
         assert "parent ok" in done.stdout
+        # The child's exit reports nothing about the parent's broker it inherited.
+        assert "Task was destroyed" not in done.stderr
+        assert "Unclosed client session\nclient_session" not in done.stderr
 
     def test_after_the_exit_close_calls_say_closed(self, tmp_path: Path) -> None:
         """Closed at exit, the broker answers a later call (an atexit handler) with
