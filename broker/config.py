@@ -42,6 +42,7 @@ __all__ = [
     "LogConfig",
     "OutputConfig",
     "RateConfig",
+    "ReadSecrets",
     "RetryConfig",
     "ServeConfig",
     "ServiceCredentialError",

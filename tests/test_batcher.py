@@ -139,6 +139,27 @@ class TestBatcher:
         batcher.flush()
         assert sorted(b.marketplace for b in _take_all(work)) == [US, DE]
 
+    async def test_a_queued_partial_batch_takes_more_until_taken(self) -> None:
+        """A partial batch flushed to the queue takes later lookups of its group while it
+        waits; once a key takes it, a new batch starts, and the batcher keeps no trace of a
+        batch that is gone (N11)."""
+        import gc
+
+        work = WorkQueue()
+        batcher = Batcher(work, clock=FakeClock(), linger_s=0.05)
+        batcher.add(_lookup("B000000001"))
+        batcher.flush()
+        batcher.add(_lookup("B000000002"))  # joins the queued batch
+        (first,) = _take_all(work)
+        assert first.asins == ["B000000001", "B000000002"]
+        batcher.add(_lookup("B000000003"))  # the first was taken: a new lingering group
+        batcher.flush()
+        (second,) = _take_all(work)
+        assert second.asins == ["B000000003"]
+        del first, second
+        gc.collect()
+        assert not batcher._queued
+
     async def test_no_linger_sends_singly(self) -> None:
         """With linger 0 every lookup is its own batch at once."""
         work = WorkQueue()

@@ -627,6 +627,7 @@ class TestAgreedDailyLimit:
         await high.refresh()
         assert high.exhausted
         assert high.remaining == 0
+        assert high.used_fraction == 1.0  # of the agreed limit: a 429 now reads as quota
         assert low.exhausted
         view = await store.view(KEY, KeyLimits(5.0, 0.05, 5.0, day_limit=100, tpd=100))
         assert view.decision.day_limit == 3  # what `broker status` shows as the limit

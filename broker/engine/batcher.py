@@ -442,7 +442,15 @@ class Batcher:
         """Put a batch of the batcher's in the queue; a partial one may still be topped up."""
         self._work.put(batch)
         if len(batch.lookups) < self._batch_size:
-            self._queued[(batch.marketplace, batch.resources)] = weakref.ref(batch)
+            key = (batch.marketplace, batch.resources)
+            queued = self._queued
+
+            def forget(ref: weakref.ref[Batch]) -> None:
+                # The batch is gone: its entry goes too, unless a newer batch took the key.
+                if queued.get(key) is ref:
+                    del queued[key]
+
+            queued[key] = weakref.ref(batch, forget)
 
     def _dropped(self, batch: Batch) -> None:
         """A lingering group lost its last lookup: forget it."""

@@ -590,7 +590,14 @@ class SharedKeyLimiter:
 
     @property
     def used_fraction(self) -> float | None:
-        """Share of TPD spent today (``None``: unlimited; 1.0 for TPD 0)."""
+        """Share of TPD spent today (``None``: unlimited; 1.0 for TPD 0).
+
+        Of the agreed daily limit when a process sharing the key keeps it lower than this
+        config's (a 429 near it reads as the quota spent, not as the rate).
+        """
+        limit = self.day_limit
+        if limit is not None and limit != self._limits.day_limit:
+            return 1.0 if limit == 0 else self.spent / limit
         tpd = self._limits.tpd
         if tpd is None:
             return None
