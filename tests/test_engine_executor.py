@@ -123,6 +123,17 @@ def _broker(
     return Broker(config, clock=clock, transport=transport, rng=random.Random(0)), transport
 
 
+def _answering(clock: FakeClock, tps: float) -> tuple[Broker, MockTransport]:
+    """A broker on a Creators endpoint that answers every ASIN asked, its key at ``tps``."""
+
+    async def handler(request: HttpRequest) -> RawResponse:
+        if "/auth/" in request.url:
+            return _token("tok")
+        return _creators_ok(_ids(request))
+
+    return _broker(CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=tps)])
+
+
 class TestConcurrentCallers:
     """Callers asking at once (a web app's request threads) share GetItems requests."""
 
@@ -131,15 +142,8 @@ class TestConcurrentCallers:
         """40 get_item calls made together go out as 4 requests of 10, not 40 of 1: a
         batch still queued and never sent takes later callers' lookups of its group."""
 
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                return _token("tok")
-            return _creators_ok(_ids(request))
-
         clock = FakeClock()
-        broker, transport = _broker(
-            CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=tps)]
-        )
+        broker, transport = _answering(clock, tps)
         wanted = asins(40)
         async with broker:
             calls = [asyncio.ensure_future(broker.get_item(a)) for a in wanted]
@@ -153,15 +157,8 @@ class TestConcurrentCallers:
         """At 1 TPS, callers arriving 50 ms apart join the batch that waits for the key's
         next slot instead of each sending a request of its own."""
 
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                return _token("tok")
-            return _creators_ok(_ids(request))
-
         clock = FakeClock()
-        broker, transport = _broker(
-            CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=1.0)]
-        )
+        broker, transport = _answering(clock, 1.0)
         wanted = asins(20)
 
         async def trickle() -> list[ItemResult]:
