@@ -249,6 +249,73 @@ class TestManyCallersUnderFaults:
             assert broker.metrics().outstanding_lookups == 0
 
 
+class TestPaapiCallersUnderFaults:
+    """Seeded stress on PA-API: malformed ids named in 400s (split out), ids named in none
+    (each asked alone), dropped ASINs, 429s, 5xx and cancellations."""
+
+    @pytest.mark.parametrize("seed", range(12))
+    async def test_every_caller_gets_one_answer_per_id(self, seed: int) -> None:
+        """Every caller not cancelled gets one result per distinct id, bad ids invalid and
+        the rest answered; every request holds at most 10 distinct ids; nothing is left."""
+        rng = random.Random(seed)
+        bad = {f"B0BAD{i:05d}" for i in range(8)}
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            ids = _ids(request)
+            assert len(ids) <= 10
+            assert len(set(ids)) == len(ids)
+            named = sorted(set(ids) & bad)
+            roll = rng.random()
+            if named and roll < 0.7:
+                return _paapi_error(
+                    400,
+                    "InvalidParameterValue",
+                    f"The value [{named[0]}] provided in the request for ItemIds is invalid.",
+                )
+            if named:  # an id-level error that names no id: each is asked alone
+                if len(ids) > 1:
+                    return _paapi_error(400, "InvalidParameterValue", "")
+                return _paapi_error(
+                    400,
+                    "InvalidParameterValue",
+                    f"The value [{ids[0]}] provided in the request for ItemIds is invalid.",
+                )
+            if roll < 0.12:
+                return _paapi_error(429, "TooManyRequests", "slow down")
+            if roll < 0.18:
+                return _paapi_error(500, "InternalFailure", "Internal failure.")
+            return _paapi_ok(ids, skip=tuple(a for a in ids if rng.random() < 0.1))
+
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, handler, clock, engine={"queue_size": 40})
+        pool = [f"B0{i:08d}" for i in range(50)] + sorted(bad)
+
+        async def caller() -> None:
+            await clock.sleep(rng.random() * 5)
+            want = rng.sample(pool, rng.choice([1, 2, 5, 12]))
+            if rng.random() < 0.2:
+                call = asyncio.ensure_future(broker.get_items(want))
+                await clock.sleep(rng.random() * 2)
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+                return
+            got = await broker.get_items(want)
+            assert sorted(r.asin for r in got) == sorted(set(want))
+            for result in got:
+                if result.asin in bad:
+                    assert result.status is Status.INVALID
+                else:
+                    assert result.status is not Status.INVALID
+
+        async with broker:
+            calls = [asyncio.ensure_future(caller()) for _ in range(120)]
+            await clock.run_until(asyncio.gather(*calls, return_exceptions=True))
+            for call in calls:
+                call.result()
+            assert broker.metrics().outstanding_lookups == 0
+
+
 class TestInvalidIds:
     """PA-API fails a whole request for a bad id: mark it, re-send the rest."""
 
