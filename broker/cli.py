@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from broker.exitcode import ExitCode
+from broker.progname import prog
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -94,13 +95,6 @@ def _cache_max_age(args: argparse.Namespace) -> float | None:
     return value
 
 
-def _prog() -> str:
-    """The command as typed: installed as both ``broker`` and ``asin-broker``, usage and the
-    hints name the one the user runs (an unrelated PyPI package also installs a ``broker``)."""
-    invoked = os.path.basename(sys.argv[0])
-    return invoked if invoked in ("broker", "asin-broker") else "broker"
-
-
 def _port(text: str) -> int:
     """argparse type of ``--port``: 0 (any free port) to 65535."""
     try:
@@ -116,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from broker import __version__
 
     parser = argparse.ArgumentParser(
-        prog=_prog(),
+        prog=prog(),
         description="Asynchronous, rate-limited request broker for Amazon's product APIs.",
         epilog=f"The config file is --config, else ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}.",
     )
@@ -446,8 +440,8 @@ def _command(args: argparse.Namespace) -> int:
             "" if args.config or not os.environ.get(CONFIG_ENV) else f" (named by ${CONFIG_ENV})"
         )
         print(
-            f"{_prog()}: config file not found: {path}{named}; create a starter with "
-            f"`{_prog()} init {path}`, or name one with --config or ${CONFIG_ENV}",
+            f"{prog()}: config file not found: {path}{named}; create a starter with "
+            f"`{prog()} init {path}`, or name one with --config or ${CONFIG_ENV}",
             file=sys.stderr,
         )
         return ExitCode.CONFIG
@@ -464,7 +458,7 @@ def _command(args: argparse.Namespace) -> int:
 
             simulator_settings(config)  # [simulator] is checked now, not at first use
     except ConfigError as exc:
-        print(f"broker: invalid config {path}: {exc}", file=sys.stderr)
+        print(f"{prog()}: invalid config {path}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     from broker.logs import configure_logging
 
@@ -498,22 +492,22 @@ def _init(path: Path, *, force: bool) -> int:
     template = files("broker").joinpath("templates", "config.toml").read_text(encoding="utf-8")
     if path.is_dir():
         print(
-            f"broker: {path} is a directory; give the config file's path, such as "
+            f"{prog()}: {path} is a directory; give the config file's path, such as "
             f"{path / DEFAULT_CONFIG}",
             file=sys.stderr,
         )
         return ExitCode.USAGE
     if path.exists() and not force:
-        print(f"broker: {path} exists; pass --force to overwrite it", file=sys.stderr)
+        print(f"{prog()}: {path} exists; pass --force to overwrite it", file=sys.stderr)
         return ExitCode.USAGE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(template, encoding="utf-8")
     except OSError as exc:
-        print(f"broker: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        print(f"{prog()}: cannot write {path}: {exc.strerror}", file=sys.stderr)
         return ExitCode.IO_ERROR
     print(
-        f"wrote {path}: it uses the embedded simulator; try `{_prog()} lookup B0C1234567"
+        f"wrote {path}: it uses the embedded simulator; try `{prog()} lookup B0C1234567"
         f"{'' if path.name == DEFAULT_CONFIG and path.parent == Path() else f' --config {path}'}`",
         file=sys.stderr,
     )
@@ -564,7 +558,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             market = lookup_marketplace(args.marketplace).name
         except ValueError:
             print(
-                f"broker: unknown marketplace {args.marketplace!r}; name it as config.toml "
+                f"{prog()}: unknown marketplace {args.marketplace!r}; name it as config.toml "
                 "does: www.amazon.co.uk, amazon.co.uk or UK",
                 file=sys.stderr,
             )
@@ -576,7 +570,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         names = [r.strip() for r in args.resources.split(",") if r.strip()]
         if not names:
             print(
-                "broker: --resources names no resource; give a comma-separated list, or "
+                f"{prog()}: --resources names no resource; give a comma-separated list, or "
                 "leave it out for api.resources of the config",
                 file=sys.stderr,
             )
@@ -585,13 +579,15 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             # Checked before anything starts (the embedded simulator, the key state).
             resources = resolve_resources(names, config.api.protocol)
         except ValueError as exc:
-            print(f"broker: --resources: {exc}", file=sys.stderr)
+            print(f"{prog()}: --resources: {exc}", file=sys.stderr)
             return ExitCode.USAGE
     budget = args.outage_budget
     if budget is None:
         budget = min(config.retry.outage_budget_s, LOOKUP_OUTAGE_BUDGET_S)
     elif not 0 < budget < math.inf:  # NaN fails too: a budget that never runs out
-        print("broker: --outage-budget must be a finite number of seconds above 0", file=sys.stderr)
+        print(
+            f"{prog()}: --outage-budget must be a finite number of seconds above 0", file=sys.stderr
+        )
         return ExitCode.USAGE
     config = dataclasses.replace(
         config, retry=dataclasses.replace(config.retry, outage_budget_s=budget)
@@ -651,10 +647,10 @@ async def _lookup(
             message = f"stopped: {exc}"
         elif isinstance(exc, (StateUnavailableError, OSError)):
             message = str(exc)  # it says itself whether it waited out the budget
-        print(f"broker: {message}", file=sys.stderr)
+        print(f"{prog()}: {message}", file=sys.stderr)
         return code
     except (TypeError, ValueError) as exc:
-        print(f"broker: {exc}", file=sys.stderr)
+        print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     rows = [
         _lookup_row(n, text, result)
@@ -730,7 +726,7 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     if args.input and args.job != STDIO:
         # Silently reading a CSV named .txt as plain text would make every row invalid.
         print(
-            f"broker: --input is the format of a job read from stdin; {args.job}'s comes from "
+            f"{prog()}: --input is the format of a job read from stdin; {args.job}'s comes from "
             "its name (.txt, .csv or .jsonl, each optionally .gz), else from its first lines: "
             "rename it (e.g. to .csv), or pipe it: broker run - --input "
             f"{args.input} < {args.job}",
@@ -746,7 +742,7 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             stdin_format=args.input or "txt",
         )
     except UsageError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
+        print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     with paths:
         return _run_loop(_run(config, args, paths))
@@ -777,7 +773,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         summary = await run_job(config, options)
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)
-        print(f"broker: {message}", file=sys.stderr)
+        print(f"{prog()}: {message}", file=sys.stderr)
         return code
     finally:
         paths.copy_out()

@@ -24,6 +24,7 @@ from broker.engine.metrics import QUOTA_WAIT
 from broker.engine.shared_limiter import key_limits
 from broker.errors import ConfigError, StateUnavailableError
 from broker.exitcode import ExitCode
+from broker.progname import prog
 from broker.state import KeyView, StateKey, local_state_path, open_store
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             exists = path.exists()
         except OSError as exc:  # a daemon's 0700 state directory, seen by another user
             print(
-                f"broker: cannot read {path}: {exc.strerror}; run as the user that owns it "
+                f"{prog()}: cannot read {path}: {exc.strerror}; run as the user that owns it "
                 "(for the systemd unit's state: sudo -u asin-broker ...)",
                 file=sys.stderr,
             )
@@ -197,13 +198,13 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     try:
         where, statuses = await key_statuses(config)
     except StateUnavailableError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
+        print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
     except ConfigError as exc:  # Redis refusing the password
-        print(f"broker: invalid config: {exc}", file=sys.stderr)
+        print(f"{prog()}: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     except OSError as exc:  # a damaged or read-only state file
-        print(f"broker: {exc}", file=sys.stderr)
+        print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.IO_ERROR
     if args.json:
         document = {
@@ -223,7 +224,7 @@ def _nothing_to_show(
 ) -> int:
     """Say why there is no state; with ``--json`` still print a document (no keys), so a
     script reading stdout always gets one."""
-    print(f"broker: {why}", file=sys.stderr)
+    print(f"{prog()}: {why}", file=sys.stderr)
     if args.json:
         document: dict[str, object] = {
             "backend": config.state.backend,

@@ -280,6 +280,24 @@ def test_a_broken_pipe_not_of_stdout_is_not_swallowed(monkeypatch: pytest.Monkey
         cli.main(["status"])
 
 
+@pytest.mark.parametrize("script", ["asin-broker", "broker"])
+def test_messages_name_the_command_typed(tmp_path: Path, script: str) -> None:
+    """Run as ``asin-broker`` (the name units and images use), a message says
+    ``asin-broker:``, not ``broker:``; run as ``broker``, ``broker:``."""
+    path = Path(sys.executable).with_name(script)
+    config = str(_config(tmp_path))
+    done = subprocess.run(
+        [str(path), "lookup", "B0C1234567", "--outage-budget", "nan", "--config", config],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == ExitCode.USAGE
+    assert done.stderr.startswith(f"{script}: --outage-budget must be")
+
+
 class TestRunPaths:
     def test_out_naming_the_job_is_refused_before_writing(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

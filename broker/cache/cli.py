@@ -15,6 +15,7 @@ from broker.cache.policy import CacheStats
 from broker.cache.sqlite import SqliteCache
 from broker.errors import ConfigError
 from broker.exitcode import ExitCode
+from broker.progname import prog
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -67,7 +68,8 @@ async def cache_command(
     """
     if args.cache_command == "purge" and not _valid_age(args.older_than):
         print(
-            f"broker: --older-than must be a finite number of seconds >= 0, got {args.older_than}",
+            f"{prog()}: --older-than must be a finite number of seconds >= 0, got "
+            f"{args.older_than}",
             file=sys.stderr,
         )
         return ExitCode.USAGE
@@ -79,7 +81,7 @@ async def cache_command(
         for raw in args.asin:
             check = check_asin(raw, convert_isbn13=True)
             if check.asin is None:
-                print(f"broker: --asin {raw!r}: {check.reason}", file=sys.stderr)
+                print(f"{prog()}: --asin {raw!r}: {check.reason}", file=sys.stderr)
                 return ExitCode.USAGE
             asins.append(check.asin)
     cache_config = config.cache
@@ -87,12 +89,12 @@ async def cache_command(
         policy = cache_config.policy(RUN_MAX_AGE_S)
         store = open_store(cache_config, policy, namespace=cache_namespace(config), environ=environ)
     except ConfigError as exc:
-        print(f"broker: invalid config: {exc}", file=sys.stderr)
+        print(f"{prog()}: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     where = str(store.path) if isinstance(store, SqliteCache) else cache_config.backend
     if isinstance(store, SqliteCache) and not store.path.exists():
         # Opening the store would create the file (and its directory) to report nothing.
-        print(f"broker: no item cache at {where} yet: nothing is cached", file=sys.stderr)
+        print(f"{prog()}: no item cache at {where} yet: nothing is cached", file=sys.stderr)
         if args.cache_command == "purge":
             print("purged 0 cached answers")
             return ExitCode.OK
@@ -108,7 +110,7 @@ async def cache_command(
         except store.failures as exc:
             # The store itself is broken or out of reach: say which and what to do, not a
             # traceback.
-            print(f"broker: {store.describe_failure(exc)}", file=sys.stderr)
+            print(f"{prog()}: {store.describe_failure(exc)}", file=sys.stderr)
             return ExitCode.IO_ERROR
     report: dict[str, object] = {
         "backend": cache_config.backend,

@@ -101,6 +101,7 @@ from broker.jobs.signals import (
     sigint_echo_window,
 )
 from broker.logs import get_logger
+from broker.progname import prog
 from broker.sqlitewal import journal_files
 
 if TYPE_CHECKING:
@@ -1209,11 +1210,11 @@ def serve_command(
         daemon = Daemon(config, options)
         run(daemon.run())
     except ConfigError as exc:
-        print(f"broker serve: {exc}", file=sys.stderr)
+        print(f"{prog()} serve: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     except Exception as exc:
         code, message = describe_failure(exc)
         logger.error("broker.daemon_failed", exit_code=code, error=message)
-        print(f"broker serve: {message}", file=sys.stderr)
+        print(f"{prog()} serve: {message}", file=sys.stderr)
         return code
     return ExitCode.OK

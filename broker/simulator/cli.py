@@ -15,6 +15,7 @@ from typing import Any
 
 from broker.errors import ConfigError
 from broker.exitcode import ExitCode
+from broker.progname import prog
 from broker.simulator.accounts import DEMO_ACCOUNTS
 from broker.simulator.server import SimulatorServer, check_host, serve_forever
 from broker.simulator.settings import SimulatorSettings
@@ -94,10 +95,12 @@ def simulate_command(
             )
         )
     except ConfigError as exc:
-        print(f"broker simulate: {exc}", file=sys.stderr)
+        print(f"{prog()} simulate: {exc}", file=sys.stderr)
         return EX_CONFIG
     except OSError as exc:
-        print(f"broker simulate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(
+            f"{prog()} simulate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+        )
         return EX_CONFIG
     except KeyboardInterrupt:
         return ExitCode.OK
