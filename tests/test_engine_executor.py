@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -174,41 +174,6 @@ class TestConcurrentCallers:
         assert all(r.ok for r in task.result())
         sizes = [len(_ids(r)) for r in transport.requests if "/auth/" not in r.url]
         assert len(sizes) <= 4  # not 20
-
-
-class TestStreamInputErrors:
-    """An input that fails part way: what was read is answered, then the error."""
-
-    @pytest.mark.parametrize("kind", ["async", "sync"])
-    async def test_answers_for_what_was_read_come_before_the_error(self, kind: str) -> None:
-        """The 15 ASINs read before the input raised are yielded (their requests are paid
-        for), then the input's own error; a broker-side error still comes at once."""
-        clock = FakeClock()
-        broker, transport = _answering(clock, 1.0)
-        wanted = asins(15)
-
-        def plain() -> Iterator[str]:
-            yield from wanted
-            raise ValueError("the database went away")
-
-        async def gen() -> AsyncIterator[str]:
-            for asin in plain():
-                yield asin
-
-        got: list[ItemResult] = []
-
-        async def consume() -> None:
-            async for result in broker.stream(gen() if kind == "async" else plain()):
-                got.append(result)
-
-        async with broker:
-            task = asyncio.ensure_future(consume())
-            await clock.run_until(task)
-        with pytest.raises(ValueError, match="database went away"):
-            task.result()
-        assert sorted(r.asin for r in got) == wanted
-        assert all(r.ok for r in got)
-        assert len(transport.requests) >= 2
 
 
 class TestManyCallersUnderFaults:

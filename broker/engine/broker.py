@@ -42,7 +42,7 @@ from broker.engine.retry import RetryPolicy
 from broker.engine.scheduler import KeyPool
 from broker.engine.shared_limiter import SharedKeyLimiter, SharedState
 from broker.engine.transport import AiohttpTransport, Transport
-from broker.errors import BrokerClosedError, BrokerError, ConfigError, WrongEventLoopError
+from broker.errors import BrokerClosedError, ConfigError, WrongEventLoopError
 from broker.logs import get_logger
 from broker.models import ItemResult, Protocol, Query, Secret
 from broker.state import KeyStateStore, open_store, process_id
@@ -537,11 +537,6 @@ class Broker:
         for: nothing more is read from the input, the lookups not sent yet are let go (never
         sent for this stream, never yielded), and the stream ends when the answers of those
         already sent have been yielded. ``broker run`` sets it at its first SIGINT/SIGTERM/SIGHUP.
-
-        An input that raises (a database cursor that fails) ends the stream the same way but
-        with its error: the answers of what it gave before are yielded, then the error is
-        raised. A failure of the broker's own (:class:`~broker.errors.NoUsableKeyError`,
-        :class:`~broker.errors.BrokerClosedError`) is raised at once.
         """
         intake = self._require_open()
         _check_not_str(asins)
@@ -619,15 +614,6 @@ class Broker:
                         if (waiting := place(item)) is not None:
                             receiver.expect(await intake.admit(waiting, receiver))
                 self._flush()
-            except Exception as exc:
-                if isinstance(exc, BrokerError):
-                    receiver.end(exc)  # the broker's own failure: told at once
-                    raise
-                # The input failed (or gave an item of the wrong type): what it gave before
-                # is answered (those requests are paid for), then the consumer gets the error.
-                self._flush()
-                receiver.end(exc, after_answers=True)
-                raise
             except BaseException as exc:
                 receiver.end(exc)
                 raise
@@ -853,16 +839,7 @@ class _Collector:
 class _StreamReceiver:
     """The receiver of one ``stream``: results queue up for the consumer as they arrive."""
 
-    __slots__ = (
-        "_error",
-        "_held",
-        "_input_done",
-        "_last_error",
-        "_loop",
-        "_pending",
-        "_ready",
-        "_waiter",
-    )
+    __slots__ = ("_error", "_held", "_input_done", "_loop", "_pending", "_ready", "_waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -875,8 +852,6 @@ class _StreamReceiver:
         self._pending = 0
         self._input_done = False
         self._error: BaseException | None = None
-        # The input's failure, raised once every lookup admitted before it has been yielded.
-        self._last_error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     def _wake(self) -> None:
@@ -904,15 +879,11 @@ class _StreamReceiver:
         self._ready.append(outcome)
         self._wake()
 
-    def end(self, error: BaseException | None, *, after_answers: bool = False) -> None:
-        """The producer is done (``error``: it failed; ``after_answers``: raise it only once
-        the answers of what was admitted before have been yielded)."""
+    def end(self, error: BaseException | None) -> None:
+        """The producer is done (``error``: it failed)."""
         self._input_done = True
         if error is not None and not isinstance(error, asyncio.CancelledError):
-            if after_answers:
-                self._last_error = error
-            else:
-                self._error = error
+            self._error = error
         self._wake()
 
     def take(self) -> ItemResult | None:
@@ -928,16 +899,13 @@ class _StreamReceiver:
             return item
         if self._error is not None:
             raise self._error
-        if self._last_error is not None and self._pending <= 0:
-            raise self._last_error
         return None
 
     async def wait(self) -> bool:
-        """Wait until a result is ready (True), or the stream has ended (False; True when an
-        input error is left to raise)."""
+        """Wait until a result is ready (True), or the stream has ended (False)."""
         while not self._ready and self._error is None:
             if self._input_done and self._pending <= 0:
-                return self._last_error is not None
+                return False
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
