@@ -31,7 +31,7 @@ CONFIG_ENV: Final = "ASINB_CONFIG"
 DEFAULT_CONFIG: Final = "config.toml"
 _CONFIG_HELP: Final = (
     f"config file (default: ${CONFIG_ENV} if set, else ./{DEFAULT_CONFIG}; "
-    "`broker init` writes a starter)"
+    f"`{prog()} init` writes a starter)"
 )
 #: ``broker lookup`` gives up this soon when the endpoint cannot be reached (seconds).
 LOOKUP_OUTAGE_BUDGET_S: Final = 5.0
@@ -728,7 +728,7 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         print(
             f"{prog()}: --input is the format of a job read from stdin; {args.job}'s comes from "
             "its name (.txt, .csv or .jsonl, each optionally .gz), else from its first lines: "
-            "rename it (e.g. to .csv), or pipe it: broker run - --input "
+            f"rename it (e.g. to .csv), or pipe it: {prog()} run - --input "
             f"{args.input} < {args.job}",
             file=sys.stderr,
         )

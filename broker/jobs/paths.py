@@ -20,6 +20,7 @@ from typing import Final
 
 from broker.errors import JobFileError
 from broker.jobs.lock import JobLock
+from broker.progname import prog
 
 __all__ = [
     "STDIO",
@@ -207,7 +208,7 @@ def _refuse_unreadable_kind(job: Path) -> None:
     if not stat.S_ISREG(mode):
         raise UsageError(
             f"the job {job} is a pipe or device, which can be read only once: pipe it to "
-            "`broker run -` instead (stdin is copied, so the job can resume)"
+            f"`{prog()} run -` instead (stdin is copied, so the job can resume)"
         )
 
 
