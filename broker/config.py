@@ -409,17 +409,22 @@ def load_config(
         ConfigError: the file is missing, not TOML, or invalid (the message names the key).
     """
     file = Path(path)
+    bom = 0
     try:
+        raw = file.read_bytes()
         # A UTF-8 byte order mark (Windows Notepad writes one) is not TOML: dropped.
-        document = tomllib.loads(file.read_bytes().removeprefix(b"\xef\xbb\xbf").decode())
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+        document = tomllib.loads(raw[bom:].decode())
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {file}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{file} is not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
-        # TOML is UTF-8 by definition; a Latin-1 comment or a UTF-16 file fails here.
+        # TOML is UTF-8 by definition; a Latin-1 comment or a UTF-16 file fails here. The
+        # offset counts from the file's start, a dropped byte order mark included.
         raise ConfigError(
-            "", f"{file} is not UTF-8 (byte {exc.start}): TOML files must be saved as UTF-8"
+            "",
+            f"{file} is not UTF-8 (byte {exc.start + bom}): TOML files must be saved as UTF-8",
         ) from None
     except OSError as exc:
         raise ConfigError("", f"cannot read {file}: {exc.strerror}") from None
@@ -915,7 +920,11 @@ def _path_text(table: TomlTable, name: str) -> str | None:
         return None
     if "\x00" in raw:
         raise ConfigError(table.key(name), "holds a NUL character, which no path can hold")
-    return os.path.expanduser(raw)
+    expanded = os.path.expanduser(raw)
+    if expanded.startswith("~"):
+        # ~name of a user this machine does not have: a folder named so would be made.
+        raise ConfigError(table.key(name), f"{raw.split('/', 1)[0]} names no user on this machine")
+    return expanded
 
 
 def _parse_output(table: TomlTable) -> OutputConfig:

@@ -193,6 +193,12 @@ class TestPaths:
         config = parse_config(_with("output.directory", "~/asinb-out"), environ=ENV)
         assert config.output.directory == str(Path.home() / "asinb-out")
 
+    def test_home_of_a_user_nobody_is_refused(self) -> None:
+        """~nosuchuser/x is refused naming the key, not made as a folder named ~nosuchuser."""
+        error = _error(_with("output.directory", "~asinb-no-such-user/out"))
+        assert error.path == "output.directory"
+        assert "~asinb-no-such-user names no user" in error.message
+
     @pytest.mark.parametrize(
         ("where", "path"),
         [
@@ -233,6 +239,16 @@ class TestSmallMistakes:
         """tpd = false is not "unlimited" (0 is): a boolean or a float is refused."""
         error = _error(_with("keys.0.tpd", value))
         assert error.path == "keys[0].tpd"
+
+    def test_undecodable_byte_offset_counts_the_byte_order_mark(self, tmp_path: Path) -> None:
+        """A config with a BOM and a Latin-1 byte names that byte's offset in the file."""
+        bad = tmp_path / "bad.toml"
+        text = b'[api]\nmarketplace = "www.amazon.com" # caf\xe9\n'
+        bad.write_bytes(b"\xef\xbb\xbf" + text)
+        with pytest.raises(ConfigError) as info:
+            load_config(bad, environ={})
+        offset = 3 + text.index(b"\xe9")
+        assert f"(byte {offset})" in info.value.message
 
     def test_config_with_a_byte_order_mark_loads(self, tmp_path: Path) -> None:
         """A config saved with a UTF-8 BOM (Windows Notepad) loads like one without."""
