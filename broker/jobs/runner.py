@@ -364,8 +364,8 @@ async def _run_once(
         state = ledger.sink_state(name)
         # A new CSV output names every row's pass-through columns in its header, whichever
         # row comes first (a resumed one reads them back from its header).
-        extra = ledger.extra_names() if options.format == "csv" and not state.done_order else ()
-        sink = open_sink(options.format, options.out, extra=extra)
+        columns = ledger.extra_names() if options.format == "csv" and not state.done_order else None
+        sink = open_sink(options.format, options.out, extra=columns or ())
         # The sink may cut itself back further than recorded (a hand-truncated file).
         ledger.set_sink_state(name, sink.open(state))
         # No second emit on the way out: _fetch commits and emits what finished, and after
@@ -395,7 +395,7 @@ async def _run_once(
         finally:
             sink.close()
         if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
-            _export_ordered(ledger, options, name)
+            _export_ordered(ledger, options, name, columns)
         report = report_path(options.out)
         invalid = InvalidReport(report).write(ledger)
         summary.invalid_report = str(report) if invalid else None
@@ -428,19 +428,22 @@ def _make_output_directory(directory: Path) -> None:
         ) from exc
 
 
-def _export_ordered(ledger: Ledger, options: JobOptions, name: str) -> None:
+def _export_ordered(
+    ledger: Ledger, options: JobOptions, name: str, columns: tuple[str, ...] | None
+) -> None:
     """Rewrite the complete output with its rows in input order (``--ordered``).
 
     Rows are read from the ledger a page at a time, so memory stays bounded; the new file
     replaces the old one atomically. It holds the same rows, so the recorded progress (the
-    byte size and the row count) stays true and a rerun adds nothing.
+    byte size and the row count) stays true and a rerun adds nothing. ``columns``: the
+    job's pass-through names if this run already read them (a CSV output begun now).
     """
     if options.format == "sqlite":
         return  # a table has no order of its own; the seq column gives input order
+    if options.format == "csv" and columns is None:
+        columns = ledger.extra_names()
     temporary = ordering_path(options.out)
-    sink = open_sink(
-        options.format, temporary, extra=ledger.extra_names() if options.format == "csv" else ()
-    )
+    sink = open_sink(options.format, temporary, extra=columns or ())
     try:
         sink.open(SinkState())
         chunk: list[DoneRow] = []
