@@ -208,8 +208,9 @@ class SyncBroker:
         The input is read lazily, in the thread iterating the stream (never on the loop's
         thread, where an event loop runs): a SQLite cursor or a Django QuerySet works, and a
         slow input holds up only this stream. It is read ahead in chunks of 256 items (up to
-        about 384 beyond ``queue_size``) while the loop sends what it has; an input that
-        raises raises here.
+        about 384 beyond ``queue_size``) while the loop sends what it has. An input that
+        raises raises here, after the answers for every item it gave before (as the async
+        ``stream`` does).
 
         ``stop`` is the async ``stop=`` as a :class:`threading.Event`, set from any thread
         (a signal handler, a shutdown hook): once set, nothing more is read or sent, and the
@@ -236,8 +237,9 @@ class SyncBroker:
                     yield step
                 elif step is _Signal.MORE:
                     halted = stop is not None and stop.is_set()
-                    chunk = [] if halted else list(itertools.islice(source, _CHUNK))
-                    self._call(feed.give(chunk, ended=len(chunk) < _CHUNK))
+                    chunk, failure = ([], None) if halted else _read(source, _CHUNK)
+                    ended = len(chunk) < _CHUNK or failure is not None
+                    self._call(feed.give(chunk, ended=ended, failure=failure))
                 elif step is _Signal.END:
                     return
         finally:
@@ -373,6 +375,19 @@ async def _set(event: asyncio.Event) -> None:
     event.set()
 
 
+def _read(source: Iterator[str | Query], size: int) -> tuple[list[str | Query], Exception | None]:
+    """Up to ``size`` items of ``source``, and the error it raised after them, if any.
+
+    The items read before a failure are kept: the stream answers them before the error.
+    """
+    chunk: list[str | Query] = []
+    try:
+        chunk.extend(itertools.islice(source, size))
+    except Exception as exc:
+        return chunk, exc
+    return chunk, None
+
+
 class _Feed:
     """A stream's input on the loop: what the caller's thread read, handed over in chunks.
 
@@ -383,6 +398,7 @@ class _Feed:
     def __init__(self) -> None:
         self._items: collections.deque[str | Query] = collections.deque()
         self._ended = False
+        self._failure: Exception | None = None
         self._given = asyncio.Event()
         #: set while the feed wants the caller's thread to read more
         self.hungry = asyncio.Event()
@@ -393,6 +409,8 @@ class _Feed:
 
     async def __anext__(self) -> str | Query:
         while not self._items:
+            if self._failure is not None:
+                raise self._failure
             if self._ended:
                 raise StopAsyncIteration
             self.hungry.set()
@@ -403,10 +421,14 @@ class _Feed:
             self.hungry.set()
         return item
 
-    async def give(self, chunk: list[str | Query], *, ended: bool) -> None:
-        """Take the next chunk read in the caller's thread (``ended``: the input is done)."""
+    async def give(
+        self, chunk: list[str | Query], *, ended: bool, failure: Exception | None = None
+    ) -> None:
+        """Take the next chunk read in the caller's thread (``ended``: the input is done;
+        ``failure``: it raised that after ``chunk``, raised here once ``chunk`` is taken)."""
         self._items.extend(chunk)
         self._ended = ended
+        self._failure = failure
         self.hungry.clear()
         self._given.set()
 

@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -174,6 +174,78 @@ class TestConcurrentCallers:
         assert all(r.ok for r in task.result())
         sizes = [len(_ids(r)) for r in transport.requests if "/auth/" not in r.url]
         assert len(sizes) <= 4  # not 20
+
+
+class TestStreamInputErrors:
+    """An input that fails part way: what it gave before is answered, then its error."""
+
+    @staticmethod
+    def _failing(wanted: list[str], kind: str) -> AsyncIterator[str] | Iterator[str]:
+        def plain() -> Iterator[str]:
+            yield from wanted
+            raise ValueError("the database went away")
+
+        async def agen() -> AsyncIterator[str]:
+            for asin in plain():
+                yield asin
+
+        return agen() if kind == "async" else plain()
+
+    @pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
+    @pytest.mark.parametrize("kind", ["async", "sync"])
+    async def test_answers_for_what_was_read_come_before_the_error(
+        self, kind: str, cached: bool
+    ) -> None:
+        """The 15 ASINs read before the input raised are yielded (their requests are paid
+        for or about to be), then the input's own error, with or without an item cache."""
+        clock = FakeClock()
+        tables: dict[str, Any] = {"keys": [key_doc(tps=1.0)]}
+        if cached:
+            tables["cache"] = {"max_age_s": 3_600, "backend": "memory"}
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        broker, transport = _broker(CREATORS, handler, clock, protocol="creators", **tables)
+        wanted = asins(15)
+        got: list[ItemResult] = []
+
+        async def consume() -> None:
+            async for result in broker.stream(self._failing(wanted, kind)):
+                got.append(result)
+
+        async with broker:
+            task = asyncio.ensure_future(consume())
+            await clock.run_until(task)
+            outstanding = broker.metrics().outstanding_lookups
+        with pytest.raises(ValueError, match="database went away"):
+            task.result()
+        assert sorted(r.asin for r in got) == wanted
+        assert all(r.ok for r in got)
+        assert sorted(len(_ids(r)) for r in transport.requests if "/auth/" not in r.url) == [5, 10]
+        assert outstanding == 0
+
+    async def test_an_item_of_the_wrong_type_raises_at_once(self) -> None:
+        """A wrong item type is the caller's bug, not the input failing: TypeError at once,
+        nothing yielded and nothing more sent."""
+        clock = FakeClock()
+        broker, transport = _answering(clock, 1.0)
+        items: list[object] = [*asins(15), 42]
+        got: list[ItemResult] = []
+
+        async def consume() -> None:
+            async for result in broker.stream(items):  # type: ignore[arg-type]
+                got.append(result)
+
+        async with broker:
+            task = asyncio.ensure_future(consume())
+            await clock.run_until(task)
+        with pytest.raises(TypeError, match="int"):
+            task.result()
+        assert got == []
+        assert all("/auth/" in r.url for r in transport.requests)
 
 
 class TestManyCallersUnderFaults:

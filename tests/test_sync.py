@@ -164,14 +164,22 @@ class TestSyncBroker:
         assert readers == {(threading.current_thread(), False)}
 
     def test_stream_input_errors_reach_the_caller(self, sync_broker: SyncBroker) -> None:
-        """An input that raises raises in the caller, and the stream lets go of its lookups."""
+        """An input that raises raises in the caller, after the answers for every row it
+        gave before (in the middle of a chunk too), and the stream holds nothing after."""
 
         def rows() -> Iterator[str]:
             yield from asins(15, "B3")
             raise ValueError("bad row 16")
 
+        got: list[str] = []
+
+        def consume() -> None:
+            for result in sync_broker.stream(rows()):
+                got.append(result.asin)
+
         with pytest.raises(ValueError, match="bad row 16"):
-            list(sync_broker.stream(rows()))
+            consume()
+        assert sorted(got) == asins(15, "B3")
         assert sync_broker.metrics().outstanding_lookups == 0
 
     def test_many_threads(self, sync_broker: SyncBroker) -> None:

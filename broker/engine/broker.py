@@ -537,6 +537,12 @@ class Broker:
         for: nothing more is read from the input, the lookups not sent yet are let go (never
         sent for this stream, never yielded), and the stream ends when the answers of those
         already sent have been yielded. ``broker run`` sets it at its first SIGINT/SIGTERM/SIGHUP.
+
+        An input that raises (a database cursor that fails) ends the stream with its error,
+        raised after the answers for everything it gave before: those were asked for, and
+        their requests are paid for or about to be. An item of the wrong type (TypeError)
+        and the broker's own failures (:class:`~broker.errors.NoUsableKeyError`,
+        :class:`~broker.errors.BrokerClosedError`) are raised at once.
         """
         intake = self._require_open()
         _check_not_str(asins)
@@ -581,10 +587,14 @@ class Broker:
             return None
 
         async def produce() -> None:
+            # True while the input itself is being read: an Exception raised then is the
+            # input failing (a database cursor), not this loop's or the broker's.
+            reading = True
             try:
                 if caching:
                     # Read the cache a chunk at a time: one batched read per chunk.
                     async for chunk in _chunks(_aiter(asins), _CACHE_CHUNK):
+                        reading = False
                         queries = [intake.complete(i, marketplace, resources) for i in chunk]
                         await intake.prefetch(queries)
                         try:
@@ -596,24 +606,39 @@ class Broker:
                             intake.discard(queries)
                         if halted():
                             break
+                        reading = True
                 elif isinstance(asins, AsyncIterable):
                     async for item in asins:
+                        reading = False
                         if not window.try_take():
                             await window.take()
                         if halted():
                             break
                         if (waiting := place(item)) is not None:
                             receiver.expect(await intake.admit(waiting, receiver))
+                        reading = True
                 else:
                     # A plain iterable is read here, not through an async generator.
                     for item in asins:
+                        reading = False
                         if not window.try_take():
                             await window.take()
                         if halted():
                             break
                         if (waiting := place(item)) is not None:
                             receiver.expect(await intake.admit(waiting, receiver))
+                        reading = True
                 self._flush()
+            except Exception as exc:
+                if reading:
+                    # What the input gave before it failed is answered (it was asked for,
+                    # and its requests are paid for or about to be), then its error.
+                    self._flush()
+                    receiver.end(exc, after_answers=True)
+                else:
+                    # A wrong item type or the broker's own failure: told at once.
+                    receiver.end(exc)
+                raise
             except BaseException as exc:
                 receiver.end(exc)
                 raise
@@ -839,7 +864,16 @@ class _Collector:
 class _StreamReceiver:
     """The receiver of one ``stream``: results queue up for the consumer as they arrive."""
 
-    __slots__ = ("_error", "_held", "_input_done", "_loop", "_pending", "_ready", "_waiter")
+    __slots__ = (
+        "_error",
+        "_held",
+        "_input_done",
+        "_input_error",
+        "_loop",
+        "_pending",
+        "_ready",
+        "_waiter",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -852,6 +886,8 @@ class _StreamReceiver:
         self._pending = 0
         self._input_done = False
         self._error: BaseException | None = None
+        # The input's own failure: raised once every lookup admitted before it has ended.
+        self._input_error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     def _wake(self) -> None:
@@ -879,11 +915,15 @@ class _StreamReceiver:
         self._ready.append(outcome)
         self._wake()
 
-    def end(self, error: BaseException | None) -> None:
-        """The producer is done (``error``: it failed)."""
+    def end(self, error: BaseException | None, *, after_answers: bool = False) -> None:
+        """The producer is done (``error``: it failed; ``after_answers``: the input failed,
+        and its error comes after the answers of everything admitted before)."""
         self._input_done = True
         if error is not None and not isinstance(error, asyncio.CancelledError):
-            self._error = error
+            if after_answers:
+                self._input_error = error
+            else:
+                self._error = error
         self._wake()
 
     def take(self) -> ItemResult | None:
@@ -899,13 +939,16 @@ class _StreamReceiver:
             return item
         if self._error is not None:
             raise self._error
+        if self._input_error is not None and self._pending <= 0:
+            raise self._input_error
         return None
 
     async def wait(self) -> bool:
-        """Wait until a result is ready (True), or the stream has ended (False)."""
+        """Wait until a result is ready (True), or the stream has ended (False); True too
+        when only the input's error is left to raise."""
         while not self._ready and self._error is None:
             if self._input_done and self._pending <= 0:
-                return False
+                return self._input_error is not None
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
@@ -952,12 +995,19 @@ def _check_not_str(asins: object) -> None:
 
 
 async def _chunks(items: AsyncIterator[_Input], size: int) -> AsyncIterator[list[_Input]]:
+    """``items`` in lists of ``size``; an input that fails has what it gave before yielded
+    first, then its error raised."""
     chunk: list[_Input] = []
-    async for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
+    try:
+        async for item in items:
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    except Exception:
+        if chunk:
             yield chunk
-            chunk = []
+        raise
     if chunk:
         yield chunk
 
