@@ -176,6 +176,37 @@ class TestConcurrentCallers:
         assert len(sizes) <= 4  # not 20
 
 
+class TestTokenFetchAndPacing:
+    """A token fetched while sends are paced never squeezes two sends closer than the key's
+    interval (a strict server answers that with a 429)."""
+
+    async def test_a_slow_token_fetch_delays_the_slot_not_the_next_gap(self) -> None:
+        """With tokens taking 0.3 s to fetch and living 4 s at 2 TPS, consecutive GetItems
+        sends stay 0.5 s apart: at the start and after every refresh."""
+        clock = FakeClock()
+        sends: list[float] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                await clock.sleep(0.3)
+                return _reply(200, {"access_token": f"t{clock.monotonic()}", "expires_in": 4})
+            sends.append(clock.monotonic())
+            return _creators_ok(_ids(request))
+
+        broker, transport = _broker(
+            CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=2.0)]
+        )
+        async with broker:
+            call = asyncio.ensure_future(broker.get_items(asins(130)))
+            await clock.run_until(call)
+        assert all(r.ok for r in call.result())
+        assert len(sends) == 13
+        tokens = sum("/auth/" in r.url for r in transport.requests)
+        assert tokens >= 2  # the 4-s tokens were refreshed while the job ran
+        gaps = [b - a for a, b in itertools.pairwise(sends)]
+        assert min(gaps) >= 0.5 - 1e-6, gaps
+
+
 class TestStreamInputErrors:
     """An input that fails part way: what it gave before is answered, then its error."""
 

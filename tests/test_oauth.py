@@ -327,6 +327,41 @@ class TestSingleFlight:
         assert len(endpoint.requests) == 1
 
 
+class TestPrepare:
+    """prepare(): the token fetched ahead of a send, so the send itself need not wait."""
+
+    async def test_prepare_fetches_only_when_due(self) -> None:
+        """prepare() fetches when there is no token or it is about to expire, else nothing;
+        due() says which."""
+        clock = FakeClock()
+        endpoint = Endpoint()
+        cache = make(endpoint, clock, margin=30.0)
+        assert cache.due()
+        await cache.prepare()
+        assert not cache.due()
+        await cache.prepare()
+        assert await cache.token() == f"{TOKEN_PREFIX}1"
+        assert len(endpoint.requests) == 1
+        await clock.advance(3600 - 30)
+        assert cache.due()
+        await cache.prepare()
+        assert len(endpoint.requests) == 2
+        assert await cache.token() == f"{TOKEN_PREFIX}2"
+
+    async def test_a_failed_prepare_is_raised_by_the_next_token_once(self) -> None:
+        """A fetch that failed in prepare() is not repeated by the send right after it: the
+        next token() raises that failure; the one after fetches again."""
+        endpoint = Endpoint(ServerError("ServerError", "down", status=503))
+        cache = make(endpoint)
+        await cache.prepare()
+        assert len(endpoint.requests) == 1
+        with pytest.raises(ServerError, match="down"):
+            await cache.token()
+        assert len(endpoint.requests) == 1
+        assert await cache.token() == f"{TOKEN_PREFIX}2"
+        assert len(endpoint.requests) == 2
+
+
 class TestInvalidate:
     async def test_invalidate_current_token_forces_refresh(self) -> None:
         """Invalidating the cached token makes the next call fetch a new one."""

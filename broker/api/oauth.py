@@ -56,6 +56,7 @@ class CreatorsTokenCache:
         "_clock",
         "_credential_id",
         "_failure",
+        "_held_failure",
         "_lock",
         "_margin_s",
         "_refresh_at",
@@ -95,6 +96,9 @@ class CreatorsTokenCache:
         # refresh ran while they queued, so one failure answers them all.
         self._attempts = 0
         self._failure: Exception | None = None
+        # A failed fetch made by prepare(), raised by the next token() instead of fetching
+        # again at once: one fetch per attempt to send.
+        self._held_failure: Exception | None = None
         self._requests_sent = 0
         self._lock = asyncio.Lock()
 
@@ -133,6 +137,10 @@ class CreatorsTokenCache:
         current = self._current()
         if current is not None:
             return current
+        held = self._held_failure
+        if held is not None:
+            self._held_failure = None
+            raise held
         seen = self._attempts
         async with self._lock:
             current = self._current()
@@ -141,6 +149,25 @@ class CreatorsTokenCache:
             if self._attempts != seen and self._failure is not None:
                 raise self._failure
             return await self._refresh()
+
+    def due(self) -> bool:
+        """True when :meth:`token` would fetch first (no token, or it is about to expire)."""
+        return self._current() is None
+
+    async def prepare(self) -> None:
+        """Fetch a token now if one is due, so that the next :meth:`token` need not.
+
+        The engine calls this before the pacer books a send: a fetch made after the booking
+        would delay that send and bring it closer to the next than the key's interval. A
+        failure is not raised here; the next :meth:`token` raises it without fetching again.
+        """
+        self._held_failure = None
+        if self._current() is not None:
+            return
+        try:
+            await self.token()
+        except Exception as exc:
+            self._held_failure = exc
 
     def invalidate(self, token: str) -> None:
         """Forget ``token`` if it is still the cached one (the API said it expired or is bad).

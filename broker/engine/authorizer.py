@@ -37,9 +37,17 @@ class Authorizer(Protocol):
       (and, for SigV4, x-amz-date) headers; it may await a token refresh.
     - ``recover(error, request)`` is called with an auth error the server returned for
       ``request``; it returns True when it changed something so a retry can succeed.
+    - ``due()`` says whether ``authorize`` would have to await a fetch first, and
+      ``prepare()`` does that fetch ahead (a failure is kept for ``authorize`` to raise):
+      the dispatcher calls it before the pacer books a send, so a slow token endpoint
+      delays the booking rather than squeezing the gap between two sends.
     """
 
     async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest: ...
+
+    def due(self) -> bool: ...
+
+    async def prepare(self) -> None: ...
 
     def recover(self, error: ApiError, request: HttpRequest) -> bool: ...
 
@@ -73,6 +81,14 @@ class BearerAuthorizer:
         token = await self._tokens.token()
         return request.with_headers({"Authorization": self._tokens.authorization_header(token)})
 
+    def due(self) -> bool:
+        """True when no token is cached or it is about to expire."""
+        return self._tokens.due()
+
+    async def prepare(self) -> None:
+        """Fetch the token now if it is due (a failure is raised by the next authorize)."""
+        await self._tokens.prepare()
+
     def recover(self, error: ApiError, request: HttpRequest) -> bool:
         """Drop the token the failed request carried, if the error says it is stale."""
         if error.code not in _TOKEN_CODES:
@@ -104,6 +120,13 @@ class SigV4Authorizer:
     async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest:
         """Sign with the current (offset-corrected) time."""
         return self._signer.sign(request, region=region, now=self._clock.utcnow() + self._offset)
+
+    def due(self) -> bool:
+        """Never: signing needs nothing fetched."""
+        return False
+
+    async def prepare(self) -> None:
+        """Nothing to fetch ahead: a signature is made at send time."""
 
     def recover(self, error: ApiError, request: HttpRequest) -> bool:
         """On RequestExpired, learn the offset from the server's Date header."""

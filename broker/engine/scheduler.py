@@ -163,9 +163,21 @@ class KeyPool:
     async def _next(self, key: KeyState) -> tuple[Batch, float]:
         """Wait until ``key`` may send and has work; book the send and return the batch."""
         work = self._work
+        prepared = False
         while True:
             await work.wait_for(key.active_marketplaces)
             await key.wait_ready()
+            if not prepared and key.authorizer.due():
+                # The token is fetched before the slot is booked: fetched after, it would
+                # delay this send and bring it closer to the next than the key's interval
+                # (a strict server's 429, at the start and after every refresh). Time
+                # passed, so work and readiness are looked at again; once per send, so a
+                # failed fetch is raised by the send and backed off there, not retried here.
+                # A probe slot wait_ready claimed goes back until then.
+                key.abandon_probe()
+                await key.authorizer.prepare()
+                prepared = True
+                continue
             # Nothing awaited since wait_ready returned: the key is ready at this instant.
             batch = work.take(key.active_marketplaces())
             if batch is None:
