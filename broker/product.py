@@ -315,8 +315,9 @@ class Spelling(dict[str, str]):
     """Spells the camelCase member names of the Creators API in one protocol's style.
 
     ``spelling["itemInfo"]`` is ``itemInfo`` for the Creators API and ``ItemInfo`` for
-    PA-API, which capitalises the first letter of each name (``asin`` -> ``ASIN`` and
-    ``url`` -> ``URL`` are the exceptions). A dict that fills itself on first use: a plain
+    PA-API, which capitalises the first letter of each name (``asin`` -> ``ASIN``,
+    ``url`` -> ``URL`` and the id lists ``eans`` -> ``EANs``, ``isbns`` -> ``ISBNs``,
+    ``upcs`` -> ``UPCs`` are the exceptions). A dict that fills itself on first use: a plain
     subscript is the cheapest lookup Python has, and the reader makes a hundred per item.
     """
 
@@ -335,7 +336,13 @@ class Spelling(dict[str, str]):
         return name
 
 
-_PASCAL_SPECIAL: Final = {"asin": "ASIN", "url": "URL"}
+_PASCAL_SPECIAL: Final = {
+    "asin": "ASIN",
+    "url": "URL",
+    "eans": "EANs",
+    "isbns": "ISBNs",
+    "upcs": "UPCs",
+}
 _SPELLINGS: Final = {protocol: Spelling(protocol) for protocol in Protocol}
 
 
@@ -460,7 +467,10 @@ def _id(value: object) -> str | None:
 def _float(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range: legal JSON, no usable amount
+        return None
     return number if math.isfinite(number) else None
 
 

@@ -12,12 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import broker.product
+from broker.api.operations import read_variations
 from broker.models import ItemResult, Protocol, Status
 from broker.product import (
     BrowseNode,
     Image,
     Money,
     Product,
+    Spelling,
     detect_protocol,
     read_product,
 )
@@ -147,6 +149,26 @@ class TestBothProtocols:
         paapi = read_product(_render(ON_DEAL, "paapi5"))
         assert creators == paapi
         assert creators.raw != paapi.raw
+
+    def test_paapi_external_ids_in_amazons_spelling(self) -> None:
+        """PA-API spells the id lists EANs, ISBNs and UPCs (not Eans): all three are read."""
+        raw = {
+            "ASIN": "0316769487",
+            "ItemInfo": {
+                "ExternalIds": {
+                    "EANs": {"DisplayValues": ["9780316769488"], "Label": "EAN"},
+                    "ISBNs": {"DisplayValues": ["0316769487"], "Label": "ISBN"},
+                    "UPCs": {"DisplayValues": ["012345678905"], "Label": "UPC"},
+                }
+            },
+        }
+        product = read_product(raw)
+        assert product.eans == ("9780316769488",)
+        assert product.isbns == ("0316769487",)
+        assert product.upcs == ("012345678905",)
+        rendered = _render(ON_DEAL, "paapi5")["ItemInfo"]["ExternalIds"]
+        assert set(rendered) <= {"EANs", "ISBNs", "UPCs"}
+        assert "EANs" in rendered
 
     @pytest.mark.parametrize(
         ("protocol", "expected"), [("creators", Protocol.CREATORS), ("paapi5", Protocol.PAAPI5)]
@@ -458,6 +480,29 @@ class TestNeverRaises:
         if isinstance(raw, dict) and protocol is None:
             result = ItemResult("B000000001", US, Status.OK, item=raw)
             assert result.product == product
+
+    @pytest.mark.parametrize("protocol", list(Protocol))
+    def test_numbers_too_large_for_a_float(self, protocol: Protocol) -> None:
+        """Integers past a float's range (legal JSON; the stdlib decoder reads them) read as
+        absent, in an item and in GetVariations' summary, instead of raising OverflowError."""
+        s = Spelling(protocol)
+        huge = 10**400
+        money = {s["amount"]: huge, s["currency"]: "USD"}
+        raw = {
+            s["asin"]: "B000000001",
+            s["offersV2"]: {s["listings"]: [{s["price"]: {s["money"]: money}}]},
+            s["customerReviews"]: {s["starRating"]: {s["value"]: huge}},
+        }
+        product = read_product(raw, protocol)
+        _touch(product)
+        assert product.price is None or product.price.amount is None
+        variations = {
+            s["variationsResult"]: {s["variationSummary"]: {s["price"]: {s["highestPrice"]: money}}}
+        }
+        result = read_variations(variations, protocol)
+        assert result.highest_price is not None
+        assert result.highest_price.amount is None
+        assert result.highest_price.currency == "USD"
 
     @_FAST
     @given(

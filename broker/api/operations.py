@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Final, TypedDict, TypeVar
 
 from broker.api.base import Operation
+from broker.api.errors_map import number
 from broker.api.resources import ITEM_RESOURCES, OPERATION_RESOURCES, resolve_resources
 from broker.asin import check_asin
 from broker.errors import describe
@@ -525,9 +526,8 @@ def read_search(raw: Mapping[str, object], protocol: Protocol) -> SearchResult:
 def _money(value: object, s: Spelling) -> Money | None:
     if not isinstance(value, Mapping):
         return None
-    amount = value.get(s["amount"])
     return Money(
-        float(amount) if isinstance(amount, int | float) and not isinstance(amount, bool) else None,
+        number(value.get(s["amount"])),
         _str(value.get(s["currency"])),
         _str(value.get(s["displayAmount"])),
     )

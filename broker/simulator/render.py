@@ -461,7 +461,14 @@ def _strip_nulls(value: object) -> object:
     return value
 
 
-_PASCAL_SPECIAL = {"asin": "ASIN", "url": "URL", "hiRes": "HiRes"}
+_PASCAL_SPECIAL = {
+    "asin": "ASIN",
+    "url": "URL",
+    "hiRes": "HiRes",
+    "eans": "EANs",
+    "isbns": "ISBNs",
+    "upcs": "UPCs",
+}
 
 
 @lru_cache(maxsize=512)
