@@ -222,6 +222,19 @@ class TestTokenUrl:
         """An override base gets /oauth2/token (v2) or /auth/o2/token (v3), slash-safe."""
         assert token_url(version, base) == "http://127.0.0.1:8123" + path
 
+    @pytest.mark.parametrize(
+        ("version", "path"), [("2.1", "/oauth2/token"), ("3.1", "/auth/o2/token")]
+    )
+    @pytest.mark.parametrize("tail", ["", "/"])
+    def test_override_that_is_already_the_token_url(
+        self, version: str, path: str, tail: str
+    ) -> None:
+        """A whole token URL (python-amazon-paapi's ``auth_endpoint``) is used as it is, not
+        given the path a second time."""
+        assert token_url(version, "http://127.0.0.1:8123" + path + tail) == (
+            "http://127.0.0.1:8123" + path
+        )
+
     def test_override_with_unknown_version_still_raises(self) -> None:
         """A base URL does not make an unknown version acceptable."""
         with pytest.raises(ValueError, match=r"4\.1"):

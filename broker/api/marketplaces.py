@@ -277,7 +277,9 @@ def token_url(version: str, base_url: str | None = None) -> str:
     Args:
         version: the credential version, for example ``3.1``.
         base_url: an override base (a local simulator, ``http://127.0.0.1:8080``); the
-            path is then ``/oauth2/token`` for v2.x and ``/auth/o2/token`` for v3.x.
+            path is then ``/oauth2/token`` for v2.x and ``/auth/o2/token`` for v3.x. A base
+            that already ends with that path (a whole token URL, as python-amazon-paapi's
+            ``auth_endpoint`` takes) is used as it is.
 
     Raises:
         ValueError: unknown version.
@@ -285,4 +287,7 @@ def token_url(version: str, base_url: str | None = None) -> str:
     entry = credential_version(version)
     if base_url is None:
         return entry.token_url
-    return base_url.rstrip("/") + entry.token_path
+    base = base_url.rstrip("/")
+    if base.endswith(entry.token_path):
+        return base
+    return base + entry.token_path
