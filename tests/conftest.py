@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -36,6 +37,18 @@ ENV: Mapping[str, str] = {
 }
 
 US = "www.amazon.com"
+
+
+@contextlib.contextmanager
+def sqlite_db(path: Path | str, **options: Any) -> Iterator[sqlite3.Connection]:
+    """A SQLite connection that commits on success, as ``with sqlite3.connect(...)`` does,
+    and is closed after (Python 3.13 warns about a connection collected unclosed)."""
+    conn = sqlite3.connect(path, **options)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
 
 
 def asins(count: int, prefix: str = "B0") -> list[str]:

@@ -585,8 +585,10 @@ class TestC8ConstantMemory:
     def test_c8_reader_memory_does_not_grow_with_the_file(
         self, tmp_path: Path, suffix: str
     ) -> None:
-        """C8 (quick): reading 10k or 100k lines peaks at the same few KiB under tracemalloc."""
-        sizes = (10_000, 100_000)
+        """C8 (quick): reading 100k or 300k lines peaks at the same few hundred KiB under
+        tracemalloc (both compressed files are past the gzip module's read buffers, which
+        Python 3.13 made larger)."""
+        sizes = (100_000, 300_000)
         peaks = []
         for size in sizes:
             plain = _numbered_job(tmp_path / f"{size}.txt", size)
@@ -597,7 +599,7 @@ class TestC8ConstantMemory:
             count, peak = _reader_peak(path)
             assert count == size
             peaks.append(peak)
-        assert peaks[1] < 256 * 1024, peaks
+        assert peaks[1] < 512 * 1024, peaks
         assert peaks[1] - peaks[0] < 32 * 1024, peaks
 
     def test_c8_ingestion_memory_is_flat(self, tmp_path: Path) -> None:

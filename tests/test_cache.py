@@ -14,6 +14,7 @@ from pathlib import Path
 
 import fakeredis
 import pytest
+from conftest import sqlite_db
 from structlog.testing import capture_logs
 
 from broker.cache import (
@@ -328,7 +329,7 @@ class TestServe:
         path = tmp_path / "cache.sqlite3"
         async with SqliteCache(path, CachePolicy(max_age_s=3_600), clock=clock) as cache:
             await cache.put_many([ok("B000000001", clock)])
-        with sqlite3.connect(path) as db:
+        with sqlite_db(path) as db:
             plan = db.execute("EXPLAIN QUERY PLAN " + home._MEASURE, ("creators",)).fetchall()
         db.close()
         assert "COVERING INDEX" in " ".join(str(step[-1]) for step in plan)
@@ -380,7 +381,7 @@ class TestSqlite:
             await cache.put_many([ok("B000000001", clock)])
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        with sqlite3.connect(path) as db:
+        with sqlite_db(path) as db:
             assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
     async def test_answers_past_24_hours_go_without_a_write(
@@ -395,14 +396,14 @@ class TestSqlite:
         async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
             stats = await cache.stats()
             assert (stats.entries, stats.oldest_age_s) == (0, None)
-        with sqlite3.connect(path) as db:
+        with sqlite_db(path) as db:
             assert db.execute("SELECT count(*) FROM item_cache").fetchone() == (0,)
         async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
             await cache.put_many([ok("B000000003", clock)])
         await clock.advance(86_401)
         async with SqliteCache(path, CachePolicy(3_600), clock=clock) as cache:
             assert await cache.get_many([q("B000000004")]) == [None]
-            with sqlite3.connect(path) as db:
+            with sqlite_db(path) as db:
                 assert db.execute("SELECT count(*) FROM item_cache").fetchone() == (0,)
 
     async def test_first_read_with_nothing_expired_takes_no_write_lock(
@@ -429,7 +430,7 @@ class TestSqlite:
         path = tmp_path / "cache.sqlite3"
         async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
             await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
-            with sqlite3.connect(path) as db:
+            with sqlite_db(path) as db:
                 db.execute(
                     "UPDATE item_cache SET payload = substr(payload, 1, 20) WHERE asin = ?",
                     ("B000000001",),
@@ -455,7 +456,7 @@ class TestSqlite:
         path = tmp_path / "cache.sqlite3"
         async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
             await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
-            with sqlite3.connect(path) as db:
+            with sqlite_db(path) as db:
                 db.execute(f"UPDATE item_cache SET {damage} WHERE asin = ?", ("B000000001",))
             bad, good = await cache.get_many([q("B000000001"), q("B000000002")])
             assert bad is None
@@ -501,7 +502,7 @@ class TestSqlite:
             stats = await cache.stats()
         assert stats.bytes <= 200_000
         assert stats.evictions >= 60 * 25 - 50
-        with sqlite3.connect(path) as db:
+        with sqlite_db(path) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert _file_sizes(path)[0] <= 4 * 200_000
 

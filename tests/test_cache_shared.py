@@ -8,7 +8,6 @@ import random
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import sqlite_db
 from redis.asyncio import Redis
 
 from broker.cache import CacheKey, CachePolicy, SqliteCache
@@ -135,7 +135,7 @@ class TestSqliteShared:
                 proc.wait(timeout=30)
                 if proc.stdout is not None:
                     proc.stdout.close()
-        with sqlite3.connect(path) as db:
+        with sqlite_db(path) as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             rows = db.execute(
                 "SELECT marketplace, asin, resources, fetched_at, checksum, payload FROM item_cache"
@@ -245,7 +245,7 @@ def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert all(proc.returncode == 0 for proc in procs)
     assert all("stored 1500" in out for out in outputs)
-    with sqlite3.connect(path) as db:
+    with sqlite_db(path) as db:
         assert db.execute(
             "SELECT count(*), (SELECT entries FROM item_cache_totals) FROM item_cache"
         ).fetchone() == (3_000, 3_000)

@@ -20,6 +20,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
+from conftest import sqlite_db
 
 from broker.errors import JobFileError
 from broker.jobs.ledger import (
@@ -93,7 +94,7 @@ class TestOpen:
             pass
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-        with sqlite3.connect(path) as conn:
+        with sqlite_db(path) as conn:
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
             assert version.fetchone() == (SCHEMA_VERSION,)
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -113,7 +114,7 @@ class TestOpen:
     def test_a9_other_sqlite_database_is_refused_and_untouched(self, tmp_path: Path) -> None:
         """A9: a SQLite file that is not a ledger (say, the SQLite output) is left alone."""
         path = tmp_path / "job.ledger"
-        with sqlite3.connect(path) as conn:
+        with sqlite_db(path) as conn:
             conn.execute("CREATE TABLE results (seq INTEGER PRIMARY KEY)")
         conn.close()
         before = hashlib.sha256(path.read_bytes()).hexdigest()

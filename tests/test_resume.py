@@ -14,7 +14,6 @@ import errno
 import io
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import embedded_toml
+from conftest import embedded_toml, sqlite_db
 from test_crash import (
     US,
     Upstream,
@@ -492,7 +491,7 @@ class TestA9NotALedger:
         out = tmp_path / "out.jsonl"
         ledger = ledger_of(out)
         if content is None:
-            with sqlite3.connect(ledger) as conn:
+            with sqlite_db(ledger) as conn:
                 conn.execute("CREATE TABLE notes (body TEXT)")
                 conn.execute("INSERT INTO notes VALUES ('keep me')")
             conn.close()

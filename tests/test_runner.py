@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sqlite_db
 
 from broker import cli
 from broker.client import Broker
@@ -130,13 +131,12 @@ class TestFormats:
 
     def test_sqlite_output(self, tmp_path: Path) -> None:
         """The SQLite output has one results row per input row."""
-        import sqlite3
 
         job = tmp_path / "job.txt"
         job.write_text("B0SSSSSSS1\nB0SSSSSSS2\n")
         out = tmp_path / "out.sqlite"
         assert _main(tmp_path, str(job), "--out", str(out), "--format", "sqlite") == 0
-        with sqlite3.connect(out) as conn:
+        with sqlite_db(out) as conn:
             assert conn.execute("SELECT count(*) FROM results").fetchone() == (2,)
 
     @pytest.mark.parametrize("order", [("jsonl", "csv", "jsonl"), ("csv", "jsonl", "csv")])

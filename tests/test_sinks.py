@@ -12,12 +12,12 @@ import errno
 import io
 import json
 import os
-import sqlite3
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import sqlite_db
 
 from broker.errors import JobFileError
 from broker.jobs import sinks
@@ -461,7 +461,7 @@ class TestCsvPassThrough:
 
 def sqlite_rows(path: Path) -> list[tuple[object, ...]]:
     """(seq, line, status, row_json) of the SQLite output, by seq."""
-    with sqlite3.connect(path) as conn:
+    with sqlite_db(path) as conn:
         found = conn.execute("SELECT seq, line, status, row_json FROM results ORDER BY seq")
         rows = found.fetchall()
     conn.close()
@@ -481,7 +481,7 @@ class TestSqliteSink:
         for _, line, status, row_json in rows:
             assert json.loads(str(row_json)) == expected[line]
             assert status == expected[line]["status"]
-        with sqlite3.connect(out) as conn:
+        with sqlite_db(out) as conn:
             columns = [c[1] for c in conn.execute("PRAGMA table_info(results)")]
             price = conn.execute("SELECT price, title FROM results WHERE line = 1").fetchone()
             cached = conn.execute("SELECT DISTINCT typeof(cached), cached FROM results").fetchall()

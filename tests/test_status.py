@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import ENV
+from conftest import ENV, sqlite_db
 
 from broker import cli
 from broker.state import Feedback, KeyLimits, ProcessMark, StateKey
@@ -161,7 +160,7 @@ class TestStatus:
         saying the file is damaged and what to do, exit 74, no traceback."""
         db = config_path.parent / "keys.sqlite3"
         asyncio.run(_use_main_key(db))
-        with sqlite3.connect(db) as conn:
+        with sqlite_db(db) as conn:
             conn.execute("UPDATE key_state SET data = ?", (data,))
         conn.close()
         assert cli.main(["status", "--config", str(config_path)]) == 74
