@@ -745,6 +745,61 @@ class TestReruns:
         assert out.read_bytes() != before
         assert len(_jsonl(out.read_text())) == 5
 
+    def test_changed_resources_are_refused_not_mixed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A job stopped, its config's api.resources changed, then resumed: refused (65)
+        naming the setting, instead of writing items of two resource lists into one
+        output; --refresh fetches it again under the new list."""
+        _job(tmp_path)
+        from broker.jobs import runner
+
+        async def stopped(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(runner, "_fetch", stopped)
+        assert self._run(tmp_path) == ExitCode.IO_ERROR
+        monkeypatch.undo()
+        _config(tmp_path, embedded_toml(simulator="seed = 3", api='resources = ["itemInfo.title"]'))
+        capsys.readouterr()
+        job = tmp_path / "job.txt"
+        args = ["run", str(job), "--out", str(tmp_path / "out.jsonl"), "--progress", "none"]
+        config = ["--config", str(tmp_path / "config.toml")]
+        assert cli.main([*args, *config]) == ExitCode.DATA_ERROR
+        err = capsys.readouterr().err
+        assert "api.resources" in err
+        assert "--refresh" in err
+        assert cli.main([*args, *config, "--refresh"]) == ExitCode.OK
+        rows = _jsonl((tmp_path / "out.jsonl").read_text())
+        assert len(rows) == 5
+        assert all(row["item"]["offersV2"] is None for row in rows)  # type: ignore[index]
+
+    def test_stopped_refresh_of_a_regenerated_list_starts_over(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A --refresh stopped before the list was regenerated (a daily cron) starts over on
+        the new list at the next --refresh instead of refusing it; the previous output stays
+        until the new one completes."""
+        job = _job(tmp_path)
+        assert self._run(tmp_path) == ExitCode.OK
+        out = tmp_path / "out.jsonl"
+        before = out.read_bytes()
+        from broker.jobs import runner
+
+        async def stopped(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(runner, "_fetch", stopped)
+        assert self._run(tmp_path, "--refresh") == ExitCode.IO_ERROR
+        monkeypatch.undo()
+        with job.open("a") as handle:
+            handle.write("B0NEWAAAAA\n")
+        assert out.read_bytes() == before
+        assert self._run(tmp_path, "--refresh") == ExitCode.OK
+        rows = _jsonl(out.read_text())
+        assert len(rows) == 6
+        assert "B0NEWAAAAA" in {row["input"] for row in rows}
+
     def test_promotion_interrupted_by_a_crash_is_finished_next_time(self, tmp_path: Path) -> None:
         """A crash after the new output moved but before the ledger did is finished later."""
         from broker.jobs import runner

@@ -158,6 +158,29 @@ class TestOpen:
         with pytest.raises(JobChangedError, match=DE):
             open_ledger(tmp_path, default_marketplace=DE)
 
+    def test_changed_answer_settings_are_refused(self, tmp_path: Path) -> None:
+        """Resuming with another protocol or resource list would mix two kinds of answers in
+        one output: refused, naming the setting; the same settings resume, and a ledger
+        started before settings were recorded takes the current ones."""
+        settings = {"api.protocol": "creators", "api.resources": "itemInfo.title"}
+        with open_ledger(tmp_path, answer_settings=settings) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+        with open_ledger(tmp_path, answer_settings=settings):
+            pass
+        changed = {**settings, "api.resources": "itemInfo.title,offersV2.listings.price"}
+        with pytest.raises(JobChangedError, match=r"api\.resources = itemInfo\.title,"):
+            open_ledger(tmp_path, answer_settings=changed)
+        with pytest.raises(JobChangedError, match=r"api\.protocol"):
+            open_ledger(tmp_path, answer_settings={**settings, "api.protocol": "paapi5"})
+        older = tmp_path / "older"
+        older.mkdir()
+        with open_ledger(older) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+        with open_ledger(older, answer_settings=settings):
+            pass
+        with pytest.raises(JobChangedError, match=r"api\.resources"):
+            open_ledger(older, answer_settings=changed)
+
     def test_new_job_resets_rows_but_keeps_budget(self, tmp_path: Path) -> None:
         """new_job drops rows, results and sink states; the daily counters survive."""
         with open_ledger(tmp_path) as ledger:

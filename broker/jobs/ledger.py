@@ -68,6 +68,7 @@ __all__ = [
     "Counts",
     "DoneRow",
     "JobChangedError",
+    "JobMismatchError",
     "Ledger",
     "Lookup",
     "SinkState",
@@ -81,6 +82,8 @@ SCHEMA_VERSION: Final = 1
 
 # Marks a SQLite file as ours, so a different database passed by mistake is refused, not reused.
 _APPLICATION: Final = "asin-broker-ledger"
+#: The meta key prefix of the settings a job's answers depend on (``setting:api.protocol``).
+_SETTING: Final = "setting:"
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 _SYNCHRONOUS: Final = ("FULL", "NORMAL")
 # Rows per page of the paged readers; small enough to keep memory flat, big enough that
@@ -177,6 +180,11 @@ class JobChangedError(JobFileError):
     Resuming would mix two jobs' rows; start anew (``new_job=True``, ``--new-job``) or restore
     the original file.
     """
+
+
+class JobMismatchError(JobChangedError):
+    """The ledger was started for another job file, default marketplace or setting (found
+    when it is opened, before anything is read or written)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +286,7 @@ class Ledger:
         *,
         fingerprint: JobFingerprint,
         default_marketplace: str,
+        answer_settings: Mapping[str, str] | None = None,
         new_job: bool = False,
         synchronous: str = "FULL",
     ) -> Ledger:
@@ -286,12 +295,16 @@ class Ledger:
         A new ledger file gets mode 0600 (its directory 0700 if we create it). An existing
         ledger is reused when the job file has the same content (size and SHA-256; the path
         and mtime may change, since a spool daemon renames files and a copy changes the
-        mtime) and the same default marketplace.
+        mtime), the same default marketplace and the same ``answer_settings``.
 
         Args:
             path: the ledger file.
             fingerprint: the job file as it is now.
             default_marketplace: the marketplace of rows that name none.
+            answer_settings: the other settings the answers depend on, by name
+                (``api.protocol``, ``api.resources``): a job resumed under others would
+                mix two kinds of answer in one output. A ledger started without them
+                takes the ones given at its next opening.
             new_job: start the job again: drop every row, result and sink state (the daily
                 request counters are kept).
             synchronous: ``"FULL"`` (fsync every commit; the default) or ``"NORMAL"``
@@ -300,8 +313,8 @@ class Ledger:
         Raises:
             JobFileError: ``path`` exists but is not a ledger (it is left untouched), or its
                 schema version is not ours.
-            JobChangedError: the ledger is for another job file or default marketplace, and
-                ``new_job`` is False.
+            JobMismatchError: the ledger is for another job file, default marketplace or
+                answer setting, and ``new_job`` is False.
             ValueError: ``synchronous`` is not FULL or NORMAL.
         """
         sync = synchronous.upper()
@@ -317,7 +330,9 @@ class Ledger:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             ledger = cls(conn, path, default_marketplace, sync)
-            ledger._setup(fingerprint, default_marketplace, new_job=new_job)
+            ledger._setup(
+                fingerprint, default_marketplace, dict(answer_settings or {}), new_job=new_job
+            )
         except sqlite3.DatabaseError as exc:
             conn.close()
             failure = disk_error(path, exc)
@@ -336,6 +351,7 @@ class Ledger:
         self,
         fingerprint: JobFingerprint,
         default_marketplace: str,
+        settings: dict[str, str],
         *,
         new_job: bool,
     ) -> None:
@@ -355,20 +371,24 @@ class Ledger:
                 _run_script(conn, _SCHEMA_JOB)
                 self._set_meta("application", _APPLICATION)
                 self._set_meta("schema_version", SCHEMA_VERSION)
-                self._start_job(fingerprint, default_marketplace)
+                self._start_job(fingerprint, default_marketplace, settings)
             return
         if new_job:
             with self._transaction():
                 for table in _JOB_TABLES:
                     conn.execute(f"DROP TABLE {table}")
                 _run_script(conn, _SCHEMA_JOB)
-                self._start_job(fingerprint, default_marketplace)
+                self._start_job(fingerprint, default_marketplace, settings)
             return
-        self._check_same_job(fingerprint, default_marketplace)
+        self._check_same_job(fingerprint, default_marketplace, settings)
         # The content is the same; remember where and when it is now.
         with self._transaction():
             self._set_meta("job_path", _text(str(fingerprint.path)))
             self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
+            for name, value in settings.items():
+                # Settings a ledger started without (an older broker) are the ones now.
+                if self._meta(_SETTING + name) is None:
+                    self._set_meta(_SETTING + name, value)
 
     def _check_ours(self, tables: set[str]) -> None:
         found = None
@@ -388,12 +408,17 @@ class Ledger:
                 "or start it again with --new-job."
             )
 
-    def _start_job(self, fingerprint: JobFingerprint, default_marketplace: str) -> None:
+    def _start_job(
+        self, fingerprint: JobFingerprint, default_marketplace: str, settings: dict[str, str]
+    ) -> None:
         self._set_meta("job_path", _text(str(fingerprint.path)))
         self._set_meta("job_size", fingerprint.size)
         self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
         self._set_meta("job_sha256", fingerprint.sha256)
         self._set_meta("default_marketplace", default_marketplace)
+        self._conn.execute("DELETE FROM meta WHERE key LIKE ?", (_SETTING + "%",))
+        for name, value in settings.items():
+            self._set_meta(_SETTING + name, value)
         self._set_meta("ingested_rows", 0)
         self._set_meta("ingest_complete", 0)
         self._set_meta("last_done_order", 0)
@@ -409,29 +434,40 @@ class Ledger:
                 return stored
         return None
 
-    def _check_same_job(self, fingerprint: JobFingerprint, default_marketplace: str) -> None:
+    def _check_same_job(
+        self, fingerprint: JobFingerprint, default_marketplace: str, settings: dict[str, str]
+    ) -> None:
         size, sha256 = self._meta("job_size"), self._meta("job_sha256")
         if (size, sha256) != (fingerprint.size, fingerprint.sha256):
             other = self._other_job(fingerprint.path)
             if other is not None:
                 output = self._path.with_name(self._path.name.removesuffix(".ledger"))
-                raise JobChangedError(
+                raise JobMismatchError(
                     f"{output} is the output of another job file, {other}: give "
                     f"{fingerprint.path} an output of its own with --out, or run with "
                     "--new-job to replace that job's output."
                 )
-            raise JobChangedError(
+            raise JobMismatchError(
                 f"{fingerprint.path} {_what_changed(self._meta_int('job_size'), fingerprint.size)} "
                 "since this job started: run with --new-job to start over on the new file, "
                 "or restore the original to resume."
             )
         stored = self._meta("default_marketplace")
         if stored != default_marketplace:
-            raise JobChangedError(
+            raise JobMismatchError(
                 f"{self._path}: this job started with default marketplace {stored}, and the "
                 f"configuration now says {default_marketplace}; rows already resolved would "
                 "mix marketplaces. Restore the setting to resume, or run with --new-job."
             )
+        for name, value in settings.items():
+            then = self._meta(_SETTING + name)
+            if then is not None and then != value:
+                raise JobMismatchError(
+                    f"{self._path}: this job started with {name} = {then}, and the "
+                    f"configuration now says {value}; rows already resolved would mix the two "
+                    "in one output. Restore the setting to resume, run with --new-job to start "
+                    "over, or with --refresh to fetch a finished job again."
+                )
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -41,7 +41,15 @@ from broker.errors import (
     StateUnavailableError,
 )
 from broker.exitcode import ExitCode
-from broker.jobs.ledger import Counts, DoneRow, Ledger, Lookup, SinkState, crash_point
+from broker.jobs.ledger import (
+    Counts,
+    DoneRow,
+    JobMismatchError,
+    Ledger,
+    Lookup,
+    SinkState,
+    crash_point,
+)
 from broker.jobs.lock import JobLock
 from broker.jobs.paths import ledger_path, ordering_path, report_path
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
@@ -178,12 +186,16 @@ async def run_job(
     side = _refresh_path(options.out)
     # The job's own lock too: no plain run may use the old ledger while it is replaced.
     with JobLock(ledger_path(options.out)):
-        summary = await _run_once(
-            config,
-            dataclasses.replace(options, out=side, refresh=False, cache_refresh=True),
-            broker,
-            job_print,
-        )
+        side_options = dataclasses.replace(options, out=side, refresh=False, cache_refresh=True)
+        try:
+            summary = await _run_once(config, side_options, broker, job_print)
+        except JobMismatchError as exc:
+            # --refresh starts the job over on the file (and settings) as they are now: a
+            # refresh stopped before they changed starts again instead of refusing, and
+            # the previous complete output stays in place until the new one completes.
+            logger.warning("broker.refresh_restarted", reason=str(exc))
+            side_options = dataclasses.replace(side_options, new_job=True)
+            summary = await _run_once(config, side_options, broker, job_print)
         return _after_refresh(summary, side, options.out)
 
 
@@ -322,6 +334,7 @@ async def _run_once(
             ledger_file,
             fingerprint=job_print,
             default_marketplace=config.api.marketplace,
+            answer_settings=_answer_settings(config),
             new_job=options.new_job,
         ) as ledger,
     ):
@@ -413,6 +426,16 @@ async def _run_once(
             summary.already_complete = _complete_message(ledger, options, counts)
     summary.wall_s = time.monotonic() - started
     return summary
+
+
+def _answer_settings(config: BrokerConfig) -> dict[str, str]:
+    """The config's settings a job's answers depend on, as its ledger pins them: a resume
+    under another protocol or resource list would mix two kinds of item in one output.
+    Resources are compared as a set in the protocol's spelling, so reordering or respelling
+    them is not a change."""
+    protocol = config.api.protocol
+    resources = sorted(resolve_resources(config.api.resources, protocol))
+    return {"api.protocol": protocol.value, "api.resources": ",".join(resources)}
 
 
 def _make_output_directory(directory: Path) -> None:
