@@ -129,6 +129,28 @@ class TestFormats:
         assert table[0][:5] == ["line", "input", "asin", "marketplace", "status"]
         assert sorted(row[0] for row in table[1:]) == ["1", "2", "3"]
 
+    def test_csv_output_written_again_keeps_a_column_first_seen_late(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A finished CSV output deleted by hand is written again from the ledger with every
+        pass-through column, one that first appears after the first page of rows included."""
+        import broker.jobs.runner
+
+        monkeypatch.setattr(broker.jobs.runner, "_EMIT_ROWS", 5)
+        job = tmp_path / "job.jsonl"
+        lines = [json.dumps({"asin": f"B0LATE{i:04d}", "id": i}) for i in range(12)]
+        lines[9] = json.dumps({"asin": "B0LATE0009", "id": 9, "late": "x"})
+        job.write_text("\n".join(lines) + "\n")
+        out = tmp_path / "out.csv"
+        args = (str(job), "--out", str(out), "--format", "csv")
+        assert _main(tmp_path, *args) == ExitCode.OK
+        out.unlink()
+        assert _main(tmp_path, *args) == ExitCode.OK
+        with out.open(newline="") as handle:
+            table = list(csv.DictReader(handle))
+        assert len(table) == 12
+        assert [row["late"] for row in table if row["line"] == "10"] == ["x"]
+
     def test_sqlite_output(self, tmp_path: Path) -> None:
         """The SQLite output has one results row per input row."""
 

@@ -339,6 +339,29 @@ def emit_more(ledger: Ledger, sink: ResultSink) -> None:
 
 
 class TestCsvSink:
+    def test_resumed_output_reads_a_column_name_holding_a_line_break(self, tmp_path: Path) -> None:
+        """A pass-through column named across two lines (an Excel header wrapped with
+        Alt+Enter) is read back whole from the header when the output resumes, so the rows
+        written after the resume keep every cell in its column."""
+        out = tmp_path / "out.csv"
+        names = ("multi\nline", "tag")
+        with make_ledger(tmp_path) as ledger:
+            sink = CsvSink(out, names)
+            state = sink.open(ledger.sink_state("out"))
+            rows = ledger.done_rows_after(0, limit=4)
+            sink.write(rows)
+            state = sink.flush()
+            ledger.set_sink_state("out", state)
+            sink.close()
+            resumed = CsvSink(out)
+            resumed.open(state)
+            emit_more(ledger, resumed)
+            resumed.close()
+        with out.open(newline="", encoding="utf-8") as handle:
+            table = list(csv.reader(handle))
+        assert table[0][-3:] == [*names, "sku"]
+        assert {len(row) for row in table} == {len(table[0])}
+
     def test_header_and_quoting(self, tmp_path: Path) -> None:
         """Fixed header, RFC 4180 quoting of commas, quotes and line breaks; parses back."""
         out = tmp_path / "out.csv"

@@ -375,9 +375,11 @@ async def _run_once(
         name = _sink_name(options.format)
         _forget_other_formats(ledger, name)
         state = ledger.sink_state(name)
-        # A new CSV output names every row's pass-through columns in its header, whichever
-        # row comes first (a resumed one reads them back from its header).
-        columns = ledger.extra_names() if options.format == "csv" and not state.done_order else None
+        # A CSV output started afresh names every row's pass-through columns in its header,
+        # whichever row comes first (a resumed one reads them back from its header). Read
+        # for a resumed job too: an output deleted or cut by hand is written again from the
+        # ledger, and its first rows may lack a name later rows have.
+        columns = ledger.extra_names() if options.format == "csv" else None
         sink = open_sink(options.format, options.out, extra=columns or ())
         # The sink may cut itself back further than recorded (a hand-truncated file).
         ledger.set_sink_state(name, sink.open(state))
@@ -574,11 +576,15 @@ class _Output:
     name: str
 
 
+#: Rows handed to the output per write (and per recorded sink state).
+_EMIT_ROWS: Final = 1000
+
+
 def _emit(ledger: Ledger, sink: ResultSink, name: str) -> None:
     """Write every committed row the output does not have yet, then record the new state."""
     state = ledger.sink_state(name)
     while True:
-        rows = ledger.done_rows_after(state.done_order, limit=1000)
+        rows = ledger.done_rows_after(state.done_order, limit=_EMIT_ROWS)
         if not rows:
             break
         sink.write(rows)

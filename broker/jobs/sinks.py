@@ -465,10 +465,10 @@ class CsvSink(_FileSink):
         self._written = len(header)
 
     def _read_extra(self) -> tuple[str, ...]:
-        """The pass-through columns named in the file's header."""
-        with open(self.path, "rb") as stream:
-            line = stream.readline(1 << 20)
-        header = next(csv.reader([line.decode("utf-8", "replace")]), [])
+        """The pass-through columns named in the file's header: its first CSV record, which
+        spans lines when a name holds a line break (an Excel header wrapped with Alt+Enter)."""
+        with open(self.path, encoding="utf-8", errors="replace", newline="") as stream:
+            header = next(csv.reader(stream), [])
         return tuple(_input_name(name) for name in header[len(CSV_COLUMNS) :])
 
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
