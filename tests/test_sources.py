@@ -475,6 +475,23 @@ class TestLongLinesAndJunk:
         with pytest.raises(JobFileError, match="UTF-16"):
             rows(path)
 
+    @pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le"])
+    @pytest.mark.parametrize("name", ["job.csv", "job.txt"])
+    def test_utf16_without_a_bom_is_refused_with_advice(
+        self, tmp_path: Path, codec: str, name: str
+    ) -> None:
+        """UTF-16 (or UTF-32) without a byte-order mark is refused as a file, not read as
+        rows that each hold NUL characters (every row invalid, exit 0)."""
+        path = write(tmp_path, name, "asin\nB0ABCDEFGH\nB0ABCDEFGJ\n".encode(codec))
+        with pytest.raises(JobFileError, match="UTF-16"):
+            rows(path)
+
+    def test_a_nul_in_a_utf8_row_is_that_rows_problem(self, tmp_path: Path) -> None:
+        """One NUL in an otherwise UTF-8 file stays one invalid row, not a refused file."""
+        path = write(tmp_path, "job.txt", b"B0ABCDEFGH\nB0AB\x00DEFGJ\nB0ABCDEFGK\n")
+        found = rows(path)
+        assert [row.asin is None for row in found] == [False, True, False]
+
     def test_xlsx_is_refused_with_advice(self, tmp_path: Path) -> None:
         """A ZIP (an .xlsx renamed .csv) is refused, saying to export CSV."""
         path = write(tmp_path, "job.csv", b"PK\x03\x04\x14\x00\x06\x00junk")

@@ -544,12 +544,29 @@ def _strip_file_head(content: bytes, path: Path) -> bytes:
             f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it "
             "as UTF-8 (in Excel: 'CSV UTF-8')"
         )
+    if _wide_text(content):
+        raise JobFileError(
+            f"{path}: the file looks like UTF-16 (or UTF-32) without a byte-order mark: every "
+            "other byte of its first line is zero; save it as UTF-8 (in Excel: 'CSV UTF-8'), "
+            "or convert it (iconv -f utf-16le -t utf-8 FILE > FILE.utf8)"
+        )
     if content.startswith(_ZIP_MAGIC):
         raise JobFileError(
             f"{path}: this is a ZIP archive (an Excel .xlsx workbook?), not a text job file; "
             "export the sheet as CSV"
         )
     return content
+
+
+def _wide_text(line: bytes) -> bool:
+    """Whether a first line reads as UTF-16 or UTF-32 text without a byte-order mark: ASCII
+    written in either puts a zero beside every character, so one half of its bytes (the odd
+    ones little-endian, the even ones big-endian) are all zero. One stray NUL is a row's
+    problem, not the file's."""
+    head = line[:64].rstrip(b"\r\n")
+    if len(head) < 4 or head.count(0) * 2 < len(head) - 1:
+        return False
+    return not any(head[1::2]) or not any(head[0::2])
 
 
 def _undecodable(
