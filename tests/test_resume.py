@@ -331,15 +331,15 @@ class _SmallDisk:
         self.refused = 0
         self._write_all = sinks._write_all
 
-    def __call__(self, fd: int, data: bytes) -> None:
+    def __call__(self, fd: int, data: bytes, path: Path) -> None:
         if len(data) <= self.room:
-            self._write_all(fd, data)
+            self._write_all(fd, data, path)
             self.room -= len(data)
             return
-        self._write_all(fd, data[: self.room])
+        self._write_all(fd, data[: self.room], path)
         self.room = 0
         self.refused += 1
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
 def _open_fds_on(path: Path) -> list[str]:

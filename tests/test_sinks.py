@@ -277,6 +277,19 @@ class TestJsonlSink:
                 sink.write(ledger.done_rows_after(2, limit=2))
             sink.close()
 
+    def test_a_failed_write_names_the_output(self, tmp_path: Path) -> None:
+        """A write the system refuses (a full disk, here a pipe nobody reads) raises an
+        OSError naming the output, so the run's message says which file."""
+        reader, writer = os.pipe()
+        os.close(reader)
+        try:
+            with pytest.raises(BrokenPipeError) as caught:
+                sinks._write_all(writer, b"row\n", tmp_path / "out.csv")
+        finally:
+            os.close(writer)
+        assert caught.value.filename == str(tmp_path / "out.csv")
+        assert str(tmp_path / "out.csv") in str(caught.value)
+
     def test_a7_disk_full_leaves_state_unadvanced(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -284,8 +297,8 @@ class TestJsonlSink:
         out = tmp_path / "out.jsonl"
         real_write_all = sinks._write_all
 
-        def half_then_full(fd: int, data: bytes) -> None:
-            real_write_all(fd, data[: len(data) // 2])
+        def half_then_full(fd: int, data: bytes, path: Path) -> None:
+            real_write_all(fd, data[: len(data) // 2], path)
             raise OSError(errno.ENOSPC, "No space left on device")
 
         with make_ledger(tmp_path) as ledger:

@@ -229,12 +229,22 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` at the descriptor's position (``os.write`` may write less)."""
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    """Write all of ``data`` at the descriptor's position (``os.write`` may write less).
+
+    Raises:
+        OSError: naming ``path`` (a full disk is then "No space left on device: 'out.csv'",
+            not an error about no file in particular).
+    """
     view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+    try:
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -281,7 +291,7 @@ class _FileSink:
             os.lseek(fd, state.offset, os.SEEK_SET)
             if state.offset == 0 and self._header:
                 # Written at once, so even a job with no rows gets a file with its header.
-                _write_all(fd, self._header)
+                _write_all(fd, self._header, self.path)
                 state = SinkState(len(self._header), 0)
             os.fsync(fd)
             if created:
@@ -380,8 +390,8 @@ class _FileSink:
             return
         data = bytes(self._buffer)
         try:
-            crash_point("mid_write", before=lambda: _write_all(fd, _torn(data)))
-            _write_all(fd, data)
+            crash_point("mid_write", before=lambda: _write_all(fd, _torn(data), self.path))
+            _write_all(fd, data, self.path)
         except OSError as exc:
             # Part of the buffer may be on disk now; the next open cuts it off.
             self._failed = exc
@@ -458,7 +468,7 @@ class CsvSink(_FileSink):
         try:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
-            _write_all(fd, header)
+            _write_all(fd, header, self.path)
         except OSError as exc:
             self._failed = exc
             raise
