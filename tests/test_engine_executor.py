@@ -207,6 +207,39 @@ class TestTokenFetchAndPacing:
         assert min(gaps) >= 0.5 - 1e-6, gaps
 
 
+class TestGlobalErrors:
+    """An error whose catalogue scope is global (the client or the endpoint is wrong, not a
+    key) takes every key out at once: no other key spends a request to learn the same."""
+
+    @pytest.mark.parametrize(
+        ("status", "reason"), [(400, "CannotParse"), (400, "UnknownOperation")]
+    )
+    async def test_one_request_takes_every_key_out(self, status: int, reason: str) -> None:
+        """Three keys, every GetItems answered with a global error: the one batch is sent
+        once (not once per key), all three keys leave, and the caller gets NoUsableKeyError
+        naming the code."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _reply(
+                status, {"type": "ValidationException", "reason": reason, "message": "no"}
+            )
+
+        clock = FakeClock()
+        keys = [key_doc(name, credential_id=f"{name}-id", max_in_flight=1) for name in "abc"]
+        broker, transport = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        with capture_logs() as logs:
+            async with broker:
+                task = asyncio.ensure_future(broker.get_items(asins(10)))
+                await clock.run_until(task)
+        assert isinstance(task.exception(), NoUsableKeyError)
+        assert reason in str(task.exception())
+        assert len([r for r in transport.requests if "/auth/" not in r.url]) == 1
+        disabled = [e["key"] for e in logs if e["event"] == "broker.key_disabled"]
+        assert sorted(disabled) == ["a", "b", "c"]
+
+
 class TestStreamInputErrors:
     """An input that fails part way: what it gave before is answered, then its error."""
 

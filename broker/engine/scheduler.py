@@ -116,25 +116,29 @@ class KeyPool:
         *,
         scope: Scope,
     ) -> None:
-        """Take ``key`` (or the key in ``marketplace``) out of rotation.
+        """Take ``key`` (or the key in ``marketplace``) out of rotation; with a global
+        ``scope`` (the client or the endpoint is wrong, not the key), every key at once:
+        each other key would only spend a request to be refused the same way.
 
         Work for a marketplace no key can serve any more fails at once, whether it waits
         in the queue or still lingers in the batcher.
         """
         scope_marketplace = marketplace if scope is Scope.KEY_MARKETPLACE else None
         self._serving.clear()
-        if key.disable(code, message, remedy, marketplace=scope_marketplace):
-            logger.error(
-                "broker.key_disabled",
-                key=key.name,
-                code=code,
-                message=message,
-                remedy=remedy,
-                marketplace=scope_marketplace,
-            )
-        affected = (
-            {marketplace} if scope_marketplace else set(key.tagged_marketplaces) | {marketplace}
-        )
+        condemned = list(self._keys) if scope is Scope.GLOBAL else [key]
+        affected = {marketplace}
+        for each in condemned:
+            if each.disable(code, message, remedy, marketplace=scope_marketplace):
+                logger.error(
+                    "broker.key_disabled",
+                    key=each.name,
+                    code=code,
+                    message=message,
+                    remedy=remedy,
+                    marketplace=scope_marketplace,
+                )
+            if scope_marketplace is None:
+                affected.update(each.tagged_marketplaces)
         for market in affected:
             if market in self._dead or any(k.serves(market) for k in self._keys):
                 continue
