@@ -33,6 +33,29 @@ async def test_server_binds_a_free_loopback_port() -> None:
         assert server.stats.requests == 0
 
 
+@pytest.mark.parametrize(
+    ("headers", "status", "kind"),
+    [
+        ({}, 400, "ValidationException"),
+        ({"X-Amz-Target": "com.amazon.paapi5.v1.ProductAdvertisingAPIv1.GetItems"}, 404, None),
+    ],
+)
+async def test_a_path_no_api_has_is_an_unknown_operation(
+    headers: dict[str, str], status: int, kind: str | None
+) -> None:
+    """A POST to a path neither API has (an endpoint given with a path of its own) gets the
+    API's own UnknownOperation, not a plain-text 404 a client would take for an outage."""
+    async with SimulatorServer() as server, aiohttp.ClientSession() as session:
+        url = server.url + "/v1/catalog/v1/getItems"
+        async with session.post(url, json=BODY, headers=headers) as response:
+            assert response.status == status
+            body = await response.json(content_type=None)
+    if kind is None:
+        assert body["Errors"][0]["Code"] == "UnknownOperation"
+    else:
+        assert (body["type"], body["reason"]) == (kind, "UnknownOperation")
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
 def test_loopback_hosts_are_allowed(host: str) -> None:
     """Loopback addresses and 'localhost' pass the bind check."""

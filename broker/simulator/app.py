@@ -123,8 +123,16 @@ def create_app(
     app.router.add_post("/auth/o2/token", lwa)
     app.router.add_post("/catalog/v1/{operation}", api(creators.handle))
     app.router.add_post("/paapi5/{operation}", api(paapi.handle))
+
+    async def unknown(request: web.Request, sim: Simulator) -> tuple[Reply, str | None]:
+        # A path neither API has (an endpoint configured with a path of its own): the
+        # API the request is written for answers UnknownOperation, as Amazon does.
+        handler = paapi.handle if "X-Amz-Target" in request.headers else creators.handle
+        return await handler(request, sim)
+
     app.router.add_get("/_sim/stats", stats)
     app.router.add_post("/_sim/control", control)
+    app.router.add_post("/{path:.*}", api(unknown))
     return app
 
 
