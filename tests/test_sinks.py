@@ -509,7 +509,9 @@ class TestSqliteSink:
         """One row per input row with the documented columns and the JSON row."""
         out = tmp_path / "out.sqlite"
         with make_ledger(tmp_path) as ledger:
-            state = emit(ledger, SqliteSink(out))
+            sink = SqliteSink(out)
+            state = emit(ledger, sink)
+            sink.close()
             expected = {row["line"]: row for row in expected_lines(ledger)}
         assert state == SinkState(0, 10)
         rows = sqlite_rows(out)
@@ -530,7 +532,9 @@ class TestSqliteSink:
         """Writing the same rows again (a resume re-emitting) leaves one row per seq."""
         out = tmp_path / "out.sqlite"
         with make_ledger(tmp_path) as ledger:
-            emit(ledger, SqliteSink(out))
+            first = SqliteSink(out)
+            emit(ledger, first)
+            first.close()
             sink = SqliteSink(out)
             assert sink.open(SinkState(0, 4)) == SinkState(0, 10)  # its own state wins
             sink.write(ledger.done_rows_after(0, limit=100))
@@ -557,7 +561,9 @@ class TestSqliteSink:
         """State (0, 0) clears rows of an earlier job before writing."""
         out = tmp_path / "out.sqlite"
         with make_ledger(tmp_path) as ledger:
-            emit(ledger, SqliteSink(out))
+            first = SqliteSink(out)
+            emit(ledger, first)
+            first.close()
             sink = SqliteSink(out)
             assert sink.open(SinkState()) == SinkState(0, 0)
             sink.close()
@@ -644,7 +650,9 @@ class TestOpenSink:
             sink.write(ledger.done_rows_after(0, limit=5))
             ledger.set_sink_state("out", sink.flush())
             sink.close()
-            emit(ledger, open_sink(name, out))
+            again = open_sink(name, out)
+            emit(ledger, again)
+            again.close()
             state = ledger.sink_state("out")
         assert state.done_order == 10
         if name == "jsonl":

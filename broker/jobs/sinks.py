@@ -646,9 +646,12 @@ class SqliteSink:
         """Roll back what was not flushed and close the database."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            conn.close()
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            finally:
+                # Closed even when the rollback fails (a failing disk): never leaked.
+                conn.close()
 
     def _usable(self) -> sqlite3.Connection:
         if self._conn is None:
