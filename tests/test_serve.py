@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -813,6 +814,22 @@ class TestDaemonSurvives:
         assert not (spool / "done" / "gone.txt").exists()
         assert not (spool / "done" / "gone.txt.status.json").exists()
         assert os.listdir(spool / "processing") == []
+
+    @pytest.mark.parametrize("removed", ["processing", "done", "."])
+    async def test_spool_folders_removed_while_idle_are_made_again(
+        self, start: Start, spool: Path, removed: str
+    ) -> None:
+        """processing/, done/ or the whole spool removed while the daemon idles (a clean-up
+        script): the folders are made again, the next job is claimed and filed, and the
+        daemon goes on, where it exited 66 saying a file was not found."""
+        await start()
+        _drop(spool, "first.txt", "B0FIRST001\n")
+        await _filed(spool, "first.txt")
+        shutil.rmtree(spool / removed)
+        await asyncio.sleep(0.3)
+        _drop(spool, "next.txt", "B0NEXTJOB1\n")
+        async with asyncio.timeout(8):
+            assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
 
     async def test_every_event_of_a_job_names_it_alike(self, start: Start, spool: Path) -> None:
         """The log names a job by its spool name in every event, never by its passing place

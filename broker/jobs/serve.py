@@ -276,10 +276,14 @@ class Spool:
         self.done = self.root / "done"
         self.failed = self.root / "failed"
 
-    def prepare(self) -> None:
-        """Create the subdirectories that are missing."""
+    def prepare(self) -> list[Path]:
+        """Create the subdirectories that are missing; return those it created."""
+        made = []
         for directory in (self.inbox, self.processing, self.done, self.failed):
-            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                made.append(directory)
+        return made
 
     def waiting(self) -> list[str]:
         """Job files in ``inbox/``, oldest first."""
@@ -423,6 +427,8 @@ class Spool:
             The job file's new path.
         """
         dest = self.done if outcome == "done" else self.failed
+        # Removed while the job ran (a clean-up script): made again, not a failed daemon.
+        dest.mkdir(parents=True, exist_ok=True)
         base = self._filing_name(job, dest)
         record = dict(status)
         if outcome == "done":
@@ -749,6 +755,7 @@ class Daemon:
             logger.info("broker.job_resumed", job=left)
             await self._process(broker, left)
         while not self._stop.is_set():
+            self._restore_folders()
             name = self._due_deferred() or self._orphan() or self._claim_next()
             if name is None:
                 with contextlib.suppress(TimeoutError):
@@ -756,6 +763,17 @@ class Daemon:
                         await self._stop.wait()
                 continue
             await self._process(broker, name)
+
+    def _restore_folders(self) -> None:
+        """Make again the spool folders removed while the daemon runs (a clean-up script,
+        an operator resetting the spool), so new jobs are still claimed and filed."""
+        made = self.spool.prepare()
+        if made:
+            logger.warning(
+                "broker.spool_folders_recreated",
+                folders=[str(path) for path in made],
+                note="removed while the daemon ran; whatever they held is gone",
+            )
 
     def _rename_awkward_claims(self) -> None:
         """Give jobs left in processing/ under an awkward name (an older daemon's) a safe one."""
