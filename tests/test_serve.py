@@ -562,6 +562,21 @@ class TestHttp:
         assert values["asinb_inflight_requests"] == 0
         assert values["asinb_inbox_jobs"] == 0
 
+    async def test_inbox_gauge_counts_jobs_waiting_behind_the_running_one(
+        self, start: Start, spool: Path
+    ) -> None:
+        """asinb_inbox_jobs counts the jobs waiting in inbox/ while a long job runs (the inbox
+        is scanned only between jobs, so it read 0 for the whole job)."""
+        running = await start(_config(tps=10.0, batch_size=1))
+        _drop(spool, "long.txt", "\n".join(_asins(200, "B0LONG")) + "\n")
+        out = spool / "processing" / "long.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 1)
+        for n in range(3):
+            _drop(spool, f"wait{n}.txt", "B0WAITJOB1\n")
+        (spool / "inbox" / ".still-writing").write_text("B0WAITJOB2\n")
+        values = _samples((await _get(f"{running.url}/metrics"))[2])
+        assert values["asinb_inbox_jobs"] == 3
+
     async def test_readyz_503_while_waiting_for_daily_quota(
         self, start: Start, spool: Path
     ) -> None:

@@ -73,7 +73,7 @@ class SpoolSnapshot:
         state: ``starting``, ``running`` or ``stopping``.
         jobs_done: jobs filed under ``done/`` since the daemon started.
         jobs_failed: jobs filed under ``failed/`` since the daemon started.
-        inbox: job files waiting in ``inbox/`` at the last scan.
+        inbox: job files waiting in ``inbox/`` (counted when the snapshot is taken).
         rows_by_status: rows the daemon wrote since it started, by final status, counted
             as they are written (a counter: it never goes down).
         jobs: the current job first (if any), then the most recent finished jobs.
@@ -184,7 +184,7 @@ def render_metrics(
     out.family("asinb_jobs_total", "counter", "Jobs filed since the daemon started, by outcome.")
     out.sample("asinb_jobs_total", spool.jobs_done, outcome="done")
     out.sample("asinb_jobs_total", spool.jobs_failed, outcome="failed")
-    out.family("asinb_inbox_jobs", "gauge", "Job files waiting in inbox/ at the last scan.")
+    out.family("asinb_inbox_jobs", "gauge", "Job files waiting in inbox/ (counted at each scrape).")
     out.sample("asinb_inbox_jobs", spool.inbox)
     out.family(
         "asinb_rows_total", "counter", "Rows written since the daemon started, by final status."

@@ -289,6 +289,20 @@ class Spool:
         """Job files in ``inbox/``, oldest first."""
         return _job_files(self.inbox)
 
+    def waiting_count(self) -> int:
+        """How many job files ``inbox/`` holds now (no ``stat`` per file: a scrape's count)."""
+        try:
+            with os.scandir(self.inbox) as entries:
+                return sum(
+                    1
+                    for entry in entries
+                    if not entry.name.startswith(".")
+                    and not entry.name.endswith(_UNFINISHED)
+                    and entry.is_file(follow_symlinks=False)
+                )
+        except FileNotFoundError:
+            return 0
+
     def waiting_entries(
         self, skipped: dict[str, str] | None = None
     ) -> list[tuple[str, os.stat_result]]:
@@ -633,7 +647,6 @@ class Daemon:
         self._current: SpoolJob | None = None
         self._jobs_done = 0
         self._jobs_failed = 0
-        self._inbox = 0
         # Rows this process wrote, by final status: only ever grows (``asinb_rows_total``).
         self._rows: collections.Counter[str] = collections.Counter()
         # The current job's rows already in ``_rows`` (its tally before this run, at first).
@@ -847,7 +860,6 @@ class Daemon:
         skipped: dict[str, str] = {}
         waiting = self.spool.waiting_entries(skipped)
         self._say_ignored(skipped)
-        self._inbox = len(waiting)
         seen: set[str] = set()
         for name, info in waiting:
             seen.add(name)
@@ -866,7 +878,6 @@ class Daemon:
                 continue
             safe = spool_name(name)
             if self.spool.claim(name, safe):
-                self._inbox -= 1
                 self._settling.pop(name, None)
                 if safe == name:
                     logger.info("broker.job_claimed", job=safe)
@@ -1190,7 +1201,8 @@ class Daemon:
             state=self._state,
             jobs_done=self._jobs_done,
             jobs_failed=self._jobs_failed,
-            inbox=self._inbox,
+            # Counted now: the inbox is scanned only between jobs, which may take hours.
+            inbox=self.spool.waiting_count(),
             rows_by_status=dict(self._rows),
             jobs=tuple(jobs),
         )
