@@ -216,6 +216,7 @@ class TestJobs:
         assert status["rows"]["ok"] + status["rows"]["not_found"] == 13
         assert status["requests"] == 2  # 12 distinct ASINs, 10 per request
         assert status["throttled"] == 0
+        assert status["resumed_rows"] == 0
         assert status["output"] == "job.txt.out.jsonl"
         assert status["invalid_report"] == "job.txt.out.jsonl.invalid.jsonl"
         assert datetime.strptime(status["finished_at"], "%Y-%m-%dT%H:%M:%SZ")
@@ -427,6 +428,8 @@ class TestResume:
         assert sorted(r["line"] for r in rows) == list(range(1, 26))
         assert status["rows"]["total"] == 25
         assert status["requests"] <= 25 - partial + 4  # only what was not done (+ in flight)
+        # The counts are the finishing run's, and the status says what earlier runs did.
+        assert partial <= status["resumed_rows"] < 25
         assert os.listdir(spool / "processing") == []
 
     async def test_a_dead_siblings_job_is_taken_over(

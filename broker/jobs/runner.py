@@ -142,6 +142,9 @@ class JobSummary:
     #: lookups the item cache answered (no request sent for them)
     cached: int = 0
     wall_s: float = 0.0
+    #: rows earlier runs of the job had done when this one started (after a stop or a
+    #: crash); ``requests`` and the other counts above are this run's alone
+    resumed_rows: int = 0
     out: str = ""
     invalid_report: str | None = None
     #: a signal ended the run before the job was done (rows remain for a rerun)
@@ -341,7 +344,10 @@ async def _run_once(
         # A --ordered export cut short (kill -9) left its partial copy; the job lock says
         # no other run is writing it.
         ordering_path(options.out).unlink(missing_ok=True)
-        resumed_complete = ledger.ingest_complete and ledger.counts().pending == 0
+        at_start = ledger.counts()
+        # Rows earlier runs did (rows found invalid while this run reads the job are not).
+        summary.resumed_rows = at_start.done
+        resumed_complete = ledger.ingest_complete and at_start.pending == 0
         if not ledger.ingest_complete:
             if options.strict and not checked:
                 _refuse_invalid(options, config.api.protocol)

@@ -1100,6 +1100,8 @@ class Daemon:
             "retries": after.retries - before.retries,
             "from_cache": summary.cached,
             "wall_s": round(summary.wall_s, 3),
+            # The counts above are the finishing run's; rows done before it (a stop, a crash):
+            "resumed_rows": summary.resumed_rows,
             "finished_at": self._now(),
             "error": None,
         }
