@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 from conftest import sqlite_db
+from structlog.testing import capture_logs
 
 from broker import cli
 from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
 from broker.engine.adaptive import ThrottleVerdict
-from broker.jobs import sources
+from broker.jobs import runner, sources
+from broker.jobs.ledger import Counts
 from broker.jobs.runner import ExitCode, JobOptions, run_job
 
 _KEY = """
@@ -430,3 +432,39 @@ def test_config_error_at_run_time_maps_to_78() -> None:
     code, message = describe_failure(ConfigError("keys.x", "no secret"))
     assert code == ExitCode.CONFIG == 78
     assert "keys.x" in message
+
+
+class _Metrics:
+    """What ``_Progress`` reads of a broker's metrics."""
+
+    def __init__(self, throttled: int) -> None:
+        self.throttled = throttled
+        self.keys: list[object] = []
+
+
+class _SharedBroker:
+    """A daemon's broker, shared by its jobs: its 429 count covers every earlier job."""
+
+    def __init__(self) -> None:
+        self.throttled = 40
+
+    def metrics(self) -> _Metrics:
+        return _Metrics(self.throttled)
+
+
+class _Tally:
+    def counts(self) -> Counts:
+        return Counts(total=10, done=4, pending=6)
+
+
+def test_progress_counts_the_jobs_own_429s(tmp_path: Path) -> None:
+    """A progress event's 429 count is the job's own, not the shared broker's total (a
+    daemon's broker counts every job it ran before)."""
+    broker = _SharedBroker()
+    options = JobOptions(job=tmp_path / "j.txt", out=tmp_path / "o.jsonl", progress="log")
+    progress = runner._Progress(_Tally(), broker, options)  # type: ignore[arg-type]
+    broker.throttled += 3
+    with capture_logs() as logs:
+        progress._show()
+    (event,) = [e for e in logs if e["event"] == "broker.progress"]
+    assert event["throttled"] == 3

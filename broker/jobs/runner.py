@@ -876,6 +876,8 @@ class _Progress:
         self._first_s = options.first_progress_s
         self._started = time.monotonic()
         self._start_done = ledger.counts().done
+        # The job's own 429s: a daemon's broker counts every job it ran before this one.
+        self._start_throttled = broker.metrics().throttled
 
     def tick(self) -> None:
         if self._live:
@@ -896,6 +898,7 @@ class _Progress:
         elapsed = max(time.monotonic() - self._started, 1e-6)
         rate = (counts.done - self._start_done) / elapsed
         eta = counts.pending / rate if rate > 0 else None
+        throttled = metrics.throttled - self._start_throttled
         keys = ", ".join(
             f"{k.name} {k.rate:.2g}/s"
             + (f" {k.daily_left} left today" if k.daily_left is not None else "")
@@ -905,7 +908,7 @@ class _Progress:
         if self._live:
             line = (
                 f"\r{counts.done}/{counts.total} rows  {rate:.1f} rows/s  "
-                f"ETA {_fmt_eta(eta)}  429s {metrics.throttled}  {keys}"
+                f"ETA {_fmt_eta(eta)}  429s {throttled}  {keys}"
             )
             show_live_line(_fit(line))
         else:
@@ -916,7 +919,7 @@ class _Progress:
                 total=counts.total,
                 rows_per_s=round(rate, 2),
                 eta_s=round(eta) if eta else None,
-                throttled=metrics.throttled,
+                throttled=throttled,
                 keys=[
                     {
                         "name": k.name,
