@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import sys
@@ -20,6 +21,7 @@ from broker.exitcode import ExitCode
 from broker.progname import prog
 
 if TYPE_CHECKING:
+    from broker.client import Broker
     from broker.config import BrokerConfig
     from broker.models import ItemResult
 
@@ -35,6 +37,8 @@ _CONFIG_HELP: Final = (
 )
 #: ``broker lookup`` gives up this soon when the endpoint cannot be reached (seconds).
 LOOKUP_OUTAGE_BUDGET_S: Final = 5.0
+#: How often ``broker lookup`` checks whether every key waits for its daily quota (seconds).
+_QUOTA_POLL_S: Final = 0.5
 
 
 def resolve_config_path(given: str | None, environ: dict[str, str] | None = None) -> Path:
@@ -265,10 +269,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Look up ASINs (or Amazon product URLs). On a terminal, print a readable "
         "summary; when piped or with --json, print one JSON object per ASIN, the same rows "
         "as `broker run` writes (line = the argument's position).",
-        epilog="exit codes: 0 ok; 2 usage (unknown --marketplace); 3 some rows failed; 69 the "
-        "endpoint or the key-state store stayed unreachable for the outage budget; 74 a "
-        "damaged or read-only state file; 77 a key was rejected; 78 bad config; 141 "
-        "stdout's reader went away (| head)",
+        epilog="exit codes: 0 every id answered (ok, not found or invalid); 2 usage (unknown "
+        "--marketplace); 3 some rows failed; 69 the endpoint or the key-state store stayed "
+        "unreachable for the outage budget; 74 a damaged or read-only state file; 75 every "
+        "key's daily quota is spent (or Ctrl-C); 77 a key was rejected; 78 bad config; 141 "
+        "stdout's reader went away (| head). A lookup that stops early prints the answers it "
+        "has (cached, invalid ids) first.",
     )
     look.add_argument("asins", nargs="+", metavar="ASIN")
     look.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
@@ -360,6 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     try:
         return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C in a command without a signal policy of its own (run and serve drain):
+        # one line, no traceback, the stop code every command uses.
+        print(f"{prog()}: interrupted", file=sys.stderr)
+        return ExitCode.RESUMABLE
     except BrokenPipeError:
         fd = _broken_stdout()
         if fd is None:
@@ -553,7 +564,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
 
     # None: each id's own store (a product URL's), else api.marketplace of the config.
     market: str | None = None
-    if args.marketplace:
+    if args.marketplace is not None:
         try:
             market = lookup_marketplace(args.marketplace).name
         except ValueError:
@@ -622,7 +633,10 @@ async def _lookup(
     from broker.jobs.runner import describe_failure
     from broker.models import Query
 
-    results: list[ItemResult]
+    # Answers by argument position, kept as they come: a lookup that cannot finish (an
+    # outage, the daily quota spent) still prints the answers it has (cached, invalid).
+    got: dict[int, ItemResult] = {}
+    failure: tuple[int, str] | None = None
     try:
         # A marketplace no key is configured for is answered by the broker itself
         # (failed, NoKeyForMarketplace) without a request.
@@ -634,7 +648,17 @@ async def _lookup(
         ) as broker:
             # One tagged query per argument: a repeated ASIN is still a row of its own.
             queries = [Query(text, tag=n) for n, text in enumerate(asins)]
-            results = await broker.get_items(queries, marketplace=marketplace, resources=resources)
+
+            async def collect() -> None:
+                stream = broker.stream(queries, marketplace=marketplace, resources=resources)
+                async for result in stream:
+                    # Every result carries the query that asked for it, tag included.
+                    tag = result.query.tag if result.query is not None else None
+                    if not isinstance(tag, int):
+                        raise RuntimeError(f"a result without its query's position: {result!r}")
+                    got[tag] = result
+
+            failure = await _until_quota_spent(broker, collect())
     except (NoUsableKeyError, StateUnavailableError, ConfigError, OSError) as exc:
         code, message = describe_failure(exc)
         # run's messages speak of rows left pending; a lookup has none, so say it plainly.
@@ -647,15 +671,11 @@ async def _lookup(
             message = f"stopped: {exc}"
         elif isinstance(exc, (StateUnavailableError, OSError)):
             message = str(exc)  # it says itself whether it waited out the budget
-        print(f"{prog()}: {message}", file=sys.stderr)
-        return code
+        failure = (code, message)
     except (TypeError, ValueError) as exc:
         print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    rows = [
-        _lookup_row(n, text, result)
-        for n, (text, result) in enumerate(zip(asins, results, strict=True), 1)
-    ]
+    rows = [_lookup_row(n + 1, asins[n], result) for n, result in sorted(got.items())]
     if as_json:
         import json
 
@@ -664,7 +684,43 @@ async def _lookup(
     else:
         for row in rows:
             print(_readable(row))
-    return ExitCode.SOME_FAILED if any(r.status.value == "failed" for r in results) else 0
+    if failure is not None:
+        code, message = failure
+        print(f"{prog()}: {message}", file=sys.stderr)
+        return code
+    return ExitCode.SOME_FAILED if any(r.status.value == "failed" for r in got.values()) else 0
+
+
+async def _until_quota_spent(
+    broker: Broker, lookups: Coroutine[Any, Any, None]
+) -> tuple[int, str] | None:
+    """Run ``lookups``; stop them when every key waits for its daily quota (None: done).
+
+    A one-shot command must not sit silently until a reset hours away, as a job may; what
+    was answered by then is kept by the caller.
+    """
+    from broker.jobs.runner import quota_wait
+
+    task = asyncio.ensure_future(lookups)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=_QUOTA_POLL_S)
+            until = None if task.done() else quota_wait(broker)
+            if until is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return ExitCode.RESUMABLE, (
+                    f"stopped: every key's daily quota is spent until {until}; the ids not "
+                    "printed were not looked up (run again after the reset)"
+                )
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    task.result()
+    return None
 
 
 def _lookup_row(line: int, raw: str, result: ItemResult) -> dict[str, object]:

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import embedded_toml
+from conftest import embedded_toml, key_doc, make_config
 
 from broker import __version__, cli
 from broker.exitcode import ExitCode
+from broker.simulator.server import SimulatorServer
+from broker.simulator.settings import SimulatorSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1153,3 +1155,60 @@ def test_a_failing_commit_still_ends_the_live_progress_line(
     assert logs._LiveLine.text == ""
     screen = _screen(capsys.readouterr().err)
     assert any(line.startswith("broker: cannot write") for line in screen)
+
+
+class TestLookupEnds:
+    """``broker lookup`` is a one-shot command: it ends soon, and prints what it has."""
+
+    async def test_every_key_waiting_for_its_daily_quota_exits_75_at_once(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """With the only key's daily quota spent, a lookup needing a request exits 75 within
+        seconds naming the reset, instead of waiting silently for hours; the answer the
+        item cache had is printed."""
+        async with SimulatorServer(SimulatorSettings(limits=False)) as sim:
+            config = make_config(sim.url, keys=[key_doc(tpd=1)])
+            assert await cli._lookup(config, ["B0QUOTA001"], None, None, as_json=True) == 0
+            capsys.readouterr()
+            async with asyncio.timeout(15):
+                code = await cli._lookup(
+                    config, ["B0QUOTA001", "B0QUOTA002"], None, None, as_json=True
+                )
+        out, err = capsys.readouterr()
+        assert code == ExitCode.RESUMABLE
+        assert "daily quota" in err
+        assert [json.loads(line)["input"] for line in out.splitlines()] == ["B0QUOTA001"]
+
+    async def test_an_outage_still_prints_the_answers_it_had(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The endpoint down: the cached answer and the invalid id are printed before the
+        exit 69, not dropped with the unanswered lookup."""
+        async with SimulatorServer(SimulatorSettings(limits=False)) as sim:
+            config = make_config(sim.url, retry={"outage_budget_s": 0.5})
+            assert await cli._lookup(config, ["B0OUTAGE01"], None, None, as_json=True) == 0
+        capsys.readouterr()
+        code = await cli._lookup(
+            config, ["B0OUTAGE01", "not-an-id", "B0OUTAGE02"], None, None, as_json=True
+        )
+        out, err = capsys.readouterr()
+        assert code == ExitCode.UNAVAILABLE
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [(row["input"], row["status"]) for row in rows] == [
+            ("B0OUTAGE01", "ok"),
+            ("not-an-id", "invalid"),
+        ]
+        assert "unreachable" in err
+
+    def test_ctrl_c_ends_quietly_with_75(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Ctrl-C during lookup (or status, or cache) ends with one line and exit 75, not a
+        KeyboardInterrupt traceback."""
+
+        def interrupted(argv: object) -> int:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, "_main", interrupted)
+        assert cli.main(["lookup", "B000000001"]) == ExitCode.RESUMABLE
+        assert "interrupted" in capsys.readouterr().err

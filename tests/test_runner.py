@@ -391,7 +391,7 @@ class TestKeysAndSignals:
         too: --no-wait stops for it as for a spent tpd."""
         from types import SimpleNamespace
 
-        from broker.jobs.runner import _quota_wait
+        from broker.jobs.runner import quota_wait
 
         def broker(*reasons: str) -> Any:
             keys = [
@@ -401,9 +401,9 @@ class TestKeysAndSignals:
             return SimpleNamespace(metrics=lambda: SimpleNamespace(keys=keys))
 
         revoked = ThrottleVerdict.ACCESS_REVOKED.value
-        assert _quota_wait(broker(revoked)) == "Z"
-        assert _quota_wait(broker(revoked, "waiting for daily quota")) == "Z"
-        assert _quota_wait(broker(revoked, "Retry-After")) is None
+        assert quota_wait(broker(revoked)) == "Z"
+        assert quota_wait(broker(revoked, "waiting for daily quota")) == "Z"
+        assert quota_wait(broker(revoked, "Retry-After")) is None
 
     async def test_tpd_spent_waits_instead_of_failing(self, tmp_path: Path) -> None:
         """With the daily budget spent the job waits (rows stay pending), it does not fail rows."""

@@ -73,6 +73,7 @@ __all__ = [
     "JobOptions",
     "JobSummary",
     "StrictInputError",
+    "quota_wait",
     "run_job",
 ]
 
@@ -704,7 +705,7 @@ _DAY_LONG_WAITS: Final = (
 )
 
 
-def _quota_wait(broker: Broker) -> str | None:
+def quota_wait(broker: Broker) -> str | None:
     """When every key that is not disabled waits for its daily quota: the earliest reset."""
     waits: list[str] = []
     for key in broker.metrics().keys:
@@ -723,7 +724,7 @@ async def _watch_quota(broker: Broker, stop: _Stop) -> None:
     """``no_wait``: stop the run at once when every key is waiting for its daily quota."""
     while True:
         await asyncio.sleep(_QUOTA_POLL_S)
-        until = _quota_wait(broker)
+        until = quota_wait(broker)
         if until is not None:
             stop.quota_spent(until)
             return
