@@ -22,7 +22,14 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "end_live_line", "get_logger", "redact", "show_live_line"]
+__all__ = [
+    "configure_logging",
+    "end_live_line",
+    "get_logger",
+    "redact",
+    "scrub",
+    "show_live_line",
+]
 
 # reliability.md section 4: the key list many open-source redaction processors use. A
 # credential *id* is not secret (it names the key in messages), so it stays readable.
@@ -34,6 +41,9 @@ _SECRET_KEY = re.compile(
 _SECRET_VALUE = re.compile(
     r"(Bearer\s+)[^\s,\"']+"
     r"|(Signature=)[0-9a-fA-F]{16,}"
+    # The user info of a URL (a proxy's or Redis's password), up to its last "@": a
+    # password with an unencoded "#", "/" or "?" is in it too.
+    r"|(\b[a-z][a-z0-9+.\-]*://)[^\s'\"<>]*(?=@)"
     r"|((?:client_secret|access_token|refresh_token)=)[^&\s\"']+"
     r"|(\\?[\"'](?:client_secret|access_token|refresh_token)\\?[\"']\s*:\s*\\?[\"'])"
     r"(?:[^\"'\\]|\\[^\"'])+",
@@ -44,6 +54,16 @@ _SECRET_VALUE = re.compile(
 def _keep(match: re.Match[str]) -> str:
     """The part of a secret-bearing match that names it, followed by the mask."""
     return next(group for group in match.groups() if group is not None) + "***"
+
+
+def scrub(text: str) -> str:
+    """``text`` with every credential it shows masked: a bearer token, a SigV4 signature,
+    the secret members of a token request or answer, a URL's ``user:password@``.
+
+    For messages built from a foreign exception (aiohttp's quotes the proxy URL, password
+    and all), which reach output rows and stderr as well as the log.
+    """
+    return _SECRET_VALUE.sub(_keep, text)
 
 
 def _mask(value: object) -> object:

@@ -22,6 +22,7 @@ import ssl
 import subprocess
 import sys
 import textwrap
+import traceback
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from broker.engine.transport import AiohttpTransport
 from broker.errors import AuthError, ConfigError, TransportError
 from broker.jobs.metrics_http import MetricsServer
 from broker.jobs.metrics_http import check_host as metrics_check_host
-from broker.logs import configure_logging
+from broker.logs import configure_logging, redact, scrub
 from broker.models import Secret
 from broker.simulator import oauth as sim_oauth
 from broker.simulator.accounts import Account
@@ -1169,3 +1170,97 @@ def test_library_events_reach_an_application_plain_and_redacted() -> None:
     assert "ZeroDivisionError" in done.stdout
     assert "\x1b[" not in done.stdout
     assert "hunter2" not in done.stdout
+
+
+class TestD2CredentialsInForeignMessages:
+    """A password a foreign library quotes (a proxy URL, a Redis URL) or a token endpoint
+    echoes (encoded as the request sent it) never reaches a message, a cause or a log."""
+
+    _PROXY = "http://user:SEKRIT-PROXY-PW@127.0.0.1:{port}"
+
+    async def test_a_proxy_refusing_the_tunnel_does_not_show_its_password(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A proxy answering CONNECT with 407: the transport error (and its chain, as a
+        traceback prints it) masks the proxy URL's password aiohttp quotes."""
+
+        async def refuse(request: web.Request) -> web.Response:
+            return web.Response(status=407, headers={"Proxy-Authenticate": "Basic"})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", refuse)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        monkeypatch.setenv("HTTPS_PROXY", self._PROXY.format(port=port))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        try:
+            async with AiohttpTransport(timeout_s=5, connect_timeout_s=2) as transport:
+                with pytest.raises(TransportError) as caught:
+                    await transport.send(HttpRequest("POST", "https://example.com/x", {}, b"{}"))
+        finally:
+            await runner.cleanup()
+        shown = "".join(traceback.format_exception(caught.value))
+        assert "SEKRIT-PROXY-PW" not in shown
+        assert "***@127.0.0.1" in str(caught.value)
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "Cannot connect to proxy url='http://user:SEKRIT-PW@proxy:3128'",
+            "InvalidURL: http://user:SEKRIT#PW@proxy:3128",
+            "redis://:SEKRIT/PW@cache.internal:6379/0 refused",
+        ],
+    )
+    def test_scrub_masks_a_urls_user_info(self, text: str) -> None:
+        """A URL's user:password@ is masked up to its last @, whatever the password holds,
+        in messages and in every log event."""
+        assert "SEKRIT" not in scrub(text)
+        event = redact(None, "error", {"event": "x", "cause": text})
+        assert "SEKRIT" not in json.dumps(event)
+
+    @pytest.mark.parametrize("password", ["SEKRIT#PW", "SEKRIT/PW", "SEKRIT?PW"])
+    def test_an_unreadable_redis_cache_url_is_a_config_error_without_it(
+        self, password: str
+    ) -> None:
+        """A cache Redis URL whose password holds an unencoded #, / or ?: a config error
+        naming the setting and the fix, never quoting the password (redis-py's own error
+        quotes it)."""
+        pytest.importorskip("redis")
+        from broker.cache.policy import CachePolicy
+        from broker.cache.redis_store import RedisCache
+
+        with pytest.raises(ConfigError) as caught:
+            RedisCache.from_url(f"redis://:{password}@127.0.0.1:6379/0", CachePolicy(3600))
+        shown = "".join(traceback.format_exception(caught.value))
+        assert "SEKRIT" not in shown
+        assert caught.value.path == "cache.redis_url"
+
+    @pytest.mark.parametrize("version", ["2.1", "3.1"])
+    async def test_a_token_endpoint_echoing_the_encoded_secret(self, version: str) -> None:
+        """An OAuth error member echoing the request body (the secret form- or JSON-encoded)
+        is masked in the error's code and message."""
+        secret = 'SEKRIT/CANARY+1234="x"'
+        echoes = [
+            f"grant_type=client_credentials&client_secret={quote_plus(secret, safe='')}",
+            f"client_secret={quote(secret, safe='')}",
+            json.dumps({"client_secret": secret}),
+        ]
+        for echo in echoes:
+
+            async def endpoint(request: HttpRequest, echo: str = echo) -> RawResponse:
+                body = json.dumps({"error": echo, "error_description": echo}).encode()
+                return RawResponse(400, {"content-type": "application/json"}, body)
+
+            cache = CreatorsTokenCache(
+                "id", Secret(secret), version, send=endpoint, clock=FakeClock()
+            )
+            with pytest.raises(AuthError) as caught:
+                await cache.token()
+            shown = f"{caught.value.code} {caught.value}"
+            for form in (secret, quote_plus(secret, safe=""), quote(secret, safe="")):
+                assert form not in shown, echo
+            assert "SEKRIT" not in shown

@@ -12,12 +12,13 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
-from urllib.parse import urlencode
+from urllib.parse import quote, quote_plus, urlencode
 
 from broker.api.base import HttpRequest, RawResponse
 from broker.api.errors_map import header, load_object, number, retry_after_s, short, text
 from broker.api.marketplaces import BodyEncoding, CredentialVersion, credential_version
 from broker.errors import AuthError, BrokerError, ResponseError, ServerError, ThrottledError
+from broker.logs import scrub
 from broker.models import Secret
 
 if TYPE_CHECKING:
@@ -280,11 +281,27 @@ class CreatorsTokenCache:
         return ResponseError(f"token endpoint: unexpected HTTP status {status}", status=status)
 
     def _scrub(self, message: str) -> str:
-        # Amazon never echoes the secret, but a message must not carry it even if one did.
+        # Amazon never echoes the secret, but a message must not carry it even if one did:
+        # as written, or as the token request encoded it (form, URL or JSON escapes), nor
+        # any other credential the text shows (a proxy URL's password).
         secret = self._secret.reveal()
-        if secret and secret in message:
-            message = message.replace(secret, "***")
-        return short(message)
+        if secret:
+            for form in _spellings(secret):
+                message = message.replace(form, "***")
+        return short(scrub(message))
+
+
+def _spellings(secret: str) -> list[str]:
+    """``secret`` as written and as a token request or an echo of one may encode it."""
+    forms = {
+        secret,
+        quote_plus(secret, safe=""),
+        quote(secret, safe=""),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
+    # The longest first: a shorter spelling inside a longer one must not break it up.
+    return sorted(forms, key=len, reverse=True)
 
 
 def _lifetime_s(value: object) -> float:

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
 from broker.cache.policy import CEILING_S, CacheKey, CachePolicy
+from broker.errors import ConfigError
 
 if TYPE_CHECKING:
     from broker.clock import Clock
@@ -77,8 +78,20 @@ class RedisCache(StoreCache):
         clock: Clock | None = None,
         batch_size: int = 10,
     ) -> RedisCache:
-        """Connect to ``url`` (``redis://host:port/db``); the cache owns the client."""
-        client = Redis.from_url(url, decode_responses=False)
+        """Connect to ``url`` (``redis://host:port/db``); the cache owns the client.
+
+        Raises:
+            ConfigError: ``url`` cannot be read as a Redis URL (the message never quotes
+                it: the parser's own error quotes the password).
+        """
+        try:
+            client = Redis.from_url(url, decode_responses=False)
+        except ValueError:
+            raise ConfigError(
+                "cache.redis_url",
+                "is not a valid Redis URL (redis://[:password@]host[:port][/db]); a password "
+                "holding #, /, ?, @ or : must be percent-encoded (# is %23)",
+            ) from None
         return cls(
             client,
             policy,

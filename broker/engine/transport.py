@@ -29,6 +29,7 @@ from broker.errors import (
     RequestTimeout,
     TransportError,
 )
+from broker.logs import scrub
 
 __all__ = ["AiohttpTransport", "MockTransport", "Transport"]
 
@@ -54,24 +55,39 @@ class _State(enum.Enum):
 
 @contextlib.contextmanager
 def _mapped_errors(request: HttpRequest) -> Iterator[None]:
-    """Translate foreign exceptions into the broker's transport errors, without header values."""
+    """Translate foreign exceptions into the broker's transport errors, without header values.
+
+    A foreign message may quote a proxy's URL, password and all (aiohttp does, for a proxy
+    that refuses): it is scrubbed, and a traceback then shows the foreign exception neither
+    as cause nor as context, or it would print the password after all.
+    """
     where = f"{request.method} {request.url}"
     try:
         yield
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         # Before the generic cases: a connect timeout is also a TimeoutError, and a refused
         # connection also a ClientConnectionError.
-        raise EndpointUnreachable(
-            f"{where}: connection failed, no connection made ({type(exc).__name__}: {exc})"
-        ) from exc
+        message, cause = _shown(
+            f"{where}: connection failed, no connection made ({type(exc).__name__}: {exc})", exc
+        )
+        raise EndpointUnreachable(message) from cause
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise RequestTimeout(f"{where}: timed out") from exc
     except aiohttp.ClientPayloadError as exc:
         raise ConnectError(f"{where}: response body incomplete ({type(exc).__name__})") from exc
     except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-        raise ConnectError(f"{where}: connection failed ({type(exc).__name__}: {exc})") from exc
+        message, cause = _shown(f"{where}: connection failed ({type(exc).__name__}: {exc})", exc)
+        raise ConnectError(message) from cause
     except aiohttp.ClientError as exc:
-        raise TransportError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        message, cause = _shown(f"{where}: {type(exc).__name__}: {exc}", exc)
+        raise TransportError(message) from cause
+
+
+def _shown(message: str, exc: BaseException) -> tuple[str, BaseException | None]:
+    """``message`` fit to show, and the cause to chain: ``exc``, unless the message held a
+    credential (then masked, and no cause: its own text holds the credential too)."""
+    shown = scrub(message)
+    return (message, exc) if shown == message else (shown, None)
 
 
 class AiohttpTransport:
