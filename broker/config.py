@@ -734,6 +734,17 @@ def _parse_key(
         # Stripped as a secret file is: a variable filled from a Docker or Kubernetes
         # secret often ends in a newline, which would make every signature wrong.
         value = environ.get(secret_env, "").strip() if read_secrets else ""
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                # Bytes the environment could not decode (a Latin-1 file sourced into it):
+                # no request could carry them, and the bytes are not echoed.
+                raise ConfigError(
+                    f"{path}.credential_secret_env",
+                    f"environment variable {secret_env} holds bytes that are not UTF-8 text; "
+                    "set it to the secret exactly as Associates Central shows it",
+                ) from None
         if value:
             secret = Secret(value)
         elif read_secrets and not api.uses_simulator:

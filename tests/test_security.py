@@ -1264,3 +1264,27 @@ class TestD2CredentialsInForeignMessages:
             for form in (secret, quote_plus(secret, safe=""), quote(secret, safe="")):
                 assert form not in shown, echo
             assert "SEKRIT" not in shown
+
+
+def test_a_secret_variable_with_undecodable_bytes_is_a_config_error() -> None:
+    """A secret variable holding bytes that are not UTF-8 (decoded by Python as lone
+    surrogates) is refused naming the key, never echoed; it gave a traceback carrying the
+    whole token request, secret included, at the first token fetch."""
+    document = {
+        "api": {"endpoint": "http://127.0.0.1:9"},
+        "keys": [
+            {
+                "name": "main",
+                "credential_id": "id",
+                "version": "2.1",
+                "credential_secret_env": "ASINB_SECRET",
+                "partner_tags": {"www.amazon.com": "t-20"},
+            }
+        ],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document, environ={"ASINB_SECRET": "SEKRIT\udcff1234"})
+    assert caught.value.path == "keys[0].credential_secret_env"
+    assert "SEKRIT" not in str(caught.value)
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
