@@ -374,7 +374,7 @@ class TestConcurrentBrokers:
     async def test_a_park_set_by_another_process_shows_here(self, harness: Harness) -> None:
         """A key another process parked shows parked here too, with the park's reason and
         probe time, while this process waits: /readyz, /metrics and --no-wait read it."""
-        from broker.jobs.runner import _quota_wait
+        from broker.jobs.runner import quota_wait
         from broker.state import Feedback
 
         clock = FakeClock()
@@ -395,7 +395,7 @@ class TestConcurrentBrokers:
         assert (key.state, key.reason) == ("parked", "daily quota exhausted")
         probe_at = clock.utcnow() + dt.timedelta(seconds=899.0)
         assert key.until == probe_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        assert _quota_wait(broker) == key.until
+        assert quota_wait(broker) == key.until
         assert not waiting.done()
         assert sim.stats.accounts["demo"].accepted == 1  # nothing sent into the park
         waiting.cancel()
