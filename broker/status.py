@@ -174,6 +174,13 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             "the embedded simulator's keys are per process (each run starts its own "
             "simulator on its own port): no shared state to show",
         )
+    if config.state.backend == "memory":
+        return _nothing_to_show(
+            config,
+            args,
+            '[state] backend = "memory" keeps each process\'s key state inside that process: '
+            "no shared state to show (use the local backend, the default, or redis to share it)",
+        )
     if config.state.backend == "local":
         path = local_state_path(config.state)
         try:

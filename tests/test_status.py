@@ -259,6 +259,24 @@ class TestJsonWithNothingToShow:
         assert "no key state at" in document["note"]
         assert "no key state at" in captured.err
 
+    def test_memory_state_says_there_is_none_to_show(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """[state] backend = "memory" keeps each process's key state inside it: status says
+        so, instead of showing a fresh store's made-up figures (every key active, 0 today)."""
+        path = tmp_path / "config.toml"
+        path.write_text(
+            _CONFIG.format(db=tmp_path / "k.sqlite3").replace(
+                "[state]\n", '[state]\nbackend = "memory"\n'
+            )
+        )
+        assert cli.main(["status", "--config", str(path), "--json"]) == 0
+        captured = capsys.readouterr()
+        document = json.loads(captured.out)
+        assert document["keys"] == []
+        assert "memory" in document["note"]
+        assert "memory" in captured.err
+
     def test_embedded_simulator_prints_an_empty_document(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
