@@ -562,6 +562,13 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
 
     from broker.api.marketplaces import marketplace as lookup_marketplace
 
+    if args.refresh and args.no_cache:
+        print(
+            f"{prog()}: --refresh keeps the new answers in the item cache, which --no-cache "
+            "turns off: give one of them (--no-cache alone also asks Amazon for every id)",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     # None: each id's own store (a product URL's), else api.marketplace of the config.
     market: str | None = None
     if args.marketplace is not None:

@@ -1212,3 +1212,13 @@ class TestLookupEnds:
         monkeypatch.setattr(cli, "_main", interrupted)
         assert cli.main(["lookup", "B000000001"]) == ExitCode.RESUMABLE
         assert "interrupted" in capsys.readouterr().err
+
+
+def test_lookup_refresh_with_no_cache_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lookup --refresh --no-cache contradict each other (refresh writes the cache): exit 2
+    saying so, where it was accepted and wrote nothing."""
+    config = str(_config(tmp_path))
+    assert cli.main(["lookup", "B000000001", "--refresh", "--no-cache", "--config", config]) == 2
+    assert "--no-cache" in capsys.readouterr().err
