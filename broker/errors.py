@@ -120,7 +120,8 @@ class ApiError(BrokerError):
 
     Attributes:
         code: the catalogue code (PA-API ``Code``, Creators ``reason`` or ``type``).
-        message: Amazon's message, which never holds a credential.
+        message: Amazon's message (the engine masks any credential a gateway in between
+            echoes in it before it reaches a row or the log).
         status: the HTTP status.
         retry_after: seconds the server asked us to wait, if it said.
         server_date: the server's ``Date`` header, used to learn clock skew.

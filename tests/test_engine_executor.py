@@ -240,6 +240,39 @@ class TestGlobalErrors:
         assert sorted(disabled) == ["a", "b", "c"]
 
 
+class TestCredentialsInAnswers:
+    """A credential an answer echoes never reaches a row, whatever sent it back."""
+
+    async def test_a_gateway_echoing_the_bearer_token_is_masked_in_the_rows(self) -> None:
+        """A 400 whose message quotes the token the request carried (a gateway between us and
+        Amazon): the failed rows' messages show *** instead."""
+        token = "tok-SEKRIT-0123456789"
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token(token)
+            return _reply(
+                400,
+                {
+                    "type": "ValidationException",
+                    "reason": "FieldValidationFailed",
+                    "message": f"bad request with credential {token}",
+                },
+            )
+
+        clock = FakeClock()
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators")
+        async with broker:
+            call = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(call)
+        results = call.result()
+        assert {r.status for r in results} == {Status.FAILED}
+        for result in results:
+            assert result.error is not None
+            assert "SEKRIT" not in result.error.message
+            assert "***" in result.error.message
+
+
 class TestStreamInputErrors:
     """An input that fails part way: what it gave before is answered, then its error."""
 

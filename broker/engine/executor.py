@@ -31,7 +31,7 @@ from broker.errors import (
     TransportError,
     describe,
 )
-from broker.logs import get_logger
+from broker.logs import get_logger, scrub
 from broker.models import ErrorDetail, ItemResult, Status
 
 if TYPE_CHECKING:
@@ -179,7 +179,8 @@ class Executor:
             else:
                 key.on_reachable()
             key.on_failed_attempt(transient=transient)
-            self._on_api_error(key, batch, request, exc, sent_at, transient=transient)
+            shown = _without_credentials(exc, request)
+            self._on_api_error(key, batch, request, shown, sent_at, transient=transient)
             return
         except (TransportError, ResponseError) as exc:
             if isinstance(exc, TransportError):
@@ -537,6 +538,28 @@ class Executor:
             "lookups stay pending; retry.outage_budget_s sets how long a run waits",
             scope=Scope.KEY,
         )
+
+
+def _without_credentials(error: ApiError, request: HttpRequest) -> ApiError:
+    """``error`` with the credentials ``request`` carried masked in its message.
+
+    Amazon's messages hold none, but a gateway in between may echo the bearer token it
+    refused; the message goes into output rows, the ledger and the log.
+    """
+    header = request.headers.get("Authorization", "")
+    token = header.removeprefix("Bearer ").split(",", 1)[0].strip()
+    message = scrub(error.message)
+    if len(token) >= 8 and token in message:
+        message = message.replace(token, "***")
+    if message == error.message:
+        return error
+    return type(error)(
+        error.code,
+        message,
+        status=error.status,
+        retry_after=error.retry_after,
+        server_date=error.server_date,
+    )
 
 
 def _transient_api_error(error: ApiError) -> bool:
