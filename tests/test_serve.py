@@ -849,6 +849,28 @@ class TestDaemonSurvives:
         async with asyncio.timeout(8):
             assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
 
+    async def test_a_job_replaced_in_processing_stops_and_the_new_file_runs(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file renamed over a running job in processing/ stops that job within about a
+        second (its 200 rows would take 20 s, spending quota nobody wants) and the new file
+        then runs as a job of its own, instead of the old rows being fetched to the end and
+        filed under failed/ with the new content."""
+        monkeypatch.setattr(serve, "_ORPHAN_CHECK_S", 0.2)
+        await start(_config(tps=10.0, batch_size=1))
+        _drop(spool, "swap.txt", "\n".join(_asins(200, "B0OLD")) + "\n")
+        out = spool / "processing" / "swap.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2)
+        newer = spool / "processing" / ".swap.new"
+        newer.write_text("B0NEWJOB01\nB0NEWJOB02\n")
+        os.replace(newer, spool / "processing" / "swap.txt")
+        async with asyncio.timeout(10):
+            status = await _filed(spool, "swap.txt")
+        assert status["rows"]["total"] == 2
+        rows = _rows(spool / "done" / "swap.txt.out.jsonl")
+        assert sorted(r["input"] for r in rows) == ["B0NEWJOB01", "B0NEWJOB02"]
+        assert not (spool / "failed" / "swap.txt").exists()
+
     async def test_every_event_of_a_job_names_it_alike(self, start: Start, spool: Path) -> None:
         """The log names a job by its spool name in every event, never by its passing place
         in processing/."""

@@ -952,7 +952,7 @@ class Daemon:
         self._current = job
         loop = asyncio.get_running_loop()
         task = loop.create_task(run_job(self._config, options, broker=broker))
-        watcher = loop.create_task(self._watch_removal(job, task))
+        watcher = loop.create_task(self._watch_removal(job, task, before_stat))
         try:
             summary = await task
         except asyncio.CancelledError:
@@ -1062,12 +1062,22 @@ class Daemon:
             "after the reset",
         )
 
-    async def _watch_removal(self, job: SpoolJob, task: asyncio.Task[JobSummary]) -> bool:
-        """Cancel ``task`` once its job file leaves processing/ (deleted or moved away):
-        nobody wants its rows any more, so its quota is not spent on them. True then."""
+    async def _watch_removal(
+        self, job: SpoolJob, task: asyncio.Task[JobSummary], claimed: os.stat_result
+    ) -> bool:
+        """Cancel ``task`` once its job file leaves processing/ (deleted, moved away, or
+        replaced by another file renamed over it): nobody wants its rows any more, so its
+        quota is not spent on them. True then; a file put in its place is a job of its own,
+        claimed afresh."""
         while not task.done():
             await self._clock.sleep(_REMOVAL_CHECK_S)
-            if not task.done() and not job.path.exists():
+            if task.done():
+                break
+            try:
+                now = job.path.stat()
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (claimed.st_dev, claimed.st_ino):
                 task.cancel()
                 return True
         return False
@@ -1080,7 +1090,8 @@ class Daemon:
             "broker.job_vanished",
             job=job.name,
             path=str(job.path),
-            note="the job file was removed from processing/; its work files are dropped",
+            note="the job file was removed from processing/ (or replaced: a file put in its "
+            "place is claimed as a job of its own); its work files are dropped",
         )
 
     # -- filing -------------------------------------------------------------------------------
