@@ -599,6 +599,23 @@ class TestHttp:
         assert until > datetime.now(UTC)
         assert (await _get(f"{running.url}/healthz"))[0] == 200
 
+    async def test_jobs_deferred_for_the_daily_quota_are_counted(
+        self, start: Start, spool: Path
+    ) -> None:
+        """Under no_wait, jobs stopped until the daily quota resets wait in processing/:
+        asinb_deferred_jobs counts them (nothing else in /metrics showed them)."""
+        running = await start(_config(tpd=3), no_wait=True)
+        for name in ("d1.txt", "d2.txt"):
+            _drop(spool, name, "\n".join(_asins(60, "B0" + name[:2].upper())) + "\n")
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            values = _samples((await _get(f"{running.url}/metrics"))[2])
+            if values["asinb_deferred_jobs"] == 2:
+                break
+            assert asyncio.get_running_loop().time() < deadline, values["asinb_deferred_jobs"]
+            await asyncio.sleep(0.05)
+        assert sorted(os.listdir(spool / "inbox")) == []
+
     def test_readiness_when_every_key_is_out_of_rotation(self) -> None:
         """Every key disabled: not ready, and the reason names each key and why."""
         key = KeySnapshot("demo", "disabled", 1.0, 1.0, 0, 3, 0, 1, 3, 8640, None, "AuthError: x")

@@ -74,6 +74,8 @@ class SpoolSnapshot:
         jobs_done: jobs filed under ``done/`` since the daemon started.
         jobs_failed: jobs filed under ``failed/`` since the daemon started.
         inbox: job files waiting in ``inbox/`` (counted when the snapshot is taken).
+        deferred: jobs in ``processing/`` waiting for their keys' daily quota to reset
+            (``[serve] no_wait``).
         rows_by_status: rows the daemon wrote since it started, by final status, counted
             as they are written (a counter: it never goes down).
         jobs: the current job first (if any), then the most recent finished jobs.
@@ -83,6 +85,7 @@ class SpoolSnapshot:
     jobs_done: int = 0
     jobs_failed: int = 0
     inbox: int = 0
+    deferred: int = 0
     rows_by_status: Mapping[str, int] = field(default_factory=dict)
     jobs: tuple[JobRows, ...] = ()
 
@@ -186,6 +189,12 @@ def render_metrics(
     out.sample("asinb_jobs_total", spool.jobs_failed, outcome="failed")
     out.family("asinb_inbox_jobs", "gauge", "Job files waiting in inbox/ (counted at each scrape).")
     out.sample("asinb_inbox_jobs", spool.inbox)
+    out.family(
+        "asinb_deferred_jobs",
+        "gauge",
+        "Jobs in processing/ waiting for their keys' daily quota to reset (no_wait).",
+    )
+    out.sample("asinb_deferred_jobs", spool.deferred)
     out.family(
         "asinb_rows_total", "counter", "Rows written since the daemon started, by final status."
     )

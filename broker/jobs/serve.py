@@ -1216,6 +1216,7 @@ class Daemon:
             jobs_failed=self._jobs_failed,
             # Counted now: the inbox is scanned only between jobs, which may take hours.
             inbox=self.spool.waiting_count(),
+            deferred=len(self._deferred),
             rows_by_status=dict(self._rows),
             jobs=tuple(jobs),
         )
