@@ -211,7 +211,8 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         print(f"{prog()}: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     except OSError as exc:  # a damaged or read-only state file
-        print(f"{prog()}: {exc}", file=sys.stderr)
+        # Its text names the file and what is wrong; "[Errno 5]" says nothing more.
+        print(f"{prog()}: {exc.strerror or exc}", file=sys.stderr)
         return ExitCode.IO_ERROR
     if args.json:
         document = {

@@ -148,6 +148,7 @@ class TestStatus:
         assert cli.main(["status", "--config", str(config_path)]) == 74
         err = capsys.readouterr().err
         assert "damaged" in err
+        assert "[Errno" not in err
         assert "Traceback" not in err
 
     @pytest.mark.parametrize(
