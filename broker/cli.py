@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,8 +37,6 @@ _CONFIG_HELP: Final = (
 )
 #: ``broker lookup`` gives up this soon when the endpoint cannot be reached (seconds).
 LOOKUP_OUTAGE_BUDGET_S: Final = 5.0
-#: How often ``broker lookup`` checks whether every key waits for its daily quota (seconds).
-_QUOTA_POLL_S: Final = 0.5
 
 
 def resolve_config_path(given: str | None, environ: dict[str, str] | None = None) -> Path:
@@ -641,9 +639,12 @@ async def _lookup(
     from broker.models import Query
 
     # Answers by argument position, kept as they come: a lookup that cannot finish (an
-    # outage, the daily quota spent) still prints the answers it has (cached, invalid).
+    # outage, the daily quota spent, Ctrl-C) still prints the answers it has.
     got: dict[int, ItemResult] = {}
     failure: tuple[int, str] | None = None
+    # The keys that can answer each argument (by its marketplace), to tell when every key
+    # an unanswered one needs is waiting for its daily quota.
+    needs = [_keys_for(config, text, marketplace) for text in asins]
     try:
         # A marketplace no key is configured for is answered by the broker itself
         # (failed, NoKeyForMarketplace) without a request.
@@ -655,9 +656,12 @@ async def _lookup(
         ) as broker:
             # One tagged query per argument: a repeated ASIN is still a row of its own.
             queries = [Query(text, tag=n) for n, text in enumerate(asins)]
+            wind_down = asyncio.Event()
 
             async def collect() -> None:
-                stream = broker.stream(queries, marketplace=marketplace, resources=resources)
+                stream = broker.stream(
+                    queries, marketplace=marketplace, resources=resources, stop=wind_down
+                )
                 async for result in stream:
                     # Every result carries the query that asked for it, tag included.
                     tag = result.query.tag if result.query is not None else None
@@ -665,7 +669,19 @@ async def _lookup(
                         raise RuntimeError(f"a result without its query's position: {result!r}")
                     got[tag] = result
 
-            failure = await _until_quota_spent(broker, collect())
+            def waited_for() -> set[str]:
+                return {key for n, keys in enumerate(needs) if n not in got for key in keys}
+
+            until = await _stop_at_spent_quota(broker, collect(), wind_down, waited_for)
+            if until is not None and len(got) < len(asins):
+                failure = (
+                    ExitCode.RESUMABLE,
+                    (
+                        f"stopped: the daily quota of every key these ids need is spent until "
+                        f"{until}; the ids not printed were not looked up (run again after the "
+                        "reset)"
+                    ),
+                )
     except (NoUsableKeyError, StateUnavailableError, ConfigError, OSError) as exc:
         code, message = describe_failure(exc)
         # run's messages speak of rows left pending; a lookup has none, so say it plainly.
@@ -682,6 +698,19 @@ async def _lookup(
     except (TypeError, ValueError) as exc:
         print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except asyncio.CancelledError:
+        _print_lookup_rows(asins, got, as_json=as_json)  # Ctrl-C: what it has, then stop
+        raise
+    _print_lookup_rows(asins, got, as_json=as_json)
+    if failure is not None:
+        code, message = failure
+        print(f"{prog()}: {message}", file=sys.stderr)
+        return code
+    return ExitCode.SOME_FAILED if any(r.status.value == "failed" for r in got.values()) else 0
+
+
+def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_json: bool) -> None:
+    """The rows answered so far, in argument order."""
     rows = [_lookup_row(n + 1, asins[n], result) for n, result in sorted(got.items())]
     if as_json:
         import json
@@ -691,43 +720,52 @@ async def _lookup(
     else:
         for row in rows:
             print(_readable(row))
-    if failure is not None:
-        code, message = failure
-        print(f"{prog()}: {message}", file=sys.stderr)
-        return code
-    return ExitCode.SOME_FAILED if any(r.status.value == "failed" for r in got.values()) else 0
 
 
-async def _until_quota_spent(
-    broker: Broker, lookups: Coroutine[Any, Any, None]
-) -> tuple[int, str] | None:
-    """Run ``lookups``; stop them when every key waits for its daily quota (None: done).
+def _keys_for(config: BrokerConfig, text: str, marketplace: str | None) -> frozenset[str]:
+    """The keys that can answer ``text``: those with a partner tag for its marketplace (the
+    call's, else a product URL's store, else the config's), as the broker chooses it."""
+    from broker.api.marketplaces import marketplace as lookup_marketplace
+    from broker.asin import check_asin
 
-    A one-shot command must not sit silently until a reset hours away, as a job may; what
-    was answered by then is kept by the caller.
+    named = marketplace or check_asin(text).store or config.api.marketplace
+    try:
+        market = lookup_marketplace(named).name
+    except ValueError:
+        return frozenset()  # answered at once (unknown marketplace): no key is waited for
+    return frozenset(key.name for key in config.keys if market in key.partner_tags)
+
+
+async def _stop_at_spent_quota(
+    broker: Broker,
+    lookups: Coroutine[Any, Any, None],
+    wind_down: asyncio.Event,
+    waited_for: Callable[[], set[str]],
+) -> str | None:
+    """Run ``lookups``; once every key they still wait for waits for its daily quota, wind
+    them down (``wind_down``: nothing more is sent, answers on the wire still come) and
+    return when that quota resets (None: they ended by themselves).
+
+    A one-shot command must not sit silently until a reset hours away, as a job may.
     """
-    from broker.jobs.runner import quota_wait
+    from broker.jobs.runner import QUOTA_POLL_S, quota_wait
 
     task = asyncio.ensure_future(lookups)
+    until: str | None = None
     try:
         while not task.done():
-            await asyncio.wait({task}, timeout=_QUOTA_POLL_S)
-            until = None if task.done() else quota_wait(broker)
-            if until is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return ExitCode.RESUMABLE, (
-                    f"stopped: every key's daily quota is spent until {until}; the ids not "
-                    "printed were not looked up (run again after the reset)"
-                )
+            await asyncio.wait({task}, timeout=QUOTA_POLL_S)
+            if until is None and not task.done():
+                until = quota_wait(broker, keys=waited_for())
+                if until is not None:
+                    wind_down.set()
     finally:
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     task.result()
-    return None
+    return until
 
 
 def _lookup_row(line: int, raw: str, result: ItemResult) -> dict[str, object]:

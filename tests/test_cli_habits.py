@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import asins as asins_of
 from conftest import embedded_toml, key_doc, make_config
 
 from broker import __version__, cli
 from broker.exitcode import ExitCode
 from broker.simulator.server import SimulatorServer
-from broker.simulator.settings import SimulatorSettings
+from broker.simulator.settings import LatencyProfile, SimulatorSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1178,6 +1179,38 @@ class TestLookupEnds:
         assert code == ExitCode.RESUMABLE
         assert "daily quota" in err
         assert [json.loads(line)["input"] for line in out.splitlines()] == ["B0QUOTA001"]
+
+    async def test_the_last_request_of_the_day_in_flight_is_still_answered(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The request that spends the key's last daily request is on the wire when the
+        quota check runs: the lookup winds down instead of being cancelled, so its answers
+        are printed and it exits 0 (nothing was left to look up)."""
+        slow = SimulatorSettings(limits=False, latency=LatencyProfile(fixed_ms=700))
+        async with SimulatorServer(slow) as sim:
+            config = make_config(sim.url, keys=[key_doc(tpd=1)])
+            code = await cli._lookup(config, asins_of(10, "B0LASTQ"), None, None, as_json=True)
+        out = capsys.readouterr().out
+        assert code == ExitCode.OK
+        assert len(out.splitlines()) == 10
+
+    async def test_a_spent_key_is_not_hidden_by_a_key_of_another_marketplace(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The only US key's quota spent and a UK-only key idle: a US lookup still stops at
+        once (the UK key cannot answer it), where it waited for the reset."""
+        async with SimulatorServer(SimulatorSettings(limits=False)) as sim:
+            keys = [
+                key_doc("us", tpd=1),
+                key_doc("uk", tags={"www.amazon.co.uk": "demo-21"}),
+            ]
+            config = make_config(sim.url, keys=keys)
+            assert await cli._lookup(config, ["B0QUOTA001"], None, None, as_json=True) == 0
+            capsys.readouterr()
+            async with asyncio.timeout(15):
+                code = await cli._lookup(config, ["B0QUOTA002"], None, None, as_json=True)
+        assert code == ExitCode.RESUMABLE
+        assert "daily quota" in capsys.readouterr().err
 
     async def test_an_outage_still_prints_the_answers_it_had(
         self, capsys: pytest.CaptureFixture[str]

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig
 
 __all__ = [
+    "QUOTA_POLL_S",
     "ExitCode",
     "JobOptions",
     "JobSummary",
@@ -693,8 +694,9 @@ async def _fetch(
     return cached
 
 
-#: How often ``no_wait`` checks whether every key waits for its daily quota.
-_QUOTA_POLL_S = 0.5
+#: How often ``no_wait`` (and ``broker lookup``) checks whether every key waits for its
+#: daily quota (seconds).
+QUOTA_POLL_S: Final = 0.5
 
 
 #: Key states that last until Amazon's daily window resets (or, probed, about as long).
@@ -705,11 +707,12 @@ _DAY_LONG_WAITS: Final = (
 )
 
 
-def quota_wait(broker: Broker) -> str | None:
-    """When every key that is not disabled waits for its daily quota: the earliest reset."""
+def quota_wait(broker: Broker, *, keys: Collection[str] | None = None) -> str | None:
+    """When every key that is not disabled (of ``keys``, if given) waits for its daily
+    quota: the earliest reset."""
     waits: list[str] = []
     for key in broker.metrics().keys:
-        if key.state == "disabled":
+        if key.state == "disabled" or (keys is not None and key.name not in keys):
             continue
         # A key parked after sustained 429s with its own count low waits as long (Amazon's
         # daily quota may be smaller than tpd says, or the account not eligible, and a 429
@@ -723,7 +726,7 @@ def quota_wait(broker: Broker) -> str | None:
 async def _watch_quota(broker: Broker, stop: _Stop) -> None:
     """``no_wait``: stop the run at once when every key is waiting for its daily quota."""
     while True:
-        await asyncio.sleep(_QUOTA_POLL_S)
+        await asyncio.sleep(QUOTA_POLL_S)
         until = quota_wait(broker)
         if until is not None:
             stop.quota_spent(until)
