@@ -207,6 +207,49 @@ class TestTokenFetchAndPacing:
         assert min(gaps) >= 0.5 - 1e-6, gaps
 
 
+class TestHeldTokenFailure:
+    """A token fetch that failed ahead of a send is not raised by a send hours later."""
+
+    async def test_a_send_long_after_a_failed_early_fetch_fetches_again(self) -> None:
+        """Key a's early fetch fails and key b takes the work; two hours later only a can
+        serve new work: a fetches a token before it sends (the endpoint is fine by then),
+        instead of its send raising the two-hour-old failure and waiting out a pause."""
+        uk = "www.amazon.co.uk"
+        clock = FakeClock()
+        a_fetches: list[float] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                if b"a-id" in request.body:
+                    a_fetches.append(clock.monotonic())
+                    if len(a_fetches) == 1:
+                        await clock.sleep(1.0)
+                        return _reply(500, {"error": "server_error"})
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        keys = [
+            key_doc("a", credential_id="a-id", tags={US: "a-20", uk: "a-21"}),
+            key_doc("b", credential_id="b-id"),
+        ]
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        start = clock.monotonic()
+        with capture_logs() as logs:
+            async with broker:
+                first = asyncio.ensure_future(broker.get_items(asins(10, "B1")))
+                await clock.run_until(first)
+                await clock.advance(7200)
+                later = asyncio.ensure_future(broker.get_items(asins(10, "B2"), marketplace=uk))
+                await clock.run_until(later)
+        assert all(r.ok for r in later.result())
+        later_fetches = [t - start for t in a_fetches if t - start > 7000]
+        assert later_fetches
+        assert later_fetches[0] < 7200.5
+        # The failure at t=1 was never a send's: nothing reports it two hours later.
+        failed = [e for e in logs if e["event"] == "broker.token_fetch_failed"]
+        assert [e for e in failed if e.get("key") == "a"] == []
+
+
 class TestGlobalErrors:
     """An error whose catalogue scope is global (the client or the endpoint is wrong, not a
     key) takes every key out at once: no other key spends a request to learn the same."""

@@ -361,6 +361,20 @@ class TestPrepare:
         assert await cache.token() == f"{TOKEN_PREFIX}2"
         assert len(endpoint.requests) == 2
 
+    async def test_a_held_failure_stands_only_while_fresh(self) -> None:
+        """While a failed early fetch is a few seconds old, prepare() asks the endpoint
+        nothing more (the send raises the failure and is backed off); much later, token()
+        fetches instead of raising the stale failure."""
+        clock = FakeClock()
+        endpoint = Endpoint(ServerError("ServerError", "down", status=503))
+        cache = make(endpoint, clock)
+        await cache.prepare()
+        await cache.prepare()
+        assert len(endpoint.requests) == 1
+        await clock.advance(7200)
+        assert await cache.token() == f"{TOKEN_PREFIX}2"
+        assert len(endpoint.requests) == 2
+
 
 class TestInvalidate:
     async def test_invalidate_current_token_forces_refresh(self) -> None:

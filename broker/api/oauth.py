@@ -57,6 +57,7 @@ class CreatorsTokenCache:
         "_clock",
         "_credential_id",
         "_failure",
+        "_held_at",
         "_held_failure",
         "_lock",
         "_margin_s",
@@ -97,9 +98,10 @@ class CreatorsTokenCache:
         # refresh ran while they queued, so one failure answers them all.
         self._attempts = 0
         self._failure: Exception | None = None
-        # A failed fetch made by prepare(), raised by the next token() instead of fetching
-        # again at once: one fetch per attempt to send.
+        # A failed fetch made by prepare(), and when: raised by the next token() instead of
+        # fetching again at once (one fetch per attempt to send), while it is fresh.
         self._held_failure: Exception | None = None
+        self._held_at = float("-inf")
         self._requests_sent = 0
         self._lock = asyncio.Lock()
 
@@ -138,9 +140,9 @@ class CreatorsTokenCache:
         current = self._current()
         if current is not None:
             return current
-        held = self._held_failure
+        held = self._held()
+        self._held_failure = None
         if held is not None:
-            self._held_failure = None
             raise held
         seen = self._attempts
         async with self._lock:
@@ -160,15 +162,28 @@ class CreatorsTokenCache:
 
         The engine calls this before the pacer books a send: a fetch made after the booking
         would delay that send and bring it closer to the next than the key's interval. A
-        failure is not raised here; the next :meth:`token` raises it without fetching again.
+        failure is not raised here; the next :meth:`token` raises it without fetching again
+        if it comes within a few seconds (later, it fetches: the failure is stale). While
+        a failure is that fresh, this fetches nothing: the send raises it and is backed
+        off, instead of a dispatcher asking a failing endpoint at every turn.
         """
-        self._held_failure = None
-        if self._current() is not None:
+        if self._current() is not None or self._held() is not None:
             return
+        self._held_failure = None
         try:
             await self.token()
         except Exception as exc:
             self._held_failure = exc
+            self._held_at = self._clock.monotonic()
+
+    def _held(self) -> Exception | None:
+        """The failure prepare() kept, if it is recent enough to stand for a fetch now."""
+        if self._held_failure is None:
+            return None
+        if self._clock.monotonic() - self._held_at > _HELD_FAILURE_S:
+            self._held_failure = None
+            return None
+        return self._held_failure
 
     def invalidate(self, token: str) -> None:
         """Forget ``token`` if it is still the cached one (the API said it expired or is bad).
@@ -289,6 +304,11 @@ class CreatorsTokenCache:
             for form in _spellings(secret):
                 message = message.replace(form, "***")
         return short(scrub(message))
+
+
+#: How long a failed early fetch stands for a fetch at send time (seconds): longer than the
+#: dispatcher takes from the fetch to the send it books, shorter than any backoff after it.
+_HELD_FAILURE_S = 5.0
 
 
 def _spellings(secret: str) -> list[str]:

@@ -186,13 +186,16 @@ class KeyPool:
             batch = work.take(key.active_marketplaces())
             if batch is None:
                 # Another key took the work first; a probe slot claimed for it is handed back.
+                # The next turn may come hours later: its token is looked at again then.
                 key.abandon_probe()
+                prepared = False
                 continue
             sent_at = await key.try_send()
             if sent_at is None:
                 # The daily budget is spent: the key waits for its window to reset.
                 key.abandon_probe()
                 self.submit(batch, front=True)
+                prepared = False
                 continue
             return batch, sent_at
 
