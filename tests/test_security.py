@@ -1239,6 +1239,34 @@ class TestD2CredentialsInForeignMessages:
         assert "SEKRIT" not in shown
         assert caught.value.path == "cache.redis_url"
 
+    def test_an_unreadable_redis_cache_url_from_the_environment_names_the_variable(
+        self,
+    ) -> None:
+        """The URL came from the variable cache.redis_url_env names: the error names that
+        setting and the variable, not a cache.redis_url the config does not have."""
+        pytest.importorskip("redis")
+        from broker.cache.open import open_store
+        from broker.cache.policy import CachePolicy
+
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [
+                {
+                    "name": "k",
+                    "credential_id": "demo-id",
+                    "version": "3.1",
+                    "partner_tags": {"www.amazon.com": "demo-20"},
+                }
+            ],
+            "cache": {"max_age_s": 3600, "backend": "redis", "redis_url_env": "ASINB_REDIS"},
+        }
+        config = parse_config(document, environ={"ASINB_REDIS": "redis://:SEKRIT#PW@h:6379/0"})
+        with pytest.raises(ConfigError) as caught:
+            open_store(config.cache, CachePolicy(3600), namespace="creators")
+        assert caught.value.path == "cache.redis_url_env"
+        assert "ASINB_REDIS" in str(caught.value)
+        assert "SEKRIT" not in str(caught.value)
+
     @pytest.mark.parametrize("version", ["2.1", "3.1"])
     async def test_a_token_endpoint_echoing_the_encoded_secret(self, version: str) -> None:
         """An OAuth error member echoing the request body (the secret form- or JSON-encoded)

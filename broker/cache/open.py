@@ -116,13 +116,22 @@ def open_store(
 
         if config.redis_url is None:
             raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
-        return RedisCache.from_url(
-            config.redis_url,
-            policy,
-            key_prefix=config.key_prefix,
-            namespace=namespace,
-            clock=clock,
-            batch_size=batch_size,
-        )
+        try:
+            return RedisCache.from_url(
+                config.redis_url,
+                policy,
+                key_prefix=config.key_prefix,
+                namespace=namespace,
+                clock=clock,
+                batch_size=batch_size,
+            )
+        except ConfigError as exc:
+            if config.redis_url_env is None:
+                raise
+            # The URL came from the environment: name the setting the user wrote.
+            raise ConfigError(
+                "cache.redis_url_env",
+                f"the variable {config.redis_url_env} {exc.message}",
+            ) from None
     path = Path(config.path) if config.path else default_cache_path(environ)
     return SqliteCache(path, policy, namespace=namespace, clock=clock, batch_size=batch_size)
