@@ -250,6 +250,49 @@ class TestHeldTokenFailure:
         assert [e for e in failed if e.get("key") == "a"] == []
 
 
+class TestTokenAfterAnIdleTurn:
+    """A dispatcher turn that booked nothing does not excuse the next one from fetching a
+    due token before it books."""
+
+    async def test_a_token_due_after_a_turn_lost_to_another_key_is_fetched_before_booking(
+        self,
+    ) -> None:
+        """Key a's first turn finds the work taken by key b; two hours later (a's token long
+        expired) only a serves new work: its token is fetched before its first send is
+        booked, so its first two sends stay the key's interval apart (fetched after the
+        booking, the slow fetch squeezed the gap to 0.2 s)."""
+        uk = "www.amazon.co.uk"
+        clock = FakeClock()
+        a_sends: list[float] = []
+        a_fetches = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal a_fetches
+            if "/auth/" in request.url:
+                if b"a-id" in request.body:
+                    a_fetches += 1
+                    await clock.sleep(0.3 if a_fetches > 1 else 1.0)
+                return _reply(200, {"access_token": f"t{clock.monotonic()}", "expires_in": 3600})
+            if request.headers.get("x-marketplace") == uk:
+                a_sends.append(clock.monotonic())
+            return _creators_ok(_ids(request))
+
+        keys = [
+            key_doc("a", credential_id="a-id", tps=2.0, tags={US: "a-20", uk: "a-21"}),
+            key_doc("b", credential_id="b-id"),
+        ]
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        async with broker:
+            first = asyncio.ensure_future(broker.get_items(asins(10, "B1")))
+            await clock.run_until(first)
+            await clock.advance(7200)
+            later = asyncio.ensure_future(broker.get_items(asins(20, "B2"), marketplace=uk))
+            await clock.run_until(later)
+        assert all(r.ok for r in later.result())
+        assert len(a_sends) == 2
+        assert a_sends[1] - a_sends[0] >= 0.5 - 1e-6, a_sends
+
+
 class TestGlobalErrors:
     """An error whose catalogue scope is global (the client or the endpoint is wrong, not a
     key) takes every key out at once: no other key spends a request to learn the same."""
@@ -530,6 +573,34 @@ class TestPaapiCallersUnderFaults:
 
 class TestInvalidIds:
     """PA-API fails a whole request for a bad id: mark it, re-send the rest."""
+
+    async def test_named_id_split_out_when_the_message_shows_a_credential(self) -> None:
+        """The 400 naming a bad id also quotes a signature (a gateway's echo): the message is
+        masked and the error keeps its ids, so the id is still marked invalid and the rest
+        re-sent (rebuilding the error lost them: every row failed with TypeError)."""
+        bad = "B0BAD00001"
+        signature = "Signature=" + "ab12" * 16
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            ids = _ids(request)
+            if bad in ids:
+                return _paapi_error(
+                    400,
+                    "InvalidParameterValue",
+                    f"The value [{bad}] provided in the request for ItemIds is invalid. "
+                    f"({signature})",
+                )
+            return _paapi_ok(ids)
+
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, handler, clock)
+        async with broker:
+            results = await _run(broker, clock, [*asins(9), bad])
+        by_asin = {r.asin: r for r in results}
+        assert by_asin[bad].status is Status.INVALID
+        assert by_asin[bad].error is not None
+        assert "ab12ab12" not in by_asin[bad].error.message
+        assert all(by_asin[a].ok for a in asins(9))
 
     async def test_named_id_split_out(self) -> None:
         """A 400 InvalidParameterValue naming an id marks it invalid and re-sends the other 9."""

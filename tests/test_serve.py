@@ -615,6 +615,10 @@ class TestHttp:
             assert asyncio.get_running_loop().time() < deadline, values["asinb_deferred_jobs"]
             await asyncio.sleep(0.05)
         assert sorted(os.listdir(spool / "inbox")) == []
+        # One deleted from processing/ is no longer counted as waiting.
+        (spool / "processing" / "d1.txt").unlink()
+        values = _samples((await _get(f"{running.url}/metrics"))[2])
+        assert values["asinb_deferred_jobs"] == 1
 
     def test_readiness_when_every_key_is_out_of_rotation(self) -> None:
         """Every key disabled: not ready, and the reason names each key and why."""
@@ -887,6 +891,26 @@ class TestDaemonSurvives:
         rows = _rows(spool / "done" / "swap.txt.out.jsonl")
         assert sorted(r["input"] for r in rows) == ["B0NEWJOB01", "B0NEWJOB02"]
         assert not (spool / "failed" / "swap.txt").exists()
+
+    async def test_a_job_replaced_after_the_watchers_last_look_is_not_filed_as_changed(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file renamed over the job too late for the removal watcher (here it never
+        looks) is still told from a change: the old job is dropped, not filed under failed/
+        with the new content, and the new file runs as a job of its own."""
+        monkeypatch.setattr(serve, "_REMOVAL_CHECK_S", 3600.0)
+        monkeypatch.setattr(serve, "_ORPHAN_CHECK_S", 0.2)
+        await start(_config(tps=10.0, batch_size=1))
+        _drop(spool, "late.txt", "\n".join(_asins(15, "B0OLD")) + "\n")
+        out = spool / "processing" / "late.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2)
+        newer = spool / "processing" / ".late.new"
+        newer.write_text("B0NEWJOB01\n")
+        os.replace(newer, spool / "processing" / "late.txt")
+        async with asyncio.timeout(15):
+            status = await _filed(spool, "late.txt")
+        assert status["rows"]["total"] == 1
+        assert not (spool / "failed" / "late.txt").exists()
 
     async def test_every_event_of_a_job_names_it_alike(self, start: Start, spool: Path) -> None:
         """The log names a job by its spool name in every event, never by its passing place

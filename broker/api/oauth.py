@@ -54,9 +54,11 @@ class CreatorsTokenCache:
 
     __slots__ = (
         "_attempts",
+        "_came_due",
         "_clock",
         "_credential_id",
         "_failure",
+        "_fetched_at",
         "_held_at",
         "_held_failure",
         "_lock",
@@ -102,6 +104,10 @@ class CreatorsTokenCache:
         # fetching again at once (one fetch per attempt to send), while it is fresh.
         self._held_failure: Exception | None = None
         self._held_at = float("-inf")
+        # When the last fetch ended, however it ended.
+        self._fetched_at = float("-inf")
+        # Whether the token the last fetch brought was already due for a refresh when it came.
+        self._came_due = False
         self._requests_sent = 0
         self._lock = asyncio.Lock()
 
@@ -154,8 +160,15 @@ class CreatorsTokenCache:
             return await self._refresh()
 
     def due(self) -> bool:
-        """True when :meth:`token` would fetch first (no token, or it is about to expire)."""
-        return self._current() is None
+        """True when :meth:`prepare` would fetch: there is no usable token (none, or one about
+        to expire), no failed fetch of the last few seconds stands for one, and the last
+        fetch did not bring a token already due (one living shorter than its fetch took is
+        used as it is for that long, not fetched again and again)."""
+        if self._current() is not None or self._held() is not None:
+            return False
+        return not (
+            self._came_due and self._clock.monotonic() - self._fetched_at <= _HELD_FAILURE_S
+        )
 
     async def prepare(self) -> None:
         """Fetch a token now if one is due, so that the next :meth:`token` need not.
@@ -167,7 +180,7 @@ class CreatorsTokenCache:
         a failure is that fresh, this fetches nothing: the send raises it and is backed
         off, instead of a dispatcher asking a failing endpoint at every turn.
         """
-        if self._current() is not None or self._held() is not None:
+        if not self.due():
             return
         self._held_failure = None
         try:
@@ -231,8 +244,10 @@ class CreatorsTokenCache:
             raise
         finally:
             self._attempts += 1
+            self._fetched_at = self._clock.monotonic()
         self._token = token
         self._refresh_at = started + lifetime_s - min(self._margin_s, lifetime_s / 2)
+        self._came_due = self._clock.monotonic() >= self._refresh_at
         return token.reveal()
 
     def _token_request(self) -> HttpRequest:

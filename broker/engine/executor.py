@@ -553,13 +553,13 @@ def _without_credentials(error: ApiError, request: HttpRequest) -> ApiError:
         message = message.replace(token, "***")
     if message == error.message:
         return error
-    return type(error)(
-        error.code,
-        message,
-        status=error.status,
-        retry_after=error.retry_after,
-        server_date=error.server_date,
-    )
+    # A copy with every attribute its class keeps (a PA-API InvalidItemIdsError's ids too),
+    # made without calling __init__, whose signature differs from class to class.
+    shown = type(error).__new__(type(error))
+    shown.__dict__.update(error.__dict__)
+    shown.message = message
+    shown.args = (f"{error.code} (HTTP {error.status}): {message}",)
+    return shown
 
 
 def _transient_api_error(error: ApiError) -> bool:

@@ -167,35 +167,30 @@ class KeyPool:
     async def _next(self, key: KeyState) -> tuple[Batch, float]:
         """Wait until ``key`` may send and has work; book the send and return the batch."""
         work = self._work
-        prepared = False
         while True:
             await work.wait_for(key.active_marketplaces)
             await key.wait_ready()
-            if not prepared and key.authorizer.due():
+            if key.authorizer.due():
                 # The token is fetched before the slot is booked: fetched after, it would
                 # delay this send and bring it closer to the next than the key's interval
                 # (a strict server's 429, at the start and after every refresh). Time
-                # passed, so work and readiness are looked at again; once per send, so a
-                # failed fetch is raised by the send and backed off there, not retried here.
-                # A probe slot wait_ready claimed goes back until then.
+                # passed, so work and readiness are looked at again. A failed fetch is not
+                # due again for a few seconds: the send raises it and is backed off there,
+                # and nothing loops here. A probe slot wait_ready claimed goes back first.
                 key.abandon_probe()
                 await key.authorizer.prepare()
-                prepared = True
                 continue
             # Nothing awaited since wait_ready returned: the key is ready at this instant.
             batch = work.take(key.active_marketplaces())
             if batch is None:
                 # Another key took the work first; a probe slot claimed for it is handed back.
-                # The next turn may come hours later: its token is looked at again then.
                 key.abandon_probe()
-                prepared = False
                 continue
             sent_at = await key.try_send()
             if sent_at is None:
                 # The daily budget is spent: the key waits for its window to reset.
                 key.abandon_probe()
                 self.submit(batch, front=True)
-                prepared = False
                 continue
             return batch, sent_at
 

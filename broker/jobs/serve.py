@@ -1012,7 +1012,8 @@ class Daemon:
         self._finish(job, summary, before, broker.metrics())
 
     def _fail_changed(self, job: SpoolJob, before: os.stat_result) -> bool:
-        """File ``job`` in failed/ if it changed since ``before`` (or vanished); True if so.
+        """File ``job`` in failed/ if it changed since ``before``, or drop it if it vanished
+        or was replaced by another file; True if so.
 
         The spool's own advice: a job that changed was still being written, and is run
         again by moving it back into inbox/ (its ledger goes with the filing).
@@ -1020,6 +1021,11 @@ class Daemon:
         try:
             after = os.stat(job.path)
         except FileNotFoundError:
+            self._vanished(job)
+            return True
+        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+            # Another file renamed over the job, after the watcher's last look: the job's
+            # rows are nobody's now, and the new file is claimed as a job of its own.
             self._vanished(job)
             return True
         if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
@@ -1216,7 +1222,8 @@ class Daemon:
             jobs_failed=self._jobs_failed,
             # Counted now: the inbox is scanned only between jobs, which may take hours.
             inbox=self.spool.waiting_count(),
-            deferred=len(self._deferred),
+            # Only those still there: one deleted meanwhile is forgotten when it comes due.
+            deferred=sum(1 for name in self._deferred if (self.spool.processing / name).exists()),
             rows_by_status=dict(self._rows),
             jobs=tuple(jobs),
         )
