@@ -474,9 +474,12 @@ class TestIdentityAndConfig:
         assert default_state_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "asin-broker"
         assert default_state_dir({}) == Path.home() / ".local" / "state" / "asin-broker"
         store = open_store(StateConfig(), {"XDG_STATE_HOME": str(tmp_path)})
-        assert store.backend == "local"
-        assert (tmp_path / "asin-broker").stat().st_mode & 0o777 == 0o700
-        assert store.where.endswith("asin-broker/keys.sqlite3")
+        try:
+            assert store.backend == "local"
+            assert (tmp_path / "asin-broker").stat().st_mode & 0o777 == 0o700
+            assert store.where.endswith("asin-broker/keys.sqlite3")
+        finally:
+            asyncio.run(store.aclose())
 
     def test_redacted_url_hides_credentials(self) -> None:
         """A URL with a user or password is shown without them."""
