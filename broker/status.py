@@ -205,15 +205,12 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     try:
         where, statuses = await key_statuses(config)
     except StateUnavailableError as exc:
-        print(f"{prog()}: {exc}", file=sys.stderr)
-        return ExitCode.UNAVAILABLE
+        return _cannot_show(config, args, str(exc), ExitCode.UNAVAILABLE)
     except ConfigError as exc:  # Redis refusing the password
-        print(f"{prog()}: invalid config: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
+        return _cannot_show(config, args, f"invalid config: {exc}", ExitCode.CONFIG)
     except OSError as exc:  # a damaged or read-only state file
         # Its text names the file and what is wrong; "[Errno 5]" says nothing more.
-        print(f"{prog()}: {exc.strerror or exc}", file=sys.stderr)
-        return ExitCode.IO_ERROR
+        return _cannot_show(config, args, str(exc.strerror or exc), ExitCode.IO_ERROR)
     if args.json:
         document = {
             "backend": config.state.backend,
@@ -225,6 +222,18 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         print(_render(statuses))
         print(f"\nkey state: {config.state.backend}, {where}")
     return ExitCode.OK
+
+
+def _cannot_show(
+    config: BrokerConfig, args: argparse.Namespace, message: str, code: ExitCode
+) -> int:
+    """Say why the state cannot be read; with ``--json`` still print a document (no keys,
+    the error), so a script reading stdout always gets one."""
+    print(f"{prog()}: {message}", file=sys.stderr)
+    if args.json:
+        document = {"backend": config.state.backend, "keys": [], "error": message}
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    return code
 
 
 def _nothing_to_show(

@@ -186,6 +186,11 @@ class TestStatus:
         path.write_text(text)
         assert cli.main(["status", "--config", str(path)]) == 69
         assert "key-state store (redis) unavailable" in capsys.readouterr().err
+        # With --json, stdout still holds a document a script can read.
+        assert cli.main(["status", "--config", str(path), "--json"]) == 69
+        document = json.loads(capsys.readouterr().out)
+        assert document["keys"] == []
+        assert "unavailable" in document["error"]
 
 
 class TestWithoutSecrets:
