@@ -111,6 +111,10 @@ class TestResources:
         assert resource_names("creators", "SearchItems") == resource_names(
             C, Operation.SEARCH_ITEMS
         )
+        # The Creators API spells its operations in camelCase: that spelling works too.
+        assert resource_names("creators", "searchItems") == resource_names(
+            C, Operation.SEARCH_ITEMS
+        )
         with pytest.raises(ValueError, match="protocol"):
             resource_names("paapi4")
         with pytest.raises(ValueError, match="operation"):

@@ -102,8 +102,8 @@ def resource_names(
 ) -> tuple[str, ...]:
     """Every resource name ``operation`` accepts, spelled for ``protocol``.
 
-    Both may be given as the enum or as its value: ``resource_names("paapi5")``,
-    ``resource_names("creators", "SearchItems")``. PA-API has no ``highRes`` images (it
+    Both may be given as the enum or as its value, in either API's spelling:
+    ``resource_names("paapi5")``, ``resource_names("creators", "searchItems")``. PA-API has no ``highRes`` images (it
     stops at Large), so those are not in its list.
 
     Raises:
@@ -118,11 +118,12 @@ def resource_names(
 def _enum(kind: type[_E], value: _E | str, what: str) -> _E:
     if isinstance(value, kind):
         return value
-    try:
-        return kind(value)
-    except ValueError:
-        known = ", ".join(repr(member.value) for member in kind)
-        raise ValueError(f"unknown {what} {value!r}; expected one of {known}") from None
+    # Either API's spelling: PA-API's "SearchItems" or the Creators API's "searchItems".
+    for member in kind:
+        if isinstance(value, str) and value.lower() == str(member.value).lower():
+            return member
+    known = ", ".join(repr(member.value) for member in kind)
+    raise ValueError(f"unknown {what} {value!r}; expected one of {known}")
 
 
 def resolve_resources(
