@@ -103,8 +103,8 @@ def resource_names(
     """Every resource name ``operation`` accepts, spelled for ``protocol``.
 
     Both may be given as the enum or as its value, in either API's spelling:
-    ``resource_names("paapi5")``, ``resource_names("creators", "searchItems")``. PA-API has no ``highRes`` images (it
-    stops at Large), so those are not in its list.
+    ``resource_names("paapi5")``, ``resource_names("creators", "searchItems")``. PA-API has
+    no ``highRes`` images (it stops at Large), so those are not in its list.
 
     Raises:
         ValueError: an unknown protocol or operation (the message lists the known ones).
