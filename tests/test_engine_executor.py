@@ -207,6 +207,26 @@ class TestTokenFetchAndPacing:
         assert min(gaps) >= 0.5 - 1e-6, gaps
 
 
+async def _us_then_uk_hours_later(
+    clock: FakeClock, handler: Handler, *, a_tps: float, uk_asins: int
+) -> list[ItemResult]:
+    """Keys a (US and UK, credential a-id, ``a_tps``) and b (US, b-id): 10 US ASINs, two
+    idle hours, then ``uk_asins`` UK ASINs only a serves; the UK results."""
+    uk = "www.amazon.co.uk"
+    keys = [
+        key_doc("a", credential_id="a-id", tps=a_tps, tags={US: "a-20", uk: "a-21"}),
+        key_doc("b", credential_id="b-id"),
+    ]
+    broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+    async with broker:
+        first = asyncio.ensure_future(broker.get_items(asins(10, "B1")))
+        await clock.run_until(first)
+        await clock.advance(7200)
+        later = asyncio.ensure_future(broker.get_items(asins(uk_asins, "B2"), marketplace=uk))
+        await clock.run_until(later)
+    return later.result()
+
+
 class TestHeldTokenFailure:
     """A token fetch that failed ahead of a send is not raised by a send hours later."""
 
@@ -214,7 +234,6 @@ class TestHeldTokenFailure:
         """Key a's early fetch fails and key b takes the work; two hours later only a can
         serve new work: a fetches a token before it sends (the endpoint is fine by then),
         instead of its send raising the two-hour-old failure and waiting out a pause."""
-        uk = "www.amazon.co.uk"
         clock = FakeClock()
         a_fetches: list[float] = []
 
@@ -228,20 +247,10 @@ class TestHeldTokenFailure:
                 return _token("tok")
             return _creators_ok(_ids(request))
 
-        keys = [
-            key_doc("a", credential_id="a-id", tags={US: "a-20", uk: "a-21"}),
-            key_doc("b", credential_id="b-id"),
-        ]
-        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
         start = clock.monotonic()
         with capture_logs() as logs:
-            async with broker:
-                first = asyncio.ensure_future(broker.get_items(asins(10, "B1")))
-                await clock.run_until(first)
-                await clock.advance(7200)
-                later = asyncio.ensure_future(broker.get_items(asins(10, "B2"), marketplace=uk))
-                await clock.run_until(later)
-        assert all(r.ok for r in later.result())
+            later = await _us_then_uk_hours_later(clock, handler, a_tps=100.0, uk_asins=10)
+        assert all(r.ok for r in later)
         later_fetches = [t - start for t in a_fetches if t - start > 7000]
         assert later_fetches
         assert later_fetches[0] < 7200.5
@@ -277,18 +286,8 @@ class TestTokenAfterAnIdleTurn:
                 a_sends.append(clock.monotonic())
             return _creators_ok(_ids(request))
 
-        keys = [
-            key_doc("a", credential_id="a-id", tps=2.0, tags={US: "a-20", uk: "a-21"}),
-            key_doc("b", credential_id="b-id"),
-        ]
-        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
-        async with broker:
-            first = asyncio.ensure_future(broker.get_items(asins(10, "B1")))
-            await clock.run_until(first)
-            await clock.advance(7200)
-            later = asyncio.ensure_future(broker.get_items(asins(20, "B2"), marketplace=uk))
-            await clock.run_until(later)
-        assert all(r.ok for r in later.result())
+        later = await _us_then_uk_hours_later(clock, handler, a_tps=2.0, uk_asins=20)
+        assert all(r.ok for r in later)
         assert len(a_sends) == 2
         assert a_sends[1] - a_sends[0] >= 0.5 - 1e-6, a_sends
 
