@@ -110,6 +110,17 @@ async def _until(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
             await asyncio.sleep(0.02)
 
 
+async def _replace_while_running(spool: Path, name: str, rows: int, text: str) -> None:
+    """Drop job ``name`` of ``rows`` ASINs; once two rows are written, rename a file holding
+    ``text`` over it in processing/, as a producer replacing it would."""
+    _drop(spool, name, "\n".join(_asins(rows, "B0OLD")) + "\n")
+    out = spool / "processing" / f"{name}.out.jsonl"
+    await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2)
+    newer = spool / "processing" / f".{name}.new"
+    newer.write_text(text)
+    os.replace(newer, spool / "processing" / name)
+
+
 async def _filed(spool: Path, name: str, where: str = "done") -> dict[str, Any]:
     status = spool / where / f"{name}.status.json"
     await _until(status.exists)
@@ -879,12 +890,7 @@ class TestDaemonSurvives:
         filed under failed/ with the new content."""
         monkeypatch.setattr(serve, "_ORPHAN_CHECK_S", 0.2)
         await start(_config(tps=10.0, batch_size=1))
-        _drop(spool, "swap.txt", "\n".join(_asins(200, "B0OLD")) + "\n")
-        out = spool / "processing" / "swap.txt.out.jsonl"
-        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2)
-        newer = spool / "processing" / ".swap.new"
-        newer.write_text("B0NEWJOB01\nB0NEWJOB02\n")
-        os.replace(newer, spool / "processing" / "swap.txt")
+        await _replace_while_running(spool, "swap.txt", 200, "B0NEWJOB01\nB0NEWJOB02\n")
         async with asyncio.timeout(10):
             status = await _filed(spool, "swap.txt")
         assert status["rows"]["total"] == 2
@@ -901,12 +907,7 @@ class TestDaemonSurvives:
         monkeypatch.setattr(serve, "_REMOVAL_CHECK_S", 3600.0)
         monkeypatch.setattr(serve, "_ORPHAN_CHECK_S", 0.2)
         await start(_config(tps=10.0, batch_size=1))
-        _drop(spool, "late.txt", "\n".join(_asins(15, "B0OLD")) + "\n")
-        out = spool / "processing" / "late.txt.out.jsonl"
-        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2)
-        newer = spool / "processing" / ".late.new"
-        newer.write_text("B0NEWJOB01\n")
-        os.replace(newer, spool / "processing" / "late.txt")
+        await _replace_while_running(spool, "late.txt", 15, "B0NEWJOB01\n")
         async with asyncio.timeout(15):
             status = await _filed(spool, "late.txt")
         assert status["rows"]["total"] == 1
