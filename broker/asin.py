@@ -33,13 +33,14 @@ _ISBN10_HYPHENATED = re.compile(r"[0-9](?:-?[0-9]){8}-?[0-9Xx]")
 # The host must be an Amazon domain (amazon.com, www.amazon.co.uk, smile.amazon.de,
 # amazon.com.au ...), so "amazon.com.evil.net" and "amazon.com@evil.net" do not pass.
 # The title slug before the marker may hold any characters (amazon.de slugs carry
-# umlauts); the ASIN itself must be ASCII and end the path segment.
+# umlauts); the ASIN itself must be ASCII and end the path segment (shared links mangled
+# on the way end it with "&", ";" or an encoded "?" or "/" as well).
 _URL = re.compile(
     r"(?:https?://)?(?:[a-z0-9-]+\.)*(amazon\.[a-z]{2,3}(?:\.[a-z]{2,3})?)(?::[0-9]{1,5})?"
     r"/(?:[^\s?#]*/)?"
     r"(?:dp|dp/product|gp/product|gp/aw/d|gp/offer-listing|product-reviews|o/ASIN"
     r"|exec/obidos/ASIN|exec/obidos/tg/detail/-)"
-    r"/([a-z0-9]{10})(?:[/?#]|$)",
+    r"/([a-z0-9]{10})(?:[/?#&;]|%3f|%2f|$)",
     re.IGNORECASE,
 )
 _LOOKS_LIKE_URL = re.compile(

@@ -199,6 +199,12 @@ class TestUrls:
             "www.amazon.com/dp/B0ABCDEFGH",
             "amazon.co.uk/gp/product/B0ABCDEFGH",
             "  https://www.amazon.com/dp/B0ABCDEFGH  ",
+            # Shared links mangled on the way (a chat app's "&" for "?", an encoded "?" or
+            # "/"), which python-amazon-paapi accepts.
+            "https://www.amazon.com/dp/B0ABCDEFGH&tag=x-20",
+            "https://www.amazon.com/dp/B0ABCDEFGH%3Fref=abc",
+            "https://www.amazon.com/dp/B0ABCDEFGH%2Fref=abc",
+            "https://www.amazon.com/dp/B0ABCDEFGH;jsessionid=1",
         ],
     )
     def test_product_urls_yield_their_asin(self, url: str) -> None:
