@@ -448,6 +448,25 @@ class TestEndpointErrors:
             await cache.token()
         assert info.value.code == code
 
+    @pytest.mark.parametrize(
+        ("status", "body"),
+        [
+            (404, b"404: Not Found"),
+            (405, b"<html>Method Not Allowed</html>"),
+            (404, b'{"message": "Not Found"}'),
+            (400, b'{"type":"ValidationException","reason":"UnknownOperation","message":"no"}'),
+        ],
+    )
+    async def test_an_url_that_is_no_token_endpoint_says_so(self, status: int, body: bytes) -> None:
+        """A 404 or 405, or a JSON 4xx without an OAuth2 error (an API's own error, when the
+        token URL follows an endpoint with a path), is a rejected setting naming the URL:
+        not an outage waited out for the whole budget, not "a client bug"."""
+        cache = make(Endpoint(RawResponse(status, {}, body)))
+        with pytest.raises(AuthError) as info:
+            await cache.token()
+        assert cache.token_url in info.value.message
+        assert "api.token_endpoint" in info.value.message
+
     async def test_429_is_throttled_with_retry_after(self) -> None:
         """A 429 from the token endpoint is ThrottledError with Retry-After."""
         cache = make(Endpoint(RawResponse(429, {"retry-after": "3"}, b"slow down")))
