@@ -37,10 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     purge = sub.add_parser(
         "purge",
         help="delete cached answers (all, older than S seconds, or of some ASINs)",
-        description="Delete the answers of this config's protocol and endpoint from the "
-        "configured item cache: all of them, or only those fetched more than --older-than "
-        "seconds ago, or only those of the --asin list (both filters together: answers "
-        "matching both).",
+        description="Delete the answers of this config's namespace (its protocol, endpoint "
+        "and the keys' partner tags: answers asked with other tags are another namespace's) "
+        "from the configured item cache: all of them, or only those fetched more than "
+        "--older-than seconds ago, or only those of the --asin list (both filters together: "
+        "answers matching both).",
     )
     purge.add_argument("--config", help="config file (default: $ASINB_CONFIG, else ./config.toml)")
     purge.add_argument(
