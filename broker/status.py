@@ -186,12 +186,14 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         try:
             exists = path.exists()
         except OSError as exc:  # a daemon's 0700 state directory, seen by another user
-            print(
-                f"{prog()}: cannot read {path}: {exc.strerror}; run as the user that owns it "
-                "(for the systemd unit's state: sudo -u asin-broker ...)",
-                file=sys.stderr,
+            return _cannot_show(
+                config,
+                args,
+                f"cannot read {path}: {exc.strerror}; run as the user that owns it (for the "
+                "systemd unit's state: sudo -u asin-broker ...)",
+                ExitCode.IO_ERROR,
+                str(path),
             )
-            return ExitCode.IO_ERROR
         if not exists:
             # Opening the store would create an empty one and show every key fresh.
             return _nothing_to_show(
@@ -225,13 +227,22 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
 
 
 def _cannot_show(
-    config: BrokerConfig, args: argparse.Namespace, message: str, code: ExitCode
+    config: BrokerConfig,
+    args: argparse.Namespace,
+    message: str,
+    code: ExitCode,
+    where: str | None = None,
 ) -> int:
     """Say why the state cannot be read; with ``--json`` still print a document (no keys,
     the error), so a script reading stdout always gets one."""
     print(f"{prog()}: {message}", file=sys.stderr)
     if args.json:
-        document = {"backend": config.state.backend, "keys": [], "error": message}
+        document: dict[str, object] = {
+            "backend": config.state.backend,
+            "where": where,
+            "keys": [],
+            "error": message,
+        }
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     return code
 

@@ -358,6 +358,34 @@ class TestCredentialsInAnswers:
             assert "***" in result.error.message
 
 
+class TestTokenRefreshOnTheSendGrid:
+    """A token whose refresh instant falls between the pacer's early wake-up and the slot it
+    books is refreshed by the next turn, not by the send already booked."""
+
+    async def test_a_refresh_due_inside_the_pacers_lead_does_not_squeeze_a_gap(self) -> None:
+        """Tokens of 4.6 s fetched in 0.3 s at 2 TPS: the refresh instant (2.3 s) is a send
+        slot, and the dispatcher looks at the token 0.1 s before it. The send booked there
+        still uses the old token (usable until shortly before it expires), so every gap
+        stays 0.5 s; it fetched after its booking and left a 0.2-s gap at each refresh."""
+        clock = FakeClock()
+        sends: list[float] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                await clock.sleep(0.3)
+                return _reply(200, {"access_token": f"t{clock.monotonic()}", "expires_in": 4.6})
+            sends.append(clock.monotonic())
+            return _creators_ok(_ids(request))
+
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=2.0)])
+        async with broker:
+            call = asyncio.ensure_future(broker.get_items(asins(200)))
+            await clock.run_until(call)
+        assert all(r.ok for r in call.result())
+        gaps = [b - a for a, b in itertools.pairwise(sends)]
+        assert min(gaps) >= 0.5 - 1e-6, gaps
+
+
 class TestStreamInputErrors:
     """An input that fails part way: what it gave before is answered, then its error."""
 

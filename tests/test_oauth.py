@@ -194,12 +194,30 @@ class TestCaching:
         assert len(endpoint.requests) == cache.requests_sent == 1
 
     async def test_refresh_ahead_of_expiry(self) -> None:
-        """The token is replaced refresh_margin_s before expires_in runs out, not before."""
+        """The token is due refresh_margin_s before expires_in runs out, not before, and
+        prepare() replaces it then; a send's token() uses it until 5 s before it expires
+        (a send booked just after the refresh instant must not fetch after its booking)."""
         clock = FakeClock()
         endpoint = Endpoint()
         cache = make(endpoint, clock)
         await cache.token()
         await clock.advance(3600 - 30 - 0.001)
+        assert not cache.due()
+        await clock.advance(0.001)
+        assert cache.due()
+        assert await cache.token() == f"{TOKEN_PREFIX}1"
+        await cache.prepare()
+        assert await cache.token() == f"{TOKEN_PREFIX}2"
+        assert len(endpoint.requests) == 2
+
+    async def test_a_send_refreshes_only_just_before_expiry(self) -> None:
+        """Without prepare(), token() keeps the token until 5 s before it expires, then
+        fetches (after an invalidate, or a key whose dispatcher did not get to it)."""
+        clock = FakeClock()
+        endpoint = Endpoint()
+        cache = make(endpoint, clock)
+        await cache.token()
+        await clock.advance(3600 - 5 - 0.001)
         assert await cache.token() == f"{TOKEN_PREFIX}1"
         await clock.advance(0.001)
         assert await cache.token() == f"{TOKEN_PREFIX}2"

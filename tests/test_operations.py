@@ -119,6 +119,8 @@ class TestResources:
             resource_names("paapi4")
         with pytest.raises(ValueError, match="operation"):
             resource_names("creators", "GetItem")
+        with pytest.raises(ValueError, match="operation"):
+            resource_names("creators", "SEARCHITEMS")  # either API's spelling, not any
 
     def test_unknown_name_message_names_a_call_that_works(self) -> None:
         """The ValueError for an unknown name points at a resource_names call that runs."""

@@ -265,6 +265,26 @@ class TestJsonWithNothingToShow:
         assert "no key state at" in document["note"]
         assert "no key state at" in captured.err
 
+    def test_an_unreadable_state_directory_still_prints_a_document(
+        self, config_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A state file this user may not look at (a daemon's 0700 directory): exit 74, and
+        with --json stdout still holds a document naming the file and the error."""
+        db = config_path.parent / "keys.sqlite3"
+        real_exists = Path.exists
+
+        def exists(self: Path, *args: object, **kwargs: object) -> bool:
+            if self == db:
+                raise PermissionError(13, "Permission denied")
+            return real_exists(self)
+
+        monkeypatch.setattr(Path, "exists", exists)
+        assert cli.main(["status", "--config", str(config_path), "--json"]) == 74
+        document = json.loads(capsys.readouterr().out)
+        assert document["keys"] == []
+        assert document["where"] == str(db)
+        assert "Permission denied" in document["error"]
+
     def test_memory_state_says_there_is_none_to_show(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

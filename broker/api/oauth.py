@@ -69,6 +69,7 @@ class CreatorsTokenCache:
         "_send",
         "_token",
         "_token_url",
+        "_usable_until",
         "_version",
     )
 
@@ -95,7 +96,10 @@ class CreatorsTokenCache:
         self._clock = clock
         self._margin_s = refresh_margin_s
         self._token: Secret | None = None
+        # Refreshed ahead from refresh_at on (before a send is booked); a send still uses it
+        # until usable_until, a few seconds before it expires.
         self._refresh_at = float("-inf")
+        self._usable_until = float("-inf")
         # Refresh attempts finished (success or not); waiters compare it to learn whether a
         # refresh ran while they queued, so one failure answers them all.
         self._attempts = 0
@@ -143,7 +147,9 @@ class CreatorsTokenCache:
             TransportError: the request did not complete (retryable).
             ResponseError: the endpoint's answer cannot be read (retryable).
         """
-        current = self._current()
+        # A send uses the token up to shortly before it expires: refreshing it ahead (from
+        # refresh_at on) is prepare()'s job, done before the pacer books a send.
+        current = self._current(self._usable_until)
         if current is not None:
             return current
         held = self._held()
@@ -152,7 +158,7 @@ class CreatorsTokenCache:
             raise held
         seen = self._attempts
         async with self._lock:
-            current = self._current()
+            current = self._current(self._usable_until)
             if current is not None:
                 return current
             if self._attempts != seen and self._failure is not None:
@@ -164,7 +170,7 @@ class CreatorsTokenCache:
         to expire), no failed fetch of the last few seconds stands for one, and the last
         fetch did not bring a token already due (one living shorter than its fetch took is
         used as it is for that long, not fetched again and again)."""
-        if self._current() is not None or self._held() is not None:
+        if self._current(self._refresh_at) is not None or self._held() is not None:
             return False
         return not (
             self._came_due and self._clock.monotonic() - self._fetched_at <= _HELD_FAILURE_S
@@ -183,8 +189,14 @@ class CreatorsTokenCache:
         if not self.due():
             return
         self._held_failure = None
+        seen = self._attempts
         try:
-            await self.token()
+            async with self._lock:
+                if self._current(self._refresh_at) is not None:
+                    return  # another caller refreshed it meanwhile
+                if self._attempts != seen and self._failure is not None:
+                    raise self._failure
+                await self._refresh()
         except Exception as exc:
             self._held_failure = exc
             self._held_at = self._clock.monotonic()
@@ -207,6 +219,7 @@ class CreatorsTokenCache:
         if self._token is not None and self._token.reveal() == token:
             self._token = None
             self._refresh_at = float("-inf")
+            self._usable_until = float("-inf")
 
     def authorization_header(self, token: str) -> str:
         """Return the ``Authorization`` value for ``token``.
@@ -226,13 +239,16 @@ class CreatorsTokenCache:
         token = await self.token()
         return request.with_headers({"authorization": self.authorization_header(token)}), token
 
-    def _current(self) -> str | None:
-        if self._token is None or self._clock.monotonic() >= self._refresh_at:
+    def _current(self, until: float) -> str | None:
+        """The cached token while the clock is before ``until`` (its refresh or its last
+        usable instant)."""
+        if self._token is None or self._clock.monotonic() >= until:
             return None
         return self._token.reveal()
 
     async def _refresh(self) -> str:
         self._failure = None
+        self._came_due = False
         # Lifetime counts from before the request: the token was issued after this instant.
         started = self._clock.monotonic()
         try:
@@ -247,6 +263,9 @@ class CreatorsTokenCache:
             self._fetched_at = self._clock.monotonic()
         self._token = token
         self._refresh_at = started + lifetime_s - min(self._margin_s, lifetime_s / 2)
+        self._usable_until = max(
+            self._refresh_at, started + lifetime_s - min(_SEND_MARGIN_S, lifetime_s / 4)
+        )
         self._came_due = self._clock.monotonic() >= self._refresh_at
         return token.reveal()
 
@@ -338,6 +357,9 @@ class CreatorsTokenCache:
         return short(scrub(message))
 
 
+#: A send still uses a token until this close to its expiry (seconds; a quarter of a short
+#: lifetime): refreshing it earlier, from ``refresh_margin_s`` before, is prepare()'s job.
+_SEND_MARGIN_S = 5.0
 #: How long a failed early fetch stands for a fetch at send time (seconds): longer than the
 #: dispatcher takes from the fetch to the send it books, shorter than any backoff after it.
 _HELD_FAILURE_S = 5.0

@@ -120,7 +120,8 @@ def _enum(kind: type[_E], value: _E | str, what: str) -> _E:
         return value
     # Either API's spelling: PA-API's "SearchItems" or the Creators API's "searchItems".
     for member in kind:
-        if isinstance(value, str) and value.lower() == str(member.value).lower():
+        spelled = str(member.value)
+        if value in (spelled, spelled[:1].lower() + spelled[1:]):
             return member
     known = ", ".join(repr(member.value) for member in kind)
     raise ValueError(f"unknown {what} {value!r}; expected one of {known}")
