@@ -233,32 +233,35 @@ def _cannot_show(
     code: ExitCode,
     where: str | None = None,
 ) -> int:
-    """Say why the state cannot be read; with ``--json`` still print a document (no keys,
-    the error), so a script reading stdout always gets one."""
-    print(f"{prog()}: {message}", file=sys.stderr)
-    if args.json:
-        document: dict[str, object] = {
-            "backend": config.state.backend,
-            "where": where,
-            "keys": [],
-            "error": message,
-        }
-        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-    return code
+    """Say why the state cannot be read (``error`` in the JSON document)."""
+    return _no_keys(config, args, message, where=where, member="error", code=code)
 
 
 def _nothing_to_show(
     config: BrokerConfig, args: argparse.Namespace, why: str, where: str | None = None
 ) -> int:
-    """Say why there is no state; with ``--json`` still print a document (no keys), so a
-    script reading stdout always gets one."""
-    print(f"{prog()}: {why}", file=sys.stderr)
+    """Say why there is no state to show (``note`` in the JSON document); exit 0."""
+    return _no_keys(config, args, why, where=where, member="note", code=ExitCode.OK)
+
+
+def _no_keys(
+    config: BrokerConfig,
+    args: argparse.Namespace,
+    text: str,
+    *,
+    where: str | None,
+    member: str,
+    code: ExitCode,
+) -> int:
+    """Say ``text`` on stderr; with ``--json`` still print a document (no keys, ``text``
+    under ``member``), so a script reading stdout always gets one."""
+    print(f"{prog()}: {text}", file=sys.stderr)
     if args.json:
         document: dict[str, object] = {
             "backend": config.state.backend,
             "where": where,
             "keys": [],
-            "note": why,
+            member: text,
         }
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-    return ExitCode.OK
+    return code

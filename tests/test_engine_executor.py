@@ -183,28 +183,34 @@ class TestTokenFetchAndPacing:
     async def test_a_slow_token_fetch_delays_the_slot_not_the_next_gap(self) -> None:
         """With tokens taking 0.3 s to fetch and living 4 s at 2 TPS, consecutive GetItems
         sends stay 0.5 s apart: at the start and after every refresh."""
-        clock = FakeClock()
-        sends: list[float] = []
-
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                await clock.sleep(0.3)
-                return _reply(200, {"access_token": f"t{clock.monotonic()}", "expires_in": 4})
-            sends.append(clock.monotonic())
-            return _creators_ok(_ids(request))
-
-        broker, transport = _broker(
-            CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=2.0)]
-        )
-        async with broker:
-            call = asyncio.ensure_future(broker.get_items(asins(130)))
-            await clock.run_until(call)
-        assert all(r.ok for r in call.result())
+        sends, tokens = await _paced_sends(expires_in=4.0, count=130)
         assert len(sends) == 13
-        tokens = sum("/auth/" in r.url for r in transport.requests)
         assert tokens >= 2  # the 4-s tokens were refreshed while the job ran
         gaps = [b - a for a, b in itertools.pairwise(sends)]
         assert min(gaps) >= 0.5 - 1e-6, gaps
+
+
+async def _paced_sends(*, expires_in: float, count: int) -> tuple[list[float], int]:
+    """``count`` ASINs through one key at 2 TPS whose tokens take 0.3 s to fetch and live
+    ``expires_in`` s: when each GetItems went out, and how many tokens were fetched."""
+    clock = FakeClock()
+    sends: list[float] = []
+
+    async def handler(request: HttpRequest) -> RawResponse:
+        if "/auth/" in request.url:
+            await clock.sleep(0.3)
+            return _reply(200, {"access_token": f"t{clock.monotonic()}", "expires_in": expires_in})
+        sends.append(clock.monotonic())
+        return _creators_ok(_ids(request))
+
+    broker, transport = _broker(
+        CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=2.0)]
+    )
+    async with broker:
+        call = asyncio.ensure_future(broker.get_items(asins(count)))
+        await clock.run_until(call)
+    assert all(r.ok for r in call.result())
+    return sends, sum("/auth/" in r.url for r in transport.requests)
 
 
 async def _us_then_uk_hours_later(
@@ -367,21 +373,7 @@ class TestTokenRefreshOnTheSendGrid:
         slot, and the dispatcher looks at the token 0.1 s before it. The send booked there
         still uses the old token (usable until shortly before it expires), so every gap
         stays 0.5 s; it fetched after its booking and left a 0.2-s gap at each refresh."""
-        clock = FakeClock()
-        sends: list[float] = []
-
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                await clock.sleep(0.3)
-                return _reply(200, {"access_token": f"t{clock.monotonic()}", "expires_in": 4.6})
-            sends.append(clock.monotonic())
-            return _creators_ok(_ids(request))
-
-        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=2.0)])
-        async with broker:
-            call = asyncio.ensure_future(broker.get_items(asins(200)))
-            await clock.run_until(call)
-        assert all(r.ok for r in call.result())
+        sends, _ = await _paced_sends(expires_in=4.6, count=200)
         gaps = [b - a for a, b in itertools.pairwise(sends)]
         assert min(gaps) >= 0.5 - 1e-6, gaps
 
