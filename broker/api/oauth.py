@@ -45,8 +45,10 @@ class CreatorsTokenCache:
             :func:`broker.api.marketplaces.token_url` to point at a simulator).
         send: sends the token request (the transport, so timeouts and errors are shared).
         clock: expiry is measured on ``clock.monotonic()``.
-        refresh_margin_s: fetch a new token this long before the current one expires
-            (at most half the token's lifetime, so a short-lived token is still used).
+        refresh_margin_s: :meth:`prepare` fetches a new token this long before the
+            current one expires (at most half the token's lifetime, so a short-lived token
+            is still used); :meth:`token` alone uses it until 5 s before (a quarter of a
+            short lifetime), so a send never fetches in that margin.
 
     Raises:
         ValueError: unknown version, blank credential id, or a negative margin.
