@@ -666,6 +666,17 @@ class TestRunPaths:
 
 
 class TestReruns:
+    def _stopped_run(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
+        """A run whose fetch fails at once (a full disk): nothing fetched, exit 74."""
+        from broker.jobs import runner
+
+        async def stopped(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(runner, "_fetch", stopped)
+            return self._run(tmp_path, *extra)
+
     def _run(self, tmp_path: Path, *extra: str) -> int:
         job = tmp_path / "job.txt"
         return cli.main(
@@ -735,15 +746,8 @@ class TestReruns:
         assert self._run(tmp_path) == ExitCode.OK
         out = tmp_path / "out.jsonl"
         before = out.read_bytes()
-        from broker.jobs import runner
-
-        async def boom(*args: object, **kwargs: object) -> None:
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(runner, "_fetch", boom)
-        assert self._run(tmp_path, "--refresh") == ExitCode.IO_ERROR
+        assert self._stopped_run(tmp_path, monkeypatch, "--refresh") == ExitCode.IO_ERROR
         assert out.read_bytes() == before
-        monkeypatch.undo()
         assert self._run(tmp_path, "--refresh") == ExitCode.OK
         assert out.read_bytes() != before
         assert len(_jsonl(out.read_text())) == 5
@@ -755,14 +759,7 @@ class TestReruns:
         naming the setting, instead of writing items of two resource lists into one
         output; --refresh fetches it again under the new list."""
         _job(tmp_path)
-        from broker.jobs import runner
-
-        async def stopped(*args: object, **kwargs: object) -> None:
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(runner, "_fetch", stopped)
-        assert self._run(tmp_path) == ExitCode.IO_ERROR
-        monkeypatch.undo()
+        assert self._stopped_run(tmp_path, monkeypatch) == ExitCode.IO_ERROR
         _config(tmp_path, embedded_toml(simulator="seed = 3", api='resources = ["itemInfo.title"]'))
         capsys.readouterr()
         job = tmp_path / "job.txt"
@@ -787,14 +784,7 @@ class TestReruns:
         assert self._run(tmp_path) == ExitCode.OK
         out = tmp_path / "out.jsonl"
         before = out.read_bytes()
-        from broker.jobs import runner
-
-        async def stopped(*args: object, **kwargs: object) -> None:
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(runner, "_fetch", stopped)
-        assert self._run(tmp_path, "--refresh") == ExitCode.IO_ERROR
-        monkeypatch.undo()
+        assert self._stopped_run(tmp_path, monkeypatch, "--refresh") == ExitCode.IO_ERROR
         with job.open("a") as handle:
             handle.write("B0NEWAAAAA\n")
         assert out.read_bytes() == before

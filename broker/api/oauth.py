@@ -158,11 +158,18 @@ class CreatorsTokenCache:
         self._held_failure = None
         if held is not None:
             raise held
+        return await self._single_flight(for_send=True)
+
+    async def _single_flight(self, *, for_send: bool) -> str:
+        """The cached token if it is still good (for a send: until shortly before it
+        expires; ahead of one: until its refresh instant), else one fetch shared by every
+        caller waiting meanwhile (a failure of that fetch answers them all)."""
         seen = self._attempts
         async with self._lock:
-            current = self._current(self._usable_until)
+            # Read after the wait: a fetch that ended meanwhile moved both instants.
+            current = self._current(self._usable_until if for_send else self._refresh_at)
             if current is not None:
-                return current
+                return current  # another caller fetched it meanwhile
             if self._attempts != seen and self._failure is not None:
                 raise self._failure
             return await self._refresh()
@@ -191,14 +198,8 @@ class CreatorsTokenCache:
         if not self.due():
             return
         self._held_failure = None
-        seen = self._attempts
         try:
-            async with self._lock:
-                if self._current(self._refresh_at) is not None:
-                    return  # another caller refreshed it meanwhile
-                if self._attempts != seen and self._failure is not None:
-                    raise self._failure
-                await self._refresh()
+            await self._single_flight(for_send=False)
         except Exception as exc:
             self._held_failure = exc
             self._held_at = self._clock.monotonic()

@@ -296,9 +296,7 @@ class Spool:
                 return sum(
                     1
                     for entry in entries
-                    if not entry.name.startswith(".")
-                    and not entry.name.endswith(_UNFINISHED)
-                    and entry.is_file(follow_symlinks=False)
+                    if not _not_yet_a_job(entry.name) and entry.is_file(follow_symlinks=False)
                 )
         except FileNotFoundError:
             return 0
@@ -513,6 +511,11 @@ def _owner(name: str) -> str | None:
     return name[:cut] if cut > 0 else None
 
 
+def _not_yet_a_job(name: str) -> bool:
+    """A dotfile or a name producers give a file still being written (``*.tmp``, ...)."""
+    return name.startswith(".") or name.endswith(_UNFINISHED)
+
+
 def _job_files(directory: Path) -> list[str]:
     return [name for name, _ in _job_entries(directory)]
 
@@ -523,7 +526,7 @@ def _job_entries(
     found: list[tuple[int, str, os.stat_result]] = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.name.startswith(".") or entry.name.endswith(_UNFINISHED):
+            if _not_yet_a_job(entry.name):
                 continue
             try:
                 info = entry.stat(follow_symlinks=False)
