@@ -22,9 +22,9 @@ import asyncio
 import collections
 import contextlib
 import enum
-import itertools
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -207,10 +207,14 @@ class SyncBroker:
 
         The input is read lazily, in the thread iterating the stream (never on the loop's
         thread, where an event loop runs): a SQLite cursor or a Django QuerySet works, and a
-        slow input holds up only this stream. It is read ahead in chunks of 256 items (up to
-        about 384 beyond ``queue_size``) while the loop sends what it has. An input that
-        raises raises here, after the answers for every item it gave before (as the async
-        ``stream`` does).
+        slow input holds up only this stream. It is read ahead in chunks of up to 256 items
+        (up to about 384 beyond ``queue_size``) while the loop sends what it has; a chunk
+        ends early once reading it has taken 50 ms, so a slow input's first items are sent
+        while the rest comes. Since that thread is also the one consuming results, an input
+        that waits for this stream's own results (a queue its consumer refills, as a crawler
+        does) blocks: feed such an input from another thread, or use the async ``stream``.
+        An input that raises raises here, after the answers for every item it gave before
+        (as the async ``stream`` does).
 
         ``stop`` is the async ``stop=`` as a :class:`threading.Event`, set from any thread
         (a signal handler, a shutdown hook): once set, nothing more is read or sent, and the
@@ -237,8 +241,7 @@ class SyncBroker:
                     yield step
                 elif step is _Signal.MORE:
                     halted = stop is not None and stop.is_set()
-                    chunk, failure = ([], None) if halted else _read(source, _CHUNK)
-                    ended = len(chunk) < _CHUNK or failure is not None
+                    chunk, ended, failure = ([], True, None) if halted else _read(source, _CHUNK)
                     self._call(feed.give(chunk, ended=ended, failure=failure))
                 elif step is _Signal.END:
                     return
@@ -316,6 +319,9 @@ _CLOSE_TIMEOUT_S = 30.0
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
     """The loop thread: run until stopped, then close the loop (it is this thread's)."""
     loop.run_forever()
+    # A stream the caller never finished (its SyncBroker closed from another thread while
+    # the caller read its input) ends here, on its own loop, not at collection on a closed one.
+    loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
 
 
@@ -375,17 +381,27 @@ async def _set(event: asyncio.Event) -> None:
     event.set()
 
 
-def _read(source: Iterator[str | Query], size: int) -> tuple[list[str | Query], Exception | None]:
-    """Up to ``size`` items of ``source``, and the error it raised after them, if any.
+def _read(
+    source: Iterator[str | Query], size: int, within_s: float = 0.05
+) -> tuple[list[str | Query], bool, Exception | None]:
+    """Up to ``size`` items of ``source``, whether it ended, and the error it raised after
+    them, if any.
 
-    The items read before a failure are kept: the stream answers them before the error.
+    Fewer items when reading them takes longer than ``within_s``: a slow input (a cursor
+    over a network, a generator that waits) has its first items sent while the rest comes,
+    instead of nothing sent until ``size`` items are in. The items read before a failure
+    are kept: the stream answers them before the error.
     """
     chunk: list[str | Query] = []
+    deadline = time.monotonic() + within_s
     try:
-        chunk.extend(itertools.islice(source, size))
+        for item in source:
+            chunk.append(item)
+            if len(chunk) >= size or time.monotonic() >= deadline:
+                return chunk, False, None
     except Exception as exc:
-        return chunk, exc
-    return chunk, None
+        return chunk, True, exc
+    return chunk, True, None
 
 
 class _Feed:
@@ -449,6 +465,9 @@ class _Pump:
         neither came within the patience (None: wait as long as it takes)."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(anext(self._agen))
+            # Its error is read by the next step, unless the SyncBroker was closed from
+            # another thread meanwhile: then no step comes, and asyncio would report it.
+            self._pending.add_done_callback(_retrieved)
         if not self._pending.done() and not self._feed.hungry.is_set():
             hungry = asyncio.ensure_future(self._feed.hungry.wait())
             try:
@@ -476,6 +495,12 @@ class _Pump:
         aclose = getattr(self._agen, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark ``task``'s exception as seen (whoever awaits it still gets it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _metrics(broker: Broker) -> MetricsSnapshot:

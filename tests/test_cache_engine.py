@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from conftest import Harness, asins, make_config
@@ -97,6 +99,37 @@ class TestBrokerCache:
         assert sorted(r.asin for r in first) == sorted(r.asin for r in second)
         assert all(r.cached for r in second)
         assert not any(r.cached for r in first)
+
+    async def test_stream_of_a_trickling_input_is_not_held_for_a_full_chunk(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """With the cache on, a stream fed from a queue that its own results refill (a
+        crawler) is answered: a chunk of the cache's reads does not wait for 100 inputs."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache=_cache(tmp_path))
+        feed: asyncio.Queue[str | None] = asyncio.Queue()
+        wanted = asins(12)
+        for asin in wanted[:3]:
+            feed.put_nowait(asin)
+        following = iter(wanted[3:])
+
+        async def source() -> AsyncIterator[str]:
+            while (asin := await feed.get()) is not None:
+                yield asin
+
+        async def crawl() -> list[str]:
+            seen: list[str] = []
+            async with Broker(config) as broker:
+                async for result in broker.stream(source()):
+                    seen.append(result.asin)
+                    # Each answer leads to the next ASIN, until there are none.
+                    feed.put_nowait(next(following, None))
+                    if len(seen) == len(wanted):
+                        break
+            return seen
+
+        seen = await asyncio.wait_for(crawl(), 10)
+        assert sorted(seen) == sorted(wanted)
 
     async def test_cache_off_by_default(self, harness: Harness, tmp_path: Path) -> None:
         """Without [cache] max_age_s the library caches nothing and writes no file."""

@@ -15,7 +15,7 @@ import random
 import sqlite3
 import threading
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +420,39 @@ class TestLifecycle:
         assert not waiter.cancelled()
         with pytest.raises(BrokerClosedError, match="closed"):
             await broker.get_item("B0C1234567")
+
+    async def test_close_wakes_a_stream_waiting_for_its_input(self, harness: Harness) -> None:
+        """A stream whose answers are all in and whose input has nothing more yet (a queue)
+        gets BrokerClosedError at once when the broker closes, not at the next input (N15)."""
+        sim = await harness.simulator(FREE)
+        broker = Broker(make_config(sim.url))
+        await broker.__aenter__()
+        feed: asyncio.Queue[str] = asyncio.Queue()
+        for asin in ("B0C1234567", "B0C1234568"):
+            feed.put_nowait(asin)
+        reading = asyncio.Event()
+
+        async def source() -> AsyncIterator[str]:
+            while True:
+                if feed.empty():
+                    reading.set()
+                yield await feed.get()
+
+        got: list[ItemResult] = []
+        answered = asyncio.Event()
+
+        async def consume() -> None:
+            async for result in broker.stream(source()):
+                got.append(result)
+                if len(got) == 2:
+                    answered.set()
+
+        consumer = asyncio.get_running_loop().create_task(consume())
+        await asyncio.wait_for(asyncio.gather(reading.wait(), answered.wait()), 5)
+        await broker.aclose()
+        with pytest.raises(BrokerClosedError):
+            await asyncio.wait_for(consumer, 2)
+        assert [r.asin for r in got] == ["B0C1234567", "B0C1234568"]
 
     async def test_close_while_waiting_for_room_leaves_no_unretrieved_error(
         self, harness: Harness, caplog: pytest.LogCaptureFixture

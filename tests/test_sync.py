@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -181,6 +182,51 @@ class TestSyncBroker:
             consume()
         assert sorted(got) == asins(15, "B3")
         assert sync_broker.metrics().outstanding_lookups == 0
+
+    def test_a_slow_input_is_sent_while_it_is_read(self, sync_broker: SyncBroker) -> None:
+        """A trickling input (a row every 0.1 s) has its first rows sent while the rest are
+        still coming, not once 256 rows have been read."""
+        wanted = asins(10, "B4")
+        sent_before: list[int] = []
+
+        def rows() -> Iterator[str]:
+            for asin in wanted:
+                time.sleep(0.1)
+                sent_before.append(sync_broker.metrics().requests)
+                yield asin
+
+        assert sorted(r.asin for r in sync_broker.stream(rows())) == wanted
+        assert sent_before[-1] > 0, sent_before
+
+    def test_close_from_another_thread_mid_stream_is_quiet(self, tmp_path: Path) -> None:
+        """close() from another thread while a stream reads its input ends the stream with
+        BrokerClosedError and leaves no pending task or unretrieved error behind."""
+        done = _script(
+            tmp_path,
+            "import threading, time\n"
+            "def rows():\n"
+            "    for i in range(10_000):\n"
+            "        time.sleep(0.01)\n"
+            "        yield f'B0{i:08d}'\n"
+            "out = []\n"
+            "def consume():\n"
+            "    try:\n"
+            "        for _ in b.stream(rows()):\n"
+            "            pass\n"
+            "    except Exception as exc:\n"
+            "        out.append(type(exc).__name__)\n"
+            "t = threading.Thread(target=consume)\n"
+            "t.start()\n"
+            "time.sleep(1.0)\n"
+            "b.close()\n"
+            "t.join(10)\n"
+            "import gc; gc.collect()\n"
+            "print(out, t.is_alive())\n",
+        )
+        assert done.stdout.strip() == "['BrokerClosedError'] False"
+        assert "never retrieved" not in done.stderr
+        assert "destroyed but it is pending" not in done.stderr
+        assert "Event loop is closed" not in done.stderr
 
     def test_many_threads(self, sync_broker: SyncBroker) -> None:
         """Threads calling at once share one broker, each getting its own complete answer."""

@@ -19,7 +19,7 @@ import collections
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -69,6 +69,9 @@ _Input = str | Query
 
 #: Inputs a stream reads ahead to look up in the item cache in one batch.
 _CACHE_CHUNK = 100
+
+#: How long closing waits for the streams' cancelled input readers to end.
+_READER_EXIT_S = 1.0
 
 
 class Broker:
@@ -137,6 +140,9 @@ class Broker:
         self._group: asyncio.TaskGroup | None = None
         #: pending SearchItems / GetVariations / GetBrowseNodes answers
         self._ops: set[asyncio.Future[Mapping[str, object]]] = set()
+        # Open streams and the task reading each one's input: the engine's end must reach a
+        # consumer with nothing in flight (its input has not given the next item yet).
+        self._streams: dict[_StreamReceiver, asyncio.Task[None] | None] = {}
         self._metrics = EngineMetrics()
         self._keys: list[KeyState] = []
         self._pool: KeyPool | None = None
@@ -392,6 +398,10 @@ class Broker:
         for future in list(self._ops):
             if not future.done():
                 future.set_exception(exc)
+        for receiver, producer in self._streams.items():
+            receiver.end(exc)
+            if producer is not None:
+                producer.cancel()
 
     def _authorizer(
         self, key: KeyConfig, transport: Transport, token_base: str | None
@@ -438,6 +448,11 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await engine
         self._ops.clear()
+        # The streams' input readers, cancelled by _stop, end before the session and the
+        # loop do (a SyncBroker closes its loop next); bounded, as an input may ignore it.
+        readers = [task for task in self._streams.values() if task is not None]
+        if readers:
+            await asyncio.wait(readers, timeout=_READER_EXIT_S)
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
@@ -593,7 +608,17 @@ class Broker:
             try:
                 if caching:
                     # Read the cache a chunk at a time: one batched read per chunk.
-                    async for chunk in _chunks(_aiter(asins), _CACHE_CHUNK):
+                    chunks = (
+                        _chunks(
+                            asins,
+                            _CACHE_CHUNK,
+                            linger_s=self.config.engine.linger_s,
+                            clock=self._clock,
+                        )
+                        if isinstance(asins, AsyncIterable)
+                        else _each(_runs(asins, _CACHE_CHUNK))
+                    )
+                    async for chunk in chunks:
                         reading = False
                         queries = [intake.complete(i, marketplace, resources) for i in chunk]
                         await intake.prefetch(queries)
@@ -648,6 +673,7 @@ class Broker:
         producer = None if halted() else loop.create_task(produce())
         if producer is None:
             receiver.end(None)
+        self._streams[receiver] = producer
         stopper: asyncio.Task[object] | None = None
         if stop is not None:
 
@@ -680,6 +706,7 @@ class Broker:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await producer
             receiver.leave()
+            self._streams.pop(receiver, None)
 
     def _flush(self) -> None:
         """End of a caller's input: send its partial batches now instead of lingering."""
@@ -994,28 +1021,95 @@ def _check_not_str(asins: object) -> None:
         raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
 
 
-async def _chunks(items: AsyncIterator[_Input], size: int) -> AsyncIterator[list[_Input]]:
-    """``items`` in lists of ``size``; an input that fails has what it gave before yielded
-    first, then its error raised."""
-    chunk: list[_Input] = []
+def _runs(items: Iterable[_Input], size: int) -> Iterator[list[_Input]]:
+    """``items`` (read at once, a list or a generator) in lists of ``size``; an input that
+    fails has what it gave before yielded first, then its error raised."""
+    run: list[_Input] = []
     try:
-        async for item in items:
-            chunk.append(item)
-            if len(chunk) >= size:
-                yield chunk
-                chunk = []
-    except Exception:
-        if chunk:
-            yield chunk
-        raise
-    if chunk:
-        yield chunk
-
-
-async def _aiter(items: Iterable[_Input] | AsyncIterable[_Input]) -> AsyncIterator[_Input]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
         for item in items:
-            yield item
+            run.append(item)
+            if len(run) >= size:
+                yield run
+                run = []
+    except Exception:
+        if run:
+            yield run
+        raise
+    if run:
+        yield run
+
+
+async def _chunks(
+    items: AsyncIterable[_Input], size: int, *, linger_s: float, clock: Clock
+) -> AsyncIterator[list[_Input]]:
+    """``items`` in lists of up to ``size``, each handed on once full, once the input has
+    ended, or ``linger_s`` after it began to fill, whichever is first.
+
+    An async input may trickle: a queue that the stream's own answers refill (a crawler)
+    would wait forever for a full list, and a slow cursor would hold every answer back
+    until a hundred rows came. One task reads the input, at most ``size`` items ahead (an
+    input that gives its items without waiting is read in one go, with no task or wake-up
+    per item). An input that fails has what it gave before yielded first, then its error
+    raised.
+    """
+    buffer: collections.deque[_Input] = collections.deque()
+    changed = asyncio.Event()  # an item came, the input ended, or the linger ran out
+    room = asyncio.Event()
+    room.set()
+    ended = False
+    lingered = False
+    failure: Exception | None = None
+
+    async def read() -> None:
+        nonlocal ended, failure
+        try:
+            async for item in items:
+                buffer.append(item)
+                changed.set()
+                if len(buffer) >= size:
+                    room.clear()
+                    await room.wait()
+        except Exception as exc:
+            failure = exc
+        finally:
+            ended = True
+            changed.set()
+
+    async def linger() -> None:
+        nonlocal lingered
+        await clock.sleep(linger_s)
+        lingered = True
+        changed.set()
+
+    loop = asyncio.get_running_loop()
+    reader = loop.create_task(read())
+    try:
+        while True:
+            while not buffer and not ended:
+                changed.clear()
+                await changed.wait()
+            if not buffer:
+                break
+            if len(buffer) < size and not ended:
+                lingered = False
+                timer = loop.create_task(linger())
+                try:
+                    while len(buffer) < size and not ended and not lingered:
+                        changed.clear()
+                        await changed.wait()
+                finally:
+                    timer.cancel()
+            chunk = [buffer.popleft() for _ in range(min(size, len(buffer)))]
+            room.set()
+            yield chunk
+        if failure is not None:
+            raise failure
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def _each(runs: Iterator[list[_Input]]) -> AsyncIterator[list[_Input]]:
+    for run in runs:
+        yield run
