@@ -146,6 +146,36 @@ class TestOutagesStayLocal:
         assert await _driven(clock, b.try_send(), within_s=0.5) is not None
         assert b.health is KeyHealth.ACTIVE
 
+    @pytest.mark.parametrize("abandoned", [False, True])
+    async def test_a_probe_that_met_its_own_trouble_is_handed_to_the_others(
+        self, abandoned: bool
+    ) -> None:
+        """Process a wins a parked key's probe, then its network or token endpoint fails it
+        (or its callers leave): the key is not parked again for every process, and b may
+        probe at once instead of waiting out a doubled park or a's probe lease."""
+        clock = FakeClock()
+        store = MemoryStateStore(
+            lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
+        )
+        a = _key(clock, SharedState(store, "https://creators.test", "a"))
+        b = _key(clock, SharedState(store, "https://creators.test", "b"))
+        probe_at = a.circuit.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+        await clock.advance(probe_at - clock.monotonic() + 1.0)
+        assert await _driven(clock, a.wait_ready(), within_s=1.0) is None
+        assert await _driven(clock, a.try_send(), within_s=1.0) is not None
+        assert a.limiter.last_decision is not None
+        assert a.limiter.last_decision.probe
+        if abandoned:
+            a.abandon_probe()
+        else:
+            a.on_failed_attempt(transient=True)
+        await clock.advance(0.01)
+        decision = await b.limiter.refresh()
+        assert decision.parked_until_us <= decision.now_us  # not parked again
+        assert await _driven(clock, b.try_send(), within_s=1.0) is not None
+        assert b.limiter.last_decision is not None
+        assert b.limiter.last_decision.probe
+
 
 async def _driven(clock: FakeClock, step: Awaitable[T], *, within_s: float) -> T:
     """Await ``step`` while moving the fake clock on; fail if it takes longer than ``within_s``."""
@@ -199,18 +229,28 @@ class TestCircuit:
         assert key.snapshot().reason == ThrottleVerdict.ACCESS_REVOKED.value
         return key
 
-    async def test_probe_failing_transiently_parks_again(self) -> None:
-        """A probe that meets a 5xx or a reset re-parks the key instead of wedging it."""
+    async def test_probe_failing_transiently_probes_again_soon(self) -> None:
+        """A probe that meets a 5xx, a reset or a failing token endpoint learnt nothing about
+        the quota: the key waits a short while and probes again (longer after each such
+        failure), instead of being wedged half-open or parked for a doubled 30 minutes."""
         clock = FakeClock()
         key = self._parked(clock)
         await clock.advance(4000)
+        waits = []
+        for _ in range(3):
+            assert key.circuit.try_probe()
+            assert key.circuit.state is CircuitState.PROBING
+            key.on_failed_attempt(transient=True)
+            assert key.circuit.state is CircuitState.OPEN
+            probe_at = key.circuit.probe_at
+            assert probe_at is not None
+            waits.append(probe_at - clock.monotonic())
+            await clock.advance(waits[-1])
+        assert 0 < waits[0] < waits[1] < waits[2] <= 120
+        # A probe answered by a 429 after them parks for the next step of the park, as if
+        # they had not happened (900 s, then 1800 s).
         assert key.circuit.try_probe()
-        assert key.circuit.state is CircuitState.PROBING
-        key.on_failed_attempt(transient=True)
-        assert key.circuit.state is CircuitState.OPEN
-        probe_at = key.circuit.probe_at
-        assert probe_at is not None
-        assert probe_at > clock.monotonic()
+        assert key.circuit.open(ThrottleVerdict.ACCESS_REVOKED) - clock.monotonic() >= 1800
 
     async def test_probe_answered_closes(self) -> None:
         """A probe answered with anything but a 429 or a transient failure closes the circuit."""

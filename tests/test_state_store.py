@@ -278,6 +278,20 @@ class TestFeedback:
         assert back.parked_until_us == 0
         assert back.rate == pytest.approx(5.0)
 
+    async def test_a_probe_lease_is_freed_only_by_its_holder(self, backend: Backend) -> None:
+        """A probe given back (never sent, or failed by the prober's own network) frees its
+        lease for the next prober at once; a stale lease end frees nothing."""
+        await backend.reserve(park_s=0.2, park_reason="daily quota exhausted")
+        await backend.advance(0.25)
+        probe = await backend.reserve()
+        assert probe.probe
+        lease_end = probe.now_us + int(LIMITS.probe_lease_s * 1_000_000)
+        stale = await backend.reserve(release_probe_us=lease_end - 1)
+        assert stale.refusal == "probing"
+        again = await backend.reserve(release_probe_us=lease_end)
+        assert again.granted
+        assert again.probe
+
     async def test_a_parked_key_is_not_parked_longer_by_late_429s(self, backend: Backend) -> None:
         """A second park while parked (late 429s) keeps the first park's end."""
         first = await backend.reserve(park_s=10.0, park_reason="access revoked")

@@ -386,13 +386,19 @@ class CircuitState(enum.Enum):
     PROBING = "probing"
 
 
+#: The first wait before a parked key probes again after a probe that learnt nothing about
+#: the quota (see Circuit.probe_unsettled).
+_UNSETTLED_PROBE_S = 15.0
+
+
 class Circuit:
     """Parks a key whose 429s are not about rate, and probes it with one request.
 
     ``open(verdict)`` parks the key for ``park_s`` (15 min), doubling after each failed
     probe up to ``max_park_s`` (60 min), plus jitter. When the park ends, ``try_probe()``
     admits exactly one request; ``on_success()`` closes the circuit, and a failed probe
-    (``open`` again) re-parks it for longer.
+    (``open`` again) re-parks it for longer. A probe that learnt nothing about the quota
+    (``probe_unsettled()``) is tried again after a short wait instead.
 
     Args:
         clock: the monotonic clock parks are measured on.
@@ -400,7 +406,16 @@ class Circuit:
         random: returns floats in [0, 1) for the jitter (``random.random``).
     """
 
-    __slots__ = ("_clock", "_opens", "_probe_at", "_random", "_settings", "_state", "_verdict")
+    __slots__ = (
+        "_clock",
+        "_opens",
+        "_probe_at",
+        "_random",
+        "_settings",
+        "_state",
+        "_unsettled",
+        "_verdict",
+    )
 
     def __init__(
         self,
@@ -416,6 +431,7 @@ class Circuit:
         self._verdict: ThrottleVerdict | None = None
         self._probe_at: float | None = None
         self._opens = 0
+        self._unsettled = 0
 
     @property
     def state(self) -> CircuitState:
@@ -444,6 +460,7 @@ class Circuit:
         # min() before the power would overflow only after ~1000 failed probes; clamp anyway.
         park = min(s.max_park_s, s.park_s * 2.0 ** min(self._opens, 64))
         self._opens += 1
+        self._unsettled = 0
         self._state = CircuitState.OPEN
         self._verdict = verdict
         self._probe_at = self._clock.monotonic() + park * (1.0 + s.probe_jitter * self._random())
@@ -475,12 +492,26 @@ class Circuit:
             self._state = CircuitState.OPEN
             self._probe_at = self._clock.monotonic()
 
+    def probe_unsettled(self) -> None:
+        """The probe got no answer about the quota: a 5xx, a reset, or this process's own
+        network or token endpoint failed it. Probe again after a short wait, doubled after
+        each such probe up to the park interval, without lengthening the park: nothing says
+        the quota is still spent, and a failure of this machine's says nothing of Amazon's.
+        """
+        if self._state is not CircuitState.PROBING:
+            return
+        wait = min(self._settings.park_s, _UNSETTLED_PROBE_S * 2.0 ** min(self._unsettled, 16))
+        self._unsettled += 1
+        self._state = CircuitState.OPEN
+        self._probe_at = self._clock.monotonic() + wait
+
     def on_success(self) -> None:
         """Close the circuit: a request got through (the probe, or one already in flight)."""
         self._state = CircuitState.CLOSED
         self._verdict = None
         self._probe_at = None
         self._opens = 0
+        self._unsettled = 0
 
     def __repr__(self) -> str:
         verdict = None if self._verdict is None else self._verdict.name

@@ -412,16 +412,19 @@ class KeyState:
 
         Without this a probe that met anything but a success or a 429 would leave the
         circuit half-open for good, and the key would never send again. A transient failure
-        (5xx, network, token endpoint) says nothing about the quota: park again. Any other
-        answer got past Amazon's throttle: the key is back.
+        (5xx, network, token endpoint) says nothing about the quota: the key probes again
+        after a short wait, and, shared, any other process may probe at once (this
+        process's network may be the trouble). Any other answer got past Amazon's
+        throttle: the key is back.
         """
         verdict = self.circuit.verdict
         if self.circuit.state is not CircuitState.PROBING or verdict is None:
             return
         if transient:
-            probe_at = self.circuit.open(verdict)
-            logger.warning(
-                "broker.key_parked",
+            self.circuit.probe_unsettled()
+            probe_at = self.circuit.probe_at or self._clock.monotonic()
+            logger.info(
+                "broker.probe_unsettled",
                 key=self.name,
                 verdict=verdict.value,
                 probe_in_s=round(probe_at - self._clock.monotonic()),

@@ -188,6 +188,9 @@ class SharedKeyLimiter:
         self._park_reason = ""
         self._unpark = False
         self._set_rate: float | None = None
+        self._release_probe_us = 0
+        # The lease end (store µs) of the parked key's probe this process holds; 0: none.
+        self._probe_lease_us = 0
         self._sends: OrderedDict[float, tuple[int, bool]] = OrderedDict()
         self._refusal_listeners: list[Callable[[str, float], None]] = []
         self._unavailable: StateUnavailableError | None = None
@@ -233,6 +236,7 @@ class SharedKeyLimiter:
             park_reason=self._park_reason,
             unpark=self._unpark,
             set_rate=self._set_rate,
+            release_probe_us=self._release_probe_us,
         )
         self._successes = 0
         self._throttled = []
@@ -242,6 +246,7 @@ class SharedKeyLimiter:
         self._park_reason = ""
         self._unpark = False
         self._set_rate = None
+        self._release_probe_us = 0
         return feedback
 
     def _restore_feedback(self, feedback: Feedback) -> None:
@@ -254,6 +259,8 @@ class SharedKeyLimiter:
         self._unpark = self._unpark or feedback.unpark
         if self._set_rate is None:
             self._set_rate = feedback.set_rate
+        if not self._release_probe_us:
+            self._release_probe_us = feedback.release_probe_us
 
     async def _call(self, *, reserve: bool) -> Decision:
         self._asked_at = self._clock.monotonic()
@@ -459,6 +466,9 @@ class SharedKeyLimiter:
                     delay = decision.slot_us / _US - self._offset + 1e-6 - self._clock.monotonic()
                     await self._clock.sleep(max(delay, 0.0))
                 sent_at = self._clock.monotonic()
+                if decision.probe:
+                    # As the store sets it: the probe's lease runs from its decision.
+                    self._probe_lease_us = decision.now_us + int(self._limits.probe_lease_s * _US)
                 self._sends[sent_at] = (decision.now_us, decision.probe)
                 while len(self._sends) > _REMEMBERED_SENDS:
                     self._sends.popitem(last=False)
@@ -542,12 +552,22 @@ class SharedKeyLimiter:
         """Park the key for every process for ``park_s`` (its 429s are not about rate)."""
         if park_s > self._park_s:
             self._park_s, self._park_reason = park_s, reason
+        self._probe_lease_us = 0  # a park ends any probe lease
         self._kick()
 
     def unpark(self) -> None:
         """Close the key's circuit for every process."""
         self._unpark = True
+        self._probe_lease_us = 0
         self._kick()
+
+    def release_probe(self) -> None:
+        """The probe this process was granted got no answer about the quota (never sent, or
+        failed by this process's own network, token endpoint or a 5xx): free its lease, so
+        any process may probe now instead of once the lease runs out (``probe_lease_s``)."""
+        if self._probe_lease_us:
+            self._release_probe_us, self._probe_lease_us = self._probe_lease_us, 0
+            self._kick()
 
     def _store_wall(self) -> float:
         """The store's wall clock now, in seconds, by its last answer.
@@ -712,6 +732,18 @@ class SharedCircuit(Circuit):
         if self.verdict is not None:
             self._limiter.unpark()
         super().on_success()
+
+    def abandon_probe(self) -> None:
+        """Hand the probe on here, and to every process: its lease in the store is freed."""
+        if self._state is CircuitState.PROBING:
+            self._limiter.release_probe()
+        super().abandon_probe()
+
+    def probe_unsettled(self) -> None:
+        """Probe again soon here; any other process may probe now (the lease is freed)."""
+        if self._state is CircuitState.PROBING:
+            self._limiter.release_probe()
+        super().probe_unsettled()
 
 
 def shared_key_parts(

@@ -1,7 +1,7 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[37].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[38].
 -- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
 -- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
@@ -46,7 +46,8 @@ local probe_after_sends = tonumber(ARGV[34])
 local max_probe_after_s = tonumber(ARGV[35])
 local probe_gain = tonumber(ARGV[36])
 local drop_window = tonumber(ARGV[37])
-local first_throttled = 38
+local release_probe = tonumber(ARGV[38])
+local first_throttled = 39
 
 local function int(x) return string.format('%d', x) end
 local function num(x) return string.format('%.17g', x) end
@@ -226,6 +227,9 @@ if unpark then
   end
   parked_until = 0
   park_why = ''
+  probing_until = 0
+end
+if release_probe > 0 and probing_until == release_probe then
   probing_until = 0
 end
 if park_us > 0 and not (parked_until > now and probing_until == 0) then

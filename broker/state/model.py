@@ -138,6 +138,10 @@ class Feedback:
         park_reason: the verdict, for ``broker status``.
         unpark: a request got through: close the circuit and restart at the nominal rate.
         set_rate: an operator's rate, applied as is (clamped to the limits); None: none.
+        release_probe_us: the lease end (µs, the store's clock) of a parked key's probe this
+            process was granted and got no answer about the quota for (never sent, or failed
+            by its own network, token endpoint or a 5xx): freed if the key still holds that
+            lease, so any process may probe now instead of when the lease runs out; 0: none.
     """
 
     successes: int = 0
@@ -148,6 +152,7 @@ class Feedback:
     park_reason: str = ""
     unpark: bool = False
     set_rate: float | None = None
+    release_probe_us: int = 0
 
     @property
     def empty(self) -> bool:

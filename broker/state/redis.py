@@ -163,6 +163,7 @@ class RedisStateStore:
             self._ttl_ms,
             int(PROCESS_RECENT_S * _US),
             *_tuning_args(limits.tuning),
+            feedback.release_probe_us,
             *feedback.throttled,
         ]
         return [str(a) for a in args]
