@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # asin-broker: `broker serve`, the spool daemon, as a container image.
 #
 #   docker build -t asin-broker .
@@ -6,7 +5,8 @@
 #       -v ./config.toml:/etc/asin-broker/config.toml:ro asin-broker
 #
 # The build needs only the base image and the package registries (PyPI for uv and the
-# locked dependencies). No secret enters the image: keys' secrets come at run time from
+# locked dependencies); no `# syntax=` line, so BuildKit fetches no frontend image from
+# Docker Hub either. No secret enters the image: keys' secrets come at run time from
 # environment variables or secret files that the config names.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -53,7 +53,7 @@ EXPOSE 9464
 STOPSIGNAL SIGTERM
 # Polls the default port: a CMD with another --port needs its own HEALTHCHECK.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=4).status != 200)"]
+    CMD ["python3", "-c", "import sys, urllib.request as u; sys.exit(u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:9464/healthz', timeout=4).status != 200)"]
 ENTRYPOINT ["asin-broker"]
 # /metrics has no authentication: it listens on every interface of the container only so
 # that Prometheus can scrape it over the container network. Do not publish port 9464.

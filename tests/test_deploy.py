@@ -305,7 +305,8 @@ class TestPackage:
         )
 
     @pytest.mark.skipif(
-        shutil.which("uv") is None or shutil.which("git") is None, reason="needs uv and git"
+        shutil.which("uv") is None or shutil.which("git") is None or not (ROOT / ".git").exists(),
+        reason="needs uv and a git checkout (an unpacked sdist has no history to list)",
     )
     def test_sdist_holds_only_the_project(self, tmp_path: Path) -> None:
         """The sdist holds the tracked sources, never a stray config, secret or spool file."""
@@ -425,7 +426,9 @@ class TestDockerfile:
         assert "**/*.secret" in ignore
 
     def test_entry_command_serves_health_and_stops_on_sigterm(self, tmp_path: Path) -> None:
-        """The image's ENTRYPOINT + CMD, run from this venv, passes its HEALTHCHECK and stops."""
+        """The image's ENTRYPOINT + CMD, run from this venv, passes its HEALTHCHECK (which
+        goes straight to the daemon, even with a proxy in the environment, as Docker sets
+        from the client's proxy settings) and stops."""
         final = _final_stage(_instructions(ROOT / "Dockerfile"))
         entry = _exec_form(next(args for op, args in final if op == "ENTRYPOINT"))
         command = _exec_form(next(args for op, args in final if op == "CMD"))
@@ -455,7 +458,12 @@ class TestDockerfile:
             check = [part.replace(":9464/", f":{port}/") for part in check]
             check[0] = sys.executable if check[0].startswith("python") else check[0]
             deadline = time.monotonic() + 30
-            while subprocess.run(check, capture_output=True, timeout=10).returncode != 0:
+            proxy = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+            proxied = {**os.environ, "HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": ""}
+            proxied.pop("no_proxy", None)
+            while (
+                subprocess.run(check, capture_output=True, timeout=10, env=proxied).returncode != 0
+            ):
                 assert process.poll() is None, process.communicate()[1]
                 assert time.monotonic() < deadline, "HEALTHCHECK never passed"
                 time.sleep(0.1)

@@ -881,6 +881,28 @@ class TestDaemonSurvives:
         async with asyncio.timeout(8):
             assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
 
+    def test_shared_folders_made_again_keep_the_spools_group_mode(self, tmp_path: Path) -> None:
+        """Under the systemd layout (spool and its inbox/, done/, failed/ 2770 for the
+        producers' group, the daemon's umask 0027), a folder removed and made again gets
+        the spool's mode, not 2750, which would lock the producers out of it."""
+        root = tmp_path / "spool"
+        root.mkdir()
+        root.chmod(0o2770)
+        spool = Spool(root)
+        previous = os.umask(0o027)
+        try:
+            spool.prepare()
+            for folder in (spool.inbox, spool.done, spool.failed):
+                folder.rmdir()
+            made = spool.prepare()
+        finally:
+            os.umask(previous)
+        assert sorted(made) == sorted([spool.inbox, spool.done, spool.failed])
+        for folder in (spool.inbox, spool.done, spool.failed):
+            assert oct(folder.stat().st_mode & 0o7777) == oct(0o2770), folder
+        # processing/ is the daemon's own: the umask's mode, no wider.
+        assert spool.processing.stat().st_mode & 0o007 == 0
+
     async def test_a_job_replaced_in_processing_stops_and_the_new_file_runs(
         self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

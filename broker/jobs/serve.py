@@ -277,11 +277,19 @@ class Spool:
         self.failed = self.root / "failed"
 
     def prepare(self) -> list[Path]:
-        """Create the subdirectories that are missing; return those it created."""
+        """Create the subdirectories that are missing; return those it created.
+
+        ``inbox/``, ``done/`` and ``failed/`` are shared with the producers (the systemd
+        layout makes them 2770 for their group, like the spool itself): one made again
+        takes the spool's mode, not the daemon's umask (2750 under ``UMask=0027``), which
+        would lock the producers out of it. ``processing/`` is the daemon's own.
+        """
         made = []
         for directory in (self.inbox, self.processing, self.done, self.failed):
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
+                if directory != self.processing:
+                    directory.chmod(stat.S_IMODE(self.root.stat().st_mode))
                 made.append(directory)
         return made
 
