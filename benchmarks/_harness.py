@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -128,6 +129,28 @@ def warn_if_busy() -> None:
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """A plain aligned table on stderr."""
     print(format_table(headers, rows), file=sys.stderr)
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse ``type``: ``kind`` (int or float) of the text, refused unless finite and
+    above 0 (a window, a count: 0 is no run at all, never "the default")."""
+
+    def read(text: str) -> float:
+        value = kind(text)
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    read.__name__ = kind.__name__
+    return read
+
+
+def non_negative(text: str) -> float:
+    """An argparse ``type``: seconds of a warm-up, 0 allowed (no warm-up), never negative."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

@@ -46,6 +46,7 @@ from _harness import (
     creators_account,
     loop_factory,
     machine_info,
+    non_negative,
     print_table,
     quiet_logging,
     report,
@@ -325,7 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keys", type=int, default=2, help="keys per client (default 2)")
     parser.add_argument("--burst", type=int, default=2, help="server bucket depth (default 2)")
-    parser.add_argument("--warmup", type=float, help="seconds before the first phase (5; 3 quick)")
+    parser.add_argument(
+        "--warmup", type=non_negative, help="seconds before the first phase (5; 3 quick)"
+    )
     parser.add_argument("--no-peer", action="store_true", help="run the broker alone")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--seed", type=int, default=11, help="the simulator's latency draws")

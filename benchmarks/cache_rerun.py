@@ -41,6 +41,7 @@ from _harness import (
     broker_config,
     creators_account,
     machine_info,
+    positive,
     print_table,
     quiet_logging,
     report,
@@ -171,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 ASINs instead of 10,000")
-    parser.add_argument("--asins", type=int, help="ASINs in the list (default 10000; quick 1000)")
+    parser.add_argument(
+        "--asins", type=positive(int), help="ASINs in the list (default 10000; quick 1000)"
+    )
     parser.add_argument("--new", type=float, default=0.1, help="share of new ASINs on day 2")
     parser.add_argument("--tps", type=float, default=50.0, help="the simulated key's TPS")
     parser.add_argument(

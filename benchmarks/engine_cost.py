@@ -59,6 +59,7 @@ from _harness import (
     machine_info,
     measure_stream,
     median_of,
+    positive,
     print_table,
     quiet_logging,
     report,
@@ -245,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 requests, 1 round (CI smoke)")
-    parser.add_argument("--requests", type=int, help="requests per sample (default 2000)")
-    parser.add_argument("--repeat", type=int, help="rounds; figures are medians (default 5)")
+    parser.add_argument("--requests", type=positive(int), help="requests per sample (default 2000)")
+    parser.add_argument(
+        "--repeat", type=positive(int), help="rounds; figures are medians (default 5)"
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="in flight (default 16)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     add_output_arguments(parser)

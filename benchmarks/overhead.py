@@ -64,6 +64,7 @@ from _harness import (
     machine_info,
     measure_stream,
     median_of,
+    positive,
     print_table,
     quiet_logging,
     report,
@@ -411,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="300 requests, 1 round (CI smoke)")
-    parser.add_argument("--requests", type=int, help="measured requests per sample (2000)")
-    parser.add_argument("--repeat", type=int, help="rounds; figures are medians (5)")
+    parser.add_argument(
+        "--requests", type=positive(int), help="measured requests per sample (2000)"
+    )
+    parser.add_argument("--repeat", type=positive(int), help="rounds; figures are medians (5)")
     parser.add_argument(
         "--concurrency", type=int, default=16, help="requests in flight (the key's max_in_flight)"
     )

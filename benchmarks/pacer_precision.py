@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from _harness import (
     add_output_arguments,
     machine_info,
+    positive,
     report,
     results_name,
     warn_if_busy,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="1 s per rate, at least 3 gaps (CI smoke)"
     )
-    parser.add_argument("--seconds", type=float, help="run time per rate (default 5)")
+    parser.add_argument("--seconds", type=positive(float), help="run time per rate (default 5)")
     parser.add_argument(
         "--rates",
         type=lambda text: [float(r) for r in text.split(",")],

@@ -45,6 +45,7 @@ from _harness import (
     asin_stream,
     creators_account,
     machine_info,
+    positive,
     print_table,
     report,
     results_name,
@@ -297,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the job and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_ROWS} rows (CI smoke)")
-    parser.add_argument("--rows", type=int, help=f"rows in the job (default {DEFAULT_ROWS})")
+    parser.add_argument(
+        "--rows", type=positive(int), help=f"rows in the job (default {DEFAULT_ROWS})"
+    )
     parser.add_argument(
         "--duplicates", type=float, default=0.1, help="share of rows repeating an id (0.1)"
     )

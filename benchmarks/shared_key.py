@@ -48,6 +48,8 @@ from _harness import (
     broker_config,
     creators_account,
     machine_info,
+    non_negative,
+    positive,
     print_table,
     quiet_logging,
     report,
@@ -310,10 +312,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one broker process of it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 1, 2 with 3 s windows")
-    parser.add_argument("--duration", type=float, default=None, help="measured window, seconds")
-    parser.add_argument("--warmup", type=float, default=None, help="warm-up, seconds")
     parser.add_argument(
-        "--processes", type=int, nargs="+", default=None, help="the N values (default 1 2 4 8)"
+        "--duration", type=positive(float), default=None, help="measured window, seconds"
+    )
+    parser.add_argument("--warmup", type=non_negative, default=None, help="warm-up, seconds")
+    parser.add_argument(
+        "--processes",
+        type=positive(int),
+        nargs="+",
+        default=None,
+        help="the N values (default 1 2 4 8)",
     )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)

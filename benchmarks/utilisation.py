@@ -62,6 +62,8 @@ from _harness import (
     creators_account,
     loop_factory,
     machine_info,
+    non_negative,
+    positive,
     print_table,
     quiet_logging,
     report,
@@ -362,10 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--tps", type=float, default=DEFAULT_TPS, help="true rate of each key, per second"
     )
-    parser.add_argument("--duration", type=float, help="measured window per scenario, s")
-    parser.add_argument("--warmup", type=float, help="seconds before the window opens")
+    parser.add_argument("--duration", type=positive(float), help="measured window per scenario, s")
+    parser.add_argument("--warmup", type=non_negative, help="seconds before the window opens")
     parser.add_argument(
-        "--after-halving", type=float, help="seconds watched after the server's rate halves"
+        "--after-halving",
+        type=positive(float),
+        help="seconds watched after the server's rate halves",
     )
     parser.add_argument(
         "--scenario",
@@ -381,7 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sweep-burst", type=int, default=2, choices=(1, 2), help="server burst of the sweep"
     )
-    parser.add_argument("--sweep-duration", type=float, help="window per sweep step, s (30)")
+    parser.add_argument(
+        "--sweep-duration", type=positive(float), help="window per sweep step, s (30)"
+    )
     parser.add_argument("--no-peer", action="store_true", help="run the broker alone")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--seed", type=int, default=7, help="the simulator's latency draws")
@@ -393,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     duration = args.duration or (10.0 if args.quick else 60.0)
-    warmup = args.warmup or (3.0 if args.quick else 5.0)
+    warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 5.0)
     after_halving = args.after_halving or (10.0 if args.quick else 120.0)
     sweep_keys = args.keys_sweep if args.keys_sweep is not None else [1, 4, 16]
     if args.keys_sweep is None and args.quick:

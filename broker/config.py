@@ -34,6 +34,7 @@ from broker.tomltable import TomlTable
 
 __all__ = [
     "DEFAULT_RESOURCES",
+    "MAX_TPS",
     "ApiConfig",
     "BrokerConfig",
     "CacheConfig",
@@ -68,6 +69,8 @@ DEFAULT_RESOURCES: Final = (
 )
 
 SIMULATOR: Final = "simulator"
+#: The highest ``tps`` a key may be configured with.
+MAX_TPS: Final = 1000.0
 AMAZON: Final = "amazon"
 
 _CREATORS_VERSIONS: Final = frozenset({"2.1", "2.2", "2.3", "3.1", "3.2", "3.3"})
@@ -793,7 +796,7 @@ def _parse_key(
     for marketplace, tag in tags.items():
         if len(tag) > 64:
             raise ConfigError(f"{path}.partner_tags.{marketplace}", "is longer than 64 characters")
-    tps = table.number("tps", 1.0, exclusive=True, maximum=1000.0, minimum=0.0)
+    tps = table.number("tps", 1.0, exclusive=True, maximum=MAX_TPS, minimum=0.0)
     tpd_value = table.raw("tpd")
     tpd: int | None
     # 0 is "unlimited"; false and 0.0 equal 0 in Python, so the type is checked too.

@@ -53,6 +53,8 @@ class TestOptions:
             ({"tps": math.nan}, "--tps"),
             ({"broker_tps": 0.0}, "--broker-tps"),
             ({"broker_tps": math.inf}, "--broker-tps"),
+            ({"broker_tps": 5000.0}, "--broker-tps"),
+            ({"tps": 5000.0}, "--tps"),
             ({"duration_s": 0.0}, "--duration"),
             ({"duration_s": math.nan}, "--duration"),
             ({"warmup_s": -1.0}, "--warmup"),
@@ -225,6 +227,26 @@ def test_a_stopped_bench_stops_its_simulator(
     for child in children:
         assert not Path(f"/proc/{child}").exists() or _zombie(child)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("asinb-sim-")]
+
+
+def test_a_sigint_ignored_at_start_stays_ignored(tmp_path: Path) -> None:
+    """Started with SIGINT ignored (a script's background job), the bench is not stopped by
+    one: it runs to the end and prints its figures, as the shell meant."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "broker", "bench", "--tps", "0", "--duration", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert bench.stderr is not None
+    assert "running" in bench.stderr.readline()
+    time.sleep(1.0)
+    bench.send_signal(signal.SIGINT)
+    out, err = bench.communicate(timeout=60)
+    assert bench.returncode == 0, err
+    assert "req/s" in out
 
 
 def _children(pid: int) -> list[str]:

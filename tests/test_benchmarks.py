@@ -259,6 +259,22 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("bench_modules")
+def test_broker_bench_defaults_to_the_benchmarks_latency() -> None:
+    """With its defaults `broker bench` has the simulator add what benchmarks/ adds (40 ms
+    plus an exponential draw of mean 10 ms, each way), so it measures what is published."""
+    from _harness import LATENCY
+
+    from broker.bench import BenchOptions
+    from broker.simulator.settings import SimulatorSettings
+
+    settings = SimulatorSettings.from_mapping(BenchOptions().simulator_settings())
+    assert (settings.latency.fixed_ms, settings.latency.exp_mean_ms) == (
+        LATENCY["fixed_ms"],
+        LATENCY["exp_mean_ms"],
+    )
+
+
+@pytest.mark.usefixtures("bench_modules")
 def test_scale_job_holds_what_it_says(tmp_path: Path) -> None:
     """The generated job has the stated rows, repeats and invalid ids, one per line."""
     import scale
