@@ -153,6 +153,34 @@ class TestConcurrentCallers:
         sizes = [len(_ids(r)) for r in transport.requests if "/auth/" not in r.url]
         assert sorted(sizes, reverse=True) == [10, 10, 10, 10]
 
+    async def test_a_queue_smaller_than_a_batch_does_not_wait_out_the_linger(self) -> None:
+        """engine.queue_size 2 with batches of 3 and a 1 s linger: once every admitted lookup
+        lingers, nothing can make room before the linger ends, so the batch goes at once
+        instead of each request waiting out the full second."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        broker, _ = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            keys=[key_doc(tps=100.0)],
+            engine={"queue_size": 2, "batch_size": 3, "linger_s": 1.0},
+        )
+        wanted = asins(12)
+        async with broker:
+            start = clock.monotonic()
+            task = asyncio.ensure_future(broker.get_items(wanted))
+            await clock.run_until(task)
+            elapsed = clock.monotonic() - start
+        assert [r.asin for r in task.result()] == wanted
+        assert elapsed < 1.0
+
     async def test_callers_trickling_in_fill_the_batch_waiting_for_the_key(self) -> None:
         """At 1 TPS, callers arriving 50 ms apart join the batch that waits for the key's
         next slot instead of each sending a request of its own."""

@@ -222,6 +222,11 @@ class Intake:
         lookup = self.admit_now(query, receiver)
         if lookup is not None:
             return lookup
+        if self._batcher.pending() >= len(self._inflight):
+            # Every lookup holding room lingers in a partial batch: none can end, and make
+            # room, before its linger runs out (a queue_size below batch_size), so waiting
+            # for more ASINs to join would only hold them all back.
+            self._batcher.flush()
         await self._capacity.take()
         try:
             stopped = self._closed()
