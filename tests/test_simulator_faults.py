@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
@@ -108,6 +109,33 @@ async def test_connection_reset_mid_body(start: Start) -> None:
     with pytest.raises(aiohttp.ClientPayloadError):
         await _creators(client)
     assert sim.stats.faults["reset"] == 1
+
+
+async def test_a_client_gone_before_its_body_came_is_not_an_error(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes before sending the whole body (a broker closed mid-request)
+    leaves the simulator nothing to report: no "Error handling request" traceback."""
+    client, _ = await start(SimulatorSettings(limits=False))
+    token = await client.token()
+    host, port = client._base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        (
+            "POST /catalog/v1/getItems HTTP/1.1\r\n"
+            f"Host: {host}\r\nAuthorization: Bearer {token}, Version 3.1\r\n"
+            "x-marketplace: www.amazon.com\r\n"
+            "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"
+        ).encode()
+    )
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    await writer.wait_closed()
+    with caplog.at_level(logging.DEBUG, logger="aiohttp"):
+        await asyncio.sleep(0.3)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    del reader
 
 
 async def test_hanging_response_ends_at_shutdown() -> None:

@@ -78,7 +78,12 @@ def create_app(
             delay = sim.faults.latency_s()
             if delay:
                 await sim.clock.sleep(delay)
-            reply, fault = await handler(request, sim)
+            try:
+                reply, fault = await handler(request, sim)
+            except ConnectionResetError:
+                # The client left before its body came (a broker closed mid-request): no
+                # one to answer, nothing to report. aiohttp drops this reply quietly.
+                return web.Response(status=499)
             delay = sim.faults.latency_s()
             if delay:
                 await sim.clock.sleep(delay)
