@@ -228,6 +228,17 @@ class TestSyncBroker:
         assert "destroyed but it is pending" not in done.stderr
         assert "Event loop is closed" not in done.stderr
 
+    def test_an_unserved_marketplace_says_where_to_add_the_tag(
+        self, sync_broker: SyncBroker
+    ) -> None:
+        """A config given in code has no file: the remedy names the config in code, not a
+        file called <dict>."""
+        result = sync_broker.get_item("B000000001", marketplace="www.amazon.de")
+        assert result.error is not None
+        assert result.error.code == "NoKeyForMarketplace"
+        assert "<dict>" not in result.error.remedy
+        assert "config given in code" in result.error.remedy
+
     def test_many_threads(self, sync_broker: SyncBroker) -> None:
         """Threads calling at once share one broker, each getting its own complete answer."""
         wanted = asins(40)

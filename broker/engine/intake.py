@@ -159,9 +159,14 @@ class Intake:
                 f"no key has a partner tag for {canonical}",
                 status=Status.FAILED,
                 remedy=(
-                    f"add the tracking id to a key in {self._config_source}: under [[keys]], "
-                    f'partner_tags = {{ "{canonical}" = "yourtag-21" }} (beside the existing '
-                    "tags)"
+                    # A config given in code has no file to name ("<dict>").
+                    f"add the tracking id to a key of the config given in code: "
+                    f'partner_tags = {{ "{canonical}" = "yourtag-21" }} beside the existing '
+                    "tags"
+                    if self._config_source.startswith("<")
+                    else f"add the tracking id to a key in {self._config_source}: under "
+                    f'[[keys]], partner_tags = {{ "{canonical}" = "yourtag-21" }} (beside '
+                    "the existing tags)"
                 ),
             )
         return query
