@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.bench import (
     MARKETPLACE,
@@ -131,11 +131,15 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     print(format_table(headers, rows), file=sys.stderr)
 
 
-def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+#: int or float, for :func:`positive`.
+_N = TypeVar("_N", int, float)
+
+
+def positive(kind: Callable[[str], _N]) -> Callable[[str], _N]:
     """An argparse ``type``: ``kind`` (int or float) of the text, refused unless finite and
     above 0 (a window, a count: 0 is no run at all, never "the default")."""
 
-    def read(text: str) -> float:
+    def read(text: str) -> _N:
         value = kind(text)
         if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"must be above 0, got {text}")

@@ -53,6 +53,7 @@ from pathlib import Path
 from _harness import (
     add_output_arguments,
     machine_info,
+    positive,
     print_table,
     quiet_logging,
     report,
@@ -168,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     """Count the instructions and print the figures (or, with ``--child``, be one run)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 and 200 requests (CI smoke)")
-    parser.add_argument("--small", type=int, help="requests of the smaller run (default 200)")
-    parser.add_argument("--large", type=int, help="requests of the larger run (default 400)")
+    parser.add_argument(
+        "--small", type=positive(int), help="requests of the smaller run (default 200)"
+    )
+    parser.add_argument(
+        "--large", type=positive(int), help="requests of the larger run (default 400)"
+    )
     parser.add_argument(
         "--repeat", type=int, default=2, help="runs of each count; the smallest is kept (2)"
     )

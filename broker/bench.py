@@ -246,7 +246,7 @@ class BenchOptions:
             return self.broker_tps
         # With the server unlimited: the highest rate a key may be configured with, more
         # than one simulator process serves.
-        return self.tps if self.tps > 0 else 1000.0
+        return self.tps if self.tps > 0 else MAX_TPS
 
     def simulator_settings(self) -> dict[str, object]:
         """The ``[simulator]`` table of this run."""

@@ -208,7 +208,8 @@ class SyncBroker:
         The input is read lazily, in the thread iterating the stream (never on the loop's
         thread, where an event loop runs): a SQLite cursor or a Django QuerySet works, and a
         slow input holds up only this stream. It is read ahead in chunks of up to 256 items
-        (up to about 384 beyond ``queue_size``) while the loop sends what it has; a chunk
+        (up to about 384 beyond ``queue_size``, 100 more with the item cache on, which is
+        read a chunk at a time) while the loop sends what it has; a chunk
         ends early once reading it has taken 50 ms, so a slow input's first items are sent
         while the rest comes. Since that thread is also the one consuming results, an input
         that waits for this stream's own results (a queue its consumer refills, as a crawler
@@ -314,14 +315,18 @@ class SyncBroker:
 
 #: How long a finalizer or close() waits for the broker to close before stopping its loop.
 _CLOSE_TIMEOUT_S = 30.0
+#: How long the loop thread lets unfinished streams end once the broker is closed.
+_CLOSE_STREAMS_S = 5.0
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
     """The loop thread: run until stopped, then close the loop (it is this thread's)."""
     loop.run_forever()
     # A stream the caller never finished (its SyncBroker closed from another thread while
-    # the caller read its input) ends here, on its own loop, not at collection on a closed one.
-    loop.run_until_complete(loop.shutdown_asyncgens())
+    # the caller read its input) ends here, on its own loop, not at collection on a closed one;
+    # bounded, so a close never hangs on it.
+    with contextlib.suppress(TimeoutError):
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), _CLOSE_STREAMS_S))
     loop.close()
 
 

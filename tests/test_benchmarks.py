@@ -10,6 +10,7 @@ failures are. A few pure helpers are checked directly.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -256,6 +257,40 @@ def test_pacer_precision_quick(tmp_path: Path) -> None:
 def bench_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     """The benchmarks directory on sys.path, as it is for the scripts themselves."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+@pytest.mark.usefixtures("bench_modules")
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("utilisation", ["--duration", "0"]),
+        ("utilisation", ["--after-halving", "-5"]),
+        ("utilisation", ["--warmup", "-1"]),
+        ("overhead", ["--requests", "0"]),
+        ("engine_cost", ["--repeat", "0"]),
+        ("instructions", ["--small", "0"]),
+        ("shared_key", ["--processes", "2", "0"]),
+        ("pacer_precision", ["--seconds", "nan"]),
+    ],
+)
+def test_a_zero_or_negative_window_or_count_is_refused(
+    script: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0, a negative number or NaN for a window, a count or a run time is a usage error
+    (exit 2) naming the flag, not a silent fall back to the default."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as info:
+        module.main([*argv, "--no-write"])
+    assert info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("bench_modules")
+def test_warmup_zero_means_no_warm_up() -> None:
+    """--warmup 0 is read as no warm-up (it used to mean the default)."""
+    from _harness import non_negative
+
+    assert non_negative("0") == 0.0
 
 
 @pytest.mark.usefixtures("bench_modules")

@@ -478,6 +478,75 @@ class TestStreamInputErrors:
         assert all("/auth/" in r.url for r in transport.requests)
 
 
+class TestCachedStreamInput:
+    """With the item cache on, an async input is read a chunk at a time, no further ahead."""
+
+    @staticmethod
+    def _cached(clock: FakeClock, **engine: Any) -> Broker:
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        broker, _ = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            keys=[key_doc(tps=100.0)],
+            cache={"max_age_s": 3_600, "backend": "memory"},
+            engine={"linger_s": 0.2, **engine},
+        )
+        return broker
+
+    async def test_a_trickling_input_waits_out_one_linger_not_two(self) -> None:
+        """An input that gives one ASIN and then nothing for a minute has it answered after
+        one linger (the chunk's), not a second one in the batcher."""
+        clock = FakeClock()
+        broker = self._cached(clock)
+
+        async def trickle() -> AsyncIterator[str]:
+            yield "B000000001"
+            await clock.sleep(60.0)
+
+        async def first() -> float:
+            async for _ in broker.stream(trickle()):
+                return clock.monotonic()
+            raise AssertionError("no answer")
+
+        async with broker:
+            start = clock.monotonic()
+            task = asyncio.ensure_future(first())
+            await clock.run_until(task)
+        assert task.result() - start < 0.3
+
+    async def test_the_input_is_read_no_further_ahead_than_a_chunk(self) -> None:
+        """A consumer that stops after three answers has had at most one chunk (100) of its
+        input read: what was read and never looked up is lost to a shared queue."""
+        clock = FakeClock()
+        broker = self._cached(clock, queue_size=5)
+        reads = 0
+
+        async def endless() -> AsyncIterator[str]:
+            nonlocal reads
+            for n in itertools.count():
+                reads += 1
+                yield f"B{n:09d}"
+
+        async def three() -> None:
+            got = 0
+            async for _ in broker.stream(endless()):
+                got += 1
+                if got == 3:
+                    break
+
+        async with broker:
+            task = asyncio.ensure_future(three())
+            await clock.run_until(task)
+            await clock.advance(1.0)
+        assert reads <= 101
+
+
 class TestManyCallersUnderFaults:
     """Seeded stress: 150 callers over two resource groups with 429s, 5xx, unreachable
     endpoints, expired tokens, dropped ASINs, cancellations and stream(stop=)."""

@@ -146,13 +146,14 @@ class TestOutagesStayLocal:
         assert await _driven(clock, b.try_send(), within_s=0.5) is not None
         assert b.health is KeyHealth.ACTIVE
 
-    @pytest.mark.parametrize("abandoned", [False, True])
-    async def test_a_probe_that_met_its_own_trouble_is_handed_to_the_others(
-        self, abandoned: bool
+    @pytest.mark.parametrize("trouble", ["network", "callers left", "5xx"])
+    async def test_a_probe_that_met_no_answer_does_not_park_the_key_again(
+        self, trouble: str
     ) -> None:
-        """Process a wins a parked key's probe, then its network or token endpoint fails it
-        (or its callers leave): the key is not parked again for every process, and b may
-        probe at once instead of waiting out a doubled park or a's probe lease."""
+        """Process a wins a parked key's probe, then its own network or token endpoint
+        fails it, or its callers leave: the key is not parked again for every process, and
+        b may probe at once. A 5xx (Amazon's side) does not park it again either, but keeps
+        the probe's lease, so the processes share one wait instead of each probing."""
         clock = FakeClock()
         store = MemoryStateStore(
             lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
@@ -165,13 +166,18 @@ class TestOutagesStayLocal:
         assert await _driven(clock, a.try_send(), within_s=1.0) is not None
         assert a.limiter.last_decision is not None
         assert a.limiter.last_decision.probe
-        if abandoned:
+        if trouble == "callers left":
             a.abandon_probe()
         else:
-            a.on_failed_attempt(transient=True)
+            a.on_failed_attempt(transient=True, reached=trouble == "5xx")
         await clock.advance(0.01)
         decision = await b.limiter.refresh()
         assert decision.parked_until_us <= decision.now_us  # not parked again
+        if trouble == "5xx":
+            assert await b.try_send() is None  # refused: a's lease holds
+            assert b.limiter.last_decision is not None
+            assert b.limiter.last_decision.refusal == "probing"
+            return
         assert await _driven(clock, b.try_send(), within_s=1.0) is not None
         assert b.limiter.last_decision is not None
         assert b.limiter.last_decision.probe

@@ -454,6 +454,26 @@ class TestLifecycle:
             await asyncio.wait_for(consumer, 2)
         assert [r.asin for r in got] == ["B0C1234567", "B0C1234568"]
 
+    async def test_close_lets_a_finished_stream_end_as_it_would_have(
+        self, harness: Harness
+    ) -> None:
+        """A stream whose input is all read and whose answers are all in, not yet taken,
+        yields them after the broker closes and ends cleanly: nothing it waited for was cut
+        short."""
+        sim = await harness.simulator(FREE)
+        broker = Broker(make_config(sim.url))
+        await broker.__aenter__()
+        wanted = ["B0C1234567", "B0C1234568", "B0C1234569"]
+        stream = broker.stream(wanted)
+        first = await anext(stream)
+        for _ in range(500):
+            if broker.metrics().outstanding_lookups == 0:
+                break
+            await asyncio.sleep(0.01)
+        await broker.aclose()
+        rest = [result async for result in stream]
+        assert sorted(r.asin for r in [first, *rest]) == wanted
+
     async def test_close_while_waiting_for_room_leaves_no_unretrieved_error(
         self, harness: Harness, caplog: pytest.LogCaptureFixture
     ) -> None:

@@ -903,6 +903,22 @@ class TestDaemonSurvives:
         # processing/ is the daemon's own: the umask's mode, no wider.
         assert spool.processing.stat().st_mode & 0o007 == 0
 
+    def test_a_world_writable_spool_lends_its_folders_no_more_than_group_access(
+        self, tmp_path: Path
+    ) -> None:
+        """A 1777 spool (a shared /tmp-like root) gives its folders group access at most,
+        never world-writable or sticky results folders."""
+        root = tmp_path / "spool"
+        root.mkdir()
+        root.chmod(0o1777)
+        previous = os.umask(0o022)
+        try:
+            Spool(root).prepare()
+        finally:
+            os.umask(previous)
+        for name in ("inbox", "done", "failed"):
+            assert oct((root / name).stat().st_mode & 0o7777) == oct(0o775), name
+
     async def test_a_job_replaced_in_processing_stops_and_the_new_file_runs(
         self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

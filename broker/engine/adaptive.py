@@ -492,11 +492,12 @@ class Circuit:
             self._state = CircuitState.OPEN
             self._probe_at = self._clock.monotonic()
 
-    def probe_unsettled(self) -> None:
+    def probe_unsettled(self, *, hand_on: bool = False) -> None:
         """The probe got no answer about the quota: a 5xx, a reset, or this process's own
         network or token endpoint failed it. Probe again after a short wait, doubled after
         each such probe up to the park interval, without lengthening the park: nothing says
         the quota is still spent, and a failure of this machine's says nothing of Amazon's.
+        ``hand_on`` (the failure was this process's own) matters only to a shared circuit.
         """
         if self._state is not CircuitState.PROBING:
             return

@@ -19,7 +19,15 @@ import collections
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -70,8 +78,8 @@ _Input = str | Query
 #: Inputs a stream reads ahead to look up in the item cache in one batch.
 _CACHE_CHUNK = 100
 
-#: How long closing waits for the streams' cancelled input readers to end.
-_READER_EXIT_S = 1.0
+#: How long closing waits for the streams' cancelled producers to end.
+_PRODUCER_EXIT_S = 1.0
 
 
 class Broker:
@@ -399,9 +407,12 @@ class Broker:
             if not future.done():
                 future.set_exception(exc)
         for receiver, producer in self._streams.items():
+            if producer is None or producer.done():
+                # Its input is all in: what it still waits for fails through the intake
+                # above, and one with nothing left ends as it would have.
+                continue
             receiver.end(exc)
-            if producer is not None:
-                producer.cancel()
+            producer.cancel()
 
     def _authorizer(
         self, key: KeyConfig, transport: Transport, token_base: str | None
@@ -448,11 +459,11 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await engine
         self._ops.clear()
-        # The streams' input readers, cancelled by _stop, end before the session and the
-        # loop do (a SyncBroker closes its loop next); bounded, as an input may ignore it.
-        readers = [task for task in self._streams.values() if task is not None]
-        if readers:
-            await asyncio.wait(readers, timeout=_READER_EXIT_S)
+        # The streams' producers, cancelled by _stop, end before the session and the loop
+        # do (a SyncBroker closes its loop next); bounded, as an input may ignore it.
+        producers = [task for task in self._streams.values() if task is not None]
+        if producers:
+            await asyncio.wait(producers, timeout=_PRODUCER_EXIT_S)
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
@@ -618,20 +629,26 @@ class Broker:
                         if isinstance(asins, AsyncIterable)
                         else _each(_runs(asins, _CACHE_CHUNK))
                     )
-                    async for chunk in chunks:
-                        reading = False
-                        queries = [intake.complete(i, marketplace, resources) for i in chunk]
-                        await intake.prefetch(queries)
-                        try:
-                            for query in queries:
-                                if halted():
-                                    break
-                                await offer(query)
-                        finally:
-                            intake.discard(queries)
-                        if halted():
-                            break
-                        reading = True
+                    # Closed here, not when collected: its reader task ends with the stream.
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            reading = False
+                            queries = [intake.complete(i, marketplace, resources) for i in chunk]
+                            await intake.prefetch(queries)
+                            try:
+                                for query in queries:
+                                    if halted():
+                                        break
+                                    await offer(query)
+                            finally:
+                                intake.discard(queries)
+                            if halted():
+                                break
+                            if len(chunk) < _CACHE_CHUNK:
+                                # A chunk its linger handed on: the input trickles, so the
+                                # batches would only linger again for more.
+                                self._flush()
+                            reading = True
                 elif isinstance(asins, AsyncIterable):
                     async for item in asins:
                         reading = False
@@ -1041,16 +1058,16 @@ def _runs(items: Iterable[_Input], size: int) -> Iterator[list[_Input]]:
 
 async def _chunks(
     items: AsyncIterable[_Input], size: int, *, linger_s: float, clock: Clock
-) -> AsyncIterator[list[_Input]]:
+) -> AsyncGenerator[list[_Input], None]:
     """``items`` in lists of up to ``size``, each handed on once full, once the input has
-    ended, or ``linger_s`` after it began to fill, whichever is first.
+    ended, or ``linger_s`` after its first item came, whichever is first.
 
     An async input may trickle: a queue that the stream's own answers refill (a crawler)
     would wait forever for a full list, and a slow cursor would hold every answer back
-    until a hundred rows came. One task reads the input, at most ``size`` items ahead (an
-    input that gives its items without waiting is read in one go, with no task or wake-up
-    per item). An input that fails has what it gave before yielded first, then its error
-    raised.
+    until a hundred rows came. One task reads the input, never more than ``size`` items
+    ahead of what the caller has finished with (an input that gives its items without
+    waiting is read in one go, with no task or wake-up per item). An input that fails has
+    what it gave before yielded first, then its error raised.
     """
     buffer: collections.deque[_Input] = collections.deque()
     changed = asyncio.Event()  # an item came, the input ended, or the linger ran out
@@ -1059,14 +1076,18 @@ async def _chunks(
     ended = False
     lingered = False
     failure: Exception | None = None
+    first_at = 0.0  # when the oldest item in the buffer came
+    held = 0  # items of the list the caller is working on
 
     async def read() -> None:
-        nonlocal ended, failure
+        nonlocal ended, failure, first_at
         try:
             async for item in items:
+                if not buffer:
+                    first_at = clock.monotonic()
                 buffer.append(item)
                 changed.set()
-                if len(buffer) >= size:
+                if len(buffer) + held >= size:
                     room.clear()
                     await room.wait()
         except Exception as exc:
@@ -1077,7 +1098,7 @@ async def _chunks(
 
     async def linger() -> None:
         nonlocal lingered
-        await clock.sleep(linger_s)
+        await clock.sleep(first_at + linger_s - clock.monotonic())
         lingered = True
         changed.set()
 
@@ -1099,9 +1120,14 @@ async def _chunks(
                         await changed.wait()
                 finally:
                     timer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await timer
+            # The reader stops at ``size`` items: this takes the whole buffer.
             chunk = [buffer.popleft() for _ in range(min(size, len(buffer)))]
-            room.set()
+            held = len(chunk)
             yield chunk
+            held = 0
+            room.set()
         if failure is not None:
             raise failure
     finally:
@@ -1110,6 +1136,7 @@ async def _chunks(
             await reader
 
 
-async def _each(runs: Iterator[list[_Input]]) -> AsyncIterator[list[_Input]]:
+async def _each(runs: Iterator[list[_Input]]) -> AsyncGenerator[list[_Input], None]:
+    """``runs`` as an async generator: the shape the stream's cache path reads."""
     for run in runs:
         yield run

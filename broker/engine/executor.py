@@ -95,7 +95,7 @@ class Executor:
                 batch_id=batch.batch_id,
                 error=type(exc).__name__,
             )
-            key.on_failed_attempt(transient=True)
+            key.on_failed_attempt(transient=True, reached=False)
             self._fail(batch, exc, key=key.name)
 
     async def _attempt(
@@ -121,7 +121,7 @@ class Executor:
                 spent = key.on_unreachable(exc, sent_at)
             else:
                 spent = key.pause_after_error(exc, sent_at)
-            key.on_failed_attempt(transient=True)
+            key.on_failed_attempt(transient=True, reached=False)
             if spent:
                 self._end_outage(key, batch.marketplace, exc)
             self._pool.submit(batch, front=True)
@@ -186,7 +186,7 @@ class Executor:
             if isinstance(exc, TransportError):
                 self._metrics.transport_errors += 1
             key.errors += 1
-            key.on_failed_attempt(transient=True)
+            key.on_failed_attempt(transient=True, reached=not isinstance(exc, EndpointUnreachable))
             if isinstance(exc, EndpointUnreachable):
                 # Nothing reached Amazon: the batch waits out the outage with its attempts
                 # intact and its age stopped, instead of failing for a network it cannot

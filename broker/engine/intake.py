@@ -161,7 +161,7 @@ class Intake:
                 remedy=(
                     # A config given in code has no file to name ("<dict>").
                     f"add the tracking id to a key of the config given in code: "
-                    f'partner_tags = {{ "{canonical}" = "yourtag-21" }} beside the existing '
+                    f'"partner_tags": {{"{canonical}": "yourtag-21"}} beside the existing '
                     "tags"
                     if self._config_source.startswith("<")
                     else f"add the tracking id to a key in {self._config_source}: under "

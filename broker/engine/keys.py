@@ -407,21 +407,22 @@ class KeyState:
             )
         return verdict
 
-    def on_failed_attempt(self, *, transient: bool) -> None:
+    def on_failed_attempt(self, *, transient: bool, reached: bool = True) -> None:
         """An attempt ended without a 2xx or a 429: settle the parked key's probe, if it was one.
 
         Without this a probe that met anything but a success or a 429 would leave the
         circuit half-open for good, and the key would never send again. A transient failure
-        (5xx, network, token endpoint) says nothing about the quota: the key probes again
-        after a short wait, and, shared, any other process may probe at once (this
-        process's network may be the trouble). Any other answer got past Amazon's
-        throttle: the key is back.
+        (5xx, reset, network, token endpoint) says nothing about the quota: the key probes
+        again after a short wait. One that never ``reached`` Amazon (this process's network
+        or token endpoint, or a bug of its own) is this process's trouble: shared, any
+        other process may probe at once. Any other answer got past Amazon's throttle: the
+        key is back.
         """
         verdict = self.circuit.verdict
         if self.circuit.state is not CircuitState.PROBING or verdict is None:
             return
         if transient:
-            self.circuit.probe_unsettled()
+            self.circuit.probe_unsettled(hand_on=not reached)
             probe_at = self.circuit.probe_at or self._clock.monotonic()
             logger.info(
                 "broker.probe_unsettled",

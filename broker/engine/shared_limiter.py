@@ -739,11 +739,14 @@ class SharedCircuit(Circuit):
             self._limiter.release_probe()
         super().abandon_probe()
 
-    def probe_unsettled(self) -> None:
-        """Probe again soon here; any other process may probe now (the lease is freed)."""
-        if self._state is CircuitState.PROBING:
+    def probe_unsettled(self, *, hand_on: bool = False) -> None:
+        """Probe again soon here. A failure of this process's own (``hand_on``) frees the
+        probe's lease, so any other process may probe now; one of Amazon's side (a 5xx, a
+        reset) keeps it, so every process waits out the lease instead of each probing on
+        its own backoff."""
+        if hand_on and self._state is CircuitState.PROBING:
             self._limiter.release_probe()
-        super().probe_unsettled()
+        super().probe_unsettled(hand_on=hand_on)
 
 
 def shared_key_parts(

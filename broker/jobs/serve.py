@@ -277,21 +277,31 @@ class Spool:
         self.failed = self.root / "failed"
 
     def prepare(self) -> list[Path]:
-        """Create the subdirectories that are missing; return those it created.
-
-        ``inbox/``, ``done/`` and ``failed/`` are shared with the producers (the systemd
-        layout makes them 2770 for their group, like the spool itself): one made again
-        takes the spool's mode, not the daemon's umask (2750 under ``UMask=0027``), which
-        would lock the producers out of it. ``processing/`` is the daemon's own.
-        """
+        """Create the subdirectories that are missing; return those it created."""
         made = []
         for directory in (self.inbox, self.processing, self.done, self.failed):
             if not directory.is_dir():
-                directory.mkdir(parents=True, exist_ok=True)
-                if directory != self.processing:
-                    directory.chmod(stat.S_IMODE(self.root.stat().st_mode))
+                if directory == self.processing:
+                    directory.mkdir(parents=True, exist_ok=True)  # the daemon's own
+                else:
+                    self._make_shared(directory)
                 made.append(directory)
         return made
+
+    def _make_shared(self, directory: Path) -> None:
+        """Make ``inbox/``, ``done/`` or ``failed/`` (at the first start, or again after a
+        clean-up removed it) with the spool's group access and setgid bit.
+
+        The producers share these folders with the daemon: the systemd layout makes them
+        2770 for their group, like the spool. Made with the daemon's umask alone
+        (``UMask=0027``: 2750) one would lock the producers out. Only group bits are taken
+        from the spool, never others' or the sticky bit.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        shared = stat.S_IMODE(self.root.stat().st_mode) & (stat.S_ISGID | stat.S_IRWXG)
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        if mode | shared != mode:
+            directory.chmod(mode | shared)
 
     def waiting(self) -> list[str]:
         """Job files in ``inbox/``, oldest first."""
@@ -448,7 +458,8 @@ class Spool:
         """
         dest = self.done if outcome == "done" else self.failed
         # Removed while the job ran (a clean-up script): made again, not a failed daemon.
-        dest.mkdir(parents=True, exist_ok=True)
+        if not dest.is_dir():
+            self._make_shared(dest)
         base = self._filing_name(job, dest)
         record = dict(status)
         if outcome == "done":
