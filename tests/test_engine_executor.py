@@ -123,15 +123,16 @@ def _broker(
     return Broker(config, clock=clock, transport=transport, rng=random.Random(0)), transport
 
 
-def _answering(clock: FakeClock, tps: float) -> tuple[Broker, MockTransport]:
-    """A broker on a Creators endpoint that answers every ASIN asked, its key at ``tps``."""
+def _answering(clock: FakeClock, tps: float, **tables: Any) -> tuple[Broker, MockTransport]:
+    """A broker on a Creators endpoint that answers every ASIN asked, its key at ``tps``
+    (``tables``: more of the config, ``engine={...}`` say)."""
 
     async def handler(request: HttpRequest) -> RawResponse:
         if "/auth/" in request.url:
             return _token("tok")
         return _creators_ok(_ids(request))
 
-    return _broker(CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=tps)])
+    return _broker(CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=tps)], **tables)
 
 
 class TestConcurrentCallers:
@@ -158,19 +159,8 @@ class TestConcurrentCallers:
         lingers, nothing can make room before the linger ends, so the batch goes at once
         instead of each request waiting out the full second."""
         clock = FakeClock()
-
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                return _token("tok")
-            return _creators_ok(_ids(request))
-
-        broker, _ = _broker(
-            CREATORS,
-            handler,
-            clock,
-            protocol="creators",
-            keys=[key_doc(tps=100.0)],
-            engine={"queue_size": 2, "batch_size": 3, "linger_s": 1.0},
+        broker, _ = _answering(
+            clock, 100.0, engine={"queue_size": 2, "batch_size": 3, "linger_s": 1.0}
         )
         wanted = asins(12)
         async with broker:
@@ -483,20 +473,8 @@ class TestCachedStreamInput:
 
     @staticmethod
     def _cached(clock: FakeClock, **engine: Any) -> Broker:
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                return _token("tok")
-            return _creators_ok(_ids(request))
-
-        broker, _ = _broker(
-            CREATORS,
-            handler,
-            clock,
-            protocol="creators",
-            keys=[key_doc(tps=100.0)],
-            cache={"max_age_s": 3_600, "backend": "memory"},
-            engine={"linger_s": 0.2, **engine},
-        )
+        cache = {"max_age_s": 3_600, "backend": "memory"}
+        broker, _ = _answering(clock, 100.0, cache=cache, engine={"linger_s": 0.2, **engine})
         return broker
 
     async def test_a_trickling_input_waits_out_one_linger_not_two(self) -> None:
