@@ -325,8 +325,10 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
     # A stream the caller never finished (its SyncBroker closed from another thread while
     # the caller read its input) ends here, on its own loop, not at collection on a closed one;
     # bounded, so a close never hangs on it.
-    with contextlib.suppress(TimeoutError):
-        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), _CLOSE_STREAMS_S))
+    closing = loop.create_task(loop.shutdown_asyncgens())
+    # asyncio.wait, not wait_for: at the timeout it returns, where wait_for would wait on
+    # for a generator that ignores its cancellation.
+    loop.run_until_complete(asyncio.wait((closing,), timeout=_CLOSE_STREAMS_S))
     loop.close()
 
 

@@ -20,7 +20,7 @@ from broker.engine.keys import OUTAGE_CODE
 from broker.engine.metrics import EngineMetrics
 from broker.engine.transport import MockTransport
 from broker.errors import EndpointUnreachable, NoUsableKeyError, RequestTimeout
-from broker.models import ItemResult, Status
+from broker.models import ItemResult, Query, Status
 from broker.testing import FakeClock
 
 PAAPI = "https://paapi.test"
@@ -522,7 +522,38 @@ class TestCachedStreamInput:
             task = asyncio.ensure_future(three())
             await clock.run_until(task)
             await clock.advance(1.0)
-        assert reads <= 101
+        assert reads <= 100
+
+
+async def test_a_cancelled_chunk_reader_stays_cancelled() -> None:
+    """A stream's consumer cancelled just as a chunk's linger timer is being put away is
+    cancelled, not handed the chunk: a swallowed cancellation left closing the stream
+    waiting for a producer that went on."""
+    from broker.clock import LoopClock
+    from broker.engine.broker import _chunks
+
+    loop = asyncio.get_running_loop()
+    more = asyncio.Event()
+    taker: asyncio.Future[list[str | Query]] | None = None
+
+    async def source() -> AsyncIterator[str]:
+        yield "B000000000"
+        await more.wait()
+        for n in range(1, 99):
+            yield f"B{n:09d}"
+        assert taker is not None
+        # The 100th item fills the chunk: the timer is cancelled and awaited, and the
+        # consumer's cancellation lands in that very step.
+        loop.call_soon(lambda: loop.call_soon(taker.cancel))
+        yield "B000000099"
+
+    chunks = _chunks(source(), 100, linger_s=5.0, clock=LoopClock())
+    taker = asyncio.ensure_future(anext(chunks))
+    await asyncio.sleep(0.05)
+    more.set()
+    with pytest.raises(asyncio.CancelledError):
+        await taker
+    await chunks.aclose()
 
 
 class TestManyCallersUnderFaults:

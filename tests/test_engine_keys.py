@@ -152,8 +152,8 @@ class TestOutagesStayLocal:
     ) -> None:
         """Process a wins a parked key's probe, then its own network or token endpoint
         fails it, or its callers leave: the key is not parked again for every process, and
-        b may probe at once. A 5xx (Amazon's side) does not park it again either, but keeps
-        the probe's lease, so the processes share one wait instead of each probing."""
+        b may probe at once. A 5xx (Amazon's side) does not park it again either: the
+        probe's lease ends with a's own 15-s wait, which every process then shares."""
         clock = FakeClock()
         store = MemoryStateStore(
             lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
@@ -174,10 +174,10 @@ class TestOutagesStayLocal:
         decision = await b.limiter.refresh()
         assert decision.parked_until_us <= decision.now_us  # not parked again
         if trouble == "5xx":
-            assert await b.try_send() is None  # refused: a's lease holds
+            assert await b.try_send() is None  # refused: a's lease holds, for a's wait
             assert b.limiter.last_decision is not None
             assert b.limiter.last_decision.refusal == "probing"
-            return
+            await clock.advance(15.0)
         assert await _driven(clock, b.try_send(), within_s=1.0) is not None
         assert b.limiter.last_decision is not None
         assert b.limiter.last_decision.probe

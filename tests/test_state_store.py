@@ -292,6 +292,22 @@ class TestFeedback:
         assert again.granted
         assert again.probe
 
+    async def test_a_probe_lease_can_end_early_instead(self, backend: Backend) -> None:
+        """A probe failed on Amazon's side ends its lease after the prober's own short wait
+        (probe_again_s), not the whole lease: every process may probe after that wait."""
+        await backend.reserve(park_s=0.2, park_reason="daily quota exhausted")
+        await backend.advance(0.25)
+        probe = await backend.reserve()
+        assert probe.probe
+        lease_end = probe.now_us + int(LIMITS.probe_lease_s * 1_000_000)
+        held = await backend.reserve(release_probe_us=lease_end, probe_again_s=0.3)
+        assert held.refusal == "probing"
+        assert held.wait_s <= 0.3
+        await backend.advance(0.35)
+        again = await backend.reserve()
+        assert again.granted
+        assert again.probe
+
     async def test_a_parked_key_is_not_parked_longer_by_late_429s(self, backend: Backend) -> None:
         """A second park while parked (late 429s) keeps the first park's end."""
         first = await backend.reserve(park_s=10.0, park_reason="access revoked")

@@ -719,9 +719,13 @@ class Broker:
             if stopper is not None:
                 stopper.cancel()
             if producer is not None:
-                producer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await producer
+                if not producer.done():
+                    producer.cancel()
+                    # Waited for, not awaited: a cancellation of the consumer arriving now
+                    # must go on, not be taken for the producer's.
+                    await asyncio.wait((producer,))
+                if not producer.cancelled():
+                    producer.exception()  # it reached the receiver already: seen
             receiver.leave()
             self._streams.pop(receiver, None)
 
@@ -1081,15 +1085,21 @@ async def _chunks(
 
     async def read() -> None:
         nonlocal ended, failure, first_at
+        source = aiter(items)
         try:
-            async for item in items:
+            while True:
+                # Room first, then the next item: nothing is taken from the input that
+                # the caller may never ask for, and an item's arrival time is its own.
+                while len(buffer) + held >= size:
+                    room.clear()
+                    await room.wait()
+                item = await anext(source, _END)
+                if isinstance(item, _End):
+                    break
                 if not buffer:
                     first_at = clock.monotonic()
                 buffer.append(item)
                 changed.set()
-                if len(buffer) + held >= size:
-                    room.clear()
-                    await room.wait()
         except Exception as exc:
             failure = exc
         finally:
@@ -1119,11 +1129,12 @@ async def _chunks(
                         changed.clear()
                         await changed.wait()
                 finally:
+                    # Waited for, not awaited: a cancellation of this task arriving now
+                    # must go on, not be taken for the timer's own.
                     timer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await timer
-            # The reader stops at ``size`` items: this takes the whole buffer.
-            chunk = [buffer.popleft() for _ in range(min(size, len(buffer)))]
+                    await asyncio.wait((timer,))
+            chunk = list(buffer)
+            buffer.clear()
             held = len(chunk)
             yield chunk
             held = 0
@@ -1131,9 +1142,17 @@ async def _chunks(
         if failure is not None:
             raise failure
     finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        if not reader.done():
+            reader.cancel()
+            await asyncio.wait((reader,))
+
+
+class _End:
+    """The end of an async input, as :func:`anext`'s default (a type of its own, so the
+    check narrows what was read to an input item)."""
+
+
+_END = _End()
 
 
 async def _each(runs: Iterator[list[_Input]]) -> AsyncGenerator[list[_Input], None]:

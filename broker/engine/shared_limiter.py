@@ -189,6 +189,7 @@ class SharedKeyLimiter:
         self._unpark = False
         self._set_rate: float | None = None
         self._release_probe_us = 0
+        self._probe_again_s = 0.0
         # The lease end (store µs) of the parked key's probe this process holds; 0: none.
         self._probe_lease_us = 0
         self._sends: OrderedDict[float, tuple[int, bool]] = OrderedDict()
@@ -237,6 +238,7 @@ class SharedKeyLimiter:
             unpark=self._unpark,
             set_rate=self._set_rate,
             release_probe_us=self._release_probe_us,
+            probe_again_s=self._probe_again_s,
         )
         self._successes = 0
         self._throttled = []
@@ -247,6 +249,7 @@ class SharedKeyLimiter:
         self._unpark = False
         self._set_rate = None
         self._release_probe_us = 0
+        self._probe_again_s = 0.0
         return feedback
 
     def _restore_feedback(self, feedback: Feedback) -> None:
@@ -261,6 +264,7 @@ class SharedKeyLimiter:
             self._set_rate = feedback.set_rate
         if not self._release_probe_us:
             self._release_probe_us = feedback.release_probe_us
+            self._probe_again_s = feedback.probe_again_s
 
     async def _call(self, *, reserve: bool) -> Decision:
         self._asked_at = self._clock.monotonic()
@@ -561,12 +565,14 @@ class SharedKeyLimiter:
         self._probe_lease_us = 0
         self._kick()
 
-    def release_probe(self) -> None:
+    def release_probe(self, again_s: float = 0.0) -> None:
         """The probe this process was granted got no answer about the quota (never sent, or
-        failed by this process's own network, token endpoint or a 5xx): free its lease, so
-        any process may probe now instead of once the lease runs out (``probe_lease_s``)."""
+        failed by this process's own network, token endpoint or a 5xx): end its lease
+        ``again_s`` from now, instead of when it would run out (``probe_lease_s``), and
+        any process may probe then."""
         if self._probe_lease_us:
             self._release_probe_us, self._probe_lease_us = self._probe_lease_us, 0
+            self._probe_again_s = again_s
             self._kick()
 
     def _store_wall(self) -> float:
@@ -740,13 +746,15 @@ class SharedCircuit(Circuit):
         super().abandon_probe()
 
     def probe_unsettled(self, *, hand_on: bool = False) -> None:
-        """Probe again soon here. A failure of this process's own (``hand_on``) frees the
-        probe's lease, so any other process may probe now; one of Amazon's side (a 5xx, a
-        reset) keeps it, so every process waits out the lease instead of each probing on
-        its own backoff."""
-        if hand_on and self._state is CircuitState.PROBING:
-            self._limiter.release_probe()
+        """Probe again soon, here and in the store. A failure of this process's own
+        (``hand_on``) frees the probe's lease at once, so any other process may probe now;
+        one of Amazon's side (a 5xx, a reset) ends the lease when this process's own wait
+        does, so every process shares that one wait instead of each probing on its own."""
+        probing = self._state is CircuitState.PROBING
         super().probe_unsettled(hand_on=hand_on)
+        if probing and self._probe_at is not None:
+            wait = max(0.0, self._probe_at - self._clock.monotonic())
+            self._limiter.release_probe(0.0 if hand_on else wait)
 
 
 def shared_key_parts(

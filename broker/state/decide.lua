@@ -1,7 +1,7 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[38].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[39].
 -- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
 -- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
@@ -47,7 +47,8 @@ local max_probe_after_s = tonumber(ARGV[35])
 local probe_gain = tonumber(ARGV[36])
 local drop_window = tonumber(ARGV[37])
 local release_probe = tonumber(ARGV[38])
-local first_throttled = 39
+local probe_again = tonumber(ARGV[39])
+local first_throttled = 40
 
 local function int(x) return string.format('%d', x) end
 local function num(x) return string.format('%.17g', x) end
@@ -230,7 +231,7 @@ if unpark then
   probing_until = 0
 end
 if release_probe > 0 and probing_until == release_probe then
-  probing_until = 0
+  probing_until = now + probe_again
 end
 if park_us > 0 and not (parked_until > now and probing_until == 0) then
   parked_until = now + park_us

@@ -239,7 +239,7 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
         record.park_reason = ""
         record.probing_until = 0
     if feedback.release_probe_us and record.probing_until == feedback.release_probe_us:
-        record.probing_until = 0
+        record.probing_until = now + int(feedback.probe_again_s * _US)
     if feedback.park_s > 0 and not (record.parked_until > now and record.probing_until == 0):
         # A key already parked and not yet probing keeps its park: late 429s of requests sent
         # before it must not stretch it. A failed probe (probing) parks it again.

@@ -140,8 +140,10 @@ class Feedback:
         set_rate: an operator's rate, applied as is (clamped to the limits); None: none.
         release_probe_us: the lease end (µs, the store's clock) of a parked key's probe this
             process was granted and got no answer about the quota for (never sent, or failed
-            by its own network, token endpoint or a 5xx): freed if the key still holds that
-            lease, so any process may probe now instead of when the lease runs out; 0: none.
+            by its own network, token endpoint or a 5xx): if the key still holds that lease,
+            it ends ``probe_again_s`` from the store's now instead of when it would have
+            run out, and any process may probe then; 0: none.
+        probe_again_s: see ``release_probe_us`` (0: at once).
     """
 
     successes: int = 0
@@ -153,6 +155,7 @@ class Feedback:
     unpark: bool = False
     set_rate: float | None = None
     release_probe_us: int = 0
+    probe_again_s: float = 0.0
 
     @property
     def empty(self) -> bool:

@@ -164,6 +164,7 @@ class RedisStateStore:
             int(PROCESS_RECENT_S * _US),
             *_tuning_args(limits.tuning),
             feedback.release_probe_us,
+            int(feedback.probe_again_s * _US),
             *feedback.throttled,
         ]
         return [str(a) for a in args]
