@@ -209,9 +209,9 @@ class SyncBroker:
         thread, where an event loop runs): a SQLite cursor or a Django QuerySet works, and a
         slow input holds up only this stream. It is read ahead in chunks of up to 256 items
         (up to about 384 beyond ``queue_size``, 100 more with the item cache on, which is
-        read a chunk at a time) while the loop sends what it has; a chunk
-        ends early once reading it has taken 50 ms, so a slow input's first items are sent
-        while the rest comes. Since that thread is also the one consuming results, an input
+        read a chunk at a time) while the loop sends what it has; a chunk ends early once
+        reading it has taken 50 ms, so a slow input's first items are sent while the rest
+        comes. Since that thread is also the one consuming results, an input
         that waits for this stream's own results (a queue its consumer refills, as a crawler
         does) blocks: feed such an input from another thread, or use the async ``stream``.
         An input that raises raises here, after the answers for every item it gave before
