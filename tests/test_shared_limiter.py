@@ -371,6 +371,50 @@ class TestConcurrentBrokers:
         assert stats.accepted == 40
         assert 7.6 <= elapsed <= 8.5  # 40 sends at 5/s: 39 gaps of 200 ms
 
+    async def test_a_long_pause_from_another_process_lets_another_key_send(
+        self, harness: Harness
+    ) -> None:
+        """Another process pauses key one for 30 s (a Retry-After) while both keys send: the
+        batch key one then asks to book goes back to the queue and key two sends it,
+        instead of key one holding it for the 30 s inside its booking."""
+        from broker.state import Feedback
+
+        clock = FakeClock()
+        settings = SimulatorSettings(
+            accounts=(
+                account("one", "one-id", "demo-secret", tps=5.0, tpd=100_000),
+                account("two", "two-id", "demo-secret", tps=5.0, tpd=100_000),
+            ),
+            burst=2,
+        )
+        sim = await harness.simulator(settings, clock=clock)
+        transport = await harness.transport()
+        config = make_config(
+            sim.url,
+            keys=[
+                key_doc("one", credential_id="one-id", tps=5.0),
+                key_doc("two", credential_id="two-id", tps=5.0),
+            ],
+        )
+        store = _store(clock)
+        broker = await harness.broker(config, clock=clock, transport=transport, state_store=store)
+        other = KeyLimits(5.0, 0.05, 5.0, day_limit=99_000, tpd=100_000)
+        pause = Feedback(pause_s=30.0, pause_reason="Retry-After")
+
+        async def pause_one() -> None:
+            await clock.sleep(1.0)
+            await store.decide(
+                StateKey.of(sim.url, "one-id"), other, feedback=pause, reserve=False, process=None
+            )
+
+        loop = asyncio.get_running_loop()
+        start = clock.monotonic()
+        task = loop.create_task(broker.get_items(asins(200, "B")))
+        await drive(clock, asyncio.gather(task, loop.create_task(pause_one())), transport)
+        assert all(r.ok for r in task.result())
+        # 20 requests: about 1 s on both keys, then the rest on key two alone.
+        assert clock.monotonic() - start < 5.0
+
     async def test_a_park_set_by_another_process_shows_here(self, harness: Harness) -> None:
         """A key another process parked shows parked here too, with the park's reason and
         probe time, while this process waits: /readyz, /metrics and --no-wait read it."""

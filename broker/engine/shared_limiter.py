@@ -10,7 +10,8 @@ key paces, counts and adapts as one:
   Redis round trip) per send. A refusal that will not clear soon (daily quota spent, key
   parked by any process, another process probing) raises :class:`SendRefused`, so the
   dispatcher puts its batch back; ``wait_ready()`` then sleeps until the store said to ask
-  again. A slot beyond the horizon is waited for and asked again inside ``commit``.
+  again. A slot beyond the horizon is waited for and asked again inside ``commit``,
+  unless a pause puts it there: that is refused too, so the batch goes back to the queue.
 - ``wait_ready()`` makes no store call in the steady state: it sleeps until shortly before
   the next slot the last answer named (half an interval, at most 100 ms), so ``commit``
   books the slot ahead and a late wake-up does not shift the key's grid. The store is the
@@ -477,14 +478,25 @@ class SharedKeyLimiter:
                 while len(self._sends) > _REMEMBERED_SENDS:
                     self._sends.popitem(last=False)
                 return sent_at
-            if decision.refusal == "horizon":
+            if decision.refusal == "horizon" and not self._paused_past_horizon(decision):
+                # Other processes booked the slots up to the horizon: ours is a few
+                # intervals away, waited for here.
                 await self._clock.sleep(decision.wait_s)
                 continue
+            # A pause another process set (a Retry-After, up to 60 s) is refused like a
+            # park: the batch goes back to the queue, where another key may send it, instead
+            # of waiting out the pause in this key's hands.
             refusal = decision.refusal or "refused"
             self._hold_until = self._clock.monotonic() + min(decision.wait_s, _RECHECK_S)
             for listener in self._refusal_listeners:
                 listener(refusal, decision.wait_s)
             raise SendRefused(refusal, decision.wait_s)
+
+    def _paused_past_horizon(self, decision: Decision) -> bool:
+        """True when a pause, not the other processes' bookings, keeps the slot past the
+        horizon."""
+        pause_us = decision.paused_until_us - decision.now_us
+        return bool(decision.paused_until_us) and pause_us > self._limits.horizon_s * _US
 
     def parked(self) -> tuple[str, datetime] | None:
         """The park the store held at its last answer, set by any process: its reason and
