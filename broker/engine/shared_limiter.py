@@ -454,8 +454,9 @@ class SharedKeyLimiter:
         """Reserve and count one send in the store, wait for its slot, return the send time.
 
         Raises:
-            SendRefused: the daily quota is spent, or the key is parked or being probed by
-                another process: put the batch back and ``wait_ready`` again.
+            SendRefused: the daily quota is spent, the key is parked or being probed by
+                another process, or another process's pause reaches past the horizon: put
+                the batch back and ``wait_ready`` again.
         """
         while True:
             try:
