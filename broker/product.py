@@ -12,12 +12,12 @@ never read it pay nothing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Final
 
+from broker.api.errors_map import number
 from broker.models import Protocol
 
 __all__ = [
@@ -464,16 +464,6 @@ def _id(value: object) -> str | None:
     return _str(value)
 
 
-def _float(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer past a float's range: legal JSON, no usable amount
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _int(value: object) -> int | None:
     if isinstance(value, bool):
         return None
@@ -544,7 +534,7 @@ def _images(images: Mapping[str, object], s: Spelling) -> Images:
 def _money(value: object, s: Spelling) -> Money | None:
     if not isinstance(value, dict):
         return None
-    amount = _float(value.get(s["amount"]))
+    amount = number(value.get(s["amount"]))
     currency = _str(value.get(s["currency"]))
     display = _str(value.get(s["displayAmount"]))
     if amount is None and currency is None and display is None:
@@ -564,7 +554,7 @@ def _price(value: object, s: Spelling) -> Price | None:
         savings_money = (
             _money(savings_raw.get(money_key), s) if money_key in savings_raw else None
         ) or _money(savings_raw, s)
-        savings = Savings(savings_money, _float(savings_raw.get(s["percentage"])))
+        savings = Savings(savings_money, number(savings_raw.get(s["percentage"])))
     basis_raw = value.get(s["savingBasis"])
     basis: Money | None = None
     basis_type: str | None = None
@@ -620,7 +610,7 @@ def _listing(value: Mapping[str, object], s: Spelling) -> Listing:
             access_type=_str(deal.get(s["accessType"])),
             start_time=_str(deal.get(s["startTime"])),
             end_time=_str(deal.get(s["endTime"])),
-            percent_claimed=_float(deal.get(s["percentClaimed"])),
+            percent_claimed=number(deal.get(s["percentClaimed"])),
         )
         if deal
         else None,
@@ -648,7 +638,7 @@ def _reviews(reviews: Mapping[str, object], s: Spelling) -> CustomerReviews | No
         return None
     rating = reviews.get(s["starRating"])
     value = rating.get(s["value"]) if isinstance(rating, dict) else rating
-    return CustomerReviews(count=_int(reviews.get(s["count"])), star_rating=_float(value))
+    return CustomerReviews(count=_int(reviews.get(s["count"])), star_rating=number(value))
 
 
 def _node(value: Mapping[str, object], s: Spelling) -> BrowseNode:
