@@ -65,6 +65,18 @@ __all__ = [
 class BrokerError(Exception):
     """Base of every exception the broker raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Most errors build their one message from fields their __init__ takes by name, so
+        # the default (calling the class again with ``args``) cannot rebuild them: pickle
+        # (process pools, task queues) and copy would raise TypeError. Rebuild without
+        # __init__ instead, from the message and the fields as they are.
+        return (_bare, (type(self), self.args), self.__dict__)
+
+
+def _bare(cls: type[BrokerError], args: tuple[object, ...]) -> BrokerError:
+    """An error of ``cls`` holding ``args``, made without its __init__ (for pickle and copy)."""
+    return cls.__new__(cls, *args)
+
 
 class ConfigError(BrokerError, ValueError):
     """The configuration is invalid; ``path`` names the offending key (``keys[0].tps``)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -12,15 +14,19 @@ from broker.errors import (
     AuthError,
     BadRequestError,
     BodyTooLarge,
+    BrokerClosedError,
     BrokerError,
     ConfigError,
     ConnectError,
+    EndpointUnreachable,
     ErrorInfo,
     KeyUnusableError,
     NoUsableKeyError,
     RequestTimeout,
+    ResponseError,
     Scope,
     ServerError,
+    StateUnavailableError,
     ThrottledError,
     TransportError,
     describe,
@@ -195,6 +201,38 @@ class TestTree:
         """ConfigError's message starts with the key path."""
         assert str(ConfigError("keys[0].tps", "must be > 0")) == "keys[0].tps: must be > 0"
         assert str(ConfigError("", "file not found")) == "file not found"
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            ConfigError("keys[0].tps", "must be > 0"),
+            ThrottledError("TooManyRequests", "slow", status=429, retry_after=2.0, server_date="d"),
+            AuthError("InvalidSignature", "bad", status=401),
+            KeyUnusableError("a", "InvalidSignature", "bad", "check the secret"),
+            NoUsableKeyError("www.amazon.com", [KeyUnusableError("a", "C", "m", "r")]),
+            StateUnavailableError("redis", "connection refused"),
+            ResponseError("truncated", status=200),
+            EndpointUnreachable("refused"),
+            RequestTimeout("slow body"),
+            BrokerClosedError("closed"),
+        ],
+        ids=lambda error: type(error).__name__,
+    )
+    def test_errors_pickle_and_copy(self, error: BrokerError) -> None:
+        """Every error survives pickle and copy (process pools, task queues) with its fields."""
+        for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+            assert type(clone) is type(error)
+            assert str(clone) == str(error)
+            assert _fields(clone) == _fields(error)
+
+
+def _fields(value: object) -> object:
+    """An error as comparable data (exceptions compare by identity): type, args and fields."""
+    if isinstance(value, BaseException):
+        return (type(value), value.args, {k: _fields(v) for k, v in vars(value).items()})
+    if isinstance(value, tuple):
+        return tuple(_fields(v) for v in value)
+    return value
 
 
 def _readme_row(info: ErrorInfo) -> str:
