@@ -27,7 +27,7 @@ from broker.jobs.ledger import (
     CRASH_ENV,
     CRASH_POINTS,
     SCHEMA_VERSION,
-    JobChangedError,
+    JobMismatchError,
     Ledger,
     Lookup,
     SinkState,
@@ -133,7 +133,7 @@ class TestOpen:
         with open_ledger(tmp_path) as ledger:
             ledger.ingest(job_rows(asin(1)))
         edited = JobFingerprint(Path("/jobs/job.txt"), 121, FP.mtime_ns + 5, "b" * 64)
-        with pytest.raises(JobChangedError) as caught:
+        with pytest.raises(JobMismatchError) as caught:
             open_ledger(tmp_path, edited)
         message = str(caught.value)
         assert message == (
@@ -155,7 +155,7 @@ class TestOpen:
         """Resuming with another default marketplace would mix marketplaces: refused."""
         with open_ledger(tmp_path) as ledger:
             ledger.ingest(job_rows(asin(1)))
-        with pytest.raises(JobChangedError, match=DE):
+        with pytest.raises(JobMismatchError, match=DE):
             open_ledger(tmp_path, default_marketplace=DE)
 
     def test_changed_answer_settings_are_refused(self, tmp_path: Path) -> None:
@@ -168,9 +168,9 @@ class TestOpen:
         with open_ledger(tmp_path, answer_settings=settings):
             pass
         changed = {**settings, "api.resources": "itemInfo.title,offersV2.listings.price"}
-        with pytest.raises(JobChangedError, match=r"api\.resources = itemInfo\.title,"):
+        with pytest.raises(JobMismatchError, match=r"api\.resources = itemInfo\.title,"):
             open_ledger(tmp_path, answer_settings=changed)
-        with pytest.raises(JobChangedError, match=r"api\.protocol"):
+        with pytest.raises(JobMismatchError, match=r"api\.protocol"):
             open_ledger(tmp_path, answer_settings={**settings, "api.protocol": "paapi5"})
         older = tmp_path / "older"
         older.mkdir()
@@ -178,7 +178,7 @@ class TestOpen:
             ledger.ingest(job_rows(asin(1)))
         with open_ledger(older, answer_settings=settings):
             pass
-        with pytest.raises(JobChangedError, match=r"api\.resources"):
+        with pytest.raises(JobMismatchError, match=r"api\.resources"):
             open_ledger(older, answer_settings=changed)
 
     def test_new_job_resets_rows_but_keeps_budget(self, tmp_path: Path) -> None:

@@ -67,7 +67,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "Counts",
     "DoneRow",
-    "JobChangedError",
     "JobMismatchError",
     "Ledger",
     "Lookup",
@@ -174,17 +173,12 @@ FROM rows AS r LEFT JOIN lookups AS l
 """
 
 
-class JobChangedError(JobFileError):
-    """The ledger belongs to a different job file (or settings) than the one given.
+class JobMismatchError(JobFileError):
+    """The ledger belongs to another job: another job file, default marketplace or setting.
 
-    Resuming would mix two jobs' rows; start anew (``new_job=True``, ``--new-job``) or restore
-    the original file.
+    Found when the ledger is opened, before anything is read or written. Resuming would mix
+    two jobs' rows; start anew (``new_job=True``, ``--new-job``) or restore the original file.
     """
-
-
-class JobMismatchError(JobChangedError):
-    """The ledger was started for another job file, default marketplace or setting (found
-    when it is opened, before anything is read or written)."""
 
 
 @dataclass(frozen=True, slots=True)
