@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -363,12 +364,16 @@ def _run_loop(coro: Coroutine[Any, Any, object]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
+    words = sys.argv[1:] if argv is None else list(argv)
     try:
-        return _main(argv)
+        return _main(words)
     except KeyboardInterrupt:
-        # Ctrl-C in a command without a signal policy of its own (run and serve drain):
-        # one line, no traceback, the stop code every command uses.
+        # Ctrl-C in a command without a signal policy of its own (run and serve drain), or
+        # before a command's own handlers are in: one line, no traceback, the stop code every
+        # command uses; bench's is the shell's for SIGINT, as once its handlers are in.
         print(f"{prog()}: interrupted", file=sys.stderr)
+        if _command_word(words) == "bench":
+            return 128 + signal.SIGINT
         return ExitCode.RESUMABLE
     except BrokenPipeError:
         fd = _broken_stdout()
@@ -401,15 +406,19 @@ def _broken_stdout() -> int | None:
     return fd if any(event & gone for _, event in poller.poll(0)) else None
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    words = sys.argv[1:] if argv is None else list(argv)
-    if next((w for w in words if not w.startswith("-")), None) in ("run", "serve"):
+def _command_word(words: Sequence[str]) -> str | None:
+    """The command of a command line, known before the parser exists: the top level has no
+    option that takes a value, so it is the first word that is not an option."""
+    return next((w for w in words if not w.startswith("-")), None)
+
+
+def _main(words: list[str]) -> int:
+    if _command_word(words) in ("run", "serve"):
         from broker.jobs.signals import caught_early
 
         # A signal while starting (building the parser imports the simulator and the
         # engine, then the config is read) or finishing must not kill the run with the
-        # default action: it is kept for the run's handler. The command word is known
-        # before the parser exists: the top level has no option that takes a value.
+        # default action: it is kept for the run's handler.
         with caught_early():
             return _command(_parse(words))
     return _command(_parse(words))

@@ -1236,6 +1236,19 @@ class TestLookupEnds:
         assert cli.main(["lookup", "B000000001"]) == ExitCode.RESUMABLE
         assert "interrupted" in capsys.readouterr().err
 
+    def test_ctrl_c_while_bench_starts_ends_with_130(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Ctrl-C before bench's own handlers are in (while it parses and imports) ends with
+        130, the code the README gives bench for Ctrl-C, not the resumable 75."""
+
+        def interrupted(argv: object) -> int:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, "_main", interrupted)
+        assert cli.main(["bench", "--duration", "1"]) == 130
+        assert "interrupted" in capsys.readouterr().err
+
 
 def test_lookup_refresh_with_no_cache_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
