@@ -894,6 +894,11 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
             None,
             error=f"a JSON Lines row must be an object, got {_json_kind(value)}",
         )
+    twice = _given_twice(text)
+    if twice is not None:
+        # The JSON reader keeps the last; another tool may keep the first: which one the
+        # writer meant is unknown, so the row is not looked up at all.
+        return JobRow(lineno, _preview(text.strip()), None, error=f'"{twice}" is given twice')
     asin = value.get("asin")
     raw = asin if isinstance(asin, str) else _preview(text.strip())
     error = None
@@ -928,6 +933,19 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
     verdict = check(raw)
     market = marketplace or verdict.store
     return _row(lineno, raw, verdict.asin, market, resources, extra, verdict.reason)
+
+
+def _given_twice(text: str) -> str | None:
+    """The field of ``_JSONL_KEYS`` an object line names twice at its top level, or None.
+
+    Read again keeping every pair only when a name occurs twice in the text at all, so the
+    usual line costs three substring counts.
+    """
+    if all(text.count(f'"{key}"') < 2 for key in _JSONL_KEYS):
+        return None
+    pairs = json.loads(text, object_pairs_hook=list)
+    names = [name for name, _ in pairs]
+    return next((key for key in sorted(_JSONL_KEYS) if names.count(key) > 1), None)
 
 
 def _has_lone_surrogate(value: object) -> bool:
