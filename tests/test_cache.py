@@ -265,6 +265,23 @@ class TestServe:
         with pytest.raises(ConfigError, match="24 hours"):
             await cache.get_many([q("B000000001")], max_age_s=86_401)
 
+    async def test_an_answer_from_the_future_is_replaced(
+        self, make: MakeCache, clock: FakeClock
+    ) -> None:
+        """An answer stamped an hour ahead (the clock was set back since) is a miss, and the
+        answer fetched again replaces it: the cache serves again at once, not after an hour."""
+        cache = make()
+        ahead = dataclasses.replace(
+            ok("B000000001", clock), fetched_at=clock.utcnow() + timedelta(hours=1)
+        )
+        await cache.put_many([ahead])
+        assert await cache.get_many([q("B000000001")]) == [None]
+        again = ok("B000000001", clock)
+        await cache.put_many([again])
+        [hit] = await cache.get_many([q("B000000001")])
+        assert hit is not None
+        assert hit.fetched_at == again.fetched_at
+
     async def test_ceiling_even_with_override(self, make: MakeCache, clock: FakeClock) -> None:
         """Nothing older than 86,400 s is ever served, and a later put deletes it."""
         cache = make(CachePolicy(max_age_s=CEILING_S))

@@ -17,6 +17,7 @@ from broker.errors import ConfigError
 __all__ = [
     "AMAZON_RULE",
     "CEILING_S",
+    "FUTURE_S",
     "CacheKey",
     "CachePolicy",
     "CacheStats",
@@ -27,6 +28,10 @@ __all__ = [
 
 #: Amazon allows product content to be cached for at most a day.
 CEILING_S: Final = 86_400.0
+
+#: How far ahead of this clock an answer's ``fetched_at`` may be and still be trusted (another
+#: machine's clock a little ahead); further ahead, the clock was set back since it was stored.
+FUTURE_S: Final = 60.0
 
 #: The clause the ceiling comes from (Associates Program IP License, clause (h)).
 AMAZON_RULE: Final = (
@@ -156,10 +161,10 @@ class CachePolicy:
         """True when an answer ``age_s`` old may be served for ``key``.
 
         An answer from the future (a wall clock moved back, another machine's clock ahead
-        by more than a minute) is not trusted.
+        by more than ``FUTURE_S``) is not trusted.
         """
         limit = self.limit_s(key, max_age_s)
-        return limit > 0 and -60.0 <= age_s <= limit
+        return limit > 0 and -FUTURE_S <= age_s <= limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
+from broker.cache.policy import FUTURE_S
 from broker.logs import get_logger
 from broker.sqlitewal import enable_wal, immediate
 
@@ -79,6 +80,9 @@ _MEASURE: Final = (
     "SELECT count(*), coalesce(sum(size), 0), min(fetched_at) FROM item_cache WHERE ns = ?"
 )
 
+# A late writer's older answer never replaces a newer one, but one stamped more than FUTURE_S
+# ahead of now (the last parameter) is replaced: the clock was set back since, and that
+# answer is a miss until the clock catches up.
 _UPSERT: Final = """
 INSERT INTO item_cache (ns, marketplace, asin, resources, fetched_at, size, checksum, payload)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -86,6 +90,7 @@ ON CONFLICT (ns, marketplace, asin, resources) DO UPDATE SET
     fetched_at = excluded.fetched_at, size = excluded.size,
     checksum = excluded.checksum, payload = excluded.payload
 WHERE excluded.fetched_at >= item_cache.fetched_at
+    OR item_cache.fetched_at > ?
 """
 
 #: Deletes a key's row only while it is still unreadable (see ``_load``).
@@ -236,10 +241,11 @@ class SqliteCache(StoreCache):
 
     async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
         policy = self.policy
+        ahead = self._now() + FUTURE_S
 
         def store(db: sqlite3.Connection) -> int:
             rows = [
-                (*self._key_params(e.key), e.fetched_at, e.size, e.checksum, e.payload)
+                (*self._key_params(e.key), e.fetched_at, e.size, e.checksum, e.payload, ahead)
                 for e in entries
             ]
             with immediate(db):
