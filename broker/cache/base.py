@@ -133,7 +133,13 @@ class StoreCache(abc.ABC):
     @abc.abstractmethod
     async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
         """Store ``entries`` atomically, drop entries fetched before ``expire_before``, keep
-        the size bound by evicting the oldest; return how many were evicted."""
+        the size bound by evicting the oldest; return how many were evicted.
+
+        A store whose writers share this machine's clock (memory, SQLite) also drops entries
+        stamped more than ``FUTURE_S`` ahead of now: written while the clock ran ahead, they
+        would otherwise be served up to a day past the moment Amazon sent them. Redis's
+        own TTL, in real seconds from the write, bounds them there.
+        """
 
     @abc.abstractmethod
     async def _delete(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from broker.cache.base import StoreCache
+from broker.cache.policy import FUTURE_S
 
 if TYPE_CHECKING:
     from broker.cache.entry import Entry
@@ -42,7 +43,10 @@ class MemoryCache(StoreCache):
             self._drop(entry.key)
             self._entries[entry.key] = entry
             self._bytes += entry.size
-        for key in [k for k, e in self._entries.items() if e.fetched_at < expire_before]:
+        ahead = self._now() + FUTURE_S
+        for key in [
+            k for k, e in self._entries.items() if not expire_before <= e.fetched_at <= ahead
+        ]:
             self._drop(key)
         evicted = 0
         max_bytes = self.policy.max_bytes

@@ -81,8 +81,7 @@ _MEASURE: Final = (
 )
 
 # A late writer's older answer never replaces a newer one, but one stamped more than FUTURE_S
-# ahead of now (the last parameter) is replaced: the clock was set back since, and that
-# answer is a miss until the clock catches up.
+# ahead of now (the last parameter) is replaced: the clock was set back since (see _store).
 _UPSERT: Final = """
 INSERT INTO item_cache (ns, marketplace, asin, resources, fetched_at, size, checksum, payload)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -250,7 +249,10 @@ class SqliteCache(StoreCache):
             ]
             with immediate(db):
                 db.executemany(_UPSERT, rows)
-                db.execute("DELETE FROM item_cache WHERE fetched_at < ?", (expire_before,))
+                db.execute(
+                    "DELETE FROM item_cache WHERE fetched_at < ? OR fetched_at > ?",
+                    (expire_before, ahead),
+                )
                 evicted = _evict(db, policy.max_items, policy.max_bytes)
             _vacuum(db)
             return evicted
