@@ -194,6 +194,31 @@ class TestResume:
         assert _main(tmp_path, str(job), "--out", str(out)) == 0
         assert out.read_bytes() == before
 
+    def test_reading_options_changed_on_a_rerun_are_refused(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A job read without --convert-isbn13 (or with another --encoding) run again with it
+        is refused with 65 naming the option, not answered "already complete" as if it had
+        been read so; the same options resume, and --refresh reads the job again with them."""
+        job = tmp_path / "job.txt"
+        job.write_text("9780306406157\nB0ISBNISB1\n")
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
+        assert [row["status"] for row in _rows(out)] == ["invalid", "ok"]
+        capsys.readouterr()
+        again = (str(job), "--out", str(out))
+        assert _main(tmp_path, *again, "--convert-isbn13") == ExitCode.DATA_ERROR
+        err = capsys.readouterr().err
+        assert "--convert-isbn13" in err
+        assert "--refresh" in err
+        assert _main(tmp_path, *again, "--encoding", "latin-1") == ExitCode.DATA_ERROR
+        assert "--encoding" in capsys.readouterr().err
+        assert _main(tmp_path, *again, "--encoding", "UTF8") == ExitCode.OK
+        assert _main(tmp_path, *again, "--convert-isbn13", "--refresh") == ExitCode.OK
+        rows = _rows(out)
+        assert [row["status"] for row in sorted(rows, key=lambda r: r["line"])] == ["ok", "ok"]
+        assert _main(tmp_path, *again, "--convert-isbn13") == ExitCode.OK
+
     def test_strict_refuses_before_any_call(self, tmp_path: Path) -> None:
         """--strict refuses a file with an invalid row and writes nothing, not even a ledger."""
         job = tmp_path / "job.txt"

@@ -295,10 +295,13 @@ class Ledger:
             path: the ledger file.
             fingerprint: the job file as it is now.
             default_marketplace: the marketplace of rows that name none.
-            answer_settings: the other settings the answers depend on, by name
-                (``api.protocol``, ``api.resources``): a job resumed under others would
-                mix two kinds of answer in one output. A ledger started without them
-                takes the ones given at its next opening.
+            answer_settings: the other settings the rows depend on, by name: the
+                config's (``api.protocol``, ``api.resources``), a job resumed under others
+                would mix two kinds of item in one output; and the options the job file is
+                read with, named as options (``--encoding``, ``--convert-isbn13``), fixed
+                once the whole file is read with them (a run stopped while reading, say on
+                a byte the encoding cannot decode, goes on with the new ones). A ledger
+                started without them takes the ones given at its next opening.
             new_job: start the job again: drop every row, result and sink state (the daily
                 request counters are kept).
             synchronous: ``"FULL"`` (fsync every commit; the default) or ``"NORMAL"``
@@ -379,9 +382,11 @@ class Ledger:
         with self._transaction():
             self._set_meta("job_path", _text(str(fingerprint.path)))
             self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
+            reading = not self._meta_int("ingest_complete")
             for name, value in settings.items():
-                # Settings a ledger started without (an older broker) are the ones now.
-                if self._meta(_SETTING + name) is None:
+                # Settings a ledger started without (an older broker) are the ones now, and
+                # so are the options of a file still being read.
+                if self._meta(_SETTING + name) is None or (reading and name.startswith("--")):
                     self._set_meta(_SETTING + name, value)
 
     def _check_ours(self, tables: set[str]) -> None:
@@ -455,13 +460,23 @@ class Ledger:
             )
         for name, value in settings.items():
             then = self._meta(_SETTING + name)
-            if then is not None and then != value:
+            if then is None or then == value:
+                continue
+            if name.startswith("--"):
+                if not self._meta_int("ingest_complete"):
+                    continue  # the rest of the file is read with the new one (see open)
                 raise JobMismatchError(
-                    f"{self._path}: this job started with {name} = {then}, and the "
-                    f"configuration now says {value}; rows already resolved would mix the two "
-                    "in one output. Restore the setting to resume, run with --new-job to start "
-                    "over, or with --refresh to fetch a finished job again."
+                    f"{self._path}: this job's file was read with {name} {then}, and this run "
+                    f"has {name} {value}; the rows would not be what the file reads as now. "
+                    "Run with the options it was read with to resume, with --new-job to start "
+                    "over, or with --refresh to read a finished job again."
                 )
+            raise JobMismatchError(
+                f"{self._path}: this job started with {name} = {then}, and the "
+                f"configuration now says {value}; rows already resolved would mix the two "
+                "in one output. Restore the setting to resume, run with --new-job to start "
+                "over, or with --refresh to fetch a finished job again."
+            )
 
     # -- lifecycle -------------------------------------------------------------------------
 

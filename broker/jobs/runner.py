@@ -13,6 +13,7 @@ gap; the run exits 75 if rows remain, else as usual.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import dataclasses
 import functools
@@ -339,7 +340,7 @@ async def _run_once(
             ledger_file,
             fingerprint=job_print,
             default_marketplace=config.api.marketplace,
-            answer_settings=_answer_settings(config),
+            answer_settings=_answer_settings(config, options),
             new_job=options.new_job,
         ) as ledger,
     ):
@@ -438,14 +439,23 @@ async def _run_once(
     return summary
 
 
-def _answer_settings(config: BrokerConfig) -> dict[str, str]:
-    """The config's settings a job's answers depend on, as its ledger pins them: a resume
-    under another protocol or resource list would mix two kinds of item in one output.
-    Resources are compared as a set in the protocol's spelling, so reordering or respelling
-    them is not a change."""
+def _answer_settings(config: BrokerConfig, options: JobOptions) -> dict[str, str]:
+    """The settings a job's rows depend on, as its ledger pins them.
+
+    A resume under another protocol or resource list would mix two kinds of item in one
+    output; one under another ``--encoding`` or ``--convert-isbn13`` would mix rows read two
+    ways, and a finished job run again with them would say "complete" for a file never read
+    so. Resources are compared as a set in the protocol's spelling, and encodings by codec,
+    so reordering or respelling either is not a change.
+    """
     protocol = config.api.protocol
     resources = sorted(resolve_resources(config.api.resources, protocol))
-    return {"api.protocol": protocol.value, "api.resources": ",".join(resources)}
+    return {
+        "api.protocol": protocol.value,
+        "api.resources": ",".join(resources),
+        "--encoding": codecs.lookup(options.encoding).name,
+        "--convert-isbn13": "on" if options.convert_isbn13 else "off",
+    }
 
 
 def _make_output_directory(directory: Path) -> None:
