@@ -211,6 +211,28 @@ class TestA3SigtermOnce:
             assert upstream.items_served() == 300
         check_output(out, lines, upstream.settings)
 
+    async def test_a3_csv_stopped_during_ingestion_keeps_every_column(self, tmp_path: Path) -> None:
+        """A3: a JSON Lines job written as CSV, stopped during ingestion: the rerun's header
+        and rows carry the pass-through field that first appears after the stop."""
+        job = tmp_path / "job.jsonl"
+        rows = [
+            f'{{"asin": "bad-{i}", "a": {i}' + (', "b": "late"' if i >= 10_000 else "") + "}"
+            for i in range(12_000)
+        ]
+        job.write_text("\n".join(rows) + "\n")
+        out = tmp_path / "out.csv"
+        config = embedded_config(tmp_path / "c.toml")
+        code, err = await run_once(config, job, out, crash_at="mid_ingest:1:TERM", fmt="csv")
+        assert code == ExitCode.RESUMABLE, err[-2000:]
+        assert not inspect_ledger(out, job, "csv")[0]
+        code, err = await run_once(config, job, out, fmt="csv")
+        assert code == ExitCode.OK, err[-2000:]
+        header = out.read_bytes().split(b"\r\n", 1)[0].decode().split(",")
+        assert header[-2:] == ["a", "b"]
+        records = csv_records(out)
+        assert len(records) == 12_000
+        assert sum(record[-1] == "late" for record in records) == 2_000
+
 
 class TestA4SigtermTwice:
     async def test_a4_second_sigterm_forces_stop_and_loses_nothing(self, tmp_path: Path) -> None:

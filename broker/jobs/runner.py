@@ -382,42 +382,13 @@ async def _run_once(
             pending=counts.pending,
         )
         name = _sink_name(options.format)
-        _forget_other_formats(ledger, name)
-        state = ledger.sink_state(name)
-        # A CSV output started afresh names every row's pass-through columns in its header,
-        # whichever row comes first (a resumed one reads them back from its header). Read
-        # for a resumed job too: an output deleted or cut by hand is written again from the
-        # ledger, and its first rows may lack a name later rows have.
-        columns = ledger.extra_names() if options.format == "csv" else None
-        sink = open_sink(options.format, options.out, extra=columns or ())
-        # The sink may cut itself back further than recorded (a hand-truncated file).
-        ledger.set_sink_state(name, sink.open(state))
-        # No second emit on the way out: _fetch commits and emits what finished, and after
-        # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
-        try:
-            _emit(ledger, sink, name)
-            if ledger.pending_lookup_count() and not stop.requested:
-                # The keys' daily counts, rates and pauses live in the shared key state
-                # ([state]; by default a file every broker process of this machine shares),
-                # so two jobs on one key count each other's requests.
-                own = broker or Broker(
-                    config,
-                    cache_default_max_age_s=RUN_MAX_AGE_S,
-                    cache_max_age_s=options.cache_max_age_s,
-                    cache_refresh=options.cache_refresh,
-                )
-                async with own if broker is None else contextlib.nullcontext(own):
-                    # A shared broker (the daemon's) counts every job; report this one's.
-                    before = own.metrics()
-                    summary.cached = await _fetch(
-                        ledger, _Output(sink, name), own, options, stop, config
-                    )
-                    after = own.metrics()
-                    summary.requests = after.requests - before.requests
-                    summary.throttled = after.throttled - before.throttled
-                    summary.retries = after.retries - before.retries
-        finally:
-            sink.close()
+        columns: tuple[str, ...] | None = None
+        if options.format != "csv" or ledger.ingest_complete:
+            columns = await _output(ledger, options, name, summary, broker, config, stop)
+        # else stopped while reading the job: nothing is fetched before it is all read, and
+        # a CSV header written now would lack for good the pass-through names of the rows
+        # not read yet (a resumed output reads its columns back from its header); the
+        # invalid rows found so far are written with the rest.
         if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
             _export_ordered(ledger, options, name, columns)
         report = report_path(options.out)
@@ -437,6 +408,56 @@ async def _run_once(
             summary.already_complete = _complete_message(ledger, options, counts)
     summary.wall_s = time.monotonic() - started
     return summary
+
+
+async def _output(
+    ledger: Ledger,
+    options: JobOptions,
+    name: str,
+    summary: JobSummary,
+    broker: Broker | None,
+    config: BrokerConfig,
+    stop: _Stop,
+) -> tuple[str, ...] | None:
+    """Write the rows done so far to output ``name``, then fetch the pending ones, writing
+    each as it ends; return a CSV output's pass-through names (None for other formats)."""
+    _forget_other_formats(ledger, name)
+    state = ledger.sink_state(name)
+    # A CSV output started afresh names every row's pass-through columns in its header,
+    # whichever row comes first (a resumed one reads them back from its header). Read
+    # for a resumed job too: an output deleted or cut by hand is written again from the
+    # ledger, and its first rows may lack a name later rows have.
+    columns = ledger.extra_names() if options.format == "csv" else None
+    sink = open_sink(options.format, options.out, extra=columns or ())
+    # The sink may cut itself back further than recorded (a hand-truncated file).
+    ledger.set_sink_state(name, sink.open(state))
+    # No second emit on the way out: _fetch commits and emits what finished, and after
+    # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
+    try:
+        _emit(ledger, sink, name)
+        if ledger.pending_lookup_count() and not stop.requested:
+            # The keys' daily counts, rates and pauses live in the shared key state
+            # ([state]; by default a file every broker process of this machine shares),
+            # so two jobs on one key count each other's requests.
+            own = broker or Broker(
+                config,
+                cache_default_max_age_s=RUN_MAX_AGE_S,
+                cache_max_age_s=options.cache_max_age_s,
+                cache_refresh=options.cache_refresh,
+            )
+            async with own if broker is None else contextlib.nullcontext(own):
+                # A shared broker (the daemon's) counts every job; report this one's.
+                before = own.metrics()
+                summary.cached = await _fetch(
+                    ledger, _Output(sink, name), own, options, stop, config
+                )
+                after = own.metrics()
+                summary.requests = after.requests - before.requests
+                summary.throttled = after.throttled - before.throttled
+                summary.retries = after.retries - before.retries
+    finally:
+        sink.close()
+    return columns
 
 
 def _answer_settings(config: BrokerConfig, options: JobOptions) -> dict[str, str]:
