@@ -227,6 +227,24 @@ class TestResume:
         assert _main(tmp_path, str(job), "--out", str(out), "--strict") == ExitCode.DATA_ERROR
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
 
+    def test_strict_new_job_refused_leaves_the_finished_job_as_it_was(self, tmp_path: Path) -> None:
+        """--strict --new-job on a file with an invalid row is refused before the old job is
+        dropped: with the original restored, the finished job is still complete."""
+        job = tmp_path / "job.txt"
+        job.write_text("B0STRICT01\nB0STRICT02\n")
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
+        before = out.read_bytes()
+        original = job.read_bytes()
+        job.write_bytes(original + b"not-an-asin\n")
+        args = (str(job), "--out", str(out), "--strict", "--new-job")
+        assert _main(tmp_path, *args) == ExitCode.DATA_ERROR
+        job.write_bytes(original)
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
+        assert out.read_bytes() == before
+        with sqlite_db(tmp_path / "out.jsonl.ledger") as db:
+            assert db.execute("SELECT count(*) FROM rows").fetchone() == (2,)
+
     def test_a_job_file_edited_while_it_is_read_is_refused_and_stores_no_edited_row(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:

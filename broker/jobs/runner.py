@@ -325,9 +325,10 @@ async def _run_once(
 ) -> JobSummary:
     started = time.monotonic()
     ledger_file = ledger_path(options.out)
-    checked = options.strict and not ledger_file.exists()
+    checked = options.strict and (options.new_job or not ledger_file.exists())
     if checked:
-        # A new job refused for its invalid rows leaves nothing behind (no ledger, no lock).
+        # A new job refused for its invalid rows leaves nothing behind (no ledger, no lock),
+        # and a --new-job refused so leaves the old job as it was.
         _refuse_invalid(options, config.api.protocol)
     _make_output_directory(options.out.parent)
     summary = JobSummary(out=str(options.out))
