@@ -717,7 +717,8 @@ def _parse_key(
         if read_secrets:
             try:
                 secret = _read_secret_file(
-                    base_dir / secret_file,
+                    # ~ is the home folder here too, as in every path setting.
+                    base_dir / os.path.expanduser(secret_file),
                     f"{path}.credential_secret_file",
                     credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
                 )

@@ -326,6 +326,23 @@ class TestSecrets:
         assert config.keys[0].secret is not None
         assert config.keys[0].secret.reveal() == "file-secret"
 
+    def test_secret_file_under_home(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """credential_secret_file = "~/demo.secret" is read from the home folder, as ``~`` is
+        in every path setting."""
+        home = tmp_path / "home"
+        home.mkdir()
+        monkeypatch.setenv("HOME", str(home))
+        secret = home / "demo.secret"
+        secret.write_text("home-secret\n")
+        secret.chmod(0o600)
+        document = _doc()
+        keys = document["keys"][0]
+        del keys["credential_secret_env"]
+        keys["credential_secret_file"] = "~/demo.secret"
+        config = parse_config(document, environ={})
+        assert config.keys[0].secret is not None
+        assert config.keys[0].secret.reveal() == "home-secret"
+
     @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
     def test_readable_secret_file_refused(self, tmp_path: Path, mode: int) -> None:
         """A secret file others can read is refused with the chmod that fixes it."""
