@@ -272,9 +272,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "unknown --marketplace or resource, --refresh with --no-cache); 3 some rows failed; "
         "69 the endpoint or the key-state store stayed unreachable for the outage budget; 74 "
         "a damaged or read-only state file; 75 the daily quota of every key the unanswered "
-        "ids need is spent (or Ctrl-C); 77 a key was rejected; 78 bad config; 141 stdout's "
-        "reader went away (| head). A lookup that stops early prints every answer it has "
-        "first, those already on the wire included.",
+        "ids need is spent, or a stop signal (Ctrl-C, SIGTERM, SIGHUP); 77 a key was "
+        "rejected; 78 bad config; 141 stdout's reader went away (| head). A lookup that "
+        "stops early prints every answer it has first, those already on the wire included.",
     )
     look.add_argument("asins", nargs="+", metavar="ASIN")
     look.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
@@ -620,16 +620,42 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     )
     as_json = args.json or not sys.stdout.isatty()
     return _run_loop(
-        _lookup(
-            config,
-            args.asins,
-            market,
-            resources,
-            as_json=as_json,
-            cache_max_age_s=_cache_max_age(args),
-            cache_refresh=args.refresh,
+        _until_stopped(
+            _lookup(
+                config,
+                args.asins,
+                market,
+                resources,
+                as_json=as_json,
+                cache_max_age_s=_cache_max_age(args),
+                cache_refresh=args.refresh,
+            )
         )
     )
+
+
+async def _until_stopped(command: Coroutine[Any, Any, int]) -> int:
+    """Run ``command``; a stop signal (SIGINT, SIGTERM, SIGHUP: ``timeout``, a closed
+    terminal) cancels it, and the command's own CancelledError handling prints what it
+    has; then one line and exit 75, as the README's table says for every stop signal."""
+    from broker.jobs.signals import installed
+
+    task = asyncio.current_task()
+    stopped: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        stopped.append(sig)
+        if task is not None:
+            task.cancel()  # again at a second signal: it cuts the closing short too
+
+    with installed(stop):
+        try:
+            return await command
+        except asyncio.CancelledError:
+            if not stopped:
+                raise
+            print(f"{prog()}: stopped by {stopped[0].name}", file=sys.stderr)
+            return ExitCode.RESUMABLE
 
 
 async def _lookup(

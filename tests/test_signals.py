@@ -182,6 +182,31 @@ class TestUvForwardedSigint:
         assert "invalid rows:" not in err
         assert out.count("\n") > 1
 
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+    def test_lookup_stopped_by_a_signal_prints_its_answers_and_exits_75(
+        self, tmp_path: Path, sig: signal.Signals
+    ) -> None:
+        """``timeout 3 broker lookup ...`` (SIGTERM) or a closed terminal (SIGHUP): the
+        answers it has are printed and it exits 75, as for Ctrl-C; it was killed (143, 129)
+        with nothing printed."""
+        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+        ids = [f"B0LK{i:06d}" for i in range(400)]
+        command = [sys.executable, "-m", "broker", "lookup", "--json", "--no-cache", *ids]
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            time.sleep(3)  # 400 ids at 5 requests a second: far from done
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 75, err[-2000:]
+        assert f"stopped by {sig.name}" in err
+        rows = out.splitlines()
+        assert 0 < len(rows) < len(ids)
+
     def test_sighup_drains_like_sigterm(self, tmp_path: Path) -> None:
         """SIGHUP (a closed terminal) drains the run and exits 75, resumable; not a silent 129."""
         code, err, _ = _signal_a_run(tmp_path, signal.SIGHUP, rows=400)
