@@ -1250,6 +1250,19 @@ class TestLookupEnds:
         assert "interrupted" in capsys.readouterr().err
 
 
+def test_lookup_with_an_uncreatable_state_file_exits_74(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A [state] path whose folder cannot be made: lookup exits 74 as run does (README: an
+    uncreatable key-state file), not 66 "input not found" (lookup reads no file)."""
+    monkeypatch.setenv("ASINB_DEMO_SECRET", "demo-secret")
+    # No folder can be made in /proc: ENOENT, which read as a missing input file.
+    text = _DEAD + '\n[state]\npath = "/proc/asin-broker-nope/keys.sqlite3"\n'
+    config = str(_config(tmp_path, text))
+    assert cli.main(["lookup", "B0UJZDE8GX", "--config", config]) == ExitCode.IO_ERROR
+    assert "input not found" not in capsys.readouterr().err
+
+
 def test_lookup_refresh_with_no_cache_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1004,8 +1004,8 @@ def is_about(exc: OSError, path: Path) -> bool:
 def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[int, str]:
     """Map an exception of a run to (exit code, one-line message for the user).
 
-    ``job``: the job file, so an error reading it (not readable by this user) is told from
-    one writing the output.
+    ``job``: the job file, so an error reading it (missing, not readable by this user) is
+    told from one writing the output or the state; without it no file is input.
     """
     if (
         isinstance(exc, NoUsableKeyError)
@@ -1025,7 +1025,7 @@ def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[in
         return ExitCode.UNAVAILABLE, (
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
         )
-    if isinstance(exc, FileNotFoundError) and (job is None or is_about(exc, job)):
+    if isinstance(exc, FileNotFoundError) and job is not None and is_about(exc, job):
         return ExitCode.NO_INPUT, f"input not found: {exc.filename}"
     if isinstance(exc, JobFileError):
         return ExitCode.DATA_ERROR, str(exc)

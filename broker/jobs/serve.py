@@ -1161,7 +1161,7 @@ class Daemon:
         )
 
     def _fail(self, job: SpoolJob, exc: BaseException) -> None:
-        code, message = describe_failure(exc)
+        code, message = describe_failure(exc, job=job.path)
         # The job is filed under failed/ by now: name it, not its place in processing/
         # (messages name the path as given, or made absolute).
         for place in (str(job.path.absolute()), str(job.path)):
