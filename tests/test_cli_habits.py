@@ -314,6 +314,31 @@ class TestRunPaths:
         assert job.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
 
+    def test_out_with_a_trailing_slash_is_a_directory(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--out results/`` names a directory even before it exists: a usage error, not a
+        file called ``results`` with a ledger beside it."""
+        job = _job(tmp_path)
+        out = f"{tmp_path}/results/"
+        code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", out])
+        assert code == ExitCode.USAGE
+        assert "is a directory" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
+
+    def test_out_on_a_device_is_refused_before_anything_is_made(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--out`` naming a device (here through a link to /dev/null) is a usage error that
+        points at ``--out -``; no ledger is made beside it."""
+        job = _job(tmp_path)
+        device = tmp_path / "null.jsonl"
+        device.symlink_to(os.devnull)
+        code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", str(device)])
+        assert code == ExitCode.USAGE
+        assert "--out -" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt", device.name]
+
     @pytest.mark.parametrize(
         "side",
         [".refresh", ".ledger.lock", ".ledger-wal", ".ledger-shm", ".ordering", ".refresh.ledger"],

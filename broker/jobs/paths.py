@@ -175,8 +175,11 @@ def plan_paths(
         out_path = Path(tmp.name) / f"out{_SUFFIX[fmt]}"
     elif out:
         out_path = Path(out)
-        if out_path.is_dir():
+        if out_path.is_dir() or out.endswith(("/", os.sep)):
+            # A trailing slash names a directory even before it exists: a file called so
+            # would be made in its place.
             raise UsageError(f"--out {out} is a directory; give the output file's path")
+        _refuse_device_output(out_path, out)
     else:
         stem = "stdin" if stdin else Path(job).name.removesuffix(".gz").rsplit(".", 1)[0]
         out_path = directory / f"{stem or Path(job).name}{_SUFFIX[fmt]}"
@@ -191,6 +194,20 @@ def plan_paths(
     paths = RunPaths(job_path, out_path, fmt, stdin=stdin, to_stdout=to_stdout)
     paths._tmp = tmp
     return paths
+
+
+def _refuse_device_output(out_path: Path, given: str) -> None:
+    """Raise when ``--out`` names a device or a pipe: the output is rewritten in place on a
+    resume and has a ledger beside it, neither of which a device can have."""
+    try:
+        mode = out_path.stat().st_mode
+    except OSError:
+        return  # not there yet (the usual case), or unreadable: the sink says which
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            f"--out {given} is a device or a pipe, not a file: give a file's path, or "
+            "--out - to write the output to stdout when the run ends"
+        )
 
 
 def _refuse_unreadable_kind(job: Path) -> None:
