@@ -111,6 +111,7 @@ def _port(text: str) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     from broker import __version__
+    from broker.jobs.paths import STDIN_FORMATS
 
     parser = argparse.ArgumentParser(
         prog=prog(),
@@ -179,7 +180,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--input",
-        choices=("txt", "csv", "jsonl"),
+        choices=STDIN_FORMATS,
         help="format of a job read from stdin (default: txt); a job file's format comes "
         "from its name (.txt, .csv, .jsonl, each optionally .gz), else from its first lines",
     )

@@ -611,6 +611,21 @@ class TestRunPaths:
         assert _stdin_run(tmp_path, monkeypatch, saved, "--out", str(out)) == ExitCode.OK
         assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
+    def test_other_stdin_under_another_input_format_names_the_copy_kept(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A CSV piped with --input csv to the output of a plain-text stdin job is refused
+        naming the copy that exists (``.stdin.txt``), not one it would have made."""
+        out = tmp_path / "o" / "a.jsonl"
+        assert _stdin_run(tmp_path, monkeypatch, b"B0FIRST001\n", "--out", str(out)) == 0
+        capsys.readouterr()
+        csv_input = b"asin\nB0FIRST001\n"
+        args = ("--out", str(out), "--input", "csv")
+        assert _stdin_run(tmp_path, monkeypatch, csv_input, *args) == ExitCode.DATA_ERROR
+        err = capsys.readouterr().err
+        assert "a.jsonl.stdin.txt, kept as it is" in err
+        assert "stdin.csv" not in err
+
     def test_fixed_stdin_after_a_refused_first_run_is_accepted(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -23,6 +23,7 @@ from broker.jobs.lock import JobLock
 from broker.progname import prog
 
 __all__ = [
+    "STDIN_FORMATS",
     "STDIO",
     "RunPaths",
     "UsageError",
@@ -36,6 +37,8 @@ __all__ = [
 #: The name that means stdin (as the job) or stdout (as ``--out``).
 STDIO = "-"
 _SUFFIX = {"jsonl": ".jsonl", "csv": ".csv", "sqlite": ".sqlite"}
+#: The formats a job read from stdin may have (``--input``).
+STDIN_FORMATS: Final = ("txt", "csv", "jsonl")
 
 
 #: Output formats told by the name ``--out`` gives, when ``--format`` does not say.
@@ -127,13 +130,22 @@ class RunPaths:
                 if ledger.exists() and not new_job:
                     raise JobFileError(
                         f"the input on stdin differs from the saved input of this job "
-                        f"({self.job}, kept as it is): pipe that same input to run it, or "
-                        "add --new-job to start over with this one"
+                        f"({self._saved_copy()}): pipe that same input (with the same "
+                        "--input) to run it, or add --new-job to start over with this one"
                     )
                 os.replace(temporary, self.job)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+    def _saved_copy(self) -> str:
+        """Where the job's saved stdin is, for a message: the copy for this run's
+        ``--input``, else the one another ``--input`` made."""
+        copies = [self.job] + [
+            self.out.with_name(f"{self.out.name}.stdin.{fmt}") for fmt in STDIN_FORMATS
+        ]
+        saved = next((copy for copy in copies if copy.exists()), None)
+        return "no copy is left" if saved is None else f"{saved}, kept as it is"
 
     def copy_out(self) -> None:
         """``--out -``: write the finished output to stdout."""
