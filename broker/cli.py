@@ -23,7 +23,7 @@ from broker.progname import prog
 
 if TYPE_CHECKING:
     from broker.client import Broker
-    from broker.config import BrokerConfig
+    from broker.config import BrokerConfig, KeyConfig
     from broker.models import ItemResult
 
 __all__ = ["CONFIG_ENV", "main", "resolve_config_path"]
@@ -474,9 +474,14 @@ def _command(args: argparse.Namespace) -> int:
             read = "outside-service"
         config = load_config(path, read_secrets=read)
         if config.api.uses_simulator or config.simulator.data:
-            from broker.client import simulator_settings
+            from broker.client import embedded_secret, simulator_settings
 
             simulator_settings(config)  # [simulator] is checked now, not at first use
+            for key in config.keys:
+                if config.api.uses_simulator and key.secret is None:
+                    # Its secret variable is unset: the simulator must have the account
+                    # (checked now, not after a job is read and its output made).
+                    embedded_secret(config, key)
     except ConfigError as exc:
         print(f"{prog()}: invalid config {path}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
@@ -534,6 +539,28 @@ def _init(path: Path, *, force: bool) -> int:
     return ExitCode.OK
 
 
+def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
+    """Where a key's secret comes from with the embedded simulator, and a warning when the
+    simulator will refuse it (a secret that is not its account's)."""
+    from broker.client import simulator_settings
+    from broker.simulator.accounts import simulator_secret
+
+    known = simulator_secret(
+        config.api.protocol.value, key.credential_id, simulator_settings(config)
+    )
+    if key.secret is None:
+        unset = f", {key.secret_source} unset" if key.secret_source else ""
+        return f"the simulator's own account{unset}"
+    if known != key.secret.reveal():
+        print(
+            f"warning: key {key.name}: the embedded simulator has no {config.api.protocol.value} "
+            f"account {key.credential_id!r} with the secret in {key.secret_source}: it will "
+            "refuse the key (exit 77); unset the variable to use the simulator's own secret",
+            file=sys.stderr,
+        )
+    return key.secret_source
+
+
 def _check_config(config: BrokerConfig) -> int:
     from broker.config import shown_url
 
@@ -550,6 +577,8 @@ def _check_config(config: BrokerConfig) -> int:
                 file=sys.stderr,
             )
         secret = key.secret_source or "simulator demo secret"
+        if config.api.uses_simulator:
+            secret = _simulator_secret_note(config, key)
         print(
             f"  key {key.name}: id {key.credential_id}, secret from {secret} (***), "
             f"{key.tps:g} TPS, {key.tpd or 'unlimited'} TPD, "

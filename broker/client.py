@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig, KeyConfig
     from broker.simulator.settings import SimulatorSettings
 
-__all__ = ["Broker", "Query", "simulator_settings"]
+__all__ = ["Broker", "Query", "embedded_secret", "simulator_settings"]
 
 
 def simulator_settings(config: BrokerConfig) -> SimulatorSettings:
@@ -45,19 +45,29 @@ class Broker(EngineBroker):
         return server.url
 
     def _missing_secret(self, key: KeyConfig) -> Secret:
-        """The embedded simulator's own secret for a key whose secret env var is unset."""
-        from broker.simulator.accounts import simulator_secret
+        return embedded_secret(self.config, key)
 
-        value = None
-        if self.config.api.uses_simulator:
-            value = simulator_secret(
-                self.config.api.protocol.value, key.credential_id, simulator_settings(self.config)
-            )
-        if value is None:
-            raise ConfigError(
-                f"keys.{key.name}",
-                f"no secret for credential {key.credential_id!r}: set "
-                f"{key.secret_source or 'credential_secret_env'} or add the account to "
-                "[simulator]",
-            )
-        return Secret(value)
+
+def embedded_secret(config: BrokerConfig, key: KeyConfig) -> Secret:
+    """The embedded simulator's own secret for a key whose secret variable is unset.
+
+    Raises:
+        ConfigError: the endpoint is not the simulator, or the simulator has no account of
+            the config's protocol for the key's credential (a Creators id in a PA-API
+            config, a typo): the command line checks this when it reads the config.
+    """
+    from broker.simulator.accounts import simulator_secret
+
+    value = None
+    if config.api.uses_simulator:
+        value = simulator_secret(
+            config.api.protocol.value, key.credential_id, simulator_settings(config)
+        )
+    if value is None:
+        raise ConfigError(
+            f"keys.{key.name}",
+            f"no secret for credential {key.credential_id!r}: set "
+            f"{key.secret_source or 'credential_secret_env'} or add the account to "
+            "[simulator]",
+        )
+    return Secret(value)

@@ -176,6 +176,57 @@ class TestConfigLookup:
         assert f"config ok: {config}" in capsys.readouterr().out
         assert cli.main(["check-config", "--config", "nope.toml"]) == ExitCode.CONFIG
 
+    def test_a_key_the_simulator_has_no_account_for_is_refused_at_load(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """With the embedded simulator, a key with no secret set whose credential the
+        simulator does not have (a Creators id in a PA-API config) fails check-config with
+        78, as run does, and run fails before it reads the job or makes an output."""
+        monkeypatch.delenv("ASINB_DEMO_SECRET", raising=False)
+        text = (
+            '[api]\nprotocol = "paapi5"\nendpoint = "simulator"\n'
+            '[[keys]]\nname = "creators-key"\ncredential_id = "demo-id"\n'
+            'credential_secret_env = "ASINB_DEMO_SECRET"\n'
+            'partner_tags = { "www.amazon.com" = "demo-20" }\n'
+        )
+        config = str(_config(tmp_path, text))
+        assert cli.main(["check-config", "--config", config]) == ExitCode.CONFIG
+        assert "keys.creators-key: no secret for credential 'demo-id'" in capsys.readouterr().err
+        job = _job(tmp_path)
+        out = tmp_path / "out.jsonl"
+        assert cli.main(["run", str(job), "--config", config, "--out", str(out)]) == 78
+        assert not out.exists()
+        assert not out.with_name("out.jsonl.ledger").exists()
+
+    def test_check_config_warns_of_a_secret_the_simulator_will_refuse(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """With the embedded simulator, check-config says where an unset secret comes from
+        (the simulator's own account), and warns when the variable holds another secret."""
+        text = (
+            '[api]\nendpoint = "simulator"\n'
+            '[[keys]]\nname = "demo"\ncredential_id = "demo-id"\nversion = "3.1"\n'
+            'credential_secret_env = "ASINB_DEMO_SECRET"\n'
+            'partner_tags = { "www.amazon.com" = "demo-20" }\n'
+        )
+        config = str(_config(tmp_path, text))
+        monkeypatch.delenv("ASINB_DEMO_SECRET", raising=False)
+        assert cli.main(["check-config", "--config", config]) == ExitCode.OK
+        out, err = capsys.readouterr()
+        assert "secret from the simulator's own account, $ASINB_DEMO_SECRET unset" in out
+        assert "warning" not in err
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "not-the-demo-secret")
+        assert cli.main(["check-config", "--config", config]) == ExitCode.OK
+        err = capsys.readouterr().err
+        assert "warning: key demo: the embedded simulator has no creators account" in err
+        assert "not-the-demo-secret" not in err
+
     def test_missing_config_named_by_env_says_so_and_hints_the_typed_command(
         self,
         tmp_path: Path,
