@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.errors import ConfigError
 from broker.jobs import serve
 from broker.jobs.serve import Spool, SpoolJob
 
@@ -168,3 +169,17 @@ def test_the_claim_lock_does_not_depend_on_the_output_format(spool: Spool) -> No
     locks = {spool.job("x.txt", fmt).claim_lock().lock_path for fmt in ("jsonl", "csv", "sqlite")}
     assert len(locks) == 1
     assert spool.job("x.txt", "csv").work_files()[-1] == locks.pop()
+
+
+def test_a_folder_on_another_file_system_is_refused_at_start(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """done/ (or inbox/) mounted on its own would fail the first filing with EXDEV and the
+    daemon would exit 74 at every restart: refused at start with a ConfigError naming it."""
+    spool.check_one_file_system()
+    real = serve._device
+    monkeypatch.setattr(
+        serve, "_device", lambda path: real(path) + (1 if path.name == "done" else 0)
+    )
+    with pytest.raises(ConfigError, match=r"done/ of .* on another file system than processing/"):
+        spool.check_one_file_system()

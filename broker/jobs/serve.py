@@ -266,6 +266,11 @@ class SpoolJob:
         )
 
 
+def _device(path: Path) -> int:
+    """The file system ``path`` is on."""
+    return path.stat().st_dev
+
+
 class Spool:
     """The spool directory: listing, claiming and filing jobs (synchronous file operations)."""
 
@@ -287,6 +292,30 @@ class Spool:
                     self._make_shared(directory)
                 made.append(directory)
         return made
+
+    def check_one_file_system(self) -> None:
+        """Raise unless the four folders are on one file system.
+
+        Claiming links a job from ``inbox/`` into ``processing/``, and filing renames it
+        into ``done/`` or ``failed/``: both work within one file system only (EXDEV
+        otherwise, at the first job), and a copy instead would not be atomic.
+
+        Raises:
+            ConfigError: a folder is a mount of its own.
+        """
+        home = _device(self.processing)
+        apart = [
+            f"{directory.name}/"
+            for directory in (self.inbox, self.done, self.failed)
+            if _device(directory) != home
+        ]
+        if apart:
+            raise ConfigError(
+                "serve --spool",
+                f"{' and '.join(apart)} of {self.root} on another file system than "
+                "processing/: jobs are moved between these folders, which works within one "
+                "file system only; mount the spool directory itself, not its folders",
+            )
 
     def _make_shared(self, directory: Path) -> None:
         """Make ``inbox/``, ``done/`` or ``failed/`` (at the first start, or again after a
@@ -702,6 +731,7 @@ class Daemon:
             replay_early(self._signals)
         try:
             self.spool.prepare()
+            self.spool.check_one_file_system()
             async with contextlib.AsyncExitStack() as stack:
                 self.url = await self._listen(stack)
                 # Daily counts, rates and pauses live in the shared key state ([state]),
