@@ -124,10 +124,16 @@ async def test_control_changes_tps_and_limits() -> None:
         ({"account": "demo", "tpd": 1.5}, 400),
         ({"limits": "no"}, 400),
         ([], 400),
+        ({"key": "demo", "tps": 2}, 400),
+        ({"account": "demo"}, 400),
+        ({"tps": 2}, 400),
+        ({"limits": False, "account": "nobody", "tps": 2}, 404),
+        ({"limits": False, "account": "demo", "tps": -1}, 400),
     ],
 )
 async def test_control_rejects_bad_input(body: object, status: int) -> None:
-    """Bad control requests are refused with 4xx and change nothing."""
+    """Bad control requests are refused with 4xx and change nothing: an unknown field
+    (``key`` for ``account``) is refused, not ignored with a 200."""
     async with running_simulator() as (client, sim):
         response = await client.post("/_sim/control", data=json.dumps(body))
         assert response.status == status

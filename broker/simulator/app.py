@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from aiohttp import web
 
@@ -141,31 +142,53 @@ def create_app(
     return app
 
 
+_CONTROL_FIELDS: Final = frozenset({"account", "tps", "tpd", "limits"})
+
+
+def _refused(error: str, status: int) -> web.Response:
+    return web.json_response({"error": error}, status=status)
+
+
 def _control(sim: Simulator, raw: bytes) -> web.Response:
-    """Apply a runtime change: an account's tps or tpd, or limits on/off."""
+    """Apply a runtime change: an account's tps or tpd, or limits on/off.
+
+    The whole body is checked before anything changes: a refused request changes nothing,
+    and a field it does not know (``"key"`` for ``"account"``) is refused, never ignored.
+    """
     try:
         body = json.loads(raw or b"{}")
     except json.JSONDecodeError:
-        return web.json_response({"error": "body must be JSON"}, status=400)
+        return _refused("body must be JSON", 400)
     if not isinstance(body, dict):
-        return web.json_response({"error": "body must be a JSON object"}, status=400)
-    if "limits" in body:
-        if not isinstance(body["limits"], bool):
-            return web.json_response({"error": "limits must be true or false"}, status=400)
-        sim.limits = body["limits"]
+        return _refused("body must be a JSON object", 400)
+    unknown = sorted(set(body) - _CONTROL_FIELDS)
+    if unknown:
+        return _refused(
+            f"unknown field {unknown[0]!r}: give account with tps and/or tpd, or limits", 400
+        )
+    limits = body.get("limits")
+    if "limits" in body and not isinstance(limits, bool):
+        return _refused("limits must be true or false", 400)
+    tps, tpd = body.get("tps"), body.get("tpd")
+    if tps is not None and (isinstance(tps, bool) or not isinstance(tps, int | float) or tps <= 0):
+        return _refused("tps must be a positive number", 400)
+    if tpd is not None and (isinstance(tpd, bool) or not isinstance(tpd, int) or tpd < 1):
+        return _refused("tpd must be a positive integer", 400)
+    quota = None
     if "account" in body:
         quota = sim.quotas.get(str(body["account"]))
         if quota is None:
-            return web.json_response({"error": f"unknown account {body['account']!r}"}, status=404)
-        tps = body.get("tps")
-        tpd = body.get("tpd")
+            return _refused(f"unknown account {body['account']!r}", 404)
+        if tps is None and tpd is None:
+            return _refused("give tps and/or tpd for the account", 400)
+    elif tps is not None or tpd is not None:
+        return _refused("tps and tpd are an account's: name it with account", 400)
+    if isinstance(limits, bool):
+        sim.limits = limits
+    if quota is not None:
         if tps is not None:
-            if isinstance(tps, bool) or not isinstance(tps, int | float) or tps <= 0:
-                return web.json_response({"error": "tps must be a positive number"}, status=400)
             quota.tps = float(tps)
         if tpd is not None:
-            if isinstance(tpd, bool) or not isinstance(tpd, int) or tpd < 1:
-                return web.json_response({"error": "tpd must be a positive integer"}, status=400)
             quota.tpd = tpd
     return web.json_response(
         {
