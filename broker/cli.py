@@ -600,10 +600,11 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
 
     from broker.api.marketplaces import marketplace as lookup_marketplace
 
-    if args.refresh and args.no_cache:
+    if args.refresh and _cache_max_age(args) == 0:
+        off = "--no-cache" if args.no_cache else "--max-age 0"
         print(
-            f"{prog()}: --refresh keeps the new answers in the item cache, which --no-cache "
-            "turns off: give one of them (--no-cache alone also asks Amazon for every id)",
+            f"{prog()}: --refresh keeps the new answers in the item cache, which {off} "
+            f"turns off: give one of them ({off} alone also asks Amazon for every id)",
             file=sys.stderr,
         )
         return ExitCode.USAGE

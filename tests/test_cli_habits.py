@@ -1354,11 +1354,12 @@ def test_lookup_with_an_uncreatable_state_file_exits_74(
     assert "input not found" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("off", [["--no-cache"], ["--max-age", "0"]])
 def test_lookup_refresh_with_no_cache_is_a_usage_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], off: list[str]
 ) -> None:
-    """lookup --refresh --no-cache contradict each other (refresh writes the cache): exit 2
-    saying so, where it was accepted and wrote nothing."""
+    """lookup --refresh with --no-cache (or --max-age 0, the same) contradict each other
+    (refresh writes the cache): exit 2 saying so, where it was accepted and wrote nothing."""
     config = str(_config(tmp_path))
-    assert cli.main(["lookup", "B000000001", "--refresh", "--no-cache", "--config", config]) == 2
-    assert "--no-cache" in capsys.readouterr().err
+    assert cli.main(["lookup", "B000000001", "--refresh", *off, "--config", config]) == 2
+    assert " ".join(off) in capsys.readouterr().err
