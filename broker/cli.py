@@ -269,12 +269,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Look up ASINs (or Amazon product URLs). On a terminal, print a readable "
         "summary; when piped or with --json, print one JSON object per ASIN, the same rows "
         "as `broker run` writes (line = the argument's position).",
-        epilog="exit codes: 0 every id answered (ok, not found or invalid); 2 usage (an "
-        "unknown --marketplace or resource, --refresh with --no-cache); 3 some rows failed; "
-        "69 the endpoint or the key-state store stayed unreachable for the outage budget; 74 "
-        "a damaged or read-only state file; 75 the daily quota of every key the unanswered "
-        "ids need is spent, or a stop signal (Ctrl-C, SIGTERM, SIGHUP); 77 a key was "
-        "rejected; 78 bad config; 141 stdout's reader went away (| head). A lookup that "
+        epilog="exit codes: 0 every id answered (ok, not found or invalid); 2 usage (an unknown "
+        "--marketplace or resource, --refresh with --no-cache or --max-age 0); 3 some rows "
+        "failed; 69 the endpoint or the key-state store stayed unreachable for the outage "
+        "budget; 74 a damaged or read-only state file; 75 the daily quota of every key the "
+        "unanswered ids need is spent, or a stop signal (Ctrl-C, SIGTERM, SIGHUP); 77 a key "
+        "was rejected; 78 bad config; 141 stdout's reader went away (| head). A lookup that "
         "stops early prints every answer it has first, those already on the wire included.",
     )
     look.add_argument("asins", nargs="+", metavar="ASIN")
