@@ -41,7 +41,11 @@ class Broker(EngineBroker):
             return await super()._open_endpoint(stack)
         from broker.simulator.server import SimulatorServer
 
-        server = await stack.enter_async_context(SimulatorServer(simulator_settings(self.config)))
+        # On the broker's clock: a FakeClock in a test moves the simulator's time too, so
+        # it judges the key's rate on the same timeline the broker paces it on.
+        server = await stack.enter_async_context(
+            SimulatorServer(simulator_settings(self.config), clock=self._clock)
+        )
         return server.url
 
     def _missing_secret(self, key: KeyConfig) -> Secret:

@@ -723,3 +723,23 @@ class TestDebugLog:
         assert [s["key"] for s in seen] == ["paapi", "paapi"]
         assert seen[0]["batch_id"] != seen[1]["batch_id"]
         assert "batch_id" not in outside
+
+
+async def test_a_fake_clock_broker_and_its_embedded_simulator_share_the_clock() -> None:
+    """With ``endpoint = "simulator"`` and a FakeClock, the embedded simulator judges the
+    key's rate on that clock too: 100 ASINs at 5 TPS are answered in 2 s of fake time, with
+    no 429; on real time the simulator saw every send at once and the key was parked."""
+    from conftest import CountingTransport, drive
+
+    clock = FakeClock()
+    config = make_config("simulator", keys=[key_doc(tps=5.0)])
+    async with AiohttpTransport() as inner:
+        transport = CountingTransport(inner)
+        async with Broker(config, clock=clock, transport=transport) as broker:
+            started = clock.monotonic()
+            task = asyncio.ensure_future(broker.get_items([f"B0FAKE{i:04d}" for i in range(100)]))
+            await drive(clock, task, transport)
+            results = task.result()
+            assert [r.status for r in results] == [Status.OK] * 100
+            assert broker.metrics().throttled == 0
+            assert clock.monotonic() - started < 3.0
