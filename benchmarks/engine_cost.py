@@ -140,8 +140,8 @@ class Answers:
             body = self.body(asins)
             self._bodies[self.request(asins).body] = body
             self._by_asins[tuple(asins)] = body
-        # The simulator keeps every item it rendered, and its JSON (up to 131,072 and 65,536
-        # of them): in this process they would only grow the heap each collection of the
+        # The simulator keeps the items it rendered, and their JSON (up to 16,384 of
+        # each): in this process they would only grow the heap each collection of the
         # interpreter's cyclic garbage collector walks, and the rounds would grow dearer.
         forget_rendered()
 

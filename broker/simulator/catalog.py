@@ -360,7 +360,10 @@ def _derived_asin(*parts: object) -> str:
     return "B0" + "".join(chars)
 
 
-@lru_cache(maxsize=131_072)
+# Bounded well below a big job's ASIN count: the simulator embedded in a broker shares its
+# process, and 131,072 items with 65,536 of their JSON held about 340 MB (16,384 of each:
+# about 45 MB). An item not kept is rendered again, at about 70 us.
+@lru_cache(maxsize=16_384)
 def lookup_by_key(
     seed: int, missing: float, inaccessible: float, marketplace: str, asin: str
 ) -> CatalogEntry:

@@ -169,7 +169,7 @@ def forget_rendered() -> None:
     lookup_by_key.cache_clear()
 
 
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=16_384)  # bounded as catalog.lookup_by_key is, for the same reason
 def _item_json(
     seed: int,
     missing: float,
