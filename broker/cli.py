@@ -478,7 +478,7 @@ def _command(args: argparse.Namespace) -> int:
 
             simulator_settings(config)  # [simulator] is checked now, not at first use
             for key in config.keys:
-                if config.api.uses_simulator and key.secret is None:
+                if read and config.api.uses_simulator and key.secret is None:
                     # Its secret variable is unset: the simulator must have the account
                     # (checked now, not after a job is read and its output made).
                     embedded_secret(config, key)
