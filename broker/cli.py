@@ -414,12 +414,12 @@ def _command_word(words: Sequence[str]) -> str | None:
 
 
 def _main(words: list[str]) -> int:
-    if _command_word(words) in ("run", "serve"):
+    if _command_word(words) in ("run", "serve", "lookup"):
         from broker.jobs.signals import caught_early
 
         # A signal while starting (building the parser imports the simulator and the
-        # engine, then the config is read) or finishing must not kill the run with the
-        # default action: it is kept for the run's handler.
+        # engine, then the config is read) or finishing must not kill the command with the
+        # default action: it is kept for the command's handler, or dropped once it is gone.
         with caught_early():
             return _command(_parse(words))
     return _command(_parse(words))

@@ -272,6 +272,26 @@ class TestCaughtEarly:
         assert calls == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
+    def test_signal_while_lookup_starts_stops_it_with_75(self, tmp_path: Path) -> None:
+        """A SIGTERM while `broker lookup` still builds its parser stops it with 75, as one
+        after its handler is in does, not 143."""
+        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+        code = (
+            "import os, signal, sys\n"
+            "import broker.cli as cli\n"
+            "build = cli._build_parser\n"
+            "def signalled():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return build()\n"
+            "cli._build_parser = signalled\n"
+            "sys.exit(cli.main(['lookup', '--json', '--no-cache', 'B0UV000001']))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 75, done.stderr
+        assert "stopped by SIGTERM" in done.stderr
+
     def test_signal_while_the_parser_is_built_drains_the_run(self, tmp_path: Path) -> None:
         """A SIGTERM while `broker run` still builds its parser is acted on, not fatal (143)."""
         (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
