@@ -478,9 +478,12 @@ def _command(args: argparse.Namespace) -> int:
 
             simulator_settings(config)  # [simulator] is checked now, not at first use
             for key in config.keys:
-                if read and config.api.uses_simulator and key.secret is None:
-                    # Its secret variable is unset: the simulator must have the account
-                    # (checked now, not after a job is read and its output made).
+                # A key with no secret though secrets were read: its variable is unset
+                # (a secret file that was not read is a systemd credential, read by its
+                # service alone), so the simulator must have the account: checked now,
+                # not after a job is read and its output made.
+                unset = key.secret is None and not key.secret_source.startswith("file ")
+                if read and config.api.uses_simulator and unset:
                     embedded_secret(config, key)
     except ConfigError as exc:
         print(f"{prog()}: invalid config {path}: {exc}", file=sys.stderr)
