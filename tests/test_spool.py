@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -171,15 +173,22 @@ def test_the_claim_lock_does_not_depend_on_the_output_format(spool: Spool) -> No
     assert spool.job("x.txt", "csv").work_files()[-1] == locks.pop()
 
 
-def test_a_folder_on_another_file_system_is_refused_at_start(
+def test_a_folder_on_another_mount_is_refused_at_start(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """done/ (or inbox/) mounted on its own would fail the first filing with EXDEV and the
-    daemon would exit 74 at every restart: refused at start with a ConfigError naming it."""
+    """done/ (or inbox/) mounted on its own, even a bind mount of the same file system, would
+    fail the first filing with EXDEV and the daemon would exit 74 at every restart: refused
+    at start with a ConfigError naming it, and the probe file is gone."""
     spool.check_one_file_system()
-    real = serve._device
-    monkeypatch.setattr(
-        serve, "_device", lambda path: real(path) + (1 if path.name == "done" else 0)
-    )
-    with pytest.raises(ConfigError, match=r"done/ of .* on another file system than processing/"):
+    real = os.rename
+
+    def across_mounts(source: Path, target: Path) -> None:
+        if target.parent.name == "done":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(source, target)
+
+    monkeypatch.setattr(serve.os, "rename", across_mounts)
+    with pytest.raises(ConfigError, match=r"done/ of .* on another mount than processing/"):
         spool.check_one_file_system()
+    leftovers = [p for d in (spool.inbox, spool.processing, spool.failed) for p in d.iterdir()]
+    assert leftovers == []

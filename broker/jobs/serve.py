@@ -266,11 +266,6 @@ class SpoolJob:
         )
 
 
-def _device(path: Path) -> int:
-    """The file system ``path`` is on."""
-    return path.stat().st_dev
-
-
 class Spool:
     """The spool directory: listing, claiming and filing jobs (synchronous file operations)."""
 
@@ -294,27 +289,40 @@ class Spool:
         return made
 
     def check_one_file_system(self) -> None:
-        """Raise unless the four folders are on one file system.
+        """Raise unless a job can move between ``processing/`` and each other folder.
 
         Claiming links a job from ``inbox/`` into ``processing/``, and filing renames it
-        into ``done/`` or ``failed/``: both work within one file system only (EXDEV
-        otherwise, at the first job), and a copy instead would not be atomic.
+        into ``done/`` or ``failed/``: neither works across mounts, whether of another file
+        system or a bind mount of the same one (EXDEV, at the first job), and a copy instead
+        would not be atomic. So a dotfile (ignored by every daemon) is renamed into each
+        folder and back.
 
         Raises:
             ConfigError: a folder is a mount of its own.
+            OSError: a folder cannot be written.
         """
-        home = _device(self.processing)
-        apart = [
-            f"{directory.name}/"
-            for directory in (self.inbox, self.done, self.failed)
-            if _device(directory) != home
-        ]
+        probe = self.processing / f".asinb-probe-{os.getpid()}"
+        probe.touch()
+        apart = []
+        try:
+            for directory in (self.inbox, self.done, self.failed):
+                there = directory / probe.name
+                try:
+                    os.rename(probe, there)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    apart.append(f"{directory.name}/")
+                    continue
+                os.rename(there, probe)
+        finally:
+            probe.unlink(missing_ok=True)
         if apart:
             raise ConfigError(
                 "serve --spool",
-                f"{' and '.join(apart)} of {self.root} on another file system than "
-                "processing/: jobs are moved between these folders, which works within one "
-                "file system only; mount the spool directory itself, not its folders",
+                f"{' and '.join(apart)} of {self.root} on another mount than processing/: "
+                "jobs are moved between these folders, which works within one mount only; "
+                "mount the spool directory itself, not its folders",
             )
 
     def _make_shared(self, directory: Path) -> None:
