@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from broker import cli
 from broker.client import Broker
-from broker.config import BrokerConfig, parse_config
+from broker.config import BrokerConfig, load_config, parse_config
 from broker.engine.adaptive import ThrottleVerdict
 from broker.jobs import runner, sources
 from broker.jobs.ledger import Counts
@@ -214,6 +214,7 @@ class TestResume:
         assert _main(tmp_path, *again, "--encoding", "latin-1") == ExitCode.DATA_ERROR
         assert "--encoding" in capsys.readouterr().err
         assert _main(tmp_path, *again, "--encoding", "UTF8") == ExitCode.OK
+        assert _main(tmp_path, *again, "--encoding", "utf-8-sig") == ExitCode.OK
         assert _main(tmp_path, *again, "--convert-isbn13", "--refresh") == ExitCode.OK
         rows = _rows(out)
         assert [row["status"] for row in sorted(rows, key=lambda r: r["line"])] == ["ok", "ok"]
@@ -226,6 +227,27 @@ class TestResume:
         out = tmp_path / "out.jsonl"
         assert _main(tmp_path, str(job), "--out", str(out), "--strict") == ExitCode.DATA_ERROR
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
+
+    async def test_unpinned_reading_options_let_the_job_go_on(self, tmp_path: Path) -> None:
+        """The daemon's jobs (``pin_reading=False``) go on as they were read when its
+        convert_isbn13 setting changes, instead of being refused with advice for the
+        command line."""
+        job = tmp_path / "job.txt"
+        job.write_text("9780306406157\nB0ISBNISB1\n")
+        out = tmp_path / "out.jsonl"
+        config = load_config(_config(tmp_path))
+        for convert in (False, True):
+            options = JobOptions(
+                job=job,
+                out=out,
+                progress="none",
+                handle_signals=False,
+                convert_isbn13=convert,
+                pin_reading=False,
+            )
+            summary = await run_job(config, options)
+            assert summary.exit_code() == ExitCode.OK
+        assert summary.already_complete is not None
 
     def test_strict_new_job_refused_leaves_the_finished_job_as_it_was(self, tmp_path: Path) -> None:
         """--strict --new-job on a file with an invalid row is refused before the old job is

@@ -13,7 +13,6 @@ gap; the run exits 75 if rows remain, else as usual.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import dataclasses
 import functools
@@ -58,6 +57,7 @@ from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import (
     JobFingerprint,
     JobRow,
+    check_encoding,
     check_unchanged,
     fingerprint,
     read_job,
@@ -124,6 +124,11 @@ class JobOptions:
     ordered: bool = False
     #: Seconds until the first periodic progress event when not on a terminal.
     first_progress_s: float = 2.0
+    #: Refuse to resume a job whose file was read with other reading options
+    #: (``encoding``, ``convert_isbn13``): run again with others from the command line, a
+    #: finished job would say "complete" for a reading it never had. The daemon's jobs go
+    #: on as they were read when its settings change (they cannot be read again there).
+    pin_reading: bool = True
     #: The item cache's max age for this run (``--max-age``; 0: ``--no-cache``); None: the
     #: config's, else 86,400.
     cache_max_age_s: float | None = None
@@ -467,17 +472,17 @@ def _answer_settings(config: BrokerConfig, options: JobOptions) -> dict[str, str
     A resume under another protocol or resource list would mix two kinds of item in one
     output; one under another ``--encoding`` or ``--convert-isbn13`` would mix rows read two
     ways, and a finished job run again with them would say "complete" for a file never read
-    so. Resources are compared as a set in the protocol's spelling, and encodings by codec,
-    so reordering or respelling either is not a change.
+    so. Resources are compared as a set in the protocol's spelling, and encodings as the
+    reader takes them (``UTF8`` and ``utf-8-sig`` are ``utf-8``), so reordering or
+    respelling either is not a change.
     """
     protocol = config.api.protocol
     resources = sorted(resolve_resources(config.api.resources, protocol))
-    return {
-        "api.protocol": protocol.value,
-        "api.resources": ",".join(resources),
-        "--encoding": codecs.lookup(options.encoding).name,
-        "--convert-isbn13": "on" if options.convert_isbn13 else "off",
-    }
+    settings = {"api.protocol": protocol.value, "api.resources": ",".join(resources)}
+    if options.pin_reading:
+        settings["--encoding"] = check_encoding(options.encoding)
+        settings["--convert-isbn13"] = "on" if options.convert_isbn13 else "off"
+    return settings
 
 
 def _make_output_directory(directory: Path) -> None:

@@ -1002,6 +1002,7 @@ class Daemon:
             progress=self._options.progress,
             handle_signals=False,
             convert_isbn13=self._options.convert_isbn13,
+            pin_reading=False,
             no_wait=self._options.no_wait,
             drain=self._stop,
             label=name,
