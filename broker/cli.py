@@ -956,7 +956,11 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         f"{from_cache}{summary.wall_s:.1f} s",
         file=sys.stderr,
     )
-    print(f"output: {paths.shown_out}", file=sys.stderr)
+    if paths.to_stdout or paths.out.exists():
+        print(f"output: {paths.shown_out}", file=sys.stderr)
+    else:
+        # Stopped before the output was begun (a CSV output waits for the whole job file).
+        print(f"output: {paths.shown_out} (not begun yet)", file=sys.stderr)
     # --out - keeps no ledger (and no report): its temporary directory goes at exit, so
     # nothing it names can be read or resumed afterwards.
     if summary.invalid_report and not paths.to_stdout:

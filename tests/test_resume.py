@@ -212,8 +212,9 @@ class TestA3SigtermOnce:
         check_output(out, lines, upstream.settings)
 
     async def test_a3_csv_stopped_during_ingestion_keeps_every_column(self, tmp_path: Path) -> None:
-        """A3: a JSON Lines job written as CSV, stopped during ingestion: the rerun's header
-        and rows carry the pass-through field that first appears after the stop."""
+        """A3: a JSON Lines job written as CSV, stopped during ingestion (its output not begun
+        yet, as the summary says): the rerun's header and rows carry the pass-through field
+        that first appears after the stop."""
         job = tmp_path / "job.jsonl"
         rows = [
             f'{{"asin": "bad-{i}", "a": {i}' + (', "b": "late"' if i >= 10_000 else "") + "}"
@@ -225,6 +226,7 @@ class TestA3SigtermOnce:
         code, err = await run_once(config, job, out, crash_at="mid_ingest:1:TERM", fmt="csv")
         assert code == ExitCode.RESUMABLE, err[-2000:]
         assert not inspect_ledger(out, job, "csv")[0]
+        assert f"output: {out} (not begun yet)" in err
         code, err = await run_once(config, job, out, fmt="csv")
         assert code == ExitCode.OK, err[-2000:]
         header = out.read_bytes().split(b"\r\n", 1)[0].decode().split(",")
