@@ -390,6 +390,17 @@ class TestRunPaths:
         assert "--out -" in capsys.readouterr().err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt", device.name]
 
+    def test_out_on_dev_stdout_is_refused_even_when_it_is_a_file(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--out /dev/stdout`` is a usage error even when stdout is redirected to a regular
+        file (where it passed as one and a ledger was made in /dev)."""
+        job = _job(tmp_path)
+        config = str(_config(tmp_path))
+        assert cli.main(["run", str(job), "--config", config, "--out", "/dev/stdout"]) == 2
+        assert "--out -" in capsys.readouterr().err
+        assert not Path("/dev/stdout.ledger").exists()
+
     @pytest.mark.parametrize(
         "side",
         [".refresh", ".ledger.lock", ".ledger-wal", ".ledger-shm", ".ordering", ".refresh.ledger"],

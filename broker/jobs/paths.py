@@ -210,12 +210,19 @@ def plan_paths(
 
 def _refuse_device_output(out_path: Path, given: str) -> None:
     """Raise when ``--out`` names a device or a pipe: the output is rewritten in place on a
-    resume and has a ledger beside it, neither of which a device can have."""
+    resume and has a ledger beside it, neither of which a device can have.
+
+    A path under /dev (but /dev/shm, a plain file system) or /proc is one even when it
+    leads to a regular file (``/dev/stdout`` with stdout redirected to one): the ledger
+    would go beside it, in /dev.
+    """
+    top = out_path.absolute().parts[1:3]
+    special = top[:1] == ("proc",) or (top[:1] == ("dev",) and top != ("dev", "shm"))
     try:
         mode = out_path.stat().st_mode
     except OSError:
-        return  # not there yet (the usual case), or unreadable: the sink says which
-    if not stat.S_ISREG(mode):
+        mode = None  # not there yet (the usual case), or unreadable: the sink says which
+    if special or (mode is not None and not stat.S_ISREG(mode)):
         raise UsageError(
             f"--out {given} is a device or a pipe, not a file: give a file's path, or "
             "--out - to write the output to stdout when the run ends"
