@@ -159,6 +159,19 @@ class TestDescribeFallbacks:
         assert describe("InvalidSignature", status=500) is CATALOGUE["InvalidSignature"]
 
 
+def _errors_defined_elsewhere() -> list[BrokerError]:
+    """One of each error class with an ``__init__`` of its own outside broker.errors."""
+    from broker.api.paapi5 import InvalidItemIdsError
+    from broker.config import ServiceCredentialError
+    from broker.jobs.lock import JobLockedError
+
+    return [
+        JobLockedError(Path("/jobs/out.jsonl.ledger.lock"), 4242),
+        ServiceCredentialError("keys[0].credential_secret_file", "only the service reads it"),
+        InvalidItemIdsError("InvalidParameterValue", "bad ids", status=400, invalid_ids=["B0BAD"]),
+    ]
+
+
 class TestTree:
     """The hierarchy and messages."""
 
@@ -215,6 +228,7 @@ class TestTree:
             EndpointUnreachable("refused"),
             RequestTimeout("slow body"),
             BrokerClosedError("closed"),
+            *_errors_defined_elsewhere(),
         ],
         ids=lambda error: type(error).__name__,
     )
