@@ -77,6 +77,7 @@ import signal
 import sqlite3
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -301,8 +302,10 @@ class Spool:
             ConfigError: a folder is a mount of its own.
             OSError: a folder cannot be written.
         """
-        probe = self.processing / f".asinb-probe-{os.getpid()}"
-        probe.touch()
+        # A name of its own: replicas starting at once may share a pid (1, in containers).
+        fd, name = tempfile.mkstemp(dir=self.processing, prefix=".asinb-probe-")
+        os.close(fd)
+        probe = Path(name)
         apart = []
         try:
             for directory in (self.inbox, self.done, self.failed):
