@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Harness, make_config
+from conftest import Harness, key_doc, make_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -306,6 +306,20 @@ class TestAgainstSimulator:
         assert node.id == "283155"
         assert node.display_name == "Books"
         assert [child.id for child in node.children] == ["1000"]
+
+    async def test_get_variations_of_a_url_asks_its_own_store(self, harness: Harness) -> None:
+        """get_variations of an amazon.co.uk link asks www.amazon.co.uk, as get_items does
+        (it asked the default store: US prices and US affiliate links for a UK page)."""
+        sim = await harness.simulator(FREE)
+        tags = {"www.amazon.com": "demo-20", "www.amazon.co.uk": "demo-21"}
+        broker = await harness.broker(make_config(sim.url, keys=[key_doc(tags=tags)]))
+        link = "https://www.amazon.co.uk/dp/B000000001"
+        variations = await broker.get_variations(link, variation_count=2)
+        urls = [p.detail_page_url or "" for p in variations.items]
+        assert urls
+        assert all("amazon.co.uk" in url and "demo-21" in url for url in urls)
+        named = await broker.get_variations(link, marketplace="US", variation_count=2)
+        assert all("amazon.com/" in (p.detail_page_url or "") for p in named.items)
 
     @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
     async def test_wrong_shape_is_bad_response_not_empty(

@@ -37,6 +37,7 @@ from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.marketplaces import token_url
 from broker.api.paapi5 import PaapiDialect
+from broker.asin import check_asin
 from broker.cache import CacheFront, cache_namespace, open_cache
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
@@ -788,6 +789,10 @@ class Broker:
         params = operations.variations_params(
             asin, options, protocol=protocol, default_resources=self.config.api.resources
         )
+        if marketplace is None:
+            # A product URL is asked in its own store (amazon.co.uk), as get_items does,
+            # unless the call names one; a plain ASIN takes the config's.
+            marketplace = check_asin(asin).store
         raw = await self._operation(Operation.GET_VARIATIONS, params, marketplace)
         return operations.read_variations(raw, protocol)
 
