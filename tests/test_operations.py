@@ -185,6 +185,10 @@ class TestSearchParams:
             ({"keywords": "x", "merchant": "Amazon"}, ValueError, "only PA-API"),
             ({"keywords": "x", "delivery_flags": "Prime"}, TypeError, "delivery_flags"),
             ({"keywords": "x", "browse_node_id": "abc"}, ValueError, "browse_node_id"),
+            ({"keywords": "x", "browse_node_id": "\u00b2\u00b3"}, ValueError, "browse_node_id"),
+            ({"keywords": "x", "sort_by": 5}, TypeError, "sort_by must be a SortBy"),
+            ({"keywords": "x", "availability": 1}, TypeError, "availability"),
+            ({"keywords": "x", "delivery_flags": [1]}, TypeError, "delivery_flags"),
             ({"keywords": " "}, ValueError, "keywords must not be blank"),
             ({"search_index": "All", "keywords": "x" * 1001}, ValueError, "at most 1000"),
             ({"item_count": 3}, ValueError, "needs something to search for"),
@@ -194,7 +198,9 @@ class TestSearchParams:
     def test_bad_options_named(
         self, options: dict[str, Any], error: type[Exception], names: str
     ) -> None:
-        """Unknown or out-of-range options raise TypeError/ValueError naming them."""
+        """Unknown or out-of-range options raise TypeError/ValueError naming them: a value of
+        the wrong type (a number for an enum option) TypeError, a digit that is not ASCII in
+        a node id ValueError."""
         with pytest.raises(error, match=names):
             _search(**options)
 

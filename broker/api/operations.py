@@ -205,14 +205,18 @@ def _integer(name: str, value: object, low: int, high: int | None) -> int:
 
 
 def _choice(name: str, value: object, kind: type[_E]) -> _E:
+    choices = ", ".join(repr(m.value) for m in kind)
     if isinstance(value, kind):
         return value
-    if isinstance(value, str):
-        folded = value.strip().lower()
-        for member in kind:
-            if folded in (member.value.lower(), member.name.lower()):
-                return member
-    choices = ", ".join(repr(m.value) for m in kind)
+    if not isinstance(value, str):
+        # The wrong type (5, True), as for every other option: a TypeError.
+        raise TypeError(
+            f"{name} must be a {kind.__name__} or one of {choices}, got {type(value).__name__}"
+        )
+    folded = value.strip().lower()
+    for member in kind:
+        if folded in (member.value.lower(), member.name.lower()):
+            return member
     raise ValueError(f"{name} must be a {kind.__name__} or one of {choices}, got {value!r}")
 
 
@@ -229,7 +233,7 @@ def _node_id(name: str, value: object) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     text = _text(name, value, 19)
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²³" and other digits are not an id
         raise ValueError(f"{name} must be a browse node id (digits), got {text!r}")
     return text
 
