@@ -135,6 +135,25 @@ class TestCatalogue:
         assert len(first[1]) == 10
         assert search_asins(SETTINGS, "www.amazon.com", "noresults", 1, 10) == (0, [])
 
+    @pytest.mark.parametrize("count", [3, 10])
+    def test_search_pages_never_overlap_and_the_total_is_what_can_be_served(
+        self, count: int
+    ) -> None:
+        """With a share of missing items, pages 1 to 10 of one search hold no ASIN twice, and
+        the total is the query's alone (not the page size's) and counts only items served."""
+        settings = replace(SETTINGS, missing_share=0.2)
+        pages = [
+            search_asins(settings, "www.amazon.com", "kettle", page, count) for page in range(1, 11)
+        ]
+        seen = [asin for _, asins in pages for asin in asins]
+        assert len(seen) == len(set(seen)) == 10 * count
+        totals = {total for total, _ in pages}
+        (total,) = totals
+        assert total == search_asins(settings, "www.amazon.com", "kettle", 1, 1)[0]
+        _, last = search_asins(settings, "www.amazon.com", "kettle", total, 1)
+        assert len(last) == 1
+        assert search_asins(settings, "www.amazon.com", "kettle", total + 1, 1)[1] == []
+
 
 class TestKeyQuota:
     NOON = datetime(2026, 5, 1, 12, tzinfo=UTC)

@@ -160,39 +160,39 @@ def search_asins(
     if query.lower().startswith("noresults"):
         return 0, []
     rng = _rng(settings.seed, "search", marketplace, query)
-    total = rng.randrange(count * 3, 1000)
-
-    def result(index: int) -> CatalogEntry:
-        """The search's ``index``-th candidate (in relevance order) as the catalogue has it."""
-        asin = _derived_asin(settings.seed, "search", marketplace, query, str(index))
-        return lookup(settings, marketplace, asin)
-
+    # The query's own: the same whatever the page size asked.
+    candidates = [
+        _derived_asin(settings.seed, "search", marketplace, query, str(index))
+        for index in range(rng.randrange(30, 1000))
+    ]
+    # Only items the catalogue serves are results, so pages follow one list (none overlaps
+    # the next) and the total counts what can be paged through; telling which are served
+    # takes a hash each, not an item.
+    served = [
+        asin
+        for asin in candidates
+        if _status(
+            settings.seed, settings.missing_share, settings.inaccessible_share, marketplace, asin
+        )
+        == "ok"
+    ]
+    start = (page - 1) * count
     if min_price is None and max_price is None and sort_by not in PRICE_ORDERS:
-        asins: list[str] = []
-        index = (page - 1) * count
-        while len(asins) < count and index < total:
-            entry = result(index)
-            index += 1
-            if entry.status == "ok":
-                asins.append(entry.asin)
-        return total, asins
+        return len(served), served[start : start + count]
     # A filter or a price order needs every result's price: all of them are looked up.
     market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
     unit = 10**market.currency.decimals
     priced: list[tuple[int, str]] = []
-    for index in range(total):
-        entry = result(index)
-        item = entry.item
+    for candidate in served:
+        item = lookup(settings, marketplace, candidate).item
         if item is None:
             continue
-        candidate = entry.asin
         price = round(item.listing.amount * unit)
         if (min_price is None or price >= min_price) and (max_price is None or price <= max_price):
             priced.append((price, candidate))
     if sort_by in PRICE_ORDERS:
         # Stable: items of one price keep their relevance order.
         priced.sort(key=lambda entry: entry[0], reverse=PRICE_ORDERS[sort_by])
-    start = (page - 1) * count
     return len(priced), [asin for _, asin in priced[start : start + count]]
 
 
@@ -368,16 +368,29 @@ def lookup_by_key(
     seed: int, missing: float, inaccessible: float, marketplace: str, asin: str
 ) -> CatalogEntry:
     """:func:`lookup` by its cache key (seed, shares, marketplace, id); cached."""
-    if not is_well_formed(asin):
-        return CatalogEntry(asin, marketplace, "invalid", None)
+    status = _status(seed, missing, inaccessible, marketplace, asin)
+    if status == "invalid":
+        return CatalogEntry(asin, marketplace, status, None)
     asin = asin.upper()
-    draw = int.from_bytes(_digest(seed, "exists", marketplace, asin)[:8], "big") / 2.0**64
-    if draw < missing:
-        return CatalogEntry(asin, marketplace, "not_found", None)
-    if draw < missing + inaccessible:
-        return CatalogEntry(asin, marketplace, "not_accessible", None)
+    if status != "ok":
+        return CatalogEntry(asin, marketplace, status, None)
     market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
     return CatalogEntry(asin, marketplace, "ok", _make_item(seed, market, asin))
+
+
+def _status(
+    seed: int, missing: float, inaccessible: float, marketplace: str, asin: str
+) -> ItemStatus:
+    """Whether ``asin`` is served in ``marketplace``: cheap (a hash), with no item built."""
+    if not is_well_formed(asin):
+        return "invalid"
+    draw = int.from_bytes(_digest(seed, "exists", marketplace, asin.upper())[:8], "big")
+    share = draw / 2.0**64
+    if share < missing:
+        return "not_found"
+    if share < missing + inaccessible:
+        return "not_accessible"
+    return "ok"
 
 
 def _make_item(seed: int, market: Marketplace, asin: str) -> CatalogItem:
