@@ -353,12 +353,30 @@ class TestValidation:
             ("searchItems", {"keywords": "lamp", "condition": "Refurbished"}, "condition"),
             ("searchItems", {"keywords": "lamp", "minPrice": 0}, "minPrice"),
             ("searchItems", {"keywords": "lamp", "maxPrice": 0}, "maxPrice"),
+            ("searchItems", {"keywords": "x" * 1001}, "keywords"),
+            ("searchItems", {"browseNodeId": "not-a-node"}, "browseNodeId"),
+            ("searchItems", {"keywords": "lamp", "availability": "Sometimes"}, "availability"),
+            ("searchItems", {"keywords": "lamp", "deliveryFlags": ["Teleport"]}, "deliveryFlags"),
+            ("searchItems", {"keywords": "lamp", "minReviewsRating": 9}, "minReviewsRating"),
+            ("searchItems", {"keywords": "lamp", "minSavingPercent": 150}, "minSavingPercent"),
+            (
+                "searchItems",
+                {"keywords": "lamp", "languagesOfPreference": ["en_US", "de_DE"]},
+                "languagesOfPreference",
+            ),
+            (
+                "getVariations",
+                {"asin": ASIN, "languagesOfPreference": ["en_US", "de_DE"]},
+                "languagesOfPreference",
+            ),
         ],
     )
     async def test_field_rules(
         self, start: Start, operation: str, body: dict[str, object], field: str
     ) -> None:
-        """condition is Any or New; minPrice/maxPrice are at least 1 (protocol.md 2.5)."""
+        """condition is Any or New; minPrice/maxPrice are at least 1; search terms at most
+        1000 characters (a node id 19 digits); availability, deliveryFlags, minReviewsRating
+        1..4, minSavingPercent 1..99 and one language at most, as protocol.md 2.5 says."""
         client, _ = await start()
         token = await client.token()
         response = await client.creators(operation, {"partnerTag": "demo-20", **body}, token=token)

@@ -170,18 +170,22 @@ class TestSuccess:
         assert search.status == 200
         assert "Items" in search.json()["SearchResult"]
         variations = await client.paapi(
-            "GetVariations", {"ASIN": ASIN, "PartnerTag": "demo-20"}, now=clock.utcnow()
+            "GetVariations",
+            {"ASIN": ASIN, "PartnerTag": "demo-20", "PartnerType": "Associates"},
+            now=clock.utcnow(),
         )
         assert variations.status == 200
         assert "VariationsResult" in variations.json()
         nodes = await client.paapi(
             "GetBrowseNodes",
-            {"BrowseNodeIds": ["172282"], "PartnerTag": "demo-20"},
+            {"BrowseNodeIds": ["172282"], "PartnerTag": "demo-20", "PartnerType": "Associates"},
             now=clock.utcnow(),
         )
         assert nodes.json()["BrowseNodesResult"]["BrowseNodes"][0]["DisplayName"] == "Electronics"
         none = await client.paapi(
-            "SearchItems", {"Keywords": "noresults", "PartnerTag": "demo-20"}, now=clock.utcnow()
+            "SearchItems",
+            {"Keywords": "noresults", "PartnerTag": "demo-20", "PartnerType": "Associates"},
+            now=clock.utcnow(),
         )
         assert none.status == 404  # the status is undocumented (protocol.md: [U])
         assert none.json() == {  # the documented body, with real answers' paapi5 __type
@@ -337,6 +341,57 @@ class TestErrors:
         response = await _call(client, clock, body)
         assert response.status == 400
         assert _code(response) == code
+
+    @pytest.mark.parametrize(
+        ("operation", "body"),
+        [
+            ("SearchItems", {"Keywords": "lamp"}),
+            ("GetVariations", {"ASIN": ASIN}),
+            ("GetBrowseNodes", {"BrowseNodeIds": ["172282"]}),
+        ],
+    )
+    @pytest.mark.parametrize(
+        ("value", "code"), [(None, "MissingParameter"), ("Bogus", "InvalidParameterValue")]
+    )
+    async def test_every_operation_requires_partner_type(
+        self,
+        start: Start,
+        operation: str,
+        body: dict[str, object],
+        value: str | None,
+        code: str,
+    ) -> None:
+        """PartnerType (Associates) is required by every operation, not GetItems alone."""
+        client, _, clock = await start()
+        sent = {**body, "PartnerTag": "demo-20"}
+        if value is not None:
+            sent["PartnerType"] = value
+        response = await client.paapi(operation, sent, now=clock.utcnow())
+        assert response.status == 400
+        assert _code(response) == code
+
+    async def test_search_condition_is_one_of_paapis(self, start: Start) -> None:
+        """A SearchItems Condition outside Any, Collectible, New, Refurbished, Used is refused."""
+        client, _, clock = await start()
+        body = {"Keywords": "lamp", "PartnerTag": "demo-20", "PartnerType": "Associates"}
+        for condition, status in (("Used", 200), ("Broken", 400)):
+            response = await client.paapi(
+                "SearchItems", {**body, "Condition": condition}, now=clock.utcnow()
+            )
+            assert response.status == status
+
+    async def test_browse_node_ancestors_carry_no_nulls(self, start: Start) -> None:
+        """PA-API never sends an explicit null, the root of an ancestor chain included."""
+        client, _, clock = await start()
+        body = {
+            "BrowseNodeIds": ["1000"],
+            "PartnerTag": "demo-20",
+            "PartnerType": "Associates",
+            "Resources": ["BrowseNodes.Ancestor"],
+        }
+        response = await client.paapi("GetBrowseNodes", body, now=clock.utcnow())
+        assert response.status == 200
+        assert "null" not in response.text
 
     async def test_one_malformed_id_fails_the_request(self, start: Start) -> None:
         """One malformed ItemId fails the whole request with the captured 400 body."""

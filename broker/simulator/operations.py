@@ -77,6 +77,16 @@ _SORT_ORDERS = frozenset(
 )
 #: The largest minPrice/maxPrice accepted (smallest currency unit).
 _MAX_PRICE = 10**12
+#: PA-API's Condition values (the Creators API takes Any and New only).
+_PAAPI_CONDITIONS = frozenset({"Any", "Collectible", "New", "Refurbished", "Used"})
+#: SearchItems' availability and deliveryFlags values (protocol.md 2.5).
+_AVAILABILITY = frozenset({"Available", "IncludeOutOfStock"})
+_DELIVERY_FLAGS = frozenset({"AmazonGlobal", "FreeShipping", "FulfilledByAmazon", "Prime"})
+#: The search terms' length limits (protocol.md 2.5): browseNodeId is a node id.
+_TERM_CHARS = 1000
+_NODE_ID_CHARS = 19
+#: variationPage has no documented top: a server's 32-bit integer.
+_MAX_PAGE = 2**31 - 1
 
 
 #: each operation's result container, its entry list and an entry's id, in camelCase
@@ -223,12 +233,48 @@ def _integer(body: Mapping[str, object], field: str, default: int, low: int, hig
 
 
 def _check_condition(body: Mapping[str, object], ctx: Context) -> None:
-    """The Creators API takes ``condition`` ``Any`` or ``New`` only (protocol.md 2.5)."""
-    if ctx.names.style != "creators":
+    """The Creators API takes ``condition`` ``Any`` or ``New`` only (protocol.md 2.5);
+    PA-API its five conditions."""
+    field = ctx.names("condition")
+    value = body.get(field)
+    if value is None:
         return
-    value = body.get("condition")
-    if value is not None and value not in ("Any", "New"):
-        raise Rejected("bad_value", "condition", value=str(value), detail="must be Any or New")
+    allowed = frozenset({"Any", "New"}) if ctx.names.style == "creators" else _PAAPI_CONDITIONS
+    if value not in allowed:
+        raise Rejected(
+            "bad_value", field, value=str(value), detail="must be " + " or ".join(sorted(allowed))
+        )
+
+
+def _check_request(body: Mapping[str, object], ctx: Context) -> None:
+    """What every operation's request must hold: PA-API's ``PartnerType`` (required, with
+    its one value, protocol.md 3.3) and at most one language of preference (2.5)."""
+    if ctx.names.style == "paapi5":
+        partner_type = body.get("PartnerType")
+        if partner_type is None:
+            raise Rejected("missing", "PartnerType")
+        if partner_type != "Associates":
+            raise Rejected("bad_value", "PartnerType", value=str(partner_type))
+    _string_list(body, ctx.names("languagesOfPreference"), low=0, high=1, required=False)
+
+
+def _check_search_options(body: Mapping[str, object], ctx: Context) -> None:
+    """SearchItems' enums and ranges beyond the terms and prices (protocol.md 2.5)."""
+    field = ctx.names("availability")
+    value = body.get(field)
+    if value is not None and value not in _AVAILABILITY:
+        raise Rejected(
+            "bad_value", field, value=str(value), detail="must be Available or IncludeOutOfStock"
+        )
+    field = ctx.names("deliveryFlags")
+    flags = _string_list(body, field, low=0, high=len(_DELIVERY_FLAGS), required=False)
+    for flag in flags or ():
+        if flag not in _DELIVERY_FLAGS:
+            raise Rejected(
+                "bad_value", field, value=flag, detail="must be of " + ", ".join(_DELIVERY_FLAGS)
+            )
+    _integer(body, ctx.names("minReviewsRating"), 1, 1, 4)
+    _integer(body, ctx.names("minSavingPercent"), 1, 1, 99)
 
 
 def _resources(
@@ -261,13 +307,8 @@ def _join(ctx: Context, key: str, parts: Sequence[str], extra: str = "") -> str:
 def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
     ids = _string_list(body, ctx.names("itemIds"), low=1, high=10)
     assert ids is not None
+    _check_request(body, ctx)
     if ctx.names.style == "paapi5":
-        # Required beside ItemIds and the tag (protocol.md 3.3), with its one value.
-        partner_type = body.get("PartnerType")
-        if partner_type is None:
-            raise Rejected("missing", "PartnerType")
-        if partner_type != "Associates":
-            raise Rejected("bad_value", "PartnerType", value=str(partner_type))
         # PA-API fails the whole request on one malformed id (protocol.md 3.4).
         for item_id in ids:
             if not is_well_formed(item_id):
@@ -316,6 +357,7 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
 
 
 def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
+    _check_request(body, ctx)
     terms = []
     for field in _SEARCH_FIELDS:
         value = body.get(ctx.names(field))
@@ -326,6 +368,17 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
                     ctx.names(field),
                     value=str(value),
                     detail="must be a non-empty string",
+                )
+            node = field == "browseNodeId"
+            limit = _NODE_ID_CHARS if node else _TERM_CHARS
+            if len(value) > limit or (node and not (value.isascii() and value.isdigit())):
+                raise Rejected(
+                    "bad_value",
+                    ctx.names(field),
+                    value=value[:40],
+                    detail=f"must be a browse node id (at most {limit} digits)"
+                    if node
+                    else f"must be at most {limit} characters",
                 )
             terms.append(value)
     if not terms:
@@ -339,6 +392,7 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
     count = _integer(body, ctx.names("itemCount"), 10, 1, high)
     page = _integer(body, ctx.names("itemPage"), 1, 1, 10)
     _check_condition(body, ctx)
+    _check_search_options(body, ctx)
     resources = _resources(body, ctx, EXTRA_RESOURCES["searchItems"])
     # At least 1 (the lowest currency unit) when given, as the SDK's field rules say.
     low = _integer(body, ctx.names("minPrice"), 0, 1, _MAX_PRICE)
@@ -417,6 +471,7 @@ def _refinements(ctx: Context, asins: Sequence[str]) -> dict[str, object]:
 
 
 def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
+    _check_request(body, ctx)
     field = ctx.names("asin")
     asin = body.get(field)
     if asin is None or asin == "":
@@ -424,7 +479,7 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
     if not isinstance(asin, str) or not is_well_formed(asin):
         raise Rejected("bad_value", field, value=str(asin))
     count = _integer(body, ctx.names("variationCount"), 10, 1, 10)
-    page = _integer(body, ctx.names("variationPage"), 1, 1, 1000)
+    page = _integer(body, ctx.names("variationPage"), 1, 1, _MAX_PAGE)
     _check_condition(body, ctx)
     resources = _resources(body, ctx, EXTRA_RESOURCES["getVariations"])
     entry = lookup(ctx.settings, ctx.marketplace, asin)
@@ -496,7 +551,10 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
 
 
 def _get_browse_nodes(body: Mapping[str, object], ctx: Context) -> Outcome:
+    _check_request(body, ctx)
     n = ctx.names
+    # PA-API never sends an explicit null, nor does the Creators API unless told to.
+    bare = ctx.names.style == "paapi5" or not ctx.settings.explicit_nulls
     ids = _string_list(body, n("browseNodeIds"), low=1, high=10)
     assert ids is not None
     requested = _string_list(body, n("resources"), low=0, high=100, required=False) or []
@@ -528,6 +586,8 @@ def _get_browse_nodes(body: Mapping[str, object], ctx: Context) -> Outcome:
                     n("displayName"): anc_name,
                     n("id"): anc_id,
                 }
+                if bare and ancestor[n("ancestor")] is None:
+                    del ancestor[n("ancestor")]
         node: dict[str, object] = {
             n("ancestor"): ancestor,
             n("children"): [
@@ -542,7 +602,7 @@ def _get_browse_nodes(body: Mapping[str, object], ctx: Context) -> Outcome:
             n("isRoot"): not ancestors,
             n("salesRank"): None,
         }
-        if ctx.names.style == "paapi5" or not ctx.settings.explicit_nulls:
+        if bare:
             node = {k: v for k, v in node.items() if v is not None}
         nodes.append(node)
     if not nodes:
