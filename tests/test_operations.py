@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Harness, key_doc, make_config
+from conftest import Harness, key_doc, make_config, paapi_key_doc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -326,6 +326,20 @@ class TestAgainstSimulator:
         assert all("amazon.co.uk" in url and "demo-21" in url for url in urls)
         named = await broker.get_variations(link, marketplace="US", variation_count=2)
         assert all("amazon.com/" in (p.detail_page_url or "") for p in named.items)
+
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_variation_dimensions_carry_the_stores_locale(
+        self, harness: Harness, protocol: str
+    ) -> None:
+        """The simulator's variation dimensions on www.amazon.de are in de_DE, as its items
+        are (they were en_US in every store)."""
+        sim = await harness.simulator(FREE)
+        tags = {"www.amazon.de": "demo-22"}
+        doc = key_doc(tags=tags) if protocol == "creators" else paapi_key_doc(tags=tags)
+        broker = await harness.broker(make_config(sim.url, protocol=protocol, keys=[doc]))
+        variations = await broker.get_variations("B000000001", marketplace="DE")
+        assert variations.dimensions
+        assert {d.locale for d in variations.dimensions} == {"de_DE"}
 
     @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
     async def test_wrong_shape_is_bad_response_not_empty(

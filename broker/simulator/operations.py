@@ -23,6 +23,7 @@ from broker.simulator.catalog import (
     search_asins,
     variation_asins,
 )
+from broker.simulator.marketplaces import MARKETPLACES
 from broker.simulator.render import (
     CREATORS_ITEM_RESOURCES,
     EXTRA_RESOURCES,
@@ -527,7 +528,7 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         summary[n("variationDimensions")] = [
             {
                 n("displayName"): "Color",
-                n("locale"): "en_US",
+                n("locale"): _locale(ctx.marketplace),
                 n("name"): "color_name",
                 n("values"): sorted(set(colors)),
             }
@@ -548,6 +549,12 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         }
     extra = f",{json.dumps(n('variationSummary'))}:{json.dumps(summary, ensure_ascii=False)}"
     return Outcome("variationsResult", _join(ctx, "items", rendered, extra), (), len(rendered))
+
+
+def _locale(marketplace: str) -> str:
+    """The marketplace's language (``de_DE`` on www.amazon.de), as its items carry it."""
+    market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
+    return market.locale
 
 
 def _get_browse_nodes(body: Mapping[str, object], ctx: Context) -> Outcome:

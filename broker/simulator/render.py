@@ -340,7 +340,7 @@ def _info_member(item: CatalogItem, key: str) -> object:
         }
     if key == "externalIds":
         return {
-            "eans": {"displayValues": [item.ean], "label": "EAN", "locale": "en_US"},
+            "eans": {"displayValues": [item.ean], "label": "EAN", "locale": loc},
             "isbns": None,
             "upcs": None,
         }
