@@ -599,6 +599,15 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "Fix the id: an ASIN is 10 letters or digits (an ISBN-10 for books).",
     ),
     ErrorInfo(
+        "InvalidRow",
+        "A row of the job file is not a query (not valid JSON, too long, a malformed CSV "
+        "record, a field missing, of the wrong type or given twice), so nothing was sent.",
+        Scope.ASIN,
+        False,
+        "Fix that line of the job file as the message says; the changed file is a new job "
+        "(broker run --new-job).",
+    ),
+    ErrorInfo(
         "UnknownMarketplace",
         "The marketplace named is not one of Amazon's, so nothing was sent.",
         Scope.ASIN,

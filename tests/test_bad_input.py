@@ -28,7 +28,7 @@ from broker import cli
 from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
 from broker.engine.transport import AiohttpTransport
-from broker.errors import JobFileError
+from broker.errors import JobFileError, describe
 from broker.jobs.ledger import Ledger
 from broker.jobs.runner import ExitCode, JobOptions, JobSummary, describe_failure, run_job
 from broker.jobs.sources import (
@@ -408,6 +408,27 @@ class TestC6MalformedJsonl:
         assert [(r["line"], r["status"]) for r in rows] == [(1, "ok"), (2, "invalid"), (4, "ok")]
         assert rows[0]["extra"] == {"sku": 1}  # the JSON value it was, not its text
         assert set(outcome.counter.pairs) == {(US, "B0JSONOK01"), (US, "B0JSONOK02")}
+
+    async def test_c6_a_row_that_cannot_be_read_has_its_own_code(self, tmp_path: Path) -> None:
+        """C6: a line that is not a query (bad JSON, a field of the wrong type, one given
+        twice) is invalid with code InvalidRow and a remedy about the row; a malformed id
+        keeps InvalidAsin and its remedy about the id."""
+        data = (
+            "not json\n"
+            '{"asin": 12}\n'
+            '{"asin": "B0CODE0001", "asin": "B0CODE0002"}\n'
+            '{"asin": "B0BAD"}\n'
+        )
+        outcome = await _run(tmp_path, _write(tmp_path, "job.jsonl", data))
+        errors = {row["line"]: row["error"] for row in outcome.rows}
+        assert [errors[n]["code"] for n in (1, 2, 3, 4)] == [
+            "InvalidRow",
+            "InvalidRow",
+            "InvalidRow",
+            "InvalidAsin",
+        ]
+        assert errors[1]["remedy"] == describe("InvalidRow").remedy
+        assert errors[4]["remedy"] == describe("InvalidAsin").remedy
 
     async def test_c6_a_field_given_twice_is_an_invalid_row(self, tmp_path: Path) -> None:
         """C6: a line giving "asin" (or "marketplace", "resources") twice is invalid, saying

@@ -55,6 +55,29 @@ def job_rows(*ids: str | None) -> list[JobRow]:
     ]
 
 
+#: The rows table as brokers before 2026-12-05 made it (no code column), refilled from ours.
+_ROWS_BEFORE_CODES = """
+ALTER TABLE rows RENAME TO rows_now;
+DROP INDEX rows_done;
+CREATE TABLE rows (
+    seq         INTEGER PRIMARY KEY,   -- 0-based row index in file order
+    line        INTEGER NOT NULL,
+    raw         TEXT NOT NULL,
+    marketplace TEXT NOT NULL,         -- the job's default when the row names none
+    asin        TEXT,                  -- NULL for a row that was invalid at ingestion
+    resources   TEXT NOT NULL,         -- '' for the job's default, else a JSON array
+    status      TEXT NOT NULL,         -- 'pending' until final
+    reason      TEXT,                  -- why an invalid row is invalid
+    extra       TEXT,                  -- pass-through columns as a JSON object
+    done_order  INTEGER                -- 1, 2, 3... in the order rows became final
+);
+CREATE UNIQUE INDEX rows_done ON rows (done_order) WHERE done_order IS NOT NULL;
+INSERT INTO rows SELECT seq, line, raw, marketplace, asin, resources, status, reason, extra,
+    done_order FROM rows_now;
+DROP TABLE rows_now;
+"""
+
+
 def open_ledger(tmp_path: Path, fingerprint: JobFingerprint = FP, **options: object) -> Ledger:
     """Open the ledger ``tmp_path / "job.ledger"`` for ``fingerprint``."""
     return Ledger.open(
@@ -121,6 +144,21 @@ class TestOpen:
         with pytest.raises(JobFileError, match="not an asin-broker job ledger"):
             Ledger.open(path, fingerprint=FP, default_marketplace=US)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+    def test_a_ledger_without_error_codes_is_read_and_given_them(self, tmp_path: Path) -> None:
+        """A ledger of an older broker (no rows.code column) opens: the column is added, its
+        invalid rows read as InvalidAsin, and rows ingested now keep their own code."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1), None))
+        with sqlite_db(tmp_path / "job.ledger") as db:
+            db.executescript(_ROWS_BEFORE_CODES)
+        with open_ledger(tmp_path) as ledger:
+            (old,) = ledger.invalid_rows()
+            assert old.error_code == "InvalidAsin"
+        with open_ledger(tmp_path, new_job=True) as ledger:
+            ledger.ingest([JobRow(1, "{", None, error="not valid JSON", code="InvalidRow")])
+            (new,) = ledger.invalid_rows()
+            assert new.error_code == "InvalidRow"
 
     def test_empty_file_becomes_a_ledger(self, tmp_path: Path) -> None:
         """An empty file (a crash right after creating it) is initialised, not refused."""

@@ -821,4 +821,4 @@ def test_fast_row_builder_matches_the_constructor() -> None:
     fields = (7, "raw", "B0ABCDEFGH", "www.amazon.de", ("Images",), {"k": "v"}, None)
     built = _row(*fields)
     assert built == JobRow(*fields)
-    assert [getattr(built, name) for name in JobRow.__slots__] == list(fields)
+    assert [getattr(built, name) for name in JobRow.__slots__] == [*fields, "InvalidAsin"]

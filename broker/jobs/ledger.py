@@ -102,7 +102,8 @@ CREATE TABLE rows (
     status      TEXT NOT NULL,         -- 'pending' until final
     reason      TEXT,                  -- why an invalid row is invalid
     extra       TEXT,                  -- pass-through columns as a JSON object
-    done_order  INTEGER                -- 1, 2, 3... in the order rows became final
+    done_order  INTEGER,               -- 1, 2, 3... in the order rows became final
+    code        TEXT                   -- an invalid row's error code; NULL: InvalidAsin
 );
 CREATE UNIQUE INDEX rows_done ON rows (done_order) WHERE done_order IS NOT NULL;
 CREATE TABLE lookups (
@@ -144,8 +145,9 @@ CREATE TABLE budget (
 """
 
 _INSERT_ROW: Final = """
-INSERT OR IGNORE INTO rows (seq, line, raw, marketplace, asin, resources, status, reason, extra)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT OR IGNORE INTO rows
+    (seq, line, raw, marketplace, asin, resources, status, reason, extra, code)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 # Invalid rows are final as soon as they are in: number them in file order.
 _FINALISE_CHUNK: Final = """
@@ -167,7 +169,7 @@ WHERE rows.seq = t.seq
 """
 _DONE_ROWS: Final = """
 SELECT r.done_order, r.seq, r.line, r.raw, r.asin, r.marketplace, r.status, l.result,
-       r.reason, r.extra
+       r.reason, r.extra, r.code
 FROM rows AS r LEFT JOIN lookups AS l
     ON l.marketplace = r.marketplace AND l.asin = r.asin AND l.resources = r.resources
 """
@@ -240,6 +242,7 @@ class DoneRow:
             invalid at ingestion.
         error_reason: why the row was invalid at ingestion, else None.
         extra: pass-through columns of the input row, or None.
+        error_code: the catalogue code of ``error_reason`` (``InvalidRow``, ``InvalidAsin``).
     """
 
     done_order: int
@@ -252,6 +255,7 @@ class DoneRow:
     result: Mapping[str, object] | None
     error_reason: str | None
     extra: Mapping[str, object] | None
+    error_code: str = "InvalidAsin"
 
 
 class Ledger:
@@ -370,6 +374,11 @@ class Ledger:
                 self._set_meta("schema_version", SCHEMA_VERSION)
                 self._start_job(fingerprint, default_marketplace, settings)
             return
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(rows)")}
+        if "code" not in columns:
+            # A ledger of a broker before 2026-12-05: its invalid rows read as InvalidAsin.
+            with self._transaction():
+                conn.execute("ALTER TABLE rows ADD COLUMN code TEXT")
         if new_job:
             with self._transaction():
                 for table in _JOB_TABLES:
@@ -608,12 +617,24 @@ class Ledger:
                         "pending",
                         None,
                         extra,
+                        None,
                     )
                 )
             else:
                 reason = row.error or "the row has no ASIN"
                 values.append(
-                    (seq, row.line, row.raw, marketplace, None, resources, "invalid", reason, extra)
+                    (
+                        seq,
+                        row.line,
+                        row.raw,
+                        marketplace,
+                        None,
+                        resources,
+                        "invalid",
+                        reason,
+                        extra,
+                        row.code,
+                    )
                 )
         end = first + len(batch)
         with self._transaction():
@@ -974,7 +995,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 # The row tuple comes from sqlite3 untyped; the schema fixes each column's type.
 def _done_row(values: tuple[Any, ...]) -> DoneRow:
-    done_order, seq, line, raw, asin, marketplace, status, result, reason, extra = values
+    done_order, seq, line, raw, asin, marketplace, status, result, reason, extra, code = values
     return DoneRow(
         done_order=done_order,
         seq=seq,
@@ -986,6 +1007,7 @@ def _done_row(values: tuple[Any, ...]) -> DoneRow:
         result=None if result is None else json.loads(result),
         error_reason=reason,
         extra=None if extra is None else json.loads(extra),
+        error_code=code or "InvalidAsin",
     )
 
 

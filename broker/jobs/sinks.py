@@ -94,7 +94,6 @@ _FILE_MODE: Final = 0o666
 # Bytes buffered before they go to the OS; a flush always writes everything.
 _BUFFER_BYTES: Final = 1 << 20
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
-_INVALID_INPUT = describe("InvalidAsin")
 _SQLITE_COLUMNS: Final = ("seq", *CSV_COLUMNS, "row_json")
 
 
@@ -129,7 +128,8 @@ def output_row(row: DoneRow) -> dict[str, object]:
     Keys: line, input, asin, marketplace, status, item, summary, error, attempts, key,
     fetched_at, cached (the answer came from the item cache; ``fetched_at`` is then when
     Amazon sent it), and ``extra`` only when the input row had extra columns. A row invalid at
-    ingestion has ``asin`` null, error code ``InvalidAsin`` with the reason, 0 attempts.
+    ingestion has ``asin`` null, error code ``InvalidRow`` (the row is not a query) or
+    ``InvalidAsin`` (its id is malformed) with the reason, 0 attempts.
     """
     result = row.result
     out: dict[str, object]
@@ -143,9 +143,9 @@ def output_row(row: DoneRow) -> dict[str, object]:
             "item": None,
             "summary": None,
             "error": {
-                "code": _INVALID_INPUT.code,
+                "code": row.error_code,
                 "message": row.error_reason or "not an ASIN",
-                "remedy": _INVALID_INPUT.remedy,
+                "remedy": describe(row.error_code).remedy,
             },
             "attempts": 0,
             "key": None,

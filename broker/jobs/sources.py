@@ -123,6 +123,9 @@ class JobRow:
         extra: the other CSV columns or JSONL fields (see the module docstring), None when
             there are none.
         error: why the row is invalid, a sentence a user can act on; None when valid.
+        code: the catalogue code of ``error``: ``InvalidAsin`` for a row whose id is
+            malformed, ``InvalidRow`` for one that is not a query at all (bad JSON, too
+            long, a field of the wrong type); no meaning for a valid row.
     """
 
     line: int
@@ -132,6 +135,7 @@ class JobRow:
     resources: tuple[str, ...] | None = None
     extra: Mapping[str, object] | None = None
     error: str | None = None
+    code: str = "InvalidAsin"
 
     @property
     def valid(self) -> bool:
@@ -154,6 +158,7 @@ _set_marketplace = _slot_setter("marketplace")
 _set_resources = _slot_setter("resources")
 _set_extra = _slot_setter("extra")
 _set_error = _slot_setter("error")
+_set_code = _slot_setter("code")
 
 
 def _row(
@@ -165,7 +170,10 @@ def _row(
     extra: Mapping[str, object] | None,
     error: str | None,
 ) -> JobRow:
-    """Build a JobRow quickly; equal to ``JobRow(line, raw, ...)``, every field given."""
+    """Build a JobRow quickly; equal to ``JobRow(line, raw, ...)``, every field given.
+
+    Its ``error``, if any, is the id's: the row was read, and its id checked.
+    """
     row: JobRow = object.__new__(JobRow)
     _set_line(row, line)
     _set_raw(row, raw)
@@ -174,6 +182,7 @@ def _row(
     _set_resources(row, resources)
     _set_extra(row, extra)
     _set_error(row, error)
+    _set_code(row, "InvalidAsin")
     return row
 
 
@@ -641,7 +650,9 @@ def _txt_rows(
 ) -> Iterator[JobRow]:
     for lineno, text in lines:
         if isinstance(text, _Oversize):
-            yield JobRow(lineno, text.preview, None, error=_too_long(max_line_bytes))
+            yield JobRow(
+                lineno, text.preview, None, error=_too_long(max_line_bytes), code="InvalidRow"
+            )
             continue
         text = text.strip()
         if not text or text[0] == "#":
@@ -742,7 +753,14 @@ def _csv_rows(
             if len(feed.taken) < 2 or _quotes_closed(feed.taken):
                 start = feed.taken[0][0] if feed.taken else feed.lineno
                 if feed.take_oversize() is not None:
-                    yield JobRow(start, "", None, extra=blank, error=_too_long(max_line_bytes))
+                    yield JobRow(
+                        start,
+                        "",
+                        None,
+                        extra=blank,
+                        error=_too_long(max_line_bytes),
+                        code="InvalidRow",
+                    )
                     continue
                 if not any(cell.strip() for cell in record):
                     continue
@@ -759,7 +777,7 @@ def _csv_rows(
         feed.take_oversize()
         start, text = taken[0] if taken else (feed.lineno, "")
         raw = text.preview if isinstance(text, _Oversize) else _preview(text.rstrip("\r\n"))
-        yield JobRow(start, raw, None, extra=blank, error=error)
+        yield JobRow(start, raw, None, extra=blank, error=error, code="InvalidRow")
         feed.replay(taken[1:])
         reader = csv.reader(feed, delimiter=delimiter)
 
@@ -796,7 +814,7 @@ def _csv_row(
     elif layout.asin >= size:
         error = f"row has {size} fields but the header has {layout.width}: no asin value"
     if error is not None:
-        return JobRow(lineno, raw, None, marketplace, None, extra, error)
+        return JobRow(lineno, raw, None, marketplace, None, extra, error, code="InvalidRow")
     verdict = check(raw)
     market = marketplace or verdict.store
     return _row(lineno, raw, verdict.asin, market, None, extra, verdict.reason)
@@ -858,7 +876,9 @@ def _jsonl_rows(
 ) -> Iterator[JobRow]:
     for lineno, text in lines:
         if isinstance(text, _Oversize):
-            yield JobRow(lineno, text.preview, None, error=_too_long(max_line_bytes))
+            yield JobRow(
+                lineno, text.preview, None, error=_too_long(max_line_bytes), code="InvalidRow"
+            )
             continue
         if not text.strip():
             continue
@@ -876,16 +896,23 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
             _preview(text.strip()),
             None,
             error=f"not valid JSON: {exc.msg} at column {exc.colno}",
+            code="InvalidRow",
         )
     except (ValueError, RecursionError) as exc:
         # json raises plain ValueError for an integer past the int-digit limit, and
         # RecursionError for very deep nesting; both are bad lines, not bad files.
         kind = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        return JobRow(lineno, _preview(text.strip()), None, error=f"not valid JSON: {kind}")
+        return JobRow(
+            lineno, _preview(text.strip()), None, error=f"not valid JSON: {kind}", code="InvalidRow"
+        )
     if "\\u" in text and _has_lone_surrogate(value):
         # "\ud800" is valid JSON but not encodable text; it would break the UTF-8 output.
         return JobRow(
-            lineno, _preview(text.strip()), None, error="contains an unpaired surrogate escape"
+            lineno,
+            _preview(text.strip()),
+            None,
+            error="contains an unpaired surrogate escape",
+            code="InvalidRow",
         )
     if not isinstance(value, dict):
         return JobRow(
@@ -893,12 +920,19 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
             _preview(text.strip()),
             None,
             error=f"a JSON Lines row must be an object, got {_json_kind(value)}",
+            code="InvalidRow",
         )
     twice = _given_twice(text)
     if twice is not None:
         # The JSON reader keeps the last; another tool may keep the first: which one the
         # writer meant is unknown, so the row is not looked up at all.
-        return JobRow(lineno, _preview(text.strip()), None, error=f'"{twice}" is given twice')
+        return JobRow(
+            lineno,
+            _preview(text.strip()),
+            None,
+            error=f'"{twice}" is given twice',
+            code="InvalidRow",
+        )
     asin = value.get("asin")
     raw = asin if isinstance(asin, str) else _preview(text.strip())
     error = None
@@ -929,7 +963,7 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
     elif not isinstance(asin, str):
         error = f'"asin" must be a string, got {_json_kind(asin)}'
     if error is not None:
-        return JobRow(lineno, raw, None, marketplace, resources, extra, error)
+        return JobRow(lineno, raw, None, marketplace, resources, extra, error, code="InvalidRow")
     verdict = check(raw)
     market = marketplace or verdict.store
     return _row(lineno, raw, verdict.asin, market, resources, extra, verdict.reason)
