@@ -369,6 +369,9 @@ class TestValidation:
                 {"asin": ASIN, "languagesOfPreference": ["en_US", "de_DE"]},
                 "languagesOfPreference",
             ),
+            ("getItems", {"itemIds": [ASIN], "condition": ["New"]}, "condition"),
+            ("searchItems", {"keywords": "lamp", "availability": {"a": 1}}, "availability"),
+            ("searchItems", {"keywords": "lamp", "sortBy": ["Relevance"]}, "sortBy"),
         ],
     )
     async def test_field_rules(

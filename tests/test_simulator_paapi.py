@@ -380,6 +380,19 @@ class TestErrors:
             )
             assert response.status == status
 
+    async def test_languages_and_variation_pages_are_not_capped(self, start: Start) -> None:
+        """PA-API names no limit on LanguagesOfPreference (the Creators model takes one) nor a
+        top VariationPage: two languages are answered, and page 1001 is past the end (404),
+        not a bad value (400)."""
+        client, _, clock = await start()
+        base = {"PartnerTag": "demo-20", "PartnerType": "Associates"}
+        search = {**base, "Keywords": "lamp", "LanguagesOfPreference": ["en_US", "es_US"]}
+        response = await client.paapi("SearchItems", search, now=clock.utcnow())
+        assert response.status == 200
+        variations = {**base, "ASIN": ASIN, "VariationPage": 1001}
+        response = await client.paapi("GetVariations", variations, now=clock.utcnow())
+        assert response.status == 404
+
     async def test_browse_node_ancestors_carry_no_nulls(self, start: Start) -> None:
         """PA-API never sends an explicit null, the root of an ancestor chain included."""
         client, _, clock = await start()

@@ -78,7 +78,8 @@ _SORT_ORDERS = frozenset(
 )
 #: The largest minPrice/maxPrice accepted (smallest currency unit).
 _MAX_PRICE = 10**12
-#: PA-API's Condition values (the Creators API takes Any and New only).
+#: The condition values each API takes (protocol.md 2.5; PA-API's five).
+_CREATORS_CONDITIONS = frozenset({"Any", "New"})
 _PAAPI_CONDITIONS = frozenset({"Any", "Collectible", "New", "Refurbished", "Used"})
 #: SearchItems' availability and deliveryFlags values (protocol.md 2.5).
 _AVAILABILITY = frozenset({"Available", "IncludeOutOfStock"})
@@ -233,6 +234,19 @@ def _integer(body: Mapping[str, object], field: str, default: int, low: int, hig
     return int(raw)
 
 
+def _enum(field: str, value: object, allowed: frozenset[str]) -> str:
+    """``value`` when it is one of ``allowed``; anything else, a list or a number too, is
+    refused as a bad value (never a 500)."""
+    if isinstance(value, str) and value in allowed:
+        return value
+    raise Rejected(
+        "bad_value",
+        field,
+        value=str(value),
+        detail="must be one of " + ", ".join(sorted(allowed)),
+    )
+
+
 def _check_condition(body: Mapping[str, object], ctx: Context) -> None:
     """The Creators API takes ``condition`` ``Any`` or ``New`` only (protocol.md 2.5);
     PA-API its five conditions."""
@@ -240,40 +254,35 @@ def _check_condition(body: Mapping[str, object], ctx: Context) -> None:
     value = body.get(field)
     if value is None:
         return
-    allowed = frozenset({"Any", "New"}) if ctx.names.style == "creators" else _PAAPI_CONDITIONS
-    if value not in allowed:
-        raise Rejected(
-            "bad_value", field, value=str(value), detail="must be " + " or ".join(sorted(allowed))
-        )
+    _enum(
+        field, value, _CREATORS_CONDITIONS if ctx.names.style == "creators" else _PAAPI_CONDITIONS
+    )
 
 
 def _check_request(body: Mapping[str, object], ctx: Context) -> None:
     """What every operation's request must hold: PA-API's ``PartnerType`` (required, with
-    its one value, protocol.md 3.3) and at most one language of preference (2.5)."""
+    its one value, protocol.md 3.3); on the Creators API, at most one language (2.5)."""
     if ctx.names.style == "paapi5":
         partner_type = body.get("PartnerType")
         if partner_type is None:
             raise Rejected("missing", "PartnerType")
         if partner_type != "Associates":
             raise Rejected("bad_value", "PartnerType", value=str(partner_type))
-    _string_list(body, ctx.names("languagesOfPreference"), low=0, high=1, required=False)
+    if ctx.names.style == "creators":
+        # The Creators model takes one language (protocol.md 2.5); PA-API names no limit.
+        _string_list(body, "languagesOfPreference", low=0, high=1, required=False)
 
 
 def _check_search_options(body: Mapping[str, object], ctx: Context) -> None:
     """SearchItems' enums and ranges beyond the terms and prices (protocol.md 2.5)."""
     field = ctx.names("availability")
     value = body.get(field)
-    if value is not None and value not in _AVAILABILITY:
-        raise Rejected(
-            "bad_value", field, value=str(value), detail="must be Available or IncludeOutOfStock"
-        )
+    if value is not None:
+        _enum(field, value, _AVAILABILITY)
     field = ctx.names("deliveryFlags")
     flags = _string_list(body, field, low=0, high=len(_DELIVERY_FLAGS), required=False)
     for flag in flags or ():
-        if flag not in _DELIVERY_FLAGS:
-            raise Rejected(
-                "bad_value", field, value=flag, detail="must be of " + ", ".join(_DELIVERY_FLAGS)
-            )
+        _enum(field, flag, _DELIVERY_FLAGS)
     _integer(body, ctx.names("minReviewsRating"), 1, 1, 4)
     _integer(body, ctx.names("minSavingPercent"), 1, 1, 99)
 
@@ -399,13 +408,7 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
     low = _integer(body, ctx.names("minPrice"), 0, 1, _MAX_PRICE)
     high = _integer(body, ctx.names("maxPrice"), _MAX_PRICE, 1, _MAX_PRICE)
     sort_by = body.get(ctx.names("sortBy"))
-    if sort_by is not None and sort_by not in _SORT_ORDERS:
-        raise Rejected(
-            "bad_value",
-            ctx.names("sortBy"),
-            value=str(sort_by),
-            detail="must be one of " + ", ".join(sorted(_SORT_ORDERS)),
-        )
+    order = None if sort_by is None else _enum(ctx.names("sortBy"), sort_by, _SORT_ORDERS)
     query = " ".join(terms)
     total, asins = search_asins(
         ctx.settings,
@@ -415,7 +418,7 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
         count,
         min_price=low if ctx.names("minPrice") in body else None,
         max_price=high if ctx.names("maxPrice") in body else None,
-        sort_by=sort_by,
+        sort_by=order,
     )
     if not asins:
         raise Rejected(
