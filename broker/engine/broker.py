@@ -779,8 +779,12 @@ class Broker:
     ) -> VariationsResult:
         """GetVariations of one ASIN (``variation_count=``, ``variation_page=``...), typed.
 
+        A product URL is asked in its own store unless ``marketplace`` names one.
+
         Raises:
-            TypeError, ValueError: an invalid ASIN, an unknown option or a bad value.
+            TypeError, ValueError: an invalid ASIN, an unknown option or a bad value, or a
+                marketplace (or a link's store) that is not Amazon's.
+            NoUsableKeyError: no key can serve the marketplace (none has a tag there).
             ApiError: Amazon refused the request.
         """
         from broker.api import operations
