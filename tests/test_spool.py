@@ -192,3 +192,16 @@ def test_a_folder_on_another_mount_is_refused_at_start(
         spool.check_one_file_system()
     leftovers = [p for d in (spool.inbox, spool.processing, spool.failed) for p in d.iterdir()]
     assert leftovers == []
+
+
+def test_probes_left_by_a_killed_daemon_are_removed_at_start(spool: Spool) -> None:
+    """A mount probe an hour old (a daemon killed while checking) is removed at the next
+    start; a fresh one, another daemon's check under way, is left alone."""
+    old = spool.done / ".asinb-probe-killed"
+    old.write_text("")
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    fresh = spool.inbox / ".asinb-probe-running"
+    fresh.write_text("")
+    spool.check_one_file_system()
+    assert not old.exists()
+    assert fresh.exists()

@@ -267,6 +267,12 @@ class SpoolJob:
         )
 
 
+#: The name a mount probe starts with (a dotfile: no daemon takes it for a job), and the age
+#: past which one is a leftover of a daemon killed while checking.
+_PROBE: Final = ".asinb-probe-"
+_PROBE_AGE_S: Final = 3_600.0
+
+
 class Spool:
     """The spool directory: listing, claiming and filing jobs (synchronous file operations)."""
 
@@ -302,8 +308,9 @@ class Spool:
             ConfigError: a folder is a mount of its own.
             OSError: a folder cannot be written.
         """
+        self._forget_old_probes()
         # A name of its own: replicas starting at once may share a pid (1, in containers).
-        fd, name = tempfile.mkstemp(dir=self.processing, prefix=".asinb-probe-")
+        fd, name = tempfile.mkstemp(dir=self.processing, prefix=_PROBE)
         os.close(fd)
         probe = Path(name)
         apart = []
@@ -327,6 +334,15 @@ class Spool:
                 "jobs are moved between these folders, which works within one mount only; "
                 "mount the spool directory itself, not its folders",
             )
+
+    def _forget_old_probes(self) -> None:
+        """Remove probes a daemon killed mid-check left (an hour old: never a live one)."""
+        cutoff = time.time() - _PROBE_AGE_S
+        for directory in (self.inbox, self.processing, self.done, self.failed):
+            for stray in directory.glob(_PROBE + "*"):
+                with contextlib.suppress(OSError):
+                    if stray.stat().st_mtime < cutoff:
+                        stray.unlink()
 
     def _make_shared(self, directory: Path) -> None:
         """Make ``inbox/``, ``done/`` or ``failed/`` (at the first start, or again after a
