@@ -159,26 +159,12 @@ def search_asins(
     """
     if query.lower().startswith("noresults"):
         return 0, []
-    rng = _rng(settings.seed, "search", marketplace, query)
-    # The query's own: the same whatever the page size asked.
-    candidates = [
-        _derived_asin(settings.seed, "search", marketplace, query, str(index))
-        for index in range(rng.randrange(30, 1000))
-    ]
-    # Only items the catalogue serves are results, so pages follow one list (none overlaps
-    # the next) and the total counts what can be paged through; telling which are served
-    # takes a hash each, not an item.
-    served = [
-        asin
-        for asin in candidates
-        if _status(
-            settings.seed, settings.missing_share, settings.inaccessible_share, marketplace, asin
-        )
-        == "ok"
-    ]
+    served = _served(
+        settings.seed, settings.missing_share, settings.inaccessible_share, marketplace, query
+    )
     start = (page - 1) * count
     if min_price is None and max_price is None and sort_by not in PRICE_ORDERS:
-        return len(served), served[start : start + count]
+        return len(served), list(served[start : start + count])
     # A filter or a price order needs every result's price: all of them are looked up.
     market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
     unit = 10**market.currency.decimals
@@ -194,6 +180,28 @@ def search_asins(
         # Stable: items of one price keep their relevance order.
         priced.sort(key=lambda entry: entry[0], reverse=PRICE_ORDERS[sort_by])
     return len(priced), [asin for _, asin in priced[start : start + count]]
+
+
+@lru_cache(maxsize=64)  # a client pages through one search: each page reads the same list
+def _served(
+    seed: int, missing: float, inaccessible: float, marketplace: str, query: str
+) -> tuple[str, ...]:
+    """A search's results in relevance order: the candidates the catalogue serves.
+
+    Only those are results, so pages follow one list (none overlaps the next) and the total
+    counts what can be paged through. How many candidates is the query's own, the same
+    whatever the page size asked; telling which are served takes a hash each, not an item.
+    """
+    rng = _rng(seed, "search", marketplace, query)
+    candidates = (
+        _derived_asin(seed, "search", marketplace, query, str(index))
+        for index in range(rng.randrange(30, 1000))
+    )
+    return tuple(
+        asin
+        for asin in candidates
+        if _status(seed, missing, inaccessible, marketplace, asin) == "ok"
+    )
 
 
 def variation_asins(settings: SimulatorSettings, marketplace: str, parent: str) -> list[str]:
