@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -134,6 +135,16 @@ class TestCatalogue:
         assert first == search_asins(SETTINGS, "www.amazon.com", "lamp", 1, 10)
         assert len(first[1]) == 10
         assert search_asins(SETTINGS, "www.amazon.com", "noresults", 1, 10) == (0, [])
+
+    def test_ean_label_carries_the_stores_locale(self) -> None:
+        """An item's EAN label on www.amazon.de is in de_DE, as its other labels are."""
+        from broker.simulator.render import item_json, resources_key
+
+        resources = resources_key(["itemInfo.externalIds"], "creators")
+        text = item_json(SETTINGS, "www.amazon.de", "B000TEST01", resources, "demo-22", "creators")
+        assert text is not None
+        eans = json.loads(text)["itemInfo"]["externalIds"]["eans"]
+        assert eans["locale"] == "de_DE"
 
     @pytest.mark.parametrize("count", [3, 10])
     def test_search_pages_never_overlap_and_the_total_is_what_can_be_served(
