@@ -259,6 +259,25 @@ def _signal_a_run(
 _SLOW_CONFIG = embedded_toml(tps=5.0, engine="queue_size = 20")
 
 
+def _signalled_while_parsing(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``broker ARGV --no-cache`` in ``tmp_path`` (with the slow config), sent a SIGTERM while
+    its parser is still being built."""
+    (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+    code = (
+        "import os, signal, sys\n"
+        "import broker.cli as cli\n"
+        "build = cli._build_parser\n"
+        "def signalled():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return build()\n"
+        "cli._build_parser = signalled\n"
+        f"sys.exit(cli.main({[*argv, '--no-cache']!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+
+
 class TestCaughtEarly:
     async def test_signal_before_the_handler_is_replayed_and_after_is_dropped(self) -> None:
         """A SIGTERM before the run's handler reaches it; one after it is gone never kills."""
@@ -275,39 +294,13 @@ class TestCaughtEarly:
     def test_signal_while_lookup_starts_stops_it_with_75(self, tmp_path: Path) -> None:
         """A SIGTERM while `broker lookup` still builds its parser stops it with 75, as one
         after its handler is in does, not 143."""
-        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
-        code = (
-            "import os, signal, sys\n"
-            "import broker.cli as cli\n"
-            "build = cli._build_parser\n"
-            "def signalled():\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    return build()\n"
-            "cli._build_parser = signalled\n"
-            "sys.exit(cli.main(['lookup', '--json', '--no-cache', 'B0UV000001']))\n"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
-        )
+        done = _signalled_while_parsing(tmp_path, ["lookup", "--json", "B0UV000001"])
         assert done.returncode == 75, done.stderr
         assert "stopped by SIGTERM" in done.stderr
 
     def test_signal_while_the_parser_is_built_drains_the_run(self, tmp_path: Path) -> None:
         """A SIGTERM while `broker run` still builds its parser is acted on, not fatal (143)."""
-        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
         (tmp_path / "job.txt").write_text("B0UV000001\nB0UV000002\n", encoding="utf-8")
-        code = (
-            "import os, signal, sys\n"
-            "import broker.cli as cli\n"
-            "build = cli._build_parser\n"
-            "def signalled():\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    return build()\n"
-            "cli._build_parser = signalled\n"
-            "sys.exit(cli.main(['run', 'job.txt', '--out', 'out.jsonl', '--no-cache']))\n"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
-        )
+        done = _signalled_while_parsing(tmp_path, ["run", "job.txt", "--out", "out.jsonl"])
         assert done.returncode in (0, 75), done.stderr
         assert "broker.job_stopping" in done.stderr
