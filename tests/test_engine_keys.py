@@ -212,6 +212,23 @@ class TestMarketplaces:
         assert failure is not None
         assert failure.code == "InvalidPartnerTag"
         assert key.health is KeyHealth.ACTIVE
+        snapshot = key.snapshot()
+        assert snapshot.state == "active"
+        assert snapshot.reason == f"out of rotation for {DE}: InvalidPartnerTag: fix it"
+
+    def test_a_key_out_of_every_marketplace_is_disabled(self) -> None:
+        """A key whose every marketplace left rotation (a wrong tag on its only store) is
+        disabled, as /metrics, its alert and /readyz must see; it showed active."""
+        key = _key(FakeClock())
+        key.disable("InvalidPartnerTag", "bad tag", "fix the US tag", marketplace=US)
+        key.disable("InvalidPartnerTag", "bad tag", "fix the DE tag", marketplace=DE)
+        assert key.health is KeyHealth.DISABLED
+        snapshot = key.snapshot()
+        assert snapshot.state == "disabled"
+        assert snapshot.reason == (
+            f"out of rotation for {US}: InvalidPartnerTag: fix the US tag; "
+            f"{DE}: InvalidPartnerTag: fix the DE tag"
+        )
 
     def test_disable_whole_key(self) -> None:
         """A key-level failure removes every marketplace; the snapshot says why."""

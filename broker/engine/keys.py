@@ -579,8 +579,11 @@ class KeyState:
 
     @property
     def health(self) -> KeyHealth:
-        """The key's state now."""
+        """The key's state now: disabled too when every marketplace it has a tag for left
+        rotation (a wrong tag on its only store), though no failure condemned the key."""
         if self._disabled is not None:
+            return KeyHealth.DISABLED
+        if self._disabled_markets and not self.active_marketplaces():
             return KeyHealth.DISABLED
         # Parked here, or by another process of the key (its shared state says so): this
         # process sends nothing either, and /readyz, /metrics and --no-wait must say why.
@@ -606,8 +609,13 @@ class KeyState:
         reason: str | None = None
         until: str | None = None
         health = self.health
-        if health is KeyHealth.DISABLED and self._disabled is not None:
-            reason = f"{self._disabled.code}: {self._disabled.remedy}"
+        out = "out of rotation for " + "; ".join(
+            f"{market}: {failure.code}: {failure.remedy}"
+            for market, failure in self._disabled_markets.items()
+        )
+        if health is KeyHealth.DISABLED:
+            disabled = self._disabled
+            reason = out if disabled is None else f"{disabled.code}: {disabled.remedy}"
         elif health is KeyHealth.PARKED and (park := self._park()) is not None:
             reason, probe_at = park
             until = None if probe_at is None else _utc_text(probe_at)
@@ -616,6 +624,8 @@ class KeyState:
             until = _utc_text(self.limiter.resets_at())
         elif health is KeyHealth.PAUSED:
             reason = self.limiter.blocked_reason or self._paused_reason
+        elif self._disabled_markets:
+            reason = out  # active in the others
         return KeySnapshot(
             name=self.name,
             state=health.value,
