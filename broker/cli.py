@@ -973,8 +973,9 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
             else "run the same command again after that to resume"
         )
         print(
-            "every key waits for its daily quota, or is parked after sustained 429s (Amazon's "
-            f"own quota spent, or access revoked), until {summary.quota_wait_until}: {tail}",
+            "every key the rows left need waits for its daily quota, or is parked after "
+            "sustained 429s (Amazon's own quota spent, or access revoked), until "
+            f"{summary.quota_wait_until}: {tail}",
             file=sys.stderr,
         )
     if summary.stopped_by_signal:

@@ -450,6 +450,63 @@ class TestKeysAndSignals:
         assert 1 <= summary.requests <= 2
         assert summary.pending == 40 - len(_rows(tmp_path / "out.jsonl")) > 0
 
+    async def test_no_wait_stops_when_the_keys_the_rows_left_need_are_spent(
+        self, tmp_path: Path
+    ) -> None:
+        """--no-wait: the US rows done and the UK rows left needing only a UK key whose daily
+        budget is spent, the run stops with 75 though the US key is idle and fresh; it sat
+        until the reset (hours), as --no-wait promises it will not."""
+        uk = {"www.amazon.co.uk": "uk-21"}
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [
+                {
+                    "name": "us",
+                    "credential_id": "demo-id",
+                    "version": "3.1",
+                    "tps": 50.0,
+                    "partner_tags": {"www.amazon.com": "demo-20"},
+                },
+                {
+                    "name": "uk",
+                    "credential_id": "uk-id",
+                    "version": "3.1",
+                    "tps": 50.0,
+                    "tpd": 2,
+                    "partner_tags": uk,
+                },
+            ],
+            "simulator": {
+                "accounts": [
+                    {
+                        "name": "uk",
+                        "protocol": "creators",
+                        "credential_id": "uk-id",
+                        "secret": "uk-secret",
+                        "version": "3.1",
+                        "partner_tags": uk,
+                    },
+                ]
+            },
+        }
+        config = parse_config(document, environ={})
+        job = tmp_path / "job.jsonl"
+        rows = [
+            json.dumps({"asin": f"B0NWMK{i:04d}", "marketplace": market})
+            for i in range(40)
+            for market in ("www.amazon.com", "www.amazon.co.uk")
+        ]
+        job.write_text("\n".join(rows) + "\n")
+        out = tmp_path / "out.jsonl"
+        options = JobOptions(job=job, out=out, progress="none", handle_signals=False, no_wait=True)
+        summary = await asyncio.wait_for(run_job(config, options), timeout=20)
+        assert summary.exit_code() == ExitCode.RESUMABLE
+        assert summary.quota_wait_until is not None
+        done = {(row["marketplace"], row["status"]) for row in _rows(out)}
+        assert ("www.amazon.com", "ok") in done
+        assert sum(row["marketplace"] == "www.amazon.com" for row in _rows(out)) == 40
+        assert summary.pending > 0
+
     def test_no_wait_also_stops_for_keys_parked_after_sustained_429s(self) -> None:
         """A key parked after sustained 429s with its own count low (the server's daily
         quota is smaller than tpd says, or the account is not eligible) waits for hours

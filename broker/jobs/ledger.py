@@ -693,6 +693,15 @@ class Ledger:
             ).fetchall()
         return tuple(str(name) for name, _, _ in names)
 
+    def pending_by_marketplace(self) -> dict[str, int]:
+        """How many lookups without a result yet each marketplace has (one scan of them)."""
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT marketplace, COUNT(*) FROM lookups WHERE status IS NULL "
+                "GROUP BY marketplace"
+            ).fetchall()
+        return {str(market): int(count) for market, count in found}
+
     def pending_lookup_count(self) -> int:
         """How many distinct lookups have no result yet."""
         with self._lock:

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -670,10 +670,16 @@ async def _fetch(
     last_commit = time.monotonic()
     progress = _Progress(ledger, broker, options)
 
+    # no_wait: the lookups left per marketplace, to tell which keys the rest of the job needs.
+    left = ledger.pending_by_marketplace() if options.no_wait else {}
+
     def commit() -> None:
         nonlocal last_commit
         if buffer:
             ledger.record_results(buffer)
+            for lookup, _ in buffer:
+                if lookup.marketplace in left:
+                    left[lookup.marketplace] -= 1
             buffer.clear()
             crash_point("after_commit")
             _emit(ledger, output.sink, output.name)
@@ -709,7 +715,8 @@ async def _fetch(
     stop.watch(task)
     ticker = loop.create_task(progress.run())
     committer = loop.create_task(commit_when_idle())
-    quota_watch = loop.create_task(_watch_quota(broker, stop)) if options.no_wait else None
+    needed = functools.partial(_keys_for_markets, config, left)
+    quota_watch = loop.create_task(_watch_quota(broker, stop, needed)) if options.no_wait else None
     try:
         await task
     except asyncio.CancelledError:
@@ -760,14 +767,23 @@ def quota_wait(broker: Broker, *, keys: Collection[str] | None = None) -> str | 
     return min(waits) if waits else None
 
 
-async def _watch_quota(broker: Broker, stop: _Stop) -> None:
-    """``no_wait``: stop the run at once when every key is waiting for its daily quota."""
+async def _watch_quota(broker: Broker, stop: _Stop, needed: Callable[[], Collection[str]]) -> None:
+    """``no_wait``: stop the run at once when every key the rows left need (``needed()``:
+    those with a tag for a marketplace a row is left for) waits for its daily quota; a fresh
+    key that serves none of them cannot help."""
     while True:
         await asyncio.sleep(QUOTA_POLL_S)
-        until = quota_wait(broker)
+        keys = needed()
+        until = quota_wait(broker, keys=keys) if keys else None
         if until is not None:
             stop.quota_spent(until)
             return
+
+
+def _keys_for_markets(config: BrokerConfig, left: Mapping[str, int]) -> set[str]:
+    """The keys with a partner tag for a marketplace some lookup is left for."""
+    markets = [market for market, count in left.items() if count > 0]
+    return {key.name for key in config.keys if any(m in key.partner_tags for m in markets)}
 
 
 class _Stop:
