@@ -712,9 +712,9 @@ async def _lookup(
     # outage, the daily quota spent, Ctrl-C) still prints the answers it has.
     got: dict[int, ItemResult] = {}
     failure: tuple[int, str] | None = None
-    # The keys that can answer each argument (by its marketplace), to tell when every key
-    # an unanswered one needs is waiting for its daily quota.
-    needs = [_keys_for(config, text, marketplace) for text in asins]
+    # The marketplace of each argument, to tell when every key that serves one an unanswered
+    # argument is for waits for its daily quota.
+    needs = [_market_for(config, text, marketplace) for text in asins]
     try:
         # A marketplace no key is configured for is answered by the broker itself
         # (failed, NoKeyForMarketplace) without a request.
@@ -740,7 +740,14 @@ async def _lookup(
                     got[tag] = result
 
             def waited_for() -> set[str]:
-                return {key for n, keys in enumerate(needs) if n not in got for key in keys}
+                # Keys serving those marketplaces now: one out of rotation there (a wrong
+                # tag) cannot answer, however fresh.
+                markets = {market for n, market in enumerate(needs) if n not in got and market}
+                return {
+                    key.name
+                    for key in broker.metrics().keys
+                    if markets.intersection(key.marketplaces)
+                }
 
             until = await _stop_at_spent_quota(broker, collect(), wind_down, waited_for)
             if until is not None and len(got) < len(asins):
@@ -792,18 +799,18 @@ def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_j
             print(_readable(row))
 
 
-def _keys_for(config: BrokerConfig, text: str, marketplace: str | None) -> frozenset[str]:
-    """The keys that can answer ``text``: those with a partner tag for its marketplace (the
-    call's, else a product URL's store, else the config's), as the broker chooses it."""
+def _market_for(config: BrokerConfig, text: str, marketplace: str | None) -> str | None:
+    """The marketplace ``text`` is asked in (the call's, else a product URL's store, else
+    the config's), as the broker chooses it; None for one that is not Amazon's (answered at
+    once, so no key is waited for)."""
     from broker.api.marketplaces import marketplace as lookup_marketplace
     from broker.asin import check_asin
 
     named = marketplace or check_asin(text).store or config.api.marketplace
     try:
-        market = lookup_marketplace(named).name
+        return lookup_marketplace(named).name
     except ValueError:
-        return frozenset()  # answered at once (unknown marketplace): no key is waited for
-    return frozenset(key.name for key in config.keys if market in key.partner_tags)
+        return None
 
 
 async def _stop_at_spent_quota(

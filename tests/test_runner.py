@@ -450,13 +450,18 @@ class TestKeysAndSignals:
         assert 1 <= summary.requests <= 2
         assert summary.pending == 40 - len(_rows(tmp_path / "out.jsonl")) > 0
 
+    @pytest.mark.parametrize("us_key_uk_tag", [None, "bogus-21"])
     async def test_no_wait_stops_when_the_keys_the_rows_left_need_are_spent(
-        self, tmp_path: Path
+        self, tmp_path: Path, us_key_uk_tag: str | None
     ) -> None:
         """--no-wait: the US rows done and the UK rows left needing only a UK key whose daily
-        budget is spent, the run stops with 75 though the US key is idle and fresh; it sat
-        until the reset (hours), as --no-wait promises it will not."""
+        budget is spent, the run stops with 75 though the US key is idle and fresh (also when
+        it has a UK tag Amazon rejects); it sat until the reset (hours), as --no-wait
+        promises it will not."""
         uk = {"www.amazon.co.uk": "uk-21"}
+        us_tags = {"www.amazon.com": "demo-20"}
+        if us_key_uk_tag is not None:
+            us_tags["www.amazon.co.uk"] = us_key_uk_tag
         document = {
             "api": {"endpoint": "simulator"},
             "keys": [
@@ -465,7 +470,7 @@ class TestKeysAndSignals:
                     "credential_id": "demo-id",
                     "version": "3.1",
                     "tps": 50.0,
-                    "partner_tags": {"www.amazon.com": "demo-20"},
+                    "partner_tags": us_tags,
                 },
                 {
                     "name": "uk",

@@ -641,6 +641,7 @@ class KeyState:
             reason=reason,
             until=until,
             daily_left=self.limiter.remaining,
+            marketplaces=tuple(self.active_marketplaces()),
         )
 
     def __repr__(self) -> str:

@@ -42,6 +42,8 @@ class KeySnapshot:
     #: sends left today before the key stops: ``tpd`` times the guard, less what is spent
     #: (``None``: unlimited); what ``broker status`` shows as left
     daily_left: int | None = None
+    #: the marketplaces the key serves now: its tags, less those out of rotation
+    marketplaces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

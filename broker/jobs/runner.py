@@ -715,7 +715,7 @@ async def _fetch(
     stop.watch(task)
     ticker = loop.create_task(progress.run())
     committer = loop.create_task(commit_when_idle())
-    needed = functools.partial(_keys_for_markets, config, left)
+    needed = functools.partial(_keys_for_markets, broker, left)
     quota_watch = loop.create_task(_watch_quota(broker, stop, needed)) if options.no_wait else None
     try:
         await task
@@ -769,7 +769,7 @@ def quota_wait(broker: Broker, *, keys: Collection[str] | None = None) -> str | 
 
 async def _watch_quota(broker: Broker, stop: _Stop, needed: Callable[[], Collection[str]]) -> None:
     """``no_wait``: stop the run at once when every key the rows left need (``needed()``:
-    those with a tag for a marketplace a row is left for) waits for its daily quota; a fresh
+    those serving a marketplace a row is left for) waits for its daily quota; a fresh
     key that serves none of them cannot help."""
     while True:
         await asyncio.sleep(QUOTA_POLL_S)
@@ -780,10 +780,11 @@ async def _watch_quota(broker: Broker, stop: _Stop, needed: Callable[[], Collect
             return
 
 
-def _keys_for_markets(config: BrokerConfig, left: Mapping[str, int]) -> set[str]:
-    """The keys with a partner tag for a marketplace some lookup is left for."""
-    markets = [market for market, count in left.items() if count > 0]
-    return {key.name for key in config.keys if any(m in key.partner_tags for m in markets)}
+def _keys_for_markets(broker: Broker, left: Mapping[str, int]) -> set[str]:
+    """The keys that serve now a marketplace some lookup is left for (a key out of rotation
+    there, for a wrong tag, cannot help however fresh it is)."""
+    markets = {market for market, count in left.items() if count > 0}
+    return {key.name for key in broker.metrics().keys if markets.intersection(key.marketplaces)}
 
 
 class _Stop:
