@@ -214,7 +214,8 @@ class TestMarketplaces:
         assert key.health is KeyHealth.ACTIVE
         snapshot = key.snapshot()
         assert snapshot.state == "active"
-        assert snapshot.reason == f"out of rotation for {DE}: InvalidPartnerTag: fix it"
+        assert snapshot.reason == f"out of rotation for {DE} (InvalidPartnerTag)"
+        assert snapshot.marketplaces == (US,)
 
     def test_a_key_out_of_every_marketplace_is_disabled(self) -> None:
         """A key whose every marketplace left rotation (a wrong tag on its only store) is
@@ -226,9 +227,9 @@ class TestMarketplaces:
         snapshot = key.snapshot()
         assert snapshot.state == "disabled"
         assert snapshot.reason == (
-            f"out of rotation for {US}: InvalidPartnerTag: fix the US tag; "
-            f"{DE}: InvalidPartnerTag: fix the DE tag"
+            f"out of rotation for {US} (InvalidPartnerTag), {DE} (InvalidPartnerTag)"
         )
+        assert snapshot.marketplaces == ()
 
     def test_disable_whole_key(self) -> None:
         """A key-level failure removes every marketplace; the snapshot says why."""

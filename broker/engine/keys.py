@@ -609,9 +609,9 @@ class KeyState:
         reason: str | None = None
         until: str | None = None
         health = self.health
-        out = "out of rotation for " + "; ".join(
-            f"{market}: {failure.code}: {failure.remedy}"
-            for market, failure in self._disabled_markets.items()
+        # Short (the live progress line shows it); each remedy is in its key_disabled event.
+        out = "out of rotation for " + ", ".join(
+            f"{market} ({failure.code})" for market, failure in self._disabled_markets.items()
         )
         if health is KeyHealth.DISABLED:
             disabled = self._disabled
