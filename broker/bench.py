@@ -710,14 +710,19 @@ def bench_command(args: argparse.Namespace) -> int:
         for sig in _STOP_SIGNALS
         if signal.getsignal(sig) is not signal.SIG_IGN  # ignored by who started it: kept so
     }
+    stopped = False
     try:
         return _bench(args)
     except _Stopped as stop:
+        stopped = True
         print(f"broker bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
         return 128 + stop.sig
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # Stopped, the stop signals stay ignored: the process is on its way out, and a
+        # second one between here and its exit must not kill it with the default action.
+        if not stopped:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _bench(args: argparse.Namespace) -> int:

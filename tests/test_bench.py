@@ -229,6 +229,24 @@ def test_a_stopped_bench_stops_its_simulator(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("asinb-sim-")]
 
 
+def test_stop_signals_stay_ignored_after_a_stop() -> None:
+    """Once a stop signal has stopped the bench, a second one on its way out is ignored, not
+    a kill by the default action (a SIGINT 50 ms after a SIGTERM exited -2)."""
+    code = (
+        "import signal, sys\n"
+        "import broker.bench as bench\n"
+        "def stopped(args):\n"
+        "    bench._stop_signal(signal.SIGTERM, None)\n"
+        "bench._bench = stopped\n"
+        "assert bench.bench_command(None) == 128 + signal.SIGTERM\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,"
+        " signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
+
+
 def test_a_sigint_ignored_at_start_stays_ignored(tmp_path: Path) -> None:
     """Started with SIGINT ignored (a script's background job), the bench is not stopped by
     one: it runs to the end and prints its figures, as the shell meant."""
