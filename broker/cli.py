@@ -474,16 +474,18 @@ def _command(args: argparse.Namespace) -> int:
             read = "outside-service"
         config = load_config(path, read_secrets=read)
         if config.api.uses_simulator or config.simulator.data:
-            from broker.client import embedded_secret, simulator_settings
+            from broker.client import simulator_settings
 
             simulator_settings(config)  # [simulator] is checked now, not at first use
+        if read and config.api.uses_simulator:
+            from broker.client import embedded_secret
+
             for key in config.keys:
                 # A key with no secret though secrets were read: its variable is unset
                 # (a secret file that was not read is a systemd credential, read by its
                 # service alone), so the simulator must have the account: checked now,
                 # not after a job is read and its output made.
-                unset = key.secret is None and not key.secret_source.startswith("file ")
-                if read and config.api.uses_simulator and unset:
+                if key.secret is None and not key.secret_source.startswith("file "):
                     embedded_secret(config, key)
     except ConfigError as exc:
         print(f"{prog()}: invalid config {path}: {exc}", file=sys.stderr)
@@ -548,12 +550,12 @@ def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
     from broker.client import simulator_settings
     from broker.simulator.accounts import simulator_secret
 
-    known = simulator_secret(
-        config.api.protocol.value, key.credential_id, simulator_settings(config)
-    )
     if key.secret is None:
         unset = f", {key.secret_source} unset" if key.secret_source else ""
         return f"the simulator's own account{unset}"
+    known = simulator_secret(
+        config.api.protocol.value, key.credential_id, simulator_settings(config)
+    )
     if known != key.secret.reveal():
         print(
             f"warning: key {key.name}: the embedded simulator has no {config.api.protocol.value} "
@@ -579,9 +581,9 @@ def _check_config(config: BrokerConfig) -> int:
                 "credential, which only its service can read: not checked here",
                 file=sys.stderr,
             )
-        secret = key.secret_source or "simulator demo secret"
-        if config.api.uses_simulator:
-            secret = _simulator_secret_note(config, key)
+        secret = (
+            _simulator_secret_note(config, key) if config.api.uses_simulator else key.secret_source
+        )
         print(
             f"  key {key.name}: id {key.credential_id}, secret from {secret} (***), "
             f"{key.tps:g} TPS, {key.tpd or 'unlimited'} TPD, "
@@ -705,7 +707,7 @@ async def _lookup(
     from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
     from broker.errors import ConfigError, NoUsableKeyError, StateUnavailableError
-    from broker.jobs.runner import describe_failure
+    from broker.jobs.runner import describe_failure, keys_serving
     from broker.models import Query
 
     # Answers by argument position, kept as they come: a lookup that cannot finish (an
@@ -740,14 +742,8 @@ async def _lookup(
                     got[tag] = result
 
             def waited_for() -> set[str]:
-                # Keys serving those marketplaces now: one out of rotation there (a wrong
-                # tag) cannot answer, however fresh.
                 markets = {market for n, market in enumerate(needs) if n not in got and market}
-                return {
-                    key.name
-                    for key in broker.metrics().keys
-                    if markets.intersection(key.marketplaces)
-                }
+                return keys_serving(broker, markets)
 
             until = await _stop_at_spent_quota(broker, collect(), wind_down, waited_for)
             if until is not None and len(got) < len(asins):

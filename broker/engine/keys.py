@@ -609,13 +609,11 @@ class KeyState:
         reason: str | None = None
         until: str | None = None
         health = self.health
-        # Short (the live progress line shows it); each remedy is in its key_disabled event.
-        out = "out of rotation for " + ", ".join(
-            f"{market} ({failure.code})" for market, failure in self._disabled_markets.items()
-        )
         if health is KeyHealth.DISABLED:
             disabled = self._disabled
-            reason = out if disabled is None else f"{disabled.code}: {disabled.remedy}"
+            reason = (
+                self._markets_out() if disabled is None else f"{disabled.code}: {disabled.remedy}"
+            )
         elif health is KeyHealth.PARKED and (park := self._park()) is not None:
             reason, probe_at = park
             until = None if probe_at is None else _utc_text(probe_at)
@@ -625,7 +623,7 @@ class KeyState:
         elif health is KeyHealth.PAUSED:
             reason = self.limiter.blocked_reason or self._paused_reason
         elif self._disabled_markets:
-            reason = out  # active in the others
+            reason = self._markets_out()  # active in the others
         return KeySnapshot(
             name=self.name,
             state=health.value,
@@ -642,6 +640,13 @@ class KeyState:
             until=until,
             daily_left=self.limiter.remaining,
             marketplaces=tuple(self.active_marketplaces()),
+        )
+
+    def _markets_out(self) -> str:
+        """The marketplaces out of rotation, short (the live progress line shows it; each
+        remedy is in its ``broker.key_disabled`` event)."""
+        return "out of rotation for " + ", ".join(
+            f"{market} ({failure.code})" for market, failure in self._disabled_markets.items()
         )
 
     def __repr__(self) -> str:

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import JobFileError
+from broker.jobs.sources import INVALID_ASIN
 from broker.sqlitewal import disk_error, immediate
 
 if TYPE_CHECKING:
@@ -255,7 +256,7 @@ class DoneRow:
     result: Mapping[str, object] | None
     error_reason: str | None
     extra: Mapping[str, object] | None
-    error_code: str = "InvalidAsin"
+    error_code: str = INVALID_ASIN
 
 
 class Ledger:
@@ -1016,7 +1017,7 @@ def _done_row(values: tuple[Any, ...]) -> DoneRow:
         result=None if result is None else json.loads(result),
         error_reason=reason,
         extra=None if extra is None else json.loads(extra),
-        error_code=code or "InvalidAsin",
+        error_code=code or INVALID_ASIN,
     )
 
 

@@ -75,6 +75,7 @@ __all__ = [
     "JobOptions",
     "JobSummary",
     "StrictInputError",
+    "keys_serving",
     "quota_wait",
     "run_job",
 ]
@@ -780,11 +781,16 @@ async def _watch_quota(broker: Broker, stop: _Stop, needed: Callable[[], Collect
             return
 
 
+def keys_serving(broker: Broker, markets: Collection[str]) -> set[str]:
+    """The keys that serve one of ``markets`` now (a key out of rotation there, for a wrong
+    tag, cannot help however fresh it is): those whose daily quota decides a wait."""
+    wanted = set(markets)
+    return {key.name for key in broker.metrics().keys if wanted.intersection(key.marketplaces)}
+
+
 def _keys_for_markets(broker: Broker, left: Mapping[str, int]) -> set[str]:
-    """The keys that serve now a marketplace some lookup is left for (a key out of rotation
-    there, for a wrong tag, cannot help however fresh it is)."""
-    markets = {market for market, count in left.items() if count > 0}
-    return {key.name for key in broker.metrics().keys if markets.intersection(key.marketplaces)}
+    """The keys that serve now a marketplace some lookup is left for."""
+    return keys_serving(broker, [market for market, count in left.items() if count > 0])
 
 
 class _Stop:

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "FORMATS",
+    "INVALID_ASIN",
+    "INVALID_ROW",
     "JobFingerprint",
     "JobFormat",
     "JobRow",
@@ -106,6 +108,12 @@ _JSONL_KEYS: Final = frozenset({"asin", "marketplace", "resources"})
 _TRAILING_COMMENT: Final = re.compile(r"\s#")
 
 
+#: The error codes of an invalid row (the catalogue's): its id is malformed, or the row is
+#: not a query at all (bad JSON, too long, a field of the wrong type).
+INVALID_ASIN: Final = "InvalidAsin"
+INVALID_ROW: Final = "InvalidRow"
+
+
 @dataclass(frozen=True, slots=True)
 class JobRow:
     """One input row of a job file: where it was, what it said, and whether it is usable.
@@ -135,7 +143,7 @@ class JobRow:
     resources: tuple[str, ...] | None = None
     extra: Mapping[str, object] | None = None
     error: str | None = None
-    code: str = "InvalidAsin"
+    code: str = INVALID_ASIN
 
     @property
     def valid(self) -> bool:
@@ -182,7 +190,7 @@ def _row(
     _set_resources(row, resources)
     _set_extra(row, extra)
     _set_error(row, error)
-    _set_code(row, "InvalidAsin")
+    _set_code(row, INVALID_ASIN)
     return row
 
 
@@ -651,7 +659,7 @@ def _txt_rows(
     for lineno, text in lines:
         if isinstance(text, _Oversize):
             yield JobRow(
-                lineno, text.preview, None, error=_too_long(max_line_bytes), code="InvalidRow"
+                lineno, text.preview, None, error=_too_long(max_line_bytes), code=INVALID_ROW
             )
             continue
         text = text.strip()
@@ -759,7 +767,7 @@ def _csv_rows(
                         None,
                         extra=blank,
                         error=_too_long(max_line_bytes),
-                        code="InvalidRow",
+                        code=INVALID_ROW,
                     )
                     continue
                 if not any(cell.strip() for cell in record):
@@ -777,7 +785,7 @@ def _csv_rows(
         feed.take_oversize()
         start, text = taken[0] if taken else (feed.lineno, "")
         raw = text.preview if isinstance(text, _Oversize) else _preview(text.rstrip("\r\n"))
-        yield JobRow(start, raw, None, extra=blank, error=error, code="InvalidRow")
+        yield JobRow(start, raw, None, extra=blank, error=error, code=INVALID_ROW)
         feed.replay(taken[1:])
         reader = csv.reader(feed, delimiter=delimiter)
 
@@ -814,7 +822,7 @@ def _csv_row(
     elif layout.asin >= size:
         error = f"row has {size} fields but the header has {layout.width}: no asin value"
     if error is not None:
-        return JobRow(lineno, raw, None, marketplace, None, extra, error, code="InvalidRow")
+        return JobRow(lineno, raw, None, marketplace, None, extra, error, code=INVALID_ROW)
     verdict = check(raw)
     market = marketplace or verdict.store
     return _row(lineno, raw, verdict.asin, market, None, extra, verdict.reason)
@@ -877,7 +885,7 @@ def _jsonl_rows(
     for lineno, text in lines:
         if isinstance(text, _Oversize):
             yield JobRow(
-                lineno, text.preview, None, error=_too_long(max_line_bytes), code="InvalidRow"
+                lineno, text.preview, None, error=_too_long(max_line_bytes), code=INVALID_ROW
             )
             continue
         if not text.strip():
@@ -891,48 +899,24 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
         # is, not at column 1 of a second line.
         value = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        return JobRow(
-            lineno,
-            _preview(text.strip()),
-            None,
-            error=f"not valid JSON: {exc.msg} at column {exc.colno}",
-            code="InvalidRow",
-        )
+        return _bad_line(lineno, text, f"not valid JSON: {exc.msg} at column {exc.colno}")
     except (ValueError, RecursionError) as exc:
         # json raises plain ValueError for an integer past the int-digit limit, and
         # RecursionError for very deep nesting; both are bad lines, not bad files.
         kind = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        return JobRow(
-            lineno, _preview(text.strip()), None, error=f"not valid JSON: {kind}", code="InvalidRow"
-        )
+        return _bad_line(lineno, text, f"not valid JSON: {kind}")
     if "\\u" in text and _has_lone_surrogate(value):
         # "\ud800" is valid JSON but not encodable text; it would break the UTF-8 output.
-        return JobRow(
-            lineno,
-            _preview(text.strip()),
-            None,
-            error="contains an unpaired surrogate escape",
-            code="InvalidRow",
-        )
+        return _bad_line(lineno, text, "contains an unpaired surrogate escape")
     if not isinstance(value, dict):
-        return JobRow(
-            lineno,
-            _preview(text.strip()),
-            None,
-            error=f"a JSON Lines row must be an object, got {_json_kind(value)}",
-            code="InvalidRow",
+        return _bad_line(
+            lineno, text, f"a JSON Lines row must be an object, got {_json_kind(value)}"
         )
     twice = _given_twice(text)
     if twice is not None:
         # The JSON reader keeps the last; another tool may keep the first: which one the
         # writer meant is unknown, so the row is not looked up at all.
-        return JobRow(
-            lineno,
-            _preview(text.strip()),
-            None,
-            error=f'"{twice}" is given twice',
-            code="InvalidRow",
-        )
+        return _bad_line(lineno, text, f'"{twice}" is given twice')
     asin = value.get("asin")
     raw = asin if isinstance(asin, str) else _preview(text.strip())
     error = None
@@ -963,10 +947,15 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
     elif not isinstance(asin, str):
         error = f'"asin" must be a string, got {_json_kind(asin)}'
     if error is not None:
-        return JobRow(lineno, raw, None, marketplace, resources, extra, error, code="InvalidRow")
+        return JobRow(lineno, raw, None, marketplace, resources, extra, error, code=INVALID_ROW)
     verdict = check(raw)
     market = marketplace or verdict.store
     return _row(lineno, raw, verdict.asin, market, resources, extra, verdict.reason)
+
+
+def _bad_line(lineno: int, text: str, error: str) -> JobRow:
+    """A JSON Lines line that is not a query, shown by its first characters."""
+    return JobRow(lineno, _preview(text.strip()), None, error=error, code=INVALID_ROW)
 
 
 def _given_twice(text: str) -> str | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Final, Literal
 
-from broker.simulator.marketplaces import MARKETPLACES, Marketplace, format_amount
+from broker.simulator.marketplaces import Marketplace, format_amount, served_as
 
 if TYPE_CHECKING:
     from broker.simulator.settings import SimulatorSettings
@@ -166,7 +166,7 @@ def search_asins(
     if min_price is None and max_price is None and sort_by not in PRICE_ORDERS:
         return len(served), list(served[start : start + count])
     # A filter or a price order needs every result's price: all of them are looked up.
-    market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
+    market = served_as(marketplace)
     unit = 10**market.currency.decimals
     priced: list[tuple[int, str]] = []
     for candidate in served:
@@ -382,7 +382,7 @@ def lookup_by_key(
     asin = asin.upper()
     if status != "ok":
         return CatalogEntry(asin, marketplace, status, None)
-    market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
+    market = served_as(marketplace)
     return CatalogEntry(asin, marketplace, "ok", _make_item(seed, market, asin))
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "Currency",
     "Marketplace",
     "format_amount",
+    "served_as",
 ]
 
 
@@ -96,6 +97,12 @@ MARKETPLACES: Mapping[str, Marketplace] = {
 
 #: Every marketplace by its PA-API host (lower case, without port).
 MARKETPLACES_BY_HOST: Mapping[str, Marketplace] = {m.paapi_host: m for m in MARKETPLACES.values()}
+
+
+def served_as(name: str) -> Marketplace:
+    """The marketplace ``name`` is served as: itself, or www.amazon.com for a name the
+    simulator does not know (its currency, locale and catalogue)."""
+    return MARKETPLACES.get(name) or MARKETPLACES["www.amazon.com"]
 
 
 def format_amount(amount: float, currency: Currency) -> str:

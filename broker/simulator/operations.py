@@ -23,7 +23,7 @@ from broker.simulator.catalog import (
     search_asins,
     variation_asins,
 )
-from broker.simulator.marketplaces import MARKETPLACES
+from broker.simulator.marketplaces import served_as
 from broker.simulator.render import (
     CREATORS_ITEM_RESOURCES,
     EXTRA_RESOURCES,
@@ -531,7 +531,7 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         summary[n("variationDimensions")] = [
             {
                 n("displayName"): "Color",
-                n("locale"): _locale(ctx.marketplace),
+                n("locale"): served_as(ctx.marketplace).locale,
                 n("name"): "color_name",
                 n("values"): sorted(set(colors)),
             }
@@ -552,12 +552,6 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         }
     extra = f",{json.dumps(n('variationSummary'))}:{json.dumps(summary, ensure_ascii=False)}"
     return Outcome("variationsResult", _join(ctx, "items", rendered, extra), (), len(rendered))
-
-
-def _locale(marketplace: str) -> str:
-    """The marketplace's language (``de_DE`` on www.amazon.de), as its items carry it."""
-    market = MARKETPLACES.get(marketplace) or MARKETPLACES["www.amazon.com"]
-    return market.locale
 
 
 def _get_browse_nodes(body: Mapping[str, object], ctx: Context) -> Outcome:
