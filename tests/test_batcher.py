@@ -69,7 +69,7 @@ class TestBatcher:
         assert len(work) == 1
         (batch,) = _take_all(work)
         assert batch.asins == [f"B00000000{i}" for i in range(10)]
-        assert batcher.pending() == 0
+        assert batcher.pending(US) == 0
 
     async def test_partial_batch_waits_for_linger(
         self, running: tuple[FakeClock, WorkQueue, Batcher]
@@ -80,11 +80,11 @@ class TestBatcher:
             batcher.add(_lookup(f"B00000000{i}"))
         await clock.advance(0.049)
         assert len(work) == 0
-        assert batcher.pending() == 3
+        assert batcher.pending(US) == 3
         await clock.advance(0.0011)
         (batch,) = _take_all(work)
         assert len(batch.lookups) == 3
-        assert batcher.pending() == 0
+        assert batcher.pending(US) == 0
 
     async def test_linger_counts_from_first_lookup(
         self, running: tuple[FakeClock, WorkQueue, Batcher]
@@ -181,7 +181,7 @@ class TestBatcher:
         for i in range(7):
             batcher.add(_lookup(f"B00000000{i}"))
         assert [len(b.lookups) for b in _take_all(work)] == [3, 3]
-        assert batcher.pending() == 1
+        assert batcher.pending(US) == 1
 
 
 class TestWorkQueue:

@@ -39,6 +39,7 @@ from broker.simulator.settings import LatencyProfile, SimulatorSettings
 from broker.testing import FakeClock, settle
 
 FREE = SimulatorSettings(limits=False)
+UK = "www.amazon.co.uk"
 PAAPI_ENDPOINT = "http://127.0.0.1:9"
 
 DENIED = json.dumps(
@@ -743,3 +744,42 @@ async def test_a_fake_clock_broker_and_its_embedded_simulator_share_the_clock() 
             assert [r.status for r in results] == [Status.OK] * 100
             assert broker.metrics().throttled == 0
             assert clock.monotonic() - started < 3.0
+
+
+class TestMarketplaces:
+    """One marketplace's backlog never holds up another's."""
+
+    async def test_a_stalled_marketplace_leaves_room_for_the_others(self) -> None:
+        """With ``queue_size`` UK lookups admitted that the only UK key, waiting out its
+        daily quota, cannot send, US callers are still admitted and answered by the fresh
+        US key: admission is bounded per marketplace."""
+        clock = FakeClock()
+        sent: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            asked = _asked(request)
+            sent.extend(asked)
+            return RawResponse(200, {}, _paapi_body(*asked), 0.01)
+
+        keys = [
+            paapi_key_doc("us"),
+            paapi_key_doc("uk", credential_id="UKACCESSKEY", tags={UK: "uk-21"}),
+        ]
+        config = _paapi(keys=keys, engine={"queue_size": 10})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            (uk_key,) = (key for key in broker._keys if key.name == "uk")
+            uk_key.circuit.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+            await settle()
+            loop = asyncio.get_running_loop()
+            stalled = [
+                loop.create_task(broker.get_item(f"B0UK{i:06d}", marketplace=UK)) for i in range(10)
+            ]
+            await settle()
+            us = loop.create_task(broker.get_items([f"B0US{i:06d}" for i in range(25)]))
+            await clock.run_until(us, limit=60)
+            assert [r.status for r in us.result()] == [Status.OK] * 25
+            assert not any(task.done() for task in stalled)
+            assert not any(asin.startswith("B0UK") for asin in sent)
+            for task in stalled:
+                task.cancel()
+            await asyncio.gather(*stalled, return_exceptions=True)

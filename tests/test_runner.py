@@ -69,6 +69,49 @@ def _tpd2_config() -> BrokerConfig:
     return parse_config(document, environ={})
 
 
+def _us_uk_config(*, uk_tag_on_us_key: str | None = None, queue_size: int = 10_000) -> BrokerConfig:
+    """The embedded simulator with a fresh US key and a UK key of 2 requests a day
+    (``uk_tag_on_us_key``: a UK tag, one Amazon rejects, on the US key too)."""
+    uk = {"www.amazon.co.uk": "uk-21"}
+    us_tags = {"www.amazon.com": "demo-20"}
+    if uk_tag_on_us_key is not None:
+        us_tags["www.amazon.co.uk"] = uk_tag_on_us_key
+    document = {
+        "api": {"endpoint": "simulator"},
+        "engine": {"queue_size": queue_size},
+        "keys": [
+            {
+                "name": "us",
+                "credential_id": "demo-id",
+                "version": "3.1",
+                "tps": 50.0,
+                "partner_tags": us_tags,
+            },
+            {
+                "name": "uk",
+                "credential_id": "uk-id",
+                "version": "3.1",
+                "tps": 50.0,
+                "tpd": 2,
+                "partner_tags": uk,
+            },
+        ],
+        "simulator": {
+            "accounts": [
+                {
+                    "name": "uk",
+                    "protocol": "creators",
+                    "credential_id": "uk-id",
+                    "secret": "uk-secret",
+                    "version": "3.1",
+                    "partner_tags": uk,
+                },
+            ]
+        },
+    }
+    return parse_config(document, environ={})
+
+
 def _config(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "config.toml"
     path.write_text(
@@ -458,43 +501,7 @@ class TestKeysAndSignals:
         budget is spent, the run stops with 75 though the US key is idle and fresh (also when
         it has a UK tag Amazon rejects); it sat until the reset (hours), as --no-wait
         promises it will not."""
-        uk = {"www.amazon.co.uk": "uk-21"}
-        us_tags = {"www.amazon.com": "demo-20"}
-        if us_key_uk_tag is not None:
-            us_tags["www.amazon.co.uk"] = us_key_uk_tag
-        document = {
-            "api": {"endpoint": "simulator"},
-            "keys": [
-                {
-                    "name": "us",
-                    "credential_id": "demo-id",
-                    "version": "3.1",
-                    "tps": 50.0,
-                    "partner_tags": us_tags,
-                },
-                {
-                    "name": "uk",
-                    "credential_id": "uk-id",
-                    "version": "3.1",
-                    "tps": 50.0,
-                    "tpd": 2,
-                    "partner_tags": uk,
-                },
-            ],
-            "simulator": {
-                "accounts": [
-                    {
-                        "name": "uk",
-                        "protocol": "creators",
-                        "credential_id": "uk-id",
-                        "secret": "uk-secret",
-                        "version": "3.1",
-                        "partner_tags": uk,
-                    },
-                ]
-            },
-        }
-        config = parse_config(document, environ={})
+        config = _us_uk_config(uk_tag_on_us_key=us_key_uk_tag)
         job = tmp_path / "job.jsonl"
         rows = [
             json.dumps({"asin": f"B0NWMK{i:04d}", "marketplace": market})
@@ -511,6 +518,26 @@ class TestKeysAndSignals:
         assert ("www.amazon.com", "ok") in done
         assert sum(row["marketplace"] == "www.amazon.com" for row in _rows(out)) == 40
         assert summary.pending > 0
+
+    async def test_a_spent_marketplace_does_not_hold_up_the_others(self, tmp_path: Path) -> None:
+        """Rows alternating US and UK, the UK key's daily budget spent after 2 requests, and
+        room for only 10 lookups: every US row is still answered (the fresh US key idled
+        once UK lookups it cannot send filled the room), then --no-wait stops with 75."""
+        config = _us_uk_config(queue_size=10)
+        job = tmp_path / "job.jsonl"
+        rows = [
+            json.dumps({"asin": f"B0HOLB{i:04d}", "marketplace": market})
+            for i in range(60)
+            for market in ("www.amazon.co.uk", "www.amazon.com")
+        ]
+        job.write_text("\n".join(rows) + "\n")
+        out = tmp_path / "out.jsonl"
+        options = JobOptions(job=job, out=out, progress="none", handle_signals=False, no_wait=True)
+        summary = await asyncio.wait_for(run_job(config, options), timeout=20)
+        assert summary.exit_code() == ExitCode.RESUMABLE
+        done = _rows(out)
+        assert sum(row["marketplace"] == "www.amazon.com" for row in done) == 60
+        assert summary.pending == 120 - len(done) > 0
 
     def test_no_wait_also_stops_for_keys_parked_after_sustained_429s(self) -> None:
         """A key parked after sustained 429s with its own count low (the server's daily

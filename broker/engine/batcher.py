@@ -269,7 +269,7 @@ class WorkQueue:
     ``get(marketplaces)`` returns the oldest batch for one of the given marketplaces
     (a key serves only the marketplaces it has a partner tag for). A batch whose lookups
     were all abandoned is dropped at once (:meth:`discard`). Its size is bounded
-    upstream: the intake admits at most ``queue_size`` outstanding lookups.
+    upstream: the intake admits at most ``queue_size`` outstanding lookups per marketplace.
     """
 
     __slots__ = ("_batches", "_changed")
@@ -474,9 +474,13 @@ class Batcher:
             batch.on_empty = None
         return taken
 
-    def pending(self) -> int:
-        """Lookups waiting in partial groups."""
-        return sum(len(batch.lookups) for _, batch in self._groups.values())
+    def pending(self, marketplace: str) -> int:
+        """Lookups of ``marketplace`` waiting in partial groups."""
+        return sum(
+            len(batch.lookups)
+            for _, batch in self._groups.values()
+            if batch.marketplace == marketplace
+        )
 
     async def run(self) -> None:
         """Flush groups as their linger time runs out; runs until cancelled."""

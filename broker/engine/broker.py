@@ -558,7 +558,10 @@ class Broker:
         comes back unchanged), so results never need matching back. The input is consumed
         lazily: an item is admitted only when fewer than ``queue_size`` of this stream's
         items are in flight or waiting to be yielded, so memory stays bounded however long
-        the input and however slow the consumer.
+        the input and however slow the consumer. Hence an input mixing marketplaces stalls
+        once ``queue_size`` of its items wait for a marketplace whose keys all wait (a daily
+        quota spent): give each marketplace its own stream, as ``broker run`` does; the
+        broker's room for outstanding lookups is per marketplace.
 
         ``stop``, once set, winds the stream down without losing an answer already paid
         for: nothing more is read from the input, the lookups not sent yet are let go (never

@@ -4,10 +4,12 @@ Every query is completed with the config's marketplace and resources, so the res
 answers it carries exactly what was asked. Ids that are not ASINs, marketplaces that are
 not Amazon's, and marketplaces no key is configured for are answered at once, as results
 (``invalid`` / ``failed``), never sent. Everything else joins the one in-flight lookup of
-its (marketplace, ASIN, resources), or starts one when fewer than ``queue_size`` are
-outstanding: admission waits for room, and re-checks afterwards that a key can still serve
-the marketplace (N5). A lookup every caller left is dropped at once, so a new caller of the
-same ASIN starts afresh instead of inheriting another caller's cancellation (N8).
+its (marketplace, ASIN, resources), or starts one when fewer than ``queue_size`` of its
+marketplace are outstanding: admission waits for room, and re-checks afterwards that a key
+can still serve the marketplace (N5). The room is per marketplace so that lookups no key can
+send for hours (a UK key waiting out its daily quota) never keep a fresh US key idle. A
+lookup every caller left is dropped at once, so a new caller of the same ASIN starts afresh
+instead of inheriting another caller's cancellation (N8).
 
 With an item cache (``[cache]``), a fresh cached answer is served here and never enters a
 batch, and every ok answer is written to the cache when its lookup ends.
@@ -76,7 +78,9 @@ class Intake:
         self._metrics = metrics
         self._closed = closed
         self._cache = cache
-        self._capacity = Room(queue_size)
+        self._queue_size = queue_size
+        # Room per canonical marketplace (at most the 20-odd Amazon stores).
+        self._rooms: dict[str, Room] = {}
         self._inflight: dict[Ident, Lookup] = {}
         # Canonical names of marketplaces as callers spell them ("UK", "amazon.co.uk").
         self._markets: dict[str, str | None] = {}
@@ -213,9 +217,16 @@ class Intake:
         if lookup is not None:
             return lookup
         self._pool.check_servable(ident[0])
-        if self._closed() is not None or not self._capacity.try_take():
+        room = self._rooms.get(ident[0]) or self._room(ident[0])
+        if self._closed() is not None or not room.try_take():
             return None
         return self._start(ident, query, receiver)
+
+    def _room(self, marketplace: str) -> Room:
+        room = self._rooms.get(marketplace)
+        if room is None:
+            room = self._rooms[marketplace] = Room(self._queue_size)
+        return room
 
     async def admit(self, query: Query, receiver: Receiver) -> Lookup:
         """Attach ``receiver`` to the lookup answering ``query``, starting one if needed.
@@ -227,26 +238,28 @@ class Intake:
         lookup = self.admit_now(query, receiver)
         if lookup is not None:
             return lookup
-        if self._batcher.pending() >= len(self._inflight):
-            # Every lookup holding room lingers in a partial batch: none can end, and make
-            # room, before its linger runs out (a queue_size below batch_size), so waiting
-            # for more ASINs to join would only hold them all back.
+        market = query.marketplace or ""
+        if self._batcher.pending(market) >= self._queue_size:
+            # Every lookup holding the room lingers in a partial batch: none can end, and
+            # make room, before its linger runs out (a queue_size below batch_size), so
+            # waiting for more ASINs to join would only hold them all back.
             self._batcher.flush()
-        await self._capacity.take()
+        room = self._room(market)
+        await room.take()
         try:
             stopped = self._closed()
             if stopped is not None:
                 raise stopped
             # The last key may have left while this caller waited for room (N5).
-            self._pool.check_servable(query.marketplace or "")
+            self._pool.check_servable(market)
         except BaseException:
             # Hand the room on: the next waiter must also wake and see the same.
-            self._capacity.give()
+            room.give()
             raise
         ident = ident_of(query)
         lookup = self._join(ident, query, receiver)
         if lookup is not None:
-            self._capacity.give()
+            room.give()
             return lookup
         return self._start(ident, query, receiver)
 
@@ -270,7 +283,7 @@ class Intake:
         ident = ident_of(lookup.query)
         if self._inflight.get(ident) is lookup:
             del self._inflight[ident]
-        self._capacity.give()
+        self._rooms[ident[0]].give()
         if self._cache is not None and isinstance(outcome, ItemResult) and outcome.ok:
             # Written behind, in batches; only Amazon's ok answers are kept.
             self._cache.put(outcome)

@@ -654,8 +654,9 @@ class Ledger:
 
     # -- work ------------------------------------------------------------------------------
 
-    def pending_lookups(self) -> Iterator[Lookup]:
-        """Yield each distinct lookup that has no result yet, in order of first appearance.
+    def pending_lookups(self, marketplace: str | None = None) -> Iterator[Lookup]:
+        """Yield each distinct lookup (of ``marketplace``, if given) that has no result yet,
+        in order of first appearance.
 
         Empty until :attr:`ingest_complete` (the lookups are built when ingestion ends).
 
@@ -663,17 +664,19 @@ class Ledger:
         that got its result before the iteration reached it is skipped.
         """
         after = 0
+        only = "" if marketplace is None else " AND marketplace = ?"
+        market = () if marketplace is None else (marketplace,)
         while True:
             with self._lock:
                 page = self._conn.execute(
                     "SELECT id, marketplace, asin, resources FROM lookups "
-                    "WHERE status IS NULL AND id > ? ORDER BY id LIMIT ?",
-                    (after, _PAGE),
+                    f"WHERE status IS NULL AND id > ?{only} ORDER BY id LIMIT ?",
+                    (after, *market, _PAGE),
                 ).fetchall()
             if not page:
                 return
-            for _ident, marketplace, asin, resources in page:
-                yield Lookup(marketplace, asin, _decode_resources(resources))
+            for _ident, market_of, asin, resources in page:
+                yield Lookup(market_of, asin, _decode_resources(resources))
             after = page[-1][0]
 
     def extra_names(self) -> tuple[str, ...]:

@@ -660,8 +660,8 @@ async def _fetch(
     buffer: list[tuple[Lookup, ItemResult]] = []
     cached = 0
 
-    def queries() -> Iterator[Query]:
-        for lookup in ledger.pending_lookups():
+    def queries(marketplace: str | None) -> Iterator[Query]:
+        for lookup in ledger.pending_lookups(marketplace):
             if stop.requested:
                 return
             # The ledger's lookup rides along as the query's tag and comes back with its
@@ -671,8 +671,9 @@ async def _fetch(
     last_commit = time.monotonic()
     progress = _Progress(ledger, broker, options)
 
-    # no_wait: the lookups left per marketplace, to tell which keys the rest of the job needs.
-    left = ledger.pending_by_marketplace() if options.no_wait else {}
+    # The lookups left per marketplace: no_wait tells from them which keys the rest of the
+    # job needs.
+    left = ledger.pending_by_marketplace()
 
     def commit() -> None:
         nonlocal last_commit
@@ -686,9 +687,9 @@ async def _fetch(
             _emit(ledger, output.sink, output.name)
         last_commit = time.monotonic()
 
-    async def consume() -> None:
+    async def consume(marketplace: str | None) -> None:
         nonlocal cached
-        async for result in broker.stream(queries(), stop=stop.draining):
+        async for result in broker.stream(queries(marketplace), stop=stop.draining):
             cached += result.cached
             assert result.query is not None
             lookup = result.query.tag
@@ -711,8 +712,21 @@ async def _fetch(
                     return
                 progress.tick()
 
+    async def consume_each() -> None:
+        # A stream per marketplace: the broker admits a bounded number of lookups per
+        # marketplace, so rows whose keys wait out a daily quota never hold up the rows
+        # of another marketplace behind them in the file.
+        try:
+            async with asyncio.TaskGroup() as group:
+                for market in list(left):
+                    group.create_task(consume(market))
+        except ExceptionGroup as failed:
+            # The first failure, as a single stream would raise it (the others are its
+            # consequences or of the same cause).
+            raise failed.exceptions[0] from None
+
     loop = asyncio.get_running_loop()
-    task = loop.create_task(consume())
+    task = loop.create_task(consume(None) if len(left) <= 1 else consume_each())
     stop.watch(task)
     ticker = loop.create_task(progress.run())
     committer = loop.create_task(commit_when_idle())
