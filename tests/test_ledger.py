@@ -403,6 +403,18 @@ class TestWork:
             assert ledger.pending_lookup_count() == 0
             assert ledger.counts().by_status == {"ok": 1200}
 
+    def test_pending_lookups_of_one_marketplace_across_pages(self, tmp_path: Path) -> None:
+        """pending_lookups(marketplace) yields that marketplace's lookups only, in file order,
+        over more than one page (broker run streams each marketplace on its own)."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(
+                [JobRow(i + 1, asin(i), asin(i), US if i % 2 else DE) for i in range(2500)]
+            )
+            de = [lookup.asin for lookup in ledger.pending_lookups(DE)]
+            assert de == [asin(i) for i in range(0, 2500, 2)]
+            assert {lookup.marketplace for lookup in ledger.pending_lookups(US)} == {US}
+            assert len(list(ledger.pending_lookups())) == 2500
+
     def test_results_survive_reopen_and_map_to_rows(self, tmp_path: Path) -> None:
         """Committed results, statuses and counts are there after close and reopen."""
         with open_ledger(tmp_path) as ledger:
