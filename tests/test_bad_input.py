@@ -432,22 +432,25 @@ class TestC6MalformedJsonl:
 
     async def test_c6_a_field_given_twice_is_an_invalid_row(self, tmp_path: Path) -> None:
         """C6: a line giving "asin" (or "marketplace", "resources") twice is invalid, saying
-        so, not looked up for whichever value the JSON reader kept; the same name as a value
-        or nested deeper is fine."""
+        so, not looked up for whichever value the JSON reader kept (also when one spells it
+        with an escape, "\\u0061sin"); the same name as a value or nested deeper is fine."""
         data = (
             '{"asin": "B0TWICE001", "asin": "B0TWICE002"}\n'
             '{"asin": "B0TWICE003", "marketplace": "www.amazon.de", '
             '"marketplace": "www.amazon.co.uk"}\n'
             '{"asin": "B0TWICE004", "note": "asin", "meta": {"asin": 1, "marketplace": 2}}\n'
+            '{"asin": "B0TWICE005", "\\u0061sin": "B0TWICE006"}\n'
         )
         outcome = await _run(tmp_path, _write(tmp_path, "job.jsonl", data))
         assert [(r["line"], r["status"]) for r in outcome.rows] == [
             (1, "invalid"),
             (2, "invalid"),
             (3, "ok"),
+            (4, "invalid"),
         ]
         reasons = [row["reason"] for row in outcome.report]
-        assert reasons == ['"asin" is given twice', '"marketplace" is given twice']
+        twice = '"{}" is given twice'.format
+        assert reasons == [twice("asin"), twice("marketplace"), twice("asin")]
         assert set(outcome.counter.pairs) == {(US, "B0TWICE004")}
 
     @pytest.mark.parametrize("bad_line", [1, 15])

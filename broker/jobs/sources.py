@@ -961,10 +961,11 @@ def _bad_line(lineno: int, text: str, error: str) -> JobRow:
 def _given_twice(text: str) -> str | None:
     """The field of ``_JSONL_KEYS`` an object line names twice at its top level, or None.
 
-    Read again keeping every pair only when a name occurs twice in the text at all, so the
-    usual line costs three substring counts.
+    Read again keeping every pair only when a name occurs twice in the text at all, or when
+    the line has a ``\\u`` escape (``"\\u0061sin"`` is ``"asin"`` too), so the usual line
+    costs four substring counts.
     """
-    if all(text.count(f'"{key}"') < 2 for key in _JSONL_KEYS):
+    if "\\u" not in text and all(text.count(f'"{key}"') < 2 for key in _JSONL_KEYS):
         return None
     pairs = json.loads(text, object_pairs_hook=list)
     names = [name for name, _ in pairs]
