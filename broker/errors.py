@@ -382,10 +382,10 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
     ),
     ErrorInfo(
         "NoResults",
-        "The search found nothing.",
+        "Nothing found: no search hits, or no variations (or a page past the last).",
         Scope.REQUEST,
         False,
-        "Broaden the search.",
+        "Broaden the search, or check the ASIN and the page: most items have no variations.",
     ),
     ErrorInfo(
         "InternalFailure",

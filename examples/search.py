@@ -32,10 +32,12 @@ async def main(config: Path, keywords: str) -> None:
         for product in found.items:
             price = product.price.display if product.price else "-"
             print(f"  {product.asin}  {price:>10}  {product.title}")
-        if found.items:
-            first = found.items[0]
-            variations = await broker.get_variations(first.asin or "", variation_count=3)
-            print(f"{first.asin} has {variations.variation_count} variations:")
+        # Only an item with a parent has variations (get_variations of another raises
+        # BadRequestError, code NoResults).
+        child = next((product for product in found.items if product.parent_asin), None)
+        if child is not None:
+            variations = await broker.get_variations(child.asin or "", variation_count=3)
+            print(f"{child.asin} has {variations.variation_count} variations:")
             for variant in variations.items:
                 attributes = ", ".join(f"{a.name}={a.value}" for a in variant.variation_attributes)
                 print(f"  {variant.asin}  {attributes}")

@@ -189,9 +189,9 @@ class CreatorsDialect:
                 :class:`~broker.errors.ServerError` (5xx), else
                 :class:`~broker.errors.BadRequestError`; ``code`` is the body's
                 ``reason``, else its ``type``; ``server_date`` is the ``Date`` header.
-                A 200 holding only ``errors`` raises the first as BadRequestError. A
-                SearchItems 404 for a search with no hits has code ``NoResults``, as on
-                PA-API.
+                A 200 holding only ``errors`` raises the first as BadRequestError. A 404
+                for a search with no hits, or for variations that are not there, has code
+                ``NoResults``, as on PA-API.
             ResponseError: the body cannot be read or is not shaped as documented
                 (:func:`~broker.api.errors_map.require_result`), or the status is not an
                 error.
@@ -247,8 +247,9 @@ class CreatorsDialect:
         status = response.status
         kind = strip_type(data.get("type")) or strip_type(data.get("__type"))
         code = text(data.get("reason")) or kind or _fallback_code(status)
-        if kind == "ResourceNotFoundException" and text(data.get("resourceType")) == "SearchResult":
-            # PA-API's name for the same answer, so callers test one code on both APIs.
+        if kind == "ResourceNotFoundException" and text(data.get("resourceType")) != "Item":
+            # A search with no hits, an item with no variations: PA-API's name for the same
+            # answer, so callers test one code on both APIs.
             code = "NoResults"
         message = text(data.get("message")) or text(data.get("Message")) or f"HTTP {status}"
         fields = _field_names(data.get("fieldList"))

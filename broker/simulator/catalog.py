@@ -88,6 +88,8 @@ class CatalogItem:
     product_group: str
     binding: str
     color: str
+    #: a variation's size (in a family of more children than colours), else None
+    size: str | None
     model: str
     part_number: str
     ean: str
@@ -204,13 +206,45 @@ def _served(
     )
 
 
-def variation_asins(settings: SimulatorSettings, marketplace: str, parent: str) -> list[str]:
-    """Return the child ASINs of ``parent`` (two to six of them), deterministically."""
-    rng = _rng(settings.seed, "variations", parent)
-    children = [
-        _derived_asin(settings.seed, "child", parent, str(i)) for i in range(rng.randint(2, 6))
-    ]
-    return [c for c in children if lookup(settings, marketplace, c).status == "ok"]
+#: Variation families. A family is made of the ASINs that differ only in their last character
+#: (they share its stem), so that an item's parent and a parent's children derive from each
+#: other with nothing remembered. Every stem has one: about half of the 36 last characters
+#: make its children and one other its parent ASIN. So about half of all ASINs are a child
+#: with some 17 siblings, and GetVariations of the others finds nothing, as on Amazon, where
+#: most items have no variations.
+_MEMBER_SHARE: Final = 0.5
+
+
+@lru_cache(maxsize=4096)
+def _family(seed: int, stem: str) -> tuple[str, tuple[str, ...]]:
+    """(parent ASIN, child ASINs in order) of the family of ``stem`` (9 characters)."""
+    rng = _rng(seed, "family", stem)
+    parent = rng.choice(_ASIN_CHARS)
+    children = tuple(
+        stem + char for char in _ASIN_CHARS if char != parent and rng.random() < _MEMBER_SHARE
+    )
+    return stem + parent, children
+
+
+def _parent_of(seed: int, asin: str) -> str | None:
+    """The parent ASIN of ``asin`` (upper case) when it is a child of a family."""
+    parent, children = _family(seed, asin[:-1])
+    return parent if asin in children else None
+
+
+def variation_asins(
+    settings: SimulatorSettings, marketplace: str, asin: str
+) -> tuple[str | None, list[str]]:
+    """The parent of ``asin``'s family and its children served in ``marketplace``.
+
+    ``asin`` may be the parent or any child: all get the same family, whose children name
+    that parent in their items. ``(None, [])`` for an ASIN that is neither.
+    """
+    asin = asin.upper()
+    parent, children = _family(settings.seed, asin[:-1])
+    if asin != parent and asin not in children:
+        return None, []
+    return parent, [c for c in children if lookup(settings, marketplace, c).status == "ok"]
 
 
 def browse_node(
@@ -284,6 +318,8 @@ _NOUNS = (
     "Electric Kettle",
 )
 _COLORS = ("Black", "White", "Silver", "Navy Blue", "Red", "Forest Green", "Graphite", "Rose Gold")
+#: with _COLORS, a distinct pair for each child of a family (at most 35)
+_SIZES = ("Small", "Medium", "Large", "X-Large", "XX-Large")
 _FEATURES = (
     "Built to last with premium materials",
     "Easy to set up in minutes, no tools required",
@@ -402,22 +438,32 @@ def _status(
 
 
 def _make_item(seed: int, market: Marketplace, asin: str) -> CatalogItem:
-    product = _rng(seed, "product", asin)
+    parent = _parent_of(seed, asin)
+    # A family's children are one product in several colours and sizes: what they share
+    # (brand, title, features, reviews) comes from the parent, the rest from the ASIN.
+    product = _rng(seed, "product", parent or asin)
+    own = _rng(seed, "item", asin)
     brand = product.choice(_BRANDS)
     noun = product.choice(_NOUNS)
     color = product.choice(_COLORS)
+    size = None
+    if parent is not None:
+        family = _family(seed, asin[:-1])[1]
+        place = family.index(asin)
+        color = _COLORS[place % len(_COLORS)]
+        if len(family) > len(_COLORS):
+            size = _SIZES[place // len(_COLORS)]
     model = f"{brand[:2].upper()}-{product.randrange(100, 9999)}"
     title = f"{brand} {product.choice(_ADJECTIVES)} {noun}, {color}, {model}"
+    if size is not None:
+        title = f"{title}, {size}"
     features = tuple(product.sample(_FEATURES, product.randint(3, 5)))
     chain = product.choice(_TAXONOMY)
     nodes = (
         BrowseNodeData(
-            chain[-1][0], chain[-1][1], product.randrange(1, 50_000), tuple(reversed(chain[:-1]))
+            chain[-1][0], chain[-1][1], own.randrange(1, 50_000), tuple(reversed(chain[:-1]))
         ),
     )
-    image_ids = tuple(_image_id(product) for _ in range(product.randint(1, 4)))
-    parent = _derived_asin(seed, "parent", asin) if product.random() < 0.4 else None
-    ean = "".join(str(product.randrange(10)) for _ in range(13))
     year = product.randrange(2015, 2026)
     return CatalogItem(
         asin=asin,
@@ -430,14 +476,15 @@ def _make_item(seed: int, market: Marketplace, asin: str) -> CatalogItem:
         product_group=chain[0][1],
         binding=chain[0][1],
         color=color,
+        size=size,
         model=model,
-        part_number=f"{model}-{product.randrange(10, 99)}",
-        ean=ean,
+        part_number=f"{model}-{own.randrange(10, 99)}",
+        ean="".join(str(own.randrange(10)) for _ in range(13)),
         release_date=f"{year}-{product.randrange(1, 13):02d}-{product.randrange(1, 29):02d}"
         "T00:00:01Z",
-        image_ids=image_ids,
+        image_ids=tuple(_image_id(own) for _ in range(own.randint(1, 4))),
         browse_nodes=nodes,
-        website_sales_rank=product.randrange(1, 500_000),
+        website_sales_rank=own.randrange(1, 500_000),
         review_count=product.randrange(0, 25_000),
         star_rating=round(product.uniform(2.5, 5.0), 1),
         parent_asin=parent,

@@ -487,8 +487,11 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
     _check_condition(body, ctx)
     resources = _resources(body, ctx, EXTRA_RESOURCES["getVariations"])
     entry = lookup(ctx.settings, ctx.marketplace, asin)
-    parent = (entry.item.parent_asin or entry.item.asin) if entry.item is not None else None
-    children = variation_asins(ctx.settings, ctx.marketplace, parent) if parent else []
+    parent, children = (
+        variation_asins(ctx.settings, ctx.marketplace, asin)
+        if entry.item is not None
+        else (None, [])
+    )
     page_ids = children[(page - 1) * count : page * count]
     if not page_ids:
         raise Rejected(
@@ -499,11 +502,14 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         )
     # The summary describes the whole set of variations, whichever page is asked for.
     colors: list[str] = []
+    sizes: list[str] = []
     prices: list[tuple[float, str, str]] = []
     for child in children:
         child_item = lookup(ctx.settings, ctx.marketplace, child).item
         if child_item is not None:
             colors.append(child_item.color)
+            if child_item.size is not None:
+                sizes.append(child_item.size)
             listing = child_item.listing
             prices.append((listing.amount, listing.currency, listing.display_amount))
     rendered: list[str] = []
@@ -519,7 +525,12 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
             parent if "parentASIN" in resources else tree.get(ctx.names("parentASIN"))
         )
         tree[ctx.names("variationAttributes")] = [
-            {ctx.names("name"): "color_name", ctx.names("value"): child_entry.item.color}
+            {ctx.names("name"): name, ctx.names("value"): value}
+            for name, value in (
+                ("color_name", child_entry.item.color),
+                ("size_name", child_entry.item.size),
+            )
+            if value is not None
         ]
         rendered.append(json.dumps(tree, ensure_ascii=False, separators=(",", ":")))
     n = ctx.names
@@ -528,13 +539,20 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         n("variationCount"): len(children),
     }
     if "variationSummary.variationDimension" in resources:
+        locale = served_as(ctx.marketplace).locale
         summary[n("variationDimensions")] = [
             {
-                n("displayName"): "Color",
-                n("locale"): served_as(ctx.marketplace).locale,
-                n("name"): "color_name",
-                n("values"): sorted(set(colors)),
+                n("displayName"): display,
+                n("locale"): locale,
+                n("name"): name,
+                # In the order the family has them (sizes from small to large).
+                n("values"): list(dict.fromkeys(values)),
             }
+            for display, name, values in (
+                ("Color", "color_name", colors),
+                ("Size", "size_name", sizes),
+            )
+            if values
         ]
     if prices and any(r.startswith("variationSummary.price.") for r in resources):
         low, high = min(prices), max(prices)

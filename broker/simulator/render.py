@@ -358,7 +358,7 @@ def _info_member(item: CatalogItem, key: str) -> object:
             "isAdultProduct": _attr(False, "IsAdultProduct", loc),
             "itemDimensions": None,
             "releaseDate": _attr(item.release_date, "ReleaseDate", loc),
-            "size": None,
+            "size": None if item.size is None else _attr(item.size, "Size", loc),
             "unitCount": _attr(1, "NumberOfItems", loc),
         }
     if key == "title":
