@@ -543,6 +543,32 @@ class TestHttp:
             assert values["asinb_cache_up"] == 1
             assert values["asinb_cache_entries"] == 3
 
+    async def test_an_unreadable_inbox_leaves_metrics_served(
+        self, start: Start, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With inbox/ unreadable (EACCES: a chmod, an NFS or ACL problem), /metrics still
+        answers 200 without the inbox count, and says why once in the log; every scrape
+        was a 500 that fired AsinBrokerDown for a daemon busy with its job."""
+        running = await start()
+
+        def unreadable(self: Spool) -> int:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self.inbox))
+
+        monkeypatch.setattr(Spool, "waiting_count", unreadable)
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                code, _, text = await _get(f"{running.url}/metrics")
+                assert code == 200
+                assert "asinb_inbox_jobs" not in text
+                assert "asinb_jobs_total" in text
+            assert (await _get(f"{running.url}/readyz"))[0] == 200
+        warned = [e for e in logs if e["event"] == "broker.inbox_unreadable"]
+        assert len(warned) == 1
+        assert "Permission denied" in warned[0]["error"]
+        monkeypatch.undo()
+        values = _samples((await _get(f"{running.url}/metrics"))[2])
+        assert values["asinb_inbox_jobs"] == 0
+
     async def test_healthz_readyz_and_metrics_answer(self, start: Start, spool: Path) -> None:
         """/healthz and /readyz say 200; /metrics is Prometheus text with the documented names."""
         running = await start()
@@ -754,7 +780,8 @@ class TestProcess:
 
     async def test_first_signal_drains_the_running_job(self, tmp_path: Path) -> None:
         """A first SIGTERM lets the requests already sent be answered and written, as
-        ``broker run`` does: no answer paid for is thrown away, and the job resumes later."""
+        ``broker run`` does: no answer paid for is thrown away, and the job resumes later.
+        Meanwhile /readyz says 503 "stopping" (it said ready until the port closed)."""
         settings = SimulatorSettings(limits=False, latency=LatencyProfile(fixed_ms=300.0))
         async with SimulatorServer(settings) as sim:
             document = {
@@ -776,6 +803,9 @@ class TestProcess:
             _drop(tmp_path, "big.txt", "\n".join(_asins(200, "B3")) + "\n")
             await _until(lambda: sim.stats.accounts["demo"].accepted >= 2)
             daemon._signals(signal.SIGTERM)
+            code, _, body = await _get(f"{daemon.url}/readyz")
+            assert (code, json.loads(body)) == (503, {"ready": False, "reason": "stopping"})
+            assert not task.done()
             await asyncio.wait_for(task, 15)
             served = sim.stats.accounts["demo"].items_served
         rows = _rows(tmp_path / "processing" / "big.txt.out.jsonl")

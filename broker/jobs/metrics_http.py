@@ -73,7 +73,8 @@ class SpoolSnapshot:
         state: ``starting``, ``running`` or ``stopping``.
         jobs_done: jobs filed under ``done/`` since the daemon started.
         jobs_failed: jobs filed under ``failed/`` since the daemon started.
-        inbox: job files waiting in ``inbox/`` (counted when the snapshot is taken).
+        inbox: job files waiting in ``inbox/`` (counted when the snapshot is taken), None
+            when it cannot be read.
         deferred: jobs in ``processing/`` waiting for their keys' daily quota to reset
             (``[serve] no_wait``).
         rows_by_status: rows the daemon wrote since it started, by final status, counted
@@ -84,7 +85,7 @@ class SpoolSnapshot:
     state: str = "starting"
     jobs_done: int = 0
     jobs_failed: int = 0
-    inbox: int = 0
+    inbox: int | None = 0
     deferred: int = 0
     rows_by_status: Mapping[str, int] = field(default_factory=dict)
     jobs: tuple[JobRows, ...] = ()
@@ -187,8 +188,11 @@ def render_metrics(
     out.family("asinb_jobs_total", "counter", "Jobs filed since the daemon started, by outcome.")
     out.sample("asinb_jobs_total", spool.jobs_done, outcome="done")
     out.sample("asinb_jobs_total", spool.jobs_failed, outcome="failed")
-    out.family("asinb_inbox_jobs", "gauge", "Job files waiting in inbox/ (counted at each scrape).")
-    out.sample("asinb_inbox_jobs", spool.inbox)
+    if spool.inbox is not None:  # None: inbox/ cannot be read (the daemon logs why)
+        out.family(
+            "asinb_inbox_jobs", "gauge", "Job files waiting in inbox/ (counted at each scrape)."
+        )
+        out.sample("asinb_inbox_jobs", spool.inbox)
     out.family(
         "asinb_deferred_jobs",
         "gauge",

@@ -734,6 +734,8 @@ class Daemon:
         self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}
         # inbox/ entries that are no job files, already warned about
         self._ignored: set[str] = set()
+        # Why inbox/ could not be counted at the last scrape (warned once), or None.
+        self._inbox_error: str | None = None
         # Jobs stopped by ``no_wait`` -> when their keys' daily quota resets.
         self._deferred: dict[str, datetime] = {}
         # When processing/ is next looked at for jobs a dead daemon left (monotonic), and
@@ -1296,12 +1298,26 @@ class Daemon:
             # The name it will be filed under, so it never repeats a finished job's label.
             label = _free_name(self.spool.done, self._current.name)
             jobs.insert(0, JobRows(label, live))
+        try:
+            inbox: int | None = self.spool.waiting_count()
+            self._inbox_error = None
+        except OSError as exc:
+            # A scrape must still answer (a 500 fires AsinBrokerDown for a daemon busy with
+            # its job): the count is left out, and why is told once.
+            inbox = None
+            if self._inbox_error is None:
+                self._inbox_error = str(exc)
+                logger.warning(
+                    "broker.inbox_unreadable", inbox=str(self.spool.inbox), error=str(exc)
+                )
         return SpoolSnapshot(
-            state=self._state,
+            # Stopping from the first signal on: a load balancer must stop sending work
+            # while the current job drains, not when the port closes.
+            state="stopping" if self._stop.is_set() and self._state == "running" else self._state,
             jobs_done=self._jobs_done,
             jobs_failed=self._jobs_failed,
             # Counted now: the inbox is scanned only between jobs, which may take hours.
-            inbox=self.spool.waiting_count(),
+            inbox=inbox,
             # Only those still there: one deleted meanwhile is forgotten when it comes due.
             deferred=sum(1 for name in self._deferred if (self.spool.processing / name).exists()),
             rows_by_status=dict(self._rows),
