@@ -136,6 +136,9 @@ def _seconds(text: str) -> float:
     return float(match[1]) * factor
 
 
+UK = "www.amazon.co.uk"
+
+
 @functools.cache
 def _served() -> dict[str, frozenset[str]]:
     """Families on a running ``broker serve``'s /metrics (after one job) -> their label names."""
@@ -159,7 +162,7 @@ async def _scrape() -> dict[str, frozenset[str]]:
         "name": "demo",
         "credential_id": "demo-id",
         "version": "3.1",
-        "partner_tags": {"www.amazon.com": "demo-20"},
+        "partner_tags": {"www.amazon.com": "demo-20", UK: "demo-21"},
         "tps": 100.0,
     }
     document = {
@@ -184,6 +187,11 @@ async def _scrape() -> dict[str, frozenset[str]]:
                 # The file system has no event to wait on: poll it.
                 while not (spool / "done" / "j.txt.status.json").exists():  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
+                # What a rejected UK tag does (the simulator serves US only), for the family
+                # present only then.
+                assert daemon._broker is not None
+                (key_state,) = daemon._broker._keys
+                key_state.disable("InvalidPartnerTag", "bad tag", "fix it", marketplace=UK)
                 async with (
                     aiohttp.ClientSession() as session,
                     session.get(f"{daemon.url}/metrics") as response,

@@ -14,8 +14,10 @@ from structlog.testing import capture_logs
 from broker.engine.adaptive import CircuitState, ThrottleVerdict
 from broker.engine.authorizer import SigV4Authorizer
 from broker.engine.keys import KeyHealth, KeyState
+from broker.engine.metrics import MetricsSnapshot
 from broker.engine.shared_limiter import SharedState
 from broker.errors import ThrottledError
+from broker.jobs.metrics_http import SpoolSnapshot, render_metrics
 from broker.models import Secret
 from broker.state import MemoryStateStore
 from broker.testing import FakeClock
@@ -216,6 +218,23 @@ class TestMarketplaces:
         assert snapshot.state == "active"
         assert snapshot.reason == f"out of rotation for {DE} (InvalidPartnerTag)"
         assert snapshot.marketplaces == (US,)
+        assert snapshot.markets_out == ((DE, "InvalidPartnerTag"),)
+
+    def test_a_marketplace_out_of_rotation_is_in_the_metrics(self) -> None:
+        """/metrics has asinb_key_marketplace_disabled 1 for a key Amazon rejected in one
+        of its marketplaces (a wrong tag), which the alert reads: such a key stays active,
+        so asinb_key_state never told, and only the log did."""
+        key = _key(FakeClock())
+        key.disable("InvalidPartnerTag", "bad tag", "fix it", marketplace=DE)
+        m = MetricsSnapshot(0, {}, 0, 0, 0, {}, (0,) * 11, 0.0, 0, 0, 0, keys=(key.snapshot(),))
+        text = render_metrics(m, SpoolSnapshot())
+        assert "# TYPE asinb_key_marketplace_disabled gauge" in text
+        sample = (
+            'asinb_key_marketplace_disabled{code="InvalidPartnerTag",key="demo",'
+            f'marketplace="{DE}"}} 1'
+        )
+        assert sample in text.splitlines()
+        assert 'asinb_key_state{key="demo",state="active"} 1' in text.splitlines()
 
     def test_a_key_out_of_every_marketplace_is_disabled(self) -> None:
         """A key whose every marketplace left rotation (a wrong tag on its only store) is

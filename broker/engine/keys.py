@@ -640,6 +640,9 @@ class KeyState:
             until=until,
             daily_left=self.limiter.remaining,
             marketplaces=tuple(self.active_marketplaces()),
+            markets_out=tuple(
+                (market, failure.code) for market, failure in self._disabled_markets.items()
+            ),
         )
 
     def _markets_out(self) -> str:

@@ -44,6 +44,8 @@ class KeySnapshot:
     daily_left: int | None = None
     #: the marketplaces the key serves now: its tags, less those out of rotation
     marketplaces: tuple[str, ...] = ()
+    #: (marketplace, code) for each marketplace Amazon rejected the key in (a wrong tag)
+    markets_out: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -270,6 +270,18 @@ def _render_engine(out: _Exposition, m: MetricsSnapshot) -> None:
     for k in keys:
         for state in ("active", "paused", "parked", "disabled"):
             out.sample("asinb_key_state", int(k.state == state), key=k.name, state=state)
+    if any(k.markets_out for k in keys):
+        out.family(
+            "asinb_key_marketplace_disabled",
+            "gauge",
+            "1 for each marketplace Amazon rejected the key in (a wrong partner tag): the key "
+            "sends nothing there, though it may serve its other marketplaces.",
+        )
+    for k in keys:
+        for market, rejected in k.markets_out:
+            out.sample(
+                "asinb_key_marketplace_disabled", 1, code=rejected, key=k.name, marketplace=market
+            )
 
 
 def _render_build_info(out: _Exposition) -> None:
