@@ -26,6 +26,7 @@ __all__ = [
     "configure_logging",
     "end_live_line",
     "get_logger",
+    "logs_are_json",
     "redact",
     "scrub",
     "show_live_line",
@@ -154,9 +155,11 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     that redirect), instead of writing to a closed file.
     """
 
-    def __init__(self, stream: TextIO | None) -> None:
+    def __init__(self, stream: TextIO | None, *, renders_json: bool = False) -> None:
         super().__init__(stream or sys.stderr)
         self._fixed = stream
+        #: one JSON object per line (a log shipper parses every line)
+        self.renders_json = renders_json
 
     def emit(self, record: logging.LogRecord) -> None:
         # Not setStream(): that flushes the previous stream, which may be closed by now.
@@ -177,6 +180,16 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 #: Marks the handler :func:`configure_logging` installs, so a second call replaces it.
 _HANDLER_NAME = "broker-cli"
+
+
+def logs_are_json() -> bool:
+    """True when :func:`configure_logging` chose JSON lines: a command's last words then go
+    to the log as an event, not as a plain line among the JSON ones."""
+    return any(
+        isinstance(handler, _StderrHandler) and handler.renders_json
+        for handler in logging.getLogger().handlers
+        if handler.get_name() == _HANDLER_NAME
+    )
 
 
 def configure_logging(
@@ -223,7 +236,7 @@ def configure_logging(
             renderer,
         ],
     )
-    handler = _StderrHandler(stream)
+    handler = _StderrHandler(stream, renders_json=not use_console)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -726,6 +726,29 @@ class TestProcess:
         assert "--allow-remote" in capsys.readouterr().err
         assert not (tmp_path / "s").exists()
 
+    @pytest.mark.parametrize(
+        ("option", "exit_code"),
+        [("--host=0.0.0.0", ExitCode.CONFIG), ("--spool-is-a-file", ExitCode.IO_ERROR)],
+    )
+    def test_json_logs_say_a_failed_start_as_json(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, exit_code: int
+    ) -> None:
+        """With JSON logs, a daemon that cannot start ends its log with one JSON line,
+        broker.daemon_failed with the exit code and why, as a log shipper reads it; a plain
+        "broker serve: ..." line came after the JSON ones (or alone, for a config error)."""
+        spool = tmp_path / "s"
+        argv = ["serve", "--spool", str(spool), "--config", str(_config_file(tmp_path))]
+        if option == "--spool-is-a-file":
+            spool.write_text("not a folder\n")
+        else:
+            argv.append(option)
+        assert cli.main(argv) == exit_code
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        events = [json.loads(line) for line in lines]
+        assert events[-1]["event"] == "broker.daemon_failed"
+        assert events[-1]["exit_code"] == exit_code
+        assert events[-1]["error"]
+
     def test_every_key_rejected_stops_with_77_and_keeps_the_job(
         self,
         tmp_path: Path,

@@ -101,7 +101,7 @@ from broker.jobs.signals import (
     replay_early,
     sigint_echo_window,
 )
-from broker.logs import get_logger
+from broker.logs import get_logger, logs_are_json
 from broker.progname import prog
 from broker.sqlitewal import journal_files
 
@@ -1356,12 +1356,17 @@ def serve_command(
     try:
         daemon = Daemon(config, options)
         run(daemon.run())
-    except ConfigError as exc:
-        print(f"{prog()} serve: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
     except Exception as exc:
-        code, message = describe_failure(exc)
-        logger.error("broker.daemon_failed", exit_code=code, error=message)
-        print(f"{prog()} serve: {message}", file=sys.stderr)
+        code: int
+        if isinstance(exc, ConfigError):
+            code, message = ExitCode.CONFIG, str(exc)
+        else:
+            code, message = describe_failure(exc)
+        if logs_are_json():
+            # A log shipper (journald's, a container's) parses every line: the last words
+            # are an event too.
+            logger.error("broker.daemon_failed", exit_code=code, error=message)
+        else:
+            print(f"{prog()} serve: {message}", file=sys.stderr)
         return code
     return ExitCode.OK
