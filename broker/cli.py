@@ -459,12 +459,11 @@ def _command(args: argparse.Namespace) -> int:
         named = (
             "" if args.config or not os.environ.get(CONFIG_ENV) else f" (named by ${CONFIG_ENV})"
         )
-        print(
-            f"{prog()}: config file not found: {path}{named}; create a starter with "
+        return _config_failure(
+            args,
+            f"config file not found: {path}{named}; create a starter with "
             f"`{prog()} init {path}`, or name one with --config or ${CONFIG_ENV}",
-            file=sys.stderr,
         )
-        return ExitCode.CONFIG
     try:
         # Commands that send nothing to Amazon run without its secrets, from any shell.
         read: ReadSecrets = args.command not in ("status", "cache")
@@ -488,8 +487,7 @@ def _command(args: argparse.Namespace) -> int:
                 if key.secret is None and not key.secret_source.startswith("file "):
                     embedded_secret(config, key)
     except ConfigError as exc:
-        print(f"{prog()}: invalid config {path}: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
+        return _config_failure(args, f"invalid config {path}: {exc}")
     from broker.logs import configure_logging
 
     configure_logging(config.log.level, config.log.format)
@@ -513,6 +511,17 @@ def _command(args: argparse.Namespace) -> int:
         return serve_command(config, args, run=_run_loop)
     print(f"unknown command {args.command}", file=sys.stderr)  # pragma: no cover
     return ExitCode.USAGE
+
+
+def _config_failure(args: argparse.Namespace, message: str) -> int:
+    """A config that cannot be used: say why on stderr, and for ``status --json`` in its
+    document on stdout too (a script reading stdout always gets one); exit 78."""
+    print(f"{prog()}: {message}", file=sys.stderr)
+    if args.command == "status" and args.json:
+        from broker.status import print_no_keys
+
+        print_no_keys(message)
+    return ExitCode.CONFIG
 
 
 def _init(path: Path, *, force: bool) -> int:

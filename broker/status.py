@@ -257,11 +257,14 @@ def _no_keys(
     under ``member``), so a script reading stdout always gets one."""
     print(f"{prog()}: {text}", file=sys.stderr)
     if args.json:
-        document: dict[str, object] = {
-            "backend": config.state.backend,
-            "where": where,
-            "keys": [],
-            member: text,
-        }
-        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        print_no_keys(text, backend=config.state.backend, where=where, member=member)
     return code
+
+
+def print_no_keys(
+    text: str, *, backend: str | None = None, where: str | None = None, member: str = "error"
+) -> None:
+    """Print ``--json``'s document when there are no keys to show: ``text`` under
+    ``member`` (also for a config that cannot be read, with no backend known)."""
+    document: dict[str, object] = {"backend": backend, "where": where, "keys": [], member: text}
+    print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())

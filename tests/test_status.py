@@ -97,6 +97,22 @@ class TestStatus:
         assert spare["state"] == "active"
         assert spare["processes_recent"] == 0
 
+    @pytest.mark.parametrize("problem", ["missing", "invalid"])
+    def test_json_says_a_config_error_in_its_document(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], problem: str
+    ) -> None:
+        """--json: a config file that is missing or invalid still gives one document on
+        stdout (no keys and the error), as the README promises; stdout was empty."""
+        path = tmp_path / "broker.toml"
+        if problem == "invalid":
+            path.write_text("[state]\nbackend = 3\n")
+        assert cli.main(["status", "--config", str(path), "--json"]) == 78
+        captured = capsys.readouterr()
+        document = json.loads(captured.out)
+        assert document["keys"] == []
+        assert str(path) in document["error"]
+        assert document["error"] in captured.err
+
     def test_table_names_every_key(
         self, config_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
