@@ -24,6 +24,8 @@ from conftest import sqlite_db
 
 from broker.errors import JobFileError
 from broker.jobs.ledger import (
+    _PENDING_IN_SQL,
+    _PENDING_SQL,
     CRASH_ENV,
     CRASH_POINTS,
     SCHEMA_VERSION,
@@ -414,6 +416,14 @@ class TestWork:
             assert de == [asin(i) for i in range(0, 2500, 2)]
             assert {lookup.marketplace for lookup in ledger.pending_lookups(US)} == {US}
             assert len(list(ledger.pending_lookups())) == 2500
+            # Each page walks the pending ids, never every lookup of the marketplace sorted
+            # anew (that cost a second a page on a job of a million rows).
+            for sql, args in ((_PENDING_SQL, (0, 10)), (_PENDING_IN_SQL, (0, DE, 10))):
+                plan = " ".join(
+                    str(row[-1]) for row in ledger._conn.execute("EXPLAIN QUERY PLAN " + sql, args)
+                )
+                assert "lookups_pending" in plan
+                assert "TEMP B-TREE" not in plan
 
     def test_results_survive_reopen_and_map_to_rows(self, tmp_path: Path) -> None:
         """Committed results, statuses and counts are there after close and reopen."""
