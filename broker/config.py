@@ -140,7 +140,8 @@ class KeyConfig:
 class EngineConfig:
     """Pipeline sizes and timeouts."""
 
-    #: bound of the intake queue (lookups waiting to be batched)
+    #: lookups outstanding at once per marketplace (admitted, not yet answered), and a
+    #: stream's window: what bounds memory (a job of N marketplaces holds up to N times it)
     queue_size: int = 10_000
     #: how long a partial batch waits for more ASINs before it is sent
     linger_s: float = 0.05

@@ -786,6 +786,23 @@ class TestParseOperation:
         assert info.value.code == "NoResults"
         assert info.value.message == "No results found for your search request"
 
+    @pytest.mark.parametrize(
+        ("resource_type", "code"),
+        [("Variation", "NoResults"), ("BrowseNode", "ResourceNotFoundException")],
+    )
+    def test_not_found_404_of_other_operations(self, resource_type: str, code: str) -> None:
+        """A 404 for variations that are not there is NoResults as on PA-API; one for browse
+        nodes keeps its own code."""
+        body = {
+            "type": "ResourceNotFoundException",
+            "message": "nothing",
+            "resourceType": resource_type,
+            "resourceId": "B000000002",
+        }
+        with pytest.raises(BadRequestError) as info:
+            DIALECT.parse_operation(response(404, body), Operation.GET_VARIATIONS)
+        assert info.value.code == code
+
     @pytest.mark.parametrize("body", [b"[]", b'"x"', b"{", b"\xff\xfe\x00", b""])
     def test_unreadable_200_raises_response_error(self, body: bytes) -> None:
         """A 200 that is not one JSON object raises ResponseError."""

@@ -25,9 +25,11 @@ from broker.api.resources import ITEM_RESOURCES, resolve_resources, resource_nam
 from broker.config import DEFAULT_RESOURCES
 from broker.errors import BadRequestError, ResponseError
 from broker.models import Protocol
+from broker.simulator.catalog import lookup, variation_asins
 from broker.simulator.settings import FaultRates, SimulatorSettings
 
 FREE = SimulatorSettings(limits=False)
+US = "www.amazon.com"
 C, P = Protocol.CREATORS, Protocol.PAAPI5
 
 
@@ -430,6 +432,24 @@ class TestAgainstSimulator:
         with pytest.raises(BadRequestError) as caught:
             await broker.get_variations(alone[0].asin)
         assert caught.value.code == "NoResults"
+
+    async def test_a_parent_not_served_still_lists_its_family(self, harness: Harness) -> None:
+        """GetVariations of a family's parent gives the family even when the parent itself
+        is not served (missing_share; a parent has no offer of its own), as the README
+        says; it found nothing."""
+        settings = SimulatorSettings(limits=False, missing_share=0.3)
+        parent = None
+        for i in range(200):
+            found, children = variation_asins(settings, US, f"B0P{i:07d}")
+            if found and children and lookup(settings, US, found).status == "not_found":
+                parent = found
+                break
+        assert parent is not None
+        sim = await harness.simulator(settings)
+        broker = await harness.broker(make_config(sim.url))
+        family = await broker.get_variations(parent, resources=["parentASIN"])
+        assert family.items
+        assert {p.parent_asin for p in family.items} == {parent}
 
     async def test_checked_before_any_request(self, harness: Harness) -> None:
         """Bad options and unknown resources raise without a request being sent."""

@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from creatorsapi_python_sdk.models.item import Item
 
-from broker.simulator.catalog import browse_node, is_well_formed, lookup, search_asins
+from broker.asin import check_asin
+from broker.simulator.catalog import (
+    browse_node,
+    is_well_formed,
+    lookup,
+    search_asins,
+    variation_asins,
+)
 from broker.simulator.marketplaces import MARKETPLACES, format_amount
 from broker.simulator.quota import KeyQuota
 from broker.simulator.render import (
@@ -26,6 +33,29 @@ ASINS = [f"B0{i:08d}" for i in range(2000)]
 
 
 class TestCatalogue:
+    def test_variation_families_hold_only_valid_asins(self) -> None:
+        """Every parent and child of a family is an ASIN the broker accepts, and a book
+        (an ISBN-10, whose last character is a check digit) has no family: families of
+        every stem gave books siblings with wrong check digits and parents like 291417776Q."""
+        settings = SimulatorSettings()
+        US = "www.amazon.com"
+        families = 0
+        for i in range(200):
+            parent, children = variation_asins(settings, US, f"B0C{i:07d}")
+            if parent is None:
+                continue
+            families += 1
+            for asin in (parent, *children):
+                assert check_asin(asin).asin == asin
+                assert lookup(settings, US, asin).item is not None
+        assert families > 50
+        for isbn in ("2914177763", "0306406152", "080442957X"):
+            assert check_asin(isbn).asin == isbn
+            assert variation_asins(settings, US, isbn) == (None, [])
+            item = lookup(settings, US, isbn).item
+            assert item is not None
+            assert item.parent_asin is None
+
     def test_deterministic(self) -> None:
         """The same settings give the same item; another seed gives another."""
         first = lookup(SETTINGS, "www.amazon.com", "B000TEST01")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from broker.api.base import HttpRequest, Operation, ParsedItems, RawResponse, encode_body
 from broker.api.errors_map import (
@@ -72,6 +72,10 @@ _FALLBACK_CODES: Mapping[int, str] = {
     429: "ThrottleException",
     500: "InternalServerException",
 }
+
+#: The ``resourceType`` of a 404 that means nothing was found (a search with no hits, an
+#: item with no variations, a page past the last): PA-API's ``NoResults``.
+_NOTHING_FOUND: Final = frozenset({"SearchResult", "Variation"})
 
 
 class CreatorsDialect:
@@ -247,7 +251,7 @@ class CreatorsDialect:
         status = response.status
         kind = strip_type(data.get("type")) or strip_type(data.get("__type"))
         code = text(data.get("reason")) or kind or _fallback_code(status)
-        if kind == "ResourceNotFoundException" and text(data.get("resourceType")) != "Item":
+        if kind == "ResourceNotFoundException" and text(data.get("resourceType")) in _NOTHING_FOUND:
             # A search with no hits, an item with no variations: PA-API's name for the same
             # answer, so callers test one code on both APIs.
             code = "NoResults"

@@ -208,28 +208,26 @@ def _served(
 
 #: Variation families. A family is made of the ASINs that differ only in their last character
 #: (they share its stem), so that an item's parent and a parent's children derive from each
-#: other with nothing remembered. Every stem has one: about half of the 36 last characters
-#: make its children and one other its parent ASIN. So about half of all ASINs are a child
-#: with some 17 siblings, and GetVariations of the others finds nothing, as on Amazon, where
-#: most items have no variations.
+#: other with nothing remembered. Every stem of a B0 ASIN has one: about half of the 36 last
+#: characters make its children and one other its parent ASIN. So about half of the B0
+#: ASINs are a child with some 17 siblings, and GetVariations of the others finds nothing,
+#: as on Amazon, where most items have no variations. Books (ISBN-10 ids, whose last
+#: character is a check digit) have none.
 _MEMBER_SHARE: Final = 0.5
 
 
 @lru_cache(maxsize=4096)
-def _family(seed: int, stem: str) -> tuple[str, tuple[str, ...]]:
-    """(parent ASIN, child ASINs in order) of the family of ``stem`` (9 characters)."""
+def _family(seed: int, stem: str) -> tuple[str, tuple[str, ...]] | None:
+    """(parent ASIN, child ASINs in order) of the family of ``stem`` (9 characters, upper
+    case), or None for a stem that is not a B0 ASIN's."""
+    if not stem.startswith("B0"):
+        return None
     rng = _rng(seed, "family", stem)
     parent = rng.choice(_ASIN_CHARS)
     children = tuple(
         stem + char for char in _ASIN_CHARS if char != parent and rng.random() < _MEMBER_SHARE
     )
     return stem + parent, children
-
-
-def _parent_of(seed: int, asin: str) -> str | None:
-    """The parent ASIN of ``asin`` (upper case) when it is a child of a family."""
-    parent, children = _family(seed, asin[:-1])
-    return parent if asin in children else None
 
 
 def variation_asins(
@@ -241,9 +239,10 @@ def variation_asins(
     that parent in their items. ``(None, [])`` for an ASIN that is neither.
     """
     asin = asin.upper()
-    parent, children = _family(settings.seed, asin[:-1])
-    if asin != parent and asin not in children:
+    family = _family(settings.seed, asin[:-1])
+    if family is None or (asin != family[0] and asin not in family[1]):
         return None, []
+    parent, children = family
     return parent, [c for c in children if lookup(settings, marketplace, c).status == "ok"]
 
 
@@ -438,7 +437,9 @@ def _status(
 
 
 def _make_item(seed: int, market: Marketplace, asin: str) -> CatalogItem:
-    parent = _parent_of(seed, asin)
+    family = _family(seed, asin[:-1])
+    place = family[1].index(asin) if family is not None and asin in family[1] else None
+    parent = family[0] if family is not None and place is not None else None
     # A family's children are one product in several colours and sizes: what they share
     # (brand, title, features, reviews) comes from the parent, the rest from the ASIN.
     product = _rng(seed, "product", parent or asin)
@@ -447,11 +448,9 @@ def _make_item(seed: int, market: Marketplace, asin: str) -> CatalogItem:
     noun = product.choice(_NOUNS)
     color = product.choice(_COLORS)
     size = None
-    if parent is not None:
-        family = _family(seed, asin[:-1])[1]
-        place = family.index(asin)
+    if family is not None and place is not None:
         color = _COLORS[place % len(_COLORS)]
-        if len(family) > len(_COLORS):
+        if len(family[1]) > len(_COLORS):
             size = _SIZES[place // len(_COLORS)]
     model = f"{brand[:2].upper()}-{product.randrange(100, 9999)}"
     title = f"{brand} {product.choice(_ADJECTIVES)} {noun}, {color}, {model}"

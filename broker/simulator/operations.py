@@ -486,12 +486,10 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
     page = _integer(body, ctx.names("variationPage"), 1, 1, _MAX_PAGE)
     _check_condition(body, ctx)
     resources = _resources(body, ctx, EXTRA_RESOURCES["getVariations"])
-    entry = lookup(ctx.settings, ctx.marketplace, asin)
-    parent, children = (
-        variation_asins(ctx.settings, ctx.marketplace, asin)
-        if entry.item is not None
-        else (None, [])
-    )
+    parent, children = variation_asins(ctx.settings, ctx.marketplace, asin)
+    if asin.upper() != parent and lookup(ctx.settings, ctx.marketplace, asin).item is None:
+        # A child not served here shows no family; a parent, never an offer itself, does.
+        children = []
     page_ids = children[(page - 1) * count : page * count]
     if not page_ids:
         raise Rejected(
