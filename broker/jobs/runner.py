@@ -722,8 +722,9 @@ async def _fetch(
                     group.create_task(consume(market))
         except ExceptionGroup as failed:
             # The first failure, as a single stream would raise it (the others are its
-            # consequences or of the same cause).
-            raise failed.exceptions[0] from None
+            # consequences or of the same cause), with its own cause kept.
+            first = failed.exceptions[0]
+            raise first from first.__cause__
 
     loop = asyncio.get_running_loop()
     task = loop.create_task(consume(None) if len(left) <= 1 else consume_each())

@@ -105,6 +105,10 @@ _SNIFF_BYTES: Final = 1 << 16
 _SNIFF_LINES: Final = 50
 _CSV_DELIMITERS: Final = (",", ";", "\t", "|")
 _JSONL_KEYS: Final = frozenset({"asin", "marketplace", "resources"})
+#: A \u escape in what looks like an object's field name (an escape, then the closing
+#: quote and a colon): "\u0061sin" is "asin". One in a value (an accented title written
+#: by json.dumps) does not match.
+_ESCAPED_NAME: Final = re.compile(r'\\u[0-9A-Fa-f]{4}[^"]*"\s*:')
 _TRAILING_COMMENT: Final = re.compile(r"\s#")
 
 
@@ -962,10 +966,12 @@ def _given_twice(text: str) -> str | None:
     """The field of ``_JSONL_KEYS`` an object line names twice at its top level, or None.
 
     Read again keeping every pair only when a name occurs twice in the text at all, or when
-    the line has a ``\\u`` escape (``"\\u0061sin"`` is ``"asin"`` too), so the usual line
-    costs four substring counts.
+    a field name has a ``\\u`` escape (``"\\u0061sin"`` is ``"asin"`` too), so the usual
+    line costs three substring counts (and a search, when it has an escape).
     """
-    if "\\u" not in text and all(text.count(f'"{key}"') < 2 for key in _JSONL_KEYS):
+    if all(text.count(f'"{key}"') < 2 for key in _JSONL_KEYS) and (
+        "\\u" not in text or _ESCAPED_NAME.search(text) is None
+    ):
         return None
     pairs = json.loads(text, object_pairs_hook=list)
     names = [name for name, _ in pairs]
