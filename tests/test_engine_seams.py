@@ -15,7 +15,7 @@ import random
 import sqlite3
 import threading
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,17 @@ def _paapi_body(*asins: str) -> bytes:
 
 def _asked(request: HttpRequest) -> list[str]:
     return list(json.loads(request.body)["ItemIds"])
+
+
+def _answering(sent: list[str]) -> Callable[[HttpRequest], Awaitable[RawResponse]]:
+    """A handler answering every ASIN asked, noting each in ``sent``."""
+
+    async def handler(request: HttpRequest) -> RawResponse:
+        asked = _asked(request)
+        sent.extend(asked)
+        return RawResponse(200, {}, _paapi_body(*asked), 0.01)
+
+    return handler
 
 
 def _paapi(**tables: dict[str, object]) -> object:
@@ -261,10 +272,7 @@ class TestParkedKeys:
         clock = FakeClock()
         sent: list[str] = []
 
-        async def handler(request: HttpRequest) -> RawResponse:
-            asked = _asked(request)
-            sent.extend(asked)
-            return RawResponse(200, {}, _paapi_body(*asked), 0.01)
+        handler = _answering(sent)
 
         async with Broker(_paapi(), clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
             key = broker._keys[0]
@@ -756,10 +764,7 @@ class TestMarketplaces:
         clock = FakeClock()
         sent: list[str] = []
 
-        async def handler(request: HttpRequest) -> RawResponse:
-            asked = _asked(request)
-            sent.extend(asked)
-            return RawResponse(200, {}, _paapi_body(*asked), 0.01)
+        handler = _answering(sent)
 
         keys = [
             paapi_key_doc("us"),

@@ -112,6 +112,19 @@ def _us_uk_config(*, uk_tag_on_us_key: str | None = None, queue_size: int = 10_0
     return parse_config(document, environ={})
 
 
+def _us_uk_job(tmp_path: Path, count: int, markets: tuple[str, str]) -> JobOptions:
+    """A --no-wait JSON Lines job of ``count`` ASINs, each asked in both ``markets`` in turn."""
+    job = tmp_path / "job.jsonl"
+    rows = [
+        json.dumps({"asin": f"B0MK{i:06d}", "marketplace": market})
+        for i in range(count)
+        for market in markets
+    ]
+    job.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    return JobOptions(job=job, out=out, progress="none", handle_signals=False, no_wait=True)
+
+
 def _config(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "config.toml"
     path.write_text(
@@ -502,15 +515,8 @@ class TestKeysAndSignals:
         it has a UK tag Amazon rejects); it sat until the reset (hours), as --no-wait
         promises it will not."""
         config = _us_uk_config(uk_tag_on_us_key=us_key_uk_tag)
-        job = tmp_path / "job.jsonl"
-        rows = [
-            json.dumps({"asin": f"B0NWMK{i:04d}", "marketplace": market})
-            for i in range(40)
-            for market in ("www.amazon.com", "www.amazon.co.uk")
-        ]
-        job.write_text("\n".join(rows) + "\n")
-        out = tmp_path / "out.jsonl"
-        options = JobOptions(job=job, out=out, progress="none", handle_signals=False, no_wait=True)
+        options = _us_uk_job(tmp_path, 40, ("www.amazon.com", "www.amazon.co.uk"))
+        out = options.out
         summary = await asyncio.wait_for(run_job(config, options), timeout=20)
         assert summary.exit_code() == ExitCode.RESUMABLE
         assert summary.quota_wait_until is not None
@@ -524,15 +530,8 @@ class TestKeysAndSignals:
         room for only 10 lookups: every US row is still answered (the fresh US key idled
         once UK lookups it cannot send filled the room), then --no-wait stops with 75."""
         config = _us_uk_config(queue_size=10)
-        job = tmp_path / "job.jsonl"
-        rows = [
-            json.dumps({"asin": f"B0HOLB{i:04d}", "marketplace": market})
-            for i in range(60)
-            for market in ("www.amazon.co.uk", "www.amazon.com")
-        ]
-        job.write_text("\n".join(rows) + "\n")
-        out = tmp_path / "out.jsonl"
-        options = JobOptions(job=job, out=out, progress="none", handle_signals=False, no_wait=True)
+        options = _us_uk_job(tmp_path, 60, ("www.amazon.co.uk", "www.amazon.com"))
+        out = options.out
         summary = await asyncio.wait_for(run_job(config, options), timeout=20)
         assert summary.exit_code() == ExitCode.RESUMABLE
         done = _rows(out)
