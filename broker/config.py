@@ -317,6 +317,29 @@ def _redis_installed() -> bool:
     return importlib.util.find_spec("redis") is not None
 
 
+def _check_redis_url(url: str, where: str) -> None:
+    """Refuse a URL that is not a Redis one or that redis-py cannot read (a port that is no
+    number or out of range, an option of the wrong type): every command would fail on it.
+
+    The message never shows the URL's password (one from an environment variable may carry
+    it).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(where, "must be a redis://, rediss:// or unix:// URL")
+    try:
+        _ = parts.port
+        if _redis_installed():
+            from redis.connection import parse_url
+
+            parse_url(url)  # type: ignore[no-untyped-call]  # redis-py ships no types for it
+    except ValueError as exc:
+        detail = str(exc)
+        if parts.password and parts.password in detail:
+            detail = "unreadable"
+        raise ConfigError(where, f"redis-py cannot read it: {detail}") from None
+
+
 def _require_redis(path: str) -> None:
     """A Redis backend needs redis-py, an optional dependency: say so when the file loads,
     so ``check-config`` catches it instead of the first lookup failing with a traceback."""
@@ -348,8 +371,7 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
         _require_redis("state.backend")
         if redis_url is None:
             raise ConfigError("state.redis_url", 'is required with backend = "redis"')
-        if urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError("state.redis_url", "must be a redis://, rediss:// or unix:// URL")
+        _check_redis_url(redis_url, "state.redis_url")
         if password_env is not None:
             if not _ENV_NAME.fullmatch(password_env):
                 raise ConfigError(
@@ -988,15 +1010,13 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
     redis_url = table.opt_text("redis_url")
     redis_url_env = table.opt_text("redis_url_env")
     if redis_url is not None:
-        parts = urlsplit(redis_url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError("cache.redis_url", "must be a redis://, rediss:// or unix:// URL")
         if _url_has_password(redis_url):
             raise ConfigError(
                 "cache.redis_url",
                 "must not carry a password: put the whole URL in an environment variable "
                 'and name it in redis_url_env = "ASINB_REDIS_URL"',
             )
+        _check_redis_url(redis_url, "cache.redis_url")
     if redis_url_env is not None and not _ENV_NAME.fullmatch(redis_url_env):
         raise ConfigError("cache.redis_url_env", "must be the name of an environment variable")
     if redis_url_env is not None:
@@ -1005,6 +1025,7 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
             raise ConfigError(
                 "cache.redis_url_env", f"environment variable {redis_url_env} is not set"
             )
+        _check_redis_url(redis_url, "cache.redis_url_env")
     if backend == "redis":
         _require_redis("cache.backend")
         if redis_url is None:

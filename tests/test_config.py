@@ -556,6 +556,24 @@ def test_redis_backend_without_redis_py_is_a_config_error(
     assert "asin-broker[redis]" in str(error)
 
 
+@pytest.mark.parametrize("table", ["cache", "state"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:abc/0",
+        "redis://127.0.0.1:99999/0",
+        "redis://127.0.0.1:6379/0?socket_timeout=abc",
+    ],
+)
+def test_a_redis_url_redis_py_cannot_read_is_a_config_error(table: str, url: str) -> None:
+    """A Redis URL with a port that is no number or out of range, or a bad option, is
+    refused at load naming its field (exit 78); check-config said ok, and every command
+    then failed with a traceback or "internal error"."""
+    error = _error(_doc(**{table: {"backend": "redis", "redis_url": url}}))
+    assert error.path == f"{table}.redis_url"
+    assert "redis-py cannot read it" in error.message
+
+
 @pytest.mark.parametrize(
     ("protocol", "endpoint", "expected"),
     [
