@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ENV, key_doc
+from conftest import ENV, key_doc, sqlite_db
 from structlog.testing import capture_logs
 
 from broker.config import StateConfig, parse_config
@@ -558,6 +558,28 @@ class TestBrokenStateFile:
             SqliteStateStore(path)
         assert info.value.errno == errno.EIO
         assert "delete it" in str(info.value)
+
+    def test_a_table_of_another_shape_is_an_io_error_at_once(self, tmp_path: Path) -> None:
+        """A key_state table with other columns (another version's file, another program's)
+        is an OSError when the file is opened, naming the columns: it was taken for an
+        outage, waited out for the whole outage budget (exit 69 after 900 s), while
+        broker status showed every key fine."""
+        path = tmp_path / "keys.sqlite3"
+        with sqlite_db(path) as conn:
+            conn.execute("CREATE TABLE key_state (digest TEXT PRIMARY KEY, data BLOB)")
+        with pytest.raises(OSError, match="other columns") as info:
+            SqliteStateStore(path)
+        assert not isinstance(info.value, StateUnavailableError)
+        assert "data, digest" in str(info.value)
+
+    def test_a_file_that_is_not_sqlite_says_to_check_the_path(self, tmp_path: Path) -> None:
+        """A file that is no SQLite database (a job file named by mistake) is not only
+        called damaged with advice to delete it: the message says to check [state] path."""
+        path = tmp_path / "asins.txt"
+        path.write_text("B0C1234567\nB0C1234568\n" * 100)
+        with pytest.raises(OSError, match="not a SQLite database") as info:
+            SqliteStateStore(path)
+        assert "[state] path" in str(info.value)
 
     async def test_read_only_file_is_an_io_error(self, tmp_path: Path) -> None:
         """SQLite's READONLY (a read-only file or mount) is EROFS, not a pause that never ends."""

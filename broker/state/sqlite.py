@@ -45,6 +45,9 @@ STATE_FILE = "keys.sqlite3"
 #: The page size of a new state file (see SqliteStateStore.__init__).
 _PAGE_SIZE = 1024
 
+#: The columns of ``key_state``: a file whose table has others is not ours.
+_COLUMNS = frozenset({"digest", "name", "data"})
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS key_state (
     digest TEXT PRIMARY KEY,
@@ -171,6 +174,7 @@ class SqliteStateStore:
             # daily count's guard margin covers a few lost increments.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
+            columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(key_state)")}
             info = os.stat(path)
         except sqlite3.Error as exc:
             conn.close()
@@ -178,6 +182,15 @@ class SqliteStateStore:
         except OSError as exc:
             conn.close()
             raise OSError(exc.errno, f"{path}: {exc.strerror}") from exc
+        if columns != _COLUMNS:
+            # Waiting never changes a table's shape: not an outage, an I/O error now.
+            conn.close()
+            raise OSError(
+                errno.EIO,
+                f"{path}: its key_state table has other columns ({', '.join(sorted(columns))}):"
+                " another program's file, or another version's; name another file in [state] "
+                "path (deleting this one loses only the keys' shared pacing and daily counts)",
+            )
         return conn, (info.st_dev, info.st_ino)
 
     def _follow_the_file(self) -> None:
@@ -287,7 +300,15 @@ class SqliteStateStore:
         disk that fails or is full, a read-only file and a damaged one are I/O errors that
         end the run (exit 74), as waiting would never end."""
         primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        if primary == sqlite3.SQLITE_NOTADB:
+            return OSError(
+                errno.EIO,
+                f"{self._path}: not a SQLite database: check that [state] path names the "
+                "key-state file; if it does, the file is damaged: delete it, with its -wal "
+                "and -shm files, to start afresh (it holds only the keys' shared pacing and "
+                "daily counts)",
+            )
+        if primary == sqlite3.SQLITE_CORRUPT:
             return self._damaged(str(exc))
         if primary == sqlite3.SQLITE_CANTOPEN:
             # A directory at the path, no permission, a read-only file system (WAL needs
