@@ -676,6 +676,59 @@ class TestAgreedDailyLimit:
         view = await store.view(KEY, KeyLimits(5.0, 0.05, 5.0, day_limit=100, tpd=100))
         assert view.decision.day_limit == 3  # what `broker status` shows as the limit
 
+    async def test_a_rerun_with_a_higher_tpd_sends_at_once(self) -> None:
+        """A run with tpd 3 spends its day and closes; the next run, with tpd raised to 6,
+        is not told the day is spent (--no-wait stopped it until midnight, and the daemon
+        deferred its job for hours) and sends its 4th request at once."""
+        clock = FakeClock()
+        store = _store(clock)
+        first = _limiter(clock, store, "first", KeyLimits(5.0, 0.05, 5.0, day_limit=3, tpd=3))
+        for _ in range(3):
+            sending = asyncio.create_task(first.commit())
+            await clock.advance(1.0)
+            await sending
+        await first.aclose()
+        rerun = _limiter(clock, store, "rerun", KeyLimits(5.0, 0.05, 5.0, day_limit=6, tpd=6))
+        await rerun.refresh()
+        assert not rerun.exhausted
+        assert rerun.remaining == 3
+        sending = asyncio.create_task(rerun.commit())
+        await clock.advance(1.0)
+        await sending
+
+
+class TestClosing:
+    async def test_closing_does_not_wait_out_a_hung_store(self) -> None:
+        """A store that stopped answering (Redis SIGSTOPped) holds a closing key about a
+        second, not two socket timeouts per key one after another (36 s for four keys,
+        past systemd's stop timeout); one known to be out of reach, not at all."""
+        clock = FakeClock()
+        hung = _HungStore()
+        limiter = SharedKeyLimiter(clock, hung, KEY, KeyLimits(5.0, 0.05, 5.0), process_id="p")
+        started = time.monotonic()
+        await limiter.aclose()
+        assert time.monotonic() - started < 3.0
+        assert hung.calls == 1
+        down = SharedKeyLimiter(clock, _DownStore(), KEY, KeyLimits(5.0, 0.05, 5.0), process_id="q")
+        with pytest.raises(StateUnavailableError):
+            await down.refresh()
+        started = time.monotonic()
+        await down.aclose()
+        assert time.monotonic() - started < 0.5
+
+
+class _HungStore(MemoryStateStore):
+    """A store whose every decision waits for ever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def decide(self, *args: object, **kwargs: object) -> Decision:
+        self.calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
 
 class TestGivingUp:
     async def test_unreachable_store_gives_up_after_the_outage_budget(self) -> None:

@@ -421,6 +421,29 @@ class TestDayAndProcesses:
         await backend.advance(silence)
         assert [(await ask(high)).granted for _ in range(4)] == [True, True, True, False]
 
+    async def test_a_lower_daily_limit_leaves_with_its_process(self, backend: Backend) -> None:
+        """The process that kept the daily limit low (tpd 3) closes and says so: a process
+        with tpd 6 sends its 4th at once, instead of being told the day is spent until the
+        reset (a tpd raised between two runs; the cap held a minute, and the rerun was
+        told to wait for midnight)."""
+        low = replace(LIMITS, day_limit=3, tpd=3)
+        high = replace(LIMITS, day_limit=6, tpd=6)
+        before = ProcessMark("before:1:a")
+
+        async def ask(limits: KeyLimits, mark: ProcessMark, **feedback: Any) -> Decision:
+            return await backend.store.decide(
+                KEY, limits, feedback=Feedback(**feedback), reserve=True, process=mark
+            )
+
+        assert [(await ask(low, before)).granted for _ in range(4)] == [True] * 3 + [False]
+        await backend.store.decide(
+            KEY, low, feedback=Feedback(leaving=True), reserve=False, process=before
+        )
+        after = await ask(high, ME)
+        assert after.granted
+        assert after.day_limit == 6
+        assert after.processes == 1  # the one that left is not counted
+
     async def test_day_rolls_over_at_the_reset(self) -> None:
         """The count restarts when the daily window moves on, and never moves back."""
         clock = [_T0]

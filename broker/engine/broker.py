@@ -282,9 +282,13 @@ class Broker:
             )
             for key in config.keys
         ]
-        for key in self._keys:
-            if isinstance(key.limiter, SharedKeyLimiter):
-                stack.push_async_callback(key.limiter.aclose)
+        limiters = [key.limiter for key in self._keys if isinstance(key.limiter, SharedKeyLimiter)]
+
+        async def close_limiters() -> None:
+            # Together: each may wait up to a second for a slow store.
+            await asyncio.gather(*(limiter.aclose() for limiter in limiters))
+
+        stack.push_async_callback(close_limiters)
         retry = config.retry
         policy = RetryPolicy(
             max_attempts=retry.max_attempts,

@@ -81,6 +81,9 @@ _US = 1_000_000
 #: this process's high-water mark of the day's count, so a Redis that restarted empty learns
 #: the count again within this time from any process still waiting (a cheap call).
 _RECHECK_S = 30.0
+
+#: How long closing waits for the store (its last feedback and the leave mark), seconds.
+_CLOSE_S = 1.0
 #: Retry interval while the store is unreachable: doubling from the first to the cap.
 _UNAVAILABLE_FIRST_S = 0.5
 _UNAVAILABLE_CAP_S = 10.0
@@ -198,6 +201,8 @@ class SharedKeyLimiter:
         self._unavailable: StateUnavailableError | None = None
         self._unavailable_failures = 0
         self._flusher: asyncio.Task[None] | None = None
+        # Set by aclose: the last call tells the store this process leaves.
+        self._leaving = False
 
     # -- the store ----------------------------------------------------------------------------
 
@@ -240,6 +245,7 @@ class SharedKeyLimiter:
             set_rate=self._set_rate,
             release_probe_us=self._release_probe_us,
             probe_again_s=self._probe_again_s,
+            leaving=self._leaving,
         )
         self._successes = 0
         self._throttled = []
@@ -392,16 +398,28 @@ class SharedKeyLimiter:
         return await self._call(reserve=False)
 
     async def aclose(self) -> None:
-        """Flush pending feedback (best effort) and stop the background flusher."""
-        if self._flusher is not None and not self._flusher.done():
-            await asyncio.gather(self._flusher, return_exceptions=True)
-        if not self._take_and_check_empty():
-            await self._flush()
+        """Tell the store what is pending and that this process leaves (best effort), and
+        stop the background flusher.
 
-    def _take_and_check_empty(self) -> bool:
-        feedback = self._take_feedback()
-        self._restore_feedback(feedback)
-        return feedback.empty
+        Leaving lets a lower daily limit this process alone kept go at once (a tpd raised
+        for the next run). Bounded by ``_CLOSE_S`` and skipped while the store is out of
+        reach: a stop must not wait out an outage (two socket timeouts per key), which
+        outlasted systemd's stop timeout; what is lost is at most this process's last
+        feedback.
+        """
+        if self._unavailable is not None:
+            if self._flusher is not None:
+                self._flusher.cancel()
+            return
+        self._leaving = True
+        try:
+            async with asyncio.timeout(_CLOSE_S):
+                if self._flusher is not None and not self._flusher.done():
+                    await asyncio.gather(self._flusher, return_exceptions=True)
+                await self._flush()
+        except TimeoutError:
+            if self._flusher is not None:
+                self._flusher.cancel()
 
     # -- KeyLimiter ---------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[39].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[40].
 -- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
 -- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
@@ -48,7 +48,9 @@ local probe_gain = tonumber(ARGV[36])
 local drop_window = tonumber(ARGV[37])
 local release_probe = tonumber(ARGV[38])
 local probe_again = tonumber(ARGV[39])
-local first_throttled = 40
+-- '1': the process is closing (decision.py: Feedback.leaving)
+local leaving = ARGV[40] == '1'
+local first_throttled = 41
 
 local function int(x) return string.format('%d', x) end
 local function num(x) return string.format('%.17g', x) end
@@ -56,7 +58,7 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen')
+  'day_cap', 'day_cap_seen', 'day_cap_by')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -84,6 +86,7 @@ local nominal_seen = tonumber(h[21]) or 0
 -- the lowest daily limit asked with recently (-1: none), and when it was last asked with
 local day_cap = tonumber(h[22]) or -1
 local day_cap_seen = tonumber(h[23]) or 0
+local day_cap_by = h[24] or ''
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -147,7 +150,14 @@ end
 
 -- A rolling change of tps: the lowest configured rate asked with in the last recent_us wins
 -- (decision.py, _agree); a caller with a higher one paces by it, its ceiling scaled alike.
-local asking = process_id ~= ''
+local asking = process_id ~= '' and not leaving
+if process_id ~= '' and leaving then
+  redis.call('ZREM', KEYS[2], process_id)
+  if day_cap_by == process_id then
+    -- Its lower daily limit leaves with it (a tpd raised for the next run).
+    day_cap, day_cap_seen, day_cap_by = -1, 0, ''
+  end
+end
 local mine = nominal
 if stored_nominal <= 0 or (asking and (mine < stored_nominal
     or (now - nominal_seen > recent_us and mine ~= stored_nominal))) then
@@ -168,7 +178,10 @@ if asking and day_limit >= 0 then
       or (now - day_cap_seen > recent_us and day_limit ~= day_cap) then
     day_cap = day_limit
   end
-  if day_limit == day_cap then day_cap_seen = now end
+  if day_limit == day_cap then
+    day_cap_seen = now
+    day_cap_by = process_id
+  end
 end
 if day_cap >= 0 and now - day_cap_seen <= recent_us and (day_limit < 0 or day_cap < day_limit) then
   day_limit = day_cap
@@ -182,7 +195,7 @@ if today > day then
 end
 if process_id ~= '' then
   if hwm_day == day and hwm_count > count then count = hwm_count end
-  redis.call('ZADD', KEYS[2], now, process_id)
+  if asking then redis.call('ZADD', KEYS[2], now, process_id) end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. int(now - 600000000))
   redis.call('PEXPIRE', KEYS[2], ttl_ms)
 end
@@ -277,7 +290,7 @@ if not view then
     'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
     'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
-    'day_cap_seen', int(day_cap_seen))
+    'day_cap_seen', int(day_cap_seen), 'day_cap_by', day_cap_by)
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

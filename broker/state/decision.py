@@ -84,8 +84,9 @@ class Record:
     rc_recent: list[int] = field(default_factory=list)
     #: the daily limit the key keeps to: the lowest one asked with recently (-1: none)
     day_cap: int = -1
-    #: when a process with that daily limit last asked (µs)
+    #: when a process with that daily limit last asked (µs), and which one
     day_cap_seen: int = 0
+    day_cap_by: str = ""
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -158,11 +159,12 @@ def _agree(record: Record, now: int, limits: KeyLimits, *, asking: bool) -> KeyL
     )
 
 
-def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool) -> int | None:
+def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: str) -> int | None:
     """The daily limit the key keeps to when processes' configs differ (a rolling change
     of tpd): as :func:`_agree` for the rate, the lowest limit asked with in the last
     ``PROCESS_RECENT_S`` wins, so a process configured higher (or unlimited) cannot spend
-    the account's quota past what another process's config says it is."""
+    the account's quota past what another process's config says it is. ``asking``: the
+    id of the process asking ("": none)."""
     recent = int(PROCESS_RECENT_S * _US)
     if asking and day_limit is not None:
         stale = now - record.day_cap_seen > recent
@@ -174,6 +176,7 @@ def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool)
             record.day_cap = day_limit
         if day_limit == record.day_cap:
             record.day_cap_seen = now
+            record.day_cap_by = asking
     if record.day_cap < 0 or now - record.day_cap_seen > recent:
         return day_limit
     return record.day_cap if day_limit is None else min(day_limit, record.day_cap)
@@ -301,8 +304,16 @@ def decide(
         record.pause_reason = record.park_reason = ""
         record.processes = {}
         record.nominal_seen = record.day_cap_seen = 0
-    limits = _agree(record, now, limits, asking=process is not None)
-    day_limit = _agree_day(record, now, limits.day_limit, asking=process is not None)
+    asking = process is not None and not feedback.leaving
+    if process is not None and feedback.leaving:
+        record.processes.pop(process.process_id, None)
+        if record.day_cap_by == process.process_id:
+            # Its lower daily limit leaves with it (a tpd raised for the next run).
+            record.day_cap, record.day_cap_seen, record.day_cap_by = -1, 0, ""
+    limits = _agree(record, now, limits, asking=asking)
+    day_limit = _agree_day(
+        record, now, limits.day_limit, asking=process.process_id if asking and process else ""
+    )
     if record.rate <= 0:
         record.rate = limits.nominal_rate
     record.rate = _clamp(record.rate, limits)
@@ -315,7 +326,8 @@ def decide(
     if process is not None:
         if process.hwm_day == record.day and process.hwm_count > record.count:
             record.count = process.hwm_count
-        record.processes[process.process_id] = now
+        if asking:
+            record.processes[process.process_id] = now
         horizon = now - int(PROCESS_KEEP_S * _US)
         record.processes = {p: t for p, t in record.processes.items() if t >= horizon}
     cut = _apply_feedback(record, now, limits, feedback)

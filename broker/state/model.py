@@ -144,6 +144,9 @@ class Feedback:
             it ends ``probe_again_s`` from the store's now instead of when it would have
             run out, and any process may probe then; 0: none.
         probe_again_s: see ``release_probe_us`` (0: at once).
+        leaving: the process is closing: it no longer counts as using the key, and a daily
+            limit it alone kept lower than the others' stops holding at once, not a minute
+            later (a tpd raised between two runs must not read as the day spent).
     """
 
     successes: int = 0
@@ -156,6 +159,7 @@ class Feedback:
     set_rate: float | None = None
     release_probe_us: int = 0
     probe_again_s: float = 0.0
+    leaving: bool = False
 
     @property
     def empty(self) -> bool:

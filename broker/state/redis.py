@@ -165,6 +165,7 @@ class RedisStateStore:
             *_tuning_args(limits.tuning),
             feedback.release_probe_us,
             int(feedback.probe_again_s * _US),
+            1 if feedback.leaving else 0,
             *feedback.throttled,
         ]
         return [str(a) for a in args]
