@@ -82,6 +82,8 @@ class SyncBroker:
         )
         self._lock = threading.Lock()
         self._closed = False
+        # Set once close() has closed the broker: the other callers of close() wait for it.
+        self._shut = threading.Event()
         # The loop thread lives in this process only: a child forked from it has none.
         self._pid = os.getpid()
         self._finalizer: weakref.finalize[Any, SyncBroker] | None = None
@@ -285,13 +287,21 @@ class SyncBroker:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the broker and its loop thread; safe to call twice and from any thread."""
+        """Stop the broker and its loop thread; safe to call twice and from any thread.
+
+        Every caller returns once the broker is closed, not only the one that closes it.
+        """
         with self._lock:
-            if self._closed:
-                return
+            closing = not self._closed
             self._closed = True
-        if self._finalizer is not None:
-            self._finalizer()
+        if not closing:
+            self._shut.wait()
+            return
+        try:
+            if self._finalizer is not None:
+                self._finalizer()
+        finally:
+            self._shut.set()
 
     def _is_closed(self) -> bool:
         # The finalizer may have run without close(): at interpreter exit.

@@ -430,6 +430,55 @@ class TestLifecycle:
         with pytest.raises(BrokerClosedError, match="closed"):
             await broker.get_item("B0C1234567")
 
+    async def test_a_cancelled_close_stays_cancelled(self, harness: Harness) -> None:
+        """A task cancelled while it closes the broker ends cancelled, and a timeout that
+        runs out during the close raises TimeoutError: aclose took the caller's
+        cancellation for the engine's and swallowed it (an ASGI lifespan's cancel lost)."""
+        sim = await harness.simulator(FREE)
+        broker = Broker(make_config(sim.url))
+        await broker.__aenter__()
+        await broker.get_item("B0C1234567")
+        closing = asyncio.get_running_loop().create_task(broker.aclose())
+        await asyncio.sleep(0)  # inside aclose, waiting for the engine to stop
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await broker.aclose()  # finishes what the cancelled close left, if anything
+
+        async def timed_out_while_closing() -> None:
+            async with asyncio.timeout(None) as deadline:
+                async with Broker(make_config(sim.url)) as other:
+                    await other.get_item("B0C1234567")
+                    deadline.reschedule(asyncio.get_running_loop().time())
+
+        with pytest.raises(TimeoutError):
+            await timed_out_while_closing()
+
+    async def test_every_concurrent_close_waits_for_the_close(self, harness: Harness) -> None:
+        """Three tasks closing at once each return only once the broker is closed (its
+        session and embedded parts too): a later one returned at once, mid-close."""
+        sim = await harness.simulator(FREE)
+        broker = Broker(make_config(sim.url))
+        await broker.__aenter__()
+        await broker.get_item("B0C1234567")
+        events: list[str] = []
+        stack = broker._stack
+        assert stack is not None
+        close_stack = stack.aclose
+
+        async def closing_the_stack() -> None:  # the last thing a close does
+            await close_stack()
+            events.append("closed")
+
+        stack.aclose = closing_the_stack  # type: ignore[method-assign]
+
+        async def close() -> None:
+            await broker.aclose()
+            events.append("returned")
+
+        await asyncio.gather(close(), close(), close())
+        assert events == ["closed", "returned", "returned", "returned"]
+
     async def test_close_wakes_a_stream_waiting_for_its_input(self, harness: Harness) -> None:
         """A stream whose answers are all in and whose input has nothing more yet (a queue)
         gets BrokerClosedError at once when the broker closes, not at the next input (N15)."""

@@ -270,6 +270,21 @@ class TestSyncBroker:
             broker.get_item("B000000001")
         assert {t.name for t in threading.enumerate()} == before
 
+    def test_every_concurrent_close_returns_closed(self) -> None:
+        """close() from three threads at once: each returns once the broker is closed and
+        its loop thread stopped; a later one returned at once, mid-close."""
+        broker = SyncBroker.from_dict(_document())
+        broker.get_item("B000000001")
+        start = threading.Barrier(3)
+
+        def close() -> bool:
+            start.wait()
+            broker.close()
+            return not broker._thread.is_alive()
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(lambda _: close(), range(3))) == [True, True, True]
+
     def test_never_closed_broker_closes_quietly_at_exit(self, tmp_path: Path) -> None:
         """A script that never closes its SyncBroker exits without pending-task warnings."""
         done = _script(tmp_path, "print(b.get_item('B000000001').status.value)\n")

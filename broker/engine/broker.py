@@ -146,6 +146,8 @@ class Broker:
         self._stack: contextlib.AsyncExitStack | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine: asyncio.Task[None] | None = None
+        # Set while (and once) the broker is closed: every aclose() waits for the one close.
+        self._closing: asyncio.Event | None = None
         self._group: asyncio.TaskGroup | None = None
         #: pending SearchItems / GetVariations / GetBrowseNodes answers
         self._ops: set[asyncio.Future[Mapping[str, object]]] = set()
@@ -457,21 +459,36 @@ class Broker:
                 opened on; nothing is closed (its tasks belong to that loop).
         """
         self._check_loop()
+        if self._closing is not None:
+            # Another caller closes it: done when that close is, not before.
+            await self._closing.wait()
+            return
+        self._closing = closed = asyncio.Event()
+        try:
+            await self._close()
+        finally:
+            closed.set()
+
+    async def _close(self) -> None:
         self._stop(BrokerClosedError("the broker was closed while this call waited"))
         engine, self._engine = self._engine, None
-        if engine is not None and not engine.done():
-            engine.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await engine
-        self._ops.clear()
-        # The streams' producers, cancelled by _stop, end before the session and the loop
-        # do (a SyncBroker closes its loop next); bounded, as an input may ignore it.
-        producers = [task for task in self._streams.values() if task is not None]
-        if producers:
-            await asyncio.wait(producers, timeout=_PRODUCER_EXIT_S)
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
+        try:
+            if engine is not None and not engine.done():
+                engine.cancel()
+                # Waited for, not awaited: a cancellation of the caller arriving now must go
+                # on (a timeout, a server's shutdown), not be taken for the engine's and
+                # swallowed with it.
+                await asyncio.wait((engine,))
+        finally:
+            self._ops.clear()
+            # The streams' producers, cancelled by _stop, end before the session and the
+            # loop do (a SyncBroker closes its loop next); bounded, as an input may ignore it.
+            producers = [task for task in self._streams.values() if task is not None]
+            if producers:
+                await asyncio.wait(producers, timeout=_PRODUCER_EXIT_S)
+            stack, self._stack = self._stack, None
+            if stack is not None:
+                await stack.aclose()
 
     # -- lookups ------------------------------------------------------------------------------
 
