@@ -317,16 +317,18 @@ def _redis_installed() -> bool:
     return importlib.util.find_spec("redis") is not None
 
 
-def _check_redis_url(url: str, where: str) -> None:
+def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> None:
     """Refuse a URL that is not a Redis one or that redis-py cannot read (a port that is no
     number or out of range, an option of the wrong type): every command would fail on it.
 
-    The message never shows the URL's password (one from an environment variable may carry
-    it).
+    ``variable``: the environment variable the URL came from. A password that is misplaced
+    (a ``#`` in it ends the URL's address) shows up in the reader's complaint as a port or
+    a value, so no quoted value of it is repeated.
     """
+    what = "the URL" if variable is None else f"the URL in ${variable}"
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(where, "must be a redis://, rediss:// or unix:// URL")
+        raise ConfigError(where, f"{what} must be a redis://, rediss:// or unix:// URL")
     try:
         _ = parts.port
         if _redis_installed():
@@ -334,10 +336,8 @@ def _check_redis_url(url: str, where: str) -> None:
 
             parse_url(url)  # type: ignore[no-untyped-call]  # redis-py ships no types for it
     except ValueError as exc:
-        detail = str(exc)
-        if parts.password and parts.password in detail:
-            detail = "unreadable"
-        raise ConfigError(where, f"redis-py cannot read it: {detail}") from None
+        detail = re.sub(r"'[^']*'", "'...'", str(exc))
+        raise ConfigError(where, f"redis-py cannot read {what}: {detail}") from None
 
 
 def _require_redis(path: str) -> None:
@@ -1025,7 +1025,7 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
             raise ConfigError(
                 "cache.redis_url_env", f"environment variable {redis_url_env} is not set"
             )
-        _check_redis_url(redis_url, "cache.redis_url_env")
+        _check_redis_url(redis_url, "cache.redis_url_env", variable=redis_url_env)
     if backend == "redis":
         _require_redis("cache.backend")
         if redis_url is None:

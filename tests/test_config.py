@@ -563,15 +563,18 @@ def test_redis_backend_without_redis_py_is_a_config_error(
         "redis://127.0.0.1:abc/0",
         "redis://127.0.0.1:99999/0",
         "redis://127.0.0.1:6379/0?socket_timeout=abc",
+        "redis://:hunter2#x@127.0.0.1:6379/0",
     ],
 )
 def test_a_redis_url_redis_py_cannot_read_is_a_config_error(table: str, url: str) -> None:
     """A Redis URL with a port that is no number or out of range, or a bad option, is
-    refused at load naming its field (exit 78); check-config said ok, and every command
-    then failed with a traceback or "internal error"."""
+    refused at load naming its field (exit 78), never repeating a password a '#' cut out
+    of the address; check-config said ok, and every command then failed with a traceback
+    or "internal error"."""
     error = _error(_doc(**{table: {"backend": "redis", "redis_url": url}}))
     assert error.path == f"{table}.redis_url"
-    assert "redis-py cannot read it" in error.message
+    assert "redis-py cannot read the URL" in error.message
+    assert "hunter2" not in str(error)
 
 
 @pytest.mark.parametrize(
