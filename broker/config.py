@@ -306,8 +306,12 @@ class StateConfig:
 
 def _url_has_password(url: str) -> bool:
     """True when a Redis URL carries a password, as ``user:pw@`` or as redis-py's
-    ``?password=`` query parameter: a file must not hold one."""
-    parts = urlsplit(url)
+    ``?password=`` query parameter: a file must not hold one. A URL that cannot be read
+    at all is left to :func:`_check_redis_url`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
     return bool(parts.password) or any(
         name.lower() == "password" for name, _ in parse_qsl(parts.query, keep_blank_values=True)
     )
@@ -321,23 +325,35 @@ def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> No
     """Refuse a URL that is not a Redis one or that redis-py cannot read (a port that is no
     number or out of range, an option of the wrong type): every command would fail on it.
 
-    ``variable``: the environment variable the URL came from. A password that is misplaced
-    (a ``#`` in it ends the URL's address) shows up in the reader's complaint as a port or
-    a value, so no quoted value of it is repeated.
+    ``variable``: the environment variable the URL came from. The reader's complaint is
+    never repeated: a password that is misplaced (a ``#`` in it ends the URL's address)
+    shows up in it as the port or a value.
     """
     what = "the URL" if variable is None else f"the URL in ${variable}"
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(where, f"{what} must be a redis://, rediss:// or unix:// URL")
     try:
-        _ = parts.port
-        if _redis_installed():
-            from redis.connection import parse_url
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        if scheme in ("redis", "rediss", "unix"):
+            _ = parts.port
+            if _redis_installed():
+                from redis.connection import parse_url
 
-            parse_url(url)  # type: ignore[no-untyped-call]  # redis-py ships no types for it
+                parse_url(url)  # type: ignore[no-untyped-call]  # redis-py ships no types
     except ValueError as exc:
-        detail = re.sub(r"'[^']*'", "'...'", str(exc))
-        raise ConfigError(where, f"redis-py cannot read {what}: {detail}") from None
+        text = str(exc)
+        if text.startswith("Port"):
+            why = "its port is not a number from 0 to 65535"
+        elif text.startswith("Invalid value for"):
+            why = "an option after '?' has a value of the wrong type"
+        else:
+            why = (
+                "its address cannot be read (a '#', '[' or '@' in a password must be "
+                "percent-encoded)"
+            )
+        raise ConfigError(where, f"redis-py cannot read {what}: {why}") from None
+    if scheme not in ("redis", "rediss", "unix"):
+        named = "" if variable is None else f"the URL in ${variable} "
+        raise ConfigError(where, f"{named}must be a redis://, rediss:// or unix:// URL")
 
 
 def _require_redis(path: str) -> None:

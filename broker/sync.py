@@ -295,7 +295,8 @@ class SyncBroker:
             closing = not self._closed
             self._closed = True
         if not closing:
-            self._shut.wait()
+            if threading.current_thread() is not self._thread:  # the loop's own: never
+                self._shut.wait()
             return
         try:
             if self._finalizer is not None:

@@ -564,6 +564,8 @@ def test_redis_backend_without_redis_py_is_a_config_error(
         "redis://127.0.0.1:99999/0",
         "redis://127.0.0.1:6379/0?socket_timeout=abc",
         "redis://:hunter2#x@127.0.0.1:6379/0",
+        "redis://:hunt'er2#x@127.0.0.1:6379/0",
+        "redis://:hunter2[x@127.0.0.1/0",
     ],
 )
 def test_a_redis_url_redis_py_cannot_read_is_a_config_error(table: str, url: str) -> None:
@@ -574,7 +576,7 @@ def test_a_redis_url_redis_py_cannot_read_is_a_config_error(table: str, url: str
     error = _error(_doc(**{table: {"backend": "redis", "redis_url": url}}))
     assert error.path == f"{table}.redis_url"
     assert "redis-py cannot read the URL" in error.message
-    assert "hunter2" not in str(error)
+    assert "er2" not in str(error)
 
 
 @pytest.mark.parametrize(

@@ -444,6 +444,29 @@ class TestDayAndProcesses:
         assert after.day_limit == 6
         assert after.processes == 1  # the one that left is not counted
 
+    async def test_a_leaving_process_keeps_a_cap_others_may_need(self, backend: Backend) -> None:
+        """Two processes keep tpd 3 and a third has 6: when the last of the two to ask
+        closes, the other is still there, so the 6 is refused at 3 as before (the leave
+        cleared the cap, and the 6 overspent until the other asked again)."""
+        low = replace(LIMITS, day_limit=3, tpd=3)
+        high = replace(LIMITS, day_limit=6, tpd=6)
+        first, second = ProcessMark("first:1:a"), ProcessMark("second:2:b")
+
+        async def ask(limits: KeyLimits, mark: ProcessMark) -> Decision:
+            return await backend.store.decide(
+                KEY, limits, feedback=Feedback(), reserve=True, process=mark
+            )
+
+        assert (await ask(low, first)).granted
+        assert (await ask(low, second)).granted
+        assert (await ask(high, ME)).granted
+        await backend.store.decide(
+            KEY, low, feedback=Feedback(leaving=True), reserve=False, process=second
+        )
+        refused = await ask(high, ME)
+        assert not refused.granted
+        assert refused.day_limit == 3
+
     async def test_day_rolls_over_at_the_reset(self) -> None:
         """The count restarts when the daily window moves on, and never moves back."""
         clock = [_T0]
@@ -594,6 +617,16 @@ class TestBrokenStateFile:
             SqliteStateStore(path)
         assert not isinstance(info.value, StateUnavailableError)
         assert "data, digest" in str(info.value)
+
+    def test_a_table_with_more_columns_is_fine(self, tmp_path: Path) -> None:
+        """A later version's key_state table with a column more still works here."""
+        path = tmp_path / "keys.sqlite3"
+        with sqlite_db(path) as conn:
+            conn.execute(
+                "CREATE TABLE key_state (digest TEXT PRIMARY KEY, name TEXT NOT NULL, "
+                "data BLOB NOT NULL, extra TEXT)"
+            )
+        SqliteStateStore(path)._conn.close()
 
     def test_a_file_that_is_not_sqlite_says_to_check_the_path(self, tmp_path: Path) -> None:
         """A file that is no SQLite database (a job file named by mistake) is not only

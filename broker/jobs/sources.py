@@ -108,7 +108,7 @@ _JSONL_KEYS: Final = frozenset({"asin", "marketplace", "resources"})
 #: A \u escape in what looks like an object's field name (an escape, then the closing
 #: quote and a colon): "\u0061sin" is "asin". One in a value (an accented title written
 #: by json.dumps) does not match.
-_ESCAPED_NAME: Final = re.compile(r'\\u[0-9A-Fa-f]{4}[^"]*"\s*:')
+_ESCAPED_NAME: Final = re.compile(r'\\u[0-9A-Fa-f]{4}[^"\\]*"\s*:')
 _TRAILING_COMMENT: Final = re.compile(r"\s#")
 
 

@@ -153,8 +153,8 @@ end
 local asking = process_id ~= '' and not leaving
 if process_id ~= '' and leaving then
   redis.call('ZREM', KEYS[2], process_id)
-  if day_cap_by == process_id then
-    -- Its lower daily limit leaves with it (a tpd raised for the next run).
+  if day_cap_by == process_id and redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf') == 0 then
+    -- Its lower daily limit leaves with it when no other process uses the key.
     day_cap, day_cap_seen, day_cap_by = -1, 0, ''
   end
 end

@@ -292,6 +292,8 @@ def decide(
         feedback: what the caller learnt since its last call.
         reserve: reserve a slot and count it (else only apply feedback and report).
         process: who asks (registered as seen, and its high-water mark applied), or None.
+            With ``feedback.leaving`` it is closing: it is no longer counted, and a lower
+            daily limit it kept goes with it when no other process uses the key.
         wall: the wall clock in µs, for the daily window (default: ``now``).
         epoch: names the era of ``now`` (the machine's boot id for a monotonic clock); a
             record from another era has its times dropped, as they mean nothing now.
@@ -307,8 +309,13 @@ def decide(
     asking = process is not None and not feedback.leaving
     if process is not None and feedback.leaving:
         record.processes.pop(process.process_id, None)
-        if record.day_cap_by == process.process_id:
-            # Its lower daily limit leaves with it (a tpd raised for the next run).
+        recent = now - int(PROCESS_RECENT_S * _US)
+        if record.day_cap_by == process.process_id and not any(
+            seen >= recent for seen in record.processes.values()
+        ):
+            # Its lower daily limit leaves with it when no other process uses the key (a
+            # tpd raised for the next run). Another one may keep the same limit without
+            # being the one named: then the limit lapses a minute after its last ask.
             record.day_cap, record.day_cap_seen, record.day_cap_by = -1, 0, ""
     limits = _agree(record, now, limits, asking=asking)
     day_limit = _agree_day(

@@ -45,7 +45,8 @@ STATE_FILE = "keys.sqlite3"
 #: The page size of a new state file (see SqliteStateStore.__init__).
 _PAGE_SIZE = 1024
 
-#: The columns of ``key_state``: a file whose table has others is not ours.
+#: The columns of ``key_state``: a file whose table lacks one is not ours (a later version
+#: may add more).
 _COLUMNS = frozenset({"digest", "name", "data"})
 
 _SCHEMA = """
@@ -182,7 +183,7 @@ class SqliteStateStore:
         except OSError as exc:
             conn.close()
             raise OSError(exc.errno, f"{path}: {exc.strerror}") from exc
-        if columns != _COLUMNS:
+        if not columns.issuperset(_COLUMNS):
             # Waiting never changes a table's shape: not an outage, an I/O error now.
             conn.close()
             raise OSError(
