@@ -161,14 +161,6 @@ class Feedback:
     probe_again_s: float = 0.0
     leaving: bool = False
 
-    @property
-    def empty(self) -> bool:
-        """True when there is nothing to apply."""
-        return self == _EMPTY
-
-
-_EMPTY = Feedback()
-
 
 @dataclass(frozen=True, slots=True)
 class ProcessMark:
