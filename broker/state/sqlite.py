@@ -188,9 +188,10 @@ class SqliteStateStore:
             conn.close()
             raise OSError(
                 errno.EIO,
-                f"{path}: its key_state table has other columns ({', '.join(sorted(columns))}):"
-                " another program's file, or another version's; name another file in [state] "
-                "path (deleting this one loses only the keys' shared pacing and daily counts)",
+                f"{path}: its key_state table lacks columns this broker needs (it has "
+                f"{', '.join(sorted(columns))}): another program's file, or another version's; "
+                "name another file in [state] path (deleting this one loses only the keys' "
+                "shared pacing and daily counts)",
             )
         return conn, (info.st_dev, info.st_ino)
 
