@@ -1,7 +1,8 @@
 """The simulator's catalogue: a deterministic synthetic item for every well-formed ASIN.
 
 Product facts (title, brand, features, images, browse nodes, reviews) come from a seeded hash
-of (seed, ASIN); the offer (price in the marketplace's currency, availability, merchant) and
+of (seed, ASIN), those a variation shares with its siblings from its family's parent; the
+offer (price in the marketplace's currency, availability, merchant) and
 whether the item exists or is accessible come from a hash of (seed, marketplace, ASIN). So the
 same settings always produce the same catalogue, and tests of the whole product can check
 output rows against :func:`lookup` (and :func:`broker.simulator.render.render_item` for the
