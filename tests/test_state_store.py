@@ -467,6 +467,30 @@ class TestDayAndProcesses:
         assert not refused.granted
         assert refused.day_limit == 3
 
+    async def test_a_lower_limit_leaves_while_others_run(self, backend: Backend) -> None:
+        """A one-off process with tpd 3 (a `broker lookup`) spends the day beside a run with
+        tpd 6 and closes: the run sends its 4th at once. It was told the day was spent until
+        the reset, and a daemon deferred its job until midnight."""
+        low = replace(LIMITS, day_limit=3, tpd=3)
+        high = replace(LIMITS, day_limit=6, tpd=6)
+        lookup = ProcessMark("lookup:9:c")
+
+        async def ask(limits: KeyLimits, mark: ProcessMark) -> Decision:
+            return await backend.store.decide(
+                KEY, limits, feedback=Feedback(), reserve=True, process=mark
+            )
+
+        assert (await ask(high, ME)).granted
+        assert (await ask(low, lookup)).granted
+        assert (await ask(low, lookup)).granted
+        assert not (await ask(high, ME)).granted
+        await backend.store.decide(
+            KEY, low, feedback=Feedback(leaving=True), reserve=False, process=lookup
+        )
+        again = await ask(high, ME)
+        assert again.granted
+        assert again.day_limit == 6
+
     async def test_day_rolls_over_at_the_reset(self) -> None:
         """The count restarts when the daily window moves on, and never moves back."""
         clock = [_T0]

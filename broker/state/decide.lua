@@ -58,7 +58,7 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen', 'day_cap_by')
+  'day_cap', 'day_cap_seen')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -86,7 +86,6 @@ local nominal_seen = tonumber(h[21]) or 0
 -- the lowest daily limit asked with recently (-1: none), and when it was last asked with
 local day_cap = tonumber(h[22]) or -1
 local day_cap_seen = tonumber(h[23]) or 0
-local day_cap_by = h[24] or ''
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -151,12 +150,13 @@ end
 -- A rolling change of tps: the lowest configured rate asked with in the last recent_us wins
 -- (decision.py, _agree); a caller with a higher one paces by it, its ceiling scaled alike.
 local asking = process_id ~= '' and not leaving
+-- A process's entry among the key's processes carries its daily limit (decision.py,
+-- process_entry): the key keeps to the lowest of those that asked in the last recent_us.
+local entry = process_id
+if day_limit >= 0 then entry = process_id .. '|' .. int(day_limit) end
 if process_id ~= '' and leaving then
-  redis.call('ZREM', KEYS[2], process_id)
-  if day_cap_by == process_id and redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf') == 0 then
-    -- Its lower daily limit leaves with it when no other process uses the key.
-    day_cap, day_cap_seen, day_cap_by = -1, 0, ''
-  end
+  -- Its daily limit leaves with it (a tpd raised for the next run).
+  redis.call('ZREM', KEYS[2], entry)
 end
 local mine = nominal
 if stored_nominal <= 0 or (asking and (mine < stored_nominal
@@ -171,20 +171,19 @@ else
   max_rate = max_rate * stored_nominal / mine
   nominal = stored_nominal
 end
--- A rolling change of tpd: the lowest daily limit asked with in the last recent_us holds
--- for every caller (decision.py, _agree_day); day_limit -1 is unlimited.
+-- A rolling change of tpd: the lowest daily limit of the processes that asked in the last
+-- recent_us holds for every caller (decision.py, _agree_day); day_limit -1 is unlimited.
+-- day_cap is still written, for older brokers sharing the key (they read only it).
 if asking and day_limit >= 0 then
   if day_cap < 0 or day_limit < day_cap
       or (now - day_cap_seen > recent_us and day_limit ~= day_cap) then
     day_cap = day_limit
   end
-  if day_limit == day_cap then
-    day_cap_seen = now
-    day_cap_by = process_id
-  end
+  if day_limit == day_cap then day_cap_seen = now end
 end
-if day_cap >= 0 and now - day_cap_seen <= recent_us and (day_limit < 0 or day_cap < day_limit) then
-  day_limit = day_cap
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+inf')) do
+  local cap = tonumber(string.match(member, '|(%d+)$'))
+  if cap and (day_limit < 0 or cap < day_limit) then day_limit = cap end
 end
 if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
@@ -195,7 +194,7 @@ if today > day then
 end
 if process_id ~= '' then
   if hwm_day == day and hwm_count > count then count = hwm_count end
-  if asking then redis.call('ZADD', KEYS[2], now, process_id) end
+  if asking then redis.call('ZADD', KEYS[2], now, entry) end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. int(now - 600000000))
   redis.call('PEXPIRE', KEYS[2], ttl_ms)
 end
@@ -290,7 +289,7 @@ if not view then
     'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
     'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
-    'day_cap_seen', int(day_cap_seen), 'day_cap_by', day_cap_by)
+    'day_cap_seen', int(day_cap_seen))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

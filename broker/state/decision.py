@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Final
 
 from broker.ratecontrol import RecoveryState, cut_rate, recovered_rate
 from broker.state.model import (
@@ -34,7 +35,7 @@ from broker.state.model import (
     day_number,
 )
 
-__all__ = ["PROCESS_KEEP_S", "Record", "decide", "slack_us"]
+__all__ = ["PROCESS_KEEP_S", "Record", "decide", "process_entry", "slack_us"]
 
 _US = 1_000_000
 #: Processes not seen for this long are dropped from a key's record.
@@ -84,9 +85,8 @@ class Record:
     rc_recent: list[int] = field(default_factory=list)
     #: the daily limit the key keeps to: the lowest one asked with recently (-1: none)
     day_cap: int = -1
-    #: when a process with that daily limit last asked (µs), and which one
+    #: when a process with that daily limit last asked (µs)
     day_cap_seen: int = 0
-    day_cap_by: str = ""
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -159,12 +159,15 @@ def _agree(record: Record, now: int, limits: KeyLimits, *, asking: bool) -> KeyL
     )
 
 
-def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: str) -> int | None:
+def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool) -> int | None:
     """The daily limit the key keeps to when processes' configs differ (a rolling change
-    of tpd): as :func:`_agree` for the rate, the lowest limit asked with in the last
-    ``PROCESS_RECENT_S`` wins, so a process configured higher (or unlimited) cannot spend
-    the account's quota past what another process's config says it is. ``asking``: the
-    id of the process asking ("": none)."""
+    of tpd): the lowest limit of the processes that asked in the last ``PROCESS_RECENT_S``
+    (each one's limit is part of its entry, :func:`process_entry`), so a process configured
+    higher (or unlimited) cannot spend the account's quota past what another live process's
+    config says it is, and a lower limit leaves with its process when that one closes.
+
+    ``day_cap`` is still written, for older brokers sharing the key (they read only it).
+    """
     recent = int(PROCESS_RECENT_S * _US)
     if asking and day_limit is not None:
         stale = now - record.day_cap_seen > recent
@@ -176,10 +179,27 @@ def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: str) 
             record.day_cap = day_limit
         if day_limit == record.day_cap:
             record.day_cap_seen = now
-            record.day_cap_by = asking
-    if record.day_cap < 0 or now - record.day_cap_seen > recent:
-        return day_limit
-    return record.day_cap if day_limit is None else min(day_limit, record.day_cap)
+    since = now - recent
+    caps = [
+        int(limit)
+        for entry, seen in record.processes.items()
+        if seen >= since and (limit := entry.rpartition(_LIMIT_MARK)[2]).isdigit()
+    ]
+    if day_limit is not None:
+        caps.append(day_limit)
+    return min(caps) if caps else None
+
+
+def process_entry(process: ProcessMark, day_limit: int | None) -> str:
+    """How a process is entered among the key's processes: its id, and its daily limit
+    when it has one (``host:pid:nonce|8640``): the key keeps to the lowest of them."""
+    return (
+        process.process_id if day_limit is None else f"{process.process_id}{_LIMIT_MARK}{day_limit}"
+    )
+
+
+#: Between a process's id and its daily limit in its entry (an id never holds one).
+_LIMIT_MARK: Final = "|"
 
 
 def _clamp(rate: float, limits: KeyLimits) -> float:
@@ -292,8 +312,8 @@ def decide(
         feedback: what the caller learnt since its last call.
         reserve: reserve a slot and count it (else only apply feedback and report).
         process: who asks (registered as seen, and its high-water mark applied), or None.
-            With ``feedback.leaving`` it is closing: it is no longer counted, and a lower
-            daily limit it kept goes with it when no other process uses the key.
+            With ``feedback.leaving`` it is closing: it is no longer counted, and its
+            daily limit no longer holds for the others.
         wall: the wall clock in µs, for the daily window (default: ``now``).
         epoch: names the era of ``now`` (the machine's boot id for a monotonic clock); a
             record from another era has its times dropped, as they mean nothing now.
@@ -307,20 +327,12 @@ def decide(
         record.processes = {}
         record.nominal_seen = record.day_cap_seen = 0
     asking = process is not None and not feedback.leaving
-    if process is not None and feedback.leaving:
-        record.processes.pop(process.process_id, None)
-        recent = now - int(PROCESS_RECENT_S * _US)
-        if record.day_cap_by == process.process_id and not any(
-            seen >= recent for seen in record.processes.values()
-        ):
-            # Its lower daily limit leaves with it when no other process uses the key (a
-            # tpd raised for the next run). Another one may keep the same limit without
-            # being the one named: then the limit lapses a minute after its last ask.
-            record.day_cap, record.day_cap_seen, record.day_cap_by = -1, 0, ""
+    entry = None if process is None else process_entry(process, limits.day_limit)
+    if entry is not None and feedback.leaving:
+        # Its daily limit leaves with it (a tpd raised for the next run).
+        record.processes.pop(entry, None)
     limits = _agree(record, now, limits, asking=asking)
-    day_limit = _agree_day(
-        record, now, limits.day_limit, asking=process.process_id if asking and process else ""
-    )
+    day_limit = _agree_day(record, now, limits.day_limit, asking=asking)
     if record.rate <= 0:
         record.rate = limits.nominal_rate
     record.rate = _clamp(record.rate, limits)
@@ -333,8 +345,8 @@ def decide(
     if process is not None:
         if process.hwm_day == record.day and process.hwm_count > record.count:
             record.count = process.hwm_count
-        if asking:
-            record.processes[process.process_id] = now
+        if asking and entry is not None:
+            record.processes[entry] = now
         horizon = now - int(PROCESS_KEEP_S * _US)
         record.processes = {p: t for p, t in record.processes.items() if t >= horizon}
     cut = _apply_feedback(record, now, limits, feedback)
