@@ -309,6 +309,39 @@ class TestJobs:
         assert rows["B0USUSUS01"]["status"] == "ok"
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
 
+    async def test_a_tag_rejected_in_one_marketplace_fails_that_job_alone(
+        self, start: Start, spool: Path
+    ) -> None:
+        """The only key's UK tag is rejected (InvalidPartnerTag) while its US tag works: a
+        job with UK rows is filed under failed/ saying why, and the daemon goes on with the
+        next job. It stopped with 77 and, restarted, resumed the same job and stopped again,
+        so no other job ever ran (a restart loop under compose)."""
+        key = {
+            "name": "demo",
+            "credential_id": "demo-id",
+            "version": "3.1",
+            "partner_tags": {"www.amazon.com": "demo-20", "www.amazon.co.uk": "wrong-21"},
+            "tps": 100.0,
+        }
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [key],
+            "engine": {"linger_s": 0.005},
+            "simulator": {"seed": 5, "accounts": [_ACCOUNT]},
+        }
+        running = await start(parse_config(document, environ={}))
+        _drop(
+            spool,
+            "mixed.jsonl",
+            '{"asin": "B0UKUKUK01", "marketplace": "www.amazon.co.uk"}\n{"asin": "B0USUSUS01"}\n',
+        )
+        _drop(spool, "next.txt", "B0NEXTNX01\n")
+        failed = await _filed(spool, "mixed.jsonl", "failed")
+        assert failed["exit_code"] == ExitCode.NO_PERMISSION
+        assert "www.amazon.co.uk" in failed["error"]
+        assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
+        assert not running.task.done()
+
     async def test_files_present_at_start_are_picked_up(self, start: Start, spool: Path) -> None:
         """Jobs dropped while the daemon was down are processed; orphaned work files swept."""
         _drop(spool, "first.txt", "\n".join(_asins(3, "B0FRST")) + "\n")

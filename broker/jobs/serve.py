@@ -93,7 +93,14 @@ from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.paths import ledger_path, report_path
-from broker.jobs.runner import JobOptions, JobSummary, describe_failure, is_about, run_job
+from broker.jobs.runner import (
+    JobOptions,
+    JobSummary,
+    describe_failure,
+    is_about,
+    is_outage,
+    run_job,
+)
 from broker.jobs.signals import (
     STOP_SIGNALS,
     StopSignals,
@@ -1057,10 +1064,12 @@ class Daemon:
             self._fail(job, exc)
             return
         except NoUsableKeyError as exc:
-            if any(exc.marketplace in key.partner_tags for key in self._config.keys):
-                raise  # the keys themselves failed: the daemon stops, the job stays claimed
-            # The job asks for a marketplace no key is configured for: the job's problem, so
-            # it is filed, and the daemon does not stop on it at every start.
+            if is_outage(exc) or all(key.state == "disabled" for key in broker.metrics().keys):
+                # An outage, or every key rejected: the daemon stops, the job stays claimed.
+                raise
+            # The job asks for a marketplace no key serves (none has a tag for it, or Amazon
+            # rejected the tags): the job's problem, so it is filed, and the daemon goes on
+            # with the jobs its keys can serve instead of stopping on it at every start.
             self._fail(job, exc)
             return
         except OSError as exc:
