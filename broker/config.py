@@ -342,7 +342,10 @@ def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> No
     except ValueError as exc:
         text = str(exc)
         if text.startswith("Port"):
-            why = "its port is not a number from 0 to 65535"
+            why = (
+                "its port is not a number from 0 to 65535 (a '#' in a password ends the "
+                "address: percent-encode it as %23)"
+            )
         elif text.startswith("Invalid value for"):
             why = "an option after '?' has a value of the wrong type"
         else:

@@ -32,8 +32,8 @@ async def main(config: Path, keywords: str) -> None:
         for product in found.items:
             price = product.price.display if product.price else "-"
             print(f"  {product.asin}  {price:>10}  {product.title}")
-        # Only an item with a parent has variations (get_variations of another raises
-        # BadRequestError, code NoResults).
+        # An item with a parent has variations (its family); get_variations of most others
+        # raises BadRequestError, code NoResults.
         child = next((product for product in found.items if product.parent_asin), None)
         if child is not None:
             variations = await broker.get_variations(child.asin or "", variation_count=3)
