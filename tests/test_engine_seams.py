@@ -40,6 +40,7 @@ from broker.testing import FakeClock, settle
 
 FREE = SimulatorSettings(limits=False)
 UK = "www.amazon.co.uk"
+US = "www.amazon.com"
 PAAPI_ENDPOINT = "http://127.0.0.1:9"
 
 DENIED = json.dumps(
@@ -805,6 +806,35 @@ async def test_a_fake_clock_broker_and_its_embedded_simulator_share_the_clock() 
 
 class TestMarketplaces:
     """One marketplace's backlog never holds up another's."""
+
+    async def test_streams_of_two_marketplaces_interleave(self) -> None:
+        """Two streams started together (as broker run starts one per marketplace) take
+        turns a batch at a time, so a key serving both sends both from the start; the first
+        admitted its whole window before the second began, and that key sent every UK batch
+        before any US one while the UK-only key ran out of work (a job 40 % slower)."""
+        clock = FakeClock()
+        sent: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            asked = _asked(request)
+            sent.append(asked[0][:4])
+            return RawResponse(200, {}, _paapi_body(*asked), 0.01)
+
+        keys = [
+            paapi_key_doc("both", tags={US: "both-20", UK: "both-21"}, tps=5.0),
+            paapi_key_doc("uk", credential_id="UKACCESSKEY", tags={UK: "uk-21"}, tps=5.0),
+        ]
+        config = _paapi(keys=keys, engine={"queue_size": 200})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+
+            async def drain(prefix: str, market: str) -> int:
+                queries = [Query(f"{prefix}{i:06d}", market) for i in range(200)]
+                return sum([1 async for _ in broker.stream(queries)])
+
+            both = asyncio.gather(drain("B0UK", UK), drain("B0US", US))
+            await clock.run_until(both, limit=600)
+            assert both.result() == [200, 200]
+        assert "B0US" in sent[:4], sent[:12]
 
     async def test_a_stalled_marketplace_leaves_room_for_the_others(self) -> None:
         """With ``queue_size`` UK lookups admitted that the only UK key, waiting out its

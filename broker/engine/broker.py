@@ -686,10 +686,17 @@ class Broker:
                         reading = True
                 else:
                     # A plain iterable is read here, not through an async generator.
+                    batch_size = self.config.engine.batch_size
+                    taken = 0
                     for item in asins:
                         reading = False
                         if not window.try_take():
                             await window.take()
+                        elif (taken := taken + 1) % batch_size == 0:
+                            # A batch's worth read with room to spare: let other streams
+                            # (broker run's, one per marketplace) read theirs, so that keys
+                            # get their batches in turn rather than one stream's window first.
+                            await asyncio.sleep(0)
                         if halted():
                             break
                         if (waiting := place(item)) is not None:
