@@ -50,6 +50,21 @@ async def test_snapshot_left_today_is_where_the_key_stops() -> None:
     assert snapshot.daily_left == 98_999
 
 
+async def test_a_key_parked_with_its_day_spent_waits_until_the_reset() -> None:
+    """A key whose own daily count is spent and that Amazon's 429 parked (its last request
+    took the last of the budget) reports the reset as its wait, not the probe 15 minutes
+    away: --no-wait said "run again after 13:43" and the daemon re-deferred every 15
+    minutes until midnight."""
+    clock = FakeClock()
+    key = _key(clock, tpd=2)
+    assert await _driven(clock, key.try_send(), within_s=2.0) is not None
+    assert key.limiter.exhausted
+    key.circuit.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+    snapshot = key.snapshot()
+    assert snapshot.state == "parked"
+    assert snapshot.until == snapshot.daily_resets_at is not None
+
+
 async def test_a_spent_daily_quota_is_logged_once_per_window() -> None:
     """A key that runs out of its daily quota says so once (a warning naming the reset), so
     a library caller whose lookups now wait for hours sees why; asking again says nothing."""
