@@ -655,6 +655,14 @@ class _DownStore:
         return None
 
 
+async def _send(clock: FakeClock, limiter: SharedKeyLimiter, count: int) -> None:
+    """Book ``count`` sends through ``limiter``, a second apart on the fake clock."""
+    for _ in range(count):
+        sending = asyncio.create_task(limiter.commit())
+        await clock.advance(1.0)
+        await sending
+
+
 class TestAgreedDailyLimit:
     async def test_higher_configured_process_sees_the_agreed_limit_spent(self) -> None:
         """A process configured with tpd 100 beside one with 3: once 3 are sent it reports
@@ -664,10 +672,7 @@ class TestAgreedDailyLimit:
         store = _store(clock)
         low = _limiter(clock, store, "low", KeyLimits(5.0, 0.05, 5.0, day_limit=3, tpd=3))
         high = _limiter(clock, store, "high", KeyLimits(5.0, 0.05, 5.0, day_limit=100, tpd=100))
-        for _ in range(3):
-            sending = asyncio.create_task(low.commit())
-            await clock.advance(1.0)
-            await sending
+        await _send(clock, low, 3)
         await high.refresh()
         assert high.exhausted
         assert high.remaining == 0
@@ -683,10 +688,7 @@ class TestAgreedDailyLimit:
         clock = FakeClock()
         store = _store(clock)
         first = _limiter(clock, store, "first", KeyLimits(5.0, 0.05, 5.0, day_limit=3, tpd=3))
-        for _ in range(3):
-            sending = asyncio.create_task(first.commit())
-            await clock.advance(1.0)
-            await sending
+        await _send(clock, first, 3)
         await first.aclose()
         rerun = _limiter(clock, store, "rerun", KeyLimits(5.0, 0.05, 5.0, day_limit=6, tpd=6))
         await rerun.refresh()
