@@ -680,6 +680,10 @@ class TestAgreedDailyLimit:
         assert low.exhausted
         view = await store.view(KEY, KeyLimits(5.0, 0.05, 5.0, day_limit=100, tpd=100))
         assert view.decision.day_limit == 3  # what `broker status` shows as the limit
+        # Held by the other's limit, which lapses within a minute once it stops asking (at
+        # once when it closes): --no-wait and the daemon wait that long, not for the reset.
+        assert high.quota_until() <= clock.utcnow() + dt.timedelta(seconds=61)
+        assert low.quota_until() == low.resets_at()
 
     async def test_a_rerun_with_a_higher_tpd_sends_at_once(self) -> None:
         """A run with tpd 3 spends its day and closes; the next run, with tpd raised to 6,

@@ -617,14 +617,15 @@ class KeyState:
         elif health is KeyHealth.PARKED and (park := self._park()) is not None:
             reason, probe_at = park
             if self.limiter.exhausted:
-                # Its own daily count is spent too: nothing goes before the reset, whatever
-                # the probe time (a 429 on the request that took the last of the budget).
-                resets_at = self.limiter.resets_at()
-                probe_at = resets_at if probe_at is None else max(probe_at, resets_at)
+                # Its daily count is spent too: nothing goes before the count lets it (the
+                # reset, for its own limit), whatever the probe time (a 429 on the request
+                # that took the last of the budget).
+                spendable = self.limiter.quota_until()
+                probe_at = spendable if probe_at is None else max(probe_at, spendable)
             until = None if probe_at is None else _utc_text(probe_at)
         elif self.limiter.exhausted:
             reason = QUOTA_WAIT
-            until = _utc_text(self.limiter.resets_at())
+            until = _utc_text(self.limiter.quota_until())
         elif health is KeyHealth.PAUSED:
             reason = self.limiter.blocked_reason or self._paused_reason
         elif self._disabled_markets:

@@ -240,7 +240,9 @@ class KeyLimiter(Protocol):
       reason is shown by ``broker status`` for shared state); ``resume()``
       lifts a pause.
     - ``spent``, ``remaining`` (``None``: unlimited), ``exhausted``, ``used_fraction`` and
-      ``resets_at()`` describe the daily budget's current window.
+      ``resets_at()`` describe the daily budget's current window; ``quota_until()`` is when
+      a spent one lets the key send again (the reset, unless shared state holds the key to
+      another process's lower limit).
     - ``blocked_reason`` says why the key cannot send because its shared state store is
       unreachable (``None``: it can; always ``None`` for in-process state).
     - ``add_refusal_listener(fn)`` calls ``fn(refusal, wait_s)`` whenever the shared state
@@ -286,6 +288,8 @@ class KeyLimiter(Protocol):
     def used_fraction(self) -> float | None: ...
 
     def resets_at(self) -> datetime: ...
+
+    def quota_until(self) -> datetime: ...
 
     @property
     def blocked_reason(self) -> str | None: ...
@@ -398,6 +402,11 @@ class LocalKeyLimiter:
     def resets_at(self) -> datetime:
         """The UTC instant the daily window resets."""
         return self._budget.resets_at()
+
+    def quota_until(self) -> datetime:
+        """When a spent budget lets the key send again: the reset (in-process state has no
+        other process's limit)."""
+        return self.resets_at()
 
     @property
     def blocked_reason(self) -> str | None:

@@ -51,6 +51,7 @@ from broker.engine.quota import day_limit
 from broker.errors import StateUnavailableError
 from broker.logs import get_logger
 from broker.state import (
+    PROCESS_RECENT_S,
     Decision,
     Feedback,
     KeyLimits,
@@ -659,6 +660,17 @@ class SharedKeyLimiter:
         if tpd is None:
             return None
         return 1.0 if tpd == 0 else self.spent / tpd
+
+    def quota_until(self) -> datetime:
+        """When the daily count lets the key send again: the reset once this config's own
+        limit is spent; while only another process's lower tpd holds it, a minute from now
+        at most (it lapses a minute after that process's last ask, at once when it closes),
+        so --no-wait and the daemon do not wait for the reset on a passing lookup's limit."""
+        own = self._limits.day_limit
+        if own is not None and self.spent >= own:
+            return self.resets_at()
+        held = datetime.fromtimestamp(self._store_wall() + PROCESS_RECENT_S, UTC)
+        return min(self.resets_at(), held)
 
     def resets_at(self) -> datetime:
         """The UTC instant today's window ends, by the store's clock."""

@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Any, Final
 from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.clock import Clock, LoopClock
+from broker.engine.keys import OUTAGE_CODE
 from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLock, JobLockedError
@@ -98,7 +99,6 @@ from broker.jobs.runner import (
     JobSummary,
     describe_failure,
     is_about,
-    is_outage,
     run_job,
 )
 from broker.jobs.signals import (
@@ -1064,8 +1064,10 @@ class Daemon:
             self._fail(job, exc)
             return
         except NoUsableKeyError as exc:
-            if is_outage(exc) or all(key.state == "disabled" for key in broker.metrics().keys):
-                # An outage, or every key rejected: the daemon stops, the job stays claimed.
+            outage = any(failure.code == OUTAGE_CODE for failure in exc.failures)
+            if outage or all(key.state == "disabled" for key in broker.metrics().keys):
+                # An outage had a part in it, or every key was rejected: the daemon stops
+                # and the job stays claimed, for the next start (with the keys back).
                 raise
             # The job asks for a marketplace no key serves (none has a tag for it, or Amazon
             # rejected the tags): the job's problem, so it is filed, and the daemon goes on
