@@ -367,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     words = sys.argv[1:] if argv is None else list(argv)
     try:
-        return _main(words)
+        # Without argv: the console script, whose process ends when this returns.
+        return _main(words, process_ends=argv is None)
     except KeyboardInterrupt:
         # Ctrl-C in a command without a signal policy of its own (run and serve drain), or
         # before a command's own handlers are in: one line, no traceback, the stop code every
@@ -413,14 +414,15 @@ def _command_word(words: Sequence[str]) -> str | None:
     return next((w for w in words if not w.startswith("-")), None)
 
 
-def _main(words: list[str]) -> int:
+def _main(words: list[str], *, process_ends: bool = False) -> int:
     if _command_word(words) in ("run", "serve", "lookup"):
         from broker.jobs.signals import caught_early
 
         # A signal while starting (building the parser imports the simulator and the
         # engine, then the config is read) or finishing must not kill the command with the
-        # default action: it is kept for the command's handler, or dropped once it is gone.
-        with caught_early():
+        # default action: it is kept for the command's handler, or dropped once it is gone
+        # (also while the process exits, when it ends with the command).
+        with caught_early(process_ends=process_ends):
             return _command(_parse(words))
     return _command(_parse(words))
 

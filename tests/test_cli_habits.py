@@ -326,7 +326,7 @@ def test_a_broken_pipe_not_of_stdout_is_not_swallowed(monkeypatch: pytest.Monkey
     """A BrokenPipeError while stdout is fine (another pipe or socket) is not taken for
     stdout's reader going away: it propagates instead of a silent exit 141."""
 
-    def broken(argv: object) -> int:
+    def broken(argv: object, **_: object) -> int:
         raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(cli, "_main", broken)
@@ -1331,7 +1331,7 @@ class TestLookupEnds:
         """Ctrl-C during lookup (or status, or cache) ends with one line and exit 75, not a
         KeyboardInterrupt traceback."""
 
-        def interrupted(argv: object) -> int:
+        def interrupted(argv: object, **_: object) -> int:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(cli, "_main", interrupted)
@@ -1344,7 +1344,7 @@ class TestLookupEnds:
         """Ctrl-C before bench's own handlers are in (while it parses and imports) ends with
         130, the code the README gives bench for Ctrl-C, not the resumable 75."""
 
-        def interrupted(argv: object) -> int:
+        def interrupted(argv: object, **_: object) -> int:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(cli, "_main", interrupted)

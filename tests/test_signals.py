@@ -291,6 +291,20 @@ class TestCaughtEarly:
         assert calls == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
+    def test_a_command_that_ends_the_process_drops_late_signals(self) -> None:
+        """For a command that ends its process (the console script), a stop signal after
+        the command returned is dropped, not fatal: one in the ~30 ms the interpreter takes
+        to exit made a stopped `broker run` exit 143 instead of 75."""
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            with caught_early(process_ends=True):
+                pass
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
     def test_signal_while_lookup_starts_stops_it_with_75(self, tmp_path: Path) -> None:
         """A SIGTERM while `broker lookup` still builds its parser stops it with 75, as one
         after its handler is in does, not 143."""

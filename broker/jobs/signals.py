@@ -177,11 +177,14 @@ def _remember(signum: int, _frame: object) -> None:
 
 
 @contextlib.contextmanager
-def caught_early() -> Iterator[None]:
+def caught_early(*, process_ends: bool = False) -> Iterator[None]:
     """While the block runs, a stop signal with no loop handler installed is kept, not fatal.
 
     For the command line: the block is the whole command, so the signal handlers it had before
-    (Python's defaults) come back when it returns.
+    (Python's defaults) come back when it returns. With ``process_ends`` (the console
+    script: the process exits once the command returns) stop signals are ignored instead:
+    the command's exit code is decided, and one arriving while the interpreter shuts down
+    (tens of milliseconds) must not replace it with the signal's own.
     """
     global _catching
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
@@ -194,7 +197,7 @@ def caught_early() -> Iterator[None]:
         _catching = False
         _early.clear()
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if process_ends else handler)
 
 
 def replay_early(handler: Callable[[signal.Signals], None]) -> None:
