@@ -28,7 +28,7 @@ from broker.cache import CacheStats
 from broker.config import BrokerConfig, parse_config
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.metrics import QUOTA_WAIT, KeySnapshot, MetricsSnapshot
-from broker.errors import ConfigError
+from broker.errors import ConfigError, NoUsableKeyError
 from broker.jobs import serve
 from broker.jobs.metrics_http import (
     JobRows,
@@ -341,6 +341,26 @@ class TestJobs:
         assert "www.amazon.co.uk" in failed["error"]
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
         assert not running.task.done()
+
+    def test_which_key_failures_stop_the_daemon(self) -> None:
+        """A job's NoUsableKeyError stops the daemon when an outage had a part in it (a key
+        lost to an unreachable token service beside one with a wrong tag: filing the job
+        would file every later job of that marketplace too) or when every key is rejected;
+        a rejected tag alone, with other keys working, files just that job."""
+        from broker.engine.keys import OUTAGE_CODE
+        from broker.errors import KeyUnusableError
+
+        def snapshot(name: str, state: str) -> KeySnapshot:
+            return KeySnapshot(name, state, 1.0, 1.0, 0, 0, 0, 0, 0, None, None)
+
+        outage = KeyUnusableError("a", OUTAGE_CODE, "token service unreachable", "wait")
+        rejected = KeyUnusableError("b", "InvalidPartnerTag", "wrong tag", "fix the tag")
+        working = [snapshot("a", "disabled"), snapshot("b", "active")]
+        uk = "www.amazon.co.uk"
+        assert serve.stops_daemon(NoUsableKeyError(uk, [outage, rejected]), working)
+        assert not serve.stops_daemon(NoUsableKeyError(uk, [rejected]), working)
+        every = [snapshot("a", "disabled"), snapshot("b", "disabled")]
+        assert serve.stops_daemon(NoUsableKeyError(uk, [rejected]), every)
 
     async def test_files_present_at_start_are_picked_up(self, start: Start, spool: Path) -> None:
         """Jobs dropped while the daemon was down are processed; orphaned work files swept."""

@@ -79,7 +79,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
@@ -115,7 +115,7 @@ from broker.sqlitewal import journal_files
 if TYPE_CHECKING:
     from broker.cache.policy import CacheStats
     from broker.config import BrokerConfig
-    from broker.engine.metrics import MetricsSnapshot
+    from broker.engine.metrics import KeySnapshot, MetricsSnapshot
 
 __all__ = [
     "DEFAULT_PORT",
@@ -125,6 +125,7 @@ __all__ = [
     "SpoolJob",
     "serve_command",
     "spool_name",
+    "stops_daemon",
 ]
 
 logger = get_logger("broker")
@@ -1064,14 +1065,8 @@ class Daemon:
             self._fail(job, exc)
             return
         except NoUsableKeyError as exc:
-            outage = any(failure.code == OUTAGE_CODE for failure in exc.failures)
-            if outage or all(key.state == "disabled" for key in broker.metrics().keys):
-                # An outage had a part in it, or every key was rejected: the daemon stops
-                # and the job stays claimed, for the next start (with the keys back).
-                raise
-            # The job asks for a marketplace no key serves (none has a tag for it, or Amazon
-            # rejected the tags): the job's problem, so it is filed, and the daemon goes on
-            # with the jobs its keys can serve instead of stopping on it at every start.
+            if stops_daemon(exc, broker.metrics().keys):
+                raise  # the job stays claimed, for the next start (with the keys back)
             self._fail(job, exc)
             return
         except OSError as exc:
@@ -1334,6 +1329,20 @@ class Daemon:
             rows_by_status=dict(self._rows),
             jobs=tuple(jobs),
         )
+
+
+def stops_daemon(exc: NoUsableKeyError, keys: Sequence[KeySnapshot]) -> bool:
+    """Whether a job's ``NoUsableKeyError`` stops the daemon, or only files the job.
+
+    It stops when an outage had a part in it (it ends by itself, and the job resumes at the
+    next start with the key back) or when every key was rejected (no job can run). A
+    marketplace no key serves otherwise (none has a tag for it, or Amazon rejected the
+    tags) is that job's problem: it is filed under failed/, and the daemon goes on with the
+    jobs its keys can serve instead of stopping on it at every start.
+    """
+    if any(failure.code == OUTAGE_CODE for failure in exc.failures):
+        return True
+    return all(key.state == "disabled" for key in keys)
 
 
 def serve_command(
