@@ -558,16 +558,12 @@ def _init(path: Path, *, force: bool) -> int:
 def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
     """Where a key's secret comes from with the embedded simulator, and a warning when the
     simulator will refuse it (a secret that is not its account's)."""
-    from broker.client import simulator_settings
-    from broker.simulator.accounts import simulator_secret
+    from broker.client import simulator_account_secret
 
     if key.secret is None:
         unset = f", {key.secret_source} unset" if key.secret_source else ""
         return f"the simulator's own account{unset}"
-    known = simulator_secret(
-        config.api.protocol.value, key.credential_id, simulator_settings(config)
-    )
-    if known != key.secret.reveal():
+    if simulator_account_secret(config, key) != key.secret.reveal():
         print(
             f"warning: key {key.name}: the embedded simulator has no {config.api.protocol.value} "
             f"account {key.credential_id!r} with the secret in {key.secret_source}: it will "

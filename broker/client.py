@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig, KeyConfig
     from broker.simulator.settings import SimulatorSettings
 
-__all__ = ["Broker", "Query", "embedded_secret", "simulator_settings"]
+__all__ = ["Broker", "Query", "embedded_secret", "simulator_account_secret", "simulator_settings"]
 
 
 def simulator_settings(config: BrokerConfig) -> SimulatorSettings:
@@ -52,6 +52,18 @@ class Broker(EngineBroker):
         return embedded_secret(self.config, key)
 
 
+def simulator_account_secret(config: BrokerConfig, key: KeyConfig) -> str | None:
+    """The embedded simulator's secret for the key's credential under the config's protocol,
+    or None (the endpoint is not the simulator, or it has no such account)."""
+    from broker.simulator.accounts import simulator_secret
+
+    if not config.api.uses_simulator:
+        return None
+    return simulator_secret(
+        config.api.protocol.value, key.credential_id, simulator_settings(config)
+    )
+
+
 def embedded_secret(config: BrokerConfig, key: KeyConfig) -> Secret:
     """The embedded simulator's own secret for a key whose secret variable is unset.
 
@@ -60,13 +72,7 @@ def embedded_secret(config: BrokerConfig, key: KeyConfig) -> Secret:
             the config's protocol for the key's credential (a Creators id in a PA-API
             config, a typo): the command line checks this when it reads the config.
     """
-    from broker.simulator.accounts import simulator_secret
-
-    value = None
-    if config.api.uses_simulator:
-        value = simulator_secret(
-            config.api.protocol.value, key.credential_id, simulator_settings(config)
-        )
+    value = simulator_account_secret(config, key)
     if value is None:
         raise ConfigError(
             f"keys.{key.name}",

@@ -205,9 +205,9 @@ def _integer(name: str, value: object, low: int, high: int | None) -> int:
 
 
 def _choice(name: str, value: object, kind: type[_E]) -> _E:
-    choices = ", ".join(repr(m.value) for m in kind)
     if isinstance(value, kind):
         return value
+    choices = ", ".join(repr(m.value) for m in kind)
     if not isinstance(value, str):
         # The wrong type (5, True), as for every other option: a TypeError.
         raise TypeError(

@@ -620,36 +620,13 @@ class Ledger:
             marketplace = canonical_marketplace(row.marketplace) if row.marketplace else default
             resources = _encode_resources(row.resources)
             if row.error is None and row.asin is not None:
-                values.append(
-                    (
-                        seq,
-                        row.line,
-                        row.raw,
-                        marketplace,
-                        row.asin,
-                        resources,
-                        "pending",
-                        None,
-                        extra,
-                        None,
-                    )
-                )
+                asin, status, reason, code = row.asin, "pending", None, None
             else:
+                asin, status, code = None, "invalid", row.code
                 reason = row.error or "the row has no ASIN"
-                values.append(
-                    (
-                        seq,
-                        row.line,
-                        row.raw,
-                        marketplace,
-                        None,
-                        resources,
-                        "invalid",
-                        reason,
-                        extra,
-                        row.code,
-                    )
-                )
+            values.append(
+                (seq, row.line, row.raw, marketplace, asin, resources, status, reason, extra, code)
+            )
         end = first + len(batch)
         with self._transaction():
             conn = self._conn

@@ -1044,23 +1044,17 @@ def is_about(exc: OSError, path: Path) -> bool:
     return exc.filename is not None and Path(exc.filename).absolute() == path.absolute()
 
 
-def is_outage(exc: BaseException) -> bool:
-    """True for a NoUsableKeyError whose keys all wait out an outage (the endpoint or its
-    token service unreachable): it ends by itself, unlike a key Amazon rejected."""
-    return (
-        isinstance(exc, NoUsableKeyError)
-        and bool(exc.failures)
-        and all(failure.code == OUTAGE_CODE for failure in exc.failures)
-    )
-
-
 def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[int, str]:
     """Map an exception of a run to (exit code, one-line message for the user).
 
     ``job``: the job file, so an error reading it (missing, not readable by this user) is
     told from one writing the output or the state; without it no file is input.
     """
-    if is_outage(exc):
+    if (
+        isinstance(exc, NoUsableKeyError)
+        and exc.failures
+        and all(failure.code == OUTAGE_CODE for failure in exc.failures)
+    ):
         return ExitCode.UNAVAILABLE, (
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
         )

@@ -94,13 +94,7 @@ from broker.exitcode import ExitCode
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.paths import ledger_path, report_path
-from broker.jobs.runner import (
-    JobOptions,
-    JobSummary,
-    describe_failure,
-    is_about,
-    run_job,
-)
+from broker.jobs.runner import JobOptions, JobSummary, describe_failure, is_about, run_job
 from broker.jobs.signals import (
     STOP_SIGNALS,
     StopSignals,

@@ -519,9 +519,9 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         if text is None:
             continue
         tree = json.loads(text)
-        tree[ctx.names("parentASIN")] = (
-            parent if "parentASIN" in resources else tree.get(ctx.names("parentASIN"))
-        )
+        # The item names its family's parent itself (when asked); a variation always has
+        # the member, null when not asked.
+        tree.setdefault(ctx.names("parentASIN"), None)
         tree[ctx.names("variationAttributes")] = [
             {ctx.names("name"): name, ctx.names("value"): value}
             for name, value in (
