@@ -836,6 +836,30 @@ class TestMarketplaces:
             assert both.result() == [200, 200]
         assert "B0US" in sent[:4], sent[:12]
 
+    async def test_streams_of_async_inputs_that_never_await_interleave(self) -> None:
+        """The same with async generators that never await (rows already in memory): the
+        streams take turns too; the first admitted its whole window before the second
+        began, as plain inputs did before."""
+        clock = FakeClock()
+        sent: list[str] = []
+        handler = _answering(sent)
+        keys = [paapi_key_doc("both", tags={US: "both-20", UK: "both-21"}, tps=5.0)]
+        config = _paapi(keys=keys, engine={"queue_size": 200})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+
+            async def rows(prefix: str, market: str) -> AsyncIterator[Query]:
+                for i in range(200):
+                    yield Query(f"{prefix}{i:06d}", market)
+
+            async def drain(prefix: str, market: str) -> int:
+                return sum([1 async for _ in broker.stream(rows(prefix, market))])
+
+            both = asyncio.gather(drain("B0UK", UK), drain("B0US", US))
+            await clock.run_until(both, limit=600)
+            assert both.result() == [200, 200]
+        # sent lists ASINs: the first four batches are its first 40.
+        assert any(asin.startswith("B0US") for asin in sent[:40]), sent[:40]
+
     async def test_a_stalled_marketplace_leaves_room_for_the_others(self) -> None:
         """With ``queue_size`` UK lookups admitted that the only UK key, waiting out its
         daily quota, cannot send, US callers are still admitted and answered by the fresh

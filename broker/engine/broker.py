@@ -675,10 +675,16 @@ class Broker:
                                 self._flush()
                             reading = True
                 elif isinstance(asins, AsyncIterable):
+                    batch_size = self.config.engine.batch_size
+                    taken = 0
                     async for item in asins:
                         reading = False
                         if not window.try_take():
                             await window.take()
+                        elif (taken := taken + 1) % batch_size == 0:
+                            # As below: an async input that never awaits (rows already in
+                            # memory) would otherwise never let another stream read.
+                            await asyncio.sleep(0)
                         if halted():
                             break
                         if (waiting := place(item)) is not None:
