@@ -1,6 +1,6 @@
 """The import layers, read from the source: who may import whom.
 
-Bottom: models, errors, clock, asin (and logs, testing). ``api/`` holds Amazon's wire
+Bottom: models, errors, clock, asin, listener (and logs, testing). ``api/`` holds Amazon's wire
 formats; ``state/`` and ``cache/`` the stores; ``engine/`` the pipeline; ``client``,
 ``jobs/``, ``bench`` and ``cli`` compose them on top. ``simulator/`` stands beside the
 client: it may use the bottom layer and the pure wire functions of ``api/`` (SigV4,
@@ -22,6 +22,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("broker.errors", ("broker.api", "broker.engine", "broker.jobs", "broker.simulator")),
     ("broker.clock", ("broker.api", "broker.engine", "broker.jobs", "broker.simulator")),
     ("broker.asin", ("broker.api", "broker.engine", "broker.jobs", "broker.simulator")),
+    ("broker.listener", ("broker.api", "broker.engine", "broker.jobs", "broker.simulator")),
     (
         "broker.api",
         ("broker.engine", "broker.jobs", "broker.cli", "broker.simulator", "broker.client"),

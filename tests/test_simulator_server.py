@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,31 @@ async def test_server_binds_a_free_loopback_port() -> None:
         async with session.get(server.url + "/_sim/stats") as response:
             assert response.status == 200
         assert server.stats.requests == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+async def test_a_start_cancelled_at_any_step_leaves_no_socket_open() -> None:
+    """Cancelling the server's start at any of its first steps leaves no socket behind: a
+    cancel while the loop's create_server skipped a turn lost the listening socket, which
+    stayed open (and listening) until the loop closed."""
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for turns in range(8):
+        server = SimulatorServer()
+        task = asyncio.ensure_future(server.__aenter__())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            await server.__aexit__(None, None, None)
+        assert open_fds() == before, f"a socket left open when cancelled after {turns} turns"
 
 
 @pytest.mark.parametrize(

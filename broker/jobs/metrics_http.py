@@ -27,6 +27,7 @@ from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.metrics import LATENCY_BUCKETS_S, QUOTA_WAIT
 from broker.errors import ConfigError
 from broker.jobs.process_stats import ProcessStats, read_process_stats
+from broker.listener import start_listener
 from broker.logs import get_logger
 
 if TYPE_CHECKING:
@@ -452,13 +453,9 @@ class MetricsServer:
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> MetricsServer:
-        runner = web.AppRunner(self._app, shutdown_timeout=_SHUTDOWN_TIMEOUT_S, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self._host, self.port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_listener(
+            self._app, self._host, self.port, shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S
+        )
         addresses: Iterable[object] = runner.addresses
         for address in addresses:
             if isinstance(address, tuple) and len(address) >= 2:

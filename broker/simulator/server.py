@@ -14,12 +14,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from broker.errors import ConfigError
+from broker.listener import start_listener
 from broker.simulator.app import STATS_KEY, create_app
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from broker.clock import Clock
     from broker.simulator.settings import SimulatorSettings
     from broker.simulator.stats import SimulatorStats
@@ -87,14 +88,9 @@ class SimulatorServer:
         return self.app[STATS_KEY]
 
     async def __aenter__(self) -> SimulatorServer:
-        runner = web.AppRunner(self.app, shutdown_timeout=_SHUTDOWN_TIMEOUT_S, access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._requested_port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_listener(
+            self.app, self._host, self._requested_port, shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S
+        )
         self._runner = runner
         addresses = runner.addresses
         self.port = int(addresses[0][1]) if addresses else self._requested_port
