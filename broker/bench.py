@@ -716,7 +716,7 @@ def bench_command(args: argparse.Namespace) -> int:
     except _Stopped as stop:
         stopped = True
         print(f"broker bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
-        return 128 + stop.sig
+        return ExitCode.INTERRUPTED if stop.sig is signal.SIGINT else ExitCode.TERMINATED
     finally:
         # Stopped, the stop signals stay ignored: the process is on its way out, and a
         # second one between here and its exit must not kill it with the default action.

@@ -311,6 +311,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "and faults, stream unique ASINs through the broker for a while, and print requests/s, "
         "ASINs/s, the rate the server granted against the rate it allows, 429 share, retries, "
         "latency p50/p99, CPU per request and peak memory. Needs no config file.",
+        epilog="exit codes: 0 figures printed; 2 usage (a bad option, or one the broker's "
+        "config refuses); 130 / 143 stopped by SIGINT / SIGTERM (no figures).",
     )
     from broker.bench import add_arguments
 
@@ -375,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # command uses; bench's is the shell's for SIGINT, as once its handlers are in.
         print(f"{prog()}: interrupted", file=sys.stderr)
         if _command_word(words) == "bench":
-            return 128 + signal.SIGINT
+            return ExitCode.INTERRUPTED
         return ExitCode.RESUMABLE
     except BrokenPipeError:
         fd = _broken_stdout()

@@ -40,6 +40,10 @@ class ExitCode(enum.IntEnum):
     NO_PERMISSION = 77
     #: bad config
     CONFIG = 78
+    #: ``broker bench`` stopped by SIGINT (Ctrl-C), with no figures: the shell's code (128 + 2)
+    INTERRUPTED = 130
+    #: ``broker bench`` stopped by SIGTERM, with no figures: the shell's code (128 + 15)
+    TERMINATED = 143
     #: stdout's reader went away (``| head``): what it did not read is not wanted; the shell's
     #: code for a process ended by SIGPIPE (128 + 13)
     BROKEN_PIPE = 141
