@@ -89,7 +89,7 @@ class SyncBroker:
         self._finalizer: weakref.finalize[Any, SyncBroker] | None = None
         self._thread.start()
         try:
-            self._broker = self._call(self._open(config, kwargs))
+            self._broker = self._open(config, kwargs)
         except BaseException:
             _stop_loop(self._loop, self._thread)
             raise
@@ -99,12 +99,38 @@ class SyncBroker:
             self, _shut_down, self._broker, self._loop, self._thread, self._pid
         )
 
-    @staticmethod
-    async def _open(config: BrokerConfig, kwargs: Mapping[str, Any]) -> Broker:
-        # Built inside the loop's thread: the broker binds to the loop it is entered on.
-        broker = Broker(config, **kwargs)
-        await broker.__aenter__()
-        return broker
+    def _open(self, config: BrokerConfig, kwargs: Mapping[str, Any]) -> Broker:
+        """Start the broker on the loop thread.
+
+        A caller interrupted meanwhile (Ctrl-C) leaves nothing open: the cancelled start
+        closes what it had opened as it unwinds, and the loop is stopped only after that (it
+        was stopped at once, and the start's tasks, session and sockets were left behind); a
+        start that had just finished is closed here.
+        """
+        ended = threading.Event()
+        opened: list[Broker] = []
+
+        async def start() -> Broker:
+            try:
+                # Built inside the loop's thread: the broker binds to the loop it is entered on.
+                broker = Broker(config, **kwargs)
+                await broker.__aenter__()
+                opened.append(broker)
+                return broker
+            finally:
+                ended.set()
+
+        future = asyncio.run_coroutine_threadsafe(start(), self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            # Bounded, as a close is; a second Ctrl-C stops waiting.
+            if ended.wait(_CLOSE_TIMEOUT_S) and opened:
+                closing = asyncio.run_coroutine_threadsafe(opened[0].aclose(), self._loop)
+                with contextlib.suppress(Exception):
+                    closing.result(_CLOSE_TIMEOUT_S)
+            raise
 
     @classmethod
     def from_config(

@@ -347,6 +347,51 @@ class TestSyncBroker:
             SyncBroker.from_dict(_document(credential_id="nobody"), environ={})
         assert threading.active_count() == before
 
+    @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+    def test_ctrl_c_while_starting_leaves_nothing_open(self, tmp_path: Path) -> None:
+        """Ctrl-C as the SyncBroker's start ends raises KeyboardInterrupt and leaves no task,
+        session or socket behind: the broker the start had just opened was never closed
+        ("Task was destroyed but it is pending", an unclosed session)."""
+        script = (
+            "import os, signal, threading, time\n"
+            "import broker.client\n"
+            "from broker import SyncBroker\n"
+            "real_enter = broker.client.Broker.__aenter__\n"
+            "async def late_enter(self):\n"
+            "    entered = await real_enter(self)\n"
+            "    time.sleep(0.5)\n"  # Ctrl-C lands as the start ends, before it is handed over
+            "    return entered\n"
+            "broker.client.Broker.__aenter__ = late_enter\n"
+            "threading.Timer(0.25, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+            "try:\n"
+            "    SyncBroker.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
+            " 'credential_id': 'demo-id', 'version': '3.1',"
+            " 'partner_tags': {'www.amazon.com': 'demo-20'}}]})\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted', flush=True)\n"
+            "print('threads', threading.active_count())\n"
+            "def link(fd):\n"
+            "    try:\n"
+            "        return os.readlink(f'/proc/self/fd/{fd}')\n"
+            "    except OSError:\n"
+            "        return ''\n"  # the directory's own fd, closed once listed
+            "fds = os.listdir('/proc/self/fd')\n"
+            "print('sockets', sum(link(fd).startswith('socket:') for fd in fds))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-X", "dev", "-c", script],
+            cwd=tmp_path,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["interrupted", "threads", "1", "sockets", "0"], done.stderr
+        assert "destroyed but it is pending" not in done.stderr
+        assert "Unclosed" not in done.stderr
+        assert "Exception ignored" not in done.stderr
+
     def test_paapi(self) -> None:
         """The PA-API protocol works the same, its items typed the same way."""
         with SyncBroker.from_dict(_document("paapi5")) as broker:
