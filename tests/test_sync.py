@@ -19,7 +19,7 @@ from conftest import asins
 
 from broker import Broker, SyncBroker, config_from_dict
 from broker.config import parse_config
-from broker.errors import BrokerClosedError, ConfigError
+from broker.errors import BrokerClosedError, ConfigError, NoUsableKeyError
 from broker.models import Secret, Status
 
 
@@ -238,6 +238,15 @@ class TestSyncBroker:
         assert result.error.code == "NoKeyForMarketplace"
         assert "<dict>" not in result.error.remedy
         assert "config given in code" in result.error.remedy
+
+    def test_an_unserved_marketplace_in_a_search_says_where_to_add_the_tag(
+        self, sync_broker: SyncBroker
+    ) -> None:
+        """A search there says the same (it named config.toml, whatever the source)."""
+        with pytest.raises(NoUsableKeyError) as caught:
+            sync_broker.search_items(keywords="kettle", marketplace="www.amazon.de")
+        assert "config.toml" not in str(caught.value)
+        assert "config given in code" in str(caught.value)
 
     def test_many_threads(self, sync_broker: SyncBroker) -> None:
         """Threads calling at once share one broker, each getting its own complete answer."""

@@ -313,7 +313,7 @@ class Broker:
             batch_size=config.engine.batch_size,
             linger_s=config.engine.linger_s,
         )
-        self._pool = pool = KeyPool(self._keys, work, batcher)
+        self._pool = pool = KeyPool(self._keys, work, batcher, config_source=str(config.source))
         self._executor = Executor(
             dialect=dialect,
             transport=transport,
@@ -340,7 +340,6 @@ class Broker:
             marketplace=config.api.marketplace,
             resources=config.api.resources,
             protocol=config.api.protocol,
-            config_source=str(config.source),
             queue_size=config.engine.queue_size,
             pool=pool,
             batcher=batcher,

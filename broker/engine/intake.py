@@ -61,7 +61,6 @@ class Intake:
         marketplace: str,
         resources: Sequence[str],
         protocol: Protocol,
-        config_source: str,
         queue_size: int,
         pool: KeyPool,
         batcher: Batcher,
@@ -71,7 +70,6 @@ class Intake:
     ) -> None:
         self._marketplace = marketplace
         self._protocol = protocol
-        self._config_source = config_source
         self._resources = resolve_resources(resources, protocol)
         self._pool = pool
         self._batcher = batcher
@@ -162,16 +160,7 @@ class Intake:
                 "NoKeyForMarketplace",
                 f"no key has a partner tag for {canonical}",
                 status=Status.FAILED,
-                remedy=(
-                    # A config given in code has no file to name ("<dict>").
-                    f"add the tracking id to a key of the config given in code: "
-                    f'"partner_tags": {{"{canonical}": "yourtag-21"}} beside the existing '
-                    "tags"
-                    if self._config_source.startswith("<")
-                    else f"add the tracking id to a key in {self._config_source}: under "
-                    f'[[keys]], partner_tags = {{ "{canonical}" = "yourtag-21" }} (beside '
-                    "the existing tags)"
-                ),
+                remedy=self._pool.no_tag_remedy(canonical),
             )
         return query
 

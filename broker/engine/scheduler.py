@@ -36,8 +36,16 @@ SendFn = Callable[["KeyState", "Batch", float, bool], Coroutine[Any, Any, None]]
 class KeyPool:
     """Every key of one broker, the marketplaces they serve, and their dispatch loops."""
 
-    def __init__(self, keys: Sequence[KeyState], work: WorkQueue, batcher: Batcher) -> None:
+    def __init__(
+        self,
+        keys: Sequence[KeyState],
+        work: WorkQueue,
+        batcher: Batcher,
+        *,
+        config_source: str = "config.toml",
+    ) -> None:
         self._keys = tuple(keys)
+        self._config_source = config_source
         self._work = work
         self._batcher = batcher
         #: marketplaces no key can serve any more, with the failures that caused it
@@ -80,11 +88,24 @@ class KeyPool:
                     key.name,
                     "NoKeyForMarketplace",
                     f"key has no partner tag for {marketplace}",
-                    f"add {marketplace} to keys.partner_tags in config.toml",
+                    self.no_tag_remedy(marketplace),
                 )
                 for key in self._keys
             ]
         return NoUsableKeyError(marketplace, failures)
+
+    def no_tag_remedy(self, marketplace: str) -> str:
+        """What to do when no key has a partner tag for ``marketplace``, said where the
+        config came from: its file, or code (``config_from_dict``: ``source`` ``<dict>``)."""
+        if self._config_source.startswith("<"):
+            return (
+                "add the tracking id to a key of the config given in code: "
+                f'"partner_tags": {{"{marketplace}": "yourtag-21"}} beside the existing tags'
+            )
+        return (
+            f"add the tracking id to a key in {self._config_source}: under [[keys]], "
+            f'partner_tags = {{ "{marketplace}" = "yourtag-21" }} (beside the existing tags)'
+        )
 
     # -- work -----------------------------------------------------------------------------
 
