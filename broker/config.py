@@ -572,7 +572,13 @@ def config_from_dict(
                 )
             value = given.pop(name)
             text = value.reveal() if isinstance(value, Secret) else value
-            if not isinstance(text, str) or not text:
+            if not isinstance(text, str):
+                raise ConfigError(
+                    f"keys[{i}]",
+                    f"the secret given for key {name!r} must be a str or a Secret, not "
+                    f"{type(text).__name__}",
+                )
+            if not text:
                 raise ConfigError(f"keys[{i}]", f"the secret given for key {name!r} is empty")
             # The secret travels the TOML path through a variable of our own, so a key
             # given in code is checked exactly as one read from the file.

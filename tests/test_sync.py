@@ -442,11 +442,15 @@ class TestConfigFromDict:
         [
             ({"other": "x"}, {}, "no key named 'other'"),
             ({"demo": ""}, {}, "is empty"),
+            ({"demo": 42}, {}, "must be a str or a Secret, not int"),
+            ({"demo": None}, {}, "must be a str or a Secret, not NoneType"),
+            ({"demo": b"x"}, {}, "must be a str or a Secret, not bytes"),
             ({"demo": "x"}, {"credential_secret_env": "ASINB_X"}, "give one"),
         ],
     )
-    def test_bad_secrets(self, secrets: dict[str, str], key: dict[str, str], message: str) -> None:
-        """secrets= naming no key, an empty secret, or two sources are refused."""
+    def test_bad_secrets(self, secrets: dict[str, Any], key: dict[str, str], message: str) -> None:
+        """secrets= naming no key, an empty secret or one not a string, or two sources are
+        refused, each saying which."""
         with pytest.raises(ConfigError, match=message):
             config_from_dict(_document(**key), secrets=secrets, environ={})
 
