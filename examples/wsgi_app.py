@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from broker import ItemResult, SyncBroker
+from broker.errors import BadRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
 _broker: SyncBroker | None = None
@@ -85,6 +86,9 @@ def application(
             }
     except ValueError as exc:  # a bad argument, named by the broker before any request
         status, body = "400 Bad Request", {"error": str(exc)}
+    except BadRequestError as exc:  # Amazon's answer to the request: NoResults, say
+        status = "404 Not Found" if exc.code == "NoResults" else "400 Bad Request"
+        body = {"error": exc.code, "message": exc.message}
     payload = json.dumps(body).encode()
     start_response(
         status, [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
@@ -97,6 +101,7 @@ def demo() -> None:
     for path, query in (
         ("/item", "asin=B000000001"),
         ("/search", "q=kettle"),
+        ("/search", "q=noresults+please"),  # the simulator finds nothing for it
         ("/item", "asin=nope"),
     ):
         captured: list[str] = []

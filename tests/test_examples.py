@@ -80,3 +80,10 @@ def test_web_handlers(script: str) -> None:
     assert bodies[0]["title"]
     assert answers[-1][0] == "404"
     assert bodies[-1]["status"] == "invalid"
+
+
+def test_wsgi_search_that_finds_nothing_is_a_404() -> None:
+    """A search that finds nothing is answered 404 NoResults, not a crash (a 500)."""
+    lines = _run("wsgi_app.py", "--demo")
+    answers = [(line.split(" ", 1)[0], json.loads("{" + line.split(" {", 1)[1])) for line in lines]
+    assert [status for status, body in answers if body.get("error") == "NoResults"] == ["404"]
