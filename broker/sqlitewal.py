@@ -9,18 +9,33 @@ long as the busy timeout allows.
 Every such file also writes in short ``BEGIN IMMEDIATE`` transactions (:func:`immediate`:
 the write lock is taken up front, so a transaction never fails half-way on a lock upgrade),
 and reports a full or failing disk as the ``OSError`` it is (:func:`disk_error`).
+
+Such a file may be deleted while processes use it (the advice for a damaged one). A process
+then looks at the path now and again and opens it again once the file there is another or
+gone with its journal (:func:`replaced`), so every process meets in the new file instead of
+each keeping its own unlinked copy; and no process makes a new file beside the deleted one's
+``-wal`` and ``-shm`` (:func:`refuse_orphans`).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["disk_error", "enable_wal", "immediate", "journal_files"]
+__all__ = [
+    "disk_error",
+    "enable_wal",
+    "file_identity",
+    "immediate",
+    "journal_files",
+    "refuse_orphans",
+    "replaced",
+]
 
 #: Pause between attempts while another process holds the lock.
 _RETRY_S = 0.01
@@ -29,6 +44,56 @@ _RETRY_S = 0.01
 def journal_files(path: Path) -> tuple[Path, Path]:
     """The write-ahead log and shared-memory index SQLite keeps beside a WAL database."""
     return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def file_identity(path: Path) -> tuple[int, int]:
+    """The (device, inode) of the file at ``path`` now.
+
+    Raises:
+        OSError: there is none (FileNotFoundError), or it cannot be looked at.
+    """
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def replaced(path: Path, identity: tuple[int, int]) -> bool:
+    """True when the file of ``identity`` is no longer at ``path``: another file is there
+    (made again by another process), or none is and neither are its ``-wal`` and ``-shm``
+    (all three deleted: opening the path makes the file afresh, where the others meet).
+
+    The file deleted alone is not: its ``-wal`` and ``-shm`` are still the open database's,
+    and a new file beside them would be read with them, with which SQLite then fails every
+    process. Its processes stay on it until the other two go too.
+    """
+    try:
+        return file_identity(path) != identity
+    except FileNotFoundError:
+        return not any(journal.exists() for journal in journal_files(path))
+
+
+def refuse_orphans(path: Path, what: str) -> None:
+    """Raise when ``path`` is gone but its ``-wal`` or ``-shm`` is not (``what``: what the
+    file holds, for the message).
+
+    They are a deleted database's, still in use by any process that has it open: a new
+    file beside them would be read with them, and SQLite would then fail every process on
+    it with an I/O error. Removing them here could race with another process creating the
+    new file, so the operator removes them (then the running processes move to the new
+    file, as when all three are deleted).
+
+    Raises:
+        OSError: naming the files to delete.
+    """
+    left = [str(journal) for journal in journal_files(path) if journal.exists()]
+    # Looked at again after them: another process may have made the file (and its -wal)
+    # since this one found none, which is a first start, not a deleted file.
+    if left and not path.exists():
+        raise OSError(
+            f"{path} was deleted without its {' and '.join(left)}, which belong to the "
+            f"deleted file (processes still running use it): delete them too to start {what} "
+            "afresh (running processes then move to the new file), or leave the path alone "
+            "until they stop",
+        )
 
 
 def enable_wal(conn: sqlite3.Connection, *, timeout_s: float) -> None:

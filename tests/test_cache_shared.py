@@ -18,11 +18,14 @@ from pathlib import Path
 import pytest
 from conftest import sqlite_db
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from broker.cache import CacheKey, CachePolicy, SqliteCache
 from broker.cache.entry import Entry, decode
 from broker.cache.redis_store import RedisCache
 from broker.models import ItemResult, Query, Status
+from broker.sqlitewal import journal_files
+from broker.testing import FakeClock
 
 US = "www.amazon.com"
 TITLE = ("itemInfo.title",)
@@ -34,6 +37,8 @@ from datetime import UTC, datetime
 from broker.cache import CachePolicy, SqliteCache
 from broker.cache.redis_store import RedisCache
 from broker.models import ItemResult, Query, Status
+from broker.sqlitewal import journal_files
+from broker.testing import FakeClock
 
 backend, where, mode, arg = sys.argv[1:5]
 policy = CachePolicy(max_age_s=3600, max_items=1_000_000, max_bytes=0)
@@ -151,6 +156,57 @@ class TestSqliteShared:
             assert asin * 2000 == result.item["blob"]
             per_batch[asin[:7]] = per_batch.get(asin[:7], 0) + 1
         assert {200} == set(per_batch.values())
+
+
+class TestSqliteFileDeleted:
+    """The cache file deleted while caches use it (the advice for a damaged one)."""
+
+    async def test_a_deleted_file_is_followed(self, tmp_path: Path) -> None:
+        """Deleted with its -wal and -shm, then made again by another process: a running
+        cache writes to the new file within a second, where every other process reads; it
+        wrote to the unlinked file until it restarted, and nobody else saw its answers."""
+        # Wall time as the other process reads it; fake only for the once-a-second look.
+        clock = FakeClock(epoch=datetime.now(UTC))
+        path = tmp_path / "cache.sqlite3"
+        running = SqliteCache(path, CachePolicy(3_600), clock=clock)
+        await running.put_many([answer(a) for a in ASINS_A[:2]])
+        for gone in (path, *journal_files(path)):
+            gone.unlink()
+        assert "stored 1" in child("sqlite", str(path), "put", ASINS_B[0])
+        await clock.advance(1.0)
+        with capture_logs() as logs:
+            assert await running.put_many([answer(a) for a in ASINS_A[2:5]]) == 3
+        assert "hits 3" in child("sqlite", str(path), "get", ",".join(ASINS_A[2:5]))
+        assert [e["event"] for e in logs].count("cache.file_replaced") == 1
+        await running.aclose()
+
+    async def test_a_file_deleted_with_its_journal_is_made_again(self, tmp_path: Path) -> None:
+        """Deleted with its -wal and -shm while one cache alone uses it: that cache makes
+        the file again within a second, where later processes find its answers."""
+        clock = FakeClock(epoch=datetime.now(UTC))
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(3_600), clock=clock) as running:
+            await running.put_many([answer(ASINS_A[0])])
+            for gone in (path, *journal_files(path)):
+                gone.unlink()
+            await clock.advance(1.0)
+            assert await running.put_many([answer(ASINS_A[1])]) == 1
+            assert path.exists()
+        assert "hits 1" in child("sqlite", str(path), "get", ASINS_A[1])
+
+    async def test_a_file_deleted_alone_is_not_made_again(self, tmp_path: Path) -> None:
+        """Only the file deleted, its -wal and -shm left (still the running cache's): a new
+        cache refuses (an OSError naming them) and makes no file beside them, which SQLite
+        would read with the old journal; the running cache goes on."""
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(3_600)) as running:
+            await running.put_many([answer(ASINS_A[0])])
+            path.unlink()
+            async with SqliteCache(path, CachePolicy(3_600)) as late:
+                with pytest.raises(OSError, match="-wal"):
+                    await late.get_many(queries(ASINS_A[:1]))
+            assert not path.exists()
+            assert await running.put_many([answer(ASINS_A[1])]) == 1
 
 
 def _free_port() -> int:

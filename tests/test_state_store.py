@@ -784,6 +784,20 @@ class TestSqliteReuse:
         for s in (a, b, c):
             await s.aclose()
 
+    async def test_a_file_deleted_with_its_journal_is_made_again(self, tmp_path: Path) -> None:
+        """Deleted with its -wal and -shm while one store alone uses it: that store makes the
+        file again at its next decision a second later, where later processes meet it."""
+        clock = [_T0]
+        path = tmp_path / "keys.sqlite3"
+        a = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+        assert (await Backend("local", a, clock).reserve()).count == 1
+        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            leftover.unlink()
+        clock[0] += 1_000_000
+        await Backend("local", a, clock).reserve()
+        assert path.exists()
+        await a.aclose()
+
     async def test_a_file_deleted_alone_leaves_the_processes_on_it(self, tmp_path: Path) -> None:
         """Only the file deleted, its -wal and -shm left (still the old database's): the
         running stores stay on the file they have and go on deciding, with no I/O error."""
@@ -829,14 +843,15 @@ class TestSqliteReuse:
     async def test_a_file_made_meanwhile_is_no_orphan(self, tmp_path: Path) -> None:
         """The orphan check looks at the file again: a process that found no file while
         another made it (with its -wal) starts on it, not refuses a healthy first start."""
-        from broker.state.sqlite import _refuse_orphans
+        from broker.sqlitewal import refuse_orphans
 
         clock = [_T0]
         path = tmp_path / "keys.sqlite3"
         a = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
         assert (await Backend("local", a, clock).reserve()).count == 1
         assert await asyncio.to_thread(os.path.exists, f"{path}-wal")
-        _refuse_orphans(path)  # what a process that looked before `a` made the file runs
+        # What a process that looked before `a` made the file runs:
+        refuse_orphans(path, "the key state")
         await a.aclose()
 
     async def test_a_failed_write_is_not_remembered(

@@ -24,7 +24,7 @@ from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
 from broker.cache.policy import FUTURE_S
 from broker.logs import get_logger
-from broker.sqlitewal import enable_wal, immediate
+from broker.sqlitewal import enable_wal, file_identity, immediate, refuse_orphans, replaced
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheKey, CachePolicy
@@ -40,6 +40,8 @@ _log = get_logger("broker.cache")
 _BUSY_TIMEOUT_MS: Final = 5_000
 #: Run an incremental vacuum once this many pages are free, so the file shrinks back.
 _VACUUM_FREE_PAGES: Final = 256
+#: How often (seconds) the path is looked at for a file deleted and made again.
+_FOLLOW_EVERY_S: Final = 1.0
 #: The write-ahead log is cut back to this size after a checkpoint.
 _WAL_LIMIT_BYTES: Final = 8 * 1024 * 1024
 
@@ -132,6 +134,9 @@ class SqliteCache(StoreCache):
         self.path = Path(path)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="item-cache")
         self._db: sqlite3.Connection | None = None
+        # The open file's (device, inode), and when the path was last looked at.
+        self._identity: tuple[int, int] | None = None
+        self._checked = 0.0
         self._closed = False
 
     # -- plumbing -----------------------------------------------------------------------
@@ -143,9 +148,29 @@ class SqliteCache(StoreCache):
         return await loop.run_in_executor(self._thread, self._call, fn)
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._db is None:
-            self._db = self._open()
-        return fn(self._db)
+        db = self._db
+        if db is not None and self._moved():
+            # Deleted and made again (the advice for a damaged file): the other processes
+            # meet in the new file, so this one does too instead of filling an unlinked one.
+            db.close()
+            self._db = db = None
+            _log.warning(
+                "cache.file_replaced",
+                path=str(self.path),
+                note="the item cache file was deleted or replaced while in use; opened again",
+            )
+        if db is None:
+            self._db = db = self._open()
+        return fn(db)
+
+    def _moved(self) -> bool:
+        """True when another file is at the path than the one open; looked at once a
+        second at most."""
+        now = self._clock.monotonic()
+        if now - self._checked < _FOLLOW_EVERY_S:
+            return False
+        self._checked = now
+        return self._identity is not None and replaced(self.path, self._identity)
 
     def _open(self) -> sqlite3.Connection:
         directory = self.path.parent
@@ -153,6 +178,8 @@ class SqliteCache(StoreCache):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)
         new = not self.path.exists()
+        if new:
+            refuse_orphans(self.path, "the item cache")
         db = sqlite3.connect(
             self.path,
             isolation_level=None,
@@ -173,9 +200,11 @@ class SqliteCache(StoreCache):
             db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
             # One script, one transaction: two processes creating the file at once agree.
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            self._identity = file_identity(self.path)
         except BaseException:
             db.close()
             raise
+        self._checked = self._clock.monotonic()
         return db
 
     def _key_params(self, key: CacheKey) -> tuple[str, str, str, str]:

@@ -27,7 +27,14 @@ import orjson
 
 from broker.errors import StateUnavailableError
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error, enable_wal, immediate
+from broker.sqlitewal import (
+    disk_error,
+    enable_wal,
+    file_identity,
+    immediate,
+    refuse_orphans,
+    replaced,
+)
 from broker.state.decision import Record, decide
 from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
 from broker.state.store import KeyView, boot_epoch, monotonic_us, wall_us
@@ -64,27 +71,6 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     base = env.get("XDG_STATE_HOME", "").strip()
     root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
     return root / "asin-broker"
-
-
-def _refuse_orphans(path: Path) -> None:
-    """Raise when ``path`` is gone but its ``-wal`` or ``-shm`` is not.
-
-    They are a deleted database's, still in use by any process that has it open: a new
-    file beside them would be read with them, and SQLite would then fail every process on
-    it with an I/O error. Removing them here could race with another process creating the
-    new file, so the operator removes them (then the running processes move to the new
-    file, as when all three are deleted).
-    """
-    left = [f"{path}{end}" for end in ("-wal", "-shm") if os.path.exists(f"{path}{end}")]
-    # Looked at again after them: another process may have made the file (and its -wal)
-    # since this one found none, which is a first start, not a deleted file.
-    if left and not path.exists():
-        raise OSError(
-            f"{path} was deleted without its {' and '.join(left)}, which belong to the "
-            "deleted file (processes still running use it): delete them too to start a "
-            "fresh key state (running processes then move to the new file), or leave the "
-            "path alone until they stop",
-        )
 
 
 class SqliteStateStore:
@@ -155,7 +141,7 @@ class SqliteStateStore:
                 exc.errno, f"{path}: cannot create its directory: {exc.strerror}"
             ) from exc
         if new:
-            _refuse_orphans(path)
+            refuse_orphans(path, "the key state")
         try:
             conn = sqlite3.connect(
                 path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
@@ -176,7 +162,7 @@ class SqliteStateStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
             columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(key_state)")}
-            info = os.stat(path)
+            identity = file_identity(path)
         except sqlite3.Error as exc:
             conn.close()
             raise self._failure(exc) from exc
@@ -193,7 +179,7 @@ class SqliteStateStore:
                 "name another file in [state] path (deleting this one loses only the keys' "
                 "shared pacing and daily counts)",
             )
-        return conn, (info.st_dev, info.st_ino)
+        return conn, identity
 
     def _follow_the_file(self) -> None:
         """Open the file again when the one open is no longer at the path (deleted or
@@ -203,15 +189,7 @@ class SqliteStateStore:
         if now - self._checked_us < _FOLLOW_EVERY_US:
             return
         self._checked_us = now
-        try:
-            info = os.stat(self._path)
-        except FileNotFoundError:
-            # Nothing to meet in yet. Opening would create a file beside the old one's
-            # -wal and -shm (deleted alone, they are still the old database's): SQLite
-            # then fails every process. Stay on the old file until another process has
-            # made the new one.
-            return
-        if (info.st_dev, info.st_ino) == self._identity:
+        if not replaced(self._path, self._identity):
             return
         conn, identity = self._connect()
         self._conn.close()
