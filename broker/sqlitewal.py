@@ -28,11 +28,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
+    "ForeignDatabaseError",
     "disk_error",
     "enable_wal",
     "file_identity",
     "immediate",
     "journal_files",
+    "refuse_foreign",
     "refuse_orphans",
     "replaced",
 ]
@@ -93,6 +95,36 @@ def refuse_orphans(path: Path, what: str) -> None:
             f"deleted file (processes still running use it): delete them too to start {what} "
             "afresh (running processes then move to the new file), or leave the path alone "
             "until they stop",
+        )
+
+
+class ForeignDatabaseError(OSError):
+    """The file is another program's SQLite database: never to be deleted on our advice."""
+
+
+def refuse_foreign(conn: sqlite3.Connection, *, table: str, what: str) -> None:
+    """Raise when the database holds tables but not ``table``: another program's file (a
+    typo, a job's SQLite output), named by mistake. Called before anything is written, so
+    such a file is left exactly as it was: no table added, its journal mode kept.
+
+    Args:
+        table: the table every file of ours has; what: the file's role and the setting
+            naming it, for the message (``"an item cache ([cache] path)"``).
+
+    Raises:
+        ForeignDatabaseError: EIO, naming the tables found (not the file: the caller's
+            message does).
+        sqlite3.DatabaseError: the file is no SQLite database at all.
+    """
+    tables = sorted(
+        name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+    )
+    if tables and table not in tables:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise ForeignDatabaseError(
+            errno.EIO,
+            f"another program's SQLite database (tables {shown}), not {what}: it is left "
+            "untouched; name another file",
         )
 
 

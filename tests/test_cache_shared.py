@@ -209,6 +209,22 @@ class TestSqliteFileDeleted:
             assert await running.put_many([answer(ASINS_A[1])]) == 1
 
 
+async def test_another_programs_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    """[cache] path naming another program's SQLite database: an I/O error saying so (the
+    cache is then off, with one warning), and the file keeps its tables and journal mode;
+    even `broker cache stats` added the cache's tables and triggers and switched it to WAL."""
+    path = tmp_path / "orders.db"
+    with sqlite_db(path) as db:
+        db.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, total REAL)")
+    async with SqliteCache(path, CachePolicy(3_600)) as cache:
+        with pytest.raises(OSError, match="another program's") as info:
+            await cache.get_many(queries(ASINS_A[:1]))
+    assert "[cache] path" in str(info.value)
+    with sqlite_db(path) as db:
+        assert [name for (name,) in db.execute("SELECT name FROM sqlite_schema")] == ["orders"]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
 def _free_port() -> int:
     with contextlib.closing(socket.socket()) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -642,6 +642,21 @@ class TestBrokenStateFile:
         assert not isinstance(info.value, StateUnavailableError)
         assert "it has data, digest" in str(info.value)
 
+    def test_another_programs_database_is_refused_and_left_untouched(self, tmp_path: Path) -> None:
+        """[state] path naming another program's SQLite database (a typo, a job's SQLite
+        output): an I/O error saying so, and the file keeps its tables and journal mode; the
+        store added its table to it and switched it to WAL."""
+        path = tmp_path / "orders.db"
+        with sqlite_db(path) as conn:
+            conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, total REAL)")
+        with pytest.raises(OSError, match="another program's") as info:
+            SqliteStateStore(path)
+        assert info.value.errno == errno.EIO
+        assert "[state] path" in str(info.value)
+        with sqlite_db(path) as conn:
+            assert [n for (n,) in conn.execute("SELECT name FROM sqlite_schema")] == ["orders"]
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
     def test_a_table_with_more_columns_is_fine(self, tmp_path: Path) -> None:
         """A later version's key_state table with a column more still works here."""
         path = tmp_path / "keys.sqlite3"
@@ -899,7 +914,7 @@ class TestSqliteReuse:
         await store.aclose()
         old = tmp_path / "old.sqlite3"
         conn = sqlite3.connect(old)
-        conn.execute("CREATE TABLE x (y)")
+        conn.execute("CREATE TABLE key_state (digest TEXT PRIMARY KEY, name TEXT, data BLOB)")
         conn.close()
         store = SqliteStateStore(old)
         assert (await Backend("local", store, None).reserve()).count == 1

@@ -116,12 +116,15 @@ class StoreCache(abc.ABC):
 
     def describe_failure(self, error: BaseException) -> str:
         """One line for ``error`` of the store: where it is, what failed, what to do."""
-        where, remedy = self._failure_advice()
+        where, remedy = self._failure_advice(error)
         failed = f"{type(error).__name__}: {error}"
-        return f"the item cache ({where}) cannot be used ({failed}); {remedy}"
+        return f"the item cache ({where}) cannot be used ({failed})" + (
+            f"; {remedy}" if remedy else ""
+        )
 
-    def _failure_advice(self) -> tuple[str, str]:
-        """Where the home is, and what to do when it fails."""
+    def _failure_advice(self, error: BaseException) -> tuple[str, str]:
+        """Where the home is, and what to do when it fails with ``error`` ("" when the
+        error says it)."""
         return type(self).__name__, "see the error"
 
     # -- the home: subclasses implement these ------------------------------------------

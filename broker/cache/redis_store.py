@@ -197,6 +197,6 @@ class RedisCache(StoreCache):
     def __repr__(self) -> str:
         return f"RedisCache(prefix={self._base!r}, max_age_s={self.policy.max_age_s:g})"
 
-    def _failure_advice(self) -> tuple[str, str]:
+    def _failure_advice(self, error: BaseException) -> tuple[str, str]:
         """Redis, and what to check."""
         return "redis", "check that Redis is up and [cache] redis_url is right"

@@ -24,7 +24,15 @@ from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
 from broker.cache.policy import FUTURE_S
 from broker.logs import get_logger
-from broker.sqlitewal import enable_wal, file_identity, immediate, refuse_orphans, replaced
+from broker.sqlitewal import (
+    ForeignDatabaseError,
+    enable_wal,
+    file_identity,
+    immediate,
+    refuse_foreign,
+    refuse_orphans,
+    replaced,
+)
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheKey, CachePolicy
@@ -188,6 +196,7 @@ class SqliteCache(StoreCache):
         )
         try:
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            refuse_foreign(db, table="item_cache", what="an item cache ([cache] path)")
             if new:
                 # Before the first table: lets deleted pages go back to the file system.
                 db.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -350,8 +359,11 @@ class SqliteCache(StoreCache):
     def __repr__(self) -> str:
         return f"SqliteCache({str(self.path)!r}, max_age_s={self.policy.max_age_s:g})"
 
-    def _failure_advice(self) -> tuple[str, str]:
-        """The file, and that deleting it is safe: it holds only copies of Amazon's answers."""
+    def _failure_advice(self, error: BaseException) -> tuple[str, str]:
+        """The file, and that deleting it is safe: it holds only copies of Amazon's answers
+        (unless it is not the cache's at all: then the error says what to do)."""
+        if isinstance(error, ForeignDatabaseError):
+            return str(self.path), ""
         return str(self.path), (
             "if another process holds it locked, wait for it; if it is damaged, delete it to "
             "start afresh (it holds only copies of Amazon's answers)"
