@@ -257,6 +257,20 @@ class TestWithoutSecrets:
         assert "purged 0 cached answers" in capsys.readouterr().out
         assert not (bare.parent / "cache.sqlite3").exists()
 
+    def test_a_cache_path_that_can_never_be_made_is_an_io_error(
+        self, bare: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A cache path under a regular file: stats and purge exit 74 naming the error,
+        as runs warn; they said "nothing is cached" and exited 0."""
+        (bare.parent / "afile").write_text("")
+        text = bare.read_text().replace("cache.sqlite3", "afile/cache.sqlite3")
+        bare.write_text(text)
+        for command in ("stats", "purge"):
+            assert cli.main(["cache", command, "--config", str(bare)]) == 74
+            err = capsys.readouterr().err
+            assert "cannot be used" in err
+            assert "nothing is cached" not in err
+
     def test_run_still_needs_them(self, bare: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A command that sends still refuses a config whose secret is missing (78)."""
         job = bare.parent / "job.txt"

@@ -18,6 +18,8 @@ from broker.exitcode import ExitCode
 from broker.progname import prog
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from broker.config import BrokerConfig
 
 __all__ = ["add_arguments", "cache_command"]
@@ -93,7 +95,7 @@ async def cache_command(
         print(f"{prog()}: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     where = str(store.path) if isinstance(store, SqliteCache) else cache_config.backend
-    if isinstance(store, SqliteCache) and not store.path.exists():
+    if isinstance(store, SqliteCache) and _missing(store.path):
         # Opening the store would create the file (and its directory) to report nothing.
         print(f"{prog()}: no item cache at {where} yet: nothing is cached", file=sys.stderr)
         if args.cache_command == "purge":
@@ -136,3 +138,16 @@ async def cache_command(
 
 def _valid_age(seconds: float | None) -> bool:
     return seconds is None or (math.isfinite(seconds) and seconds >= 0)
+
+
+def _missing(path: Path) -> bool:
+    """True when no file is at ``path`` yet (a first run makes it). A path that can never
+    be made or looked at (under a regular file, behind a closed directory) is not missing:
+    opening it reports the error (exit 74), as every run warns of it."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
