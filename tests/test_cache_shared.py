@@ -273,7 +273,8 @@ class TestRealRedis:
         assert "hits 60" in child("redis", redis_url, "get", ",".join(ASINS_A + ASINS_B))
 
     async def test_entries_carry_ttl_to_the_ceiling(self, redis_url: str) -> None:
-        """Each entry expires 86,400 s after Amazon sent it; the prefix keeps brokers apart."""
+        """Each entry expires 86,400 s after Amazon sent it, the namespace's index and sizes
+        with the last; the prefix keeps brokers apart."""
         client = Redis.from_url(redis_url)
         try:
             async with RedisCache(client, CachePolicy(3_600), key_prefix="p1:") as cache:
@@ -282,6 +283,10 @@ class TestRealRedis:
             assert names == [b"p1:creators:item:www.amazon.com|B000000001|iteminfo.title"]
             ttl = await client.ttl(names[0])
             assert 86_390 <= ttl <= 86_400
+            # The namespace's index and sizes go with their last entry: a namespace no
+            # longer used (a partner tag changed) left them forever.
+            for record in (b"p1:creators:index", b"p1:creators:sizes"):
+                assert 86_390 <= await client.ttl(record) <= 86_400, record
             async with RedisCache(client, CachePolicy(3_600), key_prefix="p2:") as other:
                 assert await other.get_many(queries(["B000000001"])) == [None]
         finally:

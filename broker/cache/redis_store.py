@@ -133,6 +133,11 @@ class RedisCache(StoreCache):
                 pipe.set(self._name(entry.key), value, ex=ttl_s)
                 pipe.zadd(self._index, {member: entry.fetched_at})
                 pipe.hset(self._sizes, member, entry.size)
+            # The index and sizes outlive every entry they list (each expires within the
+            # ceiling of now) and then go too: a namespace no longer used (a partner tag
+            # changed) leaves nothing behind.
+            pipe.expire(self._index, math.ceil(CEILING_S))
+            pipe.expire(self._sizes, math.ceil(CEILING_S))
             await pipe.execute()
         await self._forget_expired(expire_before)
         excess = await self._redis.zcard(self._index) - self.policy.max_items
