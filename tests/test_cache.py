@@ -816,7 +816,7 @@ async def test_prefetched_answer_is_checked_again(clock: FakeClock) -> None:
     assert hit.query.tag == "row 1"
     await clock.advance(700)
     assert await front.get(q("B000000002")) is None
-    front.discard([q("B000000003")])
+    front.discard([q("B000000001"), q("B000000002"), q("B000000003")])
     assert not front._ahead
     await front.aclose()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import Harness, asins, make_config
 
 from broker.engine.broker import Broker
-from broker.models import Status
+from broker.models import Query, Status
 from broker.simulator.catalog import lookup
 from broker.simulator.settings import SimulatorSettings
 
@@ -130,6 +130,26 @@ class TestBrokerCache:
 
         seen = await asyncio.wait_for(crawl(), 10)
         assert sorted(seen) == sorted(wanted)
+
+    async def test_an_item_asked_twice_in_one_call_counts_one_hit_each(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """One call holding a cached item twice (two tags) serves both from one read and
+        counts two hits, for the two answers; the second went back to the store and the
+        cache counted three."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache=_cache(tmp_path))
+        async with Broker(config) as broker:
+            await broker.get_item("B0HITS0001")
+            before = await broker.cache_stats()
+            assert before is not None
+            out = await broker.get_items(
+                [Query("B0HITS0001", tag="a"), Query("B0HITS0001", tag="b")]
+            )
+            after = await broker.cache_stats()
+        assert after is not None
+        assert [(r.cached, r.query and r.query.tag) for r in out] == [(True, "a"), (True, "b")]
+        assert after.hits - before.hits == 2
 
     async def test_cache_off_by_default(self, harness: Harness, tmp_path: Path) -> None:
         """Without [cache] max_age_s the library caches nothing and writes no file."""

@@ -69,7 +69,8 @@ class CacheFront:
         self._read_batch = read_batch
         self._write_batch = write_batch
         self._reads: list[tuple[Query, asyncio.Future[ItemResult | None]]] = []
-        # Answers read ahead by prefetch(), taken (once) by the next get() of the same key.
+        # Answers read ahead by prefetch(), taken by the get()s of the same keys until the
+        # caller discards them.
         self._ahead: dict[CacheKey, ItemResult | None] = {}
         self._read_scheduled = False
         self._writes: list[ItemResult] = []
@@ -99,7 +100,7 @@ class CacheFront:
             self._ahead[key_of(query)] = result
 
     def discard(self, queries: Sequence[Query]) -> None:
-        """Forget answers read ahead for ``queries`` that no :meth:`get` took."""
+        """Forget the answers read ahead for ``queries`` (the caller is done with them)."""
         for query in queries:
             self._ahead.pop(key_of(query), None)
 
@@ -113,7 +114,9 @@ class CacheFront:
         if self._ahead:
             key = key_of(query)
             if key in self._ahead:
-                ahead = self._ahead.pop(key)
+                # Left for another get of the same key in the chunk (two tags, a repeated
+                # row): read and counted once, as prefetch did; discard() forgets it.
+                ahead = self._ahead[key]
                 if ahead is None:
                     return None
                 ahead = dataclasses.replace(ahead, query=query)

@@ -285,7 +285,7 @@ class Intake:
             await self._cache.prefetch([q for q in queries if isinstance(q, Query)])
 
     def discard(self, queries: Sequence[Query | ItemResult]) -> None:
-        """Forget answers read ahead that no lookup took."""
+        """Forget the answers read ahead for ``queries``: their chunk is done."""
         if self._cache is not None:
             self._cache.discard([q for q in queries if isinstance(q, Query)])
 
