@@ -48,6 +48,12 @@ def _script(tmp_path: Path, body: str, *, before: str = "") -> subprocess.Comple
         " 'partner_tags': {'www.amazon.com': 'demo-20'}}]})\n"
         f"{body}"
     )
+    return _python(tmp_path, script)
+
+
+def _python(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh ``python -X dev`` with its own state directory; it must
+    exit 0."""
     done = subprocess.run(
         [sys.executable, "-X", "dev", "-c", script],
         cwd=tmp_path,
@@ -387,15 +393,7 @@ class TestSyncBroker:
             "fds = os.listdir('/proc/self/fd')\n"
             "print('sockets', sum(link(fd).startswith('socket:') for fd in fds))\n"
         )
-        done = subprocess.run(
-            [sys.executable, "-X", "dev", "-c", script],
-            cwd=tmp_path,
-            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
+        done = _python(tmp_path, script)
         assert done.stdout.split() == ["interrupted", "threads", "1", "sockets", "0"], done.stderr
         assert "destroyed but it is pending" not in done.stderr
         assert "Unclosed" not in done.stderr
