@@ -36,6 +36,7 @@ from broker.errors import (
 )
 from broker.models import ItemResult, Query, Status
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
+from broker.state import Decision, MemoryStateStore
 from broker.testing import FakeClock, settle
 
 FREE = SimulatorSettings(limits=False)
@@ -327,6 +328,23 @@ class TestParkedKeys:
             assert grown < 500_000
 
 
+class _HangingStore(MemoryStateStore):
+    """A key-state store whose bookings hang once told to (Redis stopped mid-run)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(
+            lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
+        )
+        self.hang = False
+        self.hung = 0
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        if self.hang and kwargs.get("reserve"):
+            self.hung += 1
+            await asyncio.Event().wait()
+        return await super().decide(*args, **kwargs)
+
+
 async def _stop_at_first(broker: Broker, count: int, stop: asyncio.Event) -> list[str]:
     """Stream ``count`` ASINs, setting ``stop`` at the first result; the ASINs yielded."""
     got = []
@@ -388,6 +406,34 @@ class TestStreamStop:
         asked = [asin for batch in sent for asin in batch]
         assert len(asked) == len(set(asked))  # a throttled batch was never sent again
         assert (metrics.outstanding_lookups, metrics.queued_batches) == (0, 0)
+
+    async def test_a_batch_whose_send_is_not_booked_yet_is_let_go(self) -> None:
+        """A stop while a taken batch waits for the key-state store to book its send (Redis
+        hung): the batch is let go as a queued one is, and the stream ends with the answers
+        of what was sent; it waited for the store, which broker run cut off only at the end
+        of its 20-s drain grace."""
+        clock = FakeClock()
+        sent: list[str] = []
+        store = _HangingStore(clock)
+        config = _paapi(keys=[paapi_key_doc(tps=1.0, max_in_flight=1)])
+        stop = asyncio.Event()
+        transport = MockTransport(_answering(sent))
+        async with Broker(config, clock=clock, transport=transport, state_store=store) as broker:  # type: ignore[arg-type]
+
+            async def consume() -> list[str]:
+                got = []
+                async for result in broker.stream([f"B{i:09d}" for i in range(20)], stop=stop):
+                    got.append(result.asin)
+                    store.hang = True  # the next batch's booking never ends
+                return got
+
+            task = asyncio.get_running_loop().create_task(consume())
+            while store.hung == 0:
+                await clock.advance(0.1)
+            stop.set()
+            await clock.run_until(task, limit=5.0)
+        assert sorted(task.result()) == sorted(sent)
+        assert len(sent) == 10
 
     async def test_stop_set_before_the_stream_sends_nothing(self) -> None:
         """A stream whose stop is already set yields nothing, ends, and sends nothing."""

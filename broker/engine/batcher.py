@@ -118,6 +118,9 @@ class BatchPlace(enum.Enum):
     LINGERING = "lingering"
     #: in the work queue, waiting for a key
     QUEUED = "queued"
+    #: taken by a key, its send being booked (the pacer's slot, the key-state store): not on
+    #: the wire yet, so a caller winding down lets it go as it would a queued one
+    BOOKING = "booking"
     #: with the executor (being sent, or waiting out a retry delay)
     ACTIVE = "active"
 
@@ -330,7 +333,7 @@ class WorkQueue:
                 index += 1
                 continue
             del self._batches[index]
-            batch.place = BatchPlace.ACTIVE
+            batch.place = BatchPlace.BOOKING
             batch.on_empty = None
             if batch.live():
                 return batch

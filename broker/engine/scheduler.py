@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from broker.engine.batcher import BatchPlace
 from broker.errors import KeyUnusableError, NoUsableKeyError, Scope
 from broker.logs import get_logger
 
@@ -213,6 +214,8 @@ class KeyPool:
                 key.abandon_probe()
                 self.submit(batch, front=True)
                 continue
+            # Booked: from here on its callers wait for its answer, even when winding down.
+            batch.place = BatchPlace.ACTIVE
             return batch, sent_at
 
     @staticmethod
