@@ -31,6 +31,7 @@ from types import TracebackType
 
 import pytest
 from aiohttp import web
+from conftest import sqlite_db
 
 from broker.jobs.ledger import CRASH_ENV
 from broker.simulator.render import render_item
@@ -177,7 +178,13 @@ def child_env(crash_at: str | None = None) -> dict[str, str]:
 
 
 async def spawn(
-    config: Path, job: Path, out: Path, *, crash_at: str | None = None, fmt: str = "jsonl"
+    config: Path,
+    job: Path,
+    out: Path,
+    *,
+    crash_at: str | None = None,
+    fmt: str = "jsonl",
+    extra: Sequence[str] = (),
 ) -> asyncio.subprocess.Process:
     """Start ``python -m broker run`` (stderr piped; read it with :func:`finish`)."""
     return await asyncio.create_subprocess_exec(
@@ -194,6 +201,7 @@ async def spawn(
         fmt,
         "--progress",
         "none",
+        *extra,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=child_env(crash_at),
@@ -210,10 +218,16 @@ async def finish(proc: asyncio.subprocess.Process, timeout_s: float = 60.0) -> t
 
 
 async def run_once(
-    config: Path, job: Path, out: Path, *, crash_at: str | None = None, fmt: str = "jsonl"
+    config: Path,
+    job: Path,
+    out: Path,
+    *,
+    crash_at: str | None = None,
+    fmt: str = "jsonl",
+    extra: Sequence[str] = (),
 ) -> tuple[int, str]:
-    """Run ``broker run`` to its end."""
-    return await finish(await spawn(config, job, out, crash_at=crash_at, fmt=fmt))
+    """Run ``broker run`` to its end (``extra``: more flags)."""
+    return await finish(await spawn(config, job, out, crash_at=crash_at, fmt=fmt, extra=extra))
 
 
 def events(stderr: str, name: str) -> list[dict[str, object]]:
@@ -331,6 +345,25 @@ class TestA1KillNine:
     async def test_a1_kill_nine_many_cycles(self, tmp_path: Path) -> None:
         """A1, full variant: forty seeded SIGKILLs over a bigger job (run with -m slow)."""
         await _crash_cycles(tmp_path, cycles=40, seed=9)
+
+
+async def test_a_refresh_after_a_kill_keeps_every_row_of_a_sqlite_output(tmp_path: Path) -> None:
+    """A SQLite output killed mid-run leaves its -wal; a --refresh that completes replaces
+    the file but left that -wal beside the new one, and SQLite replayed the old run's pages
+    over it: rows lost, exit 0, and the next run called the job complete."""
+    job = tmp_path / "job.txt"
+    lines = make_job(job, 300, seed=3)
+    out = tmp_path / "out.sqlite"
+    async with Upstream(sim_settings()) as upstream:
+        config = write_config(tmp_path / "c.toml", upstream.url, tps=200.0)
+        code, err = await run_once(config, job, out, crash_at="after_commit:1", fmt="sqlite")
+        assert code == -signal.SIGKILL, err[-2000:]
+        assert await asyncio.to_thread(os.path.exists, f"{out}-wal")
+        code, err = await run_once(config, job, out, fmt="sqlite", extra=["--refresh"])
+        assert code == 0, err[-2000:]
+    with sqlite_db(out) as db:
+        numbers = [line for (line,) in db.execute("SELECT line FROM results")]
+    assert sorted(numbers) == list(range(1, len(lines) + 1))
 
 
 def test_every_crash_point_is_scheduled() -> None:

@@ -286,6 +286,10 @@ def _finish_promotion(out: Path) -> None:
     else:
         report_path(out).unlink(missing_ok=True)
     if side.exists():
+        # A journal left by the old output (a SQLite output killed mid-run) must not be
+        # replayed into the new one: SQLite would lay the old run's pages over it.
+        for path in journal_files(out):
+            path.unlink(missing_ok=True)
         os.replace(side, out)
     if ledger_path(side).exists():
         # A journal left by the old ledger must not be replayed into the new one.
