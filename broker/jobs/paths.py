@@ -7,12 +7,16 @@ directory) is a usage error that leaves every file as it was (N10).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import filecmp
+import glob
 import os
 import shutil
 import stat
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +43,11 @@ STDIO = "-"
 _SUFFIX = {"jsonl": ".jsonl", "csv": ".csv", "sqlite": ".sqlite"}
 #: The formats a job read from stdin may have (``--input``).
 STDIN_FORMATS: Final = ("txt", "csv", "jsonl")
+#: The random part of a name ``tempfile.mkstemp`` makes (its stdin copies' names end so).
+_TEMP_SUFFIX_LEN: Final = 8
+#: A stdin copy's temporary file younger than this (seconds) is left alone even unlocked:
+#: its run may not have locked it yet.
+_YOUNG_COPY_S: Final = 2.0
 
 
 #: Output formats told by the name ``--out`` gives, when ``--format`` does not say.
@@ -118,25 +127,48 @@ class RunPaths:
                 not set; or another process runs the job (:class:`JobLockedError`).
         """
         self.job.parent.mkdir(parents=True, exist_ok=True)
+        self._sweep_killed_copies()
         fd, temporary = tempfile.mkstemp(dir=self.job.parent, prefix=f".{self.job.name}.")
         try:
             with os.fdopen(fd, "wb") as handle:
+                # Held while the copy is under its temporary name: a later run removes only
+                # copies nobody holds, those of runs killed while they read stdin.
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
                 shutil.copyfileobj(sys.stdin.buffer, handle)
-            if self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False):
-                Path(temporary).unlink()
-                return
-            ledger = ledger_path(self.out)
-            with JobLock(ledger):
-                if ledger.exists() and not new_job:
-                    raise JobFileError(
-                        f"the input on stdin differs from the saved input of this job "
-                        f"({self._saved_copy()}): pipe that same input (with the same "
-                        "--input) to run it, or add --new-job to start over with this one"
-                    )
-                os.replace(temporary, self.job)
+                handle.flush()
+                if self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False):
+                    Path(temporary).unlink()
+                    return
+                ledger = ledger_path(self.out)
+                with JobLock(ledger):
+                    if ledger.exists() and not new_job:
+                        raise JobFileError(
+                            f"the input on stdin differs from the saved input of this job "
+                            f"({self._saved_copy()}): pipe that same input (with the same "
+                            "--input) to run it, or add --new-job to start over with this one"
+                        )
+                    os.replace(temporary, self.job)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+    def _sweep_killed_copies(self) -> None:
+        """Remove the partial copies of runs killed (kill -9) while they read stdin: the
+        temporary names :meth:`read_stdin` writes, that no run holds locked. A live run
+        locks its copy the moment it makes it, so one two seconds old is never taken for
+        a killed run's."""
+        pattern = f".{glob.escape(self.job.name)}." + "?" * _TEMP_SUFFIX_LEN
+        now = time.time()
+        for left in self.job.parent.glob(pattern):
+            with contextlib.suppress(OSError):  # gone meanwhile, held, or not ours to remove
+                if now - left.stat().st_mtime < _YOUNG_COPY_S:
+                    continue
+                fd = os.open(left, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    left.unlink()
+                finally:
+                    os.close(fd)
 
     def _saved_copy(self) -> str:
         """Where the job's saved stdin is, for a message: the copy for this run's
