@@ -935,9 +935,34 @@ class TestReruns:
         assert out.read_text() == "new rows"
         assert (tmp_path / "out.jsonl.ledger").read_text() == "new ledger"
         assert not (tmp_path / "out.jsonl.ledger-wal").exists()
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.ledger"]
+        # The job's lock file stays, as every lock file does (see broker/jobs/lock.py).
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == ["out.jsonl", "out.jsonl.ledger", "out.jsonl.ledger.lock"]
         runner._finish_promotion(out)  # nothing under way: a no-op
         assert out.read_text() == "new rows"
+
+    def test_a_promotion_another_process_makes_is_left_to_it(self, tmp_path: Path) -> None:
+        """A run started while another process promotes its completed refresh (holding the
+        job's lock) is refused as for a job in use and touches nothing; it finished that
+        promotion itself, without the lock, racing the other process's file moves."""
+        from broker.jobs import runner
+        from broker.jobs.lock import JobLock, JobLockedError
+
+        out = tmp_path / "out.jsonl"
+        for path, text in [
+            (out, "old rows"),
+            (tmp_path / "out.jsonl.ledger", "old ledger"),
+            (tmp_path / "out.jsonl.refresh", "new rows"),
+            (tmp_path / "out.jsonl.refresh.ledger", "new ledger"),
+        ]:
+            path.write_text(text)
+        (tmp_path / "out.jsonl.refresh.promote").touch()
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        with JobLock(tmp_path / "out.jsonl.ledger"):
+            with pytest.raises(JobLockedError):
+                runner._finish_promotion(out)
+            after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".lock"}
+        assert after == before
 
     def test_ordered_writes_rows_in_input_order(self, tmp_path: Path) -> None:
         """--ordered: the finished output lists rows in input order."""

@@ -241,7 +241,7 @@ def _promote(side: Path, out: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _finish_promotion(out)
+    _finish_promotion(out, locked=True)
 
 
 @dataclass(slots=True)
@@ -272,11 +272,22 @@ def _forget_refused(ledger_file: Path) -> Iterator[_Refusal]:
         raise
 
 
-def _finish_promotion(out: Path) -> None:
-    """Complete a promotion that a crash interrupted (a no-op when none is under way)."""
+def _finish_promotion(out: Path, *, locked: bool = False) -> None:
+    """Complete a promotion that a crash interrupted (a no-op when none is under way).
+
+    Under the job's lock (``locked``: the caller holds it): a promotion another process is
+    making is its own to finish, and this run is refused as for any job in use.
+
+    Raises:
+        JobLockedError: another process holds the job.
+    """
     side = _refresh_path(out)
     marker = side.with_name(side.name + ".promote")
     if not marker.exists():
+        return
+    if not locked:
+        with JobLock(ledger_path(out)):
+            _finish_promotion(out, locked=True)
         return
     ledger = ledger_path(out)
     # The report is derived from the ledger and rewritten at the end of every run, so a crash
