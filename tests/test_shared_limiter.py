@@ -220,6 +220,44 @@ class TestSharedFeedback:
         assert adaptive.rate == pytest.approx(4.5)
 
 
+class TestRunOf429s:
+    async def test_processes_share_the_evidence_of_a_spent_quota(self) -> None:
+        """Two processes on a key at its floor rate, each with 5 of the 10 429s in a row the
+        classifier needs: the 10th 429 of the key, whichever process gets it, is read as
+        not a rate problem; each process needed its own 10 (N processes, N times the 429s
+        before the key parked)."""
+        clock = FakeClock()
+        store = _store(clock)
+        floor = KeyLimits(0.05, 0.05, 0.05, day_limit=1000, tpd=1000)
+        limiters = [_limiter(clock, store, name, floor) for name in ("a", "b")]
+        rates = [SharedAdaptiveRate(limiter, 0.05, clock=clock) for limiter in limiters]
+        verdicts = []
+        for turn in range(10):
+            limiter, adaptive = limiters[turn % 2], rates[turn % 2]
+            await limiter.refresh()  # each send's decision carries the key's run back
+            verdicts.append(adaptive.on_throttled(clock.monotonic()))
+            await clock.advance(1.0)
+        assert verdicts[:9] == [ThrottleVerdict.RATE] * 9
+        assert verdicts[9] is not ThrottleVerdict.RATE
+
+    async def test_a_success_ends_the_run_for_every_process(self) -> None:
+        """A success of one process ends the key's run: the other's next 429 starts anew."""
+        clock = FakeClock()
+        store = _store(clock)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        for _ in range(4):
+            a.record_throttled(clock.monotonic())
+        await a.refresh()
+        await b.refresh()
+        assert b.run_429s == 4
+        a.record_success(demand_limited=False)
+        assert a.run_429s == 0
+        await a.refresh()
+        b.record_throttled(clock.monotonic())
+        await b.refresh()
+        assert b.run_429s == 1
+
+
 class TestDailyQuota:
     """The day's count is the key's, not a process's."""
 

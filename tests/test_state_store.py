@@ -222,6 +222,25 @@ class TestFeedback:
         assert d.rate == pytest.approx(4.05)
         assert d.last_429_us > 0
 
+    async def test_a_run_of_429s_is_counted_over_every_process(self, backend: Backend) -> None:
+        """Each process's 429s add to the key's one run; any process's success ends it, and
+        a 429 long after the last one starts a new run."""
+        other = ProcessMark("test:2:b")
+
+        async def report(process: ProcessMark, **feedback: Any) -> Decision:
+            return await backend.store.decide(
+                KEY, LIMITS, feedback=Feedback(**feedback), reserve=False, process=process
+            )
+
+        sent = await backend.reserve()
+        assert (await report(ME, throttled=(sent.now_us,) * 3, run_429s=3)).run_429s == 3
+        assert (await report(other, throttled=(sent.now_us,) * 2, run_429s=2)).run_429s == 5
+        # A success, then a 429 of that same process: the run starts again from it.
+        assert (await report(other, answered=True, run_429s=1, throttled=(1,))).run_429s == 1
+        await backend.advance(61.0 if backend.fake is not None else 0.0)
+        if backend.fake is not None:
+            assert (await report(ME, throttled=(1,), run_429s=1)).run_429s == 1
+
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""
         sent = await backend.reserve()

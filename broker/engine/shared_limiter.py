@@ -187,6 +187,10 @@ class SharedKeyLimiter:
         self._hwm_count = 0
         self._successes = 0
         self._throttled: list[int] = []
+        # A success since the last call (the key's run of 429s is over), and the 429s since
+        # this process's last success, not yet reported.
+        self._answered = False
+        self._run_429s = 0
         self._pause_s = 0.0
         self._pause_reason = ""
         self._park_s = 0.0
@@ -247,9 +251,13 @@ class SharedKeyLimiter:
             release_probe_us=self._release_probe_us,
             probe_again_s=self._probe_again_s,
             leaving=self._leaving,
+            answered=self._answered,
+            run_429s=self._run_429s,
         )
         self._successes = 0
         self._throttled = []
+        self._answered = False
+        self._run_429s = 0
         self._pause_s = 0.0
         self._pause_reason = ""
         self._park_s = 0.0
@@ -263,6 +271,10 @@ class SharedKeyLimiter:
     def _restore_feedback(self, feedback: Feedback) -> None:
         self._successes += feedback.successes
         self._throttled = list(feedback.throttled) + self._throttled
+        if not self._answered:
+            # No success since: the run goes on from the restored one.
+            self._answered = feedback.answered
+            self._run_429s += feedback.run_429s
         if feedback.pause_s > self._pause_s:
             self._pause_s, self._pause_reason = feedback.pause_s, feedback.pause_reason
         if feedback.park_s > self._park_s:
@@ -569,7 +581,10 @@ class SharedKeyLimiter:
         self._hold_until = -math.inf
 
     def record_success(self, *, demand_limited: bool) -> None:
-        """A request got through: raise the shared rate if demand-limited; unpark if parked."""
+        """A request got through: raise the shared rate if demand-limited; unpark if parked;
+        the key's run of 429s is over."""
+        self._answered = True
+        self._run_429s = 0
         if demand_limited:
             self._successes += 1
         if self._last is not None and self._last.parked_until_us:
@@ -580,9 +595,18 @@ class SharedKeyLimiter:
         """A request sent at ``sent_at`` got a 429: report it with its decision's store time."""
         slot, probe = self._sends.pop(sent_at, (int((sent_at + self._offset) * _US), False))
         self._throttled.append(slot)
+        self._run_429s += 1
         if probe and self._last is not None:
             self.park(_REPARK_S, self._last.park_reason or "probe throttled")
         self._kick()
+
+    @property
+    def run_429s(self) -> int:
+        """The key's 429s in a row over every process, as far as this process knows: the
+        store's count at its last answer, plus this process's own since (only its own once
+        it had a success the store has not heard of)."""
+        shared = 0 if self._answered or self._last is None else self._last.run_429s
+        return shared + self._run_429s
 
     def park(self, park_s: float, reason: str) -> None:
         """Park the key for every process for ``park_s`` (its 429s are not about rate)."""
@@ -734,13 +758,16 @@ class SharedAdaptiveRate(AdaptiveRate):
         budget_exhausted: bool = False,
         quota_used: float | None = None,
     ) -> ThrottleVerdict:
-        """Classify the 429 with the shared rate, and report it (the store decides the cut)."""
+        """Classify the 429 with the shared rate and the key's run of 429s over every
+        process, and report it (the store decides the cut)."""
         self._rate = self._limiter.rate
-        verdict = super().on_throttled(
+        self._limiter.record_throttled(sent_at)
+        # Counted over every process: N processes on a key whose quota is spent need one
+        # streak of 429s between them before it parks, not one each (N times the 429s).
+        self._consecutive = max(self._consecutive, self._limiter.run_429s - 1)
+        return super().on_throttled(
             sent_at, budget_exhausted=budget_exhausted, quota_used=quota_used
         )
-        self._limiter.record_throttled(sent_at)
-        return verdict
 
 
 class SharedCircuit(Circuit):

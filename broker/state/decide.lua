@@ -1,7 +1,7 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[40].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[42].
 -- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
 -- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
@@ -50,7 +50,11 @@ local release_probe = tonumber(ARGV[38])
 local probe_again = tonumber(ARGV[39])
 -- '1': the process is closing (decision.py: Feedback.leaving)
 local leaving = ARGV[40] == '1'
-local first_throttled = 41
+-- decision.py: Feedback.answered, Feedback.run_429s
+local answered = ARGV[41] == '1'
+local run_in = tonumber(ARGV[42])
+local first_throttled = 43
+local run_gap = 60000000  -- decision.py: RUN_GAP_S
 
 local function int(x) return string.format('%d', x) end
 local function num(x) return string.format('%.17g', x) end
@@ -58,7 +62,7 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen')
+  'day_cap', 'day_cap_seen', 'run_429s')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -86,6 +90,7 @@ local nominal_seen = tonumber(h[21]) or 0
 -- the lowest daily limit asked with recently (-1: none), and when it was last asked with
 local day_cap = tonumber(h[22]) or -1
 local day_cap_seen = tonumber(h[23]) or 0
+local run_429s = tonumber(h[24]) or 0
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -211,6 +216,11 @@ for _ = 1, successes do
   streak = streak + 1
   if streak % boost_every == 0 then boost = math.min(max_boost, boost * 2) end
 end
+if answered then run_429s = 0 end
+if run_in > 0 then
+  if now - last_429 > run_gap then run_429s = 0 end
+  run_429s = run_429s + run_in
+end
 for i = first_throttled, #ARGV do
   streak = 0
   boost = 1
@@ -289,7 +299,7 @@ if not view then
     'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
     'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
-    'day_cap_seen', int(day_cap_seen))
+    'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
@@ -298,4 +308,4 @@ if paused_until <= now then pause_why = '' end
 return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(math.max(next_slot, paused_until)), num(rate), int(day), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
-  int(last_429), cut, processes, int(day_limit)}
+  int(last_429), cut, processes, int(day_limit), int(run_429s)}

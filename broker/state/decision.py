@@ -40,6 +40,8 @@ __all__ = ["PROCESS_KEEP_S", "Record", "decide", "process_entry", "slack_us"]
 _US = 1_000_000
 #: Processes not seen for this long are dropped from a key's record.
 PROCESS_KEEP_S = 600.0
+#: A 429 this long (seconds) after the key's last one starts a new run of 429s.
+RUN_GAP_S: Final = 60.0
 
 
 def slack_us(interval_us: int) -> int:
@@ -87,6 +89,10 @@ class Record:
     day_cap: int = -1
     #: when a process with that daily limit last asked (µs)
     day_cap_seen: int = 0
+    #: 429s in a row for the key, over every process: an answer by any process, or a gap of
+    #: RUN_GAP_S, ends the run (each process's classifier reads it, so N processes on a key
+    #: whose quota is spent need one streak of 429s between them, not one each)
+    run_429s: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -230,6 +236,12 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
         record.streak += 1
         if record.streak % limits.boost_every == 0:
             record.boost = min(limits.max_boost, record.boost * 2.0)
+    if feedback.answered:
+        record.run_429s = 0
+    if feedback.run_429s:
+        if now - record.last_429 > RUN_GAP_S * _US:
+            record.run_429s = 0
+        record.run_429s += feedback.run_429s
     for sent_at in feedback.throttled:
         record.streak = 0
         record.boost = 1.0
@@ -402,4 +414,5 @@ def decide(
         processes=sum(1 for t in record.processes.values() if t >= recent),
         wall_us=wall,
         day_limit=day_limit,
+        run_429s=record.run_429s,
     )

@@ -147,6 +147,10 @@ class Feedback:
         leaving: the process is closing: it no longer counts as using the key, and a daily
             limit it alone kept lower than the others' stops holding at once, not a minute
             later (a tpd raised between two runs must not read as the day spent).
+        answered: a request got an answer other than a 429 since the last call: the key's
+            run of 429s (``Decision.run_429s``) is over.
+        run_429s: the 429s since the process's last answer (after it, when ``answered``),
+            added to the key's run.
     """
 
     successes: int = 0
@@ -160,6 +164,8 @@ class Feedback:
     release_probe_us: int = 0
     probe_again_s: float = 0.0
     leaving: bool = False
+    answered: bool = False
+    run_429s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +211,7 @@ class Decision:
             recently (see ``_agree_day``), else the caller's own; None: unlimited.
         wall_us: the store's wall clock at the decision, which judged ``day``: a process
             whose own wall clock is wrong counts the day by this, not by its own.
+        run_429s: the key's 429s in a row, over every process (see ``Feedback.run_429s``).
     """
 
     granted: bool
@@ -226,3 +233,4 @@ class Decision:
     processes: int
     wall_us: int
     day_limit: int | None = None
+    run_429s: int = 0

@@ -166,6 +166,8 @@ class RedisStateStore:
             feedback.release_probe_us,
             int(feedback.probe_again_s * _US),
             1 if feedback.leaving else 0,
+            1 if feedback.answered else 0,
+            feedback.run_429s,
             *feedback.throttled,
         ]
         return [str(a) for a in args]
@@ -229,6 +231,7 @@ class RedisStateStore:
             processes=int(reply[16]),
             wall_us=int(reply[4]),  # Redis's TIME judges both the slots and the day
             day_limit=None if int(reply[17]) < 0 else int(reply[17]),
+            run_429s=int(reply[18]),
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
