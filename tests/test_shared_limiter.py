@@ -38,7 +38,7 @@ from broker.simulator.settings import SimulatorSettings
 from broker.state import Decision, KeyLimits, MemoryStateStore, StateKey
 from broker.state.redis import RedisStateStore
 from broker.state.redis_server import RedisServer, redis_server_binary
-from broker.testing import FakeClock
+from broker.testing import FakeClock, settle
 
 KEY = StateKey.of("http://sim", "cred", name="k")
 
@@ -218,6 +218,23 @@ class TestSharedFeedback:
         await b.refresh()
         assert b.rate == pytest.approx(4.5)
         assert adaptive.rate == pytest.approx(4.5)
+
+
+class TestBooked:
+    async def test_booked_is_told_before_the_wait_for_the_slot(self) -> None:
+        """commit(booked) calls booked as soon as the store has counted the send, before it
+        waits for the slot: a stop in that wait must not let go of a send paid for."""
+        clock = FakeClock()
+        store = _store(clock)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        await a.commit()
+        told: list[float] = []
+        sending = asyncio.create_task(b.commit(lambda: told.append(clock.monotonic())))
+        await settle()
+        assert told == [clock.monotonic()]  # counted, and still waiting for its slot
+        assert not sending.done()
+        await clock.advance(0.3)
+        assert sending.done()
 
 
 class TestRunOf429s:

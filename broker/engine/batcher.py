@@ -118,8 +118,8 @@ class BatchPlace(enum.Enum):
     LINGERING = "lingering"
     #: in the work queue, waiting for a key
     QUEUED = "queued"
-    #: taken by a key, its send being booked (the pacer's slot, the key-state store): not on
-    #: the wire yet, so a caller winding down lets it go as it would a queued one
+    #: taken by a key, its send not yet counted (the key-state store may be slow to answer):
+    #: a caller winding down lets it go as it would a queued one
     BOOKING = "booking"
     #: with the executor (being sent, or waiting out a retry delay)
     ACTIVE = "active"
@@ -249,6 +249,11 @@ class Batch:
             return
         if not self.lookups and self.on_empty is not None:
             self.on_empty(self)
+
+    def booked(self) -> None:
+        """The key counted the batch's send: from here on its callers wait for its answer,
+        even when winding down (the send is paid for)."""
+        self.place = BatchPlace.ACTIVE
 
     def fail(self, error: BaseException) -> None:
         """End every open lookup (or the operation) of the batch with ``error``."""

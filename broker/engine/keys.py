@@ -299,13 +299,16 @@ class KeyState:
         """A probe slot :meth:`wait_ready` admitted was not used: hand it to the next send."""
         self.circuit.abandon_probe()
 
-    async def try_send(self) -> float | None:
-        """Book a send now; None when the daily budget is spent (wait_ready again)."""
+    async def try_send(self, booked: Callable[[], None] | None = None) -> float | None:
+        """Book a send now; None when the daily budget is spent (wait_ready again).
+
+        ``booked`` is called once the send is counted, before the wait for its slot.
+        """
         if self.limiter.exhausted:
             self._note_quota_spent()
             return None
         try:
-            sent_at = await self.limiter.commit()
+            sent_at = await self.limiter.commit(booked)
         except SendRefused:
             # Another process spent the day or parked the key meanwhile; the limiter told
             # the refusal listeners, a spent day's warning among them.

@@ -260,7 +260,7 @@ class KeyLimiter(Protocol):
 
     async def keep_alive(self) -> None: ...
 
-    async def commit(self) -> float: ...
+    async def commit(self, booked: Callable[[], None] | None = None) -> float: ...
 
     def next_ready(self) -> float: ...
 
@@ -341,15 +341,20 @@ class LocalKeyLimiter:
             if not self._budget.exhausted:
                 return
 
-    async def commit(self) -> float:
+    async def commit(self, booked: Callable[[], None] | None = None) -> float:
         """Count the send against the budget and the pacer; return its monotonic time.
+
+        ``booked`` is called once the send is counted (at once here: nothing is awaited).
 
         Raises:
             RuntimeError: if the budget is spent (the caller skipped ``wait_ready``).
         """
         if not self._budget.try_spend():
             raise RuntimeError("daily budget spent: await wait_ready() before commit()")
-        return self._pacer.commit()
+        sent_at = self._pacer.commit()
+        if booked is not None:
+            booked()
+        return sent_at
 
     def next_ready(self) -> float:
         """Monotonic time of the next send: the pacer's slot, or the budget's reset."""

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from broker.engine.batcher import BatchPlace
 from broker.errors import KeyUnusableError, NoUsableKeyError, Scope
 from broker.logs import get_logger
 
@@ -208,14 +207,12 @@ class KeyPool:
                 # Another key took the work first; a probe slot claimed for it is handed back.
                 key.abandon_probe()
                 continue
-            sent_at = await key.try_send()
+            sent_at = await key.try_send(batch.booked)
             if sent_at is None:
                 # The daily budget is spent: the key waits for its window to reset.
                 key.abandon_probe()
                 self.submit(batch, front=True)
                 continue
-            # Booked: from here on its callers wait for its answer, even when winding down.
-            batch.place = BatchPlace.ACTIVE
             return batch, sent_at
 
     @staticmethod

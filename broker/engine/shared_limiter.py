@@ -481,8 +481,11 @@ class SharedKeyLimiter:
                 continue
             await self._clock.sleep(due - now)
 
-    async def commit(self) -> float:
+    async def commit(self, booked: Callable[[], None] | None = None) -> float:
         """Reserve and count one send in the store, wait for its slot, return the send time.
+
+        ``booked`` is called once the store has granted and counted the send, before the
+        wait for its slot: from then on the send is paid for.
 
         Raises:
             SendRefused: the daily quota is spent, the key is parked or being probed by
@@ -496,6 +499,8 @@ class SharedKeyLimiter:
                 await self._wait_for_store(exc)
                 continue
             if decision.granted:
+                if booked is not None:
+                    booked()
                 if decision.wait_s > 0:
                     # One µs (the store's resolution) past the slot: the first send of a run
                     # went out up to a µs after its truncated slot, and a strict server
