@@ -20,7 +20,7 @@ async def start_listener(
     The loop's ``create_server`` skips a turn once its socket listens, and a cancel landing
     there loses the server it was about to return, socket and all: it would listen until
     the loop closed. So the start is shielded, and a cancelled caller waits for it to end
-    and then closes what it opened.
+    (however often it is cancelled meanwhile) and then closes what it opened.
     """
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, access_log=None)
     await runner.setup()
@@ -28,11 +28,16 @@ async def start_listener(
     try:
         await asyncio.shield(start)
     except BaseException:
-        try:
-            await asyncio.wait((start,))
-            if not start.cancelled():
-                start.exception()  # raised above, or moot beside the cancel: seen
-        finally:
-            await runner.cleanup()
+        while not start.done():
+            try:
+                await asyncio.wait((start,))
+            except asyncio.CancelledError:
+                # Cancelled again (a TaskGroup's cancel and a timeout's): the cleanup must
+                # still come after the start, or the socket it opens is never closed. The
+                # first exception is raised below.
+                continue
+        if not start.cancelled():
+            start.exception()  # raised above, or moot beside the cancel: seen
+        await runner.cleanup()
         raise
     return runner

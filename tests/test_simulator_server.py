@@ -36,27 +36,35 @@ async def test_server_binds_a_free_loopback_port() -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
 async def test_a_start_cancelled_at_any_step_leaves_no_socket_open() -> None:
-    """Cancelling the server's start at any of its first steps leaves no socket behind: a
-    cancel while the loop's create_server skipped a turn lost the listening socket, which
-    stayed open (and listening) until the loop closed."""
+    """Cancelling the server's start at any of its first steps, once or twice, leaves no
+    socket behind: a cancel while the loop's create_server skipped a turn lost the listening
+    socket, which stayed open (and listening) until the loop closed."""
 
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
     before = open_fds()
-    for turns in range(8):
-        server = SimulatorServer()
-        task = asyncio.ensure_future(server.__aenter__())
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        else:
-            await server.__aexit__(None, None, None)
-        assert open_fds() == before, f"a socket left open when cancelled after {turns} turns"
+    for twice in (False, True):
+        for turns in range(8):
+            server = SimulatorServer()
+            task = asyncio.ensure_future(server.__aenter__())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            if twice:
+                # A second cancel while the first one's cleanup waits (a TaskGroup's and a
+                # timeout's, two signals): the start still ends before the cleanup runs.
+                await asyncio.sleep(0)
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            else:
+                await server.__aexit__(None, None, None)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert open_fds() == before, f"a socket left open: {turns} turns, twice {twice}"
 
 
 @pytest.mark.parametrize(
