@@ -26,9 +26,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Final
 
 __all__ = [
-    "ForeignDatabaseError",
+    "OUR_TABLES",
+    "RefusedFileError",
     "disk_error",
     "enable_wal",
     "file_identity",
@@ -84,13 +86,13 @@ def refuse_orphans(path: Path, what: str) -> None:
     file, as when all three are deleted).
 
     Raises:
-        OSError: naming the files to delete.
+        RefusedFileError: naming the files to delete.
     """
     left = [str(journal) for journal in journal_files(path) if journal.exists()]
     # Looked at again after them: another process may have made the file (and its -wal)
     # since this one found none, which is a first start, not a deleted file.
     if left and not path.exists():
-        raise OSError(
+        raise RefusedFileError(
             f"{path} was deleted without its {' and '.join(left)}, which belong to the "
             f"deleted file (processes still running use it): delete them too to start {what} "
             "afresh (running processes then move to the new file), or leave the path alone "
@@ -98,30 +100,38 @@ def refuse_orphans(path: Path, what: str) -> None:
         )
 
 
-class ForeignDatabaseError(OSError):
-    """The file is another program's SQLite database: never to be deleted on our advice."""
+class RefusedFileError(OSError):
+    """A file refused as it stands at its path (another program's database, a deleted
+    database's journal left beside it): its message says what to do, and it is never to be
+    deleted on any generic advice of ours."""
 
 
-def refuse_foreign(conn: sqlite3.Connection, *, table: str, what: str) -> None:
-    """Raise when the database holds tables but not ``table``: another program's file (a
-    typo, a job's SQLite output), named by mistake. Called before anything is written, so
-    such a file is left exactly as it was: no table added, its journal mode kept.
+#: The tables of the machine-wide files of ours: the key state's and the item cache's (one
+#: file may hold both, when [state] path and [cache] path name it).
+OUR_TABLES: Final = frozenset({"key_state", "item_cache"})
+
+
+def refuse_foreign(conn: sqlite3.Connection, *, what: str) -> None:
+    """Raise when the database holds tables but none of :data:`OUR_TABLES`: another
+    program's file (a typo, a job's SQLite output), named by mistake. Called before anything
+    is written, so such a file is left exactly as it was: no table added, its journal mode
+    kept.
 
     Args:
-        table: the table every file of ours has; what: the file's role and the setting
-            naming it, for the message (``"an item cache ([cache] path)"``).
+        what: the file's role and the setting naming it, for the message (``"an item cache
+            ([cache] path)"``).
 
     Raises:
-        ForeignDatabaseError: EIO, naming the tables found (not the file: the caller's
-            message does).
+        RefusedFileError: EIO, naming the tables found (not the file: the caller's message
+            does).
         sqlite3.DatabaseError: the file is no SQLite database at all.
     """
     tables = sorted(
         name for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
     )
-    if tables and table not in tables:
+    if tables and OUR_TABLES.isdisjoint(tables):
         shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
-        raise ForeignDatabaseError(
+        raise RefusedFileError(
             errno.EIO,
             f"another program's SQLite database (tables {shown}), not {what}: it is left "
             "untouched; name another file",

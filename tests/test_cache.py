@@ -776,8 +776,9 @@ class TestFront:
     async def test_a_damaged_file_is_named_with_its_remedy(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:
-        """A SQLite cache file that is not a database: the warning names the file and says
-        deleting it is safe."""
+        """A SQLite cache file that is not a database: the warning names the file, says to
+        check that [cache] path names the cache (a job's output named by mistake must not be
+        deleted on our word), and that deleting a damaged cache with its journal is safe."""
         path = tmp_path / "item-cache.sqlite3"
         path.write_bytes(os.urandom(8192))
         front = CacheFront(SqliteCache(path, CachePolicy(3_600), clock=clock), clock=clock)
@@ -785,7 +786,8 @@ class TestFront:
             assert await front.get(q("B000000001")) is None
         (warning,) = [e for e in logs if e["event"] == "cache.unavailable"]
         assert str(path) in warning["message"]
-        assert "delete it to start afresh" in warning["message"]
+        assert "check that [cache] path names the item cache" in warning["message"]
+        assert "delete it with its -wal and -shm to start afresh" in warning["message"]
         await front.aclose()
 
 

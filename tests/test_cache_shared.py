@@ -25,6 +25,7 @@ from broker.cache.entry import Entry, decode
 from broker.cache.redis_store import RedisCache
 from broker.models import ItemResult, Query, Status
 from broker.sqlitewal import journal_files
+from broker.state.sqlite import SqliteStateStore
 from broker.testing import FakeClock
 
 US = "www.amazon.com"
@@ -38,6 +39,7 @@ from broker.cache import CachePolicy, SqliteCache
 from broker.cache.redis_store import RedisCache
 from broker.models import ItemResult, Query, Status
 from broker.sqlitewal import journal_files
+from broker.state.sqlite import SqliteStateStore
 from broker.testing import FakeClock
 
 backend, where, mode, arg = sys.argv[1:5]
@@ -203,8 +205,10 @@ class TestSqliteFileDeleted:
             await running.put_many([answer(ASINS_A[0])])
             path.unlink()
             async with SqliteCache(path, CachePolicy(3_600)) as late:
-                with pytest.raises(OSError, match="-wal"):
+                with pytest.raises(OSError, match="-wal") as info:
                     await late.get_many(queries(ASINS_A[:1]))
+                # Its own advice only: not the damaged file's "delete it", for a file gone.
+                assert "if it is damaged" not in late.describe_failure(info.value)
             assert not path.exists()
             assert await running.put_many([answer(ASINS_A[1])]) == 1
 
@@ -223,6 +227,17 @@ async def test_another_programs_database_is_refused_and_left_untouched(tmp_path:
     with sqlite_db(path) as db:
         assert [name for (name,) in db.execute("SELECT name FROM sqlite_schema")] == ["orders"]
         assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+async def test_one_file_may_hold_the_cache_and_the_key_state(tmp_path: Path) -> None:
+    """[cache] path and [state] path naming one file: each store finds the other's table
+    there and works beside it (the first review of the foreign-file check refused it)."""
+    path = tmp_path / "broker.sqlite3"
+    SqliteStateStore(path)._conn.close()
+    async with SqliteCache(path, CachePolicy(3_600)) as cache:
+        await cache.put_many([answer(ASINS_A[0])])
+        assert [r is not None for r in await cache.get_many(queries(ASINS_A[:1]))] == [True]
+    SqliteStateStore(path)._conn.close()
 
 
 def _free_port() -> int:

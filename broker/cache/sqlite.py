@@ -25,7 +25,7 @@ from broker.cache.entry import Entry
 from broker.cache.policy import FUTURE_S
 from broker.logs import get_logger
 from broker.sqlitewal import (
-    ForeignDatabaseError,
+    RefusedFileError,
     enable_wal,
     file_identity,
     immediate,
@@ -196,7 +196,7 @@ class SqliteCache(StoreCache):
         )
         try:
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            refuse_foreign(db, table="item_cache", what="an item cache ([cache] path)")
+            refuse_foreign(db, what="an item cache ([cache] path)")
             if new:
                 # Before the first table: lets deleted pages go back to the file system.
                 db.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -361,12 +361,17 @@ class SqliteCache(StoreCache):
 
     def _failure_advice(self, error: BaseException) -> tuple[str, str]:
         """The file, and that deleting it is safe: it holds only copies of Amazon's answers
-        (unless it is not the cache's at all: then the error says what to do)."""
-        if isinstance(error, ForeignDatabaseError):
-            return str(self.path), ""
+        (unless it is refused as it stands, or may not be the cache at all)."""
+        if isinstance(error, RefusedFileError):
+            return str(self.path), ""  # its message says what to do
+        if isinstance(error, sqlite3.DatabaseError) and "not a database" in str(error):
+            return str(self.path), (
+                "check that [cache] path names the item cache, not another file; if it does, "
+                "the file is damaged: delete it with its -wal and -shm to start afresh"
+            )
         return str(self.path), (
-            "if another process holds it locked, wait for it; if it is damaged, delete it to "
-            "start afresh (it holds only copies of Amazon's answers)"
+            "if another process holds it locked, wait for it; if it is damaged, delete it "
+            "with its -wal and -shm to start afresh (it holds only copies of Amazon's answers)"
         )
 
 

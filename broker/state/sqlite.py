@@ -153,7 +153,7 @@ class SqliteStateStore:
             if new:
                 # Owner-only, like the item cache: which keys run, their rates and counts.
                 os.chmod(path, 0o600)
-            refuse_foreign(conn, table="key_state", what="a key-state file ([state] path)")
+            refuse_foreign(conn, what="a key-state file ([state] path)")
             # A new file gets 1 KiB pages: every decision writes its key's page to the WAL,
             # and a row is about 400 bytes (a bare read-and-update transaction measured
             # 21-22 µs against 29-35 with the default 4 KiB). An existing file keeps its own.
