@@ -1,4 +1,5 @@
-"""Switching a SQLite file that several processes share to WAL, without a spurious failure.
+"""SQLite files that several processes share: WAL without a spurious failure, short write
+transactions, and a file deleted or mistaken for ours handled alike by every such store.
 
 SQLite does not call the busy handler for ``PRAGMA journal_mode = WAL`` in every case: when
 two processes open a new file at the same moment, the loser gets ``database is locked`` at
@@ -14,7 +15,8 @@ Such a file may be deleted while processes use it (the advice for a damaged one)
 then looks at the path now and again and opens it again once the file there is another or
 gone with its journal (:func:`replaced`), so every process meets in the new file instead of
 each keeping its own unlinked copy; and no process makes a new file beside the deleted one's
-``-wal`` and ``-shm`` (:func:`refuse_orphans`).
+``-wal`` and ``-shm`` (:func:`refuse_orphans`). A path naming another program's database by
+mistake is refused before anything is written to it (:func:`refuse_foreign`).
 """
 
 from __future__ import annotations

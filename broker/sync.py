@@ -107,10 +107,12 @@ class SyncBroker:
         was stopped at once, and the start's tasks, session and sockets were left behind); a
         start that had just finished is closed here.
         """
+        began = threading.Event()
         ended = threading.Event()
         opened: list[Broker] = []
 
         async def start() -> Broker:
+            began.set()
             try:
                 # Built inside the loop's thread: the broker binds to the loop it is entered on.
                 broker = Broker(config, **kwargs)
@@ -125,8 +127,10 @@ class SyncBroker:
             return future.result()
         except BaseException:
             future.cancel()
-            # Bounded, as a close is; a second Ctrl-C stops waiting.
-            if ended.wait(_CLOSE_TIMEOUT_S) and opened:
+            # A start cancelled before its first step opened nothing and never ends here;
+            # the loop thread, idle but for it, begins it at once otherwise. Bounded, as a
+            # close is; a second Ctrl-C stops waiting.
+            if began.wait(_BEGIN_S) and ended.wait(_CLOSE_TIMEOUT_S) and opened:
                 closing = asyncio.run_coroutine_threadsafe(opened[0].aclose(), self._loop)
                 with contextlib.suppress(Exception):
                     closing.result(_CLOSE_TIMEOUT_S)
@@ -352,6 +356,8 @@ class SyncBroker:
 
 #: How long a finalizer or close() waits for the broker to close before stopping its loop.
 _CLOSE_TIMEOUT_S = 30.0
+#: How long an interrupted start looks for its coroutine to have begun on the loop thread.
+_BEGIN_S = 0.5
 #: How long the loop thread lets unfinished streams end once the broker is closed.
 _CLOSE_STREAMS_S = 5.0
 

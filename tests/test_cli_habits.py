@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import fcntl
 import gzip
 import io
 import json
@@ -657,24 +658,30 @@ class TestRunPaths:
         assert paths.job.read_bytes() == b"B0OTHER002\n"
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
-    def test_a_copy_left_by_a_killed_run_is_swept_once_old(
+    def test_a_copy_left_by_a_killed_run_is_swept(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A run killed (kill -9) while copying its stdin leaves its partial copy; the next
-        run of that output removes it once an hour old (a copy that young may be another
-        run's, still reading its pipe). They stayed for ever, one per kill."""
+        run of that output removes it, but not a copy another run still holds (reading its
+        pipe) nor one made a moment ago. They stayed for ever, one per kill."""
         from broker.jobs.paths import plan_paths
 
         paths = plan_paths(job="-", out=str(tmp_path / "o.jsonl"), fmt="jsonl", directory=tmp_path)
-        old = tmp_path / f".{paths.job.name}.k1ll3d00"
-        young = tmp_path / f".{paths.job.name}.r3ad1ng0"
-        for left in (old, young):
+        killed, held, new = (
+            tmp_path / f".{paths.job.name}.{suffix}"
+            for suffix in ("k1ll3d00", "h3ld0000", "n3w00000")
+        )
+        a_minute_ago = time.time() - 60
+        for left in (killed, held, new):
             left.write_bytes(b"B0FIRST001\n")
-        two_hours_ago = time.time() - 7_200
-        os.utime(old, (two_hours_ago, two_hours_ago))
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"B0FIRST001\n")))
-        paths.read_stdin()
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [young.name]
+        for left in (killed, held):
+            os.utime(left, (a_minute_ago, a_minute_ago))
+        with held.open("rb") as holder:
+            fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"B0FIRST001\n")))
+            paths.read_stdin()
+        left_over = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+        assert left_over == sorted([held.name, new.name])
 
     @pytest.mark.parametrize("other", [b"", b"B0FIRST001\n"])
     def test_other_stdin_never_replaces_the_saved_copy_of_a_job(

@@ -208,12 +208,6 @@ class Broker:
         try:
             await self._start(stack)
         except BaseException:
-            # Failed or cancelled once the engine ran (a subclass's _start that awaits after
-            # it): stopped first, as aclose does, so no task outlives the failed start.
-            engine, self._engine = self._engine, None
-            if engine is not None:
-                engine.cancel()
-                await asyncio.wait((engine,))
             await stack.aclose()
             raise
         self._stack = stack

@@ -42,7 +42,7 @@ class KeyPool:
         work: WorkQueue,
         batcher: Batcher,
         *,
-        config_source: str = "config.toml",
+        config_source: str,
     ) -> None:
         self._keys = tuple(keys)
         self._config_source = config_source
