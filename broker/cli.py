@@ -560,16 +560,26 @@ def _init(path: Path, *, force: bool) -> int:
 def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
     """Where a key's secret comes from with the embedded simulator, and a warning when the
     simulator will refuse it (a secret that is not its account's)."""
-    from broker.client import simulator_account_secret
+    from broker.client import simulator_account_hint, simulator_account_secret
 
     if key.secret is None:
         unset = f", {key.secret_source} unset" if key.secret_source else ""
         return f"the simulator's own account{unset}"
-    if simulator_account_secret(config, key) != key.secret.reveal():
+    own = simulator_account_secret(config, key)
+    if own is None:
         print(
             f"warning: key {key.name}: the embedded simulator has no {config.api.protocol.value} "
-            f"account {key.credential_id!r} with the secret in {key.secret_source}: it will "
-            "refuse the key (exit 77); unset the variable to use the simulator's own secret",
+            f"account {key.credential_id!r} ({simulator_account_hint(config, key)}): it will "
+            "refuse the key (exit 77); set credential_id to one of those, or add the account "
+            "to [simulator]",
+            file=sys.stderr,
+        )
+    elif own != key.secret.reveal():
+        print(
+            f"warning: key {key.name}: the embedded simulator's {config.api.protocol.value} "
+            f"account {key.credential_id!r} has another secret than {key.secret_source}: it "
+            "will refuse the key (exit 77); unset the variable to use the simulator's own "
+            "secret",
             file=sys.stderr,
         )
     return key.secret_source

@@ -19,7 +19,14 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig, KeyConfig
     from broker.simulator.settings import SimulatorSettings
 
-__all__ = ["Broker", "Query", "embedded_secret", "simulator_account_secret", "simulator_settings"]
+__all__ = [
+    "Broker",
+    "Query",
+    "embedded_secret",
+    "simulator_account_hint",
+    "simulator_account_secret",
+    "simulator_settings",
+]
 
 
 def simulator_settings(config: BrokerConfig) -> SimulatorSettings:
@@ -64,6 +71,27 @@ def simulator_account_secret(config: BrokerConfig, key: KeyConfig) -> str | None
     )
 
 
+def simulator_account_hint(config: BrokerConfig, key: KeyConfig) -> str:
+    """Which credentials the embedded simulator has for the config's protocol, for a key it
+    has no account for (a Creators demo id left in a config switched to PA-API)."""
+    from broker.simulator.accounts import simulator_credentials
+
+    protocol = config.api.protocol.value
+    settings = simulator_settings(config)
+    other = "paapi5" if protocol == "creators" else "creators"
+    known = simulator_credentials(protocol, settings)
+    hint = (
+        f"the simulator's {protocol} accounts are "
+        + ", ".join(repr(credential) for credential in known[:4])
+        + (", ..." if len(known) > 4 else "")
+        if known
+        else f"the simulator has no {protocol} account"
+    )
+    if key.credential_id in simulator_credentials(other, settings):
+        hint = f"{key.credential_id!r} is its {other} account; {hint}"
+    return hint
+
+
 def embedded_secret(config: BrokerConfig, key: KeyConfig) -> Secret:
     """The embedded simulator's own secret for a key whose secret variable is unset.
 
@@ -75,9 +103,10 @@ def embedded_secret(config: BrokerConfig, key: KeyConfig) -> Secret:
     value = simulator_account_secret(config, key)
     if value is None:
         raise ConfigError(
-            f"keys.{key.name}",
-            f"no secret for credential {key.credential_id!r}: set "
-            f"{key.secret_source or 'credential_secret_env'} or add the account to "
-            "[simulator]",
+            f"keys[{config.keys.index(key)}]",
+            f"no secret for credential {key.credential_id!r}, and the embedded simulator has "
+            f"no {config.api.protocol.value} account for it "
+            f"({simulator_account_hint(config, key)}): set credential_id to one of those, or "
+            "add the account to [simulator]",
         )
     return Secret(value)

@@ -185,7 +185,9 @@ class TestConfigLookup:
     ) -> None:
         """With the embedded simulator, a key with no secret set whose credential the
         simulator does not have (a Creators id in a PA-API config) fails check-config with
-        78, as run does, and run fails before it reads the job or makes an output."""
+        78, as run does, naming the key's path and the simulator's PA-API credentials (the
+        advice was to set the variable, whose warning then said to unset it: a circle), and
+        run fails before it reads the job or makes an output."""
         monkeypatch.delenv("ASINB_DEMO_SECRET", raising=False)
         text = (
             '[api]\nprotocol = "paapi5"\nendpoint = "simulator"\n'
@@ -195,7 +197,17 @@ class TestConfigLookup:
         )
         config = str(_config(tmp_path, text))
         assert cli.main(["check-config", "--config", config]) == ExitCode.CONFIG
-        assert "keys.creators-key: no secret for credential 'demo-id'" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "keys[0]: no secret for credential 'demo-id'" in err
+        assert "'demo-id' is its creators account" in err
+        assert "the simulator's paapi5 accounts are 'DEMOACCESSKEY'" in err
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "demo-secret-key")
+        assert cli.main(["check-config", "--config", config]) == ExitCode.OK
+        err = capsys.readouterr().err
+        assert "has no paapi5 account 'demo-id'" in err
+        assert "set credential_id to one of those" in err
+        assert "unset the variable" not in err
+        monkeypatch.delenv("ASINB_DEMO_SECRET")
         job = _job(tmp_path)
         out = tmp_path / "out.jsonl"
         assert cli.main(["run", str(job), "--config", config, "--out", str(out)]) == 78
@@ -225,7 +237,8 @@ class TestConfigLookup:
         monkeypatch.setenv("ASINB_DEMO_SECRET", "not-the-demo-secret")
         assert cli.main(["check-config", "--config", config]) == ExitCode.OK
         err = capsys.readouterr().err
-        assert "warning: key demo: the embedded simulator has no creators account" in err
+        assert "warning: key demo: the embedded simulator's creators account 'demo-id' has " in err
+        assert "unset the variable" in err
         assert "not-the-demo-secret" not in err
 
     def test_missing_config_named_by_env_says_so_and_hints_the_typed_command(

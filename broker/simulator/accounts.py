@@ -152,3 +152,12 @@ def simulator_secret(
         if account.protocol == protocol and account.credential_id == credential_id:
             return account.secret
     return None
+
+
+def simulator_credentials(protocol: str, settings: SimulatorSettings | None = None) -> list[str]:
+    """The credential ids (access keys) of the simulator's accounts for ``protocol``, in
+    order: what a config pointed at it may name (a message's hint)."""
+    from broker.simulator.settings import SimulatorSettings
+
+    effective = settings if settings is not None else SimulatorSettings()
+    return [a.credential_id for a in effective.all_accounts if a.protocol == protocol]
