@@ -197,7 +197,9 @@ class NoUsableKeyError(BrokerError):
     def __init__(self, marketplace: str, failures: Sequence[KeyUnusableError]) -> None:
         self.marketplace = marketplace
         self.failures = tuple(failures)
-        reasons = "; ".join(f"{f.key}: {f.code} ({f.remedy})" for f in self.failures)
+        # The message too: a code's remedy is general, and its message names the thing (the
+        # URL no token endpoint answers at, the rejected tag).
+        reasons = "; ".join(f"{f.key}: {f.code}: {f.message} ({f.remedy})" for f in self.failures)
         super().__init__(f"no key can serve {marketplace}: {reasons or 'no key configured'}")
 
 
@@ -562,6 +564,15 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "Check the key's version.",
     ),
     # The broker's own codes for failures that carry no Amazon code.
+    ErrorInfo(
+        "NoTokenEndpoint",
+        "Nothing at the token URL answers as an OAuth2 token endpoint (an HTTP 404 or 405, "
+        "or another API's own error).",
+        Scope.GLOBAL,
+        False,
+        "Check api.token_endpoint in config.toml (or api.endpoint, which it follows): the "
+        "URL the error names takes no token requests.",
+    ),
     ErrorInfo(
         "ServerError",
         "Amazon answered with a 5xx status.",

@@ -195,7 +195,8 @@ class TestTree:
         assert error.info is CATALOGUE["TooManyRequests"]
 
     def test_no_usable_key_names_each_key(self) -> None:
-        """NoUsableKeyError says which keys failed, with what code and what to do."""
+        """NoUsableKeyError says which keys failed, with what code, what happened (the URL
+        or tag a general remedy cannot name) and what to do."""
         failures = [
             KeyUnusableError("a", "InvalidSignature", "bad", describe("InvalidSignature").remedy),
             KeyUnusableError(
@@ -206,7 +207,7 @@ class TestTree:
         text = str(error)
         assert "www.amazon.com" in text
         assert "a: InvalidSignature" in text
-        assert "b: AssociateNotEligible" in text
+        assert "b: AssociateNotEligible: no sales" in text
         assert describe("InvalidSignature").remedy in text
         assert "no key configured" in str(NoUsableKeyError("www.amazon.de", []))
 

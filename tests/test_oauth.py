@@ -18,6 +18,7 @@ from broker.errors import (
     BrokerError,
     ConnectError,
     ResponseError,
+    Scope,
     ServerError,
     ThrottledError,
 )
@@ -457,10 +458,11 @@ class TestEndpointErrors:
         assert error.server_date == "d"
 
     @pytest.mark.parametrize(
-        ("status", "code"), [(401, "invalid_client"), (400, "invalid_request")]
+        ("status", "code"), [(401, "invalid_client"), (400, "NoTokenEndpoint")]
     )
     async def test_json_without_error_field(self, status: int, code: str) -> None:
-        """A JSON 4xx without an error field is classed by status (RFC 6749 5.2)."""
+        """A JSON 4xx without an error field: a 401 is a rejected client (RFC 6749 5.2),
+        another is no token endpoint's answer."""
         cache = make(Endpoint(RawResponse(status, {}, b"{}")))
         with pytest.raises(AuthError) as info:
             await cache.token()
@@ -484,6 +486,11 @@ class TestEndpointErrors:
             await cache.token()
         assert cache.token_url in info.value.message
         assert "api.token_endpoint" in info.value.message
+        # Its own code, whose remedy (the one the run's last line shows) names the setting:
+        # it was invalid_request, whose remedy blamed the key's version.
+        assert info.value.code == "NoTokenEndpoint"
+        assert "api.token_endpoint" in info.value.info.remedy
+        assert info.value.info.scope is Scope.GLOBAL
 
     async def test_429_is_throttled_with_retry_after(self) -> None:
         """A 429 from the token endpoint is ThrottledError with Retry-After."""

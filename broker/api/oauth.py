@@ -326,7 +326,7 @@ class CreatorsTokenCache:
             # Nothing takes token requests at that URL: waiting never fixes it, so it is not
             # an outage (the run would wait out the whole outage budget) but a wrong setting.
             return AuthError(
-                "invalid_request",
+                "NoTokenEndpoint",
                 f"HTTP {status} from {self._token_url}: no token endpoint answers there; "
                 "check api.token_endpoint (or api.endpoint, which it follows)",
                 status=status,
@@ -340,12 +340,15 @@ class CreatorsTokenCache:
             if error is None and status != 401:
                 # JSON, but no OAuth2 error member: not a token endpoint's answer (an API's
                 # own error, when api.endpoint carries a path the token URL follows).
-                message = (
+                return AuthError(
+                    "NoTokenEndpoint",
                     f"HTTP {status} from {self._token_url}, which does not answer as an OAuth2 "
-                    f"token endpoint ({message}); check api.token_endpoint and api.endpoint"
+                    f"token endpoint ({message}); check api.token_endpoint and api.endpoint",
+                    status=status,
+                    server_date=date,
                 )
             # RFC 6749 section 5.2: a 401 without an error code is a rejected client.
-            code = error or ("invalid_client" if status == 401 else "invalid_request")
+            code = error or "invalid_client"
             return AuthError(code, message, status=status, server_date=date)
         return ResponseError(f"token endpoint: unexpected HTTP status {status}", status=status)
 

@@ -38,7 +38,9 @@ from broker.errors import (
     ConfigError,
     JobFileError,
     NoUsableKeyError,
+    Scope,
     StateUnavailableError,
+    describe,
 )
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import (
@@ -1074,8 +1076,14 @@ def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[in
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
         )
     if isinstance(exc, NoUsableKeyError):
+        # A global code (a wrong endpoint, a client bug) is no key's fault: the config's.
+        at_fault = (
+            "the config"
+            if any(describe(failure.code).scope is Scope.GLOBAL for failure in exc.failures)
+            else "the key"
+        )
         return ExitCode.NO_PERMISSION, (
-            f"stopped: {exc}. Unfinished rows stay pending; fix the key and run again."
+            f"stopped: {exc}. Unfinished rows stay pending; fix {at_fault} and run again."
         )
     if isinstance(exc, ConfigError):
         return ExitCode.CONFIG, f"invalid config: {exc}"
