@@ -378,7 +378,7 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
     redis_url = table.opt_text("redis_url")
     password_env = table.opt_text("redis_password_env")
     key_prefix = table.text("key_prefix", "asin-broker:")
-    table.finish()
+    _finish(table, secret_in="[state] redis_password_env")
     password: Secret | None = None
     if redis_url is not None and _url_has_password(redis_url):
         # Refused whatever the backend: a secret written into the file is one too many.
@@ -604,16 +604,19 @@ def config_from_dict(
     return replace(config, keys=keys_out)
 
 
-def _finish(table: TomlTable) -> None:
-    """Refuse unknown keys; one that looks like a secret is refused without its value."""
+_KEY_SECRET_HINT: Final = "keys[].credential_secret_env (or use credential_secret_file)"
+
+
+def _finish(table: TomlTable, *, secret_in: str = _KEY_SECRET_HINT) -> None:
+    """Refuse unknown keys; one that looks like a secret is refused without its value,
+    saying where to name the variable that holds it (``secret_in``)."""
     for name in table.unread():
         if _looks_secret(name):
             # Never echo the value: it is probably a real credential.
             raise ConfigError(
                 table.key(name),
                 "unknown key; secrets are never read from the config file: put the "
-                "secret in an environment variable and name it in "
-                "keys[].credential_secret_env (or use credential_secret_file)",
+                f"secret in an environment variable and name it in {secret_in}",
             )
     table.finish()
 
@@ -1066,5 +1069,6 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
         redis_url_env=redis_url_env,
         key_prefix=table.text("key_prefix", "asinb:cache:"),
     )
-    table.finish()
+    # The cache's Redis password travels in its URL, read from a variable.
+    _finish(table, secret_in="[cache] redis_url_env (the whole URL, password included)")
     return config

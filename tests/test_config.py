@@ -276,6 +276,18 @@ class TestSecrets:
         assert 'credential_secret_env = "ASINB_DEMO_SECRET"' in error.message
         assert "hunter2" not in str(error)
 
+    @pytest.mark.parametrize(
+        ("table", "hint"),
+        [("state", "[state] redis_password_env"), ("cache", "[cache] redis_url_env")],
+    )
+    def test_a_redis_password_key_names_the_variable_to_use(self, table: str, hint: str) -> None:
+        """redis_password written into [state] or [cache] is refused naming where the
+        variable goes, not echoed; it was a bare "unknown key"."""
+        error = _error(_with(f"{table}.redis_password", "hunter2-do-not-echo"))
+        assert error.path == f"{table}.redis_password"
+        assert hint in error.message
+        assert "hunter2" not in str(error)
+
     @pytest.mark.parametrize("backend", ["local", "memory"])
     def test_redis_password_in_the_file_refused_whatever_the_backend(self, backend: str) -> None:
         """A password in [state] redis_url is refused even while the backend does not use it,
