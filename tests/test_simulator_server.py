@@ -219,6 +219,27 @@ def test_cli_serves_until_interrupted(
     assert "README" in out
 
 
+def test_cli_lists_the_keys_it_has(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With demo_accounts = false, broker simulate lists its configured accounts, not the
+    demo keys it does not have (it announced those whatever the config said)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text(
+        '[simulator]\ndemo_accounts = false\n[[simulator.accounts]]\nname = "own"\n'
+        'protocol = "creators"\ncredential_id = "own-id"\nsecret = "own-secret"\n'
+        'version = "3.1"\npartner_tags = { "www.amazon.com" = "own-20" }\n'
+    )
+    code = simulate_command(
+        _args(), config="config.toml", explicit=False, run=_interrupting_run(0.2)
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "own-id (Creators 3.1)" in out
+    assert "demo-id" not in out
+    assert "own-secret" not in out
+
+
 def test_cli_reads_only_the_simulator_table(tmp_path: Path) -> None:
     """load_settings parses [simulator] and ignores the other tables."""
     config = tmp_path / "broker.toml"

@@ -7,6 +7,7 @@ bind address.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tomllib
 from collections.abc import Callable, Coroutine, Mapping
@@ -16,7 +17,6 @@ from typing import Any
 from broker.errors import ConfigError
 from broker.exitcode import ExitCode
 from broker.progname import prog
-from broker.simulator.accounts import DEMO_ACCOUNTS
 from broker.simulator.server import SimulatorServer, check_host, serve_forever
 from broker.simulator.settings import SimulatorSettings
 
@@ -52,14 +52,16 @@ def load_settings(path: str, *, explicit: bool) -> SimulatorSettings:
     return SimulatorSettings.from_mapping(table)
 
 
-def _ready_line(server: SimulatorServer) -> None:
+def _ready_line(server: SimulatorServer, settings: SimulatorSettings) -> None:
+    """Where the simulator listens and the keys it has (its demo keys only when it has them:
+    ``demo_accounts = false`` leaves only the configured accounts)."""
     ids = ", ".join(
         f"{a.credential_id} ({'PA-API' if a.protocol == 'paapi5' else 'Creators ' + a.version})"
-        for a in DEMO_ACCOUNTS
+        for a in settings.all_accounts
     )
+    where = "; the demo keys' secrets are in the README" if settings.demo_accounts else ""
     print(
-        f"simulator listening on {server.url} - demo keys: {ids}; their secrets are in the "
-        "README. Ctrl-C stops it.",
+        f"simulator listening on {server.url} - keys: {ids or 'none'}{where}. Ctrl-C stops it.",
         flush=True,
     )
 
@@ -91,7 +93,7 @@ def simulate_command(
                 host=args.host,
                 port=int(args.port),
                 allow_remote=bool(args.allow_remote),
-                on_ready=_ready_line,
+                on_ready=functools.partial(_ready_line, settings=settings),
             )
         )
     except ConfigError as exc:
