@@ -40,6 +40,28 @@ def test_empty_table_equals_defaults() -> None:
     assert SimulatorSettings.from_mapping({}) == SimulatorSettings()
 
 
+def test_account_tags_take_the_marketplace_spellings_keys_take() -> None:
+    """[[simulator.accounts]] partner_tags take UK, amazon.de and www.amazon.fr, as [[keys]]
+    does, under the canonical name; "UK" was refused as an unknown marketplace."""
+    table = {
+        "accounts": [
+            {
+                "name": "main",
+                "credential_id": "abc",
+                "secret": "s",
+                "version": "3.1",
+                "partner_tags": {"UK": "uk-21", "amazon.de": "de-21", "www.amazon.fr": "fr-21"},
+            }
+        ]
+    }
+    (main,) = SimulatorSettings.from_mapping(table).accounts
+    assert main.partner_tags == {
+        "www.amazon.co.uk": ("uk-21",),
+        "www.amazon.de": ("de-21",),
+        "www.amazon.fr": ("fr-21",),
+    }
+
+
 def test_full_table() -> None:
     """Every documented key parses into its field."""
     table = {

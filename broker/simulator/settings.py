@@ -63,6 +63,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Literal, cast
 
+from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import ConfigError
 from broker.simulator.accounts import CREATORS_VERSIONS, DEMO_ACCOUNTS, Account, Protocol
 from broker.simulator.marketplaces import MARKETPLACES, MARKETPLACES_BY_HOST
@@ -361,12 +362,21 @@ def _parse_tags(reader: TomlTable) -> dict[str, tuple[str, ...]]:
     if not isinstance(raw, Mapping):
         raise ConfigError(path, "must be a table of marketplace = tag or [tags]")
     tags: dict[str, tuple[str, ...]] = {}
-    for marketplace, value in raw.items():
-        where = f'{path}."{marketplace}"'
+    for name, value in raw.items():
+        where = f'{path}."{name}"'
+        # Spelled as [[keys]] may spell it: www.amazon.co.uk, amazon.co.uk or UK.
+        try:
+            marketplace = lookup_marketplace(name).name
+        except ValueError:
+            marketplace = name
         if marketplace not in MARKETPLACES:
             raise ConfigError(
-                where, f"unknown marketplace {marketplace!r} (use a name such as www.amazon.com)"
+                where,
+                f"unknown marketplace {name!r} (use a name such as www.amazon.com, amazon.de "
+                "or UK)",
             )
+        if marketplace in tags:
+            raise ConfigError(where, f"{marketplace} is given twice (under two spellings)")
         values = [value] if isinstance(value, str) else value
         if (
             not isinstance(values, list)
