@@ -454,7 +454,7 @@ def _command(args: argparse.Namespace) -> int:
 
         return bench_command(args)
     if args.command == "init":
-        return _init(Path(args.path), force=args.force)
+        return _init(args.path, force=args.force)
     from broker.config import ReadSecrets, load_config
     from broker.errors import ConfigError
 
@@ -528,12 +528,14 @@ def _config_failure(args: argparse.Namespace, message: str) -> int:
     return ExitCode.CONFIG
 
 
-def _init(path: Path, *, force: bool) -> int:
+def _init(given: str, *, force: bool) -> int:
     """``broker init``: write the packaged starter config (never over a file unless --force)."""
     from importlib.resources import files
 
     template = files("broker").joinpath("templates", "config.toml").read_text(encoding="utf-8")
-    if path.is_dir():
+    path = Path(given)
+    # "conf/" names a directory even before it exists (Path drops the slash).
+    if path.is_dir() or given.endswith(("/", os.sep)):
         print(
             f"{prog()}: {path} is a directory; give the config file's path, such as "
             f"{path / DEFAULT_CONFIG}",
@@ -546,6 +548,14 @@ def _init(path: Path, *, force: bool) -> int:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(template, encoding="utf-8")
+    except (FileExistsError, NotADirectoryError):
+        # A file where a directory of the path should be ("File exists" said nothing useful).
+        print(
+            f"{prog()}: cannot write {path}: a file stands where a directory of its path "
+            "should be",
+            file=sys.stderr,
+        )
+        return ExitCode.IO_ERROR
     except OSError as exc:
         print(f"{prog()}: cannot write {path}: {exc.strerror}", file=sys.stderr)
         return ExitCode.IO_ERROR

@@ -855,6 +855,10 @@ def _parse_key(
     if tpd_value is None or (type(tpd_value) is int and tpd_value == 0):
         tpd = None if tpd_value == 0 else 8640
     else:
+        if type(tpd_value) is int and tpd_value < 0:
+            raise ConfigError(
+                table.key("tpd"), f"must be 0 (unlimited) or a positive number, got {tpd_value}"
+            )
         tpd = table.integer("tpd", 8640, minimum=1)
     max_in_flight = table.integer("max_in_flight", 4, minimum=1, maximum=1000)
     _finish(table)

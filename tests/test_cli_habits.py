@@ -160,6 +160,24 @@ def test_init_on_a_directory_is_a_usage_error(
     assert "--force" not in err
 
 
+def test_init_of_a_path_ending_in_a_slash_writes_no_file_of_that_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``init conf/`` (a directory not made yet) is refused as a directory is; it wrote a
+    file named conf."""
+    assert cli.main(["init", f"{tmp_path / 'conf'}/"]) == ExitCode.USAGE
+    assert "is a directory" in capsys.readouterr().err
+    assert not (tmp_path / "conf").exists()
+
+
+def test_init_under_a_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``init f/config.toml`` where f is a file says a file stands in the path (74); it said
+    "File exists"."""
+    (tmp_path / "f").write_text("")
+    assert cli.main(["init", str(tmp_path / "f" / "config.toml")]) == ExitCode.IO_ERROR
+    assert "a file stands where a directory of its path should be" in capsys.readouterr().err
+
+
 class TestConfigLookup:
     def test_env_names_the_config(
         self,

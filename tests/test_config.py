@@ -263,6 +263,13 @@ class TestSmallMistakes:
         assert load_config(bom, environ={}).keys == load_config(plain, environ={}).keys
 
 
+def test_a_negative_tpd_says_zero_is_allowed() -> None:
+    """tpd = -5 says 0 (unlimited) is allowed too; it said "must be >= 1"."""
+    error = _error(_with("keys.0.tpd", -5))
+    assert error.path == "keys[0].tpd"
+    assert "0 (unlimited)" in error.message
+
+
 class TestSecrets:
     """Secrets live in the environment or a private file, never in config.toml."""
 
