@@ -551,8 +551,7 @@ def _init(given: str, *, force: bool) -> int:
     except (FileExistsError, NotADirectoryError):
         # A file where a directory of the path should be ("File exists" said nothing useful).
         print(
-            f"{prog()}: cannot write {path}: a file stands where a directory of its path "
-            "should be",
+            f"{prog()}: cannot write {path}: a file stands where a directory of its path should be",
             file=sys.stderr,
         )
         return ExitCode.IO_ERROR
