@@ -778,6 +778,29 @@ class TestClosing:
         assert time.monotonic() - started < 0.5
 
 
+async def test_an_idle_broker_learns_at_once_that_its_store_is_down() -> None:
+    """A broker that has sent nothing (an idle daemon) asks its key-state store at start, so
+    a store out of reach pauses its keys (/readyz says so) at once; it was ready for the
+    first 30 s, until the first keep-alive beat."""
+    from broker.client import Broker
+    from broker.engine.transport import MockTransport
+
+    async def never(request: object) -> object:
+        raise AssertionError("nothing is sent")
+
+    clock = FakeClock()
+    config = make_config("http://127.0.0.1:9", keys=[key_doc()])
+    store: Any = _DownStore()
+    async with Broker(
+        config, clock=clock, transport=MockTransport(never), state_store=store
+    ) as broker:  # type: ignore[arg-type]
+        await settle()
+        (key,) = broker.metrics().keys
+    assert key.state == "paused"
+    assert key.reason is not None
+    assert "unavailable" in key.reason
+
+
 class _HungStore(MemoryStateStore):
     """A store whose every decision waits for ever."""
 

@@ -394,6 +394,10 @@ class SharedKeyLimiter:
         """
         if self._store.backend == "memory":
             return
+        if self._last is None:
+            # At once, not a beat later: a daemon started idle with its store out of reach
+            # says so (/readyz) within a socket timeout, instead of ready for half a minute.
+            await self._flush()
         while True:
             due = self._asked_at + _RECHECK_S
             now = self._clock.monotonic()
