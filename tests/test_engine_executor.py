@@ -19,7 +19,7 @@ from broker.client import Broker
 from broker.engine.keys import OUTAGE_CODE
 from broker.engine.metrics import EngineMetrics
 from broker.engine.transport import MockTransport
-from broker.errors import EndpointUnreachable, NoUsableKeyError, RequestTimeout
+from broker.errors import BadRequestError, EndpointUnreachable, NoUsableKeyError, RequestTimeout
 from broker.models import ItemResult, Query, Status
 from broker.testing import FakeClock
 
@@ -347,6 +347,33 @@ class TestGlobalErrors:
         assert len([r for r in transport.requests if "/auth/" not in r.url]) == 1
         disabled = [e["key"] for e in logs if e["event"] == "broker.key_disabled"]
         assert sorted(disabled) == ["a", "b", "c"]
+
+    @pytest.mark.parametrize("reason", ["CannotParse", "UnknownOperation"])
+    async def test_an_operation_raises_it_and_leaves_the_keys(self, reason: str) -> None:
+        """The same answer to a search (protocol.md 4: per-request fatal, surface the
+        error): the call raises it and the keys stay, so a later GetItems is answered; it
+        took every key out for the broker's life, and the GetItems got NoUsableKeyError."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            if "searchItems" in request.url:
+                return _reply(
+                    400, {"type": "ValidationException", "reason": reason, "message": "no"}
+                )
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        keys = [key_doc(name, credential_id=f"{name}-id") for name in "ab"]
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        async with broker:
+            search = asyncio.ensure_future(broker.search_items(keywords="kettle"))
+            await clock.run_until(search)
+            assert isinstance(search.exception(), BadRequestError)
+            assert reason in str(search.exception())
+            items = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(items)
+        assert [r.status for r in items.result()] == [Status.OK] * 3
 
 
 class TestCredentialsInAnswers:

@@ -443,6 +443,13 @@ class Executor:
         if offending and batch.operation is None:
             self._split_invalid(key, batch, exc, offending)
             return
+        if info.scope is Scope.GLOBAL and batch.operation is not None:
+            # protocol.md 4: a per-request bug (CannotParse, UnknownOperation, an incomplete
+            # signature). A search's caller gets the error itself and the keys stay: one odd
+            # answer to one call must not stop every later lookup. A GetItems batch still
+            # stops the run (77, rows pending) rather than fail every row a request each.
+            self._fail(batch, exc, key=key.name, status=Status.FAILED)
+            return
         if info.scope in (Scope.KEY, Scope.KEY_MARKETPLACE, Scope.GLOBAL):
             self._take_out(key, batch.marketplace, exc)
             attempts.not_sent(self._clock.monotonic())
