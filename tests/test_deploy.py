@@ -361,6 +361,7 @@ class TestPackage:
         assert "broker/cli.py" in names
         assert "broker/state/decide.lua" in names
         assert "tests/test_deploy.py" in names
+        assert ".ci/run" in names  # the tests' documented way to run (README, Development)
 
     def test_readme_links_work_on_a_package_index(self) -> None:
         """README links and images are absolute, so they render on PyPI."""
@@ -748,6 +749,21 @@ class TestDashboard:
             refs = [target["refId"] for target in panel["targets"]]
             assert len(refs) == len(set(refs))
             assert all(target["expr"].strip() for target in panel["targets"])
+
+    def test_process_metrics_are_the_brokers_and_tables_join_their_queries(self) -> None:
+        """Queries of the process_* metrics keep to job="asin-broker" (Prometheus exposes the
+        same names about itself: the Versions table had a row for it), and a table of two
+        queries merges them into one row per replica (version and uptime were two frames)."""
+        panels = _dashboard()["panels"]
+        assert isinstance(panels, list)
+        for panel in panels:
+            for target in panel["targets"]:
+                for name in re.findall(r"\bprocess_\w+", target["expr"]):
+                    after = target["expr"].split(name, 1)[1]
+                    assert after.startswith('{job="asin-broker"'), (panel["title"], name)
+            if panel["type"] == "table" and len(panel["targets"]) > 1:
+                ids = [t["id"] for t in panel.get("transformations", [])]
+                assert "merge" in ids, panel["title"]
 
     def test_covers_what_an_operator_needs(self) -> None:
         """Panels show rate vs configured, 429s, TPD, parked keys, queue, jobs, rows, latency."""
