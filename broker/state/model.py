@@ -147,8 +147,8 @@ class Feedback:
         leaving: the process is closing: it no longer counts as using the key, and a daily
             limit it alone kept lower than the others' stops holding at once, not a minute
             later (a tpd raised between two runs must not read as the day spent).
-        answered: a request got an answer other than a 429 since the last call: the key's
-            run of 429s (``Decision.run_429s``) is over.
+        answered: a request of the process succeeded since its last call: the key's run
+            of 429s (``Decision.run_429s``) is over.
         run_429s: the 429s since the process's last answer (after it, when ``answered``),
             added to the key's run.
     """
