@@ -241,6 +241,22 @@ class TestFeedback:
         if backend.fake is not None:
             assert (await report(ME, throttled=(1,), run_429s=1)).run_429s == 1
 
+    async def test_a_long_run_of_429s_cuts_for_each_one(self, backend: Backend) -> None:
+        """Once the key's run of 429s reaches ten with no success anywhere (a quota spent,
+        not a rate: processes that booked ahead would otherwise keep it near its old rate
+        round after round), a 429 cuts even when its send was decided before the last cut."""
+        sent = await backend.reserve()
+        first = await backend.reserve(throttled=(sent.now_us + 1,), run_429s=1)
+        assert first.cut
+        # Decided before that cut: within the run's first ten, it does not cut again.
+        early = await backend.reserve(throttled=(sent.now_us,) * 8, run_429s=8)
+        assert not early.cut
+        assert early.run_429s == 9
+        tenth = await backend.reserve(throttled=(sent.now_us,), run_429s=1)
+        assert tenth.run_429s == 10
+        assert tenth.cut
+        assert tenth.rate < early.rate
+
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""
         sent = await backend.reserve()

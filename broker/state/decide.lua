@@ -55,6 +55,7 @@ local answered = ARGV[41] == '1'
 local run_in = tonumber(ARGV[42])
 local first_throttled = 43
 local run_gap = 60000000  -- decision.py: RUN_GAP_S
+local run_cuts_from = 10  -- decision.py: RUN_CUTS_FROM
 
 local function int(x) return string.format('%d', x) end
 local function num(x) return string.format('%.17g', x) end
@@ -221,11 +222,13 @@ if run_in > 0 then
   if now - last_429 > run_gap then run_429s = 0 end
   run_429s = run_429s + run_in
 end
+-- decision.py: past a run of run_cuts_from 429s with no success, every 429 cuts.
+local long_run = run_429s >= run_cuts_from
 for i = first_throttled, #ARGV do
   streak = 0
   boost = 1
   last_429 = now
-  if tonumber(ARGV[i]) > cut_at then
+  if tonumber(ARGV[i]) > cut_at or long_run then
     if tuned then
       rate = math.max(min_rate, cut_rate(rate))
     else

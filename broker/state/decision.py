@@ -42,6 +42,9 @@ _US = 1_000_000
 PROCESS_KEEP_S = 600.0
 #: A 429 this long (seconds) after the key's last one starts a new run of 429s.
 RUN_GAP_S: Final = 60.0
+#: From this many 429s in a row over every process (the classifier's streak limit), each
+#: one cuts the rate, even one whose send was decided before the last cut.
+RUN_CUTS_FROM: Final = 10
 
 
 def slack_us(interval_us: int) -> int:
@@ -242,11 +245,16 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
         if now - record.last_429 > RUN_GAP_S * _US:
             record.run_429s = 0
         record.run_429s += feedback.run_429s
+    # One cut per round: a 429 of a send decided before the last cut was paced at the old
+    # rate and says nothing new. But a long run with no success anywhere is no rate round
+    # (a quota spent): processes that booked their slots ahead would keep the key near its
+    # old rate, round after round, so past RUN_CUTS_FROM every 429 cuts.
+    long_run = record.run_429s >= RUN_CUTS_FROM
     for sent_at in feedback.throttled:
         record.streak = 0
         record.boost = 1.0
         record.last_429 = now
-        if sent_at > record.cut_at:
+        if sent_at > record.cut_at or long_run:
             if state is not None and tuning is not None:
                 lowered = cut_rate(
                     state, record.rate, now / _US, max_rate=limits.max_rate, tuning=tuning
