@@ -625,11 +625,12 @@ def test_progress_counts_the_jobs_own_429s(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("code", "at_fault"),
-    [("NoTokenEndpoint", "fix the config"), ("InvalidPartnerTag", "fix the key")],
+    [("NoTokenEndpoint", "fix what it names (the config"), ("InvalidPartnerTag", "fix the key")],
 )
 def test_a_stop_for_no_usable_key_says_what_to_fix(code: str, at_fault: str) -> None:
-    """A run stopped because no key can serve says to fix the config when a global code
-    (a wrong endpoint) took the keys out, the key otherwise; it always said the key."""
+    """A run stopped because no key can serve says to fix what the code names (the config,
+    or a bug) when a global code took the keys out, the key otherwise; it always said the
+    key."""
     from broker.errors import KeyUnusableError, NoUsableKeyError, describe
 
     failure = KeyUnusableError("main", code, "what happened", describe(code).remedy)

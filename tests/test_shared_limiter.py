@@ -258,7 +258,8 @@ class TestRunOf429s:
         assert verdicts[9] is not ThrottleVerdict.RATE
 
     async def test_a_success_ends_the_run_for_every_process(self) -> None:
-        """A success of one process ends the key's run: the other's next 429 starts anew."""
+        """A success of one process ends the key's run at once (told to the store then, not
+        at its next send): the other's next 429 starts anew."""
         clock = FakeClock()
         store = _store(clock)
         a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
@@ -266,13 +267,34 @@ class TestRunOf429s:
             a.record_throttled(clock.monotonic())
         await a.refresh()
         await b.refresh()
+        await settle()  # the flushes the 429s asked for are done
         assert b.run_429s == 4
         a.record_success(demand_limited=False)
         assert a.run_429s == 0
-        await a.refresh()
+        await settle()  # no call of a's own: the success is told by itself
         b.record_throttled(clock.monotonic())
         await b.refresh()
         assert b.run_429s == 1
+
+    async def test_another_process_success_lowers_the_count_a_process_took_on(self) -> None:
+        """At the floor rate: a has 8 429s, b one (b counts 9); a's success ends the run, so
+        b's next 429 is the run's first, not a tenth that parks the key (b kept the larger of
+        its own count and the key's)."""
+        clock = FakeClock()
+        store = _store(clock)
+        floor = KeyLimits(0.05, 0.05, 0.05, day_limit=1000, tpd=1000)
+        a, b = _limiter(clock, store, "a", floor), _limiter(clock, store, "b", floor)
+        adaptive = SharedAdaptiveRate(b, 0.05, clock=clock)
+        for _ in range(8):
+            a.record_throttled(clock.monotonic())
+        await a.refresh()
+        await b.refresh()
+        assert adaptive.on_throttled(clock.monotonic()) is ThrottleVerdict.RATE  # the 9th
+        await b.refresh()
+        a.record_success(demand_limited=False)
+        await settle()
+        await b.refresh()
+        assert adaptive.on_throttled(clock.monotonic()) is ThrottleVerdict.RATE
 
 
 class TestDailyQuota:

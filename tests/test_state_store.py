@@ -257,6 +257,27 @@ class TestFeedback:
         assert tenth.cut
         assert tenth.rate < early.rate
 
+    async def test_a_report_crossing_the_mark_cuts_only_past_it(self, backend: Backend) -> None:
+        """Nine late 429s reported at once after a round's cut take the run from 1 to 10:
+        only the tenth cuts (all nine did, the mark judged once for the whole report)."""
+        sent = await backend.reserve()
+        first = await backend.reserve(throttled=(sent.now_us + 1,), run_429s=1)
+        assert first.cut
+        late = await backend.reserve(throttled=(sent.now_us,) * 9, run_429s=9)
+        assert late.run_429s == 10
+        assert late.rate == pytest.approx(first.rate * 0.9)
+
+    async def test_a_run_the_gap_ended_reads_as_none(self, backend: Backend) -> None:
+        """Nine 429s, then a minute and more with none: the key reads no run (a process's
+        next 429 is the first of a new one), not nine waiting for a tenth."""
+        if backend.fake is None:
+            pytest.skip("needs the store's clock moved (Redis runs on its own)")
+        sent = await backend.reserve()
+        nine = await backend.reserve(throttled=(sent.now_us + 1,) * 9, run_429s=9)
+        assert nine.run_429s == 9
+        await backend.advance(61.0)
+        assert (await backend.reserve()).run_429s == 0
+
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""
         sent = await backend.reserve()

@@ -592,8 +592,13 @@ class SharedKeyLimiter:
     def record_success(self, *, demand_limited: bool) -> None:
         """A request got through: raise the shared rate if demand-limited; unpark if parked;
         the key's run of 429s is over."""
+        ended = self._run_429s or (self._last is not None and self._last.run_429s)
         self._answered = True
         self._run_429s = 0
+        if ended:
+            # Told at once, not at the next send: the other processes' 429s would grow a
+            # run that is over, and past RUN_CUTS_FROM each of them would cut.
+            self._kick()
         if demand_limited:
             self._successes += 1
         if self._last is not None and self._last.parked_until_us:
@@ -773,7 +778,9 @@ class SharedAdaptiveRate(AdaptiveRate):
         self._limiter.record_throttled(sent_at)
         # Counted over every process: N processes on a key whose quota is spent need one
         # streak of 429s between them before it parks, not one each (N times the 429s).
-        self._consecutive = max(self._consecutive, self._limiter.run_429s - 1)
+        # The key's run, not the larger of it and this process's own: another process's
+        # success ends both (the parent class counts this one in).
+        self._consecutive = self._limiter.run_429s - 1
         return super().on_throttled(
             sent_at, budget_exhausted=budget_exhausted, quota_used=quota_used
         )

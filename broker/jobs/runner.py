@@ -1076,9 +1076,9 @@ def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[in
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
         )
     if isinstance(exc, NoUsableKeyError):
-        # A global code (a wrong endpoint, a client bug) is no key's fault: the config's.
+        # A global code (a wrong endpoint, a client bug) is no key's fault.
         at_fault = (
-            "the config"
+            "what it names (the config, or a bug to report)"
             if any(describe(failure.code).scope is Scope.GLOBAL for failure in exc.failures)
             else "the key"
         )

@@ -222,13 +222,13 @@ if run_in > 0 then
   if now - last_429 > run_gap then run_429s = 0 end
   run_429s = run_429s + run_in
 end
--- decision.py: past a run of run_cuts_from 429s with no success, every 429 cuts.
-local long_run = run_429s >= run_cuts_from
+-- decision.py: past a run of run_cuts_from 429s with no success, every 429 cuts; judged
+-- per 429 (the i-th reported is the run's (run - (#ARGV - i))-th).
 for i = first_throttled, #ARGV do
   streak = 0
   boost = 1
   last_429 = now
-  if tonumber(ARGV[i]) > cut_at or long_run then
+  if tonumber(ARGV[i]) > cut_at or run_429s - (#ARGV - i) >= run_cuts_from then
     if tuned then
       rate = math.max(min_rate, cut_rate(rate))
     else
@@ -311,4 +311,5 @@ if paused_until <= now then pause_why = '' end
 return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(math.max(next_slot, paused_until)), num(rate), int(day), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
-  int(last_429), cut, processes, int(day_limit), int(run_429s)}
+  int(last_429), cut, processes, int(day_limit),
+  int((now - last_429 <= run_gap) and run_429s or 0)}

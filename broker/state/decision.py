@@ -249,8 +249,11 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
     # rate and says nothing new. But a long run with no success anywhere is no rate round
     # (a quota spent): processes that booked their slots ahead would keep the key near its
     # old rate, round after round, so past RUN_CUTS_FROM every 429 cuts.
-    long_run = record.run_429s >= RUN_CUTS_FROM
-    for sent_at in feedback.throttled:
+    # Judged per 429: the i-th of n reported is the run's (run - (n - 1 - i))-th, so a
+    # report that carries the run past the mark cuts only for the 429s past it.
+    count = len(feedback.throttled)
+    for index, sent_at in enumerate(feedback.throttled):
+        long_run = record.run_429s - (count - 1 - index) >= RUN_CUTS_FROM
         record.streak = 0
         record.boost = 1.0
         record.last_429 = now
@@ -422,5 +425,6 @@ def decide(
         processes=sum(1 for t in record.processes.values() if t >= recent),
         wall_us=wall,
         day_limit=day_limit,
-        run_429s=record.run_429s,
+        # A run the gap has ended reads as none, as the next 429 will find it.
+        run_429s=record.run_429s if now - record.last_429 <= RUN_GAP_S * _US else 0,
     )
