@@ -321,6 +321,10 @@ def _redis_installed() -> bool:
     return importlib.util.find_spec("redis") is not None
 
 
+#: The URL schemes redis-py connects with.
+_REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+
+
 def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> None:
     """Refuse a URL that is not a Redis one or that redis-py cannot read (a port that is no
     number or out of range, an option of the wrong type): every command would fail on it.
@@ -333,7 +337,7 @@ def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> No
     try:
         parts = urlsplit(url)
         scheme = parts.scheme
-        if scheme in ("redis", "rediss", "unix"):
+        if scheme in _REDIS_SCHEMES:
             _ = parts.port
             if _redis_installed():
                 from redis.connection import parse_url
@@ -354,7 +358,7 @@ def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> No
                 "percent-encoded)"
             )
         raise ConfigError(where, f"redis-py cannot read {what}: {why}") from None
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme not in _REDIS_SCHEMES:
         named = "" if variable is None else f"the URL in ${variable} "
         raise ConfigError(where, f"{named}must be a redis://, rediss:// or unix:// URL")
 

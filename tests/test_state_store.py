@@ -68,10 +68,18 @@ class Backend:
         else:
             await asyncio.sleep(seconds)
 
-    async def reserve(self, limits: KeyLimits = LIMITS, **feedback: Any) -> Decision:
-        """One reserving decision with optional feedback."""
+    async def reserve(
+        self, limits: KeyLimits = LIMITS, *, process: ProcessMark = ME, **feedback: Any
+    ) -> Decision:
+        """One reserving decision with optional feedback, asked by ``process``."""
         return await self.store.decide(
-            KEY, limits, feedback=Feedback(**feedback), reserve=True, process=ME
+            KEY, limits, feedback=Feedback(**feedback), reserve=True, process=process
+        )
+
+    async def leave(self, limits: KeyLimits, process: ProcessMark) -> Decision:
+        """``process`` closes and tells the store so (reserving nothing)."""
+        return await self.store.decide(
+            KEY, limits, feedback=Feedback(leaving=True), reserve=False, process=process
         )
 
 
@@ -425,27 +433,22 @@ class TestDayAndProcesses:
         new = replace(LIMITS, nominal_rate=2.0, max_rate=2.0)
         other = ProcessMark("other:2:b")
 
-        async def ask(limits: KeyLimits, mark: ProcessMark = ME) -> Decision:
-            return await backend.store.decide(
-                KEY, limits, feedback=Feedback(), reserve=True, process=mark
-            )
-
-        await ask(old)
-        assert (await ask(new, other)).rate == 2.0
+        await backend.reserve(old)
+        assert (await backend.reserve(new, process=other)).rate == 2.0
         rates = []
         for _ in range(3):
-            rates.append((await ask(old)).rate)
-            rates.append((await ask(new, other)).rate)
+            rates.append((await backend.reserve(old)).rate)
+            rates.append((await backend.reserve(new, process=other)).rate)
         assert rates == [2.0] * 6
-        first, second = await ask(old), await ask(old)
+        first, second = await backend.reserve(old), await backend.reserve(old)
         assert second.slot_us - first.slot_us == 500_000  # the 5-TPS process paces at 2 too
         silence = 61.0
         if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
             monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)
             silence = 1.5
         await backend.advance(silence)
-        assert (await ask(old)).rate == 5.0
-        assert (await ask(old)).rate == 5.0
+        assert (await backend.reserve(old)).rate == 5.0
+        assert (await backend.reserve(old)).rate == 5.0
 
     async def test_processes_with_different_tpd_keep_to_the_lowest(
         self, backend: Backend, monkeypatch: pytest.MonkeyPatch
@@ -458,15 +461,14 @@ class TestDayAndProcesses:
         unlimited = replace(LIMITS, day_limit=None, tpd=None)
         other = ProcessMark("other:2:b")
 
-        async def ask(limits: KeyLimits, mark: ProcessMark = ME) -> Decision:
-            return await backend.store.decide(
-                KEY, limits, feedback=Feedback(), reserve=True, process=mark
-            )
-
-        assert (await ask(high)).granted
-        assert (await ask(low, other)).granted
-        assert (await ask(unlimited)).granted
-        refused = [await ask(high), await ask(unlimited), await ask(low, other)]
+        assert (await backend.reserve(high)).granted
+        assert (await backend.reserve(low, process=other)).granted
+        assert (await backend.reserve(unlimited)).granted
+        refused = [
+            await backend.reserve(high),
+            await backend.reserve(unlimited),
+            await backend.reserve(low, process=other),
+        ]
         assert [d.refusal for d in refused] == ["daily quota"] * 3
         assert refused[0].count == 3
         assert [d.day_limit for d in refused] == [3, 3, 3]  # each caller is told the agreed one
@@ -475,7 +477,8 @@ class TestDayAndProcesses:
             monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)
             silence = 1.5
         await backend.advance(silence)
-        assert [(await ask(high)).granted for _ in range(4)] == [True, True, True, False]
+        granted = [(await backend.reserve(high)).granted for _ in range(4)]
+        assert granted == [True, True, True, False]
 
     async def test_a_lower_daily_limit_leaves_with_its_process(self, backend: Backend) -> None:
         """The process that kept the daily limit low (tpd 3) closes and says so: a process
@@ -486,16 +489,10 @@ class TestDayAndProcesses:
         high = replace(LIMITS, day_limit=6, tpd=6)
         before = ProcessMark("before:1:a")
 
-        async def ask(limits: KeyLimits, mark: ProcessMark, **feedback: Any) -> Decision:
-            return await backend.store.decide(
-                KEY, limits, feedback=Feedback(**feedback), reserve=True, process=mark
-            )
-
-        assert [(await ask(low, before)).granted for _ in range(4)] == [True] * 3 + [False]
-        await backend.store.decide(
-            KEY, low, feedback=Feedback(leaving=True), reserve=False, process=before
-        )
-        after = await ask(high, ME)
+        granted = [(await backend.reserve(low, process=before)).granted for _ in range(4)]
+        assert granted == [True] * 3 + [False]
+        await backend.leave(low, before)
+        after = await backend.reserve(high)
         assert after.granted
         assert after.day_limit == 6
         assert after.processes == 1  # the one that left is not counted
@@ -508,18 +505,11 @@ class TestDayAndProcesses:
         high = replace(LIMITS, day_limit=6, tpd=6)
         first, second = ProcessMark("first:1:a"), ProcessMark("second:2:b")
 
-        async def ask(limits: KeyLimits, mark: ProcessMark) -> Decision:
-            return await backend.store.decide(
-                KEY, limits, feedback=Feedback(), reserve=True, process=mark
-            )
-
-        assert (await ask(low, first)).granted
-        assert (await ask(low, second)).granted
-        assert (await ask(high, ME)).granted
-        await backend.store.decide(
-            KEY, low, feedback=Feedback(leaving=True), reserve=False, process=second
-        )
-        refused = await ask(high, ME)
+        assert (await backend.reserve(low, process=first)).granted
+        assert (await backend.reserve(low, process=second)).granted
+        assert (await backend.reserve(high)).granted
+        await backend.leave(low, second)
+        refused = await backend.reserve(high)
         assert not refused.granted
         assert refused.day_limit == 3
 
@@ -531,19 +521,12 @@ class TestDayAndProcesses:
         high = replace(LIMITS, day_limit=6, tpd=6)
         lookup = ProcessMark("lookup:9:c")
 
-        async def ask(limits: KeyLimits, mark: ProcessMark) -> Decision:
-            return await backend.store.decide(
-                KEY, limits, feedback=Feedback(), reserve=True, process=mark
-            )
-
-        assert (await ask(high, ME)).granted
-        assert (await ask(low, lookup)).granted
-        assert (await ask(low, lookup)).granted
-        assert not (await ask(high, ME)).granted
-        await backend.store.decide(
-            KEY, low, feedback=Feedback(leaving=True), reserve=False, process=lookup
-        )
-        again = await ask(high, ME)
+        assert (await backend.reserve(high)).granted
+        assert (await backend.reserve(low, process=lookup)).granted
+        assert (await backend.reserve(low, process=lookup)).granted
+        assert not (await backend.reserve(high)).granted
+        await backend.leave(low, lookup)
+        again = await backend.reserve(high)
         assert again.granted
         assert again.day_limit == 6
 

@@ -640,6 +640,9 @@ class Broker:
             # True while the input itself is being read: an Exception raised then is the
             # input failing (a database cursor), not this loop's or the broker's.
             reading = True
+            # Admissions without a wait, counted to yield to the loop once per batch's worth.
+            batch_size = self.config.engine.batch_size
+            taken = 0
             try:
                 if caching:
                     # Read the cache a chunk at a time: one batched read per chunk.
@@ -674,8 +677,6 @@ class Broker:
                                 self._flush()
                             reading = True
                 elif isinstance(asins, AsyncIterable):
-                    batch_size = self.config.engine.batch_size
-                    taken = 0
                     async for item in asins:
                         reading = False
                         if not window.try_take():
@@ -691,8 +692,6 @@ class Broker:
                         reading = True
                 else:
                     # A plain iterable is read here, not through an async generator.
-                    batch_size = self.config.engine.batch_size
-                    taken = 0
                     for item in asins:
                         reading = False
                         if not window.try_take():

@@ -211,6 +211,11 @@ def process_entry(process: ProcessMark, day_limit: int | None) -> str:
 _LIMIT_MARK: Final = "|"
 
 
+def _run_over(record: Record, now: int) -> bool:
+    """True once the key's last 429 is more than ``RUN_GAP_S`` old: its run of 429s ended."""
+    return now - record.last_429 > RUN_GAP_S * _US
+
+
 def _clamp(rate: float, limits: KeyLimits) -> float:
     return min(limits.max_rate, max(limits.min_rate, rate))
 
@@ -242,7 +247,7 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
     if feedback.answered:
         record.run_429s = 0
     if feedback.run_429s:
-        if now - record.last_429 > RUN_GAP_S * _US:
+        if _run_over(record, now):
             record.run_429s = 0
         record.run_429s += feedback.run_429s
     # One cut per round: a 429 of a send decided before the last cut was paced at the old
@@ -426,5 +431,5 @@ def decide(
         wall_us=wall,
         day_limit=day_limit,
         # A run the gap has ended reads as none, as the next 429 will find it.
-        run_429s=record.run_429s if now - record.last_429 <= RUN_GAP_S * _US else 0,
+        run_429s=0 if _run_over(record, now) else record.run_429s,
     )
