@@ -65,3 +65,8 @@ def __getattr__(name: str) -> object:
 
         return config_from_dict
     raise AttributeError(f"module 'broker' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazily imported names too, for an editor's or a REPL's completion.
+    return sorted(set(globals()) | set(__all__))

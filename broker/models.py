@@ -164,6 +164,11 @@ class ItemResult:
         return self.status is Status.OK
 
     @property
+    def tag(self) -> object:
+        """The caller's tag of the query this result answers (None without one)."""
+        return None if self.query is None else self.query.tag
+
+    @property
     def product(self) -> Product | None:
         """The item as typed values, the same for both APIs; None when there is no item.
 

@@ -26,7 +26,15 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -234,7 +242,7 @@ class SyncBroker:
         marketplace: str | None = None,
         resources: Sequence[str] | None = None,
         stop: threading.Event | None = None,
-    ) -> Iterator[ItemResult]:
+    ) -> Generator[ItemResult, None, None]:
         """Yield one result per input as results complete, holding at most ``queue_size``.
 
         The input is read lazily, in the thread iterating the stream (never on the loop's
@@ -260,7 +268,7 @@ class SyncBroker:
         feed = _Feed()
         # Set on the loop's thread when ``stop`` is seen set in the caller's.
         wind_down = asyncio.Event() if stop is not None else None
-        agen: AsyncIterator[ItemResult] = self._broker.stream(
+        agen = self._broker.stream(
             feed, marketplace=marketplace, resources=self._resources(resources), stop=wind_down
         )
         pump = _Pump(agen, feed, patience_s=None if stop is None else _STOP_CHECK_S)
@@ -503,7 +511,11 @@ class _Pump:
     """Runs on the loop: the next result, or word that the feed wants more input first."""
 
     def __init__(
-        self, agen: AsyncIterator[ItemResult], feed: _Feed, *, patience_s: float | None = None
+        self,
+        agen: AsyncGenerator[ItemResult, None],
+        feed: _Feed,
+        *,
+        patience_s: float | None = None,
     ) -> None:
         self._agen = agen
         self._feed = feed
@@ -542,9 +554,7 @@ class _Pump:
             self._pending.cancel()
             with contextlib.suppress(BaseException):
                 await self._pending
-        aclose = getattr(self._agen, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await self._agen.aclose()
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

@@ -604,6 +604,20 @@ class TestLifecycle:
             await asyncio.sleep(0)
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
+    async def test_a_broker_closed_before_it_opened_refuses_to_open(self, harness: Harness) -> None:
+        """aclose() on a broker never opened (a shutdown path run before startup), then
+        ``async with``: opening is refused, clearly, and nothing is started. It opened a
+        broker that refused every call, and whose exit closed nothing (a leaked session
+        and simulator socket)."""
+        sim = await harness.simulator(FREE)
+        broker = Broker(make_config(sim.url))
+        await broker.aclose()
+        with pytest.raises(RuntimeError, match="closed broker cannot be opened again"):
+            async with broker:
+                pass
+        assert broker._stack is None
+        assert broker._engine is None
+
     def test_second_event_loop_is_refused_at_once(self) -> None:
         """A broker opened on one loop raises WrongEventLoopError from another, for a call or
         for aclose(), and stays usable from its own (N12)."""

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import broker.product
 from broker.api.operations import read_variations
-from broker.models import ItemResult, Protocol, Status
+from broker.models import ItemResult, Protocol, Query, Status
 from broker.product import (
     BrowseNode,
     Image,
@@ -322,6 +322,13 @@ class TestItemResult:
         assert read == unread
         assert repr(read) == before
         assert json.dumps(read.to_json()) == json.dumps(unread.to_json())
+
+    def test_tag_is_the_query_tag(self) -> None:
+        """``result.tag`` is the caller's tag of the query it answers (None without one),
+        typed so strict mypy takes the README's ``save(result.tag, result)``."""
+        query = Query("B000000001", US, None, tag=("row", 7))
+        assert ItemResult("B000000001", US, Status.OK, query=query).tag == ("row", 7)
+        assert ItemResult("B000000001", US, Status.OK).tag is None
 
 
 # -- property tests ----------------------------------------------------------------------

@@ -22,7 +22,6 @@ import random
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Iterable,
     Iterator,
     Mapping,
@@ -202,6 +201,10 @@ class Broker:
     async def __aenter__(self) -> Self:
         if self._stack is not None or self._loop is not None:
             raise RuntimeError("a Broker can be entered only once")
+        if self._closing is not None:
+            # aclose() before opening (a shutdown path run before startup): opened now, it
+            # would refuse every call, and its own close would close nothing.
+            raise RuntimeError("a closed broker cannot be opened again: make a new Broker")
         self._loop = asyncio.get_running_loop()
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
@@ -571,7 +574,7 @@ class Broker:
         marketplace: str | None = None,
         resources: Sequence[str] | None = None,
         stop: asyncio.Event | None = None,
-    ) -> AsyncIterator[ItemResult]:
+    ) -> AsyncGenerator[ItemResult, None]:
         """Yield one result per input as results complete, holding at most ``queue_size``.
 
         Each result's ``query`` is the input that asked for it (a :class:`Query`'s ``tag``
