@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -25,11 +26,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from broker import bench
 from broker.bench import (
     MARKETPLACE,
     asin_stream,
     backlog,
-    broker_config,
     creators_account,
     format_table,
     loop_factory,
@@ -41,6 +42,7 @@ from broker.simulator.process import SimulatorProcess, sim_control, sim_stats, t
 if TYPE_CHECKING:
     from broker.api.base import ParsedItems
     from broker.client import Broker
+    from broker.config import BrokerConfig
 
 __all__ = [
     "LATENCY",
@@ -78,6 +80,19 @@ __all__ = [
 LATENCY = {"fixed_ms": 40.0, "exp_mean_ms": 10.0}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# The keys' SQLite state of this benchmark process, removed when it exits: the simulator's
+# port, and so its keys, are new each run, and the machine's file would keep their rows.
+_STATE_DIR = tempfile.TemporaryDirectory(prefix="asinb-benchmark-")
+
+
+def broker_config(
+    url: str, accounts: Sequence[Mapping[str, object]], **options: Any
+) -> BrokerConfig:
+    """:func:`broker.bench.broker_config`, with the keys' state in this process's own file
+    unless ``state_path`` names one."""
+    options.setdefault("state_path", Path(_STATE_DIR.name) / "keys.sqlite3")
+    return bench.broker_config(url, accounts, **options)
 
 
 # -- running and reporting ------------------------------------------------------------------------

@@ -30,14 +30,16 @@ import resource
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from broker.config import MAX_TPS, BrokerConfig, parse_config
-from broker.errors import ConfigError
+from broker.errors import ConfigError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.simulator.settings import FaultRates
 
@@ -107,11 +109,15 @@ def broker_config(
     tpd: int = 0,
     engine: Mapping[str, object] | None = None,
     rate: Mapping[str, object] | None = None,
+    state_path: Path | None = None,
 ) -> BrokerConfig:
     """A broker config with one key per simulator account, pointed at ``url``.
 
     Secrets go through the environment mapping, as they must for a non-simulator endpoint.
     ``tpd = 0`` means no daily guard on the client (the simulator's TPD is set far away).
+    ``state_path`` is the keys' SQLite state file; None leaves it to ``[state]``'s default,
+    the machine's file, which keeps a row per key for ever (the simulator's port, and so
+    its keys, are new each run): a run of its own gives a file of its own.
     """
     protocol = str(accounts[0]["protocol"])
     keys: list[dict[str, object]] = []
@@ -139,6 +145,8 @@ def broker_config(
         "engine": dict(engine or {}),
         "rate": dict(rate or {}),
     }
+    if state_path is not None:
+        document["state"] = {"path": str(state_path)}
     return parse_config(document, environ=environ, source="<benchmark>")
 
 
@@ -471,18 +479,28 @@ def _peak_rss_mb() -> float:
 
 
 async def _measure(url: str, options: BenchOptions) -> BenchReport:
+    settings = options.simulator_settings()
+    accounts = settings["accounts"]
+    assert isinstance(accounts, list)
+    # The keys' state as a run has it (SQLite), in a file that goes with the run.
+    with tempfile.TemporaryDirectory(prefix="asinb-bench-") as tmp:
+        config = broker_config(
+            url,
+            accounts,
+            tps=options.client_tps,
+            max_in_flight=options.max_in_flight,
+            state_path=Path(tmp) / "keys.sqlite3",
+        )
+        return await _measure_with(url, options, config)
+
+
+async def _measure_with(url: str, options: BenchOptions, config: BrokerConfig) -> BenchReport:
     import aiohttp
 
     from broker.client import Broker
     from broker.engine.transport import AiohttpTransport
     from broker.simulator.process import sim_stats
 
-    settings = options.simulator_settings()
-    accounts = settings["accounts"]
-    assert isinstance(accounts, list)
-    config = broker_config(
-        url, accounts, tps=options.client_tps, max_in_flight=options.max_in_flight
-    )
     engine = config.engine
     inner = AiohttpTransport(
         timeout_s=engine.request_timeout_s,
@@ -758,6 +776,11 @@ def _bench(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"broker bench: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except NoUsableKeyError as exc:
+        # The injected faults (an expired token on every call) took every key out.
+        hint = "; the injected faults took every key out: lower --fault" if args.fault else ""
+        print(f"broker bench: {exc}{hint}; no figures", file=sys.stderr)
+        return ExitCode.NO_PERMISSION
     if not args.json:
         print(render_table(reports))
     return ExitCode.OK

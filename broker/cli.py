@@ -312,7 +312,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "ASINs/s, the rate the server granted against the rate it allows, 429 share, retries, "
         "latency p50/p99, CPU per request and peak memory. Needs no config file.",
         epilog="exit codes: 0 figures printed; 2 usage (a bad option, or one the broker's "
-        "config refuses); 130 / 143 stopped by SIGINT / SIGTERM (no figures).",
+        "config refuses); 77 every key taken out (by the injected --fault kinds; no figures); "
+        "130 / 143 stopped by SIGINT / SIGTERM (no figures).",
     )
     from broker.bench import add_arguments
 

@@ -142,6 +142,44 @@ class TestRun:
         assert report.utilisation_pct is None
         assert "failed" not in report.items_by_status
 
+    def test_a_run_leaves_nothing_in_the_machines_state_file(self, tmp_path: Path) -> None:
+        """The bench's key state lives and dies with the run: each run's simulator has a new
+        port, so its keys are new, and the machine's file gathered two rows per run of
+        two keys, for ever."""
+        options = BenchOptions(keys=2, tps=0, duration_s=0.3, warmup_s=0.1, latency_ms=0)
+        run_bench(options)
+        state_dir = tmp_path / "xdg-state"
+        assert not list(state_dir.rglob("keys.sqlite3*"))
+
+    def test_faults_that_take_every_key_out_end_with_one_line(self) -> None:
+        """``--fault expired_token=1`` takes the only key out: the bench says so in one line
+        and exits 77 (a key was rejected), as ``broker run`` does; it ended with a
+        NoUsableKeyError traceback and exit 1."""
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "bench",
+                "--duration",
+                "1",
+                "--warmup",
+                "0.2",
+                "--latency-ms",
+                "0",
+                "--fault",
+                "expired_token=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 77, completed.stderr
+        assert "Traceback" not in completed.stderr
+        assert "no key can serve" in completed.stderr
+        assert "--fault" in completed.stderr
+
     def test_cli_prints_one_json_line_per_loop(self) -> None:
         """``broker bench --json`` runs each requested loop and prints one JSON line each."""
         completed = subprocess.run(
