@@ -131,7 +131,10 @@ class TomlTable:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(self.key(name), f"must be a number, not {_kind(value)}")
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond a float's range: TOML's have no bound
+            number = math.inf
         if not math.isfinite(number):
             raise ConfigError(self.key(name), "must be a finite number")
         if minimum is not None and (number < minimum or (exclusive and number == minimum)):

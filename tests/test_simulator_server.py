@@ -163,11 +163,16 @@ async def test_control_changes_tps_and_limits() -> None:
         ({"tps": 2}, 400),
         ({"limits": False, "account": "nobody", "tps": 2}, 404),
         ({"limits": False, "account": "demo", "tps": -1}, 400),
+        ({"account": "demo", "tps": float("nan")}, 400),
+        ({"account": "demo", "tps": float("inf")}, 400),
+        ({"account": "demo", "tps": 1e-320}, 400),
     ],
 )
 async def test_control_rejects_bad_input(body: object, status: int) -> None:
     """Bad control requests are refused with 4xx and change nothing: an unknown field
-    (``key`` for ``account``) is refused, not ignored with a 200."""
+    (``key`` for ``account``) is refused, not ignored with a 200; so is a tps that is not
+    finite or below the config's least (NaN and 1e-320 turned the limit off, Infinity made
+    every later /_sim/stats a 500)."""
     async with running_simulator() as (client, sim):
         response = await client.post("/_sim/control", data=json.dumps(body))
         assert response.status == status

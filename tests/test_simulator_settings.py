@@ -209,6 +209,23 @@ def test_full_table() -> None:
             {"accounts": [{"name": "x", "credential_id": "demo-id", "secret": "s"}]},
             "simulator.accounts",
         ),
+        # PA-API's flags on a Creators account did nothing: refused like version on paapi5.
+        (
+            {"accounts": [{"name": "a", "credential_id": "a", "secret": "s", "not_enabled": True}]},
+            "simulator.accounts[0].not_enabled",
+        ),
+        (
+            {
+                "accounts": [
+                    {"name": "a", "credential_id": "a", "secret": "s", "aws_credentials": False}
+                ]
+            },
+            "simulator.accounts[0].aws_credentials",
+        ),
+        # A skew the server's dates cannot hold passed check-config, then every answer failed.
+        ({"clock_skew_s": 1e12}, "simulator.clock_skew_s"),
+        ({"clock_skew_s": -1e300}, "simulator.clock_skew_s"),
+        ({"seed": 1, "clock_skew_s": 10**400}, "simulator.clock_skew_s"),
     ],
 )
 def test_bad_values_name_the_key_path(table: dict[str, object], path: str) -> None:

@@ -36,6 +36,14 @@ class TestTomlTable:
         with pytest.raises(ConfigError, match="between 1 and 10"):
             table.integer("b", 1, minimum=1, maximum=10)
 
+    def test_an_integer_too_large_for_a_float_is_a_config_error(self) -> None:
+        """TOML's integers have no bound: one beyond a float's range, where a number is
+        wanted, names its key; it raised OverflowError (a traceback, exit 1)."""
+        table = TomlTable({"cap": 10**400}, "rate")
+        with pytest.raises(ConfigError, match="must be a finite number") as caught:
+            table.number("cap", 1.0)
+        assert caught.value.path == "rate.cap"
+
     def test_config_and_simulator_read_alike(self) -> None:
         """The broker's tables and [simulator] report a bad value the same way."""
         document = {

@@ -16,6 +16,7 @@ API calls get the configured latency once before the quota check and once after 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -25,7 +26,7 @@ from aiohttp import web
 from broker.clock import Clock, LoopClock
 from broker.simulator import creators, oauth, paapi
 from broker.simulator.faults import Reply, deliver
-from broker.simulator.settings import SimulatorSettings
+from broker.simulator.settings import MIN_ACCOUNT_TPS, SimulatorSettings
 from broker.simulator.state import Simulator
 from broker.simulator.stats import SimulatorStats
 
@@ -170,8 +171,12 @@ def _control(sim: Simulator, raw: bytes) -> web.Response:
     if "limits" in body and not isinstance(limits, bool):
         return _refused("limits must be true or false", 400)
     tps, tpd = body.get("tps"), body.get("tpd")
-    if tps is not None and (isinstance(tps, bool) or not isinstance(tps, int | float) or tps <= 0):
-        return _refused("tps must be a positive number", 400)
+    if tps is not None and (
+        isinstance(tps, bool)
+        or not isinstance(tps, int | float)
+        or not MIN_ACCOUNT_TPS <= tps < math.inf
+    ):
+        return _refused(f"tps must be a finite number >= {MIN_ACCOUNT_TPS:g}", 400)
     if tpd is not None and (isinstance(tpd, bool) or not isinstance(tpd, int) or tpd < 1):
         return _refused("tpd must be a positive integer", 400)
     quota = None

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Literal, cast
+from typing import Final, Literal, cast
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import ConfigError
@@ -69,7 +69,21 @@ from broker.simulator.accounts import CREATORS_VERSIONS, DEMO_ACCOUNTS, Account,
 from broker.simulator.marketplaces import MARKETPLACES, MARKETPLACES_BY_HOST
 from broker.tomltable import TomlTable
 
-__all__ = ["FaultRates", "LatencyProfile", "RetryAfterStyle", "SimulatorSettings"]
+#: The least rate an account may have, in config and through ``/_sim/control``.
+MIN_ACCOUNT_TPS: Final = 1e-6
+#: How far the server's clock may be set off: ten years, well within what its dates hold.
+MAX_CLOCK_SKEW_S: Final = 10 * 365 * 86_400.0
+# PA-API's account states; a Creators account has no such thing.
+_PAAPI_FLAGS: Final = ("not_enabled", "aws_credentials")
+
+__all__ = [
+    "MAX_CLOCK_SKEW_S",
+    "MIN_ACCOUNT_TPS",
+    "FaultRates",
+    "LatencyProfile",
+    "RetryAfterStyle",
+    "SimulatorSettings",
+]
 
 RetryAfterStyle = Literal["none", "body", "header", "both"]
 
@@ -245,7 +259,12 @@ class SimulatorSettings:
             "paapi_default_host": reader.choice(
                 "paapi_default_host", defaults.paapi_default_host, tuple(MARKETPLACES_BY_HOST)
             ),
-            "clock_skew_s": reader.number("clock_skew_s", defaults.clock_skew_s),
+            "clock_skew_s": reader.number(
+                "clock_skew_s",
+                defaults.clock_skew_s,
+                minimum=-MAX_CLOCK_SKEW_S,
+                maximum=MAX_CLOCK_SKEW_S,
+            ),
             "invalid_client_status": reader.integer(
                 "invalid_client_status", defaults.invalid_client_status, minimum=400, maximum=499
             ),
@@ -322,6 +341,9 @@ def _parse_account(reader: TomlTable) -> Account:
             )
         credential_id = reader.text("credential_id")
         version = reader.choice("version", "3.1", CREATORS_VERSIONS)
+        for flag in _PAAPI_FLAGS:
+            if reader.has(flag):
+                raise ConfigError(reader.key(flag), "is for paapi5 accounts only")
     else:
         if reader.has("credential_id") and reader.has("access_key"):
             raise ConfigError(
@@ -347,7 +369,7 @@ def _parse_account(reader: TomlTable) -> Account:
         aws_credentials=reader.boolean("aws_credentials", False),
         not_eligible=reader.boolean("not_eligible", False),
         no_store=reader.boolean("no_store", False),
-        tps=reader.number("tps", 1.0, minimum=1e-6),
+        tps=reader.number("tps", 1.0, minimum=MIN_ACCOUNT_TPS),
         tpd=reader.integer("tpd", 8640, minimum=1),
     )
     _reject_unknown(reader)
