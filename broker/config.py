@@ -1055,11 +1055,15 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
         _check_redis_url(redis_url, "cache.redis_url")
     if redis_url_env is not None and not _ENV_NAME.fullmatch(redis_url_env):
         raise ConfigError("cache.redis_url_env", "must be the name of an environment variable")
-    if redis_url_env is not None:
-        redis_url = environ.get(redis_url_env) or None
+    if redis_url_env is not None and backend == "redis":
+        # Read only for Redis, as [state] reads its password: a block naming the variable
+        # beside another backend needs none.
+        redis_url = environ.get(redis_url_env, "").strip() or None
         if redis_url is None:
             raise ConfigError(
-                "cache.redis_url_env", f"environment variable {redis_url_env} is not set"
+                "cache.redis_url_env",
+                f"environment variable {redis_url_env} is "
+                f"{'empty' if redis_url_env in environ else 'not set'}",
             )
         _check_redis_url(redis_url, "cache.redis_url_env", variable=redis_url_env)
     if backend == "redis":

@@ -163,6 +163,22 @@ class TestPolicy:
         assert parsed.cache.redis_url == "redis://:pw@h:1/0"
         assert "pw" not in repr(parsed.cache)
 
+    def test_redis_url_env_is_read_only_for_the_redis_backend(self) -> None:
+        """``redis_url_env`` beside ``backend = "sqlite"`` (the starter's [cache] block
+        uncommented) needs no variable, as [state]'s Redis settings need none for "local";
+        an empty variable for Redis says it is empty, not that it is not set."""
+        doc: dict[str, object] = {
+            "api": {"protocol": "paapi5"},
+            "keys": [{"name": "k", "credential_id": "id", "partner_tags": {US: "t-20"}}],
+            "cache": {"backend": "sqlite", "redis_url_env": "ASINB_REDIS_URL"},
+        }
+        assert parse_config(doc, environ={}).cache.redis_url is None
+        doc["cache"] = {"backend": "redis", "redis_url_env": "ASINB_REDIS_URL"}
+        with pytest.raises(ConfigError, match="ASINB_REDIS_URL is empty"):
+            parse_config(doc, environ={"ASINB_REDIS_URL": " "})
+        with pytest.raises(ConfigError, match="ASINB_REDIS_URL is not set"):
+            parse_config(doc, environ={})
+
     def test_resources_normalised(self) -> None:
         """Order, case, blanks and duplicates of resources do not change the key."""
         a = CacheKey.of(US, "b00000000a ", ["offersV2.listings.price", "itemInfo.title"])
