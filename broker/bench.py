@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from broker.config import MAX_TPS, BrokerConfig, parse_config
+from broker.config import MAX_TPS, BrokerConfig, RateConfig, parse_config
 from broker.errors import ConfigError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.simulator.settings import FaultRates
@@ -98,6 +98,10 @@ def paapi_account(index: int, *, tps: float, tpd: int = 10_000_000) -> dict[str,
         "tps": tps,
         "tpd": tpd,
     }
+
+
+# The config's own floor for a key's rate after 429s.
+_MIN_RATE: Final = RateConfig().min_rate
 
 
 def broker_config(
@@ -489,6 +493,9 @@ async def _measure(url: str, options: BenchOptions) -> BenchReport:
             accounts,
             tps=options.client_tps,
             max_in_flight=options.max_in_flight,
+            # The floor a 429 cuts a key to must lie below its rate: a slow run gets a
+            # lower one than the config's default, not an error about a key it never wrote.
+            rate={"min_rate": min(_MIN_RATE, options.client_tps / 10)},
             state_path=Path(tmp) / "keys.sqlite3",
         )
         return await _measure_with(url, options, config)

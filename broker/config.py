@@ -885,6 +885,8 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
             raise _no_such_file(file, path) from None
         raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(path, f"{file} is not a regular file")
     trusted = bool(credentials_dir and _is_inside(file, Path(credentials_dir)))
     if not trusted and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         mode = stat.S_IMODE(info.st_mode)
@@ -894,8 +896,6 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
         )
     if not trusted and hasattr(os, "getuid") and info.st_uid != os.getuid():
         raise ConfigError(path, f"{file} is not owned by the user running the broker")
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(path, f"{file} is not a regular file")
     try:
         value = file.read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -151,6 +151,12 @@ class TestRun:
         state_dir = tmp_path / "xdg-state"
         assert not list(state_dir.rglob("keys.sqlite3*"))
 
+    def test_a_rate_below_the_configs_floor_runs(self) -> None:
+        """``--tps 0.01`` runs (the floor after 429s goes below it); it was refused with
+        ``rate.min_rate: 0.05 is not below keys[0].tps``, keys the user never wrote."""
+        report = run_bench(BenchOptions(tps=0.01, duration_s=0.3, warmup_s=0.1, latency_ms=0))
+        assert report.allowed_per_s == 0.01
+
     def test_faults_that_take_every_key_out_end_with_one_line(self) -> None:
         """``--fault expired_token=1`` takes the only key out: the bench says so in one line
         and exits 77 (a key was rejected), as ``broker run`` does; it ended with a

@@ -711,8 +711,10 @@ class TestD3SecretFilePermissions:
         assert "not owned by the user running the broker" in info.value.message
 
     def test_directory_or_binary_secret_file_is_a_config_error(self, tmp_path: Path) -> None:
-        """A directory or a non-UTF-8 file is a ConfigError (exit 78), not a crash."""
-        (tmp_path / "dir.secret").mkdir(mode=0o700)
+        """A directory or a non-UTF-8 file is a ConfigError (exit 78), not a crash; a
+        directory is called one whatever its mode (it was told to chmod 600 first)."""
+        (tmp_path / "dir.secret").mkdir()
+        (tmp_path / "dir.secret").chmod(0o755)
         binary = _write(tmp_path / "bin.secret", "", 0o600)
         binary.write_bytes(b"\xff\xfe-not-text")
         for name, expected in (("dir.secret", "not a regular file"), ("bin.secret", "UTF-8")):

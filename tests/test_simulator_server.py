@@ -98,10 +98,11 @@ def test_loopback_hosts_are_allowed(host: str) -> None:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.com", "::"])
 def test_remote_hosts_need_the_flag(host: str) -> None:
-    """A non-loopback host is refused with ConfigError('simulator.host') unless allowed."""
+    """A non-loopback host is refused with ConfigError naming --host (the flag it came from;
+    there is no simulator.host key) unless allowed."""
     with pytest.raises(ConfigError) as caught:
         SimulatorServer(host=host)
-    assert caught.value.path == "simulator.host"
+    assert caught.value.path == "--host"
     check_host(host, allow_remote=True)
 
 

@@ -78,7 +78,7 @@ def check_max_age(value: float, path: str) -> float:
             quotes the rule).
     """
     if not value >= 0.0 or value == float("inf"):
-        raise ConfigError(path, f"must be a number of seconds >= 0, got {value!r}")
+        raise ConfigError(path, f"must be a number of seconds >= 0, got {value:g}")
     if value > CEILING_S:
         raise ConfigError(
             path, f"{value:g} s is above the 86,400 s ceiling: {AMAZON_RULE}; use at most 86400"

@@ -35,7 +35,8 @@ def check_host(host: str, *, allow_remote: bool) -> None:
     """Refuse a non-loopback ``host`` unless ``allow_remote``.
 
     Raises:
-        ConfigError: (path ``simulator.host``) the address is not loopback.
+        ConfigError: (path ``--host``, ``broker simulate``'s flag) the address is not
+            loopback.
     """
     if allow_remote or host == "localhost":
         return
@@ -45,7 +46,7 @@ def check_host(host: str, *, allow_remote: bool) -> None:
         loopback = False
     if not loopback:
         raise ConfigError(
-            "simulator.host",
+            "--host",
             f"refusing to bind {host!r}: the simulator has no "
             "TLS and fake credentials, so it binds loopback only (127.0.0.1, ::1, "
             "localhost); pass --allow-remote to bind another address",
