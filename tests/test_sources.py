@@ -229,6 +229,13 @@ class TestCsv:
         (row,) = rows(write(tmp_path, "job.csv", data))
         assert row.extra == {"tag": "a", "tag.1": "b", "column4": "c"}
 
+    def test_a_duplicate_suffix_never_takes_a_real_columns_name(self, tmp_path: Path) -> None:
+        """``note,note,note.1``: the second note becomes note.2, since note.1 is taken by
+        a column of that name; it became note.1 too, and one value was lost."""
+        data = f"asin,note,note,note.1\n{VALID},a,b,c\n"
+        (row,) = rows(write(tmp_path, "job.csv", data))
+        assert row.extra == {"note": "a", "note.2": "b", "note.1": "c"}
+
     def test_no_extra_columns_gives_none(self, tmp_path: Path) -> None:
         """extra is None when the CSV has no other columns."""
         (row,) = rows(write(tmp_path, "job.csv", f"asin,marketplace\n{VALID},\n"))
@@ -380,6 +387,44 @@ def test_lines_ending_in_cr_alone_are_lines(tmp_path: Path, name: str) -> None:
     assert count_rows(path) == 3
 
 
+@pytest.mark.parametrize("name", ["job.csv", "job.csv.gz"])
+def test_cr_ended_csv_with_a_line_break_in_a_cell(tmp_path: Path, name: str) -> None:
+    """Excel's "CSV (Macintosh)" ends records in CR and breaks lines inside a cell with LF
+    (Alt+Enter): still a row per record, the cell's break kept. One LF in the head made it
+    read as one line, refused as a malformed header (exit 65)."""
+    data = f'asin,note\r{VALID},s1\r{VALID},"line1\nline2"\rB0ABCDEFGJ,s3\r'
+    path = write(tmp_path, name, data)
+    found = rows(path)
+    assert [(row.asin, row.error) for row in found] == [
+        (VALID, None),
+        (VALID, None),
+        ("B0ABCDEFGJ", None),
+    ]
+    assert [row.extra for row in found] == [
+        {"note": "s1"},
+        {"note": "line1\nline2"},
+        {"note": "s3"},
+    ]
+
+
+def test_a_stray_cr_in_a_crlf_file_keeps_it_crlf(tmp_path: Path) -> None:
+    """A lone CR inside a quoted cell of a CRLF file does not make the file CR-ended."""
+    data = f'asin,note\r\n{VALID},"a\rb"\r\n{VALID},c\r\n'
+    found = rows(write(tmp_path, "job.csv", data))
+    assert [row.extra for row in found] == [{"note": "a\rb"}, {"note": "c"}]
+
+
+@pytest.mark.parametrize("name", ["job.txt", "job.jsonl", "job.csv"])
+def test_a_bom_mid_file_is_dropped(tmp_path: Path, name: str) -> None:
+    """Two UTF-8 exports joined with ``cat``: the second one's BOM, mid-file, is dropped as
+    the first one's is; its row was invalid ("contains the non-ASCII character")."""
+    line = {"job.txt": VALID, "job.jsonl": f'{{"asin": "{VALID}"}}', "job.csv": VALID}[name]
+    head = "asin\n" if name == "job.csv" else ""
+    data = "\ufeff" + head + line + "\n" + "\ufeff" + line + "\n"
+    found = rows(write(tmp_path, name, data))
+    assert [(row.asin, row.error) for row in found] == [(VALID, None)] * 2
+
+
 @pytest.mark.parametrize("ending", ["\r\n", "\r"])
 def test_a_first_line_ending_where_the_sniffing_stops_keeps_its_kind(
     tmp_path: Path, ending: str
@@ -514,6 +559,16 @@ class TestEncoding:
         assert "byte 0xe9 at byte offset 16" in message
         assert data[16] == 0xE9
         assert "--encoding latin-1" in message
+
+    def test_windows_1252_bytes_get_the_cp1252_remedy(self, tmp_path: Path) -> None:
+        """A line with Windows-1252's curly quote or euro sign is told --encoding cp1252:
+        the Latin-1 remedy it was given ran clean and wrote control characters instead."""
+        data = f"asin,note\n{VALID},it\u2019s \u20ac5\n".encode("cp1252")
+        with pytest.raises(JobFileError) as caught:
+            rows(write(tmp_path, "job.csv", data))
+        assert "--encoding cp1252" in str(caught.value)
+        found = rows(write(tmp_path, "job.csv", data), encoding="cp1252")
+        assert found[0].extra == {"note": "it\u2019s \u20ac5"}
 
     def test_c10_offset_counts_the_bom(self, tmp_path: Path) -> None:
         """C10: the byte offset is in the file's bytes, BOM included."""

@@ -453,8 +453,11 @@ def _open(stack: ExitStack, path: Path) -> tuple[io.BufferedIOBase, bool]:
 
 
 def _cr_only(path: Path, gzipped: bool) -> bool:
-    """True when the file's lines end in CR alone: its head has a CR and no LF at all.
+    """True when the file's lines end in CR alone: in its head, CRs not followed by LF
+    outnumber every other line ending (LF alone and CRLF).
 
+    Not "no LF at all": Excel's "CSV (Macintosh)" ends records in CR and breaks lines inside
+    a cell with LF. A stray CR inside a cell of an LF or CRLF file stays in the minority.
     Read through a handle of its own (a buffer's peek may stop between a CRLF's two bytes),
     one byte further when the head ends in CR, to see what follows it.
     """
@@ -465,7 +468,9 @@ def _cr_only(path: Path, gzipped: bool) -> bool:
                 head += handle.read(1)
     except (OSError, EOFError, zlib.error):
         return False  # a damaged .gz: the line reader reports it where it happens
-    return b"\r" in head and b"\n" not in head
+    crlf = head.count(b"\r\n")
+    lone_cr = head.count(b"\r") - crlf
+    return lone_cr > head.count(b"\n")  # LFs alone and CRLFs, the other endings
 
 
 class _CrAsLf(io.RawIOBase):
@@ -504,6 +509,8 @@ def _lines(
     # Room for a line of exactly the cap plus "\r\n"; anything that fills it is too long.
     limit = max_line_bytes + 2
     lineno = 0
+    # Two UTF-8 exports joined with cat: the second one's BOM starts a line mid-file.
+    utf8 = codecs.lookup(codec).name == "utf-8"
     try:
         while True:
             data = readline(limit)
@@ -512,6 +519,8 @@ def _lines(
             lineno += 1
             if lineno == 1:
                 data = _strip_file_head(data, path)
+            elif utf8 and data.startswith(_UTF8_BOM):
+                data = data[len(_UTF8_BOM) :]
             if len(data) > max_line_bytes:
                 if len(data) == limit and not data.endswith(b"\n"):
                     while True:
@@ -590,6 +599,10 @@ def _wide_text(line: bytes) -> bool:
     return not any(head[1::2]) or not any(head[0::2])
 
 
+# The bytes Windows-1252 prints and Latin-1 makes control characters.
+_WINDOWS_ONLY: Final = re.compile(rb"[\x80-\x9f]")
+
+
 def _undecodable(
     path: Path,
     encoding: str,
@@ -606,12 +619,22 @@ def _undecodable(
     else:
         where = "of the decompressed data" if gzipped else "of the file"
         position = f"byte 0x{bad.hex()} at byte offset {line_offset + exc.start} {where}"
-    hint = (
-        "if the file is Latin-1 or Windows-1252 (older Excel exports), convert it "
-        "(iconv -f latin1 -t utf-8 FILE > FILE.utf8) or, with broker run, give --encoding latin-1"
-        if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
-        else "run again with the file's real encoding (--encoding), or convert it to UTF-8"
-    )
+    if codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig"):
+        hint = "run again with the file's real encoding (--encoding), or convert it to UTF-8"
+    elif _WINDOWS_ONLY.search(content):
+        # Bytes 0x80-0x9F are Windows-1252's curly quotes, dashes and euro sign; read as
+        # Latin-1 they would be control characters, and the run would succeed with them.
+        hint = (
+            "the line has bytes Windows-1252 uses for quotes, dashes or the euro sign (older "
+            "Excel exports): convert it (iconv -f cp1252 -t utf-8 FILE > FILE.utf8) or, with "
+            "broker run, give --encoding cp1252"
+        )
+    else:
+        hint = (
+            "if the file is Latin-1 or Windows-1252 (older Excel exports), convert it "
+            "(iconv -f latin1 -t utf-8 FILE > FILE.utf8) or, with broker run, give "
+            "--encoding latin-1"
+        )
     return JobFileError(f"{path}: line {lineno}: {position} is not valid {encoding}; {hint}")
 
 
@@ -868,16 +891,19 @@ def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _
                 f"(columns {', '.join(str(i + 1) for i in where)}); keep one"
             )
     special = {asin[0], *marketplace}
+    keys = {i: name or f"column{i + 1}" for i, name in enumerate(names) if i not in special}
+    # Duplicate names get a pandas-style ".1", ".2" suffix so no column is lost: the first
+    # suffix no column has, since the header may itself name one "note.1".
+    taken = set(keys.values())
     extra: list[tuple[int, str]] = []
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if i in special:
-            continue
-        key = name or f"column{i + 1}"
-        # Duplicate names get a pandas-style ".1", ".2" suffix so no column is lost.
-        count = seen.get(key, 0)
-        seen[key] = count + 1
-        extra.append((i, f"{key}.{count}" if count else key))
+    seen: set[str] = set()
+    for i, key in keys.items():
+        name, count = key, 0
+        while name in seen or (count and name in taken):
+            count += 1
+            name = f"{key}.{count}"
+        seen.add(name)
+        extra.append((i, name))
     return _CsvLayout(
         delimiter, len(header), asin[0], marketplace[0] if marketplace else None, tuple(extra)
     )
