@@ -972,7 +972,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     )
     try:
         if paths.stdin:
-            paths.read_stdin(new_job=args.new_job)
+            paths.read_stdin(new_job=args.new_job, refresh=args.refresh)
         summary = await run_job(config, options)
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)

@@ -730,6 +730,25 @@ class TestRunPaths:
         assert _stdin_run(tmp_path, monkeypatch, saved, "--out", str(out)) == ExitCode.OK
         assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
+    def test_refresh_runs_other_stdin_as_the_jobs_new_input(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A daily cron's ``produce-list | broker run - --refresh``: the new list is the
+        job's input and the output holds its rows. It was refused (exit 65, "add
+        --new-job"), though --refresh is the README's remedy for a regenerated list."""
+        out = tmp_path / "o" / "a.jsonl"
+        copy = out.with_name("a.jsonl.stdin.txt")
+        day1, day2 = b"B0FIRST001\n", b"B0FIRST001\nB0SECOND02\nB0THIRD003\n"
+        assert _stdin_run(tmp_path, monkeypatch, day1, "--out", str(out)) == ExitCode.OK
+        args = ("--out", str(out), "--refresh")
+        assert _stdin_run(tmp_path, monkeypatch, day2, *args) == ExitCode.OK
+        assert copy.read_bytes() == day2
+        assert sorted(row["asin"] for row in _jsonl(out.read_text())) == [
+            "B0FIRST001",
+            "B0SECOND02",
+            "B0THIRD003",
+        ]
+
     def test_other_stdin_under_another_input_format_names_the_copy_kept(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:

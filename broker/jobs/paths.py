@@ -114,17 +114,20 @@ class RunPaths:
         """The output as the user named it."""
         return "stdout" if self.to_stdout else str(self.out)
 
-    def read_stdin(self, *, new_job: bool = False) -> None:
+    def read_stdin(self, *, new_job: bool = False, refresh: bool = False) -> None:
         """Copy stdin to :attr:`job` (the same bytes give the same job, so a rerun resumes).
 
         Written beside it first. A saved copy with the same bytes is left as it is. One
         with other bytes is replaced, under the job's lock, only when no job was made from
-        it (no ledger: a first run refused early) or for ``new_job``; otherwise it is kept,
-        so the input it holds still runs its job. A job another process runs keeps its copy.
+        it (no ledger: a first run refused early), for ``new_job``, or for ``refresh`` (the
+        job over on its new input, the previous output kept until that run completes);
+        otherwise it is kept, so the input it holds still runs its job. A job another
+        process runs keeps its copy.
 
         Raises:
-            JobFileError: stdin differs from the copy of an existing job and ``new_job`` is
-                not set; or another process runs the job (:class:`JobLockedError`).
+            JobFileError: stdin differs from the copy of an existing job and neither
+                ``new_job`` nor ``refresh`` is set; or another process runs the job
+                (:class:`JobLockedError`).
         """
         self.job.parent.mkdir(parents=True, exist_ok=True)
         self._sweep_killed_copies()
@@ -141,11 +144,13 @@ class RunPaths:
                     return
                 ledger = ledger_path(self.out)
                 with JobLock(ledger):
-                    if ledger.exists() and not new_job:
+                    if ledger.exists() and not (new_job or refresh):
                         raise JobFileError(
                             f"the input on stdin differs from the saved input of this job "
                             f"({self._saved_copy()}): pipe that same input (with the same "
-                            "--input) to run it, or add --new-job to start over with this one"
+                            "--input) to run it, add --refresh to run this one as the job's "
+                            "new input (the output is replaced when it completes), or "
+                            "--new-job to start over with it"
                         )
                     os.replace(temporary, self.job)
         except BaseException:
