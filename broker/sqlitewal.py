@@ -36,6 +36,7 @@ __all__ = [
     "disk_error",
     "enable_wal",
     "file_identity",
+    "held_error",
     "immediate",
     "journal_files",
     "refuse_foreign",
@@ -169,6 +170,24 @@ def immediate(conn: sqlite3.Connection) -> Iterator[None]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def held_error(path: Path, exc: sqlite3.Error) -> OSError | None:
+    """``OSError(EBUSY)`` when another program holds the file (SQLITE_BUSY or
+    SQLITE_LOCKED once the busy timeout ran out), else None.
+
+    For a file the broker writes for the user (a job's SQLite output): a sqlite3 shell or a
+    viewer in a transaction is the user's to close, like a full disk is theirs to free, so
+    it is reported as one (exit 74), not as an internal error.
+    """
+    primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return OSError(
+            errno.EBUSY,
+            f"{path}: held by another program (a sqlite3 shell or a viewer in a "
+            f"transaction): close it and run the same command again ({exc})",
+        )
+    return None
 
 
 def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:

@@ -590,6 +590,33 @@ class TestSqliteSink:
             assert sink.open(SinkState(0, 2)) == SinkState(0, 2)
             sink.close()
 
+    def test_an_output_another_program_holds_is_an_os_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A SQLite output another program holds in a write transaction (a sqlite3 shell, a
+        viewer) is an OSError naming the file and what to do (exit 74, "cannot write the
+        output"); it was a bare sqlite3 error, reported as an internal error (exit 1)."""
+        import sqlite3
+
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            first = SqliteSink(out)
+            emit(ledger, first)
+            first.close()
+        holder = sqlite3.connect(out, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        connect = sqlite3.connect
+        monkeypatch.setattr(
+            sinks.sqlite3, "connect", lambda *a, **k: connect(*a, **{**k, "timeout": 0.05})
+        )
+        try:
+            with pytest.raises(OSError, match="another program") as caught:
+                SqliteSink(out).open(SinkState(0, 0))
+            assert caught.value.errno == errno.EBUSY
+            assert str(out) in str(caught.value)
+        finally:
+            holder.close()
+
     def test_not_sqlite_is_refused_untouched(self, tmp_path: Path) -> None:
         """An existing non-SQLite file at the output path is refused and left alone."""
         out = tmp_path / "out.sqlite"

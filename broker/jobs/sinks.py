@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from broker.errors import JobFileError, describe
 from broker.jobs.ledger import DoneRow, SinkState, crash_point
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error
+from broker.sqlitewal import disk_error, held_error
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger
@@ -673,7 +673,7 @@ class SqliteSink:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._done_order = self._durable
-            failure = disk_error(self.path, exc)
+            failure = disk_error(self.path, exc) or held_error(self.path, exc)
             if failure is None:
                 raise
             self._failed = failure
@@ -682,11 +682,12 @@ class SqliteSink:
 
 @contextmanager
 def _disk_errors(path: Path) -> Iterator[None]:
-    """Raise SQLite's disk errors as ``OSError`` (so the CLI maps them to exit 74)."""
+    """Raise SQLite's disk errors, and a file another program holds, as ``OSError`` (so
+    the CLI maps them to exit 74)."""
     try:
         yield
     except sqlite3.Error as exc:
-        failure = disk_error(path, exc)
+        failure = disk_error(path, exc) or held_error(path, exc)
         if failure is None:
             raise
         raise failure from exc
