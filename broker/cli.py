@@ -895,8 +895,21 @@ def _lookup_row(line: int, raw: str, result: ItemResult) -> dict[str, object]:
     )
 
 
+# Control characters (C0, DEL, C1) and the bidirectional overrides: text from the API or
+# the input must not move the cursor, recolour or retitle a terminal, or forge a line.
+_UNPRINTABLE: Final = {
+    code: " "
+    for code in (*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+}
+
+
 def _readable(row: dict[str, object]) -> str:
-    """A row as a few lines for a person: status, title, price, availability or the error."""
+    """A row as a few lines for a person: status, title, price, availability or the error;
+    every value with its control characters blanked (see ``_UNPRINTABLE``)."""
+    return "\n".join(line.translate(_UNPRINTABLE) for line in _readable_lines(row))
+
+
+def _readable_lines(row: dict[str, object]) -> list[str]:
     head = f"{row['asin'] or row['input']}  {row['marketplace']}  {row['status']}"
     if row.get("cached"):
         # Where the answer came from and how old it is: a price read from the cache is not
@@ -920,7 +933,7 @@ def _readable(row: dict[str, object]) -> str:
         lines.append(f"  {error.get('code')}: {error.get('message')}")
         if error.get("remedy"):
             lines.append(f"  remedy: {error['remedy']}")
-    return "\n".join(lines)
+    return lines
 
 
 def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:

@@ -1188,6 +1188,24 @@ class TestLookup:
         assert out.startswith("B0C1234567  www.amazon.com  ok\n")
         assert "{" not in out
 
+    def test_terminal_summary_never_passes_control_characters(self) -> None:
+        """Text from the API (a title, an error message) reaches a terminal without its
+        control characters: an escape sequence in a title set the window's title and the
+        colours, and a bare CR/LF forged a line."""
+        row: dict[str, object] = {
+            "asin": "B0C1234567",
+            "input": "B0C1234567",
+            "marketplace": "www.amazon.com",
+            "status": "ok",
+            "summary": {"title": "\x1b]0;pwned\x07\x1b[31mRED\r\nfake line\u202e"},
+            "error": {"code": "X", "message": "bad\x1b[2Jclear", "remedy": None},
+        }
+        text = cli._readable(row)
+        assert not set(text) & {"\x1b", "\x07", "\r", "\u202e"}
+        assert len(text.splitlines()) == 3  # head, title, error: none forged
+        assert "RED" in text
+        assert "fake line" in text
+
 
 class TestProgress:
     def test_live_line_fits_the_terminal(self, monkeypatch: pytest.MonkeyPatch) -> None:
