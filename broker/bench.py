@@ -65,7 +65,9 @@ __all__ = [
 
 MARKETPLACE = "www.amazon.com"
 #: The fault switches ``--fault`` accepts: every per-request rate of ``[simulator.faults]``.
-_FAULT_KINDS = (*FaultRates.RESPONSE_KINDS, "expired_token", *FaultRates.TOKEN_KINDS)
+# Faults of the Creators API's bearer tokens: a PA-API run would inject none of them.
+_TOKEN_FAULTS = ("expired_token", *FaultRates.TOKEN_KINDS)
+_FAULT_KINDS = (*FaultRates.RESPONSE_KINDS, *_TOKEN_FAULTS)
 #: How many request latencies the bench keeps (the newest win); bounds its own memory.
 _LATENCY_RING = 1_000_000
 
@@ -250,6 +252,13 @@ class BenchOptions:
         if unknown:
             known = ", ".join(_FAULT_KINDS)
             raise ConfigError("--fault", f"unknown fault {unknown[0]!r}; known: {known}")
+        tokens = sorted(set(self.faults) & set(_TOKEN_FAULTS))
+        if tokens and self.protocol == "paapi5":
+            raise ConfigError(
+                "--fault",
+                f"{tokens[0]} is a Creators API fault (its bearer tokens); PA-API signs each "
+                "request and has no token to expire: use it with --protocol creators",
+            )
 
     @property
     def client_tps(self) -> float:
@@ -685,7 +694,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KIND=P",
         help="inject a fault with probability P per request, e.g. error_503=0.02; kinds: "
-        + ", ".join(_FAULT_KINDS),
+        + ", ".join(_FAULT_KINDS)
+        + " (the last "
+        + str(len(_TOKEN_FAULTS))
+        + " are the Creators API's tokens: creators only)",
     )
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per run")

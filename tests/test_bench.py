@@ -64,10 +64,14 @@ class TestOptions:
             ({"burst": 0}, "--burst"),
             ({"protocol": "soap"}, "--protocol"),
             ({"faults": {"gremlins": 0.1}}, "--fault"),
+            # A token fault with PA-API injected nothing, yet the header named it.
+            ({"protocol": "paapi5", "faults": {"expired_token": 1.0}}, "--fault"),
+            ({"protocol": "paapi5", "faults": {"token_slow": 0.1}}, "--fault"),
         ],
     )
     def test_bad_options_name_the_option(self, kwargs: dict[str, object], path: str) -> None:
-        """Every bad option (NaN and infinity included) is refused naming its flag."""
+        """Every bad option (NaN and infinity included) is refused naming its flag; so is a
+        Creators token fault on a PA-API run, which has no token."""
         with pytest.raises(ConfigError) as info:
             BenchOptions(**kwargs)  # type: ignore[arg-type]
         assert info.value.path == path
