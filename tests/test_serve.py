@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import os
@@ -495,6 +496,32 @@ class TestResume:
         # The counts are the finishing run's, and the status says what earlier runs did.
         assert partial <= status["resumed_rows"] < 25
         assert os.listdir(spool / "processing") == []
+
+    async def test_a_job_stopped_under_other_settings_starts_over_under_the_new(
+        self, start: Start, spool: Path
+    ) -> None:
+        """The config's resources changed between a stop and the next start: the job left in
+        processing/ starts over under the new settings and ends in done/ with every row.
+        It was filed in failed/ (its finished rows deleted) with advice a daemon cannot
+        follow ("restore the setting", "--new-job")."""
+        slow = _config(tps=10.0, batch_size=1)
+        first = await start(slow)
+        _drop(spool, "slow.txt", "\n".join(_asins(25, "B0SLOW")) + "\n")
+        out = spool / "processing" / "slow.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
+        await first.stop()
+        assert (spool / "processing" / "slow.txt").exists()
+        changed = dataclasses.replace(
+            slow, api=dataclasses.replace(slow.api, resources=("itemInfo.title",))
+        )
+        with structlog.testing.capture_logs() as logs:
+            await start(changed)
+            status = await _filed(spool, "slow.txt")
+        assert status["rows"]["total"] == 25
+        rows = _rows(spool / "done" / "slow.txt.out.jsonl")
+        assert sorted(r["line"] for r in rows) == list(range(1, 26))
+        assert [e["job"] for e in logs if e["event"] == "broker.job_restarted"] == ["slow.txt"]
+        assert not (spool / "failed").exists() or os.listdir(spool / "failed") == []
 
     async def test_a_dead_siblings_job_is_taken_over(
         self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch

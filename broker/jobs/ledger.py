@@ -69,6 +69,7 @@ __all__ = [
     "Counts",
     "DoneRow",
     "JobMismatchError",
+    "JobSettingsChangedError",
     "Ledger",
     "Lookup",
     "SinkState",
@@ -195,6 +196,11 @@ class JobMismatchError(JobFileError):
     Found when the ledger is opened, before anything is read or written. Resuming would mix
     two jobs' rows; start anew (``new_job=True``, ``--new-job``) or restore the original file.
     """
+
+
+class JobSettingsChangedError(JobMismatchError):
+    """The job's file is the same, but the config's answer settings (default marketplace,
+    protocol, resources, ...) are not those it started under: its rows would mix the two."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +482,7 @@ class Ledger:
             )
         stored = self._meta("default_marketplace")
         if stored != default_marketplace:
-            raise JobMismatchError(
+            raise JobSettingsChangedError(
                 f"{self._path}: this job started with default marketplace {stored}, and the "
                 f"configuration now says {default_marketplace}; rows already resolved would "
                 "mix marketplaces. Restore the setting to resume, or run with --new-job."
@@ -494,7 +500,7 @@ class Ledger:
                     "Run with the options it was read with to resume, with --new-job to start "
                     "over, or with --refresh to read a finished job again."
                 )
-            raise JobMismatchError(
+            raise JobSettingsChangedError(
                 f"{self._path}: this job started with {name} = {then}, and the "
                 f"configuration now says {value}; rows already resolved would mix the two "
                 "in one output. Restore the setting to resume, run with --new-job to start "

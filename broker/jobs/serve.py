@@ -67,6 +67,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import itertools
@@ -91,6 +92,7 @@ from broker.clock import Clock, LoopClock
 from broker.engine.keys import OUTAGE_CODE
 from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
+from broker.jobs.ledger import JobSettingsChangedError
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.paths import ledger_path, report_path
@@ -1035,7 +1037,7 @@ class Daemon:
         self._rows_counted = _ledger_tally(job.ledger) or {}
         self._current = job
         loop = asyncio.get_running_loop()
-        task = loop.create_task(run_job(self._config, options, broker=broker))
+        task = loop.create_task(self._run_job(broker, options))
         watcher = loop.create_task(self._watch_removal(job, task, before_stat))
         try:
             summary = await task
@@ -1092,6 +1094,25 @@ class Daemon:
         if self._fail_changed(job, before_stat):
             return
         self._finish(job, summary, before, broker.metrics())
+
+    async def _run_job(self, broker: Broker, options: JobOptions) -> JobSummary:
+        """Run a job; one stopped under other answer settings than the config's now (a
+        resources or marketplace change between two starts) starts over under the new ones.
+
+        ``broker run`` asks for ``--new-job`` or ``--refresh`` there; a daemon has neither,
+        and filing the job in failed/ would throw away its rows and leave it undone.
+        """
+        try:
+            return await run_job(self._config, options, broker=broker)
+        except JobSettingsChangedError as exc:
+            logger.warning(
+                "broker.job_restarted",
+                job=options.label,
+                reason=str(exc),
+                note="started over under the config's settings now; its rows are fetched again",
+            )
+            again = dataclasses.replace(options, new_job=True)
+            return await run_job(self._config, again, broker=broker)
 
     def _fail_changed(self, job: SpoolJob, before: os.stat_result) -> bool:
         """File ``job`` in failed/ if it changed since ``before``, or drop it if it vanished
