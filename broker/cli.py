@@ -437,6 +437,9 @@ def _parse(words: list[str]) -> argparse.Namespace:
     if getattr(args, "config", None) is not None and not args.config.strip():
         # An empty --config (an unset variable in a script) must not fall back silently.
         parser.error("--config names no file")
+    if getattr(args, "spool", None) is not None and not args.spool.strip():
+        # Path("") is the current directory: an unset variable would make a spool of it.
+        parser.error("--spool names no directory")
     return args
 
 

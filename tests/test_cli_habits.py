@@ -354,6 +354,19 @@ def test_empty_config_flag_is_a_usage_error(
     assert "--config names no file" in capsys.readouterr().err
 
 
+def test_empty_spool_flag_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serve --spool ""`` (an unset variable) is refused; it made the current directory
+    the spool, creating inbox/ processing/ done/ failed/ there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--spool", "", "--port", "0"])
+    assert info.value.code == ExitCode.USAGE
+    assert "--spool names no directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_broken_pipe_not_of_stdout_is_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
     """A BrokenPipeError while stdout is fine (another pipe or socket) is not taken for
     stdout's reader going away: it propagates instead of a silent exit 141."""
