@@ -649,6 +649,27 @@ class TestHttp:
         values = _samples((await _get(f"{running.url}/metrics"))[2])
         assert values["asinb_inbox_jobs"] == 0
 
+    async def test_an_unreadable_inbox_keeps_the_daemon_polling(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """inbox/ unreadable while the daemon looks for work: it says so once and polls on,
+        and takes the job once the inbox reads again. It exited 74 ("cannot write") at its
+        next poll, and under systemd gave up after five restarts."""
+        running = await start()
+
+        def unreadable(self: Spool, skipped: dict[str, str]) -> list[Any]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self.inbox))
+
+        with structlog.testing.capture_logs() as logs:
+            monkeypatch.setattr(Spool, "waiting_entries", unreadable)
+            await asyncio.sleep(0.3)  # several polls
+            assert not running.task.done()
+            monkeypatch.undo()
+            _drop(spool, "later.txt", "B0LATER001\n")
+            await _filed(spool, "later.txt")
+        warned = [e for e in logs if e["event"] == "broker.inbox_unreadable"]
+        assert len(warned) == 1
+
     async def test_healthz_readyz_and_metrics_answer(self, start: Start, spool: Path) -> None:
         """/healthz and /readyz say 200; /metrics is Prometheus text with the documented names."""
         running = await start()

@@ -930,6 +930,12 @@ class Daemon:
             return name
         return None
 
+    def _inbox_unreadable(self, exc: OSError) -> None:
+        """Say once (until the inbox reads again) that inbox/ cannot be read, and why."""
+        if self._inbox_error is None:
+            self._inbox_error = str(exc)
+            logger.warning("broker.inbox_unreadable", inbox=str(self.spool.inbox), error=str(exc))
+
     def _say_ignored(self, skipped: dict[str, str]) -> None:
         """Warn once about each inbox/ entry that is no job file and stays there for good."""
         for name in skipped.keys() - self._ignored:
@@ -943,7 +949,14 @@ class Daemon:
 
     def _claim_next(self) -> str | None:
         skipped: dict[str, str] = {}
-        waiting = self.spool.waiting_entries(skipped)
+        try:
+            waiting = self.spool.waiting_entries(skipped)
+        except PermissionError as exc:
+            # A chmod, an ACL or an NFS mapping the operator can mend: polled on, not a
+            # daemon that exits (and a unit that gives up after its restarts).
+            self._inbox_unreadable(exc)
+            return None
+        self._inbox_error = None
         self._say_ignored(skipped)
         seen: set[str] = set()
         for name, info in waiting:
@@ -1326,11 +1339,7 @@ class Daemon:
             # A scrape must still answer (a 500 fires AsinBrokerDown for a daemon busy with
             # its job): the count is left out, and why is told once.
             inbox = None
-            if self._inbox_error is None:
-                self._inbox_error = str(exc)
-                logger.warning(
-                    "broker.inbox_unreadable", inbox=str(self.spool.inbox), error=str(exc)
-                )
+            self._inbox_unreadable(exc)
         return SpoolSnapshot(
             # Stopping from the first signal on: a load balancer must stop sending work
             # while the current job drains, not when the port closes.
