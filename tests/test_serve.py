@@ -737,6 +737,28 @@ class TestHttp:
         assert until > datetime.now(UTC)
         assert (await _get(f"{running.url}/healthz"))[0] == 200
 
+    async def test_a_deferred_job_stays_its_daemons(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Under no_wait with two replicas, a job one daemon deferred for the daily quota is
+        not taken over by the other, at its start or by its orphan check: the deferring
+        daemon holds its claim. The other ran it as one a dead daemon left, deferred it too,
+        and the stack counted one job twice in asinb_deferred_jobs."""
+        from broker.jobs import serve
+
+        monkeypatch.setattr(serve, "_ORPHAN_CHECK_S", 0.05)
+        first = await start(_config(tpd=3), no_wait=True)
+        _drop(spool, "d.txt", "\n".join(_asins(60, "B0DEFER")) + "\n")
+        await _until(lambda: "d.txt" in first.daemon._deferred)
+        with structlog.testing.capture_logs() as logs:
+            second = await start(_config(tpd=3), no_wait=True)
+            await asyncio.sleep(0.5)  # its start, then several orphan checks
+        assert [e for e in logs if e["event"] == "broker.job_resumed"] == []
+        values = _samples((await _get(f"{second.url}/metrics"))[2])
+        assert values["asinb_deferred_jobs"] == 0
+        values = _samples((await _get(f"{first.url}/metrics"))[2])
+        assert values["asinb_deferred_jobs"] == 1
+
     async def test_jobs_deferred_for_the_daily_quota_are_counted(
         self, start: Start, spool: Path
     ) -> None:

@@ -742,6 +742,9 @@ class Daemon:
         self._inbox_error: str | None = None
         # Jobs stopped by ``no_wait`` -> when their keys' daily quota resets.
         self._deferred: dict[str, datetime] = {}
+        # The claim locks of deferred jobs, held until they resume: a sibling daemon must
+        # not take a live daemon's deferred job for one a dead daemon left (and run it).
+        self._deferred_claims: dict[str, JobLock] = {}
         # When processing/ is next looked at for jobs a dead daemon left (monotonic), and
         # the jobs no daemon held at the last look.
         self._orphans_due = 0.0
@@ -829,6 +832,14 @@ class Daemon:
     # -- the work loop ------------------------------------------------------------------------
 
     async def _work(self, broker: Broker) -> None:
+        try:
+            await self._work_loop(broker)
+        finally:
+            for claim in self._deferred_claims.values():
+                claim.close()
+            self._deferred_claims.clear()
+
+    async def _work_loop(self, broker: Broker) -> None:
         self._rename_awkward_claims()
         swept = self.spool.sweep()
         if swept:
@@ -850,8 +861,7 @@ class Daemon:
         for left in self.spool.claimed():
             if self._stop.is_set():
                 return
-            logger.info("broker.job_resumed", job=left)
-            await self._process(broker, left)
+            await self._process(broker, left, resumed=True)
         while not self._stop.is_set():
             self._restore_folders()
             name = self._due_deferred() or self._orphan() or self._claim_next()
@@ -860,7 +870,7 @@ class Daemon:
                     async with asyncio.timeout(self._options.poll_s):
                         await self._stop.wait()
                 continue
-            await self._process(broker, name)
+            await self._process(broker, name, self._deferred_claims.pop(name, None))
 
     def _restore_folders(self) -> None:
         """Make again the spool folders removed while the daemon runs (a clean-up script,
@@ -890,6 +900,10 @@ class Daemon:
                 if (self.spool.processing / name).exists():
                     logger.info("broker.job_resumed", job=name, note="daily quota reset")
                     return name
+                claim = self._deferred_claims.pop(name, None)
+                if claim is not None:  # the job was removed while it waited
+                    claim.lock_path.unlink(missing_ok=True)
+                    claim.close()
         return None
 
     def _orphan(self) -> str | None:
@@ -1003,22 +1017,34 @@ class Daemon:
             return False
         return now - first[1] >= settle_s
 
-    async def _process(self, broker: Broker, name: str) -> None:
+    async def _process(
+        self, broker: Broker, name: str, claim: JobLock | None = None, *, resumed: bool = False
+    ) -> None:
         """Run and file the claimed job ``name``, holding its claim lock throughout (a
-        sibling daemon then knows it is not left over), unless another daemon holds it."""
+        sibling daemon then knows it is not left over), unless another daemon holds it.
+
+        ``claim``: the job's lock, already held (a deferred job resuming). A job deferred
+        for the daily quota keeps its lock held until it resumes. ``resumed``: a job found
+        in processing/ at the start, said to be resumed once its lock is this daemon's.
+        """
         job = self.spool.job(name, self._config.output.format)
-        claim = job.claim_lock()
-        for wait_s in _CLAIM_RETRIES_S:
-            try:
-                claim.acquire()
-                break
-            except JobLockedError as exc:
-                held = exc
-            # A sibling's look at the job holds the lock for an instant; its run, for good.
-            await self._clock.sleep(wait_s)
-        else:
-            logger.info("broker.job_held", job=name, pid=held.pid, note="another daemon runs it")
-            return
+        if claim is None:
+            claim = job.claim_lock()
+            for wait_s in _CLAIM_RETRIES_S:
+                try:
+                    claim.acquire()
+                    break
+                except JobLockedError as exc:
+                    held = exc
+                # A sibling's look at the job holds the lock for an instant; its run, for good.
+                await self._clock.sleep(wait_s)
+            else:
+                logger.info(
+                    "broker.job_held", job=name, pid=held.pid, note="another daemon runs it"
+                )
+                return
+        if resumed:
+            logger.info("broker.job_resumed", job=name)
         try:
             if job.path.exists():
                 await self._run_claimed(broker, job)
@@ -1026,7 +1052,10 @@ class Daemon:
                 # Filed meanwhile (listed before): the lock file this made goes too.
                 claim.lock_path.unlink(missing_ok=True)
         finally:
-            claim.close()
+            if name in self._deferred and job.path.exists():
+                self._deferred_claims[name] = claim
+            else:
+                claim.close()
 
     async def _run_claimed(self, broker: Broker, job: SpoolJob) -> None:
         name = job.name
