@@ -259,7 +259,8 @@ class StoreCache(abc.ABC):
         evicted = await self._store(list(entries.values()), expire_before=self._now() - CEILING_S)
         if evicted:
             self._evictions += evicted
-            _log.info("cache.evicted", entries=evicted)
+            # A cache at its cap evicts on every write: counted (stats, metrics), not news.
+            _log.debug("cache.evicted", entries=evicted)
         return len(entries)
 
     async def purge(
