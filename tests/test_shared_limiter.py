@@ -177,6 +177,31 @@ class TestSharedFeedback:
         assert (await a.refresh()).parked_until_us == 0
         assert probe_at > 0
 
+    async def test_a_park_survives_a_store_that_lost_the_key(self) -> None:
+        """The store loses the key (Redis restarted empty) while it is parked: a process
+        that learnt the park from the store, and so has no park of its own, is still
+        refused, and the key's rate is not back at nominal. It was sent through at once."""
+        clock = FakeClock()
+        store = _store(clock)
+        settings = AdaptiveSettings(park_s=60.0, probe_jitter=0.0)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        circuit_a = SharedCircuit(a, clock, random=lambda: 0.0, settings=settings)
+        a.record_throttled(await a.commit())
+        await clock.advance(0.001)
+        cut = (await a.refresh()).rate
+        circuit_a.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+        await clock.advance(0.001)
+        with pytest.raises(SendRefused, match="parked"):
+            await b.commit()
+        store.drop(KEY)
+        await clock.advance(1.0)
+        with pytest.raises(SendRefused, match="parked"):
+            await b.commit()
+        assert b.last_decision is not None
+        assert b.last_decision.park_reason == "daily quota exhausted"
+        assert b.last_decision.rate == pytest.approx(cut)
+        assert cut < 5.0
+
     async def test_a_refused_probe_does_not_leave_the_circuit_half_open(self) -> None:
         """Two parked processes: one probes; the other's refused probe re-opens its circuit,
         and once the probe got through it sends again."""

@@ -398,6 +398,48 @@ class TestDayAndProcesses:
         d = await backend.store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark)
         assert d.count == 43
 
+    async def test_a_lost_store_keeps_the_park_and_rate_a_process_saw(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """A store that lost the key (Redis restarted empty) takes the park and the rate the
+        asking process saw last: a key parked for Amazon's spent day stays parked, and the
+        rate is not back at nominal. It forgot both, and the processes sent a new round of
+        429s at the full rate. A record that is not lost is never re-parked by a mark (an
+        unpark by another process stands)."""
+        first = await backend.reserve()
+        parked_until = first.now_us + 600 * 1_000_000
+        if isinstance(backend.store, MemoryStateStore):
+            backend.store.drop(KEY)
+        elif backend.name == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            await asyncio.to_thread(server.restart)
+        else:
+            pytest.skip("a SQLite file does not lose rows")
+        mark = ProcessMark(
+            "test:1:a",
+            first.day,
+            first.count,
+            rate=0.5,
+            parked_until_us=parked_until,
+            park_reason="quota spent",
+        )
+        d = await backend.store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark)
+        assert not d.granted
+        assert d.refusal == "parked"
+        assert d.parked_until_us == parked_until
+        assert d.park_reason == "quota spent"
+        assert d.rate == pytest.approx(0.5)
+        # Unparked by another process's probe: a later stale mark does not park it again.
+        other = ProcessMark("other:2:b")
+        await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(unpark=True), reserve=False, process=other
+        )
+        again = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark
+        )
+        assert again.parked_until_us == 0
+        assert again.granted
+
     async def test_processes_seen_recently(self, backend: Backend) -> None:
         """Two process ids asking make two processes seen; a view registers none."""
         await backend.reserve()

@@ -289,7 +289,15 @@ class SharedKeyLimiter:
     async def _call(self, *, reserve: bool) -> Decision:
         self._asked_at = self._clock.monotonic()
         feedback = self._take_feedback()
-        mark = ProcessMark(self._process_id, self._hwm_day, self._hwm_count)
+        last = self._last
+        mark = ProcessMark(
+            self._process_id,
+            self._hwm_day,
+            self._hwm_count,
+            rate=0.0 if last is None else last.rate,
+            parked_until_us=0 if last is None else last.parked_until_us,
+            park_reason="" if last is None else last.park_reason,
+        )
         try:
             decision = await self._store.decide(
                 self._key, self._limits, feedback=feedback, reserve=reserve, process=mark

@@ -1,7 +1,7 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[42].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[45].
 -- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
 -- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
@@ -53,7 +53,11 @@ local leaving = ARGV[40] == '1'
 -- decision.py: Feedback.answered, Feedback.run_429s
 local answered = ARGV[41] == '1'
 local run_in = tonumber(ARGV[42])
-local first_throttled = 43
+-- decision.py: ProcessMark.rate, .parked_until_us, .park_reason (what the caller saw last)
+local mark_rate = tonumber(ARGV[43])
+local mark_parked = tonumber(ARGV[44])
+local mark_park_reason = ARGV[45]
+local first_throttled = 46
 local run_gap = 60000000  -- decision.py: RUN_GAP_S
 local run_cuts_from = 10  -- decision.py: RUN_CUTS_FROM
 
@@ -164,6 +168,7 @@ if process_id ~= '' and leaving then
   -- Its daily limit leaves with it (a tpd raised for the next run).
   redis.call('ZREM', KEYS[2], entry)
 end
+local lost = rate <= 0
 local mine = nominal
 if stored_nominal <= 0 or (asking and (mine < stored_nominal
     or (now - nominal_seen > recent_us and mine ~= stored_nominal))) then
@@ -190,6 +195,15 @@ end
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+inf')) do
   local cap = tonumber(string.match(member, '|(%d+)$'))
   if cap and (day_limit < 0 or cap < day_limit) then day_limit = cap end
+end
+-- A lost hash (Redis restarted empty, flushed; a rate is never stored as 0): rebuilt from
+-- what the caller saw last (decision.py: ProcessMark), the day's count below.
+if lost and process_id ~= '' then
+  if mark_rate > 0 then rate = mark_rate end
+  if mark_parked > now then
+    parked_until = mark_parked
+    park_why = mark_park_reason
+  end
 end
 if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))

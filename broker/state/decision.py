@@ -359,8 +359,17 @@ def decide(
     if entry is not None and feedback.leaving:
         # Its daily limit leaves with it (a tpd raised for the next run).
         record.processes.pop(entry, None)
+    # A rate is never stored as 0: a record without one is new, or lost (Redis restarted
+    # empty), and is rebuilt from what the asking process saw last (ProcessMark).
+    lost = record.rate <= 0
     limits = _agree(record, now, limits, asking=asking)
     day_limit = _agree_day(record, now, limits.day_limit, asking=asking)
+    if lost and process is not None:
+        if process.rate > 0:
+            record.rate = process.rate
+        if process.parked_until_us > now:
+            record.parked_until = process.parked_until_us
+            record.park_reason = process.park_reason
     if record.rate <= 0:
         record.rate = limits.nominal_rate
     record.rate = _clamp(record.rate, limits)

@@ -170,20 +170,29 @@ class Feedback:
 
 @dataclass(frozen=True, slots=True)
 class ProcessMark:
-    """Who is asking: a process id, and its high-water mark of the key's daily count.
+    """Who is asking: a process id, and what it last saw of the key.
 
-    The mark lets a store that lost its data (Redis restarted empty) rebuild the day's count
-    from what the surviving processes saw last, instead of starting again at zero.
+    The mark lets a store that lost its data (Redis restarted empty) rebuild the key from
+    what the surviving processes saw last, instead of starting afresh: the day's count (the
+    highest any of them saw), the shared rate and a park (a key parked for Amazon's spent
+    quota stays parked, and is not hammered at the nominal rate again). Only a lost record
+    takes a mark's rate and park: one that is not lost knows better (another process's
+    probe may have unparked it since).
 
     Attributes:
         process_id: ``host:pid:nonce``, unique per process run.
         hwm_day: the daily window the mark belongs to (-1: none).
         hwm_count: the highest count this process saw (or made) in that window.
+        rate: the shared rate of its last decision (0: none yet).
+        parked_until_us, park_reason: the park of its last decision (store time; 0: none).
     """
 
     process_id: str
     hwm_day: int = -1
     hwm_count: int = 0
+    rate: float = 0.0
+    parked_until_us: int = 0
+    park_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

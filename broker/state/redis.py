@@ -168,6 +168,9 @@ class RedisStateStore:
             1 if feedback.leaving else 0,
             1 if feedback.answered else 0,
             feedback.run_429s,
+            repr(0.0 if process is None else process.rate),
+            0 if process is None else process.parked_until_us,
+            "" if process is None else process.park_reason,
             *feedback.throttled,
         ]
         return [str(a) for a in args]
