@@ -668,9 +668,44 @@ class TestIdentityAndConfig:
         assert redacted_url("redis://h:1/0") == "redis://h:1/0"
         assert redacted_url("redis://h:1/0?password=TopSecretPW") == "redis://h:1/0"
 
+    def test_redacted_url_keeps_the_database_and_the_socket(self) -> None:
+        """What tells two deployments apart stays: a ``?db=`` query (redis-py's database
+        then) and a unix socket's path, written as given; only credentials go. Status and
+        messages showed ``redis://h:1/0`` for ``/0?db=2`` and ``unix:/run/r.sock``."""
+        assert redacted_url("redis://h:1/0?db=2") == "redis://h:1/0?db=2"
+        assert redacted_url("redis://h:1/0?password=pw&db=2") == "redis://h:1/0?db=2"
+        assert redacted_url("unix:///run/redis.sock?db=3") == "unix:///run/redis.sock?db=3"
+        assert (
+            redacted_url("unix://:pw@/run/redis.sock?username=u&password=pw")
+            == "unix:///run/redis.sock"
+        )
+        assert redacted_url("redis://u:pw@[::1]:6379/0") == "redis://[::1]:6379/0"
+
 
 class TestUnavailable:
     """A store that cannot be reached raises StateUnavailableError, never answers wrongly."""
+
+    @needs_redis
+    async def test_a_redis_that_takes_no_writes_is_unavailable_to_a_view(
+        self, redis_server: RedisServer
+    ) -> None:
+        """A read-only Redis (a replica; out of memory under noeviction is alike) pauses
+        every broker on it: broker status's view says it is unavailable, naming the error.
+        It showed the keys "active", exit 0, while no broker could send."""
+        from redis.asyncio import Redis
+
+        from broker.state.redis_server import free_port
+
+        admin = Redis.from_url(redis_server.url)
+        store = RedisStateStore(redis_server.url, key_prefix="t-readonly:")
+        try:
+            await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            with pytest.raises(StateUnavailableError, match=r"READONLY|ReadOnly"):
+                await store.view(KEY, LIMITS)
+        finally:
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+            await admin.aclose()
+            await store.aclose()
 
     async def test_redis_down_raises_state_unavailable(self) -> None:
         """Nothing listening on the port: a clear error naming the backend and the URL."""

@@ -19,8 +19,8 @@ zeroed (see the README, "Several processes or machines on one key").
 from __future__ import annotations
 
 from importlib import resources
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from broker.errors import ConfigError, StateUnavailableError
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
@@ -47,17 +47,28 @@ _SCRIPT = resources.files("broker.state").joinpath("decide.lua").read_text(encod
 
 
 def redacted_url(url: str) -> str:
-    """``url`` without a user name, password or query, for messages and ``broker status``.
+    """``url`` without a user name or password, for messages and ``broker status``.
 
-    redis-py also reads credentials from the query (``?password=...``), so none of it is
-    shown.
+    redis-py also reads credentials from the query (``?password=...``), so those go from it
+    too; the rest stays (``?db=2`` names the database redis-py uses, and tells two
+    deployments apart), as does a unix socket's ``unix:///path``.
     """
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None and not parts.query:
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urlencode(
+        [
+            (name, value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+            if name.lower() not in _SECRET_QUERY
+        ]
+    )
+    # urlunsplit drops an empty netloc's "//" (unix:/run/redis.sock): written out here.
+    text = f"{parts.scheme}://{netloc}{parts.path}"
+    return f"{text}?{query}" if query else text
+
+
+# Query parameters redis-py takes credentials from.
+_SECRET_QUERY: Final = frozenset({"password", "username"})
 
 
 def _text(value: object) -> str:
@@ -78,7 +89,7 @@ class RedisStateStore:
         StateUnavailableError: redis-py is not installed (the ``redis`` extra).
     """
 
-    __slots__ = ("_client", "_prefix", "_script", "_ttl_ms", "_url")
+    __slots__ = ("_client", "_prefix", "_script", "_ttl_ms", "_url", "_writable")
 
     def __init__(
         self,
@@ -101,6 +112,7 @@ class RedisStateStore:
         self._url = redacted_url(url)
         self._prefix = key_prefix
         self._ttl_ms = int(ttl_s * 1000)
+        self._writable = False
         self._client: Redis = Redis.from_url(
             url,
             password=password,
@@ -187,33 +199,33 @@ class RedisStateStore:
         """Apply feedback and optionally reserve a send: one script call, one round trip."""
         return await self._decide(key, limits, self._args(limits, feedback, reserve, process))
 
-    async def _decide(self, key: StateKey, limits: KeyLimits, args: list[str]) -> Decision:
-        from redis.exceptions import AuthenticationError, RedisError, ResponseError
+    def _failure(self, exc: Exception) -> ConfigError | StateUnavailableError:
+        """What a Redis error means to the caller: a config error, or the store unavailable."""
+        from redis.exceptions import AuthenticationError, ResponseError
 
-        try:
-            reply: Any = await self._script(keys=self._keys(key), args=args)
-        except AuthenticationError as exc:
+        if isinstance(exc, AuthenticationError):
             # A wrong or missing password never mends by waiting: a config error (exit 78).
-            raise ConfigError(
+            return ConfigError(
                 "state.redis_password_env",
                 f"Redis at {self._url} refused the credentials ({type(exc).__name__}: {exc}); "
                 "set the password's environment variable to the right value",
-            ) from exc
-        except ResponseError as exc:
-            if "DB index" not in str(exc):
-                raise StateUnavailableError(
-                    "redis", f"{self._url}: {type(exc).__name__}: {exc}"
-                ) from exc
+            )
+        if isinstance(exc, ResponseError) and "DB index" in str(exc):
             # The URL's /N names a database the server does not have: no wait mends it.
-            raise ConfigError(
+            return ConfigError(
                 "state.redis_url",
                 f"Redis at {self._url} has no such database ({exc}); name one the server "
                 "has in the URL's path (/0 by default)",
-            ) from exc
+            )
+        return StateUnavailableError("redis", f"{self._url}: {type(exc).__name__}: {exc}")
+
+    async def _decide(self, key: StateKey, limits: KeyLimits, args: list[str]) -> Decision:
+        from redis.exceptions import RedisError
+
+        try:
+            reply: Any = await self._script(keys=self._keys(key), args=args)
         except (RedisError, OSError) as exc:
-            raise StateUnavailableError(
-                "redis", f"{self._url}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._failure(exc) from exc
         return Decision(
             granted=int(reply[0]) == 1,
             wait_s=int(reply[1]) / _US,
@@ -242,7 +254,24 @@ class RedisStateStore:
         to apply, reserved or stored (a key no broker used yet is not created, and a config
         whose ``tps`` differs does not reset the shared rate)."""
         args = self._args(limits, Feedback(), False, None, view=True)
-        return KeyView(key, limits, await self._decide(key, limits, args))
+        view = KeyView(key, limits, await self._decide(key, limits, args))
+        await self._check_writable()
+        return view
+
+    async def _check_writable(self) -> None:
+        """Raise :class:`StateUnavailableError` when Redis takes no writes (a read-only
+        replica, out of memory under ``noeviction``, too few replicas): every broker on it
+        is paused then, and a view must not show its keys as active. Checked once per store,
+        with a key of its own that lives a second."""
+        from redis.exceptions import RedisError
+
+        if self._writable:
+            return
+        try:
+            await self._client.set(f"{self._prefix}write-check", "1", px=1000)
+        except (RedisError, OSError) as exc:
+            raise self._failure(exc) from exc
+        self._writable = True
 
     async def aclose(self) -> None:
         """Close the connection pool."""
