@@ -623,6 +623,41 @@ def test_progress_counts_the_jobs_own_429s(tmp_path: Path) -> None:
     assert event["throttled"] == 3
 
 
+def test_progress_says_the_job_waits_for_the_quota_its_rows_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rows left are all for FR, whose keys wait for their daily quota while the US
+    key idles: the progress says the job waits until the reset, not an ETA from the
+    average rate ("ETA 0m01s" for a job held for hours)."""
+    from broker.engine.metrics import KeySnapshot
+
+    until = "2026-12-06T00:00:00Z"
+    us = KeySnapshot("us", "active", 1, 1, 0, 1, 0, 0, 1, 8640, None)
+    fr = KeySnapshot("fr", "paused", 1, 1, 0, 1, 0, 0, 1, 8640, None, runner.QUOTA_WAIT, until)
+    broker = _SharedBroker()
+    monkeypatch.setattr(
+        broker, "metrics", lambda: type("M", (), {"throttled": 0, "keys": [us, fr]})
+    )
+    for mode in ("log", "bar"):
+        options = JobOptions(job=tmp_path / "j.txt", out=tmp_path / "o.jsonl", progress=mode)
+        progress = runner._Progress(
+            _Tally(),
+            broker,
+            options,
+            needed=lambda: {"fr"},  # type: ignore[arg-type]
+        )
+        progress._start_done = 0  # four rows done since the start: a rate, and an ETA
+        with capture_logs() as logs:
+            progress._show()
+        if mode == "log":
+            (event,) = [e for e in logs if e["event"] == "broker.progress"]
+            assert event["waiting_quota_until"] == until
+            assert event["eta_s"] is None
+    line = capsys.readouterr().err
+    assert f"waiting for daily quota until {until}" in line
+    assert "ETA" not in line
+
+
 @pytest.mark.parametrize(
     ("code", "at_fault"),
     [("NoTokenEndpoint", "fix what it names (the config"), ("InvalidPartnerTag", "fix the key")],

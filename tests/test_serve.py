@@ -790,6 +790,42 @@ class TestHttp:
         assert readiness(snapshot, state="stopping").reason == "stopping"
         assert readiness(None, state="running").reason == "starting"
 
+    def test_readiness_looks_at_the_keys_the_waiting_work_needs(self) -> None:
+        """Work waits for FR only, and every FR key waits for its daily quota while the US
+        keys idle: not ready, until the reset (the daemon's job is stuck for hours). It said
+        ready, because some key could send. With no work waiting, any key that can send
+        makes it ready; so does an FR key that can send."""
+        until = "2026-12-06T00:00:00Z"
+
+        def key(name: str, market: str, reason: str | None = None) -> KeySnapshot:
+            state = "active" if reason is None else "paused"
+            return KeySnapshot(
+                name, state, 1, 1, 0, 1, 0, 0, 1, 8640, None, reason,
+                until if reason else None, marketplaces=(market,),
+            )  # fmt: skip
+
+        us, fr = key("us", "www.amazon.com"), key("fr", "www.amazon.fr", QUOTA_WAIT)
+
+        def snapshot(*keys: KeySnapshot, waiting: tuple[str, ...]) -> MetricsSnapshot:
+            return MetricsSnapshot(
+                0, {}, 0, 0, 0, {}, (0,) * 11, 0.0, 0, 1, 1, keys=keys, waiting_markets=waiting
+            )
+
+        stuck = readiness(snapshot(us, fr, waiting=("www.amazon.fr",)), state="running")
+        assert not stuck.ready
+        assert stuck.reason == f"{QUOTA_WAIT} until {until}"
+        assert stuck.until == until
+        assert readiness(snapshot(us, fr, waiting=()), state="running").ready
+        fresh_fr = key("fr2", "www.amazon.fr")
+        assert readiness(
+            snapshot(us, fr, fresh_fr, waiting=("www.amazon.fr",)), state="running"
+        ).ready
+        # The gauge the no-progress alert stands down for, alike.
+        text = render_metrics(snapshot(us, fr, waiting=("www.amazon.fr",)), SpoolSnapshot())
+        assert _samples(text)["asinb_work_waiting_quota"] == 1
+        text = render_metrics(snapshot(us, fr, waiting=()), SpoolSnapshot())
+        assert _samples(text)["asinb_work_waiting_quota"] == 0
+
     def test_waiting_quota_is_only_a_quota_wait(self) -> None:
         """asinb_key_waiting_quota is 1 for a key waiting for its daily quota (by its own
         count or Amazon's), not for one parked as not eligible: the NoProgress alert stands

@@ -325,6 +325,10 @@ class WorkQueue:
             batch.place = BatchPlace.ACTIVE
             batch.on_empty = None
 
+    def marketplaces(self) -> tuple[str, ...]:
+        """The marketplaces queued batches are for, sorted (one pass over the queue)."""
+        return tuple(sorted({batch.marketplace for batch in self._batches}))
+
     def has_work_for(self, marketplaces: Collection[str]) -> bool:
         """True if a queued batch is for one of ``marketplaces`` (stops at the first)."""
         return any(b.marketplace in marketplaces for b in self._batches)

@@ -871,10 +871,12 @@ class Broker:
 
     def metrics(self) -> MetricsSnapshot:
         """Counters and per-key state right now."""
+        work = self._work
         return self._metrics.snapshot(
-            queued_batches=len(self._work) if self._work is not None else 0,
+            queued_batches=len(work) if work is not None else 0,
             outstanding_lookups=len(self._intake) if self._intake is not None else 0,
             keys=tuple(key.snapshot() for key in self._keys),
+            waiting_markets=work.marketplaces() if work is not None else (),
         )
 
     def __repr__(self) -> str:

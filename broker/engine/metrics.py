@@ -64,6 +64,9 @@ class MetricsSnapshot:
     queued_batches: int
     outstanding_lookups: int
     keys: tuple[KeySnapshot, ...] = field(default=())
+    #: the marketplaces queued batches wait for a key in (sorted): whose keys' state
+    #: decides whether the work can go on
+    waiting_markets: tuple[str, ...] = ()
 
 
 class EngineMetrics:
@@ -118,7 +121,12 @@ class EngineMetrics:
             self._items[status.value] = self._items.get(status.value, 0) + 1
 
     def snapshot(
-        self, *, queued_batches: int, outstanding_lookups: int, keys: tuple[KeySnapshot, ...]
+        self,
+        *,
+        queued_batches: int,
+        outstanding_lookups: int,
+        keys: tuple[KeySnapshot, ...],
+        waiting_markets: tuple[str, ...] = (),
     ) -> MetricsSnapshot:
         """Return the counters as a frozen value."""
         return MetricsSnapshot(
@@ -134,4 +142,5 @@ class EngineMetrics:
             queued_batches=queued_batches,
             outstanding_lookups=outstanding_lookups,
             keys=keys,
+            waiting_markets=waiting_markets,
         )

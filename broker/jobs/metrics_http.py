@@ -143,27 +143,46 @@ def check_host(host: str, *, allow_remote: bool) -> None:
 
 
 def readiness(metrics: MetricsSnapshot | None, *, state: str) -> Readiness:
-    """Decide ``/readyz``: ready while at least one key can send.
+    """Decide ``/readyz``: ready while at least one key the waiting work needs can send.
 
-    Not ready while starting or stopping, when every key is out of rotation (disabled,
-    parked, or paused by a failing token endpoint), or when the keys that are left wait for
-    their daily quota: then the reason says until when (the earliest reset).
+    The keys that count are those serving a marketplace batches wait for; with no work
+    waiting, every key. So a job whose rows left are all for a marketplace whose keys wait
+    for their daily quota is not ready (the daemon is held for hours), however fresh the
+    keys of other marketplaces. Not ready either while starting or stopping, or when every
+    such key is out of rotation (disabled, parked, or paused by a failing token endpoint);
+    a quota wait says until when (the earliest reset).
     """
     if state != "running":
         return Readiness(False, state)
     if metrics is None:
         return Readiness(False, "starting")
-    if not metrics.keys or any(_can_send(key) for key in metrics.keys):
+    keys = needed_keys(metrics)
+    if not keys or any(_can_send(key) for key in keys):
         return Readiness(True)
-    waits = sorted(
-        key.until for key in metrics.keys if key.until is not None and key.reason == QUOTA_WAIT
-    )
+    waits = sorted(key.until for key in keys if key.until is not None and key.reason == QUOTA_WAIT)
     if waits:
         return Readiness(False, f"{QUOTA_WAIT} until {waits[0]}", waits[0])
-    out = "; ".join(f"{key.name}: {key.reason or key.state}" for key in metrics.keys)
+    out = "; ".join(f"{key.name}: {key.reason or key.state}" for key in keys)
     # A parked key's until is its probe: the earliest is when one may send again.
-    probes = sorted(key.until for key in metrics.keys if key.until is not None)
+    probes = sorted(key.until for key in keys if key.until is not None)
     return Readiness(False, f"no key can send ({out})", probes[0] if probes else None)
+
+
+def needed_keys(metrics: MetricsSnapshot) -> list[KeySnapshot]:
+    """The keys whose state decides whether the work goes on: those serving a marketplace
+    batches wait for; with no work waiting (or none of its marketplaces served), all."""
+    waiting = set(metrics.waiting_markets)
+    return [key for key in metrics.keys if waiting.intersection(key.marketplaces)] or list(
+        metrics.keys
+    )
+
+
+def work_waits_for_quota(metrics: MetricsSnapshot) -> bool:
+    """True when every key the work needs that is not disabled waits for its daily quota
+    (its own count spent, or parked because Amazon's answers say so): the work is held
+    until a reset, and no progress is expected before it."""
+    keys = [key for key in needed_keys(metrics) if key.state != "disabled"]
+    return bool(keys) and all(key.reason in _QUOTA_REASONS for key in keys)
 
 
 def _can_send(key: KeySnapshot) -> bool:
@@ -230,6 +249,12 @@ def render_metrics(
 
 
 def _render_engine(out: _Exposition, m: MetricsSnapshot) -> None:
+    out.family(
+        "asinb_work_waiting_quota",
+        "gauge",
+        "1 while every key the waiting work needs waits for its daily quota.",
+    )
+    out.sample("asinb_work_waiting_quota", int(work_waits_for_quota(m)))
     out.family("asinb_requests_total", "counter", "HTTP responses from the API, by status code.")
     for code, count in sorted(m.responses_by_status.items()):
         out.sample("asinb_requests_total", count, status=str(code))

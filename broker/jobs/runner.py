@@ -688,11 +688,11 @@ async def _fetch(
             yield Query(lookup.asin, lookup.marketplace, lookup.resources, tag=lookup)
 
     last_commit = time.monotonic()
-    progress = _Progress(ledger, broker, options)
-
-    # The lookups left per marketplace: no_wait tells from them which keys the rest of the
-    # job needs.
+    # The lookups left per marketplace: no_wait and the progress tell from them which keys
+    # the rest of the job needs.
     left = ledger.pending_by_marketplace()
+    needed = functools.partial(_keys_for_markets, broker, left)
+    progress = _Progress(ledger, broker, options, needed=needed)
 
     def commit() -> None:
         nonlocal last_commit
@@ -750,7 +750,6 @@ async def _fetch(
     stop.watch(task)
     ticker = loop.create_task(progress.run())
     committer = loop.create_task(commit_when_idle())
-    needed = functools.partial(_keys_for_markets, broker, left)
     quota_watch = loop.create_task(_watch_quota(broker, stop, needed)) if options.no_wait else None
     try:
         await task
@@ -962,9 +961,20 @@ def _signals(stop: _Stop, *, enabled: bool, drain: asyncio.Event | None) -> Iter
 class _Progress:
     """Progress on stderr: a live line on a terminal, periodic events otherwise."""
 
-    def __init__(self, ledger: Ledger, broker: Broker, options: JobOptions) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        broker: Broker,
+        options: JobOptions,
+        *,
+        needed: Callable[[], Collection[str]] = frozenset,
+    ) -> None:
         self._ledger = ledger
         self._broker = broker
+        # The keys the rows left need: when all of them wait for their daily quota, the
+        # job waits for the reset, whatever the average rate says (other marketplaces'
+        # keys idle).
+        self._needed = needed
         self._live = options.progress == "bar" or (
             options.progress == "auto" and sys.stderr.isatty()
         )
@@ -995,7 +1005,9 @@ class _Progress:
         metrics = self._broker.metrics()
         elapsed = max(time.monotonic() - self._started, 1e-6)
         rate = (counts.done - self._start_done) / elapsed
-        eta = counts.pending / rate if rate > 0 else None
+        keys_needed = self._needed() if counts.pending else ()
+        waiting = quota_wait(self._broker, keys=keys_needed) if keys_needed else None
+        eta = counts.pending / rate if rate > 0 and waiting is None else None
         throttled = metrics.throttled - self._start_throttled
         keys = ", ".join(
             f"{k.name} {k.rate:.2g}/s"
@@ -1004,9 +1016,12 @@ class _Progress:
             for k in metrics.keys
         )
         if self._live:
+            ahead = (
+                f"waiting for daily quota until {waiting}" if waiting else f"ETA {_fmt_eta(eta)}"
+            )
             line = (
                 f"\r{counts.done}/{counts.total} rows  {rate:.1f} rows/s  "
-                f"ETA {_fmt_eta(eta)}  429s {throttled}  {keys}"
+                f"{ahead}  429s {throttled}  {keys}"
             )
             show_live_line(_fit(line))
         else:
@@ -1017,6 +1032,7 @@ class _Progress:
                 total=counts.total,
                 rows_per_s=round(rate, 2),
                 eta_s=round(eta) if eta else None,
+                waiting_quota_until=waiting,
                 throttled=throttled,
                 keys=[
                     {
