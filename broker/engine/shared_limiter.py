@@ -335,7 +335,8 @@ class SharedKeyLimiter:
         elif decision.day == self._hwm_day:
             self._hwm_count = max(self._hwm_count, decision.count)
         if decision.cut:
-            logger.info("broker.rate_cut", key=self._key.name, rate=round(decision.rate, 4))
+            # One per cutting 429: at info a fleet would log about a line a second.
+            logger.debug("broker.rate_cut", key=self._key.name, rate=round(decision.rate, 4))
         return decision
 
     async def _wait_for_store(self, exc: StateUnavailableError) -> None:
