@@ -21,6 +21,17 @@ from broker.simulator.process import SimulatorProcess, toml_document
 from broker.simulator.settings import SimulatorSettings
 
 
+def _bench_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``broker bench ARGS`` in a child process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 class TestOptions:
     def test_defaults_describe_a_new_account(self) -> None:
         """The defaults are one key at 5 TPS behind a strict (burst 1) bucket."""
@@ -165,25 +176,8 @@ class TestRun:
         """``--fault expired_token=1`` takes the only key out: the bench says so in one line
         and exits 77 (a key was rejected), as ``broker run`` does; it ended with a
         NoUsableKeyError traceback and exit 1."""
-        completed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "broker",
-                "bench",
-                "--duration",
-                "1",
-                "--warmup",
-                "0.2",
-                "--latency-ms",
-                "0",
-                "--fault",
-                "expired_token=1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        completed = _bench_cli(
+            "--duration", "1", "--warmup", "0.2", "--latency-ms", "0", "--fault", "expired_token=1"
         )
         assert completed.returncode == 77, completed.stderr
         assert "Traceback" not in completed.stderr
@@ -192,32 +186,10 @@ class TestRun:
 
     def test_cli_prints_one_json_line_per_loop(self) -> None:
         """``broker bench --json`` runs each requested loop and prints one JSON line each."""
-        completed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "broker",
-                "bench",
-                "--tps",
-                "0",
-                "--duration",
-                "0.5",
-                "--warmup",
-                "0.2",
-                "--latency-ms",
-                "0",
-                "--jitter-ms",
-                "0",
-                "--loop",
-                "uvloop",
-                "--loop",
-                "asyncio",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        completed = _bench_cli(
+            *("--tps", "0", "--duration", "0.5", "--warmup", "0.2"),
+            *("--latency-ms", "0", "--jitter-ms", "0"),
+            *("--loop", "uvloop", "--loop", "asyncio", "--json"),
         )
         assert completed.returncode == 0, completed.stderr
         lines = [json.loads(line) for line in completed.stdout.splitlines()]
@@ -226,13 +198,7 @@ class TestRun:
 
     def test_cli_refuses_a_bad_fault_with_exit_2(self) -> None:
         """A bad --fault is a usage error (exit 2) that lists the known kinds."""
-        completed = subprocess.run(
-            [sys.executable, "-m", "broker", "bench", "--fault", "gremlins=0.1"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        completed = _bench_cli("--fault", "gremlins=0.1")
         assert completed.returncode == 2
         assert "error_503" in completed.stderr
 

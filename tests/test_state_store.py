@@ -379,6 +379,17 @@ class TestFeedback:
         assert second.parked_until_us == first.parked_until_us
 
 
+async def _lose_the_key(backend: Backend, request: pytest.FixtureRequest) -> None:
+    """Make the store lose KEY's record: dropped in memory, Redis restarted empty."""
+    if isinstance(backend.store, MemoryStateStore):
+        backend.store.drop(KEY)
+    elif backend.name == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        await asyncio.to_thread(server.restart)
+    else:
+        pytest.skip("a SQLite file does not lose rows")
+
+
 class TestDayAndProcesses:
     """The daily count survives a lost store through high-water marks; processes are seen."""
 
@@ -387,13 +398,7 @@ class TestDayAndProcesses:
     ) -> None:
         """A store that lost the key takes the asking process's high-water mark, not zero."""
         first = await backend.reserve()
-        if isinstance(backend.store, MemoryStateStore):
-            backend.store.drop(KEY)
-        elif backend.name == "redis":
-            server: RedisServer = request.getfixturevalue("redis_server")
-            await asyncio.to_thread(server.restart)
-        else:
-            pytest.skip("a SQLite file does not lose rows")
+        await _lose_the_key(backend, request)
         mark = ProcessMark("test:1:a", first.day, 42)
         d = await backend.store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark)
         assert d.count == 43
@@ -408,13 +413,7 @@ class TestDayAndProcesses:
         unpark by another process stands)."""
         first = await backend.reserve()
         parked_until = first.now_us + 600 * 1_000_000
-        if isinstance(backend.store, MemoryStateStore):
-            backend.store.drop(KEY)
-        elif backend.name == "redis":
-            server: RedisServer = request.getfixturevalue("redis_server")
-            await asyncio.to_thread(server.restart)
-        else:
-            pytest.skip("a SQLite file does not lose rows")
+        await _lose_the_key(backend, request)
         mark = ProcessMark(
             "test:1:a",
             first.day,
