@@ -202,6 +202,33 @@ class TestSharedFeedback:
         assert b.last_decision.rate == pytest.approx(cut)
         assert cut < 5.0
 
+    async def test_a_park_survives_a_lost_store_while_a_process_waits_it_out(self) -> None:
+        """A process waiting out an hour's park in wait_ready asks the store again every
+        30 s; the store loses the key meanwhile: its next ask still carries the park, and it
+        keeps waiting. Its mark was empty (each recheck dropped the last answer), and the
+        key came back unparked at the nominal rate."""
+        clock = FakeClock()
+        store = _store(clock)
+        settings = AdaptiveSettings(park_s=3600.0, probe_jitter=0.0)
+        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+        circuit_a = SharedCircuit(a, clock, random=lambda: 0.0, settings=settings)
+        a.record_throttled(await a.commit())
+        await clock.advance(0.001)
+        await a.refresh()
+        circuit_a.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+        await clock.advance(0.001)
+        with pytest.raises(SendRefused, match="parked"):
+            await b.commit()
+        waiter = asyncio.create_task(b.wait_ready())
+        await clock.advance(45.0)  # one recheck, at 30 s
+        assert not waiter.done()
+        store.drop(KEY)
+        await clock.advance(30.0)  # the next recheck asks the store that lost the key
+        assert not waiter.done()
+        assert b.last_decision is not None
+        assert b.last_decision.parked_until_us > 0
+        waiter.cancel()
+
     async def test_a_refused_probe_does_not_leave_the_circuit_half_open(self) -> None:
         """Two parked processes: one probes; the other's refused probe re-opens its circuit,
         and once the probe got through it sends again."""

@@ -175,6 +175,9 @@ class SharedKeyLimiter:
         self._limits = limits
         self._process_id = process_id
         self._last: Decision | None = None
+        # The last decision, kept while _last is dropped to make a wait ask again: what the
+        # process saw of the key goes in its mark (a store that lost it rebuilds from it).
+        self._seen: Decision | None = None
         # store seconds minus local monotonic seconds, from the last answer
         self._offset = 0.0
         # the store's wall seconds minus local monotonic seconds (None: no answer yet); the
@@ -289,14 +292,14 @@ class SharedKeyLimiter:
     async def _call(self, *, reserve: bool) -> Decision:
         self._asked_at = self._clock.monotonic()
         feedback = self._take_feedback()
-        last = self._last
+        seen = self._seen
         mark = ProcessMark(
             self._process_id,
             self._hwm_day,
             self._hwm_count,
-            rate=0.0 if last is None else last.rate,
-            parked_until_us=0 if last is None else last.parked_until_us,
-            park_reason="" if last is None else last.park_reason,
+            rate=0.0 if seen is None else seen.rate,
+            parked_until_us=0 if seen is None else seen.parked_until_us,
+            park_reason="" if seen is None else seen.park_reason,
         )
         try:
             decision = await self._store.decide(
@@ -329,7 +332,7 @@ class SharedKeyLimiter:
         local_us = self._clock.monotonic() * _US
         self._offset = math.ceil(decision.now_us - local_us) / _US
         self._wall_offset = (decision.wall_us - local_us) / _US
-        self._last = decision
+        self._last = self._seen = decision
         if decision.day > self._hwm_day:
             self._hwm_day, self._hwm_count = decision.day, decision.count
         elif decision.day == self._hwm_day:
