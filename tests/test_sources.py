@@ -407,11 +407,26 @@ def test_cr_ended_csv_with_a_line_break_in_a_cell(tmp_path: Path, name: str) -> 
     ]
 
 
-def test_a_stray_cr_in_a_crlf_file_keeps_it_crlf(tmp_path: Path) -> None:
-    """A lone CR inside a quoted cell of a CRLF file does not make the file CR-ended."""
-    data = f'asin,note\r\n{VALID},"a\rb"\r\n{VALID},c\r\n'
+def test_cr_ended_csv_with_more_line_breaks_in_cells_than_records(tmp_path: Path) -> None:
+    """A CR-ended CSV whose cells hold several LF line breaks each (a 3-line address) is
+    still CR-ended: its first line says so, however the cells are written."""
+    data = f'asin,addr\r{VALID},"1 Main St\nSpringfield\nUSA"\rB0ABCDEFGJ,"2 Elm\nTown\nUK"\r'
     found = rows(write(tmp_path, "job.csv", data))
-    assert [row.extra for row in found] == [{"note": "a\rb"}, {"note": "c"}]
+    # A record's line is its first physical line, as in an LF file with such cells.
+    assert [(row.line, row.asin) for row in found] == [(2, VALID), (5, "B0ABCDEFGJ")]
+    assert found[0].extra == {"addr": "1 Main St\nSpringfield\nUSA"}
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_lone_crs_in_cells_keep_an_lf_or_crlf_file_as_it_is(tmp_path: Path, ending: str) -> None:
+    """Lone CRs inside quoted cells of an LF or CRLF file (more of them than line endings)
+    do not make the file CR-ended: the cells keep their CRs and the rows their lines."""
+    data = f'asin,note{ending}{VALID},"a\rb\rc"{ending}{VALID},"d\re\rf"{ending}'
+    found = rows(write(tmp_path, "job.csv", data))
+    assert [(row.line, row.extra) for row in found] == [
+        (2, {"note": "a\rb\rc"}),
+        (3, {"note": "d\re\rf"}),
+    ]
 
 
 @pytest.mark.parametrize("name", ["job.txt", "job.jsonl", "job.csv"])

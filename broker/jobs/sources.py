@@ -453,11 +453,12 @@ def _open(stack: ExitStack, path: Path) -> tuple[io.BufferedIOBase, bool]:
 
 
 def _cr_only(path: Path, gzipped: bool) -> bool:
-    """True when the file's lines end in CR alone: in its head, CRs not followed by LF
-    outnumber every other line ending (LF alone and CRLF).
+    """True when the file's lines end in CR alone: its first line ending is a CR not
+    followed by LF.
 
-    Not "no LF at all": Excel's "CSV (Macintosh)" ends records in CR and breaks lines inside
-    a cell with LF. A stray CR inside a cell of an LF or CRLF file stays in the minority.
+    The first line (a header, a comment, an id) is where the file's own ending shows: a
+    cell's line breaks come later and may be of another kind (Excel's "CSV (Macintosh)" ends
+    records in CR and breaks lines inside cells with LF; an LF file's cells may hold CRs).
     Read through a handle of its own (a buffer's peek may stop between a CRLF's two bytes),
     one byte further when the head ends in CR, to see what follows it.
     """
@@ -468,9 +469,12 @@ def _cr_only(path: Path, gzipped: bool) -> bool:
                 head += handle.read(1)
     except (OSError, EOFError, zlib.error):
         return False  # a damaged .gz: the line reader reports it where it happens
-    crlf = head.count(b"\r\n")
-    lone_cr = head.count(b"\r") - crlf
-    return lone_cr > head.count(b"\n")  # LFs alone and CRLFs, the other endings
+    ending = _LINE_END.search(head)
+    return ending is not None and ending.group() == b"\r"
+
+
+# The first line ending of a file: CRLF, LF or a lone CR.
+_LINE_END: Final = re.compile(rb"\r\n|\r|\n")
 
 
 class _CrAsLf(io.RawIOBase):
