@@ -515,12 +515,19 @@ class TestResume:
             slow, api=dataclasses.replace(slow.api, resources=("itemInfo.title",))
         )
         with structlog.testing.capture_logs() as logs:
-            await start(changed)
+            second = await start(changed)
             status = await _filed(spool, "slow.txt")
         assert status["rows"]["total"] == 25
+        # Every row was written again by this daemon, and counted so (the first run's rows
+        # were subtracted as if resumed: 14 of 25).
+        written = _samples((await _get(f"{second.url}/metrics"))[2])
+        assert sum(v for k, v in written.items() if k.startswith("asinb_rows_total")) == 25
         rows = _rows(spool / "done" / "slow.txt.out.jsonl")
         assert sorted(r["line"] for r in rows) == list(range(1, 26))
-        assert [e["job"] for e in logs if e["event"] == "broker.job_restarted"] == ["slow.txt"]
+        (restarted,) = [e for e in logs if e["event"] == "broker.job_restarted"]
+        assert restarted["job"] == "slow.txt"
+        assert restarted["setting"] == "api.resources"
+        assert "--new-job" not in str(restarted)  # no advice a daemon cannot follow
         assert not (spool / "failed").exists() or os.listdir(spool / "failed") == []
 
     async def test_a_dead_siblings_job_is_taken_over(

@@ -200,7 +200,16 @@ class JobMismatchError(JobFileError):
 
 class JobSettingsChangedError(JobMismatchError):
     """The job's file is the same, but the config's answer settings (default marketplace,
-    protocol, resources, ...) are not those it started under: its rows would mix the two."""
+    protocol, resources, ...) are not those it started under: its rows would mix the two.
+
+    Attributes:
+        setting: the setting's name (``api.marketplace``, ``api.resources``, ...).
+        then, now: its value when the job started, and in the config now.
+    """
+
+    def __init__(self, message: str, *, setting: str, then: str, now: str) -> None:
+        super().__init__(message)
+        self.setting, self.then, self.now = setting, then, now
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +494,10 @@ class Ledger:
             raise JobSettingsChangedError(
                 f"{self._path}: this job started with default marketplace {stored}, and the "
                 f"configuration now says {default_marketplace}; rows already resolved would "
-                "mix marketplaces. Restore the setting to resume, or run with --new-job."
+                "mix marketplaces. Restore the setting to resume, or run with --new-job.",
+                setting="api.marketplace",
+                then=str(stored),
+                now=default_marketplace,
             )
         for name, value in settings.items():
             then = self._meta(_SETTING + name)
@@ -504,7 +516,10 @@ class Ledger:
                 f"{self._path}: this job started with {name} = {then}, and the "
                 f"configuration now says {value}; rows already resolved would mix the two "
                 "in one output. Restore the setting to resume, run with --new-job to start "
-                "over, or with --refresh to fetch a finished job again."
+                "over, or with --refresh to fetch a finished job again.",
+                setting=name,
+                then=str(then),
+                now=value,
             )
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -1150,9 +1150,13 @@ class Daemon:
             logger.warning(
                 "broker.job_restarted",
                 job=options.label,
-                reason=str(exc),
+                setting=exc.setting,
+                was=exc.then,
+                now=exc.now,
                 note="started over under the config's settings now; its rows are fetched again",
             )
+            # Its rows are all new now: none was counted by an earlier run.
+            self._rows_counted = {}
             again = dataclasses.replace(options, new_job=True)
             return await run_job(self._config, again, broker=broker)
 
