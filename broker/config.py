@@ -53,6 +53,7 @@ __all__ = [
     "is_loopback_host",
     "load_config",
     "parse_config",
+    "secret_url_parameter",
     "shown_url",
 ]
 
@@ -304,16 +305,29 @@ class StateConfig:
     key_prefix: str = "asin-broker:"
 
 
+def secret_url_parameter(name: str) -> bool:
+    """True for a Redis URL query parameter that carries a credential.
+
+    redis-py passes every query parameter on as a keyword: ``?password=``, and
+    ``?ssl_password=`` (the TLS key's passphrase) among them, are secrets; ``?username=``
+    goes with them. The one rule for refusing them in a file and leaving them out of what
+    is shown.
+    """
+    lowered = name.lower()
+    return "password" in lowered or lowered == "username"
+
+
 def _url_has_password(url: str) -> bool:
-    """True when a Redis URL carries a password, as ``user:pw@`` or as redis-py's
-    ``?password=`` query parameter: a file must not hold one. A URL that cannot be read
+    """True when a Redis URL carries a password, as ``user:pw@`` or in its query
+    (:func:`secret_url_parameter`): a file must not hold one. A URL that cannot be read
     at all is left to :func:`_check_redis_url`."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return False
     return bool(parts.password) or any(
-        name.lower() == "password" for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+        secret_url_parameter(name) and name.lower() != "username"
+        for name, _ in parse_qsl(parts.query, keep_blank_values=True)
     )
 
 

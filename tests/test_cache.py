@@ -158,6 +158,10 @@ class TestPolicy:
         with pytest.raises(ConfigError, match="redis_url_env") as info:
             parse_config(doc, environ={})
         assert "h2" not in str(info.value)
+        doc["cache"] = {"backend": "redis", "redis_url": "rediss://h:1/0?ssl_password=k3y"}
+        with pytest.raises(ConfigError, match="redis_url_env") as info:
+            parse_config(doc, environ={})
+        assert "k3y" not in str(info.value)
         doc["cache"] = {"backend": "redis", "redis_url_env": "ASINB_REDIS_URL"}
         parsed = parse_config(doc, environ={"ASINB_REDIS_URL": "redis://:pw@h:1/0"})
         assert parsed.cache.redis_url == "redis://:pw@h:1/0"

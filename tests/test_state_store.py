@@ -679,6 +679,8 @@ class TestIdentityAndConfig:
             == "unix:///run/redis.sock"
         )
         assert redacted_url("redis://u:pw@[::1]:6379/0") == "redis://[::1]:6379/0"
+        # redis-py takes any parameter as a keyword: the TLS key's passphrase is one.
+        assert redacted_url("rediss://h:6380/0?ssl_password=KeyPW&db=1") == "rediss://h:6380/0?db=1"
 
 
 class TestUnavailable:

@@ -19,9 +19,10 @@ zeroed (see the README, "Several processes or machines on one key").
 from __future__ import annotations
 
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from broker.config import secret_url_parameter
 from broker.errors import ConfigError, StateUnavailableError
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
 from broker.state.model import (
@@ -59,16 +60,12 @@ def redacted_url(url: str) -> str:
         [
             (name, value)
             for name, value in parse_qsl(parts.query, keep_blank_values=True)
-            if name.lower() not in _SECRET_QUERY
+            if not secret_url_parameter(name)
         ]
     )
     # urlunsplit drops an empty netloc's "//" (unix:/run/redis.sock): written out here.
     text = f"{parts.scheme}://{netloc}{parts.path}"
     return f"{text}?{query}" if query else text
-
-
-# Query parameters redis-py takes credentials from.
-_SECRET_QUERY: Final = frozenset({"password", "username"})
 
 
 def _text(value: object) -> str:
