@@ -651,10 +651,10 @@ def test_progress_says_the_job_waits_for_the_quota_its_rows_need(
             progress._show()
         if mode == "log":
             (event,) = [e for e in logs if e["event"] == "broker.progress"]
-            assert event["waiting_quota_until"] == until
+            assert event["held_until"] == until
             assert event["eta_s"] is None
     line = capsys.readouterr().err
-    assert f"waiting for daily quota until {until}" in line
+    assert f"held until {until} (keys wait)" in line
     assert "ETA" not in line
 
 

@@ -971,9 +971,9 @@ class _Progress:
     ) -> None:
         self._ledger = ledger
         self._broker = broker
-        # The keys the rows left need: when all of them wait for their daily quota, the
-        # job waits for the reset, whatever the average rate says (other marketplaces'
-        # keys idle).
+        # The keys the rows left need: when all of them wait a day long (their daily quota,
+        # or parked after sustained 429s), the job is held until the earliest of those
+        # waits ends, whatever the average rate says (other marketplaces' keys idle).
         self._needed = needed
         self._live = options.progress == "bar" or (
             options.progress == "auto" and sys.stderr.isatty()
@@ -1016,9 +1016,9 @@ class _Progress:
             for k in metrics.keys
         )
         if self._live:
-            ahead = (
-                f"waiting for daily quota until {waiting}" if waiting else f"ETA {_fmt_eta(eta)}"
-            )
+            # quota_wait counts a key parked after sustained 429s too (Amazon's quota spent
+            # or the account not eligible: a 429 does not say which), as --no-wait does.
+            ahead = f"held until {waiting} (keys wait)" if waiting else f"ETA {_fmt_eta(eta)}"
             line = (
                 f"\r{counts.done}/{counts.total} rows  {rate:.1f} rows/s  "
                 f"{ahead}  429s {throttled}  {keys}"
@@ -1032,7 +1032,7 @@ class _Progress:
                 total=counts.total,
                 rows_per_s=round(rate, 2),
                 eta_s=round(eta) if eta else None,
-                waiting_quota_until=waiting,
+                held_until=waiting,
                 throttled=throttled,
                 keys=[
                     {
