@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -765,6 +765,24 @@ class TestHttp:
         assert values["asinb_deferred_jobs"] == 0
         values = _samples((await _get(f"{first.url}/metrics"))[2])
         assert values["asinb_deferred_jobs"] == 1
+
+    async def test_a_deferred_job_due_by_a_clock_ahead_of_the_stores_waits_for_its_keys(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A deferred job whose reset has come by this machine's clock while its keys still
+        wait (the reset is the key-state store's, and Redis's clock is behind) is not run:
+        it is looked at again later. It was resumed and deferred again at every poll,
+        eleven times in six seconds."""
+        running = await start(_config(tpd=3), no_wait=True)
+        _drop(spool, "d.txt", "\n".join(_asins(60, "B0AHEAD")) + "\n")
+        await _until(lambda: "d.txt" in running.daemon._deferred)
+        assert running.daemon._deferred_keys["d.txt"] == {"demo"}
+        with structlog.testing.capture_logs() as logs:
+            running.daemon._deferred["d.txt"] = datetime.now(UTC) - timedelta(seconds=1)
+            await asyncio.sleep(0.5)  # several polls
+        assert [e["event"] for e in logs if e.get("job") == "d.txt"] == []
+        assert running.daemon._deferred["d.txt"] > datetime.now(UTC)
+        assert (spool / "processing" / "d.txt").exists()
 
     async def test_jobs_deferred_for_the_daily_quota_are_counted(
         self, start: Start, spool: Path

@@ -163,6 +163,9 @@ class JobSummary:
     #: ``no_wait``: the run stopped because every usable key's daily quota was spent;
     #: when the earliest one resets (ISO UTC)
     quota_wait_until: str | None = None
+    #: ``no_wait``: the keys the rows left needed, all waiting then (whether they still do
+    #: is what says the job may go on, not a clock that may not be the store's)
+    quota_wait_keys: frozenset[str] = frozenset()
     error: str | None = None
     #: the job was already complete before this run: what to tell the user (nothing fetched)
     already_complete: str | None = None
@@ -425,6 +428,7 @@ async def _run_once(
         summary.by_status = dict(counts.by_status)
         summary.pending = counts.pending
         summary.quota_wait_until = stop.quota_until if counts.pending else None
+        summary.quota_wait_keys = stop.quota_keys if counts.pending else frozenset()
         summary.stopped_by_signal = (
             stop.requested
             and summary.quota_wait_until is None
@@ -810,7 +814,7 @@ async def _watch_quota(broker: Broker, stop: _Stop, needed: Callable[[], Collect
         keys = needed()
         until = quota_wait(broker, keys=keys) if keys else None
         if until is not None:
-            stop.quota_spent(until)
+            stop.quota_spent(until, keys)
             return
 
 
@@ -843,6 +847,7 @@ class _Stop:
         "draining",
         "error",
         "forced",
+        "quota_keys",
         "quota_until",
         "requested",
     )
@@ -856,6 +861,8 @@ class _Stop:
         self.error: Exception | None = None
         #: set when ``no_wait`` stopped the run: the earliest daily-quota reset (ISO UTC)
         self.quota_until: str | None = None
+        #: and the keys that wait so: those the rows left need
+        self.quota_keys: frozenset[str] = frozenset()
         #: set by the first signal: the fetch's stream winds down (``Broker.stream(stop=)``)
         self.draining = asyncio.Event()
         self._grace_s = grace_s
@@ -907,9 +914,11 @@ class _Stop:
         self.requested = True
         self._cancel()
 
-    def quota_spent(self, until: str) -> None:
-        """``no_wait``: every key waits for its daily quota, so stop now (resumable)."""
+    def quota_spent(self, until: str, keys: Collection[str] = ()) -> None:
+        """``no_wait``: every key (of ``keys``, those the rows left need) waits for its
+        daily quota, so stop now (resumable)."""
         self.quota_until = until
+        self.quota_keys = frozenset(keys)
         self.requested = True
         logger.warning(
             "broker.job_quota_spent",

@@ -82,7 +82,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Final
 
@@ -96,7 +96,14 @@ from broker.jobs.ledger import JobSettingsChangedError
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.paths import ledger_path, report_path
-from broker.jobs.runner import JobOptions, JobSummary, describe_failure, is_about, run_job
+from broker.jobs.runner import (
+    JobOptions,
+    JobSummary,
+    describe_failure,
+    is_about,
+    quota_wait,
+    run_job,
+)
 from broker.jobs.signals import (
     STOP_SIGNALS,
     StopSignals,
@@ -157,6 +164,9 @@ _REFUSING: Final = ".refusing-"
 _ORPHAN_CHECK_S: Final = 10.0
 #: How often a running job's file is checked for, so a job deleted from processing/ stops.
 _REMOVAL_CHECK_S: Final = 1.0
+#: How often a deferred job whose reset has come by this machine's clock, but whose keys
+#: still wait (the store's clock is behind), is looked at again.
+_DEFER_RECHECK_S: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -742,6 +752,8 @@ class Daemon:
         self._inbox_error: str | None = None
         # Jobs stopped by ``no_wait`` -> when their keys' daily quota resets.
         self._deferred: dict[str, datetime] = {}
+        # The keys each deferred job's rows needed: they say when it may go on.
+        self._deferred_keys: dict[str, frozenset[str]] = {}
         # The claim locks of deferred jobs, held until they resume: a sibling daemon must
         # not take a live daemon's deferred job for one a dead daemon left (and run it).
         self._deferred_claims: dict[str, JobLock] = {}
@@ -864,7 +876,7 @@ class Daemon:
             await self._process(broker, left, resumed=True)
         while not self._stop.is_set():
             self._restore_folders()
-            name = self._due_deferred() or self._orphan() or self._claim_next()
+            name = self._due_deferred(broker) or self._orphan() or self._claim_next()
             if name is None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._options.poll_s):
@@ -891,12 +903,23 @@ class Daemon:
                 os.rename(self.spool.processing / name, self.spool.processing / safe)
                 logger.info("broker.job_renamed", job=safe, received_as=_shown(name))
 
-    def _due_deferred(self) -> str | None:
-        """A job stopped by ``no_wait`` whose keys' daily quota has reset, if any."""
+    def _due_deferred(self, broker: Broker) -> str | None:
+        """A job stopped by ``no_wait`` whose keys' daily quota has reset, if any.
+
+        Due by this machine's clock, the job goes on only once its keys no longer wait:
+        their reset is the key-state store's (Redis's clock), and a clock ahead of it made
+        the job run and defer again at every poll. Until then it is looked at again in
+        ``_DEFER_RECHECK_S``.
+        """
         now = self._clock.utcnow()
         for name, until in list(self._deferred.items()):
             if until <= now:
+                keys = self._deferred_keys.get(name)
+                if keys and quota_wait(broker, keys=keys) is not None:
+                    self._deferred[name] = now + timedelta(seconds=_DEFER_RECHECK_S)
+                    continue
                 del self._deferred[name]
+                self._deferred_keys.pop(name, None)
                 if (self.spool.processing / name).exists():
                     logger.info("broker.job_resumed", job=name, note="daily quota reset")
                     return name
@@ -1120,7 +1143,7 @@ class Daemon:
             self._count_rows(_ledger_tally(job.ledger) or {})
             self._current = None
         if summary.quota_wait_until is not None:
-            self._defer(job, summary.quota_wait_until)
+            self._defer(job, summary.quota_wait_until, summary.quota_wait_keys)
             return
         if summary.stopped_by_signal or summary.pending:
             if self._stop.is_set():
@@ -1200,8 +1223,9 @@ class Daemon:
             self._fail_unreadable(job, exc)
         return None
 
-    def _defer(self, job: SpoolJob, until: str) -> None:
-        """``no_wait``: the keys' daily quota is spent; resume the job after the reset."""
+    def _defer(self, job: SpoolJob, until: str, keys: frozenset[str] = frozenset()) -> None:
+        """``no_wait``: the daily quota of ``keys`` (those the job's rows need) is spent;
+        resume the job after the reset."""
         try:
             when = datetime.fromisoformat(until.replace("Z", "+00:00"))
         except ValueError:
@@ -1209,6 +1233,7 @@ class Daemon:
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         self._deferred[job.name] = when
+        self._deferred_keys[job.name] = keys
         logger.warning(
             "broker.job_deferred",
             job=job.name,
