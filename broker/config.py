@@ -174,6 +174,8 @@ class RateConfig:
     retry_after_cap_s: float = 60.0
     #: share of TPD after which a key stops for the day
     tpd_guard: float = 0.99
+    #: when the daily window resets, seconds after 00:00 UTC (Amazon does not document it)
+    daily_reset_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -979,9 +981,23 @@ def _parse_rate(table: TomlTable) -> RateConfig:
         discover=table.boolean("discover", False),
         retry_after_cap_s=table.number("retry_after_cap_s", 60.0, minimum=0.0),
         tpd_guard=table.number("tpd_guard", 0.99, exclusive=True, maximum=1.0, minimum=0.0),
+        daily_reset_s=_time_of_day(table, "daily_reset_utc"),
     )
     _finish(table)
     return config
+
+
+def _time_of_day(table: TomlTable, name: str) -> int:
+    """A time of day written ``"HH:MM"`` (or ``"HH:MM:SS"``), UTC, as seconds after
+    midnight; 0 when absent."""
+    text = table.opt_text(name)
+    if text is None:
+        return 0
+    match = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?", text.strip())
+    if match is None:
+        raise ConfigError(table.key(name), 'must be a UTC time of day, "HH:MM" (e.g. "08:00")')
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours * 3_600 + minutes * 60 + seconds
 
 
 def _parse_retry(table: TomlTable) -> RetryConfig:

@@ -105,6 +105,9 @@ class TestKeyPaths:
             ("rate.beta", 1.0, "rate.beta"),
             ("rate.discover", "yes", "rate.discover"),
             ("rate.tpd_guard", 0, "rate.tpd_guard"),
+            ("rate.daily_reset_utc", "24:00", "rate.daily_reset_utc"),
+            ("rate.daily_reset_utc", "8am", "rate.daily_reset_utc"),
+            ("rate.daily_reset_utc", 8, "rate.daily_reset_utc"),
             ("retry.max_attempts", 0, "retry.max_attempts"),
             ("retry.max_age_s", float("inf"), "retry.max_age_s"),
             ("output.format", "xml", "output.format"),
@@ -121,6 +124,19 @@ class TestKeyPaths:
         error = _error(_with(where, value))
         assert error.path == path
         assert str(error).startswith(f"{path}: ")
+
+    def test_daily_reset_moves_every_keys_window(self) -> None:
+        """``[rate] daily_reset_utc`` (documented as configurable, and refused as an unknown
+        key) moves the daily window of every key: in the shared state's limits, which
+        judge the day and its reset."""
+        from broker.engine.adaptive import AdaptiveSettings
+        from broker.engine.shared_limiter import key_limits
+
+        config = parse_config(_doc(rate={"daily_reset_utc": "08:30"}), environ=ENV)
+        assert config.rate.daily_reset_s == 8 * 3_600 + 30 * 60
+        limits = key_limits(config.keys[0], config, AdaptiveSettings())
+        assert limits.reset_offset_s == 8 * 3_600 + 30 * 60
+        assert parse_config(_doc(), environ=ENV).rate.daily_reset_s == 0
 
     def test_missing_required_key(self) -> None:
         """A missing credential_id names keys[0].credential_id."""

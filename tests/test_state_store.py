@@ -286,6 +286,22 @@ class TestFeedback:
         await backend.advance(61.0)
         assert (await backend.reserve()).run_429s == 0
 
+    async def test_the_daily_window_resets_at_the_offset(self, backend: Backend) -> None:
+        """With the window reset at 08:30 UTC ([rate] daily_reset_utc), a key spent at
+        08:00 waits until 08:30, not until midnight, and starts a new count then."""
+        if backend.fake is None:
+            pytest.skip("needs the store's clock moved (Redis runs on its own)")
+        limits = replace(LIMITS, day_limit=2, reset_offset_s=8 * 3_600 + 1_800)
+        assert (await backend.reserve(limits)).granted  # _T0 is 08:00 UTC
+        assert (await backend.reserve(limits)).granted
+        spent = await backend.reserve(limits)
+        assert spent.refusal == "daily quota"
+        assert spent.wait_s == pytest.approx(1_800, abs=1)
+        await backend.advance(1_801)
+        again = await backend.reserve(limits)
+        assert again.granted
+        assert again.count == 1
+
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""
         sent = await backend.reserve()

@@ -20,7 +20,7 @@ import enum
 import math
 import random
 from collections.abc import Callable, Collection
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
@@ -185,7 +185,16 @@ class KeyState:
             )
         else:
             budget = DailyBudget(
-                clock, key.tpd, key_name=key.name, guard_fraction=rate.tpd_guard, store=budget_store
+                clock,
+                key.tpd,
+                key_name=key.name,
+                guard_fraction=rate.tpd_guard,
+                reset_time_utc=time(
+                    rate.daily_reset_s // 3_600,
+                    rate.daily_reset_s // 60 % 60,
+                    rate.daily_reset_s % 60,
+                ),
+                store=budget_store,
             )
             limiter = LocalKeyLimiter(clock, Pacer(clock, key.tps), budget)
             adaptive = AdaptiveRate(key.tps, clock=clock, settings=settings)

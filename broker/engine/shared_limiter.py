@@ -135,6 +135,7 @@ def key_limits(key: KeyConfig, config: BrokerConfig, settings: AdaptiveSettings)
         max_rate=max_rate,
         day_limit=day_limit(key.tpd, config.rate.tpd_guard),
         tpd=key.tpd,
+        reset_offset_s=config.rate.daily_reset_s,
         beta=settings.beta,
         increase=settings.increase_per_success,
         boost_every=settings.boost_every,
