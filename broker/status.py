@@ -80,18 +80,22 @@ def _iso(instant: datetime) -> str:
     return instant.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _at(d: Decision, store_us: int, wall_now: datetime) -> datetime:
-    return wall_now + timedelta(microseconds=store_us - d.now_us)
+def _at(d: Decision, store_us: int) -> datetime:
+    """A store time as a UTC instant, told by the store's wall clock at the decision (as
+    the daily window is): a machine whose clock is off shows what the others show."""
+    return datetime.fromtimestamp(d.wall_us / 1e6, UTC) + timedelta(
+        microseconds=store_us - d.now_us
+    )
 
 
-def _status(view: KeyView, configured_tps: float, wall_now: datetime) -> KeyStatus:
+def _status(view: KeyView, configured_tps: float) -> KeyStatus:
     d = view.decision
     # The limit the key keeps to: the lowest a process sharing it asked with recently.
     limit = d.day_limit
     state, until, reason = "active", None, None
     if d.parked_until_us:
         state, reason = "parked", d.park_reason or None
-        until = _iso(_at(d, d.parked_until_us, wall_now)) if d.parked_until_us > d.now_us else None
+        until = _iso(_at(d, d.parked_until_us)) if d.parked_until_us > d.now_us else None
         if until is None:
             # The park is over; the key's next send (by whichever process) is its probe.
             state = "probe due"
@@ -100,7 +104,7 @@ def _status(view: KeyView, configured_tps: float, wall_now: datetime) -> KeyStat
         until = _iso(datetime.fromtimestamp((d.day + 1) * 86_400 + view.limits.reset_offset_s, UTC))
     elif d.paused_until_us:
         state, reason = "paused", d.pause_reason or None
-        until = _iso(_at(d, d.paused_until_us, wall_now))
+        until = _iso(_at(d, d.paused_until_us))
     return KeyStatus(
         name=view.key.name,
         rate=d.rate,
@@ -111,7 +115,7 @@ def _status(view: KeyView, configured_tps: float, wall_now: datetime) -> KeyStat
         state=state,
         until=until,
         reason=reason,
-        last_429=_iso(_at(d, d.last_429_us, wall_now)) if d.last_429_us else None,
+        last_429=_iso(_at(d, d.last_429_us)) if d.last_429_us else None,
         processes=d.processes,
     )
 
@@ -140,7 +144,7 @@ async def key_statuses(config: BrokerConfig) -> tuple[str, list[KeyStatus]]:
                 StateKey.of(endpoint, key.credential_id, name=key.name),
                 key_limits(key, config, settings),
             )
-            statuses.append(_status(view, key.tps, datetime.now(UTC)))
+            statuses.append(_status(view, key.tps))
         return store.where, statuses
     finally:
         await store.aclose()

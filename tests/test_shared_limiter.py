@@ -368,6 +368,28 @@ class TestDailyQuota:
         assert b.remaining == 0
         assert b.used_fraction == 1.0
 
+    async def test_a_park_reads_alike_on_a_machine_whose_clock_runs_ahead(self) -> None:
+        """A park's probe time is told by the store's clock, as the daily reset is: a
+        process 8 h ahead shows the same instant as one on time. It showed its own clock's,
+        8 h later, beside a reset told by the store's."""
+        clock = FakeClock()
+        store = _store(clock)
+        settings = AdaptiveSettings(park_s=900.0, probe_jitter=0.0)
+        on_time = _limiter(clock, store, "a")
+        ahead = SharedKeyLimiter(
+            _Skewed(clock, 8 * 3600.0), store, KEY, on_time._limits, process_id="b"
+        )
+        SharedCircuit(on_time, clock, random=lambda: 0.0, settings=settings).open(
+            ThrottleVerdict.QUOTA_EXHAUSTED
+        )
+        await on_time.refresh()
+        await ahead.refresh()
+        parked_a, parked_b = on_time.parked(), ahead.parked()
+        assert parked_a is not None
+        assert parked_b is not None
+        assert abs((parked_b[1] - parked_a[1]).total_seconds()) < 1.0
+        assert ahead.wall_now() == on_time.wall_now()
+
     async def test_a_process_whose_clock_runs_ahead_counts_the_stores_day(self) -> None:
         """A process 6 h ahead of the store's clock, past midnight by its own clock, still
         sees the store's spent day: exhausted, nothing left, waiting until the store's reset."""

@@ -345,3 +345,33 @@ class TestJsonWithNothingToShow:
         document = json.loads(capsys.readouterr().out)
         assert document["keys"] == []
         assert "simulator" in document["note"]
+
+
+def test_times_are_told_by_the_stores_clock() -> None:
+    """A park's end is shown by the store's wall clock (Redis's, on every machine), as the
+    daily reset is; it was this machine's clock plus the time left, hours off on a machine
+    whose clock is."""
+    from datetime import UTC, datetime, timedelta
+
+    from broker.state import MemoryStateStore
+    from broker.status import _status
+
+    store_wall = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)  # not this machine's clock
+    store = MemoryStateStore(lambda: 5_000_000, lambda: int(store_wall.timestamp() * 1e6))
+    key = StateKey.of("http://sim", "cred", name="k")
+    limits = KeyLimits(1.0, 0.05, 1.0, day_limit=100, tpd=100)
+    mark = ProcessMark("p:1:a")
+
+    async def view_parked() -> object:
+        await store.decide(
+            key,
+            limits,
+            feedback=Feedback(park_s=600.0, park_reason="x"),
+            reserve=False,
+            process=mark,
+        )
+        return await store.view(key, limits)
+
+    status = _status(asyncio.run(view_parked()), 1.0)  # type: ignore[arg-type]
+    assert status.state == "parked"
+    assert status.until == (store_wall + timedelta(seconds=600)).strftime("%Y-%m-%dT%H:%M:%SZ")

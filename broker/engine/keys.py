@@ -614,7 +614,9 @@ class KeyState:
         probe_in_s = (self.circuit.probe_at or -math.inf) - self._clock.monotonic()
         if probe_in_s <= 0:
             return verdict.value, None
-        return verdict.value, self._clock.utcnow() + timedelta(seconds=probe_in_s)
+        # Told by the limiter's wall clock (the shared store's), as the daily reset is: a
+        # machine whose clock is hours off shows the same probe time as the others.
+        return verdict.value, self.limiter.wall_now() + timedelta(seconds=probe_in_s)
 
     def snapshot(self) -> KeySnapshot:
         """The key's counters and state as a value."""

@@ -291,6 +291,8 @@ class KeyLimiter(Protocol):
 
     def quota_until(self) -> datetime: ...
 
+    def wall_now(self) -> datetime: ...
+
     @property
     def blocked_reason(self) -> str | None: ...
 
@@ -412,6 +414,10 @@ class LocalKeyLimiter:
         """When a spent budget lets the key send again: the reset (in-process state has no
         other process's limit)."""
         return self.resets_at()
+
+    def wall_now(self) -> datetime:
+        """The wall clock the key's times are told by: this process's."""
+        return self._clock.utcnow()
 
     @property
     def blocked_reason(self) -> str | None:

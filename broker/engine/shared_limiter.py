@@ -561,7 +561,12 @@ class SharedKeyLimiter:
         left_s = self._local(last.parked_until_us) - self._clock.monotonic()
         if left_s <= 0:
             return None
-        return last.park_reason or "parked", self._clock.utcnow() + timedelta(seconds=left_s)
+        return last.park_reason or "parked", self.wall_now() + timedelta(seconds=left_s)
+
+    def wall_now(self) -> datetime:
+        """The wall clock the key's times are told by: the store's (see ``_store_wall``),
+        so a park's probe and the daily reset read alike on every machine."""
+        return datetime.fromtimestamp(self._store_wall(), UTC)
 
     def next_ready(self) -> float:
         """Monotonic time the key can send next, by the last answer (``-inf``: ask now)."""
