@@ -776,12 +776,12 @@ class TestHttp:
         running = await start(_config(tpd=3), no_wait=True)
         _drop(spool, "d.txt", "\n".join(_asins(60, "B0AHEAD")) + "\n")
         await _until(lambda: "d.txt" in running.daemon._deferred)
-        assert running.daemon._deferred_keys["d.txt"] == {"demo"}
+        assert running.daemon._deferred["d.txt"].keys == {"demo"}
         with structlog.testing.capture_logs() as logs:
-            running.daemon._deferred["d.txt"] = datetime.now(UTC) - timedelta(seconds=1)
+            running.daemon._deferred["d.txt"].until = datetime.now(UTC) - timedelta(seconds=1)
             await asyncio.sleep(0.5)  # several polls
         assert [e["event"] for e in logs if e.get("job") == "d.txt"] == []
-        assert running.daemon._deferred["d.txt"] > datetime.now(UTC)
+        assert running.daemon._deferred["d.txt"].until > datetime.now(UTC)
         assert (spool / "processing" / "d.txt").exists()
 
     async def test_jobs_deferred_for_the_daily_quota_are_counted(

@@ -169,6 +169,17 @@ _REMOVAL_CHECK_S: Final = 1.0
 _DEFER_RECHECK_S: Final = 30.0
 
 
+@dataclass(slots=True)
+class _Deferral:
+    """A job ``no_wait`` stopped: when its keys' daily quota resets (by this machine's
+    clock), the keys its rows need (whether they still wait says if it may go on), and its
+    claim lock, held until it resumes so that no sibling daemon takes it for a dead one's."""
+
+    until: datetime
+    keys: frozenset[str]
+    claim: JobLock | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
     """How to run the daemon.
@@ -750,13 +761,8 @@ class Daemon:
         self._ignored: set[str] = set()
         # Why inbox/ could not be counted at the last scrape (warned once), or None.
         self._inbox_error: str | None = None
-        # Jobs stopped by ``no_wait`` -> when their keys' daily quota resets.
-        self._deferred: dict[str, datetime] = {}
-        # The keys each deferred job's rows needed: they say when it may go on.
-        self._deferred_keys: dict[str, frozenset[str]] = {}
-        # The claim locks of deferred jobs, held until they resume: a sibling daemon must
-        # not take a live daemon's deferred job for one a dead daemon left (and run it).
-        self._deferred_claims: dict[str, JobLock] = {}
+        # Jobs stopped by ``no_wait``, until their keys' daily quota resets.
+        self._deferred: dict[str, _Deferral] = {}
         # When processing/ is next looked at for jobs a dead daemon left (monotonic), and
         # the jobs no daemon held at the last look.
         self._orphans_due = 0.0
@@ -847,9 +853,10 @@ class Daemon:
         try:
             await self._work_loop(broker)
         finally:
-            for claim in self._deferred_claims.values():
-                claim.close()
-            self._deferred_claims.clear()
+            for deferral in self._deferred.values():
+                if deferral.claim is not None:
+                    deferral.claim.close()
+                    deferral.claim = None
 
     async def _work_loop(self, broker: Broker) -> None:
         self._rename_awkward_claims()
@@ -882,7 +889,8 @@ class Daemon:
                     async with asyncio.timeout(self._options.poll_s):
                         await self._stop.wait()
                 continue
-            await self._process(broker, name, self._deferred_claims.pop(name, None))
+            deferral = self._deferred.pop(name, None)
+            await self._process(broker, name, None if deferral is None else deferral.claim)
 
     def _restore_folders(self) -> None:
         """Make again the spool folders removed while the daemon runs (a clean-up script,
@@ -912,21 +920,21 @@ class Daemon:
         ``_DEFER_RECHECK_S``.
         """
         now = self._clock.utcnow()
-        for name, until in list(self._deferred.items()):
-            if until <= now:
-                keys = self._deferred_keys.get(name)
-                if keys and quota_wait(broker, keys=keys) is not None:
-                    self._deferred[name] = now + timedelta(seconds=_DEFER_RECHECK_S)
-                    continue
-                del self._deferred[name]
-                self._deferred_keys.pop(name, None)
-                if (self.spool.processing / name).exists():
-                    logger.info("broker.job_resumed", job=name, note="daily quota reset")
-                    return name
-                claim = self._deferred_claims.pop(name, None)
-                if claim is not None:  # the job was removed while it waited
-                    claim.lock_path.unlink(missing_ok=True)
-                    claim.close()
+        for name, deferral in list(self._deferred.items()):
+            if deferral.until > now:
+                continue
+            there = (self.spool.processing / name).exists()
+            if there and deferral.keys and quota_wait(broker, keys=deferral.keys) is not None:
+                deferral.until = now + timedelta(seconds=_DEFER_RECHECK_S)
+                continue
+            if there:
+                # Left in _deferred: the work loop takes it, and its claim, from there.
+                logger.info("broker.job_resumed", job=name, note="daily quota reset")
+                return name
+            del self._deferred[name]
+            if deferral.claim is not None:  # the job was removed while it waited
+                deferral.claim.lock_path.unlink(missing_ok=True)
+                deferral.claim.close()
         return None
 
     def _orphan(self) -> str | None:
@@ -1075,8 +1083,9 @@ class Daemon:
                 # Filed meanwhile (listed before): the lock file this made goes too.
                 claim.lock_path.unlink(missing_ok=True)
         finally:
-            if name in self._deferred and job.path.exists():
-                self._deferred_claims[name] = claim
+            deferral = self._deferred.get(name)
+            if deferral is not None and job.path.exists():
+                deferral.claim = claim
             else:
                 claim.close()
 
@@ -1232,8 +1241,7 @@ class Daemon:
             when = self._clock.utcnow()
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        self._deferred[job.name] = when
-        self._deferred_keys[job.name] = keys
+        self._deferred[job.name] = _Deferral(when, keys)
         logger.warning(
             "broker.job_deferred",
             job=job.name,
