@@ -308,15 +308,13 @@ class StateConfig:
 
 
 def secret_url_parameter(name: str) -> bool:
-    """True for a Redis URL query parameter that carries a credential.
+    """True for a Redis URL query parameter that carries a secret.
 
     redis-py passes every query parameter on as a keyword: ``?password=``, and
-    ``?ssl_password=`` (the TLS key's passphrase) among them, are secrets; ``?username=``
-    goes with them. The one rule for refusing them in a file and leaving them out of what
-    is shown.
+    ``?ssl_password=`` (the TLS key's passphrase) among them. The one rule for refusing
+    them in a file and leaving them out of what is shown.
     """
-    lowered = name.lower()
-    return "password" in lowered or lowered == "username"
+    return "password" in name.lower()
 
 
 def _url_has_password(url: str) -> bool:
@@ -328,8 +326,7 @@ def _url_has_password(url: str) -> bool:
     except ValueError:
         return False
     return bool(parts.password) or any(
-        secret_url_parameter(name) and name.lower() != "username"
-        for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+        secret_url_parameter(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True)
     )
 
 

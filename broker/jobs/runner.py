@@ -331,17 +331,15 @@ def _complete_message(ledger: Ledger, options: JobOptions, counts: Counts) -> st
     failed = counts.by_status.get("failed", 0)
     retry = (
         f" {failed} {'row' if failed == 1 else 'rows'} failed: --new-job asks Amazon again "
-        "for them only (the item cache "
-        "answers the rest, within its max age)."
+        "for them only (the item cache answers the rest, within its max age)."
         if failed
         else ""
     )
     return (
         f"{options.job}: this job is already complete ({total} {'row' if total == 1 else 'rows'}"
-        f"{when}); nothing was "
-        f"fetched. Output: {options.out}.{retry} To fetch every row again, run the same "
-        f"command with --refresh (the output is replaced when the new run completes)."
-        f"{refreshing}"
+        f"{when}); nothing was fetched. Output: {options.out}.{retry} To fetch every row "
+        "again, run the same command with --refresh (the output is replaced when the new "
+        f"run completes).{refreshing}"
     )
 
 

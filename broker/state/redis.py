@@ -60,7 +60,8 @@ def redacted_url(url: str) -> str:
         [
             (name, value)
             for name, value in parse_qsl(parts.query, keep_blank_values=True)
-            if not secret_url_parameter(name)
+            # The user name goes with the password, as it does from user:pw@.
+            if not secret_url_parameter(name) and name.lower() != "username"
         ]
     )
     # urlunsplit drops an empty netloc's "//" (unix:/run/redis.sock): written out here.
