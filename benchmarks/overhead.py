@@ -9,8 +9,9 @@ ASINs each, the config's default resources, one key, the same concurrency) in th
   pacing, dispatch, authorization at send time (a cached bearer token, or a fresh SigV4
   signature per request), parsing every item and building one result per ASIN;
 - ``pipeline-mem``: the same pipeline with ``[state] backend = "memory"``: the key's
-  shared state (slot, daily count, rate) kept in this process instead of the machine's
-  SQLite file, to show what the one SQLite transaction per send costs;
+  shared state (slot, daily count, rate) kept in this process instead of a SQLite file
+  (this process's own, in a temporary directory: see ``_harness.broker_config``), to show
+  what the one SQLite transaction per send costs;
 - ``bare``: the transport ceiling: N workers (N = the same concurrency) posting prebuilt
   bodies with prebuilt headers (a bearer token fetched once, or signatures taken before the
   clock starts) on one ``aiohttp.ClientSession`` and reading each body, nothing else;
