@@ -648,7 +648,10 @@ def test_progress_says_the_job_waits_for_the_quota_its_rows_need(
         )
         progress._start_done = 0  # four rows done since the start: a rate, and an ETA
         with capture_logs() as logs:
-            progress._show()
+            try:
+                progress._show()
+            finally:
+                progress.done()  # a live line left up would prefix later tests' stderr
         if mode == "log":
             (event,) = [e for e in logs if e["event"] == "broker.progress"]
             assert event["held_until"] == until
