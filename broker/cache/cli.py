@@ -107,7 +107,7 @@ async def cache_command(
             async with store:
                 if args.cache_command == "purge":
                     removed = await store.purge(older_than_s=args.older_than, asins=asins)
-                    print(f"purged {removed} cached answers")
+                    print(f"purged {removed} cached answer{'' if removed == 1 else 's'}")
                     return ExitCode.OK
                 stats = await store.stats()
         except store.failures as exc:

@@ -50,7 +50,12 @@ from broker.engine.retry import RetryPolicy
 from broker.engine.scheduler import KeyPool
 from broker.engine.shared_limiter import SharedKeyLimiter, SharedState
 from broker.engine.transport import AiohttpTransport, Transport
-from broker.errors import BrokerClosedError, ConfigError, WrongEventLoopError
+from broker.errors import (
+    BrokerClosedError,
+    ConfigError,
+    StateUnavailableError,
+    WrongEventLoopError,
+)
 from broker.logs import get_logger
 from broker.models import ItemResult, Protocol, Query, Secret
 from broker.state import KeyStateStore, open_store, process_id
@@ -402,7 +407,11 @@ class Broker:
         # from a failing budget store stays an OSError).
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
-        logger.error("broker.task_crashed", error=repr(exc))
+        if isinstance(exc, StateUnavailableError):
+            # The documented end of a key-state outage past its budget (exit 69), not a bug.
+            logger.error("broker.engine_stopped", reason=str(exc))
+        else:
+            logger.error("broker.task_crashed", error=repr(exc))
         self._stop(exc)
 
     def _stop(self, exc: BaseException) -> None:
