@@ -408,6 +408,37 @@ class TestCredentialsInAnswers:
             assert "SEKRIT" not in result.error.message
             assert "***" in result.error.message
 
+    @pytest.mark.parametrize("status", [400, 401])
+    async def test_a_gateway_echoing_the_sigv4_signature_is_masked(self, status: int) -> None:
+        """A PA-API answer whose message repeats the request's SigV4 signature bare (without
+        ``Signature=``): rows and the log show *** instead. The mask looked for a bearer
+        token only, and the signature reached rows, the ledger and stderr."""
+        seen: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            signature = request.headers["Authorization"].rpartition("Signature=")[2]
+            seen.append(signature)
+            code = "InvalidParameterValue" if status == 400 else "InvalidSignature"
+            message = f"the signature you provided ({signature}) does not match"
+            return _reply(status, {"__type": f"com.amazon.paapi5#{code}", "Errors": [
+                {"Code": code, "Message": message}
+            ]})  # fmt: skip
+
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, handler, clock)
+        with capture_logs() as logs:
+            async with broker:
+                call = asyncio.ensure_future(broker.get_items(asins(3)))
+                await clock.run_until(call)
+                with contextlib.suppress(Exception):
+                    call.result()
+        assert seen
+        shown = repr(logs) + (
+            repr(call.result()) if not call.exception() else repr(call.exception())
+        )
+        for signature in seen:
+            assert signature not in shown
+
 
 class TestTokenRefreshOnTheSendGrid:
     """A token whose refresh instant falls between the pacer's early wake-up and the slot it

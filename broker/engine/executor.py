@@ -550,14 +550,14 @@ class Executor:
 def _without_credentials(error: ApiError, request: HttpRequest) -> ApiError:
     """``error`` with the credentials ``request`` carried masked in its message.
 
-    Amazon's messages hold none, but a gateway in between may echo the bearer token it
-    refused; the message goes into output rows, the ledger and the log.
+    Amazon's messages hold none, but a gateway in between may echo the bearer token or the
+    SigV4 signature it refused, bare; the message goes into output rows, the ledger and
+    the log.
     """
-    header = request.headers.get("Authorization", "")
-    token = header.removeprefix("Bearer ").split(",", 1)[0].strip()
     message = scrub(error.message)
-    if len(token) >= 8 and token in message:
-        message = message.replace(token, "***")
+    for secret in _credentials_of(request.headers.get("Authorization", "")):
+        if len(secret) >= 8 and secret in message:
+            message = message.replace(secret, "***")
     if message == error.message:
         return error
     # A copy with every attribute its class keeps (a PA-API InvalidItemIdsError's ids too),
@@ -567,6 +567,15 @@ def _without_credentials(error: ApiError, request: HttpRequest) -> ApiError:
     shown.message = message
     shown.args = (f"{error.code} (HTTP {error.status}): {message}",)
     return shown
+
+
+def _credentials_of(header: str) -> list[str]:
+    """The secret parts of an Authorization header: a bearer token (Creators), the
+    signature of a SigV4 one (PA-API: its credential id names the key and is no secret)."""
+    if header.startswith("Bearer "):
+        return [header.removeprefix("Bearer ").strip()]
+    _, found, signature = header.rpartition("Signature=")
+    return [signature.split(",", 1)[0].strip()] if found else []
 
 
 def _transient_api_error(error: ApiError) -> bool:
