@@ -262,7 +262,9 @@ class CacheConfig:
         backend: ``"sqlite"`` (a file shared by the machine's processes), ``"redis"`` or
             ``"memory"``.
         path: the SQLite file (None: ``item-cache.sqlite3`` in the state directory).
-        redis_url: ``redis://host:port/db`` without a password, or None.
+        redis_url: the Redis URL (``redis://host:port/db``), from ``redis_url`` or the
+            variable ``redis_url_env`` names; a :class:`Secret`, as the variable's may carry
+            a password. None: not Redis.
         redis_url_env: the environment variable holding the Redis URL (it may carry a
             password), or None.
         key_prefix: prefix of every Redis key.
@@ -274,7 +276,7 @@ class CacheConfig:
     max_bytes: int = 256 * 1024 * 1024
     backend: str = "sqlite"
     path: str | None = None
-    redis_url: str | None = field(default=None, repr=False)
+    redis_url: Secret | None = None
     redis_url_env: str | None = None
     key_prefix: str = "asinb:cache:"
 
@@ -1104,7 +1106,7 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
         max_bytes=table.integer("max_bytes", 256 * 1024 * 1024, minimum=0),
         backend=backend,
         path=path,
-        redis_url=redis_url,
+        redis_url=None if redis_url is None else Secret(redis_url),
         redis_url_env=redis_url_env,
         key_prefix=table.text("key_prefix", "asinb:cache:"),
     )

@@ -164,8 +164,11 @@ class TestPolicy:
         assert "k3y" not in str(info.value)
         doc["cache"] = {"backend": "redis", "redis_url_env": "ASINB_REDIS_URL"}
         parsed = parse_config(doc, environ={"ASINB_REDIS_URL": "redis://:pw@h:1/0"})
-        assert parsed.cache.redis_url == "redis://:pw@h:1/0"
+        assert parsed.cache.redis_url is not None
+        assert parsed.cache.redis_url.reveal() == "redis://:pw@h:1/0"
         assert "pw" not in repr(parsed.cache)
+        # Nor in the dataclass's fields as a dict (a config dumped for a debug page).
+        assert "pw@" not in repr(dataclasses.asdict(parsed.cache))
 
     def test_redis_url_env_is_read_only_for_the_redis_backend(self) -> None:
         """``redis_url_env`` beside ``backend = "sqlite"`` (the starter's [cache] block

@@ -118,7 +118,7 @@ def open_store(
             raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
         try:
             return RedisCache.from_url(
-                config.redis_url,
+                config.redis_url.reveal(),
                 policy,
                 key_prefix=config.key_prefix,
                 namespace=namespace,
