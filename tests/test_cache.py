@@ -170,6 +170,14 @@ class TestPolicy:
         # Nor in the dataclass's fields as a dict (a config dumped for a debug page).
         assert "pw@" not in repr(dataclasses.asdict(parsed.cache))
 
+    def test_a_redis_url_option_its_scheme_does_not_take_is_a_config_error(self) -> None:
+        """``?ssl_password=`` on a ``redis://`` URL (from redis_url_env) is a config error
+        naming the option, at once: ``broker cache stats`` ended in a TypeError traceback
+        at its first command. The value is never quoted."""
+        with pytest.raises(ConfigError, match=r"ssl_password.*rediss://") as info:
+            RedisCache.from_url("redis://127.0.0.1:1/0?ssl_password=Zq9KeyPass", CachePolicy(60))
+        assert "Zq9KeyPass" not in str(info.value)
+
     def test_redis_url_env_is_read_only_for_the_redis_backend(self) -> None:
         """``redis_url_env`` beside ``backend = "sqlite"`` (the starter's [cache] block
         uncommented) needs no variable, as [state]'s Redis settings need none for "local";

@@ -17,6 +17,7 @@ import math
 import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, cast
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -81,8 +82,9 @@ class RedisCache(StoreCache):
         """Connect to ``url`` (``redis://host:port/db``); the cache owns the client.
 
         Raises:
-            ConfigError: ``url`` cannot be read as a Redis URL (the message never quotes
-                it: the parser's own error quotes the password).
+            ConfigError: ``url`` cannot be read as a Redis URL, or carries an option its
+                scheme does not take (an ``ssl_*`` one on ``redis://``); the message never
+                quotes it: the parser's own error quotes the password.
         """
         try:
             client = Redis.from_url(url, decode_responses=False)
@@ -91,6 +93,17 @@ class RedisCache(StoreCache):
                 "cache.redis_url",
                 "is not a valid Redis URL (redis://[:password@]host[:port][/db]); a password "
                 "holding #, /, ?, @ or : must be percent-encoded (# is %23)",
+            ) from None
+        try:
+            # Built, not connected: an option the connection does not take fails here, as
+            # a config error, not at the first command with a traceback.
+            client.connection_pool.make_connection()
+        except TypeError as exc:
+            option = str(exc).rpartition("argument ")[2] or "an option"
+            raise ConfigError(
+                "cache.redis_url",
+                f"carries {option}, which a {urlsplit(url).scheme}:// connection does not take "
+                "(an ssl_* option needs rediss://)",
             ) from None
         return cls(
             client,
