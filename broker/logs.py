@@ -15,6 +15,7 @@ plain tracebacks without local variables, then console or JSON rendering.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
@@ -206,6 +207,9 @@ def configure_logging(
     renderer: Any
     if use_console:
         renderer = structlog.dev.ConsoleRenderer(
+            # Colours on a terminal only (and not under NO_COLOR): a file or a journal the
+            # console format is sent to must not fill with escape codes.
+            colors=out.isatty() and not os.environ.get("NO_COLOR"),
             exception_formatter=structlog.dev.plain_traceback,
         )
     else:

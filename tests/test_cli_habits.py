@@ -1289,6 +1289,35 @@ def test_library_stdout_is_only_the_scripts_output(tmp_path: Path) -> None:
     assert json.loads(proc.stdout) == ["ok", "ok"]
 
 
+@pytest.mark.parametrize(
+    ("tty", "no_color", "coloured"), [(False, None, False), (True, None, True), (True, "1", False)]
+)
+def test_console_logs_are_coloured_only_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, tty: bool, no_color: str | None, coloured: bool
+) -> None:
+    """``format = "console"`` colours its lines only on a terminal, and not under NO_COLOR:
+    redirected to a file or a journal (broker bench's stderr too) it wrote ANSI escapes."""
+    import logging
+
+    from broker.logs import configure_logging, get_logger
+
+    stream = io.StringIO()
+    monkeypatch.setattr(stream, "isatty", lambda: tty)
+    if no_color is None:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    else:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    configure_logging("info", "console", stream=stream)
+    try:
+        get_logger("broker").warning("broker.key_disabled", key="demo")
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            if handler.get_name() == "broker-cli":
+                logging.getLogger().removeHandler(handler)
+    assert "broker.key_disabled" in stream.getvalue()
+    assert ("\x1b[" in stream.getvalue()) is coloured
+
+
 def test_cli_routes_stdlib_records_through_redaction() -> None:
     """The CLI's logging renders aiohttp's stdlib records with the same redaction."""
     import logging
