@@ -97,7 +97,7 @@ class RedisCache(StoreCache):
         try:
             # Built, not connected: an option the connection does not take fails here, as
             # a config error, not at the first command with a traceback.
-            client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # redis-py ships no types
         except TypeError as exc:
             option = str(exc).rpartition("argument ")[2] or "an option"
             raise ConfigError(
