@@ -56,6 +56,24 @@ def _limiter(
     return SharedKeyLimiter(clock, store, KEY, limits, process_id=name)
 
 
+async def _parked_by_another(
+    clock: FakeClock, store: MemoryStateStore, *, park_s: float
+) -> tuple[SharedKeyLimiter, float]:
+    """Process a takes a 429 (a cut) and parks the key for Amazon's spent quota; process b,
+    returned, learns the park from the store (a refused send). Also the cut rate."""
+    settings = AdaptiveSettings(park_s=park_s, probe_jitter=0.0)
+    a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+    circuit_a = SharedCircuit(a, clock, random=lambda: 0.0, settings=settings)
+    a.record_throttled(await a.commit())
+    await clock.advance(0.001)
+    cut = (await a.refresh()).rate
+    circuit_a.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+    await clock.advance(0.001)
+    with pytest.raises(SendRefused, match="parked"):
+        await b.commit()
+    return b, cut
+
+
 class _Skewed:
     """A clock whose wall time runs ``ahead_s`` ahead of ``inner``'s (its timers are inner's)."""
 
@@ -183,16 +201,7 @@ class TestSharedFeedback:
         refused, and the key's rate is not back at nominal. It was sent through at once."""
         clock = FakeClock()
         store = _store(clock)
-        settings = AdaptiveSettings(park_s=60.0, probe_jitter=0.0)
-        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
-        circuit_a = SharedCircuit(a, clock, random=lambda: 0.0, settings=settings)
-        a.record_throttled(await a.commit())
-        await clock.advance(0.001)
-        cut = (await a.refresh()).rate
-        circuit_a.open(ThrottleVerdict.QUOTA_EXHAUSTED)
-        await clock.advance(0.001)
-        with pytest.raises(SendRefused, match="parked"):
-            await b.commit()
+        b, cut = await _parked_by_another(clock, store, park_s=60.0)
         store.drop(KEY)
         await clock.advance(1.0)
         with pytest.raises(SendRefused, match="parked"):
@@ -209,16 +218,7 @@ class TestSharedFeedback:
         key came back unparked at the nominal rate."""
         clock = FakeClock()
         store = _store(clock)
-        settings = AdaptiveSettings(park_s=3600.0, probe_jitter=0.0)
-        a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
-        circuit_a = SharedCircuit(a, clock, random=lambda: 0.0, settings=settings)
-        a.record_throttled(await a.commit())
-        await clock.advance(0.001)
-        await a.refresh()
-        circuit_a.open(ThrottleVerdict.QUOTA_EXHAUSTED)
-        await clock.advance(0.001)
-        with pytest.raises(SendRefused, match="parked"):
-            await b.commit()
+        b, _ = await _parked_by_another(clock, store, park_s=3600.0)
         waiter = asyncio.create_task(b.wait_ready())
         await clock.advance(45.0)  # one recheck, at 30 s
         assert not waiter.done()
