@@ -340,6 +340,10 @@ class TestJobs:
         failed = await _filed(spool, "mixed.jsonl", "failed")
         assert failed["exit_code"] == ExitCode.NO_PERMISSION
         assert "www.amazon.co.uk" in failed["error"]
+        # What a daemon's user does: the job's rows went with the filing, so "rows stay
+        # pending, run again" (broker run's advice) was not true here.
+        assert "move the job back into inbox/" in failed["error"]
+        assert "stay pending" not in failed["error"]
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
         assert not running.task.done()
 

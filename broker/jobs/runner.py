@@ -1086,11 +1086,15 @@ def is_about(exc: OSError, path: Path) -> bool:
     return exc.filename is not None and Path(exc.filename).absolute() == path.absolute()
 
 
-def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[int, str]:
+def describe_failure(
+    exc: BaseException, *, job: Path | None = None, spooled: bool = False
+) -> tuple[int, str]:
     """Map an exception of a run to (exit code, one-line message for the user).
 
     ``job``: the job file, so an error reading it (missing, not readable by this user) is
     told from one writing the output or the state; without it no file is input.
+    ``spooled``: the job is a spool daemon's, filed under failed/ with its work files, so
+    its rows do not stay pending and it is run again from inbox/.
     """
     if (
         isinstance(exc, NoUsableKeyError)
@@ -1107,9 +1111,12 @@ def describe_failure(exc: BaseException, *, job: Path | None = None) -> tuple[in
             if any(describe(failure.code).scope is Scope.GLOBAL for failure in exc.failures)
             else "the key"
         )
-        return ExitCode.NO_PERMISSION, (
-            f"stopped: {exc}. Unfinished rows stay pending; fix {at_fault} and run again."
+        again = (
+            f"fix {at_fault} and move the job back into inbox/ to run it again"
+            if spooled
+            else f"Unfinished rows stay pending; fix {at_fault} and run again"
         )
+        return ExitCode.NO_PERMISSION, f"stopped: {exc}. {again[0].upper()}{again[1:]}."
     if isinstance(exc, ConfigError):
         return ExitCode.CONFIG, f"invalid config: {exc}"
     if isinstance(exc, StateUnavailableError):

@@ -1321,7 +1321,7 @@ class Daemon:
         )
 
     def _fail(self, job: SpoolJob, exc: BaseException) -> None:
-        code, message = describe_failure(exc, job=job.path)
+        code, message = describe_failure(exc, job=job.path, spooled=True)
         # The job is filed under failed/ by now: name it, not its place in processing/
         # (messages name the path as given, or made absolute).
         for place in (str(job.path.absolute()), str(job.path)):
