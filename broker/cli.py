@@ -861,7 +861,7 @@ async def _stop_at_spent_quota(
         while not task.done():
             await asyncio.wait({task}, timeout=QUOTA_POLL_S)
             if until is None and not task.done():
-                until = quota_wait(broker, keys=waited_for())
+                until = quota_wait(broker.metrics(), keys=waited_for())
                 if until is not None:
                     wind_down.set()
     finally:

@@ -554,9 +554,9 @@ class TestKeysAndSignals:
             return SimpleNamespace(metrics=lambda: SimpleNamespace(keys=keys))
 
         revoked = ThrottleVerdict.ACCESS_REVOKED.value
-        assert quota_wait(broker(revoked)) == "Z"
-        assert quota_wait(broker(revoked, "waiting for daily quota")) == "Z"
-        assert quota_wait(broker(revoked, "Retry-After")) is None
+        assert quota_wait(broker(revoked).metrics()) == "Z"
+        assert quota_wait(broker(revoked, "waiting for daily quota").metrics()) == "Z"
+        assert quota_wait(broker(revoked, "Retry-After").metrics()) is None
 
     async def test_tpd_spent_waits_instead_of_failing(self, tmp_path: Path) -> None:
         """With the daily budget spent the job waits (rows stay pending), it does not fail rows."""

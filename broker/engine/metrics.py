@@ -7,7 +7,7 @@ Counting is plain integer arithmetic on the hot path; snapshots are taken on dem
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from broker.models import Status
@@ -67,6 +67,12 @@ class MetricsSnapshot:
     #: the marketplaces queued batches wait for a key in (sorted): whose keys' state
     #: decides whether the work can go on
     waiting_markets: tuple[str, ...] = ()
+
+    def serving(self, markets: Collection[str]) -> tuple[KeySnapshot, ...]:
+        """The keys that serve one of ``markets`` now (a key out of rotation in a
+        marketplace, for a wrong tag, does not serve it there)."""
+        wanted = set(markets)
+        return tuple(key for key in self.keys if wanted.intersection(key.marketplaces))
 
 
 class EngineMetrics:

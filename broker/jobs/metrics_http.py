@@ -171,10 +171,7 @@ def readiness(metrics: MetricsSnapshot | None, *, state: str) -> Readiness:
 def needed_keys(metrics: MetricsSnapshot) -> list[KeySnapshot]:
     """The keys whose state decides whether the work goes on: those serving a marketplace
     batches wait for; with no work waiting (or none of its marketplaces served), all."""
-    waiting = set(metrics.waiting_markets)
-    return [key for key in metrics.keys if waiting.intersection(key.marketplaces)] or list(
-        metrics.keys
-    )
+    return list(metrics.serving(metrics.waiting_markets) or metrics.keys)
 
 
 def work_waits_for_quota(metrics: MetricsSnapshot) -> bool:

@@ -32,7 +32,7 @@ from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.keys import OUTAGE_CODE
-from broker.engine.metrics import QUOTA_WAIT
+from broker.engine.metrics import QUOTA_WAIT, MetricsSnapshot
 from broker.errors import (
     BrokerError,
     ConfigError,
@@ -787,11 +787,11 @@ _DAY_LONG_WAITS: Final = (
 )
 
 
-def quota_wait(broker: Broker, *, keys: Collection[str] | None = None) -> str | None:
+def quota_wait(metrics: MetricsSnapshot, *, keys: Collection[str] | None = None) -> str | None:
     """When every key that is not disabled (of ``keys``, if given) waits for its daily
-    quota: the earliest reset."""
+    quota, by the broker's ``metrics``: the earliest reset."""
     waits: list[str] = []
-    for key in broker.metrics().keys:
+    for key in metrics.keys:
         if key.state == "disabled" or (keys is not None and key.name not in keys):
             continue
         # A key parked after sustained 429s with its own count low waits as long (Amazon's
@@ -810,7 +810,7 @@ async def _watch_quota(broker: Broker, stop: _Stop, needed: Callable[[], Collect
     while True:
         await asyncio.sleep(QUOTA_POLL_S)
         keys = needed()
-        until = quota_wait(broker, keys=keys) if keys else None
+        until = quota_wait(broker.metrics(), keys=keys) if keys else None
         if until is not None:
             stop.quota_spent(until, keys)
             return
@@ -819,8 +819,7 @@ async def _watch_quota(broker: Broker, stop: _Stop, needed: Callable[[], Collect
 def keys_serving(broker: Broker, markets: Collection[str]) -> set[str]:
     """The keys that serve one of ``markets`` now (a key out of rotation there, for a wrong
     tag, cannot help however fresh it is): those whose daily quota decides a wait."""
-    wanted = set(markets)
-    return {key.name for key in broker.metrics().keys if wanted.intersection(key.marketplaces)}
+    return {key.name for key in broker.metrics().serving(markets)}
 
 
 def _keys_for_markets(broker: Broker, left: Mapping[str, int]) -> set[str]:
@@ -1013,7 +1012,7 @@ class _Progress:
         elapsed = max(time.monotonic() - self._started, 1e-6)
         rate = (counts.done - self._start_done) / elapsed
         keys_needed = self._needed() if counts.pending else ()
-        waiting = quota_wait(self._broker, keys=keys_needed) if keys_needed else None
+        waiting = quota_wait(metrics, keys=keys_needed) if keys_needed else None
         eta = counts.pending / rate if rate > 0 and waiting is None else None
         throttled = metrics.throttled - self._start_throttled
         keys = ", ".join(

@@ -924,7 +924,11 @@ class Daemon:
             if deferral.until > now:
                 continue
             there = (self.spool.processing / name).exists()
-            if there and deferral.keys and quota_wait(broker, keys=deferral.keys) is not None:
+            if (
+                there
+                and deferral.keys
+                and quota_wait(broker.metrics(), keys=deferral.keys) is not None
+            ):
                 deferral.until = now + timedelta(seconds=_DEFER_RECHECK_S)
                 continue
             if there:
