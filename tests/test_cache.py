@@ -313,6 +313,20 @@ class TestServe:
         assert hit is not None
         assert hit.fetched_at == again.fetched_at
 
+    async def test_old_fetched_at_never_overwrites_newer(
+        self, make: MakeCache, clock: FakeClock
+    ) -> None:
+        """A late writer (another machine) with an older answer does not replace a fresher one."""
+        cache = make()
+        older = ok("B000000001", clock)
+        await clock.advance(100)
+        newer = ok("B000000001", clock)
+        await cache.put_many([newer])
+        await cache.put_many([older])
+        [hit] = await cache.get_many([q("B000000001")])
+        assert hit is not None
+        assert hit.fetched_at == newer.fetched_at
+
     async def test_a_clock_set_back_never_stretches_the_ceiling(
         self, make: MakeCache, clock: FakeClock
     ) -> None:
@@ -569,20 +583,6 @@ class TestSqlite:
         with sqlite_db(path) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert _file_sizes(path)[0] <= 4 * 200_000
-
-    async def test_old_fetched_at_never_overwrites_newer(
-        self, tmp_path: Path, clock: FakeClock
-    ) -> None:
-        """A late writer with an older answer does not replace a fresher one."""
-        async with SqliteCache(tmp_path / "c.db", CachePolicy(3_600), clock=clock) as cache:
-            older = ok("B000000001", clock)
-            await clock.advance(100)
-            newer = ok("B000000001", clock)
-            await cache.put_many([newer])
-            await cache.put_many([older])
-            [hit] = await cache.get_many([q("B000000001")])
-            assert hit is not None
-            assert newer.fetched_at == hit.fetched_at
 
 
 def test_fetched_at_kept_to_the_microsecond(clock: FakeClock) -> None:

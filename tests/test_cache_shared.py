@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -320,6 +322,25 @@ class TestRealRedis:
             assert await cache.purge(asins=[ASINS_A[7]]) == 1
             assert await cache.purge() == 4
             assert (await cache.stats()).entries == 0
+
+    async def test_writers_racing_keep_the_newest_answer(self, redis_url: str) -> None:
+        """Two machines writing the same ASINs at once: the newer answer stays, whichever
+        write lands last (the older one's write reads again and stands back)."""
+        newer = [answer(a) for a in ASINS_A]
+        older = [
+            dataclasses.replace(r, fetched_at=r.fetched_at - timedelta(minutes=5))
+            for r in newer
+            if r.fetched_at is not None
+        ]
+        async with (
+            RedisCache.from_url(redis_url, CachePolicy(3_600), key_prefix="r:") as one,
+            RedisCache.from_url(redis_url, CachePolicy(3_600), key_prefix="r:") as two,
+        ):
+            for _ in range(5):
+                await asyncio.gather(one.put_many(older), two.put_many(newer))
+                await asyncio.gather(one.put_many(newer), two.put_many(older))
+            got = await one.get_many(queries(ASINS_A))
+        assert [r.fetched_at if r else None for r in got] == [r.fetched_at for r in newer]
 
 
 def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:

@@ -39,11 +39,14 @@ class MemoryCache(StoreCache):
         return {key: self._entries[key] for key in keys if key in self._entries}
 
     async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
+        ahead = self._now() + FUTURE_S
         for entry in entries:
+            held = self._entries.get(entry.key)
+            if held is not None and entry.fetched_at < held.fetched_at <= ahead:
+                continue  # a late writer's older answer never replaces a newer one
             self._drop(entry.key)
             self._entries[entry.key] = entry
             self._bytes += entry.size
-        ahead = self._now() + FUTURE_S
         for key in [
             k for k, e in self._entries.items() if not expire_before <= e.fetched_at <= ahead
         ]:

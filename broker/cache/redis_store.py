@@ -8,6 +8,8 @@ Layout under ``key_prefix`` + namespace (``asinb:cache:creators.amazon:``):
 - ``sizes``: a hash of payload sizes, for the bytes figure.
 
 A SET is atomic, so no reader sees half an entry; the checksum is checked on read anyway.
+A write is one WATCH/MULTI transaction that leaves alone any entry holding a newer answer,
+so a machine that writes late never replaces another's fresher answer with its older one.
 The bound is ``max_items`` (``max_bytes`` is left to Redis's own ``maxmemory``).
 """
 
@@ -20,19 +22,31 @@ from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
-from broker.cache.policy import CEILING_S, CacheKey, CachePolicy
+from broker.cache.policy import CEILING_S, FUTURE_S, CacheKey, CachePolicy
 from broker.errors import ConfigError
 
 if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
     from broker.clock import Clock
 
 __all__ = ["RedisCache"]
 
 _HEAD: Final = struct.Struct(">d16s")
+#: How often a write reads again after another writer changed one of its keys meanwhile.
+_WRITE_TRIES: Final = 5
+
+
+def _held_at(value: bytes | str | None) -> float | None:
+    """The ``fetched_at`` of a stored entry, or None when there is none (or it is damaged)."""
+    if not isinstance(value, bytes) or len(value) < _HEAD.size:
+        return None
+    fetched_at: float = _HEAD.unpack_from(value)[0]
+    return fetched_at
 
 
 class RedisCache(StoreCache):
@@ -136,22 +150,30 @@ class RedisCache(StoreCache):
 
     async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
         now = self._now()
+        names = [self._name(entry.key) for entry in entries]
         async with self._redis.pipeline(transaction=True) as pipe:
-            for entry in entries:
-                ttl_s = math.ceil(entry.fetched_at + CEILING_S - now)
-                if ttl_s <= 0:
+            for _ in range(_WRITE_TRIES):
+                try:
+                    # Another machine may have written a newer answer for the same key
+                    # meanwhile: read what is held under WATCH, and write only where ours
+                    # is not older; EXEC fails if any of them changed since, and we read
+                    # again.
+                    await pipe.watch(*names)
+                    held: list[bytes | str | None] = await pipe.mget(names)
+                    pipe.multi()  # type: ignore[no-untyped-call]  # redis-py ships no types
+                    for entry, name, value in zip(entries, names, held, strict=True):
+                        self._queue_write(pipe, entry, name, _held_at(value), now)
+                    # The index and sizes outlive every entry they list (each expires
+                    # within the ceiling of now) and then go too: a namespace no longer
+                    # used (a partner tag changed) leaves nothing behind.
+                    pipe.expire(self._index, math.ceil(CEILING_S))
+                    pipe.expire(self._sizes, math.ceil(CEILING_S))
+                    await pipe.execute()
+                    break
+                except WatchError:
                     continue
-                member = entry.key.text()
-                value = _HEAD.pack(entry.fetched_at, entry.checksum) + entry.payload
-                pipe.set(self._name(entry.key), value, ex=ttl_s)
-                pipe.zadd(self._index, {member: entry.fetched_at})
-                pipe.hset(self._sizes, member, entry.size)
-            # The index and sizes outlive every entry they list (each expires within the
-            # ceiling of now) and then go too: a namespace no longer used (a partner tag
-            # changed) leaves nothing behind.
-            pipe.expire(self._index, math.ceil(CEILING_S))
-            pipe.expire(self._sizes, math.ceil(CEILING_S))
-            await pipe.execute()
+            # Else every try lost the race to other writers of these very keys: their
+            # answers, as fresh as ours, stay, and ours are let go (a cache may miss).
         await self._forget_expired(expire_before)
         excess = await self._redis.zcard(self._index) - self.policy.max_items
         if excess <= 0:
@@ -161,6 +183,21 @@ class RedisCache(StoreCache):
         members = [member for member, _score in popped]
         await self._drop_members(members)
         return len(members)
+
+    def _queue_write(
+        self, pipe: Pipeline, entry: Entry, name: str, held_at: float | None, now: float
+    ) -> None:
+        """Queue ``entry``'s write, unless the answer held is newer (a late writer's older
+        answer never replaces it) and not stamped more than ``FUTURE_S`` ahead of now."""
+        if held_at is not None and entry.fetched_at < held_at <= now + FUTURE_S:
+            return
+        ttl_s = math.ceil(entry.fetched_at + CEILING_S - now)
+        if ttl_s <= 0:
+            return
+        member = entry.key.text()
+        pipe.set(name, _HEAD.pack(entry.fetched_at, entry.checksum) + entry.payload, ex=ttl_s)
+        pipe.zadd(self._index, {member: entry.fetched_at})
+        pipe.hset(self._sizes, member, entry.size)
 
     async def _forget_expired(self, expire_before: float) -> None:
         """Drop index and size records of entries whose TTL has run out."""
