@@ -283,8 +283,9 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The request's x-amz-date is more than 15 minutes away from Amazon's clock.",
         Scope.REQUEST,
         True,
-        "The broker re-signs with the server's clock offset; if it repeats, fix this machine's "
-        "clock (enable NTP).",
+        "The broker re-signs with the server's clock offset (learned from the answer's Date "
+        "header; the current time when there is none) and resends; if it repeats, fix this "
+        "machine's clock (enable NTP).",
     ),
     ErrorInfo(
         "InvalidSignature",

@@ -142,12 +142,15 @@ class TestSigV4:
         assert again.headers["x-amz-date"] == server_now.strftime("%Y%m%dT%H%M%SZ")
         assert "clock_offset_s=1200" in repr(authorizer)
 
-    async def test_no_date_no_recovery(self) -> None:
-        """Without a usable Date header (or for another code) nothing is learned."""
+    async def test_no_date_re_signs_without_learning(self) -> None:
+        """RequestExpired without a usable Date header is still re-signed with the current
+        time and resent (protocol.md: "re-sign with the current time and resend once"; a
+        request held up on its way expires too), but no offset is learned; another code is
+        not recovered."""
         authorizer = SigV4Authorizer("AKID", Secret(SECRET), clock=FakeClock())
         request = self._paapi()
-        assert not authorizer.recover(AuthError("RequestExpired", "x", status=401), request)
-        assert not authorizer.recover(
+        assert authorizer.recover(AuthError("RequestExpired", "x", status=401), request)
+        assert authorizer.recover(
             AuthError("RequestExpired", "x", status=401, server_date="yesterday-ish"), request
         )
         assert not authorizer.recover(

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import (
     US,
+    CountingTransport,
     Harness,
     account,
     asins,
@@ -28,6 +31,9 @@ from broker.simulator.catalog import lookup
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import FaultRates, SimulatorSettings
 from broker.testing import FakeClock
+
+if TYPE_CHECKING:
+    from broker.api.base import HttpRequest, RawResponse
 
 REPO = Path(__file__).resolve().parent.parent
 FREE = SimulatorSettings(limits=False)
@@ -378,6 +384,42 @@ class TestAuthRecovery:
         # Later requests are signed in the server's time at once.
         assert _statuses(await broker.get_items(asins(30, "B1"))) == {"ok": 30}
         assert sim.stats.accounts["demo-paapi"].errors["RequestExpired"] == expired
+
+    async def test_request_expired_without_a_date_is_re_signed(self, harness: Harness) -> None:
+        """A request held up 16 minutes on its way expires; answered without a Date header
+        it is still re-signed with the current time and resent once (protocol.md 4): ok,
+        and the key stays in rotation."""
+        clock = FakeClock()
+        sim = await harness.simulator(SimulatorSettings(limits=False), clock=clock)
+        counting = await harness.transport()
+        held = _HeldOnTheWay(counting, clock)
+        broker = await harness.broker(
+            make_config(sim.url, protocol="paapi5"), clock=clock, transport=held
+        )
+        task = asyncio.get_running_loop().create_task(broker.get_items(asins(3)))
+        await drive(clock, task, counting)
+        assert _statuses(task.result()) == {"ok": 3}
+        assert sim.stats.accounts["demo-paapi"].errors["RequestExpired"] == 1
+        assert counting.count("/paapi5/getitems") == 2
+
+
+class _HeldOnTheWay:
+    """Holds the first GetItems request 16 minutes (fake time) before sending it, and drops
+    the Date header of every answer."""
+
+    def __init__(self, inner: CountingTransport, clock: FakeClock) -> None:
+        self._inner = inner
+        self._clock = clock
+        self._held = False
+
+    async def send(self, request: HttpRequest) -> RawResponse:
+        """Send through ``inner``; the first GetItems request after a 16-minute hold."""
+        if "/paapi5/getitems" in request.url and not self._held:
+            self._held = True
+            await self._clock.advance(16 * 60)
+        response = await self._inner.send(request)
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "date"}
+        return dataclasses.replace(response, headers=headers)
 
 
 class TestThrottling:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from broker.api.oauth import CreatorsTokenCache
@@ -129,17 +129,30 @@ class SigV4Authorizer:
         """Nothing to fetch ahead: a signature is made at send time."""
 
     def recover(self, error: ApiError, request: HttpRequest) -> bool:
-        """On RequestExpired, learn the offset from the server's Date header."""
-        if error.code != "RequestExpired" or not error.server_date:
+        """On RequestExpired, re-sign: learn the offset from the server's Date header.
+
+        Without a usable Date the offset stays as it is and the request is still re-signed
+        with the current time (protocol.md: "re-sign with the current time and resend
+        once"): a request held up on its way expires too, and if our clock is what is
+        wrong, the refusals that follow take the key out.
+        """
+        if error.code != "RequestExpired":
             return False
-        try:
-            server_now = email.utils.parsedate_to_datetime(error.server_date)
-        except (TypeError, ValueError):
-            return False
-        if server_now.tzinfo is None:
-            return False
-        self._offset = server_now - self._clock.utcnow()
+        server_now = _server_now(error.server_date)
+        if server_now is not None:
+            self._offset = server_now - self._clock.utcnow()
         return True
 
     def __repr__(self) -> str:
         return f"SigV4Authorizer(clock_offset_s={self.clock_offset_s:.0f})"
+
+
+def _server_now(date: str | None) -> datetime | None:
+    """The server's time from an HTTP ``Date`` header, or None when there is none usable."""
+    if not date:
+        return None
+    try:
+        server_now = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    return server_now if server_now.tzinfo is not None else None
