@@ -85,6 +85,7 @@ class TestResources:
             ("Offers.Listings.Price", P, "retired on 2026-01-31"),
             ("images.primary.highRes", P, "no PA-API equivalent"),
             ("searchRefinements", C, "is a SearchItems resource"),
+            ("RentalOffers.Listings.BasePrice", C, "PA-API 5.0 resource"),
         ],
     )
     def test_unknown_names_raise(self, name: str, protocol: Protocol, message: str) -> None:
@@ -98,11 +99,13 @@ class TestResources:
             resolve_resources("itemInfo.title", C)
 
     def test_full_lists(self) -> None:
-        """Both APIs' item lists: 34 Creators names; PA-API the same less the two highRes."""
+        """Both APIs' item lists: 34 Creators names; PA-API the same less the two highRes,
+        plus its 13 RentalOffers names."""
         assert len(ITEM_RESOURCES) == 34
         paapi = resource_names(P)
-        assert len(paapi) == 32
+        assert len(paapi) == 32 + 13
         assert "ParentASIN" in paapi
+        assert "RentalOffers.Listings.Condition.ConditionNote" in paapi
         assert "searchRefinements" in resource_names(C, Operation.SEARCH_ITEMS)
         assert "BrowseNodes.Children" in resource_names(P, Operation.GET_BROWSE_NODES)
 
@@ -314,6 +317,22 @@ class TestAgainstSimulator:
         assert node.id == "283155"
         assert node.display_name == "Books"
         assert [child.id for child in node.children] == ["1000"]
+
+    async def test_rental_offers_are_asked_on_pa_api(self, harness: Harness) -> None:
+        """PA-API's RentalOffers.* resources (protocol.md 3.3: only Offers V1 is retired) are
+        accepted by the broker and the simulator, in GetItems and SearchItems; the
+        simulator's catalogue holds no rentals, so the item comes back without them."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, protocol="paapi5"))
+        wanted = ["ItemInfo.Title", "RentalOffers.Listings.BasePrice"]
+        (result,) = await broker.get_items(["B000000001"], resources=wanted)
+        assert result.ok, result.error
+        assert result.query is not None
+        assert result.query.resources == ("ItemInfo.Title", "RentalOffers.Listings.BasePrice")
+        assert result.summary is not None
+        assert result.summary.title
+        search = await broker.search_items(keywords="kettle", item_count=2, resources=wanted)
+        assert len(search.items) == 2
 
     async def test_get_variations_of_a_url_asks_its_own_store(self, harness: Harness) -> None:
         """get_variations of an amazon.co.uk link asks www.amazon.co.uk, as get_items does

@@ -21,6 +21,7 @@ __all__ = [
     "BROWSE_NODE_RESOURCES",
     "ITEM_RESOURCES",
     "OPERATION_RESOURCES",
+    "PAAPI_ONLY_ITEM_RESOURCES",
     "RETIRED_PAAPI_PREFIXES",
     "pascal_name",
     "resolve_resources",
@@ -65,6 +66,24 @@ ITEM_RESOURCES: Final = (
     "parentASIN",
 )
 
+#: Item resources PA-API 5.0 has and the Creators API does not: rental offers (SDK-P
+#: ``GetItemsResource``, protocol.md 3.3), taken by GetItems, SearchItems and GetVariations.
+PAAPI_ONLY_ITEM_RESOURCES: Final = (
+    "RentalOffers.Listings.Availability.MaxOrderQuantity",
+    "RentalOffers.Listings.Availability.Message",
+    "RentalOffers.Listings.Availability.MinOrderQuantity",
+    "RentalOffers.Listings.Availability.Type",
+    "RentalOffers.Listings.BasePrice",
+    "RentalOffers.Listings.Condition",
+    "RentalOffers.Listings.Condition.ConditionNote",
+    "RentalOffers.Listings.Condition.SubCondition",
+    "RentalOffers.Listings.DeliveryInfo.IsAmazonFulfilled",
+    "RentalOffers.Listings.DeliveryInfo.IsFreeShippingEligible",
+    "RentalOffers.Listings.DeliveryInfo.IsPrimeEligible",
+    "RentalOffers.Listings.DeliveryInfo.ShippingCharges",
+    "RentalOffers.Listings.MerchantInfo",
+)
+
 #: GetBrowseNodes resources (the same names in both APIs, but for the spelling).
 BROWSE_NODE_RESOURCES: Final = ("browseNodes.ancestor", "browseNodes.children")
 
@@ -104,15 +123,20 @@ def resource_names(
 
     Both may be given as the enum or as its value, in either API's spelling:
     ``resource_names("paapi5")``, ``resource_names("creators", "searchItems")``. PA-API has
-    no ``highRes`` images (it stops at Large), so those are not in its list.
+    no ``highRes`` images (it stops at Large), so those are not in its list, and has the
+    ``RentalOffers.*`` item resources the Creators API lacks.
 
     Raises:
         ValueError: an unknown protocol or operation (the message lists the known ones).
     """
-    names = OPERATION_RESOURCES[_enum(Operation, operation, "operation")]
+    chosen = _enum(Operation, operation, "operation")
+    names = OPERATION_RESOURCES[chosen]
     if _enum(Protocol, protocol, "protocol") is Protocol.CREATORS:
         return names
-    return tuple(pascal_name(n) for n in names if not n.endswith(".highRes"))
+    paapi = tuple(pascal_name(n) for n in names if not n.endswith(".highRes"))
+    if chosen is Operation.GET_BROWSE_NODES:
+        return paapi
+    return paapi + PAAPI_ONLY_ITEM_RESOURCES
 
 
 def _enum(kind: type[_E], value: _E | str, what: str) -> _E:
@@ -174,6 +198,8 @@ def _why_unknown(name: str, protocol: Protocol, operation: Operation) -> str:
             return f"{name!r} is not available: {advice}"
     if protocol is Protocol.PAAPI5 and folded.endswith(".highres"):
         return f"{name!r} has no PA-API equivalent (PA-API images stop at Large)"
+    if protocol is Protocol.CREATORS and folded in _known(Protocol.PAAPI5, operation):
+        return f"{name!r} is a PA-API 5.0 resource: the Creators API has no rental offers"
     for other in Operation:
         if other is not operation and folded in _known(Protocol.CREATORS, other):
             return f"{name!r} is a {other.value} resource, not a {operation.value} one"

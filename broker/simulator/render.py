@@ -97,9 +97,32 @@ def paapi_resource(resource: str) -> str:
     return ".".join(part[:1].upper() + part[1:] for part in resource.split("."))
 
 
+#: PA-API 5.0's rental offers (SDK-P ``GetItemsResource``), which the Creators API lacks.
+#: Accepted; the catalogue holds no rentals, so no item carries ``RentalOffers`` (as most
+#: of Amazon's do not).
+PAAPI_RENTAL_RESOURCES: frozenset[str] = frozenset(
+    "RentalOffers.Listings." + leaf
+    for leaf in (
+        "Availability.MaxOrderQuantity",
+        "Availability.Message",
+        "Availability.MinOrderQuantity",
+        "Availability.Type",
+        "BasePrice",
+        "Condition",
+        "Condition.ConditionNote",
+        "Condition.SubCondition",
+        "DeliveryInfo.IsAmazonFulfilled",
+        "DeliveryInfo.IsFreeShippingEligible",
+        "DeliveryInfo.IsPrimeEligible",
+        "DeliveryInfo.ShippingCharges",
+        "MerchantInfo",
+    )
+)
+
 #: GetItems resources of PA-API 5.0 (OffersV2 only: Offers V1 was retired in January 2026).
-PAAPI_ITEM_RESOURCES: frozenset[str] = frozenset(
-    paapi_resource(r) for r in CREATORS_ITEM_RESOURCES if not r.endswith("highRes")
+PAAPI_ITEM_RESOURCES: frozenset[str] = (
+    frozenset(paapi_resource(r) for r in CREATORS_ITEM_RESOURCES if not r.endswith("highRes"))
+    | PAAPI_RENTAL_RESOURCES
 )
 
 
