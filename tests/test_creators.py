@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
+import pickle
 from datetime import UTC, datetime
 
 import pytest
@@ -22,7 +25,7 @@ from broker.errors import (
     ThrottledError,
     describe,
 )
-from broker.models import Status
+from broker.models import ItemSummary, Status
 from broker.testing import FakeClock
 
 DIALECT = CreatorsDialect()
@@ -397,6 +400,23 @@ class TestGetItemsSuccess:
         )
         assert summary is not None
         assert (summary.price, summary.currency, summary.availability) == (49.99, "USD", "IN_STOCK")
+
+    def test_summary_takes_dataclasses_replace(self) -> None:
+        """dataclasses.replace on a result's summary gives a summary with the change, as on
+        any frozen ItemSummary (the lazily read one raised TypeError); copies still work."""
+        item = offer_item(
+            "B000000001",
+            price={"money": {"amount": 49.99, "currency": "USD", "displayAmount": "$49.99"}},
+        )
+        parsed = parse(200, {"itemsResult": {"items": [item]}}, ["B000000001"])
+        summary = parsed.outcomes["B000000001"].summary
+        assert summary is not None
+        cheaper = dataclasses.replace(summary, price=39.99)
+        assert isinstance(cheaper, ItemSummary)
+        assert (cheaper.price, cheaper.currency) == (39.99, "USD")
+        assert dataclasses.replace(summary) == summary
+        assert pickle.loads(pickle.dumps(summary)) == summary
+        assert copy.deepcopy(summary) == summary
 
     def test_availability_falls_back_to_message(self) -> None:
         """Without availability.type the availability message is used."""

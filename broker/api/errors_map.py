@@ -213,6 +213,13 @@ class LazySummary(ItemSummary):
     _fields: SummaryFields
     _item: Mapping[str, object]
 
+    def __new__(cls, *args: object, **values: object) -> LazySummary:
+        if values and not args:
+            # dataclasses.replace(summary, price=...) builds the class from every field's
+            # value: that is a plain summary with those values, read from no item.
+            return ItemSummary(**values)  # type: ignore[arg-type,return-value]
+        return super().__new__(cls)
+
     def __init__(self, item: Mapping[str, object], spelling: SummaryFields) -> None:
         object.__setattr__(self, "_item", item)
         object.__setattr__(self, "_fields", spelling)
