@@ -508,13 +508,23 @@ def parse_config(
     source: str = "<mapping>",
     base_dir: Path | None = None,
     read_secrets: ReadSecrets = True,
+    in_code: bool = False,
 ) -> BrokerConfig:
     """Validate a parsed TOML document into a :class:`BrokerConfig` (``read_secrets``: as
-    for :func:`load_config`)."""
+    for :func:`load_config`; ``in_code``: the document was given in code, so a secret
+    found in it is refused pointing at ``secrets=``)."""
     table = TomlTable(document, "")
     api = _parse_api(table.table("api"))
     keys = tuple(
-        _parse_key(item, f"keys[{i}]", api, environ, base_dir or Path.cwd(), read_secrets)
+        _parse_key(
+            item,
+            f"keys[{i}]",
+            api,
+            environ,
+            base_dir or Path.cwd(),
+            read_secrets,
+            in_code=in_code,
+        )
         for i, item in enumerate(table.array("keys"))
     )
     names = [k.name for k in keys]
@@ -613,6 +623,7 @@ def config_from_dict(
         environ=env,
         source="<dict>",
         base_dir=Path(base_dir) if base_dir is not None else None,
+        in_code=True,
     )
     if not inline:
         return config
@@ -755,6 +766,8 @@ def _parse_key(
     environ: Mapping[str, str],
     base_dir: Path,
     read_secrets: ReadSecrets,
+    *,
+    in_code: bool = False,
 ) -> KeyConfig:
     for name in list(table.data):
         if _looks_secret(name) and name.lower() not in (
@@ -766,6 +779,14 @@ def _parse_key(
             if not isinstance(key_name, str) or not label:
                 label = "KEY"
             env_name = f"ASINB_{label}_SECRET"
+            if in_code:
+                shown = key_name if isinstance(key_name, str) else "NAME"
+                raise ConfigError(
+                    f"{path}.{name}",
+                    "secrets are never read from the configuration document; pass it apart, "
+                    f"as secrets={{{shown!r}: ...}}, or put it in an environment variable and "
+                    f'name it here: credential_secret_env = "{env_name}"',
+                )
             raise ConfigError(
                 f"{path}.{name}",
                 "secrets are never read from the config file; put the secret in an "

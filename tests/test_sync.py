@@ -435,6 +435,22 @@ class TestConfigFromDict:
             "x"
         )
 
+    @pytest.mark.parametrize("field", ["credential_secret", "secret"])
+    def test_a_secret_in_the_document_points_at_secrets(self, field: str) -> None:
+        """A secret written into the document in code (as the peer's constructor takes it)
+        is refused naming secrets=, the way in code, not only an environment variable; the
+        value is never shown."""
+        document = _document()
+        document["keys"][0][field] = "s3cr3t-value"
+        with pytest.raises(ConfigError) as refused:
+            config_from_dict(document, environ={})
+        assert "secrets={'demo': ...}" in str(refused.value)
+        assert "credential_secret_env" in str(refused.value)
+        assert "s3cr3t-value" not in str(refused.value)
+        with pytest.raises(ConfigError) as from_toml:
+            parse_config(document, environ={})
+        assert "secrets=" not in str(from_toml.value)
+
     @pytest.mark.parametrize(
         ("secrets", "key", "message"),
         [
