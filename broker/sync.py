@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import math
 import os
 import threading
 import time
@@ -174,7 +175,12 @@ class SyncBroker:
 
     # -- running coroutines on the loop thread -------------------------------------------------
 
-    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+    def _call(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+        try:
+            _check_timeout(timeout)
+        except (TypeError, ValueError):
+            coro.close()
+            raise
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("SyncBroker methods block; call the async Broker from its loop")
@@ -191,7 +197,15 @@ class SyncBroker:
                 raise BrokerClosedError("this SyncBroker is closed")
             future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return future.result()
+            return future.result(timeout)
+        except TimeoutError:
+            if future.done():
+                # Answered just as time ran out, or the call's own TimeoutError.
+                return future.result()
+            # Cancelled on the loop: the call's lookups are let go, as the async API's
+            # asyncio.timeout does, and the broker goes on serving.
+            future.cancel()
+            raise TimeoutError(f"no answer within timeout={timeout:g} s") from None
         except BaseException:
             # Ctrl-C (or any exception raised in this thread while waiting) cancels the
             # call on the loop, so nothing is left running for a caller that is gone.
@@ -212,8 +226,14 @@ class SyncBroker:
         *,
         marketplace: str | None = None,
         resources: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> list[ItemResult]:
-        """Look up any number of ASINs; one result per distinct input, in input order."""
+        """Look up any number of ASINs; one result per distinct input, in input order.
+
+        ``timeout`` (seconds) bounds the wait, as ``asyncio.timeout`` does for the async
+        API: past it, ``TimeoutError`` is raised and the call's lookups are let go (a
+        lookup waiting for a daily quota's reset may otherwise wait hours).
+        """
         # The iterable is read here, in the caller's thread, not on the loop.
         if isinstance(asins, str | bytes):
             raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
@@ -221,7 +241,8 @@ class SyncBroker:
         return self._call(
             self._broker.get_items(
                 items, marketplace=marketplace, resources=self._resources(resources)
-            )
+            ),
+            timeout,
         )
 
     def get_item(
@@ -230,10 +251,13 @@ class SyncBroker:
         *,
         marketplace: str | None = None,
         resources: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> ItemResult:
-        """Look up one ASIN (a string or a :class:`Query`)."""
+        """Look up one ASIN (a string or a :class:`Query`); ``timeout`` as for :meth:`get_items`."""
         wanted = self._resources(resources)
-        return self._call(self._broker.get_item(asin, marketplace=marketplace, resources=wanted))
+        return self._call(
+            self._broker.get_item(asin, marketplace=marketplace, resources=wanted), timeout
+        )
 
     def stream(
         self,
@@ -295,27 +319,43 @@ class SyncBroker:
         return self._call(self._broker.cache_stats())
 
     def search_items(
-        self, *, marketplace: str | None = None, **options: Unpack[SearchOptions]
+        self,
+        *,
+        marketplace: str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[SearchOptions],
     ) -> SearchResult:
-        """SearchItems with snake_case options (see the async :meth:`Broker.search_items`)."""
-        return self._call(self._broker.search_items(marketplace=marketplace, **options))
+        """SearchItems with snake_case options (see the async :meth:`Broker.search_items`);
+        ``timeout`` as for :meth:`get_items`."""
+        return self._call(self._broker.search_items(marketplace=marketplace, **options), timeout)
 
     def get_variations(
-        self, asin: str, *, marketplace: str | None = None, **options: Unpack[VariationsOptions]
+        self,
+        asin: str,
+        *,
+        marketplace: str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[VariationsOptions],
     ) -> VariationsResult:
-        """GetVariations of one ASIN (see the async :meth:`Broker.get_variations`)."""
-        return self._call(self._broker.get_variations(asin, marketplace=marketplace, **options))
+        """GetVariations of one ASIN (see the async :meth:`Broker.get_variations`);
+        ``timeout`` as for :meth:`get_items`."""
+        return self._call(
+            self._broker.get_variations(asin, marketplace=marketplace, **options), timeout
+        )
 
     def get_browse_nodes(
         self,
         browse_node_ids: Iterable[str | int],
         *,
         marketplace: str | None = None,
+        timeout: float | None = None,
         **options: Unpack[BrowseNodesOptions],
     ) -> BrowseNodesResult:
-        """GetBrowseNodes for 1 to 10 ids (see the async :meth:`Broker.get_browse_nodes`)."""
+        """GetBrowseNodes for 1 to 10 ids (see the async :meth:`Broker.get_browse_nodes`);
+        ``timeout`` as for :meth:`get_items`."""
         return self._call(
-            self._broker.get_browse_nodes(browse_node_ids, marketplace=marketplace, **options)
+            self._broker.get_browse_nodes(browse_node_ids, marketplace=marketplace, **options),
+            timeout,
         )
 
     def metrics(self) -> MetricsSnapshot:
@@ -368,6 +408,16 @@ _CLOSE_TIMEOUT_S = 30.0
 _BEGIN_S = 0.5
 #: How long the loop thread lets unfinished streams end once the broker is closed.
 _CLOSE_STREAMS_S = 5.0
+
+
+def _check_timeout(timeout: float | None) -> None:
+    """Refuse a ``timeout=`` that is not None or a positive, finite number of seconds."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:

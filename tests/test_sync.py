@@ -106,6 +106,32 @@ class TestSyncBroker:
         with pytest.raises(ValueError, match="item_count"):
             sync_broker.search_items(keywords="kettle", item_count=500)
 
+    def test_timeout_bounds_a_blocking_call(self) -> None:
+        """timeout= bounds a blocking call (the async API's asyncio.timeout): a lookup that
+        waits for the daily quota's reset raises TimeoutError in time, lets go of its
+        lookup, and the broker serves the next call."""
+        with SyncBroker.from_dict(_document(tpd=1)) as broker:
+            assert broker.get_item("B000000001", timeout=10).ok
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"timeout=0\.2 s"):
+                broker.get_item("B000000002", timeout=0.2)
+            assert time.monotonic() - started < 5
+            assert broker.metrics().outstanding_lookups == 0
+            with pytest.raises(TimeoutError):
+                broker.get_items(["B000000003", "B000000004"], timeout=0.2)
+            with pytest.raises(TimeoutError):
+                broker.search_items(keywords="kettle", timeout=0.2)
+            # Still serving: what needs no request is answered at once.
+            assert broker.get_item("not-an-asin", timeout=10).status is Status.INVALID
+
+    @pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), "5", True])
+    def test_timeout_must_be_a_positive_number(
+        self, sync_broker: SyncBroker, timeout: object
+    ) -> None:
+        """A timeout that is not a positive, finite number of seconds raises before sending."""
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            sync_broker.get_item("B000000001", timeout=timeout)  # type: ignore[arg-type]
+
     def test_stream(self, sync_broker: SyncBroker) -> None:
         """stream yields every input once; leaving early releases the rest."""
         wanted = asins(30)
@@ -129,13 +155,17 @@ class TestSyncBroker:
         assert got == asins(10)
 
     def test_same_methods_as_the_async_broker(self) -> None:
-        """Every public method of Broker has a blocking twin with the same parameters."""
+        """Every public method of Broker has a blocking twin with the same parameters; the
+        calls that wait for Amazon take timeout= too (asyncio.timeout's stand-in)."""
+        waiting = {"get_items", "get_item", "search_items", "get_variations", "get_browse_nodes"}
         for name, method in inspect.getmembers(Broker, callable):
             if name.startswith("_") or name == "aclose":
                 continue
             twin = getattr(SyncBroker, name, None)
             assert twin is not None, name
-            assert list(inspect.signature(twin).parameters) == list(
+            params = list(inspect.signature(twin).parameters)
+            assert ("timeout" in params) == (name in waiting), name
+            assert [p for p in params if p != "timeout"] == list(
                 inspect.signature(method).parameters
             ), name
 
