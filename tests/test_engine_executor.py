@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from broker.api.base import HttpRequest, RawResponse
 from broker.client import Broker
-from broker.engine.keys import OUTAGE_CODE
+from broker.engine.keys import OUTAGE_CODE, OUTAGE_RETRY_S
 from broker.engine.metrics import EngineMetrics
 from broker.engine.transport import MockTransport
 from broker.errors import BadRequestError, EndpointUnreachable, NoUsableKeyError, RequestTimeout
@@ -1013,6 +1013,54 @@ class TestRetries:
         # Only the batches the probes carried spent their attempts; the rest stay unanswered.
         assert len(got) <= 30
         assert {r.status for r in got} <= {Status.FAILED}
+
+    async def test_a_key_out_for_an_outage_comes_back_for_a_later_call(self) -> None:
+        """A broker kept for the life of an app outlives an outage: once the budget took the
+        key out, calls fail at once; a call made OUTAGE_RETRY_S later tries the endpoint
+        again, once: still down, it fails after that one attempt; back, it is answered."""
+        clock = FakeClock()
+        down = True
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if down:
+                raise EndpointUnreachable("connection refused")
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        broker, transport = _broker(
+            CREATORS, handler, clock, protocol="creators", retry={"outage_budget_s": 60.0}
+        )
+        loop = asyncio.get_running_loop()
+        async with broker:
+            first = loop.create_task(broker.get_items(asins(3)))
+            await clock.run_until(first)
+            with pytest.raises(NoUsableKeyError) as caught:
+                first.result()
+            assert caught.value.failures[0].code == OUTAGE_CODE
+            tried = len(transport.requests)
+            # At once: no request, the same error.
+            with pytest.raises(NoUsableKeyError):
+                await broker.get_items(asins(3, "B1"))
+            assert len(transport.requests) == tried
+            # Later, still down: one attempt, then the error again, with no new budget.
+            await clock.advance(OUTAGE_RETRY_S)
+            started = clock.monotonic()
+            with capture_logs() as logs:
+                again = loop.create_task(broker.get_items(asins(3, "B2")))
+                await clock.run_until(again)
+            with pytest.raises(NoUsableKeyError):
+                again.result()
+            assert len(transport.requests) == tried + 1
+            assert clock.monotonic() - started < 5
+            assert "broker.key_revived" in [e["event"] for e in logs]
+            # Later still, and the endpoint is back: answered.
+            down = False
+            await clock.advance(OUTAGE_RETRY_S)
+            back = loop.create_task(broker.get_items(asins(3, "B3")))
+            await clock.run_until(back)
+            assert [r.status for r in back.result()] == [Status.OK] * 3
+            assert broker.metrics().keys[0].state == "active"
 
     async def test_a_failing_key_sends_one_request_at_a_time(self) -> None:
         """Once its answers fail in a row, a key with four slots sends one request at a time,

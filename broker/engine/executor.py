@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.engine.batcher import Batch, Lookup
-from broker.engine.keys import OUTAGE_CODE, CredentialsVerdict
+from broker.engine.keys import OUTAGE_CODE, OUTAGE_RETRY_S, CredentialsVerdict
 from broker.errors import (
     ApiError,
     AuthError,
@@ -542,7 +542,9 @@ class Executor:
             f"(last error: {exc})",
             "check the network, DNS, proxy or firewall and api.endpoint (a 5xx or a reset "
             "each time: the API itself is down, wait for it), then run again: unfinished "
-            "lookups stay pending; retry.outage_budget_s sets how long a run waits",
+            "lookups stay pending (a broker kept open tries again for a call made "
+            f"{OUTAGE_RETRY_S:g} s or more later); retry.outage_budget_s sets how long a run "
+            "waits",
             scope=Scope.KEY,
         )
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig, KeyConfig
     from broker.engine.authorizer import Authorizer
 
-__all__ = ["OUTAGE_CODE", "CredentialsVerdict", "KeyHealth", "KeyState"]
+__all__ = ["OUTAGE_CODE", "OUTAGE_RETRY_S", "CredentialsVerdict", "KeyHealth", "KeyState"]
 
 logger = get_logger("broker")
 
@@ -59,6 +59,9 @@ _OUTAGE_PAUSE_CAP_S = 60.0
 _SYSTEMIC_FAILURES = 10
 #: The code a key taken out by an outage carries (``broker run`` maps it to exit 69).
 OUTAGE_CODE = "EndpointUnavailable"
+#: A key an outage took out is tried again, once, by a call made this long after: a broker
+#: kept for the life of an application outlives the outage (see ``KeyState.revive``).
+OUTAGE_RETRY_S = 30.0
 #: A failure this long after the previous one starts a new outage: a continuing outage fails
 #: again at least once per longest pause (plus a timeout), so a longer silence means the key
 #: was idle, not that the endpoint stayed down, and must not count toward the budget.
@@ -133,6 +136,7 @@ class KeyState:
         self._accepted_sent_at: dict[str, float] = {}
         self._refused_in_a_row: dict[str, int] = {}
         self._disabled: KeyUnusableError | None = None
+        self._disabled_at = -math.inf
         self._disabled_markets: dict[str, KeyUnusableError] = {}
         self._paused_reason: str | None = None
         # This process's own hold (monotonic): a token endpoint or a network this process
@@ -154,6 +158,9 @@ class KeyState:
         self._failing = 0
         self._failing_last = -math.inf
         self._outage_paused_at = -math.inf
+        # Revived after an outage took the key out: its budget is spent, so the next
+        # failure to reach the endpoint takes it out again at once.
+        self._outage_probe = False
 
     @classmethod
     def from_config(
@@ -550,9 +557,12 @@ class KeyState:
         self._outage_since = None
         self._outage_rounds = 0
         self._outage_paused_at = -math.inf
+        self._outage_probe = False
 
     def _outage_spent(self) -> bool:
         now = self._clock.monotonic()
+        if self._outage_probe:
+            return True
         if self._outage_since is None or now - self._outage_last > _OUTAGE_GAP_S:
             self._outage_since = now
             self._outage_rounds = 0
@@ -581,10 +591,32 @@ class KeyState:
             if self._disabled is not None:
                 return False
             self._disabled = failure
+            self._disabled_at = self._clock.monotonic()
             return True
         if marketplace in self._disabled_markets:
             return False
         self._disabled_markets[marketplace] = failure
+        return True
+
+    def revive(self) -> bool:
+        """Bring the key back into rotation if an outage took it out ``OUTAGE_RETRY_S`` ago
+        or more; True if it came back.
+
+        Only an outage: the network or the API may be back by now, where a rejected
+        credential stays rejected. The revived key's outage budget stays spent, so a call
+        that finds the endpoint still down fails after one attempt rather than waiting out
+        a whole new budget; an answer ends the outage as usual.
+        """
+        failure = self._disabled
+        if failure is None or failure.code != OUTAGE_CODE:
+            return False
+        waited_s = self._clock.monotonic() - self._disabled_at
+        if waited_s < OUTAGE_RETRY_S:
+            return False
+        self._disabled = None
+        self._outage_probe = True
+        self._paused_reason = None
+        logger.info("broker.key_revived", key=self.name, out_s=round(waited_s, 3))
         return True
 
     # -- introspection ------------------------------------------------------------------------

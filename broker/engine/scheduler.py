@@ -71,12 +71,24 @@ class KeyPool:
         if marketplace in self._serving:
             return
         dead = self._dead.get(marketplace)
-        if dead is not None:
+        if dead is not None and not self._revive(marketplace):
             # A fresh instance per raise: re-raising one stored exception grows its traceback.
             raise NoUsableKeyError(dead.marketplace, dead.failures)
         if not any(key.serves(marketplace) for key in self._keys):
             raise self._no_key_error(marketplace)
         self._serving.add(marketplace)
+
+    def _revive(self, marketplace: str) -> bool:
+        """Bring back the keys for ``marketplace`` an outage took out a while ago (see
+        :meth:`KeyState.revive`); True if one came back."""
+        revived = [key for key in self._keys if key.has_tag(marketplace) and key.revive()]
+        if not revived:
+            return False
+        for market in list(self._dead):
+            if any(key.serves(market) for key in revived):
+                del self._dead[market]
+        self._work.wake()
+        return True
 
     def _no_key_error(self, marketplace: str) -> NoUsableKeyError:
         failures = [
