@@ -2,8 +2,8 @@
 
 The package installs two equal scripts, ``broker`` and ``asin-broker`` (an unrelated PyPI
 package also installs a ``broker``, so scripts, units and images use ``asin-broker``): a
-message names the one typed. Any other way in (``python -m broker``, a test runner) is
-``broker``.
+message names the one typed. ``python -m broker`` (the README's way round the clash) is
+named so; any other way in (a test runner) is ``broker``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ __all__ = ["prog"]
 
 
 def prog() -> str:
-    """``asin-broker`` when run as that script, else ``broker``."""
+    """``asin-broker`` or ``python -m broker`` when run so, else ``broker``."""
     invoked = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return invoked if invoked in ("broker", "asin-broker") else "broker"
+    if invoked in ("broker", "asin-broker"):
+        return invoked
+    if invoked == "__main__.py":
+        return "python -m broker"
+    return "broker"

@@ -276,6 +276,22 @@ class TestConfigLookup:
         assert f"`asin-broker init {missing}`" in err
         assert err.startswith("asin-broker: ")
 
+    def test_python_m_broker_names_itself_so(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Run as `python -m broker` (the README's way round the clashing `broker`), messages
+        and hints name that command, not the `broker` script the user avoided."""
+        missing = tmp_path / "nowhere.toml"
+        main_py = str(Path(cli.__file__).with_name("__main__.py"))
+        monkeypatch.setattr(sys, "argv", [main_py, "check-config"])
+        assert cli.main(["check-config", "--config", str(missing)]) == ExitCode.CONFIG
+        err = capsys.readouterr().err
+        assert err.startswith("python -m broker: ")
+        assert f"`python -m broker init {missing}`" in err
+
     def test_status_reads_the_env_config(
         self,
         tmp_path: Path,
