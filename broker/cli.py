@@ -476,8 +476,9 @@ def _command(args: argparse.Namespace) -> int:
         # Commands that send nothing to Amazon run without its secrets, from any shell.
         read: ReadSecrets = args.command not in ("status", "cache")
         if args.command == "check-config":
-            # Run before the service starts (its install steps): every secret is checked
-            # but a systemd credential, which only the service can read.
+            # Run from a shell (the install steps, or after an edit while the service
+            # runs): every secret is checked but a systemd credential, which only the
+            # service can read.
             read = "outside-service"
         config = load_config(path, read_secrets=read)
         if config.api.uses_simulator or config.simulator.data:

@@ -60,6 +60,8 @@ __all__ = [
 #: Whether :func:`load_config` reads the keys' secrets: all, none, or all but systemd
 #: credentials (``"outside-service"``).
 ReadSecrets = bool | Literal["outside-service"]
+#: Where systemd puts each unit's credentials (``LoadCredential=``), one directory per unit.
+SYSTEMD_CREDENTIALS = Path("/run/credentials")
 
 #: Resources asked for when the config names none: enough for the typed summary.
 DEFAULT_RESOURCES: Final = (
@@ -924,6 +926,10 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(path, f"{file} is not a regular file")
     trusted = bool(credentials_dir and _is_inside(file, Path(credentials_dir)))
+    if not trusted and _is_inside(file, SYSTEMD_CREDENTIALS):
+        # Another unit's credential (its service runs): systemd's owner and mode are not
+        # ours to judge, and this process is not the one meant to read it.
+        raise _service_credential(file, path)
     if not trusted and info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         mode = stat.S_IMODE(info.st_mode)
         raise ConfigError(
@@ -950,16 +956,20 @@ class ServiceCredentialError(ConfigError):
     validates the rest and says the secret was not checked."""
 
 
+def _service_credential(file: Path, path: str) -> ServiceCredentialError:
+    """The error for a systemd credential read by a process that is not its service."""
+    return ServiceCredentialError(
+        path,
+        f"{file} is a systemd credential, which only its service can read: run this "
+        "command as part of the service, or give it a config with a key of its own",
+    )
+
+
 def _no_such_file(file: Path, path: str) -> ConfigError:
     """The error for a secret file name that names no file."""
-    if file.is_absolute() and file.parts[1:3] == ("run", "credentials"):
+    if file.is_absolute() and _is_inside(file, SYSTEMD_CREDENTIALS):
         # A systemd credential: it exists only inside its service (LoadCredential=).
-        return ServiceCredentialError(
-            path,
-            f"{file} is a systemd credential, which only its service can read: run "
-            "this command as part of the service, or give it a config with a key of "
-            "its own",
-        )
+        return _service_credential(file, path)
     # Most likely the secret itself pasted here (missing, too long for a path, holding a
     # NUL): never echo the value.
     return ConfigError(
@@ -973,7 +983,7 @@ def _no_such_file(file: Path, path: str) -> ConfigError:
 def _is_inside(file: Path, directory: Path) -> bool:
     try:
         return file.resolve().is_relative_to(directory.resolve())
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name
         return False
 
 

@@ -571,6 +571,38 @@ class TestSystemd:
         assert key.secret is not None
         assert "s3cr3t-value" not in repr(key)
 
+    def test_check_config_while_the_service_runs(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Once the service has started, its credential file exists (root's, mode 0400 with
+        an ACL read as group bits): check-config from a shell (after an edit, before the
+        restart) still names it as not checked, exit 0, rather than refusing its mode."""
+        from broker import cli
+        from broker import config as config_module
+
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        run_credentials = tmp_path / "run" / "credentials"
+        monkeypatch.setattr(config_module, "SYSTEMD_CREDENTIALS", run_credentials)
+        unit_dir = run_credentials / "asin-broker.service"
+        unit_dir.mkdir(parents=True)
+        secret = unit_dir / "main-secret"
+        secret.write_text("s3cr3t-value\n")
+        secret.chmod(0o440)
+        text = (DEPLOY / "systemd" / "config.toml").read_text()
+        text = text.replace("/var/lib/asin-broker", str(tmp_path / "state"))
+        text = text.replace("/run/credentials", str(run_credentials))
+        config = tmp_path / "config.toml"
+        config.write_text(text)
+        assert cli.main(["check-config", "--config", str(config)]) == 0
+        captured = capsys.readouterr()
+        assert "systemd credential" in captured.err
+        assert "not checked" in captured.err
+        assert "chmod" not in captured.err
+        # Inside the service the very file is read.
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(unit_dir))
+        assert cli.main(["check-config", "--config", str(config)]) == 0
+        assert "not checked" not in capsys.readouterr().err
+
     def test_check_config_outside_the_service(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
