@@ -178,7 +178,8 @@ class TestOpen:
         message = str(caught.value)
         assert message == (
             "/jobs/job.txt grew by 1 byte (now 121 bytes) since this job started: run with "
-            "--new-job to start over on the new file, or restore the original to resume."
+            "--new-job to start over on the new file, --refresh to fetch it beside this "
+            "output, or restore the original to resume."
         )
         assert isinstance(caught.value, JobFileError)
 
@@ -195,8 +196,9 @@ class TestOpen:
         """Resuming with another default marketplace would mix marketplaces: refused."""
         with open_ledger(tmp_path) as ledger:
             ledger.ingest(job_rows(asin(1)))
-        with pytest.raises(JobMismatchError, match=DE):
+        with pytest.raises(JobMismatchError, match=DE) as caught:
             open_ledger(tmp_path, default_marketplace=DE)
+        assert "--refresh" in str(caught.value)
 
     def test_changed_answer_settings_are_refused(self, tmp_path: Path) -> None:
         """Resuming with another protocol or resource list would mix two kinds of answers in

@@ -487,14 +487,15 @@ class Ledger:
             raise JobMismatchError(
                 f"{fingerprint.path} {_what_changed(self._meta_int('job_size'), fingerprint.size)} "
                 "since this job started: run with --new-job to start over on the new file, "
-                "or restore the original to resume."
+                "--refresh to fetch it beside this output, or restore the original to resume."
             )
         stored = self._meta("default_marketplace")
         if stored != default_marketplace:
             raise JobSettingsChangedError(
                 f"{self._path}: this job started with default marketplace {stored}, and the "
                 f"configuration now says {default_marketplace}; rows already resolved would "
-                "mix marketplaces. Restore the setting to resume, or run with --new-job.",
+                "mix marketplaces. Restore the setting to resume, run with --new-job to start "
+                "over, or with --refresh to fetch the job again under the new setting.",
                 setting="api.marketplace",
                 then=str(stored),
                 now=default_marketplace,
