@@ -272,6 +272,42 @@ class TestServe:
         assert await cache.put_many(results) == 0
         assert (await cache.stats()).entries == 0
 
+    async def test_not_found_forgets_the_cached_answer(
+        self, make: MakeCache, clock: FakeClock
+    ) -> None:
+        """Amazon saying an item is gone (a refresh, a shorter max age, another process)
+        deletes its cached ok answer, which was served afterwards; other resource sets and
+        marketplaces keep theirs, and a failure (nothing said of the item) deletes nothing."""
+        cache = make()
+        await cache.put_many(
+            [ok("B000000001", clock), ok("B000000001", clock, resources=("itemInfo.features",))]
+        )
+        await cache.put_many(
+            [
+                ItemResult(
+                    "B000000001",
+                    US,
+                    Status.FAILED,
+                    error=ErrorDetail("InternalFailure", "x", "none"),
+                    query=q("B000000001"),
+                )
+            ]
+        )
+        assert (await cache.get_many([q("B000000001")]))[0] is not None
+        await clock.advance(10)
+        gone = ItemResult(
+            "B000000001",
+            US,
+            Status.NOT_FOUND,
+            error=ErrorDetail("ItemNotAccessible", "gone", "none"),
+            fetched_at=clock.utcnow(),
+            query=q("B000000001"),
+        )
+        assert await cache.put_many([gone]) == 0
+        assert await cache.get_many([q("B000000001")]) == [None]
+        [other] = await cache.get_many([q("B000000001", ("itemInfo.features",))])
+        assert other is not None
+
     async def test_marketplace_and_resources_are_part_of_key(
         self, make: MakeCache, clock: FakeClock
     ) -> None:
@@ -758,7 +794,8 @@ class TestFront:
             front.put(ok(f"B0000000{i:02d}", clock))
         front.put(dataclasses.replace(ok("B000000099", clock), status=Status.NOT_FOUND))
         await front.flush()
-        assert sum(cache.put_calls) == 20
+        assert sum(cache.put_calls) == 21  # the not_found one deletes its key there
+        assert (await cache.stats()).entries == 20
         assert len(cache.put_calls) <= 2
         got = await asyncio.gather(*(front.get(q(f"B0000000{i:02d}")) for i in range(50)))
         assert cache.get_calls == [50]
@@ -802,6 +839,21 @@ class TestFront:
         front.put(ok("B000000020", clock))
         await front.flush()
         assert (await front.get(q("B000000020"))) is not None
+        await front.aclose()
+
+    async def test_reads_a_failing_store_could_not_answer_are_misses(
+        self, clock: FakeClock
+    ) -> None:
+        """Lookups answered as misses because the store failed count among the misses of
+        cache_stats() and /metrics ("absent, too old, unreadable"); they counted nowhere."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache, clock=clock)
+        cache.broken = True
+        for i in range(5):
+            assert await front.get(q(f"B00000001{i}")) is None
+        cache.broken = False
+        stats = await front.stats()
+        assert (stats.hits, stats.misses) == (0, 5)
         await front.aclose()
 
     async def test_a_damaged_file_is_named_with_its_remedy(

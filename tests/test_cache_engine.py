@@ -11,6 +11,7 @@ from conftest import Harness, asins, make_config
 from broker.engine.broker import Broker
 from broker.models import Query, Status
 from broker.simulator.catalog import lookup
+from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import SimulatorSettings
 
 FREE = SimulatorSettings(limits=False)
@@ -150,6 +151,44 @@ class TestBrokerCache:
         assert after is not None
         assert [(r.cached, r.query and r.query.tag) for r in out] == [(True, "a"), (True, "b")]
         assert after.hits - before.hits == 2
+
+    async def test_one_asin_spelled_three_ways_counts_once(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """An ASIN given three ways (upper, lower, a product link) in one call is one
+        answer: one hit when cached, one miss when not, not three."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache=_cache(tmp_path))
+        link = "https://www.amazon.com/dp/{}"
+        async with Broker(config) as broker:
+            await broker.get_item("B0HITS0002")
+            before = await broker.cache_stats()
+            hit = await broker.get_items(["B0HITS0002", "b0hits0002", link.format("B0HITS0002")])
+            miss = await broker.get_items(["B0MISS0003", "b0miss0003", link.format("B0MISS0003")])
+            after = await broker.cache_stats()
+        assert before is not None
+        assert after is not None
+        assert [r.cached for r in hit] == [True]
+        assert [r.cached for r in miss] == [False]
+        assert (after.hits - before.hits, after.misses - before.misses) == (1, 1)
+
+    async def test_not_found_after_an_ok_is_not_served_from_the_cache(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """An item cached ok and then answered not_found (a refresh: the item is gone) is
+        asked again next time, not served from its old ok answer."""
+        async with SimulatorServer(FREE) as before:
+            config = make_config(before.url, cache=_cache(tmp_path))
+            async with Broker(config) as broker:
+                assert (await broker.get_item("B0GONE0004")).ok
+        # The same endpoint (the cache's namespace), where the item is gone now.
+        gone = SimulatorSettings(limits=False, missing_share=1.0)
+        async with SimulatorServer(gone, port=before.port):
+            async with Broker(config, cache_refresh=True) as broker:
+                assert (await broker.get_item("B0GONE0004")).status is Status.NOT_FOUND
+            async with Broker(config) as broker:
+                again = await broker.get_item("B0GONE0004")
+        assert (again.status, again.cached) == (Status.NOT_FOUND, False)
 
     async def test_cache_off_by_default(self, harness: Harness, tmp_path: Path) -> None:
         """Without [cache] max_age_s the library caches nothing and writes no file."""

@@ -35,6 +35,15 @@ def key_of(query: Query) -> CacheKey:
     return CacheKey.of(query.marketplace, query.asin, query.resources)
 
 
+def _key_of_result(result: ItemResult) -> CacheKey:
+    """The key of a result carrying its complete query."""
+    assert result.query is not None
+    assert result.query.resources is not None
+    return CacheKey.of(
+        result.query.marketplace or result.marketplace, result.asin, result.query.resources
+    )
+
+
 class ItemCache(Protocol):
     """Protocol: a per-item cache of successful answers, within Amazon's 24-hour rule.
 
@@ -235,25 +244,37 @@ class StoreCache(abc.ABC):
         """Store the ``ok`` answers among ``results``; return how many were stored.
 
         not_found, invalid and failed results are never stored, nor results that were
-        themselves served from the cache (that would restart their age).
+        themselves served from the cache (that would restart their age). A ``not_found``
+        answer from Amazon deletes what is stored for its key: the item is gone, and its
+        older ``ok`` answer must not be served again.
 
         Raises:
             ValueError: an ``ok`` result without a complete ``query`` (its resource set is
                 unknown, so it cannot be keyed).
         """
         entries: dict[CacheKey, Entry] = {}
+        gone: dict[CacheKey, None] = {}
         for result in results:
-            if result.status is not Status.OK or result.cached or result.fetched_at is None:
+            if result.cached or result.fetched_at is None:
+                continue
+            if result.status is Status.NOT_FOUND:
+                if result.query is not None and result.query.resources is not None:
+                    gone[_key_of_result(result)] = None
+                continue
+            if result.status is not Status.OK:
                 continue
             if result.query is None or result.query.resources is None:
                 raise ValueError(
                     f"cannot cache {result.asin}: the result carries no complete query "
                     "(marketplace and resources)"
                 )
-            key = CacheKey.of(
-                result.query.marketplace or result.marketplace, result.asin, result.query.resources
-            )
+            key = _key_of_result(result)
+            gone.pop(key, None)
             entries[key] = encode(key, result)
+        if gone:
+            await self._delete(
+                [key for key in gone if key not in entries], fetched_before=None, asins=None
+            )
         if not entries:
             return 0
         evicted = await self._store(list(entries.values()), expire_before=self._now() - CEILING_S)

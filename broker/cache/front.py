@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 from broker.cache.base import key_of
 from broker.clock import LoopClock
 from broker.logs import get_logger
+from broker.models import Status
 
 if TYPE_CHECKING:
     from broker.cache.base import ItemCache
@@ -34,6 +35,8 @@ _log = get_logger("broker.cache")
 
 #: Answers waiting to be written at most; beyond it new answers are not cached (counted).
 _MAX_PENDING_WRITES: Final = 50_000
+#: The answers :meth:`CacheFront.put` hands to the store: kept, or deleting the key's entry.
+_WRITTEN: Final = frozenset({Status.OK, Status.NOT_FOUND})
 #: Seconds a failed store is left alone: reads are misses and writes dropped meanwhile.
 COOL_OFF_S: Final = 60.0
 
@@ -156,8 +159,9 @@ class CacheFront:
                 future.set_result(result)
 
     def put(self, result: ItemResult) -> None:
-        """Queue an answer for the store (only ``ok``, not-cached answers are kept)."""
-        if self._closed or not result.ok or result.cached:
+        """Queue an answer for the store: an ``ok`` one is kept, a ``not_found`` one deletes
+        what is kept for its key (answers served from the cache are left alone)."""
+        if self._closed or result.cached or result.status not in _WRITTEN:
             return
         if len(self._writes) >= _MAX_PENDING_WRITES:
             self.dropped_writes += 1
@@ -204,8 +208,10 @@ class CacheFront:
             await self._writer
 
     async def stats(self) -> CacheStats:
-        """The store's stats (hits, misses, requests saved, entries, bytes, evictions)."""
-        return await self.cache.stats()
+        """The store's stats (hits, misses, requests saved, entries, bytes, evictions), the
+        lookups a failing store could not answer counted among the misses."""
+        stats = await self.cache.stats()
+        return dataclasses.replace(stats, misses=stats.misses + self.failed_reads)
 
     async def aclose(self) -> None:
         """Write what is queued, finish pending reads, close the store; idempotent."""

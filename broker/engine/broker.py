@@ -540,8 +540,10 @@ class Broker:
         collector = _Collector(asyncio.get_running_loop())
         held: list[Lookup] = []
         queries = [intake.complete(item, marketplace, resources) for item in asins]
-        # One batched read of the item cache for the whole input (no-op without one).
-        await intake.prefetch(queries)
+        # One batched read of the item cache for the whole input (no-op without one), of
+        # each distinct query once: an ASIN spelled three ways is one answer, one hit.
+        distinct = {_slot_of(q): q for q in queries if isinstance(q, Query)}
+        await intake.prefetch(list(distinct.values()))
         try:
             for query in queries:
                 if isinstance(query, ItemResult):

@@ -273,8 +273,9 @@ class Intake:
         if self._inflight.get(ident) is lookup:
             del self._inflight[ident]
         self._rooms[ident[0]].give()
-        if self._cache is not None and isinstance(outcome, ItemResult) and outcome.ok:
-            # Written behind, in batches; only Amazon's ok answers are kept.
+        if self._cache is not None and isinstance(outcome, ItemResult):
+            # Written behind, in batches: Amazon's ok answers are kept, and its not_found
+            # ones delete what was kept (the item is gone); the rest changes nothing.
             self._cache.put(outcome)
 
     # -- the item cache ---------------------------------------------------------------------
