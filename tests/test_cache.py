@@ -206,6 +206,7 @@ class TestPolicy:
         assert has_offer_resources(["offersV2.listings.price"])
         assert has_offer_resources(["OffersV2.Listings.Availability"])
         assert has_offer_resources(["Offers.Listings.Price"])
+        assert has_offer_resources(["RentalOffers.Listings.BasePrice"])  # PA-API's rentals
         assert not has_offer_resources(["itemInfo.title", "images.primary.medium"])
         assert not has_offer_resources(["offersummary"])
 

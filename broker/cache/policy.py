@@ -41,8 +41,9 @@ AMAZON_RULE: Final = (
 )
 
 # Price and availability live under these resource roots in both protocols (Creators
-# offersV2.*, PA-API OffersV2.* and the retired Offers.*); compared case-folded.
-_OFFER_ROOTS: Final = ("offersv2", "offers")
+# offersV2.*, PA-API OffersV2.*, its RentalOffers.* and the retired Offers.*); compared
+# case-folded.
+_OFFER_ROOTS: Final = ("offersv2", "offers", "rentaloffers")
 
 
 def normalise_resources(resources: Iterable[str]) -> tuple[str, ...]:
