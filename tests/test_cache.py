@@ -580,6 +580,22 @@ class TestSqlite:
             (again,) = await cache.get_many([q("B000000002")])
             assert again is not None
 
+    async def test_every_row_damaged_is_still_only_misses(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """Every row of the namespace with a time that is no number: stats counts no oldest
+        answer (it raised ValueError, and the first read with it, turning the cache off),
+        reads are misses, and the damaged rows go."""
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
+        with sqlite_db(path) as db:
+            db.execute("UPDATE item_cache SET fetched_at = 'abc'")
+        async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
+            assert (await cache.stats()).oldest_age_s is None
+            assert await cache.get_many([q("B000000001"), q("B000000002")]) == [None, None]
+            assert (await cache.stats()).entries == 0
+
     async def test_a_row_mended_meanwhile_is_not_dropped(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:

@@ -85,9 +85,12 @@ CREATE TRIGGER IF NOT EXISTS item_cache_upd AFTER UPDATE OF size ON item_cache B
 END;
 """
 
-#: A namespace's entries, payload bytes and oldest answer (by the covering index).
+#: A namespace's entries, payload bytes and oldest answer (by the covering index); a
+#: damaged row's time that is no number (text sorts after every number) is no oldest.
 _MEASURE: Final = (
-    "SELECT count(*), coalesce(sum(size), 0), min(fetched_at) FROM item_cache WHERE ns = ?"
+    "SELECT count(*), coalesce(sum(size), 0), "
+    "min(CASE WHEN typeof(fetched_at) IN ('integer', 'real') THEN fetched_at END) "
+    "FROM item_cache WHERE ns = ?"
 )
 
 # A late writer's older answer never replaces a newer one, but one stamped more than FUTURE_S
