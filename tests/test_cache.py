@@ -873,6 +873,25 @@ class TestFront:
         assert (stats.hits, stats.misses) == (0, 5)
         await front.aclose()
 
+    @pytest.mark.parametrize(
+        ("code", "message", "remedy"),
+        [
+            (sqlite3.SQLITE_FULL, "database or disk is full", "free space on its disk"),
+            (sqlite3.SQLITE_READONLY, "attempt to write a readonly database", "read-only"),
+        ],
+    )
+    def test_a_full_or_read_only_disk_is_named_so(
+        self, tmp_path: Path, clock: FakeClock, code: int, message: str, remedy: str
+    ) -> None:
+        """A full disk or a read-only file system gets its own remedy, not "wait for the
+        process holding it locked, or delete it" (neither helps)."""
+        cache = SqliteCache(tmp_path / "item-cache.sqlite3", CachePolicy(3_600), clock=clock)
+        error = sqlite3.OperationalError(message)
+        error.sqlite_errorcode = code  # as SQLite sets it
+        described = cache.describe_failure(error)
+        assert remedy in described
+        assert "locked" not in described
+
     async def test_a_damaged_file_is_named_with_its_remedy(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:

@@ -12,6 +12,7 @@ only for a thread hop per batch of keys, never for the disk.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sqlite3
 import stat
@@ -26,6 +27,7 @@ from broker.cache.policy import FUTURE_S
 from broker.logs import get_logger
 from broker.sqlitewal import (
     RefusedFileError,
+    disk_error,
     enable_wal,
     file_identity,
     immediate,
@@ -371,6 +373,17 @@ class SqliteCache(StoreCache):
             return str(self.path), (
                 "check that [cache] path names the item cache, not another file; if it does, "
                 "the file is damaged: delete it with its -wal and -shm to start afresh"
+            )
+        failed = disk_error(self.path, error) if isinstance(error, sqlite3.Error) else error
+        if isinstance(failed, OSError) and failed.errno == errno.ENOSPC:
+            return str(self.path), (
+                "free space on its disk, or set [cache] max_bytes lower or path elsewhere "
+                "(lookups go on without the cache meanwhile)"
+            )
+        if isinstance(failed, OSError) and failed.errno == errno.EROFS:
+            return str(self.path), (
+                "it or its directory is read-only: make it writable, or set [cache] path to a "
+                "writable place (lookups go on without the cache meanwhile)"
             )
         return str(self.path), (
             "if another process holds it locked, wait for it; if it is damaged, delete it "
