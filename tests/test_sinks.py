@@ -232,6 +232,38 @@ class TestJsonlSink:
         assert jsonl(out) == expected
         assert state.offset == out.stat().st_size
 
+    @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+    @pytest.mark.parametrize("damage", ["cut", "deleted"])
+    def test_a5_output_damaged_while_the_run_writes_is_noticed(
+        self, tmp_path: Path, fmt: str, damage: str
+    ) -> None:
+        """A5 while running: the output cut (a NUL-filled hole and lost rows, exit 0) or
+        deleted under the run is noticed at the next flush, an OSError naming it, and the
+        next open writes it again from the ledger, every row once."""
+        out = tmp_path / f"out.{fmt}"
+        with make_ledger(tmp_path) as ledger:
+            sink = open_sink(fmt, out)
+            state = sink.open(ledger.sink_state("out"))
+            sink.write(ledger.done_rows_after(0, limit=4))
+            ledger.set_sink_state("out", sink.flush())
+            if damage == "cut":
+                os.truncate(out, out.stat().st_size // 2)
+            else:
+                out.unlink()
+            sink.write(ledger.done_rows_after(4, limit=3))
+            with pytest.raises(OSError, match=str(out)) as caught:
+                sink.flush()
+            assert ("cut" if damage == "cut" else "deleted") in str(caught.value)
+            sink.close()
+            state = emit(ledger, open_sink(fmt, out))
+            expected = expected_lines(ledger)
+        assert b"\0" not in out.read_bytes()
+        if fmt == "jsonl":
+            assert jsonl(out) == expected
+        else:
+            assert [int(r["line"]) for r in csv_records(out)] == [e["line"] for e in expected]
+        assert state.offset == out.stat().st_size
+
     def test_a5_file_cut_by_hand_is_refilled_exactly_once(self, tmp_path: Path) -> None:
         """A5: a file shorter than recorded is written again from the ledger, every row once."""
         out = tmp_path / "out.jsonl"

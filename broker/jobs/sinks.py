@@ -30,6 +30,7 @@ rows, so it needs no byte offsets (``offset`` is always 0).
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -268,6 +269,7 @@ class _FileSink:
         self._written = 0  # bytes handed to the OS; the file's logical end
         self._done_order = 0  # the last row written or buffered
         self._failed: OSError | None = None
+        self._identity: tuple[int, int] = (0, 0)  # the open file's (device, inode)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -300,6 +302,7 @@ class _FileSink:
             os.close(fd)
             raise
         self._fd = fd
+        self._identity = _identity(os.fstat(fd))
         self._written = state.offset
         self._done_order = state.done_order
         self._failed = None
@@ -361,10 +364,37 @@ class _FileSink:
         self._drain(fd)
         try:
             os.fsync(fd)
+            self._check_in_place()
         except OSError as exc:
             self._failed = exc
             raise
         return SinkState(self._written, self._done_order)
+
+    def _check_in_place(self) -> None:
+        """Raise if the output was deleted or replaced under the run: its rows would be
+        reported written into a file nobody can find (the next open writes it again)."""
+        try:
+            current = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            current = None
+        if current != self._identity:
+            raise OSError(
+                errno.ENOENT,
+                f"{self.path} was deleted or replaced while this run wrote it; run again: "
+                "it is written again from the ledger, every row once",
+            )
+
+    def _check_whole(self, fd: int) -> None:
+        """Raise if the file is shorter than what this run wrote: cut under it, the next
+        write would leave a hole of NUL bytes where rows were, and the rows lost."""
+        size = os.fstat(fd).st_size
+        if size < self._written:
+            raise OSError(
+                errno.EIO,
+                f"{self.path} was cut to {size} bytes while this run wrote it "
+                f"({self._written} written); run again: it is written again from the "
+                "ledger, every row once",
+            )
 
     def close(self) -> None:
         """Close the file; rows not flushed are dropped (re-emitted on the next open)."""
@@ -390,6 +420,7 @@ class _FileSink:
             return
         data = bytes(self._buffer)
         try:
+            self._check_whole(fd)
             crash_point("mid_write", before=lambda: _write_all(fd, _torn(data), self.path))
             _write_all(fd, data, self.path)
         except OSError as exc:
@@ -398,6 +429,11 @@ class _FileSink:
             raise
         self._written += len(self._buffer)
         self._buffer.clear()
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    """A file's (device, inode): the same file, whatever its name or size."""
+    return info.st_dev, info.st_ino
 
 
 def _torn(data: bytes) -> bytes:
