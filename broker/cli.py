@@ -739,7 +739,12 @@ async def _lookup(
 ) -> int:
     from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
-    from broker.errors import ConfigError, NoUsableKeyError, StateUnavailableError
+    from broker.errors import (
+        ConfigError,
+        NoUsableKeyError,
+        StateUnavailableError,
+        os_error_text,
+    )
     from broker.jobs.runner import describe_failure, keys_serving
     from broker.models import Query
 
@@ -798,7 +803,9 @@ async def _lookup(
             )
         elif isinstance(exc, NoUsableKeyError):
             message = f"stopped: {exc}"
-        elif isinstance(exc, (StateUnavailableError, OSError)):
+        elif isinstance(exc, OSError):
+            message = os_error_text(exc)
+        elif isinstance(exc, StateUnavailableError):
             message = str(exc)  # it says itself whether it waited out the budget
         failure = (code, message)
     except (TypeError, ValueError) as exc:

@@ -672,6 +672,16 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
 _UNKNOWN_REMEDY = "Read Amazon's message; report the code if the broker should know it."
 
 
+def os_error_text(exc: OSError) -> str:
+    """An ``OSError`` as a user reads it: what failed and on which file, without the
+    ``[Errno N]`` that ``str()`` puts first (it says nothing the words do not)."""
+    if not exc.strerror:
+        return str(exc)
+    if exc.filename is None or str(exc.filename) in exc.strerror:
+        return exc.strerror
+    return f"{exc.filename}: {exc.strerror}"
+
+
 def describe(code: str, *, status: int | None = None) -> ErrorInfo:
     """Return the catalogue entry for ``code``, or a sensible one for a code we do not know.
 

@@ -853,6 +853,8 @@ class TestBrokenStateFile:
         said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("broker:")]
         assert len(said) == 1
         assert "cannot create its directory" in said[0]
+        assert f"{blocker} is a file, not a directory" in said[0]  # not "File exists"
+        assert "[Errno" not in said[0]
         assert "after" not in said[0]  # nothing was waited for
 
     def test_run_with_a_damaged_state_file_exits_74(
@@ -879,6 +881,7 @@ class TestBrokenStateFile:
         said = [line for line in err.splitlines() if line.startswith("broker: ")]
         assert len(said) == 2
         assert all("damaged" in line and "delete it" in line for line in said)
+        assert not any("[Errno" in line for line in said)
         assert "Traceback" not in err
 
 

@@ -41,6 +41,7 @@ from broker.errors import (
     Scope,
     StateUnavailableError,
     describe,
+    os_error_text,
 )
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import (
@@ -1132,7 +1133,7 @@ def describe_failure(
             "user the broker runs as"
         )
     if isinstance(exc, OSError):
-        return ExitCode.IO_ERROR, f"cannot write: {exc}"
+        return ExitCode.IO_ERROR, f"cannot write: {os_error_text(exc)}"
     if isinstance(exc, BrokerError):
         return ExitCode.INTERNAL, str(exc)
     return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
