@@ -79,6 +79,40 @@ def _request(url: str) -> HttpRequest:
     return HttpRequest("POST", url, {"Authorization": SECRET_HEADER}, b"hello")
 
 
+class TestProxies:
+    """The environment's proxy is used for Amazon, never for a loopback endpoint."""
+
+    @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+    async def test_a_loopback_endpoint_is_never_proxied(
+        self, server: str, monkeypatch: pytest.MonkeyPatch, variable: str
+    ) -> None:
+        """With HTTP_PROXY set and NO_PROXY not listing 127.0.0.1 (a common shell), a
+        request to http://127.0.0.1 (the README's broker simulate, a local forwarder) goes
+        straight there: through the proxy, its secret or token crossed the network in
+        clear text, which is why plain http:// is allowed only for loopback."""
+        seen: list[str] = []
+
+        async def record(request: web.Request) -> web.Response:
+            seen.append(str(request.url))
+            return web.Response(text="proxied")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", record)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(variable, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        try:
+            async with AiohttpTransport() as transport:
+                response = await transport.send(_request(server + "/ok"))
+        finally:
+            await runner.cleanup()
+        assert response.body == b"echo:hello"
+        assert seen == []
+
+
 class TestSend:
     """What send returns and raises."""
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from broker.api.base import HttpRequest, RawResponse
+from broker.config import is_loopback_host
 from broker.errors import (
     BodyTooLarge,
     ConnectError,
@@ -201,7 +202,9 @@ class AiohttpTransport:
         proxy = self._proxies.get(parts.scheme)
         # proxy_bypass_environment reads NO_PROXY; typeshed does not list it.
         bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-        if proxy and bypass(key[1], self._proxies):
+        # Never a loopback host, whatever NO_PROXY says: plain http:// is allowed only for
+        # one, and through a proxy its secret and tokens would cross the network in clear.
+        if proxy and (is_loopback_host(key[1]) or bypass(key[1], self._proxies)):
             proxy = None
         self._proxy_cache[key] = proxy
         return proxy
