@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import sqlite_db
+from structlog.testing import capture_logs
 
 from broker.errors import JobFileError
 from broker.jobs import sinks
@@ -559,6 +560,43 @@ class TestSqliteSink:
         assert columns == ["seq", *CSV_COLUMNS, "row_json"]
         assert price == (4.5, "Thé, «vert»")
         assert cached == [("integer", 0)]  # the INTEGER column holds 0/1, so WHERE cached works
+
+    @pytest.mark.parametrize(
+        "damage", ["DELETE FROM results WHERE seq % 3 = 0", "DROP TABLE results"]
+    )
+    def test_a5_rows_deleted_by_hand_are_written_again(self, tmp_path: Path, damage: str) -> None:
+        """A5 for SQLite: rows (or the table) deleted by hand from a finished output are
+        written again from the ledger, every row once; it said complete and kept 2/3."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            emit(ledger, sink)
+            sink.close()
+            with sqlite_db(out) as conn:
+                conn.execute(damage)
+            conn.close()
+            with capture_logs() as logs:
+                sink = SqliteSink(out)
+                state = emit(ledger, sink)
+                sink.close()
+        assert state == SinkState(0, 10)
+        assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
+        assert "broker.output_shorter_than_recorded" in [e["event"] for e in logs]
+
+    def test_a9_a_damaged_output_is_refused_and_left_untouched(self, tmp_path: Path) -> None:
+        """A SQLite output cut in half (a torn copy, a partial restore): a JobFileError naming
+        it and saying what to do, the file untouched; it was exit 1, "internal error"."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path, count=400) as ledger:
+            sink = SqliteSink(out)
+            emit(ledger, sink, batch=100)
+            sink.close()
+        data = out.read_bytes()
+        out.write_bytes(data[: len(data) // 2])
+        with pytest.raises(JobFileError, match="damaged") as caught:
+            SqliteSink(out).open(SinkState(0, 400))
+        assert str(out) in str(caught.value)
+        assert out.read_bytes() == data[: len(data) // 2]
 
     def test_upsert_is_idempotent(self, tmp_path: Path) -> None:
         """Writing the same rows again (a resume re-emitting) leaves one row per seq."""

@@ -639,6 +639,20 @@ class SqliteSink:
                 conn.execute("DELETE FROM broker_sink")
             conn.execute("INSERT OR IGNORE INTO broker_sink (id, done_order) VALUES (1, 0)")
             (own,) = conn.execute("SELECT done_order FROM broker_sink").fetchone()
+            # Every row written is one row of results (upserted by seq): fewer means rows
+            # were deleted by hand (or the table dropped). Which ones cannot be told cheaply,
+            # so every row is written again from the ledger, each once (by seq).
+            (held,) = conn.execute("SELECT count(*) FROM results").fetchone()
+            if held < own:
+                logger.warning(
+                    "broker.output_shorter_than_recorded",
+                    path=str(self.path),
+                    recorded_rows=own,
+                    rows=held,
+                    note="the output is written again from the ledger, every row once",
+                )
+                conn.execute("UPDATE broker_sink SET done_order = 0")
+                own = 0
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -724,9 +738,17 @@ def _disk_errors(path: Path) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         failure = disk_error(path, exc) or held_error(path, exc)
-        if failure is None:
-            raise
-        raise failure from exc
+        if failure is not None:
+            raise failure from exc
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (
+            sqlite3.SQLITE_CORRUPT,
+            sqlite3.SQLITE_NOTADB,
+        ):
+            raise JobFileError(
+                f"{path}: is damaged ({exc}); it was left untouched. Move it away or delete "
+                "it, and run again: every row is written again from the ledger."
+            ) from exc
+        raise
 
 
 class InvalidReport:
