@@ -782,6 +782,27 @@ async def test_wrong_redis_password_is_a_config_error() -> None:
 
 
 @needs_redis
+async def test_a_password_redis_asks_for_and_none_given_says_to_configure_one() -> None:
+    """A Redis that requires a password, with no [state] redis_password_env: the
+    ConfigError says to set one, not to "set the password's variable to the right value"
+    of a setting the file does not have."""
+    server = RedisServer(password="right-one")
+    await asyncio.to_thread(server.start)
+    try:
+        store = RedisStateStore(server.url, timeout_s=0.5)
+        limiter = SharedKeyLimiter(
+            FakeClock(), store, KEY, KeyLimits(5.0, 0.05, 5.0), process_id="p"
+        )
+        with pytest.raises(ConfigError) as info:
+            await limiter.refresh()
+        assert info.value.path == "state.redis_password_env"
+        assert "requires a password and none is configured" in str(info.value)
+        await store.aclose()
+    finally:
+        await asyncio.to_thread(server.__exit__, None, None, None)
+
+
+@needs_redis
 async def test_redis_database_out_of_range_is_a_config_error(redis_server: RedisServer) -> None:
     """A redis_url naming a database the server does not have (/99 of 16) is a ConfigError
     naming the setting, not an outage waited out for the whole budget (exit 69)."""
@@ -966,6 +987,30 @@ class TestGivingUp:
         # The documented end of an outage, not a bug: no "task crashed" event.
         assert "task_crashed" not in err
         assert "broker.engine_stopped" in err
+
+
+@needs_redis
+def test_lookup_with_a_redis_asking_a_password_exits_78_without_a_crash_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """broker lookup against a Redis that requires a password none was given for: exit
+    78 saying to configure one, logged as the engine stopping, not as a task crash."""
+    from conftest import embedded_toml
+
+    from broker import cli
+
+    server = RedisServer(password="right-one")
+    server.start()
+    try:
+        config = tmp_path / "config.toml"
+        state = f'\n[state]\nbackend = "redis"\nredis_url = "{server.url}"\n'
+        config.write_text(embedded_toml() + state)
+        assert cli.main(["lookup", "B0TEST0001", "--config", str(config)]) == 78
+    finally:
+        server.__exit__(None, None, None)
+    err = capsys.readouterr().err
+    assert "requires a password and none is configured" in err
+    assert "task_crashed" not in err
 
 
 _PACED_WORKER = """

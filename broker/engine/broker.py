@@ -407,8 +407,10 @@ class Broker:
         # from a failing budget store stays an OSError).
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
-        if isinstance(exc, StateUnavailableError):
-            # The documented end of a key-state outage past its budget (exit 69), not a bug.
+        if isinstance(exc, StateUnavailableError | ConfigError):
+            # The documented end of a key-state outage past its budget (exit 69), or a
+            # key-state store the config cannot use (Redis refusing the password: exit 78),
+            # not a bug.
             logger.error("broker.engine_stopped", reason=str(exc))
         else:
             logger.error("broker.task_crashed", error=repr(exc))

@@ -87,7 +87,7 @@ class RedisStateStore:
         StateUnavailableError: redis-py is not installed (the ``redis`` extra).
     """
 
-    __slots__ = ("_client", "_prefix", "_script", "_ttl_ms", "_url", "_writable")
+    __slots__ = ("_client", "_has_password", "_prefix", "_script", "_ttl_ms", "_url", "_writable")
 
     def __init__(
         self,
@@ -108,6 +108,7 @@ class RedisStateStore:
                 "redis", "redis-py is not installed: pip install 'asin-broker[redis]'"
             ) from exc
         self._url = redacted_url(url)
+        self._has_password = password is not None
         self._prefix = key_prefix
         self._ttl_ms = int(ttl_s * 1000)
         self._writable = False
@@ -203,6 +204,13 @@ class RedisStateStore:
 
         if isinstance(exc, AuthenticationError):
             # A wrong or missing password never mends by waiting: a config error (exit 78).
+            if not self._has_password:
+                return ConfigError(
+                    "state.redis_password_env",
+                    f"Redis at {self._url} requires a password and none is configured "
+                    f"({type(exc).__name__}: {exc}); set [state] redis_password_env to the "
+                    "name of an environment variable holding it",
+                )
             return ConfigError(
                 "state.redis_password_env",
                 f"Redis at {self._url} refused the credentials ({type(exc).__name__}: {exc}); "
