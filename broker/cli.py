@@ -126,6 +126,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="write a commented starter config.toml",
         description="Write a commented starter config that works against the embedded "
         "simulator out of the box; edit it to use real keys.",
+        epilog="exit codes: 0 written; 2 the file exists (--force overwrites it) or its path "
+        "is a directory; 74 it cannot be written.",
     )
     init.add_argument(
         "path", nargs="?", default=DEFAULT_CONFIG, help="where to write it (default: %(default)s)"
@@ -136,6 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "simulate",
         help="run the local simulator of the Creators API and PA-API 5.0",
         description="Run the local Amazon simulator (both APIs) until interrupted.",
+        epilog="exit codes: 0 stopped by SIGINT/SIGTERM; 2 usage; 78 a bad [simulator] table "
+        "or config, a --host refused without --allow-remote, or a port that cannot be bound.",
     )
     sim.add_argument(
         "--config",
@@ -324,6 +328,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="validate a config file",
         description="Validate a config file and print a summary (secrets "
         "masked); exit 78 naming the bad key path if it is invalid.",
+        epilog="exit codes: 0 valid (warnings may follow); 2 usage; 78 invalid or missing.",
     )
     check.add_argument("--config", help=_CONFIG_HELP)
     cache = sub.add_parser(

@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 __all__ = ["add_arguments", "cache_command"]
 
 
+_EXIT_CODES = (
+    "exit codes: 0 done; 2 usage (a bad --older-than or --asin); 74 the item cache cannot be "
+    "used (a damaged file, a full or read-only disk, Redis down); 78 a bad config."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``stats`` and ``purge`` sub-commands to the ``broker cache`` parser."""
     sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -33,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="show what the item cache holds",
         description="Print the entries, payload bytes and oldest answer's age of the "
         "configured item cache ([cache] of the config), and its max ages.",
+        epilog=_EXIT_CODES,
     )
     stats.add_argument("--config", help="config file (default: $ASINB_CONFIG, else ./config.toml)")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
@@ -44,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "from the configured item cache: all of them, or only those fetched more than "
         "--older-than seconds ago, or only those of the --asin list (both filters together: "
         "answers matching both).",
+        epilog=_EXIT_CODES,
     )
     purge.add_argument("--config", help="config file (default: $ASINB_CONFIG, else ./config.toml)")
     purge.add_argument(
