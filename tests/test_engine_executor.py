@@ -207,6 +207,44 @@ class TestTokenFetchAndPacing:
         gaps = [b - a for a, b in itertools.pairwise(sends)]
         assert min(gaps) >= 0.5 - 1e-6, gaps
 
+    async def test_a_token_dropped_after_a_send_was_booked_is_fetched_before_it(
+        self,
+    ) -> None:
+        """A TokenExpired answered while the next send waits for its booked slot: that send
+        fetches no token after booking (it went out 0.9 s late, 0.1 s before the retry, a
+        strict server's 429); it goes back, and every send stays an interval apart."""
+        clock = FakeClock()
+        sends: list[float] = []
+        fetched = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal fetched
+            if "/auth/" in request.url:
+                fetched += 1
+                if fetched > 1:
+                    await clock.sleep(0.9)  # a slow token endpoint for the refetch
+                return _token(f"tok{fetched}")
+            sends.append(clock.monotonic())
+            if len(sends) == 1:
+                await clock.sleep(0.95)  # answered late, as the next send waits its slot
+                return _token_expired()
+            return _creators_ok(_ids(request))
+
+        broker, _ = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            keys=[key_doc(tps=1.0)],
+            engine={"batch_size": 1, "linger_s": 0.0},
+        )
+        async with broker:
+            call = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(call)
+        assert all(r.ok for r in call.result())
+        gaps = [b - a for a, b in itertools.pairwise(sends)]
+        assert min(gaps) >= 1.0 - 0.05, gaps
+
 
 async def _paced_sends(*, expires_in: float, count: int) -> tuple[list[float], int]:
     """``count`` ASINs through one key at 2 TPS whose tokens take 0.3 s to fetch and live

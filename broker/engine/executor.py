@@ -107,6 +107,14 @@ class Executor:
             key.abandon_probe()
             return
         attempts = batch.attempts
+        if key.authorizer.due():
+            # The token went stale after this send was booked (a TokenExpired answered while
+            # it waited for its slot). Fetched now, it would send late, closer to the key's
+            # next send than its interval (a strict server's 429): the batch goes back, and
+            # the key fetches the token before it books again. The slot goes unused.
+            key.abandon_probe()
+            self._pool.submit(batch, front=True)
+            return
         attempts.begin(sent_at)
         region = key.region(batch.marketplace)
         request: HttpRequest | None = None
