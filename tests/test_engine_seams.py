@@ -457,6 +457,27 @@ class TestStreamStop:
         assert task.result() == []
         assert sent == []
 
+    async def test_close_ends_the_watch_of_a_stream_held_open(self) -> None:
+        """A consumer holding a stream(stop=...) at a yield while the broker closes: no task
+        the broker started is left running after aclose() (the stop watch was, until the
+        consumer let the generator go)."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.0)
+
+        before = asyncio.all_tasks()
+        broker = Broker(_paapi(), clock=clock, transport=MockTransport(handler))  # type: ignore[arg-type]
+        await broker.__aenter__()
+        stream = broker.stream(["B000000001", "B000000002"], stop=asyncio.Event())
+        first = asyncio.ensure_future(anext(stream))
+        await clock.run_until(first)
+        await broker.aclose()
+        await asyncio.sleep(0)
+        left = [t for t in asyncio.all_tasks() - before if not t.done()]
+        await stream.aclose()
+        assert left == []
+
 
 class TestLifecycle:
     """N12 and N15: the broker's loop, and closing with callers waiting."""

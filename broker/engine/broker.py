@@ -158,6 +158,9 @@ class Broker:
         # Open streams and the task reading each one's input: the engine's end must reach a
         # consumer with nothing in flight (its input has not given the next item yet).
         self._streams: dict[_StreamReceiver, asyncio.Task[None] | None] = {}
+        # Each stream(stop=...)'s watch of its event: ended with the broker too, not only
+        # when its consumer lets the generator go.
+        self._stop_watches: set[asyncio.Task[object]] = set()
         self._metrics = EngineMetrics()
         self._keys: list[KeyState] = []
         self._pool: KeyPool | None = None
@@ -426,6 +429,8 @@ class Broker:
         for future in list(self._ops):
             if not future.done():
                 future.set_exception(exc)
+        for watch in list(self._stop_watches):
+            watch.cancel()
         for receiver, producer in self._streams.items():
             if producer is None or producer.done():
                 # Its input is all in: what it still waits for fails through the intake
@@ -758,6 +763,8 @@ class Broker:
 
             stopper = loop.create_task(stop.wait())
             stopper.add_done_callback(wind_down)
+            self._stop_watches.add(stopper)
+            stopper.add_done_callback(self._stop_watches.discard)
         try:
             while True:
                 result = receiver.take()
