@@ -146,7 +146,9 @@ class ItemResult:
     asin: str
     marketplace: str
     status: Status
-    item: Mapping[str, object] | None = None
+    # Compared, but left out of the hash (a dict has none): equal results still hash
+    # equal, and an ok result goes in a set as a failed one does.
+    item: Mapping[str, object] | None = field(default=None, hash=False)
     summary: ItemSummary | None = None
     error: ErrorDetail | None = None
     attempts: int = 0

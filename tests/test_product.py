@@ -312,6 +312,15 @@ class TestItemResult:
         """A result without an item has no product."""
         assert ItemResult("B000000001", US, Status.NOT_FOUND).product is None
 
+    def test_a_result_with_an_item_hashes_like_one_without(self) -> None:
+        """An ok result (it holds its item, a dict) hashes as a failed one does, equal
+        results alike, so results go in sets and dict keys; it raised TypeError."""
+        item = _render("B000000001", "creators")
+        one = ItemResult("B000000001", US, Status.OK, item=item)
+        same = ItemResult("B000000001", US, Status.OK, item=dict(item))
+        assert hash(one) == hash(same)
+        assert len({one, same, ItemResult("B000000001", US, Status.NOT_FOUND)}) == 2
+
     def test_cache_outside_equality_and_json(self) -> None:
         """Reading the product changes neither equality, repr nor the JSON row."""
         item = _render("B000000001", "creators")
