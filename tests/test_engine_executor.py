@@ -245,6 +245,41 @@ class TestTokenFetchAndPacing:
         gaps = [b - a for a, b in itertools.pairwise(sends)]
         assert min(gaps) >= 1.0 - 0.05, gaps
 
+    async def test_a_failing_token_endpoint_behind_a_slow_booking_is_met(self) -> None:
+        """The token endpoint down and each booking slow (a shared store's wait of a few
+        seconds): the sends meet the failure, back off and take the key out within the
+        outage budget; a send never goes back for want of a token it never had (it looped,
+        fetching for ever and counting a send each turn)."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            raise EndpointUnreachable("token endpoint down")
+
+        broker, transport = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            keys=[key_doc(tps=1.0)],
+            retry={"outage_budget_s": 60.0},
+        )
+        async with broker:
+            key = broker._keys[0]
+            commit = key.limiter.commit
+
+            async def slow_commit(*args: Any, **kwargs: Any) -> float:
+                sent_at = await commit(*args, **kwargs)
+                await clock.sleep(6.0)  # past the few seconds a failed fetch is held
+                return sent_at + 6.0
+
+            key.limiter.commit = slow_commit  # type: ignore[method-assign]
+            call = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(call, limit=3_600)
+            with pytest.raises(NoUsableKeyError) as caught:
+                call.result()
+        assert caught.value.failures[0].code == OUTAGE_CODE
+        assert len(transport.requests) < 100
+
 
 async def _paced_sends(*, expires_in: float, count: int) -> tuple[list[float], int]:
     """``count`` ASINs through one key at 2 TPS whose tokens take 0.3 s to fetch and live

@@ -59,6 +59,8 @@ class CreatorsTokenCache:
         "_came_due",
         "_clock",
         "_credential_id",
+        "_dropped",
+        "_drops",
         "_failure",
         "_fetched_at",
         "_held_at",
@@ -115,6 +117,10 @@ class CreatorsTokenCache:
         # Whether the token the last fetch brought was already due for a refresh when it came.
         self._came_due = False
         self._requests_sent = 0
+        # Tokens dropped by invalidate() so far, and whether the last one is still not
+        # replaced by a fetched token (see dropped()).
+        self._drops = 0
+        self._dropped = False
         self._lock = asyncio.Lock()
 
     @property
@@ -223,6 +229,13 @@ class CreatorsTokenCache:
             self._token = None
             self._refresh_at = float("-inf")
             self._usable_until = float("-inf")
+            self._drops += 1
+            self._dropped = True
+
+    def dropped(self) -> int | None:
+        """Which drop it is (1, 2, ...) while the token :meth:`invalidate` dropped is not
+        replaced yet, else None: a send booked before the drop would fetch late."""
+        return self._drops if self._dropped else None
 
     def authorization_header(self, token: str) -> str:
         """Return the ``Authorization`` value for ``token``.
@@ -265,6 +278,7 @@ class CreatorsTokenCache:
             self._attempts += 1
             self._fetched_at = self._clock.monotonic()
         self._token = token
+        self._dropped = False
         self._refresh_at = started + lifetime_s - min(self._margin_s, lifetime_s / 2)
         self._usable_until = max(
             self._refresh_at, started + lifetime_s - min(_SEND_MARGIN_S, lifetime_s / 4)

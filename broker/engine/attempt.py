@@ -33,6 +33,9 @@ class Attempts:
     auth_refused_at: float | None = None
     #: times the responses left this batch's ASIN out (single-ASIN re-asks only)
     missing: int = 0
+    #: the token drop this batch last went back for (see ``Authorizer.dropped``): once
+    #: per drop, so a token endpoint that fails afterwards is met, not dodged for ever
+    bounced_at_drop: int | None = None
     #: the last transient error, reported if every attempt fails
     last_error: BaseException | None = None
 

@@ -41,11 +41,15 @@ class Authorizer(Protocol):
       ``prepare()`` does that fetch ahead (a failure is kept for ``authorize`` to raise):
       the dispatcher calls it before the pacer books a send, so a slow token endpoint
       delays the booking rather than squeezing the gap between two sends.
+    - ``dropped()`` names the drop of a credential ``recover`` made that is not replaced
+      yet (None when there is none): a send booked before it would fetch after booking.
     """
 
     async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest: ...
 
     def due(self) -> bool: ...
+
+    def dropped(self) -> int | None: ...
 
     async def prepare(self) -> None: ...
 
@@ -84,6 +88,10 @@ class BearerAuthorizer:
     def due(self) -> bool:
         """True when no token is cached or it is about to expire."""
         return self._tokens.due()
+
+    def dropped(self) -> int | None:
+        """Which drop of a stale token it is, while no new token replaced it (else None)."""
+        return self._tokens.dropped()
 
     async def prepare(self) -> None:
         """Fetch the token now if it is due (a failure is raised by the next authorize)."""
@@ -124,6 +132,10 @@ class SigV4Authorizer:
     def due(self) -> bool:
         """Never: signing needs nothing fetched."""
         return False
+
+    def dropped(self) -> int | None:
+        """Never: a signature is made at send time, from nothing that can go stale."""
+        return None
 
     async def prepare(self) -> None:
         """Nothing to fetch ahead: a signature is made at send time."""

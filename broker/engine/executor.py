@@ -107,11 +107,15 @@ class Executor:
             key.abandon_probe()
             return
         attempts = batch.attempts
-        if key.authorizer.due():
+        drop = key.authorizer.dropped()
+        if drop is not None and attempts.bounced_at_drop != drop:
             # The token went stale after this send was booked (a TokenExpired answered while
             # it waited for its slot). Fetched now, it would send late, closer to the key's
-            # next send than its interval (a strict server's 429): the batch goes back, and
-            # the key fetches the token before it books again. The slot goes unused.
+            # next send than its interval (a strict server's 429): the batch goes back, once
+            # per drop, and the key fetches the token before it books again. The slot goes
+            # unused. Only a drop: a token endpoint failing is met by the send, which backs
+            # off and counts toward the outage budget.
+            attempts.bounced_at_drop = drop
             key.abandon_probe()
             self._pool.submit(batch, front=True)
             return
