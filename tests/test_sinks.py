@@ -234,6 +234,21 @@ class TestJsonlSink:
         assert state.offset == out.stat().st_size
 
     @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+    def test_a5_a_cut_with_nothing_left_to_write_is_noticed(self, tmp_path: Path, fmt: str) -> None:
+        """A cut after the last write, then a flush with nothing buffered (the run's last):
+        an OSError, not an offset recorded that the file no longer has."""
+        out = tmp_path / f"out.{fmt}"
+        with make_ledger(tmp_path) as ledger:
+            sink = open_sink(fmt, out)
+            sink.open(ledger.sink_state("out"))
+            sink.write(ledger.done_rows_after(0, limit=4))
+            sink.flush()
+            os.truncate(out, 0)
+            with pytest.raises(OSError, match="cut"):
+                sink.flush()
+            sink.close()
+
+    @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
     @pytest.mark.parametrize("damage", ["cut", "deleted"])
     def test_a5_output_damaged_while_the_run_writes_is_noticed(
         self, tmp_path: Path, fmt: str, damage: str

@@ -364,6 +364,9 @@ class _FileSink:
         self._drain(fd)
         try:
             os.fsync(fd)
+            # Also with nothing to write: a cut after the last write must not be recorded
+            # as an offset the file no longer has.
+            self._check_whole(fd)
             self._check_in_place()
         except OSError as exc:
             self._failed = exc
