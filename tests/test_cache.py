@@ -638,6 +638,28 @@ class TestSqlite:
         assert _file_sizes(path)[0] <= 4 * 200_000
 
 
+async def test_a_redis_write_that_keeps_losing_the_race_is_said(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write whose keys other writers keep changing (every EXEC aborted) gives up after
+    a few tries with one warning, cache.writes_dropped; it was let go without a word."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import WatchError
+
+    async def aborted(self: Pipeline, raise_on_error: bool = True) -> list[object]:
+        await self.reset()  # as redis-py's own execute() does, whatever happens
+        raise WatchError("watched key changed")
+
+    cache = RedisCache(fakeredis.FakeAsyncRedis(), CachePolicy(3_600), clock=clock)
+    monkeypatch.setattr(Pipeline, "execute", aborted)
+    with capture_logs() as logs:
+        await cache.put_many([ok("B000000001", clock)])
+    monkeypatch.undo()
+    assert [e["entries"] for e in logs if e["event"] == "cache.writes_dropped"] == [1]
+    assert await cache.get_many([q("B000000001")]) == [None]
+    await cache.aclose()
+
+
 def test_fetched_at_kept_to_the_microsecond(clock: FakeClock) -> None:
     """Encoding keeps fetched_at exactly enough for output rows (milliseconds)."""
     from broker.cache.entry import decode, encode
@@ -868,9 +890,16 @@ class TestFront:
         cache.broken = True
         for i in range(5):
             assert await front.get(q(f"B00000001{i}")) is None
+        # Read ahead (get_items) while the store fails: each lookup one miss, not two.
+        ahead = [q(f"B00000002{i}") for i in range(3)]
+        await clock.advance(COOL_OFF_S)
+        await front.prefetch(ahead)
+        for query in ahead:
+            assert await front.get(query) is None
+        front.discard(ahead)
         cache.broken = False
         stats = await front.stats()
-        assert (stats.hits, stats.misses) == (0, 5)
+        assert (stats.hits, stats.misses) == (0, 8)
         await front.aclose()
 
     @pytest.mark.parametrize(

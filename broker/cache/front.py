@@ -111,20 +111,21 @@ class CacheFront:
         """The cached answer for a complete ``query`` (``cached=True``), or None."""
         if self._closed or not self._serves:
             return None
-        if self._down():
-            self.failed_reads += 1
-            return None
         if self._ahead:
             key = key_of(query)
             if key in self._ahead:
                 # Left for another get of the same key in the chunk (two tags, a repeated
-                # row): read and counted once, as prefetch did; discard() forgets it.
+                # row): read and counted once, as prefetch did (a failed prefetch too, so
+                # it is looked at before the cool-off it began); discard() forgets it.
                 ahead = self._ahead[key]
                 if ahead is None:
                     return None
                 ahead = dataclasses.replace(ahead, query=query)
                 # Read ahead maybe long ago (the caller waited for capacity): still fresh?
                 return ahead if self.cache.is_fresh(ahead, max_age_s=self._max_age_s) else None
+        if self._down():
+            self.failed_reads += 1
+            return None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ItemResult | None] = loop.create_future()
         self._reads.append((query, future))

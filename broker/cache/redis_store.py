@@ -28,6 +28,7 @@ from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
 from broker.cache.policy import CEILING_S, FUTURE_S, CacheKey, CachePolicy
 from broker.errors import ConfigError
+from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from broker.clock import Clock
 
 __all__ = ["RedisCache"]
+
+_log = get_logger("broker.cache")
 
 _HEAD: Final = struct.Struct(">d16s")
 #: How often a write reads again after another writer changed one of its keys meanwhile.
@@ -172,8 +175,10 @@ class RedisCache(StoreCache):
                     break
                 except WatchError:
                     continue
-            # Else every try lost the race to other writers of these very keys: their
-            # answers, as fresh as ours, stay, and ours are let go (a cache may miss).
+            else:
+                # Every try lost the race to other writers (or purges) of these keys: ours
+                # are let go, said once per batch (a cache may miss; it never serves wrong).
+                _log.warning("cache.writes_dropped", entries=len(entries), reason="contended")
         await self._forget_expired(expire_before)
         excess = await self._redis.zcard(self._index) - self.policy.max_items
         if excess <= 0:
