@@ -306,6 +306,9 @@ class TestServe:
         )
         assert await cache.put_many([gone]) == 0
         assert await cache.get_many([q("B000000001")]) == [None]
+        # In one batch the later answer wins too: an ok, then the item gone.
+        await cache.put_many([ok("B000000001", clock), gone])
+        assert await cache.get_many([q("B000000001")]) == [None]
         [other] = await cache.get_many([q("B000000001", ("itemInfo.features",))])
         assert other is not None
 

@@ -259,7 +259,9 @@ class StoreCache(abc.ABC):
                 continue
             if result.status is Status.NOT_FOUND:
                 if result.query is not None and result.query.resources is not None:
-                    gone[_key_of_result(result)] = None
+                    key = _key_of_result(result)
+                    gone[key] = None
+                    entries.pop(key, None)  # the later answer wins, as between batches
                 continue
             if result.status is not Status.OK:
                 continue
