@@ -922,6 +922,10 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
             raise _no_such_file(file, path) from None
+        if exc.errno in (errno.EACCES, errno.EPERM) and _is_inside(file, SYSTEMD_CREDENTIALS):
+            # The unit's credentials directory is its user's alone: a member of the
+            # service's group checking the config while it runs cannot even look.
+            raise _service_credential(file, path) from None
         raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(path, f"{file} is not a regular file")

@@ -10,6 +10,7 @@ daemon writes, and every metric a dashboard panel or alert rule queries against 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import os
@@ -602,6 +603,19 @@ class TestSystemd:
         monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(unit_dir))
         assert cli.main(["check-config", "--config", str(config)]) == 0
         assert "not checked" not in capsys.readouterr().err
+        # Checked by a member of the service's group (not root): the unit's directory is
+        # its user's alone, so the file cannot even be looked at; still "not checked".
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+        real_stat = Path.stat
+
+        def denied(self: Path, *, follow_symlinks: bool = True) -> os.stat_result:
+            if self == secret:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real_stat(self, follow_symlinks=follow_symlinks)
+
+        monkeypatch.setattr(Path, "stat", denied)
+        assert cli.main(["check-config", "--config", str(config)]) == 0
+        assert "not checked" in capsys.readouterr().err
 
     def test_check_config_outside_the_service(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -553,10 +553,10 @@ class Executor:
             f"no usable answer from the API or its token endpoint for {key.outage_s:.0f} s "
             f"(last error: {exc})",
             "check the network, DNS, proxy or firewall and api.endpoint (a 5xx or a reset "
-            "each time: the API itself is down, wait for it), then run again: unfinished "
-            "lookups stay pending (a broker kept open tries again for a call made "
-            f"{OUTAGE_RETRY_S:g} s or more later); retry.outage_budget_s sets how long a run "
-            "waits",
+            "each time: the API itself is down, wait for it), then run again (a library "
+            f"broker kept open tries again for a call made {OUTAGE_RETRY_S:g} s or more "
+            "later); unfinished rows stay pending; retry.outage_budget_s sets how long a "
+            "run waits",
             scope=Scope.KEY,
         )
 

@@ -8,7 +8,9 @@ honoured by its next send (N7), and whichever key is ready first takes the batch
 
 When the last key for a marketplace leaves rotation, every batch of that marketplace still
 lingering in the batcher or waiting in the queue fails with :class:`NoUsableKeyError`, and
-so does every later lookup for it (N5): nothing waits for a key that will never come.
+so does every later lookup for it (N5): nothing waits for a key that will never come. A key
+an outage took out is the exception: a lookup made ``OUTAGE_RETRY_S`` later brings it back
+for one attempt (the network or the API may be back by then; a rejected key stays out).
 """
 
 from __future__ import annotations
