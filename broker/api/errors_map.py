@@ -213,14 +213,19 @@ class LazySummary(ItemSummary):
     _fields: SummaryFields
     _item: Mapping[str, object]
 
-    def __new__(cls, *args: object, **values: object) -> LazySummary:
-        if values and not args:
+    def __init__(
+        self,
+        item: Mapping[str, object] | None = None,
+        spelling: SummaryFields | None = None,
+        **values: object,
+    ) -> None:
+        if item is None or spelling is None:
             # dataclasses.replace(summary, price=...) builds the class from every field's
-            # value: that is a plain summary with those values, read from no item.
-            return ItemSummary(**values)  # type: ignore[arg-type,return-value]
-        return super().__new__(cls)
-
-    def __init__(self, item: Mapping[str, object], spelling: SummaryFields) -> None:
+            # value: a summary with those values, read from no item.
+            plain = ItemSummary(**values)  # type: ignore[arg-type]
+            for name in _SUMMARY_NAMES:
+                object.__setattr__(self, name, getattr(plain, name))
+            return
         object.__setattr__(self, "_item", item)
         object.__setattr__(self, "_fields", spelling)
 
