@@ -76,6 +76,17 @@ def _exec_form(arguments: str) -> list[str]:
     return [str(part) for part in value]
 
 
+def _unit_config(tmp_path: Path, replacements: dict[str, str]) -> Path:
+    """The unit's example config, with ``replacements`` (old -> new text), as
+    ``tmp_path/config.toml``."""
+    text = (DEPLOY / "systemd" / "config.toml").read_text()
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
 def _unit(path: Path) -> dict[str, list[tuple[str, str]]]:
     """A systemd unit file as section -> [(key, value)] (keys may repeat, as systemd allows)."""
     sections: dict[str, list[tuple[str, str]]] = {}
@@ -564,10 +575,10 @@ class TestSystemd:
         secret = tmp_path / "main-secret"
         secret.write_text("s3cr3t-value\n")
         secret.chmod(0o600)
-        text = (DEPLOY / "systemd" / "config.toml").read_text()
-        text = text.replace("/run/credentials/asin-broker.service/main-secret", str(secret))
-        (tmp_path / "config.toml").write_text(text)
-        config = load_config(tmp_path / "config.toml", environ={})
+        path = _unit_config(
+            tmp_path, {"/run/credentials/asin-broker.service/main-secret": str(secret)}
+        )
+        config = load_config(path, environ={})
         (key,) = config.keys
         assert key.secret is not None
         assert "s3cr3t-value" not in repr(key)
@@ -589,11 +600,13 @@ class TestSystemd:
         secret = unit_dir / "main-secret"
         secret.write_text("s3cr3t-value\n")
         secret.chmod(0o440)
-        text = (DEPLOY / "systemd" / "config.toml").read_text()
-        text = text.replace("/var/lib/asin-broker", str(tmp_path / "state"))
-        text = text.replace("/run/credentials", str(run_credentials))
-        config = tmp_path / "config.toml"
-        config.write_text(text)
+        config = _unit_config(
+            tmp_path,
+            {
+                "/var/lib/asin-broker": str(tmp_path / "state"),
+                "/run/credentials": str(run_credentials),
+            },
+        )
         assert cli.main(["check-config", "--config", str(config)]) == 0
         captured = capsys.readouterr()
         assert "systemd credential" in captured.err
@@ -626,10 +639,8 @@ class TestSystemd:
         from broker import cli
 
         monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-        text = (DEPLOY / "systemd" / "config.toml").read_text()
-        text = text.replace("/var/lib/asin-broker", str(tmp_path / "state"))
-        config = tmp_path / "config.toml"
-        config.write_text(text)
+        config = _unit_config(tmp_path, {"/var/lib/asin-broker": str(tmp_path / "state")})
+        text = config.read_text()
         assert cli.main(["check-config", "--config", str(config)]) == 0
         captured = capsys.readouterr()
         assert "config ok" in captured.out
@@ -655,9 +666,7 @@ class TestSystemd:
         secret = credentials / "main-secret"
         secret.write_text("s3cr3t-value\n")
         secret.chmod(0o440)  # what a user ACL entry shows as: r for the mask (group bits)
-        text = (DEPLOY / "systemd" / "config.toml").read_text()
-        text = text.replace("/run/credentials/asin-broker.service/main-secret", str(secret))
-        (tmp_path / "config.toml").write_text(text)
+        _unit_config(tmp_path, {"/run/credentials/asin-broker.service/main-secret": str(secret)})
         environ = {"CREDENTIALS_DIRECTORY": str(credentials)}
         (key,) = load_config(tmp_path / "config.toml", environ=environ).keys
         assert key.secret is not None
