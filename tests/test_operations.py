@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -333,6 +334,22 @@ class TestAgainstSimulator:
         assert result.summary.title
         search = await broker.search_items(keywords="kettle", item_count=2, resources=wanted)
         assert len(search.items) == 2
+
+    async def test_operations_given_up_while_the_key_waits_leave_the_queue(
+        self, harness: Harness
+    ) -> None:
+        """Searches timed out while the key waits for its daily reset (the README's advice)
+        leave the work queue at once, as lookups do; each stayed queued, and held its
+        memory, until the reset."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, keys=[key_doc(tpd=1)]))
+        await broker.search_items(keywords="kettle", item_count=1)  # the day's one request
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await broker.search_items(keywords="kettle", item_count=1)
+        await asyncio.sleep(0)
+        assert broker.metrics().queued_batches == 0
 
     async def test_get_variations_of_a_url_asks_its_own_store(self, harness: Harness) -> None:
         """get_variations of an amazon.co.uk link asks www.amazon.co.uk, as get_items does

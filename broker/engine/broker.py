@@ -807,7 +807,18 @@ class Broker:
         future: asyncio.Future[Mapping[str, object]] = asyncio.get_running_loop().create_future()
         self._ops.add(future)
         future.add_done_callback(self._ops.discard)
-        self._pool.submit(Batch(market, operation=operation, params=dict(params), op_future=future))
+        batch = Batch(market, operation=operation, params=dict(params), op_future=future)
+        work = self._work
+
+        def let_go(done: asyncio.Future[Mapping[str, object]]) -> None:
+            # The caller gave up (a timeout, a cancellation): the batch leaves the queue at
+            # once, as an abandoned lookup's does, rather than wait there (and be counted
+            # as work) until a key could send it, a daily reset away.
+            if done.cancelled() and work is not None:
+                work.discard(batch)
+
+        future.add_done_callback(let_go)
+        self._pool.submit(batch)
         return await future
 
     async def search_items(
