@@ -44,6 +44,7 @@ __all__ = [
     "assemble",
     "first_object",
     "header",
+    "http_date",
     "load_object",
     "not_found_all",
     "number",
@@ -398,10 +399,10 @@ def retry_after_s(
     seconds = _seconds(raw)
     if seconds is not None:
         return max(0.0, seconds)
-    until = _http_date(raw)
+    until = http_date(raw)
     if until is None:
         return None
-    server_now = _http_date(header(headers, "date") or "")
+    server_now = http_date(header(headers, "date") or "")
     now = server_now or (clock.utcnow() if clock is not None else None)
     if now is None:
         return None
@@ -416,7 +417,9 @@ def _seconds(raw: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _http_date(raw: str) -> datetime | None:
+def http_date(raw: str) -> datetime | None:
+    """An HTTP-date header value (``Date``, ``Retry-After``) as an aware datetime, or None
+    when it is empty or not one."""
     if not raw:
         return None
     try:

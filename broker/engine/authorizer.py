@@ -10,11 +10,11 @@ between our clock and the server's ``Date`` header so the re-signed request is i
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
+from broker.api.errors_map import http_date
 from broker.api.oauth import CreatorsTokenCache
 from broker.api.sigv4 import SigV4Signer
 
@@ -150,21 +150,10 @@ class SigV4Authorizer:
         """
         if error.code != "RequestExpired":
             return False
-        server_now = _server_now(error.server_date)
+        server_now = http_date(error.server_date or "")
         if server_now is not None:
             self._offset = server_now - self._clock.utcnow()
         return True
 
     def __repr__(self) -> str:
         return f"SigV4Authorizer(clock_offset_s={self.clock_offset_s:.0f})"
-
-
-def _server_now(date: str | None) -> datetime | None:
-    """The server's time from an HTTP ``Date`` header, or None when there is none usable."""
-    if not date:
-        return None
-    try:
-        server_now = email.utils.parsedate_to_datetime(date)
-    except (TypeError, ValueError):
-        return None
-    return server_now if server_now.tzinfo is not None else None
