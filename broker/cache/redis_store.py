@@ -44,12 +44,13 @@ _HEAD: Final = struct.Struct(">d16s")
 _WRITE_TRIES: Final = 5
 
 
-def _held_at(value: bytes | str | None) -> float | None:
-    """The ``fetched_at`` of a stored entry, or None when there is none (or it is damaged)."""
+def _unpacked(value: bytes | str | None) -> tuple[float, bytes, bytes] | None:
+    """A stored entry's ``fetched_at``, checksum and payload, or None when there is none
+    (or it is too short to be one)."""
     if not isinstance(value, bytes) or len(value) < _HEAD.size:
         return None
-    fetched_at: float = _HEAD.unpack_from(value)[0]
-    return fetched_at
+    fetched_at, digest = _HEAD.unpack_from(value)
+    return float(fetched_at), bytes(digest), bytes(value[_HEAD.size :])
 
 
 class RedisCache(StoreCache):
@@ -145,10 +146,10 @@ class RedisCache(StoreCache):
         values: list[bytes | str | None] = await self._redis.mget([self._name(key) for key in keys])
         found: dict[CacheKey, Entry] = {}
         for key, value in zip(keys, values, strict=True):
-            if not isinstance(value, bytes) or len(value) < _HEAD.size:
-                continue
-            fetched_at, digest = _HEAD.unpack_from(value)
-            found[key] = Entry(key, fetched_at, bytes(value[_HEAD.size :]), digest)
+            stored = _unpacked(value)
+            if stored is not None:
+                fetched_at, digest, payload = stored
+                found[key] = Entry(key, fetched_at, payload, digest)
         return found
 
     async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
@@ -165,7 +166,9 @@ class RedisCache(StoreCache):
                     held: list[bytes | str | None] = await pipe.mget(names)
                     pipe.multi()  # type: ignore[no-untyped-call]  # redis-py ships no types
                     for entry, name, value in zip(entries, names, held, strict=True):
-                        self._queue_write(pipe, entry, name, _held_at(value), now)
+                        stored = _unpacked(value)
+                        held_at = None if stored is None else stored[0]
+                        self._queue_write(pipe, entry, name, held_at, now)
                     # The index and sizes outlive every entry they list (each expires
                     # within the ceiling of now) and then go too: a namespace no longer
                     # used (a partner tag changed) leaves nothing behind.

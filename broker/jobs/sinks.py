@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from broker.errors import JobFileError, describe
 from broker.jobs.ledger import DoneRow, SinkState, crash_point
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error, held_error
+from broker.sqlitewal import disk_error, file_identity, held_error
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger
@@ -302,7 +302,8 @@ class _FileSink:
             os.close(fd)
             raise
         self._fd = fd
-        self._identity = _identity(os.fstat(fd))
+        opened = os.fstat(fd)
+        self._identity = (opened.st_dev, opened.st_ino)
         self._written = state.offset
         self._done_order = state.done_order
         self._failed = None
@@ -377,7 +378,7 @@ class _FileSink:
         """Raise if the output was deleted or replaced under the run: its rows would be
         reported written into a file nobody can find (the next open writes it again)."""
         try:
-            current = _identity(os.stat(self.path))
+            current = file_identity(self.path)
         except FileNotFoundError:
             current = None
         if current != self._identity:
@@ -432,11 +433,6 @@ class _FileSink:
             raise
         self._written += len(self._buffer)
         self._buffer.clear()
-
-
-def _identity(info: os.stat_result) -> tuple[int, int]:
-    """A file's (device, inode): the same file, whatever its name or size."""
-    return info.st_dev, info.st_ino
 
 
 def _torn(data: bytes) -> bytes:
