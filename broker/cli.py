@@ -24,6 +24,8 @@ from broker.progname import prog
 if TYPE_CHECKING:
     from broker.client import Broker
     from broker.config import BrokerConfig, KeyConfig
+    from broker.jobs.paths import RunPaths
+    from broker.jobs.runner import JobSummary
     from broker.models import ItemResult
 
 __all__ = ["CONFIG_ENV", "main", "resolve_config_path"]
@@ -953,7 +955,7 @@ def _readable_lines(row: dict[str, object]) -> list[str]:
 
 
 def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
-    from broker.jobs.paths import STDIO, RunPaths, UsageError, output_format, plan_paths
+    from broker.jobs.paths import STDIO, UsageError, output_format, plan_paths
 
     if args.input and args.job != STDIO:
         # Silently reading a CSV named .txt as plain text would make every row invalid.
@@ -978,6 +980,30 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     with paths:
         return _run_loop(_run(config, args, paths))
+
+
+def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
+    """The closing figures as one ``broker.job_finished`` event: with JSON logs, a log
+    collector reads them there instead of parsing the plain lines printed after it."""
+    from broker.logs import get_logger
+
+    get_logger().info(
+        "broker.job_finished",
+        job=str(paths.job) if not paths.stdin else "-",
+        out=paths.shown_out,
+        rows={"total": summary.total, **summary.by_status},
+        pending=summary.pending,
+        requests=summary.requests,
+        throttled=summary.throttled,
+        retries=summary.retries,
+        from_cache=summary.cached,
+        wall_s=round(summary.wall_s, 3),
+        resumed_rows=summary.resumed_rows,
+        invalid_report=summary.invalid_report if not paths.to_stdout else None,
+        stopped_by_signal=summary.stopped_by_signal,
+        quota_wait_until=summary.quota_wait_until,
+        exit_code=int(summary.exit_code()),
+    )
 
 
 async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> int:
@@ -1009,6 +1035,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         return code
     finally:
         paths.copy_out()
+    _log_finished(summary, paths)
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.by_status.items())) or "no rows"
     print(f"rows: {summary.total} ({statuses}); pending {summary.pending}", file=sys.stderr)
     from_cache = f"from the item cache {summary.cached}, " if summary.cached else ""

@@ -1285,6 +1285,31 @@ class TestProgress:
         assert seen < 8.0
 
 
+def test_run_ends_with_a_job_finished_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With JSON logs, a run's closing figures are one broker.job_finished event too, so a
+    log collector reads them without parsing the plain summary lines."""
+    job = _job(tmp_path, 12)
+    job.write_text(job.read_text() + "not-an-asin\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+    assert cli.main([*argv, "--progress", "none"]) == ExitCode.OK
+    err = capsys.readouterr().err
+    events = [json.loads(line) for line in err.splitlines() if line[:1] == "{"]
+    (event,) = [e for e in events if e["event"] == "broker.job_finished"]
+    assert event["job"] == str(job)
+    assert event["out"] == str(out)
+    assert event["rows"] == {"total": 13, "ok": 12, "invalid": 1}
+    assert event["pending"] == 0
+    # The same figures as the plain summary printed after it.
+    assert f"requests {event['requests']}, 429s {event['throttled']}, " in err
+    assert event["exit_code"] == 0
+    assert event["level"] == "info"
+    assert event["invalid_report"] == f"{out}.invalid.jsonl"
+    assert {"throttled", "retries", "from_cache", "wall_s", "stopped_by_signal"} <= set(event)
+
+
 def test_library_stdout_is_only_the_scripts_output(tmp_path: Path) -> None:
     """A script using the library prints JSON: its stdout parses as that JSON alone."""
     config = _config(tmp_path)
