@@ -583,24 +583,38 @@ def run_bench(options: BenchOptions, *, stop_on_signals: bool = False) -> BenchR
         asyncio.Runner(loop_factory=loop_factory(options.loop)) as runner,
     ):
         measure = _measure(sim.url, options)
-        return runner.run(_stoppable(measure) if stop_on_signals else measure)
+        if stop_on_signals:
+            return _run_stoppable(runner, measure)
+        return runner.run(measure)
 
 
-async def _stoppable(run: Coroutine[Any, Any, BenchReport]) -> BenchReport:
-    """``run``, cancelled by SIGTERM or SIGINT, which then raise :class:`_Stopped`.
+def _run_stoppable(runner: asyncio.Runner, run: Coroutine[Any, Any, BenchReport]) -> BenchReport:
+    """``runner.run(run)``, cancelled by SIGTERM or SIGINT, which then raise :class:`_Stopped`.
 
-    The loop's own signal handlers: a Python handler that raises is not propagated by
-    uvloop, which prints the exception and runs on.
+    The loop's own signal handlers, in place before the loop runs and taken out after it
+    stopped: a Python handler that raises inside a running loop is not propagated (uvloop
+    prints the exception and runs on; asyncio does so for a signal that lands in a
+    callback), so a stop arriving as the loop started or ended was lost, and the stop
+    signals ignored from then on.
     """
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
+    loop = runner.get_loop()
     caught: list[signal.Signals] = []
+    tasks: list[asyncio.Task[Any]] = []
 
     def stop(sig: signal.Signals) -> None:
         if not caught:
             caught.append(sig)
-            task.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def main() -> BenchReport:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        if caught:
+            run.close()
+            raise asyncio.CancelledError
+        return await run
 
     # A signal the process was started with ignored (SIGINT for a background job of a
     # script) stays ignored, as the shell meant.
@@ -608,7 +622,7 @@ async def _stoppable(run: Coroutine[Any, Any, BenchReport]) -> BenchReport:
     for sig in watched:
         loop.add_signal_handler(sig, stop, sig)
     try:
-        return await run
+        return runner.run(main())
     except asyncio.CancelledError:
         if caught:
             raise _Stopped(caught[0]) from None
@@ -620,8 +634,8 @@ async def _stoppable(run: Coroutine[Any, Any, BenchReport]) -> BenchReport:
         try:
             for sig in watched:
                 loop.remove_signal_handler(sig)
-                # Outside the loop (the simulator starting or stopping), the plain handler;
-                # once stopped, nothing may interrupt the cleanup.
+                # Outside the loop (the simulator stopping), the plain handler; once
+                # stopped, nothing may interrupt the cleanup.
                 signal.signal(sig, signal.SIG_IGN if caught else _stop_signal)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)

@@ -243,6 +243,35 @@ def test_a_stopped_bench_stops_its_simulator(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("asinb-sim-")]
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_signal_as_the_run_starts_stops_it(loop: str) -> None:
+    """A stop signal that lands as the event loop starts, before the run's first step,
+    stops the bench (exit 130): it was swallowed by the loop, and the run went on to the
+    end, deaf to any further Ctrl-C."""
+    code = (
+        "import os, signal\n"
+        "import broker.bench as bench\n"
+        "from broker import cli\n"
+        "real = bench.loop_factory\n"
+        "def factory(name):\n"
+        "    make = real(name)\n"
+        "    def new():\n"
+        "        loop = make()\n"
+        "        loop.call_soon(os.kill, os.getpid(), signal.SIGINT)\n"
+        "        return loop\n"
+        "    return new\n"
+        "bench.loop_factory = factory\n"
+        "argv = ['bench', '--tps', '0', '--duration', '30', '--loop', " + repr(loop) + "]\n"
+        "raise SystemExit(cli.main(argv))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert "stopped by SIGINT; no figures" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_stop_signals_stay_ignored_after_a_stop() -> None:
     """Once a stop signal has stopped the bench, a second one on its way out is ignored, not
     a kill by the default action (a SIGINT 50 ms after a SIGTERM exited -2)."""

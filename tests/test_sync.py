@@ -404,10 +404,12 @@ class TestSyncBroker:
             "real_enter = broker.client.Broker.__aenter__\n"
             "async def late_enter(self):\n"
             "    entered = await real_enter(self)\n"
-            "    time.sleep(0.5)\n"  # Ctrl-C lands as the start ends, before it is handed over
+            # Ctrl-C lands as the start ends, before it is handed over: sent from here, not
+            # from a timer thread a loaded machine may wake after the start was handed over.
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(0.5)\n"
             "    return entered\n"
             "broker.client.Broker.__aenter__ = late_enter\n"
-            "threading.Timer(0.25, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
             "try:\n"
             "    SyncBroker.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
             " 'credential_id': 'demo-id', 'version': '3.1',"
