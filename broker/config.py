@@ -795,6 +795,12 @@ def _parse_key(
                 f'environment variable and name it here: credential_secret_env = "{env_name}"',
             )
     name = table.text("name", required=True)
+    if not name.isprintable():
+        # A line break or a tab would split the rows of `broker status` and check-config.
+        raise ConfigError(
+            f"{path}.name",
+            f"must be printable (no line breaks, tabs or control characters): {name!r}",
+        )
     credential_id = table.text("credential_id", required=True)
     secret_env = table.opt_text("credential_secret_env")
     secret_file = table.opt_text("credential_secret_file")

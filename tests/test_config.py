@@ -158,6 +158,18 @@ class TestKeyPaths:
         document["keys"].append(copy.deepcopy(document["keys"][0]))
         assert _error(document).path == "keys[1].name"
 
+    @pytest.mark.parametrize("name", ["ev\nil", "tab\there", "bell\x07", "nbsp\u00a0x", "l\u2028s"])
+    def test_key_name_with_a_control_character_refused(self, name: str) -> None:
+        """A key name that is not printable (a line break, a tab, a control character) is
+        refused: it would split the rows of ``broker status`` and ``check-config``."""
+        document = _doc()
+        document["keys"][0]["name"] = name
+        error = _error(document)
+        assert error.path == "keys[0].name"
+        assert "printable" in error.message
+        document["keys"][0]["name"] = "main key 😀"
+        assert parse_config(document, environ=ENV).keys[0].name == "main key 😀"
+
     def test_min_rate_not_below_a_keys_tps_refused(self) -> None:
         """[rate] min_rate at or above a key's tps would leave the key no room to slow down
         after a 429 (the floor is the rate): refused, naming both."""
