@@ -921,7 +921,7 @@ class _Stop:
         logger.warning(
             "broker.job_quota_spent",
             until=until,
-            note="--no-wait: stopping; run the same command again after the reset",
+            note="no_wait: stopping until the reset; the rows left stay pending (resumable)",
         )
         self._cancel()
 
