@@ -205,3 +205,16 @@ def test_probes_left_by_a_killed_daemon_are_removed_at_start(spool: Spool) -> No
     spool.check_one_file_system()
     assert not old.exists()
     assert fresh.exists()
+
+
+def test_a_stop_mid_claim_leaves_one_job_and_a_hard_linked_sibling_stays(spool: Spool) -> None:
+    """At start, an inbox/ entry that is the job a stop mid-claim left in both places goes,
+    but a job of another name that is the same file (a producer's ``ln list inbox/b.txt``)
+    stays: it is a job of its own, not a claim already made."""
+    source = spool.root / "list.txt"
+    source.write_text("B000000001\n")
+    os.link(source, spool.inbox / "a.txt")
+    os.link(source, spool.inbox / "b.txt")
+    os.link(spool.inbox / "a.txt", spool.processing / "a.txt")  # claimed, not yet unlinked
+    assert spool.drop_duplicates() == ["a.txt"]
+    assert sorted(p.name for p in spool.inbox.iterdir()) == ["b.txt"]

@@ -415,14 +415,16 @@ class Spool:
 
         A daemon stopped between a claim's link and unlink leaves the job in both places;
         it is claimed already, so the ``inbox/`` entry goes (else the job would run twice).
+        Only under the name it was claimed as: another name that is the same file (a
+        producer's hard links of one list) is a job of its own.
         """
-        claimed: set[tuple[int, int]] = set()
+        claimed: set[tuple[int, int, str]] = set()
         for name, info in _job_entries(self.processing):
             if not _is_reserved(name):
-                claimed.add((info.st_dev, info.st_ino))
+                claimed.add((info.st_dev, info.st_ino, name))
         removed = []
         for name, info in _job_entries(self.inbox):
-            if (info.st_dev, info.st_ino) in claimed:
+            if (info.st_dev, info.st_ino, spool_name(name)) in claimed:
                 (self.inbox / name).unlink(missing_ok=True)
                 removed.append(name)
         return removed
