@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import pytest
@@ -43,6 +43,9 @@ from broker.jobs.serve import Daemon, ServeOptions, Spool, spool_name
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
 from broker.testing import FakeClock
+
+if TYPE_CHECKING:
+    from broker.client import Broker
 
 QUOTA_SPENT = ThrottleVerdict.QUOTA_EXHAUSTED.value
 REVOKED = ThrottleVerdict.ACCESS_REVOKED.value
@@ -570,6 +573,21 @@ class TestResume:
             claim.close()
             await clock.advance(serve._ORPHAN_CHECK_S)
         assert looks == [None, None, None, "fresh.txt"]
+
+    async def test_a_dead_siblings_job_goes_before_new_jobs(self, tmp_path: Path) -> None:
+        """A job a dead sibling left waits only for its second look, not for the run of a
+        new job from inbox/: while it waits for that look, nothing new is claimed."""
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
+        daemon.spool.prepare()
+        (tmp_path / "processing" / "orphan.txt").write_text("B000000001\n")
+        (tmp_path / "inbox" / "new.txt").write_text("B000000002\n")
+        broker = cast("Broker", None)  # nothing is deferred: the broker is not asked
+        picks = [daemon._next_job(broker)]
+        await clock.advance(serve._ORPHAN_CHECK_S)
+        picks.append(daemon._next_job(broker))
+        picks.append(daemon._next_job(broker))
+        assert picks == [None, "orphan.txt", "new.txt"]
 
     async def test_daily_count_is_the_keys_shared_state(self, start: Start, spool: Path) -> None:
         """The daemon counts requests in the shared key state, not a spool file of its own."""

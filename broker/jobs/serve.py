@@ -885,7 +885,7 @@ class Daemon:
             await self._process(broker, left, resumed=True)
         while not self._stop.is_set():
             self._restore_folders()
-            name = self._due_deferred(broker) or self._orphan() or self._claim_next()
+            name = self._next_job(broker)
             if name is None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._options.poll_s):
@@ -893,6 +893,18 @@ class Daemon:
                 continue
             deferral = self._deferred.pop(name, None)
             await self._process(broker, name, None if deferral is None else deferral.claim)
+
+    def _next_job(self, broker: Broker) -> str | None:
+        """The job to run next, if any: a deferred one whose quota reset, one a dead sibling
+        left in processing/, else a new one from inbox/ (oldest first).
+
+        While a job in processing/ waits for its second look as a dead sibling's, nothing
+        new is claimed: taken first, a new job kept it waiting for the whole of its run.
+        """
+        name = self._due_deferred(broker) or self._orphan()
+        if name is None and not self._unheld:
+            name = self._claim_next()
+        return name
 
     def _restore_folders(self) -> None:
         """Make again the spool folders removed while the daemon runs (a clean-up script,
