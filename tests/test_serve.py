@@ -589,6 +589,47 @@ class TestResume:
         picks.append(daemon._next_job(broker))
         assert picks == [None, "orphan.txt", "new.txt"]
 
+    def test_a_new_job_never_resumes_an_old_namesakes_work_files(self, tmp_path: Path) -> None:
+        """Work files left in processing/ under a name (a daemon killed while filing that
+        job) are dropped when a new job of that name is claimed: the new job was resumed
+        from them, its output the old job's rows with no request sent."""
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=FakeClock())
+        daemon.spool.prepare()
+        old = daemon.spool.job("x.txt", "jsonl")
+        for path in (old.ledger, old.out, old.invalid_report):
+            path.write_text("old\n")
+        (tmp_path / "processing" / "y.txt").write_text("B000000009\n")
+        kept = daemon.spool.job("y.txt", "jsonl").ledger
+        kept.write_text("another job's\n")
+        (tmp_path / "inbox" / "x.txt").write_text("B000000001\n")
+        assert daemon._claim_next() == "x.txt"
+        assert not old.ledger.exists()
+        assert not old.out.exists()
+        assert not old.invalid_report.exists()
+        assert kept.exists()
+
+    async def test_a_deferred_job_deleted_while_it_waits_leaves_no_work_files(
+        self, tmp_path: Path
+    ) -> None:
+        """A job deferred for the daily quota and deleted from processing/ meanwhile (to
+        cancel it) has its work files dropped with it, as a running job's are."""
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
+        daemon.spool.prepare()
+        job = daemon.spool.job("a.txt", "jsonl")
+        job.path.write_text("B000000001\n")
+        for path in (job.ledger, job.out):
+            path.write_text("old\n")
+        claim = job.claim_lock().acquire()
+        daemon._deferred["a.txt"] = serve._Deferral(clock.utcnow(), frozenset(), claim)
+        job.path.unlink()
+        with structlog.testing.capture_logs() as logs:
+            assert daemon._next_job(cast("Broker", None)) is None
+        assert not job.ledger.exists()
+        assert not job.out.exists()
+        assert not job.claim_lock().lock_path.exists()
+        assert [e["event"] for e in logs] == ["broker.job_vanished"]
+
     async def test_daily_count_is_the_keys_shared_state(self, start: Start, spool: Path) -> None:
         """The daemon counts requests in the shared key state, not a spool file of its own."""
         running = await start()

@@ -449,6 +449,23 @@ class Spool:
                 removed.append(name)
         return removed
 
+    def drop_leftovers(self, name: str) -> list[str]:
+        """Remove the work files of ``name`` in ``processing/``; return their names.
+
+        For a job just claimed under ``name``: files already there are an earlier job's of
+        that name (a daemon killed while filing it, after its job file left), and the new
+        job must not resume from them. Until now no daemon could hold the name (its job
+        file was not in ``processing/``), so none of them is in use.
+        """
+        removed = []
+        with os.scandir(self.processing) as entries:
+            names = [entry.name for entry in entries]
+        for each in names:
+            if _owner(each) == name:
+                (self.processing / each).unlink(missing_ok=True)
+                removed.append(each)
+        return removed
+
     def claim(self, name: str, as_name: str | None = None) -> bool:
         """Move ``inbox/<name>`` to ``processing/<as_name>`` (default: the same name).
 
@@ -949,9 +966,11 @@ class Daemon:
                 # Left in _deferred: the work loop takes it, and its claim, from there.
                 logger.info("broker.job_resumed", job=name, note="daily quota reset")
                 return name
+            # The job was removed while it waited (to cancel it): its work files go with
+            # it, or a new job of that name would be resumed from them.
             del self._deferred[name]
-            if deferral.claim is not None:  # the job was removed while it waited
-                deferral.claim.lock_path.unlink(missing_ok=True)
+            self._vanished(self.spool.job(name, self._config.output.format))
+            if deferral.claim is not None:
                 deferral.claim.close()
         return None
 
@@ -1040,6 +1059,15 @@ class Daemon:
             safe = spool_name(name)
             if self.spool.claim(name, safe):
                 self._settling.pop(name, None)
+                left = self.spool.drop_leftovers(safe)
+                if left:
+                    logger.warning(
+                        "broker.job_leftovers_dropped",
+                        job=safe,
+                        removed=[_shown(each) for each in left],
+                        note="an earlier job of this name left them (a daemon killed while "
+                        "filing it); the new job starts afresh",
+                    )
                 if safe == name:
                     logger.info("broker.job_claimed", job=safe)
                 else:
