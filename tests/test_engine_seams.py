@@ -457,6 +457,20 @@ class TestStreamStop:
         assert task.result() == []
         assert sent == []
 
+    async def test_a_stop_that_is_no_asyncio_event_is_refused(self) -> None:
+        """stream(stop=) given a threading.Event (what SyncBroker.stream takes) raises
+        TypeError at once: its blocking wait() froze the whole event loop."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.0)
+
+        async with Broker(_paapi(), clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            stream = broker.stream(["B000000001"], stop=threading.Event())  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=r"asyncio\.Event.*threading\.Event"):
+                await asyncio.wait_for(anext(stream), 5.0)
+            assert [r.asin async for r in broker.stream(["B000000001"])] == ["B000000001"]
+
     async def test_close_ends_the_watch_of_a_stream_held_open(self) -> None:
         """A consumer holding a stream(stop=...) at a yield while the broker closes: no task
         the broker started is left running after aclose() (the stop watch was, until the

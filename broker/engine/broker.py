@@ -617,6 +617,12 @@ class Broker:
         """
         intake = self._require_open()
         _check_not_str(asins)
+        if stop is not None and not isinstance(stop, asyncio.Event):
+            # A threading.Event (SyncBroker.stream's) would block the loop in its wait().
+            raise TypeError(
+                f"stop must be an asyncio.Event, not {type(stop).__name__} (a threading.Event "
+                "is for SyncBroker.stream)"
+            )
         resources = intake.resources(resources)
         loop = asyncio.get_running_loop()
         receiver = _StreamReceiver(loop)
