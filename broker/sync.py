@@ -96,8 +96,9 @@ class SyncBroker:
         # The loop thread lives in this process only: a child forked from it has none.
         self._pid = os.getpid()
         self._finalizer: weakref.finalize[Any, SyncBroker] | None = None
-        self._thread.start()
         try:
+            # Inside: a Ctrl-C landing in start() (the thread already running) stops it too.
+            self._thread.start()
             self._broker = self._open(config, kwargs)
         except BaseException:
             _stop_loop(self._loop, self._thread)
@@ -466,7 +467,10 @@ def _ignore(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
 
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     loop.call_soon_threadsafe(loop.stop)
-    thread.join()
+    # Not joinable when interrupted before it said it started: the stop just scheduled ends
+    # its loop as soon as it runs, and the thread with it.
+    with contextlib.suppress(RuntimeError):
+        thread.join()
 
 
 #: Input items a SyncBroker stream reads ahead in the caller's thread at a time.

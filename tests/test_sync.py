@@ -384,6 +384,26 @@ class TestSyncBroker:
         assert "Exception ignored" not in done.stderr
         assert "never awaited" not in done.stderr
 
+    def test_ctrl_c_as_the_loop_thread_starts_leaves_no_thread(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Ctrl-C landing in the loop thread's start (after the thread began) raises and
+        leaves no loop thread running for the rest of the process."""
+        real_start = threading.Thread.start
+
+        def interrupted(self: threading.Thread) -> None:
+            real_start(self)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(threading.Thread, "start", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            SyncBroker.from_dict(_document(), environ={})
+        monkeypatch.undo()
+        deadline = time.monotonic() + 5
+        while _loop_threads() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _loop_threads() == []
+
     def test_start_failure_leaves_no_thread(self) -> None:
         """A broker that fails while starting raises and leaves no thread behind."""
         before = threading.active_count()
@@ -525,3 +545,8 @@ async def test_async_broker_from_dict() -> None:
         result = await broker.get_item("B0C1234567")
     assert result.ok
     assert broker.config.keys[0].secret_source == "secrets['main']"
+
+
+def _loop_threads() -> list[threading.Thread]:
+    """The SyncBroker loop threads alive in this process."""
+    return [t for t in threading.enumerate() if t.name == "asin-broker-loop" and t.is_alive()]
