@@ -89,7 +89,11 @@ class SyncBroker:
         self._thread = threading.Thread(
             target=_serve, args=(self._loop,), name="asin-broker-loop", daemon=True
         )
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler of a thread inside a call may close() (SIGTERM).
+        self._lock = threading.RLock()
+        # The thread closing the broker: a close() it makes meanwhile (a signal handler's)
+        # returns at once instead of waiting for itself.
+        self._closer: int | None = None
         self._closed = False
         # Set once close() has closed the broker: the other callers of close() wait for it.
         self._shut = threading.Event()
@@ -196,7 +200,13 @@ class SyncBroker:
             if self._is_closed():
                 coro.close()
                 raise BrokerClosedError("this SyncBroker is closed")
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            try:
+                future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            except RuntimeError:
+                # The loop closed since the check: a signal handler of this very thread
+                # closed the broker in between.
+                coro.close()
+                raise BrokerClosedError("this SyncBroker is closed") from None
         try:
             return future.result(timeout)
         except TimeoutError:
@@ -373,8 +383,14 @@ class SyncBroker:
         with self._lock:
             closing = not self._closed
             self._closed = True
+            if closing:
+                self._closer = threading.get_ident()
         if not closing:
-            if threading.current_thread() is not self._thread:  # the loop's own: never
+            # Neither the loop's own thread nor the closing one (a signal handler run in
+            # the middle of its close) can wait for the close to end.
+            if threading.current_thread() is not self._thread and (
+                self._closer != threading.get_ident()
+            ):
                 self._shut.wait()
             return
         try:
@@ -382,6 +398,7 @@ class SyncBroker:
                 self._finalizer()
         finally:
             self._shut.set()
+            self._closer = None
 
     def _is_closed(self) -> bool:
         # The finalizer may have run without close(): at interpreter exit.

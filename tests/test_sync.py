@@ -404,6 +404,50 @@ class TestSyncBroker:
             time.sleep(0.01)
         assert _loop_threads() == []
 
+    @pytest.mark.parametrize("where", ["scheduling", "closing"])
+    def test_close_from_a_signal_handler_never_deadlocks(
+        self, monkeypatch: pytest.MonkeyPatch, where: str
+    ) -> None:
+        """close() run by a signal handler of the thread that is inside a call (SIGTERM as
+        a call is being scheduled) or inside close() itself returns, and the call raises
+        BrokerClosedError: it waited forever for a lock its own thread held."""
+        from broker import sync
+
+        broker = SyncBroker.from_dict(_document(), environ={})
+        real = sync.asyncio.run_coroutine_threadsafe
+        landed: list[str] = []
+
+        def handler_lands(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+            if not landed:
+                landed.append(where)
+                broker.close()  # as a signal handler of this thread would
+            return real(coro, loop)
+
+        outcome: list[object] = []
+
+        def call() -> None:
+            try:
+                if where == "scheduling":
+                    outcome.append(broker.get_item("B000000001"))
+                else:
+                    broker.close()
+                    outcome.append("closed")
+            except BaseException as exc:  # the outcome is what this test looks at
+                outcome.append(exc)
+
+        monkeypatch.setattr(sync.asyncio, "run_coroutine_threadsafe", handler_lands)
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(20)
+        assert not caller.is_alive(), "deadlocked"
+        monkeypatch.undo()
+        broker.close()
+        if where == "scheduling":
+            assert len(outcome) == 1
+            assert isinstance(outcome[0], BrokerClosedError)
+        else:
+            assert outcome == ["closed"]
+
     def test_start_failure_leaves_no_thread(self) -> None:
         """A broker that fails while starting raises and leaves no thread behind."""
         before = threading.active_count()
