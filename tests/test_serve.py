@@ -630,6 +630,28 @@ class TestResume:
         assert not job.claim_lock().lock_path.exists()
         assert [e["event"] for e in logs] == ["broker.job_vanished"]
 
+    def test_no_new_job_is_claimed_while_deferred_jobs_fill_the_open_files(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each deferred job holds one open file until it resumes: at the cap (half the
+        process's open-file limit) no new job is claimed, so the daemon never runs out of
+        files (it exited 74, and again at each restart), and says so once."""
+        monkeypatch.setattr(serve, "_deferral_cap", lambda: 2)
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
+        daemon.spool.prepare()
+        (tmp_path / "inbox" / "new.txt").write_text("B000000002\n")
+        later = clock.utcnow() + timedelta(hours=1)
+        for name in ("a.txt", "b.txt"):
+            daemon._deferred[name] = serve._Deferral(later, frozenset())
+        broker = cast("Broker", None)  # nothing deferred is due: the broker is not asked
+        with structlog.testing.capture_logs() as logs:
+            assert daemon._next_job(broker) is None
+            assert daemon._next_job(broker) is None
+        assert [e["event"] for e in logs] == ["broker.deferred_jobs_at_cap"]
+        del daemon._deferred["b.txt"]
+        assert daemon._next_job(broker) == "new.txt"
+
     async def test_daily_count_is_the_keys_shared_state(self, start: Start, spool: Path) -> None:
         """The daemon counts requests in the shared key state, not a spool file of its own."""
         running = await start()
@@ -1498,3 +1520,22 @@ class TestNoWait:
         await start(_config(tpd=100_000))
         assert (await _filed(spool, "big.txt"))["rows"]["total"] == 12
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
+
+
+def test_serve_raises_its_open_file_limit(tmp_path: Path) -> None:
+    """broker serve raises its soft open-file limit towards the hard one (at most 65,536):
+    deferred jobs hold a file each, and a container's default soft limit is 1,024."""
+    code = (
+        "import resource\n"
+        "from broker.jobs import serve\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "serve.raise_open_files_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    soft, hard = (int(word) for word in done.stdout.split())
+    want = 65_536 if hard == -1 else min(hard, 65_536)
+    assert soft == max(256, want)

@@ -73,6 +73,7 @@ import hashlib
 import itertools
 import json
 import os
+import resource
 import secrets
 import signal
 import sqlite3
@@ -178,6 +179,35 @@ class _Deferral:
     until: datetime
     keys: frozenset[str]
     claim: JobLock | None = None
+
+
+#: The open-file limit ``broker serve`` raises its own soft limit to, when its hard one allows.
+_OPEN_FILES: Final = 65_536
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files towards its hard one (at most
+    :data:`_OPEN_FILES`); return the soft limit in force.
+
+    Each job ``no_wait`` deferred holds one open file (its claim lock) until it resumes,
+    and a container's default soft limit is often 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, _OPEN_FILES)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return soft
+    return want
+
+
+def _deferral_cap() -> int:
+    """How many deferred jobs (one open file each) the daemon holds before it claims no new
+    job: half the open-file limit, the other half left for the runs, the cache, the state."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return _OPEN_FILES // 2 if soft == resource.RLIM_INFINITY else max(16, soft // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -782,6 +812,7 @@ class Daemon:
         self._inbox_error: str | None = None
         # Jobs stopped by ``no_wait``, until their keys' daily quota resets.
         self._deferred: dict[str, _Deferral] = {}
+        self._said_at_cap = False
         # When processing/ is next looked at for jobs a dead daemon left (monotonic), and
         # the jobs no daemon held at the last look.
         self._orphans_due = 0.0
@@ -919,9 +950,24 @@ class Daemon:
         new is claimed: taken first, a new job kept it waiting for the whole of its run.
         """
         name = self._due_deferred(broker) or self._orphan()
-        if name is None and not self._unheld:
+        if name is None and not self._unheld and not self._at_deferral_cap():
             name = self._claim_next()
         return name
+
+    def _at_deferral_cap(self) -> bool:
+        """True while deferred jobs hold as many open files as the daemon allows them (said
+        once each time): a new job may be deferred too, and the daemon ran out of files."""
+        full = len(self._deferred) >= _deferral_cap()
+        if full and not self._said_at_cap:
+            logger.warning(
+                "broker.deferred_jobs_at_cap",
+                deferred=len(self._deferred),
+                note="each deferred job holds an open file until its keys' daily quota "
+                "resets; no new job is claimed until one resumes (raise the open-file limit, "
+                "LimitNOFILE or ulimit -n, to hold more)",
+            )
+        self._said_at_cap = full
+        return full
 
     def _restore_folders(self) -> None:
         """Make again the spool folders removed while the daemon runs (a clean-up script,
@@ -1509,6 +1555,7 @@ def serve_command(
         convert_isbn13=config.serve.convert_isbn13,
         no_wait=config.serve.no_wait,
     )
+    raise_open_files_limit()
     try:
         daemon = Daemon(config, options)
         run(daemon.run())
