@@ -630,27 +630,33 @@ class TestResume:
         assert not job.claim_lock().lock_path.exists()
         assert [e["event"] for e in logs] == ["broker.job_vanished"]
 
-    def test_no_new_job_is_claimed_while_deferred_jobs_fill_the_open_files(
+    async def test_no_new_job_is_claimed_while_deferred_jobs_fill_the_open_files(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Each deferred job holds one open file until it resumes: at the cap (half the
         process's open-file limit) no new job is claimed, so the daemon never runs out of
-        files (it exited 74, and again at each restart), and says so once."""
+        files (it exited 74, and again at each restart), nor takes up a job left in
+        processing/, and says so once."""
         monkeypatch.setattr(serve, "_deferral_cap", lambda: 2)
         clock = FakeClock()
         daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
         daemon.spool.prepare()
         (tmp_path / "inbox" / "new.txt").write_text("B000000002\n")
+        (tmp_path / "processing" / "left.txt").write_text("B000000003\n")  # no daemon's
         later = clock.utcnow() + timedelta(hours=1)
         for name in ("a.txt", "b.txt"):
             daemon._deferred[name] = serve._Deferral(later, frozenset())
         broker = cast("Broker", None)  # nothing deferred is due: the broker is not asked
         with structlog.testing.capture_logs() as logs:
-            assert daemon._next_job(broker) is None
-            assert daemon._next_job(broker) is None
+            for _ in range(3):
+                assert daemon._next_job(broker) is None
+                await clock.advance(serve._ORPHAN_CHECK_S)
         assert [e["event"] for e in logs] == ["broker.deferred_jobs_at_cap"]
         del daemon._deferred["b.txt"]
-        assert daemon._next_job(broker) == "new.txt"
+        picks = [daemon._next_job(broker)]
+        await clock.advance(serve._ORPHAN_CHECK_S)
+        picks += [daemon._next_job(broker), daemon._next_job(broker)]
+        assert picks == [None, "left.txt", "new.txt"]
 
     async def test_daily_count_is_the_keys_shared_state(self, start: Start, spool: Path) -> None:
         """The daemon counts requests in the shared key state, not a spool file of its own."""

@@ -930,6 +930,8 @@ class Daemon:
         for left in self.spool.claimed():
             if self._stop.is_set():
                 return
+            if self._at_deferral_cap():
+                break  # the rest are taken up as unheld jobs once deferred ones resume
             await self._process(broker, left, resumed=True)
         while not self._stop.is_set():
             self._restore_folders()
@@ -949,9 +951,11 @@ class Daemon:
         While a job in processing/ waits for its second look as a dead sibling's, nothing
         new is claimed: taken first, a new job kept it waiting for the whole of its run.
         """
-        name = self._due_deferred(broker) or self._orphan()
-        if name is None and not self._unheld and not self._at_deferral_cap():
-            name = self._claim_next()
+        name = self._due_deferred(broker)
+        if name is None and not self._at_deferral_cap():
+            name = self._orphan()
+            if name is None and not self._unheld:
+                name = self._claim_next()
         return name
 
     def _at_deferral_cap(self) -> bool:
