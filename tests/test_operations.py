@@ -186,6 +186,9 @@ class TestSearchParams:
             ({"keywords": "x", "item_page": 11}, ValueError, "item_page"),
             ({"keywords": "x", "min_price": 9.99}, TypeError, "smallest currency unit"),
             ({"keywords": "x", "min_price": 500, "max_price": 100}, ValueError, "min_price"),
+            # Past a server's 32-bit integer: refused before a request is spent on it.
+            ({"keywords": "x", "min_price": 2**31}, ValueError, "min_price must be between"),
+            ({"keywords": "x", "max_price": 2**70}, ValueError, "max_price must be between"),
             ({"keywords": "x", "sort_by": "cheapest"}, ValueError, "sort_by must be a SortBy"),
             ({"keywords": "x", "condition": "Used"}, ValueError, "Any or New only"),
             ({"keywords": "x", "merchant": "Amazon"}, ValueError, "only PA-API"),
@@ -236,6 +239,10 @@ class TestOtherParams:
         with pytest.raises(ValueError, match="variation_count must be between 1 and 10"):
             variations_params(
                 "B000000001", {"variation_count": 11}, protocol=C, default_resources=()
+            )
+        with pytest.raises(ValueError, match="variation_page must be between 1 and 2147483647"):
+            variations_params(
+                "B000000001", {"variation_page": 2**31}, protocol=C, default_resources=()
             )
 
     def test_browse_nodes(self) -> None:

@@ -148,15 +148,18 @@ _ENUMS: Final[Mapping[str, type[enum.StrEnum]]] = {
     "availability": Availability,
     "merchant": Merchant,
 }
+#: The top of the options protocol.md gives no top for (prices, variation pages): a
+#: server's 32-bit integer, past which a request is only spent to be refused.
+_MAX_INT32: Final = 2**31 - 1
 #: (low, high) per integer option; item_count's high depends on the protocol.
 _RANGES: Final[Mapping[str, tuple[int, int | None]]] = {
     "item_page": (1, 10),
-    "min_price": (1, None),
-    "max_price": (1, None),
+    "min_price": (1, _MAX_INT32),
+    "max_price": (1, _MAX_INT32),
     "min_reviews_rating": (1, 4),
     "min_saving_percent": (1, 99),
     "variation_count": (1, 10),
-    "variation_page": (1, None),
+    "variation_page": (1, _MAX_INT32),
 }
 
 _E = TypeVar("_E", bound=enum.StrEnum)

@@ -76,8 +76,9 @@ _SORT_ORDERS = frozenset(
         "Relevance",
     }
 )
-#: The largest minPrice/maxPrice accepted (smallest currency unit).
-_MAX_PRICE = 10**12
+#: The largest minPrice/maxPrice accepted (smallest currency unit): protocol.md gives no
+#: top, so a server's 32-bit integer, as for variationPage.
+_MAX_PRICE = 2**31 - 1
 #: The condition values each API takes (protocol.md 2.5; PA-API's five).
 _CREATORS_CONDITIONS = frozenset({"Any", "New"})
 _PAAPI_CONDITIONS = frozenset({"Any", "Collectible", "New", "Refurbished", "Used"})
