@@ -385,10 +385,12 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
     ),
     ErrorInfo(
         "NoResults",
-        "Nothing found: no search hits, or no variations (or a page past the last).",
+        "Nothing found: no search hits, no variations (or a page past the last), or no "
+        "browse node of the ids asked.",
         Scope.REQUEST,
         False,
-        "Broaden the search, or check the ASIN and the page: most items have no variations.",
+        "Broaden the search, or check the ASIN and the page (most items have no variations) "
+        "or the browse node ids (each store has its own).",
     ),
     ErrorInfo(
         "InternalFailure",

@@ -808,11 +808,15 @@ class TestParseOperation:
 
     @pytest.mark.parametrize(
         ("resource_type", "code"),
-        [("Variation", "NoResults"), ("BrowseNode", "ResourceNotFoundException")],
+        [
+            ("Variation", "NoResults"),
+            ("BrowseNode", "NoResults"),
+            ("Item", "ResourceNotFoundException"),
+        ],
     )
     def test_not_found_404_of_other_operations(self, resource_type: str, code: str) -> None:
-        """A 404 for variations that are not there is NoResults as on PA-API; one for browse
-        nodes keeps its own code."""
+        """A 404 for variations or browse nodes that are not there is NoResults as on PA-API
+        (callers test one code on both APIs); another resource keeps its own code."""
         body = {
             "type": "ResourceNotFoundException",
             "message": "nothing",

@@ -419,6 +419,24 @@ class TestAgainstSimulator:
         assert caught.value.code == "NoResults"
         assert caught.value.info.remedy.startswith("Broaden the search")
 
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_browse_node_errors_speak_of_browse_nodes(
+        self, harness: Harness, protocol: str
+    ) -> None:
+        """A browse node id that is no node gets a remedy about node ids, not ASINs, and a
+        call none of whose ids is a node raises NoResults on both APIs (Creators raised
+        ResourceNotFoundException with an ASIN remedy)."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, protocol=protocol))
+        found = await broker.get_browse_nodes(["283155", "0"])
+        assert [e.code for e in found.errors] == ["InvalidParameterValue"]
+        assert "browse node" in found.errors[0].remedy
+        assert "ASIN" not in found.errors[0].remedy
+        with pytest.raises(BadRequestError) as caught:
+            await broker.get_browse_nodes(["0"])
+        assert caught.value.code == "NoResults"
+        assert "browse node" in caught.value.info.remedy
+
     async def test_variation_summary_covers_every_page(self, harness: Harness) -> None:
         """The summary (price range, dimension values) is the whole set's on every page."""
         sim = await harness.simulator(FREE)

@@ -74,8 +74,9 @@ _FALLBACK_CODES: Mapping[int, str] = {
 }
 
 #: The ``resourceType`` of a 404 that means nothing was found (a search with no hits, an
-#: item with no variations, a page past the last): PA-API's ``NoResults``.
-_NOTHING_FOUND: Final = frozenset({"SearchResult", "Variation"})
+#: item with no variations, a page past the last, no browse node of the ids asked):
+#: PA-API's ``NoResults``.
+_NOTHING_FOUND: Final = frozenset({"SearchResult", "Variation", "BrowseNode"})
 
 
 class CreatorsDialect:

@@ -565,6 +565,13 @@ def read_variations(raw: Mapping[str, object], protocol: Protocol) -> Variations
     )
 
 
+#: The remedy of a GetBrowseNodes entry whose id is no node.
+_BAD_NODE: Final = (
+    "Check the browse node id: digits only, a node of this marketplace (the ids differ "
+    "between stores)."
+)
+
+
 def read_browse_nodes(raw: Mapping[str, object], protocol: Protocol) -> BrowseNodesResult:
     """Read a GetBrowseNodes answer (either spelling) as a :class:`BrowseNodesResult`."""
     s = Spelling(protocol)
@@ -573,7 +580,9 @@ def read_browse_nodes(raw: Mapping[str, object], protocol: Protocol) -> BrowseNo
     for entry in _maps(raw.get(s["errors"])):
         code = _str(entry.get(s["code"])) or "Unknown"
         message = _str(entry.get(s["message"])) or ""
-        errors.append(ErrorDetail(code, message, describe(code).remedy))
+        # An entry names a node id, not an item: the ASIN remedy of the code would mislead.
+        remedy = _BAD_NODE if code == "InvalidParameterValue" else describe(code).remedy
+        errors.append(ErrorDetail(code, message, remedy))
     return BrowseNodesResult(
         browse_nodes=tuple(
             read_browse_node(n, protocol) for n in _maps(result.get(s["browseNodes"]))
