@@ -26,7 +26,7 @@ from broker.api.resources import ITEM_RESOURCES, resolve_resources, resource_nam
 from broker.config import DEFAULT_RESOURCES
 from broker.errors import BadRequestError, ResponseError
 from broker.models import Protocol
-from broker.simulator.catalog import lookup, variation_asins
+from broker.simulator.catalog import lookup, search_index_of, variation_asins
 from broker.simulator.settings import FaultRates, SimulatorSettings
 
 FREE = SimulatorSettings(limits=False)
@@ -436,6 +436,45 @@ class TestAgainstSimulator:
             await broker.get_browse_nodes(["0"])
         assert caught.value.code == "NoResults"
         assert "browse node" in caught.value.info.remedy
+
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    async def test_search_index_and_browse_node_filter_the_search(
+        self, harness: Harness, protocol: str
+    ) -> None:
+        """The simulator takes a browse node as a filter (every item found lies under it,
+        and fewer are found) and search index All as no filter; neither joins the search
+        terms (both were searched for as keywords, so a client that dropped them passed)."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, protocol=protocol))
+        plain = await broker.search_items(keywords="kettle", item_count=10)
+        assert (
+            await broker.search_items(keywords="kettle", item_count=10, search_index="All") == plain
+        )
+        first = lookup(FREE, US, plain.items[0].asin or "").item
+        assert first is not None
+        node = first.browse_nodes[0]
+        root = node.ancestors[-1][0] if node.ancestors else node.id
+        narrowed = await broker.search_items(keywords="kettle", item_count=10, browse_node_id=root)
+        assert narrowed.items
+        assert narrowed.total_result_count is not None
+        assert plain.total_result_count is not None
+        assert narrowed.total_result_count < plain.total_result_count
+        for product in narrowed.items:
+            item = lookup(FREE, US, product.asin or "").item
+            assert item is not None
+            assert any(root in {n.id, *(a for a, _ in n.ancestors)} for n in item.browse_nodes)
+        assert narrowed.search_url is not None
+        assert "k=kettle&" in narrowed.search_url
+        index = search_index_of(node.ancestors[-1][1] if node.ancestors else node.name)
+        department = await broker.search_items(keywords="kettle", search_index=index)
+        assert department.items
+        for product in department.items:
+            item = lookup(FREE, US, product.asin or "").item
+            assert item is not None
+            assert any(
+                search_index_of(n.ancestors[-1][1] if n.ancestors else n.name) == index
+                for n in item.browse_nodes
+            )
 
     async def test_variation_summary_covers_every_page(self, harness: Harness) -> None:
         """The summary (price range, dimension values) is the whole set's on every page."""

@@ -142,6 +142,17 @@ def lookup(settings: SimulatorSettings, marketplace: str, asin: str) -> CatalogE
 PRICE_ORDERS: Final = {"Price:LowToHigh": False, "Price:HighToLow": True}
 
 
+def search_index_of(department: str) -> str:
+    """A department's search index: its name without spaces or punctuation (``Home &
+    Kitchen`` is ``HomeKitchen``)."""
+    return "".join(ch for ch in department if ch.isalnum())
+
+
+def _department(node: BrowseNodeData) -> str:
+    """The name of a node's department (its root)."""
+    return node.ancestors[-1][1] if node.ancestors else node.name
+
+
 def search_asins(
     settings: SimulatorSettings,
     marketplace: str,
@@ -152,13 +163,18 @@ def search_asins(
     min_price: int | None = None,
     max_price: int | None = None,
     sort_by: str | None = None,
+    browse_node: str | None = None,
+    search_index: str | None = None,
 ) -> tuple[int, list[str]]:
     """Return (total result count, the ASINs of one page) for a search, deterministically.
 
     A query that starts with ``noresults`` finds nothing (a documented simulator convention,
     so tests can reach the no-results answer). ``min_price`` and ``max_price`` (in the
     currency's smallest unit, as both APIs take them) keep the items whose featured offer
-    lies within; ``sort_by`` ``Price:LowToHigh`` or ``Price:HighToLow`` orders by that price.
+    lies within; ``browse_node`` the items under that node (one of theirs or an ancestor);
+    ``search_index`` (a department's name without spaces, as the refinements give it; ``All``
+    is every one) the items of that department; ``sort_by`` ``Price:LowToHigh`` or
+    ``Price:HighToLow`` orders by the price.
     """
     if query.lower().startswith("noresults"):
         return 0, []
@@ -166,15 +182,24 @@ def search_asins(
         settings.seed, settings.missing_share, settings.inaccessible_share, marketplace, query
     )
     start = (page - 1) * count
-    if min_price is None and max_price is None and sort_by not in PRICE_ORDERS:
+    index = None if search_index in (None, "All") else search_index
+    filtered = min_price is not None or max_price is not None or browse_node or index
+    if not filtered and sort_by not in PRICE_ORDERS:
         return len(served), list(served[start : start + count])
-    # A filter or a price order needs every result's price: all of them are looked up.
+    # A filter or a price order needs every result's item: all of them are looked up.
     market = served_as(marketplace)
     unit = 10**market.currency.decimals
     priced: list[tuple[int, str]] = []
     for candidate in served:
         item = lookup(settings, marketplace, candidate).item
         if item is None:
+            continue
+        if browse_node and not any(
+            browse_node == node.id or any(browse_node == a for a, _ in node.ancestors)
+            for node in item.browse_nodes
+        ):
+            continue
+        if index and index not in {search_index_of(_department(n)) for n in item.browse_nodes}:
             continue
         price = round(item.listing.amount * unit)
         if (min_price is None or price >= min_price) and (max_price is None or price <= max_price):

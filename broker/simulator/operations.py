@@ -21,6 +21,7 @@ from broker.simulator.catalog import (
     is_well_formed,
     lookup,
     search_asins,
+    search_index_of,
     variation_asins,
 )
 from broker.simulator.marketplaces import served_as
@@ -63,6 +64,8 @@ _SEARCH_FIELDS = (
     "browseNodeId",
     "searchIndex",
 )
+#: The search fields that narrow a search instead of naming what to search for.
+_SEARCH_FILTERS = frozenset({"browseNodeId", "searchIndex"})
 
 
 #: SearchItems' sortBy values (both APIs; ``Price:*`` reorder the simulator's results).
@@ -369,7 +372,8 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
 
 def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
     _check_request(body, ctx)
-    terms = []
+    terms: list[str] = []
+    filters: dict[str, str] = {}
     for field in _SEARCH_FIELDS:
         value = body.get(ctx.names(field))
         if value is not None:
@@ -391,8 +395,11 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
                     if node
                     else f"must be at most {limit} characters",
                 )
-            terms.append(value)
-    if not terms:
+            if field in _SEARCH_FILTERS:
+                filters[field] = value  # narrows the search; not a search term
+            else:
+                terms.append(value)
+    if not terms and not filters:
         raise Rejected(
             "missing",
             ctx.names("keywords"),
@@ -420,6 +427,8 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
         min_price=low if ctx.names("minPrice") in body else None,
         max_price=high if ctx.names("maxPrice") in body else None,
         sort_by=order,
+        browse_node=filters.get("browseNodeId"),
+        search_index=filters.get("searchIndex"),
     )
     if not asins:
         raise Rejected(
@@ -429,7 +438,12 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
             detail="No results found for your search request",
         )
     rendered = [text for asin in asins if (text := _render(ctx, asin, resources, tag))]
-    url = f"https://{ctx.marketplace}/s?k={quote_plus(query)}&tag={tag}&linkCode=osi"
+    url = f"https://{ctx.marketplace}/s?k={quote_plus(query)}"
+    if filters.get("searchIndex", "All") != "All":
+        url += f"&i={quote_plus(filters['searchIndex'])}"
+    if "browseNodeId" in filters:
+        url += f"&rh={quote_plus('n:' + filters['browseNodeId'])}"
+    url += f"&tag={tag}&linkCode=osi"
     extra = (
         f",{json.dumps(ctx.names('totalResultCount'))}:{total},"
         f"{json.dumps(ctx.names('searchURL'))}:{json.dumps(url)}"
@@ -469,8 +483,7 @@ def _refinements(ctx: Context, asins: Sequence[str]) -> dict[str, object]:
         n("searchIndex"): refinement(
             "SearchIndex",
             "Department",
-            # A search index is the department's name without spaces or punctuation.
-            [("".join(ch for ch in name if ch.isalnum()), name) for name in departments.values()],
+            [(search_index_of(name), name) for name in departments.values()],
         ),
     }
 
