@@ -143,9 +143,9 @@ PRICE_ORDERS: Final = {"Price:LowToHigh": False, "Price:HighToLow": True}
 
 
 def search_index_of(department: str) -> str:
-    """A department's search index: its name without spaces or punctuation (``Home &
-    Kitchen`` is ``HomeKitchen``)."""
-    return "".join(ch for ch in department if ch.isalnum())
+    """A department's search index, spelled as Amazon's are: its name with ``&`` as ``And``
+    and without spaces or punctuation (``Home & Kitchen`` is ``HomeAndKitchen``)."""
+    return "".join(ch for ch in department.replace("&", "And") if ch.isalnum())
 
 
 def _department(node: BrowseNodeData) -> str:
