@@ -378,6 +378,13 @@ def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> No
     if scheme not in _REDIS_SCHEMES:
         named = "" if variable is None else f"the URL in ${variable} "
         raise ConfigError(where, f"{named}must be a redis://, rediss:// or unix:// URL")
+    database = parts.path.removeprefix("/")
+    if scheme != "unix" and database and not (database.isascii() and database.isdigit()):
+        # redis-py reads a path that is no number as database 0, without a word.
+        raise ConfigError(
+            where,
+            f"the database of {what} must be a number (redis://host:6379/1), not {database!r}",
+        )
 
 
 def _require_redis(path: str) -> None:

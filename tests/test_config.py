@@ -626,6 +626,22 @@ def test_a_redis_url_redis_py_cannot_read_is_a_config_error(table: str, url: str
     assert "er2" not in str(error)
 
 
+@pytest.mark.parametrize("table", ["cache", "state"])
+@pytest.mark.parametrize("path", ["/db1", "/1x", "/abc", "/0/1"])
+def test_a_redis_url_whose_database_is_no_number_is_a_config_error(table: str, path: str) -> None:
+    """A database that is no number (``/db1``) is refused naming its field: redis-py read it
+    as database 0 while ``broker status`` showed ``db1``, so a machine configured ``/1``
+    never shared the key with it."""
+    error = _error(
+        _doc(**{table: {"backend": "redis", "redis_url": f"redis://127.0.0.1:6379{path}"}})
+    )
+    assert error.path == f"{table}.redis_url"
+    assert "database" in error.message
+    for good in ("", "/", "/0", "/15"):
+        config = _doc(**{table: {"backend": "redis", "redis_url": f"redis://127.0.0.1:6379{good}"}})
+        parse_config(config, environ=ENV)
+
+
 @pytest.mark.parametrize(
     ("protocol", "endpoint", "expected"),
     [
