@@ -394,7 +394,8 @@ class SharedKeyLimiter:
 
     async def keep_alive(self) -> None:
         """Run for the engine's life: ask the store (reserving nothing) whenever this process
-        has not asked it for ``_RECHECK_S``: idle with no work, or parked.
+        has not asked it for ``_RECHECK_S``: idle with no work, or parked; while the store is
+        out of reach, at the outage's growing interval instead.
 
         Each ask carries this process's count of the day, so a Redis that restarted empty
         learns it again within that time even from a daemon with nothing to do, and marks
@@ -412,7 +413,10 @@ class SharedKeyLimiter:
             # says so (/readyz) within a socket timeout, instead of ready for half a minute.
             await self._flush()
         while True:
-            due = self._asked_at + _RECHECK_S
+            # Out of reach, asked again at the outage's growing interval (up to 10 s): an
+            # idle key would learn a beat late that the store is back (/readyz not ready).
+            wait = _RECHECK_S if self._unavailable is None else self._unavailable_pause()
+            due = self._asked_at + wait
             now = self._clock.monotonic()
             if now < due:
                 await self._clock.sleep(due - now)
