@@ -24,6 +24,7 @@ import contextlib
 import enum
 import math
 import os
+import selectors
 import threading
 import time
 import weakref
@@ -112,6 +113,7 @@ class SyncBroker:
         self._finalizer = weakref.finalize(
             self, _shut_down, self._broker, self._loop, self._thread, self._pid
         )
+        _LOOPS.add(self._loop)
 
     def _open(self, config: BrokerConfig, kwargs: Mapping[str, Any]) -> Broker:
         """Start the broker on the loop thread.
@@ -476,6 +478,32 @@ def _shut_down(
         asyncio.run_coroutine_threadsafe(broker.aclose(), loop).result(_CLOSE_TIMEOUT_S)
     finally:
         _stop_loop(loop, thread)
+
+
+#: The loops of this process's SyncBrokers: a child forked from it detaches them.
+_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _detach_in_child() -> None:
+    """In a child just forked, give each inherited loop a poller of its own.
+
+    The child shares the parent's epoll instance (an open file, like its sockets): as the
+    child exits, aiohttp closes the inherited connections, and their removal from that
+    poller took the parent's pooled sockets out of the parent's too, whose next calls then
+    waited out their request timeout. With a new poller the child has nothing to remove;
+    the sockets it closes are its own copies. Only asyncio's selector loops have one to
+    swap (a loop the parent's policy made otherwise is left as it is).
+    """
+    for loop in list(_LOOPS):
+        if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+            inherited = loop._selector  # type: ignore[attr-defined]  # no public handle
+            loop._selector = selectors.DefaultSelector()  # type: ignore[attr-defined]
+            with contextlib.suppress(OSError):
+                inherited.close()  # the child's copy of the epoll file only
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_detach_in_child)
 
 
 def _ignore(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -363,6 +363,28 @@ class TestSyncBroker:
         assert "Task was destroyed" not in done.stderr
         assert "Unclosed client session\nclient_session" not in done.stderr
 
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+    def test_a_forked_childs_exit_leaves_the_parent_unharmed(self, tmp_path: Path) -> None:
+        """A child forked from a process with a SyncBroker (multiprocessing's fork) that
+        exits normally leaves the parent's connections alone: the parent's next call is
+        answered at once, first time (the child's exit took the parent's pooled sockets
+        out of the poller both share, and the parent's next call waited out its 30 s
+        request timeout)."""
+        done = _script(
+            tmp_path,
+            "import os, time\n"
+            "b.get_item('B000000003')\n"  # a pooled keep-alive connection to inherit
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    raise SystemExit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "started = time.monotonic()\n"
+            "result = b.get_item('B000000004')\n"
+            "quick = time.monotonic() - started < 5\n"
+            "print('parent', result.status.value, result.attempts, quick)\n",
+        )
+        assert "parent ok 1 True" in done.stdout, done.stdout + done.stderr
+
     def test_after_the_exit_close_calls_say_closed(self, tmp_path: Path) -> None:
         """Closed at exit, the broker answers a later call (an atexit handler) with
         BrokerClosedError, and a stream left suspended ends without noise."""
