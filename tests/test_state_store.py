@@ -455,6 +455,63 @@ class TestDayAndProcesses:
         assert again.parked_until_us == 0
         assert again.granted
 
+    async def test_sends_since_a_loss_add_to_a_higher_mark_from_before_it(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """After the store lost the key, a process that saw more of the day before the loss
+        than the count rebuilt so far adds the sends granted since to its mark: four
+        processes on a key whose Redis restarted empty sent 31 against a limit of 29, as a
+        higher mark swallowed the sends the lower marks were granted."""
+        first = await backend.reserve()
+        await _lose_the_key(backend, request)
+        low = ProcessMark("low:1:a", first.day, 20, gen=first.gen)
+        one = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=low
+        )
+        assert one.count == 21
+        low = ProcessMark("low:1:a", first.day, one.count, gen=one.gen)  # it learnt the new one
+        two = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=low
+        )
+        assert two.count == 22
+        high = ProcessMark("high:2:b", first.day, 24, gen=first.gen)  # the last before the loss
+        three = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=high
+        )
+        assert three.count == 24 + 3  # 24 sent before the loss, 3 since
+        again = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=False, process=low
+        )
+        assert again.count == 27  # a mark of the new generation adds nothing
+
+    async def test_a_park_from_before_a_loss_stands_whoever_asks_first(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """A park a process saw before the store lost the key holds even when another
+        process, which never saw it, asked the rebuilt store first: the key was unparked and
+        sent 429s on Amazon's spent day."""
+        first = await backend.reserve()
+        await _lose_the_key(backend, request)
+        unaware = ProcessMark("unaware:1:a", first.day, first.count, gen=first.gen)
+        granted = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=unaware
+        )
+        assert granted.granted
+        parked_until = granted.now_us + 600 * 1_000_000
+        aware = ProcessMark(
+            "aware:2:b",
+            first.day,
+            first.count,
+            parked_until_us=parked_until,
+            park_reason="quota spent",
+            gen=first.gen,
+        )
+        d = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=aware
+        )
+        assert d.refusal == "parked"
+        assert d.parked_until_us == parked_until
+
     async def test_processes_seen_recently(self, backend: Backend) -> None:
         """Two process ids asking make two processes seen; a view registers none."""
         await backend.reserve()
@@ -906,7 +963,7 @@ class TestSqliteReuse:
         """The file deleted while two stores (processes) use it, and a third starts: the
         first two open the new file at their next decision, so all three share slots (not
         an unlinked copy beside the new one), with a warning each; the day's count is
-        rebuilt from the processes' own marks."""
+        rebuilt from the processes' own marks and the sends granted since the delete."""
         clock = [_T0]
         path = tmp_path / "keys.sqlite3"
 
@@ -930,7 +987,9 @@ class TestSqliteReuse:
             ]
         grid = [d.slot_us - _T0 - 1_000_000 for d in after]
         assert grid == [0, 200_000, 400_000, 600_000]  # one grid for all three
-        assert [d.count for d in after] == [1, 3, 4, 5]
+        # 2 before the delete, then 4 more: c's first grant (it knew of none) is counted
+        # once a's mark of the 2 arrives.
+        assert [d.count for d in after] == [1, 4, 5, 6]
         assert [e["event"] for e in logs].count("broker.state_file_replaced") == 2
         for s in (a, b, c):
             await s.aclose()

@@ -301,6 +301,7 @@ class SharedKeyLimiter:
             rate=0.0 if seen is None else seen.rate,
             parked_until_us=0 if seen is None else seen.parked_until_us,
             park_reason="" if seen is None else seen.park_reason,
+            gen="" if seen is None else seen.gen,
         )
         try:
             decision = await self._store.decide(

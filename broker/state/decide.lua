@@ -1,7 +1,7 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[45].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[46].
 -- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
 -- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
@@ -57,7 +57,9 @@ local run_in = tonumber(ARGV[42])
 local mark_rate = tonumber(ARGV[43])
 local mark_parked = tonumber(ARGV[44])
 local mark_park_reason = ARGV[45]
-local first_throttled = 46
+-- decision.py: ProcessMark.gen (the generation of the record the caller saw last)
+local mark_gen = ARGV[46]
+local first_throttled = 47
 local run_gap = 60000000  -- decision.py: RUN_GAP_S
 local run_cuts_from = 10  -- decision.py: RUN_CUTS_FROM
 
@@ -67,7 +69,7 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen', 'run_429s')
+  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -96,6 +98,10 @@ local nominal_seen = tonumber(h[21]) or 0
 local day_cap = tonumber(h[22]) or -1
 local day_cap_seen = tonumber(h[23]) or 0
 local run_429s = tonumber(h[24]) or 0
+-- decision.py: Record.gen, .gen_sends, .gen_unparked
+local gen = h[25] or ''
+local gen_sends = tonumber(h[26]) or 0
+local gen_unparked = h[27] == '1'
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -169,6 +175,11 @@ if process_id ~= '' and leaving then
   redis.call('ZREM', KEYS[2], entry)
 end
 local lost = rate <= 0
+if lost then
+  -- Named by when and by whom: two losses never get one name.
+  gen, gen_sends, gen_unparked = int(now) .. ':' .. process_id, 0, false
+end
+local before = process_id ~= '' and mark_gen ~= gen
 local mine = nominal
 if stored_nominal <= 0 or (asking and (mine < stored_nominal
     or (now - nominal_seen > recent_us and mine ~= stored_nominal))) then
@@ -198,12 +209,11 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+
 end
 -- A lost hash (Redis restarted empty, flushed; a rate is never stored as 0): rebuilt from
 -- what the caller saw last (decision.py: ProcessMark), the day's count below.
-if lost and process_id ~= '' then
-  if mark_rate > 0 then rate = mark_rate end
-  if mark_parked > now then
-    parked_until = mark_parked
-    park_why = mark_park_reason
-  end
+if lost and process_id ~= '' and mark_rate > 0 then rate = mark_rate end
+-- Parked before the loss (Amazon's day spent): a probe since would have lifted it.
+if before and not gen_unparked and mark_parked > math.max(now, parked_until) then
+  parked_until = mark_parked
+  park_why = mark_park_reason
 end
 if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
@@ -211,9 +221,15 @@ local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
 if today > day then
   day = today
   count = 0
+  gen_sends = 0
 end
 if process_id ~= '' then
-  if hwm_day == day and hwm_count > count then count = hwm_count end
+  -- A mark from before the loss knew nothing of the sends granted since: they come on top.
+  if hwm_day == day then
+    local seen = hwm_count
+    if before then seen = seen + gen_sends end
+    if seen > count then count = seen end
+  end
   if asking then redis.call('ZADD', KEYS[2], now, entry) end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. int(now - 600000000))
   redis.call('PEXPIRE', KEYS[2], ttl_ms)
@@ -264,6 +280,7 @@ if unpark then
     rc_top, rc_level, rc_desc, rc_r1, rc_r2 = 0, 1, false, 0, 0
     boost = 1
     streak = 0
+    gen_unparked = true
   end
   parked_until = 0
   park_why = ''
@@ -300,6 +317,7 @@ if reserve then
     wait = math.max(0, slot - now)
     next_slot = slot + interval
     count = count + 1
+    gen_sends = gen_sends + 1
     if parked_until > 0 then
       probe = 1
       probing_until = now + lease
@@ -316,7 +334,8 @@ if not view then
     'probing_until', int(probing_until), 'last_429', int(last_429), 'rc_top', num(rc_top),
     'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
-    'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s))
+    'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s), 'gen', gen,
+    'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0')
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
@@ -326,4 +345,4 @@ return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(math.max(next_slot, paused_until)), num(rate), int(day), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
   int(last_429), cut, processes, int(day_limit),
-  int((now - last_429 <= run_gap) and run_429s or 0)}
+  int((now - last_429 <= run_gap) and run_429s or 0), gen}

@@ -96,6 +96,14 @@ class Record:
     #: RUN_GAP_S, ends the run (each process's classifier reads it, so N processes on a key
     #: whose quota is spent need one streak of 429s between them, not one each)
     run_429s: int = 0
+    #: the record's generation (the store time it was started afresh at and the process that
+    #: asked then, as text), the sends
+    #: granted in the day since then, and whether a park was lifted since then: a process
+    #: whose mark names another generation saw the key before it was lost, and its count
+    #: plus the sends since is a floor of the day's, its park stands unless one was lifted
+    gen: str = ""
+    gen_sends: int = 0
+    gen_unparked: bool = False
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -286,6 +294,7 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
                 state.reset(now / _US)
             record.boost = 1.0
             record.streak = 0
+            record.gen_unparked = True
         record.parked_until = 0
         record.park_reason = ""
         record.probing_until = 0
@@ -360,14 +369,27 @@ def decide(
         # Its daily limit leaves with it (a tpd raised for the next run).
         record.processes.pop(entry, None)
     # A rate is never stored as 0: a record without one is new, or lost (Redis restarted
-    # empty), and is rebuilt from what the asking process saw last (ProcessMark).
+    # empty), and is rebuilt from what the asking process saw last (ProcessMark), and from
+    # what each process that saw it before tells when it asks (a mark of an older
+    # generation): the first to ask after a loss is seldom the one that saw the most.
     lost = record.rate <= 0
+    if lost:
+        # Named by when and by whom: two losses never get one name.
+        asker = "" if process is None else process.process_id
+        record.gen, record.gen_sends, record.gen_unparked = f"{now}:{asker}", 0, False
+    before = process is not None and process.gen != record.gen
     limits = _agree(record, now, limits, asking=asking)
     day_limit = _agree_day(record, now, limits.day_limit, asking=asking)
-    if lost and process is not None:
-        if process.rate > 0:
+    if process is not None:
+        if lost and process.rate > 0:
             record.rate = process.rate
-        if process.parked_until_us > now:
+        if (
+            before
+            and not record.gen_unparked
+            and process.parked_until_us > max(now, record.parked_until)
+        ):
+            # Parked before the loss (Amazon's day spent): a probe since would have lifted
+            # it, and none did.
             record.parked_until = process.parked_until_us
             record.park_reason = process.park_reason
     if record.rate <= 0:
@@ -378,10 +400,14 @@ def decide(
     day = day_number(wall, limits.reset_offset_s)
     if day > record.day:
         record.day = day
-        record.count = 0
+        record.count = record.gen_sends = 0
+    if process is not None and process.hwm_day == record.day:
+        # A mark from before the loss knew nothing of the sends granted since: they come on
+        # top (taking the larger of the two lost every send a lower mark was granted).
+        seen = process.hwm_count + (record.gen_sends if before else 0)
+        if seen > record.count:
+            record.count = seen
     if process is not None:
-        if process.hwm_day == record.day and process.hwm_count > record.count:
-            record.count = process.hwm_count
         if asking and entry is not None:
             record.processes[entry] = now
         horizon = now - int(PROCESS_KEEP_S * _US)
@@ -415,6 +441,7 @@ def decide(
             wait_us = max(0, slot - now)
             record.next_slot = slot + interval
             record.count += 1
+            record.gen_sends += 1
             if record.parked_until:
                 probe = True
                 record.probing_until = now + int(limits.probe_lease_s * _US)
@@ -441,4 +468,5 @@ def decide(
         day_limit=day_limit,
         # A run the gap has ended reads as none, as the next 429 will find it.
         run_429s=0 if _run_over(record, now) else record.run_429s,
+        gen=record.gen,
     )

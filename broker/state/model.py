@@ -185,6 +185,8 @@ class ProcessMark:
         hwm_count: the highest count this process saw (or made) in that window.
         rate: the shared rate of its last decision (0: none yet).
         parked_until_us, park_reason: the park of its last decision (store time; 0: none).
+        gen: the generation of the key's record its last decision came from (see
+            :attr:`Decision.gen`); "" before its first.
     """
 
     process_id: str
@@ -193,6 +195,7 @@ class ProcessMark:
     rate: float = 0.0
     parked_until_us: int = 0
     park_reason: str = ""
+    gen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,9 @@ class Decision:
         wall_us: the store's wall clock at the decision, which judged ``day``: a process
             whose own wall clock is wrong counts the day by this, not by its own.
         run_429s: the key's 429s in a row, over every process (see ``Feedback.run_429s``).
+        gen: the generation of the key's record: new each time the store starts it afresh
+            (a key never seen, or lost: Redis restarted empty). A process whose mark names
+            another one saw the key before that, and what it saw then is news to the record.
     """
 
     granted: bool
@@ -243,3 +249,4 @@ class Decision:
     wall_us: int
     day_limit: int | None = None
     run_429s: int = 0
+    gen: str = ""

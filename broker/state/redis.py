@@ -182,6 +182,7 @@ class RedisStateStore:
             repr(0.0 if process is None else process.rate),
             0 if process is None else process.parked_until_us,
             "" if process is None else process.park_reason,
+            "" if process is None else process.gen,
             *feedback.throttled,
         ]
         return [str(a) for a in args]
@@ -253,6 +254,7 @@ class RedisStateStore:
             wall_us=int(reply[4]),  # Redis's TIME judges both the slots and the day
             day_limit=None if int(reply[17]) < 0 else int(reply[17]),
             run_429s=int(reply[18]),
+            gen=_text(reply[19]),
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
