@@ -384,9 +384,10 @@ class SyncBroker:
         """
         with self._lock:
             closing = not self._closed
-            self._closed = True
             if closing:
+                # Before _closed: a signal handler's close() run in between must find it.
                 self._closer = threading.get_ident()
+            self._closed = True
         if not closing:
             # Neither the loop's own thread nor the closing one (a signal handler run in
             # the middle of its close) can wait for the close to end.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -287,3 +288,12 @@ def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     test's answers and request counts would leak into the next through ~/.local/state.
     """
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Take Ctrl-C as Python does when the suite was started with SIGINT ignored (``pytest &``
+    from a script or a subshell, where the shell ignores it for background commands):
+    children inherit an ignored signal, and every test that stops one with SIGINT would see
+    it ignored, as the broker keeps a signal it was started ignoring."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -575,19 +575,25 @@ class TestResume:
         assert looks == [None, None, None, "fresh.txt"]
 
     async def test_a_dead_siblings_job_goes_before_new_jobs(self, tmp_path: Path) -> None:
-        """A job a dead sibling left waits only for its second look, not for the run of a
-        new job from inbox/: while it waits for that look, nothing new is claimed."""
+        """Jobs a dead sibling left wait only for their second look, not for the run of a
+        new job from inbox/: while one waits for that look, or was seen unheld twice and
+        waits its turn, nothing new is claimed."""
         clock = FakeClock()
         daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
         daemon.spool.prepare()
         (tmp_path / "processing" / "orphan.txt").write_text("B000000001\n")
+        (tmp_path / "processing" / "orphan2.txt").write_text("B000000003\n")
         (tmp_path / "inbox" / "new.txt").write_text("B000000002\n")
         broker = cast("Broker", None)  # nothing is deferred: the broker is not asked
         picks = [daemon._next_job(broker)]
         await clock.advance(serve._ORPHAN_CHECK_S)
         picks.append(daemon._next_job(broker))
+        (tmp_path / "processing" / "orphan.txt").unlink()  # run and filed meanwhile
+        await clock.advance(serve._ORPHAN_CHECK_S)
         picks.append(daemon._next_job(broker))
-        assert picks == [None, "orphan.txt", "new.txt"]
+        (tmp_path / "processing" / "orphan2.txt").unlink()
+        picks.append(daemon._next_job(broker))
+        assert picks == [None, "orphan.txt", "orphan2.txt", "new.txt"]
 
     def test_a_new_job_never_resumes_an_old_namesakes_work_files(self, tmp_path: Path) -> None:
         """Work files left in processing/ under a name (a daemon killed while filing that

@@ -41,6 +41,7 @@ from broker.state import (
     day_number,
     open_store,
 )
+from broker.state.decision import Record, decide
 from broker.state.redis import RedisStateStore, redacted_url
 from broker.state.redis_server import RedisServer, redis_server_binary
 from broker.state.sqlite import SqliteStateStore, default_state_dir
@@ -511,6 +512,40 @@ class TestDayAndProcesses:
         )
         assert d.refusal == "parked"
         assert d.parked_until_us == parked_until
+
+    async def test_an_answer_since_a_loss_ends_a_park_from_before_it(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """A park a process saw before the loss does not come back once Amazon answered a
+        send of the rebuilt key: the quota is not spent (it parked the key for an hour
+        while Amazon answered)."""
+        first = await backend.reserve()
+        await _lose_the_key(backend, request)
+        unaware = ProcessMark("unaware:1:a", first.day, first.count, gen=first.gen)
+        granted = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=unaware
+        )
+        unaware = ProcessMark("unaware:1:a", first.day, granted.count, gen=granted.gen)
+        await backend.store.decide(
+            KEY,
+            LIMITS,
+            feedback=Feedback(successes=1, answered=True),
+            reserve=False,
+            process=unaware,
+        )
+        aware = ProcessMark(
+            "aware:2:b",
+            first.day,
+            first.count,
+            parked_until_us=granted.now_us + 600 * 1_000_000,
+            park_reason="quota spent",
+            gen=first.gen,
+        )
+        d = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=aware
+        )
+        assert d.parked_until_us == 0
+        assert d.granted
 
     async def test_processes_seen_recently(self, backend: Backend) -> None:
         """Two process ids asking make two processes seen; a view registers none."""
@@ -1173,3 +1208,14 @@ class TestManyProcesses:
         assert len(set(ordered)) == 150
         gaps = [b - a for a, b in itertools.pairwise(ordered)]
         assert min(gaps) >= 500 - 125  # a quarter interval of slack keeps the grid
+
+
+def test_a_record_an_older_broker_wrote_takes_no_park_from_a_mark() -> None:
+    """A record without a generation (an older broker rewrote it, keeping none) was not
+    lost: a mark carrying a park does not park it again (an unpark by the older broker's
+    probe stands)."""
+    record = Record(rate=5.0, nominal=5.0, day=1)
+    mark = ProcessMark("new:1:a", 1, 0, parked_until_us=_T0 + 600_000_000, gen="123:x")
+    decision = decide(record, _T0, LIMITS, feedback=Feedback(), reserve=True, process=mark)
+    assert decision.granted
+    assert decision.parked_until_us == 0

@@ -470,6 +470,34 @@ class TestSyncBroker:
         else:
             assert outcome == ["closed"]
 
+    def test_close_from_a_signal_handler_as_close_begins_never_deadlocks(self) -> None:
+        """A signal handler's close() that lands just as the first close() marks the broker
+        closed returns: it found the broker closed by nobody it knew of, and waited for the
+        close to end, which waited for the handler."""
+
+        class Interrupted(SyncBroker):
+            """Runs a nested close() (a signal handler's) the moment it is marked closed."""
+
+            landed = False
+
+            @property  # type: ignore[override]
+            def _closed(self) -> bool:
+                return bool(self.__dict__.get("closed_", False))
+
+            @_closed.setter
+            def _closed(self, value: bool) -> None:
+                self.__dict__["closed_"] = value
+                if value and not Interrupted.landed:
+                    Interrupted.landed = True
+                    self.close()
+
+        broker = Interrupted.from_dict(_document(), environ={})
+        closer = threading.Thread(target=broker.close, daemon=True)
+        closer.start()
+        closer.join(20)
+        assert not closer.is_alive(), "deadlocked"
+        assert Interrupted.landed
+
     def test_start_failure_leaves_no_thread(self) -> None:
         """A broker that fails while starting raises and leaves no thread behind."""
         before = threading.active_count()

@@ -189,6 +189,9 @@ class SharedKeyLimiter:
         self._hold_until = -math.inf
         self._hwm_day = -1
         self._hwm_count = 0
+        # The key record's generation in the store's latest answer, and that answer's time.
+        self._gen = ""
+        self._gen_at = -1
         self._successes = 0
         self._throttled: list[int] = []
         # A success since the last call (the key's run of 429s is over), and the 429s since
@@ -301,7 +304,7 @@ class SharedKeyLimiter:
             rate=0.0 if seen is None else seen.rate,
             parked_until_us=0 if seen is None else seen.parked_until_us,
             park_reason="" if seen is None else seen.park_reason,
-            gen="" if seen is None else seen.gen,
+            gen=self._gen,
         )
         try:
             decision = await self._store.decide(
@@ -335,6 +338,11 @@ class SharedKeyLimiter:
         self._offset = math.ceil(decision.now_us - local_us) / _US
         self._wall_offset = (decision.wall_us - local_us) / _US
         self._last = self._seen = decision
+        if decision.now_us >= self._gen_at:
+            # The record's generation as of the latest answer by the store's clock: two
+            # calls that end out of order across a loss must not pair the old generation
+            # with a count that already holds sends since (they would be added twice).
+            self._gen, self._gen_at = decision.gen, decision.now_us
         if decision.day > self._hwm_day:
             self._hwm_day, self._hwm_count = decision.day, decision.count
         elif decision.day == self._hwm_day:

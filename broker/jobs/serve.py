@@ -207,7 +207,7 @@ def _deferral_cap() -> int:
     """How many deferred jobs (one open file each) the daemon holds before it claims no new
     job: half the open-file limit, the other half left for the runs, the cache, the state."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return _OPEN_FILES // 2 if soft == resource.RLIM_INFINITY else max(16, soft // 2)
+    return _OPEN_FILES // 2 if soft == resource.RLIM_INFINITY else max(1, soft // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1059,6 +1059,9 @@ class Daemon:
             logger.warning(
                 "broker.job_resumed", job=name, note="left in processing/ by a daemon that died"
             )
+            # The others seen unheld twice are taken next, each before any new job: kept as
+            # seen, else the next look counted them afresh and new jobs went first.
+            self._unheld |= (seen - {name}) & set(self.spool.claimed())
             return name
         return None
 

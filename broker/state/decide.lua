@@ -179,7 +179,9 @@ if lost then
   -- Named by when and by whom: two losses never get one name.
   gen, gen_sends, gen_unparked = int(now) .. ':' .. process_id, 0, false
 end
-local before = process_id ~= '' and mark_gen ~= gen
+-- decision.py: a record without a generation (an older broker's) takes no mark for one
+-- from before a loss.
+local before = process_id ~= '' and gen ~= '' and mark_gen ~= gen
 local mine = nominal
 if stored_nominal <= 0 or (asking and (mine < stored_nominal
     or (now - nominal_seen > recent_us and mine ~= stored_nominal))) then
@@ -247,7 +249,11 @@ for _ = 1, successes do
   streak = streak + 1
   if streak % boost_every == 0 then boost = math.min(max_boost, boost * 2) end
 end
-if answered then run_429s = 0 end
+if answered then
+  run_429s = 0
+  -- Amazon answered since the record started afresh: a park from before is over.
+  gen_unparked = true
+end
 if run_in > 0 then
   if now - last_429 > run_gap then run_429s = 0 end
   run_429s = run_429s + run_in

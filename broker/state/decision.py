@@ -5,7 +5,8 @@ Redis store runs the same steps as a Lua script (``broker/state/redis.py``), and
 hold both to the same behaviour. One call:
 
 1. rolls the daily window forward (never back: a wall clock stepping back over midnight
-   does not reopen a day already spent) and raises the count to the caller's high-water mark;
+   does not reopen a day already spent) and raises the count to the caller's high-water mark
+   (plus the sends granted since the record started afresh, for a mark from before that);
 2. applies the caller's feedback: an operator rate, demand-limited successes (the
    target-loss increase of ``ratelimit.md`` 6.1, boosted), throttles (one cut per *round*:
    only a request sent after the last cut cuts again), a pause, a park, an unpark;
@@ -254,6 +255,8 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
             record.boost = min(limits.max_boost, record.boost * 2.0)
     if feedback.answered:
         record.run_429s = 0
+        # Amazon answered since the record started afresh: a park from before is over.
+        record.gen_unparked = True
     if feedback.run_429s:
         if _run_over(record, now):
             record.run_429s = 0
@@ -377,7 +380,9 @@ def decide(
         # Named by when and by whom: two losses never get one name.
         asker = "" if process is None else process.process_id
         record.gen, record.gen_sends, record.gen_unparked = f"{now}:{asker}", 0, False
-    before = process is not None and process.gen != record.gen
+    # A record without a generation was last written by an older broker, which keeps none:
+    # nothing tells whether a mark is from before a loss, so none is taken to be.
+    before = process is not None and record.gen != "" and process.gen != record.gen
     limits = _agree(record, now, limits, asking=asking)
     day_limit = _agree_day(record, now, limits.day_limit, asking=asking)
     if process is not None:

@@ -174,10 +174,11 @@ class ProcessMark:
 
     The mark lets a store that lost its data (Redis restarted empty) rebuild the key from
     what the surviving processes saw last, instead of starting afresh: the day's count (the
-    highest any of them saw), the shared rate and a park (a key parked for Amazon's spent
-    quota stays parked, and is not hammered at the nominal rate again). Only a lost record
-    takes a mark's rate and park: one that is not lost knows better (another process's
-    probe may have unparked it since).
+    highest any of them saw, plus the sends granted since the loss), the shared rate and a
+    park (a key parked for Amazon's spent quota stays parked, and is not hammered at the
+    nominal rate again). The rate comes from the first process to ask the lost record; a
+    park from any mark of before the loss (its ``gen``), unless a probe lifted a park or
+    Amazon answered since; a record that was not lost knows better than any mark.
 
     Attributes:
         process_id: ``host:pid:nonce``, unique per process run.
