@@ -651,6 +651,26 @@ class TestBrokenKeys:
         assert result.error.code == "UnknownMarketplace"
         assert broker.metrics().requests == 0
 
+    async def test_an_empty_marketplace_is_unknown_not_the_default(self, harness: Harness) -> None:
+        """An empty marketplace (an unset variable) is an unknown one, as "XX" is, never the
+        config's default store: a lookup's result is invalid, and an operation raises
+        ValueError before anything is sent (both were quietly asked in the default store)."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        results = await broker.get_items(
+            ["B000000001", Query("B000000002", marketplace="")], marketplace=""
+        )
+        for result in results:
+            assert result.status is Status.INVALID
+            assert result.error is not None
+            assert result.error.code == "UnknownMarketplace"
+        (own,) = await broker.get_items([Query("B000000003", marketplace=" ")])
+        assert own.error is not None
+        assert own.error.code == "UnknownMarketplace"
+        with pytest.raises(ValueError, match="marketplace"):
+            await broker.search_items(keywords="kettle", marketplace="")
+        assert broker.metrics().requests == 0
+
     async def test_marketplace_aliases(self, harness: Harness) -> None:
         """US, amazon.com and www.amazon.com name one marketplace: one lookup, one request."""
         sim = await harness.simulator(FREE)

@@ -807,7 +807,9 @@ class Broker:
         # Named as a lookup may name it ("UK", "amazon.co.uk"); an unknown name is a
         # ValueError here, before anything is sent.
         market = (
-            lookup_marketplace(marketplace).name if marketplace else self.config.api.marketplace
+            self.config.api.marketplace
+            if marketplace is None
+            else lookup_marketplace(marketplace).name  # "" too: unknown, not the default
         )
         self._pool.check_servable(market)
         future: asyncio.Future[Mapping[str, object]] = asyncio.get_running_loop().create_future()

@@ -52,6 +52,17 @@ def _echo(resources: object) -> tuple[str, ...]:
     return tuple(str(name) for name in resources)
 
 
+def _named(own: str | None, call: str | None, store: str | None, default: str) -> str:
+    """The marketplace a query asks: its own, else its call's, else a product URL's store,
+    else the config's. An empty name (an unset variable) is a name too, and an unknown one:
+    the default store is no guess for it."""
+    if own is not None:
+        return own
+    if call is not None:
+        return call
+    return store or default
+
+
 class Intake:
     """Admission, completion and deduplication of lookups for one broker."""
 
@@ -124,7 +135,7 @@ class Intake:
                 try:
                     wanted = resolve_resources(item.resources, self._protocol)
                 except (TypeError, ValueError) as exc:
-                    named = own or marketplace or check_asin(raw).store or self._marketplace
+                    named = _named(own, marketplace, check_asin(raw).store, self._marketplace)
                     named = self._canonical_market(named) or named
                     return self._immediate(
                         Query(raw, named, _echo(item.resources), tag),
@@ -142,7 +153,7 @@ class Intake:
             asin, store, reason = verdict.asin, verdict.store, verdict.reason
         # The query's own marketplace, else the call's, else a product URL's store
         # (amazon.co.uk), else the config's: what is named beats what is inferred.
-        named = own or marketplace or store or self._marketplace
+        named = _named(own, marketplace, store, self._marketplace)
         canonical = self._canonical_market(named)
         res = tuple(wanted) if wanted is not None else self._resources
         if canonical is None:
