@@ -1538,11 +1538,23 @@ def test_serve_raises_its_open_file_limit(tmp_path: Path) -> None:
     """broker serve raises its soft open-file limit towards the hard one (at most 65,536):
     deferred jobs hold a file each, and a container's default soft limit is 1,024."""
     code = (
-        "import resource\n"
+        "import argparse, asyncio, resource\n"
+        "from broker.config import config_from_dict\n"
         "from broker.jobs import serve\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
-        "serve.raise_open_files_limit()\n"
+        "class Daemon:\n"  # the daemon itself is not what this looks at
+        "    def __init__(self, config, options):\n"
+        "        pass\n"
+        "    async def run(self):\n"
+        "        return None\n"
+        "serve.Daemon = Daemon\n"
+        "config = config_from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
+        " 'credential_id': 'demo-id', 'version': '3.1',"
+        " 'partner_tags': {'www.amazon.com': 'demo-20'}}]})\n"
+        f"args = argparse.Namespace(spool={str(tmp_path)!r}, host='127.0.0.1', port=0,"
+        " allow_remote=False)\n"
+        "serve.serve_command(config, args, run=asyncio.run)\n"
         "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
     )
     done = subprocess.run(
