@@ -172,9 +172,9 @@ def search_asins(
     so tests can reach the no-results answer). ``min_price`` and ``max_price`` (in the
     currency's smallest unit, as both APIs take them) keep the items whose featured offer
     lies within; ``browse_node`` the items under that node (one of theirs or an ancestor);
-    ``search_index`` (a department's name without spaces, as the refinements give it; ``All``
-    is every one) the items of that department; ``sort_by`` ``Price:LowToHigh`` or
-    ``Price:HighToLow`` orders by the price.
+    ``search_index`` (a department's, as :func:`search_index_of` spells it and the
+    refinements give it; ``All`` is every one) the items of that department; ``sort_by``
+    ``Price:LowToHigh`` or ``Price:HighToLow`` orders by the price.
     """
     if query.lower().startswith("noresults"):
         return 0, []

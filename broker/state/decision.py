@@ -98,10 +98,10 @@ class Record:
     #: whose quota is spent need one streak of 429s between them, not one each)
     run_429s: int = 0
     #: the record's generation (the store time it was started afresh at and the process that
-    #: asked then, as text), the sends
-    #: granted in the day since then, and whether a park was lifted since then: a process
-    #: whose mark names another generation saw the key before it was lost, and its count
-    #: plus the sends since is a floor of the day's, its park stands unless one was lifted
+    #: asked then, as text), the sends granted in the day since then, and whether a park was
+    #: lifted or Amazon answered since then: a process whose mark names another generation
+    #: saw the key before it was lost, and its count plus the sends since is a floor of the
+    #: day's, its park stands unless one was lifted or Amazon answered
     gen: str = ""
     gen_sends: int = 0
     gen_unparked: bool = False
