@@ -462,6 +462,30 @@ class TestCsvSink:
             emit(ledger, CsvSink(out))
         assert out.read_bytes() == original
 
+    def test_an_older_brokers_columns_are_written_again_under_ours(self, tmp_path: Path) -> None:
+        """A CSV an older broker began under other columns (no image_url, no cached) is
+        written again from the ledger under this broker's header when the job resumes: its
+        rows were appended under the old header, every cell from error_code on under the
+        wrong name, and the run said ok."""
+        out = tmp_path / "out.csv"
+        with make_ledger(tmp_path) as ledger:
+            emit(ledger, CsvSink(out))
+            original = out.read_bytes()
+            dropped = {CSV_COLUMNS.index("image_url"), CSV_COLUMNS.index("cached")}
+            table = list(csv.reader(io.StringIO(original.decode("utf-8"), newline="")))
+            older = io.StringIO()
+            writer = csv.writer(older, lineterminator="\r\n")
+            for record in table[:6]:  # the header and the first five rows, as it left them
+                writer.writerow([cell for i, cell in enumerate(record) if i not in dropped])
+            out.write_bytes(older.getvalue().encode("utf-8"))
+            ledger.set_sink_state("out", SinkState(out.stat().st_size, 5))
+            sink = CsvSink(out)
+            resumed = sink.open(ledger.sink_state("out"))
+            sink.close()
+            assert resumed.done_order == 0
+            emit(ledger, CsvSink(out))
+        assert out.read_bytes() == original
+
     def test_empty_job_still_has_a_header(self, tmp_path: Path) -> None:
         """A CSV sink writes its header at open, so even a job with no rows has one."""
         out = tmp_path / "out.csv"
@@ -597,6 +621,46 @@ class TestSqliteSink:
         assert state == SinkState(0, 10)
         assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
         assert "broker.output_shorter_than_recorded" in [e["event"] for e in logs]
+
+    def test_an_older_brokers_table_is_written_again_under_ours(self, tmp_path: Path) -> None:
+        """An output an older broker began with fewer columns (no image_url, no cached) is
+        written again from the ledger under this broker's table when the job resumes: it
+        was refused as another program's ("choose another output path"), and the ledger
+        beside it, and every request it paid for, was lost with the path."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            emit(ledger, sink)
+            sink.close()
+            older = [
+                c for c in ("seq", *CSV_COLUMNS, "row_json") if c not in ("image_url", "cached")
+            ]
+            with sqlite_db(out) as conn:
+                conn.execute(f"CREATE TABLE older AS SELECT {', '.join(older)} FROM results")
+                conn.execute("DROP TABLE results")
+                conn.execute("ALTER TABLE older RENAME TO results")
+            conn.close()
+            with capture_logs() as logs:
+                sink = SqliteSink(out)
+                state = emit(ledger, sink)
+                sink.close()
+        assert state == SinkState(0, 10)
+        assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
+        with sqlite_db(out) as conn:
+            columns = [c[1] for c in conn.execute("PRAGMA table_info(results)")]
+        conn.close()
+        assert columns == ["seq", *CSV_COLUMNS, "row_json"]
+        assert "broker.output_rewritten" in [e["event"] for e in logs]
+
+    def test_another_programs_table_is_still_refused(self, tmp_path: Path) -> None:
+        """A results table that is no broker's (no broker_sink table beside it, or columns
+        of its own) is refused and left untouched, as before."""
+        out = tmp_path / "out.sqlite"
+        with sqlite_db(out) as conn:
+            conn.execute("CREATE TABLE results (seq INTEGER, line INTEGER)")
+        conn.close()
+        with pytest.raises(JobFileError, match="other columns"):
+            SqliteSink(out).open(SinkState(0, 3))
 
     def test_a9_a_damaged_output_is_refused_and_left_untouched(self, tmp_path: Path) -> None:
         """A SQLite output cut in half (a torn copy, a partial restore): a JobFileError naming

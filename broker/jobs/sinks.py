@@ -481,11 +481,24 @@ class CsvSink(_FileSink):
         if resume_from.done_order == 0:
             resume_from = SinkState()
         state = super().open(resume_from)
-        if state.done_order == 0 and state.offset != len(self._header):
+        header = self._read_header() if state.done_order else list(CSV_COLUMNS)
+        if header[: len(CSV_COLUMNS)] != list(CSV_COLUMNS):
+            # Begun by an older broker under other columns: appended under its header, every
+            # cell past the first difference would sit under the wrong name. Written again
+            # from the ledger under ours.
+            logger.warning(
+                "broker.output_rewritten",
+                path=str(self.path),
+                note="begun by an older broker under other columns; written again in full "
+                "under this version's",
+            )
+            self.close()
+            state = super().open(SinkState())
+        elif state.done_order == 0 and state.offset != len(self._header):
             # Cut back to the header alone (a hand-cut file): decide the columns again.
             self.close()
             state = super().open(SinkState())
-        self._extra = None if state.done_order == 0 else self._read_extra()
+        self._extra = None if state.done_order == 0 else self._read_extra(header)
         return state
 
     def write(self, rows: Sequence[DoneRow]) -> None:
@@ -509,11 +522,15 @@ class CsvSink(_FileSink):
             raise
         self._written = len(header)
 
-    def _read_extra(self) -> tuple[str, ...]:
-        """The pass-through columns named in the file's header: its first CSV record, which
-        spans lines when a name holds a line break (an Excel header wrapped with Alt+Enter)."""
+    def _read_header(self) -> list[str]:
+        """The file's header: its first CSV record, which spans lines when a name holds a
+        line break (an Excel header wrapped with Alt+Enter)."""
         with open(self.path, encoding="utf-8", errors="replace", newline="") as stream:
-            header = next(csv.reader(stream), [])
+            return next(csv.reader(stream), [])
+
+    @staticmethod
+    def _read_extra(header: Sequence[str]) -> tuple[str, ...]:
+        """The pass-through columns a header of ours names after our columns."""
         return tuple(_input_name(name) for name in header[len(CSV_COLUMNS) :])
 
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
@@ -559,6 +576,16 @@ def _csv_header(extra: Sequence[str]) -> bytes:
         [*CSV_COLUMNS, *(_column_name(name) for name in extra)]
     )
     return _utf8(text.getvalue())
+
+
+def _an_older_brokers(conn: sqlite3.Connection) -> bool:
+    """True when the results table is one an older broker made: its own bookkeeping table
+    is there, and its columns are some of ours (later versions only ever added some)."""
+    columns = {name for (_, name, *_) in conn.execute("PRAGMA table_info(results)")}
+    ours = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'broker_sink'"
+    ).fetchone()
+    return ours is not None and columns < set(_SQLITE_COLUMNS)
 
 
 class SqliteSink:
@@ -613,7 +640,8 @@ class SqliteSink:
 
     def _prepare(self, conn: sqlite3.Connection, *, fresh: bool) -> int:
         columns = [name for (_, name, *_) in conn.execute("PRAGMA table_info(results)")]
-        if columns and columns != list(_SQLITE_COLUMNS):
+        older = bool(columns) and columns != list(_SQLITE_COLUMNS) and _an_older_brokers(conn)
+        if columns and columns != list(_SQLITE_COLUMNS) and not older:
             raise JobFileError(
                 f"{self.path}: has a results table with other columns ({', '.join(columns)}); "
                 "it was left untouched. Choose another output path."
@@ -622,6 +650,17 @@ class SqliteSink:
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if older:
+                # Begun by an older broker with fewer columns: written again from the ledger
+                # under this version's table (its rows hold nothing the ledger does not).
+                logger.warning(
+                    "broker.output_rewritten",
+                    path=str(self.path),
+                    note="begun by an older broker with other columns; written again in full "
+                    "under this version's",
+                )
+                conn.execute("DROP TABLE results")
+                conn.execute("DELETE FROM broker_sink")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, line INTEGER, "
                 "input TEXT, asin TEXT, marketplace TEXT, status TEXT, title TEXT, price REAL, "
