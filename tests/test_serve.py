@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
@@ -663,6 +664,26 @@ class TestResume:
         await clock.advance(serve._ORPHAN_CHECK_S)
         picks += [daemon._next_job(broker), daemon._next_job(broker)]
         assert picks == [None, "left.txt", "new.txt"]
+
+    def test_an_older_brokers_daily_counts_in_the_spool_are_named(self, tmp_path: Path) -> None:
+        """A spool an older broker ran (its daily counts in state/budget.sqlite, before the
+        keys' shared state) gets a warning naming the file and today's counts: they were
+        ignored without a word, and a key near its TPD got a whole new day."""
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path), clock=FakeClock())
+        daemon.spool.prepare()
+        (tmp_path / "state").mkdir()
+        today = daemon._clock.utcnow().date().isoformat()
+        with contextlib.closing(sqlite3.connect(tmp_path / "state" / "budget.sqlite")) as conn:
+            conn.execute("CREATE TABLE budget (key_name TEXT, day TEXT, count INTEGER)")
+            conn.execute(
+                "INSERT INTO budget VALUES ('demo', ?, 13), ('demo', '2000-01-01', 9)", (today,)
+            )
+            conn.commit()
+        with structlog.testing.capture_logs() as logs:
+            daemon._name_old_budget()
+        (event,) = [e for e in logs if e["event"] == "broker.old_daily_counts_ignored"]
+        assert event["path"] == str(tmp_path / "state" / "budget.sqlite")
+        assert event["today"] == {"demo": 13}
 
     async def test_daily_count_is_the_keys_shared_state(self, start: Start, spool: Path) -> None:
         """The daemon counts requests in the shared key state, not a spool file of its own."""

@@ -909,6 +909,7 @@ class Daemon:
                     deferral.claim = None
 
     async def _work_loop(self, broker: Broker) -> None:
+        self._name_old_budget()
         self._rename_awkward_claims()
         swept = self.spool.sweep()
         if swept:
@@ -972,6 +973,30 @@ class Daemon:
             )
         self._said_at_cap = full
         return full
+
+    def _name_old_budget(self) -> None:
+        """Warn about the daily counts a broker from before the keys' shared state kept in
+        the spool (``state/budget.sqlite``): they are not read, so today's count of each key
+        starts from what the key-state store knows, and a key near its TPD may send past
+        Amazon's quota today (Amazon's 429s then park it)."""
+        path = self.spool.root / "state" / "budget.sqlite"
+        if not path.is_file():
+            return
+        today = self._clock.utcnow().date().isoformat()
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+                rows = conn.execute(
+                    "SELECT key_name, count FROM budget WHERE day = ?", (today,)
+                ).fetchall()
+        except sqlite3.Error:
+            rows = []
+        logger.warning(
+            "broker.old_daily_counts_ignored",
+            path=str(path),
+            today={str(name): int(count) for name, count in rows},
+            note="an older broker's daily counts, kept in the spool; this version keeps them in "
+            "the key-state store and does not read this file: delete it once its day is over",
+        )
 
     def _restore_folders(self) -> None:
         """Make again the spool folders removed while the daemon runs (a clean-up script,
