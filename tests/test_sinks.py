@@ -576,6 +576,26 @@ def sqlite_rows(path: Path) -> list[tuple[object, ...]]:
     return rows
 
 
+def _altered_and_resumed(
+    tmp_path: Path, out: Path, *statements: str
+) -> tuple[SinkState, list[str]]:
+    """Write a whole SQLite output, run ``statements`` on it (a hand's damage, an older
+    broker's table), resume it as the runner does; the state and the events logged."""
+    with make_ledger(tmp_path) as ledger:
+        sink = SqliteSink(out)
+        emit(ledger, sink)
+        sink.close()
+        with sqlite_db(out) as conn:
+            for statement in statements:
+                conn.execute(statement)
+        conn.close()
+        with capture_logs() as logs:
+            sink = SqliteSink(out)
+            state = emit(ledger, sink)
+            sink.close()
+    return state, [str(e["event"]) for e in logs]
+
+
 class TestSqliteSink:
     def test_rows_and_columns(self, tmp_path: Path) -> None:
         """One row per input row with the documented columns and the JSON row."""
@@ -607,20 +627,10 @@ class TestSqliteSink:
         """A5 for SQLite: rows (or the table) deleted by hand from a finished output are
         written again from the ledger, every row once; it said complete and kept 2/3."""
         out = tmp_path / "out.sqlite"
-        with make_ledger(tmp_path) as ledger:
-            sink = SqliteSink(out)
-            emit(ledger, sink)
-            sink.close()
-            with sqlite_db(out) as conn:
-                conn.execute(damage)
-            conn.close()
-            with capture_logs() as logs:
-                sink = SqliteSink(out)
-                state = emit(ledger, sink)
-                sink.close()
+        state, events = _altered_and_resumed(tmp_path, out, damage)
         assert state == SinkState(0, 10)
         assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
-        assert "broker.output_shorter_than_recorded" in [e["event"] for e in logs]
+        assert "broker.output_shorter_than_recorded" in events
 
     def test_an_older_brokers_table_is_written_again_under_ours(self, tmp_path: Path) -> None:
         """An output an older broker began with fewer columns (no image_url, no cached) is
@@ -628,29 +638,21 @@ class TestSqliteSink:
         was refused as another program's ("choose another output path"), and the ledger
         beside it, and every request it paid for, was lost with the path."""
         out = tmp_path / "out.sqlite"
-        with make_ledger(tmp_path) as ledger:
-            sink = SqliteSink(out)
-            emit(ledger, sink)
-            sink.close()
-            older = [
-                c for c in ("seq", *CSV_COLUMNS, "row_json") if c not in ("image_url", "cached")
-            ]
-            with sqlite_db(out) as conn:
-                conn.execute(f"CREATE TABLE older AS SELECT {', '.join(older)} FROM results")
-                conn.execute("DROP TABLE results")
-                conn.execute("ALTER TABLE older RENAME TO results")
-            conn.close()
-            with capture_logs() as logs:
-                sink = SqliteSink(out)
-                state = emit(ledger, sink)
-                sink.close()
+        older = [c for c in ("seq", *CSV_COLUMNS, "row_json") if c not in ("image_url", "cached")]
+        state, events = _altered_and_resumed(
+            tmp_path,
+            out,
+            f"CREATE TABLE older AS SELECT {', '.join(older)} FROM results",
+            "DROP TABLE results",
+            "ALTER TABLE older RENAME TO results",
+        )
         assert state == SinkState(0, 10)
         assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
         with sqlite_db(out) as conn:
             columns = [c[1] for c in conn.execute("PRAGMA table_info(results)")]
         conn.close()
         assert columns == ["seq", *CSV_COLUMNS, "row_json"]
-        assert "broker.output_rewritten" in [e["event"] for e in logs]
+        assert "broker.output_rewritten" in events
 
     def test_another_programs_table_is_still_refused(self, tmp_path: Path) -> None:
         """A results table that is no broker's (no broker_sink table beside it, or columns
