@@ -669,6 +669,7 @@ class TestResume:
         """A spool an older broker ran (its daily counts in state/budget.sqlite, before the
         keys' shared state) gets a warning naming the file and today's counts: they were
         ignored without a word, and a key near its TPD got a whole new day."""
+        tmp_path = tmp_path / "a spool #1?"  # read as a URI: percent-encoded
         daemon = Daemon(_config(), ServeOptions(spool=tmp_path), clock=FakeClock())
         daemon.spool.prepare()
         (tmp_path / "state").mkdir()

@@ -984,7 +984,9 @@ class Daemon:
             return
         today = self._clock.utcnow().date().isoformat()
         try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            # As a URI (read-only), percent-encoded: a spool path may hold '?' or '#'.
+            read_only = f"{path.absolute().as_uri()}?mode=ro"
+            with contextlib.closing(sqlite3.connect(read_only, uri=True)) as conn:
                 rows = conn.execute(
                     "SELECT key_name, count FROM budget WHERE day = ?", (today,)
                 ).fetchall()
