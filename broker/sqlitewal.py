@@ -53,8 +53,9 @@ def journal_files(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
 
 
-def file_identity(path: Path) -> tuple[int, int]:
-    """The (device, inode) of the file at ``path`` now.
+def file_identity(path: Path | int) -> tuple[int, int]:
+    """The (device, inode) of the file at ``path`` now, or of the file open as ``path``
+    (a file descriptor).
 
     Raises:
         OSError: there is none (FileNotFoundError), or it cannot be looked at.

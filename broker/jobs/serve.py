@@ -185,9 +185,9 @@ class _Deferral:
 _OPEN_FILES: Final = 65_536
 
 
-def raise_open_files_limit() -> int:
+def raise_open_files_limit() -> None:
     """Raise this process's soft limit of open files towards its hard one (at most
-    :data:`_OPEN_FILES`); return the soft limit in force.
+    :data:`_OPEN_FILES`).
 
     Each job ``no_wait`` deferred holds one open file (its claim lock) until it resumes,
     and a container's default soft limit is often 1,024.
@@ -195,12 +195,10 @@ def raise_open_files_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = _OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, _OPEN_FILES)
     if soft == resource.RLIM_INFINITY or soft >= want:
-        return soft
-    try:
+        return
+    # Best effort: a limit that cannot be raised is met by the deferral cap.
+    with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError):
-        return soft
-    return want
 
 
 def _deferral_cap() -> int:

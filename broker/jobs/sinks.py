@@ -302,8 +302,7 @@ class _FileSink:
             os.close(fd)
             raise
         self._fd = fd
-        opened = os.fstat(fd)
-        self._identity = (opened.st_dev, opened.st_ino)
+        self._identity = file_identity(fd)
         self._written = state.offset
         self._done_order = state.done_order
         self._failed = None
@@ -578,14 +577,14 @@ def _csv_header(extra: Sequence[str]) -> bytes:
     return _utf8(text.getvalue())
 
 
-def _an_older_brokers(conn: sqlite3.Connection) -> bool:
-    """True when the results table is one an older broker made: its own bookkeeping table
-    is there, and its columns are some of ours (later versions only ever added some)."""
-    columns = {name for (_, name, *_) in conn.execute("PRAGMA table_info(results)")}
+def _an_older_brokers(conn: sqlite3.Connection, columns: Sequence[str]) -> bool:
+    """True when the results table (of ``columns``) is one an older broker made: its own
+    bookkeeping table is there, and its columns are some of ours (later versions only ever
+    added some)."""
     ours = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'broker_sink'"
     ).fetchone()
-    return ours is not None and columns < set(_SQLITE_COLUMNS)
+    return ours is not None and set(columns) < set(_SQLITE_COLUMNS)
 
 
 class SqliteSink:
@@ -640,8 +639,9 @@ class SqliteSink:
 
     def _prepare(self, conn: sqlite3.Connection, *, fresh: bool) -> int:
         columns = [name for (_, name, *_) in conn.execute("PRAGMA table_info(results)")]
-        older = bool(columns) and columns != list(_SQLITE_COLUMNS) and _an_older_brokers(conn)
-        if columns and columns != list(_SQLITE_COLUMNS) and not older:
+        differs = bool(columns) and columns != list(_SQLITE_COLUMNS)
+        older = differs and _an_older_brokers(conn, columns)
+        if differs and not older:
             raise JobFileError(
                 f"{self.path}: has a results table with other columns ({', '.join(columns)}); "
                 "it was left untouched. Choose another output path."

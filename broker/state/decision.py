@@ -406,13 +406,13 @@ def decide(
     if day > record.day:
         record.day = day
         record.count = record.gen_sends = 0
-    if process is not None and process.hwm_day == record.day:
-        # A mark from before the loss knew nothing of the sends granted since: they come on
-        # top (taking the larger of the two lost every send a lower mark was granted).
-        seen = process.hwm_count + (record.gen_sends if before else 0)
-        if seen > record.count:
-            record.count = seen
     if process is not None:
+        if process.hwm_day == record.day:
+            # A mark from before the loss knew nothing of the sends granted since: they come
+            # on top (taking the larger of the two lost every send a lower mark was granted).
+            seen = process.hwm_count + (record.gen_sends if before else 0)
+            if seen > record.count:
+                record.count = seen
         if asking and entry is not None:
             record.processes[entry] = now
         horizon = now - int(PROCESS_KEEP_S * _US)
