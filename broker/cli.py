@@ -209,8 +209,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--refresh",
         action="store_true",
-        help="fetch a finished job again on the same input; the output is replaced only "
-        "when the new run completes",
+        help="start the job over on the job file as it is now (a changed file too) and fetch "
+        "every row again; the output is replaced only when the new run completes",
     )
     run.add_argument(
         "--ordered",
@@ -596,11 +596,16 @@ def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
             file=sys.stderr,
         )
     elif own != key.secret.reveal():
+        if key.secret_source.startswith("file "):
+            instead = "remove the key's credential_secret_file"
+        elif key.secret_source.startswith("$"):
+            instead = "unset the variable"
+        else:
+            instead = "leave the key out of secrets="
         print(
             f"warning: key {key.name}: the embedded simulator's {config.api.protocol.value} "
             f"account {key.credential_id!r} has another secret than {key.secret_source}: it "
-            "will refuse the key (exit 77); unset the variable to use the simulator's own "
-            "secret",
+            f"will refuse the key (exit 77); {instead} to use the simulator's own secret",
             file=sys.stderr,
         )
     return key.secret_source

@@ -259,6 +259,28 @@ class TestConfigLookup:
         assert "unset the variable" in err
         assert "not-the-demo-secret" not in err
 
+    def test_check_config_says_to_drop_a_secret_file_the_simulator_will_refuse(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A secret file the embedded simulator will refuse: the warning says to remove
+        credential_secret_file; it said to unset a variable the key does not have."""
+        secret = tmp_path / "demo.secret"
+        secret.write_text("not-the-demo-secret\n")
+        secret.chmod(0o600)
+        text = (
+            '[api]\nendpoint = "simulator"\n'
+            '[[keys]]\nname = "demo"\ncredential_id = "demo-id"\nversion = "3.1"\n'
+            f'credential_secret_file = "{secret}"\n'
+            'partner_tags = { "www.amazon.com" = "demo-20" }\n'
+        )
+        config = str(_config(tmp_path, text))
+        assert cli.main(["check-config", "--config", config]) == ExitCode.OK
+        err = capsys.readouterr().err
+        assert f"has another secret than file {secret}" in err
+        assert "remove the key's credential_secret_file to use the simulator's own secret" in err
+        assert "variable" not in err
+        assert "not-the-demo-secret" not in err
+
     def test_missing_config_named_by_env_says_so_and_hints_the_typed_command(
         self,
         tmp_path: Path,

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1027,6 +1028,21 @@ class TestProcess:
         code = cli.main([*argv, "--config", str(_config_file(tmp_path))])
         assert code == ExitCode.CONFIG
         assert "--allow-remote" in capsys.readouterr().err
+        assert not (tmp_path / "s").exists()
+
+    def test_cli_refused_its_port_makes_no_spool(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``broker serve`` on a port in use exits 78 and leaves no spool behind: it made
+        inbox/, processing/, done/ and failed/ before it found the port taken."""
+        with contextlib.closing(socket.socket()) as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            argv = ["serve", "--spool", str(tmp_path / "s"), "--port", str(port)]
+            code = cli.main([*argv, "--config", str(_config_file(tmp_path))])
+        assert code == ExitCode.CONFIG
+        assert "cannot listen on" in capsys.readouterr().err
         assert not (tmp_path / "s").exists()
 
     @pytest.mark.parametrize(

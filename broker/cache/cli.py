@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["add_arguments", "cache_command"]
 
 
-_EXIT_CODES = (
-    "exit codes: 0 done; 2 usage (a bad --older-than or --asin); 74 the item cache cannot be "
-    "used (a damaged file, a full or read-only disk, Redis down); 78 a bad config."
-)
+def _exit_codes(usage: str) -> str:
+    return (
+        f"exit codes: 0 done; 2 usage{usage}; 74 the item cache cannot be used (a damaged "
+        "file, a full or read-only disk, Redis down); 78 a bad config."
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="show what the item cache holds",
         description="Print the entries, payload bytes and oldest answer's age of the "
         "configured item cache ([cache] of the config), and its max ages.",
-        epilog=_EXIT_CODES,
+        epilog=_exit_codes(""),
     )
     stats.add_argument("--config", help="config file (default: $ASINB_CONFIG, else ./config.toml)")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "from the configured item cache: all of them, or only those fetched more than "
         "--older-than seconds ago, or only those of the --asin list (both filters together: "
         "answers matching both).",
-        epilog=_EXIT_CODES,
+        epilog=_exit_codes(" (a bad --older-than or --asin)"),
     )
     purge.add_argument("--config", help="config file (default: $ASINB_CONFIG, else ./config.toml)")
     purge.add_argument(

@@ -832,10 +832,11 @@ class Daemon:
                 loop.add_signal_handler(sig, self._signals, sig)
             replay_early(self._signals)
         try:
-            self.spool.prepare()
-            self.spool.check_one_file_system()
             async with contextlib.AsyncExitStack() as stack:
+                # Bound first: a daemon refused its port (in use) leaves no spool behind.
                 self.url = await self._listen(stack)
+                self.spool.prepare()
+                self.spool.check_one_file_system()
                 # Daily counts, rates and pauses live in the shared key state ([state]),
                 # shared with every other broker process (and daemon) using the keys.
                 broker = Broker(
