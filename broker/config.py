@@ -35,6 +35,7 @@ from broker.tomltable import TomlTable
 __all__ = [
     "DEFAULT_RESOURCES",
     "MAX_TPS",
+    "TABLES",
     "ApiConfig",
     "BrokerConfig",
     "CacheConfig",
@@ -57,6 +58,24 @@ __all__ = [
     "shown_url",
 ]
 
+#: The config file's top-level names (:func:`parse_config` refuses any other): ``broker
+#: simulate``, which reads only ``[simulator]``, refuses the others by them, so a misspelt
+#: ``[simulatr]`` fails there too instead of leaving the simulator on its defaults.
+TABLES: Final = frozenset(
+    (
+        "api",
+        "keys",
+        "rate",
+        "engine",
+        "retry",
+        "output",
+        "log",
+        "serve",
+        "simulator",
+        "cache",
+        "state",
+    )
+)
 #: Whether :func:`load_config` reads the keys' secrets: all, none, or all but systemd
 #: credentials (``"outside-service"``).
 ReadSecrets = bool | Literal["outside-service"]
@@ -96,7 +115,8 @@ class ApiConfig:
             URL (``https://`` unless the host is loopback).
         marketplace: the default marketplace, e.g. ``www.amazon.com``.
         resources: resources asked for (Creators camelCase names; translated for PA-API).
-        token_endpoint: override for the Creators token URL base (tests, proxies).
+        token_endpoint: override for the Creators token URL (tests, proxies): a base
+            (``https://host``, Amazon's path added) or, with a path, the whole URL.
     """
 
     protocol: Protocol = Protocol.CREATORS
@@ -595,7 +615,7 @@ def config_from_dict(
     keys = document.get("keys")
     inline: dict[str, str] = {}
     if given:
-        if not isinstance(keys, list):
+        if not isinstance(keys, list | tuple):
             raise ConfigError("keys", "must be an array of tables ([[keys]])")
         patched: list[object] = []
         for i, table in enumerate(keys):
@@ -1093,7 +1113,7 @@ def _parse_serve(table: TomlTable) -> ServeConfig:
         no_wait=table.boolean("no_wait", False),
         settle_s=table.number("settle_s", 2.0, minimum=0.0, maximum=3600.0),
     )
-    table.finish()
+    _finish(table)
     return config
 
 

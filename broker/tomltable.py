@@ -26,7 +26,7 @@ def _kind(value: object) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "an array"
     if isinstance(value, Mapping):
         return "a table"
@@ -86,7 +86,7 @@ class TomlTable:
         value = self.raw(name)
         if value is None:
             return []
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):
             raise ConfigError(self.key(name), f"must be an array of tables ([[{name}]])")
         return [TomlTable(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
 
@@ -189,7 +189,12 @@ class TomlTable:
         value = self.raw(name)
         if value is None:
             return default
-        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        # A tuple only from a document built in code (resource_names() gives one).
+        if not isinstance(value, list | tuple):
+            raise ConfigError(
+                self.key(name), f"must be a list of non-empty strings, not {_kind(value)}"
+            )
+        if not all(isinstance(v, str) and v.strip() for v in value):
             raise ConfigError(self.key(name), "must be a list of non-empty strings")
         return tuple(v.strip() for v in value)
 

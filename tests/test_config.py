@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from broker.client import simulator_settings
-from broker.config import load_config, parse_config
+from broker.config import TABLES, load_config, parse_config
 from broker.errors import ConfigError
 from broker.models import Protocol
 
@@ -54,6 +54,22 @@ def _error(document: dict[str, Any], environ: dict[str, str] | None = None) -> C
     with pytest.raises(ConfigError) as info:
         simulator_settings(parse_config(document, environ=ENV if environ is None else environ))
     return info.value
+
+
+class TestTables:
+    """TABLES, by which broker simulate refuses a misspelt table, is the config's own list."""
+
+    def test_every_table_named_parses(self) -> None:
+        """A document with every table of TABLES parses: the simulator refuses none the
+        broker reads."""
+        document = _doc(**{name: {} for name in TABLES if name not in ("api", "keys")})
+        assert set(document) == TABLES
+        parse_config(document, environ=ENV)
+
+    def test_a_table_not_named_is_refused_by_the_config_too(self) -> None:
+        """A name outside TABLES is an unknown key for the config as for the simulator."""
+        assert "simulatr" not in TABLES
+        assert _error(_doc(simulatr={"seed": 3})).path == "simulatr"
 
 
 class TestKeyPaths:
@@ -321,6 +337,17 @@ class TestSecrets:
         error = _error(_with(f"{table}.redis_password", "hunter2-do-not-echo"))
         assert error.path == f"{table}.redis_password"
         assert hint in error.message
+        assert "hunter2" not in str(error)
+
+    @pytest.mark.parametrize("table", ["serve", "log"])
+    def test_a_secret_key_in_a_table_without_secrets_says_where_secrets_go(
+        self, table: str
+    ) -> None:
+        """api_key written into [serve] (or [log]) is refused saying where secrets go, as in
+        every other table; [serve] said only "unknown key"."""
+        error = _error(_with(f"{table}.api_key", "hunter2-do-not-echo"))
+        assert error.path == f"{table}.api_key"
+        assert "secrets are never read from the config file" in error.message
         assert "hunter2" not in str(error)
 
     @pytest.mark.parametrize("backend", ["local", "memory"])

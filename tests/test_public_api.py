@@ -162,3 +162,36 @@ def test_missing_secret_names_every_way_to_give_it() -> None:
     assert "credential_secret_env" in message
     assert "credential_secret_file" in message
     assert "secrets={'k': ...}" in message
+
+
+def test_a_document_in_code_takes_tuples_where_toml_has_arrays() -> None:
+    """config_from_dict takes tuples for arrays: resource_names() (the README's remedy for the
+    smaller default resources) as api.resources, and keys as a tuple; both were refused as
+    "must be a list"."""
+    from broker.api.resources import resource_names
+
+    config = broker.config_from_dict(
+        {
+            "api": {"endpoint": "simulator", "resources": resource_names("creators")},
+            "keys": (
+                {"name": "k", "credential_id": "id", "version": "3.1", "partner_tags": {"US": "t"}},
+            ),
+        },
+        secrets={"k": "s3cr3t"},
+    )
+    assert config.api.resources == resource_names("creators")
+    assert config.keys[0].secret is not None
+
+
+def test_a_string_for_a_list_names_what_was_given() -> None:
+    """A lone string where a list of names goes says it got a string."""
+    document = {
+        "api": {"endpoint": "simulator", "resources": "itemInfo.title"},
+        "keys": [
+            {"name": "k", "credential_id": "id", "version": "3.1", "partner_tags": {"US": "t"}}
+        ],
+    }
+    with pytest.raises(broker.ConfigError) as caught:
+        broker.config_from_dict(document, secrets={"k": "s"})
+    assert caught.value.path == "api.resources"
+    assert "not a string" in caught.value.message

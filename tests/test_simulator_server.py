@@ -260,12 +260,15 @@ def test_cli_reads_only_the_simulator_table(tmp_path: Path) -> None:
         (None, "does not exist"),
         ("[simulator\n", "not valid TOML"),
         ("[simulator]\nburst = 0\n", "simulator.burst"),
+        ("[simulatr]\nseed = 3\n", "simulatr: unknown table"),
+        ('[api]\nprotocol = "creators"\n[bogus]\nx = 1\n', "bogus: unknown table"),
     ],
 )
 def test_cli_config_errors_exit_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
 ) -> None:
-    """A missing explicit file, bad TOML or a bad value prints the problem and exits 78."""
+    """A missing explicit file, bad TOML, a bad value or a table no one reads (a misspelt
+    [simulatr] served the defaults) prints the problem and exits 78."""
     config = tmp_path / "mine.toml"
     if content is not None:
         config.write_text(content)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+from broker.config import TABLES
 from broker.errors import ConfigError
 from broker.exitcode import ExitCode
 from broker.progname import prog
@@ -27,13 +28,16 @@ EX_CONFIG = ExitCode.CONFIG
 
 
 def load_settings(path: str, *, explicit: bool) -> SimulatorSettings:
-    """Read the ``[simulator]`` table of the TOML file at ``path`` (other tables are ignored).
+    """Read the ``[simulator]`` table of the TOML file at ``path``.
+
+    The broker's other tables are ignored (the file is usually its config.toml); a name
+    that is no table of either is refused.
 
     A missing file means the built-in settings unless the path was given explicitly.
 
     Raises:
-        ConfigError: the file is missing (when explicit), unreadable, not TOML, or its
-            ``[simulator]`` table is invalid.
+        ConfigError: the file is missing (when explicit), unreadable, not TOML, names a
+            table no one reads, or its ``[simulator]`` table is invalid.
     """
     file = Path(path)
     if not file.exists():
@@ -46,6 +50,12 @@ def load_settings(path: str, *, explicit: bool) -> SimulatorSettings:
         raise ConfigError("config", f"cannot read {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(document) - TABLES)
+    if unknown:
+        # Read by nothing: most often a misspelt [simulator], whose settings would be lost.
+        raise ConfigError(
+            unknown[0], "unknown table (the simulator reads [simulator]; the broker the others)"
+        )
     table = document.get("simulator", {})
     if not isinstance(table, Mapping):
         raise ConfigError("simulator", "must be a table")
