@@ -33,14 +33,15 @@ _ISBN10_HYPHENATED = re.compile(r"[0-9](?:-?[0-9]){8}-?[0-9Xx]")
 # The host must be an Amazon domain (amazon.com, www.amazon.co.uk, smile.amazon.de,
 # amazon.com.au ...), so "amazon.com.evil.net" and "amazon.com@evil.net" do not pass.
 # The title slug before the marker may hold any characters (amazon.de slugs carry
-# umlauts); the ASIN itself must be ASCII and end the path segment (shared links mangled
-# on the way end it with "&", ";" or an encoded "?" or "/" as well).
+# umlauts); the ASIN itself must be ASCII and be followed by no letter or digit: the end
+# of its path segment, of a link mangled on the way ("&", ";", an encoded "?" or "/"), or
+# of one pasted from prose or Markdown (a full stop, a closing bracket or quote after it).
 _URL = re.compile(
     r"(?:https?://)?(?:[a-z0-9-]+\.)*(amazon\.[a-z]{2,3}(?:\.[a-z]{2,3})?)(?::[0-9]{1,5})?"
     r"/(?:[^\s?#]*/)?"
     r"(?:dp|dp/product|gp/product|gp/aw/d|gp/offer-listing|product-reviews|o/ASIN"
     r"|exec/obidos/ASIN|exec/obidos/tg/detail/-)"
-    r"/([a-z0-9]{10})(?:[/?#&;]|%3f|%2f|$)",
+    r"/([a-z0-9]{10})(?![a-z0-9])",
     re.IGNORECASE,
 )
 _LOOKS_LIKE_URL = re.compile(
@@ -49,6 +50,8 @@ _LOOKS_LIKE_URL = re.compile(
 )
 _SHORT_LINK = re.compile(r"(?:https?://)?(?:amzn\.to|amzn\.eu|amzn\.asia|a\.co)/", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: What may stand before a product URL pasted from prose, Markdown or a chat.
+_OPENERS = "<([{\"'`\u201c\u2018"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +150,8 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
         return _verdict(raw, text if text.isupper() else text.upper())
     if not text:
         return AsinCheck(raw, None, "empty id")
-    url = _URL.match(text)
+    # A link quoted or bracketed in prose, Markdown or a chat ('...', "...", <...>, (...)).
+    url = _URL.match(text) or _URL.match(text.lstrip(_OPENERS))
     if url:
         verdict = _verdict(raw, url.group(2).upper())
         return replace(verdict, store=url.group(1).lower()) if verdict.valid else verdict

@@ -205,6 +205,16 @@ class TestUrls:
             "https://www.amazon.com/dp/B0ABCDEFGH%3Fref=abc",
             "https://www.amazon.com/dp/B0ABCDEFGH%2Fref=abc",
             "https://www.amazon.com/dp/B0ABCDEFGH;jsessionid=1",
+            # Pasted from prose, Markdown or a chat, as python-amazon-paapi's get_asin reads
+            # them: they were invalid, one "an ASIN has 10 characters, this has 38".
+            "https://www.amazon.com/dp/B0ABCDEFGH.",
+            "https://www.amazon.com/dp/B0ABCDEFGH,",
+            "https://www.amazon.com/dp/B0ABCDEFGH)",
+            "'https://www.amazon.com/dp/B0ABCDEFGH'",
+            '"https://www.amazon.com/dp/B0ABCDEFGH"',
+            "<https://www.amazon.com/dp/B0ABCDEFGH>",
+            "(https://www.amazon.com/dp/B0ABCDEFGH)",
+            "\u201chttps://www.amazon.com/dp/B0ABCDEFGH\u201d",
         ],
     )
     def test_product_urls_yield_their_asin(self, url: str) -> None:

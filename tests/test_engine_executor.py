@@ -245,6 +245,33 @@ class TestTokenFetchAndPacing:
         gaps = [b - a for a, b in itertools.pairwise(sends)]
         assert min(gaps) >= 1.0 - 0.05, gaps
 
+    async def test_a_token_endpoint_with_its_own_path_is_asked_as_given(self) -> None:
+        """api.token_endpoint with a path of its own (a mock's /lwa/token, as
+        python-amazon-paapi's auth_endpoint took it) is where tokens are fetched; Amazon's
+        path was glued onto it and every fetch met a 404."""
+        clock = FakeClock()
+        given = "https://auth.example/lwa/token"
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if request.url == given:
+                return _token("tok")
+            if request.url.startswith("https://auth.example"):
+                return _reply(404, {"message": "no such path"})
+            return _creators_ok(_ids(request))
+
+        broker, transport = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            api={"protocol": "creators", "endpoint": CREATORS, "token_endpoint": given},
+        )
+        async with broker:
+            call = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(call)
+        assert all(r.ok for r in call.result())
+        assert [r.url for r in transport.requests if "auth.example" in r.url] == [given]
+
     async def test_a_failing_token_endpoint_behind_a_slow_booking_is_met(self) -> None:
         """The token endpoint down and each booking slow (a shared store's wait of a few
         seconds): the sends meet the failure, back off and take the key out within the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 __all__ = [
     "CREDENTIAL_VERSIONS",
@@ -271,7 +272,7 @@ def credential_version(version: str) -> CredentialVersion:
     return found
 
 
-def token_url(version: str, base_url: str | None = None) -> str:
+def token_url(version: str, base_url: str | None = None, *, as_given: bool = False) -> str:
     """Return the token endpoint for a credential version.
 
     Args:
@@ -280,6 +281,9 @@ def token_url(version: str, base_url: str | None = None) -> str:
             path is then ``/oauth2/token`` for v2.x and ``/auth/o2/token`` for v3.x. A base
             that already ends with that path (a whole token URL, as python-amazon-paapi's
             ``auth_endpoint`` takes) is used as it is.
+        as_given: ``base_url`` is the config's own ``token_endpoint``: with a path of its
+            own (not only ``/``) it is the whole token URL and used as it is, whatever the
+            path, as ``auth_endpoint`` was (a mock's ``/lwa/token``).
 
     Raises:
         ValueError: unknown version.
@@ -289,5 +293,7 @@ def token_url(version: str, base_url: str | None = None) -> str:
         return entry.token_url
     base = base_url.rstrip("/")
     if base.endswith(entry.token_path):
+        return base
+    if as_given and ((parts := urlsplit(base)).path or parts.query):
         return base
     return base + entry.token_path

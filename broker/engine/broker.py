@@ -446,7 +446,9 @@ class Broker:
         if self.config.api.protocol is Protocol.PAAPI5:
             return SigV4Authorizer(key.credential_id, secret, clock=self._clock)
         assert key.version is not None  # checked by the config loader
-        url = token_url(key.version, token_base)
+        url = token_url(
+            key.version, token_base, as_given=self.config.api.token_endpoint is not None
+        )
         return BearerAuthorizer(
             key.credential_id,
             secret,
