@@ -333,14 +333,18 @@ class SyncBroker:
 
     def search_items(
         self,
+        keywords: str | None = None,
+        /,
         *,
         marketplace: str | None = None,
         timeout: float | None = None,
         **options: Unpack[SearchOptions],
     ) -> SearchResult:
-        """SearchItems with snake_case options (see the async :meth:`Broker.search_items`);
-        ``timeout`` as for :meth:`get_items`."""
-        return self._call(self._broker.search_items(marketplace=marketplace, **options), timeout)
+        """SearchItems with snake_case options, the keywords first if you like (see the
+        async :meth:`Broker.search_items`); ``timeout`` as for :meth:`get_items`."""
+        return self._call(
+            self._broker.search_items(keywords, marketplace=marketplace, **options), timeout
+        )
 
     def get_variations(
         self,

@@ -106,6 +106,17 @@ class TestSyncBroker:
         with pytest.raises(ValueError, match="item_count"):
             sync_broker.search_items(keywords="kettle", item_count=500)
 
+    def test_search_takes_its_keywords_first_unnamed(self, sync_broker: SyncBroker) -> None:
+        """search_items("kettle"), python-amazon-paapi's common form, searches as
+        keywords="kettle" does (it raised TypeError); the keywords given both ways are
+        refused before anything is sent."""
+        named = sync_broker.search_items(keywords="kettle", item_count=3)
+        assert sync_broker.search_items("kettle", item_count=3) == named
+        sent = sync_broker.metrics().requests
+        with pytest.raises(TypeError, match="keywords both"):
+            sync_broker.search_items("kettle", keywords="kettle")
+        assert sync_broker.metrics().requests == sent
+
     def test_timeout_bounds_a_blocking_call(self) -> None:
         """timeout= bounds a blocking call (the async API's asyncio.timeout): a lookup that
         waits for the daily quota's reset raises TimeoutError in time, lets go of its

@@ -44,6 +44,7 @@ __all__ = [
     "read_variations",
     "search_params",
     "variations_params",
+    "with_keywords",
 ]
 
 
@@ -281,6 +282,20 @@ def _common(
             raise ValueError("merchant: only PA-API takes a merchant filter")
         params["merchant"] = _choice("merchant", merchant, Merchant).value
     return params
+
+
+def with_keywords(keywords: str | None, options: SearchOptions) -> SearchOptions:
+    """``options`` with the keywords a call gave first, unnamed (python-amazon-paapi's
+    ``search_items("kettle")``), added.
+
+    Raises:
+        TypeError: the keywords were given both ways.
+    """
+    if keywords is None:
+        return options
+    if "keywords" in options:
+        raise TypeError("search_items() got keywords both first and as keywords=")
+    return {**options, "keywords": keywords}
 
 
 def search_params(

@@ -832,23 +832,32 @@ class Broker:
         return await future
 
     async def search_items(
-        self, *, marketplace: str | None = None, **options: Unpack[SearchOptions]
+        self,
+        keywords: str | None = None,
+        /,
+        *,
+        marketplace: str | None = None,
+        **options: Unpack[SearchOptions],
     ) -> SearchResult:
         """SearchItems with snake_case options (``keywords=``, ``search_index=``, ``item_count=``).
 
-        Every option is checked before anything is sent; ``resources`` (either spelling)
-        default to the config's. See :class:`~broker.api.operations.SearchOptions`.
+        The keywords may come first without their name, as python-amazon-paapi takes them
+        (``search_items("kettle")``). Every option is checked before anything is sent;
+        ``resources`` (either spelling) default to the config's. See
+        :class:`~broker.api.operations.SearchOptions`.
 
         Raises:
             TypeError, ValueError: an unknown option or a bad value (the message names it),
-                or a marketplace that is not Amazon's.
+                keywords given twice, or a marketplace that is not Amazon's.
             ApiError: Amazon refused the search (``NoResults`` included).
         """
         from broker.api import operations
 
         protocol = self.config.api.protocol
         params = operations.search_params(
-            options, protocol=protocol, default_resources=self.config.api.resources
+            operations.with_keywords(keywords, options),
+            protocol=protocol,
+            default_resources=self.config.api.resources,
         )
         raw = await self._operation(Operation.SEARCH_ITEMS, params, marketplace)
         return operations.read_search(raw, protocol)
