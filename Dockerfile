@@ -37,8 +37,9 @@ RUN groupadd --system --gid 10001 asinb \
     && chown asinb:asinb /var/spool/asin-broker /var/lib/asin-broker \
     && chmod 0700 /var/lib/asin-broker
 COPY --from=build /opt/asin-broker /opt/asin-broker
-# The repository's config: the embedded simulator's demo key, no secret. Mount your own.
-COPY config.toml /etc/asin-broker/config.toml
+# The package's starter config (`asin-broker init`'s): the embedded simulator's demo key, no
+# secret. Not ./config.toml, which an operator may have edited for real keys. Mount your own.
+COPY --from=build /src/broker/templates/config.toml /etc/asin-broker/config.toml
 ENV PATH=/opt/asin-broker/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -446,6 +446,22 @@ class TestDockerfile:
         assert "**/.env" in ignore
         assert "**/*.secret" in ignore
 
+    def test_the_image_config_is_the_package_template(self) -> None:
+        """The image's config is the package's starter config, never the ./config.toml of
+        the clone it is built from (edited for real keys, it was baked into the image), and
+        the build context does not admit that file at all."""
+        copies = [
+            args
+            for op, args in _final_stage(_instructions(ROOT / "Dockerfile"))
+            if op == "COPY" and "/etc/asin-broker/config.toml" in args
+        ]
+        assert copies == [
+            "--from=build /src/broker/templates/config.toml /etc/asin-broker/config.toml"
+        ]
+        ignore = (ROOT / ".dockerignore").read_text().splitlines()
+        assert "!config.toml" not in ignore
+        assert "!broker/" in ignore  # the template comes in with the package
+
     def test_entry_command_serves_health_and_stops_on_sigterm(self, tmp_path: Path) -> None:
         """The image's ENTRYPOINT + CMD, run from this venv, passes its HEALTHCHECK (which
         goes straight to the daemon, even with a proxy in the environment, as Docker sets
@@ -456,7 +472,7 @@ class TestDockerfile:
         health = next(args for op, args in final if op == "HEALTHCHECK")
         port = str(_free_port())
         config = tmp_path / "config.toml"
-        shutil.copy(ROOT / "config.toml", config)  # what the image copies in
+        shutil.copy(ROOT / "broker" / "templates" / "config.toml", config)  # the image's
         replace = {
             "/etc/asin-broker/config.toml": str(config),
             "/var/spool/asin-broker": str(tmp_path / "spool"),

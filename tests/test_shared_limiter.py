@@ -802,6 +802,19 @@ async def test_a_password_redis_asks_for_and_none_given_says_to_configure_one() 
         await asyncio.to_thread(server.__exit__, None, None, None)
 
 
+def test_an_unauthenticated_protocol_error_is_a_missing_password() -> None:
+    """redis-py 5.0 (the declared floor) meets a password-protected Redis with "Protocol
+    error: unauthenticated multibulk length", a plain ResponseError: a missing password too
+    (exit 78), not an outage waited out for the whole budget (exit 69)."""
+    from redis.exceptions import ResponseError
+
+    store = RedisStateStore("redis://127.0.0.1:1/0", timeout_s=0.5)
+    failure = store._failure(ResponseError("Protocol error: unauthenticated multibulk length"))
+    assert isinstance(failure, ConfigError)
+    assert failure.path == "state.redis_password_env"
+    assert "requires a password and none is configured" in failure.message
+
+
 @needs_redis
 async def test_redis_database_out_of_range_is_a_config_error(redis_server: RedisServer) -> None:
     """A redis_url naming a database the server does not have (/99 of 16) is a ConfigError

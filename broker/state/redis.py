@@ -203,7 +203,11 @@ class RedisStateStore:
         """What a Redis error means to the caller: a config error, or the store unavailable."""
         from redis.exceptions import AuthenticationError, ResponseError
 
-        if isinstance(exc, AuthenticationError):
+        # Older redis-py (5.0) sends the script call unauthenticated, and a Redis that wants
+        # a password refuses its size, not the missing AUTH: a ResponseError of its own.
+        if isinstance(exc, AuthenticationError) or (
+            isinstance(exc, ResponseError) and "unauthenticated" in str(exc)
+        ):
             # A wrong or missing password never mends by waiting: a config error (exit 78).
             if not self._has_password:
                 return ConfigError(
