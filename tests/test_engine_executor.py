@@ -194,6 +194,42 @@ class TestConcurrentCallers:
         assert len(sizes) <= 4  # not 20
 
 
+class TestOperationsBesideBulkWork:
+    """A search asked while another caller's bulk lookups queue goes out next."""
+
+    async def test_a_search_goes_ahead_of_queued_get_items_batches(self) -> None:
+        """With 20 GetItems batches of a bulk call queued on a 1 TPS key, a search goes out
+        with the next send, not after them all (20 s here; 17 minutes behind the default
+        queue_size); two searches keep their order."""
+        clock = FakeClock()
+        sent: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            if request.url.endswith("/searchItems"):
+                keywords = json.loads(request.body)["keywords"]
+                sent.append(keywords)
+                items = [{"asin": "B000000001", "itemInfo": {"title": {"displayValue": "K"}}}]
+                return _reply(200, {"searchResult": {"items": items, "totalResultCount": 1}})
+            sent.append("get")
+            return _creators_ok(_ids(request))
+
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=[key_doc(tps=1.0)])
+        async with broker:
+            bulk = asyncio.ensure_future(broker.get_items(asins(200)))
+            await clock.advance(1.5)
+            first = asyncio.ensure_future(broker.search_items("first"))
+            await asyncio.sleep(0)
+            second = asyncio.ensure_future(broker.search_items("second"))
+            await clock.run_until(second)
+            await clock.run_until(first)
+            await clock.run_until(bulk)
+        assert [r.ok for r in bulk.result()] == [True] * 200
+        assert sent.index("first") <= 3, sent
+        assert sent.index("second") == sent.index("first") + 1, sent
+
+
 class TestTokenFetchAndPacing:
     """A token fetched while sends are paced never squeezes two sends closer than the key's
     interval (a strict server answers that with a 429)."""

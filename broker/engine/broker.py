@@ -828,7 +828,8 @@ class Broker:
                 work.discard(batch)
 
         future.add_done_callback(let_go)
-        self._pool.submit(batch)
+        # Ahead of GetItems work: a search must not wait out another caller's bulk job.
+        self._pool.submit(batch, ahead=True)
         return await future
 
     async def search_items(

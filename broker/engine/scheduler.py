@@ -123,8 +123,12 @@ class KeyPool:
 
     # -- work -----------------------------------------------------------------------------
 
-    def submit(self, batch: Batch, *, front: bool = False) -> None:
-        """Queue a batch for any key, or fail it if no key can serve its marketplace."""
+    def submit(self, batch: Batch, *, front: bool = False, ahead: bool = False) -> None:
+        """Queue a batch for any key, or fail it if no key can serve its marketplace.
+
+        ``front``: a retry, ahead of everything; ``ahead``: a caller's new operation (a
+        search), ahead of the GetItems batches (:meth:`WorkQueue.put_ahead`); else behind all.
+        """
         if not batch.live():
             return
         try:
@@ -134,6 +138,8 @@ class KeyPool:
             return
         if front:
             self._work.put_front(batch)
+        elif ahead:
+            self._work.put_ahead(batch)
         else:
             self._work.put(batch)
 
