@@ -277,11 +277,16 @@ class TestServe:
         self, make: MakeCache, clock: FakeClock
     ) -> None:
         """Amazon saying an item is gone (a refresh, a shorter max age, another process)
-        deletes its cached ok answer, which was served afterwards; other resource sets and
-        marketplaces keep theirs, and a failure (nothing said of the item) deletes nothing."""
+        deletes its cached ok answers, whatever resources each was asked with (the one of
+        another resource set was still served as ok); another marketplace's item keeps its
+        own, and a failure (nothing said of the item) deletes nothing."""
         cache = make()
         await cache.put_many(
-            [ok("B000000001", clock), ok("B000000001", clock, resources=("itemInfo.features",))]
+            [
+                ok("B000000001", clock),
+                ok("B000000001", clock, resources=("itemInfo.features",)),
+                ok("B000000001", clock, marketplace=DE),
+            ]
         )
         await cache.put_many(
             [
@@ -306,11 +311,17 @@ class TestServe:
         )
         assert await cache.put_many([gone]) == 0
         assert await cache.get_many([q("B000000001")]) == [None]
-        # In one batch the later answer wins too: an ok, then the item gone.
-        await cache.put_many([ok("B000000001", clock), gone])
+        assert await cache.get_many([q("B000000001", ("itemInfo.features",))]) == [None]
+        [elsewhere] = await cache.get_many([q("B000000001", marketplace=DE)])
+        assert elsewhere is not None
+        # In one batch the later answer wins too: an ok (of any resource set), then the
+        # item gone; the item gone, then an ok: it is back.
+        features = ok("B000000001", clock, resources=("itemInfo.features",))
+        await cache.put_many([ok("B000000001", clock), features, gone])
         assert await cache.get_many([q("B000000001")]) == [None]
-        [other] = await cache.get_many([q("B000000001", ("itemInfo.features",))])
-        assert other is not None
+        assert await cache.get_many([q("B000000001", ("itemInfo.features",))]) == [None]
+        await cache.put_many([gone, ok("B000000001", clock)])
+        assert (await cache.get_many([q("B000000001")]))[0] is not None
 
     async def test_marketplace_and_resources_are_part_of_key(
         self, make: MakeCache, clock: FakeClock

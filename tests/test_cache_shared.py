@@ -309,6 +309,25 @@ class TestRealRedis:
         finally:
             await client.aclose()
 
+    async def test_an_item_gone_deletes_every_resource_set(self, redis_url: str) -> None:
+        """A not_found deletes the item's answers of every resource set on a real server
+        (found by the index's members), and no other item's."""
+        features = ("itemInfo.features",)
+        kept = answer("B000000002")
+        async with RedisCache.from_url(redis_url, CachePolicy(3_600), key_prefix="g:") as cache:
+            other = dataclasses.replace(
+                answer("B000000001"), query=Query("B000000001", US, features)
+            )
+            await cache.put_many([answer("B000000001"), other, kept])
+            gone = dataclasses.replace(answer("B000000001"), status=Status.NOT_FOUND, item=None)
+            await cache.put_many([gone])
+            got = await cache.get_many(
+                [Query("B000000001", US, TITLE), Query("B000000001", US, features)]
+            )
+            assert got == [None, None]
+            assert (await cache.get_many(queries(["B000000002"])))[0] is not None
+            assert (await cache.stats()).entries == 1
+
     async def test_eviction_and_purge(self, redis_url: str) -> None:
         """A small max_items evicts the oldest; purge by ASIN and all work on a real server."""
         async with RedisCache.from_url(redis_url, CachePolicy(3_600, max_items=5)) as cache:

@@ -160,8 +160,13 @@ class StoreCache(abc.ABC):
         *,
         fetched_before: float | None,
         asins: Sequence[str] | None,
+        every_resource_set: bool = False,
     ) -> int:
-        """Delete the given keys, or entries matching the filters (all when none)."""
+        """Delete the given keys, or entries matching the filters (all when none).
+
+        ``every_resource_set``: each key stands for its (marketplace, ASIN), and every
+        answer kept for it goes, whatever its resources (an item Amazon no longer has).
+        """
 
     @abc.abstractmethod
     async def _measure(self) -> tuple[int, int, float | None]:
@@ -253,15 +258,20 @@ class StoreCache(abc.ABC):
                 unknown, so it cannot be keyed).
         """
         entries: dict[CacheKey, Entry] = {}
-        gone: dict[CacheKey, None] = {}
+        # The item is gone, not one resource set of it: every answer kept for its
+        # (marketplace, ASIN) goes, whatever resources each was asked with.
+        gone: dict[tuple[str, str], CacheKey] = {}
         for result in results:
             if result.cached or result.fetched_at is None:
                 continue
             if result.status is Status.NOT_FOUND:
                 if result.query is not None and result.query.resources is not None:
                     key = _key_of_result(result)
-                    gone[key] = None
-                    entries.pop(key, None)  # the later answer wins, as between batches
+                    item = (key.marketplace, key.asin)
+                    gone[item] = key
+                    # The later answer wins, as between batches.
+                    for held in [k for k in entries if (k.marketplace, k.asin) == item]:
+                        del entries[held]
                 continue
             if result.status is not Status.OK:
                 continue
@@ -271,11 +281,11 @@ class StoreCache(abc.ABC):
                     "(marketplace and resources)"
                 )
             key = _key_of_result(result)
-            gone.pop(key, None)
+            gone.pop((key.marketplace, key.asin), None)
             entries[key] = encode(key, result)
         if gone:
             await self._delete(
-                [key for key in gone if key not in entries], fetched_before=None, asins=None
+                list(gone.values()), fetched_before=None, asins=None, every_resource_set=True
             )
         if not entries:
             return 0

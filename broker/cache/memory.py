@@ -71,7 +71,11 @@ class MemoryCache(StoreCache):
         *,
         fetched_before: float | None,
         asins: Sequence[str] | None,
+        every_resource_set: bool = False,
     ) -> int:
+        if keys is not None and every_resource_set:
+            items = {(key.marketplace, key.asin) for key in keys}
+            keys = [key for key in self._entries if (key.marketplace, key.asin) in items]
         if keys is None:
             wanted = set(asins) if asins is not None else None
             keys = [

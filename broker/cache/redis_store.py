@@ -232,7 +232,15 @@ class RedisCache(StoreCache):
         *,
         fetched_before: float | None,
         asins: Sequence[str] | None,
+        every_resource_set: bool = False,
     ) -> int:
+        if keys is not None and every_resource_set:
+            # Members are "marketplace|ASIN|resources"; neither part holds a glob character.
+            found: list[bytes] = []
+            for pattern in dict.fromkeys(f"{k.marketplace}|{k.asin}|*" for k in keys):
+                index = self._redis.zscan_iter(self._index, match=pattern)
+                found.extend([member async for member, _score in index])
+            return await self._drop_members(found)
         if keys is not None:
             return await self._drop_members([key.text() for key in keys])
         top = "+inf" if fetched_before is None else f"({fetched_before}"

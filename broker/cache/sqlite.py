@@ -308,12 +308,20 @@ class SqliteCache(StoreCache):
         *,
         fetched_before: float | None,
         asins: Sequence[str] | None,
+        every_resource_set: bool = False,
     ) -> int:
         def delete(db: sqlite3.Connection) -> int:
             with immediate(db):
                 if keys is not None:
                     removed = 0
                     for key in keys:
+                        if every_resource_set:
+                            removed += db.execute(
+                                "DELETE FROM item_cache WHERE ns = ? AND marketplace = ? "
+                                "AND asin = ?",
+                                self._key_params(key)[:3],
+                            ).rowcount
+                            continue
                         removed += db.execute(
                             "DELETE FROM item_cache WHERE ns = ? AND marketplace = ? AND asin = ?"
                             " AND resources = ?",
