@@ -295,6 +295,19 @@ class TestGetItemsSuccess:
         assert outcome.summary.price is None
         assert (parsed.missing, parsed.unexpected) == ((), ())
 
+    def test_a_nan_or_infinity_in_an_item_is_read_as_null(self) -> None:
+        """NaN, Infinity and 1e999 in Amazon's item (JSON orjson refuses, the stdlib reads)
+        are null: they went into the outputs as bare NaN/Infinity, invalid JSON."""
+        body = (
+            b'{"itemsResult":{"items":[{"asin":"B000000001","itemInfo":{"title":'
+            b'{"displayValue":"T"}},"score":NaN,"low":-Infinity,"amount":1e999,"ok":1.5}]}}'
+        )
+        parsed = parse(200, body, ["B000000001"])
+        item = parsed.outcomes["B000000001"].item
+        assert item is not None
+        assert (item["score"], item["low"], item["amount"], item["ok"]) == (None, None, None, 1.5)
+        json.dumps(item, allow_nan=False)
+
     def test_documented_partial_response(self) -> None:
         """The protocol.md 2.7 partial response: one OK item, one INVALID with a remedy."""
         parsed = parse(200, PARTIAL_RESPONSE, ["B0BL8WSCH3", "B08N5WRWNW"])

@@ -195,11 +195,22 @@ def _loads(body: bytes) -> object:
 
     orjson is several times faster on Amazon's answers but rejects some JSON the stdlib
     reads (a lone UTF-16 surrogate escape, NaN): one odd title must not fail ten items.
+    A NaN or an infinity (``NaN``, ``Infinity``, ``1e999``) is read as null: kept, it
+    would make every output that carries the item invalid JSON.
     """
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_null, parse_float=_finite_or_null)
+
+
+def _null(_text: str) -> None:
+    return None
+
+
+def _finite_or_null(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 class LazySummary(ItemSummary):
