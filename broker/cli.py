@@ -973,10 +973,11 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         )
         return ExitCode.USAGE
     try:
+        fmt = output_format(args.out, args.format, config.output.format)
         paths: RunPaths = plan_paths(
             job=args.job,
             out=args.out,
-            fmt=output_format(args.out, args.format, config.output.format),
+            fmt=fmt,
             directory=Path(config.output.directory),
             stdin_format=args.input or "txt",
         )

@@ -641,6 +641,26 @@ class TestRunPaths:
         else:
             assert head.startswith(b'{"line":1')
 
+    @pytest.mark.parametrize("name", ["res.csv.gz", "res.jsonl.GZ", "res.xz"])
+    @pytest.mark.parametrize("fmt", [None, "csv"])
+    def test_a_compressed_out_name_is_refused(
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        name: str,
+        fmt: str | None,
+    ) -> None:
+        """--out res.csv.gz is a usage error (exit 2) saying the output is written plain,
+        before anything is sent or made; it wrote JSON lines, uncompressed, under that name."""
+        job = _job(tmp_path)
+        out = tmp_path / name
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main([*args, *(["--format", fmt] if fmt else [])]) == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert "written uncompressed" in err
+        assert f"name it {Path(name).stem}" in err
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("res")]
+
     def test_format_flag_wins_over_the_out_name(self, tmp_path: Path) -> None:
         """--format jsonl --out x.csv writes what --format says."""
         job = _job(tmp_path)

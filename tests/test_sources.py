@@ -236,6 +236,15 @@ class TestCsv:
         (row,) = rows(write(tmp_path, "job.csv", data))
         assert row.extra == {"note": "a", "note.2": "b", "note.1": "c"}
 
+    def test_an_unnamed_column_never_takes_a_named_ones_name(self, tmp_path: Path) -> None:
+        """``asin,,column2``: the header's own column2 keeps its name and its cell, and the
+        unnamed column is column2.1; the unnamed one took column2 (and its data went under
+        the other's name)."""
+        data = f"asin,,column2,cached\n{VALID},a,b,c\n"
+        (row,) = rows(write(tmp_path, "job.csv", data))
+        assert row.extra == {"column2.1": "a", "column2": "b", "cached": "c"}
+        assert list(row.extra or {}) == ["column2.1", "column2", "cached"]  # column order
+
     def test_no_extra_columns_gives_none(self, tmp_path: Path) -> None:
         """extra is None when the CSV has no other columns."""
         (row,) = rows(write(tmp_path, "job.csv", f"asin,marketplace\n{VALID},\n"))

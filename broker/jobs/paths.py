@@ -61,9 +61,24 @@ _BY_SUFFIX = {
 }
 
 
+#: Names of compressed files: an output is never written compressed.
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
 def output_format(out: str | None, given: str | None, default: str) -> str:
     """The output format: ``--format``, else the one ``--out``'s name tells (``x.csv``),
-    else the config's ``[output] format``."""
+    else the config's ``[output] format``.
+
+    Raises:
+        UsageError: ``--out`` names a compressed file (``x.csv.gz``): the output would be
+            plain text under a name that says otherwise.
+    """
+    if out and out != STDIO and Path(out).suffix.lower() in _COMPRESSED:
+        plain = Path(out).stem
+        raise UsageError(
+            f"--out {out}: the output is written uncompressed (it is appended to, row by row, "
+            f"and read back to resume); name it {plain} and compress it once the run is done"
+        )
     if given:
         return given
     if out and out != STDIO:

@@ -895,13 +895,16 @@ def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _
                 f"(columns {', '.join(str(i + 1) for i in where)}); keep one"
             )
     special = {asin[0], *marketplace}
-    keys = {i: name or f"column{i + 1}" for i, name in enumerate(names) if i not in special}
+    given = [(i, name) for i, name in enumerate(names) if i not in special and name]
+    # A column with no name is named by its place, after the named ones: a header's own
+    # "column2" keeps its name (and its data) whatever blank column stands before it.
+    blank = [(i, f"column{i + 1}") for i, name in enumerate(names) if i not in special and not name]
     # Duplicate names get a pandas-style ".1", ".2" suffix so no column is lost: the first
     # suffix no column has, since the header may itself name one "note.1".
-    taken = set(keys.values())
+    taken = {name for _, name in given + blank}
     extra: list[tuple[int, str]] = []
     seen: set[str] = set()
-    for i, key in keys.items():
+    for i, key in given + blank:
         name, count = key, 0
         while name in seen or (count and name in taken):
             count += 1
@@ -909,7 +912,11 @@ def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _
         seen.add(name)
         extra.append((i, name))
     return _CsvLayout(
-        delimiter, len(header), asin[0], marketplace[0] if marketplace else None, tuple(extra)
+        delimiter,
+        len(header),
+        asin[0],
+        marketplace[0] if marketplace else None,
+        tuple(sorted(extra)),
     )
 
 
