@@ -658,6 +658,20 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitCode.USAGE
+    if args.refresh:
+        from broker.cache import RUN_MAX_AGE_S, cache_policy
+
+        policy = cache_policy(
+            config.cache, default_max_age_s=RUN_MAX_AGE_S, max_age_s=_cache_max_age(args)
+        )
+        if not policy.enabled:
+            print(
+                f"{prog()}: --refresh keeps the new answers in the item cache, which "
+                "[cache] max_age_s = 0 of the config turns off: leave --refresh out (every "
+                "id is asked of Amazon anyway), or give --max-age S",
+                file=sys.stderr,
+            )
+            return ExitCode.USAGE
     # None: each id's own store (a product URL's), else api.marketplace of the config.
     market: str | None = None
     if args.marketplace is not None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from conftest import Harness, asins, make_config
 
 from broker.engine.broker import Broker
@@ -189,6 +190,19 @@ class TestBrokerCache:
             async with Broker(config) as broker:
                 again = await broker.get_item("B0GONE0004")
         assert (again.status, again.cached) == (Status.NOT_FOUND, False)
+
+    def test_cache_refresh_with_the_cache_off_is_refused(self, tmp_path: Path) -> None:
+        """Broker(config, cache_refresh=True) with the cache off (the library's default):
+        a ValueError saying so, where the refresh silently wrote nothing; on with a max age,
+        or with cache_max_age_s given."""
+        config = make_config("http://127.0.0.1:9", cache={"path": str(tmp_path / "c.sqlite3")})
+        with pytest.raises(ValueError, match=r"max_age_s"):
+            Broker(config, cache_refresh=True)
+        with pytest.raises(ValueError, match=r"max_age_s"):
+            Broker(config, cache_refresh=True, cache_default_max_age_s=3_600, cache_max_age_s=0)
+        Broker(config, cache_refresh=True, cache_max_age_s=60)
+        on = make_config("http://127.0.0.1:9", cache=_cache(tmp_path))
+        Broker(on, cache_refresh=True)
 
     async def test_cache_off_by_default(self, harness: Harness, tmp_path: Path) -> None:
         """Without [cache] max_age_s the library caches nothing and writes no file."""

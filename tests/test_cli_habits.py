@@ -1618,3 +1618,15 @@ def test_lookup_refresh_with_no_cache_is_a_usage_error(
     config = str(_config(tmp_path))
     assert cli.main(["lookup", "B000000001", "--refresh", *off, "--config", config]) == 2
     assert " ".join(off) in capsys.readouterr().err
+
+
+def test_lookup_refresh_with_the_cache_off_in_the_config_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lookup --refresh with [cache] max_age_s = 0 in the config: exit 2 saying the config
+    turns the cache off (it was accepted and wrote nothing); --max-age S turns it on."""
+    config = str(_config(tmp_path, _CONFIG + "\n[cache]\nmax_age_s = 0\n"))
+    assert cli.main(["lookup", "B000000001", "--refresh", "--config", config]) == 2
+    assert "[cache] max_age_s = 0" in capsys.readouterr().err
+    args = ["lookup", "B000000001", "--refresh", "--max-age", "60", "--config", config, "--json"]
+    assert cli.main(args) == 0

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         LIBRARY_MAX_AGE_S,
         RUN_MAX_AGE_S,
         cache_namespace,
+        cache_policy,
         open_cache,
         open_store,
     )
@@ -52,6 +53,7 @@ __all__ = [
     "SqliteCache",
     "StoreCache",
     "cache_namespace",
+    "cache_policy",
     "default_cache_path",
     "has_offer_resources",
     "key_of",
@@ -70,6 +72,7 @@ _LAZY = {
     "LIBRARY_MAX_AGE_S": "open",
     "RUN_MAX_AGE_S": "open",
     "cache_namespace": "open",
+    "cache_policy": "open",
     "open_cache": "open",
     "open_store": "open",
     "default_cache_path": "paths",

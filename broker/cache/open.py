@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     from broker.clock import Clock
     from broker.config import BrokerConfig, CacheConfig
 
-__all__ = ["LIBRARY_MAX_AGE_S", "RUN_MAX_AGE_S", "cache_namespace", "open_cache", "open_store"]
+__all__ = [
+    "LIBRARY_MAX_AGE_S",
+    "RUN_MAX_AGE_S",
+    "cache_namespace",
+    "cache_policy",
+    "open_cache",
+    "open_store",
+]
 
 #: Library default when ``[cache] max_age_s`` is unset: off.
 LIBRARY_MAX_AGE_S: Final = 0.0
@@ -61,6 +68,19 @@ def _digest(text: str, size: int) -> str:
     return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
 
 
+def cache_policy(
+    config: CacheConfig, *, default_max_age_s: float, max_age_s: float | None = None
+) -> CachePolicy:
+    """The policy a run gets: ``max_age_s`` (``--max-age``; 0 is off) over the config's
+    ``[cache] max_age_s``, over ``default_max_age_s`` when that is unset."""
+    policy = config.policy(default_max_age_s)
+    if max_age_s is not None:
+        policy = type(policy)(
+            max_age_s, policy.offers_max_age_s, policy.max_items, policy.max_bytes
+        )
+    return policy
+
+
 def open_cache(
     config: CacheConfig,
     *,
@@ -86,11 +106,7 @@ def open_cache(
     Raises:
         ConfigError: a max age above the 86,400 s ceiling (quoting Amazon's rule).
     """
-    policy = config.policy(default_max_age_s)
-    if max_age_s is not None:
-        policy = type(policy)(
-            max_age_s, policy.offers_max_age_s, policy.max_items, policy.max_bytes
-        )
+    policy = cache_policy(config, default_max_age_s=default_max_age_s, max_age_s=max_age_s)
     if not policy.enabled:
         return None
     return open_store(

@@ -37,7 +37,7 @@ from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.marketplaces import token_url
 from broker.api.paapi5 import PaapiDialect
 from broker.asin import check_asin
-from broker.cache import CacheFront, cache_namespace, open_cache
+from broker.cache import CacheFront, cache_namespace, cache_policy, open_cache
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
@@ -138,6 +138,17 @@ class Broker:
         cache_max_age_s: float | None = None,
         cache_refresh: bool = False,
     ) -> None:
+        if cache_refresh and not (
+            cache_policy(
+                config.cache, default_max_age_s=cache_default_max_age_s, max_age_s=cache_max_age_s
+            ).enabled
+        ):
+            # It would write nothing: no cache, so the caller's "refresh" did nothing at all.
+            raise ValueError(
+                "cache_refresh=True writes the new answers to the item cache, which is off "
+                "here: set [cache] max_age_s (the library's default is 0, off) or leave "
+                "cache_refresh out"
+            )
         self.config = config
         self._state_store = state_store
         self._cache_default_max_age_s = cache_default_max_age_s
