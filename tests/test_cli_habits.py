@@ -1620,6 +1620,22 @@ def test_lookup_refresh_with_no_cache_is_a_usage_error(
     assert " ".join(off) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("extra", "flags"), [("", ["--no-cache"]), ("\n[cache]\nmax_age_s = 0\n", [])]
+)
+def test_run_refresh_with_the_cache_off_runs_the_job_again(
+    tmp_path: Path, extra: str, flags: list[str]
+) -> None:
+    """run --refresh with the cache off (--no-cache, or max_age_s = 0) runs the job again
+    and writes no cache: a refresh of a job is more than a refresh of the cache."""
+    config = str(_config(tmp_path, _CONFIG + extra))
+    job, out = _job(tmp_path), tmp_path / "out.jsonl"
+    args = ["run", str(job), "--config", config, "--out", str(out), *flags]
+    assert cli.main(args) == 0
+    assert cli.main([*args, "--refresh"]) == 0
+    assert len(_jsonl(out.read_text())) == 5
+
+
 def test_lookup_refresh_with_the_cache_off_in_the_config_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

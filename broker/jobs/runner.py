@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
-from broker.cache import RUN_MAX_AGE_S
+from broker.cache import RUN_MAX_AGE_S, cache_policy
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.keys import OUTAGE_CODE
@@ -468,11 +468,16 @@ async def _output(
             # The keys' daily counts, rates and pauses live in the shared key state
             # ([state]; by default a file every broker process of this machine shares),
             # so two jobs on one key count each other's requests.
+            # A refresh writes the new answers to the cache, when there is one to write to
+            # (--refresh --no-cache only runs the job again).
+            cache_on = cache_policy(
+                config.cache, default_max_age_s=RUN_MAX_AGE_S, max_age_s=options.cache_max_age_s
+            ).enabled
             own = broker or Broker(
                 config,
                 cache_default_max_age_s=RUN_MAX_AGE_S,
                 cache_max_age_s=options.cache_max_age_s,
-                cache_refresh=options.cache_refresh,
+                cache_refresh=options.cache_refresh and cache_on,
             )
             async with own if broker is None else contextlib.nullcontext(own):
                 # A shared broker (the daemon's) counts every job; report this one's.
