@@ -421,8 +421,7 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
     backend = table.text("backend", "local")
     if backend not in ("local", "redis", "memory"):
         raise ConfigError("state.backend", 'must be "local", "redis" or "memory"')
-    raw_path = _path_text(table, "path")
-    path = None if raw_path is None else base_dir / raw_path
+    path = _file_path(table, "path", base_dir)
     redis_url = table.opt_text("redis_url")
     password_env = table.opt_text("redis_password_env")
     key_prefix = table.text("key_prefix", "asin-broker:")
@@ -1098,6 +1097,24 @@ def _path_text(table: TomlTable, name: str) -> str | None:
     return expanded
 
 
+def _file_path(table: TomlTable, name: str, base_dir: Path) -> Path | None:
+    """A SQLite file's path setting, relative to ``base_dir`` (an absolute one stays).
+
+    Raises:
+        ConfigError: it names a directory, where the file would never open.
+    """
+    raw = _path_text(table, name)
+    if raw is None:
+        return None
+    path = base_dir / raw
+    if raw.endswith(("/", os.sep)) or path.is_dir():
+        raise ConfigError(
+            table.key(name),
+            f"{raw} is a directory: name a file in it ({path / 'asin-broker.sqlite3'}, say)",
+        )
+    return path
+
+
 def _parse_output(table: TomlTable) -> OutputConfig:
     fmt = table.text("format", "jsonl")
     if fmt not in ("jsonl", "csv", "sqlite"):
@@ -1137,9 +1154,8 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
     backend = table.text("backend", "sqlite")
     if backend not in ("sqlite", "redis", "memory"):
         raise ConfigError("cache.backend", 'must be "sqlite", "redis" or "memory"')
-    path = _path_text(table, "path")
-    if path is not None:
-        path = str(base_dir / path)  # an absolute path stays as it is
+    file = _file_path(table, "path", base_dir)
+    path = None if file is None else str(file)
     redis_url = table.opt_text("redis_url")
     redis_url_env = table.opt_text("redis_url_env")
     if redis_url is not None:

@@ -935,6 +935,36 @@ class TestFront:
         assert remedy in described
         assert "locked" not in described
 
+    async def test_a_directory_as_the_path_is_named_so(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """[cache] path naming a directory: the warning says so and to name a file in it;
+        it said "if it is damaged, delete it" of the directory."""
+        folder = tmp_path / "sub"
+        folder.mkdir()
+        front = CacheFront(SqliteCache(folder, CachePolicy(3_600), clock=clock), clock=clock)
+        with capture_logs() as logs:
+            assert await front.get(q("B000000001")) is None
+        (warning,) = [e for e in logs if e["event"] == "cache.unavailable"]
+        assert "it is a directory: set [cache] path to a file in it" in warning["message"]
+        assert "delete" not in warning["message"]
+        await front.aclose()
+
+    def test_a_file_that_cannot_be_opened_in_a_read_only_place_is_named_so(
+        self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """SQLite's CANTOPEN where the directory may not be written (a read-only directory
+        or mount: the -wal and -shm cannot be made) gets the read-only remedy, not "locked
+        or damaged, delete it"; elsewhere CANTOPEN keeps the general advice."""
+        cache = SqliteCache(tmp_path / "item-cache.sqlite3", CachePolicy(3_600), clock=clock)
+        error = sqlite3.OperationalError("unable to open database file")
+        error.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN  # as SQLite sets it
+        assert "locked" in cache.describe_failure(error)
+        monkeypatch.setattr(os, "access", lambda path, mode: False)
+        described = cache.describe_failure(error)
+        assert "read-only: make it writable, or set [cache] path" in described
+        assert "delete" not in described
+
     async def test_a_damaged_file_is_named_with_its_remedy(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:

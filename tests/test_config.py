@@ -72,6 +72,31 @@ class TestTables:
         assert _error(_doc(simulatr={"seed": 3})).path == "simulatr"
 
 
+class TestFilePaths:
+    """[cache] path and [state] path name SQLite files."""
+
+    @pytest.mark.parametrize("table", ["cache", "state"])
+    @pytest.mark.parametrize("given", ["sub", "sub/", "new/"])
+    def test_a_directory_is_refused(self, tmp_path: Path, table: str, given: str) -> None:
+        """A path naming a directory (an existing one, or any ending in /) is refused naming
+        the key: check-config said "config ok", and every lookup warned the file could not
+        be opened."""
+        (tmp_path / "sub").mkdir()
+        document = _doc(**{table: {"path": given}})
+        with pytest.raises(ConfigError) as info:
+            parse_config(document, environ=ENV, base_dir=tmp_path)
+        assert info.value.path == f"{table}.path"
+        assert "is a directory: name a file in it" in info.value.message
+
+    @pytest.mark.parametrize("table", ["cache", "state"])
+    def test_a_file_path_is_taken(self, tmp_path: Path, table: str) -> None:
+        """A file's path (existing or not) is taken, relative to the config's folder."""
+        config = parse_config(
+            _doc(**{table: {"path": "sub/x.sqlite3"}}), environ=ENV, base_dir=tmp_path
+        )
+        assert str(getattr(config, table).path) == str(tmp_path / "sub" / "x.sqlite3")
+
+
 class TestKeyPaths:
     """Each validation error carries the path of the key that is wrong."""
 

@@ -382,7 +382,13 @@ class SqliteCache(StoreCache):
                 "check that [cache] path names the item cache, not another file; if it does, "
                 "the file is damaged: delete it with its -wal and -shm to start afresh"
             )
+        if self.path.is_dir():
+            return str(self.path), "it is a directory: set [cache] path to a file in it"
         failed = disk_error(self.path, error) if isinstance(error, sqlite3.Error) else error
+        if _cannot_open(error) and not _writable(self.path):
+            # Opening needs the -wal and -shm beside the file: a directory (or file system)
+            # read-only fails so, not as SQLITE_READONLY, and deleting the file mends nothing.
+            failed = OSError(errno.EROFS, str(error))
         if isinstance(failed, OSError) and failed.errno == errno.ENOSPC:
             return str(self.path), (
                 "free space on its disk, or set [cache] max_bytes lower or path elsewhere "
@@ -397,6 +403,26 @@ class SqliteCache(StoreCache):
             "if another process holds it locked, wait for it; if it is damaged, delete it "
             "with its -wal and -shm to start afresh (it holds only copies of Amazon's answers)"
         )
+
+
+def _cannot_open(error: BaseException) -> bool:
+    """True for SQLite's CANTOPEN (the file, its directory, or its -wal/-shm)."""
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return isinstance(error, sqlite3.Error) and code == sqlite3.SQLITE_CANTOPEN
+
+
+def _writable(path: Path) -> bool:
+    """True when this process may write ``path`` and make files beside it (its -wal and
+    -shm), on a file system mounted writable."""
+    folder = path.parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return False
+    except OSError:
+        return False
+    if path.exists() and not os.access(path, os.W_OK):
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def _evict(db: sqlite3.Connection, max_items: int, max_bytes: int) -> int:
