@@ -641,6 +641,25 @@ class TestRunPaths:
         else:
             assert head.startswith(b'{"line":1')
 
+    @pytest.mark.parametrize("how", [["--ordered"], ["--refresh"]])
+    def test_a_symlinked_out_is_written_through(self, tmp_path: Path, how: list[str]) -> None:
+        """--out LINK (a "latest" symlink): --ordered and a finished --refresh write the file
+        it names and the link stays; they replaced the link with a plain file and left the
+        target with the old rows."""
+        (tmp_path / "runs").mkdir()
+        target = tmp_path / "runs" / "today.jsonl"
+        link = tmp_path / "latest.jsonl"
+        link.symlink_to(target)
+        job = _job(tmp_path)
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(link)]
+        assert cli.main(args) == 0
+        job.write_text("".join(f"B0TEST{i:04d}\n" for i in range(7)))
+        assert cli.main([*args, *how] if how == ["--refresh"] else [*args, "--new-job", *how]) == 0
+        assert link.is_symlink()
+        assert link.resolve() == target.resolve()
+        rows = _jsonl(target.read_text())
+        assert [row["line"] for row in rows] == list(range(1, 8))
+
     @pytest.mark.parametrize("name", ["res.csv.gz", "res.jsonl.GZ", "res.xz"])
     @pytest.mark.parametrize("fmt", [None, "csv"])
     def test_a_compressed_out_name_is_refused(
