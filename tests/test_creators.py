@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from broker.api.base import Dialect, Operation, ParsedItems, RawResponse
 from broker.api.creators import USER_AGENT, CreatorsDialect
+from broker.engine.retry import RetryPolicy
 from broker.errors import (
     CATALOGUE,
     ApiError,
@@ -546,10 +547,27 @@ class TestGetItemsNotFound:
         assert type(error) is BadRequestError
         assert error.code == "Other"
 
-    def test_html_404_is_unreadable(self) -> None:
-        """A non-JSON 404 raises ResponseError."""
-        with pytest.raises(ResponseError):
-            DIALECT.parse_get_items(response(404, b"<html>Not Found</html>"), ["B000000001"])
+    @pytest.mark.parametrize(
+        ("status", "code"),
+        [(404, "UnknownOperation"), (405, "UnknownOperation"), (400, "Other"), (413, "Other")],
+    )
+    def test_a_4xx_page_that_is_no_answer_is_not_retried(self, status: int, code: str) -> None:
+        """A non-JSON 404 or 405 (a path in api.endpoint, a proxy's page) is UnknownOperation
+        (global: check api.endpoint), a non-JSON 400 or 413 a refused request: neither is
+        retried, where each cost every batch its six attempts."""
+        raw = response(status, b"<html>Not Found</html>")
+        with pytest.raises(BadRequestError) as info:
+            DIALECT.parse_get_items(raw, ["B000000001"])
+        assert (info.value.code, info.value.status) == (code, status)
+        assert "not JSON" in info.value.message
+        assert RetryPolicy().next_delay(1, info.value) is None
+
+    @pytest.mark.parametrize("status", [401, 403, 408])
+    def test_a_page_for_401_403_or_408_is_still_retried(self, status: int) -> None:
+        """A gateway's non-JSON 401, 403 or 408 stays an unreadable answer, retried."""
+        with pytest.raises(ResponseError) as info:
+            DIALECT.parse_get_items(response(status, b"<html>x</html>"), ["B000000001"])
+        assert RetryPolicy().next_delay(1, info.value) is not None
 
 
 # protocol.md 2.8 error table: (status, type, reason, message, class).

@@ -484,6 +484,29 @@ class TestGlobalErrors:
         disabled = [e["key"] for e in logs if e["event"] == "broker.key_disabled"]
         assert sorted(disabled) == ["a", "b", "c"]
 
+    async def test_a_wrong_paths_html_404_stops_at_once(self) -> None:
+        """api.endpoint with a path (every GetItems meets a server's HTML 404): no retry,
+        the keys out with UnknownOperation and its remedy (check api.endpoint); each batch
+        was retried six times as an unreadable answer and its rows failed."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            return RawResponse(404, {"content-type": "text/html"}, b"<html>Not Found</html>")
+
+        clock = FakeClock()
+        keys = [key_doc(name, credential_id=f"{name}-id", max_in_flight=1) for name in "ab"]
+        broker, transport = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        async with broker:
+            task = asyncio.ensure_future(broker.get_items(asins(30)))
+            await clock.run_until(task)
+        error = task.exception()
+        assert isinstance(error, NoUsableKeyError)
+        assert {f.code for f in error.failures} == {"UnknownOperation"}
+        assert "api.endpoint" in str(error)
+        # One per key at most (both may send before the first answer), never a retry.
+        assert len([r for r in transport.requests if "/auth/" not in r.url]) <= len(keys)
+
     @pytest.mark.parametrize("reason", ["CannotParse", "UnknownOperation"])
     async def test_an_operation_raises_it_and_leaves_the_keys(self, reason: str) -> None:
         """The same answer to a search (protocol.md 4: per-request fatal, surface the

@@ -619,6 +619,16 @@ class TestErrorResponses:
         assert type(error) is cls
         assert error.code == code
 
+    @pytest.mark.parametrize(
+        ("status", "code"), [(404, "UnknownOperation"), (405, "UnknownOperation"), (400, "Other")]
+    )
+    def test_a_4xx_page_that_is_no_answer_is_not_retried(self, status: int, code: str) -> None:
+        """A non-JSON 404 or 405 (a wrong path) is UnknownOperation, a non-JSON 400 a
+        refused request; they were unreadable answers, retried six times per batch."""
+        with pytest.raises(BadRequestError) as info:
+            DIALECT.parse_get_items(response(status, b"<html>no</html>"), ["B000000001"])
+        assert (info.value.code, info.value.status) == (code, status)
+
     def test_html_503_is_a_response_error(self) -> None:
         """An HTML error page raises ResponseError carrying the status."""
         with pytest.raises(ResponseError) as info:

@@ -29,6 +29,7 @@ from broker.api.errors_map import (
     retry_after_s,
     strip_type,
     text,
+    unreadable_code,
 )
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import ApiError, ResponseError
@@ -280,11 +281,15 @@ def _fallback_code(status: int) -> str:
 def _error_body(response: RawResponse, what: str) -> Mapping[str, object]:
     try:
         return load_object(response.body, status=response.status, what=f"Creators {what}")
-    except ResponseError:
+    except ResponseError as exc:
         # A 429 means throttled whatever its body says; an unreadable one still slows the key.
         if response.status == 429:
             return {}
-        raise
+        # A wrong path's or a proxy's page: the status says enough, and no retry mends it.
+        code = unreadable_code(response.status)
+        if code is None:
+            raise
+        return {"reason": code, "message": str(exc)}
 
 
 def _unreadable(what: str, response: RawResponse, exc: Exception) -> ResponseError:

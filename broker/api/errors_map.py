@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
@@ -57,6 +57,7 @@ __all__ = [
     "strip_type",
     "summarize",
     "text",
+    "unreadable_code",
 ]
 
 #: What reading arbitrary JSON can raise; the public parsers turn these into ResponseError.
@@ -289,6 +290,30 @@ def load_object(body: bytes, *, status: int, what: str) -> Mapping[str, object]:
             status=status,
         )
     return data
+
+
+#: The code a 4xx answer whose body is no API answer (an HTML page: a wrong path, a proxy)
+#: stands for. No retry mends these (protocol.md 4 retries 429, 5xx and network errors
+#: only): a 404 or 405 is a URL that is no operation (a path in api.endpoint), the others a
+#: request the server would not take. 401, 403 and 408 are left to be retried: a
+#: gateway's page for those may pass.
+_UNREADABLE_4XX: Final[Mapping[int, str]] = {
+    400: "Other",
+    404: "UnknownOperation",
+    405: "UnknownOperation",
+    411: "Other",
+    413: "Other",
+    414: "Other",
+    415: "Other",
+    422: "Other",
+    431: "Other",
+}
+
+
+def unreadable_code(status: int) -> str | None:
+    """The error code of a ``status`` answer whose body is no API answer, or None when such
+    an answer may pass (it is retried as an unreadable response)."""
+    return _UNREADABLE_4XX.get(status)
 
 
 def read_items(

@@ -33,6 +33,7 @@ from broker.api.errors_map import (
     retry_after_s,
     strip_type,
     text,
+    unreadable_code,
 )
 from broker.api.marketplaces import Marketplace
 from broker.api.marketplaces import marketplace as lookup_marketplace
@@ -378,11 +379,15 @@ def _failure(
         return ResponseError(f"PA-API {what}: unexpected HTTP status {status}", status=status)
     try:
         data = load_object(response.body, status=status, what=f"PA-API {what}")
-    except ResponseError:
+    except ResponseError as exc:
         # A 429 means throttled whatever its body says; an unreadable one still slows the key.
-        if status != 429:
+        if status == 429:
+            data = {}
+        # A wrong path's or a proxy's page: the status says enough, and no retry mends it.
+        elif (unreadable := unreadable_code(status)) is not None:
+            data = {"Code": unreadable, "Message": str(exc)}
+        else:
             raise
-        data = {}
     entries = data.get("Errors")
     first = first_object(entries)
     # The retired-API notice may come flat ({"__type", "Code", "Message"}), not enveloped.
