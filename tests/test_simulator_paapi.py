@@ -199,6 +199,15 @@ class TestSuccess:
         }
 
 
+@pytest.mark.parametrize("query", ["a=b", "a=%2526", "q=a+b", "b=2&a=%20x"])
+async def test_a_signed_query_string_is_verified_as_sent(start: Start, query: str) -> None:
+    """A query string signed as sent verifies: the simulator decoded it twice (its
+    query_string is decoded already), so "%2526" or "+" failed with InvalidSignature."""
+    client, _, clock = await start()
+    response = await _call(client, clock, query=query)
+    assert response.status == 200, response.text
+
+
 class TestErrors:
     @pytest.mark.parametrize(
         ("kwargs", "status", "code"),

@@ -393,7 +393,9 @@ def _verify(
         creq = canonical_request(
             request.method,
             request.raw_path.partition("?")[0],
-            request.query_string,
+            # As sent: aiohttp's query_string is decoded ("+" a space, "%25" a "%"), and
+            # canonical_request decodes what it is given itself.
+            request.raw_path.partition("?")[2],
             headers,
             signed,
             sha256(raw).hexdigest(),

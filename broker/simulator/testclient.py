@@ -154,6 +154,7 @@ class SimulatorClient:
         authorization: str | None = None,
         send: bytes | None = None,
         tight_separators: bool = False,
+        query: str = "",
     ) -> SimResponse:
         """Call ``/paapi5/<operation lower-case>`` signed with SigV4 as SDK-P does.
 
@@ -173,6 +174,7 @@ class SimulatorClient:
             authorization: send this Authorization value instead of signing.
             send: send these bytes instead of the signed ones (a tampered body).
             tight_separators: join the Authorization parts with "," instead of ", ".
+            query: a query string, sent as given and signed (PA-API sends none).
         """
         when = now or datetime.now(UTC)
         amz_date = when.strftime("%Y%m%dT%H%M%SZ")
@@ -191,7 +193,12 @@ class SimulatorClient:
             names = signed or tuple(headers)
             scope = credential_scope(amz_date[:8], scope_region, service)
             creq = canonical_request(
-                "POST", f"/paapi5/{operation.lower()}", "", headers, names, sha256(data).hexdigest()
+                "POST",
+                f"/paapi5/{operation.lower()}",
+                query,
+                headers,
+                names,
+                sha256(data).hexdigest(),
             )
             key = derive_signing_key(secret, amz_date[:8], scope_region, service)
             sig = signature(key, string_to_sign(amz_date, scope, creq))
@@ -200,7 +207,8 @@ class SimulatorClient:
                 authorization = authorization.replace(", ", ",")
         headers["Authorization"] = authorization
         sent = send if send is not None else data
-        return await self.post(f"/paapi5/{operation.lower()}", data=sent, headers=headers)
+        path = f"/paapi5/{operation.lower()}" + (f"?{query}" if query else "")
+        return await self.post(path, data=sent, headers=headers)
 
 
 @contextlib.asynccontextmanager
