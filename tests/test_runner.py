@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import gzip
 import json
 import os
@@ -20,6 +21,7 @@ from broker import cli
 from broker.client import Broker
 from broker.config import BrokerConfig, load_config, parse_config
 from broker.engine.adaptive import ThrottleVerdict
+from broker.errors import NoUsableKeyError
 from broker.jobs import runner, sources
 from broker.jobs.ledger import Counts
 from broker.jobs.runner import ExitCode, JobOptions, run_job
@@ -69,9 +71,12 @@ def _tpd2_config() -> BrokerConfig:
     return parse_config(document, environ={})
 
 
-def _us_uk_config(*, uk_tag_on_us_key: str | None = None, queue_size: int = 10_000) -> BrokerConfig:
+def _us_uk_config(
+    *, uk_tag_on_us_key: str | None = None, queue_size: int = 10_000, uk_secret: str = ""
+) -> BrokerConfig:
     """The embedded simulator with a fresh US key and a UK key of 2 requests a day
-    (``uk_tag_on_us_key``: a UK tag, one Amazon rejects, on the US key too)."""
+    (``uk_tag_on_us_key``: a UK tag, one Amazon rejects, on the US key too; ``uk_secret``:
+    a secret for the UK key, a wrong one)."""
     uk = {"www.amazon.co.uk": "uk-21"}
     us_tags = {"www.amazon.com": "demo-20"}
     if uk_tag_on_us_key is not None:
@@ -94,6 +99,7 @@ def _us_uk_config(*, uk_tag_on_us_key: str | None = None, queue_size: int = 10_0
                 "tps": 50.0,
                 "tpd": 2,
                 "partner_tags": uk,
+                **({"credential_secret_env": "ASINB_UK"} if uk_secret else {}),
             },
         ],
         "simulator": {
@@ -109,7 +115,7 @@ def _us_uk_config(*, uk_tag_on_us_key: str | None = None, queue_size: int = 10_0
             ]
         },
     }
-    return parse_config(document, environ={})
+    return parse_config(document, environ={"ASINB_UK": uk_secret} if uk_secret else {})
 
 
 def _us_uk_job(tmp_path: Path, count: int, markets: tuple[str, str]) -> JobOptions:
@@ -524,6 +530,21 @@ class TestKeysAndSignals:
         assert ("www.amazon.com", "ok") in done
         assert sum(row["marketplace"] == "www.amazon.com" for row in _rows(out)) == 40
         assert summary.pending > 0
+
+    async def test_a_rejected_marketplace_does_not_stop_the_others(self, tmp_path: Path) -> None:
+        """The UK's only key rejected (a wrong secret): every US row is still answered, then
+        the run stops with the UK's NoUsableKeyError (77) and the UK rows pending; the first
+        refusal cancelled every marketplace's stream and the output had no row at all."""
+        config = _us_uk_config(uk_secret="wrong-secret")
+        options = dataclasses.replace(
+            _us_uk_job(tmp_path, 40, ("www.amazon.co.uk", "www.amazon.com")), no_wait=False
+        )
+        with pytest.raises(NoUsableKeyError) as info:
+            await asyncio.wait_for(run_job(config, options), timeout=20)
+        assert info.value.marketplace == "www.amazon.co.uk"
+        done = _rows(options.out)
+        assert {(row["marketplace"], row["status"]) for row in done} == {("www.amazon.com", "ok")}
+        assert len(done) == 40
 
     async def test_a_spent_marketplace_does_not_hold_up_the_others(self, tmp_path: Path) -> None:
         """Rows alternating US and UK, the UK key's daily budget spent after 2 requests, and

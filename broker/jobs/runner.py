@@ -743,15 +743,27 @@ async def _fetch(
         # A stream per marketplace: the broker admits a bounded number of lookups per
         # marketplace, so rows whose keys wait out a daily quota never hold up the rows
         # of another marketplace behind them in the file.
+        refused: list[NoUsableKeyError] = []
+
+        async def consume_or_note(market: str) -> None:
+            try:
+                await consume(market)
+            except NoUsableKeyError as exc:
+                # Every key of this marketplace is out: its rows stay pending, and the other
+                # marketplaces' streams go on to their end; the run then stops with this.
+                refused.append(exc)
+
         try:
             async with asyncio.TaskGroup() as group:
                 for market in list(left):
-                    group.create_task(consume(market))
+                    group.create_task(consume_or_note(market))
         except ExceptionGroup as failed:
             # The first failure, as a single stream would raise it (the others are its
             # consequences or of the same cause), with its own cause kept.
             first = failed.exceptions[0]
             raise first from first.__cause__
+        if refused:
+            raise refused[0]
 
     loop = asyncio.get_running_loop()
     task = loop.create_task(consume(None) if len(left) <= 1 else consume_each())
