@@ -794,9 +794,9 @@ async def _lookup(
             queries = [Query(text, tag=n) for n, text in enumerate(asins)]
             wind_down = asyncio.Event()
 
-            async def collect() -> None:
+            async def collect(asked: list[Query]) -> None:
                 stream = broker.stream(
-                    queries, marketplace=marketplace, resources=resources, stop=wind_down
+                    asked, marketplace=marketplace, resources=resources, stop=wind_down
                 )
                 async for result in stream:
                     # Every result carries the query that asked for it, tag included.
@@ -805,11 +805,36 @@ async def _lookup(
                         raise RuntimeError(f"a result without its query's position: {result!r}")
                     got[tag] = result
 
+            async def collect_each() -> None:
+                # A stream per marketplace, as broker run has: one whose keys were all
+                # taken out stops only its own ids; the others are still answered, and
+                # printed, before the lookup stops with its error.
+                by_market: dict[str | None, list[Query]] = {}
+                for query, market in zip(queries, needs, strict=True):
+                    by_market.setdefault(market, []).append(query)
+                refused: list[NoUsableKeyError] = []
+
+                async def collect_or_note(asked: list[Query]) -> None:
+                    try:
+                        await collect(asked)
+                    except NoUsableKeyError as exc:
+                        refused.append(exc)
+
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        for asked in by_market.values():
+                            group.create_task(collect_or_note(asked))
+                except ExceptionGroup as failed:
+                    first = failed.exceptions[0]
+                    raise first from first.__cause__
+                if refused:
+                    raise refused[0]
+
             def waited_for() -> set[str]:
                 markets = {market for n, market in enumerate(needs) if n not in got and market}
                 return keys_serving(broker, markets)
 
-            until = await _stop_at_spent_quota(broker, collect(), wind_down, waited_for)
+            until = await _stop_at_spent_quota(broker, collect_each(), wind_down, waited_for)
             if until is not None and len(got) < len(asins):
                 failure = (
                     ExitCode.RESUMABLE,

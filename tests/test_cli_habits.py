@@ -1628,6 +1628,33 @@ def test_lookup_with_an_uncreatable_state_file_exits_74(
     assert "input not found" not in capsys.readouterr().err
 
 
+def test_lookup_prints_what_other_marketplaces_answered_when_one_has_no_key_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lookup of a US id and a UK link whose only key is rejected (a wrong secret): the US
+    answer is printed, then exit 77 naming the UK; nothing at all was printed."""
+    monkeypatch.setenv("ASINB_UK", "wrong-secret")
+    text = embedded_toml(simulator="seed = 3").replace(
+        '[log]\nformat = "json"\n',
+        '[[keys]]\nname = "uk"\ncredential_id = "uk-id"\nversion = "3.1"\n'
+        'credential_secret_env = "ASINB_UK"\n'
+        'partner_tags = { "www.amazon.co.uk" = "uk-21" }\n\n'
+        '[log]\nformat = "json"\n',
+    )
+    text += (
+        '[[simulator.accounts]]\nname = "uk"\nprotocol = "creators"\ncredential_id = "uk-id"\n'
+        'secret = "uk-secret"\nversion = "3.1"\npartner_tags = { "www.amazon.co.uk" = "uk-21" }\n'
+    )
+    config = str(_config(tmp_path, text))
+    link = "https://www.amazon.co.uk/dp/B0C1234568"
+    args = ["lookup", "B0C1234567", link, "--config", config, "--json", "--no-cache"]
+    assert cli.main(args) == ExitCode.NO_PERMISSION
+    out, err = capsys.readouterr()
+    rows = _jsonl(out)
+    assert [(row["line"], row["status"]) for row in rows] == [(1, "ok")]
+    assert "no key can serve www.amazon.co.uk" in err
+
+
 @pytest.mark.parametrize("off", [["--no-cache"], ["--max-age", "0"]])
 def test_lookup_refresh_with_no_cache_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], off: list[str]
