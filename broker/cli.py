@@ -1047,6 +1047,7 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
         invalid_report=summary.invalid_report if not paths.to_stdout else None,
         stopped_by_signal=summary.stopped_by_signal,
         quota_wait_until=summary.quota_wait_until,
+        keys_out=list(summary.keys_out),
         exit_code=int(summary.exit_code()),
     )
 
@@ -1098,6 +1099,13 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     # nothing it names can be read or resumed afterwards.
     if summary.invalid_report and not paths.to_stdout:
         print(f"invalid rows: {summary.invalid_report}", file=sys.stderr)
+    if summary.keys_out:
+        # The other keys may have done every row (exit 0): a broken key must still be seen.
+        print(
+            f"out of rotation: {'; '.join(summary.keys_out)}: fix them in config.toml "
+            "(broker check-config), or they stay unused",
+            file=sys.stderr,
+        )
     over = "run it again to start over (--out - keeps no ledger, so it cannot resume)"
     if summary.quota_wait_until:
         tail = (

@@ -1628,6 +1628,39 @@ def test_lookup_with_an_uncreatable_state_file_exits_74(
     assert "input not found" not in capsys.readouterr().err
 
 
+def test_run_names_a_key_taken_out_though_the_others_did_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two US keys, one with a wrong secret: the other does every row (exit 0), and the
+    summary and broker.job_finished name the key out of rotation and why; only one
+    broker.key_disabled line among the logs said so."""
+    monkeypatch.setenv("ASINB_BAD", "wrong-secret")
+    text = embedded_toml(simulator="seed = 3").replace(
+        '[log]\nformat = "json"\n',
+        '[[keys]]\nname = "bad"\ncredential_id = "bad-id"\nversion = "3.1"\n'
+        'credential_secret_env = "ASINB_BAD"\n'
+        'partner_tags = { "www.amazon.com" = "bad-20" }\n\n'
+        '[log]\nformat = "json"\n',
+    )
+    text += (
+        '[[simulator.accounts]]\nname = "bad"\nprotocol = "creators"\n'
+        'credential_id = "bad-id"\nsecret = "bad-secret"\nversion = "3.1"\n'
+        'partner_tags = { "www.amazon.com" = "bad-20" }\n'
+    )
+    config = str(_config(tmp_path, text))
+    job, out = _job(tmp_path, 30), tmp_path / "out.jsonl"
+    args = ["run", str(job), "--config", config, "--out", str(out), "--progress", "none"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert len(_jsonl(out.read_text())) == 30
+    assert "out of rotation: bad: " in err
+    assert "invalid_client" in err.split("out of rotation: ", 1)[1]
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    (finished,) = [e for e in events if e.get("event") == "broker.job_finished"]
+    assert [entry.split(":")[0] for entry in finished["keys_out"]] == ["bad"]
+    assert "wrong-secret" not in err
+
+
 def test_lookup_prints_what_other_marketplaces_answered_when_one_has_no_key_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

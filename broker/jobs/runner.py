@@ -31,7 +31,7 @@ from broker.api.resources import resolve_resources
 from broker.cache import RUN_MAX_AGE_S, cache_policy
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
-from broker.engine.keys import OUTAGE_CODE
+from broker.engine.keys import OUTAGE_CODE, KeyHealth
 from broker.engine.metrics import QUOTA_WAIT, MetricsSnapshot
 from broker.errors import (
     BrokerError,
@@ -172,6 +172,10 @@ class JobSummary:
     already_complete: str | None = None
     #: ``refresh``: the new run did not complete, so the previous output stays in place
     refresh_pending: bool = False
+    #: keys out of rotation when the run ended ("name: why", or "name in marketplace:
+    #: code" for a rejected tag): the other keys may have done every row, so the exit code
+    #: does not tell
+    keys_out: tuple[str, ...] = ()
 
     def exit_code(self) -> int:
         """The exit code this outcome maps to."""
@@ -486,12 +490,23 @@ async def _output(
                     ledger, _Output(sink, name), own, options, stop, config
                 )
                 after = own.metrics()
+                summary.keys_out = _keys_out(after)
                 summary.requests = after.requests - before.requests
                 summary.throttled = after.throttled - before.throttled
                 summary.retries = after.retries - before.retries
     finally:
         sink.close()
     return columns
+
+
+def _keys_out(metrics: MetricsSnapshot) -> tuple[str, ...]:
+    """The keys out of rotation, and the marketplaces keys are out of, with why."""
+    out: list[str] = []
+    for key in metrics.keys:
+        if key.state == KeyHealth.DISABLED.value:
+            out.append(f"{key.name}: {key.reason or 'out of rotation'}")
+        out.extend(f"{key.name} in {market}: {code}" for market, code in key.markets_out)
+    return tuple(out)
 
 
 def _answer_settings(config: BrokerConfig, options: JobOptions) -> dict[str, str]:
