@@ -1047,6 +1047,7 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
         invalid_report=summary.invalid_report if not paths.to_stdout else None,
         stopped_by_signal=summary.stopped_by_signal,
         quota_wait_until=summary.quota_wait_until,
+        quota_wait_keys=sorted(summary.quota_wait_keys),
         keys_out=list(summary.keys_out),
         exit_code=int(summary.exit_code()),
     )
@@ -1113,9 +1114,12 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
             if paths.to_stdout
             else "run the same command again after that to resume"
         )
+        named = (
+            f" ({', '.join(sorted(summary.quota_wait_keys))})" if summary.quota_wait_keys else ""
+        )
         print(
-            "every key the rows left need waits for its daily quota, or is parked after "
-            "sustained 429s (Amazon's own quota spent, or access revoked), until "
+            f"every key the rows left need{named} waits for its daily quota, or is parked "
+            "after sustained 429s (Amazon's own quota spent, or access revoked), until "
             f"{summary.quota_wait_until}: {tail}",
             file=sys.stderr,
         )

@@ -1628,6 +1628,24 @@ def test_lookup_with_an_uncreatable_state_file_exits_74(
     assert "input not found" not in capsys.readouterr().err
 
 
+def test_no_wait_names_the_keys_it_stopped_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--no-wait stopping for spent daily quotas names the keys waited for, in the line and
+    in broker.job_finished; it said "every key the rows left need" of five keys and six
+    stores alike."""
+    text = embedded_toml(simulator="seed = 3").replace("tpd = 0", "tpd = 2")
+    config = str(_config(tmp_path, text))
+    job, out = _job(tmp_path, 40), tmp_path / "out.jsonl"
+    args = ["run", str(job), "--config", config, "--out", str(out), "--no-wait"]
+    assert cli.main([*args, "--progress", "none"]) == ExitCode.RESUMABLE
+    err = capsys.readouterr().err
+    assert "every key the rows left need (demo) waits for its daily quota" in err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    (finished,) = [e for e in events if e.get("event") == "broker.job_finished"]
+    assert finished["quota_wait_keys"] == ["demo"]
+
+
 def test_run_names_a_key_taken_out_though_the_others_did_every_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
