@@ -771,7 +771,7 @@ async def _lookup(
         StateUnavailableError,
         os_error_text,
     )
-    from broker.jobs.runner import describe_failure, keys_serving
+    from broker.jobs.runner import describe_failure, each_marketplace, keys_serving
     from broker.models import Query
 
     # Answers by argument position, kept as they come: a lookup that cannot finish (an
@@ -812,23 +812,7 @@ async def _lookup(
                 by_market: dict[str | None, list[Query]] = {}
                 for query, market in zip(queries, needs, strict=True):
                     by_market.setdefault(market, []).append(query)
-                refused: list[NoUsableKeyError] = []
-
-                async def collect_or_note(asked: list[Query]) -> None:
-                    try:
-                        await collect(asked)
-                    except NoUsableKeyError as exc:
-                        refused.append(exc)
-
-                try:
-                    async with asyncio.TaskGroup() as group:
-                        for asked in by_market.values():
-                            group.create_task(collect_or_note(asked))
-                except ExceptionGroup as failed:
-                    first = failed.exceptions[0]
-                    raise first from first.__cause__
-                if refused:
-                    raise refused[0]
+                await each_marketplace([collect(asked) for asked in by_market.values()])
 
             def waited_for() -> set[str]:
                 markets = {market for n, market in enumerate(needs) if n not in got and market}

@@ -1628,6 +1628,22 @@ def test_lookup_with_an_uncreatable_state_file_exits_74(
     assert "input not found" not in capsys.readouterr().err
 
 
+def _with_second_key(name: str, marketplace: str, env: str) -> str:
+    """The embedded simulator's demo key, and a key ``name`` for ``marketplace`` whose
+    secret is read from ``env`` (the simulator has its account, with another secret)."""
+    tags = f'partner_tags = {{ "{marketplace}" = "{name}-21" }}\n'
+    key = (
+        f'[[keys]]\nname = "{name}"\ncredential_id = "{name}-id"\nversion = "3.1"\n'
+        f'credential_secret_env = "{env}"\n{tags}\n'
+    )
+    account = (
+        f'[[simulator.accounts]]\nname = "{name}"\nprotocol = "creators"\n'
+        f'credential_id = "{name}-id"\nsecret = "{name}-secret"\nversion = "3.1"\n{tags}'
+    )
+    log = '[log]\nformat = "json"\n'
+    return embedded_toml(simulator="seed = 3").replace(log, key + log) + account
+
+
 def test_no_wait_names_the_keys_it_stopped_for(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1653,19 +1669,7 @@ def test_run_names_a_key_taken_out_though_the_others_did_every_row(
     summary and broker.job_finished name the key out of rotation and why; only one
     broker.key_disabled line among the logs said so."""
     monkeypatch.setenv("ASINB_BAD", "wrong-secret")
-    text = embedded_toml(simulator="seed = 3").replace(
-        '[log]\nformat = "json"\n',
-        '[[keys]]\nname = "bad"\ncredential_id = "bad-id"\nversion = "3.1"\n'
-        'credential_secret_env = "ASINB_BAD"\n'
-        'partner_tags = { "www.amazon.com" = "bad-20" }\n\n'
-        '[log]\nformat = "json"\n',
-    )
-    text += (
-        '[[simulator.accounts]]\nname = "bad"\nprotocol = "creators"\n'
-        'credential_id = "bad-id"\nsecret = "bad-secret"\nversion = "3.1"\n'
-        'partner_tags = { "www.amazon.com" = "bad-20" }\n'
-    )
-    config = str(_config(tmp_path, text))
+    config = str(_config(tmp_path, _with_second_key("bad", "www.amazon.com", "ASINB_BAD")))
     job, out = _job(tmp_path, 30), tmp_path / "out.jsonl"
     args = ["run", str(job), "--config", config, "--out", str(out), "--progress", "none"]
     assert cli.main(args) == 0
@@ -1685,18 +1689,7 @@ def test_lookup_prints_what_other_marketplaces_answered_when_one_has_no_key_left
     """lookup of a US id and a UK link whose only key is rejected (a wrong secret): the US
     answer is printed, then exit 77 naming the UK; nothing at all was printed."""
     monkeypatch.setenv("ASINB_UK", "wrong-secret")
-    text = embedded_toml(simulator="seed = 3").replace(
-        '[log]\nformat = "json"\n',
-        '[[keys]]\nname = "uk"\ncredential_id = "uk-id"\nversion = "3.1"\n'
-        'credential_secret_env = "ASINB_UK"\n'
-        'partner_tags = { "www.amazon.co.uk" = "uk-21" }\n\n'
-        '[log]\nformat = "json"\n',
-    )
-    text += (
-        '[[simulator.accounts]]\nname = "uk"\nprotocol = "creators"\ncredential_id = "uk-id"\n'
-        'secret = "uk-secret"\nversion = "3.1"\npartner_tags = { "www.amazon.co.uk" = "uk-21" }\n'
-    )
-    config = str(_config(tmp_path, text))
+    config = str(_config(tmp_path, _with_second_key("uk", "www.amazon.co.uk", "ASINB_UK")))
     link = "https://www.amazon.co.uk/dp/B0C1234568"
     args = ["lookup", "B0C1234567", link, "--config", config, "--json", "--no-cache"]
     assert cli.main(args) == ExitCode.NO_PERMISSION

@@ -21,10 +21,10 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
@@ -78,6 +78,7 @@ __all__ = [
     "JobOptions",
     "JobSummary",
     "StrictInputError",
+    "each_marketplace",
     "keys_serving",
     "quota_wait",
     "run_job",
@@ -758,27 +759,7 @@ async def _fetch(
         # A stream per marketplace: the broker admits a bounded number of lookups per
         # marketplace, so rows whose keys wait out a daily quota never hold up the rows
         # of another marketplace behind them in the file.
-        refused: list[NoUsableKeyError] = []
-
-        async def consume_or_note(market: str) -> None:
-            try:
-                await consume(market)
-            except NoUsableKeyError as exc:
-                # Every key of this marketplace is out: its rows stay pending, and the other
-                # marketplaces' streams go on to their end; the run then stops with this.
-                refused.append(exc)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for market in list(left):
-                    group.create_task(consume_or_note(market))
-        except ExceptionGroup as failed:
-            # The first failure, as a single stream would raise it (the others are its
-            # consequences or of the same cause), with its own cause kept.
-            first = failed.exceptions[0]
-            raise first from first.__cause__
-        if refused:
-            raise refused[0]
+        await each_marketplace([consume(market) for market in list(left)])
 
     loop = asyncio.get_running_loop()
     task = loop.create_task(consume(None) if len(left) <= 1 else consume_each())
@@ -805,6 +786,34 @@ async def _fetch(
     if stop.error is not None:
         raise stop.error
     return cached
+
+
+async def each_marketplace(streams: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run one stream per marketplace together, to their end.
+
+    A stream whose marketplace has no key left (``NoUsableKeyError``: every key that serves
+    it was rejected) ends alone: its rows stay pending, the others go on to their end, and
+    then its error is raised. Any other failure stops them all and is raised, the first
+    one, as a single stream would raise it (the others are its consequences or of the same
+    cause).
+    """
+    refused: list[NoUsableKeyError] = []
+
+    async def noting(stream: Coroutine[Any, Any, None]) -> None:
+        try:
+            await stream
+        except NoUsableKeyError as exc:
+            refused.append(exc)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for stream in streams:
+                group.create_task(noting(stream))
+    except ExceptionGroup as failed:
+        first = failed.exceptions[0]
+        raise first from first.__cause__
+    if refused:
+        raise refused[0]
 
 
 #: How often ``no_wait`` (and ``broker lookup``) checks whether every key waits for its
