@@ -562,6 +562,15 @@ class TestGetItemsNotFound:
         assert "not JSON" in info.value.message
         assert RetryPolicy().next_delay(1, info.value) is None
 
+    @pytest.mark.parametrize("status", [400, 404])
+    def test_a_json_4xx_cut_short_is_still_retried(self, status: int) -> None:
+        """A JSON answer cut short (Amazon's 404 "no items found", a 400) is an unreadable
+        answer, retried (B6), not a page: a truncated 404 took every key out."""
+        body = b'{"type":"ResourceNotFoundException","message":"No items fo'
+        with pytest.raises(ResponseError) as info:
+            DIALECT.parse_get_items(response(status, b"  " + body), ["B000000001"])
+        assert RetryPolicy().next_delay(1, info.value) is not None
+
     @pytest.mark.parametrize("status", [401, 403, 408])
     def test_a_page_for_401_403_or_408_is_still_retried(self, status: int) -> None:
         """A gateway's non-JSON 401, 403 or 408 stays an unreadable answer, retried."""

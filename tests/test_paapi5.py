@@ -629,6 +629,12 @@ class TestErrorResponses:
             DIALECT.parse_get_items(response(status, b"<html>no</html>"), ["B000000001"])
         assert (info.value.code, info.value.status) == (code, status)
 
+    def test_a_json_404_cut_short_is_still_retried(self) -> None:
+        """A PA-API JSON error cut short is an unreadable answer (retried), not a page."""
+        body = b'{"__type":"com.amazon.paapi5#ResourceNotFoundException","Errors":[{"Co'
+        with pytest.raises(ResponseError):
+            DIALECT.parse_get_items(response(404, body), ["B000000001"])
+
     def test_html_503_is_a_response_error(self) -> None:
         """An HTML error page raises ResponseError carrying the status."""
         with pytest.raises(ResponseError) as info:

@@ -286,7 +286,7 @@ def _error_body(response: RawResponse, what: str) -> Mapping[str, object]:
         if response.status == 429:
             return {}
         # A wrong path's or a proxy's page: the status says enough, and no retry mends it.
-        code = unreadable_code(response.status)
+        code = unreadable_code(response.status, response.body)
         if code is None:
             raise
         return {"reason": code, "message": str(exc)}

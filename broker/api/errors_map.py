@@ -292,11 +292,12 @@ def load_object(body: bytes, *, status: int, what: str) -> Mapping[str, object]:
     return data
 
 
-#: The code a 4xx answer whose body is no API answer (an HTML page: a wrong path, a proxy)
+#: The code a 4xx answer whose body is no JSON at all (an HTML page: a wrong path, a proxy)
 #: stands for. No retry mends these (protocol.md 4 retries 429, 5xx and network errors
 #: only): a 404 or 405 is a URL that is no operation (a path in api.endpoint), the others a
 #: request the server would not take. 401, 403 and 408 are left to be retried: a
-#: gateway's page for those may pass.
+#: gateway's page for those may pass. A body that begins as JSON is Amazon's own answer cut
+#: short (reliability.md B6): retried, whatever its status.
 _UNREADABLE_4XX: Final[Mapping[int, str]] = {
     400: "Other",
     404: "UnknownOperation",
@@ -310,9 +311,12 @@ _UNREADABLE_4XX: Final[Mapping[int, str]] = {
 }
 
 
-def unreadable_code(status: int) -> str | None:
-    """The error code of a ``status`` answer whose body is no API answer, or None when such
-    an answer may pass (it is retried as an unreadable response)."""
+def unreadable_code(status: int, body: bytes) -> str | None:
+    """The error code of a ``status`` answer whose unreadable ``body`` is no API answer,
+    or None when it is to be retried (a JSON answer cut short, or a status a page for
+    which may pass)."""
+    if body.lstrip()[:1] in (b"{", b"["):
+        return None
     return _UNREADABLE_4XX.get(status)
 
 

@@ -384,7 +384,7 @@ def _failure(
         if status == 429:
             data = {}
         # A wrong path's or a proxy's page: the status says enough, and no retry mends it.
-        elif (unreadable := unreadable_code(status)) is not None:
+        elif (unreadable := unreadable_code(status, response.body)) is not None:
             data = {"Code": unreadable, "Message": str(exc)}
         else:
             raise
