@@ -116,7 +116,7 @@ class ApiConfig:
         marketplace: the default marketplace, e.g. ``www.amazon.com``.
         resources: resources asked for (Creators camelCase names; translated for PA-API).
         token_endpoint: override for the Creators token URL (tests, proxies): a base
-            (``https://host``, Amazon's path added) or, with a path, the whole URL.
+            (Amazon's path added), or the whole URL when its path ends in ``/token``.
     """
 
     protocol: Protocol = Protocol.CREATORS

@@ -236,24 +236,29 @@ class TestTokenUrl:
         )
 
     @pytest.mark.parametrize(
-        "given",
-        [
-            "http://127.0.0.1:8123/lwa/token",
-            "http://127.0.0.1:8123/token",
-            "https://auth.example/auth/o2/token?tenant=1",
-        ],
+        "given", ["http://127.0.0.1:8123/lwa/token", "http://127.0.0.1:8123/token"]
     )
     @pytest.mark.parametrize("version", ["2.1", "3.1"])
-    def test_a_token_endpoint_with_a_path_is_the_whole_url(self, version: str, given: str) -> None:
-        """The config's token_endpoint with a path of its own is used as it is, as
+    def test_a_token_endpoint_ending_in_token_is_the_whole_url(
+        self, version: str, given: str
+    ) -> None:
+        """The config's token_endpoint whose path ends in /token is used as it is, as
         python-amazon-paapi's auth_endpoint was (a mock's /lwa/token); Amazon's path was
         glued onto it (/lwa/token/auth/o2/token, a 404)."""
         assert token_url(version, given, as_given=True) == given
 
-    @pytest.mark.parametrize("given", ["http://127.0.0.1:8123", "http://127.0.0.1:8123/"])
-    def test_a_token_endpoint_without_a_path_is_a_base(self, given: str) -> None:
-        """A token_endpoint of only a host is a base: Amazon's path is added."""
-        assert token_url("3.1", given, as_given=True) == "http://127.0.0.1:8123/auth/o2/token"
+    @pytest.mark.parametrize(
+        ("given", "base"),
+        [
+            ("http://127.0.0.1:8123", "http://127.0.0.1:8123"),
+            ("http://127.0.0.1:8123/", "http://127.0.0.1:8123"),
+            ("https://gw.example/amazon-auth", "https://gw.example/amazon-auth"),
+        ],
+    )
+    def test_any_other_token_endpoint_is_a_base(self, given: str, base: str) -> None:
+        """A token_endpoint of a host, or with a path prefix (a gateway's, as configs have
+        it), is a base: Amazon's path is added, as it always was."""
+        assert token_url("3.1", given, as_given=True) == base + "/auth/o2/token"
 
     def test_the_api_endpoint_as_base_keeps_its_path_prefix(self) -> None:
         """The API endpoint (not as_given) followed as the token base keeps a path prefix

@@ -560,7 +560,7 @@ class TestD2NoSecretInOutput:
             keys = _key_toml("k3", "sec-v3-id", env="GOOD_V3")
             config = _write(
                 tmp_path / "c.toml",
-                _config_toml(scene.url, keys, token_endpoint=scene.url + "/flaky/auth/o2/token"),
+                _config_toml(scene.url, keys, token_endpoint=scene.url + "/flaky"),
             )
             done = await _cli(
                 "lookup", "B000000001", "--config", str(config), cwd=tmp_path, env=env

@@ -281,9 +281,9 @@ def token_url(version: str, base_url: str | None = None, *, as_given: bool = Fal
             path is then ``/oauth2/token`` for v2.x and ``/auth/o2/token`` for v3.x. A base
             that already ends with that path (a whole token URL, as python-amazon-paapi's
             ``auth_endpoint`` takes) is used as it is.
-        as_given: ``base_url`` is the config's own ``token_endpoint``: with a path of its
-            own (not only ``/``) it is the whole token URL and used as it is, whatever the
-            path, as ``auth_endpoint`` was (a mock's ``/lwa/token``).
+        as_given: ``base_url`` is the config's own ``token_endpoint``: one whose path ends
+            in ``/token`` is the whole token URL, used as it is, as ``auth_endpoint`` was
+            (a mock's ``/lwa/token``); any other path is a base, as it always was.
 
     Raises:
         ValueError: unknown version.
@@ -294,6 +294,6 @@ def token_url(version: str, base_url: str | None = None, *, as_given: bool = Fal
     base = base_url.rstrip("/")
     if base.endswith(entry.token_path):
         return base
-    if as_given and ((parts := urlsplit(base)).path or parts.query):
+    if as_given and urlsplit(base).path.endswith("/token"):
         return base
     return base + entry.token_path
