@@ -660,6 +660,25 @@ class TestRunPaths:
         rows = _jsonl(target.read_text())
         assert [row["line"] for row in rows] == list(range(1, 8))
 
+    def test_a_job_begun_through_a_link_with_its_ledger_beside_it_resumes(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A job an older broker began through --out LINK keeps its ledger beside the link:
+        the run goes on there; resolving the link looked for the ledger beside the target
+        and refused the target as "not written by a broker job" (exit 2)."""
+        job = _job(tmp_path)
+        link = tmp_path / "latest.jsonl"
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(link)]
+        assert cli.main(args) == 0
+        (tmp_path / "runs").mkdir()
+        target = tmp_path / "runs" / "day1.jsonl"
+        link.rename(target)  # as an older broker left it: the ledger beside the link
+        link.symlink_to(target)
+        capsys.readouterr()
+        assert cli.main(args) == 0
+        assert "already complete" in capsys.readouterr().err
+        assert link.is_symlink()
+
     @pytest.mark.parametrize("name", ["res.csv.gz", "res.jsonl.GZ", "res.xz"])
     @pytest.mark.parametrize("fmt", [None, "csv"])
     def test_a_compressed_out_name_is_refused(

@@ -247,10 +247,11 @@ def plan_paths(
     else:
         stem = "stdin" if stdin else Path(job).name.removesuffix(".gz").rsplit(".", 1)[0]
         out_path = directory / f"{stem or Path(job).name}{_SUFFIX[fmt]}"
-    if not to_stdout and out_path.is_symlink():
+    if not to_stdout and out_path.is_symlink() and not ledger_path(out_path).exists():
         # The run writes through the link: its output, ledger and the files that replace
         # the output (--ordered, --refresh) go beside the file it names, and the link stays
         # (a "latest" link was replaced by a plain file, its target left with old rows).
+        # A job begun through the link by an older broker keeps its ledger beside the link.
         out_path = Path(os.path.realpath(out_path))
     if stdin:
         job_path = out_path.with_name(f"{out_path.name}.stdin.{stdin_format}")
