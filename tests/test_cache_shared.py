@@ -302,7 +302,7 @@ class TestRealRedis:
             assert 86_390 <= ttl <= 86_400
             # The namespace's index and sizes go with their last entry: a namespace no
             # longer used (a partner tag changed) left them forever.
-            for record in (b"p1:creators:index", b"p1:creators:sizes"):
+            for record in (b"p1:creators:index", b"p1:creators:sizes", b"p1:creators:names"):
                 assert 86_390 <= await client.ttl(record) <= 86_400, record
             async with RedisCache(client, CachePolicy(3_600), key_prefix="p2:") as other:
                 assert await other.get_many(queries(["B000000001"])) == [None]

@@ -84,6 +84,10 @@ class RedisCache(StoreCache):
         self._base = f"{key_prefix}{namespace}:"
         self._index = self._base + "index"
         self._sizes = self._base + "sizes"
+        # The index's members again, all at score 0, so those of one item are one range in
+        # their byte order (ZRANGEBYLEX "marketplace|ASIN|"): Amazon's not_found deletes an
+        # item's answers of every resource set without a scan of the whole index.
+        self._names = self._base + "names"
         self._closed = False
 
     @classmethod
@@ -174,6 +178,7 @@ class RedisCache(StoreCache):
                     # used (a partner tag changed) leaves nothing behind.
                     pipe.expire(self._index, math.ceil(CEILING_S))
                     pipe.expire(self._sizes, math.ceil(CEILING_S))
+                    pipe.expire(self._names, math.ceil(CEILING_S))
                     await pipe.execute()
                     break
                 except WatchError:
@@ -205,6 +210,7 @@ class RedisCache(StoreCache):
         member = entry.key.text()
         pipe.set(name, _HEAD.pack(entry.fetched_at, entry.checksum) + entry.payload, ex=ttl_s)
         pipe.zadd(self._index, {member: entry.fetched_at})
+        pipe.zadd(self._names, {member: 0})
         pipe.hset(self._sizes, member, entry.size)
 
     async def _forget_expired(self, expire_before: float) -> None:
@@ -222,8 +228,9 @@ class RedisCache(StoreCache):
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(*[self._member_name(m) for m in members])
             pipe.zrem(self._index, *members)
+            pipe.zrem(self._names, *members)
             pipe.hdel(self._sizes, *members)
-            deleted, _, _ = await pipe.execute()
+            deleted, _, _, _ = await pipe.execute()
         return int(deleted)
 
     async def _delete(
@@ -235,11 +242,15 @@ class RedisCache(StoreCache):
         every_resource_set: bool = False,
     ) -> int:
         if keys is not None and every_resource_set:
-            # Members are "marketplace|ASIN|resources"; neither part holds a glob character.
-            found: list[bytes] = []
-            for pattern in dict.fromkeys(f"{k.marketplace}|{k.asin}|*" for k in keys):
-                index = self._redis.zscan_iter(self._index, match=pattern)
-                found.extend([member async for member, _score in index])
+            # Members are "marketplace|ASIN|resources": an item's are the names from its
+            # "marketplace|ASIN|" up to that and the byte 0xFF (resources are ASCII).
+            found: list[bytes | str] = []
+            for prefix in dict.fromkeys(f"{k.marketplace}|{k.asin}|".encode() for k in keys):
+                found.extend(
+                    await self._redis.zrangebylex(
+                        self._names, b"[" + prefix, b"[" + prefix + b"\xff"
+                    )
+                )
             return await self._drop_members(found)
         if keys is not None:
             return await self._drop_members([key.text() for key in keys])
