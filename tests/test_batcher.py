@@ -258,6 +258,36 @@ class TestWorkQueue:
         assert len(work.drain()) == 1
         assert len(work) == 0
 
+    async def test_retries_then_operations_in_order_then_get_items(self) -> None:
+        """Take order: retries first (put_front), then operations in the order made, then
+        GetItems batches; an operation queued after a retry went ahead of it and of the
+        operation made before it (get, op1, retry, op2 was taken op2, retry, op1, get)."""
+        loop = asyncio.get_running_loop()
+
+        def operation() -> Batch:
+            future: asyncio.Future[object] = loop.create_future()
+            return Batch(US, operation=Operation.SEARCH_ITEMS, op_future=future)  # type: ignore[arg-type]
+
+        work = WorkQueue()
+        get, retry = Batch.of([_lookup("B000000001")]), Batch.of([_lookup("B000000002")])
+        op1, op2 = operation(), operation()
+        work.put(get)
+        work.put_ahead(op1)
+        work.put_front(retry)
+        work.put_ahead(op2)
+        assert len(work) == 4
+        assert _take_all(work) == [retry, op1, op2, get]
+
+    async def test_a_discarded_operation_leaves_its_lane(self) -> None:
+        """discard finds a batch in whichever lane it waits."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        op = Batch(US, operation=Operation.SEARCH_ITEMS, op_future=future)  # type: ignore[arg-type]
+        work = WorkQueue()
+        work.put_ahead(op)
+        work.discard(op)
+        assert len(work) == 0
+        assert not work.has_work_for((US,))
+
     async def test_operation_batch_liveness(self) -> None:
         """An operation batch lives while its caller waits."""
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()

@@ -25,7 +25,7 @@ import contextlib
 import enum
 import itertools
 import weakref
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -272,22 +272,32 @@ class Batch:
 
 
 class WorkQueue:
-    """Batches waiting for a key, FIFO, with a head lane for retries and operations.
+    """Batches waiting for a key in three lanes, taken in order: retries (the newest
+    first), then new operations (searches, in the order made), then new GetItems batches
+    (FIFO). A caller's search must not wait out another caller's bulk lookups (up to
+    ``queue_size`` of them, minutes at a few TPS), and a retry goes ahead of everything.
 
-    ``get(marketplaces)`` returns the oldest batch for one of the given marketplaces
-    (a key serves only the marketplaces it has a partner tag for). A batch whose lookups
-    were all abandoned is dropped at once (:meth:`discard`). Its size is bounded
-    upstream: the intake admits at most ``queue_size`` outstanding lookups per marketplace.
+    ``take(marketplaces)`` returns the first batch, by that order, for one of the given
+    marketplaces (a key serves only the marketplaces it has a partner tag for). A batch
+    whose lookups were all abandoned is dropped at once (:meth:`discard`). Its size is
+    bounded upstream: the intake admits at most ``queue_size`` outstanding lookups per
+    marketplace.
     """
 
-    __slots__ = ("_batches", "_changed")
+    __slots__ = ("_changed", "_lanes")
 
     def __init__(self) -> None:
-        self._batches: collections.deque[Batch] = collections.deque()
+        # retries, operations, GetItems batches
+        self._lanes: tuple[collections.deque[Batch], ...] = tuple(
+            collections.deque() for _ in range(3)
+        )
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self._batches)
+        return sum(len(lane) for lane in self._lanes)
+
+    def _queued(self) -> Iterator[Batch]:
+        return itertools.chain.from_iterable(self._lanes)
 
     def _admit(self, batch: Batch) -> None:
         batch.place = BatchPlace.QUEUED
@@ -308,57 +318,53 @@ class WorkQueue:
                 caller.let_go(lookup)
 
     def put(self, batch: Batch) -> None:
-        """Queue a new batch behind the others."""
-        self._batches.append(batch)
+        """Queue a new GetItems batch behind the others."""
+        self._lanes[2].append(batch)
         self._admit(batch)
 
     def put_front(self, batch: Batch) -> None:
-        """Queue a batch to be retried ahead of new work."""
-        self._batches.appendleft(batch)
+        """Queue a batch to be retried ahead of everything."""
+        self._lanes[0].appendleft(batch)
         self._admit(batch)
 
     def put_ahead(self, batch: Batch) -> None:
         """Queue a new operation (a search) ahead of the GetItems batches, behind the
-        operations queued before it: one caller's search must not wait out another
-        caller's bulk lookups (up to ``queue_size`` of them, minutes at a few TPS)."""
-        index = 0
-        # Only the head is walked: operations are few, and they gather there.
-        for queued in self._batches:
-            if queued.operation is None:
-                break
-            index += 1
-        self._batches.insert(index, batch)
+        retries and the operations queued before it."""
+        self._lanes[1].append(batch)
         self._admit(batch)
 
     def discard(self, batch: Batch) -> None:
         """Drop a queued batch (its last lookup was abandoned)."""
         if batch.place is BatchPlace.QUEUED:
-            with contextlib.suppress(ValueError):
-                self._batches.remove(batch)
+            for lane in self._lanes:
+                with contextlib.suppress(ValueError):
+                    lane.remove(batch)
+                    break
             batch.place = BatchPlace.ACTIVE
             batch.on_empty = None
 
     def marketplaces(self) -> tuple[str, ...]:
         """The marketplaces queued batches are for, sorted (one pass over the queue)."""
-        return tuple(sorted({batch.marketplace for batch in self._batches}))
+        return tuple(sorted({batch.marketplace for batch in self._queued()}))
 
     def has_work_for(self, marketplaces: Collection[str]) -> bool:
         """True if a queued batch is for one of ``marketplaces`` (stops at the first)."""
-        return any(b.marketplace in marketplaces for b in self._batches)
+        return any(b.marketplace in marketplaces for b in self._queued())
 
     def take(self, marketplaces: Collection[str]) -> Batch | None:
-        """Remove and return the oldest live batch for ``marketplaces``."""
-        index = 0
-        while index < len(self._batches):
-            batch = self._batches[index]
-            if batch.marketplace not in marketplaces:
-                index += 1
-                continue
-            del self._batches[index]
-            batch.place = BatchPlace.BOOKING
-            batch.on_empty = None
-            if batch.live():
-                return batch
+        """Remove and return the first live batch for ``marketplaces``, lane by lane."""
+        for lane in self._lanes:
+            index = 0
+            while index < len(lane):
+                batch = lane[index]
+                if batch.marketplace not in marketplaces:
+                    index += 1
+                    continue
+                del lane[index]
+                batch.place = BatchPlace.BOOKING
+                batch.on_empty = None
+                if batch.live():
+                    return batch
         return None
 
     async def wait_for(self, marketplaces: Callable[[], Collection[str]]) -> None:
@@ -373,11 +379,12 @@ class WorkQueue:
 
     def drain(self, marketplace: str | None = None) -> list[Batch]:
         """Remove and return every queued batch (of one marketplace, or all)."""
-        kept: collections.deque[Batch] = collections.deque()
         taken: list[Batch] = []
-        for batch in self._batches:
-            (taken if marketplace in (None, batch.marketplace) else kept).append(batch)
-        self._batches = kept
+        for lane in self._lanes:
+            kept = [batch for batch in lane if marketplace not in (None, batch.marketplace)]
+            taken.extend(batch for batch in lane if marketplace in (None, batch.marketplace))
+            lane.clear()
+            lane.extend(kept)
         for batch in taken:
             batch.place = BatchPlace.ACTIVE
             batch.on_empty = None
