@@ -12,7 +12,6 @@ import errno
 import io
 import json
 import os
-import sqlite3
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -620,32 +619,6 @@ class TestSqliteSink:
         assert columns == ["seq", *CSV_COLUMNS, "row_json"]
         assert price == (4.5, "Thé, «vert»")
         assert cached == [("integer", 0)]  # the INTEGER column holds 0/1, so WHERE cached works
-
-    def test_a_closed_output_is_a_plain_file_a_read_only_reader_opens(self, tmp_path: Path) -> None:
-        """Closed, the output is in rollback-journal mode with no -wal or -shm beside it, so
-        a reader that may not write in its folder opens it (read-only); it stayed
-        in WAL, which such a reader cannot open ("attempt to write a readonly database");
-        a resume writes in WAL again."""
-        out = tmp_path / "out.sqlite"
-        with make_ledger(tmp_path) as ledger:
-            sink = SqliteSink(out)
-            emit(ledger, sink)
-            sink.close()
-        assert not out.with_name(out.name + "-wal").exists()
-        assert not out.with_name(out.name + "-shm").exists()
-        # The header's read and write versions: 1 for a rollback journal, 2 for WAL, which
-        # makes even a reader create the -shm.
-        assert out.read_bytes()[18:20] == b"\x01\x01"
-        conn = sqlite3.connect(f"{out.as_uri()}?mode=ro", uri=True)
-        try:
-            assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
-            assert conn.execute("SELECT count(*) FROM results").fetchone() == (10,)
-        finally:
-            conn.close()
-        sink = SqliteSink(out)
-        sink.open(SinkState(0, 10))
-        assert sink._usable().execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        sink.close()
 
     @pytest.mark.parametrize(
         "damage", ["DELETE FROM results WHERE seq % 3 = 0", "DROP TABLE results"]

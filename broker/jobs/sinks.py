@@ -29,7 +29,6 @@ rows, so it needs no byte offsets (``offset`` is always 0).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import io
@@ -732,18 +731,12 @@ class SqliteSink:
         return SinkState(0, self._durable)
 
     def close(self) -> None:
-        """Roll back what was not flushed and close the database, left in rollback-journal
-        mode: a WAL file needs its -shm made even to be read, so another account that may
-        not write in its folder (or a read-only copy) could not open it at all."""
+        """Roll back what was not flushed and close the database."""
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                if self._failed is None:
-                    # A reader holding it open keeps it in WAL (busy): harmless, next time.
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("PRAGMA journal_mode = DELETE")
             finally:
                 # Closed even when the rollback fails (a failing disk): never leaked.
                 conn.close()
