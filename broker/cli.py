@@ -453,12 +453,17 @@ def _parse(words: list[str]) -> argparse.Namespace:
 def _command(args: argparse.Namespace) -> int:
     """Run the parsed command line."""
     if args.command == "simulate":
+        from broker.config import TABLES
         from broker.simulator.cli import simulate_command
 
         # Named by --config or $ASINB_CONFIG, the file must exist; ./config.toml need not.
         named = args.config or os.environ.get(CONFIG_ENV)
         return simulate_command(
-            args, config=named or DEFAULT_CONFIG, explicit=bool(named), run=_run_loop
+            args,
+            config=named or DEFAULT_CONFIG,
+            explicit=bool(named),
+            run=_run_loop,
+            tables=TABLES,
         )
     if args.command == "bench":
         from broker.bench import bench_command

@@ -58,9 +58,10 @@ __all__ = [
     "shown_url",
 ]
 
-#: The config file's top-level names (:func:`parse_config` refuses any other): ``broker
-#: simulate``, which reads only ``[simulator]``, refuses the others by them, so a misspelt
-#: ``[simulatr]`` fails there too instead of leaving the simulator on its defaults.
+#: The config file's top-level names: :func:`parse_config` refuses any other, and
+#: ``broker simulate``, which reads only ``[simulator]``, lets these through and refuses
+#: the rest, so a misspelt ``[simulatr]`` fails there too instead of leaving the simulator
+#: on its defaults.
 TABLES: Final = frozenset(
     (
         "api",
@@ -541,6 +542,11 @@ def parse_config(
     """Validate a parsed TOML document into a :class:`BrokerConfig` (``read_secrets``: as
     for :func:`load_config`; ``in_code``: the document was given in code, so a secret
     found in it is refused pointing at ``secrets=``)."""
+    # TABLES is the one list of them (broker simulate lets these through); a name that
+    # looks like a secret is refused at the end, saying where secrets go.
+    unknown = sorted(name for name in document if name not in TABLES and not _looks_secret(name))
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key")
     table = TomlTable(document, "")
     api = _parse_api(table.table("api"))
     keys = tuple(

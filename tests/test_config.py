@@ -67,9 +67,15 @@ class TestTables:
         parse_config(document, environ=ENV)
 
     def test_a_table_not_named_is_refused_by_the_config_too(self) -> None:
-        """A name outside TABLES is an unknown key for the config as for the simulator."""
+        """A name outside TABLES is an unknown key for the config as for the simulator;
+        one that looks like a secret is refused saying where secrets go."""
         assert "simulatr" not in TABLES
-        assert _error(_doc(simulatr={"seed": 3})).path == "simulatr"
+        error = _error(_doc(simulatr={"seed": 3}))
+        assert (error.path, error.message) == ("simulatr", "unknown key")
+        secret = _error(_doc(password="hunter2-do-not-echo"))
+        assert secret.path == "password"
+        assert "secrets are never read from the config file" in secret.message
+        assert "hunter2" not in str(secret)
 
 
 class TestFilePaths:

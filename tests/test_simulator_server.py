@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from broker.cli import main
+from broker.config import TABLES
 from broker.errors import ConfigError
 from broker.simulator.cli import EX_CONFIG, load_settings, simulate_command
 from broker.simulator.server import SimulatorServer, check_host
@@ -250,7 +251,7 @@ def test_cli_reads_only_the_simulator_table(tmp_path: Path) -> None:
     """load_settings parses [simulator] and ignores the other tables."""
     config = tmp_path / "broker.toml"
     config.write_text('[api]\nprotocol = "creators"\n[simulator]\nseed = 5\nburst = 3\n')
-    settings = load_settings(str(config), explicit=True)
+    settings = load_settings(str(config), explicit=True, tables=TABLES)
     assert (settings.seed, settings.burst) == (5, 3)
 
 
@@ -272,9 +273,22 @@ def test_cli_config_errors_exit_78(
     config = tmp_path / "mine.toml"
     if content is not None:
         config.write_text(content)
-    code = simulate_command(_args(), config=str(config), explicit=True, run=_interrupting_run(0))
+    code = simulate_command(
+        _args(), config=str(config), explicit=True, run=_interrupting_run(0), tables=TABLES
+    )
     assert code == EX_CONFIG
     assert message in capsys.readouterr().err
+
+
+def test_broker_simulate_refuses_a_misspelt_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """broker simulate --config with [simulatr] exits 78 naming it (the CLI passes the
+    config's own table names); it served the built-in settings."""
+    config = tmp_path / "c.toml"
+    config.write_text('[api]\nprotocol = "creators"\n[simulatr]\nseed = 3\n')
+    assert main(["simulate", "--config", str(config), "--port", "0"]) == EX_CONFIG
+    assert "simulatr: unknown table" in capsys.readouterr().err
 
 
 def test_cli_missing_default_config_means_defaults(

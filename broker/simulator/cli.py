@@ -10,11 +10,10 @@ import argparse
 import functools
 import sys
 import tomllib
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from broker.config import TABLES
 from broker.errors import ConfigError
 from broker.exitcode import ExitCode
 from broker.progname import prog
@@ -27,11 +26,13 @@ __all__ = ["EX_CONFIG", "load_settings", "simulate_command"]
 EX_CONFIG = ExitCode.CONFIG
 
 
-def load_settings(path: str, *, explicit: bool) -> SimulatorSettings:
+def load_settings(
+    path: str, *, explicit: bool, tables: Collection[str] = ("simulator",)
+) -> SimulatorSettings:
     """Read the ``[simulator]`` table of the TOML file at ``path``.
 
-    The broker's other tables are ignored (the file is usually its config.toml); a name
-    that is no table of either is refused.
+    The other ``tables`` (the broker's: the file is usually its config.toml) are ignored;
+    a top-level name among none of them is refused.
 
     A missing file means the built-in settings unless the path was given explicitly.
 
@@ -50,7 +51,7 @@ def load_settings(path: str, *, explicit: bool) -> SimulatorSettings:
         raise ConfigError("config", f"cannot read {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(document) - TABLES)
+    unknown = sorted(set(document) - {"simulator", *tables})
     if unknown:
         # Read by nothing: most often a misspelt [simulator], whose settings would be lost.
         raise ConfigError(
@@ -82,6 +83,7 @@ def simulate_command(
     config: str,
     explicit: bool,
     run: Callable[[Coroutine[Any, Any, None]], int],
+    tables: Collection[str] = ("simulator",),
 ) -> int:
     """Run ``broker simulate`` with parsed ``args`` (host, port, allow_remote).
 
@@ -90,13 +92,14 @@ def simulate_command(
         config: the config file whose ``[simulator]`` table applies.
         explicit: the user named ``config`` (a missing file is then an error).
         run: runs a coroutine to completion on an event loop (the CLI's loop policy).
+        tables: the file's other top-level names that are no mistake (the broker's).
 
     Returns:
         The process exit code.
     """
     try:
         check_host(args.host, allow_remote=bool(args.allow_remote))
-        settings = load_settings(config, explicit=explicit)
+        settings = load_settings(config, explicit=explicit, tables=tables)
         return run(
             serve_forever(
                 settings,
