@@ -4,7 +4,8 @@ Bottom: models, errors, clock, asin, listener (and logs, testing). ``api/`` hold
 formats; ``state/`` and ``cache/`` the stores; ``engine/`` the pipeline; ``client``,
 ``jobs/``, ``bench`` and ``cli`` compose them on top. ``simulator/`` stands beside the
 client: it may use the bottom layer and the pure wire functions of ``api/`` (SigV4,
-marketplaces), never the engine, so it judges the client independently.
+marketplaces), never the engine or the broker's config, so it judges the client
+independently.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("broker.state", ("broker.engine", "broker.jobs", "broker.cli", "broker.simulator")),
     ("broker.cache", ("broker.engine", "broker.jobs", "broker.cli", "broker.simulator")),
     ("broker.config", ("broker.simulator", "broker.engine", "broker.jobs")),
-    ("broker.simulator", ("broker.engine", "broker.jobs", "broker.client", "broker.cli")),
+    (
+        "broker.simulator",
+        ("broker.engine", "broker.jobs", "broker.client", "broker.cli", "broker.config"),
+    ),
 ]
 
 
