@@ -1092,8 +1092,8 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     if summary.keys_out:
         # The other keys may have done every row (exit 0): a broken key must still be seen.
         print(
-            f"out of rotation: {'; '.join(summary.keys_out)}: fix them in config.toml "
-            "(broker check-config), or they stay unused",
+            f"out of rotation: {'; '.join(summary.keys_out)} (each one's remedy is in its "
+            "broker.key_disabled event)",
             file=sys.stderr,
         )
     over = "run it again to start over (--out - keeps no ledger, so it cannot resume)"

@@ -123,6 +123,9 @@ class Broker:
         cache_max_age_s: a per-run override (``--max-age``; 0 turns the cache off).
         cache_refresh: serve nothing from the item cache but still write every answer to
             it, so later lookups get the fresh ones (``--refresh``).
+
+    Raises:
+        ValueError: ``cache_refresh`` with the item cache off (nothing to write to).
     """
 
     def __init__(
