@@ -1042,6 +1042,31 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
     )
 
 
+def _log_stopped(paths: RunPaths, code: int, message: str) -> None:
+    """``broker.job_finished`` of a run an error stopped: its exit code and why, with the
+    rows as its ledger has them (none when it has no ledger yet)."""
+    from broker.jobs.ledger import read_tally
+    from broker.jobs.paths import ledger_path
+    from broker.logs import get_logger
+
+    tally = read_tally(ledger_path(paths.out))
+    figures: dict[str, object] = {}
+    if tally is not None:
+        done = {status: n for status, n in tally.items() if status != "pending"}
+        figures = {
+            "rows": {"total": sum(tally.values()), **done},
+            "pending": tally.get("pending", 0),
+        }
+    get_logger().info(
+        "broker.job_finished",
+        job=str(paths.job) if not paths.stdin else "-",
+        out=paths.shown_out,
+        **figures,
+        error=message,
+        exit_code=int(code),
+    )
+
+
 async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> int:
     from broker.jobs.paths import RunPaths
     from broker.jobs.runner import JobOptions, describe_failure, run_job
@@ -1067,6 +1092,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         summary = await run_job(config, options)
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)
+        _log_stopped(paths, code, message)
         print(f"{prog()}: {message}", file=sys.stderr)
         return code
     finally:

@@ -1702,6 +1702,34 @@ def test_run_names_a_key_taken_out_though_the_others_did_every_row(
     assert "wrong-secret" not in err
 
 
+def test_a_run_stopped_by_an_error_ends_with_job_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run a rejected key stops (77) ends its log with broker.job_finished too: the exit
+    code, the error and the rows as its ledger has them; the JSON log ended with
+    broker.key_disabled, so a collector never saw how it ended."""
+    monkeypatch.setenv("ASINB_UK", "wrong-secret")
+    config = str(_config(tmp_path, _with_second_key("uk", "www.amazon.co.uk", "ASINB_UK")))
+    job = tmp_path / "job.jsonl"
+    job.write_text(
+        "".join(
+            f'{{"asin": "B0TEST{i:04d}", "marketplace": "{m}"}}\n'
+            for i in range(10)
+            for m in ("www.amazon.com", "www.amazon.co.uk")
+        )
+    )
+    args = ["run", str(job), "--config", config, "--out", str(tmp_path / "o.jsonl")]
+    assert cli.main([*args, "--progress", "none"]) == ExitCode.NO_PERMISSION
+    err = capsys.readouterr().err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    (finished,) = [e for e in events if e.get("event") == "broker.job_finished"]
+    assert finished["exit_code"] == ExitCode.NO_PERMISSION
+    assert "no key can serve www.amazon.co.uk" in finished["error"]
+    assert finished["rows"] == {"total": 20, "ok": 10}
+    assert finished["pending"] == 10
+    assert "wrong-secret" not in err
+
+
 def test_lookup_prints_what_other_marketplaces_answered_when_one_has_no_key_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -76,6 +76,7 @@ __all__ = [
     "canonical_marketplace",
     "crash_point",
     "disk_error",
+    "read_tally",
 ]
 
 #: The ledger schema this code reads and writes (``meta.schema_version``).
@@ -285,6 +286,25 @@ class DoneRow:
     error_reason: str | None
     extra: Mapping[str, object] | None
     error_code: str = INVALID_ASIN
+
+
+def read_tally(ledger: Path) -> dict[str, int] | None:
+    """A job's rows by status (``pending`` among them), read-only from its ledger's
+    ``tally`` table while another process may be writing it.
+
+    Read from the side, it keeps the daemon's ``/metrics`` live without a callback into
+    the runner, and gives the figures of a run that stopped on an error; a ledger not
+    made yet (or busy) gives None.
+    """
+    try:
+        conn = sqlite3.connect(f"{ledger.absolute().as_uri()}?mode=ro", uri=True, timeout=0.05)
+        try:
+            rows = conn.execute("SELECT status, n FROM tally").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return {str(status): int(n) for status, n in rows if n}
 
 
 class Ledger:

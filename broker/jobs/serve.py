@@ -93,7 +93,7 @@ from broker.clock import Clock, LoopClock
 from broker.engine.keys import OUTAGE_CODE
 from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
-from broker.jobs.ledger import JobSettingsChangedError
+from broker.jobs.ledger import JobSettingsChangedError, read_tally
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.paths import ledger_path, report_path
@@ -742,23 +742,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _ledger_tally(ledger: Path) -> dict[str, int] | None:
-    """A running job's rows by status, read from its ledger's ``tally`` table, read-only.
-
-    Reading the runner's ledger from the side keeps ``/metrics`` live without a callback
-    into the runner; a ledger not created yet (or busy) just gives None.
-    """
-    try:
-        conn = sqlite3.connect(f"{ledger.absolute().as_uri()}?mode=ro", uri=True, timeout=0.05)
-        try:
-            rows = conn.execute("SELECT status, n FROM tally").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
-    return {str(status): int(n) for status, n in rows if n}
-
-
 class Daemon:
     """The spool daemon; see the module docstring. Implements the HTTP ``StatusSource``.
 
@@ -1233,7 +1216,7 @@ class Daemon:
         )
         before = broker.metrics()
         # A resumed job's rows of earlier runs were counted by the process that wrote them.
-        self._rows_counted = _ledger_tally(job.ledger) or {}
+        self._rows_counted = read_tally(job.ledger) or {}
         self._current = job
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._run_job(broker, options))
@@ -1274,7 +1257,7 @@ class Daemon:
             raise
         finally:
             watcher.cancel()
-            self._count_rows(_ledger_tally(job.ledger) or {})
+            self._count_rows(read_tally(job.ledger) or {})
             self._current = None
         if summary.quota_wait_until is not None:
             self._defer(job, summary.quota_wait_until, summary.quota_wait_keys)
@@ -1517,7 +1500,7 @@ class Daemon:
         """The daemon's job counters, the current job's rows read live from its ledger."""
         jobs = list(self._recent)
         if self._current is not None:
-            live = _ledger_tally(self._current.ledger) or {}
+            live = read_tally(self._current.ledger) or {}
             # Counted as they are written: a job dropped or stopped later keeps them counted.
             self._count_rows(live)
             # The name it will be filed under, so it never repeats a finished job's label.
