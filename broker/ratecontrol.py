@@ -15,7 +15,9 @@ A key's configured TPS is a known ceiling. Three kinds of 429 reach a key:
   (``ratelimit.md`` 1.3, CUBIC in shape): back to ``plateau`` times that rate within
   ``regrow_s``, flat until the probe time, then convex above it, so a server whose rate came
   back is found within seconds while one that stayed slow costs about one 429 per probe. A
-  throttled probe keeps the known limit and doubles the wait before the next probe.
+  throttled probe keeps the known limit and doubles the wait before the next probe, unless
+  it had climbed to more than ``PROBE_FAR`` times that limit: the server's rate came back
+  part of the way, and the probe's rate is the new limit.
 
 Everything here is pure arithmetic on a :class:`RecoveryState` and times in seconds, so the
 engine's :class:`~broker.engine.adaptive.AdaptiveRate` (one process) and the shared key
@@ -28,7 +30,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["DROP_WINDOW_S", "RecoveryState", "RecoveryTuning", "cut_rate", "recovered_rate"]
+__all__ = [
+    "DROP_WINDOW_S",
+    "PROBE_FAR",
+    "RecoveryState",
+    "RecoveryTuning",
+    "cut_rate",
+    "recovered_rate",
+]
 
 #: Three cuts within this many seconds mean the server's rate dropped (not jitter).
 DROP_WINDOW_S = 5.0
@@ -82,6 +91,10 @@ class RecoveryState:
         self.recent = []
 
 
+#: A throttled probe sent at more than this many times the last limit found a new one.
+PROBE_FAR = 2.0
+
+
 def _probe_wait(state: RecoveryState, tuning: RecoveryTuning, top: float) -> float:
     sends = tuning.probe_after_sends / (top * tuning.plateau)
     return state.probe_level * max(tuning.probe_after_s, sends)
@@ -110,12 +123,19 @@ def cut_rate(
         state.top = 0.0
         return rate * (1.0 - (tuning.cap_beta if at_cap and not dropped else tuning.beta))
     beta = tuning.drop_beta if dropped else tuning.beta
-    if previous is not None and since_cut >= _probe_wait(state, tuning, previous):
+    if (
+        previous is not None
+        and since_cut >= _probe_wait(state, tuning, previous)
+        and rate <= PROBE_FAR * previous
+    ):
         # A probe above the last limit was throttled: the limit still holds (not the
         # probe's peak), and the server is slower than configured: probe less often.
         limit = tuning.max_probe_after_s / tuning.probe_after_s
         state.probe_level = min(limit, state.probe_level * 2.0)
         return min(rate * (1.0 - beta), previous * (1.0 - beta))
+    # Else a fresh limit: the first 429s of a drop, or a probe that climbed to more than
+    # PROBE_FAR times the last limit before its first 429 (the server's rate came back
+    # part of the way: going back under the old limit made a sawtooth far below the new).
     state.descending = previous is not None and rate < 0.97 * previous
     if previous is None or abs(rate - previous) > 0.1 * previous:
         state.probe_level = 1.0

@@ -270,6 +270,28 @@ class TestCeilingAwareRecovery:
         ctl.on_throttled(sent_at=clock.now - 0.1)
         assert ctl.rate < limit
 
+    def test_a_probe_throttled_far_above_the_last_limit_keeps_the_new_one(self) -> None:
+        """The server's rate came back part of the way (a drop to 0.5 of 10 TPS, then up to
+        5): the probe's first 429 at more than twice the old limit cuts from where it was
+        sent, as a fresh drop does; it went back under the old limit and probed up again,
+        a sawtooth at a fifth of what the server allowed."""
+        clock, ctl = _full(10.0)
+        limit = _run_of_429s(clock, ctl, 16)[-2]
+        assert limit < 0.8
+        start = clock.now
+        while ctl.rate < 5.2 and clock.now - start < 60.0:
+            clock.now += 1.0 / ctl.rate
+            ctl.on_success(demand_limited=True)
+        peak = ctl.rate
+        assert 5.2 <= peak < 0.75 * 10.0
+        clock.now += 0.1
+        ctl.on_throttled(sent_at=clock.now - 0.05)
+        assert ctl.rate == pytest.approx(peak * 0.9)
+        for _ in range(20):  # the new limit is where the climb starts from again
+            clock.now += 1.0 / ctl.rate
+            ctl.on_success(demand_limited=True)
+        assert ctl.rate >= 0.9 * peak
+
 
 class _GcraServer:
     """A server-side GCRA at the true rate with burst B, deciding at arrival."""

@@ -1219,3 +1219,17 @@ def test_a_record_an_older_broker_wrote_takes_no_park_from_a_mark() -> None:
     decision = decide(record, _T0, LIMITS, feedback=Feedback(), reserve=True, process=mark)
     assert decision.granted
     assert decision.parked_until_us == 0
+
+
+def test_the_lua_decision_probes_as_ratecontrol_does() -> None:
+    """decide.lua's probe_far is ratecontrol.PROBE_FAR: the Redis home cuts a far-throttled
+    probe as the memory and SQLite homes do (a constant there, not an argument)."""
+    import re
+
+    import broker.state as state_package
+    from broker.ratecontrol import PROBE_FAR
+
+    lua = (Path(state_package.__file__).with_name("decide.lua")).read_text()
+    (value,) = re.findall(r"^local probe_far = ([0-9.]+)$", lua, flags=re.MULTILINE)
+    assert float(value) == PROBE_FAR
+    assert "r <= probe_far * previous" in lua

@@ -46,6 +46,8 @@ local probe_after_sends = tonumber(ARGV[34])
 local max_probe_after_s = tonumber(ARGV[35])
 local probe_gain = tonumber(ARGV[36])
 local drop_window = tonumber(ARGV[37])
+-- ratecontrol.PROBE_FAR (a constant, not an argument: tests/test_state_store.py pins it)
+local probe_far = 2.0
 local release_probe = tonumber(ARGV[38])
 local probe_again = tonumber(ARGV[39])
 -- '1': the process is closing (decision.py: Feedback.leaving)
@@ -128,7 +130,8 @@ local function cut_rate(r)
   end
   local b = beta
   if dropped then b = drop_beta end
-  if previous > 0 and since_cut >= probe_wait(previous) then
+  -- A probe throttled at more than probe_far times the last limit found a new one.
+  if previous > 0 and since_cut >= probe_wait(previous) and r <= probe_far * previous then
     rc_level = math.min(max_probe_after_s / probe_after_s, rc_level * 2)
     return math.min(r * (1 - b), previous * (1 - b))
   end
