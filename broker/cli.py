@@ -655,25 +655,25 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
 
     from broker.api.marketplaces import marketplace as lookup_marketplace
 
-    if args.refresh and _cache_max_age(args) == 0:
-        off = "--no-cache" if args.no_cache else "--max-age 0"
-        print(
-            f"{prog()}: --refresh keeps the new answers in the item cache, which {off} "
-            f"turns off: give one of them ({off} alone also asks Amazon for every id)",
-            file=sys.stderr,
-        )
-        return ExitCode.USAGE
     if args.refresh:
         from broker.cache import RUN_MAX_AGE_S, cache_policy
 
-        policy = cache_policy(
-            config.cache, default_max_age_s=RUN_MAX_AGE_S, max_age_s=_cache_max_age(args)
-        )
+        override = _cache_max_age(args)
+        policy = cache_policy(config.cache, default_max_age_s=RUN_MAX_AGE_S, max_age_s=override)
         if not policy.enabled:
+            # Refresh writes the new answers to the cache: with it off there is nothing to
+            # write to, and every id is asked of Amazon anyway.
+            if override == 0:
+                off = "--no-cache" if args.no_cache else "--max-age 0"
+                hint = f"give one of them ({off} alone also asks Amazon for every id)"
+            else:
+                off = "[cache] max_age_s = 0 of the config"
+                hint = (
+                    "leave --refresh out (every id is asked of Amazon anyway), or give --max-age S"
+                )
             print(
-                f"{prog()}: --refresh keeps the new answers in the item cache, which "
-                "[cache] max_age_s = 0 of the config turns off: leave --refresh out (every "
-                "id is asked of Amazon anyway), or give --max-age S",
+                f"{prog()}: --refresh keeps the new answers in the item cache, which {off} "
+                f"turns off: {hint}",
                 file=sys.stderr,
             )
             return ExitCode.USAGE

@@ -284,13 +284,14 @@ class WorkQueue:
     marketplace.
     """
 
-    __slots__ = ("_changed", "_lanes")
+    __slots__ = ("_changed", "_lanes", "_new", "_operations", "_retries")
 
     def __init__(self) -> None:
-        # retries, operations, GetItems batches
-        self._lanes: tuple[collections.deque[Batch], ...] = tuple(
-            collections.deque() for _ in range(3)
-        )
+        self._retries: collections.deque[Batch] = collections.deque()
+        self._operations: collections.deque[Batch] = collections.deque()
+        self._new: collections.deque[Batch] = collections.deque()
+        # In the order they are taken from.
+        self._lanes = (self._retries, self._operations, self._new)
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
@@ -319,18 +320,18 @@ class WorkQueue:
 
     def put(self, batch: Batch) -> None:
         """Queue a new GetItems batch behind the others."""
-        self._lanes[2].append(batch)
+        self._new.append(batch)
         self._admit(batch)
 
     def put_front(self, batch: Batch) -> None:
         """Queue a batch to be retried ahead of everything."""
-        self._lanes[0].appendleft(batch)
+        self._retries.appendleft(batch)
         self._admit(batch)
 
     def put_ahead(self, batch: Batch) -> None:
         """Queue a new operation (a search) ahead of the GetItems batches, behind the
         retries and the operations queued before it."""
-        self._lanes[1].append(batch)
+        self._operations.append(batch)
         self._admit(batch)
 
     def discard(self, batch: Batch) -> None:
@@ -381,8 +382,9 @@ class WorkQueue:
         """Remove and return every queued batch (of one marketplace, or all)."""
         taken: list[Batch] = []
         for lane in self._lanes:
-            kept = [batch for batch in lane if marketplace not in (None, batch.marketplace)]
-            taken.extend(batch for batch in lane if marketplace in (None, batch.marketplace))
+            kept: list[Batch] = []
+            for batch in lane:
+                (taken if marketplace in (None, batch.marketplace) else kept).append(batch)
             lane.clear()
             lane.extend(kept)
         for batch in taken:

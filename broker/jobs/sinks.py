@@ -485,12 +485,7 @@ class CsvSink(_FileSink):
             # Begun by an older broker under other columns: appended under its header, every
             # cell past the first difference would sit under the wrong name. Written again
             # from the ledger under ours.
-            logger.warning(
-                "broker.output_rewritten",
-                path=str(self.path),
-                note="begun by an older broker under other columns; written again in full "
-                "under this version's",
-            )
+            _say_rewritten(self.path)
             self.close()
             state = super().open(SinkState())
         elif state.done_order == 0 and state.offset != len(self._header):
@@ -577,6 +572,16 @@ def _csv_header(extra: Sequence[str]) -> bytes:
     return _utf8(text.getvalue())
 
 
+def _say_rewritten(path: Path) -> None:
+    """Warn that an output an older broker began is written again in full from the ledger."""
+    logger.warning(
+        "broker.output_rewritten",
+        path=str(path),
+        note="begun by an older broker under other columns; written again in full under "
+        "this version's",
+    )
+
+
 def _an_older_brokers(conn: sqlite3.Connection, columns: Sequence[str]) -> bool:
     """True when the results table (of ``columns``) is one an older broker made: its own
     bookkeeping table is there, and its columns are some of ours (later versions only ever
@@ -653,12 +658,7 @@ class SqliteSink:
             if older:
                 # Begun by an older broker with fewer columns: written again from the ledger
                 # under this version's table (its rows hold nothing the ledger does not).
-                logger.warning(
-                    "broker.output_rewritten",
-                    path=str(self.path),
-                    note="begun by an older broker with other columns; written again in full "
-                    "under this version's",
-                )
+                _say_rewritten(self.path)
                 conn.execute("DROP TABLE results")
                 conn.execute("DELETE FROM broker_sink")
             conn.execute(
