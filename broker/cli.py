@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -1042,9 +1042,16 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
     )
 
 
+def _say_rows(total: int, by_status: Mapping[str, int], pending: int) -> None:
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "no rows"
+    print(f"rows: {total} ({statuses}); pending {pending}", file=sys.stderr)
+
+
 def _log_stopped(paths: RunPaths, code: int, message: str) -> None:
     """``broker.job_finished`` of a run an error stopped: its exit code and why, with the
-    rows as its ledger has them (none when it has no ledger yet)."""
+    rows as its ledger has them (none when it has no ledger yet); the rows line and where
+    the output is are printed too, as a finished run prints them: rows other marketplaces
+    did before the error are written, and resumable."""
     from broker.jobs.ledger import read_tally
     from broker.jobs.paths import ledger_path
     from broker.logs import get_logger
@@ -1065,6 +1072,10 @@ def _log_stopped(paths: RunPaths, code: int, message: str) -> None:
         error=message,
         exit_code=int(code),
     )
+    if tally is not None:
+        _say_rows(sum(tally.values()), done, tally.get("pending", 0))
+        if paths.to_stdout or paths.out.exists():
+            print(f"output: {paths.shown_out}", file=sys.stderr)
 
 
 async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> int:
@@ -1098,8 +1109,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     finally:
         paths.copy_out()
     _log_finished(summary, paths)
-    statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.by_status.items())) or "no rows"
-    print(f"rows: {summary.total} ({statuses}); pending {summary.pending}", file=sys.stderr)
+    _say_rows(summary.total, summary.by_status, summary.pending)
     from_cache = f"from the item cache {summary.cached}, " if summary.cached else ""
     print(
         f"requests {summary.requests}, 429s {summary.throttled}, retries {summary.retries}, "

@@ -1730,6 +1730,30 @@ def test_a_run_stopped_by_an_error_ends_with_job_finished(
     assert "wrong-secret" not in err
 
 
+def test_a_run_stopped_by_an_error_prints_its_rows_and_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run a rejected UK key stops (77) after the US rows were done prints the rows line
+    and where its output is before the error, as a finished run does; it printed only the
+    error, so the ten rows written were not to be seen."""
+    monkeypatch.setenv("ASINB_UK", "wrong-secret")
+    config = str(_config(tmp_path, _with_second_key("uk", "www.amazon.co.uk", "ASINB_UK")))
+    job = tmp_path / "job.jsonl"
+    job.write_text(
+        "".join(
+            f'{{"asin": "B0TEST{i:04d}", "marketplace": "{m}"}}\n'
+            for i in range(10)
+            for m in ("www.amazon.com", "www.amazon.co.uk")
+        )
+    )
+    out = tmp_path / "o.jsonl"
+    args = ["run", str(job), "--config", config, "--out", str(out), "--progress", "none"]
+    assert cli.main(args) == ExitCode.NO_PERMISSION
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("{")]
+    assert lines[:2] == ["rows: 20 (10 ok); pending 10", f"output: {out}"]
+    assert "no key can serve www.amazon.co.uk" in lines[2]
+
+
 def test_lookup_prints_what_other_marketplaces_answered_when_one_has_no_key_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
