@@ -54,6 +54,7 @@ __all__ = [
     "is_loopback_host",
     "load_config",
     "parse_config",
+    "require_config",
     "secret_url_parameter",
     "shown_url",
 ]
@@ -471,6 +472,18 @@ class BrokerConfig:
     source: str = "<objects>"
     cache: CacheConfig = field(default_factory=CacheConfig)
     state: StateConfig = field(default_factory=StateConfig)
+
+
+def require_config(config: object, owner: str) -> BrokerConfig:
+    """``config`` if it is a :class:`BrokerConfig`; else a TypeError naming the two ways to
+    build one (a path or a dict is the natural first try, and failed later, deep inside)."""
+    if not isinstance(config, BrokerConfig):
+        raise TypeError(
+            f"{owner} takes a BrokerConfig, not {type(config).__name__}: build it with "
+            f"{owner}.from_config(path) for a config file, or {owner}.from_dict(document) "
+            "for a dict in config.toml's shape"
+        )
+    return config
 
 
 def is_loopback_host(host: str) -> bool:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.api.resources import resolve_resources
 from broker.client import Broker
-from broker.config import BrokerConfig, config_from_dict, load_config
+from broker.config import BrokerConfig, config_from_dict, load_config, require_config
 from broker.errors import BrokerClosedError, WrongEventLoopError
 from broker.models import ItemResult
 
@@ -86,6 +86,7 @@ class SyncBroker:
     """
 
     def __init__(self, config: BrokerConfig, **kwargs: Any) -> None:
+        config = require_config(config, type(self).__name__)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=_serve, args=(self._loop,), name="asin-broker-loop", daemon=True

@@ -195,3 +195,16 @@ def test_a_string_for_a_list_names_what_was_given() -> None:
         broker.config_from_dict(document, secrets={"k": "s"})
     assert caught.value.path == "api.resources"
     assert "not a string" in caught.value.message
+
+
+@pytest.mark.parametrize("owner", ["Broker", "SyncBroker"])
+@pytest.mark.parametrize("given", ["config.toml", {"api": {}}])
+def test_a_path_or_a_dict_given_for_a_config_is_a_clear_type_error(
+    owner: str, given: object
+) -> None:
+    """Broker("config.toml") and Broker({...}) (SyncBroker too) raise a TypeError naming
+    from_config and from_dict at once; they failed later with "'str' object has no
+    attribute 'api'" from deep inside the client."""
+    cls = getattr(broker, owner)
+    with pytest.raises(TypeError, match=rf"{owner}\.from_config.*{owner}\.from_dict"):
+        cls(given)

@@ -39,7 +39,7 @@ from broker.api.paapi5 import PaapiDialect
 from broker.asin import check_asin
 from broker.cache import CacheFront, cache_namespace, cache_policy, open_cache
 from broker.clock import Clock, LoopClock
-from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config
+from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config, require_config
 from broker.engine.authorizer import Authorizer, BearerAuthorizer, SigV4Authorizer
 from broker.engine.batcher import Batch, Batcher, BatchPlace, Lookup, Room, WorkQueue
 from broker.engine.executor import Executor
@@ -141,6 +141,7 @@ class Broker:
         cache_max_age_s: float | None = None,
         cache_refresh: bool = False,
     ) -> None:
+        config = require_config(config, type(self).__name__)
         if cache_refresh and not (
             cache_policy(
                 config.cache, default_max_age_s=cache_default_max_age_s, max_age_s=cache_max_age_s
