@@ -419,7 +419,21 @@ def _require_redis(path: str) -> None:
         )
 
 
+def _redis_needs_backend(table: TomlTable, names: tuple[str, ...], default: str) -> None:
+    """Redis settings with no ``backend`` line are refused: config.toml lists them on lines
+    of their own, and uncommenting them alone left the table on ``default``, silently (two
+    machines on one key then each spend its whole rate and daily quota)."""
+    given = [name for name in names if table.has(name)]
+    if given and not table.has("backend"):
+        raise ConfigError(
+            table.key("backend"),
+            f'is not set, so {", ".join(given)} would go unused: add backend = "redis" to '
+            f'use Redis, or backend = "{default}" to keep this machine\'s own file',
+        )
+
+
 def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -> StateConfig:
+    _redis_needs_backend(table, ("redis_url", "redis_password_env"), "local")
     backend = table.text("backend", "local")
     if backend not in ("local", "redis", "memory"):
         raise ConfigError("state.backend", 'must be "local", "redis" or "memory"')
@@ -1170,6 +1184,7 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
     if raw_max_age is not None:
         max_age = check_max_age(table.number("max_age_s", 0.0), "cache.max_age_s")
     offers = check_max_age(table.number("offers_max_age_s", 3_600.0), "cache.offers_max_age_s")
+    _redis_needs_backend(table, ("redis_url", "redis_url_env"), "sqlite")
     backend = table.text("backend", "sqlite")
     if backend not in ("sqlite", "redis", "memory"):
         raise ConfigError("cache.backend", 'must be "sqlite", "redis" or "memory"')

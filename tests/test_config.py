@@ -728,3 +728,26 @@ def test_amazons_own_url_is_the_amazon_endpoint(
         del document["keys"][0]["version"]
     config = parse_config(document, environ=ENV)
     assert config.api.endpoint == expected
+
+
+@pytest.mark.parametrize(
+    ("table", "given"),
+    [
+        ("state", {"redis_url": "redis://127.0.0.1:6379/0"}),
+        ("state", {"redis_url": "redis://127.0.0.1:6379/0", "redis_password_env": "RPW"}),
+        ("state", {"redis_password_env": "RPW"}),
+        ("cache", {"redis_url": "redis://127.0.0.1:6379/0"}),
+        ("cache", {"redis_url_env": "ASINB_REDIS_URL"}),
+    ],
+)
+def test_redis_settings_without_a_backend_are_a_config_error(
+    table: str, given: dict[str, str]
+) -> None:
+    """A [state] or [cache] with Redis settings and no backend (config.toml's commented
+    lines uncommented but the backend line) is refused naming backend = "redis": it ran on
+    this machine's own file, so two machines each spent the key's whole rate and quota."""
+    error = _error(_doc(**{table: given}))
+    assert error.path == f"{table}.backend"
+    assert 'backend = "redis"' in error.message
+    local = "local" if table == "state" else "sqlite"
+    parse_config(_doc(**{table: {**given, "backend": local}}), environ={**ENV, "RPW": "pw"})
