@@ -98,9 +98,9 @@ def refuse_orphans(path: Path, what: str) -> None:
     if left and not path.exists():
         raise RefusedFileError(
             f"{path} was deleted without its {' and '.join(left)}, which belong to the "
-            f"deleted file (processes still running use it): delete them too to start {what} "
-            "afresh (running processes then move to the new file), or leave the path alone "
-            "until they stop",
+            f"deleted file (processes still running use it; SQLite leaves them behind even "
+            f"when the last one stops): delete them to start {what} afresh (running "
+            "processes then move to the new file)",
         )
 
 

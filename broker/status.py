@@ -25,6 +25,7 @@ from broker.engine.shared_limiter import key_limits
 from broker.errors import ConfigError, StateUnavailableError
 from broker.exitcode import ExitCode
 from broker.progname import prog
+from broker.sqlitewal import RefusedFileError, refuse_orphans
 from broker.state import KeyView, StateKey, local_state_path, open_store
 
 if TYPE_CHECKING:
@@ -198,6 +199,11 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
                 ExitCode.IO_ERROR,
                 str(path),
             )
+        try:
+            # The file deleted without its -wal and -shm: run and lookup refuse the path.
+            refuse_orphans(path, "the key state")
+        except RefusedFileError as exc:
+            return _cannot_show(config, args, str(exc), ExitCode.IO_ERROR, str(path))
         if not exists:
             # Opening the store would create an empty one and show every key fresh.
             return _nothing_to_show(

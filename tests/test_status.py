@@ -137,6 +137,22 @@ class TestStatus:
         assert captured.out == ""
         assert not (config_path.parent / "keys.sqlite3").exists()
 
+    def test_a_deleted_state_files_journals_are_named_not_taken_for_none(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The state file deleted without its -wal and -shm: status exits 74 naming them, as
+        run and lookup do, and says to delete them; it said no broker had run, while run
+        refused the path."""
+        db = config_path.parent / "keys.sqlite3"
+        for journal in ("-wal", "-shm"):
+            Path(f"{db}{journal}").write_bytes(b"")
+        assert cli.main(["status", "--config", str(config_path)]) == 74
+        err = capsys.readouterr().err
+        assert f"{db}-wal" in err
+        assert "no broker has run" not in err
+        assert "delete them" in err
+        assert "until they stop" not in err
+
     def test_a_park_that_ran_out_is_a_probe_due_not_probing(
         self, config_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
