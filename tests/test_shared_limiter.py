@@ -623,6 +623,44 @@ class TestConcurrentBrokers:
         spending.cancel()
         waiting.cancel()
 
+    async def test_a_hold_by_another_process_s_lower_tpd_is_logged_as_such(
+        self, harness: Harness
+    ) -> None:
+        """A broker with tpd 1000 held by another's tpd 10 logs broker.daily_quota_held with
+        an until a minute away at most, not broker.daily_quota_spent with the reset (it
+        said the day was spent until midnight while it waited seconds)."""
+        clock = FakeClock()
+        sim = await harness.simulator(
+            SimulatorSettings(accounts=(account("demo", "demo-id", "demo-secret", tps=5.0),)),
+            clock=clock,
+        )
+        transport = await harness.transport()
+        store = _store(clock)
+        low, high = [
+            await harness.broker(
+                make_config(sim.url, keys=[key_doc(tps=5.0, tpd=tpd)]),
+                clock=clock,
+                transport=transport,
+                state_store=store,
+            )
+            for tpd in (10, 1000)
+        ]
+        loop = asyncio.get_running_loop()
+        with capture_logs() as logs:
+            spending = loop.create_task(low.get_items(asins(200, "A")))
+            await clock.advance(10.0)
+            waiting = loop.create_task(high.get_items(asins(10, "B")))
+            await clock.advance(20.0)
+        held = [e for e in logs if e["event"] == "broker.daily_quota_held"]
+        spent = [e for e in logs if e["event"] == "broker.daily_quota_spent"]
+        assert len(held) == 1
+        until = dt.datetime.fromisoformat(held[0]["until"])
+        assert until <= clock.utcnow() + dt.timedelta(seconds=61)
+        assert len(spent) == 1  # the low process's own day
+        assert not waiting.done()
+        spending.cancel()
+        waiting.cancel()
+
     async def test_an_idle_broker_reasserts_the_day_after_an_empty_restart(
         self, harness: Harness
     ) -> None:
@@ -886,6 +924,30 @@ class TestAgreedDailyLimit:
         sending = asyncio.create_task(rerun.commit())
         await clock.advance(1.0)
         await sending
+
+    async def test_a_key_held_by_another_process_s_lower_tpd_sends_soon_after_it_closes(
+        self,
+    ) -> None:
+        """A run (tpd 100) held by a lookup's tpd 3 asks the store again within 2 s, so it
+        sends about at once after the lookup closes, not up to 30 s later; and it is told
+        the hold lasts a minute at most, not until the reset."""
+        clock = FakeClock()
+        store = _store(clock)
+        low = _limiter(clock, store, "low", KeyLimits(5.0, 0.05, 5.0, day_limit=3, tpd=3))
+        high = _limiter(clock, store, "high", KeyLimits(5.0, 0.05, 5.0, day_limit=100, tpd=100))
+        told: list[tuple[str, float]] = []
+        high.add_refusal_listener(lambda refusal, wait_s: told.append((refusal, wait_s)))
+        await _send(clock, low, 3)
+        await high.refresh()
+        waiting = asyncio.create_task(high.wait_ready())
+        await clock.advance(1.0)
+        assert not waiting.done()
+        assert told
+        assert all(wait_s <= 61.0 for _, wait_s in told)
+        await low.aclose()
+        await clock.advance(2.5)
+        assert waiting.done()
+        await waiting
 
 
 class TestClosing:

@@ -144,6 +144,8 @@ class KeyState:
         self._local_hold_until = -math.inf
         # the reset of the daily window whose spent quota was last logged
         self._quota_noted: datetime | None = None
+        # True from the hold by another process's lower tpd being logged to the next send
+        self._quota_held_noted = False
         # The shared state may say the day is spent while the limiter waits (another process
         # spent it): the warning must not depend on this process reaching a send.
         limiter.add_refusal_listener(lambda _refusal, _wait_s: self._note_quota_spent())
@@ -332,6 +334,7 @@ class KeyState:
         # Counted here, not when the slot is taken: a dispatcher holds a slot while it
         # waits for work, and an idle key must not show a request in flight.
         self._in_flight += 1
+        self._quota_held_noted = False
         return sent_at
 
     def _note_quota_spent(self) -> None:
@@ -341,6 +344,21 @@ class KeyState:
         if not self.limiter.exhausted:
             return
         resets_at = self.limiter.resets_at()
+        until = self.limiter.quota_until()
+        if until < resets_at:
+            # Only another process's lower tpd holds the key (a lookup with a lower one):
+            # not this config's quota, and not until the reset.
+            if not self._quota_held_noted:
+                self._quota_held_noted = True
+                logger.info(
+                    "broker.daily_quota_held",
+                    key=self.name,
+                    spent=self.limiter.spent,
+                    until=_utc_text(until),
+                    note="another process on this key keeps a lower tpd; it lapses when "
+                    "that process closes",
+                )
+            return
         if self._quota_noted == resets_at:
             return
         self._quota_noted = resets_at

@@ -82,6 +82,10 @@ _US = 1_000_000
 #: this process's high-water mark of the day's count, so a Redis that restarted empty learns
 #: the count again within this time from any process still waiting (a cheap call).
 _RECHECK_S = 30.0
+#: ...and this often while only another process's lower tpd holds it (a ``broker lookup``
+#: with a lower one): that limit goes the moment its process closes, and a running job
+#: must not sit idle for up to ``_RECHECK_S`` after a lookup of a second.
+_HELD_RECHECK_S = 2.0
 
 #: How long closing waits for the store (its last feedback and the leave mark), seconds.
 _CLOSE_S = 1.0
@@ -487,8 +491,8 @@ class SharedKeyLimiter:
                     continue
             now = self._clock.monotonic()
             if self.exhausted and self._hold_until <= now:
-                wait_s = self.resets_at().timestamp() - self._store_wall()
-                self._hold_until = now + min(max(wait_s, 1e-3), _RECHECK_S)
+                wait_s = self.quota_until().timestamp() - self._store_wall()
+                self._hold_until = now + min(max(wait_s, 1e-3), self._quota_recheck_s())
                 for listener in self._refusal_listeners:
                     listener("quota", wait_s)
             if self._hold_until > now:
@@ -554,10 +558,20 @@ class SharedKeyLimiter:
             # park: the batch goes back to the queue, where another key may send it, instead
             # of waiting out the pause in this key's hands.
             refusal = decision.refusal or "refused"
-            self._hold_until = self._clock.monotonic() + min(decision.wait_s, _RECHECK_S)
+            wait_s, recheck_s = decision.wait_s, _RECHECK_S
+            if refusal == "daily quota":
+                wait_s = min(wait_s, self.quota_until().timestamp() - self._store_wall())
+                recheck_s = self._quota_recheck_s()
+            self._hold_until = self._clock.monotonic() + min(max(wait_s, 0.0), recheck_s)
             for listener in self._refusal_listeners:
-                listener(refusal, decision.wait_s)
-            raise SendRefused(refusal, decision.wait_s)
+                listener(refusal, wait_s)
+            raise SendRefused(refusal, wait_s)
+
+    def _quota_recheck_s(self) -> float:
+        """How long a key whose day is spent waits before asking the store again: briefly
+        while only another process's lower tpd holds it (it goes when that one closes)."""
+        own = self._limits.day_limit
+        return _RECHECK_S if own is not None and self.spent >= own else _HELD_RECHECK_S
 
     def _paused_past_horizon(self, decision: Decision) -> bool:
         """True when a pause, not the other processes' bookings, keeps the slot past the
