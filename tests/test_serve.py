@@ -352,6 +352,37 @@ class TestJobs:
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
         assert not running.task.done()
 
+    async def test_rows_of_a_job_filed_under_failed_stay_counted(
+        self, start: Start, spool: Path
+    ) -> None:
+        """The US row a job wrote before its UK tag was rejected is in asinb_rows_total
+        (with the next job's): rows were counted from the ledger after the filing had
+        deleted it, so those written since the last scrape were never counted."""
+        key = {
+            "name": "demo",
+            "credential_id": "demo-id",
+            "version": "3.1",
+            "partner_tags": {"www.amazon.com": "demo-20", "www.amazon.co.uk": "wrong-21"},
+            "tps": 100.0,
+        }
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [key],
+            "engine": {"linger_s": 0.005},
+            "simulator": {"seed": 5, "missing_share": 0.0, "accounts": [_ACCOUNT]},
+        }
+        running = await start(parse_config(document, environ={}))
+        _drop(
+            spool,
+            "mixed.jsonl",
+            '{"asin": "B0UKUKUK01", "marketplace": "www.amazon.co.uk"}\n{"asin": "B0USUSUS01"}\n',
+        )
+        _drop(spool, "next.txt", "B0NEXTNX01\n")
+        await _filed(spool, "mixed.jsonl", "failed")
+        await _filed(spool, "next.txt")
+        samples = _samples((await _get(f"{running.url}/metrics"))[2])
+        assert samples['asinb_rows_total{status="ok"}'] == 2
+
     def test_which_key_failures_stop_the_daemon(self) -> None:
         """A job's NoUsableKeyError stops the daemon when an outage had a part in it (a key
         lost to an unreachable token service beside one with a wrong tag: filing the job

@@ -1222,7 +1222,12 @@ class Daemon:
         task = loop.create_task(self._run_job(broker, options))
         watcher = loop.create_task(self._watch_removal(job, task, before_stat))
         try:
-            summary = await task
+            try:
+                summary = await task
+            finally:
+                # Before any filing: failed/ and a vanished job's dropping take the ledger
+                # with them, and its rows since the last scrape would never be counted.
+                self._count_rows(read_tally(job.ledger) or {})
         except asyncio.CancelledError:
             if watcher.done() and not watcher.cancelled() and watcher.result():
                 self._vanished(job)
@@ -1257,7 +1262,6 @@ class Daemon:
             raise
         finally:
             watcher.cancel()
-            self._count_rows(read_tally(job.ledger) or {})
             self._current = None
         if summary.quota_wait_until is not None:
             self._defer(job, summary.quota_wait_until, summary.quota_wait_keys)
