@@ -951,6 +951,30 @@ class TestRunPaths:
         assert "Traceback" not in err
         assert "BrokenPipeError" not in err
 
+    def test_cache_purge_into_a_gone_reader_is_quiet(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """cache purge whose stdout reader left ends with 141 and no message, as cache stats
+        does; it exited 74 saying the cache might be damaged, after purging it."""
+        config = str(_config(tmp_path))
+        env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+        monkeypatch.setenv("XDG_STATE_HOME", env["XDG_STATE_HOME"])
+        assert cli.main(["lookup", "--json", "B0PIPE0001", "--config", config]) == 0
+        with subprocess.Popen(
+            [sys.executable, "-m", "broker", "cache", "purge", "--config", config],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+            env=env,
+        ) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            proc.stdout.close()
+            err = proc.stderr.read().decode()
+            assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE
+        assert "cannot be used" not in err
+        assert "Traceback" not in err
+
 
 class TestReruns:
     def _stopped_run(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:

@@ -112,18 +112,23 @@ async def cache_command(
             return ExitCode.OK
         stats = CacheStats(hits=0, misses=0, requests_saved=0, entries=0, bytes=0, evictions=0)
     else:
+        removed: int | None = None
         try:
             async with store:
                 if args.cache_command == "purge":
                     removed = await store.purge(older_than_s=args.older_than, asins=asins)
-                    print(f"purged {removed} cached answer{'' if removed == 1 else 's'}")
-                    return ExitCode.OK
-                stats = await store.stats()
+                else:
+                    stats = await store.stats()
         except store.failures as exc:
             # The store itself is broken or out of reach: say which and what to do, not a
             # traceback.
             print(f"{prog()}: {store.describe_failure(exc)}", file=sys.stderr)
             return ExitCode.IO_ERROR
+        if removed is not None:
+            # Printed outside: a reader gone from stdout (a BrokenPipeError, an OSError) is
+            # no failure of the store's.
+            print(f"purged {removed} cached answer{'' if removed == 1 else 's'}")
+            return ExitCode.OK
     report: dict[str, object] = {
         "backend": cache_config.backend,
         "where": where,
