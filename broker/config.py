@@ -616,7 +616,9 @@ def parse_config(
         serve=_parse_serve(table.table("serve")),
         simulator=SimulatorTable(sim_table),
         source=source,
-        cache=_parse_cache(table.table("cache"), base_dir or Path.cwd(), environ),
+        cache=_parse_cache(
+            table.table("cache"), base_dir or Path.cwd(), environ, read_secrets=read_secrets
+        ),
         state=_parse_state(table.table("state"), environ, base_dir or Path.cwd()),
     )
     _finish(table)
@@ -1178,7 +1180,9 @@ def _parse_log(table: TomlTable) -> LogConfig:
     return LogConfig(level, fmt)
 
 
-def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -> CacheConfig:
+def _parse_cache(
+    table: TomlTable, base_dir: Path, environ: Mapping[str, str], *, read_secrets: ReadSecrets
+) -> CacheConfig:
     raw_max_age = table.raw("max_age_s")
     max_age = None
     if raw_max_age is not None:
@@ -1206,16 +1210,19 @@ def _parse_cache(table: TomlTable, base_dir: Path, environ: Mapping[str, str]) -
         # Read only for Redis, as [state] reads its password: a block naming the variable
         # beside another backend needs none.
         redis_url = environ.get(redis_url_env, "").strip() or None
-        if redis_url is None:
+        if redis_url is None and read_secrets is not False:
             raise ConfigError(
                 "cache.redis_url_env",
                 f"environment variable {redis_url_env} is "
                 f"{'empty' if redis_url_env in environ else 'not set'}",
             )
-        _check_redis_url(redis_url, "cache.redis_url_env", variable=redis_url_env)
+        if redis_url is not None:
+            _check_redis_url(redis_url, "cache.redis_url_env", variable=redis_url_env)
     if backend == "redis":
         _require_redis("cache.backend")
-        if redis_url is None:
+        # Unread without secrets (broker status, from a shell without the daemon's
+        # environment): the cache commands, which open the cache, say so then.
+        if redis_url is None and redis_url_env is None:
             raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
     config = CacheConfig(
         max_age_s=max_age,

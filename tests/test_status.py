@@ -252,6 +252,23 @@ class TestWithoutSecrets:
         main, _ = json.loads(capsys.readouterr().out)["keys"]
         assert main["requests_today"] == 3
 
+    def test_status_needs_no_redis_cache_url(
+        self, bare: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """broker status with a Redis item cache whose URL variable (it holds the password)
+        is not set in this shell shows the key state (it never opens the cache); it exited
+        78 for the variable. broker cache, which needs it, still says it is not set (78)."""
+        pytest.importorskip("redis")
+        monkeypatch.delenv("ASINB_TEST_RURL", raising=False)
+        text = bare.read_text().rsplit("[cache]", 1)[0]
+        bare.write_text(text + '[cache]\nbackend = "redis"\nredis_url_env = "ASINB_TEST_RURL"\n')
+        asyncio.run(_use_main_key(bare.parent / "keys.sqlite3"))
+        assert cli.main(["status", "--config", str(bare), "--json"]) == 0
+        main, _ = json.loads(capsys.readouterr().out)["keys"]
+        assert main["requests_today"] == 3
+        assert cli.main(["cache", "stats", "--config", str(bare)]) == 78
+        assert "ASINB_TEST_RURL is not set" in capsys.readouterr().err
+
     def test_cache_stats_and_purge_run_without_the_secrets(
         self, bare: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -131,7 +132,16 @@ def open_store(
         from broker.cache.redis_store import RedisCache
 
         if config.redis_url is None:
-            raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
+            variable = config.redis_url_env
+            if variable is None:
+                raise ConfigError("cache.redis_url", 'is required with backend = "redis"')
+            # Not read at load: the config was read without secrets (broker cache).
+            environ = os.environ if environ is None else environ
+            raise ConfigError(
+                "cache.redis_url_env",
+                f"environment variable {variable} is "
+                f"{'empty' if variable in environ else 'not set'}",
+            )
         try:
             return RedisCache.from_url(
                 config.redis_url.reveal(),
