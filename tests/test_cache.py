@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import os
 import sqlite3
@@ -949,6 +950,32 @@ class TestFront:
         assert "it is a directory: set [cache] path to a file in it" in warning["message"]
         assert "delete" not in warning["message"]
         await front.aclose()
+
+    async def test_a_file_where_its_directory_should_be_is_named_so(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """[cache] path under a regular file (regf/c.sqlite3): the warning names the file in
+        the way, as the key state's does; it said "if it is damaged, delete it"."""
+        (tmp_path / "regf").write_text("x")
+        path = tmp_path / "regf" / "sub" / "c.sqlite3"
+        front = CacheFront(SqliteCache(path, CachePolicy(3_600), clock=clock), clock=clock)
+        with capture_logs() as logs:
+            assert await front.get(q("B000000001")) is None
+        (warning,) = [e for e in logs if e["event"] == "cache.unavailable"]
+        assert f"{tmp_path / 'regf'} is a file, not a directory" in warning["message"]
+        assert "delete" not in warning["message"]
+        await front.aclose()
+
+    def test_a_directory_that_cannot_be_made_or_entered_is_named_so(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """Permission denied making or entering the cache's directory (another user's
+        /srv/cachez) says so and to set the path elsewhere, not "locked or damaged"."""
+        cache = SqliteCache(tmp_path / "srv" / "c.sqlite3", CachePolicy(3_600), clock=clock)
+        error = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "srv"))
+        described = cache.describe_failure(error)
+        assert "cannot create or enter its directory" in described
+        assert "delete" not in described
 
     def test_a_file_that_cannot_be_opened_in_a_read_only_place_is_named_so(
         self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch

@@ -835,7 +835,7 @@ class TestBrokenStateFile:
         file system) is an OSError naming it, not a store to wait for."""
         blocker = tmp_path / "file"
         blocker.write_text("x")
-        with pytest.raises(OSError, match="cannot create its directory") as info:
+        with pytest.raises(OSError, match="cannot create or enter its directory") as info:
             SqliteStateStore(blocker / "sub" / "keys.sqlite3")
         assert not isinstance(info.value, StateUnavailableError)
 
@@ -944,7 +944,7 @@ class TestBrokenStateFile:
         assert cli.main(args) == 74
         said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("broker:")]
         assert len(said) == 1
-        assert "cannot create its directory" in said[0]
+        assert "cannot create or enter its directory" in said[0]
         assert f"{blocker} is a file, not a directory" in said[0]  # not "File exists"
         assert "[Errno" not in said[0]
         assert "after" not in said[0]  # nothing was waited for

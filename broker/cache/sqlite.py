@@ -384,6 +384,18 @@ class SqliteCache(StoreCache):
             )
         if self.path.is_dir():
             return str(self.path), "it is a directory: set [cache] path to a file in it"
+        in_the_way = _file_in_the_way(self.path)
+        if in_the_way is not None:
+            return str(self.path), (
+                f"{in_the_way} is a file, not a directory: set [cache] path elsewhere "
+                "(lookups go on without the cache meanwhile)"
+            )
+        if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM):
+            return str(self.path), (
+                "this user cannot create or enter its directory, or write the file: fix "
+                "their permissions, or set [cache] path to a place it may write (lookups go "
+                "on without the cache meanwhile)"
+            )
         failed = disk_error(self.path, error) if isinstance(error, sqlite3.Error) else error
         if _cannot_open(error) and not _writable(self.path):
             # Opening needs the -wal and -shm beside the file: a directory (or file system)
@@ -403,6 +415,20 @@ class SqliteCache(StoreCache):
             "if another process holds it locked, wait for it; if it is damaged, delete it "
             "with its -wal and -shm to start afresh (it holds only copies of Amazon's answers)"
         )
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing folder of ``path`` when it is no directory (a file where one
+    should be: nothing can be made under it), else None."""
+    for folder in path.parents:
+        try:
+            mode = folder.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+        return None if stat.S_ISDIR(mode) else folder
+    return None
 
 
 def _cannot_open(error: BaseException) -> bool:

@@ -140,7 +140,9 @@ class SqliteStateStore:
             # in the way): waiting never fixes that, so it ends the run (exit 74), not 69.
             in_the_way = exc.errno in (errno.EEXIST, errno.ENOTDIR)
             reason = f"{exc.filename} is a file, not a directory" if in_the_way else exc.strerror
-            raise OSError(exc.errno, f"{path}: cannot create its directory: {reason}") from exc
+            raise OSError(
+                exc.errno, f"{path}: cannot create or enter its directory: {reason}"
+            ) from exc
         if new:
             refuse_orphans(path, "the key state")
         try:
