@@ -575,9 +575,11 @@ def _init(given: str, *, force: bool) -> int:
     except OSError as exc:
         print(f"{prog()}: cannot write {path}: {exc.strerror}", file=sys.stderr)
         return ExitCode.IO_ERROR
+    # The file a command reads unless told: $ASINB_CONFIG's may be another one.
+    found = resolve_config_path(None).absolute() == path.absolute()
     print(
         f"wrote {path}: it uses the embedded simulator; try `{prog()} lookup B0C1234567"
-        f"{'' if path.name == DEFAULT_CONFIG and path.parent == Path() else f' --config {path}'}`",
+        f"{'' if found else f' --config {path}'}`",
         file=sys.stderr,
     )
     return ExitCode.OK

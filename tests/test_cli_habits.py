@@ -178,6 +178,20 @@ def test_init_under_a_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "a file stands where a directory of its path should be" in capsys.readouterr().err
 
 
+def test_init_hint_names_the_file_when_asinb_config_names_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``broker init`` with $ASINB_CONFIG naming another file suggests lookup --config
+    config.toml; the suggested lookup read $ASINB_CONFIG's file and exited 78."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ASINB_CONFIG", str(tmp_path / "etc" / "config.toml"))
+    assert cli.main(["init"]) == ExitCode.OK
+    assert "lookup B0C1234567 --config config.toml`" in capsys.readouterr().err
+    monkeypatch.delenv("ASINB_CONFIG")
+    assert cli.main(["init", "--force"]) == ExitCode.OK
+    assert "lookup B0C1234567`" in capsys.readouterr().err
+
+
 class TestConfigLookup:
     def test_env_names_the_config(
         self,
