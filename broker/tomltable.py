@@ -9,6 +9,7 @@ the bottom layer: the simulator and the client both use it without importing eac
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Mapping, Sequence
 from typing import cast
@@ -30,7 +31,18 @@ def _kind(value: object) -> str:
         return "an array"
     if isinstance(value, Mapping):
         return "a table"
+    if isinstance(value, datetime.datetime):
+        return "a date-time"
+    if isinstance(value, datetime.date):
+        return "a date"
+    if isinstance(value, datetime.time):
+        return "a time"
     return type(value).__name__
+
+
+#: TOML values written bare that were meant as text (``version = 3.1``,
+#: ``daily_reset_utc = 08:00``): the message says to quote them.
+_BARE: tuple[type, ...] = (int, float, datetime.date, datetime.time)
 
 
 class TomlTable:
@@ -98,7 +110,14 @@ class TomlTable:
                 raise ConfigError(self.key(name), "is required")
             return default
         if not isinstance(value, str):
-            raise ConfigError(self.key(name), f"must be a non-empty string, not {_kind(value)}")
+            quote = (
+                ": write it in quotes"
+                if isinstance(value, _BARE) and not isinstance(value, bool)
+                else ""
+            )
+            raise ConfigError(
+                self.key(name), f"must be a non-empty string, not {_kind(value)}{quote}"
+            )
         if not value.strip():
             raise ConfigError(self.key(name), "must not be empty")
         return value.strip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
 from broker.config import parse_config
@@ -65,3 +67,19 @@ class TestTomlTable:
         assert broker_error.value.message == "must be a number, not a string"
         assert sim_error.value.message == "must be an integer, not a string"
         assert sim_error.value.path == "simulator.burst"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [("version = 3.1", "a number"), ("daily_reset_utc = 08:00:00", "a time")],
+)
+def test_a_bare_value_meant_as_text_is_told_to_be_quoted(text: str, kind: str) -> None:
+    """``version = 3.1`` or ``daily_reset_utc = 08:00:00`` written without quotes: the
+    message says to write it in quotes; it said "not time", in Python's words."""
+    name = text.split(" = ")[0]
+    table = TomlTable(tomllib.loads(text), "api")
+    with pytest.raises(ConfigError) as info:
+        table.text(name)
+    assert str(info.value).endswith(
+        f"api.{name}: must be a non-empty string, not {kind}: write it in quotes"
+    )
