@@ -1045,7 +1045,7 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
 
 
 def _say_rows(total: int, by_status: Mapping[str, int], pending: int) -> None:
-    statuses = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "no rows"
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none done"
     print(f"rows: {total} ({statuses}); pending {pending}", file=sys.stderr)
 
 

@@ -190,7 +190,7 @@ class TestC1EmptyFile:
         job = _write(tmp_path, name, data)
         assert _cli(tmp_path, job) == ExitCode.OK
         err = capsys.readouterr().err
-        assert "rows: 0 (no rows); pending 0" in err
+        assert "rows: 0 (none done); pending 0" in err
         warnings = [e for e in _log_events(err) if e["event"] == "broker.job_empty"]
         assert len(warnings) == 1
         assert warnings[0]["level"] == "warning"
