@@ -104,6 +104,12 @@ _PENDING_IN_SQL: Final = (
     "SELECT id, marketplace, asin, resources FROM lookups "
     "WHERE status IS NULL AND id > ? AND +marketplace = ? ORDER BY id LIMIT ?"
 )
+# The pending lookups per marketplace. "+marketplace" keeps SQLite off the lookups_key index
+# for the GROUP BY: walking that index reads the table in ASIN order, a random read per
+# lookup (7.9 s for 3 million of them); the pending index reads it in file order (1 s).
+_PENDING_BY_MARKET_SQL: Final = (
+    "SELECT marketplace, COUNT(*) FROM lookups WHERE status IS NULL GROUP BY +marketplace"
+)
 # The job tables, dropped and recreated by ``new_job``; ``budget`` and ``meta`` survive.
 _JOB_TABLES: Final = ("rows", "lookups", "tally", "sinks")
 
@@ -726,12 +732,10 @@ class Ledger:
         return tuple(str(name) for name, _, _ in names)
 
     def pending_by_marketplace(self) -> dict[str, int]:
-        """How many lookups without a result yet each marketplace has (one scan of them)."""
+        """How many lookups without a result yet each marketplace has (one scan of them:
+        about a second for 3 million, so a caller on an event loop runs it in a thread)."""
         with self._lock:
-            found = self._conn.execute(
-                "SELECT marketplace, COUNT(*) FROM lookups WHERE status IS NULL "
-                "GROUP BY marketplace"
-            ).fetchall()
+            found = self._conn.execute(_PENDING_BY_MARKET_SQL).fetchall()
         return {str(market): int(count) for market, count in found}
 
     def pending_lookup_count(self) -> int:

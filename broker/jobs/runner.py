@@ -714,7 +714,9 @@ async def _fetch(
     last_commit = time.monotonic()
     # The lookups left per marketplace: no_wait and the progress tell from them which keys
     # the rest of the job needs.
-    left = ledger.pending_by_marketplace()
+    # In a thread: a scan of every lookup (a second for 3 million) would stall the loop,
+    # and with it a daemon's /healthz and /metrics and its signals.
+    left = await asyncio.to_thread(ledger.pending_by_marketplace)
     needed = functools.partial(_keys_for_markets, broker, left)
     progress = _Progress(ledger, broker, options, needed=needed)
 
