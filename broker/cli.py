@@ -1037,6 +1037,7 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
         resumed_rows=summary.resumed_rows,
         invalid_report=summary.invalid_report if not paths.to_stdout else None,
         stopped_by_signal=summary.stopped_by_signal,
+        read_complete=summary.read_complete,
         quota_wait_until=summary.quota_wait_until,
         quota_wait_keys=sorted(summary.quota_wait_keys),
         keys_out=list(summary.keys_out),
@@ -1044,9 +1045,12 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
     )
 
 
-def _say_rows(total: int, by_status: Mapping[str, int], pending: int) -> None:
+def _say_rows(
+    total: int, by_status: Mapping[str, int], pending: int, *, read_complete: bool = True
+) -> None:
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none done"
-    print(f"rows: {total} ({statuses}); pending {pending}", file=sys.stderr)
+    read = "" if read_complete else " read so far, the job file not read to its end"
+    print(f"rows: {total}{read} ({statuses}); pending {pending}", file=sys.stderr)
 
 
 def _log_stopped(paths: RunPaths, code: int, message: str) -> None:
@@ -1111,7 +1115,9 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     finally:
         paths.copy_out()
     _log_finished(summary, paths)
-    _say_rows(summary.total, summary.by_status, summary.pending)
+    _say_rows(
+        summary.total, summary.by_status, summary.pending, read_complete=summary.read_complete
+    )
     from_cache = f"from the item cache {summary.cached}, " if summary.cached else ""
     print(
         f"requests {summary.requests}, 429s {summary.throttled}, retries {summary.retries}, "

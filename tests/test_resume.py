@@ -205,6 +205,12 @@ class TestA3SigtermOnce:
             complete, counts, _ = inspect_ledger(out, job)
             assert not complete
             assert 5000 <= counts.total < len(lines)
+            # Not logged as read to its end and started: the rows read are not the job's.
+            (stopped,) = events(err, "broker.job_ingest_stopped")
+            assert stopped["rows"] == counts.total
+            assert not events(err, "broker.job_ingested")
+            assert not events(err, "broker.job_started")
+            assert f"rows: {counts.total} read so far, the job file not read to its end" in err
             assert upstream.server.stats.requests == 0
             code, err = await run_once(config, job, out)
             assert code == 0, err[-2000:]

@@ -162,6 +162,9 @@ class JobSummary:
     invalid_report: str | None = None
     #: a signal ended the run before the job was done (rows remain for a rerun)
     stopped_by_signal: bool = False
+    #: the job file was read to its end (False: stopped while reading it; ``total`` counts
+    #: the rows read so far)
+    read_complete: bool = True
     #: ``no_wait``: the run stopped because every usable key's daily quota was spent;
     #: when the earliest one resets (ISO UTC)
     quota_wait_until: str | None = None
@@ -389,31 +392,44 @@ async def _run_once(
                 _refuse_invalid(options, config.api.protocol)
             ingest_started = time.monotonic()
             try:
-                ingested = await _ingest(ledger, options, stop, job_print)
+                ingested, read_all = await _ingest(ledger, options, stop, job_print)
             except JobFileError:
                 # A file refused before its first row (no asin column, not text) leaves
                 # nothing; one damaged later keeps the rows read (C11: a truncated .gz).
                 refusal.nothing_read = ledger.total_rows == 0
                 raise
             ingest_s = time.monotonic() - ingest_started
-            logger.info(
-                "broker.job_ingested",
-                job=_label(options),
-                rows=ingested,
-                seconds=round(ingest_s, 3),
-                rows_per_s=round(ingested / ingest_s) if ingest_s > 0 else None,
-            )
+            if read_all:
+                logger.info(
+                    "broker.job_ingested",
+                    job=_label(options),
+                    rows=ingested,
+                    seconds=round(ingest_s, 3),
+                    rows_per_s=round(ingested / ingest_s) if ingest_s > 0 else None,
+                )
+            else:
+                # Stopped while reading: the rows read so far are not the job's, and nothing
+                # is fetched before it is all read, so the job does not start either.
+                logger.info(
+                    "broker.job_ingest_stopped",
+                    job=_label(options),
+                    rows=ingested,
+                    seconds=round(ingest_s, 3),
+                    note="the job file was not read to its end; the next run reads on",
+                )
         counts = ledger.counts()
+        summary.read_complete = ledger.ingest_complete
         if counts.total == 0 and ledger.ingest_complete:
             logger.warning("broker.job_empty", job=_label(options), note="the job file has no rows")
-        logger.info(
-            "broker.job_started",
-            job=_label(options),
-            out=str(options.out),
-            rows=counts.total,
-            done=counts.done,
-            pending=counts.pending,
-        )
+        if ledger.ingest_complete:
+            logger.info(
+                "broker.job_started",
+                job=_label(options),
+                out=str(options.out),
+                rows=counts.total,
+                done=counts.done,
+                pending=counts.pending,
+            )
         name = _sink_name(options.format)
         columns: tuple[str, ...] | None = None
         if options.format != "csv" or ledger.ingest_complete:
@@ -614,13 +630,15 @@ class _IngestStopped(Exception):
     """Raised inside the ingestion thread when a signal asks the run to stop."""
 
 
-async def _ingest(ledger: Ledger, options: JobOptions, stop: _Stop, started: JobFingerprint) -> int:
+async def _ingest(
+    ledger: Ledger, options: JobOptions, stop: _Stop, started: JobFingerprint
+) -> tuple[int, bool]:
     """Ingest the job file in a worker thread, so a signal is handled while it runs.
 
     A signal (or a cancelled run) stops ingestion at the next row; the chunks stored so far
     are kept and the next run continues after them. A file that changes from ``started``
     while it is read stops it too (JobFileError), before a row read after the change is
-    stored. Returns the rows stored.
+    stored. Returns the rows stored, and whether the file was read to its end.
     """
 
     def rows() -> Iterator[JobRow]:
@@ -635,9 +653,9 @@ async def _ingest(ledger: Ledger, options: JobOptions, stop: _Stop, started: Job
     done = asyncio.get_running_loop().run_in_executor(None, ingest, rows())
     try:
         # Shielded: the thread must be done with the ledger before the run closes it.
-        return await asyncio.shield(done)
+        return await asyncio.shield(done), True
     except _IngestStopped:
-        return ledger.total_rows
+        return ledger.total_rows, False
     except asyncio.CancelledError:
         stop.requested = True
         with contextlib.suppress(_IngestStopped):
