@@ -111,6 +111,17 @@ def _port(text: str) -> int:
     return port
 
 
+def _host(text: str) -> str:
+    """argparse type of ``--host``: an IPv6 address may come in a URL's brackets
+    (``[::1]``), which a socket does not take."""
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise argparse.ArgumentTypeError("names no address")
+    return host
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from broker import __version__
     from broker.jobs.paths import STDIN_FORMATS
@@ -149,7 +160,9 @@ def _build_parser() -> argparse.ArgumentParser:
         f"${CONFIG_ENV} if set, else ./{DEFAULT_CONFIG}; a missing default file means "
         "built-in settings)",
     )
-    sim.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    sim.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
     sim.add_argument(
         "--port",
         type=_port,
@@ -262,7 +275,9 @@ def _build_parser() -> argparse.ArgumentParser:
         default=9464,
         help="port of /healthz, /readyz and /metrics; 0 picks a free one (default: %(default)s)",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
     serve.add_argument(
         "--allow-remote",
         action="store_true",

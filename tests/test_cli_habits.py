@@ -1845,3 +1845,13 @@ def test_lookup_refresh_with_the_cache_off_in_the_config_is_a_usage_error(
     assert "[cache] max_age_s = 0" in capsys.readouterr().err
     args = ["lookup", "B000000001", "--refresh", "--max-age", "60", "--config", config, "--json"]
     assert cli.main(args) == 0
+
+
+@pytest.mark.parametrize("command", [["serve", "--spool", "spool"], ["simulate"]])
+def test_an_ipv6_host_in_brackets_is_bound_without_them(command: list[str]) -> None:
+    """--host [::1] (an address as a URL writes it) binds ::1; it passed the loopback check
+    and then failed to bind, blaming the port ("cannot listen on [::1]:0")."""
+    args = cli._build_parser().parse_args([*command, "--host", "[::1]"])
+    assert args.host == "::1"
+    with pytest.raises(SystemExit):
+        cli._build_parser().parse_args([*command, "--host", "[]"])
