@@ -31,7 +31,10 @@ from broker.state import KeyView, StateKey, local_state_path, open_store
 if TYPE_CHECKING:
     from broker.state import Decision
 
-__all__ = ["KeyStatus", "add_arguments", "key_statuses", "status_command"]
+__all__ = ["NEVER_USED", "KeyStatus", "add_arguments", "key_statuses", "status_command"]
+
+#: The state of a key the store holds no record of.
+NEVER_USED = "never used"
 
 _US = 1_000_000
 
@@ -106,6 +109,11 @@ def _status(view: KeyView, configured_tps: float) -> KeyStatus:
     elif d.paused_until_us:
         state, reason = "paused", d.pause_reason or None
         until = _iso(_at(d, d.paused_until_us))
+    elif not view.stored:
+        # Its figures are the config's: shown "active" with the day's whole quota left, they
+        # read as a key in use when the daemon keeps its state elsewhere (another file,
+        # Redis database or key_prefix).
+        state = NEVER_USED
     return KeyStatus(
         name=view.key.name,
         rate=d.rate,
@@ -233,6 +241,13 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     else:
         print(_render(statuses))
         print(f"\nkey state: {config.state.backend}, {where}")
+    if any(s.state == NEVER_USED for s in statuses):
+        print(
+            f"{prog()}: a key {NEVER_USED!r} has no state at {where}: no broker has used it "
+            "there yet; a broker that uses it keeps its state elsewhere if its [state] names "
+            "another path, Redis database or key_prefix, or its [api] another endpoint",
+            file=sys.stderr,
+        )
     return ExitCode.OK
 
 

@@ -317,6 +317,15 @@ class TestFeedback:
         assert after.rate == pytest.approx(4.5)  # not reset by the view's other nominal
         assert after.count == 2
 
+    async def test_a_view_tells_a_key_no_broker_used_there(self, backend: Backend) -> None:
+        """view says whether the store holds the key at all, so broker status shows "never
+        used" instead of a fresh key's figures (active, the day's quota left) for a key its
+        daemon keeps under another prefix or file; and the view stores nothing itself."""
+        assert not (await backend.store.view(KEY, LIMITS)).stored
+        assert not (await backend.store.view(KEY, LIMITS)).stored
+        await backend.reserve()
+        assert (await backend.store.view(KEY, LIMITS)).stored
+
     async def test_successes_raise_the_rate_to_the_cap(self, backend: Backend) -> None:
         """Demand-limited successes raise a cut rate, never above the cap."""
         sent = await backend.reserve()

@@ -80,7 +80,8 @@ class TestStatus:
         """--json: rate after the cut, requests today and left, the pause and its reason."""
         asyncio.run(_use_main_key(config_path.parent / "keys.sqlite3"))
         assert cli.main(["status", "--config", str(config_path), "--json"]) == 0
-        document = json.loads(capsys.readouterr().out)
+        captured = capsys.readouterr()
+        document = json.loads(captured.out)
         assert document["backend"] == "local"
         assert document["where"] == str(config_path.parent / "keys.sqlite3")
         main, spare = document["keys"]
@@ -94,8 +95,10 @@ class TestStatus:
         assert main["last_429"] is not None
         assert main["processes_recent"] == 1
         assert spare["requests_today"] == 0
-        assert spare["state"] == "active"
+        # No broker used it at this store: not "active" with its whole quota left.
+        assert spare["state"] == "never used"
         assert spare["processes_recent"] == 0
+        assert "no broker has used it there yet" in captured.err
 
     @pytest.mark.parametrize("problem", ["missing", "invalid"])
     def test_json_says_a_config_error_in_its_document(

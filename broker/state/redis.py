@@ -265,10 +265,16 @@ class RedisStateStore:
         """Read the key's state without writing anything: the script's decision with nothing
         to apply, reserved or stored (a key no broker used yet is not created, and a config
         whose ``tps`` differs does not reset the shared rate)."""
+        from redis.exceptions import RedisError
+
         args = self._args(limits, Feedback(), False, None, view=True)
-        view = KeyView(key, limits, await self._decide(key, limits, args))
+        decision = await self._decide(key, limits, args)
+        try:
+            stored = bool(await self._client.exists(self._keys(key)[0]))
+        except (RedisError, OSError) as exc:
+            raise self._failure(exc) from exc
         await self._check_writable()
-        return view
+        return KeyView(key, limits, decision, stored=stored)
 
     async def _check_writable(self) -> None:
         """Raise :class:`StateUnavailableError` when Redis takes no writes (a read-only

@@ -308,6 +308,12 @@ class SqliteStateStore:
         """Read the key's state without writing anything."""
         self._follow_the_file()
         try:
+            stored = (
+                self._conn.execute(
+                    "SELECT 1 FROM key_state WHERE digest = ?", (key.digest,)
+                ).fetchone()
+                is not None
+            )
             record = self._load(key.digest)
         except sqlite3.Error as exc:
             raise self._failure(exc) from exc
@@ -321,7 +327,7 @@ class SqliteStateStore:
             wall=self._wall_us(),
             epoch=self._epoch,
         )
-        return KeyView(key, limits, decision)
+        return KeyView(key, limits, decision, stored=stored)
 
     async def aclose(self) -> None:
         """Close the database connection."""

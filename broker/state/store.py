@@ -48,6 +48,9 @@ class KeyView:
     key: StateKey
     limits: KeyLimits
     decision: Decision
+    #: the store holds a record of the key (False: no broker has used it there, and the
+    #: decision is a fresh key's: the figures are the config's, not anyone's use)
+    stored: bool = True
 
 
 class KeyStateStore(Protocol):
@@ -139,6 +142,7 @@ class MemoryStateStore:
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
         """Read the key's state; a key never seen reads as fresh (nothing is stored)."""
+        stored = key.digest in self._records
         record = Record.from_json(self._records.get(key.digest, Record()).to_json())
         record.processes = dict(record.processes)
         decision = decide(
@@ -150,7 +154,7 @@ class MemoryStateStore:
             process=None,
             wall=self._wall_us(),
         )
-        return KeyView(key, limits, decision)
+        return KeyView(key, limits, decision, stored=stored)
 
     async def aclose(self) -> None:
         """Nothing to release."""
