@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from broker.config import MAX_TPS, BrokerConfig, RateConfig, parse_config
+from broker.config import MAX_IN_FLIGHT, MAX_TPS, BrokerConfig, RateConfig, parse_config
 from broker.errors import ConfigError, NoUsableKeyError
 from broker.exitcode import ExitCode
-from broker.simulator.settings import FaultRates
+from broker.simulator.settings import MIN_ACCOUNT_TPS, FaultRates
 
 if TYPE_CHECKING:
     from broker.api.base import HttpRequest, RawResponse
@@ -230,6 +230,10 @@ class BenchOptions:
         if self.keys < 1:
             raise ConfigError("--keys", f"must be at least 1, got {self.keys}")
         _number("--tps", self.tps, low=0.0, hint=" (0 turns the simulator's limits off)")
+        if 0 < self.tps < MIN_ACCOUNT_TPS:
+            raise ConfigError(
+                "--tps", f"must be 0 (the simulator's limits off) or at least {MIN_ACCOUNT_TPS:g}"
+            )
         if self.broker_tps is not None:
             _number("--broker-tps", self.broker_tps, low=0.0, strict=True, high=MAX_TPS)
         elif self.tps > MAX_TPS:
@@ -244,8 +248,11 @@ class BenchOptions:
         _number("--warmup", self.warmup_s, low=0.0)
         _number("--latency-ms", self.latency_ms, low=0.0)
         _number("--jitter-ms", self.jitter_ms, low=0.0)
-        if self.max_in_flight < 1:
-            raise ConfigError("--max-in-flight", f"must be at least 1, got {self.max_in_flight}")
+        if not 1 <= self.max_in_flight <= MAX_IN_FLIGHT:
+            raise ConfigError(
+                "--max-in-flight",
+                f"must be between 1 and {MAX_IN_FLIGHT}, got {self.max_in_flight}",
+            )
         if self.protocol not in ("creators", "paapi5"):
             raise ConfigError("--protocol", "must be 'creators' or 'paapi5'")
         unknown = sorted(set(self.faults) - set(_FAULT_KINDS))

@@ -34,6 +34,7 @@ from broker.tomltable import TomlTable
 
 __all__ = [
     "DEFAULT_RESOURCES",
+    "MAX_IN_FLIGHT",
     "MAX_TPS",
     "TABLES",
     "ApiConfig",
@@ -95,6 +96,8 @@ DEFAULT_RESOURCES: Final = (
 SIMULATOR: Final = "simulator"
 #: The highest ``tps`` a key may be configured with.
 MAX_TPS: Final = 1000.0
+#: The most requests one key may have in flight (``[[keys]] max_in_flight``).
+MAX_IN_FLIGHT: Final = 1000
 AMAZON: Final = "amazon"
 
 _CREATORS_VERSIONS: Final = frozenset({"2.1", "2.2", "2.3", "3.1", "3.2", "3.3"})
@@ -969,7 +972,7 @@ def _parse_key(
                 table.key("tpd"), f"must be 0 (unlimited) or a positive number, got {tpd_value}"
             )
         tpd = table.integer("tpd", 8640, minimum=1)
-    max_in_flight = table.integer("max_in_flight", 4, minimum=1, maximum=1000)
+    max_in_flight = table.integer("max_in_flight", 4, minimum=1, maximum=MAX_IN_FLIGHT)
     _finish(table)
     return KeyConfig(name, credential_id, secret, source, version, tags, tps, tpd, max_in_flight)
 

@@ -72,6 +72,9 @@ class TestOptions:
             ({"latency_ms": -100.0}, "--latency-ms"),
             ({"jitter_ms": math.inf}, "--jitter-ms"),
             ({"max_in_flight": 0}, "--max-in-flight"),
+            # Refused later, naming a config key (keys[0].max_in_flight) the user never wrote.
+            ({"max_in_flight": 5000}, "--max-in-flight"),
+            ({"tps": 1e-7}, "--tps"),
             ({"burst": 0}, "--burst"),
             ({"protocol": "soap"}, "--protocol"),
             ({"faults": {"gremlins": 0.1}}, "--fault"),
