@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 from collections.abc import Awaitable
 from typing import Any, TypeVar, cast
@@ -337,6 +338,11 @@ class TestCircuit:
         assert key.health is KeyHealth.PAUSED
         assert key.limiter.rate < 10.0
         assert key.snapshot().reason == "Retry-After"
+        # Until when, as broker status says it: the live progress and metrics said null.
+        until = key.snapshot().until
+        assert until is not None
+        expected = key.limiter.wall_now() + dt.timedelta(seconds=3.0)
+        assert abs(dt.datetime.fromisoformat(until) - expected) <= dt.timedelta(seconds=1)
 
     async def test_token_endpoint_failures_back_off(self) -> None:
         """Repeated token-endpoint failures pause the key longer each time, capped at 60 s."""

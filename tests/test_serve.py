@@ -966,6 +966,24 @@ class TestHttp:
         assert readiness(snapshot, state="stopping").reason == "stopping"
         assert readiness(None, state="running").reason == "starting"
 
+    def test_a_key_paused_by_retry_after_is_ready_though_it_says_until_when(self) -> None:
+        """A Retry-After pause (seconds) shows its until, and the key still counts as able
+        to send for /readyz; a pause of a failing endpoint does not."""
+
+        def key(reason: str) -> KeySnapshot:
+            return KeySnapshot(
+                "demo", "paused", 1, 1, 0, 1, 0, 0, 1, 8640, None, reason,
+                "2026-12-06T00:00:03Z",
+            )  # fmt: skip
+
+        def snapshot(one: KeySnapshot) -> MetricsSnapshot:
+            return MetricsSnapshot(0, {}, 0, 0, 0, {}, (0,) * 11, 0.0, 0, 0, 0, keys=(one,))
+
+        assert readiness(snapshot(key("Retry-After")), state="running").ready
+        failing = readiness(snapshot(key("endpoint failing: ServerError")), state="running")
+        assert not failing.ready
+        assert failing.until == "2026-12-06T00:00:03Z"
+
     def test_readiness_looks_at_the_keys_the_waiting_work_needs(self) -> None:
         """Work waits for FR only, and every FR key waits for its daily quota while the US
         keys idle: not ready, until the reset (the daemon's job is stuck for hours). It said

@@ -692,6 +692,10 @@ class KeyState:
             until = _utc_text(self.limiter.quota_until())
         elif health is KeyHealth.PAUSED:
             reason = self.limiter.blocked_reason or self._paused_reason
+            ready_in_s = self.next_ready() - self._clock.monotonic()
+            if self.limiter.blocked_reason is None and ready_in_s > 0:
+                # On the limiter's wall clock (the shared store's), as the other untils are.
+                until = _utc_text(self.limiter.wall_now() + timedelta(seconds=ready_in_s))
         elif self._disabled_markets:
             reason = self._markets_out()  # active in the others
         return KeySnapshot(

@@ -183,9 +183,9 @@ def work_waits_for_quota(metrics: MetricsSnapshot) -> bool:
 
 
 def _can_send(key: KeySnapshot) -> bool:
-    if key.until is not None:
-        return False
-    return key.state == "active" or (key.state == "paused" and key.reason == _TRANSIENT_PAUSE)
+    if key.state == "paused" and key.reason == _TRANSIENT_PAUSE:
+        return True  # a Retry-After of seconds: its until is no long wait
+    return key.until is None and key.state == "active"
 
 
 def render_metrics(
