@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from broker.api.creators import DEFAULT_ENDPOINT as CREATORS_ENDPOINT
 from broker.api.marketplaces import MARKETPLACES
@@ -55,6 +55,7 @@ __all__ = [
     "is_loopback_host",
     "load_config",
     "parse_config",
+    "redacted_url",
     "require_config",
     "secret_url_parameter",
     "shown_url",
@@ -344,6 +345,28 @@ def secret_url_parameter(name: str) -> bool:
     them in a file and leaving them out of what is shown.
     """
     return "password" in name.lower()
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without a user name or password, for messages and ``broker status``.
+
+    redis-py also reads credentials from the query (``?password=...``), so those go from it
+    too; the rest stays (``?db=2`` names the database redis-py uses, and tells two
+    deployments apart), as does a unix socket's ``unix:///path``.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urlencode(
+        [
+            (name, value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+            # The user name goes with the password, as it does from user:pw@.
+            if not secret_url_parameter(name) and name.lower() != "username"
+        ]
+    )
+    # urlunsplit drops an empty netloc's "//" (unix:/run/redis.sock): written out here.
+    text = f"{parts.scheme}://{netloc}{parts.path}"
+    return f"{text}?{query}" if query else text
 
 
 def _url_has_password(url: str) -> bool:

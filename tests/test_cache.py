@@ -171,6 +171,27 @@ class TestPolicy:
         # Nor in the dataclass's fields as a dict (a config dumped for a debug page).
         assert "pw@" not in repr(dataclasses.asdict(parsed.cache))
 
+    def test_a_redis_cache_says_where_it_is_and_which_setting_names_it(self) -> None:
+        """A Redis cache's where is its URL without the password (cache stats showed only
+        "redis"), and its advice names redis_url_env's variable when the URL came from
+        there (it said to check [cache] redis_url, which was not set)."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        from broker.cache.open import open_store
+
+        doc: dict[str, object] = {
+            "api": {"protocol": "paapi5"},
+            "keys": [{"name": "k", "credential_id": "id", "partner_tags": {US: "t-20"}}],
+            "cache": {"backend": "redis", "redis_url_env": "ASINB_REDIS_URL"},
+        }
+        config = parse_config(doc, environ={"ASINB_REDIS_URL": "redis://:Pw9x@h:1/2"}).cache
+        store = open_store(config, CachePolicy(60), namespace="n")
+        assert store.where == "redis://h:1/2"
+        described = store.describe_failure(RedisConnectionError("refused"))
+        assert "redis://h:1/2" in described
+        assert "ASINB_REDIS_URL" in described
+        assert "Pw9x" not in described
+
     def test_a_redis_url_option_its_scheme_does_not_take_is_a_config_error(self) -> None:
         """``?ssl_password=`` on a ``redis://`` URL (from redis_url_env) is a config error
         naming the option, at once: ``broker cache stats`` ended in a TypeError traceback

@@ -123,6 +123,11 @@ class StoreCache(abc.ABC):
         self._evictions = 0
         self._swept = False
 
+    @property
+    def where(self) -> str:
+        """Where the answers are kept, for ``broker cache stats`` and messages."""
+        return "this process"
+
     def describe_failure(self, error: BaseException) -> str:
         """One line for ``error`` of the store: where it is, what failed, what to do."""
         where, remedy = self._failure_advice(error)

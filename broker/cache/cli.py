@@ -103,7 +103,7 @@ async def cache_command(
     except ConfigError as exc:
         print(f"{prog()}: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    where = str(store.path) if isinstance(store, SqliteCache) else cache_config.backend
+    where = store.where
     if isinstance(store, SqliteCache) and _missing(store.path):
         # Opening the store would create the file (and its directory) to report nothing.
         print(f"{prog()}: no item cache at {where} yet: nothing is cached", file=sys.stderr)

@@ -150,6 +150,11 @@ def open_store(
                 namespace=namespace,
                 clock=clock,
                 batch_size=batch_size,
+                setting=(
+                    "[cache] redis_url"
+                    if config.redis_url_env is None
+                    else f"the URL in {config.redis_url_env} ([cache] redis_url_env)"
+                ),
             )
         except ConfigError as exc:
             if config.redis_url_env is None:

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError, WatchError
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
 from broker.cache.policy import CEILING_S, FUTURE_S, CacheKey, CachePolicy
+from broker.config import redacted_url
 from broker.errors import ConfigError
 from broker.logs import get_logger
 
@@ -77,10 +78,15 @@ class RedisCache(StoreCache):
         clock: Clock | None = None,
         batch_size: int = 10,
         owns_client: bool = False,
+        where: str = "redis",
+        setting: str = "[cache] redis_url",
     ) -> None:
         super().__init__(policy, namespace=namespace, clock=clock, batch_size=batch_size)
         self._redis = client
         self._owns = owns_client
+        self._where = where
+        # What names the URL in the config, for the advice when Redis fails.
+        self._setting = setting
         self._base = f"{key_prefix}{namespace}:"
         self._index = self._base + "index"
         self._sizes = self._base + "sizes"
@@ -100,8 +106,10 @@ class RedisCache(StoreCache):
         namespace: str = "creators",
         clock: Clock | None = None,
         batch_size: int = 10,
+        setting: str = "[cache] redis_url",
     ) -> RedisCache:
         """Connect to ``url`` (``redis://host:port/db``); the cache owns the client.
+        ``setting`` names what gave the URL, for the advice when Redis fails.
 
         Raises:
             ConfigError: ``url`` cannot be read as a Redis URL, or carries an option its
@@ -135,6 +143,8 @@ class RedisCache(StoreCache):
             clock=clock,
             batch_size=batch_size,
             owns_client=True,
+            where=redacted_url(url),
+            setting=setting,
         )
 
     def _name(self, key: CacheKey) -> str:
@@ -279,6 +289,11 @@ class RedisCache(StoreCache):
     def __repr__(self) -> str:
         return f"RedisCache(prefix={self._base!r}, max_age_s={self.policy.max_age_s:g})"
 
+    @property
+    def where(self) -> str:
+        """The Redis URL without credentials."""
+        return self._where
+
     def _failure_advice(self, error: BaseException) -> tuple[str, str]:
         """Redis, and what to check."""
-        return "redis", "check that Redis is up and [cache] redis_url is right"
+        return self.where, f"check that Redis is up and {self._setting} is right"

@@ -372,6 +372,11 @@ class SqliteCache(StoreCache):
     def __repr__(self) -> str:
         return f"SqliteCache({str(self.path)!r}, max_age_s={self.policy.max_age_s:g})"
 
+    @property
+    def where(self) -> str:
+        """The file's path."""
+        return str(self.path)
+
     def _failure_advice(self, error: BaseException) -> tuple[str, str]:
         """The file, and that deleting it is safe: it holds only copies of Amazon's answers
         (unless it is refused as it stands, or may not be the cache at all)."""

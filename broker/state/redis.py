@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from broker.config import secret_url_parameter
+from broker.config import redacted_url
 from broker.errors import ConfigError, StateUnavailableError
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
 from broker.state.model import (
@@ -45,28 +44,6 @@ __all__ = ["DEFAULT_KEY_PREFIX", "RedisStateStore", "redacted_url"]
 DEFAULT_KEY_PREFIX = "asin-broker:"
 _US = 1_000_000
 _SCRIPT = resources.files("broker.state").joinpath("decide.lua").read_text(encoding="utf-8")
-
-
-def redacted_url(url: str) -> str:
-    """``url`` without a user name or password, for messages and ``broker status``.
-
-    redis-py also reads credentials from the query (``?password=...``), so those go from it
-    too; the rest stays (``?db=2`` names the database redis-py uses, and tells two
-    deployments apart), as does a unix socket's ``unix:///path``.
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    query = urlencode(
-        [
-            (name, value)
-            for name, value in parse_qsl(parts.query, keep_blank_values=True)
-            # The user name goes with the password, as it does from user:pw@.
-            if not secret_url_parameter(name) and name.lower() != "username"
-        ]
-    )
-    # urlunsplit drops an empty netloc's "//" (unix:/run/redis.sock): written out here.
-    text = f"{parts.scheme}://{netloc}{parts.path}"
-    return f"{text}?{query}" if query else text
 
 
 def _text(value: object) -> str:
