@@ -286,6 +286,24 @@ class TestCsv:
             (4, {"note": "x"}),
         ]
 
+    def test_n1_an_inch_mark_before_a_cell_across_lines_keeps_the_row(self, tmp_path: Path) -> None:
+        """N1: a literal quote in an unquoted cell (12" vinyl) before a closed quoted cell
+        spanning lines is one valid row, as csv, Excel and LibreOffice read it: the quotes
+        were counted, and their odd count made it two invalid rows."""
+        data = f'asin,size,note\n{VALID},12" vinyl,"line1\nline2"\n{VALID},7,x\n'
+        found = rows(write(tmp_path, "job.csv", data))
+        assert [(row.line, row.valid, row.extra) for row in found] == [
+            (2, True, {"size": '12" vinyl', "note": "line1\nline2"}),
+            (4, True, {"size": "7", "note": "x"}),
+        ]
+
+    def test_n1_a_stray_quote_closed_mid_cell_costs_one_row(self, tmp_path: Path) -> None:
+        """N1: a quote left open whose lines end at another row's literal quote (12")
+        is still one invalid row, and the rows it took are read again."""
+        data = f'asin,size\n{VALID},"oops\n{VALID},12" vinyl\n{VALID},7\n'
+        found = rows(write(tmp_path, "job.csv", data))
+        assert [(row.line, row.valid) for row in found] == [(2, False), (3, True), (4, True)]
+
 
 class TestJsonLines:
     def test_fields_and_extra(self, tmp_path: Path) -> None:

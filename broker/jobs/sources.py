@@ -789,7 +789,7 @@ def _csv_rows(
         except csv.Error as exc:
             error = f"malformed CSV: {exc}"
         else:
-            if len(feed.taken) < 2 or _quotes_closed(feed.taken):
+            if len(feed.taken) < 2 or _quotes_closed(feed.taken, delimiter):
                 start = feed.taken[0][0] if feed.taken else feed.lineno
                 if feed.take_oversize() is not None:
                     yield JobRow(
@@ -821,18 +821,28 @@ def _csv_rows(
         reader = csv.reader(feed, delimiter=delimiter)
 
 
-def _quotes_closed(lines: list[_Line]) -> bool:
-    """True when a record's lines hold an even number of quotes.
+def _quotes_closed(lines: list[_Line], delimiter: str) -> bool:
+    """True when a record read over several lines is well quoted: read again strictly, each
+    quoted field opens at a field's start and its closing quote ends the field.
 
-    A well-formed record always does (a quoted field opens and closes, and quotes inside
-    it are doubled); an odd count means a quote was left open and the reader took the
-    following lines into that field.
+    A quote left open (a stray ") makes the reader take the following lines into its field
+    until the next quote, which then stands mid-field (``12" vinyl`` on a later row) or is
+    never found: a strict reading refuses both. A literal quote inside an unquoted field
+    (``12" vinyl,"two lines"``) is data, as csv, Excel and LibreOffice read it. A line
+    too long to keep is judged by its quotes' count (its text is gone): even is closed.
     """
-    count = 0
-    for _, text in lines:
-        if not isinstance(text, _Oversize):
-            count += text.count('"')
-    return count % 2 == 0
+    if any(isinstance(text, _Oversize) for _, text in lines):
+        return sum(text.count('"') for _, text in lines if isinstance(text, str)) % 2 == 0
+    try:
+        for _ in csv.reader(
+            io.StringIO("".join(text for _, text in lines if isinstance(text, str))),
+            delimiter=delimiter,
+            strict=True,
+        ):
+            pass
+    except csv.Error:
+        return False
+    return True
 
 
 def _csv_row(
