@@ -723,6 +723,8 @@ class TestDetectFormat:
             ("asin\n", "csv"),
             ("sku;name\n", "csv"),
             (f'\n{{"asin": "{VALID}"}}\n', "jsonl"),
+            (f'[{{"asin": "{VALID}"}}]\n', "jsonl"),
+            (f"{VALID}  # for Anna, Bob\n{VALID}\n", "txt"),
             ("", "txt"),
         ],
     )
@@ -730,6 +732,33 @@ class TestDetectFormat:
         """Other names are sniffed from the first non-blank, non-comment line."""
         assert detect_format(write(tmp_path, "job.dat", data)) == fmt
         assert detect_format(write(tmp_path, "job.dat.gz", data)) == fmt
+
+    @pytest.mark.parametrize(
+        ("name", "data", "hint"),
+        [
+            ("arr.json", f'[\n  {{"asin": "{VALID}"}},\n  {{"asin": "{VALID}"}}\n]\n', ".[]"),
+            ("arr.jsonl", f'[\n  {{"asin": "{VALID}"}}\n]\n', ".[]"),
+            ("pretty.jsonl", f'{{\n  "asin": "{VALID}"\n}}\n', "jq -c ."),
+        ],
+    )
+    def test_a_json_document_is_refused_saying_how_to_convert_it(
+        self, tmp_path: Path, name: str, data: str, hint: str
+    ) -> None:
+        """A JSON array (what json.dump and jq write) or a pretty-printed object is refused
+        (exit 65) naming jq to convert it; its lines were each an invalid row (or a CSV
+        without an asin column), and the run ended with exit 0, nothing looked up."""
+        with pytest.raises(JobFileError, match="not JSON Lines") as info:
+            rows(write(tmp_path, name, data))
+        assert hint in str(info.value)
+
+    def test_a_whole_array_on_one_line_is_one_row_naming_jq(self, tmp_path: Path) -> None:
+        """An array of objects on one line (json.dump's) is one JSON value, so one invalid
+        row, as every line of JSON Lines is; its reason says how to split it (it was read
+        as a CSV without an asin column)."""
+        data = f'[{{"asin": "{VALID}"}}, {{"asin": "{VALID}"}}]\n'
+        (row,) = rows(write(tmp_path, "one.json", data))
+        assert row.error is not None
+        assert "jq -c '.[]'" in row.error
 
     def test_read_job_sniffs_and_format_overrides(self, tmp_path: Path) -> None:
         """read_job uses detection by default, and format= overrides it."""

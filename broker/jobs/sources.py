@@ -305,13 +305,15 @@ def count_rows(
         return count
     with ExitStack() as stack:
         stream, gzipped = _open(stack, source)
-        for _, text in _lines(stream, source, codec, encoding, max_line_bytes, gzipped):
+        for lineno, text in _lines(stream, source, codec, encoding, max_line_bytes, gzipped):
             if isinstance(text, _Oversize):
                 count += 1
                 continue
             # The same tests as _txt_rows and _jsonl_rows make before they yield a row.
             text = text.strip()
             if text and (fmt == "jsonl" or text[0] != "#"):
+                if fmt == "jsonl" and count == 0:
+                    _refuse_json_document(source, lineno, text)
                 count += 1
     return count
 
@@ -681,7 +683,7 @@ def _rows(
         elif fmt == "csv":
             yield from _csv_rows(lines, path, max_line_bytes, check)
         else:
-            yield from _jsonl_rows(lines, max_line_bytes, check)
+            yield from _jsonl_rows(lines, path, max_line_bytes, check)
 
 
 def _txt_rows(
@@ -931,17 +933,56 @@ def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _
 
 
 def _jsonl_rows(
-    lines: Iterable[_Line], max_line_bytes: int, check: Callable[[str], AsinCheck]
+    lines: Iterable[_Line], path: Path, max_line_bytes: int, check: Callable[[str], AsinCheck]
 ) -> Iterator[JobRow]:
+    first = True
     for lineno, text in lines:
         if isinstance(text, _Oversize):
             yield JobRow(
                 lineno, text.preview, None, error=_too_long(max_line_bytes), code=INVALID_ROW
             )
+            first = False
             continue
         if not text.strip():
             continue
+        if first:
+            _refuse_json_document(path, lineno, text.strip())
+            first = False
         yield _jsonl_row(lineno, text, check)
+
+
+def _refuse_json_document(path: Path, lineno: int, text: str) -> None:
+    """Refuse a JSON document where JSON Lines is expected (what json.dump and jq write):
+    read line by line, an array's or a pretty-printed object's lines are each an invalid
+    row, the run ends with exit 0 and nothing looked up.
+
+    A first line that is a JSON value of its own (``[1, 2]``, a whole array on one line)
+    stays one row, as every line of JSON Lines is: its reason names the array.
+
+    Raises:
+        JobFileError: the first line opens an array of objects it does not close, or is an
+            object's lone ``{``.
+    """
+    if text == "[" or (text.startswith("[") and text[1:].lstrip().startswith("{")):
+        if text != "[" and _parses(text):
+            return  # a whole array on one line: one row, whose reason says the same
+        raise JobFileError(
+            f"{path}: line {lineno}: a JSON array, not JSON Lines (one object per line): "
+            f"convert it with jq -c '.[]' {path} > job.jsonl"
+        )
+    if text == "{":
+        raise JobFileError(
+            f"{path}: line {lineno}: an object spread over lines (pretty-printed JSON), not "
+            f"JSON Lines (one object per line): convert it with jq -c . {path} > job.jsonl"
+        )
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> JobRow:
@@ -960,8 +1001,11 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
         # "\ud800" is valid JSON but not encodable text; it would break the UTF-8 output.
         return _bad_line(lineno, text, "contains an unpaired surrogate escape")
     if not isinstance(value, dict):
+        hint = ""
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            hint = " (an array of objects: JSON Lines holds one per line; jq -c '.[]' splits it)"
         return _bad_line(
-            lineno, text, f"a JSON Lines row must be an object, got {_json_kind(value)}"
+            lineno, text, f"a JSON Lines row must be an object, got {_json_kind(value)}{hint}"
         )
     twice = _given_twice(text)
     if twice is not None:
@@ -1097,12 +1141,17 @@ def _sniff(path: Path) -> JobFormat:
 
 
 def _guess(line: str) -> JobFormat:
-    if line.startswith("{"):
+    if line.startswith(("{", "[")):
+        # An array is JSON too: the JSON Lines reader refuses it, saying how to convert it.
         return "jsonl"
     if line.strip('"').strip().lower() == "asin":
         return "csv"
     if "://" in line:
         return "txt"
+    comment = _TRAILING_COMMENT.search(line)
+    if comment is not None:
+        # A plain list's note ("B00TEST001  # for Anna, Bob"): its comma is no delimiter.
+        line = line[: comment.start()]
     for delimiter in _CSV_DELIMITERS:
         if delimiter in line:
             return "csv"
