@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Final
 
 __all__ = [
     "AsinCheck",
@@ -155,6 +156,9 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     if url:
         verdict = _verdict(raw, url.group(2).upper())
         return replace(verdict, store=url.group(1).lower()) if verdict.valid else verdict
+    inner = _unwrapped(text)
+    if inner is not None:
+        return replace(check_asin(inner, convert_isbn13=convert_isbn13), raw=raw)
     if _SHORT_LINK.match(text):
         return AsinCheck(
             raw, None, "a short link has no ASIN in it; open it and use the full product URL"
@@ -184,9 +188,34 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     if _ISBN10_HYPHENATED.fullmatch(text):
         return _verdict(raw, text.replace("-", "").upper())
     if len(text) != 10:
-        return AsinCheck(raw, None, f"an ASIN has 10 characters, this has {len(text)}")
+        lost = (
+            " (nine digits: an ISBN-10 whose leading 0 a spreadsheet dropped? keep the "
+            "column as text)"
+            if len(text) == 9 and text.isdigit()
+            else ""
+        )
+        return AsinCheck(raw, None, f"an ASIN has 10 characters, this has {len(text)}{lost}")
     bad = next(c for c in text if not c.isalnum())
     return AsinCheck(raw, None, f"contains {bad!r}; an ASIN has only letters A-Z and digits 0-9")
+
+
+#: Marks that may wrap a whole id: quotes and brackets of prose, Markdown or a chat.
+_WRAPS: Final = {
+    '"': '"', "'": "'", "`": "`", "(": ")", "[": "]", "<": ">", "\u201c": "\u201d",
+    "\u2018": "\u2019",
+}  # fmt: skip
+
+
+def _unwrapped(text: str) -> str | None:
+    """The id inside what wraps it (``"B0..."``, ``(B0...)``, Excel's ``="..."`` formula and
+    its leading apostrophe, both written to keep an ISBN's leading zero), or None."""
+    if text.startswith('="') and text.endswith('"') and len(text) > 3:
+        return text[2:-1].strip()
+    if len(text) > 2 and _WRAPS.get(text[0]) == text[-1]:
+        return text[1:-1].strip()
+    if text.startswith("'") and len(text) > 1:
+        return text[1:].strip()
+    return None
 
 
 def _verdict(raw: str, value: str) -> AsinCheck:

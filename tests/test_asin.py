@@ -58,6 +58,32 @@ class TestBareIds:
         assert reason_part in verdict.reason
 
     @pytest.mark.parametrize(
+        ("raw", "asin"),
+        [
+            ('"B0ABCDEFGH"', "B0ABCDEFGH"),
+            ("'b0abcdefgh'", "B0ABCDEFGH"),
+            ("(B0ABCDEFGH)", "B0ABCDEFGH"),
+            ("<B0ABCDEFGH>", "B0ABCDEFGH"),
+            ("[B0ABCDEFGH]", "B0ABCDEFGH"),
+            ("\u201cB0ABCDEFGH\u201d", "B0ABCDEFGH"),
+            ('="0316769487"', "0316769487"),
+            ("'0316769487", "0316769487"),
+        ],
+    )
+    def test_an_id_quoted_or_bracketed_is_read(self, raw: str, asin: str) -> None:
+        """An id in quotes or brackets (as a product URL already was), Excel's ="..."
+        formula or its leading apostrophe (both keep an ISBN's leading zero) is read; it was
+        invalid, and "an ASIN has 10 characters, this has 12" counted the quotes."""
+        verdict = check_asin(raw)
+        assert verdict == AsinCheck(raw, asin, None)
+
+    def test_nine_digits_ask_whether_a_leading_zero_was_lost(self) -> None:
+        """Nine digits are likely an ISBN-10 whose leading 0 a spreadsheet dropped."""
+        reason = check_asin("316769487").reason
+        assert reason is not None
+        assert "leading 0" in reason
+
+    @pytest.mark.parametrize(
         ("raw", "codepoint"),
         [
             ("B0ABCDEFG１", "U+FF11"),  # full-width digit one
