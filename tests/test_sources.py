@@ -585,6 +585,32 @@ class TestLongLinesAndJunk:
         with pytest.raises(JobFileError, match="export the sheet as CSV"):
             rows(path)
 
+    @pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+    def test_xls_is_refused_with_advice_in_a_line(self, tmp_path: Path, encoding: str) -> None:
+        """An old Excel workbook (.xls, OLE2) is refused saying to export CSV, in a message
+        of a line: it got a Windows-1252 hint, and with --encoding latin-1 a refusal
+        quoting thousands of characters of the binary as header names."""
+        data = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504) + bytes(range(256)) * 8
+        path = write(tmp_path, "old.csv", data)
+        with pytest.raises(JobFileError, match="Excel 97-2003 workbook") as info:
+            rows(path, encoding=encoding)
+        assert len(str(info.value)) < 400
+
+    def test_a_refused_header_quotes_a_few_names_cut_short(self, tmp_path: Path) -> None:
+        """A header without asin names at most a few of its columns, each cut short."""
+        header = ",".join(["x" * 500] + [f"c{i}" for i in range(40)])
+        with pytest.raises(JobFileError, match="no 'asin' column") as info:
+            rows(write(tmp_path, "job.csv", header + "\n"))
+        assert "(41 columns)" in str(info.value)
+        assert len(str(info.value)) < 600
+
+    def test_excels_sep_line_names_the_delimiter(self, tmp_path: Path) -> None:
+        """A first line "sep=;" (Excel's) names the delimiter and the header follows; the
+        file was refused with "no 'asin' column (found: 'sep=;')"."""
+        data = f"sep=;\r\nASIN;Titel\r\n{VALID};x,y\r\n"
+        found = rows(write(tmp_path, "job.csv", data))
+        assert [(row.line, row.asin, row.extra) for row in found] == [(3, VALID, {"Titel": "x,y"})]
+
 
 class TestEncoding:
     def test_c10_latin1_names_line_and_offset(self, tmp_path: Path) -> None:

@@ -95,6 +95,10 @@ _CR_SNIFF_BYTES: Final = DEFAULT_MAX_LINE_BYTES + 2
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
 _UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
 _ZIP_MAGIC: Final = b"PK\x03\x04"
+#: An OLE2 compound document: an Excel 97-2003 workbook (.xls), or a Word or Outlook file.
+_OLE2_MAGIC: Final = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+#: Excel's first line naming a CSV's delimiter ("sep=;").
+_SEP_LINE: Final = re.compile(r"sep=([^\"\r\n])", re.IGNORECASE)
 # How much of an over-long line we read at a time while skipping it.
 _SKIP_CHUNK: Final = 1 << 16
 # How many characters of a bad line we keep in ``raw``, so the invalid-rows report shows
@@ -591,6 +595,11 @@ def _strip_file_head(content: bytes, path: Path) -> bytes:
             f"{path}: this is a ZIP archive (an Excel .xlsx workbook?), not a text job file; "
             "export the sheet as CSV"
         )
+    if content.startswith(_OLE2_MAGIC):
+        raise JobFileError(
+            f"{path}: this is an Excel 97-2003 workbook (.xls) or another Office document, "
+            "not a text job file; export the sheet as CSV UTF-8"
+        )
     return content
 
 
@@ -771,8 +780,16 @@ def _csv_rows(
         return  # an empty file (or only blank lines): no header, no rows
     if feed.take_oversize() is not None:
         raise JobFileError(f"{path}: the CSV header line is longer than {max_line_bytes} bytes")
+    declared = _SEP_LINE.fullmatch(first.strip().lstrip("\ufeff"))
+    if declared is not None:
+        # Excel's "sep=;" line names the delimiter; the header comes after it.
+        first = next((text for text in feed if text.strip()), None)
+        if first is None:
+            return
+        if feed.take_oversize() is not None:
+            raise JobFileError(f"{path}: the CSV header line is longer than {max_line_bytes} bytes")
     header_line = feed.lineno
-    delimiter = _csv_delimiter(first)
+    delimiter = declared.group(1) if declared is not None else _csv_delimiter(first)
     reader = csv.reader(itertools.chain((first,), feed), delimiter=delimiter)
     try:
         header = next(reader)
@@ -888,13 +905,20 @@ def _split_header(line: str, delimiter: str) -> list[str]:
         return []
 
 
+#: How many of a header's names a refusal quotes.
+_FOUND_NAMES: Final = 8
+
+
 def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _CsvLayout:
     """Find the asin and marketplace columns and name the others; refuse a header without asin."""
     names = [cell.strip().lstrip("\ufeff").strip() for cell in header]
     lowered = [name.lower() for name in names]
     asin = [i for i, name in enumerate(lowered) if name == "asin"]
     if not asin:
-        found = ", ".join(repr(name) for name in names) or "none"
+        # A few names, each cut short: a binary file read as text has thousands of bytes.
+        found = ", ".join(repr(_preview(name)) for name in names[:_FOUND_NAMES]) or "none"
+        if len(names) > _FOUND_NAMES:
+            found += f", ... ({len(names)} columns)"
         raise JobFileError(
             f"{path}: line {lineno}: the CSV header has no 'asin' column (found: {found}); "
             "add a header row whose id column is named asin"
