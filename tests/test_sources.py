@@ -611,6 +611,16 @@ class TestLongLinesAndJunk:
         found = rows(write(tmp_path, "job.csv", data))
         assert [(row.line, row.asin, row.extra) for row in found] == [(3, VALID, {"Titel": "x,y"})]
 
+    @pytest.mark.parametrize("header", ["asin", "ASIN", '"ASIN"', "Asin "])
+    def test_a_plain_lists_asin_header_is_no_row(self, tmp_path: Path, header: str) -> None:
+        """A one-column sheet saved as text keeps its header: "asin" as the first line is
+        skipped (it was an invalid row, and --strict refused the file for it); count_rows
+        agrees."""
+        path = write(tmp_path, "job.txt", f"# ids\n{header}\n{VALID}\nasin\n")
+        found = rows(path)
+        assert [(row.line, row.asin) for row in found] == [(3, VALID), (4, None)]
+        assert count_rows(path) == 2
+
 
 class TestEncoding:
     def test_c10_latin1_names_line_and_offset(self, tmp_path: Path) -> None:
@@ -788,7 +798,7 @@ class TestDetectFormat:
 
     def test_read_job_sniffs_and_format_overrides(self, tmp_path: Path) -> None:
         """read_job uses detection by default, and format= overrides it."""
-        path = write(tmp_path, "job.list", f"asin\n{VALID}\n")
+        path = write(tmp_path, "job.list", f"asin,sku\n{VALID},7\n")
         assert brief(rows(path)) == [(2, VALID, None)]
         assert [row.line for row in rows(path, format="txt")] == [1, 2]
 

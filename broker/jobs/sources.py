@@ -303,6 +303,7 @@ def count_rows(
     if fmt is None:
         fmt = detect_format(source)
     count = 0
+    seen = False  # a first row (or an oversize line) met: txt's header test is behind
     if fmt == "csv":
         for _ in _rows(source, fmt, codec, encoding, max_line_bytes, _no_check):
             count += 1
@@ -312,12 +313,17 @@ def count_rows(
         for lineno, text in _lines(stream, source, codec, encoding, max_line_bytes, gzipped):
             if isinstance(text, _Oversize):
                 count += 1
+                seen = True
                 continue
             # The same tests as _txt_rows and _jsonl_rows make before they yield a row.
             text = text.strip()
             if text and (fmt == "jsonl" or text[0] != "#"):
-                if fmt == "jsonl" and count == 0:
-                    _refuse_json_document(source, lineno, text)
+                if not seen:
+                    seen = True
+                    if fmt == "jsonl":
+                        _refuse_json_document(source, lineno, text)
+                    elif _is_asin_header(text):
+                        continue
                 count += 1
     return count
 
@@ -695,18 +701,29 @@ def _rows(
             yield from _jsonl_rows(lines, path, max_line_bytes, check)
 
 
+def _is_asin_header(text: str) -> bool:
+    """True for a plain list's first line that is only the column's name, ``asin``."""
+    return text.strip().strip("\"'").strip().lower() == "asin"
+
+
 def _txt_rows(
     lines: Iterable[_Line], max_line_bytes: int, check: Callable[[str], AsinCheck]
 ) -> Iterator[JobRow]:
+    first = True
     for lineno, text in lines:
         if isinstance(text, _Oversize):
             yield JobRow(
                 lineno, text.preview, None, error=_too_long(max_line_bytes), code=INVALID_ROW
             )
+            first = False
             continue
         text = text.strip()
         if not text or text[0] == "#":
             continue
+        if first:
+            first = False
+            if _is_asin_header(text):
+                continue  # a one-column sheet saved as text keeps its header
         if "#" in text:
             comment = _TRAILING_COMMENT.search(text)
             if comment is not None:
