@@ -24,7 +24,16 @@ from broker.models import Secret
 if TYPE_CHECKING:
     from broker.clock import Clock
 
-__all__ = ["DEFAULT_LIFETIME_S", "CreatorsTokenCache", "Sender"]
+__all__ = ["DEFAULT_LIFETIME_S", "CreatorsTokenCache", "Sender", "bearer_token"]
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization`` value as :meth:`CreatorsTokenCache.authorization_header`
+    writes it (``Bearer <t>``, or ``Bearer <t>, Version 2.1``); None for another scheme."""
+    if not header.startswith("Bearer "):
+        return None
+    return header.removeprefix("Bearer ").split(",", 1)[0].strip()
+
 
 #: What a token lives when the endpoint does not say (``expires_in`` absent), in seconds.
 DEFAULT_LIFETIME_S = 3600.0

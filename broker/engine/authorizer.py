@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from broker.api.errors_map import http_date
-from broker.api.oauth import CreatorsTokenCache
+from broker.api.oauth import CreatorsTokenCache, bearer_token
 from broker.api.sigv4 import SigV4Signer
 
 if TYPE_CHECKING:
@@ -101,9 +101,9 @@ class BearerAuthorizer:
         """Drop the token the failed request carried, if the error says it is stale."""
         if error.code not in _TOKEN_CODES:
             return False
-        header = request.headers.get("Authorization", "")
-        token = header.removeprefix("Bearer ").split(",", 1)[0].strip()
-        self._tokens.invalidate(token)
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if token is not None:
+            self._tokens.invalidate(token)
         return True
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from broker.api.oauth import bearer_token
 from broker.engine.batcher import Batch, Lookup
 from broker.engine.keys import OUTAGE_CODE, OUTAGE_RETRY_S, CredentialsVerdict
 from broker.errors import (
@@ -586,8 +587,10 @@ def _without_credentials(error: ApiError, request: HttpRequest) -> ApiError:
 def _credentials_of(header: str) -> list[str]:
     """The secret parts of an Authorization header: a bearer token (Creators), the
     signature of a SigV4 one (PA-API: its credential id names the key and is no secret)."""
-    if header.startswith("Bearer "):
-        return [header.removeprefix("Bearer ").strip()]
+    token = bearer_token(header)
+    if token is not None:
+        # A 2.x key's header goes on: "Bearer <t>, Version 2.1"; the token is <t> alone.
+        return [token]
     _, found, signature = header.rpartition("Signature=")
     return [signature.split(",", 1)[0].strip()] if found else []
 
