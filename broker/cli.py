@@ -854,9 +854,10 @@ async def _lookup(
         code, message = describe_failure(exc)
         # run's messages speak of rows left pending; a lookup has none, so say it plainly.
         if code == ExitCode.UNAVAILABLE and isinstance(exc, NoUsableKeyError):
+            # The failure names what failed (the API, or its token endpoint) and its error.
             message = (
-                f"gave up: the endpoint {config.api.endpoint} stayed unreachable for "
-                f"{config.retry.outage_budget_s:g} s (--outage-budget): {exc}"
+                f"gave up after {config.retry.outage_budget_s:g} s without a usable answer "
+                f"(--outage-budget): {exc}"
             )
         elif isinstance(exc, NoUsableKeyError):
             message = f"stopped: {exc}"

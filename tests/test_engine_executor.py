@@ -1153,6 +1153,30 @@ class TestRetries:
         # Paused, not hammered: the outage's rounds back off to a minute.
         assert len(transport.requests) < 60
 
+    async def test_a_token_endpoint_failing_past_the_budget_is_named_as_such(self) -> None:
+        """A token endpoint answering 500 past retry.outage_budget_s (the API never asked):
+        the key's failure says the last error was the token endpoint's, and its remedy names
+        api.token_endpoint; it read as the API endpoint's outage."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _reply(500, {"error": "server_error"})
+            return _creators_ok(_ids(request))
+
+        broker, _ = _broker(
+            CREATORS, handler, clock, protocol="creators", retry={"outage_budget_s": 60.0}
+        )
+        async with broker:
+            call = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(call)
+            with pytest.raises(NoUsableKeyError) as caught:
+                call.result()
+        (failure,) = caught.value.failures
+        assert failure.code == OUTAGE_CODE
+        assert "the token endpoint's last error: " in failure.message
+        assert "api.token_endpoint" in failure.remedy
+
     async def test_a_server_failing_past_the_outage_budget_stops_the_run(self) -> None:
         """5xx to every request for longer than retry.outage_budget_s: the run stops with the
         outage error (exit 69 for a job), most rows unanswered rather than failed."""

@@ -136,7 +136,7 @@ class Executor:
                 spent = key.pause_after_error(exc, sent_at)
             key.on_failed_attempt(transient=True, reached=False)
             if spent:
-                self._end_outage(key, batch.marketplace, exc)
+                self._end_outage(key, batch.marketplace, exc, token_endpoint=True)
             self._pool.submit(batch, front=True)
             return
         except ApiError as exc:
@@ -545,16 +545,24 @@ class Executor:
         info = exc.info
         self._pool.take_out(key, marketplace, exc.code, exc.message, info.remedy, scope=info.scope)
 
-    def _end_outage(self, key: KeyState, marketplace: str, exc: BaseException) -> None:
-        """The key found no endpoint for its whole outage budget: take it out (B15)."""
+    def _end_outage(
+        self, key: KeyState, marketplace: str, exc: BaseException, *, token_endpoint: bool = False
+    ) -> None:
+        """The key found no endpoint for its whole outage budget: take it out (B15).
+
+        ``token_endpoint``: the last error was the token endpoint's (said in the message,
+        as the API endpoint may never have been asked).
+        """
+        last = "the token endpoint's last error" if token_endpoint else "last error"
         self._pool.take_out(
             key,
             marketplace,
             OUTAGE_CODE,
             f"no usable answer from the API or its token endpoint for {key.outage_s:.0f} s "
-            f"(last error: {exc})",
-            "check the network, DNS, proxy or firewall and api.endpoint (a 5xx or a reset "
-            "each time: the API itself is down, wait for it), then run again (a library "
+            f"({last}: {exc})",
+            "check the network, DNS, proxy or firewall, and api.endpoint (api.token_endpoint "
+            "when the last error is the token endpoint's; a 5xx or a reset each time: the "
+            "API itself is down, wait for it), then run again (a library "
             f"broker kept open tries again for a call made {OUTAGE_RETRY_S:g} s or more "
             "later); unfinished rows stay pending; retry.outage_budget_s sets how long a "
             "run waits",

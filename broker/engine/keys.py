@@ -500,7 +500,7 @@ class KeyState:
             key=self.name,
             error=type(error).__name__,
             cause=str(error),
-            pause_s=pause,
+            pause_s=round(pause, 3),
         )
         return spent
 
