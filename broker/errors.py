@@ -49,6 +49,7 @@ __all__ = [
     "ErrorInfo",
     "JobFileError",
     "KeyUnusableError",
+    "NetworkRefused",
     "NoUsableKeyError",
     "RequestTimeout",
     "ResponseError",
@@ -109,6 +110,19 @@ class EndpointUnreachable(ConnectError):
     Nothing reached the server, so the request says nothing about its ASINs: the engine
     pauses the key and re-queues the batch without counting an attempt (reliability B15).
     """
+
+
+class NetworkRefused(TransportError):
+    """The way to the endpoint refused the request in a way no wait mends: its TLS
+    certificate is not trusted (an intercepting proxy, a wrong host), or the HTTP proxy
+    refused it (407, its credentials; 403, its policy). ``code`` is its catalogue entry
+    (``UntrustedCertificate``, ``ProxyRefused``): every key is taken out at once, rows stay
+    pending, instead of an outage waited out for 15 minutes or each row failing after its
+    retries."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RequestTimeout(TransportError, builtins.TimeoutError):
@@ -659,6 +673,26 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         False,
         "Check the network, DNS and api.endpoint; run again (rows stay pending). "
         "retry.outage_budget_s sets how long an outage is waited out.",
+    ),
+    ErrorInfo(
+        "UntrustedCertificate",
+        "The endpoint's TLS certificate was not trusted (self-signed, issued for another "
+        "host, or replaced by a TLS-inspecting proxy).",
+        Scope.GLOBAL,
+        False,
+        "Check api.endpoint (and api.token_endpoint) name the right host; behind a "
+        "TLS-inspecting proxy, trust its CA (SSL_CERT_FILE=/path/to/ca.pem); run again "
+        "(rows stay pending).",
+    ),
+    ErrorInfo(
+        "ProxyRefused",
+        "The HTTP proxy (HTTPS_PROXY, HTTP_PROXY) refused the request: 407 asks for its "
+        "credentials, 403 is its policy.",
+        Scope.GLOBAL,
+        False,
+        "Fix the user and password in HTTPS_PROXY (http://user:password@proxy:3128), or ask "
+        "for the endpoint to be allowed; NO_PROXY lists hosts to reach directly; run again "
+        "(rows stay pending).",
     ),
     ErrorInfo(
         "AttemptsExhausted",

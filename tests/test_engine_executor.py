@@ -19,7 +19,14 @@ from broker.client import Broker
 from broker.engine.keys import OUTAGE_CODE, OUTAGE_RETRY_S
 from broker.engine.metrics import EngineMetrics
 from broker.engine.transport import MockTransport
-from broker.errors import BadRequestError, EndpointUnreachable, NoUsableKeyError, RequestTimeout
+from broker.errors import (
+    BadRequestError,
+    EndpointUnreachable,
+    NetworkRefused,
+    NoUsableKeyError,
+    RequestTimeout,
+    describe,
+)
 from broker.models import ItemResult, Query, Status
 from broker.testing import FakeClock
 
@@ -1152,6 +1159,38 @@ class TestRetries:
         assert any(e["event"] == "broker.endpoint_failing" for e in logs)
         # Paused, not hammered: the outage's rounds back off to a minute.
         assert len(transport.requests) < 60
+
+    @pytest.mark.parametrize("where", ["token", "api"])
+    @pytest.mark.parametrize("code", ["ProxyRefused", "UntrustedCertificate"])
+    async def test_a_refusal_no_wait_mends_takes_every_key_out_at_once(
+        self, where: str, code: str
+    ) -> None:
+        """A proxy refusing (407) or an untrusted certificate, on the token endpoint or the
+        API: every key out at once with the code and its remedy, nothing failed; it was
+        waited out as an outage (15 minutes for broker run), or failed each row after six
+        attempts, told at debug level only."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if ("/auth/" in request.url) == (where == "token"):
+                raise NetworkRefused(f"POST {request.url}: refused", code=code)
+            if "/auth/" in request.url:
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        keys = [key_doc("a"), key_doc("b")]
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        started = clock.monotonic()
+        async with broker:
+            call = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(call)
+            with pytest.raises(NoUsableKeyError) as caught:
+                call.result()
+        assert clock.monotonic() - started < 5.0
+        failures = caught.value.failures
+        assert failures
+        assert {failure.code for failure in failures} == {code}
+        assert all(failure.remedy == describe(code).remedy for failure in failures)
 
     async def test_a_token_endpoint_failing_past_the_budget_is_named_as_such(self) -> None:
         """A token endpoint answering 500 past retry.outage_budget_s (the API never asked):

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from broker.api.base import HttpRequest, RawResponse
 from broker.engine.transport import AiohttpTransport, MockTransport
-from broker.errors import BodyTooLarge, ConnectError, RequestTimeout, TransportError
+from broker.errors import (
+    BodyTooLarge,
+    ConnectError,
+    NetworkRefused,
+    RequestTimeout,
+    TransportError,
+)
 from broker.simulator.server import SimulatorServer
 
 SECRET_HEADER = "Bearer tok-do-not-leak"
@@ -221,3 +230,69 @@ async def test_mock_transport_records() -> None:
     assert response.status == 201
     assert [r.url for r in transport.requests] == ["https://example.test/x"]
     assert "tok-do-not-leak" not in repr(transport.requests[0])
+
+
+class TestRefusedByTheWay:
+    """A refusal no wait mends (an untrusted certificate, a proxy saying no) is told apart
+    from an outage: NetworkRefused, with its catalogue code."""
+
+    @pytest.mark.parametrize(("status", "refused"), [(407, True), (403, True), (502, False)])
+    async def test_a_proxy_refusing_the_tunnel(
+        self, monkeypatch: pytest.MonkeyPatch, status: int, refused: bool
+    ) -> None:
+        """CONNECT answered 407 or 403 is ProxyRefused (each row failed after six attempts,
+        logged at debug only); a 502 stays a connection error, retried."""
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")  # the CONNECT request
+            writer.write(f"HTTP/1.1 {status} No\r\nContent-Length: 0\r\n\r\n".encode())
+            await writer.drain()
+            writer.close()
+
+        proxy = await asyncio.start_server(answer, "127.0.0.1", 0)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        try:
+            async with AiohttpTransport(timeout_s=5, connect_timeout_s=2) as transport:
+                with pytest.raises(TransportError) as caught:
+                    await transport.send(HttpRequest("POST", "https://example.com/x", {}, b"{}"))
+        finally:
+            proxy.close()
+            await proxy.wait_closed()
+        assert isinstance(caught.value, NetworkRefused) is refused
+        if refused:
+            assert caught.value.code == "ProxyRefused"  # type: ignore[attr-defined]
+
+    @pytest.mark.skipif(
+        shutil.which("openssl") is None, reason="makes its certificate with openssl"
+    )
+    async def test_an_untrusted_certificate(self, tmp_path: Path) -> None:
+        """A self-signed certificate is UntrustedCertificate (it was waited out as an
+        outage for the whole budget, 15 minutes for broker run)."""
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        made = await asyncio.create_subprocess_exec(
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await made.wait() == 0
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+
+        async def answer(request: web.Request) -> web.Response:
+            return web.Response(text="hello")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}/x"
+        try:
+            async with AiohttpTransport(timeout_s=5, connect_timeout_s=2) as transport:
+                with pytest.raises(NetworkRefused) as caught:
+                    await transport.send(HttpRequest("POST", url, {}, b"{}"))
+        finally:
+            await runner.cleanup()
+        assert caught.value.code == "UntrustedCertificate"

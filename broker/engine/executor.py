@@ -24,6 +24,7 @@ from broker.errors import (
     AuthError,
     BrokerError,
     EndpointUnreachable,
+    NetworkRefused,
     NoUsableKeyError,
     ResponseError,
     Scope,
@@ -126,6 +127,10 @@ class Executor:
         try:
             request = self._build(key, batch)
             request = await key.authorizer.authorize(request, region=region)
+        except NetworkRefused as exc:
+            attempts.not_sent(self._clock.monotonic())
+            self._refused_by_network(key, batch, exc)
+            return
         except (TransportError, ResponseError, ServerError, ThrottledError) as exc:
             # The token endpoint is down, slow or throttling: not this batch's fault, and
             # no reason to take the key out of rotation (B13), unless it lasts (B15).
@@ -194,6 +199,12 @@ class Executor:
             key.on_failed_attempt(transient=transient)
             shown = _without_credentials(exc, request)
             self._on_api_error(key, batch, request, shown, sent_at, transient=transient)
+            return
+        except NetworkRefused as exc:
+            self._metrics.transport_errors += 1
+            key.errors += 1
+            attempts.not_sent(self._clock.monotonic())
+            self._refused_by_network(key, batch, exc)
             return
         except (TransportError, ResponseError) as exc:
             if isinstance(exc, TransportError):
@@ -544,6 +555,16 @@ class Executor:
         """Take the key (or key+marketplace) out of rotation; fail work no key can serve."""
         info = exc.info
         self._pool.take_out(key, marketplace, exc.code, exc.message, info.remedy, scope=info.scope)
+
+    def _refused_by_network(self, key: KeyState, batch: Batch, exc: NetworkRefused) -> None:
+        """The way to the endpoint refused the request (an untrusted certificate, a proxy
+        saying no): every key is out at once, as no wait mends it; the batch goes back, so
+        its rows stay pending (a run's end) or its callers hear NoUsableKeyError."""
+        info = describe(exc.code)
+        self._pool.take_out(
+            key, batch.marketplace, exc.code, str(exc), info.remedy, scope=info.scope
+        )
+        self._pool.submit(batch, front=True)
 
     def _end_outage(
         self, key: KeyState, marketplace: str, exc: BaseException, *, token_endpoint: bool = False

@@ -27,6 +27,7 @@ from broker.errors import (
     BodyTooLarge,
     ConnectError,
     EndpointUnreachable,
+    NetworkRefused,
     RequestTimeout,
     TransportError,
 )
@@ -65,6 +66,16 @@ def _mapped_errors(request: HttpRequest) -> Iterator[None]:
     where = f"{request.method} {request.url}"
     try:
         yield
+    except aiohttp.ClientConnectorCertificateError as exc:
+        # Before ClientConnectorError, its base: a certificate no wait will make trusted.
+        message, cause = _shown(f"{where}: TLS certificate not trusted ({exc})", exc)
+        raise NetworkRefused(message, code="UntrustedCertificate") from cause
+    except aiohttp.ClientHttpProxyError as exc:
+        if exc.status not in (403, 407):
+            message, cause = _shown(f"{where}: the proxy answered {exc.status} ({exc})", exc)
+            raise ConnectError(message) from cause
+        message, cause = _shown(f"{where}: the proxy refused it ({exc})", exc)
+        raise NetworkRefused(message, code="ProxyRefused") from cause
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         # Before the generic cases: a connect timeout is also a TimeoutError, and a refused
         # connection also a ClientConnectionError.
