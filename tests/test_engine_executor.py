@@ -1100,6 +1100,32 @@ class TestPartialAnswers:
 class TestRetries:
     """Transient failures back off on the clock; 429s never fail an ASIN."""
 
+    async def test_a_batch_that_gave_up_is_warned_of_once_a_minute(self) -> None:
+        """A 500 every time: the first batch to fail for good is logged at warning level with
+        its code and error, the next one of the same key and code within a minute at debug;
+        a run said nothing at info level until its rows came out failed."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            return _paapi_error(500, "InternalFailure", "Internal failure.")
+
+        broker, _ = _broker(
+            PAAPI,
+            handler,
+            clock,
+            retry={"max_attempts": 2, "base_delay_s": 1.0, "max_delay_s": 1.0},
+        )
+        with capture_logs() as logs:
+            async with broker:
+                results = await _run(broker, clock, asins(20))
+        assert {r.status for r in results} == {Status.FAILED}
+        # Two batches failed; the second, within the minute, is not at warning level.
+        failed = [e for e in logs if e["event"] == "broker.batch_failed"]
+        assert [e["log_level"] for e in failed if e["log_level"] != "debug"] == ["warning"]
+        assert failed[0]["code"] == "InternalFailure"
+        assert failed[0]["lookups"] == 10
+        assert "Internal failure." in failed[0]["error"]
+
     async def test_server_errors_exhaust_attempts(self) -> None:
         """A 500 every time: failed after max_attempts, with the last error; budget counts sends."""
         sent_at: list[float] = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from broker.api.oauth import bearer_token
 from broker.engine.batcher import Batch, Lookup
@@ -79,6 +79,8 @@ class Executor:
         self._clock = clock
         self._metrics = metrics
         self._spawn = spawn
+        # When each (key, code) last had a batch give up logged at warning level.
+        self._gave_up_told: dict[tuple[str, str], float] = {}
 
     # -- the attempt ----------------------------------------------------------------------
 
@@ -527,6 +529,7 @@ class Executor:
             # An operation's caller gets the exception itself; a lookup's row the last error
             # told as final (its catalogue remedy says the broker retries it by itself).
             final = exc if batch.operation is not None else _gave_up(exc, attempt)
+            self._say_gave_up(key, batch, exc, attempt, now)
             self._fail(batch, final, key=key.name)
             return
         if not key.retry_budget.try_retry():
@@ -546,6 +549,31 @@ class Executor:
             self._pool.submit(batch, front=True)
         else:
             self._spawn(self._submit_later(batch, delay))
+
+    def _say_gave_up(
+        self, key: KeyState, batch: Batch, exc: BaseException, attempts: int, now: float
+    ) -> None:
+        """Warn that a batch failed for good after its retries: at most once a minute per key
+        and error code (the rest at debug), so a run whose every request fails (a 500 each
+        time, a broken proxy) says why while it runs, not only in its rows at the end."""
+        code = _detail(exc).code
+        told = self._gave_up_told.get((key.name, code))
+        loud = told is None or now - told >= _GAVE_UP_EVERY_S
+        if loud:
+            self._gave_up_told[(key.name, code)] = now
+        elif not _LOG.isEnabledFor(logging.DEBUG):
+            return
+        say = logger.warning if loud else logger.debug
+        say(
+            "broker.batch_failed",
+            key=key.name,
+            batch_id=batch.batch_id,
+            lookups=len(batch.lookups),
+            code=code,
+            error=scrub(str(exc)),
+            attempts=attempts,
+            note=f"more with this code are logged at debug level for {_GAVE_UP_EVERY_S:g} s",
+        )
 
     async def _submit_later(self, batch: Batch, delay_s: float) -> None:
         await self._clock.sleep(delay_s)
@@ -622,6 +650,11 @@ def _credentials_of(header: str) -> list[str]:
         return [token]
     _, found, signature = header.rpartition("Signature=")
     return [signature.split(",", 1)[0].strip()] if found else []
+
+
+#: How often a batch that failed after its retries is logged at warning level, per key and
+#: error code (seconds).
+_GAVE_UP_EVERY_S: Final = 60.0
 
 
 def _transient_api_error(error: ApiError) -> bool:
