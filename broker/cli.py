@@ -188,7 +188,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "rejected (rows stay pending); 78 bad config; 141 stdout's reader went away (--out -)",
     )
     run.add_argument(
-        "job", help="job file: .txt, .csv or .jsonl, optionally .gz; - reads stdin (see --input)"
+        "job",
+        help="job file: .txt, .csv (.tsv) or .jsonl (.ndjson, .jsonlines), optionally .gz; "
+        "- reads stdin (see --input)",
     )
     run.add_argument("--config", help=_CONFIG_HELP)
     run.add_argument(
@@ -201,7 +203,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--input",
         choices=STDIN_FORMATS,
         help="format of a job read from stdin (default: txt); a job file's format comes "
-        "from its name (.txt, .csv, .jsonl, each optionally .gz), else from its first lines",
+        "from its name (.txt, .csv or .tsv, .jsonl or .ndjson, each optionally .gz), else from "
+        "its first lines",
     )
     run.add_argument(
         "--format",
@@ -1012,7 +1015,8 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         # Silently reading a CSV named .txt as plain text would make every row invalid.
         print(
             f"{prog()}: --input is the format of a job read from stdin; {args.job}'s comes from "
-            "its name (.txt, .csv or .jsonl, each optionally .gz), else from its first lines: "
+            "its name (.txt, .csv or .tsv, .jsonl or .ndjson, each optionally .gz), else from its "
+            "first lines: "
             f"rename it (e.g. to .csv), or pipe it: {prog()} run - --input "
             f"{args.input} < {args.job}",
             file=sys.stderr,
