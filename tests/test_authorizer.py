@@ -7,6 +7,8 @@ import json
 from datetime import timedelta
 from email.utils import format_datetime
 
+from structlog.testing import capture_logs
+
 from broker.api.base import HttpRequest, RawResponse
 from broker.engine.authorizer import BearerAuthorizer, SigV4Authorizer
 from broker.errors import ApiError, AuthError
@@ -136,8 +138,13 @@ class TestSigV4:
             status=401,
             server_date=format_datetime(server_now, usegmt=True),
         )
-        assert authorizer.recover(error, request)
+        with capture_logs() as logs:
+            assert authorizer.recover(error, request)
+            assert authorizer.recover(error, request)
         assert authorizer.clock_offset_s == 1200
+        # Said once, as a warning naming the offset: it showed only as credentials refreshed.
+        (told,) = [e for e in logs if e["event"] == "broker.clock_offset"]
+        assert (told["log_level"], told["offset_s"]) == ("warning", 1200)
         again = await authorizer.authorize(self._paapi(), region="us-east-1")
         assert again.headers["x-amz-date"] == server_now.strftime("%Y%m%dT%H%M%SZ")
         assert "clock_offset_s=1200" in repr(authorizer)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from broker.api.errors_map import http_date
 from broker.api.oauth import CreatorsTokenCache, bearer_token
 from broker.api.sigv4 import SigV4Signer
+from broker.logs import get_logger
 
 if TYPE_CHECKING:
     from broker.api.base import HttpRequest, RawResponse
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
     from broker.models import Secret
 
 __all__ = ["Authorizer", "BearerAuthorizer", "SigV4Authorizer"]
+
+logger = get_logger("broker")
+
+#: A clock offset learned from Amazon's Date header worth a warning (and a change of it).
+_CLOCK_TOLD = timedelta(seconds=60)
 
 #: Creators codes that a new token fixes.
 _TOKEN_CODES = frozenset({"TokenExpired", "InvalidToken"})
@@ -152,7 +158,18 @@ class SigV4Authorizer:
             return False
         server_now = http_date(error.server_date or "")
         if server_now is not None:
-            self._offset = server_now - self._clock.utcnow()
+            offset = server_now - self._clock.utcnow()
+            if abs(offset) >= _CLOCK_TOLD and abs(offset - self._offset) >= _CLOCK_TOLD:
+                # The machine's clock, not a key: signatures now carry Amazon's time, but
+                # every other process (and this one's next start) learns it again.
+                logger.warning(
+                    "broker.clock_offset",
+                    offset_s=round(offset.total_seconds()),
+                    note="this machine's clock is that far behind Amazon's (ahead, if "
+                    "negative), by its Date header; requests are signed with Amazon's time "
+                    "now: set the clock right (NTP)",
+                )
+            self._offset = offset
         return True
 
     def __repr__(self) -> str:
