@@ -7,6 +7,7 @@ driven the way the runner drives them: open with the ledger's state, emit
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import errno
 import io
@@ -856,3 +857,58 @@ def test_done_row_fields_cover_output(tmp_path: Path) -> None:
     out = output_row(row)
     assert out["extra"] == {"a": "b"}
     assert out["line"] == 3
+
+
+class TestEmittingOnTheLoop:
+    """The runner writes rows a page at a time, giving the event loop a turn between pages."""
+
+    async def test_two_emitters_taking_turns_write_every_row_once(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two page-at-a-time emitters at once (a commit and the idle committer) write each
+        row once, and the loop runs between their pages: one emit of every row held a
+        daemon's /healthz for seconds (half a million rows final at ingestion)."""
+        from broker.jobs import runner
+
+        monkeypatch.setattr(runner, "_EMIT_ROWS", 3)
+        out = tmp_path / "out.jsonl"
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        with make_ledger(tmp_path, count=40) as ledger:
+            sink = open_sink("jsonl", out)
+            ledger.set_sink_state("out", sink.open(ledger.sink_state("out")))
+            ticker = asyncio.ensure_future(tick())
+            await asyncio.gather(
+                runner._emit_yielding(ledger, sink, "out"),
+                runner._emit_yielding(ledger, sink, "out"),
+            )
+            ticker.cancel()
+            sink.close()
+            expected = expected_lines(ledger)
+        assert jsonl(out) == expected
+        assert ticks >= 6  # 14 pages, two emitters: the loop ran between their pages
+
+    def test_an_ordering_a_signal_stops_leaves_the_output_as_it_was(self, tmp_path: Path) -> None:
+        """--ordered's export stopped (a signal) keeps the output and its state as they were
+        and leaves no temporary file; it ran to its end, a minute for a million rows,
+        deaf to Ctrl-C."""
+        from broker.jobs import runner
+        from broker.jobs.paths import ordering_path
+
+        out = tmp_path / "out.jsonl"
+        with make_ledger(tmp_path, count=3000) as ledger:
+            sink = open_sink("jsonl", out)
+            emit(ledger, sink)
+            sink.close()
+            before, state = out.read_bytes(), ledger.sink_state("out")
+            options = runner.JobOptions(job=tmp_path / "job.txt", out=out, format="jsonl")
+            assert not runner._export_ordered(ledger, options, "out", None, stopped=lambda: True)
+            assert ledger.sink_state("out") == state
+        assert out.read_bytes() == before
+        assert not ordering_path(out).exists()

@@ -438,10 +438,16 @@ async def _run_once(
         # a CSV header written now would lack for good the pass-through names of the rows
         # not read yet (a resumed output reads its columns back from its header); the
         # invalid rows found so far are written with the rest.
+        # In threads: each reads every row (a minute for a million, when ordering), and the
+        # loop must go on handling signals; a signal stops the ordering (the output keeps
+        # its rows in the order they were done, and a rerun orders it).
+        ordering_stopped = False
         if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
-            _export_ordered(ledger, options, name, columns)
+            ordering_stopped = not await asyncio.to_thread(
+                _export_ordered, ledger, options, name, columns, stopped=lambda: stop.requested
+            )
         report = report_path(options.out)
-        invalid = InvalidReport(report).write(ledger)
+        invalid = await asyncio.to_thread(InvalidReport(report).write, ledger)
         summary.invalid_report = str(report) if invalid else None
         counts = ledger.counts()
         summary.total = counts.total
@@ -449,13 +455,16 @@ async def _run_once(
         summary.pending = counts.pending
         summary.quota_wait_until = stop.quota_until if counts.pending else None
         summary.quota_wait_keys = stop.quota_keys if counts.pending else frozenset()
-        summary.stopped_by_signal = (
+        summary.stopped_by_signal = ordering_stopped or (
             stop.requested
             and summary.quota_wait_until is None
             and (counts.pending > 0 or not ledger.ingest_complete)
         )
         if resumed_complete:
-            summary.already_complete = _complete_message(ledger, options, counts)
+            # In a thread: it reads every result's time (seconds for a million).
+            summary.already_complete = await asyncio.to_thread(
+                _complete_message, ledger, options, counts
+            )
     summary.wall_s = time.monotonic() - started
     return summary
 
@@ -477,14 +486,15 @@ async def _output(
     # whichever row comes first (a resumed one reads them back from its header). Read
     # for a resumed job too: an output deleted or cut by hand is written again from the
     # ledger, and its first rows may lack a name later rows have.
-    columns = ledger.extra_names() if options.format == "csv" else None
+    # In a thread: a scan of every row (seconds for a million with a few columns).
+    columns = await asyncio.to_thread(ledger.extra_names) if options.format == "csv" else None
     sink = open_sink(options.format, options.out, extra=columns or ())
     # The sink may cut itself back further than recorded (a hand-truncated file).
     ledger.set_sink_state(name, sink.open(state))
     # No second emit on the way out: _fetch commits and emits what finished, and after
     # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
     try:
-        _emit(ledger, sink, name)
+        await _emit_yielding(ledger, sink, name)
         if ledger.pending_lookup_count() and not stop.requested:
             # The keys' daily counts, rates and pauses live in the shared key state
             # ([state]; by default a file every broker process of this machine shares),
@@ -559,9 +569,15 @@ def _make_output_directory(directory: Path) -> None:
 
 
 def _export_ordered(
-    ledger: Ledger, options: JobOptions, name: str, columns: tuple[str, ...] | None
-) -> None:
-    """Rewrite the complete output with its rows in input order (``--ordered``).
+    ledger: Ledger,
+    options: JobOptions,
+    name: str,
+    columns: tuple[str, ...] | None,
+    *,
+    stopped: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Rewrite the complete output with its rows in input order (``--ordered``); False if
+    ``stopped()`` turned true first (a signal: the output stays as it was).
 
     Rows are read from the ledger a page at a time, so memory stays bounded; the new file
     replaces the old one atomically. It holds the same rows, so the recorded progress (the
@@ -569,25 +585,33 @@ def _export_ordered(
     job's pass-through names if this run already read them (a CSV output begun now).
     """
     if options.format == "sqlite":
-        return  # a table has no order of its own; the seq column gives input order
+        return True  # a table has no order of its own; the seq column gives input order
     if options.format == "csv" and columns is None:
         columns = ledger.extra_names()
     temporary = ordering_path(options.out)
     sink = open_sink(options.format, temporary, extra=columns or ())
+    state: SinkState | None = None
     try:
         sink.open(SinkState())
         chunk: list[DoneRow] = []
         for count, row in enumerate(ledger.done_rows_in_file_order(), 1):
             chunk.append(dataclasses.replace(row, done_order=count))
             if len(chunk) >= 1000:
+                if stopped():
+                    break
                 sink.write(chunk)
                 chunk.clear()
-        sink.write(chunk)
-        state = sink.flush()
+        else:
+            sink.write(chunk)
+            state = sink.flush()
     finally:
         sink.close()
+    if state is None:
+        temporary.unlink(missing_ok=True)
+        return False
     os.replace(temporary, options.out)
     ledger.set_sink_state(name, state)
+    return True
 
 
 def _read(options: JobOptions) -> Iterator[JobRow]:
@@ -687,17 +711,32 @@ class _Output:
 _EMIT_ROWS: Final = 1000
 
 
-def _emit(ledger: Ledger, sink: ResultSink, name: str) -> None:
-    """Write every committed row the output does not have yet, then record the new state."""
-    state = ledger.sink_state(name)
-    while True:
+def _emit(ledger: Ledger, sink: ResultSink, name: str, *, pages: int | None = None) -> bool:
+    """Write the committed rows the output does not have yet, ``pages`` pages of
+    ``_EMIT_ROWS`` at most (None: all), recording the new state after each; True while rows
+    are left. Each page starts from the state recorded last, so emitters taking turns
+    (:func:`_emit_yielding`) never write a row twice."""
+    written = 0
+    while pages is None or written < pages:
+        state = ledger.sink_state(name)
         rows = ledger.done_rows_after(state.done_order, limit=_EMIT_ROWS)
         if not rows:
-            break
+            return False
         sink.write(rows)
         state = sink.flush()
         crash_point("after_flush")
         ledger.set_sink_state(name, state)
+        written += 1
+    return True
+
+
+async def _emit_yielding(ledger: Ledger, sink: ResultSink, name: str) -> None:
+    """:func:`_emit` a page at a time, letting the event loop run between pages: half a
+    million rows final at ingestion, or a commit that ends 25,000 rows of duplicates, held
+    a daemon's /healthz and /metrics and a run's signals for seconds."""
+    # A turn for the loop between pages: there is no event to wait on.
+    while _emit(ledger, sink, name, pages=1):  # noqa: ASYNC110
+        await asyncio.sleep(0)
 
 
 async def _fetch(
@@ -738,17 +777,23 @@ async def _fetch(
     needed = functools.partial(_keys_for_markets, broker, left)
     progress = _Progress(ledger, broker, options, needed=needed)
 
-    def commit() -> None:
+    def record() -> bool:
+        """Commit the buffered results to the ledger; True if there were any."""
         nonlocal last_commit
-        if buffer:
-            ledger.record_results(buffer)
-            for lookup, _ in buffer:
-                if lookup.marketplace in left:
-                    left[lookup.marketplace] -= 1
-            buffer.clear()
-            crash_point("after_commit")
-            _emit(ledger, output.sink, output.name)
         last_commit = time.monotonic()
+        if not buffer:
+            return False
+        ledger.record_results(buffer)
+        for lookup, _ in buffer:
+            if lookup.marketplace in left:
+                left[lookup.marketplace] -= 1
+        buffer.clear()
+        crash_point("after_commit")
+        return True
+
+    async def commit() -> None:
+        if record():
+            await _emit_yielding(ledger, output.sink, output.name)
 
     async def consume(marketplace: str | None) -> None:
         nonlocal cached
@@ -759,7 +804,7 @@ async def _fetch(
             assert isinstance(lookup, Lookup)
             buffer.append((lookup, result))
             if len(buffer) >= _COMMIT_ROWS or time.monotonic() - last_commit >= _COMMIT_EVERY_S:
-                commit()
+                await commit()
                 progress.tick()
 
     async def commit_when_idle() -> None:
@@ -769,7 +814,7 @@ async def _fetch(
             await asyncio.sleep(_COMMIT_EVERY_S)
             if buffer and time.monotonic() - last_commit >= _COMMIT_EVERY_S:
                 try:
-                    commit()
+                    await commit()
                 except Exception as exc:  # a full disk, a failing sink: the run must end
                     stop.fail(exc)
                     return
@@ -799,7 +844,9 @@ async def _fetch(
         if quota_watch is not None:
             quota_watch.cancel()
         try:
-            commit()
+            # At once, with no turn of the loop: the run may be stopping by force.
+            if record():
+                _emit(ledger, output.sink, output.name)
         finally:
             # Also when the last commit fails: the error message gets a line of its own.
             progress.done()
