@@ -1744,14 +1744,8 @@ def test_run_names_a_key_taken_out_though_the_others_did_every_row(
     assert "wrong-secret" not in err
 
 
-def test_a_run_stopped_by_an_error_ends_with_job_finished(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A run a rejected key stops (77) ends its log with broker.job_finished too: the exit
-    code, the error and the rows as its ledger has them; the JSON log ended with
-    broker.key_disabled, so a collector never saw how it ended."""
-    monkeypatch.setenv("ASINB_UK", "wrong-secret")
-    config = str(_config(tmp_path, _with_second_key("uk", "www.amazon.co.uk", "ASINB_UK")))
+def _us_and_uk_job(tmp_path: Path) -> Path:
+    """A JSON Lines job of 10 US rows and 10 UK rows, interleaved."""
     job = tmp_path / "job.jsonl"
     job.write_text(
         "".join(
@@ -1760,6 +1754,18 @@ def test_a_run_stopped_by_an_error_ends_with_job_finished(
             for m in ("www.amazon.com", "www.amazon.co.uk")
         )
     )
+    return job
+
+
+def test_a_run_stopped_by_an_error_ends_with_job_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run a rejected key stops (77) ends its log with broker.job_finished too: the exit
+    code, the error and the rows as its ledger has them; the JSON log ended with
+    broker.key_disabled, so a collector never saw how it ended."""
+    monkeypatch.setenv("ASINB_UK", "wrong-secret")
+    config = str(_config(tmp_path, _with_second_key("uk", "www.amazon.co.uk", "ASINB_UK")))
+    job = _us_and_uk_job(tmp_path)
     args = ["run", str(job), "--config", config, "--out", str(tmp_path / "o.jsonl")]
     assert cli.main([*args, "--progress", "none"]) == ExitCode.NO_PERMISSION
     err = capsys.readouterr().err
@@ -1780,14 +1786,7 @@ def test_a_run_stopped_by_an_error_prints_its_rows_and_output(
     error, so the ten rows written were not to be seen."""
     monkeypatch.setenv("ASINB_UK", "wrong-secret")
     config = str(_config(tmp_path, _with_second_key("uk", "www.amazon.co.uk", "ASINB_UK")))
-    job = tmp_path / "job.jsonl"
-    job.write_text(
-        "".join(
-            f'{{"asin": "B0TEST{i:04d}", "marketplace": "{m}"}}\n'
-            for i in range(10)
-            for m in ("www.amazon.com", "www.amazon.co.uk")
-        )
-    )
+    job = _us_and_uk_job(tmp_path)
     out = tmp_path / "o.jsonl"
     args = ["run", str(job), "--config", config, "--out", str(out), "--progress", "none"]
     assert cli.main(args) == ExitCode.NO_PERMISSION

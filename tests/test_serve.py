@@ -82,6 +82,24 @@ def _config(*, tps: float = 100.0, tpd: int = 100_000, batch_size: int = 10) -> 
     return parse_config(document, environ={})
 
 
+def _wrong_uk_tag(**simulator: object) -> BrokerConfig:
+    """The demo key with a UK tag the simulator rejects (InvalidPartnerTag) beside its US one."""
+    key = {
+        "name": "demo",
+        "credential_id": "demo-id",
+        "version": "3.1",
+        "partner_tags": {"www.amazon.com": "demo-20", "www.amazon.co.uk": "wrong-21"},
+        "tps": 100.0,
+    }
+    document = {
+        "api": {"endpoint": "simulator"},
+        "keys": [key],
+        "engine": {"linger_s": 0.005},
+        "simulator": {"seed": 5, "accounts": [_ACCOUNT], **simulator},
+    }
+    return parse_config(document, environ={})
+
+
 def _config_file(tmp_path: Path, key_extra: str = "") -> Path:
     path = tmp_path / "config.toml"
     path.write_text(
@@ -322,20 +340,7 @@ class TestJobs:
         job with UK rows is filed under failed/ saying why, and the daemon goes on with the
         next job. It stopped with 77 and, restarted, resumed the same job and stopped again,
         so no other job ever ran (a restart loop under compose)."""
-        key = {
-            "name": "demo",
-            "credential_id": "demo-id",
-            "version": "3.1",
-            "partner_tags": {"www.amazon.com": "demo-20", "www.amazon.co.uk": "wrong-21"},
-            "tps": 100.0,
-        }
-        document = {
-            "api": {"endpoint": "simulator"},
-            "keys": [key],
-            "engine": {"linger_s": 0.005},
-            "simulator": {"seed": 5, "accounts": [_ACCOUNT]},
-        }
-        running = await start(parse_config(document, environ={}))
+        running = await start(_wrong_uk_tag())
         _drop(
             spool,
             "mixed.jsonl",
@@ -358,20 +363,7 @@ class TestJobs:
         """The US row a job wrote before its UK tag was rejected is in asinb_rows_total
         (with the next job's): rows were counted from the ledger after the filing had
         deleted it, so those written since the last scrape were never counted."""
-        key = {
-            "name": "demo",
-            "credential_id": "demo-id",
-            "version": "3.1",
-            "partner_tags": {"www.amazon.com": "demo-20", "www.amazon.co.uk": "wrong-21"},
-            "tps": 100.0,
-        }
-        document = {
-            "api": {"endpoint": "simulator"},
-            "keys": [key],
-            "engine": {"linger_s": 0.005},
-            "simulator": {"seed": 5, "missing_share": 0.0, "accounts": [_ACCOUNT]},
-        }
-        running = await start(parse_config(document, environ={}))
+        running = await start(_wrong_uk_tag(missing_share=0.0))
         _drop(
             spool,
             "mixed.jsonl",

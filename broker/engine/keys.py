@@ -340,7 +340,9 @@ class KeyState:
     def _note_quota_spent(self) -> None:
         """Warn once per daily window that the key now waits for its reset: lookups that only
         it can serve wait for hours, and a library caller should learn why from the log.
-        Nothing when the quota is not spent (a refusal for another reason)."""
+        A hold by another process's lower tpd is told once per hold (at info level: it
+        lapses when that process closes). Nothing when the quota is not spent (a refusal
+        for another reason)."""
         if not self.limiter.exhausted:
             return
         resets_at = self.limiter.resets_at()
