@@ -949,19 +949,7 @@ class TestRunPaths:
             job = tmp_path / "job.txt"
             job.write_text("\n".join(asins) + "\n")
             args = ["run", str(job), "--out", "-", "--config", config]
-        env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-        with subprocess.Popen(
-            [sys.executable, "-m", "broker", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=tmp_path,
-            env=env,
-        ) as proc:
-            assert proc.stdout is not None
-            assert proc.stderr is not None
-            proc.stdout.close()  # the reader is gone before the first row is written
-            err = proc.stderr.read().decode()
-            assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE
+        err = _with_stdout_gone(tmp_path, args)
         assert "Traceback" not in err
         assert "BrokenPipeError" not in err
 
@@ -971,23 +959,30 @@ class TestRunPaths:
         """cache purge whose stdout reader left ends with 141 and no message, as cache stats
         does; it exited 74 saying the cache might be damaged, after purging it."""
         config = str(_config(tmp_path))
-        env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-        monkeypatch.setenv("XDG_STATE_HOME", env["XDG_STATE_HOME"])
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
         assert cli.main(["lookup", "--json", "B0PIPE0001", "--config", config]) == 0
-        with subprocess.Popen(
-            [sys.executable, "-m", "broker", "cache", "purge", "--config", config],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=tmp_path,
-            env=env,
-        ) as proc:
-            assert proc.stdout is not None
-            assert proc.stderr is not None
-            proc.stdout.close()
-            err = proc.stderr.read().decode()
-            assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE
+        err = _with_stdout_gone(tmp_path, ["cache", "purge", "--config", config])
         assert "cannot be used" not in err
         assert "Traceback" not in err
+
+
+def _with_stdout_gone(tmp_path: Path, args: list[str]) -> str:
+    """Run ``broker ARGS`` whose stdout reader is gone before the first line; exit 141 is
+    asserted, its stderr returned."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "broker", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE
+    return err
 
 
 class TestReruns:
