@@ -100,6 +100,10 @@ def _cache_max_age(args: argparse.Namespace) -> float | None:
     return value
 
 
+#: The job-file names whose format the name tells (broker.jobs.sources reads them so).
+_JOB_NAMES: Final = ".txt, .csv or .tsv, .jsonl, .ndjson or .jsonlines, each optionally .gz"
+
+
 def _port(text: str) -> int:
     """argparse type of ``--port``: 0 (any free port) to 65535."""
     try:
@@ -189,8 +193,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "job",
-        help="job file: .txt, .csv (.tsv) or .jsonl (.ndjson, .jsonlines), optionally .gz; "
-        "- reads stdin (see --input)",
+        help=f"job file: {_JOB_NAMES}; - reads stdin (see --input)",
     )
     run.add_argument("--config", help=_CONFIG_HELP)
     run.add_argument(
@@ -203,8 +206,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--input",
         choices=STDIN_FORMATS,
         help="format of a job read from stdin (default: txt); a job file's format comes "
-        "from its name (.txt, .csv or .tsv, .jsonl or .ndjson, each optionally .gz), else from "
-        "its first lines",
+        f"from its name ({_JOB_NAMES}), else from its first lines",
     )
     run.add_argument(
         "--format",
@@ -1015,8 +1017,7 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         # Silently reading a CSV named .txt as plain text would make every row invalid.
         print(
             f"{prog()}: --input is the format of a job read from stdin; {args.job}'s comes from "
-            "its name (.txt, .csv or .tsv, .jsonl or .ndjson, each optionally .gz), else from its "
-            "first lines: "
+            f"its name ({_JOB_NAMES}), else from its first lines: "
             f"rename it (e.g. to .csv), or pipe it: {prog()} run - --input "
             f"{args.input} < {args.job}",
             file=sys.stderr,
@@ -1073,16 +1074,17 @@ def _say_rows(
     print(f"rows: {total}{read} ({statuses}); pending {pending}", file=sys.stderr)
 
 
-def _log_stopped(paths: RunPaths, code: int, message: str) -> None:
+def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = False) -> None:
     """``broker.job_finished`` of a run an error stopped: its exit code and why, with the
     rows as its ledger has them (none when it has no ledger yet); the rows line and where
     the output is are printed too, as a finished run prints them: rows other marketplaces
-    did before the error are written, and resumable."""
+    did before the error are written, and resumable. A ``refresh`` run's rows are in its own
+    ledger, beside the previous output it replaces only when it completes."""
     from broker.jobs.ledger import read_tally
-    from broker.jobs.paths import ledger_path
+    from broker.jobs.paths import ledger_path, refresh_path
     from broker.logs import get_logger
 
-    tally = read_tally(ledger_path(paths.out))
+    tally = read_tally(ledger_path(refresh_path(paths.out) if refresh else paths.out))
     figures: dict[str, object] = {}
     if tally is not None:
         done = {status: n for status, n in tally.items() if status != "pending"}
@@ -1100,7 +1102,13 @@ def _log_stopped(paths: RunPaths, code: int, message: str) -> None:
     )
     if tally is not None:
         _say_rows(sum(tally.values()), done, tally.get("pending", 0))
-        if paths.to_stdout or paths.out.exists():
+        if refresh:
+            print(
+                f"output: {paths.shown_out} (the previous one: the refresh replaces it when it "
+                "completes)",
+                file=sys.stderr,
+            )
+        elif paths.to_stdout or paths.out.exists():
             print(f"output: {paths.shown_out}", file=sys.stderr)
 
 
@@ -1129,7 +1137,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         summary = await run_job(config, options)
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)
-        _log_stopped(paths, code, message)
+        _log_stopped(paths, code, message, refresh=args.refresh)
         print(f"{prog()}: {message}", file=sys.stderr)
         return code
     finally:

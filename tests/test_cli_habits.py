@@ -1059,14 +1059,19 @@ class TestReruns:
         assert "already complete" in capsys.readouterr().err
 
     def test_stopped_refresh_keeps_the_previous_output(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A refresh that fails before completing leaves the previous complete output."""
+        """A refresh that fails before completing leaves the previous complete output, and
+        its rows line counts the refresh's rows (the previous run's, all ok, were shown)."""
         _job(tmp_path)
         assert self._run(tmp_path) == ExitCode.OK
         out = tmp_path / "out.jsonl"
         before = out.read_bytes()
+        capsys.readouterr()
         assert self._stopped_run(tmp_path, monkeypatch, "--refresh") == ExitCode.IO_ERROR
+        err = capsys.readouterr().err
+        assert "rows: 5 (none done); pending 5" in err
+        assert "the refresh replaces it when it completes" in err
         assert out.read_bytes() == before
         assert self._run(tmp_path, "--refresh") == ExitCode.OK
         assert out.read_bytes() != before
@@ -1853,3 +1858,12 @@ def test_an_ipv6_host_in_brackets_is_bound_without_them(command: list[str]) -> N
     assert args.host == "::1"
     with pytest.raises(SystemExit):
         cli._build_parser().parse_args([*command, "--host", "[]"])
+
+
+def test_run_help_names_every_job_file_extension_read() -> None:
+    """broker run --help lists every job-file name whose format its name tells (.tsv,
+    .ndjson and .jsonlines were read, unlisted)."""
+    from broker.jobs import sources
+
+    for extension in sources._EXTENSIONS:
+        assert extension in cli._JOB_NAMES

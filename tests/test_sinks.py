@@ -14,6 +14,7 @@ import io
 import json
 import os
 import stat
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -912,3 +913,24 @@ class TestEmittingOnTheLoop:
             assert ledger.sink_state("out") == state
         assert out.read_bytes() == before
         assert not ordering_path(out).exists()
+
+    async def test_a_cancelled_run_waits_for_its_thread(self) -> None:
+        """A run cancelled while a thread reads its ledger (the invalid-rows report, the
+        ordering) asks the thread to stop and waits for it before the cancellation goes
+        on: the run then closes the ledger and releases the job's lock, and a thread left
+        running wrote on a closed ledger, or put back a file the run's end had removed."""
+        from broker.jobs import runner
+
+        release, finished = threading.Event(), threading.Event()
+
+        def work() -> int:
+            release.wait(5)
+            finished.set()
+            return 1
+
+        task = asyncio.ensure_future(runner._in_thread(work, on_cancel=release.set))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished.is_set()

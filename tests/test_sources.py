@@ -604,10 +604,11 @@ class TestLongLinesAndJunk:
         assert "(41 columns)" in str(info.value)
         assert len(str(info.value)) < 600
 
-    def test_excels_sep_line_names_the_delimiter(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("delimiter", [";", "\t"])
+    def test_excels_sep_line_names_the_delimiter(self, tmp_path: Path, delimiter: str) -> None:
         """A first line "sep=;" (Excel's) names the delimiter and the header follows; the
-        file was refused with "no 'asin' column (found: 'sep=;')"."""
-        data = f"sep=;\r\nASIN;Titel\r\n{VALID};x,y\r\n"
+        file was refused with "no 'asin' column (found: 'sep=;')". A tab too."""
+        data = f"sep={delimiter}\r\nASIN{delimiter}Titel\r\n{VALID}{delimiter}x,y\r\n"
         found = rows(write(tmp_path, "job.csv", data))
         assert [(row.line, row.asin, row.extra) for row in found] == [(3, VALID, {"Titel": "x,y"})]
 
@@ -760,6 +761,8 @@ class TestDetectFormat:
             ("sku;name\n", "csv"),
             (f'\n{{"asin": "{VALID}"}}\n', "jsonl"),
             (f'[{{"asin": "{VALID}"}}]\n', "jsonl"),
+            ("[\n", "jsonl"),
+            (f"[{VALID}]\n[{VALID}]\n", "txt"),
             (f"{VALID}  # for Anna, Bob\n{VALID}\n", "txt"),
             ("", "txt"),
         ],

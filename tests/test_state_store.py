@@ -27,7 +27,7 @@ import pytest
 from conftest import ENV, key_doc, sqlite_db
 from structlog.testing import capture_logs
 
-from broker.config import StateConfig, parse_config
+from broker.config import StateConfig, parse_config, redacted_url
 from broker.errors import ConfigError, StateUnavailableError
 from broker.ratecontrol import RecoveryTuning
 from broker.state import (
@@ -42,7 +42,7 @@ from broker.state import (
     open_store,
 )
 from broker.state.decision import Record, decide
-from broker.state.redis import RedisStateStore, redacted_url
+from broker.state.redis import RedisStateStore
 from broker.state.redis_server import RedisServer, redis_server_binary
 from broker.state.sqlite import SqliteStateStore, default_state_dir
 

@@ -35,6 +35,7 @@ __all__ = [
     "ordering_path",
     "output_format",
     "plan_paths",
+    "refresh_path",
     "report_path",
 ]
 
@@ -94,6 +95,11 @@ def ledger_path(out: Path) -> Path:
 def report_path(out: Path) -> Path:
     """The job's invalid-row report beside its output."""
     return out.with_name(out.name + ".invalid.jsonl")
+
+
+def refresh_path(out: Path) -> Path:
+    """Where ``--refresh`` writes until it completes: beside the output, with its own ledger."""
+    return out.with_name(out.name + ".refresh")
 
 
 def ordering_path(out: Path) -> Path:

@@ -20,11 +20,12 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
@@ -54,7 +55,7 @@ from broker.jobs.ledger import (
     crash_point,
 )
 from broker.jobs.lock import JobLock
-from broker.jobs.paths import ledger_path, ordering_path, report_path
+from broker.jobs.paths import ledger_path, ordering_path, refresh_path, report_path
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import (
@@ -209,7 +210,7 @@ async def run_job(
     _finish_promotion(options.out)
     if not options.refresh:
         return await _run_once(config, options, broker, job_print)
-    side = _refresh_path(options.out)
+    side = refresh_path(options.out)
     # The job's own lock too: no plain run may use the old ledger while it is replaced.
     with JobLock(ledger_path(options.out)):
         side_options = dataclasses.replace(options, out=side, refresh=False, cache_refresh=True)
@@ -236,11 +237,6 @@ def _after_refresh(summary: JobSummary, side: Path, out: Path) -> JobSummary:
     if summary.invalid_report:
         summary.invalid_report = str(report_path(out))
     return summary
-
-
-def _refresh_path(out: Path) -> Path:
-    """Where ``--refresh`` writes until it completes: beside the output, with its own ledger."""
-    return out.with_name(out.name + ".refresh")
 
 
 def _promote(side: Path, out: Path) -> None:
@@ -295,7 +291,7 @@ def _finish_promotion(out: Path, *, locked: bool = False) -> None:
     Raises:
         JobLockedError: another process holds the job.
     """
-    side = _refresh_path(out)
+    side = refresh_path(out)
     marker = side.with_name(side.name + ".promote")
     if not marker.exists():
         return
@@ -335,7 +331,7 @@ def _complete_message(ledger: Ledger, options: JobOptions, counts: Counts) -> st
         first, last = (moment[:16].replace("T", " ") + " UTC" for moment in fetched)
         when = f", fetched {first}" if first == last else f", fetched {first} to {last}"
     refreshing = ""
-    if ledger_path(_refresh_path(options.out)).exists():
+    if ledger_path(refresh_path(options.out)).exists():
         refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
     failed = counts.by_status.get("failed", 0)
     retry = (
@@ -443,11 +439,20 @@ async def _run_once(
         # its rows in the order they were done, and a rerun orders it).
         ordering_stopped = False
         if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
-            ordering_stopped = not await asyncio.to_thread(
-                _export_ordered, ledger, options, name, columns, stopped=lambda: stop.requested
+            # Only a signal from now on stops it: one that drained the fetch (every row done
+            # since) asked for the run to end as it would, ordered.
+            signals, halt = stop.signals, threading.Event()
+            export = functools.partial(
+                _export_ordered,
+                ledger,
+                options,
+                name,
+                columns,
+                stopped=lambda: halt.is_set() or stop.signals > signals,
             )
+            ordering_stopped = not await _in_thread(export, on_cancel=halt.set)
         report = report_path(options.out)
-        invalid = await asyncio.to_thread(InvalidReport(report).write, ledger)
+        invalid = await _in_thread(functools.partial(InvalidReport(report).write, ledger))
         summary.invalid_report = str(report) if invalid else None
         counts = ledger.counts()
         summary.total = counts.total
@@ -462,8 +467,8 @@ async def _run_once(
         )
         if resumed_complete:
             # In a thread: it reads every result's time (seconds for a million).
-            summary.already_complete = await asyncio.to_thread(
-                _complete_message, ledger, options, counts
+            summary.already_complete = await _in_thread(
+                functools.partial(_complete_message, ledger, options, counts)
             )
     summary.wall_s = time.monotonic() - started
     return summary
@@ -487,7 +492,7 @@ async def _output(
     # for a resumed job too: an output deleted or cut by hand is written again from the
     # ledger, and its first rows may lack a name later rows have.
     # In a thread: a scan of every row (seconds for a million with a few columns).
-    columns = await asyncio.to_thread(ledger.extra_names) if options.format == "csv" else None
+    columns = await _in_thread(ledger.extra_names) if options.format == "csv" else None
     sink = open_sink(options.format, options.out, extra=columns or ())
     # The sink may cut itself back further than recorded (a hand-truncated file).
     ledger.set_sink_state(name, sink.open(state))
@@ -672,17 +677,36 @@ async def _ingest(
             yield row
 
     ingest = functools.partial(
-        ledger.ingest, chunk=_INGEST_CHUNK, unchanged=functools.partial(check_unchanged, started)
+        ledger.ingest,
+        rows(),
+        chunk=_INGEST_CHUNK,
+        unchanged=functools.partial(check_unchanged, started),
     )
-    done = asyncio.get_running_loop().run_in_executor(None, ingest, rows())
     try:
-        # Shielded: the thread must be done with the ledger before the run closes it.
-        return await asyncio.shield(done), True
+        return await _in_thread(ingest, on_cancel=stop.ask), True
     except _IngestStopped:
         return ledger.total_rows, False
+
+
+_T = TypeVar("_T")
+
+
+async def _in_thread(call: Callable[[], _T], *, on_cancel: Callable[[], None] | None = None) -> _T:
+    """Run ``call`` in a worker thread, the event loop going on meanwhile (signals, a
+    daemon's /healthz): for work over every row of a big job.
+
+    Shielded: if the run is cancelled meanwhile, ``on_cancel`` asks the call to end early and
+    the thread is waited for before the cancellation goes on, as the run then closes the
+    ledger the call reads and releases the job's lock (a thread left running wrote on a
+    closed ledger, or put a file back that the run's end had removed).
+    """
+    done = asyncio.get_running_loop().run_in_executor(None, call)
+    try:
+        return await asyncio.shield(done)
     except asyncio.CancelledError:
-        stop.requested = True
-        with contextlib.suppress(_IngestStopped):
+        if on_cancel is not None:
+            on_cancel()
+        with contextlib.suppress(Exception):
             await done
         raise
 
@@ -773,7 +797,7 @@ async def _fetch(
     # the rest of the job needs.
     # In a thread: a scan of every lookup (a second for 3 million) would stall the loop,
     # and with it a daemon's /healthz and /metrics and its signals.
-    left = await asyncio.to_thread(ledger.pending_by_marketplace)
+    left = await _in_thread(ledger.pending_by_marketplace)
     needed = functools.partial(_keys_for_markets, broker, left)
     progress = _Progress(ledger, broker, options, needed=needed)
 
@@ -956,6 +980,7 @@ class _Stop:
         "quota_keys",
         "quota_until",
         "requested",
+        "signals",
     )
 
     def __init__(self, grace_s: float) -> None:
@@ -963,6 +988,8 @@ class _Stop:
         self.requested = False
         #: the fetch was cancelled rather than drained
         self.forced = False
+        #: how many stop signals (or the caller's drain) came so far
+        self.signals = 0
         #: why the fetch was stopped, when it was an error (see :meth:`fail`)
         self.error: Exception | None = None
         #: set when ``no_wait`` stopped the run: the earliest daily-quota reset (ISO UTC)
@@ -985,7 +1012,12 @@ class _Stop:
         """The first stop signal: admit nothing new, drain for at most the grace period."""
         self._drain(signal=sig.name)
 
+    def ask(self) -> None:
+        """The run must stop (it is being cancelled): work in a thread reads this."""
+        self.requested = True
+
     def _drain(self, **why: str | None) -> None:
+        self.signals += 1
         self.requested = True
         self.draining.set()
         logger.warning(
@@ -1001,6 +1033,7 @@ class _Stop:
 
     def on_next_signal(self, sig: signal.Signals) -> None:
         """A later SIGINT/SIGTERM/SIGHUP: stop at once."""
+        self.signals += 1
         self.requested = True
         self._force(f"second {sig.name}")
 

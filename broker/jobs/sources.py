@@ -797,7 +797,8 @@ def _csv_rows(
         return  # an empty file (or only blank lines): no header, no rows
     if feed.take_oversize() is not None:
         raise JobFileError(f"{path}: the CSV header line is longer than {max_line_bytes} bytes")
-    declared = _SEP_LINE.fullmatch(first.strip().lstrip("\ufeff"))
+    # Only the line end stripped: "sep=\t" names the tab.
+    declared = _SEP_LINE.fullmatch(first.rstrip("\r\n").lstrip("\ufeff"))
     if declared is not None:
         # Excel's "sep=;" line names the delimiter; the header comes after it.
         first = next((text for text in feed if text.strip()), None)
@@ -1182,8 +1183,9 @@ def _sniff(path: Path) -> JobFormat:
 
 
 def _guess(line: str) -> JobFormat:
-    if line.startswith(("{", "[")):
-        # An array is JSON too: the JSON Lines reader refuses it, saying how to convert it.
+    if line.startswith("{") or (line.startswith("[") and line[1:].lstrip()[:1] in ("", "{")):
+        # An array of objects is JSON too: the JSON Lines reader refuses it, saying how to
+        # convert it. "[B00TEST001]" is an id in brackets, and read as one.
         return "jsonl"
     if line.strip('"').strip().lower() == "asin":
         return "csv"

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-__all__ = ["DEFAULT_KEY_PREFIX", "RedisStateStore", "redacted_url"]
+__all__ = ["DEFAULT_KEY_PREFIX", "RedisStateStore"]
 
 #: Prepended to every Redis key the broker writes.
 DEFAULT_KEY_PREFIX = "asin-broker:"
