@@ -434,9 +434,10 @@ async def _run_once(
         # a CSV header written now would lack for good the pass-through names of the rows
         # not read yet (a resumed output reads its columns back from its header); the
         # invalid rows found so far are written with the rest.
-        # In threads: each reads every row (a minute for a million, when ordering), and the
-        # loop must go on handling signals; a signal stops the ordering (the output keeps
-        # its rows in the order they were done, and a rerun orders it).
+
+        # The ordering and the report read every row (a minute for a million, ordering), in
+        # threads: the loop goes on handling signals. A signal stops the ordering: the output
+        # keeps its rows in the order they were done, and a rerun orders it.
         ordering_stopped = False
         if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
             # Only a signal from now on stops it: one that drained the fetch (every row done
