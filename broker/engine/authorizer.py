@@ -160,8 +160,9 @@ class SigV4Authorizer:
         if server_now is not None:
             offset = server_now - self._clock.utcnow()
             if abs(offset) >= _CLOCK_TOLD and abs(offset - self._offset) >= _CLOCK_TOLD:
-                # The machine's clock, not a key: signatures now carry Amazon's time, but
-                # every other process (and this one's next start) learns it again.
+                # The machine's clock is off, told by each key's authorizer that learns it
+                # (one line per PA-API key): signatures now carry Amazon's time, but every
+                # other process (and this one's next start) learns it again.
                 logger.warning(
                     "broker.clock_offset",
                     offset_s=round(offset.total_seconds()),
