@@ -210,13 +210,23 @@ class TestKeyQuota:
         assert not quota.check(0.5, self.NOON).allowed
 
     def test_rate_change_at_runtime(self) -> None:
-        """Raising tps takes effect on the next request."""
+        """Raising tps takes effect on the next request: spaced by the new interval from the
+        last one admitted, not the old (a key moved from 0.001 to 5 TPS stayed throttled
+        for 1,000 s); lowering it spaces the next request by the new, longer interval; no
+        burst of saved-up tokens either way."""
         quota = KeyQuota(tps=1.0, tpd=1000, burst=1)
         assert quota.check(0.0, self.NOON).allowed
         quota.tps = 10.0
-        assert not quota.check(0.5, self.NOON).allowed
-        assert quota.check(1.0, self.NOON).allowed
-        assert quota.check(1.1, self.NOON).allowed
+        assert not quota.check(0.05, self.NOON).allowed
+        assert quota.check(0.1, self.NOON).allowed
+        assert not quota.check(0.15, self.NOON).allowed
+        assert quota.check(0.2, self.NOON).allowed
+        quota.tps = 0.001
+        refused = quota.check(0.3, self.NOON)
+        assert not refused.allowed
+        assert refused.retry_after_s == pytest.approx(999.9)
+        quota.tps = 5.0
+        assert quota.check(0.4, self.NOON).allowed
 
     def test_daily_limit(self) -> None:
         """TPD refuses until 00:00 UTC, then the count starts again."""

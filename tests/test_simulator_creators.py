@@ -163,10 +163,14 @@ class TestTokenEndpoints:
         assert response.json()["error"] == error
 
     async def test_token_lifetime_setting(self, start: Start) -> None:
-        """token_lifetime_s sets expires_in."""
+        """token_lifetime_s sets expires_in, rounded down: 1.5 s said 2, and a client
+        trusting it met TokenExpired first."""
         client, _ = await start(replace(OPEN, token_lifetime_s=120))
         response = await client.token_response("demo-id", "demo-secret")
         assert response.json()["expires_in"] == 120
+        client, _ = await start(replace(OPEN, token_lifetime_s=1.5))
+        response = await client.token_response("demo-id", "demo-secret")
+        assert response.json()["expires_in"] == 1
 
 
 class TestAuthorization:

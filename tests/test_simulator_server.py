@@ -168,15 +168,18 @@ async def test_control_changes_tps_and_limits() -> None:
         ({"account": "demo", "tps": float("nan")}, 400),
         ({"account": "demo", "tps": float("inf")}, 400),
         ({"account": "demo", "tps": 1e-320}, 400),
+        (b'{"account":"d\xffemo","tps":1}', 400),
+        (b"\xff\xfe\xfa", 400),
     ],
 )
 async def test_control_rejects_bad_input(body: object, status: int) -> None:
     """Bad control requests are refused with 4xx and change nothing: an unknown field
     (``key`` for ``account``) is refused, not ignored with a 200; so is a tps that is not
     finite or below the config's least (NaN and 1e-320 turned the limit off, Infinity made
-    every later /_sim/stats a 500)."""
+    every later /_sim/stats a 500); so are bytes that are no UTF-8 (a 500 and a traceback)."""
     async with running_simulator() as (client, sim):
-        response = await client.post("/_sim/control", data=json.dumps(body))
+        data = body if isinstance(body, bytes) else json.dumps(body)
+        response = await client.post("/_sim/control", data=data)
         assert response.status == status
         assert sim.quotas["demo"].tps == 5.0
         assert sim.limits

@@ -158,7 +158,8 @@ def _control(sim: Simulator, raw: bytes) -> web.Response:
     """
     try:
         body = json.loads(raw or b"{}")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # json.loads decodes bytes itself: bytes that are no UTF-8 (nor UTF-16/32) fail so.
         return _refused("body must be JSON", 400)
     if not isinstance(body, dict):
         return _refused("body must be a JSON object", 400)

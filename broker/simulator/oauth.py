@@ -160,7 +160,9 @@ def _grant(
         raise _OAuthError("invalid_client", "Client authentication failed")
     lifetime = sim.settings.token_lifetime_s
     token = sim.tokens.issue(account, sim.clock.monotonic(), lifetime)
-    expires_in = max(1, math.ceil(lifetime))
+    # Whole seconds, rounded down: a client trusting expires_in must not meet TokenExpired
+    # first (1.5 s told as 2 did); below a second it still says 1.
+    expires_in = max(1, math.floor(lifetime))
     if family == "v3":
         return {
             "access_token": token.value,

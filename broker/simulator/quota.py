@@ -53,7 +53,11 @@ class KeyQuota:
     def tps(self, value: float) -> None:
         if value <= 0:
             raise ValueError("tps must be positive")
-        self._interval = 1.0 / value
+        old, self._interval = self._interval, 1.0 / value
+        # The next request is due one new interval after the last admitted one (the arrival
+        # time stands one old interval after it): at the old rate's time, a key raised from
+        # 0.001 to 5 TPS stayed throttled for 1,000 s.
+        self._tat += self._interval - old
 
     @property
     def used_today(self) -> int:
