@@ -22,6 +22,8 @@ class AccountStats:
 
     accepted: int = 0
     throttled: int = 0
+    #: items the catalogue answered, counted before the item faults (a dropped, an extra or
+    #: a duplicated item, a truncated body) change what goes on the wire
     items_served: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     accepted_at: deque[float] = field(default_factory=lambda: deque(maxlen=RING_SIZE))
