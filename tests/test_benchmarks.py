@@ -375,6 +375,18 @@ def test_adaptation_schedule_and_recovery() -> None:
     assert adaptation._recovery_s([1] * 10, 0, 10, 5.0) is None
 
 
+def test_loop_stall_quick(tmp_path: Path) -> None:
+    """loop_stall.py reports, for the job of rows final at ingestion and its --ordered run,
+    the rows and the longest loop gap."""
+    body = _run("loop_stall.py", tmp_path, "--quick", "--rows", "3000")
+    assert body["benchmark"] == "loop_stall"
+    for name in ("final", "ordered"):
+        result = body["results"][name]
+        assert result["rows"] == 3000
+        assert result["max_gap_s"] >= 0
+    _written(tmp_path, "loop_stall", body)
+
+
 def test_product_cost_quick(tmp_path: Path) -> None:
     """product_cost.py reports, per protocol, the cost of a result unread, read and re-read."""
     body = _run("product_cost.py", tmp_path, "--quick", "--items", "50")
