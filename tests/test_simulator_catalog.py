@@ -226,7 +226,23 @@ class TestKeyQuota:
         assert not refused.allowed
         assert refused.retry_after_s == pytest.approx(999.9)
         quota.tps = 5.0
-        assert quota.check(0.4, self.NOON).allowed
+        assert quota.check(0.4 + 1e-9, self.NOON).allowed  # 0.2 after the last (float noise)
+
+    def test_rate_change_keeps_a_spent_burst_spent(self) -> None:
+        """With a burst of 10 spent, a rate change rescales what is owed: raised from 1 to 5
+        TPS the next is due 0.2 s after the last (it waited 7.4 s), lowered from 5 to 1 TPS
+        none goes through at once (7 did)."""
+        raised = KeyQuota(tps=1.0, tpd=1000, burst=10)
+        assert all(raised.check(0.0, self.NOON).allowed for _ in range(10))
+        raised.tps = 5.0
+        assert not raised.check(0.1, self.NOON).allowed
+        assert raised.check(0.2, self.NOON).allowed
+        lowered = KeyQuota(tps=5.0, tpd=1000, burst=10)
+        assert all(lowered.check(0.0, self.NOON).allowed for _ in range(10))
+        lowered.tps = 1.0
+        assert not lowered.check(0.0, self.NOON).allowed
+        assert not lowered.check(0.9, self.NOON).allowed
+        assert lowered.check(1.0, self.NOON).allowed
 
     def test_daily_limit(self) -> None:
         """TPD refuses until 00:00 UTC, then the count starts again."""

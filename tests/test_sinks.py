@@ -928,9 +928,22 @@ class TestEmittingOnTheLoop:
             finished.set()
             return 1
 
-        task = asyncio.ensure_future(runner._in_thread(work, on_cancel=release.set))
+        task = asyncio.ensure_future(runner._in_thread(work))
         await asyncio.sleep(0.05)
         task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()  # a second cancellation (a daemon stopping) does not end the wait
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert finished.is_set()
+        release.clear()
+        finished.clear()
+        asked = asyncio.ensure_future(runner._in_thread(work, on_cancel=release.set))
+        await asyncio.sleep(0.05)
+        asked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asked
         assert finished.is_set()

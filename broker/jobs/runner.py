@@ -707,8 +707,10 @@ async def _in_thread(call: Callable[[], _T], *, on_cancel: Callable[[], None] | 
     except asyncio.CancelledError:
         if on_cancel is not None:
             on_cancel()
-        with contextlib.suppress(Exception):
-            await done
+        # Shielded again: a second cancellation (a daemon stopping) must not end the wait.
+        while not done.done():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(done)
         raise
 
 
@@ -869,9 +871,11 @@ async def _fetch(
         if quota_watch is not None:
             quota_watch.cancel()
         try:
-            # At once, with no turn of the loop: the run may be stopping by force.
-            if record():
-                _emit(ledger, output.sink, output.name)
+            # At once, with no turn of the loop: the run may be stopping by force. Written
+            # whether or not anything was left to record: a commit cancelled between pages
+            # of its write left rows committed but not yet in the output.
+            record()
+            _emit(ledger, output.sink, output.name)
         finally:
             # Also when the last commit fails: the error message gets a line of its own.
             progress.done()

@@ -32,7 +32,7 @@ class KeyQuota:
     effect from the next request on, without a burst of saved-up tokens.
     """
 
-    __slots__ = ("_burst", "_count", "_day", "_interval", "_tat", "tpd")
+    __slots__ = ("_burst", "_count", "_day", "_interval", "_last", "_tat", "tpd")
 
     def __init__(self, tps: float, tpd: int, burst: int) -> None:
         if tps <= 0 or burst < 1:
@@ -40,6 +40,8 @@ class KeyQuota:
         self._interval = 1.0 / tps
         self._burst = burst
         self._tat = float("-inf")
+        # When the last transaction was admitted (a rate change rescales what it left owed).
+        self._last = float("-inf")
         self.tpd = tpd
         self._day: date | None = None
         self._count = 0
@@ -54,10 +56,12 @@ class KeyQuota:
         if value <= 0:
             raise ValueError("tps must be positive")
         old, self._interval = self._interval, 1.0 / value
-        # The next request is due one new interval after the last admitted one (the arrival
-        # time stands one old interval after it): at the old rate's time, a key raised from
-        # 0.001 to 5 TPS stayed throttled for 1,000 s.
-        self._tat += self._interval - old
+        if self._last > float("-inf"):
+            # What the admitted transactions still owe, counted in the new interval: the
+            # next is due a new interval after the last one admitted (a key raised from
+            # 0.001 to 5 TPS stayed throttled for 1,000 s), and a spent burst stays spent
+            # (lowered, a burst of 10 let 7 through at once).
+            self._tat = self._last + (self._tat - self._last) * self._interval / old
 
     @property
     def used_today(self) -> int:
@@ -80,5 +84,6 @@ class KeyQuota:
         if now < earliest:
             return QuotaDecision(False, earliest - now, "tps")
         self._tat = max(self._tat, now) + self._interval
+        self._last = now
         self._count += 1
         return QuotaDecision(True)
