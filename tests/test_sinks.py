@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import sqlite3
 import stat
 import threading
 from datetime import UTC, datetime
@@ -947,3 +948,20 @@ class TestEmittingOnTheLoop:
         with pytest.raises(asyncio.CancelledError):
             await asked
         assert finished.is_set()
+
+    async def test_a_sqlite_output_opened_in_a_thread_is_written_from_the_loop(
+        self, tmp_path: Path
+    ) -> None:
+        """The runner opens its output in a worker thread (a SQLite output counts its rows
+        as it opens: seconds for a million, on the loop) and writes it from the loop's."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = open_sink("sqlite", out)
+            state = await asyncio.to_thread(sink.open, ledger.sink_state("out"))
+            ledger.set_sink_state("out", state)
+            emit_more(ledger, sink)
+            sink.close()
+            expected = len(expected_lines(ledger))
+        with sqlite3.connect(out) as db:
+            (count,) = db.execute("SELECT count(*) FROM results").fetchone()
+        assert count == expected

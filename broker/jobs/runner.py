@@ -495,8 +495,14 @@ async def _output(
     # In a thread: a scan of every row (seconds for a million with a few columns).
     columns = await _in_thread(ledger.extra_names) if options.format == "csv" else None
     sink = open_sink(options.format, options.out, extra=columns or ())
-    # The sink may cut itself back further than recorded (a hand-truncated file).
-    ledger.set_sink_state(name, sink.open(state))
+    # The sink may cut itself back further than recorded (a hand-truncated file). In a
+    # thread: a SQLite output counts its rows as it opens (seconds for a million).
+    try:
+        opened = await _in_thread(functools.partial(sink.open, state))
+    except asyncio.CancelledError:
+        sink.close()  # opened meanwhile: _in_thread waited for it
+        raise
+    ledger.set_sink_state(name, opened)
     # No second emit on the way out: _fetch commits and emits what finished, and after
     # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
     try:

@@ -631,7 +631,9 @@ class SqliteSink:
                 )
         else:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
-        conn = sqlite3.connect(self.path, isolation_level=None)
+        # Opened in a worker thread (its row count reads the whole table: seconds for a
+        # million rows), then written from the event loop's: one thread at a time.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             with _disk_errors(self.path):
                 own = self._prepare(conn, fresh=resume_from.done_order == 0)
