@@ -749,5 +749,14 @@ def test_redis_settings_without_a_backend_are_a_config_error(
     error = _error(_doc(**{table: given}))
     assert error.path == f"{table}.backend"
     assert 'backend = "redis"' in error.message
-    local = "local" if table == "state" else "sqlite"
-    parse_config(_doc(**{table: {**given, "backend": local}}), environ={**ENV, "RPW": "pw"})
+    if table == "cache":
+        # A cache on this machine's file beside unused Redis lines (the starter's [cache]
+        # block uncommented) costs nothing but hits elsewhere.
+        parse_config(_doc(cache={**given, "backend": "sqlite"}), environ={**ENV, "RPW": "pw"})
+        return
+    # The starter's [state] block uncommented whole: each machine spent the key's whole
+    # rate and quota on its own file, silently.
+    for backend in ("local", "memory"):
+        error = _error(_doc(state={**given, "backend": backend}))
+        assert error.path == "state.backend"
+        assert "would go unused" in error.message
