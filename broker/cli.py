@@ -186,10 +186,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "Run it again with the same job and output to resume after a crash or a stop.",
         epilog="exit codes: 0 done; 2 usage (e.g. --out naming the job file, a job that is a "
         "pipe); 3 done but some rows failed; 65 bad input, input changed or job locked; 66 "
-        "input missing or unreadable; 69 API endpoint or key-state store unreachable past the "
-        "outage budget (rows stay pending); 74 cannot write output, or a damaged or read-only "
-        "state file; 75 stopped (signal or --no-wait), run again to resume; 77 a key was "
-        "rejected (rows stay pending); 78 bad config; 141 stdout's reader went away (--out -)",
+        "input missing or unreadable; 69 no usable answer from the API or its token endpoint, "
+        "or the key-state store unreachable, past the outage budget (rows stay pending); 74 "
+        "cannot write output, or a damaged or read-only state file; 75 stopped (signal or "
+        "--no-wait), run again to resume; 77 a key was rejected, or every key taken out (an "
+        "untrusted TLS certificate, a proxy refusing) (rows stay pending); 78 bad config; 141 "
+        "stdout's reader went away (--out -)",
     )
     run.add_argument(
         "job",
@@ -266,11 +268,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "one at a time; file each with its output and a status file under SPOOL/done/ or "
         "SPOOL/failed/. Serves /healthz, /readyz and Prometheus /metrics.",
         epilog="exit codes: 0 stopped by SIGTERM/SIGINT/SIGHUP (the current job resumes at the "
-        "next start); 69 the API endpoint or the key-state store stayed unreachable past the "
-        "outage budget (the job stays in processing/); 74 cannot write the spool, or a damaged "
-        "or read-only state file; 75 forced by a second signal (still resumable); 77 every key "
-        "was rejected (the job stays in processing/); 78 bad config, refused --host or port in "
-        "use",
+        "next start); 69 no usable answer from the API or its token endpoint, or the key-state "
+        "store unreachable, past the outage budget (the job stays in processing/); 74 cannot "
+        "write the spool, or a damaged or read-only state file; 75 forced by a second signal "
+        "(still resumable); 77 every key rejected or taken out (an untrusted TLS certificate, "
+        "a proxy refusing) (the job stays in processing/); 78 bad config, refused --host or "
+        "port in use",
     )
     serve.add_argument("--spool", required=True, metavar="DIR", help="the spool directory")
     serve.add_argument("--config", help=_CONFIG_HELP)
@@ -297,11 +300,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "as `broker run` writes (line = the argument's position).",
         epilog="exit codes: 0 every id answered (ok, not found or invalid); 2 usage (an unknown "
         "--marketplace or resource, --refresh with --no-cache or --max-age 0); 3 some rows "
-        "failed; 69 the endpoint or the key-state store stayed unreachable for the outage "
-        "budget; 74 a damaged or read-only state file; 75 the daily quota of every key the "
-        "unanswered ids need is spent, or a stop signal (Ctrl-C, SIGTERM, SIGHUP); 77 a key "
-        "was rejected; 78 bad config; 141 stdout's reader went away (| head). A lookup that "
-        "stops early prints every answer it has first, those already on the wire included.",
+        "failed; 69 no usable answer from the API or its token endpoint, or the key-state "
+        "store unreachable, for the outage budget; 74 a damaged or read-only state file; 75 "
+        "the daily quota of every key the unanswered ids need is spent, or a stop signal "
+        "(Ctrl-C, SIGTERM, SIGHUP); 77 a key was rejected, or every key taken out (an "
+        "untrusted TLS certificate, a proxy refusing); 78 bad config; 141 stdout's reader "
+        "went away (| head). A lookup that stops early prints every answer it has first, "
+        "those already on the wire included.",
     )
     look.add_argument("asins", nargs="+", metavar="ASIN")
     look.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
@@ -313,7 +318,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--outage-budget",
         type=float,
         metavar="SECONDS",
-        help="give up (exit 69) when the endpoint stays unreachable this long (default: "
+        help="give up (exit 69) after this long without a usable answer from the API or its "
+        "token endpoint (default: "
         f"retry.outage_budget_s of the config, at most {LOOKUP_OUTAGE_BUDGET_S:g})",
     )
     _add_cache_flags(look)
@@ -375,7 +381,8 @@ def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "it sees it: the shared rate now and configured, requests today and left, paused or "
         "parked until when and why, the last 429, processes seen in the last minute.",
         epilog="exit codes: 0 shown; 69 the state store ([state]) cannot be reached; 74 a "
-        "damaged or read-only state file, or one this user cannot read; 78 bad config",
+        "damaged or read-only state file, one this user cannot read, or its -wal and -shm "
+        "left without it; 78 bad config",
     )
     add_arguments(status)
 

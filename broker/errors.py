@@ -690,9 +690,9 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "credentials, 403 is its policy.",
         Scope.GLOBAL,
         False,
-        "Fix the user and password in HTTPS_PROXY (http://user:password@proxy:3128), or ask "
-        "for the endpoint to be allowed; NO_PROXY lists hosts to reach directly; run again "
-        "(rows stay pending).",
+        "Fix the user and password in HTTPS_PROXY (they go before the proxy's host, then "
+        "@), or ask for the endpoint to be allowed; NO_PROXY lists hosts to reach directly; "
+        "run again (rows stay pending).",
     ),
     ErrorInfo(
         "AttemptsExhausted",

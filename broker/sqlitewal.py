@@ -98,8 +98,8 @@ def refuse_orphans(path: Path, what: str) -> None:
     if left and not path.exists():
         raise RefusedFileError(
             f"{path} was deleted without its {' and '.join(left)}, which belong to the "
-            f"deleted file (processes still running use it; SQLite leaves them behind even "
-            f"when the last one stops): delete them to start {what} afresh (running "
+            f"deleted file (processes still running may use it; SQLite leaves them behind "
+            f"even when the last one stops): delete them to start {what} afresh (running "
             "processes then move to the new file)",
         )
 
