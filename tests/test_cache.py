@@ -1119,3 +1119,59 @@ def test_namespace_of_a_url_endpoint_is_its_own() -> None:
     names = {cache_namespace(BrokerConfig(api=ApiConfig(endpoint=url))) for url in urls}
     assert len(names) == 2
     assert all(n.startswith("creators.url-") and ":" not in n and "/" not in n for n in names)
+
+
+class TestMemoryHomeAtScale:
+    """The memory home stays cheap when full: what a long-lived library broker keeps."""
+
+    async def test_a_store_does_not_scan_every_entry(self, clock: FakeClock) -> None:
+        """Stores within a minute of the last full sweep look only at the front of the
+        cache (the oldest answers): a scan of every entry at each store, 16 ms at 100,000,
+        cut the broker's rate to a quarter once the cache filled. A not_found still drops
+        every resource set of its item, through the item's index."""
+        cache = MemoryCache(CachePolicy(max_age_s=3_600), clock=clock)
+        await cache.put_many([ok(f"B{i:09d}", clock) for i in range(500)])
+        scans = 0
+
+        class Counting(dict):  # type: ignore[type-arg]
+            def items(self):  # type: ignore[no-untyped-def]
+                nonlocal scans
+                scans += 1
+                return super().items()
+
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                nonlocal scans
+                scans += 1
+                return super().__iter__()
+
+        cache._entries = Counting(cache._entries)
+        await clock.advance(1.0)
+        await cache.put_many([ok("B100000000", clock), ok("B100000001", clock, OFFERS)])
+        assert scans == 0
+        gone = dataclasses.replace(ok("B100000001", clock), status=Status.NOT_FOUND, item=None)
+        await cache.put_many([gone])
+        assert scans == 0
+        offers, title = await cache.get_many([q("B100000001", OFFERS), q("B100000000")])
+        assert offers is None
+        assert title is not None
+
+    def test_a_payload_holds_no_more_memory_than_its_bytes(self) -> None:
+        """An entry's payload holds about its own size: orjson's bytes kept an 8 KB buffer
+        for 850 B of JSON, so 100,000 cached answers took 500 MB while max_bytes counted 86."""
+        import tracemalloc
+
+        from broker.cache.entry import encode
+        from broker.cache.policy import CacheKey
+
+        clock = FakeClock()
+        answers = [ok(f"B{i:09d}", clock) for i in range(200)]
+        keys = [CacheKey(US, a.asin, TITLE) for a in answers]
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            entries = [encode(key, answer) for key, answer in zip(keys, answers, strict=True)]
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        payload = sum(entry.size for entry in entries)
+        assert held < 3 * payload

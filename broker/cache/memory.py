@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from broker.cache.base import StoreCache
 from broker.cache.policy import FUTURE_S
@@ -15,12 +16,19 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryCache"]
 
+#: How often a store scans every entry for answers expired out of store order, or stamped
+#: ahead of the clock (seconds of the cache's clock).
+_SWEEP_EVERY_S: Final = 60.0
+
 
 class MemoryCache(StoreCache):
     """Entries in a dict kept in store order, so the oldest answers are evicted first.
 
     Answers are stored as they arrive from Amazon, so store order is ``fetched_at``
-    order; a re-stored key moves to the end.
+    order; a re-stored key moves to the end. A store drops the expired answers at the front;
+    the rest (one stored out of order, one stamped ahead of the clock) at most once a minute
+    (reads never serve them meanwhile): a scan of every entry at each store, 16 ms at
+    100,000, cut the broker's rate to a quarter once the cache filled.
     """
 
     def __init__(
@@ -34,6 +42,9 @@ class MemoryCache(StoreCache):
         super().__init__(policy, namespace=namespace, clock=clock, batch_size=batch_size)
         self._entries: dict[CacheKey, Entry] = {}
         self._bytes = 0
+        # The keys of each (marketplace, ASIN): Amazon's not_found drops every resource set.
+        self._by_item: dict[tuple[str, str], set[CacheKey]] = {}
+        self._swept_at = -math.inf
 
     async def _load(self, keys: Sequence[CacheKey]) -> dict[CacheKey, Entry]:
         return {key: self._entries[key] for key in keys if key in self._entries}
@@ -47,10 +58,20 @@ class MemoryCache(StoreCache):
             self._drop(entry.key)
             self._entries[entry.key] = entry
             self._bytes += entry.size
-        for key in [
-            k for k, e in self._entries.items() if not expire_before <= e.fetched_at <= ahead
-        ]:
-            self._drop(key)
+            self._by_item.setdefault((entry.key.marketplace, entry.key.asin), set()).add(entry.key)
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if expire_before <= oldest.fetched_at <= ahead:
+                break
+            self._drop(oldest.key)
+        now = self._now()
+        # Also at once when the clock was set back since the last sweep.
+        if not 0 <= now - self._swept_at < _SWEEP_EVERY_S:
+            self._swept_at = now
+            for key in [
+                k for k, e in self._entries.items() if not expire_before <= e.fetched_at <= ahead
+            ]:
+                self._drop(key)
         evicted = 0
         max_bytes = self.policy.max_bytes
         while len(self._entries) > self.policy.max_items or (max_bytes and self._bytes > max_bytes):
@@ -63,6 +84,12 @@ class MemoryCache(StoreCache):
         if entry is None:
             return False
         self._bytes -= entry.size
+        item = (key.marketplace, key.asin)
+        keys = self._by_item.get(item)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_item[item]
         return True
 
     async def _delete(
@@ -75,7 +102,7 @@ class MemoryCache(StoreCache):
     ) -> int:
         if keys is not None and every_resource_set:
             items = {(key.marketplace, key.asin) for key in keys}
-            keys = [key for key in self._entries if (key.marketplace, key.asin) in items]
+            keys = [key for item in items for key in self._by_item.get(item, ())]
         if keys is None:
             wanted = set(asins) if asins is not None else None
             keys = [
