@@ -731,3 +731,18 @@ async def test_a_stop_forced_between_pages_of_a_write_leaves_no_row_out(
     )
     assert summary.by_status == {"ok": 8000}
     assert len(_rows(out)) == 8000
+
+
+async def test_a_drain_timer_firing_after_the_fetch_ended_forces_nothing() -> None:
+    """The drain's grace period running out after the fetch ended (during the --ordered
+    export or the report) logs no broker.job_stop_forced: nothing was in flight to stop,
+    and it said lookups in flight stay pending."""
+    stop = runner._Stop(grace_s=0.01)
+    fetch = asyncio.ensure_future(asyncio.sleep(0))
+    stop.watch(fetch)
+    await fetch
+    with capture_logs() as logs:
+        stop.on_first_signal(signal.SIGTERM)
+        await asyncio.sleep(0.05)
+    assert not [e for e in logs if e["event"] == "broker.job_stop_forced"]
+    stop.close()

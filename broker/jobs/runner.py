@@ -1078,7 +1078,9 @@ class _Stop:
         self._cancel()
 
     def _force(self, reason: str) -> None:
-        if self.forced:
+        if self.forced or (self._fetch is not None and self._fetch.done()):
+            # Also when the fetch has ended (the drain's timer running out during the
+            # --ordered export): nothing is in flight to stop, and saying so misled.
             return
         logger.warning(
             "broker.job_stop_forced",
