@@ -1095,10 +1095,8 @@ def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = Fa
     figures: dict[str, object] = {}
     if tally is not None:
         done = {status: n for status, n in tally.items() if status != "pending"}
-        figures = {
-            "rows": {"total": sum(tally.values()), **done},
-            "pending": tally.get("pending", 0),
-        }
+        total, pending = sum(tally.values()), tally.get("pending", 0)
+        figures = {"rows": {"total": total, **done}, "pending": pending}
     get_logger().info(
         "broker.job_finished",
         job=str(paths.job) if not paths.stdin else "-",
@@ -1108,7 +1106,7 @@ def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = Fa
         exit_code=int(code),
     )
     if tally is not None:
-        _say_rows(sum(tally.values()), done, tally.get("pending", 0))
+        _say_rows(total, done, pending)
         if refresh:
             print(
                 f"output: {paths.shown_out} (the previous one: the refresh replaces it when it "

@@ -445,22 +445,20 @@ def _require_redis(path: str) -> None:
         )
 
 
-def _redis_needs_backend(table: TomlTable, names: tuple[str, ...], otherwise: str) -> None:
-    """Redis settings with no ``backend`` line are refused, the message ending with
-    ``otherwise`` (the other way out): config.toml lists them on lines of their own, and
-    uncommenting them alone left the table on its local default, silently (two machines on
-    one key then each spend its whole rate and daily quota)."""
-    given = [name for name in names if table.has(name)]
+def _cache_redis_needs_backend(table: TomlTable) -> None:
+    """``[cache]`` Redis settings with no ``backend`` line are refused: config.toml lists
+    them on lines of their own, and uncommenting them alone left the cache on this machine's
+    file, silently. (``[state]`` refuses them beside any other backend, written or not.)"""
+    given = [name for name in ("redis_url", "redis_url_env") if table.has(name)]
     if given and not table.has("backend"):
         raise ConfigError(
-            table.key("backend"),
+            "cache.backend",
             f'is not set, so {", ".join(given)} would go unused: add backend = "redis" to '
-            f"use Redis, {otherwise}",
+            'use Redis, or backend = "sqlite" to keep this machine\'s own file',
         )
 
 
 def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -> StateConfig:
-    _redis_needs_backend(table, ("redis_url", "redis_password_env"), "or remove the redis_* lines")
     backend = table.text("backend", "local")
     if backend not in ("local", "redis", "memory"):
         raise ConfigError("state.backend", 'must be "local", "redis" or "memory"')
@@ -478,12 +476,14 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
         )
     unused = [name for name in ("redis_url", "redis_password_env") if table.has(name)]
     if unused and backend != "redis":
-        # config.toml's [state] block uncommented whole: each machine would spend the key's
-        # whole rate and daily quota on its own file, silently.
+        # Uncommented without the backend line, or config.toml's [state] block uncommented
+        # whole: each machine would spend the key's whole rate and daily quota on its own
+        # file, silently.
+        written = f'is "{backend}"' if table.has("backend") else f'is not set ("{backend}")'
         raise ConfigError(
             "state.backend",
-            f'is "{backend}", so {", ".join(unused)} would go unused: set backend = "redis" '
-            "to share the keys' state across machines, or remove the redis_* lines",
+            f'{written}, so {", ".join(unused)} would go unused: set backend = "redis" to '
+            "share the keys' state across machines, or remove the redis_* lines",
         )
     if backend == "redis":
         _require_redis("state.backend")
@@ -1224,11 +1224,7 @@ def _parse_cache(
     if raw_max_age is not None:
         max_age = check_max_age(table.number("max_age_s", 0.0), "cache.max_age_s")
     offers = check_max_age(table.number("offers_max_age_s", 3_600.0), "cache.offers_max_age_s")
-    _redis_needs_backend(
-        table,
-        ("redis_url", "redis_url_env"),
-        'or backend = "sqlite" to keep this machine\'s own file',
-    )
+    _cache_redis_needs_backend(table)
     backend = table.text("backend", "sqlite")
     if backend not in ("sqlite", "redis", "memory"):
         raise ConfigError("cache.backend", 'must be "sqlite", "redis" or "memory"')

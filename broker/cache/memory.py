@@ -59,18 +59,20 @@ class MemoryCache(StoreCache):
             self._entries[entry.key] = entry
             self._bytes += entry.size
             self._by_item.setdefault((entry.key.marketplace, entry.key.asin), set()).add(entry.key)
+
+        def kept(entry: Entry) -> bool:
+            return expire_before <= entry.fetched_at <= ahead
+
         while self._entries:
             oldest = next(iter(self._entries.values()))
-            if expire_before <= oldest.fetched_at <= ahead:
+            if kept(oldest):
                 break
             self._drop(oldest.key)
         now = self._now()
         # Also at once when the clock was set back since the last sweep.
         if not 0 <= now - self._swept_at < _SWEEP_EVERY_S:
             self._swept_at = now
-            for key in [
-                k for k, e in self._entries.items() if not expire_before <= e.fetched_at <= ahead
-            ]:
+            for key in [key for key, entry in self._entries.items() if not kept(entry)]:
                 self._drop(key)
         evicted = 0
         max_bytes = self.policy.max_bytes
