@@ -1177,6 +1177,30 @@ class TestReruns:
         assert self._run(tmp_path, "--ordered") == ExitCode.OK
         assert len(_jsonl((tmp_path / "out.jsonl").read_text())) == 40
 
+    def test_ordered_rerun_of_a_complete_job_leaves_the_ordered_output_alone(
+        self, tmp_path: Path
+    ) -> None:
+        """--ordered again on a complete job whose output is already in order does not
+        rewrite it (a minute per million rows): the same file, not a new copy."""
+        _job(tmp_path, 40)
+        out = tmp_path / "out.jsonl"
+        assert self._run(tmp_path, "--ordered") == ExitCode.OK
+        inode, text = out.stat().st_ino, out.read_text()
+        assert self._run(tmp_path, "--ordered") == ExitCode.OK
+        assert (out.stat().st_ino, out.read_text()) == (inode, text)
+
+    def test_ordered_rerun_orders_again_what_a_plain_run_appended(self, tmp_path: Path) -> None:
+        """An ordered output cut short by hand gets its missing rows back on a rerun, and
+        --ordered then puts them in input order again."""
+        _job(tmp_path, 40)
+        out = tmp_path / "out.jsonl"
+        assert self._run(tmp_path, "--ordered") == ExitCode.OK
+        text = out.read_text()
+        out.write_text(text[: text.index("\n", len(text) // 3) + 1])
+        assert self._run(tmp_path, "--ordered") == ExitCode.OK
+        lines = [row["line"] for row in _jsonl(out.read_text())]
+        assert lines == list(range(1, 41))
+
 
 def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -487,6 +487,23 @@ class TestSinkStateAndBudget:
             assert ledger.sink_state("out") == SinkState(25, 2)
             assert ledger.sink_state("other") == SinkState()
 
+    def test_an_output_is_ordered_only_as_the_ordered_export_left_it(self, tmp_path: Path) -> None:
+        """is_ordered holds after an ordered state is set, not after rows are added, and not
+        for a job started over (whose new output may reach the same size)."""
+        with open_ledger(tmp_path) as ledger:
+            assert not ledger.is_ordered("out")
+            ledger.set_sink_state("out", SinkState(25, 2), ordered=True)
+            assert ledger.is_ordered("out")
+            assert not ledger.is_ordered("other")
+            ledger.set_sink_state("out", SinkState(40, 3))
+            assert not ledger.is_ordered("out")
+            ledger.set_sink_state("out", SinkState(40, 3), ordered=True)
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.is_ordered("out")
+        with open_ledger(tmp_path, new_job=True) as ledger:
+            ledger.set_sink_state("out", SinkState(40, 3))
+            assert not ledger.is_ordered("out")
+
     def test_budget_store_round_trip(self, tmp_path: Path) -> None:
         """load/save keep per-key, per-day counts across reopen; date and ISO text agree."""
         day = date(2026, 3, 1)

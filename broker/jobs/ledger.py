@@ -86,6 +86,8 @@ SCHEMA_VERSION: Final = 1
 _APPLICATION: Final = "asin-broker-ledger"
 #: The meta key prefix of the settings a job's answers depend on (``setting:api.protocol``).
 _SETTING: Final = "setting:"
+#: The meta key prefix of an output's state as a ``--ordered`` export left it.
+_ORDERED: Final = "ordered:"
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 _SYNCHRONOUS: Final = ("FULL", "NORMAL")
 # Rows per page of the paged readers; small enough to keep memory flat, big enough that
@@ -480,6 +482,7 @@ class Ledger:
         self._set_meta("job_sha256", fingerprint.sha256)
         self._set_meta("default_marketplace", default_marketplace)
         self._conn.execute("DELETE FROM meta WHERE key LIKE ?", (_SETTING + "%",))
+        self._conn.execute("DELETE FROM meta WHERE key LIKE ?", (_ORDERED + "%",))
         for name, value in settings.items():
             self._set_meta(_SETTING + name, value)
         self._set_meta("ingested_rows", 0)
@@ -824,8 +827,9 @@ class Ledger:
             ).fetchone()
         return SinkState(int(row[0]), int(row[1])) if row else SinkState()
 
-    def set_sink_state(self, name: str, state: SinkState) -> None:
-        """Record how far the output ``name`` is known good (after the sink has flushed)."""
+    def set_sink_state(self, name: str, state: SinkState, *, ordered: bool = False) -> None:
+        """Record how far the output ``name`` is known good (after the sink has flushed);
+        ``ordered``: its rows are in input order (a ``--ordered`` export wrote it)."""
         with self._lock, self._transaction():
             self._conn.execute(
                 "INSERT INTO sinks (name, offset, done_order) VALUES (?, ?, ?) "
@@ -833,6 +837,16 @@ class Ledger:
                 "done_order = excluded.done_order",
                 (name, state.offset, state.done_order),
             )
+            if ordered:
+                self._set_meta(_ORDERED + name, f"{state.offset}:{state.done_order}")
+
+    def is_ordered(self, name: str) -> bool:
+        """True when the output ``name`` is as a ``--ordered`` export left it: any row
+        written since (a resumed run, rows re-emitted after a cut) moved its recorded state."""
+        state = self.sink_state(name)
+        with self._lock:
+            ordered = self._meta(_ORDERED + name)
+        return ordered == f"{state.offset}:{state.done_order}"
 
     def done_rows_after(self, done_order: int, *, limit: int = 1000) -> list[DoneRow]:
         """Return up to ``limit`` final rows with ``done_order`` above ``done_order``, in order."""

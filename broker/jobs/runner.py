@@ -439,7 +439,12 @@ async def _run_once(
         # threads: the loop goes on handling signals. A signal stops the ordering: the output
         # keeps its rows in the order they were done, and a rerun orders it.
         ordering_stopped = False
-        if options.ordered and ledger.ingest_complete and not ledger.pending_lookup_count():
+        if (
+            options.ordered
+            and ledger.ingest_complete
+            and not ledger.pending_lookup_count()
+            and not ledger.is_ordered(name)
+        ):
             # Only a signal from now on stops it: one that drained the fetch (every row done
             # since) asked for the run to end as it would, ordered.
             signals, halt = stop.signals, threading.Event()
@@ -593,7 +598,8 @@ def _export_ordered(
 
     Rows are read from the ledger a page at a time, so memory stays bounded; the new file
     replaces the old one atomically. It holds the same rows, so the recorded progress (the
-    byte size and the row count) stays true and a rerun adds nothing. ``columns``: the
+    byte size and the row count) stays true and a rerun adds nothing; the ledger records
+    that it is ordered, so a rerun of the complete job does not write it again. ``columns``: the
     job's pass-through names if this run already read them (a CSV output begun now).
     """
     if options.format == "sqlite":
@@ -622,7 +628,7 @@ def _export_ordered(
         temporary.unlink(missing_ok=True)
         return False
     os.replace(temporary, options.out)
-    ledger.set_sink_state(name, state)
+    ledger.set_sink_state(name, state, ordered=True)
     return True
 
 
