@@ -58,6 +58,9 @@ def job_rows(*ids: str | None) -> list[JobRow]:
     ]
 
 
+#: The digest of ledger schema version 2: its tables and the output columns (CSV, SQLite).
+_SCHEMA_DIGEST = "88e6df2d99f87b7c"
+
 #: The rows table as brokers before 2026-12-05 made it (no code column), refilled from ours.
 _ROWS_BEFORE_CODES = """
 ALTER TABLE rows RENAME TO rows_now;
@@ -162,6 +165,68 @@ class TestOpen:
             ledger.ingest([JobRow(1, "{", None, error="not valid JSON", code="InvalidRow")])
             (new,) = ledger.invalid_rows()
             assert new.error_code == "InvalidRow"
+
+    def test_a_ledger_this_broker_writes_is_refused_by_brokers_that_read_version_1(
+        self, tmp_path: Path
+    ) -> None:
+        """A ledger written now says version 2: brokers from before the rows.code column,
+        the pinned answer settings and the image_url and cached columns read version 1
+        only, and refuse it instead of mislabelling its rows or misaligning its CSV."""
+        with open_ledger(tmp_path):
+            pass
+        with sqlite_db(tmp_path / "job.ledger") as db:
+            version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+            assert version.fetchone() == (2,)
+
+    def test_a_version_1_ledger_is_read_and_marked_version_2(self, tmp_path: Path) -> None:
+        """A ledger of an older broker (version 1, no rows.code) is read, migrated and marked
+        version 2, so the older broker no longer takes it back."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1), None))
+        with sqlite_db(tmp_path / "job.ledger") as db:
+            db.executescript(_ROWS_BEFORE_CODES)
+            db.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+        with open_ledger(tmp_path) as ledger:
+            assert ledger.counts().total == 2
+        with sqlite_db(tmp_path / "job.ledger") as db:
+            version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+            assert version.fetchone() == (SCHEMA_VERSION,)
+
+    def test_a_ledger_of_a_newer_broker_is_refused_and_left_untouched(self, tmp_path: Path) -> None:
+        """A ledger a newer broker wrote (a higher version) is refused, new job or not, with
+        what to do, and its bytes stay as they were."""
+        with open_ledger(tmp_path):
+            pass
+        path = tmp_path / "job.ledger"
+        with sqlite_db(path) as db:
+            db.execute("UPDATE meta SET value = 9 WHERE key = 'schema_version'")
+        before = path.read_bytes()
+        for new_job in (False, True):
+            with pytest.raises(JobFileError) as caught:
+                open_ledger(tmp_path, new_job=new_job).close()
+            message = str(caught.value)
+            assert "version 9" in message
+            assert "a newer broker" in message
+            assert "--new-job" not in message
+        assert path.read_bytes() == before
+
+    def test_the_schema_version_names_the_schema_and_the_output_columns(self) -> None:
+        """Changing the ledger's tables or the output's columns means raising
+        SCHEMA_VERSION (and pinning the new digest here): older brokers then refuse the
+        ledger instead of resuming it under their own columns."""
+        from broker.jobs import ledger as ledger_module
+        from broker.jobs import sinks
+
+        text = "\n".join(
+            [
+                ledger_module._SCHEMA_JOB,
+                ledger_module._SCHEMA_LOOKUPS,
+                ledger_module._SCHEMA_KEEP,
+                ",".join(sinks.CSV_COLUMNS),
+            ]
+        )
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        assert (SCHEMA_VERSION, digest) == (2, _SCHEMA_DIGEST)
 
     def test_empty_file_becomes_a_ledger(self, tmp_path: Path) -> None:
         """An empty file (a crash right after creating it) is initialised, not refused."""

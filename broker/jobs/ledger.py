@@ -79,8 +79,14 @@ __all__ = [
     "read_tally",
 ]
 
-#: The ledger schema this code reads and writes (``meta.schema_version``).
-SCHEMA_VERSION: Final = 1
+#: The ledger schema this code writes (``meta.schema_version``). Raised whenever the tables
+#: or the output's columns change, so that an older broker refuses a ledger a newer one
+#: wrote instead of resuming it under its own columns (a test pins it to their digest).
+#: Version 2 (2026-12-06): rows.code, the pinned answer settings, image_url and cached.
+SCHEMA_VERSION: Final = 2
+#: Versions this code reads: an older one is migrated and marked ``SCHEMA_VERSION`` when
+#: opened (version 1: a rows table without ``code``).
+_READABLE_VERSIONS: Final = (1, 2)
 
 # Marks a SQLite file as ours, so a different database passed by mistake is refused, not reused.
 _APPLICATION: Final = "asin-broker-ledger"
@@ -436,6 +442,9 @@ class Ledger:
             # A ledger of a broker before 2026-12-05: its invalid rows read as InvalidAsin.
             with self._transaction():
                 conn.execute("ALTER TABLE rows ADD COLUMN code TEXT")
+        if self._meta("schema_version") != SCHEMA_VERSION:
+            with self._transaction():
+                self._set_meta("schema_version", SCHEMA_VERSION)
         if new_job:
             with self._transaction():
                 for table in _JOB_TABLES:
@@ -466,11 +475,18 @@ class Ledger:
                 "it was left untouched. Choose another output path or move the file away."
             )
         version = self._meta("schema_version")
-        if version != SCHEMA_VERSION:
+        if isinstance(version, int) and version > SCHEMA_VERSION:
             raise JobFileError(
-                f"{self._path}: job ledger schema version {version}, this broker reads "
-                f"version {SCHEMA_VERSION}; finish the job with the broker that started it, "
-                "or start it again with --new-job."
+                f"{self._path}: job ledger schema version {version}, written by a newer broker "
+                f"(this one reads versions up to {SCHEMA_VERSION}); it was left untouched. "
+                "Finish the job with that broker, or move the output and its ledger away "
+                "to start the job over with this one."
+            )
+        if version not in _READABLE_VERSIONS:
+            raise JobFileError(
+                f"{self._path}: job ledger schema version {version}, which this broker does "
+                f"not read (it reads {', '.join(map(str, _READABLE_VERSIONS))}); it was left "
+                "untouched. Move the output and its ledger away to start the job over."
             )
 
     def _start_job(
