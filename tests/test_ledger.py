@@ -674,6 +674,19 @@ class TestLock:
             assert second.held
         assert stat.S_IMODE((tmp_path / "job.ledger.lock").stat().st_mode) == 0o600
 
+    def test_held_elsewhere_tells_without_taking_or_creating(self, tmp_path: Path) -> None:
+        """held_elsewhere: False with no lock file (none is created) or a free one, True
+        while another holder has it, and the lock stays free for the next to take."""
+        probe = JobLock(tmp_path / "job.ledger")
+        assert not probe.held_elsewhere()
+        assert not (tmp_path / "job.ledger.lock").exists()
+        holder = JobLock(tmp_path / "job.ledger").acquire()
+        assert probe.held_elsewhere()
+        holder.close()
+        assert not probe.held_elsewhere()
+        with JobLock(tmp_path / "job.ledger") as again:
+            assert again.held
+
 
 def _rows(count: int) -> Iterator[JobRow]:
     """``count`` rows: half of them duplicates, one in a hundred invalid."""

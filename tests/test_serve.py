@@ -33,6 +33,7 @@ from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.metrics import QUOTA_WAIT, KeySnapshot, MetricsSnapshot
 from broker.errors import ConfigError, NoUsableKeyError
 from broker.jobs import serve
+from broker.jobs.lock import JobLock
 from broker.jobs.metrics_http import (
     JobRows,
     MetricsServer,
@@ -598,6 +599,31 @@ class TestResume:
             claim.close()
             await clock.advance(serve._ORPHAN_CHECK_S)
         assert looks == [None, None, None, "fresh.txt"]
+
+    @pytest.mark.parametrize("format_", ["jsonl", "csv"])
+    async def test_a_job_whose_run_holds_its_ledger_is_never_taken_for_a_dead_ones(
+        self, tmp_path: Path, format_: str
+    ) -> None:
+        """A job being run without a claim lock (by a daemon of an older version in a
+        rolling upgrade, whatever output format it writes) holds its ledger's lock: it is
+        left alone, with no "daemon that died" warning, and taken over only once that run
+        is gone."""
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path), clock=clock)
+        daemon.spool.prepare()
+        (tmp_path / "processing" / "old.txt").write_text("B000000001\n")
+        running = JobLock(daemon.spool.job("old.txt", format_).ledger).acquire()
+        looks = []
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):
+                looks.append(daemon._orphan())
+                await clock.advance(serve._ORPHAN_CHECK_S)
+            running.close()
+            for _ in range(2):
+                looks.append(daemon._orphan())
+                await clock.advance(serve._ORPHAN_CHECK_S)
+        assert looks == [None, None, None, None, "old.txt"]
+        assert [e["event"] for e in logs].count("broker.job_resumed") == 1
 
     async def test_a_dead_siblings_job_goes_before_new_jobs(self, tmp_path: Path) -> None:
         """Jobs a dead sibling left wait only for their second look, not for the run of a

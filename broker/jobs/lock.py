@@ -84,6 +84,26 @@ class JobLock:
         self._fd = fd
         return self
 
+    def held_elsewhere(self) -> bool:
+        """True when another process holds the lock; a missing lock file is not created.
+
+        The lock is taken and dropped at once to tell, so a process asking for it in that
+        instant is refused as if it were held: callers look seldom (every few seconds).
+        """
+        if self._fd is not None:
+            return False
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def close(self) -> None:
         """Release the lock (closing the descriptor drops the ``flock``)."""
         fd, self._fd = self._fd, None

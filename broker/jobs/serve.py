@@ -112,6 +112,7 @@ from broker.jobs.signals import (
     replay_early,
     sigint_echo_window,
 )
+from broker.jobs.sinks import SINK_FORMATS
 from broker.logs import get_logger, logs_are_json
 from broker.progname import prog
 from broker.sqlitewal import journal_files
@@ -318,6 +319,15 @@ class SpoolJob:
             # meanwhile must find the job file gone, not a free lock beside it.
             self.claim_lock().lock_path,
         )
+
+
+def _run_holds(job: SpoolJob) -> bool:
+    """True while a run holds the job's ledger lock, in whichever output format: a daemon
+    of a version before claim locks (a rolling upgrade) runs its jobs holding that alone."""
+    return any(
+        JobLock(dataclasses.replace(job, format=format_).ledger).held_elsewhere()
+        for format_ in SINK_FORMATS
+    )
 
 
 #: The name a mount probe starts with (a dotfile: no daemon takes it for a job), and the age
@@ -1039,8 +1049,9 @@ class Daemon:
         Jobs found there at start are resumed then; this takes over one whose daemon died
         while this one ran (two replicas on one spool). A daemon holds a job's claim lock
         from before it runs the job until it has filed it; the second look lets a sibling
-        that has just claimed a job take its lock. This daemon's deferred jobs wait their
-        turn.
+        that has just claimed a job take its lock. A job whose run holds its ledger's lock
+        is left alone too (a daemon of a version before claim locks runs it, in a rolling
+        upgrade). This daemon's deferred jobs wait their turn.
         """
         now = self._clock.monotonic()
         if now < self._orphans_due:
@@ -1062,6 +1073,8 @@ class Daemon:
                 claim.close()
                 continue
             claim.close()
+            if _run_holds(job):
+                continue
             if name not in seen:
                 self._unheld.add(name)
                 continue
