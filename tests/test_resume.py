@@ -38,7 +38,7 @@ from test_crash import (
 )
 
 from broker import cli
-from broker.jobs import sinks
+from broker.jobs import runner, sinks
 from broker.jobs.ledger import Counts, Ledger, SinkState
 from broker.jobs.runner import ExitCode
 from broker.jobs.sources import fingerprint
@@ -405,6 +405,8 @@ class TestA7DiskFull:
         assert disk.refused == 1
         assert "cannot write" in err
         assert "No space left on device" in err
+        # The disk's own error, not a later write's refusal of the failed output.
+        assert "an earlier write failed" not in err
         # The failed run closed its output (no descriptor left behind).
         assert _open_fds_on(out) == []
         complete, counts, state = inspect_ledger(out, job, fmt)
@@ -428,6 +430,38 @@ class TestA7DiskFull:
         else:
             lines = [str(row["line"]) for row in read_jsonl(out)]
         assert sorted(lines, key=int) == [str(n) for n in range(1, 64)]
+
+    def test_a7_full_disk_under_the_ledger_after_an_output_flush_exits_74(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A7: the ledger's disk fills just after the output flushed rows, before their
+        progress is recorded: exit 74 with the disk's error (not an internal error from
+        writing those rows again), and the resumed run writes every row once."""
+        config = embedded_config(tmp_path / "c.toml")
+        job = text_job(tmp_path / "job.txt", 60, "B0A7L7")
+        out = tmp_path / "out.jsonl"
+        monkeypatch.setattr(runner, "_COMMIT_ROWS", 10)
+        record = Ledger.set_sink_state
+        calls = 0
+
+        def filling(self: Ledger, *args: object, **kwargs: object) -> None:
+            nonlocal calls
+            calls += 1
+            if calls >= 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+            record(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Ledger, "set_sink_state", filling)
+        assert main(config, job, out) == ExitCode.IO_ERROR
+        err = capsys.readouterr().err
+        assert "No space left on device" in err
+        assert "internal error" not in err
+        monkeypatch.setattr(Ledger, "set_sink_state", record)
+        assert main(config, job, out) == 0
+        assert sorted(row["line"] for row in read_jsonl(out)) == list(range(1, 61))  # type: ignore[type-var]
 
     def test_a7_file_size_limit_on_ledger_and_output_exits_74(self, tmp_path: Path) -> None:
         """A7: a real write limit (RLIMIT_FSIZE) under ledger and output: exit 74, then resume."""

@@ -871,12 +871,16 @@ async def _fetch(
     ticker = loop.create_task(progress.run())
     committer = loop.create_task(commit_when_idle())
     quota_watch = loop.create_task(_watch_quota(broker, stop, needed)) if options.no_wait else None
+    failed = False
     try:
         await task
     except asyncio.CancelledError:
         current = asyncio.current_task()
         if not stop.forced or (current is not None and current.cancelling()):
             raise
+    except Exception:
+        failed = True
+        raise
     finally:
         ticker.cancel()
         committer.cancel()
@@ -886,8 +890,17 @@ async def _fetch(
             # At once, with no turn of the loop: the run may be stopping by force. Written
             # whether or not anything was left to record: a commit cancelled between pages
             # of its write left rows committed but not yet in the output.
-            record()
-            _emit(ledger, output.sink, output.name)
+            if failed or stop.error is not None:
+                # After a failure (a full disk under the output or the ledger) the last
+                # write is tried, but its own failure, a consequence of the first (a sink
+                # that refuses writes once one failed), must not hide the first: what is not
+                # written stays in the ledger, and the rerun writes it.
+                with contextlib.suppress(Exception):
+                    record()
+                    _emit(ledger, output.sink, output.name)
+            else:
+                record()
+                _emit(ledger, output.sink, output.name)
         finally:
             # Also when the last commit fails: the error message gets a line of its own.
             progress.done()
