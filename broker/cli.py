@@ -16,10 +16,11 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TextIO, cast
 
 from broker.exitcode import ExitCode
 from broker.progname import prog
+from broker.stdio import ForgivingStream, open_closed_descriptors, stdout_failure
 
 if TYPE_CHECKING:
     from broker.client import Broker
@@ -401,11 +402,27 @@ def _run_loop(coro: Coroutine[Any, Any, object]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the process exit code."""
+    """Run the command line; return the process exit code.
+
+    The standard streams are made safe first (:mod:`broker.stdio`): a closed descriptor is
+    opened on /dev/null, stderr drops writes that fail, and a stdout that cannot be written
+    ends the command with 74.
+    """
     words = sys.argv[1:] if argv is None else list(argv)
+    open_closed_descriptors()
+    stderr = sys.stderr
+    sys.stderr = cast("TextIO", ForgivingStream(stderr))
     try:
-        # Without argv: the console script, whose process ends when this returns.
-        return _main(words, process_ends=argv is None)
+        return _guarded(words, process_ends=argv is None)
+    finally:
+        sys.stderr = stderr
+
+
+def _guarded(words: list[str], *, process_ends: bool) -> int:
+    """:func:`_main`, with the interruptions and stdout failures every command shares."""
+    try:
+        # process_ends: the console script, whose process ends when this returns.
+        return _main(words, process_ends=process_ends)
     except KeyboardInterrupt:
         # Ctrl-C in a command without a signal policy of its own (run and serve drain), or
         # before a command's own handlers are in: one line, no traceback, the stop code every
@@ -425,6 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, fd)
         os.close(devnull)
         return ExitCode.BROKEN_PIPE
+    except OSError as exc:
+        if not stdout_failure(exc):
+            raise
+        print(f"{prog()}: cannot write to stdout: {exc.strerror}", file=sys.stderr)
+        return ExitCode.IO_ERROR
 
 
 def _broken_stdout() -> int | None:

@@ -1,0 +1,95 @@
+"""The process's standard streams made safe for a command: closed, full or unwritable.
+
+A command started from cron or a service manager may find a standard descriptor closed
+(``>&-``), its stderr on a full disk (``2>>run.log``) or its stdout unwritable
+(``>/dev/full``). None of these may crash it or change what it does:
+
+- a closed descriptor 0, 1 or 2 is opened on ``/dev/null`` before anything else opens a
+  file: otherwise the next file opened takes its number, and a library that closes it
+  believing it is its own (uvloop asserts on closing a descriptor below 3, and aborts)
+  or writes to it believing it is stdout corrupts that file;
+- stderr reports, and nothing else: a write that fails there is dropped (a job whose rows
+  are all written must not exit 1 because its summary could not be printed);
+- stdout is the command's output: a write that fails there (a full disk) ends the command
+  with exit 74, in one line on stderr (:func:`stdout_failure`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+from typing import TextIO
+
+__all__ = ["ForgivingStream", "open_closed_descriptors", "stdout_failure"]
+
+#: The errors of a write to a file that cannot take more, or a device that failed.
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def open_closed_descriptors() -> None:
+    """Open ``/dev/null`` on each of descriptors 0, 1 and 2 that is closed, and give
+    ``sys.stdin``, ``sys.stdout`` and ``sys.stderr`` a stream on it where the interpreter,
+    started with that descriptor closed, left None."""
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, mode)
+            if opened != fd:  # pragma: no cover - the lowest free number is the closed one
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdin is None:
+        sys.stdin = _stream(0, "r")
+    if sys.stdout is None:
+        sys.stdout = _stream(1, "w")
+    if sys.stderr is None:
+        sys.stderr = _stream(2, "w")
+
+
+def _stream(fd: int, mode: str) -> TextIO:
+    # The process's own stream, for its lifetime: not closed by anyone (closefd=False).
+    return open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
+class ForgivingStream:
+    """A text stream (stderr) whose failed writes and flushes are dropped, not raised.
+
+    Everything else (``isatty``, ``fileno``, ``encoding``) is the wrapped stream's. A
+    broken pipe is dropped too: a reader of stderr that went away is no reason to stop.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.wrapped = stream
+
+    def write(self, text: str) -> int:
+        """Write ``text``; a failure is dropped (the text is lost, the command goes on)."""
+        try:
+            return self.wrapped.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        """Flush; a failure is dropped."""
+        with contextlib.suppress(OSError):
+            self.wrapped.flush()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.wrapped, name)
+
+
+def stdout_failure(exc: OSError) -> bool:
+    """True when ``exc`` is a failed write to stdout (a full disk, an I/O error): then
+    stdout is pointed at ``/dev/null``, so the interpreter's last flush of what is still
+    buffered does not fail again on the way out (exit 120)."""
+    if exc.errno not in _UNWRITABLE or exc.filename is not None:
+        return False  # a named file's error: its command reports it
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return True

@@ -1,0 +1,99 @@
+"""Standard streams closed, full or failing: commands run as cron and service managers start
+them (``>&-``, ``2>>log`` on a full disk, ``>/dev/full``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_crash import child_env
+from test_resume import embedded_config, text_job
+
+from broker.stdio import ForgivingStream
+
+_FULL = "/dev/full"
+
+
+def _broker(
+    *args: str, close: int | None = None, stdout: object = None, stderr: object = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``python -m broker ARGS`` in a child, with descriptor ``close`` closed in it."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE if stderr is None else stderr,
+        env=child_env(),
+        preexec_fn=None if close is None else (lambda: os.close(close)),
+        timeout=120,
+        check=False,
+    )
+
+
+def _rows(out: Path) -> list[int]:
+    return sorted(json.loads(line)["line"] for line in out.read_text().splitlines())
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_run_with_a_standard_descriptor_closed_completes(tmp_path: Path, closed: int) -> None:
+    """``broker run`` with stdin, stdout or stderr closed writes every row and exits 0 (it
+    aborted with 134: uvloop asserted on closing the descriptor its loop had taken)."""
+    config = embedded_config(tmp_path / "c.toml")
+    job = text_job(tmp_path / "job.txt", 30, "B0FD")
+    out = tmp_path / "out.jsonl"
+    args = ("run", str(job), "--config", str(config), "--out", str(out), "--progress", "none")
+    done = _broker(*args, close=closed)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _rows(out) == list(range(1, 31))
+
+
+def test_stdout_on_a_full_disk_exits_74_in_one_line(tmp_path: Path) -> None:
+    """A stdout that cannot be written (a full disk) ends ``broker run --out -`` with 74 and
+    one line saying so, not a traceback and 1."""
+    config = embedded_config(tmp_path / "c.toml")
+    job = text_job(tmp_path / "job.txt", 30, "B0FU")
+    args = ("run", str(job), "--config", str(config), "--out", "-", "--progress", "none")
+    with open(_FULL, "wb") as full:
+        done = _broker(*args, stdout=full)
+    err = done.stderr.decode()
+    assert done.returncode == 74, err[-2000:]
+    assert "cannot write to stdout: No space left on device" in err
+    assert "Traceback" not in err
+
+
+def test_stderr_on_a_full_disk_never_fails_a_job(tmp_path: Path) -> None:
+    """A stderr that cannot be written (a log file on a full disk) loses the messages, not
+    the job: with the live progress line forced on, every row is written and the exit is 0."""
+    config = embedded_config(tmp_path / "c.toml")
+    job = text_job(tmp_path / "job.txt", 30, "B0FE")
+    out = tmp_path / "out.jsonl"
+    args = ("run", str(job), "--config", str(config), "--out", str(out), "--progress", "bar")
+    with open(_FULL, "wb") as full:
+        done = _broker(*args, stderr=full)
+    assert done.returncode == 0
+    assert _rows(out) == list(range(1, 31))
+
+
+class _Failing(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_forgiving_stream_drops_failed_writes_and_is_its_stream_otherwise() -> None:
+    """ForgivingStream: a failed write or flush is dropped (the length is reported
+    written), anything else is the wrapped stream's."""
+    stream = ForgivingStream(_Failing())
+    assert stream.write("lost\n") == 5
+    stream.flush()
+    assert stream.isatty() is False  # type: ignore[attr-defined]
+    kept = io.StringIO()
+    ForgivingStream(kept).write("kept\n")
+    assert kept.getvalue() == "kept\n"
