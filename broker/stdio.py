@@ -41,16 +41,18 @@ def open_closed_descriptors() -> None:
                 os.dup2(opened, fd)
                 os.close(opened)
     if sys.stdin is None:
-        sys.stdin = _stream(0, "r")
+        sys.stdin = _stream(0, write=False)
     if sys.stdout is None:
-        sys.stdout = _stream(1, "w")
+        sys.stdout = _stream(1, write=True)
     if sys.stderr is None:
-        sys.stderr = _stream(2, "w")
+        sys.stderr = _stream(2, write=True)
 
 
-def _stream(fd: int, mode: str) -> TextIO:
+def _stream(fd: int, *, write: bool) -> TextIO:
     # The process's own stream, for its lifetime: not closed by anyone (closefd=False).
-    return open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False)
+    if write:
+        return open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    return open(fd, encoding="utf-8", errors="backslashreplace", closefd=False)
 
 
 class ForgivingStream:
