@@ -196,7 +196,7 @@ class CacheFront:
         _log.warning(
             "cache.unavailable",
             error=type(error).__name__,
-            message=self.cache.describe_failure(error),
+            message=f"{self.cache.describe_failure(error)}; lookups go on without it meanwhile",
             retry_in_s=COOL_OFF_S,
         )
 

@@ -392,14 +392,12 @@ class SqliteCache(StoreCache):
         in_the_way = _file_in_the_way(self.path)
         if in_the_way is not None:
             return str(self.path), (
-                f"{in_the_way} is a file, not a directory: set [cache] path elsewhere "
-                "(lookups go on without the cache meanwhile)"
+                f"{in_the_way} is a file, not a directory: set [cache] path elsewhere"
             )
         if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM):
             return str(self.path), (
                 "this user cannot create or enter its directory, or write the file: fix "
-                "their permissions, or set [cache] path to a place it may write (lookups go "
-                "on without the cache meanwhile)"
+                "their permissions, or set [cache] path to a place it may write"
             )
         failed = disk_error(self.path, error) if isinstance(error, sqlite3.Error) else error
         if _cannot_open(error) and not _writable(self.path):
@@ -408,13 +406,14 @@ class SqliteCache(StoreCache):
             failed = OSError(errno.EROFS, str(error))
         if isinstance(failed, OSError) and failed.errno == errno.ENOSPC:
             return str(self.path), (
-                "free space on its disk, or set [cache] max_bytes lower or path elsewhere "
-                "(lookups go on without the cache meanwhile)"
+                "free space on its disk (the file holds only copies of Amazon's answers: "
+                "deleting it with its -wal and -shm frees its own at once), or set [cache] "
+                "max_bytes lower or path elsewhere"
             )
         if isinstance(failed, OSError) and failed.errno == errno.EROFS:
             return str(self.path), (
                 "it or its directory is read-only: make it writable, or set [cache] path to a "
-                "writable place (lookups go on without the cache meanwhile)"
+                "writable place"
             )
         return str(self.path), (
             "if another process holds it locked, wait for it; if it is damaged, delete it "
@@ -478,4 +477,9 @@ def _vacuum(db: sqlite3.Connection) -> None:
     """Give free pages back to the file system once enough have piled up."""
     (free,) = db.execute("PRAGMA freelist_count").fetchone()
     if free >= _VACUUM_FREE_PAGES:
-        db.execute("PRAGMA incremental_vacuum")
+        # Stepped to its end by executescript: the pragma frees one page per step, and
+        # execute() steps a statement that returns no columns once (one page a call).
+        db.executescript("PRAGMA incremental_vacuum")
+        # The file itself shrinks when the write-ahead log is checkpointed into it; a
+        # passive checkpoint waits for no reader.
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
