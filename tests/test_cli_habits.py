@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1745,6 +1746,32 @@ def test_no_wait_names_the_keys_it_stopped_for(
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     (finished,) = [e for e in events if e.get("event") == "broker.job_finished"]
     assert finished["quota_wait_keys"] == ["demo"]
+
+
+def test_no_wait_stops_when_amazon_answers_with_a_retry_after_of_hours(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An account whose daily quota is spent on Amazon's side (the broker's own count far
+    from it) and whose 429s carry a Retry-After to the reset: --no-wait stops (75) with the
+    rows pending, until about the time the server named; it paused a minute at a time,
+    sending one 429'd request a minute, and never stopped."""
+    account = (
+        '\n[[simulator.accounts]]\nname = "demo"\nprotocol = "creators"\n'
+        'credential_id = "demo-id"\nsecret = "demo-secret"\nversion = "3.1"\n'
+        'partner_tags = { "www.amazon.com" = "demo-20" }\ntps = 50.0\ntpd = 3\n'
+    )
+    simulator = 'seed = 3\nretry_after = "both"\nretry_after_s = 7200'
+    config = str(_config(tmp_path, embedded_toml(simulator=simulator) + account))
+    job, out = _job(tmp_path, 60), tmp_path / "out.jsonl"
+    args = ["run", str(job), "--config", config, "--out", str(out), "--no-wait"]
+    assert cli.main([*args, "--progress", "none"]) == ExitCode.RESUMABLE
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line[:1] == "{"]
+    (finished,) = [e for e in events if e.get("event") == "broker.job_finished"]
+    assert finished["quota_wait_keys"] == ["demo"]
+    assert finished["rows"].get("failed", 0) == 0
+    assert finished["pending"] > 0
+    until = datetime.fromisoformat(finished["quota_wait_until"])
+    assert until - datetime.now(UTC) > timedelta(hours=1)
 
 
 def test_run_names_a_key_taken_out_though_the_others_did_every_row(

@@ -344,6 +344,35 @@ class TestCircuit:
         expected = key.limiter.wall_now() + dt.timedelta(seconds=3.0)
         assert abs(dt.datetime.fromisoformat(until) - expected) <= dt.timedelta(seconds=1)
 
+    def test_a_retry_after_of_hours_parks_the_key_for_its_quota(self) -> None:
+        """A 429 whose Retry-After is at least a park long (a server telling the seconds to
+        its daily reset) parks the key as out of its daily quota at once: paused a minute
+        at a time, it sent one 429'd request a minute for hours, and --no-wait never ended."""
+        clock = FakeClock()
+        key = _key(clock, tps=5.0)
+        verdict = key.on_throttled(
+            ThrottledError("TooManyRequests", "x", status=429, retry_after=43_200.0),
+            clock.monotonic() + 0.001,
+        )
+        assert verdict is ThrottleVerdict.QUOTA_EXHAUSTED
+        assert key.health is KeyHealth.PARKED
+        assert key.snapshot().reason == ThrottleVerdict.QUOTA_EXHAUSTED.value
+        assert key.limiter.rate == 5.0  # not the rate's doing: not cut
+        # No probe before the time the server named (not every 15 to 60 minutes).
+        assert key.circuit.probe_at == clock.monotonic() + 43_200.0
+
+    def test_a_retry_after_of_minutes_only_pauses(self) -> None:
+        """A Retry-After shorter than a park (two minutes) pauses the key (capped at a
+        minute) and cuts its rate: a rate limit, not a spent quota."""
+        clock = FakeClock()
+        key = _key(clock, tps=5.0)
+        verdict = key.on_throttled(
+            ThrottledError("TooManyRequests", "x", status=429, retry_after=120.0),
+            clock.monotonic() + 0.001,
+        )
+        assert verdict is ThrottleVerdict.RATE
+        assert key.health is KeyHealth.PAUSED
+
     async def test_token_endpoint_failures_back_off(self) -> None:
         """Repeated token-endpoint failures pause the key longer each time, capped at 60 s."""
         clock = FakeClock()

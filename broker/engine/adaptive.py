@@ -285,6 +285,7 @@ class AdaptiveRate:
         *,
         budget_exhausted: bool = False,
         quota_used: float | None = None,
+        retry_after_s: float | None = None,
     ) -> ThrottleVerdict:
         """Record a 429 and say what it means; cut the rate for a fresh rate 429.
 
@@ -296,6 +297,10 @@ class AdaptiveRate:
             budget_exhausted: the key's daily counter has reached its guard.
             quota_used: the share of TPD the key's counter has spent today (``None``:
                 unlimited or unknown).
+            retry_after_s: the 429's Retry-After, if it had one: one at least a park long
+                (``park_s``) says the daily quota is spent, whatever the rate (a server
+                telling the seconds to its reset), where pausing a minute at a time would
+                only meet it again every minute.
 
         Returns:
             The verdict; anything but ``RATE`` means "open the key's circuit".
@@ -304,7 +309,7 @@ class AdaptiveRate:
         self._consecutive += 1
         self._streak = 0
         self._boost = 1.0
-        verdict = self._classify(budget_exhausted, quota_used)
+        verdict = self._classify(budget_exhausted, quota_used, retry_after_s)
         if verdict is ThrottleVerdict.RATE and sent_at > self._last_cut_at:
             self._cut()
         return verdict
@@ -332,9 +337,11 @@ class AdaptiveRate:
         self._last_cut_at = now
         self._cuts += 1
 
-    def _classify(self, budget_exhausted: bool, quota_used: float | None) -> ThrottleVerdict:
+    def _classify(
+        self, budget_exhausted: bool, quota_used: float | None, retry_after_s: float | None
+    ) -> ThrottleVerdict:
         s = self._settings
-        if budget_exhausted:
+        if budget_exhausted or (retry_after_s is not None and retry_after_s >= s.park_s):
             return ThrottleVerdict.QUOTA_EXHAUSTED
         sustained = self._consecutive >= s.streak_limit or (
             len(self._outcomes) == s.window and self.throttle_share > s.window_loss_limit
@@ -448,11 +455,13 @@ class Circuit:
         """Monotonic time the next probe may go (``None`` unless open)."""
         return self._probe_at
 
-    def open(self, verdict: ThrottleVerdict) -> float:
+    def open(self, verdict: ThrottleVerdict, *, at_least_s: float = 0.0) -> float:
         """Park the key (or re-park it after a failed probe) and return the probe time.
 
-        While already open this changes nothing: late 429s of requests sent before the
-        park must not stretch it.
+        ``at_least_s``: the server's own word on how long (a Retry-After of hours): the
+        probe waits for it, where the park's own steps would probe every 15 to 60 minutes
+        until then. While already open this changes nothing: late 429s of requests sent
+        before the park must not stretch it.
         """
         if self._state is CircuitState.OPEN and self._probe_at is not None:
             return self._probe_at
@@ -463,7 +472,8 @@ class Circuit:
         self._unsettled = 0
         self._state = CircuitState.OPEN
         self._verdict = verdict
-        self._probe_at = self._clock.monotonic() + park * (1.0 + s.probe_jitter * self._random())
+        now = self._clock.monotonic()
+        self._probe_at = now + max(park * (1.0 + s.probe_jitter * self._random()), at_least_s)
         return self._probe_at
 
     def try_probe(self) -> bool:

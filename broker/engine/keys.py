@@ -69,6 +69,8 @@ _OUTAGE_GAP_S = 2 * max(_OUTAGE_PAUSE_CAP_S, _AUTH_PAUSE_CAP_S)
 #: A parked key reads its circuit again this often: another process may have closed it (the
 #: limiter's keep-alive brings the store's word at least as often).
 _PARKED_RECHECK_S = 30.0
+#: The longest park a Retry-After sets: a day, the longest a daily quota lasts.
+_LONGEST_TOLD_PARK_S = 86_400.0
 #: Refusals in a row that reject a key's credentials whatever else is waiting: one batch's
 #: three (its first credentials and two fresh ones) and another batch's three.
 _REJECT_AFTER = 6
@@ -429,6 +431,7 @@ class KeyState:
             sent_at,
             budget_exhausted=self.limiter.exhausted,
             quota_used=self.limiter.used_fraction,
+            retry_after_s=error.retry_after,
         )
         self.limiter.set_rate(self.adaptive.rate)
         pause = self.adaptive.pause_for(error.retry_after)
@@ -437,7 +440,12 @@ class KeyState:
             self._paused_reason = "Retry-After"
         parked_as = verdict if verdict is not ThrottleVerdict.RATE else self.circuit.verdict
         if parked_as is not None and self.circuit.state is not CircuitState.OPEN:
-            probe_at = self.circuit.open(parked_as)
+            # A Retry-After of hours is the server's own reset: no probe before it (a day
+            # at most: no daily quota is longer).
+            told = error.retry_after if error.retry_after is not None else 0.0
+            probe_at = self.circuit.open(
+                parked_as, at_least_s=min(told, _LONGEST_TOLD_PARK_S) if told > 0 else 0.0
+            )
             logger.warning(
                 "broker.key_parked",
                 key=self.name,

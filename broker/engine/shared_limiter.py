@@ -816,6 +816,7 @@ class SharedAdaptiveRate(AdaptiveRate):
         *,
         budget_exhausted: bool = False,
         quota_used: float | None = None,
+        retry_after_s: float | None = None,
     ) -> ThrottleVerdict:
         """Classify the 429 with the shared rate and the key's run of 429s over every
         process, and report it (the store decides the cut)."""
@@ -827,7 +828,10 @@ class SharedAdaptiveRate(AdaptiveRate):
         # success ends both (the parent class counts this one in).
         self._consecutive = self._limiter.run_429s - 1
         return super().on_throttled(
-            sent_at, budget_exhausted=budget_exhausted, quota_used=quota_used
+            sent_at,
+            budget_exhausted=budget_exhausted,
+            quota_used=quota_used,
+            retry_after_s=retry_after_s,
         )
 
 
@@ -858,9 +862,9 @@ class SharedCircuit(Circuit):
             self._state = CircuitState.OPEN
             self._probe_at = self._clock.monotonic() + min(wait_s, _RECHECK_S)
 
-    def open(self, verdict: ThrottleVerdict) -> float:
+    def open(self, verdict: ThrottleVerdict, *, at_least_s: float = 0.0) -> float:
         """Park the key here and in the store (every process) until the probe time."""
-        probe_at = super().open(verdict)
+        probe_at = super().open(verdict, at_least_s=at_least_s)
         self._limiter.park(max(0.0, probe_at - self._clock.monotonic()), verdict.value)
         return probe_at
 
