@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ from broker import cli
 from broker.client import Broker
 from broker.config import BrokerConfig, load_config, parse_config
 from broker.engine.adaptive import ThrottleVerdict
+from broker.engine.metrics import KeySnapshot
 from broker.errors import NoUsableKeyError
 from broker.jobs import runner, sources
 from broker.jobs.ledger import Counts
 from broker.jobs.runner import ExitCode, JobOptions, run_job
+from broker.testing import FakeClock
 
 _KEY = """
 [[keys]]
@@ -614,6 +617,7 @@ class _Metrics:
 
     def __init__(self, throttled: int) -> None:
         self.throttled = throttled
+        self.requests = 0
         self.keys: list[object] = []
 
 
@@ -658,7 +662,7 @@ def test_progress_says_the_job_waits_for_the_quota_its_rows_need(
     fr = KeySnapshot("fr", "paused", 1, 1, 0, 1, 0, 0, 1, 8640, None, runner.QUOTA_WAIT, until)
     broker = _SharedBroker()
     monkeypatch.setattr(
-        broker, "metrics", lambda: type("M", (), {"throttled": 0, "keys": [us, fr]})
+        broker, "metrics", lambda: type("M", (), {"throttled": 0, "requests": 0, "keys": [us, fr]})
     )
     for mode in ("log", "bar"):
         options = JobOptions(job=tmp_path / "j.txt", out=tmp_path / "o.jsonl", progress=mode)
@@ -681,6 +685,27 @@ def test_progress_says_the_job_waits_for_the_quota_its_rows_need(
     line = capsys.readouterr().err
     assert f"held until {until} (keys wait)" in line
     assert "ETA" not in line
+
+
+def test_progress_eta_counts_the_days_the_daily_quota_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six rows left, one request's worth (four rows) left of the key's day: the ETA runs
+    to the reset and past it, not the seconds the rate alone tells."""
+    clock = FakeClock()  # 2026-05-01T12:00:00Z: the reset is 12 hours away
+    key = _key_today(1, 1, resets_at="2026-05-02T00:00:00Z")
+    broker = _SharedBroker()
+    broker.clock = clock  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        broker, "metrics", lambda: type("M", (), {"throttled": 0, "requests": 1, "keys": [key]})
+    )
+    options = JobOptions(job=tmp_path / "j.txt", out=tmp_path / "o.jsonl", progress="log")
+    progress = runner._Progress(_Tally(), broker, options, needed=lambda: {"demo"})  # type: ignore[arg-type]
+    progress._start_done = progress._start_requests = 0  # four rows in one request so far
+    with capture_logs() as logs:
+        progress._show()
+    (event,) = [e for e in logs if e["event"] == "broker.progress"]
+    assert event["eta_s"] >= 12 * 3600
 
 
 @pytest.mark.parametrize(
@@ -746,3 +771,52 @@ async def test_a_drain_timer_firing_after_the_fetch_ended_forces_nothing() -> No
         await asyncio.sleep(0.05)
     assert not [e for e in logs if e["event"] == "broker.job_stop_forced"]
     stop.close()
+
+
+def _key_today(
+    left: int | None, spent: int, resets_at: str | None = "2026-12-07T00:00:00Z"
+) -> KeySnapshot:
+    """A key's snapshot with ``left`` sends today (None: unlimited) after ``spent``."""
+    return KeySnapshot(
+        name="demo",
+        state="active",
+        rate=1.0,
+        configured_tps=1.0,
+        in_flight=0,
+        sent=spent,
+        throttled=0,
+        errors=0,
+        daily_spent=spent,
+        daily_limit=None if left is None else left + spent,
+        daily_resets_at=resets_at,
+        daily_left=left,
+    )
+
+
+class TestQuotaEta:
+    NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)  # 12 h before the reset
+
+    def test_rows_the_day_can_take_go_at_the_rate(self) -> None:
+        """Rows whose requests fit in what the keys have left today: pending / rate."""
+        eta = runner.quota_eta(
+            100, 10.0, rows_per_request=10, keys=[_key_today(20, 0)], now=self.NOW
+        )
+        assert eta == 10.0
+
+    def test_rows_past_the_daily_quota_wait_for_the_resets(self) -> None:
+        """A million rows at 8,640 requests a day, 8,000 left today: the day's 800 requests'
+        worth, then the reset in 12 h, then ten full days and the rest at the rate; the
+        rows per second of the first hour told 28 hours."""
+        key = _key_today(8_000, 640)
+        eta = runner.quota_eta(1_000_000, 10.0, rows_per_request=10, keys=[key], now=self.NOW)
+        needed_after_today = 100_000 - 8_000
+        days, rest = divmod(needed_after_today, 8_640)
+        assert eta == 12 * 3600 + days * 86_400 + rest * 10 / 10.0
+        assert runner._fmt_eta(eta) == "10d13h"
+
+    def test_unlimited_keys_leave_the_plain_estimate(self) -> None:
+        """A key without a daily limit (tpd 0) does not hold the rows to a day's quota."""
+        eta = runner.quota_eta(
+            1_000_000, 10.0, rows_per_request=10, keys=[_key_today(None, 5)], now=self.NOW
+        )
+        assert eta == 100_000.0

@@ -935,6 +935,12 @@ class Broker:
             return None
         return await self._cache.stats()
 
+    @property
+    def clock(self) -> Clock:
+        """The clock the broker reads and sleeps on: its wall time is the one the keys'
+        daily resets are told in."""
+        return self._clock
+
     def metrics(self) -> MetricsSnapshot:
         """Counters and per-key state right now."""
         work = self._work

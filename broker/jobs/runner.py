@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -33,7 +34,7 @@ from broker.cache import RUN_MAX_AGE_S, cache_policy
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.keys import OUTAGE_CODE, KeyHealth
-from broker.engine.metrics import QUOTA_WAIT, MetricsSnapshot
+from broker.engine.metrics import QUOTA_WAIT, KeySnapshot, MetricsSnapshot
 from broker.errors import (
     BrokerError,
     ConfigError,
@@ -1138,6 +1139,10 @@ def _signals(stop: _Stop, *, enabled: bool, drain: asyncio.Event | None) -> Iter
         stop.close()
 
 
+#: Rows a request answers before a run has sent any: a full GetItems batch.
+_FULL_BATCH: Final = 10
+
+
 class _Progress:
     """Progress on stderr: a live line on a terminal, periodic events otherwise."""
 
@@ -1164,8 +1169,10 @@ class _Progress:
         self._first_s = options.first_progress_s
         self._started = time.monotonic()
         self._start_done = ledger.counts().done
-        # The job's own 429s: a daemon's broker counts every job it ran before this one.
-        self._start_throttled = broker.metrics().throttled
+        # The job's own 429s and requests: a daemon's broker counts every job it ran before.
+        start = broker.metrics()
+        self._start_throttled = start.throttled
+        self._start_requests = start.requests
 
     def tick(self) -> None:
         if self._live:
@@ -1187,7 +1194,22 @@ class _Progress:
         rate = (counts.done - self._start_done) / elapsed
         keys_needed = self._needed() if counts.pending else ()
         waiting = quota_wait(metrics, keys=keys_needed) if keys_needed else None
-        eta = counts.pending / rate if rate > 0 and waiting is None else None
+        eta = None
+        if rate > 0 and waiting is None:
+            eta = counts.pending / rate
+            limited = [k for k in metrics.keys if k.name in keys_needed]
+            if limited:
+                requests = metrics.requests - self._start_requests
+                eta = quota_eta(
+                    counts.pending,
+                    rate,
+                    # As this run found them (duplicates, cached answers); else full batches.
+                    rows_per_request=(
+                        (counts.done - self._start_done) / requests if requests else _FULL_BATCH
+                    ),
+                    keys=limited,
+                    now=self._broker.clock.utcnow(),
+                )
         throttled = metrics.throttled - self._start_throttled
         keys = ", ".join(
             f"{k.name} {k.rate:.2g}/s"
@@ -1246,11 +1268,48 @@ def _fit(line: str) -> str:
     return "\r" + line.lstrip("\r")[:width].ljust(width)
 
 
+def quota_eta(
+    pending: int,
+    rate: float,
+    *,
+    rows_per_request: float,
+    keys: Collection[KeySnapshot],
+    now: datetime,
+) -> float:
+    """Seconds until ``pending`` rows are done at ``rate`` rows/s, within the daily quotas.
+
+    When the requests they need (``rows_per_request`` each, as this run has found them)
+    are more than ``keys`` have left today, the rest waits for the next reset, and then
+    for as many days as the keys' daily sends take (each day's stop point, ``tpd`` times
+    the guard). A job of a million ASINs at 8,640 requests a day takes about twelve days,
+    which the rows per second of its first hour do not tell. Keys without a daily limit
+    (or none known) leave the plain ``pending / rate``.
+    """
+    plain = pending / rate
+    if not keys or any(k.daily_left is None or k.daily_resets_at is None for k in keys):
+        return plain
+    needed = pending / max(rows_per_request, 1.0)
+    today = sum(max(k.daily_left or 0, 0) for k in keys)
+    if needed <= today:
+        return plain
+    per_day = sum(max(k.daily_left or 0, 0) + k.daily_spent for k in keys)
+    resets = [datetime.fromisoformat(k.daily_resets_at or "") for k in keys]
+    until_reset = max((min(resets) - now).total_seconds(), 0.0)
+    if per_day <= 0:
+        return max(plain, until_reset)
+    full_days, rest = divmod(needed - today, per_day)
+    last_day = rest * max(rows_per_request, 1.0) / rate
+    return until_reset + full_days * 86_400.0 + last_day
+
+
 def _fmt_eta(eta: float | None) -> str:
     if eta is None:
         return "?"
     minutes, seconds = divmod(int(eta), 60)
     hours, minutes = divmod(minutes, 60)
+    if hours >= 48:
+        days, hours = divmod(hours, 24)
+        return f"{days}d{hours:02d}h"
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
