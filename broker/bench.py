@@ -753,14 +753,21 @@ def _stop_signal(signum: int, frame: object) -> None:
     raise _Stopped(signal.Signals(signum))
 
 
-_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: The exit code of a run each stop signal ended: the shell's, 128 plus its number.
+_STOPPED_CODE: Final = {
+    signal.SIGTERM: ExitCode.TERMINATED,
+    signal.SIGINT: ExitCode.INTERRUPTED,
+    signal.SIGHUP: ExitCode.HANGUP,
+}
 
 
 def bench_command(args: argparse.Namespace) -> int:
     """Run ``broker bench`` with parsed ``args``; print the table (or JSON lines).
 
-    SIGTERM or SIGINT stops it: the simulator child is stopped and its temporary files
-    removed, and the exit code is 128 plus the signal's number, with no figures. A signal
+    SIGTERM, SIGINT or SIGHUP stops it: the simulator child is stopped and its temporary
+    files removed, and the exit code is 128 plus the signal's number, with no figures (the
+    child stops by itself within a second if this process dies by SIGKILL). A signal
     ignored when the process started (SIGINT for a script's background job) stays ignored.
     """
     previous = {
@@ -774,7 +781,7 @@ def bench_command(args: argparse.Namespace) -> int:
     except _Stopped as stop:
         stopped = True
         print(f"broker bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
-        return ExitCode.INTERRUPTED if stop.sig is signal.SIGINT else ExitCode.TERMINATED
+        return _STOPPED_CODE[stop.sig]
     finally:
         # Stopped, the stop signals stay ignored: the process is on its way out, and a
         # second one between here and its exit must not kill it with the default action.

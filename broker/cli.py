@@ -179,6 +179,13 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow binding a non-loopback address (the simulator has no TLS)",
     )
+    sim.add_argument(
+        "--exit-with-parent",
+        type=int,
+        metavar="PID",
+        help="stop once process PID is no longer this one's parent (it died, even by "
+        "SIGKILL); broker bench starts its simulator so",
+    )
 
     run = sub.add_parser(
         "run",
@@ -346,7 +353,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "latency p50/p99, CPU per request and peak memory. Needs no config file.",
         epilog="exit codes: 0 figures printed; 2 usage (a bad option, or one the broker's "
         "config refuses); 77 every key taken out (by the injected --fault kinds; no figures); "
-        "130 / 143 stopped by SIGINT / SIGTERM (no figures).",
+        "129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM (no figures).",
     )
     from broker.bench import add_arguments
 

@@ -40,6 +40,9 @@ class ExitCode(enum.IntEnum):
     NO_PERMISSION = 77
     #: bad config
     CONFIG = 78
+    #: ``broker bench`` stopped by SIGHUP (its terminal closed), with no figures: the shell's
+    #: code (128 + 1)
+    HANGUP = 129
     #: ``broker bench`` stopped by SIGINT (Ctrl-C), with no figures: the shell's code (128 + 2)
     INTERRUPTED = 130
     #: ``broker bench`` stopped by SIGTERM, with no figures: the shell's code (128 + 15)

@@ -208,14 +208,19 @@ class TestRun:
 
 @pytest.mark.parametrize(
     ("sig", "then"),
-    [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGTERM, signal.SIGINT)],
+    [
+        (signal.SIGTERM, None),
+        (signal.SIGINT, None),
+        (signal.SIGHUP, None),
+        (signal.SIGTERM, signal.SIGINT),
+    ],
 )
 def test_a_stopped_bench_stops_its_simulator(
     sig: signal.Signals, then: signal.Signals | None, tmp_path: Path
 ) -> None:
-    """SIGTERM (a supervisor's stop) or Ctrl-C ends the run without a traceback, and the
-    simulator child and its temporary directory go with it; a second signal during that
-    cleanup does not interrupt it."""
+    """SIGTERM (a supervisor's stop), Ctrl-C or SIGHUP ends the run without a traceback, and
+    the simulator child and its temporary directory go with it; a second signal during
+    that cleanup does not interrupt it. (SIGHUP took the default action: the child ran on.)"""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     bench = subprocess.Popen(
         [sys.executable, "-m", "broker", "bench", "--tps", "0", "--duration", "60"],
@@ -244,6 +249,32 @@ def test_a_stopped_bench_stops_its_simulator(
     for child in children:
         assert not Path(f"/proc/{child}").exists() or _zombie(child)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("asinb-sim-")]
+
+
+def test_a_bench_killed_by_sigkill_leaves_no_simulator_running() -> None:
+    """A process that started the simulator child (as broker bench does) and dies by
+    SIGKILL, no cleanup running, leaves the child to stop by itself within seconds,
+    instead of serving on for good as an orphan."""
+    code = (
+        "import time\n"
+        "from broker.simulator.process import SimulatorProcess\n"
+        "with SimulatorProcess({}) as sim:\n"
+        "    print(sim.pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and not _zombie(child):
+        time.sleep(0.1)
+    alive = Path(f"/proc/{child}").exists() and not _zombie(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])

@@ -107,6 +107,7 @@ def simulate_command(
                 port=int(args.port),
                 allow_remote=bool(args.allow_remote),
                 on_ready=functools.partial(_ready_line, settings=settings),
+                parent=getattr(args, "exit_with_parent", None),
             )
         )
     except ConfigError as exc:

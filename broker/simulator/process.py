@@ -103,6 +103,8 @@ class SimulatorProcess:
         # Unbuffered, so the URL line arrives at once.
         env["PYTHONUNBUFFERED"] = "1"
         command = [sys.executable, "-m", "broker", "simulate", "--config", str(config)]
+        # Stopped with this process even when it dies by SIGKILL (no cleanup runs then).
+        command += ["--exit-with-parent", str(os.getpid())]
         with stderr_path.open("w", encoding="utf-8") as stderr:
             self._proc = subprocess.Popen(
                 [*command, "--port", "0"],

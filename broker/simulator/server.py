@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from broker.errors import ConfigError
 from broker.listener import start_listener
@@ -110,6 +111,20 @@ class SimulatorServer:
             await runner.cleanup()
 
 
+#: How often a simulator started with a parent looks whether the parent is still there.
+_PARENT_CHECK_S: Final = 1.0
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    # Polled: no event tells a process that its parent died (Linux's PR_SET_PDEATHSIG
+    # follows the thread that forked, not the process).
+    while True:
+        if os.getppid() != parent:
+            stop.set()
+            return
+        await asyncio.sleep(_PARENT_CHECK_S)
+
+
 async def serve_forever(
     settings: SimulatorSettings | None = None,
     *,
@@ -117,12 +132,19 @@ async def serve_forever(
     port: int = 8787,
     allow_remote: bool = False,
     on_ready: Callable[[SimulatorServer], None] | None = None,
+    parent: int | None = None,
 ) -> None:
-    """Serve until cancelled (Ctrl-C) or SIGTERM; ``on_ready`` runs once the port is bound."""
+    """Serve until cancelled (Ctrl-C) or SIGTERM; ``on_ready`` runs once the port is bound.
+
+    ``parent``: also stop once that process is no longer the parent (it died, even by
+    SIGKILL, and the child was handed to another), so a child of ``broker bench`` never
+    outlives it.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+    watcher = None if parent is None else loop.create_task(_watch_parent(parent, stop))
     try:
         async with SimulatorServer(
             settings, host=host, port=port, allow_remote=allow_remote
@@ -131,5 +153,7 @@ async def serve_forever(
                 on_ready(server)
             await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
