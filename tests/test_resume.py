@@ -463,6 +463,19 @@ class TestA7DiskFull:
         assert main(config, job, out) == 0
         assert sorted(row["line"] for row in read_jsonl(out)) == list(range(1, 61))  # type: ignore[type-var]
 
+    def test_a7_full_disk_under_the_ordered_copy_leaves_no_copy(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A7: --ordered on a full disk exits 74 and removes its partial copy (as large as
+        the output), which kept the space being freed until the next run."""
+        config = embedded_config(tmp_path / "c.toml")
+        job = text_job(tmp_path / "job.txt", 30, "B0A7OR")
+        out = tmp_path / "out.jsonl"
+        assert main(config, job, out) == 0
+        monkeypatch.setattr(sinks, "_write_all", _SmallDisk(room=500))
+        assert main(config, job, out, "--ordered") == ExitCode.IO_ERROR
+        assert not (tmp_path / "out.jsonl.ordering").exists()
+
     def test_a7_file_size_limit_on_ledger_and_output_exits_74(self, tmp_path: Path) -> None:
         """A7: a real write limit (RLIMIT_FSIZE) under ledger and output: exit 74, then resume."""
         config = embedded_config(tmp_path / "c.toml")

@@ -1668,3 +1668,18 @@ def test_serve_raises_its_open_file_limit(tmp_path: Path) -> None:
     soft, hard = (int(word) for word in done.stdout.split())
     want = 65_536 if hard == -1 else min(hard, 65_536)
     assert soft == max(256, want)
+
+
+def test_a_status_file_that_cannot_be_written_leaves_no_temporary_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A status file that fails mid-write (a full disk) raises, and its partial temporary
+    copy is removed: no later run cleans up done/.<name>.status.json.<hex>.tmp."""
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(serve.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        serve._write_status(tmp_path / "job.txt.status.json", {"rows": 1})
+    assert os.listdir(tmp_path) == []

@@ -625,8 +625,11 @@ def _export_ordered(
             state = sink.flush()
     finally:
         sink.close()
+        if state is None:
+            # Stopped, or failed (a full disk): the partial copy, as large as the output,
+            # must not keep the space the user frees to run again.
+            temporary.unlink(missing_ok=True)
     if state is None:
-        temporary.unlink(missing_ok=True)
         return False
     os.replace(temporary, options.out)
     ledger.set_sink_state(name, state, ordered=True)

@@ -736,12 +736,18 @@ def _move(source: Path, directory: Path, name: str) -> str | None:
 def _write_status(path: Path, status: Mapping[str, object]) -> None:
     # A temporary name of its own: two daemons may write beside each other.
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with temporary.open("w", encoding="utf-8") as stream:
-        json.dump(status, stream, ensure_ascii=False, indent=2)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("w", encoding="utf-8") as stream:
+            json.dump(status, stream, ensure_ascii=False, indent=2)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        # A full disk: the partial copy would keep the space being freed, under a name no
+        # later run cleans up.
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(directory: Path) -> None:
