@@ -790,14 +790,26 @@ class TestDetectFormat:
             rows(write(tmp_path, name, data))
         assert hint in str(info.value)
 
-    def test_a_whole_array_on_one_line_is_one_row_naming_jq(self, tmp_path: Path) -> None:
-        """An array of objects on one line (json.dump's) is one JSON value, so one invalid
-        row, as every line of JSON Lines is; its reason says how to split it (it was read
-        as a CSV without an asin column)."""
+    @pytest.mark.parametrize("name", ["one.json", "one.jsonl", "one"])
+    def test_a_whole_array_of_objects_on_the_first_line_is_refused(
+        self, tmp_path: Path, name: str
+    ) -> None:
+        """An array of objects on one line (what json.dump writes by default) as the first
+        line is a JSON document, refused (exit 65) naming jq, as the README says; it was one
+        invalid row, and the run ended with exit 0, nothing looked up."""
         data = f'[{{"asin": "{VALID}"}}, {{"asin": "{VALID}"}}]\n'
-        (row,) = rows(write(tmp_path, "one.json", data))
-        assert row.error is not None
-        assert "jq -c '.[]'" in row.error
+        with pytest.raises(JobFileError, match="not JSON Lines") as info:
+            rows(write(tmp_path, name, data))
+        assert "jq -c '.[]'" in str(info.value)
+
+    def test_an_array_on_a_later_line_is_one_row_naming_jq(self, tmp_path: Path) -> None:
+        """After a first line that is an object, an array of objects is one JSON value, so
+        one invalid row, as every line of JSON Lines is; its reason says how to split it."""
+        data = f'{{"asin": "{VALID}"}}\n[{{"asin": "{VALID}"}}, {{"asin": "{VALID}"}}]\n'
+        first, second = rows(write(tmp_path, "two.jsonl", data))
+        assert first.error is None
+        assert second.error is not None
+        assert "jq -c '.[]'" in second.error
 
     def test_read_job_sniffs_and_format_overrides(self, tmp_path: Path) -> None:
         """read_job uses detection by default, and format= overrides it."""
@@ -962,9 +974,16 @@ _json_rows = st.one_of(
 @given(values=st.lists(_json_rows, min_size=1, max_size=8))
 def test_any_json_values_give_one_row_per_line(tmp_path: Path, values: list[object]) -> None:
     """Every JSON value on a line yields exactly one row; extra values are the line's own
-    (or, holding a NaN or an infinity, its text)."""
+    (or, holding a NaN or an infinity, its text). A first line that is an array of objects
+    is a JSON document, refused."""
     lines = [json.dumps(value, ensure_ascii=False) for value in values]
-    found = rows(write(tmp_path, "job.jsonl", "\n".join(lines) + "\n"))
+    path = write(tmp_path, "job.jsonl", "\n".join(lines) + "\n")
+    first = values[0]
+    if isinstance(first, list) and first and isinstance(first[0], dict):
+        with pytest.raises(JobFileError, match="not JSON Lines"):
+            rows(path)
+        return
+    found = rows(path)
     assert [row.line for row in found] == list(range(1, len(values) + 1))
     for value, row in zip(values, found, strict=True):
         assert (row.asin is None) == (row.error is not None)

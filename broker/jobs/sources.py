@@ -998,16 +998,15 @@ def _refuse_json_document(path: Path, lineno: int, text: str) -> None:
     read line by line, an array's or a pretty-printed object's lines are each an invalid
     row, the run ends with exit 0 and nothing looked up.
 
-    A first line that is a JSON value of its own (``[1, 2]``, a whole array on one line)
-    stays one row, as every line of JSON Lines is: its reason names the array.
+    A whole array of objects on the first line (what json.dump writes by default) is such
+    a document too; any other first line that is a JSON value of its own (``[1, 2]``) stays
+    one row, as every line of JSON Lines is, and so does an array on a later line.
 
     Raises:
-        JobFileError: the first line opens an array of objects it does not close, or is an
-            object's lone ``{``.
+        JobFileError: the first line opens an array of objects (closed on it or not), or is
+            an object's lone ``{``.
     """
     if text == "[" or (text.startswith("[") and text[1:].lstrip().startswith("{")):
-        if text != "[" and _parses(text):
-            return  # a whole array on one line: one row, whose reason says the same
         raise JobFileError(
             f"{path}: line {lineno}: a JSON array, not JSON Lines (one object per line): "
             f"convert it with jq -c '.[]' {path} > job.jsonl"
@@ -1017,14 +1016,6 @@ def _refuse_json_document(path: Path, lineno: int, text: str) -> None:
             f"{path}: line {lineno}: an object spread over lines (pretty-printed JSON), not "
             f"JSON Lines (one object per line): convert it with jq -c . {path} > job.jsonl"
         )
-
-
-def _parses(text: str) -> bool:
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
 
 
 def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> JobRow:
