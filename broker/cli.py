@@ -23,6 +23,8 @@ from broker.progname import prog
 from broker.stdio import ForgivingStream, open_closed_descriptors, stdout_failure
 
 if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
     from broker.client import Broker
     from broker.config import BrokerConfig, KeyConfig
     from broker.jobs.paths import RunPaths
@@ -127,11 +129,21 @@ def _host(text: str) -> str:
     return host
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose ``--help`` and ``--version`` are output like any other: a
+    stdout that cannot take them fails the command (74), where argparse drops the error
+    and exits 0."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message:
+            (file or sys.stderr).write(message)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from broker import __version__
     from broker.jobs.paths import STDIN_FORMATS
 
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog=prog(),
         description="Asynchronous, rate-limited request broker for Amazon's product APIs.",
         epilog=f"The config file is --config, else ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}.",
@@ -428,8 +440,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _guarded(words: list[str], *, process_ends: bool) -> int:
     """:func:`_main`, with the interruptions and stdout failures every command shares."""
     try:
-        # process_ends: the console script, whose process ends when this returns.
-        return _main(words, process_ends=process_ends)
+        try:
+            # process_ends: the console script, whose process ends when this returns.
+            return _main(words, process_ends=process_ends)
+        finally:
+            # What is still buffered is the command's output too (--version, --help: argparse
+            # prints and exits): a stdout that cannot take it fails the command here, below.
+            sys.stdout.flush()
     except KeyboardInterrupt:
         # Ctrl-C in a command without a signal policy of its own (run and serve drain), or
         # before a command's own handlers are in: one line, no traceback, the stop code every

@@ -97,3 +97,13 @@ def test_a_forgiving_stream_drops_failed_writes_and_is_its_stream_otherwise() ->
     kept = io.StringIO()
     ForgivingStream(kept).write("kept\n")
     assert kept.getvalue() == "kept\n"
+
+
+@pytest.mark.parametrize("args", [("--version",), ("--help",), ("run", "--help")])
+def test_help_and_version_into_a_full_stdout_exit_74(args: tuple[str, ...]) -> None:
+    """--help and --version are output too: a stdout that cannot take them exits 74 (argparse
+    dropped the error and exited 0)."""
+    with open(_FULL, "wb") as full:
+        done = _broker(*args, stdout=full)
+    assert done.returncode == 74
+    assert b"cannot write to stdout" in done.stderr
