@@ -617,7 +617,6 @@ class _Metrics:
 
     def __init__(self, throttled: int) -> None:
         self.throttled = throttled
-        self.requests = 0
         self.keys: list[object] = []
 
 
@@ -662,7 +661,7 @@ def test_progress_says_the_job_waits_for_the_quota_its_rows_need(
     fr = KeySnapshot("fr", "paused", 1, 1, 0, 1, 0, 0, 1, 8640, None, runner.QUOTA_WAIT, until)
     broker = _SharedBroker()
     monkeypatch.setattr(
-        broker, "metrics", lambda: type("M", (), {"throttled": 0, "requests": 0, "keys": [us, fr]})
+        broker, "metrics", lambda: type("M", (), {"throttled": 0, "keys": [us, fr]})
     )
     for mode in ("log", "bar"):
         options = JobOptions(job=tmp_path / "j.txt", out=tmp_path / "o.jsonl", progress=mode)
@@ -690,18 +689,28 @@ def test_progress_says_the_job_waits_for_the_quota_its_rows_need(
 def test_progress_eta_counts_the_days_the_daily_quota_takes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Six rows left, one request's worth (four rows) left of the key's day: the ETA runs
-    to the reset and past it, not the seconds the rate alone tells."""
+    """Three requests' worth of US lookups left, one request left of the US key's day: the
+    ETA runs to the reset and past it, not the seconds the rate alone tells; a UK key with
+    quota to spare does not lend the US rows its quota."""
     clock = FakeClock()  # 2026-05-01T12:00:00Z: the reset is 12 hours away
-    key = _key_today(1, 1, resets_at="2026-05-02T00:00:00Z")
+    us_market, uk_market = "www.amazon.com", "www.amazon.co.uk"
+    us = _key_today(1, 1, resets_at="2026-05-02T00:00:00Z", markets=(us_market,))
+    uk = _key_today(100_000, 0, resets_at="2026-05-02T00:00:00Z", markets=(uk_market,), name="uk")
     broker = _SharedBroker()
     broker.clock = clock  # type: ignore[attr-defined]
     monkeypatch.setattr(
-        broker, "metrics", lambda: type("M", (), {"throttled": 0, "requests": 1, "keys": [key]})
+        broker, "metrics", lambda: type("M", (), {"throttled": 0, "keys": [us, uk]})
     )
     options = JobOptions(job=tmp_path / "j.txt", out=tmp_path / "o.jsonl", progress="log")
-    progress = runner._Progress(_Tally(), broker, options, needed=lambda: {"demo"})  # type: ignore[arg-type]
-    progress._start_done = progress._start_requests = 0  # four rows in one request so far
+    left = {us_market: 30, uk_market: 30}
+    progress = runner._Progress(
+        _Tally(),
+        broker,  # type: ignore[arg-type]
+        options,
+        needed=lambda: {"demo", "uk"},
+        left=left,
+    )
+    progress._start_done = 0  # four rows done since the start: a rate
     with capture_logs() as logs:
         progress._show()
     (event,) = [e for e in logs if e["event"] == "broker.progress"]
@@ -774,11 +783,16 @@ async def test_a_drain_timer_firing_after_the_fetch_ended_forces_nothing() -> No
 
 
 def _key_today(
-    left: int | None, spent: int, resets_at: str | None = "2026-12-07T00:00:00Z"
+    left: int | None,
+    spent: int,
+    resets_at: str | None = "2026-12-07T00:00:00Z",
+    *,
+    markets: tuple[str, ...] = ("www.amazon.com",),
+    name: str = "demo",
 ) -> KeySnapshot:
-    """A key's snapshot with ``left`` sends today (None: unlimited) after ``spent``."""
+    """A key serving ``markets`` with ``left`` sends today (None: unlimited) after ``spent``."""
     return KeySnapshot(
-        name="demo",
+        name=name,
         state="active",
         rate=1.0,
         configured_tps=1.0,
@@ -790,33 +804,36 @@ def _key_today(
         daily_limit=None if left is None else left + spent,
         daily_resets_at=resets_at,
         daily_left=left,
+        marketplaces=markets,
     )
 
 
 class TestQuotaEta:
     NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)  # 12 h before the reset
 
-    def test_rows_the_day_can_take_go_at_the_rate(self) -> None:
-        """Rows whose requests fit in what the keys have left today: pending / rate."""
-        eta = runner.quota_eta(
-            100, 10.0, rows_per_request=10, keys=[_key_today(20, 0)], now=self.NOW
-        )
-        assert eta == 10.0
+    def test_requests_the_day_can_take_add_no_wait(self) -> None:
+        """Requests that fit in what the marketplace's keys have left today: no wait (the
+        rows per second tell the time)."""
+        keys = [_key_today(20, 0)]
+        assert runner.quota_eta({"www.amazon.com": 10}, keys, now=self.NOW) == 0.0
 
-    def test_rows_past_the_daily_quota_wait_for_the_resets(self) -> None:
-        """A million rows at 8,640 requests a day, 8,000 left today: the day's 800 requests'
-        worth, then the reset in 12 h, then ten full days and the rest at the rate; the
-        rows per second of the first hour told 28 hours."""
+    def test_requests_past_the_daily_quota_wait_for_the_resets(self) -> None:
+        """A million ASINs (100,000 requests) at 8,640 requests a day, 8,000 left today: the
+        reset in 12 h, then ten full days, then the rest at the key's rate."""
         key = _key_today(8_000, 640)
-        eta = runner.quota_eta(1_000_000, 10.0, rows_per_request=10, keys=[key], now=self.NOW)
-        needed_after_today = 100_000 - 8_000
-        days, rest = divmod(needed_after_today, 8_640)
-        assert eta == 12 * 3600 + days * 86_400 + rest * 10 / 10.0
+        eta = runner.quota_eta({"www.amazon.com": 100_000}, [key], now=self.NOW)
+        days, rest = divmod(100_000 - 8_000, 8_640)
+        assert eta == 12 * 3600 + days * 86_400 + rest / 1.0
         assert runner._fmt_eta(eta) == "10d13h"
 
-    def test_unlimited_keys_leave_the_plain_estimate(self) -> None:
+    def test_each_marketplace_keeps_to_its_own_keys(self) -> None:
+        """A spent US key is not helped by a UK key's spare quota: the US requests wait."""
+        us = _key_today(0, 3)
+        uk = _key_today(100_000, 0, markets=("www.amazon.co.uk",), name="uk")
+        requests = {"www.amazon.com": 28, "www.amazon.co.uk": 28}
+        assert runner.quota_eta(requests, [us, uk], now=self.NOW) >= 12 * 3600
+
+    def test_unlimited_keys_add_no_wait(self) -> None:
         """A key without a daily limit (tpd 0) does not hold the rows to a day's quota."""
-        eta = runner.quota_eta(
-            1_000_000, 10.0, rows_per_request=10, keys=[_key_today(None, 5)], now=self.NOW
-        )
-        assert eta == 100_000.0
+        keys = [_key_today(None, 5)]
+        assert runner.quota_eta({"www.amazon.com": 100_000}, keys, now=self.NOW) == 0.0

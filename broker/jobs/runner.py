@@ -818,7 +818,7 @@ async def _fetch(
     # and with it a daemon's /healthz and /metrics and its signals.
     left = await _in_thread(ledger.pending_by_marketplace)
     needed = functools.partial(_keys_for_markets, broker, left)
-    progress = _Progress(ledger, broker, options, needed=needed)
+    progress = _Progress(ledger, broker, options, needed=needed, left=left)
 
     def record() -> bool:
         """Commit the buffered results to the ledger; True if there were any."""
@@ -1142,7 +1142,7 @@ def _signals(stop: _Stop, *, enabled: bool, drain: asyncio.Event | None) -> Iter
         stop.close()
 
 
-#: Rows a request answers before a run has sent any: a full GetItems batch.
+#: Lookups a GetItems request carries when its batch is full.
 _FULL_BATCH: Final = 10
 
 
@@ -1156,9 +1156,13 @@ class _Progress:
         options: JobOptions,
         *,
         needed: Callable[[], Collection[str]] = frozenset,
+        left: Mapping[str, int] | None = None,
     ) -> None:
         self._ledger = ledger
         self._broker = broker
+        # The lookups left per marketplace (the fetch counts them down): the ETA's share of
+        # each marketplace's daily quota.
+        self._left: Mapping[str, int] = left if left is not None else {}
         # The keys the rows left need: when all of them wait a day long (their daily quota,
         # or parked after sustained 429s), the job is held until the earliest of those
         # waits ends, whatever the average rate says (other marketplaces' keys idle).
@@ -1172,10 +1176,8 @@ class _Progress:
         self._first_s = options.first_progress_s
         self._started = time.monotonic()
         self._start_done = ledger.counts().done
-        # The job's own 429s and requests: a daemon's broker counts every job it ran before.
-        start = broker.metrics()
-        self._start_throttled = start.throttled
-        self._start_requests = start.requests
+        # The job's own 429s: a daemon's broker counts every job it ran before this one.
+        self._start_throttled = broker.metrics().throttled
 
     def tick(self) -> None:
         if self._live:
@@ -1199,20 +1201,11 @@ class _Progress:
         waiting = quota_wait(metrics, keys=keys_needed) if keys_needed else None
         eta = None
         if rate > 0 and waiting is None:
-            eta = counts.pending / rate
-            limited = [k for k in metrics.keys if k.name in keys_needed]
-            if limited:
-                requests = metrics.requests - self._start_requests
-                eta = quota_eta(
-                    counts.pending,
-                    rate,
-                    # As this run found them (duplicates, cached answers); else full batches.
-                    rows_per_request=(
-                        (counts.done - self._start_done) / requests if requests else _FULL_BATCH
-                    ),
-                    keys=limited,
-                    now=self._broker.clock.utcnow(),
-                )
+            # The rows per second, or the days the daily quotas of the rows' marketplaces
+            # take, if longer (each marketplace's lookups in full batches).
+            requests = {m: n / _FULL_BATCH for m, n in self._left.items() if n > 0}
+            now = self._broker.clock.utcnow()
+            eta = max(counts.pending / rate, quota_eta(requests, metrics.keys, now=now))
         throttled = metrics.throttled - self._start_throttled
         keys = ", ".join(
             f"{k.name} {k.rate:.2g}/s"
@@ -1272,37 +1265,34 @@ def _fit(line: str) -> str:
 
 
 def quota_eta(
-    pending: int,
-    rate: float,
-    *,
-    rows_per_request: float,
-    keys: Collection[KeySnapshot],
-    now: datetime,
+    requests_by_market: Mapping[str, float], keys: Collection[KeySnapshot], *, now: datetime
 ) -> float:
-    """Seconds until ``pending`` rows are done at ``rate`` rows/s, within the daily quotas.
+    """Seconds the daily quotas alone hold the rows left: the longest over marketplaces.
 
-    When the requests they need (``rows_per_request`` each, as this run has found them)
-    are more than ``keys`` have left today, the rest waits for the next reset, and then
-    for as many days as the keys' daily sends take (each day's stop point, ``tpd`` times
-    the guard). A job of a million ASINs at 8,640 requests a day takes about twelve days,
-    which the rows per second of its first hour do not tell. Keys without a daily limit
-    (or none known) leave the plain ``pending / rate``.
+    ``requests_by_market``: the requests each marketplace's rows left still need. One
+    whose need is more than its keys (those serving it now) have left today waits for
+    their next reset, then for as many days as their daily sends take (each day's stop
+    point, ``tpd`` times the guard), then for the rest at their rate: a million ASINs at
+    8,640 requests a day take about twelve days, which the rows per second of the first
+    hour do not tell. 0 when every marketplace's need fits in what its keys have left
+    today, or they have no daily limit: the rows per second tell the time then.
     """
-    plain = pending / rate
-    if not keys or any(k.daily_left is None or k.daily_resets_at is None for k in keys):
-        return plain
-    needed = pending / max(rows_per_request, 1.0)
-    today = sum(max(k.daily_left or 0, 0) for k in keys)
-    if needed <= today:
-        return plain
-    per_day = sum(max(k.daily_left or 0, 0) + k.daily_spent for k in keys)
-    resets = [datetime.fromisoformat(k.daily_resets_at or "") for k in keys]
-    until_reset = max((min(resets) - now).total_seconds(), 0.0)
-    if per_day <= 0:
-        return max(plain, until_reset)
-    full_days, rest = divmod(needed - today, per_day)
-    last_day = rest * max(rows_per_request, 1.0) / rate
-    return until_reset + full_days * 86_400.0 + last_day
+    longest = 0.0
+    for market, needed in requests_by_market.items():
+        serving = [k for k in keys if market in k.marketplaces]
+        if not serving or any(k.daily_left is None or k.daily_resets_at is None for k in serving):
+            continue
+        today = sum(max(k.daily_left or 0, 0) for k in serving)
+        if needed <= today:
+            continue
+        reset = min(datetime.fromisoformat(k.daily_resets_at or "") for k in serving)
+        wait = max((reset - now).total_seconds(), 0.0)
+        per_day = sum(max(k.daily_left or 0, 0) + k.daily_spent for k in serving)
+        if per_day > 0:
+            days, rest = divmod(needed - today, per_day)
+            wait += days * 86_400.0 + rest / max(sum(k.rate for k in serving), 1e-9)
+        longest = max(longest, wait)
+    return longest
 
 
 def _fmt_eta(eta: float | None) -> str:
