@@ -349,6 +349,9 @@ class TestJsonLines:
             ("null", "must be an object, got null"),
             ('{"sku": 1}', 'no "asin" field'),
             ('{"ASIN": "B0ABCDEFGH"}', "case-sensitive"),
+            # Looked up in the default store, the row's own ignored: US prices for a UK row.
+            ('{"asin": "B0ABCDEFGH", "Marketplace": "UK"}', '"Marketplace" is not a field'),
+            ('{"asin": "B0ABCDEFGH", "Resources ": ["Images"]}', "case-sensitive"),
             ('{"asin": 306406152}', '"asin" must be a string, got a number'),
             ('{"asin": null}', '"asin" is null: give the ASIN as a string'),
             ('{"asin": "B0ABCDEFGH", "marketplace": 1}', '"marketplace" must be a string'),

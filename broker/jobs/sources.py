@@ -1070,6 +1070,15 @@ def _jsonl_row(lineno: int, text: str, check: Callable[[str], AsinCheck]) -> Job
         for key, item in value.items()
         if key not in _JSONL_KEYS
     } or None
+    if extra is not None and error is None:
+        # "Marketplace" or " resources" would travel as pass-through data, the row looked
+        # up in the default store or with the default resources, and nothing said.
+        near = next((key for key in extra if key.strip().lower() in _JSONL_KEYS), None)
+        if near is not None:
+            error = (
+                f"{json.dumps(near)} is not a field: field names are case-sensitive "
+                f'(write "{near.strip().lower()}")'
+            )
     if asin is None:
         error = _missing_asin(value)
     elif not isinstance(asin, str):
