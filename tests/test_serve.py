@@ -358,6 +358,22 @@ class TestJobs:
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
         assert not running.task.done()
 
+    async def test_a_job_filed_under_failed_keeps_the_rows_it_answered(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A job failed by one marketplace's rejected tag is filed with the output of the
+        rows answered before (paid for: the other marketplaces' rows went on) and its rows
+        by status; the output and the counts were thrown away with the work files."""
+        await start(_wrong_uk_tag(missing_share=0.0))
+        us_rows = "".join(f'{{"asin": "B0USUSUS{i:02d}"}}\n' for i in range(20))
+        _drop(spool, "mixed.jsonl", '{"asin": "B0UKUKUK01", "marketplace": "UK"}\n' + us_rows)
+        failed = await _filed(spool, "mixed.jsonl", "failed")
+        assert failed["output"] == "mixed.jsonl.out.jsonl"
+        rows = _rows(spool / "failed" / "mixed.jsonl.out.jsonl")
+        assert sorted(row["line"] for row in rows) == list(range(2, 22))
+        assert failed["rows"]["ok"] == 20
+        assert failed["rows"]["pending"] == 1
+
     async def test_rows_of_a_job_filed_under_failed_stay_counted(
         self, start: Start, spool: Path
     ) -> None:

@@ -586,7 +586,8 @@ class Spool:
         return recovered
 
     def file(self, job: SpoolJob, outcome: str, status: Mapping[str, object]) -> Path:
-        """Move a finished job into ``done/`` (with its outputs) or ``failed/``.
+        """Move a finished job into ``done/`` or ``failed/``, with its outputs: a failed
+        job's holds the rows answered before it failed (paid for, and kept).
 
         Outputs and the status file go first, the job file last, then the work files are
         removed: a crash at any point leaves the job in ``processing/`` to be filed again.
@@ -600,11 +601,10 @@ class Spool:
             self._make_shared(dest)
         base = self._filing_name(job, dest)
         record = dict(status)
-        if outcome == "done":
-            record["output"] = _move(job.out, dest, f"{base}.out.{job.format}")
-            record["invalid_report"] = _move(
-                job.invalid_report, dest, f"{base}.out.{job.format}.invalid.jsonl"
-            )
+        record["output"] = _move(job.out, dest, f"{base}.out.{job.format}")
+        record["invalid_report"] = _move(
+            job.invalid_report, dest, f"{base}.out.{job.format}.invalid.jsonl"
+        )
         _write_status(dest / f"{base}.status.json", record)
         os.replace(job.path, dest / base)
         _fsync_dir(dest)
@@ -1472,6 +1472,10 @@ class Daemon:
             self._vanished(job)
             return
         status = self._failure_status(job.name, message, code)
+        tally = read_tally(job.ledger) if job.ledger.exists() else None
+        if tally is not None:
+            # The rows it answered before it failed are in its output, filed with it.
+            status["rows"] = {"total": sum(tally.values()), **tally}
         path = self.spool.file(job, "failed", status)
         self._count_failed(job.name, message, path)
 
