@@ -1748,6 +1748,28 @@ def test_no_wait_names_the_keys_it_stopped_for(
     assert finished["quota_wait_keys"] == ["demo"]
 
 
+def test_no_wait_with_a_marketplace_no_key_can_serve_exits_77(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--no-wait: the US key's day is spent and the UK rows' only key was rejected there (a
+    wrong tag): the run ends 77 naming the rejection, not 75 "run again after the reset",
+    which would only end in the same refusal (a cron wrapper retrying on 75 never alerts)."""
+    monkeypatch.setenv("ASINB_EU", "eu-secret")
+    text = _with_second_key("eu", "www.amazon.co.uk", "ASINB_EU").replace("tpd = 0", "tpd = 2")
+    # The eu key's tag (its first mention; the simulator account's comes after) is wrong.
+    text = text.replace('"www.amazon.co.uk" = "eu-21"', '"www.amazon.co.uk" = "wrong-21"', 1)
+    config = str(_config(tmp_path, text))
+    job = tmp_path / "job.jsonl"
+    uk = '{"asin": "B0UKUKUK01", "marketplace": "UK"}\n'
+    job.write_text(uk + "".join(f'{{"asin": "B0TEST{i:04d}"}}\n' for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(job), "--config", config, "--out", str(out), "--no-wait"]
+    assert cli.main([*args, "--progress", "none"]) == ExitCode.NO_PERMISSION
+    err = capsys.readouterr().err
+    assert "InvalidPartnerTag" in err
+    assert "run the same command again after that" not in err
+
+
 def test_no_wait_stops_when_amazon_answers_with_a_retry_after_of_hours(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -802,6 +802,8 @@ async def _fetch(
 
     buffer: list[tuple[Lookup, ItemResult]] = []
     cached = 0
+    # Marketplaces whose every key was rejected, as their streams end (see each_marketplace).
+    refused: list[NoUsableKeyError] = []
 
     def queries(marketplace: str | None) -> Iterator[Query]:
         for lookup in ledger.pending_lookups(marketplace):
@@ -867,7 +869,7 @@ async def _fetch(
         # A stream per marketplace: the broker admits a bounded number of lookups per
         # marketplace, so rows whose keys wait out a daily quota never hold up the rows
         # of another marketplace behind them in the file.
-        await each_marketplace([consume(market) for market in list(left)])
+        await each_marketplace([consume(market) for market in list(left)], refused)
 
     loop = asyncio.get_running_loop()
     task = loop.create_task(consume(None) if len(left) <= 1 else consume_each())
@@ -910,19 +912,27 @@ async def _fetch(
             progress.done()
     if stop.error is not None:
         raise stop.error
+    if refused and stop.quota_until is not None:
+        # no_wait stopped for the daily quota of the other marketplaces' keys, but rows are
+        # left that no key can serve: the rerun after the reset would end in this refusal.
+        raise refused[0]
     return cached
 
 
-async def each_marketplace(streams: Sequence[Coroutine[Any, Any, None]]) -> None:
+async def each_marketplace(
+    streams: Sequence[Coroutine[Any, Any, None]], refused: list[NoUsableKeyError] | None = None
+) -> None:
     """Run one stream per marketplace together, to their end.
 
     A stream whose marketplace has no key left (``NoUsableKeyError``: every key that serves
     it was rejected) ends alone: its rows stay pending, the others go on to their end, and
-    then its error is raised. Any other failure stops them all and is raised, the first
-    one, as a single stream would raise it (the others are its consequences or of the same
-    cause).
+    then its error is raised; ``refused``, when given, collects such errors as they come
+    (a caller that cancels the others, for the daily quota, still learns of them). Any
+    other failure stops them all and is raised, the first one, as a single stream would
+    raise it (the others are its consequences or of the same cause).
     """
-    refused: list[NoUsableKeyError] = []
+    if refused is None:
+        refused = []
 
     async def noting(stream: Coroutine[Any, Any, None]) -> None:
         try:
