@@ -80,7 +80,7 @@ class TestJobRows:
         error = unserved["error"]
         assert isinstance(error, dict)
         assert error["code"] == "NoKeyForMarketplace"
-        assert '"www.amazon.de" = "yourtag-21"' in error["remedy"]
+        assert '"www.amazon.de" = "your-tracking-id"' in error["remedy"]
         assert unserved["attempts"] == 0
         unknown = rows[8]
         assert unknown["status"] == "invalid"

@@ -114,11 +114,11 @@ class KeyPool:
         if self._config_source.startswith("<"):
             return (
                 "add the tracking id to a key of the config given in code: "
-                f'"partner_tags": {{"{marketplace}": "yourtag-21"}} beside the existing tags'
+                f'"partner_tags": {{"{marketplace}": "your-tracking-id"}} beside the existing tags'
             )
         return (
             f"add the tracking id to a key in {self._config_source}: under [[keys]], "
-            f'partner_tags = {{ "{marketplace}" = "yourtag-21" }} (beside the existing tags)'
+            f'partner_tags = {{ "{marketplace}" = "your-tracking-id" }} (beside the existing tags)'
         )
 
     # -- work -----------------------------------------------------------------------------
