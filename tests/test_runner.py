@@ -717,6 +717,20 @@ def test_progress_eta_counts_the_days_the_daily_quota_takes(
     assert event["eta_s"] >= 12 * 3600
 
 
+def test_a_write_error_on_a_relative_path_says_where_that_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A default output under a working directory the user cannot write (a container's
+    /etc/asin-broker) names that directory: "cannot write: out: Permission denied" did not
+    say where out was."""
+    monkeypatch.chdir(tmp_path)
+    code, message = runner.describe_failure(PermissionError(13, "Permission denied", "out"))
+    assert code == ExitCode.IO_ERROR
+    assert message == f"cannot write: out: Permission denied (in {tmp_path})"
+    _, absolute = runner.describe_failure(PermissionError(13, "Permission denied", "/x/out"))
+    assert absolute == "cannot write: /x/out: Permission denied"
+
+
 @pytest.mark.parametrize(
     ("code", "at_fault"),
     [("NoTokenEndpoint", "fix what it names (the config"), ("InvalidPartnerTag", "fix the key")],

@@ -1305,6 +1305,17 @@ def quota_eta(
     return longest
 
 
+def _where(filename: object) -> str:
+    """Where a relative path is (a default ``out/`` under a working directory the user may
+    not know, such as a container's): `` (in DIR)``, or nothing."""
+    if not isinstance(filename, str) or os.path.isabs(filename):
+        return ""
+    try:
+        return f" (in {os.getcwd()})"
+    except OSError:
+        return ""  # the working directory itself is gone
+
+
 def _fmt_eta(eta: float | None) -> str:
     if eta is None:
         return "?"
@@ -1368,7 +1379,7 @@ def describe_failure(
             "user the broker runs as"
         )
     if isinstance(exc, OSError):
-        return ExitCode.IO_ERROR, f"cannot write: {os_error_text(exc)}"
+        return ExitCode.IO_ERROR, f"cannot write: {os_error_text(exc)}{_where(exc.filename)}"
     if isinstance(exc, BrokerError):
         return ExitCode.INTERNAL, str(exc)
     return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
