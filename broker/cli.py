@@ -691,6 +691,32 @@ def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
     return key.secret_source
 
 
+def _region_warnings(config: BrokerConfig) -> list[str]:
+    """Creators keys tagged for marketplaces outside their credential version's region:
+    Amazon refuses their requests there (401 InvalidIssuer, protocol.md 2.1), a refusal of
+    the key, which then leaves its own region's marketplaces too."""
+    from broker.api.marketplaces import credential_version
+    from broker.api.marketplaces import marketplace as lookup_marketplace
+    from broker.models import Protocol
+
+    if config.api.protocol is not Protocol.CREATORS:
+        return []
+    warnings = []
+    for key in config.keys:
+        if key.version is None:
+            continue
+        region = credential_version(key.version).region
+        foreign = [m for m in key.partner_tags if lookup_marketplace(m).region is not region]
+        if foreign:
+            warnings.append(
+                f"key {key.name}: credential version {key.version} is for the {region.value} "
+                f"region, and {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not: "
+                "Amazon refuses its requests there (InvalidIssuer), which takes the key out of "
+                "every marketplace; give them a key of their own region's version"
+            )
+    return warnings
+
+
 def _check_config(config: BrokerConfig) -> int:
     from broker.config import shown_url
 
@@ -714,6 +740,8 @@ def _check_config(config: BrokerConfig) -> int:
             f"{key.tps:g} TPS, {key.tpd or 'unlimited'} TPD, "
             f"marketplaces {', '.join(key.partner_tags)}"
         )
+    for warning in _region_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     if not any(config.api.marketplace in key.partner_tags for key in config.keys):
         print(
             f"warning: no key has a partner tag for the default marketplace "
