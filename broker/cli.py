@@ -699,8 +699,8 @@ def _region_warnings(config: BrokerConfig) -> list[str]:
     from broker.api.marketplaces import marketplace as lookup_marketplace
     from broker.models import Protocol
 
-    if config.api.protocol is not Protocol.CREATORS:
-        return []
+    if config.api.protocol is not Protocol.CREATORS or config.api.uses_simulator:
+        return []  # the simulator's demo accounts serve every region (the starter's UK tag)
     warnings = []
     for key in config.keys:
         if key.version is None:

@@ -179,17 +179,24 @@ class TestCheckConfig:
         assert "www.amazon.de" in err
 
     def test_warns_of_tags_outside_the_credential_versions_region(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A 3.1 (North America) key tagged for the UK: Amazon refuses its UK requests
-        (InvalidIssuer) and with them the key everywhere, so check-config says so, naming
-        the key, its region and the marketplace; a key of the UK's region is not named."""
-        assert cli.main(["check-config", "--config", str(_config(tmp_path))]) == ExitCode.OK
+        """Against Amazon, a 3.1 (North America) key tagged for the UK: Amazon refuses its
+        UK requests (InvalidIssuer) and with them the key everywhere, so check-config says
+        so, naming the key, its region and the marketplace; a key of the UK's region is not
+        named, and neither is the simulator's demo key (its accounts serve every region)."""
+        monkeypatch.setenv("ASINB_REAL_SECRET", "s")
+        real = _CONFIG.replace('endpoint = "simulator"', 'endpoint = "amazon"').replace(
+            'version = "3.1"', 'version = "3.1"\ncredential_secret_env = "ASINB_REAL_SECRET"'
+        )
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, real))]) == 0
         err = capsys.readouterr().err
         assert "key demo: credential version 3.1 is for the NA region" in err
         assert "www.amazon.co.uk is not" in err
-        eu = _CONFIG.replace('version = "3.1"', 'version = "3.2"').replace(
+        eu = real.replace('version = "3.1"', 'version = "3.2"').replace(
             '"www.amazon.com" = "demo-20", ', ""
         )
-        assert cli.main(["check-config", "--config", str(_config(tmp_path, eu))]) == ExitCode.OK
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, eu))]) == 0
+        assert "region" not in capsys.readouterr().err
+        assert cli.main(["check-config", "--config", str(_config(tmp_path))]) == 0
         assert "region" not in capsys.readouterr().err
