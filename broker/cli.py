@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, cast
 
 from broker.exitcode import ExitCode
 from broker.progname import prog
-from broker.stdio import ForgivingStream, open_closed_descriptors, stdout_failure
+from broker.stdio import (
+    ForgivingStream,
+    WatchedStream,
+    open_closed_descriptors,
+    stdout_failure,
+)
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -429,16 +434,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     words = sys.argv[1:] if argv is None else list(argv)
     open_closed_descriptors()
-    stderr = sys.stderr
+    stdout, stderr = sys.stdout, sys.stderr
+    failures: list[OSError] = []
+    sys.stdout = cast("TextIO", WatchedStream(stdout, failures))
     sys.stderr = cast("TextIO", ForgivingStream(stderr))
     try:
-        return _guarded(words, process_ends=argv is None)
+        return _guarded(words, failures, process_ends=argv is None)
     finally:
-        sys.stderr = stderr
+        sys.stdout, sys.stderr = stdout, stderr
 
 
-def _guarded(words: list[str], *, process_ends: bool) -> int:
-    """:func:`_main`, with the interruptions and stdout failures every command shares."""
+def _guarded(words: list[str], failures: list[OSError], *, process_ends: bool) -> int:
+    """:func:`_main`, with the interruptions and stdout failures (``failures``: what the
+    watched stdout recorded) every command shares."""
     try:
         try:
             # process_ends: the console script, whose process ends when this returns.
@@ -446,7 +454,9 @@ def _guarded(words: list[str], *, process_ends: bool) -> int:
         finally:
             # What is still buffered is the command's output too (--version, --help: argparse
             # prints and exits): a stdout that cannot take it fails the command here, below.
-            sys.stdout.flush()
+            # Not after Ctrl-C, the stop the command reports (75, not stdout's 141 or 74).
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                sys.stdout.flush()
     except KeyboardInterrupt:
         # Ctrl-C in a command without a signal policy of its own (run and serve drain), or
         # before a command's own handlers are in: one line, no traceback, the stop code every
@@ -467,7 +477,7 @@ def _guarded(words: list[str], *, process_ends: bool) -> int:
         os.close(devnull)
         return ExitCode.BROKEN_PIPE
     except OSError as exc:
-        if not stdout_failure(exc):
+        if not stdout_failure(exc, failures, take_over=process_ends):
             raise
         print(f"{prog()}: cannot write to stdout: {exc.strerror}", file=sys.stderr)
         return ExitCode.IO_ERROR

@@ -199,11 +199,12 @@ def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     like one under any other output (exit 74), not as an internal error.
     """
     primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    # Each names its file (``filename``) too: an error naming none reads as stdout's.
     if primary == sqlite3.SQLITE_FULL:
-        return OSError(errno.ENOSPC, f"{path}: disk full ({exc})")
+        return OSError(errno.ENOSPC, f"{path}: disk full ({exc})", str(path))
     if primary == sqlite3.SQLITE_IOERR:
-        return OSError(errno.EIO, f"{path}: I/O error ({exc})")
+        return OSError(errno.EIO, f"{path}: I/O error ({exc})", str(path))
     if primary == sqlite3.SQLITE_READONLY:
         # A read-only file or file system: waiting never makes it writable.
-        return OSError(errno.EROFS, f"{path}: read-only ({exc})")
+        return OSError(errno.EROFS, f"{path}: read-only ({exc})", str(path))
     return None

@@ -11,7 +11,8 @@ A command started from cron or a service manager may find a standard descriptor 
 - stderr reports, and nothing else: a write that fails there is dropped (a job whose rows
   are all written must not exit 1 because its summary could not be printed);
 - stdout is the command's output: a write that fails there (a full disk) ends the command
-  with exit 74, in one line on stderr (:func:`stdout_failure`).
+  with exit 74, in one line on stderr (:class:`WatchedStream` tells its errors from those of
+  other files, :func:`stdout_failure`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import contextlib
 import errno
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
-__all__ = ["ForgivingStream", "open_closed_descriptors", "stdout_failure"]
+__all__ = ["ForgivingStream", "WatchedStream", "open_closed_descriptors", "stdout_failure"]
 
 #: The errors of a write to a file that cannot take more, or a device that failed.
 _UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
@@ -81,17 +82,62 @@ class ForgivingStream:
         return getattr(self.wrapped, name)
 
 
-def stdout_failure(exc: OSError) -> bool:
-    """True when ``exc`` is a failed write to stdout (a full disk, an I/O error): then
-    stdout is pointed at ``/dev/null``, so the interpreter's last flush of what is still
-    buffered does not fail again on the way out (exit 120)."""
-    if exc.errno not in _UNWRITABLE or exc.filename is not None:
-        return False  # a named file's error: its command reports it
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, ValueError, OSError):
+class WatchedStream:
+    """A stream (stdout, or its binary ``buffer``) that remembers the errors of its own
+    writes and flushes, so that one reaching the top is known to be stdout's and not that
+    of a file whose error names no file. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream: Any, failures: list[OSError]) -> None:
+        self.wrapped = stream
+        self._failures = failures
+
+    def write(self, data: Any) -> int:
+        """Write ``data``, remembering a failure before it is raised."""
+        try:
+            return int(self.wrapped.write(data))
+        except OSError as exc:
+            self._failures.append(exc)
+            raise
+
+    def flush(self) -> None:
+        """Flush, remembering a failure before it is raised."""
+        try:
+            self.wrapped.flush()
+        except OSError as exc:
+            self._failures.append(exc)
+            raise
+
+    @property
+    def buffer(self) -> WatchedStream:
+        """The binary stream under a text one, watched alike (``--out -`` copies to it)."""
+        return WatchedStream(self.wrapped.buffer, self._failures)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.wrapped, name)
+
+
+def stdout_failure(exc: OSError, failures: list[OSError], *, take_over: bool) -> bool:
+    """True when ``exc`` is a failed write to stdout that cannot be mended (a full disk, an
+    I/O error): one of ``failures``, which the watched stdout recorded, or raised from one.
+
+    ``take_over`` (the process ends with the command): stdout is then pointed at
+    ``/dev/null``, so the interpreter's last flush of what is still buffered does not fail
+    again on the way out (exit 120).
+    """
+    if exc.errno not in _UNWRITABLE or not any(_caused_by(exc, failure) for failure in failures):
         return False
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
+    if take_over:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
     return True
+
+
+def _caused_by(exc: BaseException, failure: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if seen is failure:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

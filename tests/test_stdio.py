@@ -107,3 +107,32 @@ def test_help_and_version_into_a_full_stdout_exit_74(args: tuple[str, ...]) -> N
         done = _broker(*args, stdout=full)
     assert done.returncode == 74
     assert b"cannot write to stdout" in done.stderr
+
+
+def test_a_disk_error_of_another_file_is_not_said_to_be_stdouts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full disk under a file whose error names no file is not reported as stdout's
+    ("cannot write to stdout: .../keys.sqlite3: I/O error", stdout fine): only an error of
+    the watched stdout's own writes is."""
+    from broker import cli
+
+    def fails(words: list[str], *, process_ends: bool) -> int:
+        raise OSError(28, "somewhere: disk full")
+
+    monkeypatch.setattr(cli, "_main", fails)
+    with pytest.raises(OSError, match="somewhere: disk full"):
+        cli.main(["status"])
+
+
+def test_a_disk_error_of_a_sqlite_file_names_the_file() -> None:
+    """disk_error's OSError names its file, as every other file's error does."""
+    import sqlite3
+
+    from broker.sqlitewal import disk_error
+
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    found = disk_error(Path("/x/keys.sqlite3"), error)
+    assert found is not None
+    assert found.filename == "/x/keys.sqlite3"
