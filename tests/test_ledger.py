@@ -59,7 +59,7 @@ def job_rows(*ids: str | None) -> list[JobRow]:
 
 
 #: The digest of ledger schema version 2: its tables and the output columns (CSV, SQLite).
-_SCHEMA_DIGEST = "88e6df2d99f87b7c"
+_SCHEMA_DIGEST = "d33e594954088cbf"
 
 #: The rows table as brokers before 2026-12-05 made it (no code column), refilled from ours.
 _ROWS_BEFORE_CODES = """
@@ -192,6 +192,22 @@ class TestOpen:
             version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'")
             assert version.fetchone() == (SCHEMA_VERSION,)
 
+    def test_a_version_1_ledger_opened_for_another_job_stays_version_1(
+        self, tmp_path: Path
+    ) -> None:
+        """A version-1 ledger opened by mistake for another job is refused (another job)
+        and keeps its version, so the older broker that began it still resumes it."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+        with sqlite_db(tmp_path / "job.ledger") as db:
+            db.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+        other = JobFingerprint(Path("/jobs/job.txt"), 999, FP.mtime_ns + 5, "d" * 64)
+        with pytest.raises(JobMismatchError):
+            open_ledger(tmp_path, other)
+        with sqlite_db(tmp_path / "job.ledger") as db:
+            version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+            assert version.fetchone() == (1,)
+
     def test_a_ledger_of_a_newer_broker_is_refused_and_left_untouched(self, tmp_path: Path) -> None:
         """A ledger a newer broker wrote (a higher version) is refused, new job or not, with
         what to do, and its bytes stay as they were."""
@@ -223,6 +239,7 @@ class TestOpen:
                 ledger_module._SCHEMA_LOOKUPS,
                 ledger_module._SCHEMA_KEEP,
                 ",".join(sinks.CSV_COLUMNS),
+                sinks.SQLITE_RESULTS,
             ]
         )
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]

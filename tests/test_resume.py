@@ -459,6 +459,7 @@ class TestA7DiskFull:
         err = capsys.readouterr().err
         assert "No space left on device" in err
         assert "internal error" not in err
+        assert "broker.job_last_write_failed" in err  # the last write's own failure, said
         monkeypatch.setattr(Ledger, "set_sink_state", record)
         assert main(config, job, out) == 0
         assert sorted(row["line"] for row in read_jsonl(out)) == list(range(1, 61))  # type: ignore[type-var]

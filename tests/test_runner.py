@@ -847,6 +847,13 @@ class TestQuotaEta:
         requests = {"www.amazon.com": 28, "www.amazon.co.uk": 28}
         assert runner.quota_eta(requests, [us, uk], now=self.NOW) >= 12 * 3600
 
+    def test_marketplaces_sharing_a_key_share_its_quota(self) -> None:
+        """One key with 10 requests left, serving US and UK, 8 needed in each: 16 do not
+        fit in today's 10 (each marketplace was weighed against all 10)."""
+        key = _key_today(10, 0, markets=("www.amazon.com", "www.amazon.co.uk"))
+        requests = {"www.amazon.com": 8, "www.amazon.co.uk": 8}
+        assert runner.quota_eta(requests, [key], now=self.NOW) >= 12 * 3600
+
     def test_unlimited_keys_add_no_wait(self) -> None:
         """A key without a daily limit (tpd 0) does not hold the rows to a day's quota."""
         keys = [_key_today(None, 5)]

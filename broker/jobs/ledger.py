@@ -442,19 +442,20 @@ class Ledger:
             # A ledger of a broker before 2026-12-05: its invalid rows read as InvalidAsin.
             with self._transaction():
                 conn.execute("ALTER TABLE rows ADD COLUMN code TEXT")
-        if self._meta("schema_version") != SCHEMA_VERSION:
-            with self._transaction():
-                self._set_meta("schema_version", SCHEMA_VERSION)
         if new_job:
             with self._transaction():
                 for table in _JOB_TABLES:
                     conn.execute(f"DROP TABLE {table}")
                 _run_script(conn, _SCHEMA_JOB)
                 self._start_job(fingerprint, default_marketplace, settings)
+                self._set_meta("schema_version", SCHEMA_VERSION)
             return
         self._check_same_job(fingerprint, default_marketplace, settings)
-        # The content is the same; remember where and when it is now.
+        # The content is the same; remember where and when it is now. Marked as this
+        # version's (an older one's is migrated above) only now: a ledger opened for another
+        # job by mistake stays readable by the broker that began it.
         with self._transaction():
+            self._set_meta("schema_version", SCHEMA_VERSION)
             self._set_meta("job_path", _text(str(fingerprint.path)))
             self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
             reading = not self._meta_int("ingest_complete")

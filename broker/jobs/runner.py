@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import signal
@@ -900,10 +901,17 @@ async def _fetch(
                 # After a failure (a full disk under the output or the ledger) the last
                 # write is tried, but its own failure, a consequence of the first (a sink
                 # that refuses writes once one failed), must not hide the first: what is not
-                # written stays in the ledger, and the rerun writes it.
-                with contextlib.suppress(Exception):
+                # written stays in the ledger, and the rerun writes it. Said, all the same.
+                try:
                     record()
                     _emit(ledger, output.sink, output.name)
+                except Exception as exc:
+                    logger.warning(
+                        "broker.job_last_write_failed",
+                        error=type(exc).__name__,
+                        message=os_error_text(exc) if isinstance(exc, OSError) else str(exc),
+                        note="the rows not written stay in the ledger; the rerun writes them",
+                    )
             else:
                 record()
                 _emit(ledger, output.sink, output.name)
@@ -1213,7 +1221,7 @@ class _Progress:
         if rate > 0 and waiting is None:
             # The rows per second, or the days the daily quotas of the rows' marketplaces
             # take, if longer (each marketplace's lookups in full batches).
-            requests = {m: n / _FULL_BATCH for m, n in self._left.items() if n > 0}
+            requests = {m: math.ceil(n / _FULL_BATCH) for m, n in self._left.items() if n > 0}
             now = self._broker.clock.utcnow()
             eta = max(counts.pending / rate, quota_eta(requests, metrics.keys, now=now))
         throttled = metrics.throttled - self._start_throttled
@@ -1279,19 +1287,20 @@ def quota_eta(
 ) -> float:
     """Seconds the daily quotas alone hold the rows left: the longest over marketplaces.
 
-    ``requests_by_market``: the requests each marketplace's rows left still need. One
-    whose need is more than its keys (those serving it now) have left today waits for
-    their next reset, then for as many days as their daily sends take (each day's stop
-    point, ``tpd`` times the guard), then for the rest at their rate: a million ASINs at
-    8,640 requests a day take about twelve days, which the rows per second of the first
-    hour do not tell. 0 when every marketplace's need fits in what its keys have left
-    today, or they have no daily limit: the rows per second tell the time then.
+    ``requests_by_market``: the requests each marketplace's rows left still need. The
+    marketplaces that share keys share their quota, so they are weighed together: a group
+    whose need is more than its keys have left today waits for their next reset, then for
+    as many days as their daily sends take (each day's stop point, ``tpd`` times the
+    guard), then for the rest at their rate. A million ASINs at 8,640 requests a day take
+    about twelve days, which the rows per second of the first hour do not tell. 0 when
+    every group's need fits in what its keys have left today, or they have no daily limit:
+    the rows per second tell the time then.
     """
     longest = 0.0
-    for market, needed in requests_by_market.items():
-        serving = [k for k in keys if market in k.marketplaces]
+    for markets, serving in _sharing(requests_by_market, keys):
         if not serving or any(k.daily_left is None or k.daily_resets_at is None for k in serving):
             continue
+        needed = sum(requests_by_market[m] for m in markets)
         today = sum(max(k.daily_left or 0, 0) for k in serving)
         if needed <= today:
             continue
@@ -1303,6 +1312,27 @@ def quota_eta(
             wait += days * 86_400.0 + rest / max(sum(k.rate for k in serving), 1e-9)
         longest = max(longest, wait)
     return longest
+
+
+def _sharing(
+    markets: Collection[str], keys: Collection[KeySnapshot]
+) -> Iterator[tuple[set[str], list[KeySnapshot]]]:
+    """``markets`` in groups joined by the keys that serve them (a key tagged for US and
+    UK joins the two), each with those keys."""
+    left = set(markets)
+    while left:
+        group, serving = {left.pop()}, []
+        grown = True
+        while grown:
+            grown = False
+            for key in keys:
+                if key not in serving and group.intersection(key.marketplaces):
+                    serving.append(key)
+                    joined = left.intersection(key.marketplaces)
+                    group |= joined
+                    left -= joined
+                    grown = True
+        yield group, serving
 
 
 def _where(filename: object) -> str:

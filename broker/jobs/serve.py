@@ -1078,8 +1078,11 @@ class Daemon:
                 claim.lock_path.unlink(missing_ok=True)  # filed since it was listed
                 claim.close()
                 continue
+            # Looked at while the claim is held: a newer sibling cannot claim the job and
+            # start its run in between (the probe would refuse that run its ledger lock).
+            held = _run_holds(job)
             claim.close()
-            if _run_holds(job):
+            if held:
                 continue
             if name not in seen:
                 self._unheld.add(name)

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CSV_COLUMNS",
     "SINK_FORMATS",
+    "SQLITE_RESULTS",
     "CsvSink",
     "InvalidReport",
     "JsonlSink",
@@ -87,6 +88,14 @@ CSV_COLUMNS: Final = (
 
 #: The output formats :func:`open_sink` accepts.
 SINK_FORMATS: Final = ("jsonl", "csv", "sqlite")
+#: The SQLite output's table (the job ledger's schema version names it, as CSV_COLUMNS).
+SQLITE_RESULTS: Final = (
+    "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, line INTEGER, "
+    "input TEXT, asin TEXT, marketplace TEXT, status TEXT, title TEXT, price REAL, "
+    "currency TEXT, availability TEXT, detail_url TEXT, image_url TEXT, "
+    "error_code TEXT, error_message TEXT, attempts INTEGER, key TEXT, fetched_at TEXT, "
+    "cached INTEGER, row_json TEXT)"
+)
 
 # Output is the user's product data, not a credential: the umask decides who may read it,
 # as for any file a command writes (the systemd unit's UMask=0027 lets the spool's group, the
@@ -663,13 +672,7 @@ class SqliteSink:
                 _say_rewritten(self.path)
                 conn.execute("DROP TABLE results")
                 conn.execute("DELETE FROM broker_sink")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, line INTEGER, "
-                "input TEXT, asin TEXT, marketplace TEXT, status TEXT, title TEXT, price REAL, "
-                "currency TEXT, availability TEXT, detail_url TEXT, image_url TEXT, "
-                "error_code TEXT, error_message TEXT, attempts INTEGER, key TEXT, fetched_at TEXT, "
-                "cached INTEGER, row_json TEXT)"
-            )
+            conn.execute(SQLITE_RESULTS)
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS broker_sink "
                 "(id INTEGER PRIMARY KEY CHECK (id = 1), done_order INTEGER NOT NULL)"
