@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import random
 import socket
 import sqlite3
@@ -612,8 +613,12 @@ async def _raw_paapi_server(kinds: list[str]) -> tuple[asyncio.Server, str, list
 class TestB6TruncatedBody:
     """B6: a truncated JSON body or a wrong Content-Length is a transient parse error."""
 
-    async def test_truncated_bodies_are_retried(self, harness: Harness) -> None:
-        """Bodies cut in half (valid length, broken JSON): BadResponse, retried, all intact."""
+    async def test_truncated_bodies_are_retried(
+        self, harness: Harness, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Bodies cut in half (valid length, broken JSON): BadResponse, retried, all intact;
+        each logged, at warning level once a minute (the rest at debug)."""
+        caplog.set_level(logging.DEBUG, logger="broker")
         wanted = asins(150)
         reference = await _reference(harness, wanted, seed=6)
         sim = await harness.simulator(
@@ -628,6 +633,7 @@ class TestB6TruncatedBody:
         assert broker.metrics().retries == truncated
         bad = [e for e in logs if e["event"] == "broker.bad_response"]
         assert len(bad) == truncated
+        assert [e["log_level"] for e in bad].count("warning") == 1
         assert all("not JSON" in e["error"] for e in bad)
         for result in results:
             assert result.item == reference[result.asin]
@@ -654,9 +660,11 @@ class TestB7WrongShape:
 
     @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
     async def test_wrong_shapes_fail_after_bounded_retries(
-        self, harness: Harness, protocol: str
+        self, harness: Harness, protocol: str, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """Every answer misshapen: each ASIN failed as BadResponse after 3 attempts, no crash."""
+        """Every answer misshapen: each ASIN failed as BadResponse after 3 attempts, no crash;
+        each answer logged, at warning level once a minute (thousands a day, else)."""
+        caplog.set_level(logging.DEBUG, logger="broker")
         sim = await harness.simulator(
             SimulatorSettings(limits=False, faults=FaultRates(bad_shape=1.0))
         )
@@ -675,6 +683,7 @@ class TestB7WrongShape:
         assert "broker.attempt_crashed" not in events
         bad = [e for e in logs if e["event"] == "broker.bad_response"]
         assert len(bad) == 9
+        assert [e["log_level"] for e in bad].count("warning") == 1
         request_ids = {
             r.headers["x-amzn-requestid"] for r in transport.responses if r.status == 200
         }
@@ -789,8 +798,12 @@ class TestB9PartialSuccess:
 class TestB10MissingOrExtraAsins:
     """B10: missing ASINs re-asked singly then not_found; extras and repeats ignored, logged."""
 
-    async def test_missing_extra_and_duplicate_items(self, harness: Harness) -> None:
-        """Items dropped, added and repeated at random, three never answered: one row each."""
+    async def test_missing_extra_and_duplicate_items(
+        self, harness: Harness, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Items dropped, added and repeated at random, three never answered: one row each;
+        the odd answers logged, at warning level once a minute."""
+        caplog.set_level(logging.DEBUG, logger="broker")
         wanted = asins(150)
         never = set(wanted[3::50])  # three ASINs Amazon silently leaves out every time
         reference = await _reference(harness, wanted, seed=10)
@@ -827,6 +840,7 @@ class TestB10MissingOrExtraAsins:
         assert len(repeated) == injected["duplicate_item"]
         assert set(repeated) <= set(wanted)
         assert all(e["request_id"] for e in unexpected)
+        assert [e["log_level"] for e in unexpected].count("warning") == 1
 
 
 # -- B11 ----------------------------------------------------------------------------------------

@@ -79,8 +79,8 @@ class Executor:
         self._clock = clock
         self._metrics = metrics
         self._spawn = spawn
-        # When each (key, code) last had a batch give up logged at warning level.
-        self._gave_up_told: dict[tuple[str, str], float] = {}
+        # When each (event, key, code) was last logged at warning level (see _say).
+        self._told_at: dict[tuple[str, str, str], float] = {}
 
     # -- the attempt ----------------------------------------------------------------------
 
@@ -226,27 +226,36 @@ class Executor:
             if isinstance(exc, ResponseError):
                 # The request id lets Amazon find the answer; the body stays out of the log
                 # (a token endpoint's body is a credential) (B7).
-                logger.warning(
-                    "broker.bad_response",
-                    key=key.name,
-                    batch_id=batch.batch_id,
-                    status=exc.status,
-                    request_id=_request_id(response),
-                    error=str(exc),
-                )
+                say = self._say("broker.bad_response", key.name, str(exc.status))
+                if say is not None:
+                    say(
+                        "broker.bad_response",
+                        key=key.name,
+                        batch_id=batch.batch_id,
+                        status=exc.status,
+                        request_id=_request_id(response),
+                        error=str(exc),
+                        note=_SAID_ONCE,
+                    )
             self._transient(key, batch, exc, sent_at)
             return
         key.on_reachable()
         key.on_success(sent_at, batch.marketplace, demand_limited=demand_limited)
         if batch.operation is None:
-            if parsed.unexpected or parsed.duplicated:
-                logger.warning(
+            say = (
+                self._say("broker.unexpected_items", key.name, "")
+                if parsed.unexpected or parsed.duplicated
+                else None
+            )
+            if say is not None:
+                say(
                     "broker.unexpected_items",
                     key=key.name,
                     batch_id=batch.batch_id,
                     request_id=_request_id(response),
                     unrequested=list(parsed.unexpected[:10]),
                     duplicated=list(parsed.duplicated[:10]),
+                    note=_SAID_ONCE,
                 )
             self._deliver(key, batch, parsed.outcomes, parsed.missing)
         elif batch.op_future is not None and not batch.op_future.done():
@@ -557,13 +566,9 @@ class Executor:
         and error code (the rest at debug), so a run whose every request fails (a 500 each
         time, a broken proxy) says why while it runs, not only in its rows at the end."""
         code = _detail(exc).code
-        told = self._gave_up_told.get((key.name, code))
-        loud = told is None or now - told >= _GAVE_UP_EVERY_S
-        if loud:
-            self._gave_up_told[(key.name, code)] = now
-        elif not _LOG.isEnabledFor(logging.DEBUG):
+        say = self._say("broker.batch_failed", key.name, code, now)
+        if say is None:
             return
-        say = logger.warning if loud else logger.debug
         say(
             "broker.batch_failed",
             key=key.name,
@@ -572,8 +577,28 @@ class Executor:
             code=code,
             error=scrub(str(exc)),
             attempts=attempts,
-            note=f"more with this code are logged at debug level for {_GAVE_UP_EVERY_S:g} s",
+            note=_SAID_ONCE,
         )
+
+    def _say(
+        self, event: str, key: str, code: str, now: float | None = None
+    ) -> Callable[..., Any] | None:
+        """How to log ``event`` of ``key`` with ``code`` now: at warning level at most once
+        a minute per event, key and code, at debug in between (None while debug is off), so
+        a fault on a share of the answers (an HTML 503, a bad shape) tells while it lasts
+        without a line per answer (thousands a day)."""
+        if now is None:
+            now = self._clock.monotonic()
+        told = self._told_at.get((event, key, code))
+        say: Callable[..., Any]
+        if told is None or now - told >= _SAY_EVERY_S:
+            self._told_at[(event, key, code)] = now
+            say = logger.warning
+        elif _LOG.isEnabledFor(logging.DEBUG):
+            say = logger.debug
+        else:
+            return None
+        return say
 
     async def _submit_later(self, batch: Batch, delay_s: float) -> None:
         await self._clock.sleep(delay_s)
@@ -652,9 +677,10 @@ def _credentials_of(header: str) -> list[str]:
     return [signature.split(",", 1)[0].strip()] if found else []
 
 
-#: How often a batch that failed after its retries is logged at warning level, per key and
-#: error code (seconds).
-_GAVE_UP_EVERY_S: Final = 60.0
+#: How often a warning that repeats per request (a batch that failed after its retries, a
+#: bad or odd answer) is logged at warning level, per key and error code (seconds).
+_SAY_EVERY_S: Final = 60.0
+_SAID_ONCE: Final = f"more like it are logged at debug level for {_SAY_EVERY_S:g} s"
 
 
 def _transient_api_error(error: ApiError) -> bool:
