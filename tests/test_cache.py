@@ -936,6 +936,30 @@ class TestFront:
         assert (await front.get(q("B000000020"))) is not None
         await front.aclose()
 
+    async def test_a_long_outage_warns_once_and_says_when_it_is_over(
+        self, clock: FakeClock
+    ) -> None:
+        """A store down for an hour: one warning, the same failure after each cool-off at
+        debug level (it warned once a minute: 1,440 warnings a day), and cache.restored once
+        it answers again; a new failure after that warns again."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache, clock=clock)
+        cache.broken = True
+        with capture_logs() as logs:
+            for _ in range(60):
+                assert await front.get(q("B000000001")) is None
+                await clock.advance(COOL_OFF_S)
+            cache.broken = False
+            await front.get(q("B000000001"))
+            cache.broken = True
+            await clock.advance(COOL_OFF_S)
+            await front.get(q("B000000001"))
+        told = [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("cache.")]
+        assert told.count(("cache.unavailable", "warning")) == 2
+        assert told.count(("cache.unavailable", "debug")) == 59
+        assert told.count(("cache.restored", "info")) == 1
+        await front.aclose()
+
     async def test_reads_a_failing_store_could_not_answer_are_misses(
         self, clock: FakeClock
     ) -> None:

@@ -67,6 +67,8 @@ class CacheFront:
         self.cache = cache
         self._clock: Clock = clock or LoopClock()
         self._down_until = -math.inf
+        # The failure the warning told, while the store stays out (then said at debug).
+        self._outage: str | None = None
         self._max_age_s = max_age_s
         self._serves = read
         self._read_batch = read_batch
@@ -99,6 +101,8 @@ class CacheFront:
             self.failed_reads += len(queries)
             self._failed(exc)
             results = [None] * len(queries)
+        else:
+            self._worked()
         for query, result in zip(queries, results, strict=True):
             self._ahead[key_of(query)] = result
 
@@ -155,6 +159,8 @@ class CacheFront:
             except Exception as exc:
                 self.failed_reads += len(batch)
                 self._failed(exc)
+            else:
+                self._worked()
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
@@ -183,22 +189,35 @@ class CacheFront:
             except Exception as exc:
                 self.dropped_writes += len(batch)
                 self._failed(exc)
+            else:
+                self._worked()
 
     def _down(self) -> bool:
         """True while a failed store is left alone."""
         return self._clock.monotonic() < self._down_until
 
     def _failed(self, error: Exception) -> None:
-        """The store failed: warn once, naming it and the remedy, and leave it alone a while."""
+        """The store failed: leave it alone a while, warning once per outage (naming it and
+        the remedy; the same failure again after each cool-off is said at debug level, or a
+        day-long Redis outage made 1,440 warnings a process)."""
         if self._down():
             return  # begun before the failure that started this cool-off: already told
         self._down_until = self._clock.monotonic() + COOL_OFF_S
-        _log.warning(
+        message = self.cache.describe_failure(error)
+        say = _log.debug if message == self._outage else _log.warning
+        self._outage = message
+        say(
             "cache.unavailable",
             error=type(error).__name__,
-            message=f"{self.cache.describe_failure(error)}; lookups go on without it meanwhile",
+            message=f"{message}; lookups go on without it meanwhile",
             retry_in_s=COOL_OFF_S,
         )
+
+    def _worked(self) -> None:
+        """The store answered: an outage warned of is over, and said so."""
+        if self._outage is not None:
+            self._outage = None
+            _log.info("cache.restored", note="the item cache answers again")
 
     async def flush(self) -> None:
         """Wait until every queued answer is stored (or dropped)."""
