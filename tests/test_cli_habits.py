@@ -1746,6 +1746,8 @@ def test_no_wait_names_the_keys_it_stopped_for(
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     (finished,) = [e for e in events if e.get("event") == "broker.job_finished"]
     assert finished["quota_wait_keys"] == ["demo"]
+    (spent,) = [e for e in events if e.get("event") == "broker.job_quota_spent"]
+    assert spent["keys"] == ["demo"]
 
 
 def test_no_wait_with_a_marketplace_no_key_can_serve_exits_77(

@@ -1648,6 +1648,7 @@ class TestNoWait:
         deferred = [e for e in logs if e["event"] == "broker.job_deferred"]
         assert deferred[0]["job"] == "big.txt"
         assert deferred[0]["until"].endswith("T00:00:00Z")
+        assert deferred[0]["keys"] == ["demo"]  # which keys' quota, not only "the keys'"
         assert (spool / "processing" / "big.txt").exists()
         assert not (spool / "done" / "big.txt").exists()
         await start(_config(tpd=100_000))

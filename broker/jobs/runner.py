@@ -1114,6 +1114,7 @@ class _Stop:
         logger.warning(
             "broker.job_quota_spent",
             until=until,
+            keys=sorted(keys),
             note="no_wait: stopping until the reset; the rows left stay pending (resumable)",
         )
         self._cancel()

@@ -1380,6 +1380,7 @@ class Daemon:
             "broker.job_deferred",
             job=job.name,
             until=until,
+            keys=sorted(keys),
             note="the keys' daily quota is spent; the job stays in processing/ and resumes "
             "after the reset",
         )
