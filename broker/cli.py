@@ -1181,7 +1181,10 @@ def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = Fa
         done = {status: n for status, n in tally.items() if status != "pending"}
         total, pending = sum(tally.values()), tally.get("pending", 0)
         figures = {"rows": {"total": total, **done}, "pending": pending}
-    get_logger().info(
+    # At error level but for a stop the run means (75: a signal, resumable): an alert on
+    # errors must not miss a job that ended on one (77, 69, 74, 65).
+    say = get_logger().info if code == ExitCode.RESUMABLE else get_logger().error
+    say(
         "broker.job_finished",
         job=str(paths.job) if not paths.stdin else "-",
         out=paths.shown_out,

@@ -1770,6 +1770,9 @@ def test_no_wait_with_a_marketplace_no_key_can_serve_exits_77(
     err = capsys.readouterr().err
     assert "InvalidPartnerTag" in err
     assert "run the same command again after that" not in err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    (finished,) = [e for e in events if e.get("event") == "broker.job_finished"]
+    assert finished["level"] == "error"  # an alert on errors sees the job that ended on one
 
 
 def test_no_wait_stops_when_amazon_answers_with_a_retry_after_of_hours(
