@@ -278,6 +278,17 @@ class TestMarketplaces:
         assert snapshot.reason == "InvalidSignature: check the secret"
 
 
+def _throttled_with(retry_after: float) -> tuple[FakeClock, KeyState, ThrottleVerdict]:
+    """A 5-TPS key answered a 429 carrying ``retry_after``, and the verdict."""
+    clock = FakeClock()
+    key = _key(clock, tps=5.0)
+    verdict = key.on_throttled(
+        ThrottledError("TooManyRequests", "x", status=429, retry_after=retry_after),
+        clock.monotonic() + 0.001,
+    )
+    return clock, key, verdict
+
+
 class TestCircuit:
     """A parked key is probed, and every probe outcome settles the circuit."""
 
@@ -348,12 +359,7 @@ class TestCircuit:
         """A 429 whose Retry-After is at least a park long (a server telling the seconds to
         its daily reset) parks the key as out of its daily quota at once: paused a minute
         at a time, it sent one 429'd request a minute for hours, and --no-wait never ended."""
-        clock = FakeClock()
-        key = _key(clock, tps=5.0)
-        verdict = key.on_throttled(
-            ThrottledError("TooManyRequests", "x", status=429, retry_after=43_200.0),
-            clock.monotonic() + 0.001,
-        )
+        clock, key, verdict = _throttled_with(43_200.0)
         assert verdict is ThrottleVerdict.QUOTA_EXHAUSTED
         assert key.health is KeyHealth.PARKED
         assert key.snapshot().reason == ThrottleVerdict.QUOTA_EXHAUSTED.value
@@ -364,12 +370,7 @@ class TestCircuit:
     def test_a_retry_after_of_minutes_only_pauses(self) -> None:
         """A Retry-After shorter than a park (two minutes) pauses the key (capped at a
         minute) and cuts its rate: a rate limit, not a spent quota."""
-        clock = FakeClock()
-        key = _key(clock, tps=5.0)
-        verdict = key.on_throttled(
-            ThrottledError("TooManyRequests", "x", status=429, retry_after=120.0),
-            clock.monotonic() + 0.001,
-        )
+        _, key, verdict = _throttled_with(120.0)
         assert verdict is ThrottleVerdict.RATE
         assert key.health is KeyHealth.PAUSED
 
