@@ -94,8 +94,8 @@ class JobLock:
             return False
         try:
             fd = os.open(self.lock_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
+        except OSError:
+            return False  # none (or one this user cannot open, and so never took)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -601,8 +601,9 @@ def _export_ordered(
     Rows are read from the ledger a page at a time, so memory stays bounded; the new file
     replaces the old one atomically. It holds the same rows, so the recorded progress (the
     byte size and the row count) stays true and a rerun adds nothing; the ledger records
-    that it is ordered, so a rerun of the complete job does not write it again. ``columns``: the
-    job's pass-through names if this run already read them (a CSV output begun now).
+    that it is ordered, so a rerun of the complete job does not write it again.
+    ``columns``: the job's pass-through names if this run already read them (a CSV output
+    begun now).
     """
     if options.format == "sqlite":
         return True  # a table has no order of its own; the seq column gives input order
@@ -1222,9 +1223,11 @@ class _Progress:
         if rate > 0 and waiting is None:
             # The rows per second, or the days the daily quotas of the rows' marketplaces
             # take, if longer (each marketplace's lookups in full batches).
+            eta = counts.pending / rate
             requests = {m: math.ceil(n / _FULL_BATCH) for m, n in self._left.items() if n > 0}
-            now = self._broker.clock.utcnow()
-            eta = max(counts.pending / rate, quota_eta(requests, metrics.keys, now=now))
+            if requests:
+                now = self._broker.clock.utcnow()
+                eta = max(eta, quota_eta(requests, metrics.keys, now=now))
         throttled = metrics.throttled - self._start_throttled
         keys = ", ".join(
             f"{k.name} {k.rate:.2g}/s"
