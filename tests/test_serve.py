@@ -364,15 +364,25 @@ class TestJobs:
         """A job failed by one marketplace's rejected tag is filed with the output of the
         rows answered before (paid for: the other marketplaces' rows went on) and its rows
         by status; the output and the counts were thrown away with the work files."""
-        await start(_wrong_uk_tag(missing_share=0.0))
+        running = await start(_wrong_uk_tag(missing_share=0.0))
         us_rows = "".join(f'{{"asin": "B0USUSUS{i:02d}"}}\n' for i in range(20))
         _drop(spool, "mixed.jsonl", '{"asin": "B0UKUKUK01", "marketplace": "UK"}\n' + us_rows)
         failed = await _filed(spool, "mixed.jsonl", "failed")
         assert failed["output"] == "mixed.jsonl.out.jsonl"
         rows = _rows(spool / "failed" / "mixed.jsonl.out.jsonl")
         assert sorted(row["line"] for row in rows) == list(range(2, 22))
-        assert failed["rows"]["ok"] == 20
-        assert failed["rows"]["pending"] == 1
+        # Shaped as a done job's (every status named), with the rows left pending.
+        assert failed["rows"] == {
+            "total": 21,
+            "ok": 20,
+            "not_found": 0,
+            "invalid": 0,
+            "failed": 0,
+            "pending": 1,
+        }
+        # Among the recent jobs of /metrics, as a done job is.
+        samples = _samples((await _get(f"{running.url}/metrics"))[2])
+        assert samples['asinb_job_rows{job_file="mixed.jsonl",status="ok"}'] == 20
 
     async def test_rows_of_a_job_filed_under_failed_stay_counted(
         self, start: Start, spool: Path

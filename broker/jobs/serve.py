@@ -1478,9 +1478,14 @@ class Daemon:
         status = self._failure_status(job.name, message, code)
         tally = read_tally(job.ledger) if job.ledger.exists() else None
         if tally is not None:
-            # The rows it answered before it failed are in its output, filed with it.
-            status["rows"] = {"total": sum(tally.values()), **tally}
+            # The rows it answered before it failed are in its output, filed with it: by
+            # status as a done job's (every status named), and those left pending.
+            rows = {key: tally.get(key, 0) for key in (*_STATUSES, "pending")}
+            status["rows"] = {"total": sum(tally.values()), **rows}
         path = self.spool.file(job, "failed", status)
+        if tally is not None:
+            done = {key: n for key, n in tally.items() if key != "pending"}
+            self._recent.appendleft(JobRows(path.name, done))
         self._count_failed(job.name, message, path)
 
     def _failure_status(
