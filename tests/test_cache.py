@@ -1093,7 +1093,8 @@ def test_stats_families_for_prometheus() -> None:
 
 
 async def test_prefetched_answer_is_checked_again(clock: FakeClock) -> None:
-    """An answer read ahead and taken after it aged past max_age_s is a miss, not served."""
+    """An answer read ahead and taken after it aged past max_age_s is a miss, not served,
+    and counted as one (it counted as a hit: cache_stats and /metrics said requests saved)."""
     cache = MemoryCache(CachePolicy(3_600), clock=clock)
     front = CacheFront(cache)
     await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
@@ -1105,6 +1106,11 @@ async def test_prefetched_answer_is_checked_again(clock: FakeClock) -> None:
     assert hit.query.tag == "row 1"
     await clock.advance(700)
     assert await front.get(q("B000000002")) is None
+    assert await front.get(Query("B000000002", US, TITLE, tag="row 2")) is None
+    # Counted as what it was: one hit served, two misses (the aged answer is no hit, and
+    # no request was saved by it), however many rows asked it.
+    stats = await front.stats()
+    assert (stats.hits, stats.misses) == (1, 2)
     front.discard([q("B000000001"), q("B000000002"), q("B000000003")])
     assert not front._ahead
     await front.aclose()

@@ -67,6 +67,10 @@ class ItemCache(Protocol):
         """True while a cached ``result`` may still be served (its age checked again now)."""
         ...
 
+    def unserved(self) -> None:
+        """An answer counted as a hit when read ahead was too old when asked: a miss."""
+        ...
+
     async def purge(
         self, *, older_than_s: float | None = None, asins: Iterable[str] | None = None
     ) -> int:
@@ -238,6 +242,12 @@ class StoreCache(abc.ABC):
         if corrupt:
             await self._delete(corrupt, fetched_before=None, asins=None)
         return out
+
+    def unserved(self) -> None:
+        """An answer counted as a hit when read ahead was too old when asked: a miss (and no
+        request saved), as the stats and /metrics count it."""
+        self._hits -= 1
+        self._misses += 1
 
     def is_fresh(self, result: ItemResult, *, max_age_s: float | None = None) -> bool:
         """True while a cached ``result`` may still be served, by the policy, now.

@@ -124,9 +124,14 @@ class CacheFront:
                 ahead = self._ahead[key]
                 if ahead is None:
                     return None
-                ahead = dataclasses.replace(ahead, query=query)
-                # Read ahead maybe long ago (the caller waited for capacity): still fresh?
-                return ahead if self.cache.is_fresh(ahead, max_age_s=self._max_age_s) else None
+                # Read ahead maybe long ago (the caller waited for capacity, or for a daily
+                # reset): still fresh? If not, it is a miss, not the hit it was counted as,
+                # and the other gets of its key find it gone.
+                if not self.cache.is_fresh(ahead, max_age_s=self._max_age_s):
+                    self._ahead[key] = None
+                    self.cache.unserved()
+                    return None
+                return dataclasses.replace(ahead, query=query)
         if self._down():
             self.failed_reads += 1
             return None
