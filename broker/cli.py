@@ -23,6 +23,7 @@ from broker.progname import prog
 from broker.stdio import (
     ForgivingStream,
     WatchedStream,
+    drop_stdout,
     open_closed_descriptors,
     stdout_failure,
 )
@@ -460,21 +461,24 @@ def _guarded(words: list[str], failures: list[OSError], *, process_ends: bool) -
     except KeyboardInterrupt:
         # Ctrl-C in a command without a signal policy of its own (run and serve drain), or
         # before a command's own handlers are in: one line, no traceback, the stop code every
-        # command uses; bench's is the shell's for SIGINT, as once its handlers are in.
+        # command uses; bench's is the shell's for SIGINT, as once its handlers are in. What
+        # stdout still buffers goes now; if it cannot (its reader got the Ctrl-C too), it is
+        # dropped, or the interpreter's own last flush would fail and exit 120.
+        try:
+            sys.stdout.flush()
+        except OSError:
+            if process_ends:
+                drop_stdout()
         print(f"{prog()}: interrupted", file=sys.stderr)
         if _command_word(words) == "bench":
             return ExitCode.INTERRUPTED
         return ExitCode.RESUMABLE
     except BrokenPipeError:
-        fd = _broken_stdout()
-        if fd is None:
+        if _broken_stdout() is None:
             raise  # another pipe or socket: not the reader of stdout going away
         # stdout's reader went away (``| head``): what it did not read is not wanted, so no
-        # traceback. stdout now points at /dev/null, or the interpreter's last flush of the
-        # buffered rest would fail again on the way out.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+        # traceback.
+        drop_stdout()
         return ExitCode.BROKEN_PIPE
     except OSError as exc:
         if not stdout_failure(exc, failures, take_over=process_ends):
@@ -1181,10 +1185,8 @@ def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = Fa
         done = {status: n for status, n in tally.items() if status != "pending"}
         total, pending = sum(tally.values()), tally.get("pending", 0)
         figures = {"rows": {"total": total, **done}, "pending": pending}
-    # At error level but for a stop the run means (75: a signal, resumable): an alert on
-    # errors must not miss a job that ended on one (77, 69, 74, 65).
-    say = get_logger().info if code == ExitCode.RESUMABLE else get_logger().error
-    say(
+    # At error level: an alert on errors must not miss a job that ended on one.
+    get_logger().error(
         "broker.job_finished",
         job=str(paths.job) if not paths.stdin else "-",
         out=paths.shown_out,

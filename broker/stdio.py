@@ -23,7 +23,13 @@ import os
 import sys
 from typing import Any, TextIO
 
-__all__ = ["ForgivingStream", "WatchedStream", "open_closed_descriptors", "stdout_failure"]
+__all__ = [
+    "ForgivingStream",
+    "WatchedStream",
+    "drop_stdout",
+    "open_closed_descriptors",
+    "stdout_failure",
+]
 
 #: The errors of a write to a file that cannot take more, or a device that failed.
 _UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
@@ -91,10 +97,10 @@ class WatchedStream:
         self.wrapped = stream
         self._failures = failures
 
-    def write(self, data: Any) -> int:
+    def write(self, data: Any) -> Any:
         """Write ``data``, remembering a failure before it is raised."""
         try:
-            return int(self.wrapped.write(data))
+            return self.wrapped.write(data)
         except OSError as exc:
             self._failures.append(exc)
             raise
@@ -127,17 +133,26 @@ def stdout_failure(exc: OSError, failures: list[OSError], *, take_over: bool) ->
     if exc.errno not in _UNWRITABLE or not any(_caused_by(exc, failure) for failure in failures):
         return False
     if take_over:
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+        drop_stdout()
     return True
 
 
+def drop_stdout() -> None:
+    """Point stdout's descriptor at ``/dev/null``: what it still buffers cannot be written
+    (its reader is gone, its disk is full), and the interpreter's last flush on the way out
+    must not fail again (a traceback, exit 120)."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _caused_by(exc: BaseException, failure: BaseException) -> bool:
+    walked: set[int] = set()
     seen: BaseException | None = exc
-    while seen is not None:
+    while seen is not None and id(seen) not in walked:  # a cause may lead back (a cycle)
         if seen is failure:
             return True
+        walked.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return False

@@ -863,19 +863,21 @@ class _CountingCache(MemoryCache):
         self.get_calls: list[int] = []
         self.put_calls: list[int] = []
         self.broken = False
+        #: only writes fail (a full disk: reads still work)
+        self.full = False
 
     async def get_many(
-        self, queries: Sequence[Query], *, max_age_s: float | None = None
+        self, queries: Sequence[Query], *, max_age_s: float | None = None, count: bool = True
     ) -> list[ItemResult | None]:
         self.get_calls.append(len(queries))
         if self.broken:
             raise OSError("disk gone")
-        return await super().get_many(queries, max_age_s=max_age_s)
+        return await super().get_many(queries, max_age_s=max_age_s, count=count)
 
     async def put_many(self, results: Iterable[ItemResult]) -> int:
         batch = list(results)
         self.put_calls.append(len(batch))
-        if self.broken:
+        if self.broken or self.full:
             raise OSError("disk gone")
         return await super().put_many(batch)
 
@@ -958,6 +960,24 @@ class TestFront:
         assert told.count(("cache.unavailable", "warning")) == 2
         assert told.count(("cache.unavailable", "debug")) == 59
         assert told.count(("cache.restored", "info")) == 1
+        await front.aclose()
+
+    async def test_a_store_whose_writes_alone_fail_warns_once(self, clock: FakeClock) -> None:
+        """A full disk (reads work, writes fail) for an hour: one warning, and no
+        cache.restored after each read that works (it flapped warning and restored every
+        minute)."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache, clock=clock)
+        cache.full = True
+        with capture_logs() as logs:
+            for i in range(60):
+                front.put(ok(f"B0000001{i:02d}", clock))
+                await front.flush()
+                await clock.advance(COOL_OFF_S)
+                await front.get(q("B000000001"))
+        told = [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("cache.")]
+        assert told.count(("cache.unavailable", "warning")) == 1
+        assert ("cache.restored", "info") not in told
         await front.aclose()
 
     async def test_reads_a_failing_store_could_not_answer_are_misses(

@@ -854,6 +854,15 @@ class TestQuotaEta:
         requests = {"www.amazon.com": 8, "www.amazon.co.uk": 8}
         assert runner.quota_eta(requests, [key], now=self.NOW) >= 12 * 3600
 
+    def test_a_marketplace_keeps_to_its_own_keys_within_a_group(self) -> None:
+        """A US+UK key with 10 left and a UK-only key with 1,000 (or unlimited): the 100 US
+        requests can use only the shared key's 10, whatever the group holds."""
+        both = _key_today(10, 0, markets=("www.amazon.com", "www.amazon.co.uk"))
+        requests = {"www.amazon.com": 100, "www.amazon.co.uk": 1}
+        for uk_left in (1_000, None):
+            uk = _key_today(uk_left, 0, markets=("www.amazon.co.uk",), name="uk")
+            assert runner.quota_eta(requests, [both, uk], now=self.NOW) >= 12 * 3600
+
     def test_unlimited_keys_add_no_wait(self) -> None:
         """A key without a daily limit (tpd 0) does not hold the rows to a day's quota."""
         keys = [_key_today(None, 5)]

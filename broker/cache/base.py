@@ -54,9 +54,10 @@ class ItemCache(Protocol):
     policy: CachePolicy
 
     async def get_many(
-        self, queries: Sequence[Query], *, max_age_s: float | None = None
+        self, queries: Sequence[Query], *, max_age_s: float | None = None, count: bool = True
     ) -> list[ItemResult | None]:
-        """Return, aligned with ``queries``, a cached result (``cached=True``) or None."""
+        """Return, aligned with ``queries``, a cached result (``cached=True``) or None;
+        ``count``: as hits and misses (else the caller counts them, :meth:`tally`)."""
         ...
 
     async def put_many(self, results: Iterable[ItemResult]) -> int:
@@ -67,8 +68,8 @@ class ItemCache(Protocol):
         """True while a cached ``result`` may still be served (its age checked again now)."""
         ...
 
-    def unserved(self) -> None:
-        """An answer counted as a hit when read ahead was too old when asked: a miss."""
+    def tally(self, *, hit: bool) -> None:
+        """Count one lookup read uncounted (``get_many(count=False)``) as a hit or a miss."""
         ...
 
     async def purge(
@@ -191,9 +192,10 @@ class StoreCache(abc.ABC):
         return self._clock.utcnow().timestamp()
 
     async def get_many(
-        self, queries: Sequence[Query], *, max_age_s: float | None = None
+        self, queries: Sequence[Query], *, max_age_s: float | None = None, count: bool = True
     ) -> list[ItemResult | None]:
-        """Return, aligned with ``queries``, a cached result or None for each.
+        """Return, aligned with ``queries``, a cached result or None for each; ``count``:
+        as hits and misses (else the caller counts each one it serves or not, :meth:`tally`).
 
         A result is served when the store holds an answer for the same marketplace, ASIN
         and resource set that is fresh enough: younger than ``max_age_s`` (default: the
@@ -219,7 +221,8 @@ class StoreCache(abc.ABC):
                 _, _, oldest = await self._measure()
                 await self._expire_if_due(oldest)
         if not (self.policy.enabled or (max_age_s or 0) > 0):
-            self._misses += len(keys)
+            if count:
+                self._misses += len(keys)
             return [None] * len(keys)
         entries = await self._load(list(dict.fromkeys(keys)))
         now = self._now()
@@ -236,18 +239,22 @@ class StoreCache(abc.ABC):
                     corrupt.append(key)
                     entries.pop(key)
             out.append(result)
-        hits = sum(1 for result in out if result is not None)
-        self._hits += hits
-        self._misses += len(out) - hits
+        if count:
+            hits = sum(1 for result in out if result is not None)
+            self._hits += hits
+            self._misses += len(out) - hits
         if corrupt:
             await self._delete(corrupt, fetched_before=None, asins=None)
         return out
 
-    def unserved(self) -> None:
-        """An answer counted as a hit when read ahead was too old when asked: a miss (and no
-        request saved), as the stats and /metrics count it."""
-        self._hits -= 1
-        self._misses += 1
+    def tally(self, *, hit: bool) -> None:
+        """Count one lookup read uncounted (``get_many(count=False)``) as a hit or a miss,
+        when the caller serves it or not: an answer read ahead may age past its limit before
+        it is asked (the counters only ever grow, as Prometheus counters must)."""
+        if hit:
+            self._hits += 1
+        else:
+            self._misses += 1
 
     def is_fresh(self, result: ItemResult, *, max_age_s: float | None = None) -> bool:
         """True while a cached ``result`` may still be served, by the policy, now.

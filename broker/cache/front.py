@@ -67,8 +67,9 @@ class CacheFront:
         self.cache = cache
         self._clock: Clock = clock or LoopClock()
         self._down_until = -math.inf
-        # The failure the warning told, while the store stays out (then said at debug).
-        self._outage: str | None = None
+        # The failure the warning told, and whether writes or reads failed, while the store
+        # stays out (said again at debug level).
+        self._outage: tuple[str, bool] | None = None
         self._max_age_s = max_age_s
         self._serves = read
         self._read_batch = read_batch
@@ -96,13 +97,13 @@ class CacheFront:
         if self._closed or not self._serves or not queries or self._down():
             return  # while the store is left alone, each get() is a counted miss
         try:
-            results = await self.cache.get_many(queries, max_age_s=self._max_age_s)
+            # Uncounted: each get() counts its own lookup, served or not (an answer read
+            # now may be too old by the time it is asked).
+            results = await self.cache.get_many(queries, max_age_s=self._max_age_s, count=False)
         except Exception as exc:
-            self.failed_reads += len(queries)
-            self._failed(exc)
-            results = [None] * len(queries)
-        else:
-            self._worked()
+            self._failed(exc, writing=False)
+            return  # the store is left alone now: each get() is a counted miss
+        self._worked(writing=False)
         for query, result in zip(queries, results, strict=True):
             self._ahead[key_of(query)] = result
 
@@ -119,19 +120,14 @@ class CacheFront:
             key = key_of(query)
             if key in self._ahead:
                 # Left for another get of the same key in the chunk (two tags, a repeated
-                # row): read and counted once, as prefetch did (a failed prefetch too, so
-                # it is looked at before the cool-off it began); discard() forgets it.
+                # row), each get counted as its own lookup; discard() forgets it.
                 ahead = self._ahead[key]
-                if ahead is None:
-                    return None
                 # Read ahead maybe long ago (the caller waited for capacity, or for a daily
-                # reset): still fresh? If not, it is a miss, not the hit it was counted as,
-                # and the other gets of its key find it gone.
-                if not self.cache.is_fresh(ahead, max_age_s=self._max_age_s):
-                    self._ahead[key] = None
-                    self.cache.unserved()
-                    return None
-                return dataclasses.replace(ahead, query=query)
+                # reset): still fresh? If not, a miss, and gone for the other gets of its key.
+                if ahead is not None and not self.cache.is_fresh(ahead, max_age_s=self._max_age_s):
+                    self._ahead[key] = ahead = None
+                self.cache.tally(hit=ahead is not None)
+                return None if ahead is None else dataclasses.replace(ahead, query=query)
         if self._down():
             self.failed_reads += 1
             return None
@@ -163,9 +159,9 @@ class CacheFront:
                 )
             except Exception as exc:
                 self.failed_reads += len(batch)
-                self._failed(exc)
+                self._failed(exc, writing=False)
             else:
-                self._worked()
+                self._worked(writing=False)
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
@@ -193,15 +189,15 @@ class CacheFront:
                 await self.cache.put_many(batch)
             except Exception as exc:
                 self.dropped_writes += len(batch)
-                self._failed(exc)
+                self._failed(exc, writing=True)
             else:
-                self._worked()
+                self._worked(writing=True)
 
     def _down(self) -> bool:
         """True while a failed store is left alone."""
         return self._clock.monotonic() < self._down_until
 
-    def _failed(self, error: Exception) -> None:
+    def _failed(self, error: Exception, *, writing: bool) -> None:
         """The store failed: leave it alone a while, warning once per outage (naming it and
         the remedy; the same failure again after each cool-off is said at debug level, or a
         day-long Redis outage made 1,440 warnings a process)."""
@@ -209,8 +205,9 @@ class CacheFront:
             return  # begun before the failure that started this cool-off: already told
         self._down_until = self._clock.monotonic() + COOL_OFF_S
         message = self.cache.describe_failure(error)
-        say = _log.debug if message == self._outage else _log.warning
-        self._outage = message
+        told = self._outage
+        say = _log.debug if told is not None and told[0] == message else _log.warning
+        self._outage = (message, writing)
         say(
             "cache.unavailable",
             error=type(error).__name__,
@@ -218,9 +215,10 @@ class CacheFront:
             retry_in_s=COOL_OFF_S,
         )
 
-    def _worked(self) -> None:
-        """The store answered: an outage warned of is over, and said so."""
-        if self._outage is not None:
+    def _worked(self, *, writing: bool) -> None:
+        """The store answered: an outage warned of is over, and said so; only when what
+        failed works (reads of a full disk's file work while its writes fail)."""
+        if self._outage is not None and self._outage[1] == writing:
             self._outage = None
             _log.info("cache.restored", note="the item cache answers again")
 

@@ -94,8 +94,10 @@ class JobLock:
             return False
         try:
             fd = os.open(self.lock_path, os.O_RDONLY)
-        except OSError:
-            return False  # none (or one this user cannot open, and so never took)
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            return True  # another user's (a daemon run as another user): left to it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1300,22 +1300,31 @@ def quota_eta(
     every group's need fits in what its keys have left today, or they have no daily limit:
     the rows per second tell the time then.
     """
+    # Each marketplace alone, with its own keys, and each group sharing keys: both bound the
+    # wait from below (a group's spare quota may sit on keys one of its marketplaces lacks).
+    alone = [({m}, [k for k in keys if m in k.marketplaces]) for m in requests_by_market]
     longest = 0.0
-    for markets, serving in _sharing(requests_by_market, keys):
-        if not serving or any(k.daily_left is None or k.daily_resets_at is None for k in serving):
-            continue
+    for markets, serving in [*alone, *_sharing(requests_by_market, keys)]:
         needed = sum(requests_by_market[m] for m in markets)
-        today = sum(max(k.daily_left or 0, 0) for k in serving)
-        if needed <= today:
-            continue
-        reset = min(datetime.fromisoformat(k.daily_resets_at or "") for k in serving)
-        wait = max((reset - now).total_seconds(), 0.0)
-        per_day = sum(max(k.daily_left or 0, 0) + k.daily_spent for k in serving)
-        if per_day > 0:
-            days, rest = divmod(needed - today, per_day)
-            wait += days * 86_400.0 + rest / max(sum(k.rate for k in serving), 1e-9)
-        longest = max(longest, wait)
+        longest = max(longest, _quota_wait_s(needed, serving, now))
     return longest
+
+
+def _quota_wait_s(needed: float, serving: Sequence[KeySnapshot], now: datetime) -> float:
+    """Seconds ``needed`` requests wait for the daily quotas of the keys ``serving`` them
+    (0: today's quota takes them, or a key has no daily limit)."""
+    if not serving or any(k.daily_left is None or k.daily_resets_at is None for k in serving):
+        return 0.0
+    today = sum(max(k.daily_left or 0, 0) for k in serving)
+    if needed <= today:
+        return 0.0
+    reset = min(datetime.fromisoformat(k.daily_resets_at or "") for k in serving)
+    wait = max((reset - now).total_seconds(), 0.0)
+    per_day = sum(max(k.daily_left or 0, 0) + k.daily_spent for k in serving)
+    if per_day > 0:
+        days, rest = divmod(needed - today, per_day)
+        wait += days * 86_400.0 + rest / max(sum(k.rate for k in serving), 1e-9)
+    return wait
 
 
 def _sharing(
