@@ -136,3 +136,30 @@ def test_a_disk_error_of_a_sqlite_file_names_the_file() -> None:
     found = disk_error(Path("/x/keys.sqlite3"), error)
     assert found is not None
     assert found.filename == "/x/keys.sqlite3"
+
+
+def test_ctrl_c_with_output_stdout_cannot_take_exits_75() -> None:
+    """Ctrl-C while output is buffered for a stdout that cannot take it (a full disk, a
+    reader that got the Ctrl-C too): 75, the interruption, not the interpreter's exit 120
+    from its own last flush."""
+    code = (
+        "import sys\n"
+        "from broker import cli\n"
+        "def interrupted(words, *, process_ends):\n"
+        "    print('an answer already printed')\n"
+        "    raise KeyboardInterrupt\n"
+        "cli._main = interrupted\n"
+        "raise SystemExit(cli.main())\n"
+    )
+    env = {k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"}
+    with open(_FULL, "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", code, "status"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 75, done.stderr
+    assert b"interrupted" in done.stderr
