@@ -455,20 +455,20 @@ def _guarded(words: list[str], failures: list[OSError], *, process_ends: bool) -
         finally:
             # What is still buffered is the command's output too (--version, --help: argparse
             # prints and exits): a stdout that cannot take it fails the command here, below.
-            # Not after Ctrl-C, the stop the command reports (75, not stdout's 141 or 74).
-            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            # After Ctrl-C, the stop the command reports (75, not stdout's 141 or 74), it is
+            # dropped instead, or the interpreter's own last flush would fail (exit 120).
+            interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+            try:
                 sys.stdout.flush()
+            except OSError:
+                if not interrupted:
+                    raise
+                if process_ends:
+                    drop_stdout()
     except KeyboardInterrupt:
         # Ctrl-C in a command without a signal policy of its own (run and serve drain), or
         # before a command's own handlers are in: one line, no traceback, the stop code every
-        # command uses; bench's is the shell's for SIGINT, as once its handlers are in. What
-        # stdout still buffers goes now; if it cannot (its reader got the Ctrl-C too), it is
-        # dropped, or the interpreter's own last flush would fail and exit 120.
-        try:
-            sys.stdout.flush()
-        except OSError:
-            if process_ends:
-                drop_stdout()
+        # command uses; bench's is the shell's for SIGINT, as once its handlers are in.
         print(f"{prog()}: interrupted", file=sys.stderr)
         if _command_word(words) == "bench":
             return ExitCode.INTERRUPTED

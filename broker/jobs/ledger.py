@@ -855,7 +855,7 @@ class Ledger:
                 (name, state.offset, state.done_order),
             )
             if ordered:
-                self._set_meta(_ORDERED + name, f"{state.offset}:{state.done_order}")
+                self._set_meta(_ORDERED + name, _ordered_mark(state))
 
     def is_ordered(self, name: str) -> bool:
         """True when the output ``name`` is as a ``--ordered`` export left it: any row
@@ -863,7 +863,7 @@ class Ledger:
         state = self.sink_state(name)
         with self._lock:
             ordered = self._meta(_ORDERED + name)
-        return ordered == f"{state.offset}:{state.done_order}"
+        return ordered == _ordered_mark(state)
 
     def done_rows_after(self, done_order: int, *, limit: int = 1000) -> list[DoneRow]:
         """Return up to ``limit`` final rows with ``done_order`` above ``done_order``, in order."""
@@ -983,6 +983,11 @@ CRASH_ENV: Final = "ASINB_CRASH_AT"
 #: The named points of the crash hook, in the order a job first reaches them.
 CRASH_POINTS: Final = ("mid_ingest", "mid_write", "after_flush", "mid_commit", "after_commit")
 _crash_hits: collections.Counter[str] = collections.Counter()
+
+
+def _ordered_mark(state: SinkState) -> str:
+    """How the meta table keeps the output state a ``--ordered`` export left."""
+    return f"{state.offset}:{state.done_order}"
 
 
 def _what_changed(before: int, now: int) -> str:

@@ -898,24 +898,21 @@ async def _fetch(
             # At once, with no turn of the loop: the run may be stopping by force. Written
             # whether or not anything was left to record: a commit cancelled between pages
             # of its write left rows committed but not yet in the output.
-            if failed or stop.error is not None:
-                # After a failure (a full disk under the output or the ledger) the last
-                # write is tried, but its own failure, a consequence of the first (a sink
-                # that refuses writes once one failed), must not hide the first: what is not
-                # written stays in the ledger, and the rerun writes it. Said, all the same.
-                try:
-                    record()
-                    _emit(ledger, output.sink, output.name)
-                except Exception as exc:
-                    logger.warning(
-                        "broker.job_last_write_failed",
-                        error=type(exc).__name__,
-                        message=os_error_text(exc) if isinstance(exc, OSError) else str(exc),
-                        note="the rows not written stay in the ledger; the rerun writes them",
-                    )
-            else:
+            try:
                 record()
                 _emit(ledger, output.sink, output.name)
+            except Exception as exc:
+                if not failed and stop.error is None:
+                    raise
+                # After a failure (a full disk under the output or the ledger), this one is
+                # its consequence (a sink that refuses writes once one failed) and must not
+                # hide it: what is not written stays in the ledger, and the rerun writes it.
+                logger.warning(
+                    "broker.job_last_write_failed",
+                    error=type(exc).__name__,
+                    message=os_error_text(exc) if isinstance(exc, OSError) else str(exc),
+                    note="the rows not written stay in the ledger; the rerun writes them",
+                )
         finally:
             # Also when the last commit fails: the error message gets a line of its own.
             progress.done()

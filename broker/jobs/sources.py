@@ -1006,7 +1006,7 @@ def _refuse_json_document(path: Path, lineno: int, text: str) -> None:
         JobFileError: the first line opens an array of objects (closed on it or not), or is
             an object's lone ``{``.
     """
-    if text == "[" or (text.startswith("[") and text[1:].lstrip().startswith("{")):
+    if _opens_object_array(text):
         raise JobFileError(
             f"{path}: line {lineno}: a JSON array, not JSON Lines (one object per line): "
             f"convert it with jq -c '.[]' {path} > job.jsonl"
@@ -1182,8 +1182,14 @@ def _sniff(path: Path) -> JobFormat:
     return "txt"
 
 
+def _opens_object_array(text: str) -> bool:
+    """True when a stripped first line opens a JSON array of objects (``[``, ``[{...``):
+    what json.dump and jq write, never an id in brackets (``[B00TEST001]``)."""
+    return text.startswith("[") and text[1:].lstrip()[:1] in ("", "{")
+
+
 def _guess(line: str) -> JobFormat:
-    if line.startswith("{") or (line.startswith("[") and line[1:].lstrip()[:1] in ("", "{")):
+    if line.startswith("{") or _opens_object_array(line):
         # An array of objects is JSON too: the JSON Lines reader refuses it, saying how to
         # convert it. "[B00TEST001]" is an id in brackets, and read as one.
         return "jsonl"
