@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import resource
@@ -618,6 +619,10 @@ def _run_stoppable(runner: asyncio.Runner, run: Coroutine[Any, Any, BenchReport]
         task = asyncio.current_task()
         assert task is not None
         tasks.append(task)
+        if _RAISED and not caught:
+            # A stop whose _Stopped was lost before the loop ran (see _stop_signal): the
+            # stop signals are ignored since, so the loop would never hear of it.
+            caught.append(_RAISED[0])
         if caught:
             run.close()
             raise asyncio.CancelledError
@@ -750,7 +755,21 @@ def _stop_signal(signum: int, frame: object) -> None:
     # Once: a second signal must not interrupt the cleanup the first one started.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # Kept too: raised where Python drops exceptions (a weakref callback: "Exception
+    # ignored in ..."), the stop is still heard when the next loop starts or the run ends.
+    _RAISED.append(signal.Signals(signum))
     raise _Stopped(signal.Signals(signum))
+
+
+#: The stop signals :func:`_stop_signal` raised for, in this process.
+_RAISED: list[signal.Signals] = []
+
+
+def _unraisable(hook: Callable[[Any], object], unraisable: Any) -> None:
+    # A _Stopped Python dropped (a weakref callback) is heard later, from _RAISED: not a
+    # traceback among the bench's lines.
+    if not isinstance(unraisable.exc_value, _Stopped):
+        hook(unraisable)
 
 
 _STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -775,9 +794,14 @@ def bench_command(args: argparse.Namespace) -> int:
         for sig in _STOP_SIGNALS
         if signal.getsignal(sig) is not signal.SIG_IGN  # ignored by who started it: kept so
     }
+    hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_unraisable, hook)
     stopped = False
     try:
-        return _bench(args)
+        code = _bench(args)
+        if _RAISED:
+            raise _Stopped(_RAISED[0])  # raised where it was lost, and heard of only now
+        return code
     except _Stopped as stop:
         stopped = True
         print(f"broker bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
@@ -788,6 +812,7 @@ def bench_command(args: argparse.Namespace) -> int:
         if not stopped:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        sys.unraisablehook = hook
 
 
 def _bench(args: argparse.Namespace) -> int:
