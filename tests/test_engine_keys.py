@@ -289,6 +289,40 @@ def _throttled_with(retry_after: float) -> tuple[FakeClock, KeyState, ThrottleVe
     return clock, key, verdict
 
 
+async def test_a_key_parked_for_its_spent_day_says_what_to_do() -> None:
+    """The warning that parks a key for Amazon's spent daily quota carries a remedy (it
+    waits by itself; more keys, or a tpd matching the account's quota, finish sooner)."""
+    clock = FakeClock()
+    key = _key(clock, tps=5.0)
+    with capture_logs() as logs:
+        key.on_throttled(
+            ThrottledError("TooManyRequests", "x", status=429, retry_after=3600.0),
+            clock.monotonic() + 0.001,
+        )
+    (parked,) = [e for e in logs if e["event"] == "broker.key_parked"]
+    assert parked["verdict"] == ThrottleVerdict.QUOTA_EXHAUSTED.value
+    assert "daily window resets" in parked["remedy"]
+    assert "tpd" in parked["remedy"]
+
+
+async def test_a_key_parked_as_not_eligible_points_at_associates_central() -> None:
+    """A key parked after 429s at the floor rate with its day's budget left says the account
+    may have lost API access, and where to check, instead of a bare verdict."""
+    clock = FakeClock()
+    key = _key(clock)
+    with capture_logs() as logs:
+        for _ in range(1000):
+            if key.circuit.state is CircuitState.OPEN:
+                break
+            await clock.advance(30.0)
+            key.on_throttled(
+                ThrottledError("TooManyRequests", "x", status=429), clock.monotonic() - 1.0
+            )
+    (parked,) = [e for e in logs if e["event"] == "broker.key_parked"]
+    assert parked["verdict"] == ThrottleVerdict.ACCESS_REVOKED.value
+    assert "Associates Central" in parked["remedy"]
+
+
 class TestCircuit:
     """A parked key is probed, and every probe outcome settles the circuit."""
 

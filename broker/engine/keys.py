@@ -71,6 +71,19 @@ _OUTAGE_GAP_S = 2 * max(_OUTAGE_PAUSE_CAP_S, _AUTH_PAUSE_CAP_S)
 _PARKED_RECHECK_S = 30.0
 #: The longest park a Retry-After sets: a day, the longest a daily quota lasts.
 _LONGEST_TOLD_PARK_S = 86_400.0
+#: What ``broker.key_parked`` tells its reader to do, by verdict.
+_PARK_REMEDY = {
+    ThrottleVerdict.QUOTA_EXHAUSTED: (
+        "None needed: the key probes now and then and sends again once Amazon's daily "
+        "window resets. To finish sooner, add keys of other accounts; if this comes well "
+        "before the key's tpd is spent, the account's quota is lower than tpd says: lower it."
+    ),
+    ThrottleVerdict.ACCESS_REVOKED: (
+        "Amazon answers only 429s, even at the lowest rate with the day's quota left: the "
+        "account may not be eligible yet or may have lost API access (no referred sales in "
+        "30 days). Check it in Associates Central; the key probes now and then meanwhile."
+    ),
+}
 #: Refusals in a row that reject a key's credentials whatever else is waiting: one batch's
 #: three (its first credentials and two fresh ones) and another batch's three.
 _REJECT_AFTER = 6
@@ -451,6 +464,7 @@ class KeyState:
                 key=self.name,
                 verdict=parked_as.value,
                 probe_in_s=round(probe_at - self._clock.monotonic()),
+                remedy=_PARK_REMEDY.get(parked_as),
             )
         return verdict
 
