@@ -344,7 +344,9 @@ class TestJsonlSink:
     def test_a7_disk_full_leaves_state_unadvanced(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """A7: ENOSPC mid-write raises OSError, the recorded state stays put, resume completes."""
+        """A7: ENOSPC mid-write raises OSError, the recorded state stays put, the part of the
+        failed write that reached the disk is cut off (the file ends on a whole row for a
+        reader before any rerun), and resume completes."""
         out = tmp_path / "out.jsonl"
         real_write_all = sinks._write_all
 
@@ -363,7 +365,8 @@ class TestJsonlSink:
                 emit_more(ledger, sink)
             assert caught.value.errno == errno.ENOSPC
             assert ledger.sink_state("out") == before
-            assert out.stat().st_size > before.offset  # a partial tail is on disk
+            assert out.stat().st_size == before.offset
+            assert out.read_bytes().endswith(b"\n")
             with pytest.raises(OSError, match="earlier write failed") as again:
                 sink.flush()
             assert again.value.errno == errno.ENOSPC

@@ -427,6 +427,18 @@ class _FileSink:
             )
         return self._fd
 
+    def _cut_back(self, fd: int) -> None:
+        """Drop the part of a failed write that reached the disk, if it can (a full disk
+        still lets a file shrink): the file then ends on a whole row for whoever reads it
+        before the next run, such as a failed job the daemon files. The next open cuts it
+        back in any case. A file already shorter than this run wrote is left alone: it was
+        cut under the run, and growing it would write NUL bytes where rows were."""
+        try:
+            if os.fstat(fd).st_size > self._written:
+                os.ftruncate(fd, self._written)
+        except OSError:
+            pass
+
     def _drain(self, fd: int) -> None:
         if not self._buffer:
             return
@@ -436,8 +448,8 @@ class _FileSink:
             crash_point("mid_write", before=lambda: _write_all(fd, _torn(data), self.path))
             _write_all(fd, data, self.path)
         except OSError as exc:
-            # Part of the buffer may be on disk now; the next open cuts it off.
             self._failed = exc
+            self._cut_back(fd)
             raise
         self._written += len(self._buffer)
         self._buffer.clear()
