@@ -259,6 +259,16 @@ class TestOtherParams:
         with pytest.raises(ValueError, match="a GetItems resource, not a GetBrowseNodes one"):
             browse_nodes_params(["1"], {"resources": ["itemInfo.title"]}, protocol=C)
 
+    def test_browse_node_ids_counted_once_each(self) -> None:
+        """The 10-id limit counts distinct ids, as Amazon sees them: one id repeated 11
+        times is one id (get_items takes any number of repeats too)."""
+        params = browse_nodes_params(["283155"] * 11, {}, protocol=C)
+        assert params["browseNodeIds"] == ["283155"]
+        many = [str(i) for i in range(1, 11)] * 2
+        assert len(browse_nodes_params(many, {}, protocol=C)["browseNodeIds"]) == 10  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="1 to 10 distinct ids, got 11"):
+            browse_nodes_params([*many, "11", "1"], {}, protocol=C)
+
 
 class TestReaders:
     """Answers of any shape read as typed results without raising."""

@@ -641,6 +641,20 @@ class TestOtherOperations:
         assert result["variationSummary"]["variationCount"] >= 1
         GetVariationsResponseContent.from_json(response.text)
 
+    async def test_get_variations_sends_no_null_when_told_not_to(self, start: Start) -> None:
+        """With explicit_nulls off, a variation not asked for parentASIN has no such member
+        (with it on, the unrequested member is a null, as for every other member)."""
+        body = {"partnerTag": "demo-20", "asin": ASIN, "resources": ["itemInfo.title"]}
+        for nulls in (False, True):
+            client, _ = await start(replace(OPEN, explicit_nulls=nulls))
+            response = await client.creators("getVariations", body, token=await client.token())
+            items = response.json()["variationsResult"]["items"]
+            assert items
+            if nulls:
+                assert all(i["parentASIN"] is None for i in items)
+            else:
+                assert all("parentASIN" not in i for i in items)
+
     async def test_get_browse_nodes(self, start: Start) -> None:
         """getBrowseNodes returns nodes with ancestors and children; bad ids are errors."""
         client, _ = await start()

@@ -176,6 +176,8 @@ class TestSuccess:
         )
         assert variations.status == 200
         assert "VariationsResult" in variations.json()
+        # PA-API never sends an explicit null: ParentASIN was not asked, so it is absent.
+        assert all("ParentASIN" not in i for i in variations.json()["VariationsResult"]["Items"])
         nodes = await client.paapi(
             "GetBrowseNodes",
             {"BrowseNodeIds": ["172282"], "PartnerTag": "demo-20", "PartnerType": "Associates"},

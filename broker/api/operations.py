@@ -389,17 +389,20 @@ def browse_nodes_params(
 
     Raises:
         TypeError: ``browse_node_ids`` is a single string, or an unknown option.
-        ValueError: no ids, more than 10, or an id that is not digits.
+        ValueError: no ids, more than 10 distinct ones, or an id that is not digits.
     """
     _check_known(options, _BROWSE_KEYS, "get_browse_nodes")
     if isinstance(browse_node_ids, str | bytes | int):
         raise TypeError("browse_node_ids must be a list of ids, e.g. ['283155']")
-    ids = [_node_id(f"browse_node_ids[{i}]", v) for i, v in enumerate(browse_node_ids)]
+    # Repeats are one id to Amazon: the limit counts distinct ones.
+    ids = list(
+        dict.fromkeys(_node_id(f"browse_node_ids[{i}]", v) for i, v in enumerate(browse_node_ids))
+    )
     if not 1 <= len(ids) <= 10:
-        raise ValueError(f"browse_node_ids takes 1 to 10 ids, got {len(ids)}")
+        raise ValueError(f"browse_node_ids takes 1 to 10 distinct ids, got {len(ids)}")
     resources = options.get("resources")
     params: dict[str, object] = {
-        "browseNodeIds": list(dict.fromkeys(ids)),
+        "browseNodeIds": ids,
         "resources": list(
             resolve_resources(
                 resources

@@ -533,9 +533,10 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
         if text is None:
             continue
         tree = json.loads(text)
-        # The item names its family's parent itself (when asked); a variation always has
-        # the member, null when not asked.
-        tree.setdefault(ctx.names("parentASIN"), None)
+        # The item names its family's parent itself (when asked); not asked, the member is
+        # a null like every other one, only where nulls are sent (Creators, explicit_nulls).
+        if ctx.names.style == "creators" and ctx.settings.explicit_nulls:
+            tree.setdefault(ctx.names("parentASIN"), None)
         tree[ctx.names("variationAttributes")] = [
             {ctx.names("name"): name, ctx.names("value"): value}
             for name, value in (
