@@ -584,6 +584,29 @@ class TestOtherOperations:
         assert brand.id == "Brand"
         assert brand.bins
 
+    async def test_search_narrowed_by_a_brand_refinement(self, start: Start) -> None:
+        """brand narrows a search to that brand's items, as following a Brand refinement
+        bin does on Amazon: fewer results, every one of the brand (it widened the search,
+        as one more search term, from 386 results to 904)."""
+        client, _ = await start()
+        token = await client.token()
+        body = {
+            "partnerTag": "demo-20",
+            "keywords": "kettle",
+            "itemCount": 10,
+            "resources": ["itemInfo.byLineInfo", "searchRefinements"],
+        }
+        plain = (await client.creators("searchItems", body, token=token)).json()["searchResult"]
+        (brands,) = plain["searchRefinements"]["otherRefinements"]
+        chosen = brands["bins"][0]["id"]
+        narrowed = await client.creators("searchItems", {**body, "brand": chosen}, token=token)
+        assert narrowed.status == 200
+        result = narrowed.json()["searchResult"]
+        assert 0 < result["totalResultCount"] < plain["totalResultCount"]
+        assert {i["itemInfo"]["byLineInfo"]["brand"]["displayValue"] for i in result["items"]} == {
+            chosen
+        }
+
     @pytest.mark.parametrize(
         ("order", "descending"), [("Price:LowToHigh", False), ("Price:HighToLow", True)]
     )

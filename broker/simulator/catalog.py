@@ -165,6 +165,7 @@ def search_asins(
     sort_by: str | None = None,
     browse_node: str | None = None,
     search_index: str | None = None,
+    brand: str | None = None,
 ) -> tuple[int, list[str]]:
     """Return (total result count, the ASINs of one page) for a search, deterministically.
 
@@ -173,7 +174,8 @@ def search_asins(
     currency's smallest unit, as both APIs take them) keep the items whose featured offer
     lies within; ``browse_node`` the items under that node (one of theirs or an ancestor);
     ``search_index`` (a department's, as :func:`search_index_of` spells it and the
-    refinements give it; ``All`` is every one) the items of that department; ``sort_by``
+    refinements give it; ``All`` is every one) the items of that department; ``brand`` (as
+    the refinements give it, in any case) the items of that brand; ``sort_by``
     ``Price:LowToHigh`` or ``Price:HighToLow`` orders by the price.
     """
     if query.lower().startswith("noresults"):
@@ -183,7 +185,8 @@ def search_asins(
     )
     start = (page - 1) * count
     index = None if search_index in (None, "All") else search_index
-    filtered = min_price is not None or max_price is not None or browse_node or index
+    maker = None if brand is None else brand.strip().casefold()
+    filtered = min_price is not None or max_price is not None or browse_node or index or maker
     if not filtered and sort_by not in PRICE_ORDERS:
         return len(served), list(served[start : start + count])
     # A filter or a price order needs every result's item: all of them are looked up.
@@ -200,6 +203,8 @@ def search_asins(
         ):
             continue
         if index and index not in {search_index_of(_department(n)) for n in item.browse_nodes}:
+            continue
+        if maker and item.brand.casefold() != maker:
             continue
         price = round(item.listing.amount * unit)
         if (min_price is None or price >= min_price) and (max_price is None or price <= max_price):

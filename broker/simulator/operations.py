@@ -65,7 +65,7 @@ _SEARCH_FIELDS = (
     "searchIndex",
 )
 #: The search fields that narrow a search instead of naming what to search for.
-_SEARCH_FILTERS = frozenset({"browseNodeId", "searchIndex"})
+_SEARCH_FILTERS = frozenset({"brand", "browseNodeId", "searchIndex"})
 
 
 #: SearchItems' sortBy values (both APIs; ``Price:*`` reorder the simulator's results).
@@ -429,6 +429,7 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
         sort_by=order,
         browse_node=filters.get("browseNodeId"),
         search_index=filters.get("searchIndex"),
+        brand=filters.get("brand"),
     )
     if not asins:
         raise Rejected(
