@@ -41,7 +41,7 @@ from broker.jobs.metrics_http import (
     readiness,
     render_metrics,
 )
-from broker.jobs.runner import ExitCode
+from broker.jobs.runner import ExitCode, JobSummary
 from broker.jobs.serve import Daemon, ServeOptions, Spool, spool_name
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
@@ -210,7 +210,8 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             "settle_s": 0.0,
             **options,
         }
-        daemon = Daemon(config or _config(), ServeOptions(**settings))
+        clock = settings.pop("clock", None)
+        daemon = Daemon(config or _config(), ServeOptions(**settings), clock=clock)
         task = asyncio.get_running_loop().create_task(daemon.run())
         started = asyncio.get_running_loop().create_task(daemon.started.wait())
         await asyncio.wait({task, started}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
@@ -1664,6 +1665,90 @@ class TestNoWait:
         await start(_config(tpd=100_000))
         assert (await _filed(spool, "big.txt"))["rows"]["total"] == 12
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
+
+    async def test_a_job_deferred_and_resumed_is_filed_with_all_its_requests(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job no_wait deferred, then resumed by the same daemon after the reset, is filed
+        with the requests, 429s, retries and run time of all its stretches, not only of the
+        last one (a job that spent 50 requests, waited, then finished with 11 more was filed
+        with "requests": 11), and with no rows counted as resumed from another run."""
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=FakeClock())
+        daemon.spool.prepare()
+        job = daemon.spool.job("d.txt", "jsonl")
+        job.path.write_text("".join(f"{asin}\n" for asin in _asins(60, "B0SPLIT")))
+        broker = _CountingBroker()
+        stretches = iter(
+            [
+                (
+                    (50, 1, 2),
+                    JobSummary(
+                        total=60,
+                        by_status={"ok": 49},
+                        pending=11,
+                        wall_s=10.0,
+                        resumed_rows=5,  # done by a run before this daemon's
+                        quota_wait_until="2026-12-07T00:00:00Z",
+                        quota_wait_keys=frozenset({"demo"}),
+                    ),
+                ),
+                (
+                    (11, 0, 1),
+                    JobSummary(total=60, by_status={"ok": 60}, wall_s=2.5, resumed_rows=49),
+                ),
+            ]
+        )
+
+        async def run_job(self: Daemon, broker: object, options: object) -> JobSummary:
+            counts, summary = next(stretches)
+            cast("_CountingBroker", broker).add(*counts)
+            return summary
+
+        monkeypatch.setattr(Daemon, "_run_job", run_job)
+        await daemon._run_claimed(cast("Broker", broker), job)
+        deferral = daemon._deferred.pop("d.txt")
+        await daemon._run_claimed(cast("Broker", broker), job, deferral.spent)
+        filed = json.loads((tmp_path / "done" / "d.txt.status.json").read_text())
+        assert (filed["requests"], filed["throttled"], filed["retries"]) == (61, 1, 3)
+        assert filed["wall_s"] == 12.5
+        assert filed["resumed_rows"] == 5
+
+    async def test_a_deferred_job_keeps_its_rows_in_metrics(
+        self, start: Start, spool: Path
+    ) -> None:
+        """While a job waits for its keys' daily quota, asinb_job_rows still shows its rows,
+        pending ones included: it is not finished, and it dropped out of /metrics until it
+        was filed (up to a day later)."""
+        running = await start(_config(tpd=3), no_wait=True)
+        _drop(spool, "d.txt", "\n".join(_asins(60, "B0SHOWN")) + "\n")
+        await _until(lambda: "d.txt" in running.daemon._deferred)
+        values = _samples((await _get(f"{running.url}/metrics"))[2])
+        pending = values['asinb_job_rows{job_file="d.txt",status="pending"}']
+        done = sum(
+            n
+            for name, n in values.items()
+            if name.startswith('asinb_job_rows{job_file="d.txt"') and "pending" not in name
+        )
+        assert pending > 0
+        assert done > 0
+        assert pending + done == 60
+
+
+class _CountingBroker:
+    """Stands in for the daemon's broker: counters its fake job runs move on."""
+
+    def __init__(self) -> None:
+        self._counts = (0, 0, 0)
+
+    def add(self, requests: int, throttled: int, retries: int) -> None:
+        total, limited, again = self._counts
+        self._counts = (total + requests, limited + throttled, again + retries)
+
+    def metrics(self) -> MetricsSnapshot:
+        requests, throttled, retries = self._counts
+        return MetricsSnapshot(
+            requests, {}, throttled, retries, 0, {}, (0,) * 11, 0.0, 0, 0, 0, keys=()
+        )
 
 
 def test_serve_raises_its_open_file_limit(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Final
@@ -171,15 +171,45 @@ _REMOVAL_CHECK_S: Final = 1.0
 _DEFER_RECHECK_S: Final = 30.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Spent:
+    """What this daemon's runs of one job spent before it was deferred: a deferred job is
+    filed with the counts of all its stretches, not only of the one that finished it."""
+
+    requests: int = 0
+    throttled: int = 0
+    retries: int = 0
+    #: lookups the item cache answered
+    cached: int = 0
+    wall_s: float = 0.0
+    #: rows done by runs before this daemon's first (a stop, a crash): what the first
+    #: stretch found done
+    resumed_rows: int | None = None
+
+    def plus(self, summary: JobSummary, before: MetricsSnapshot, after: MetricsSnapshot) -> _Spent:
+        """These counts with one more stretch's: ``summary``, the broker's counters around it."""
+        return _Spent(
+            self.requests + after.requests - before.requests,
+            self.throttled + after.throttled - before.throttled,
+            self.retries + after.retries - before.retries,
+            self.cached + summary.cached,
+            self.wall_s + summary.wall_s,
+            summary.resumed_rows if self.resumed_rows is None else self.resumed_rows,
+        )
+
+
 @dataclass(slots=True)
 class _Deferral:
     """A job ``no_wait`` stopped: when its keys' daily quota resets (by this machine's
-    clock), the keys its rows need (whether they still wait says if it may go on), and its
-    claim lock, held until it resumes so that no sibling daemon takes it for a dead one's."""
+    clock), the keys its rows need (whether they still wait says if it may go on), its
+    claim lock, held until it resumes so that no sibling daemon takes it for a dead one's,
+    what its runs spent so far, and its rows by status (pending too) for ``/metrics``."""
 
     until: datetime
     keys: frozenset[str]
     claim: JobLock | None = None
+    spent: _Spent = _Spent()
+    rows: Mapping[str, int] = field(default_factory=dict)
 
 
 #: The open-file limit ``broker serve`` raises its own soft limit to, when its hard one allows.
@@ -941,7 +971,10 @@ class Daemon:
                         await self._stop.wait()
                 continue
             deferral = self._deferred.pop(name, None)
-            await self._process(broker, name, None if deferral is None else deferral.claim)
+            if deferral is None:
+                await self._process(broker, name)
+            else:
+                await self._process(broker, name, deferral.claim, spent=deferral.spent)
 
     def _next_job(self, broker: Broker) -> str | None:
         """The job to run next, if any: a deferred one whose quota reset, one a dead sibling
@@ -1179,7 +1212,13 @@ class Daemon:
         return now - first[1] >= settle_s
 
     async def _process(
-        self, broker: Broker, name: str, claim: JobLock | None = None, *, resumed: bool = False
+        self,
+        broker: Broker,
+        name: str,
+        claim: JobLock | None = None,
+        *,
+        resumed: bool = False,
+        spent: _Spent | None = None,
     ) -> None:
         """Run and file the claimed job ``name``, holding its claim lock throughout (a
         sibling daemon then knows it is not left over), unless another daemon holds it.
@@ -1187,6 +1226,7 @@ class Daemon:
         ``claim``: the job's lock, already held (a deferred job resuming). A job deferred
         for the daily quota keeps its lock held until it resumes. ``resumed``: a job found
         in processing/ at the start, said to be resumed once its lock is this daemon's.
+        ``spent``: what its runs before a deferral spent.
         """
         job = self.spool.job(name, self._config.output.format)
         if claim is None:
@@ -1208,7 +1248,7 @@ class Daemon:
             logger.info("broker.job_resumed", job=name)
         try:
             if job.path.exists():
-                await self._run_claimed(broker, job)
+                await self._run_claimed(broker, job, spent)
             else:
                 # Filed meanwhile (listed before): the lock file this made goes too.
                 claim.lock_path.unlink(missing_ok=True)
@@ -1219,7 +1259,9 @@ class Daemon:
             else:
                 claim.close()
 
-    async def _run_claimed(self, broker: Broker, job: SpoolJob) -> None:
+    async def _run_claimed(
+        self, broker: Broker, job: SpoolJob, spent: _Spent | None = None
+    ) -> None:
         name = job.name
         before_stat = self._check_readable(job)
         if before_stat is None:
@@ -1285,8 +1327,9 @@ class Daemon:
         finally:
             watcher.cancel()
             self._current = None
+        spent = (spent or _Spent()).plus(summary, before, broker.metrics())
         if summary.quota_wait_until is not None:
-            self._defer(job, summary.quota_wait_until, summary.quota_wait_keys)
+            self._defer(job, summary.quota_wait_until, summary.quota_wait_keys, spent)
             return
         if summary.stopped_by_signal or summary.pending:
             if self._stop.is_set():
@@ -1301,7 +1344,7 @@ class Daemon:
             return
         if self._fail_changed(job, before_stat):
             return
-        self._finish(job, summary, before, broker.metrics())
+        self._finish(job, summary, spent)
 
     async def _run_job(self, broker: Broker, options: JobOptions) -> JobSummary:
         """Run a job; one stopped under other answer settings than the config's now (a
@@ -1366,16 +1409,18 @@ class Daemon:
             self._fail_unreadable(job, exc)
         return None
 
-    def _defer(self, job: SpoolJob, until: str, keys: frozenset[str] = frozenset()) -> None:
+    def _defer(self, job: SpoolJob, until: str, keys: frozenset[str], spent: _Spent) -> None:
         """``no_wait``: the daily quota of ``keys`` (those the job's rows need) is spent;
-        resume the job after the reset."""
+        resume the job after the reset (``spent``: what its runs spent so far)."""
         try:
             when = datetime.fromisoformat(until.replace("Z", "+00:00"))
         except ValueError:
             when = self._clock.utcnow()
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        self._deferred[job.name] = _Deferral(when, keys)
+        # Read once: the ledger does not change while the job waits, and /metrics shows it.
+        rows = read_tally(job.ledger) or {}
+        self._deferred[job.name] = _Deferral(when, keys, spent=spent, rows=rows)
         logger.warning(
             "broker.job_deferred",
             job=job.name,
@@ -1419,9 +1464,7 @@ class Daemon:
 
     # -- filing -------------------------------------------------------------------------------
 
-    def _finish(
-        self, job: SpoolJob, summary: JobSummary, before: MetricsSnapshot, after: MetricsSnapshot
-    ) -> None:
+    def _finish(self, job: SpoolJob, summary: JobSummary, spent: _Spent) -> None:
         rows = {status: summary.by_status.get(status, 0) for status in _STATUSES}
         rows.update(summary.by_status)
         status: dict[str, object] = {
@@ -1429,13 +1472,14 @@ class Daemon:
             "outcome": "done",
             "exit_code": summary.exit_code(),
             "rows": {"total": summary.total, **rows},
-            "requests": after.requests - before.requests,
-            "throttled": after.throttled - before.throttled,
-            "retries": after.retries - before.retries,
-            "from_cache": summary.cached,
-            "wall_s": round(summary.wall_s, 3),
-            # The counts above are the finishing run's; rows done before it (a stop, a crash):
-            "resumed_rows": summary.resumed_rows,
+            # This daemon's runs of the job (several when it was deferred for the quota)...
+            "requests": spent.requests,
+            "throttled": spent.throttled,
+            "retries": spent.retries,
+            "from_cache": spent.cached,
+            "wall_s": round(spent.wall_s, 3),
+            # ...and the rows done before the first of them (a stop, a crash):
+            "resumed_rows": spent.resumed_rows or 0,
             "finished_at": self._now(),
             "error": None,
         }
@@ -1533,15 +1577,22 @@ class Daemon:
                 self._rows_counted[status] = n
 
     def spool_snapshot(self) -> SpoolSnapshot:
-        """The daemon's job counters, the current job's rows read live from its ledger."""
-        jobs = list(self._recent)
+        """The daemon's job counters: the current job's rows read live from its ledger,
+        those of the jobs deferred for the daily quota, and those of recent ones."""
+        jobs: list[JobRows] = []
         if self._current is not None:
             live = read_tally(self._current.ledger) or {}
             # Counted as they are written: a job dropped or stopped later keeps them counted.
             self._count_rows(live)
             # The name it will be filed under, so it never repeats a finished job's label.
             label = _free_name(self.spool.done, self._current.name)
-            jobs.insert(0, JobRows(label, live))
+            jobs.append(JobRows(label, live))
+        # Jobs waiting for their keys' daily quota are not finished either (the first few:
+        # each is a label set of its own).
+        for name, deferral in itertools.islice(self._deferred.items(), _RECENT_JOBS):
+            if deferral.rows and (self.spool.processing / name).exists():
+                jobs.append(JobRows(_free_name(self.spool.done, name), dict(deferral.rows)))
+        jobs.extend(self._recent)
         try:
             inbox: int | None = self.spool.waiting_count()
             self._inbox_error = None
