@@ -6,11 +6,14 @@ same cases through ``broker run``, and C8 (constant memory), are in tests/test_b
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -1009,3 +1012,113 @@ def test_fast_row_builder_matches_the_constructor() -> None:
     built = _row(*fields)
     assert built == JobRow(*fields)
     assert [getattr(built, name) for name in JobRow.__slots__] == [*fields, "InvalidAsin"]
+
+
+def test_a_quoted_cell_over_the_field_limit_is_one_invalid_row(tmp_path: Path) -> None:
+    """A quoted cell spanning lines and longer in all than csv's field limit is one invalid
+    row, read to its end: the lines inside it were replayed as rows of their own, and the
+    ASINs written in the cell were looked up (2 records gave 6 rows, 2 of them ok)."""
+    long = "n" * 60_000
+    data = (
+        f'asin,notes\nB0UJZDE8GX,"{long}\n{long}\n{long}\nB0PF91DHOD\n'
+        'B0ZDOC9IS0,see above"\nB0D6NCF10E,ok\n'
+    )
+    path = write(tmp_path, "job.csv", data)
+    found = rows(path)
+    assert [(row.line, row.asin) for row in found] == [(2, None), (7, "B0D6NCF10E")]
+    assert found[0].raw.startswith("B0UJZDE8GX")
+    assert found[0].error is not None
+    assert "longer than" in found[0].error
+    assert count_rows(path) == 2
+
+
+def test_a_quoted_cell_over_the_field_limit_never_closed_is_a_stray_quote(
+    tmp_path: Path,
+) -> None:
+    """Such a cell never closed is a quote left open: one invalid row, and the lines after
+    its first are read as rows of their own."""
+    long = "n" * 60_000
+    path = write(
+        tmp_path, "job.csv", f'asin,notes\nB0UJZDE8GX,"{long}\n{long}\n{long}\nB0PF91DHOD\n'
+    )
+    assert [(row.line, row.asin) for row in rows(path)] == [
+        (2, None),
+        (3, None),
+        (4, None),
+        (5, "B0PF91DHOD"),
+    ]
+    assert count_rows(path) == 4
+
+
+def test_a_csv_line_too_long_names_its_row_by_its_start(tmp_path: Path) -> None:
+    """A CSV record with a line over the cap is reported with its first characters (its
+    ASIN), not an empty input."""
+    path = write(tmp_path, "job.csv", f'asin,d\nB0UJZDE8GX,"{"z" * 70_000}"\nB0D6NCF10E,ok\n')
+    found = rows(path)
+    assert [(row.line, row.asin) for row in found] == [(2, None), (3, "B0D6NCF10E")]
+    assert found[0].raw.startswith("B0UJZDE8GX")
+
+
+@pytest.mark.parametrize("name", ["job.txt", "job.txt.gz"])
+def test_a_cr_ended_file_with_crlf_lines_later_counts_each_line_once(
+    tmp_path: Path, name: str
+) -> None:
+    """A CR-ended file joined with a CRLF one (cat of an old-Mac and a Windows export): a
+    CRLF is one line break, not two (rows were on lines 1, 2, 4, 6 of a 4-line file)."""
+    path = write(tmp_path, name, f"{VALID}\rB0ABCDEFGJ\r\nB0ABCDEFGK\r\nxx\r\n")
+    assert [(row.line, row.asin) for row in rows(path)] == [
+        (1, VALID),
+        (2, "B0ABCDEFGJ"),
+        (3, "B0ABCDEFGK"),
+        (4, None),
+    ]
+    assert count_rows(path) == 4
+
+
+def test_a_crlf_in_a_cell_of_a_cr_ended_csv_is_one_line_break(tmp_path: Path) -> None:
+    """In a CR-ended CSV, a cell's CRLF stays one line break (it became two, the cell's
+    text changed)."""
+    data = f'asin,t\r"{VALID}","a\r\nb"\rB0ABCDEFGJ,c\r'
+    found = rows(write(tmp_path, "job.csv", data))
+    assert [(row.line, row.asin, row.extra) for row in found] == [
+        (2, VALID, {"t": "a\nb"}),
+        (4, "B0ABCDEFGJ", {"t": "c"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("compress", "kind"),
+    [
+        (lzma.compress, "xz"),
+        (bz2.compress, "bzip2"),
+        (lambda data: b"\x28\xb5\x2f\xfd" + data, "zstd"),
+    ],
+)
+def test_a_job_compressed_other_than_gzip_is_refused_as_such(
+    tmp_path: Path, compress: Callable[[bytes], bytes], kind: str
+) -> None:
+    """An xz, bzip2 or zstd job file is refused as compressed, saying to decompress it or
+    gzip it; it was taken for Latin-1 text, with advice to give --encoding latin-1."""
+    path = tmp_path / "job.csv.x"
+    path.write_bytes(compress(f"asin\n{VALID}\n".encode()))
+    with pytest.raises(JobFileError, match=rf"{kind}-compressed.*gzip") as caught:
+        rows(path, format="csv")
+    assert "latin-1" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "head", ["\ufeffasin,title\r\n", "sep=;\r\nasin;title\r\n", "\ufeffsep=;\r\nasin;title\r\n"]
+)
+def test_the_header_of_a_second_export_joined_with_cat_is_no_row(tmp_path: Path, head: str) -> None:
+    """Two CSV exports joined with cat: the second one's header (and its sep= line) is not
+    a row; each was an invalid row ("an ASIN has 10 characters, this has 4"), so --strict
+    refused the file."""
+    sep = ";" if "sep=" in head else ","
+    data = f"{head}{VALID}{sep}a\r\n{head}B0ABCDEFGJ{sep}b\r\n"
+    path = write(tmp_path, "job.csv", data)
+    found = rows(path)
+    assert [(row.line, row.asin, row.error) for row in found] == [
+        (2 + head.count("\n") - 1, VALID, None),
+        (2 * (head.count("\n") + 1), "B0ABCDEFGJ", None),
+    ]
+    assert count_rows(path) == 2

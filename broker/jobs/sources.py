@@ -14,7 +14,8 @@ Formats (``detect_format`` picks one by extension, else by sniffing the first li
   ``marketplace`` column, and any other columns, which travel in ``extra`` so the output can
   carry them. The delimiter is ``,`` unless the header only has an ``asin`` column when split
   on ``;``, tab or ``|``. Quoted fields (also across lines), CRLF and a BOM are handled.
-  Blank lines and rows whose cells are all blank produce no row. A short row is padded with
+  Blank lines, rows whose cells are all blank, and the header again (with its ``sep=`` line:
+  ``cat`` of two exports) produce no row. A short row is padded with
   empty cells; a row with surplus non-empty cells is invalid, because its columns cannot be
   trusted to line up.
 - **jsonl**: one JSON object per line with a string ``asin``, optional string
@@ -95,6 +96,10 @@ _CR_SNIFF_BYTES: Final = DEFAULT_MAX_LINE_BYTES + 2
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
 _UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
 _ZIP_MAGIC: Final = b"PK\x03\x04"
+#: Compressed files other than gzip, by their first bytes: xz, zstd, and bzip2 ("BZh", the
+#: block size, then a block's or the end's magic number).
+_OTHER_COMPRESSION: Final = ((b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+_BZIP2: Final = re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")
 #: An OLE2 compound document: an Excel 97-2003 workbook (.xls), or a Word or Outlook file.
 _OLE2_MAGIC: Final = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 #: Excel's first line naming a CSV's delimiter ("sep=;").
@@ -490,17 +495,29 @@ _LINE_END: Final = re.compile(rb"\r\n|\r|\n")
 
 
 class _CrAsLf(io.RawIOBase):
-    """A byte stream with every CR read as LF (for files whose lines end in CR alone)."""
+    """A byte stream with every CR read as LF, and a CRLF as one LF (for files whose lines
+    end in CR alone; joined with a Windows file, its CRLFs are one line break each)."""
 
     def __init__(self, inner: io.BufferedIOBase) -> None:
         self._inner = inner
+        # The last chunk ended in a CR: an LF starting the next one is that CR's.
+        self._after_cr = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
-        data = self._inner.read(len(view)).replace(b"\r", b"\n")
+        while True:
+            data = self._inner.read(len(view))
+            if not data:
+                return 0
+            if self._after_cr and data.startswith(b"\n"):
+                data = data[1:]
+            self._after_cr = data.endswith(b"\r")
+            if data:
+                break
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         view[: len(data)] = data
         return len(data)
 
@@ -600,6 +617,14 @@ def _strip_file_head(content: bytes, path: Path) -> bytes:
         raise JobFileError(
             f"{path}: this is a ZIP archive (an Excel .xlsx workbook?), not a text job file; "
             "export the sheet as CSV"
+        )
+    kind = next((name for magic, name in _OTHER_COMPRESSION if content.startswith(magic)), None)
+    if kind is None and _BZIP2.match(content):
+        kind = "bzip2"
+    if kind is not None:
+        raise JobFileError(
+            f"{path}: the file is {kind}-compressed; only gzip-compressed job files are read: "
+            f"decompress it, or gzip it instead"
         )
     if content.startswith(_OLE2_MAGIC):
         raise JobFileError(
@@ -814,6 +839,7 @@ def _csv_rows(
     except csv.Error as exc:
         raise JobFileError(f"{path}: line {header_line}: malformed CSV header: {exc}") from None
     layout = _csv_layout(header, delimiter, path, header_line)
+    again = _header_cells(header)
     # Malformed rows still carry the other columns (empty), so every row of the job has the
     # same pass-through columns and a CSV output's header can be taken from any row.
     blank = {name: "" for _, name in layout.extra} or None
@@ -824,38 +850,162 @@ def _csv_rows(
         except StopIteration:
             return
         except csv.Error as exc:
-            error = f"malformed CSV: {exc}"
+            if not str(exc).startswith(_FIELD_LIMIT):
+                error = f"malformed CSV: {exc}"
+            else:
+                # A quoted cell over csv's limit, its lines each within the cap: read on to
+                # the record's end. Well quoted, it is one invalid row (the lines inside the
+                # cell are no rows, whatever they look like); a quote left open is what the
+                # branch below makes of it.
+                start, raw = _record_start(feed.taken, feed.lineno)
+                verdict = _read_long_record(feed, delimiter)
+                if verdict is not None:
+                    feed.take_oversize()
+                    yield JobRow(start, raw, None, extra=blank, error=verdict, code=INVALID_ROW)
+                    reader = csv.reader(feed, delimiter=delimiter)
+                    continue
+                error = _NEVER_CLOSED
         else:
             if len(feed.taken) < 2 or _quotes_closed(feed.taken, delimiter):
-                start = feed.taken[0][0] if feed.taken else feed.lineno
+                start, raw = _record_start(feed.taken, feed.lineno)
                 if feed.take_oversize() is not None:
                     yield JobRow(
                         start,
-                        "",
+                        raw,
                         None,
                         extra=blank,
                         error=_too_long(max_line_bytes),
                         code=INVALID_ROW,
                     )
                     continue
-                if not any(cell.strip() for cell in record):
+                if not any(cell.strip() for cell in record) or _header_again(
+                    record, feed.taken, again
+                ):
                     continue
                 yield _csv_row(start, record, layout, check)
                 continue
-            error = (
-                "malformed CSV: a quoted field starts on this line and is never closed "
-                '(a stray " ?); the following lines were read as rows of their own'
-            )
+            error = _NEVER_CLOSED
         # One bad record costs one invalid row, not the file: report its first line and
         # read the lines after it again with a fresh reader (a quote left open would
         # otherwise swallow the rest of the file into one cell).
         taken = feed.taken
         feed.take_oversize()
-        start, text = taken[0] if taken else (feed.lineno, "")
-        raw = text.preview if isinstance(text, _Oversize) else _preview(text.rstrip("\r\n"))
+        start, raw = _record_start(taken, feed.lineno)
         yield JobRow(start, raw, None, extra=blank, error=error, code=INVALID_ROW)
         feed.replay(taken[1:])
         reader = csv.reader(feed, delimiter=delimiter)
+
+
+#: How csv's error about a field over its size limit starts.
+_FIELD_LIMIT: Final = "field larger than field limit"
+
+
+def _record_start(taken: list[_Line], lineno: int) -> tuple[int, str]:
+    """A record's first line number and the start of its text (for ``JobRow.raw``)."""
+    if not taken:
+        return lineno, ""
+    start, text = taken[0]
+    return start, text.preview if isinstance(text, _Oversize) else _preview(text.rstrip("\r\n"))
+
+
+#: The most of a record past csv's field limit kept to be read again as rows, should its
+#: quote turn out to be left open (characters).
+_LONG_RECORD_KEPT: Final = 16 * 1024 * 1024
+
+_NEVER_CLOSED: Final = (
+    "malformed CSV: a quoted field starts on this line and is never closed "
+    '(a stray " ?); the following lines were read as rows of their own'
+)
+
+
+def _read_long_record(feed: _CsvFeed, delimiter: str) -> str | None:
+    """Read a record csv gave up on (a field over its limit) to its end, judging its quotes.
+
+    Returns the invalid row's reason when the record is well quoted, or when it is not but
+    too long to read its lines again; None when a quote was left open (or closed
+    mid-field): ``feed.taken`` then holds the record's lines, to be read again as rows.
+    """
+    scan = _RecordScan(delimiter)
+    ended = False
+    for _, text in feed.taken:
+        ended = scan.read(text if isinstance(text, str) else "\n")
+        if ended:
+            break
+    kept = sum(len(text) for _, text in feed.taken if isinstance(text, str))
+    dropped = False
+    while not ended:
+        line = next(feed, None)
+        if line is None:
+            break
+        ended = scan.read(line)
+        kept += len(line)
+        if kept > _LONG_RECORD_KEPT:
+            dropped = True
+            feed.taken.clear()
+    last = feed.lineno
+    if ended and scan.well_quoted:
+        return (
+            f"malformed CSV: a quoted field longer than {csv.field_size_limit()} characters "
+            f"(the record runs to line {last})"
+        )
+    if dropped:
+        return (
+            f"malformed CSV: a quoted field starts on this line and is not closed within "
+            f'{_LONG_RECORD_KEPT} characters (a stray " ?); the lines to {last} were skipped'
+        )
+    return None
+
+
+class _RecordScan:
+    """Follows one CSV record's quotes, a line at a time, as a strict reader would: where
+    the record ends, and whether each quoted field closed at the end of a field."""
+
+    __slots__ = ("_delimiter", "_state", "well_quoted")
+
+    def __init__(self, delimiter: str) -> None:
+        self._delimiter = delimiter
+        self._state = "start"  # of a field; or "plain", "quoted", "closed"
+        self.well_quoted = True
+
+    def read(self, text: str) -> bool:
+        """Follow one more line of the record; True when the record ends with it."""
+        i, n = 0, len(text)
+        while i < n:
+            if self._state == "quoted":
+                j = text.find('"', i)
+                if j < 0:
+                    return False  # the line break is the cell's
+                if text.startswith('"', j + 1):
+                    i = j + 2  # a doubled quote: one quote in the cell
+                    continue
+                self._state, i = "closed", j + 1
+                continue
+            ch = text[i]
+            if ch in "\r\n":
+                return True
+            if ch == self._delimiter:
+                self._state = "start"
+            elif self._state == "start":
+                self._state = "quoted" if ch == '"' else "plain"
+            elif self._state == "closed":
+                self.well_quoted = False  # a quote closed mid-field
+                self._state = "plain"
+            i += 1
+        return self._state != "quoted"
+
+
+def _header_cells(header: list[str]) -> list[str]:
+    return [cell.strip().lstrip("\ufeff").strip().lower() for cell in header]
+
+
+def _header_again(record: list[str], taken: list[_Line], header: list[str]) -> bool:
+    """Whether a record is no row but a second export's head, as ``cat`` of two CSV exports
+    leaves it: the header again (any case), or an Excel ``sep=`` line."""
+    if _header_cells(record) == header:
+        return True
+    if len(taken) != 1 or not isinstance(taken[0][1], str):
+        return False
+    return _SEP_LINE.fullmatch(taken[0][1].rstrip("\r\n").lstrip("\ufeff")) is not None
 
 
 def _quotes_closed(lines: list[_Line], delimiter: str) -> bool:
