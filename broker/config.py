@@ -417,6 +417,11 @@ def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> No
             )
         elif text.startswith("Invalid value for"):
             why = "an option after '?' has a value of the wrong type"
+        elif text.startswith("Redis URL must specify"):
+            why = (
+                "it must start with redis://, rediss:// or unix://, in lower case and with "
+                "two slashes"
+            )
         else:
             why = (
                 "its address cannot be read (a '#', '[' or '@' in a password must be "

@@ -758,6 +758,8 @@ class TestIdentityAndConfig:
                 "must not hold a password",
             ),
             ({"colour": "blue"}, "colour"),
+            ({"backend": "redis", "redis_url": "REDIS://127.0.0.1:6379/0"}, "lower case"),
+            ({"backend": "redis", "redis_url": "redis:/127.0.0.1:6379/0"}, "two slashes"),
         ],
     )
     def test_bad_state_tables_are_refused(self, state: dict[str, object], message: str) -> None:
@@ -824,6 +826,87 @@ class TestUnavailable:
             await admin.execute_command("REPLICAOF", "NO", "ONE")
             await admin.aclose()
             await store.aclose()
+
+    @needs_redis
+    async def test_a_redis_user_barred_from_scripts_is_a_config_error(
+        self, redis_server: RedisServer
+    ) -> None:
+        """A Redis ACL user that may not run scripts is a config error naming what to grant
+        (exit 78 at once); it was "Redis unavailable", waited out for the outage budget."""
+        from redis.asyncio import Redis
+
+        admin = Redis.from_url(redis_server.url)
+        url = redis_server.url.replace("redis://", "redis://limited@", 1)
+        store = RedisStateStore(url, password="limited-pw", key_prefix="t-noperm:")
+        try:
+            await admin.execute_command(
+                "ACL", "SETUSER", "limited", "on", ">limited-pw", "~*", "+@read", "+ping", "+hello"
+            )
+            with pytest.raises(ConfigError, match=r"permission.*\+evalsha") as info:
+                await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+            assert "limited-pw" not in str(info.value)
+        finally:
+            await admin.execute_command("ACL", "DELUSER", "limited")
+            await admin.aclose()
+            await store.aclose()
+
+    def test_a_redis_cluster_is_a_config_error(self) -> None:
+        """A Redis Cluster node redirecting a key elsewhere (MOVED) is a config error saying
+        a cluster is not supported; it was an outage, waited out for the budget."""
+        from redis.exceptions import AskError, MovedError
+
+        store = RedisStateStore("redis://127.0.0.1:1/0")
+        for error in (MovedError("10661 127.0.0.1:37053"), AskError("5338 127.0.0.1:37054")):
+            failure = store._failure(error)
+            assert isinstance(failure, ConfigError)
+            assert "Redis Cluster" in str(failure)
+        asyncio.run(store.aclose())
+
+    @needs_redis
+    async def test_rediss_to_a_plain_redis_hints_at_tls(self, redis_server: RedisServer) -> None:
+        """A rediss:// URL whose server does not answer the TLS handshake says the server may
+        not speak TLS, not only "timeout connecting"."""
+        url = redis_server.url.replace("redis://", "rediss://", 1)
+        store = RedisStateStore(url, timeout_s=0.3)
+        with pytest.raises(StateUnavailableError, match=r"TLS.*redis://"):
+            await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        await store.aclose()
+
+    @needs_redis
+    async def test_an_evicting_redis_is_named_once(self, redis_server: RedisServer) -> None:
+        """A Redis with a memory limit and an evicting policy may drop a key's state at any
+        time (each loss sends at several times the key's rate for a moment, and undercounts
+        its day): the store warns once, saying to use noeviction."""
+        from redis.asyncio import Redis
+
+        admin = Redis.from_url(redis_server.url)
+        store = RedisStateStore(redis_server.url, key_prefix="t-evict:")
+        try:
+            await admin.config_set("maxmemory", "512mb")
+            await admin.config_set("maxmemory-policy", "allkeys-lru")
+            with capture_logs() as logs:
+                for _ in range(3):
+                    await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+            said = [e for e in logs if e["event"] == "broker.state_evictable"]
+            assert len(said) == 1
+            assert said[0]["policy"] == "allkeys-lru"
+            assert "noeviction" in said[0]["remedy"]
+        finally:
+            await admin.config_set("maxmemory", "0")
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.aclose()
+            await store.aclose()
+
+    @needs_redis
+    async def test_a_redis_without_a_memory_limit_is_not_named(
+        self, redis_server: RedisServer
+    ) -> None:
+        """No memory limit (the default) evicts nothing, whatever the policy: no warning."""
+        store = RedisStateStore(redis_server.url, key_prefix="t-noevict:")
+        with capture_logs() as logs:
+            await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        assert [e for e in logs if e["event"] == "broker.state_evictable"] == []
+        await store.aclose()
 
     async def test_redis_down_raises_state_unavailable(self) -> None:
         """Nothing listening on the port: a clear error naming the backend and the URL."""

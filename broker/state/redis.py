@@ -5,15 +5,18 @@ clock and no client clock is trusted; it applies the caller's feedback, reserves
 and counts the day, and answers in one round trip (redis-py's ``AsyncScript``: ``EVALSHA``,
 re-loading the script after a restart). The script runs the same rate controller as the
 local homes (``broker/ratecontrol.py``, ported step for step). Both keys of a StateKey carry
-the same hash tag, so the script also runs on Redis Cluster. Keys expire after ``ttl_s``
+the same hash tag. Redis Cluster is not supported: a node that redirects a key (``MOVED``)
+is a config error, as is a user whose ACL bars the script. Keys expire after ``ttl_s``
 idle (two days: longer than a daily window, so an idle key's count survives until its day
 is over).
 
 Redis down or unreachable: every call raises :class:`broker.errors.StateUnavailableError`
-(never a fallback to uncoordinated sending). Redis restarted empty: each caller's
-:class:`broker.state.model.ProcessMark` carries the highest daily count it saw, and the
-script takes the maximum, so the day's count is rebuilt from the surviving processes, not
-zeroed (see the README, "Several processes or machines on one key").
+(never a fallback to uncoordinated sending). A Redis that may evict keys (a memory limit
+and a policy other than ``noeviction``) is named once: each eviction loses a key's record.
+Redis restarted empty: each caller's :class:`broker.state.model.ProcessMark` carries the
+highest daily count it saw, and the script takes the maximum, so the day's count is rebuilt
+from the surviving processes, not zeroed (see the README, "Several processes or machines on
+one key").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.config import redacted_url
 from broker.errors import ConfigError, StateUnavailableError
+from broker.logs import get_logger
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
 from broker.state.model import (
     PROCESS_RECENT_S,
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
 __all__ = ["DEFAULT_KEY_PREFIX", "RedisStateStore"]
+
+logger = get_logger("broker")
 
 #: Prepended to every Redis key the broker writes.
 DEFAULT_KEY_PREFIX = "asin-broker:"
@@ -64,7 +70,17 @@ class RedisStateStore:
         StateUnavailableError: redis-py is not installed (the ``redis`` extra).
     """
 
-    __slots__ = ("_client", "_has_password", "_prefix", "_script", "_ttl_ms", "_url", "_writable")
+    __slots__ = (
+        "_client",
+        "_eviction_checked",
+        "_has_password",
+        "_prefix",
+        "_script",
+        "_tls",
+        "_ttl_ms",
+        "_url",
+        "_writable",
+    )
 
     def __init__(
         self,
@@ -89,6 +105,8 @@ class RedisStateStore:
         self._prefix = key_prefix
         self._ttl_ms = int(ttl_s * 1000)
         self._writable = False
+        self._eviction_checked = False
+        self._tls = url.lower().startswith("rediss:")
         self._client: Redis = Redis.from_url(
             url,
             password=password,
@@ -178,7 +196,14 @@ class RedisStateStore:
 
     def _failure(self, exc: Exception) -> ConfigError | StateUnavailableError:
         """What a Redis error means to the caller: a config error, or the store unavailable."""
-        from redis.exceptions import AuthenticationError, ResponseError
+        from redis.exceptions import (
+            AskError,
+            AuthenticationError,
+            NoPermissionError,
+            ResponseError,
+        )
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
 
         # Older redis-py (5.0) sends the script call unauthenticated, and a Redis that wants
         # a password refuses its size, not the missing AUTH: a ResponseError of its own.
@@ -205,7 +230,50 @@ class RedisStateStore:
                 f"Redis at {self._url} has no such database ({exc}); name one the server "
                 "has in the URL's path (/0 by default)",
             )
-        return StateUnavailableError("redis", f"{self._url}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, NoPermissionError):
+            # An ACL that bars the script never mends by waiting either.
+            return ConfigError(
+                "state.redis_url",
+                f"the Redis user of {self._url} lacks a permission the broker needs ({exc}); "
+                "grant it +evalsha +script|load +exists +set (or +@scripting +@read "
+                "+@write) on keys of the key prefix, or use another user",
+            )
+        if isinstance(exc, AskError):  # MOVED too: a Redis Cluster node
+            return ConfigError(
+                "state.redis_url",
+                f"{self._url} is a Redis Cluster node ({type(exc).__name__}: {exc}); Redis "
+                "Cluster is not supported: name a standalone Redis (or a primary of "
+                "Sentinel's), or use another backend",
+            )
+        message = f"{self._url}: {type(exc).__name__}: {exc}"
+        if self._tls and isinstance(exc, RedisTimeoutError | RedisConnectionError | OSError):
+            message += " (a rediss:// URL: if this server does not speak TLS, its URL is redis://)"
+        return StateUnavailableError("redis", message)
+
+    async def _check_eviction(self) -> None:
+        """Name, once, a Redis that may evict the broker's keys: with a memory limit and an
+        evicting policy, each eviction loses a key's record, its slot and its day's count
+        with it (the count is rebuilt from what processes saw, the slot is not). A Redis
+        that keeps ``CONFIG`` to itself (managed ones) is not asked twice."""
+        from redis.exceptions import RedisError
+
+        self._eviction_checked = True
+        try:
+            found = await self._client.config_get("maxmemory*")
+        except (RedisError, OSError):
+            return
+        policy = _text(found.get("maxmemory-policy", "noeviction"))
+        limit = _text(found.get("maxmemory", "0"))
+        if policy != "noeviction" and limit not in ("", "0"):
+            logger.warning(
+                "broker.state_evictable",
+                where=self._url,
+                policy=policy,
+                maxmemory=limit,
+                remedy="give the key state a Redis (or a database of one) set to "
+                "maxmemory-policy noeviction, or no maxmemory: an evicted key's state is "
+                "lost, and its processes send over its rate until they agree again",
+            )
 
     async def _decide(self, key: StateKey, limits: KeyLimits, args: list[str]) -> Decision:
         from redis.exceptions import RedisError
@@ -214,6 +282,8 @@ class RedisStateStore:
             reply: Any = await self._script(keys=self._keys(key), args=args)
         except (RedisError, OSError) as exc:
             raise self._failure(exc) from exc
+        if not self._eviction_checked:
+            await self._check_eviction()
         return Decision(
             granted=int(reply[0]) == 1,
             wait_s=int(reply[1]) / _US,
