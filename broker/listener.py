@@ -1,4 +1,5 @@
-"""Starting an aiohttp server on a TCP port so that a cancellation never leaks its socket.
+"""Starting an aiohttp server on a TCP port so that a cancellation never leaks its socket,
+and, for an endpoint anyone on the machine may reach, bounding what its clients hold open.
 
 Used by the embedded simulator and by ``broker serve``'s metrics endpoint.
 """
@@ -6,16 +7,65 @@ Used by the embedded simulator and by ``broker serve``'s metrics endpoint.
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
-__all__ = ["start_listener"]
+from broker.logs import get_logger
+
+__all__ = ["ConnectionLimits", "Listener", "start_listener"]
+
+logger = get_logger("broker")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What the clients of one listener may hold open: at most ``max_open`` connections at
+    once (any more is closed as it comes), each closed once its client has sent nothing
+    for ``idle_s`` (a request begun and never finished included).
+
+    Without them a client that opens connections and sends nothing keeps each open for
+    good, one file descriptor each, until the process runs out of them.
+    """
+
+    max_open: int
+    idle_s: float
+
+
+class Listener:
+    """A started listener: where it listens, and :meth:`cleanup` to close it."""
+
+    __slots__ = ("_runner", "_server")
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.AbstractServer) -> None:
+        self._runner = runner
+        self._server = server
+
+    @property
+    def addresses(self) -> list[object]:
+        """The addresses listened on, as the sockets name them (``(host, port, ...)``)."""
+        # asyncio's and uvloop's servers both have sockets (uvloop's is no asyncio.Server).
+        sockets: Iterable[socket.socket] = getattr(self._server, "sockets", None) or ()
+        return [sock.getsockname() for sock in sockets]
+
+    async def cleanup(self) -> None:
+        """Stop accepting, then close the connections and the app."""
+        self._server.close()
+        await self._runner.cleanup()
 
 
 async def start_listener(
-    app: web.Application, host: str, port: int, *, shutdown_timeout_s: float
-) -> web.AppRunner:
-    """Serve ``app`` on ``host``:``port``; the runner to clean up when done.
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout_s: float,
+    limits: ConnectionLimits | None = None,
+) -> Listener:
+    """Serve ``app`` on ``host``:``port``, within ``limits`` if given.
 
     The loop's ``create_server`` skips a turn once its socket listens, and a cancel landing
     there loses the server it was about to return, socket and all: it would listen until
@@ -24,9 +74,13 @@ async def start_listener(
     """
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, access_log=None)
     await runner.setup()
-    start = asyncio.ensure_future(web.TCPSite(runner, host, port).start())
+    handlers = runner.server
+    assert handlers is not None  # set up above
+    factory = handlers if limits is None else _Gate(handlers, limits)
+    loop = asyncio.get_running_loop()
+    start = asyncio.ensure_future(loop.create_server(factory, host, port))
     try:
-        await asyncio.shield(start)
+        server = await asyncio.shield(start)
     except BaseException:
         while not start.done():
             try:
@@ -36,8 +90,99 @@ async def start_listener(
                 # still come after the start, or the socket it opens is never closed. The
                 # first exception is raised below.
                 continue
-        if not start.cancelled():
-            start.exception()  # raised above, or moot beside the cancel: seen
+        if not start.cancelled() and start.exception() is None:
+            start.result().close()
         await runner.cleanup()
         raise
-    return runner
+    return Listener(runner, server)
+
+
+class _Gate:
+    """A protocol factory: aiohttp's request handlers, each behind a :class:`_Guarded`."""
+
+    __slots__ = ("_handlers", "_said", "limits", "open")
+
+    def __init__(self, handlers: web.Server, limits: ConnectionLimits) -> None:
+        self._handlers = handlers
+        self.limits = limits
+        self.open = 0
+        self._said = False
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self, self._handlers())
+
+    def refused(self) -> None:
+        """A connection over the cap was closed: said once, at warning level."""
+        if not self._said:
+            self._said = True
+            logger.warning(
+                "broker.http_connections_capped",
+                max_open=self.limits.max_open,
+                note="connections over the cap are closed as they come; a client holding "
+                "many open without sending (or a leaking scraper) is the likely cause",
+            )
+
+
+class _Guarded(asyncio.Protocol):
+    """One connection: counted against the cap, closed when its client goes quiet, and
+    otherwise handed through to aiohttp's request handler unchanged."""
+
+    __slots__ = ("_admitted", "_gate", "_inner", "_last", "_timer", "_transport")
+
+    def __init__(self, gate: _Gate, inner: asyncio.Protocol) -> None:
+        self._gate = gate
+        self._inner = inner
+        self._admitted = False
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A TCP transport (uvloop's is no asyncio.Transport subclass: no isinstance here).
+        transport = cast("asyncio.Transport", transport)
+        if self._gate.open >= self._gate.limits.max_open:
+            transport.abort()
+            self._gate.refused()
+            return
+        self._admitted = True
+        self._gate.open += 1
+        self._transport = transport
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        self._timer = loop.call_later(self._gate.limits.idle_s, self._check_idle)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._last = asyncio.get_running_loop().time()
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._gate.open -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._inner.connection_lost(exc)
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last
+        idle_s = self._gate.limits.idle_s
+        if quiet < idle_s:
+            # Heard from meanwhile: look again when it would have been quiet long enough.
+            self._timer = loop.call_later(idle_s - quiet, self._check_idle)
+            return
+        self._timer = None
+        if self._transport is not None:
+            self._transport.close()

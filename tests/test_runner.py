@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import errno
 import gzip
 import json
 import os
@@ -729,6 +730,18 @@ def test_a_write_error_on_a_relative_path_says_where_that_is(
     assert message == f"cannot write: out: Permission denied (in {tmp_path})"
     _, absolute = runner.describe_failure(PermissionError(13, "Permission denied", "/x/out"))
     assert absolute == "cannot write: /x/out: Permission denied"
+
+
+@pytest.mark.parametrize("number", [errno.EMFILE, errno.ENFILE])
+def test_running_out_of_open_files_is_said_so(number: int) -> None:
+    """A process out of open files (a daemon scanning inbox/) is told as that, with the
+    limit to raise; it said "cannot write: inbox: Too many open files", read as a disk or
+    permission fault, though nothing was being written."""
+    code, message = runner.describe_failure(OSError(number, os.strerror(number), "/s/inbox"))
+    assert code == ExitCode.IO_ERROR
+    assert message.startswith("out of open files: /s/inbox: ")
+    assert "cannot write" not in message
+    assert "ulimit -n" in message
 
 
 @pytest.mark.parametrize(

@@ -776,6 +776,71 @@ class TestD4LoopbackOnly:
         assert parser_defaults == {"simulate": "127.0.0.1", "serve": "127.0.0.1"}
 
 
+class TestMetricsConnections:
+    """What clients of the metrics endpoint can hold open is bounded: any local user can
+    reach it, and a daemon out of open files exits."""
+
+    async def test_connections_over_the_cap_are_closed_and_the_endpoint_still_answers(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Past the cap, a new connection is closed at once (one warning says so); once the
+        held ones go, requests are answered again. Held connections were kept for good,
+        until the daemon ran out of files and exited 74."""
+        from broker.jobs import metrics_http
+        from broker.listener import ConnectionLimits
+
+        monkeypatch.setattr(metrics_http, "LIMITS", ConnectionLimits(max_open=3, idle_s=60.0))
+        async with MetricsServer(_NoStatus(), host="127.0.0.1", port=0) as metrics:
+            held = [await asyncio.open_connection("127.0.0.1", metrics.port) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            with structlog.testing.capture_logs() as logs:
+                reader, writer = await asyncio.open_connection("127.0.0.1", metrics.port)
+                assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # closed
+                writer.close()
+            assert [e["event"] for e in logs] == ["broker.http_connections_capped"]
+            for _, w in held:
+                w.close()
+            await asyncio.sleep(0.05)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{metrics.url}/healthz") as response,
+            ):
+                assert response.status == 200
+
+    async def test_a_client_that_goes_quiet_is_closed(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A connection that sends nothing, or half a request, is closed once it has been
+        quiet for the idle time; one that keeps asking is not."""
+        from broker.jobs import metrics_http
+        from broker.listener import ConnectionLimits
+
+        monkeypatch.setattr(metrics_http, "LIMITS", ConnectionLimits(max_open=8, idle_s=0.3))
+        async with MetricsServer(_NoStatus(), host="127.0.0.1", port=0) as metrics:
+            silent = await asyncio.open_connection("127.0.0.1", metrics.port)
+            partial = await asyncio.open_connection("127.0.0.1", metrics.port)
+            partial[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            busy = await asyncio.open_connection("127.0.0.1", metrics.port)
+            for _ in range(4):
+                assert await _ask(*busy) == 200
+                await asyncio.sleep(0.15)
+            for reader, _ in (silent, partial):
+                assert await asyncio.wait_for(reader.read(), timeout=5) == b""
+            assert await _ask(*busy) == 200  # still open
+            for _, writer in (silent, partial, busy):
+                writer.close()
+
+
+async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """One GET /healthz on a kept-alive connection, read whole; its status code."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    length = re.search(r"(?i)content-length: *(\d+)", head)
+    assert length is not None
+    await reader.readexactly(int(length.group(1)))
+    return int(head.split()[1])
+
+
 class _NoStatus:
     """A StatusSource with nothing to report."""
 

@@ -27,7 +27,7 @@ from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.metrics import LATENCY_BUCKETS_S, QUOTA_WAIT
 from broker.errors import ConfigError
 from broker.jobs.process_stats import ProcessStats, read_process_stats
-from broker.listener import start_listener
+from broker.listener import ConnectionLimits, Listener, start_listener
 from broker.logs import get_logger
 
 if TYPE_CHECKING:
@@ -54,6 +54,10 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # key paused for any other reason (the token endpoint failing) is not ready (reliability B13).
 _TRANSIENT_PAUSE: Final = "Retry-After"
 _SHUTDOWN_TIMEOUT_S: Final = 2.0
+#: What the endpoint's clients may hold open: a scraper and a health check or two need a
+#: few connections; a client that opens thousands and sends nothing must not use up the
+#: daemon's open files (it exited 74 when its next look at inbox/ found none left).
+LIMITS: Final = ConnectionLimits(max_open=64, idle_s=60.0)
 
 logger = get_logger("broker")
 
@@ -466,7 +470,7 @@ class MetricsServer:
         self._app = create_app(source)
         self._host = host
         self.port = port
-        self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
 
     @property
     def url(self) -> str:
@@ -475,15 +479,19 @@ class MetricsServer:
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> MetricsServer:
-        runner = await start_listener(
-            self._app, self._host, self.port, shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S
+        listener = await start_listener(
+            self._app,
+            self._host,
+            self.port,
+            shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S,
+            limits=LIMITS,
         )
-        addresses: Iterable[object] = runner.addresses
+        addresses: Iterable[object] = listener.addresses
         for address in addresses:
             if isinstance(address, tuple) and len(address) >= 2:
                 self.port = int(address[1])
                 break
-        self._runner = runner
+        self._listener = listener
         return self
 
     async def __aexit__(
@@ -492,6 +500,6 @@ class MetricsServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.cleanup()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -1417,6 +1418,12 @@ def describe_failure(
         return ExitCode.NO_INPUT, (
             f"cannot read the job file {job}: {exc.strerror or exc}; make it readable by the "
             "user the broker runs as"
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        # Nothing need have been written: any open (a look at a directory) fails so.
+        return ExitCode.IO_ERROR, (
+            f"out of open files: {os_error_text(exc)}{_where(exc.filename)}; raise the "
+            "open-file limit (ulimit -n; LimitNOFILE= in a systemd unit)"
         )
     if isinstance(exc, OSError):
         return ExitCode.IO_ERROR, f"cannot write: {os_error_text(exc)}{_where(exc.filename)}"

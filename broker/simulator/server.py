@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
 from broker.errors import ConfigError
-from broker.listener import start_listener
+from broker.listener import Listener, start_listener
 from broker.simulator.app import STATS_KEY, create_app
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class SimulatorServer:
         self._host = host
         self._requested_port = port
         self._clock = clock
-        self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
         self.app: web.Application = create_app(settings, clock=clock)
         self.port = 0
         self.url = ""
@@ -90,12 +90,13 @@ class SimulatorServer:
         return self.app[STATS_KEY]
 
     async def __aenter__(self) -> SimulatorServer:
-        runner = await start_listener(
+        listener = await start_listener(
             self.app, self._host, self._requested_port, shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S
         )
-        self._runner = runner
-        addresses = runner.addresses
-        self.port = int(addresses[0][1]) if addresses else self._requested_port
+        self._listener = listener
+        addresses = listener.addresses
+        first = addresses[0] if addresses else None
+        self.port = int(first[1]) if isinstance(first, tuple) else self._requested_port
         shown = f"[{self._host}]" if ":" in self._host else self._host
         self.url = f"http://{shown}:{self.port}"
         return self
@@ -106,9 +107,9 @@ class SimulatorServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await listener.cleanup()
 
 
 #: How often a simulator started with a parent looks whether the parent is still there.
