@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import JobFileError
+from broker.jobs import sources
 from broker.jobs.sources import (
     DEFAULT_MAX_LINE_BYTES,
     JobFingerprint,
@@ -1122,3 +1123,19 @@ def test_the_header_of_a_second_export_joined_with_cat_is_no_row(tmp_path: Path,
         (2 * (head.count("\n") + 1), "B0ABCDEFGJ", None),
     ]
     assert count_rows(path) == 2
+
+
+def test_a_stray_quote_before_more_than_is_kept_still_costs_one_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quote left open with more of the file after it than a long record keeps: the
+    lines after it are still rows of their own (one stray quote in a 24 MB file made it
+    one invalid row, and no ASIN of the 500,000 after it was looked up)."""
+    monkeypatch.setattr(sources, "_LONG_RECORD_KEPT", 150_000)
+    long = "x" * 60_000
+    data = f'asin,note\n{VALID},"12 inch\n{long}\n{long}\n{long}\n' + f"{VALID},a\n" * 1000
+    found = rows(write(tmp_path, "job.csv", data))
+    assert len(found) == 1004
+    assert [row.line for row in found] == list(range(2, 1006))
+    assert [row.asin for row in found[:4]] == [None] * 4
+    assert all(row.asin == VALID for row in found[4:])

@@ -908,8 +908,9 @@ def _record_start(taken: list[_Line], lineno: int) -> tuple[int, str]:
     return start, text.preview if isinstance(text, _Oversize) else _preview(text.rstrip("\r\n"))
 
 
-#: The most of a record past csv's field limit kept to be read again as rows, should its
-#: quote turn out to be left open (characters).
+#: How much of a record past csv's field limit is read, and kept to be read again as rows
+#: should its quote turn out to be left open (characters): a well-quoted field longer than
+#: this is taken for a quote left open.
 _LONG_RECORD_KEPT: Final = 16 * 1024 * 1024
 
 _NEVER_CLOSED: Final = (
@@ -921,9 +922,10 @@ _NEVER_CLOSED: Final = (
 def _read_long_record(feed: _CsvFeed, delimiter: str) -> str | None:
     """Read a record csv gave up on (a field over its limit) to its end, judging its quotes.
 
-    Returns the invalid row's reason when the record is well quoted, or when it is not but
-    too long to read its lines again; None when a quote was left open (or closed
-    mid-field): ``feed.taken`` then holds the record's lines, to be read again as rows.
+    Returns the invalid row's reason when the record is well quoted; None when a quote was
+    left open (or closed mid-field), or the record runs on past :data:`_LONG_RECORD_KEPT`:
+    ``feed.taken`` then holds the lines read, to be read again as rows (a stray quote
+    never costs more than its own row, however much of the file follows it).
     """
     scan = _RecordScan(delimiter)
     ended = False
@@ -932,26 +934,16 @@ def _read_long_record(feed: _CsvFeed, delimiter: str) -> str | None:
         if ended:
             break
     kept = sum(len(text) for _, text in feed.taken if isinstance(text, str))
-    dropped = False
-    while not ended:
+    while not ended and kept <= _LONG_RECORD_KEPT:
         line = next(feed, None)
         if line is None:
             break
         ended = scan.read(line)
         kept += len(line)
-        if kept > _LONG_RECORD_KEPT:
-            dropped = True
-            feed.taken.clear()
-    last = feed.lineno
     if ended and scan.well_quoted:
         return (
-            f"malformed CSV: a quoted field longer than {csv.field_size_limit()} characters "
-            f"(the record runs to line {last})"
-        )
-    if dropped:
-        return (
-            f"malformed CSV: a quoted field starts on this line and is not closed within "
-            f'{_LONG_RECORD_KEPT} characters (a stray " ?); the lines to {last} were skipped'
+            f"malformed CSV: a field longer than {csv.field_size_limit()} characters "
+            f"(the record runs to line {feed.lineno})"
         )
     return None
 
@@ -981,7 +973,7 @@ class _RecordScan:
                 self._state, i = "closed", j + 1
                 continue
             ch = text[i]
-            if ch in "\r\n":
+            if ch == "\n" or (ch == "\r" and text.startswith("\n", i + 1)):
                 return True
             if ch == self._delimiter:
                 self._state = "start"
