@@ -42,9 +42,14 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-__all__ = ["DEFAULT_KEY_PREFIX", "RedisStateStore"]
+__all__ = ["DEFAULT_KEY_PREFIX", "REDIS_PERMISSIONS", "RedisStateStore"]
 
 logger = get_logger("broker")
+
+#: What a Redis ACL user must be allowed: the script, and the commands it runs.
+REDIS_PERMISSIONS = "+@scripting +@read +@write +time"
+#: The first words of the replies that only a Redis Cluster node gives.
+_CLUSTER_REPLIES = frozenset({"MOVED", "ASK", "CROSSSLOT", "CLUSTERDOWN"})
 
 #: Prepended to every Redis key the broker writes.
 DEFAULT_KEY_PREFIX = "asin-broker:"
@@ -205,6 +210,7 @@ class RedisStateStore:
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
+        text = str(exc)
         # Older redis-py (5.0) sends the script call unauthenticated, and a Redis that wants
         # a password refuses its size, not the missing AUTH: a ResponseError of its own.
         if isinstance(exc, AuthenticationError) or (
@@ -223,22 +229,27 @@ class RedisStateStore:
                 f"Redis at {self._url} refused the credentials ({type(exc).__name__}: {exc}); "
                 "set the password's environment variable to the right value",
             )
-        if isinstance(exc, ResponseError) and "DB index" in str(exc):
+        if isinstance(exc, ResponseError) and "DB index" in text:
             # The URL's /N names a database the server does not have: no wait mends it.
             return ConfigError(
                 "state.redis_url",
                 f"Redis at {self._url} has no such database ({exc}); name one the server "
                 "has in the URL's path (/0 by default)",
             )
-        if isinstance(exc, NoPermissionError):
-            # An ACL that bars the script never mends by waiting either.
+        if isinstance(exc, NoPermissionError) or (
+            isinstance(exc, ResponseError)
+            and (text.startswith("NOPERM") or "can't run this command" in text)
+        ):
+            # An ACL that bars a command (the script's own ones too) never mends by waiting.
             return ConfigError(
                 "state.redis_url",
                 f"the Redis user of {self._url} lacks a permission the broker needs ({exc}); "
-                "grant it +evalsha +script|load +exists +set (or +@scripting +@read "
-                "+@write) on keys of the key prefix, or use another user",
+                f"grant it {REDIS_PERMISSIONS} on the key prefix's keys, or use another user",
             )
-        if isinstance(exc, AskError):  # MOVED too: a Redis Cluster node
+        if isinstance(exc, AskError) or (
+            isinstance(exc, ResponseError) and text.split(" ", 1)[0] in _CLUSTER_REPLIES
+        ):
+            # A Redis Cluster node (redis-py before 5.1 gives MOVED as a plain ResponseError).
             return ConfigError(
                 "state.redis_url",
                 f"{self._url} is a Redis Cluster node ({type(exc).__name__}: {exc}); Redis "
@@ -270,8 +281,8 @@ class RedisStateStore:
                 where=self._url,
                 policy=policy,
                 maxmemory=limit,
-                remedy="give the key state a Redis (or a database of one) set to "
-                "maxmemory-policy noeviction, or no maxmemory: an evicted key's state is "
+                remedy="give the key state a Redis instance set to maxmemory-policy "
+                "noeviction, or without maxmemory: an evicted key's state is "
                 "lost, and its processes send over its rate until they agree again",
             )
 
