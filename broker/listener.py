@@ -24,11 +24,13 @@ logger = get_logger("broker")
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     """What the clients of one listener may hold open: at most ``max_open`` connections at
-    once (any more is closed as it comes), each closed once its client has sent nothing
-    for ``idle_s`` (a request begun and never finished included).
+    once (a new one past that closes the one heard from longest ago), each closed once its
+    client has sent nothing for ``idle_s`` (a request begun and never finished included).
 
     Without them a client that opens connections and sends nothing keeps each open for
-    good, one file descriptor each, until the process runs out of them.
+    good, one file descriptor each, until the process runs out of them. A newcomer is let
+    in, not the quietest old connection kept: a client holding the cap with a byte now and
+    then must not shut out the next health check.
     """
 
     max_open: int
@@ -100,60 +102,68 @@ async def start_listener(
 class _Gate:
     """A protocol factory: aiohttp's request handlers, each behind a :class:`_Guarded`."""
 
-    __slots__ = ("_handlers", "_said", "limits", "open")
+    __slots__ = ("_handlers", "_open", "_said", "limits")
 
     def __init__(self, handlers: web.Server, limits: ConnectionLimits) -> None:
         self._handlers = handlers
         self.limits = limits
-        self.open = 0
+        # The connections let in and not closing, in the order they came.
+        self._open: dict[_Guarded, None] = {}
         self._said = False
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self, self._handlers())
 
-    def refused(self) -> None:
-        """A connection over the cap was closed: said once, at warning level."""
-        if not self._said:
-            self._said = True
-            logger.warning(
-                "broker.http_connections_capped",
-                max_open=self.limits.max_open,
-                note="connections over the cap are closed as they come; a client holding "
-                "many open without sending (or a leaking scraper) is the likely cause",
-            )
+    def admit(self, connection: _Guarded) -> None:
+        """Count ``connection`` in, first closing the one heard from longest ago if the
+        cap is reached (said once, at warning level)."""
+        if len(self._open) >= self.limits.max_open:
+            quietest = min(self._open, key=lambda c: c.heard)
+            self.leave(quietest)
+            quietest.abort()
+            if not self._said:
+                self._said = True
+                logger.warning(
+                    "broker.http_connections_capped",
+                    max_open=self.limits.max_open,
+                    note="each new connection past the cap closes the one heard from longest "
+                    "ago; a client holding many open without sending (or a leaking "
+                    "scraper) is the likely cause",
+                )
+        self._open[connection] = None
+
+    def leave(self, connection: _Guarded) -> None:
+        """``connection`` closes: it no longer counts."""
+        self._open.pop(connection, None)
 
 
 class _Guarded(asyncio.Protocol):
     """One connection: counted against the cap, closed when its client goes quiet, and
     otherwise handed through to aiohttp's request handler unchanged."""
 
-    __slots__ = ("_admitted", "_gate", "_inner", "_last", "_timer", "_transport")
+    __slots__ = ("_gate", "_inner", "_made", "_timer", "_transport", "heard")
 
     def __init__(self, gate: _Gate, inner: asyncio.Protocol) -> None:
         self._gate = gate
         self._inner = inner
-        self._admitted = False
+        self._made = False
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._last = 0.0
+        #: when its client last sent anything (the loop's clock)
+        self.heard = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A TCP transport (uvloop's is no asyncio.Transport subclass: no isinstance here).
-        transport = cast("asyncio.Transport", transport)
-        if self._gate.open >= self._gate.limits.max_open:
-            transport.abort()
-            self._gate.refused()
-            return
-        self._admitted = True
-        self._gate.open += 1
-        self._transport = transport
+        self._transport = cast("asyncio.Transport", transport)
         loop = asyncio.get_running_loop()
-        self._last = loop.time()
+        self.heard = loop.time()
+        self._gate.admit(self)
+        self._made = True
         self._timer = loop.call_later(self._gate.limits.idle_s, self._check_idle)
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self._last = asyncio.get_running_loop().time()
+        self.heard = asyncio.get_running_loop().time()
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -166,23 +176,28 @@ class _Guarded(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._admitted:
-            return
-        self._admitted = False
-        self._gate.open -= 1
+        self._gate.leave(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._inner.connection_lost(exc)
+        if self._made:
+            self._made = False
+            self._inner.connection_lost(exc)
+
+    def abort(self) -> None:
+        """Close at once (the cap needs the room)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
-        quiet = loop.time() - self._last
+        quiet = loop.time() - self.heard
         idle_s = self._gate.limits.idle_s
         if quiet < idle_s:
             # Heard from meanwhile: look again when it would have been quiet long enough.
             self._timer = loop.call_later(idle_s - quiet, self._check_idle)
             return
         self._timer = None
+        self._gate.leave(self)
         if self._transport is not None:
             self._transport.close()
