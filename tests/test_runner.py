@@ -742,6 +742,11 @@ def test_running_out_of_open_files_is_said_so(number: int) -> None:
     assert message.startswith("out of open files: /s/inbox: ")
     assert "cannot write" not in message
     assert "ulimit -n" in message
+    # Also when it names the job file: not "cannot read the job file ... make it readable".
+    job = Path("/s/processing/j.txt")
+    code, message = runner.describe_failure(OSError(number, os.strerror(number), str(job)), job=job)
+    assert code == ExitCode.IO_ERROR
+    assert message.startswith("out of open files: ")
 
 
 @pytest.mark.parametrize(

@@ -1493,6 +1493,29 @@ class TestDaemonSurvives:
         assert (await _filed(spool, "zz_ok.txt"))["rows"]["total"] == 1
         assert os.listdir(spool / "processing") == []
 
+    def test_a_daemon_out_of_open_files_keeps_the_job_it_could_not_open(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job file the daemon cannot open because it ran out of open files is the
+        daemon's trouble, not the job's: the error goes up (the daemon stops, "out of open
+        files") and the job stays claimed, instead of being filed in failed/ as unreadable."""
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=FakeClock())
+        daemon.spool.prepare()
+        job = daemon.spool.job("j.txt", "jsonl")
+        job.path.write_text("B0FILES001\n")
+        real_open = open
+
+        def out_of_files(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if Path(file) == job.path:
+                raise OSError(errno.EMFILE, "Too many open files", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(serve, "open", out_of_files, raising=False)
+        with pytest.raises(OSError, match="Too many open files"):
+            daemon._check_readable(job)
+        assert job.path.exists()
+        assert os.listdir(tmp_path / "failed") == []
+
     async def test_k4_inbox_link_of_a_claimed_job_is_removed_at_start(
         self, start: Start, spool: Path
     ) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, 
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
@@ -84,6 +84,7 @@ __all__ = [
     "StrictInputError",
     "each_marketplace",
     "keys_serving",
+    "out_of_files",
     "quota_wait",
     "run_job",
 ]
@@ -1373,6 +1374,12 @@ def is_about(exc: OSError, path: Path) -> bool:
     return exc.filename is not None and Path(exc.filename).absolute() == path.absolute()
 
 
+def out_of_files(exc: BaseException) -> TypeGuard[OSError]:
+    """Whether ``exc`` says this process (or the machine) ran out of open files: no fault
+    of the file it names, and gone once files are closed or the limit raised."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
 def describe_failure(
     exc: BaseException, *, job: Path | None = None, spooled: bool = False
 ) -> tuple[int, str]:
@@ -1410,6 +1417,12 @@ def describe_failure(
         return ExitCode.UNAVAILABLE, (
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
         )
+    if out_of_files(exc):
+        # Nothing need have been written, nor the job file be unreadable: any open fails so.
+        return ExitCode.IO_ERROR, (
+            f"out of open files: {os_error_text(exc)}{_where(exc.filename)}; raise the "
+            "open-file limit (ulimit -n; LimitNOFILE= in a systemd unit)"
+        )
     if isinstance(exc, FileNotFoundError) and job is not None and is_about(exc, job):
         return ExitCode.NO_INPUT, f"input not found: {exc.filename}"
     if isinstance(exc, JobFileError):
@@ -1418,12 +1431,6 @@ def describe_failure(
         return ExitCode.NO_INPUT, (
             f"cannot read the job file {job}: {exc.strerror or exc}; make it readable by the "
             "user the broker runs as"
-        )
-    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-        # Nothing need have been written: any open (a look at a directory) fails so.
-        return ExitCode.IO_ERROR, (
-            f"out of open files: {os_error_text(exc)}{_where(exc.filename)}; raise the "
-            "open-file limit (ulimit -n; LimitNOFILE= in a systemd unit)"
         )
     if isinstance(exc, OSError):
         return ExitCode.IO_ERROR, f"cannot write: {os_error_text(exc)}{_where(exc.filename)}"

@@ -102,6 +102,7 @@ from broker.jobs.runner import (
     JobSummary,
     describe_failure,
     is_about,
+    out_of_files,
     quota_wait,
     run_job,
 )
@@ -1406,6 +1407,8 @@ class Daemon:
         except FileNotFoundError:
             self._vanished(job)
         except OSError as exc:
+            if out_of_files(exc):
+                raise  # the daemon's own shortage: the job stays claimed for the next start
             self._fail_unreadable(job, exc)
         return None
 
