@@ -982,15 +982,19 @@ async def _lookup(
 
 def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_json: bool) -> None:
     """The rows answered so far, in argument order."""
-    rows = [_lookup_row(n + 1, asins[n], result) for n, result in sorted(got.items())]
-    if as_json:
-        import json
+    from broker.jobs.sinks import json_lines
 
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+    rows = [_lookup_row(n + 1, asins[n], result) for n, result in sorted(got.items())]
+    # Bytes, whatever stdout's encoding (a C locale, cron): JSON lines in UTF-8, as run
+    # writes them; the summary in the terminal's encoding, what it cannot show replaced.
+    if as_json:
+        data = json_lines(rows)
     else:
-        for row in rows:
-            print(_readable(row))
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        data = "".join(f"{_readable(row)}\n" for row in rows).encode(encoding, "replace")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 def _market_for(config: BrokerConfig, text: str, marketplace: str | None) -> str | None:
@@ -1091,8 +1095,11 @@ def _readable_lines(row: dict[str, object]) -> list[str]:
         if summary.get("title"):
             lines.append(f"  {summary['title']}")
         price = summary.get("price")
-        if price is not None:
-            lines.append(f"  price {price} {summary.get('currency') or ''}".rstrip())
+        if isinstance(price, int | float):
+            currency = summary.get("currency") or ""
+            # ISO 4217's minor units: none for the yen, two for the other stores' currencies.
+            places = 0 if currency == "JPY" else 2
+            lines.append(f"  price {price:.{places}f} {currency}".rstrip())
         if summary.get("availability"):
             lines.append(f"  {summary['availability']}")
         if summary.get("detail_url"):

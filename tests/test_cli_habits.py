@@ -1889,6 +1889,56 @@ def test_lookup_prints_what_other_marketplaces_answered_when_one_has_no_key_left
     assert "no key can serve www.amazon.co.uk" in err
 
 
+class _AsciiStdout(io.TextIOWrapper):
+    """A stdout whose encoding is ASCII (a C locale, cron), a terminal or not."""
+
+    terminal = False
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_lookup_on_a_stdout_that_is_not_utf8_prints_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    """lookup's rows reach a stdout whose encoding is not UTF-8: JSON lines as UTF-8 bytes,
+    the same bytes run writes; the summary with what the terminal cannot show replaced. A
+    German price ("4,36 €") ended the command in a UnicodeEncodeError traceback, exit 1."""
+    tags = '{ "www.amazon.com" = "demo-20", "www.amazon.de" = "demo-22" }'
+    text = _CONFIG.replace('{ "www.amazon.com" = "demo-20" }', tags)
+    config = str(_config(tmp_path, text))
+    raw = io.BytesIO()
+    stdout = _AsciiStdout(raw, encoding="ascii")
+    stdout.terminal = terminal
+    monkeypatch.setattr(sys, "stdout", stdout)
+    args = ["lookup", "--no-cache", "--config", config, "--marketplace", "DE", "B0C0000001"]
+    assert cli.main(args) == 0
+    stdout.flush()
+    out = raw.getvalue()
+    if terminal:
+        assert out.decode("ascii").startswith("B0C0000001")
+    else:
+        (line,) = out.decode("utf-8").splitlines(keepends=True)
+        row = json.loads(line)
+        assert "€" in json.dumps(row["item"], ensure_ascii=False)
+        assert line == json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def test_lookup_shows_a_price_with_its_currency_s_decimals() -> None:
+    """The summary shows $9.00 as 9.00 USD, not 9.0, and yen without decimals."""
+    row: dict[str, object] = {
+        "asin": "B0C1234568",
+        "input": "B0C1234568",
+        "marketplace": "www.amazon.com",
+        "status": "ok",
+        "summary": {"price": 9.0, "currency": "USD"},
+    }
+    assert "  price 9.00 USD" in cli._readable(row).splitlines()
+    row["summary"] = {"price": 1280.0, "currency": "JPY"}
+    assert "  price 1280 JPY" in cli._readable(row).splitlines()
+
+
 @pytest.mark.parametrize("off", [["--no-cache"], ["--max-age", "0"]])
 def test_lookup_refresh_with_no_cache_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], off: list[str]

@@ -35,7 +35,7 @@ import io
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
@@ -58,6 +58,7 @@ __all__ = [
     "JsonlSink",
     "ResultSink",
     "SqliteSink",
+    "json_lines",
     "open_sink",
     "output_row",
 ]
@@ -467,7 +468,13 @@ class JsonlSink(_FileSink):
     """JSON Lines output: UTF-8 without BOM, one compact object per row, ``\\n``-terminated."""
 
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
-        return _utf8("".join(_json_line(output_row(row)) for row in rows))
+        return json_lines(output_row(row) for row in rows)
+
+
+def json_lines(values: Iterable[object]) -> bytes:
+    """``values`` as JSON Lines, UTF-8, as the JSONL output writes them (``broker lookup``
+    prints its rows so too)."""
+    return _utf8("".join(_json_line(value) for value in values))
 
 
 class CsvSink(_FileSink):
