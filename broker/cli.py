@@ -1255,9 +1255,16 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     )
     if paths.to_stdout or paths.out.exists():
         print(f"output: {paths.shown_out}", file=sys.stderr)
-    else:
-        # Stopped before the output was begun (a CSV output waits for the whole job file).
+    elif not summary.read_complete or summary.refresh_pending:
+        # Stopped before the output was begun (a CSV output waits for the whole job file;
+        # --refresh writes beside it until the new one is complete).
         print(f"output: {paths.shown_out} (not begun yet)", file=sys.stderr)
+    else:
+        print(
+            f"output: {paths.shown_out} (not there: moved or deleted during the run; run "
+            "again to write it from the ledger)",
+            file=sys.stderr,
+        )
     # --out - keeps no ledger (and no report): its temporary directory goes at exit, so
     # nothing it names can be read or resumed afterwards.
     if summary.invalid_report and not paths.to_stdout:

@@ -680,6 +680,21 @@ class TestLock:
             assert lock.held
             assert (tmp_path / "job.ledger.lock").read_text().strip() == str(os.getpid())
 
+    def test_a_held_lock_speaks_of_the_output_not_only_this_job(self, tmp_path: Path) -> None:
+        """The lock is the output's: its holder may be another job writing the same output,
+        and the message says so, with the way out (another output); it said "this job is
+        being run" to a different job that shared an --out."""
+        first = JobLock(tmp_path / "out.jsonl.ledger").acquire()
+        try:
+            with pytest.raises(JobLockedError) as caught:
+                JobLock(tmp_path / "out.jsonl.ledger").acquire()
+        finally:
+            first.close()
+        message = str(caught.value)
+        assert "another one with the same output" in message
+        assert "an output of its own" in message
+        assert "this job is being run" not in message
+
     def test_lock_is_exclusive_in_process_and_released_on_close(self, tmp_path: Path) -> None:
         """A second JobLock is refused while the first is held, and succeeds after close."""
         first = JobLock(tmp_path / "job.ledger").acquire()

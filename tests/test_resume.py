@@ -543,7 +543,7 @@ class TestA8SecondProcess:
                 holder.wait(timeout=30)
         err = second.stderr.decode()
         assert second.returncode == ExitCode.DATA_ERROR, err
-        assert f"this job is being run by process {holder.pid}" in err
+        assert f"the job writing this output is being run by process {holder.pid}" in err
         assert holder.returncode in (ExitCode.OK, ExitCode.RESUMABLE)
         fast = embedded_config(tmp_path / "fast.toml")
         assert main(fast, job, out) == 0

@@ -626,6 +626,35 @@ class TestSqliteSink:
         assert price == (4.5, "Thé, «vert»")
         assert cached == [("integer", 0)]  # the INTEGER column holds 0/1, so WHERE cached works
 
+    @pytest.mark.parametrize("damage", ["moved", "deleted"])
+    def test_a5_output_moved_or_deleted_while_the_run_writes_is_noticed(
+        self, tmp_path: Path, damage: str
+    ) -> None:
+        """A5 for SQLite while running: the output moved or deleted under the run is
+        noticed at the next flush, an OSError naming it (exit 74), as for JSONL and CSV; the
+        run went on committing into the moved file (or the journal of the deleted one) and
+        ended with exit 0, its rows split between two files. The next open writes it again
+        from the ledger, every row once."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            sink.open(ledger.sink_state("out"))
+            sink.write(ledger.done_rows_after(0, limit=4))
+            ledger.set_sink_state("out", sink.flush())
+            if damage == "moved":
+                out.rename(tmp_path / "elsewhere.sqlite")
+            else:
+                out.unlink()
+            sink.write(ledger.done_rows_after(4, limit=3))
+            with pytest.raises(OSError, match="deleted or replaced while this run wrote it"):
+                sink.flush()
+            with pytest.raises(OSError, match="an earlier write failed"):
+                sink.flush()
+            sink.close()
+            state = emit(ledger, SqliteSink(out))
+        assert state == SinkState(0, 10)
+        assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
+
     @pytest.mark.parametrize(
         "damage", ["DELETE FROM results WHERE seq % 3 = 0", "DROP TABLE results"]
     )

@@ -27,9 +27,12 @@ class JobLockedError(JobFileError):
         self.lock_path = lock_path
         self.pid = pid
         holder = f"process {pid}" if pid is not None else "another process (PID not known yet)"
+        # The lock is the output's (its ledger's): the holder may be another job writing
+        # the same output, not this one.
         super().__init__(
-            f"{lock_path}: this job is being run by {holder}; wait for it to finish or stop "
-            "it, then run again."
+            f"{lock_path}: the job writing this output is being run by {holder} (this job, "
+            "or another one with the same output); wait for it to finish or stop it, then "
+            "run again, or give this job an output of its own."
         )
 
 

@@ -384,18 +384,7 @@ class _FileSink:
         return SinkState(self._written, self._done_order)
 
     def _check_in_place(self) -> None:
-        """Raise if the output was deleted or replaced under the run: its rows would be
-        reported written into a file nobody can find (the next open writes it again)."""
-        try:
-            current = file_identity(self.path)
-        except FileNotFoundError:
-            current = None
-        if current != self._identity:
-            raise OSError(
-                errno.ENOENT,
-                f"{self.path} was deleted or replaced while this run wrote it; run again: "
-                "it is written again from the ledger, every row once",
-            )
+        _check_in_place(self.path, self._identity)
 
     def _check_whole(self, fd: int) -> None:
         """Raise if the file is shorter than what this run wrote: cut under it, the next
@@ -454,6 +443,22 @@ class _FileSink:
             raise
         self._written += len(self._buffer)
         self._buffer.clear()
+
+
+def _check_in_place(path: Path, identity: tuple[int, int] | None) -> None:
+    """Raise if the output at ``path`` is no longer the file of ``identity`` (deleted, moved
+    or replaced under the run): its rows would be reported written into a file nobody can
+    find (the next open writes it again)."""
+    try:
+        current: tuple[int, int] | None = file_identity(path)
+    except FileNotFoundError:
+        current = None
+    if current != identity:
+        raise OSError(
+            errno.ENOENT,
+            f"{path} was deleted or replaced while this run wrote it; run again: it is "
+            "written again from the ledger, every row once",
+        )
 
 
 def _torn(data: bytes) -> bytes:
@@ -635,6 +640,7 @@ class SqliteSink:
         self._done_order = 0
         self._durable = 0
         self._failed: OSError | None = None
+        self._identity: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"SqliteSink({str(self.path)!r})"
@@ -665,6 +671,7 @@ class SqliteSink:
         try:
             with _disk_errors(self.path):
                 own = self._prepare(conn, fresh=resume_from.done_order == 0)
+            self._identity = file_identity(self.path)
         except BaseException:
             conn.close()
             raise
@@ -746,6 +753,16 @@ class SqliteSink:
     def flush(self) -> SinkState:
         """Commit the rows with the new state in one transaction and return it."""
         conn = self._usable()
+        try:
+            # Committed into a file moved or deleted meanwhile, the rows would be reported
+            # written where nobody finds them (and its journal left under the old name).
+            _check_in_place(self.path, self._identity)
+        except OSError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._done_order = self._durable
+            self._failed = exc
+            raise
         with self._failing(conn):
             if not conn.in_transaction:
                 conn.execute("BEGIN IMMEDIATE")
