@@ -381,7 +381,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a config file",
         description="Validate a config file and print a summary (secrets "
-        "masked); exit 78 naming the bad key path if it is invalid.",
+        "masked); exit 78 naming the bad key path if it is invalid. It reads the file and "
+        "the secrets it names and connects to nothing: a Redis that refuses its password, "
+        "or an endpoint that refuses a key, is found by the first run (or `broker status` "
+        "for Redis).",
         epilog="exit codes: 0 valid (warnings may follow); 2 usage; 78 invalid or missing.",
     )
     check.add_argument("--config", help=_CONFIG_HELP)
@@ -756,6 +759,14 @@ def _check_config(config: BrokerConfig) -> int:
         )
     for warning in _region_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
+    if config.engine.queue_size < config.engine.batch_size:
+        print(
+            f"warning: engine.queue_size ({config.engine.queue_size}) is below "
+            f"engine.batch_size ({config.engine.batch_size}): no request carries more than "
+            f"{config.engine.queue_size} ASINs, so a job takes more of each key's quota "
+            "than it needs; raise queue_size to at least batch_size",
+            file=sys.stderr,
+        )
     if not any(config.api.marketplace in key.partner_tags for key in config.keys):
         print(
             f"warning: no key has a partner tag for the default marketplace "

@@ -247,6 +247,19 @@ class TestConfigLookup:
         assert not out.exists()
         assert not out.with_name("out.jsonl.ledger").exists()
 
+    def test_check_config_warns_of_a_queue_smaller_than_a_batch(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """engine.queue_size below engine.batch_size is allowed, but no request then carries
+        a full batch (41 requests of 5 for 200 ASINs): check-config says so."""
+        config = str(_config(tmp_path, embedded_toml(engine="queue_size = 5\nbatch_size = 10")))
+        assert cli.main(["check-config", "--config", config]) == ExitCode.OK
+        err = capsys.readouterr().err
+        assert "warning: engine.queue_size (5) is below engine.batch_size (10)" in err
+        config = str(_config(tmp_path, embedded_toml(engine="queue_size = 10")))
+        assert cli.main(["check-config", "--config", config]) == ExitCode.OK
+        assert "queue_size" not in capsys.readouterr().err
+
     def test_check_config_warns_of_a_secret_the_simulator_will_refuse(
         self,
         tmp_path: Path,
