@@ -833,7 +833,9 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             # Checked before anything starts (the embedded simulator, the key state).
             resources = resolve_resources(names, config.api.protocol)
         except ValueError as exc:
-            print(f"{prog()}: --resources: {exc}", file=sys.stderr)
+            # The resolver names its argument "resources:"; here it is the flag.
+            reason = str(exc).removeprefix("resources: ")
+            print(f"{prog()}: --resources: {reason}", file=sys.stderr)
             return ExitCode.USAGE
     budget = args.outage_budget
     if budget is None:

@@ -1274,6 +1274,7 @@ class TestLookup:
             (["--outage-budget", "0"], "--outage-budget must be"),
             (["--resources", ","], "--resources names no resource"),
             (["--resources", " "], "--resources names no resource"),
+            (["--resources", "bogus"], ": --resources: unknown resource 'bogus'"),
         ],
     )
     def test_flag_without_a_usable_value_is_a_usage_error(
