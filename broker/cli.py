@@ -1006,8 +1006,13 @@ def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_j
         encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
         data = "".join(f"{_readable(row)}\n" for row in rows).encode(encoding, "replace")
     sys.stdout.flush()
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+    out = sys.stdout.buffer
+    view = memoryview(data)
+    # A buffered write cut short (a reader gone mid-way, a signal) returns the count it
+    # wrote without an error: the next one meets the closed pipe (exit 141), or goes on.
+    while view:
+        view = view[out.write(view) :]
+    out.flush()
 
 
 def _market_for(config: BrokerConfig, text: str, marketplace: str | None) -> str | None:

@@ -1939,6 +1939,54 @@ def test_lookup_on_a_stdout_that_is_not_utf8_prints_its_rows(
         assert line == json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
+def test_lookup_summary_on_an_ascii_terminal_replaces_what_it_cannot_show(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal that cannot show a title's characters, the summary shows "?" for them
+    (and the rest of the row), not a UnicodeEncodeError."""
+    from broker.models import ItemResult, ItemSummary, Status
+
+    raw = io.BytesIO()
+    stdout = _AsciiStdout(raw, encoding="ascii")
+    stdout.terminal = True
+    monkeypatch.setattr(sys, "stdout", stdout)
+    summary = ItemSummary(title="Thé vert", price=4.5, currency="EUR")
+    result = ItemResult("B0C0000001", "www.amazon.de", Status.OK, summary=summary)
+    cli._print_lookup_rows(["B0C0000001"], {0: result}, as_json=False)
+    lines = raw.getvalue().splitlines()
+    assert lines[1:] == [b"  Th? vert", b"  price 4.50 EUR"]
+
+
+def test_lookup_whose_reader_leaves_mid_output_exits_141(tmp_path: Path) -> None:
+    """lookup's rows written to a reader that goes away after the first bytes (| head -c):
+    exit 141, as when it is gone before the first line. One write cut short by the closed
+    pipe returned what it had written without an error, and lookup exited 0."""
+    config = str(_config(tmp_path))
+    asins = [f"B0PIPE{i:04d}" for i in range(300)]
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "lookup",
+            "--json",
+            "--no-cache",
+            "--config",
+            config,
+            *asins,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.read(100)
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE
+
+
 def test_lookup_shows_a_price_with_its_currency_s_decimals() -> None:
     """The summary shows $9.00 as 9.00 USD, not 9.0, and yen without decimals."""
     row: dict[str, object] = {

@@ -1516,6 +1516,29 @@ class TestDaemonSurvives:
         assert job.path.exists()
         assert os.listdir(tmp_path / "failed") == []
 
+    async def test_a_daemon_out_of_open_files_while_reading_a_job_keeps_it(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Out of open files when the job reader opens the job file: the daemon stops with
+        that error and the job stays claimed; it was filed in failed/ as "cannot read the
+        job file ... make it readable"."""
+        from broker.jobs import sources
+
+        real_open = open
+
+        def out_of_files(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if Path(file).name == "j.txt":
+                raise OSError(errno.EMFILE, "Too many open files", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(sources, "open", out_of_files, raising=False)
+        running = await start()
+        _drop(spool, "j.txt", "B0FILES002\n")
+        with pytest.raises(OSError, match="Too many open files"):
+            await asyncio.wait_for(running.task, timeout=30)
+        assert (spool / "processing" / "j.txt").exists()
+        assert not (spool / "failed" / "j.txt").exists()
+
     async def test_k4_inbox_link_of_a_claimed_job_is_removed_at_start(
         self, start: Start, spool: Path
     ) -> None:

@@ -655,6 +655,37 @@ class TestSqliteSink:
         assert state == SinkState(0, 10)
         assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
 
+    def test_a5_output_moved_during_the_commit_is_noticed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Moved between the look before the commit and the commit itself, the output is
+        noticed after it: the flush raises and records nothing, so the rows are written
+        again."""
+        out = tmp_path / "out.sqlite"
+        real_check = sinks._check_in_place
+        looks = 0
+
+        def moved_after_the_first_look(path: Path, identity: tuple[int, int] | None) -> None:
+            nonlocal looks
+            real_check(path, identity)
+            looks += 1
+            if looks == 1:
+                out.rename(tmp_path / "elsewhere.sqlite")
+
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            sink.open(ledger.sink_state("out"))
+            sink.write(ledger.done_rows_after(0, limit=4))
+            monkeypatch.setattr(sinks, "_check_in_place", moved_after_the_first_look)
+            with pytest.raises(OSError, match="deleted or replaced while this run wrote it"):
+                sink.flush()
+            monkeypatch.undo()
+            sink.close()
+            assert ledger.sink_state("out") == SinkState()
+            state = emit(ledger, SqliteSink(out))
+        assert state == SinkState(0, 10)
+        assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
+
     @pytest.mark.parametrize(
         "damage", ["DELETE FROM results WHERE seq % 3 = 0", "DROP TABLE results"]
     )

@@ -1318,6 +1318,8 @@ class Daemon:
             self._fail(job, exc)
             return
         except OSError as exc:
+            if out_of_files(exc):
+                raise  # the daemon's own shortage, not the job's: it stays claimed
             if not job.path.exists():
                 self._vanished(job)
                 return

@@ -753,21 +753,16 @@ class SqliteSink:
     def flush(self) -> SinkState:
         """Commit the rows with the new state in one transaction and return it."""
         conn = self._usable()
-        try:
-            # Committed into a file moved or deleted meanwhile, the rows would be reported
-            # written where nobody finds them (and its journal left under the old name).
-            _check_in_place(self.path, self._identity)
-        except OSError as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self._done_order = self._durable
-            self._failed = exc
-            raise
+        # Committed into a file moved or deleted meanwhile, the rows would be reported
+        # written where nobody finds them (and its journal left under the old name). Looked
+        # at after the commit too: moved in between, it is not recorded, so written again.
+        self._still_in_place(conn)
         with self._failing(conn):
             if not conn.in_transaction:
                 conn.execute("BEGIN IMMEDIATE")
             conn.execute("UPDATE broker_sink SET done_order = ?", (self._done_order,))
             conn.execute("COMMIT")
+        self._still_in_place(conn)
         self._durable = self._done_order
         return SinkState(0, self._durable)
 
@@ -781,6 +776,17 @@ class SqliteSink:
             finally:
                 # Closed even when the rollback fails (a failing disk): never leaked.
                 conn.close()
+
+    def _still_in_place(self, conn: sqlite3.Connection) -> None:
+        """Raise, and fail the sink, if the file is no longer at its path."""
+        try:
+            _check_in_place(self.path, self._identity)
+        except OSError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._done_order = self._durable
+            self._failed = exc
+            raise
 
     def _usable(self) -> sqlite3.Connection:
         if self._conn is None:
