@@ -441,3 +441,45 @@ def test_a_simulator_that_fails_to_start_reports_its_stderr(
     monkeypatch.setattr(process, "_READY", __import__("re").compile(r"never matches \d{99}"))
     with pytest.raises(RuntimeError, match="simulator did not start"), SimulatorProcess({}):
         pass
+
+
+class _Answering:
+    """A transport that answers each request after ``delay_s`` (forever: None)."""
+
+    def __init__(self, delay_s: float | None) -> None:
+        self.delay_s = delay_s
+
+    async def send(self, request: object) -> object:
+        import asyncio
+
+        if self.delay_s is None:
+            await asyncio.Event().wait()
+        else:
+            await asyncio.sleep(self.delay_s)
+        return "answer"
+
+
+async def test_latency_counts_answered_getitems_requests_only() -> None:
+    """The latency figures time the GetItems requests that were answered: a token call is
+    not one (a bench whose every token call failed showed p50 1.6 ms), nor a request cut off
+    unanswered when the run ended (a hung request showed the whole window as its latency)."""
+    import asyncio
+
+    from broker.api.base import HttpRequest
+    from broker.bench import _TimedTransport
+
+    now = [0.0]
+    token = HttpRequest("POST", "http://127.0.0.1:1/auth/o2/token", {}, b"")
+    get_items = HttpRequest("POST", "http://127.0.0.1:1/catalog/v1/getItems", {}, b"")
+    signed = HttpRequest("POST", "http://127.0.0.1:1/paapi5/getitems", {}, b"")
+    timed = _TimedTransport(_Answering(0.0), lambda: now[0])  # type: ignore[arg-type]
+    for request in (token, get_items, signed):
+        await timed.send(request)
+    assert len(timed.samples) == 2
+    hung = _TimedTransport(_Answering(None), lambda: now[0])  # type: ignore[arg-type]
+    task = asyncio.ensure_future(hung.send(get_items))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert list(hung.samples) == []
