@@ -172,12 +172,39 @@ def non_negative(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """An argparse ``type``: a share of rows or ASINs, from 0 up to (not including) 1."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 up to 1 (not included), got {text}")
+    return value
+
+
+def rates(text: str) -> list[float]:
+    """An argparse ``type``: comma-separated rates per second, each finite and above 0."""
+    read = positive(float)
+    return [read(part) for part in text.split(",")]
+
+
+def _results_dir(text: str) -> Path:
+    """An argparse ``type``: a directory for results, refused at once if something else is
+    there or a file stands where a directory of its path must be (a run of minutes ended in
+    a traceback when it came to write)."""
+    path = Path(text)
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise argparse.ArgumentTypeError(f"{place} is not a directory")
+            break
+    return path
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """``--no-write`` and ``--results-dir``, the same in every script."""
     parser.add_argument("--no-write", action="store_true", help="do not write results files")
     parser.add_argument(
         "--results-dir",
-        type=Path,
+        type=_results_dir,
         default=RESULTS_DIR,
         help="where results files go (default: benchmarks/results; tests pass a tmp dir)",
     )

@@ -47,6 +47,7 @@ from _harness import (
     loop_factory,
     machine_info,
     non_negative,
+    positive,
     print_table,
     quiet_logging,
     report,
@@ -89,7 +90,8 @@ def parse_schedule(text: str) -> list[Phase]:
             phase = Phase(float(seconds), float(tps))
         except ValueError:
             phase = Phase(0.0, 0.0)
-        if not sep or phase.seconds <= 0 or phase.tps <= 0:
+        finite = math.isfinite(phase.seconds) and math.isfinite(phase.tps)
+        if not sep or not finite or phase.seconds <= 0 or phase.tps <= 0:
             raise argparse.ArgumentTypeError(
                 f"expected SECONDS:TPS pairs like {DEFAULT_SCHEDULE}, got {part!r}"
             )
@@ -324,8 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=parse_schedule,
         help=f"SECONDS:TPS phases (default {DEFAULT_SCHEDULE})",
     )
-    parser.add_argument("--keys", type=int, default=2, help="keys per client (default 2)")
-    parser.add_argument("--burst", type=int, default=2, help="server bucket depth (default 2)")
+    parser.add_argument("--keys", type=positive(int), default=2, help="keys per client (default 2)")
+    parser.add_argument(
+        "--burst", type=positive(int), default=2, help="server bucket depth (default 2)"
+    )
     parser.add_argument(
         "--warmup", type=non_negative, help="seconds before the first phase (5; 3 quick)"
     )

@@ -250,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=positive(int), help="rounds; figures are medians (default 5)"
     )
-    parser.add_argument("--concurrency", type=int, default=16, help="in flight (default 16)")
+    parser.add_argument(
+        "--concurrency", type=positive(int), default=16, help="in flight (default 16)"
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     add_output_arguments(parser)
     args = parser.parse_args(argv)

@@ -418,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat", type=positive(int), help="rounds; figures are medians (5)")
     parser.add_argument(
-        "--concurrency", type=int, default=16, help="requests in flight (the key's max_in_flight)"
+        "--concurrency",
+        type=positive(int),
+        default=16,
+        help="requests in flight (the key's max_in_flight)",
     )
     parser.add_argument(
         "--loop",

@@ -24,6 +24,7 @@ from _harness import (
     add_output_arguments,
     machine_info,
     positive,
+    rates,
     report,
     results_name,
     warn_if_busy,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=positive(float), help="run time per rate (default 5)")
     parser.add_argument(
         "--rates",
-        type=lambda text: [float(r) for r in text.split(",")],
+        type=rates,
         default=list(RATES),
         help="rates per second to measure, e.g. 1,10,100 (the default)",
     )

@@ -32,6 +32,7 @@ from datetime import datetime
 from _harness import (
     add_output_arguments,
     machine_info,
+    positive,
     print_table,
     report,
     results_name,
@@ -143,8 +144,8 @@ def measure(protocol: str, resources_name: str, count: int, repeat: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred items, 2 rounds")
-    parser.add_argument("--items", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--items", type=positive(int), default=2000)
+    parser.add_argument("--repeat", type=positive(int), default=5)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     count, repeat = (

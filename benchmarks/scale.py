@@ -49,6 +49,7 @@ from _harness import (
     print_table,
     report,
     results_name,
+    share,
     warn_if_busy,
 )
 
@@ -302,13 +303,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rows", type=positive(int), help=f"rows in the job (default {DEFAULT_ROWS})"
     )
     parser.add_argument(
-        "--duplicates", type=float, default=0.1, help="share of rows repeating an id (0.1)"
+        "--duplicates", type=share, default=0.1, help="share of rows repeating an id (0.1)"
     )
     parser.add_argument(
-        "--invalid", type=float, default=0.001, help="share of invalid rows (0.001)"
+        "--invalid", type=share, default=0.001, help="share of invalid rows (0.001)"
     )
-    parser.add_argument("--tps", type=float, default=1000.0, help="the key's configured TPS")
-    parser.add_argument("--max-in-flight", type=int, default=32, help="the key's max_in_flight")
+    parser.add_argument(
+        "--tps", type=positive(float), default=1000.0, help="the key's configured TPS"
+    )
+    parser.add_argument(
+        "--max-in-flight", type=positive(int), default=32, help="the key's max_in_flight"
+    )
     parser.add_argument("--keep", type=Path, help="keep the job, config and output in this dir")
     add_output_arguments(parser)
     args = parser.parse_args(argv)

@@ -360,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="10 s windows, 3 s warm-up, 10 s after the halving, sweep 1,4 x 5 s (CI smoke)",
     )
-    parser.add_argument("--keys", type=int, default=4, help="keys (simulator accounts)")
+    parser.add_argument("--keys", type=positive(int), default=4, help="keys (simulator accounts)")
     parser.add_argument(
-        "--tps", type=float, default=DEFAULT_TPS, help="true rate of each key, per second"
+        "--tps", type=positive(float), default=DEFAULT_TPS, help="true rate of each key, per second"
     )
     parser.add_argument("--duration", type=positive(float), help="measured window per scenario, s")
     parser.add_argument("--warmup", type=non_negative, help="seconds before the window opens")

@@ -439,3 +439,38 @@ def test_shared_key_quick_run(tmp_path: Path) -> None:
         assert run["accepted"] > 0
     assert body["decision_us"]["local"] > 0
     _written(tmp_path, "shared_key", body)
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "said"),
+    [
+        ("product_cost.py", ["--items", "0"], "--items: must be above 0"),
+        ("pacer_precision.py", ["--rates", "10,-5"], "--rates: must be above 0"),
+        ("engine_cost.py", ["--concurrency", "0"], "--concurrency: must be above 0"),
+        ("utilisation.py", ["--keys", "0"], "--keys: must be above 0"),
+        ("adaptation.py", ["--schedule", "2:nan"], "--schedule: expected SECONDS:TPS"),
+        ("scale.py", ["--duplicates", "2"], "--duplicates: must be from 0 up to 1"),
+        ("cache_rerun.py", ["--new", "-0.5"], "--new: must be from 0 up to 1"),
+        ("loop_stall.py", ["--results-dir", "{file}/results"], "is not a directory"),
+    ],
+)
+def test_a_value_no_run_can_use_is_a_usage_error(
+    tmp_path: Path, script: str, args: list[str], said: str
+) -> None:
+    """A count, rate or share no run can use, or a results path that is a file, exits 2
+    naming the option before anything runs; each was a traceback (ZeroDivisionError,
+    IndexError, a ConfigError), a run of nonsense ("saved -3") or a failure at the end."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+    args = [arg.replace("{file}", str(file)) for arg in args]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--no-write", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert said in done.stderr
+    assert "Traceback" not in done.stderr
