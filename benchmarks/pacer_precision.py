@@ -24,6 +24,7 @@ from _harness import (
     add_output_arguments,
     machine_info,
     positive,
+    print_table,
     rates,
     report,
     results_name,
@@ -118,8 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     min_gaps = 3 if args.quick else 20
     warn_if_busy()
     results = asyncio.run(_bench(seconds, args.rates, min_gaps))
+    summaries = {name: value for name, value in results.items() if isinstance(value, dict)}
+    if summaries:
+        columns = list(next(iter(summaries.values())))
+        rows = [[name, *(value.get(c) for c in columns)] for name, value in summaries.items()]
+        print_table(["client", *columns], rows)
     for name, value in results.items():
-        print(f"{name:42} {value}", file=sys.stderr)
+        if not isinstance(value, dict):
+            print(f"{name} {value}", file=sys.stderr)
     line = {
         "benchmark": "pacer_precision",
         "machine": machine_info(),
