@@ -170,13 +170,15 @@ async def test_control_changes_tps_and_limits() -> None:
         ({"account": "demo", "tps": 1e-320}, 400),
         (b'{"account":"d\xffemo","tps":1}', 400),
         (b"\xff\xfe\xfa", 400),
+        (b'{"limits":false,"account":"demo","tps":1' + b"0" * 400 + b"}", 400),
     ],
 )
 async def test_control_rejects_bad_input(body: object, status: int) -> None:
     """Bad control requests are refused with 4xx and change nothing: an unknown field
     (``key`` for ``account``) is refused, not ignored with a 200; so is a tps that is not
     finite or below the config's least (NaN and 1e-320 turned the limit off, Infinity made
-    every later /_sim/stats a 500); so are bytes that are no UTF-8 (a 500 and a traceback)."""
+    every later /_sim/stats a 500); so are bytes that are no UTF-8 (a 500 and a traceback),
+    and an integer tps too large for a float (a 500, after limits had been switched off)."""
     async with running_simulator() as (client, sim):
         data = body if isinstance(body, bytes) else json.dumps(body)
         response = await client.post("/_sim/control", data=data)
@@ -309,3 +311,33 @@ def test_cli_refuses_remote_host(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert "--allow-remote" in err
     assert "0.0.0.0" in err
+
+
+async def test_stats_count_a_new_day_from_zero_before_any_request() -> None:
+    """/_sim/stats' used_today is 0 once the simulator's day has turned, before the key
+    asks again: it kept yesterday's count until the key's next request."""
+    clock = FakeClock()
+    async with running_simulator(SimulatorSettings(), clock=clock) as (client, sim):
+        token = await client.token()
+        assert (await client.creators("getItems", BODY, token=token)).status == 200
+        before = (await client.get("/_sim/stats?timestamps=0")).json()
+        assert before["quotas"]["demo"]["used_today"] == 1
+        await clock.advance(86_400)
+        after = (await client.get("/_sim/stats?timestamps=0")).json()
+        assert after["quotas"]["demo"]["used_today"] == 0
+
+
+def test_issuing_tokens_stays_cheap_with_many_alive() -> None:
+    """A client that asks a token per call leaves tens of thousands alive: each new one
+    rebuilt the whole store past 10,000 (1.9 ms a token at 30,000, the loop blocked), since
+    none had expired. Past a purge that frees nothing, the next comes at twice the size."""
+    from broker.simulator.accounts import DEMO_ACCOUNTS
+    from broker.simulator.tokens import TokenStore
+
+    store = TokenStore()
+    purges = 0
+    for _ in range(30_000):
+        before = store._tokens
+        store.issue(DEMO_ACCOUNTS[0], 0.0, 3600.0)
+        purges += store._tokens is not before  # a purge builds the store anew
+    assert purges <= 2

@@ -118,7 +118,7 @@ def create_app(
         body["now"] = sim.clock.monotonic()
         body["limits"] = sim.limits
         body["quotas"] = {
-            name: {"tps": q.tps, "tpd": q.tpd, "used_today": q.used_today}
+            name: {"tps": q.tps, "tpd": q.tpd, "used_today": q.used_on(sim.wall())}
             for name, q in sim.quotas.items()
         }
         return web.json_response(body)
@@ -150,6 +150,17 @@ def _refused(error: str, status: int) -> web.Response:
     return web.json_response({"error": error}, status=status)
 
 
+def _usable_tps(tps: object) -> bool:
+    """A JSON number an account's tps can be: finite as a float (an integer of 400 digits
+    is none) and at least the config's least."""
+    if isinstance(tps, bool) or not isinstance(tps, int | float):
+        return False
+    try:
+        return MIN_ACCOUNT_TPS <= float(tps) < math.inf
+    except OverflowError:
+        return False
+
+
 def _control(sim: Simulator, raw: bytes) -> web.Response:
     """Apply a runtime change: an account's tps or tpd, or limits on/off.
 
@@ -172,11 +183,7 @@ def _control(sim: Simulator, raw: bytes) -> web.Response:
     if "limits" in body and not isinstance(limits, bool):
         return _refused("limits must be true or false", 400)
     tps, tpd = body.get("tps"), body.get("tpd")
-    if tps is not None and (
-        isinstance(tps, bool)
-        or not isinstance(tps, int | float)
-        or not MIN_ACCOUNT_TPS <= tps < math.inf
-    ):
+    if tps is not None and not _usable_tps(tps):
         return _refused(f"tps must be a finite number >= {MIN_ACCOUNT_TPS:g}", 400)
     if tpd is not None and (isinstance(tpd, bool) or not isinstance(tpd, int) or tpd < 1):
         return _refused("tpd must be a positive integer", 400)

@@ -65,8 +65,13 @@ class KeyQuota:
 
     @property
     def used_today(self) -> int:
-        """Transactions accepted so far on the current day."""
+        """Transactions accepted so far on the day of the last one asked."""
         return self._count
+
+    def used_on(self, wall: datetime) -> int:
+        """Transactions accepted so far on the day of ``wall`` (UTC): 0 once it has turned,
+        before any is asked that day."""
+        return self._count if wall.date() == self._day else 0
 
     def check(self, now: float, wall: datetime) -> QuotaDecision:
         """Admit or refuse one transaction at monotonic ``now`` and wall time ``wall`` (UTC)."""
