@@ -317,7 +317,7 @@ async def test_stats_count_a_new_day_from_zero_before_any_request() -> None:
     """/_sim/stats' used_today is 0 once the simulator's day has turned, before the key
     asks again: it kept yesterday's count until the key's next request."""
     clock = FakeClock()
-    async with running_simulator(SimulatorSettings(), clock=clock) as (client, sim):
+    async with running_simulator(SimulatorSettings(), clock=clock) as (client, _sim):
         token = await client.token()
         assert (await client.creators("getItems", BODY, token=token)).status == 200
         before = (await client.get("/_sim/stats?timestamps=0")).json()
