@@ -7,12 +7,14 @@ Used by the embedded simulator and by ``broker serve``'s metrics endpoint.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from broker.logs import get_logger
 
@@ -74,6 +76,7 @@ async def start_listener(
     the loop closed. So the start is shielded, and a cancelled caller waits for it to end
     (however often it is cancelled meanwhile) and then closes what it opened.
     """
+    _quiet_bad_requests()
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, access_log=None)
     await runner.setup()
     handlers = runner.server
@@ -97,6 +100,33 @@ async def start_listener(
         await runner.cleanup()
         raise
     return Listener(runner, server)
+
+
+class _OneLineForBadRequests(logging.Filter):
+    """Makes aiohttp's record of a malformed request (answered 400 already) one line with
+    the reason, not a traceback: the client's fault, which looked like a server crash to a
+    user debugging their own client against the simulator. Other errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            # Its message may span lines (the header quoted, a caret under the fault).
+            lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
+            record.msg = f"{record.getMessage()}: {error.code} {' '.join(lines[:2])}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_ONE_LINE = _OneLineForBadRequests()
+
+
+def _quiet_bad_requests() -> None:
+    """Install :class:`_OneLineForBadRequests` on aiohttp's server logger (once)."""
+    server_logger = logging.getLogger("aiohttp.server")
+    if _ONE_LINE not in server_logger.filters:
+        server_logger.addFilter(_ONE_LINE)
 
 
 class _Gate:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Coroutine
 from pathlib import Path
@@ -341,3 +342,37 @@ def test_issuing_tokens_stays_cheap_with_many_alive() -> None:
         store.issue(DEMO_ACCOUNTS[0], 0.0, 3600.0)
         purges += store._tokens is not before  # a purge builds the store anew
     assert purges <= 2
+
+
+async def test_a_malformed_request_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A request aiohttp cannot parse (two Content-Length headers) is answered 400 and
+    logged as one line naming why, not a traceback that looks like a simulator crash."""
+    async with SimulatorServer(SimulatorSettings()) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+        )
+        with caplog.at_level(logging.ERROR, logger="aiohttp.server"):
+            assert (await asyncio.wait_for(reader.read(), timeout=5)).startswith(b"HTTP/1.0 400")
+        writer.close()
+    (record,) = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert record.exc_info is None
+    assert "400 Duplicate Content-Length" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("POST", "/_sim/stats", 405), ("GET", "/_sim/control", 405), ("GET", "/_sim/stat", 404)],
+)
+async def test_a_control_path_asked_wrongly_is_told_so(method: str, path: str, status: int) -> None:
+    """A simulator path with the wrong method is 405 naming the right one, and a misspelt
+    one is 404 listing the endpoints; a POST to /_sim/stats was answered as an unknown API
+    operation (and counted as a request), a typo'd GET was told to POST."""
+    async with SimulatorServer(SimulatorSettings()) as server, aiohttp.ClientSession() as session:
+        async with session.request(method, server.url + path) as response:
+            assert response.status == status
+            said = (await response.json())["error"]
+        stats = await (await session.get(server.url + "/_sim/stats?timestamps=0")).json()
+    assert ("takes" if status == 405 else "/_sim/stats (GET)") in said
+    assert stats["requests"] == 0

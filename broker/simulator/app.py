@@ -139,11 +139,29 @@ def create_app(
 
     app.router.add_get("/_sim/stats", stats)
     app.router.add_post("/_sim/control", control)
+    # Before the API's catch-all: a control path never reaches the API (a POST to
+    # /_sim/stats was answered as an unknown operation, and counted as a request).
+    app.router.add_route("*", "/_sim/{rest:.*}", _sim_elsewhere)
     app.router.add_post("/{path:.*}", api(unknown))
     return app
 
 
 _CONTROL_FIELDS: Final = frozenset({"account", "tps", "tpd", "limits"})
+#: The simulator's own endpoints and the method each takes.
+_SIM_ENDPOINTS: Final = {"/_sim/stats": "GET", "/_sim/control": "POST"}
+
+
+async def _sim_elsewhere(request: web.Request) -> web.Response:
+    """A simulator path asked with the wrong method (405, saying which), or none (404)."""
+    allowed = _SIM_ENDPOINTS.get(request.path)
+    if allowed is not None:
+        return web.json_response(
+            {"error": f"{request.path} takes {allowed}"}, status=405, headers={"Allow": allowed}
+        )
+    known = ", ".join(f"{path} ({method})" for path, method in _SIM_ENDPOINTS.items())
+    return web.json_response(
+        {"error": f"no simulator endpoint {request.path}; there are {known}"}, status=404
+    )
 
 
 def _refused(error: str, status: int) -> web.Response:
