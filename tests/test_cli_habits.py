@@ -980,9 +980,9 @@ class TestRunPaths:
         assert "Traceback" not in err
 
 
-def _with_stdout_gone(tmp_path: Path, args: list[str]) -> str:
-    """Run ``broker ARGS`` whose stdout reader is gone before the first line; exit 141 is
-    asserted, its stderr returned."""
+def _with_stdout_gone(tmp_path: Path, args: list[str], *, after: int = 0) -> str:
+    """Run ``broker ARGS`` whose stdout reader is gone before the first line (or after
+    reading ``after`` bytes); exit 141 is asserted, its stderr returned."""
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     with subprocess.Popen(
         [sys.executable, "-m", "broker", *args],
@@ -993,6 +993,8 @@ def _with_stdout_gone(tmp_path: Path, args: list[str]) -> str:
     ) as proc:
         assert proc.stdout is not None
         assert proc.stderr is not None
+        if after:
+            assert proc.stdout.read(after)
         proc.stdout.close()
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE
@@ -1961,30 +1963,8 @@ def test_lookup_whose_reader_leaves_mid_output_exits_141(tmp_path: Path) -> None
     """lookup's rows written to a reader that goes away after the first bytes (| head -c):
     exit 141, as when it is gone before the first line. One write cut short by the closed
     pipe returned what it had written without an error, and lookup exited 0."""
-    config = str(_config(tmp_path))
-    asins = [f"B0PIPE{i:04d}" for i in range(300)]
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-    with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "broker",
-            "lookup",
-            "--json",
-            "--no-cache",
-            "--config",
-            config,
-            *asins,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-        env=env,
-    ) as proc:
-        assert proc.stdout is not None
-        assert proc.stdout.read(100)
-        proc.stdout.close()
-        assert proc.wait(timeout=60) == ExitCode.BROKEN_PIPE
+    args = ["lookup", "--json", "--no-cache", "--config", str(_config(tmp_path))]
+    _with_stdout_gone(tmp_path, args + [f"B0PIPE{i:04d}" for i in range(300)], after=100)
 
 
 def test_lookup_shows_a_price_with_its_currency_s_decimals() -> None:

@@ -158,6 +158,19 @@ async def _get(url: str) -> tuple[int, str, str]:
         return response.status, response.headers["Content-Type"], await response.text()
 
 
+def _fail_opening(monkeypatch: pytest.MonkeyPatch, module: object, name: str, number: int) -> None:
+    """Make ``module``'s ``open`` of any file called ``name`` fail with errno ``number``,
+    naming the file (root opens every file, so taking the permission away would not do)."""
+    real_open = open
+
+    def opening(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(file).name == name:
+            raise OSError(number, os.strerror(number), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", opening, raising=False)
+
+
 def _samples(text: str) -> dict[str, float]:
     """``name{labels}`` -> value, checking that every sample's family has HELP and TYPE."""
     typed: set[str] = set()
@@ -1473,14 +1486,7 @@ class TestDaemonSurvives:
             # Root reads any file: make the job reader's open fail as it would for a user.
             from broker.jobs import sources
 
-            real_open = open
-
-            def refusing_open(file: Any, *args: Any, **kwargs: Any) -> Any:
-                if Path(file).name == "secret.txt":
-                    raise PermissionError(errno.EACCES, "Permission denied", str(file))
-                return real_open(file, *args, **kwargs)
-
-            monkeypatch.setattr(sources, "open", refusing_open, raising=False)
+            _fail_opening(monkeypatch, sources, "secret.txt", errno.EACCES)
         else:
             secret.chmod(0)
         await start()
@@ -1503,14 +1509,7 @@ class TestDaemonSurvives:
         daemon.spool.prepare()
         job = daemon.spool.job("j.txt", "jsonl")
         job.path.write_text("B0FILES001\n")
-        real_open = open
-
-        def out_of_files(file: Any, *args: Any, **kwargs: Any) -> Any:
-            if Path(file) == job.path:
-                raise OSError(errno.EMFILE, "Too many open files", str(file))
-            return real_open(file, *args, **kwargs)
-
-        monkeypatch.setattr(serve, "open", out_of_files, raising=False)
+        _fail_opening(monkeypatch, serve, "j.txt", errno.EMFILE)
         with pytest.raises(OSError, match="Too many open files"):
             daemon._check_readable(job)
         assert job.path.exists()
@@ -1524,14 +1523,7 @@ class TestDaemonSurvives:
         job file ... make it readable"."""
         from broker.jobs import sources
 
-        real_open = open
-
-        def out_of_files(file: Any, *args: Any, **kwargs: Any) -> Any:
-            if Path(file).name == "j.txt":
-                raise OSError(errno.EMFILE, "Too many open files", str(file))
-            return real_open(file, *args, **kwargs)
-
-        monkeypatch.setattr(sources, "open", out_of_files, raising=False)
+        _fail_opening(monkeypatch, sources, "j.txt", errno.EMFILE)
         running = await start()
         _drop(spool, "j.txt", "B0FILES002\n")
         with pytest.raises(OSError, match="Too many open files"):
