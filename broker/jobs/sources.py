@@ -879,7 +879,7 @@ def _csv_rows(
                     )
                     continue
                 if not any(cell.strip() for cell in record) or _header_again(
-                    record, feed.taken, again
+                    record, feed.taken, again, layout.asin
                 ):
                     continue
                 yield _csv_row(start, record, layout, check)
@@ -990,14 +990,16 @@ def _header_cells(header: list[str]) -> list[str]:
     return [cell.strip().lstrip("\ufeff").strip().lower() for cell in header]
 
 
-def _header_again(record: list[str], taken: list[_Line], header: list[str]) -> bool:
+def _header_again(record: list[str], taken: list[_Line], header: list[str], asin: int) -> bool:
     """Whether a record is no row but a second export's head, as ``cat`` of two CSV exports
-    leaves it: the header again (any case), or an Excel ``sep=`` line."""
-    if _header_cells(record) == header:
-        return True
+    leaves it: the header again (any case), or an Excel ``sep=`` line. ``asin``: the asin
+    column's place, looked at first (a row's id is never "asin": most rows stop there)."""
+    if len(record) == len(header) and record[asin].strip().lower() == "asin":
+        return _header_cells(record) == header
     if len(taken) != 1 or not isinstance(taken[0][1], str):
         return False
-    return _SEP_LINE.fullmatch(taken[0][1].rstrip("\r\n").lstrip("\ufeff")) is not None
+    line = taken[0][1].lstrip("\ufeff")
+    return line[:4].lower() == "sep=" and _SEP_LINE.fullmatch(line.rstrip("\r\n")) is not None
 
 
 def _quotes_closed(lines: list[_Line], delimiter: str) -> bool:
