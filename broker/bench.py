@@ -475,8 +475,8 @@ def _cell(value: float | None, fmt: str = "{:.1f}") -> str:
 
 class _TimedTransport:
     """Wraps the real transport and keeps (start, seconds) of every GetItems request that
-    was answered: a token call is no lookup, and a request cut off unanswered when the run
-    ends (or failing in the network) has no latency to tell."""
+    ended, answered or failed (a hang timed out shows in p99): a token call is no lookup,
+    and a request cut off when the run ends has no latency to tell."""
 
     def __init__(self, inner: AiohttpTransport, clock: Callable[[], float]) -> None:
         self._inner = inner
@@ -484,12 +484,16 @@ class _TimedTransport:
         self.samples: deque[tuple[float, float]] = deque(maxlen=_LATENCY_RING)
 
     async def send(self, request: HttpRequest) -> RawResponse:
-        start = self._clock()
-        response = await self._inner.send(request)
-        # Creators' .../getItems and PA-API's /paapi5/getitems.
-        if request.url.lower().endswith("/getitems"):
-            self.samples.append((start, self._clock() - start))
-        return response
+        start: float | None = self._clock()
+        try:
+            return await self._inner.send(request)
+        except asyncio.CancelledError:
+            start = None  # the run ended under it
+            raise
+        finally:
+            # Creators' .../getItems and PA-API's /paapi5/getitems.
+            if start is not None and request.url.lower().endswith("/getitems"):
+                self.samples.append((start, self._clock() - start))
 
 
 def _percentile(values: Sequence[float], q: int) -> float | None:

@@ -105,7 +105,9 @@ async def start_listener(
 class _OneLineForBadRequests(logging.Filter):
     """Makes aiohttp's record of a malformed request (answered 400 already) one line with
     the reason, not a traceback: the client's fault, which looked like a server crash to a
-    user debugging their own client against the simulator. Other errors keep theirs."""
+    user debugging their own client against the simulator. Other errors keep theirs. It is
+    installed on aiohttp's own logger, so any other aiohttp server in the process gets such
+    parse errors in one line too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None

@@ -459,10 +459,17 @@ class _Answering:
         return "answer"
 
 
-async def test_latency_counts_answered_getitems_requests_only() -> None:
-    """The latency figures time the GetItems requests that were answered: a token call is
-    not one (a bench whose every token call failed showed p50 1.6 ms), nor a request cut off
-    unanswered when the run ended (a hung request showed the whole window as its latency)."""
+class _Failing:
+    """A transport whose every request times out."""
+
+    async def send(self, request: object) -> object:
+        raise TimeoutError("no answer")
+
+
+async def test_latency_counts_getitems_requests_that_ended() -> None:
+    """The latency figures time the GetItems requests that ended, answered or failed: a
+    token call is not one (a bench whose every token call failed showed p50 1.6 ms), nor a
+    request cut off when the run ended (a hung one showed the whole window as its latency)."""
     import asyncio
 
     from broker.api.base import HttpRequest
@@ -476,6 +483,10 @@ async def test_latency_counts_answered_getitems_requests_only() -> None:
     for request in (token, get_items, signed):
         await timed.send(request)
     assert len(timed.samples) == 2
+    failing = _TimedTransport(_Failing(), lambda: now[0])  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await failing.send(get_items)
+    assert len(failing.samples) == 1  # a request that ended in an error took its time too
     hung = _TimedTransport(_Answering(None), lambda: now[0])  # type: ignore[arg-type]
     task = asyncio.ensure_future(hung.send(get_items))
     await asyncio.sleep(0.01)

@@ -148,7 +148,7 @@ def create_app(
 
 _CONTROL_FIELDS: Final = frozenset({"account", "tps", "tpd", "limits"})
 #: The simulator's own endpoints and the method each takes.
-_SIM_ENDPOINTS: Final = {"/_sim/stats": "GET", "/_sim/control": "POST"}
+_SIM_ENDPOINTS: Final = {"/_sim/stats": "GET, HEAD", "/_sim/control": "POST"}
 
 
 async def _sim_elsewhere(request: web.Request) -> web.Response:
@@ -187,8 +187,9 @@ def _control(sim: Simulator, raw: bytes) -> web.Response:
     """
     try:
         body = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        # json.loads decodes bytes itself: bytes that are no UTF-8 (nor UTF-16/32) fail so.
+    except (ValueError, UnicodeDecodeError):
+        # json.loads decodes bytes itself: bytes that are no UTF-8 (nor UTF-16/32) fail so;
+        # an integer of over 4,300 digits is a ValueError of its own, no JSONDecodeError.
         return _refused("body must be JSON", 400)
     if not isinstance(body, dict):
         return _refused("body must be a JSON object", 400)

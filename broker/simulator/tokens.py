@@ -44,19 +44,23 @@ class IssuedToken:
 class TokenStore:
     """The tokens issued so far, by value."""
 
-    __slots__ = ("_purge_at", "_tokens")
+    __slots__ = ("_purge_at", "_sweep_at", "_tokens")
 
     def __init__(self) -> None:
         self._tokens: dict[str, IssuedToken] = {}
         self._purge_at = _PURGE_AT
+        self._sweep_at = 0.0
 
     def issue(self, account: Account, now: float, lifetime_s: float) -> IssuedToken:
         """Create a token for ``account`` valid for ``lifetime_s`` from monotonic ``now``."""
-        if len(self._tokens) >= self._purge_at:
+        big = len(self._tokens) >= _PURGE_AT
+        if len(self._tokens) >= self._purge_at or (big and now >= self._sweep_at):
             self._tokens = {k: t for k, t in self._tokens.items() if t.expires_at > now}
             # Those alive stay: the next purge waits until the store has doubled, or one
-            # that frees nothing (a token asked per call) came again at every token.
+            # that frees nothing (a token asked per call) came again at every token; or
+            # until those alive now have expired, so a spike's tokens do not linger.
             self._purge_at = max(_PURGE_AT, 2 * len(self._tokens))
+            self._sweep_at = now + lifetime_s
         body = secrets.token_urlsafe(48)
         value = ("eyJ" + body) if account.family == "v2" else ("Atc|" + body)
         token = IssuedToken(value, account, now + lifetime_s)
