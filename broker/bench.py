@@ -11,7 +11,7 @@ of ``duration`` seconds is measured:
   side that enforces it (``ratelimit.md`` 5.2);
 - on the client side: requests, ASINs answered, retries after errors other than a 429 (a
   throttled request is sent again too, counted in the 429 share), per-request latency
-  (timed around the transport, of the GetItems requests answered), CPU time of this
+  (timed around the transport, of the GetItems requests that ended), CPU time of this
   process per request, and peak RSS.
 
 The same account builders serve the scripts in ``benchmarks/``, and the defaults set their
