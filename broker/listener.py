@@ -111,6 +111,10 @@ class _OneLineForBadRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, web.RequestPayloadError):
+            # A body that cannot be read (gzip that is not), met again while aiohttp drains
+            # what is left of it after the answer: the same client fault.
+            error = error.__cause__
         if isinstance(error, HttpProcessingError):
             # Its message may span lines (the header quoted, a caret under the fault).
             lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]

@@ -378,3 +378,27 @@ async def test_a_control_path_asked_wrongly_is_told_so(method: str, path: str, s
         stats = await (await session.get(server.url + "/_sim/stats?timestamps=0")).json()
     assert ("takes" if status == 405 else "/_sim/stats (GET, HEAD)") in said
     assert stats["requests"] == 0
+
+
+@pytest.mark.parametrize("path", ["/_sim/control", "/auth/o2/token", "/paapi5/getitems"])
+async def test_a_body_that_cannot_be_read_is_a_400_in_one_line(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body that cannot be read (said to be gzip, and not) is answered 400 naming why,
+    and logged in one line; it was a 500 with two tracebacks on the simulator's stderr."""
+    headers = {
+        "Content-Encoding": "gzip",
+        "Content-Type": "application/json",
+        # Read before the body: without it a PA-API path is an unknown operation.
+        "X-Amz-Target": "com.amazon.paapi5.v1.ProductAdvertisingAPIv1.GetItems",
+    }
+    with caplog.at_level(logging.ERROR, logger="aiohttp.server"):
+        async with (
+            SimulatorServer(SimulatorSettings()) as server,
+            aiohttp.ClientSession() as session,
+            session.post(server.url + path, data=b"not gzip", headers=headers) as response,
+        ):
+            assert response.status == 400
+            assert "the request body cannot be read" in (await response.json())["message"]
+    logged = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert all(r.exc_info is None for r in logged)

@@ -38,6 +38,7 @@ SIMULATOR_KEY = web.AppKey("simulator", Simulator)
 STATS_KEY = web.AppKey("simulator_stats", SimulatorStats)
 
 _Handler = Callable[[web.Request, Simulator], Awaitable[tuple[Reply, str | None]]]
+_Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(
@@ -57,7 +58,7 @@ def create_app(
         settings if settings is not None else SimulatorSettings(),
         clock if clock is not None else LoopClock(),
     )
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(client_max_size=1 << 20, middlewares=[_unreadable_body])
     app[SIMULATOR_KEY] = sim
     app[STATS_KEY] = sim.stats
 
@@ -144,6 +145,22 @@ def create_app(
     app.router.add_route("*", "/_sim/{rest:.*}", _sim_elsewhere)
     app.router.add_post("/{path:.*}", api(unknown))
     return app
+
+
+@web.middleware
+async def _unreadable_body(request: web.Request, handler: _Route) -> web.StreamResponse:
+    """A body that cannot be read (gzip that is not, a chunked body cut short) is the
+    client's fault: 400 naming it, not a 500 with two tracebacks on the simulator's stderr."""
+    try:
+        return await handler(request)
+    except web.RequestPayloadError as exc:
+        cause: BaseException = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        return web.json_response(
+            {"message": f"the request body cannot be read ({type(cause).__name__}: {cause})"},
+            status=400,
+        )
 
 
 _CONTROL_FIELDS: Final = frozenset({"account", "tps", "tpd", "limits"})
