@@ -402,3 +402,23 @@ async def test_a_body_that_cannot_be_read_is_a_400_in_one_line(
             assert "the request body cannot be read" in (await response.json())["message"]
     logged = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert all(r.exc_info is None for r in logged)
+
+
+@pytest.mark.parametrize("path", ["/_sim/control", "/auth/o2/token"])
+async def test_a_client_gone_mid_body_is_dropped_quietly(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that leaves before its body came leaves nothing to answer and nothing to
+    report, on the simulator's own endpoints as on the API's; it was a traceback each."""
+    with caplog.at_level(logging.ERROR, logger="aiohttp.server"):
+        async with SimulatorServer(SimulatorSettings()) as server:
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 100\r\n\r\n0123456789".encode()
+            )
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+            await asyncio.sleep(0.3)
+    assert [r for r in caplog.records if r.name == "aiohttp.server"] == []

@@ -81,12 +81,7 @@ def create_app(
             delay = sim.faults.latency_s()
             if delay:
                 await sim.clock.sleep(delay)
-            try:
-                reply, fault = await handler(request, sim)
-            except ConnectionResetError:
-                # The client left before its body came (a broker closed mid-request): no
-                # one to answer, nothing to report. aiohttp drops this reply quietly.
-                return web.Response(status=499)
+            reply, fault = await handler(request, sim)
             delay = sim.faults.latency_s()
             if delay:
                 await sim.clock.sleep(delay)
@@ -150,9 +145,13 @@ def create_app(
 @web.middleware
 async def _unreadable_body(request: web.Request, handler: _Route) -> web.StreamResponse:
     """A body that cannot be read (gzip that is not, a chunked body cut short) is the
-    client's fault: 400 naming it, not a 500 with two tracebacks on the simulator's stderr."""
+    client's fault: 400 naming it, not a 500 with two tracebacks on the simulator's stderr.
+    A client that left before its body came (a broker closed mid-request) has no one to
+    answer and nothing to report: aiohttp drops the reply quietly."""
     try:
         return await handler(request)
+    except ConnectionResetError:
+        return web.Response(status=499)
     except web.RequestPayloadError as exc:
         cause: BaseException = exc
         while cause.__cause__ is not None or cause.__context__ is not None:
