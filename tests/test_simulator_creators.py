@@ -777,7 +777,7 @@ class TestQuota:
         assert (await _get(client, await client.token(), [ASIN])).status == 429
         await clock.advance(2)
         assert (await _get(client, await client.token(), [ASIN])).status == 200
-        assert sim.quotas["demo"].used_today == 1
+        assert sim.quotas["demo"].used_on(sim.wall()) == 1
 
     async def test_limits_off(self, start: Start) -> None:
         """limits = false never throttles, but still counts accepted requests."""

@@ -986,8 +986,14 @@ class _RecordScan:
         return self._state != "quoted"
 
 
+def _header_names(header: list[str]) -> list[str]:
+    """A header's column names as written, without the blanks and a BOM around them."""
+    return [cell.strip().lstrip("\ufeff").strip() for cell in header]
+
+
 def _header_cells(header: list[str]) -> list[str]:
-    return [cell.strip().lstrip("\ufeff").strip().lower() for cell in header]
+    """A header's column names in lower case: what tells it again (any case)."""
+    return [name.lower() for name in _header_names(header)]
 
 
 def _header_again(record: list[str], taken: list[_Line], header: list[str], asin: int) -> bool:
@@ -1073,7 +1079,7 @@ _FOUND_NAMES: Final = 8
 
 def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _CsvLayout:
     """Find the asin and marketplace columns and name the others; refuse a header without asin."""
-    names = [cell.strip().lstrip("\ufeff").strip() for cell in header]
+    names = _header_names(header)
     lowered = [name.lower() for name in names]
     asin = [i for i, name in enumerate(lowered) if name == "asin"]
     if not asin:

@@ -63,11 +63,6 @@ class KeyQuota:
             # (lowered, a burst of 10 let 7 through at once).
             self._tat = self._last + (self._tat - self._last) * self._interval / old
 
-    @property
-    def used_today(self) -> int:
-        """Transactions accepted so far on the day of the last one asked."""
-        return self._count
-
     def used_on(self, wall: datetime) -> int:
         """Transactions accepted so far on the day of ``wall`` (UTC): 0 once it has turned,
         before any is asked that day."""
