@@ -86,6 +86,10 @@ async def _burst_first_second(rate: float) -> int:
     return len(await _run(limiter.acquire, 1.0)) + 1
 
 
+#: The longest one rate may run (its ``min_gaps + 1`` intervals), in seconds.
+MAX_SPAN_S = 3600.0
+
+
 async def _bench(seconds: float, rates: Sequence[float], min_gaps: int) -> dict[str, object]:
     results: dict[str, object] = {}
     for rate in rates:
@@ -117,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     min_gaps = 3 if args.quick else 20
+    slowest = min(args.rates)
+    if (min_gaps + 1) / slowest > MAX_SPAN_S:
+        # Each rate runs for at least min_gaps + 1 intervals: 1e-9 would run for 600 years.
+        parser.error(
+            f"--rates: {slowest:g}/s needs {(min_gaps + 1) / slowest:,.0f} s for "
+            f"{min_gaps + 1} intervals; the slowest rate this measures is "
+            f"{(min_gaps + 1) / MAX_SPAN_S:g}/s"
+        )
     warn_if_busy()
     results = asyncio.run(_bench(seconds, args.rates, min_gaps))
     summaries = {name: value for name, value in results.items() if isinstance(value, dict)}

@@ -446,6 +446,8 @@ def test_shared_key_quick_run(tmp_path: Path) -> None:
     [
         ("product_cost.py", ["--items", "0"], "--items: must be above 0"),
         ("pacer_precision.py", ["--rates", "10,-5"], "--rates: must be above 0"),
+        # 21 intervals at 1e-9/s: 21,000,000,000 s of running.
+        ("pacer_precision.py", ["--rates", "1e-9"], "the slowest rate this measures"),
         ("engine_cost.py", ["--concurrency", "0"], "--concurrency: must be above 0"),
         ("utilisation.py", ["--keys", "0"], "--keys: must be above 0"),
         ("adaptation.py", ["--schedule", "2:nan"], "--schedule: expected SECONDS:TPS"),
@@ -459,7 +461,8 @@ def test_a_value_no_run_can_use_is_a_usage_error(
 ) -> None:
     """A count, rate or share no run can use, or a results path that is a file, exits 2
     naming the option before anything runs; each was a traceback (ZeroDivisionError,
-    IndexError, a ConfigError), a run of nonsense ("saved -3") or a failure at the end."""
+    IndexError, a ConfigError), a run of nonsense ("saved -3"), a failure at the end, or a
+    run of centuries."""
     file = tmp_path / "a-file"
     file.write_text("")
     args = [arg.replace("{file}", str(file)) for arg in args]
