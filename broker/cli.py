@@ -588,15 +588,13 @@ def _command(args: argparse.Namespace) -> int:
 
             simulator_settings(config)  # [simulator] is checked now, not at first use
         if read and config.api.uses_simulator:
-            from broker.client import embedded_secret
+            from broker.client import check_simulator_key
 
             for key in config.keys:
-                # A key with no secret though secrets were read: its variable is unset
-                # (a secret file that was not read is a systemd credential, read by its
-                # service alone), so the simulator must have the account: checked now,
-                # not after a job is read and its output made.
-                if key.secret is None and not key.secret_source.startswith("file "):
-                    embedded_secret(config, key)
+                # Every request goes to the simulator, so it must have each key's account
+                # (with or without a secret given): checked now, not after a job is read
+                # and its output made, nor as a refusal blaming the credentials.
+                check_simulator_key(config, key)
     except ConfigError as exc:
         return _config_failure(args, f"invalid config {path}: {exc}")
     from broker.logs import configure_logging
@@ -678,21 +676,14 @@ def _init(given: str, *, force: bool) -> int:
 def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
     """Where a key's secret comes from with the embedded simulator, and a warning when the
     simulator will refuse it (a secret that is not its account's)."""
-    from broker.client import simulator_account_hint, simulator_account_secret
+    from broker.client import simulator_account_secret
 
     if key.secret is None:
         unset = f", {key.secret_source} unset" if key.secret_source else ""
         return f"the simulator's own account{unset}"
+    # The simulator has the key's account (checked when the config was read).
     own = simulator_account_secret(config, key)
-    if own is None:
-        print(
-            f"warning: key {key.name}: the embedded simulator has no {config.api.protocol.value} "
-            f"account {key.credential_id!r} ({simulator_account_hint(config, key)}): it will "
-            "refuse the key (exit 77); set credential_id to one of those, or add the account "
-            "to [simulator]",
-            file=sys.stderr,
-        )
-    elif own != key.secret.reveal():
+    if own is not None and own != key.secret.reveal():
         if key.secret_source.startswith("file "):
             instead = "remove the key's credential_secret_file"
         elif key.secret_source.startswith("$"):

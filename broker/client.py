@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Broker",
     "Query",
+    "check_simulator_key",
     "embedded_secret",
     "simulator_account_hint",
     "simulator_account_secret",
@@ -47,6 +48,9 @@ class Broker(EngineBroker):
         if not self.config.api.uses_simulator:
             return await super()._open_endpoint(stack)
         from broker.simulator.server import SimulatorServer
+
+        for key in self.config.keys:
+            check_simulator_key(self.config, key)
 
         # On the broker's clock: a FakeClock in a test moves the simulator's time too, so
         # it judges the key's rate on the same timeline the broker paces it on.
@@ -97,16 +101,44 @@ def embedded_secret(config: BrokerConfig, key: KeyConfig) -> Secret:
 
     Raises:
         ConfigError: the endpoint is not the simulator, or the simulator has no account of
-            the config's protocol for the key's credential (a Creators id in a PA-API
-            config, a typo): the command line checks this when it reads the config.
+            the config's protocol for the key's credential (:func:`check_simulator_key`).
     """
+    check_simulator_key(config, key)
     value = simulator_account_secret(config, key)
     if value is None:
         raise ConfigError(
             f"keys[{config.keys.index(key)}]",
-            f"no secret for credential {key.credential_id!r}, and the embedded simulator has "
-            f"no {config.api.protocol.value} account for it "
-            f"({simulator_account_hint(config, key)}): set credential_id to one of those, or "
-            "add the account to [simulator]",
+            f"no secret for credential {key.credential_id!r}, and the endpoint is not the "
+            "embedded simulator",
         )
     return Secret(value)
+
+
+def check_simulator_key(config: BrokerConfig, key: KeyConfig) -> None:
+    """Refuse a key the embedded simulator has no account for, when it is the endpoint.
+
+    ``api.endpoint = "simulator"`` (the default) sends every request to the in-process
+    simulator, which knows its own accounts only. A credential it does not know is a typo,
+    a Creators id left in a config switched to PA-API, or a real key in a config never
+    pointed at Amazon: the simulator's refusal (``invalid_client``, ``UnrecognizedClient``)
+    would then blame credentials that may well be right, so this is said before any request.
+
+    Raises:
+        ConfigError: naming the key, the simulator's accounts and the two ways out.
+    """
+    if not config.api.uses_simulator or simulator_account_secret(config, key) is not None:
+        return
+    start = (
+        f"no secret for credential {key.credential_id!r}, and the embedded simulator has "
+        f"no {config.api.protocol.value} account for it"
+        if key.secret is None
+        else f"credential {key.credential_id!r} is no {config.api.protocol.value} account of "
+        'the embedded simulator, where api.endpoint = "simulator" (the default) sends every '
+        "request"
+    )
+    raise ConfigError(
+        f"keys[{config.keys.index(key)}]",
+        f"{start} ({simulator_account_hint(config, key)}): for Amazon's API set "
+        'api.endpoint = "amazon"; for the simulator set credential_id to one of those, or '
+        "add the account to [simulator]",
+    )

@@ -235,11 +235,15 @@ class TestConfigLookup:
         assert "'demo-id' is its creators account" in err
         assert "the simulator's paapi5 accounts are 'DEMOACCESSKEY'" in err
         monkeypatch.setenv("ASINB_DEMO_SECRET", "demo-secret-key")
-        assert cli.main(["check-config", "--config", config]) == ExitCode.OK
+        # With its secret set too: every request would go to the simulator, which would
+        # refuse the key (exit 77) blaming its credentials.
+        assert cli.main(["check-config", "--config", config]) == ExitCode.CONFIG
         err = capsys.readouterr().err
-        assert "has no paapi5 account 'demo-id'" in err
+        assert "keys[0]: credential 'demo-id' is no paapi5 account of the embedded" in err
+        assert 'set api.endpoint = "amazon"' in err
         assert "set credential_id to one of those" in err
         assert "unset the variable" not in err
+        assert cli.main(["run", str(_job(tmp_path)), "--config", config]) == ExitCode.CONFIG
         monkeypatch.delenv("ASINB_DEMO_SECRET")
         job = _job(tmp_path)
         out = tmp_path / "out.jsonl"

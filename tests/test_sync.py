@@ -517,6 +517,23 @@ class TestSyncBroker:
             SyncBroker.from_dict(_document(credential_id="nobody"), environ={})
         assert threading.active_count() == before
 
+    @pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+    def test_a_real_key_left_on_the_default_endpoint_is_refused_at_start(
+        self, protocol: str
+    ) -> None:
+        """A key given with its secret in code, but with api.endpoint left at its default
+        (the simulator), is refused as it starts, saying where the requests would go: it was
+        sent to the simulator, whose refusal blamed the credentials (check the secret)."""
+        document = _document(protocol, credential_id="AKIAREALKEY12345678")
+        del document["api"]["endpoint"]
+        with pytest.raises(ConfigError) as caught:
+            SyncBroker.from_dict(document, secrets={"demo": "real-secret"}, environ={})
+        message = str(caught.value)
+        assert "'AKIAREALKEY12345678' is no " + protocol + " account of the embedded" in message
+        assert 'api.endpoint = "simulator" (the default)' in message
+        assert 'set api.endpoint = "amazon"' in message
+        assert "real-secret" not in message
+
     @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
     def test_ctrl_c_while_starting_leaves_nothing_open(self, tmp_path: Path) -> None:
         """Ctrl-C as the SyncBroker's start ends raises KeyboardInterrupt and leaves no task,
