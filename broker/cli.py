@@ -328,7 +328,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--marketplace or resource, --refresh with --no-cache or --max-age 0); 3 some rows "
         "failed; 69 no usable answer from the API or its token endpoint, or the key-state "
         "store unreachable, for the outage budget; 74 a damaged or read-only state file; 75 "
-        "the daily quota of every key the unanswered ids need is spent, or a stop signal "
+        "every key the unanswered ids need waits for its daily quota, or is parked after "
+        "sustained 429s (Amazon's quota spent, or access revoked), or a stop signal "
         "(Ctrl-C, SIGTERM, SIGHUP); 77 a key was rejected, or every key taken out (an "
         "untrusted TLS certificate, a proxy refusing); 78 bad config; 141 stdout's reader "
         "went away (| head). A lookup that stops early prints every answer it has first, "
@@ -949,9 +950,10 @@ async def _lookup(
                 failure = (
                     ExitCode.RESUMABLE,
                     (
-                        f"stopped: the daily quota of every key these ids need is spent until "
-                        f"{until}; the ids not printed were not looked up (run again after the "
-                        "reset)"
+                        "stopped: every key these ids need waits for its daily quota, or is "
+                        "parked after sustained 429s (Amazon's own quota spent, or access "
+                        f"revoked), until {until}; the ids not printed were not looked up (run "
+                        "again after that)"
                     ),
                 )
     except (NoUsableKeyError, StateUnavailableError, ConfigError, OSError) as exc:

@@ -1638,7 +1638,8 @@ class TestLookupEnds:
                 )
         out, err = capsys.readouterr()
         assert code == ExitCode.RESUMABLE
-        assert "daily quota" in err
+        # A 429 does not say whether the quota is spent or access revoked: both are named.
+        assert "waits for its daily quota, or is parked after sustained 429s" in err
         assert [json.loads(line)["input"] for line in out.splitlines()] == ["B0QUOTA001"]
 
     async def test_the_last_request_of_the_day_in_flight_is_still_answered(
@@ -1692,7 +1693,10 @@ class TestLookupEnds:
             ("B0OUTAGE01", "ok"),
             ("not-an-id", "invalid"),
         ]
-        assert "unreachable" in err
+        # The failure line itself (a log line says "unreachable" only where an earlier test
+        # routed logs to stderr: the test passed alone only after one).
+        assert "broker: gave up after 0.5 s without a usable answer" in err
+        assert "connection failed, no connection made" in err
 
     def test_ctrl_c_ends_quietly_with_75(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
