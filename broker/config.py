@@ -108,6 +108,11 @@ _SECRET_NAME: Final = re.compile(
 )
 #: A conventional environment variable name: upper-case letters, digits and underscores.
 _ENV_NAME: Final = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+#: What a PA-API access key may hold: Amazon's are 20 capital letters and digits. A comma,
+#: slash, dot or space would break the signature's ``Credential=`` field (IncompleteSignature,
+#: which condemns every key), a control character every request of the key (aiohttp refuses
+#: the header); ``-`` and ``_`` are let through for the simulator's own accounts.
+_ACCESS_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -904,6 +909,7 @@ def _parse_key(
             f"must be printable (no line breaks, tabs or control characters): {name!r}",
         )
     credential_id = table.text("credential_id", required=True)
+    _check_credential_id(credential_id, api.protocol, f"{path}.credential_id")
     secret_env = table.opt_text("credential_secret_env")
     secret_file = table.opt_text("credential_secret_file")
     if secret_env and secret_file:
@@ -1013,6 +1019,33 @@ def _parse_key(
     max_in_flight = table.integer("max_in_flight", 4, minimum=1, maximum=MAX_IN_FLIGHT)
     _finish(table)
     return KeyConfig(name, credential_id, secret, source, version, tags, tps, tpd, max_in_flight)
+
+
+def _check_credential_id(credential_id: str, protocol: Protocol, path: str) -> None:
+    """Refuse a credential id no request could carry: pasted with a comma or a stray
+    character, or a Creators id under ``protocol = "paapi5"``.
+
+    Raises:
+        ConfigError: naming what is wrong with it (an id is no secret, so it is shown).
+    """
+    if not credential_id.isprintable() or any(c.isspace() for c in credential_id):
+        raise ConfigError(
+            path,
+            f"{credential_id!r} holds a space, line break or control character: copy it "
+            "again from Associates Central",
+        )
+    if protocol is Protocol.PAAPI5 and not _ACCESS_KEY.fullmatch(credential_id):
+        if credential_id.startswith("amzn1."):
+            why = (
+                'a Creators API credential id, but api.protocol = "paapi5" applies to every '
+                'key: set protocol = "creators" (with each key\'s version) to use it'
+            )
+        else:
+            why = (
+                "no PA-API access key, which is letters and digits only (20, as Associates "
+                "Central shows it): copy it again"
+            )
+        raise ConfigError(path, f"{credential_id!r} is {why}")
 
 
 def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = None) -> Secret:

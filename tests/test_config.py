@@ -596,6 +596,42 @@ class TestDefaults:
         assert config.api.protocol is Protocol.PAAPI5
         assert config.keys[0].version is None
 
+    @pytest.mark.parametrize(
+        ("credential", "said"),
+        [
+            ("AKIAEXAMPLEKEY123456,", "is no PA-API access key, which is letters and digits"),
+            ("AKIA/EXAMPLE", "is no PA-API access key"),
+            (
+                "amzn1.application-oa2-client.abc",
+                'a Creators API credential id, but api.protocol = "paapi5" applies to every key',
+            ),
+            ("AKIAEXAMPLE\u0007", "holds a space, line break or control character"),
+            ("AKIA EXAMPLE", "holds a space, line break or control character"),
+        ],
+    )
+    def test_a_paapi_access_key_no_request_could_carry_is_refused(
+        self, credential: str, said: str
+    ) -> None:
+        """A PA-API access key pasted with a comma, a slash, a space or a control character,
+        or a Creators id under paapi5, is refused naming the key: the comma made every
+        signature IncompleteSignature (which condemned the good keys too), the control
+        character crashed each batch of the key (its rows failed as ValueError)."""
+        document = _with("api.protocol", "paapi5")
+        del document["keys"][0]["version"]
+        document["keys"][0]["credential_id"] = credential
+        error = _error(document)
+        assert error.path == "keys[0].credential_id"
+        assert said in error.message
+
+    def test_a_creators_id_with_a_control_character_is_refused(self) -> None:
+        """A Creators credential id holding a control character is refused naming the key;
+        one as Amazon issues it (dots and dashes) loads."""
+        error = _error(_with("keys.0.credential_id", "amzn1.application-oa2-client.a\tb"))
+        assert error.path == "keys[0].credential_id"
+        assert "control character" in error.message
+        good = _with("keys.0.credential_id", "amzn1.application-oa2-client.0123abcd")
+        assert parse_config(good, environ=ENV).keys[0].credential_id.endswith("0123abcd")
+
     def test_tpd_zero_means_unlimited(self) -> None:
         """tpd = 0 is unlimited; an absent tpd is PA-API's starting 8640."""
         assert parse_config(_with("keys.0.tpd", 0), environ=ENV).keys[0].tpd is None
