@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from broker.bench import format_table
-from broker.config import AMAZON, BrokerConfig
+from broker.config import AMAZON, BrokerConfig, redacted_url
 from broker.engine.adaptive import AdaptiveSettings
 from broker.engine.metrics import QUOTA_WAIT
 from broker.engine.shared_limiter import key_limits
@@ -225,12 +225,14 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     try:
         where, statuses = await key_statuses(config)
     except StateUnavailableError as exc:
-        return _cannot_show(config, args, str(exc), ExitCode.UNAVAILABLE)
+        return _cannot_show(config, args, str(exc), ExitCode.UNAVAILABLE, _where(config))
     except ConfigError as exc:  # Redis refusing the password
         return _cannot_show(config, args, f"invalid config: {exc}", ExitCode.CONFIG)
     except OSError as exc:  # a damaged or read-only state file
         # Its text names the file and what is wrong; "[Errno 5]" says nothing more.
-        return _cannot_show(config, args, str(exc.strerror or exc), ExitCode.IO_ERROR)
+        return _cannot_show(
+            config, args, str(exc.strerror or exc), ExitCode.IO_ERROR, _where(config)
+        )
     if args.json:
         document = {
             "backend": config.state.backend,
@@ -249,6 +251,16 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return ExitCode.OK
+
+
+def _where(config: BrokerConfig) -> str | None:
+    """Where the state was to be read, for a failure's ``where``: the file, or the Redis
+    URL without credentials."""
+    if config.state.backend == "local":
+        return str(local_state_path(config.state))
+    if config.state.redis_url is not None:
+        return redacted_url(config.state.redis_url)
+    return None
 
 
 def _cannot_show(

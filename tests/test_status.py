@@ -178,13 +178,19 @@ class TestStatus:
     def test_damaged_state_file_exits_74_with_a_line(
         self, config_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A state file that is not SQLite: one line saying so and what to do, exit 74."""
+        """A state file that is not SQLite: one line saying so and what to do, exit 74; with
+        --json, the document's ``where`` names the file (it was null)."""
         (config_path.parent / "keys.sqlite3").write_bytes(os.urandom(8192))
         assert cli.main(["status", "--config", str(config_path)]) == 74
         err = capsys.readouterr().err
         assert "damaged" in err
         assert "[Errno" not in err
         assert "Traceback" not in err
+        # --json names the file it could not read, as for every other failure.
+        assert cli.main(["status", "--config", str(config_path), "--json"]) == 74
+        document = json.loads(capsys.readouterr().out)
+        assert document["where"] == str(config_path.parent / "keys.sqlite3")
+        assert "damaged" in document["error"]
 
     @pytest.mark.parametrize(
         "data", ['{"rate": 2.0, "count": "lots"', '{"rate": 2.0, "count": "lots"}', "[1, 2]"]
@@ -208,7 +214,8 @@ class TestStatus:
     def test_unreachable_redis_exits_69(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A [state] Redis nobody listens on: exit 69 with the reason on stderr."""
+        """A [state] Redis nobody listens on: exit 69 with the reason on stderr; with --json,
+        ``where`` names the URL (it was null)."""
         from broker.state.redis_server import free_port
 
         for name, value in ENV.items():
@@ -226,6 +233,7 @@ class TestStatus:
         document = json.loads(capsys.readouterr().out)
         assert document["keys"] == []
         assert "unavailable" in document["error"]
+        assert document["where"].startswith("redis://127.0.0.1:")
 
 
 class TestWithoutSecrets:
