@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from broker.api.base import HttpRequest, RawResponse
 from broker.client import Broker
+from broker.engine.executor import CRASH_REMEDY
 from broker.engine.keys import OUTAGE_CODE, OUTAGE_RETRY_S
 from broker.engine.metrics import EngineMetrics
 from broker.engine.transport import MockTransport
@@ -1464,7 +1465,8 @@ class TestRetries:
         assert sent_at[1] - sent_at[0] >= 5.0
 
     async def test_unexpected_exception_fails_batch(self) -> None:
-        """A bug below the executor fails the batch (logged) instead of hanging its callers."""
+        """A bug below the executor fails the batch (logged) instead of hanging its callers;
+        its rows' remedy says so (it was the catalogue's "Read Amazon's message")."""
 
         async def handler(request: HttpRequest) -> RawResponse:
             raise ValueError("boom")
@@ -1476,6 +1478,8 @@ class TestRetries:
                 results = await _run(broker, clock, asins(2))
         assert {r.status for r in results} == {Status.FAILED}
         assert {r.error.code for r in results if r.error} == {"ValueError"}
+        # Nothing of Amazon's to read: the row says the fault is the broker's.
+        assert {r.error.remedy for r in results if r.error} == {CRASH_REMEDY}
         assert [e["event"] for e in logs].count("broker.attempt_crashed") == 1
 
 

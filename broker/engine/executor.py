@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from broker.engine.scheduler import KeyPool
     from broker.engine.transport import Transport
 
-__all__ = ["Executor"]
+__all__ = ["CRASH_REMEDY", "Executor"]
 
 logger = get_logger("broker")
 #: The stdlib logger behind ``logger``: per-request events are built only when it shows them.
@@ -54,6 +54,11 @@ _LOG = logging.getLogger("broker")
 
 #: Token refreshes / re-signings one batch may trigger before the key is judged broken.
 _MAX_AUTH_RETRIES = 2
+#: What a row failed by a fault inside the broker (an exception no layer expected) says.
+CRASH_REMEDY = (
+    "A fault in the broker, not an answer of Amazon's: its traceback is logged as "
+    "broker.attempt_crashed; report it with the broker version."
+)
 #: Times a response may leave out a requested ASIN before it is reported not found.
 _MAX_MISSING = 3
 
@@ -100,7 +105,13 @@ class Executor:
                 error=type(exc).__name__,
             )
             key.on_failed_attempt(transient=True, reached=False)
-            self._fail(batch, exc, key=key.name)
+            # A row's code names the exception, as for any error; its remedy is not the
+            # catalogue's "read Amazon's message": the fault is the broker's own. An
+            # operation's caller gets the exception itself.
+            crash: BaseException | ErrorDetail = exc
+            if batch.operation is None:
+                crash = ErrorDetail(type(exc).__name__, str(exc), CRASH_REMEDY)
+            self._fail(batch, crash, key=key.name)
 
     async def _attempt(
         self, key: KeyState, batch: Batch, sent_at: float, demand_limited: bool
