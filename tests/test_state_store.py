@@ -655,6 +655,32 @@ class TestDayAndProcesses:
         assert after.day_limit == 6
         assert after.processes == 1  # the one that left is not counted
 
+    async def test_an_older_broker_s_lower_daily_limit_holds(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An older broker on the key (a daemon not yet restarted after an upgrade) keeps
+        its tpd 3 in day_cap, not in its entry: a process allowed 6 stops at 3 while it
+        asks, and goes on once it has been silent a minute. It spent past the 3 (841 of
+        732 in a rolling upgrade)."""
+        high = replace(LIMITS, day_limit=6, tpd=6)
+        unlimited = replace(LIMITS, day_limit=None, tpd=None)
+        older = ProcessMark("older:1:a")
+        # Its sends: counted, and entered under its id alone, as an older broker enters.
+        for _ in range(3):
+            assert (await backend.reserve(unlimited, process=older)).granted
+        await _as_an_older_broker_left_it(backend, day_cap=3)
+        refused = await backend.reserve(high)
+        assert refused.refusal == "daily quota"
+        assert refused.day_limit == 3
+        silence = 61.0
+        if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
+            monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)
+            silence = 1.5
+        await backend.advance(silence)
+        later = await backend.reserve(high)
+        assert later.granted
+        assert later.day_limit == 6
+
     async def test_a_leaving_process_keeps_a_cap_others_may_need(self, backend: Backend) -> None:
         """Two processes keep tpd 3 and a third has 6: when the last of the two to ask
         closes, the other is still there, so the 6 is refused at 3 as before (the leave
@@ -1339,6 +1365,37 @@ class TestManyProcesses:
         assert len(set(ordered)) == 150
         gaps = [b - a for a, b in itertools.pairwise(ordered)]
         assert min(gaps) >= 500 - 125  # a quarter interval of slack keeps the grid
+
+
+async def _as_an_older_broker_left_it(backend: Backend, *, day_cap: int) -> None:
+    """Write into KEY's record what an older broker writes when it asks with ``day_cap`` as
+    its daily limit: the cap, seen now (it keeps its limit nowhere else)."""
+    if backend.fake is not None:
+        now = backend.fake[0]
+        if isinstance(backend.store, MemoryStateStore):
+            record = backend.store._records[KEY.digest]
+            record.day_cap, record.day_cap_seen = day_cap, now
+            return
+        assert isinstance(backend.store, SqliteStateStore)
+        with sqlite_db(backend.store._path) as conn:
+            (data,) = conn.execute(
+                "SELECT data FROM key_state WHERE digest = ?", (KEY.digest,)
+            ).fetchone()
+            record = Record.from_json(json.loads(data))
+            record.day_cap, record.day_cap_seen = day_cap, now
+            conn.execute(
+                "UPDATE key_state SET data = ? WHERE digest = ?",
+                (json.dumps(record.to_json()), KEY.digest),
+            )
+        conn.close()
+        return
+    assert isinstance(backend.store, RedisStateStore)
+    client = backend.store._client
+    seconds, micros = await client.time()
+    await client.hset(
+        backend.store._keys(KEY)[0],
+        mapping={"day_cap": day_cap, "day_cap_seen": seconds * 1_000_000 + micros},
+    )
 
 
 def test_a_record_an_older_broker_wrote_takes_no_park_from_a_mark() -> None:

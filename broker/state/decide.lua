@@ -174,8 +174,9 @@ local asking = process_id ~= '' and not leaving
 local entry = process_id
 if day_limit >= 0 then entry = process_id .. '|' .. int(day_limit) end
 if process_id ~= '' and leaving then
-  -- Its daily limit leaves with it (a tpd raised for the next run).
+  -- Its daily limit leaves with it (a tpd raised for the next run), day_cap's too.
   redis.call('ZREM', KEYS[2], entry)
+  if day_limit >= 0 and day_limit == day_cap then day_cap_seen = 0 end
 end
 local lost = rate <= 0
 if lost then
@@ -200,7 +201,8 @@ else
 end
 -- A rolling change of tpd: the lowest daily limit of the processes that asked in the last
 -- recent_us holds for every caller (decision.py, _agree_day); day_limit -1 is unlimited.
--- day_cap is still written, for older brokers sharing the key (they read only it).
+-- day_cap is still written, for older brokers sharing the key (they read only it), and
+-- read below while one asked with it in that minute.
 if asking and day_limit >= 0 then
   if day_cap < 0 or day_limit < day_cap
       or (now - day_cap_seen > recent_us and day_limit ~= day_cap) then
@@ -211,6 +213,11 @@ end
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+inf')) do
   local cap = tonumber(string.match(member, '|(%d+)$'))
   if cap and (day_limit < 0 or cap < day_limit) then day_limit = cap end
+end
+-- An older broker keeps its limit in day_cap alone (decision.py, _agree_day).
+if day_cap >= 0 and now - day_cap_seen <= recent_us
+    and (day_limit < 0 or day_cap < day_limit) then
+  day_limit = day_cap
 end
 -- A lost hash (Redis restarted empty, flushed; a rate is never stored as 0): rebuilt from
 -- what the caller saw last (decision.py: ProcessMark), the day's count below.

@@ -184,7 +184,11 @@ def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool)
     higher (or unlimited) cannot spend the account's quota past what another live process's
     config says it is, and a lower limit leaves with its process when that one closes.
 
-    ``day_cap`` is still written, for older brokers sharing the key (they read only it).
+    ``day_cap`` is still written, for older brokers sharing the key (they read only it),
+    and still read while one asked with it in that minute: an older broker keeps its limit
+    there, not in its entry, and a process of this version with no limit of its own (or a
+    higher one) overspent the day past it. A process of this version leaving with the cap's
+    limit takes it along (:func:`decide`), as it does its entry.
     """
     recent = int(PROCESS_RECENT_S * _US)
     if asking and day_limit is not None:
@@ -205,6 +209,8 @@ def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool)
     ]
     if day_limit is not None:
         caps.append(day_limit)
+    if record.day_cap >= 0 and now - record.day_cap_seen <= recent:
+        caps.append(record.day_cap)
     return min(caps) if caps else None
 
 
@@ -369,8 +375,11 @@ def decide(
     asking = process is not None and not feedback.leaving
     entry = None if process is None else process_entry(process, limits.day_limit)
     if entry is not None and feedback.leaving:
-        # Its daily limit leaves with it (a tpd raised for the next run).
+        # Its daily limit leaves with it (a tpd raised for the next run); a process of
+        # this version still asking with it keeps it in its own entry.
         record.processes.pop(entry, None)
+        if limits.day_limit == record.day_cap:
+            record.day_cap_seen = 0
     # A rate is never stored as 0: a record without one is new, or lost (Redis restarted
     # empty), and is rebuilt from what the asking process saw last (ProcessMark), and from
     # what each process that saw it before tells when it asks (a mark of an older
