@@ -924,6 +924,34 @@ def test_done_row_fields_cover_output(tmp_path: Path) -> None:
     assert out["line"] == 3
 
 
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"images": {"primary": {"small": {"url": "s.jpg"}, "large": {"url": "l.jpg"}}}},
+        {"Images": {"Primary": {"Small": {"URL": "s.jpg"}, "Large": {"URL": "l.jpg"}}}},
+    ],
+)
+def test_a_summary_stored_before_image_url_gets_it_from_the_item(
+    item: dict[str, object],
+) -> None:
+    """A result a broker stored before summaries had ``image_url`` (a job resumed after an
+    upgrade) is written with the item's largest primary image, in both spellings: every
+    such row had it empty once the output was written again under the new columns."""
+    older = {"title": "T", "price": 1.0, "currency": "USD", "availability": None}
+    row = DoneRow(
+        1, 0, 1, "B000000001", "B000000001", US, "ok", {"item": item, "summary": older}, None, None
+    )
+    out = output_row(row)
+    assert out["summary"] == {**older, "image_url": "l.jpg"}
+    assert sinks._column_values(out)[10] == "l.jpg"
+    # A summary of this version, image or none, is written as stored.
+    stored = {**older, "image_url": None}
+    row = DoneRow(
+        1, 0, 1, "B000000001", "B000000001", US, "ok", {"item": item, "summary": stored}, None, None
+    )
+    assert output_row(row)["summary"] == stored
+
+
 class TestEmittingOnTheLoop:
     """The runner writes rows a page at a time, giving the event loop a turn between pages."""
 

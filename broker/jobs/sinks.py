@@ -171,7 +171,7 @@ def output_row(row: DoneRow) -> dict[str, object]:
             "marketplace": row.marketplace,
             "status": row.status,
             "item": result.get("item"),
-            "summary": result.get("summary"),
+            "summary": _summary_of(result),
             "error": result.get("error"),
             "attempts": result.get("attempts", 0),
             "key": result.get("key"),
@@ -181,6 +181,20 @@ def output_row(row: DoneRow) -> dict[str, object]:
     if row.extra:
         out["extra"] = dict(row.extra)
     return out
+
+
+def _summary_of(result: Mapping[str, object]) -> object:
+    """A stored result's summary, with the ``image_url`` a ledger written before it was
+    part of the summary lacks worked out from the stored item: an output written again in
+    full after an upgrade had it empty in every row the older broker fetched."""
+    summary = result.get("summary")
+    if isinstance(summary, dict) and "image_url" not in summary:
+        item = result.get("item")
+        if isinstance(item, dict):
+            from broker.product import read_product
+
+            summary = {**summary, "image_url": read_product(item).image_url}
+    return summary
 
 
 def _csv_values(row: DoneRow) -> list[object]:
