@@ -746,15 +746,16 @@ class TestC10Latin1:
     def test_c10_cli_names_the_byte_offset_then_encoding_option_works(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """C10: a Latin-1 file exits 65 naming the line, byte offset and --encoding remedy;
-        run again with --encoding latin-1 it completes, the accented text intact."""
+        """C10: a Latin-1 file exits 65 naming the line, byte offset and --encoding remedy
+        (cp1252, which reads Latin-1's letters alike); run again with --encoding latin-1 it
+        completes, the accented text intact."""
         data = self._DATA.encode("latin-1")
         job = _write(tmp_path, "job.csv", data)
         assert _cli(tmp_path, job) == ExitCode.DATA_ERROR
         err = capsys.readouterr().err
         offset = data.index(b"\xe8")
         assert f"line 3: byte 0xe8 at byte offset {offset} of the file" in err
-        assert "--encoding latin-1" in err
+        assert "--encoding cp1252" in err
         assert not (tmp_path / "out.jsonl").exists()
         assert _cli(tmp_path, job, "--encoding", "latin-1") == ExitCode.OK
         rows = sorted(_jsonl(tmp_path / "out.jsonl"), key=lambda r: int(r["line"]))

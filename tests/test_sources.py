@@ -12,6 +12,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -633,7 +634,8 @@ class TestLongLinesAndJunk:
 class TestEncoding:
     def test_c10_latin1_names_line_and_offset(self, tmp_path: Path) -> None:
         """C10: a Latin-1 file read as UTF-8 fails naming the line, byte offset and the
-        --encoding latin-1 remedy; rows before it were yielded."""
+        --encoding cp1252 remedy (it reads Latin-1's letters alike); rows before it were
+        yielded."""
         data = f"{VALID}\n# caf\u00e9\n".encode("latin-1")
         path = write(tmp_path, "job.txt", data)
         seen: list[JobRow] = []
@@ -644,7 +646,23 @@ class TestEncoding:
         assert "line 2" in message
         assert "byte 0xe9 at byte offset 16" in message
         assert data[16] == 0xE9
-        assert "--encoding latin-1" in message
+        assert "--encoding cp1252" in message
+
+    def test_a_euro_sign_after_an_umlaut_is_read_by_the_remedy_given(self, tmp_path: Path) -> None:
+        """The first odd byte an umlaut, a euro sign two lines on (a German Excel export):
+        the remedy given reads both. It was --encoding latin-1, which ran clean and wrote
+        the euro sign as a control character."""
+        data = f"asin;name;preis\n{VALID};M\u00fcller;1\n{VALID};x;29,99 \u20ac\n"
+        path = write(tmp_path, "job.csv", data.encode("cp1252"))
+        with pytest.raises(JobFileError) as caught:
+            rows(path)
+        assert "line 2" in str(caught.value)
+        (encoding,) = re.findall(r"--encoding (\S+)", str(caught.value))
+        found = rows(path, encoding=encoding)
+        assert [row.extra for row in found] == [
+            {"name": "M\u00fcller", "preis": "1"},
+            {"name": "x", "preis": "29,99 \u20ac"},
+        ]
 
     def test_windows_1252_bytes_get_the_cp1252_remedy(self, tmp_path: Path) -> None:
         """A line with Windows-1252's curly quote or euro sign is told --encoding cp1252:

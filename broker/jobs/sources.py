@@ -645,10 +645,6 @@ def _wide_text(line: bytes) -> bool:
     return not any(head[1::2]) or not any(head[0::2])
 
 
-# The bytes Windows-1252 prints and Latin-1 makes control characters.
-_WINDOWS_ONLY: Final = re.compile(rb"[\x80-\x9f]")
-
-
 def _undecodable(
     path: Path,
     encoding: str,
@@ -667,19 +663,15 @@ def _undecodable(
         position = f"byte 0x{bad.hex()} at byte offset {line_offset + exc.start} {where}"
     if codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig"):
         hint = "run again with the file's real encoding (--encoding), or convert it to UTF-8"
-    elif _WINDOWS_ONLY.search(content):
-        # Bytes 0x80-0x9F are Windows-1252's curly quotes, dashes and euro sign; read as
-        # Latin-1 they would be control characters, and the run would succeed with them.
-        hint = (
-            "the line has bytes Windows-1252 uses for quotes, dashes or the euro sign (older "
-            "Excel exports): convert it (iconv -f cp1252 -t utf-8 FILE > FILE.utf8) or, with "
-            "broker run, give --encoding cp1252"
-        )
     else:
+        # Windows-1252 reads every letter Latin-1 does, and also the curly quotes, dashes
+        # and euro sign (bytes 0x80-0x9F) Latin-1 makes control characters: a file whose
+        # first odd byte is an umlaut may hold a euro sign further on, and the run would
+        # succeed with control characters in its pass-through columns.
         hint = (
-            "if the file is Latin-1 or Windows-1252 (older Excel exports), convert it "
-            "(iconv -f latin1 -t utf-8 FILE > FILE.utf8) or, with broker run, give "
-            "--encoding latin-1"
+            "if the file is Windows-1252 or Latin-1 (older Excel exports), convert it "
+            "(iconv -f cp1252 -t utf-8 FILE > FILE.utf8) or, with broker run, give "
+            "--encoding cp1252"
         )
     return JobFileError(f"{path}: line {lineno}: {position} is not valid {encoding}; {hint}")
 
