@@ -631,6 +631,36 @@ class TestLongLinesAndJunk:
         assert count_rows(path) == 2
 
 
+@pytest.mark.parametrize(
+    ("header", "named"),
+    [("ASIN\tTitle\tPrice", "tab"), ('"asin";"name"', "';'"), ("sku,asin,price", "','")],
+)
+def test_a_table_saved_as_txt_is_refused_naming_its_delimiter(
+    tmp_path: Path, header: str, named: str
+) -> None:
+    """A .txt whose first line is a table's header with an asin column (Excel's "Text (Tab
+    delimited)", a Seller Central report) is refused naming the delimiter and the ways to
+    read it; every row was invalid ("contains whitespace") and the run ended 0. count_rows
+    refuses it alike; a format named by the caller is read as asked."""
+    cells = header.replace('"', "").split(named.strip("'") if named != "tab" else "\t")
+    row = (named.strip("'") if named != "tab" else "\t").join(
+        VALID if cell.lower() == "asin" else "x" for cell in cells
+    )
+    path = write(tmp_path, "report.txt", f"# exported\n{header}\n{row}\n")
+    for read in (rows, count_rows):
+        with pytest.raises(JobFileError) as caught:
+            read(path)
+        message = str(caught.value)
+        assert f"line 2 is a table's header ({named}-separated, with an asin column)" in message
+        assert "rename it to .tsv or .csv" in message
+        assert "run - --input csv <" in message
+    # Read as a list when the caller names the format (--input txt): what it asked for.
+    assert [row.asin for row in rows(path, format="txt")] == [None, None]
+    # A plain list whose ids hold a comma is no table: its rows stay rows.
+    plain = write(tmp_path, "ids.txt", f"{VALID}, {VALID}\n{VALID}\n")
+    assert [row.asin for row in rows(plain)] == [None, VALID]
+
+
 class TestEncoding:
     def test_c10_latin1_names_line_and_offset(self, tmp_path: Path) -> None:
         """C10: a Latin-1 file read as UTF-8 fails naming the line, byte offset and the

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 from broker.asin import AsinCheck, check_asin
 from broker.errors import JobChangedError, JobFileError
+from broker.progname import prog
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -305,6 +306,7 @@ def count_rows(
     """
     fmt, codec = _check_arguments(format, encoding, max_line_bytes)
     source = Path(path)
+    detected = fmt is None
     if fmt is None:
         fmt = detect_format(source)
     count = 0
@@ -329,6 +331,8 @@ def count_rows(
                         _refuse_json_document(source, lineno, text)
                     elif _is_asin_header(text):
                         continue
+                    elif detected:
+                        _refuse_a_table(source, lineno, text)
                 count += 1
     return count
 
@@ -705,13 +709,16 @@ def _rows(
     check: Callable[[str], AsinCheck],
 ) -> Iterator[JobRow]:
     """Open the file, pick the format and yield its rows."""
+    # A table is refused as a list only when its name made it one: a caller who names the
+    # format gets what it asked for.
+    detected = fmt is None
     if fmt is None:
         fmt = detect_format(path)
     with ExitStack() as stack:
         stream, gzipped = _open(stack, path)
         lines = _lines(stream, path, codec, encoding, max_line_bytes, gzipped)
         if fmt == "txt":
-            yield from _txt_rows(lines, max_line_bytes, check)
+            yield from _txt_rows(lines, path if detected else None, max_line_bytes, check)
         elif fmt == "csv":
             yield from _csv_rows(lines, path, max_line_bytes, check)
         else:
@@ -723,9 +730,34 @@ def _is_asin_header(text: str) -> bool:
     return text.strip().strip("\"'").strip().lower() == "asin"
 
 
+def _refuse_a_table(path: Path, lineno: int, text: str) -> None:
+    """Refuse a plain list whose first line is a table's header with an ``asin`` column
+    (Excel's "Text (Tab delimited)", a Seller Central report named .txt): read as a list of
+    ids, every row was invalid ("contains whitespace") and the run ended 0.
+
+    Raises:
+        JobFileError: naming the delimiter and the two ways to read it as a table.
+    """
+    for delimiter in _CSV_DELIMITERS:
+        if delimiter in text:
+            cells = _split_header(text, delimiter)
+            if len(cells) > 1 and any(_is_asin_header(cell) for cell in cells):
+                name = "tab" if delimiter == "\t" else repr(delimiter)
+                raise JobFileError(
+                    f"{path}: line {lineno} is a table's header ({name}-separated, with an "
+                    "asin column), but a .txt job file is one id per line: rename it to .tsv "
+                    f"or .csv, or pipe it: {prog()} run - --input csv < {path}"
+                )
+
+
 def _txt_rows(
-    lines: Iterable[_Line], max_line_bytes: int, check: Callable[[str], AsinCheck]
+    lines: Iterable[_Line],
+    path: Path | None,
+    max_line_bytes: int,
+    check: Callable[[str], AsinCheck],
 ) -> Iterator[JobRow]:
+    """A plain list's rows; with ``path``, a first line that is a table's header is
+    refused (:func:`_refuse_a_table`)."""
     first = True
     for lineno, text in lines:
         if isinstance(text, _Oversize):
@@ -741,6 +773,8 @@ def _txt_rows(
             first = False
             if _is_asin_header(text):
                 continue  # a one-column sheet saved as text keeps its header
+            if path is not None:
+                _refuse_a_table(path, lineno, text)
         if "#" in text:
             comment = _TRAILING_COMMENT.search(text)
             if comment is not None:
