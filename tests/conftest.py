@@ -290,6 +290,13 @@ def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
+def default_sighup() -> None:
+    """A ``preexec_fn`` for a child a test stops with SIGHUP: it starts with SIGHUP at its
+    default, whatever the suite inherited (``nohup pytest``: ignored, and a broker keeps a
+    signal it was started ignoring, so the child would finish instead of stopping)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Take Ctrl-C as Python does when the suite was started with SIGINT ignored (``pytest &``
     from a script or a subshell, where the shell ignores it for background commands):

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import default_sighup
 
 from broker.bench import BenchOptions, BenchReport, _faults, render_table, run_bench
 from broker.errors import ConfigError
@@ -228,6 +229,7 @@ def test_a_stopped_bench_stops_its_simulator(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_sighup,
     )
     assert bench.stderr is not None
     assert "running" in bench.stderr.readline()

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import embedded_toml
+from conftest import default_sighup, embedded_toml
 
 from broker.jobs.signals import (
     ECHO_S,
+    STOP_SIGNALS,
     UV_SIGINT_ECHO_S,
     StopSignals,
     caught_early,
@@ -193,7 +194,12 @@ class TestUvForwardedSigint:
         ids = [f"B0LK{i:06d}" for i in range(400)]
         command = [sys.executable, "-m", "broker", "lookup", "--json", "--no-cache", *ids]
         proc = subprocess.Popen(
-            command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sighup,
         )
         try:
             time.sleep(3)  # 400 ids at 5 requests a second: far from done
@@ -295,12 +301,13 @@ class TestCaughtEarly:
         """For a command that ends its process (the console script), a stop signal after
         the command returned is dropped, not fatal: one in the ~30 ms the interpreter takes
         to exit made a stopped `broker run` exit 143 instead of 75."""
-        before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # Every stop signal restored: a SIGHUP left ignored was inherited by every later
+        # test's child, and the SIGHUP test of `broker lookup` saw it finish with 0.
+        before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         try:
             with caught_early(process_ends=True):
                 pass
-            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in STOP_SIGNALS)
         finally:
             for sig, handler in before.items():
                 signal.signal(sig, handler)
