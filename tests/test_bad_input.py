@@ -350,7 +350,7 @@ class TestC4NoAsinColumn:
         job = _write(tmp_path, "job.csv", "id;name\nB0NOCOL001;x\n")
         outcome = await _run(tmp_path, job)
         assert outcome.code == ExitCode.DATA_ERROR
-        assert "found: 'id;name'" in (outcome.message or "")
+        assert "found, ';'-separated: 'id', 'name'" in (outcome.message or "")
         assert (outcome.stats.requests, outcome.counter.get_items) == (0, 0)
 
 

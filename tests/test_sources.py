@@ -661,6 +661,43 @@ def test_a_table_saved_as_txt_is_refused_naming_its_delimiter(
     assert [row.asin for row in rows(plain)] == [None, VALID]
 
 
+@pytest.mark.parametrize("blank", [",,,", ";;;", '"","",""', "\t\t"])
+def test_an_empty_first_row_before_the_header_is_skipped(tmp_path: Path, blank: str) -> None:
+    """A sheet whose used range starts with an empty row exports it as ",,,": skipped as a
+    blank line is, the header after it read; the file was refused for a header of empty
+    names. count_rows agrees."""
+    path = write(tmp_path, "job.csv", f"{blank}\r\nASIN,Title\r\n{VALID},a\r\n")
+    assert [(row.line, row.asin, row.extra) for row in rows(path)] == [(3, VALID, {"Title": "a"})]
+    assert count_rows(path) == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        (
+            "item-name\titem-description\tlisting-id\tseller-sku\tprice\tasin1\tfulfillment",
+            "found, tab-separated: 'asin1', 'item-name'",
+        ),
+        ("ASIN-Nummer;Titel", "found, ';'-separated: 'ASIN-Nummer', 'Titel'"),
+    ],
+)
+def test_a_header_without_asin_shows_its_names_and_the_likely_id_column(
+    tmp_path: Path, header: str, said: str
+) -> None:
+    """A tab- or semicolon-separated header with no asin column is shown split by its own
+    delimiter, a name holding "asin" first, with what to rename: it was one long name cut
+    at 120 characters (hiding Seller Central's asin1), told to "add a header row"."""
+    with pytest.raises(JobFileError) as caught:
+        rows(write(tmp_path, "report.csv", f"{header}\nB0X\n"))
+    message = str(caught.value)
+    assert said in message
+    assert "rename the id column (" in message
+    assert "to asin" in message
+    # No name like it: the header must be the first line that is not blank.
+    with pytest.raises(JobFileError, match="the first line that is not blank must be"):
+        rows(write(tmp_path, "other.csv", "sku,title\nB0X,y\n"))
+
+
 class TestEncoding:
     def test_c10_latin1_names_line_and_offset(self, tmp_path: Path) -> None:
         """C10: a Latin-1 file read as UTF-8 fails naming the line, byte offset and the

@@ -843,7 +843,7 @@ def _csv_rows(
     lines: Iterator[_Line], path: Path, max_line_bytes: int, check: Callable[[str], AsinCheck]
 ) -> Iterator[JobRow]:
     feed = _CsvFeed(lines)
-    first = next((text for text in feed if text.strip()), None)
+    first = next((text for text in feed if not _blank_record(text)), None)
     if first is None:
         return  # an empty file (or only blank lines): no header, no rows
     if feed.take_oversize() is not None:
@@ -852,7 +852,7 @@ def _csv_rows(
     declared = _SEP_LINE.fullmatch(first.rstrip("\r\n").lstrip("\ufeff"))
     if declared is not None:
         # Excel's "sep=;" line names the delimiter; the header comes after it.
-        first = next((text for text in feed if text.strip()), None)
+        first = next((text for text in feed if not _blank_record(text)), None)
         if first is None:
             return
         if feed.take_oversize() is not None:
@@ -1103,20 +1103,47 @@ def _split_header(line: str, delimiter: str) -> list[str]:
 _FOUND_NAMES: Final = 8
 
 
+def _blank_record(text: str) -> bool:
+    """True for a line before the header that holds no cell: blank, or only delimiters
+    and empty quotes (``,,,``: a sheet whose used range starts with an empty row)."""
+    return not text.strip().strip(",;\t|\"' ")
+
+
+def _no_asin_column(names: list[str]) -> str:
+    """What a header without an ``asin`` column is told: its names as its own delimiter
+    splits them, the ones that look like the id column first, and what to rename.
+
+    Without an ``asin`` the delimiter is taken to be ``,``, so a tab- or semicolon-separated
+    header is one long name: shown so, cut short, it hid its ``asin1`` (a Seller Central
+    report) and told to add the header it has.
+    """
+    separated = ""
+    if len(names) == 1:
+        best = max(_CSV_DELIMITERS[1:], key=lambda d: len(_split_header(names[0], d)))
+        split = _split_header(names[0], best)
+        if len(split) > 1:
+            separated = f", {'tab' if best == chr(9) else repr(best)}-separated"
+            names = [name.strip() for name in split]
+    likely = [name for name in names if "asin" in name.lower()]
+    shown = likely + [name for name in names if name not in likely]
+    # A few names, each cut short: a binary file read as text has thousands of bytes.
+    found = ", ".join(repr(_preview(name)) for name in shown[:_FOUND_NAMES]) or "none"
+    if len(names) > _FOUND_NAMES:
+        found += f", ... ({len(names)} columns)"
+    if likely:
+        fix = f"rename the id column ({likely[0]!r}?) to asin"
+    else:
+        fix = "the first line that is not blank must be the header, its id column named asin"
+    return f"the CSV header has no 'asin' column (found{separated}: {found}); {fix}"
+
+
 def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _CsvLayout:
     """Find the asin and marketplace columns and name the others; refuse a header without asin."""
     names = _header_names(header)
     lowered = [name.lower() for name in names]
     asin = [i for i, name in enumerate(lowered) if name == "asin"]
     if not asin:
-        # A few names, each cut short: a binary file read as text has thousands of bytes.
-        found = ", ".join(repr(_preview(name)) for name in names[:_FOUND_NAMES]) or "none"
-        if len(names) > _FOUND_NAMES:
-            found += f", ... ({len(names)} columns)"
-        raise JobFileError(
-            f"{path}: line {lineno}: the CSV header has no 'asin' column (found: {found}); "
-            "add a header row whose id column is named asin"
-        )
+        raise JobFileError(f"{path}: line {lineno}: {_no_asin_column(names)}")
     marketplace = [i for i, name in enumerate(lowered) if name == "marketplace"]
     for column, where in (("asin", asin), ("marketplace", marketplace)):
         if len(where) > 1:
