@@ -66,6 +66,32 @@ async def test_a_key_parked_with_its_day_spent_waits_until_the_reset() -> None:
     assert snapshot.until == snapshot.daily_resets_at is not None
 
 
+async def test_a_429_after_the_day_is_spent_does_not_park_past_the_reset() -> None:
+    """A 429 answering the request that spent the key's own daily count (one in flight at
+    23:59) leaves the key held by its daily limit, not parked: the park's 15 minutes held it,
+    and every run and daemon of it, past the reset. It sends again right after the reset;
+    a Retry-After of hours (the server's own reset) still parks it."""
+    clock = FakeClock()
+    key = _key(clock, tpd=2)
+    assert await _driven(clock, key.try_send(), within_s=2.0) is not None
+    assert key.limiter.exhausted
+    verdict = key.on_throttled(
+        ThrottledError("TooManyRequests", "x", status=429), clock.monotonic() - 0.1
+    )
+    assert verdict is ThrottleVerdict.QUOTA_EXHAUSTED
+    assert key.circuit.state is CircuitState.CLOSED
+    reset = key.limiter.resets_at()
+    await clock.advance((reset - clock.utcnow()).total_seconds() + 1.0)
+    assert await _driven(clock, key.try_send(), within_s=2.0) is not None
+    # The server naming its own reset, hours away: parked until then, as before.
+    assert key.limiter.exhausted
+    key.on_throttled(
+        ThrottledError("TooManyRequests", "x", status=429, retry_after=7200.0),
+        clock.monotonic() - 0.1,
+    )
+    assert key.circuit.state is CircuitState.OPEN
+
+
 async def test_a_spent_daily_quota_is_logged_once_per_window() -> None:
     """A key that runs out of its daily quota says so once (a warning naming the reset), so
     a library caller whose lookups now wait for hours sees why; asking again says nothing."""

@@ -440,9 +440,10 @@ class KeyState:
     def on_throttled(self, error: ThrottledError, sent_at: float) -> ThrottleVerdict:
         """A request was answered 429: cut the rate, honour Retry-After, or park the key."""
         self.throttled += 1
+        spent = self.limiter.exhausted
         verdict = self.adaptive.on_throttled(
             sent_at,
-            budget_exhausted=self.limiter.exhausted,
+            budget_exhausted=spent,
             quota_used=self.limiter.used_fraction,
             retry_after_s=error.retry_after,
         )
@@ -452,10 +453,19 @@ class KeyState:
             self.limiter.pause_until(self._clock.monotonic() + pause, reason="Retry-After")
             self._paused_reason = "Retry-After"
         parked_as = verdict if verdict is not ThrottleVerdict.RATE else self.circuit.verdict
+        told = error.retry_after if error.retry_after is not None else 0.0
+        if (
+            spent
+            and verdict is ThrottleVerdict.QUOTA_EXHAUSTED
+            and told < self.adaptive.settings.park_s
+        ):
+            # The key's own daily count is spent: its daily limit holds it until the reset
+            # already, and a park (15 minutes and more) could outlast that reset (a 429 in
+            # flight at 23:59 held the key, and every run of it, until 00:15).
+            parked_as = None
         if parked_as is not None and self.circuit.state is not CircuitState.OPEN:
             # A Retry-After of hours is the server's own reset: no probe before it (a day
             # at most: no daily quota is longer).
-            told = error.retry_after if error.retry_after is not None else 0.0
             probe_at = self.circuit.open(
                 parked_as, at_least_s=min(told, _LONGEST_TOLD_PARK_S) if told > 0 else 0.0
             )
