@@ -773,6 +773,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     """``broker lookup``: check the flags, then look up and print."""
     import dataclasses
 
+    from broker.api.marketplaces import NAMING
     from broker.api.marketplaces import marketplace as lookup_marketplace
 
     if args.refresh:
@@ -804,8 +805,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             market = lookup_marketplace(args.marketplace).name
         except ValueError:
             print(
-                f"{prog()}: unknown marketplace {args.marketplace!r}; name it as config.toml "
-                "does: www.amazon.co.uk, amazon.co.uk or UK",
+                f"{prog()}: unknown marketplace {args.marketplace!r}; {NAMING}",
                 file=sys.stderr,
             )
             return ExitCode.USAGE

@@ -87,6 +87,7 @@ class TestJobRows:
         assert isinstance(unknown["error"], dict)
         assert unknown["error"]["code"] == "UnknownMarketplace"
         assert "amazon.moon" in unknown["error"]["message"]
+        assert "its domain (amazon.co.uk)" in unknown["error"]["message"]
 
     def test_alias_row_same_store_as_canonical(self, tmp_path: Path) -> None:
         """N2: a row for amazon.co.uk finishes ok like www.amazon.co.uk (was exit 77, 0 rows)."""
@@ -119,7 +120,8 @@ class TestJobRows:
     def test_strict_refuses_an_unknown_marketplace(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """--strict counts a row for no Amazon store as invalid and refuses the file."""
+        """--strict counts a row for no Amazon store as invalid and refuses the file, saying
+        how a marketplace is named (a row's reason was the name alone: "Germany")."""
         job = tmp_path / "mk.csv"
         job.write_text("asin,marketplace\nB0C1234567,UK\nB0D7654321,amazon.moon\n")
         out = tmp_path / "mk.jsonl"
@@ -127,7 +129,8 @@ class TestJobRows:
             ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out), "--strict"]
         )
         assert code == ExitCode.DATA_ERROR
-        assert "line 3: unknown marketplace 'amazon.moon'" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "line 3: unknown marketplace 'amazon.moon'; name it by its code (UK)" in err
         assert not out.exists()
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import urlsplit
 
 __all__ = [
     "CREDENTIAL_VERSIONS",
     "MARKETPLACES",
+    "NAMING",
     "BodyEncoding",
     "CredentialVersion",
     "Marketplace",
@@ -254,6 +256,10 @@ def marketplace(name: str) -> Marketplace:
         known = ", ".join(sorted(MARKETPLACES))
         raise ValueError(f"unknown marketplace {name!r}; expected one of: {known}")
     return MARKETPLACES[canonical]
+
+
+#: How a marketplace may be named, for a message refusing one that is no Amazon store.
+NAMING: Final = "name it by its code (UK), its domain (amazon.co.uk) or www.amazon.co.uk"
 
 
 def credential_version(version: str) -> CredentialVersion:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from broker.api.marketplaces import NAMING, not_a_name
 from broker.api.marketplaces import marketplace as lookup_marketplace
-from broker.api.marketplaces import not_a_name
 from broker.api.resources import resolve_resources
 from broker.asin import check_asin, plain_asin
 from broker.engine.batcher import Lookup, Room
@@ -158,7 +158,9 @@ class Intake:
         res = tuple(wanted) if wanted is not None else self._resources
         if canonical is None:
             return self._immediate(
-                Query(raw, named, res, tag), "UnknownMarketplace", f"unknown marketplace {named!r}"
+                Query(raw, named, res, tag),
+                "UnknownMarketplace",
+                f"unknown marketplace {named!r}; {NAMING}",
             )
         if asin is None:
             return self._immediate(

@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar
 
+from broker.api.marketplaces import NAMING
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.resources import resolve_resources
 from broker.cache import RUN_MAX_AGE_S, cache_policy
@@ -663,7 +664,7 @@ def _row_problem(row: JobRow, protocol: Protocol) -> str | None:
         try:
             lookup_marketplace(row.marketplace)
         except ValueError:
-            return f"unknown marketplace {row.marketplace!r}"
+            return f"unknown marketplace {row.marketplace!r}; {NAMING}"
     if row.resources is not None:
         try:
             resolve_resources(row.resources, protocol)
