@@ -92,6 +92,22 @@ async def test_a_429_after_the_day_is_spent_does_not_park_past_the_reset() -> No
     assert key.circuit.state is CircuitState.OPEN
 
 
+async def test_a_probe_that_spends_the_day_and_meets_a_429_is_parked_again() -> None:
+    """A parked key's probe takes the day's last request and is answered 429: the key is
+    parked again, the probe settled. Left unparked (the day's limit holds it), it stayed
+    probing for good, and this process never sent with the key again."""
+    clock = FakeClock()
+    key = _key(clock, tpd=2)
+    key.circuit.open(ThrottleVerdict.ACCESS_REVOKED)
+    await clock.advance(3_600.0)
+    assert await _driven(clock, key.wait_ready(), within_s=2.0) is None
+    assert await _driven(clock, key.try_send(), within_s=2.0) is not None
+    assert key.circuit.state is CircuitState.PROBING
+    assert key.limiter.exhausted
+    key.on_throttled(ThrottledError("TooManyRequests", "x", status=429), clock.monotonic())
+    assert key.circuit.state is CircuitState.OPEN
+
+
 async def test_a_spent_daily_quota_is_logged_once_per_window() -> None:
     """A key that runs out of its daily quota says so once (a warning naming the reset), so
     a library caller whose lookups now wait for hours sees why; asking again says nothing."""

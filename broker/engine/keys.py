@@ -458,10 +458,13 @@ class KeyState:
             spent
             and verdict is ThrottleVerdict.QUOTA_EXHAUSTED
             and told < self.adaptive.settings.park_s
+            and self.circuit.state is CircuitState.CLOSED
         ):
             # The key's own daily count is spent: its daily limit holds it until the reset
             # already, and a park (15 minutes and more) could outlast that reset (a 429 in
-            # flight at 23:59 held the key, and every run of it, until 00:15).
+            # flight at 23:59 held the key, and every run of it, until 00:15). A parked
+            # key's probe is settled as before, parked again: left unsettled, the key
+            # stayed probing for good.
             parked_as = None
         if parked_as is not None and self.circuit.state is not CircuitState.OPEN:
             # A Retry-After of hours is the server's own reset: no probe before it (a day
