@@ -1025,27 +1025,32 @@ def _check_credential_id(credential_id: str, protocol: Protocol, path: str) -> N
     """Refuse a credential id no request could carry: pasted with a comma or a stray
     character, or a Creators id under ``protocol = "paapi5"``.
 
+    Only the id's part before the first bad character is shown: what follows a comma, a
+    tab or a space may be the secret, pasted from the credentials CSV in the same line.
+
     Raises:
-        ConfigError: naming what is wrong with it (an id is no secret, so it is shown).
+        ConfigError: naming the character, where it is, and what to do.
     """
-    if not credential_id.isprintable() or any(c.isspace() for c in credential_id):
+    paapi = protocol is Protocol.PAAPI5
+    if paapi and credential_id.startswith("amzn1."):
         raise ConfigError(
             path,
-            f"{credential_id!r} holds a space, line break or control character: copy it "
-            "again from Associates Central",
+            'is a Creators API credential id, but api.protocol = "paapi5" applies to every '
+            'key: set protocol = "creators" (with each key\'s version) to use it',
         )
-    if protocol is Protocol.PAAPI5 and not _ACCESS_KEY.fullmatch(credential_id):
-        if credential_id.startswith("amzn1."):
-            why = (
-                'a Creators API credential id, but api.protocol = "paapi5" applies to every '
-                'key: set protocol = "creators" (with each key\'s version) to use it'
-            )
+    for place, char in enumerate(credential_id):
+        if not char.isprintable() or char.isspace():
+            what = "a space, line break or control character"
+        elif paapi and not _ACCESS_KEY.fullmatch(char):
+            what = f"{char!r} (a PA-API access key is letters and digits only)"
         else:
-            why = (
-                "no PA-API access key, which is letters and digits only (20, as Associates "
-                "Central shows it): copy it again"
-            )
-        raise ConfigError(path, f"{credential_id!r} is {why}")
+            continue
+        raise ConfigError(
+            path,
+            f"holds {what} at character {place + 1}, after {credential_id[:place]!r}: copy "
+            "the id alone again from Associates Central (the rest is not shown: it may be "
+            "the secret)",
+        )
 
 
 def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = None) -> Secret:

@@ -599,21 +599,26 @@ class TestDefaults:
     @pytest.mark.parametrize(
         ("credential", "said"),
         [
-            ("AKIAEXAMPLEKEY123456,", "is no PA-API access key, which is letters and digits"),
-            ("AKIA/EXAMPLE", "is no PA-API access key"),
+            (
+                "AKIAEXAMPLEKEY123456,wJalrXUtnFEMI/K7MDENG",
+                "holds ',' (a PA-API access key is letters and digits only) at character 21, "
+                "after 'AKIAEXAMPLEKEY123456'",
+            ),
+            ("AKIA/EXAMPLE", "holds '/' (a PA-API access key is letters and digits only)"),
             (
                 "amzn1.application-oa2-client.abc",
                 'a Creators API credential id, but api.protocol = "paapi5" applies to every key',
             ),
-            ("AKIAEXAMPLE\u0007", "holds a space, line break or control character"),
-            ("AKIA EXAMPLE", "holds a space, line break or control character"),
+            ("AKIAEXAMPLE\u0007", "holds a space, line break or control character at character"),
+            ("AKIA\twJalrXUtnFEMI", "holds a space, line break or control character"),
         ],
     )
     def test_a_paapi_access_key_no_request_could_carry_is_refused(
         self, credential: str, said: str
     ) -> None:
         """A PA-API access key pasted with a comma, a slash, a space or a control character,
-        or a Creators id under paapi5, is refused naming the key: the comma made every
+        or a Creators id under paapi5, is refused naming the key, the character and where,
+        never what follows it (a secret pasted in the same line): the comma made every
         signature IncompleteSignature (which condemned the good keys too), the control
         character crashed each batch of the key (its rows failed as ValueError)."""
         document = _with("api.protocol", "paapi5")
@@ -622,6 +627,8 @@ class TestDefaults:
         error = _error(document)
         assert error.path == "keys[0].credential_id"
         assert said in error.message
+        # What follows the bad character may be the secret, pasted in the same line.
+        assert "wJalr" not in str(error)
 
     def test_a_creators_id_with_a_control_character_is_refused(self) -> None:
         """A Creators credential id holding a control character is refused naming the key;
