@@ -686,6 +686,14 @@ class TestDayAndProcesses:
         refused = await backend.reserve(high)
         assert refused.refusal == "daily quota"
         assert refused.day_limit == 3
+        # A process of this version with the same limit asks and leaves: the older
+        # broker's cap, asked with since, stays.
+        same, newer = replace(LIMITS, day_limit=3, tpd=3), ProcessMark("newer:2:b")
+        assert not (await backend.reserve(same, process=newer)).granted
+        await backend.advance(0.01)
+        await _as_an_older_broker_left_it(backend, day_cap=3)
+        await backend.leave(same, newer)
+        assert (await backend.reserve(high)).day_limit == 3
         silence = 61.0
         if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
             monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)

@@ -178,9 +178,13 @@ local asking = process_id ~= '' and not leaving
 local entry = process_id
 if day_limit >= 0 then entry = process_id .. '|' .. int(day_limit) end
 if process_id ~= '' and leaving then
-  -- Its daily limit leaves with it (a tpd raised for the next run), day_cap's too.
+  -- Its daily limit leaves with it (a tpd raised for the next run), and day_cap's unless
+  -- an older broker asked with it since (decision.py).
+  local last = tonumber(redis.call('ZSCORE', KEYS[2], entry))
   redis.call('ZREM', KEYS[2], entry)
-  if day_limit >= 0 and day_limit == day_cap then day_cap_seen = 0 end
+  if day_limit >= 0 and day_limit == day_cap and last and day_cap_seen <= last then
+    day_cap_seen = 0
+  end
 end
 local lost = rate <= 0
 if lost then

@@ -400,8 +400,9 @@ def decide(
     if entry is not None and feedback.leaving:
         # Its daily limit leaves with it (a tpd raised for the next run); a process of
         # this version still asking with it keeps it in its own entry.
-        record.processes.pop(entry, None)
-        if limits.day_limit == record.day_cap:
+        last = record.processes.pop(entry, None)
+        if limits.day_limit == record.day_cap and last is not None and record.day_cap_seen <= last:
+            # The cap is its own unless an older broker asked with it since.
             record.day_cap_seen = 0
     # A rate is never stored as 0: a record without one is new, or lost (Redis restarted
     # empty), and is rebuilt from what the asking process saw last (ProcessMark), and from
