@@ -652,8 +652,7 @@ def test_a_table_saved_as_txt_is_refused_naming_its_delimiter(
             read(path)
         message = str(caught.value)
         assert f"line 2 is a table's header ({named}-separated, with an asin column)" in message
-        assert "rename it to .tsv or .csv" in message
-        assert "run - --input csv <" in message
+        assert "rename it to .tsv or .csv (a job read from stdin: give --input csv)" in message
     # Read as a list when the caller names the format (--input txt): what it asked for.
     assert [row.asin for row in rows(path, format="txt")] == [None, None]
     # A plain list whose ids hold a comma is no table: its rows stay rows.
@@ -679,6 +678,8 @@ def test_an_empty_first_row_before_the_header_is_skipped(tmp_path: Path, blank: 
             "found, tab-separated: 'asin1', 'item-name'",
         ),
         ("ASIN-Nummer;Titel", "found, ';'-separated: 'ASIN-Nummer', 'Titel'"),
+        # A comma inside a name: still split by its tab.
+        ("item-name\tprice, USD\tasin1", "found, tab-separated: 'asin1', 'item-name'"),
     ],
 )
 def test_a_header_without_asin_shows_its_names_and_the_likely_id_column(

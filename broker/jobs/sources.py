@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 from broker.asin import AsinCheck, check_asin
 from broker.errors import JobChangedError, JobFileError
-from broker.progname import prog
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -745,8 +744,8 @@ def _refuse_a_table(path: Path, lineno: int, text: str) -> None:
                 name = "tab" if delimiter == "\t" else repr(delimiter)
                 raise JobFileError(
                     f"{path}: line {lineno} is a table's header ({name}-separated, with an "
-                    "asin column), but a .txt job file is one id per line: rename it to .tsv "
-                    f"or .csv, or pipe it: {prog()} run - --input csv < {path}"
+                    "asin column), but the file is read as a list of ids, one per line: "
+                    "rename it to .tsv or .csv (a job read from stdin: give --input csv)"
                 )
 
 
@@ -1109,21 +1108,20 @@ def _blank_record(text: str) -> bool:
     return not text.strip().strip(",;\t|\"' ")
 
 
-def _no_asin_column(names: list[str]) -> str:
+def _no_asin_column(names: list[str], delimiter: str) -> str:
     """What a header without an ``asin`` column is told: its names as its own delimiter
     splits them, the ones that look like the id column first, and what to rename.
 
     Without an ``asin`` the delimiter is taken to be ``,``, so a tab- or semicolon-separated
-    header is one long name: shown so, cut short, it hid its ``asin1`` (a Seller Central
-    report) and told to add the header it has.
+    header is one long name (or a few, split at commas inside its names): shown so, cut
+    short, it hid its ``asin1`` (a Seller Central report) and told to add the header it has.
     """
     separated = ""
-    if len(names) == 1:
-        best = max(_CSV_DELIMITERS[1:], key=lambda d: len(_split_header(names[0], d)))
-        split = _split_header(names[0], best)
-        if len(split) > 1:
-            separated = f", {'tab' if best == chr(9) else repr(best)}-separated"
-            names = [name.strip() for name in split]
+    line = delimiter.join(names)
+    best = max(_CSV_DELIMITERS, key=lambda d: len(_split_header(line, d)))
+    if best != delimiter and len(_split_header(line, best)) > len(names):
+        separated = f", {'tab' if best == chr(9) else repr(best)}-separated"
+        names = [name.strip() for name in _split_header(line, best)]
     likely = [name for name in names if "asin" in name.lower()]
     shown = likely + [name for name in names if name not in likely]
     # A few names, each cut short: a binary file read as text has thousands of bytes.
@@ -1131,7 +1129,7 @@ def _no_asin_column(names: list[str]) -> str:
     if len(names) > _FOUND_NAMES:
         found += f", ... ({len(names)} columns)"
     if likely:
-        fix = f"rename the id column ({likely[0]!r}?) to asin"
+        fix = f"rename the id column ({_preview(likely[0])!r}?) to asin"
     else:
         fix = "the first line that is not blank must be the header, its id column named asin"
     return f"the CSV header has no 'asin' column (found{separated}: {found}); {fix}"
@@ -1143,7 +1141,7 @@ def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _
     lowered = [name.lower() for name in names]
     asin = [i for i, name in enumerate(lowered) if name == "asin"]
     if not asin:
-        raise JobFileError(f"{path}: line {lineno}: {_no_asin_column(names)}")
+        raise JobFileError(f"{path}: line {lineno}: {_no_asin_column(header, delimiter)}")
     marketplace = [i for i, name in enumerate(lowered) if name == "marketplace"]
     for column, where in (("asin", asin), ("marketplace", marketplace)):
         if len(where) > 1:
