@@ -929,6 +929,8 @@ def test_done_row_fields_cover_output(tmp_path: Path) -> None:
     [
         {"images": {"primary": {"small": {"url": "s.jpg"}, "large": {"url": "l.jpg"}}}},
         {"Images": {"Primary": {"Small": {"URL": "s.jpg"}, "Large": {"URL": "l.jpg"}}}},
+        # The size a fresh answer's summary picks (highRes first), not another reader's.
+        {"images": {"primary": {"highRes": {"url": "l.jpg"}, "large": {"url": "s.jpg"}}}},
     ],
 )
 def test_a_summary_stored_before_image_url_gets_it_from_the_item(

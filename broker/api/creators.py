@@ -38,7 +38,14 @@ if TYPE_CHECKING:
     from broker.clock import Clock
     from broker.models import ItemSummary
 
-__all__ = ["DEFAULT_ENDPOINT", "MAX_ITEM_IDS", "PATHS", "USER_AGENT", "CreatorsDialect"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "MAX_ITEM_IDS",
+    "PATHS",
+    "SUMMARY_FIELDS",
+    "USER_AGENT",
+    "CreatorsDialect",
+]
 
 #: The one API host for every marketplace (the marketplace travels in ``x-marketplace``).
 DEFAULT_ENDPOINT = "https://creatorsapi.amazon"
@@ -318,7 +325,7 @@ _RESULT_SHAPES = {
     Operation.GET_BROWSE_NODES: ResultShape("browseNodesResult", "browseNodes", "id"),
 }
 
-_SUMMARY = SummaryFields(
+SUMMARY_FIELDS = SummaryFields(
     info="itemInfo",
     title="title",
     display="displayValue",
@@ -348,4 +355,4 @@ def _read_errors(raw: object) -> list[ItemError]:
 
 
 def _summary(item: Mapping[str, object]) -> ItemSummary:
-    return LazySummary(item, _SUMMARY)
+    return LazySummary(item, SUMMARY_FIELDS)

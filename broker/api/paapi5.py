@@ -48,6 +48,7 @@ __all__ = [
     "DROPPED_RESOURCES",
     "MAX_ITEM_IDS",
     "RESOURCE_NAMES",
+    "SUMMARY_FIELDS",
     "TARGET_PREFIX",
     "InvalidItemIdsError",
     "PaapiDialect",
@@ -488,7 +489,7 @@ _RESULT_SHAPES = {
     Operation.GET_BROWSE_NODES: ResultShape("BrowseNodesResult", "BrowseNodes", "Id"),
 }
 
-_SUMMARY = SummaryFields(
+SUMMARY_FIELDS = SummaryFields(
     info="ItemInfo",
     title="Title",
     display="DisplayValue",
@@ -518,4 +519,4 @@ def _read_errors(raw: object) -> list[ItemError]:
 
 
 def _summary(item: Mapping[str, object]) -> ItemSummary:
-    return LazySummary(item, _SUMMARY)
+    return LazySummary(item, SUMMARY_FIELDS)

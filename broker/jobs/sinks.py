@@ -191,9 +191,15 @@ def _summary_of(result: Mapping[str, object]) -> object:
     if isinstance(summary, dict) and "image_url" not in summary:
         item = result.get("item")
         if isinstance(item, dict):
-            from broker.product import read_product
+            # Read as a fresh answer's summary is, in the item's own spelling.
+            from broker.api import creators, paapi5
+            from broker.api.errors_map import summarize
+            from broker.models import Protocol as Api
+            from broker.product import detect_protocol
 
-            summary = {**summary, "image_url": read_product(item).image_url}
+            paapi = detect_protocol(item) is Api.PAAPI5
+            fields = paapi5.SUMMARY_FIELDS if paapi else creators.SUMMARY_FIELDS
+            summary = {**summary, "image_url": summarize(item, fields).image_url}
     return summary
 
 
