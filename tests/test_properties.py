@@ -360,6 +360,9 @@ def test_quoted_csv_tables_read_back(
     reads back one row per non-blank record with its asin cell as ``raw``; a header
     without exactly one asin column (or with two marketplace columns) is a JobFileError."""
     header = data.draw(st.lists(_header_names, min_size=1, max_size=4), label="header")
+    # A line of blank cells before the header is skipped as a blank line is (the header
+    # is the first line holding a name): test_sources pins that case.
+    assume(any(cell.strip() for cell in header))
     records = data.draw(
         st.lists(st.lists(_cells, min_size=len(header), max_size=len(header)), max_size=6),
         label="records",
