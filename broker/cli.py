@@ -359,8 +359,9 @@ def _build_parser() -> argparse.ArgumentParser:
     look.add_argument("--config", help=_CONFIG_HELP)
     look.add_argument(
         "--marketplace",
-        help="marketplace as in config.toml: www.amazon.co.uk, amazon.co.uk or UK "
-        "(default: a product URL's own store, else api.marketplace of the config)",
+        help="marketplace by its code (UK), its domain (amazon.co.uk) or www.amazon.co.uk, "
+        "as in config.toml (default: a product URL's own store, else api.marketplace of the "
+        "config)",
     )
 
     bench = sub.add_parser(

@@ -640,7 +640,9 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The marketplace named is not one of Amazon's, so nothing was sent.",
         Scope.ASIN,
         False,
-        "Name a marketplace as www.amazon.co.uk, amazon.co.uk or its code (UK).",
+        # broker.api.marketplaces.NAMING, which the row's message carries too (a CSV
+        # output has no remedy column).
+        "Name it by its code (UK), its domain (amazon.co.uk) or www.amazon.co.uk.",
     ),
     ErrorInfo(
         "InvalidResource",

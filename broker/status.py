@@ -227,7 +227,7 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     except StateUnavailableError as exc:
         return _cannot_show(config, args, str(exc), ExitCode.UNAVAILABLE, _where(config))
     except ConfigError as exc:  # Redis refusing the password
-        return _cannot_show(config, args, f"invalid config: {exc}", ExitCode.CONFIG)
+        return _cannot_show(config, args, f"invalid config: {exc}", ExitCode.CONFIG, _where(config))
     except OSError as exc:  # a damaged or read-only state file
         # Its text names the file and what is wrong; "[Errno 5]" says nothing more.
         return _cannot_show(

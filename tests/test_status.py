@@ -254,6 +254,33 @@ class TestWithoutSecrets:
         path.write_text(text + f'\n[cache]\npath = "{tmp_path / "cache.sqlite3"}"\n')
         return path
 
+    def test_a_redis_asking_a_password_is_named_in_the_document(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A [state] Redis that asks a password none was given for: exit 78, and --json's
+        ``where`` names its URL (it was null)."""
+        from broker.state.redis_server import RedisServer, redis_server_binary
+
+        if redis_server_binary() is None:
+            pytest.skip("no redis-server")
+        for name, value in ENV.items():
+            monkeypatch.setenv(name, value)
+        server = RedisServer(password="right-one")
+        server.start()
+        try:
+            text = _CONFIG.format(db=tmp_path / "x.sqlite3").replace(
+                f'path = "{tmp_path / "x.sqlite3"}"',
+                f'backend = "redis"\nredis_url = "{server.url}"',
+            )
+            path = tmp_path / "config.toml"
+            path.write_text(text)
+            assert cli.main(["status", "--config", str(path), "--json"]) == 78
+        finally:
+            server.__exit__(None, None, None)
+        document = json.loads(capsys.readouterr().out)
+        assert "requires a password" in document["error"]
+        assert document["where"] == server.url
+
     def test_status_runs_without_the_secrets(
         self, bare: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
