@@ -290,11 +290,17 @@ def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
-def default_sighup() -> None:
-    """A ``preexec_fn`` for a child a test stops with SIGHUP: it starts with SIGHUP at its
-    default, whatever the suite inherited (``nohup pytest``: ignored, and a broker keeps a
-    signal it was started ignoring, so the child would finish instead of stopping)."""
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+@contextlib.contextmanager
+def sighup_at_default() -> Iterator[None]:
+    """Start a child a test stops with SIGHUP with that signal at its default, whatever the
+    suite inherited (``nohup pytest``: ignored, and a broker keeps a signal it was started
+    ignoring, so the child would finish instead of stopping). Set in this process around
+    the start, not in a ``preexec_fn``, which is unsafe while threads run."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import default_sighup
+from conftest import sighup_at_default
 
 from broker.bench import BenchOptions, BenchReport, _faults, render_table, run_bench
 from broker.errors import ConfigError
@@ -223,14 +223,14 @@ def test_a_stopped_bench_stops_its_simulator(
     the simulator child and its temporary directory go with it; a second signal during
     that cleanup does not interrupt it. (SIGHUP took the default action: the child ran on.)"""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "broker", "bench", "--tps", "0", "--duration", "60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        preexec_fn=default_sighup,
-    )
+    with sighup_at_default():
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "broker", "bench", "--tps", "0", "--duration", "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
     assert bench.stderr is not None
     assert "running" in bench.stderr.readline()
     children = [int(pid) for pid in _children(bench.pid)]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import default_sighup, embedded_toml
+from conftest import embedded_toml, sighup_at_default
 
 from broker.jobs.signals import (
     ECHO_S,
@@ -193,14 +193,10 @@ class TestUvForwardedSigint:
         (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
         ids = [f"B0LK{i:06d}" for i in range(400)]
         command = [sys.executable, "-m", "broker", "lookup", "--json", "--no-cache", *ids]
-        proc = subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=default_sighup,
-        )
+        with sighup_at_default():
+            proc = subprocess.Popen(
+                command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
         try:
             time.sleep(3)  # 400 ids at 5 requests a second: far from done
             proc.send_signal(sig)
