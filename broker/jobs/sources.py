@@ -735,7 +735,7 @@ def _refuse_a_table(path: Path, lineno: int, text: str) -> None:
     ids, every row was invalid ("contains whitespace") and the run ended 0.
 
     Raises:
-        JobFileError: naming the delimiter and the two ways to read it as a table.
+        JobFileError: naming the delimiter and how to have the file read as a table.
     """
     for delimiter in _CSV_DELIMITERS:
         if delimiter in text:
