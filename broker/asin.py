@@ -188,15 +188,37 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     if _ISBN10_HYPHENATED.fullmatch(text):
         return _verdict(raw, text.replace("-", "").upper())
     if len(text) != 10:
-        lost = (
-            " (nine digits: an ISBN-10 whose leading 0 a spreadsheet dropped? keep the "
-            "column as text)"
-            if len(text) == 9 and text.isdigit()
-            else ""
+        return AsinCheck(
+            raw, None, f"an ASIN has 10 characters, this has {len(text)}{_as_a_number(text)}"
         )
-        return AsinCheck(raw, None, f"an ASIN has 10 characters, this has {len(text)}{lost}")
     bad = next(c for c in text if not c.isalnum())
     return AsinCheck(raw, None, f"contains {bad!r}; an ASIN has only letters A-Z and digits 0-9")
+
+
+#: An id a spreadsheet or pandas read as a number: written as a decimal ("3423214066.0"),
+#: or in Excel's scientific notation ("9.78342E+12"), whose digits are gone.
+_DECIMAL: Final = re.compile(r"\d+\.0+")
+_SCIENTIFIC: Final = re.compile(r"\d(?:[.,]\d+)?E\+\d+", re.IGNORECASE)
+
+
+def _as_a_number(text: str) -> str:
+    """Why an id of the wrong length may have been read as a number, or ""."""
+    if len(text) == 9 and text.isdigit():
+        return (
+            " (nine digits: an ISBN-10 whose leading 0 a spreadsheet dropped? keep the "
+            "column as text)"
+        )
+    if _DECIMAL.fullmatch(text):
+        return (
+            " (a number written as a decimal: the column was read as numbers, by a "
+            "spreadsheet or pandas; keep it as text, and its leading zeros with it)"
+        )
+    if _SCIENTIFIC.fullmatch(text):
+        return (
+            " (Excel's scientific notation: the id's digits are lost; format the column as "
+            "text and export it again)"
+        )
+    return ""
 
 
 #: Marks that may wrap a whole id: quotes and brackets of prose, Markdown or a chat.

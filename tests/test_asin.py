@@ -84,6 +84,22 @@ class TestBareIds:
         assert "leading 0" in reason
 
     @pytest.mark.parametrize(
+        ("raw", "said"),
+        [
+            ("3423214066.0", "a number written as a decimal"),
+            ("316769487.00", "a number written as a decimal"),
+            ("9.78342E+12", "Excel's scientific notation: the id's digits are lost"),
+            ("3,42321E+09", "Excel's scientific notation"),
+        ],
+    )
+    def test_an_id_read_as_a_number_says_so(self, raw: str, said: str) -> None:
+        """An id a spreadsheet or pandas read as a number (a decimal, or Excel's scientific
+        notation) says so and what to do; it was told only its length."""
+        reason = check_asin(raw).reason
+        assert reason is not None
+        assert said in reason
+
+    @pytest.mark.parametrize(
         ("raw", "codepoint"),
         [
             ("B0ABCDEFG１", "U+FF11"),  # full-width digit one
