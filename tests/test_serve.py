@@ -510,13 +510,22 @@ class TestJobs:
         self, start: Start, spool: Path
     ) -> None:
         """Only regular, finished job files are claimed (not a download's or an editor's file
-        still being written); reserved names are refused. A link
+        still being written: Emacs's #f.txt# and an office lock file ~$g.csv were run as
+        jobs); reserved names are refused. A link
         or a directory left in inbox/ is said once (a warning), not passed over in silence."""
         inbox = spool / "inbox"
         inbox.mkdir(parents=True)
         (inbox / ".hidden.txt").write_text("B0HIDDEN01\n")
         (inbox / "writing.txt.tmp").write_text("B0WRITING1\n")
-        partial = ["a.csv.part", "b.csv.partial", "c.csv.crdownload", "d.txt.swp", "e.txt~"]
+        partial = [
+            "a.csv.part",
+            "b.csv.partial",
+            "c.csv.crdownload",
+            "d.txt.swp",
+            "e.txt~",
+            "#f.txt#",
+            "~$g.csv",
+        ]
         for name in partial:
             (inbox / name).write_text("B0PARTIAL1\n")
         (inbox / "subdir").mkdir()
@@ -1287,6 +1296,64 @@ def _wait_drop(spool: Path, name: str, text: str, *, age_s: float = 60.0) -> Pat
 
 
 class TestDaemonSurvives:
+    async def test_an_entry_it_may_not_move_is_left_and_the_next_job_runs(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Another user's file in a sticky inbox/ (the daemon may not move it: EPERM) is
+        left there with one warning, and the other jobs run; the daemon exited 74 on it, and
+        a restarting unit met the file again at each start."""
+        real_link, real_rename = os.link, os.rename
+
+        def refused(source: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(source).name == "theirs.txt":
+                raise PermissionError(errno.EPERM, "Operation not permitted", str(source))
+
+        def link(source: Any, *args: Any, **kwargs: Any) -> None:
+            refused(source)
+            real_link(source, *args, **kwargs)
+
+        def rename(source: Any, *args: Any, **kwargs: Any) -> None:
+            refused(source)
+            real_rename(source, *args, **kwargs)
+
+        monkeypatch.setattr(serve.os, "link", link)
+        monkeypatch.setattr(serve.os, "rename", rename)
+        _drop(spool, "theirs.txt", "B0THEIRS01\n")
+        with structlog.testing.capture_logs() as logs:
+            running = await start()
+            _drop(spool, "mine.txt", "B0MINE0001\n")
+            assert (await _filed(spool, "mine.txt"))["rows"]["total"] == 1
+            await asyncio.sleep(0.2)  # a few more polls of the inbox
+            assert not running.task.done()
+        told = [e for e in logs if e["event"] == "broker.inbox_entry_ignored"]
+        assert [(e["entry"], e["kind"]) for e in told] == [
+            ("theirs.txt", "not movable (Operation not permitted)")
+        ]
+        assert "sticky" in told[0]["note"]
+        assert os.listdir(spool / "inbox") == ["theirs.txt"]
+
+    def test_a_claim_whose_inbox_entry_stays_is_undone(
+        self, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Linked into processing/ but refused the unlink from inbox/ (a sticky inbox/
+        without protected hard links): the link is taken back and PermissionError raised;
+        kept, the job would have run again once filed."""
+        spool_dir = Spool(spool)
+        spool_dir.prepare()
+        _drop(spool, "theirs.txt", "B0THEIRS02\n")
+        real_unlink = Path.unlink
+
+        def unlink(self: Path, missing_ok: bool = False) -> None:
+            if self.parent.name == "inbox":
+                raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+            real_unlink(self, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+        with pytest.raises(PermissionError):
+            spool_dir.claim("theirs.txt")
+        assert os.listdir(spool / "processing") == []
+        assert os.listdir(spool / "inbox") == ["theirs.txt"]
+
     async def test_n4_latin1_name_is_processed_and_the_next_job_runs(
         self, start: Start, spool: Path
     ) -> None:

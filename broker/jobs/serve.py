@@ -540,6 +540,10 @@ class Spool:
 
         Returns:
             False if someone else has it, or ``processing/`` has a job of that name.
+
+        Raises:
+            PermissionError: the entry may not be moved (a sticky ``inbox/`` and another
+                user's file): it is left in ``inbox/``, unclaimed.
         """
         source, target = self.inbox / name, self.processing / (as_name or name)
         try:
@@ -562,8 +566,14 @@ class Spool:
             except FileNotFoundError:
                 return False
             return True
-        with contextlib.suppress(FileNotFoundError):
+        try:
             source.unlink()
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            # Linked, but the inbox keeps it: claimed so, it would run again once filed.
+            target.unlink(missing_ok=True)
+            raise
         return True
 
     def job(self, name: str, default_format: str) -> SpoolJob:
@@ -584,6 +594,9 @@ class Spool:
         The entry is taken first, by a rename to a hidden name in ``failed/``: of two daemons
         refusing it, only one gets it, and the other writes nothing. A crash before it is
         filed leaves the hidden entry, which :meth:`recover` puts back into ``inbox/``.
+
+        Raises:
+            PermissionError: the entry may not be moved (as for :meth:`claim`).
         """
         target = as_name or name
         held = self.failed / f"{_REFUSING}{secrets.token_hex(4)}.{target}"
@@ -700,8 +713,13 @@ def _owner(name: str) -> str | None:
 
 
 def _not_yet_a_job(name: str) -> bool:
-    """A dotfile or a name producers give a file still being written (``*.tmp``, ...)."""
-    return name.startswith(".") or name.endswith(_UNFINISHED)
+    """A dotfile or a name producers give a file still being written (``*.tmp``, ...):
+    Emacs's auto-save ``#name#`` and an office program's lock file ``~$name`` too."""
+    return (
+        name.startswith((".", "~$"))
+        or name.endswith(_UNFINISHED)
+        or (len(name) > 2 and name.startswith("#") and name.endswith("#"))
+    )
 
 
 def _job_files(directory: Path) -> list[str]:
@@ -836,6 +854,8 @@ class Daemon:
         self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}
         # inbox/ entries that are no job files, already warned about
         self._ignored: set[str] = set()
+        # inbox/ entries the daemon may not move, warned about once each
+        self._immovable: set[str] = set()
         # Why inbox/ could not be counted at the last scrape (warned once), or None.
         self._inbox_error: str | None = None
         # Jobs stopped by ``no_wait``, until their keys' daily quota resets.
@@ -1136,6 +1156,19 @@ class Daemon:
             self._inbox_error = str(exc)
             logger.warning("broker.inbox_unreadable", inbox=str(self.spool.inbox), error=str(exc))
 
+    def _say_immovable(self, name: str, exc: PermissionError) -> None:
+        """Warn once about an inbox/ entry the daemon may not move (it stays there)."""
+        if name not in self._immovable:
+            self._immovable.add(name)
+            logger.warning(
+                "broker.inbox_entry_ignored",
+                entry=_shown(name),
+                kind=f"not movable ({exc.strerror})",
+                note="the daemon's user may not move it out of inbox/ (a sticky inbox/ lets "
+                "only a file's owner move it): drop the sticky bit, or have producers run as "
+                "the daemon's user; it is taken once it can be moved",
+            )
+
     def _say_ignored(self, skipped: dict[str, str]) -> None:
         """Warn once about each inbox/ entry that is no job file and stays there for good."""
         for name in skipped.keys() - self._ignored:
@@ -1168,14 +1201,25 @@ class Daemon:
                     "rename the job"
                 )
                 safe = spool_name(name)
-                path = self.spool.reject(name, self._failure_status(safe, message), safe)
+                try:
+                    path = self.spool.reject(name, self._failure_status(safe, message), safe)
+                except PermissionError as exc:
+                    self._say_immovable(name, exc)
+                    continue
                 if path is not None:
                     self._count_failed(name, message, path)
                 continue
             if not self._settled(name, info):
                 continue
             safe = spool_name(name)
-            if self.spool.claim(name, safe):
+            try:
+                claimed = self.spool.claim(name, safe)
+            except PermissionError as exc:
+                # Another user's file in a sticky inbox/: the entry's trouble, not the
+                # daemon's (it exited 74, and a restarting unit met the file again).
+                self._say_immovable(name, exc)
+                continue
+            if claimed:
                 self._settling.pop(name, None)
                 left = self.spool.drop_leftovers(safe)
                 if left:
@@ -1193,6 +1237,7 @@ class Daemon:
                 return safe
         for gone in self._settling.keys() - seen:
             del self._settling[gone]
+        self._immovable &= seen
         return None
 
     def _settled(self, name: str, info: os.stat_result) -> bool:
