@@ -1738,13 +1738,20 @@ class TestServeConfig:
             parse_config(document, environ={})
 
     def test_spool_name_keeps_good_names_and_fixes_awkward_ones(self) -> None:
-        """spool_name: UTF-8 names unchanged; bad bytes as %XX; long names cut with a hash."""
+        """spool_name: UTF-8 names unchanged; bad bytes as %XX; long names cut with a hash,
+        keeping their extensions."""
         assert spool_name("prix été.csv") == "prix été.csv"
         assert spool_name(os.fsdecode(b"lat\xe9.txt")) == "lat%E9.txt"
         long = spool_name("j" * 300 + ".csv.gz")
         assert long.endswith(".csv.gz")
         assert len(long.encode()) <= 200
         assert long != spool_name("j" * 301 + ".csv.gz")
+        # A dot earlier in a long name starts no extension: the name keeps its own. It lost
+        # ".csv" (and ".gz"), and anything collecting done/*.csv missed the job.
+        for ending in (".csv", ".jsonl.gz"):
+            dotted = spool_name("v1.2 " + "k" * 230 + ending)
+            assert dotted.endswith(ending)
+            assert len(dotted.encode()) <= 200
 
 
 class TestNoWait:

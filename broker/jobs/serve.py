@@ -287,9 +287,14 @@ def spool_name(name: str) -> str:
         )
     if len(text.encode("utf-8")) <= _MAX_NAME_BYTES:
         return text
-    suffix = "".join(PurePath(text).suffixes[-2:])
-    if len(suffix.encode("utf-8")) > 24:
-        suffix = ""
+    # The last one or two suffixes that are extensions (".csv", ".jsonl.gz"): a dot earlier
+    # in the name ("v1.2 sales report.csv") starts no extension, and taken for one it made
+    # the two too long to keep, so the name lost its ".csv" too.
+    suffix = ""
+    for part in reversed(PurePath(text).suffixes[-2:]):
+        if not (2 <= len(part) <= 8 and part[1:].isascii() and part[1:].isalnum()):
+            break
+        suffix = part + suffix
     digest = hashlib.sha256(raw).hexdigest()[:12]
     budget = _MAX_NAME_BYTES - len(suffix.encode("utf-8")) - len(digest) - 1
     head = text[: len(text) - len(suffix)].encode("utf-8")[:budget].decode("utf-8", "ignore")
