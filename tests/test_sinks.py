@@ -540,6 +540,24 @@ class TestCsvPassThrough:
         assert records[3]["status"] == "invalid"
         assert records[3]["sku"] == "S2"
 
+    @pytest.mark.parametrize(
+        ("name", "column"),
+        [
+            ("Title", "input_Title"),
+            ("STATUS", "input_STATUS"),
+            ("Input_note", "input_Input_note"),
+            ("Titles", "Titles"),
+        ],
+    )
+    def test_a_name_ours_in_another_case_is_prefixed(self, name: str, column: str) -> None:
+        """A pass-through column named as ours in another case (Title) is prefixed: SQL
+        tools and pandas' to_sql take it for our title (sqlite3's .import renamed both,
+        to_sql refused the file). It reads back as itself, as does an older broker's
+        unprefixed Title."""
+        assert sinks._column_name(name) == column
+        assert sinks._input_name(column) == name
+        assert CsvSink._read_extra([*CSV_COLUMNS, "Title"]) == ("Title",)
+
     def test_resume_keeps_the_columns(self, tmp_path: Path) -> None:
         """A resumed output reads its pass-through columns back and writes the same layout."""
         out = tmp_path / "out.csv"

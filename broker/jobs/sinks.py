@@ -606,8 +606,14 @@ def _extra_names(rows: Sequence[DoneRow]) -> tuple[str, ...]:
 
 
 def _column_name(name: str) -> str:
-    """The CSV header cell of pass-through column ``name`` (prefixed if it would clash)."""
-    if name in CSV_COLUMNS or name.startswith(_INPUT_PREFIX):
+    """The CSV header cell of pass-through column ``name`` (prefixed if it would clash).
+
+    Compared in any case: SQL, pandas' ``to_sql`` and Excel's tables take ``Title`` for our
+    ``title`` (sqlite3's ``.import`` renamed both, ``to_sql`` refused the file). A header an
+    older broker wrote with ``Title`` unprefixed still reads back (:func:`_input_name`).
+    """
+    lowered = name.lower()
+    if lowered in CSV_COLUMNS or lowered.startswith(_INPUT_PREFIX):
         return _INPUT_PREFIX + name
     return name
 
