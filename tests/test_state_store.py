@@ -638,20 +638,6 @@ class TestDayAndProcesses:
         granted = [(await backend.reserve(high)).granted for _ in range(4)]
         assert granted == [True, True, True, False]
 
-    async def test_a_reset_moved_earlier_keeps_the_count_of_the_window_now_running(
-        self, backend: Backend
-    ) -> None:
-        """daily_reset_utc moved so that the window now running began an hour ago, while the
-        old one still runs an hour more: the sends just made count in the new window (the
-        day numbers of the two offsets differ by one, and the count was dropped)."""
-        now_s = (backend.fake[0] // 1_000_000) if backend.fake is not None else int(time.time())
-        before = replace(LIMITS, day_limit=4, tpd=4, reset_offset_s=(now_s - 23 * 3_600) % 86_400)
-        after = replace(LIMITS, day_limit=4, tpd=4, reset_offset_s=(now_s - 3_600) % 86_400)
-        for _ in range(3):
-            assert (await backend.reserve(before)).granted
-        granted = [(await backend.reserve(after)).granted for _ in range(2)]
-        assert granted == [True, False]
-
     async def test_a_lower_daily_limit_leaves_with_its_process(self, backend: Backend) -> None:
         """The process that kept the daily limit low (tpd 3) closes and says so: a process
         with tpd 6 sends its 4th at once, instead of being told the day is spent until the
@@ -1418,51 +1404,6 @@ async def _as_an_older_broker_left_it(backend: Backend, *, day_cap: int) -> None
         backend.store._keys(KEY)[0],
         mapping={"day_cap": day_cap, "day_cap_seen": seconds * 1_000_000 + micros},
     )
-
-
-_H = 3_600 * 1_000_000  # an hour, µs
-_MIDNIGHT = _T0 - 8 * _H  # 00:00 UTC of _T0's day (_T0 is 08:00)
-
-
-def _sends(record: Record, at: int, limits: KeyLimits, n: int) -> list[Decision]:
-    """``n`` reserving decisions ``at`` a wall time (µs), a second apart."""
-    return [
-        decide(record, at + i * 1_000_000, limits, feedback=Feedback(), reserve=True, process=ME)
-        for i in range(n)
-    ]
-
-
-def test_an_earlier_daily_reset_keeps_the_day_s_count() -> None:
-    """daily_reset_utc moved from 08:00 to 00:00 at 07:30, three sends made at 07:00: they
-    fall in the window now running, so the day allows only what is left; the count was
-    dropped (the day numbers of two offsets compared), and the key spent its day twice."""
-    eight = replace(LIMITS, day_limit=4, tpd=4, reset_offset_s=8 * 3_600)
-    midnight = replace(LIMITS, day_limit=4, tpd=4, reset_offset_s=0)
-    record = Record()
-    assert all(d.granted for d in _sends(record, _MIDNIGHT + 7 * _H, eight, 3))
-    later = _sends(record, _MIDNIGHT + 7 * _H + _H // 2, midnight, 2)
-    assert [d.granted for d in later] == [True, False]
-    assert later[1].refusal == "daily quota"
-    # Held until the new offset's reset (midnight), not the old one's.
-    assert later[1].wait_s == pytest.approx((24 * _H - 7 * _H - _H // 2) / 1e6 - 1, abs=1)
-
-
-def test_a_later_daily_reset_starts_afresh_after_sends_before_it() -> None:
-    """daily_reset_utc moved from 00:00 to 08:00 at 09:00, the day's four sends made at
-    01:00: they belong to the window that ended at 08:00, so the key has its day again; it
-    was held until 08:00 the next day."""
-    midnight = replace(LIMITS, day_limit=4, tpd=4, reset_offset_s=0)
-    eight = replace(LIMITS, day_limit=4, tpd=4, reset_offset_s=8 * 3_600)
-    record = Record()
-    assert all(d.granted for d in _sends(record, _MIDNIGHT + _H, midnight, 4))
-    assert not _sends(record, _MIDNIGHT + _H + 10_000_000, midnight, 1)[0].granted
-    after = _sends(record, _MIDNIGHT + 9 * _H, eight, 5)
-    assert [d.granted for d in after] == [True] * 4 + [False]
-    # The same change with a send after 08:00 carries the count: the day may be spent.
-    record = Record()
-    _sends(record, _MIDNIGHT + _H, midnight, 3)
-    _sends(record, _MIDNIGHT + 8 * _H + _H // 2, midnight, 1)
-    assert [d.granted for d in _sends(record, _MIDNIGHT + 9 * _H, eight, 2)] == [False, False]
 
 
 def test_a_record_an_older_broker_wrote_takes_no_park_from_a_mark() -> None:

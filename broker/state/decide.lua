@@ -71,8 +71,7 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset',
-  'count_wall')
+  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -105,9 +104,6 @@ local run_429s = tonumber(h[24]) or 0
 local gen = h[25] or ''
 local gen_sends = tonumber(h[26]) or 0
 local gen_unparked = h[27] == '1'
--- decision.py: Record.day_offset (-1: not known) and .count_wall
-local day_offset = tonumber(h[28]) or -1
-local count_wall = tonumber(h[29]) or 0
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -238,21 +234,11 @@ end
 if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
 local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
-if day >= 0 and day_offset >= 0 and day_offset ~= reset_offset then
-  -- daily_reset_utc changed (decision.py, _move_window): the count goes with its sends.
-  local ended = ((day + 1) * 86400 + day_offset) * 1000000 <= now
-  local began = (today * 86400 + reset_offset) * 1000000
-  if ended or count_wall < began then
-    count = 0
-    gen_sends = 0
-  end
-  day = today
-elseif today > day then
+if today > day then
   day = today
   count = 0
   gen_sends = 0
 end
-day_offset = reset_offset
 if process_id ~= '' then
   -- A mark from before the loss knew nothing of the sends granted since: they come on top.
   if hwm_day == day then
@@ -352,7 +338,6 @@ if reserve then
     next_slot = slot + interval
     count = count + 1
     gen_sends = gen_sends + 1
-    count_wall = now
     if parked_until > 0 then
       probe = 1
       probing_until = now + lease
@@ -370,8 +355,7 @@ if not view then
     'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
     'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s), 'gen', gen,
-    'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0',
-    'day_offset', int(day_offset), 'count_wall', int(count_wall))
+    'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0')
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

@@ -105,11 +105,6 @@ class Record:
     gen: str = ""
     gen_sends: int = 0
     gen_unparked: bool = False
-    #: the reset offset (seconds after 00:00 UTC) ``day`` is numbered by (-1: not known, a
-    #: record an older broker wrote), and the wall time of the last send counted (µs): a
-    #: changed ``daily_reset_utc`` moves the window, and the count goes with the sends
-    day_offset: int = -1
-    count_wall: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -217,24 +212,6 @@ def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool)
     if record.day_cap >= 0 and now - record.day_cap_seen <= recent:
         caps.append(record.day_cap)
     return min(caps) if caps else None
-
-
-def _move_window(record: Record, wall: int, day: int, offset: int) -> None:
-    """The daily window under a changed reset offset (``daily_reset_utc`` edited): the
-    window now running is ``day`` under ``offset``, and the day's count goes with it unless
-    every send it counts came before that window began.
-
-    Day numbers under two offsets do not compare: the old window's day 20,000 may end
-    before or after the new one's. Compared so, an earlier reset (08:00 to 00:00 at 07:30)
-    dropped the count of sends made at 07:00, and the key spent the day's quota twice; a
-    later one (00:00 to 08:00 at 09:00) held the count of sends made at 01:00, and the key
-    waited until 08:00 the next day.
-    """
-    ended = day_end_us(record.day, record.day_offset) <= wall
-    began = day_end_us(day - 1, offset)
-    if ended or record.count_wall < began:
-        record.count = record.gen_sends = 0
-    record.day = day
 
 
 def process_entry(process: ProcessMark, day_limit: int | None) -> str:
@@ -435,14 +412,10 @@ def decide(
     record.rate = _clamp(record.rate, limits)
     if wall is None:
         wall = now
-    offset = limits.reset_offset_s
-    day = day_number(wall, offset)
-    if record.day >= 0 and record.day_offset >= 0 and record.day_offset != offset:
-        _move_window(record, wall, day, offset)
-    elif day > record.day:
+    day = day_number(wall, limits.reset_offset_s)
+    if day > record.day:
         record.day = day
         record.count = record.gen_sends = 0
-    record.day_offset = offset
     if process is not None:
         if process.hwm_day == record.day:
             # A mark from before the loss knew nothing of the sends granted since: they come
@@ -484,7 +457,6 @@ def decide(
             record.next_slot = slot + interval
             record.count += 1
             record.gen_sends += 1
-            record.count_wall = wall
             if record.parked_until:
                 probe = True
                 record.probing_until = now + int(limits.probe_lease_s * _US)
