@@ -113,6 +113,9 @@ _ENV_NAME: Final = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 #: which condemns every key), a control character every request of the key (aiohttp refuses
 #: the header); ``-`` and ``_`` are let through for the simulator's own accounts.
 _ACCESS_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+#: What a Creators credential id may hold (``amzn1.application-oa2-client.<hex>``): a comma
+#: or semicolon is a line of the credentials CSV pasted whole, the secret after it.
+_CREDENTIAL_ID: Final = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1043,6 +1046,8 @@ def _check_credential_id(credential_id: str, protocol: Protocol, path: str) -> N
             what = "a space, line break or control character"
         elif paapi and not _ACCESS_KEY.fullmatch(char):
             what = f"{char!r} (a PA-API access key is letters and digits only)"
+        elif not paapi and not _CREDENTIAL_ID.fullmatch(char):
+            what = f"{char!r} (a credential id is letters, digits, '.' and '-')"
         else:
             continue
         raise ConfigError(

@@ -631,13 +631,19 @@ class TestDefaults:
         assert "wJalr" not in str(error)
 
     def test_a_creators_id_with_a_control_character_is_refused(self) -> None:
-        """A Creators credential id holding a control character is refused naming the key;
-        one as Amazon issues it (dots and dashes) loads."""
+        """A Creators credential id holding a control character, or a comma (a CSV line
+        pasted whole, its secret after it), is refused naming the key; one as Amazon issues
+        it (dots and dashes) loads."""
         error = _error(_with("keys.0.credential_id", "amzn1.application-oa2-client.a\tb"))
         assert error.path == "keys[0].credential_id"
         assert "control character" in error.message
         good = _with("keys.0.credential_id", "amzn1.application-oa2-client.0123abcd")
         assert parse_config(good, environ=ENV).keys[0].credential_id.endswith("0123abcd")
+        # A line of the credentials CSV pasted whole: refused, the secret not shown.
+        pasted = _with("keys.0.credential_id", "amzn1.application-oa2-client.0123,s3cretVALUE")
+        error = _error(pasted)
+        assert "holds ',' (a credential id is letters, digits, '.' and '-')" in error.message
+        assert "s3cret" not in str(error)
 
     def test_tpd_zero_means_unlimited(self) -> None:
         """tpd = 0 is unlimited; an absent tpd is PA-API's starting 8640."""
