@@ -92,6 +92,25 @@ async def test_a_429_after_the_day_is_spent_does_not_park_past_the_reset() -> No
     assert key.circuit.state is CircuitState.OPEN
 
 
+async def test_a_429_while_another_process_s_lower_tpd_holds_the_key_parks_it() -> None:
+    """Held only by another process's lower tpd (a lookup's), a 429 read as the quota spent
+    parks the key as before: that hold lapses when the lookup closes, and unparked the key
+    would send into Amazon's spent quota until ten 429s parked it."""
+    clock = FakeClock()
+    store = MemoryStateStore(
+        lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
+    )
+    shared = cast("Any", store)
+    low = _key(clock, SharedState(shared, "https://creators.test", "low"), tpd=2)
+    high = _key(clock, SharedState(shared, "https://creators.test", "high"), tpd=1000)
+    assert await _driven(clock, low.try_send(), within_s=2.0) is not None
+    assert await _driven(clock, high.try_send(), within_s=2.0) is None
+    assert high.limiter.exhausted
+    assert high.limiter.quota_until() < high.limiter.resets_at()
+    high.on_throttled(ThrottledError("TooManyRequests", "x", status=429), clock.monotonic())
+    assert high.circuit.state is CircuitState.OPEN
+
+
 async def test_a_probe_that_spends_the_day_and_meets_a_429_is_parked_again() -> None:
     """A parked key's probe takes the day's last request and is answered 429: the key is
     parked again, the probe settled. Left unparked (the day's limit holds it), it stayed

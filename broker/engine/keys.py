@@ -459,6 +459,10 @@ class KeyState:
             and verdict is ThrottleVerdict.QUOTA_EXHAUSTED
             and told < self.adaptive.settings.park_s
             and self.circuit.state is CircuitState.CLOSED
+            # Held until the reset by this config's own tpd, not only by another process's
+            # lower one, which lapses when that process closes (the key would then send
+            # into Amazon's spent quota until ten 429s parked it).
+            and self.limiter.quota_until() >= self.limiter.resets_at()
         ):
             # The key's own daily count is spent: its daily limit holds it until the reset
             # already, and a park (15 minutes and more) could outlast that reset (a 429 in
