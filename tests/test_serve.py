@@ -1353,6 +1353,12 @@ class TestDaemonSurvives:
             spool_dir.claim("theirs.txt")
         assert os.listdir(spool / "processing") == []
         assert os.listdir(spool / "inbox") == ["theirs.txt"]
+        # A daemon stopped between the link and the unlink: at the next start the claim is
+        # taken back rather than the daemon failing (it exited at every start).
+        os.link(spool / "inbox" / "theirs.txt", spool / "processing" / "theirs.txt")
+        assert spool_dir.drop_duplicates() == []
+        assert os.listdir(spool / "processing") == []
+        assert os.listdir(spool / "inbox") == ["theirs.txt"]
 
     async def test_n4_latin1_name_is_processed_and_the_next_job_runs(
         self, start: Start, spool: Path

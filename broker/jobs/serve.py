@@ -499,7 +499,14 @@ class Spool:
         removed = []
         for name, info in _job_entries(self.inbox):
             if (info.st_dev, info.st_ino, spool_name(name)) in claimed:
-                (self.inbox / name).unlink(missing_ok=True)
+                try:
+                    (self.inbox / name).unlink(missing_ok=True)
+                except PermissionError:
+                    # The inbox keeps it (another user's file in a sticky inbox/): the
+                    # claim is taken back instead, as :meth:`claim` does, and the entry
+                    # left there, warned about when it is next seen.
+                    (self.processing / spool_name(name)).unlink(missing_ok=True)
+                    continue
                 removed.append(name)
         return removed
 
