@@ -1108,20 +1108,23 @@ def _blank_record(text: str) -> bool:
     return not text.strip().strip(",;\t|\"' ")
 
 
-def _no_asin_column(names: list[str], delimiter: str) -> str:
+def _no_asin_column(names: list[str]) -> str:
     """What a header without an ``asin`` column is told: its names as its own delimiter
     splits them, the ones that look like the id column first, and what to rename.
 
     Without an ``asin`` the delimiter is taken to be ``,``, so a tab- or semicolon-separated
-    header is one long name (or a few, split at commas inside its names): shown so, cut
-    short, it hid its ``asin1`` (a Seller Central report) and told to add the header it has.
+    header is one long name: shown so, cut short, it hid its ``asin1`` (a Seller Central
+    report) and told to add the header it has.
     """
     separated = ""
-    line = delimiter.join(names)
-    best = max(_CSV_DELIMITERS, key=lambda d: len(_split_header(line, d)))
-    if best != delimiter and len(_split_header(line, best)) > len(names):
-        separated = f", {'tab' if best == chr(9) else repr(best)}-separated"
-        names = [name.strip() for name in _split_header(line, best)]
+    if len(names) == 1:
+        # One name: split by the delimiter that gives the most (a quoted cell of a comma-
+        # separated header may hold semicolons: its names are taken as they were parsed).
+        best = max(_CSV_DELIMITERS, key=lambda d: len(_split_header(names[0], d)))
+        split = _split_header(names[0], best)
+        if len(split) > 1:
+            separated = f", {'tab' if best == chr(9) else repr(best)}-separated"
+            names = [name.strip() for name in split]
     likely = [name for name in names if "asin" in name.lower()]
     shown = likely + [name for name in names if name not in likely]
     # A few names, each cut short: a binary file read as text has thousands of bytes.
@@ -1141,7 +1144,7 @@ def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _
     lowered = [name.lower() for name in names]
     asin = [i for i, name in enumerate(lowered) if name == "asin"]
     if not asin:
-        raise JobFileError(f"{path}: line {lineno}: {_no_asin_column(header, delimiter)}")
+        raise JobFileError(f"{path}: line {lineno}: {_no_asin_column(header)}")
     marketplace = [i for i, name in enumerate(lowered) if name == "marketplace"]
     for column, where in (("asin", asin), ("marketplace", marketplace)):
         if len(where) > 1:
