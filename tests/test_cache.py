@@ -12,9 +12,11 @@ import stat
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
+import structlog
 from conftest import sqlite_db
 from structlog.testing import capture_logs
 
@@ -42,7 +44,7 @@ from broker.config import (
     load_config,
     parse_config,
 )
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Secret, Status
 from broker.testing import FakeClock
 
@@ -899,6 +901,62 @@ class TestFront:
         assert [r is not None and r.cached for r in got] == [True] * 20 + [False] * 30
         await front.aclose()
 
+    async def test_the_store_is_not_asked_for_stats_while_left_alone(
+        self, clock: FakeClock
+    ) -> None:
+        """stats() during the cool-off raises at once without asking the store: a hung
+        Redis held every /metrics scrape for its 5-s timeout. Asked again after it."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache, clock=clock)
+        cache.broken = True
+        assert await front.get(q("B000000001")) is None
+        asked: list[int] = []
+        real_stats = cache.stats
+
+        async def stats() -> CacheStats:
+            asked.append(1)
+            return await real_stats()
+
+        cache.stats = stats  # type: ignore[method-assign]
+        with pytest.raises(BrokerError, match=r"left alone after a failure: .*disk gone"):
+            await front.stats()
+        assert asked == []
+        cache.broken = False
+        await clock.advance(COOL_OFF_S)
+        assert (await front.stats()).misses == 1
+        assert asked == [1]
+        await front.aclose()
+
+    async def test_its_tasks_carry_no_context_of_the_caller(self, clock: FakeClock) -> None:
+        """The reads and the write-behind run in a context of their own: started from a
+        send, they logged cache.unavailable with that send's key and batch_id bound."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache, clock=clock)
+        seen: list[dict[str, object]] = []
+        real_get, real_put = cache.get_many, cache.put_many
+
+        async def get_many(*args: Any, **kwargs: Any) -> list[ItemResult | None]:
+            seen.append(dict(structlog.contextvars.get_contextvars()))
+            return await real_get(*args, **kwargs)
+
+        async def put_many(*args: Any, **kwargs: Any) -> int:
+            seen.append(dict(structlog.contextvars.get_contextvars()))
+            return await real_put(*args, **kwargs)
+
+        cache.get_many = get_many  # type: ignore[method-assign]
+        cache.put_many = put_many  # type: ignore[method-assign]
+
+        async def a_send() -> None:
+            structlog.contextvars.bind_contextvars(key="demo", batch_id=7)
+            front.put(ok("B000000001", clock))
+            assert await front.get(q("B000000002")) is None
+
+        await asyncio.get_running_loop().create_task(a_send())
+        await front.flush()
+        assert len(seen) == 2
+        assert all("key" not in bound and "batch_id" not in bound for bound in seen)
+        await front.aclose()
+
     async def test_a_failing_store_never_fails_a_lookup(self, clock: FakeClock) -> None:
         """Reads become misses and writes are dropped, counted, when the store fails."""
         cache = _CountingCache(CachePolicy(3_600), clock)
@@ -998,6 +1056,7 @@ class TestFront:
             assert await front.get(query) is None
         front.discard(ahead)
         cache.broken = False
+        await clock.advance(COOL_OFF_S)  # the store is not asked for stats while left alone
         stats = await front.stats()
         assert (stats.hits, stats.misses) == (0, 8)
         await front.aclose()

@@ -90,6 +90,10 @@ class ItemCache(Protocol):
         """One line for ``error`` of the store: where it is, what failed, what to do."""
         ...
 
+    def wrong_config(self, error: BaseException) -> bool:
+        """True when ``error`` is the config's to mend (a password refused)."""
+        ...
+
 
 class StoreCache(abc.ABC):
     """An :class:`ItemCache` over a storage home that subclasses provide.
@@ -140,6 +144,11 @@ class StoreCache(abc.ABC):
         return f"the item cache ({where}) cannot be used ({failed})" + (
             f"; {remedy}" if remedy else ""
         )
+
+    def wrong_config(self, error: BaseException) -> bool:
+        """True when ``error`` (one of :attr:`failures`) is the config's to mend (a
+        password refused), not the store out of order."""
+        return False
 
     def _failure_advice(self, error: BaseException) -> tuple[str, str]:
         """Where the home is, and what to do when it fails with ``error`` ("" when the

@@ -16,6 +16,7 @@ from broker.cache.sqlite import SqliteCache
 from broker.errors import ConfigError
 from broker.exitcode import ExitCode
 from broker.progname import prog
+from broker.sqlitewal import RefusedFileError, refuse_orphans
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -105,6 +106,12 @@ async def cache_command(
         return ExitCode.CONFIG
     where = store.where
     if isinstance(store, SqliteCache) and _missing(store.path):
+        try:
+            # The file deleted without its -wal and -shm: every run refuses the cache.
+            refuse_orphans(store.path, "the item cache")
+        except RefusedFileError as exc:
+            print(f"{prog()}: {exc}", file=sys.stderr)
+            return ExitCode.IO_ERROR
         # Opening the store would create the file (and its directory) to report nothing.
         print(f"{prog()}: no item cache at {where} yet: nothing is cached", file=sys.stderr)
         if args.cache_command == "purge":
@@ -121,9 +128,9 @@ async def cache_command(
                     stats = await store.stats()
         except store.failures as exc:
             # The store itself is broken or out of reach: say which and what to do, not a
-            # traceback.
+            # traceback. A password refused is the config's (78, as for [state]).
             print(f"{prog()}: {store.describe_failure(exc)}", file=sys.stderr)
-            return ExitCode.IO_ERROR
+            return ExitCode.CONFIG if store.wrong_config(exc) else ExitCode.IO_ERROR
         if removed is not None:
             # Printed outside: a reader gone from stdout (a BrokenPipeError, an OSError) is
             # no failure of the store's.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from broker.cache.base import key_of
 from broker.clock import LoopClock
+from broker.errors import BrokerError
 from broker.logs import get_logger
 from broker.models import Status
 
@@ -144,7 +146,9 @@ class CacheFront:
         self._read_scheduled = False
         while self._reads:
             batch, self._reads = self._reads[: self._read_batch], self._reads[self._read_batch :]
-            task = asyncio.get_running_loop().create_task(self._read(batch))
+            task = asyncio.get_running_loop().create_task(
+                self._read(batch), context=contextvars.Context()
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -176,7 +180,11 @@ class CacheFront:
             return
         self._writes.append(result)
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write())
+            # In a context of its own: started from a send, it would log its
+            # cache.unavailable with that send's key and batch_id bound.
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write(), context=contextvars.Context()
+            )
 
     async def _write(self) -> None:
         while self._writes:
@@ -227,12 +235,22 @@ class CacheFront:
         while self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
         if self._writes:
-            self._writer = asyncio.get_running_loop().create_task(self._write())
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write(), context=contextvars.Context()
+            )
             await self._writer
 
     async def stats(self) -> CacheStats:
         """The store's stats (hits, misses, requests saved, entries, bytes, evictions), the
-        lookups a failing store could not answer counted among the misses."""
+        lookups a failing store could not answer counted among the misses.
+
+        Raises:
+            BrokerError: the store failed and is left alone meanwhile (asked, a hung Redis
+                held every /metrics scrape for its 5-s timeout).
+        """
+        if self._down():
+            told = "" if self._outage is None else f": {self._outage[0]}"
+            raise BrokerError(f"the item cache is left alone after a failure{told}")
         stats = await self.cache.stats()
         return dataclasses.replace(stats, misses=stats.misses + self.failed_reads)
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
@@ -294,6 +295,32 @@ class RedisCache(StoreCache):
         """The Redis URL without credentials."""
         return self._where
 
+    def wrong_config(self, error: BaseException) -> bool:
+        """True when ``error`` is Redis refusing its password: the config's to mend."""
+        return _refused_password(error)
+
     def _failure_advice(self, error: BaseException) -> tuple[str, str]:
-        """Redis, and what to check."""
+        """Redis, and what to check: its password when it refused one or wants one (it
+        read as "check that Redis is up"), TLS when a rediss:// URL timed out."""
+        if _refused_password(error):
+            return self.where, (
+                f"Redis wants a password, or refused the one given: put it in the URL "
+                f"{self._setting} names (redis://:PASSWORD@host:port/db)"
+            )
+        if isinstance(error, (TimeoutError, RedisTimeoutError)) and self.where.startswith(
+            "rediss:"
+        ):
+            return self.where, (
+                "a rediss:// URL that times out is often a Redis that does not speak TLS: "
+                f"try redis://, else check that Redis is up and {self._setting} is right"
+            )
         return self.where, f"check that Redis is up and {self._setting} is right"
+
+
+def _refused_password(error: BaseException) -> bool:
+    """True for Redis refusing a connection for its password (none given, or a wrong one):
+    a config error, not an outage."""
+    if isinstance(error, AuthenticationError):
+        return True
+    text = str(error)
+    return isinstance(error, ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
