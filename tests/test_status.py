@@ -328,6 +328,44 @@ class TestWithoutSecrets:
         assert "purged 0 cached answers" in capsys.readouterr().out
         assert not (bare.parent / "cache.sqlite3").exists()
 
+    def test_cache_stats_names_journals_left_without_their_file(
+        self, bare: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The cache file deleted without its -wal and -shm: stats and purge exit 74 naming
+        them, as every run refuses the cache for them; they said "nothing is cached"."""
+        for journal in ("-wal", "-shm"):
+            (bare.parent / f"cache.sqlite3{journal}").write_bytes(b"")
+        for command in ("stats", "purge"):
+            assert cli.main(["cache", command, "--config", str(bare)]) == 74
+            err = capsys.readouterr().err
+            assert "cache.sqlite3-wal" in err
+            assert "nothing is cached" not in err
+
+    def test_a_redis_cache_asking_a_password_is_a_config_error(
+        self, bare: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A Redis item cache that asks a password none was given for, or refuses the one
+        given: cache stats exits 78 naming the password; it was 74, "check that Redis is
+        up"."""
+        from broker.state.redis_server import RedisServer, redis_server_binary
+
+        if redis_server_binary() is None:
+            pytest.skip("no redis-server")
+        server = RedisServer(password="right-one")
+        server.start()
+        try:
+            text = bare.read_text().split("\n[cache]")[0]
+            bare.write_text(text + '\n[cache]\nbackend = "redis"\nredis_url_env = "CACHE_URL"\n')
+            port = server.url.rsplit(":", 1)[1].split("/")[0]
+            for url in (server.url, f"redis://:wrong-one@127.0.0.1:{port}/0"):
+                monkeypatch.setenv("CACHE_URL", url)
+                assert cli.main(["cache", "stats", "--config", str(bare)]) == 78
+                err = capsys.readouterr().err
+                assert "Redis wants a password, or refused the one given" in err
+                assert "wrong-one" not in err
+        finally:
+            server.__exit__(None, None, None)
+
     def test_a_cache_path_that_can_never_be_made_is_an_io_error(
         self, bare: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

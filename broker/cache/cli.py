@@ -29,7 +29,8 @@ __all__ = ["add_arguments", "cache_command"]
 def _exit_codes(usage: str) -> str:
     return (
         f"exit codes: 0 done; 2 usage{usage}; 74 the item cache cannot be used (a damaged "
-        "file, a full or read-only disk, Redis down); 78 a bad config."
+        "file, a full or read-only disk, Redis down); 78 a bad config, or Redis refusing "
+        "its password."
     )
 
 
