@@ -680,6 +680,8 @@ def test_an_empty_first_row_before_the_header_is_skipped(tmp_path: Path, blank: 
         ("ASIN-Nummer;Titel", "found, ';'-separated: 'ASIN-Nummer', 'Titel'"),
         # A quoted comma-separated name holding semicolons is a name as parsed.
         ('title,"a;b;c;d",asin1', "found: 'asin1', 'title', 'a;b;c;d'"),
+        # A tab-separated header with a comma in a name: still split by its tab.
+        ("item-name\tprice, USD\tasin1", "found, tab-separated: 'asin1', 'item-name'"),
     ],
 )
 def test_a_header_without_asin_shows_its_names_and_the_likely_id_column(

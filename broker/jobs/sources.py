@@ -1108,7 +1108,7 @@ def _blank_record(text: str) -> bool:
     return not text.strip().strip(",;\t|\"' ")
 
 
-def _no_asin_column(names: list[str]) -> str:
+def _no_asin_column(names: list[str], delimiter: str) -> str:
     """What a header without an ``asin`` column is told: its names as its own delimiter
     splits them, the ones that look like the id column first, and what to rename.
 
@@ -1117,12 +1117,15 @@ def _no_asin_column(names: list[str]) -> str:
     report) and told to add the header it has.
     """
     separated = ""
-    if len(names) == 1:
-        # One name: split by the delimiter that gives the most (a quoted cell of a comma-
-        # separated header may hold semicolons: its names are taken as they were parsed).
-        best = max(_CSV_DELIMITERS, key=lambda d: len(_split_header(names[0], d)))
-        split = _split_header(names[0], best)
-        if len(split) > 1:
+    if len(names) == 1 or (delimiter == "," and any("\t" in name for name in names)):
+        # One name, or names holding tabs (a tab-separated header with a comma in a name):
+        # split again by the delimiter that gives the most. Names as parsed otherwise: a
+        # quoted cell of a comma-separated header may hold semicolons.
+        line = delimiter.join(names)
+        others = [d for d in _CSV_DELIMITERS if d != delimiter]
+        best = max(others, key=lambda d: len(_split_header(line, d)))
+        split = _split_header(line, best)
+        if len(split) > len(names):
             separated = f", {'tab' if best == chr(9) else repr(best)}-separated"
             names = [name.strip() for name in split]
     likely = [name for name in names if "asin" in name.lower()]
@@ -1144,7 +1147,7 @@ def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _
     lowered = [name.lower() for name in names]
     asin = [i for i, name in enumerate(lowered) if name == "asin"]
     if not asin:
-        raise JobFileError(f"{path}: line {lineno}: {_no_asin_column(header)}")
+        raise JobFileError(f"{path}: line {lineno}: {_no_asin_column(header, delimiter)}")
     marketplace = [i for i, name in enumerate(lowered) if name == "marketplace"]
     for column, where in (("asin", asin), ("marketplace", marketplace)):
         if len(where) > 1:
