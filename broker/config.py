@@ -1047,7 +1047,7 @@ def _check_credential_id(credential_id: str, protocol: Protocol, path: str) -> N
         elif paapi and not _ACCESS_KEY.fullmatch(char):
             what = f"{char!r} (a PA-API access key is letters and digits only)"
         elif not paapi and not _CREDENTIAL_ID.fullmatch(char):
-            what = f"{char!r} (a credential id is letters, digits, '.' and '-')"
+            what = f"{char!r} (a credential id is letters, digits, '.', '-' and '_')"
         else:
             continue
         raise ConfigError(

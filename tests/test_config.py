@@ -642,7 +642,7 @@ class TestDefaults:
         # A line of the credentials CSV pasted whole: refused, the secret not shown.
         pasted = _with("keys.0.credential_id", "amzn1.application-oa2-client.0123,s3cretVALUE")
         error = _error(pasted)
-        assert "holds ',' (a credential id is letters, digits, '.' and '-')" in error.message
+        assert "holds ',' (a credential id is letters, digits, '.', '-' and '_')" in error.message
         assert "s3cret" not in str(error)
 
     def test_tpd_zero_means_unlimited(self) -> None:
