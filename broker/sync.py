@@ -329,7 +329,8 @@ class SyncBroker:
                 self._call(pump.aclose())
 
     def cache_stats(self) -> CacheStats | None:
-        """The item cache's counts (see the async :meth:`Broker.cache_stats`); None if off."""
+        """The item cache's counts (see the async :meth:`Broker.cache_stats`, and what it
+        raises while a failed store is left alone); None if off."""
         return self._call(self._broker.cache_stats())
 
     def search_items(

@@ -927,6 +927,35 @@ class TestFront:
         assert asked == [1]
         await front.aclose()
 
+    async def test_a_failing_stats_starts_the_cool_off_and_writes_alone_do_not(
+        self, clock: FakeClock
+    ) -> None:
+        """Stats that fail leave the store alone too (an idle daemon's every scrape asked a
+        hung Redis); a store whose writes alone fail (a full disk) still gives its stats."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache, clock=clock)
+        asked: list[int] = []
+
+        async def hung() -> CacheStats:
+            asked.append(1)
+            raise OSError("timed out")
+
+        real_stats = cache.stats
+        cache.stats = hung  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="timed out"):
+            await front.stats()
+        with pytest.raises(BrokerError, match="left alone"):
+            await front.stats()
+        assert asked == [1]
+        cache.stats = real_stats  # type: ignore[method-assign]
+        await clock.advance(COOL_OFF_S)
+        cache.full = True
+        front.put(ok("B000000001", clock))
+        await front.flush()
+        assert front.dropped_writes == 1
+        assert (await front.stats()).entries == 0
+        await front.aclose()
+
     async def test_its_tasks_carry_no_context_of_the_caller(self, clock: FakeClock) -> None:
         """The reads and the write-behind run in a context of their own: started from a
         send, they logged cache.unavailable with that send's key and batch_id bound."""

@@ -361,7 +361,8 @@ class TestWithoutSecrets:
                 monkeypatch.setenv("CACHE_URL", url)
                 assert cli.main(["cache", "stats", "--config", str(bare)]) == 78
                 err = capsys.readouterr().err
-                assert "Redis wants a password, or refused the one given" in err
+                assert "Redis refused the connection's authentication" in err
+                assert "put the right one in the URL in CACHE_URL" in err
                 assert "wrong-one" not in err
         finally:
             server.__exit__(None, None, None)

@@ -90,10 +90,6 @@ class ItemCache(Protocol):
         """One line for ``error`` of the store: where it is, what failed, what to do."""
         ...
 
-    def wrong_config(self, error: BaseException) -> bool:
-        """True when ``error`` is the config's to mend (a password refused)."""
-        ...
-
 
 class StoreCache(abc.ABC):
     """An :class:`ItemCache` over a storage home that subclasses provide.

@@ -248,10 +248,17 @@ class CacheFront:
             BrokerError: the store failed and is left alone meanwhile (asked, a hung Redis
                 held every /metrics scrape for its 5-s timeout).
         """
-        if self._down():
-            told = "" if self._outage is None else f": {self._outage[0]}"
-            raise BrokerError(f"the item cache is left alone after a failure{told}")
-        stats = await self.cache.stats()
+        if self._down() and self._outage is not None and not self._outage[1]:
+            # Left alone for a failed read (writes alone failing, as on a full disk, leave
+            # the reads and the stats working).
+            raise BrokerError(f"the item cache is left alone after a failure: {self._outage[0]}")
+        try:
+            stats = await self.cache.stats()
+        except Exception as exc:
+            # A failing stats starts the cool-off too: an idle daemon's scrapes asked a hung
+            # Redis each time.
+            self._failed(exc, writing=False)
+            raise
         return dataclasses.replace(stats, misses=stats.misses + self.failed_reads)
 
     async def aclose(self) -> None:

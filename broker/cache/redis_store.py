@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, RedisError, ResponseError, WatchError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+    WatchError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.cache.base import StoreCache
@@ -303,9 +310,16 @@ class RedisCache(StoreCache):
         """Redis, and what to check: its password when it refused one or wants one (it
         read as "check that Redis is up"), TLS when a rediss:// URL timed out."""
         if _refused_password(error):
+            where = (
+                f"put the right one in {self._setting} (redis://:PASSWORD@host:port/db)"
+                if "redis_url_env" in self._setting
+                # A password is never written in the config file itself.
+                else "name a variable with [cache] redis_url_env and put the URL there, with "
+                "the password (redis://:PASSWORD@host:port/db)"
+            )
             return self.where, (
-                f"Redis wants a password, or refused the one given: put it in the URL "
-                f"{self._setting} names (redis://:PASSWORD@host:port/db)"
+                "Redis refused the connection's authentication (a password missing or wrong, "
+                f"or an ACL user without the rights): {where}"
             )
         if isinstance(error, (TimeoutError, RedisTimeoutError)) and self.where.startswith(
             "rediss:"
@@ -318,9 +332,14 @@ class RedisCache(StoreCache):
 
 
 def _refused_password(error: BaseException) -> bool:
-    """True for Redis refusing a connection for its password (none given, or a wrong one):
-    a config error, not an outage."""
-    if isinstance(error, AuthenticationError):
+    """True for Redis refusing a connection's authentication (a password none was given
+    for, a wrong one, one sent to a Redis with none, an ACL user without the rights): a
+    config error, not an outage."""
+    if isinstance(
+        error, (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError)
+    ):
         return True
     text = str(error)
-    return isinstance(error, ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
+    return isinstance(error, ResponseError) and (
+        text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")) or "unauthenticated" in text
+    )

@@ -930,6 +930,10 @@ class Broker:
         """The item cache's hits, misses, requests saved, entries, bytes and evictions.
 
         None when the cache is off (``[cache] max_age_s`` 0, the library's default).
+
+        Raises:
+            BrokerError: the store failed a moment ago and is left alone meanwhile (a
+                minute); the store's own error when asking it fails.
         """
         if self._cache is None:
             return None
