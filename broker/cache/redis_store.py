@@ -22,14 +22,7 @@ from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import (
-    AuthenticationError,
-    AuthenticationWrongNumberOfArgsError,
-    NoPermissionError,
-    RedisError,
-    ResponseError,
-    WatchError,
-)
+from redis.exceptions import AuthenticationWrongNumberOfArgsError, RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.cache.base import StoreCache
@@ -38,6 +31,7 @@ from broker.cache.policy import CEILING_S, FUTURE_S, CacheKey, CachePolicy
 from broker.config import redacted_url
 from broker.errors import ConfigError
 from broker.logs import get_logger
+from broker.redisfaults import barred, refused_credentials
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -332,14 +326,11 @@ class RedisCache(StoreCache):
 
 
 def _refused_password(error: BaseException) -> bool:
-    """True for Redis refusing a connection's authentication (a password none was given
-    for, a wrong one, one sent to a Redis with none, an ACL user without the rights): a
-    config error, not an outage."""
-    if isinstance(
-        error, (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError)
-    ):
-        return True
-    text = str(error)
-    return isinstance(error, ResponseError) and (
-        text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")) or "unauthenticated" in text
+    """True for Redis refusing the connection's authentication or barring a command: a
+    config error, not an outage (a password sent with a user name to a Redis before 6 is
+    refused so too)."""
+    return (
+        refused_credentials(error)
+        or barred(error)
+        or isinstance(error, AuthenticationWrongNumberOfArgsError)
     )

@@ -28,6 +28,7 @@ from broker.config import redacted_url
 from broker.errors import ConfigError, StateUnavailableError
 from broker.logs import get_logger
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
+from broker.redisfaults import barred, refused_credentials
 from broker.state.model import (
     PROCESS_RECENT_S,
     Decision,
@@ -201,21 +202,12 @@ class RedisStateStore:
 
     def _failure(self, exc: Exception) -> ConfigError | StateUnavailableError:
         """What a Redis error means to the caller: a config error, or the store unavailable."""
-        from redis.exceptions import (
-            AskError,
-            AuthenticationError,
-            NoPermissionError,
-            ResponseError,
-        )
+        from redis.exceptions import AskError, ResponseError
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
         text = str(exc)
-        # Older redis-py (5.0) sends the script call unauthenticated, and a Redis that wants
-        # a password refuses its size, not the missing AUTH: a ResponseError of its own.
-        if isinstance(exc, AuthenticationError) or (
-            isinstance(exc, ResponseError) and "unauthenticated" in str(exc)
-        ):
+        if refused_credentials(exc):
             # A wrong or missing password never mends by waiting: a config error (exit 78).
             if not self._has_password:
                 return ConfigError(
@@ -236,10 +228,7 @@ class RedisStateStore:
                 f"Redis at {self._url} has no such database ({exc}); name one the server "
                 "has in the URL's path (/0 by default)",
             )
-        if isinstance(exc, NoPermissionError) or (
-            isinstance(exc, ResponseError)
-            and (text.startswith("NOPERM") or "can't run this command" in text)
-        ):
+        if barred(exc):
             # An ACL that bars a command (the script's own ones too) never mends by waiting.
             return ConfigError(
                 "state.redis_url",
