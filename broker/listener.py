@@ -55,6 +55,14 @@ class Listener:
         sockets: Iterable[socket.socket] = getattr(self._server, "sockets", None) or ()
         return [sock.getsockname() for sock in sockets]
 
+    @property
+    def port(self) -> int | None:
+        """The TCP port of the first address listened on (the one port 0 picked), or None."""
+        for address in self.addresses:
+            if isinstance(address, tuple) and len(address) >= 2:
+                return int(address[1])
+        return None
+
     async def cleanup(self) -> None:
         """Stop accepting, then close the connections and the app."""
         self._server.close()

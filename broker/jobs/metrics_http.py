@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
@@ -486,11 +486,9 @@ class MetricsServer:
             shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S,
             limits=LIMITS,
         )
-        addresses: Iterable[object] = listener.addresses
-        for address in addresses:
-            if isinstance(address, tuple) and len(address) >= 2:
-                self.port = int(address[1])
-                break
+        port = listener.port
+        if port is not None:
+            self.port = port
         self._listener = listener
         return self
 

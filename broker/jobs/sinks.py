@@ -397,14 +397,11 @@ class _FileSink:
             # Also with nothing to write: a cut after the last write must not be recorded
             # as an offset the file no longer has.
             self._check_whole(fd)
-            self._check_in_place()
+            _check_in_place(self.path, self._identity)
         except OSError as exc:
             self._failed = exc
             raise
         return SinkState(self._written, self._done_order)
-
-    def _check_in_place(self) -> None:
-        _check_in_place(self.path, self._identity)
 
     def _check_whole(self, fd: int) -> None:
         """Raise if the file is shorter than what this run wrote: cut under it, the next

@@ -737,16 +737,15 @@ def _refuse_a_table(path: Path, lineno: int, text: str) -> None:
     Raises:
         JobFileError: naming the delimiter and how to have the file read as a table.
     """
-    for delimiter in _CSV_DELIMITERS:
-        if delimiter in text:
-            cells = _split_header(text, delimiter)
-            if len(cells) > 1 and any(_is_asin_header(cell) for cell in cells):
-                name = "tab" if delimiter == "\t" else repr(delimiter)
-                raise JobFileError(
-                    f"{path}: line {lineno} is a table's header ({name}-separated, with an "
-                    "asin column), but the file is read as a list of ids, one per line: "
-                    "rename it to .tsv or .csv (a job read from stdin: give --input csv)"
-                )
+    delimiter = _csv_delimiter(text)
+    cells = _split_header(text, delimiter)
+    if len(cells) > 1 and any(_is_asin_header(cell) for cell in cells):
+        name = "tab" if delimiter == "\t" else repr(delimiter)
+        raise JobFileError(
+            f"{path}: line {lineno} is a table's header ({name}-separated, with an asin "
+            "column), but the file is read as a list of ids, one per line: rename it to "
+            ".tsv or .csv (a job read from stdin: give --input csv)"
+        )
 
 
 def _txt_rows(

@@ -94,9 +94,8 @@ class SimulatorServer:
             self.app, self._host, self._requested_port, shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S
         )
         self._listener = listener
-        addresses = listener.addresses
-        first = addresses[0] if addresses else None
-        self.port = int(first[1]) if isinstance(first, tuple) else self._requested_port
+        port = listener.port
+        self.port = port if port is not None else self._requested_port
         shown = f"[{self._host}]" if ":" in self._host else self._host
         self.url = f"http://{shown}:{self.port}"
         return self
