@@ -523,6 +523,14 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "Refer qualifying sales; access returns about two days after they ship.",
     ),
     ErrorInfo(
+        "AssociateEligibilityException",
+        "PA-API: the account does not meet the eligibility requirements (10 qualified sales "
+        "in the trailing 30 days).",
+        Scope.KEY,
+        False,
+        "Refer qualifying sales; access returns about two days after they ship.",
+    ),
+    ErrorInfo(
         "AuthorizationFailed",
         "The account is not authorized for this operation.",
         Scope.KEY,
@@ -659,13 +667,6 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         False,
         "Add the marketplace to a key's partner_tags in config.toml "
         '(keys.partner_tags: "www.amazon.co.uk" = "yourtag-21").',
-    ),
-    ErrorInfo(
-        "KeyOutOfRotation",
-        "Every key that could serve this lookup was taken out of rotation.",
-        Scope.GLOBAL,
-        False,
-        "Fix the keys named in the log (see their codes), then run again.",
     ),
     ErrorInfo(
         "EndpointUnavailable",

@@ -543,6 +543,35 @@ class TestGlobalErrors:
         assert [r.status for r in items.result()] == [Status.OK] * 3
 
 
+class TestPaapiEligibility:
+    """PA-API's AssociateEligibilityException (protocol.md 3.5: per key, its status not
+    documented) is the key's, whatever the status it comes with."""
+
+    @pytest.mark.parametrize("status", [400, 403])
+    async def test_it_takes_the_key_out_with_the_eligibility_remedy(self, status: int) -> None:
+        """The exception named only by __type: the key leaves after one request and the
+        caller is told to refer sales; on a 400 it failed every row with "report the code"."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            body = {
+                "__type": "com.amazon.paapi5#AssociateEligibilityException",
+                "Errors": [{"Message": "Your account is not eligible."}],
+            }
+            return _reply(status, body)
+
+        clock = FakeClock()
+        broker, transport = _broker(PAAPI, handler, clock)
+        async with broker:
+            task = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(task)
+        error = task.exception()
+        assert isinstance(error, NoUsableKeyError)
+        (failure,) = error.failures
+        assert failure.code == "AssociateEligibilityException"
+        assert failure.remedy == describe("AssociateNotEligible").remedy
+        assert len(transport.requests) == 1
+
+
 class TestCredentialsInAnswers:
     """A credential an answer echoes never reaches a row, whatever sent it back."""
 

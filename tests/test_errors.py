@@ -53,6 +53,7 @@ AMAZON_CODES = [
     "TokenExpired",
     "InvalidToken",
     "AssociateNotEligible",
+    "AssociateEligibilityException",
     "InternalFailure",
 ]
 
@@ -65,6 +66,7 @@ KEY_FATAL = [
     "InvalidAssociate",
     "InvalidPartnerTag",
     "AssociateNotEligible",
+    "AssociateEligibilityException",
     "InvalidClient",
 ]
 

@@ -607,14 +607,16 @@ class TestErrorResponses:
         [
             (400, "Other", BadRequestError),
             (403, "Other", AuthError),
-            (500, "InternalFailure", ServerError),
-            (504, "InternalFailure", ServerError),
+            (500, "ServerError", ServerError),
+            (502, "ServerError", ServerError),
+            (504, "ServerError", ServerError),
         ],
     )
     def test_codeless_bodies_fall_back_by_status(
         self, status: int, code: str, cls: type[ApiError]
     ) -> None:
-        """A JSON error body with no Code and no __type gets a code from its status."""
+        """A JSON error body with no Code and no __type gets a code from its status (a 5xx
+        without Amazon's code is ServerError, as in the Creators dialect)."""
         error = failure(status, {"message": "?"})
         assert type(error) is cls
         assert error.code == code

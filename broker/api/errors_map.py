@@ -79,6 +79,7 @@ _AUTH_CODES = frozenset(
     {
         "AccessDenied",
         "AccessDeniedAwsUsers",
+        "AssociateEligibilityException",
         "IncompleteSignature",
         "InvalidSignature",
         "RequestExpired",

@@ -367,9 +367,11 @@ def _tag(partner_tag: str) -> str:
 
 
 def _fallback_code(status: int) -> str:
+    # Amazon's own 5xx names its code (InternalFailure); one without a code came from
+    # something in between (a gateway's 502 or 504), as the Creators dialect says too.
     if status == 429:
         return "TooManyRequests"
-    return "InternalFailure" if status >= 500 else "Other"
+    return "ServerError" if status >= 500 else "Other"
 
 
 def _failure(
