@@ -25,7 +25,7 @@ import errno
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
@@ -42,10 +42,26 @@ __all__ = [
     "refuse_foreign",
     "refuse_orphans",
     "replaced",
+    "state_dir",
 ]
 
 #: Pause between attempts while another process holds the lock.
 _RETRY_S = 0.01
+
+
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/asin-broker`` if that is absolute, else ``~/.local/state/asin-broker``.
+
+    Where the files every broker process of a machine shares live by default (the key
+    state, the item cache): one reading of the variable, so they never part. Nothing is
+    created here.
+    """
+    env = os.environ if environ is None else environ
+    # Blanks around it (a line of an env file) are no part of the path.
+    base = env.get("XDG_STATE_HOME", "").strip()
+    # The XDG spec says a relative path is invalid and must be ignored.
+    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "state"
+    return root / "asin-broker"
 
 
 def journal_files(path: Path) -> tuple[Path, Path]:

@@ -616,6 +616,31 @@ class TestRunPaths:
             f"precious.{fmt}",
         ]
 
+    def test_a_file_named_as_the_report_is_never_overwritten(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A new job whose <out>.invalid.jsonl exists and is no report (a file of the
+        user's): exit 2, the file untouched; it was replaced by the job's report. A report
+        a job left (its output and ledger deleted to start over) is rewritten."""
+        job = tmp_path / "job.txt"
+        job.write_text("B0TEST0001\nnot-an-asin\n")
+        out = tmp_path / "k.jsonl"
+        mine = out.with_name("k.jsonl.invalid.jsonl")
+        mine.write_bytes(b"B0C1234567\n")
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main(args) == ExitCode.USAGE
+        assert "k.jsonl.invalid.jsonl" in capsys.readouterr().err
+        assert mine.read_bytes() == b"B0C1234567\n"
+        assert not out.exists()
+        mine.unlink()
+        assert cli.main(args) == ExitCode.OK
+        report = mine.read_bytes()
+        assert b'"reason"' in report
+        out.unlink()
+        out.with_name("k.jsonl.ledger").unlink()
+        assert cli.main(args) == ExitCode.OK
+        assert mine.read_bytes() == report
+
     def test_own_output_and_an_empty_file_are_written(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -812,6 +837,15 @@ class TestRunPaths:
         assert code == ExitCode.USAGE
         assert sorted(p.name for p in tmp_path.iterdir()) == before
         assert list((tmp_path / "outdir").iterdir()) == []
+
+    @pytest.mark.parametrize("job", ["mx.csv.gz", "mx.csv.GZ", "mx.csv.Gz", "mx.csv"])
+    def test_default_output_drops_gz_in_any_case(self, tmp_path: Path, job: str) -> None:
+        """The default output of x.csv.GZ is out/x.jsonl, as for x.csv.gz (the reader takes
+        .GZ as gzip; the name kept it: out/x.csv.jsonl)."""
+        from broker.jobs.paths import plan_paths
+
+        paths = plan_paths(job=str(tmp_path / job), out=None, fmt="jsonl", directory=tmp_path)
+        assert paths.out == tmp_path / "mx.jsonl"
 
     def test_stdin_copy_is_renamed_into_place(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -173,16 +173,18 @@ class TestFakeClockState:
 
     async def test_default_state_file_is_left_alone(self) -> None:
         """With a fake clock and no [state] path, the keys' state stays in memory."""
-        from broker.state.sqlite import STATE_FILE, default_state_dir
+        from broker.sqlitewal import state_dir
+        from broker.state.sqlite import STATE_FILE
 
         await self._one_lookup(_paapi())
         # conftest points $XDG_STATE_HOME at this test's own directory.
-        assert not (default_state_dir() / STATE_FILE).exists()
+        assert not (state_dir() / STATE_FILE).exists()
 
     async def test_a_real_clock_of_the_callers_own_shares_the_state(self) -> None:
         """A caller's own clock on real time (no private_time) keeps sharing key state."""
         from broker.clock import LoopClock
-        from broker.state.sqlite import STATE_FILE, default_state_dir
+        from broker.sqlitewal import state_dir
+        from broker.state.sqlite import STATE_FILE
 
         class OwnClock:
             def __init__(self) -> None:
@@ -202,7 +204,7 @@ class TestFakeClockState:
 
         async with Broker(_paapi(), clock=OwnClock(), transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
             assert (await broker.get_items(["B000000001"]))[0].ok
-        assert (default_state_dir() / STATE_FILE).exists()
+        assert (state_dir() / STATE_FILE).exists()
 
     async def test_a_named_state_file_is_still_used(self, tmp_path: Path) -> None:
         """A [state] path named on purpose (a test of shared state) still gets the decisions."""

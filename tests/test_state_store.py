@@ -30,6 +30,7 @@ from structlog.testing import capture_logs
 from broker.config import StateConfig, parse_config, redacted_url
 from broker.errors import ConfigError, StateUnavailableError
 from broker.ratecontrol import RecoveryTuning
+from broker.sqlitewal import state_dir
 from broker.state import (
     Decision,
     Feedback,
@@ -39,12 +40,13 @@ from broker.state import (
     ProcessMark,
     StateKey,
     day_number,
+    local_state_path,
     open_store,
 )
 from broker.state.decision import Record, decide
 from broker.state.redis import RedisStateStore
 from broker.state.redis_server import RedisServer, redis_server_binary
-from broker.state.sqlite import SqliteStateStore, default_state_dir
+from broker.state.sqlite import SqliteStateStore
 
 needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server")
 
@@ -802,10 +804,21 @@ class TestIdentityAndConfig:
         with pytest.raises(ConfigError, match=message):
             parse_config(doc, environ=ENV, source="t")
 
+    @pytest.mark.parametrize("blanks", ["{} ", " {}", "\t{}\n"])
+    def test_key_state_and_cache_share_one_directory(self, tmp_path: Path, blanks: str) -> None:
+        """Blanks around $XDG_STATE_HOME: the key state and the item cache still meet in one
+        directory (the cache kept them, a trailing blank made a second directory and a
+        leading one sent the cache to ~/.local/state)."""
+        from broker.cache import default_cache_path
+
+        env = {"XDG_STATE_HOME": blanks.format(tmp_path)}
+        assert local_state_path(StateConfig(), env).parent == tmp_path / "asin-broker"
+        assert default_cache_path(env).parent == tmp_path / "asin-broker"
+
     def test_state_dir_follows_xdg(self, tmp_path: Path) -> None:
         """$XDG_STATE_HOME/asin-broker, else ~/.local/state/asin-broker; created mode 0700."""
-        assert default_state_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "asin-broker"
-        assert default_state_dir({}) == Path.home() / ".local" / "state" / "asin-broker"
+        assert state_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "asin-broker"
+        assert state_dir({}) == Path.home() / ".local" / "state" / "asin-broker"
         store = open_store(StateConfig(), {"XDG_STATE_HOME": str(tmp_path)})
         try:
             assert store.backend == "local"

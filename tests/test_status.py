@@ -367,6 +367,24 @@ class TestWithoutSecrets:
         finally:
             server.__exit__(None, None, None)
 
+    def test_a_redis_cache_shows_no_byte_bound(
+        self, bare: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """cache stats of a Redis item cache: max_bytes is none (Redis's maxmemory bounds
+        it, as the README says); it showed the unused 256 MiB as if it applied."""
+        from broker.state.redis_server import RedisServer, redis_server_binary
+
+        if redis_server_binary() is None:
+            pytest.skip("no redis-server")
+        with RedisServer() as server:
+            text = bare.read_text().split("\n[cache]")[0]
+            bare.write_text(text + '\n[cache]\nbackend = "redis"\nredis_url_env = "CACHE_URL"\n')
+            monkeypatch.setenv("CACHE_URL", server.url)
+            assert cli.main(["cache", "stats", "--config", str(bare), "--json"]) == 0
+            report = json.loads(capsys.readouterr().out)
+            assert (report["backend"], report["max_bytes"]) == ("redis", None)
+            assert report["max_items"] == 100_000
+
     def test_a_cache_path_that_can_never_be_made_is_an_io_error(
         self, bare: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -144,7 +144,8 @@ async def cache_command(
         "max_age_s": policy.max_age_s,
         "offers_max_age_s": policy.offers_max_age_s,
         "max_items": policy.max_items,
-        "max_bytes": policy.max_bytes,
+        # Redis keeps no byte count: its maxmemory is the bound there (README).
+        "max_bytes": None if cache_config.backend == "redis" else policy.max_bytes,
         "entries": stats.entries,
         "bytes": stats.bytes,
         "oldest_age_s": None if stats.oldest_age_s is None else round(stats.oldest_age_s, 1),

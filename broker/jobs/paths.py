@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import filecmp
 import glob
+import json
 import os
 import shutil
 import stat
@@ -251,8 +252,11 @@ def plan_paths(
             raise UsageError(f"--out {out} is a directory; give the output file's path")
         _refuse_device_output(out_path, out)
     else:
-        stem = "stdin" if stdin else Path(job).name.removesuffix(".gz").rsplit(".", 1)[0]
-        out_path = directory / f"{stem or Path(job).name}{_SUFFIX[fmt]}"
+        name = Path(job).name
+        # .gz in any case, as the reader takes it (x.csv.GZ is read as gzip CSV too).
+        unzipped = name[:-3] if name.lower().endswith(".gz") else name
+        stem = "stdin" if stdin else unzipped.rsplit(".", 1)[0]
+        out_path = directory / f"{stem or name}{_SUFFIX[fmt]}"
     if not to_stdout and out_path.is_symlink() and not ledger_path(out_path).exists():
         # The run writes through the link: its output, ledger and the files that replace
         # the output (--ordered, --refresh) go beside the file it names, and the link stays
@@ -368,24 +372,49 @@ def _refuse_clobber(job: Path, out: Path, *, given: bool) -> None:
 
 
 def _refuse_foreign_output(out: Path, *, given: bool) -> None:
-    """Raise when the output holds data no job wrote: a new job would truncate it.
+    """Raise when the output, or its invalid-row report, holds data no job wrote: a new
+    job would truncate it.
 
     A job's output has its ledger beside it (kept for resuming and for ``--refresh``); a
     file with content and no ledger is someone else's (another tool's results, the item
-    cache's database, a file typed by mistake), and is never overwritten.
+    cache's database, a file typed by mistake), and is never overwritten. So is a file of
+    the report's name that is no report: one a job left (its ledger deleted to start over)
+    is rewritten as before.
     """
-    try:
-        size = out.stat().st_size
-    except OSError:
-        return  # absent (the usual case) or unreadable: the sink says which
-    if size == 0 or ledger_path(out).exists():
+    if ledger_path(out).exists():
         return
     how = "--out names" if given else "the default output is"
-    raise UsageError(
-        f"{how} {out}, which exists and was not written by a broker job (it has no "
-        f"ledger, {ledger_path(out).name}, beside it): a new job would overwrite it; move "
-        "or delete it, or give --out another path (nothing was written)"
-    )
+    if _size(out):
+        raise UsageError(
+            f"{how} {out}, which exists and was not written by a broker job (it has no "
+            f"ledger, {ledger_path(out).name}, beside it): a new job would overwrite it; move "
+            "or delete it, or give --out another path (nothing was written)"
+        )
+    report = report_path(out)
+    if _size(report) and not _is_report(report):
+        raise UsageError(
+            f"{how} {out}, and {report.name} beside it, the name of its invalid-row report, "
+            "is a file no broker job wrote: a new job would overwrite it; move or delete it, "
+            "or give --out another path (nothing was written)"
+        )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # absent (the usual case) or unreadable: the sink says which
+
+
+def _is_report(path: Path) -> bool:
+    """True if ``path`` starts as an invalid-row report does: a {line, input, reason} line."""
+    try:
+        with path.open("rb") as stream:
+            first = stream.readline(1 << 20)
+        entry = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(entry, dict) and {"line", "input", "reason"} <= entry.keys()
 
 
 def _same(path: Path) -> Path:

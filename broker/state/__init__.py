@@ -85,6 +85,7 @@ def open_store(
 def local_state_path(config: StateConfig, environ: Mapping[str, str] | None = None) -> Path:
     """The SQLite file of the ``local`` backend: ``[state] path``, else the user's state
     directory's ``keys.sqlite3``."""
-    from broker.state.sqlite import STATE_FILE, default_state_dir
+    from broker.sqlitewal import state_dir
+    from broker.state.sqlite import STATE_FILE
 
-    return config.path if config.path is not None else default_state_dir(environ) / STATE_FILE
+    return config.path if config.path is not None else state_dir(environ) / STATE_FILE

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -40,7 +40,7 @@ from broker.state.decision import Record, decide
 from broker.state.model import Decision, Feedback, KeyLimits, ProcessMark, StateKey
 from broker.state.store import KeyView, boot_epoch, monotonic_us, wall_us
 
-__all__ = ["STATE_FILE", "SqliteStateStore", "default_state_dir"]
+__all__ = ["STATE_FILE", "SqliteStateStore"]
 
 logger = get_logger("broker")
 
@@ -64,14 +64,6 @@ CREATE TABLE IF NOT EXISTS key_state (
     data BLOB NOT NULL
 )
 """
-
-
-def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_STATE_HOME/asin-broker``, else ``~/.local/state/asin-broker``."""
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_STATE_HOME", "").strip()
-    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
-    return root / "asin-broker"
 
 
 class SqliteStateStore:
