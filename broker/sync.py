@@ -102,6 +102,9 @@ class SyncBroker:
         # The loop thread lives in this process only: a child forked from it has none.
         self._pid = os.getpid()
         self._finalizer: weakref.finalize[Any, SyncBroker] | None = None
+        # Streams let go on the loop's own thread, held until done (the loop holds its tasks
+        # only weakly).
+        self._letting_go: set[asyncio.Task[None]] = set()
         try:
             # Inside: a Ctrl-C landing in start() (the thread already running) stops it too.
             self._thread.start()
@@ -326,7 +329,15 @@ class SyncBroker:
                     return
         finally:
             if not self._is_closed():
-                self._call(pump.aclose())
+                if threading.current_thread() is self._thread:
+                    # Collected on the loop's own thread (the collector runs wherever memory
+                    # is allocated, most often there), which cannot wait for itself.
+                    task = self._loop.create_task(pump.aclose())
+                    self._letting_go.add(task)
+                    task.add_done_callback(self._letting_go.discard)
+                    task.add_done_callback(_retrieved)
+                else:
+                    self._call(pump.aclose())
 
     def cache_stats(self) -> CacheStats | None:
         """The item cache's counts (see the async :meth:`Broker.cache_stats`, and what it

@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -695,6 +699,45 @@ class TestLifecycle:
             loop1.call_soon_threadsafe(loop1.stop)
             thread.join(5)
             loop1.close()
+
+    def test_a_loop_that_ended_is_named_so(self) -> None:
+        """A broker opened in one asyncio.run() and used in the next: the error says that
+        loop has ended and to open the Broker in the loop that uses it; it said "use it from
+        that loop", which cannot be done. (In a child process: the first loop's session is
+        left open, as the mistake leaves it.)"""
+        script = textwrap.dedent(
+            """
+            import asyncio
+            from broker import Broker, WrongEventLoopError, config_from_dict
+            doc = {"api": {"endpoint": "simulator"},
+                   "keys": [{"name": "demo", "credential_id": "demo-id",
+                             "credential_secret_env": "ASINB_DEMO_SECRET", "version": "3.1",
+                             "partner_tags": {"www.amazon.com": "demo-20"}}]}
+            holder = []
+            async def first():
+                broker = Broker(config_from_dict(doc))
+                await broker.__aenter__()
+                holder.append(broker)
+            async def second():
+                await holder[0].get_items(["B0C1234567"])
+            asyncio.run(first())
+            try:
+                asyncio.run(second())
+            except WrongEventLoopError as exc:
+                print(exc)
+            """
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "ASINB_DEMO_SECRET": "demo-secret"},
+            check=False,
+        )
+        assert "has ended" in done.stdout, done.stderr
+        assert "asyncio.run" in done.stdout
+        assert "from that loop" not in done.stdout
 
 
 class TestOutages:

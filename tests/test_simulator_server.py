@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
+import weakref
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -422,3 +424,17 @@ async def test_a_client_gone_mid_body_is_dropped_quietly(
             writer.close()
             await asyncio.sleep(0.3)
     assert [r for r in caplog.records if r.name == "aiohttp.server"] == []
+
+
+async def test_a_closed_simulator_is_freed() -> None:
+    """A simulator that served requests and closed is freed (a broker per test, per task);
+    aiohttp's cache of middleware chains kept each one, up to 1,024 (about 28 MB)."""
+    server = SimulatorServer(SimulatorSettings())
+    async with server, aiohttp.ClientSession() as session:
+        for path in ("/auth/o2/token", "/paapi5/getitems", "/_sim/stats"):
+            async with session.post(server.url + path, data=b"{}") as response:
+                await response.read()
+    app = weakref.ref(server.app)
+    del server
+    gc.collect()
+    assert app() is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import os
 import subprocess
@@ -150,6 +151,31 @@ class TestSyncBroker:
         for result in sync_broker.stream(asins(30, "B1")):
             assert result.asin.startswith("B1")
             break
+        assert sync_broker.metrics().outstanding_lookups == 0
+
+    def test_a_stream_closed_on_the_loop_thread_lets_go_quietly(
+        self, sync_broker: SyncBroker
+    ) -> None:
+        """A stream collected on the broker's own loop thread (the garbage collector runs
+        wherever memory is allocated, most often there) closes without an error and lets its
+        lookups go; it raised "SyncBroker methods block", printed as "Exception ignored"."""
+        stream = sync_broker.stream(asins(30, "B2"))
+        next(stream)
+        closed: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def close_here() -> None:
+            try:
+                stream.close()
+            except BaseException as exc:
+                closed.set_exception(exc)
+            else:
+                closed.set_result(None)
+
+        sync_broker._loop.call_soon_threadsafe(close_here)
+        assert closed.result(timeout=5) is None
+        deadline = time.monotonic() + 5
+        while sync_broker.metrics().outstanding_lookups and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert sync_broker.metrics().outstanding_lookups == 0
 
     def test_stream_stop_set_from_another_thread(self) -> None:

@@ -528,11 +528,20 @@ class Broker:
     # -- lookups ------------------------------------------------------------------------------
 
     def _check_loop(self) -> None:
-        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+        if self._loop is None or asyncio.get_running_loop() is self._loop:
+            return
+        if self._loop.is_closed():
+            # Opened in one asyncio.run() and used in the next: "use that loop" cannot be done.
             raise WrongEventLoopError(
-                "this Broker was opened on another event loop; use it from that loop "
-                "(or open one Broker per loop, or use broker.SyncBroker from threads)"
+                "the event loop this Broker was opened on has ended (an asyncio.run() that "
+                "returned): it cannot be used or closed from another; open the Broker in the "
+                "loop that uses it (async with Broker(...) inside the coroutine asyncio.run "
+                "runs), or use broker.SyncBroker, which keeps a loop of its own"
             )
+        raise WrongEventLoopError(
+            "this Broker was opened on another event loop; use it from that loop "
+            "(or open one Broker per loop, or use broker.SyncBroker from threads)"
+        )
 
     def _require_open(self) -> Intake:
         self._check_loop()

@@ -58,7 +58,10 @@ def create_app(
         settings if settings is not None else SimulatorSettings(),
         clock if clock is not None else LoopClock(),
     )
-    app = web.Application(client_max_size=1 << 20, middlewares=[_unreadable_body])
+    # No middlewares: aiohttp keeps an app's middleware chain in a cache of its own, keyed by
+    # the app, so every embedded simulator stayed in memory after it closed (up to 1,024 of
+    # them). The routes that read a body are wrapped instead (_readable).
+    app = web.Application(client_max_size=1 << 20)
     app[SIMULATOR_KEY] = sim
     app[STATS_KEY] = sim.stats
 
@@ -122,10 +125,10 @@ def create_app(
     async def control(request: web.Request) -> web.Response:
         return _control(sim, await request.read())
 
-    app.router.add_post("/oauth2/token", cognito)
-    app.router.add_post("/auth/o2/token", lwa)
-    app.router.add_post("/catalog/v1/{operation}", api(creators.handle))
-    app.router.add_post("/paapi5/{operation}", api(paapi.handle))
+    app.router.add_post("/oauth2/token", _readable(cognito))
+    app.router.add_post("/auth/o2/token", _readable(lwa))
+    app.router.add_post("/catalog/v1/{operation}", _readable(api(creators.handle)))
+    app.router.add_post("/paapi5/{operation}", _readable(api(paapi.handle)))
 
     async def unknown(request: web.Request, sim: Simulator) -> tuple[Reply, str | None]:
         # A path neither API has (an endpoint configured with a path of its own): the
@@ -134,32 +137,36 @@ def create_app(
         return await handler(request, sim)
 
     app.router.add_get("/_sim/stats", stats)
-    app.router.add_post("/_sim/control", control)
+    app.router.add_post("/_sim/control", _readable(control))
     # Before the API's catch-all: a control path never reaches the API (a POST to
     # /_sim/stats was answered as an unknown operation, and counted as a request).
     app.router.add_route("*", "/_sim/{rest:.*}", _sim_elsewhere)
-    app.router.add_post("/{path:.*}", api(unknown))
+    app.router.add_post("/{path:.*}", _readable(api(unknown)))
     return app
 
 
-@web.middleware
-async def _unreadable_body(request: web.Request, handler: _Route) -> web.StreamResponse:
-    """A body that cannot be read (gzip that is not, a chunked body cut short) is the
-    client's fault: 400 naming it, not a 500 with two tracebacks on the simulator's stderr.
-    A client that left before its body came (a broker closed mid-request) has no one to
-    answer and nothing to report: aiohttp drops the reply quietly."""
-    try:
-        return await handler(request)
-    except ConnectionResetError:
-        return web.Response(status=499)
-    except web.RequestPayloadError as exc:
-        cause: BaseException = exc
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
-        return web.json_response(
-            {"message": f"the request body cannot be read ({type(cause).__name__}: {cause})"},
-            status=400,
-        )
+def _readable(route: _Route) -> _Route:
+    """``route``, with a body that cannot be read (gzip that is not, a chunked body cut
+    short) answered as the client's fault: 400 naming it, not a 500 with two tracebacks on
+    the simulator's stderr. A client that left before its body came (a broker closed
+    mid-request) has no one to answer and nothing to report: aiohttp drops the reply
+    quietly."""
+
+    async def readable(request: web.Request) -> web.StreamResponse:
+        try:
+            return await route(request)
+        except ConnectionResetError:
+            return web.Response(status=499)
+        except web.RequestPayloadError as exc:
+            cause: BaseException = exc
+            while cause.__cause__ is not None or cause.__context__ is not None:
+                cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+            return web.json_response(
+                {"message": f"the request body cannot be read ({type(cause).__name__}: {cause})"},
+                status=400,
+            )
+
+    return readable
 
 
 _CONTROL_FIELDS: Final = frozenset({"account", "tps", "tpd", "limits"})
