@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from unittest.mock import ANY
 
 import pytest
 from creatorsapi_python_sdk.models.access_denied_exception_response_content import (
@@ -677,6 +678,24 @@ class TestOtherOperations:
                 assert all(i["parentASIN"] is None for i in items)
             else:
                 assert all("parentASIN" not in i for i in items)
+
+    @pytest.mark.parametrize("nulls", [True, False])
+    async def test_get_variations_gives_only_the_price_asked(
+        self, start: Start, nulls: bool
+    ) -> None:
+        """variationSummary.price.lowestPrice alone: the lowest price, and the highest a
+        null where nulls are sent (absent without them); both came back."""
+        body = {
+            "partnerTag": "demo-20",
+            "asin": ASIN,
+            "resources": ["variationSummary.price.lowestPrice"],
+        }
+        client, _ = await start(replace(OPEN, explicit_nulls=nulls))
+        response = await client.creators("getVariations", body, token=await client.token())
+        price = response.json()["variationsResult"]["variationSummary"]["price"]
+        assert price["lowestPrice"]["amount"] > 0
+        assert price == ({**price, "highestPrice": None} if nulls else {"lowestPrice": ANY})
+        GetVariationsResponseContent.from_json(response.text)
 
     async def test_get_browse_nodes(self, start: Start) -> None:
         """getBrowseNodes returns nodes with ancestors and children; bad ids are errors."""

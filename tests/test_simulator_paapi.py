@@ -404,6 +404,21 @@ class TestErrors:
         response = await client.paapi("GetVariations", variations, now=clock.utcnow())
         assert response.status == 404
 
+    async def test_get_variations_gives_only_the_price_asked(self, start: Start) -> None:
+        """VariationSummary.Price.HighestPrice alone: the highest price only (PA-API sends
+        no nulls); the lowest came back too."""
+        client, _, clock = await start()
+        body = {
+            "ASIN": ASIN,
+            "PartnerTag": "demo-20",
+            "PartnerType": "Associates",
+            "Resources": ["VariationSummary.Price.HighestPrice"],
+        }
+        response = await client.paapi("GetVariations", body, now=clock.utcnow())
+        price = response.json()["VariationsResult"]["VariationSummary"]["Price"]
+        assert list(price) == ["HighestPrice"]
+        assert price["HighestPrice"]["Amount"] > 0
+
     async def test_browse_node_ancestors_carry_no_nulls(self, start: Start) -> None:
         """PA-API never sends an explicit null, the root of an ancestor chain included."""
         client, _, clock = await start()

@@ -331,6 +331,22 @@ async def test_stats_count_a_new_day_from_zero_before_any_request() -> None:
         assert after["quotas"]["demo"]["used_today"] == 0
 
 
+# The test client's own warning about posting 2 MiB of bytes at once.
+@pytest.mark.filterwarnings("ignore:Sending a large body:ResourceWarning")
+async def test_an_oversized_creators_body_is_a_json_413_and_costs_nothing() -> None:
+    """A Creators call whose body is over the 1 MiB taken: a JSON 413, and the key's day
+    count unchanged; it was aiohttp's plain-text 413 after a transaction was charged."""
+    async with running_simulator(SimulatorSettings(), clock=FakeClock()) as (client, _sim):
+        token = await client.token()
+        padded = {**BODY, "pad": "x" * (2 << 20)}
+        response = await client.creators("getItems", padded, token=token)
+        assert response.status == 413
+        assert "bytes taken" in response.json()["message"]
+        stats = (await client.get("/_sim/stats?timestamps=0")).json()
+        assert stats["quotas"]["demo"]["used_today"] == 0
+        assert (await client.creators("getItems", BODY, token=token)).status == 200
+
+
 def test_issuing_tokens_stays_cheap_with_many_alive() -> None:
     """A client that asks a token per call leaves tens of thousands alive: each new one
     rebuilt the whole store past 10,000 (1.9 ms a token at 30,000, the loop blocked), since

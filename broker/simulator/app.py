@@ -37,6 +37,9 @@ SIMULATOR_KEY = web.AppKey("simulator", Simulator)
 #: The app's counters (:class:`~broker.simulator.stats.SimulatorStats`), for in-process tests.
 STATS_KEY = web.AppKey("simulator_stats", SimulatorStats)
 
+#: The largest request body taken (Amazon documents none; a GetItems body is under 2 KB).
+_MAX_BODY: Final = 1 << 20
+
 _Handler = Callable[[web.Request, Simulator], Awaitable[tuple[Reply, str | None]]]
 _Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,7 +64,7 @@ def create_app(
     # No middlewares: aiohttp keeps an app's middleware chain in a cache of its own, keyed by
     # the app, so every embedded simulator stayed in memory after it closed (up to 1,024 of
     # them). The routes that read a body are wrapped instead (_readable).
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(client_max_size=_MAX_BODY)
     app[SIMULATOR_KEY] = sim
     app[STATS_KEY] = sim.stats
 
@@ -157,6 +160,12 @@ def _readable(route: _Route) -> _Route:
             return await route(request)
         except ConnectionResetError:
             return web.Response(status=499)
+        except web.HTTPRequestEntityTooLarge:
+            # aiohttp's own answer is plain text; every other refusal here is JSON.
+            return web.json_response(
+                {"message": f"the request body is over the {_MAX_BODY:,} bytes taken"},
+                status=413,
+            )
         except web.RequestPayloadError as exc:
             cause: BaseException = exc
             while cause.__cause__ is not None or cause.__context__ is not None:

@@ -3,7 +3,8 @@
 A call to ``POST /catalog/v1/<operation>`` is checked in this order, each step answering with
 the documented error (protocol.md 2.8): operation name (400 UnknownOperation), Authorization
 (401 MissingCredential / InvalidToken / TokenExpired / InvalidIssuer), ``x-marketplace`` (400
-FieldValidationFailed), eligibility (403 AssociateNotEligible), the key's quota (429
+FieldValidationFailed), eligibility (403 AssociateNotEligible), the body's bytes (400 or 413
+when they cannot be read, never charged), the key's quota (429
 ThrottleException), injected server faults, the JSON body (400 CannotParse), then the
 operation itself (400 FieldValidationFailed / InvalidAssociate / InvalidPartnerTag, 404
 ResourceNotFoundException, or 200 with optional ``errors``).
@@ -154,6 +155,9 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
     if account.not_eligible:
         return _error(sim, account.name, 403, "AccessDeniedException", "AssociateNotEligible"), None
 
+    # Read before the quota is asked: a body that cannot be read (or is too large) is
+    # refused without spending a transaction, as PA-API's, read before its signature is.
+    raw = await request.read()
     decision = sim.admit(account)
     if not decision.allowed:
         sim.stats.error(account.name, "ThrottleException")
@@ -180,7 +184,7 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
         sim,
         account.name,
         operation,
-        await request.read(),
+        raw,
         Context(sim.settings, account, marketplace, _NAMES, sim.shuffle),
         fault,
     )

@@ -568,19 +568,24 @@ def _get_variations(body: Mapping[str, object], ctx: Context, tag: str) -> Outco
             )
             if values
         ]
-    if prices and any(r.startswith("variationSummary.price.") for r in resources):
-        low, high = min(prices), max(prices)
+    extremes = {"highestPrice": max(prices), "lowestPrice": min(prices)} if prices else {}
+    asked = {
+        name: price
+        for name, price in extremes.items()
+        if f"variationSummary.price.{name}" in resources
+    }
+    if asked:
+        # Each price only when asked; the other a null where nulls are sent (protocol.md
+        # 2.6: unrequested members are explicit nulls), else left out.
+        nulls = ctx.names.style == "creators" and ctx.settings.explicit_nulls
         summary[n("price")] = {
-            n("highestPrice"): {
-                n("amount"): high[0],
-                n("currency"): high[1],
-                n("displayAmount"): high[2],
-            },
-            n("lowestPrice"): {
-                n("amount"): low[0],
-                n("currency"): low[1],
-                n("displayAmount"): low[2],
-            },
+            n(name): (
+                {n("amount"): price[0], n("currency"): price[1], n("displayAmount"): price[2]}
+                if (price := asked.get(name)) is not None
+                else None
+            )
+            for name in ("highestPrice", "lowestPrice")
+            if name in asked or nulls
         }
     extra = f",{json.dumps(n('variationSummary'))}:{json.dumps(summary, ensure_ascii=False)}"
     return Outcome("variationsResult", _join(ctx, "items", rendered, extra), (), len(rendered))
