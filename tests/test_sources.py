@@ -744,6 +744,19 @@ class TestEncoding:
         found = rows(write(tmp_path, "job.csv", data), encoding="cp1252")
         assert found[0].extra == {"note": "it\u2019s \u20ac5"}
 
+    @pytest.mark.parametrize("encoding", ["cp1252", "latin-1"])
+    def test_a_utf8_mark_under_another_encoding_is_refused(
+        self, tmp_path: Path, encoding: str
+    ) -> None:
+        """A file starting with UTF-8's byte-order mark read with --encoding cp1252 (a cron
+        kept from older exports, the sheet now saved as CSV UTF-8): refused, saying it is
+        UTF-8; its accented letters came out as two wrong ones each (cafÃ©)."""
+        data = f"asin,name\n{VALID},caf\u00e9\n".encode()
+        path = write(tmp_path, "job.csv", b"\xef\xbb\xbf" + data)
+        with pytest.raises(JobFileError, match=f"UTF-8, not {encoding}; run again without"):
+            rows(path, encoding=encoding)
+        assert rows(path)[0].extra == {"name": "caf\u00e9"}
+
     def test_c10_offset_counts_the_bom(self, tmp_path: Path) -> None:
         """C10: the byte offset is in the file's bytes, BOM included."""
         data = b"\xef\xbb\xbfasin\nB0ABCDEFG\xe9\n"

@@ -554,6 +554,13 @@ def _lines(
                 return
             lineno += 1
             if lineno == 1:
+                if not utf8 and data.startswith(_UTF8_BOM):
+                    # The mark says UTF-8: read as the encoding given, every accented letter
+                    # came out as two wrong ones (café as cafÃ©) and the run went on.
+                    raise JobFileError(
+                        f"{path}: the file starts with a UTF-8 byte-order mark, so it is "
+                        f"UTF-8, not {encoding}; run again without --encoding"
+                    )
                 data = _strip_file_head(data, path)
             elif utf8 and data.startswith(_UTF8_BOM):
                 data = data[len(_UTF8_BOM) :]
