@@ -114,10 +114,27 @@ AND (typeof(fetched_at) NOT IN ('integer', 'real') OR typeof(payload) <> 'blob'
      OR typeof(checksum) <> 'blob')
 """
 
-_SELECT_MANY: Final = """
-SELECT marketplace, asin, resources, fetched_at, checksum, payload FROM item_cache
-WHERE ns = ? AND (marketplace, asin, resources) IN (VALUES {values})
-"""
+
+def _select_many(count: int) -> str:
+    """The read of ``count`` keys: their ``(marketplace, asin, resources)`` triples, then
+    the namespace, as parameters.
+
+    A join from the list of keys, each one a search of the unique index on all four
+    columns. Written as ``(marketplace, asin, resources) IN (VALUES ...)``, SQLite walked
+    every row of the namespace for each read (tens of milliseconds with 100,000 cached
+    answers, on the cache's one thread): a large job ran at a third of its speed once the
+    cache filled.
+    """
+    values = ",".join(["(?,?,?)"] * count)
+    # CROSS JOIN keeps the keys the outer loop: SQLite never reorders it.
+    return (
+        "SELECT c.marketplace, c.asin, c.resources, c.fetched_at, c.checksum, c.payload "
+        f"FROM (VALUES {values}) AS k CROSS JOIN item_cache AS c "
+        "WHERE c.ns = ? AND c.marketplace = k.column1 AND c.asin = k.column2 "
+        "AND c.resources = k.column3"
+    )
+
+
 #: Keys per SELECT (3 parameters each, well under SQLite's 32,766).
 _READ_CHUNK: Final = 300
 
@@ -239,10 +256,9 @@ class SqliteCache(StoreCache):
             try:
                 for start in range(0, len(wanted), _READ_CHUNK):
                     chunk = wanted[start : start + _READ_CHUNK]
-                    values = ",".join(["(?,?,?)"] * len(chunk))
-                    params = [self.namespace, *(part for row in chunk for part in row)]
+                    params = [*(part for row in chunk for part in row), self.namespace]
                     for marketplace, asin, resources, fetched_at, digest, payload in db.execute(
-                        _SELECT_MANY.format(values=values), params
+                        _select_many(len(chunk)), params
                     ):
                         key = by_text[(marketplace, asin, resources)]
                         try:
