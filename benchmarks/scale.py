@@ -3,7 +3,8 @@
 The job is a text file of ASINs (one a line): unique well-formed ids, with a share of rows
 repeating an earlier id (duplicates share one lookup and one request slot) and a few invalid
 rows (reported in the output, never sent). The simulator runs in its own process with its
-limits off and no latency; ``broker run`` runs as another child process,
+limits off and no latency; ``broker run`` runs as another child process (its item cache on,
+as for any run, empty at the start, and its key state in the run's own directory),
 ``python -m broker run JOB --config <tmp config> --out <tmp>/job.jsonl``, with one key at
 1000 TPS and 32 requests in flight, its endpoint the simulator's URL and its secret in an
 environment variable, as for a real endpoint.
@@ -214,6 +215,9 @@ def _run(args: argparse.Namespace, rows: int, tmp: Path) -> dict[str, Any]:
         write_config(config, sim.url, account, tps=args.tps, in_flight=args.max_in_flight)
         env = dict(os.environ)
         env[_SECRET_ENV] = str(account["secret"])
+        # The key state and the item cache (on, as for any run) in the run's own directory:
+        # never the user's, and the cache starts empty, as a first run's does.
+        env["XDG_STATE_HOME"] = str(tmp / "state")
         command = [
             sys.executable,
             "-m",
