@@ -1228,6 +1228,7 @@ def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = Fa
 async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> int:
     from broker.jobs.paths import RunPaths
     from broker.jobs.runner import JobOptions, describe_failure, run_job
+    from broker.jobs.signals import StoppedReading, stops_reading
 
     assert isinstance(paths, RunPaths)
     options = JobOptions(
@@ -1246,8 +1247,19 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     )
     try:
         if paths.stdin:
-            paths.read_stdin(new_job=args.new_job, refresh=args.refresh)
+            if sys.stdin.isatty():
+                print(
+                    "reading the job from the terminal: its lines, then Ctrl-D to run it "
+                    "(Ctrl-C leaves)",
+                    file=sys.stderr,
+                )
+            with stops_reading():
+                paths.read_stdin(new_job=args.new_job, refresh=args.refresh)
         summary = await run_job(config, options)
+    except StoppedReading as stop:
+        message = f"stopped by {stop.sig.name} while reading the job from stdin: nothing was sent"
+        print(f"{prog()}: {message}", file=sys.stderr)
+        return ExitCode.RESUMABLE
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)
         _log_stopped(paths, code, message, refresh=args.refresh)

@@ -223,6 +223,39 @@ class TestUvForwardedSigint:
         assert len(out.read_text().splitlines()) == 100
 
 
+class TestJobOnStdin:
+    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+    def test_a_signal_while_stdin_stays_open_stops_the_run(
+        self, tmp_path: Path, sig: signal.Signals
+    ) -> None:
+        """``broker run -`` whose stdin stays open and silent (a terminal, a producer that
+        hangs): one stop signal ends it with 75, nothing sent; it waited for the input's end,
+        every Ctrl-C, SIGTERM and SIGHUP kept until then."""
+        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
+        read, write = os.pipe()
+        os.write(write, b"B0SG000001\n")
+        command = [sys.executable, "-m", "broker", "run", "-", "--out", "out.jsonl", "--no-cache"]
+        try:
+            with sighup_at_default():
+                proc = subprocess.Popen(
+                    command, cwd=tmp_path, stdin=read, stderr=subprocess.PIPE, text=True
+                )
+            os.close(read)
+            try:
+                time.sleep(3)  # started, and reading its stdin
+                proc.send_signal(sig)
+                _, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        finally:
+            os.close(write)
+        assert proc.returncode == 75, err[-2000:]
+        assert f"stopped by {sig.name} while reading the job from stdin" in err
+        assert not (tmp_path / "out.jsonl").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def _signal_a_run(
     tmp_path: Path, sig: signal.Signals, *, rows: int, nohup: bool = False
 ) -> tuple[int, str, Path]:

@@ -34,11 +34,13 @@ __all__ = [
     "ECHO_S",
     "STOP_SIGNALS",
     "StopSignals",
+    "StoppedReading",
     "caught_early",
     "installed",
     "release",
     "replay_early",
     "sigint_echo_window",
+    "stops_reading",
 ]
 
 #: A repeat closer than this (seconds) to the previous signal is the same stop delivered twice.
@@ -198,6 +200,42 @@ def caught_early(*, process_ends: bool = False) -> Iterator[None]:
         _early.clear()
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_IGN if process_ends else handler)
+
+
+class StoppedReading(Exception):
+    """A stop signal ended a blocking read the run waited for (its job on stdin)."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        self.sig = sig
+        super().__init__(f"stopped by {sig.name}")
+
+
+def _stop_reading(signum: int, _frame: object) -> None:
+    raise StoppedReading(signal.Signals(signum))
+
+
+@contextlib.contextmanager
+def stops_reading() -> Iterator[None]:
+    """While the block runs (on the main thread), a stop signal raises
+    :class:`StoppedReading` at once, as does one kept before it began.
+
+    For a blocking read before the run begins (its job on stdin, from a terminal or from a
+    producer that hangs): Python restarts a read a signal interrupts (PEP 475), so a signal
+    only kept for the run (:func:`caught_early`) waited for the end of the input, which a
+    terminal or a hung producer never gives; Ctrl-C, ``timeout`` and systemd's SIGTERM did
+    nothing. Nothing was sent yet, so there is nothing to drain.
+    """
+    if _early:
+        raise StoppedReading(_early[0])
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(sig, _stop_reading)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def replay_early(handler: Callable[[signal.Signals], None]) -> None:
