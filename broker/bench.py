@@ -44,6 +44,7 @@ from broker.config import MAX_IN_FLIGHT, MAX_TPS, BrokerConfig, RateConfig, pars
 from broker.errors import ConfigError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.simulator.settings import MIN_ACCOUNT_TPS, FaultRates
+from broker.termwidth import columns, pad
 
 if TYPE_CHECKING:
     from broker.api.base import HttpRequest, RawResponse
@@ -460,8 +461,8 @@ def render_table(reports: Sequence[BenchReport]) -> str:
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain right-aligned text table: a header row, a rule, then the rows."""
     cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    widths = [max(columns(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(pad(c, w) for c, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import math
 import os
 import signal
@@ -26,6 +27,7 @@ from broker.stdio import (
     drop_stdout,
     open_closed_descriptors,
     stdout_failure,
+    write_stdout,
 )
 
 if TYPE_CHECKING:
@@ -441,6 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     open_closed_descriptors()
     stdout, stderr = sys.stdout, sys.stderr
+    # What stdout's encoding cannot write (a path's undecodable bytes, a key named in
+    # Japanese under a Latin-1 locale) is escaped, as on stderr: it raised after half the
+    # output, a traceback instead of the exit code.
+    errors = getattr(stdout, "errors", None)
+    if isinstance(stdout, io.TextIOWrapper):
+        stdout.reconfigure(errors="backslashreplace")
     failures: list[OSError] = []
     sys.stdout = cast("TextIO", WatchedStream(stdout, failures))
     sys.stderr = cast("TextIO", ForgivingStream(stderr))
@@ -448,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _guarded(words, failures, process_ends=argv is None)
     finally:
         sys.stdout, sys.stderr = stdout, stderr
+        if isinstance(stdout, io.TextIOWrapper) and errors is not None:
+            stdout.reconfigure(errors=errors)
 
 
 def _guarded(words: list[str], failures: list[OSError], *, process_ends: bool) -> int:
@@ -999,14 +1009,7 @@ def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_j
     else:
         encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
         data = "".join(f"{_readable(row)}\n" for row in rows).encode(encoding, "replace")
-    sys.stdout.flush()
-    out = sys.stdout.buffer
-    view = memoryview(data)
-    # A buffered write cut short (a reader gone mid-way, a signal) returns the count it
-    # wrote without an error: the next one meets the closed pipe (exit 141), or goes on.
-    while view:
-        view = view[out.write(view) :]
-    out.flush()
+    write_stdout(data)
 
 
 def _market_for(config: BrokerConfig, text: str, marketplace: str | None) -> str | None:

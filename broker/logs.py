@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from broker.termwidth import columns
+
 __all__ = [
     "configure_logging",
     "end_live_line",
@@ -168,7 +170,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         live = _LiveLine.text if self.stream is sys.stderr else ""
         if live:
             # Blank the live line, print the record from column 0, then draw the line again.
-            self.stream.write("\r" + " " * len(live.lstrip("\r")) + "\r")
+            self.stream.write("\r" + " " * columns(live.lstrip("\r")) + "\r")
         super().emit(record)
         if live:
             self.stream.write(live)

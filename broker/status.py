@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-import orjson
-
 from broker.bench import format_table
 from broker.config import AMAZON, BrokerConfig, redacted_url
 from broker.engine.adaptive import AdaptiveSettings
@@ -27,6 +25,7 @@ from broker.exitcode import ExitCode
 from broker.progname import prog
 from broker.sqlitewal import RefusedFileError, refuse_orphans
 from broker.state import KeyView, StateKey, local_state_path, open_store
+from broker.stdio import print_json
 
 if TYPE_CHECKING:
     from broker.state import Decision
@@ -239,7 +238,7 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             "where": where,
             "keys": [s.to_json() for s in statuses],
         }
-        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        print_json(document)
     else:
         print(_render(statuses))
         print(f"\nkey state: {config.state.backend}, {where}")
@@ -304,4 +303,4 @@ def print_no_keys(
     """Print ``--json``'s document when there are no keys to show: ``text`` under
     ``member`` (also for a config that cannot be read, with no backend known)."""
     document: dict[str, object] = {"backend": backend, "where": where, "keys": [], member: text}
-    print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    print_json(document)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import sys
 from typing import Any, TextIO
@@ -28,7 +29,9 @@ __all__ = [
     "WatchedStream",
     "drop_stdout",
     "open_closed_descriptors",
+    "print_json",
     "stdout_failure",
+    "write_stdout",
 ]
 
 #: The errors of a write to a file that cannot take more, or a device that failed.
@@ -73,9 +76,18 @@ class ForgivingStream:
         self.wrapped = stream
 
     def write(self, text: str) -> int:
-        """Write ``text``; a failure is dropped (the text is lost, the command goes on)."""
+        """Write ``text``; a failure is dropped (the text is lost, the command goes on).
+
+        What the stream's encoding cannot write (a file name's undecodable bytes, on a
+        stream set to fail on them) is escaped instead, as Python's own stderr does.
+        """
         try:
-            return self.wrapped.write(text)
+            try:
+                return self.wrapped.write(text)
+            except UnicodeEncodeError:
+                encoding = getattr(self.wrapped, "encoding", None) or "utf-8"
+                escaped = text.encode(encoding, "backslashreplace").decode(encoding)
+                return self.wrapped.write(escaped)
         except OSError:
             return len(text)
 
@@ -156,3 +168,30 @@ def _caused_by(exc: BaseException, failure: BaseException) -> bool:
         walked.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def write_stdout(data: bytes) -> None:
+    """Write ``data`` to stdout's bytes, whatever its text encoding, and flush.
+
+    All of it: a buffered write cut short (a reader gone mid-way, a signal) returns the
+    count it wrote without an error; the next one meets the closed pipe (exit 141), or
+    goes on.
+    """
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) :]
+    out.flush()
+
+
+def print_json(document: object) -> None:
+    """``document`` as indented JSON on stdout, in UTF-8 whatever the locale (as ``broker
+    lookup --json`` and a run's JSON lines are).
+
+    Text that is no Unicode (a file name's undecodable bytes, kept as lone surrogates) is
+    written as its JSON escape: a path under ``$XDG_STATE_HOME=/tmp/caf\xe9`` made ``status
+    --json`` fail with an empty stdout, whose one promise is a document.
+    """
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    write_stdout(text.encode("utf-8", "backslashreplace"))

@@ -2079,3 +2079,22 @@ def test_run_help_names_every_job_file_extension_read() -> None:
 
     for extension in sources._EXTENSIONS:
         assert extension in cli._JOB_NAMES
+
+
+class TestStdoutEncoding:
+    def test_check_config_in_a_locale_that_cannot_write_a_key_name(self, tmp_path: Path) -> None:
+        """check-config of a key named in Japanese, stdout ASCII (a Latin-1 or C locale):
+        the name escaped and exit 0; it printed two lines, then a UnicodeEncodeError."""
+        config = tmp_path / "config.toml"
+        config.write_text(embedded_toml().replace('name = "demo"', 'name = "\u65e5\u672c"'))
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "check-config", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONIOENCODING": "ascii", "ASINB_DEMO_SECRET": "demo-secret"},
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "key \\u65e5\\u672c: id demo-id" in done.stdout
+        assert "Traceback" not in done.stderr

@@ -116,6 +116,18 @@ class TestStatus:
         assert str(path) in document["error"]
         assert document["error"] in captured.err
 
+    def test_json_of_a_path_that_is_no_unicode_is_one_document(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--json with a path whose bytes are not UTF-8 (kept as lone surrogates): one
+        document, the byte escaped, exit 78; it raised (orjson refuses surrogates), exit 1,
+        stdout empty."""
+        path = Path(os.fsdecode(bytes(tmp_path) + b"/missing-\xe9.toml"))
+        assert cli.main(["status", "--config", str(path), "--json"]) == 78
+        document = json.loads(capsys.readouterr().out)
+        assert document["keys"] == []
+        assert "missing-\udce9.toml" in document["error"]
+
     def test_table_names_every_key(
         self, config_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

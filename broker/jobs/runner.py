@@ -73,6 +73,7 @@ from broker.jobs.sources import (
 from broker.logs import end_live_line, get_logger, show_live_line
 from broker.models import ItemResult, Protocol, Query
 from broker.sqlitewal import journal_files
+from broker.termwidth import fit
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -1281,9 +1282,12 @@ def _fit(line: str) -> str:
     try:
         columns = os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError):
+        columns = 0
+    if columns <= 0:
+        # No terminal, or one that says 0 x 0 (a pseudo-terminal not sized yet: some CI
+        # runners, docker exec -t): $COLUMNS, else 80.
         columns = shutil.get_terminal_size(fallback=(80, 24)).columns
-    width = max(columns - 1, 20)
-    return "\r" + line.lstrip("\r")[:width].ljust(width)
+    return "\r" + fit(line.lstrip("\r"), max(columns - 1, 20))
 
 
 def quota_eta(
