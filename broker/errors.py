@@ -678,6 +678,16 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "retry.outage_budget_s sets how long an outage is waited out.",
     ),
     ErrorInfo(
+        "StateUnavailable",
+        "The shared key-state store (Redis, or the SQLite file) could not be used for longer "
+        "than the outage budget, so the key sent nothing.",
+        Scope.KEY,
+        False,
+        "Check the store [state] names (Redis up and reachable, the SQLite file's disk); run "
+        "again (rows stay pending). retry.outage_budget_s sets how long an outage is waited "
+        "out.",
+    ),
+    ErrorInfo(
         "UntrustedCertificate",
         "The endpoint's TLS certificate was not trusted (self-signed, issued for another "
         "host, or replaced by a TLS-inspecting proxy).",

@@ -243,10 +243,18 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         print(_render(statuses))
         print(f"\nkey state: {config.state.backend}, {where}")
     if any(s.state == NEVER_USED for s in statuses):
+        # Redis that restarted empty (or was flushed) holds no record either: the brokers
+        # using the key write it again within half a minute, their counts included.
+        lost = (
+            ", or the store lost it (a Redis restarted empty or flushed: brokers using the "
+            "key write it again within 30 s, with the day's count)"
+            if config.state.backend == "redis"
+            else ""
+        )
         print(
             f"{prog()}: a key {NEVER_USED!r} has no state at {where}: no broker has used it "
-            "there yet; a broker that uses it keeps its state elsewhere if its [state] names "
-            "another path, Redis database or key_prefix, or its [api] another endpoint",
+            f"there yet{lost}; a broker that uses it keeps its state elsewhere if its [state] "
+            "names another path, Redis database or key_prefix, or its [api] another endpoint",
             file=sys.stderr,
         )
     return ExitCode.OK

@@ -36,6 +36,7 @@ from broker.errors import (
     BrokerClosedError,
     EndpointUnreachable,
     NoUsableKeyError,
+    StateUnavailableError,
     WrongEventLoopError,
 )
 from broker.models import ItemResult, Query, Status
@@ -349,6 +350,51 @@ class _HangingStore(MemoryStateStore):
             self.hung += 1
             await asyncio.Event().wait()
         return await super().decide(*args, **kwargs)
+
+
+class _DownStore(MemoryStateStore):
+    """A key-state store that can be taken out of reach (Redis stopped) and brought back."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(
+            lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
+        )
+        self.down = False
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        if self.down:
+            raise StateUnavailableError("redis", "Connection refused")
+        return await super().decide(*args, **kwargs)
+
+
+class TestStateOutage:
+    async def test_a_library_broker_comes_back_after_its_store_does(self) -> None:
+        """The key-state store out of reach past the outage budget while a call waits: that
+        call gets NoUsableKeyError naming the store, and once it is back a call 30 s or more
+        later is answered. The engine ended instead, and every later call raised the old
+        error, Redis long back."""
+        clock = FakeClock()
+        store = _DownStore(clock)
+        sent: list[str] = []
+        config = _paapi(keys=[paapi_key_doc(tps=5.0)], retry={"outage_budget_s": 5.0})
+        transport = MockTransport(_answering(sent))
+        async with Broker(config, clock=clock, transport=transport, state_store=store) as broker:  # type: ignore[arg-type]
+            first = asyncio.ensure_future(broker.get_items(["B000000001"]))
+            await clock.run_until(first)
+            assert first.result()[0].ok
+            store.down = True
+            during = asyncio.ensure_future(broker.get_items(["B000000002"]))
+            await clock.run_until(during, limit=60.0)
+            error = during.exception()
+            assert isinstance(error, NoUsableKeyError)
+            assert [f.code for f in error.failures] == ["StateUnavailable"]
+            assert "Connection refused" in str(error)
+            store.down = False
+            await clock.advance(31.0)
+            after = asyncio.ensure_future(broker.get_items(["B000000003"]))
+            await clock.run_until(after, limit=60.0)
+            assert after.result()[0].ok
+        assert sent == ["B000000001", "B000000003"]
 
 
 async def _stop_at_first(broker: Broker, count: int, stop: asyncio.Event) -> list[str]:

@@ -293,6 +293,30 @@ class TestWithoutSecrets:
         assert "requires a password" in document["error"]
         assert document["where"] == server.url
 
+    def test_a_redis_key_with_no_record_may_have_lost_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A Redis-kept key with no record (Redis restarted empty, or flushed): the note
+        says the store may have lost it and the brokers write it again; it said only that
+        no broker had used the key, while three were spending its day."""
+        from broker.state.redis_server import RedisServer, redis_server_binary
+
+        if redis_server_binary() is None:
+            pytest.skip("no redis-server")
+        for name, value in ENV.items():
+            monkeypatch.setenv(name, value)
+        with RedisServer() as server:
+            text = _CONFIG.format(db=tmp_path / "x.sqlite3").replace(
+                f'path = "{tmp_path / "x.sqlite3"}"',
+                f'backend = "redis"\nredis_url = "{server.url}"',
+            )
+            path = tmp_path / "config.toml"
+            path.write_text(text)
+            assert cli.main(["status", "--config", str(path)]) == 0
+        err = capsys.readouterr().err
+        assert "no broker has used it there yet, or the store lost it" in err
+        assert "within 30 s" in err
+
     def test_status_runs_without_the_secrets(
         self, bare: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

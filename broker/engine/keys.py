@@ -44,7 +44,15 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig, KeyConfig
     from broker.engine.authorizer import Authorizer
 
-__all__ = ["OUTAGE_CODE", "OUTAGE_RETRY_S", "CredentialsVerdict", "KeyHealth", "KeyState"]
+__all__ = [
+    "OUTAGE_CODE",
+    "OUTAGE_CODES",
+    "OUTAGE_RETRY_S",
+    "STATE_OUTAGE_CODE",
+    "CredentialsVerdict",
+    "KeyHealth",
+    "KeyState",
+]
 
 logger = get_logger("broker")
 
@@ -59,6 +67,10 @@ _OUTAGE_PAUSE_CAP_S = 60.0
 _SYSTEMIC_FAILURES = 10
 #: The code a key taken out by an outage carries (``broker run`` maps it to exit 69).
 OUTAGE_CODE = "EndpointUnavailable"
+#: The code a key taken out by its shared key-state store's outage carries (exit 69 too).
+STATE_OUTAGE_CODE = "StateUnavailable"
+#: The codes of outages: they end by themselves, so a key taken out by one is tried again.
+OUTAGE_CODES = frozenset({OUTAGE_CODE, STATE_OUTAGE_CODE})
 #: A key an outage took out is tried again, once, by a call made this long after: a broker
 #: kept for the life of an application outlives the outage (see ``KeyState.revive``).
 OUTAGE_RETRY_S = 30.0
@@ -661,13 +673,14 @@ class KeyState:
         """Bring the key back into rotation if an outage took it out ``OUTAGE_RETRY_S`` ago
         or more; True if it came back.
 
-        Only an outage: the network or the API may be back by now, where a rejected
-        credential stays rejected. The revived key's outage budget stays spent, so a call
-        that finds the endpoint still down fails after one attempt rather than waiting out
-        a whole new budget; an answer ends the outage as usual.
+        Only an outage (of the endpoint, or of the shared key-state store): the network,
+        the API or Redis may be back by now, where a rejected credential stays rejected. The
+        revived key's outage budget stays spent, so a call that finds the endpoint (or the
+        store) still down fails after one attempt rather than waiting out a whole new
+        budget; an answer ends the outage as usual.
         """
         failure = self._disabled
-        if failure is None or failure.code != OUTAGE_CODE:
+        if failure is None or failure.code not in OUTAGE_CODES:
             return False
         waited_s = self._clock.monotonic() - self._disabled_at
         if waited_s < OUTAGE_RETRY_S:

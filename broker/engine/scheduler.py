@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from broker.errors import KeyUnusableError, NoUsableKeyError, Scope
+from broker.engine.keys import OUTAGE_RETRY_S, STATE_OUTAGE_CODE
+from broker.errors import KeyUnusableError, NoUsableKeyError, Scope, StateUnavailableError
 from broker.logs import get_logger
 
 if TYPE_CHECKING:
@@ -210,7 +211,12 @@ class KeyPool:
         work = self._work
         while True:
             await work.wait_for(key.active_marketplaces)
-            await key.wait_ready()
+            try:
+                await key.wait_ready()
+            except StateUnavailableError as exc:
+                key.abandon_probe()
+                self._lose_state(key, exc)
+                continue
             if key.authorizer.due():
                 # The token is fetched before the slot is booked: fetched after, it would
                 # delay this send and bring it closer to the next than the key's interval
@@ -227,13 +233,38 @@ class KeyPool:
                 # Another key took the work first; a probe slot claimed for it is handed back.
                 key.abandon_probe()
                 continue
-            sent_at = await key.try_send(batch.booked)
+            try:
+                sent_at = await key.try_send(batch.booked)
+            except StateUnavailableError as exc:
+                # Never sent: back to the queue, where it fails if no key is left for it.
+                key.abandon_probe()
+                self._lose_state(key, exc)
+                self.submit(batch, front=True)
+                continue
             if sent_at is None:
                 # The daily budget is spent: the key waits for its window to reset.
                 key.abandon_probe()
                 self.submit(batch, front=True)
                 continue
             return batch, sent_at
+
+    def _lose_state(self, key: KeyState, exc: StateUnavailableError) -> None:
+        """The key's shared state stayed out of reach for its outage budget: take the key
+        out, as an endpoint's outage does, rather than end the engine (a library broker
+        stayed dead after Redis came back, every later call raising the old error). Its
+        callers get ``NoUsableKeyError`` naming the store; a call 30 s or more later asks
+        the store again (:meth:`KeyState.revive`)."""
+        self.take_out(
+            key,
+            "",
+            STATE_OUTAGE_CODE,
+            str(exc),
+            f"check the key-state store [state] names (Redis up and reachable, the SQLite "
+            f"file's disk), then try again (a library broker kept open asks it again for a "
+            f"call made {OUTAGE_RETRY_S:g} s or more later); retry.outage_budget_s sets how "
+            "long a call waits for it",
+            scope=Scope.KEY,
+        )
 
     @staticmethod
     async def _send(

@@ -36,7 +36,7 @@ from broker.api.resources import resolve_resources
 from broker.cache import RUN_MAX_AGE_S, cache_policy
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
-from broker.engine.keys import OUTAGE_CODE, KeyHealth
+from broker.engine.keys import OUTAGE_CODES, KeyHealth
 from broker.engine.metrics import QUOTA_WAIT, KeySnapshot, MetricsSnapshot
 from broker.errors import (
     BrokerError,
@@ -1398,7 +1398,7 @@ def describe_failure(
     if (
         isinstance(exc, NoUsableKeyError)
         and exc.failures
-        and all(failure.code == OUTAGE_CODE for failure in exc.failures)
+        and all(failure.code in OUTAGE_CODES for failure in exc.failures)
     ):
         return ExitCode.UNAVAILABLE, (
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
