@@ -21,9 +21,11 @@ import structlog
 from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
 from broker.engine.transport import AiohttpTransport
+from broker.errors import StateUnavailableError
 from broker.simulator.accounts import Account
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import SimulatorSettings
+from broker.state import Decision, MemoryStateStore
 from broker.testing import FakeClock, settle
 
 if TYPE_CHECKING:
@@ -310,3 +312,21 @@ def pytest_configure(config: pytest.Config) -> None:
     it ignored, as the broker keeps a signal it was started ignoring."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class OutageStore(MemoryStateStore):
+    """A key-state store (not in memory: a Redis) that is out of reach while ``down`` is
+    set, on ``clock``."""
+
+    backend = "redis"  # type: ignore[assignment]
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(
+            lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
+        )
+        self.down = False
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        if self.down:
+            raise StateUnavailableError("redis", "redis://127.0.0.1:1/0: ConnectionError")
+        return await super().decide(*args, **kwargs)

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from conftest import CountingStore, Harness, account, asins, drive, key_doc, make_config
+from conftest import (
+    CountingStore,
+    Harness,
+    OutageStore,
+    account,
+    asins,
+    drive,
+    key_doc,
+    make_config,
+)
 from structlog.testing import capture_logs
 
 from broker.engine.adaptive import AdaptiveSettings, CircuitState, ThrottleVerdict
@@ -993,29 +1002,12 @@ async def test_an_idle_broker_learns_at_once_that_its_store_is_down() -> None:
     assert "unavailable" in key.reason
 
 
-class _OutageStore(MemoryStateStore):
-    """A store (not in memory: a Redis) that is out of reach while ``down`` is set."""
-
-    backend = "redis"  # type: ignore[assignment]
-
-    def __init__(self, clock: FakeClock) -> None:
-        super().__init__(
-            lambda: int(clock.monotonic() * 1e6), lambda: int(clock.utcnow().timestamp() * 1e6)
-        )
-        self.down = False
-
-    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
-        if self.down:
-            raise StateUnavailableError("redis", "redis://127.0.0.1:1/0: ConnectionError")
-        return await super().decide(*args, **kwargs)
-
-
 async def test_an_idle_key_learns_within_10_s_that_its_store_is_back() -> None:
     """An idle key whose store went out of reach asks it again at the growing interval of
     an outage (up to 10 s), not at the idle beat: an idle daemon was not ready for about
     30 s after Redis came back."""
     clock = FakeClock()
-    store = _OutageStore(clock)
+    store = OutageStore(clock)
     limiter = SharedKeyLimiter(clock, store, KEY, KeyLimits(5.0, 0.05, 5.0), process_id="p")
     beating = asyncio.create_task(limiter.keep_alive())
     await clock.advance(1.0)
