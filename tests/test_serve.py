@@ -394,9 +394,12 @@ class TestJobs:
             "failed": 0,
             "pending": 1,
         }
-        # Among the recent jobs of /metrics, as a done job is.
+        # Among the recent jobs of /metrics, as a done job is; the row it left is
+        # unfinished (not pending: nothing works on it), so its progress reads 20 of 21.
         samples = _samples((await _get(f"{running.url}/metrics"))[2])
         assert samples['asinb_job_rows{job_file="mixed.jsonl",status="ok"}'] == 20
+        assert samples['asinb_job_rows{job_file="mixed.jsonl",status="unfinished"}'] == 1
+        assert 'asinb_job_rows{job_file="mixed.jsonl",status="pending"}' not in samples
 
     async def test_rows_of_a_job_filed_under_failed_stay_counted(
         self, start: Start, spool: Path
@@ -1018,6 +1021,9 @@ class TestHttp:
             assert asyncio.get_running_loop().time() < deadline, values["asinb_deferred_jobs"]
             await asyncio.sleep(0.05)
         assert sorted(os.listdir(spool / "inbox")) == []
+        # The keys they wait for decide whether the work waits for its quota.
+        assert running.daemon.spool_snapshot().deferred_keys == {"demo"}
+        assert values["asinb_work_waiting_quota"] == 1
         # One deleted from processing/ is no longer counted as waiting.
         (spool / "processing" / "d1.txt").unlink()
         values = _samples((await _get(f"{running.url}/metrics"))[2])
@@ -1085,6 +1091,15 @@ class TestHttp:
         text = render_metrics(snapshot(us, fr, waiting=("www.amazon.fr",)), SpoolSnapshot())
         assert _samples(text)["asinb_work_waiting_quota"] == 1
         text = render_metrics(snapshot(us, fr, waiting=()), SpoolSnapshot())
+        assert _samples(text)["asinb_work_waiting_quota"] == 0
+        # Nothing queued, but a job [serve] no_wait deferred until the FR keys' reset: the
+        # work waits for the quota; the idle US key made it 0, and the no-progress alert
+        # fired all day for a job held as documented.
+        held = SpoolSnapshot(deferred=1, deferred_keys=frozenset({"fr"}))
+        text = render_metrics(snapshot(us, fr, waiting=()), held)
+        assert _samples(text)["asinb_work_waiting_quota"] == 1
+        held_by_us = SpoolSnapshot(deferred=1, deferred_keys=frozenset({"us"}))
+        text = render_metrics(snapshot(us, fr, waiting=()), held_by_us)
         assert _samples(text)["asinb_work_waiting_quota"] == 0
 
     def test_waiting_quota_is_only_a_quota_wait(self) -> None:

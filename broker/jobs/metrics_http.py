@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
@@ -82,6 +82,7 @@ class SpoolSnapshot:
             when it cannot be read.
         deferred: jobs in ``processing/`` waiting for their keys' daily quota to reset
             (``[serve] no_wait``).
+        deferred_keys: the keys those jobs wait for.
         rows_by_status: rows the daemon wrote since it started, by final status, counted
             as they are written (a counter: it never goes down).
         jobs: the current job first (if any), then the most recent finished jobs.
@@ -92,6 +93,7 @@ class SpoolSnapshot:
     jobs_failed: int = 0
     inbox: int | None = 0
     deferred: int = 0
+    deferred_keys: frozenset[str] = frozenset()
     rows_by_status: Mapping[str, int] = field(default_factory=dict)
     jobs: tuple[JobRows, ...] = ()
 
@@ -178,11 +180,21 @@ def needed_keys(metrics: MetricsSnapshot) -> list[KeySnapshot]:
     return list(metrics.serving(metrics.waiting_markets) or metrics.keys)
 
 
-def work_waits_for_quota(metrics: MetricsSnapshot) -> bool:
+def work_waits_for_quota(metrics: MetricsSnapshot, deferred_keys: Set[str] = frozenset()) -> bool:
     """True when every key the work needs that is not disabled waits for its daily quota
     (its own count spent, or parked because Amazon's answers say so): the work is held
-    until a reset, and no progress is expected before it."""
-    keys = [key for key in needed_keys(metrics) if key.state != "disabled"]
+    until a reset, and no progress is expected before it.
+
+    With nothing queued but jobs ``no_wait`` deferred, the keys those jobs wait for
+    (``deferred_keys``) are the ones the work needs: counting every key, an idle key of
+    another marketplace said the work could go on, and the no-progress alert fired all
+    day for a job held, as documented, until its keys' reset.
+    """
+    if metrics.waiting_markets or not deferred_keys:
+        needed = needed_keys(metrics)
+    else:
+        needed = [key for key in metrics.keys if key.name in deferred_keys]
+    keys = [key for key in needed if key.state != "disabled"]
     return bool(keys) and all(key.reason in _QUOTA_REASONS for key in keys)
 
 
@@ -236,7 +248,7 @@ def render_metrics(
         for status, count in sorted(job.by_status.items()):
             out.sample("asinb_job_rows", count, job_file=job.job, status=status)
     if metrics is not None:
-        _render_engine(out, metrics)
+        _render_engine(out, metrics, spool.deferred_keys)
     if cache is not None or cache_unreadable:
         out.family("asinb_cache_up", "gauge", "1 if the item cache's store answered, else 0.")
         out.sample("asinb_cache_up", int(cache is not None))
@@ -249,13 +261,13 @@ def render_metrics(
     return out.text()
 
 
-def _render_engine(out: _Exposition, m: MetricsSnapshot) -> None:
+def _render_engine(out: _Exposition, m: MetricsSnapshot, deferred_keys: Set[str]) -> None:
     out.family(
         "asinb_work_waiting_quota",
         "gauge",
         "1 while every key the waiting work needs waits for its daily quota.",
     )
-    out.sample("asinb_work_waiting_quota", int(work_waits_for_quota(m)))
+    out.sample("asinb_work_waiting_quota", int(work_waits_for_quota(m, deferred_keys)))
     out.family("asinb_requests_total", "counter", "HTTP responses from the API, by status code.")
     for code, count in sorted(m.responses_by_status.items()):
         out.sample("asinb_requests_total", count, status=str(code))

@@ -1590,8 +1590,11 @@ class Daemon:
             status["rows"] = {"total": sum(tally.values()), **rows}
         path = self.spool.file(job, "failed", status)
         if tally is not None:
-            done = {key: n for key, n in tally.items() if key != "pending"}
-            self._recent.appendleft(JobRows(path.name, done))
+            # The rows it left are "unfinished", not "pending": nothing waits for them (the
+            # no-progress alert counts pending rows as work), yet they are rows of the job
+            # (its progress was shown as 100 %).
+            left = {"unfinished" if key == "pending" else key: n for key, n in tally.items()}
+            self._recent.appendleft(JobRows(path.name, left))
         self._count_failed(job.name, message, path)
 
     def _failure_status(
@@ -1663,6 +1666,8 @@ class Daemon:
             # its job): the count is left out, and why is told once.
             inbox = None
             self._inbox_unreadable(exc)
+        # Only those still there: one deleted meanwhile is forgotten when it comes due.
+        held = [d for name, d in self._deferred.items() if (self.spool.processing / name).exists()]
         return SpoolSnapshot(
             # Stopping from the first signal on: a load balancer must stop sending work
             # while the current job drains, not when the port closes.
@@ -1671,8 +1676,8 @@ class Daemon:
             jobs_failed=self._jobs_failed,
             # Counted now: the inbox is scanned only between jobs, which may take hours.
             inbox=inbox,
-            # Only those still there: one deleted meanwhile is forgotten when it comes due.
-            deferred=sum(1 for name in self._deferred if (self.spool.processing / name).exists()),
+            deferred=len(held),
+            deferred_keys=frozenset(key for deferral in held for key in deferral.keys),
             rows_by_status=dict(self._rows),
             jobs=tuple(jobs),
         )
