@@ -723,11 +723,18 @@ _UNKNOWN_REMEDY = "Read Amazon's message; report the code if the broker should k
 
 def os_error_text(exc: OSError) -> str:
     """An ``OSError`` as a user reads it: what failed and on which file, without the
-    ``[Errno N]`` that ``str()`` puts first (it says nothing the words do not)."""
+    ``[Errno N]`` that ``str()`` puts first (it says nothing the words do not).
+
+    A failed move names both ends (``from -> to``): the folder that refused it is often
+    the second (a spool's ``done/`` made read-only), and naming only the first sent an
+    operator to a folder that was writable.
+    """
     if not exc.strerror:
         return str(exc)
     if exc.filename is None or str(exc.filename) in exc.strerror:
         return exc.strerror
+    if exc.filename2 is not None:
+        return f"{exc.filename} -> {exc.filename2}: {exc.strerror}"
     return f"{exc.filename}: {exc.strerror}"
 
 

@@ -272,3 +272,15 @@ def test_every_code_the_simulator_sends_is_in_the_catalogue() -> None:
     codes = set(paapi._ERRORS) | set(creators._MESSAGES)
     codes |= {str(body["type"]) for body in creators._SERVER_ERRORS.values() if "type" in body}
     assert sorted(codes - set(CATALOGUE)) == []
+
+
+def test_a_failed_move_names_both_ends(tmp_path: Path) -> None:
+    """A rename refused by its destination (a spool's done/ made read-only) names both
+    paths; it named only the source, a folder that was writable."""
+    from broker.errors import os_error_text
+
+    source = tmp_path / "processing" / "x.out.jsonl"
+    error = PermissionError(1, "Operation not permitted", str(source), None, "done/x.out.jsonl")
+    assert os_error_text(error) == f"{source} -> done/x.out.jsonl: Operation not permitted"
+    single = PermissionError(13, "Permission denied", str(source))
+    assert os_error_text(single) == f"{source}: Permission denied"

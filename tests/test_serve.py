@@ -1448,6 +1448,21 @@ class TestDaemonSurvives:
         async with asyncio.timeout(8):
             assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
 
+    async def test_done_removed_while_a_job_runs_is_made_again_with_a_warning(
+        self, start: Start, spool: Path
+    ) -> None:
+        """done/ removed while a job runs: the job is filed in a new done/, and the warning
+        that whatever it held is gone is logged; it was made again silently (only a folder
+        removed while the daemon idled was told)."""
+        await start(_config(tps=10.0, batch_size=1))
+        _drop(spool, "slow.txt", "".join(f"B0SLOW{i:04d}\n" for i in range(20)))
+        await _until(lambda: (spool / "processing" / "slow.txt").exists())
+        with structlog.testing.capture_logs() as logs:
+            shutil.rmtree(spool / "done")
+            assert (await _filed(spool, "slow.txt"))["rows"]["total"] == 20
+        made = [e for e in logs if e["event"] == "broker.spool_folders_recreated"]
+        assert [e["folders"] for e in made] == [[str(spool / "done")]]
+
     def test_shared_folders_made_again_keep_the_spools_group_mode(self, tmp_path: Path) -> None:
         """Under the systemd layout (spool and its inbox/, done/, failed/ 2770 for the
         producers' group, the daemon's umask 0027), a folder removed and made again gets

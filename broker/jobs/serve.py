@@ -655,6 +655,7 @@ class Spool:
         # Removed while the job ran (a clean-up script): made again, not a failed daemon.
         if not dest.is_dir():
             self._make_shared(dest)
+            _say_recreated([dest])
         base = self._filing_name(job, dest)
         record = dict(status)
         record["output"] = _move(job.out, dest, f"{base}.out.{job.format}")
@@ -792,6 +793,16 @@ def _move(source: Path, directory: Path, name: str) -> str | None:
         return None
     os.replace(source, directory / name)
     return name
+
+
+def _say_recreated(made: Sequence[Path]) -> None:
+    """Warn that spool folders removed while the daemon ran were made again: whatever they
+    held (results filed earlier) is gone, which the operator must learn."""
+    logger.warning(
+        "broker.spool_folders_recreated",
+        folders=[str(path) for path in made],
+        note="removed while the daemon ran; whatever they held is gone",
+    )
 
 
 def _write_status(path: Path, status: Mapping[str, object]) -> None:
@@ -1069,11 +1080,7 @@ class Daemon:
         an operator resetting the spool), so new jobs are still claimed and filed."""
         made = self.spool.prepare()
         if made:
-            logger.warning(
-                "broker.spool_folders_recreated",
-                folders=[str(path) for path in made],
-                note="removed while the daemon ran; whatever they held is gone",
-            )
+            _say_recreated(made)
 
     def _rename_awkward_claims(self) -> None:
         """Give jobs left in processing/ under an awkward name (an older daemon's) a safe one."""
