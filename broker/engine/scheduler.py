@@ -151,7 +151,7 @@ class KeyPool:
     def take_out(
         self,
         key: KeyState,
-        marketplace: str,
+        marketplace: str | None,
         code: str,
         message: str,
         remedy: str,
@@ -161,6 +161,7 @@ class KeyPool:
         """Take ``key`` (or the key in ``marketplace``) out of rotation; with a global
         ``scope`` (the client or the endpoint is wrong, not the key), every key at once:
         each other key would only spend a request to be refused the same way.
+        ``marketplace`` is the one whose request failed; None when no request was made.
 
         Work for a marketplace no key can serve any more fails at once, whether it waits
         in the queue or still lingers in the batcher.
@@ -168,7 +169,7 @@ class KeyPool:
         scope_marketplace = marketplace if scope is Scope.KEY_MARKETPLACE else None
         self._serving.clear()
         condemned = list(self._keys) if scope is Scope.GLOBAL else [key]
-        affected = {marketplace}
+        affected = set() if marketplace is None else {marketplace}
         for each in condemned:
             if each.disable(code, message, remedy, marketplace=scope_marketplace):
                 logger.error(
@@ -256,7 +257,7 @@ class KeyPool:
         the store again (:meth:`KeyState.revive`)."""
         self.take_out(
             key,
-            "",
+            None,
             STATE_OUTAGE_CODE,
             str(exc),
             f"check the key-state store [state] names (Redis up and reachable, the SQLite "
