@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import traceback
+from collections.abc import Mapping
 
 import pytest
 from conftest import Harness, account, asins, key_doc, make_config, paapi_key_doc
@@ -91,3 +93,59 @@ async def test_no_usable_key_message_has_no_secret(harness: Harness) -> None:
     assert "one: invalid_client" in text
     assert "two: invalid_client" in text
     assert not _leaks(text, {GOOD_SECRET, BAD_SECRET})
+
+
+def _frame_values(error: BaseException) -> list[str]:
+    """What an error reporter that records locals (Sentry) takes from ``error``: the value
+    of every local of every frame of every exception its chain holds, as it shows them."""
+    shown: list[str] = []
+    pending, seen = [error], set()
+    while pending:
+        each = pending.pop()
+        if id(each) in seen:
+            continue
+        seen.add(id(each))
+        for frame, _ in traceback.walk_tb(each.__traceback__):
+            if frame.f_code.co_filename == __file__:
+                continue  # the test's own frame, where it was caught
+            for value in frame.f_locals.values():
+                shown.append(repr(value))
+                if isinstance(value, bytes | bytearray):
+                    shown.append(bytes(value).decode("utf-8", "replace"))
+                elif isinstance(value, Mapping):
+                    shown.extend(repr(v) for v in value.values())
+        pending.extend(e for e in (each.__cause__, each.__context__) if e is not None)
+    return shown
+
+
+@pytest.mark.parametrize("protocol", ["creators", "paapi5"])
+async def test_a_caught_error_holds_no_secret_in_its_frames(
+    harness: Harness, protocol: str
+) -> None:
+    """An endpoint out of reach: the NoUsableKeyError a caller catches holds the secret in
+    no local of any frame of its chain; aiohttp's frames, kept by the chained connection
+    error, held the token request's body (client_secret) or the signed headers, and Sentry
+    uploads every frame's locals by default."""
+    from broker.state.redis_server import free_port
+
+    make_key = paapi_key_doc if protocol == "paapi5" else key_doc
+    config = make_config(
+        f"http://127.0.0.1:{free_port()}",
+        protocol=protocol,
+        keys=[make_key("good", env="GOOD")],
+        environ=ENVIRON,
+        retry={"outage_budget_s": 0.5},
+    )
+    transport = await harness.transport()
+    broker = await harness.broker(config, transport=transport)
+    with pytest.raises(NoUsableKeyError) as info:
+        await broker.get_items(asins(3))
+    needles = {GOOD_SECRET}
+    for request in transport.requests:
+        needles.update(
+            re.findall(r"Signature=([0-9a-f]+)", request.headers.get("Authorization", ""))
+        )
+    assert len(needles) >= (2 if protocol == "paapi5" else 1)  # signed requests were made
+    shown = _frame_values(info.value)
+    assert shown  # frames were walked
+    assert not [value for value in shown if _leaks(value, needles)]

@@ -61,38 +61,65 @@ def _mapped_errors(request: HttpRequest) -> Iterator[None]:
 
     A foreign message may quote a proxy's URL, password and all (aiohttp does, for a proxy
     that refuses): it is scrubbed, and a traceback then shows the foreign exception neither
-    as cause nor as context, or it would print the password after all.
+    as cause nor as context, or it would print the password after all. The foreign
+    exceptions keep no frames either (:func:`_forget_frames`).
     """
     where = f"{request.method} {request.url}"
     try:
         yield
-    except aiohttp.ClientConnectorCertificateError as exc:
+    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+        _forget_frames(exc)
+        error, cause = _translated(where, exc)
+        raise error from cause
+
+
+def _translated(where: str, exc: BaseException) -> tuple[TransportError, BaseException | None]:
+    """The broker's error for a foreign one, and the cause to chain (None: none shown)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         # Before ClientConnectorError, its base: a certificate no wait will make trusted.
         message, cause = _shown(f"{where}: TLS certificate not trusted ({exc})", exc)
-        raise NetworkRefused(message, code="UntrustedCertificate") from cause
-    except aiohttp.ClientHttpProxyError as exc:
+        return NetworkRefused(message, code="UntrustedCertificate"), cause
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
         if exc.status not in (403, 407):
             message, cause = _shown(f"{where}: the proxy answered {exc.status} ({exc})", exc)
-            raise ConnectError(message) from cause
+            return ConnectError(message), cause
         message, cause = _shown(f"{where}: the proxy refused it ({exc})", exc)
-        raise NetworkRefused(message, code="ProxyRefused") from cause
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        return NetworkRefused(message, code="ProxyRefused"), cause
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         # Before the generic cases: a connect timeout is also a TimeoutError, and a refused
         # connection also a ClientConnectionError.
         message, cause = _shown(
             f"{where}: connection failed, no connection made ({type(exc).__name__}: {exc})", exc
         )
-        raise EndpointUnreachable(message) from cause
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise RequestTimeout(f"{where}: timed out") from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise ConnectError(f"{where}: response body incomplete ({type(exc).__name__})") from exc
-    except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+        return EndpointUnreachable(message), cause
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return RequestTimeout(f"{where}: timed out"), exc
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return ConnectError(f"{where}: response body incomplete ({type(exc).__name__})"), exc
+    if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError):
         message, cause = _shown(f"{where}: connection failed ({type(exc).__name__}: {exc})", exc)
-        raise ConnectError(message) from cause
-    except aiohttp.ClientError as exc:
-        message, cause = _shown(f"{where}: {type(exc).__name__}: {exc}", exc)
-        raise TransportError(message) from cause
+        return ConnectError(message), cause
+    message, cause = _shown(f"{where}: {type(exc).__name__}: {exc}", exc)
+    return TransportError(message), cause
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and of every exception it chains.
+
+    aiohttp's frames hold the request: its body (a token request's, with the client
+    secret) and its headers (a bearer token, a SigV4 signature). An error reporter that
+    records the locals of every frame of an exception's chain (Sentry, by default) uploaded
+    them from the error a caller caught, several causes down.
+    """
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        each = pending.pop()
+        if id(each) in seen:
+            continue
+        seen.add(id(each))
+        each.__traceback__ = None
+        pending.extend(e for e in (each.__cause__, each.__context__) if e is not None)
 
 
 def _shown(message: str, exc: BaseException) -> tuple[str, BaseException | None]:
