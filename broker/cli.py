@@ -746,14 +746,20 @@ def _check_config(config: BrokerConfig) -> int:
         f"marketplace {config.api.marketplace}"
     )
     for key in config.keys:
-        if key.secret is None and key.secret_source and not config.api.uses_simulator:
+        # A secret file left unread is a systemd credential outside its service (any other
+        # file that cannot be read is a config error), whatever the endpoint: the embedded
+        # simulator does not use its own secret instead (a run is refused, exit 78).
+        unread = key.secret is None and key.secret_source.startswith("file ")
+        if unread:
             print(
                 f"note: key {key.name}: its secret ({key.secret_source}) is a systemd "
                 "credential, which only its service can read: not checked here",
                 file=sys.stderr,
             )
         secret = (
-            _simulator_secret_note(config, key) if config.api.uses_simulator else key.secret_source
+            _simulator_secret_note(config, key)
+            if config.api.uses_simulator and not unread
+            else key.secret_source
         )
         print(
             f"  key {key.name}: id {key.credential_id}, secret from {secret} (***), "

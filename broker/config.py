@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import tomllib
+import unicodedata
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -719,8 +720,16 @@ def config_from_dict(
                     f"the secret given for key {name!r} must be a str or a Secret, not "
                     f"{type(text).__name__}",
                 )
+            text, problem = _clean_secret(text)
             if not text:
-                raise ConfigError(f"keys[{i}]", f"the secret given for key {name!r} is empty")
+                raise ConfigError(
+                    f"secrets[{name!r}]",
+                    f"the secret given for key {name!r} is empty (or only white space)",
+                )
+            if problem is not None:
+                raise ConfigError(
+                    f"secrets[{name!r}]", f"the secret given for key {name!r} {problem}"
+                )
             # The secret travels the TOML path through a variable of our own, so a key
             # given in code is checked exactly as one read from the file.
             variable = f"ASINB_INLINE_SECRET_{i}"
@@ -945,9 +954,8 @@ def _parse_key(
                 'ASINB_SECRET and write credential_secret_env = "ASINB_SECRET"',
             )
         source = f"${secret_env}"
-        # Stripped as a secret file is: a variable filled from a Docker or Kubernetes
-        # secret often ends in a newline, which would make every signature wrong.
-        value = environ.get(secret_env, "").strip() if read_secrets else ""
+        # Cleaned as a secret file is (a Docker or Kubernetes secret's newline at its end).
+        value, problem = _clean_secret(environ.get(secret_env, "") if read_secrets else "")
         if not value.isascii():
             try:
                 value.encode("utf-8")
@@ -959,6 +967,10 @@ def _parse_key(
                     f"environment variable {secret_env} holds bytes that are not UTF-8 text; "
                     "set it to the secret exactly as Associates Central shows it",
                 ) from None
+        if problem is not None:
+            raise ConfigError(
+                f"{path}.credential_secret_env", f"environment variable {secret_env} {problem}"
+            )
         if value:
             secret = Secret(value)
         elif read_secrets and not api.uses_simulator:
@@ -1094,15 +1106,54 @@ def _read_secret_file(file: Path, path: str, *, credentials_dir: str | None = No
     if not trusted and hasattr(os, "getuid") and info.st_uid != os.getuid():
         raise ConfigError(path, f"{file} is not owned by the user running the broker")
     try:
-        value = file.read_text(encoding="utf-8").strip()
+        with file.open("rb") as stream:
+            # Bounded: a file named by mistake (a log, an archive) is not read whole.
+            raw = stream.read(_MAX_SECRET_FILE + 1)
+        if len(raw) > _MAX_SECRET_FILE:
+            raise ConfigError(
+                path, f"{file} is over {_MAX_SECRET_FILE // 1024} KiB: no secret file is"
+            )
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
     except UnicodeDecodeError:
         # The decoder's message quotes bytes of the file: say where, not what.
         raise ConfigError(path, f"{file} is not UTF-8 text") from None
+    value, problem = _clean_secret(text)
     if not value:
         raise ConfigError(path, f"{file} is empty")
+    if problem is not None:
+        raise ConfigError(path, f"{file} {problem}")
     return Secret(value)
+
+
+#: Longer than any credential secret Amazon issues (they are under 100 characters).
+_MAX_SECRET: Final = 512
+#: The most of a secret file read: beyond it, the file is no secret file.
+_MAX_SECRET_FILE: Final = 64 * 1024
+
+
+def _clean_secret(raw: str) -> tuple[str, str | None]:
+    """A secret as Associates Central shows it, and why it cannot be one (None: it can).
+
+    Blanks and line ends around it are dropped (a variable filled from a Docker or
+    Kubernetes secret often ends in a newline), and so is a byte-order mark (Notepad saves
+    one): either would make every request fail as a wrong secret. Inside it, a blank, a
+    line break or a control character means more than the secret was pasted (two lines, a
+    credentials CSV), and so does a length no secret has; the reason never quotes it.
+    """
+    value = raw.strip().lstrip("\ufeff").strip()
+    if any(char.isspace() or unicodedata.category(char).startswith("C") for char in value):
+        return value, (
+            "holds a blank, line break or control character inside the secret (two lines, "
+            "or a credentials CSV pasted?); leave the secret alone there"
+        )
+    if len(value) > _MAX_SECRET:
+        return value, (
+            f"holds {len(value):,} characters, more than any credential secret; leave the "
+            "secret alone there"
+        )
+    return value, None
 
 
 class ServiceCredentialError(ConfigError):

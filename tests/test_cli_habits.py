@@ -2081,7 +2081,7 @@ def test_run_help_names_every_job_file_extension_read() -> None:
         assert extension in cli._JOB_NAMES
 
 
-class TestStdoutEncoding:
+class TestCheckConfigOutput:
     def test_check_config_in_a_locale_that_cannot_write_a_key_name(self, tmp_path: Path) -> None:
         """check-config of a key named in Japanese, stdout ASCII (a Latin-1 or C locale):
         the name escaped and exit 0; it printed two lines, then a UnicodeEncodeError."""
@@ -2098,3 +2098,26 @@ class TestStdoutEncoding:
         assert done.returncode == 0, done.stderr
         assert "key \\u65e5\\u672c: id demo-id" in done.stdout
         assert "Traceback" not in done.stderr
+
+    def test_check_config_of_a_systemd_credential_with_the_simulator(self, tmp_path: Path) -> None:
+        """A key whose secret is a systemd credential, with the embedded simulator: noted as
+        not checked here, not claimed to use the simulator's own secret (the run refuses it,
+        exit 78)."""
+        config = tmp_path / "config.toml"
+        credential = "/run/credentials/asin-broker.service/main-secret"
+        config.write_text(
+            embedded_toml().replace(
+                'version = "3.1"', f'version = "3.1"\ncredential_secret_file = "{credential}"'
+            )
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "check-config", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "not checked here" in done.stderr
+        assert "simulator's own account" not in done.stdout
+        assert f"secret from file {credential}" in done.stdout

@@ -39,7 +39,7 @@ from broker.api.base import HttpRequest, RawResponse
 from broker.api.oauth import CreatorsTokenCache
 from broker.api.sigv4 import SigV4Signer
 from broker.client import Broker, simulator_settings
-from broker.config import BrokerConfig, load_config, parse_config
+from broker.config import BrokerConfig, config_from_dict, load_config, parse_config
 from broker.engine.authorizer import BearerAuthorizer, SigV4Authorizer
 from broker.engine.transport import AiohttpTransport
 from broker.errors import AuthError, ConfigError, TransportError
@@ -725,6 +725,71 @@ class TestD3SecretFilePermissions:
             assert info.value.path == "keys[0].credential_secret_file"
             assert expected in info.value.message
             assert "\\xff" not in info.value.message
+
+
+class TestSecretText:
+    """A secret is read as Associates Central shows it, or refused at the config's check."""
+
+    def test_a_byte_order_mark_and_blanks_around_it_are_dropped(self, tmp_path: Path) -> None:
+        """Notepad's UTF-8 file (a byte-order mark, CRLF) or a variable filled from one: the
+        secret without them; it was sent with the mark, and refused as invalid_client."""
+        secret_file = tmp_path / "k.secret"
+        secret_file.write_bytes(b"\xef\xbb\xbfdemo-secret\r\n")
+        secret_file.chmod(0o600)
+        keys = _key_toml("k", "cid", extra='credential_secret_file = "k.secret"')
+        config = _write(tmp_path / "c.toml", _config_toml("https://x.example", keys))
+        assert load_config(config, environ={}).keys[0].secret == Secret("demo-secret")
+        environ = {"ASINB_DEMO_SECRET": "\ufeffdemo-secret\n"}
+        assert parse_config(_document(), environ=environ).keys[0].secret == Secret("demo-secret")
+
+    @pytest.mark.parametrize(
+        ("text", "said"),
+        [
+            ("Credential ID,Secret\ndemo-id,demo-secret\n", "line break or control"),
+            ("demo secret", "blank"),
+            ("x" * 20_000, "holds 20,000 characters"),
+        ],
+    )
+    def test_more_than_a_secret_is_refused_without_echo(
+        self, tmp_path: Path, text: str, said: str
+    ) -> None:
+        """Two lines (a credentials CSV), a blank inside or a length no secret has, in a
+        file or a variable: a config error naming where, never the text; check-config said
+        ok and the run was refused by Amazon (exit 77), or blamed the token endpoint."""
+        secret_file = _write(tmp_path / "k.secret", text, 0o600)
+        keys = _key_toml("k", "cid", extra='credential_secret_file = "k.secret"')
+        config = _write(tmp_path / "c.toml", _config_toml("https://x.example", keys))
+        with pytest.raises(ConfigError) as info:
+            load_config(config, environ={})
+        assert info.value.path == "keys[0].credential_secret_file"
+        assert said in info.value.message
+        assert str(secret_file) in info.value.message
+        assert "demo-secret" not in info.value.message
+        with pytest.raises(ConfigError) as info:
+            parse_config(_document(), environ={"ASINB_DEMO_SECRET": text})
+        assert info.value.path == "keys[0].credential_secret_env"
+        assert said in info.value.message
+        assert "demo-secret" not in info.value.message
+
+    def test_a_huge_file_is_not_read_whole(self, tmp_path: Path) -> None:
+        """A secret file over 64 KiB (a log named by mistake) is refused as no secret file."""
+        _write(tmp_path / "k.secret", "x" * 100_000, 0o600)
+        keys = _key_toml("k", "cid", extra='credential_secret_file = "k.secret"')
+        config = _write(tmp_path / "c.toml", _config_toml("https://x.example", keys))
+        with pytest.raises(ConfigError, match="is over 64 KiB: no secret file is"):
+            load_config(config, environ={})
+
+    @pytest.mark.parametrize("given", ["\n", "   "])
+    def test_a_blank_secret_in_code_names_secrets(self, given: str) -> None:
+        """secrets={"demo": "\\n"}: the secret given in code is empty, said at secrets['demo'];
+        it named an internal variable ASINB_INLINE_SECRET_0 and said to export it."""
+        document = _document()
+        del document["keys"][0]["credential_secret_env"]
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(document, secrets={"demo": given})
+        assert info.value.path == "secrets['demo']"
+        assert "empty (or only white space)" in info.value.message
+        assert "ASINB_INLINE_SECRET" not in str(info.value)
 
 
 # -- D4: binding beyond loopback --------------------------------------------------------------
