@@ -31,7 +31,7 @@ from broker.api.resources import resolve_resources
 from broker.cache.policy import CachePolicy, check_max_age
 from broker.errors import ConfigError
 from broker.models import Protocol, Secret
-from broker.tomltable import TomlTable
+from broker.tomltable import TomlTable, did_you_mean
 
 __all__ = [
     "DEFAULT_RESOURCES",
@@ -623,7 +623,7 @@ def parse_config(
     # looks like a secret is refused at the end, saying where secrets go.
     unknown = sorted(name for name in document if name not in TABLES and not _looks_secret(name))
     if unknown:
-        raise ConfigError(unknown[0], "unknown key")
+        raise ConfigError(unknown[0], "unknown key" + did_you_mean(unknown[0], sorted(TABLES)))
     table = TomlTable(document, "")
     api = _parse_api(table.table("api"))
     keys = tuple(
@@ -908,10 +908,21 @@ def _parse_key(
                     f"as secrets={{{shown!r}: ...}}, or put it in an environment variable and "
                     f'name it here: credential_secret_env = "{env_name}"',
                 )
+            # A misspelt source (credential_secret_path, secret_file) holds a name, not a
+            # secret: the source meant is named first.
+            lowered = name.lower()
+            if any(word in lowered for word in ("path", "file", "dir")):
+                meant = "; did you mean credential_secret_file?"
+            elif any(word in lowered for word in ("env", "var")):
+                meant = "; did you mean credential_secret_env?"
+            else:
+                meant = did_you_mean(name, ["credential_secret_env", "credential_secret_file"])
             raise ConfigError(
                 f"{path}.{name}",
-                "secrets are never read from the config file; put the secret in an "
-                f'environment variable and name it here: credential_secret_env = "{env_name}"',
+                (f"unknown key{meant} S" if meant else "s")
+                + "ecrets are never read from the config file; put the secret in an "
+                f'environment variable and name it here: credential_secret_env = "{env_name}", '
+                "or in a file only you can read (chmod 600) named by credential_secret_file",
             )
     name = table.text("name", required=True)
     if not name.isprintable():

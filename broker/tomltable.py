@@ -10,13 +10,14 @@ the bottom layer: the simulator and the client both use it without importing eac
 from __future__ import annotations
 
 import datetime
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from typing import cast
 
 from broker.errors import ConfigError
 
-__all__ = ["TomlTable"]
+__all__ = ["TomlTable", "did_you_mean"]
 
 
 def _kind(value: object) -> str:
@@ -237,6 +238,14 @@ class TomlTable:
         return sorted(self._seen)
 
     def finish(self) -> None:
-        """Raise for the first key no getter read: an unknown key is almost always a typo."""
+        """Raise for the first key no getter read: an unknown key is almost always a typo,
+        so the known key closest to it is named (``tsp``: did you mean tps?)."""
         for name in self.unread():
-            raise ConfigError(self.key(name), "unknown key")
+            raise ConfigError(self.key(name), "unknown key" + did_you_mean(name, self.read()))
+
+
+def did_you_mean(name: str, known: Sequence[str]) -> str:
+    """``"; did you mean X?"`` for the one of ``known`` closest to a misspelt ``name``,
+    else ``""``."""
+    close = difflib.get_close_matches(name.lower(), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""

@@ -71,11 +71,52 @@ class TestTables:
         one that looks like a secret is refused saying where secrets go."""
         assert "simulatr" not in TABLES
         error = _error(_doc(simulatr={"seed": 3}))
-        assert (error.path, error.message) == ("simulatr", "unknown key")
+        assert (error.path, error.message) == ("simulatr", "unknown key; did you mean simulator?")
         secret = _error(_doc(password="hunter2-do-not-echo"))
         assert secret.path == "password"
         assert "secrets are never read from the config file" in secret.message
         assert "hunter2" not in str(secret)
+
+
+class TestMisspeltKeys:
+    @pytest.mark.parametrize(
+        ("where", "meant"),
+        [
+            ({"engin": {}}, ("engin", "engine")),
+            ({"engine": {"queue_sise": 5}}, ("engine.queue_sise", "queue_size")),
+            ({"state": {"redis_pasword_env": "X"}}, ("state.redis_pasword_env", None)),
+        ],
+    )
+    def test_the_closest_known_key_is_named(
+        self, where: dict[str, object], meant: tuple[str, str | None]
+    ) -> None:
+        """A misspelt key names the known one closest to it (README: an unknown key is
+        usually a typo); it said "unknown key" alone, outside [simulator]."""
+        error = _error(_doc(**where))
+        path, suggestion = meant
+        assert error.path == path
+        if suggestion is None:
+            assert "unknown key" in error.message or "secrets" in error.message
+        else:
+            assert error.message == f"unknown key; did you mean {suggestion}?"
+
+    def test_a_misspelt_key_of_a_key_names_tps(self) -> None:
+        """tsp = 5 under [[keys]]: did you mean tps?"""
+        document = _doc()
+        document["keys"][0]["tsp"] = 5
+        assert _error(document).message == "unknown key; did you mean tps?"
+
+    @pytest.mark.parametrize("name", ["credential_secret_path", "credentials_secret_file"])
+    def test_a_misspelt_secret_source_names_the_file_source(self, name: str) -> None:
+        """credential_secret_path = "/etc/...": did you mean credential_secret_file, and
+        the file source is named beside the variable; it only said to use a variable."""
+        document = _doc()
+        document["keys"][0][name] = "/etc/asin-broker/main.secret"
+        error = _error(document)
+        assert error.path == f"keys[0].{name}"
+        assert error.message.startswith("unknown key; did you mean credential_secret_file?")
+        assert "named by credential_secret_file" in error.message
+        assert "/etc/asin-broker" not in str(error)
 
 
 class TestFilePaths:
