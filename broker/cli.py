@@ -685,6 +685,28 @@ def _init(given: str, *, force: bool) -> int:
     return ExitCode.OK
 
 
+def _shared_account_warnings(config: BrokerConfig) -> list[str]:
+    """One warning per account named by several ``[[keys]]`` entries: they share its one
+    rate and daily quota (the key state is the account's), at the lowest figures of them."""
+    by_account: dict[str, list[KeyConfig]] = {}
+    for key in config.keys:
+        by_account.setdefault(key.credential_id, []).append(key)
+    warnings = []
+    for credential_id, keys in by_account.items():
+        if len(keys) < 2:
+            continue
+        names = ", ".join(key.name for key in keys)
+        tps = min(key.tps for key in keys)
+        limits = [key.tpd for key in keys if key.tpd]
+        tpd = f"{min(limits)} TPD" if limits else "no daily limit"
+        warnings.append(
+            f"keys {names} name one credential ({credential_id}): one Amazon account, with one "
+            f"rate and one daily quota, which they share at the lowest of their figures "
+            f"({tps:g} TPS, {tpd}); give it once, with the partner tags of all"
+        )
+    return warnings
+
+
 def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
     """Where a key's secret comes from with the embedded simulator, and a warning when the
     simulator will refuse it (a secret that is not its account's)."""
@@ -766,7 +788,7 @@ def _check_config(config: BrokerConfig) -> int:
             f"{key.tps:g} TPS, {key.tpd or 'unlimited'} TPD, "
             f"marketplaces {', '.join(key.partner_tags)}"
         )
-    for warning in _region_warnings(config):
+    for warning in [*_region_warnings(config), *_shared_account_warnings(config)]:
         print(f"warning: {warning}", file=sys.stderr)
     if config.engine.queue_size < config.engine.batch_size:
         print(

@@ -2121,3 +2121,27 @@ class TestCheckConfigOutput:
         assert "not checked here" in done.stderr
         assert "simulator's own account" not in done.stdout
         assert f"secret from file {credential}" in done.stdout
+
+    def test_check_config_warns_of_two_entries_on_one_account(self, tmp_path: Path) -> None:
+        """Two [[keys]] entries naming one credential: a warning that they share one rate
+        and daily quota at the lowest figures; check-config said ok and listed both."""
+        config = tmp_path / "config.toml"
+        text = embedded_toml()
+        second = (
+            text[text.index("[[keys]]") : text.index("[log]")]
+            .replace('name = "demo"', 'name = "demo2"')
+            .replace("tps = 50.0", "tps = 5.0")
+            .replace("tpd = 0", "tpd = 20")
+        )
+        config.write_text(text.replace("[log]", second + "[log]"))
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "check-config", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "ASINB_DEMO_SECRET": "demo-secret"},
+        )
+        assert done.returncode == 0, done.stderr
+        assert "keys demo, demo2 name one credential (demo-id)" in done.stderr
+        assert "(5 TPS, 20 TPD)" in done.stderr

@@ -41,6 +41,8 @@ from broker.engine.shared_limiter import (
     SharedAdaptiveRate,
     SharedCircuit,
     SharedKeyLimiter,
+    SharedState,
+    shared_key_parts,
 )
 from broker.errors import ConfigError, StateUnavailableError
 from broker.simulator.settings import SimulatorSettings
@@ -916,6 +918,37 @@ class TestAgreedDailyLimit:
         # once when it closes): --no-wait and the daemon wait that long, not for the reset.
         assert high.quota_until() <= clock.utcnow() + dt.timedelta(seconds=61)
         assert low.quota_until() == low.resets_at()
+
+    async def test_another_entry_of_the_config_on_the_account_holds_it_to_the_reset(
+        self,
+    ) -> None:
+        """Two [[keys]] entries naming one account (tpd 1000 and tpd 3): once the lower
+        one's day is spent, the other waits for the reset, as for its own limit; it was
+        told another process held it, a minute at a time, all day (--no-wait's "until"
+        moved on a minute at each run, and the run never ended)."""
+        clock = FakeClock()
+        store = _store(clock)
+        config = make_config(
+            "https://creators.test",
+            keys=[key_doc("ka", tps=5.0, tpd=1000), key_doc("kb", tps=5.0, tpd=3)],
+        )
+        shared = SharedState(cast("Any", store), "https://creators.test", "p")
+        ka, kb = (
+            shared_key_parts(
+                key,
+                config=config,
+                settings=AdaptiveSettings(),
+                clock=clock,
+                random=lambda: 0.0,
+                shared=shared,
+            )[0]
+            for key in config.keys
+        )
+        while not kb.exhausted:
+            await _send(clock, kb, 1)
+        await ka.refresh()
+        assert ka.exhausted
+        assert ka.quota_until() == ka.resets_at()
 
     async def test_a_rerun_with_a_higher_tpd_sends_at_once(self) -> None:
         """A run with tpd 3 spends its day and closes; the next run, with tpd raised to 6,

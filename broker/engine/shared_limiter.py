@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -160,6 +160,9 @@ class SharedKeyLimiter:
         give_up_after_s: how long the store may stay unreachable before a send gives up
             with :class:`~broker.errors.StateUnavailableError` (the outage budget): a key
             never sends without its shared state, and a run must not wait for it forever.
+        sibling_day_limits: the daily limits of this process's other keys on the same
+            account (two config entries naming one credential): theirs hold the key as
+            this one's own does, until the reset.
     """
 
     def __init__(
@@ -171,8 +174,14 @@ class SharedKeyLimiter:
         *,
         process_id: str,
         give_up_after_s: float = math.inf,
+        sibling_day_limits: Sequence[int | None] = (),
     ) -> None:
         self._give_up_after_s = give_up_after_s
+        # The lowest daily limit this process itself keeps the key to (None: unlimited).
+        self._own_day_limit = min(
+            (limit for limit in (limits.day_limit, *sibling_day_limits) if limit is not None),
+            default=None,
+        )
         self._unavailable_since: float | None = None
         self._clock = clock
         self._store = store
@@ -746,10 +755,11 @@ class SharedKeyLimiter:
 
     def quota_until(self) -> datetime:
         """When the daily count lets the key send again: the reset once this config's own
-        limit is spent; while only another process's lower tpd holds it, a minute from now
-        at most (it lapses a minute after that process's last ask, at once when it closes),
-        so --no-wait and the daemon do not wait for the reset on a passing lookup's limit."""
-        own = self._limits.day_limit
+        limit is spent (a lower one of another entry of this config on the same account
+        included); while only another process's lower tpd holds it, a minute from now at
+        most (it lapses a minute after that process's last ask, at once when it closes), so
+        --no-wait and the daemon do not wait for the reset on a passing lookup's limit."""
+        own = self._own_day_limit
         if own is not None and self.spent >= own:
             return self.resets_at()
         held = datetime.fromtimestamp(self._store_wall() + PROCESS_RECENT_S, UTC)
@@ -909,6 +919,11 @@ def shared_key_parts(
         key_limits(key, config, settings),
         process_id=shared.process_id,
         give_up_after_s=config.retry.outage_budget_s,
+        sibling_day_limits=[
+            key_limits(other, config, settings).day_limit
+            for other in config.keys
+            if other.credential_id == key.credential_id and other.name != key.name
+        ],
     )
     adaptive = SharedAdaptiveRate(limiter, key.tps, clock=clock, settings=settings)
     circuit = SharedCircuit(limiter, clock, random=random, settings=settings)
