@@ -543,6 +543,43 @@ class TestGlobalErrors:
         assert [r.status for r in items.result()] == [Status.OK] * 3
 
 
+class TestWhoCannotServe:
+    async def test_only_keys_tagged_for_the_marketplace_are_blamed(self) -> None:
+        """No key left for DE: the error names the key tagged for DE (its wrong tag), not
+        a US-only key rejected earlier (its wrong secret), whose mending would not help."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                if json.loads(request.body)["client_id"] == "bad-id":
+                    return _reply(401, {"error": "invalid_client"})
+                return _token("tok")
+            if request.headers.get("x-marketplace") == "www.amazon.de":
+                return _reply(
+                    400,
+                    {"type": "ValidationException", "reason": "InvalidPartnerTag", "message": "x"},
+                )
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        de = {"www.amazon.de": "wrong-21"}
+        keys = [
+            key_doc("us-bad", credential_id="bad-id"),
+            key_doc("us-good", credential_id="good-id"),
+            key_doc("de-wrong", credential_id="de-id", tags=de),
+        ]
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        async with broker:
+            us = asyncio.ensure_future(broker.get_items(asins(30)))
+            await clock.run_until(us)
+            assert all(result.ok for result in us.result())
+            german = asyncio.ensure_future(broker.get_items(asins(3), marketplace="DE"))
+            await clock.run_until(german)
+        error = german.exception()
+        assert isinstance(error, NoUsableKeyError)
+        assert [(f.key, f.code) for f in error.failures] == [("de-wrong", "InvalidPartnerTag")]
+        assert "us-bad" not in str(error)
+
+
 class TestPaapiEligibility:
     """PA-API's AssociateEligibilityException (protocol.md 3.5: per key, its status not
     documented) is the key's, whatever the status it comes with."""

@@ -885,3 +885,32 @@ class TestQuotaEta:
         """A key without a daily limit (tpd 0) does not hold the rows to a day's quota."""
         keys = [_key_today(None, 5)]
         assert runner.quota_eta({"www.amazon.com": 100_000}, keys, now=self.NOW) == 0.0
+
+
+def test_a_key_out_of_every_marketplace_is_told_once_per_marketplace() -> None:
+    """A key rejected in each of its marketplaces (wrong tags) is listed once per
+    marketplace, not also as a whole key whose reason repeats them; a key rejected as a
+    whole keeps its own entry beside any marketplace it left before."""
+    from broker.engine.metrics import MetricsSnapshot
+    from broker.jobs.runner import _keys_out
+
+    tags = (("www.amazon.co.uk", "InvalidPartnerTag"), ("www.amazon.com", "InvalidPartnerTag"))
+    wrong_tags = KeySnapshot(
+        "wrongtags", "disabled", 1, 1, 0, 1, 0, 0, 1, 8640, None,
+        "out of rotation for www.amazon.co.uk (InvalidPartnerTag), www.amazon.com "
+        "(InvalidPartnerTag)",
+        markets_out=tags,
+    )  # fmt: skip
+    rejected = KeySnapshot(
+        "bad", "disabled", 1, 1, 0, 1, 0, 0, 1, 8640, None, "invalid_client: check the secret",
+        markets_out=tags[:1],
+    )  # fmt: skip
+    snapshot = MetricsSnapshot(
+        0, {}, 0, 0, 0, {}, (0,) * 11, 0.0, 0, 0, 0, keys=(wrong_tags, rejected)
+    )
+    assert _keys_out(snapshot) == (
+        "wrongtags in www.amazon.co.uk: InvalidPartnerTag",
+        "wrongtags in www.amazon.com: InvalidPartnerTag",
+        "bad: invalid_client: check the secret",
+        "bad in www.amazon.co.uk: InvalidPartnerTag",
+    )

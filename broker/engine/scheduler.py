@@ -94,8 +94,12 @@ class KeyPool:
         return True
 
     def _no_key_error(self, marketplace: str) -> NoUsableKeyError:
+        # The keys tagged for it only: a key with no tag there could never have served it,
+        # and its failure (a wrong secret) would send the user to mend what does not help.
         failures = [
-            failure for key in self._keys if (failure := key.failure_for(marketplace)) is not None
+            failure
+            for key in self._keys
+            if key.has_tag(marketplace) and (failure := key.failure_for(marketplace)) is not None
         ]
         if not failures and not self.configured(marketplace):
             failures = [

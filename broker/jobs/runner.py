@@ -553,7 +553,10 @@ def _keys_out(metrics: MetricsSnapshot) -> tuple[str, ...]:
     """The keys out of rotation, and the marketplaces keys are out of, with why."""
     out: list[str] = []
     for key in metrics.keys:
-        if key.state == KeyHealth.DISABLED.value:
+        # Out of every marketplace it has a tag for, a key is disabled too, its reason
+        # those same marketplaces ("out of rotation for ..."): each is told once.
+        by_markets = key.markets_out and (key.reason or "").startswith("out of rotation for ")
+        if key.state == KeyHealth.DISABLED.value and not by_markets:
             out.append(f"{key.name}: {key.reason or 'out of rotation'}")
         out.extend(f"{key.name} in {market}: {code}" for market, code in key.markets_out)
     return tuple(out)
