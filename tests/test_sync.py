@@ -117,6 +117,9 @@ class TestSyncBroker:
         with pytest.raises(TypeError, match="keywords both"):
             sync_broker.search_items("kettle", keywords="kettle")
         assert sync_broker.metrics().requests == sent
+        # keywords=None is "not given", as None is for every other option (a form's
+        # missing field passed on): it raised "keywords both".
+        assert sync_broker.search_items("kettle", keywords=None, item_count=3) == named
 
     def test_timeout_bounds_a_blocking_call(self) -> None:
         """timeout= bounds a blocking call (the async API's asyncio.timeout): a lookup that

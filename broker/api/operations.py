@@ -293,7 +293,8 @@ def with_keywords(keywords: str | None, options: SearchOptions) -> SearchOptions
     """
     if keywords is None:
         return options
-    if "keywords" in options:
+    # keywords=None is "not given", as None is for every other option.
+    if options.get("keywords") is not None:
         raise TypeError("search_items() got keywords both first and as keywords=")
     return {**options, "keywords": keywords}
 
