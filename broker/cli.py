@@ -443,12 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     open_closed_descriptors()
     stdout, stderr = sys.stdout, sys.stderr
-    # What stdout's encoding cannot write (a path's undecodable bytes, a key named in
-    # Japanese under a Latin-1 locale) is escaped, as on stderr: it raised after half the
-    # output, a traceback instead of the exit code.
-    errors = getattr(stdout, "errors", None)
-    if isinstance(stdout, io.TextIOWrapper):
-        stdout.reconfigure(errors="backslashreplace")
+    # What a strict stdout cannot write (a path's undecodable bytes under a real UTF-8
+    # locale, a key named in Japanese under a Latin-1 one) is escaped, as on stderr: it
+    # raised after half the output, a traceback instead of the exit code. A C locale's
+    # surrogateescape already writes such bytes back as they were: left as it is.
+    strict = stdout if isinstance(stdout, io.TextIOWrapper) and stdout.errors == "strict" else None
+    if strict is not None:
+        strict.reconfigure(errors="backslashreplace")
     failures: list[OSError] = []
     sys.stdout = cast("TextIO", WatchedStream(stdout, failures))
     sys.stderr = cast("TextIO", ForgivingStream(stderr))
@@ -456,8 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _guarded(words, failures, process_ends=argv is None)
     finally:
         sys.stdout, sys.stderr = stdout, stderr
-        if isinstance(stdout, io.TextIOWrapper) and errors is not None:
-            stdout.reconfigure(errors=errors)
+        if strict is not None:
+            strict.reconfigure(errors="strict")
 
 
 def _guarded(words: list[str], failures: list[OSError], *, process_ends: bool) -> int:
@@ -931,6 +932,7 @@ async def _lookup(
 ) -> int:
     from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
+    from broker.engine.keys import STATE_OUTAGE_CODE
     from broker.errors import (
         ConfigError,
         NoUsableKeyError,
@@ -999,9 +1001,15 @@ async def _lookup(
         code, message = describe_failure(exc)
         # run's messages speak of rows left pending; a lookup has none, so say it plainly.
         if code == ExitCode.UNAVAILABLE and isinstance(exc, NoUsableKeyError):
-            # The failure names what failed (the API, or its token endpoint) and its error.
+            # The failure names what failed (the API, its token endpoint, or the key-state
+            # store) and its error; the lead says which was waited for.
+            waited = (
+                "with the key-state store out of reach"
+                if all(f.code == STATE_OUTAGE_CODE for f in exc.failures)
+                else "without a usable answer"
+            )
             message = (
-                f"gave up after {config.retry.outage_budget_s:g} s without a usable answer "
+                f"gave up after {config.retry.outage_budget_s:g} s {waited} "
                 f"(--outage-budget): {exc}"
             )
         elif isinstance(exc, NoUsableKeyError):

@@ -2099,6 +2099,24 @@ class TestCheckConfigOutput:
         assert "key \\u65e5\\u672c: id demo-id" in done.stdout
         assert "Traceback" not in done.stderr
 
+    def test_a_c_locale_prints_a_path_s_bytes_as_they_are(self, tmp_path: Path) -> None:
+        """Under the C locale (a container's), a config path whose bytes are not UTF-8 is
+        printed back byte for byte, as Python's surrogateescape writes it; escaping every
+        stdout made it caf\\udce9, a path that does not exist."""
+        folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+        folder.mkdir()
+        config = folder / "config.toml"
+        config.write_text(embedded_toml())
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "check-config", "--config", str(config)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "LC_ALL": "C", "ASINB_DEMO_SECRET": "demo-secret"},
+        )
+        assert done.returncode == 0, done.stderr
+        assert b"/caf\xe9/config.toml" in done.stdout
+
     def test_check_config_of_a_systemd_credential_with_the_simulator(self, tmp_path: Path) -> None:
         """A key whose secret is a systemd credential, with the embedded simulator: noted as
         not checked here, not claimed to use the simulator's own secret (the run refuses it,

@@ -949,6 +949,8 @@ class TestAgreedDailyLimit:
         await ka.refresh()
         assert ka.exhausted
         assert ka.quota_until() == ka.resets_at()
+        # Asked again at the pace of a spent day, not of a passing hold (every 2 s).
+        assert ka._quota_recheck_s() == kb._quota_recheck_s()
 
     async def test_a_rerun_with_a_higher_tpd_sends_at_once(self) -> None:
         """A run with tpd 3 spends its day and closes; the next run, with tpd raised to 6,
@@ -1120,6 +1122,8 @@ class TestGivingUp:
         err = capsys.readouterr().err
         assert "key-state store (redis) unavailable" in err
         assert re.search(r"still so after \d+ s \(the outage budget\)", err)
+        # Said to be the store's, not the API's (it read "without a usable answer").
+        assert "with the key-state store out of reach (--outage-budget)" in err
         assert "rows" not in err  # a lookup has no rows left pending
         # The documented end of an outage, not a bug: no "task crashed" event; the key is
         # taken out, as by an endpoint's outage.

@@ -18,10 +18,12 @@ from broker.jobs.signals import (
     ECHO_S,
     STOP_SIGNALS,
     UV_SIGINT_ECHO_S,
+    StoppedReading,
     StopSignals,
     caught_early,
     installed,
     sigint_echo_window,
+    stops_reading,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -325,6 +327,33 @@ class TestCaughtEarly:
             await asyncio.sleep(0.01)
         assert calls == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def test_a_signal_kept_before_a_read_stops_it_and_a_second_is_kept(self) -> None:
+        """A SIGTERM kept while starting stops the read of the job from stdin before it
+        begins; during the read, the first signal stops it and a second (an echo of one
+        Ctrl-C) is kept as before, not raised into the read's clean-up."""
+        with caught_early():
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(StoppedReading) as early, stops_reading():
+                pass
+            assert early.value.sig is signal.SIGTERM
+        cleaned: list[bool] = []
+
+        def read_interrupted() -> None:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # interrupted by the handler's raise
+            except StoppedReading:
+                os.kill(os.getpid(), signal.SIGINT)  # the echo, during the clean-up
+                cleaned.append(True)
+                raise
+
+        with caught_early():
+            with pytest.raises(StoppedReading) as during, stops_reading():
+                read_interrupted()
+            assert during.value.sig is signal.SIGINT
+            assert cleaned == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     def test_a_command_that_ends_the_process_drops_late_signals(self) -> None:
         """For a command that ends its process (the console script), a stop signal after

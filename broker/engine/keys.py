@@ -676,8 +676,9 @@ class KeyState:
         Only an outage (of the endpoint, or of the shared key-state store): the network,
         the API or Redis may be back by now, where a rejected credential stays rejected. The
         revived key's outage budget stays spent, so a call that finds the endpoint (or the
-        store) still down fails after one attempt rather than waiting out a whole new
-        budget; an answer ends the outage as usual.
+        store: its limiter keeps its own outage's start until it answers) still down fails
+        after one attempt rather than waiting out a whole new budget; an answer ends the
+        outage as usual. A key the store's outage took out has spent no endpoint budget.
         """
         failure = self._disabled
         if failure is None or failure.code not in OUTAGE_CODES:
@@ -686,7 +687,7 @@ class KeyState:
         if waited_s < OUTAGE_RETRY_S:
             return False
         self._disabled = None
-        self._outage_probe = True
+        self._outage_probe = failure.code == OUTAGE_CODE
         self._paused_reason = None
         logger.info("broker.key_revived", key=self.name, out_s=round(waited_s, 3))
         return True

@@ -579,8 +579,13 @@ class SharedKeyLimiter:
     def _quota_recheck_s(self) -> float:
         """How long a key whose day is spent waits before asking the store again: briefly
         while only another process's lower tpd holds it (it goes when that one closes)."""
-        own = self._limits.day_limit
-        return _RECHECK_S if own is not None and self.spent >= own else _HELD_RECHECK_S
+        return _RECHECK_S if self._own_day_spent() else _HELD_RECHECK_S
+
+    def _own_day_spent(self) -> bool:
+        """True when this process's own daily limit for the key (its lowest entry's) is
+        spent: the key waits for the reset, not for another process to close."""
+        own = self._own_day_limit
+        return own is not None and self.spent >= own
 
     def _paused_past_horizon(self, decision: Decision) -> bool:
         """True when a pause, not the other processes' bookings, keeps the slot past the
@@ -759,8 +764,7 @@ class SharedKeyLimiter:
         included); while only another process's lower tpd holds it, a minute from now at
         most (it lapses a minute after that process's last ask, at once when it closes), so
         --no-wait and the daemon do not wait for the reset on a passing lookup's limit."""
-        own = self._own_day_limit
-        if own is not None and self.spent >= own:
+        if self._own_day_spent():
             return self.resets_at()
         held = datetime.fromtimestamp(self._store_wall() + PROCESS_RECENT_S, UTC)
         return min(self.resets_at(), held)

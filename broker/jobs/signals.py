@@ -210,10 +210,6 @@ class StoppedReading(Exception):
         super().__init__(f"stopped by {sig.name}")
 
 
-def _stop_reading(signum: int, _frame: object) -> None:
-    raise StoppedReading(signal.Signals(signum))
-
-
 @contextlib.contextmanager
 def stops_reading() -> Iterator[None]:
     """While the block runs (on the main thread), a stop signal raises
@@ -228,9 +224,17 @@ def stops_reading() -> Iterator[None]:
     if _early:
         raise StoppedReading(_early[0])
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def stop(signum: int, _frame: object) -> None:
+        # The handlers before go back first: a second copy of one Ctrl-C (the terminal's
+        # and uv's) is kept as they keep it, not raised into the read's clean-up.
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise StoppedReading(signal.Signals(signum))
+
     for sig in STOP_SIGNALS:
         if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(sig, _stop_reading)
+            signal.signal(sig, stop)
     try:
         yield
     finally:
