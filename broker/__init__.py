@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
@@ -14,12 +15,15 @@ from broker.errors import (
     NoUsableKeyError,
     WrongEventLoopError,
 )
-from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Status
+from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Secret, Status
 from broker.product import Product
 
 if TYPE_CHECKING:
+    from broker.api.operations import BrowseNodesResult, SearchResult, VariationsResult
+    from broker.cache.policy import CacheStats
     from broker.client import Broker
     from broker.config import config_from_dict
+    from broker.engine.metrics import KeySnapshot, MetricsSnapshot
     from broker.sync import SyncBroker
 
 try:
@@ -32,39 +36,53 @@ __all__ = [
     "Broker",
     "BrokerClosedError",
     "BrokerError",
+    "BrowseNodesResult",
+    "CacheStats",
     "ConfigError",
     "ErrorDetail",
     "ItemResult",
     "ItemSummary",
     "JobFileError",
+    "KeySnapshot",
+    "MetricsSnapshot",
     "NoUsableKeyError",
     "Product",
     "Protocol",
     "Query",
+    "SearchResult",
+    "Secret",
     "Status",
     "SyncBroker",
+    "VariationsResult",
     "WrongEventLoopError",
     "__version__",
     "config_from_dict",
 ]
 
+#: Names imported when first asked for (module, name): Broker pulls in aiohttp and the
+#: engine, so ``import broker`` stays light for code that needs only the models and errors.
+#: The types the public methods return or take are here too, so users annotate with them.
+_LAZY = {
+    "Broker": "broker.client",
+    "SyncBroker": "broker.sync",
+    "config_from_dict": "broker.config",
+    "MetricsSnapshot": "broker.engine.metrics",
+    "KeySnapshot": "broker.engine.metrics",
+    "CacheStats": "broker.cache.policy",
+    "SearchResult": "broker.api.operations",
+    "VariationsResult": "broker.api.operations",
+    "BrowseNodesResult": "broker.api.operations",
+}
 
-def __getattr__(name: str) -> object:
-    # Broker pulls in aiohttp and the engine; importing it lazily keeps ``import broker``
-    # light for code that needs only the models and errors.
-    if name == "Broker":
-        from broker.client import Broker
+if not TYPE_CHECKING:
+    # Hidden from type checkers: seen, it made every misspelt name of the module an object
+    # (``from broker import SyncBrokr`` passed mypy and failed at run time).
 
-        return Broker
-    if name == "SyncBroker":
-        from broker.sync import SyncBroker
-
-        return SyncBroker
-    if name == "config_from_dict":
-        from broker.config import config_from_dict
-
-        return config_from_dict
-    raise AttributeError(f"module 'broker' has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'broker' has no attribute {name!r}")
+        return getattr(importlib.import_module(module), name)
 
 
 def __dir__() -> list[str]:

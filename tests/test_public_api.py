@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,26 @@ def test_a_path_or_a_dict_given_for_a_config_is_a_clear_type_error(
     cls = getattr(broker, owner)
     with pytest.raises(TypeError, match=rf"{owner}\.from_config.*{owner}\.from_dict"):
         cls(given)
+
+
+def test_a_misspelt_name_fails_the_type_check(tmp_path: Path) -> None:
+    """``from broker import SyncBrokr`` is an error to mypy, as for any typed package;
+    the module's lazy-import hook, seen by type checkers, made every unknown name an object
+    (it passed, then failed at run time). The types the methods return import from broker."""
+    program = tmp_path / "user.py"
+    program.write_text(
+        "from broker import MetricsSnapshot, SearchResult, SyncBrokr\n"
+        "from broker.cache import MemoryCach\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(program)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 2, done.stdout
+    assert '"SyncBrokr"' in errors[0]
+    assert '"MemoryCach"' in errors[1]

@@ -81,10 +81,13 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'broker.cache' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"broker.cache.{module}"), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:
+    # Hidden from type checkers: seen, it made every misspelt name of the module an object.
+
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'broker.cache' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"broker.cache.{module}"), name)
+        globals()[name] = value
+        return value
