@@ -38,7 +38,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from broker.api.resources import resolve_resources
 from broker.client import Broker
@@ -163,7 +163,7 @@ class SyncBroker:
         *,
         environ: Mapping[str, str] | None = None,
         **kwargs: Any,
-    ) -> SyncBroker:
+    ) -> Self:
         """Start a broker from a config file (secrets from ``environ``, default os.environ)."""
         return cls(load_config(path, environ=environ), **kwargs)
 
@@ -175,7 +175,7 @@ class SyncBroker:
         secrets: Mapping[str, str | Secret] | None = None,
         environ: Mapping[str, str] | None = None,
         **kwargs: Any,
-    ) -> SyncBroker:
+    ) -> Self:
         """Start a broker from a configuration in code (see :func:`.config_from_dict`)."""
         return cls(config_from_dict(document, secrets=secrets, environ=environ), **kwargs)
 
@@ -424,7 +424,7 @@ class SyncBroker:
         # The finalizer may have run without close(): at interpreter exit.
         return self._closed or (self._finalizer is not None and not self._finalizer.alive)
 
-    def __enter__(self) -> SyncBroker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

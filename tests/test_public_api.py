@@ -214,11 +214,23 @@ def test_a_path_or_a_dict_given_for_a_config_is_a_clear_type_error(
 def test_a_misspelt_name_fails_the_type_check(tmp_path: Path) -> None:
     """``from broker import SyncBrokr`` is an error to mypy, as for any typed package;
     the module's lazy-import hook, seen by type checkers, made every unknown name an object
-    (it passed, then failed at run time). The types the methods return import from broker."""
+    (it passed, then failed at run time). The types the methods return import from broker,
+    and an option may be None, as it may at run time (item_page: int | None was refused)."""
     program = tmp_path / "user.py"
     program.write_text(
         "from broker import MetricsSnapshot, SearchResult, SyncBrokr\n"
         "from broker.cache import MemoryCach\n"
+        "from broker import Broker\n"
+        "async def search(b: Broker, q: str, page: int | None) -> SearchResult:\n"
+        "    # None is 'not given' for every option: a wrapper passes its own on.\n"
+        "    return await b.search_items(q, item_page=page, search_index=None)\n"
+        "from broker import SyncBroker\n"
+        "class AppBroker(SyncBroker):\n"
+        "    def titles(self) -> list[str]:\n"
+        "        return []\n"
+        "def use() -> list[str]:\n"
+        "    with AppBroker.from_config('config.toml') as app:\n"
+        "        return app.titles()  # a subclass keeps its type (it was SyncBroker)\n"
     )
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(program)],

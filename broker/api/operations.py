@@ -93,51 +93,52 @@ class Merchant(enum.StrEnum):
 
 
 class _Common(TypedDict, total=False):
-    resources: Sequence[str]
-    condition: Condition | str
-    currency_of_preference: str
-    languages_of_preference: Sequence[str]
-    merchant: Merchant | str
+    resources: Sequence[str] | None
+    condition: Condition | str | None
+    currency_of_preference: str | None
+    languages_of_preference: Sequence[str] | None
+    merchant: Merchant | str | None
 
 
 class SearchOptions(_Common, total=False):
     """SearchItems options (all optional; give at least one search term or the index).
 
     ``min_price``/``max_price`` are in the currency's smallest unit (3241 is $32.41), as
-    Amazon takes them. ``item_count`` is 1..10 on PA-API, 1..100 on the Creators API.
+    Amazon takes them. ``item_count`` is 1..10 on PA-API, 1..100 on the Creators API. None,
+    for any option of any operation, is "not given" (a wrapper passes its own on).
     """
 
-    keywords: str
-    actor: str
-    artist: str
-    author: str
-    brand: str
-    title: str
-    browse_node_id: str | int
-    search_index: str
-    item_count: int
-    item_page: int
-    sort_by: SortBy | str
-    min_price: int
-    max_price: int
-    min_reviews_rating: int
-    min_saving_percent: int
-    availability: Availability | str
-    delivery_flags: Sequence[DeliveryFlag | str]
+    keywords: str | None
+    actor: str | None
+    artist: str | None
+    author: str | None
+    brand: str | None
+    title: str | None
+    browse_node_id: str | int | None
+    search_index: str | None
+    item_count: int | None
+    item_page: int | None
+    sort_by: SortBy | str | None
+    min_price: int | None
+    max_price: int | None
+    min_reviews_rating: int | None
+    min_saving_percent: int | None
+    availability: Availability | str | None
+    delivery_flags: Sequence[DeliveryFlag | str] | None
 
 
 class VariationsOptions(_Common, total=False):
     """GetVariations options: page through the variations 1..10 at a time."""
 
-    variation_count: int
-    variation_page: int
+    variation_count: int | None
+    variation_page: int | None
 
 
 class BrowseNodesOptions(TypedDict, total=False):
     """GetBrowseNodes options."""
 
-    resources: Sequence[str]
-    languages_of_preference: Sequence[str]
+    resources: Sequence[str] | None
+    languages_of_preference: Sequence[str] | None
 
 
 #: snake_case option -> camelCase wire parameter, where not the obvious conversion.
