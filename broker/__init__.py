@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ from broker.errors import (
     NoUsableKeyError,
     WrongEventLoopError,
 )
+from broker.lazyimport import lazy_names as _lazy_names
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Secret, Status
 from broker.product import Product
 
@@ -74,15 +74,8 @@ _LAZY = {
     "BrowseNodesResult": "broker.api.operations",
 }
 
-if not TYPE_CHECKING:
-    # Hidden from type checkers: seen, it made every misspelt name of the module an object
-    # (``from broker import SyncBrokr`` passed mypy and failed at run time).
-
-    def __getattr__(name: str) -> object:
-        module = _LAZY.get(name)
-        if module is None:
-            raise AttributeError(f"module 'broker' has no attribute {name!r}")
-        return getattr(importlib.import_module(module), name)
+if not TYPE_CHECKING:  # run time only (see broker.lazyimport)
+    __getattr__ = _lazy_names("broker", _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -2081,20 +2081,25 @@ def test_run_help_names_every_job_file_extension_read() -> None:
         assert extension in cli._JOB_NAMES
 
 
+def _check_config(config: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``broker check-config --config CONFIG`` in a process of its own, with ``env`` added."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **env},
+    )
+
+
 class TestCheckConfigOutput:
     def test_check_config_in_a_locale_that_cannot_write_a_key_name(self, tmp_path: Path) -> None:
         """check-config of a key named in Japanese, stdout ASCII (a Latin-1 or C locale):
         the name escaped and exit 0; it printed two lines, then a UnicodeEncodeError."""
         config = tmp_path / "config.toml"
         config.write_text(embedded_toml().replace('name = "demo"', 'name = "\u65e5\u672c"'))
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "check-config", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONIOENCODING": "ascii", "ASINB_DEMO_SECRET": "demo-secret"},
-            timeout=60,
-            check=False,
-        )
+        done = _check_config(config, PYTHONIOENCODING="ascii", ASINB_DEMO_SECRET="demo-secret")
         assert done.returncode == 0, done.stderr
         assert "key \\u65e5\\u672c: id demo-id" in done.stdout
         assert "Traceback" not in done.stderr
@@ -2128,13 +2133,7 @@ class TestCheckConfigOutput:
                 'version = "3.1"', f'version = "3.1"\ncredential_secret_file = "{credential}"'
             )
         )
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "check-config", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = _check_config(config)
         assert done.returncode == 0, done.stderr
         assert "not checked here" in done.stderr
         assert "simulator's own account" not in done.stdout
@@ -2152,14 +2151,7 @@ class TestCheckConfigOutput:
             .replace("tpd = 0", "tpd = 20")
         )
         config.write_text(text.replace("[log]", second + "[log]"))
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "check-config", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env={**os.environ, "ASINB_DEMO_SECRET": "demo-secret"},
-        )
+        done = _check_config(config, ASINB_DEMO_SECRET="demo-secret")
         assert done.returncode == 0, done.stderr
         assert "keys demo, demo2 name one credential (demo-id)" in done.stderr
         assert "(5 TPS, 20 TPD)" in done.stderr

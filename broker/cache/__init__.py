@@ -11,7 +11,6 @@ touches the cache does not pay for sqlite3, threads and structlog here.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from broker.cache.policy import (
@@ -23,6 +22,7 @@ from broker.cache.policy import (
     has_offer_resources,
     normalise_resources,
 )
+from broker.lazyimport import lazy_names as _lazy_names
 
 if TYPE_CHECKING:
     from broker.cache.base import ItemCache, StoreCache, key_of
@@ -81,13 +81,7 @@ _LAZY = {
 }
 
 
-if not TYPE_CHECKING:
-    # Hidden from type checkers: seen, it made every misspelt name of the module an object.
-
-    def __getattr__(name: str) -> object:
-        module = _LAZY.get(name)
-        if module is None:
-            raise AttributeError(f"module 'broker.cache' has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"broker.cache.{module}"), name)
-        globals()[name] = value
-        return value
+if not TYPE_CHECKING:  # run time only (see broker.lazyimport)
+    __getattr__ = _lazy_names(
+        "broker.cache", {name: f"broker.cache.{home}" for name, home in _LAZY.items()}, globals()
+    )

@@ -1,0 +1,33 @@
+"""Names a package imports only when first asked for (PEP 562's module ``__getattr__``).
+
+``import broker`` and ``import broker.cache`` stay light (no aiohttp, engine, sqlite3 or
+threads) for code that needs only the models, the errors or the cache policy, while the
+heavier names still import from the package. The hook is for run time only: a package
+defines it under ``if not TYPE_CHECKING``, and declares the names for type checkers with
+imports under ``if TYPE_CHECKING`` (a hook they saw made every misspelt name an object).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, MutableMapping
+
+__all__ = ["lazy_names"]
+
+
+def lazy_names(
+    package: str, homes: Mapping[str, str], namespace: MutableMapping[str, object]
+) -> Callable[[str], object]:
+    """The ``__getattr__`` of ``package``: each name of ``homes`` imported from its module
+    (``homes[name]``) when first asked for, then kept in ``namespace`` (the package's
+    globals), so later lookups never call the hook."""
+
+    def attribute(name: str) -> object:
+        module = homes.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value
+        return value
+
+    return attribute
