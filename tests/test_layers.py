@@ -1,9 +1,8 @@
 """The import layers, read from the source: who may import whom.
 
 Bottom: models, errors, clock, asin, listener, redisfaults, termwidth, lazyimport (and logs,
-testing). ``api/``
-holds Amazon's wire formats; ``state/`` and ``cache/`` the stores; ``engine/`` the
-pipeline; ``client``, ``jobs/``, ``bench`` and ``cli`` compose them on top.
+testing). ``api/`` holds Amazon's wire formats; ``state/`` and ``cache/`` the stores;
+``engine/`` the pipeline; ``client``, ``jobs/``, ``bench`` and ``cli`` compose them on top.
 ``simulator/`` stands beside the client: it may use the bottom layer and the pure wire
 functions of ``api/`` (SigV4, marketplaces), never the engine or the broker's config, so it
 judges the client independently.
