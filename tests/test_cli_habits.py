@@ -1255,6 +1255,23 @@ class TestReruns:
         lines = [row["line"] for row in _jsonl(out.read_text())]
         assert lines == list(range(1, 41))
 
+    def test_an_ordered_output_deleted_is_ordered_again(self, tmp_path: Path) -> None:
+        """An ordered output deleted (or cut to nothing) is written again from the ledger
+        in the order the rows were done, and --ordered orders it again; the rewrite ended
+        at the very state the export had left (the same rows, the same bytes), so it read
+        as still ordered and stayed in completion order for good."""
+        # Invalid rows are done as they are read, before any answer: done order is not
+        # input order.
+        rows = [f"B0TEST{i:04d}" if i % 5 else f"not-an-asin-{i}" for i in range(1, 41)]
+        (tmp_path / "job.txt").write_text("".join(f"{row}\n" for row in rows))
+        out = tmp_path / "out.jsonl"
+        assert self._run(tmp_path, "--ordered") == ExitCode.OK
+        ordered = out.read_text()
+        assert [row["line"] for row in _jsonl(ordered)] == list(range(1, 41))
+        out.unlink()
+        assert self._run(tmp_path, "--ordered") == ExitCode.OK
+        assert out.read_text() == ordered
+
 
 def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

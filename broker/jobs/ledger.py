@@ -846,8 +846,20 @@ class Ledger:
 
     def set_sink_state(self, name: str, state: SinkState, *, ordered: bool = False) -> None:
         """Record how far the output ``name`` is known good (after the sink has flushed);
-        ``ordered``: its rows are in input order (a ``--ordered`` export wrote it)."""
+        ``ordered``: its rows are in input order (a ``--ordered`` export wrote it).
+
+        A state below the recorded one (the output cut or deleted, or started over in
+        another format) forgets that the output was ordered: its rows are written again in
+        the order they were done, and may well end at the very state the export left (the
+        same rows, the same bytes), which read as still ordered, so --ordered never ordered
+        it again.
+        """
         with self._lock, self._transaction():
+            recorded = self.sink_state(name)
+            if not ordered and (
+                state.offset < recorded.offset or state.done_order < recorded.done_order
+            ):
+                self._conn.execute("DELETE FROM meta WHERE key = ?", (_ORDERED + name,))
             self._conn.execute(
                 "INSERT INTO sinks (name, offset, done_order) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET offset = excluded.offset, "
