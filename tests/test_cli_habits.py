@@ -1255,6 +1255,20 @@ class TestReruns:
         lines = [row["line"] for row in _jsonl(out.read_text())]
         assert lines == list(range(1, 41))
 
+    def test_a_format_changed_on_the_job_s_own_output_rewrites_it(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The same --out in another --format (JSON lines, then SQLite, then CSV): the job's
+        own output is written again in the new format and the change is said; SQLite
+        refused it ("not a SQLite database ... choose another output path", exit 65)."""
+        _job(tmp_path, 20)
+        out = tmp_path / "f.db"
+        for fmt in ("jsonl", "sqlite", "csv"):
+            assert self._run(tmp_path, "--out", str(out), "--format", fmt) == ExitCode.OK
+        assert out.read_bytes().startswith(b"line,")
+        assert len(out.read_text().splitlines()) == 21
+        assert capsys.readouterr().err.count("broker.output_format_changed") == 2
+
     def test_an_ordered_output_deleted_is_ordered_again(self, tmp_path: Path) -> None:
         """An ordered output deleted (or cut to nothing) is written again from the ledger
         in the order the rows were done, and --ordered orders it again; the rewrite ended

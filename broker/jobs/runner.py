@@ -497,7 +497,19 @@ async def _output(
 ) -> tuple[str, ...] | None:
     """Write the rows done so far to output ``name``, then fetch the pending ones, writing
     each as it ends; return a CSV output's pass-through names (None for other formats)."""
-    _forget_other_formats(ledger, name)
+    earlier = _forget_other_formats(ledger, name)
+    if earlier and options.out.exists():
+        # The job's own output in another format (its ledger says so): replaced, in every
+        # format alike and said so; a SQLite sink refused it as "not a SQLite database,
+        # choose another output path", while JSON lines and CSV overwrote it silently.
+        logger.warning(
+            "broker.output_format_changed",
+            path=str(options.out),
+            before=earlier[0],
+            now=options.format,
+            note="the output is written again in full in the new format",
+        )
+        options.out.unlink()
     state = ledger.sink_state(name)
     # A CSV output started afresh names every row's pass-through columns in its header,
     # whichever row comes first (a resumed one reads them back from its header). Read
@@ -744,11 +756,15 @@ def _sink_name(format: str) -> str:
     return f"out.{format}"
 
 
-def _forget_other_formats(ledger: Ledger, name: str) -> None:
-    """Reset the recorded progress of the output's other formats: this one overwrites it."""
+def _forget_other_formats(ledger: Ledger, name: str) -> list[str]:
+    """Reset the recorded progress of the output's other formats, this one overwriting it;
+    return the formats that had some (the output file is the job's own, in one of them)."""
+    had = []
     for other in map(_sink_name, SINK_FORMATS):
         if other != name and ledger.sink_state(other) != SinkState():
             ledger.set_sink_state(other, SinkState())
+            had.append(other.removeprefix("out."))
+    return had
 
 
 @dataclass(frozen=True, slots=True)
