@@ -71,6 +71,16 @@ async def _use_main_key(db: Path) -> None:
     await store.aclose()
 
 
+def _redis_config(tmp_path: Path, url: str) -> Path:
+    """The two keys' config with its key state in the Redis at ``url``."""
+    text = _CONFIG.format(db=tmp_path / "x.sqlite3").replace(
+        f'path = "{tmp_path / "x.sqlite3"}"', f'backend = "redis"\nredis_url = "{url}"'
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
 class TestStatus:
     """The status verb reads, and never writes, the shared state."""
 
@@ -232,12 +242,7 @@ class TestStatus:
 
         for name, value in ENV.items():
             monkeypatch.setenv(name, value)
-        text = _CONFIG.format(db=tmp_path / "x.sqlite3").replace(
-            f'path = "{tmp_path / "x.sqlite3"}"',
-            f'backend = "redis"\nredis_url = "redis://127.0.0.1:{free_port()}/0"',
-        )
-        path = tmp_path / "config.toml"
-        path.write_text(text)
+        path = _redis_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
         assert cli.main(["status", "--config", str(path)]) == 69
         assert "key-state store (redis) unavailable" in capsys.readouterr().err
         # With --json, stdout still holds a document a script can read.
@@ -280,12 +285,7 @@ class TestWithoutSecrets:
         server = RedisServer(password="right-one")
         server.start()
         try:
-            text = _CONFIG.format(db=tmp_path / "x.sqlite3").replace(
-                f'path = "{tmp_path / "x.sqlite3"}"',
-                f'backend = "redis"\nredis_url = "{server.url}"',
-            )
-            path = tmp_path / "config.toml"
-            path.write_text(text)
+            path = _redis_config(tmp_path, server.url)
             assert cli.main(["status", "--config", str(path), "--json"]) == 78
         finally:
             server.__exit__(None, None, None)
@@ -306,12 +306,7 @@ class TestWithoutSecrets:
         for name, value in ENV.items():
             monkeypatch.setenv(name, value)
         with RedisServer() as server:
-            text = _CONFIG.format(db=tmp_path / "x.sqlite3").replace(
-                f'path = "{tmp_path / "x.sqlite3"}"',
-                f'backend = "redis"\nredis_url = "{server.url}"',
-            )
-            path = tmp_path / "config.toml"
-            path.write_text(text)
+            path = _redis_config(tmp_path, server.url)
             assert cli.main(["status", "--config", str(path)]) == 0
         err = capsys.readouterr().err
         assert "no broker has used it there yet, or the store lost it" in err
