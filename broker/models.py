@@ -11,7 +11,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from broker.product import Product
@@ -157,8 +157,10 @@ class ItemResult:
     query: Query | None = field(default=None, compare=False)
     cached: bool = False
     # The typed item, built on first access to ``product``: results nobody reads it from
-    # (bulk jobs) pay only this empty slot.
-    _product: Product | None = field(default=None, init=False, repr=False, compare=False)
+    # (bulk jobs) pay only this empty slot. Annotated ``object``, not ``Product``: a field
+    # naming a class this module cannot import at run time (product imports models) made
+    # typing.get_type_hints fail on ItemResult, and with it pydantic and FastAPI.
+    _product: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -177,13 +179,15 @@ class ItemResult:
         Read from ``item`` on first access (the spelling, camelCase or PascalCase, tells
         which API sent it) and kept, so later reads are free.
         """
-        product = self._product
-        if product is None and self.item is not None:
-            from broker.product import read_product
+        if self._product is not None:
+            return cast("Product", self._product)
+        if self.item is None:
+            return None
+        from broker.product import read_product
 
-            product = read_product(self.item)
-            # A frozen dataclass: the cache slot is set behind its back, once.
-            object.__setattr__(self, "_product", product)
+        product = read_product(self.item)
+        # A frozen dataclass: the cache slot is set behind its back, once.
+        object.__setattr__(self, "_product", product)
         return product
 
     def to_json(self) -> dict[str, object]:

@@ -244,3 +244,14 @@ def test_a_misspelt_name_fails_the_type_check(tmp_path: Path) -> None:
     assert len(errors) == 2, done.stdout
     assert '"SyncBrokr"' in errors[0]
     assert '"MemoryCach"' in errors[1]
+
+
+def test_a_result_s_fields_can_be_introspected() -> None:
+    """typing.get_type_hints reads ItemResult's fields, as pydantic and FastAPI do to
+    serialise a result; its typed-item slot named a class models.py cannot import at run
+    time, and it failed (NameError: Product)."""
+    import typing
+
+    hints = typing.get_type_hints(broker.ItemResult)
+    assert hints["status"] is broker.Status
+    assert hints["query"] == broker.Query | None
