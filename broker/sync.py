@@ -58,6 +58,7 @@ if TYPE_CHECKING:
         VariationsResult,
     )
     from broker.cache import CacheStats
+    from broker.engine.broker import BrokerOptions
     from broker.engine.metrics import MetricsSnapshot
     from broker.models import Query, Secret
 
@@ -85,7 +86,7 @@ class SyncBroker:
         ConfigError, NoUsableKeyError, OSError: the broker could not start.
     """
 
-    def __init__(self, config: BrokerConfig, **kwargs: Any) -> None:
+    def __init__(self, config: BrokerConfig, **kwargs: Unpack[BrokerOptions]) -> None:
         config = require_config(config, type(self).__name__)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -162,7 +163,7 @@ class SyncBroker:
         path: str | os.PathLike[str] = "config.toml",
         *,
         environ: Mapping[str, str] | None = None,
-        **kwargs: Any,
+        **kwargs: Unpack[BrokerOptions],
     ) -> Self:
         """Start a broker from a config file (secrets from ``environ``, default os.environ)."""
         return cls(load_config(path, environ=environ), **kwargs)
@@ -174,7 +175,7 @@ class SyncBroker:
         *,
         secrets: Mapping[str, str | Secret] | None = None,
         environ: Mapping[str, str] | None = None,
-        **kwargs: Any,
+        **kwargs: Unpack[BrokerOptions],
     ) -> Self:
         """Start a broker from a configuration in code (see :func:`.config_from_dict`)."""
         return cls(config_from_dict(document, secrets=secrets, environ=environ), **kwargs)

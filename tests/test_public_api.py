@@ -215,7 +215,8 @@ def test_a_misspelt_name_fails_the_type_check(tmp_path: Path) -> None:
     """``from broker import SyncBrokr`` is an error to mypy, as for any typed package;
     the module's lazy-import hook, seen by type checkers, made every unknown name an object
     (it passed, then failed at run time). The types the methods return import from broker,
-    and an option may be None, as it may at run time (item_page: int | None was refused)."""
+    an option may be None, as it may at run time (item_page: int | None was refused), and
+    from_config's keywords are checked."""
     program = tmp_path / "user.py"
     program.write_text(
         "from broker import MetricsSnapshot, SearchResult, SyncBrokr\n"
@@ -231,6 +232,9 @@ def test_a_misspelt_name_fails_the_type_check(tmp_path: Path) -> None:
         "def use() -> list[str]:\n"
         "    with AppBroker.from_config('config.toml') as app:\n"
         "        return app.titles()  # a subclass keeps its type (it was SyncBroker)\n"
+        "def misspelt() -> None:\n"
+        "    Broker.from_config('config.toml', cache_refesh=True)\n"
+        "    SyncBroker.from_dict({}, cache_refresh=True)\n"
     )
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(program)],
@@ -241,9 +245,11 @@ def test_a_misspelt_name_fails_the_type_check(tmp_path: Path) -> None:
     )
     assert done.returncode == 1, done.stdout
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
-    assert len(errors) == 2, done.stdout
+    assert len(errors) == 3, done.stdout
     assert '"SyncBrokr"' in errors[0]
     assert '"MemoryCach"' in errors[1]
+    # A misspelt keyword of from_config is the checker's error too (**kwargs were Any).
+    assert '"cache_refesh"' in errors[2]
 
 
 def test_a_result_s_fields_can_be_introspected() -> None:

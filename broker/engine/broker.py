@@ -29,7 +29,7 @@ from collections.abc import (
 )
 from dataclasses import replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypedDict
 
 from broker.api.base import Dialect, Operation
 from broker.api.creators import CreatorsDialect
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from broker.cache.policy import CacheStats
     from broker.engine.quota import BudgetStore
 
-__all__ = ["Broker", "Query"]
+__all__ = ["Broker", "BrokerOptions", "Query"]
 
 logger = get_logger("broker")
 
@@ -85,6 +85,20 @@ _CACHE_CHUNK = 100
 
 #: How long closing waits for the streams' cancelled producers to end.
 _PRODUCER_EXIT_S = 1.0
+
+
+class BrokerOptions(TypedDict, total=False):
+    """The keywords :class:`Broker` takes beside its config, for ``from_config`` and
+    ``from_dict`` (typed, so a misspelt one is a type checker's error, not only a run's)."""
+
+    clock: Clock | None
+    transport: Transport | None
+    rng: random.Random | None
+    budget_store: BudgetStore | None
+    state_store: KeyStateStore | None
+    cache_default_max_age_s: float
+    cache_max_age_s: float | None
+    cache_refresh: bool
 
 
 class Broker:
@@ -196,7 +210,7 @@ class Broker:
         path: str | os.PathLike[str] = "config.toml",
         *,
         environ: Mapping[str, str] | None = None,
-        **kwargs: Any,
+        **kwargs: Unpack[BrokerOptions],
     ) -> Self:
         """Build a broker from a config file (secrets from ``environ``, default os.environ)."""
         return cls(load_config(path, environ=environ), **kwargs)
@@ -208,7 +222,7 @@ class Broker:
         *,
         secrets: Mapping[str, str | Secret] | None = None,
         environ: Mapping[str, str] | None = None,
-        **kwargs: Any,
+        **kwargs: Unpack[BrokerOptions],
     ) -> Self:
         """Build a broker from a configuration in code (see :func:`broker.config_from_dict`).
 
