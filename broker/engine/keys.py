@@ -19,7 +19,7 @@ import asyncio
 import enum
 import math
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,7 @@ __all__ = [
     "CredentialsVerdict",
     "KeyHealth",
     "KeyState",
+    "markets_out_reason",
 ]
 
 logger = get_logger("broker")
@@ -123,6 +124,14 @@ class KeyHealth(enum.Enum):
     PARKED = "parked"
     #: a key-level error took it out of rotation until the config is fixed
     DISABLED = "disabled"
+
+
+def markets_out_reason(markets_out: Sequence[tuple[str, str]]) -> str:
+    """A key's reason for the marketplaces it is out of, short, from its (marketplace, code)
+    pairs (the live progress line shows it; each remedy is in its ``broker.key_disabled``
+    event). A key out of all of them is disabled with this as its reason, which tells it
+    from a key rejected as a whole."""
+    return "out of rotation for " + ", ".join(f"{market} ({code})" for market, code in markets_out)
 
 
 class KeyState:
@@ -775,10 +784,8 @@ class KeyState:
         )
 
     def _markets_out(self) -> str:
-        """The marketplaces out of rotation, short (the live progress line shows it; each
-        remedy is in its ``broker.key_disabled`` event)."""
-        return "out of rotation for " + ", ".join(
-            f"{market} ({failure.code})" for market, failure in self._disabled_markets.items()
+        return markets_out_reason(
+            [(market, failure.code) for market, failure in self._disabled_markets.items()]
         )
 
     def __repr__(self) -> str:

@@ -36,7 +36,7 @@ from broker.api.resources import resolve_resources
 from broker.cache import RUN_MAX_AGE_S, cache_policy
 from broker.client import Broker
 from broker.engine.adaptive import ThrottleVerdict
-from broker.engine.keys import OUTAGE_CODES, KeyHealth
+from broker.engine.keys import OUTAGE_CODES, KeyHealth, markets_out_reason
 from broker.engine.metrics import QUOTA_WAIT, KeySnapshot, MetricsSnapshot
 from broker.errors import (
     BrokerError,
@@ -566,8 +566,8 @@ def _keys_out(metrics: MetricsSnapshot) -> tuple[str, ...]:
     out: list[str] = []
     for key in metrics.keys:
         # Out of every marketplace it has a tag for, a key is disabled too, its reason
-        # those same marketplaces ("out of rotation for ..."): each is told once.
-        by_markets = key.markets_out and (key.reason or "").startswith("out of rotation for ")
+        # those same marketplaces: each is told once.
+        by_markets = bool(key.markets_out) and key.reason == markets_out_reason(key.markets_out)
         if key.state == KeyHealth.DISABLED.value and not by_markets:
             out.append(f"{key.name}: {key.reason or 'out of rotation'}")
         out.extend(f"{key.name} in {market}: {code}" for market, code in key.markets_out)
