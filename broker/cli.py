@@ -1265,6 +1265,8 @@ def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = Fa
 
 
 async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> int:
+    import dataclasses
+
     from broker.jobs.paths import RunPaths
     from broker.jobs.runner import JobOptions, describe_failure, run_job
     from broker.jobs.signals import StoppedReading, stops_reading
@@ -1294,6 +1296,8 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
                 )
             with stops_reading():
                 paths.read_stdin(new_job=args.new_job, refresh=args.refresh)
+            # A refresh of other input reads its own copy (the job's is kept until it completes).
+            options = dataclasses.replace(options, job=paths.job)
         summary = await run_job(config, options)
     except StoppedReading as stop:
         message = f"stopped by {stop.sig.name} while reading the job from stdin: nothing was sent"

@@ -924,6 +924,38 @@ class TestRunPaths:
             "B0THIRD003",
         ]
 
+    @pytest.mark.parametrize("then", ["day1", "day2"])
+    def test_stopped_refresh_of_other_stdin_keeps_the_jobs_saved_input(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+    ) -> None:
+        """``--refresh`` with a new list on stdin, stopped before it completes, leaves the
+        previous output with the input it was made from: the old list still reruns its job
+        and the next ``--refresh`` (of either list) completes with that list's rows. The new
+        list replaced the saved copy at once, so the old list was refused (65)."""
+        from broker.jobs import runner
+
+        out = tmp_path / "o" / "a.jsonl"
+        copy = out.with_name("a.jsonl.stdin.txt")
+        inputs = {"day1": b"B0FIRST001\n", "day2": b"B0FIRST001\nB0SECOND02\n"}
+        assert _stdin_run(tmp_path, monkeypatch, inputs["day1"], "--out", str(out)) == 0
+
+        async def stopped(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(runner, "_fetch", stopped)
+            args = ("--out", str(out), "--refresh")
+            code = _stdin_run(tmp_path, monkeypatch, inputs["day2"], *args)
+        assert code == ExitCode.IO_ERROR
+        assert copy.read_bytes() == inputs["day1"]
+        assert _stdin_run(tmp_path, monkeypatch, inputs["day1"], "--out", str(out)) == 0
+        args = ("--out", str(out), "--refresh")
+        assert _stdin_run(tmp_path, monkeypatch, inputs[then], *args) == ExitCode.OK
+        assert copy.read_bytes() == inputs[then]
+        rows = {row["asin"] for row in _jsonl(out.read_text())}
+        assert len(rows) == inputs[then].count(b"\n")
+        assert sorted(p.name for p in out.parent.iterdir() if "refresh" in p.name) == []
+
     def test_other_stdin_under_another_input_format_names_the_copy_kept(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -1198,6 +1230,33 @@ class TestReruns:
         assert left == ["out.jsonl", "out.jsonl.ledger", "out.jsonl.ledger.lock"]
         runner._finish_promotion(out)  # nothing under way: a no-op
         assert out.read_text() == "new rows"
+
+    def test_promotion_makes_a_refreshs_stdin_the_jobs_saved_input(self, tmp_path: Path) -> None:
+        """A refresh of a ``-`` job that read other input (here under --input csv) makes it
+        the job's saved input when promoted, even after a crash half-way (the new output
+        moved already); the copy of the input it replaced goes."""
+        from broker.jobs import runner
+
+        out = tmp_path / "out.jsonl"
+        for path, text in [
+            (out, "old rows"),
+            (tmp_path / "out.jsonl.ledger", "old ledger"),
+            (tmp_path / "out.jsonl.stdin.txt", "old input"),
+            (tmp_path / "out.jsonl.refresh.ledger", "new ledger"),
+            (tmp_path / "out.jsonl.refresh.stdin.csv", "new input"),
+        ]:
+            path.write_text(text)
+        (tmp_path / "out.jsonl.refresh.promote").touch()
+        runner._finish_promotion(out)
+        assert (tmp_path / "out.jsonl.stdin.csv").read_text() == "new input"
+        assert (tmp_path / "out.jsonl.ledger").read_text() == "new ledger"
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == [
+            "out.jsonl",
+            "out.jsonl.ledger",
+            "out.jsonl.ledger.lock",
+            "out.jsonl.stdin.csv",
+        ]
 
     def test_a_promotion_another_process_makes_is_left_to_it(self, tmp_path: Path) -> None:
         """A run started while another process promotes its completed refresh (holding the

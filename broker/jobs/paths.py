@@ -38,6 +38,7 @@ __all__ = [
     "plan_paths",
     "refresh_path",
     "report_path",
+    "stdin_copies",
 ]
 
 #: The name that means stdin (as the job) or stdout (as ``--out``).
@@ -108,6 +109,11 @@ def ordering_path(out: Path) -> Path:
     return out.with_name(out.name + ".ordering")
 
 
+def stdin_copies(out: Path) -> list[Path]:
+    """Where the saved stdin of a ``-`` job writing ``out`` may be: one name per ``--input``."""
+    return [out.with_name(f"{out.name}.stdin.{fmt}") for fmt in STDIN_FORMATS]
+
+
 class UsageError(ValueError):
     """The command line asks for something impossible or destructive (exit 2)."""
 
@@ -141,10 +147,11 @@ class RunPaths:
 
         Written beside it first. A saved copy with the same bytes is left as it is. One
         with other bytes is replaced, under the job's lock, only when no job was made from
-        it (no ledger: a first run refused early), for ``new_job``, or for ``refresh`` (the
-        job over on its new input, the previous output kept until that run completes);
-        otherwise it is kept, so the input it holds still runs its job. A job another
-        process runs keeps its copy.
+        it (no ledger: a first run refused early) or for ``new_job``; otherwise it is kept,
+        so the input it holds still runs its job. For ``refresh`` (the job over on its new
+        input) other bytes go to the refresh's own copy, :attr:`job` then names it, and the
+        refresh's completion makes it the job's copy: until then the previous output keeps
+        the input it was made from. A job another process runs keeps its copy.
 
         Raises:
             JobFileError: stdin differs from the copy of an existing job and neither
@@ -161,12 +168,27 @@ class RunPaths:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
                 shutil.copyfileobj(sys.stdin.buffer, handle)
                 handle.flush()
-                if self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False):
+                same = self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False)
+                if same and not refresh:
                     Path(temporary).unlink()
                     return
                 ledger = ledger_path(self.out)
                 with JobLock(ledger):
-                    if ledger.exists() and not (new_job or refresh):
+                    if refresh:
+                        # A copy a stopped refresh left for other input: this one's is kept.
+                        for stale in stdin_copies(refresh_path(self.out)):
+                            stale.unlink(missing_ok=True)
+                    if same:
+                        Path(temporary).unlink()
+                        return
+                    if refresh and ledger.exists():
+                        side = self.job.with_name(
+                            refresh_path(self.out).name + self.job.name[len(self.out.name) :]
+                        )
+                        os.replace(temporary, side)
+                        self.job = side
+                        return
+                    if ledger.exists() and not new_job:
                         raise JobFileError(
                             f"the input on stdin differs from the saved input of this job "
                             f"({self._saved_copy()}): pipe that same input (with the same "
@@ -200,9 +222,7 @@ class RunPaths:
     def _saved_copy(self) -> str:
         """Where the job's saved stdin is, for a message: the copy for this run's
         ``--input``, else the one another ``--input`` made."""
-        copies = [self.job] + [
-            self.out.with_name(f"{self.out.name}.stdin.{fmt}") for fmt in STDIN_FORMATS
-        ]
+        copies = [self.job, *stdin_copies(self.out)]
         saved = next((copy for copy in copies if copy.exists()), None)
         return "no copy is left" if saved is None else f"{saved}, kept as it is"
 

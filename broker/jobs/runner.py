@@ -59,7 +59,14 @@ from broker.jobs.ledger import (
     crash_point,
 )
 from broker.jobs.lock import JobLock
-from broker.jobs.paths import ledger_path, ordering_path, refresh_path, report_path
+from broker.jobs.paths import (
+    STDIN_FORMATS,
+    ledger_path,
+    ordering_path,
+    refresh_path,
+    report_path,
+    stdin_copies,
+)
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
 from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
 from broker.jobs.sources import (
@@ -318,6 +325,7 @@ def _finish_promotion(out: Path, *, locked: bool = False) -> None:
         for path in journal_files(out):
             path.unlink(missing_ok=True)
         os.replace(side, out)
+    _promote_stdin_copy(side, out)
     if ledger_path(side).exists():
         # A journal left by the old ledger must not be replayed into the new one.
         for path in journal_files(ledger):
@@ -326,6 +334,17 @@ def _finish_promotion(out: Path, *, locked: bool = False) -> None:
     # Nobody holds the refresh's lock now (the main job's lock is held by this run).
     ledger_path(side).with_name(ledger_path(side).name + ".lock").unlink(missing_ok=True)
     marker.unlink()
+
+
+def _promote_stdin_copy(side: Path, out: Path) -> None:
+    """Make the input a refresh of a ``-`` job read (other bytes on stdin) the job's saved
+    input; the copies of the input it replaces, under any ``--input``, go."""
+    for fmt, copy in zip(STDIN_FORMATS, stdin_copies(side), strict=True):
+        if copy.exists():
+            for old in stdin_copies(out):
+                if not old.name.endswith(f".{fmt}"):
+                    old.unlink(missing_ok=True)
+            os.replace(copy, out.with_name(f"{out.name}.stdin.{fmt}"))
 
 
 def _complete_message(ledger: Ledger, options: JobOptions, counts: Counts) -> str:
