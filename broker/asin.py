@@ -22,6 +22,7 @@ __all__ = [
     "isbn13_to_isbn10",
     "normalize_asin",
     "plain_asin",
+    "refuse_single_string",
 ]
 
 _ISBN10 = re.compile(r"[0-9]{9}[0-9X]")
@@ -37,9 +38,11 @@ _ISBN10_HYPHENATED = re.compile(r"[0-9](?:-?[0-9]){8}-?[0-9Xx]")
 # umlauts); the ASIN itself must be ASCII and be followed by no letter or digit: the end
 # of its path segment, of a link mangled on the way ("&", ";", an encoded "?" or "/"), or
 # of one pasted from prose or Markdown (a full stop, a closing bracket or quote after it).
+# The path before the marker is matched lazily: the first marker is this URL's, and a second
+# URL run on after it (``...dp/B0A,https://amazon.de/dp/B0B``) is left for the tail check.
 _URL = re.compile(
     r"(?:https?://)?(?:[a-z0-9-]+\.)*(amazon\.[a-z]{2,3}(?:\.[a-z]{2,3})?)(?::[0-9]{1,5})?"
-    r"/(?:[^\s?#]*/)?"
+    r"/(?:[^\s?#]*?/)??"
     r"(?:dp|dp/product|gp/product|gp/aw/d|gp/offer-listing|product-reviews|o/ASIN"
     r"|exec/obidos/ASIN|exec/obidos/tg/detail/-)"
     r"/([a-z0-9]{10})(?![a-z0-9])",
@@ -49,6 +52,13 @@ _LOOKS_LIKE_URL = re.compile(
     r"[a-z][a-z0-9+.-]*://|www\.|(?:[a-z0-9-]+\.)*(?:amazon|amzn)\.[a-z]{2,3}\b",
     re.IGNORECASE,
 )
+#: What may follow a product URL's ASIN: the rest of the URL (a path, a query, a fragment, a
+#: mangled "&", ";" or encoded "?" or "/") or punctuation closing the prose around it.
+_URL_GOES_ON = "/?#&;%"
+_CLOSERS = ".,;:!?)]}>\"'`\u201d\u2019"
+#: A second ASIN listed after a URL (``;B0ZZZZZZZZ``), told from a path parameter
+#: (``;jsessionid=1``) by its shape.
+_LISTED_ID = re.compile(r"[,;|][a-z0-9]{10}(?![a-z0-9=])", re.IGNORECASE)
 _SHORT_LINK = re.compile(r"(?:https?://)?(?:amzn\.to|amzn\.eu|amzn\.asia|a\.co)/", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: What may stand before a product URL pasted from prose, Markdown or a chat.
@@ -154,6 +164,13 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     # A link quoted or bracketed in prose, Markdown or a chat ('...', "...", <...>, (...)).
     url = _URL.match(text) or _URL.match(text.lstrip(_OPENERS))
     if url:
+        if not _url_ends_there(url.string[url.end() :]):
+            return AsinCheck(
+                raw,
+                None,
+                "holds more than a product URL (another id or URL, or words, after it); "
+                "give one id or URL per line or cell",
+            )
         verdict = _verdict(raw, url.group(2).upper())
         return replace(verdict, store=url.group(1).lower()) if verdict.valid else verdict
     inner = _unwrapped(text)
@@ -187,12 +204,25 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
             return AsinCheck(raw, converted)
     if _ISBN10_HYPHENATED.fullmatch(text):
         return _verdict(raw, text.replace("-", "").upper())
+    # Two or more id-sized parts: a list in one cell, not one id (nor a number "3,42E+09").
+    if sum(len(part.strip()) >= 10 for part in re.split(r"[,;|]", text)) > 1:
+        return AsinCheck(raw, None, "holds several ids in one; give one id or URL per line or cell")
     if len(text) != 10:
         return AsinCheck(
             raw, None, f"an ASIN has 10 characters, this has {len(text)}{_as_a_number(text)}"
         )
     bad = next(c for c in text if not c.isalnum())
     return AsinCheck(raw, None, f"contains {bad!r}; an ASIN has only letters A-Z and digits 0-9")
+
+
+def _url_ends_there(tail: str) -> bool:
+    """True when ``tail``, what follows a product URL's ASIN, is the rest of that one URL or
+    punctuation closing it, not a second id: another URL, an ASIN, a word after a blank."""
+    if not tail or tail.strip(_CLOSERS) == "":
+        return True
+    if tail[0] not in _URL_GOES_ON or any(c.isspace() for c in tail):
+        return False
+    return _URL.search(tail) is None and "://" not in tail and not _LISTED_ID.search(tail)
 
 
 #: An id a spreadsheet or pandas read as a number: written as a decimal ("3423214066.0"),
@@ -251,6 +281,24 @@ def _verdict(raw: str, value: str) -> AsinCheck:
     if value[9] == "X":
         return AsinCheck(raw, None, "an ISBN-10 ending in X with a wrong check digit")
     return AsinCheck(raw, None, f"nine digits then {value[9]!r}: an ISBN-10 ends in a digit or X")
+
+
+def refuse_single_string(asins: object) -> None:
+    """Refuse one string given for a collection of ids: it would be iterated character by
+    character, ten one-letter "ASINs", all invalid.
+
+    Raises:
+        TypeError: ``asins`` is a ``str`` or ``bytes``; for a comma-separated list (what
+            python-amazon-paapi's ``get_items("A,B")`` takes) the message says to split it.
+    """
+    if not isinstance(asins, str | bytes):
+        return
+    if isinstance(asins, str) and "," in asins:
+        raise TypeError(
+            "expected an iterable of ASINs, got one string of comma-separated ids; "
+            'split it: get_items(text.split(","))'
+        )
+    raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
 
 
 def normalize_asin(raw: str) -> str:

@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from broker.api.resources import resolve_resources
+from broker.asin import refuse_single_string
 from broker.client import Broker
 from broker.config import BrokerConfig, config_from_dict, load_config, require_config
 from broker.errors import BrokerClosedError, WrongEventLoopError
@@ -253,8 +254,7 @@ class SyncBroker:
         lookup waiting for a daily quota's reset may otherwise wait hours).
         """
         # The iterable is read here, in the caller's thread, not on the loop.
-        if isinstance(asins, str | bytes):
-            raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
+        refuse_single_string(asins)
         items = list(asins)
         return self._call(
             self._broker.get_items(
@@ -304,8 +304,7 @@ class SyncBroker:
         stream ends when the answers already sent for have been yielded. A caller waiting
         for a result sees it within a quarter of a second.
         """
-        if isinstance(asins, str | bytes):
-            raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
+        refuse_single_string(asins)
         source = iter(asins)
         feed = _Feed()
         # Set on the loop's thread when ``stop`` is seen set in the caller's.

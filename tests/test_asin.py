@@ -306,6 +306,34 @@ class TestUrls:
         assert verdict.asin is None
         assert verdict.reason == "not an Amazon product URL with an ASIN in it"
 
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "https://www.amazon.co.uk/dp/B0ABCDEFGH,https://www.amazon.de/dp/B0ZZZZZZZZ",
+            "https://www.amazon.com/dp/B0ABCDEFGH https://www.amazon.com/dp/B0ZZZZZZZZ",
+            "https://www.amazon.com/dp/B0ABCDEFGH great",
+            "https://www.amazon.com/dp/B0ABCDEFGH,B0ZZZZZZZZ",
+            "https://www.amazon.com/dp/B0ABCDEFGH;B0ZZZZZZZZ",
+            "https://www.amazon.com/dp/B0ABCDEFGH/,www.amazon.de/dp/B0ZZZZZZZZ",
+            "amazon.co.uk/dp/B0ABCDEFGH,amazon.de/dp/B0ZZZZZZZZ",
+        ],
+    )
+    def test_a_url_followed_by_more_ids_is_invalid(self, text: str) -> None:
+        """A cell holding a product URL and more (a second URL or ASIN, prose) is invalid:
+        one of its ids was dropped, or the second URL's ASIN taken with the first's store."""
+        verdict = check_asin(text)
+        assert verdict.asin is None
+        assert verdict.reason is not None
+        assert "one id or URL per line or cell" in verdict.reason
+
+    @pytest.mark.parametrize("text", ["B0ABCDEFGH,B0ZZZZZZZZ", "B0ABCDEFGH;B0ZZZZZZZZ;"])
+    def test_ids_listed_in_one_cell_are_named_so(self, text: str) -> None:
+        """Two ids in one cell (a comma-separated string) say so, not "this has 21"."""
+        reason = check_asin(text).reason
+        assert reason is not None
+        assert "several ids" in reason
+        assert "one id or URL per line or cell" in reason
+
     @pytest.mark.parametrize("url", ["https://amzn.to/3AbCdEf", "a.co/d/abc1234", "amzn.eu/d/x"])
     def test_short_links_explain_themselves(self, url: str) -> None:
         """Short links carry no ASIN; the reason says to use the full URL."""

@@ -221,6 +221,26 @@ class TestCallers:
             async for _ in broker.stream("B000000001"):
                 pass
 
+    async def test_a_comma_separated_string_is_told_to_be_split(self, harness: Harness) -> None:
+        """python-amazon-paapi's ``get_items("A,B")`` is told to split the string, in the
+        async and sync APIs alike; it was told to use get_item, which fails the same text."""
+        from broker.sync import SyncBroker
+
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url)
+        broker = await harness.broker(config)
+        advice = r'split it: get_items\(text.split\(","\)\)'
+        with pytest.raises(TypeError, match=advice):
+            await broker.get_items("B000000001,B000000002")
+        with pytest.raises(TypeError, match=advice):
+            async for _ in broker.stream("B000000001,B000000002"):
+                pass
+        with SyncBroker(config) as sync:
+            with pytest.raises(TypeError, match=advice):
+                sync.get_items("B000000001,B000000002")
+            with pytest.raises(TypeError, match=advice):
+                next(iter(sync.stream("B000000001,B000000002")))
+
     async def test_wrong_types_are_named(self, harness: Harness) -> None:
         """A non-string ASIN or marketplace is a TypeError naming it, not an internal error."""
         sim = await harness.simulator(FREE)

@@ -36,7 +36,7 @@ from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.marketplaces import token_url
 from broker.api.paapi5 import PaapiDialect
-from broker.asin import check_asin
+from broker.asin import check_asin, refuse_single_string
 from broker.cache import CacheFront, cache_namespace, cache_policy, open_cache
 from broker.clock import Clock, LoopClock
 from broker.config import AMAZON, BrokerConfig, KeyConfig, load_config, require_config
@@ -582,7 +582,7 @@ class Broker:
             TypeError: ``asins`` is a single string (use :meth:`get_item`).
         """
         intake = self._require_open()
-        _check_not_str(asins)
+        refuse_single_string(asins)
         resources = intake.resources(resources)
         collector = _Collector(asyncio.get_running_loop())
         held: list[Lookup] = []
@@ -656,7 +656,7 @@ class Broker:
         :class:`~broker.errors.BrokerClosedError`) are raised at once.
         """
         intake = self._require_open()
-        _check_not_str(asins)
+        refuse_single_string(asins)
         if stop is not None and not isinstance(stop, asyncio.Event):
             # A threading.Event (SyncBroker.stream's) would block the loop in its wait().
             raise TypeError(
@@ -1183,12 +1183,6 @@ class _StreamReceiver:
 
 def _never() -> bool:
     return False
-
-
-def _check_not_str(asins: object) -> None:
-    # A lone string is an iterable of characters: ten one-letter "ASINs", all invalid.
-    if isinstance(asins, str | bytes):
-        raise TypeError("expected an iterable of ASINs, got a single string (use get_item)")
 
 
 def _runs(items: Iterable[_Input], size: int) -> Iterator[list[_Input]]:
