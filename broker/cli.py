@@ -85,7 +85,9 @@ def _max_age(text: str) -> float:
         seconds = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= seconds <= CEILING_S:
+    if not seconds >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is no number of seconds from 0 to 86400")
+    if not seconds <= CEILING_S:
         raise argparse.ArgumentTypeError(
             f"{text} is outside 0..{CEILING_S:.0f} s: Amazon allows caching for 24 hours at most"
         )

@@ -164,6 +164,10 @@ def enable_wal(conn: sqlite3.Connection, *, timeout_s: float) -> None:
     Raises:
         sqlite3.OperationalError: still locked after ``timeout_s``, or any other error.
     """
+    # Asked first: a file in WAL mode already needs no lock, so a writer elsewhere never
+    # holds up a process that opens it to read.
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -123,6 +123,12 @@ class TestPolicy:
             CachePolicy(max_age_s=3_600, offers_max_age_s=100_000)
         assert CachePolicy(max_age_s=CEILING_S).enabled
 
+    def test_ceiling_message_shows_the_value_as_given(self) -> None:
+        """86400.0000001 is refused as itself, not as "86400 s is above the 86,400 s
+        ceiling" (a message contradicting itself)."""
+        with pytest.raises(ConfigError, match=r"^.*86400\.0000001 s is above"):
+            CachePolicy(max_age_s=86_400.0000001)
+
     def test_config_table_refuses_ceiling(self) -> None:
         """``[cache] max_age_s = 90000`` in config.toml is refused at load with the rule."""
         doc = {
@@ -227,8 +233,11 @@ class TestPolicy:
         assert normalise_resources(a.resources) == ("iteminfo.title", "offersv2.listings.price")
 
     def test_offer_resources(self) -> None:
-        """offersV2.*, OffersV2.* and Offers.* are price resources; others are not."""
+        """offersV2.*, OffersV2.*, Offers.* and the trade-in info (its answer holds a trade-in
+        price) are price resources; others are not."""
         assert has_offer_resources(["offersV2.listings.price"])
+        assert has_offer_resources(["itemInfo.title", "itemInfo.tradeInInfo"])
+        assert has_offer_resources(["ItemInfo.TradeInInfo"])
         assert has_offer_resources(["OffersV2.Listings.Availability"])
         assert has_offer_resources(["Offers.Listings.Price"])
         assert has_offer_resources(["RentalOffers.Listings.BasePrice"])  # PA-API's rentals
@@ -511,6 +520,23 @@ class TestServe:
         steps = " ".join(str(step[-1]) for step in plan)
         assert "(ns=? AND marketplace=? AND asin=? AND resources=?)" in steps
         assert "SCAN c" not in steps
+
+    async def test_sqlite_opens_for_reading_while_another_program_writes(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """A process starting while another program holds the file's write lock (a sqlite3
+        shell, a backup) reads its fresh answers at once: every open took the write lock to
+        create the schema, waited 5 s, failed, and the answer was fetched again."""
+        path = tmp_path / "cache.sqlite3"
+        policy = CachePolicy(max_age_s=3_600)
+        async with SqliteCache(path, policy, clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock)])
+        with sqlite_db(path) as writer:
+            writer.execute("BEGIN IMMEDIATE")
+            async with SqliteCache(path, policy, clock=clock) as starting:
+                found = await asyncio.wait_for(starting.get_many([q("B000000001")]), 2)
+            writer.execute("ROLLBACK")
+        assert [r.asin if r is not None else None for r in found] == ["B000000001"]
 
     async def test_sqlite_purge_gives_the_space_back(
         self, tmp_path: Path, clock: FakeClock

@@ -112,7 +112,10 @@ class TestVersionAndInit:
         with pytest.raises(SystemExit) as info:
             cli.main(["lookup", "B0C1234567", "--max-age", age])
         assert info.value.code == ExitCode.USAGE
-        assert "--max-age" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--max-age" in err
+        # Only a value above the ceiling is told of Amazon's 24 hours.
+        assert ("24 hours" in err) == (age == "90000")
 
     def test_init_writes_a_config_that_works_with_the_simulator(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -41,9 +41,10 @@ AMAZON_RULE: Final = (
 )
 
 # Price and availability live under these resource roots in both protocols (Creators
-# offersV2.*, PA-API OffersV2.*, its RentalOffers.* and the retired Offers.*); compared
-# case-folded.
+# offersV2.*, PA-API OffersV2.*, its RentalOffers.* and the retired Offers.*), and the
+# trade-in price under itemInfo.tradeInInfo; compared case-folded.
 _OFFER_ROOTS: Final = ("offersv2", "offers", "rentaloffers")
+_PRICED_INFO: Final = "iteminfo.tradeininfo"
 
 
 def normalise_resources(resources: Iterable[str]) -> tuple[str, ...]:
@@ -62,13 +63,17 @@ def _normalised(resources: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def has_offer_resources(resources: Iterable[str]) -> bool:
-    """True when any resource is a price or availability field (offersV2.*, Offers.*)."""
+    """True when any resource is a price or availability field (offersV2.*, Offers.*,
+    itemInfo.tradeInInfo, whose answer holds a trade-in price)."""
     return _has_offers(tuple(resources))
 
 
 @functools.lru_cache(maxsize=256)
 def _has_offers(resources: tuple[str, ...]) -> bool:
-    return any(name.strip().casefold().split(".", 1)[0] in _OFFER_ROOTS for name in resources)
+    folded = [name.strip().casefold() for name in resources]
+    return any(
+        name.split(".", 1)[0] in _OFFER_ROOTS or name.startswith(_PRICED_INFO) for name in folded
+    )
 
 
 def check_max_age(value: float, path: str) -> float:
@@ -79,10 +84,11 @@ def check_max_age(value: float, path: str) -> float:
             quotes the rule).
     """
     if not value >= 0.0 or value == float("inf"):
-        raise ConfigError(path, f"must be a number of seconds >= 0, got {value:g}")
+        raise ConfigError(path, f"must be a number of seconds >= 0, got {value:.15g}")
     if value > CEILING_S:
         raise ConfigError(
-            path, f"{value:g} s is above the 86,400 s ceiling: {AMAZON_RULE}; use at most 86400"
+            path,
+            f"{value:.15g} s is above the 86,400 s ceiling: {AMAZON_RULE}; use at most 86400",
         )
     return float(value)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import sqlite3
 import stat
 from collections.abc import Callable, Sequence
@@ -86,6 +87,18 @@ CREATE TRIGGER IF NOT EXISTS item_cache_upd AFTER UPDATE OF size ON item_cache B
     UPDATE item_cache_totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 1;
 END;
 """
+
+#: What :data:`_SCHEMA` creates, by name.
+_SCHEMA_NAMES: Final = frozenset(re.findall(r"IF NOT EXISTS (\w+)", _SCHEMA))
+
+
+def _has_schema(db: sqlite3.Connection) -> bool:
+    """True when the file holds every table, index and trigger of the cache, and its totals."""
+    names = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    if not names >= _SCHEMA_NAMES:
+        return False
+    return db.execute("SELECT 1 FROM item_cache_totals WHERE id = 1").fetchone() is not None
+
 
 #: A namespace's entries, payload bytes and oldest answer (by the covering index); a
 #: damaged row's time that is no number (text sorts after every number) is no oldest.
@@ -229,8 +242,11 @@ class SqliteCache(StoreCache):
             db.execute("PRAGMA synchronous = NORMAL")
             # The WAL is checkpointed every 1,000 pages; this truncates it back afterwards.
             db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
-            # One script, one transaction: two processes creating the file at once agree.
-            db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            if not _has_schema(db):
+                # One script, one transaction: two processes creating the file at once agree.
+                # Only then: the write lock it takes would make every process starting
+                # while another program writes wait, and fail, though WAL lets it read.
+                db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
             self._identity = file_identity(self.path)
         except BaseException:
             db.close()
