@@ -179,6 +179,29 @@ class TestConcurrentCallers:
         assert [r.asin for r in task.result()] == wanted
         assert elapsed < 1.0
 
+    @pytest.mark.parametrize("queue_size", [1, 2])
+    async def test_a_stream_window_smaller_than_a_batch_does_not_wait_out_the_linger(
+        self, queue_size: int
+    ) -> None:
+        """The same for ``stream()``, whose own window (``queue_size``) filled first: its
+        producer waited for room with the batch lingering, so 12 ASINs took 12 / queue_size
+        full lingers (20 s for 20 at queue_size 1 and a 0.5 s linger, a user measured)."""
+        clock = FakeClock()
+        engine = {"queue_size": queue_size, "batch_size": 3, "linger_s": 1.0}
+        broker, _ = _answering(clock, 100.0, engine=engine)
+        wanted = asins(12)
+
+        async def consume() -> list[ItemResult]:
+            return [result async for result in broker.stream(wanted)]
+
+        async with broker:
+            start = clock.monotonic()
+            task = asyncio.ensure_future(consume())
+            await clock.run_until(task)
+            elapsed = clock.monotonic() - start
+        assert sorted(r.asin for r in task.result()) == wanted
+        assert elapsed < 1.0
+
     async def test_callers_trickling_in_fill_the_batch_waiting_for_the_key(self) -> None:
         """At 1 TPS, callers arriving 50 ms apart join the batch that waits for the key's
         next slot instead of each sending a request of its own."""

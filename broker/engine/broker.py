@@ -649,6 +649,10 @@ class Broker:
         sent for this stream, never yielded), and the stream ends when the answers of those
         already sent have been yielded. ``broker run`` sets it at its first SIGINT/SIGTERM/SIGHUP.
 
+        Cancelling one wait for the next result (``asyncio.wait_for(anext(stream), t)``)
+        ends the stream, as it ends any async generator: its lookups not yielded are let go
+        and the next ``anext`` raises ``StopAsyncIteration``; bound the whole loop instead.
+
         An input that raises (a database cursor that fails) ends the stream with its error,
         raised after the answers for everything it gave before: those were asked for, and
         their requests are paid for or about to be. An item of the wrong type (TypeError)
@@ -677,7 +681,7 @@ class Broker:
 
         async def offer(query: Query | ItemResult) -> None:
             if not window.try_take():
-                await window.take()
+                await self._room_in(window)
             if halted():
                 return
             if isinstance(query, ItemResult):
@@ -747,7 +751,7 @@ class Broker:
                     async for item in asins:
                         reading = False
                         if not window.try_take():
-                            await window.take()
+                            await self._room_in(window)
                         elif (taken := taken + 1) % batch_size == 0:
                             # As below: an async input that never awaits (rows already in
                             # memory) would otherwise never let another stream read.
@@ -762,7 +766,7 @@ class Broker:
                     for item in asins:
                         reading = False
                         if not window.try_take():
-                            await window.take()
+                            await self._room_in(window)
                         elif (taken := taken + 1) % batch_size == 0:
                             # A batch's worth read with room to spare: let other streams
                             # (broker run's, one per marketplace) read theirs, so that keys
@@ -838,6 +842,16 @@ class Broker:
         """End of a caller's input: send its partial batches now instead of lingering."""
         if self._batcher is not None:
             self._batcher.flush()
+
+    async def _room_in(self, window: Room) -> None:
+        """Wait for room in a stream's ``window`` (``queue_size``), sending the partial
+        batches first when they hold as many lookups as the window: every lookup holding
+        it may be lingering then, and none could end, and make room, before its linger
+        runs out (a ``queue_size`` below ``batch_size``), as :meth:`Intake.admit` finds."""
+        batcher = self._batcher
+        if batcher is not None and batcher.lingering() >= self.config.engine.queue_size:
+            batcher.flush()
+        await window.take()
 
     async def _operation(
         self, operation: Operation, params: Mapping[str, object], marketplace: str | None
