@@ -805,7 +805,8 @@ def _check_config(config: BrokerConfig) -> int:
         print(
             f"warning: no key has a partner tag for the default marketplace "
             f"{config.api.marketplace}: every row without a marketplace will fail; add "
-            f'partner_tags = {{ "{config.api.marketplace}" = "your-tracking-id" }} to a key',
+            f'partner_tags = {{ "{config.api.marketplace}" = "your-tracking-id" }} to a key'
+            + config.marketplace_hint(),
             file=sys.stderr,
         )
     return ExitCode.OK

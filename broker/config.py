@@ -537,6 +537,25 @@ class BrokerConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     state: StateConfig = field(default_factory=StateConfig)
 
+    def marketplace_hint(self) -> str:
+        """The other remedy when no key has a partner tag for the default marketplace but
+        keys are tagged elsewhere: a config for one store (``DE``) that forgot
+        ``api.marketplace``, whose default is www.amazon.com. Empty otherwise."""
+        default = self.api.marketplace
+        tagged = sorted({m for key in self.keys for m in key.partner_tags})
+        if not tagged or default in tagged:
+            return ""
+        named = tagged[0] if len(tagged) == 1 else "one of " + ", ".join(tagged)
+        setting = (
+            f'"api": {{"marketplace": "{tagged[0]}"}}'
+            if self.source.startswith("<")
+            else f'marketplace = "{tagged[0]}" under [api] in {self.source}'
+        )
+        return (
+            f"; or, if the lookups are meant for {named} (where the keys have tags), make it "
+            f"the default marketplace ({default} now): {setting}"
+        )
+
 
 def require_config(config: object, owner: str) -> BrokerConfig:
     """``config`` if it is a :class:`BrokerConfig`; else a TypeError naming the two ways to

@@ -2187,6 +2187,19 @@ def _check_config(config: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 class TestCheckConfigOutput:
+    def test_keys_tagged_elsewhere_are_told_to_set_the_default_marketplace(
+        self, tmp_path: Path
+    ) -> None:
+        """check-config of keys tagged for amazon.de only, [api] marketplace unset: the
+        warning names `marketplace = "www.amazon.de"` under [api] as well as the missing tag."""
+        config = tmp_path / "config.toml"
+        config.write_text(
+            embedded_toml().replace('"www.amazon.com" = "demo-20"', '"www.amazon.de" = "demo-22"')
+        )
+        done = _check_config(config, ASINB_DEMO_SECRET="demo-secret")
+        assert done.returncode == 0, done.stderr
+        assert 'marketplace = "www.amazon.de" under [api]' in done.stderr
+
     def test_check_config_in_a_locale_that_cannot_write_a_key_name(self, tmp_path: Path) -> None:
         """check-config of a key named in Japanese, stdout ASCII (a Latin-1 or C locale):
         the name escaped and exit 0; it printed two lines, then a UnicodeEncodeError."""

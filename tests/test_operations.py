@@ -599,6 +599,20 @@ def test_peer_enums_accepted() -> None:
     assert (params["sortBy"], params["condition"]) == ("Price:LowToHigh", "New")
 
 
+def test_peer_enum_member_names_are_ours_too() -> None:
+    """Every member name of python-amazon-paapi's SortBy, Condition, Availability and
+    DeliveryFlag is one of ours, naming the same value, so swapping only the import line
+    works (``DeliveryFlag.FREESHIPPING`` raised AttributeError)."""
+    from amazon_creatorsapi import models as peer
+
+    from broker.api import operations as ours
+
+    for name in ("SortBy", "Condition", "Availability", "DeliveryFlag"):
+        theirs, mine = getattr(peer, name), getattr(ours, name)
+        for member in theirs:
+            assert mine[member.name].value == member.value, (name, member.name)
+
+
 _scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
 _keys = st.sampled_from(
     [

@@ -315,6 +315,21 @@ class TestSyncBroker:
         assert "<dict>" not in result.error.remedy
         assert "config given in code" in result.error.remedy
 
+    def test_keys_tagged_for_another_store_only_name_the_default_marketplace(self) -> None:
+        """Keys tagged for amazon.de only, api.marketplace unset (python-amazon-paapi's
+        ``country="DE"`` carried over as a tag): the remedy also says to make amazon.de the
+        default; it only said to add a tag for www.amazon.com."""
+        document = _document(partner_tags={"DE": "demo-22"})
+        with SyncBroker.from_dict(document) as broker:
+            result = broker.get_item("B000000001")
+            with pytest.raises(NoUsableKeyError) as caught:
+                broker.search_items(keywords="kettle")
+        assert result.error is not None
+        assert result.error.code == "NoKeyForMarketplace"
+        advice = '"api": {"marketplace": "www.amazon.de"}'
+        assert advice in result.error.remedy
+        assert advice in str(caught.value)
+
     def test_an_unserved_marketplace_in_a_search_says_where_to_add_the_tag(
         self, sync_broker: SyncBroker
     ) -> None:

@@ -57,6 +57,12 @@ class SortBy(enum.StrEnum):
     PRICE_HIGH_TO_LOW = "Price:HighToLow"
     PRICE_LOW_TO_HIGH = "Price:LowToHigh"
     RELEVANCE = "Relevance"
+    # python-amazon-paapi's (and Amazon's SDK's) member names, so code moving over works
+    # with only its import changed.
+    AVGCUSTOMERREVIEWS = "AvgCustomerReviews"
+    NEWESTARRIVALS = "NewestArrivals"
+    PRICE_COLON_HIGH_TO_LOW = "Price:HighToLow"
+    PRICE_COLON_LOW_TO_HIGH = "Price:LowToHigh"
 
 
 class Condition(enum.StrEnum):
@@ -74,6 +80,7 @@ class Availability(enum.StrEnum):
 
     AVAILABLE = "Available"
     INCLUDE_OUT_OF_STOCK = "IncludeOutOfStock"
+    INCLUDEOUTOFSTOCK = "IncludeOutOfStock"  # python-amazon-paapi's name
 
 
 class DeliveryFlag(enum.StrEnum):
@@ -83,6 +90,10 @@ class DeliveryFlag(enum.StrEnum):
     FREE_SHIPPING = "FreeShipping"
     FULFILLED_BY_AMAZON = "FulfilledByAmazon"
     PRIME = "Prime"
+    # python-amazon-paapi's names.
+    AMAZONGLOBAL = "AmazonGlobal"
+    FREESHIPPING = "FreeShipping"
+    FULFILLEDBYAMAZON = "FulfilledByAmazon"
 
 
 class Merchant(enum.StrEnum):

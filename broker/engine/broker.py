@@ -347,7 +347,14 @@ class Broker:
             batch_size=config.engine.batch_size,
             linger_s=config.engine.linger_s,
         )
-        self._pool = pool = KeyPool(self._keys, work, batcher, config_source=str(config.source))
+        self._pool = pool = KeyPool(
+            self._keys,
+            work,
+            batcher,
+            config_source=str(config.source),
+            default_marketplace=config.api.marketplace,
+            marketplace_hint=config.marketplace_hint(),
+        )
         self._executor = Executor(
             dialect=dialect,
             transport=transport,

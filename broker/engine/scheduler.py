@@ -46,9 +46,13 @@ class KeyPool:
         batcher: Batcher,
         *,
         config_source: str,
+        default_marketplace: str = "",
+        marketplace_hint: str = "",
     ) -> None:
         self._keys = tuple(keys)
         self._config_source = config_source
+        self._default_marketplace = default_marketplace
+        self._marketplace_hint = marketplace_hint
         self._work = work
         self._batcher = batcher
         #: marketplaces no key can serve any more, with the failures that caused it
@@ -115,15 +119,19 @@ class KeyPool:
 
     def no_tag_remedy(self, marketplace: str) -> str:
         """What to do when no key has a partner tag for ``marketplace``, said where the
-        config came from: its file, or code (``config_from_dict``: ``source`` ``<dict>``)."""
+        config came from: its file, or code (``config_from_dict``: ``source`` ``<dict>``);
+        for the default marketplace, making a tagged store the default is named too."""
+        hint = self._marketplace_hint if marketplace == self._default_marketplace else ""
         if self._config_source.startswith("<"):
             return (
                 "add the tracking id to a key of the config given in code: "
                 f'"partner_tags": {{"{marketplace}": "your-tracking-id"}} beside the existing tags'
+                + hint
             )
         return (
             f"add the tracking id to a key in {self._config_source}: under [[keys]], "
             f'partner_tags = {{ "{marketplace}" = "your-tracking-id" }} (beside the existing tags)'
+            + hint
         )
 
     # -- work -----------------------------------------------------------------------------
