@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from broker.client import Broker
     from broker.config import BrokerConfig, KeyConfig
+    from broker.errors import NoUsableKeyError
     from broker.jobs.paths import RunPaths
     from broker.jobs.runner import JobSummary
     from broker.models import ItemResult
@@ -327,7 +328,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="look up ASINs: a summary on a terminal, JSON lines otherwise",
         description="Look up ASINs (or Amazon product URLs). On a terminal, print a readable "
         "summary; when piped or with --json, print one JSON object per ASIN, the same rows "
-        "as `broker run` writes (line = the argument's position).",
+        "as `broker run` writes (line = the argument's position). Ids come as arguments; "
+        "for a list on stdin use `broker run - --out -`.",
         epilog="exit codes: 0 every id answered (ok, not found or invalid); 2 usage (an unknown "
         "--marketplace or resource, --refresh with --no-cache or --max-age 0); 3 some rows "
         "failed; 69 no usable answer from the API or its token endpoint, or the key-state "
@@ -812,6 +814,30 @@ def _check_config(config: BrokerConfig) -> int:
     return ExitCode.OK
 
 
+def _outage_reasons(exc: NoUsableKeyError) -> str:
+    """Why a lookup gave up on an outage: each key's failure once (keys failing alike
+    together), with one remedy said for the lookup, not each key's for a run (rows left
+    pending, retry.outage_budget_s)."""
+    from broker.engine.keys import STATE_OUTAGE_CODE
+
+    keys: dict[str, list[str]] = {}
+    for failure in exc.failures:
+        keys.setdefault(f"{failure.code}: {failure.message}", []).append(failure.key)
+    reasons = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in keys.items())
+    if all(failure.code == STATE_OUTAGE_CODE for failure in exc.failures):
+        remedy = "check that the key-state store ([state]) is up"
+    else:
+        remedy = (
+            "check the network, DNS, proxy or firewall, and api.endpoint (api.token_endpoint "
+            "when the last error is the token endpoint's; a 5xx or a reset each time: the API "
+            "itself is down, wait for it)"
+        )
+    return (
+        f"no key can serve {exc.marketplace}: {reasons or 'no key configured'}; {remedy}, "
+        "then look up again (--outage-budget SECONDS waits longer)"
+    )
+
+
 def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     """``broker lookup``: check the flags, then look up and print."""
     import dataclasses
@@ -819,6 +845,16 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     from broker.api.marketplaces import NAMING
     from broker.api.marketplaces import marketplace as lookup_marketplace
 
+    if "-" in args.asins:
+        print(
+            f"{prog()}: lookup takes ids as arguments; '-' is no id and stdin is not read: "
+            f"`xargs {prog()} lookup < ids.txt`, or `{prog()} run - --out -` for a list on stdin",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+    # Bytes that are not UTF-8 (Python keeps them as lone surrogates) would make the rows'
+    # UTF-8 JSON invalid: they become U+FFFD, and the id is invalid as any non-ASCII one.
+    args.asins = [os.fsencode(raw).decode("utf-8", "replace") for raw in args.asins]
     if args.refresh:
         from broker.cache import RUN_MAX_AGE_S, cache_policy
 
@@ -1013,7 +1049,7 @@ async def _lookup(
             )
             message = (
                 f"gave up after {config.retry.outage_budget_s:g} s {waited} "
-                f"(--outage-budget): {exc}"
+                f"(--outage-budget): {_outage_reasons(exc)}"
             )
         elif isinstance(exc, NoUsableKeyError):
             message = f"stopped: {exc}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ __all__ = [
     "disk_error",
     "enable_wal",
     "file_identity",
+    "file_in_the_way",
     "held_error",
     "immediate",
     "journal_files",
@@ -62,6 +64,20 @@ def state_dir(environ: Mapping[str, str] | None = None) -> Path:
     # The XDG spec says a relative path is invalid and must be ignored.
     root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "state"
     return root / "asin-broker"
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing folder of ``path`` when it is no directory (a file where one
+    should be: nothing can be made under it), else None."""
+    for folder in path.parents:
+        try:
+            mode = folder.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+        return None if stat.S_ISDIR(mode) else folder
+    return None
 
 
 def journal_files(path: Path) -> tuple[Path, Path]:

@@ -23,7 +23,7 @@ from broker.engine.shared_limiter import key_limits
 from broker.errors import ConfigError, StateUnavailableError
 from broker.exitcode import ExitCode
 from broker.progname import prog
-from broker.sqlitewal import RefusedFileError, refuse_orphans
+from broker.sqlitewal import RefusedFileError, file_in_the_way, refuse_orphans
 from broker.state import KeyView, StateKey, local_state_path, open_store
 from broker.stdio import print_json
 
@@ -196,7 +196,20 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     if config.state.backend == "local":
         path = local_state_path(config.state)
         try:
-            exists = path.exists()
+            path.stat()
+            exists = True
+        except FileNotFoundError:
+            exists = False
+        except NotADirectoryError:
+            # A file where a folder should be: run and lookup end on it too (exit 74).
+            in_the_way = file_in_the_way(path)
+            return _cannot_show(
+                config,
+                args,
+                f"{path}: cannot enter its directory: {in_the_way} is a file, not a directory",
+                ExitCode.IO_ERROR,
+                str(path),
+            )
         except OSError as exc:  # a daemon's 0700 state directory, seen by another user
             return _cannot_show(
                 config,

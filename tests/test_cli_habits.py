@@ -1381,6 +1381,32 @@ def test_embedded_simulator_runs_leave_no_key_state_behind(
 
 
 class TestLookup:
+    def test_a_dash_is_a_usage_error_pointing_to_run(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``broker lookup -`` (as ``broker run -`` reads stdin) is a usage error naming
+        the ways to look up a list; it was an invalid row "this has 1"."""
+        code = cli.main(["lookup", "-", "--config", str(_config(tmp_path)), "--json"])
+        assert code == ExitCode.USAGE
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert "run - --out -" in err
+
+    def test_an_argument_that_is_not_utf8_gives_valid_utf8_json(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An argument with a byte that is not UTF-8 (kept by Python as a lone surrogate)
+        is an invalid row whose JSON is valid UTF-8: U+FFFD for the byte. The surrogate was
+        written out, and strict JSON readers refused the row."""
+        arg = os.fsdecode(b"\xffB0C123456")
+        code = cli.main(["lookup", arg, "--config", str(_config(tmp_path)), "--json"])
+        assert code == ExitCode.OK
+        out = capsys.readouterr().out
+        out.encode("utf-8")  # no lone surrogate left
+        [row] = _jsonl(out)
+        assert row["input"] == "\ufffdB0C123456"
+        assert row["status"] == "invalid"
+
     def test_outage_exits_69_within_the_budget(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -1398,6 +1424,10 @@ class TestLookup:
         # so too, while the API endpoint was never asked; the remedy names both settings.
         assert "stayed unreachable" not in err
         assert "api.token_endpoint" in err
+        # A lookup leaves no rows pending; run's remedy said so once per key.
+        [failure] = [line for line in err.splitlines() if line.startswith("broker: gave up")]
+        assert "pending" not in failure
+        assert "retry.outage_budget_s" not in failure
 
     @pytest.mark.parametrize(
         ("flags", "said"),

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ENV, sqlite_db
@@ -460,19 +461,33 @@ class TestJsonWithNothingToShow:
         """A state file this user may not look at (a daemon's 0700 directory): exit 74, and
         with --json stdout still holds a document naming the file and the error."""
         db = config_path.parent / "keys.sqlite3"
-        real_exists = Path.exists
+        real_stat = Path.stat
 
-        def exists(self: Path, *args: object, **kwargs: object) -> bool:
+        def stat(self: Path, *args: Any, **kwargs: Any) -> os.stat_result:
             if self == db:
                 raise PermissionError(13, "Permission denied")
-            return real_exists(self)
+            return real_stat(self, *args, **kwargs)
 
-        monkeypatch.setattr(Path, "exists", exists)
+        monkeypatch.setattr(Path, "stat", stat)
+        # The config's own check that the path is no directory is not what is tried here.
+        monkeypatch.setattr(Path, "is_dir", lambda self: False)
         assert cli.main(["status", "--config", str(config_path), "--json"]) == 74
         document = json.loads(capsys.readouterr().out)
         assert document["keys"] == []
         assert document["where"] == str(db)
         assert "Permission denied" in document["error"]
+
+    def test_a_file_in_place_of_the_state_directory_is_an_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """[state] path under a regular file: exit 74 naming the file, as run and lookup
+        end; it said "no key state yet" and exited 0 (Path.exists() hides ENOTDIR)."""
+        (tmp_path / "statefile").touch()
+        path = tmp_path / "config.toml"
+        path.write_text(_CONFIG.format(db=tmp_path / "statefile" / "keys.sqlite3"))
+        assert cli.main(["status", "--config", str(path), "--json"]) == 74
+        document = json.loads(capsys.readouterr().out)
+        assert f"{tmp_path / 'statefile'} is a file, not a directory" in document["error"]
 
     def test_memory_state_says_there_is_none_to_show(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

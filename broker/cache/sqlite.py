@@ -31,6 +31,7 @@ from broker.sqlitewal import (
     disk_error,
     enable_wal,
     file_identity,
+    file_in_the_way,
     immediate,
     refuse_foreign,
     refuse_orphans,
@@ -421,7 +422,7 @@ class SqliteCache(StoreCache):
             )
         if self.path.is_dir():
             return str(self.path), "it is a directory: set [cache] path to a file in it"
-        in_the_way = _file_in_the_way(self.path)
+        in_the_way = file_in_the_way(self.path)
         if in_the_way is not None:
             return str(self.path), (
                 f"{in_the_way} is a file, not a directory: set [cache] path elsewhere"
@@ -451,20 +452,6 @@ class SqliteCache(StoreCache):
             "if another process holds it locked, wait for it; if it is damaged, delete it "
             "with its -wal and -shm to start afresh (it holds only copies of Amazon's answers)"
         )
-
-
-def _file_in_the_way(path: Path) -> Path | None:
-    """The nearest existing folder of ``path`` when it is no directory (a file where one
-    should be: nothing can be made under it), else None."""
-    for folder in path.parents:
-        try:
-            mode = folder.stat().st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError:
-            return None
-        return None if stat.S_ISDIR(mode) else folder
-    return None
 
 
 def _cannot_open(error: BaseException) -> bool:
