@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import gc
 import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -36,8 +38,10 @@ from broker.bench import (
     loop_factory,
     paapi_account,
 )
+from broker.config import MAX_IN_FLIGHT, MAX_TPS
 from broker.models import ItemResult, Query, Status
 from broker.simulator.process import SimulatorProcess, sim_control, sim_stats, toml_document
+from broker.simulator.settings import MIN_ACCOUNT_TPS
 
 if TYPE_CHECKING:
     from broker.api.base import ParsedItems
@@ -47,6 +51,9 @@ if TYPE_CHECKING:
 __all__ = [
     "LATENCY",
     "MARKETPLACE",
+    "MAX_IN_FLIGHT",
+    "MAX_TPS",
+    "MIN_TPS",
     "REPO_ROOT",
     "RESULTS_DIR",
     "Sample",
@@ -57,6 +64,7 @@ __all__ = [
     "broker_config",
     "creators_account",
     "floor_results",
+    "interruptible",
     "loop_factory",
     "machine_info",
     "measure_stream",
@@ -79,11 +87,18 @@ __all__ = [
 #: arrivals at the server's bucket are jittered as they are over a real network.
 LATENCY = {"fixed_ms": 40.0, "exp_mean_ms": 10.0}
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The least TPS the simulator's accounts take (the config's most is MAX_TPS).
+MIN_TPS = MIN_ACCOUNT_TPS
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# The keys' SQLite state of this benchmark process, removed when it exits: the simulator's
-# port, and so its keys, are new each run, and the machine's file would keep their rows.
-_STATE_DIR = tempfile.TemporaryDirectory(prefix="asinb-benchmark-")
+
+@functools.cache
+def _state_dir() -> tempfile.TemporaryDirectory[str]:
+    """The keys' SQLite state of this benchmark process, removed when it exits: the
+    simulator's port, and so its keys, are new each run, and the machine's file would keep
+    their rows. Made at the first config, not at import: a process that imports this module
+    only (the peer's child, killed at the end) would leave it behind."""
+    return tempfile.TemporaryDirectory(prefix="asinb-benchmark-")
 
 
 def broker_config(
@@ -91,8 +106,37 @@ def broker_config(
 ) -> BrokerConfig:
     """:func:`broker.bench.broker_config`, with the keys' state in this process's own file
     unless ``state_path`` names one."""
-    options.setdefault("state_path", Path(_STATE_DIR.name) / "keys.sqlite3")
+    options.setdefault("state_path", Path(_state_dir().name) / "keys.sqlite3")
     return bench.broker_config(url, accounts, **options)
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the script is, so its ``finally`` blocks (children
+    killed, temporary directories removed) run as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def interruptible(main: Callable[[], int]) -> int:
+    """Run a script's ``main``: Ctrl-C, SIGTERM and SIGHUP end it with one line on stderr
+    and 128 + the signal's number, after its cleanup, instead of a traceback (Ctrl-C) or an
+    exit that leaves children and temporary files behind (SIGTERM, a closed terminal)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        signum = signal.SIGINT
+    except _Stopped as stopped:
+        signum = signal.Signals(stopped.signum)
+    print(f"stopped by {signum.name}: no figures written", file=sys.stderr)
+    return 128 + signum
 
 
 # -- running and reporting ------------------------------------------------------------------------
@@ -150,14 +194,21 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 _N = TypeVar("_N", int, float)
 
 
-def positive(kind: Callable[[str], _N]) -> Callable[[str], _N]:
+def positive(
+    kind: Callable[[str], _N], *, least: float | None = None, most: float = math.inf
+) -> Callable[[str], _N]:
     """An argparse ``type``: ``kind`` (int or float) of the text, refused unless finite and
-    above 0 (a window, a count: 0 is no run at all, never "the default")."""
+    above 0 (a window, a count: 0 is no run at all, never "the default"), and within
+    ``least``..``most`` (the config's own bounds, refused at start, not minutes into a run)."""
 
     def read(text: str) -> _N:
         value = kind(text)
         if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        if least is not None and value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least:g}, got {text}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
         return value
 
     read.__name__ = kind.__name__

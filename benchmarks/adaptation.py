@@ -44,6 +44,7 @@ from _harness import (
     backlog,
     broker_config,
     creators_account,
+    interruptible,
     loop_factory,
     machine_info,
     non_negative,
@@ -91,9 +92,12 @@ def parse_schedule(text: str) -> list[Phase]:
         except ValueError:
             phase = Phase(0.0, 0.0)
         finite = math.isfinite(phase.seconds) and math.isfinite(phase.tps)
-        if not sep or not finite or phase.seconds <= 0 or phase.tps <= 0:
+        # Whole seconds: the figures count sends in one-second bins per phase.
+        whole = finite and phase.seconds >= 1 and phase.seconds.is_integer()
+        if not sep or not whole or phase.tps <= 0:
             raise argparse.ArgumentTypeError(
-                f"expected SECONDS:TPS pairs like {DEFAULT_SCHEDULE}, got {part!r}"
+                f"expected SECONDS:TPS pairs like {DEFAULT_SCHEDULE} (whole seconds, at "
+                f"least 1), got {part!r}"
             )
         phases.append(phase)
     return phases
@@ -401,4 +405,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(interruptible(main))

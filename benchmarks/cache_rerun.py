@@ -6,10 +6,10 @@ list again, 90 % the same ASINs and 10 % new ones, 23 hours later (the cache's w
 moved forward; nothing sleeps), then once more without the cache, as the baseline. Requests
 are counted by the simulator.
 
-The cache is used *cache-aside* here: ``get_many`` for the day's queries, only the misses go
-to ``Broker.get_items``, the answers go back with ``put_many``. That is the same split the
-engine integration makes (only misses are batched), done at the caller's side because the
-engine does not consult the cache yet; the figures measure the store and the real broker.
+The cache is the engine's own (``[cache]``, SQLite): the broker reads it before batching
+and writes every ok answer behind, as ``broker run`` and the library do. Each day is a
+broker of its own (closed at the day's end, which writes the last answers), on a clock whose
+wall time day 2 moves forward; the baseline is a broker with the cache off.
 
 Two resource sets are run: content only (title, image link) and the default set, which
 includes price and availability (``offersV2.*``): those answers are older than
@@ -25,21 +25,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from _harness import (
     LATENCY,
+    MAX_TPS,
+    MIN_TPS,
     SimulatorProcess,
     add_output_arguments,
     asin_stream,
     broker_config,
     creators_account,
+    interruptible,
     machine_info,
     positive,
     print_table,
@@ -51,16 +54,20 @@ from _harness import (
     warn_if_busy,
 )
 
-from broker.cache import CachePolicy, SqliteCache
 from broker.clock import LoopClock
-from broker.config import DEFAULT_RESOURCES
+from broker.config import DEFAULT_RESOURCES, BrokerConfig
 from broker.engine.broker import Broker
-from broker.models import ItemResult, Query
+from broker.models import Query
+
+if TYPE_CHECKING:
+    from broker.cache import CacheStats
 
 __all__ = ["main"]
 
 CONTENT = ("itemInfo.title", "images.primary.medium")
 RERUN_AFTER_S = 23 * 3600.0
+#: The resource sets run: content only, and the default set with prices.
+SCENARIOS: dict[str, tuple[str, ...]] = {"content": CONTENT, "with_offers": DEFAULT_RESOURCES}
 
 
 class _ShiftedClock(LoopClock):
@@ -77,69 +84,61 @@ class _ShiftedClock(LoopClock):
 
 
 async def _day(
-    broker: Broker,
-    cache: SqliteCache | None,
+    config: BrokerConfig,
+    clock: LoopClock,
     session: aiohttp.ClientSession,
     url: str,
     asins: Sequence[str],
     resources: tuple[str, ...],
-    marketplace: str,
-) -> dict[str, object]:
-    """Look up ``asins`` cache-aside; return requests, hits, statuses and times."""
+) -> tuple[dict[str, object], CacheStats | None]:
+    """Look up ``asins`` through a broker of ``config``; its figures and cache stats."""
     before = int((await sim_stats(session, url, timestamps=False))["requests"])
-    queries = [Query(a, marketplace, resources) for a in asins]
+    queries = [Query(a, config.api.marketplace, resources) for a in asins]
     wall0 = time.perf_counter()
-    cached = await cache.get_many(queries) if cache else [None] * len(queries)
-    wall_get = time.perf_counter() - wall0
-    misses = [q for q, hit in zip(queries, cached, strict=True) if hit is None]
-    answers = await broker.get_items(misses) if misses else []
-    # One result per distinct query, in order; the engine does not attach queries yet.
-    fetched: list[ItemResult] = [
-        dataclasses.replace(r, query=q) if r.query is None else r
-        for r, q in zip(answers, misses, strict=True)
-    ]
-    wall_put0 = time.perf_counter()
-    stored = await cache.put_many(fetched) if cache else 0
-    wall_put = time.perf_counter() - wall_put0
+    async with Broker(config, clock=clock) as broker:
+        answers = await broker.get_items(queries)
+        stats = await broker.cache_stats()
     wall = time.perf_counter() - wall0
     after = int((await sim_stats(session, url, timestamps=False))["requests"])
     statuses: dict[str, int] = {}
-    for result in fetched:
-        statuses[result.status.value] = statuses.get(result.status.value, 0) + 1
+    for result in answers:
+        if not result.cached:
+            statuses[result.status.value] = statuses.get(result.status.value, 0) + 1
     return {
         "asins": len(asins),
-        "hits": len(asins) - len(misses),
+        "hits": sum(result.cached for result in answers),
         "requests": after - before,
         "wall_s": round(wall, 3),
-        "cache_get_ms": round(1000 * wall_get, 1),
-        "cache_put_ms": round(1000 * wall_put, 1),
-        "stored": stored,
         "fetched_by_status": statuses,
-    }
+    }, stats
 
 
 async def _scenario(
     name: str, resources: tuple[str, ...], url: str, args: argparse.Namespace, workdir: Path
 ) -> dict[str, object]:
     accounts = [creators_account(0, tps=args.tps)]
-    config = broker_config(url, accounts, tps=args.tps, max_in_flight=8)
-    marketplace = config.api.marketplace
+    plain = broker_config(url, accounts, tps=args.tps, max_in_flight=8)
+    cached = dataclasses.replace(
+        plain,
+        cache=dataclasses.replace(
+            plain.cache,
+            backend="sqlite",
+            path=str(workdir / f"{name}.sqlite3"),
+            max_age_s=86_400.0,
+            offers_max_age_s=3_600.0,
+        ),
+    )
+    off = dataclasses.replace(plain, cache=dataclasses.replace(plain.cache, max_age_s=0.0))
     stream = asin_stream("C" if name == "content" else "D")
     day1 = [next(stream) for _ in range(args.asins)]
     new = round(args.asins * args.new)
     day2 = day1[new:] + [next(stream) for _ in range(new)]
     clock = _ShiftedClock()
-    policy = CachePolicy(max_age_s=86_400, offers_max_age_s=3_600)
-    async with (
-        Broker(config) as broker,
-        SqliteCache(workdir / f"{name}.sqlite3", policy, clock=clock) as cache,
-        aiohttp.ClientSession() as session,
-    ):
-        first = await _day(broker, cache, session, url, day1, resources, marketplace)
+    async with aiohttp.ClientSession() as session:
+        first, _ = await _day(cached, clock, session, url, day1, resources)
         clock.shift_s = RERUN_AFTER_S
-        second = await _day(broker, cache, session, url, day2, resources, marketplace)
-        stats = (await cache.stats()).to_json()
-        baseline = await _day(broker, None, session, url, day2, resources, marketplace)
+        second, stats = await _day(cached, clock, session, url, day2, resources)
+        baseline, _ = await _day(off, clock, session, url, day2, resources)
     cold = int(baseline["requests"])  # type: ignore[call-overload]
     warm = int(second["requests"])  # type: ignore[call-overload]
     # With no hit the two runs' counts differ only by how batches happened to fill: noise,
@@ -152,7 +151,7 @@ async def _scenario(
         "day2_no_cache": baseline,
         "requests_saved": saved,
         "requests_saved_pct": round(100.0 * saved / cold, 1) if cold else None,
-        "cache": stats,
+        "cache": stats.to_json() if stats is not None else None,
     }
 
 
@@ -166,7 +165,7 @@ async def _main(args: argparse.Namespace) -> dict[str, object]:
     }
     scenarios: dict[str, object] = {}
     with SimulatorProcess(settings) as sim, tempfile.TemporaryDirectory() as tmp:
-        for name, resources in (("content", CONTENT), ("with_offers", DEFAULT_RESOURCES)):
+        for name, resources in SCENARIOS.items():
             if name in args.scenarios:
                 scenarios[name] = await _scenario(name, resources, sim.url, args, Path(tmp))
     return scenarios
@@ -180,16 +179,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--asins", type=positive(int), help="ASINs in the list (default 10000; quick 1000)"
     )
     parser.add_argument("--new", type=share, default=0.1, help="share of new ASINs on day 2")
-    parser.add_argument("--tps", type=positive(float), default=50.0, help="the simulated key's TPS")
+    parser.add_argument(
+        "--tps",
+        type=positive(float, least=MIN_TPS, most=MAX_TPS),
+        default=50.0,
+        help="the key's TPS",
+    )
     parser.add_argument(
         "--scenarios",
-        default="content,with_offers",
+        default=",".join(SCENARIOS),
         help="comma-separated: content, with_offers (default: both)",
     )
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     args.asins = args.asins or (1_000 if args.quick else 10_000)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    if unknown or not args.scenarios:
+        parser.error(
+            f"--scenarios: {', '.join(unknown) or 'none given'}; choose from "
+            + ", ".join(SCENARIOS)
+        )
     quiet_logging()
     warn_if_busy()
     scenarios = asyncio.run(_main(args))
@@ -207,7 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{second['requests']} / {second['wall_s']:.1f} s",
                 f"{baseline['requests']} / {baseline['wall_s']:.1f} s",
                 f"{body['requests_saved']} ({body['requests_saved_pct']} %)",
-                f"{second['cache_get_ms']} / {second['cache_put_ms']}",
             ]
         )
     print_table(
@@ -219,7 +228,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "day 2 cached: requests / wall",
             "day 2 no cache: requests / wall",
             "saved",
-            "get_many / put_many ms",
         ],
         rows,
     )
@@ -229,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "new_share": args.new,
         "tps": args.tps,
         "rerun_after_s": RERUN_AFTER_S,
-        "integration": "cache-aside at the caller (engine integration not merged yet)",
+        "integration": "the engine's own cache ([cache], SQLite), a broker per day",
         "scenarios": scenarios,
         "machine": machine_info(),
     }
@@ -238,4 +246,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(interruptible(main))

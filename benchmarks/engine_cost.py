@@ -56,6 +56,7 @@ from _harness import (
     broker_config,
     creators_account,
     floor_results,
+    interruptible,
     machine_info,
     measure_stream,
     median_of,
@@ -340,4 +341,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(interruptible(main))

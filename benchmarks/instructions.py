@@ -46,12 +46,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from _harness import (
     add_output_arguments,
+    interruptible,
     machine_info,
     positive,
     print_table,
@@ -59,6 +61,7 @@ from _harness import (
     report,
     results_name,
     run_sample,
+    warn_if_busy,
 )
 from engine_cost import ITEMS_PER_REQUEST, Answers, _engine, _floor, batches, warm_count
 
@@ -111,6 +114,26 @@ class Count:
     instructions: int | None
 
 
+class _Children:
+    """The children running now, so a Ctrl-C stops them instead of waiting a minute or
+    more for every counted run queued behind them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen[str]] = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Start no more children and end those running."""
+        with self.lock:
+            self.stopping = True
+            for child in self.running:
+                child.kill()
+
+
+_CHILDREN = _Children()
+
+
 def _counted(client: str, requests: int, answers_path: Path, valgrind: str | None) -> Count:
     """Run one child, under valgrind unless ``valgrind`` is None, and read what it did."""
     command = [
@@ -131,13 +154,23 @@ def _counted(client: str, requests: int, answers_path: Path, valgrind: str | Non
             "--callgrind-out-file=/dev/null",
             *command,
         ]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
+    with _CHILDREN.lock:
+        if _CHILDREN.stopping:
+            raise RuntimeError("stopped before it started")
+        child = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        _CHILDREN.running.add(child)
+    try:
+        stdout, stderr = child.communicate()
+    finally:
+        with _CHILDREN.lock:
+            _CHILDREN.running.discard(child)
+    done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
     if done.returncode != 0:
         raise RuntimeError(
             f"{client}, {requests} requests: exit {done.returncode}\n{done.stderr[-3000:]}"
@@ -181,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-valgrind",
         action="store_true",
-        help="run the children without valgrind (a smoke test: nothing is counted)",
+        help="run the children without valgrind (a smoke test: nothing is counted, nothing "
+        "written)",
     )
     parser.add_argument("--child", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
@@ -208,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 69
+    if valgrind is None:
+        # Nothing is counted: its file would replace the figures the README quotes.
+        args.no_write = True
+    warn_if_busy()
 
     started = time.perf_counter()
     counts: dict[tuple[str, int], list[Count]] = {}
@@ -219,13 +257,19 @@ def main(argv: list[str] | None = None) -> int:
             paths[size] = Path(tmp) / f"answers-{size}.pickle"
             answers.save(paths[size])
         runs = list(itertools.product(CLIENTS, (small, large), range(args.repeat)))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        try:
             futures = [
                 (run, pool.submit(_counted, run[0], run[1], paths[run[1]], valgrind))
                 for run in runs
             ]
             for (client, size, _), future in futures:
                 counts.setdefault((client, size), []).append(future.result())
+        except BaseException:
+            _CHILDREN.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
 
     results: dict[str, dict[str, object]] = {}
     slopes: dict[str, int | None] = {}
@@ -280,4 +324,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(interruptible(main))

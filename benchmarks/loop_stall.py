@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from _harness import (
     add_output_arguments,
+    interruptible,
     machine_info,
     positive,
     print_table,
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(interruptible(main))

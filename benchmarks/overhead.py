@@ -62,6 +62,7 @@ from _harness import (
     asin_stream,
     broker_config,
     floor_results,
+    interruptible,
     machine_info,
     measure_stream,
     median_of,
@@ -525,4 +526,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(interruptible(main))

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from _harness import (
     add_output_arguments,
+    interruptible,
     machine_info,
     positive,
     print_table,
@@ -152,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(interruptible(main))

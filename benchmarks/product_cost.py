@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,11 +30,13 @@ from datetime import datetime
 
 from _harness import (
     add_output_arguments,
+    interruptible,
     machine_info,
     positive,
     print_table,
     report,
     results_name,
+    warn_if_busy,
 )
 
 from broker.config import DEFAULT_RESOURCES
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=positive(int), default=5)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
+    warn_if_busy()
     count, repeat = (
         (min(args.items, 300), min(args.repeat, 2)) if args.quick else (args.items, args.repeat)
     )
@@ -184,4 +186,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(interruptible(main))

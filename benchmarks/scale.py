@@ -41,10 +41,14 @@ from typing import Any
 
 from _harness import (
     MARKETPLACE,
+    MAX_IN_FLIGHT,
+    MAX_TPS,
+    MIN_TPS,
     SimulatorProcess,
     add_output_arguments,
     asin_stream,
     creators_account,
+    interruptible,
     machine_info,
     positive,
     print_table,
@@ -313,18 +317,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--invalid", type=share, default=0.001, help="share of invalid rows (0.001)"
     )
     parser.add_argument(
-        "--tps", type=positive(float), default=1000.0, help="the key's configured TPS"
+        "--tps",
+        type=positive(float, least=MIN_TPS, most=MAX_TPS),
+        default=1000.0,
+        help="the key's configured TPS",
     )
     parser.add_argument(
-        "--max-in-flight", type=positive(int), default=32, help="the key's max_in_flight"
+        "--max-in-flight",
+        type=positive(int, most=MAX_IN_FLIGHT),
+        default=32,
+        help="the key's max_in_flight",
     )
-    parser.add_argument("--keep", type=Path, help="keep the job, config and output in this dir")
+    parser.add_argument(
+        "--keep", type=Path, help="keep the job, config and output in this new or empty dir"
+    )
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     rows = args.rows or (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     warn_if_busy()
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
+        if any(args.keep.iterdir()):
+            # The job left there would be resumed (nothing measured) or refused as changed.
+            parser.error(f"--keep {args.keep}: not empty; give a new or empty directory")
         result = _run(args, rows, args.keep)
     else:
         with tempfile.TemporaryDirectory(prefix="asinb-scale-") as tmp:
@@ -372,4 +387,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(interruptible(main))

@@ -47,6 +47,7 @@ from _harness import (
     asin_stream,
     broker_config,
     creators_account,
+    interruptible,
     machine_info,
     non_negative,
     positive,
@@ -341,6 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "redis" in modes and redis_server_binary() is None:
         print("note: no redis-server: the redis mode is skipped", file=sys.stderr)
         modes.remove("redis")
+        if not modes:
+            # Its file would replace the figures the README quotes with no run at all.
+            print(
+                "error: nothing to run without redis-server (apt-get install redis-server)",
+                file=sys.stderr,
+            )
+            return 69
     settings = {
         "seed": 1,
         "burst": BURST,
@@ -417,4 +425,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(interruptible(main))

@@ -55,11 +55,14 @@ from typing import Any
 import aiohttp
 from _harness import (
     LATENCY,
+    MAX_TPS,
+    MIN_TPS,
     SimulatorProcess,
     add_output_arguments,
     backlog,
     broker_config,
     creators_account,
+    interruptible,
     loop_factory,
     machine_info,
     non_negative,
@@ -362,7 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keys", type=positive(int), default=4, help="keys (simulator accounts)")
     parser.add_argument(
-        "--tps", type=positive(float), default=DEFAULT_TPS, help="true rate of each key, per second"
+        "--tps",
+        # The over25 scenario configures the keys 25 % above it.
+        type=positive(float, least=MIN_TPS, most=MAX_TPS / 1.25),
+        default=DEFAULT_TPS,
+        help="true rate of each key, per second",
     )
     parser.add_argument("--duration", type=positive(float), help="measured window per scenario, s")
     parser.add_argument("--warmup", type=non_negative, help="seconds before the window opens")
@@ -472,4 +479,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(interruptible(main))
