@@ -1398,7 +1398,13 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
             f"{summary.quota_wait_until}: {tail}",
             file=sys.stderr,
         )
-    if summary.stopped_by_signal:
+    if summary.ordering_stopped:
+        print(
+            "stopped by signal while putting the output in input order (--ordered): every "
+            "row is in it, in the order they were done; run the same command again to order it",
+            file=sys.stderr,
+        )
+    elif summary.stopped_by_signal:
         tail = over if paths.to_stdout else "run the same command again to resume"
         print(f"stopped by signal: {tail}", file=sys.stderr)
     if summary.refresh_pending:

@@ -1284,6 +1284,24 @@ class TestReruns:
             after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".lock"}
         assert after == before
 
+    def test_an_ordering_stopped_by_a_signal_says_so_once(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--ordered on a complete job stopped by a signal while it orders: exit 75 and one
+        message saying the same command orders it; it also said "run the same command again
+        to resume" and "already complete ... --refresh", each wrong here."""
+        from broker.jobs import runner
+
+        _job(tmp_path, 40)
+        assert self._run(tmp_path) == ExitCode.OK
+        capsys.readouterr()
+        monkeypatch.setattr(runner, "_export_ordered", lambda *args, **kwargs: False)
+        assert self._run(tmp_path, "--ordered") == ExitCode.RESUMABLE
+        err = capsys.readouterr().err
+        assert "run the same command again to order it" in err
+        assert "to resume" not in err
+        assert "already complete" not in err
+
     def test_ordered_writes_rows_in_input_order(self, tmp_path: Path) -> None:
         """--ordered: the finished output lists rows in input order."""
         _job(tmp_path, 40)

@@ -33,6 +33,7 @@ from broker.jobs.sinks import (
     JsonlSink,
     ResultSink,
     SqliteSink,
+    json_lines,
     open_sink,
     output_row,
 )
@@ -620,7 +621,37 @@ def _altered_and_resumed(
     return state, [str(e["event"]) for e in logs]
 
 
+def test_unicode_line_separators_are_escaped_in_json_lines() -> None:
+    """U+2028, U+2029 and U+0085 in a title are escaped: a row stays one line for
+    str.splitlines, editors and log shippers (3 rows read as 9 lines), and reads back the
+    same."""
+    title = "before\u2028after\u2029para\x85end"
+    text = json_lines([{"title": title}, {"title": "plain"}]).decode("utf-8")
+    lines = text.splitlines()
+    assert len(lines) == 2
+    assert json.loads(lines[0]) == {"title": title}
+
+
 class TestSqliteSink:
+    def test_a_closed_output_opens_read_only(self, tmp_path: Path) -> None:
+        """A closed SQLite output is out of WAL mode, with no -wal or -shm beside it, so a
+        reader who may not write its folder (another user, a read-only volume) opens it:
+        in WAL mode even a read-only open needs the -shm file, and failed."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            emit(ledger, sink)
+            sink.close()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.")) == [
+            "out.sqlite"
+        ]
+        reader = sqlite3.connect(f"file:{out}?mode=ro", uri=True)
+        try:
+            assert reader.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+            assert reader.execute("SELECT count(*) FROM results").fetchone() == (10,)
+        finally:
+            reader.close()
+
     def test_rows_and_columns(self, tmp_path: Path) -> None:
         """One row per input row with the documented columns and the JSON row."""
         out = tmp_path / "out.sqlite"

@@ -176,6 +176,8 @@ class JobSummary:
     invalid_report: str | None = None
     #: a signal ended the run before the job was done (rows remain for a rerun)
     stopped_by_signal: bool = False
+    #: a signal stopped ``--ordered`` putting the output of a done job in input order
+    ordering_stopped: bool = False
     #: the job file was read to its end (False: stopped while reading it; ``total`` counts
     #: the rows read so far)
     read_complete: bool = True
@@ -481,7 +483,9 @@ async def _run_once(
                 columns,
                 stopped=lambda: halt.is_set() or stop.signals > signals,
             )
+            stop.ordering = True
             ordering_stopped = not await _in_thread(export, on_cancel=halt.set)
+            stop.ordering = False
         report = report_path(options.out)
         invalid = await _in_thread(functools.partial(InvalidReport(report).write, ledger))
         summary.invalid_report = str(report) if invalid else None
@@ -491,12 +495,13 @@ async def _run_once(
         summary.pending = counts.pending
         summary.quota_wait_until = stop.quota_until if counts.pending else None
         summary.quota_wait_keys = stop.quota_keys if counts.pending else frozenset()
+        summary.ordering_stopped = ordering_stopped
         summary.stopped_by_signal = ordering_stopped or (
             stop.requested
             and summary.quota_wait_until is None
             and (counts.pending > 0 or not ledger.ingest_complete)
         )
-        if resumed_complete:
+        if resumed_complete and not ordering_stopped:
             # In a thread: it reads every result's time (seconds for a million).
             summary.already_complete = await _in_thread(
                 functools.partial(_complete_message, ledger, options, counts)
@@ -1069,6 +1074,7 @@ class _Stop:
         "draining",
         "error",
         "forced",
+        "ordering",
         "quota_keys",
         "quota_until",
         "requested",
@@ -1080,6 +1086,8 @@ class _Stop:
         self.requested = False
         #: the fetch was cancelled rather than drained
         self.forced = False
+        #: every row is done and the output is being put in input order (``--ordered``)
+        self.ordering = False
         #: how many stop signals (or the caller's drain) came so far
         self.signals = 0
         #: why the fetch was stopped, when it was an error (see :meth:`fail`)
@@ -1112,14 +1120,14 @@ class _Stop:
         self.signals += 1
         self.requested = True
         self.draining.set()
-        logger.warning(
-            "broker.job_stopping",
-            **why,
-            mode="drain",
-            grace_s=self._grace_s,
-            note="no new requests; those already sent are answered and written, the rest "
-            "stay pending; send the signal again to stop at once",
+        note = (
+            "every row is done; the output stays in the order rows were done, and the same "
+            "command puts it in input order"
+            if self.ordering
+            else "no new requests; those already sent are answered and written, the rest "
+            "stay pending; send the signal again to stop at once"
         )
+        logger.warning("broker.job_stopping", **why, mode="drain", grace_s=self._grace_s, note=note)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._grace_s, self._force, "drain grace period over")
 

@@ -29,6 +29,7 @@ rows, so it needs no byte offsets (``offset`` is always 0).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -251,7 +252,13 @@ _EMPTY: Final[Mapping[str, object]] = MappingProxyType({})
 
 
 def _json_line(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n"
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        # Line breaks to Python's str.splitlines, editors and log shippers, though not to
+        # JSON: escaped, a row stays one line for every reader.
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+        text = text.replace("\x85", "\\u0085")
+    return text + "\n"
 
 
 def _utf8(text: str) -> bytes:
@@ -790,12 +797,22 @@ class SqliteSink:
         return SinkState(0, self._durable)
 
     def close(self) -> None:
-        """Roll back what was not flushed and close the database."""
+        """Roll back what was not flushed, leave WAL mode and close the database.
+
+        Out of WAL mode, the file alone is the database: a reader who may not write its
+        folder (another user, a read-only volume) can open it, which in WAL mode needs a
+        ``-shm`` file beside it. The next open of the job goes back to WAL.
+        """
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                if self._failed is None:
+                    # A reader holding the file keeps it in WAL mode: harmless, not waited for.
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("PRAGMA busy_timeout = 100")
+                        conn.execute("PRAGMA journal_mode = DELETE")
             finally:
                 # Closed even when the rollback fails (a failing disk): never leaked.
                 conn.close()
