@@ -661,6 +661,33 @@ class TestBrokenKeys:
         assert refused.error.code == "InvalidResource"
         assert refused.marketplace == "www.amazon.de"  # still the URL's store
 
+    async def test_an_empty_resource_list_is_refused(self, harness: Harness) -> None:
+        """No resource named (``Query(resources=())``, a job row's ``"resources": []``) is
+        an invalid query, and ``resources=[]`` for a call a ValueError: the request named
+        none and Amazon answered with its own default, the title alone."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        (refused,) = await broker.get_items([Query("B000000001", resources=())])
+        assert refused.status is Status.INVALID
+        assert refused.error is not None
+        assert refused.error.code == "InvalidResource"
+        assert "empty" in refused.error.message
+        with pytest.raises(ValueError, match="empty"):
+            await broker.get_items(["B000000001"], resources=[])
+
+    async def test_a_url_of_no_amazon_store_says_the_store_is_the_urls(
+        self, harness: Harness
+    ) -> None:
+        """A product URL on an Amazon-looking host that is no marketplace (amazon.xyz), the
+        query naming none: the message says the store is the URL's, not "unknown
+        marketplace", which the caller never named."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url))
+        (result,) = await broker.get_items(["https://www.amazon.xyz/dp/B000000001"])
+        assert result.error is not None
+        assert result.error.code == "UnknownMarketplace"
+        assert "the product URL's store 'amazon.xyz'" in result.error.message
+
     async def test_unknown_marketplace(self, harness: Harness) -> None:
         """A marketplace that is not Amazon's is an invalid query, never sent."""
         sim = await harness.simulator(FREE)

@@ -195,6 +195,25 @@ class TestCsv:
         assert found[2].marketplace == "www.amazon.co.uk"
         assert all(row.resources is None for row in found)
 
+    def test_a_resources_column_is_each_rows_resources(self, tmp_path: Path) -> None:
+        """A CSV ``resources`` column (any case) holds each row's resources, separated by
+        commas, semicolons, bars or blanks, as a JSON Lines row's list; an empty cell means
+        the configured ones. It travelled as pass-through data, every row looked up with
+        the configured resources and nothing said."""
+        data = (
+            "asin, Resources ,note\n"
+            f'{VALID},"itemInfo.title, images.primary.large",a\n'
+            f"{VALID},itemInfo.title;offersV2.listings.price,b\n"
+            f"{VALID},,c\n"
+        )
+        found = rows(write(tmp_path, "job.csv", data))
+        assert [row.resources for row in found] == [
+            ("itemInfo.title", "images.primary.large"),
+            ("itemInfo.title", "offersV2.listings.price"),
+            None,
+        ]
+        assert [row.extra for row in found] == [{"note": "a"}, {"note": "b"}, {"note": "c"}]
+
     def test_bom_with_utf8_sig_encoding(self, tmp_path: Path) -> None:
         """encoding='utf-8-sig' works the same as the utf-8 default."""
         path = write(tmp_path, "job.csv", f"\ufeffasin\n{VALID}\n")

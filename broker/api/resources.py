@@ -162,7 +162,8 @@ def resolve_resources(
     Raises:
         TypeError: ``names`` is a single string, or holds something that is not a string.
         ValueError: a name ``operation`` does not accept under ``protocol`` (the message
-            names it and, for retired or protocol-specific names, says what to use).
+            names it and, for retired or protocol-specific names, says what to use), or
+            no name at all.
     """
     if isinstance(names, str | bytes):
         raise TypeError("resources must be a list of resource names, not a single string")
@@ -170,6 +171,13 @@ def resolve_resources(
     for name in listed:
         if not isinstance(name, str):
             raise TypeError(f"resources must be strings, got {type(name).__name__}")
+    if not listed:
+        # Sent so, the request would name no resource and Amazon answer with its own
+        # default (the title alone): neither what was configured nor an error.
+        raise ValueError(
+            "resources: the list is empty; name at least one resource, or leave resources "
+            "out for the configured ones (api.resources)"
+        )
     return _resolve(listed, protocol, operation)
 
 

@@ -157,11 +157,15 @@ class Intake:
         canonical = self._canonical_market(named)
         res = tuple(wanted) if wanted is not None else self._resources
         if canonical is None:
-            return self._immediate(
-                Query(raw, named, res, tag),
-                "UnknownMarketplace",
-                f"unknown marketplace {named!r}; {NAMING}",
-            )
+            if (store or check_asin(raw).store) == named:
+                # Named by no one: the product URL's own host, an Amazon-looking domain.
+                why = (
+                    f"the product URL's store {named!r} is no Amazon marketplace; give the "
+                    f"lookup a marketplace ({NAMING})"
+                )
+            else:
+                why = f"unknown marketplace {named!r}; {NAMING}"
+            return self._immediate(Query(raw, named, res, tag), "UnknownMarketplace", why)
         if asin is None:
             return self._immediate(
                 Query(raw, canonical, res, tag), "InvalidAsin", reason or "invalid ASIN"

@@ -841,6 +841,7 @@ class _CsvLayout:
     width: int
     asin: int
     marketplace: int | None
+    resources: int | None
     extra: tuple[tuple[int, str], ...]
 
 
@@ -1063,6 +1064,10 @@ def _quotes_closed(lines: list[_Line], delimiter: str) -> bool:
     return True
 
 
+#: What separates the resource names of a CSV ``resources`` cell.
+_RESOURCE_SPLIT: Final = re.compile(r"[\s,;|]+")
+
+
 def _csv_row(
     lineno: int, record: list[str], layout: _CsvLayout, check: Callable[[str], AsinCheck]
 ) -> JobRow:
@@ -1071,6 +1076,12 @@ def _csv_row(
     marketplace = None
     if layout.marketplace is not None and layout.marketplace < size:
         marketplace = record[layout.marketplace].strip() or None
+    resources = None
+    if layout.resources is not None and layout.resources < size:
+        # A JSON Lines row's list, in a cell: names apart by commas, semicolons, bars or
+        # blanks; an empty cell asks the configured ones.
+        names = _RESOURCE_SPLIT.split(record[layout.resources])
+        resources = tuple(name for name in names if name) or None
     extra = {name: record[i] if i < size else "" for i, name in layout.extra} or None
     error = None
     if size > layout.width and any(cell.strip() for cell in record[layout.width :]):
@@ -1081,10 +1092,10 @@ def _csv_row(
     elif layout.asin >= size:
         error = f"row has {size} fields but the header has {layout.width}: no asin value"
     if error is not None:
-        return JobRow(lineno, raw, None, marketplace, None, extra, error, code=INVALID_ROW)
+        return JobRow(lineno, raw, None, marketplace, resources, extra, error, code=INVALID_ROW)
     verdict = check(raw)
     market = marketplace or verdict.store
-    return _row(lineno, raw, verdict.asin, market, None, extra, verdict.reason)
+    return _row(lineno, raw, verdict.asin, market, resources, extra, verdict.reason)
 
 
 def _csv_delimiter(header_line: str) -> str:
@@ -1148,20 +1159,22 @@ def _no_asin_column(names: list[str], delimiter: str) -> str:
 
 
 def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _CsvLayout:
-    """Find the asin and marketplace columns and name the others; refuse a header without asin."""
+    """Find the asin, marketplace and resources columns and name the others; refuse a header
+    without asin."""
     names = _header_names(header)
     lowered = [name.lower() for name in names]
     asin = [i for i, name in enumerate(lowered) if name == "asin"]
     if not asin:
         raise JobFileError(f"{path}: line {lineno}: {_no_asin_column(header, delimiter)}")
     marketplace = [i for i, name in enumerate(lowered) if name == "marketplace"]
-    for column, where in (("asin", asin), ("marketplace", marketplace)):
+    resources = [i for i, name in enumerate(lowered) if name == "resources"]
+    for column, where in (("asin", asin), ("marketplace", marketplace), ("resources", resources)):
         if len(where) > 1:
             raise JobFileError(
                 f"{path}: line {lineno}: the CSV header has {len(where)} {column!r} columns "
                 f"(columns {', '.join(str(i + 1) for i in where)}); keep one"
             )
-    special = {asin[0], *marketplace}
+    special = {asin[0], *marketplace, *resources}
     given = [(i, name) for i, name in enumerate(names) if i not in special and name]
     # A column with no name is named by its place, after the named ones: a header's own
     # "column2" keeps its name (and its data) whatever blank column stands before it.
@@ -1183,6 +1196,7 @@ def _csv_layout(header: list[str], delimiter: str, path: Path, lineno: int) -> _
         len(header),
         asin[0],
         marketplace[0] if marketplace else None,
+        resources[0] if resources else None,
         tuple(sorted(extra)),
     )
 
