@@ -180,14 +180,13 @@ def enable_wal(conn: sqlite3.Connection, *, timeout_s: float) -> None:
     Raises:
         sqlite3.OperationalError: still locked after ``timeout_s``, or any other error.
     """
-    # Asked first: a file in WAL mode already needs no lock, so a writer elsewhere never
-    # holds up a process that opens it to read.
-    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
-        return
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            # Asked first: a file in WAL mode already needs no write lock, so a writer
+            # elsewhere never holds up a process that opens it to read.
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() >= deadline:
