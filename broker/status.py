@@ -103,8 +103,16 @@ def _status(view: KeyView, configured_tps: float) -> KeyStatus:
             # The park is over; the key's next send (by whichever process) is its probe.
             state = "probe due"
     elif limit is not None and d.count >= limit:
-        state, reason = QUOTA_WAIT, "daily quota spent"
-        until = _iso(datetime.fromtimestamp((d.day + 1) * 86_400 + view.limits.reset_offset_s, UTC))
+        own = view.limits.day_limit
+        if own is not None and d.count < own:
+            # Only another process's lower tpd stops the key (engine: broker.daily_quota_held);
+            # that hold lapses when the process closes, or a minute after it stops asking.
+            state, reason = QUOTA_WAIT, f"another process's lower tpd ({limit}/day)"
+        else:
+            state, reason = QUOTA_WAIT, "daily quota spent"
+            until = _iso(
+                datetime.fromtimestamp((d.day + 1) * 86_400 + view.limits.reset_offset_s, UTC)
+            )
     elif d.paused_until_us:
         state, reason = "paused", d.pause_reason or None
         until = _iso(_at(d, d.paused_until_us))

@@ -305,6 +305,22 @@ class TestFeedback:
         assert again.granted
         assert again.count == 1
 
+    async def test_a_reset_moved_later_ends_the_day_at_its_new_time(self, backend: Backend) -> None:
+        """[rate] daily_reset_utc moved from an hour ago to half an hour ago, a spent key:
+        the day counted ended at the new reset, so the key sends again at once; it was held
+        until the new reset's time the next day (23.5 h)."""
+        now_s = (backend.fake[0] if backend.fake is not None else time.time_ns() // 1_000) // (
+            1_000_000
+        )
+        early = replace(LIMITS, day_limit=2, reset_offset_s=(now_s - 3_600) % 86_400)
+        later = replace(early, reset_offset_s=(now_s - 1_800) % 86_400)
+        assert (await backend.reserve(early)).granted
+        assert (await backend.reserve(early)).granted
+        assert (await backend.reserve(early)).refusal == "daily quota"
+        moved = await backend.reserve(later)
+        assert moved.granted
+        assert moved.count == 1
+
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""
         sent = await backend.reserve()

@@ -549,3 +549,28 @@ def test_times_are_told_by_the_stores_clock() -> None:
     status = _status(asyncio.run(view_parked()), 1.0)  # type: ignore[arg-type]
     assert status.state == "parked"
     assert status.until == (store_wall + timedelta(seconds=600)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_key_held_by_another_process_lower_tpd_is_not_shown_spent() -> None:
+    """Another process's lower tpd holds the key, this config's own limit not reached:
+    status names the hold and no reset time; it said "daily quota spent" until tomorrow's
+    reset, while that hold lapses when the other process closes."""
+    from broker.state import MemoryStateStore
+    from broker.status import _status
+
+    store = MemoryStateStore(lambda: 5_000_000, lambda: 1_800_000_000_000_000)
+    key = StateKey.of("http://sim", "cred", name="k")
+    low = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=3)
+    own = KeyLimits(5.0, 0.05, 5.0, day_limit=50, tpd=51)
+
+    async def spend_then_view() -> object:
+        for _ in range(3):
+            await store.decide(
+                key, low, feedback=Feedback(), reserve=True, process=ProcessMark("p:1:a")
+            )
+        return await store.view(key, own)
+
+    status = _status(asyncio.run(spend_then_view()), 5.0)  # type: ignore[arg-type]
+    assert status.state == "waiting for daily quota"
+    assert status.reason == "another process's lower tpd (2/day)"
+    assert status.until is None

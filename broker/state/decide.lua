@@ -71,7 +71,7 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked')
+  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -104,6 +104,8 @@ local run_429s = tonumber(h[24]) or 0
 local gen = h[25] or ''
 local gen_sends = tonumber(h[26]) or 0
 local gen_unparked = h[27] == '1'
+-- decision.py: Record.day_offset, the reset offset day was counted under (-1: unknown)
+local day_offset = tonumber(h[28]) or -1
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -233,6 +235,12 @@ if before and not gen_unparked and mark_parked > math.max(now, parked_until) the
 end
 if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
+-- The reset moved (daily_reset_utc changed): day becomes the new reset's window holding
+-- its start (decision.py: decide).
+if day >= 0 and day_offset >= 0 and day_offset ~= reset_offset then
+  day = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
+end
+day_offset = reset_offset
 local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
 if today > day then
   day = today
@@ -355,7 +363,8 @@ if not view then
     'rc_level', num(rc_level), 'rc_desc', rc_desc and '1' or '0', 'rc_r1', int(rc_r1),
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
     'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s), 'gen', gen,
-    'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0')
+    'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0',
+    'day_offset', int(day_offset))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

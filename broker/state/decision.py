@@ -39,6 +39,7 @@ from broker.state.model import (
 __all__ = ["PROCESS_KEEP_S", "Record", "decide", "process_entry", "slack_us"]
 
 _US = 1_000_000
+_DAY_S = 86_400
 #: Processes not seen for this long are dropped from a key's record.
 PROCESS_KEEP_S = 600.0
 #: A 429 this long (seconds) after the key's last one starts a new run of 429s.
@@ -73,6 +74,9 @@ class Record:
     boost: float = 1.0
     streak: int = 0
     day: int = -1
+    #: the reset offset (s after 00:00 UTC) ``day`` was counted under (-1: unknown, an
+    #: older broker's record): ``[rate] daily_reset_utc`` changed, ``day`` is converted
+    day_offset: int = -1
     count: int = 0
     paused_until: int = 0
     pause_reason: str = ""
@@ -412,7 +416,14 @@ def decide(
     record.rate = _clamp(record.rate, limits)
     if wall is None:
         wall = now
-    day = day_number(wall, limits.reset_offset_s)
+    offset = limits.reset_offset_s
+    if record.day >= 0 and record.day_offset >= 0 and record.day_offset != offset:
+        # The reset moved (daily_reset_utc changed): the day counted so far is the new
+        # reset's window that holds its start, so it ends at the new reset's next time,
+        # not a day after it (a reset moved later held a spent key some 24 h too long).
+        record.day = (record.day * _DAY_S + record.day_offset - offset) // _DAY_S
+    record.day_offset = offset
+    day = day_number(wall, offset)
     if day > record.day:
         record.day = day
         record.count = record.gen_sends = 0
