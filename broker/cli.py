@@ -1254,6 +1254,10 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
         quota_wait_until=summary.quota_wait_until,
         quota_wait_keys=sorted(summary.quota_wait_keys),
         keys_out=list(summary.keys_out),
+        failed=[
+            {"code": code, "marketplace": market, "rows": n}
+            for code, market, n in summary.failed_causes
+        ],
         exit_code=int(summary.exit_code()),
     )
 
@@ -1264,6 +1268,19 @@ def _say_rows(
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none done"
     read = "" if read_complete else " read so far, the job file not read to its end"
     print(f"rows: {total}{read} ({statuses}); pending {pending}", file=sys.stderr)
+
+
+def _say_failures(causes: Sequence[tuple[str, str, int]]) -> None:
+    """Why rows failed, by error code and marketplace (the five largest), so a config fix
+    that ends them all (a partner tag for a store) is seen without opening the output."""
+    if not causes:
+        return
+    shown = ", ".join(f"{n} {code} ({market})" for code, market, n in causes[:5])
+    more = f", and {len(causes) - 5} more causes" if len(causes) > 5 else ""
+    print(
+        f"failed: {shown}{more}; each failed row's error.remedy in the output says what to do",
+        file=sys.stderr,
+    )
 
 
 def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = False) -> None:
@@ -1353,6 +1370,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     _say_rows(
         summary.total, summary.by_status, summary.pending, read_complete=summary.read_complete
     )
+    _say_failures(summary.failed_causes)
     from_cache = f"from the item cache {summary.cached}, " if summary.cached else ""
     print(
         f"requests {summary.requests}, 429s {summary.throttled}, retries {summary.retries}, "

@@ -42,6 +42,23 @@ def _rows(path: Path) -> list[dict[str, object]]:
 
 
 class TestJobRows:
+    def test_failed_rows_are_counted_by_cause_with_the_fix_first(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Rows failed for a store no key has a tag for: the run says how many failed for
+        what, and a rerun of the complete job says to add the tag before --new-job; it said
+        only "1 failed", and that --new-job asks Amazon again (they never went out)."""
+        job = tmp_path / "nk.csv"
+        job.write_text("asin,marketplace\nB0C1234567,US\nB0E1111111,DE\nB0E1111112,DE\n")
+        argv = ["run", str(job), "--config", str(_config(tmp_path))]
+        argv += ["--out", str(tmp_path / "out.jsonl"), "--progress", "none"]
+        assert cli.main(argv) == ExitCode.SOME_FAILED
+        err = capsys.readouterr().err
+        assert "failed: 2 NoKeyForMarketplace (www.amazon.de)" in err
+        assert cli.main(argv) == ExitCode.SOME_FAILED
+        err = capsys.readouterr().err
+        assert "add a partner tag for www.amazon.de to a key" in err
+
     def test_every_spelling_runs_and_bad_rows_do_not_stop_the_job(self, tmp_path: Path) -> None:
         """US, amazon.com, default, UK: ok; an unserved store failed, unknown invalid; exit 3."""
         job = tmp_path / "mk.csv"

@@ -932,6 +932,18 @@ class Ledger:
             return None
         return str(row[0]), str(row[1])
 
+    def failure_causes(self) -> list[tuple[str, str, int]]:
+        """The failed rows by error code and marketplace, most first: ``(code, marketplace,
+        rows)``. A table scan: asked only when a run ends with failed rows."""
+        with self._lock:
+            found = self._conn.execute(
+                "SELECT coalesce(json_extract(l.result, '$.error.code'), '?'), r.marketplace, "
+                "COUNT(*) FROM rows r JOIN lookups l ON l.marketplace = r.marketplace "
+                "AND l.asin = r.asin AND l.resources = r.resources WHERE r.status = 'failed' "
+                "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2"
+            ).fetchall()
+        return [(str(code), str(market), int(n)) for code, market, n in found]
+
     # -- daily budget (the engine's BudgetStore) --------------------------------------------
 
     def load(self, key_name: str, day: date | str) -> int:

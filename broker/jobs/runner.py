@@ -178,6 +178,8 @@ class JobSummary:
     stopped_by_signal: bool = False
     #: a signal stopped ``--ordered`` putting the output of a done job in input order
     ordering_stopped: bool = False
+    #: the failed rows by (error code, marketplace, rows), most first
+    failed_causes: tuple[tuple[str, str, int], ...] = ()
     #: the job file was read to its end (False: stopped while reading it; ``total`` counts
     #: the rows read so far)
     read_complete: bool = True
@@ -361,9 +363,18 @@ def _complete_message(ledger: Ledger, options: JobOptions, counts: Counts) -> st
     if ledger_path(refresh_path(options.out)).exists():
         refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
     failed = counts.by_status.get("failed", 0)
+    unsent = sorted(
+        {market for code, market, _ in ledger.failure_causes() if code == "NoKeyForMarketplace"}
+    )
+    first = (
+        f"add a partner tag for {', '.join(unsent)} to a key (no key has one, so those rows "
+        "were never sent), then "
+        if unsent
+        else ""
+    )
     retry = (
-        f" {failed} {'row' if failed == 1 else 'rows'} failed: --new-job asks Amazon again "
-        "for them only (the item cache answers the rest, within its max age)."
+        f" {failed} {'row' if failed == 1 else 'rows'} failed: {first}--new-job asks Amazon "
+        "again for them only (the item cache answers the rest, within its max age)."
         if failed
         else ""
     )
@@ -492,6 +503,9 @@ async def _run_once(
         counts = ledger.counts()
         summary.total = counts.total
         summary.by_status = dict(counts.by_status)
+        if counts.by_status.get("failed"):
+            # In a thread: a table scan (a second for a million rows).
+            summary.failed_causes = tuple(await _in_thread(ledger.failure_causes))
         summary.pending = counts.pending
         summary.quota_wait_until = stop.quota_until if counts.pending else None
         summary.quota_wait_keys = stop.quota_keys if counts.pending else frozenset()
