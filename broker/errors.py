@@ -289,7 +289,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         Scope.KEY,
         True,
         "Usually none: the broker slows the key down. If it persists, check the key's TPS/TPD "
-        "in config.toml against Associates Central.",
+        "in the config against Associates Central.",
     ),
     # PA-API signature and credential codes.
     ErrorInfo(
@@ -306,7 +306,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The request signature does not match: usually a wrong secret key.",
         Scope.KEY,
         False,
-        "Check the key's secret (the variable or file config.toml names for it, or secrets= "
+        "Check the key's secret (the variable or file the config names for it, or secrets= "
         "in code); regenerate it in Associates Central if unsure.",
     ),
     ErrorInfo(
@@ -321,7 +321,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The access key is unknown to Amazon.",
         Scope.KEY,
         False,
-        "Check the access key (credential_id) in config.toml; it must be a PA-API key from "
+        "Check the access key (credential_id) in the config; it must be a PA-API key from "
         "Associates Central, not an AWS key.",
     ),
     ErrorInfo(
@@ -353,7 +353,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         Scope.KEY_MARKETPLACE,
         False,
         "Check the tracking ID for this marketplace in Associates Central and set it under "
-        "keys.partner_tags in config.toml.",
+        "keys.partner_tags in the config.",
     ),
     ErrorInfo(
         "InvalidParameterValue",
@@ -374,7 +374,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The operation (path or X-Amz-Target) is unknown.",
         Scope.GLOBAL,
         False,
-        "Check api.endpoint in config.toml: it must be the API host, without a path.",
+        "Check api.endpoint in the config: it must be the API host, without a path.",
     ),
     ErrorInfo(
         "ItemNotAccessible",
@@ -440,7 +440,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "A field of the request failed validation.",
         Scope.REQUEST,
         False,
-        "Check the resources and marketplace in config.toml; otherwise report it.",
+        "Check the resources and marketplace in the config; otherwise report it.",
     ),
     ErrorInfo(
         "CannotParse",
@@ -475,7 +475,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The token was issued for another region or credential version.",
         Scope.KEY,
         False,
-        "Set the key's version in config.toml to the one shown in Associates Central "
+        "Set the key's version in the config to the one shown in Associates Central "
         "(2.1/2.2/2.3 or 3.1/3.2/3.3).",
     ),
     ErrorInfo(
@@ -504,7 +504,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The credential id or secret was rejected.",
         Scope.KEY,
         False,
-        "Check the credential id and the key's secret (the variable or file config.toml names "
+        "Check the credential id and the key's secret (the variable or file the config names "
         "for it, or secrets= in code).",
     ),
     ErrorInfo(
@@ -564,7 +564,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The token endpoint rejected the credential id or secret.",
         Scope.KEY,
         False,
-        "Check the credential id and the key's secret (the variable or file config.toml names "
+        "Check the credential id and the key's secret (the variable or file the config names "
         "for it, or secrets= in code); check the version picks the right region.",
     ),
     ErrorInfo(
@@ -595,7 +595,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "or another API's own error).",
         Scope.GLOBAL,
         False,
-        "Check api.token_endpoint in config.toml (or api.endpoint, which it follows): the "
+        "Check api.token_endpoint in the config (or api.endpoint, which it follows): the "
         "URL the error names takes no token requests.",
     ),
     ErrorInfo(
@@ -665,7 +665,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "No configured key has a partner tag for this marketplace, so nothing was sent.",
         Scope.ASIN,
         False,
-        "Add the marketplace to a key's partner_tags in config.toml "
+        "Add the marketplace to a key's partner_tags in the config "
         '(keys.partner_tags: "www.amazon.co.uk" = "yourtag-21").',
     ),
     ErrorInfo(

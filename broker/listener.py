@@ -112,10 +112,11 @@ async def start_listener(
 
 class _OneLineForBadRequests(logging.Filter):
     """Makes aiohttp's record of a malformed request (answered 400 already) one line with
-    the reason, not a traceback: the client's fault, which looked like a server crash to a
-    user debugging their own client against the simulator. Other errors keep theirs. It is
-    installed on aiohttp's own logger, so any other aiohttp server in the process gets such
-    parse errors in one line too."""
+    the reason, not a traceback, and a warning, not an error: the client's fault (a bug, a
+    scanner), which looked like a server crash to a user debugging their own client against
+    the simulator, and fired an operator's alert on error-level lines. Other errors keep
+    theirs. It is installed on aiohttp's own logger, so any other aiohttp server in the
+    process gets such parse errors so too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -130,6 +131,8 @@ class _OneLineForBadRequests(logging.Filter):
             record.args = ()
             record.exc_info = None
             record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 

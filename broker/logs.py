@@ -85,6 +85,11 @@ def redact(
 ) -> MutableMapping[str, Any]:
     """structlog processor: mask secrets by key name and by value pattern, at any depth."""
     for key in list(event):
+        if key == "exc_info":
+            # Left as the tuple it is for the formatter (a list read as "the current
+            # exception", which a record logged outside an except clause has not); the text
+            # it is formatted to is masked after.
+            continue
         if _SECRET_KEY.search(key):
             event[key] = "***"
         else:
@@ -233,7 +238,12 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        # Another library's records say whose they are (aiohttp.server, asyncio).
+        foreign_pre_chain=[
+            structlog.stdlib.ExtraAdder(),
+            structlog.stdlib.add_logger_name,
+            *shared,
+        ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             # Plain text tracebacks: the dict/rich formatters would print local variables.

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -662,8 +663,40 @@ class TestD2LogPipeline:
         for needle in (secret, token, token.removeprefix("Atc|")[:16], signature):
             assert needle not in text
 
+    # -- D3: secret files readable by others ---------------------------------------------------
 
-# -- D3: secret files readable by others ---------------------------------------------------
+    def test_an_exception_never_raised_is_logged(self) -> None:
+        """A stdlib record whose exception has no traceback (asyncio's "Task exception was
+        never retrieved" for one made, never raised) keeps it, masked; it was dropped, the
+        masking having made its tuple a list, read as "the exception being handled"."""
+        token = "Atc|" + secrets.token_urlsafe(32)
+        stream = io.StringIO()
+        configure_logging("info", "json", stream=stream)
+        error = RuntimeError(f"refused Bearer {token}")
+        logging.getLogger("asyncio").error("never retrieved", exc_info=(RuntimeError, error, None))
+        (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+        assert line["exception"].startswith("RuntimeError: refused Bearer ")
+        assert token not in line["exception"]
+        assert line["logger"] == "asyncio"
+
+    def test_a_malformed_request_to_a_server_is_a_warning(self) -> None:
+        """aiohttp's server logs a client's malformed request (two Content-Lengths, from a
+        scanner) at error level: a warning, named aiohttp.server, so an alert on error-level
+        lines does not fire on it."""
+        from aiohttp.http_exceptions import BadHttpMessage
+
+        from broker.listener import _quiet_bad_requests
+
+        stream = io.StringIO()
+        configure_logging("info", "json", stream=stream)
+        _quiet_bad_requests()  # as a listener (the daemon's /metrics, the simulator) starts
+        try:
+            raise BadHttpMessage("Duplicate Content-Length")
+        except BadHttpMessage:
+            logging.getLogger("aiohttp.server").error("Error handling request", exc_info=True)
+        (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+        assert (line["level"], line["logger"]) == ("warning", "aiohttp.server")
+        assert line["event"] == "Error handling request: 400 Duplicate Content-Length"
 
 
 class TestD3SecretFilePermissions:

@@ -1485,6 +1485,17 @@ class TestDaemonSurvives:
         # processing/ is the daemon's own: the umask's mode, no wider.
         assert spool.processing.stat().st_mode & 0o007 == 0
 
+    def test_a_file_in_place_of_a_spool_folder_is_named_so(self, tmp_path: Path) -> None:
+        """inbox/ replaced by a file while the daemon runs: the error says a file stands
+        where the folder should be; it was mkdir's "File exists", of a path that is no
+        folder."""
+        spool = Spool(tmp_path / "spool")
+        spool.prepare()
+        spool.inbox.rmdir()
+        spool.inbox.write_text("x")
+        with pytest.raises(NotADirectoryError, match="a file stands where the spool's folder"):
+            spool.prepare()
+
     def test_a_world_writable_spool_lends_its_folders_no_more_than_group_access(
         self, tmp_path: Path
     ) -> None:

@@ -387,6 +387,14 @@ class Spool:
         made = []
         for directory in (self.inbox, self.processing, self.done, self.failed):
             if not directory.is_dir():
+                if directory.exists():
+                    # A file in its place: "File exists" from mkdir would send the operator
+                    # looking for a folder that is there.
+                    raise NotADirectoryError(
+                        errno.ENOTDIR,
+                        f"{directory}: a file stands where the spool's folder should be; move "
+                        "it away (the daemon makes the folder again)",
+                    )
                 if directory == self.processing:
                     directory.mkdir(parents=True, exist_ok=True)  # the daemon's own
                 else:
