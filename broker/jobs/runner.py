@@ -363,9 +363,8 @@ def _complete_message(ledger: Ledger, options: JobOptions, counts: Counts) -> st
     if ledger_path(refresh_path(options.out)).exists():
         refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
     failed = counts.by_status.get("failed", 0)
-    unsent = sorted(
-        {market for code, market, _ in ledger.failure_causes() if code == "NoKeyForMarketplace"}
-    )
+    causes = ledger.failure_causes() if failed else []
+    unsent = sorted({market for code, market, _ in causes if code == "NoKeyForMarketplace"})
     first = (
         f"add a partner tag for {', '.join(unsent)} to a key (no key has one, so those rows "
         "were never sent), then "
