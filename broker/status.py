@@ -104,7 +104,7 @@ def _status(view: KeyView, configured_tps: float) -> KeyStatus:
             state = "probe due"
     elif limit is not None and d.count >= limit:
         own = view.limits.day_limit
-        if own is not None and d.count < own:
+        if own is None or d.count < own:
             # Only another process's lower tpd stops the key (engine: broker.daily_quota_held);
             # that hold lapses when the process closes, or a minute after it stops asking.
             state, reason = QUOTA_WAIT, f"another process's lower tpd ({limit}/day)"

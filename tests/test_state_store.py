@@ -321,6 +321,21 @@ class TestFeedback:
         assert moved.granted
         assert moved.count == 1
 
+    async def test_two_resets_sharing_a_key_start_the_day_over_once(self, backend: Backend) -> None:
+        """Two processes whose daily_reset_utc differ (a config changed while the old
+        daemon runs) alternating on a key: the day starts over at most once, then both keep
+        to the one count. Each rewrote the day into its own reset, losing a day every round
+        trip, so the count started over at every send: 40 of 40 granted against 10."""
+        now_s = (backend.fake[0] if backend.fake is not None else time.time_ns() // 1_000) // (
+            1_000_000
+        )
+        early = replace(LIMITS, day_limit=10, reset_offset_s=(now_s - 3_600) % 86_400)
+        later = replace(early, reset_offset_s=(now_s - 1_800) % 86_400)
+        granted = 0
+        for i in range(40):
+            granted += (await backend.reserve(later if i % 2 else early)).granted
+        assert granted <= 10 + 1
+
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""
         sent = await backend.reserve()

@@ -235,21 +235,24 @@ if before and not gen_unparked and mark_parked > math.max(now, parked_until) the
 end
 if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
--- The reset moved (daily_reset_utc changed): day becomes the new reset's window holding
--- its start (decision.py: decide).
+-- The day counted, as this caller's window holding its start (decision.py: decide): under
+-- another reset it ends at this caller's next reset after its start; the record keeps the
+-- offset it was counted under.
+local counted = day
 if day >= 0 and day_offset >= 0 and day_offset ~= reset_offset then
-  day = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
+  counted = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
 end
-day_offset = reset_offset
 local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
-if today > day then
+if today > counted then
   day = today
+  counted = today
+  day_offset = reset_offset
   count = 0
   gen_sends = 0
 end
 if process_id ~= '' then
   -- A mark from before the loss knew nothing of the sends granted since: they come on top.
-  if hwm_day == day then
+  if hwm_day == counted then
     local seen = hwm_count
     if before then seen = seen + gen_sends end
     if seen > count then count = seen end
@@ -336,7 +339,7 @@ if reserve then
   elseif parked_until > 0 and probing_until > now then
     refusal, wait = 'probing', probing_until - now
   elseif day_limit >= 0 and count >= day_limit then
-    refusal, wait = 'daily quota', ((day + 1) * 86400 + reset_offset) * 1000000 - now
+    refusal, wait = 'daily quota', ((counted + 1) * 86400 + reset_offset) * 1000000 - now
   elseif candidate - now > horizon then
     refusal, wait = 'horizon', candidate - now - horizon
   else
@@ -371,7 +374,7 @@ local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
 
 if paused_until <= now then pause_why = '' end
 return {granted, int(wait), refusal, probe, int(now), int(slot),
-  int(math.max(next_slot, paused_until)), num(rate), int(day), int(count),
+  int(math.max(next_slot, paused_until)), num(rate), int(counted), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
   int(last_429), cut, processes, int(day_limit),
   int((now - last_429 <= run_gap) and run_429s or 0), gen}

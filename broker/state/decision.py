@@ -75,7 +75,8 @@ class Record:
     streak: int = 0
     day: int = -1
     #: the reset offset (s after 00:00 UTC) ``day`` was counted under (-1: unknown, an
-    #: older broker's record): ``[rate] daily_reset_utc`` changed, ``day`` is converted
+    #: older broker's record: the caller's is assumed); a caller of another reads ``day``
+    #: as its own window holding that day's start
     day_offset: int = -1
     count: int = 0
     paused_until: int = 0
@@ -417,18 +418,21 @@ def decide(
     if wall is None:
         wall = now
     offset = limits.reset_offset_s
-    if record.day >= 0 and record.day_offset >= 0 and record.day_offset != offset:
-        # The reset moved (daily_reset_utc changed): the day counted so far is the new
-        # reset's window that holds its start, so it ends at the new reset's next time,
-        # not a day after it (a reset moved later held a spent key some 24 h too long).
-        record.day = (record.day * _DAY_S + record.day_offset - offset) // _DAY_S
-    record.day_offset = offset
+    # The day counted, as this caller's window holding its start: the same day under the
+    # same reset; under another (daily_reset_utc changed, or two configs differ) it ends at
+    # this caller's next reset after its start, not a day after that (a reset moved later
+    # held a spent key some 24 h too long). The record keeps the offset it was counted
+    # under, so two processes of different resets never shift it back and forth.
+    counted = record.day
+    if counted >= 0 and record.day_offset >= 0 and record.day_offset != offset:
+        counted = (record.day * _DAY_S + record.day_offset - offset) // _DAY_S
     day = day_number(wall, offset)
-    if day > record.day:
-        record.day = day
+    if day > counted:
+        counted = record.day = day
+        record.day_offset = offset
         record.count = record.gen_sends = 0
     if process is not None:
-        if process.hwm_day == record.day:
+        if process.hwm_day == counted:
             # A mark from before the loss knew nothing of the sends granted since: they come
             # on top (taking the larger of the two lost every send a lower mark was granted).
             seen = process.hwm_count + (record.gen_sends if before else 0)
@@ -458,7 +462,7 @@ def decide(
             refusal, wait_us = "probing", record.probing_until - now
         elif day_limit is not None and record.count >= day_limit:
             refusal = "daily quota"
-            wait_us = day_end_us(record.day, limits.reset_offset_s) - wall
+            wait_us = day_end_us(counted, offset) - wall
         elif candidate - now > horizon_us:
             refusal, wait_us = "horizon", candidate - now - horizon_us
         else:
@@ -481,7 +485,7 @@ def decide(
         slot_us=slot,
         next_slot_us=max(record.next_slot, record.paused_until),
         rate=record.rate,
-        day=record.day,
+        day=counted,
         count=record.count,
         paused_until_us=record.paused_until if record.paused_until > now else 0,
         pause_reason=record.pause_reason if record.paused_until > now else "",
