@@ -164,7 +164,7 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     # A link quoted or bracketed in prose, Markdown or a chat ('...', "...", <...>, (...)).
     url = _URL.match(text) or _URL.match(text.lstrip(_OPENERS))
     if url:
-        if not _url_ends_there(url.string[url.end() :]):
+        if not _url_ends_there(url.string[url.end() :], url.group(2), text.startswith("<")):
             return AsinCheck(
                 raw,
                 None,
@@ -215,14 +215,23 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     return AsinCheck(raw, None, f"contains {bad!r}; an ASIN has only letters A-Z and digits 0-9")
 
 
-def _url_ends_there(tail: str) -> bool:
-    """True when ``tail``, what follows a product URL's ASIN, is the rest of that one URL or
-    punctuation closing it, not a second id: another URL, an ASIN, a word after a blank."""
+def _url_ends_there(tail: str, asin: str, angled: bool) -> bool:
+    """True when ``tail``, what follows a product URL's ASIN, is the rest of that one URL,
+    punctuation closing it, or the same link again (Markdown's ``[url](url)``, Slack's
+    ``<url|url>`` or ``<url|label>``, when ``angled``), not a second id: another URL or ASIN
+    listed after it, or words after a blank. The query and fragment may hold anything but
+    blanks (``?keywords=usb,headphones``, a redirect's unencoded URL)."""
     if not tail or tail.strip(_CLOSERS) == "":
         return True
-    if tail[0] not in _URL_GOES_ON or any(c.isspace() for c in tail):
+    if angled and tail.startswith("|") and tail.endswith(">"):
+        return True  # Slack's <url|label>: the label is text, not an id
+    if any(c.isspace() for c in tail):
         return False
-    return _URL.search(tail) is None and "://" not in tail and not _LISTED_ID.search(tail)
+    if tail[0] in _URL_GOES_ON:
+        path = re.split(r"[?#]", tail, maxsplit=1)[0]
+        return _URL.search(path) is None and "://" not in path and not _LISTED_ID.search(path)
+    # Anything else after the ASIN ("](", "|", ","): only the same link again may follow.
+    return [found.group(2).upper() for found in _URL.finditer(tail)] == [asin.upper()]
 
 
 #: An id a spreadsheet or pandas read as a number: written as a decimal ("3423214066.0"),

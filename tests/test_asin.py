@@ -257,6 +257,16 @@ class TestUrls:
             "<https://www.amazon.com/dp/B0ABCDEFGH>",
             "(https://www.amazon.com/dp/B0ABCDEFGH)",
             "\u201chttps://www.amazon.com/dp/B0ABCDEFGH\u201d",
+            # Query strings and links written twice, accepted before the check on what
+            # follows a URL (a second id) and kept so.
+            "https://www.amazon.com/dp/B0ABCDEFGH/ref=sr_1_1?keywords=kindle,paperwhite&sr=8-1",
+            "https://www.amazon.com/dp/B0ABCDEFGH?keywords=usb,headphones",
+            "https://www.amazon.com/dp/B0ABCDEFGH?pf_rd_p=abc,1234567890",
+            "https://www.amazon.com/dp/B0ABCDEFGH?tag=x-21&ascsubtag=abc|1234567890",
+            "https://www.amazon.com/dp/B0ABCDEFGH?ref=https://www.amazon.com/dp/B0ZZZZZZZZ",
+            "[https://www.amazon.com/dp/B0ABCDEFGH](https://www.amazon.com/dp/B0ABCDEFGH)",
+            "<https://www.amazon.com/dp/B0ABCDEFGH|https://www.amazon.com/dp/B0ABCDEFGH>",
+            "<https://www.amazon.com/dp/B0ABCDEFGH|Amazon link>",
         ],
     )
     def test_product_urls_yield_their_asin(self, url: str) -> None:
