@@ -623,8 +623,8 @@ def _altered_and_resumed(
 
 def test_unicode_line_separators_are_escaped_in_json_lines() -> None:
     """U+2028, U+2029 and U+0085 in a title are escaped: a row stays one line for
-    str.splitlines, editors and log shippers (3 rows read as 9 lines), and reads back the
-    same."""
+    str.splitlines, editors and log shippers (3 rows read as 9 lines in a user's job), and
+    reads back the same."""
     title = "before\u2028after\u2029para\x85end"
     text = json_lines([{"title": title}, {"title": "plain"}]).decode("utf-8")
     lines = text.splitlines()
@@ -633,10 +633,34 @@ def test_unicode_line_separators_are_escaped_in_json_lines() -> None:
 
 
 class TestSqliteSink:
+    def test_a_viewer_of_a_closed_output_does_not_stop_the_next_run(self, tmp_path: Path) -> None:
+        """A viewer with a closed output open (out of WAL mode) between its queries: the next
+        run's open switches back to WAL and writes. One in a transaction held open stops
+        the run with a clear error (exit 74: close it and run again), as a writer must wait
+        for it outside WAL mode."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            emit(ledger, sink)
+            sink.close()
+            viewer = sqlite3.connect(out, isolation_level=None)
+            try:
+                viewer.execute("SELECT count(*) FROM results").fetchone()
+                sink = SqliteSink(out)
+                assert sink.open(ledger.sink_state("out")) == SinkState(0, 10)
+                sink.close()
+                viewer.execute("BEGIN")
+                viewer.execute("SELECT count(*) FROM results").fetchone()
+                with pytest.raises(OSError, match="held by another program"):
+                    SqliteSink(out).open(ledger.sink_state("out"))
+            finally:
+                viewer.close()
+
     def test_a_closed_output_opens_read_only(self, tmp_path: Path) -> None:
         """A closed SQLite output is out of WAL mode, with no -wal or -shm beside it, so a
         reader who may not write its folder (another user, a read-only volume) opens it:
-        in WAL mode even a read-only open needs the -shm file, and failed."""
+        in WAL mode even a read-only open needs the -shm file, and failed. (Pinned by the
+        journal mode: the tests run as a user who may write the folder.)"""
         out = tmp_path / "out.sqlite"
         with make_ledger(tmp_path) as ledger:
             sink = SqliteSink(out)

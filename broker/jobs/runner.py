@@ -324,9 +324,10 @@ def _finish_promotion(out: Path, *, locked: bool = False) -> None:
     else:
         report_path(out).unlink(missing_ok=True)
     if side.exists():
-        # A journal left by the old output (a SQLite output killed mid-run) must not be
-        # replayed into the new one: SQLite would lay the old run's pages over it.
-        for path in journal_files(out):
+        # A journal left by the old output (a SQLite output killed mid-run, in WAL mode or,
+        # closed, in rollback-journal mode) must not be replayed into the new one: SQLite
+        # would lay the old run's pages over it.
+        for path in (*journal_files(out), out.with_name(out.name + "-journal")):
             path.unlink(missing_ok=True)
         os.replace(side, out)
     _promote_stdin_copy(side, out)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from broker.errors import JobFileError, describe
 from broker.jobs.ledger import DoneRow, SinkState, crash_point
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error, file_identity, held_error
+from broker.sqlitewal import disk_error, enable_wal, file_identity, held_error
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger
@@ -103,6 +103,11 @@ SQLITE_RESULTS: Final = (
 # as for any file a command writes (the systemd unit's UMask=0027 lets the spool's group, the
 # producers, read their results). The ledger beside it stays owner-only.
 _FILE_MODE: Final = 0o666
+#: How long a SQLite output's switch back to WAL mode waits for readers before it writes
+#: in rollback-journal mode instead.
+_WAL_SWITCH_S: Final = 1.0
+#: How long a SQLite output's writes wait for another program's lock (Python's default).
+_BUSY_MS: Final = 5_000
 # Bytes buffered before they go to the OS; a flush always writes everything.
 _BUFFER_BYTES: Final = 1 << 20
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
@@ -718,7 +723,17 @@ class SqliteSink:
                 f"{self.path}: has a results table with other columns ({', '.join(columns)}); "
                 "it was left untouched. Choose another output path."
             )
-        conn.execute("PRAGMA journal_mode = WAL")
+        # Each try waits a tenth of a second for the lock, not the connection's 5 s.
+        conn.execute("PRAGMA busy_timeout = 100")
+        try:
+            enable_wal(conn, timeout_s=_WAL_SWITCH_S)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            # A reader holds the file (a viewer's open read), which the switch must wait
+            # for, and a finished output is out of WAL mode (see close): written in its
+            # rollback-journal mode this time, each commit waiting for readers in between.
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("BEGIN IMMEDIATE")
         try:
