@@ -179,17 +179,18 @@ class TestConcurrentCallers:
         assert [r.asin for r in task.result()] == wanted
         assert elapsed < 1.0
 
-    @pytest.mark.parametrize("queue_size", [1, 2])
+    @pytest.mark.parametrize(("queue_size", "repeats"), [(1, 1), (2, 1), (4, 4)])
     async def test_a_stream_window_smaller_than_a_batch_does_not_wait_out_the_linger(
-        self, queue_size: int
+        self, queue_size: int, repeats: int
     ) -> None:
-        """The same for ``stream()``, whose own window (``queue_size``) filled first: its
+        """The same for ``stream()``, whose own window (``queue_size``) filled first, also
+        with each ASIN asked ``repeats`` times in a row (a window of one lookup): its
         producer waited for room with the batch lingering, so 12 ASINs took 12 / queue_size
         full lingers (20 s for 20 at queue_size 1 and a 0.5 s linger, a user measured)."""
         clock = FakeClock()
         engine = {"queue_size": queue_size, "batch_size": 3, "linger_s": 1.0}
         broker, _ = _answering(clock, 100.0, engine=engine)
-        wanted = asins(12)
+        wanted = [asin for asin in asins(12) for _ in range(repeats)]
 
         async def consume() -> list[ItemResult]:
             return [result async for result in broker.stream(wanted)]

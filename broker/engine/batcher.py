@@ -516,10 +516,6 @@ class Batcher:
             if batch.marketplace == marketplace
         )
 
-    def lingering(self) -> int:
-        """Lookups of every marketplace waiting in partial groups."""
-        return sum(len(batch.lookups) for _, batch in self._groups.values())
-
     async def run(self) -> None:
         """Flush groups as their linger time runs out; runs until cancelled."""
         while True:

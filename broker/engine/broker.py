@@ -688,7 +688,7 @@ class Broker:
 
         async def offer(query: Query | ItemResult) -> None:
             if not window.try_take():
-                await self._room_in(window)
+                await self._room_in(window, receiver)
             if halted():
                 return
             if isinstance(query, ItemResult):
@@ -758,7 +758,7 @@ class Broker:
                     async for item in asins:
                         reading = False
                         if not window.try_take():
-                            await self._room_in(window)
+                            await self._room_in(window, receiver)
                         elif (taken := taken + 1) % batch_size == 0:
                             # As below: an async input that never awaits (rows already in
                             # memory) would otherwise never let another stream read.
@@ -773,7 +773,7 @@ class Broker:
                     for item in asins:
                         reading = False
                         if not window.try_take():
-                            await self._room_in(window)
+                            await self._room_in(window, receiver)
                         elif (taken := taken + 1) % batch_size == 0:
                             # A batch's worth read with room to spare: let other streams
                             # (broker run's, one per marketplace) read theirs, so that keys
@@ -850,14 +850,14 @@ class Broker:
         if self._batcher is not None:
             self._batcher.flush()
 
-    async def _room_in(self, window: Room) -> None:
+    async def _room_in(self, window: Room, receiver: _StreamReceiver) -> None:
         """Wait for room in a stream's ``window`` (``queue_size``), sending the partial
-        batches first when they hold as many lookups as the window: every lookup holding
-        it may be lingering then, and none could end, and make room, before its linger
-        runs out (a ``queue_size`` below ``batch_size``), as :meth:`Intake.admit` finds."""
-        batcher = self._batcher
-        if batcher is not None and batcher.lingering() >= self.config.engine.queue_size:
-            batcher.flush()
+        batches first when every lookup holding it lingers in one, with no answer waiting
+        to be yielded: none could end, and make room, before its linger runs out (a
+        ``queue_size`` below ``batch_size``, or a window of the same few ASINs), as
+        :meth:`Intake.admit` finds for the broker's own room."""
+        if self._batcher is not None and receiver.only_lingering():
+            self._batcher.flush()
         await window.take()
 
     async def _operation(
@@ -1117,6 +1117,16 @@ class _StreamReceiver:
         held = self._held
         held[lookup] = held.get(lookup, 0) + 1
         self._pending += 1
+
+    def only_lingering(self) -> bool:
+        """True when no answer waits to be yielded and every lookup this stream waits for
+        lingers in a partial batch (the oldest, likely sent, are looked at first)."""
+        if self._ready:
+            return False
+        return all(
+            lookup.batch is not None and lookup.batch.place is BatchPlace.LINGERING
+            for lookup in self._held
+        )
 
     def push(self, result: ItemResult) -> None:
         """An answer known at once (invalid id, unknown marketplace)."""
