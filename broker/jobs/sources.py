@@ -10,9 +10,10 @@ Formats (``detect_format`` picks one by extension, else by sniffing the first li
 - **txt**: one ASIN, ISBN-10 or Amazon product URL per line. Blank lines, ``#`` comment lines
   and trailing ``  # comments`` (a ``#`` after whitespace; a URL's ``#fragment`` is kept)
   produce no row.
-- **csv**: a header row with an ``asin`` column (case-insensitive), an optional
-  ``marketplace`` column, and any other columns, which travel in ``extra`` so the output can
-  carry them. The delimiter is ``,`` unless the header only has an ``asin`` column when split
+- **csv**: a header row with an ``asin`` column (case-insensitive), optional
+  ``marketplace`` and ``resources`` columns (a cell of resource names apart by commas,
+  semicolons, bars or blanks), and any other columns, which travel in ``extra`` so the
+  output can carry them. The delimiter is ``,`` unless the header only has an ``asin`` column when split
   on ``;``, tab or ``|``. Quoted fields (also across lines), CRLF and a BOM are handled.
   Blank lines, rows whose cells are all blank, and the header again (with its ``sep=`` line:
   ``cat`` of two exports) produce no row. A short row is padded with
