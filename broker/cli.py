@@ -1278,7 +1278,8 @@ def _say_failures(causes: Sequence[tuple[str, str, int]]) -> None:
     shown = ", ".join(f"{n} {code} ({market})" for code, market, n in causes[:5])
     more = f", and {len(causes) - 5} more causes" if len(causes) > 5 else ""
     print(
-        f"failed: {shown}{more}; each failed row's error.remedy in the output says what to do",
+        f"failed: {shown}{more}; the output's rows say more (error.remedy in JSON Lines and "
+        "in SQLite's row_json; README, Error codes)",
         file=sys.stderr,
     )
 
@@ -1324,7 +1325,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     import dataclasses
 
     from broker.jobs.paths import RunPaths
-    from broker.jobs.runner import JobOptions, describe_failure, run_job
+    from broker.jobs.runner import JobOptions, describe_failure, finish_promotion, run_job
     from broker.jobs.signals import StoppedReading, stops_reading
 
     assert isinstance(paths, RunPaths)
@@ -1350,6 +1351,9 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
                     "(Ctrl-C leaves)",
                     file=sys.stderr,
                 )
+            # A refresh's promotion a crash cut short, finished first: its input is the
+            # job's saved one that stdin is compared with.
+            finish_promotion(paths.out)
             with stops_reading():
                 paths.read_stdin(new_job=args.new_job, refresh=args.refresh)
             # A refresh of other input reads its own copy (the job's is kept until it completes).

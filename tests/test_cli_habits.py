@@ -1224,14 +1224,14 @@ class TestReruns:
         marker = tmp_path / "out.jsonl.refresh.promote"
         marker.touch()
         side.replace(out)  # the crash came right after the output moved
-        runner._finish_promotion(out)
+        runner.finish_promotion(out)
         assert out.read_text() == "new rows"
         assert (tmp_path / "out.jsonl.ledger").read_text() == "new ledger"
         assert not (tmp_path / "out.jsonl.ledger-wal").exists()
         # The job's lock file stays, as every lock file does (see broker/jobs/lock.py).
         left = sorted(p.name for p in tmp_path.iterdir())
         assert left == ["out.jsonl", "out.jsonl.ledger", "out.jsonl.ledger.lock"]
-        runner._finish_promotion(out)  # nothing under way: a no-op
+        runner.finish_promotion(out)  # nothing under way: a no-op
         assert out.read_text() == "new rows"
 
     def test_promotion_makes_a_refreshs_stdin_the_jobs_saved_input(self, tmp_path: Path) -> None:
@@ -1250,7 +1250,7 @@ class TestReruns:
         ]:
             path.write_text(text)
         (tmp_path / "out.jsonl.refresh.promote").touch()
-        runner._finish_promotion(out)
+        runner.finish_promotion(out)
         assert (tmp_path / "out.jsonl.stdin.csv").read_text() == "new input"
         assert (tmp_path / "out.jsonl.ledger").read_text() == "new ledger"
         left = sorted(p.name for p in tmp_path.iterdir())
@@ -1280,7 +1280,7 @@ class TestReruns:
         before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
         with JobLock(tmp_path / "out.jsonl.ledger"):
             with pytest.raises(JobLockedError):
-                runner._finish_promotion(out)
+                runner.finish_promotion(out)
             after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".lock"}
         assert after == before
 

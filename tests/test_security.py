@@ -663,8 +663,6 @@ class TestD2LogPipeline:
         for needle in (secret, token, token.removeprefix("Atc|")[:16], signature):
             assert needle not in text
 
-    # -- D3: secret files readable by others ---------------------------------------------------
-
     def test_an_exception_never_raised_is_logged(self) -> None:
         """A stdlib record whose exception has no traceback (asyncio's "Task exception was
         never retrieved" for one made, never raised) keeps it, masked; it was dropped, the
@@ -697,6 +695,9 @@ class TestD2LogPipeline:
         (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
         assert (line["level"], line["logger"]) == ("warning", "aiohttp.server")
         assert line["event"] == "Error handling request: 400 Duplicate Content-Length"
+
+
+# -- D3: secret files readable by others ---------------------------------------------------
 
 
 class TestD3SecretFilePermissions:

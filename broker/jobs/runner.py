@@ -92,6 +92,7 @@ __all__ = [
     "JobSummary",
     "StrictInputError",
     "each_marketplace",
+    "finish_promotion",
     "keys_serving",
     "out_of_files",
     "quota_wait",
@@ -224,7 +225,7 @@ async def run_job(
         OSError: the output or ledger cannot be written.
     """
     job_print = fingerprint(options.job)
-    _finish_promotion(options.out)
+    finish_promotion(options.out)
     if not options.refresh:
         return await _run_once(config, options, broker, job_print)
     side = refresh_path(options.out)
@@ -260,7 +261,7 @@ def _promote(side: Path, out: Path) -> None:
     """Make a completed refresh the job's output and ledger; resumable after a crash.
 
     A marker file is written first, so a crash half-way through is finished by the next run
-    (:func:`_finish_promotion`) instead of leaving a new output with the old ledger.
+    (:func:`finish_promotion`) instead of leaving a new output with the old ledger.
     """
     marker = side.with_name(side.name + ".promote")
     fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -268,7 +269,7 @@ def _promote(side: Path, out: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _finish_promotion(out, locked=True)
+    finish_promotion(out, locked=True)
 
 
 @dataclass(slots=True)
@@ -299,7 +300,7 @@ def _forget_refused(ledger_file: Path) -> Iterator[_Refusal]:
         raise
 
 
-def _finish_promotion(out: Path, *, locked: bool = False) -> None:
+def finish_promotion(out: Path, *, locked: bool = False) -> None:
     """Complete a promotion that a crash interrupted (a no-op when none is under way).
 
     Under the job's lock (``locked``: the caller holds it): a promotion another process is
@@ -314,7 +315,7 @@ def _finish_promotion(out: Path, *, locked: bool = False) -> None:
         return
     if not locked:
         with JobLock(ledger_path(out)):
-            _finish_promotion(out, locked=True)
+            finish_promotion(out, locked=True)
         return
     ledger = ledger_path(out)
     # The report is derived from the ledger and rewritten at the end of every run, so a crash
@@ -495,8 +496,10 @@ async def _run_once(
                 stopped=lambda: halt.is_set() or stop.signals > signals,
             )
             stop.ordering = True
-            ordering_stopped = not await _in_thread(export, on_cancel=halt.set)
-            stop.ordering = False
+            try:
+                ordering_stopped = not await _in_thread(export, on_cancel=halt.set)
+            finally:
+                stop.ordering = False
         report = report_path(options.out)
         invalid = await _in_thread(functools.partial(InvalidReport(report).write, ledger))
         summary.invalid_report = str(report) if invalid else None

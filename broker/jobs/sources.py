@@ -13,10 +13,10 @@ Formats (``detect_format`` picks one by extension, else by sniffing the first li
 - **csv**: a header row with an ``asin`` column (case-insensitive), optional
   ``marketplace`` and ``resources`` columns (a cell of resource names apart by commas,
   semicolons, bars or blanks), and any other columns, which travel in ``extra`` so the
-  output can carry them. The delimiter is ``,`` unless the header only has an ``asin`` column when split
-  on ``;``, tab or ``|``. Quoted fields (also across lines), CRLF and a BOM are handled.
-  Blank lines, rows whose cells are all blank, and the header again (with its ``sep=`` line:
-  ``cat`` of two exports) produce no row. A short row is padded with
+  output can carry them. The delimiter is ``,`` unless the header only has an ``asin``
+  column when split on ``;``, tab or ``|``. Quoted fields (also across lines), CRLF and a
+  BOM are handled. Blank lines, rows whose cells are all blank, and the header again (with
+  its ``sep=`` line: ``cat`` of two exports) produce no row. A short row is padded with
   empty cells; a row with surplus non-empty cells is invalid, because its columns cannot be
   trusted to line up.
 - **jsonl**: one JSON object per line with a string ``asin``, optional string
