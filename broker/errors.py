@@ -216,6 +216,19 @@ class NoUsableKeyError(BrokerError):
         reasons = "; ".join(f"{f.key}: {f.code}: {f.message} ({f.remedy})" for f in self.failures)
         super().__init__(f"no key can serve {marketplace}: {reasons or 'no key configured'}")
 
+    @classmethod
+    def of_many(cls, errors: Sequence[NoUsableKeyError]) -> NoUsableKeyError:
+        """One error for several marketplaces no key can serve, each told as its own: a job
+        stopped so names them all, not the first alone (fixed, rerun, then told the next)."""
+        if len(errors) == 1:
+            return errors[0]
+        combined = cls(
+            ", ".join(error.marketplace for error in errors),
+            [failure for error in errors for failure in error.failures],
+        )
+        combined.args = ("; ".join(str(error) for error in errors),)
+        return combined
+
 
 class BrokerClosedError(BrokerError, RuntimeError):
     """The broker was closed while this call waited, or before it was made."""

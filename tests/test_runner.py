@@ -551,6 +551,31 @@ class TestKeysAndSignals:
         assert {(row["marketplace"], row["status"]) for row in done} == {("www.amazon.com", "ok")}
         assert len(done) == 40
 
+    async def test_every_marketplace_no_key_serves_is_named(self) -> None:
+        """Two marketplaces whose keys were all rejected (wrong tags for JP and UK): the run's
+        error names both, each with its failure and its exit code's kind; it named the
+        first, so the user fixed JP and learnt of UK only on the rerun."""
+        from broker.errors import KeyUnusableError
+        from broker.jobs.runner import describe_failure, each_marketplace
+
+        def refused(market: str) -> NoUsableKeyError:
+            failure = KeyUnusableError("demo", "InvalidPartnerTag", f"tag for {market}", "fix")
+            return NoUsableKeyError(market, [failure])
+
+        async def fails(market: str) -> None:
+            raise refused(market)
+
+        async def fine() -> None:
+            await asyncio.sleep(0)
+
+        streams = [fails("www.amazon.co.jp"), fine(), fails("www.amazon.co.uk")]
+        with pytest.raises(NoUsableKeyError) as info:
+            await each_marketplace(streams)
+        text = str(info.value)
+        assert "no key can serve www.amazon.co.jp: demo: InvalidPartnerTag" in text
+        assert "no key can serve www.amazon.co.uk: demo: InvalidPartnerTag" in text
+        assert describe_failure(info.value)[0] == ExitCode.NO_PERMISSION
+
     async def test_a_spent_marketplace_does_not_hold_up_the_others(self, tmp_path: Path) -> None:
         """Rows alternating US and UK, the UK key's daily budget spent after 2 requests, and
         room for only 10 lookups: every US row is still answered (the fresh US key idled

@@ -985,7 +985,7 @@ async def _fetch(
     if refused and stop.quota_until is not None:
         # no_wait stopped for the daily quota of the other marketplaces' keys, but rows are
         # left that no key can serve: the rerun after the reset would end in this refusal.
-        raise refused[0]
+        raise NoUsableKeyError.of_many(refused)
     return cached
 
 
@@ -996,8 +996,9 @@ async def each_marketplace(
 
     A stream whose marketplace has no key left (``NoUsableKeyError``: every key that serves
     it was rejected) ends alone: its rows stay pending, the others go on to their end, and
-    then its error is raised; ``refused``, when given, collects such errors as they come
-    (a caller that cancels the others, for the daily quota, still learns of them). Any
+    then one error naming every such marketplace is raised; ``refused``, when given,
+    collects such errors as they come (a caller that cancels the others, for the daily
+    quota, still learns of them). Any
     other failure stops them all and is raised, the first one, as a single stream would
     raise it (the others are its consequences or of the same cause).
     """
@@ -1018,7 +1019,7 @@ async def each_marketplace(
         first = failed.exceptions[0]
         raise first from first.__cause__
     if refused:
-        raise refused[0]
+        raise NoUsableKeyError.of_many(refused)
 
 
 #: How often ``no_wait`` (and ``broker lookup``) checks whether every key waits for its
