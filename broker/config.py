@@ -800,6 +800,16 @@ def _parse_api(table: TomlTable) -> ApiConfig:
     endpoint = table.text("endpoint", SIMULATOR)
     if endpoint not in (SIMULATOR, AMAZON):
         _check_url(endpoint, "api.endpoint")
+        other = Protocol.PAAPI5 if protocol is Protocol.CREATORS else Protocol.CREATORS
+        if _is_amazons(endpoint, other):
+            # Kept from the other protocol's config (a move from PA-API): taken as a base
+            # URL, it would receive this protocol's requests, and its tokens' requests.
+            raise ConfigError(
+                "api.endpoint",
+                f"{endpoint} is Amazon's {other.value} endpoint, but protocol = "
+                f'"{protocol.value}": use endpoint = "amazon" for Amazon\'s {protocol.value} '
+                "API (or set protocol to match)",
+            )
         if _is_amazons(endpoint, protocol):
             # Amazon's own API named by its URL is "amazon": one key identity and one cache
             # namespace with configs that say "amazon", and its real token endpoint and
@@ -807,6 +817,12 @@ def _parse_api(table: TomlTable) -> ApiConfig:
             endpoint = AMAZON
     token_endpoint = table.opt_text("token_endpoint")
     if token_endpoint is not None:
+        if protocol is Protocol.PAAPI5:
+            raise ConfigError(
+                "api.token_endpoint",
+                "is the Creators API's OAuth token URL; PA-API 5.0 signs each request with "
+                'its access key and asks for no token: remove it (or set protocol = "creators")',
+            )
         _check_url(token_endpoint, "api.token_endpoint")
     resources = table.str_list("resources", DEFAULT_RESOURCES)
     if len(resources) > 100:
@@ -1017,6 +1033,12 @@ def _parse_key(
             f"give credential_secret_file; in code, pass secrets={{{name!r}: ...}})",
         )
     version = table.opt_text("version")
+    if version is not None and api.protocol is Protocol.PAAPI5:
+        raise ConfigError(
+            f"{path}.version",
+            "is a Creators API credential's version; a PA-API 5.0 access key has none: remove "
+            'it, or set protocol = "creators" under [api] if this key is a Creators credential',
+        )
     if api.protocol is Protocol.CREATORS:
         if version is None:
             raise ConfigError(

@@ -791,6 +791,38 @@ def test_a_redis_url_whose_database_is_no_number_is_a_config_error(table: str, p
 
 
 @pytest.mark.parametrize(
+    ("protocol", "endpoint"),
+    [("paapi5", "https://creatorsapi.amazon"), ("creators", "https://webservices.amazon.com")],
+)
+def test_the_other_protocols_amazon_endpoint_is_refused(protocol: str, endpoint: str) -> None:
+    """Amazon's endpoint of the other protocol, kept when a config changes protocol: refused,
+    saying to use "amazon"; it was taken as a base URL, sent this protocol's requests (and a
+    Creators token's) to the other API's host."""
+    document = _with("api.endpoint", endpoint)
+    document["api"]["protocol"] = protocol
+    if protocol == "paapi5":
+        del document["keys"][0]["version"]
+    with pytest.raises(ConfigError, match='use endpoint = "amazon"') as info:
+        parse_config(document, environ=ENV)
+    assert info.value.path == "api.endpoint"
+
+
+def test_creators_settings_under_paapi5_are_refused() -> None:
+    """A key's version or api.token_endpoint under protocol = "paapi5" (a Creators config
+    half moved, or a Creators key in a PA-API config): refused, naming the setting; they were
+    dropped without a word, the key failing at the first request."""
+    document = _with("api.protocol", "paapi5")
+    with pytest.raises(ConfigError, match=r"a PA-API 5\.0 access key has none") as info:
+        parse_config(document, environ=ENV)
+    assert info.value.path == "keys[0].version"
+    del document["keys"][0]["version"]
+    document["api"]["token_endpoint"] = "https://api.amazon.com/auth/o2/token"
+    with pytest.raises(ConfigError, match="asks for no token") as info:
+        parse_config(document, environ=ENV)
+    assert info.value.path == "api.token_endpoint"
+
+
+@pytest.mark.parametrize(
     ("protocol", "endpoint", "expected"),
     [
         ("creators", "https://creatorsapi.amazon", "amazon"),
@@ -803,7 +835,6 @@ def test_a_redis_url_whose_database_is_no_number_is_a_config_error(table: str, p
         ),
         ("creators", "https://creatorsapi.amazon/v2", "https://creatorsapi.amazon/v2"),
         ("creators", "https://creatorsapi.amazon:8443", "https://creatorsapi.amazon:8443"),
-        ("paapi5", "https://creatorsapi.amazon", "https://creatorsapi.amazon"),
     ],
 )
 def test_amazons_own_url_is_the_amazon_endpoint(
