@@ -929,7 +929,9 @@ class TestDebugLog:
     async def test_one_event_per_request_and_per_429(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """Two requests, one of them a 429: two broker.request events and one broker.throttled."""
+        """Two requests, one of them a 429: two broker.request events, each naming its
+        marketplace and the URL it went to (a PA-API store's host), and one
+        broker.throttled."""
         clock = FakeClock()
         calls = 0
 
@@ -947,6 +949,9 @@ class TestDebugLog:
         text = [record.getMessage() for record in caplog.records]
         assert sum("broker.request" in line for line in text) == 2
         assert sum("broker.throttled" in line for line in text) == 1
+        sent = [line for line in text if "broker.request" in line]
+        assert all("marketplace='www.amazon.com'" in line for line in sent)
+        assert all("url='http://127.0.0.1:9/paapi5/getitems'" in line for line in sent)
 
     async def test_a_send_binds_its_key_and_batch_to_the_logs_of_that_send_only(self) -> None:
         """Log lines made during a send carry its key and batch id; none outlive the send."""

@@ -176,6 +176,9 @@ class Executor:
                     "broker.request",
                     key=key.name,
                     batch_id=batch.batch_id,
+                    marketplace=batch.marketplace,
+                    # Where it went (a PA-API store's host), without its query.
+                    url=request.url.split("?", 1)[0],
                     status=response.status,
                     asins=len(asins),
                     elapsed_ms=round(response.elapsed_s * 1000, 1),
