@@ -466,15 +466,15 @@ class Executor:
                 )
                 remedy = (
                     f"credentials rejected for {market}: check that the key's credentials "
-                    f"(their version's region) and its partner tag cover {market} in "
-                    "config.toml and Associates Central"
+                    f"(a Creators credential's version names its region) and its partner tag "
+                    f"cover {market}, in the config and Associates Central"
                 )
             else:
                 where, scope = "", Scope.KEY
                 remedy = (
-                    "credentials rejected: check the key's credential id, secret and version "
-                    "(and, for PA-API, this machine's clock) in config.toml and Associates "
-                    "Central"
+                    "credentials rejected: check the key's credential id and secret (and a "
+                    "Creators credential's version; for a PA-API key, this machine's clock) "
+                    "in the config and Associates Central"
                 )
             self._pool.take_out(
                 key,
