@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import sqlite_db
+from structlog.testing import capture_logs
 
 from broker.errors import JobFileError
 from broker.jobs.ledger import (
@@ -305,6 +306,30 @@ class TestOpen:
             pass
         with pytest.raises(JobMismatchError, match=r"api\.resources"):
             open_ledger(older, answer_settings=changed)
+
+    def test_settings_adopted_by_a_job_with_done_rows_are_told(self, tmp_path: Path) -> None:
+        """A job begun before settings were recorded, with rows done: the settings it takes
+        now are logged (broker.job_settings_adopted), as its done rows may have been asked
+        under others; they were pinned silently, and an output mixed two kinds of item. A
+        job with no row done yet adopts them without a word."""
+        settings = {"api.protocol": "creators", "api.resources": "itemInfo.title"}
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        with open_ledger(fresh) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+        with capture_logs() as quiet, open_ledger(fresh, answer_settings=settings):
+            pass
+        assert [e for e in quiet if e["event"] == "broker.job_settings_adopted"] == []
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+            finish_all(ledger)
+        with capture_logs() as logs, open_ledger(tmp_path, answer_settings=settings):
+            pass
+        (told,) = [e for e in logs if e["event"] == "broker.job_settings_adopted"]
+        assert told["settings"] == settings
+        with capture_logs() as again, open_ledger(tmp_path, answer_settings=settings):
+            pass
+        assert [e for e in again if e["event"] == "broker.job_settings_adopted"] == []
 
     def test_new_job_resets_rows_but_keeps_budget(self, tmp_path: Path) -> None:
         """new_job drops rows, results and sink states; the daily counters survive."""

@@ -200,6 +200,34 @@ class TestJsonlSink:
         assert state == SinkState(len(data), 10)
         assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~_umask()
 
+    def test_an_older_brokers_rows_are_written_again_with_this_versions_fields(
+        self, tmp_path: Path
+    ) -> None:
+        """A JSON Lines output an older broker began (rows without cached and
+        summary.image_url), resumed: written again in full from the ledger, every row with
+        the same fields, said by broker.output_rewritten; it appended, one output holding
+        rows of two shapes (CSV and SQLite outputs were already written again)."""
+        out = tmp_path / "out.jsonl"
+        with make_ledger(tmp_path) as ledger:
+            sink = JsonlSink(out)
+            state = emit(ledger, sink)
+            sink.close()
+            older = []
+            for row in jsonl(out):
+                del row["cached"]
+                if isinstance(row["summary"], dict):
+                    del row["summary"]["image_url"]
+                older.append(json.dumps(row) + "\n")
+            out.write_text("".join(older))
+            with capture_logs() as logs:
+                sink = JsonlSink(out)
+                resumed = sink.open(SinkState(out.stat().st_size, state.done_order))
+                sink.close()
+            assert resumed == SinkState(0, 0)
+            assert [e["event"] for e in logs] == ["broker.output_rewritten"]
+            emit(ledger, JsonlSink(out))
+            assert jsonl(out) == expected_lines(ledger)
+
     @pytest.mark.parametrize("fmt", ["jsonl", "csv", "sqlite"])
     def test_group_reads_the_output_under_the_units_umask(self, tmp_path: Path, fmt: str) -> None:
         """Under the systemd unit's UMask=0027 every output format is 0640: the spool's group

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Final
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import JobFileError
 from broker.jobs.sources import INVALID_ASIN
+from broker.logs import get_logger
 from broker.sqlitewal import disk_error, immediate
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ __all__ = [
     "disk_error",
     "read_tally",
 ]
+
+logger = get_logger("broker")
 
 #: The ledger schema this code writes (``meta.schema_version``). Raised whenever the tables
 #: or the output's columns change, so that an older broker refuses a ledger a newer one
@@ -454,6 +457,23 @@ class Ledger:
         # The content is the same; remember where and when it is now. Marked as this
         # version's (an older one's is migrated above) only now: a ledger opened for another
         # job by mistake stays readable by the broker that began it.
+        adopted = {
+            name: value
+            for name, value in settings.items()
+            if not name.startswith("--") and self._meta(_SETTING + name) is None
+        }
+        if adopted and self._has_done_rows():
+            # A job begun before its settings were recorded: what its done rows were asked
+            # under cannot be checked, so the user is told rather than left to find rows of
+            # two kinds in one output.
+            logger.warning(
+                "broker.job_settings_adopted",
+                ledger=str(self._path),
+                settings=adopted,
+                note="this job began under a broker that did not record these settings; its "
+                "rows done so far were fetched under that run's, which this one cannot check: "
+                "if they differed, --refresh fetches every row under these",
+            )
         with self._transaction():
             self._set_meta("schema_version", SCHEMA_VERSION)
             self._set_meta("job_path", _text(str(fingerprint.path)))
@@ -464,6 +484,13 @@ class Ledger:
                 # so are the options of a file still being read.
                 if self._meta(_SETTING + name) is None or (reading and name.startswith("--")):
                     self._set_meta(_SETTING + name, value)
+
+    def _has_done_rows(self) -> bool:
+        """True when some row is final (by the done-order index: no table scan)."""
+        found = self._conn.execute(
+            "SELECT 1 FROM rows WHERE done_order IS NOT NULL LIMIT 1"
+        ).fetchone()
+        return found is not None
 
     def _check_ours(self, tables: set[str]) -> None:
         found = None

@@ -501,8 +501,40 @@ def _torn(data: bytes) -> bytes:
 class JsonlSink(_FileSink):
     """JSON Lines output: UTF-8 without BOM, one compact object per row, ``\\n``-terminated."""
 
+    def open(self, resume_from: SinkState) -> SinkState:
+        """Open the file (see :meth:`_FileSink.open`); one an older broker began, whose rows
+        lack fields of this version's (``cached``, ``summary.image_url``), is written again
+        in full from the ledger, so that every row has the same fields."""
+        state = super().open(resume_from)
+        if state.done_order and _an_older_row(self._first_line()):
+            _say_rewritten(self.path)
+            self.close()
+            state = super().open(SinkState())
+        return state
+
+    def _first_line(self) -> bytes:
+        with self.path.open("rb") as handle:
+            return handle.readline(_FIRST_ROW_BYTES)
+
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
         return json_lines(output_row(row) for row in rows)
+
+
+#: How much of a JSON Lines output's first row is read to tell an older broker's.
+_FIRST_ROW_BYTES: Final = 1 << 20
+
+
+def _an_older_row(line: bytes) -> bool:
+    """True when ``line``, an output's first row, is an older broker's: a row object
+    without a field every row of this version has."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False  # cut mid-row (longer than read): judged by the rows after it, if any
+    if not isinstance(row, dict):
+        return False
+    summary = row.get("summary")
+    return "cached" not in row or (isinstance(summary, dict) and "image_url" not in summary)
 
 
 def json_lines(values: Iterable[object]) -> bytes:
@@ -645,8 +677,8 @@ def _say_rewritten(path: Path) -> None:
     logger.warning(
         "broker.output_rewritten",
         path=str(path),
-        note="begun by an older broker under other columns; written again in full under "
-        "this version's",
+        note="begun by an older broker under other columns or fields; written again in full "
+        "under this version's",
     )
 
 
