@@ -316,7 +316,7 @@ class TestOpen:
         fresh = tmp_path / "fresh"
         fresh.mkdir()
         with open_ledger(fresh) as ledger:
-            ledger.ingest(job_rows(asin(1)))
+            ledger.ingest(job_rows(asin(1), None))  # an invalid row asks nothing
         with capture_logs() as quiet, open_ledger(fresh, answer_settings=settings):
             pass
         assert [e for e in quiet if e["event"] == "broker.job_settings_adopted"] == []

@@ -439,6 +439,27 @@ class TestJobs:
         every = [snapshot("a", "disabled"), snapshot("b", "disabled")]
         assert serve.stops_daemon(NoUsableKeyError(uk, [rejected]), every)
 
+    def test_a_daemon_stopped_for_an_outage_exits_so_as_to_be_restarted(self) -> None:
+        """An outage in one marketplace and a rejected tag in another, one error: the daemon
+        stops for the outage, and its exit is 69, which systemd restarts; it was 77
+        (RestartPreventExitStatus), the daemon left down with the job claimed."""
+        from broker.engine.keys import OUTAGE_CODE
+        from broker.errors import KeyUnusableError
+        from broker.jobs.runner import describe_failure
+
+        outage = KeyUnusableError("a", OUTAGE_CODE, "token service unreachable", "wait")
+        rejected = KeyUnusableError("b", "InvalidPartnerTag", "wrong tag", "fix the tag")
+        both = NoUsableKeyError.of_many(
+            [
+                NoUsableKeyError("www.amazon.co.jp", [outage]),
+                NoUsableKeyError("www.amazon.co.uk", [rejected]),
+            ]
+        )
+        assert serve.stops_daemon(both, [])
+        code, message = describe_failure(both)
+        assert code == ExitCode.UNAVAILABLE
+        assert "InvalidPartnerTag" in message
+
     async def test_files_present_at_start_are_picked_up(self, start: Start, spool: Path) -> None:
         """Jobs dropped while the daemon was down are processed; orphaned work files swept."""
         _drop(spool, "first.txt", "\n".join(_asins(3, "B0FRST")) + "\n")

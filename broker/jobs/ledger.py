@@ -371,7 +371,8 @@ class Ledger:
                 read with, named as options (``--encoding``, ``--convert-isbn13``), fixed
                 once the whole file is read with them (a run stopped while reading, say on
                 a byte the encoding cannot decode, goes on with the new ones). A ledger
-                started without them takes the ones given at its next opening.
+                started without them takes the ones given at its next opening, with a
+                ``broker.job_settings_adopted`` warning when rows were answered already.
             new_job: start the job again: drop every row, result and sink state (the daily
                 request counters are kept).
             synchronous: ``"FULL"`` (fsync every commit; the default) or ``"NORMAL"``
@@ -486,9 +487,10 @@ class Ledger:
                     self._set_meta(_SETTING + name, value)
 
     def _has_done_rows(self) -> bool:
-        """True when some row is final (by the done-order index: no table scan)."""
+        """True when some row was answered (invalid rows, final at ingestion, asked
+        nothing); by the tally, no table scan."""
         found = self._conn.execute(
-            "SELECT 1 FROM rows WHERE done_order IS NOT NULL LIMIT 1"
+            "SELECT 1 FROM tally WHERE status NOT IN ('pending', 'invalid') AND n > 0 LIMIT 1"
         ).fetchone()
         return found is not None
 

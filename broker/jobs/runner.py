@@ -95,6 +95,7 @@ __all__ = [
     "finish_promotion",
     "keys_serving",
     "out_of_files",
+    "outage_had_part",
     "quota_wait",
     "run_job",
 ]
@@ -1022,6 +1023,13 @@ async def each_marketplace(
         raise NoUsableKeyError.of_many(refused)
 
 
+def outage_had_part(exc: NoUsableKeyError) -> bool:
+    """True when a key left for an outage (the API's or the key-state store's): it ends by
+    itself, and what is left can be done then (exit 69; a daemon stops, to be started
+    again), whatever else was rejected beside it (named in the message)."""
+    return any(failure.code in OUTAGE_CODES for failure in exc.failures)
+
+
 #: How often ``no_wait`` (and ``broker lookup``) checks whether every key waits for its
 #: daily quota (seconds).
 QUOTA_POLL_S: Final = 0.5
@@ -1459,11 +1467,9 @@ def describe_failure(
     ``spooled``: the job is a spool daemon's, filed under failed/ with its work files, so
     its rows do not stay pending and it is run again from inbox/.
     """
-    if (
-        isinstance(exc, NoUsableKeyError)
-        and exc.failures
-        and all(failure.code in OUTAGE_CODES for failure in exc.failures)
-    ):
+    if isinstance(exc, NoUsableKeyError) and outage_had_part(exc):
+        # Another key's or marketplace's rejection beside it is named in the message; the
+        # outage ends by itself, and a daemon stopped for it is started again (69).
         return ExitCode.UNAVAILABLE, (
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
         )

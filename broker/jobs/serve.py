@@ -90,7 +90,6 @@ from typing import TYPE_CHECKING, Any, Final
 from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.clock import Clock, LoopClock
-from broker.engine.keys import OUTAGE_CODES
 from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import JobSettingsChangedError, read_tally
@@ -103,6 +102,7 @@ from broker.jobs.runner import (
     describe_failure,
     is_about,
     out_of_files,
+    outage_had_part,
     quota_wait,
     run_job,
 )
@@ -1707,7 +1707,7 @@ def stops_daemon(exc: NoUsableKeyError, keys: Sequence[KeySnapshot]) -> bool:
     tags) is that job's problem: it is filed under failed/, and the daemon goes on with the
     jobs its keys can serve instead of stopping on it at every start.
     """
-    if any(failure.code in OUTAGE_CODES for failure in exc.failures):
+    if outage_had_part(exc):
         return True
     return all(key.state == "disabled" for key in keys)
 

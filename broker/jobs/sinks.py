@@ -513,15 +513,12 @@ class JsonlSink(_FileSink):
         return state
 
     def _first_line(self) -> bytes:
+        """The output's first row, whole (one row fits in memory, as every row is built)."""
         with self.path.open("rb") as handle:
-            return handle.readline(_FIRST_ROW_BYTES)
+            return handle.readline()
 
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
         return json_lines(output_row(row) for row in rows)
-
-
-#: How much of a JSON Lines output's first row is read to tell an older broker's.
-_FIRST_ROW_BYTES: Final = 1 << 20
 
 
 def _an_older_row(line: bytes) -> bool:
@@ -530,7 +527,7 @@ def _an_older_row(line: bytes) -> bool:
     try:
         row = json.loads(line)
     except ValueError:
-        return False  # cut mid-row (longer than read): judged by the rows after it, if any
+        return False  # not a row (cut back to it at open, a first line is whole)
     if not isinstance(row, dict):
         return False
     summary = row.get("summary")
