@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 from broker.config import MAX_IN_FLIGHT, MAX_TPS, BrokerConfig, RateConfig, parse_config
 from broker.errors import ConfigError, NoUsableKeyError
 from broker.exitcode import ExitCode
+from broker.progname import prog
 from broker.simulator.settings import MIN_ACCOUNT_TPS, FaultRates
 from broker.termwidth import columns, pad
 
@@ -423,7 +424,7 @@ def render_table(reports: Sequence[BenchReport]) -> str:
     )
     faults = ", ".join(f"{k}={v:g}" for k, v in sorted(first.faults.items())) or "none"
     head = (
-        f"broker bench: {limits}; broker at {first.client_tps:g} TPS/key; {first.protocol}; "
+        f"{prog()} bench: {limits}; broker at {first.client_tps:g} TPS/key; {first.protocol}; "
         f"latency {first.latency_ms / 2:g} ms + Exp({first.jitter_ms / 2:g} ms) each way; "
         f"faults {faults}; "
         f"{first.duration_s:g} s window after {first.warmup_s:g} s warm-up"
@@ -708,14 +709,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=80.0,
         help="fixed round-trip latency the simulator adds, half each way (default: "
-        "%(default)s, as benchmarks/)",
+        "%(default)s, as the project's benchmark scripts use)",
     )
     parser.add_argument(
         "--jitter-ms",
         type=float,
         default=20.0,
         help="the exponential latency added on top of a round trip: a draw of mean half "
-        "this each way (default: %(default)s, as benchmarks/)",
+        "this each way (default: %(default)s, as the project's benchmark scripts use)",
     )
     parser.add_argument(
         "--max-in-flight",
@@ -813,7 +814,7 @@ def bench_command(args: argparse.Namespace) -> int:
         return code
     except _Stopped as stop:
         stopped = True
-        print(f"broker bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
+        print(f"{prog()} bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
         return _STOPPED_CODE[stop.sig]
     finally:
         # Stopped, the stop signals stay ignored: the process is on its way out, and a
@@ -855,12 +856,12 @@ def _bench(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(report.to_json(), sort_keys=True), flush=True)
     except ConfigError as exc:
-        print(f"broker bench: {exc}", file=sys.stderr)
+        print(f"{prog()} bench: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except NoUsableKeyError as exc:
         # The injected faults (an expired token on every call) took every key out.
         hint = "; the injected faults took every key out: lower --fault" if args.fault else ""
-        print(f"broker bench: {exc}{hint}; no figures", file=sys.stderr)
+        print(f"{prog()} bench: {exc}{hint}; no figures", file=sys.stderr)
         return ExitCode.NO_PERMISSION
     if not args.json:
         print(render_table(reports))

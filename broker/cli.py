@@ -328,8 +328,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="look up ASINs: a summary on a terminal, JSON lines otherwise",
         description="Look up ASINs (or Amazon product URLs). On a terminal, print a readable "
         "summary; when piped or with --json, print one JSON object per ASIN, the same rows "
-        "as `broker run` writes (line = the argument's position). Ids come as arguments; "
-        "for a list on stdin use `broker run - --out -`.",
+        f"as `{prog()} run` writes (line = the argument's position). Ids come as arguments; "
+        f"for a list on stdin use `{prog()} run - --out -`.",
         epilog="exit codes: 0 every id answered (ok, not found or invalid); 2 usage (an unknown "
         "--marketplace or resource, --refresh with --no-cache or --max-age 0); 3 some rows "
         "failed; 69 no usable answer from the API or its token endpoint, or the key-state "
@@ -391,7 +391,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Validate a config file and print a summary (secrets "
         "masked); exit 78 naming the bad key path if it is invalid. It reads the file and "
         "the secrets it names and connects to nothing: a Redis that refuses its password, "
-        "or an endpoint that refuses a key, is found by the first run (or `broker status` "
+        f"or an endpoint that refuses a key, is found by the first run (or `{prog()} status` "
         "for Redis).",
         epilog="exit codes: 0 valid (warnings may follow); 2 usage; 78 invalid or missing.",
     )
@@ -1284,17 +1284,29 @@ def _say_failures(causes: Sequence[tuple[str, str, int]]) -> None:
     )
 
 
-def _log_stopped(paths: RunPaths, code: int, message: str, *, refresh: bool = False) -> None:
+def _other_jobs(exc: BaseException) -> bool:
+    """True when the run was refused because its output is another job file's."""
+    from broker.jobs.ledger import OtherJobsOutputError
+
+    return isinstance(exc, OtherJobsOutputError)
+
+
+def _log_stopped(
+    paths: RunPaths, code: int, message: str, *, refresh: bool = False, ours: bool = True
+) -> None:
     """``broker.job_finished`` of a run an error stopped: its exit code and why, with the
     rows as its ledger has them (none when it has no ledger yet); the rows line and where
     the output is are printed too, as a finished run prints them: rows other marketplaces
     did before the error are written, and resumable. A ``refresh`` run's rows are in its own
-    ledger, beside the previous output it replaces only when it completes."""
+    ledger, beside the previous output it replaces only when it completes. Not ``ours``
+    (the output is another job file's): no rows, theirs are not this job's."""
     from broker.jobs.ledger import read_tally
     from broker.jobs.paths import ledger_path, refresh_path
     from broker.logs import get_logger
 
-    tally = read_tally(ledger_path(refresh_path(paths.out) if refresh else paths.out))
+    tally = (
+        read_tally(ledger_path(refresh_path(paths.out) if refresh else paths.out)) if ours else None
+    )
     figures: dict[str, object] = {}
     if tally is not None:
         done = {status: n for status, n in tally.items() if status != "pending"}
@@ -1365,7 +1377,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         return ExitCode.RESUMABLE
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)
-        _log_stopped(paths, code, message, refresh=args.refresh)
+        _log_stopped(paths, code, message, refresh=args.refresh, ours=not _other_jobs(exc))
         print(f"{prog()}: {message}", file=sys.stderr)
         return code
     finally:

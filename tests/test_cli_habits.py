@@ -1371,7 +1371,8 @@ def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two daily.txt in two folders share out/daily.jsonl: the second run names the first
-    job's file, instead of calling its own input changed."""
+    job's file, instead of calling its own input changed, and prints no rows line (the
+    first job's 3 rows were shown as its own)."""
     monkeypatch.chdir(tmp_path)
     config = str(_config(tmp_path))
     for folder, count in (("sa", 3), ("sb", 2)):
@@ -1383,6 +1384,7 @@ def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
     err = capsys.readouterr().err
     assert f"is the output of another job file, {tmp_path / 'sa' / 'daily.txt'}" in err
     assert "--out" in err
+    assert "rows: " not in err
 
 
 def test_embedded_simulator_runs_leave_no_key_state_behind(

@@ -73,6 +73,7 @@ __all__ = [
     "JobSettingsChangedError",
     "Ledger",
     "Lookup",
+    "OtherJobsOutputError",
     "SinkState",
     "canonical_marketplace",
     "crash_point",
@@ -214,6 +215,11 @@ class JobMismatchError(JobFileError):
     Found when the ledger is opened, before anything is read or written. Resuming would mix
     two jobs' rows; start anew (``new_job=True``, ``--new-job``) or restore the original file.
     """
+
+
+class OtherJobsOutputError(JobMismatchError):
+    """The output (and its ledger) is another job file's: its rows are that job's, not
+    this run's, and a message must not count them as this job's."""
 
 
 class JobSettingsChangedError(JobMismatchError):
@@ -554,7 +560,7 @@ class Ledger:
             other = self._other_job(fingerprint.path)
             if other is not None:
                 output = self._path.with_name(self._path.name.removesuffix(".ledger"))
-                raise JobMismatchError(
+                raise OtherJobsOutputError(
                     f"{output} is the output of another job file, {other}: give "
                     f"{fingerprint.path} an output of its own with --out, or run with "
                     "--new-job to replace that job's output."
