@@ -644,6 +644,31 @@ class TestRunPaths:
         assert cli.main(args) == ExitCode.OK
         assert mine.read_bytes() == report
 
+    def test_a_report_name_that_is_another_jobs_output_says_so(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """<out>.invalid.jsonl that is another job's output (its ledger beside it): refused
+        saying so; it was "a file no broker job wrote"."""
+        config = str(_config(tmp_path))
+        (tmp_path / "good.txt").write_text("B0TEST0001\n")
+        (tmp_path / "bad.txt").write_text("not-an-asin\n")
+        other = tmp_path / "r.jsonl.invalid.jsonl"
+        assert (
+            cli.main(["run", str(tmp_path / "good.txt"), "--config", config, "--out", str(other)])
+            == 0
+        )
+        capsys.readouterr()
+        argv = [
+            "run",
+            str(tmp_path / "bad.txt"),
+            "--config",
+            config,
+            "--out",
+            str(tmp_path / "r.jsonl"),
+        ]
+        assert cli.main(argv) == ExitCode.USAGE
+        assert "is another job's output" in capsys.readouterr().err
+
     def test_own_output_and_an_empty_file_are_written(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -412,10 +412,16 @@ def _refuse_foreign_output(out: Path, *, given: bool) -> None:
         )
     report = report_path(out)
     if _size(report) and not _is_report(report):
+        # Another job's output of that name has its ledger beside it.
+        whose = (
+            "is another job's output"
+            if ledger_path(report).exists()
+            else "is a file no broker job wrote"
+        )
         raise UsageError(
             f"{how} {out}, and {report.name} beside it, the name of its invalid-row report, "
-            "is a file no broker job wrote: a new job would overwrite it; move or delete it, "
-            "or give --out another path (nothing was written)"
+            f"{whose}: a new job would overwrite it; move or delete it, or give --out "
+            "another path (nothing was written)"
         )
 
 
