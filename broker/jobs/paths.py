@@ -182,9 +182,12 @@ class RunPaths:
                         Path(temporary).unlink()
                         return
                     if refresh and ledger.exists():
-                        side = self.job.with_name(
-                            refresh_path(self.out).name + self.job.name[len(self.out.name) :]
+                        # The refresh's copy under the same --input.
+                        mine, refreshs = (
+                            stdin_copies(self.out),
+                            stdin_copies(refresh_path(self.out)),
                         )
+                        side = refreshs[mine.index(self.job)]
                         os.replace(temporary, side)
                         self.job = side
                         return

@@ -60,7 +60,6 @@ from broker.jobs.ledger import (
 )
 from broker.jobs.lock import JobLock
 from broker.jobs.paths import (
-    STDIN_FORMATS,
     ledger_path,
     ordering_path,
     refresh_path,
@@ -346,16 +345,22 @@ def finish_promotion(out: Path, *, locked: bool = False) -> None:
 def _promote_stdin_copy(side: Path, out: Path) -> None:
     """Make the input a refresh of a ``-`` job read (other bytes on stdin) the job's saved
     input; the copies of the input it replaces, under any ``--input``, go."""
-    for fmt, copy in zip(STDIN_FORMATS, stdin_copies(side), strict=True):
+    for copy, target in zip(stdin_copies(side), stdin_copies(out), strict=True):
         if copy.exists():
             for old in stdin_copies(out):
-                if not old.name.endswith(f".{fmt}"):
+                if old != target:
                     old.unlink(missing_ok=True)
-            os.replace(copy, out.with_name(f"{out.name}.stdin.{fmt}"))
+            os.replace(copy, target)
 
 
-def _complete_message(ledger: Ledger, options: JobOptions, counts: Counts) -> str:
-    """What a rerun of a finished job tells the user: complete, when, how to fetch again."""
+def _complete_message(
+    ledger: Ledger,
+    options: JobOptions,
+    counts: Counts,
+    causes: Sequence[tuple[str, str, int]],
+) -> str:
+    """What a rerun of a finished job tells the user: complete, when, how to fetch again
+    (``causes``: the failed rows by code and marketplace, as the summary has them)."""
     total = counts.total
     fetched = ledger.fetched_range()
     when = ""
@@ -366,7 +371,6 @@ def _complete_message(ledger: Ledger, options: JobOptions, counts: Counts) -> st
     if ledger_path(refresh_path(options.out)).exists():
         refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
     failed = counts.by_status.get("failed", 0)
-    causes = ledger.failure_causes() if failed else []
     unsent = sorted({market for code, market, _ in causes if code == "NoKeyForMarketplace"})
     first = (
         f"add a partner tag for {', '.join(unsent)} to a key (no key has one, so those rows "
@@ -522,7 +526,7 @@ async def _run_once(
         if resumed_complete and not ordering_stopped:
             # In a thread: it reads every result's time (seconds for a million).
             summary.already_complete = await _in_thread(
-                functools.partial(_complete_message, ledger, options, counts)
+                functools.partial(_complete_message, ledger, options, counts, summary.failed_causes)
             )
     summary.wall_s = time.monotonic() - started
     return summary
