@@ -170,13 +170,12 @@ def _counted(client: str, requests: int, answers_path: Path, valgrind: str | Non
     finally:
         with _CHILDREN.lock:
             _CHILDREN.running.discard(child)
-    done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
-    if done.returncode != 0:
+    if child.returncode != 0:
         raise RuntimeError(
-            f"{client}, {requests} requests: exit {done.returncode}\n{done.stderr[-3000:]}"
+            f"{client}, {requests} requests: exit {child.returncode}\n{stderr[-3000:]}"
         )
-    line = json.loads(done.stdout.strip().splitlines()[-1])
-    found = _COLLECTED.search(done.stderr)
+    line = json.loads(stdout.strip().splitlines()[-1])
+    found = _COLLECTED.search(stderr)
     return Count(
         client,
         line["requests"],

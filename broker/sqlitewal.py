@@ -44,6 +44,7 @@ __all__ = [
     "refuse_foreign",
     "refuse_orphans",
     "replaced",
+    "rollback_journal",
     "state_dir",
 ]
 
@@ -78,6 +79,11 @@ def file_in_the_way(path: Path) -> Path | None:
             return None
         return None if stat.S_ISDIR(mode) else folder
     return None
+
+
+def rollback_journal(path: Path) -> Path:
+    """The journal SQLite keeps beside a database out of WAL mode, while it writes."""
+    return path.with_name(path.name + "-journal")
 
 
 def journal_files(path: Path) -> tuple[Path, Path]:

@@ -157,7 +157,7 @@ class Intake:
         canonical = self._canonical_market(named)
         res = tuple(wanted) if wanted is not None else self._resources
         if canonical is None:
-            if (store or check_asin(raw).store) == named:
+            if store == named:
                 # Named by no one: the product URL's own host, an Amazon-looking domain.
                 why = (
                     f"the product URL's store {named!r} is no Amazon marketplace; give the "

@@ -924,7 +924,7 @@ def shared_key_parts(
         process_id=shared.process_id,
         give_up_after_s=config.retry.outage_budget_s,
         sibling_day_limits=[
-            key_limits(other, config, settings).day_limit
+            day_limit(other.tpd, config.rate.tpd_guard)
             for other in config.keys
             if other.credential_id == key.credential_id and other.name != key.name
         ],

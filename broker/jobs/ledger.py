@@ -469,7 +469,8 @@ class Ledger:
             for name, value in settings.items()
             if not name.startswith("--") and self._meta(_SETTING + name) is None
         }
-        if adopted and self._has_done_rows():
+        # Invalid rows are final at ingestion and asked nothing: only answered rows count.
+        if adopted and any(status != "invalid" for status in self.counts().by_status):
             # A job begun before its settings were recorded: what its done rows were asked
             # under cannot be checked, so the user is told rather than left to find rows of
             # two kinds in one output.
@@ -491,14 +492,6 @@ class Ledger:
                 # so are the options of a file still being read.
                 if self._meta(_SETTING + name) is None or (reading and name.startswith("--")):
                     self._set_meta(_SETTING + name, value)
-
-    def _has_done_rows(self) -> bool:
-        """True when some row was answered (invalid rows, final at ingestion, asked
-        nothing); by the tally, no table scan."""
-        found = self._conn.execute(
-            "SELECT 1 FROM tally WHERE status NOT IN ('pending', 'invalid') AND n > 0 LIMIT 1"
-        ).fetchone()
-        return found is not None
 
     def _check_ours(self, tables: set[str]) -> None:
         found = None

@@ -78,7 +78,7 @@ from broker.jobs.sources import (
 )
 from broker.logs import end_live_line, get_logger, show_live_line
 from broker.models import ItemResult, Protocol, Query
-from broker.sqlitewal import journal_files
+from broker.sqlitewal import journal_files, rollback_journal
 from broker.termwidth import fit
 
 if TYPE_CHECKING:
@@ -328,7 +328,7 @@ def finish_promotion(out: Path, *, locked: bool = False) -> None:
         # A journal left by the old output (a SQLite output killed mid-run, in WAL mode or,
         # closed, in rollback-journal mode) must not be replayed into the new one: SQLite
         # would lay the old run's pages over it.
-        for path in (*journal_files(out), out.with_name(out.name + "-journal")):
+        for path in (*journal_files(out), rollback_journal(out)):
             path.unlink(missing_ok=True)
         os.replace(side, out)
     _promote_stdin_copy(side, out)

@@ -116,7 +116,7 @@ from broker.jobs.signals import (
 from broker.jobs.sinks import SINK_FORMATS
 from broker.logs import get_logger, logs_are_json
 from broker.progname import prog
-from broker.sqlitewal import journal_files
+from broker.sqlitewal import journal_files, rollback_journal
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheStats
@@ -350,7 +350,8 @@ class SpoolJob:
             self.invalid_report.with_name(self.invalid_report.name + ".tmp"),
             ledger,
             *journal_files(ledger),
-            *(ledger.with_name(ledger.name + suffix) for suffix in ("-journal", ".lock")),
+            rollback_journal(ledger),
+            ledger.with_name(ledger.name + ".lock"),
             # Last: the daemon holds it until the filing's end, and a sibling that probes it
             # meanwhile must find the job file gone, not a free lock beside it.
             self.claim_lock().lock_path,

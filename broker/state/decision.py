@@ -39,7 +39,6 @@ from broker.state.model import (
 __all__ = ["PROCESS_KEEP_S", "Record", "decide", "process_entry", "slack_us"]
 
 _US = 1_000_000
-_DAY_S = 86_400
 #: Processes not seen for this long are dropped from a key's record.
 PROCESS_KEEP_S = 600.0
 #: A 429 this long (seconds) after the key's last one starts a new run of 429s.
@@ -425,7 +424,7 @@ def decide(
     # under, so two processes of different resets never shift it back and forth.
     counted = record.day
     if counted >= 0 and record.day_offset >= 0 and record.day_offset != offset:
-        counted = (record.day * _DAY_S + record.day_offset - offset) // _DAY_S
+        counted = day_number(day_end_us(record.day - 1, record.day_offset), offset)
     day = day_number(wall, offset)
     if day > counted:
         counted = record.day = day
