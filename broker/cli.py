@@ -814,10 +814,10 @@ def _check_config(config: BrokerConfig) -> int:
     return ExitCode.OK
 
 
-def _outage_reasons(exc: NoUsableKeyError) -> str:
-    """Why a lookup gave up on an outage: each key's failure once (keys failing alike
-    together), with one remedy said for the lookup, not each key's for a run (rows left
-    pending, retry.outage_budget_s)."""
+def _outage_message(exc: NoUsableKeyError, budget_s: float) -> str:
+    """Why a lookup gave up on an outage: what it waited for, each key's failure once (keys
+    failing alike together), and one remedy said for the lookup, not each key's for a run
+    (rows left pending, retry.outage_budget_s)."""
     from broker.engine.keys import STATE_OUTAGE_CODE
 
     keys: dict[str, list[str]] = {}
@@ -825,16 +825,21 @@ def _outage_reasons(exc: NoUsableKeyError) -> str:
         keys.setdefault(f"{failure.code}: {failure.message}", []).append(failure.key)
     reasons = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in keys.items())
     if all(failure.code == STATE_OUTAGE_CODE for failure in exc.failures):
-        remedy = "check that the key-state store ([state]) is up"
+        waited, remedy = (
+            "with the key-state store out of reach",
+            "check that the key-state store ([state]) is up",
+        )
     else:
-        remedy = (
+        waited, remedy = (
+            "without a usable answer",
             "check the network, DNS, proxy or firewall, and api.endpoint (api.token_endpoint "
             "when the last error is the token endpoint's; a 5xx or a reset each time: the API "
-            "itself is down, wait for it)"
+            "itself is down, wait for it)",
         )
     return (
-        f"no key can serve {exc.marketplace}: {reasons or 'no key configured'}; {remedy}, "
-        "then look up again (--outage-budget SECONDS waits longer)"
+        f"gave up after {budget_s:g} s {waited} (--outage-budget): no key can serve "
+        f"{exc.marketplace}: {reasons or 'no key configured'}; {remedy}, then look up again "
+        "(--outage-budget SECONDS waits longer)"
     )
 
 
@@ -971,7 +976,6 @@ async def _lookup(
 ) -> int:
     from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
-    from broker.engine.keys import STATE_OUTAGE_CODE
     from broker.errors import (
         ConfigError,
         NoUsableKeyError,
@@ -1042,15 +1046,7 @@ async def _lookup(
         if code == ExitCode.UNAVAILABLE and isinstance(exc, NoUsableKeyError):
             # The failure names what failed (the API, its token endpoint, or the key-state
             # store) and its error; the lead says which was waited for.
-            waited = (
-                "with the key-state store out of reach"
-                if all(f.code == STATE_OUTAGE_CODE for f in exc.failures)
-                else "without a usable answer"
-            )
-            message = (
-                f"gave up after {config.retry.outage_budget_s:g} s {waited} "
-                f"(--outage-budget): {_outage_reasons(exc)}"
-            )
+            message = _outage_message(exc, config.retry.outage_budget_s)
         elif isinstance(exc, NoUsableKeyError):
             message = f"stopped: {exc}"
         elif isinstance(exc, OSError):
@@ -1284,13 +1280,6 @@ def _say_failures(causes: Sequence[tuple[str, str, int]]) -> None:
     )
 
 
-def _other_jobs(exc: BaseException) -> bool:
-    """True when the run was refused because its output is another job file's."""
-    from broker.jobs.ledger import OtherJobsOutputError
-
-    return isinstance(exc, OtherJobsOutputError)
-
-
 def _log_stopped(
     paths: RunPaths, code: int, message: str, *, refresh: bool = False, ours: bool = True
 ) -> None:
@@ -1336,6 +1325,7 @@ def _log_stopped(
 async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> int:
     import dataclasses
 
+    from broker.jobs.ledger import OtherJobsOutputError
     from broker.jobs.paths import RunPaths
     from broker.jobs.runner import JobOptions, describe_failure, finish_promotion, run_job
     from broker.jobs.signals import StoppedReading, stops_reading
@@ -1377,7 +1367,9 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         return ExitCode.RESUMABLE
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)
-        _log_stopped(paths, code, message, refresh=args.refresh, ours=not _other_jobs(exc))
+        # An output another job file owns: its rows are not this job's.
+        ours = not isinstance(exc, OtherJobsOutputError)
+        _log_stopped(paths, code, message, refresh=args.refresh, ours=ours)
         print(f"{prog()}: {message}", file=sys.stderr)
         return code
     finally:

@@ -39,6 +39,7 @@ __all__ = [
     "refresh_path",
     "report_path",
     "stdin_copies",
+    "stdin_copy",
 ]
 
 #: The name that means stdin (as the job) or stdout (as ``--out``).
@@ -109,9 +110,14 @@ def ordering_path(out: Path) -> Path:
     return out.with_name(out.name + ".ordering")
 
 
+def stdin_copy(out: Path, fmt: str) -> Path:
+    """Where a ``-`` job writing ``out`` keeps its stdin read as ``fmt`` (``--input``)."""
+    return out.with_name(f"{out.name}.stdin.{fmt}")
+
+
 def stdin_copies(out: Path) -> list[Path]:
     """Where the saved stdin of a ``-`` job writing ``out`` may be: one name per ``--input``."""
-    return [out.with_name(f"{out.name}.stdin.{fmt}") for fmt in STDIN_FORMATS]
+    return [stdin_copy(out, fmt) for fmt in STDIN_FORMATS]
 
 
 class UsageError(ValueError):
@@ -183,11 +189,8 @@ class RunPaths:
                         return
                     if refresh and ledger.exists():
                         # The refresh's copy under the same --input.
-                        mine, refreshs = (
-                            stdin_copies(self.out),
-                            stdin_copies(refresh_path(self.out)),
-                        )
-                        side = refreshs[mine.index(self.job)]
+                        fmt = self.job.name.rsplit(".", 1)[1]
+                        side = stdin_copy(refresh_path(self.out), fmt)
                         os.replace(temporary, side)
                         self.job = side
                         return
@@ -287,7 +290,7 @@ def plan_paths(
         # A job begun through the link by an older broker keeps its ledger beside the link.
         out_path = Path(os.path.realpath(out_path))
     if stdin:
-        job_path = out_path.with_name(f"{out_path.name}.stdin.{stdin_format}")
+        job_path = stdin_copy(out_path, stdin_format)
     else:
         job_path = Path(job)
         _refuse_unreadable_kind(job_path)
