@@ -1537,6 +1537,26 @@ class TestRetries:
         assert metrics.keys[0].rate < 100.0
         assert metrics.retries == 0
 
+    async def test_a_throttled_batch_is_sent_again_before_queued_ones(self) -> None:
+        """A 429'd batch goes back to the head of the queue: the next send is its retry."""
+        sent: list[list[str]] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            ids = _ids(request)
+            sent.append(ids)
+            if len(sent) == 1:
+                return _paapi_error(429, "TooManyRequests", "The request was denied.")
+            return _paapi_ok(ids)
+
+        clock = FakeClock()
+        key = paapi_key_doc(max_in_flight=1)
+        broker, _ = _broker(PAAPI, handler, clock, keys=[key])
+        async with broker:
+            results = await _run(broker, clock, asins(40))
+        assert all(r.ok for r in results)
+        assert len(sent) == 5
+        assert sent[1] == sent[0]
+
     async def test_retry_after_pauses_the_key(self) -> None:
         """A 429 with Retry-After: 5 holds the key 5 s (on the fake clock)."""
         sent_at: list[float] = []

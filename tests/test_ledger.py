@@ -488,8 +488,11 @@ class TestWork:
             first = result(lookup)
             assert ledger.record_results([(lookup, first), (lookup, first)]) == 2
             assert ledger.record_results([(lookup, result(lookup, Status.FAILED))]) == 0
-            assert {row.status for row in ledger.done_rows_after(0)} == {"ok"}
+            done = ledger.done_rows_after(0)
+            assert {row.status for row in done} == {"ok"}
+            assert [row.result for row in done] == [first.to_json()] * 2
             assert ledger.counts().by_status == {"ok": 2}
+            assert ledger.pending_lookup_count() == 0
 
     def test_unknown_lookup_rolls_back_the_whole_batch(self, tmp_path: Path) -> None:
         """A lookup not in the job raises ValueError and nothing of the batch is recorded."""

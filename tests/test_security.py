@@ -644,12 +644,17 @@ class TestD2LogPipeline:
         secret = _random_secret("field")
         token = "Atc|" + secrets.token_urlsafe(32)
         signature = secrets.token_hex(32)
+        password = _random_secret("password")
+        in_tuple = _random_secret("tuple")
         stream = io.StringIO()
         configure_logging("debug", fmt, stream=stream)
         structlog.get_logger("broker").debug(
             "test.fields",
             client_secret=secret,
             nested={"deep": [{"access_token": token, "credentials": secret}]},
+            password=password,
+            redis={"password": password},
+            pairs=({"access_token": in_tuple},),
             header=f"Bearer {token}, Version 2.1",
             sigv4=f"AWS4-HMAC-SHA256 Credential=AKID/x, SignedHeaders=host, Signature={signature}",
             form=f"grant_type=client_credentials&client_secret={secret}&scope=x",
@@ -662,6 +667,8 @@ class TestD2LogPipeline:
         assert "visible-id" in text  # a credential id is not secret
         for needle in (secret, token, token.removeprefix("Atc|")[:16], signature):
             assert needle not in text
+        assert password not in text
+        assert in_tuple not in text
 
     def test_an_exception_never_raised_is_logged(self) -> None:
         """A stdlib record whose exception has no traceback (asyncio's "Task exception was

@@ -1091,15 +1091,25 @@ class TestBrokenStateFile:
             assert [n for (n,) in conn.execute("SELECT name FROM sqlite_schema")] == ["orders"]
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
-    def test_a_table_with_more_columns_is_fine(self, tmp_path: Path) -> None:
-        """A later version's key_state table with a column more still works here."""
+    async def test_a_table_with_more_columns_is_fine(self, tmp_path: Path) -> None:
+        """A later version's key_state table with a column more still works here: the
+        decisions count the day as usual."""
         path = tmp_path / "keys.sqlite3"
         with sqlite_db(path) as conn:
             conn.execute(
                 "CREATE TABLE key_state (digest TEXT PRIMARY KEY, name TEXT NOT NULL, "
                 "data BLOB NOT NULL, extra TEXT)"
             )
-        SqliteStateStore(path)._conn.close()
+        clock = [_T0]
+        store = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+        try:
+            backend = Backend("local", store, clock)
+            first = await backend.reserve()
+            second = await backend.reserve()
+        finally:
+            await store.aclose()
+        assert (first.granted, second.granted) == (True, True)
+        assert second.count == 2
 
     def test_a_file_that_is_not_sqlite_says_to_check_the_path(self, tmp_path: Path) -> None:
         """A file that is no SQLite database (a job file named by mistake) is not only
