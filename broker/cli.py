@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, cast
 from broker.exitcode import ExitCode
 from broker.progname import prog
 from broker.stdio import (
+    BYTES_OR_ESCAPE,
     ForgivingStream,
     WatchedStream,
     drop_stdout,
@@ -447,13 +448,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     open_closed_descriptors()
     stdout, stderr = sys.stdout, sys.stderr
-    # What a strict stdout cannot write (a path's undecodable bytes under a real UTF-8
-    # locale, a key named in Japanese under a Latin-1 one) is escaped, as on stderr: it
-    # raised after half the output, a traceback instead of the exit code. A C locale's
-    # surrogateescape already writes such bytes back as they were: left as it is.
-    strict = stdout if isinstance(stdout, io.TextIOWrapper) and stdout.errors == "strict" else None
-    if strict is not None:
-        strict.reconfigure(errors="backslashreplace")
+    # What stdout's encoding cannot write (a path's undecodable bytes under a strict UTF-8
+    # stdout, a key named in Japanese under a Latin-1 or C locale) is escaped, as on
+    # stderr: it raised after half the output, a traceback instead of the exit code. Under
+    # surrogateescape (a C locale without UTF-8 mode) a path's bytes are still written back
+    # as they were, so that a path printed is the path.
+    wrapper = stdout if isinstance(stdout, io.TextIOWrapper) else None
+    errors = (wrapper.errors or "") if wrapper is not None else ""
+    mended = {"strict": "backslashreplace", "surrogateescape": BYTES_OR_ESCAPE}.get(errors)
+    if wrapper is not None and mended is not None:
+        wrapper.reconfigure(errors=mended)
     failures: list[OSError] = []
     sys.stdout = cast("TextIO", WatchedStream(stdout, failures))
     sys.stderr = cast("TextIO", ForgivingStream(stderr))
@@ -461,8 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _guarded(words, failures, process_ends=argv is None)
     finally:
         sys.stdout, sys.stderr = stdout, stderr
-        if strict is not None:
-            strict.reconfigure(errors="strict")
+        if wrapper is not None and mended is not None:
+            wrapper.reconfigure(errors=errors)
 
 
 def _guarded(words: list[str], failures: list[OSError], *, process_ends: bool) -> int:

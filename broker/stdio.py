@@ -17,6 +17,7 @@ A command started from cron or a service manager may find a standard descriptor 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import json
@@ -25,14 +26,49 @@ import sys
 from typing import Any, TextIO
 
 __all__ = [
+    "BYTES_OR_ESCAPE",
     "ForgivingStream",
     "WatchedStream",
+    "as_shown",
     "drop_stdout",
     "open_closed_descriptors",
     "print_json",
     "stdout_failure",
     "write_stdout",
 ]
+
+#: An encoding error handler: a file name's undecodable byte (a lone surrogate, as
+#: ``surrogateescape`` reads it) is written back as that byte, any other character the
+#: encoding lacks as its backslash escape. For a stdout in an ASCII or Latin-1 locale
+#: without UTF-8 mode, whose ``surrogateescape`` raises on a key named in Japanese.
+BYTES_OR_ESCAPE = "asin-broker-bytes-or-escape"
+
+
+def _bytes_or_escape(exc: UnicodeError) -> tuple[bytes, int]:
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    out = bytearray()
+    for char in exc.object[exc.start : exc.end]:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(code - 0xDC00)
+        else:
+            out += char.encode("ascii", "backslashreplace")
+    return bytes(out), exc.end
+
+
+codecs.register_error(BYTES_OR_ESCAPE, _bytes_or_escape)
+
+
+def as_shown(text: str, stream: TextIO) -> str:
+    """``text`` as ``stream`` will show it: what its encoding lacks escaped, so that the
+    columns a live line takes are counted on what the terminal receives."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+    except LookupError:
+        return text
+
 
 #: The errors of a write to a file that cannot take more, or a device that failed.
 _UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})

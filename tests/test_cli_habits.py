@@ -2303,6 +2303,32 @@ class TestCheckConfigOutput:
         assert done.returncode == 0, done.stderr
         assert b"/caf\xe9/config.toml" in done.stdout
 
+    def test_a_c_locale_without_utf8_mode_escapes_a_key_name(self, tmp_path: Path) -> None:
+        """Under the C locale with UTF-8 mode off (PYTHONUTF8=0), stdout's surrogateescape
+        raised on a key named in Japanese (a traceback, exit 1): the name is escaped, and a
+        path's bytes are still printed as they are."""
+        folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+        folder.mkdir()
+        config = folder / "config.toml"
+        config.write_text(embedded_toml().replace('name = "demo"', 'name = "\u65e5\u672c"'))
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "check-config", "--config", os.fsencode(config)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env={
+                **os.environ,
+                "LC_ALL": "C",
+                "PYTHONUTF8": "0",
+                "PYTHONCOERCECLOCALE": "0",
+                "ASINB_DEMO_SECRET": "demo-secret",
+            },
+        )
+        assert done.returncode == 0, done.stderr
+        assert b"/caf\xe9/config.toml" in done.stdout
+        assert b"key \\u65e5\\u672c: id demo-id" in done.stdout
+        assert b"Traceback" not in done.stderr
+
     def test_check_config_of_a_systemd_credential_with_the_simulator(self, tmp_path: Path) -> None:
         """A key whose secret is a systemd credential, with the embedded simulator: noted as
         not checked here, not claimed to use the simulator's own secret (the run refuses it,

@@ -52,3 +52,21 @@ def test_a_terminal_of_no_columns_takes_columns_from_the_environment(
     monkeypatch.setattr(os, "get_terminal_size", lambda *_: os.terminal_size((0, 0)))
     monkeypatch.setenv("COLUMNS", "120")
     assert columns(runner._fit("x" * 200)) == 1 + 119
+
+
+def test_a_live_line_is_cut_on_what_an_ascii_stderr_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under an ASCII locale a key named in Japanese reaches the terminal escaped: the line
+    is cut on the escapes' columns, so it does not wrap at every redraw."""
+    import io
+    import os
+    import sys
+
+    from broker.jobs import runner
+
+    stderr = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="backslashreplace")
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(os, "get_terminal_size", lambda *_: os.terminal_size((40, 24)))
+    line = runner._fit("\r" + "key \u30c7\u30e2\u9375 " * 5)
+    assert line.startswith("\rkey \\u30c7\\u30e2\\u9375 ")
+    assert columns(line) == 1 + 39
+    assert line.isascii()

@@ -79,6 +79,7 @@ from broker.jobs.sources import (
 from broker.logs import end_live_line, get_logger, show_live_line
 from broker.models import ItemResult, Protocol, Query
 from broker.sqlitewal import journal_files, rollback_journal
+from broker.stdio import as_shown
 from broker.termwidth import fit
 
 if TYPE_CHECKING:
@@ -1363,7 +1364,7 @@ def _fit(line: str) -> str:
         # No terminal, or one that says 0 x 0 (a pseudo-terminal not sized yet: some CI
         # runners, docker exec -t): $COLUMNS, else 80.
         columns = shutil.get_terminal_size(fallback=(80, 24)).columns
-    return "\r" + fit(line.lstrip("\r"), max(columns - 1, 20))
+    return "\r" + fit(as_shown(line.lstrip("\r"), sys.stderr), max(columns - 1, 20))
 
 
 def quota_eta(
