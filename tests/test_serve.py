@@ -1272,6 +1272,38 @@ class TestProcess:
             if proc.stderr is not None:
                 proc.stderr.close()
 
+    def test_a_non_ascii_job_name_where_file_names_are_not_utf8(self, tmp_path: Path) -> None:
+        """Under a C locale with UTF-8 mode off, a job named ünï.txt is filed as
+        %C3%BCn%C3%AF.txt and the daemon goes on; its claim could not be named there (an
+        internal error at once, exit 1, and again at every restart: no job ever ran)."""
+        spool = tmp_path / "spool"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASINB_")}
+        env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+        argv = [sys.executable, "-m", "broker", "serve", "--spool", str(spool), "--port", "0"]
+        config = _config_file(tmp_path)
+        config.write_text(config.read_text() + "\n[serve]\nsettle_s = 0\n")
+        argv += ["--config", str(config)]
+        _drop(spool, "\u00fcn\u00ef.txt", "B0PROCES01\n")
+        _drop(spool, "plain.txt", "B0PROCES02\n")
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+        try:
+            done = spool / "done"
+            deadline = time.monotonic() + 30
+            while len(list(done.glob("*.status.json"))) < 2 and proc.poll() is None:
+                assert time.monotonic() < deadline, "the jobs were not filed"
+                time.sleep(0.05)
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            status = json.loads((done / "%C3%BCn%C3%AF.txt.status.json").read_text())
+            assert status["rows"]["total"] == 1
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
     async def test_first_signal_drains_the_running_job(self, tmp_path: Path) -> None:
         """A first SIGTERM lets the requests already sent be answered and written, as
         ``broker run`` does: no answer paid for is thrown away, and the job resumes later.

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import collections
 import contextlib
 import dataclasses
@@ -275,16 +276,18 @@ def spool_name(name: str) -> str:
     """The name a job file is processed and filed under: ``name``, unless it is awkward.
 
     Bytes of the name that are not UTF-8 become ``%XX`` (``lat%E9.txt``), because the
-    ledger, the logs and the status files hold text. A name longer than 200 bytes is cut
-    and given a hash of the whole name (keeping its extensions, which tell the format), so
-    that the work files' longer names stay within the file system's 255 bytes.
+    ledger, the logs and the status files hold text; so does every byte that is not ASCII
+    where Python's file names are not UTF-8 (a C locale with ``PYTHONUTF8=0``, a Latin-1
+    one), as a path of that text could not be named there. A name longer than 200 bytes
+    is cut and given a hash of the whole name (keeping its extensions, which tell the
+    format), so that the work files' longer names stay within the file system's 255 bytes.
     """
     raw = os.fsencode(name)
     text = raw.decode("utf-8", "surrogateescape")
-    if any("\udc80" <= char <= "\udcff" for char in text):
-        text = "".join(
-            f"%{ord(char) - 0xDC00:02X}" if "\udc80" <= char <= "\udcff" else char for char in text
-        )
+    if not text.isascii() and (
+        not _UTF8_NAMES or any("\udc80" <= char <= "\udcff" for char in text)
+    ):
+        text = "".join(_escaped(char) for char in text)
     if len(text.encode("utf-8")) <= _MAX_NAME_BYTES:
         return text
     # The last one or two suffixes that are extensions (".csv", ".jsonl.gz"): a dot earlier
@@ -299,6 +302,20 @@ def spool_name(name: str) -> str:
     budget = _MAX_NAME_BYTES - len(suffix.encode("utf-8")) - len(digest) - 1
     head = text[: len(text) - len(suffix)].encode("utf-8")[:budget].decode("utf-8", "ignore")
     return f"{head}~{digest}{suffix}"
+
+
+#: Whether Python names files in UTF-8 here (else a name must be ASCII to be written).
+_UTF8_NAMES = codecs.lookup(sys.getfilesystemencoding()).name == "utf-8"
+
+
+def _escaped(char: str) -> str:
+    """``char`` as a spool name keeps it: ``%XX`` for each byte that is not UTF-8, or
+    for each byte of a character that is not ASCII where file names are not UTF-8."""
+    if "\udc80" <= char <= "\udcff":
+        return f"%{ord(char) - 0xDC00:02X}"
+    if _UTF8_NAMES or char.isascii():
+        return char
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
 
 
 def _shown(name: str) -> str:
