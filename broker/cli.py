@@ -558,6 +558,9 @@ def _parse(words: list[str]) -> argparse.Namespace:
     if getattr(args, "spool", None) is not None and not args.spool.strip():
         # Path("") is the current directory: an unset variable would make a spool of it.
         parser.error("--spool names no directory")
+    if getattr(args, "out", None) is not None and not args.out.strip():
+        # Unset in a script, it ran to the default output, named after the job.
+        parser.error("--out names no file (give a path, or - for stdout)")
     return args
 
 
@@ -660,15 +663,21 @@ def _init(given: str, *, force: bool) -> int:
 
     template = files("broker").joinpath("templates", "config.toml").read_text(encoding="utf-8")
     path = Path(given)
-    # "conf/" names a directory even before it exists (Path drops the slash).
-    if path.is_dir() or given.endswith(("/", os.sep)):
+    try:
+        # "conf/" names a directory even before it exists (Path drops the slash).
+        is_dir = path.is_dir() or given.endswith(("/", os.sep))
+        exists = path.exists()
+    except OSError as exc:  # a name too long, a loop of symbolic links
+        print(f"{prog()}: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return ExitCode.IO_ERROR
+    if is_dir:
         print(
             f"{prog()}: {path} is a directory; give the config file's path, such as "
             f"{path / DEFAULT_CONFIG}",
             file=sys.stderr,
         )
         return ExitCode.USAGE
-    if path.exists() and not force:
+    if exists and not force:
         print(f"{prog()}: {path} exists; pass --force to overwrite it", file=sys.stderr)
         return ExitCode.USAGE
     try:
@@ -685,7 +694,10 @@ def _init(given: str, *, force: bool) -> int:
         print(f"{prog()}: cannot write {path}: {exc.strerror}", file=sys.stderr)
         return ExitCode.IO_ERROR
     # The file a command reads unless told: $ASINB_CONFIG's may be another one.
-    found = resolve_config_path(None).absolute() == path.absolute()
+    try:
+        found = resolve_config_path(None).absolute() == path.absolute()
+    except OSError:  # the working directory was deleted under the shell: say --config
+        found = False
     print(
         f"wrote {path}: it uses the embedded simulator; try `{prog()} lookup B0C1234567"
         f"{'' if found else f' --config {path}'}`",
@@ -1227,8 +1239,34 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except OSError as exc:
+        code, message = _unusable_path(exc, args.job)
+        print(f"{prog()}: {message}", file=sys.stderr)
+        return code
     with paths:
         return _run_loop(_run(config, args, paths))
+
+
+def _unusable_path(exc: OSError, job: str) -> tuple[ExitCode, str]:
+    """The exit code and message for a path ``broker run`` could not even look at: a name
+    too long, a loop of symbolic links, a working directory deleted under the shell."""
+    from broker.jobs.paths import STDIO, name_too_long_hint
+
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        try:
+            os.getcwd()
+        except FileNotFoundError:
+            return ExitCode.IO_ERROR, (
+                "the working directory is gone (deleted while the shell was in it): cd to a "
+                "folder that exists, or give every path in full (nothing was written)"
+            )
+        return ExitCode.IO_ERROR, f"cannot use the paths given: {reason} (nothing was written)"
+    named = os.fsdecode(exc.filename)
+    if job != STDIO and named == job:
+        return ExitCode.NO_INPUT, f"cannot read the job file {job}: {reason}"
+    hint = name_too_long_hint(exc)
+    return ExitCode.IO_ERROR, f"cannot write {named}: {reason}{hint} (nothing was written)"
 
 
 def _log_finished(summary: JobSummary, paths: RunPaths) -> None:

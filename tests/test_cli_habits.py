@@ -427,6 +427,20 @@ def test_empty_config_flag_is_a_usage_error(
     assert "--config names no file" in capsys.readouterr().err
 
 
+def test_empty_out_flag_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out ""`` (an unset variable in a script) is refused; it ran to the default
+    output, named after the job."""
+    monkeypatch.chdir(tmp_path)
+    job = _job(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", ""])
+    assert info.value.code == ExitCode.USAGE
+    assert "--out names no file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
+
+
 def test_empty_spool_flag_is_a_usage_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -482,6 +496,45 @@ class TestRunPaths:
         assert "would overwrite it" in capsys.readouterr().err
         assert job.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
+
+    def test_paths_that_cannot_be_looked_at_are_said_in_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A job or --out in a loop of symbolic links, and an --out whose side files' names
+        are too long, exit 66 or 74 in one line with nothing written (each was a traceback,
+        exit 1)."""
+        config = str(_config(tmp_path))
+        job = _job(tmp_path)
+        (tmp_path / "l1").symlink_to("l2")
+        (tmp_path / "l2").symlink_to("l1")
+        loop = str(tmp_path / "l1")
+        assert cli.main(["run", loop, "--config", config]) == ExitCode.NO_INPUT
+        assert f"cannot read the job file {loop}: " in capsys.readouterr().err
+        assert cli.main(["run", str(job), "--config", config, "--out", loop]) == 74
+        assert f"cannot write {loop}: " in capsys.readouterr().err
+        long = str(tmp_path / ("c" * 250))
+        assert cli.main(["run", str(job), "--config", config, "--out", long]) == 74
+        err = capsys.readouterr().err
+        assert "File name too long" in err
+        assert "give --out a shorter name" in err
+        assert "Traceback" not in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt", "l1", "l2"]
+
+    def test_a_working_directory_deleted_under_the_shell(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``run`` in a folder deleted while the shell was in it says so (exit 74; it was a
+        traceback), and ``init`` to a full path there exits 0 (it wrote, then raised)."""
+        config = str(_config(tmp_path))
+        job = str(_job(tmp_path))
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        monkeypatch.chdir(gone)
+        gone.rmdir()
+        assert cli.main(["run", job, "--config", config]) == ExitCode.IO_ERROR
+        assert "the working directory is gone" in capsys.readouterr().err
+        assert cli.main(["init", str(tmp_path / "new.toml")]) == ExitCode.OK
+        assert f"--config {tmp_path / 'new.toml'}" in capsys.readouterr().err
 
     def test_out_with_a_trailing_slash_is_a_directory(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -8,6 +8,7 @@ directory) is a usage error that leaves every file as it was (N10).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import filecmp
 import glob
@@ -261,6 +262,8 @@ def plan_paths(
     Raises:
         UsageError: ``--out -`` with the sqlite format, or an output (or its ledger or
             invalid-row report) that is the job file itself.
+        OSError: a path that cannot even be looked at (a name too long, a loop of
+            symbolic links, a working directory deleted under the shell), naming it.
     """
     to_stdout = out == STDIO
     stdin = job == STDIO
@@ -449,5 +452,20 @@ def _is_report(path: Path) -> bool:
     return isinstance(entry, dict) and {"line", "input", "reason"} <= entry.keys()
 
 
+def name_too_long_hint(exc: OSError) -> str:
+    """What to do about a file name too long for the file system, else ``""``: the run
+    names files after its output with a suffix, which the output's own name leaves no
+    room for."""
+    if exc.errno != errno.ENAMETOOLONG:
+        return ""
+    return (
+        "; the run keeps files beside its output named after it with a suffix "
+        "(.ledger.lock, .invalid.jsonl): give --out a shorter name"
+    )
+
+
 def _same(path: Path) -> Path:
-    return path.expanduser().resolve()
+    try:
+        return path.expanduser().resolve()
+    except RuntimeError as exc:  # Python 3.11's resolve() on a loop of symbolic links
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from exc

@@ -61,6 +61,7 @@ from broker.jobs.ledger import (
 from broker.jobs.lock import JobLock
 from broker.jobs.paths import (
     ledger_path,
+    name_too_long_hint,
     ordering_path,
     refresh_path,
     report_path,
@@ -1513,7 +1514,9 @@ def describe_failure(
             "user the broker runs as"
         )
     if isinstance(exc, OSError):
-        return ExitCode.IO_ERROR, f"cannot write: {os_error_text(exc)}{_where(exc.filename)}"
+        return ExitCode.IO_ERROR, (
+            f"cannot write: {os_error_text(exc)}{_where(exc.filename)}{name_too_long_hint(exc)}"
+        )
     if isinstance(exc, BrokerError):
         return ExitCode.INTERNAL, str(exc)
     return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
