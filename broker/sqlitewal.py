@@ -248,4 +248,12 @@ def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     if primary == sqlite3.SQLITE_READONLY:
         # A read-only file or file system: waiting never makes it writable.
         return OSError(errno.EROFS, f"{path}: read-only ({exc})", str(path))
+    if primary == sqlite3.SQLITE_CANTOPEN and len(os.fsencode(os.path.abspath(path))) > 512:
+        # SQLite names its files by their full path, at most 512 bytes (the file system
+        # takes 4,096): "unable to open database file" said nothing of why.
+        return OSError(
+            errno.ENAMETOOLONG,
+            f"{path}: its full path is longer than the 512 bytes SQLite can open",
+            str(path),
+        )
     return None

@@ -2415,3 +2415,22 @@ class TestCheckConfigOutput:
         assert done.returncode == 0, done.stderr
         assert "keys demo, demo2 name one credential (demo-id)" in done.stderr
         assert "(5 TPS, 20 TPD)" in done.stderr
+
+
+def test_an_output_path_longer_than_sqlite_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --out whose ledger's full path is over SQLite's 512 bytes exits 74 saying so and
+    leaves no empty ledger (it was "internal error: OperationalError: unable to open
+    database file", exit 1)."""
+    folder = tmp_path
+    while len(os.fsencode(folder)) < 560:
+        folder = folder / ("e" * 50)
+    folder.mkdir(parents=True)
+    out = folder / "x.jsonl"
+    code = cli.main(
+        ["run", str(_job(tmp_path)), "--config", str(_config(tmp_path)), "--out", str(out)]
+    )
+    assert code == ExitCode.IO_ERROR
+    assert "longer than the 512 bytes SQLite can open" in capsys.readouterr().err
+    assert not (folder / "x.jsonl.ledger").exists()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import os
 import re
@@ -397,11 +398,22 @@ class Ledger:
         path = Path(path)
         if not path.parent.exists():
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        created = False
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            created = True
         except FileExistsError:
             _check_sqlite_header(path)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            # A path SQLite cannot name (over its 512 bytes): nothing was written.
+            if created:
+                path.unlink(missing_ok=True)
+            failure = disk_error(path, exc)
+            if failure is not None:
+                raise failure from exc
+            raise OSError(errno.EIO, f"{path}: cannot open the ledger ({exc})", str(path)) from exc
         try:
             ledger = cls(conn, path, default_marketplace, sync)
             ledger._setup(
