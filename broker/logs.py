@@ -214,9 +214,12 @@ def configure_logging(
     renderer: Any
     if use_console:
         renderer = structlog.dev.ConsoleRenderer(
-            # Colours on a terminal only (and not under NO_COLOR): a file or a journal the
-            # console format is sent to must not fill with escape codes.
-            colors=out.isatty() and not os.environ.get("NO_COLOR"),
+            # Colours on a terminal only (and not under NO_COLOR, nor TERM=dumb: Emacs's
+            # shell, some CI logs): a file or a journal the console format is sent to must
+            # not fill with escape codes.
+            colors=out.isatty()
+            and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM") != "dumb",
             exception_formatter=structlog.dev.plain_traceback,
         )
     else:

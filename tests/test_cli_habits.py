@@ -1753,19 +1753,27 @@ def test_library_stdout_is_only_the_scripts_output(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("tty", "no_color", "coloured"), [(False, None, False), (True, None, True), (True, "1", False)]
+    ("tty", "no_color", "term", "coloured"),
+    [
+        (False, None, "xterm", False),
+        (True, None, "xterm", True),
+        (True, "1", "xterm", False),
+        (True, None, "dumb", False),
+    ],
 )
 def test_console_logs_are_coloured_only_on_a_terminal(
-    monkeypatch: pytest.MonkeyPatch, tty: bool, no_color: str | None, coloured: bool
+    monkeypatch: pytest.MonkeyPatch, tty: bool, no_color: str | None, term: str, coloured: bool
 ) -> None:
-    """``format = "console"`` colours its lines only on a terminal, and not under NO_COLOR:
-    redirected to a file or a journal (broker bench's stderr too) it wrote ANSI escapes."""
+    """``format = "console"`` colours its lines only on a terminal, and not under NO_COLOR
+    or TERM=dumb: redirected to a file or a journal (broker bench's stderr too) it wrote
+    ANSI escapes."""
     import logging
 
     from broker.logs import configure_logging, get_logger
 
     stream = io.StringIO()
     monkeypatch.setattr(stream, "isatty", lambda: tty)
+    monkeypatch.setenv("TERM", term)
     if no_color is None:
         monkeypatch.delenv("NO_COLOR", raising=False)
     else:
