@@ -983,7 +983,7 @@ def _parse_key(
             try:
                 secret = _read_secret_file(
                     # ~ is the home folder here too, as in every path setting.
-                    base_dir / os.path.expanduser(secret_file),
+                    base_dir / os.path.expanduser(_named_on_disk(secret_file)),
                     f"{path}.credential_secret_file",
                     credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
                 )
@@ -1312,11 +1312,18 @@ def _path_text(table: TomlTable, name: str) -> str | None:
         return None
     if "\x00" in raw:
         raise ConfigError(table.key(name), "holds a NUL character, which no path can hold")
-    expanded = os.path.expanduser(raw)
+    expanded = os.path.expanduser(_named_on_disk(raw))
     if expanded.startswith("~"):
         # ~name of a user this machine does not have: a folder named so would be made.
         raise ConfigError(table.key(name), f"{raw.split('/', 1)[0]} names no user on this machine")
     return expanded
+
+
+def _named_on_disk(text: str) -> str:
+    """A path the config wrote (Unicode) as Python names files here: the same where file
+    names are UTF-8; where they are not (a C locale with ``PYTHONUTF8=0``, a Latin-1 one),
+    its UTF-8 bytes, so that ``état/`` is a folder there too, not an encoding error."""
+    return os.fsdecode(text.encode("utf-8", "surrogateescape"))
 
 
 def _file_path(table: TomlTable, name: str, base_dir: Path) -> Path | None:

@@ -2390,6 +2390,29 @@ class TestCheckConfigOutput:
         assert b"key \\u65e5\\u672c: id demo-id" in done.stdout
         assert b"Traceback" not in done.stderr
 
+    def test_a_non_ascii_config_path_where_file_names_are_not_utf8(self, tmp_path: Path) -> None:
+        """Under the C locale with UTF-8 mode off, ``[cache] path = "état/..."`` is a folder
+        named in UTF-8 there too (the run ended "internal error: UnicodeEncodeError")."""
+        config = tmp_path / "config.toml"
+        config.write_text(embedded_toml() + '\n[cache]\npath = "\u00e9tat/cache.sqlite3"\n')
+        job = _job(tmp_path, 2)
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "run", str(job), "--config", str(config)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "LC_ALL": "C",
+                "PYTHONUTF8": "0",
+                "PYTHONCOERCECLOCALE": "0",
+                "ASINB_DEMO_SECRET": "demo-secret",
+            },
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / "\u00e9tat" / "cache.sqlite3").exists()
+
     def test_check_config_of_a_systemd_credential_with_the_simulator(self, tmp_path: Path) -> None:
         """A key whose secret is a systemd credential, with the embedded simulator: noted as
         not checked here, not claimed to use the simulator's own secret (the run refuses it,
