@@ -1263,7 +1263,7 @@ def _unusable_path(exc: OSError, job: str) -> tuple[ExitCode, str]:
             )
         return ExitCode.IO_ERROR, f"cannot use the paths given: {reason} (nothing was written)"
     named = os.fsdecode(exc.filename)
-    if job != STDIO and named == job:
+    if job != STDIO and Path(named) == Path(job):
         return ExitCode.NO_INPUT, f"cannot read the job file {job}: {reason}"
     hint = name_too_long_hint(exc)
     return ExitCode.IO_ERROR, f"cannot write {named}: {reason}{hint} (nothing was written)"

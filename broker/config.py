@@ -1320,10 +1320,16 @@ def _path_text(table: TomlTable, name: str) -> str | None:
 
 
 def _named_on_disk(text: str) -> str:
-    """A path the config wrote (Unicode) as Python names files here: the same where file
-    names are UTF-8; where they are not (a C locale with ``PYTHONUTF8=0``, a Latin-1 one),
-    its UTF-8 bytes, so that ``état/`` is a folder there too, not an encoding error."""
-    return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+    """A path the config wrote (Unicode) as Python names files here: the same text where
+    the file-name encoding holds it (UTF-8, or a Latin-1 locale for ``é``: the files an
+    older version made are found again); else (``é`` under a C locale with
+    ``PYTHONUTF8=0``) its UTF-8 bytes, so that ``état/`` is a folder there too, not an
+    encoding error."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+    return text
 
 
 def _file_path(table: TomlTable, name: str, base_dir: Path) -> Path | None:

@@ -232,6 +232,10 @@ def held_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     return None
 
 
+#: The longest full path SQLite opens: its 512 bytes, less its "-journal" suffix.
+_LONGEST: Final = 512 - len("-journal")
+
+
 def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO, read-only ->
     EROFS), else None.
@@ -248,12 +252,14 @@ def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     if primary == sqlite3.SQLITE_READONLY:
         # A read-only file or file system: waiting never makes it writable.
         return OSError(errno.EROFS, f"{path}: read-only ({exc})", str(path))
-    if primary == sqlite3.SQLITE_CANTOPEN and len(os.fsencode(os.path.abspath(path))) > 512:
-        # SQLite names its files by their full path, at most 512 bytes (the file system
-        # takes 4,096): "unable to open database file" said nothing of why.
+    if primary == sqlite3.SQLITE_CANTOPEN and len(os.fsencode(os.path.abspath(path))) > _LONGEST:
+        # SQLite names its files by their full path, at most 512 bytes with room for a
+        # journal's suffix (the file system takes 4,096): "unable to open database file"
+        # said nothing of why.
         return OSError(
             errno.ENAMETOOLONG,
-            f"{path}: its full path is longer than the 512 bytes SQLite can open",
+            f"{path}: its full path is longer than the {_LONGEST} bytes SQLite can open; "
+            "choose a shorter path",
             str(path),
         )
     return None

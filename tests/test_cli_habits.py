@@ -508,8 +508,9 @@ class TestRunPaths:
         (tmp_path / "l1").symlink_to("l2")
         (tmp_path / "l2").symlink_to("l1")
         loop = str(tmp_path / "l1")
-        assert cli.main(["run", loop, "--config", config]) == ExitCode.NO_INPUT
-        assert f"cannot read the job file {loop}: " in capsys.readouterr().err
+        for given in (loop, f"{tmp_path}/./l1", f"{loop}/"):
+            assert cli.main(["run", given, "--config", config]) == ExitCode.NO_INPUT
+            assert f"cannot read the job file {given}: " in capsys.readouterr().err
         assert cli.main(["run", str(job), "--config", config, "--out", loop]) == 74
         assert f"cannot write {loop}: " in capsys.readouterr().err
         long = str(tmp_path / ("c" * 250))
@@ -518,6 +519,12 @@ class TestRunPaths:
         assert "File name too long" in err
         assert "give --out a shorter name" in err
         assert "Traceback" not in err
+        # A folder's name too long is no --out's suffix: no advice to shorten --out.
+        folder = _config(tmp_path, _CONFIG + f'\n[output]\ndirectory = "{"k" * 300}"\n')
+        assert cli.main(["run", str(job), "--config", str(folder)]) == ExitCode.IO_ERROR
+        err = capsys.readouterr().err
+        assert "File name too long" in err
+        assert "--out" not in err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt", "l1", "l2"]
 
     def test_a_working_directory_deleted_under_the_shell(
@@ -2451,17 +2458,22 @@ class TestCheckConfigOutput:
 def test_an_output_path_longer_than_sqlite_takes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An --out whose ledger's full path is over SQLite's 512 bytes exits 74 saying so and
-    leaves no empty ledger (it was "internal error: OperationalError: unable to open
-    database file", exit 1)."""
+    """An --out whose ledger's full path is over what SQLite opens (512 bytes with room for
+    "-journal") exits 74 saying so and leaves no empty ledger (it was "internal error:
+    OperationalError: unable to open database file", exit 1)."""
     folder = tmp_path
-    while len(os.fsencode(folder)) < 560:
+    while len(os.fsencode(folder)) < 400:
         folder = folder / ("e" * 50)
+    # The ledger's full path 508 bytes: within 512, but not with room for "-journal".
+    folder = folder / ("f" * (508 - len(os.fsencode(folder)) - len("/x.jsonl.ledger") - 1))
     folder.mkdir(parents=True)
     out = folder / "x.jsonl"
+    assert len(os.fsencode(f"{out}.ledger")) == 508
     code = cli.main(
         ["run", str(_job(tmp_path)), "--config", str(_config(tmp_path)), "--out", str(out)]
     )
     assert code == ExitCode.IO_ERROR
-    assert "longer than the 512 bytes SQLite can open" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "longer than the 504 bytes SQLite can open; choose a shorter path" in err
+    assert "--out a shorter name" not in err
     assert not (folder / "x.jsonl.ledger").exists()

@@ -881,3 +881,32 @@ def test_redis_settings_without_a_backend_are_a_config_error(
         error = _error(_doc(state={**given, "backend": backend}))
         assert error.path == "state.backend"
         assert "would go unused" in error.message
+
+
+def _file_names_in(monkeypatch: pytest.MonkeyPatch, encoding: str) -> None:
+    """Make Python name files in ``encoding`` (as a locale without UTF-8 mode does)."""
+    monkeypatch.setattr(
+        os, "fsencode", lambda text: os.fspath(text).encode(encoding, "surrogateescape")
+    )
+    monkeypatch.setattr(os, "fsdecode", lambda raw: raw.decode(encoding, "surrogateescape"))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "named"), [("latin-1", "\u00e9tat"), ("ascii", "\udcc3\udca9tat")]
+)
+def test_a_config_path_is_named_as_the_file_name_encoding_can(
+    monkeypatch: pytest.MonkeyPatch, encoding: str, named: str
+) -> None:
+    """``[cache] path = "état/..."`` stays itself where file names hold é (a Latin-1
+    locale: the folder an older version made is found again), and is named by its UTF-8
+    bytes where they cannot (ASCII), instead of an encoding error."""
+    document = {
+        "api": {"endpoint": "simulator"},
+        "keys": [
+            {"name": "d", "credential_id": "x", "version": "3.1", "partner_tags": {"US": "t-20"}}
+        ],
+        "cache": {"path": "/srv/\u00e9tat/cache.sqlite3"},
+    }
+    _file_names_in(monkeypatch, encoding)
+    config = parse_config(document, environ={})
+    assert str(config.cache.path) == f"/srv/{named}/cache.sqlite3"

@@ -455,13 +455,19 @@ def _is_report(path: Path) -> bool:
 def name_too_long_hint(exc: OSError) -> str:
     """What to do about a file name too long for the file system, else ``""``: the run
     names files after its output with a suffix, which the output's own name leaves no
-    room for."""
-    if exc.errno != errno.ENAMETOOLONG:
+    room for. Not for a folder's name, nor a whole path too long (SQLite's limit)."""
+    if exc.errno != errno.ENAMETOOLONG or exc.filename is None:
+        return ""
+    if len(os.path.basename(os.fsencode(exc.filename))) <= _NAME_MAX:
         return ""
     return (
         "; the run keeps files beside its output named after it with a suffix "
         "(.ledger.lock, .invalid.jsonl): give --out a shorter name"
     )
+
+
+#: The longest file name (one path component) Linux's file systems take, in bytes.
+_NAME_MAX: Final = 255
 
 
 def _same(path: Path) -> Path:
