@@ -1342,7 +1342,11 @@ def _file_path(table: TomlTable, name: str, base_dir: Path) -> Path | None:
     if raw is None:
         return None
     path = base_dir / raw
-    if raw.endswith(("/", os.sep)) or path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # a name over 255 bytes, a loop of symbolic links
+        raise ConfigError(table.key(name), f"{raw}: {exc.strerror}") from exc
+    if raw.endswith(("/", os.sep)) or is_dir:
         raise ConfigError(
             table.key(name),
             f"{raw} is a directory: name a file in it ({path / 'asin-broker.sqlite3'}, say)",

@@ -910,3 +910,18 @@ def test_a_config_path_is_named_as_the_file_name_encoding_can(
     _file_names_in(monkeypatch, encoding)
     config = parse_config(document, environ={})
     assert str(config.cache.path) == f"/srv/{named}/cache.sqlite3"
+
+
+@pytest.mark.parametrize("table", ["cache", "state"])
+def test_a_sqlite_path_with_a_name_too_long_is_a_config_error(table: str) -> None:
+    """A ``[cache]`` or ``[state]`` path with a folder name over 255 bytes is refused
+    naming the setting (exit 78; it was a traceback, exit 1)."""
+    document = {
+        "api": {"endpoint": "simulator"},
+        "keys": [
+            {"name": "d", "credential_id": "x", "version": "3.1", "partner_tags": {"US": "t-20"}}
+        ],
+        table: {"path": "k" * 300 + "/file.sqlite3"},
+    }
+    with pytest.raises(ConfigError, match=rf"{table}\.path: k+/file\.sqlite3: File name too long"):
+        parse_config(document, environ={})
