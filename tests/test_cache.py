@@ -1218,6 +1218,21 @@ class TestFront:
         assert "read-only: make it writable, or set [cache] path" in described
         assert "delete" not in described
 
+    def test_a_path_longer_than_sqlite_opens_is_named_so(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """SQLite's CANTOPEN on a full path over its 504 bytes names that limit, not
+        "locked or damaged, delete it"."""
+        folder = tmp_path
+        while len(os.fsencode(folder)) < 520:
+            folder = folder / ("e" * 50)
+        cache = SqliteCache(folder / "item-cache.sqlite3", CachePolicy(3_600), clock=clock)
+        error = sqlite3.OperationalError("unable to open database file")
+        error.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN  # as SQLite sets it
+        described = cache.describe_failure(error)
+        assert "longer than SQLite can open (504 bytes): set [cache] path" in described
+        assert "delete" not in described
+
     async def test_a_damaged_file_is_named_with_its_remedy(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:

@@ -433,6 +433,11 @@ class SqliteCache(StoreCache):
                 "their permissions, or set [cache] path to a place it may write"
             )
         failed = disk_error(self.path, error) if isinstance(error, sqlite3.Error) else error
+        if isinstance(failed, OSError) and failed.errno == errno.ENAMETOOLONG:
+            return str(self.path), (
+                "its full path is longer than SQLite can open (504 bytes): set [cache] path "
+                "to a shorter one"
+            )
         if _cannot_open(error) and not _writable(self.path):
             # Opening needs the -wal and -shm beside the file: a directory (or file system)
             # read-only fails so, not as SQLITE_READONLY, and deleting the file mends nothing.

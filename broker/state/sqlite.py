@@ -286,7 +286,8 @@ class SqliteStateStore:
             )
         if primary == sqlite3.SQLITE_CORRUPT:
             return self._damaged(str(exc))
-        if primary == sqlite3.SQLITE_CANTOPEN:
+        failed = disk_error(self._path, exc)
+        if primary == sqlite3.SQLITE_CANTOPEN and failed is None:
             # A directory at the path, no permission, a read-only file system (WAL needs
             # its -shm file beside the database): permanent, unlike a busy file.
             return OSError(
@@ -294,7 +295,7 @@ class SqliteStateStore:
                 f"{self._path}: cannot open it ({exc}): the path must be a file this user can "
                 "write, in a writable directory ([state] path moves it)",
             )
-        return disk_error(self._path, exc) or StateUnavailableError("local", f"{self._path}: {exc}")
+        return failed or StateUnavailableError("local", f"{self._path}: {exc}")
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
         """Read the key's state without writing anything."""
