@@ -1537,6 +1537,53 @@ class TestRetries:
         assert metrics.keys[0].rate < 100.0
         assert metrics.retries == 0
 
+    async def test_429s_do_not_spend_the_attempts_of_other_failures(self) -> None:
+        """Four 429s, then a 503, with max_attempts 3: the 503 is the first failure that
+        counts, so it is retried and the ASINs end ok (a busy Amazon fails no rows)."""
+        calls = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal calls
+            calls += 1
+            if calls <= 4:
+                return _paapi_error(429, "TooManyRequests", "The request was denied.")
+            if calls == 5:
+                return _reply(503, {"message": "Service Unavailable"})
+            return _paapi_ok(_ids(request))
+
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, handler, clock, retry={"max_attempts": 3})
+        async with broker:
+            results = await _run(broker, clock, asins(3))
+        assert all(r.ok for r in results)
+        assert results[0].attempts == 6
+
+    async def test_a_new_lookup_does_not_join_a_batch_already_tried(self) -> None:
+        """A lookup arriving while a partial batch waits to be retried (a 503, the key's
+        next slot far off) starts a batch of its own: it inherits no attempts or age."""
+        sent: list[list[str]] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            sent.append(_ids(request))
+            if len(sent) == 1:
+                return _reply(503, {"message": "Service Unavailable"})
+            return _paapi_ok(_ids(request))
+
+        clock = FakeClock()
+        key = paapi_key_doc(tps=0.1)  # one send every 10 s: the retry waits queued
+        broker, _ = _broker(PAAPI, handler, clock, keys=[key])
+        first, second = asins(3)[:2], asins(3)[2:]
+        async with broker:
+            loop = asyncio.get_running_loop()
+            early = loop.create_task(broker.get_items(first))
+            await clock.advance(5.0)
+            assert sent == [first]
+            late = loop.create_task(broker.get_items(second))
+            await clock.run_until(asyncio.gather(early, late))
+        assert sent == [first, first, second]
+        assert [r.attempts for r in late.result()] == [1]
+        assert [r.attempts for r in early.result()] == [2, 2]
+
     async def test_a_throttled_batch_is_sent_again_before_queued_ones(self) -> None:
         """A 429'd batch goes back to the head of the queue: the next send is its retry."""
         sent: list[list[str]] = []

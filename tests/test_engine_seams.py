@@ -134,6 +134,57 @@ class TestDeadKeys:
             with pytest.raises(NoUsableKeyError):
                 await broker.get_item("B000000002")
 
+    async def test_only_the_dead_marketplaces_lingering_lookups_fail(self) -> None:
+        """When the US key is taken out, a US lookup lingering in an open stream fails at
+        once, not after its 30 s linger, and a UK lookup lingering meanwhile is untouched
+        and answered by the UK key once its stream ends (N5)."""
+        clock = FakeClock()
+        t0 = clock.monotonic()
+        us_sent: list[list[str]] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if json.loads(request.body)["Marketplace"] == UK:
+                return RawResponse(200, {}, _paapi_body(*_asked(request)), 0.01)
+            us_sent.append(_asked(request))
+            await clock.sleep(1.0)
+            return RawResponse(403, {}, DENIED, 1.0)
+
+        keys = [
+            paapi_key_doc("us", tags={US: "us-20"}),
+            paapi_key_doc("uk", credential_id="UKACCESSKEY", tags={UK: "uk-21"}),
+        ]
+        config = _paapi(keys=keys, engine={"linger_s": 30.0})
+        release = asyncio.Event()
+
+        async def held_open(*queries: Query) -> AsyncIterator[Query]:
+            for query in queries:
+                yield query
+            await release.wait()  # the input goes on: nothing flushes the partial batch
+
+        async def drain(stream: AsyncIterator[ItemResult]) -> list[ItemResult]:
+            return [result async for result in stream]
+
+        full = [Query(f"B0000001{i:02d}", US) for i in range(10)]
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            loop = asyncio.get_running_loop()
+            title = Query("B000000011", US, ("ItemInfo.Title",))  # a group of its own
+            us_lingering = loop.create_task(drain(broker.stream(held_open(title))))
+            uk_lingering = loop.create_task(
+                drain(broker.stream(held_open(Query("B000000021", UK))))
+            )
+            await settle()
+            us_full = loop.create_task(drain(broker.stream(held_open(*full))))
+            await clock.run_until(us_lingering, limit=5)
+            assert isinstance(us_lingering.exception(), NoUsableKeyError)
+            assert clock.monotonic() - t0 < 5
+            assert us_sent == [[query.asin for query in full]]
+            assert not uk_lingering.done()
+            release.set()
+            await clock.run_until(uk_lingering, limit=5)
+            await clock.run_until(us_full, limit=5)
+        assert [r.ok for r in uk_lingering.result()] == [True]
+        assert isinstance(us_full.exception(), NoUsableKeyError)
+
 
 class TestPauses:
     """N7: no send inside a pause, whatever the queue was doing."""
@@ -831,6 +882,38 @@ class TestOutages:
         assert result.ok
         assert result.attempts == 2
         assert calls[-1] >= 700
+
+    @pytest.mark.parametrize("alone", [False, True], ids=["batch", "re-asked-alone"])
+    async def test_outage_time_stays_out_of_the_age_after_it(self, alone: bool) -> None:
+        """After a 700 s outage, a 5xx is retried (max_age_s 600 counts no outage time),
+        also for an ASIN the answer left out and re-asked alone: K6 holds past the outage."""
+        clock = FakeClock()
+        t0 = clock.monotonic()
+        after: list[list[str]] = []  # the requests that reached the API after the outage
+        unavailable = RawResponse(503, {}, b"Service Unavailable", 0.01)
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            asked = _asked(request)
+            if clock.monotonic() - t0 < 700:
+                if clock.monotonic() == t0:
+                    return unavailable  # the first send, before the outage
+                raise EndpointUnreachable("refused")
+            after.append(asked)
+            if alone and len(after) == 1:
+                return RawResponse(200, {}, _paapi_body(asked[0]), 0.01)  # one left out
+            if len(after) == (2 if alone else 1):
+                return unavailable
+            return RawResponse(200, {}, _paapi_body(*asked), 0.01)
+
+        config = _paapi(retry={"max_attempts": 20, "max_age_s": 600.0})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            task = asyncio.get_running_loop().create_task(
+                broker.get_items(["B000000001", "B000000002"])
+            )
+            await clock.run_until(task, limit=3600)
+        results = task.result()
+        assert [r.ok for r in results] == [True, True]
+        assert results[1].attempts == (4 if alone else 3)
 
 
 class TestIdentity:
