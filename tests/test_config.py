@@ -168,6 +168,7 @@ class TestKeyPaths:
             ("keys.0.tpd", -1, "keys[0].tpd"),
             ("keys.0.tpd", 1.5, "keys[0].tpd"),
             ("keys.0.max_in_flight", 0, "keys[0].max_in_flight"),
+            ("keys.0.max_in_flight", 1001, "keys[0].max_in_flight"),  # above MAX_IN_FLIGHT
             ("keys.0.version", "9.9", "keys[0].version"),
             ("keys.0.partner_tags", {}, "keys[0].partner_tags"),
             (
@@ -265,6 +266,9 @@ class TestKeyPaths:
         error = _error(document)
         assert error.path == "rate.min_rate"
         assert "keys[0].tps" in error.message
+        equal = _error(_with("rate.min_rate", 1.0))  # the key's tps (its default)
+        assert equal.path == "rate.min_rate"
+        assert equal.message.startswith("1 is not below keys[0].tps (1): ")
         assert parse_config(_with("rate.min_rate", 0.5), environ=ENV).rate.min_rate == 0.5
 
     def test_unset_secret_env_names_the_variable(self) -> None:

@@ -401,11 +401,18 @@ class TestGetItemsSuccess:
         assert parsed.outcomes["B000000001"].asin == "B000000001"
 
     def test_offer_summary(self) -> None:
-        """Price, currency and availability come from offersV2.listings[0]."""
+        """Price, currency and availability come from offersV2.listings[0], whatever the
+        listings after it say."""
         item = offer_item(
             "B000000001",
             price={"money": {"amount": 49.99, "currency": "USD", "displayAmount": "$49.99"}},
             availability={"type": "IN_STOCK", "message": "In Stock"},
+        )
+        item["offersV2"]["listings"].append(  # type: ignore[index]
+            {
+                "price": {"money": {"amount": 12.0, "currency": "EUR", "displayAmount": "12 €"}},
+                "availability": {"type": "OUT_OF_STOCK", "message": "Out of Stock"},
+            }
         )
         summary = (
             parse(200, {"itemsResult": {"items": [item]}}, ["B000000001"])

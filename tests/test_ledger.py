@@ -585,6 +585,28 @@ class TestWork:
                 (3, None),
             ]
 
+    def test_invalid_rows_pages_past_the_first_page(self, tmp_path: Path) -> None:
+        """invalid_rows() yields every invalid row of a job with more than one page of them."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(*(None if i % 2 else asin(i) for i in range(3000))))
+            assert [row.line for row in ledger.invalid_rows()] == list(range(2, 3001, 2))
+
+    def test_done_rows_in_file_order_pages_past_the_first_page(self, tmp_path: Path) -> None:
+        """done_rows_in_file_order() yields every done row once, in file order, over pages,
+        whatever order the rows were done in, and leaves out pending rows."""
+        ids = [asin(i) if i % 5 else None for i in range(2502)]
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(*ids))
+            lookups = list(ledger.pending_lookups())
+            pending = lookups.pop()  # the last row (seq 2501) stays pending
+            assert pending.asin == asin(2501)
+            for half in (lookups[1000:], lookups[:1000]):  # the later rows done first
+                ledger.record_results([(lk, result(lk)) for lk in half])
+            rows = list(ledger.done_rows_in_file_order())
+        assert [row.seq for row in rows] == list(range(2501))
+        assert rows[0].done_order == 1  # invalid at ingest, done before the lookups
+        assert rows[1].done_order > rows[-1].done_order
+
 
 class TestSinkStateAndBudget:
     def test_sink_state_round_trip(self, tmp_path: Path) -> None:

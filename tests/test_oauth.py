@@ -404,6 +404,21 @@ class TestInvalidate:
         cache.invalidate(token)
         assert await cache.token() == f"{TOKEN_PREFIX}2"
 
+    async def test_a_drop_is_told_until_a_new_token_comes(self) -> None:
+        """dropped() names the drop while the invalidated token is not replaced, and is
+        None once a new one is fetched (else every later send is bounced once)."""
+        endpoint = Endpoint()
+        cache = make(endpoint)
+        assert cache.dropped() is None
+        cache.invalidate(await cache.token())
+        assert cache.dropped() == 1
+        await cache.prepare()
+        assert cache.dropped() is None
+        cache.invalidate(await cache.token())
+        assert cache.dropped() == 2
+        await cache.token()
+        assert cache.dropped() is None
+
     async def test_ten_failures_one_refresh(self) -> None:
         """Ten requests failing with TokenExpired on one token cause one refresh."""
         endpoint = Endpoint()

@@ -790,6 +790,33 @@ def test_a_stop_for_no_usable_key_says_what_to_fix(code: str, at_fault: str) -> 
     assert at_fault in message
 
 
+def test_a_stop_for_no_usable_key_with_one_global_code_among_others_says_the_config() -> None:
+    """Keys taken out by a global code and by a key's own code at once: the stop says to fix
+    what the codes name (the config, or a bug), not the key alone."""
+    from broker.errors import KeyUnusableError, NoUsableKeyError, describe
+
+    failures = [
+        KeyUnusableError(name, code, "what happened", describe(code).remedy)
+        for name, code in (("main", "InvalidPartnerTag"), ("spare", "NoTokenEndpoint"))
+    ]
+    exit_code, message = runner.describe_failure(NoUsableKeyError("www.amazon.com", failures))
+    assert exit_code == ExitCode.NO_PERMISSION
+    assert "Unfinished rows stay pending; fix what it names (the config, or a bug" in message
+
+
+def test_a_key_state_store_outage_stops_with_69_and_rows_pending() -> None:
+    """The key-state store unreachable (Redis down) is an outage that ends by itself: exit
+    69, and the message says unfinished rows stay pending for the next run."""
+    from broker.errors import StateUnavailableError
+
+    code, message = runner.describe_failure(StateUnavailableError("redis", "connection refused"))
+    assert code == ExitCode.UNAVAILABLE == 69
+    assert message == (
+        "stopped: key-state store (redis) unavailable: connection refused. "
+        "Unfinished rows stay pending for the next run."
+    )
+
+
 async def test_a_stop_forced_between_pages_of_a_write_leaves_no_row_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -742,7 +742,8 @@ class TestResume:
         self, tmp_path: Path
     ) -> None:
         """A job deferred for the daily quota and deleted from processing/ meanwhile (to
-        cancel it) has its work files dropped with it, as a running job's are."""
+        cancel it) has its work files dropped with it, as a running job's are, and is
+        forgotten: the next poll says nothing more of it."""
         clock = FakeClock()
         daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
         daemon.spool.prepare()
@@ -759,6 +760,30 @@ class TestResume:
         assert not job.out.exists()
         assert not job.claim_lock().lock_path.exists()
         assert [e["event"] for e in logs] == ["broker.job_vanished"]
+        assert "a.txt" not in daemon._deferred
+        with structlog.testing.capture_logs() as later:
+            assert daemon._next_job(cast("Broker", None)) is None
+        assert [e["event"] for e in later] == []
+
+    async def test_a_job_that_grew_under_the_same_mtime_is_not_settled(
+        self, tmp_path: Path
+    ) -> None:
+        """A job file whose size changed while its mtime stayed the same (a coarse mtime, or
+        one set back) is still being written: it is not claimed on that poll."""
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=30), clock=clock)
+        daemon.spool.prepare()
+        path = tmp_path / "inbox" / "j.txt"
+        path.write_text("B000000001\n")
+        mtime_ns = path.stat().st_mtime_ns
+        assert daemon._claim_next() is None  # just written: first seen
+        await clock.advance(30)
+        with path.open("a") as stream:
+            stream.write("B000000002\n")
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        assert daemon._claim_next() is None  # grew: seen anew
+        await clock.advance(30)
+        assert daemon._claim_next() == "j.txt"
 
     async def test_no_new_job_is_claimed_while_deferred_jobs_fill_the_open_files(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
