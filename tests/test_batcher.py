@@ -288,6 +288,17 @@ class TestWorkQueue:
         assert len(work) == 0
         assert not work.has_work_for((US,))
 
+    async def test_a_cancelled_operation_is_never_taken(self) -> None:
+        """A search whose caller went away while it was queued is not handed to a key (it
+        would spend a slot, and the daily quota, on an answer nobody reads)."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        op = Batch(US, operation=Operation.SEARCH_ITEMS, op_future=future)  # type: ignore[arg-type]
+        work = WorkQueue()
+        work.put_ahead(op)
+        future.cancel()
+        assert work.take((US,)) is None
+        assert len(work) == 0
+
     async def test_operation_batch_liveness(self) -> None:
         """An operation batch lives while its caller waits."""
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()

@@ -951,6 +951,23 @@ class TestFront:
         assert [r is not None and r.cached for r in got] == [True] * 20 + [False] * 30
         await front.aclose()
 
+    async def test_an_answer_served_from_the_cache_is_not_written_back(
+        self, clock: FakeClock
+    ) -> None:
+        """A cached answer handed to the front (as every lookup's end is) writes nothing:
+        each hit would be a store write, doubling a shared cache's traffic."""
+        cache = _CountingCache(CachePolicy(3_600), clock)
+        front = CacheFront(cache)
+        front.put(ok("B000000001", clock))
+        await front.flush()
+        hit = await front.get(q("B000000001"))
+        assert hit is not None
+        assert hit.cached
+        front.put(hit)
+        await front.flush()
+        assert cache.put_calls == [1]
+        await front.aclose()
+
     async def test_the_store_is_not_asked_for_stats_while_left_alone(
         self, clock: FakeClock
     ) -> None:

@@ -528,8 +528,7 @@ class Batcher:
             if wait > 0:
                 await self._clock.sleep(wait)
                 continue
-            current = self._groups.get(key)
-            # The group may have filled and been replaced by a younger one meanwhile.
-            if current is not None and current[1] is batch:
-                del self._groups[key]
-                self._send(batch)
+            # Read again after each sleep (the group may have filled and gone, a younger
+            # one in its place), so the first group here is due now: send it.
+            del self._groups[key]
+            self._send(batch)
