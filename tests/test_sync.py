@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -391,6 +392,28 @@ class TestSyncBroker:
         assert done.stdout.strip() == "ok"
         assert "destroyed but it is pending" not in done.stderr
         assert "Unclosed" not in done.stderr
+
+    def test_never_closed_broker_with_a_sqlite_cache_closes_it_at_exit(
+        self, tmp_path: Path
+    ) -> None:
+        """An unclosed SyncBroker with the SQLite item cache exits quietly and keeps its
+        answers: the cache's worker thread was already stopped at exit, so its close raised
+        a traceback ("cannot schedule new futures") and left the connection open."""
+        cache = tmp_path / "items.sqlite3"
+        script = (
+            "from broker import SyncBroker\n"
+            "b = SyncBroker.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k',"
+            " 'credential_id': 'demo-id', 'version': '3.1',"
+            " 'partner_tags': {'www.amazon.com': 'demo-20'}}],"
+            f" 'cache': {{'max_age_s': 3600, 'path': {str(cache)!r}}}}})\n"
+            "print(b.get_item('B000000001').status.value)\n"
+        )
+        done = _python(tmp_path, script)
+        assert done.stdout.strip() == "ok"
+        assert "Traceback" not in done.stderr
+        assert "unclosed database" not in done.stderr
+        with sqlite3.connect(cache) as db:
+            assert db.execute("SELECT count(*) FROM item_cache").fetchone() == (1,)
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
     def test_a_forked_child_is_refused_and_exits(self, tmp_path: Path) -> None:

@@ -189,7 +189,14 @@ class SqliteCache(StoreCache):
         if self._closed:
             raise RuntimeError("the item cache is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._call, fn)
+        try:
+            future = loop.run_in_executor(self._thread, self._call, fn)
+        except RuntimeError:
+            # The interpreter is exiting: concurrent.futures stopped its workers before the
+            # atexit handlers (an unclosed SyncBroker's finalizer) ran. The connection is
+            # not tied to a thread: the last writes and the close are done here.
+            return self._call(fn)
+        return await future
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         db = self._db
@@ -399,7 +406,12 @@ class SqliteCache(StoreCache):
                 self._db.close()
                 self._db = None
 
-        await loop.run_in_executor(self._thread, close)
+        try:
+            future = loop.run_in_executor(self._thread, close)
+        except RuntimeError:  # the interpreter is exiting (see _run)
+            close()
+        else:
+            await future
         self._thread.shutdown(wait=True)
 
     def __repr__(self) -> str:
