@@ -407,7 +407,7 @@ class Ledger:
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            # A path SQLite cannot name (over its 512 bytes): nothing was written.
+            # A path SQLite cannot open (a full path over its 504 bytes): nothing was written.
             if created:
                 path.unlink(missing_ok=True)
             failure = disk_error(path, exc)

@@ -452,6 +452,10 @@ def _is_report(path: Path) -> bool:
     return isinstance(entry, dict) and {"line", "input", "reason"} <= entry.keys()
 
 
+#: The longest file name (one path component) Linux's file systems take, in bytes.
+_NAME_MAX: Final = 255
+
+
 def name_too_long_hint(exc: OSError) -> str:
     """What to do about a file name too long for the file system, else ``""``: the run
     names files after its output with a suffix, which the output's own name leaves no
@@ -464,10 +468,6 @@ def name_too_long_hint(exc: OSError) -> str:
         "; the run keeps files beside its output named after it with a suffix "
         "(.ledger.lock, .invalid.jsonl): give --out a shorter name"
     )
-
-
-#: The longest file name (one path component) Linux's file systems take, in bytes.
-_NAME_MAX: Final = 255
 
 
 def _same(path: Path) -> Path:
