@@ -512,6 +512,23 @@ class TestCircuit:
         assert circuit.open(ThrottleVerdict.ACCESS_REVOKED) == first
         assert "opens=1" in repr(circuit)
 
+    async def test_unsettled_probes_wait_double_up_to_the_park(self) -> None:
+        """Probes that learn nothing (5xx) are tried again 15 s, 30 s, ... later, the wait
+        never longer than the park (15 min): a key meeting 5xx for hours still probes."""
+        clock, circuit = self._circuit(0.0)
+        circuit.open(ThrottleVerdict.QUOTA_EXHAUSTED)
+        waits = []
+        for _ in range(10):
+            probe_at = circuit.probe_at
+            assert probe_at is not None
+            await clock.advance(probe_at - clock.monotonic())
+            assert circuit.try_probe()
+            circuit.probe_unsettled()
+            probe_at = circuit.probe_at
+            assert probe_at is not None
+            waits.append(probe_at - clock.monotonic())
+        assert waits == pytest.approx([15.0, 30.0, 60.0, 120.0, 240.0, 480.0] + [900.0] * 4)
+
     def test_jitter_comes_from_the_injected_random(self) -> None:
         """The probe time spreads over [park, 1.1 * park) with the injected draw."""
         clock = FakeClock()

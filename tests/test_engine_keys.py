@@ -14,10 +14,16 @@ from structlog.testing import capture_logs
 
 from broker.engine.adaptive import CircuitState, ThrottleVerdict
 from broker.engine.authorizer import SigV4Authorizer
-from broker.engine.keys import KeyHealth, KeyState
+from broker.engine.keys import (
+    OUTAGE_CODE,
+    OUTAGE_RETRY_S,
+    CredentialsVerdict,
+    KeyHealth,
+    KeyState,
+)
 from broker.engine.metrics import MetricsSnapshot
 from broker.engine.shared_limiter import SharedState
-from broker.errors import ThrottledError
+from broker.errors import EndpointUnreachable, ThrottledError
 from broker.jobs.metrics_http import SpoolSnapshot, render_metrics
 from broker.models import Secret
 from broker.state import MemoryStateStore
@@ -516,3 +522,51 @@ class TestOutageClock:
             await clock.advance(60.0)
         assert spent
         assert key.outage_s >= key.outage_budget_s
+
+
+async def test_a_usable_answer_ends_a_streak_of_failures() -> None:
+    """Nine transient failures, a usable answer, then one more failure: no systemic failure
+    (scattered 5xx over a busy run added up to ten and held the key as in an outage)."""
+    clock = FakeClock()
+    key = _key(clock)
+    for _ in range(9):
+        key.on_failed_answer()
+    key.on_reachable()
+    key.on_failed_answer()
+    assert not key.failing_systemically
+    for _ in range(9):
+        key.on_failed_answer()
+    assert key.failing_systemically
+
+
+async def test_a_key_revived_after_an_outage_fails_at_its_first_unreachable_send() -> None:
+    """A key an outage took out, revived 30 s later, goes out again at the first send that
+    finds the endpoint still down: it does not wait out a whole new outage budget."""
+    clock = FakeClock()
+    key = _key(clock)
+    key.disable(OUTAGE_CODE, "unreachable", "check the network")
+    await clock.advance(OUTAGE_RETRY_S)
+    assert key.revive()
+    assert key.on_unreachable(EndpointUnreachable("refused"), clock.monotonic())
+
+
+async def test_a_lone_batch_refused_with_fresh_credentials_rejects_them() -> None:
+    """With no other request of the key in flight or waiting, one refusal of fresh
+    credentials takes them as rejected at once (nothing else could show they work)."""
+    clock = FakeClock()
+    key = _key(clock)
+    since = clock.monotonic()
+    key.on_credentials_refused(US)
+    key._in_flight = 1  # this batch's own place
+    assert key.judge_credentials(since, US, others_waiting=False) is CredentialsVerdict.REJECTED
+    assert key.judge_credentials(since, US, others_waiting=True) is CredentialsVerdict.UNDECIDED
+
+
+async def test_a_retry_after_of_a_week_parks_the_key_a_day_at_most() -> None:
+    """A Retry-After longer than any daily quota (a week) parks the key for a day, jitter
+    aside, not for the week."""
+    clock, key, _ = _throttled_with(7 * 86_400.0)
+    assert key.circuit.state is CircuitState.OPEN
+    probe_at = key.circuit.probe_at
+    assert probe_at is not None
+    assert 86_400.0 - 1e-6 <= probe_at - clock.monotonic() <= 86_400.0 * 1.1
