@@ -500,6 +500,24 @@ class TestGetItemsSuccess:
         assert parsed.outcomes["B000000002"].status is Status.NOT_FOUND
         assert parsed.missing == ()
 
+    def test_an_error_naming_an_answered_asin_leaves_its_item(self) -> None:
+        """An error naming an ASIN the same answer holds an item for (and one naming it
+        twice) keeps the first outcome: the item stays ok, the first error stands."""
+        message = "The ItemIds {} provided in the request is invalid."
+        body = {
+            "errors": [
+                {"code": "InvalidParameterValue", "message": message.format("B000000001")},
+                {"code": "ItemNotAccessible", "message": message.format("B000000002")},
+                {"code": "InvalidParameterValue", "message": message.format("B000000002")},
+            ],
+            "itemsResult": {"items": [{"asin": "B000000001"}]},
+        }
+        parsed = parse(200, body, ["B000000001", "B000000002"])
+        assert parsed.outcomes["B000000001"].status is Status.OK
+        second = parsed.outcomes["B000000002"]
+        assert second.error is not None
+        assert second.error.code == "ItemNotAccessible"
+
     def test_unattributable_errors_leave_asins_missing(self) -> None:
         """Per-item errors naming no ASIN, with two open ASINs, leave both missing."""
         body = {

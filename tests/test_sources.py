@@ -1125,6 +1125,14 @@ def test_any_json_values_give_one_row_per_line(tmp_path: Path, values: list[obje
             assert item == value[key] or item == text
 
 
+def test_a_non_finite_pass_through_value_travels_as_its_text(tmp_path: Path) -> None:
+    """NaN and infinities (which Python's json reads) in a row's own fields travel as their
+    JSON text, so the output stays valid JSON; finite values stay as they are."""
+    line = f'{{"asin": "{VALID}", "x": NaN, "y": Infinity, "z": [1, -Infinity], "n": 2.5}}\n'
+    (row,) = rows(write(tmp_path, "job.jsonl", line))
+    assert row.extra == {"x": "NaN", "y": "Infinity", "z": "[1,-Infinity]", "n": 2.5}
+
+
 def test_fast_row_builder_matches_the_constructor() -> None:
     """The internal fast row builder fills every field as the dataclass constructor does."""
     from broker.jobs.sources import _row
