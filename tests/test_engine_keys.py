@@ -23,7 +23,7 @@ from broker.engine.keys import (
 )
 from broker.engine.metrics import MetricsSnapshot
 from broker.engine.shared_limiter import SharedState
-from broker.errors import EndpointUnreachable, ThrottledError
+from broker.errors import EndpointUnreachable, ThrottledError, TransportError
 from broker.jobs.metrics_http import SpoolSnapshot, render_metrics
 from broker.models import Secret
 from broker.state import MemoryStateStore
@@ -570,3 +570,40 @@ async def test_a_retry_after_of_a_week_parks_the_key_a_day_at_most() -> None:
     probe_at = key.circuit.probe_at
     assert probe_at is not None
     assert 86_400.0 - 1e-6 <= probe_at - clock.monotonic() <= 86_400.0 * 1.1
+
+
+async def _token_pauses(key: KeyState, clock: FakeClock, count: int) -> list[float]:
+    """The pauses ``count`` token-endpoint failures in a row give ``key`` (each sent after
+    the previous pause)."""
+    pauses = []
+    for _ in range(count):
+        await clock.advance(1.0)
+        with capture_logs() as logs:
+            key.pause_after_error(TransportError("token endpoint down"), clock.monotonic())
+        (event,) = [e for e in logs if e["event"] == "broker.token_fetch_failed"]
+        pauses.append(event["pause_s"])
+    return pauses
+
+
+async def test_an_answer_starts_the_token_pauses_afresh() -> None:
+    """Token-endpoint failures double the key's pause; a request answered since starts the
+    next failure at the first pause again, not at the long one before."""
+    clock = FakeClock()
+    key = _key(clock)
+    first = await _token_pauses(key, clock, 3)
+    assert first[0] < first[1] < first[2]
+    key.on_success(clock.monotonic(), US, demand_limited=False)
+    assert await _token_pauses(key, clock, 1) == first[:1]
+
+
+async def test_outage_pauses_are_jittered_per_key() -> None:
+    """Two keys meeting the same outage pause for different times (drawn from each key's
+    randomness), so keys and machines do not probe the endpoint in step."""
+    clock = FakeClock()
+    holds = []
+    for seed in (1, 2):
+        key = _key(clock)
+        key._jitter = random.Random(seed).random  # type: ignore[method-assign]
+        key.on_unreachable(EndpointUnreachable("refused"), clock.monotonic())
+        holds.append(key.next_ready())
+    assert holds[0] != holds[1]
