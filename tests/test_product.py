@@ -143,6 +143,49 @@ class TestBothProtocols:
         assert product.website_sales_rank.sales_rank == catalog.website_sales_rank
         assert product.raw is raw
 
+    def test_image_url_prefers_hi_res_to_large(self) -> None:
+        """An item with both a hiRes and a large primary image: image_url is the hiRes one
+        (the full-size picture), not the 500 px large one."""
+        product = read_product(_render(ON_DEAL, "creators"))
+        primary = product.images.primary
+        assert primary is not None
+        assert primary.hi_res is not None
+        assert primary.large is not None
+        assert primary.large.url != primary.hi_res.url
+        assert product.image_url == primary.hi_res.url
+
+    @pytest.mark.parametrize("protocol", list(Protocol))
+    def test_loyalty_points_and_price_per_unit(self, protocol: Protocol) -> None:
+        """A listing's loyaltyPoints.points and its pricePerUnit (its money nested as the
+        price's own is) come through typed, in either spelling."""
+        s = Spelling(protocol)
+
+        def money(amount: float, display: str) -> dict[str, object]:
+            return {s["amount"]: amount, s["currency"]: "JPY", s["displayAmount"]: display}
+
+        raw = {
+            s["asin"]: "B0C1234567",
+            s["offersV2"]: {
+                s["listings"]: [
+                    {
+                        s["isBuyBoxWinner"]: True,
+                        s["loyaltyPoints"]: {s["points"]: 30},
+                        s["price"]: {
+                            s["money"]: money(2980, "￥2,980"),
+                            s["pricePerUnit"]: {s["money"]: money(29.8, "(￥30 / 100 g)")},
+                        },
+                        s["type"]: "BUY_BOX",
+                    }
+                ]
+            },
+        }
+        listing = read_product(raw, protocol).listing
+        assert listing is not None
+        assert listing.loyalty_points == 30
+        assert listing.price is not None
+        assert listing.price.money == Money(2980, "JPY", "￥2,980")
+        assert listing.price.price_per_unit == Money(29.8, "JPY", "(￥30 / 100 g)")
+
     def test_same_product_from_either_spelling(self) -> None:
         """Creators and PA-API JSON of one item give equal Products (raw aside)."""
         creators = read_product(_render(ON_DEAL, "creators", _creators_without_hires()))
@@ -247,11 +290,17 @@ class TestAbsentParts:
         assert product.offers.listings == ()
 
     def test_wrong_types_read_as_absent(self) -> None:
-        """Members of the wrong JSON type are skipped, the right ones kept."""
+        """Members of the wrong JSON type are skipped (a true is no number), the right ones
+        kept."""
         raw = {
             "asin": 12,
             "itemInfo": {"title": {"displayValue": ["x"]}, "features": {"displayValues": "x"}},
-            "images": {"primary": {"small": {"url": 5}, "large": {"url": "u", "width": "9"}}},
+            "images": {
+                "primary": {
+                    "small": {"url": 5},
+                    "large": {"url": "u", "width": "9", "height": True},
+                }
+            },
             "offersV2": {"listings": [None, {"price": {"money": {"amount": "9"}}}]},
             "browseNodeInfo": {"browseNodes": [{"id": 5, "isRoot": "yes", "ancestor": []}]},
             "customerReviews": {"count": 1.0, "starRating": 4},

@@ -158,6 +158,25 @@ class TestReserve:
         assert later.wait_s == 0.0
         assert again.slot_us - later.slot_us == 200_000
 
+    async def test_a_clock_stepped_back_holds_the_key_no_longer_than_the_horizon(
+        self, backend: Backend
+    ) -> None:
+        """The store's clock stepped back an hour (an NTP step of Redis's TIME, a fake's
+        rewind): the next slot booked before the step is pulled back to the horizon, so the
+        key waits one interval and then sends, not an hour."""
+        if backend.fake is None:
+            pytest.skip("needs the store's clock moved (Redis runs on its own)")
+        for _ in range(3):
+            assert (await backend.reserve()).granted
+        backend.fake[0] -= 3_600 * 1_000_000
+        held = await backend.reserve()
+        assert held.refusal == "horizon"
+        assert held.wait_s == pytest.approx(0.2)  # one interval past the horizon
+        await backend.advance(held.wait_s)
+        after = await backend.reserve()
+        assert after.granted
+        assert after.wait_s <= LIMITS.horizon_s
+
 
 TUNED = replace(LIMITS, tuning=RecoveryTuning())
 
@@ -383,6 +402,25 @@ class TestFeedback:
         assert held.granted
         assert 0.8 <= held.wait_s <= 1.0
 
+    async def test_a_shorter_pause_never_shortens_a_longer_one(self, backend: Backend) -> None:
+        """A 60 s pause, then another process's 1 s one: the key stays paused until the
+        60 s end, with its reason (the later, shorter pause does not cut it short)."""
+
+        async def pause(seconds: float, reason: str) -> Decision:
+            return await backend.store.decide(
+                KEY,
+                LIMITS,
+                feedback=Feedback(pause_s=seconds, pause_reason=reason),
+                reserve=False,
+                process=ME,
+            )
+
+        long = await pause(60.0, "Retry-After")
+        assert long.paused_until_us - long.now_us == 60_000_000
+        short = await pause(1.0, "outage")
+        assert short.paused_until_us == long.paused_until_us
+        assert short.pause_reason == "Retry-After"
+
     async def test_park_admits_one_probe_then_unpark(self, backend: Backend) -> None:
         """Parked: refused; after the park one probe, others refused; a success unparks."""
         await backend.reserve()
@@ -436,6 +474,24 @@ class TestFeedback:
         first = await backend.reserve(park_s=10.0, park_reason="access revoked")
         second = await backend.reserve(park_s=100.0, park_reason="access revoked")
         assert second.parked_until_us == first.parked_until_us
+
+    async def test_lifting_a_park_restores_the_nominal_rate(self, backend: Backend) -> None:
+        """A key cut to its floor rate, parked, then unparked (a request got through)
+        restarts at the nominal rate, not at the floor it was parked at."""
+
+        async def report(**feedback: Any) -> Decision:
+            return await backend.store.decide(
+                KEY, LIMITS, feedback=Feedback(**feedback), reserve=False, process=ME
+            )
+
+        floor = await report(set_rate=LIMITS.min_rate)
+        assert floor.rate == pytest.approx(LIMITS.min_rate)
+        parked = await report(park_s=60.0, park_reason="daily quota exhausted")
+        assert parked.parked_until_us > 0
+        assert parked.rate == pytest.approx(LIMITS.min_rate)
+        back = await report(unpark=True)
+        assert back.parked_until_us == 0
+        assert back.rate == pytest.approx(LIMITS.nominal_rate)
 
 
 async def _lose_the_key(backend: Backend, request: pytest.FixtureRequest) -> None:
@@ -754,6 +810,22 @@ class TestDayAndProcesses:
         again = await backend.reserve(high)
         assert again.granted
         assert again.day_limit == 6
+
+    async def test_a_clock_stepped_back_a_day_does_not_reopen_the_day(
+        self, backend: Backend
+    ) -> None:
+        """The day's limit spent, then the store's clock one day earlier (a wall clock
+        stepped back over midnight): the day counted stays, with its count, and the key is
+        refused for the daily quota; the earlier day is not opened again."""
+        if backend.fake is None:
+            pytest.skip("needs the store's clock moved (Redis runs on its own)")
+        limits = replace(LIMITS, day_limit=2)
+        spent = [await backend.reserve(limits) for _ in range(2)]
+        assert [d.granted for d in spent] == [True, True]
+        backend.fake[0] -= 86_400 * 1_000_000
+        earlier = await backend.reserve(limits)
+        assert earlier.refusal == "daily quota"
+        assert (earlier.day, earlier.count) == (spent[1].day, 2)
 
     async def test_day_rolls_over_at_the_reset(self) -> None:
         """The count restarts when the daily window moves on, and never moves back."""

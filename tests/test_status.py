@@ -574,3 +574,50 @@ def test_a_key_held_by_another_process_lower_tpd_is_not_shown_spent() -> None:
     assert status.state == "waiting for daily quota"
     assert status.reason == "another process's lower tpd (2/day)"
     assert status.until is None
+
+
+def test_a_spent_day_ends_at_the_configured_reset() -> None:
+    """A key whose daily window resets at 08:00 UTC ([rate] daily_reset_utc), its day
+    spent: status shows it held until the next 08:00 UTC, not until midnight."""
+    from datetime import UTC, datetime
+
+    from broker.state import MemoryStateStore
+    from broker.status import _status
+
+    store_wall = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    store = MemoryStateStore(lambda: 5_000_000, lambda: int(store_wall.timestamp() * 1e6))
+    key = StateKey.of("http://sim", "cred", name="k")
+    limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=2, reset_offset_s=8 * 3_600)
+
+    async def spend_then_view() -> object:
+        for _ in range(2):
+            await store.decide(
+                key, limits, feedback=Feedback(), reserve=True, process=ProcessMark("p:1:a")
+            )
+        return await store.view(key, limits)
+
+    status = _status(asyncio.run(spend_then_view()), 5.0)  # type: ignore[arg-type]
+    assert status.state == "waiting for daily quota"
+    assert status.reason == "daily quota spent"
+    assert status.until == "2026-12-06T08:00:00Z"
+
+
+def test_a_count_past_the_limit_leaves_none_not_less() -> None:
+    """Another process's mark raises the day's count past the limit (it saw more sent
+    before the store lost the key): status shows 0 left, never a negative number."""
+    from broker.state import MemoryStateStore, day_number
+    from broker.status import _status
+
+    wall_us = 1_800_000_000_000_000
+    store = MemoryStateStore(lambda: 5_000_000, lambda: wall_us)
+    key = StateKey.of("http://sim", "cred", name="k")
+    limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=2)
+    mark = ProcessMark("p:1:a", hwm_day=day_number(wall_us, 0), hwm_count=5)
+
+    async def mark_then_view() -> object:
+        await store.decide(key, limits, feedback=Feedback(), reserve=False, process=mark)
+        return await store.view(key, limits)
+
+    status = _status(asyncio.run(mark_then_view()), 5.0)  # type: ignore[arg-type]
+    assert (status.today, status.day_limit) == (5, 2)
+    assert status.left == 0

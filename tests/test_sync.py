@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import os
 import sqlite3
@@ -181,6 +182,56 @@ class TestSyncBroker:
         while sync_broker.metrics().outstanding_lookups and time.monotonic() < deadline:
             time.sleep(0.01)
         assert sync_broker.metrics().outstanding_lookups == 0
+
+    def test_a_call_from_the_loop_thread_raises_instead_of_hanging(
+        self, sync_broker: SyncBroker
+    ) -> None:
+        """A blocking method called on the broker's own loop thread (a callback of the
+        loop) raises RuntimeError at once: waiting there for the loop would hang it."""
+        outcome: concurrent.futures.Future[BaseException | None] = concurrent.futures.Future()
+
+        def call_here() -> None:
+            try:
+                # timeout=: were the call waited for, the loop is freed again after it.
+                sync_broker.get_item("B000000001", timeout=1)
+            except BaseException as exc:  # the outcome is what this test looks at
+                outcome.set_result(exc)
+            else:
+                outcome.set_result(None)
+
+        sync_broker._loop.call_soon_threadsafe(call_here)
+        raised = outcome.result(timeout=10)
+        assert isinstance(raised, RuntimeError)
+        assert "SyncBroker methods block" in str(raised)
+
+    def test_ctrl_c_while_waiting_lets_the_call_go(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Ctrl-C in the calling thread while it waits for an answer (here, for the daily
+        quota's reset) cancels the call on the loop: no lookup is left in flight for a
+        caller that is gone."""
+        real = asyncio.run_coroutine_threadsafe
+
+        def interrupted_wait(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+            future = real(coro, loop)
+            real_result = future.result
+
+            def result(timeout: float | None = None) -> Any:
+                with contextlib.suppress(TimeoutError):
+                    real_result(0.2)  # waiting, as the user presses Ctrl-C
+                raise KeyboardInterrupt
+
+            future.result = result  # type: ignore[method-assign]
+            return future
+
+        with SyncBroker.from_dict(_document(tpd=1)) as broker:
+            assert broker.get_item("B000000001", timeout=10).ok
+            monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", interrupted_wait)
+            with pytest.raises(KeyboardInterrupt):
+                broker.get_item("B000000002")
+            monkeypatch.undo()
+            deadline = time.monotonic() + 2
+            while broker.metrics().outstanding_lookups and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert broker.metrics().outstanding_lookups == 0
 
     def test_stream_stop_set_from_another_thread(self) -> None:
         """stop= winds the stream down while its caller waits: nothing more is sent, and the
