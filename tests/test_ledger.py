@@ -494,6 +494,25 @@ class TestWork:
             assert ledger.counts().by_status == {"ok": 2}
             assert ledger.pending_lookup_count() == 0
 
+    @pytest.mark.parametrize("how", ["deleted", "replaced"])
+    def test_a_ledger_deleted_or_replaced_under_the_run_stops_it(
+        self, tmp_path: Path, how: str
+    ) -> None:
+        """A ledger deleted (with its journals) or replaced while the run uses it fails the
+        next commit, naming it, instead of committing into an unlinked file: the run went on
+        and promised a resume that was then refused (its output had no ledger)."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows(asin(1), asin(2)))
+            first, second = ledger.pending_lookups()
+            assert ledger.record_results([(first, result(first))]) == 1
+            for path in tmp_path.glob("*.ledger*"):
+                if not path.name.endswith(".lock"):
+                    path.unlink()
+            if how == "replaced":
+                ledger.path.write_bytes(b"")
+            with pytest.raises(OSError, match="the job's ledger. was deleted or replaced"):
+                ledger.record_results([(second, result(second))])
+
     def test_unknown_lookup_rolls_back_the_whole_batch(self, tmp_path: Path) -> None:
         """A lookup not in the job raises ValueError and nothing of the batch is recorded."""
         with open_ledger(tmp_path) as ledger:

@@ -58,7 +58,7 @@ from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import JobFileError
 from broker.jobs.sources import INVALID_ASIN
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error, immediate
+from broker.sqlitewal import disk_error, file_identity, immediate
 
 if TYPE_CHECKING:
     from broker.jobs.sources import JobFingerprint, JobRow
@@ -337,7 +337,7 @@ class Ledger:
     Use :meth:`open` to create or open one; close it (or use it as a context manager).
     """
 
-    __slots__ = ("_conn", "_default_marketplace", "_lock", "_path", "_synchronous")
+    __slots__ = ("_conn", "_default_marketplace", "_identity", "_lock", "_path", "_synchronous")
 
     def __init__(
         self, conn: sqlite3.Connection, path: Path, default_marketplace: str, synchronous: str
@@ -347,6 +347,10 @@ class Ledger:
         self._default_marketplace = default_marketplace
         self._synchronous = synchronous
         self._lock = threading.RLock()
+        # The file it opened: a ledger deleted or replaced under the run is noticed at the
+        # next commit instead of committing into an unlinked file (the job then could not
+        # resume: its output has no ledger).
+        self._identity: tuple[int, int] | None = None
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -416,6 +420,7 @@ class Ledger:
             raise OSError(errno.EIO, f"{path}: cannot open the ledger ({exc})", str(path)) from exc
         try:
             ledger = cls(conn, path, default_marketplace, sync)
+            ledger._identity = file_identity(path)
             ledger._setup(
                 fingerprint, default_marketplace, dict(answer_settings or {}), new_job=new_job
             )
@@ -806,6 +811,23 @@ class Ledger:
             ).fetchone()
         return int(count)
 
+    def _check_in_place(self) -> None:
+        """Raise if the ledger's file is no longer at its path (deleted, moved, replaced)."""
+        if self._identity is None:
+            return
+        try:
+            current: tuple[int, int] | None = file_identity(self._path)
+        except FileNotFoundError:
+            current = None
+        if current != self._identity:
+            raise OSError(
+                errno.ENOENT,
+                f"{self._path} (the job's ledger) was deleted or replaced while this run used "
+                "it: the job cannot resume from it; move its output away and run again to "
+                "start the job afresh",
+                str(self._path),
+            )
+
     def record_results(self, results: Sequence[tuple[Lookup, ItemResult]]) -> int:
         """Store results and make every row of their lookups final, in one transaction.
 
@@ -819,7 +841,9 @@ class Ledger:
         Raises:
             ValueError: a lookup is not in this ledger, or ingestion is not complete
                 (nothing is recorded).
+            OSError: the ledger's file was deleted or replaced since it was opened.
         """
+        self._check_in_place()
         completed = 0
         with self._lock, self._transaction():
             conn = self._conn
