@@ -151,6 +151,24 @@ class TestVersionAndInit:
         assert cli.main(["init", str(path), "--force"]) == ExitCode.OK
         assert path.read_text() != "mine"
 
+    def test_init_force_replaces_the_file_whole(self, tmp_path: Path) -> None:
+        """``init --force`` puts a whole new file in place of the old one (a reader that
+        opened the old one still reads it whole: a run starting meanwhile never reads an
+        empty or half-written config); a symbolic link stays a link, the file's mode stays,
+        and no temporary file is left."""
+        target = tmp_path / "real.toml"
+        target.write_text("mine")
+        target.chmod(0o640)
+        link = tmp_path / "config.toml"
+        link.symlink_to(target.name)
+        with target.open() as reader:
+            assert cli.main(["init", str(link), "--force"]) == ExitCode.OK
+            assert reader.read() == "mine"
+        assert link.is_symlink()
+        assert "[[keys]]" in target.read_text()
+        assert target.stat().st_mode & 0o777 == 0o640
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "real.toml"]
+
 
 @pytest.mark.parametrize("force", [[], ["--force"]])
 def test_init_on_a_directory_is_a_usage_error(
