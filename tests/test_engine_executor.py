@@ -111,6 +111,20 @@ def _refusing_de(answer: RawResponse) -> Handler:
     return handler
 
 
+_DENIED_429 = _paapi_error(429, "TooManyRequests", "The request was denied.")
+
+
+def _first_answers(answers: list[RawResponse]) -> Handler:
+    """A PA-API handler giving ``answers`` to the first requests, in turn, then answering
+    every ASIN asked."""
+    left = list(answers)
+
+    async def handler(request: HttpRequest) -> RawResponse:
+        return left.pop(0) if left else _paapi_ok(_ids(request))
+
+    return handler
+
+
 async def _never() -> RawResponse:
     raise AssertionError("no request is sent")
 
@@ -1517,15 +1531,7 @@ class TestRetries:
 
     async def test_429s_never_fail_an_asin(self) -> None:
         """Ten 429s in a row with max_attempts 2: the ASINs still end ok; the rate is cut."""
-        calls = 0
-
-        async def handler(request: HttpRequest) -> RawResponse:
-            nonlocal calls
-            calls += 1
-            if calls <= 10:
-                return _paapi_error(429, "TooManyRequests", "The request was denied.")
-            return _paapi_ok(_ids(request))
-
+        handler = _first_answers([_DENIED_429] * 10)
         clock = FakeClock()
         broker, _ = _broker(PAAPI, handler, clock, retry={"max_attempts": 2})
         async with broker:
@@ -1540,16 +1546,8 @@ class TestRetries:
     async def test_429s_do_not_spend_the_attempts_of_other_failures(self) -> None:
         """Four 429s, then a 503, with max_attempts 3: the 503 is the first failure that
         counts, so it is retried and the ASINs end ok (a busy Amazon fails no rows)."""
-        calls = 0
-
-        async def handler(request: HttpRequest) -> RawResponse:
-            nonlocal calls
-            calls += 1
-            if calls <= 4:
-                return _paapi_error(429, "TooManyRequests", "The request was denied.")
-            if calls == 5:
-                return _reply(503, {"message": "Service Unavailable"})
-            return _paapi_ok(_ids(request))
+        unavailable = _reply(503, {"message": "Service Unavailable"})
+        handler = _first_answers([*[_DENIED_429] * 4, unavailable])
 
         clock = FakeClock()
         broker, _ = _broker(PAAPI, handler, clock, retry={"max_attempts": 3})

@@ -124,6 +124,21 @@ def _drop(spool: Path, name: str, text: str) -> Path:
     return inbox / name
 
 
+@contextlib.contextmanager
+def _daemon(argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """A real ``broker serve`` process (stderr piped), killed if it is still running when
+    the block ends."""
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -1270,8 +1285,7 @@ class TestProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ASINB_")}
         argv = [sys.executable, "-m", "broker", "serve", "--spool", str(spool), "--port", "0"]
         argv += ["--config", str(_config_file(tmp_path))]
-        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
-        try:
+        with _daemon(argv, env) as proc:
             assert proc.stderr is not None
             url = None
             deadline = time.monotonic() + 20
@@ -1290,12 +1304,6 @@ class TestProcess:
             assert asyncio.run(_get(f"{url}/healthz"))[0] == 200
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
 
     def test_a_non_ascii_job_name_where_file_names_are_not_utf8(self, tmp_path: Path) -> None:
         """Under a C locale with UTF-8 mode off, a job named ünï.txt is filed as
@@ -1310,8 +1318,7 @@ class TestProcess:
         argv += ["--config", str(config)]
         _drop(spool, "\u00fcn\u00ef.txt", "B0PROCES01\n")
         _drop(spool, "plain.txt", "B0PROCES02\n")
-        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
-        try:
+        with _daemon(argv, env) as proc:
             done = spool / "done"
             deadline = time.monotonic() + 30
             while len(list(done.glob("*.status.json"))) < 2 and proc.poll() is None:
@@ -1322,12 +1329,6 @@ class TestProcess:
             assert status["rows"]["total"] == 1
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
 
     async def test_first_signal_drains_the_running_job(self, tmp_path: Path) -> None:
         """A first SIGTERM lets the requests already sent be answered and written, as

@@ -12,7 +12,7 @@ import pytest
 from conftest import ENV, sqlite_db
 
 from broker import cli
-from broker.state import Feedback, KeyLimits, ProcessMark, StateKey
+from broker.state import Feedback, KeyLimits, KeyStateStore, KeyView, ProcessMark, StateKey
 from broker.state.sqlite import SqliteStateStore
 
 _CONFIG = """
@@ -551,6 +551,22 @@ def test_times_are_told_by_the_stores_clock() -> None:
     assert status.until == (store_wall + timedelta(seconds=600)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _view_after_sends(
+    store: KeyStateStore, key: StateKey, sent_with: KeyLimits, sends: int, seen_with: KeyLimits
+) -> KeyView:
+    """The key's view under ``seen_with`` once one process sent ``sends`` requests on it
+    under ``sent_with``."""
+
+    async def run() -> KeyView:
+        for _ in range(sends):
+            await store.decide(
+                key, sent_with, feedback=Feedback(), reserve=True, process=ProcessMark("p:1:a")
+            )
+        return await store.view(key, seen_with)
+
+    return asyncio.run(run())
+
+
 def test_a_key_held_by_another_process_lower_tpd_is_not_shown_spent() -> None:
     """Another process's lower tpd holds the key, this config's own limit not reached:
     status names the hold and no reset time; it said "daily quota spent" until tomorrow's
@@ -563,14 +579,7 @@ def test_a_key_held_by_another_process_lower_tpd_is_not_shown_spent() -> None:
     low = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=3)
     own = KeyLimits(5.0, 0.05, 5.0, day_limit=50, tpd=51)
 
-    async def spend_then_view() -> object:
-        for _ in range(3):
-            await store.decide(
-                key, low, feedback=Feedback(), reserve=True, process=ProcessMark("p:1:a")
-            )
-        return await store.view(key, own)
-
-    status = _status(asyncio.run(spend_then_view()), 5.0)  # type: ignore[arg-type]
+    status = _status(_view_after_sends(store, key, low, 3, own), 5.0)
     assert status.state == "waiting for daily quota"
     assert status.reason == "another process's lower tpd (2/day)"
     assert status.until is None
@@ -589,14 +598,7 @@ def test_a_spent_day_ends_at_the_configured_reset() -> None:
     key = StateKey.of("http://sim", "cred", name="k")
     limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=2, reset_offset_s=8 * 3_600)
 
-    async def spend_then_view() -> object:
-        for _ in range(2):
-            await store.decide(
-                key, limits, feedback=Feedback(), reserve=True, process=ProcessMark("p:1:a")
-            )
-        return await store.view(key, limits)
-
-    status = _status(asyncio.run(spend_then_view()), 5.0)  # type: ignore[arg-type]
+    status = _status(_view_after_sends(store, key, limits, 2, limits), 5.0)
     assert status.state == "waiting for daily quota"
     assert status.reason == "daily quota spent"
     assert status.until == "2026-12-06T08:00:00Z"
