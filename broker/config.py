@@ -1343,9 +1343,11 @@ def _file_path(table: TomlTable, name: str, base_dir: Path) -> Path | None:
         return None
     path = base_dir / raw
     try:
-        is_dir = path.is_dir()
-    except OSError as exc:  # a name over 255 bytes, a loop of symbolic links
-        raise ConfigError(table.key(name), f"{raw}: {exc.strerror}") from exc
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # a path no file can ever have
+            raise ConfigError(table.key(name), f"{raw}: {exc.strerror}") from exc
+        is_dir = False  # not there yet, or not ours to look at: the store says at its open
     if raw.endswith(("/", os.sep)) or is_dir:
         raise ConfigError(
             table.key(name),

@@ -1235,6 +1235,26 @@ class TestFront:
         assert "read-only: make it writable, or set [cache] path" in described
         assert "delete" not in described
 
+    async def test_a_worker_thread_that_cannot_start_is_a_cache_failure(
+        self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A cache whose worker thread cannot start (a thread limit) fails the call, for
+        the front to warn and pause the cache, instead of running SQLite on the event loop
+        (a fallback meant only for an exiting interpreter)."""
+        import threading
+
+        cache = SqliteCache(tmp_path / "c.sqlite3", CachePolicy(3_600), clock=clock)
+        start = threading.Thread.start
+
+        def refuse(thread: threading.Thread) -> None:
+            monkeypatch.setattr(threading.Thread, "start", start)
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await cache.stats()
+        await cache.aclose()
+
     def test_a_path_longer_than_sqlite_opens_is_named_so(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:
@@ -1247,8 +1267,14 @@ class TestFront:
         error = sqlite3.OperationalError("unable to open database file")
         error.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN  # as SQLite sets it
         described = cache.describe_failure(error)
-        assert "longer than SQLite can open (504 bytes): set [cache] path" in described
+        assert "at most 504 bytes of full path" in described
+        assert "set [cache] path to a shorter one" in described
         assert "delete" not in described
+        # A folder name over 255 bytes (a cache given in code): advice, not an exception.
+        long_name = tmp_path / ("k" * 300) / "item-cache.sqlite3"
+        cache = SqliteCache(long_name, CachePolicy(3_600), clock=clock)
+        error = OSError(errno.ENAMETOOLONG, "File name too long", str(long_name))
+        assert "set [cache] path to a shorter one" in cache.describe_failure(error)
 
     async def test_a_damaged_file_is_named_with_its_remedy(
         self, tmp_path: Path, clock: FakeClock

@@ -917,15 +917,28 @@ def test_a_config_path_is_named_as_the_file_name_encoding_can(
 
 
 @pytest.mark.parametrize("table", ["cache", "state"])
-def test_a_sqlite_path_with_a_name_too_long_is_a_config_error(table: str) -> None:
-    """A ``[cache]`` or ``[state]`` path with a folder name over 255 bytes is refused
-    naming the setting (exit 78; it was a traceback, exit 1)."""
-    document = {
-        "api": {"endpoint": "simulator"},
-        "keys": [
-            {"name": "d", "credential_id": "x", "version": "3.1", "partner_tags": {"US": "t-20"}}
-        ],
-        table: {"path": "k" * 300 + "/file.sqlite3"},
-    }
-    with pytest.raises(ConfigError, match=rf"{table}\.path: k+/file\.sqlite3: File name too long"):
-        parse_config(document, environ={})
+def test_a_sqlite_path_no_file_can_have_is_a_config_error(table: str, tmp_path: Path) -> None:
+    """A ``[cache]`` or ``[state]`` path with a folder name over 255 bytes, or through a
+    loop of symbolic links, is refused naming the setting (exit 78; the first was a
+    traceback, the second passed check-config and then failed as "a file, not a
+    directory")."""
+    (tmp_path / "l1").symlink_to("l2")
+    (tmp_path / "l2").symlink_to("l1")
+    for raw, reason in (
+        ("k" * 300 + "/file.sqlite3", "File name too long"),
+        (f"{tmp_path}/l1/file.sqlite3", "Too many levels of symbolic links"),
+    ):
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [
+                {
+                    "name": "d",
+                    "credential_id": "x",
+                    "version": "3.1",
+                    "partner_tags": {"US": "t-20"},
+                }
+            ],
+            table: {"path": raw},
+        }
+        with pytest.raises(ConfigError, match=rf"{table}\.path: .*file\.sqlite3: {reason}"):
+            parse_config(document, environ={})

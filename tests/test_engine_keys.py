@@ -35,13 +35,24 @@ DE = "www.amazon.de"
 T = TypeVar("T")
 
 
-def _key(clock: FakeClock, shared: SharedState | None = None, **fields: object) -> KeyState:
+def _key(
+    clock: FakeClock,
+    shared: SharedState | None = None,
+    *,
+    rng: random.Random | None = None,
+    **fields: object,
+) -> KeyState:
     config = make_config(
         "https://creators.test", keys=[key_doc(tags={US: "demo-20", DE: "demo-22"}, **fields)]
     )
     authorizer = SigV4Authorizer("AKID", Secret("s"), clock=clock)
     return KeyState.from_config(
-        config.keys[0], authorizer, config=config, clock=clock, rng=random.Random(0), shared=shared
+        config.keys[0],
+        authorizer,
+        config=config,
+        clock=clock,
+        rng=rng or random.Random(0),
+        shared=shared,
     )
 
 
@@ -556,8 +567,8 @@ async def test_a_lone_batch_refused_with_fresh_credentials_rejects_them() -> Non
     clock = FakeClock()
     key = _key(clock)
     since = clock.monotonic()
+    assert await _driven(clock, key.try_send(), within_s=1.0) is not None  # the batch's send
     key.on_credentials_refused(US)
-    key._in_flight = 1  # this batch's own place
     assert key.judge_credentials(since, US, others_waiting=False) is CredentialsVerdict.REJECTED
     assert key.judge_credentials(since, US, others_waiting=True) is CredentialsVerdict.UNDECIDED
 
@@ -602,8 +613,7 @@ async def test_outage_pauses_are_jittered_per_key() -> None:
     clock = FakeClock()
     holds = []
     for seed in (1, 2):
-        key = _key(clock)
-        key._jitter = random.Random(seed).random  # type: ignore[method-assign]
+        key = _key(clock, rng=random.Random(seed))
         key.on_unreachable(EndpointUnreachable("refused"), clock.monotonic())
         holds.append(key.next_ready())
     assert holds[0] != holds[1]

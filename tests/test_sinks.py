@@ -1156,6 +1156,6 @@ class TestEmittingOnTheLoop:
             emit_more(ledger, sink)
             sink.close()
             expected = len(expected_lines(ledger))
-        with sqlite3.connect(out) as db:
+        with sqlite_db(out) as db:
             (count,) = db.execute("SELECT count(*) FROM results").fetchone()
         assert count == expected

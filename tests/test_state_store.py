@@ -1203,20 +1203,14 @@ class TestBrokenStateFile:
         await store.aclose()
 
     async def test_a_path_longer_than_sqlite_opens_says_so(self, tmp_path: Path) -> None:
-        """SQLite's CANTOPEN on a full path over its 504 bytes names that limit, not
-        "the path must be a file this user can write"."""
+        """A key-state file whose full path is over the 504 bytes SQLite opens is refused
+        naming that limit, not "the path must be a file this user can write"."""
         folder = tmp_path
         while len(os.fsencode(folder)) < 520:
             folder = folder / ("e" * 50)
-        store = SqliteStateStore(tmp_path / "keys.sqlite3")
-        store._path = folder / "keys.sqlite3"
-        refused = sqlite3.OperationalError("unable to open database file")
-        refused.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN  # type: ignore[attr-defined]
-        failure = store._failure(refused)
-        assert isinstance(failure, OSError)
-        assert failure.errno == errno.ENAMETOOLONG
-        assert "longer than the 504 bytes SQLite can open" in str(failure)
-        await store.aclose()
+        with pytest.raises(OSError, match="longer than the 504 bytes SQLite can open") as info:
+            SqliteStateStore(folder / "keys.sqlite3")
+        assert info.value.errno == errno.ENAMETOOLONG
 
     async def test_a_held_lock_does_not_stall_the_loop(self, tmp_path: Path) -> None:
         """Another process holding the file's write lock: the decision gives up in a fraction

@@ -7,7 +7,6 @@ import concurrent.futures
 import contextlib
 import inspect
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import asins
+from conftest import asins, sqlite_db
 
 from broker import Broker, SyncBroker, config_from_dict
 from broker.config import parse_config
@@ -463,7 +462,7 @@ class TestSyncBroker:
         assert done.stdout.strip() == "ok"
         assert "Traceback" not in done.stderr
         assert "unclosed database" not in done.stderr
-        with sqlite3.connect(cache) as db:
+        with sqlite_db(cache) as db:
             assert db.execute("SELECT count(*) FROM item_cache").fetchone() == (1,)
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")

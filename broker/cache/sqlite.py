@@ -191,7 +191,9 @@ class SqliteCache(StoreCache):
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(self._thread, self._call, fn)
-        except RuntimeError:
+        except RuntimeError as exc:
+            if not _executors_stopped(exc):
+                raise
             # The interpreter is exiting: concurrent.futures stopped its workers before the
             # atexit handlers (an unclosed SyncBroker's finalizer) ran. The connection is
             # not tied to a thread: the last writes and the close are done here.
@@ -408,8 +410,10 @@ class SqliteCache(StoreCache):
 
         try:
             future = loop.run_in_executor(self._thread, close)
-        except RuntimeError:  # the interpreter is exiting (see _run)
-            close()
+        except RuntimeError as exc:
+            if not _executors_stopped(exc):
+                raise
+            close()  # the interpreter is exiting (see _run)
         else:
             await future
         self._thread.shutdown(wait=True)
@@ -432,7 +436,11 @@ class SqliteCache(StoreCache):
                 "check that [cache] path names the item cache, not another file; if it does, "
                 "the file is damaged: delete it with its -wal and -shm to start afresh"
             )
-        if self.path.is_dir():
+        try:
+            is_dir = self.path.is_dir()
+        except OSError:  # a name too long: said below
+            is_dir = False
+        if is_dir:
             return str(self.path), "it is a directory: set [cache] path to a file in it"
         in_the_way = file_in_the_way(self.path)
         if in_the_way is not None:
@@ -447,8 +455,8 @@ class SqliteCache(StoreCache):
         failed = disk_error(self.path, error) if isinstance(error, sqlite3.Error) else error
         if isinstance(failed, OSError) and failed.errno == errno.ENAMETOOLONG:
             return str(self.path), (
-                "its full path is longer than SQLite can open (504 bytes): set [cache] path "
-                "to a shorter one"
+                "its path is too long (SQLite opens at most 504 bytes of full path, a file "
+                "system takes names of at most 255): set [cache] path to a shorter one"
             )
         if _cannot_open(error) and not _writable(self.path):
             # Opening needs the -wal and -shm beside the file: a directory (or file system)
@@ -469,6 +477,12 @@ class SqliteCache(StoreCache):
             "if another process holds it locked, wait for it; if it is damaged, delete it "
             "with its -wal and -shm to start afresh (it holds only copies of Amazon's answers)"
         )
+
+
+def _executors_stopped(exc: RuntimeError) -> bool:
+    """True when ``exc`` is a thread pool refusing work because the interpreter is exiting
+    (not a worker thread that failed to start: a thread limit)."""
+    return "cannot schedule new futures after" in str(exc)
 
 
 def _cannot_open(error: BaseException) -> bool:
