@@ -904,15 +904,9 @@ def test_a_config_path_is_named_as_the_file_name_encoding_can(
     """``[cache] path = "état/..."`` stays itself where file names hold é (a Latin-1
     locale: the folder an older version made is found again), and is named by its UTF-8
     bytes where they cannot (ASCII), instead of an encoding error."""
-    document = {
-        "api": {"endpoint": "simulator"},
-        "keys": [
-            {"name": "d", "credential_id": "x", "version": "3.1", "partner_tags": {"US": "t-20"}}
-        ],
-        "cache": {"path": "/srv/\u00e9tat/cache.sqlite3"},
-    }
+    document = _doc(cache={"path": "/srv/\u00e9tat/cache.sqlite3"})
     _file_names_in(monkeypatch, encoding)
-    config = parse_config(document, environ={})
+    config = parse_config(document, environ=ENV)
     assert str(config.cache.path) == f"/srv/{named}/cache.sqlite3"
 
 
@@ -928,17 +922,5 @@ def test_a_sqlite_path_no_file_can_have_is_a_config_error(table: str, tmp_path: 
         ("k" * 300 + "/file.sqlite3", "File name too long"),
         (f"{tmp_path}/l1/file.sqlite3", "Too many levels of symbolic links"),
     ):
-        document = {
-            "api": {"endpoint": "simulator"},
-            "keys": [
-                {
-                    "name": "d",
-                    "credential_id": "x",
-                    "version": "3.1",
-                    "partner_tags": {"US": "t-20"},
-                }
-            ],
-            table: {"path": raw},
-        }
         with pytest.raises(ConfigError, match=rf"{table}\.path: .*file\.sqlite3: {reason}"):
-            parse_config(document, environ={})
+            parse_config(_doc(**{table: {"path": raw}}), environ=ENV)
