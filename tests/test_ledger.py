@@ -510,7 +510,7 @@ class TestWork:
                     path.unlink()
             if how == "replaced":
                 ledger.path.write_bytes(b"")
-            with pytest.raises(OSError, match=r"the job's ledger\) was deleted or replaced"):
+            with pytest.raises(OSError, match=r"the job's ledger\) was moved, deleted or replaced"):
                 ledger.record_results([(second, result(second))])
 
     def test_unknown_lookup_rolls_back_the_whole_batch(self, tmp_path: Path) -> None:

@@ -822,9 +822,10 @@ class Ledger:
         if current != self._identity:
             raise OSError(
                 errno.ENOENT,
-                f"{self._path} (the job's ledger) was deleted or replaced while this run used "
-                "it: the job cannot resume from it; move its output away and run again to "
-                "start the job afresh",
+                f"{self._path} (the job's ledger) was moved, deleted or replaced while this "
+                "run used it: if it moved with the output, run again naming the output where "
+                "it is now; if it is gone, the job cannot resume: move the output away and "
+                "run again to start the job afresh",
                 str(self._path),
             )
 
