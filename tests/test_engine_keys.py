@@ -617,3 +617,14 @@ async def test_outage_pauses_are_jittered_per_key() -> None:
         key.on_unreachable(EndpointUnreachable("refused"), clock.monotonic())
         holds.append(key.next_ready())
     assert holds[0] != holds[1]
+
+
+async def test_credentials_refused_everywhere_are_no_marketplace_s_alone() -> None:
+    """Credentials accepted in the US are taken as working there only until the US refuses
+    them too: then a refusal in Germany is no longer Germany's alone (they were revoked)."""
+    clock = FakeClock()
+    key = _key(clock)
+    key.on_success(clock.monotonic(), US, demand_limited=False)
+    assert key.accepted_elsewhere(DE)
+    key.on_credentials_refused(US)
+    assert not key.accepted_elsewhere(DE)

@@ -417,6 +417,15 @@ class TestInvalidItemIds:
         assert offending_ids(error) == ("9791186701072",)
         assert error.message.startswith("The value [9791186701072]")
 
+    def test_a_server_error_naming_an_id_is_retried_whole(self) -> None:
+        """The same InvalidParameterValue in a 5xx is the server's failure: a ServerError to
+        retry with every id, not an id to drop (the batch split, the id marked invalid)."""
+        requested = ["9791186701072", "B000000001"]
+        with pytest.raises(ServerError) as info:
+            DIALECT.parse_get_items(response(500, MALFORMED_CAPTURE), requested)
+        assert not isinstance(info.value, InvalidItemIdsError)
+        assert offending_ids(info.value) == ()
+
     def test_item_id_wording(self) -> None:
         """'The ItemId B0... provided in the request is invalid.' in a 400 names that id."""
         body = envelope(
