@@ -2495,3 +2495,18 @@ def test_an_output_path_longer_than_sqlite_takes(
     assert "longer than the 504 bytes SQLite can open; choose a shorter path" in err
     assert "--out a shorter name" not in err
     assert not (folder / "x.jsonl.ledger").exists()
+
+
+def test_commands_run_with_a_larger_young_generation_and_restore_it() -> None:
+    """A command's event loop runs with the garbage collector's youngest generation at
+    10,000 objects (700 made full collections stall big jobs' loops), and the process's
+    own thresholds come back when it ends (cli.main may run inside another program)."""
+    import gc
+
+    before = gc.get_threshold()
+
+    async def seen() -> int:
+        return gc.get_threshold()[0]
+
+    assert cli._run_loop(seen()) == 10_000
+    assert gc.get_threshold() == before
