@@ -15,7 +15,6 @@ import io
 import math
 import os
 import signal
-import stat
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from broker.stdio import (
     stdout_failure,
     write_stdout,
 )
+from broker.wholefile import write_whole
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -700,7 +700,7 @@ def _init(given: str, *, force: bool) -> int:
         return ExitCode.USAGE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_whole(path, template)
+        write_whole(path, template)
     except (FileExistsError, NotADirectoryError):
         # A file where a directory of the path should be ("File exists" said nothing useful).
         print(
@@ -722,26 +722,6 @@ def _init(given: str, *, force: bool) -> int:
         file=sys.stderr,
     )
     return ExitCode.OK
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a copy beside it, then renamed over
-    it, so that a run starting meanwhile (``init --force`` on a config in use) reads the
-    old file or the new one, never an empty or half-written one. A symbolic link stays a
-    link; an existing file keeps its mode."""
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _shared_account_warnings(config: BrokerConfig) -> list[str]:

@@ -46,6 +46,7 @@ __all__ = [
     "replaced",
     "rollback_journal",
     "state_dir",
+    "still_at",
 ]
 
 #: Pause between attempts while another process holds the lock.
@@ -100,6 +101,15 @@ def file_identity(path: Path | int) -> tuple[int, int]:
     """
     info = os.stat(path)
     return info.st_dev, info.st_ino
+
+
+def still_at(path: Path, identity: tuple[int, int]) -> bool:
+    """True while the file of ``identity`` is the one at ``path`` (not moved, deleted or
+    replaced since it was opened)."""
+    try:
+        return file_identity(path) == identity
+    except FileNotFoundError:
+        return False
 
 
 def replaced(path: Path, identity: tuple[int, int]) -> bool:

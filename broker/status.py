@@ -25,6 +25,7 @@ from broker.exitcode import ExitCode
 from broker.progname import prog
 from broker.sqlitewal import RefusedFileError, file_in_the_way, refuse_orphans
 from broker.state import KeyView, StateKey, local_state_path, open_store
+from broker.state.model import day_end_us
 from broker.stdio import print_json
 
 if TYPE_CHECKING:
@@ -110,9 +111,8 @@ def _status(view: KeyView, configured_tps: float) -> KeyStatus:
             state, reason = QUOTA_WAIT, f"another process's lower tpd ({limit}/day)"
         else:
             state, reason = QUOTA_WAIT, "daily quota spent"
-            until = _iso(
-                datetime.fromtimestamp((d.day + 1) * 86_400 + view.limits.reset_offset_s, UTC)
-            )
+            end_us = day_end_us(d.day, view.limits.reset_offset_s)
+            until = _iso(datetime.fromtimestamp(end_us / 1e6, UTC))
     elif d.paused_until_us:
         state, reason = "paused", d.pause_reason or None
         until = _iso(_at(d, d.paused_until_us))

@@ -58,7 +58,7 @@ from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import JobFileError
 from broker.jobs.sources import INVALID_ASIN
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error, file_identity, immediate
+from broker.sqlitewal import disk_error, file_identity, immediate, still_at
 
 if TYPE_CHECKING:
     from broker.jobs.sources import JobFingerprint, JobRow
@@ -813,13 +813,7 @@ class Ledger:
 
     def _check_in_place(self) -> None:
         """Raise if the ledger's file is no longer at its path (deleted, moved, replaced)."""
-        if self._identity is None:
-            return
-        try:
-            current: tuple[int, int] | None = file_identity(self._path)
-        except FileNotFoundError:
-            current = None
-        if current != self._identity:
+        if self._identity is not None and not still_at(self._path, self._identity):
             raise OSError(
                 errno.ENOENT,
                 f"{self._path} (the job's ledger) was moved, deleted or replaced while this "

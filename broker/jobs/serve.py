@@ -118,6 +118,7 @@ from broker.jobs.sinks import SINK_FORMATS
 from broker.logs import get_logger, logs_are_json
 from broker.progname import prog
 from broker.sqlitewal import journal_files, rollback_journal
+from broker.wholefile import write_whole
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheStats
@@ -284,9 +285,7 @@ def spool_name(name: str) -> str:
     """
     raw = os.fsencode(name)
     text = raw.decode("utf-8", "surrogateescape")
-    if not text.isascii() and (
-        not _UTF8_NAMES or any("\udc80" <= char <= "\udcff" for char in text)
-    ):
+    if not text.isascii():
         text = "".join(_escaped(char) for char in text)
     if len(text.encode("utf-8")) <= _MAX_NAME_BYTES:
         return text
@@ -832,20 +831,7 @@ def _say_recreated(made: Sequence[Path]) -> None:
 
 
 def _write_status(path: Path, status: Mapping[str, object]) -> None:
-    # A temporary name of its own: two daemons may write beside each other.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with temporary.open("w", encoding="utf-8") as stream:
-            json.dump(status, stream, ensure_ascii=False, indent=2)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        # A full disk: the partial copy would keep the space being freed, under a name no
-        # later run cleans up.
-        temporary.unlink(missing_ok=True)
-        raise
+    write_whole(path, json.dumps(status, ensure_ascii=False, indent=2) + "\n")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from broker.errors import JobFileError, describe
 from broker.jobs.ledger import DoneRow, SinkState, crash_point
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error, enable_wal, file_identity, held_error
+from broker.sqlitewal import disk_error, enable_wal, file_identity, held_error, still_at
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger
@@ -478,11 +478,7 @@ def _check_in_place(path: Path, identity: tuple[int, int] | None) -> None:
     """Raise if the output at ``path`` is no longer the file of ``identity`` (deleted, moved
     or replaced under the run): its rows would be reported written into a file nobody can
     find (the next open writes it again)."""
-    try:
-        current: tuple[int, int] | None = file_identity(path)
-    except FileNotFoundError:
-        current = None
-    if current != identity:
+    if identity is None or not still_at(path, identity):
         raise OSError(
             errno.ENOENT,
             f"{path} was deleted or replaced while this run wrote it; run again: it is "
