@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -303,6 +305,26 @@ def sighup_at_default() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def wait_for_stop_handlers(proc: subprocess.Popen[str], *, within_s: float = 60) -> None:
+    """Wait until a ``run``, ``lookup`` or ``serve`` started in ``proc`` catches its stop
+    signals, so a test's signal reaches the command instead of killing the interpreter as it
+    starts (a fixed sleep was too short on a loaded machine, too long on an idle one).
+
+    Read from Linux's ``/proc/PID/status``: SIGTERM caught, which Python itself leaves at
+    its default (SIGINT it catches from the start); the command installs its handlers for
+    SIGINT, SIGTERM and SIGHUP at once. Fails if the process ends first.
+    """
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.monotonic() + within_s
+    while True:
+        assert proc.poll() is None, "the process ended before it caught its stop signals"
+        masks = dict(line.split(":", 1) for line in status.read_text().splitlines())
+        if int(masks["SigCgt"], 16) >> (signal.SIGTERM - 1) & 1:
+            return
+        assert time.monotonic() < deadline, f"no stop handlers within {within_s} s"
+        time.sleep(0.02)
 
 
 def pytest_configure(config: pytest.Config) -> None:

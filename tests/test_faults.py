@@ -325,12 +325,15 @@ class TestB2QuotaExhausted:
         with pytest.raises(TimeoutError, match="fake time limit"):
             await drive(clock, task, transport, limit_s=3600.0)
         assert not task.done()  # waiting for the daily reset
-        await asyncio.sleep(1.5)  # the runner commits on the real clock, once a second
-        statuses = _ledger_statuses(out)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         served = sim.stats.accounts["demo"].items_served
         assert served > 0
+        # The runner commits on the real clock, once a second.
+        deadline = time.monotonic() + 5
+        while (statuses := _ledger_statuses(out)).get("ok") != served:
+            assert time.monotonic() < deadline, statuses
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         assert statuses["ok"] == served  # every answer of the day so far is in the ledger
         assert len(_rows(out)) == served  # ... and in the output
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import embedded_toml, sighup_at_default
+from conftest import embedded_toml, sighup_at_default, wait_for_stop_handlers
 
 from broker.jobs.signals import (
     ECHO_S,
@@ -173,9 +173,13 @@ class TestUvForwardedSigint:
             text=True,
         )
         try:
-            time.sleep(3)  # 400 rows at 5 requests a second: the run is far from done
+            # Rows reach stdout only at the end: a second of sending (400 rows at 5 requests
+            # a second are far from done) leaves some to write.
+            started = _read_until_started(proc)
+            time.sleep(1)
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=60)
+            err = started + err
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -200,9 +204,13 @@ class TestUvForwardedSigint:
                 command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         try:
-            time.sleep(3)  # 400 ids at 5 requests a second: far from done
+            # Answers printed only at the end: a second of sending (400 ids at 5 requests a
+            # second are far from done) leaves some to print.
+            started = _read_until_started(proc)
+            time.sleep(1)
             proc.send_signal(sig)
             out, err = proc.communicate(timeout=60)
+            err = started + err
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -244,7 +252,7 @@ class TestJobOnStdin:
                 )
             os.close(read)
             try:
-                time.sleep(3)  # started, and reading its stdin
+                wait_for_stop_handlers(proc)  # reading its stdin, or about to
                 proc.send_signal(sig)
                 _, err = proc.communicate(timeout=30)
             finally:
@@ -294,6 +302,19 @@ def _signal_a_run(
 
 
 _SLOW_CONFIG = embedded_toml(tps=5.0, engine="queue_size = 20")
+
+
+def _read_until_started(proc: subprocess.Popen[str]) -> str:
+    """Read ``proc``'s stderr (JSON logs) up to its ``broker.started`` event: the command
+    caught its stop signals and is sending. The lines read, for the test's messages."""
+    wait_for_stop_handlers(proc)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if '"broker.started"' in line:
+            return "".join(lines)
+    raise AssertionError(f"stderr ended before broker.started: {''.join(lines)[-2000:]}")
 
 
 def _signalled_while_parsing(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
