@@ -112,6 +112,14 @@ def emit(ledger: Ledger, sink: ResultSink, *, batch: int = 3) -> SinkState:
     return state
 
 
+def emit_closed(ledger: Ledger, sink: ResultSink, *, batch: int = 3) -> SinkState:
+    """:func:`emit`, then close ``sink``, as the runner does at the end of a run."""
+    try:
+        return emit(ledger, sink, batch=batch)
+    finally:
+        sink.close()
+
+
 def expected_lines(ledger: Ledger) -> list[dict[str, object]]:
     """Every output row the job should produce, in done_order."""
     return [output_row(row) for row in ledger.done_rows_after(0, limit=10_000)]
@@ -225,7 +233,7 @@ class TestJsonlSink:
                 sink.close()
             assert resumed == SinkState(0, 0)
             assert [e["event"] for e in logs] == ["broker.output_rewritten"]
-            emit(ledger, JsonlSink(out))
+            emit_closed(ledger, JsonlSink(out))
             assert jsonl(out) == expected_lines(ledger)
 
     @pytest.mark.parametrize("fmt", ["jsonl", "csv", "sqlite"])
@@ -259,7 +267,7 @@ class TestJsonlSink:
             with open(out, "ab") as stream:
                 stream.write(b'{"line":9,"input":"B0000')
             recorded = ledger.sink_state("out")
-            state = emit(ledger, JsonlSink(out))
+            state = emit_closed(ledger, JsonlSink(out))
             expected = expected_lines(ledger)
         assert recorded.done_order == 4
         assert jsonl(out) == expected
@@ -303,7 +311,7 @@ class TestJsonlSink:
                 sink.flush()
             assert ("cut" if damage == "cut" else "deleted") in str(caught.value)
             sink.close()
-            state = emit(ledger, open_sink(fmt, out))
+            state = emit_closed(ledger, open_sink(fmt, out))
             expected = expected_lines(ledger)
         assert b"\0" not in out.read_bytes()
         if fmt == "jsonl":
@@ -327,17 +335,17 @@ class TestJsonlSink:
             resumed = sink.open(ledger.sink_state("out"))
             assert resumed == SinkState()  # which rows the rest holds cannot be known
             sink.close()
-            emit(ledger, JsonlSink(out))
+            emit_closed(ledger, JsonlSink(out))
         assert out.read_bytes() == original
 
     def test_deleted_file_is_rewritten(self, tmp_path: Path) -> None:
         """A deleted output is written again in full from the ledger."""
         out = tmp_path / "out.jsonl"
         with make_ledger(tmp_path) as ledger:
-            emit(ledger, JsonlSink(out))
+            emit_closed(ledger, JsonlSink(out))
             original = out.read_bytes()
             out.unlink()
-            emit(ledger, JsonlSink(out))
+            emit_closed(ledger, JsonlSink(out))
         assert out.read_bytes() == original
 
     def test_fresh_state_empties_an_old_file(self, tmp_path: Path) -> None:
@@ -345,7 +353,7 @@ class TestJsonlSink:
         out = tmp_path / "out.jsonl"
         out.write_text('{"line":1}\n{"line":2}\n')
         with make_ledger(tmp_path) as ledger:
-            emit(ledger, JsonlSink(out))
+            emit_closed(ledger, JsonlSink(out))
             assert jsonl(out) == expected_lines(ledger)
 
     def test_rows_out_of_sequence_are_refused(self, tmp_path: Path) -> None:
@@ -401,7 +409,7 @@ class TestJsonlSink:
             assert again.value.errno == errno.ENOSPC
             sink.close()
             monkeypatch.undo()
-            emit(ledger, JsonlSink(out))
+            emit_closed(ledger, JsonlSink(out))
             assert jsonl(out) == expected_lines(ledger)
 
     def test_a7_fsync_failure_leaves_state_unadvanced(
@@ -462,7 +470,7 @@ class TestCsvSink:
         """Fixed header, RFC 4180 quoting of commas, quotes and line breaks; parses back."""
         out = tmp_path / "out.csv"
         with make_ledger(tmp_path) as ledger:
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
         data = out.read_bytes()
         assert data.startswith(
             b"line,input,asin,marketplace,status,title,price,currency,availability,"
@@ -486,7 +494,7 @@ class TestCsvSink:
         """A5: a CSV cut inside a quoted cell that spans lines resumes on record boundaries."""
         out = tmp_path / "out.csv"
         with make_ledger(tmp_path) as ledger:
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
             original = out.read_bytes()
             # Cut right after the line break inside row 1's quoted input cell.
             out.write_bytes(original[: original.index(b"second line")])
@@ -494,7 +502,7 @@ class TestCsvSink:
             resumed = sink.open(ledger.sink_state("out"))
             sink.close()
             assert resumed.done_order == 0  # only the header was complete
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
         assert out.read_bytes() == original
 
     def test_an_older_brokers_columns_are_written_again_under_ours(self, tmp_path: Path) -> None:
@@ -504,7 +512,7 @@ class TestCsvSink:
         wrong name, and the run said ok."""
         out = tmp_path / "out.csv"
         with make_ledger(tmp_path) as ledger:
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
             original = out.read_bytes()
             dropped = {CSV_COLUMNS.index("image_url"), CSV_COLUMNS.index("cached")}
             table = list(csv.reader(io.StringIO(original.decode("utf-8"), newline="")))
@@ -518,7 +526,7 @@ class TestCsvSink:
             resumed = sink.open(ledger.sink_state("out"))
             sink.close()
             assert resumed.done_order == 0
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
         assert out.read_bytes() == original
 
     def test_empty_job_still_has_a_header(self, tmp_path: Path) -> None:
@@ -558,7 +566,7 @@ class TestCsvPassThrough:
         """A CSV job's extra columns follow ours; one that clashes gets an input_ prefix."""
         out = tmp_path / "out.csv"
         with csv_job_ledger(tmp_path) as ledger:
-            emit(ledger, CsvSink(out), batch=2)
+            emit_closed(ledger, CsvSink(out), batch=2)
         header = out.read_bytes().split(b"\r\n")[0].decode().split(",")
         assert header == [*CSV_COLUMNS, "sku", "input_title"]
         records = {int(r["line"]): r for r in csv_records(out)}
@@ -591,11 +599,11 @@ class TestCsvPassThrough:
         """A resumed output reads its pass-through columns back and writes the same layout."""
         out = tmp_path / "out.csv"
         with csv_job_ledger(tmp_path) as ledger:
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
             whole = out.read_bytes()
             last = whole.rstrip(b"\r\n").rfind(b"\r\n") + 2
             out.write_bytes(whole[:last])  # the last row lost (cut by hand)
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
         assert out.read_bytes() == whole
 
     def test_crash_before_the_first_flush_starts_over(self, tmp_path: Path) -> None:
@@ -606,7 +614,7 @@ class TestCsvPassThrough:
             ledger.set_sink_state("out", sink.open(ledger.sink_state("out")))
             sink.write(ledger.done_rows_after(0, limit=2))
             sink.close()  # no flush: the ledger still records the bare header
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
         records = csv_records(out)
         assert sorted(int(r["line"]) for r in records) == list(range(1, 7))
         assert list(records[0])[-2:] == ["sku", "input_title"]
@@ -615,7 +623,7 @@ class TestCsvPassThrough:
         """The summary's image_url fills the CSV image_url column (empty without one)."""
         out = tmp_path / "out.csv"
         with make_ledger(tmp_path, count=4) as ledger:
-            emit(ledger, CsvSink(out))
+            emit_closed(ledger, CsvSink(out))
         by_line = {int(r["line"]): r["image_url"] for r in csv_records(out)}
         assert by_line == {1: IMAGE, 2: IMAGE, 3: IMAGE, 4: ""}
 
@@ -752,7 +760,7 @@ class TestSqliteSink:
             with pytest.raises(OSError, match="an earlier write failed"):
                 sink.flush()
             sink.close()
-            state = emit(ledger, SqliteSink(out))
+            state = emit_closed(ledger, SqliteSink(out))
         assert state == SinkState(0, 10)
         assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
 
@@ -783,7 +791,7 @@ class TestSqliteSink:
             monkeypatch.undo()
             sink.close()
             assert ledger.sink_state("out") == SinkState()
-            state = emit(ledger, SqliteSink(out))
+            state = emit_closed(ledger, SqliteSink(out))
         assert state == SinkState(0, 10)
         assert [seq for seq, *_ in sqlite_rows(out)] == list(range(10))
 

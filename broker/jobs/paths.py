@@ -471,7 +471,22 @@ def name_too_long_hint(exc: OSError) -> str:
 
 
 def _same(path: Path) -> Path:
+    """``path`` resolved (as far as it exists: an output not made yet); a loop of symbolic
+    links is an ``OSError`` (ELOOP) naming ``path`` as given, on every Python: 3.11 and 3.12
+    raise ``RuntimeError`` for one, and 3.13's non-strict ``resolve()`` leaves it as it is,
+    which let the run go on to fail on the job file with advice about its permissions."""
+    full = path.expanduser()
     try:
-        return path.expanduser().resolve()
-    except RuntimeError as exc:  # Python 3.11's resolve() on a loop of symbolic links
-        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from exc
+        return full.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        if not isinstance(exc, OSError) or exc.errno == errno.ELOOP:
+            raise _loop(path) from exc
+    try:
+        # Not made yet, or a part of it may not be looked at: resolved as far as it goes.
+        return full.resolve()
+    except RuntimeError as exc:
+        raise _loop(path) from exc
+
+
+def _loop(path: Path) -> OSError:
+    return OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
