@@ -503,6 +503,22 @@ def test_messages_name_the_command_typed(tmp_path: Path, script: str) -> None:
 
 
 class TestRunPaths:
+    @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")
+    def test_a_job_file_that_fails_to_read_is_named_as_the_job(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A job file whose read fails (EIO: a failing disk, a network mount that dropped;
+        here /proc/self/mem, which opens but cannot be read from its start) exits 66 naming
+        the job file, without advice about its permissions; it said "cannot write:
+        Input/output error" (74), which sent the user to look at the output's disk."""
+        job = tmp_path / "job.txt"
+        job.symlink_to("/proc/self/mem")
+        code = cli.main(["run", str(job), "--config", str(_config(tmp_path))])
+        err = capsys.readouterr().err
+        assert code == ExitCode.NO_INPUT, err
+        assert f"cannot read the job file {job}: Input/output error\n" in err
+        assert "cannot write" not in err
+
     def test_out_naming_the_job_is_refused_before_writing(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

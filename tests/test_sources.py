@@ -7,8 +7,10 @@ same cases through ``broker run``, and C8 (constant memory), are in tests/test_b
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -16,6 +18,7 @@ import re
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -969,6 +972,47 @@ class TestArguments:
             next(iterator)
         with pytest.raises(FileNotFoundError):
             count_rows(tmp_path / "missing.txt")
+
+
+class _FailsAfter(io.FileIO):
+    """A file whose reads fail with EIO (a failing disk, a network mount that dropped) once
+    its first ``good`` bytes are read."""
+
+    def __init__(self, path: Path, good: int) -> None:
+        super().__init__(path, "rb")
+        self._left = good
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        with memoryview(buffer) as view:
+            got = super().readinto(view[: self._left]) or 0
+        self._left -= got
+        return got
+
+
+class TestReadErrors:
+    @pytest.mark.parametrize("name", ["job.txt", "job.csv", "job.jsonl"])
+    @pytest.mark.parametrize("good", [0, 100, 5000])
+    def test_a_failed_read_names_the_job_file(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, good: int
+    ) -> None:
+        """A read that fails at the start or mid-file raises an OSError naming the job file
+        (a failed read names no file, and the run took it for a failure to write)."""
+        lines = [
+            f'{{"asin": "B0{i:08d}"}}' if name.endswith("jsonl") else f"B0{i:08d}"
+            for i in range(500)
+        ]
+        header = "asin\n" if name.endswith("csv") else ""
+        path = write(tmp_path, name, header + "\n".join(lines) + "\n")
+        monkeypatch.setattr(
+            sources, "open", lambda *_: io.BufferedReader(_FailsAfter(path, good)), raising=False
+        )
+        for read in (lambda: rows(path, format=name.rsplit(".")[1]), lambda: fingerprint(path)):
+            with pytest.raises(OSError, match="Input/output error") as failed:
+                read()
+            assert failed.value.errno == errno.EIO
+            assert Path(failed.value.filename).absolute() == path.absolute()
 
 
 class TestCountAndFingerprint:

@@ -1512,10 +1512,13 @@ def describe_failure(
     if isinstance(exc, JobFileError):
         return ExitCode.DATA_ERROR, str(exc)
     if isinstance(exc, OSError) and job is not None and is_about(exc, job):
-        return ExitCode.NO_INPUT, (
-            f"cannot read the job file {job}: {exc.strerror or exc}; make it readable by the "
-            "user the broker runs as"
+        # Only a refusal is the file's permissions (a failing disk, a loop of links is not).
+        advice = (
+            "; make it readable by the user the broker runs as"
+            if isinstance(exc, PermissionError)
+            else ""
         )
+        return ExitCode.NO_INPUT, f"cannot read the job file {job}: {exc.strerror or exc}{advice}"
     if isinstance(exc, OSError):
         return ExitCode.IO_ERROR, (
             f"cannot write: {os_error_text(exc)}{_where(exc.filename)}{name_too_long_hint(exc)}"

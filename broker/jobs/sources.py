@@ -48,7 +48,7 @@ import os
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, TypeAlias
@@ -345,7 +345,7 @@ def fingerprint(path: str | os.PathLike[str]) -> JobFingerprint:
         JobFileError: the file changed while it was being hashed (a producer still writing).
     """
     absolute = Path(path).absolute()
-    with open(absolute, "rb") as stream:
+    with open(absolute, "rb") as stream, _reading(absolute):
         before = os.fstat(stream.fileno())
         digest = hashlib.file_digest(stream, "sha256").hexdigest()
         after = os.fstat(stream.fileno())
@@ -460,7 +460,8 @@ def _open(stack: ExitStack, path: Path) -> tuple[io.BufferedIOBase, bool]:
     with LF endings, so it is not taken for one long line.
     """
     raw = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - the caller's stack closes it
-    head = raw.peek(2)[:2]
+    with _reading(path):
+        head = raw.peek(2)[:2]
     stream: io.BufferedIOBase = raw
     gzipped = head == _GZIP_MAGIC
     if gzipped:
@@ -598,6 +599,22 @@ def _lines(
         raise JobFileError(
             f"{path}: the gzip data is corrupt after line {lineno} ({exc}); {_gzip_remedy(path)}"
         ) from exc
+    except OSError:
+        with _reading(path):  # a read that failed names no file: the job's, then
+            raise
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Make a read error in the block name ``path``: a read that fails (EIO from a failing
+    disk, or a network mount that dropped) names no file, and was then taken for a failure
+    to write the output."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
 
 
 def _gzip_remedy(path: Path) -> str:
