@@ -1038,13 +1038,30 @@ class Daemon:
 
         While a job in processing/ waits for its second look as a dead sibling's, nothing
         new is claimed: taken first, a new job kept it waiting for the whole of its run.
+        Nor while one looks dead between two looks (its claim lock left, no one holding it):
+        a sibling killed just after a look would otherwise wait for the next job's run.
         """
         name = self._due_deferred(broker)
         if name is None and not self._at_deferral_cap():
             name = self._orphan()
-            if name is None and not self._unheld:
+            if name is None and not self._unheld and not self._looks_dead():
                 name = self._claim_next()
         return name
+
+    def _looks_dead(self) -> bool:
+        """True when a job in processing/ that is not deferred here has its claim lock file
+        with no daemon holding it, nor a run its ledger (a daemon of a version before claim
+        locks): its daemon died, or is in the instant of taking or dropping the lock; the
+        looks of :meth:`_orphan` tell which."""
+        format_ = self._config.output.format
+        for name in self.spool.claimed():
+            if name in self._deferred:
+                continue
+            job = self.spool.job(name, format_)
+            claim = job.claim_lock()
+            if claim.lock_path.exists() and not claim.held_elsewhere() and not _run_holds(job):
+                return True
+        return False
 
     def _at_deferral_cap(self) -> bool:
         """True while deferred jobs hold as many open files as the daemon allows them (said
