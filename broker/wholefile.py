@@ -2,30 +2,43 @@
 
 A config that ``broker init --force`` rewrites while a run starts, a spool job's status file
 another daemon reads: each is written to a copy beside it, flushed to disk, and renamed over
-the old one in one step. A crash or a full disk leaves the old file as it was, and no copy
-behind (its space would not come back when the user frees some).
+the old one in one step. A crash or a full disk leaves the old file as it was. A failed
+write removes its copy (its space would not come back when the user frees some); one killed
+mid-write (``kill -9``) leaves it, for the file's only writer to remove
+(:func:`copies_of`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["write_whole"]
+__all__ = ["copies_of", "copy_for", "write_whole"]
+
+
+def copy_for(path: Path) -> Path:
+    """A new name for a copy of ``path`` beside it: hidden, and of its own, so two processes
+    writing beside each other (daemons sharing a spool) never write into one copy."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def copies_of(path: Path) -> list[Path]:
+    """The copies of ``path`` that writes killed mid-way left beside it (and any under way)."""
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.{'[0-9a-f]' * 8}.tmp"))
 
 
 def write_whole(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` whole or not at all.
 
     A symbolic link stays a link (the file it names is replaced); an existing file keeps
-    its mode. The copy has a name of its own, so two processes writing beside each other
-    (daemons sharing a spool) never write into one copy.
+    its mode. The copy has a name of its own (:func:`copy_for`).
     """
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    temporary = copy_for(target)
     try:
         with temporary.open("w", encoding="utf-8") as stream:
             stream.write(text)

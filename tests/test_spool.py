@@ -13,6 +13,7 @@ import pytest
 from broker.errors import ConfigError
 from broker.jobs import serve
 from broker.jobs.serve import Spool, SpoolJob
+from broker.wholefile import copy_for
 
 
 @pytest.fixture(name="spool")
@@ -93,19 +94,36 @@ def _finished_job(spool: Spool, name: str, rows: str) -> SpoolJob:
 class TestFilingCrash:
     """A crash while a job is filed, then the job is filed again at the next start."""
 
-    @pytest.mark.parametrize("crash_at", ["status", "job file"])
+    @pytest.mark.parametrize("crash_at", ["status", "status copy", "marker copy", "job file"])
     def test_refiling_overwrites_the_leftovers_instead_of_a_second_copy(
         self, spool: Spool, monkeypatch: pytest.MonkeyPatch, crash_at: str
     ) -> None:
-        """The second filing takes the first one's name: done/ holds the job's rows once."""
+        """The second filing takes the first one's name: done/ holds the job's rows once,
+        and no hidden copy a status write killed mid-way left (it stayed there for good)."""
         job = _finished_job(spool, "crash.txt", '{"asin": "B000000001"}\n')
         crash: Callable[..., None]
 
         def crash(*args: object, **kwargs: object) -> None:
             raise SystemExit("killed")
 
+        def killed_writing(path: Path, status: object, **options: object) -> None:
+            # As a kill -9 in write_whole leaves it: the copy, never renamed nor removed.
+            copy_for(path).write_text('{"job": "cra')
+            raise SystemExit("killed")
+
         if crash_at == "status":
             monkeypatch.setattr(serve, "_write_status", crash)
+        elif crash_at == "status copy":
+            real = serve._write_status
+
+            def status_killed(path: Path, status: object, **options: object) -> None:
+                if path.name.endswith(".status.json"):
+                    killed_writing(path, status)
+                real(path, status, **options)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(serve, "_write_status", status_killed)
+        elif crash_at == "marker copy":
+            monkeypatch.setattr(serve, "_write_status", killed_writing)
         else:
             monkeypatch.setattr(serve.os, "replace", _failing_for(job.path, crash))
         with pytest.raises(SystemExit):

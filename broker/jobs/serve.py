@@ -118,7 +118,7 @@ from broker.jobs.sinks import SINK_FORMATS
 from broker.logs import get_logger, logs_are_json
 from broker.progname import prog
 from broker.sqlitewal import journal_files, rollback_journal
-from broker.wholefile import write_whole
+from broker.wholefile import copies_of, write_whole
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheStats
@@ -687,7 +687,7 @@ class Spool:
         record["invalid_report"] = _move(
             job.invalid_report, dest, f"{base}.out.{job.format}.invalid.jsonl"
         )
-        _write_status(dest / f"{base}.status.json", record)
+        _write_status(dest / f"{base}.status.json", record, only_writer=True)
         os.replace(job.path, dest / base)
         _fsync_dir(dest)
         _fsync_dir(self.processing)
@@ -727,7 +727,7 @@ class Spool:
             for left in _filing_files(self.root / where, name):
                 left.unlink(missing_ok=True)
         base = _free_name(dest, job.name)
-        _write_status(marker, {"dest": dest.name, "name": base, "file": identity})
+        _write_status(marker, {"dest": dest.name, "name": base, "file": identity}, only_writer=True)
         return base
 
 
@@ -830,7 +830,13 @@ def _say_recreated(made: Sequence[Path]) -> None:
     )
 
 
-def _write_status(path: Path, status: Mapping[str, object]) -> None:
+def _write_status(path: Path, status: Mapping[str, object], *, only_writer: bool = False) -> None:
+    """Write a status (or filing marker) file whole. ``only_writer``: this daemon holds the
+    job's claim, so copies of the file beside it are a killed filing's (they were left in
+    done/ for good), not a sibling's write under way (two daemons refusing one entry)."""
+    if only_writer:
+        for left in copies_of(path):
+            left.unlink(missing_ok=True)
     write_whole(path, json.dumps(status, ensure_ascii=False, indent=2) + "\n")
 
 
