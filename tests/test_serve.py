@@ -618,6 +618,28 @@ class TestResume:
         assert partial <= status["resumed_rows"] < 25
         assert os.listdir(spool / "processing") == []
 
+    async def test_a_job_file_changed_while_the_daemon_was_down_gets_the_spools_advice(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A job file that grew between a stop and the next start (a producer writing it in
+        place) is filed in failed/ with the spool's advice, as one that changes while it
+        runs: move it back into inbox/. It got broker run's ("run with --new-job ...,
+        --refresh ..., or restore the original to resume"), none of which a daemon has."""
+        slow = _config(tps=10.0, batch_size=1)
+        first = await start(slow)
+        _drop(spool, "slow.txt", "\n".join(_asins(25, "B0SLOW")) + "\n")
+        out = spool / "processing" / "slow.txt.out.jsonl"
+        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
+        await first.stop()
+        job = spool / "processing" / "slow.txt"
+        job.write_text(job.read_text() + "\n".join(_asins(5, "B0MORE")) + "\n")
+        await start(slow)
+        status = await _filed(spool, "slow.txt", "failed")
+        assert status["exit_code"] == ExitCode.DATA_ERROR
+        assert "move the job back into inbox/" in status["error"]
+        assert "--new-job" not in status["error"]
+        assert "--refresh" not in status["error"]
+
     async def test_a_job_stopped_under_other_settings_starts_over_under_the_new(
         self, start: Start, spool: Path
     ) -> None:

@@ -70,6 +70,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Counts",
     "DoneRow",
+    "JobFileChangedError",
     "JobMismatchError",
     "JobSettingsChangedError",
     "Ledger",
@@ -221,6 +222,19 @@ class JobMismatchError(JobFileError):
 class OtherJobsOutputError(JobMismatchError):
     """The output (and its ledger) is another job file's: its rows are that job's, not
     this run's, and a message must not count them as this job's."""
+
+
+class JobFileChangedError(JobMismatchError):
+    """The job file is not the one the job started on: it changed since (grew, shrank, or
+    was edited) while no run was reading it.
+
+    Attributes:
+        change: what changed, in words ("grew by 55 bytes (now 330 bytes)").
+    """
+
+    def __init__(self, message: str, *, change: str) -> None:
+        super().__init__(message)
+        self.change = change
 
 
 class JobSettingsChangedError(JobMismatchError):
@@ -575,10 +589,12 @@ class Ledger:
                     f"{fingerprint.path} an output of its own with --out, or run with "
                     "--new-job to replace that job's output."
                 )
-            raise JobMismatchError(
-                f"{fingerprint.path} {_what_changed(self._meta_int('job_size'), fingerprint.size)} "
-                "since this job started: run with --new-job to start over on the new file, "
-                "--refresh to fetch it beside this output, or restore the original to resume."
+            change = _what_changed(self._meta_int("job_size"), fingerprint.size)
+            raise JobFileChangedError(
+                f"{fingerprint.path} {change} since this job started: run with --new-job to "
+                "start over on the new file, --refresh to fetch it beside this output, or "
+                "restore the original to resume.",
+                change=change,
             )
         stored = self._meta("default_marketplace")
         if stored != default_marketplace:

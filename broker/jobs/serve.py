@@ -93,7 +93,7 @@ from broker.client import Broker
 from broker.clock import Clock, LoopClock
 from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKeyError
 from broker.exitcode import ExitCode
-from broker.jobs.ledger import JobSettingsChangedError, read_tally
+from broker.jobs.ledger import JobFileChangedError, JobSettingsChangedError, read_tally
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.metrics_http import JobRows, MetricsServer, SpoolSnapshot, check_host
 from broker.jobs.paths import ledger_path, report_path
@@ -1408,6 +1408,12 @@ class Daemon:
             if not self._fail_changed(job, before_stat):
                 self._fail(job, exc)  # changed and changed back: still refused
             return
+        except JobFileChangedError as exc:
+            # Changed while no daemon ran it (a producer writing it in place): the same
+            # advice as for a change while it runs, not broker run's --new-job or --refresh.
+            message = _changed_message(f"{exc.change} since the job started")
+            self._fail_message(job, message, ExitCode.DATA_ERROR)
+            return
         except JobFileError as exc:
             self._fail(job, exc)
             return
@@ -1490,11 +1496,9 @@ class Daemon:
             return True
         if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
             return False
-        message = (
-            f"the job file changed while the job ran ({before.st_size} bytes when it "
-            f"started, {after.st_size} now): it was still being written, so rows may "
-            "be missing. Producers should write name.tmp and rename it into inbox/; move "
-            "the job back into inbox/ to run it again"
+        message = _changed_message(
+            f"changed while the job ran ({before.st_size} bytes when it started, "
+            f"{after.st_size} now)"
         )
         self._fail_message(job, message, ExitCode.DATA_ERROR)
         return True
@@ -1723,6 +1727,15 @@ class Daemon:
             rows_by_status=dict(self._rows),
             jobs=tuple(jobs),
         )
+
+
+def _changed_message(change: str) -> str:
+    """A failed job's message for a job file that changed (``change`` says how and when)."""
+    return (
+        f"the job file {change}: it was still being written, so rows may be missing. "
+        "Producers should write name.tmp and rename it into inbox/; move the job back into "
+        "inbox/ to run it again"
+    )
 
 
 def stops_daemon(exc: NoUsableKeyError, keys: Sequence[KeySnapshot]) -> bool:
