@@ -154,6 +154,35 @@ class TestFilingCrash:
         assert (spool.done / "x.txt.out.jsonl").read_text() == "first\n"
 
 
+def test_a_job_resumed_after_a_filing_crash_keeps_its_name_while_it_runs(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filing cut short after the output moved into done/: while the job runs again, its
+    name in done/ (its /metrics label) is the one it is filed under, not a "-2" one its own
+    moved output seemed to take."""
+    job = _finished_job(spool, "big.txt", '{"asin": "B000000001"}\n')
+    assert spool.done_name(job) == "big.txt"
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise SystemExit("killed")
+
+    real = serve._write_status
+
+    def status_killed(path: Path, status: object, **options: object) -> None:
+        if path.name.endswith(".status.json"):
+            crash()
+        real(path, status, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serve, "_write_status", status_killed)
+    with pytest.raises(SystemExit):
+        spool.file(job, "done", {"job": "big.txt", "outcome": "done"})
+    monkeypatch.undo()
+    assert (spool.done / "big.txt.out.jsonl").exists()
+    assert spool.done_name(job) == "big.txt"
+    job.out.write_text('{"asin": "B000000001"}\n')
+    assert spool.file(job, "done", {"job": "big.txt", "outcome": "done"}).name == "big.txt"
+
+
 def _failing_for(target: Path, crash: Callable[..., None]) -> Callable[..., None]:
     """``os.replace`` that crashes when it would move ``target``."""
     real = serve.os.replace

@@ -705,30 +705,48 @@ class Spool:
         completed, is ignored, and nothing of that filing is touched. Without a marker of
         this job, the first free name.
         """
-        marker = job.filing_marker
         # The inode alone: a device number may change across the restart that follows a
         # crash (network file systems, a volume mounted on another node).
         identity = os.stat(job.path).st_ino
-        try:
-            before = json.loads(marker.read_text(encoding="utf-8"))
-            where, name, ours = str(before["dest"]), str(before["name"]), before["file"]
-        except (OSError, ValueError, KeyError, TypeError):
-            where = name = ""
-            ours = None
-        if (
-            name
-            and ours == identity
-            and where in (self.done.name, self.failed.name)
-            and not (self.root / where / name).exists()
-        ):
+        marked = self._marked(job, identity)
+        if marked is not None:
+            where, name = marked
             if where == dest.name:
                 return name
             # Filed elsewhere before the crash (the job's outcome changed): drop that try.
             for left in _filing_files(self.root / where, name):
                 left.unlink(missing_ok=True)
         base = _free_name(dest, job.name)
-        _write_status(marker, {"dest": dest.name, "name": base, "file": identity}, only_writer=True)
+        marker = {"dest": dest.name, "name": base, "file": identity}
+        _write_status(job.filing_marker, marker, only_writer=True)
         return base
+
+    def _marked(self, job: SpoolJob, identity: int) -> tuple[str, str] | None:
+        """(folder, name) of the filing of ``job`` (its file's inode ``identity``) that a
+        crash cut short, from its filing marker; None if there is none."""
+        try:
+            before = json.loads(job.filing_marker.read_text(encoding="utf-8"))
+            where, name, ours = str(before["dest"]), str(before["name"]), before["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if (
+            name
+            and ours == identity
+            and where in (self.done.name, self.failed.name)
+            and not (self.root / where / name).exists()
+        ):
+            return where, name
+        return None
+
+    def done_name(self, job: SpoolJob) -> str:
+        """The name ``job`` would be filed under in ``done/`` now, without filing it: the
+        name of its filing a crash cut short there (its outputs already moved in), else the
+        first free one. Its ``/metrics`` label while it runs."""
+        with contextlib.suppress(OSError):
+            marked = self._marked(job, os.stat(job.path).st_ino)
+            if marked is not None and marked[0] == self.done.name:
+                return marked[1]
+        return _free_name(self.done, job.name)
 
 
 def _filing_files(directory: Path, name: str) -> list[Path]:
@@ -1696,8 +1714,7 @@ class Daemon:
             # Counted as they are written: a job dropped or stopped later keeps them counted.
             self._count_rows(live)
             # The name it will be filed under, so it never repeats a finished job's label.
-            label = _free_name(self.spool.done, self._current.name)
-            jobs.append(JobRows(label, live))
+            jobs.append(JobRows(self.spool.done_name(self._current), live))
         # Jobs waiting for their keys' daily quota are not finished either (the first few:
         # each is a label set of its own).
         for name, deferral in itertools.islice(self._deferred.items(), _RECENT_JOBS):
