@@ -58,6 +58,32 @@ class TestJobRows:
         assert cli.main(argv) == ExitCode.SOME_FAILED
         err = capsys.readouterr().err
         assert "add a partner tag for www.amazon.de to a key" in err
+        # A tag added starts the item cache afresh (the tags are in its namespace).
+        assert "then --new-job fetches every row again." in err
+
+    @pytest.mark.parametrize("cache", ["on", "off"])
+    def test_a_rerun_says_what_new_job_would_ask_amazon_for(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str
+    ) -> None:
+        """A rerun of a finished job with failed rows says --new-job fetches the failed and
+        not-found rows, the item cache answering the rest; without an item cache, every row.
+        It said "for them only" in both cases, and the hunt's --new-job sent 370 requests."""
+        faults = "\n[retry]\nmax_attempts = 1\n\n[simulator.faults]\nerror_500 = 1.0\n"
+        config = _config(tmp_path, _CONFIG + faults)
+        job = tmp_path / "j.txt"
+        job.write_text("".join(f"B0C12345{i:02d}\n" for i in range(8)))
+        argv = ["run", str(job), "--config", str(config), "--out", str(tmp_path / "out.jsonl")]
+        argv += ["--progress", "none", *(["--no-cache"] if cache == "off" else [])]
+        assert cli.main(argv) == ExitCode.SOME_FAILED
+        capsys.readouterr()
+        assert cli.main(argv) == ExitCode.SOME_FAILED
+        err = capsys.readouterr().err
+        assert "8 rows failed: --new-job fetches" in err
+        if cache == "on":
+            assert "the item cache answering every row it holds an ok answer for" in err
+            assert "the failed and not-found rows go to Amazon" in err
+        else:
+            assert "failed: --new-job fetches every row again." in err
 
     def test_every_spelling_runs_and_bad_rows_do_not_stop_the_job(self, tmp_path: Path) -> None:
         """US, amazon.com, default, UK: ok; an unserved store failed, unknown invalid; exit 3."""

@@ -360,9 +360,12 @@ def _complete_message(
     options: JobOptions,
     counts: Counts,
     causes: Sequence[tuple[str, str, int]],
+    *,
+    cache_on: bool,
 ) -> str:
     """What a rerun of a finished job tells the user: complete, when, how to fetch again
-    (``causes``: the failed rows by code and marketplace, as the summary has them)."""
+    (``causes``: the failed rows by code and marketplace, as the summary has them;
+    ``cache_on``: this run reads the item cache)."""
     total = counts.total
     fetched = ledger.fetched_range()
     when = ""
@@ -380,11 +383,16 @@ def _complete_message(
         if unsent
         else ""
     )
+    if unsent or not cache_on:
+        # A tag added starts the item cache afresh: the keys' tags are in its namespace.
+        again = "--new-job fetches every row again"
+    else:
+        again = (
+            "--new-job fetches the job again, the item cache answering every row it holds an "
+            "ok answer for (within its max age): the failed and not-found rows go to Amazon"
+        )
     retry = (
-        f" {failed} {'row' if failed == 1 else 'rows'} failed: {first}--new-job asks Amazon "
-        "again for them only (the item cache answers the rest, within its max age)."
-        if failed
-        else ""
+        f" {failed} {'row' if failed == 1 else 'rows'} failed: {first}{again}." if failed else ""
     )
     return (
         f"{options.job}: this job is already complete ({total} {'row' if total == 1 else 'rows'}"
@@ -528,10 +536,24 @@ async def _run_once(
         if resumed_complete and not ordering_stopped:
             # In a thread: it reads every result's time (seconds for a million).
             summary.already_complete = await _in_thread(
-                functools.partial(_complete_message, ledger, options, counts, summary.failed_causes)
+                functools.partial(
+                    _complete_message,
+                    ledger,
+                    options,
+                    counts,
+                    summary.failed_causes,
+                    cache_on=_cache_on(config, options),
+                )
             )
     summary.wall_s = time.monotonic() - started
     return summary
+
+
+def _cache_on(config: BrokerConfig, options: JobOptions) -> bool:
+    """Whether the run has an item cache (``[cache]``, not ``--no-cache``)."""
+    return cache_policy(
+        config.cache, default_max_age_s=RUN_MAX_AGE_S, max_age_s=options.cache_max_age_s
+    ).enabled
 
 
 async def _output(
@@ -584,9 +606,7 @@ async def _output(
             # so two jobs on one key count each other's requests.
             # A refresh writes the new answers to the cache, when there is one to write to
             # (--refresh --no-cache only runs the job again).
-            cache_on = cache_policy(
-                config.cache, default_max_age_s=RUN_MAX_AGE_S, max_age_s=options.cache_max_age_s
-            ).enabled
+            cache_on = _cache_on(config, options)
             own = broker or Broker(
                 config,
                 cache_default_max_age_s=RUN_MAX_AGE_S,
