@@ -113,15 +113,16 @@ _BOUND_SHARE = 0.02
 _BOUND_FRACTION = 0.97
 
 
-def burst1_bound_pct(true_tps: float) -> float:
-    """The best utilisation (%) any evenly paced client gets from a strict server at 2 % 429s.
+def burst1_bound_pct(true_tps: float, share_429: float = _BOUND_SHARE) -> float:
+    """The best utilisation (%) any evenly paced client gets from a strict server at a 429
+    share of ``share_429`` (2 %: the target's).
 
     Arrival jitter is Exp(b) per request (``LATENCY``), so two arrivals sent ``T`` apart are
     ``T`` plus a Laplace(0, b) apart; derived in benchmarks/README.md ("The burst-1 bound"):
     ``U = (1 - p) / (1 + R * b * ln(1 / (2p)))``: 84.4 % at 5 TPS, 94.9 % at 1 TPS.
     """
     b = float(LATENCY["exp_mean_ms"]) / 1000.0
-    p = _BOUND_SHARE
+    p = share_429
     return 100.0 * (1.0 - p) / (1.0 + true_tps * b * math.log(1.0 / (2.0 * p)))
 
 

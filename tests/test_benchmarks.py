@@ -252,6 +252,18 @@ def test_pacer_precision_quick(tmp_path: Path) -> None:
     _written(tmp_path, "pacer_precision", body)
 
 
+def test_burst1_model_quick(tmp_path: Path) -> None:
+    """burst1_model.py reports the controller's steady state and its windows' scatter."""
+    body = _run("burst1_model.py", tmp_path, "--quick", "--trials", "3", "--steady", "120")
+    assert body["benchmark"] == "burst1_model"
+    results = body["results"]
+    assert results["bound_2pct"] == 84.41
+    assert 0 < results["steady"]["utilisation_pct"] < results["bound_2pct"]
+    assert results["windows"]["trials"] == 3
+    assert 0 <= results["windows"]["met"] <= 3
+    _written(tmp_path, "burst1_model", body)
+
+
 # -- helpers, in process ----------------------------------------------------------------------
 
 
@@ -273,6 +285,7 @@ def bench_modules(monkeypatch: pytest.MonkeyPatch) -> None:
         ("instructions", ["--small", "0"]),
         ("shared_key", ["--processes", "2", "0"]),
         ("pacer_precision", ["--seconds", "nan"]),
+        ("burst1_model", ["--trials", "0"]),
     ],
 )
 def test_a_zero_or_negative_window_or_count_is_refused(
