@@ -13,6 +13,7 @@ from broker.asin import (
     isbn13_to_isbn10,
     normalize_asin,
     plain_asin,
+    refuse_single_string,
 )
 
 
@@ -351,6 +352,18 @@ class TestUrls:
         assert verdict.asin is None
         assert verdict.reason is not None
         assert "short link" in verdict.reason
+
+
+@pytest.mark.parametrize("given", ["B000000001,B000000002", "B000000001, B000000002"])
+def test_a_comma_separated_string_for_many_ids_says_to_split_it(given: str) -> None:
+    """One string of comma-separated ids where a list is wanted (python-amazon-paapi's
+    ``get_items("A,B")``) is a TypeError saying to split it, not to use get_item."""
+    with pytest.raises(TypeError) as info:
+        refuse_single_string(given)
+    assert str(info.value) == (
+        "expected an iterable of ASINs, got one string of comma-separated ids; "
+        'split it: get_items(text.split(","))'
+    )
 
 
 class TestNormalize:

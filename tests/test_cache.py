@@ -9,7 +9,8 @@ import json
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,28 @@ class TestPolicy:
         ceiling" (a message contradicting itself)."""
         with pytest.raises(ConfigError, match=r"^.*86400\.0000001 s is above"):
             CachePolicy(max_age_s=86_400.0000001)
+
+    def test_offers_are_kept_an_hour_by_default(self) -> None:
+        """Unset, answers with prices are served up to 3,600 s old (the README's default),
+        whether the policy comes from config.toml, a CacheConfig or a CachePolicy, even
+        under the 86,400 s ceiling for everything else."""
+        doc = {
+            "api": {"protocol": "paapi5"},
+            "keys": [{"name": "k", "credential_id": "id", "partner_tags": {US: "t-20"}}],
+        }
+        assert parse_config(doc, environ={}).cache.offers_max_age_s == 3_600
+        assert CacheConfig().offers_max_age_s == 3_600
+        assert CachePolicy().offers_max_age_s == 3_600
+        day = CachePolicy(max_age_s=CEILING_S)
+        assert day.limit_s(CacheKey.of(US, "B000000001", OFFERS)) == 3_600
+        assert day.limit_s(CacheKey.of(US, "B000000001", TITLE)) == CEILING_S
+
+    def test_a_negative_byte_bound_is_refused(self) -> None:
+        """max_bytes = -1 is a ConfigError naming cache.max_bytes (0 is "no byte bound")."""
+        with pytest.raises(ConfigError) as info:
+            CachePolicy(max_bytes=-1)
+        assert (info.value.path, info.value.message) == ("cache.max_bytes", "must be >= 0, got -1")
+        assert CachePolicy(max_bytes=0).max_bytes == 0
 
     def test_config_table_refuses_ceiling(self) -> None:
         """``[cache] max_age_s = 90000`` in config.toml is refused at load with the rule."""
@@ -357,6 +380,28 @@ class TestServe:
         await cache.put_many([gone, ok("B000000001", clock)])
         assert (await cache.get_many([q("B000000001")]))[0] is not None
 
+    async def test_an_item_gone_then_back_in_one_batch_keeps_its_other_answers(
+        self, make: MakeCache, clock: FakeClock
+    ) -> None:
+        """Amazon's not_found then ok for an item in one put_many: the later answer wins, the
+        item is there, so the answer cached for another resource set of it is still served."""
+        cache = make()
+        features = ("itemInfo.features",)
+        await cache.put_many([ok("B000000001", clock, resources=features)])
+        await clock.advance(10)
+        gone = ItemResult(
+            "B000000001",
+            US,
+            Status.NOT_FOUND,
+            error=ErrorDetail("ItemNotAccessible", "gone", "none"),
+            fetched_at=clock.utcnow(),
+            query=q("B000000001"),
+        )
+        assert await cache.put_many([gone, ok("B000000001", clock)]) == 1
+        title, other = await cache.get_many([q("B000000001"), q("B000000001", features)])
+        assert title is not None
+        assert other is not None
+
     async def test_marketplace_and_resources_are_part_of_key(
         self, make: MakeCache, clock: FakeClock
     ) -> None:
@@ -482,6 +527,20 @@ class TestServe:
         assert (stats.hits, stats.misses, stats.requests_saved, stats.entries) == (12, 3, 1, 12)
         assert stats.bytes > 12 * 100
         assert stats.oldest_age_s == pytest.approx(5)
+
+    async def test_an_answer_stamped_ahead_has_age_zero(
+        self, make: MakeCache, clock: FakeClock
+    ) -> None:
+        """An answer stamped ahead of the clock, by less than the minute a store still keeps
+        (another machine's clock a little ahead), shows an oldest age of 0 in stats, never a
+        negative one."""
+        cache = make()
+        ahead = dataclasses.replace(
+            ok("B000000001", clock), fetched_at=clock.utcnow() + timedelta(seconds=30)
+        )
+        await cache.put_many([ahead])
+        stats = await cache.stats()
+        assert (stats.entries, stats.oldest_age_s) == (1, 0.0)
 
     async def test_sqlite_stats_read_an_index_not_the_payloads(
         self, tmp_path: Path, clock: FakeClock
@@ -793,6 +852,30 @@ def test_every_summary_field_survives_the_cache(clock: FakeClock) -> None:
     answer = dataclasses.replace(ok("B000000001", clock), summary=ItemSummary(**values))
     back = decode(encode(CacheKey.of(US, "B000000001", TITLE), answer), None)
     assert back.summary == answer.summary
+
+
+@pytest.fixture
+def local_time_five_hours_west() -> Iterator[None]:
+    """The process's local time zone is UTC-5 (TZ and tzset) for the test, then restored."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TZ", "EST+05")
+        time.tzset()
+        yield
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_five_hours_west")
+def test_a_naive_fetched_at_is_taken_as_utc(clock: FakeClock) -> None:
+    """A fetched_at without a time zone is read as UTC, as every time the broker keeps is,
+    not as local time: on a machine five hours west it would age five hours wrong."""
+    from broker.cache.entry import decode, encode
+
+    answer = ok("B000000001", clock)
+    assert answer.fetched_at is not None
+    naive = dataclasses.replace(answer, fetched_at=answer.fetched_at.replace(tzinfo=None))
+    key = CacheKey.of(US, "B000000001", TITLE)
+    assert encode(key, naive).fetched_at == answer.fetched_at.timestamp()
+    assert decode(encode(key, naive), None).fetched_at == answer.fetched_at
 
 
 class TestCommandLine:

@@ -151,6 +151,18 @@ class TestVersionAndInit:
         assert cli.main(["init", str(path), "--force"]) == ExitCode.OK
         assert path.read_text() != "mine"
 
+    def test_init_on_an_existing_file_says_to_pass_force(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``init`` on a file that exists is a usage error (2) whose one line says the file
+        exists and how to overwrite it, so the user knows what to do next."""
+        path = tmp_path / "config.toml"
+        path.write_text("mine")
+        assert cli.main(["init", str(path)]) == ExitCode.USAGE == 2
+        captured = capsys.readouterr()
+        assert f"{path} exists; pass --force to overwrite it" in captured.err
+        assert captured.out == ""
+
     def test_init_force_replaces_the_file_whole(self, tmp_path: Path) -> None:
         """``init --force`` puts a whole new file in place of the old one (a reader that
         opened the old one still reads it whole: a run starting meanwhile never reads an

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.api.resources import ITEM_RESOURCES
 from broker.client import simulator_settings
 from broker.config import TABLES, load_config, parse_config
 from broker.errors import ConfigError
@@ -349,6 +351,18 @@ class TestSmallMistakes:
         error = _error(_with("keys.0.partner_tags", {"www.amazon.com": tag}))
         assert error.path.startswith("keys[0].partner_tags")
 
+    def test_more_than_100_resources_refused(self) -> None:
+        """api.resources of 101 names Amazon knows (repeated) is refused saying Amazon takes
+        at most 100; 100 load."""
+        names = [*ITEM_RESOURCES * 3][:101]
+        error = _error(_with("api.resources", names))
+        assert (error.path, error.message) == (
+            "api.resources",
+            "Amazon accepts at most 100 resources",
+        )
+        hundred = parse_config(_with("api.resources", names[:100]), environ=ENV)
+        assert hundred.api.resources == tuple(names[:100])
+
     def test_partner_tag_is_stripped(self) -> None:
         """White space around a tag is dropped, as around other strings."""
         config = parse_config(_with("keys.0.partner_tags", {"US": " demo-20 "}), environ=ENV)
@@ -621,6 +635,23 @@ class TestEndpoints:
         assert "abc123" not in str(error)
 
 
+def _readme_defaults() -> dict[tuple[str, str], str]:
+    """The README's configuration table (table | key | default | meaning) as {(table, key):
+    default as written}; a row naming several keys gives each the default at its place."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| table | key | default | meaning |") + 2
+    stated: dict[tuple[str, str], str] = {}
+    table = ""
+    for line in itertools.takewhile(lambda row: row.startswith("|"), lines[start:]):
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        table = cells[0].strip("`") or table
+        keys = [key.strip("`") for key in cells[1].split(", ")]
+        values = cells[2].split(", ")
+        if len(keys) == len(values):
+            stated.update({(table, key): value for key, value in zip(keys, values, strict=True)})
+    return stated
+
+
 class TestDefaults:
     """Defaults and normalisation."""
 
@@ -689,6 +720,22 @@ class TestDefaults:
         error = _error(pasted)
         assert "holds ',' (a credential id is letters, digits, '.', '-' and '_')" in error.message
         assert "s3cret" not in str(error)
+
+    def test_engine_rate_and_retry_defaults_are_the_readmes(self) -> None:
+        """A minimal config gets max_in_flight 4, max_attempts 6, linger_s 0.05,
+        request_timeout_s 30 and tpd_guard 0.99, the defaults the README's table states."""
+        config = parse_config(_doc(), environ=ENV)
+        assert config.keys[0].max_in_flight == 4
+        assert config.retry.max_attempts == 6
+        assert config.engine.linger_s == 0.05
+        assert config.engine.request_timeout_s == 30.0
+        assert config.rate.tpd_guard == 0.99
+        stated = _readme_defaults()
+        assert stated["[[keys]]", "max_in_flight"] == "4"
+        assert stated["[retry]", "max_attempts"] == "6"
+        assert stated["[engine]", "linger_s"] == "0.05"
+        assert stated["[engine]", "request_timeout_s"] == "30"
+        assert stated["[rate]", "tpd_guard"] == "0.99"
 
     def test_tpd_zero_means_unlimited(self) -> None:
         """tpd = 0 is unlimited; an absent tpd is PA-API's starting 8640."""

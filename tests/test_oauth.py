@@ -251,6 +251,20 @@ class TestCaching:
         await cache.token()
         assert len(endpoint.requests) == 1
 
+    async def test_a_lifetime_under_twice_the_margin_is_refreshed_at_half(self) -> None:
+        """A token living 40 s (under twice the 30 s margin) serves sends 5 s apart, each
+        prepared as the engine does, for half its life: one token request, not one per send
+        from 10 s on (the whole margin taken off left a refresh instant 10 s after issue)."""
+        clock = FakeClock()
+        endpoint = Endpoint(grant(1, 40))
+        cache = make(endpoint, clock, margin=30)
+        for _ in range(4):  # sends at 0, 5, 10 and 15 s
+            await cache.prepare()
+            assert await cache.token() == f"{TOKEN_PREFIX}1"
+            await clock.advance(5)
+        assert len(endpoint.requests) == 1
+        assert cache.due()  # 20 s: half its life
+
     @pytest.mark.parametrize("jump_s", [-7200.0, 86_400.0])
     async def test_wall_clock_jumps_do_not_matter(self, jump_s: float) -> None:
         """Expiry runs on the monotonic clock: a wall-clock jump neither expires nor extends."""

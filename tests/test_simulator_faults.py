@@ -83,6 +83,23 @@ async def test_paapi_internal_failure_envelope(start: Start) -> None:
     assert paapi.json()["Errors"][0]["Code"] == "InternalFailure"
 
 
+async def test_paapi_service_unavailable_envelope(start: Start) -> None:
+    """PA-API's 503 uses the error envelope with ServiceUnavailable, as Amazon's does, so a
+    client reading the envelope (the SDK) sees a retryable error, not an unreadable body."""
+    client, _ = await start(_faulty(error_503=1.0))
+    paapi = await client.paapi("GetItems", {"ItemIds": ["B000TEST01"], **PAAPI_TAG})
+    assert paapi.status == 503
+    assert paapi.json() == {
+        "__type": "com.amazon.paapi5#ServiceUnavailableException",
+        "Errors": [
+            {
+                "Code": "ServiceUnavailable",
+                "Message": "The service is currently unavailable. Please try again later.",
+            }
+        ],
+    }
+
+
 async def test_html_error_page(start: Start) -> None:
     """The html fault answers a 502 or 503 text/html page instead of JSON."""
     client, sim = await start(_faulty(html=1.0))

@@ -191,6 +191,19 @@ async def test_control_rejects_bad_input(body: object, status: int) -> None:
         assert sim.limits
 
 
+async def test_control_refuses_a_tpd_of_zero() -> None:
+    """POST /_sim/control with tpd 0 is a 400 saying tpd must be a positive integer (as
+    [simulator] refuses it for an account), and the account's daily quota stays as it was."""
+    async with running_simulator() as (client, sim):
+        before = sim.quotas["demo"].tpd
+        response = await client.post(
+            "/_sim/control", data=json.dumps({"account": "demo", "tpd": 0})
+        )
+        assert response.status == 400
+        assert response.json() == {"error": "tpd must be a positive integer"}
+        assert sim.quotas["demo"].tpd == before
+
+
 def _args(**overrides: object) -> argparse.Namespace:
     values: dict[str, object] = {
         "host": "127.0.0.1",
@@ -361,6 +374,21 @@ def test_issuing_tokens_stays_cheap_with_many_alive() -> None:
         store.issue(DEMO_ACCOUNTS[0], 0.0, 3600.0)
         purges += store._tokens is not before  # a purge builds the store anew
     assert purges <= 2
+
+
+def test_expired_tokens_are_purged_once_the_store_is_big() -> None:
+    """Past 10,000 tokens, issuing one drops those expired (a long benchmark's memory stays
+    bounded) and keeps those still alive."""
+    from broker.simulator.accounts import DEMO_ACCOUNTS
+    from broker.simulator.tokens import TokenStore
+
+    store = TokenStore()
+    alive = store.issue(DEMO_ACCOUNTS[0], 0.0, 3600.0)
+    expired = [store.issue(DEMO_ACCOUNTS[0], 0.0, 60.0) for _ in range(10_000)]
+    fresh = store.issue(DEMO_ACCOUNTS[0], 120.0, 3600.0)
+    assert all(store.find(token.value) is None for token in expired)
+    assert store.find(alive.value) is alive
+    assert store.find(fresh.value) is fresh
 
 
 async def test_a_malformed_request_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:

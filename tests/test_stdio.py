@@ -14,7 +14,7 @@ import pytest
 from test_crash import child_env
 from test_resume import embedded_config, text_job
 
-from broker.stdio import ForgivingStream
+from broker.stdio import ForgivingStream, write_stdout
 
 _FULL = "/dev/full"
 
@@ -85,6 +85,33 @@ class _Failing(io.StringIO):
 
     def flush(self) -> None:
         raise OSError(28, "No space left on device")
+
+
+class _HalfWrites:
+    """A stdout whose binary stream takes half of what each write offers (a pipe's reader
+    slow, a signal mid-write), as a raw stream may."""
+
+    def __init__(self) -> None:
+        self.buffer = self
+        self.got = bytearray()
+
+    def write(self, data: memoryview) -> int:
+        taken = max(1, len(data) // 2)
+        self.got += data[:taken]
+        return taken
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_short_write_to_stdout_is_finished(monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_stdout delivers every byte when each write takes only part of them (a write
+    cut short returns its count without an error: one write alone lost the rest)."""
+    out = _HalfWrites()
+    monkeypatch.setattr(sys, "stdout", out)
+    data = bytes(range(256)) * 8
+    write_stdout(data)
+    assert bytes(out.got) == data
 
 
 def test_a_forgiving_stream_drops_failed_writes_and_is_its_stream_otherwise() -> None:
@@ -163,3 +190,29 @@ def test_ctrl_c_with_output_stdout_cannot_take_exits_75() -> None:
         )
     assert done.returncode == 75, done.stderr
     assert b"interrupted" in done.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(_FULL), reason="no /dev/full")
+def test_lookup_into_a_full_stdout_exits_74_without_a_traceback(tmp_path: Path) -> None:
+    """``broker lookup`` whose answer a full disk cannot take exits 74 in one line: stdout is
+    dropped so the interpreter's last flush of the answer it still buffers does not fail again
+    (a traceback, exit 120)."""
+    config = embedded_config(tmp_path / "c.toml")
+    args = ("lookup", "B000TEST01", "--no-cache", "--config", str(config))
+    # Without PYTHONUNBUFFERED (which writes each print through at once), a stdout that is
+    # a file is block-buffered, as in production: the answer is still held at the exit.
+    env = {k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"}
+    with open(_FULL, "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 74, err[-2000:]
+    assert "cannot write to stdout: No space left on device" in err
+    assert "Traceback" not in err

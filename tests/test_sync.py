@@ -232,6 +232,32 @@ class TestSyncBroker:
                 time.sleep(0.01)
             assert broker.metrics().outstanding_lookups == 0
 
+    def test_an_answer_landing_as_the_timeout_expires_is_returned(
+        self, sync_broker: SyncBroker
+    ) -> None:
+        """An answer that lands just as timeout= runs out is returned, not thrown away for a
+        TimeoutError: the request was made (and counted against the quota) already."""
+        real = asyncio.run_coroutine_threadsafe
+
+        def answered_as_time_ran_out(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+            future = real(coro, loop)
+            real_result = future.result
+
+            def result(timeout: float | None = None) -> Any:
+                if timeout is None:
+                    return real_result()
+                real_result(30)  # the answer lands...
+                raise TimeoutError  # ...as the wait for it runs out
+
+            future.result = result  # type: ignore[method-assign]
+            return future
+
+        # Undone before the fixture closes the broker, whatever the call raises.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(asyncio, "run_coroutine_threadsafe", answered_as_time_ran_out)
+            answer = sync_broker.get_item("B000000001", timeout=10)
+        assert answer.ok
+
     def test_stream_stop_set_from_another_thread(self) -> None:
         """stop= winds the stream down while its caller waits: nothing more is sent, and the
         answers already paid for are yielded."""

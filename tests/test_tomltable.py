@@ -38,6 +38,46 @@ class TestTomlTable:
         with pytest.raises(ConfigError, match="between 1 and 10"):
             table.integer("b", 1, minimum=1, maximum=10)
 
+    def test_a_boolean_is_not_a_number(self) -> None:
+        """``tps = true`` is refused as not a number, not taken as 1 request a second."""
+        table = TomlTable({"tps": True}, "keys[0]")
+        with pytest.raises(ConfigError) as caught:
+            table.number("tps", 1.0)
+        assert str(caught.value) == "keys[0].tps: must be a number, not a boolean"
+
+    def test_white_space_alone_is_empty_text(self) -> None:
+        """A text value of white space alone is refused as empty, not taken as ``""``."""
+        table = TomlTable({"marketplace": " \t "}, "api")
+        with pytest.raises(ConfigError) as caught:
+            table.text("marketplace", "www.amazon.com")
+        assert str(caught.value) == "api.marketplace: must not be empty"
+
+    def test_list_entries_are_stripped(self) -> None:
+        """White space around each entry of a list of strings is dropped, as around text."""
+        table = TomlTable({"resources": [" itemInfo.title", "images.primary.small\t"]}, "api")
+        assert table.str_list("resources") == ("itemInfo.title", "images.primary.small")
+
+    def test_a_value_at_the_maximum_is_accepted(self) -> None:
+        """The maximum is inclusive: ``rate.tpd_guard = 1.0`` (no margin: stop at the whole
+        daily quota) loads; just above it is refused."""
+        table = TomlTable({"tpd_guard": 1.0, "over": 1.01}, "rate")
+        assert table.number("tpd_guard", 0.99, exclusive=True, minimum=0.0, maximum=1.0) == 1.0
+        with pytest.raises(ConfigError, match=r"must be <= 1, got 1\.01"):
+            table.number("over", 0.99, minimum=0.0, maximum=1.0)
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [
+                {
+                    "name": "demo",
+                    "credential_id": "demo-id",
+                    "version": "3.1",
+                    "partner_tags": {"US": "demo-20"},
+                }
+            ],
+            "rate": {"tpd_guard": 1.0},
+        }
+        assert parse_config(document, environ={}).rate.tpd_guard == 1.0
+
     def test_an_integer_too_large_for_a_float_is_a_config_error(self) -> None:
         """TOML's integers have no bound: one beyond a float's range, where a number is
         wanted, names its key; it raised OverflowError (a traceback, exit 1)."""
