@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["copies_of", "copy_for", "write_whole"]
+__all__ = ["copies_of", "copy_for", "original_of", "write_whole"]
 
 
 def copy_for(path: Path) -> Path:
@@ -29,6 +30,15 @@ def copy_for(path: Path) -> Path:
 def copies_of(path: Path) -> list[Path]:
     """The copies of ``path`` that writes killed mid-way left beside it (and any under way)."""
     return sorted(path.parent.glob(f".{glob.escape(path.name)}.{'[0-9a-f]' * 8}.tmp"))
+
+
+def original_of(name: str) -> str | None:
+    """The name of the file a copy named ``name`` is for, None if it is no such copy."""
+    found = _COPY.fullmatch(name)
+    return found.group(1) if found else None
+
+
+_COPY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp", re.DOTALL)
 
 
 def write_whole(path: Path, text: str) -> None:

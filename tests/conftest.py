@@ -24,6 +24,7 @@ from broker.client import Broker
 from broker.config import BrokerConfig, parse_config
 from broker.engine.transport import AiohttpTransport
 from broker.errors import StateUnavailableError
+from broker.jobs.signals import STOP_SIGNALS
 from broker.simulator.accounts import Account
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import SimulatorSettings
@@ -312,16 +313,16 @@ def wait_for_stop_handlers(proc: subprocess.Popen[str], *, within_s: float = 60)
     signals, so a test's signal reaches the command instead of killing the interpreter as it
     starts (a fixed sleep was too short on a loaded machine, too long on an idle one).
 
-    Read from Linux's ``/proc/PID/status``: SIGTERM caught, which Python itself leaves at
-    its default (SIGINT it catches from the start); the command installs its handlers for
-    SIGINT, SIGTERM and SIGHUP at once. Fails if the process ends first.
+    Read from Linux's ``/proc/PID/status``: every stop signal caught (SIGINT, SIGTERM and
+    SIGHUP, installed one after another). Fails if the process ends first.
     """
     status = Path(f"/proc/{proc.pid}/status")
     deadline = time.monotonic() + within_s
     while True:
         assert proc.poll() is None, "the process ended before it caught its stop signals"
         masks = dict(line.split(":", 1) for line in status.read_text().splitlines())
-        if int(masks["SigCgt"], 16) >> (signal.SIGTERM - 1) & 1:
+        caught = int(masks["SigCgt"], 16)
+        if all(caught >> (sig - 1) & 1 for sig in STOP_SIGNALS):
             return
         assert time.monotonic() < deadline, f"no stop handlers within {within_s} s"
         time.sleep(0.02)

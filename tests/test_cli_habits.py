@@ -515,6 +515,20 @@ def test_messages_name_the_command_typed(tmp_path: Path, script: str) -> None:
 
 
 class TestRunPaths:
+    def test_a_tilde_path_is_the_path_as_given(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job named ``~nosuchuser/job.txt`` (a ~ the shell left, quoted or unknown) is the
+        relative path it reads as, not found (66): it ended in a traceback (exit 1) when the
+        output's check tried to expand a home no one has."""
+        monkeypatch.chdir(tmp_path)
+        config = str(_config(tmp_path))
+        code = cli.main(["run", "~nosuchuser/job.txt", "--config", config])
+        err = capsys.readouterr().err
+        assert code == ExitCode.NO_INPUT, err
+        assert "input not found" in err
+        assert "Traceback" not in err
+
     @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")
     def test_a_job_file_that_fails_to_read_is_named_as_the_job(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

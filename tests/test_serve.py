@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import io
 import json
 import os
 import shutil
@@ -184,6 +185,16 @@ def _fail_opening(monkeypatch: pytest.MonkeyPatch, module: object, name: str, nu
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(module, "open", opening, raising=False)
+
+
+class _Unreadable(io.FileIO):
+    """A file that opens but whose every read fails with EIO."""
+
+    def __init__(self, path: Any) -> None:
+        super().__init__(path, "rb")
+
+    def readinto(self, buffer: Any) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -1742,6 +1753,32 @@ class TestDaemonSurvives:
         assert status["exit_code"] == ExitCode.NO_INPUT
         assert (await _filed(spool, "zz_ok.txt"))["rows"]["total"] == 1
         assert os.listdir(spool / "processing") == []
+
+    async def test_a_job_whose_read_fails_is_filed_without_permission_advice(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A job file that opens but fails to read (EIO: a failing disk, a dropped mount) is
+        filed in failed/ naming the error, with no advice about its permissions."""
+        from broker.jobs import sources
+
+        real_open = open
+
+        def failing_reads(file: Any, *args: Any, **kwargs: Any) -> Any:
+            stream = real_open(file, *args, **kwargs)
+            if Path(file).name == "bad.txt":
+                stream.close()
+                return io.BufferedReader(_Unreadable(file))
+            return stream
+
+        monkeypatch.setattr(sources, "open", failing_reads, raising=False)
+        _drop(spool, "bad.txt", "B0BADJOB01\n")
+        await start()
+        status = await _filed(spool, "bad.txt", "failed")
+        assert status["error"] == (
+            "cannot read the job file 'bad.txt': Input/output error; move it back into inbox/ "
+            "once it reads"
+        )
+        assert status["exit_code"] == ExitCode.NO_INPUT
 
     def test_a_daemon_out_of_open_files_keeps_the_job_it_could_not_open(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -165,24 +165,22 @@ class TestUvForwardedSigint:
         rows = "".join(f"B0SG{i:06d}\n" for i in range(400))
         (tmp_path / "job.txt").write_text("not-an-asin\n" + rows, encoding="utf-8")
         command = [sys.executable, "-m", "broker", "run", "job.txt", "--out", "-", "--no-cache"]
-        proc = subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        log = tmp_path / "stderr.txt"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
         try:
             # Rows reach stdout only at the end: a second of sending (400 rows at 5 requests
             # a second are far from done) leaves some to write.
-            started = _read_until_started(proc)
+            _wait_until_sending(proc, log)
             time.sleep(1)
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=60)
-            err = started + err
+            out, _ = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
+        err = log.read_text()
         assert proc.returncode == 75, err
         assert "stopped by signal: run it again to start over" in err
         assert "to resume" not in err
@@ -199,21 +197,22 @@ class TestUvForwardedSigint:
         (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
         ids = [f"B0LK{i:06d}" for i in range(400)]
         command = [sys.executable, "-m", "broker", "lookup", "--json", "--no-cache", *ids]
-        with sighup_at_default():
+        log = tmp_path / "stderr.txt"
+        with sighup_at_default(), log.open("w") as stderr:
             proc = subprocess.Popen(
-                command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True
             )
         try:
             # Answers printed only at the end: a second of sending (400 ids at 5 requests a
             # second are far from done) leaves some to print.
-            started = _read_until_started(proc)
+            _wait_until_sending(proc, log)
             time.sleep(1)
             proc.send_signal(sig)
-            out, err = proc.communicate(timeout=60)
-            err = started + err
+            out, _ = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
+        err = log.read_text()
         assert proc.returncode == 75, err[-2000:]
         assert f"stopped by {sig.name}" in err
         rows = out.splitlines()
@@ -304,17 +303,15 @@ def _signal_a_run(
 _SLOW_CONFIG = embedded_toml(tps=5.0, engine="queue_size = 20")
 
 
-def _read_until_started(proc: subprocess.Popen[str]) -> str:
-    """Read ``proc``'s stderr (JSON logs) up to its ``broker.started`` event: the command
-    caught its stop signals and is sending. The lines read, for the test's messages."""
+def _wait_until_sending(proc: subprocess.Popen[str], log: Path) -> None:
+    """Wait until ``proc``, its stderr (JSON logs) going to ``log``, has caught its stop
+    signals and logged ``broker.started``: it is sending."""
     wait_for_stop_handlers(proc)
-    assert proc.stderr is not None
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if '"broker.started"' in line:
-            return "".join(lines)
-    raise AssertionError(f"stderr ended before broker.started: {''.join(lines)[-2000:]}")
+    deadline = time.monotonic() + 60
+    while '"broker.started"' not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, "no broker.started within 60 s"
+        time.sleep(0.02)
 
 
 def _signalled_while_parsing(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:

@@ -992,7 +992,7 @@ class _FailsAfter(io.FileIO):
 
 
 class TestReadErrors:
-    @pytest.mark.parametrize("name", ["job.txt", "job.csv", "job.jsonl"])
+    @pytest.mark.parametrize("name", ["job.txt", "job.csv", "job.jsonl", "job.dat"])
     @pytest.mark.parametrize("good", [0, 100, 5000])
     def test_a_failed_read_names_the_job_file(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, good: int
@@ -1003,12 +1003,19 @@ class TestReadErrors:
             f'{{"asin": "B0{i:08d}"}}' if name.endswith("jsonl") else f"B0{i:08d}"
             for i in range(500)
         ]
-        header = "asin\n" if name.endswith("csv") else ""
+        # job.dat's format is sniffed from its first lines: a long comment first makes the
+        # read fail there.
+        header = {"csv": "asin\n", "dat": "#" * 150 + "\n"}.get(name.rsplit(".")[1], "")
         path = write(tmp_path, name, header + "\n".join(lines) + "\n")
         monkeypatch.setattr(
             sources, "open", lambda *_: io.BufferedReader(_FailsAfter(path, good)), raising=False
         )
-        for read in (lambda: rows(path, format=name.rsplit(".")[1]), lambda: fingerprint(path)):
+        fmt = None if name.endswith(".dat") else name.rsplit(".")[1]
+        for read in (
+            lambda: rows(path, format=fmt),
+            lambda: count_rows(path),
+            lambda: fingerprint(path),
+        ):
             with pytest.raises(OSError, match="Input/output error") as failed:
                 read()
             assert failed.value.errno == errno.EIO

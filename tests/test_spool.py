@@ -183,6 +183,43 @@ def test_a_job_resumed_after_a_filing_crash_keeps_its_name_while_it_runs(
     assert spool.file(job, "done", {"job": "big.txt", "outcome": "done"}).name == "big.txt"
 
 
+def test_the_sweep_keeps_a_filing_marker_copy_of_a_job_still_there(spool: Spool) -> None:
+    """At start, a copy of a filing marker (a sibling writing it now, or a killed write the
+    next filing removes) is kept while its job is in processing/, and removed with the
+    job's other work files once the job is gone; it was removed either way, and a sibling's
+    rename of it then failed."""
+    (spool.processing / "here.txt").write_text("B000000001\n")
+    kept = copy_for(spool.job("here.txt", "jsonl").filing_marker)
+    gone = copy_for(spool.job("gone.txt", "jsonl").filing_marker)
+    for copy in (kept, gone):
+        copy.write_text("{}")
+    assert spool.sweep() == [gone.name]
+    assert kept.exists()
+
+
+def test_a_refiling_elsewhere_drops_the_status_copy_a_kill_left(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filing into failed/ killed while writing its status, then filed into done/ (the
+    outcome changed): failed/ keeps nothing of the first try, not even the hidden copy."""
+    job = _finished_job(spool, "j.txt", '{"asin": "B000000001"}\n')
+    real = serve._write_status
+
+    def status_killed(path: Path, status: object, **options: object) -> None:
+        if path.name.endswith(".status.json"):
+            copy_for(path).write_text('{"job": "j.')
+            raise SystemExit("killed")
+        real(path, status, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serve, "_write_status", status_killed)
+    with pytest.raises(SystemExit):
+        spool.file(job, "failed", {"job": "j.txt", "outcome": "failed"})
+    monkeypatch.undo()
+    job.out.write_text('{"asin": "B000000001"}\n')
+    assert spool.file(job, "done", {"job": "j.txt", "outcome": "done"}).name == "j.txt"
+    assert list(spool.failed.iterdir()) == []
+
+
 def _failing_for(target: Path, crash: Callable[..., None]) -> Callable[..., None]:
     """``os.replace`` that crashes when it would move ``target``."""
     real = serve.os.replace

@@ -474,16 +474,16 @@ def _same(path: Path) -> Path:
     """``path`` resolved (as far as it exists: an output not made yet); a loop of symbolic
     links is an ``OSError`` (ELOOP) naming ``path`` as given, on every Python: 3.11 and 3.12
     raise ``RuntimeError`` for one, and 3.13's non-strict ``resolve()`` leaves it as it is,
-    which let the run go on to fail on the job file with advice about its permissions."""
-    full = path.expanduser()
+    which let the run go on to fail on the job file with advice about its permissions.
+    ``~`` is left as it is, as the run opens the path (a shell expands it, or nothing)."""
     try:
-        return full.resolve(strict=True)
+        return path.resolve(strict=True)
     except (OSError, RuntimeError) as exc:
         if not isinstance(exc, OSError) or exc.errno == errno.ELOOP:
             raise _loop(path) from exc
     try:
         # Not made yet, or a part of it may not be looked at: resolved as far as it goes.
-        return full.resolve()
+        return path.resolve()
     except RuntimeError as exc:
         raise _loop(path) from exc
 

@@ -118,7 +118,7 @@ from broker.jobs.sinks import SINK_FORMATS
 from broker.logs import get_logger, logs_are_json
 from broker.progname import prog
 from broker.sqlitewal import journal_files, rollback_journal
-from broker.wholefile import copies_of, write_whole
+from broker.wholefile import copies_of, original_of, write_whole
 
 if TYPE_CHECKING:
     from broker.cache.policy import CacheStats
@@ -642,12 +642,12 @@ class Spool:
         except FileNotFoundError:
             return None
         base = _free_name(self.failed, target)
-        _write_status(self.failed / f"{base}.status.json", status)
+        _write_status(_status_path(self.failed, base), status)
         try:
             os.rename(held, self.failed / base)
         except FileNotFoundError:
             # A daemon starting meanwhile put it back into inbox/: refused there again.
-            (self.failed / f"{base}.status.json").unlink(missing_ok=True)
+            _status_path(self.failed, base).unlink(missing_ok=True)
             return None
         _fsync_dir(self.failed)
         return self.failed / base
@@ -687,7 +687,7 @@ class Spool:
         record["invalid_report"] = _move(
             job.invalid_report, dest, f"{base}.out.{job.format}.invalid.jsonl"
         )
-        _write_status(dest / f"{base}.status.json", record, only_writer=True)
+        _write_status(_status_path(dest, base), record, only_writer=True)
         os.replace(job.path, dest / base)
         _fsync_dir(dest)
         _fsync_dir(self.processing)
@@ -713,8 +713,13 @@ class Spool:
             where, name = marked
             if where == dest.name:
                 return name
-            # Filed elsewhere before the crash (the job's outcome changed): drop that try.
-            for left in _filing_files(self.root / where, name):
+            # Filed elsewhere before the crash (the job's outcome changed): drop that try,
+            # and the copy of its status a kill may have left.
+            elsewhere = self.root / where
+            for left in (
+                *_filing_files(elsewhere, name),
+                *copies_of(_status_path(elsewhere, name)),
+            ):
                 left.unlink(missing_ok=True)
         base = _free_name(dest, job.name)
         marker = {"dest": dest.name, "name": base, "file": identity}
@@ -749,6 +754,11 @@ class Spool:
         return _free_name(self.done, job.name)
 
 
+def _status_path(directory: Path, name: str) -> Path:
+    """The status file of the job filed as ``name`` in ``directory``."""
+    return directory / f"{name}{_STATUS_SUFFIX}"
+
+
 def _filing_files(directory: Path, name: str) -> list[Path]:
     """The status and output files a filing under ``name`` writes into ``directory``."""
     names = [f"{name}{_STATUS_SUFFIX}"]
@@ -763,7 +773,10 @@ def _is_reserved(name: str) -> bool:
 
 
 def _owner(name: str) -> str | None:
-    """The job a work file belongs to (``a.txt`` for ``a.txt.out.csv.ledger``), else None."""
+    """The job a work file belongs to (``a.txt`` for ``a.txt.out.csv.ledger``, and for the
+    copy of its filing marker a write left, ``.a.txt.out.csv.filing.0a1b2c3d.tmp``), else
+    None."""
+    name = original_of(name) or name
     cut = min((i for i in (name.find(part) for part in _RESERVED) if i > 0), default=-1)
     return name[:cut] if cut > 0 else None
 
@@ -1068,24 +1081,21 @@ class Daemon:
         name = self._due_deferred(broker)
         if name is None and not self._at_deferral_cap():
             name = self._orphan()
-            if name is None and not self._unheld and not self._looks_dead():
+            if name is None and not self._unheld:
                 name = self._claim_next()
         return name
 
     def _looks_dead(self) -> bool:
-        """True when a job in processing/ that is not deferred here has its claim lock file
-        with no daemon holding it, nor a run its ledger (a daemon of a version before claim
-        locks): its daemon died, or is in the instant of taking or dropping the lock; the
-        looks of :meth:`_orphan` tell which."""
+        """True when a job in processing/ that is not deferred here has a claim lock file
+        that no daemon holds (nor a run its ledger): its daemon died, or is in the instant
+        of taking or dropping the lock; the looks of :meth:`_orphan` tell which."""
         format_ = self._config.output.format
-        for name in self.spool.claimed():
-            if name in self._deferred:
-                continue
-            job = self.spool.job(name, format_)
-            claim = job.claim_lock()
-            if claim.lock_path.exists() and not claim.held_elsewhere() and not _run_holds(job):
-                return True
-        return False
+        return any(
+            name not in self._deferred
+            and self.spool.job(name, format_).claim_lock().lock_path.exists()
+            and self._held_by_none(name)
+            for name in self.spool.claimed()
+        )
 
     def _at_deferral_cap(self) -> bool:
         """True while deferred jobs hold as many open files as the daemon allows them (said
@@ -1190,25 +1200,8 @@ class Daemon:
             return None
         self._orphans_due = now + _ORPHAN_CHECK_S
         seen, self._unheld = self._unheld, set()
-        format_ = self._config.output.format
         for name in self.spool.claimed():
-            if name in self._deferred:
-                continue
-            job = self.spool.job(name, format_)
-            claim = job.claim_lock()
-            try:
-                claim.acquire()
-            except (JobLockedError, OSError):
-                continue
-            if not job.path.exists():
-                claim.lock_path.unlink(missing_ok=True)  # filed since it was listed
-                claim.close()
-                continue
-            # Looked at while the claim is held: a newer sibling cannot claim the job and
-            # start its run in between (the probe would refuse that run its ledger lock).
-            held = _run_holds(job)
-            claim.close()
-            if held:
+            if name in self._deferred or not self._held_by_none(name):
                 continue
             if name not in seen:
                 self._unheld.add(name)
@@ -1221,6 +1214,25 @@ class Daemon:
             self._unheld |= (seen - {name}) & set(self.spool.claimed())
             return name
         return None
+
+    def _held_by_none(self, name: str) -> bool:
+        """True when no daemon holds the claim of ``processing/<name>`` and no run its
+        ledger (a daemon of a version before claim locks), the job file still there."""
+        job = self.spool.job(name, self._config.output.format)
+        claim = job.claim_lock()
+        try:
+            claim.acquire()
+        except (JobLockedError, OSError):
+            return False
+        try:
+            if not job.path.exists():
+                claim.lock_path.unlink(missing_ok=True)  # filed since it was listed
+                return False
+            # Looked at while the claim is held: a newer sibling cannot claim the job and
+            # start its run in between (the probe would refuse that run its ledger lock).
+            return not _run_holds(job)
+        finally:
+            claim.close()
 
     def _inbox_unreadable(self, exc: OSError) -> None:
         """Say once (until the inbox reads again) that inbox/ cannot be read, and why."""
@@ -1264,6 +1276,7 @@ class Daemon:
         self._inbox_error = None
         self._say_ignored(skipped)
         seen: set[str] = set()
+        looks_dead: bool | None = None
         for name, info in waiting:
             seen.add(name)
             if _is_reserved(name):
@@ -1283,6 +1296,12 @@ class Daemon:
                 continue
             if not self._settled(name, info):
                 continue
+            if looks_dead is None:
+                # Looked at only with a job to claim: probing locks at every idle poll
+                # costs a lock round-trip per job on a network file system.
+                looks_dead = self._looks_dead()
+            if looks_dead:
+                return None
             safe = spool_name(name)
             try:
                 claimed = self.spool.claim(name, safe)
@@ -1635,9 +1654,11 @@ class Daemon:
 
     def _fail_unreadable(self, job: SpoolJob, exc: OSError) -> None:
         reason = exc.strerror or str(exc)
+        # Only a refusal is the file's permissions (a failing disk or mount is not).
+        mend = "make it readable by the daemon and " if isinstance(exc, PermissionError) else ""
         message = (
-            f"cannot read the job file {job.name!r}: {reason}; make it readable by the "
-            "daemon and move it back into inbox/"
+            f"cannot read the job file {job.name!r}: {reason}; {mend}move it back into "
+            "inbox/ once it reads"
         )
         self._fail_message(job, message, ExitCode.NO_INPUT)
 
@@ -1749,9 +1770,9 @@ class Daemon:
 def _changed_message(change: str) -> str:
     """A failed job's message for a job file that changed (``change`` says how and when)."""
     return (
-        f"the job file {change}: it was still being written, so rows may be missing. "
-        "Producers should write name.tmp and rename it into inbox/; move the job back into "
-        "inbox/ to run it again"
+        f"the job file {change}: still being written, or edited, so the rows run are not "
+        "all the file's. Producers should write name.tmp and rename it into inbox/; move "
+        "the job back into inbox/ to run it again"
     )
 
 

@@ -1424,6 +1424,9 @@ def _sniff(path: Path) -> JobFormat:
         except (EOFError, gzip.BadGzipFile, zlib.error):
             # Let the real read report the damage, with line numbers.
             return "txt"
+        except OSError:
+            with _reading(path):  # a read that failed names no file: the job's, then
+                raise
     return "txt"
 
 
