@@ -726,8 +726,8 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         Scope.REQUEST,
         False,
         "Look it up again later (a finished job: broker run --new-job, which asks Amazon "
-        "only for what the item cache cannot answer: soon after the run, only the failed "
-        "rows); the error says what failed each time.",
+        "only for what the item cache cannot answer: soon after the run, the failed and "
+        "not-found rows); the error says what failed each time.",
     ),
 )
 
