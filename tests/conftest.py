@@ -121,6 +121,19 @@ def embedded_toml(
     return text
 
 
+def embedded_document(**tables: Mapping[str, object]) -> dict[str, object]:
+    """A config document (parsed TOML) for the embedded simulator and its demo key; a
+    ``keys`` table adds to the key's fields, the others are tables of their own."""
+    key: dict[str, object] = {
+        "name": "demo",
+        "credential_id": "demo-id",
+        "version": "3.1",
+        "partner_tags": {"www.amazon.com": "demo-20"},
+        **tables.pop("keys", {}),
+    }
+    return {"api": {"endpoint": "simulator"}, "keys": [key], **tables}
+
+
 def make_config(
     endpoint: str,
     *,

@@ -73,6 +73,18 @@ def ok(asin: str, clock: FakeClock, resources: tuple[str, ...] = TITLE, **kw: ob
     )
 
 
+def not_found(asin: str, clock: FakeClock) -> ItemResult:
+    """Amazon's answer that ``asin`` is gone (ItemNotAccessible), fetched now."""
+    return ItemResult(
+        asin,
+        US,
+        Status.NOT_FOUND,
+        error=ErrorDetail("ItemNotAccessible", "gone", "none"),
+        fetched_at=clock.utcnow(),
+        query=q(asin),
+    )
+
+
 def q(asin: str, resources: tuple[str, ...] = TITLE, marketplace: str = US) -> Query:
     """A complete query."""
     return Query(asin, marketplace, resources)
@@ -308,14 +320,7 @@ class TestServe:
         cache = make()
         error = ErrorDetail("ItemNotAccessible", "gone", "none")
         results = [
-            ItemResult(
-                "B000000002",
-                US,
-                Status.NOT_FOUND,
-                error=error,
-                fetched_at=clock.utcnow(),
-                query=q("B000000002"),
-            ),
+            not_found("B000000002", clock),
             ItemResult("B000000003", US, Status.FAILED, error=error, query=q("B000000003")),
             ItemResult(
                 "B000000004",
@@ -358,14 +363,7 @@ class TestServe:
         )
         assert (await cache.get_many([q("B000000001")]))[0] is not None
         await clock.advance(10)
-        gone = ItemResult(
-            "B000000001",
-            US,
-            Status.NOT_FOUND,
-            error=ErrorDetail("ItemNotAccessible", "gone", "none"),
-            fetched_at=clock.utcnow(),
-            query=q("B000000001"),
-        )
+        gone = not_found("B000000001", clock)
         assert await cache.put_many([gone]) == 0
         assert await cache.get_many([q("B000000001")]) == [None]
         assert await cache.get_many([q("B000000001", ("itemInfo.features",))]) == [None]
@@ -389,14 +387,7 @@ class TestServe:
         features = ("itemInfo.features",)
         await cache.put_many([ok("B000000001", clock, resources=features)])
         await clock.advance(10)
-        gone = ItemResult(
-            "B000000001",
-            US,
-            Status.NOT_FOUND,
-            error=ErrorDetail("ItemNotAccessible", "gone", "none"),
-            fetched_at=clock.utcnow(),
-            query=q("B000000001"),
-        )
+        gone = not_found("B000000001", clock)
         assert await cache.put_many([gone, ok("B000000001", clock)]) == 1
         title, other = await cache.get_many([q("B000000001"), q("B000000001", features)])
         assert title is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import sqlite_db
+from conftest import embedded_document, sqlite_db
 from structlog.testing import capture_logs
 
 from broker import cli
@@ -60,20 +60,7 @@ tpd = 1000000
 
 def _tpd2_config() -> BrokerConfig:
     """The embedded simulator's demo key with a daily budget of 2 requests."""
-    document = {
-        "api": {"endpoint": "simulator"},
-        "keys": [
-            {
-                "name": "demo",
-                "credential_id": "demo-id",
-                "version": "3.1",
-                "partner_tags": {"www.amazon.com": "demo-20"},
-                "tps": 50.0,
-                "tpd": 2,
-            }
-        ],
-    }
-    return parse_config(document, environ={})
+    return parse_config(embedded_document(keys={"tps": 50.0, "tpd": 2}), environ={})
 
 
 def _us_uk_config(

@@ -603,6 +603,19 @@ class TestJobs:
         ]
 
 
+async def _stopped_mid_job(start: Start, spool: Path) -> BrokerConfig:
+    """A daemon (its slow config returned) stopped with 3 or more of ``slow.txt``'s 25 rows
+    done: the job is left in processing/, to be resumed."""
+    slow = _config(tps=10.0, batch_size=1)
+    first = await start(slow)
+    _drop(spool, "slow.txt", "\n".join(_asins(25, "B0SLOW")) + "\n")
+    out = spool / "processing" / "slow.txt.out.jsonl"
+    await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
+    await first.stop()
+    assert (spool / "processing" / "slow.txt").exists()
+    return slow
+
+
 class TestResume:
     async def test_job_left_in_processing_is_resumed_exactly_once(
         self, start: Start, spool: Path
@@ -636,12 +649,7 @@ class TestResume:
         place) is filed in failed/ with the spool's advice, as one that changes while it
         runs: move it back into inbox/. It got broker run's ("run with --new-job ...,
         --refresh ..., or restore the original to resume"), none of which a daemon has."""
-        slow = _config(tps=10.0, batch_size=1)
-        first = await start(slow)
-        _drop(spool, "slow.txt", "\n".join(_asins(25, "B0SLOW")) + "\n")
-        out = spool / "processing" / "slow.txt.out.jsonl"
-        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
-        await first.stop()
+        slow = await _stopped_mid_job(start, spool)
         job = spool / "processing" / "slow.txt"
         job.write_text(job.read_text() + "\n".join(_asins(5, "B0MORE")) + "\n")
         await start(slow)
@@ -658,13 +666,7 @@ class TestResume:
         processing/ starts over under the new settings and ends in done/ with every row.
         It was filed in failed/ (its finished rows deleted) with advice a daemon cannot
         follow ("restore the setting", "--new-job")."""
-        slow = _config(tps=10.0, batch_size=1)
-        first = await start(slow)
-        _drop(spool, "slow.txt", "\n".join(_asins(25, "B0SLOW")) + "\n")
-        out = spool / "processing" / "slow.txt.out.jsonl"
-        await _until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
-        await first.stop()
-        assert (spool / "processing" / "slow.txt").exists()
+        slow = await _stopped_mid_job(start, spool)
         changed = dataclasses.replace(
             slow, api=dataclasses.replace(slow.api, resources=("itemInfo.title",))
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 
 import pytest
+from conftest import embedded_document
 
 from broker.config import parse_config
 from broker.errors import ConfigError
@@ -64,18 +65,7 @@ class TestTomlTable:
         assert table.number("tpd_guard", 0.99, exclusive=True, minimum=0.0, maximum=1.0) == 1.0
         with pytest.raises(ConfigError, match=r"must be <= 1, got 1\.01"):
             table.number("over", 0.99, minimum=0.0, maximum=1.0)
-        document = {
-            "api": {"endpoint": "simulator"},
-            "keys": [
-                {
-                    "name": "demo",
-                    "credential_id": "demo-id",
-                    "version": "3.1",
-                    "partner_tags": {"US": "demo-20"},
-                }
-            ],
-            "rate": {"tpd_guard": 1.0},
-        }
+        document = embedded_document(rate={"tpd_guard": 1.0})
         assert parse_config(document, environ={}).rate.tpd_guard == 1.0
 
     def test_an_integer_too_large_for_a_float_is_a_config_error(self) -> None:
@@ -88,20 +78,8 @@ class TestTomlTable:
 
     def test_config_and_simulator_read_alike(self) -> None:
         """The broker's tables and [simulator] report a bad value the same way."""
-        document = {
-            "api": {"endpoint": "simulator"},
-            "keys": [
-                {
-                    "name": "demo",
-                    "credential_id": "demo-id",
-                    "version": "3.1",
-                    "partner_tags": {"US": "demo-20"},
-                    "tps": "x",
-                }
-            ],
-        }
         with pytest.raises(ConfigError) as broker_error:
-            parse_config(document, environ={})
+            parse_config(embedded_document(keys={"tps": "x"}), environ={})
         with pytest.raises(ConfigError) as sim_error:
             SimulatorSettings.from_mapping({"burst": "x"})
         assert broker_error.value.message == "must be a number, not a string"
