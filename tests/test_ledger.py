@@ -36,6 +36,7 @@ from broker.jobs.ledger import (
     Lookup,
     SinkState,
     crash_point,
+    read_tally,
 )
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.sources import JobFingerprint, JobRow
@@ -625,6 +626,34 @@ class TestWork:
         assert [row.seq for row in rows] == list(range(2501))
         assert rows[0].done_order == 1  # invalid at ingest, done before the lookups
         assert rows[1].done_order > rows[-1].done_order
+
+
+class TestReadTally:
+    def test_a_closed_ledger_is_read_and_left_without_journal_files(self, tmp_path: Path) -> None:
+        """The rows by status of a ledger no run has open are read, and its folder is left as
+        the run left it: a read-only reader made -wal and -shm files it could not remove (a
+        run stopped by a changed job file, exit 65, kept them beside the output)."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows("B000000001", "B000000002", None))
+            finish_all(ledger)
+            path = ledger.path
+        before = sorted(os.listdir(tmp_path))
+        assert read_tally(path) == {"ok": 2, "invalid": 1}
+        assert sorted(os.listdir(tmp_path)) == before
+
+    def test_a_ledger_a_run_holds_is_read_live(self, tmp_path: Path) -> None:
+        """While a run writes its ledger, its rows are read from the side (the daemon's
+        /metrics), pending ones among them, and the run's files stay."""
+        with open_ledger(tmp_path) as ledger:
+            ledger.ingest(job_rows("B000000001", "B000000002"))
+            assert read_tally(ledger.path) == {"pending": 2}
+            finish_all(ledger)
+            assert read_tally(ledger.path) == {"ok": 2}
+
+    def test_no_ledger_reads_as_none_and_is_not_made(self, tmp_path: Path) -> None:
+        """A ledger not made yet reads as None, and no file is made for it."""
+        assert read_tally(tmp_path / "none.ledger") is None
+        assert os.listdir(tmp_path) == []
 
 
 class TestSinkStateAndBudget:

@@ -333,16 +333,26 @@ def read_tally(ledger: Path) -> dict[str, int] | None:
     Read from the side, it keeps the daemon's ``/metrics`` live without a callback into
     the runner, and gives the figures of a run that stopped on an error; a ledger not
     made yet (or busy) gives None.
+
+    Read through a connection that may write (``query_only``: it writes nothing) where the
+    file allows: closing the last connection of a WAL database then removes its ``-wal``
+    and ``-shm`` files, which a read-only one makes and must leave (beside the output of a
+    run that stopped on an error, in a spool's ``processing/``). A file this process may
+    only read is read so.
     """
-    try:
-        conn = sqlite3.connect(f"{ledger.absolute().as_uri()}?mode=ro", uri=True, timeout=0.05)
+    uri = ledger.absolute().as_uri()
+    for mode in ("rw", "ro"):
         try:
-            rows = conn.execute("SELECT status, n FROM tally").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
-    return {str(status): int(n) for status, n in rows if n}
+            conn = sqlite3.connect(f"{uri}?mode={mode}", uri=True, timeout=0.05)
+            try:
+                conn.execute("PRAGMA query_only = ON")
+                rows = conn.execute("SELECT status, n FROM tally").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            continue
+        return {str(status): int(n) for status, n in rows if n}
+    return None
 
 
 class Ledger:
