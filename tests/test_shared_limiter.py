@@ -1057,6 +1057,38 @@ async def test_an_idle_key_learns_within_10_s_that_its_store_is_back() -> None:
     await asyncio.gather(beating, return_exceptions=True)
 
 
+class _CancelLosingStore(MemoryStateStore):
+    """A store (a Redis, as redis-py reaches it on Python 3.11) whose decision, cancelled
+    as it completes, returns all the same: 3.11's asyncio.wait_for, which redis-py sends
+    each command under, loses a cancel that lands as the send completes."""
+
+    backend = "redis"  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        self.calls += 1
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return await super().decide(*args, **kwargs)
+
+
+async def test_a_cancel_lost_in_a_store_call_still_ends_the_keep_alive() -> None:
+    """A close that cancels the keep-alive while it asks a Redis that loses the cancel ends
+    it all the same: it went on beating, and the close waited for it for ever."""
+    clock = FakeClock()
+    store = _CancelLosingStore()
+    limiter = SharedKeyLimiter(clock, store, KEY, KeyLimits(5.0, 0.05, 5.0), process_id="p")
+    beating = asyncio.create_task(limiter.keep_alive())
+    await settle()
+    assert store.calls == 1  # asking the store
+    beating.cancel()
+    await settle()
+    assert beating.cancelled()
+
+
 class _HungStore(MemoryStateStore):
     """A store whose every decision waits for ever."""
 
