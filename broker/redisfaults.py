@@ -1,4 +1,5 @@
-"""What a Redis reply means to the broker: a refusal the config must mend, not an outage.
+"""What a Redis reply means to the broker: a refusal the config must mend, not an outage;
+and a cancel redis-py lost.
 
 Both Redis homes (the key state, ``[state]``, and the item cache, ``[cache]``) meet the same
 refusals; waiting mends none of them, so each is told as a config error with what to do.
@@ -7,7 +8,29 @@ redis-py is an optional extra: it is imported when a reply is judged, never befo
 
 from __future__ import annotations
 
-__all__ = ["barred", "refused_credentials"]
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+__all__ = ["barred", "cancel_kept", "refused_credentials"]
+
+
+@contextlib.contextmanager
+def cancel_kept() -> Iterator[None]:
+    """Around an await that may reach Redis: a cancel of the task requested meanwhile that
+    the await did not raise is raised as it ends.
+
+    redis-py sends each command under ``asyncio.wait_for``, which on Python 3.11 loses a
+    cancel that lands as the send completes: the call returns as if none came, and the task
+    runs on (a key's keep-alive beat for ever, and the broker's close waited for it; a
+    caller's timeout never fired). Whatever the call did is done, as for a cancel a moment
+    later.
+    """
+    task = asyncio.current_task()
+    cancels = 0 if task is None else task.cancelling()
+    yield
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError
 
 
 def refused_credentials(exc: BaseException) -> bool:

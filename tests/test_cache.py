@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
@@ -47,7 +48,7 @@ from broker.config import (
 )
 from broker.errors import BrokerError, ConfigError
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Secret, Status
-from broker.testing import FakeClock
+from broker.testing import FakeClock, settle
 
 US = "www.amazon.com"
 DE = "www.amazon.de"
@@ -1380,6 +1381,31 @@ def test_stats_families_for_prometheus() -> None:
         "asinb_cache_entries": ("gauge", 7),
         "asinb_cache_bytes": ("gauge", 900),
     }
+
+
+class _CancelLosingCache(MemoryCache):
+    """A cache (a Redis, as redis-py reaches it on Python 3.11) whose read, cancelled as it
+    completes, returns all the same: 3.11's asyncio.wait_for, which redis-py sends each
+    command under, loses a cancel that lands as the send completes."""
+
+    async def get_many(self, *args: Any, **kwargs: Any) -> list[ItemResult | None]:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return await super().get_many(*args, **kwargs)
+
+
+async def test_a_caller_cancelled_while_the_cache_loses_the_cancel_is_cancelled(
+    clock: FakeClock,
+) -> None:
+    """A caller (get_items under the user's timeout) cancelled while its answers are read
+    ahead from a Redis that loses the cancel ends cancelled: it went on as if none came,
+    and the timeout never fired."""
+    front = CacheFront(_CancelLosingCache(CachePolicy(3_600), clock=clock))
+    reading = asyncio.create_task(front.prefetch([q("B000000001")]))
+    await settle()
+    reading.cancel()
+    await settle()
+    assert reading.cancelled()
 
 
 async def test_prefetched_answer_is_checked_again(clock: FakeClock) -> None:

@@ -24,6 +24,7 @@ from broker.clock import LoopClock
 from broker.errors import BrokerError
 from broker.logs import get_logger
 from broker.models import Status
+from broker.redisfaults import cancel_kept
 
 if TYPE_CHECKING:
     from broker.cache.base import ItemCache
@@ -100,8 +101,10 @@ class CacheFront:
             return  # while the store is left alone, each get() is a counted miss
         try:
             # Uncounted: each get() counts its own lookup, served or not (an answer read
-            # now may be too old by the time it is asked).
-            results = await self.cache.get_many(queries, max_age_s=self._max_age_s, count=False)
+            # now may be too old by the time it is asked). In the caller's own task: a
+            # cancel (its timeout) that redis-py lost is raised.
+            with cancel_kept():
+                results = await self.cache.get_many(queries, max_age_s=self._max_age_s, count=False)
         except Exception as exc:
             self._failed(exc, writing=False)
             return  # the store is left alone now: each get() is a counted miss

@@ -50,6 +50,7 @@ from broker.engine.adaptive import (
 from broker.engine.quota import day_limit
 from broker.errors import StateUnavailableError
 from broker.logs import get_logger
+from broker.redisfaults import cancel_kept
 from broker.state import (
     PROCESS_RECENT_S,
     Decision,
@@ -319,12 +320,11 @@ class SharedKeyLimiter:
             park_reason="" if seen is None else seen.park_reason,
             gen=self._gen,
         )
-        task = asyncio.current_task()
-        cancels = 0 if task is None else task.cancelling()
         try:
-            decision = await self._store.decide(
-                self._key, self._limits, feedback=feedback, reserve=reserve, process=mark
-            )
+            with cancel_kept():
+                decision = await self._store.decide(
+                    self._key, self._limits, feedback=feedback, reserve=reserve, process=mark
+                )
         except StateUnavailableError as exc:
             self._restore_feedback(feedback)
             if self._unavailable is None:
@@ -365,12 +365,6 @@ class SharedKeyLimiter:
         if decision.cut:
             # One per cutting 429: at info a fleet would log about a line a second.
             logger.debug("broker.rate_cut", key=self._key.name, rate=round(decision.rate, 4))
-        if task is not None and task.cancelling() > cancels:
-            # Cancelled during the call, which returned all the same: redis-py sends each
-            # command under asyncio.wait_for, which on Python 3.11 loses a cancel that lands
-            # as the send completes. Raised here (the decision is taken in, as for a cancel
-            # a moment later), or the task ran on: a close waited on the keep-alive for ever.
-            raise asyncio.CancelledError
         return decision
 
     async def _wait_for_store(self, exc: StateUnavailableError) -> None:
