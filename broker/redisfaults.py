@@ -18,17 +18,23 @@ __all__ = ["barred", "cancel_kept", "refused_credentials"]
 @contextlib.contextmanager
 def cancel_kept() -> Iterator[None]:
     """Around an await that may reach Redis: a cancel of the task requested meanwhile that
-    the await did not raise is raised as it ends.
+    the await did not raise is raised as it ends, in place of what it returned or raised.
 
     redis-py sends each command under ``asyncio.wait_for``, which on Python 3.11 loses a
-    cancel that lands as the send completes: the call returns as if none came, and the task
-    runs on (a key's keep-alive beat for ever, and the broker's close waited for it; a
-    caller's timeout never fired). Whatever the call did is done, as for a cancel a moment
+    cancel that lands as the send completes: the call returns (or raises the send's own
+    error, a reset socket at shutdown) as if none came, and the task runs on (a key's
+    keep-alive beat for ever, and the broker's close waited for it; a caller's timeout never
+    fired). Whatever the call did at the store stands, as for a cancel landing a moment
     later.
     """
     task = asyncio.current_task()
     cancels = 0 if task is None else task.cancelling()
-    yield
+    try:
+        yield
+    except Exception as exc:
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError from exc
+        raise
     if task is not None and task.cancelling() > cancels:
         raise asyncio.CancelledError
 

@@ -1059,27 +1059,34 @@ async def test_an_idle_key_learns_within_10_s_that_its_store_is_back() -> None:
 
 class _CancelLosingStore(MemoryStateStore):
     """A store (a Redis, as redis-py reaches it on Python 3.11) whose decision, cancelled
-    as it completes, returns all the same: 3.11's asyncio.wait_for, which redis-py sends
-    each command under, loses a cancel that lands as the send completes."""
+    as it completes, returns (or raises the send's own error) all the same: 3.11's
+    asyncio.wait_for, which redis-py sends each command under, loses a cancel that lands as
+    the send completes."""
 
     backend = "redis"  # type: ignore[assignment]
 
-    def __init__(self) -> None:
+    def __init__(self, *, then_fails: bool = False) -> None:
         super().__init__()
         self.calls = 0
+        self.then_fails = then_fails
 
     async def decide(self, *args: Any, **kwargs: Any) -> Decision:
         self.calls += 1
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.Event().wait()
+        if self.then_fails:
+            # The send's own error comes out instead (a reset socket at shutdown).
+            raise StateUnavailableError("redis", "redis://127.0.0.1:6379/0: ConnectionError")
         return await super().decide(*args, **kwargs)
 
 
-async def test_a_cancel_lost_in_a_store_call_still_ends_the_keep_alive() -> None:
-    """A close that cancels the keep-alive while it asks a Redis that loses the cancel ends
-    it all the same: it went on beating, and the close waited for it for ever."""
+@pytest.mark.parametrize("then_fails", [False, True])
+async def test_a_cancel_lost_in_a_store_call_still_ends_the_keep_alive(then_fails: bool) -> None:
+    """A close that cancels the keep-alive while it asks a Redis that loses the cancel (and
+    returns, or raises the send's own error) ends it all the same: it went on beating, and
+    the close waited for it for ever."""
     clock = FakeClock()
-    store = _CancelLosingStore()
+    store = _CancelLosingStore(then_fails=then_fails)
     limiter = SharedKeyLimiter(clock, store, KEY, KeyLimits(5.0, 0.05, 5.0), process_id="p")
     beating = asyncio.create_task(limiter.keep_alive())
     await settle()
