@@ -11,7 +11,6 @@ mid-write (``kill -9``) leaves it, for the file's only writer to remove
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import re
 import secrets
@@ -24,12 +23,17 @@ __all__ = ["copies_of", "copy_for", "original_of", "write_whole"]
 def copy_for(path: Path) -> Path:
     """A new name for a copy of ``path`` beside it: hidden, and of its own, so two processes
     writing beside each other (daemons sharing a spool) never write into one copy."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
 
 
 def copies_of(path: Path) -> list[Path]:
     """The copies of ``path`` that writes killed mid-way left beside it (and any under way)."""
-    return sorted(path.parent.glob(f".{glob.escape(path.name)}.{'[0-9a-f]' * 8}.tmp"))
+    try:
+        with os.scandir(path.parent) as entries:
+            names = [entry.name for entry in entries]
+    except FileNotFoundError:  # no folder, no copies (a clean-up removed it)
+        return []
+    return sorted(path.parent / name for name in names if original_of(name) == path.name)
 
 
 def original_of(name: str) -> str | None:
@@ -38,7 +42,9 @@ def original_of(name: str) -> str | None:
     return found.group(1) if found else None
 
 
-_COPY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp", re.DOTALL)
+#: A copy's own part of its name, in random bytes (written in hex, twice as many digits).
+_TOKEN_BYTES = 4
+_COPY = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp", re.DOTALL)
 
 
 def write_whole(path: Path, text: str) -> None:

@@ -50,6 +50,16 @@ def failure(status: int, body: object, **headers: str) -> ApiError:
     return info.value
 
 
+def _retry_after_at(hour: int, retry_after: str, **headers: str) -> float | None:
+    """The wait a 429 with ``retry_after`` (and ``headers``) gives a dialect whose clock
+    reads ``hour``:00:00 UTC on 2026-05-01."""
+    clock = FakeClock(epoch=datetime(2026, 5, 1, hour, 0, 0, tzinfo=UTC))
+    raw = response(429, {"type": "ThrottleException"}, retry_after=retry_after, **headers)
+    with pytest.raises(ThrottledError) as info:
+        CreatorsDialect(clock=clock).parse_get_items(raw, ["B000000001"])
+    return info.value.retry_after
+
+
 # protocol.md 2.6, the documented curl response (explicit nulls for unrequested members).
 CURL_RESPONSE = (
     b'{"itemsResult":{"items":[{"asin":"B09B2SBHQK","browseNodeInfo":null,"customerReviews":null,'
@@ -739,41 +749,17 @@ class TestErrorResponses:
 
     def test_retry_after_http_date_without_date_uses_clock(self) -> None:
         """Without a Date header an HTTP-date is measured against the injected clock."""
-        clock = FakeClock(epoch=datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC))
-        dialect = CreatorsDialect(clock=clock)
-        raw = response(
-            429, {"type": "ThrottleException"}, retry_after="Fri, 01 May 2026 12:00:30 GMT"
-        )
-        with pytest.raises(ThrottledError) as info:
-            dialect.parse_get_items(raw, ["B000000001"])
-        assert info.value.retry_after == 30.0
+        assert _retry_after_at(12, "Fri, 01 May 2026 12:00:30 GMT") == 30.0
 
     def test_retry_after_http_date_in_zone_minus_0000_is_utc(self) -> None:
         """An HTTP-date written with zone "-0000" (parsed without a zone) is taken as UTC:
         10 s ahead of a 12:00:00 UTC clock is a 10 s wait, not an error."""
-        clock = FakeClock(epoch=datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC))
-        dialect = CreatorsDialect(clock=clock)
-        raw = response(
-            429, {"type": "ThrottleException"}, retry_after="Fri, 01 May 2026 12:00:10 -0000"
-        )
-        with pytest.raises(ThrottledError) as info:
-            dialect.parse_get_items(raw, ["B000000001"])
-        assert info.value.retry_after == 10.0
+        assert _retry_after_at(12, "Fri, 01 May 2026 12:00:10 -0000") == 10.0
 
     def test_retry_after_http_date_ignores_a_wrong_local_clock(self) -> None:
         """With the response's Date, an HTTP-date is measured against it, not our clock: a
         local clock an hour off still waits the 30 s the server asked."""
-        clock = FakeClock(epoch=datetime(2026, 5, 1, 13, 0, 0, tzinfo=UTC))
-        dialect = CreatorsDialect(clock=clock)
-        raw = response(
-            429,
-            {"type": "ThrottleException"},
-            retry_after="Fri, 01 May 2026 12:00:30 GMT",
-            date=DATE,
-        )
-        with pytest.raises(ThrottledError) as info:
-            dialect.parse_get_items(raw, ["B000000001"])
-        assert info.value.retry_after == 30.0
+        assert _retry_after_at(13, "Fri, 01 May 2026 12:00:30 GMT", date=DATE) == 30.0
 
     @pytest.mark.parametrize("value", ["soon", "Fri, 01 May 2026 12:00:30 GMT"])
     def test_unusable_retry_after_is_none(self, value: str) -> None:

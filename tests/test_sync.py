@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,29 @@ def _python(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
 def _sync_broker() -> Any:
     with SyncBroker.from_dict(_document()) as broker:
         yield broker
+
+
+def _waiting_as(wait: Callable[[Callable[[float | None], Any], float | None], Any]) -> Any:
+    """``asyncio.run_coroutine_threadsafe`` whose futures' ``result(timeout)`` is
+    ``wait(the real result, timeout)``: how a SyncBroker's caller waits, staged."""
+    real = asyncio.run_coroutine_threadsafe
+
+    def submit(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        future = real(coro, loop)
+        real_result = future.result
+        future.result = lambda timeout=None: wait(real_result, timeout)  # type: ignore[method-assign]
+        return future
+
+    return submit
+
+
+def _lookups_left(broker: SyncBroker, *, within_s: float) -> int:
+    """The broker's lookups still outstanding once none are, or ``within_s`` has passed
+    (the loop thread lets go of a caller's lookups a moment after the caller left)."""
+    deadline = time.monotonic() + within_s
+    while broker.metrics().outstanding_lookups and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return broker.metrics().outstanding_lookups
 
 
 class TestSyncBroker:
@@ -177,10 +200,7 @@ class TestSyncBroker:
 
         sync_broker._loop.call_soon_threadsafe(close_here)
         assert closed.result(timeout=5) is None
-        deadline = time.monotonic() + 5
-        while sync_broker.metrics().outstanding_lookups and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sync_broker.metrics().outstanding_lookups == 0
+        assert _lookups_left(sync_broker, within_s=5) == 0
 
     def test_a_call_from_the_loop_thread_raises_instead_of_hanging(
         self, sync_broker: SyncBroker
@@ -207,54 +227,35 @@ class TestSyncBroker:
         """Ctrl-C in the calling thread while it waits for an answer (here, for the daily
         quota's reset) cancels the call on the loop: no lookup is left in flight for a
         caller that is gone."""
-        real = asyncio.run_coroutine_threadsafe
 
-        def interrupted_wait(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
-            future = real(coro, loop)
-            real_result = future.result
-
-            def result(timeout: float | None = None) -> Any:
-                with contextlib.suppress(TimeoutError):
-                    real_result(0.2)  # waiting, as the user presses Ctrl-C
-                raise KeyboardInterrupt
-
-            future.result = result  # type: ignore[method-assign]
-            return future
+        def interrupted(real_result: Callable[[float | None], Any], timeout: float | None) -> Any:
+            with contextlib.suppress(TimeoutError):
+                real_result(0.2)  # waiting, as the user presses Ctrl-C
+            raise KeyboardInterrupt
 
         with SyncBroker.from_dict(_document(tpd=1)) as broker:
             assert broker.get_item("B000000001", timeout=10).ok
-            monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", interrupted_wait)
+            monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", _waiting_as(interrupted))
             with pytest.raises(KeyboardInterrupt):
                 broker.get_item("B000000002")
             monkeypatch.undo()
-            deadline = time.monotonic() + 2
-            while broker.metrics().outstanding_lookups and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert broker.metrics().outstanding_lookups == 0
+            assert _lookups_left(broker, within_s=2) == 0
 
     def test_an_answer_landing_as_the_timeout_expires_is_returned(
         self, sync_broker: SyncBroker
     ) -> None:
         """An answer that lands just as timeout= runs out is returned, not thrown away for a
         TimeoutError: the request was made (and counted against the quota) already."""
-        real = asyncio.run_coroutine_threadsafe
 
-        def answered_as_time_ran_out(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
-            future = real(coro, loop)
-            real_result = future.result
-
-            def result(timeout: float | None = None) -> Any:
-                if timeout is None:
-                    return real_result()
-                real_result(30)  # the answer lands...
-                raise TimeoutError  # ...as the wait for it runs out
-
-            future.result = result  # type: ignore[method-assign]
-            return future
+        def answered(real_result: Callable[[float | None], Any], timeout: float | None) -> Any:
+            if timeout is None:
+                return real_result(None)
+            real_result(30)  # the answer lands...
+            raise TimeoutError  # ...as the wait for it runs out
 
         # Undone before the fixture closes the broker, whatever the call raises.
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(asyncio, "run_coroutine_threadsafe", answered_as_time_ran_out)
+            patch.setattr(asyncio, "run_coroutine_threadsafe", _waiting_as(answered))
             answer = sync_broker.get_item("B000000001", timeout=10)
         assert answer.ok
 

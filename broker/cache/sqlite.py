@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import re
 import sqlite3
@@ -188,16 +189,19 @@ class SqliteCache(StoreCache):
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
             raise RuntimeError("the item cache is closed")
-        loop = asyncio.get_running_loop()
+        return await self._on_thread(functools.partial(self._call, fn))
+
+    async def _on_thread(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` on the cache's thread; in the calling one once the interpreter is
+        exiting: concurrent.futures stops its workers before the atexit handlers (an
+        unclosed SyncBroker's finalizer) run, and the connection is not tied to a thread,
+        so the last writes and the close are done here."""
         try:
-            future = loop.run_in_executor(self._thread, self._call, fn)
+            future = asyncio.get_running_loop().run_in_executor(self._thread, fn)
         except RuntimeError as exc:
             if not _executors_stopped(exc):
                 raise
-            # The interpreter is exiting: concurrent.futures stopped its workers before the
-            # atexit handlers (an unclosed SyncBroker's finalizer) ran. The connection is
-            # not tied to a thread: the last writes and the close are done here.
-            return self._call(fn)
+            return fn()
         return await future
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -401,21 +405,13 @@ class SqliteCache(StoreCache):
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
 
         def close() -> None:
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
-        try:
-            future = loop.run_in_executor(self._thread, close)
-        except RuntimeError as exc:
-            if not _executors_stopped(exc):
-                raise
-            close()  # the interpreter is exiting (see _run)
-        else:
-            await future
+        await self._on_thread(close)
         self._thread.shutdown(wait=True)
 
     def __repr__(self) -> str:

@@ -761,7 +761,7 @@ def _status_path(directory: Path, name: str) -> Path:
 
 def _filing_files(directory: Path, name: str) -> list[Path]:
     """The status and output files a filing under ``name`` writes into ``directory``."""
-    names = [f"{name}{_STATUS_SUFFIX}"]
+    names = [_status_path(directory, name).name]
     for fmt in _FORMATS:
         names += [f"{name}.out.{fmt}", f"{name}.out.{fmt}.invalid.jsonl"]
     return [directory / each for each in names]
