@@ -1,11 +1,11 @@
 """The import layers, read from the source: who may import whom.
 
-Bottom: models, errors, clock, asin, listener, redisfaults, termwidth, lazyimport, wholefile
-(and logs, testing). ``api/`` holds Amazon's wire formats; ``state/`` and ``cache/`` the stores;
-``engine/`` the pipeline; ``client``, ``jobs/``, ``bench`` and ``cli`` compose them on top.
-``simulator/`` stands beside the client: it may use the bottom layer and the pure wire
-functions of ``api/`` (SigV4, marketplaces), never the engine or the broker's config, so it
-judges the client independently.
+Bottom: models, errors, clock, asin, listener, redisfaults, termwidth, lazyimport, wholefile,
+jsontext (and logs, testing). ``api/`` holds Amazon's wire formats; ``state/`` and ``cache/``
+the stores; ``engine/`` the pipeline; ``client``, ``jobs/``, ``bench`` and ``cli`` compose
+them on top. ``simulator/`` stands beside the client: it may use the bottom layer and the
+pure wire functions of ``api/`` (SigV4, marketplaces), never the engine or the broker's
+config, so it judges the client independently.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ("broker.termwidth", ("broker.api", "broker.engine", "broker.jobs", "broker.simulator")),
     ("broker.lazyimport", ("broker.api", "broker.engine", "broker.jobs", "broker.simulator")),
     ("broker.wholefile", ("broker.api", "broker.engine", "broker.jobs", "broker.simulator")),
+    ("broker.jsontext", ("broker.api", "broker.engine", "broker.jobs", "broker.simulator")),
     (
         "broker.api",
         ("broker.engine", "broker.jobs", "broker.cli", "broker.simulator", "broker.client"),

@@ -8,7 +8,6 @@ PascalCase) stay in each dialect, which passes them in.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,8 +16,6 @@ from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Final
-
-import orjson
 
 from broker.api.base import ItemOutcome, ParsedItems
 from broker.errors import (
@@ -30,6 +27,7 @@ from broker.errors import (
     ThrottledError,
     describe,
 )
+from broker.jsontext import loads
 from broker.models import ErrorDetail, ItemSummary, Status
 
 if TYPE_CHECKING:
@@ -192,29 +190,6 @@ def summarize(item: Mapping[str, object], f: SummaryFields) -> ItemSummary:
     return ItemSummary(title, price, currency, availability, url, image_url)
 
 
-def _loads(body: bytes) -> object:
-    """Decode JSON with orjson, falling back to the stdlib for what orjson refuses.
-
-    orjson is several times faster on Amazon's answers but rejects some JSON the stdlib
-    reads (a lone UTF-16 surrogate escape, NaN): one odd title must not fail ten items.
-    A NaN or an infinity (``NaN``, ``Infinity``, ``1e999``) is read as null: kept, it
-    would make every output that carries the item invalid JSON.
-    """
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return json.loads(body, parse_constant=_null, parse_float=_finite_or_null)
-
-
-def _null(_text: str) -> None:
-    return None
-
-
-def _finite_or_null(text: str) -> float | None:
-    value = float(text)
-    return value if math.isfinite(value) else None
-
-
 class LazySummary(ItemSummary):
     """An :class:`ItemSummary` read from its item only when a field is first read.
 
@@ -279,7 +254,7 @@ def load_object(body: bytes, *, status: int, what: str) -> Mapping[str, object]:
             which without quoting the body (a token response holds a credential).
     """
     try:
-        data = _loads(body)
+        data = loads(body)
     except (ValueError, RecursionError) as exc:
         raise ResponseError(
             f"{what}: HTTP {status} body is not JSON ({len(body)} bytes, {type(exc).__name__})",

@@ -52,11 +52,12 @@ from datetime import date
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import JobFileError
 from broker.jobs.sources import INVALID_ASIN
+from broker.jsontext import dumps, loads
 from broker.logs import get_logger
 from broker.sqlitewal import disk_error, file_identity, immediate, still_at
 
@@ -1194,7 +1195,9 @@ def _done_row(values: tuple[Any, ...]) -> DoneRow:
         asin=asin,
         marketplace=marketplace,
         status=status,
-        result=None if result is None else json.loads(result),
+        # The engine's answer, read back fast (it came from Amazon's JSON, read so too);
+        # the input's extra columns are the user's own values, read exactly.
+        result=None if result is None else cast("Mapping[str, object]", loads(result)),
         error_reason=reason,
         extra=None if extra is None else json.loads(extra),
         error_code=code or INVALID_ASIN,
@@ -1221,7 +1224,7 @@ def _jsonable(value: object) -> object:
 
 
 def _dumps(value: object) -> str:
-    return _text(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_jsonable))
+    return _text(dumps(value, default=_jsonable))
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

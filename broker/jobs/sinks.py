@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from broker.errors import JobFileError, describe
 from broker.jobs.ledger import DoneRow, SinkState, crash_point
+from broker.jsontext import dumps
 from broker.logs import get_logger
 from broker.sqlitewal import disk_error, enable_wal, file_identity, held_error, still_at
 
@@ -246,7 +247,7 @@ def _cell(value: object) -> object:
     other JSON value (a number, a list) as its compact JSON text."""
     if value is None or isinstance(value, str):
         return value or ""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return dumps(value)
 
 
 def _mapping(value: object) -> Mapping[str, object]:
@@ -257,7 +258,7 @@ _EMPTY: Final[Mapping[str, object]] = MappingProxyType({})
 
 
 def _json_line(value: object) -> str:
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = dumps(value)
     if "\u2028" in text or "\u2029" in text or "\x85" in text:
         # Line breaks to Python's str.splitlines, editors and log shippers, though not to
         # JSON: escaped, a row stays one line for every reader.

@@ -1,0 +1,129 @@
+"""JSON text by orjson with the stdlib behind it: the same text, and nothing newly refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from broker.jobs.ledger import Ledger
+from broker.jobs.sinks import json_lines, output_row
+from broker.jobs.sources import JobFingerprint, JobRow
+from broker.jsontext import dumps, loads
+
+
+def _stdlib(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+ROW = {
+    "line": 3,
+    "input": "B000000001",
+    "asin": "B000000001",
+    "status": "ok",
+    "item": {
+        "asin": "B000000001",
+        "itemInfo": {"title": {"displayValue": 'Kettle "Steel" \\ 1.7 l \u00e9\u4e2d\U0001f600'}},
+        "offersV2": {"listings": [{"price": {"money": {"amount": 19.99, "currency": "EUR"}}}]},
+        "flags": [True, False, None, 0, -1, 2**63 - 1, 1e16, 0.1, 123456.789, -0.0],
+    },
+    "control": "".join(chr(c) for c in range(32)) + "\x7f\u2028\u2029",
+    "extra": {"sku": "A-1", "n": 7},
+}
+
+
+class TestDumps:
+    """dumps writes the stdlib's compact text, faster, and falls back to it."""
+
+    def test_same_text_as_the_stdlib(self) -> None:
+        """A row with every escape, non-ASCII, floats and ints comes out as the stdlib's."""
+        assert dumps(ROW) == _stdlib(ROW)
+
+    def test_a_small_float_may_be_spelt_otherwise_but_is_the_same_number(self) -> None:
+        """orjson writes 1e-05 as 0.00001 and 1e-09 as 1e-9: other text, the same float."""
+        values = [1e-05, 9.99e-05, 1e-09, 1.5e-07, 2.5e300, 5e-324]
+        assert json.loads(dumps(values)) == values
+
+    def test_every_bmp_character_is_escaped_as_the_stdlib_does(self) -> None:
+        """No character outside the surrogates is written differently."""
+        text = "".join(chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF)
+        assert dumps(text) == _stdlib(text)
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            {"title": "half an emoji \ud83d"},
+            {"id": 2**64 + 1},
+            {1: "an int key"},
+        ],
+        ids=["lone-surrogate", "big-int", "int-key"],
+    )
+    def test_what_orjson_refuses_the_stdlib_writes(self, value: object) -> None:
+        """A lone surrogate, an integer beyond 64 bits, a key that is no string: as before."""
+        assert dumps(value) == _stdlib(value)
+
+    def test_nan_is_null_not_invalid_json(self) -> None:
+        """NaN and infinity, which the stdlib writes as bare NaN / Infinity, become null."""
+        assert dumps({"a": math.nan, "b": math.inf}) == '{"a":null,"b":null}'
+
+    def test_default_is_asked_for_datetimes_and_dataclasses(self) -> None:
+        """orjson's own forms of a datetime or a dataclass are not used: default decides."""
+
+        @dataclass
+        class Point:
+            x: int
+
+        seen: list[object] = []
+
+        def default(value: object) -> object:
+            seen.append(value)
+            return "converted"
+
+        moment = datetime(2026, 12, 6, tzinfo=UTC)
+        assert dumps([moment, Point(1)], default=default) == '["converted","converted"]'
+        assert seen == [moment, Point(1)]
+
+    def test_unserialisable_raises_type_error(self) -> None:
+        """Something JSON has no form for raises TypeError, as json.dumps does."""
+        with pytest.raises(TypeError):
+            dumps({"a": object()})
+
+
+class TestLoads:
+    """loads reads with orjson and falls back to the stdlib for what orjson refuses."""
+
+    def test_reads_what_dumps_wrote(self) -> None:
+        """A row round-trips."""
+        assert loads(dumps(ROW)) == ROW
+
+    def test_nan_and_lone_surrogate_escapes(self) -> None:
+        """NaN reads as null; a lone surrogate escape reads as the stdlib reads it."""
+        assert loads(b'{"a": NaN, "b": 1e999, "t": "\\ud83d"}') == {
+            "a": None,
+            "b": None,
+            "t": "\ud83d",
+        }
+
+    def test_not_json_raises_value_error(self) -> None:
+        """Text that is not JSON raises ValueError."""
+        with pytest.raises(ValueError, match="Expecting property name"):
+            loads(b"{not json")
+
+
+def test_a_jobs_extra_column_keeps_a_big_integer_exactly(tmp_path: Path) -> None:
+    """An input's extra value beyond 64 bits reaches the output exact (orjson reads it as
+    the nearest float, so the ledger reads the user's own values with the stdlib)."""
+    big = 123456789012345678901234567890
+    fingerprint = JobFingerprint(Path("/jobs/job.jsonl"), 1, 1, "a" * 64)
+    row = JobRow(1, "x", None, extra={"order": big}, error="bad")
+    with Ledger.open(
+        tmp_path / "job.ledger", fingerprint=fingerprint, default_marketplace="www.amazon.com"
+    ) as ledger:
+        ledger.ingest([row])
+        (done,) = ledger.done_rows_after(0)
+    assert done.extra == {"order": big}
+    assert f'"extra":{{"order":{big}}}' in json_lines([output_row(done)]).decode()
