@@ -85,3 +85,9 @@ if not TYPE_CHECKING:  # run time only (see broker.lazyimport)
     __getattr__ = _lazy_names(
         "broker.cache", {name: f"broker.cache.{home}" for name, home in _LAZY.items()}, globals()
     )
+
+
+def __dir__() -> list[str]:
+    """The package's names, the ones imported on first use included (an editor's
+    completion reads them)."""
+    return sorted(set(globals()) | set(__all__))
