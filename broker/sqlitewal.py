@@ -152,6 +152,24 @@ def refuse_orphans(path: Path, what: str) -> None:
         )
 
 
+def refuse_special(path: Path, remedy: str) -> None:
+    """Raise when ``path`` is a device, a pipe or a socket (``remedy``: what to set instead).
+
+    SQLite would open it as a database, fail with an I/O error, and leave a ``-journal``
+    beside it (in ``/dev`` for ``/dev/null``); the advice for a damaged file would then
+    say to delete a device. A directory is left to the caller's own advice.
+
+    Raises:
+        RefusedFileError: naming what the path is and what to do.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # absent, or out of reach: opening it says which
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise RefusedFileError(f"{path} is a device or a pipe, not a file: {remedy}")
+
+
 class RefusedFileError(OSError):
     """A file refused as it stands at its path (another program's database, a deleted
     database's journal left beside it): its message says what to do, and it is never to be

@@ -48,6 +48,7 @@ from broker.config import (
 )
 from broker.errors import BrokerError, ConfigError
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Protocol, Query, Secret, Status
+from broker.sqlitewal import RefusedFileError
 from broker.testing import FakeClock, settle
 
 US = "www.amazon.com"
@@ -236,6 +237,34 @@ class TestPolicy:
         assert "redis://h:1/2" in described
         assert "ASINB_REDIS_URL" in described
         assert "Pw9x" not in described
+
+    async def test_a_redis_that_never_answers_fails_within_the_timeout(self) -> None:
+        """A Redis that accepts the connection and never replies is a cache failure within
+        ``timeout_s`` (2 s by default), not a lookup waiting for ever (redis-py 5 has no
+        timeout of its own)."""
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cache = RedisCache.from_url(f"redis://127.0.0.1:{port}/0", CachePolicy(60), timeout_s=0.2)
+        try:
+            assert cache._redis.connection_pool.connection_kwargs["socket_timeout"] == 0.2
+            with pytest.raises(cache.failures):
+                await asyncio.wait_for(cache.get_many([q("B000000001")]), 10)
+        finally:
+            await cache.aclose()
+            for writer in accepted:
+                writer.close()
+            server.close()
+            await server.wait_closed()
+        default = RedisCache.from_url("redis://127.0.0.1:1/0", CachePolicy(60))
+        try:
+            assert default._redis.connection_pool.connection_kwargs["socket_timeout"] == 2.0
+        finally:
+            await default.aclose()
 
     def test_a_redis_url_option_its_scheme_does_not_take_is_a_config_error(self) -> None:
         """``?ssl_password=`` on a ``redis://`` URL (from redis_url_env) is a config error
@@ -713,6 +742,93 @@ class TestSqlite:
             assert torn is None
             assert whole is not None
             assert (await cache.stats()).entries == 1
+
+    async def test_a_path_naming_a_pipe_is_refused_and_nothing_is_left_beside_it(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """A [cache] path naming a FIFO (or a device: /dev/null) is refused before SQLite
+        opens it: it left a -journal beside it (in /dev for /dev/null) and its advice said
+        to delete the damaged "file"."""
+        path = tmp_path / "cache.fifo"
+        os.mkfifo(path)
+        cache = SqliteCache(path, CachePolicy(60), clock=clock)
+        try:
+            with pytest.raises(RefusedFileError, match="is a device or a pipe, not a file") as info:
+                await cache.get_many([q("B000000001")])
+            assert "delete" not in cache.describe_failure(info.value)
+            assert "--no-cache" in str(info.value)
+        finally:
+            await cache.aclose()
+        assert sorted(os.listdir(tmp_path)) == ["cache.fifo"]
+
+    async def test_a_corrupt_payload_with_the_file_locked_costs_only_itself(
+        self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The damaged entry's delete waiting out another process's write lock fails the
+        delete alone: the read's other answers are served (the whole read raised, and the
+        engine left the cache off for a minute)."""
+        monkeypatch.setattr("broker.cache.sqlite._BUSY_TIMEOUT_MS", 100)
+        path = tmp_path / "cache.sqlite3"
+        async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
+        with sqlite_db(path) as db:
+            db.execute(
+                "UPDATE item_cache SET payload = substr(payload, 1, 20) WHERE asin = ?",
+                ("B000000001",),
+            )
+        writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
+                with capture_logs() as logs:
+                    torn, whole = await cache.get_many([q("B000000001"), q("B000000002")])
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        assert torn is None
+        assert whole is not None
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "cache.corrupt_entry",
+            "cache.corrupt_entry_kept",
+        ]
+
+    @pytest.mark.parametrize("home", ["sqlite", "fakeredis"])
+    async def test_a_good_answer_stored_after_a_damaged_one_was_read_is_kept(
+        self, tmp_path: Path, clock: FakeClock, home: str
+    ) -> None:
+        """Another process's good answer for the key, stored between the read that found
+        the damaged entry and its delete, stays (it was deleted by key)."""
+        server = fakeredis.FakeServer()
+
+        def open_home() -> StoreCache:
+            if home == "sqlite":
+                return SqliteCache(tmp_path / "cache.sqlite3", CachePolicy(60), clock=clock)
+            client = fakeredis.FakeAsyncRedis(server=server)
+            return RedisCache(client, CachePolicy(60), clock=clock, owns_client=True)
+
+        async with open_home() as reader, open_home() as writer:
+            await writer.put_many([ok("B000000001", clock)])
+            if home == "sqlite":
+                with sqlite_db(tmp_path / "cache.sqlite3") as db:
+                    db.execute("UPDATE item_cache SET payload = substr(payload, 1, 20)")
+            else:
+                raw = fakeredis.FakeAsyncRedis(server=server)
+                (name,) = await raw.keys("*B000000001*")
+                await raw.set(name, (await raw.get(name))[:-3], keepttl=True)
+                await raw.aclose()
+            await clock.advance(1)
+            load = reader._load
+
+            async def load_then_the_other_process_stores(keys: Any) -> Any:
+                found = await load(keys)
+                await writer.put_many([ok("B000000001", clock)])
+                return found
+
+            reader._load = load_then_the_other_process_stores  # type: ignore[method-assign]
+            (damaged,) = await reader.get_many([q("B000000001")])
+            (kept,) = await writer.get_many([q("B000000001")])
+        assert damaged is None
+        assert kept is not None
 
     @pytest.mark.parametrize(
         "damage",

@@ -1386,6 +1386,19 @@ class TestSqliteReuse:
         assert [d.count for d in later] == [2, 3, 4]
         await a.aclose()
 
+    def test_a_path_naming_a_pipe_is_refused_and_nothing_is_left_beside_it(
+        self, tmp_path: Path
+    ) -> None:
+        """A [state] path naming a FIFO or a device is refused before SQLite opens it (it
+        left a -journal beside it)."""
+        from broker.sqlitewal import RefusedFileError
+
+        path = tmp_path / "keys.fifo"
+        os.mkfifo(path)
+        with pytest.raises(RefusedFileError, match=r"not a file: set \[state\] path"):
+            SqliteStateStore(path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.fifo"]
+
     async def test_a_file_made_meanwhile_is_no_orphan(self, tmp_path: Path) -> None:
         """The orphan check looks at the file again: a process that found no file while
         another made it (with its -wal) starts on it, not refuses a healthy first start."""

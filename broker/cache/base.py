@@ -232,7 +232,7 @@ class StoreCache(abc.ABC):
         entries = await self._load(list(dict.fromkeys(keys)))
         now = self._now()
         out: list[ItemResult | None] = []
-        corrupt: list[CacheKey] = []
+        corrupt: list[Entry] = []
         for query, key in zip(queries, keys, strict=True):
             entry = entries.get(key)
             result = None
@@ -241,7 +241,7 @@ class StoreCache(abc.ABC):
                     result = decode(entry, query)
                 except CorruptEntry:
                     _log.warning("cache.corrupt_entry", marketplace=key.marketplace, asin=key.asin)
-                    corrupt.append(key)
+                    corrupt.append(entry)
                     entries.pop(key)
             out.append(result)
         if count:
@@ -249,8 +249,25 @@ class StoreCache(abc.ABC):
             self._hits += hits
             self._misses += len(out) - hits
         if corrupt:
-            await self._delete(corrupt, fetched_before=None, asins=None)
+            await self._drop_corrupt(corrupt)
         return out
+
+    async def _drop_corrupt(self, entries: Sequence[Entry]) -> None:
+        """Delete damaged entries, best effort: the read they were found in stands whatever
+        happens here (a lock held too long, a read-only file), each a miss of its own."""
+        try:
+            await self._delete_unchanged(entries)
+        except self.failures as exc:
+            _log.warning("cache.corrupt_entry_kept", entries=len(entries), error=str(exc))
+
+    async def _delete_unchanged(self, entries: Sequence[Entry]) -> None:
+        """Delete each of ``entries`` whose key still holds it as it was read.
+
+        Not by key alone: another process may have stored a good answer for the key since
+        the damaged one was read. A home other processes share overrides this; here the
+        key's entry is deleted whatever it holds (no one else writes to it).
+        """
+        await self._delete([entry.key for entry in entries], fetched_before=None, asins=None)
 
     def tally(self, *, hit: bool) -> None:
         """Count one lookup read uncounted (``get_many(count=False)``) as a hit or a miss,

@@ -109,9 +109,12 @@ class RedisCache(StoreCache):
         clock: Clock | None = None,
         batch_size: int = 10,
         setting: str = "[cache] redis_url",
+        timeout_s: float = 2.0,
     ) -> RedisCache:
         """Connect to ``url`` (``redis://host:port/db``); the cache owns the client.
-        ``setting`` names what gave the URL, for the advice when Redis fails.
+        ``setting`` names what gave the URL, for the advice when Redis fails; ``timeout_s``
+        bounds each connect and each reply (a Redis that does not answer within it has
+        failed, and lookups go on without the cache: redis-py 5 waits for ever by default).
 
         Raises:
             ConfigError: ``url`` cannot be read as a Redis URL, or carries an option its
@@ -119,7 +122,12 @@ class RedisCache(StoreCache):
                 quotes it: the parser's own error quotes the password.
         """
         try:
-            client = Redis.from_url(url, decode_responses=False)
+            client = Redis.from_url(
+                url,
+                decode_responses=False,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+            )
         except ValueError:
             raise ConfigError(
                 "cache.redis_url",
@@ -238,12 +246,39 @@ class RedisCache(StoreCache):
         if not members:
             return 0
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(*[self._member_name(m) for m in members])
-            pipe.zrem(self._index, *members)
-            pipe.zrem(self._names, *members)
-            pipe.hdel(self._sizes, *members)
+            self._queue_drop(pipe, members)
             deleted, _, _, _ = await pipe.execute()
         return int(deleted)
+
+    def _queue_drop(self, pipe: Pipeline, members: Sequence[bytes | str]) -> None:
+        """Queue the deletion of ``members``' entries with their index and size records."""
+        pipe.delete(*[self._member_name(m) for m in members])
+        pipe.zrem(self._index, *members)
+        pipe.zrem(self._names, *members)
+        pipe.hdel(self._sizes, *members)
+
+    async def _delete_unchanged(self, entries: Sequence[Entry]) -> None:
+        names = [self._name(entry.key) for entry in entries]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for _ in range(_WRITE_TRIES):
+                try:
+                    # Under WATCH, as a write: an entry another process replaced since it
+                    # was read (a good answer for the same key) stays.
+                    await pipe.watch(*names)
+                    held: list[bytes | str | None] = await pipe.mget(names)
+                    members = [
+                        entry.key.text()
+                        for entry, value in zip(entries, held, strict=True)
+                        if _unpacked(value) == (entry.fetched_at, entry.checksum, entry.payload)
+                    ]
+                    if not members:
+                        return
+                    pipe.multi()  # type: ignore[no-untyped-call]  # redis-py ships no types
+                    self._queue_drop(pipe, members)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     async def _delete(
         self,

@@ -36,6 +36,7 @@ from broker.sqlitewal import (
     immediate,
     refuse_foreign,
     refuse_orphans,
+    refuse_special,
     replaced,
 )
 
@@ -120,6 +121,12 @@ ON CONFLICT (ns, marketplace, asin, resources) DO UPDATE SET
     checksum = excluded.checksum, payload = excluded.payload
 WHERE excluded.fetched_at >= item_cache.fetched_at
     OR item_cache.fetched_at > ?
+"""
+
+#: Deletes a key's damaged entry only while the row holds the bytes that were read.
+_DELETE_UNCHANGED: Final = """
+DELETE FROM item_cache WHERE ns = ? AND marketplace = ? AND asin = ? AND resources = ?
+AND checksum = ? AND payload = ?
 """
 
 #: Deletes a key's row only while it is still unreadable (see ``_load``).
@@ -234,6 +241,11 @@ class SqliteCache(StoreCache):
         if not directory.exists():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)
+        refuse_special(
+            self.path,
+            "set [cache] path to a file's path, or turn the cache off (--no-cache, or [cache] "
+            "max_age_s = 0)",
+        )
         new = not self.path.exists()
         if new:
             refuse_orphans(self.path, "the item cache")
@@ -292,7 +304,11 @@ class SqliteCache(StoreCache):
                     ):
                         key = by_text[(marketplace, asin, resources)]
                         try:
-                            entry = Entry(key, float(fetched_at), bytes(payload), bytes(digest))
+                            # A number is no payload (bytes(42) is 42 zero bytes), as
+                            # _DELETE_DAMAGED, which deletes the row, sees it.
+                            if not isinstance(payload, bytes) or not isinstance(digest, bytes):
+                                raise TypeError("not bytes")
+                            entry = Entry(key, float(fetched_at), payload, digest)
                         except (TypeError, ValueError):
                             # SQLite keeps any type in any column: a row damaged so is a
                             # miss of its own, not a failure of the whole read.
@@ -326,6 +342,14 @@ class SqliteCache(StoreCache):
             await self._run(delete)
         except self.failures as exc:
             _log.warning("cache.corrupt_entry_kept", entries=len(keys), error=str(exc))
+
+    async def _delete_unchanged(self, entries: Sequence[Entry]) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            rows = [(*self._key_params(e.key), e.checksum, e.payload) for e in entries]
+            with immediate(db):
+                db.executemany(_DELETE_UNCHANGED, rows)
+
+        await self._run(delete)
 
     async def _store(self, entries: Sequence[Entry], *, expire_before: float) -> int:
         policy = self.policy

@@ -34,6 +34,7 @@ from broker.sqlitewal import (
     immediate,
     refuse_foreign,
     refuse_orphans,
+    refuse_special,
     replaced,
 )
 from broker.state.decision import Record, decide
@@ -135,6 +136,7 @@ class SqliteStateStore:
             raise OSError(
                 exc.errno, f"{path}: cannot create or enter its directory: {reason}"
             ) from exc
+        refuse_special(path, "set [state] path to a file's path")
         if new:
             refuse_orphans(path, "the key state")
         try:
