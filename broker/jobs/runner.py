@@ -894,7 +894,7 @@ async def _fetch(
     """
 
     buffer: list[tuple[Lookup, ItemResult]] = []
-    cached = 0
+    cached = answered = 0
     # Marketplaces whose every key was rejected, as their streams end (see each_marketplace).
     refused: list[NoUsableKeyError] = []
 
@@ -937,9 +937,10 @@ async def _fetch(
             await _emit_yielding(ledger, output.sink, output.name)
 
     async def consume(marketplace: str | None) -> None:
-        nonlocal cached
+        nonlocal cached, answered
         async for result in broker.stream(queries(marketplace), stop=stop.draining):
             cached += result.cached
+            answered += 1
             assert result.query is not None
             lookup = result.query.tag
             assert isinstance(lookup, Lookup)
@@ -972,7 +973,11 @@ async def _fetch(
     stop.watch(task)
     ticker = loop.create_task(progress.run())
     committer = loop.create_task(commit_when_idle())
-    quota_watch = loop.create_task(_watch_quota(broker, stop, needed)) if options.no_wait else None
+    quota_watch = (
+        loop.create_task(_watch_quota(broker, stop, needed, lambda: answered))
+        if options.no_wait
+        else None
+    )
     failed = False
     try:
         await task
@@ -1088,17 +1093,28 @@ def quota_wait(metrics: MetricsSnapshot, *, keys: Collection[str] | None = None)
     return min(waits) if waits else None
 
 
-async def _watch_quota(broker: Broker, stop: _Stop, needed: Callable[[], Collection[str]]) -> None:
-    """``no_wait``: stop the run at once when every key the rows left need (``needed()``:
-    those serving a marketplace a row is left for) waits for its daily quota; a fresh
-    key that serves none of them cannot help."""
+async def _watch_quota(
+    broker: Broker,
+    stop: _Stop,
+    needed: Callable[[], Collection[str]],
+    answered: Callable[[], int],
+) -> None:
+    """``no_wait``: stop the run when every key the rows left need (``needed()``: those
+    serving a marketplace a row is left for) waits for its daily quota; a fresh key that
+    serves none of them cannot help. Not while rows are still being answered
+    (``answered()``, the results so far, grew since the last look): the item cache answers
+    rows with no key, and a job whose key spent its quota on its first rows stopped with
+    the cached rows after them left pending."""
+    seen = answered()
     while True:
         await asyncio.sleep(QUOTA_POLL_S)
         keys = needed()
         until = quota_wait(broker.metrics(), keys=keys) if keys else None
-        if until is not None:
+        now = answered()
+        if until is not None and now == seen:
             stop.quota_spent(until, keys)
             return
+        seen = now
 
 
 def keys_serving(broker: Broker, markets: Collection[str]) -> set[str]:
