@@ -14,7 +14,8 @@ from ``/proc/<pid>/status`` and counts the output rows written so far (new bytes
 output file). Reported: rows/s over the whole run (ingest included) and between 10 % and
 100 % of the rows, the RSS when 10 % of the rows were done (100k of 1M) and at the end, the
 peak RSS (the kernel's ``ru_maxrss`` of the finished child), and the output's rows by status,
-checked against what the job holds.
+checked against what the job holds, and the broker process's CPU (user and system, from
+the kernel's accounting of the finished child) per row.
 
 Run: ``uv run python benchmarks/scale.py [--quick] [--rows 1000000]``. ``--quick`` is 20,000
 rows. Prints a table to stderr and one JSON line to stdout, and writes
@@ -236,6 +237,9 @@ def _run(args: argparse.Namespace, rows: int, tmp: Path) -> dict[str, Any]:
             "none",
         ]
         counter = _LineCounter(out)
+        # The CPU of children waited for so far, before and after this one: the broker's own
+        # (the simulator is still running, so it is not counted).
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with (tmp / "broker.stderr").open("w", encoding="utf-8") as stderr:
             started = time.perf_counter()
             proc = subprocess.Popen(
@@ -256,7 +260,9 @@ def _run(args: argparse.Namespace, rows: int, tmp: Path) -> dict[str, Any]:
             wall = time.perf_counter() - started
         # The largest resident set of any child waited for so far: only this broker (the
         # simulator is still running).
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_kb = after.ru_maxrss
+        cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     stderr_text = (tmp / "broker.stderr").read_text(encoding="utf-8", errors="replace")
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"broker run exited {proc.returncode}:\n{stderr_text[-3000:]}")
@@ -279,6 +285,8 @@ def _run(args: argparse.Namespace, rows: int, tmp: Path) -> dict[str, Any]:
         "statuses": dict(statuses),
         "statuses_as_expected": dict(statuses) == {k: v for k, v in expected.items() if v},
         "rows_per_s": round(rows / wall, 1),
+        "broker_cpu_s": round(cpu_s, 2),
+        "broker_cpu_us_per_row": round(cpu_s / rows * 1e6, 1),
         "rows_per_s_after_early": steady,
         "early_rows": early_rows,
         "rss_mb_at_early": round(early.rss_kb / 1024, 1) if early else None,
@@ -350,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wall s",
             "rows/s",
             "rows/s after 10 %",
+            "CPU us/row",
             f"RSS MB at {result['early_rows']}",
             "RSS MB at end",
             "peak RSS MB",
@@ -361,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["wall_s"],
                 result["rows_per_s"],
                 result["rows_per_s_after_early"],
+                result["broker_cpu_us_per_row"],
                 result["rss_mb_at_early"],
                 result["rss_mb_at_end"],
                 result["peak_rss_mb"],
