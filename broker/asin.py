@@ -129,7 +129,9 @@ def _isbn13_reason(text: str, *, convert_isbn13: bool) -> str | None:
 
 
 def plain_asin(raw: str) -> str | None:
-    """``raw`` itself if it is already a normalised ASIN with no ISBN-10 shape, else None.
+    """``raw`` if it is already a normalised ASIN with no ISBN-10 shape, else None (a plain
+    ``str`` even when ``raw`` is a subclass, numpy's ``str_`` from a DataFrame column say: a
+    result's ``asin`` is plain text).
 
     The engine's hot path asks this first, for every id: most ids are such ASINs, and it
     answers them with four string tests and no object. None only means "ask
@@ -137,7 +139,7 @@ def plain_asin(raw: str) -> str | None:
     """
     if len(raw) == 10 and raw.isascii() and raw.isalnum() and raw.isupper():
         # Nine leading digits are an ISBN-10's shape: its check digit must be checked.
-        return None if raw[:9].isdigit() else raw
+        return None if raw[:9].isdigit() else str(raw)
     return None
 
 

@@ -13,7 +13,7 @@ never read it pay nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Final
 
@@ -585,8 +585,20 @@ def _listing(value: Mapping[str, object], s: Spelling) -> Listing:
     if isinstance(sub_condition, dict):  # V1 offers: {"Value": "New", ...}
         sub_condition = sub_condition.get(s["value"])
     condition_value = condition.get(s["value"])
+    note = condition.get(s["conditionNote"])
+    if isinstance(note, dict):  # V1 offers: {"Value": "...", "Locale": "en_US"}
+        note = note.get(s["value"])
+    price = _price(value.get(s["price"]), s)
+    basis_raw = value.get(s["savingBasis"])
+    if price is not None and price.saving_basis is None and isinstance(basis_raw, dict):
+        # V1 offers keep the saving basis beside the price, OffersV2 inside it.
+        price = replace(
+            price,
+            saving_basis=_money(basis_raw, s),
+            saving_basis_type=_str(basis_raw.get(s["savingBasisType"])),
+        )
     return Listing(
-        price=_price(value.get(s["price"]), s),
+        price=price,
         availability=Availability(
             type=_str(availability.get(s["type"])),
             message=_str(availability.get(s["message"])),
@@ -598,7 +610,7 @@ def _listing(value: Mapping[str, object], s: Spelling) -> Listing:
         condition=Condition(
             value=_str(condition_value),
             sub_condition=_str(sub_condition),
-            note=_str(condition.get(s["conditionNote"])),
+            note=_str(note),
         )
         if condition
         else None,

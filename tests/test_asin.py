@@ -428,3 +428,16 @@ def test_plain_asin_agrees_with_check_asin(raw: str) -> None:
 def test_plain_asin_leaves_the_rest_to_check_asin(raw: str, fast: str | None) -> None:
     """Lower case, spaces, ISBN-10 shapes and non-ASCII ids go to check_asin."""
     assert plain_asin(raw) == fast
+
+
+def test_a_str_subclass_gives_a_plain_str_asin() -> None:
+    """An id of a str subclass (numpy's str_, from a DataFrame column) gives a plain str:
+    plain_asin handed the input object itself back, so results carried numpy strings."""
+
+    class Column(str):
+        __slots__ = ()
+
+    for raw in (Column("B000000001"), Column(" b000000001 "), Column("0306406152")):
+        verdict = check_asin(raw)
+        assert type(verdict.asin) is str, raw
+    assert type(plain_asin(Column("B000000001"))) is str

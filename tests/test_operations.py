@@ -613,6 +613,46 @@ def test_peer_enum_member_names_are_ours_too() -> None:
             assert mine[member.name].value == member.value, (name, member.name)
 
 
+#: python-amazon-paapi 5.x's enums (``amazon_paapi.models``, the PA-API 5.0 SDK's classes of
+#: string constants; 5.0.1 is not installed beside 7.x, so its members are copied here).
+PEER_5X_ENUMS = {
+    "SortBy": {
+        "AVGCUSTOMERREVIEWS": "AvgCustomerReviews",
+        "FEATURED": "Featured",
+        "NEWESTARRIVALS": "NewestArrivals",
+        "PRICE_HIGHTOLOW": "Price:HighToLow",
+        "PRICE_LOWTOHIGH": "Price:LowToHigh",
+        "RELEVANCE": "Relevance",
+    },
+    "Condition": {
+        "ANY": "Any",
+        "COLLECTIBLE": "Collectible",
+        "NEW": "New",
+        "REFURBISHED": "Refurbished",
+        "USED": "Used",
+    },
+    "Availability": {"AVAILABLE": "Available", "INCLUDEOUTOFSTOCK": "IncludeOutOfStock"},
+    "Merchant": {"ALL": "All", "AMAZON": "Amazon"},
+    "DeliveryFlag": {
+        "AMAZONGLOBAL": "AmazonGlobal",
+        "FREESHIPPING": "FreeShipping",
+        "FULFILLEDBYAMAZON": "FulfilledByAmazon",
+        "PRIME": "Prime",
+    },
+}
+
+
+def test_peer_5x_enum_member_names_are_ours_too() -> None:
+    """Every member name of python-amazon-paapi 5.x's enums is one of ours, naming the same
+    value (``SortBy.PRICE_LOWTOHIGH`` raised AttributeError)."""
+    from broker.api import operations as ours
+
+    for name, members in PEER_5X_ENUMS.items():
+        mine = getattr(ours, name)
+        for member, value in members.items():
+            assert mine[member].value == value, (name, member)
+
+
 _scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
 _keys = st.sampled_from(
     [

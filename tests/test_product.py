@@ -254,6 +254,36 @@ class TestBothProtocols:
         assert listing.condition is not None
         assert (listing.condition.value, listing.condition.sub_condition) == ("Used", "Good")
 
+    def test_v1_saving_basis_beside_the_price_and_condition_note_object(self) -> None:
+        """V1 offers keep SavingBasis beside Price (V2 inside it) and ConditionNote as an
+        object with its Value: both were read as None."""
+        raw = {
+            "ASIN": "B000000001",
+            "Offers": {
+                "Listings": [
+                    {
+                        "Price": {"Amount": 49.99, "Currency": "USD", "DisplayAmount": "$49.99"},
+                        "SavingBasis": {
+                            "Amount": 59.99,
+                            "Currency": "USD",
+                            "DisplayAmount": "$59.99",
+                            "PriceType": "LIST_PRICE",
+                        },
+                        "Condition": {
+                            "Value": "Used",
+                            "ConditionNote": {"Value": "Box opened", "Locale": "en_US"},
+                        },
+                    }
+                ]
+            },
+        }
+        listing = read_product(raw).listing
+        assert listing is not None
+        assert listing.price is not None
+        assert listing.price.saving_basis == Money(59.99, "USD", "$59.99")
+        assert listing.condition is not None
+        assert listing.condition.note == "Box opened"
+
 
 class TestAbsentParts:
     """Missing data reads as None or empty, never as an error."""

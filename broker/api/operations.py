@@ -63,6 +63,9 @@ class SortBy(enum.StrEnum):
     NEWESTARRIVALS = "NewestArrivals"
     PRICE_COLON_HIGH_TO_LOW = "Price:HighToLow"
     PRICE_COLON_LOW_TO_HIGH = "Price:LowToHigh"
+    # python-amazon-paapi 5.x's (the PA-API 5.0 SDK's), for code from before 7.x.
+    PRICE_HIGHTOLOW = "Price:HighToLow"
+    PRICE_LOWTOHIGH = "Price:LowToHigh"
 
 
 class Condition(enum.StrEnum):
