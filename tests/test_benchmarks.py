@@ -419,6 +419,16 @@ def test_product_cost_quick(tmp_path: Path) -> None:
     _written(tmp_path, "product_cost", body)
 
 
+def test_sigv4_cost_quick(tmp_path: Path) -> None:
+    """sigv4_cost.py reports the CPU per signed request of our signer and of botocore's."""
+    body = _run("sigv4_cost.py", tmp_path, "--quick", "--requests", "50")
+    assert body["benchmark"] == "sigv4_cost"
+    assert body["requests"] == 50
+    assert set(body["us_per_request"]) == {"asin-broker", "botocore"}
+    assert all(value > 0 for value in body["us_per_request"].values())
+    _written(tmp_path, "sigv4_cost", body)
+
+
 def test_cache_rerun_quick(tmp_path: Path) -> None:
     """A 200-ASIN quick run: day 2 hits the 90 % seen on day 1 and sends fewer requests."""
     body = _run(
@@ -460,6 +470,7 @@ def test_shared_key_quick_run(tmp_path: Path) -> None:
     ("script", "args", "said"),
     [
         ("product_cost.py", ["--items", "0"], "--items: must be above 0"),
+        ("sigv4_cost.py", ["--requests", "0"], "--requests: must be above 0"),
         ("pacer_precision.py", ["--rates", "10,-5"], "--rates: must be above 0"),
         # 21 intervals at 1e-9/s: 21,000,000,000 s of running.
         ("pacer_precision.py", ["--rates", "1e-9"], "the slowest rate this measures"),
