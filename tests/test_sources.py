@@ -834,6 +834,14 @@ class TestGzip:
         with pytest.raises(JobFileError, match="not gzip-compressed"):
             rows(path)
 
+    def test_a_gz_cut_before_its_first_line_says_so(self, tmp_path: Path) -> None:
+        """A .gz cut before one whole line was read says so ("after line 0" read oddly)."""
+        whole = gzip.compress(b"B000000001\n" * 100)
+        path = tmp_path / "job.txt.gz"
+        path.write_bytes(whole[:12])
+        with pytest.raises(JobFileError, match="gzip data ends early before its first line"):
+            list(read_job(path))
+
     def test_c11_truncated_gz_yields_rows_then_fails(self, tmp_path: Path) -> None:
         """C11: a truncated .gz yields the rows read so far, then a clear JobFileError."""
         body = "".join(f"B{i:09d}\n" for i in range(20_000)).encode()

@@ -592,12 +592,12 @@ def _lines(
             yield lineno, text
     except EOFError as exc:
         raise JobFileError(
-            f"{path}: the gzip data ends early after line {lineno} (a truncated file, or one "
+            f"{path}: the gzip data ends early {_after(lineno)} (a truncated file, or one "
             f"still being written); {_gzip_remedy(path)}"
         ) from exc
     except (gzip.BadGzipFile, zlib.error) as exc:
         raise JobFileError(
-            f"{path}: the gzip data is corrupt after line {lineno} ({exc}); {_gzip_remedy(path)}"
+            f"{path}: the gzip data is corrupt {_after(lineno)} ({exc}); {_gzip_remedy(path)}"
         ) from exc
     except OSError:
         with _reading(path):  # a read that failed names no file: the job's, then
@@ -615,6 +615,11 @@ def _reading(path: Path) -> Iterator[None]:
         if exc.filename is not None or exc.errno is None:
             raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+
+
+def _after(lineno: int) -> str:
+    """Where in the file a read failed: after a line, or before the first one."""
+    return f"after line {lineno}" if lineno else "before its first line"
 
 
 def _gzip_remedy(path: Path) -> str:
