@@ -152,6 +152,12 @@ def refuse_orphans(path: Path, what: str) -> None:
         )
 
 
+class RefusedFileError(OSError):
+    """A file refused as it stands at its path (another program's database, a deleted
+    database's journal left beside it): its message says what to do, and it is never to be
+    deleted on any generic advice of ours."""
+
+
 def refuse_special(path: Path, remedy: str) -> None:
     """Raise when ``path`` is a device, a pipe or a socket (``remedy``: what to set instead).
 
@@ -167,13 +173,7 @@ def refuse_special(path: Path, remedy: str) -> None:
     except OSError:
         return  # absent, or out of reach: opening it says which
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise RefusedFileError(f"{path} is a device or a pipe, not a file: {remedy}")
-
-
-class RefusedFileError(OSError):
-    """A file refused as it stands at its path (another program's database, a deleted
-    database's journal left beside it): its message says what to do, and it is never to be
-    deleted on any generic advice of ours."""
+        raise RefusedFileError(f"{path} is a device, a pipe or a socket, not a file: {remedy}")
 
 
 #: The tables of the machine-wide files of ours: the key state's and the item cache's (one

@@ -753,7 +753,7 @@ class TestSqlite:
         os.mkfifo(path)
         cache = SqliteCache(path, CachePolicy(60), clock=clock)
         try:
-            with pytest.raises(RefusedFileError, match="is a device or a pipe, not a file") as info:
+            with pytest.raises(RefusedFileError, match="a pipe or a socket, not a file") as info:
                 await cache.get_many([q("B000000001")])
             assert "delete" not in cache.describe_failure(info.value)
             assert "--no-cache" in str(info.value)
