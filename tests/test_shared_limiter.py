@@ -1250,3 +1250,134 @@ class TestKilledProcess:
         assert len(before) <= 0.65 * 20 * (killed_at - first - 0.2) + 1  # sharing: about half
         after = [t for t in times if killed_at + 0.5 <= t < killed_at + 2.0]
         assert len(after) >= 27  # 20/s for 1.5 s is 30; the dead process held one slot at most
+
+
+async def test_a_pause_and_a_park_survive_a_store_error() -> None:
+    """A Retry-After pause and a park taken for a decision that fails (a full disk) are kept
+    and reach the store when it is back: the other process is held too (README: nothing is
+    lost, feedback is kept)."""
+    clock = FakeClock()
+    inner = _store(clock)
+    store = _DiskFull(inner)
+    a, b = _limiter(clock, cast("Any", store), "a"), _limiter(clock, inner, "b")
+    await a.commit()
+    store.full = True
+    a.pause_until(clock.monotonic() + 30.0, reason="Retry-After")
+    a.park(900.0, "quota_exhausted")
+    await clock.advance(0.0)  # the background flush meets the full disk
+    with pytest.raises(OSError, match="disk full"):
+        await a.refresh()
+    store.full = False
+    await a.refresh()
+    seen = await b.refresh()
+    assert seen.pause_reason == "Retry-After"
+    assert seen.paused_until_us - seen.now_us == pytest.approx(30_000_000, abs=1_000)
+    assert seen.park_reason == "quota_exhausted"
+    assert seen.parked_until_us - seen.now_us == pytest.approx(900_000_000, abs=1_000)
+
+
+async def test_an_unpark_survives_a_store_error() -> None:
+    """A probe's success (unpark) taken for a decision that fails is kept and lifts the park
+    for every process once the store is back: the key is not left parked for all."""
+    clock = FakeClock()
+    inner = _store(clock)
+    store = _DiskFull(inner)
+    a, b = _limiter(clock, cast("Any", store), "a"), _limiter(clock, inner, "b")
+    a.park(1.0, "quota_exhausted")
+    await a.refresh()
+    await clock.advance(1.5)
+    await a.commit()  # the probe
+    store.full = True
+    a.record_success(demand_limited=False)  # the probe got through: unpark
+    await clock.advance(0.0)  # the background flush meets the full disk
+    with pytest.raises(OSError, match="disk full"):
+        await a.refresh()
+    store.full = False
+    await a.refresh()
+    seen = await b.refresh()
+    assert seen.parked_until_us == 0
+
+
+async def test_the_count_read_after_the_reset_is_the_new_day_s() -> None:
+    """Past the store's daily reset, a limiter whose last answer is of the day before reads
+    nothing spent (spent 0, the whole limit left, not exhausted) before it asks again:
+    /metrics and status must not show yesterday's count as today's."""
+    clock = FakeClock(epoch=dt.datetime(2026, 12, 3, 23, 59, 0, tzinfo=dt.UTC))
+    store = _store(clock)
+    limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=2)
+    a = _limiter(clock, store, "a", limits)
+    for _ in range(2):
+        sending = asyncio.create_task(a.commit())
+        await clock.advance(0.3)
+        await sending
+    assert a.exhausted
+    await clock.advance(120.0)  # 00:01 the next day by the store's clock; no ask since
+    assert a.spent == 0
+    assert a.remaining == 2
+    assert not a.exhausted
+
+
+async def test_a_released_probe_of_a_later_slot_frees_the_lease() -> None:
+    """A probe granted a slot after a pause (its send later than its decision) and given
+    back (its own network failed) frees the store's lease: the lease is the decision's, so
+    another process probes at once, not after the 60 s lease."""
+    clock = FakeClock()
+    store = _store(clock)
+    a, b = _limiter(clock, store, "a"), _limiter(clock, store, "b")
+    a.park(1.0, "quota_exhausted")
+    a.pause_until(clock.monotonic() + 3.0, reason="Retry-After")
+    await a.refresh()
+    await clock.advance(1.5)  # the park is over, the pause not: the probe's slot is at 3 s
+    probing = asyncio.create_task(a.commit())
+    await clock.advance(1.6)
+    await probing
+    assert a.last_decision is not None
+    assert a.last_decision.probe
+    a.release_probe()
+    await clock.advance(0.0)  # the background flush
+    await clock.advance(0.3)
+    sending = asyncio.create_task(b.commit())
+    await clock.advance(0.5)
+    await sending
+    assert b.last_decision is not None
+    assert b.last_decision.probe
+
+
+async def test_closing_asks_no_store_known_to_be_out_of_reach() -> None:
+    """A key whose store is out of reach closes without asking it again (README: a closing
+    process does not wait at all while the store is out of reach): the leave is skipped,
+    not tried for up to a second per key."""
+
+    class _Down:
+        backend = "redis"
+        calls = 0
+
+        async def decide(self, *args: object, **kwargs: object) -> Any:
+            self.calls += 1
+            raise StateUnavailableError("redis", "redis://127.0.0.1:1/0: ConnectionError")
+
+        async def aclose(self) -> None:
+            return None
+
+    down = _Down()
+    limiter = SharedKeyLimiter(
+        FakeClock(), cast("Any", down), KEY, KeyLimits(5.0, 0.05, 5.0), process_id="q"
+    )
+    with pytest.raises(StateUnavailableError):
+        await limiter.refresh()
+    await limiter.aclose()
+    assert down.calls == 1
+
+
+async def test_a_park_that_ran_out_reads_as_none() -> None:
+    """parked() tells the park the store held at its last answer only while it lasts: once
+    its time ran out (the probe is due) it reads None, not a probe time in the past."""
+    clock = FakeClock()
+    a = _limiter(clock, _store(clock), "a")
+    a.park(10.0, "quota_exhausted")
+    await a.refresh()
+    parked = a.parked()
+    assert parked is not None
+    assert parked[0] == "quota_exhausted"
+    await clock.advance(10.5)
+    assert a.parked() is None

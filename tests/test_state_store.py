@@ -11,6 +11,7 @@ import asyncio
 import errno
 import itertools
 import json
+import math
 import os
 import sqlite3
 import stat
@@ -1578,3 +1579,405 @@ def test_the_lua_decision_probes_as_ratecontrol_does() -> None:
     (value,) = re.findall(r"^local probe_far = ([0-9.]+)$", lua, flags=re.MULTILINE)
     assert float(value) == PROBE_FAR
     assert "r <= probe_far * previous" in lua
+
+
+async def _store_now_s(backend: Backend) -> int:
+    """The store's wall clock in whole seconds (Redis: its TIME)."""
+    if backend.fake is not None:
+        return backend.fake[0] // 1_000_000
+    assert isinstance(backend.store, RedisStateStore)
+    seconds, _ = await backend.store._client.time()
+    return int(seconds)
+
+
+async def _redis_set(backend: Backend, **fields: int) -> None:
+    """Write fields into KEY's Redis hash (stands in for a clock step or a time gone by)."""
+    assert isinstance(backend.store, RedisStateStore)
+    mapping: dict[Any, Any] = dict(fields)
+    await backend.store._client.hset(backend.store._keys(KEY)[0], mapping=mapping)
+
+
+async def _redis_now_us(backend: Backend) -> int:
+    assert isinstance(backend.store, RedisStateStore)
+    seconds, micros = await backend.store._client.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+class TestGridSlack:
+    """A late wake-up keeps the key's grid."""
+
+    async def test_a_slot_a_little_in_the_past_keeps_the_grid(self, backend: Backend) -> None:
+        """A next slot a quarter interval or less in the past is still booked (a late wake-up
+        does not shift the key's grid): the slot is the old one, one interval on."""
+        first = await backend.reserve()
+        await backend.advance(0.205)  # 5 ms past the next slot; slack is 50 ms at 5/s
+        late = await backend.reserve()
+        assert late.granted
+        assert late.slot_us == first.slot_us + 200_000
+        assert late.wait_s == 0.0
+
+
+class TestRebootAndWallClock:
+    """The local home's two clocks: monotonic slots, a wall-clock day, a reboot."""
+
+    async def test_a_reboot_drops_the_monotonic_times_and_keeps_the_day(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The machine rebooted (another boot id; the monotonic clock restarts near 0): a
+        pause and a park set before it, in the old clock's µs, are dropped, not held for
+        the old uptime; the day's count, on the wall clock, stays."""
+        path = tmp_path / "keys.sqlite3"
+        mono, wall = [5_000_000_000_000], [_T0]  # ~58 days of uptime
+        monkeypatch.setattr("broker.state.sqlite.boot_epoch", lambda: "boot-1")
+        before = SqliteStateStore(path, now_us=lambda: mono[0], wall_us=lambda: wall[0])
+        await before.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        await before.decide(
+            KEY,
+            LIMITS,
+            feedback=Feedback(pause_s=60.0, park_s=900.0, park_reason="quota"),
+            reserve=False,
+            process=ME,
+        )
+        await before.aclose()
+        monkeypatch.setattr("broker.state.sqlite.boot_epoch", lambda: "boot-2")
+        mono[0] = 30_000_000  # 30 s after the reboot
+        wall[0] += 60_000_000
+        after = SqliteStateStore(path, now_us=lambda: mono[0], wall_us=lambda: wall[0])
+        d = await after.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        await after.aclose()
+        assert d.granted
+        assert d.wait_s == 0.0
+        assert d.parked_until_us == 0
+        assert d.count == 2
+
+    @pytest.mark.parametrize("home", ["memory", "local"])
+    async def test_the_day_and_its_reset_follow_the_wall_clock(
+        self, home: str, tmp_path: Path
+    ) -> None:
+        """Slots run on the monotonic clock, the day on the wall clock: a spent key is told
+        to ask again at the wall clock's reset, not at a time on the monotonic clock (which
+        counts from boot, and read as decades away)."""
+        mono, wall = [123_456_789_000], [_T0]  # _T0 is 08:00 UTC: the reset is in 16 h
+        store: Any
+        if home == "memory":
+            store = MemoryStateStore(lambda: mono[0], lambda: wall[0])
+        else:
+            store = SqliteStateStore(
+                tmp_path / "keys.sqlite3", now_us=lambda: mono[0], wall_us=lambda: wall[0]
+            )
+        limits = replace(LIMITS, day_limit=1)
+        granted = await store.decide(KEY, limits, feedback=Feedback(), reserve=True, process=ME)
+        refused = await store.decide(KEY, limits, feedback=Feedback(), reserve=True, process=ME)
+        await store.aclose()
+        assert granted.day == day_number(_T0, 0)
+        assert refused.refusal == "daily quota"
+        assert refused.wait_s == pytest.approx(16 * 3_600, abs=1)
+
+    async def test_a_view_shows_the_park_and_pause_the_store_holds(self, tmp_path: Path) -> None:
+        """broker status (view) of a local store reads the park and pause a process set, by
+        the same boot's clock: it does not read them as another boot's and drop them."""
+        clock = [_T0]
+        store = SqliteStateStore(
+            tmp_path / "keys.sqlite3", now_us=lambda: clock[0], wall_us=lambda: clock[0]
+        )
+        await store.decide(
+            KEY,
+            LIMITS,
+            feedback=Feedback(
+                pause_s=30.0, pause_reason="Retry-After", park_s=900.0, park_reason="quota"
+            ),
+            reserve=False,
+            process=ME,
+        )
+        view = await store.view(KEY, LIMITS)
+        await store.aclose()
+        assert view.decision.parked_until_us == _T0 + 900_000_000
+        assert view.decision.park_reason == "quota"
+        assert view.decision.pause_reason == "Retry-After"
+
+
+class TestDailyWindowEverywhere:
+    """The daily window's reset and hold, on every home."""
+
+    @pytest.mark.parametrize("reset_in_s", [86_400 - 1_800, 1_800])
+    async def test_a_spent_key_waits_until_the_offset_reset(
+        self, backend: Backend, reset_in_s: int
+    ) -> None:
+        """With the reset half an hour ago, or half an hour ahead ([rate] daily_reset_utc),
+        a spent key is told to wait until that reset (23.5 h, 30 min) on every home, Redis's
+        script included: the day is counted from the offset, not from 00:00 UTC."""
+        now_s = await _store_now_s(backend)
+        limits = replace(LIMITS, day_limit=1, reset_offset_s=(now_s + reset_in_s) % 86_400)
+        assert (await backend.reserve(limits)).granted
+        spent = await backend.reserve(limits)
+        assert spent.refusal == "daily quota"
+        assert spent.wait_s == pytest.approx(reset_in_s, abs=5)
+
+    async def test_redis_does_not_reopen_a_day_its_clock_stepped_back_from(
+        self, backend: Backend
+    ) -> None:
+        """Redis's TIME stepped back over midnight (the hash holds tomorrow's day, spent):
+        the script keeps the day counted and refuses; it does not start the earlier day."""
+        if backend.name != "redis":
+            pytest.skip("Redis only: its clock is stepped by writing the hash")
+        limits = replace(LIMITS, day_limit=2)
+        spent = [await backend.reserve(limits) for _ in range(2)]
+        assert [d.granted for d in spent] == [True, True]
+        await _redis_set(backend, day=spent[1].day + 1)
+        later = await backend.reserve(limits)
+        assert later.refusal == "daily quota"
+        assert (later.day, later.count) == (spent[1].day + 1, 2)
+
+    async def test_a_lower_daily_limit_holds_for_a_minute_after_its_last_ask(
+        self, backend: Backend
+    ) -> None:
+        """A process with a lower tpd (a `kill -9`'d lookup) holds the key's day for a minute
+        after its last ask, not less: the others stop at its limit for those 60 s."""
+        if backend.fake is None:
+            pytest.skip("needs the store's clock moved (Redis runs on its own)")
+        low = replace(LIMITS, day_limit=1, tpd=1)
+        high = replace(LIMITS, day_limit=6, tpd=6)
+        assert (await backend.reserve(low, process=ProcessMark("low:1:a"))).granted
+        await backend.advance(59.0)
+        held = await backend.reserve(high)
+        assert held.refusal == "daily quota"
+        assert held.day_limit == 1
+        await backend.advance(2.0)
+        assert (await backend.reserve(high)).granted
+
+
+class TestRateClamps:
+    """The shared rate stays within the limits and is not undone by stale news."""
+
+    async def test_an_unpark_of_a_key_no_longer_parked_keeps_the_rate(
+        self, backend: Backend
+    ) -> None:
+        """A second process's circuit closing after the key was unparked and cut again
+        (its late unpark) leaves the learnt rate; only lifting a park restarts at nominal."""
+        await backend.reserve(park_s=0.2, park_reason="quota")
+        await backend.advance(0.25)
+        probe = await backend.reserve()
+        assert probe.probe
+        await backend.reserve(unpark=True)
+        await backend.advance(0.01)
+        sent = await backend.reserve()
+        cut = await backend.reserve(throttled=(sent.now_us,))
+        assert cut.rate == pytest.approx(4.5)
+        late = await backend.reserve(unpark=True)
+        assert late.rate == pytest.approx(4.5)
+
+    async def test_an_operator_rate_is_clamped_to_the_limits(self, backend: Backend) -> None:
+        """set_rate beyond the key's limits is clamped: above max_rate to it, below min_rate
+        to it (never sent at 50/s on a 5/s key)."""
+        high = await backend.reserve(set_rate=50.0)
+        assert high.rate == pytest.approx(LIMITS.max_rate)
+        low = await backend.reserve(set_rate=0.001)
+        assert low.rate == pytest.approx(LIMITS.min_rate)
+
+    async def test_successes_boost_and_a_429_ends_the_boost(self, backend: Backend) -> None:
+        """The increase doubles after each 50 clean successes (ratelimit.md 6.3: x2 per 50,
+        max x8), and a 429 resets it: the first success after it gains the unboosted step."""
+        limits = replace(LIMITS, nominal_rate=1.0, max_rate=50.0)
+        inc = limits.increase
+        await backend.reserve(limits, set_rate=1.0)
+        boosted = await backend.reserve(limits, successes=100)
+        assert boosted.rate == pytest.approx(math.exp(inc * (50 + 2 * 50)), rel=1e-6)
+        await backend.advance(0.01)
+        sent = await backend.reserve(limits)
+        cut = await backend.reserve(limits, throttled=(sent.now_us,))
+        assert cut.cut
+        after = await backend.reserve(limits, successes=1)
+        assert after.rate == pytest.approx(cut.rate * math.exp(inc), rel=1e-9)
+
+    async def test_a_lost_key_clamps_a_mark_s_rate_to_the_limits(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """A mark carrying a rate above the key's max (its tps lowered since) rebuilds a lost
+        key at the max, not above it."""
+        first = await backend.reserve()
+        await _lose_the_key(backend, request)
+        mark = ProcessMark("test:1:a", first.day, first.count, rate=50.0)
+        d = await backend.store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark)
+        assert d.rate == pytest.approx(LIMITS.max_rate)
+
+    async def test_a_rate_above_a_lowered_cap_is_clamped(self, backend: Backend) -> None:
+        """A rate discovered above tps (discover mode) is clamped to the cap of a process
+        without it (discover turned off, tps the same): it does not go on at the old rate."""
+        discover = replace(LIMITS, max_rate=50.0)
+        high = await backend.reserve(discover, set_rate=20.0)
+        assert high.rate == pytest.approx(20.0)
+        plain = await backend.reserve(LIMITS)
+        assert plain.rate == pytest.approx(LIMITS.max_rate)
+
+    async def test_a_record_not_lost_takes_no_rate_from_a_mark(self, backend: Backend) -> None:
+        """A mark's rate rebuilds only a lost record: a record that was not lost keeps its
+        cut rate when a process that saw the nominal rate last asks (every home, the
+        script included)."""
+        sent = await backend.reserve()
+        cut = await backend.reserve(throttled=(sent.now_us + 1,))
+        assert cut.rate == pytest.approx(4.5)
+        stale = ProcessMark("other:2:b", cut.day, cut.count, rate=5.0, gen=cut.gen)
+        d = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=stale
+        )
+        assert d.rate == pytest.approx(4.5)
+
+    async def test_a_mark_s_park_never_shortens_a_longer_one(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """After a loss, a key parked again for longer (900 s) keeps that park when a
+        process whose mark from before the loss carries a shorter one asks: a mark's park
+        only ever lengthens the key's."""
+        first = await backend.reserve()
+        await _lose_the_key(backend, request)
+        await backend.advance(1.0)  # the rebuilt record is another generation
+        parked = await backend.reserve(park_s=900.0, park_reason="access revoked")
+        assert parked.refusal == "parked"
+        older = ProcessMark(
+            "older:2:b",
+            first.day,
+            first.count,
+            parked_until_us=parked.now_us + 300 * 1_000_000,
+            park_reason="quota spent",
+            gen=first.gen,
+        )
+        d = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=older
+        )
+        assert d.refusal == "parked"
+        assert d.parked_until_us == parked.parked_until_us
+        assert d.park_reason == "access revoked"
+
+
+class TestOlderBrokerCap:
+    """An older broker's day_cap lapses like an entry's limit."""
+
+    async def test_an_older_broker_s_cap_lapses_for_an_unlimited_process(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An older broker's tpd 3 (kept in day_cap) holds an unlimited process while the
+        older one asks, and lapses a minute after it went silent (_agree_day: read "while
+        one asked with it in that minute"), not forever."""
+        unlimited = replace(LIMITS, day_limit=None, tpd=None)
+        for _ in range(3):
+            assert (await backend.reserve(unlimited)).granted
+        await _as_an_older_broker_left_it(backend, day_cap=3)
+        held = await backend.reserve(unlimited)
+        assert held.refusal == "daily quota"
+        silence = 61.0
+        if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
+            monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)
+            silence = 1.5
+        await backend.advance(silence)
+        later = await backend.reserve(unlimited)
+        assert later.granted
+        assert later.day_limit is None
+
+
+class TestProcessesRunsAndExpiry:
+    """Processes seen, the run gap and the slot clamp in the script, the keys' TTL."""
+
+    async def test_processes_count_only_those_seen_in_the_last_minute(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """broker status counts the processes that asked in the last minute: one silent
+        longer (killed) is no longer counted."""
+        silence = 61.0
+        if backend.fake is None:  # Redis's real clock: a shorter "minute" for the script
+            monkeypatch.setattr("broker.state.redis.PROCESS_RECENT_S", 1.0)
+            silence = 1.5
+        await backend.reserve(process=ProcessMark("gone:9:z"))
+        assert (await backend.reserve()).processes == 2
+        await backend.advance(silence)
+        assert (await backend.reserve()).processes == 1
+        assert (await backend.store.view(KEY, LIMITS)).decision.processes == 1
+
+    async def test_a_run_of_429s_ends_after_a_minute_not_before(self, backend: Backend) -> None:
+        """The run gap is a minute on every home (the script's run_gap is RUN_GAP_S): a run
+        whose last 429 was 30 s ago goes on (reads 9); one 61 s old reads as none, and the
+        next 429 starts a new run at 1."""
+        sent = await backend.reserve()
+        await backend.reserve(throttled=(sent.now_us + 1,) * 9, run_429s=9)
+        if backend.fake is None:
+            now = await _redis_now_us(backend)
+            await _redis_set(backend, last_429=now - 30_000_000)
+        else:
+            await backend.advance(30.0)
+        assert (await backend.reserve()).run_429s == 9
+        if backend.fake is None:
+            await _redis_set(backend, last_429=now - 61_000_000)
+        else:
+            await backend.advance(31.0)
+        assert (await backend.reserve()).run_429s == 0
+        assert (await backend.reserve(throttled=(1,), run_429s=1)).run_429s == 1
+
+    async def test_redis_pulls_a_slot_booked_far_ahead_back_to_the_horizon(
+        self, backend: Backend
+    ) -> None:
+        """Redis's TIME stepped back an hour (the hash's next slot an hour ahead): the key
+        waits one interval past the horizon, then sends, not an hour."""
+        if backend.name != "redis":
+            pytest.skip("Redis only: its clock is stepped by writing the hash")
+        await backend.reserve()
+        now = await _redis_now_us(backend)
+        await _redis_set(backend, next_slot=now + 3_600_000_000)
+        held = await backend.reserve()
+        assert held.refusal == "horizon"
+        assert held.wait_s <= 0.25
+
+    async def test_redis_keys_expire_after_two_idle_days(self, backend: Backend) -> None:
+        """A key's hash and its process set carry the two-day TTL (README: a key's hash
+        expires after two idle days), refreshed by each decision."""
+        if backend.name != "redis":
+            pytest.skip("Redis only")
+        assert isinstance(backend.store, RedisStateStore)
+        await backend.reserve()
+        client = backend.store._client
+        for name in backend.store._keys(KEY):
+            ttl = await client.pttl(name)
+            assert 2 * 86_400_000 - 60_000 < ttl <= 2 * 86_400_000
+
+
+class TestForeignRows:
+    """Rows another version wrote, or damaged ones."""
+
+    async def _write_row(self, tmp_path: Path, **fields: object) -> SqliteStateStore:
+        clock = [_T0]
+        path = tmp_path / "keys.sqlite3"
+        store = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+        await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        with sqlite_db(path) as conn:
+            (data,) = conn.execute(
+                "SELECT data FROM key_state WHERE digest = ?", (KEY.digest,)
+            ).fetchone()
+            record = json.loads(data)
+            record.update(fields)
+            conn.execute(
+                "UPDATE key_state SET data = ? WHERE digest = ?", (json.dumps(record), KEY.digest)
+            )
+        return store
+
+    async def test_a_row_with_a_field_of_the_wrong_type_is_damaged(self, tmp_path: Path) -> None:
+        """A row whose rate is text (a damaged or foreign row) is an I/O error naming the
+        remedy when it is read, not a TypeError deep inside a decision."""
+        store = await self._write_row(tmp_path, rate="fast")
+        with pytest.raises(OSError, match="damaged") as info:
+            await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        await store.aclose()
+        assert info.value.errno == errno.EIO
+
+    async def test_a_row_with_fields_of_a_later_version_is_read(self, tmp_path: Path) -> None:
+        """A row a later broker wrote, with fields this one does not know, is read with the
+        known ones: the count goes on from it."""
+        store = await self._write_row(tmp_path, count=7, shiny_new_field=[1, 2])
+        d = await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        await store.aclose()
+        assert d.granted
+        assert d.count == 8
+
+
+def test_a_negative_daily_limit_is_refused() -> None:
+    """KeyLimits refuses a negative day_limit: the Redis script reads -1 as unlimited and
+    the other homes as spent, so such a limit must never reach a store."""
+    with pytest.raises(ValueError, match="day_limit"):
+        KeyLimits(5.0, 0.05, 5.0, day_limit=-1)
