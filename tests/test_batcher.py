@@ -160,13 +160,25 @@ class TestBatcher:
         gc.collect()
         assert not batcher._queued
 
-    async def test_no_linger_sends_singly(self) -> None:
-        """With linger 0 every lookup is its own batch at once."""
+    async def test_no_linger_still_groups_what_is_added_at_once(self) -> None:
+        """With linger 0 the lookups added before the flush task's next turn (one caller's
+        whole admission) share a batch, sent then, with no time passing: linger 0 sent each
+        alone, so one get_items of 10 ASINs spent 10 requests of the daily quota."""
         work = WorkQueue()
         batcher = Batcher(work, clock=FakeClock(), linger_s=0)
-        batcher.add(_lookup("B000000001"))
-        batcher.add(_lookup("B000000002"))
-        assert [b.asins for b in _take_all(work)] == [["B000000001"], ["B000000002"]]
+        task = asyncio.get_running_loop().create_task(batcher.run())
+        try:
+            for i in range(12):
+                batcher.add(_lookup(f"B0000000{i:02d}"))
+            await settle()
+            assert [len(b.lookups) for b in _take_all(work)] == [10, 2]
+            batcher.add(_lookup("B000000099"))
+            await settle()
+            assert [b.asins for b in _take_all(work)] == [["B000000099"]]
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
     @pytest.mark.parametrize("size", [0, 11])
     def test_batch_size_bounds(self, size: int) -> None:

@@ -52,6 +52,18 @@ def _assert_each_once(results: list[ItemResult], expected: list[str]) -> None:
 class TestHealthy:
     """A healthy key and simulator."""
 
+    async def test_a_linger_of_zero_still_sends_ten_asins_a_request(
+        self, harness: Harness
+    ) -> None:
+        """engine.linger_s = 0 (send a partial batch at once) still batches a call's ASINs:
+        it turned batching off, and one get_items of 10 ASINs spent 10 requests."""
+        sim = await harness.simulator(FREE)
+        broker = await harness.broker(make_config(sim.url, engine={"linger_s": 0.0}))
+        results = await broker.get_items(asins(25))
+        assert _statuses(results) == {"ok": 25}
+        assert sim.stats.accounts["demo"].accepted == 3
+        assert broker.metrics().requests == 3
+
     async def test_all_ok_each_once(self, harness: Harness) -> None:
         """200 ASINs: all ok, each served once, in full batches of 10."""
         sim = await harness.simulator(FREE)

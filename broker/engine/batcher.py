@@ -440,9 +440,11 @@ class Batcher:
             if self._top_up(key, lookup):
                 return
             batch = Batch.of([lookup])
-            if self._batch_size == 1 or self._linger_s <= 0:
+            if self._batch_size == 1:
                 self._work.put(batch)  # no batching asked for: nothing is topped up either
                 return
+            # A linger of 0 still groups: the lookups added before the flush task's next
+            # turn (a caller's whole admission) share the batch, then it goes at once.
             batch.place = BatchPlace.LINGERING
             batch.on_empty = self._dropped
             self._groups[key] = (self._clock.monotonic() + self._linger_s, batch)
