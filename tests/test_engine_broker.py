@@ -52,9 +52,7 @@ def _assert_each_once(results: list[ItemResult], expected: list[str]) -> None:
 class TestHealthy:
     """A healthy key and simulator."""
 
-    async def test_a_linger_of_zero_still_sends_ten_asins_a_request(
-        self, harness: Harness
-    ) -> None:
+    async def test_a_linger_of_zero_still_sends_ten_asins_a_request(self, harness: Harness) -> None:
         """engine.linger_s = 0 (send a partial batch at once) still batches a call's ASINs:
         it turned batching off, and one get_items of 10 ASINs spent 10 requests."""
         sim = await harness.simulator(FREE)

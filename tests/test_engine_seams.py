@@ -505,6 +505,41 @@ class TestStreamStop:
         assert len(asked) == len(set(asked))  # a throttled batch was never sent again
         assert (metrics.outstanding_lookups, metrics.queued_batches) == (0, 0)
 
+    async def test_a_batch_waiting_out_a_retry_delay_is_let_go(self) -> None:
+        """A stop while the only batch waits out its retry delay (a 503 answered, nothing on
+        the wire): the stream ends at once and the batch is never sent again; it stayed
+        open until the delay ran out (up to retry.max_delay_s, 30 s), and broker run's
+        drain with it."""
+        clock = FakeClock()
+        sent: list[list[str]] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            sent.append(_asked(request))
+            await clock.sleep(0.05)
+            return RawResponse(503, {}, b"Service Unavailable", 0.05)
+
+        config = _paapi(
+            keys=[paapi_key_doc(tps=10.0)],
+            retry={"base_delay_s": 8.0, "max_delay_s": 30.0},
+        )
+        stop = asyncio.Event()
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+
+            async def consume() -> list[str]:
+                return [r.asin async for r in broker.stream(["B000000001"], stop=stop)]
+
+            task = asyncio.get_running_loop().create_task(consume())
+            while not sent:
+                await clock.advance(0.1)
+            await clock.advance(1.0)  # the 503 answered: the batch waits out its delay
+            stop.set()
+            await clock.run_until(task, limit=2.0)
+            assert task.result() == []
+            await clock.advance(60.0)
+            metrics = broker.metrics()
+        assert len(sent) == 1
+        assert (metrics.outstanding_lookups, metrics.queued_batches) == (0, 0)
+
     async def test_a_batch_whose_send_is_not_booked_yet_is_let_go(self) -> None:
         """A stop while a taken batch waits for the key-state store to book its send (Redis
         hung): the batch is let go as a queued one is, and the stream ends with the answers

@@ -12,8 +12,8 @@ A lookup always knows the batch it waits in, so a lookup every caller gave up on
 its batch at once, and an emptied batch leaves the batcher or the queue: abandoned work
 holds no memory and is never sent (N11). A caller winding down (``stream(stop=)``) waits for
 a lookup only while its request is on the wire: the lookup lists it in ``leaving``, and the
-work queue lets it go there if the batch comes back (a 429, a retry) instead of sending it
-again. A batch's attempt state
+caller lets go of it once the batch comes back (queued again after a 429, or waiting out a
+retry delay) instead of waiting for it to be sent again. A batch's attempt state
 (:class:`~broker.engine.attempt.Attempts`) travels with it and only the executor edits it.
 """
 
@@ -121,8 +121,11 @@ class BatchPlace(enum.Enum):
     #: taken by a key, its send not yet counted (the key-state store may be slow to answer):
     #: a caller winding down lets it go as it would a queued one
     BOOKING = "booking"
-    #: with the executor (being sent, or waiting out a retry delay)
+    #: with the executor, being sent
     ACTIVE = "active"
+    #: with the executor, waiting out a retry delay: nothing on the wire, so a caller
+    #: winding down lets it go as it would a queued one
+    WAITING = "waiting"
 
 
 @dataclass(slots=True, eq=False)
@@ -264,6 +267,16 @@ class Batch:
         for lookup in list(self.lookups):
             lookup.finish(error)
 
+    def release_leaving(self) -> None:
+        """Callers winding down let go of the batch's lookups, which are not on the wire
+        (queued again, or waiting out a retry delay); a lookup nobody else waits for leaves
+        the batch (an emptied batch leaves the queue)."""
+        for lookup in list(self.lookups):
+            if lookup.leaving is not None:
+                leaving, lookup.leaving = lookup.leaving, None
+                for caller in leaving:
+                    caller.let_go(lookup)
+
     def live(self) -> bool:
         """True while some caller still waits for an answer."""
         if self.operation is not None:
@@ -303,20 +316,8 @@ class WorkQueue:
     def _admit(self, batch: Batch) -> None:
         batch.place = BatchPlace.QUEUED
         batch.on_empty = self.discard
-        for lookup in batch.lookups:
-            if lookup.leaving is not None:
-                self._release(batch)
-                break
+        batch.release_leaving()
         self._changed.set()
-
-    @staticmethod
-    def _release(batch: Batch) -> None:
-        """Callers winding down let go of the batch's lookups before it is sent again; a
-        lookup nobody else waits for leaves it (an emptied batch leaves the queue)."""
-        for lookup in list(batch.lookups):
-            leaving, lookup.leaving = lookup.leaving, None
-            for caller in leaving or ():
-                caller.let_go(lookup)
 
     def put(self, batch: Batch) -> None:
         """Queue a new GetItems batch behind the others."""

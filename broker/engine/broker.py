@@ -1184,9 +1184,9 @@ class _StreamReceiver:
         return True
 
     def shed(self) -> None:
-        """Let go of the lookups not sent yet (lingering, queued, or taken by a key whose
-        send is still being booked); wait for those being sent only while they are: one whose
-        batch is queued again (a 429, a retry) is let go too."""
+        """Let go of the lookups not sent yet (lingering, queued, taken by a key whose send
+        is still being booked, or waiting out a retry delay); wait for those being sent only
+        while they are: one whose batch comes back (a 429, a retry) is let go then."""
         for lookup in list(self._held):
             batch = lookup.batch
             if batch is not None and batch.place is not BatchPlace.ACTIVE:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from broker.api.oauth import bearer_token
-from broker.engine.batcher import Batch, Lookup
+from broker.engine.batcher import Batch, BatchPlace, Lookup
 from broker.engine.keys import OUTAGE_CODE, OUTAGE_RETRY_S, CredentialsVerdict
 from broker.errors import (
     ApiError,
@@ -615,8 +615,15 @@ class Executor:
         return say
 
     async def _submit_later(self, batch: Batch, delay_s: float) -> None:
+        # Nothing is on the wire while the batch waits: callers winding down let go of it
+        # now (their streams end), not when the delay is over; one that all of them left
+        # is not sent again.
+        batch.place = BatchPlace.WAITING
+        batch.on_empty = None
+        batch.release_leaving()
         await self._clock.sleep(delay_s)
-        self._pool.submit(batch, front=True)
+        if batch.live():
+            self._pool.submit(batch, front=True)
 
     def _take_out(self, key: KeyState, marketplace: str, exc: ApiError) -> None:
         """Take the key (or key+marketplace) out of rotation; fail work no key can serve."""
