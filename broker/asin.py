@@ -139,7 +139,8 @@ def plain_asin(raw: str) -> str | None:
     """
     if len(raw) == 10 and raw.isascii() and raw.isalnum() and raw.isupper():
         # Nine leading digits are an ISBN-10's shape: its check digit must be checked.
-        return None if raw[:9].isdigit() else str(raw)
+        # str.__str__: the text itself, whatever a subclass makes of str().
+        return None if raw[:9].isdigit() else str.__str__(raw)
     return None
 
 

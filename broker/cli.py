@@ -274,7 +274,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-wait",
         action="store_true",
-        help="stop (exit 75, resumable) instead of waiting when every key's daily quota is spent",
+        help="stop (exit 75, resumable) instead of waiting when every key's daily quota is spent "
+        "(the rows the item cache answers are written first)",
     )
     _add_cache_flags(run)
     run.add_argument(

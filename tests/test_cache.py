@@ -538,6 +538,30 @@ class TestServe:
         assert await cache.purge() == 1
         assert (await cache.stats()).entries == 0
 
+    async def test_a_redis_purge_goes_a_slice_at_a_time(
+        self, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Redis deletes in transactions of a bounded size (one of 100,000 entries outlasted
+        the reply timeout), every entry and its index records all the same."""
+        monkeypatch.setattr("broker.cache.redis_store._DROP_SLICE", 4)
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        transactions = 0
+        pipeline = client.pipeline
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal transactions
+            transactions += 1
+            return pipeline(*args, **kwargs)
+
+        async with RedisCache(client, CachePolicy(3_600), clock=clock, owns_client=True) as cache:
+            await cache.put_many([ok(f"B0000000{i:02d}", clock) for i in range(10)])
+            monkeypatch.setattr(client, "pipeline", counting)
+            assert await cache.purge() == 10
+            assert transactions == 3
+            stats = await cache.stats()
+            assert (stats.entries, stats.bytes) == (0, 0)
+            assert await client.keys("*") == []
+
     async def test_stats(self, make: MakeCache, clock: FakeClock) -> None:
         """Stats count hits, misses, requests saved (per 10 hits), entries and bytes."""
         cache = make()

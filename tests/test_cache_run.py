@@ -242,6 +242,7 @@ def test_no_wait_serves_the_cached_rows_before_it_stops_for_the_daily_quota(
     config = tmp_path / "config.toml"
     config.write_text(_CONFIG.replace("tpd = 0", "tpd = 2"))
     monkeypatch.setattr("broker.jobs.runner.QUOTA_POLL_S", 0.05)
+    monkeypatch.setattr("broker.jobs.runner.QUOTA_QUIET_S", 0.05)
     prefetch = CacheFront.prefetch
 
     async def slow_prefetch(self: CacheFront, queries: Any) -> None:

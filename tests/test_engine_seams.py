@@ -506,38 +506,53 @@ class TestStreamStop:
         assert (metrics.outstanding_lookups, metrics.queued_batches) == (0, 0)
 
     async def test_a_batch_waiting_out_a_retry_delay_is_let_go(self) -> None:
-        """A stop while the only batch waits out its retry delay (a 503 answered, nothing on
-        the wire): the stream ends at once and the batch is never sent again; it stayed
-        open until the delay ran out (up to retry.max_delay_s, 30 s), and broker run's
-        drain with it."""
+        """A stop while the batch waits out its retry delay (a 503 answered, nothing on the
+        wire): the stream ends at once, not when the delay runs out (up to
+        retry.max_delay_s; broker run's drain waited with it), and only the lookup another
+        caller still waits for is sent again."""
         clock = FakeClock()
         sent: list[list[str]] = []
 
         async def handler(request: HttpRequest) -> RawResponse:
             sent.append(_asked(request))
             await clock.sleep(0.05)
-            return RawResponse(503, {}, b"Service Unavailable", 0.05)
+            if len(sent) == 1:
+                return RawResponse(503, {}, b"Service Unavailable", 0.05)
+            return RawResponse(200, {}, _paapi_body(*sent[-1]), 0.05)
+
+        class _Longest(random.Random):
+            """The jitter's longest draw: the delay is the whole 20 s step, every run."""
+
+            def random(self) -> float:
+                return 0.999
 
         config = _paapi(
-            keys=[paapi_key_doc(tps=10.0)],
-            retry={"base_delay_s": 8.0, "max_delay_s": 30.0},
+            keys=[paapi_key_doc(tps=10.0)], retry={"base_delay_s": 20.0, "max_delay_s": 30.0}
         )
         stop = asyncio.Event()
-        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+        transport = MockTransport(handler)
+        async with Broker(config, clock=clock, transport=transport, rng=_Longest()) as broker:  # type: ignore[arg-type]
+            start = clock.monotonic()
 
-            async def consume() -> list[str]:
-                return [r.asin async for r in broker.stream(["B000000001"], stop=stop)]
+            async def consume(asins: list[str], stop: asyncio.Event | None) -> list[str]:
+                return [r.asin async for r in broker.stream(asins, stop=stop)]
 
-            task = asyncio.get_running_loop().create_task(consume())
+            loop = asyncio.get_running_loop()
+            stopping = loop.create_task(consume(["B000000001", "B000000002"], stop))
+            staying = loop.create_task(consume(["B000000002"], None))
             while not sent:
                 await clock.advance(0.1)
             await clock.advance(1.0)  # the 503 answered: the batch waits out its delay
             stop.set()
-            await clock.run_until(task, limit=2.0)
-            assert task.result() == []
-            await clock.advance(60.0)
+            await clock.run_until(stopping, limit=2.0)
+            assert stopping.result() == []
+            assert clock.monotonic() - start < 5.0
+            # The lookup another caller still waits for is asked again after the delay;
+            # the one only the stopped stream wanted is not.
+            await clock.run_until(staying, limit=60.0)
+            assert staying.result() == ["B000000002"]
             metrics = broker.metrics()
-        assert len(sent) == 1
+        assert sent == [["B000000001", "B000000002"], ["B000000002"]]
         assert (metrics.outstanding_lookups, metrics.queued_batches) == (0, 0)
 
     async def test_a_batch_whose_send_is_not_booked_yet_is_let_go(self) -> None:

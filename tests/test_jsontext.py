@@ -66,9 +66,14 @@ class TestDumps:
         """A lone surrogate, an integer beyond 64 bits, a key that is no string: as before."""
         assert dumps(value) == _stdlib(value)
 
-    def test_nan_is_null_not_invalid_json(self) -> None:
-        """NaN and infinity, which the stdlib writes as bare NaN / Infinity, become null."""
-        assert dumps({"a": math.nan, "b": math.inf}) == '{"a":null,"b":null}'
+    @pytest.mark.parametrize(
+        "beside", [None, "half an emoji \ud83d", 2**64 + 1], ids=["alone", "surrogate", "big-int"]
+    )
+    def test_nan_is_null_not_invalid_json(self, beside: object) -> None:
+        """NaN and infinity, which the stdlib writes as bare NaN / Infinity, become null,
+        also beside what sends the value to the stdlib (it wrote NaN there)."""
+        value = {"a": math.nan, "b": [math.inf, -math.inf], "c": beside}
+        assert dumps(value) == '{"a":null,"b":[null,null],"c":' + _stdlib(beside) + "}"
 
     def test_default_is_asked_for_datetimes_and_dataclasses(self) -> None:
         """orjson's own forms of a datetime or a dataclass are not used: default decides."""

@@ -267,7 +267,6 @@ class TestBothProtocols:
                             "Amount": 59.99,
                             "Currency": "USD",
                             "DisplayAmount": "$59.99",
-                            "PriceType": "LIST_PRICE",
                         },
                         "Condition": {
                             "Value": "Used",

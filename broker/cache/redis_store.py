@@ -45,6 +45,8 @@ _log = get_logger("broker.cache")
 _HEAD: Final = struct.Struct(">d16s")
 #: How often a write reads again after another writer changed one of its keys meanwhile.
 _WRITE_TRIES: Final = 5
+#: Entries deleted per transaction (each a key, two index members and a size).
+_DROP_SLICE: Final = 1_000
 
 
 def _unpacked(value: bytes | str | None) -> tuple[float, bytes, bytes] | None:
@@ -243,12 +245,16 @@ class RedisCache(StoreCache):
             await self._drop_members(stale)
 
     async def _drop_members(self, members: Sequence[bytes | str]) -> int:
-        if not members:
-            return 0
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self._queue_drop(pipe, members)
-            deleted, _, _, _ = await pipe.execute()
-        return int(deleted)
+        # A transaction per slice: a purge or a day's expiry of 100,000 entries in one would
+        # outlast the reply timeout, and fail though Redis went on to finish it.
+        deleted = 0
+        for start in range(0, len(members), _DROP_SLICE):
+            part = members[start : start + _DROP_SLICE]
+            async with self._redis.pipeline(transaction=True) as pipe:
+                self._queue_drop(pipe, part)
+                count, _, _, _ = await pipe.execute()
+            deleted += int(count)
+        return deleted
 
     def _queue_drop(self, pipe: Pipeline, members: Sequence[bytes | str]) -> None:
         """Queue the deletion of ``members``' entries with their index and size records."""
@@ -279,6 +285,9 @@ class RedisCache(StoreCache):
                     return
                 except WatchError:
                     continue
+        # Every try met another writer of these keys: the damaged entries stay (misses
+        # still; their TTLs end them).
+        _log.warning("cache.corrupt_entry_kept", entries=len(entries), error="contended")
 
     async def _delete(
         self,

@@ -1067,6 +1067,8 @@ def outage_had_part(exc: NoUsableKeyError) -> bool:
 #: How often ``no_wait`` (and ``broker lookup``) checks whether every key waits for its
 #: daily quota (seconds).
 QUOTA_POLL_S: Final = 0.5
+#: How long no row may be answered before --no-wait stops for the daily quota.
+QUOTA_QUIET_S: Final = 2.0
 
 
 #: Key states that last until Amazon's daily window resets (or, probed, about as long).
@@ -1102,19 +1104,22 @@ async def _watch_quota(
     """``no_wait``: stop the run when every key the rows left need (``needed()``: those
     serving a marketplace a row is left for) waits for its daily quota; a fresh key that
     serves none of them cannot help. Not while rows are still being answered
-    (``answered()``, the results so far, grew since the last look): the item cache answers
-    rows with no key, and a job whose key spent its quota on its first rows stopped with
-    the cached rows after them left pending."""
+    (``answered()``, the results so far, grew in the last :data:`QUOTA_QUIET_S`): the item
+    cache answers rows with no key, and a job whose key spent its quota on its first rows
+    stopped with the cached rows after them left pending. A quiet of a few looks, not one:
+    a slow cache read (a remote Redis) or a slow commit may leave one look with none."""
     seen = answered()
+    quiet_looks = 0
     while True:
         await asyncio.sleep(QUOTA_POLL_S)
         keys = needed()
         until = quota_wait(broker.metrics(), keys=keys) if keys else None
         now = answered()
-        if until is not None and now == seen:
+        quiet_looks = quiet_looks + 1 if now == seen else 0
+        seen = now
+        if until is not None and quiet_looks * QUOTA_POLL_S >= QUOTA_QUIET_S:
             stop.quota_spent(until, keys)
             return
-        seen = now
 
 
 def keys_serving(broker: Broker, markets: Collection[str]) -> set[str]:
