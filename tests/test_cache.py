@@ -122,6 +122,12 @@ async def _make(
         await cache.aclose()
 
 
+def _tear_payload(path: Path, asin: str) -> None:
+    """Cut ``asin``'s stored payload short in the SQLite cache file: it fails its checksum."""
+    with sqlite_db(path) as db:
+        db.execute("UPDATE item_cache SET payload = substr(payload, 1, 20) WHERE asin = ?", (asin,))
+
+
 def _file_sizes(path: Path) -> tuple[int, int]:
     """Sizes of a SQLite file and of its write-ahead log."""
     wal = Path(f"{path}-wal")
@@ -757,11 +763,7 @@ class TestSqlite:
         path = tmp_path / "cache.sqlite3"
         async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
             await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
-            with sqlite_db(path) as db:
-                db.execute(
-                    "UPDATE item_cache SET payload = substr(payload, 1, 20) WHERE asin = ?",
-                    ("B000000001",),
-                )
+            _tear_payload(path, "B000000001")
             torn, whole = await cache.get_many([q("B000000001"), q("B000000002")])
             assert torn is None
             assert whole is not None
@@ -795,11 +797,7 @@ class TestSqlite:
         path = tmp_path / "cache.sqlite3"
         async with SqliteCache(path, CachePolicy(60), clock=clock) as cache:
             await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
-        with sqlite_db(path) as db:
-            db.execute(
-                "UPDATE item_cache SET payload = substr(payload, 1, 20) WHERE asin = ?",
-                ("B000000001",),
-            )
+        _tear_payload(path, "B000000001")
         writer = sqlite3.connect(path, isolation_level=None)
         writer.execute("BEGIN IMMEDIATE")
         try:
@@ -833,8 +831,7 @@ class TestSqlite:
         async with open_home() as reader, open_home() as writer:
             await writer.put_many([ok("B000000001", clock)])
             if home == "sqlite":
-                with sqlite_db(tmp_path / "cache.sqlite3") as db:
-                    db.execute("UPDATE item_cache SET payload = substr(payload, 1, 20)")
+                _tear_payload(tmp_path / "cache.sqlite3", "B000000001")
             else:
                 raw = fakeredis.FakeAsyncRedis(server=server)
                 (name,) = await raw.keys("*B000000001*")

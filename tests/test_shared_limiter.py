@@ -1252,14 +1252,19 @@ class TestKilledProcess:
         assert len(after) >= 27  # 20/s for 1.5 s is 30; the dead process held one slot at most
 
 
+def _one_failing(clock: FakeClock) -> tuple[_DiskFull, SharedKeyLimiter, SharedKeyLimiter]:
+    """Two processes on one store: ``a`` reaches it through a disk that can fill, ``b`` not."""
+    inner = _store(clock)
+    store = _DiskFull(inner)
+    return store, _limiter(clock, cast("Any", store), "a"), _limiter(clock, inner, "b")
+
+
 async def test_a_pause_and_a_park_survive_a_store_error() -> None:
     """A Retry-After pause and a park taken for a decision that fails (a full disk) are kept
     and reach the store when it is back: the other process is held too (README: nothing is
     lost, feedback is kept)."""
     clock = FakeClock()
-    inner = _store(clock)
-    store = _DiskFull(inner)
-    a, b = _limiter(clock, cast("Any", store), "a"), _limiter(clock, inner, "b")
+    store, a, b = _one_failing(clock)
     await a.commit()
     store.full = True
     a.pause_until(clock.monotonic() + 30.0, reason="Retry-After")
@@ -1280,9 +1285,7 @@ async def test_an_unpark_survives_a_store_error() -> None:
     """A probe's success (unpark) taken for a decision that fails is kept and lifts the park
     for every process once the store is back: the key is not left parked for all."""
     clock = FakeClock()
-    inner = _store(clock)
-    store = _DiskFull(inner)
-    a, b = _limiter(clock, cast("Any", store), "a"), _limiter(clock, inner, "b")
+    store, a, b = _one_failing(clock)
     a.park(1.0, "quota_exhausted")
     await a.refresh()
     await clock.advance(1.5)
