@@ -30,6 +30,7 @@ from datetime import datetime
 
 from _harness import (
     add_output_arguments,
+    cpu_rounds_us,
     interruptible,
     machine_info,
     positive,
@@ -83,12 +84,7 @@ def _items(count: int, protocol: str, resources: frozenset[str]) -> list[dict[st
 
 def _per_item_us(run: Callable[[], object], count: int, repeat: int) -> float:
     """Median CPU microseconds per item of ``run`` (which handles ``count`` items)."""
-    rounds = []
-    for _ in range(repeat):
-        start = time.process_time()
-        run()
-        rounds.append((time.process_time() - start) / count * 1e6)
-    return round(statistics.median(rounds), 3)
+    return round(statistics.median(cpu_rounds_us(run, count, repeat)), 3)
 
 
 def measure(protocol: str, resources_name: str, count: int, repeat: int) -> dict[str, object]:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from _harness import (
     MARKETPLACE,
     add_output_arguments,
+    cpu_rounds_us,
     interruptible,
     machine_info,
     positive,
@@ -47,13 +47,12 @@ SERVICE = "ProductAdvertisingAPI"
 def _per_request_us(sign: Callable[[], object], requests: int, repeat: int) -> list[float]:
     """CPU microseconds per signature of each round."""
     sign()  # first-call paths (the day's signing key) are not what is measured
-    rounds = []
-    for _ in range(repeat):
-        start = time.process_time()
+
+    def signing() -> None:
         for _ in range(requests):
             sign()
-        rounds.append((time.process_time() - start) / requests * 1e6)
-    return rounds
+
+    return cpu_rounds_us(signing, requests, repeat)
 
 
 def main(argv: list[str] | None = None) -> int:
