@@ -83,6 +83,11 @@ class Intake:
         self._protocol = protocol
         self._resources = resolve_resources(resources, protocol)
         self._pool = pool
+        # The pool's own collections, read once per ASIN without a call: the marketplaces a
+        # key is configured for (fixed), and those some key served at its last check
+        # (cleared in place when a key leaves; a marketplace not in it is checked in full).
+        self._configured = pool.configured_marketplaces
+        self._serving = pool.serving_marketplaces
         self._batcher = batcher
         self._metrics = metrics
         self._closed = closed
@@ -153,8 +158,17 @@ class Intake:
             asin, store, reason = verdict.asin, verdict.store, verdict.reason
         # The query's own marketplace, else the call's, else a product URL's store
         # (amazon.co.uk), else the config's: what is named beats what is inferred.
-        named = _named(own, marketplace, store, self._marketplace)
-        canonical = self._canonical_market(named)
+        # (_named and the cache hit of _canonical_market, written out: once per ASIN.)
+        if own is not None:
+            named = own
+        elif marketplace is not None:
+            named = marketplace
+        else:
+            named = store or self._marketplace
+        try:
+            canonical = self._markets[named]
+        except KeyError:
+            canonical = self._canonical_market(named)
         res = tuple(wanted) if wanted is not None else self._resources
         if canonical is None:
             if store == named:
@@ -171,7 +185,7 @@ class Intake:
                 Query(raw, canonical, res, tag), "InvalidAsin", reason or "invalid ASIN"
             )
         query = Query(asin, canonical, res, tag)
-        if not self._pool.configured(canonical):
+        if canonical not in self._configured:
             return self._immediate(
                 query,
                 "NoKeyForMarketplace",
@@ -216,14 +230,18 @@ class Intake:
     def admit_now(self, query: Query, receiver: Receiver) -> Lookup | None:
         """:meth:`admit` without waiting: None when there is no room now (then await it).
 
-        Most queries are admitted this way, with no coroutine per ASIN.
+        Most queries are admitted this way, with no coroutine per ASIN (and ident_of,
+        _join and the served marketplace's check written out, with no call either).
         """
-        ident = ident_of(query)
-        lookup = self._join(ident, query, receiver)
-        if lookup is not None:
+        market = query.marketplace or ""
+        ident = (market, query.asin, query.resources or ())
+        lookup = self._inflight.get(ident)
+        if lookup is not None and not lookup.done:
+            lookup.receivers.append((receiver, query))
             return lookup
-        self._pool.check_servable(ident[0])
-        room = self._rooms.get(ident[0]) or self._room(ident[0])
+        if market not in self._serving:
+            self._pool.check_servable(market)
+        room = self._rooms.get(market) or self._room(market)
         if self._closed() is not None or not room.try_take():
             return None
         return self._start(ident, query, receiver)
@@ -286,10 +304,12 @@ class Intake:
         return lookup
 
     def _finished(self, lookup: Lookup, outcome: ItemResult | BaseException | None) -> None:
-        ident = ident_of(lookup.query)
+        query = lookup.query
+        market = query.marketplace or ""
+        ident = (market, query.asin, query.resources or ())  # ident_of, once per ASIN
         if self._inflight.get(ident) is lookup:
             del self._inflight[ident]
-        self._rooms[ident[0]].give()
+        self._rooms[market].give()
         if self._cache is not None and isinstance(outcome, ItemResult):
             # Written behind, in batches: Amazon's ok answers are kept, and its not_found
             # ones delete what was kept (the item is gone); the rest changes nothing.

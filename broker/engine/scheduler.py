@@ -15,7 +15,7 @@ for one attempt (the network or the API may be back by then; a rejected key stay
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -68,6 +68,18 @@ class KeyPool:
         return self._keys
 
     # -- coverage -------------------------------------------------------------------------
+
+    @property
+    def configured_marketplaces(self) -> frozenset[str]:
+        """The marketplaces some key has a partner tag for (fixed by the config)."""
+        return self._configured
+
+    @property
+    def serving_marketplaces(self) -> Set[str]:
+        """The marketplaces some key served at the last :meth:`check_servable`: the set
+        itself, emptied in place (never replaced) when a key leaves rotation, so a holder
+        may test it before calling :meth:`check_servable` for the full check."""
+        return self._serving
 
     def configured(self, marketplace: str) -> bool:
         """True if some key is configured for ``marketplace`` (has a partner tag there)."""
