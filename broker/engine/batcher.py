@@ -176,7 +176,13 @@ class Lookup:
             return False
         self.done = True
         receivers, self.receivers = self.receivers, []
-        self._leave(outcome)
+        # _leave, written out: once per ASIN.
+        batch, self.batch = self.batch, None
+        if batch is not None:
+            batch.remove(self)
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(self, outcome)
         for receiver, query in receivers:
             if query is self.query or isinstance(outcome, BaseException):
                 receiver.receive(self, query, outcome)
@@ -435,7 +441,8 @@ class Batcher:
         ending its input at once) share requests instead of sending one each, and so do
         callers that arrive while a batch waits for its key's next slot.
         """
-        key = lookup.group
+        query = lookup.query
+        key = (query.marketplace or "", query.resources or ())  # lookup.group, without a call
         entry = self._groups.get(key)
         if entry is None:
             if self._top_up(key, lookup):
@@ -452,8 +459,11 @@ class Batcher:
             self._new_group.set()
             return
         batch = entry[1]
-        batch.add(lookup)
-        if len(batch.lookups) >= self._batch_size:
+        # Batch.add, written out: once per ASIN.
+        lookups = batch.lookups
+        lookups.append(lookup)
+        lookup.batch = batch
+        if len(lookups) >= self._batch_size:
             del self._groups[key]
             self._work.put(batch)
 
