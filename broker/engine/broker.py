@@ -763,7 +763,8 @@ class Broker:
                             # As below: an async input that never awaits (rows already in
                             # memory) would otherwise never let another stream read.
                             await asyncio.sleep(0)
-                        if halted():
+                        # halted(), without a call when there is no stop: once per item.
+                        if stop is not None and stop.is_set():
                             break
                         if (waiting := place(item)) is not None:
                             receiver.expect(await intake.admit(waiting, receiver))
@@ -779,7 +780,8 @@ class Broker:
                             # (broker run's, one per marketplace) read theirs, so that keys
                             # get their batches in turn rather than one stream's window first.
                             await asyncio.sleep(0)
-                        if halted():
+                        # halted(), without a call when there is no stop: once per item.
+                        if stop is not None and stop.is_set():
                             break
                         if (waiting := place(item)) is not None:
                             receiver.expect(await intake.admit(waiting, receiver))
@@ -1140,7 +1142,10 @@ class _StreamReceiver:
             self._held[lookup] = count - 1
         self._pending -= 1
         self._ready.append(outcome)
-        self._wake()
+        # _wake, written out: once per ASIN.
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def end(self, error: BaseException | None, *, after_answers: bool = False) -> None:
         """The producer is done (``error``: it failed; ``after_answers``: the input failed,

@@ -309,33 +309,41 @@ class Executor:
         # the missed ones stay in it for what follows.
         missed: list[Lookup] = []
         lookups, batch.lookups = batch.lookups, missed
-        for lookup in lookups:
-            query = lookup.query
-            outcome = outcomes.get(query.asin)
-            if outcome is None:
-                missed.append(lookup)
-                continue
-            status = outcome.status
-            if status is Status.INVALID:
-                # Every id sent was validated first, so an item-level "invalid" in a 200
-                # (InvalidParameterValue) means no such item here (protocol.md 4).
-                status = Status.NOT_FOUND
-            lookup.batch = None
-            if lookup.finish(
-                ItemResult(
-                    query.asin,
-                    batch.marketplace,
-                    status,
-                    outcome.item,
-                    outcome.summary,
-                    outcome.error,
-                    sent,
-                    name,
-                    fetched_at,
-                    query,
-                )
-            ):
-                metrics.record_item(status)
+        # Ok answers are counted once for the batch, not with a call each.
+        ok = 0
+        try:
+            for lookup in lookups:
+                query = lookup.query
+                outcome = outcomes.get(query.asin)
+                if outcome is None:
+                    missed.append(lookup)
+                    continue
+                status = outcome.status
+                if status is Status.INVALID:
+                    # Every id sent was validated first, so an item-level "invalid" in a 200
+                    # (InvalidParameterValue) means no such item here (protocol.md 4).
+                    status = Status.NOT_FOUND
+                lookup.batch = None
+                if lookup.finish(
+                    ItemResult(
+                        query.asin,
+                        batch.marketplace,
+                        status,
+                        outcome.item,
+                        outcome.summary,
+                        outcome.error,
+                        sent,
+                        name,
+                        fetched_at,
+                        query,
+                    )
+                ):
+                    if status is Status.OK:
+                        ok += 1
+                    else:
+                        metrics.record_item(status)
+        finally:
+            metrics.record_ok(ok)
         if not missed:
             return
         if attempts.missing + 1 >= _MAX_MISSING:

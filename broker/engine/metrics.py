@@ -126,6 +126,10 @@ class EngineMetrics:
         else:
             self._items[status.value] = self._items.get(status.value, 0) + 1
 
+    def record_ok(self, count: int) -> None:
+        """Count ``count`` finished lookups answered ok (a batch's, at once)."""
+        self._ok += count
+
     def snapshot(
         self,
         *,
