@@ -9,14 +9,12 @@ redis-py is an optional extra: it is imported when a reply is judged, never befo
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
+from types import TracebackType
 
 __all__ = ["barred", "cancel_kept", "refused_credentials"]
 
 
-@contextlib.contextmanager
-def cancel_kept() -> Iterator[None]:
+class cancel_kept:  # a context manager named as the function it replaced
     """Around an await that may reach Redis: a cancel of the task requested meanwhile that
     the await did not raise is raised as it ends, in place of what it returned or raised.
 
@@ -26,17 +24,35 @@ def cancel_kept() -> Iterator[None]:
     keep-alive beat for ever, and the broker's close waited for it; a caller's timeout never
     fired). Whatever the call did at the store stands, as for a cancel landing a moment
     later.
+
+    A class rather than a ``contextlib.contextmanager`` generator: it is entered around
+    every key-state decision, once per send, and a generator-based manager costs several
+    Python calls more each time.
     """
-    task = asyncio.current_task()
-    cancels = 0 if task is None else task.cancelling()
-    try:
-        yield
-    except Exception as exc:
-        if task is not None and task.cancelling() > cancels:
+
+    __slots__ = ("_cancels", "_task")
+
+    def __init__(self) -> None:
+        self._task = task = asyncio.current_task()
+        self._cancels = 0 if task is None else task.cancelling()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        task = self._task
+        if task is None or task.cancelling() <= self._cancels:
+            return
+        if exc is None:
+            raise asyncio.CancelledError
+        if isinstance(exc, Exception):
             raise asyncio.CancelledError from exc
-        raise
-    if task is not None and task.cancelling() > cancels:
-        raise asyncio.CancelledError
+        # Any other BaseException (a cancel itself) goes on as it is.
 
 
 def refused_credentials(exc: BaseException) -> bool:
