@@ -136,9 +136,11 @@ class Executor:
             return
         attempts.begin(sent_at)
         region = key.region(batch.marketplace)
+        # Read once, for the request and for its parse (a list built from the lookups).
+        asins = batch.asins if batch.operation is None else []
         request: HttpRequest | None = None
         try:
-            request = self._build(key, batch)
+            request = self._build(key, batch, asins)
             request = await key.authorizer.authorize(request, region=region)
         except NetworkRefused as exc:
             attempts.not_sent(self._clock.monotonic())
@@ -167,7 +169,10 @@ class Executor:
         # Every send counts toward the retry budget, failed ones included: the budget is a
         # share of sends, and a storm of failures must not shrink it to its floor.
         key.retry_budget.record_send()
-        asins = batch.asins
+        if len(asins) != len(batch.lookups):
+            # A caller gave up while the request was authorized (a lookup leaves its batch,
+            # none joins an active one): the answer is read for the lookups left.
+            asins = batch.asins
         response: RawResponse | None = None
         try:
             response = await self._transport.send(request)
@@ -275,11 +280,12 @@ class Executor:
         elif batch.op_future is not None and not batch.op_future.done():
             batch.op_future.set_result(data)
 
-    def _build(self, key: KeyState, batch: Batch) -> HttpRequest:
+    def _build(self, key: KeyState, batch: Batch, asins: Sequence[str]) -> HttpRequest:
+        """The request of ``batch``; ``asins`` are its ASINs (a GetItems batch's)."""
         tag = key.partner_tag(batch.marketplace)
         if batch.operation is None:
             return self._dialect.get_items_request(
-                batch.asins,
+                asins,
                 marketplace=batch.marketplace,
                 partner_tag=tag,
                 resources=batch.resources,

@@ -129,7 +129,10 @@ class MemoryStateStore:
         process: ProcessMark | None,
     ) -> Decision:
         """Apply feedback and optionally reserve a send (see :class:`KeyStateStore`)."""
-        record = self._records.setdefault(key.digest, Record())
+        record = self._records.get(key.digest)
+        if record is None:
+            # Not setdefault: that would build a throwaway Record on every decision.
+            record = self._records[key.digest] = Record()
         return decide(
             record,
             self._now_us(),
