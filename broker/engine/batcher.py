@@ -357,7 +357,12 @@ class WorkQueue:
 
     def has_work_for(self, marketplaces: Collection[str]) -> bool:
         """True if a queued batch is for one of ``marketplaces`` (stops at the first)."""
-        return any(b.marketplace in marketplaces for b in self._queued())
+        # Plain loops, not any() over a chained generator: asked twice per send.
+        for lane in self._lanes:
+            for batch in lane:
+                if batch.marketplace in marketplaces:
+                    return True
+        return False
 
     def take(self, marketplaces: Collection[str]) -> Batch | None:
         """Remove and return the first live batch for ``marketplaces``, lane by lane."""

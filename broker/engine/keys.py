@@ -174,6 +174,10 @@ class KeyState:
         self._disabled: KeyUnusableError | None = None
         self._disabled_at = -math.inf
         self._disabled_markets: dict[str, KeyUnusableError] = {}
+        # active_marketplaces() while the key is in rotation, and how many marketplaces were
+        # out when it was made (the map only grows): read four times per send.
+        self._active: tuple[str, ...] = ()
+        self._active_for = -1
         self._paused_reason: str | None = None
         # This process's own hold (monotonic): a token endpoint or a network this process
         # cannot reach is its trouble, not every process's (the shared state is not told).
@@ -290,7 +294,11 @@ class KeyState:
         """Marketplaces the key takes work for right now."""
         if self._disabled is not None:
             return ()
-        return [m for m in self.config.partner_tags if m not in self._disabled_markets]
+        out = self._disabled_markets
+        if self._active_for != len(out):
+            self._active = tuple(m for m in self.config.partner_tags if m not in out)
+            self._active_for = len(out)
+        return self._active
 
     def failure_for(self, marketplace: str) -> KeyUnusableError | None:
         """Why the key cannot serve ``marketplace``, if it cannot."""
