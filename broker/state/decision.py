@@ -206,16 +206,18 @@ def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool)
         if day_limit == record.day_cap:
             record.day_cap_seen = now
     since = now - recent
-    caps = [
-        int(limit)
-        for entry, seen in record.processes.items()
-        if seen >= since and (limit := entry.rpartition(_LIMIT_MARK)[2]).isdigit()
-    ]
-    if day_limit is not None:
-        caps.append(day_limit)
+    # The lowest of the limits below, in a plain loop (no list per decision).
+    lowest = day_limit
+    for entry, seen in record.processes.items():
+        if seen >= since and (limit := entry.rpartition(_LIMIT_MARK)[2]).isdigit():
+            cap = int(limit)
+            if lowest is None or cap < lowest:
+                lowest = cap
     if record.day_cap >= 0 and now - record.day_cap_seen <= recent:
-        caps.append(record.day_cap)
-    return min(caps) if caps else None
+        cap = record.day_cap
+        if lowest is None or cap < lowest:
+            lowest = cap
+    return lowest
 
 
 def process_entry(process: ProcessMark, day_limit: int | None) -> str:
@@ -331,7 +333,8 @@ def _recovery(record: Record) -> RecoveryState:
         top=record.rc_top,
         probe_level=record.rc_level,
         descending=record.rc_descending,
-        recent=[t / _US for t in record.rc_recent],
+        # (No comprehension, a call of its own, for the usual empty list.)
+        recent=[t / _US for t in record.rc_recent] if record.rc_recent else [],
     )
 
 
@@ -339,7 +342,7 @@ def _keep(record: Record, state: RecoveryState) -> None:
     record.rc_top = state.top
     record.rc_level = state.probe_level
     record.rc_descending = state.descending
-    record.rc_recent = [int(t * _US) for t in state.recent]
+    record.rc_recent = [int(t * _US) for t in state.recent] if state.recent else []
 
 
 def decide(
@@ -440,7 +443,12 @@ def decide(
         if asking and entry is not None:
             record.processes[entry] = now
         horizon = now - int(PROCESS_KEEP_S * _US)
-        record.processes = {p: t for p, t in record.processes.items() if t >= horizon}
+        # Rebuilt only when an entry is that old: the map is read every decision and seldom
+        # has one to drop.
+        for seen in record.processes.values():
+            if seen < horizon:
+                record.processes = {p: t for p, t in record.processes.items() if t >= horizon}
+                break
     cut = _apply_feedback(record, now, limits, feedback)
     interval = max(1, round(_US / record.rate))
     horizon_us = int(limits.horizon_s * _US)
@@ -475,6 +483,10 @@ def decide(
                 probe = True
                 record.probing_until = now + int(limits.probe_lease_s * _US)
     recent = now - int(PROCESS_RECENT_S * _US)
+    live = 0
+    for seen in record.processes.values():
+        if seen >= recent:
+            live += 1
     return Decision(
         granted=granted,
         wait_s=max(0, wait_us) / _US,
@@ -492,7 +504,7 @@ def decide(
         park_reason=record.park_reason,
         last_429_us=record.last_429,
         cut=cut,
-        processes=sum(1 for t in record.processes.values() if t >= recent),
+        processes=live,
         wall_us=wall,
         day_limit=day_limit,
         # A run the gap has ended reads as none, as the next 429 will find it.
