@@ -176,13 +176,7 @@ class Lookup:
             return False
         self.done = True
         receivers, self.receivers = self.receivers, []
-        # _leave, written out: once per ASIN.
-        batch, self.batch = self.batch, None
-        if batch is not None:
-            batch.remove(self)
-        on_done, self.on_done = self.on_done, None
-        if on_done is not None:
-            on_done(self, outcome)
+        self._leave(outcome)
         for receiver, query in receivers:
             if query is self.query or isinstance(outcome, BaseException):
                 receiver.receive(self, query, outcome)
