@@ -155,6 +155,7 @@ class SimulatorClient:
         send: bytes | None = None,
         tight_separators: bool = False,
         query: str = "",
+        scope_date: str | None = None,
     ) -> SimResponse:
         """Call ``/paapi5/<operation lower-case>`` signed with SigV4 as SDK-P does.
 
@@ -175,6 +176,8 @@ class SimulatorClient:
             send: send these bytes instead of the signed ones (a tampered body).
             tight_separators: join the Authorization parts with "," instead of ", ".
             query: a query string, sent as given and signed (PA-API sends none).
+            scope_date: the credential scope's YYYYMMDD, and the signing key's (default:
+                the X-Amz-Date's day; another is refused however consistently signed).
         """
         when = now or datetime.now(UTC)
         amz_date = when.strftime("%Y%m%dT%H%M%SZ")
@@ -191,7 +194,8 @@ class SimulatorClient:
             market = MARKETPLACES_BY_HOST.get(host.partition(":")[0])
             scope_region = region or (market.region if market else "us-east-1")
             names = signed or tuple(headers)
-            scope = credential_scope(amz_date[:8], scope_region, service)
+            day = scope_date or amz_date[:8]
+            scope = credential_scope(day, scope_region, service)
             creq = canonical_request(
                 "POST",
                 f"/paapi5/{operation.lower()}",
@@ -200,7 +204,7 @@ class SimulatorClient:
                 names,
                 sha256(data).hexdigest(),
             )
-            key = derive_signing_key(secret, amz_date[:8], scope_region, service)
+            key = derive_signing_key(secret, day, scope_region, service)
             sig = signature(key, string_to_sign(amz_date, scope, creq))
             authorization = authorization_header(access_key, scope, names, sig)
             if tight_separators:
