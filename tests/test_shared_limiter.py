@@ -1259,6 +1259,19 @@ def _one_failing(clock: FakeClock) -> tuple[_DiskFull, SharedKeyLimiter, SharedK
     return store, _limiter(clock, cast("Any", store), "a"), _limiter(clock, inner, "b")
 
 
+async def _seen_once_the_disk_mends(
+    clock: FakeClock, store: _DiskFull, a: SharedKeyLimiter, b: SharedKeyLimiter
+) -> Decision:
+    """``a``'s feedback meets the full disk (its flush, then its ask, fail); the disk mends
+    and ``a`` asks again: what ``b`` then reads from the store."""
+    await clock.advance(0.0)  # the background flush meets the full disk
+    with pytest.raises(OSError, match="disk full"):
+        await a.refresh()
+    store.full = False
+    await a.refresh()
+    return await b.refresh()
+
+
 async def test_a_pause_and_a_park_survive_a_store_error() -> None:
     """A Retry-After pause and a park taken for a decision that fails (a full disk) are kept
     and reach the store when it is back: the other process is held too (README: nothing is
@@ -1269,12 +1282,7 @@ async def test_a_pause_and_a_park_survive_a_store_error() -> None:
     store.full = True
     a.pause_until(clock.monotonic() + 30.0, reason="Retry-After")
     a.park(900.0, "quota_exhausted")
-    await clock.advance(0.0)  # the background flush meets the full disk
-    with pytest.raises(OSError, match="disk full"):
-        await a.refresh()
-    store.full = False
-    await a.refresh()
-    seen = await b.refresh()
+    seen = await _seen_once_the_disk_mends(clock, store, a, b)
     assert seen.pause_reason == "Retry-After"
     assert seen.paused_until_us - seen.now_us == pytest.approx(30_000_000, abs=1_000)
     assert seen.park_reason == "quota_exhausted"
@@ -1292,12 +1300,7 @@ async def test_an_unpark_survives_a_store_error() -> None:
     await a.commit()  # the probe
     store.full = True
     a.record_success(demand_limited=False)  # the probe got through: unpark
-    await clock.advance(0.0)  # the background flush meets the full disk
-    with pytest.raises(OSError, match="disk full"):
-        await a.refresh()
-    store.full = False
-    await a.refresh()
-    seen = await b.refresh()
+    seen = await _seen_once_the_disk_mends(clock, store, a, b)
     assert seen.parked_until_us == 0
 
 
