@@ -271,6 +271,11 @@ class Batch:
         """Callers winding down let go of the batch's lookups, which are not on the wire
         (queued again, or waiting out a retry delay); a lookup nobody else waits for leaves
         the batch (an emptied batch leaves the queue)."""
+        for lookup in self.lookups:
+            if lookup.leaving is not None:
+                break
+        else:
+            return  # the usual case, every queued batch: no copy of the list
         for lookup in list(self.lookups):
             if lookup.leaving is not None:
                 leaving, lookup.leaving = lookup.leaving, None
@@ -440,8 +445,7 @@ class Batcher:
         ending its input at once) share requests instead of sending one each, and so do
         callers that arrive while a batch waits for its key's next slot.
         """
-        query = lookup.query
-        key = (query.marketplace or "", query.resources or ())  # lookup.group, without a call
+        key = lookup.group
         entry = self._groups.get(key)
         if entry is None:
             if self._top_up(key, lookup):
@@ -458,11 +462,8 @@ class Batcher:
             self._new_group.set()
             return
         batch = entry[1]
-        # Batch.add, written out: once per ASIN.
-        lookups = batch.lookups
-        lookups.append(lookup)
-        lookup.batch = batch
-        if len(lookups) >= self._batch_size:
+        batch.add(lookup)
+        if len(batch.lookups) >= self._batch_size:
             del self._groups[key]
             self._work.put(batch)
 
