@@ -1529,6 +1529,28 @@ class TestRetries:
         assert all(r.ok and r.attempts == 2 for r in results)
         assert (metrics.transport_errors, metrics.retries) == (1, 1)
 
+    async def test_a_retry_whose_caller_left_is_not_counted(self) -> None:
+        """A retry scheduled for a batch whose caller leaves during its delay never goes,
+        so the retries counter (a job's "retries", asinb_retries_total) leaves it out."""
+        calls = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal calls
+            calls += 1
+            raise RequestTimeout("POST https://paapi.test/paapi5/getitems: timed out")
+
+        clock = FakeClock()
+        broker, _ = _broker(PAAPI, handler, clock, retry={"base_delay_s": 5.0, "max_delay_s": 30.0})
+        async with broker:
+            task = asyncio.get_running_loop().create_task(broker.get_items(asins(3)))
+            await clock.advance(1.0)  # the first send failed; its retry waits out its delay
+            assert calls == 1
+            task.cancel()
+            await clock.advance(60.0)
+            metrics = broker.metrics()
+        assert calls == 1
+        assert (metrics.requests, metrics.transport_errors, metrics.retries) == (1, 1, 0)
+
     async def test_429s_never_fail_an_asin(self) -> None:
         """Ten 429s in a row with max_attempts 2: the ASINs still end ok; the rate is cut."""
         handler = _first_answers([_DENIED_429] * 10)

@@ -38,6 +38,9 @@ class Attempts:
     bounced_at_drop: int | None = None
     #: the last transient error, reported if every attempt fails
     last_error: BaseException | None = None
+    #: a retry of a failed attempt is scheduled: the next request that goes is a retry
+    #: (counted then, so one whose callers left before it went is not)
+    retry_due: bool = False
 
     def begin(self, sent_at: float) -> None:
         """A request carrying the batch is about to go at ``sent_at``."""

@@ -165,6 +165,9 @@ class Executor:
             self._pool.submit(batch, front=True)
             return
         self._metrics.requests += 1
+        if attempts.retry_due:
+            attempts.retry_due = False
+            self._metrics.retries += 1
         key.sent += 1
         # Every send counts toward the retry budget, failed ones included: the budget is a
         # share of sends, and a storm of failures must not shrink it to its floor.
@@ -573,7 +576,7 @@ class Executor:
             # Retries are over 10 % of sends: slow down rather than storm (see retry.py on
             # why this waits instead of failing, and not a flat max_delay).
             delay = max(delay, self._policy.budget_delay(attempt))
-        self._metrics.retries += 1
+        attempts.retry_due = True
         logger.debug(
             "broker.retry_scheduled",
             key=key.name,

@@ -275,7 +275,9 @@ def _render_engine(out: _Exposition, m: MetricsSnapshot, deferred_keys: Set[str]
     out.sample("asinb_requests_sent_total", m.requests)
     out.family("asinb_throttled_total", "counter", "Responses 429 (throttled).")
     out.sample("asinb_throttled_total", m.throttled)
-    out.family("asinb_retries_total", "counter", "Attempts scheduled again after a failure.")
+    out.family(
+        "asinb_retries_total", "counter", "Requests sent again after a failure other than a 429."
+    )
     out.sample("asinb_retries_total", m.retries)
     out.family("asinb_transport_errors_total", "counter", "Requests that failed on the network.")
     out.sample("asinb_transport_errors_total", m.transport_errors)
