@@ -75,9 +75,4 @@ _LAZY = {
 }
 
 if not TYPE_CHECKING:  # run time only (see broker.lazyimport)
-    __getattr__ = _lazy_names("broker", _LAZY, globals())
-
-
-def __dir__() -> list[str]:
-    # The lazily imported names too, for an editor's or a REPL's completion.
-    return sorted(set(globals()) | set(__all__))
+    __getattr__, __dir__ = _lazy_names("broker", _LAZY, globals())

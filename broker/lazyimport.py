@@ -17,10 +17,14 @@ __all__ = ["lazy_names"]
 
 def lazy_names(
     package: str, homes: Mapping[str, str], namespace: MutableMapping[str, object]
-) -> Callable[[str], object]:
-    """The ``__getattr__`` of ``package``: each name of ``homes`` imported from its module
-    (``homes[name]``) when first asked for, then kept in ``namespace`` (the package's
-    globals), so later lookups never call the hook."""
+) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+    """The ``__getattr__`` and ``__dir__`` of ``package``.
+
+    ``__getattr__`` imports each name of ``homes`` from its module (``homes[name]``) when
+    first asked for, then keeps it in ``namespace`` (the package's globals), so later
+    lookups never call the hook. ``__dir__`` lists the names not imported yet too, for an
+    editor's or a REPL's completion.
+    """
 
     def attribute(name: str) -> object:
         module = homes.get(name)
@@ -30,4 +34,7 @@ def lazy_names(
         namespace[name] = value
         return value
 
-    return attribute
+    def names() -> list[str]:
+        return sorted(set(namespace) | set(homes))
+
+    return attribute, names

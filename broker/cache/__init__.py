@@ -82,12 +82,6 @@ _LAZY = {
 
 
 if not TYPE_CHECKING:  # run time only (see broker.lazyimport)
-    __getattr__ = _lazy_names(
+    __getattr__, __dir__ = _lazy_names(
         "broker.cache", {name: f"broker.cache.{home}" for name, home in _LAZY.items()}, globals()
     )
-
-
-def __dir__() -> list[str]:
-    """The package's names, the ones imported on first use included (an editor's
-    completion reads them)."""
-    return sorted(set(globals()) | set(__all__))
