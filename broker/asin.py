@@ -59,6 +59,12 @@ _CLOSERS = ".,;:!?)]}>\"'`\u201d\u2019"
 #: A second ASIN listed after a URL (``;B0ZZZZZZZZ``), told from a path parameter
 #: (``;jsessionid=1``) by its shape.
 _LISTED_ID = re.compile(r"[,;|][a-z0-9]{10}(?![a-z0-9=])", re.IGNORECASE)
+#: Where a query string or fragment may list another id (a product URL is looked for after).
+_LISTED: Final = re.compile(r"[,;|]")
+#: An ASIN ending a query string or fragment after a comma, semicolon or bar. Only one
+#: starting "B0" (every ASIN but a book's ISBN-10): the ids a query carries itself
+#: (``pf_rd_p=abc,1234567890``) are digits or words.
+_LISTED_LAST_ASIN: Final = re.compile(r"[,;|]B0[A-Z0-9]{8}\Z", re.IGNORECASE)
 _SHORT_LINK = re.compile(r"(?:https?://)?(?:amzn\.to|amzn\.eu|amzn\.asia|a\.co)/", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: What may stand before a product URL pasted from prose, Markdown or a chat.
@@ -231,8 +237,16 @@ def _url_ends_there(tail: str, asin: str, angled: bool) -> bool:
     if any(c.isspace() for c in tail):
         return False
     if tail[0] in _URL_GOES_ON:
-        path = re.split(r"[?#]", tail, maxsplit=1)[0]
-        return _URL.search(path) is None and "://" not in path and not _LISTED_ID.search(path)
+        path, *query = re.split(r"[?#]", tail, maxsplit=1)
+        if _URL.search(path) is not None or "://" in path or _LISTED_ID.search(path):
+            return False
+        # The query and fragment are free text, but a product URL listed after a comma,
+        # semicolon or bar, or an ASIN ending them so, is a second id (browsers' links
+        # carry "?th=1&psc=1"; the second id was dropped without a word).
+        return not query or not (
+            any(_URL.match(query[0], found.end()) for found in _LISTED.finditer(query[0]))
+            or _LISTED_LAST_ASIN.search(query[0].rstrip(_CLOSERS))
+        )
     # Anything else after the ASIN ("](", "|", ","): only the same link again may follow.
     return [found.group(2).upper() for found in _URL.finditer(tail)] == [asin.upper()]
 

@@ -327,6 +327,13 @@ class TestUrls:
             "https://www.amazon.com/dp/B0ABCDEFGH;B0ZZZZZZZZ",
             "https://www.amazon.com/dp/B0ABCDEFGH/,www.amazon.de/dp/B0ZZZZZZZZ",
             "amazon.co.uk/dp/B0ABCDEFGH,amazon.de/dp/B0ZZZZZZZZ",
+            # After a query string or a fragment (a browser's link carries one): the
+            # second id was dropped without a word.
+            "https://www.amazon.com/dp/B0ABCDEFGH?th=1&psc=1,https://www.amazon.com/dp/B0ZZZZZZZZ",
+            "https://www.amazon.com/dp/B0ABCDEFGH?th=1;amazon.de/dp/B0ZZZZZZZZ?th=1",
+            "https://www.amazon.com/dp/B0ABCDEFGH#x|https://www.amazon.com/dp/B0ZZZZZZZZ",
+            "https://www.amazon.com/K/dp/B0ABCDEFGH/ref=sr_1_1?keywords=kettle;B0ZZZZZZZZ",
+            "https://www.amazon.com/dp/B0ABCDEFGH?th=1,b0zzzzzzzz.",
         ],
     )
     def test_a_url_followed_by_more_ids_is_invalid(self, text: str) -> None:
