@@ -55,6 +55,8 @@ _CONFIG_HELP: Final = (
 )
 #: ``broker lookup`` gives up this soon when the endpoint cannot be reached (seconds).
 LOOKUP_OUTAGE_BUDGET_S: Final = 5.0
+#: How long a lookup stopped by a signal waits for the answers already on the wire.
+LOOKUP_DRAIN_S: Final = 20.0
 
 
 def resolve_config_path(given: str | None, environ: dict[str, str] | None = None) -> Path:
@@ -340,8 +342,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "store unreachable, for the outage budget; 74 a damaged or read-only state file; 75 "
         "every key the unanswered ids need waits for its daily quota, or is parked after "
         "sustained 429s (Amazon's quota spent, or access revoked), or a stop signal "
-        "(Ctrl-C, SIGTERM, SIGHUP); 77 a key was rejected, or every key taken out (an "
-        "untrusted TLS certificate, a proxy refusing); 78 bad config; 141 stdout's reader "
+        f"(Ctrl-C, SIGTERM, SIGHUP: the first sends nothing more and waits at most "
+        f"{LOOKUP_DRAIN_S:g} s for the answers on the wire, a second stops at once); 77 a "
+        "key was rejected, or every key taken out (an untrusted TLS certificate, a proxy "
+        "refusing); 78 bad config; 141 stdout's reader "
         "went away (| head). A lookup that stops early prints every answer it has first, "
         "those already on the wire included.",
     )
@@ -960,6 +964,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         config, retry=dataclasses.replace(config.retry, outage_budget_s=budget)
     )
     as_json = args.json or not sys.stdout.isatty()
+    wind_down = asyncio.Event()
     return _run_loop(
         _until_stopped(
             _lookup(
@@ -968,35 +973,61 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
                 market,
                 resources,
                 as_json=as_json,
+                wind_down=wind_down,
                 cache_max_age_s=_cache_max_age(args),
                 cache_refresh=args.refresh,
-            )
+            ),
+            wind_down,
         )
     )
 
 
-async def _until_stopped(command: Coroutine[Any, Any, int]) -> int:
-    """Run ``command``; a stop signal (SIGINT, SIGTERM, SIGHUP: ``timeout``, a closed
-    terminal) cancels it, and the command's own CancelledError handling prints what it
-    has; then one line and exit 75, as the README's table says for every stop signal."""
+async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.Event) -> int:
+    """Run ``command``, stopping it at a stop signal (SIGINT, SIGTERM, SIGHUP: ``timeout``,
+    a closed terminal); then one line and exit 75, as the README's table says for every
+    stop signal.
+
+    The first signal sets ``wind_down``: the command sends nothing more and ends once the
+    answers already on the wire (paid for) are in, for at most ``LOOKUP_DRAIN_S``. A second
+    signal, or that time, cancels it, and its own CancelledError handling prints what it has.
+    """
     from broker.jobs.signals import installed
 
     task = asyncio.current_task()
     stopped: list[signal.Signals] = []
+    timers: list[asyncio.TimerHandle] = []
+
+    def cancel() -> None:
+        if task is not None:
+            task.cancel()  # again at a later signal: it cuts the closing short too
 
     def stop(sig: signal.Signals) -> None:
         stopped.append(sig)
-        if task is not None:
-            task.cancel()  # again at a second signal: it cuts the closing short too
+        if len(stopped) > 1:
+            cancel()
+            return
+        wind_down.set()
+        timers.append(asyncio.get_running_loop().call_later(LOOKUP_DRAIN_S, cancel))
+        print(
+            f"{prog()}: {sig.name}: sending nothing more; waiting at most "
+            f"{LOOKUP_DRAIN_S:g} s for the answers already on the wire (again to stop now)",
+            file=sys.stderr,
+        )
 
     with installed(stop):
         try:
-            return await command
+            code = await command
         except asyncio.CancelledError:
             if not stopped:
                 raise
+            code = ExitCode.RESUMABLE
+        finally:
+            for timer in timers:
+                timer.cancel()
+        if stopped:
             print(f"{prog()}: stopped by {stopped[0].name}", file=sys.stderr)
             return ExitCode.RESUMABLE
+        return code
 
 
 async def _lookup(
@@ -1006,9 +1037,15 @@ async def _lookup(
     resources: tuple[str, ...] | None,
     *,
     as_json: bool,
+    wind_down: asyncio.Event | None = None,
     cache_max_age_s: float | None = None,
     cache_refresh: bool = False,
 ) -> int:
+    """Look ``asins`` up and print a row for each answer, in argument order.
+
+    Setting ``wind_down`` (a stop signal, or every key waiting for its daily quota) sends
+    nothing more; the answers already on the wire still come and are printed.
+    """
     from broker.cache import RUN_MAX_AGE_S
     from broker.client import Broker
     from broker.errors import (
@@ -1038,11 +1075,11 @@ async def _lookup(
         ) as broker:
             # One tagged query per argument: a repeated ASIN is still a row of its own.
             queries = [Query(text, tag=n) for n, text in enumerate(asins)]
-            wind_down = asyncio.Event()
+            stop = asyncio.Event() if wind_down is None else wind_down
 
             async def collect(asked: list[Query]) -> None:
                 stream = broker.stream(
-                    asked, marketplace=marketplace, resources=resources, stop=wind_down
+                    asked, marketplace=marketplace, resources=resources, stop=stop
                 )
                 async for result in stream:
                     # Every result carries the query that asked for it, tag included.
@@ -1064,7 +1101,7 @@ async def _lookup(
                 markets = {market for n, market in enumerate(needs) if n not in got and market}
                 return keys_serving(broker, markets)
 
-            until = await _stop_at_spent_quota(broker, collect_each(), wind_down, waited_for)
+            until = await _stop_at_spent_quota(broker, collect_each(), stop, waited_for)
             if until is not None and len(got) < len(asins):
                 failure = (
                     ExitCode.RESUMABLE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -217,6 +218,35 @@ class TestUvForwardedSigint:
         assert f"stopped by {sig.name}" in err
         rows = out.splitlines()
         assert 0 < len(rows) < len(ids)
+
+    def test_lookup_stopped_by_a_signal_prints_the_answers_on_the_wire(
+        self, tmp_path: Path
+    ) -> None:
+        """Ctrl-C while a lookup's request is on the wire (3 s each way here) waits for its
+        answer, paid for, and prints it before exiting 75, as --help says; the lookup was
+        cancelled at once and printed nothing."""
+        config = embedded_toml(tps=5.0) + "\n[simulator.latency]\nfixed_ms = 3000\n"
+        (tmp_path / "config.toml").write_text(config, encoding="utf-8")
+        ids = ["B0LW000001", "B0LW000002"]
+        command = [sys.executable, "-m", "broker", "lookup", "--json", "--no-cache", *ids]
+        log = tmp_path / "stderr.txt"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
+        try:
+            _wait_until_sending(proc, log)
+            time.sleep(2)  # the one request left at once; its answer is 6 s away
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err = log.read_text()
+        assert proc.returncode == 75, err[-2000:]
+        assert "answers already on the wire" in err
+        assert "stopped by SIGINT" in err
+        assert [json.loads(row)["asin"] for row in out.splitlines()] == ids
 
     def test_sighup_drains_like_sigterm(self, tmp_path: Path) -> None:
         """SIGHUP (a closed terminal) drains the run and exits 75, resumable; not a silent 129."""
