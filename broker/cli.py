@@ -173,10 +173,13 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Write a commented starter config that works against the embedded "
         "simulator out of the box; edit it to use real keys.",
         epilog="exit codes: 0 written; 2 the file exists (--force overwrites it) or its path "
-        "is a directory; 74 it cannot be written.",
+        "is a directory, a device, a pipe or a socket; 74 it cannot be written.",
     )
     init.add_argument(
-        "path", nargs="?", default=DEFAULT_CONFIG, help="where to write it (default: %(default)s)"
+        "path",
+        nargs="?",
+        default=DEFAULT_CONFIG,
+        help="where to write it, '-' for stdout (default: %(default)s)",
     )
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
 
@@ -684,7 +687,12 @@ def _init(given: str, *, force: bool) -> int:
     """``broker init``: write the packaged starter config (never over a file unless --force)."""
     from importlib.resources import files
 
+    from broker.sqlitewal import RefusedFileError, refuse_special
+
     template = files("broker").joinpath("templates", "config.toml").read_text(encoding="utf-8")
+    if given == "-":
+        write_stdout(template.encode())
+        return ExitCode.OK
     path = Path(given)
     try:
         # "conf/" names a directory even before it exists (Path drops the slash).
@@ -699,6 +707,13 @@ def _init(given: str, *, force: bool) -> int:
             f"{path / DEFAULT_CONFIG}",
             file=sys.stderr,
         )
+        return ExitCode.USAGE
+    try:
+        # The file is replaced whole (a new file renamed over it): a device's node, such
+        # as /dev/null named by --force, would go, and a pipe's reader would read nothing.
+        refuse_special(path, "give a config file's path, or '-' for stdout")
+    except RefusedFileError as exc:
+        print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     if exists and not force:
         print(f"{prog()}: {path} exists; pass --force to overwrite it", file=sys.stderr)

@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -202,6 +203,35 @@ def test_init_of_a_path_ending_in_a_slash_writes_no_file_of_that_name(
     assert cli.main(["init", f"{tmp_path / 'conf'}/"]) == ExitCode.USAGE
     assert "is a directory" in capsys.readouterr().err
     assert not (tmp_path / "conf").exists()
+
+
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_init_force_onto_a_pipe_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], through_a_link: bool
+) -> None:
+    """``init --force`` onto a pipe or a device (or a link to one) is a usage error that
+    leaves it as it was: the file was replaced whole, a device's node by a regular file
+    (run as root, ``/dev/null`` itself)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = fifo
+    if through_a_link:
+        target = tmp_path / "link"
+        target.symlink_to(fifo)
+    assert cli.main(["init", str(target), "--force"]) == ExitCode.USAGE
+    assert "is a device, a pipe or a socket, not a file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_init_dash_prints_the_starter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``init -`` prints the starter on stdout, as ``-`` means elsewhere; it wrote a file
+    named ``-``."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["init", "-"]) == ExitCode.OK
+    assert "[[keys]]" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_init_under_a_file_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
