@@ -578,15 +578,27 @@ def _parse(words: list[str]) -> argparse.Namespace:
     """Parse the command line; a usage error (exit 2) for what argparse lets through."""
     parser = _build_parser()
     args = parser.parse_args(words)
+    # Told with the command's own usage line, as argparse tells its own errors.
+    command = next(
+        (
+            action.choices[args.command]
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction) and args.command in action.choices
+        ),
+        parser,
+    )
     if getattr(args, "config", None) is not None and not args.config.strip():
         # An empty --config (an unset variable in a script) must not fall back silently.
-        parser.error("--config names no file")
+        command.error("--config names no file")
     if getattr(args, "spool", None) is not None and not args.spool.strip():
         # Path("") is the current directory: an unset variable would make a spool of it.
-        parser.error("--spool names no directory")
+        command.error("--spool names no directory")
     if getattr(args, "out", None) is not None and not args.out.strip():
         # Unset in a script, it ran to the default output, named after the job.
-        parser.error("--out names no file (give a path, or - for stdout)")
+        command.error("--out names no file (give a path, or - for stdout)")
+    if getattr(args, "job", None) is not None and not args.job.strip():
+        # Path("") is the current directory: it was refused as "the job . is a directory".
+        command.error("the job names no file (give a job file's path, or - for stdin)")
     return args
 
 
@@ -1340,6 +1352,12 @@ def _unusable_path(exc: OSError, job: str) -> tuple[ExitCode, str]:
     return ExitCode.IO_ERROR, f"cannot write {named}: {reason}{hint} (nothing was written)"
 
 
+def _as_stdin(message: str, copy: str) -> str:
+    """``message`` naming a line of ``copy`` (stdin's copy) as stdin's line."""
+    prefix = f"{copy}: line "
+    return f"stdin: line {message[len(prefix) :]}" if message.startswith(prefix) else message
+
+
 def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
     """The closing figures as one ``broker.job_finished`` event: with JSON logs, a log
     collector reads them there instead of parsing the plain lines printed after it."""
@@ -1480,6 +1498,10 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         return ExitCode.RESUMABLE
     except Exception as exc:
         code, message = describe_failure(exc, job=options.job)
+        if paths.stdin:
+            # A line of the input is stdin's line: the copy read (in a temporary folder
+            # gone at exit, for --out -) is not what the user gave.
+            message = _as_stdin(message, str(options.job))
         # An output another job file owns: its rows are not this job's.
         ours = not isinstance(exc, OtherJobsOutputError)
         _log_stopped(paths, code, message, refresh=args.refresh, ours=ours)

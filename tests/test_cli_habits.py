@@ -497,8 +497,37 @@ def test_empty_out_flag_is_a_usage_error(
     with pytest.raises(SystemExit) as info:
         cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", ""])
     assert info.value.code == ExitCode.USAGE
-    assert "--out names no file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--out names no file" in err
+    assert " run [-h]" in err  # the command's usage line, not the top level's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
+
+
+def test_empty_job_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``broker run ""`` (an unset variable in a script) says the job names no file; it
+    said "the job . is a directory"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "", "--config", str(_config(tmp_path))])
+    assert info.value.code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "the job names no file" in err
+    assert "directory" not in err
+
+
+def test_an_out_under_proc_that_is_not_there_is_not_called_a_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out /proc/o.jsonl`` (no such file) is refused for where it is, not called "a
+    device or a pipe"."""
+    job = _job(tmp_path)
+    code = cli.main(["run", str(job), "--config", str(_config(tmp_path)), "--out", "/proc/o.jsonl"])
+    assert code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "--out /proc/o.jsonl is under /dev or /proc" in err
+    assert "a device or a pipe" not in err
 
 
 def test_empty_spool_flag_is_a_usage_error(
@@ -1148,6 +1177,22 @@ class TestRunPaths:
         err = capsys.readouterr().err
         assert "a.jsonl.stdin.txt, kept as it is" in err
         assert "stdin.csv" not in err
+
+    @pytest.mark.parametrize("out", ["-", "a.jsonl"])
+    def test_a_bad_line_on_stdin_is_named_as_stdin(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        out: str,
+    ) -> None:
+        """A CSV on stdin without an asin column is refused as "stdin: line 1", not under
+        the path of the copy read (for --out -, in a temporary folder gone at exit)."""
+        args = ("--out", out if out == "-" else str(tmp_path / out), "--input", "csv")
+        assert _stdin_run(tmp_path, monkeypatch, b"B0FIRST001\n", *args) == ExitCode.DATA_ERROR
+        err = capsys.readouterr().err
+        assert ": stdin: line 1: the CSV header has no 'asin' column" in err
+        assert ".stdin.csv" not in err
 
     def test_fixed_stdin_after_a_refused_first_run_is_accepted(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -319,11 +319,16 @@ def _refuse_device_output(out_path: Path, given: str) -> None:
         mode = out_path.stat().st_mode
     except OSError:
         mode = None  # not there yet (the usual case), or unreadable: the sink says which
-    if special or (mode is not None and not stat.S_ISREG(mode)):
-        raise UsageError(
-            f"--out {given} is a device or a pipe, not a file: give a file's path, or "
-            "--out - to write the output to stdout when the run ends"
-        )
+    if mode is not None and not stat.S_ISREG(mode):
+        what = "a device or a pipe, not a file"
+    elif special:
+        what = "under /dev or /proc, where no output or ledger can be kept"
+    else:
+        return
+    raise UsageError(
+        f"--out {given} is {what}: give a file's path, or --out - to write the output to "
+        "stdout when the run ends"
+    )
 
 
 def _refuse_unreadable_kind(job: Path) -> None:
