@@ -840,6 +840,32 @@ class TestResume:
             assert daemon._next_job(cast("Broker", None)) is None
         assert [e["event"] for e in later] == []
 
+    async def test_a_new_namesake_of_a_deleted_deferred_job_runs_afresh(
+        self, tmp_path: Path
+    ) -> None:
+        """A job deferred until tomorrow's reset and deleted (to cancel it), then a new job
+        of that name: the new one is claimed with a claim lock of its own and no deferral,
+        and the old one's work files are gone at the next poll. It ran under the old
+        deferral: its status carried the old job's requests, and under the old, unlinked
+        claim lock a sibling daemon took it for a dead one's."""
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
+        daemon.spool.prepare()
+        job = daemon.spool.job("a.txt", "jsonl")
+        job.path.write_text("B000000001\n")
+        job.ledger.write_text("old\n")
+        claim = job.claim_lock().acquire()
+        until = clock.utcnow() + timedelta(hours=10)
+        daemon._deferred["a.txt"] = serve._Deferral(until, frozenset(), claim)
+        job.path.unlink()
+        (tmp_path / "inbox" / "a.txt").write_text("B000000002\n")
+        with structlog.testing.capture_logs() as logs:
+            assert daemon._next_job(cast("Broker", None)) == "a.txt"
+        assert "a.txt" not in daemon._deferred
+        assert [e["event"] for e in logs] == ["broker.job_vanished", "broker.job_claimed"]
+        assert not job.ledger.exists()
+        assert job.path.read_text() == "B000000002\n"
+
     async def test_a_job_that_grew_under_the_same_mtime_is_not_settled(
         self, tmp_path: Path
     ) -> None:
@@ -875,6 +901,7 @@ class TestResume:
         (tmp_path / "processing" / "left.txt").write_text("B000000003\n")  # no daemon's
         later = clock.utcnow() + timedelta(hours=1)
         for name in ("a.txt", "b.txt"):
+            (tmp_path / "processing" / name).write_text("B000000004\n")
             daemon._deferred[name] = serve._Deferral(later, frozenset())
         broker = cast("Broker", None)  # nothing deferred is due: the broker is not asked
         with structlog.testing.capture_logs() as logs:
@@ -882,7 +909,8 @@ class TestResume:
                 assert daemon._next_job(broker) is None
                 await clock.advance(serve._ORPHAN_CHECK_S)
         assert [e["event"] for e in logs] == ["broker.deferred_jobs_at_cap"]
-        del daemon._deferred["b.txt"]
+        del daemon._deferred["b.txt"]  # resumed and filed
+        (tmp_path / "processing" / "b.txt").unlink()
         picks = [daemon._next_job(broker)]
         await clock.advance(serve._ORPHAN_CHECK_S)
         picks.append(daemon._next_job(broker))

@@ -1163,26 +1163,24 @@ class Daemon:
         """
         now = self._clock.utcnow()
         for name, deferral in list(self._deferred.items()):
+            if not (self.spool.processing / name).exists():
+                # Removed while it waited (to cancel it), looked for at every poll: its
+                # work files and claim go with it now, not at its reset hours later, or a
+                # new job of that name would run under its deferral (its figures, its
+                # claim lock already unlinked, so a sibling took the job for a dead one's).
+                del self._deferred[name]
+                self._vanished(self.spool.job(name, self._config.output.format))
+                if deferral.claim is not None:
+                    deferral.claim.close()
+                continue
             if deferral.until > now:
                 continue
-            there = (self.spool.processing / name).exists()
-            if (
-                there
-                and deferral.keys
-                and quota_wait(broker.metrics(), keys=deferral.keys) is not None
-            ):
+            if deferral.keys and quota_wait(broker.metrics(), keys=deferral.keys) is not None:
                 deferral.until = now + timedelta(seconds=_DEFER_RECHECK_S)
                 continue
-            if there:
-                # Left in _deferred: the work loop takes it, and its claim, from there.
-                logger.info("broker.job_resumed", job=name, note="daily quota reset")
-                return name
-            # The job was removed while it waited (to cancel it): its work files go with
-            # it, or a new job of that name would be resumed from them.
-            del self._deferred[name]
-            self._vanished(self.spool.job(name, self._config.output.format))
-            if deferral.claim is not None:
-                deferral.claim.close()
+            # Left in _deferred: the work loop takes it, and its claim, from there.
+            logger.info("broker.job_resumed", job=name, note="daily quota reset")
+            return name
         return None
 
     def _orphan(self) -> str | None:
