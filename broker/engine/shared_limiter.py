@@ -79,14 +79,16 @@ __all__ = [
 logger = get_logger("broker")
 
 _US = 1_000_000
-#: A key held (quota spent, parked) re-asks the store at least this often. Each ask carries
-#: this process's high-water mark of the day's count, so a Redis that restarted empty learns
-#: the count again within this time from any process still waiting (a cheap call).
+#: A key held (parked, idle) re-asks the store at least this often. Each ask carries this
+#: process's high-water mark of the day's count and its park, so a Redis that restarted
+#: empty learns them again within this time from any process still waiting (a cheap call).
 _RECHECK_S = 30.0
-#: ...and this often while only another process's lower tpd holds it (a ``broker lookup``
-#: with a lower one): that limit goes the moment its process closes, and a running job
-#: must not sit idle for up to ``_RECHECK_S`` after a lookup of a second.
-_HELD_RECHECK_S = 2.0
+#: ...and this often while its daily quota holds it: a store that lost the day (Redis
+#: restarted empty, the SQLite file deleted) learns the spent count back within this time,
+#: or a process started meanwhile sent for as long (a hunt's newcomer: 20 requests past the
+#: day in 30 s); and a hold by another process's lower tpd (a ``broker lookup`` with a lower
+#: one) goes the moment that process closes: a running job must not sit idle long after.
+_QUOTA_RECHECK_S = 2.0
 
 #: How long closing waits for the store (its last feedback and the leave mark), seconds.
 _CLOSE_S = 1.0
@@ -503,7 +505,7 @@ class SharedKeyLimiter:
             now = self._clock.monotonic()
             if self.exhausted and self._hold_until <= now:
                 wait_s = self.quota_until().timestamp() - self._store_wall()
-                self._hold_until = now + min(max(wait_s, 1e-3), self._quota_recheck_s())
+                self._hold_until = now + min(max(wait_s, 1e-3), _QUOTA_RECHECK_S)
                 for listener in self._refusal_listeners:
                     listener("quota", wait_s)
             if self._hold_until > now:
@@ -572,16 +574,11 @@ class SharedKeyLimiter:
             wait_s, recheck_s = decision.wait_s, _RECHECK_S
             if refusal == "daily quota":
                 wait_s = min(wait_s, self.quota_until().timestamp() - self._store_wall())
-                recheck_s = self._quota_recheck_s()
+                recheck_s = _QUOTA_RECHECK_S
             self._hold_until = self._clock.monotonic() + min(max(wait_s, 0.0), recheck_s)
             for listener in self._refusal_listeners:
                 listener(refusal, wait_s)
             raise SendRefused(refusal, wait_s)
-
-    def _quota_recheck_s(self) -> float:
-        """How long a key whose day is spent waits before asking the store again: briefly
-        while only another process's lower tpd holds it (it goes when that one closes)."""
-        return _RECHECK_S if self._own_day_spent() else _HELD_RECHECK_S
 
     def _own_day_spent(self) -> bool:
         """True when this process's own daily limit for the key (its lowest entry's) is
