@@ -1194,6 +1194,28 @@ def test_lookup_with_a_redis_asking_a_password_exits_78_without_a_crash_event(
     assert "task_crashed" not in err
 
 
+@needs_redis
+async def test_a_broker_opened_on_a_redis_refusing_it_fails_at_once(tmp_path: Path) -> None:
+    """Opening a broker whose key-state Redis asks a password none was given for raises
+    the ConfigError at once (exit 78 at start): it opened, and an idle ``broker serve`` said
+    it was ready until its first job, possibly hours later, then exited 78."""
+    from conftest import embedded_toml
+
+    from broker import Broker
+
+    server = RedisServer(password="right-one")
+    await asyncio.to_thread(server.start)
+    try:
+        config = tmp_path / "config.toml"
+        state = f'\n[state]\nbackend = "redis"\nredis_url = "{server.url}"\n'
+        config.write_text(embedded_toml() + state)
+        with pytest.raises(ConfigError, match="requires a password and none is configured"):
+            async with Broker.from_config(config):
+                pass
+    finally:
+        await asyncio.to_thread(server.__exit__, None, None, None)
+
+
 _PACED_WORKER = """
 import asyncio, sys, time
 from pathlib import Path

@@ -331,6 +331,14 @@ class Broker:
             await asyncio.gather(*(limiter.aclose() for limiter in limiters))
 
         stack.push_async_callback(close_limiters)
+        if shared is not None and shared.store.backend != "memory":
+            # Asked once now: a store this config cannot use (Redis refusing the password,
+            # a damaged or read-only file) fails the open (exit 78 or 74), not the first
+            # send, hours later for an idle daemon that said it was ready meanwhile. One
+            # out of reach is waited for by the keys, as at any other time.
+            for limiter in limiters:
+                with contextlib.suppress(StateUnavailableError):
+                    await limiter.refresh()
         retry = config.retry
         policy = RetryPolicy(
             max_attempts=retry.max_attempts,
