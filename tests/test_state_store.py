@@ -356,6 +356,29 @@ class TestFeedback:
             granted += (await backend.reserve(later if i % 2 else early)).granted
         assert granted <= 10 + 1
 
+    async def test_a_live_process_s_reset_holds_for_one_of_another_reset(
+        self, backend: Backend
+    ) -> None:
+        """Two live processes whose daily_reset_utc differ: the day the first counts holds
+        for the second, whose own reset came since, until the first closes; then the
+        second's reset takes over at once. Each started the day over at its own reset: a
+        hunt's key got its quota twice a day."""
+        now_s = (backend.fake[0] if backend.fake is not None else time.time_ns() // 1_000) // (
+            1_000_000
+        )
+        early = replace(LIMITS, day_limit=2, reset_offset_s=(now_s - 3_600) % 86_400)
+        later = replace(early, reset_offset_s=(now_s - 1_800) % 86_400)
+        first, second = ProcessMark("first:1:a"), ProcessMark("second:2:b")
+        assert (await backend.reserve(early, process=first)).granted
+        assert (await backend.reserve(early, process=first)).granted
+        held = await backend.reserve(later, process=second)
+        assert held.refusal == "daily quota"
+        assert held.wait_s == pytest.approx(82_800, abs=60)  # the first's reset, 23 h away
+        await backend.leave(early, first)
+        moved = await backend.reserve(later, process=second)
+        assert moved.granted
+        assert moved.count == 1
+
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""
         sent = await backend.reserve()

@@ -71,7 +71,8 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset')
+  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset',
+  'offset_owner', 'offset_seen')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -106,6 +107,9 @@ local gen_sends = tonumber(h[26]) or 0
 local gen_unparked = h[27] == '1'
 -- decision.py: Record.day_offset, the reset offset day was counted under (-1: unknown)
 local day_offset = tonumber(h[28]) or -1
+-- decision.py: Record.offset_owner, .offset_seen (who last asked with day_offset, and when)
+local offset_owner = h[29] or ''
+local offset_seen = tonumber(h[30]) or 0
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -235,6 +239,10 @@ if before and not gen_unparked and mark_parked > math.max(now, parked_until) the
 end
 if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
+-- Another live process counts the day under another reset: its window holds for this
+-- caller too (decision.py: decide).
+local kept = day >= 0 and day_offset >= 0 and day_offset ~= reset_offset
+  and offset_owner ~= process_id and now - offset_seen <= recent_us
 -- The day counted, as this caller's window holding its start (decision.py: decide): under
 -- another reset it ends at this caller's next reset after its start; the record keeps the
 -- offset it was counted under.
@@ -242,13 +250,31 @@ local counted = day
 if day >= 0 and day_offset >= 0 and day_offset ~= reset_offset then
   counted = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
 end
-local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
-if today > counted then
-  day = today
-  counted = today
-  day_offset = reset_offset
-  count = 0
-  gen_sends = 0
+local window_end
+if kept then
+  local held = math.floor((math.floor(now / 1000000) - day_offset) / 86400)
+  if held > day then
+    day = held
+    count = 0
+    gen_sends = 0
+    counted = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
+  end
+  window_end = ((day + 1) * 86400 + day_offset) * 1000000
+else
+  local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
+  if today > counted then
+    day = today
+    counted = today
+    day_offset = reset_offset
+    count = 0
+    gen_sends = 0
+  end
+  window_end = ((counted + 1) * 86400 + reset_offset) * 1000000
+end
+if day_offset == reset_offset and process_id ~= '' then
+  -- A closing process's reset leaves with it, as its daily limit does.
+  offset_owner = process_id
+  if leaving then offset_seen = 0 else offset_seen = now end
 end
 if process_id ~= '' then
   -- A mark from before the loss knew nothing of the sends granted since: they come on top.
@@ -339,7 +365,7 @@ if reserve then
   elseif parked_until > 0 and probing_until > now then
     refusal, wait = 'probing', probing_until - now
   elseif day_limit >= 0 and count >= day_limit then
-    refusal, wait = 'daily quota', ((counted + 1) * 86400 + reset_offset) * 1000000 - now
+    refusal, wait = 'daily quota', window_end - now
   elseif candidate - now > horizon then
     refusal, wait = 'horizon', candidate - now - horizon
   else
@@ -367,7 +393,8 @@ if not view then
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
     'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s), 'gen', gen,
     'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0',
-    'day_offset', int(day_offset))
+    'day_offset', int(day_offset), 'offset_owner', offset_owner,
+    'offset_seen', int(offset_seen))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

@@ -109,6 +109,10 @@ class Record:
     gen: str = ""
     gen_sends: int = 0
     gen_unparked: bool = False
+    #: the process that last asked with the reset ``day_offset`` holds (its id), and when
+    #: (µs): while it lives, another process of another reset keeps to that one's window
+    offset_owner: str = ""
+    offset_seen: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -420,19 +424,42 @@ def decide(
     if wall is None:
         wall = now
     offset = limits.reset_offset_s
+    asker = "" if process is None else process.process_id
+    # Another live process counts the day under another reset (two configs differ): its
+    # window holds for this caller too, and starts over only at its own reset. Each
+    # starting the day over at its own reset gave the key twice its quota a day.
+    kept = (
+        record.day >= 0
+        and record.day_offset >= 0
+        and record.day_offset != offset
+        and record.offset_owner != asker
+        and now - record.offset_seen <= int(PROCESS_RECENT_S * _US)
+    )
     # The day counted, as this caller's window holding its start: the same day under the
-    # same reset; under another (daily_reset_utc changed, or two configs differ) it ends at
-    # this caller's next reset after its start, not a day after that (a reset moved later
-    # held a spent key some 24 h too long). The record keeps the offset it was counted
-    # under, so two processes of different resets never shift it back and forth.
+    # same reset; under another (daily_reset_utc changed) it ends at this caller's next
+    # reset after its start, not a day after that (a reset moved later held a spent key
+    # some 24 h too long). The record keeps the offset it was counted under, so two
+    # processes of different resets never shift it back and forth.
     counted = record.day
     if counted >= 0 and record.day_offset >= 0 and record.day_offset != offset:
         counted = day_number(day_end_us(record.day - 1, record.day_offset), offset)
-    day = day_number(wall, offset)
-    if day > counted:
-        counted = record.day = day
-        record.day_offset = offset
-        record.count = record.gen_sends = 0
+    if kept:
+        held = day_number(wall, record.day_offset)
+        if held > record.day:
+            record.day = held
+            record.count = record.gen_sends = 0
+            counted = day_number(day_end_us(held - 1, record.day_offset), offset)
+        window_end = day_end_us(record.day, record.day_offset)
+    else:
+        day = day_number(wall, offset)
+        if day > counted:
+            counted = record.day = day
+            record.day_offset = offset
+            record.count = record.gen_sends = 0
+        window_end = day_end_us(counted, offset)
+    if record.day_offset == offset and process is not None:
+        # A closing process's reset leaves with it, as its daily limit does.
+        record.offset_owner, record.offset_seen = asker, (0 if feedback.leaving else now)
     if process is not None:
         if process.hwm_day == counted:
             # A mark from before the loss knew nothing of the sends granted since: they come
@@ -469,7 +496,7 @@ def decide(
             refusal, wait_us = "probing", record.probing_until - now
         elif day_limit is not None and record.count >= day_limit:
             refusal = "daily quota"
-            wait_us = day_end_us(counted, offset) - wall
+            wait_us = window_end - wall
         elif candidate - now > horizon_us:
             refusal, wait_us = "horizon", candidate - now - horizon_us
         else:
