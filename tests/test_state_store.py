@@ -379,6 +379,21 @@ class TestFeedback:
         assert moved.granted
         assert moved.count == 1
 
+    async def test_a_view_keeps_to_the_limit_of_the_processes_using_the_key(
+        self, backend: Backend
+    ) -> None:
+        """broker status with a lower tpd than the process sending on the key shows that
+        process's limit, not its own (it showed the key waiting for its quota, 118/99,
+        while the process sent on it); with no process using the key, its own."""
+        sender = replace(LIMITS, day_limit=5)
+        for _ in range(3):
+            assert (await backend.reserve(sender)).granted
+        viewer = replace(LIMITS, day_limit=2)
+        seen = await backend.store.view(KEY, viewer)
+        assert (seen.decision.day_limit, seen.decision.count) == (5, 3)
+        await backend.leave(sender, ME)
+        assert (await backend.store.view(KEY, viewer)).decision.day_limit == 2
+
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""
         sent = await backend.reserve()

@@ -220,15 +220,22 @@ if asking and day_limit >= 0 then
   end
   if day_limit == day_cap then day_cap_seen = now end
 end
+-- A view (broker status) takes the limit of the processes using the key, and its own only
+-- when none asked in that minute (decision.py, _agree_day).
+local own_limit = day_limit
+local live = false
+if view then day_limit = -1 end
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+inf')) do
+  live = true
   local cap = tonumber(string.match(member, '|(%d+)$'))
   if cap and (day_limit < 0 or cap < day_limit) then day_limit = cap end
 end
 -- An older broker keeps its limit in day_cap alone (decision.py, _agree_day).
-if day_cap >= 0 and now - day_cap_seen <= recent_us
-    and (day_limit < 0 or day_cap < day_limit) then
-  day_limit = day_cap
+if day_cap >= 0 and now - day_cap_seen <= recent_us then
+  live = true
+  if day_limit < 0 or day_cap < day_limit then day_limit = day_cap end
 end
+if view and not live then day_limit = own_limit end
 -- A lost hash (Redis restarted empty, flushed; a rate is never stored as 0): rebuilt from
 -- what the caller saw last (decision.py: ProcessMark), the day's count below.
 if lost and process_id ~= '' and mark_rate > 0 then rate = mark_rate end

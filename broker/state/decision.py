@@ -185,7 +185,9 @@ def _agree(record: Record, now: int, limits: KeyLimits, *, asking: bool) -> KeyL
     )
 
 
-def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool) -> int | None:
+def _agree_day(
+    record: Record, now: int, day_limit: int | None, *, asking: bool, viewing: bool = False
+) -> int | None:
     """The daily limit the key keeps to when processes' configs differ (a rolling change
     of tpd): the lowest limit of the processes that asked in the last ``PROCESS_RECENT_S``
     (each one's limit is part of its entry, :func:`process_entry`), so a process configured
@@ -197,6 +199,10 @@ def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool)
     there, not in its entry, and a process of this version with no limit of its own (or a
     higher one) overspent the day past it. A process of this version leaving with the cap's
     limit takes it along (:func:`decide`), as it does its entry.
+
+    ``viewing`` (``broker status``, which sends nothing): the limit of the processes using
+    the key, and ``day_limit`` only when none asked in that minute. A lower one of the
+    viewer's own showed the key waiting for its quota while a process sent on it.
     """
     recent = int(PROCESS_RECENT_S * _US)
     if asking and day_limit is not None:
@@ -211,17 +217,22 @@ def _agree_day(record: Record, now: int, day_limit: int | None, *, asking: bool)
             record.day_cap_seen = now
     since = now - recent
     # The lowest of the limits below, in a plain loop (no list per decision).
-    lowest = day_limit
+    lowest = None if viewing else day_limit
+    live = False
     for entry, seen in record.processes.items():
-        if seen >= since and (limit := entry.rpartition(_LIMIT_MARK)[2]).isdigit():
+        if seen < since:
+            continue
+        live = True
+        if (limit := entry.rpartition(_LIMIT_MARK)[2]).isdigit():
             cap = int(limit)
             if lowest is None or cap < lowest:
                 lowest = cap
     if record.day_cap >= 0 and now - record.day_cap_seen <= recent:
+        live = True
         cap = record.day_cap
         if lowest is None or cap < lowest:
             lowest = cap
-    return lowest
+    return day_limit if viewing and not live else lowest
 
 
 def process_entry(process: ProcessMark, day_limit: int | None) -> str:
@@ -405,7 +416,7 @@ def decide(
     # nothing tells whether a mark is from before a loss, so none is taken to be.
     before = process is not None and record.gen != "" and process.gen != record.gen
     limits = _agree(record, now, limits, asking=asking)
-    day_limit = _agree_day(record, now, limits.day_limit, asking=asking)
+    day_limit = _agree_day(record, now, limits.day_limit, asking=asking, viewing=process is None)
     if process is not None:
         if lost and process.rate > 0:
             record.rate = process.rate
