@@ -162,27 +162,14 @@ class TestUvForwardedSigint:
     def test_out_dash_stopped_by_signal_does_not_promise_a_resume(self, tmp_path: Path) -> None:
         """``--out -`` keeps no ledger: stopped by a signal it says start over, and names no
         invalid-row report (its temporary directory is gone)."""
-        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
         rows = "".join(f"B0SG{i:06d}\n" for i in range(400))
         (tmp_path / "job.txt").write_text("not-an-asin\n" + rows, encoding="utf-8")
-        command = [sys.executable, "-m", "broker", "run", "job.txt", "--out", "-", "--no-cache"]
-        log = tmp_path / "stderr.txt"
-        with log.open("w") as stderr:
-            proc = subprocess.Popen(
-                command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True
-            )
-        try:
-            # Rows reach stdout only at the end: a second of sending (400 rows at 5 requests
-            # a second are far from done) leaves some to write.
-            _wait_until_sending(proc, log)
-            time.sleep(1)
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        err = log.read_text()
-        assert proc.returncode == 75, err
+        # Rows reach stdout only at the end: a second of sending (400 rows at 5 requests a
+        # second are far from done) leaves some to write.
+        code, out, err = _signalled_while_sending(
+            tmp_path, _SLOW_CONFIG, ["run", "job.txt", "--out", "-"], signal.SIGTERM, 1
+        )
+        assert code == 75, err
         assert "stopped by signal: run it again to start over" in err
         assert "to resume" not in err
         assert "invalid rows:" not in err
@@ -195,26 +182,13 @@ class TestUvForwardedSigint:
         """``timeout 3 broker lookup ...`` (SIGTERM) or a closed terminal (SIGHUP): the
         answers it has are printed and it exits 75, as for Ctrl-C; it was killed (143, 129)
         with nothing printed."""
-        (tmp_path / "config.toml").write_text(_SLOW_CONFIG, encoding="utf-8")
         ids = [f"B0LK{i:06d}" for i in range(400)]
-        command = [sys.executable, "-m", "broker", "lookup", "--json", "--no-cache", *ids]
-        log = tmp_path / "stderr.txt"
-        with sighup_at_default(), log.open("w") as stderr:
-            proc = subprocess.Popen(
-                command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True
-            )
-        try:
-            # Answers printed only at the end: a second of sending (400 ids at 5 requests a
-            # second are far from done) leaves some to print.
-            _wait_until_sending(proc, log)
-            time.sleep(1)
-            proc.send_signal(sig)
-            out, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        err = log.read_text()
-        assert proc.returncode == 75, err[-2000:]
+        # Answers printed only at the end: a second of sending (400 ids at 5 requests a
+        # second are far from done) leaves some to print.
+        code, out, err = _signalled_while_sending(
+            tmp_path, _SLOW_CONFIG, ["lookup", "--json", *ids], sig, 1
+        )
+        assert code == 75, err[-2000:]
         assert f"stopped by {sig.name}" in err
         rows = out.splitlines()
         assert 0 < len(rows) < len(ids)
@@ -226,24 +200,12 @@ class TestUvForwardedSigint:
         answer, paid for, and prints it before exiting 75, as --help says; the lookup was
         cancelled at once and printed nothing."""
         config = embedded_toml(tps=5.0) + "\n[simulator.latency]\nfixed_ms = 3000\n"
-        (tmp_path / "config.toml").write_text(config, encoding="utf-8")
         ids = ["B0LW000001", "B0LW000002"]
-        command = [sys.executable, "-m", "broker", "lookup", "--json", "--no-cache", *ids]
-        log = tmp_path / "stderr.txt"
-        with log.open("w") as stderr:
-            proc = subprocess.Popen(
-                command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True
-            )
-        try:
-            _wait_until_sending(proc, log)
-            time.sleep(2)  # the one request left at once; its answer is 6 s away
-            proc.send_signal(signal.SIGINT)
-            out, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        err = log.read_text()
-        assert proc.returncode == 75, err[-2000:]
+        # The one request left at once; 2 s on, its answer is 4 s away.
+        code, out, err = _signalled_while_sending(
+            tmp_path, config, ["lookup", "--json", *ids], signal.SIGINT, 2
+        )
+        assert code == 75, err[-2000:]
         assert "answers already on the wire" in err
         assert "stopped by SIGINT" in err
         assert [json.loads(row)["asin"] for row in out.splitlines()] == ids
@@ -342,6 +304,30 @@ def _wait_until_sending(proc: subprocess.Popen[str], log: Path) -> None:
         assert proc.poll() is None, log.read_text()[-2000:]
         assert time.monotonic() < deadline, "no broker.started within 60 s"
         time.sleep(0.02)
+
+
+def _signalled_while_sending(
+    tmp_path: Path, config: str, argv: list[str], sig: signal.Signals, after_s: float
+) -> tuple[int, str, str]:
+    """``broker ARGV --no-cache`` in ``tmp_path`` with ``config`` (JSON logs), sent ``sig``
+    ``after_s`` seconds after it began sending (SIGHUP at its default, whatever the suite
+    inherited); its exit code, stdout and stderr."""
+    (tmp_path / "config.toml").write_text(config, encoding="utf-8")
+    command = [sys.executable, "-m", "broker", *argv, "--no-cache"]
+    log = tmp_path / "stderr.txt"
+    with sighup_at_default(), log.open("w") as stderr:
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+    try:
+        _wait_until_sending(proc, log)
+        time.sleep(after_s)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, log.read_text()
 
 
 def _signalled_while_parsing(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
