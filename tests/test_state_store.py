@@ -379,6 +379,23 @@ class TestFeedback:
         assert moved.granted
         assert moved.count == 1
 
+    async def test_a_reset_holds_while_any_process_of_it_lives(self, backend: Backend) -> None:
+        """Two processes of one reset and one of another: the first two's day holds for the
+        third until both have closed, not until either one closes (the one that closed
+        let the third start a new day while the other still sent on the old one)."""
+        now_s = (backend.fake[0] if backend.fake is not None else time.time_ns() // 1_000) // (
+            1_000_000
+        )
+        early = replace(LIMITS, day_limit=2, reset_offset_s=(now_s - 3_600) % 86_400)
+        later = replace(early, reset_offset_s=(now_s - 1_800) % 86_400)
+        a, b, c = ProcessMark("a:1:a"), ProcessMark("b:2:b"), ProcessMark("c:3:c")
+        assert (await backend.reserve(early, process=a)).granted
+        assert (await backend.reserve(early, process=b)).granted
+        await backend.leave(early, b)
+        assert (await backend.reserve(later, process=c)).refusal == "daily quota"
+        await backend.leave(early, a)
+        assert (await backend.reserve(later, process=c)).granted
+
     async def test_a_view_keeps_to_the_limit_of_the_processes_using_the_key(
         self, backend: Backend
     ) -> None:
@@ -393,6 +410,24 @@ class TestFeedback:
         assert (seen.decision.day_limit, seen.decision.count) == (5, 3)
         await backend.leave(sender, ME)
         assert (await backend.store.view(KEY, viewer)).decision.day_limit == 2
+
+    async def test_a_caller_with_no_process_keeps_its_own_daily_limit(
+        self, backend: Backend
+    ) -> None:
+        """A reserving decision asked with no process mark keeps to its own daily limit
+        too, on every store (only a view tells the processes' limit instead): the local
+        stores took it for a view and granted past it."""
+        assert (await backend.reserve(replace(LIMITS, day_limit=5))).granted
+        low = replace(LIMITS, day_limit=2)
+        granted = [
+            (
+                await backend.store.decide(
+                    KEY, low, feedback=Feedback(), reserve=True, process=None
+                )
+            ).granted
+            for _ in range(3)
+        ]
+        assert granted == [True, False, False]
 
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
         """view (broker status) with another tps neither resets the shared rate nor counts."""

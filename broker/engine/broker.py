@@ -331,14 +331,14 @@ class Broker:
             await asyncio.gather(*(limiter.aclose() for limiter in limiters))
 
         stack.push_async_callback(close_limiters)
-        if shared is not None and shared.store.backend != "memory":
-            # Asked once now: a store this config cannot use (Redis refusing the password,
-            # a damaged or read-only file) fails the open (exit 78 or 74), not the first
-            # send, hours later for an idle daemon that said it was ready meanwhile. One
-            # out of reach is waited for by the keys, as at any other time.
-            for limiter in limiters:
-                with contextlib.suppress(StateUnavailableError):
-                    await limiter.refresh()
+        if shared is not None and shared.store.backend != "memory" and limiters:
+            # Asked once now, by one key (the keys share the store): a store this config
+            # cannot use (Redis refusing the password, a damaged file) fails the open (exit
+            # 78 or 74), not the first send, hours later for an idle daemon that said it
+            # was ready meanwhile. One out of reach is waited for by the keys, as at any
+            # other time (each key asking in turn held the open for a timeout each).
+            with contextlib.suppress(StateUnavailableError):
+                await limiters[0].refresh()
         retry = config.retry
         policy = RetryPolicy(
             max_attempts=retry.max_attempts,

@@ -71,8 +71,7 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset',
-  'offset_owner', 'offset_seen')
+  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -107,9 +106,6 @@ local gen_sends = tonumber(h[26]) or 0
 local gen_unparked = h[27] == '1'
 -- decision.py: Record.day_offset, the reset offset day was counted under (-1: unknown)
 local day_offset = tonumber(h[28]) or -1
--- decision.py: Record.offset_owner, .offset_seen (who last asked with day_offset, and when)
-local offset_owner = h[29] or ''
-local offset_seen = tonumber(h[30]) or 0
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -175,10 +171,11 @@ end
 -- A rolling change of tps: the lowest configured rate asked with in the last recent_us wins
 -- (decision.py, _agree); a caller with a higher one paces by it, its ceiling scaled alike.
 local asking = process_id ~= '' and not leaving
--- A process's entry among the key's processes carries its daily limit (decision.py,
--- process_entry): the key keeps to the lowest of those that asked in the last recent_us.
-local entry = process_id
-if day_limit >= 0 then entry = process_id .. '|' .. int(day_limit) end
+-- A process's entry among the key's processes carries its daily reset and limit
+-- (decision.py, process_entry): the key keeps to the lowest limit of those that asked in the
+-- last recent_us, and to the window of a reset one of them counts under.
+local entry = process_id .. '~' .. int(reset_offset)
+if day_limit >= 0 then entry = entry .. '|' .. int(day_limit) end
 if process_id ~= '' and leaving then
   -- Its daily limit leaves with it (a tpd raised for the next run), and day_cap's unless
   -- an older broker asked with it since (decision.py).
@@ -224,11 +221,18 @@ end
 -- when none asked in that minute (decision.py, _agree_day).
 local own_limit = day_limit
 local live = false
+-- Another live process counts the day under the reset it was counted under (decision.py,
+-- _held_by_another).
+local held_by_another = false
 if view then day_limit = -1 end
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+inf')) do
   live = true
   local cap = tonumber(string.match(member, '|(%d+)$'))
   if cap and (day_limit < 0 or cap < day_limit) then day_limit = cap end
+  local who, reset = string.match(string.match(member, '^[^|]*'), '^(.*)~(%d+)$')
+  if who and who ~= process_id and tonumber(reset) == day_offset then
+    held_by_another = true
+  end
 end
 -- An older broker keeps its limit in day_cap alone (decision.py, _agree_day).
 if day_cap >= 0 and now - day_cap_seen <= recent_us then
@@ -248,8 +252,7 @@ if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
 -- Another live process counts the day under another reset: its window holds for this
 -- caller too (decision.py: decide).
-local kept = day >= 0 and day_offset >= 0 and day_offset ~= reset_offset
-  and offset_owner ~= process_id and now - offset_seen <= recent_us
+local kept = day >= 0 and day_offset >= 0 and day_offset ~= reset_offset and held_by_another
 -- The day counted, as this caller's window holding its start (decision.py: decide): under
 -- another reset it ends at this caller's next reset after its start; the record keeps the
 -- offset it was counted under.
@@ -277,11 +280,6 @@ else
     gen_sends = 0
   end
   window_end = ((counted + 1) * 86400 + reset_offset) * 1000000
-end
-if day_offset == reset_offset and process_id ~= '' then
-  -- A closing process's reset leaves with it, as its daily limit does.
-  offset_owner = process_id
-  if leaving then offset_seen = 0 else offset_seen = now end
 end
 if process_id ~= '' then
   -- A mark from before the loss knew nothing of the sends granted since: they come on top.
@@ -400,8 +398,7 @@ if not view then
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
     'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s), 'gen', gen,
     'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0',
-    'day_offset', int(day_offset), 'offset_owner', offset_owner,
-    'offset_seen', int(offset_seen))
+    'day_offset', int(day_offset))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

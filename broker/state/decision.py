@@ -109,10 +109,6 @@ class Record:
     gen: str = ""
     gen_sends: int = 0
     gen_unparked: bool = False
-    #: the process that last asked with the reset ``day_offset`` holds (its id), and when
-    #: (µs): while it lives, another process of another reset keeps to that one's window
-    offset_owner: str = ""
-    offset_seen: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -235,16 +231,32 @@ def _agree_day(
     return day_limit if viewing and not live else lowest
 
 
-def process_entry(process: ProcessMark, day_limit: int | None) -> str:
-    """How a process is entered among the key's processes: its id, and its daily limit
-    when it has one (``host:pid:nonce|8640``): the key keeps to the lowest of them."""
-    return (
-        process.process_id if day_limit is None else f"{process.process_id}{_LIMIT_MARK}{day_limit}"
-    )
+def process_entry(process: ProcessMark, day_limit: int | None, reset_offset_s: int = 0) -> str:
+    """How a process is entered among the key's processes: its id, its daily reset (s after
+    00:00 UTC) and its daily limit when it has one (``host:pid:nonce~0|8640``): the key
+    keeps to the lowest limit, and to the window of a reset a live process counts under."""
+    entry = f"{process.process_id}{_OFFSET_MARK}{reset_offset_s}"
+    return entry if day_limit is None else f"{entry}{_LIMIT_MARK}{day_limit}"
 
 
-#: Between a process's id and its daily limit in its entry (an id never holds one).
+#: Before a process's daily limit in its entry (an id never holds one).
 _LIMIT_MARK: Final = "|"
+#: Before a process's daily reset in its entry (an id never holds one: its host name
+#: cannot); an older broker's entry has none.
+_OFFSET_MARK: Final = "~"
+
+
+def _held_by_another(record: Record, now: int, asker: str) -> bool:
+    """True when a process other than ``asker`` that asked in the last ``PROCESS_RECENT_S``
+    counts the day under the reset the record's day was counted under (its entry's)."""
+    since = now - int(PROCESS_RECENT_S * _US)
+    for entry, seen in record.processes.items():
+        if seen < since:
+            continue
+        who, mark, rest = entry.partition(_LIMIT_MARK)[0].rpartition(_OFFSET_MARK)
+        if mark and who != asker and rest.isdigit() and int(rest) == record.day_offset:
+            return True
+    return False
 
 
 def _run_over(record: Record, now: int) -> bool:
@@ -370,6 +382,7 @@ def decide(
     process: ProcessMark | None,
     wall: int | None = None,
     epoch: str = "",
+    view: bool = False,
 ) -> Decision:
     """Apply ``feedback`` to ``record`` and, if ``reserve``, reserve a send; mutate and answer.
 
@@ -385,6 +398,9 @@ def decide(
         wall: the wall clock in µs, for the daily window (default: ``now``).
         epoch: names the era of ``now`` (the machine's boot id for a monotonic clock); a
             record from another era has its times dropped, as they mean nothing now.
+        view: ``broker status`` reads the key (nothing reserved, no process): the daily
+            limit told is the one of the processes using the key, ``limits``' only when
+            none does.
     """
     if record.epoch != epoch:
         record.epoch = epoch
@@ -395,7 +411,9 @@ def decide(
         record.processes = {}
         record.nominal_seen = record.day_cap_seen = 0
     asking = process is not None and not feedback.leaving
-    entry = None if process is None else process_entry(process, limits.day_limit)
+    entry = (
+        None if process is None else process_entry(process, limits.day_limit, limits.reset_offset_s)
+    )
     if entry is not None and feedback.leaving:
         # Its daily limit leaves with it (a tpd raised for the next run); a process of
         # this version still asking with it keeps it in its own entry.
@@ -416,7 +434,7 @@ def decide(
     # nothing tells whether a mark is from before a loss, so none is taken to be.
     before = process is not None and record.gen != "" and process.gen != record.gen
     limits = _agree(record, now, limits, asking=asking)
-    day_limit = _agree_day(record, now, limits.day_limit, asking=asking, viewing=process is None)
+    day_limit = _agree_day(record, now, limits.day_limit, asking=asking, viewing=view)
     if process is not None:
         if lost and process.rate > 0:
             record.rate = process.rate
@@ -435,16 +453,15 @@ def decide(
     if wall is None:
         wall = now
     offset = limits.reset_offset_s
-    asker = "" if process is None else process.process_id
     # Another live process counts the day under another reset (two configs differ): its
     # window holds for this caller too, and starts over only at its own reset. Each
-    # starting the day over at its own reset gave the key twice its quota a day.
+    # starting the day over at its own reset gave the key twice its quota a day. Its
+    # entry leaves with it (a clean close at once; a kill a minute after its last ask).
     kept = (
         record.day >= 0
         and record.day_offset >= 0
         and record.day_offset != offset
-        and record.offset_owner != asker
-        and now - record.offset_seen <= int(PROCESS_RECENT_S * _US)
+        and _held_by_another(record, now, "" if process is None else process.process_id)
     )
     # The day counted, as this caller's window holding its start: the same day under the
     # same reset; under another (daily_reset_utc changed) it ends at this caller's next
@@ -468,9 +485,6 @@ def decide(
             record.day_offset = offset
             record.count = record.gen_sends = 0
         window_end = day_end_us(counted, offset)
-    if record.day_offset == offset and process is not None:
-        # A closing process's reset leaves with it, as its daily limit does.
-        record.offset_owner, record.offset_seen = asker, (0 if feedback.leaving else now)
     if process is not None:
         if process.hwm_day == counted:
             # A mark from before the loss knew nothing of the sends granted since: they come

@@ -320,6 +320,7 @@ class SqliteStateStore:
             reserve=False,
             process=None,
             wall=self._wall_us(),
+            view=True,
             epoch=self._epoch,
         )
         return KeyView(key, limits, decision, stored=stored)

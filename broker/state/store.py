@@ -156,6 +156,7 @@ class MemoryStateStore:
             reserve=False,
             process=None,
             wall=self._wall_us(),
+            view=True,
         )
         return KeyView(key, limits, decision, stored=stored)
 
