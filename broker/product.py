@@ -323,9 +323,11 @@ class Spelling(dict[str, str]):
 
     __slots__ = ("protocol",)
 
-    def __init__(self, protocol: Protocol) -> None:
+    def __init__(self, protocol: Protocol | str) -> None:
         super().__init__()
-        self.protocol = protocol
+        # A name ("creators", "paapi5") too, as resource_names() takes it: read as PA-API,
+        # it found nothing in a Creators answer.
+        self.protocol = Protocol(protocol)
 
     def __missing__(self, camel: str) -> str:
         if self.protocol is Protocol.CREATORS:
@@ -363,15 +365,20 @@ def detect_protocol(item: object) -> Protocol:
     return Protocol.CREATORS
 
 
-def read_product(raw: object, protocol: Protocol | None = None) -> Product:
-    """Read an item's raw JSON (either API's spelling) as a :class:`Product`; never raises.
+def read_product(raw: object, protocol: Protocol | str | None = None) -> Product:
+    """Read an item's raw JSON (either API's spelling) as a :class:`Product`; never raises
+    for what ``raw`` holds.
 
     Args:
         raw: the item object as Amazon sent it (anything else gives an empty Product).
-        protocol: the API that sent it; None detects it from the keys.
+        protocol: the API that sent it (a :class:`Protocol` or its name, ``"creators"`` or
+            ``"paapi5"``); None detects it from the keys.
+
+    Raises:
+        ValueError: ``protocol`` names no protocol.
     """
     item = _as_dict(raw)
-    s = _SPELLINGS[protocol or detect_protocol(item)]
+    s = _SPELLINGS[detect_protocol(item) if protocol is None else Protocol(protocol)]
     info = _map(item, s["itemInfo"])
     by_line = _map(info, s["byLineInfo"])
     classes = _map(info, s["classifications"])
@@ -423,9 +430,10 @@ def read_product(raw: object, protocol: Protocol | None = None) -> Product:
     )
 
 
-def read_browse_node(raw: object, protocol: Protocol) -> BrowseNode:
-    """Read one browse node (GetBrowseNodes, or an item's ``browseNodes``); never raises."""
-    return _node(_as_dict(raw), _SPELLINGS[protocol])
+def read_browse_node(raw: object, protocol: Protocol | str) -> BrowseNode:
+    """Read one browse node (GetBrowseNodes, or an item's ``browseNodes``); never raises
+    for what ``raw`` holds (``protocol``, a :class:`Protocol` or its name, must name one)."""
+    return _node(_as_dict(raw), _SPELLINGS[Protocol(protocol)])
 
 
 # -- readers: each takes what may be any JSON value and returns a typed value or None ------
@@ -464,7 +472,9 @@ def _id(value: object) -> str | None:
     return _str(value)
 
 
-def _int(value: object) -> int | None:
+def whole_number(value: object) -> int | None:
+    """A JSON count as an int: an integral float (``722.0``, valid JSON for a number the
+    SDK types as one) too; None for anything else, a bool included."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -511,7 +521,7 @@ def _image(value: object, s: Spelling) -> Image | None:
     url = _str(value.get(s["url"]))
     if url is None:
         return None
-    return Image(url, _int(value.get(s["width"])), _int(value.get(s["height"])))
+    return Image(url, whole_number(value.get(s["width"])), whole_number(value.get(s["height"])))
 
 
 def _image_set(value: Mapping[str, object], s: Spelling) -> ImageSet:
@@ -602,8 +612,8 @@ def _listing(value: Mapping[str, object], s: Spelling) -> Listing:
         availability=Availability(
             type=_str(availability.get(s["type"])),
             message=_str(availability.get(s["message"])),
-            min_order_quantity=_int(availability.get(s["minOrderQuantity"])),
-            max_order_quantity=_int(availability.get(s["maxOrderQuantity"])),
+            min_order_quantity=whole_number(availability.get(s["minOrderQuantity"])),
+            max_order_quantity=whole_number(availability.get(s["maxOrderQuantity"])),
         )
         if availability
         else None,
@@ -634,7 +644,7 @@ def _listing(value: Mapping[str, object], s: Spelling) -> Listing:
         if delivery
         else None,
         is_buy_box_winner=_bool(value.get(s["isBuyBoxWinner"])),
-        loyalty_points=_int(_map(value, s["loyaltyPoints"]).get(s["points"])),
+        loyalty_points=whole_number(_map(value, s["loyaltyPoints"]).get(s["points"])),
         type=_str(value.get(s["type"])),
         violates_map=_bool(value.get(s["violatesMAP"])),
     )
@@ -650,7 +660,7 @@ def _reviews(reviews: Mapping[str, object], s: Spelling) -> CustomerReviews | No
         return None
     rating = reviews.get(s["starRating"])
     value = rating.get(s["value"]) if isinstance(rating, dict) else rating
-    return CustomerReviews(count=_int(reviews.get(s["count"])), star_rating=number(value))
+    return CustomerReviews(count=whole_number(reviews.get(s["count"])), star_rating=number(value))
 
 
 def _node(value: Mapping[str, object], s: Spelling) -> BrowseNode:
@@ -679,7 +689,7 @@ def _flat_node(
         display_name=_str(value.get(s["displayName"])),
         context_free_name=_str(value.get(s["contextFreeName"])),
         is_root=_bool(value.get(s["isRoot"])),
-        sales_rank=_int(value.get(s["salesRank"])),
+        sales_rank=whole_number(value.get(s["salesRank"])),
         ancestor=ancestor,
         children=children,
     )
@@ -692,5 +702,5 @@ def _sales_rank(value: Mapping[str, object], s: Spelling) -> SalesRank | None:
         id=_id(value.get(s["id"])),
         display_name=_str(value.get(s["displayName"])),
         context_free_name=_str(value.get(s["contextFreeName"])),
-        sales_rank=_int(value.get(s["salesRank"])),
+        sales_rank=whole_number(value.get(s["salesRank"])),
     )

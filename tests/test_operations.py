@@ -10,6 +10,7 @@ from conftest import Harness, key_doc, make_config, paapi_key_doc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import broker.product
 from broker.api.base import Operation
 from broker.api.operations import (
     Availability,
@@ -279,6 +280,29 @@ class TestReaders:
         assert read_search(raw, C).items == ()
         assert read_variations(raw, C).items == ()
         assert read_browse_nodes(raw, C).browse_nodes == ()
+
+    def test_counts_sent_as_integral_floats_are_read(self) -> None:
+        """A count Amazon sends as 722.0 (a JSON number, as the SDK types it) is read as 722,
+        as an item's review count is; the three counts read as unknown."""
+        search = {"searchResult": {"totalResultCount": 722.0}}
+        assert read_search(search, C).total_result_count == 722
+        summary = {"variationSummary": {"variationCount": 12.0, "pageCount": 2.0}}
+        variations = read_variations({"variationsResult": summary}, C)
+        assert (variations.variation_count, variations.page_count) == (12, 2)
+        assert (
+            read_search({"searchResult": {"totalResultCount": 7.5}}, C).total_result_count is None
+        )
+
+    def test_a_protocol_named_by_its_value_is_read_so(self) -> None:
+        """The readers take the protocol's name ("creators"), as resource_names() does: a
+        Creators answer was read with PA-API's spelling (nothing found), and read_product
+        raised KeyError."""
+        raw = {"searchResult": {"totalResultCount": 7, "items": [{"asin": "B0ABCDEFGH"}]}}
+        result = read_search(raw, "creators")  # type: ignore[arg-type]
+        assert [item.asin for item in result.items] == ["B0ABCDEFGH"]
+        assert broker.product.read_product({"asin": "B0ABCDEFGH"}, "creators").asin == "B0ABCDEFGH"
+        with pytest.raises(ValueError, match="'amazon'"):
+            broker.product.read_product({}, "amazon")
 
     def test_refinements(self) -> None:
         """Search refinements of PA-API's shape are read."""

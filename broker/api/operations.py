@@ -21,7 +21,15 @@ from broker.api.resources import ITEM_RESOURCES, OPERATION_RESOURCES, resolve_re
 from broker.asin import check_asin
 from broker.errors import describe
 from broker.models import ErrorDetail, Protocol
-from broker.product import BrowseNode, Money, Product, Spelling, read_browse_node, read_product
+from broker.product import (
+    BrowseNode,
+    Money,
+    Product,
+    Spelling,
+    read_browse_node,
+    read_product,
+    whole_number,
+)
 
 __all__ = [
     "Availability",
@@ -520,10 +528,6 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _texts(value: object) -> tuple[str, ...]:
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
@@ -557,7 +561,7 @@ def read_search(raw: Mapping[str, object], protocol: Protocol) -> SearchResult:
     refinements.extend(_refinement("other", r, s) for r in _maps(found.get(s["otherRefinements"])))
     return SearchResult(
         items=_items(result, s),
-        total_result_count=_int(result.get(s["totalResultCount"])),
+        total_result_count=whole_number(result.get(s["totalResultCount"])),
         search_url=_str(result.get(s["searchURL"])),
         refinements=tuple(refinements),
         raw=raw,
@@ -582,8 +586,8 @@ def read_variations(raw: Mapping[str, object], protocol: Protocol) -> Variations
     price = _map(summary, s["price"])
     return VariationsResult(
         items=_items(result, s),
-        variation_count=_int(summary.get(s["variationCount"])),
-        page_count=_int(summary.get(s["pageCount"])),
+        variation_count=whole_number(summary.get(s["variationCount"])),
+        page_count=whole_number(summary.get(s["pageCount"])),
         dimensions=tuple(
             VariationDimension(
                 name=_str(d.get(s["name"])),
