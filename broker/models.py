@@ -120,8 +120,18 @@ class Query:
     tag: object = field(default=None, compare=False)
 
 
+class _ProductSlot:
+    """Where :class:`ItemResult` keeps its typed item once read: a slot outside its fields,
+    so ``dataclasses.asdict``, ``fields`` and pydantic (a FastAPI response model) see the
+    result alone, the same before and after ``product`` was read. As a field it showed in
+    them, as None or as the whole typed product again."""
+
+    __slots__ = ("_product",)
+    _product: object
+
+
 @dataclass(frozen=True, slots=True)
-class ItemResult:
+class ItemResult(_ProductSlot):
     """The answer for one ASIN in one marketplace.
 
     Attributes:
@@ -156,11 +166,6 @@ class ItemResult:
     fetched_at: datetime | None = field(default=None)
     query: Query | None = field(default=None, compare=False)
     cached: bool = False
-    # The typed item, built on first access to ``product``: results nobody reads it from
-    # (bulk jobs) pay only this empty slot. Annotated ``object``, not ``Product``: a field
-    # naming a class this module cannot import at run time (product imports models) made
-    # typing.get_type_hints fail on ItemResult, and with it pydantic and FastAPI.
-    _product: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -179,8 +184,11 @@ class ItemResult:
         Read from ``item`` on first access (the spelling, camelCase or PascalCase, tells
         which API sent it) and kept, so later reads are free.
         """
-        if self._product is not None:
-            return cast("Product", self._product)
+        # Built on first access: results nobody reads it from (bulk jobs) pay only an
+        # empty slot.
+        kept = getattr(self, "_product", None)
+        if kept is not None:
+            return cast("Product", kept)
         if self.item is None:
             return None
         from broker.product import read_product

@@ -278,3 +278,19 @@ def test_a_result_s_fields_can_be_introspected() -> None:
     hints = typing.get_type_hints(broker.ItemResult)
     assert hints["status"] is broker.Status
     assert hints["query"] == broker.Query | None
+
+
+def test_a_result_s_fields_stay_the_same_once_its_product_is_read() -> None:
+    """dataclasses.asdict (and pydantic, which reads the same fields) gives a result alone,
+    the same before and after its typed item was read: the cache slot was a field, None
+    before and the whole typed product again after."""
+    import dataclasses
+
+    item = {"asin": "B0ABCDEFGH", "itemInfo": {"title": {"displayValue": "Kettle"}}}
+    result = broker.ItemResult("B0ABCDEFGH", "www.amazon.com", broker.Status.OK, item)
+    before = dataclasses.asdict(result)
+    assert result.product is not None
+    assert result.product.title == "Kettle"
+    assert dataclasses.asdict(result) == before
+    assert "_product" not in before
+    assert "_product" not in {f.name for f in dataclasses.fields(result)}
