@@ -95,7 +95,20 @@ class SimulatorProcess:
 
     def __enter__(self) -> SimulatorProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="asinb-sim-")
-        tmp = Path(self._tmp.name)
+        try:
+            self._start(Path(self._tmp.name))
+        except BaseException:
+            # A stop signal (broker bench raises on one) may land anywhere in the start,
+            # inside Popen after its fork too: the temporary directory goes whatever, and a
+            # child forked then stops with this process (--exit-with-parent).
+            self._stop()
+            raise
+        # Keep reading stdout so a chatty simulator can never block on a full pipe.
+        threading.Thread(target=self._drain_stdout, daemon=True).start()
+        return self
+
+    def _start(self, tmp: Path) -> None:
+        """Start the child with its settings written in ``tmp``; wait for its URL."""
         config = tmp / "simulator.toml"
         config.write_text(toml_document({"simulator": self._settings}), encoding="utf-8")
         stderr_path = tmp / "simulator.stderr"
@@ -115,14 +128,7 @@ class SimulatorProcess:
                 env=env,
             )
         self.pid = self._proc.pid
-        try:
-            self.url = self._read_url(stderr_path)
-        except BaseException:
-            self._stop()
-            raise
-        # Keep reading stdout so a chatty simulator can never block on a full pipe.
-        threading.Thread(target=self._drain_stdout, daemon=True).start()
-        return self
+        self.url = self._read_url(stderr_path)
 
     def _read_url(self, stderr_path: Path) -> str:
         proc = self._proc
