@@ -956,6 +956,22 @@ async def test_a_redis_write_that_keeps_losing_the_race_is_said(
     await cache.aclose()
 
 
+async def test_half_an_emoji_in_an_item_is_cached_with_the_rest(
+    make: MakeCache, clock: FakeClock
+) -> None:
+    """An item whose title holds a lone surrogate (half an emoji Amazon sent, read by the
+    stdlib) is cached and served back as it came, beside the batch's other answers: orjson
+    refused it, the whole batch's write failed, and the cache went out of use a minute."""
+    cache = make()
+    odd = {"ASIN": "B000000001", "ItemInfo": {"Title": {"DisplayValue": "Kettle \ud83d"}}}
+    answers = [ok("B000000001", clock, item=odd), ok("B000000002", clock)]
+    assert await cache.put_many(answers) == 2
+    back = await cache.get_many([q("B000000001"), q("B000000002")])
+    assert back[0] is not None
+    assert back[0].item == odd
+    assert back[1] is not None
+
+
 def test_fetched_at_kept_to_the_microsecond(clock: FakeClock) -> None:
     """Encoding keeps fetched_at exactly enough for output rows (milliseconds)."""
     from broker.cache.entry import decode, encode

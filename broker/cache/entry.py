@@ -8,12 +8,14 @@ is a miss, never a wrong answer.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 import orjson
 
+from broker.jsontext import loads
 from broker.models import ItemResult, ItemSummary, Query, Status
 
 if TYPE_CHECKING:
@@ -58,19 +60,23 @@ def encode(key: CacheKey, result: ItemResult) -> Entry:
     if result.status is not Status.OK or result.fetched_at is None:
         raise ValueError("only ok results with a fetched_at are cached")
     summary = result.summary
+    document = {
+        "v": _FORMAT,
+        "asin": result.asin,
+        "marketplace": result.marketplace,
+        "item": result.item,
+        "summary": summary.to_json() if summary is not None else None,
+    }
+    try:
+        raw = orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        # Half an emoji (a lone surrogate) in a title Amazon sent: orjson refuses it, and
+        # the whole batch's write failed, the cache taken for out of use a minute. The
+        # stdlib writes it escaped, and decode() reads it back as it came.
+        raw = json.dumps(document, separators=(",", ":")).encode()
     # Copied to its exact size: orjson's bytes keep their over-allocated buffer (8 KB held
     # for 850 B of JSON), and the memory cache keeps each payload for a day.
-    payload = memoryview(
-        orjson.dumps(
-            {
-                "v": _FORMAT,
-                "asin": result.asin,
-                "marketplace": result.marketplace,
-                "item": result.item,
-                "summary": summary.to_json() if summary is not None else None,
-            }
-        )
-    ).tobytes()
+    payload = memoryview(raw).tobytes()
     fetched_at = result.fetched_at
     if fetched_at.tzinfo is None:
         fetched_at = fetched_at.replace(tzinfo=UTC)
@@ -88,7 +94,7 @@ def decode(entry: Entry, query: Query | None) -> ItemResult:
     if checksum(entry.payload) != entry.checksum:
         raise CorruptEntry(f"checksum mismatch for {entry.key.text()}")
     try:
-        data = orjson.loads(entry.payload)
+        data = loads(entry.payload)
         if not isinstance(data, dict) or data.get("v") != _FORMAT:
             raise CorruptEntry(f"unknown payload format for {entry.key.text()}")
         item = data["item"]
@@ -106,5 +112,5 @@ def decode(entry: Entry, query: Query | None) -> ItemResult:
             query=query,
             cached=True,
         )
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # a JSONDecodeError is a ValueError
         raise CorruptEntry(f"unreadable payload for {entry.key.text()}") from exc
