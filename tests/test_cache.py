@@ -1068,6 +1068,22 @@ class TestCommandLine:
         assert main(["cache", "purge", "--config", str(config)]) == 0
         assert "purged 3 " in capsys.readouterr().out
 
+    @pytest.mark.parametrize("command", ["stats", "purge"])
+    def test_a_memory_cache_is_out_of_reach_and_says_so(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+    ) -> None:
+        """With backend = "memory" stats and purge refuse (exit 2) saying each process keeps
+        that cache to itself: they showed an empty cache and "purged 0" while a daemon
+        served on from its own."""
+        from broker.cli import main
+
+        config = self._config(tmp_path)
+        config.write_text(config.read_text() + 'backend = "memory"\n')
+        assert main(["cache", command, "--config", str(config)]) == 2  # usage
+        captured = capsys.readouterr()
+        assert "keeps the cache inside each running process" in captured.err
+        assert captured.out == ""
+
     def test_purge_takes_ids_as_run_does(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -99,6 +99,17 @@ async def cache_command(
                 return ExitCode.USAGE
             asins.append(check.asin)
     cache_config = config.cache
+    if cache_config.backend == "memory":
+        # Each process keeps its own in its memory: this one would show (or empty) a new,
+        # empty cache and say so, while a running daemon kept serving from its own.
+        print(
+            f'{prog()}: [cache] backend = "memory" keeps the cache inside each running '
+            "process, out of reach of this command (a daemon's /metrics shows its figures; "
+            'restarting it empties it); a "sqlite" or "redis" cache can be shown and '
+            "emptied",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     try:
         policy = cache_config.policy(RUN_MAX_AGE_S)
         store = open_store(cache_config, policy, namespace=cache_namespace(config), environ=environ)
