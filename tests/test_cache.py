@@ -972,6 +972,28 @@ async def test_half_an_emoji_in_an_item_is_cached_with_the_rest(
     assert back[1] is not None
 
 
+@pytest.mark.parametrize("by_asin", [False, True])
+async def test_purge_deletes_redis_answers_whose_index_was_evicted(
+    clock: FakeClock, by_asin: bool
+) -> None:
+    """On a Redis that evicts keys (maxmemory with an allkeys policy), an answer whose index
+    entries went is still purged (all of them, or by ASIN), not served on: purge found
+    answers through the index only."""
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    cache = RedisCache(client, CachePolicy(max_age_s=3_600), clock=clock, owns_client=True)
+    await cache.put_many([ok("B000000001", clock), ok("B000000002", clock)])
+    # What an evicting Redis may drop: the bookkeeping, the answers left.
+    bookkeeping = [k async for k in client.scan_iter() if b":item:" not in k]
+    assert bookkeeping
+    await client.delete(*bookkeeping)
+    removed = await cache.purge(asins=["B000000001"] if by_asin else None)
+    assert removed == (1 if by_asin else 2)
+    served = await cache.get_many([q("B000000001"), q("B000000002")])
+    assert served[0] is None
+    assert (served[1] is None) is not by_asin
+    await cache.aclose()
+
+
 def test_fetched_at_kept_to_the_microsecond(clock: FakeClock) -> None:
     """Encoding keeps fetched_at exactly enough for output rows (milliseconds)."""
     from broker.cache.entry import decode, encode

@@ -315,7 +315,20 @@ class RedisCache(StoreCache):
         if asins is not None:
             wanted = set(asins)
             members = [m for m in members if m.decode().split("|")[1] in wanted]
-        return await self._drop_members(members)
+        deleted = await self._drop_members(members)
+        if fetched_before is None:
+            # An answer whose index entry an evicting Redis dropped (maxmemory with an
+            # allkeys policy) is listed nowhere but still served: looked for by name too.
+            patterns = (
+                [f"{self._base}item:*"]
+                if asins is None
+                else [f"{self._base}item:*|{_glob(asin)}|*" for asin in dict.fromkeys(asins)]
+            )
+            for pattern in patterns:
+                orphans = [name async for name in self._redis.scan_iter(match=pattern, count=1000)]
+                for start in range(0, len(orphans), _DROP_SLICE):
+                    deleted += int(await self._redis.delete(*orphans[start : start + _DROP_SLICE]))
+        return deleted
 
     async def _measure(self) -> tuple[int, int, float | None]:
         await self._forget_expired(self._now() - CEILING_S)
@@ -378,3 +391,8 @@ def _refused_password(error: BaseException) -> bool:
         or barred(error)
         or isinstance(error, AuthenticationWrongNumberOfArgsError)
     )
+
+
+def _glob(text: str) -> str:
+    """``text`` matched literally in a Redis SCAN pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
