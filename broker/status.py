@@ -111,7 +111,8 @@ def _status(view: KeyView, configured_tps: float) -> KeyStatus:
             state, reason = QUOTA_WAIT, f"another process's lower tpd ({limit}/day)"
         else:
             state, reason = QUOTA_WAIT, "daily quota spent"
-            end_us = day_end_us(d.day, view.limits.reset_offset_s)
+            # The store's window: another live process's reset may hold it.
+            end_us = d.window_end_us or day_end_us(d.day, view.limits.reset_offset_s)
             until = _iso(datetime.fromtimestamp(end_us / 1e6, UTC))
     elif d.paused_until_us:
         state, reason = "paused", d.pause_reason or None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import itertools
@@ -451,6 +452,30 @@ class TestDailyQuota:
             granted += 1
         assert granted <= 3
         waiting.cancel()
+
+    async def test_a_process_held_to_another_reset_s_window_reads_the_day_spent(
+        self,
+    ) -> None:
+        """A process whose own reset passed half an hour ago, held to the window another
+        live process's reset counts (an hour old, spent): it reads the key as spent until
+        that window's end, a day after the other's reset. Judged by its own reset, it read
+        the key as not spent (no quota warning, no --no-wait stop), while every send of
+        it was refused."""
+        clock = FakeClock()
+        store = _store(clock)
+        now_s = int(clock.utcnow().timestamp())
+        limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=3)
+        first = dataclasses.replace(limits, reset_offset_s=(now_s - 3_600) % 86_400)
+        other = dataclasses.replace(limits, reset_offset_s=(now_s - 1_800) % 86_400)
+        a, c = _limiter(clock, store, "a", first), _limiter(clock, store, "c", other)
+        for _ in range(2):
+            sending = asyncio.create_task(a.commit())
+            await clock.advance(0.5)
+            await sending
+        await c.refresh()
+        assert (c.exhausted, c.spent) == (True, 2)
+        assert c.resets_at() == a.resets_at()
+        assert c.resets_at() == dt.datetime.fromtimestamp(now_s - 3_600 + 86_400, dt.UTC)
 
     async def test_a_parked_key_asks_the_store_every_30_s(self) -> None:
         """A key parked for 15 minutes asks the store at least every 30 s while it waits."""

@@ -374,6 +374,7 @@ class TestFeedback:
         held = await backend.reserve(later, process=second)
         assert held.refusal == "daily quota"
         assert held.wait_s == pytest.approx(82_800, abs=60)  # the first's reset, 23 h away
+        assert held.window_end_us - held.wall_us == pytest.approx(82_800e6, abs=60e6)
         await backend.leave(early, first)
         moved = await backend.reserve(later, process=second)
         assert moved.granted

@@ -720,9 +720,15 @@ class SharedKeyLimiter:
     @property
     def spent(self) -> int:
         """Requests counted in today's window, by the last answer (all processes)."""
-        if self._last is None or self._last.day < self._current_day():
+        last = self._last
+        if last is None:
             return 0
-        return self._last.count
+        if last.window_end_us:
+            # The store's window, which another live process's reset may hold: judged by
+            # this process's own reset, a window it keeps to read as over, and the key as
+            # not spent, while every send was refused for the day.
+            return last.count if self._store_wall() * _US < last.window_end_us else 0
+        return 0 if last.day < self._current_day() else last.count
 
     @property
     def day_limit(self) -> int | None:
@@ -769,10 +775,12 @@ class SharedKeyLimiter:
         return min(self.resets_at(), held)
 
     def resets_at(self) -> datetime:
-        """The UTC instant today's window ends, by the store's clock."""
-        day = (
-            self._current_day() if self._last is None else max(self._last.day, self._current_day())
-        )
+        """The UTC instant today's window ends, by the store's clock (the store's window
+        while it lasts: another live process's reset may hold it)."""
+        last = self._last
+        if last is not None and self._store_wall() * _US < last.window_end_us:
+            return datetime.fromtimestamp(last.window_end_us / _US, UTC)
+        day = self._current_day() if last is None else max(last.day, self._current_day())
         seconds = (day + 1) * 86_400 + self._limits.reset_offset_s
         return datetime.fromtimestamp(seconds, UTC)
 

@@ -408,4 +408,4 @@ return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(math.max(next_slot, paused_until)), num(rate), int(counted), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
   int(last_429), cut, processes, int(day_limit),
-  int((now - last_429 <= run_gap) and run_429s or 0), gen}
+  int((now - last_429 <= run_gap) and run_429s or 0), gen, int(window_end)}

@@ -562,4 +562,5 @@ def decide(
         # A run the gap has ended reads as none, as the next 429 will find it.
         run_429s=0 if _run_over(record, now) else record.run_429s,
         gen=record.gen,
+        window_end_us=window_end,
     )

@@ -228,6 +228,10 @@ class Decision:
         gen: the generation of the key's record: new each time the store starts it afresh
             (a key never seen, or lost: Redis restarted empty). A process whose mark names
             another one saw the key before that, and what it saw then is news to the record.
+        window_end_us: when the window ``count`` belongs to ends (µs, the store's wall
+            clock): the caller's next reset, or another live process's when the key keeps
+            to the window counted under that one's reset (two configs differ); 0: not told
+            (the caller's own reset stands).
     """
 
     granted: bool
@@ -251,3 +255,4 @@ class Decision:
     day_limit: int | None = None
     run_429s: int = 0
     gen: str = ""
+    window_end_us: int = 0

@@ -306,6 +306,7 @@ class RedisStateStore:
             day_limit=None if int(reply[17]) < 0 else int(reply[17]),
             run_429s=int(reply[18]),
             gen=_text(reply[19]),
+            window_end_us=int(reply[20]),
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
