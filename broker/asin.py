@@ -240,11 +240,14 @@ def _url_ends_there(tail: str, asin: str, angled: bool) -> bool:
         path, *query = re.split(r"[?#]", tail, maxsplit=1)
         if _URL.search(path) is not None or "://" in path or _LISTED_ID.search(path):
             return False
-        # The query and fragment are free text, but a product URL listed after a comma,
-        # semicolon or bar, or an ASIN ending them so, is a second id (browsers' links
-        # carry "?th=1&psc=1"; the second id was dropped without a word).
+        # The query and fragment are free text, but a product URL (or a short link) listed
+        # after a comma, semicolon or bar, or an ASIN ending them so, is a second id
+        # (browsers' links carry "?th=1&psc=1"; the second id was dropped without a word).
         return not query or not (
-            any(_URL.match(query[0], found.end()) for found in _LISTED.finditer(query[0]))
+            any(
+                _URL.match(query[0], found.end()) or _SHORT_LINK.match(query[0], found.end())
+                for found in _LISTED.finditer(query[0])
+            )
             or _LISTED_LAST_ASIN.search(query[0].rstrip(_CLOSERS))
         )
     # Anything else after the ASIN ("](", "|", ","): only the same link again may follow.

@@ -334,6 +334,7 @@ class TestUrls:
             "https://www.amazon.com/dp/B0ABCDEFGH#x|https://www.amazon.com/dp/B0ZZZZZZZZ",
             "https://www.amazon.com/K/dp/B0ABCDEFGH/ref=sr_1_1?keywords=kettle;B0ZZZZZZZZ",
             "https://www.amazon.com/dp/B0ABCDEFGH?th=1,b0zzzzzzzz.",
+            "https://www.amazon.com/dp/B0ABCDEFGH?th=1,https://amzn.to/3xYzAbC",
         ],
     )
     def test_a_url_followed_by_more_ids_is_invalid(self, text: str) -> None:
