@@ -994,6 +994,41 @@ async def test_purge_deletes_redis_answers_whose_index_was_evicted(
     await cache.aclose()
 
 
+async def test_a_redis_purge_keeps_to_its_own_prefix_and_leaves_no_phantom(
+    clock: FakeClock,
+) -> None:
+    """Purge's look-up by name reads the key prefix literally (``prod[1]:`` is no pattern
+    matching ``prod1:``'s answers), and drops what it finds with its index entries: an
+    answer written while it ran left an index entry with nothing behind it, counted on."""
+    server = fakeredis.FakeServer()
+
+    def cache(prefix: str) -> RedisCache:
+        client = fakeredis.FakeAsyncRedis(server=server)
+        return RedisCache(
+            client, CachePolicy(max_age_s=3_600), key_prefix=prefix, clock=clock, owns_client=True
+        )
+
+    mine, other = cache("prod[1]:"), cache("prod1:")
+    await other.put_many([ok("B000000002", clock)])
+    await mine.put_many([ok("B000000001", clock)])
+    late = cache("prod[1]:")
+    listed = mine._drop_members
+    writes = [ok("B000000003", clock)]
+
+    async def a_write_lands_meanwhile(members: Sequence[bytes | str]) -> int:
+        dropped = await listed(members)
+        if writes:  # once: right after the listed answers went, before the look-up by name
+            await late.put_many([writes.pop()])
+        return dropped
+
+    mine._drop_members = a_write_lands_meanwhile  # type: ignore[method-assign]
+    assert await mine.purge() == 2
+    assert (await other.get_many([q("B000000002")]))[0] is not None
+    assert (await mine.stats()).entries == 0
+    for each in (mine, other, late):
+        await each.aclose()
+
+
 def test_fetched_at_kept_to_the_microsecond(clock: FakeClock) -> None:
     """Encoding keeps fetched_at exactly enough for output rows (milliseconds)."""
     from broker.cache.entry import decode, encode

@@ -318,16 +318,21 @@ class RedisCache(StoreCache):
         deleted = await self._drop_members(members)
         if fetched_before is None:
             # An answer whose index entry an evicting Redis dropped (maxmemory with an
-            # allkeys policy) is listed nowhere but still served: looked for by name too.
+            # allkeys policy) is listed nowhere but still served: looked for by name too,
+            # and dropped as a member (one written meanwhile leaves no index entry behind).
+            items = f"{_glob(self._base)}item:"
             patterns = (
-                [f"{self._base}item:*"]
+                [f"{items}*"]
                 if asins is None
-                else [f"{self._base}item:*|{_glob(asin)}|*" for asin in dict.fromkeys(asins)]
+                else [f"{items}*|{_glob(asin)}|*" for asin in dict.fromkeys(asins)]
             )
+            named = len(f"{self._base}item:")
             for pattern in patterns:
-                orphans = [name async for name in self._redis.scan_iter(match=pattern, count=1000)]
-                for start in range(0, len(orphans), _DROP_SLICE):
-                    deleted += int(await self._redis.delete(*orphans[start : start + _DROP_SLICE]))
+                found = [
+                    (name.decode() if isinstance(name, bytes) else name)[named:]
+                    async for name in self._redis.scan_iter(match=pattern, count=1000)
+                ]
+                deleted += await self._drop_members(found)
         return deleted
 
     async def _measure(self) -> tuple[int, int, float | None]:
