@@ -73,7 +73,7 @@ class Backend:
             await asyncio.sleep(seconds)
 
     async def reserve(
-        self, limits: KeyLimits = LIMITS, *, process: ProcessMark = ME, **feedback: Any
+        self, limits: KeyLimits = LIMITS, *, process: ProcessMark | None = ME, **feedback: Any
     ) -> Decision:
         """One reserving decision with optional feedback, asked by ``process``."""
         return await self.store.decide(
@@ -420,14 +420,7 @@ class TestFeedback:
         stores took it for a view and granted past it."""
         assert (await backend.reserve(replace(LIMITS, day_limit=5))).granted
         low = replace(LIMITS, day_limit=2)
-        granted = [
-            (
-                await backend.store.decide(
-                    KEY, low, feedback=Feedback(), reserve=True, process=None
-                )
-            ).granted
-            for _ in range(3)
-        ]
+        granted = [(await backend.reserve(low, process=None)).granted for _ in range(3)]
         assert granted == [True, False, False]
 
     async def test_a_view_writes_nothing(self, backend: Backend) -> None:
@@ -590,7 +583,7 @@ class TestDayAndProcesses:
         first = await backend.reserve()
         await _lose_the_key(backend, request)
         mark = ProcessMark("test:1:a", first.day, 42)
-        d = await backend.store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark)
+        d = await backend.reserve(process=mark)
         assert d.count == 43
 
     async def test_a_lost_store_keeps_the_park_and_rate_a_process_saw(
@@ -612,7 +605,7 @@ class TestDayAndProcesses:
             parked_until_us=parked_until,
             park_reason="quota spent",
         )
-        d = await backend.store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark)
+        d = await backend.reserve(process=mark)
         assert not d.granted
         assert d.refusal == "parked"
         assert d.parked_until_us == parked_until
@@ -623,9 +616,7 @@ class TestDayAndProcesses:
         await backend.store.decide(
             KEY, LIMITS, feedback=Feedback(unpark=True), reserve=False, process=other
         )
-        again = await backend.store.decide(
-            KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark
-        )
+        again = await backend.reserve(process=mark)
         assert again.parked_until_us == 0
         assert again.granted
 
@@ -1871,7 +1862,7 @@ class TestRateClamps:
         first = await backend.reserve()
         await _lose_the_key(backend, request)
         mark = ProcessMark("test:1:a", first.day, first.count, rate=50.0)
-        d = await backend.store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=mark)
+        d = await backend.reserve(process=mark)
         assert d.rate == pytest.approx(LIMITS.max_rate)
 
     async def test_a_rate_above_a_lowered_cap_is_clamped(self, backend: Backend) -> None:
@@ -1891,9 +1882,7 @@ class TestRateClamps:
         cut = await backend.reserve(throttled=(sent.now_us + 1,))
         assert cut.rate == pytest.approx(4.5)
         stale = ProcessMark("other:2:b", cut.day, cut.count, rate=5.0, gen=cut.gen)
-        d = await backend.store.decide(
-            KEY, LIMITS, feedback=Feedback(), reserve=True, process=stale
-        )
+        d = await backend.reserve(process=stale)
         assert d.rate == pytest.approx(4.5)
 
     async def test_a_mark_s_park_never_shortens_a_longer_one(
@@ -1915,9 +1904,7 @@ class TestRateClamps:
             park_reason="quota spent",
             gen=first.gen,
         )
-        d = await backend.store.decide(
-            KEY, LIMITS, feedback=Feedback(), reserve=True, process=older
-        )
+        d = await backend.reserve(process=older)
         assert d.refusal == "parked"
         assert d.parked_until_us == parked.parked_until_us
         assert d.park_reason == "access revoked"

@@ -721,14 +721,12 @@ class SharedKeyLimiter:
     def spent(self) -> int:
         """Requests counted in today's window, by the last answer (all processes)."""
         last = self._last
-        if last is None:
+        # The store's window, which another live process's reset may hold: judged by this
+        # process's own reset, a window it keeps to read as over, and the key as not spent,
+        # while every send was refused for the day.
+        if last is None or self._store_wall() * _US >= last.window_end_us:
             return 0
-        if last.window_end_us:
-            # The store's window, which another live process's reset may hold: judged by
-            # this process's own reset, a window it keeps to read as over, and the key as
-            # not spent, while every send was refused for the day.
-            return last.count if self._store_wall() * _US < last.window_end_us else 0
-        return 0 if last.day < self._current_day() else last.count
+        return last.count
 
     @property
     def day_limit(self) -> int | None:

@@ -230,8 +230,8 @@ class Decision:
             another one saw the key before that, and what it saw then is news to the record.
         window_end_us: when the window ``count`` belongs to ends (µs, the store's wall
             clock): the caller's next reset, or another live process's when the key keeps
-            to the window counted under that one's reset (two configs differ); 0: not told
-            (the caller's own reset stands).
+            to the window counted under that one's reset (two configs differ). Every store
+            tells it.
     """
 
     granted: bool
