@@ -349,6 +349,10 @@ class TestPackage:
             "spool/inbox/job.txt",
             "notes.txt",
             "deploy/systemd/main.secret",
+            "deploy/systemd/credentials/main-secret",
+            "deploy/compose/main-secret.txt",
+            "deploy/compose/main_secret",
+            "examples/tls/client.key",
             "deploy/compose/.env",
             "examples/out/asins.jsonl",
             "examples/keys.sqlite3",
@@ -373,6 +377,7 @@ class TestPackage:
         assert "broker/cli.py" in names
         assert "broker/state/decide.lua" in names
         assert "tests/test_deploy.py" in names
+        assert "tests/test_engine_secrets.py" in names
         assert ".ci/run" in names  # the tests' documented way to run (README, Development)
 
     def test_readme_links_work_on_a_package_index(self) -> None:
