@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from broker.bench import (
     asin_stream,
     backlog,
     creators_account,
+    floor_rate,
     format_table,
     loop_factory,
     paapi_account,
@@ -63,6 +63,7 @@ __all__ = [
     "backlog",
     "broker_config",
     "creators_account",
+    "floor_rate",
     "floor_results",
     "interruptible",
     "loop_factory",
@@ -74,6 +75,7 @@ __all__ = [
     "quiet_logging",
     "results_name",
     "rotated",
+    "run_loop",
     "run_sample",
     "sim_control",
     "sim_stats",
@@ -91,6 +93,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MIN_TPS = MIN_ACCOUNT_TPS
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+_T = TypeVar("_T")
+
 
 @functools.cache
 def _state_dir() -> tempfile.TemporaryDirectory[str]:
@@ -106,37 +110,36 @@ def broker_config(
 ) -> BrokerConfig:
     """:func:`broker.bench.broker_config`, with the keys' state in this process's own file
     unless ``state_path`` names one."""
-    options.setdefault("state_path", Path(_state_dir().name) / "keys.sqlite3")
+    if "state_path" not in options:  # not setdefault: its default would make the folder
+        options["state_path"] = Path(_state_dir().name) / "keys.sqlite3"
     return bench.broker_config(url, accounts, **options)
-
-
-class _Stopped(BaseException):
-    """SIGTERM or SIGHUP, raised where the script is, so its ``finally`` blocks (children
-    killed, temporary directories removed) run as for Ctrl-C."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 def interruptible(main: Callable[[], int]) -> int:
     """Run a script's ``main``: Ctrl-C, SIGTERM and SIGHUP end it with one line on stderr
     and 128 + the signal's number, after its cleanup, instead of a traceback (Ctrl-C) or an
-    exit that leaves children and temporary files behind (SIGTERM, a closed terminal)."""
+    exit that leaves children and temporary files behind (SIGTERM, a closed terminal).
 
-    def stop(signum: int, _frame: object) -> None:
-        raise _Stopped(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
+    ``broker bench``'s stop policy (:func:`broker.bench.stop_signals`); a script's event
+    loops run through :func:`run_loop`, which hears the signals on the loop itself.
+    """
     try:
-        return main()
-    except KeyboardInterrupt:
-        signum = signal.SIGINT
-    except _Stopped as stopped:
-        signum = signal.Signals(stopped.signum)
-    print(f"stopped by {signum.name}: no figures written", file=sys.stderr)
-    return 128 + signum
+        with bench.stop_signals():
+            return main()
+    except bench.Stopped as stop:
+        print(f"stopped by {stop.sig.name}: no figures written", file=sys.stderr)
+        return bench.STOPPED_CODE[stop.sig]
+
+
+def run_loop(loop: str, run: Coroutine[Any, Any, _T]) -> _T:
+    """``run`` in a fresh ``"uvloop"`` or ``"asyncio"`` loop, stopped by a stop signal.
+
+    A Python handler that raises inside a running loop is not propagated (uvloop prints
+    the exception and runs on), so the loop's own handlers cancel the run instead; see
+    :func:`broker.bench.run_stoppable`.
+    """
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        return bench.run_stoppable(runner, run)
 
 
 # -- running and reporting ------------------------------------------------------------------------
@@ -318,8 +321,7 @@ def run_sample(loop: str, factory: Callable[[], Coroutine[Any, Any, Sample]]) ->
     A fresh loop per sample: nothing one client left behind (tasks, sockets, caches of the
     loop) runs during another's measurement.
     """
-    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
-        return runner.run(factory())
+    return run_loop(loop, factory())
 
 
 def median_of(samples: Sequence[Sample]) -> dict[str, Any]:

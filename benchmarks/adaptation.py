@@ -39,13 +39,14 @@ from typing import Any
 import aiohttp
 from _harness import (
     LATENCY,
+    MAX_TPS,
+    MIN_TPS,
     SimulatorProcess,
     add_output_arguments,
     backlog,
     broker_config,
     creators_account,
     interruptible,
-    loop_factory,
     machine_info,
     non_negative,
     positive,
@@ -53,6 +54,7 @@ from _harness import (
     quiet_logging,
     report,
     results_name,
+    run_loop,
     sim_control,
     sim_stats,
     warn_if_busy,
@@ -94,10 +96,12 @@ def parse_schedule(text: str) -> list[Phase]:
         finite = math.isfinite(phase.seconds) and math.isfinite(phase.tps)
         # Whole seconds: the figures count sends in one-second bins per phase.
         whole = finite and phase.seconds >= 1 and phase.seconds.is_integer()
-        if not sep or not whole or phase.tps <= 0:
+        # The rates the simulator's accounts and the keys' config take: checked here, not
+        # when the phase comes, tens of seconds into the run.
+        if not sep or not whole or not MIN_TPS <= phase.tps <= MAX_TPS:
             raise argparse.ArgumentTypeError(
                 f"expected SECONDS:TPS pairs like {DEFAULT_SCHEDULE} (whole seconds, at "
-                f"least 1), got {part!r}"
+                f"least 1; TPS from {MIN_TPS:g} to {MAX_TPS:g}), got {part!r}"
             )
         phases.append(phase)
     return phases
@@ -348,8 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_logging()
     warn_if_busy()
     started = time.perf_counter()
-    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        result = runner.run(_run(args, phases))
+    result = run_loop(args.loop, _run(args, phases))
     _table(result)
 
     name = results_name("adaptation", args.quick)

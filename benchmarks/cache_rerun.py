@@ -23,7 +23,6 @@ Prints a table to stderr and one JSON line to stdout, and writes
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import tempfile
 import time
@@ -49,6 +48,7 @@ from _harness import (
     quiet_logging,
     report,
     results_name,
+    run_loop,
     share,
     sim_stats,
     warn_if_busy,
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     quiet_logging()
     warn_if_busy()
-    scenarios = asyncio.run(_main(args))
+    scenarios = run_loop("asyncio", _main(args))
     rows = []
     for name, body in scenarios.items():
         assert isinstance(body, dict)

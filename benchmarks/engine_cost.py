@@ -50,6 +50,7 @@ from typing import Any
 
 from _harness import (
     MARKETPLACE,
+    MAX_IN_FLIGHT,
     Sample,
     add_output_arguments,
     asin_stream,
@@ -252,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat", type=positive(int), help="rounds; figures are medians (default 5)"
     )
     parser.add_argument(
-        "--concurrency", type=positive(int), default=16, help="in flight (default 16)"
+        "--concurrency",
+        type=positive(int, most=MAX_IN_FLIGHT),
+        default=16,
+        help="in flight (default 16)",
     )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     add_output_arguments(parser)

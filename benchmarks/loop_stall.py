@@ -38,6 +38,7 @@ from _harness import (
     quiet_logging,
     report,
     results_name,
+    run_loop,
     warn_if_busy,
 )
 
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         job = folder / "job.txt"
         write_job(job, rows)
         for name, ordered in (("final", False), ("ordered", True)):
-            results[name] = asyncio.run(_measure(job, folder / f"{name}.jsonl", ordered=ordered))
+            results[name] = run_loop(
+                "asyncio", _measure(job, folder / f"{name}.jsonl", ordered=ordered)
+            )
     print_table(
         ["job", "rows", "wall s", "max gap s", f"gaps >= {STALL_S} s"],
         [

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from _harness import (
     MARKETPLACE,
+    MAX_IN_FLIGHT,
     Sample,
     SimulatorProcess,
     add_output_arguments,
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=positive(int), help="rounds; figures are medians (5)")
     parser.add_argument(
         "--concurrency",
-        type=positive(int),
+        type=positive(int, most=MAX_IN_FLIGHT),
         default=16,
         help="requests in flight (the key's max_in_flight)",
     )

@@ -29,6 +29,7 @@ from _harness import (
     rates,
     report,
     results_name,
+    run_loop,
     warn_if_busy,
 )
 from aiolimiter import AsyncLimiter
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{(min_gaps + 1) / MAX_SPAN_S:g}/s"
         )
     warn_if_busy()
-    results = asyncio.run(_bench(seconds, args.rates, min_gaps))
+    results = run_loop("asyncio", _bench(seconds, args.rates, min_gaps))
     summaries = {name: value for name, value in results.items() if isinstance(value, dict)}
     if summaries:
         columns = list(next(iter(summaries.values())))

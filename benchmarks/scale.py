@@ -49,6 +49,7 @@ from _harness import (
     add_output_arguments,
     asin_stream,
     creators_account,
+    floor_rate,
     interruptible,
     machine_info,
     positive,
@@ -127,6 +128,10 @@ def write_config(
         f"tps = {tps!r}",
         "tpd = 0",
         f"max_in_flight = {in_flight}",
+        "",
+        "[rate]",
+        # Below a slow key's rate: the config refuses a 429 floor at or above it.
+        f"min_rate = {floor_rate(tps)!r}",
         "",
         "[log]",
         'level = "warning"',

@@ -31,6 +31,7 @@ import dataclasses
 import faulthandler
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ from _harness import (
     quiet_logging,
     report,
     results_name,
+    run_loop,
     sim_stats,
     warn_if_busy,
 )
@@ -83,13 +85,13 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     # A worker that has not finished 60 s after its stop time is stuck: show where, and end.
     faulthandler.dump_traceback_later(spec["stop_at"] - time.monotonic() + 60.0, exit=True)
     account = creators_account(0, tps=TPS)
-    config = broker_config(spec["url"], [account], tps=TPS, tpd=0)
     mode = spec["mode"]
-    if mode == "local":
-        config = dataclasses.replace(
-            config, state=StateConfig(backend="local", path=Path(spec["state_path"]))
-        )
-    elif mode == "redis":
+    # The run's shared file in "local" mode, else one of the worker's own: in the run's
+    # temporary directory either way, which goes with the run even if the worker is killed.
+    shared = Path(spec["state_path"])
+    state_path = shared if mode == "local" else shared.with_name(f"worker-{spec['index']}.sqlite3")
+    config = broker_config(spec["url"], [account], tps=TPS, tpd=0, state_path=state_path)
+    if mode == "redis":
         config = dataclasses.replace(
             config,
             state=StateConfig(
@@ -165,18 +167,28 @@ def _run(
             )
         )
     outputs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=window[1] - time.monotonic() + 120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"worker failed ({mode}, N={n}): exit {proc.returncode}")
-        outputs.append(json.loads(out))
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=window[1] - time.monotonic() + 120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"worker failed ({mode}, N={n}): exit {proc.returncode}")
+            outputs.append(json.loads(out))
+    finally:
+        # Stopped or failed, the workers go too: left running, they sent on and wrote
+        # their state file into the removed temporary directory.
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     async def stats() -> dict[str, Any]:
         async with aiohttp.ClientSession() as session:
             return await sim_stats(session, url, since=window[0])
 
-    body = asyncio.run(stats())
-    final = asyncio.run(_final_state(mode, url, tmp / f"{mode}-{n}.sqlite3", redis_url, prefix))
+    body = run_loop("asyncio", stats())
+    final = run_loop(
+        "asyncio", _final_state(mode, url, tmp / f"{mode}-{n}.sqlite3", redis_url, prefix)
+    )
     account = body["accounts"]["k0"]
     accepted = sum(1 for t in account.get("accepted_at", ()) if window[0] <= t < window[1])
     throttled = sum(1 for t in account.get("throttled_at", ()) if window[0] <= t < window[1])
@@ -329,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:
+        # The parent stops its workers (a Ctrl-C reaches the whole process group): one
+        # line on stderr, not one traceback per worker.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         print(json.dumps(asyncio.run(_worker(json.loads(args.worker)))))
         return 0
 
@@ -383,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             file=sys.stderr,
                         )
                         runs.append(run)
-            cost = asyncio.run(_decision_cost(tmp, redis_url))
+            cost = run_loop("asyncio", _decision_cost(tmp, redis_url))
         finally:
             if redis is not None:
                 redis.__exit__(None, None, None)

@@ -63,7 +63,6 @@ from _harness import (
     broker_config,
     creators_account,
     interruptible,
-    loop_factory,
     machine_info,
     non_negative,
     positive,
@@ -71,6 +70,7 @@ from _harness import (
     quiet_logging,
     report,
     results_name,
+    run_loop,
     sim_control,
     sim_stats,
     warn_if_busy,
@@ -413,29 +413,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.keys_sweep is None and args.quick:
         sweep_keys = [1, 4]
     sweep_duration = args.sweep_duration or (5.0 if args.quick else 30.0)
-    quiet_logging()
-    warn_if_busy()
-
     chosen = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     if args.scenario and "none" in args.scenario:
         chosen = []
+    if not chosen and not sweep_keys:
+        # Its file would replace the figures the README quotes with no run at all.
+        parser.error("--scenario none with --keys-sweep none runs nothing")
+    quiet_logging()
+    warn_if_busy()
+
     started = time.perf_counter()
 
     def run(scenario: Scenario, keys: int, window: float) -> dict[str, Any]:
-        with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-            return runner.run(
-                _run_scenario(
-                    scenario,
-                    keys=keys,
-                    true_tps=args.tps,
-                    duration=window,
-                    warmup=warmup,
-                    after_halving=after_halving,
-                    seed=args.seed,
-                    peer=not args.no_peer,
-                    loop=args.loop,
-                )
-            )
+        return run_loop(
+            args.loop,
+            _run_scenario(
+                scenario,
+                keys=keys,
+                true_tps=args.tps,
+                duration=window,
+                warmup=warmup,
+                after_halving=after_halving,
+                seed=args.seed,
+                peer=not args.no_peer,
+                loop=args.loop,
+            ),
+        )
 
     results: dict[str, dict[str, Any]] = {}
     for scenario in chosen:

@@ -38,7 +38,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from broker.config import MAX_IN_FLIGHT, MAX_TPS, BrokerConfig, RateConfig, parse_config
 from broker.errors import ConfigError, NoUsableKeyError
@@ -54,18 +54,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MARKETPLACE",
+    "STOPPED_CODE",
     "BenchOptions",
     "BenchReport",
+    "Stopped",
     "asin_stream",
     "backlog",
     "bench_command",
     "broker_config",
     "creators_account",
+    "floor_rate",
     "format_table",
     "loop_factory",
     "paapi_account",
     "run_bench",
+    "run_stoppable",
+    "stop_signals",
 ]
+
+_T = TypeVar("_T")
 
 MARKETPLACE = "www.amazon.com"
 #: The fault switches ``--fault`` accepts: every per-request rate of ``[simulator.faults]``.
@@ -125,6 +132,9 @@ def broker_config(
 
     Secrets go through the environment mapping, as they must for a non-simulator endpoint.
     ``tpd = 0`` means no daily guard on the client (the simulator's TPD is set far away).
+    The floor a 429 cuts a key to is :func:`floor_rate` unless ``rate`` names one: a slow
+    run gets a lower floor than the config's default, not an error about a key it never
+    wrote.
     ``state_path`` is the keys' SQLite state file; None leaves it to ``[state]``'s default,
     the machine's file, which keeps a row per key for ever (the simulator's port, and so
     its keys, are new each run): a run of its own gives a file of its own.
@@ -153,11 +163,17 @@ def broker_config(
         "api": {"protocol": protocol, "endpoint": url, "marketplace": MARKETPLACE},
         "keys": keys,
         "engine": dict(engine or {}),
-        "rate": dict(rate or {}),
+        "rate": {"min_rate": floor_rate(tps), **(rate or {})},
     }
     if state_path is not None:
         document["state"] = {"path": str(state_path)}
     return parse_config(document, environ=environ, source="<benchmark>")
+
+
+def floor_rate(tps: float) -> float:
+    """The floor a 429 cuts a key of ``tps`` to: the config's default, or a tenth of a
+    slower key's rate (the config refuses a floor at or above a key's rate)."""
+    return min(_MIN_RATE, tps / 10)
 
 
 def asin_stream(prefix: str = "B", start: int = 0) -> Iterator[str]:
@@ -520,9 +536,6 @@ async def _measure(url: str, options: BenchOptions) -> BenchReport:
             accounts,
             tps=options.client_tps,
             max_in_flight=options.max_in_flight,
-            # The floor a 429 cuts a key to must lie below its rate: a slow run gets a
-            # lower one than the config's default, not an error about a key it never wrote.
-            rate={"min_rate": min(_MIN_RATE, options.client_tps / 10)},
             state_path=Path(tmp) / "keys.sqlite3",
         )
         return await _measure_with(url, options, config)
@@ -591,7 +604,7 @@ def run_bench(options: BenchOptions, *, stop_on_signals: bool = False) -> BenchR
 
     Args:
         options: the run.
-        stop_on_signals: SIGTERM and SIGINT raise :class:`_Stopped` out of the run (the
+        stop_on_signals: SIGTERM and SIGINT raise :class:`Stopped` out of the run (the
             command's choice; the main thread only), so the child is stopped on the way out.
     """
     from broker.simulator.process import SimulatorProcess
@@ -602,12 +615,13 @@ def run_bench(options: BenchOptions, *, stop_on_signals: bool = False) -> BenchR
     ):
         measure = _measure(sim.url, options)
         if stop_on_signals:
-            return _run_stoppable(runner, measure)
+            return run_stoppable(runner, measure)
         return runner.run(measure)
 
 
-def _run_stoppable(runner: asyncio.Runner, run: Coroutine[Any, Any, BenchReport]) -> BenchReport:
-    """``runner.run(run)``, cancelled by SIGTERM or SIGINT, which then raise :class:`_Stopped`.
+def run_stoppable(runner: asyncio.Runner, run: Coroutine[Any, Any, _T]) -> _T:
+    """``runner.run(run)``, cancelled by SIGTERM, SIGINT or SIGHUP, which then raise
+    :class:`Stopped` (inside :func:`stop_signals`; the benchmarks' scripts use it too).
 
     The loop's own signal handlers, in place before the loop runs and taken out after it
     stopped: a Python handler that raises inside a running loop is not propagated (uvloop
@@ -625,12 +639,12 @@ def _run_stoppable(runner: asyncio.Runner, run: Coroutine[Any, Any, BenchReport]
             for task in tasks:
                 task.cancel()
 
-    async def main() -> BenchReport:
+    async def main() -> _T:
         task = asyncio.current_task()
         assert task is not None
         tasks.append(task)
         if _RAISED and not caught:
-            # A stop whose _Stopped was lost before the loop ran (see _stop_signal): the
+            # A stop whose Stopped was lost before the loop ran (see _stop_signal): the
             # stop signals are ignored since, so the loop would never hear of it.
             caught.append(_RAISED[0])
         if caught:
@@ -647,7 +661,7 @@ def _run_stoppable(runner: asyncio.Runner, run: Coroutine[Any, Any, BenchReport]
         return runner.run(main())
     except asyncio.CancelledError:
         if caught:
-            raise _Stopped(caught[0]) from None
+            raise Stopped(caught[0]) from None
         raise
     finally:
         # Held back while the handlers change: removing the loop's handler restores the
@@ -753,7 +767,7 @@ def _faults(specs: Sequence[str]) -> dict[str, float]:
     return faults
 
 
-class _Stopped(Exception):
+class Stopped(Exception):
     """A stop signal during a run: unwinds it, so the simulator child and its files go too."""
 
     def __init__(self, sig: signal.Signals) -> None:
@@ -768,7 +782,7 @@ def _stop_signal(signum: int, frame: object) -> None:
     # Kept too: raised where Python drops exceptions (a weakref callback: "Exception
     # ignored in ..."), the stop is still heard when the next loop starts or the run ends.
     _RAISED.append(signal.Signals(signum))
-    raise _Stopped(signal.Signals(signum))
+    raise Stopped(signal.Signals(signum))
 
 
 #: The stop signals :func:`_stop_signal` raised for, in this process.
@@ -776,28 +790,31 @@ _RAISED: list[signal.Signals] = []
 
 
 def _unraisable(hook: Callable[[Any], object], unraisable: Any) -> None:
-    # A _Stopped Python dropped (a weakref callback) is heard later, from _RAISED: not a
+    # A Stopped Python dropped (a weakref callback) is heard later, from _RAISED: not a
     # traceback among the bench's lines.
-    if not isinstance(unraisable.exc_value, _Stopped):
+    if not isinstance(unraisable.exc_value, Stopped):
         hook(unraisable)
 
 
 _STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: The exit code of a run each stop signal ended: the shell's, 128 plus its number.
-_STOPPED_CODE: Final = {
+STOPPED_CODE: Final = {
     signal.SIGTERM: ExitCode.TERMINATED,
     signal.SIGINT: ExitCode.INTERRUPTED,
     signal.SIGHUP: ExitCode.HANGUP,
 }
 
 
-def bench_command(args: argparse.Namespace) -> int:
-    """Run ``broker bench`` with parsed ``args``; print the table (or JSON lines).
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """While inside, SIGTERM, SIGINT or SIGHUP raises :class:`Stopped` in the main thread,
+    once (a loop run through :func:`run_stoppable` is cancelled instead), so the ``finally``
+    blocks on the way out stop children and remove temporary files.
 
-    SIGTERM, SIGINT or SIGHUP stops it: the simulator child is stopped and its temporary
-    files removed, and the exit code is 128 plus the signal's number, with no figures (the
-    child stops by itself within a second if this process dies by SIGKILL). A signal
-    ignored when the process started (SIGINT for a script's background job) stays ignored.
+    A stop Python dropped (raised in a weakref callback) is raised on leaving. Stopped, the
+    signals stay ignored: the process is on its way out, and a second one must not kill it
+    with the default action before its cleanup ends. A signal ignored when the process
+    started (SIGINT for a script's background job) stays ignored.
     """
     previous = {
         sig: signal.signal(sig, _stop_signal)
@@ -808,21 +825,33 @@ def bench_command(args: argparse.Namespace) -> int:
     sys.unraisablehook = functools.partial(_unraisable, hook)
     stopped = False
     try:
-        code = _bench(args)
+        yield
         if _RAISED:
-            raise _Stopped(_RAISED[0])  # raised where it was lost, and heard of only now
-        return code
-    except _Stopped as stop:
+            raise Stopped(_RAISED[0])  # raised where it was lost, and heard of only now
+    except Stopped:
         stopped = True
-        print(f"{prog()} bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
-        return _STOPPED_CODE[stop.sig]
+        raise
     finally:
-        # Stopped, the stop signals stay ignored: the process is on its way out, and a
-        # second one between here and its exit must not kill it with the default action.
         if not stopped:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         sys.unraisablehook = hook
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Run ``broker bench`` with parsed ``args``; print the table (or JSON lines).
+
+    SIGTERM, SIGINT or SIGHUP stops it (:func:`stop_signals`): the simulator child is
+    stopped and its temporary files removed, and the exit code is 128 plus the signal's
+    number, with no figures (the child stops by itself within a second if this process dies
+    by SIGKILL).
+    """
+    try:
+        with stop_signals():
+            return _bench(args)
+    except Stopped as stop:
+        print(f"{prog()} bench: stopped by {stop.sig.name}; no figures", file=sys.stderr)
+        return STOPPED_CODE[stop.sig]
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -340,7 +340,7 @@ def test_a_signal_as_the_run_starts_stops_it(loop: str) -> None:
 
 
 def test_a_stop_whose_raise_was_lost_still_stops_the_run() -> None:
-    """A stop signal whose _Stopped was raised where Python drops exceptions (a weakref
+    """A stop signal whose Stopped was raised where Python drops exceptions (a weakref
     callback: "Exception ignored in ...") before the loop ran still stops the bench at once
     (exit 129 for SIGHUP): the stop signals were ignored from then on, and the run went on
     to its end (a CI run hung its 60 s)."""
@@ -350,7 +350,7 @@ def test_a_stop_whose_raise_was_lost_still_stops_the_run() -> None:
         "from broker import cli\n"
         "try:\n"
         "    bench._stop_signal(signal.SIGHUP, None)\n"
-        "except bench._Stopped:\n"
+        "except bench.Stopped:\n"
         "    pass  # lost, as in a weakref callback\n"
         "started = time.monotonic()\n"
         "code = cli.main(['bench', '--tps', '0', '--duration', '30'])\n"
@@ -366,14 +366,14 @@ def test_a_stop_whose_raise_was_lost_still_stops_the_run() -> None:
 
 
 def test_a_lost_stop_is_no_traceback() -> None:
-    """The _Stopped Python drops (raised in a weakref callback) is not printed as an
+    """The Stopped Python drops (raised in a weakref callback) is not printed as an
     "Exception ignored" traceback among the bench's lines; any other such error is."""
     from types import SimpleNamespace
 
     from broker import bench
 
     told: list[object] = []
-    bench._unraisable(told.append, SimpleNamespace(exc_value=bench._Stopped(signal.SIGHUP)))
+    bench._unraisable(told.append, SimpleNamespace(exc_value=bench.Stopped(signal.SIGHUP)))
     assert told == []
     other = SimpleNamespace(exc_value=ValueError("x"))
     bench._unraisable(told.append, other)

@@ -13,8 +13,11 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -480,6 +483,15 @@ def test_shared_key_quick_run(tmp_path: Path) -> None:
         ("scale.py", ["--duplicates", "2"], "--duplicates: must be from 0 up to 1"),
         ("cache_rerun.py", ["--new", "-0.5"], "--new: must be from 0 up to 1"),
         ("loop_stall.py", ["--results-dir", "{file}/results"], "is not a directory"),
+        ("overhead.py", ["--concurrency", "5000"], "--concurrency: must be at most 1000"),
+        ("engine_cost.py", ["--concurrency", "5000"], "--concurrency: must be at most 1000"),
+        ("adaptation.py", ["--schedule", "5:2000"], "--schedule: expected SECONDS:TPS"),
+        ("adaptation.py", ["--schedule", "2:5,2:1e-9"], "--schedule: expected SECONDS:TPS"),
+        (
+            "utilisation.py",
+            ["--scenario", "none", "--keys-sweep", "none"],
+            "--scenario none with --keys-sweep none runs nothing",
+        ),
     ],
 )
 def test_a_value_no_run_can_use_is_a_usage_error(
@@ -487,8 +499,8 @@ def test_a_value_no_run_can_use_is_a_usage_error(
 ) -> None:
     """A count, rate or share no run can use, or a results path that is a file, exits 2
     naming the option before anything runs; each was a traceback (ZeroDivisionError,
-    IndexError, a ConfigError), a run of nonsense ("saved -3"), a failure at the end, or a
-    run of centuries."""
+    IndexError, a ConfigError), a run of nonsense ("saved -3"), a failure at the end, a
+    run of centuries, or an empty file over the published figures."""
     file = tmp_path / "a-file"
     file.write_text("")
     args = [arg.replace("{file}", str(file)) for arg in args]
@@ -503,3 +515,84 @@ def test_a_value_no_run_can_use_is_a_usage_error(
     assert done.returncode == 2, done.stderr[-2000:]
     assert said in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.usefixtures("bench_modules")
+def test_a_key_slower_than_the_default_floor_is_configured(tmp_path: Path) -> None:
+    """A benchmark key at 0.05/s or less gets a 429 floor below its rate: its config loads
+    (it was a ConfigError, or `broker run` exiting 78, once the simulator had started)."""
+    import scale
+    from _harness import broker_config
+
+    from broker.bench import creators_account
+    from broker.config import load_config
+
+    account = creators_account(0, tps=0.01)
+    config = broker_config("http://127.0.0.1:9", [account], tps=0.01)
+    assert config.rate.min_rate < 0.01
+    scale.write_config(tmp_path / "c.toml", "http://127.0.0.1:9", account, tps=0.01, in_flight=1)
+    loaded = load_config(tmp_path / "c.toml", environ={scale._SECRET_ENV: "s"})
+    assert loaded.rate.min_rate < loaded.keys[0].tps == 0.01
+
+
+def _stopped_with_sigterm(argv: list[str], tmp_path: Path, *, after_s: float) -> str:
+    """Run a script in a private TMPDIR, SIGTERM it ``after_s`` in, check it stopped as
+    benchmarks/README.md says (exit 143, no figures, no children, no temporary files left)
+    and return its stderr."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    results = tmp_path / "results"
+    script = subprocess.Popen(
+        [sys.executable, *argv, "--results-dir", str(results)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
+    time.sleep(after_s)
+    script.send_signal(signal.SIGTERM)
+    _, err = script.communicate(timeout=30)
+    assert script.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM: no figures written" in err
+    assert not results.exists() or not any(results.iterdir())
+    # The children (simulator, workers) go with it: none is left to recreate a file.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and (any(temp.iterdir()) or _running(str(temp))):
+        time.sleep(0.1)
+    assert not _running(str(temp))
+    assert list(temp.iterdir()) == []
+    return err
+
+
+def _running(marker: str) -> bool:
+    """Whether a process whose command line names ``marker`` is running."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and marker.encode() in cmdline:
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["adaptation.py", "--quick", "--no-peer", "--loop", "uvloop"],
+        ["utilisation.py", "--quick", "--no-peer", "--scenario", "burst2", "--keys-sweep", "none"],
+    ],
+)
+def test_sigterm_stops_a_script_on_uvloop(tmp_path: Path, argv: list[str]) -> None:
+    """SIGTERM during a run on uvloop stops the script with 143 and no figures; uvloop
+    printed the handler's exception and ran on, and the run wrote its figures, exit 0."""
+    _stopped_with_sigterm([str(BENCHMARKS / argv[0]), *argv[1:]], tmp_path, after_s=6.0)
+
+
+def test_sigterm_stops_shared_keys_workers(tmp_path: Path) -> None:
+    """SIGTERM to shared_key.py takes its worker processes with it, and their state file;
+    the workers ran on to their end and recreated the removed temporary directory."""
+    argv = [str(BENCHMARKS / "shared_key.py"), "--quick", "--modes", "local", "--processes", "2"]
+    err = _stopped_with_sigterm(argv, tmp_path, after_s=6.0)
+    assert "Traceback" not in err
