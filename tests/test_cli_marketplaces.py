@@ -61,6 +61,26 @@ class TestJobRows:
         # A tag added starts the item cache afresh (the tags are in its namespace).
         assert "then --new-job fetches every row again." in err
 
+    def test_a_rerun_after_the_tag_was_added_does_not_ask_for_it_again(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Rerun with the partner tag the first run asked for now in the config, a complete
+        job says a key has it and --new-job sends those rows; it asked again to add the tag
+        no key had, which the user had just done."""
+        job = tmp_path / "nk.csv"
+        job.write_text("asin,marketplace\nB0C1234567,US\nB0E1111111,DE\nB0E1111112,DE\n")
+        argv = ["run", str(job), "--out", str(tmp_path / "out.jsonl"), "--progress", "none"]
+        assert cli.main([*argv, "--config", str(_config(tmp_path))]) == ExitCode.SOME_FAILED
+        capsys.readouterr()
+        tagged = _CONFIG.replace('"www.amazon.co.uk" = "demo-21"', '"DE" = "demo-22"')
+        config = tmp_path / "tagged.toml"
+        config.write_text(tagged)
+        assert cli.main([*argv, "--config", str(config)]) == ExitCode.SOME_FAILED
+        err = capsys.readouterr().err
+        assert "add a partner tag" not in err
+        assert "a key now has a partner tag for www.amazon.de" in err
+        assert "--new-job fetches every row again" in err
+
     @pytest.mark.parametrize("cache", ["on", "off"])
     def test_a_rerun_says_what_new_job_would_ask_amazon_for(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str

@@ -362,10 +362,12 @@ def _complete_message(
     causes: Sequence[tuple[str, str, int]],
     *,
     cache_on: bool,
+    tagged: Collection[str],
 ) -> str:
     """What a rerun of a finished job tells the user: complete, when, how to fetch again
     (``causes``: the failed rows by code and marketplace, as the summary has them;
-    ``cache_on``: this run reads the item cache)."""
+    ``cache_on``: this run reads the item cache; ``tagged``: the marketplaces a key of this
+    run's config has a partner tag for)."""
     total = counts.total
     fetched = ledger.fetched_range()
     when = ""
@@ -377,12 +379,20 @@ def _complete_message(
         refreshing = " A --refresh run was stopped before it completed; --refresh resumes it."
     failed = counts.by_status.get("failed", 0)
     unsent = sorted({market for code, market, _ in causes if code == "NoKeyForMarketplace"})
-    first = (
-        f"add a partner tag for {', '.join(unsent)} to a key (no key has one, so those rows "
-        "were never sent), then "
-        if unsent
-        else ""
-    )
+    # Judged by this run's config: the tag the first run asked for may be there now.
+    untagged = [market for market in unsent if market not in tagged]
+    now_tagged = [market for market in unsent if market in tagged]
+    first = ""
+    if untagged:
+        first = (
+            f"add a partner tag for {', '.join(untagged)} to a key (no key has one, so those "
+            "rows were never sent), then "
+        )
+    if now_tagged:
+        first += (
+            f"a key now has a partner tag for {', '.join(now_tagged)} (those rows were never "
+            "sent): "
+        )
     if unsent or not cache_on:
         # A tag added starts the item cache afresh: the keys' tags are in its namespace.
         again = "--new-job fetches every row again"
@@ -543,6 +553,7 @@ async def _run_once(
                     counts,
                     summary.failed_causes,
                     cache_on=_cache_on(config, options),
+                    tagged={market for key in config.keys for market in key.partner_tags},
                 )
             )
     summary.wall_s = time.monotonic() - started
