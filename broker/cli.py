@@ -830,6 +830,39 @@ def _region_warnings(config: BrokerConfig) -> list[str]:
     return warnings
 
 
+def _token_endpoint_warnings(config: BrokerConfig) -> list[str]:
+    """Keys a whole ``api.token_endpoint`` URL cannot serve: one whose path ends in
+    ``/token`` is used as it is for every key, but 2.x keys (Cognito) and 3.x keys (Login
+    with Amazon) take their tokens from different servers. The keys of the other family are
+    refused (``invalid_scope``) and taken out, as if their version were wrong."""
+    from urllib.parse import urlsplit
+
+    from broker.api.marketplaces import CREDENTIAL_VERSIONS, credential_version
+
+    url = config.api.token_endpoint
+    if url is None or not urlsplit(url).path.endswith("/token"):
+        return []  # a base: each version's own path is added
+    # The family whose own path the URL ends in, if any (a mock's /lwa/token is neither).
+    url_families = {v.family for v in CREDENTIAL_VERSIONS.values() if url.endswith(v.token_path)}
+    versions = {key.name: credential_version(key.version) for key in config.keys if key.version}
+    if url_families:
+        refused = {n: v for n, v in versions.items() if v.family not in url_families}
+    elif len({v.family for v in versions.values()}) > 1:
+        refused = versions
+    else:
+        return []
+    if not refused:
+        return []
+    named = ", ".join(f"key {name} ({v.version})" for name, v in refused.items())
+    return [
+        f"api.token_endpoint {url} is one token URL, used as it is for every key, but 2.x "
+        f"keys (Cognito) and 3.x keys (Login with Amazon) take tokens from different "
+        f"servers: {named} will be refused (invalid_scope) and taken out; give a base URL "
+        "instead (each version's path, /oauth2/token or /auth/o2/token, is added) or keys "
+        "of one family"
+    ]
+
+
 def _check_config(config: BrokerConfig) -> int:
     from broker.config import shown_url
 
@@ -859,7 +892,12 @@ def _check_config(config: BrokerConfig) -> int:
             f"{key.tps:g} TPS, {key.tpd or 'unlimited'} TPD, "
             f"marketplaces {', '.join(key.partner_tags)}"
         )
-    for warning in [*_region_warnings(config), *_shared_account_warnings(config)]:
+    warnings = [
+        *_region_warnings(config),
+        *_token_endpoint_warnings(config),
+        *_shared_account_warnings(config),
+    ]
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if config.engine.queue_size < config.engine.batch_size:
         print(

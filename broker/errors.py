@@ -585,7 +585,9 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "The token endpoint rejected the scope (wrong credential family for the version).",
         Scope.KEY,
         False,
-        "Set the key's version to the one shown in Associates Central.",
+        "Set the key's version to the one shown in Associates Central; an "
+        "api.token_endpoint whose path ends in /token is used for every key, so it must be "
+        "this version's family's server (2.x: Cognito, 3.x: Login with Amazon).",
     ),
     ErrorInfo(
         "invalid_request",

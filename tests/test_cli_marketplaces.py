@@ -244,6 +244,41 @@ class TestCheckConfig:
         assert "warning" in err
         assert "www.amazon.de" in err
 
+    def test_warns_of_one_whole_token_url_for_both_credential_families(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A whole token URL (its path ends in /token) is used for every key, but 2.x and
+        3.x keys take tokens from different servers: check-config names the keys the URL
+        cannot serve; a base URL, or keys of one family, draw no warning. It said nothing,
+        and the run took a correct 2.1 key out, blaming its version."""
+        monkeypatch.setenv("ASINB_SECRET", "s")
+        text = (
+            '[api]\nendpoint = "http://127.0.0.1:9"\n'
+            'token_endpoint = "http://127.0.0.1:9/auth/o2/token"\n'
+            'marketplace = "www.amazon.com"\n'
+        )
+        for name, version in (("lwa", "3.1"), ("cognito", "2.1")):
+            text += (
+                f'[[keys]]\nname = "{name}"\ncredential_id = "{name}-id"\n'
+                f'credential_secret_env = "ASINB_SECRET"\nversion = "{version}"\n'
+                'partner_tags = { "www.amazon.com" = "demo-20" }\n'
+            )
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, text))]) == 0
+        err = capsys.readouterr().err
+        assert "api.token_endpoint" in err
+        assert "key cognito (2.1)" in err
+        assert "key lwa" not in err
+        base = text.replace("/auth/o2/token", "")
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, base))]) == 0
+        assert "token_endpoint" not in capsys.readouterr().err
+        one_family = text.replace('version = "2.1"', 'version = "3.1"')
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, one_family))]) == 0
+        assert "token_endpoint" not in capsys.readouterr().err
+        other_family = text.replace('version = "3.1"', 'version = "2.2"')
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, other_family))]) == 0
+        err = capsys.readouterr().err
+        assert "key lwa (2.2), key cognito (2.1) will be refused" in err
+
     def test_warns_of_tags_outside_the_credential_versions_region(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
