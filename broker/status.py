@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ from broker.bench import format_table
 from broker.config import AMAZON, BrokerConfig, redacted_url
 from broker.engine.adaptive import AdaptiveSettings
 from broker.engine.metrics import QUOTA_WAIT
-from broker.engine.shared_limiter import key_limits
+from broker.engine.shared_limiter import account_day_limit, key_limits
 from broker.errors import ConfigError, StateUnavailableError
 from broker.exitcode import ExitCode
 from broker.progname import prog
@@ -157,10 +157,14 @@ async def key_statuses(config: BrokerConfig) -> tuple[str, list[KeyStatus]]:
                 min_rate_per_s=min(config.rate.min_rate, key.tps),
                 discover=config.rate.discover,
             )
-            view = await store.view(
-                StateKey.of(endpoint, key.credential_id, name=key.name),
-                key_limits(key, config, settings),
-            )
+            limits = key_limits(key, config, settings)
+            # Entries naming one credential (one account) keep, in every run of this
+            # config, to the lowest daily limit of them: the one shown when no process is
+            # using the key.
+            lowest = account_day_limit(key, config)
+            if lowest != limits.day_limit:
+                limits = replace(limits, day_limit=lowest)
+            view = await store.view(StateKey.of(endpoint, key.credential_id, name=key.name), limits)
             statuses.append(_status(view, key.tps))
         return store.where, statuses
     finally:

@@ -111,6 +111,36 @@ class TestStatus:
         assert spare["processes_recent"] == 0
         assert "no broker has used it there yet" in captured.err
 
+    def test_entries_of_one_credential_show_its_lowest_daily_limit(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Two entries naming one credential keep to the lower tpd of the two in every run
+        of this config, so status shows both spent at it; the higher entry showed "active"
+        with 96 left while the run had just stopped for its daily quota."""
+        text = config_path.read_text().replace('"cred-spare"', '"cred-main"')
+        config_path.write_text(text.replace("tpd = 50", "tpd = 4"))
+        db = config_path.parent / "keys.sqlite3"
+
+        async def spend() -> None:
+            store = SqliteStateStore(db)
+            key = StateKey.of("http://127.0.0.1:9", "cred-main")
+            limits = KeyLimits(1.0, 0.05, 1.0, day_limit=3, tpd=4)
+            for _ in range(3):
+                await store.decide(key, limits, feedback=Feedback(), reserve=True, process=None)
+            await store.aclose()
+
+        asyncio.run(spend())
+        assert cli.main(["status", "--config", str(config_path), "--json"]) == 0
+        main, spare = json.loads(capsys.readouterr().out)["keys"]
+        for entry in (main, spare):
+            assert (entry["requests_today"], entry["daily_limit"], entry["left_today"]) == (
+                3,
+                3,
+                0,
+            )
+            assert entry["state"] == "waiting for daily quota"
+            assert entry["reason"] == "daily quota spent"
+
     @pytest.mark.parametrize("problem", ["missing", "invalid"])
     def test_json_says_a_config_error_in_its_document(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], problem: str

@@ -72,6 +72,7 @@ __all__ = [
     "SharedCircuit",
     "SharedKeyLimiter",
     "SharedState",
+    "account_day_limit",
     "key_limits",
     "shared_key_parts",
 ]
@@ -911,6 +912,20 @@ class SharedCircuit(Circuit):
             self._limiter.release_probe(0.0 if hand_on else wait)
 
 
+def account_day_limit(key: KeyConfig, config: BrokerConfig) -> int | None:
+    """The lowest daily limit of ``config``'s entries naming ``key``'s credential (one
+    account), ``key`` among them: every process of this config keeps the key to it."""
+    return min(
+        (
+            limit
+            for other in config.keys
+            if other.credential_id == key.credential_id
+            and (limit := day_limit(other.tpd, config.rate.tpd_guard)) is not None
+        ),
+        default=None,
+    )
+
+
 def shared_key_parts(
     key: KeyConfig,
     *,
@@ -928,11 +943,7 @@ def shared_key_parts(
         key_limits(key, config, settings),
         process_id=shared.process_id,
         give_up_after_s=config.retry.outage_budget_s,
-        sibling_day_limits=[
-            day_limit(other.tpd, config.rate.tpd_guard)
-            for other in config.keys
-            if other.credential_id == key.credential_id and other.name != key.name
-        ],
+        sibling_day_limits=[account_day_limit(key, config)],
     )
     adaptive = SharedAdaptiveRate(limiter, key.tps, clock=clock, settings=settings)
     circuit = SharedCircuit(limiter, clock, random=random, settings=settings)
