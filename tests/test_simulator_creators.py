@@ -117,6 +117,21 @@ class TestTokenEndpoints:
         assert response.json()["error"] == "invalid_request"
 
     @pytest.mark.parametrize(
+        "raw",
+        [b'{"grant_type":' + b"1" * 5000 + b"}", b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+    )
+    async def test_a_token_body_no_json_reader_takes_is_invalid_request(
+        self, start: Start, raw: bytes
+    ) -> None:
+        """An integer of 5,000 digits or nesting 100,000 deep in a token request is 400
+        invalid_request, as any body that is no JSON; each was a 500 and a traceback."""
+        client, _ = await start()
+        headers = {"content-type": "application/json"}
+        response = await client.post("/auth/o2/token", data=raw, headers=headers)
+        assert response.status == 400
+        assert response.json()["error"] == "invalid_request"
+
+    @pytest.mark.parametrize(
         ("client_id", "secret", "family"),
         [
             ("demo-id", "wrong", "v3"),
@@ -288,6 +303,34 @@ class TestValidation:
         assert response.status == 400
         assert response.json()["reason"] == "CannotParse"
         assert response.json()["message"].startswith("Unable to parse the request payload.")
+
+    @pytest.mark.parametrize(
+        ("operation", "raw"),
+        [
+            (
+                "getItems",
+                b'{"partnerTag":"demo-20","itemIds":["B000000001"],"x":' + b"1" * 5000 + b"}",
+            ),
+            ("getItems", b"[" * 100_000 + b"]" * 100_000),
+            ("searchItems", b'{"partnerTag":"demo-20","keywords":"lamp","itemCount":1e400}'),
+            ("searchItems", b'{"partnerTag":"demo-20","keywords":"lamp","minPrice":NaN}'),
+            (
+                "getVariations",
+                b'{"partnerTag":"demo-20","asin":"B000000010","variationPage":1e400}',
+            ),
+            ("searchItems", b'{"partnerTag":"demo-20","keywords":"\\ud800"}'),
+        ],
+        ids=["long-integer", "deep-nesting", "overflow", "nan", "overflow-page", "lone-surrogate"],
+    )
+    async def test_a_body_no_json_reader_takes_is_cannot_parse(
+        self, start: Start, operation: str, raw: bytes
+    ) -> None:
+        """An integer of 5,000 digits, nesting 100,000 deep, 1e400, NaN or half a surrogate
+        pair is 400 CannotParse; each was a 500 and a traceback."""
+        client, _ = await start()
+        response = await client.creators(operation, None, token=await client.token(), raw=raw)
+        assert response.status == 400
+        assert response.json()["reason"] == "CannotParse"
 
     async def test_missing_partner_tag(self, start: Start) -> None:
         """A missing partnerTag is FieldValidationFailed with fieldList naming it."""

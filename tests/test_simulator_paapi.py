@@ -254,6 +254,28 @@ class TestErrors:
         assert response.status == 404
         assert _code(response) == "UnknownOperation"
 
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b'{"ItemIds":["B000000001"],"X":' + b"1" * 5000 + b"}",
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"ItemIds":["B000000001"],"ItemCount":1e400}',
+            b'{"ItemIds":["B000000001"],"MinPrice":NaN}',
+            b'{"ItemIds":["B000000001"],"Keywords":"\\ud800"}',
+        ],
+        ids=["long-integer", "deep-nesting", "overflow", "nan", "lone-surrogate"],
+    )
+    async def test_a_body_no_json_reader_takes_is_refused(self, start: Start, raw: bytes) -> None:
+        """Signed, such a body is 400 InvalidParameterValue; unsigned, 400
+        IncompleteSignature, as for any body: each was a 500 and a traceback."""
+        client, _, clock = await start()
+        signed = await _call(client, clock, raw=raw)
+        assert signed.status == 400
+        assert _code(signed) == "InvalidParameterValue"
+        unsigned = await _call(client, clock, raw=raw, authorization="")
+        assert unsigned.status == 400
+        assert _code(unsigned) == "IncompleteSignature"
+
     async def test_body_changed_after_signing(self, start: Start) -> None:
         """The body hash covers the exact bytes: re-serialised JSON breaks the signature."""
         client, _, clock = await start()

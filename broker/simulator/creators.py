@@ -30,6 +30,7 @@ from broker.simulator.operations import (
     ItemError,
     Names,
     Rejected,
+    read_body,
     run_operation,
 )
 
@@ -216,10 +217,7 @@ def _operation(
     context: Context,
     fault: str | None = None,
 ) -> Reply:
-    try:
-        body = json.loads(raw) if raw.strip() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        body = None
+    body = read_body(raw)
     if not isinstance(body, dict):
         return _error(sim, account_name, 400, "ValidationException", "CannotParse")
     try:

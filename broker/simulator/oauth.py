@@ -103,7 +103,9 @@ async def _read_params(request: web.Request) -> dict[str, str]:
     if content_type == "application/json" or (not form and text.lstrip().startswith("{")):
         try:
             data = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
+            # ValueError: JSONDecodeError, and an integer of over 4,300 digits, which is no
+            # JSONDecodeError; RecursionError: nesting past Python's limit.
             raise _OAuthError("invalid_request", "The request body is not valid JSON.") from None
         if not isinstance(data, dict):
             raise _OAuthError("invalid_request", "The request body must be a JSON object.")

@@ -43,6 +43,7 @@ from broker.simulator.operations import (
     ItemError,
     Names,
     Rejected,
+    read_body,
     run_operation,
 )
 
@@ -236,10 +237,7 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
         return _error(sim, None, "UnknownOperation"), None
 
     raw = await request.read()
-    try:
-        body: object = json.loads(raw) if raw.strip() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        body = None
+    body = read_body(raw)
     market = _marketplace(sim, request, body)
 
     verdict = _verify(request, sim, raw, market)
