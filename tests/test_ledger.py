@@ -818,6 +818,35 @@ class TestLock:
             assert again.held
 
 
+def test_a_ledger_damaged_inside_is_a_job_file_error_naming_it(tmp_path: Path) -> None:
+    """A ledger whose header opens but one of whose pages is damaged (found only when a
+    statement reads it) is a JobFileError naming the file and saying it was left untouched
+    (exit 65), whichever statement finds it; it was a bare sqlite3.DatabaseError, an
+    "internal error" (exit 1) after the run had sent its requests."""
+    with open_ledger(tmp_path) as ledger:
+        ledger.ingest(_rows(3000))
+    path = tmp_path / "job.ledger"
+    with sqlite_db(path) as conn:
+        pages = [
+            page
+            for (page,) in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'lookups' AND pagetype = 'leaf' "
+                "ORDER BY pageno"
+            )
+        ]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    with path.open("r+b") as file:
+        file.seek((pages[len(pages) // 2] - 1) * page_size)
+        file.write(b"\xde\xad\xbe\xef" * (page_size // 4))
+    with open_ledger(tmp_path) as ledger:
+        with pytest.raises(JobFileError, match="damaged") as info:
+            list(ledger.pending_lookups())
+        assert str(path) in str(info.value)
+        assert "left untouched" in str(info.value)
+        with pytest.raises(JobFileError, match="damaged"):
+            ledger.fetched_range()  # a scan of every lookup
+
+
 def _rows(count: int) -> Iterator[JobRow]:
     """``count`` rows: half of them duplicates, one in a hundred invalid."""
     for i in range(count):

@@ -371,7 +371,7 @@ class Ledger:
         self._path = path
         self._default_marketplace = default_marketplace
         self._synchronous = synchronous
-        self._lock = threading.RLock()
+        self._lock = _Guard(path)
         # The file it opened: a ledger deleted or replaced under the run is noticed at the
         # next commit instead of committing into an unlinked file (the job then could not
         # resume: its output has no ledger).
@@ -451,13 +451,10 @@ class Ledger:
             )
         except sqlite3.DatabaseError as exc:
             conn.close()
-            failure = disk_error(path, exc)
-            if failure is not None:
-                raise failure from exc
-            raise JobFileError(
-                f"{path}: cannot be read as a job ledger ({exc}); it was left untouched. "
-                "Choose another output path or move the file away."
-            ) from exc
+            damage = _file_failure(path, exc)
+            if damage is not None:
+                raise damage from exc
+            raise _unusable(path, f"cannot be read as a job ledger ({exc})") from exc
         except BaseException:
             conn.close()
             raise
@@ -1058,7 +1055,7 @@ class Ledger:
             with immediate(self._conn):
                 yield
         except sqlite3.Error as exc:
-            failure = disk_error(self._path, exc)
+            failure = _file_failure(self._path, exc)
             if failure is None:
                 raise
             raise failure from exc
@@ -1162,6 +1159,54 @@ def crash_point(name: str, before: Callable[[], object] | None = None) -> None:
         before()
     os.write(2, f"asin-broker: crash point {name} #{hit}: sending {sig.name}\n".encode())
     os.kill(os.getpid(), sig)
+
+
+class _Guard:
+    """The ledger's lock, held around its statements: whichever statement finds the file
+    full, failing or damaged, the error says so and names it (exit 74 or 65), not a bare
+    ``sqlite3`` error, which read as a bug (a page damaged inside is found only when a
+    statement reads it, after the run sent its requests)."""
+
+    __slots__ = ("_lock", "_path")
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.RLock()
+        self._path = path
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._lock.release()
+        if isinstance(exc, sqlite3.Error):
+            failure = _file_failure(self._path, exc)
+            if failure is not None:
+                raise failure from exc
+
+
+def _file_failure(path: Path, exc: sqlite3.Error) -> Exception | None:
+    """What a SQLite error says about the ledger file itself: full, failing or read-only
+    (:func:`~broker.sqlitewal.disk_error`), or damaged; None for any other."""
+    failure = disk_error(path, exc)
+    if failure is not None:
+        return failure
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+    ):
+        return _unusable(path, f"the job ledger is damaged ({exc})")
+    return None
+
+
+def _unusable(path: Path, what: str) -> JobFileError:
+    return JobFileError(
+        f"{path}: {what}; it was left untouched. Choose another output path or move the file away."
+    )
 
 
 def _check_sqlite_header(path: Path) -> None:
