@@ -547,12 +547,18 @@ class TestEndpointErrors:
             (200, b'{"token_type":"bearer"}'),
             (200, b'{"access_token":""}'),
             (200, b'{"access_token":42}'),
+            # No HTTP header carries these: every send of the token would fail.
+            (200, b'{"access_token":"Atc|FAKE\\r\\nX-Injected: 1"}'),
+            (200, b'{"access_token":"Atc|two words"}'),
+            (200, b'{"access_token":"Atc|\\u00e9t\\u00e9"}'),
             (400, b"<html>Bad Request</html>"),
             (302, b""),
         ],
     )
     async def test_unreadable_answers_are_response_errors(self, status: int, body: bytes) -> None:
-        """Non-JSON or token-less answers raise ResponseError."""
+        """Non-JSON or token-less answers, or a token no HTTP header can carry (a control
+        character, a space, non-ASCII: each send of it failed as a crashed attempt, and
+        every row was failed for good), raise ResponseError."""
         cache = make(Endpoint(RawResponse(status, {}, body)))
         with pytest.raises(ResponseError) as info:
             await cache.token()
