@@ -48,6 +48,13 @@ _URL = re.compile(
     r"/([a-z0-9]{10})(?![a-z0-9])",
     re.IGNORECASE,
 )
+#: amazon.com's own short domain, amzn.com (not amzn.to, whose links hold no ASIN): up to
+#: the ASIN of ``amzn.com/ASIN`` or ``amzn.com/dp/ASIN``, read as amazon.com's URL.
+_AMZN_COM = re.compile(
+    r"(?:https?://)?(?:www\.)?amzn\.com(?::[0-9]{1,5})?/(?:dp/|gp/product/)?"
+    r"(?=[a-z0-9]{10}(?![a-z0-9]))",
+    re.IGNORECASE,
+)
 _LOOKS_LIKE_URL = re.compile(
     r"[a-z][a-z0-9+.-]*://|www\.|(?:[a-z0-9-]+\.)*(?:amazon|amzn)\.[a-z]{2,3}\b",
     re.IGNORECASE,
@@ -185,6 +192,11 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     inner = _unwrapped(text)
     if inner is not None:
         return replace(check_asin(inner, convert_isbn13=convert_isbn13), raw=raw)
+    short = _AMZN_COM.match(text)
+    if short:
+        # python-amazon-paapi's get_asin reads these too.
+        url = "https://www.amazon.com/dp/" + text[short.end() :]
+        return replace(check_asin(url, convert_isbn13=convert_isbn13), raw=raw)
     if _SHORT_LINK.match(text):
         return AsinCheck(
             raw, None, "a short link has no ASIN in it; open it and use the full product URL"

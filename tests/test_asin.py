@@ -285,11 +285,17 @@ class TestUrls:
             ("https://m.amazon.in/dp/B0ABCDEFGH", "amazon.in"),
             ("HTTPS://WWW.AMAZON.COM.AU:443/dp/B0ABCDEFGH", "amazon.com.au"),
             ("amazon.de/gp/product/B0ABCDEFGH", "amazon.de"),
+            # amzn.com: amazon.com's own short domain (python-amazon-paapi's get_asin reads
+            # it); it was "not an Amazon product URL".
+            ("https://amzn.com/dp/B0ABCDEFGH", "amazon.com"),
+            ("http://www.amzn.com/B0ABCDEFGH", "amazon.com"),
+            ("amzn.com/B0ABCDEFGH/ref=x?tag=y-20", "amazon.com"),
+            ("<https://amzn.com/dp/B0ABCDEFGH>", "amazon.com"),
         ],
     )
     def test_product_url_names_its_store(self, url: str, store: str) -> None:
         """The URL's Amazon domain is its store (the marketplace it belongs to)."""
-        assert check_asin(url).store == store
+        assert check_asin(url) == AsinCheck(url, "B0ABCDEFGH", None, store)
         assert check_asin("B0ABCDEFGH").store is None
 
     def test_url_with_isbn_is_checked_as_isbn(self) -> None:
@@ -309,6 +315,9 @@ class TestUrls:
             "https://www.amazon.com/dp/B0ABCDEFG",
             "https://www.amazon.com/",
             "ftp://www.amazon.com/dp/B0ABCDEFGH",
+            "https://amzn.com/",
+            "https://amzn.com/B0ABCDEFGHI",
+            "https://amzn.com.evil.net/B0ABCDEFGH",
         ],
     )
     def test_other_urls_are_invalid(self, url: str) -> None:
