@@ -195,8 +195,8 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     short = _AMZN_COM.match(text)
     if short:
         # python-amazon-paapi's get_asin reads these too.
-        url = "https://www.amazon.com/dp/" + text[short.end() :]
-        return replace(check_asin(url, convert_isbn13=convert_isbn13), raw=raw)
+        spelled_out = "https://www.amazon.com/dp/" + text[short.end() :]
+        return replace(check_asin(spelled_out, convert_isbn13=convert_isbn13), raw=raw)
     if _SHORT_LINK.match(text):
         return AsinCheck(
             raw, None, "a short link has no ASIN in it; open it and use the full product URL"
