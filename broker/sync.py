@@ -44,6 +44,7 @@ from broker.api.resources import resolve_resources
 from broker.asin import refuse_single_string
 from broker.client import Broker
 from broker.config import BrokerConfig, config_from_dict, load_config, require_config
+from broker.engine.broker import NOT_PICKLED
 from broker.errors import BrokerClosedError, WrongEventLoopError
 from broker.models import ItemResult
 
@@ -434,6 +435,9 @@ class SyncBroker:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError(NOT_PICKLED.format(name="SyncBroker"))
 
     def __repr__(self) -> str:
         state = "closed" if self._is_closed() else "open"

@@ -100,6 +100,18 @@ def _lookups_left(broker: SyncBroker, *, within_s: float) -> int:
 class TestSyncBroker:
     """Blocking calls give what the async ones give."""
 
+    def test_a_broker_refuses_to_be_pickled_saying_why(self, sync_broker: SyncBroker) -> None:
+        """Handing a broker to a process pool says to start one in each process; it said
+        "Can't pickle local object 'WeakSet.__init__.<locals>._remove'" or named a Future."""
+        import pickle
+
+        from broker.engine.broker import Broker
+
+        config = sync_broker._broker.config
+        for broker in (sync_broker, Broker(config)):
+            with pytest.raises(TypeError, match="start one in each process"):
+                pickle.dumps(broker)
+
     def test_lookup_and_product(self, sync_broker: SyncBroker) -> None:
         """get_item and get_items block and return results with a typed product."""
         result = sync_broker.get_item("B000000001")

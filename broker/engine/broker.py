@@ -29,7 +29,7 @@ from collections.abc import (
 )
 from dataclasses import replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypedDict
+from typing import TYPE_CHECKING, Any, Final, Self, TypedDict
 
 from broker.api.base import Dialect, Operation
 from broker.api.creators import CreatorsDialect
@@ -1009,12 +1009,23 @@ class Broker:
             waiting_markets=work.marketplaces() if work is not None else (),
         )
 
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError(NOT_PICKLED.format(name="Broker"))
+
     def __repr__(self) -> str:
         if self._stack is not None:
             state = "open"
         else:
             state = "closed" if self._loop is not None else "not opened"
         return f"Broker({state}, keys={[k.name for k in self.config.keys]})"
+
+
+#: Why a broker is not pickled (for a process pool): its loop, connections and key state
+#: are this process's; a worker makes its own.
+NOT_PICKLED: Final = (
+    "a {name} cannot be pickled: start one in each process (a pool's initializer), from the "
+    "same config"
+)
 
 
 #: A ``get_items`` result slot: one per lookup identity, and one per tagged query (a tag
