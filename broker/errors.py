@@ -151,6 +151,8 @@ class ApiError(BrokerError):
         status: the HTTP status.
         retry_after: seconds the server asked us to wait, if it said.
         server_date: the server's ``Date`` header, used to learn clock skew.
+        request_id: Amazon's id of the request (its ``x-amzn-RequestId`` header), which
+            its support asks for; shown at the end of the error's text.
     """
 
     def __init__(
@@ -161,13 +163,20 @@ class ApiError(BrokerError):
         status: int,
         retry_after: float | None = None,
         server_date: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         self.code = code
         self.message = message
         self.status = status
         self.retry_after = retry_after
         self.server_date = server_date
-        super().__init__(f"{code} (HTTP {status}): {message}")
+        self.request_id = request_id
+        super().__init__(self.described())
+
+    def described(self) -> str:
+        """The error's text: code, status, message and, when Amazon gave one, request id."""
+        told = f"{self.code} (HTTP {self.status}): {self.message}"
+        return f"{told} [request id: {self.request_id}]" if self.request_id else told
 
     @property
     def info(self) -> ErrorInfo:

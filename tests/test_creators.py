@@ -882,7 +882,7 @@ class TestParseOperation:
         with pytest.raises(BadRequestError) as info:
             DIALECT.parse_operation(response(404, body), SEARCH)
         assert info.value.code == "NoResults"
-        assert info.value.message == "No results found for your search request"
+        assert info.value.message == "No results found for your search request (SearchResult echo)"
 
     @pytest.mark.parametrize(
         ("resource_type", "code"),
@@ -904,6 +904,29 @@ class TestParseOperation:
         with pytest.raises(BadRequestError) as info:
             DIALECT.parse_operation(response(404, body), Operation.GET_VARIATIONS)
         assert info.value.code == code
+
+    def test_an_error_names_its_resource_and_amazons_request_id(self) -> None:
+        """A whole-call error names the resource a 404 was about and Amazon's request id,
+        as python-amazon-paapi's errors do (Amazon's support asks for the id); both were
+        dropped."""
+        body = {
+            "type": "ResourceNotFoundException",
+            "message": "No variations found for the requested ASIN.",
+            "resourceType": "Variation",
+            "resourceId": "0262033844",
+        }
+        answer = response(404, body, x_amzn_RequestId="af0163bc-1d2e")
+        with pytest.raises(BadRequestError) as info:
+            DIALECT.parse_operation(answer, Operation.GET_VARIATIONS)
+        assert info.value.request_id == "af0163bc-1d2e"
+        assert info.value.message == (
+            "No variations found for the requested ASIN. (Variation 0262033844)"
+        )
+        assert str(info.value).endswith("(Variation 0262033844) [request id: af0163bc-1d2e]")
+        with pytest.raises(BadRequestError) as info:
+            DIALECT.parse_operation(response(400, {"reason": "CannotParse"}), SEARCH)
+        assert info.value.request_id is None
+        assert "request id" not in str(info.value)
 
     @pytest.mark.parametrize("body", [b"[]", b'"x"', b"{", b"\xff\xfe\x00", b""])
     def test_unreadable_200_raises_response_error(self, body: bytes) -> None:

@@ -416,6 +416,25 @@ class TestInvalidItemIds:
         assert error.invalid_ids == ("9791186701072",)
         assert offending_ids(error) == ("9791186701072",)
         assert error.message.startswith("The value [9791186701072]")
+        assert error.request_id is None
+
+    def test_errors_keep_amazons_request_id(self) -> None:
+        """Amazon's request id (x-amzn-RequestId) stays on the errors the dialect rebuilds
+        for the engine: the named ids' and another parameter's (it was dropped)."""
+        with pytest.raises(InvalidItemIdsError) as info:
+            DIALECT.parse_get_items(
+                response(400, MALFORMED_CAPTURE, x_amzn_RequestId="rid-1"), ["9791186701072"]
+            )
+        assert info.value.request_id == "rid-1"
+        body = envelope(
+            "ValidationException",
+            "InvalidParameterValue",
+            "The value [www.amazon.xx] provided in the request for Marketplace is invalid.",
+        )
+        with pytest.raises(BadRequestError) as other:
+            DIALECT.parse_get_items(response(400, body, x_amzn_RequestId="rid-2"), ["B000000001"])
+        assert not isinstance(other.value, InvalidItemIdsError)
+        assert other.value.request_id == "rid-2"
 
     def test_a_server_error_naming_an_id_is_retried_whole(self) -> None:
         """The same InvalidParameterValue in a 5xx is the server's failure: a ServerError to

@@ -265,6 +265,10 @@ class CreatorsDialect:
             # answer, so callers test one code on both APIs.
             code = "NoResults"
         message = text(data.get("message")) or text(data.get("Message")) or f"HTTP {status}"
+        resource = text(data.get("resourceId"))
+        if resource:
+            # A 404's resource: which item's variations, which browse node was not found.
+            message = f"{message} ({text(data.get('resourceType')) or 'resource'} {resource})"
         fields = _field_names(data.get("fieldList"))
         if fields:
             message = f"{message} (fields: {', '.join(fields)})"

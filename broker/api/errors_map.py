@@ -48,6 +48,7 @@ __all__ = [
     "number",
     "read_errors",
     "read_items",
+    "request_id",
     "require_answer",
     "require_result",
     "retry_after_s",
@@ -458,7 +459,8 @@ def api_error(
 
     429 is :class:`ThrottledError`; 401, 403 and signature codes :class:`AuthError`; 5xx
     :class:`ServerError`; anything else :class:`BadRequestError`. ``server_date`` is the
-    response's ``Date`` header, from which the engine learns our clock's offset.
+    response's ``Date`` header, from which the engine learns our clock's offset;
+    ``request_id`` Amazon's id of the request.
     """
     cls: type[ApiError]
     if status == 429:
@@ -475,7 +477,19 @@ def api_error(
         status=status,
         retry_after=retry_after,
         server_date=header(headers, "date"),
+        request_id=request_id(headers),
     )
+
+
+def request_id(headers: Mapping[str, str]) -> str | None:
+    """Amazon's id of the request, from the first header of the names clients read (the
+    header's name is not documented: python-amazon-paapi reads these three)."""
+    for name in ("x-amzn-requestid", "x-amzn-request-id", "x-amz-request-id"):
+        value = header(headers, name)
+        if value:
+            # Shown in messages: kept short and to one line, whatever a gateway sends.
+            return short(" ".join(value.split()))
+    return None
 
 
 def _detail(code: str, message: str) -> ErrorDetail:

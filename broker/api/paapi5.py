@@ -147,9 +147,15 @@ class InvalidItemIdsError(BadRequestError):
         invalid_ids: Sequence[str],
         retry_after: float | None = None,
         server_date: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(
-            code, message, status=status, retry_after=retry_after, server_date=server_date
+            code,
+            message,
+            status=status,
+            retry_after=retry_after,
+            server_date=server_date,
+            request_id=request_id,
         )
         self.invalid_ids = tuple(invalid_ids)
 
@@ -417,10 +423,15 @@ def _failure(
                 status=status,
                 invalid_ids=named,
                 server_date=error.server_date,
+                request_id=error.request_id,
             )
         if _names_other_parameters(_parameter_messages(entries)):
             return ParameterValueError(
-                error.code, error.message, status=status, server_date=error.server_date
+                error.code,
+                error.message,
+                status=status,
+                server_date=error.server_date,
+                request_id=error.request_id,
             )
     return error
 

@@ -700,7 +700,7 @@ def _without_credentials(error: ApiError, request: HttpRequest) -> ApiError:
     shown = type(error).__new__(type(error))
     shown.__dict__.update(error.__dict__)
     shown.message = message
-    shown.args = (f"{error.code} (HTTP {error.status}): {message}",)
+    shown.args = (shown.described(),)
     return shown
 
 
