@@ -131,6 +131,8 @@ class Price:
     #: e.g. ``LIST_PRICE``, ``WAS_PRICE``
     saving_basis_type: str | None = None
     price_per_unit: Money | None = None
+    #: the saving basis as Amazon shows it: ``List Price``, ``Was Price``
+    saving_basis_type_label: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +172,8 @@ class Deal:
     start_time: str | None = None
     end_time: str | None = None
     percent_claimed: float | None = None
+    #: how long Prime members see the deal before everyone else
+    early_access_duration_in_milliseconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,17 +572,20 @@ def _price(value: object, s: Spelling) -> Price | None:
     basis_raw = value.get(s["savingBasis"])
     basis: Money | None = None
     basis_type: str | None = None
+    basis_label: str | None = None
     if isinstance(basis_raw, dict):
         basis = (_money(basis_raw.get(money_key), s) if money_key in basis_raw else None) or _money(
             basis_raw, s
         )
         basis_type = _str(basis_raw.get(s["savingBasisType"]))
+        basis_label = _str(basis_raw.get(s["savingBasisTypeLabel"]))
     per_unit = value.get(s["pricePerUnit"])
     return Price(
         money=money,
         savings=savings,
         saving_basis=basis,
         saving_basis_type=basis_type,
+        saving_basis_type_label=basis_label,
         price_per_unit=_money(per_unit.get(money_key), s)
         if isinstance(per_unit, dict) and money_key in per_unit
         else _money(per_unit, s),
@@ -606,6 +613,7 @@ def _listing(value: Mapping[str, object], s: Spelling) -> Listing:
             price,
             saving_basis=_money(basis_raw, s),
             saving_basis_type=_str(basis_raw.get(s["savingBasisType"])),
+            saving_basis_type_label=_str(basis_raw.get(s["savingBasisTypeLabel"])),
         )
     return Listing(
         price=price,
@@ -633,6 +641,9 @@ def _listing(value: Mapping[str, object], s: Spelling) -> Listing:
             start_time=_str(deal.get(s["startTime"])),
             end_time=_str(deal.get(s["endTime"])),
             percent_claimed=number(deal.get(s["percentClaimed"])),
+            early_access_duration_in_milliseconds=whole_number(
+                deal.get(s["earlyAccessDurationInMilliseconds"])
+            ),
         )
         if deal
         else None,

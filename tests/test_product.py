@@ -108,6 +108,8 @@ class TestBothProtocols:
             expected.saving_basis_amount, expected.currency, expected.saving_basis_display
         )
         assert listing.price.saving_basis_type == "LIST_PRICE"
+        # Each a typed field, as python-amazon-paapi has it (they were in raw only).
+        assert listing.price.saving_basis_type_label == "List Price"
         assert listing.availability is not None
         assert listing.availability.type == expected.availability_type
         assert listing.availability.message == expected.availability_message
@@ -121,6 +123,7 @@ class TestBothProtocols:
         )
         assert listing.deal is not None
         assert listing.deal.badge == expected.deal_badge
+        assert listing.deal.early_access_duration_in_milliseconds == 0
         assert listing.type == "LIGHTNING_DEAL"
         assert listing.is_buy_box_winner is True
         assert listing.violates_map is False
