@@ -145,29 +145,29 @@ def _run(
     # The workers start together: every one of them is up before the warm-up ends.
     start_at = time.monotonic() + 4.0 + 0.5 * n
     window = (start_at + warmup_s, start_at + warmup_s + duration_s)
-    procs = []
     # One prefix per run, the same for its N workers: a fresh key state for every run.
     prefix = f"bench-{mode}-{n}-{time.monotonic_ns()}:"
-    for index in range(n):
-        spec = {
-            "url": url,
-            "mode": mode,
-            "index": index,
-            "stop_at": window[1] + 0.5,
-            "state_path": str(tmp / f"{mode}-{n}.sqlite3"),
-            "redis_url": redis_url,
-            "key_prefix": prefix,
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, "--worker", json.dumps(spec)],
-                stdout=subprocess.PIPE,
-                cwd=REPO_ROOT,
-                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-            )
-        )
+    procs: list[subprocess.Popen[bytes]] = []
     outputs = []
-    try:
+    try:  # from the first start: a stop between two starts takes the started ones too
+        for index in range(n):
+            spec = {
+                "url": url,
+                "mode": mode,
+                "index": index,
+                "stop_at": window[1] + 0.5,
+                "state_path": str(tmp / f"{mode}-{n}.sqlite3"),
+                "redis_url": redis_url,
+                "key_prefix": prefix,
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", json.dumps(spec)],
+                    stdout=subprocess.PIPE,
+                    cwd=REPO_ROOT,
+                    env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                )
+            )
         for proc in procs:
             out, _ = proc.communicate(timeout=window[1] - time.monotonic() + 120)
             if proc.returncode != 0:

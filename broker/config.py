@@ -537,12 +537,17 @@ class BrokerConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     state: StateConfig = field(default_factory=StateConfig)
 
+    @property
+    def tagged_marketplaces(self) -> frozenset[str]:
+        """The marketplaces some key has a partner tag for: the ones a lookup can go to."""
+        return frozenset(m for key in self.keys for m in key.partner_tags)
+
     def marketplace_hint(self) -> str:
         """The other remedy when no key has a partner tag for the default marketplace but
         keys are tagged elsewhere: a config for one store (``DE``) that forgot
         ``api.marketplace``, whose default is www.amazon.com. Empty otherwise."""
         default = self.api.marketplace
-        tagged = sorted({m for key in self.keys for m in key.partner_tags})
+        tagged = sorted(self.tagged_marketplaces)
         if not tagged or default in tagged:
             return ""
         named = tagged[0] if len(tagged) == 1 else "one of " + ", ".join(tagged)

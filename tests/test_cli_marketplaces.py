@@ -81,6 +81,25 @@ class TestJobRows:
         assert "a key now has a partner tag for www.amazon.de" in err
         assert "--new-job fetches every row again" in err
 
+    def test_a_rerun_with_one_of_two_missing_tags_added_says_both(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """With DE's tag added and FR's still missing, a rerun says to add FR's and that
+        DE's is there, as two clauses before what --new-job does; the two ran together."""
+        job = tmp_path / "nk.csv"
+        job.write_text("asin,marketplace\nB0C1234567,US\nB0E1111111,DE\nB0E1111112,FR\n")
+        argv = ["run", str(job), "--out", str(tmp_path / "out.jsonl"), "--progress", "none"]
+        assert cli.main([*argv, "--config", str(_config(tmp_path))]) == ExitCode.SOME_FAILED
+        capsys.readouterr()
+        config = tmp_path / "tagged.toml"
+        config.write_text(_CONFIG.replace('"www.amazon.co.uk" = "demo-21"', '"DE" = "demo-22"'))
+        assert cli.main([*argv, "--config", str(config)]) == ExitCode.SOME_FAILED
+        assert (
+            "2 rows failed: add a partner tag for www.amazon.fr to a key (no key has one, so "
+            "those rows were never sent); a key now has a partner tag for www.amazon.de (those "
+            "rows were never sent), then --new-job fetches every row again."
+        ) in " ".join(capsys.readouterr().err.split())
+
     @pytest.mark.parametrize("cache", ["on", "off"])
     def test_a_rerun_says_what_new_job_would_ask_amazon_for(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str

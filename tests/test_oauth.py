@@ -550,6 +550,7 @@ class TestEndpointErrors:
             # No HTTP header carries these: every send of the token would fail.
             (200, b'{"access_token":"Atc|FAKE\\r\\nX-Injected: 1"}'),
             (200, b'{"access_token":"Atc|two words"}'),
+            (200, b'{"access_token":"Atc|a,b"}'),
             (200, b'{"access_token":"Atc|\\u00e9t\\u00e9"}'),
             (400, b"<html>Bad Request</html>"),
             (302, b""),

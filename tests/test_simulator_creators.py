@@ -118,13 +118,19 @@ class TestTokenEndpoints:
 
     @pytest.mark.parametrize(
         "raw",
-        [b'{"grant_type":' + b"1" * 5000 + b"}", b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+        [
+            b'{"grant_type":' + b"1" * 5000 + b"}",
+            b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b'{"grant_type":"client_credentials","client_id":"demo-id","client_secret":"\\ud800"}',
+            b'{"grant_type":"client_credentials","client_id":"demo-id","client_secret":NaN}',
+        ],
     )
     async def test_a_token_body_no_json_reader_takes_is_invalid_request(
         self, start: Start, raw: bytes
     ) -> None:
-        """An integer of 5,000 digits or nesting 100,000 deep in a token request is 400
-        invalid_request, as any body that is no JSON; each was a 500 and a traceback."""
+        """An integer of 5,000 digits, nesting 100,000 deep, half a surrogate pair or NaN in
+        a token request is 400 invalid_request, as any body that is no JSON; each was a 500
+        and a traceback, or an invalid_client."""
         client, _ = await start()
         headers = {"content-type": "application/json"}
         response = await client.post("/auth/o2/token", data=raw, headers=headers)
@@ -319,8 +325,19 @@ class TestValidation:
                 b'{"partnerTag":"demo-20","asin":"B000000010","variationPage":1e400}',
             ),
             ("searchItems", b'{"partnerTag":"demo-20","keywords":"\\ud800"}'),
+            ("searchItems", '{"partnerTag":"demo-20","keywords":"\\ud800"}'.encode("utf-16")),
+            ("searchItems", '{"partnerTag":"demo-20","keywords":"\\ud800"}'.encode("utf-32-le")),
         ],
-        ids=["long-integer", "deep-nesting", "overflow", "nan", "overflow-page", "lone-surrogate"],
+        ids=[
+            "long-integer",
+            "deep-nesting",
+            "overflow",
+            "nan",
+            "overflow-page",
+            "lone-surrogate",
+            "lone-surrogate-utf16",
+            "lone-surrogate-utf32",
+        ],
     )
     async def test_a_body_no_json_reader_takes_is_cannot_parse(
         self, start: Start, operation: str, raw: bytes

@@ -320,13 +320,14 @@ class CreatorsTokenCache:
         raw = data.get("access_token")
         if not isinstance(raw, str) or not raw:
             raise ResponseError("token endpoint: HTTP 200 without an access_token", status=200)
-        if not (raw.isascii() and raw.isprintable()) or " " in raw:
+        if not (raw.isascii() and raw.isprintable()) or " " in raw or "," in raw:
             # Every send would fail to build its Authorization header, a crash of the
             # attempt that failed its rows for good; a bad answer is retried, then the key
-            # paused or taken out, its rows pending.
+            # paused or taken out, its rows pending. A comma ends the token where the
+            # header is read back (bearer_token: a v2.x header goes on ", Version x.y").
             raise ResponseError(
-                "token endpoint: HTTP 200 with an access_token no HTTP header can carry (a "
-                "control character, a space or a non-ASCII character)",
+                "token endpoint: HTTP 200 with an access_token no Authorization header can "
+                "carry (a control character, a space, a comma or a non-ASCII character)",
                 status=200,
             )
         return Secret(raw), _lifetime_s(data.get("expires_in"))

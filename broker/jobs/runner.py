@@ -382,17 +382,17 @@ def _complete_message(
     # Judged by this run's config: the tag the first run asked for may be there now.
     untagged = [market for market in unsent if market not in tagged]
     now_tagged = [market for market in unsent if market in tagged]
-    first = ""
+    notes = []
     if untagged:
-        first = (
+        notes.append(
             f"add a partner tag for {', '.join(untagged)} to a key (no key has one, so those "
-            "rows were never sent), then "
+            "rows were never sent)"
         )
     if now_tagged:
-        first += (
-            f"a key now has a partner tag for {', '.join(now_tagged)} (those rows were never "
-            "sent): "
+        notes.append(
+            f"a key now has a partner tag for {', '.join(now_tagged)} (those rows were never sent)"
         )
+    first = "; ".join(notes) + (", then " if untagged else ": ") if notes else ""
     if unsent or not cache_on:
         # A tag added starts the item cache afresh: the keys' tags are in its namespace.
         again = "--new-job fetches every row again"
@@ -553,7 +553,7 @@ async def _run_once(
                     counts,
                     summary.failed_causes,
                     cache_on=_cache_on(config, options),
-                    tagged={market for key in config.keys for market in key.partner_tags},
+                    tagged=config.tagged_marketplaces,
                 )
             )
     summary.wall_s = time.monotonic() - started

@@ -14,13 +14,14 @@ import base64
 import binascii
 import contextlib
 import hmac
-import json
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from aiohttp import web
+
+from broker.simulator.requestbody import read_body
 
 if TYPE_CHECKING:
     from broker.simulator.state import Simulator
@@ -101,12 +102,9 @@ async def _read_params(request: web.Request) -> dict[str, str]:
     text = raw.decode("utf-8", errors="replace")
     form = content_type == "application/x-www-form-urlencoded"
     if content_type == "application/json" or (not form and text.lstrip().startswith("{")):
-        try:
-            data = json.loads(text) if text.strip() else {}
-        except (ValueError, RecursionError):
-            # ValueError: JSONDecodeError, and an integer of over 4,300 digits, which is no
-            # JSONDecodeError; RecursionError: nesting past Python's limit.
-            raise _OAuthError("invalid_request", "The request body is not valid JSON.") from None
+        data = read_body(text)
+        if data is None:
+            raise _OAuthError("invalid_request", "The request body is not valid JSON.")
         if not isinstance(data, dict):
             raise _OAuthError("invalid_request", "The request body must be a JSON object.")
         return {str(k): str(v) for k, v in data.items() if v is not None}

@@ -43,9 +43,9 @@ from broker.simulator.operations import (
     ItemError,
     Names,
     Rejected,
-    read_body,
     run_operation,
 )
+from broker.simulator.requestbody import read_body
 
 if TYPE_CHECKING:
     from aiohttp import web
