@@ -52,6 +52,7 @@ __all__ = [
     "ServiceCredentialError",
     "SimulatorTable",
     "StateConfig",
+    "check_redis_options",
     "config_from_dict",
     "is_loopback_host",
     "load_config",
@@ -447,6 +448,30 @@ def _check_redis_url(url: str, where: str, *, variable: str | None = None) -> No
             where,
             f"the database of {what} must be a number (redis://host:6379/1), not {database!r}",
         )
+    if _redis_installed():
+        check_redis_options(url, where)
+
+
+def check_redis_options(url: str, where: str) -> None:
+    """Refuse a Redis URL carrying an option its connection does not take (a misspelt one,
+    an ``ssl_*`` one on ``redis://``): each command would fail on it, with a traceback.
+
+    The connection is built, not connected. Needs redis-py.
+
+    Raises:
+        ConfigError: naming ``where`` and the option.
+    """
+    from redis.asyncio import Redis
+
+    try:
+        Redis.from_url(url).connection_pool.make_connection()  # type: ignore[no-untyped-call]  # redis-py ships no types
+    except TypeError as exc:
+        option = str(exc).rpartition("argument ")[2] or "an option"
+        raise ConfigError(
+            where,
+            f"carries {option}, which a {urlsplit(url).scheme}:// connection does not take "
+            "(an ssl_* option needs rediss://)",
+        ) from None
 
 
 def _require_redis(path: str) -> None:

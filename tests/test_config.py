@@ -826,6 +826,27 @@ def test_a_redis_url_redis_py_cannot_read_is_a_config_error(table: str, url: str
 
 
 @pytest.mark.parametrize("table", ["cache", "state"])
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        ("redis://127.0.0.1:6390/0?socket_timout=5", "'socket_timout'"),
+        ("redis://127.0.0.1:6390/0?ssl_cert_reqs=none", "'ssl_cert_reqs'"),
+    ],
+)
+def test_a_redis_url_option_no_connection_takes_is_a_config_error(
+    table: str, url: str, option: str
+) -> None:
+    """An option after '?' that a connection does not take (a misspelt one, an ssl_* one
+    on redis://) is refused at load naming its field, for the key state as for the cache;
+    the key state's passed check-config, then stopped a run with exit 2 or a traceback."""
+    pytest.importorskip("redis")
+    error = _error(_doc(**{table: {"backend": "redis", "redis_url": url}}))
+    assert error.path == f"{table}.redis_url"
+    assert f"carries {option}" in error.message
+    assert "rediss://" in error.message
+
+
+@pytest.mark.parametrize("table", ["cache", "state"])
 @pytest.mark.parametrize("path", ["/db1", "/1x", "/abc", "/0/1"])
 def test_a_redis_url_whose_database_is_no_number_is_a_config_error(table: str, path: str) -> None:
     """A database that is no number (``/db1``) is refused naming its field: redis-py read it

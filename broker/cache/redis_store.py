@@ -19,7 +19,6 @@ import math
 import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, cast
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationWrongNumberOfArgsError, RedisError, WatchError
@@ -28,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.cache.base import StoreCache
 from broker.cache.entry import Entry
 from broker.cache.policy import CEILING_S, FUTURE_S, CacheKey, CachePolicy
-from broker.config import redacted_url
+from broker.config import check_redis_options, redacted_url
 from broker.errors import ConfigError
 from broker.logs import get_logger
 from broker.redisfaults import barred, refused_credentials
@@ -136,17 +135,9 @@ class RedisCache(StoreCache):
                 "is not a valid Redis URL (redis://[:password@]host[:port][/db]); a password "
                 "holding #, /, ?, @ or : must be percent-encoded (# is %23)",
             ) from None
-        try:
-            # Built, not connected: an option the connection does not take fails here, as
-            # a config error, not at the first command with a traceback.
-            client.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # redis-py ships no types
-        except TypeError as exc:
-            option = str(exc).rpartition("argument ")[2] or "an option"
-            raise ConfigError(
-                "cache.redis_url",
-                f"carries {option}, which a {urlsplit(url).scheme}:// connection does not take "
-                "(an ssl_* option needs rediss://)",
-            ) from None
+        # An option the connection does not take fails here, as a config error, not at
+        # the first command with a traceback.
+        check_redis_options(url, "cache.redis_url")
         return cls(
             client,
             policy,
