@@ -99,6 +99,8 @@ DEFAULT_RESOURCES: Final = (
 SIMULATOR: Final = "simulator"
 #: The highest ``tps`` a key may be configured with.
 MAX_TPS: Final = 1000.0
+#: The most requests a key sends in a day: MAX_TPS for 24 hours.
+MAX_TPD: Final = int(MAX_TPS) * 86_400
 #: The most requests one key may have in flight (``[[keys]] max_in_flight``).
 MAX_IN_FLIGHT: Final = 1000
 AMAZON: Final = "amazon"
@@ -202,7 +204,8 @@ class RateConfig:
 
     #: multiplicative cut per fresh 429
     beta: float = 0.1
-    #: target share of 429s at equilibrium
+    #: target share of 429s while the rate climbs back below 75 % of a key's tps (or at
+    #: any rate with ``discover``); near the tps the cap's own share (1.25 %) holds
     target_429_share: float = 0.01
     #: the lowest rate a key is cut to, requests/s
     min_rate: float = 0.05
@@ -1111,6 +1114,14 @@ def _parse_key(
         if type(tpd_value) is int and tpd_value < 0:
             raise ConfigError(
                 table.key("tpd"), f"must be 0 (unlimited) or a positive number, got {tpd_value}"
+            )
+        if type(tpd_value) is int and tpd_value > MAX_TPD:
+            # Stored as a 64-bit integer by the key state: 10**20, written to mean "no
+            # limit", stopped the run there.
+            raise ConfigError(
+                table.key("tpd"),
+                f"must be at most {MAX_TPD} (what {MAX_TPS:g} TPS sends in a day), got "
+                f"{tpd_value}; 0 for no daily limit",
             )
         tpd = table.integer("tpd", 8640, minimum=1)
     max_in_flight = table.integer("max_in_flight", 4, minimum=1, maximum=MAX_IN_FLIGHT)

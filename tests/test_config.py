@@ -404,6 +404,17 @@ def test_a_negative_tpd_says_zero_is_allowed() -> None:
     assert "0 (unlimited)" in error.message
 
 
+@pytest.mark.parametrize("tpd", [86_400_001, 10**20])
+def test_a_tpd_no_key_can_send_is_refused_saying_zero_is_unlimited(tpd: int) -> None:
+    """A tpd above what 1,000 TPS sends in a day (10**20, written to mean "no limit") is
+    refused naming 0 for unlimited; it passed check-config, then stopped the run with
+    "Integer exceeds 64-bit range" (exit 2) when the key state stored it."""
+    error = _error(_with("keys.0.tpd", tpd))
+    assert error.path == "keys[0].tpd"
+    assert "86400000" in error.message
+    assert "0 for no daily limit" in error.message
+
+
 class TestSecrets:
     """Secrets live in the environment or a private file, never in config.toml."""
 
