@@ -100,7 +100,8 @@ class TomlTable:
         if value is None:
             return []
         if not isinstance(value, list | tuple):
-            raise ConfigError(self.key(name), f"must be an array of tables ([[{name}]])")
+            # The whole path: [[accounts]] under [simulator] is [[simulator.accounts]].
+            raise ConfigError(self.key(name), f"must be an array of tables ([[{self.key(name)}]])")
         return [TomlTable(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
 
     def text(self, name: str, default: str | None = None, *, required: bool = False) -> str:

@@ -235,6 +235,14 @@ def test_bad_values_name_the_key_path(table: dict[str, object], path: str) -> No
     assert caught.value.path == path
 
 
+def test_accounts_given_as_one_table_name_the_whole_array_to_write() -> None:
+    """[simulator.accounts] written as one table is told to be [[simulator.accounts]]; it
+    said [[accounts]], which the config then refused as an unknown top-level key."""
+    with pytest.raises(ConfigError) as caught:
+        SimulatorSettings.from_mapping({"accounts": {"name": "x"}})
+    assert "[[simulator.accounts]]" in str(caught.value)
+
+
 def test_custom_path_prefix() -> None:
     """from_mapping(path=...) prefixes every error path."""
     with pytest.raises(ConfigError) as caught:
