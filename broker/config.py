@@ -673,10 +673,10 @@ def parse_config(
     found in it is refused pointing at ``secrets=``)."""
     # TABLES is the one list of them (broker simulate lets these through); a name that
     # looks like a secret is refused at the end, saying where secrets go.
+    table = TomlTable(document, "")
     unknown = sorted(name for name in document if name not in TABLES and not _looks_secret(name))
     if unknown:
         raise ConfigError(unknown[0], "unknown key" + did_you_mean(unknown[0], sorted(TABLES)))
-    table = TomlTable(document, "")
     api = _parse_api(table.table("api"))
     keys = tuple(
         _parse_key(
@@ -746,6 +746,12 @@ def config_from_dict(
         ConfigError: the document is invalid (the message names the key path), or
             ``secrets`` names no key or a key that already names its secret's source.
     """
+    if not isinstance(document, Mapping):
+        raise ConfigError(
+            "",
+            'the document must be a mapping of tables ({"api": {...}, "keys": [...]}), '
+            f"not {type(document).__name__}",
+        )
     env = dict(os.environ if environ is None else environ)
     given = dict(secrets or {})
     keys = document.get("keys")

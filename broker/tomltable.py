@@ -62,6 +62,10 @@ class TomlTable:
     def __init__(self, data: object, path: str) -> None:
         if not isinstance(data, Mapping):
             raise ConfigError(path, "must be a table")
+        for name in data:
+            # TOML's keys are strings; a document given in code may hold any.
+            if not isinstance(name, str):
+                raise ConfigError(path, f"has a key that is not a string: {name!r}")
         self._data = cast("Mapping[str, object]", data)
         self._path = path
         self._seen: set[str] = set()

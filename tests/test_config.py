@@ -404,6 +404,38 @@ def test_a_negative_tpd_says_zero_is_allowed() -> None:
     assert "0 (unlimited)" in error.message
 
 
+@pytest.mark.parametrize(
+    ("document", "path"),
+    [
+        ({1: {}}, ""),
+        ({"engine": {1: 2}}, "engine"),
+        ({"keys": [{"name": "main", 7: "x"}]}, "keys[0]"),
+    ],
+)
+def test_a_key_that_is_no_string_is_a_config_error(document: dict[Any, Any], path: str) -> None:
+    """A document in code whose table has a key that is no string is a ConfigError naming
+    the table; it was a TypeError from a regular expression."""
+    from broker.config import config_from_dict
+
+    merged = {**_doc(), **document}
+    if "keys" in document:
+        merged["keys"] = [{**_doc()["keys"][0], **document["keys"][0]}]
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(merged, environ=ENV)
+    assert info.value.path == path
+    assert "not a string" in info.value.message
+
+
+@pytest.mark.parametrize("document", [None, [], "api"])
+def test_a_document_that_is_no_mapping_is_a_config_error(document: object) -> None:
+    """config_from_dict of None, a list or a string says the document must be a mapping;
+    it was an AttributeError ('... has no attribute get')."""
+    from broker.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        config_from_dict(document, environ=ENV)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("tpd", [86_400_001, 10**20])
 def test_a_tpd_no_key_can_send_is_refused_saying_zero_is_unlimited(tpd: int) -> None:
     """A tpd above what 1,000 TPS sends in a day (10**20, written to mean "no limit") is
