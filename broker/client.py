@@ -44,6 +44,13 @@ def simulator_settings(config: BrokerConfig) -> SimulatorSettings:
 class Broker(EngineBroker):
     __doc__ = EngineBroker.__doc__
 
+    def _check_composition(self, config: BrokerConfig) -> None:
+        # A bad [simulator] table is refused when the broker is built, whatever the
+        # endpoint, as check-config refuses it in the file (config never imports the
+        # simulator, whose settings these are).
+        if config.simulator.data:
+            simulator_settings(config)
+
     async def _open_endpoint(self, stack: contextlib.AsyncExitStack) -> str | None:
         if not self.config.api.uses_simulator:
             return await super()._open_endpoint(stack)

@@ -828,3 +828,20 @@ async def test_async_broker_from_dict() -> None:
 def _loop_threads() -> list[threading.Thread]:
     """The SyncBroker loop threads alive in this process."""
     return [t for t in threading.enumerate() if t.name == "asin-broker-loop" and t.is_alive()]
+
+
+@pytest.mark.parametrize("endpoint", ["simulator", "amazon"])
+def test_a_bad_simulator_table_is_refused_when_the_broker_is_built(endpoint: str) -> None:
+    """A broker built in code refuses a bad [simulator] table at once, naming its key, as
+    check-config does for the file, whatever the endpoint; it was refused only when the
+    broker opened, and never against Amazon."""
+    from broker import Broker
+
+    document = _document()
+    document["api"]["endpoint"] = endpoint
+    document["simulator"] = {"seed": "x"}
+    secrets = {"demo": "s"} if endpoint == "amazon" else None
+    for build in (Broker.from_dict, SyncBroker.from_dict):
+        with pytest.raises(ConfigError) as info:
+            build(document, secrets=secrets)
+        assert info.value.path == "simulator.seed"

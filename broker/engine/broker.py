@@ -156,6 +156,7 @@ class Broker:
         cache_refresh: bool = False,
     ) -> None:
         config = require_config(config, type(self).__name__)
+        self._check_composition(config)
         if cache_refresh and not (
             cache_policy(
                 config.cache, default_max_age_s=cache_default_max_age_s, max_age_s=cache_max_age_s
@@ -1008,6 +1009,10 @@ class Broker:
             keys=tuple(key.snapshot() for key in self._keys),
             waiting_markets=work.marketplaces() if work is not None else (),
         )
+
+    def _check_composition(self, config: BrokerConfig) -> None:
+        """Refuse, when the broker is built, what the layer composing it cannot use (the
+        client's: a bad ``[simulator]`` table). The engine itself has nothing to add."""
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError(NOT_PICKLED.format(name="Broker"))
