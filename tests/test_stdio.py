@@ -216,3 +216,44 @@ def test_lookup_into_a_full_stdout_exits_74_without_a_traceback(tmp_path: Path) 
     assert done.returncode == 74, err[-2000:]
     assert "cannot write to stdout: No space left on device" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not os.path.exists(_FULL), reason="no /dev/full")
+def test_simulate_into_a_full_stdout_exits_74_not_a_port_error(tmp_path: Path) -> None:
+    """``broker simulate`` whose ready line a full disk cannot take exits 74 saying so, as
+    every command does; it blamed the port ("cannot listen on 127.0.0.1:0"), exit 78."""
+    with open(_FULL, "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "broker", "simulate", "--port", "0"],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+            env=child_env(),
+            timeout=60,
+            check=False,
+        )
+    err = done.stderr.decode()
+    assert done.returncode == 74, err[-2000:]
+    assert "cannot write to stdout" in err
+    assert "cannot listen" not in err
+
+
+def test_simulate_whose_reader_left_exits_141_not_a_port_error(tmp_path: Path) -> None:
+    """``broker simulate`` whose stdout reader has gone exits 141, quietly; it blamed the
+    port ("cannot listen ... Broken pipe"), exit 78."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "broker", "simulate", "--port", "0"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=child_env(),
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141, err[-2000:]
+    assert "cannot listen" not in err
+    assert "Traceback" not in err

@@ -71,10 +71,18 @@ def _ready_line(server: SimulatorServer, settings: SimulatorSettings) -> None:
         for a in settings.all_accounts
     )
     where = "; the demo keys' secrets are in the README" if settings.demo_accounts else ""
-    print(
-        f"simulator listening on {server.url} - keys: {ids or 'none'}{where}. Ctrl-C stops it.",
-        flush=True,
-    )
+    try:
+        print(
+            f"simulator listening on {server.url} - keys: {ids or 'none'}{where}. Ctrl-C stops it.",
+            flush=True,
+        )
+    except OSError as exc:
+        raise _StdoutFailed from exc
+
+
+class _StdoutFailed(Exception):
+    """The ready line could not be written (a full disk, a reader gone): stdout's failure,
+    which the command line reports as for every command, not a port that cannot be bound."""
 
 
 def simulate_command(
@@ -113,6 +121,9 @@ def simulate_command(
     except ConfigError as exc:
         print(f"{prog()} simulate: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except _StdoutFailed as exc:
+        assert isinstance(exc.__cause__, OSError)
+        raise exc.__cause__ from None
     except OSError as exc:
         print(
             f"{prog()} simulate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
