@@ -1311,7 +1311,11 @@ class TestProcess:
         argv = ["serve", "--spool", str(tmp_path / "s"), "--host", "0.0.0.0"]
         code = cli.main([*argv, "--config", str(_config_file(tmp_path))])
         assert code == ExitCode.CONFIG
-        assert "--allow-remote" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--allow-remote" in err
+        # Named by its flag: no config key sets it (serve.host read as one, refused).
+        assert "--host: refusing" in err
+        assert "serve.host" not in err
         assert not (tmp_path / "s").exists()
 
     def test_cli_refused_its_port_makes_no_spool(
@@ -1326,7 +1330,8 @@ class TestProcess:
             argv = ["serve", "--spool", str(tmp_path / "s"), "--port", str(port)]
             code = cli.main([*argv, "--config", str(_config_file(tmp_path))])
         assert code == ExitCode.CONFIG
-        assert "cannot listen on" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--port: cannot listen on" in err
         assert not (tmp_path / "s").exists()
 
     @pytest.mark.parametrize(

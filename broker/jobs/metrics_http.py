@@ -136,12 +136,13 @@ def check_host(host: str, *, allow_remote: bool) -> None:
     """Refuse a non-loopback ``host`` unless ``allow_remote``.
 
     Raises:
-        ConfigError: (path ``serve.host``) the address is not loopback.
+        ConfigError: (path ``--host``, ``broker serve``'s flag: no config key sets it) the
+            address is not loopback.
     """
     if allow_remote or is_loopback_host(host):
         return
     raise ConfigError(
-        "serve.host",
+        "--host",
         f"refusing to serve /metrics on {host!r}: the endpoints have no authentication, so "
         "they bind loopback only (127.0.0.1, ::1, localhost); pass --allow-remote to bind "
         "another address",

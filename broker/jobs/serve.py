@@ -897,7 +897,7 @@ class Daemon:
     ) -> None:
         check_host(options.host, allow_remote=options.allow_remote)
         if not 0 <= options.port <= 65535:
-            raise ConfigError("serve.port", f"{options.port} is not a port number (0-65535)")
+            raise ConfigError("--port", f"{options.port} is not a port number (0-65535)")
         self._config = config
         self._options = options
         self._clock: Clock = clock or LoopClock()
@@ -1014,7 +1014,7 @@ class Daemon:
             await stack.enter_async_context(server)
         except OSError as exc:
             raise ConfigError(
-                "serve.port", f"cannot listen on {options.host}:{options.port}: {exc.strerror}"
+                "--port", f"cannot listen on {options.host}:{options.port}: {exc.strerror}"
             ) from exc
         return server.url
 
