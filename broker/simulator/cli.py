@@ -77,12 +77,16 @@ def _ready_line(server: SimulatorServer, settings: SimulatorSettings) -> None:
             flush=True,
         )
     except OSError as exc:
-        raise _StdoutFailed from exc
+        raise _StdoutFailed(exc) from exc
 
 
 class _StdoutFailed(Exception):
     """The ready line could not be written (a full disk, a reader gone): stdout's failure,
     which the command line reports as for every command, not a port that cannot be bound."""
+
+    def __init__(self, failure: OSError) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
 
 
 def simulate_command(
@@ -122,8 +126,7 @@ def simulate_command(
         print(f"{prog()} simulate: {exc}", file=sys.stderr)
         return EX_CONFIG
     except _StdoutFailed as exc:
-        assert isinstance(exc.__cause__, OSError)
-        raise exc.__cause__ from None
+        raise exc.failure from None
     except OSError as exc:
         print(
             f"{prog()} simulate: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
