@@ -561,7 +561,26 @@ def _command_word(words: Sequence[str]) -> str | None:
     return next((w for w in words if not w.startswith("-")), None)
 
 
+def _config_after_command(words: list[str]) -> list[str]:
+    """``words`` with a ``--config FILE`` given before the command moved to just after it,
+    where the commands take it: ``broker --config c.toml run job.txt`` was refused as an
+    unknown command named ``c.toml``."""
+    if not words:
+        return words
+    if words[0] == "--config" and len(words) > 2:
+        moved, rest = words[:2], words[2:]
+    elif words[0].startswith("--config="):
+        moved, rest = words[:1], words[1:]
+    else:
+        return words
+    at = next((i for i, word in enumerate(rest) if not word.startswith("-")), None)
+    if at is None:
+        return words  # no command after it: argparse says what is wrong
+    return [*rest[: at + 1], *moved, *rest[at + 1 :]]
+
+
 def _main(words: list[str], *, process_ends: bool = False) -> int:
+    words = _config_after_command(words)
     if _command_word(words) in ("run", "serve", "lookup"):
         from broker.jobs.signals import caught_early
 
@@ -590,6 +609,10 @@ def _parse(words: list[str]) -> argparse.Namespace:
     if getattr(args, "config", None) is not None and not args.config.strip():
         # An empty --config (an unset variable in a script) must not fall back silently.
         command.error("--config names no file")
+    named = os.environ.get(CONFIG_ENV)
+    if hasattr(args, "config") and args.config is None and named is not None and not named.strip():
+        # Nor an empty $ASINB_CONFIG (ASINB_CONFIG=$UNSET in a unit or a script).
+        command.error(f"${CONFIG_ENV} is set but names no file (unset it for ./{DEFAULT_CONFIG})")
     if getattr(args, "spool", None) is not None and not args.spool.strip():
         # Path("") is the current directory: an unset variable would make a spool of it.
         command.error("--spool names no directory")

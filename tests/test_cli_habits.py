@@ -487,6 +487,35 @@ def test_empty_config_flag_is_a_usage_error(
     assert "--config names no file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+@pytest.mark.parametrize("command", [["check-config"], ["status"], ["simulate"]])
+def test_an_empty_config_variable_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    value: str,
+) -> None:
+    """$ASINB_CONFIG set but empty is refused as an empty --config is; it fell back to
+    ./config.toml without a word."""
+    monkeypatch.setenv("ASINB_CONFIG", value)
+    with pytest.raises(SystemExit) as info:
+        cli.main(command)
+    assert info.value.code == ExitCode.USAGE
+    assert "$ASINB_CONFIG is set but names no file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", ["separate", "joined"])
+def test_config_before_the_command_is_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    """``broker --config FILE COMMAND`` reads FILE as ``COMMAND --config FILE`` does; it was
+    refused as an unknown command named FILE."""
+    config = str(_config(tmp_path))
+    words = ["--config", config] if form == "separate" else [f"--config={config}"]
+    assert cli.main([*words, "check-config"]) == ExitCode.OK
+    assert f"config ok: {config}" in capsys.readouterr().out
+
+
 def test_empty_out_flag_is_a_usage_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
