@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -1371,6 +1372,24 @@ class TestRetries:
         # Only the batches the probes carried spent their attempts; the rest stay unanswered.
         assert len(got) <= 30
         assert {r.status for r in got} <= {Status.FAILED}
+
+    async def test_a_short_outage_is_told_in_tenths_of_a_second(self) -> None:
+        """An outage budget under a second (broker lookup --outage-budget 0.4) is told as
+        the time waited, "for 0.4 s"; it said "for 0 s" after "gave up after 0.4 s"."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            raise EndpointUnreachable("connection refused")
+
+        broker, _ = _broker(PAAPI, handler, clock, retry={"outage_budget_s": 0.4})
+        async with broker:
+            call = asyncio.ensure_future(broker.get_items(asins(3)))
+            await clock.run_until(call)
+            with pytest.raises(NoUsableKeyError) as caught:
+                call.result()
+        (failure,) = caught.value.failures
+        assert failure.code == OUTAGE_CODE
+        assert re.search(r"token endpoint for 0\.[4-9] s", failure.message), failure.message
 
     async def test_a_key_out_for_an_outage_comes_back_for_a_later_call(self) -> None:
         """A broker kept for the life of an app outlives an outage: once the budget took the

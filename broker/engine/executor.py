@@ -670,7 +670,7 @@ class Executor:
             key,
             marketplace,
             OUTAGE_CODE,
-            f"no usable answer from the API or its token endpoint for {key.outage_s:.0f} s "
+            f"no usable answer from the API or its token endpoint for {_seconds(key.outage_s)} s "
             f"({last}: {exc})",
             "check the network, DNS, proxy or firewall, and api.endpoint (api.token_endpoint "
             "when the last error is the token endpoint's; a 5xx or a reset each time: the "
@@ -680,6 +680,11 @@ class Executor:
             "run waits",
             scope=Scope.KEY,
         )
+
+
+def _seconds(seconds: float) -> str:
+    """A wait as told in a message: tenths under ten seconds (a budget of 0.4 s read "0 s")."""
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
 
 
 def _without_credentials(error: ApiError, request: HttpRequest) -> ApiError:
