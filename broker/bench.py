@@ -279,6 +279,7 @@ class BenchOptions:
         if unknown:
             known = ", ".join(_FAULT_KINDS)
             raise ConfigError("--fault", f"unknown fault {unknown[0]!r}; known: {known}")
+        FaultRates.check_sums(self.faults, "--fault")
         tokens = sorted(set(self.faults) & set(_TOKEN_FAULTS))
         if tokens and self.protocol == "paapi5":
             raise ConfigError(

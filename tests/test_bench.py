@@ -82,6 +82,9 @@ class TestOptions:
             # A token fault with PA-API injected nothing, yet the header named it.
             ({"protocol": "paapi5", "faults": {"expired_token": 1.0}}, "--fault"),
             ({"protocol": "paapi5", "faults": {"token_slow": 0.1}}, "--fault"),
+            # Rates drawn together over 1: refused as simulator.faults, after the run began.
+            ({"faults": {"error_500": 0.6, "error_503": 0.6}}, "--fault"),
+            ({"faults": {"token_error": 0.6, "token_slow": 0.6}}, "--fault"),
         ],
     )
     def test_bad_options_name_the_option(self, kwargs: dict[str, object], path: str) -> None:

@@ -149,6 +149,19 @@ class FaultRates:
     #: the faults of the token endpoints, drawn from their own seeded stream
     TOKEN_KINDS = ("token_error", "token_slow")
 
+    @staticmethod
+    def check_sums(rates: Mapping[str, float], where: str) -> None:
+        """Refuse ``rates`` (kind -> rate) whose kinds drawn together add up to more than 1.
+
+        Raises:
+            ConfigError: naming ``where`` (a config table, or ``broker bench``'s flag).
+        """
+        total = sum(rates.get(kind, 0.0) for kind in FaultRates.RESPONSE_KINDS)
+        if total > 1.0 + 1e-9:
+            raise ConfigError(where, f"fault rates add up to {total:g}, more than 1")
+        if sum(rates.get(kind, 0.0) for kind in FaultRates.TOKEN_KINDS) > 1.0 + 1e-9:
+            raise ConfigError(where, "token_error + token_slow is more than 1")
+
     def response_rates(self) -> tuple[tuple[str, float], ...]:
         """The response-replacing faults with a non-zero rate, in a fixed order."""
         return tuple(
@@ -156,6 +169,10 @@ class FaultRates:
             for kind in self.RESPONSE_KINDS
             if getattr(self, kind) > 0
         )
+
+
+#: The faults whose rates are summed: the response kinds, and the token endpoints'.
+_DRAWN_KINDS: Final = (*FaultRates.RESPONSE_KINDS, *FaultRates.TOKEN_KINDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,11 +204,8 @@ class SimulatorSettings:
     accounts: tuple[Account, ...] = ()
 
     def __post_init__(self) -> None:
-        total = sum(rate for _, rate in self.faults.response_rates())
-        if total > 1.0 + 1e-9:
-            raise ConfigError("simulator.faults", f"fault rates add up to {total:g}, more than 1")
-        if self.faults.token_error + self.faults.token_slow > 1.0 + 1e-9:
-            raise ConfigError("simulator.faults", "token_error + token_slow is more than 1")
+        rates = {kind: float(getattr(self.faults, kind)) for kind in _DRAWN_KINDS}
+        FaultRates.check_sums(rates, "simulator.faults")
         # Upper-cased once here, as the catalogue matches ids case-insensitively.
         object.__setattr__(
             self, "omitted_asins", frozenset(asin.upper() for asin in self.omitted_asins)
@@ -310,11 +324,7 @@ def _parse_faults(reader: TomlTable) -> FaultRates:
         else:
             kwargs[item.name] = reader.number(item.name, 0.0, minimum=0.0, maximum=1.0)
     _reject_unknown(reader)
-    total = sum(kwargs[kind] for kind in FaultRates.RESPONSE_KINDS)
-    if total > 1.0 + 1e-9:
-        raise ConfigError(reader.path, f"fault rates add up to {total:g}, more than 1")
-    if kwargs["token_error"] + kwargs["token_slow"] > 1.0 + 1e-9:
-        raise ConfigError(reader.path, "token_error + token_slow is more than 1")
+    FaultRates.check_sums(kwargs, reader.path)
     return FaultRates(**kwargs)  # type: ignore[arg-type]
 
 
