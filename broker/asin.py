@@ -48,13 +48,16 @@ _URL = re.compile(
     r"/([a-z0-9]{10})(?![a-z0-9])",
     re.IGNORECASE,
 )
-#: amazon.com's own short domain, amzn.com (not amzn.to, whose links hold no ASIN): up to
-#: the ASIN of ``amzn.com/ASIN`` or ``amzn.com/dp/ASIN``, read as amazon.com's URL.
+#: amazon.com's own short domain, amzn.com (not amzn.to, whose links hold no ASIN): each
+#: link's start, up to the ASIN of ``amzn.com/ASIN`` or ``amzn.com/dp/ASIN``, anywhere in the
+#: text (not within another host name), is spelled out as amazon.com's product URL before
+#: any check, so a link quoted, repeated or followed by another is read as theirs are.
 _AMZN_COM = re.compile(
-    r"(?:https?://)?(?:www\.)?amzn\.com(?::[0-9]{1,5})?/(?:dp/|gp/product/)?"
+    r"(?<![a-z0-9.-])(?:https?://)?(?:www\.)?amzn\.com(?::[0-9]{1,5})?/(?:dp/|gp/product/)?"
     r"(?=[a-z0-9]{10}(?![a-z0-9]))",
     re.IGNORECASE,
 )
+_AMAZON_COM_DP = "https://www.amazon.com/dp/"
 _LOOKS_LIKE_URL = re.compile(
     r"[a-z][a-z0-9+.-]*://|www\.|(?:[a-z0-9-]+\.)*(?:amazon|amzn)\.[a-z]{2,3}\b",
     re.IGNORECASE,
@@ -177,6 +180,9 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
         return _verdict(raw, text if text.isupper() else text.upper())
     if not text:
         return AsinCheck(raw, None, "empty id")
+    if "amzn.com" in text.lower():
+        # python-amazon-paapi's get_asin reads these links too.
+        text = _AMZN_COM.sub(_AMAZON_COM_DP, text)
     # A link quoted or bracketed in prose, Markdown or a chat ('...', "...", <...>, (...)).
     url = _URL.match(text) or _URL.match(text.lstrip(_OPENERS))
     if url:
@@ -192,11 +198,6 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
     inner = _unwrapped(text)
     if inner is not None:
         return replace(check_asin(inner, convert_isbn13=convert_isbn13), raw=raw)
-    short = _AMZN_COM.match(text)
-    if short:
-        # python-amazon-paapi's get_asin reads these too.
-        spelled_out = "https://www.amazon.com/dp/" + text[short.end() :]
-        return replace(check_asin(spelled_out, convert_isbn13=convert_isbn13), raw=raw)
     if _SHORT_LINK.match(text):
         return AsinCheck(
             raw, None, "a short link has no ASIN in it; open it and use the full product URL"

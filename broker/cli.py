@@ -60,9 +60,16 @@ LOOKUP_DRAIN_S: Final = 20.0
 
 
 def resolve_config_path(given: str | None, environ: dict[str, str] | None = None) -> Path:
-    """The config file to read: ``--config``, else ``$ASINB_CONFIG``, else ./config.toml."""
-    env = os.environ if environ is None else environ
-    return Path(given or env.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    """The config file to read: ``--config``, else ``$ASINB_CONFIG``, else ./config.toml
+    (a blank ``$ASINB_CONFIG`` names none: the commands refuse it, :func:`_parse`)."""
+    return Path(given or _config_variable(environ) or DEFAULT_CONFIG)
+
+
+def _config_variable(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$ASINB_CONFIG``: None when unset, ``""`` when set but blank (``ASINB_CONFIG=$UNSET``
+    in a unit or a script), which names no file and must not fall back silently."""
+    value = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    return None if value is None else (value if value.strip() else "")
 
 
 def _add_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -562,21 +569,24 @@ def _command_word(words: Sequence[str]) -> str | None:
 
 
 def _config_after_command(words: list[str]) -> list[str]:
-    """``words`` with a ``--config FILE`` given before the command moved to just after it,
-    where the commands take it: ``broker --config c.toml run job.txt`` was refused as an
-    unknown command named ``c.toml``."""
-    if not words:
-        return words
-    if words[0] == "--config" and len(words) > 2:
-        moved, rest = words[:2], words[2:]
-    elif words[0].startswith("--config="):
-        moved, rest = words[:1], words[1:]
-    else:
-        return words
-    at = next((i for i, word in enumerate(rest) if not word.startswith("-")), None)
-    if at is None:
-        return words  # no command after it: argparse says what is wrong
-    return [*rest[: at + 1], *moved, *rest[at + 1 :]]
+    """``words`` with each ``--config FILE`` given before the command moved to just after
+    the command's words (``cache stats``, ``run job.txt``), where the commands take it:
+    ``broker --config c.toml run job.txt`` was refused as an unknown command named
+    ``c.toml``."""
+    moved: list[str] = []
+    rest = words
+    while rest:
+        if rest[0] == "--config" and len(rest) > 2:
+            moved, rest = [*moved, *rest[:2]], rest[2:]
+        elif rest[0].startswith("--config="):
+            moved, rest = [*moved, rest[0]], rest[1:]
+        else:
+            break
+    if not moved or not rest or rest[0].startswith("-"):
+        return words  # no command right after them: argparse says what is wrong
+    # Before the first option after the command's words (or a "--"), else at the end.
+    at = next((i for i, word in enumerate(rest) if word.startswith("-")), len(rest))
+    return [*rest[:at], *moved, *rest[at:]]
 
 
 def _main(words: list[str], *, process_ends: bool = False) -> int:
@@ -609,9 +619,8 @@ def _parse(words: list[str]) -> argparse.Namespace:
     if getattr(args, "config", None) is not None and not args.config.strip():
         # An empty --config (an unset variable in a script) must not fall back silently.
         command.error("--config names no file")
-    named = os.environ.get(CONFIG_ENV)
-    if hasattr(args, "config") and args.config is None and named is not None and not named.strip():
-        # Nor an empty $ASINB_CONFIG (ASINB_CONFIG=$UNSET in a unit or a script).
+    if hasattr(args, "config") and args.config is None and _config_variable() == "":
+        # Nor a blank $ASINB_CONFIG.
         command.error(f"${CONFIG_ENV} is set but names no file (unset it for ./{DEFAULT_CONFIG})")
     if getattr(args, "spool", None) is not None and not args.spool.strip():
         # Path("") is the current directory: an unset variable would make a spool of it.
@@ -768,7 +777,8 @@ def _init(given: str, *, force: bool) -> int:
         return ExitCode.IO_ERROR
     # The file a command reads unless told: $ASINB_CONFIG's may be another one.
     try:
-        found = resolve_config_path(None).absolute() == path.absolute()
+        # A blank $ASINB_CONFIG names no file: the commands refuse it, so say --config.
+        found = _config_variable() != "" and resolve_config_path(None).absolute() == path.absolute()
     except OSError:  # the working directory was deleted under the shell: say --config
         found = False
     print(

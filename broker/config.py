@@ -465,15 +465,23 @@ def check_redis_options(url: str, where: str) -> None:
         ConfigError: naming ``where`` and the option.
     """
     from redis.asyncio import Redis
+    from redis.exceptions import RedisError
 
     try:
         Redis.from_url(url).connection_pool.make_connection()  # type: ignore[no-untyped-call]  # redis-py ships no types
     except TypeError as exc:
-        option = str(exc).rpartition("argument ")[2] or "an option"
+        named = "unexpected keyword argument " in str(exc)
+        option = str(exc).rpartition("argument ")[2] if named else "an option"
         raise ConfigError(
             where,
             f"carries {option}, which a {urlsplit(url).scheme}:// connection does not take "
             "(an ssl_* option needs rediss://)",
+        ) from None
+    except (ValueError, AttributeError, RedisError):
+        # A value redis-py cannot use (ssl_cert_reqs=CERT_NONE, protocol=4,
+        # max_connections=-1). Its text is not repeated: it may quote the URL.
+        raise ConfigError(
+            where, "an option after '?' has a value redis-py cannot use; check each option"
         ) from None
 
 
@@ -1121,7 +1129,7 @@ def _parse_key(
             raise ConfigError(
                 table.key("tpd"), f"must be 0 (unlimited) or a positive number, got {tpd_value}"
             )
-        if type(tpd_value) is int and tpd_value > MAX_TPD:
+        if isinstance(tpd_value, int) and tpd_value > MAX_TPD:
             # Stored as a 64-bit integer by the key state: 10**20, written to mean "no
             # limit", stopped the run there.
             raise ConfigError(

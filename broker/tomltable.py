@@ -65,7 +65,8 @@ class TomlTable:
         for name in data:
             # TOML's keys are strings; a document given in code may hold any.
             if not isinstance(name, str):
-                raise ConfigError(path, f"has a key that is not a string: {name!r}")
+                where = "has" if path else "the document has"
+                raise ConfigError(path, f"{where} a key that is not a string: {name!r}")
         self._data = cast("Mapping[str, object]", data)
         self._path = path
         self._seen: set[str] = set()

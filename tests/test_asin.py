@@ -291,6 +291,10 @@ class TestUrls:
             ("http://www.amzn.com/B0ABCDEFGH", "amazon.com"),
             ("amzn.com/B0ABCDEFGH/ref=x?tag=y-20", "amazon.com"),
             ("<https://amzn.com/dp/B0ABCDEFGH>", "amazon.com"),
+            # Pasted from a chat or Markdown, as amazon.com links are: they were refused.
+            ("<https://amzn.com/B0ABCDEFGH|label here>", "amazon.com"),
+            ("<https://amzn.com/B0ABCDEFGH|https://amzn.com/B0ABCDEFGH>", "amazon.com"),
+            ("[amzn.com/B0ABCDEFGH](https://amzn.com/B0ABCDEFGH)", "amazon.com"),
         ],
     )
     def test_product_url_names_its_store(self, url: str, store: str) -> None:
@@ -344,6 +348,10 @@ class TestUrls:
             "https://www.amazon.com/K/dp/B0ABCDEFGH/ref=sr_1_1?keywords=kettle;B0ZZZZZZZZ",
             "https://www.amazon.com/dp/B0ABCDEFGH?th=1,b0zzzzzzzz.",
             "https://www.amazon.com/dp/B0ABCDEFGH?th=1,https://amzn.to/3xYzAbC",
+            # amzn.com links are product URLs too: the second id was dropped.
+            "https://www.amazon.com/dp/B0ABCDEFGH?th=1,amzn.com/B0ZZZZZZZZ",
+            "https://www.amazon.com/dp/B0ABCDEFGH/,amzn.com/B0ZZZZZZZZ",
+            "amzn.com/B0ABCDEFGH?th=1,amzn.com/B0ZZZZZZZZ",
         ],
     )
     def test_a_url_followed_by_more_ids_is_invalid(self, text: str) -> None:

@@ -514,6 +514,30 @@ def test_config_before_the_command_is_taken(
     words = ["--config", config] if form == "separate" else [f"--config={config}"]
     assert cli.main([*words, "check-config"]) == ExitCode.OK
     assert f"config ok: {config}" in capsys.readouterr().out
+    # A command of two words takes it after both (it was refused as an action named FILE).
+    assert cli.main([*words, "cache", "stats"]) == ExitCode.OK
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_config_given_twice_before_the_command_takes_the_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``broker --config A --config B COMMAND`` reads B, as the same two flags after the
+    command do; it was refused as an unknown command named B."""
+    config = str(_config(tmp_path))
+    assert cli.main(["--config", "nowhere.toml", "--config", config, "check-config"]) == 0
+    assert f"config ok: {config}" in capsys.readouterr().out
+
+
+def test_init_under_a_blank_config_variable_names_its_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With $ASINB_CONFIG set but blank, init's hint names its file with --config: the
+    plain command it suggested is refused for that variable."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ASINB_CONFIG", "")
+    assert cli.main(["init"]) == ExitCode.OK
+    assert "--config config.toml" in capsys.readouterr().err
 
 
 def test_empty_out_flag_is_a_usage_error(

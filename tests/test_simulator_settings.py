@@ -275,3 +275,13 @@ def test_simulator_secret_lookup() -> None:
         {"accounts": [{"name": "k", "protocol": "paapi5", "access_key": "AK", "secret": "sk"}]}
     )
     assert simulator_secret("paapi5", "AK", settings) == "sk"
+
+
+def test_a_negative_fault_rate_built_in_code_is_refused() -> None:
+    """A negative rate in FaultRates built in code is refused naming it: it cancelled
+    another's in the check of the sum (0.9 + 0.9 - 1.0 passed)."""
+    from broker.simulator.settings import FaultRates
+
+    with pytest.raises(ConfigError) as caught:
+        SimulatorSettings(faults=FaultRates(error_500=0.9, reset=0.9, html=-1.0))
+    assert caught.value.path == "simulator.faults.html"

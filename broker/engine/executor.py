@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from broker.api.errors_map import request_id
 from broker.api.oauth import bearer_token
 from broker.engine.batcher import Batch, BatchPlace, Lookup
 from broker.engine.keys import OUTAGE_CODE, OUTAGE_RETRY_S, CredentialsVerdict
@@ -763,9 +764,7 @@ def _detail(error: BaseException) -> ErrorDetail:
 
 def _request_id(response: RawResponse | None) -> str | None:
     """Amazon's id of one answer (``x-amzn-RequestId``), to quote in logs instead of its body."""
-    if response is None:
-        return None
-    return response.headers.get("x-amzn-requestid")
+    return None if response is None else request_id(response.headers)
 
 
 def _offending_ids(exc: ApiError) -> tuple[str, ...]:

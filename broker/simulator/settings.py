@@ -156,6 +156,10 @@ class FaultRates:
         Raises:
             ConfigError: naming ``where`` (a config table, or ``broker bench``'s flag).
         """
+        for kind, rate in rates.items():
+            if rate < 0:
+                # A negative rate would cancel out another's in the sums below.
+                raise ConfigError(f"{where}.{kind}", f"must be 0 or more, got {rate:g}")
         total = sum(rates.get(kind, 0.0) for kind in FaultRates.RESPONSE_KINDS)
         if total > 1.0 + 1e-9:
             raise ConfigError(where, f"fault rates add up to {total:g}, more than 1")
