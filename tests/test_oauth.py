@@ -472,9 +472,11 @@ class TestEndpointErrors:
     )
     @pytest.mark.parametrize("status", [400, 401])
     async def test_oauth2_error_bodies(self, code: str, status: int) -> None:
-        """An OAuth2 error body is AuthError with code = error and its description."""
+        """An OAuth2 error body is AuthError with code = error and its description, and
+        Amazon's request id (the token endpoint's errors dropped it)."""
         body = {"error_description": "Client authentication failed", "error": code}
-        cache = make(Endpoint(RawResponse(status, {"date": "d"}, json.dumps(body).encode())))
+        headers = {"date": "d", "x-amzn-requestid": "rid-7"}
+        cache = make(Endpoint(RawResponse(status, headers, json.dumps(body).encode())))
         with pytest.raises(AuthError) as info:
             await cache.token()
         error = info.value
@@ -485,6 +487,7 @@ class TestEndpointErrors:
         )
         assert error.code in CATALOGUE
         assert error.server_date == "d"
+        assert error.request_id == "rid-7"
 
     @pytest.mark.parametrize(
         ("status", "code"), [(401, "invalid_client"), (400, "NoTokenEndpoint")]

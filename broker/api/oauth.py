@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, quote_plus, urlencode
 
 from broker.api.base import HttpRequest, RawResponse
-from broker.api.errors_map import header, load_object, number, retry_after_s, short, text
+from broker.api.errors_map import (
+    header,
+    load_object,
+    number,
+    request_id,
+    retry_after_s,
+    short,
+    text,
+)
 from broker.api.marketplaces import BodyEncoding, CredentialVersion, credential_version
 from broker.errors import AuthError, BrokerError, ResponseError, ServerError, ThrottledError
 from broker.logs import scrub
@@ -347,14 +355,23 @@ class CreatorsTokenCache:
         error = self._scrub(raw_error) if raw_error else None
         description = text(data.get("error_description")) if data is not None else None
         message = self._scrub(description or error or f"HTTP {status}")
+        # The server's Date (clock skew) and Amazon's id of the request, on every error.
         date = header(response.headers, "date")
+        rid = request_id(response.headers)
         if status == 429:
             wait = retry_after_s(None, response.headers, self._clock)
             return ThrottledError(
-                "TooManyRequests", message, status=status, retry_after=wait, server_date=date
+                "TooManyRequests",
+                message,
+                status=status,
+                retry_after=wait,
+                server_date=date,
+                request_id=rid,
             )
         if status >= 500:
-            return ServerError(error or "ServerError", message, status=status, server_date=date)
+            return ServerError(
+                error or "ServerError", message, status=status, server_date=date, request_id=rid
+            )
         if status in (404, 405) and error is None:
             # Nothing takes token requests at that URL: waiting never fixes it, so it is not
             # an outage (the run would wait out the whole outage budget) but a wrong setting.
@@ -364,6 +381,7 @@ class CreatorsTokenCache:
                 "check api.token_endpoint (or api.endpoint, which it follows)",
                 status=status,
                 server_date=date,
+                request_id=rid,
             )
         if 400 <= status < 500:
             if data is None:
@@ -379,10 +397,11 @@ class CreatorsTokenCache:
                     f"token endpoint ({message}); check api.token_endpoint and api.endpoint",
                     status=status,
                     server_date=date,
+                    request_id=rid,
                 )
             # RFC 6749 section 5.2: a 401 without an error code is a rejected client.
             code = error or "invalid_client"
-            return AuthError(code, message, status=status, server_date=date)
+            return AuthError(code, message, status=status, server_date=date, request_id=rid)
         return ResponseError(f"token endpoint: unexpected HTTP status {status}", status=status)
 
     def _scrub(self, message: str) -> str:
