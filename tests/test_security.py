@@ -43,7 +43,7 @@ from broker.client import Broker, simulator_settings
 from broker.config import BrokerConfig, config_from_dict, load_config, parse_config
 from broker.engine.authorizer import BearerAuthorizer, SigV4Authorizer
 from broker.engine.transport import AiohttpTransport
-from broker.errors import AuthError, ConfigError, TransportError
+from broker.errors import AuthError, BrokerError, ConfigError, TransportError
 from broker.jobs.metrics_http import MetricsServer
 from broker.jobs.metrics_http import check_host as metrics_check_host
 from broker.logs import configure_logging, redact, scrub
@@ -1435,6 +1435,36 @@ class TestD2CredentialsInForeignMessages:
         assert caught.value.path == "cache.redis_url_env"
         assert "ASINB_REDIS" in str(caught.value)
         assert "SEKRIT" not in str(caught.value)
+
+    def test_a_gateway_echoing_the_token_in_a_code_or_request_id_is_masked(self) -> None:
+        """An API error whose code or request id echoes the bearer token (a gateway's
+        doing) has it masked there too, as in its message: the code went unmasked into
+        output rows, the ledger and error-level logs."""
+        from broker.engine.executor import _request_id, _without_credentials
+        from broker.errors import BadRequestError
+
+        token = "Atc|SEKRIT-TOKEN-123456"
+        request = HttpRequest(
+            "POST", "https://x/getItems", {"Authorization": f"Bearer {token}"}, b""
+        )
+        error = BadRequestError(f"Bearer {token}", f"refused {token}", status=400, request_id=token)
+        shown = _without_credentials(error, request)
+        assert "SEKRIT" not in f"{shown.code} {shown.message} {shown.request_id} {shown}"
+        answer = RawResponse(400, {"x-amzn-requestid": token}, b"{}")
+        assert "SEKRIT" not in str(_request_id(answer, request))
+
+    async def test_a_token_endpoint_echoing_the_secret_in_its_request_id(self) -> None:
+        """A token endpoint's request id header echoing the secret is masked in the error's
+        request id and text (a warning, the key's error and the final line showed it)."""
+        secret = "PlainAsciiSecretMARK42"
+
+        async def endpoint(request: HttpRequest) -> RawResponse:
+            return RawResponse(500, {"x-amzn-requestid": secret}, b'{"error":"server_error"}')
+
+        cache = CreatorsTokenCache("id", Secret(secret), "3.1", send=endpoint, clock=FakeClock())
+        with pytest.raises(BrokerError) as caught:
+            await cache.token()
+        assert "MARK42" not in f"{getattr(caught.value, 'request_id', '')} {caught.value}"
 
     @pytest.mark.parametrize("version", ["2.1", "3.1"])
     async def test_a_token_endpoint_echoing_the_encoded_secret(self, version: str) -> None:

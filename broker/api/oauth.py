@@ -358,6 +358,8 @@ class CreatorsTokenCache:
         # The server's Date (clock skew) and Amazon's id of the request, on every error.
         date = header(response.headers, "date")
         rid = request_id(response.headers)
+        # Masked as the message is: a gateway may echo the secret in any header.
+        rid = None if rid is None else self._scrub(rid)
         if status == 429:
             wait = retry_after_s(None, response.headers, self._clock)
             return ThrottledError(

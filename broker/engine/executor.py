@@ -191,7 +191,7 @@ class Executor:
                     status=response.status,
                     asins=len(asins),
                     elapsed_ms=round(response.elapsed_s * 1000, 1),
-                    request_id=_request_id(response),
+                    request_id=_request_id(response, request),
                 )
             self._metrics.record_response(response.status, response.elapsed_s)
             if batch.operation is None:
@@ -256,7 +256,7 @@ class Executor:
                         key=key.name,
                         batch_id=batch.batch_id,
                         status=exc.status,
-                        request_id=_request_id(response),
+                        request_id=_request_id(response, request),
                         error=str(exc),
                         note=_SAID_ONCE,
                     )
@@ -275,7 +275,7 @@ class Executor:
                     "broker.unexpected_items",
                     key=key.name,
                     batch_id=batch.batch_id,
-                    request_id=_request_id(response),
+                    request_id=_request_id(response, request),
                     unrequested=list(parsed.unexpected[:10]),
                     duplicated=list(parsed.duplicated[:10]),
                     note=_SAID_ONCE,
@@ -689,25 +689,35 @@ def _seconds(seconds: float) -> str:
 
 
 def _without_credentials(error: ApiError, request: HttpRequest) -> ApiError:
-    """``error`` with the credentials ``request`` carried masked in its message.
+    """``error`` with the credentials ``request`` carried masked in its message, its code
+    and its request id.
 
-    Amazon's messages hold none, but a gateway in between may echo the bearer token or the
-    SigV4 signature it refused, bare; the message goes into output rows, the ledger and
-    the log.
+    Amazon's answers hold none, but a gateway in between may echo the bearer token or the
+    SigV4 signature it refused, bare, in any of them; they go into output rows, the ledger
+    and the log.
     """
-    message = scrub(error.message)
-    for secret in _credentials_of(request.headers.get("Authorization", "")):
-        if len(secret) >= 8 and secret in message:
-            message = message.replace(secret, "***")
-    if message == error.message:
+    message = _masked(error.message, request)
+    code = _masked(error.code, request)
+    rid = None if error.request_id is None else _masked(error.request_id, request)
+    if (message, code, rid) == (error.message, error.code, error.request_id):
         return error
     # A copy with every attribute its class keeps (a PA-API InvalidItemIdsError's ids too),
     # made without calling __init__, whose signature differs from class to class.
     shown = type(error).__new__(type(error))
     shown.__dict__.update(error.__dict__)
-    shown.message = message
+    shown.message, shown.code, shown.request_id = message, code, rid
     shown.args = (shown.described(),)
     return shown
+
+
+def _masked(text: str, request: HttpRequest) -> str:
+    """``text`` from an answer, with any credential (a proxy's URL password) and what
+    ``request`` carried (its bearer token or SigV4 signature) masked."""
+    text = scrub(text)
+    for secret in _credentials_of(request.headers.get("Authorization", "")):
+        if len(secret) >= 8 and secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _credentials_of(header: str) -> list[str]:
@@ -762,9 +772,11 @@ def _detail(error: BaseException) -> ErrorDetail:
     return ErrorDetail(code, str(error), info.remedy)
 
 
-def _request_id(response: RawResponse | None) -> str | None:
-    """Amazon's id of one answer (``x-amzn-RequestId``), to quote in logs instead of its body."""
-    return None if response is None else request_id(response.headers)
+def _request_id(response: RawResponse | None, request: HttpRequest) -> str | None:
+    """Amazon's id of one answer (``x-amzn-RequestId``), to quote in logs instead of its
+    body; masked, as a gateway may echo the request's credentials in it."""
+    rid = None if response is None else request_id(response.headers)
+    return None if rid is None else _masked(rid, request)
 
 
 def _offending_ids(exc: ApiError) -> tuple[str, ...]:
