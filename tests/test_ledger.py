@@ -804,6 +804,23 @@ class TestLock:
             assert second.held
         assert stat.S_IMODE((tmp_path / "job.ledger.lock").stat().st_mode) == 0o600
 
+    @pytest.mark.parametrize("dangling", [False, True])
+    def test_a_link_at_the_locks_name_is_refused_not_written_through(
+        self, tmp_path: Path, dangling: bool
+    ) -> None:
+        """A symbolic link planted at the lock's name (a shared output folder) is refused:
+        taking the lock truncated the file it named and wrote a PID into it, or made it."""
+        victim = tmp_path / "precious.txt"
+        if not dangling:
+            victim.write_text("keep me\n")
+        (tmp_path / "job.ledger.lock").symlink_to(victim)
+        with pytest.raises(OSError, match="is a symbolic link"):
+            JobLock(tmp_path / "job.ledger").acquire()
+        if dangling:
+            assert not victim.exists()
+        else:
+            assert victim.read_text() == "keep me\n"
+
     def test_held_elsewhere_tells_without_taking_or_creating(self, tmp_path: Path) -> None:
         """held_elsewhere: False with no lock file (none is created) or a free one, True
         while another holder has it, and the lock stays free for the next to take."""

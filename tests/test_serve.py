@@ -2156,3 +2156,18 @@ def test_a_status_file_that_cannot_be_written_leaves_no_temporary_copy(
     with pytest.raises(OSError, match="No space"):
         serve._write_status(tmp_path / "job.txt.status.json", {"rows": 1})
     assert os.listdir(tmp_path) == []
+
+
+def test_a_link_at_a_status_files_name_is_not_written_through(tmp_path: Path) -> None:
+    """A link planted at a status file's name (a producer can write done/) is replaced by
+    the daemon's own file, and the name it would file under is taken by any link: the
+    status was written through it, creating or replacing the file it named."""
+    victim = tmp_path / "victim.json"
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "job.txt.status.json").symlink_to(victim)
+    assert serve._free_name(done, "job.txt") == "job-2.txt"
+    serve._write_status(done / "job.txt.status.json", {"rows": 1})
+    assert not victim.exists()
+    assert not (done / "job.txt.status.json").is_symlink()
+    assert json.loads((done / "job.txt.status.json").read_text()) == {"rows": 1}

@@ -10,6 +10,7 @@ unlink and one that creates a new file both hold "the" lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -67,7 +68,19 @@ class JobLock:
         """
         if self._fd is not None:
             return self
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # Not through a link: the lock is truncated and written, and a link planted at
+            # its name (a shared output folder) would have that done to the file it names.
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise OSError(
+                errno.ELOOP,
+                f"{self.lock_path}: is a symbolic link, not the job's lock file; remove it "
+                "(the broker makes its own)",
+                str(self.lock_path),
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -832,7 +832,9 @@ def _free_name(directory: Path, name: str) -> str:
 
     def free(candidate: str) -> bool:
         taken = [directory / candidate, *_filing_files(directory, candidate)]
-        return not any(path.exists() for path in taken)
+        # A link takes its name too, dangling or not: written through, a status file would
+        # land wherever a producer who can write done/ pointed it.
+        return not any(os.path.lexists(path) for path in taken)
 
     if free(name):
         return name
@@ -868,6 +870,10 @@ def _write_status(path: Path, status: Mapping[str, object], *, only_writer: bool
     if only_writer:
         for left in copies_of(path):
             left.unlink(missing_ok=True)
+    if path.is_symlink():
+        # The daemon's own file: a link put in its place is removed, never written through
+        # (it would create or replace the file it names, as the daemon's user).
+        path.unlink(missing_ok=True)
     write_whole(path, json.dumps(status, ensure_ascii=False, indent=2) + "\n")
 
 
