@@ -48,6 +48,10 @@ _SECRET_VALUE = re.compile(
     # The user info of a URL (a proxy's or Redis's password), up to its last "@": a
     # password with an unencoded "#", "/" or "?" is in it too.
     r"|(\b[a-z][a-z0-9+.\-]*://)[^\s'\"<>]*(?=@)"
+    # ... and one written without a scheme (HTTPS_PROXY=user:pw@host:3128, as curl takes it).
+    r"|()(?<![\w/.:@%+-])[\w.~%!$&*+;=-]+:[^\s@/'\"<>]+(?=@[\w\[][\w.\[\]:-]*)"
+    # HTTP Basic credentials (a proxy echoing the Proxy-Authorization it refused).
+    r"|(Basic\s+)[A-Za-z0-9+/]{8,}={0,2}"
     r"|((?:client_secret|access_token|refresh_token)=)[^&\s\"']+"
     r"|(\\?[\"'](?:client_secret|access_token|refresh_token)\\?[\"']\s*:\s*\\?[\"'])"
     r"(?:[^\"'\\]|\\[^\"'])+",

@@ -1385,14 +1385,19 @@ class TestD2CredentialsInForeignMessages:
             "Cannot connect to proxy url='http://user:SEKRIT-PW@proxy:3128'",
             "InvalidURL: http://user:SEKRIT#PW@proxy:3128",
             "redis://:SEKRIT/PW@cache.internal:6379/0 refused",
+            # Without a scheme, as curl takes HTTPS_PROXY: aiohttp quotes it whole.
+            "InvalidURL: puser:SEKRIT-PW@127.0.0.1:18932",
+            # A proxy echoing the Proxy-Authorization it refused ("user:SEKRIT" encoded).
+            "407 Proxy Authentication Required: Basic dXNlcjpTRUtSSVQ=",
         ],
     )
     def test_scrub_masks_a_urls_user_info(self, text: str) -> None:
         """A URL's user:password@ is masked up to its last @, whatever the password holds,
-        in messages and in every log event."""
-        assert "SEKRIT" not in scrub(text)
-        event = redact(None, "error", {"event": "x", "cause": text})
-        assert "SEKRIT" not in json.dumps(event)
+        with a scheme or without, and HTTP Basic credentials too, in messages and in every
+        log event (the schemeless and Basic forms were shown in clear)."""
+        for shown in (scrub(text), json.dumps(redact(None, "error", {"event": "x", "c": text}))):
+            assert "SEKRIT" not in shown
+            assert "dXNlcjpTRUtSSVQ" not in shown
 
     @pytest.mark.parametrize("password", ["SEKRIT#PW", "SEKRIT/PW", "SEKRIT?PW"])
     def test_an_unreadable_redis_cache_url_is_a_config_error_without_it(
