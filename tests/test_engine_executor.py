@@ -391,6 +391,19 @@ class TestTokenFetchAndPacing:
         assert len(transport.requests) < 100
 
 
+async def _outage_refusal(broker: Broker, clock: FakeClock) -> Any:
+    """The one failure a get_items call on ``broker`` is refused with once its only key's
+    outage budget ran out (checked to be the outage's)."""
+    async with broker:
+        call = asyncio.ensure_future(broker.get_items(asins(3)))
+        await clock.run_until(call)
+        with pytest.raises(NoUsableKeyError) as caught:
+            call.result()
+    (failure,) = caught.value.failures
+    assert failure.code == OUTAGE_CODE
+    return failure
+
+
 async def _paced_sends(*, expires_in: float, count: int) -> tuple[list[float], int]:
     """``count`` ASINs through one key at 2 TPS whose tokens take 0.3 s to fetch and live
     ``expires_in`` s: when each GetItems went out, and how many tokens were fetched."""
@@ -1338,13 +1351,7 @@ class TestRetries:
         broker, _ = _broker(
             CREATORS, handler, clock, protocol="creators", retry={"outage_budget_s": 60.0}
         )
-        async with broker:
-            call = asyncio.ensure_future(broker.get_items(asins(3)))
-            await clock.run_until(call)
-            with pytest.raises(NoUsableKeyError) as caught:
-                call.result()
-        (failure,) = caught.value.failures
-        assert failure.code == OUTAGE_CODE
+        failure = await _outage_refusal(broker, clock)
         assert "the token endpoint's last error: " in failure.message
         assert "api.token_endpoint" in failure.remedy
 
@@ -1382,13 +1389,7 @@ class TestRetries:
             raise EndpointUnreachable("connection refused")
 
         broker, _ = _broker(PAAPI, handler, clock, retry={"outage_budget_s": 0.4})
-        async with broker:
-            call = asyncio.ensure_future(broker.get_items(asins(3)))
-            await clock.run_until(call)
-            with pytest.raises(NoUsableKeyError) as caught:
-                call.result()
-        (failure,) = caught.value.failures
-        assert failure.code == OUTAGE_CODE
+        failure = await _outage_refusal(broker, clock)
         assert re.search(r"token endpoint for 0\.[4-9] s", failure.message), failure.message
 
     async def test_a_key_out_for_an_outage_comes_back_for_a_later_call(self) -> None:
