@@ -25,7 +25,6 @@ from broker.exitcode import ExitCode
 from broker.progname import prog
 from broker.sqlitewal import RefusedFileError, file_in_the_way, refuse_orphans
 from broker.state import KeyView, StateKey, local_state_path, open_store
-from broker.state.model import day_end_us
 from broker.stdio import print_json
 
 if TYPE_CHECKING:
@@ -112,8 +111,7 @@ def _status(view: KeyView, configured_tps: float) -> KeyStatus:
         else:
             state, reason = QUOTA_WAIT, "daily quota spent"
             # The store's window: another live process's reset may hold it.
-            end_us = d.window_end_us or day_end_us(d.day, view.limits.reset_offset_s)
-            until = _iso(datetime.fromtimestamp(end_us / 1e6, UTC))
+            until = _iso(datetime.fromtimestamp(d.window_end_us / 1e6, UTC))
     elif d.paused_until_us:
         state, reason = "paused", d.pause_reason or None
         until = _iso(_at(d, d.paused_until_us))

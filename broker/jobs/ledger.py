@@ -46,7 +46,6 @@ import signal
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from itertools import islice
@@ -479,7 +478,7 @@ class Ledger:
         # A bigger page cache than the 2 MB default keeps ingestion of big jobs fast.
         conn.execute("PRAGMA cache_size = -16384")
         if fresh:
-            with self._transaction():
+            with immediate(self._conn):
                 _run_script(conn, _SCHEMA_KEEP)
                 _run_script(conn, _SCHEMA_JOB)
                 self._set_meta("application", _APPLICATION)
@@ -489,10 +488,10 @@ class Ledger:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(rows)")}
         if "code" not in columns:
             # A ledger of a broker before 2026-12-05: its invalid rows read as InvalidAsin.
-            with self._transaction():
+            with immediate(self._conn):
                 conn.execute("ALTER TABLE rows ADD COLUMN code TEXT")
         if new_job:
-            with self._transaction():
+            with immediate(self._conn):
                 for table in _JOB_TABLES:
                     conn.execute(f"DROP TABLE {table}")
                 _run_script(conn, _SCHEMA_JOB)
@@ -521,7 +520,7 @@ class Ledger:
                 "rows done so far were fetched under that run's, which this one cannot check: "
                 "if they differed, --refresh fetches every row under these",
             )
-        with self._transaction():
+        with immediate(self._conn):
             self._set_meta("schema_version", SCHEMA_VERSION)
             self._set_meta("job_path", _text(str(fingerprint.path)))
             self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
@@ -744,7 +743,7 @@ class Ledger:
                     break
         finally:
             self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        with self._lock, self._transaction():
+        with self._lock, immediate(self._conn):
             _run_script(self._conn, _SCHEMA_LOOKUPS)
             self._set_meta("ingest_complete", 1)
         return seq
@@ -765,7 +764,7 @@ class Ledger:
                 (seq, row.line, row.raw, marketplace, asin, resources, status, reason, extra, code)
             )
         end = first + len(batch)
-        with self._transaction():
+        with immediate(self._conn):
             conn = self._conn
             conn.executemany(_INSERT_ROW, values)
             base = self._meta_int("last_done_order")
@@ -864,7 +863,7 @@ class Ledger:
         """
         self._check_in_place()
         completed = 0
-        with self._lock, self._transaction():
+        with self._lock, immediate(self._conn):
             conn = self._conn
             base = self._meta_int("last_done_order")
             per_status: dict[str, int] = {}
@@ -937,7 +936,7 @@ class Ledger:
         same rows, the same bytes), which read as still ordered, so --ordered never ordered
         it again.
         """
-        with self._lock, self._transaction():
+        with self._lock, immediate(self._conn):
             recorded = self.sink_state(name)
             if not ordered and (
                 state.offset < recorded.offset or state.done_order < recorded.done_order
@@ -1040,7 +1039,7 @@ class Ledger:
 
     def save(self, key_name: str, day: date | str, count: int) -> None:
         """Record the request count for ``key_name`` on ``day``; the latest call wins."""
-        with self._lock, self._transaction():
+        with self._lock, immediate(self._conn):
             self._conn.execute(
                 "INSERT INTO budget (key_name, day, count) VALUES (?, ?, ?) "
                 "ON CONFLICT (key_name, day) DO UPDATE SET count = excluded.count",
@@ -1048,17 +1047,6 @@ class Ledger:
             )
 
     # -- helpers ---------------------------------------------------------------------------
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        try:
-            with immediate(self._conn):
-                yield
-        except sqlite3.Error as exc:
-            failure = _file_failure(self._path, exc)
-            if failure is None:
-                raise
-            raise failure from exc
 
     def _meta(self, key: str) -> object:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -1165,7 +1153,8 @@ class _Guard:
     """The ledger's lock, held around its statements: whichever statement finds the file
     full, failing or damaged, the error says so and names it (exit 74 or 65), not a bare
     ``sqlite3`` error, which read as a bug (a page damaged inside is found only when a
-    statement reads it, after the run sent its requests)."""
+    statement reads it, after the run sent its requests). The one place that maps them, but
+    for the statements :meth:`Ledger.open` runs before, which it maps itself."""
 
     __slots__ = ("_lock", "_path")
 
