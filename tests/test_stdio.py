@@ -222,17 +222,10 @@ def test_lookup_into_a_full_stdout_exits_74_without_a_traceback(tmp_path: Path) 
 def test_simulate_into_a_full_stdout_exits_74_not_a_port_error(tmp_path: Path) -> None:
     """``broker simulate`` whose ready line a full disk cannot take exits 74 saying so, as
     every command does; it blamed the port ("cannot listen on 127.0.0.1:0"), exit 78."""
+    config = tmp_path / "sim.toml"
+    config.write_text("[simulator]\nseed = 1\n")
     with open(_FULL, "wb") as full:
-        done = subprocess.run(
-            [sys.executable, "-m", "broker", "simulate", "--port", "0"],
-            stdin=subprocess.DEVNULL,
-            stdout=full,
-            stderr=subprocess.PIPE,
-            cwd=tmp_path,
-            env=child_env(),
-            timeout=60,
-            check=False,
-        )
+        done = _broker("simulate", "--port", "0", "--config", str(config), stdout=full)
     err = done.stderr.decode()
     assert done.returncode == 74, err[-2000:]
     assert "cannot write to stdout" in err
