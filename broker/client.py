@@ -47,9 +47,12 @@ class Broker(EngineBroker):
     def _check_composition(self, config: BrokerConfig) -> None:
         # A bad [simulator] table is refused when the broker is built, whatever the
         # endpoint, as check-config refuses it in the file (config never imports the
-        # simulator, whose settings these are).
-        if config.simulator.data:
+        # simulator, whose settings these are); read once, for the simulator it starts.
+        self._simulator_settings = (
             simulator_settings(config)
+            if config.simulator.data or config.api.uses_simulator
+            else None
+        )
 
     async def _open_endpoint(self, stack: contextlib.AsyncExitStack) -> str | None:
         if not self.config.api.uses_simulator:
@@ -61,8 +64,9 @@ class Broker(EngineBroker):
 
         # On the broker's clock: a FakeClock in a test moves the simulator's time too, so
         # it judges the key's rate on the same timeline the broker paces it on.
+        assert self._simulator_settings is not None  # read when the broker was built
         server = await stack.enter_async_context(
-            SimulatorServer(simulator_settings(self.config), clock=self._clock)
+            SimulatorServer(self._simulator_settings, clock=self._clock)
         )
         return server.url
 
