@@ -128,6 +128,38 @@ class TestSimulatorProcess:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
+    def test_no_temporary_directory_outlives_the_start(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Once the child has read its settings, their temporary directory is gone: a parent
+        killed by SIGKILL left one in /tmp for good each time."""
+        import tempfile
+
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        with SimulatorProcess({}) as sim:
+            assert sim.url
+            assert list(tmp_path.iterdir()) == []
+
+    def test_a_child_that_dies_at_start_is_reported_with_its_stderr(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A child that exits before printing its URL is reported with what it wrote on
+        stderr, and leaves no temporary directory."""
+        import tempfile
+
+        fake = tmp_path / "code" / "broker"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text("")
+        (fake / "__main__.py").write_text(
+            "import sys\nprint('the child could not start: boom', file=sys.stderr)\nsys.exit(3)\n"
+        )
+        (tmp_path / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+        monkeypatch.chdir(fake.parent)
+        with pytest.raises(RuntimeError, match="could not start: boom"), SimulatorProcess({}):
+            pass
+        assert list((tmp_path / "tmp").iterdir()) == []
+
 
 class TestRun:
     def test_short_run_is_paced_within_the_quota(self) -> None:

@@ -4,12 +4,13 @@
 the simulator must not share the client's process: its CPU would land in the client's
 ``time.process_time`` and its event loop would delay the client's timers (``ratelimit.md``
 5.2: count on the server side, with the server's own clock). :class:`SimulatorProcess`
-runs ``python -m broker simulate --config <tmp toml> --port 0`` and reads the bound URL from
-the simulator's first stdout line.
+runs ``python -m broker simulate --config <tmp toml> --port 0``, reads the bound URL from
+the simulator's first stdout line, and removes the temporary file once the child has read it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -36,6 +37,8 @@ _READY = re.compile(r"listening on (http://\S+)")
 _START_TIMEOUT_S = 30.0
 #: How long a stopping simulator gets after SIGTERM before SIGKILL.
 _STOP_TIMEOUT_S = 10.0
+#: Lines of the child's stderr kept for the message of a failed start.
+_STDERR_TAIL_LINES = 200
 
 
 def _toml_value(value: object) -> str:
@@ -90,6 +93,9 @@ class SimulatorProcess:
         self._settings = settings
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[str] | None = None
+        self._stderr_reader: threading.Thread | None = None
+        #: The last lines the child wrote on stderr (bounded: it runs for the block's length).
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self.url = ""
         self.pid = 0
 
@@ -103,6 +109,9 @@ class SimulatorProcess:
             # child forked then stops with this process (--exit-with-parent).
             self._stop()
             raise
+        # The child has read its settings: the directory goes now, not at the block's end, so
+        # a parent killed by SIGKILL (no cleanup runs then) leaves nothing behind in /tmp.
+        self._remove_tmp()
         # Keep reading stdout so a chatty simulator can never block on a full pipe.
         threading.Thread(target=self._drain_stdout, daemon=True).start()
         return self
@@ -111,26 +120,28 @@ class SimulatorProcess:
         """Start the child with its settings written in ``tmp``; wait for its URL."""
         config = tmp / "simulator.toml"
         config.write_text(toml_document({"simulator": self._settings}), encoding="utf-8")
-        stderr_path = tmp / "simulator.stderr"
         env = dict(os.environ)
         # Unbuffered, so the URL line arrives at once.
         env["PYTHONUNBUFFERED"] = "1"
         command = [sys.executable, "-m", "broker", "simulate", "--config", str(config)]
         # Stopped with this process even when it dies by SIGKILL (no cleanup runs then).
         command += ["--exit-with-parent", str(os.getpid())]
-        with stderr_path.open("w", encoding="utf-8") as stderr:
-            self._proc = subprocess.Popen(
-                [*command, "--port", "0"],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                env=env,
-            )
+        self._proc = subprocess.Popen(
+            [*command, "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+        )
         self.pid = self._proc.pid
-        self.url = self._read_url(stderr_path)
+        # Read all along (a full pipe would block the child); the tail explains a failed start.
+        self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_reader.start()
+        self.url = self._read_url()
 
-    def _read_url(self, stderr_path: Path) -> str:
+    def _read_url(self) -> str:
         proc = self._proc
         assert proc is not None
         assert proc.stdout is not None
@@ -143,13 +154,20 @@ class SimulatorProcess:
         match = _READY.search(line)
         if match is None:
             self._stop_process()
-            # Read before _stop removes the temporary directory that holds it.
-            detail = stderr_path.read_text(encoding="utf-8", errors="replace").strip()
+            detail = "".join(self._stderr_tail).strip()
             self._stop()
             raise RuntimeError(
                 f"simulator did not start (first line {line!r}); stderr:\n{detail[-2000:]}"
             )
         return match.group(1)
+
+    def _drain_stderr(self) -> None:
+        proc = self._proc
+        if proc is None or proc.stderr is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            for line in proc.stderr:
+                self._stderr_tail.append(line)
 
     def _drain_stdout(self) -> None:
         proc = self._proc
@@ -161,6 +179,9 @@ class SimulatorProcess:
 
     def _stop(self) -> None:
         self._stop_process()
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -175,9 +196,15 @@ class SimulatorProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=_STOP_TIMEOUT_S)
-        if proc is not None and proc.stdout is not None:
-            with contextlib.suppress(OSError):
-                proc.stdout.close()
+        reader, self._stderr_reader = self._stderr_reader, None
+        if reader is not None:
+            # The child is gone: its stderr ends, and the reader has every last line.
+            reader.join(_STOP_TIMEOUT_S)
+        if proc is not None:
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
     def __exit__(
         self,
