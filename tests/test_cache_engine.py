@@ -217,3 +217,24 @@ class TestBrokerCache:
         assert transport.count("/catalog/") == 1
         assert not any(r.cached for r in results)
         assert not (tmp_path / "cache.sqlite3").exists()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_cache_stats_of_a_closed_broker_say_it_is_closed(
+    harness: Harness, tmp_path: Path, backend: str
+) -> None:
+    """cache_stats() after the broker closed raises BrokerClosedError for every backend and
+    logs nothing: the sqlite cache took its closed store for a failing one, warned that the
+    file might be damaged (delete it) and raised a bare RuntimeError."""
+    from structlog.testing import capture_logs
+
+    from broker.errors import BrokerClosedError
+
+    sim = await harness.simulator(FREE)
+    config = make_config(sim.url, cache=_cache(tmp_path, backend=backend))
+    async with Broker(config) as broker:
+        await broker.get_item("B0CLOSED01")
+        assert await broker.cache_stats() is not None
+    with capture_logs() as logs, pytest.raises(BrokerClosedError):
+        await broker.cache_stats()
+    assert [entry for entry in logs if entry["log_level"] in ("warning", "error")] == []

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from broker.cache.base import key_of
 from broker.clock import LoopClock
-from broker.errors import BrokerError
+from broker.errors import BrokerClosedError, BrokerError
 from broker.logs import get_logger
 from broker.models import Status
 from broker.redisfaults import cancel_kept
@@ -250,7 +250,10 @@ class CacheFront:
         Raises:
             BrokerError: the store failed and is left alone meanwhile (asked, a hung Redis
                 held every /metrics scrape for its 5-s timeout).
+            BrokerClosedError: the cache is closed (no store failure: nothing is logged).
         """
+        if self._closed:
+            raise BrokerClosedError("the item cache is closed with its broker")
         if self._down() and self._outage is not None and not self._outage[1]:
             # Left alone for a failed read (writes alone failing, as on a full disk, leave
             # the reads and the stats working).

@@ -985,11 +985,14 @@ class Broker:
         """The item cache's hits, misses, requests saved, entries, bytes and evictions.
 
         None when the cache is off (``[cache] max_age_s`` 0, the library's default).
+        Asked of an open broker: the store is closed with it.
 
         Raises:
+            BrokerClosedError: the broker is closed.
             BrokerError: the store failed a moment ago and is left alone meanwhile (a
                 minute); the store's own error when asking it fails.
         """
+        self._require_open()
         if self._cache is None:
             return None
         return await self._cache.stats()
