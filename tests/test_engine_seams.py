@@ -1004,16 +1004,34 @@ class TestIdentity:
         assert len(seen) == 80
 
     async def test_get_items_results_carry_complete_queries(self, harness: Harness) -> None:
-        """get_items fills in marketplace and resources in each result's query."""
+        """get_items fills in marketplace and resources (sorted) in each result's query."""
         sim = await harness.simulator(FREE)
         config = make_config(sim.url)
         broker = await harness.broker(config)
         (result,) = await broker.get_items(["b0c1234567"])
-        assert result.query == Query("B0C1234567", "www.amazon.com", config.api.resources)
+        resources = tuple(sorted(config.api.resources))
+        assert result.query == Query("B0C1234567", "www.amazon.com", resources)
 
 
 class TestResourceNames:
     """Resource names in either spelling; unknown ones never sent."""
+
+    async def test_one_resource_set_in_two_orders_is_one_lookup(self, harness: Harness) -> None:
+        """Two callers asking the same ASINs with the same resources in another order share
+        one request (one lookup each), as they do in another spelling: they sent two."""
+        sim = await harness.simulator(FREE)
+        transport = await harness.transport()
+        broker = await harness.broker(make_config(sim.url), transport=transport)
+        wanted = [f"B0{i:08d}" for i in range(10)]
+        first, second = await asyncio.gather(
+            broker.get_items(wanted, resources=["itemInfo.title", "images.primary.medium"]),
+            broker.get_items(wanted, resources=["Images.Primary.Medium", "itemInfo.title"]),
+        )
+        assert transport.count("/catalog/") == 1
+        assert [r.ok for r in first + second] == [True] * 20
+        assert {r.query.resources for r in first + second if r.query} == {
+            ("images.primary.medium", "itemInfo.title")
+        }
 
     async def test_pascal_case_names_work_on_creators(self, harness: Harness) -> None:
         """ItemInfo.Title (PA-API's spelling) asks the Creators API for itemInfo.title."""

@@ -75,10 +75,12 @@ class TestResources:
         assert resolve_resources([name], C) == ("itemInfo.title",)
         assert resolve_resources([name], P) == ("ItemInfo.Title",)
 
-    def test_order_kept_duplicates_dropped(self) -> None:
-        """The order given is kept; the same resource twice is sent once."""
+    def test_duplicates_dropped_and_names_sorted(self) -> None:
+        """The same resource twice is sent once, and one set in any order resolves to one
+        tuple (one lookup identity)."""
         names = ["OffersV2.Listings.Price", "itemInfo.title", "offersV2.listings.price"]
-        assert resolve_resources(names, C) == ("offersV2.listings.price", "itemInfo.title")
+        assert resolve_resources(names, C) == ("itemInfo.title", "offersV2.listings.price")
+        assert resolve_resources(list(reversed(names)), C) == resolve_resources(names, C)
 
     @pytest.mark.parametrize(
         ("name", "protocol", "message"),
@@ -175,7 +177,8 @@ class TestSearchParams:
 
     def test_config_resources_by_default(self) -> None:
         """Without resources, the config's are asked for (and the search's refinements)."""
-        assert _search(keywords="x")["resources"] == [*DEFAULT_RESOURCES, "searchRefinements"]
+        wanted = sorted([*DEFAULT_RESOURCES, "searchRefinements"])
+        assert _search(keywords="x")["resources"] == wanted
 
     @pytest.mark.parametrize(
         ("options", "error", "names"),

@@ -156,8 +156,10 @@ def resolve_resources(
 ) -> tuple[str, ...]:
     """Check resource names given in either spelling and return them spelled for ``protocol``.
 
-    Order is kept and duplicates dropped. Matching ignores case, so ``ItemInfo.Title``,
-    ``itemInfo.title`` and ``iteminfo.title`` are one resource.
+    Matching ignores case, so ``ItemInfo.Title``, ``itemInfo.title`` and ``iteminfo.title``
+    are one resource; duplicates are dropped and the names sorted, so two lists of the same
+    resources in another order are one list (one lookup, sharing batches), as they are one
+    request to Amazon.
 
     Raises:
         TypeError: ``names`` is a single string, or holds something that is not a string.
@@ -191,7 +193,7 @@ def _resolve(names: tuple[str, ...], protocol: Protocol, operation: Operation) -
         if spelled is None:
             raise ValueError(f"resources: {_why_unknown(name, protocol, operation)}")
         resolved[spelled] = None
-    return tuple(resolved)
+    return tuple(sorted(resolved))
 
 
 @functools.cache
