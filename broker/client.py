@@ -53,14 +53,16 @@ class Broker(EngineBroker):
             if config.simulator.data or config.api.uses_simulator
             else None
         )
+        if config.api.uses_simulator:
+            # A key the simulator has no account for is refused here too, not at open:
+            # nothing about it changes between the two.
+            for key in config.keys:
+                check_simulator_key(config, key)
 
     async def _open_endpoint(self, stack: contextlib.AsyncExitStack) -> str | None:
         if not self.config.api.uses_simulator:
             return await super()._open_endpoint(stack)
         from broker.simulator.server import SimulatorServer
-
-        for key in self.config.keys:
-            check_simulator_key(self.config, key)
 
         # On the broker's clock: a FakeClock in a test moves the simulator's time too, so
         # it judges the key's rate on the same timeline the broker paces it on.

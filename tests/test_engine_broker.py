@@ -139,6 +139,50 @@ class TestHealthy:
         assert sim.stats.accounts["demo-paapi"].accepted == 5
 
 
+class TestFailedOpen:
+    """A broker whose ``async with`` failed says so, wherever it is used next."""
+
+    async def test_calls_and_a_second_open_say_the_open_failed(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """After a failed open, a call, a second ``async with`` and the repr all say the
+        open failed: they said "use 'async with'", "entered only once" and "closed"."""
+        sim = await harness.simulator(FREE)
+        (tmp_path / "afile").write_text("")
+        config = make_config(sim.url, state={"path": str(tmp_path / "afile" / "keys.sqlite3")})
+        broker = Broker(config)
+        with pytest.raises(OSError, match="not a directory"):
+            async with broker:
+                pass
+        assert "failed to open" in repr(broker)
+        with pytest.raises(RuntimeError, match=r"failed to open .* make a new Broker"):
+            await broker.get_item("B000000001")
+        with pytest.raises(RuntimeError, match=r"failed to open .* make a new Broker"):
+            async with broker:
+                pass
+
+    def test_a_key_unknown_to_the_embedded_simulator_is_refused_when_built(self) -> None:
+        """A key the embedded simulator has no account for is refused by Broker(...), as a
+        bad [simulator] table is: it was refused only by ``async with``."""
+        from broker.config import config_from_dict
+        from broker.errors import ConfigError
+
+        document = {
+            "api": {"endpoint": "simulator"},
+            "keys": [
+                {
+                    "name": "d",
+                    "credential_id": "nobody",
+                    "version": "3.1",
+                    "partner_tags": {"US": "demo-20"},
+                }
+            ],
+        }
+        config = config_from_dict(document, secrets={"d": "x"})
+        with pytest.raises(ConfigError, match="'nobody' is no creators account"):
+            Broker(config)
+
+
 class TestCallers:
     """Dedup across callers, streams, validation, cancellation."""
 

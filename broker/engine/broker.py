@@ -204,6 +204,8 @@ class Broker:
         self.simulator_url: str | None = None
         #: why the engine stopped: its crash (a bug, a failing budget store) or the close
         self._stopped: BaseException | None = None
+        #: the type of the error that made ``async with`` fail, if it did (calls then say so)
+        self._open_failed: str | None = None
 
     @classmethod
     def from_config(
@@ -237,6 +239,8 @@ class Broker:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        if self._open_failed is not None:
+            raise RuntimeError(self._failed_open_message())
         if self._stack is not None or self._loop is not None:
             raise RuntimeError("a Broker can be entered only once")
         if self._closing is not None:
@@ -248,8 +252,9 @@ class Broker:
         await stack.__aenter__()
         try:
             await self._start(stack)
-        except BaseException:
+        except BaseException as exc:
             await stack.aclose()
+            self._open_failed = type(exc).__name__
             raise
         self._stack = stack
         logger.info(
@@ -580,9 +585,17 @@ class Broker:
                 raise BrokerClosedError("the broker is closed")
             # Without its old traceback: re-raising one object would grow it on every call.
             raise self._stopped.with_traceback(None)
+        if self._open_failed is not None:
+            raise RuntimeError(self._failed_open_message())
         if self._stack is None or self._intake is None:
             raise RuntimeError("use 'async with Broker(...)' before looking anything up")
         return self._intake
+
+    def _failed_open_message(self) -> str:
+        return (
+            f"this Broker failed to open ('async with' raised {self._open_failed}): make a "
+            "new Broker once that is mended"
+        )
 
     async def get_items(
         self,
@@ -1023,6 +1036,8 @@ class Broker:
     def __repr__(self) -> str:
         if self._stack is not None:
             state = "open"
+        elif self._open_failed is not None:
+            state = "failed to open"
         else:
             state = "closed" if self._loop is not None else "not opened"
         return f"Broker({state}, keys={[k.name for k in self.config.keys]})"
