@@ -41,6 +41,7 @@ __all__ = [
     "held_error",
     "immediate",
     "journal_files",
+    "real_path",
     "refuse_foreign",
     "refuse_orphans",
     "replaced",
@@ -80,6 +81,17 @@ def file_in_the_way(path: Path) -> Path | None:
             return None
         return None if stat.S_ISDIR(mode) else folder
     return None
+
+
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """The file ``path`` names once its symbolic links are followed (dangling or not).
+
+    SQLite opens that file and keeps its ``-wal`` and ``-shm`` beside it, not beside a link:
+    the checks of them (orphaned journals, a file replaced or deleted under a running
+    process) must look there, or a link whose target was deleted hid a live journal and a
+    fresh file was made beside it ("disk I/O error").
+    """
+    return Path(os.path.realpath(path))
 
 
 def rollback_journal(path: Path) -> Path:

@@ -648,6 +648,27 @@ class TestServe:
             writer.execute("ROLLBACK")
         assert [r.asin if r is not None else None for r in found] == ["B000000001"]
 
+    async def test_a_linked_path_whose_target_is_deleted_alone_keeps_working(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """[cache] path a symbolic link, its target deleted alone (its -wal and -shm kept):
+        the running cache stays on the file it has, as for a plain path (its journals were
+        looked for beside the link: the file was taken for replaced, reopened beside the
+        live -wal, and SQLite failed with "disk I/O error")."""
+        (tmp_path / "real").mkdir()
+        target = tmp_path / "real" / "items.sqlite3"
+        link = tmp_path / "items.sqlite3"
+        link.symlink_to(target)
+        async with SqliteCache(link, CachePolicy(max_age_s=3_600), clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock)])
+            target.unlink()
+            await clock.advance(5.0)
+            with capture_logs() as logs:
+                await cache.put_many([ok("B000000002", clock)])
+                found = await cache.get_many([q("B000000001"), q("B000000002")])
+        assert [r.asin if r is not None else None for r in found] == ["B000000001", "B000000002"]
+        assert [e["event"] for e in logs] == []
+
     async def test_sqlite_purge_gives_the_space_back(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:

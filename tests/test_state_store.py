@@ -1316,6 +1316,18 @@ class TestBrokenStateFile:
         assert "[Errno" not in said[0]
         assert "after" not in said[0]  # nothing was waited for
 
+    def test_a_file_in_the_way_deeper_up_is_the_one_named(self, tmp_path: Path) -> None:
+        """A state path whose folder is under a regular file names that file, not the
+        deepest folder mkdir tried (which does not exist)."""
+        from broker.state.sqlite import SqliteStateStore
+
+        blocker = tmp_path / "afile"
+        blocker.write_text("x")
+        with pytest.raises(OSError, match="is a file") as caught:
+            SqliteStateStore(blocker / "a" / "b" / "keys.sqlite3")
+        assert f"{blocker} is a file, not a directory" in str(caught.value)
+        assert f"{blocker / 'a' / 'b'} is a file" not in str(caught.value)
+
     def test_run_with_a_damaged_state_file_exits_74(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -1451,6 +1463,37 @@ class TestSqliteReuse:
         later = [await Backend("local", a, clock).reserve() for _ in range(3)]
         assert [d.count for d in later] == [2, 3, 4]
         await a.aclose()
+
+    async def test_a_linked_path_whose_target_is_deleted_alone_is_guarded_too(
+        self, tmp_path: Path
+    ) -> None:
+        """[state] path a symbolic link, its target deleted alone: the running stores stay
+        on the file they have and a new process refuses, as for a plain path (the journals
+        were looked for beside the link, not the target: one store took the file for
+        replaced, reopened beside the live -wal and died of "disk I/O error", and a new
+        process made a fresh file there)."""
+        clock = [_T0]
+        (tmp_path / "real").mkdir()
+        target = tmp_path / "real" / "keys.sqlite3"
+        link = tmp_path / "keys.sqlite3"
+        link.symlink_to(target)
+
+        def store() -> SqliteStateStore:
+            return SqliteStateStore(link, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+
+        a, b = store(), store()
+        assert [(await Backend("local", s, clock).reserve()).count for s in (a, b)] == [1, 2]
+        target.unlink()
+        with pytest.raises(OSError, match=r"-wal"):
+            store()
+        assert not target.exists()
+        clock[0] += 2_000_000
+        with capture_logs() as logs:
+            later = [await Backend("local", s, clock).reserve() for s in (a, b, a)]
+        assert [d.count for d in later] == [3, 4, 5]
+        assert "broker.state_file_replaced" not in [e["event"] for e in logs]
+        await a.aclose()
+        await b.aclose()
 
     def test_a_path_naming_a_pipe_is_refused_and_nothing_is_left_beside_it(
         self, tmp_path: Path

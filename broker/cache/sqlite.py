@@ -34,6 +34,7 @@ from broker.sqlitewal import (
     file_identity,
     file_in_the_way,
     immediate,
+    real_path,
     refuse_foreign,
     refuse_orphans,
     refuse_special,
@@ -183,7 +184,7 @@ class SqliteCache(StoreCache):
         batch_size: int = 10,
     ) -> None:
         super().__init__(policy, namespace=namespace, clock=clock, batch_size=batch_size)
-        self.path = Path(path)
+        self.path = real_path(path)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="item-cache")
         self._db: sqlite3.Connection | None = None
         # The open file's (device, inode), and when the path was last looked at.

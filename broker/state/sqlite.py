@@ -31,7 +31,9 @@ from broker.sqlitewal import (
     disk_error,
     enable_wal,
     file_identity,
+    file_in_the_way,
     immediate,
+    real_path,
     refuse_foreign,
     refuse_orphans,
     refuse_special,
@@ -110,7 +112,7 @@ class SqliteStateStore:
         wall_us: Callable[[], int] = wall_us,
         busy_timeout_s: float = 0.25,
     ) -> None:
-        self._path = path
+        self._path = real_path(path)
         self._now_us = now_us
         self._wall_us = wall_us
         self._epoch = boot_epoch()
@@ -131,8 +133,13 @@ class SqliteStateStore:
         except OSError as exc:
             # Its directory cannot be made (a read-only file system, no permission, a file
             # in the way): waiting never fixes that, so it ends the run (exit 74), not 69.
-            in_the_way = exc.errno in (errno.EEXIST, errno.ENOTDIR)
-            reason = f"{exc.filename} is a file, not a directory" if in_the_way else exc.strerror
+            # The file in the way, not the deepest folder mkdir tried (which does not exist).
+            in_the_way = file_in_the_way(path)
+            reason = (
+                f"{in_the_way} is a file, not a directory"
+                if in_the_way is not None
+                else exc.strerror
+            )
             raise OSError(
                 exc.errno, f"{path}: cannot create or enter its directory: {reason}"
             ) from exc
