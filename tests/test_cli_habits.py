@@ -1247,6 +1247,25 @@ class TestRunPaths:
         assert ": stdin: line 1: the CSV header has no 'asin' column" in err
         assert ".stdin.csv" not in err
 
+    def test_json_lines_on_stdin_without_input_jsonl_are_refused_then_run_with_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """JSON Lines piped in without --input jsonl are refused (65, saying to give it),
+        and the same bytes then run with it: read as ids, every row was invalid, the run
+        ended 0, and the rerun with --input jsonl was refused as other input."""
+        job = b'{"asin": "B0FIRST001", "sku": "a"}\n{"asin": "B0FIRST002", "sku": "b"}\n'
+        out = tmp_path / "o" / "a.jsonl"
+        assert _stdin_run(tmp_path, monkeypatch, job, "--out", str(out)) == ExitCode.DATA_ERROR
+        err = capsys.readouterr().err
+        assert "stdin: line 1 is a JSON object with an asin field" in err
+        assert "give --input jsonl" in err
+        args = ("--out", str(out), "--input", "jsonl")
+        assert _stdin_run(tmp_path, monkeypatch, job, *args) == ExitCode.OK
+        assert sorted(row["asin"] for row in _jsonl(out.read_text())) == [
+            "B0FIRST001",
+            "B0FIRST002",
+        ]
+
     def test_fixed_stdin_after_a_refused_first_run_is_accepted(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

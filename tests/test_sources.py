@@ -682,6 +682,22 @@ def test_a_table_saved_as_txt_is_refused_naming_its_delimiter(
     assert [row.asin for row in rows(plain)] == [None, VALID]
 
 
+def test_json_lines_saved_as_txt_are_refused(tmp_path: Path) -> None:
+    """A .txt whose first row is a JSON object with an asin field (JSON Lines) is refused
+    naming the way to read it; read as ids, every row was invalid and the run ended 0. A
+    line that only opens with a brace, and JSON without an asin field, stay rows."""
+    path = write(tmp_path, "job.txt", f'{{"asin": "{VALID}", "sku": 1}}\n')
+    for read in (rows, count_rows):
+        with pytest.raises(JobFileError) as caught:
+            read(path)
+        assert "line 1 is a JSON object with an asin field (JSON Lines)" in str(caught.value)
+        assert "rename it to .jsonl (a job read from stdin: give --input jsonl)" in str(
+            caught.value
+        )
+    for text in ("{not json\n", '{"sku": 1}\n'):
+        assert [row.asin for row in rows(write(tmp_path, "other.txt", text))] == [None]
+
+
 @pytest.mark.parametrize("blank", [",,,", ";;;", '"","",""', "\t\t"])
 def test_an_empty_first_row_before_the_header_is_skipped(tmp_path: Path, blank: str) -> None:
     """A sheet whose used range starts with an empty row exports it as ",,,": skipped as a

@@ -759,14 +759,35 @@ def _is_asin_header(text: str) -> bool:
     return text.strip().strip("\"'").strip().lower() == "asin"
 
 
+def _is_json_row(text: str) -> bool:
+    """True for a line that is a JSON object with an ``asin`` field (any case): a JSON
+    Lines job's row."""
+    if not text.startswith("{"):
+        return False
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and any(
+        isinstance(name, str) and name.strip().lower() == "asin" for name in value
+    )
+
+
 def _refuse_a_table(path: Path, lineno: int, text: str) -> None:
     """Refuse a plain list whose first line is a table's header with an ``asin`` column
-    (Excel's "Text (Tab delimited)", a Seller Central report named .txt): read as a list of
-    ids, every row was invalid ("contains whitespace") and the run ended 0.
+    (Excel's "Text (Tab delimited)", a Seller Central report named .txt) or a JSON Lines
+    row (``jq -c`` piped in without ``--input jsonl``): read as a list of ids, every row
+    was invalid and the run ended 0.
 
     Raises:
         JobFileError: naming the delimiter and how to have the file read as a table.
     """
+    if _is_json_row(text):
+        raise JobFileError(
+            f"{path}: line {lineno} is a JSON object with an asin field (JSON Lines), but the "
+            "file is read as a list of ids, one per line: rename it to .jsonl (a job read "
+            "from stdin: give --input jsonl)"
+        )
     delimiter = _csv_delimiter(text)
     cells = _split_header(text, delimiter)
     if len(cells) > 1 and any(_is_asin_header(cell) for cell in cells):
