@@ -212,6 +212,10 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
             f"contains the non-ASCII character {char!r} (U+{ord(char):04X}); "
             "an ASIN has only ASCII letters A-Z and digits 0-9",
         )
+    # Two or more id-sized parts: a list in one cell, not one id (nor a number "3,42E+09");
+    # before the blanks, which a pasted list has after its commas.
+    if sum(len(part.strip()) >= 10 for part in re.split(r"[,;|]", text)) > 1:
+        return AsinCheck(raw, None, "holds several ids in one; give one id or URL per line or cell")
     if any(c.isspace() for c in text):
         return AsinCheck(raw, None, "contains whitespace; give one id per line or cell")
     control = _CONTROL.search(text)
@@ -226,9 +230,6 @@ def check_asin(raw: str, *, convert_isbn13: bool = False) -> AsinCheck:
             return AsinCheck(raw, converted)
     if _ISBN10_HYPHENATED.fullmatch(text):
         return _verdict(raw, text.replace("-", "").upper())
-    # Two or more id-sized parts: a list in one cell, not one id (nor a number "3,42E+09").
-    if sum(len(part.strip()) >= 10 for part in re.split(r"[,;|]", text)) > 1:
-        return AsinCheck(raw, None, "holds several ids in one; give one id or URL per line or cell")
     if len(text) != 10:
         return AsinCheck(
             raw, None, f"an ASIN has 10 characters, this has {len(text)}{_as_a_number(text)}"

@@ -362,9 +362,18 @@ class TestUrls:
         assert verdict.reason is not None
         assert "one id or URL per line or cell" in verdict.reason
 
-    @pytest.mark.parametrize("text", ["B0ABCDEFGH,B0ZZZZZZZZ", "B0ABCDEFGH;B0ZZZZZZZZ;"])
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "B0ABCDEFGH,B0ZZZZZZZZ",
+            "B0ABCDEFGH;B0ZZZZZZZZ;",
+            "B0ABCDEFGH, B0ZZZZZZZZ",
+            "a , b0zzzzzzzz, B0ABCDEFGH",
+        ],
+    )
     def test_ids_listed_in_one_cell_are_named_so(self, text: str) -> None:
-        """Two ids in one cell (a comma-separated string) say so, not "this has 21"."""
+        """Two ids in one cell (a comma-separated string, blanks after the commas as pasted
+        lists have) say so, not "this has 21" or "contains whitespace"."""
         reason = check_asin(text).reason
         assert reason is not None
         assert "several ids" in reason
