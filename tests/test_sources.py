@@ -486,6 +486,19 @@ def test_lone_crs_in_cells_keep_an_lf_or_crlf_file_as_it_is(tmp_path: Path, endi
     ]
 
 
+def test_a_lone_cr_in_an_unquoted_cell_says_what_it_is(tmp_path: Path) -> None:
+    """An LF CSV with an old-Mac (CR) export joined after it: the row holding the CRs is
+    invalid saying it is a lone carriage return and how to mend the file, not csv's own
+    "do you need to open the file in universal-newline mode?"."""
+    data = f"asin,note\n{VALID},a\nB0ABCDEFGJ,c\rB0ZZZZZZZZ,d\r"
+    found = rows(write(tmp_path, "job.csv", data))
+    assert found[0].asin == VALID
+    errors = [row.error for row in found if row.error is not None]
+    assert errors
+    assert all("a lone carriage return (an old-Mac line end)" in e for e in errors)
+    assert not any("universal-newline" in e for e in errors)
+
+
 @pytest.mark.parametrize("name", ["job.txt", "job.jsonl", "job.csv"])
 def test_a_bom_mid_file_is_dropped(tmp_path: Path, name: str) -> None:
     """Two UTF-8 exports joined with ``cat``: the second one's BOM, mid-file, is dropped as

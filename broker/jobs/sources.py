@@ -930,7 +930,9 @@ def _csv_rows(
         except StopIteration:
             return
         except csv.Error as exc:
-            if not str(exc).startswith(_FIELD_LIMIT):
+            if str(exc).startswith(_LONE_CR):
+                error = _LONE_CR_SAID
+            elif not str(exc).startswith(_FIELD_LIMIT):
                 error = f"malformed CSV: {exc}"
             else:
                 # A quoted cell over csv's limit, its lines each within the cap: read on to
@@ -978,6 +980,15 @@ def _csv_rows(
 
 #: How csv's error about a field over its size limit starts.
 _FIELD_LIMIT: Final = "field larger than field limit"
+#: csv's words for a lone CR inside an unquoted cell (a file whose lines end in LF or CRLF
+#: keeps its cells' lone CRs: an old-Mac export joined after it is not split there)...
+_LONE_CR: Final = "new-line character seen in unquoted field"
+#: ... and ours, which say what it is and how to mend it
+_LONE_CR_SAID: Final = (
+    "malformed CSV: a lone carriage return (an old-Mac line end) inside an unquoted cell; "
+    "the file's lines end otherwise: give it one kind of line end (dos2unix -c mac, or save "
+    "it again as CSV UTF-8), or quote the cell"
+)
 
 
 def _record_start(taken: list[_Line], lineno: int) -> tuple[int, str]:
