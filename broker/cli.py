@@ -718,8 +718,17 @@ def _command(args: argparse.Namespace) -> int:
 
 def _config_failure(args: argparse.Namespace, message: str) -> int:
     """A config that cannot be used: say why on stderr, and for ``status --json`` in its
-    document on stdout too (a script reading stdout always gets one); exit 78."""
+    document on stdout too (a script reading stdout always gets one); exit 78. A ``run``
+    ends with its ``broker.job_finished`` error event too, as for every error exit (logged
+    as the defaults say: the config that would say otherwise is what failed)."""
     print(f"{prog()}: {message}", file=sys.stderr)
+    if args.command == "run":
+        from broker.logs import configure_logging, get_logger
+
+        configure_logging()
+        get_logger().error(
+            "broker.job_finished", job=args.job, error=message, exit_code=int(ExitCode.CONFIG)
+        )
     if args.command == "status" and args.json:
         from broker.status import print_no_keys
 

@@ -1946,6 +1946,26 @@ def test_run_ends_with_a_job_finished_event(
     assert {"throttled", "retries", "from_cache", "wall_s", "stopped_by_signal"} <= set(event)
 
 
+@pytest.mark.parametrize("config", ["typo", "missing"])
+def test_a_run_refused_for_its_config_ends_with_a_job_finished_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: str
+) -> None:
+    """A run refused for its config (exit 78: a typo, no file) ends with a
+    broker.job_finished error event, as every error exit does (an alert on it missed
+    them)."""
+    job = _job(tmp_path, 1)
+    path = tmp_path / "config.toml"
+    if config == "typo":
+        path.write_text('[api]\nendpont = "amazon"\n')
+    argv = ["run", str(job), "--config", str(path), "--progress", "none"]
+    assert cli.main(argv) == ExitCode.CONFIG
+    err = capsys.readouterr().err
+    events = [json.loads(line) for line in err.splitlines() if line[:1] == "{"]
+    (event,) = [e for e in events if e["event"] == "broker.job_finished"]
+    assert (event["level"], event["exit_code"], event["job"]) == ("error", 78, str(job))
+    assert "config" in event["error"]
+
+
 def test_library_stdout_is_only_the_scripts_output(tmp_path: Path) -> None:
     """A script using the library prints JSON: its stdout parses as that JSON alone."""
     config = _config(tmp_path)

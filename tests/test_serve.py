@@ -420,12 +420,32 @@ class TestJobs:
             "failed": 0,
             "pending": 1,
         }
-        # Among the recent jobs of /metrics, as a done job is; the row it left is
-        # unfinished (not pending: nothing works on it), so its progress reads 20 of 21.
+        # Among the recent jobs of /metrics, as a done job is (named with its folder); the
+        # row it left is unfinished (not pending: nothing works on it), so its progress
+        # reads 20 of 21.
         samples = _samples((await _get(f"{running.url}/metrics"))[2])
-        assert samples['asinb_job_rows{job_file="mixed.jsonl",status="ok"}'] == 20
-        assert samples['asinb_job_rows{job_file="mixed.jsonl",status="unfinished"}'] == 1
-        assert 'asinb_job_rows{job_file="mixed.jsonl",status="pending"}' not in samples
+        assert samples['asinb_job_rows{job_file="failed/mixed.jsonl",status="ok"}'] == 20
+        assert samples['asinb_job_rows{job_file="failed/mixed.jsonl",status="unfinished"}'] == 1
+        assert 'asinb_job_rows{job_file="failed/mixed.jsonl",status="pending"}' not in samples
+
+    async def test_a_done_and_a_failed_job_of_one_name_each_keep_their_rows(
+        self, start: Start, spool: Path
+    ) -> None:
+        """daily.txt filed under done/, then another daily.txt under failed/: /metrics shows
+        both jobs' rows (they shared a label, and the done one's vanished), and the failed
+        filing's log event carries its exit code."""
+        running = await start(_wrong_uk_tag(missing_share=0.0))
+        _drop(spool, "daily.jsonl", '{"asin": "B0USUSUS01"}\n{"asin": "B0USUSUS02"}\n')
+        await _filed(spool, "daily.jsonl")
+        with structlog.testing.capture_logs() as logs:
+            _drop(spool, "daily.jsonl", '{"asin": "B0UKUKUK01", "marketplace": "UK"}\n')
+            failed = await _filed(spool, "daily.jsonl", "failed")
+        samples = _samples((await _get(f"{running.url}/metrics"))[2])
+        assert samples['asinb_job_rows{job_file="daily.jsonl",status="ok"}'] == 2
+        assert samples['asinb_job_rows{job_file="failed/daily.jsonl",status="unfinished"}'] == 1
+        (event,) = [e for e in logs if e["event"] == "broker.job_filed"]
+        assert (event["outcome"], event["exit_code"]) == ("failed", failed["exit_code"])
+        assert event["exit_code"] == ExitCode.NO_PERMISSION
 
     async def test_rows_of_a_job_filed_under_failed_stay_counted(
         self, start: Start, spool: Path

@@ -1296,7 +1296,7 @@ class Daemon:
                     self._say_immovable(name, exc)
                     continue
                 if path is not None:
-                    self._count_failed(name, message, path)
+                    self._count_failed(name, message, path, ExitCode.DATA_ERROR)
                 continue
             if not self._settled(name, info):
                 continue
@@ -1683,8 +1683,10 @@ class Daemon:
             # no-progress alert counts pending rows as work), yet they are rows of the job
             # (its progress was shown as 100 %).
             left = {"unfinished" if key == "pending" else key: n for key, n in tally.items()}
-            self._recent.appendleft(JobRows(path.name, left))
-        self._count_failed(job.name, message, path)
+            # Named with its folder: failed/ and done/ each number their own names, so a
+            # done daily.txt and a failed one would share a label (and only one show).
+            self._recent.appendleft(JobRows(f"failed/{path.name}", left))
+        self._count_failed(job.name, message, path, code)
 
     def _failure_status(
         self, name: str, message: str, code: int = ExitCode.DATA_ERROR
@@ -1697,12 +1699,13 @@ class Daemon:
             "finished_at": self._now(),
         }
 
-    def _count_failed(self, name: str, message: str, path: Path) -> None:
+    def _count_failed(self, name: str, message: str, path: Path, code: int) -> None:
         self._jobs_failed += 1
         logger.warning(
             "broker.job_filed",
             job=_shown(name),
             outcome="failed",
+            exit_code=int(code),
             error=message,
             path=str(path),
         )
