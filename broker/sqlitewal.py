@@ -50,6 +50,9 @@ __all__ = [
     "still_at",
 ]
 
+#: Free bytes below which a SQLite I/O error is taken for a full disk: less than the
+#: 32-KiB shared-memory region a WAL file's new reader must create, with room for pages.
+_NEARLY_FULL = 1 << 20
 #: Pause between attempts while another process holds the lock.
 _RETRY_S = 0.01
 
@@ -276,6 +279,17 @@ def held_error(path: Path, exc: sqlite3.Error) -> OSError | None:
 _LONGEST: Final = 512 - len("-journal")
 
 
+def _out_of_space(path: Path) -> bool:
+    """True when the file system holding ``path`` has less than :data:`_NEARLY_FULL` bytes
+    left for this user (a page and a -shm could not be written)."""
+    try:
+        info = os.statvfs(path.parent)
+    except OSError:
+        return False
+    blocks = info.f_bfree if os.geteuid() == 0 else info.f_bavail
+    return blocks * info.f_frsize < _NEARLY_FULL
+
+
 def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO, read-only ->
     EROFS), else None.
@@ -288,6 +302,10 @@ def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     if primary == sqlite3.SQLITE_FULL:
         return OSError(errno.ENOSPC, f"{path}: disk full ({exc})", str(path))
     if primary == sqlite3.SQLITE_IOERR:
+        if _out_of_space(path):
+            # A full disk fails some writes as I/O errors, not SQLITE_FULL: growing the
+            # shared-memory file (-shm) a new process needs is SQLITE_IOERR_SHMSIZE.
+            return OSError(errno.ENOSPC, f"{path}: disk full ({exc})", str(path))
         return OSError(errno.EIO, f"{path}: I/O error ({exc})", str(path))
     if primary == sqlite3.SQLITE_READONLY:
         # A read-only file or file system: waiting never makes it writable.

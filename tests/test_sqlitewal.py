@@ -79,3 +79,29 @@ def test_disk_errors_become_os_errors(tmp_path: Path) -> None:
         errno.EIO,
         None,
     ]
+
+
+def test_an_io_error_on_a_full_disk_is_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SQLite I/O error (SQLITE_IOERR_SHMSIZE: a new reader's -shm could not grow) on a
+    file system with no room left is ENOSPC, not EIO: it was reported as a failing disk
+    (state) or a damaged file to delete (cache), never "free space"."""
+    import os
+
+    import broker.sqlitewal as sqlitewal
+
+    shm = sqlite3.OperationalError("disk I/O error")
+    shm.sqlite_errorcode = sqlite3.SQLITE_IOERR_SHMSIZE
+    path = tmp_path / "t.sqlite3"
+    real = os.statvfs(tmp_path)
+
+    class Full:
+        f_bfree = f_bavail = 3
+        f_frsize = real.f_frsize
+
+    monkeypatch.setattr(sqlitewal.os, "statvfs", lambda _: Full())
+    failed = disk_error(path, shm)
+    assert failed is not None
+    assert failed.errno == errno.ENOSPC
+    assert "disk full" in str(failed)
