@@ -1758,6 +1758,32 @@ class TestRebootAndWallClock:
         assert d.parked_until_us == 0
         assert d.count == 2
 
+    async def test_a_file_two_machines_write_is_said_once_and_a_reboot_is_not(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A local state file on a disk two machines share: a key this process wrote, then
+        rewritten under another boot id, is warned of once (each machine silently dropped
+        the other's pacing and parks); a store opening after a reboot is not warned."""
+        path = tmp_path / "keys.sqlite3"
+        clock = [_T0]
+        monkeypatch.setattr("broker.state.sqlite.boot_epoch", lambda: "boot-a")
+        a = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+        monkeypatch.setattr("broker.state.sqlite.boot_epoch", lambda: "boot-b")
+        b = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+        with capture_logs() as logs:
+            await a.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+            await b.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        assert [e for e in logs if e["event"] == "broker.state_shared_across_machines"] == []
+        with capture_logs() as logs:
+            for _ in range(3):
+                await a.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+                await b.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        said = [e for e in logs if e["event"] == "broker.state_shared_across_machines"]
+        assert len(said) == 2  # once by each store
+        assert 'backend = "redis"' in said[0]["note"]
+        await a.aclose()
+        await b.aclose()
+
     @pytest.mark.parametrize("home", ["memory", "local"])
     async def test_the_day_and_its_reset_follow_the_wall_clock(
         self, home: str, tmp_path: Path

@@ -99,6 +99,7 @@ class SqliteStateStore:
         "_epoch",
         "_identity",
         "_now_us",
+        "_other_machine_said",
         "_path",
         "_wall_us",
         "_written",
@@ -116,6 +117,7 @@ class SqliteStateStore:
         self._now_us = now_us
         self._wall_us = wall_us
         self._epoch = boot_epoch()
+        self._other_machine_said = False
         # The row this process last wrote for each key, with the record it came from: while
         # no other process has written since (the bytes match), the record is reused
         # instead of parsed again, which is most of a decision's Python work.
@@ -248,6 +250,8 @@ class SqliteStateStore:
         try:
             with immediate(conn):
                 record = self._load(key.digest, written)
+                if written is not None and record.epoch not in ("", self._epoch):
+                    self._say_other_machine(record.epoch)
                 decision = decide(
                     record,
                     self._now_us(),
@@ -271,6 +275,23 @@ class SqliteStateStore:
             raise self._failure(exc) from exc
         self._written[key.digest] = (data, record)
         return decision
+
+    def _say_other_machine(self, epoch: str) -> None:
+        """Warn (once) that a process of another machine writes the file: a key this store
+        wrote was rewritten since under another boot id, which no reboot can do while this
+        process runs (a network or shared disk, a volume two hosts mount). Each machine's
+        decisions drop the other's slots, pauses and parks as times of another boot."""
+        if self._other_machine_said:
+            return
+        self._other_machine_said = True
+        logger.warning(
+            "broker.state_shared_across_machines",
+            path=str(self._path),
+            note="a process of another machine (another boot id) writes this key-state file "
+            "too: the local backend paces the processes of one machine, and each machine "
+            "drops the other's pacing and parks; give each machine its own [state] path, or "
+            'share a key across machines with [state] backend = "redis"',
+        )
 
     def _damaged(self, detail: str) -> OSError:
         """A damaged file: an I/O error (exit 74) saying what deleting it costs."""
