@@ -285,3 +285,14 @@ def test_a_negative_fault_rate_built_in_code_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         SimulatorSettings(faults=FaultRates(error_500=0.9, reset=0.9, html=-1.0))
     assert caught.value.path == "simulator.faults.html"
+
+
+def test_a_misspelt_setting_names_the_closest_one() -> None:
+    """A misspelt setting names the one meant, as the broker's tables do; a name close to
+    none lists the known settings."""
+    with pytest.raises(
+        ConfigError, match=r"simulator\.seeed: unknown setting; did you mean seed\?"
+    ):
+        SimulatorSettings.from_mapping({"seeed": 4}, path="simulator")
+    with pytest.raises(ConfigError, match=r"unknown setting \(known: .*token_lifetime_s\)"):
+        SimulatorSettings.from_mapping({"zzz": 4}, path="simulator")

@@ -67,7 +67,7 @@ from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import ConfigError
 from broker.simulator.accounts import CREATORS_VERSIONS, DEMO_ACCOUNTS, Account, Protocol
 from broker.simulator.marketplaces import MARKETPLACES, MARKETPLACES_BY_HOST
-from broker.tomltable import TomlTable
+from broker.tomltable import TomlTable, did_you_mean
 
 #: The least rate an account may have, in config and through ``/_sim/control``.
 MIN_ACCOUNT_TPS: Final = 1e-6
@@ -300,8 +300,12 @@ class SimulatorSettings:
 
 
 def _reject_unknown(reader: TomlTable) -> None:
-    """Refuse a key no getter read, listing the known ones (settings are easy to misspell)."""
+    """Refuse a key no getter read, naming the closest known one, else listing them all
+    (settings are easy to misspell)."""
     for key in reader.unread():
+        hint = did_you_mean(key, reader.read())
+        if hint:
+            raise ConfigError(reader.key(key), "unknown setting" + hint)
         known = ", ".join(reader.read())
         raise ConfigError(reader.key(key), f"unknown setting (known: {known})")
 
