@@ -733,7 +733,9 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
     ),
     ErrorInfo(
         "AttemptsExhausted",
-        "The lookup failed on every attempt the retry policy allows.",
+        "The remedy of a lookup that failed on every attempt the retry policy allows: the "
+        "row keeps the last error's code, its message ends \"(gave up after N failed "
+        'attempts)", and it gets this remedy (no row carries this code).',
         Scope.REQUEST,
         False,
         "Look it up again later (a finished job: broker run --new-job, which asks Amazon "
