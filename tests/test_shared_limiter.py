@@ -1149,6 +1149,29 @@ class TestGivingUp:
             waiting.result()
         assert 30.0 <= clock.monotonic() - started <= 30.5
 
+    async def test_the_budget_counts_from_the_start_of_the_first_failing_call(self) -> None:
+        """A store that fails each call only after its timeout (a hung Redis, 4 s here):
+        the budget counts from when the first failing call began, so the wait gives up
+        within one call of the budget; it counted from when that call had failed, a
+        timeout late."""
+        clock = FakeClock()
+
+        class _SlowDownStore(_DownStore):
+            async def decide(self, *args: object, **kwargs: object) -> Decision:
+                await clock.sleep(4.0)
+                return await super().decide(*args, **kwargs)
+
+        store: Any = _SlowDownStore()
+        limits = KeyLimits(5.0, 0.05, 5.0)
+        limiter = SharedKeyLimiter(clock, store, KEY, limits, process_id="p", give_up_after_s=10.0)
+        started = clock.monotonic()
+        waiting = asyncio.create_task(limiter.wait_ready())
+        while not waiting.done() and clock.monotonic() - started < 120:
+            await clock.advance(0.1)
+        with pytest.raises(StateUnavailableError, match="still so after 10 s"):
+            waiting.result()
+        assert clock.monotonic() - started <= 10.0 + 4.0 + 0.5
+
     async def test_an_old_failure_does_not_shorten_a_new_outage(self) -> None:
         """A store call that failed an hour ago does not make a new outage give up at once."""
         clock = FakeClock()

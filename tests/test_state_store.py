@@ -8,6 +8,7 @@ relations between answers rather than absolute times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import json
@@ -1020,6 +1021,34 @@ class TestIdentityAndConfig:
 
 class TestUnavailable:
     """A store that cannot be reached raises StateUnavailableError, never answers wrongly."""
+
+    async def test_a_hung_redis_is_asked_once_per_call_not_twice(self) -> None:
+        """A Redis that takes connections but never answers (SIGSTOPped, a black hole) fails
+        a call after one timeout, on one connection: a timed-out call was sent again (2 x
+        the timeout per call, the outage budget overshot, and a slow Redis ran the script
+        twice: a slot and a count lost)."""
+        pytest.importorskip("redis")
+        connections = 0
+
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(4096):
+                    pass
+            writer.close()
+
+        server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        store = RedisStateStore(f"redis://127.0.0.1:{port}/0", key_prefix="t-hung:", timeout_s=0.2)
+        try:
+            with pytest.raises(StateUnavailableError):
+                await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+            assert connections == 1
+        finally:
+            await store.aclose()
+            server.close()
+            await server.wait_closed()
 
     @needs_redis
     async def test_a_redis_that_takes_no_writes_is_unavailable_to_a_view(

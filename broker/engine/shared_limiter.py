@@ -373,11 +373,13 @@ class SharedKeyLimiter:
     async def _wait_for_store(self, exc: StateUnavailableError) -> None:
         """Sleep before asking the unreachable store again, or give up once it has been out
         of reach for ``give_up_after_s``."""
-        # Timed from the first wait of this outage, not from any older failure (a background
-        # flush that failed an hour ago must not make a new blip give up at once).
+        # Timed from the start of the call that failed before this outage's first wait (a
+        # hung Redis fails a call only at its timeout, which then counted too), not from
+        # any older failure (a background flush that failed an hour ago must not make a new
+        # blip give up at once).
         now = self._clock.monotonic()
         if self._unavailable_since is None:
-            self._unavailable_since = now
+            self._unavailable_since = min(now, self._asked_at)
         left = self._give_up_after_s - (now - self._unavailable_since)
         if left <= 0:
             raise StateUnavailableError(

@@ -120,8 +120,10 @@ class RedisStateStore:
             socket_connect_timeout=timeout_s,
             # One retry on a fresh connection: a pooled connection dies with a restarted
             # Redis. If the lost reply's script had run, the retry wastes one slot and
-            # counts one request too many: the safe side.
-            retry=Retry(NoBackoff(), 1),
+            # counts one request too many: the safe side. Never on a timeout (redis-py's
+            # default retries those too): a hung Redis held each call twice its timeout,
+            # and one that was only slow ran the script twice (a slot and a count lost).
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             retry_on_error=[RedisConnectionError],
         )
         self._script: AsyncScript = self._client.register_script(_SCRIPT)
