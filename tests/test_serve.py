@@ -1178,6 +1178,25 @@ class TestHttp:
         assert running.daemon._deferred["d.txt"].until > datetime.now(UTC)
         assert (spool / "processing" / "d.txt").exists()
 
+    async def test_a_deferred_job_goes_on_when_its_keys_do_by_a_clock_behind_the_stores(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A deferred job whose keys no longer wait (the store's reset has come) goes on
+        though this machine's clock, behind the store's (Redis's), has not reached the
+        reset: it waited as long as the clock was behind, hours for a clock hours off."""
+        from broker.jobs import serve
+
+        running = await start(_config(tpd=3), no_wait=True)
+        _drop(spool, "d.txt", "\n".join(_asins(60, "B0BEHIND")) + "\n")
+        await _until(lambda: "d.txt" in running.daemon._deferred)
+        running.daemon._deferred["d.txt"].until = datetime.now(UTC) + timedelta(hours=3)
+        await asyncio.sleep(0.3)  # polls while its keys wait: it stays deferred
+        assert "d.txt" in running.daemon._deferred
+        with structlog.testing.capture_logs() as logs:
+            monkeypatch.setattr(serve, "quota_wait", lambda *args, **kwargs: None)
+            await _until(lambda: any(e.get("event") == "broker.job_resumed" for e in logs))
+        assert [e["job"] for e in logs if e.get("event") == "broker.job_resumed"] == ["d.txt"]
+
     async def test_jobs_deferred_for_the_daily_quota_are_counted(
         self, start: Start, spool: Path
     ) -> None:

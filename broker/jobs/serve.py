@@ -1165,9 +1165,12 @@ class Daemon:
         Due by this machine's clock, the job goes on only once its keys no longer wait:
         their reset is the key-state store's (Redis's clock), and a clock ahead of it made
         the job run and defer again at every poll. Until then it is looked at again in
-        ``_DEFER_RECHECK_S``.
+        ``_DEFER_RECHECK_S``. Not yet due by this machine's clock, it goes on as soon as
+        its keys no longer wait: a clock behind the store's held it past the real reset by
+        as much as it is behind.
         """
         now = self._clock.utcnow()
+        metrics: MetricsSnapshot | None = None
         for name, deferral in list(self._deferred.items()):
             if not (self.spool.processing / name).exists():
                 # Removed while it waited (to cancel it), looked for at every poll: its
@@ -1179,10 +1182,15 @@ class Daemon:
                 if deferral.claim is not None:
                     deferral.claim.close()
                 continue
-            if deferral.until > now:
-                continue
-            if deferral.keys and quota_wait(broker.metrics(), keys=deferral.keys) is not None:
-                deferral.until = now + timedelta(seconds=_DEFER_RECHECK_S)
+            if deferral.keys:
+                # One snapshot a poll, for every deferred job.
+                metrics = metrics or broker.metrics()
+                waiting = quota_wait(metrics, keys=deferral.keys) is not None
+            else:
+                waiting = deferral.until > now
+            if waiting:
+                if deferral.until <= now:
+                    deferral.until = now + timedelta(seconds=_DEFER_RECHECK_S)
                 continue
             # Left in _deferred: the work loop takes it, and its claim, from there.
             logger.info("broker.job_resumed", job=name, note="daily quota reset")
