@@ -23,7 +23,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from broker.simulator.settings import SimulatorSettings
 
@@ -113,7 +113,8 @@ class SimulatorProcess:
         # a parent killed by SIGKILL (no cleanup runs then) leaves nothing behind in /tmp.
         self._remove_tmp()
         # Keep reading stdout so a chatty simulator can never block on a full pipe.
-        threading.Thread(target=self._drain_stdout, daemon=True).start()
+        assert self._proc is not None
+        threading.Thread(target=_drain, args=(self._proc.stdout, None), daemon=True).start()
         return self
 
     def _start(self, tmp: Path) -> None:
@@ -137,7 +138,9 @@ class SimulatorProcess:
         )
         self.pid = self._proc.pid
         # Read all along (a full pipe would block the child); the tail explains a failed start.
-        self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_reader = threading.Thread(
+            target=_drain, args=(self._proc.stderr, self._stderr_tail), daemon=True
+        )
         self._stderr_reader.start()
         self.url = self._read_url()
 
@@ -160,22 +163,6 @@ class SimulatorProcess:
                 f"simulator did not start (first line {line!r}); stderr:\n{detail[-2000:]}"
             )
         return match.group(1)
-
-    def _drain_stderr(self) -> None:
-        proc = self._proc
-        if proc is None or proc.stderr is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            for line in proc.stderr:
-                self._stderr_tail.append(line)
-
-    def _drain_stdout(self) -> None:
-        proc = self._proc
-        if proc is None or proc.stdout is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            for _ in proc.stdout:
-                pass
 
     def _stop(self) -> None:
         self._stop_process()
@@ -213,6 +200,17 @@ class SimulatorProcess:
         tb: TracebackType | None,
     ) -> None:
         self._stop()
+
+
+def _drain(stream: IO[str] | None, keep: collections.deque[str] | None) -> None:
+    """Read a child's pipe to its end (a full pipe would block the child), keeping its
+    lines in ``keep`` if given."""
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        for line in stream:
+            if keep is not None:
+                keep.append(line)
 
 
 async def sim_stats(
