@@ -325,13 +325,12 @@ def count_rows(
             # The same tests as _txt_rows and _jsonl_rows make before they yield a row.
             text = text.strip()
             if text and (fmt == "jsonl" or text[0] != "#"):
-                if fmt == "txt" and _is_asin_header(text):
-                    seen = True
-                    continue
                 if not seen:
                     seen = True
                     if fmt == "jsonl":
                         _refuse_json_document(source, lineno, text)
+                    elif _is_asin_header(text):
+                        continue
                     elif detected:
                         _refuse_a_table(source, lineno, text)
                 count += 1
@@ -819,13 +818,13 @@ def _txt_rows(
         text = text.strip()
         if not text or text[0] == "#":
             continue
-        if _is_asin_header(text):
-            # A one-column sheet saved as text keeps its header; two joined with cat, the
-            # second's too (as a CSV's header again is skipped).
-            first = False
-            continue
         if first:
             first = False
+            if _is_asin_header(text):
+                # A one-column sheet saved as text keeps its header. The first line only, for
+                # good: which lines are rows must not change between releases, as a stopped
+                # job resumes its reading by counting the rows it stored.
+                continue
             if path is not None:
                 _refuse_a_table(path, lineno, text)
         if "#" in text:
