@@ -160,6 +160,9 @@ class TestFailedOpen:
         with pytest.raises(RuntimeError, match=r"failed to open .* make a new Broker"):
             async with broker:
                 pass
+        await broker.aclose()  # a finally or a cleanup hook closes it
+        with pytest.raises(RuntimeError, match=r"failed to open .* make a new Broker"):
+            await broker.get_item("B000000001")
 
     def test_a_key_unknown_to_the_embedded_simulator_is_refused_when_built(self) -> None:
         """A key the embedded simulator has no account for is refused by Broker(...), as a
@@ -853,6 +856,19 @@ class TestEngineCrash:
             await asyncio.wait_for(consume(), timeout=10)
         with pytest.raises(OSError, match="No space left"):
             await broker.get_item(asins(1)[0])
+
+    async def test_the_cache_still_answers_after_the_engine_stopped(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """cache_stats() after the engine died answers with the cache's figures: it raised
+        the engine's error, which a daemon's /metrics then blamed on the cache."""
+        sim = await harness.simulator(FREE)
+        config = make_config(sim.url, cache={"max_age_s": 3600, "path": str(tmp_path / "c")})
+        broker = await harness.broker(config, budget_store=_FullDisk())
+        with pytest.raises(OSError, match="No space left"):
+            await asyncio.wait_for(broker.get_items(asins(30)), timeout=10)
+        stats = await broker.cache_stats()
+        assert stats is not None
 
     async def test_caller_waiting_for_room_gets_the_crash(self, harness: Harness) -> None:
         """A caller blocked on a full queue when the engine dies raises the crash too."""

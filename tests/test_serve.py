@@ -989,6 +989,35 @@ class TestItemCache:
         values = _samples((await _get(f"{running.url}/metrics"))[2])
         assert values["asinb_cache_hits_total"] == len(ok)
 
+    async def test_a_broker_closing_as_the_daemon_stops_is_no_cache_failure(
+        self, start: Start
+    ) -> None:
+        """While the daemon's broker closes (its stop, /metrics still answering), a scrape
+        shows no cache figures and logs nothing: it showed asinb_cache_up 0 and warned
+        metrics.cache_unreadable at every stop."""
+        from broker.errors import BrokerClosedError
+
+        running = await start()
+        await _until(lambda: running.daemon._broker is not None)
+
+        real = running.daemon._broker
+
+        class _Closing:
+            def metrics(self) -> Any:
+                return real.metrics()
+
+            async def cache_stats(self) -> None:
+                raise BrokerClosedError("the broker is closed")
+
+        running.daemon._broker = cast("Any", _Closing())
+        try:
+            with structlog.testing.capture_logs() as logs:
+                values = _samples((await _get(f"{running.url}/metrics"))[2])
+        finally:
+            running.daemon._broker = real
+        assert "asinb_cache_up" not in values
+        assert [e for e in logs if e["event"] == "metrics.cache_unreadable"] == []
+
 
 class _FlakyCacheSource:
     """A StatusSource whose item cache store fails until ``healed``."""

@@ -253,8 +253,9 @@ class Broker:
         try:
             await self._start(stack)
         except BaseException as exc:
-            await stack.aclose()
+            # Said before the close, which may itself fail or be cancelled.
             self._open_failed = type(exc).__name__
+            await stack.aclose()
             raise
         self._stack = stack
         logger.info(
@@ -580,13 +581,14 @@ class Broker:
 
     def _require_open(self) -> Intake:
         self._check_loop()
+        if self._open_failed is not None:
+            # Before the close's own word: a failed open is often closed by a finally.
+            raise RuntimeError(self._failed_open_message())
         if self._stopped is not None:
             if isinstance(self._stopped, BrokerClosedError):
                 raise BrokerClosedError("the broker is closed")
             # Without its old traceback: re-raising one object would grow it on every call.
             raise self._stopped.with_traceback(None)
-        if self._open_failed is not None:
-            raise RuntimeError(self._failed_open_message())
         if self._stack is None or self._intake is None:
             raise RuntimeError("use 'async with Broker(...)' before looking anything up")
         return self._intake
@@ -1005,7 +1007,15 @@ class Broker:
             BrokerError: the store failed a moment ago and is left alone meanwhile (a
                 minute); the store's own error when asking it fails.
         """
-        self._require_open()
+        self._check_loop()
+        if self._open_failed is not None:
+            raise RuntimeError(self._failed_open_message())
+        if self._closing is not None:
+            raise BrokerClosedError("the broker is closed")
+        if self._stack is None:
+            raise RuntimeError("use 'async with Broker(...)' before asking for cache_stats()")
+        # Not the engine's stop (a lost key-state store): the cache may answer still, and
+        # a caller reading figures must not take the engine's failure for the cache's.
         if self._cache is None:
             return None
         return await self._cache.stats()

@@ -91,7 +91,13 @@ from typing import TYPE_CHECKING, Any, Final
 from broker.cache import RUN_MAX_AGE_S
 from broker.client import Broker
 from broker.clock import Clock, LoopClock
-from broker.errors import ConfigError, JobChangedError, JobFileError, NoUsableKeyError
+from broker.errors import (
+    BrokerClosedError,
+    ConfigError,
+    JobChangedError,
+    JobFileError,
+    NoUsableKeyError,
+)
 from broker.exitcode import ExitCode
 from broker.jobs.ledger import JobFileChangedError, JobSettingsChangedError, read_tally
 from broker.jobs.lock import JobLock, JobLockedError
@@ -1729,7 +1735,14 @@ class Daemon:
 
     async def cache_stats(self) -> CacheStats | None:
         """The item cache's figures (None while the broker is closed or the cache is off)."""
-        return await self._broker.cache_stats() if self._broker is not None else None
+        if self._broker is None:
+            return None
+        try:
+            return await self._broker.cache_stats()
+        except BrokerClosedError:
+            # Closing as the daemon stops, while /metrics still answers: no figures, not a
+            # cache that failed.
+            return None
 
     def _count_rows(self, tally: Mapping[str, int]) -> None:
         """Add the current job's rows not counted yet (``tally``: its rows by status)."""
