@@ -23,7 +23,7 @@ from broker.engine.shared_limiter import account_day_limit, key_limits
 from broker.errors import ConfigError, StateUnavailableError
 from broker.exitcode import ExitCode
 from broker.progname import prog
-from broker.sqlitewal import RefusedFileError, file_in_the_way, refuse_orphans
+from broker.sqlitewal import RefusedFileError, file_in_the_way, real_path, refuse_orphans
 from broker.state import KeyView, StateKey, local_state_path, open_store
 from broker.stdio import print_json
 
@@ -205,7 +205,8 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             "no shared state to show (use the local backend, the default, or redis to share it)",
         )
     if config.state.backend == "local":
-        path = local_state_path(config.state)
+        # Followed as the store follows it: a link's target holds the -wal and -shm.
+        path = real_path(local_state_path(config.state))
         try:
             path.stat()
             exists = True

@@ -669,6 +669,26 @@ class TestServe:
         assert [r.asin if r is not None else None for r in found] == ["B000000001", "B000000002"]
         assert [e["event"] for e in logs] == []
 
+    async def test_a_link_pointed_at_another_file_is_followed(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """[cache] path a link, pointed at another cache file while a cache runs: its next
+        writes go to the file the link names now, where processes opened since meet."""
+        (tmp_path / "one").mkdir()
+        (tmp_path / "two").mkdir()
+        link = tmp_path / "items.sqlite3"
+        link.symlink_to(tmp_path / "one" / "items.sqlite3")
+        policy = CachePolicy(max_age_s=3_600)
+        async with SqliteCache(link, policy, clock=clock) as cache:
+            await cache.put_many([ok("B000000001", clock)])
+            link.unlink()
+            link.symlink_to(tmp_path / "two" / "items.sqlite3")
+            await clock.advance(5.0)
+            await cache.put_many([ok("B000000002", clock)])
+        async with SqliteCache(tmp_path / "two" / "items.sqlite3", policy, clock=clock) as two:
+            found = await two.get_many([q("B000000001"), q("B000000002")])
+        assert [r.asin if r is not None else None for r in found] == [None, "B000000002"]
+
     async def test_sqlite_purge_gives_the_space_back(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:

@@ -1524,6 +1524,37 @@ class TestSqliteReuse:
         await a.aclose()
         await b.aclose()
 
+    async def test_a_link_pointed_at_another_file_is_followed_by_the_running_stores(
+        self, tmp_path: Path
+    ) -> None:
+        """[state] path a link, pointed at a copy of the file while a store runs: the
+        running store follows it at its next look, as for a file replaced at a plain path,
+        and shares the count with a store opened since (each counted in its own file)."""
+        import shutil
+
+        clock = [_T0]
+        (tmp_path / "one").mkdir()
+        (tmp_path / "two").mkdir()
+        link = tmp_path / "keys.sqlite3"
+        link.symlink_to(tmp_path / "one" / "keys.sqlite3")
+
+        def store() -> SqliteStateStore:
+            return SqliteStateStore(link, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+
+        a = store()
+        assert (await Backend("local", a, clock).reserve()).count == 1
+        with sqlite_db(tmp_path / "one" / "keys.sqlite3") as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        shutil.copy(tmp_path / "one" / "keys.sqlite3", tmp_path / "two" / "keys.sqlite3")
+        link.unlink()
+        link.symlink_to(tmp_path / "two" / "keys.sqlite3")
+        b = store()
+        clock[0] += 2_000_000
+        counts = [(await Backend("local", s, clock).reserve()).count for s in (a, b, a, b)]
+        assert counts == [2, 3, 4, 5]
+        await a.aclose()
+        await b.aclose()
+
     def test_a_path_naming_a_pipe_is_refused_and_nothing_is_left_beside_it(
         self, tmp_path: Path
     ) -> None:

@@ -209,6 +209,22 @@ class TestStatus:
         assert "delete them" in err
         assert "until they stop" not in err
 
+    def test_a_linked_state_files_journals_are_looked_for_beside_its_target(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """[state] path a link whose target was deleted without its -wal and -shm: status
+        exits 74 naming them beside the target, as run and lookup refuse it; it looked
+        beside the link and said no broker had run."""
+        real = config_path.parent / "real"
+        real.mkdir()
+        for journal in ("-wal", "-shm"):
+            (real / f"keys.sqlite3{journal}").write_bytes(b"")
+        (config_path.parent / "keys.sqlite3").symlink_to(real / "keys.sqlite3")
+        assert cli.main(["status", "--config", str(config_path)]) == 74
+        err = capsys.readouterr().err
+        assert f"{real / 'keys.sqlite3'}-wal" in err
+        assert "no broker has run" not in err
+
     def test_a_park_that_ran_out_is_a_probe_due_not_probing(
         self, config_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

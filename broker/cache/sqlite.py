@@ -184,6 +184,9 @@ class SqliteCache(StoreCache):
         batch_size: int = 10,
     ) -> None:
         super().__init__(policy, namespace=namespace, clock=clock, batch_size=batch_size)
+        # As configured, and the file it names once links are followed (looked at again
+        # with the file: a link pointed elsewhere meanwhile leads there).
+        self._given = Path(path)
         self.path = real_path(path)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="item-cache")
         self._db: sqlite3.Connection | None = None
@@ -229,12 +232,17 @@ class SqliteCache(StoreCache):
         return fn(db)
 
     def _moved(self) -> bool:
-        """True when another file is at the path than the one open; looked at once a
+        """True when another file is at the path than the one open, or the path is a link
+        pointed at another file since (then :attr:`path` is that one); looked at once a
         second at most."""
         now = self._clock.monotonic()
         if now - self._checked < _FOLLOW_EVERY_S:
             return False
         self._checked = now
+        target = real_path(self._given)
+        if target != self.path:
+            self.path = target
+            return True
         return self._identity is not None and replaced(self.path, self._identity)
 
     def _open(self) -> sqlite3.Connection:

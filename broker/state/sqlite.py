@@ -97,6 +97,7 @@ class SqliteStateStore:
         "_checked_us",
         "_conn",
         "_epoch",
+        "_given",
         "_identity",
         "_now_us",
         "_other_machine_said",
@@ -113,6 +114,9 @@ class SqliteStateStore:
         wall_us: Callable[[], int] = wall_us,
         busy_timeout_s: float = 0.25,
     ) -> None:
+        # As configured, and the file it names once links are followed (looked at again
+        # with the file: a link pointed elsewhere meanwhile leads there).
+        self._given = path
         self._path = real_path(path)
         self._now_us = now_us
         self._wall_us = wall_us
@@ -190,13 +194,17 @@ class SqliteStateStore:
 
     def _follow_the_file(self) -> None:
         """Open the file again when the one open is no longer at the path (deleted or
-        replaced): the other processes meet at the path, not in an unlinked file. Looked at
+        replaced, or the path is a link pointed at another file since): the other processes
+        meet at the path, not in an unlinked or left file. Looked at
         once a second at most: a stat per decision cost a tenth of the decision."""
         now = self._now_us()
         if now - self._checked_us < _FOLLOW_EVERY_US:
             return
         self._checked_us = now
-        if not replaced(self._path, self._identity):
+        target = real_path(self._given)
+        if target != self._path:
+            self._path = target  # a link pointed at another file: the processes meet there
+        elif not replaced(self._path, self._identity):
             return
         conn, identity = self._connect()
         self._conn.close()
