@@ -84,7 +84,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Final
 
@@ -175,9 +175,6 @@ _REFUSING: Final = ".refusing-"
 _ORPHAN_CHECK_S: Final = 10.0
 #: How often a running job's file is checked for, so a job deleted from processing/ stops.
 _REMOVAL_CHECK_S: Final = 1.0
-#: How often a deferred job whose reset has come by this machine's clock, but whose keys
-#: still wait (the store's clock is behind), is looked at again.
-_DEFER_RECHECK_S: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +206,9 @@ class _Spent:
 
 @dataclass(slots=True)
 class _Deferral:
-    """A job ``no_wait`` stopped: when its keys' daily quota resets (by this machine's
-    clock), the keys its rows need (whether they still wait says if it may go on), its
+    """A job ``no_wait`` stopped: when its keys' daily quota resets (as the run was told;
+    by this machine's clock it decides only for a job with no key left to ask), the keys
+    its rows need (whether they still wait says when it goes on), its
     claim lock, held until it resumes so that no sibling daemon takes it for a dead one's,
     what its runs spent so far, and its rows by status (pending too) for ``/metrics``."""
 
@@ -1168,12 +1166,12 @@ class Daemon:
     def _due_deferred(self, broker: Broker) -> str | None:
         """A job stopped by ``no_wait`` whose keys' daily quota has reset, if any.
 
-        Due by this machine's clock, the job goes on only once its keys no longer wait:
-        their reset is the key-state store's (Redis's clock), and a clock ahead of it made
-        the job run and defer again at every poll. Until then it is looked at again in
-        ``_DEFER_RECHECK_S``. Not yet due by this machine's clock, it goes on as soon as
-        its keys no longer wait: a clock behind the store's held it past the real reset by
-        as much as it is behind.
+        Judged by its keys, at every poll: the job goes on once they no longer wait. Their
+        reset is the key-state store's (Redis's clock), not this machine's: a clock ahead
+        of the store's made the job run and defer again at every poll, and one behind held
+        it past the real reset by as much as it is behind. A job with no key left to ask
+        (none named, or each taken out since) goes on at its reset by this machine's clock,
+        to end as its keys say.
         """
         now = self._clock.utcnow()
         metrics: MetricsSnapshot | None = None
@@ -1191,12 +1189,11 @@ class Daemon:
             if deferral.keys:
                 # One snapshot a poll, for every deferred job.
                 metrics = metrics or broker.metrics()
+            if metrics is not None and _keys_in_use(metrics, deferral.keys):
                 waiting = quota_wait(metrics, keys=deferral.keys) is not None
             else:
                 waiting = deferral.until > now
             if waiting:
-                if deferral.until <= now:
-                    deferral.until = now + timedelta(seconds=_DEFER_RECHECK_S)
                 continue
             # Left in _deferred: the work loop takes it, and its claim, from there.
             logger.info("broker.job_resumed", job=name, note="daily quota reset")
@@ -1802,6 +1799,12 @@ def _changed_message(change: str) -> str:
         "all the file's. Producers should write name.tmp and rename it into inbox/; move "
         "the job back into inbox/ to run it again"
     )
+
+
+def _keys_in_use(metrics: MetricsSnapshot, names: frozenset[str]) -> bool:
+    """True when one of the keys ``names`` is in the broker and not taken out (so whether
+    the keys still wait for their quota can be asked of them)."""
+    return any(key.name in names and key.state != "disabled" for key in metrics.keys)
 
 
 def stops_daemon(exc: NoUsableKeyError, keys: Sequence[KeySnapshot]) -> bool:
