@@ -281,13 +281,14 @@ _LONGEST: Final = 512 - len("-journal")
 
 def _out_of_space(path: Path) -> bool:
     """True when the file system holding ``path`` has less than :data:`_NEARLY_FULL` bytes
-    left for this user (a page and a -shm could not be written)."""
+    left for unprivileged writes (a page and a -shm could not be written). Those, even for
+    root: the blocks reserved beyond them are root's only with a capability or the file
+    system's resuid, which a container's root seldom has."""
     try:
         info = os.statvfs(path.parent)
     except OSError:
         return False
-    blocks = info.f_bfree if os.geteuid() == 0 else info.f_bavail
-    return blocks * info.f_frsize < _NEARLY_FULL
+    return info.f_bavail * info.f_frsize < _NEARLY_FULL
 
 
 def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:

@@ -97,7 +97,8 @@ def test_an_io_error_on_a_full_disk_is_a_full_disk(
     real = os.statvfs(tmp_path)
 
     class Full:
-        f_bfree = f_bavail = 3
+        f_bfree = 10_000  # root's reserve, which a container's root may not write
+        f_bavail = 3
         f_frsize = real.f_frsize
 
     monkeypatch.setattr(sqlitewal.os, "statvfs", lambda _: Full())

@@ -1843,6 +1843,18 @@ class TestRebootAndWallClock:
         assert 'backend = "redis"' in said[0]["note"]
         await a.aclose()
         await b.aclose()
+        # A process that cannot read its boot id (a container hiding it) tells nothing.
+        monkeypatch.setattr("broker.state.sqlite.boot_epoch", lambda: "")
+        blind = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+        monkeypatch.setattr("broker.state.sqlite.boot_epoch", lambda: "boot-a")
+        seeing = SqliteStateStore(path, now_us=lambda: clock[0], wall_us=lambda: clock[0])
+        with capture_logs() as logs:
+            for _ in range(3):
+                await blind.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+                await seeing.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
+        assert [e for e in logs if e["event"] == "broker.state_shared_across_machines"] == []
+        await blind.aclose()
+        await seeing.aclose()
 
     @pytest.mark.parametrize("home", ["memory", "local"])
     async def test_the_day_and_its_reset_follow_the_wall_clock(

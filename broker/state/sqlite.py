@@ -258,7 +258,9 @@ class SqliteStateStore:
         try:
             with immediate(conn):
                 record = self._load(key.digest, written)
-                if written is not None and record.epoch not in ("", self._epoch):
+                # Only with a boot id of its own: a process that cannot read it (a
+                # container hiding /proc's) would take its own machine's for another's.
+                if written is not None and self._epoch and record.epoch not in ("", self._epoch):
                     self._say_other_machine(record.epoch)
                 decision = decide(
                     record,
