@@ -1023,28 +1023,39 @@ class TestUnavailable:
     """A store that cannot be reached raises StateUnavailableError, never answers wrongly."""
 
     async def test_a_hung_redis_is_asked_once_per_call_not_twice(self) -> None:
-        """A Redis that takes connections but never answers (SIGSTOPped, a black hole) fails
-        a call after one timeout, on one connection: a timed-out call was sent again (2 x
-        the timeout per call, the outage budget overshot, and a slow Redis ran the script
-        twice: a slot and a count lost)."""
+        """A Redis that answers the handshake but never the script (paused, swamped) fails
+        a call after one timeout, the script sent once: a timed-out call was sent again (2 x
+        the timeout per call, the outage budget overshot, and a Redis that was only slow
+        ran the script twice: a slot and a count lost)."""
         pytest.importorskip("redis")
-        connections = 0
+        scripts = 0
 
-        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonlocal connections
-            connections += 1
+        async def hang_on_scripts(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            # Crude RESP: every command is +OK (PING +PONG) but EVALSHA/EVAL, never answered.
+            nonlocal scripts
+            buffer = b""
             with contextlib.suppress(ConnectionError):
-                while await reader.read(4096):
-                    pass
+                while data := await reader.read(4096):
+                    buffer += data
+                    while b"\r\n" in buffer:
+                        line, _, buffer = buffer.partition(b"\r\n")
+                        word = line.upper()
+                        if word in (b"EVALSHA", b"EVAL"):
+                            scripts += 1
+                        elif word in (b"PING", b"CLIENT", b"SELECT", b"HELLO", b"INFO"):
+                            writer.write(b"+PONG\r\n" if word == b"PING" else b"+OK\r\n")
+                            await writer.drain()
             writer.close()
 
-        server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        server = await asyncio.start_server(hang_on_scripts, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         store = RedisStateStore(f"redis://127.0.0.1:{port}/0", key_prefix="t-hung:", timeout_s=0.2)
         try:
             with pytest.raises(StateUnavailableError):
                 await store.decide(KEY, LIMITS, feedback=Feedback(), reserve=True, process=ME)
-            assert connections == 1
+            assert scripts == 1
         finally:
             await store.aclose()
             server.close()
