@@ -1208,7 +1208,9 @@ async def _lookup(
                 markets = {market for n, market in enumerate(needs) if n not in got and market}
                 return keys_serving(broker, markets)
 
-            until = await _stop_at_spent_quota(broker, collect_each(), stop, waited_for)
+            until = await _stop_at_spent_quota(
+                broker, collect_each(), stop, waited_for, lambda: len(got)
+            )
             if until is not None and len(got) < len(asins):
                 failure = (
                     ExitCode.RESUMABLE,
@@ -1281,29 +1283,32 @@ async def _stop_at_spent_quota(
     lookups: Coroutine[Any, Any, None],
     wind_down: asyncio.Event,
     waited_for: Callable[[], set[str]],
+    answered: Callable[[], int],
 ) -> str | None:
-    """Run ``lookups``; once every key they still wait for waits for its daily quota, wind
-    them down (``wind_down``: nothing more is sent, answers on the wire still come) and
-    return when that quota resets (None: they ended by themselves).
+    """Run ``lookups``; once every key they still wait for waits for its daily quota and no
+    answer came for a while (the item cache answers ids with no key: :func:`quota_spent`),
+    wind them down (``wind_down``: nothing more is sent, answers on the wire still come)
+    and return when that quota resets (None: they ended by themselves).
 
     A one-shot command must not sit silently until a reset hours away, as a job may.
     """
-    from broker.jobs.runner import QUOTA_POLL_S, quota_wait
+    from broker.jobs.runner import quota_spent
 
     task = asyncio.ensure_future(lookups)
+    watch = asyncio.ensure_future(quota_spent(broker, waited_for, answered))
     until: str | None = None
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=QUOTA_POLL_S)
-            if until is None and not task.done():
-                until = quota_wait(broker.metrics(), keys=waited_for())
-                if until is not None:
-                    wind_down.set()
-    finally:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            until, _ = watch.result()
+            wind_down.set()
+            await asyncio.wait({task})
+    finally:
+        for left in (watch, task):
+            if not left.done():
+                left.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await left
     task.result()
     return until
 

@@ -2139,6 +2139,33 @@ class TestLookupEnds:
         assert "waits for its daily quota, or is parked after sustained 429s" in err
         assert [json.loads(line)["input"] for line in out.splitlines()] == ["B0QUOTA001"]
 
+    async def test_ids_the_cache_answers_slowly_are_printed_with_the_quota_spent(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Every id cached and the only key's quota spent, the cache slow to answer (a remote
+        Redis, a busy disk): every answer is printed and the lookup exits 0. It stopped at
+        the first look that found the key spent, before the cache had answered, and said the
+        ids "were not looked up"."""
+        from broker.cache.sqlite import SqliteCache
+
+        wanted = [f"B0SLOWC{n:03d}" for n in range(10)]
+        async with SimulatorServer(SimulatorSettings(limits=False)) as sim:
+            config = make_config(sim.url, keys=[key_doc(tpd=1)])
+            assert await cli._lookup(config, wanted, None, None, as_json=True) == 0
+            capsys.readouterr()
+            load = SqliteCache._load
+
+            async def slow_load(self: SqliteCache, keys: Any) -> Any:
+                await asyncio.sleep(1.2)
+                return await load(self, keys)
+
+            monkeypatch.setattr(SqliteCache, "_load", slow_load)
+            async with asyncio.timeout(15):
+                code = await cli._lookup(config, wanted, None, None, as_json=True)
+        out, err = capsys.readouterr()
+        assert code == ExitCode.OK, err
+        assert sorted(json.loads(line)["input"] for line in out.splitlines()) == wanted
+
     async def test_the_last_request_of_the_day_in_flight_is_still_answered(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:

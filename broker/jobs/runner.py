@@ -1112,13 +1112,22 @@ async def _watch_quota(
     needed: Callable[[], Collection[str]],
     answered: Callable[[], int],
 ) -> None:
-    """``no_wait``: stop the run when every key the rows left need (``needed()``: those
-    serving a marketplace a row is left for) waits for its daily quota; a fresh key that
-    serves none of them cannot help. Not while rows are still being answered
-    (``answered()``, the results so far, grew in the last :data:`QUOTA_QUIET_S`): the item
-    cache answers rows with no key, and a job whose key spent its quota on its first rows
-    stopped with the cached rows after them left pending. A quiet of a few looks, not one:
-    a slow cache read (a remote Redis) or a slow commit may leave one look with none."""
+    """``no_wait``: stop the run once :func:`quota_spent` says so."""
+    until, keys = await quota_spent(broker, needed, answered)
+    stop.quota_spent(until, keys)
+
+
+async def quota_spent(
+    broker: Broker, needed: Callable[[], Collection[str]], answered: Callable[[], int]
+) -> tuple[str, Collection[str]]:
+    """Return (when the quota resets, the keys) once every key the rows left need
+    (``needed()``: those serving a marketplace a row is left for) waits for its daily
+    quota; a fresh key that serves none of them cannot help. Not while rows are still being
+    answered (``answered()``, the results so far, grew in the last :data:`QUOTA_QUIET_S`):
+    the item cache answers rows with no key, and a job whose key spent its quota on its
+    first rows stopped with the cached rows after them left pending. A quiet of a few
+    looks, not one: a slow cache read (a remote Redis) or a slow commit may leave one look
+    with none. ``broker run --no-wait`` and ``broker lookup`` stop on it alike."""
     seen = answered()
     quiet_looks = 0
     while True:
@@ -1129,8 +1138,7 @@ async def _watch_quota(
         quiet_looks = quiet_looks + 1 if now == seen else 0
         seen = now
         if until is not None and quiet_looks * QUOTA_POLL_S >= QUOTA_QUIET_S:
-            stop.quota_spent(until, keys)
-            return
+            return until, keys
 
 
 def keys_serving(broker: Broker, markets: Collection[str]) -> set[str]:
