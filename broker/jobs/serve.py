@@ -685,13 +685,15 @@ class Spool:
         if not dest.is_dir():
             self._make_shared(dest)
             _say_recreated([dest])
-        base = self._filing_name(job, dest)
+        base, again = self._filing_name(job, dest)
         record = dict(status)
         record["output"] = _move(job.out, dest, f"{base}.out.{job.format}")
         record["invalid_report"] = _move(
             job.invalid_report, dest, f"{base}.out.{job.format}.invalid.jsonl"
         )
-        _write_status(_status_path(dest, base), record, only_writer=True)
+        # Copies a killed filing left are looked for only when one was cut short: listing
+        # done/ at every filing cost a scan of every job ever filed (quadratic).
+        _write_status(_status_path(dest, base), record, only_writer=again)
         os.replace(job.path, dest / base)
         _fsync_dir(dest)
         _fsync_dir(self.processing)
@@ -699,8 +701,9 @@ class Spool:
             path.unlink(missing_ok=True)
         return dest / base
 
-    def _filing_name(self, job: SpoolJob, dest: Path) -> str:
-        """The name ``job`` is filed under in ``dest``, kept in its filing marker.
+    def _filing_name(self, job: SpoolJob, dest: Path) -> tuple[str, bool]:
+        """The name ``job`` is filed under in ``dest``, kept in its filing marker, and
+        whether an earlier filing of it under that name was cut short.
 
         A filing the daemon did not finish (a crash) left the marker: the job is filed
         under the same name again, overwriting that filing's outputs and status, so
@@ -716,7 +719,7 @@ class Spool:
         if marked is not None:
             where, name = marked
             if where == dest.name:
-                return name
+                return name, True
             # Filed elsewhere before the crash (the job's outcome changed): drop that try,
             # and the copy of its status a kill may have left.
             elsewhere = self.root / where
@@ -728,7 +731,7 @@ class Spool:
         base = _free_name(dest, job.name)
         marker = {"dest": dest.name, "name": base, "file": identity}
         _write_status(job.filing_marker, marker, only_writer=True)
-        return base
+        return base, False
 
     def _marked(self, job: SpoolJob, identity: int) -> tuple[str, str] | None:
         """(folder, name) of the filing of ``job`` (its file's inode ``identity``) that a
