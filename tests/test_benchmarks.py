@@ -246,6 +246,28 @@ def test_scale_quick(tmp_path: Path) -> None:
     _written(tmp_path, "scale", body)
 
 
+def test_daemon_memory_quick(tmp_path: Path) -> None:
+    """daemon_memory.py files every job through `broker serve` and samples its RSS."""
+    body = _run("daemon_memory.py", tmp_path, "--quick", "--jobs", "120", "--waiting", "20")
+    assert body["benchmark"] == "daemon_memory"
+    result = body["results"]
+    assert (result["done"], result["failed"]) == (120, 0)
+    assert result["rss_mb_at_early"] > 0
+    assert result["rss_mb_at_end"] > 0
+    assert result["rss_growth_bytes_per_job"] is not None
+    assert result["jobs_per_s_first_tenth"] > 0
+    assert result["jobs_per_s_last_tenth"] > 0
+    _written(tmp_path, "daemon_memory", body)
+
+
+def test_sigterm_stops_daemon_memory_and_its_daemon(tmp_path: Path) -> None:
+    """SIGTERM to daemon_memory.py stops it with 143 and no figures, its daemon and
+    simulator with it, and leaves no temporary directory."""
+    argv = [str(BENCHMARKS / "daemon_memory.py"), "--quick", "--jobs", "100000"]
+    err = _stopped_with_sigterm(argv, tmp_path, after_s=5.0)
+    assert "Traceback" not in err
+
+
 def test_pacer_precision_quick(tmp_path: Path) -> None:
     """pacer_precision.py reports achieved rates for our pacer and aiolimiter."""
     body = _run("pacer_precision.py", tmp_path, "--quick", "--rates", "10,100")
@@ -481,6 +503,7 @@ def test_shared_key_quick_run(tmp_path: Path) -> None:
         ("utilisation.py", ["--keys", "0"], "--keys: must be above 0"),
         ("adaptation.py", ["--schedule", "2:nan"], "--schedule: expected SECONDS:TPS"),
         ("scale.py", ["--duplicates", "2"], "--duplicates: must be from 0 up to 1"),
+        ("daemon_memory.py", ["--jobs", "0"], "--jobs: must be above 0"),
         ("cache_rerun.py", ["--new", "-0.5"], "--new: must be from 0 up to 1"),
         ("loop_stall.py", ["--results-dir", "{file}/results"], "is not a directory"),
         ("overhead.py", ["--concurrency", "5000"], "--concurrency: must be at most 1000"),
