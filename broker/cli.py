@@ -628,6 +628,10 @@ def _parse(words: list[str]) -> argparse.Namespace:
     if getattr(args, "out", None) is not None and not args.out.strip():
         # Unset in a script, it ran to the default output, named after the job.
         command.error("--out names no file (give a path, or - for stdout)")
+    if args.command == "init" and not args.path.strip():
+        # An unset variable in a script: it wrote a file named " " (or said ". is a
+        # directory"), which --config then refused as naming no file.
+        command.error("the path names no file (give a config file's path, or - for stdout)")
     if getattr(args, "job", None) is not None and not args.job.strip():
         # Path("") is the current directory: it was refused as "the job . is a directory".
         command.error("the job names no file (give a job file's path, or - for stdin)")

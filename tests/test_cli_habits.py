@@ -152,6 +152,23 @@ class TestVersionAndInit:
         assert cli.main(["init", str(path), "--force"]) == ExitCode.OK
         assert path.read_text() != "mine"
 
+    @pytest.mark.parametrize("blank", ["", " "])
+    def test_init_with_a_blank_path_writes_nothing(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        blank: str,
+    ) -> None:
+        """``init`` given a blank path (an unset variable) is a usage error naming it: it
+        wrote a file named " " that --config then refused, or said ". is a directory"."""
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["init", blank])
+        assert exited.value.code == ExitCode.USAGE
+        assert "the path names no file" in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == []
+
     def test_init_on_an_existing_file_says_to_pass_force(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
