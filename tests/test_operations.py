@@ -75,6 +75,17 @@ class TestResources:
         assert resolve_resources([name], C) == ("itemInfo.title",)
         assert resolve_resources([name], P) == ("ItemInfo.Title",)
 
+    def test_a_misspelt_name_names_the_one_meant(self) -> None:
+        """A misspelt resource names the closest accepted one (a command-line user cannot
+        call the Python function the message named); a name close to none still says where
+        the accepted names are."""
+        with pytest.raises(ValueError, match=r"'itemInfo\.titel' .*did you mean itemInfo\.title\?"):
+            resolve_resources(["itemInfo.titel"], C)
+        with pytest.raises(ValueError, match=r"did you mean OffersV2\.Listings\.Price\?"):
+            resolve_resources(["offersv2.listings.prize"], P)
+        with pytest.raises(ValueError, match=r"resource_names\('creators'\) lists"):
+            resolve_resources(["bogus"], C)
+
     def test_duplicates_dropped_and_names_sorted(self) -> None:
         """The same resource twice is sent once, and one set in any order resolves to one
         tuple (one lookup identity)."""

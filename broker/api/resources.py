@@ -9,6 +9,7 @@ failed result.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import functools
 from collections.abc import Iterable, Mapping
@@ -213,7 +214,11 @@ def _why_unknown(name: str, protocol: Protocol, operation: Operation) -> str:
     for other in Operation:
         if other is not operation and folded in _known(Protocol.CREATORS, other):
             return f"{name!r} is a {other.value} resource, not a {operation.value} one"
-    return (
-        f"unknown resource {name!r} for {operation.value}; "
-        f"broker.api.resources.resource_names({protocol.value!r}) lists the accepted names"
+    known = resource_names(protocol, operation)
+    close = difflib.get_close_matches(folded, [k.lower() for k in known], n=1, cutoff=0.75)
+    meant = next((k for k in known if close and k.lower() == close[0]), None)
+    return f"unknown resource {name!r} for {operation.value}" + (
+        f"; did you mean {meant}?"
+        if meant
+        else f"; broker.api.resources.resource_names({protocol.value!r}) lists the accepted names"
     )
