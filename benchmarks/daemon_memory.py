@@ -185,6 +185,10 @@ def _run(jobs: int, waiting: int, tmp: Path) -> dict[str, Any]:
     stderr_text = (tmp / "daemon.stderr").read_text(encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"broker serve exited {proc.returncode}:\n{stderr_text[-3000:]}")
+    done, failed = _filed(spool / "done"), _filed(spool / "failed")
+    if (done, failed) != (jobs, 0):
+        # A daemon that stopped early (a signal of its own) or failed jobs measured nothing.
+        raise RuntimeError(f"{done} of {jobs} jobs done, {failed} failed:\n{stderr_text[-3000:]}")
     early_jobs = max(1, jobs // 10)
     early = next((s for s in samples if s[1] >= early_jobs), None)
     last = samples[-1] if samples else None
@@ -199,8 +203,8 @@ def _run(jobs: int, waiting: int, tmp: Path) -> dict[str, Any]:
         "jobs_per_s_first_tenth": _rate(samples, 0, early_jobs),
         "jobs_per_s_last_tenth": _rate(samples, jobs - early_jobs, jobs),
         "waiting": waiting,
-        "done": _filed(spool / "done"),
-        "failed": _filed(spool / "failed"),
+        "done": done,
+        "failed": failed,
         "wall_s": round(wall, 2),
         "jobs_per_s": round(jobs / wall, 1),
         "early_jobs": early_jobs,
@@ -214,8 +218,9 @@ def _run(jobs: int, waiting: int, tmp: Path) -> dict[str, Any]:
 
 
 def _rate(samples: Sequence[tuple[float, int, int]], start: int, end: int) -> float | None:
-    """Jobs per second between the first samples with ``start`` and ``end`` jobs filed."""
-    first = next((s for s in samples if s[1] >= start), None)
+    """Jobs per second from the last sample with at most ``start`` jobs filed to the first
+    with ``end`` (a sample may jump past a short stretch's end)."""
+    first = next((s for s in reversed(samples) if s[1] <= start), None)
     last = next((s for s in samples if s[1] >= end), None)
     if first is None or last is None or last[0] <= first[0]:
         return None

@@ -220,5 +220,6 @@ def _why_unknown(name: str, protocol: Protocol, operation: Operation) -> str:
     return f"unknown resource {name!r} for {operation.value}" + (
         f"; did you mean {meant}?"
         if meant
-        else f"; broker.api.resources.resource_names({protocol.value!r}) lists the accepted names"
+        else f"; names look like {known[0]}, in either spelling; "
+        f"broker.api.resources.resource_names({protocol.value!r}) lists them all"
     )

@@ -97,6 +97,7 @@ __all__ = [
     "keys_serving",
     "out_of_files",
     "outage_had_part",
+    "quota_spent",
     "quota_wait",
     "run_job",
 ]
