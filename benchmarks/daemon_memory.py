@@ -219,8 +219,9 @@ def _run(jobs: int, waiting: int, tmp: Path) -> dict[str, Any]:
 
 def _rate(samples: Sequence[tuple[float, int, int]], start: int, end: int) -> float | None:
     """Jobs per second from the last sample with at most ``start`` jobs filed to the first
-    with ``end`` (a sample may jump past a short stretch's end)."""
-    first = next((s for s in reversed(samples) if s[1] <= start), None)
+    with ``end`` (a sample may jump past a short stretch's end); the daemon's start (no job
+    filed at 0 s) counts as a sample."""
+    first = next((s for s in reversed([(0.0, 0, 0), *samples]) if s[1] <= start), None)
     last = next((s for s in samples if s[1] >= end), None)
     if first is None or last is None or last[0] <= first[0]:
         return None

@@ -630,3 +630,5 @@ def test_daemon_memory_rates_a_stretch_one_sample_jumps_past() -> None:
     samples = [(0.0, 0, 1), (1.0, 100, 1), (1.2, 120, 1)]
     assert daemon_memory._rate(samples, 108, 120) == 100.0
     assert daemon_memory._rate(samples, 0, 12) == 100.0
+    # The first sample after the start may already hold filed jobs: rated from the start.
+    assert daemon_memory._rate(samples[1:], 0, 12) == 100.0
