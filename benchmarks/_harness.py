@@ -70,6 +70,7 @@ __all__ = [
     "machine_info",
     "measure_stream",
     "median_of",
+    "one_key_config",
     "paapi_account",
     "print_table",
     "quiet_logging",
@@ -113,6 +114,31 @@ def broker_config(
     if "state_path" not in options:  # not setdefault: its default would make the folder
         options["state_path"] = Path(_state_dir().name) / "keys.sqlite3"
     return bench.broker_config(url, accounts, **options)
+
+
+def one_key_config(
+    url: str, account: Mapping[str, object], secret_env: str, *, tps: float
+) -> list[str]:
+    """The ``[api]`` and ``[[keys]]`` lines of a config.toml for one Creators key of the
+    simulator at ``url``, its secret in the variable ``secret_env`` (never the file), as a
+    broker child process (``broker run``, ``broker serve``) reads them; ``tpd = 0``."""
+    tags = account["partner_tags"]
+    assert isinstance(tags, Mapping)
+    return [
+        "[api]",
+        'protocol = "creators"',
+        f"endpoint = {json.dumps(url)}",
+        f"marketplace = {json.dumps(MARKETPLACE)}",
+        "",
+        "[[keys]]",
+        'name = "k0"',
+        f"credential_id = {json.dumps(str(account['credential_id']))}",
+        f"credential_secret_env = {json.dumps(secret_env)}",
+        f"version = {json.dumps(str(account['version']))}",
+        f"partner_tags = {{ {json.dumps(MARKETPLACE)} = {json.dumps(str(tags[MARKETPLACE]))} }}",
+        f"tps = {tps!r}",
+        "tpd = 0",
+    ]
 
 
 def interruptible(main: Callable[[], int]) -> int:

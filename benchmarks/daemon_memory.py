@@ -25,7 +25,6 @@ Run: ``uv run python benchmarks/daemon_memory.py [--quick] [--jobs 20000] [--wai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -37,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from _harness import (
-    MARKETPLACE,
     add_output_arguments,
     asin_stream,
     creators_account,
     interruptible,
     machine_info,
+    one_key_config,
     positive,
     print_table,
     report,
@@ -63,22 +62,8 @@ _STUCK_S = 60.0
 def write_config(path: Path, url: str, account: dict[str, object]) -> None:
     """The daemon's config.toml: the simulator's URL as endpoint, the secret from the env,
     jobs claimed as soon as they are renamed into inbox/."""
-    tags = account["partner_tags"]
-    assert isinstance(tags, dict)
     lines = [
-        "[api]",
-        'protocol = "creators"',
-        f"endpoint = {json.dumps(url)}",
-        f"marketplace = {json.dumps(MARKETPLACE)}",
-        "",
-        "[[keys]]",
-        'name = "k0"',
-        f"credential_id = {json.dumps(str(account['credential_id']))}",
-        f"credential_secret_env = {json.dumps(_SECRET_ENV)}",
-        f"version = {json.dumps(str(account['version']))}",
-        f"partner_tags = {{ {json.dumps(MARKETPLACE)} = {json.dumps(str(tags[MARKETPLACE]))} }}",
-        "tps = 1000.0",
-        "tpd = 0",
+        *one_key_config(url, account, _SECRET_ENV, tps=1000.0),
         "",
         "[engine]",
         "linger_s = 0.0",

@@ -25,7 +25,6 @@ rows. Prints a table to stderr and one JSON line to stdout, and writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -41,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from _harness import (
-    MARKETPLACE,
     MAX_IN_FLIGHT,
     MAX_TPS,
     MIN_TPS,
@@ -52,6 +50,7 @@ from _harness import (
     floor_rate,
     interruptible,
     machine_info,
+    one_key_config,
     positive,
     print_table,
     report,
@@ -111,22 +110,8 @@ def write_config(
     path: Path, url: str, account: dict[str, object], *, tps: float, in_flight: int
 ) -> None:
     """The broker's config.toml: the simulator's URL as endpoint, the secret from the env."""
-    tags = account["partner_tags"]
-    assert isinstance(tags, dict)
     lines = [
-        "[api]",
-        'protocol = "creators"',
-        f"endpoint = {json.dumps(url)}",
-        f"marketplace = {json.dumps(MARKETPLACE)}",
-        "",
-        "[[keys]]",
-        'name = "k0"',
-        f"credential_id = {json.dumps(str(account['credential_id']))}",
-        f"credential_secret_env = {json.dumps(_SECRET_ENV)}",
-        f"version = {json.dumps(str(account['version']))}",
-        f"partner_tags = {{ {json.dumps(MARKETPLACE)} = {json.dumps(str(tags[MARKETPLACE]))} }}",
-        f"tps = {tps!r}",
-        "tpd = 0",
+        *one_key_config(url, account, _SECRET_ENV, tps=tps),
         f"max_in_flight = {in_flight}",
         "",
         "[rate]",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -197,24 +198,31 @@ def test_the_sweep_keeps_a_filing_marker_copy_of_a_job_still_there(spool: Spool)
     assert kept.exists()
 
 
+@contextlib.contextmanager
+def _status_write_killed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Within the block, writing a status file dies as a ``kill -9`` would, its hidden copy
+    half written beside it (SystemExit stands for the kill)."""
+    real = serve._write_status
+
+    def status_killed(path: Path, status: object, **options: object) -> None:
+        if path.name.endswith(".status.json"):
+            copy_for(path).write_text('{"job": "')
+            raise SystemExit("killed")
+        real(path, status, **options)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(serve, "_write_status", status_killed)
+        yield
+
+
 def test_a_refiling_elsewhere_drops_the_status_copy_a_kill_left(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A filing into failed/ killed while writing its status, then filed into done/ (the
     outcome changed): failed/ keeps nothing of the first try, not even the hidden copy."""
     job = _finished_job(spool, "j.txt", '{"asin": "B000000001"}\n')
-    real = serve._write_status
-
-    def status_killed(path: Path, status: object, **options: object) -> None:
-        if path.name.endswith(".status.json"):
-            copy_for(path).write_text('{"job": "j.')
-            raise SystemExit("killed")
-        real(path, status, **options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(serve, "_write_status", status_killed)
-    with pytest.raises(SystemExit):
+    with _status_write_killed(monkeypatch), pytest.raises(SystemExit):
         spool.file(job, "failed", {"job": "j.txt", "outcome": "failed"})
-    monkeypatch.undo()
     job.out.write_text('{"asin": "B000000001"}\n')
     assert spool.file(job, "done", {"job": "j.txt", "outcome": "done"}).name == "j.txt"
     assert list(spool.failed.iterdir()) == []
@@ -239,18 +247,8 @@ def test_a_filing_lists_done_only_after_one_was_cut_short(
         spool.file(job, "done", {"job": job.name, "outcome": "done"})
     assert spool.done not in listed
     job = _finished_job(spool, "k.txt", '{"asin": "B000000001"}\n')
-    real = serve._write_status
-
-    def status_killed(path: Path, status: object, **options: object) -> None:
-        if path.name.endswith(".status.json"):
-            copy_for(path).write_text('{"job": "k.')
-            raise SystemExit("killed")
-        real(path, status, **options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(serve, "_write_status", status_killed)
-    with pytest.raises(SystemExit):
+    with _status_write_killed(monkeypatch), pytest.raises(SystemExit):
         spool.file(job, "done", {"job": "k.txt", "outcome": "done"})
-    monkeypatch.setattr(serve, "_write_status", real)
     assert spool.file(job, "done", {"job": "k.txt", "outcome": "done"}).name == "k.txt"
     assert spool.done in listed
     assert [p.name for p in spool.done.iterdir() if p.name.startswith(".")] == []
