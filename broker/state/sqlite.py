@@ -261,7 +261,7 @@ class SqliteStateStore:
                 # Only with a boot id of its own: a process that cannot read it (a
                 # container hiding /proc's) would take its own machine's for another's.
                 if written is not None and self._epoch and record.epoch not in ("", self._epoch):
-                    self._say_other_machine(record.epoch)
+                    self._say_other_machine()
                 decision = decide(
                     record,
                     self._now_us(),
@@ -286,7 +286,7 @@ class SqliteStateStore:
         self._written[key.digest] = (data, record)
         return decision
 
-    def _say_other_machine(self, epoch: str) -> None:
+    def _say_other_machine(self) -> None:
         """Warn (once) that a process of another machine writes the file: a key this store
         wrote was rewritten since under another boot id, which no reboot can do while this
         process runs (a network or shared disk, a volume two hosts mount). Each machine's
