@@ -707,7 +707,7 @@ def test_json_lines_saved_as_txt_are_refused(tmp_path: Path) -> None:
         assert "rename it to .jsonl (a job read from stdin: give --input jsonl)" in str(
             caught.value
         )
-    for text in ("{not json\n", '{"sku": 1}\n'):
+    for text in ("{not json\n", '{"sku": 1}\n', '{"a": ' + "[" * 5_000 + "\n"):
         assert [row.asin for row in rows(write(tmp_path, "other.txt", text))] == [None]
 
 

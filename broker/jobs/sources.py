@@ -766,7 +766,7 @@ def _is_json_row(text: str) -> bool:
         return False
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return False
     return isinstance(value, dict) and any(
         isinstance(name, str) and name.strip().lower() == "asin" for name in value
