@@ -682,17 +682,15 @@ def _command(args: argparse.Namespace) -> int:
             read = "outside-service"
         config = load_config(path, read_secrets=read)
         if config.api.uses_simulator or config.simulator.data:
-            from broker.client import simulator_settings
+            from broker.client import check_simulator_key, simulator_settings
 
-            simulator_settings(config)  # [simulator] is checked now, not at first use
-        if read and config.api.uses_simulator:
-            from broker.client import check_simulator_key
-
-            for key in config.keys:
-                # Every request goes to the simulator, so it must have each key's account
-                # (with or without a secret given): checked now, not after a job is read
-                # and its output made, nor as a refusal blaming the credentials.
-                check_simulator_key(config, key)
+            settings = simulator_settings(config)  # [simulator] is checked now, not at first use
+            if read and config.api.uses_simulator:
+                for key in config.keys:
+                    # Every request goes to the simulator, so it must have each key's account
+                    # (with or without a secret given): checked now, not after a job is read
+                    # and its output made, nor as a refusal blaming the credentials.
+                    check_simulator_key(config, key, settings)
     except ConfigError as exc:
         return _config_failure(args, f"invalid config {path}: {exc}")
     from broker.logs import configure_logging

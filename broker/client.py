@@ -57,7 +57,7 @@ class Broker(EngineBroker):
             # A key the simulator has no account for is refused here too, not at open:
             # nothing about it changes between the two.
             for key in config.keys:
-                check_simulator_key(config, key)
+                check_simulator_key(config, key, self._simulator_settings)
 
     async def _open_endpoint(self, stack: contextlib.AsyncExitStack) -> str | None:
         if not self.config.api.uses_simulator:
@@ -76,15 +76,18 @@ class Broker(EngineBroker):
         return embedded_secret(self.config, key)
 
 
-def simulator_account_secret(config: BrokerConfig, key: KeyConfig) -> str | None:
+def simulator_account_secret(
+    config: BrokerConfig, key: KeyConfig, settings: SimulatorSettings | None = None
+) -> str | None:
     """The embedded simulator's secret for the key's credential under the config's protocol,
-    or None (the endpoint is not the simulator, or it has no such account)."""
+    or None (the endpoint is not the simulator, or it has no such account). ``settings``:
+    the config's ``[simulator]`` table already read (else it is read here)."""
     from broker.simulator.accounts import simulator_secret
 
     if not config.api.uses_simulator:
         return None
     return simulator_secret(
-        config.api.protocol.value, key.credential_id, simulator_settings(config)
+        config.api.protocol.value, key.credential_id, settings or simulator_settings(config)
     )
 
 
@@ -127,7 +130,9 @@ def embedded_secret(config: BrokerConfig, key: KeyConfig) -> Secret:
     return Secret(value)
 
 
-def check_simulator_key(config: BrokerConfig, key: KeyConfig) -> None:
+def check_simulator_key(
+    config: BrokerConfig, key: KeyConfig, settings: SimulatorSettings | None = None
+) -> None:
     """Refuse a key the embedded simulator has no account for, when it is the endpoint.
 
     ``api.endpoint = "simulator"`` (the default) sends every request to the in-process
@@ -136,10 +141,12 @@ def check_simulator_key(config: BrokerConfig, key: KeyConfig) -> None:
     pointed at Amazon: the simulator's refusal (``invalid_client``, ``UnrecognizedClient``)
     would then blame credentials that may well be right, so this is said before any request.
 
+    ``settings``: the config's ``[simulator]`` table already read (else it is read here).
+
     Raises:
         ConfigError: naming the key, the simulator's accounts and the two ways out.
     """
-    if not config.api.uses_simulator or simulator_account_secret(config, key) is not None:
+    if not config.api.uses_simulator or simulator_account_secret(config, key, settings) is not None:
         return
     start = (
         f"no secret for credential {key.credential_id!r}, and the embedded simulator has "

@@ -214,12 +214,11 @@ def _why_unknown(name: str, protocol: Protocol, operation: Operation) -> str:
     for other in Operation:
         if other is not operation and folded in _known(Protocol.CREATORS, other):
             return f"{name!r} is a {other.value} resource, not a {operation.value} one"
-    known = resource_names(protocol, operation)
-    close = difflib.get_close_matches(folded, [k.lower() for k in known], n=1, cutoff=0.75)
-    meant = next((k for k in known if close and k.lower() == close[0]), None)
+    known = _known(protocol, operation)
+    close = difflib.get_close_matches(folded, list(known), n=1, cutoff=0.75)
     return f"unknown resource {name!r} for {operation.value}" + (
-        f"; did you mean {meant}?"
-        if meant
-        else f"; names look like {known[0]}, in either spelling; "
-        f"broker.api.resources.resource_names({protocol.value!r}) lists them all"
+        f"; did you mean {known[close[0]]}?"
+        if close
+        else f"; names look like {resource_names(protocol, operation)[0]}, in either "
+        f"spelling; broker.api.resources.resource_names({protocol.value!r}) lists them all"
     )

@@ -580,10 +580,7 @@ class Broker:
         )
 
     def _require_open(self) -> Intake:
-        self._check_loop()
-        if self._open_failed is not None:
-            # Before the close's own word: a failed open is often closed by a finally.
-            raise RuntimeError(self._failed_open_message())
+        self._check_not_failed()
         if self._stopped is not None:
             if isinstance(self._stopped, BrokerClosedError):
                 raise BrokerClosedError("the broker is closed")
@@ -592,6 +589,13 @@ class Broker:
         if self._stack is None or self._intake is None:
             raise RuntimeError("use 'async with Broker(...)' before looking anything up")
         return self._intake
+
+    def _check_not_failed(self) -> None:
+        """Raise for another event loop, or for a broker whose ``async with`` failed (said
+        before the close's own word: a failed open is often closed by a ``finally``)."""
+        self._check_loop()
+        if self._open_failed is not None:
+            raise RuntimeError(self._failed_open_message())
 
     def _failed_open_message(self) -> str:
         return (
@@ -1007,9 +1011,7 @@ class Broker:
             BrokerError: the store failed a moment ago and is left alone meanwhile (a
                 minute); the store's own error when asking it fails.
         """
-        self._check_loop()
-        if self._open_failed is not None:
-            raise RuntimeError(self._failed_open_message())
+        self._check_not_failed()
         if self._closing is not None:
             raise BrokerClosedError("the broker is closed")
         if self._stack is None:
