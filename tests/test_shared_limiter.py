@@ -241,6 +241,26 @@ class TestSharedFeedback:
         assert b.last_decision.parked_until_us > 0
         waiter.cancel()
 
+    async def test_two_losses_in_a_day_lose_no_sends(self) -> None:
+        """P sends 5, the store loses the key, Q sends 2, it loses the key again, P sends
+        1: the day's count is 8. It was 6: P's mark (its count, plus the sends since the
+        last loss) knew nothing of Q's 2, granted in a generation P never saw."""
+        clock = FakeClock()
+        store = _store(clock)
+        p, q = _limiter(clock, store, "p"), _limiter(clock, store, "q")
+        for _ in range(5):
+            await p.commit()
+            await clock.advance(0.5)
+        store.drop(KEY)
+        for _ in range(2):
+            await q.commit()
+            await clock.advance(0.5)
+        store.drop(KEY)
+        await p.commit()
+        await clock.advance(0.5)
+        assert (await q.refresh()).count == 8
+        assert (await p.refresh()).count == 8
+
     async def test_a_refused_probe_does_not_leave_the_circuit_half_open(self) -> None:
         """Two parked processes: one probes; the other's refused probe re-opens its circuit,
         and once the probe got through it sends again."""

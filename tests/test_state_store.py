@@ -650,6 +650,58 @@ class TestDayAndProcesses:
         )
         assert again.count == 27  # a mark of the new generation adds nothing
 
+    async def test_sends_of_a_generation_the_asker_never_saw_still_count(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """Each earlier generation's sends that a mark reports are counted once, summed
+        over generations: after two losses a mark of the first generation and one of the
+        second both add theirs (the larger of the two floors swallowed the other's)."""
+        first = await backend.reserve()
+        await _lose_the_key(backend, request)
+        await backend.reserve(process=ProcessMark("q:2:b"))
+        second = await backend.reserve(process=ProcessMark("q:2:b"))
+        assert second.gen_sends == 2
+        await _lose_the_key(backend, request)
+        p = ProcessMark("p:1:a", first.day, 5, gen=first.gen, gen_sends=5)
+        one = await backend.reserve(process=p)
+        assert one.count == 6  # 5 before the first loss, 1 since the second
+        assert one.gen_sends == 1
+        q = ProcessMark("q:2:b", first.day, second.count, gen=second.gen, gen_sends=2)
+        again = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=False, process=q
+        )
+        assert again.count == 5 + 2 + 1
+        twice = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=False, process=q
+        )
+        assert twice.count == 8  # a generation reported again is counted once
+
+    async def test_earlier_generations_beyond_the_kept_ones_drop_the_smallest(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """A record keeps the sends of at most PRIOR_KEEP earlier generations; one more
+        drops the smallest (a floor still, only a lower one), and a count never goes down."""
+        from broker.state.decision import PRIOR_KEEP
+
+        first = await backend.reserve()
+        await _lose_the_key(backend, request)
+        for n in range(PRIOR_KEEP + 1):
+            mark = ProcessMark(f"p{n}:1:a", first.day, 0, gen=f"g{n:02}", gen_sends=n + 1)
+            told = await backend.store.decide(
+                KEY, LIMITS, feedback=Feedback(), reserve=False, process=mark
+            )
+        assert told.count == sum(range(2, PRIOR_KEEP + 2))  # g00's 1 dropped
+        again = ProcessMark("p0:1:a", first.day, 0, gen="g00", gen_sends=1)
+        d = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=False, process=again
+        )
+        assert d.count == told.count  # g00 told again: the smallest, dropped again
+        more = ProcessMark("p0:1:a", first.day, 0, gen="g00", gen_sends=10)
+        d = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=False, process=more
+        )
+        assert d.count == sum(range(3, PRIOR_KEEP + 2)) + 10  # g01's 2 dropped now
+
     async def test_a_park_from_before_a_loss_stands_whoever_asks_first(
         self, backend: Backend, request: pytest.FixtureRequest
     ) -> None:
@@ -1746,6 +1798,18 @@ def test_a_record_an_older_broker_wrote_takes_no_park_from_a_mark() -> None:
     assert decision.parked_until_us == 0
 
 
+def test_the_lua_decision_keeps_as_many_generations_as_decision_py() -> None:
+    """decide.lua's prior_keep is decision.PRIOR_KEEP (a constant there, not an argument)."""
+    import re
+
+    import broker.state as state_package
+    from broker.state.decision import PRIOR_KEEP
+
+    lua = (Path(state_package.__file__).with_name("decide.lua")).read_text()
+    (value,) = re.findall(r"^local prior_keep = (\d+) ", lua, flags=re.MULTILINE)
+    assert int(value) == PRIOR_KEEP
+
+
 def test_the_lua_decision_probes_as_ratecontrol_does() -> None:
     """decide.lua's probe_far is ratecontrol.PROBE_FAR: the Redis home cuts a far-throttled
     probe as the memory and SQLite homes do (a constant there, not an argument)."""
@@ -2137,6 +2201,21 @@ class TestProcessesRunsAndExpiry:
         held = await backend.reserve()
         assert held.refusal == "horizon"
         assert held.wait_s <= 0.25
+
+    async def test_redis_reads_a_damaged_prior_field_as_none(self, backend: Backend) -> None:
+        """A hash whose ``prior`` field is not a JSON object of counts (written by hand, or
+        damaged) decides as if it held none, and is written back whole."""
+        if backend.name != "redis":
+            pytest.skip("Redis only")
+        assert isinstance(backend.store, RedisStateStore)
+        first = await backend.reserve()
+        name = backend.store._keys(KEY)[0]
+        for junk in ("{not json", '["a"]', '{"g": "x"}'):
+            await backend.store._client.hset(name, "prior", junk)
+            d = await backend.reserve()
+            assert d.granted
+            assert d.count > first.count
+            assert await backend.store._client.hget(name, "prior") in (b"{}", "{}")
 
     async def test_redis_keys_expire_after_two_idle_days(self, backend: Backend) -> None:
         """A key's hash and its process set carry the two-day TTL (README: a key's hash

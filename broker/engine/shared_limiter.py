@@ -209,6 +209,8 @@ class SharedKeyLimiter:
         # The key record's generation in the store's latest answer, and that answer's time.
         self._gen = ""
         self._gen_at = -1
+        # The sends granted in that generation, as of that answer.
+        self._gen_sends = 0
         self._successes = 0
         self._throttled: list[int] = []
         # A success since the last call (the key's run of 429s is over), and the 429s since
@@ -322,6 +324,7 @@ class SharedKeyLimiter:
             parked_until_us=0 if seen is None else seen.parked_until_us,
             park_reason="" if seen is None else seen.park_reason,
             gen=self._gen,
+            gen_sends=self._gen_sends,
         )
         try:
             with cancel_kept():
@@ -361,6 +364,7 @@ class SharedKeyLimiter:
             # calls that end out of order across a loss must not pair the old generation
             # with a count that already holds sends since (they would be added twice).
             self._gen, self._gen_at = decision.gen, decision.now_us
+            self._gen_sends = decision.gen_sends
         if decision.day > self._hwm_day:
             self._hwm_day, self._hwm_count = decision.day, decision.count
         elif decision.day == self._hwm_day:

@@ -1,7 +1,7 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[46].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[47].
 -- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
 -- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
@@ -61,7 +61,9 @@ local mark_parked = tonumber(ARGV[44])
 local mark_park_reason = ARGV[45]
 -- decision.py: ProcessMark.gen (the generation of the record the caller saw last)
 local mark_gen = ARGV[46]
-local first_throttled = 47
+-- decision.py: ProcessMark.gen_sends (the sends of that generation the caller saw)
+local mark_gen_sends = tonumber(ARGV[47])
+local first_throttled = 48
 local run_gap = 60000000  -- decision.py: RUN_GAP_S
 local run_cuts_from = 10  -- decision.py: RUN_CUTS_FROM
 
@@ -71,7 +73,8 @@ local function num(x) return string.format('%.17g', x) end
 local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at', 'cuts', 'boost',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
-  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset')
+  'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset',
+  'prior')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -106,6 +109,18 @@ local gen_sends = tonumber(h[26]) or 0
 local gen_unparked = h[27] == '1'
 -- decision.py: Record.day_offset, the reset offset day was counted under (-1: unknown)
 local day_offset = tonumber(h[28]) or -1
+-- decision.py: Record.prior, the most sends each earlier generation of the day was told to
+-- have granted (a JSON object; anything else reads as none)
+local prior = {}
+if h[29] then
+  local ok, decoded = pcall(cjson.decode, h[29])
+  if ok and type(decoded) == 'table' then
+    for name, sends in pairs(decoded) do
+      if type(name) == 'string' and type(sends) == 'number' then prior[name] = sends end
+    end
+  end
+end
+local prior_keep = 16  -- decision.py: PRIOR_KEEP
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -267,6 +282,7 @@ if kept then
     day = held
     count = 0
     gen_sends = 0
+    prior = {}
     counted = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
   end
   window_end = ((day + 1) * 86400 + day_offset) * 1000000
@@ -278,6 +294,7 @@ else
     day_offset = reset_offset
     count = 0
     gen_sends = 0
+    prior = {}
   end
   window_end = ((counted + 1) * 86400 + reset_offset) * 1000000
 end
@@ -286,6 +303,24 @@ if process_id ~= '' then
   if hwm_day == counted then
     local seen = hwm_count
     if before then seen = seen + gen_sends end
+    if before and mark_gen ~= '' then
+      -- decision.py (_tell_prior): the sends of the mark's generation join the others'.
+      if mark_gen_sends > (prior[mark_gen] or 0) then
+        prior[mark_gen] = mark_gen_sends
+        local kept, smallest = 0, nil
+        for name, sends in pairs(prior) do
+          kept = kept + 1
+          if smallest == nil or sends < prior[smallest]
+              or (sends == prior[smallest] and name < smallest) then
+            smallest = name
+          end
+        end
+        if kept > prior_keep then prior[smallest] = nil end
+      end
+      local told = gen_sends
+      for _, sends in pairs(prior) do told = told + sends end
+      if told > seen then seen = told end
+    end
     if seen > count then count = seen end
   end
   if asking then redis.call('ZADD', KEYS[2], now, entry) end
@@ -398,7 +433,7 @@ if not view then
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
     'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s), 'gen', gen,
     'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0',
-    'day_offset', int(day_offset))
+    'day_offset', int(day_offset), 'prior', cjson.encode(prior))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
@@ -408,4 +443,4 @@ return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(math.max(next_slot, paused_until)), num(rate), int(counted), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
   int(last_429), cut, processes, int(day_limit),
-  int((now - last_429 <= run_gap) and run_429s or 0), gen, int(window_end)}
+  int((now - last_429 <= run_gap) and run_429s or 0), gen, int(window_end), int(gen_sends)}

@@ -6,7 +6,8 @@ hold both to the same behaviour. One call:
 
 1. rolls the daily window forward (never back: a wall clock stepping back over midnight
    does not reopen a day already spent) and raises the count to the caller's high-water mark
-   (plus the sends granted since the record started afresh, for a mark from before that);
+   (plus the sends granted since the record started afresh, for a mark from before that,
+   or the sum of the sends each earlier generation was told to have granted, if more);
 2. applies the caller's feedback: an operator rate, demand-limited successes (the
    target-loss increase of ``ratelimit.md`` 6.1, boosted), throttles (one cut per *round*:
    only a request sent after the last cut cuts again), a pause, a park, an unpark;
@@ -41,6 +42,9 @@ __all__ = ["PROCESS_KEEP_S", "Record", "decide", "process_entry", "slack_us"]
 _US = 1_000_000
 #: Processes not seen for this long are dropped from a key's record.
 PROCESS_KEEP_S = 600.0
+#: At most this many earlier generations are kept in a record's ``prior`` (the smallest
+#: goes first): losses in one day are few, and the count already holds what one told.
+PRIOR_KEEP: Final = 16
 #: A 429 this long (seconds) after the key's last one starts a new run of 429s.
 RUN_GAP_S: Final = 60.0
 #: From this many 429s in a row over every process (the classifier's streak limit), each
@@ -109,6 +113,10 @@ class Record:
     gen: str = ""
     gen_sends: int = 0
     gen_unparked: bool = False
+    #: the most sends granted in each earlier generation of the day (by its name) that a
+    #: mark has told of: sends of disjoint generations, so their sum plus ``gen_sends`` is a
+    #: floor of the day's count even when no one process saw every generation (two losses)
+    prior: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -257,6 +265,16 @@ def _held_by_another(record: Record, now: int, asker: str) -> bool:
         if mark and who != asker and rest.isdigit() and int(rest) == record.day_offset:
             return True
     return False
+
+
+def _tell_prior(record: Record, gen: str, sends: int) -> None:
+    """Keep ``sends`` as generation ``gen``'s in ``record.prior`` if it is more than known."""
+    if sends <= record.prior.get(gen, 0):
+        return
+    record.prior[gen] = sends
+    if len(record.prior) > PRIOR_KEEP:
+        # The smallest, the first name of equals (decide.lua drops the same one).
+        del record.prior[min(record.prior, key=lambda g: (record.prior[g], g))]
 
 
 def _run_over(record: Record, now: int) -> bool:
@@ -476,6 +494,7 @@ def decide(
         if held > record.day:
             record.day = held
             record.count = record.gen_sends = 0
+            record.prior = {}
             counted = day_number(day_end_us(held - 1, record.day_offset), offset)
         window_end = day_end_us(record.day, record.day_offset)
     else:
@@ -484,12 +503,19 @@ def decide(
             counted = record.day = day
             record.day_offset = offset
             record.count = record.gen_sends = 0
+            record.prior = {}
         window_end = day_end_us(counted, offset)
     if process is not None:
         if process.hwm_day == counted:
             # A mark from before the loss knew nothing of the sends granted since: they come
             # on top (taking the larger of the two lost every send a lower mark was granted).
             seen = process.hwm_count + (record.gen_sends if before else 0)
+            if before and process.gen:
+                # And the sends of its generation join those of the other generations told
+                # of: after two losses, neither a mark of the first nor one of the second
+                # knows of the other's.
+                _tell_prior(record, process.gen, process.gen_sends)
+                seen = max(seen, sum(record.prior.values()) + record.gen_sends)
             if seen > record.count:
                 record.count = seen
         if asking and entry is not None:
@@ -563,4 +589,5 @@ def decide(
         run_429s=0 if _run_over(record, now) else record.run_429s,
         gen=record.gen,
         window_end_us=window_end,
+        gen_sends=record.gen_sends,
     )

@@ -188,6 +188,10 @@ class ProcessMark:
         parked_until_us, park_reason: the park of its last decision (store time; 0: none).
         gen: the generation of the key's record its last decision came from (see
             :attr:`Decision.gen`); "" before its first.
+        gen_sends: the sends granted in that generation in ``hwm_day``, as of that decision
+            (:attr:`Decision.gen_sends`): a record rebuilt after a later loss sums these over
+            the generations the marks name, so sends granted in a generation the asker never
+            saw count too.
     """
 
     process_id: str
@@ -197,6 +201,7 @@ class ProcessMark:
     parked_until_us: int = 0
     park_reason: str = ""
     gen: str = ""
+    gen_sends: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +233,7 @@ class Decision:
         gen: the generation of the key's record: new each time the store starts it afresh
             (a key never seen, or lost: Redis restarted empty). A process whose mark names
             another one saw the key before that, and what it saw then is news to the record.
+        gen_sends: the sends granted in that generation in window ``day``, this one included.
         window_end_us: when the window ``count`` belongs to ends (µs, the store's wall
             clock): the caller's next reset, or another live process's when the key keeps
             to the window counted under that one's reset (two configs differ). Every store
@@ -256,3 +262,4 @@ class Decision:
     run_429s: int = 0
     gen: str = ""
     window_end_us: int = 0
+    gen_sends: int = 0

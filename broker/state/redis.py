@@ -14,9 +14,9 @@ Redis down or unreachable: every call raises :class:`broker.errors.StateUnavaila
 (never a fallback to uncoordinated sending). A Redis that may evict keys (a memory limit
 and a policy other than ``noeviction``) is named once: each eviction loses a key's record.
 Redis restarted empty: each caller's :class:`broker.state.model.ProcessMark` carries the
-highest daily count it saw, and the script takes the maximum, so the day's count is rebuilt
-from the surviving processes, not zeroed (see the README, "Several processes or machines on
-one key").
+highest daily count it saw and the sends of the record's generation it saw, and the script
+rebuilds the day's count from them (as ``decision.py`` does), not zeroed (see the README,
+"Several processes or machines on one key").
 """
 
 from __future__ import annotations
@@ -186,6 +186,7 @@ class RedisStateStore:
             0 if process is None else process.parked_until_us,
             "" if process is None else process.park_reason,
             "" if process is None else process.gen,
+            0 if process is None else process.gen_sends,
             *feedback.throttled,
         ]
         return [str(a) for a in args]
@@ -309,6 +310,7 @@ class RedisStateStore:
             run_429s=int(reply[18]),
             gen=_text(reply[19]),
             window_end_us=int(reply[20]),
+            gen_sends=int(reply[21]),
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
