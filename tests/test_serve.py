@@ -886,6 +886,40 @@ class TestResume:
         assert not job.ledger.exists()
         assert job.path.read_text() == "B000000002\n"
 
+    async def test_a_backlog_is_claimed_oldest_first_from_one_listing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A backlog of waiting jobs is claimed oldest first from one listing of inbox/
+        (only the job about to be claimed is looked at again), and the listing is taken
+        anew once ``poll_s`` has passed: every claim listed and stat-ed every waiting job,
+        so a daemon filing one-ASIN jobs went from 86 to 59 jobs/s with 2,000 waiting."""
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
+        daemon.spool.prepare()
+        inbox = tmp_path / "inbox"
+        for n in range(50):
+            path = inbox / f"j{n:02}.txt"
+            path.write_text("B000000001\n")
+            os.utime(path, ns=(n * 10**9, n * 10**9))
+        listings = []
+        real = Spool.waiting_entries
+
+        def counted(spool: Spool, *args: Any) -> list[tuple[str, os.stat_result]]:
+            listings.append(1)
+            return real(spool, *args)
+
+        monkeypatch.setattr(Spool, "waiting_entries", counted)
+        claimed = [daemon._claim_next() for _ in range(10)]
+        assert claimed == [f"j{n:02}.txt" for n in range(10)]
+        assert len(listings) == 1
+        (inbox / "j11.txt").unlink()  # taken away meanwhile: skipped
+        (inbox / "old.txt").write_text("B000000002\n")
+        os.utime(inbox / "old.txt", ns=(0, 0))
+        assert daemon._claim_next() == "j10.txt"  # seen at the next listing only
+        await clock.advance(1.0)
+        assert [daemon._claim_next() for _ in range(2)] == ["old.txt", "j12.txt"]
+        assert len(listings) == 2
+
     async def test_a_job_that_grew_under_the_same_mtime_is_not_settled(
         self, tmp_path: Path
     ) -> None:

@@ -73,6 +73,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import resource
 import secrets
@@ -937,6 +938,10 @@ class Daemon:
         self._recent: collections.deque[JobRows] = collections.deque(maxlen=_RECENT_JOBS)
         # inbox/ name -> (what stat said, monotonic time it was first seen so)
         self._settling: dict[str, tuple[tuple[int, int, int], float]] = {}
+        # The last listing of inbox/ not yet gone through (oldest first), and when it was
+        # taken (monotonic): a backlog is claimed from one listing, not one per claim.
+        self._listing: collections.deque[tuple[str, os.stat_result]] = collections.deque()
+        self._listed_at = -math.inf
         # inbox/ entries that are no job files, already warned about
         self._ignored: set[str] = set()
         # inbox/ entries the daemon may not move, warned about once each
@@ -1283,20 +1288,43 @@ class Daemon:
         self._ignored = set(skipped)
 
     def _claim_next(self) -> str | None:
-        skipped: dict[str, str] = {}
-        try:
-            waiting = self.spool.waiting_entries(skipped)
-        except PermissionError as exc:
-            # A chmod, an ACL or an NFS mapping the operator can mend: polled on, not a
-            # daemon that exits (and a unit that gives up after its restarts).
-            self._inbox_unreadable(exc)
-            return None
-        self._inbox_error = None
-        self._say_ignored(skipped)
-        seen: set[str] = set()
+        """Claim the oldest settled job of ``inbox/``, if any.
+
+        Taken from the last listing of ``inbox/`` while that is younger than ``poll_s``
+        and not gone through, else from a new one: listing (and ``stat``-ing) every waiting
+        job for each claim made a backlog cost its size squared. A job put in meanwhile is
+        seen at the next listing, within ``poll_s``; the one about to be claimed is looked
+        at again first.
+        """
+        now = self._clock.monotonic()
+        fresh = not self._listing or now - self._listed_at >= self._options.poll_s
+        if fresh:
+            skipped: dict[str, str] = {}
+            try:
+                waiting = self.spool.waiting_entries(skipped)
+            except PermissionError as exc:
+                # A chmod, an ACL or an NFS mapping the operator can mend: polled on, not a
+                # daemon that exits (and a unit that gives up after its restarts).
+                self._inbox_unreadable(exc)
+                return None
+            self._inbox_error = None
+            self._say_ignored(skipped)
+            seen = {name for name, _ in waiting}
+            for gone in self._settling.keys() - seen:
+                del self._settling[gone]
+            self._immovable &= seen
+            self._listing = collections.deque(waiting)
+            self._listed_at = now
         looks_dead: bool | None = None
-        for name, info in waiting:
-            seen.add(name)
+        while self._listing:
+            name, info = self._listing.popleft()
+            if not fresh:
+                try:
+                    info = os.stat(self.spool.inbox / name, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # claimed by another daemon, or taken back
+                if not stat.S_ISREG(info.st_mode):
+                    continue  # no longer a job file: the next listing says what it is
             if _is_reserved(name):
                 message = (
                     f"the name {_shown(name)!r} is reserved for the daemon's work files "
@@ -1319,6 +1347,7 @@ class Daemon:
                 # costs a lock round-trip per job on a network file system.
                 looks_dead = self._looks_dead()
             if looks_dead:
+                self._listing.appendleft((name, info))
                 return None
             safe = spool_name(name)
             try:
@@ -1344,9 +1373,6 @@ class Daemon:
                 else:
                     logger.info("broker.job_claimed", job=safe, received_as=_shown(name))
                 return safe
-        for gone in self._settling.keys() - seen:
-            del self._settling[gone]
-        self._immovable &= seen
         return None
 
     def _settled(self, name: str, info: os.stat_result) -> bool:
