@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Any
 
-__all__ = ["barred", "cancel_kept", "refused_credentials"]
+__all__ = ["barred", "cancel_kept", "read_only", "reconnect_once", "refused_credentials"]
 
 
 class cancel_kept:  # a context manager named as the function it replaced
@@ -79,3 +80,35 @@ def barred(exc: BaseException) -> bool:
         isinstance(exc, ResponseError)
         and (text.startswith("NOPERM") or "can't run this command" in text)
     )
+
+
+def reconnect_once() -> dict[str, Any]:
+    """redis-py client options for one retry of a command on a fresh connection when the
+    pooled one turns out dead, never after a timeout.
+
+    A pooled connection dies with a restarted Redis: without the retry the first command
+    after a restart failed with Redis up again (the key state took a key out for it; the
+    item cache was left alone for a minute). redis-py's own default retries timeouts too:
+    a hung Redis held each call twice its timeout, and one that was only slow ran a
+    command twice.
+    """
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return {
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "retry_on_error": [RedisConnectionError],
+    }
+
+
+def read_only(exc: BaseException) -> str | None:
+    """Why a Redis that is up refuses writes: ``"replica"`` (a read-only replica),
+    ``"memory"`` (out of memory under ``maxmemory-policy noeviction``), else None."""
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError
+
+    if isinstance(exc, ReadOnlyError):
+        return "replica"
+    if isinstance(exc, OutOfMemoryError):
+        return "memory"
+    return None

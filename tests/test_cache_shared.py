@@ -20,13 +20,16 @@ from pathlib import Path
 import pytest
 from conftest import sqlite_db
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 
 from broker.cache import CacheKey, CachePolicy, SqliteCache
 from broker.cache.entry import Entry, decode
+from broker.cache.front import CacheFront
 from broker.cache.redis_store import RedisCache
 from broker.models import ItemResult, Query, Status
 from broker.sqlitewal import journal_files
+from broker.state.redis_server import RedisServer, redis_server_binary
 from broker.state.sqlite import SqliteStateStore
 from broker.testing import FakeClock
 
@@ -381,3 +384,115 @@ def test_two_writers_at_once_lose_nothing(tmp_path: Path) -> None:
         assert db.execute(
             "SELECT count(*), (SELECT entries FROM item_cache_totals) FROM item_cache"
         ).fetchone() == (3_000, 3_000)
+
+
+class TestRedisFaults:
+    """A Redis that restarts, refuses writes or holds something else under the cache's keys."""
+
+    @pytest.fixture(name="server")
+    def _server(self) -> Iterator[RedisServer]:
+        if redis_server_binary() is None:
+            pytest.skip("redis-server is not installed")
+        with RedisServer() as server:
+            yield server
+
+    async def test_a_restarted_redis_is_used_at_once(self, server: RedisServer) -> None:
+        """Redis restarted between two reads: the second is answered on a fresh connection.
+        It failed on the pooled connection that died with the old server, and the cache was
+        left alone for a minute (writes dropped, ``asinb_cache_up 0``) with Redis up."""
+        cache = RedisCache.from_url(server.url, CachePolicy(3_600))
+        front = CacheFront(cache)
+        try:
+            assert await front.get(queries(ASINS_A[:1])[0]) is None
+            await asyncio.to_thread(server.restart)
+            with capture_logs() as logs:
+                assert await front.get(queries(ASINS_A[:1])[0]) is None
+            assert front.failed_reads == 0
+            assert [e["event"] for e in logs] == []
+        finally:
+            await front.aclose()
+
+    async def test_an_outage_seen_by_stats_alone_ends_and_the_next_is_warned_of(
+        self, server: RedisServer
+    ) -> None:
+        """An idle daemon's scrapes alone touch the cache: Redis down, back, down again
+        makes a warning, ``cache.restored``, and a warning again. The second outage was told
+        at debug level only, as the first had never been seen to end."""
+        clock = FakeClock(epoch=datetime.now(UTC))
+        front = CacheFront(RedisCache.from_url(server.url, CachePolicy(3_600)), clock=clock)
+        try:
+            with capture_logs() as logs:
+                await front.stats()
+                for _ in range(2):
+                    await asyncio.to_thread(server.stop)
+                    with pytest.raises(RedisError):
+                        await front.stats()
+                    await asyncio.to_thread(server.start)
+                    await clock.advance(61.0)
+                    await front.stats()
+            said = [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("cache.")]
+            assert (
+                said
+                == [
+                    ("cache.unavailable", "warning"),
+                    ("cache.restored", "info"),
+                ]
+                * 2
+            )
+        finally:
+            await front.aclose()
+
+    @pytest.mark.parametrize("refusal", ["replica", "out of memory"])
+    async def test_a_redis_that_takes_no_writes_is_named_so(
+        self, server: RedisServer, refusal: str
+    ) -> None:
+        """A read-only replica, or a Redis out of memory under ``noeviction``, is up: the
+        advice names what refuses the writes (it said to check that Redis is up)."""
+        client = Redis.from_url(server.url)
+        try:
+            if refusal == "replica":
+                await client.execute_command("REPLICAOF", "127.0.0.1", str(_free_port()))
+            else:
+                await client.config_set("maxmemory-policy", "noeviction")
+                await client.config_set("maxmemory", "1")
+            async with RedisCache.from_url(server.url, CachePolicy(3_600)) as cache:
+                with pytest.raises(RedisError) as info:
+                    await cache.put_many([answer(ASINS_A[0])])
+                said = cache.describe_failure(info.value)
+            assert "check that Redis is up" not in said
+            assert "takes no writes" in said
+            assert ("primary" in said) == (refusal == "replica")
+            assert ("maxmemory" in said) == (refusal == "out of memory")
+        finally:
+            with contextlib.suppress(RedisError):
+                await client.execute_command("REPLICAOF", "NO", "ONE")
+                await client.config_set("maxmemory", "0")
+            await client.aclose()
+
+    async def test_other_data_under_the_cache_s_keys(self, server: RedisServer) -> None:
+        """Something else written under the cache's bookkeeping keys: a size that is no
+        number counts as none in stats, an index member that is no key is skipped by a purge
+        by ASIN (a ValueError and an IndexError before, tracebacks of ``broker cache``), and
+        a key of another type is named with what to do (it said to check Redis is up)."""
+        client = Redis.from_url(server.url)
+        try:
+            async with RedisCache.from_url(
+                server.url, CachePolicy(3_600), key_prefix="x:"
+            ) as cache:
+                await cache.put_many([answer(a) for a in ASINS_A[:2]])
+                await client.hset("x:creators:sizes", "junk", "many")
+                await client.zadd("x:creators:index", {"no-bars": time.time()})
+                stats = await cache.stats()
+                assert stats.entries == 3
+                assert stats.bytes > 0
+                assert await cache.purge(asins=[ASINS_A[0]]) == 1
+                await client.delete("x:creators:index")
+                await client.set("x:creators:index", "a string")
+                with pytest.raises(RedisError) as info:
+                    await cache.put_many([answer(ASINS_A[3])])
+                said = cache.describe_failure(info.value)
+            assert "check that Redis is up" not in said
+            assert "x:" in said
+            assert "key_prefix" in said
+        finally:
+            await client.aclose()

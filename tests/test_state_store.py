@@ -2202,6 +2202,22 @@ class TestProcessesRunsAndExpiry:
         assert held.refusal == "horizon"
         assert held.wait_s <= 0.25
 
+    async def test_redis_as_a_read_only_replica_is_named_so(self, backend: Backend) -> None:
+        """A Redis that is a read-only replica is unavailable with what to do: name its
+        primary (the message said only that it refused the write)."""
+        if backend.name != "redis":
+            pytest.skip("Redis only")
+        assert isinstance(backend.store, RedisStateStore)
+        from broker.state.redis_server import free_port
+
+        client = backend.store._client
+        await client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        try:
+            with pytest.raises(StateUnavailableError, match=r"read-only replica: name its primary"):
+                await backend.reserve()
+        finally:
+            await client.execute_command("REPLICAOF", "NO", "ONE")
+
     async def test_redis_reads_a_damaged_prior_field_as_none(self, backend: Backend) -> None:
         """A hash whose ``prior`` field is not a JSON object of counts (written by hand, or
         damaged) decides as if it held none, and is written back whole."""

@@ -265,6 +265,9 @@ class CacheFront:
             # Redis each time.
             self._failed(exc, writing=False)
             raise
+        # An idle daemon's scrapes may be all that touch the cache: an outage they saw ends
+        # here (else the next one was told at debug level, as the same outage).
+        self._worked(writing=False)
         return dataclasses.replace(stats, misses=stats.misses + self.failed_reads)
 
     async def aclose(self) -> None:

@@ -21,7 +21,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationWrongNumberOfArgsError, RedisError, WatchError
+from redis.exceptions import (
+    AuthenticationWrongNumberOfArgsError,
+    RedisError,
+    ResponseError,
+    WatchError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.cache.base import StoreCache
@@ -30,7 +35,7 @@ from broker.cache.policy import CEILING_S, FUTURE_S, CacheKey, CachePolicy
 from broker.config import check_redis_options, redacted_url
 from broker.errors import ConfigError
 from broker.logs import get_logger
-from broker.redisfaults import barred, refused_credentials
+from broker.redisfaults import barred, read_only, reconnect_once, refused_credentials
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -128,6 +133,8 @@ class RedisCache(StoreCache):
                 decode_responses=False,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
+                # A write whose reply was lost and is sent again stores the same answers.
+                **reconnect_once(),
             )
         except ValueError:
             raise ConfigError(
@@ -304,8 +311,9 @@ class RedisCache(StoreCache):
         top = "+inf" if fetched_before is None else f"({fetched_before}"
         members = cast("list[bytes]", await self._redis.zrangebyscore(self._index, "-inf", top))
         if asins is not None:
-            wanted = set(asins)
-            members = [m for m in members if m.decode().split("|")[1] in wanted]
+            wanted = {asin.encode() for asin in asins}
+            # A member that is no key (written by something else) names no ASIN.
+            members = [m for m in members if m.count(b"|") >= 2 and m.split(b"|", 2)[1] in wanted]
         deleted = await self._drop_members(members)
         if fetched_before is None:
             # An answer whose index entry an evicting Redis dropped (maxmemory with an
@@ -331,7 +339,9 @@ class RedisCache(StoreCache):
         entries = await self._redis.zcard(self._index)
         sizes = await self._redis.hvals(self._sizes)
         oldest = await self._redis.zrange(self._index, 0, 0, withscores=True)
-        return int(entries), sum(int(s) for s in sizes), float(oldest[0][1]) if oldest else None
+        # A size that is no number (written by something else) counts as none.
+        total = sum(int(s) for s in sizes if s.isdigit())
+        return int(entries), total, float(oldest[0][1]) if oldest else None
 
     async def aclose(self) -> None:
         """Close the client when this cache owns it; idempotent."""
@@ -374,6 +384,24 @@ class RedisCache(StoreCache):
             return self.where, (
                 "a rediss:// URL that times out is often a Redis that does not speak TLS: "
                 f"try redis://, else check that Redis is up and {self._setting} is right"
+            )
+        refusal = read_only(error)
+        if refusal == "replica":
+            return self.where, (
+                f"Redis is up but takes no writes (a read-only replica): point {self._setting} "
+                "at its primary"
+            )
+        if refusal == "memory":
+            return self.where, (
+                "Redis is up but takes no writes (out of memory under maxmemory-policy "
+                "noeviction): give the cache a Redis with an evicting policy "
+                "(allkeys-lru) or more maxmemory"
+            )
+        if isinstance(error, ResponseError) and "WRONGTYPE" in str(error):
+            return self.where, (
+                f"a key under the cache's prefix {self._base!r} holds data of another kind "
+                "(something else writes there): delete the keys under that prefix, or set "
+                "[cache] key_prefix to one of the cache's own"
             )
         return self.where, f"check that Redis is up and {self._setting} is right"
 

@@ -28,7 +28,7 @@ from broker.config import redacted_url
 from broker.errors import ConfigError, StateUnavailableError
 from broker.logs import get_logger
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
-from broker.redisfaults import barred, refused_credentials
+from broker.redisfaults import barred, read_only, reconnect_once, refused_credentials
 from broker.state.model import (
     PROCESS_RECENT_S,
     Decision,
@@ -99,9 +99,6 @@ class RedisStateStore:
     ) -> None:
         try:
             from redis.asyncio import Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-            from redis.exceptions import ConnectionError as RedisConnectionError
         except ImportError as exc:
             raise StateUnavailableError(
                 "redis", "redis-py is not installed: pip install 'asin-broker[redis]'"
@@ -118,13 +115,10 @@ class RedisStateStore:
             password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            # One retry on a fresh connection: a pooled connection dies with a restarted
-            # Redis. If the lost reply's script had run, the retry wastes one slot and
-            # counts one request too many: the safe side. Never on a timeout (redis-py's
-            # default retries those too): a hung Redis held each call twice its timeout,
-            # and one that was only slow ran the script twice (a slot and a count lost).
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            retry_on_error=[RedisConnectionError],
+            # If the lost reply's script had run, the retry wastes one slot and counts one
+            # request too many: the safe side. Never on a timeout: one that was only slow
+            # ran the script twice (a slot and a count lost).
+            **reconnect_once(),
         )
         self._script: AsyncScript = self._client.register_script(_SCRIPT)
 
@@ -249,6 +243,11 @@ class RedisStateStore:
                 "Sentinel's), or use another backend",
             )
         message = f"{self._url}: {type(exc).__name__}: {exc}"
+        refusal = read_only(exc)
+        if refusal == "replica":
+            message += " (a read-only replica: name its primary in [state] redis_url)"
+        elif refusal == "memory":
+            message += " (out of memory: raise its maxmemory, and keep maxmemory-policy noeviction)"
         if self._tls and isinstance(exc, RedisTimeoutError | RedisConnectionError | OSError):
             message += " (a rediss:// URL: if this server does not speak TLS, its URL is redis://)"
         return StateUnavailableError("redis", message)
