@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from broker.config import MAX_IN_FLIGHT, MAX_TPS, BrokerConfig, RateConfig, parse_config
-from broker.errors import ConfigError, NoUsableKeyError
+from broker.errors import ConfigError, NoUsableKeyError, SimulatorStartError
 from broker.exitcode import ExitCode
 from broker.progname import prog
 from broker.simulator.settings import MIN_ACCOUNT_TPS, FaultRates
@@ -888,6 +888,9 @@ def _bench(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{prog()} bench: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except SimulatorStartError as exc:
+        print(f"{prog()} bench: {exc}; no figures", file=sys.stderr)
+        return ExitCode.INTERNAL
     except NoUsableKeyError as exc:
         # The injected faults (an expired token on every call) took every key out.
         hint = "; the injected faults took every key out: lower --fault" if args.fault else ""

@@ -55,6 +55,7 @@ __all__ = [
     "ResponseError",
     "Scope",
     "ServerError",
+    "SimulatorStartError",
     "StateUnavailableError",
     "ThrottledError",
     "TransportError",
@@ -245,6 +246,11 @@ class BrokerClosedError(BrokerError, RuntimeError):
 
 class WrongEventLoopError(BrokerError, RuntimeError):
     """The broker was opened on another event loop; it can only be used from that loop."""
+
+
+class SimulatorStartError(BrokerError, RuntimeError):
+    """A simulator child process (``broker bench``, the benchmarks) did not start; the
+    message carries the tail of its stderr."""
 
 
 class StateUnavailableError(BrokerError):

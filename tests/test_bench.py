@@ -17,7 +17,7 @@ import pytest
 from conftest import sighup_at_default
 
 from broker.bench import BenchOptions, BenchReport, _faults, render_table, run_bench
-from broker.errors import ConfigError
+from broker.errors import ConfigError, SimulatorStartError
 from broker.simulator.process import SimulatorProcess, toml_document
 from broker.simulator.settings import SimulatorSettings
 
@@ -155,8 +155,12 @@ class TestSimulatorProcess:
         )
         (tmp_path / "tmp").mkdir()
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-        monkeypatch.chdir(fake.parent)
-        with pytest.raises(RuntimeError, match="could not start: boom"), SimulatorProcess({}):
+        monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+        monkeypatch.chdir(tmp_path)
+        with (
+            pytest.raises(SimulatorStartError, match="could not start: boom"),
+            SimulatorProcess({}),
+        ):
             pass
         assert list((tmp_path / "tmp").iterdir()) == []
 
@@ -502,8 +506,37 @@ def test_a_simulator_that_fails_to_start_reports_its_stderr(
     import broker.simulator.process as process
 
     monkeypatch.setattr(process, "_READY", __import__("re").compile(r"never matches \d{99}"))
-    with pytest.raises(RuntimeError, match="simulator did not start"), SimulatorProcess({}):
+    with pytest.raises(SimulatorStartError, match="simulator did not start"), SimulatorProcess({}):
         pass
+
+
+def test_the_simulator_child_runs_this_broker_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``broker.py`` in the directory bench runs from (the user's own script, another
+    clone) is not what the child runs: ``python -m`` put the working directory first on
+    the child's path, and bench ran that script, then failed with a traceback."""
+    (tmp_path / "broker.py").write_text("print('my own broker.py script ran')\n")
+    monkeypatch.chdir(tmp_path)
+    with SimulatorProcess({}) as sim:
+        assert sim.url.startswith("http://127.0.0.1:")
+
+
+def test_bench_says_in_one_line_that_the_simulator_did_not_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A simulator child that never starts is one line on stderr and exit 1, no figures
+    and no traceback."""
+    import broker.simulator.process as process
+    from broker.cli import main
+
+    monkeypatch.setattr(process, "_READY", __import__("re").compile(r"never matches \d{99}"))
+    monkeypatch.setattr(process, "_START_TIMEOUT_S", 5.0)
+    assert main(["bench", "--duration", "1", "--warmup", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "bench: the simulator did not start" in err
+    assert err.rstrip().endswith("no figures")
 
 
 class _Answering:

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from broker.errors import SimulatorStartError
 from broker.simulator.settings import SimulatorSettings
 
 if TYPE_CHECKING:
@@ -124,7 +125,15 @@ class SimulatorProcess:
         env = dict(os.environ)
         # Unbuffered, so the URL line arrives at once.
         env["PYTHONUNBUFFERED"] = "1"
-        command = [sys.executable, "-m", "broker", "simulate", "--config", str(config)]
+        # This process's broker, whatever the working directory holds: -P keeps that
+        # directory off the child's path (a ./broker.py of the user's ran instead), unless
+        # this broker was imported from it (a checkout run uninstalled from its root).
+        home = Path(__file__).resolve().parents[2]
+        if home == Path.cwd().resolve():
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(home), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+            )
+        command = [sys.executable, "-P", "-m", "broker", "simulate", "--config", str(config)]
         # Stopped with this process even when it dies by SIGKILL (no cleanup runs then).
         command += ["--exit-with-parent", str(os.getpid())]
         self._proc = subprocess.Popen(
@@ -159,8 +168,8 @@ class SimulatorProcess:
             self._stop_process()
             detail = "".join(self._stderr_tail).strip()
             self._stop()
-            raise RuntimeError(
-                f"simulator did not start (first line {line!r}); stderr:\n{detail[-2000:]}"
+            raise SimulatorStartError(
+                f"the simulator did not start (first line {line!r}); stderr:\n{detail[-2000:]}"
             )
         return match.group(1)
 
