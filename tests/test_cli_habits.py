@@ -1696,6 +1696,33 @@ def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
     assert "rows: " not in err
 
 
+def test_refresh_does_not_replace_another_job_files_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--refresh`` of sb/daily.txt over sa/daily.txt's output (the shared default name) is
+    refused as a plain run is, and sa's output stays; it replaced it unasked, so two daily
+    jobs of one name took turns overwriting each other. ``--new-job`` still replaces it."""
+    monkeypatch.chdir(tmp_path)
+    config = str(_config(tmp_path))
+    for folder, count in (("sa", 3), ("sb", 2)):
+        (tmp_path / folder).mkdir()
+        _job(tmp_path / folder, count, "daily.txt")
+    assert cli.main(["run", "sa/daily.txt", "--config", config]) == ExitCode.OK
+    before = (tmp_path / "out" / "daily.jsonl").read_bytes()
+    capsys.readouterr()
+    code = cli.main(["run", "sb/daily.txt", "--config", config, "--refresh"])
+    assert code == ExitCode.DATA_ERROR
+    err = capsys.readouterr().err
+    assert f"is the output of another job file, {tmp_path / 'sa' / 'daily.txt'}" in err
+    assert (tmp_path / "out" / "daily.jsonl").read_bytes() == before
+    assert cli.main(["run", "sa/daily.txt", "--config", config, "--refresh"]) == ExitCode.OK
+    assert (
+        cli.main(["run", "sb/daily.txt", "--config", config, "--refresh", "--new-job"])
+        == ExitCode.OK
+    )
+    assert len((tmp_path / "out" / "daily.jsonl").read_text().splitlines()) == 2
+
+
 def test_embedded_simulator_runs_leave_no_key_state_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

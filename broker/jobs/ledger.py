@@ -340,19 +340,67 @@ def read_tally(ledger: Path) -> dict[str, int] | None:
     run that stopped on an error, in a spool's ``processing/``). A file this process may
     only read is read so.
     """
+    rows = _read_aside(ledger, "SELECT status, n FROM tally")
+    return None if rows is None else {str(status): int(n) for status, n in rows if n}
+
+
+def _read_aside(ledger: Path, query: str) -> list[Any] | None:
+    """The rows of ``query`` on ``ledger``, read without writing while another process may
+    be writing it (see :func:`read_tally`); None when it cannot be read (not made yet,
+    busy, not a ledger)."""
     uri = ledger.absolute().as_uri()
     for mode in ("rw", "ro"):
         try:
             conn = sqlite3.connect(f"{uri}?mode={mode}", uri=True, timeout=0.05)
             try:
                 conn.execute("PRAGMA query_only = ON")
-                rows = conn.execute("SELECT status, n FROM tally").fetchall()
+                return conn.execute(query).fetchall()
             finally:
                 conn.close()
         except sqlite3.Error:
             continue
-        return {str(status): int(n) for status, n in rows if n}
     return None
+
+
+def check_not_other_jobs(
+    ledger: Path, fingerprint: JobFingerprint, *, own: Sequence[Path] = ()
+) -> None:
+    """Refuse, as a plain run's opening of ``ledger`` does, a job file whose ``ledger`` (if
+    there is one) was started for another job file still there: ``--refresh`` runs beside
+    it and replaced that job's output unasked (two daily jobs of one name in different
+    folders, sharing a default output, took turns). ``own``: job files that are this job's
+    all the same (a ``-`` job's saved stdin, which new input on stdin replaces). Read-only;
+    a ledger that cannot be read is left to the plain run's opening to judge.
+
+    Raises:
+        OtherJobsOutputError: the ledger is another job file's.
+    """
+    rows = _read_aside(
+        ledger, "SELECT key, value FROM meta WHERE key IN ('job_path', 'job_size', 'job_sha256')"
+    )
+    if rows is None:
+        return
+    meta = dict(rows)
+    stored = meta.get("job_path")
+    if isinstance(stored, str) and os.path.abspath(stored) in {os.path.abspath(p) for p in own}:
+        return
+    if (meta.get("job_size"), meta.get("job_sha256")) != (fingerprint.size, fingerprint.sha256):
+        _refuse_other_job(ledger, meta.get("job_path"), fingerprint)
+
+
+def _refuse_other_job(ledger: Path, stored: object, fingerprint: JobFingerprint) -> None:
+    """Raise when ``stored``, the job file ``ledger`` was started for, is another file
+    still there (two jobs of the same name in different folders share a default output)."""
+    if not isinstance(stored, str):
+        return
+    with contextlib.suppress(OSError):
+        if Path(stored).is_file() and not Path(stored).samefile(fingerprint.path):
+            output = ledger.with_name(ledger.name.removesuffix(".ledger"))
+            raise OtherJobsOutputError(
+                f"{output} is the output of another job file, {stored}: give "
+                f"{fingerprint.path} an output of its own with --out, or run with "
+                "--new-job to replace that job's output."
+            )
 
 
 class Ledger:
@@ -572,30 +620,12 @@ class Ledger:
         self._set_meta("ingest_complete", 0)
         self._set_meta("last_done_order", 0)
 
-    def _other_job(self, path: Path) -> str | None:
-        """The job file this ledger was started for, when that is another file still there
-        (two jobs of the same name in different folders share a default output)."""
-        stored = self._meta("job_path")
-        if not isinstance(stored, str):
-            return None
-        with contextlib.suppress(OSError):
-            if Path(stored).is_file() and not Path(stored).samefile(path):
-                return stored
-        return None
-
     def _check_same_job(
         self, fingerprint: JobFingerprint, default_marketplace: str, settings: dict[str, str]
     ) -> None:
         size, sha256 = self._meta("job_size"), self._meta("job_sha256")
         if (size, sha256) != (fingerprint.size, fingerprint.sha256):
-            other = self._other_job(fingerprint.path)
-            if other is not None:
-                output = self._path.with_name(self._path.name.removesuffix(".ledger"))
-                raise OtherJobsOutputError(
-                    f"{output} is the output of another job file, {other}: give "
-                    f"{fingerprint.path} an output of its own with --out, or run with "
-                    "--new-job to replace that job's output."
-                )
+            _refuse_other_job(self._path, self._meta("job_path"), fingerprint)
             change = _what_changed(self._meta_int("job_size"), fingerprint.size)
             raise JobFileChangedError(
                 f"{fingerprint.path} {change} since this job started: run with --new-job to "

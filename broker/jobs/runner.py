@@ -56,6 +56,7 @@ from broker.jobs.ledger import (
     Ledger,
     Lookup,
     SinkState,
+    check_not_other_jobs,
     crash_point,
 )
 from broker.jobs.lock import JobLock
@@ -234,6 +235,8 @@ async def run_job(
     side = refresh_path(options.out)
     # The job's own lock too: no plain run may use the old ledger while it is replaced.
     with JobLock(ledger_path(options.out)):
+        if not options.new_job:
+            check_not_other_jobs(ledger_path(options.out), job_print, own=stdin_copies(options.out))
         side_options = dataclasses.replace(options, out=side, refresh=False, cache_refresh=True)
         try:
             summary = await _run_once(config, side_options, broker, job_print)
