@@ -117,6 +117,13 @@ _ENV_NAME: Final = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 #: which condemns every key), a control character every request of the key (aiohttp refuses
 #: the header); ``-`` and ``_`` are let through for the simulator's own accounts.
 _ACCESS_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+#: A PA-API secret key's shape (40 characters of both cases, '+' and '/' among them at
+#: times; a few more or less when mistyped): in ``credential_id`` it is the two fields
+#: swapped. Access keys are 20 capital letters and digits.
+_PAAPI_SECRET: Final = re.compile(r"(?=.*[a-z+/])[A-Za-z0-9+/]{32,48}")
+#: How a Login with Amazon (Creators 3.x) client secret starts; ids start
+#: ``amzn1.application-oa2-client.``.
+_LWA_SECRET_PREFIX: Final = "amzn1.oa2-cs."
 #: What a Creators credential id may hold (``amzn1.application-oa2-client.<hex>``): a comma
 #: or semicolon is a line of the credentials CSV pasted whole, the secret after it.
 _CREDENTIAL_ID: Final = re.compile(r"[A-Za-z0-9._-]+")
@@ -1154,6 +1161,22 @@ def _check_credential_id(credential_id: str, protocol: Protocol, path: str) -> N
         ConfigError: naming the character, where it is, and what to do.
     """
     paapi = protocol is Protocol.PAAPI5
+    # The two fields swapped (a common slip): refused without showing any of the value.
+    if credential_id.startswith(_LWA_SECRET_PREFIX):
+        raise ConfigError(
+            path,
+            f"looks like a Login with Amazon client secret (it starts {_LWA_SECRET_PREFIX}), "
+            "not a credential id (amzn1.application-oa2-client...): put the secret in "
+            "credential_secret_env or credential_secret_file and the id here (the value is "
+            "not shown)",
+        )
+    if paapi and _PAAPI_SECRET.fullmatch(credential_id):
+        raise ConfigError(
+            path,
+            "looks like a PA-API secret key (40 characters), not an access key (20 capitals "
+            "and digits, such as AKIA...): put the secret in credential_secret_env or "
+            "credential_secret_file and the access key here (the value is not shown)",
+        )
     if paapi and credential_id.startswith("amzn1."):
         raise ConfigError(
             path,
@@ -1169,11 +1192,13 @@ def _check_credential_id(credential_id: str, protocol: Protocol, path: str) -> N
             what = f"{char!r} (a credential id is letters, digits, '.', '-' and '_')"
         else:
             continue
+        # A '+' or '/' in a PA-API id: the whole field may be a secret key (those hold
+        # them), so not even the part before it is shown.
+        after = "" if paapi and char in "+/" else f", after {credential_id[:place]!r}"
         raise ConfigError(
             path,
-            f"holds {what} at character {place + 1}, after {credential_id[:place]!r}: copy "
-            "the id alone again from Associates Central (the rest is not shown: it may be "
-            "the secret)",
+            f"holds {what} at character {place + 1}{after}: copy the id alone again from "
+            "Associates Central (the rest is not shown: it may be the secret)",
         )
 
 

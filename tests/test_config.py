@@ -764,6 +764,43 @@ class TestDefaults:
         assert "holds ',' (a credential id is letters, digits, '.', '-' and '_')" in error.message
         assert "s3cret" not in str(error)
 
+    @pytest.mark.parametrize(
+        ("protocol", "credential", "said"),
+        [
+            (
+                "creators",
+                "amzn1.oa2-cs.v1.9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a3928",
+                "looks like a Login with Amazon client secret",
+            ),
+            ("paapi5", "wJalrXUtnFEMIK7MDENGbPxRfiCY/EXAMPLEKEY", "looks like a PA-API secret key"),
+            (
+                "paapi5",
+                "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEYz",
+                "looks like a PA-API secret key",
+            ),
+            (
+                "paapi5",
+                "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                "looks like a PA-API secret key",
+            ),
+            ("paapi5", "wJalrXUtnFEMIK7MDENG/bPxRfiCY", "holds '/' (a PA-API access"),
+        ],
+    )
+    def test_a_secret_in_the_id_field_is_refused_unshown(
+        self, protocol: str, credential: str, said: str
+    ) -> None:
+        """The id and the secret swapped: a Login with Amazon secret or a PA-API secret key
+        in ``credential_id`` is refused, and none of it is shown (the LWA one loaded and
+        ``check-config`` printed it whole; a PA-API one showed its first 28 characters)."""
+        document = _with("api.protocol", protocol)
+        if protocol == "paapi5":
+            del document["keys"][0]["version"]
+        document["keys"][0]["credential_id"] = credential
+        error = _error(document)
+        assert error.path == "keys[0].credential_id"
+        assert said in error.message
+        assert credential[12:20] not in str(error)
+
     def test_engine_rate_and_retry_defaults_are_the_readmes(self) -> None:
         """A minimal config gets max_in_flight 4, max_attempts 6, linger_s 0.05,
         request_timeout_s 30 and tpd_guard 0.99, the defaults the README's table states."""
