@@ -500,6 +500,17 @@ class TestEndpointErrors:
             await cache.token()
         assert info.value.code == code
 
+    @pytest.mark.parametrize("body", [b"Unauthorized", b"", b"<html>401</html>"])
+    async def test_a_401_that_is_not_json_is_a_rejected_client(self, body: bytes) -> None:
+        """A 401 from the token endpoint is the client rejected whatever its body (RFC 6749
+        5.2): it was an unreadable answer, waited out as an outage for the whole budget
+        (15 minutes by default) and then blamed on the network."""
+        cache = make(Endpoint(RawResponse(401, {}, body)))
+        with pytest.raises(AuthError) as info:
+            await cache.token()
+        assert info.value.code == "invalid_client"
+        assert cache.token_url in info.value.message
+
     @pytest.mark.parametrize(
         ("status", "body"),
         [

@@ -386,6 +386,17 @@ class CreatorsTokenCache:
                 request_id=rid,
             )
         if 400 <= status < 500:
+            if data is None and status == 401:
+                # RFC 6749 section 5.2: the client is rejected, whatever the body says; an
+                # unreadable answer would be waited out as an outage, then blamed on the
+                # network.
+                return AuthError(
+                    "invalid_client",
+                    f"HTTP 401 from {self._token_url} (its body is not JSON)",
+                    status=status,
+                    server_date=date,
+                    request_id=rid,
+                )
             if data is None:
                 return ResponseError(
                     f"token endpoint: HTTP {status} body is not JSON", status=status
