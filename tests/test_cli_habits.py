@@ -1723,6 +1723,21 @@ def test_refresh_does_not_replace_another_job_files_output(
     assert len((tmp_path / "out" / "daily.jsonl").read_text().splitlines()) == 2
 
 
+def test_out_dash_writes_json_lines_when_the_config_says_sqlite(
+    tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``--out -`` with ``[output] format = "sqlite"`` in the config writes JSON lines (the
+    config's format is for files); it was a usage error that did not name the config.
+    ``--format sqlite`` asked on the command line still is one."""
+    config = str(_config(tmp_path, _CONFIG + '\n[output]\nformat = "sqlite"\n'))
+    job = _job(tmp_path, 2)
+    args = ["run", str(job), "--out", "-", "--config", config, "--progress", "none"]
+    assert cli.main(args) == ExitCode.OK
+    rows = [json.loads(line) for line in capfdbinary.readouterr().out.splitlines()]
+    assert [row["input"] for row in rows] == ["B0TEST0000", "B0TEST0001"]
+    assert cli.main([*args, "--format", "sqlite"]) == ExitCode.USAGE
+
+
 def test_embedded_simulator_runs_leave_no_key_state_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -72,7 +72,8 @@ _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 def output_format(out: str | None, given: str | None, default: str) -> str:
     """The output format: ``--format``, else the one ``--out``'s name tells (``x.csv``),
-    else the config's ``[output] format``.
+    else the config's ``[output] format`` (for ``--out -``, JSON lines if that is sqlite,
+    which needs a file: the config's format is the one for files).
 
     Raises:
         UsageError: ``--out`` names a compressed file (``x.csv.gz``): the output would be
@@ -88,6 +89,8 @@ def output_format(out: str | None, given: str | None, default: str) -> str:
         return given
     if out and out != STDIO:
         return _BY_SUFFIX.get(Path(out).suffix.lower(), default)
+    if out == STDIO and default == "sqlite":
+        return "jsonl"
     return default
 
 
