@@ -605,6 +605,15 @@ class TestLongLinesAndJunk:
         with pytest.raises(JobFileError, match="UTF-16"):
             rows(path)
 
+    @pytest.mark.parametrize("codec", ["utf-32", "utf-32-be"])
+    def test_a_utf32_file_is_named_so(self, tmp_path: Path, codec: str) -> None:
+        """A file starting with a UTF-32 byte-order mark is called UTF-32 (its little-endian
+        mark starts with UTF-16's, and it was called UTF-16)."""
+        data = "\ufeffB0ABCDEFGH\n".encode(codec) if codec.endswith("be") else None
+        path = write(tmp_path, "job.txt", data or "B0ABCDEFGH\n".encode(codec))
+        with pytest.raises(JobFileError, match=r"the file is UTF-32 .*UTF-32 byte-order mark"):
+            rows(path)
+
     @pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le"])
     @pytest.mark.parametrize("name", ["job.csv", "job.txt"])
     def test_utf16_without_a_bom_is_refused_with_advice(

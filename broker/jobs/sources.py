@@ -95,7 +95,13 @@ _GZIP_MAGIC: Final = b"\x1f\x8b"
 #: (64 KiB) and its ending, so a first line the reader accepts always shows its ending.
 _CR_SNIFF_BYTES: Final = DEFAULT_MAX_LINE_BYTES + 2
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
-_UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
+#: Byte-order marks of the wide encodings, UTF-32's before UTF-16's (which they start with).
+_WIDE_BOMS: Final = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
 _ZIP_MAGIC: Final = b"PK\x03\x04"
 #: Compressed files other than gzip, by their first bytes: xz, zstd, and bzip2 ("BZh", the
 #: block size, then a block's or the end's magic number).
@@ -635,9 +641,11 @@ def _strip_file_head(content: bytes, path: Path) -> bytes:
     """Drop a UTF-8 BOM from the first line; refuse files that are clearly not text we read."""
     if content.startswith(_UTF8_BOM):
         return content[len(_UTF8_BOM) :]
-    if content.startswith(_UTF16_BOMS):
+    # UTF-32's marks first: the little-endian one starts with UTF-16's.
+    wide = next((name for bom, name in _WIDE_BOMS if content.startswith(bom)), None)
+    if wide is not None:
         raise JobFileError(
-            f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it "
+            f"{path}: the file is {wide} (it starts with a {wide} byte-order mark); save it "
             "as UTF-8 (in Excel: 'CSV UTF-8')"
         )
     if _wide_text(content):
