@@ -1738,6 +1738,23 @@ def test_out_dash_writes_json_lines_when_the_config_says_sqlite(
     assert cli.main([*args, "--format", "sqlite"]) == ExitCode.USAGE
 
 
+def test_a_finished_gzip_job_compressed_again_is_still_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A producer's cron re-gzips the same list (gzip's header holds a time): the finished
+    job is complete still, not refused as edited (exit 65, "restore the original")."""
+    monkeypatch.chdir(tmp_path)
+    config = str(_config(tmp_path))
+    raw = "".join(f"B0TEST{i:04d}\n" for i in range(3)).encode()
+    job = tmp_path / "list.txt.gz"
+    job.write_bytes(gzip.compress(raw, mtime=1))
+    assert cli.main(["run", str(job), "--config", config]) == ExitCode.OK
+    job.write_bytes(gzip.compress(raw, mtime=2))
+    capsys.readouterr()
+    assert cli.main(["run", str(job), "--config", config]) == ExitCode.OK
+    assert "already complete" in capsys.readouterr().err
+
+
 def test_embedded_simulator_runs_leave_no_key_state_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

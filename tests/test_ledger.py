@@ -39,7 +39,7 @@ from broker.jobs.ledger import (
     read_tally,
 )
 from broker.jobs.lock import JobLock, JobLockedError
-from broker.jobs.sources import JobFingerprint, JobRow
+from broker.jobs.sources import JobFingerprint, JobRow, fingerprint
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Status
 
 US = "www.amazon.com"
@@ -276,6 +276,32 @@ class TestOpen:
         with open_ledger(tmp_path, moved) as ledger:
             assert ledger.ingest_complete
             assert ledger.total_rows == 2
+
+    def test_the_same_rows_compressed_again_resume(self, tmp_path: Path) -> None:
+        """A gzip job whose rows are the same but whose file is not (gzip -c again: its
+        header holds a time) resumes under the new file's bytes; other rows are refused.
+        It was refused as edited ("restore the original"), which nothing could do."""
+        import gzip
+
+        raw = b"B000000001\nB000000002\n"
+        job = tmp_path / "job.txt.gz"
+        job.write_bytes(gzip.compress(raw, mtime=1))
+        first = fingerprint(job)
+        assert first.content_sha256 == hashlib.sha256(raw).hexdigest()
+        with open_ledger(tmp_path, first) as ledger:
+            ledger.ingest(job_rows(asin(1)))
+        job.write_bytes(gzip.compress(raw, mtime=2))
+        again = fingerprint(job)
+        assert again.sha256 != first.sha256
+        with open_ledger(tmp_path, again) as ledger:
+            assert ledger.total_rows == 1
+        with open_ledger(tmp_path, again) as ledger:  # its bytes are the job's now
+            assert ledger.total_rows == 1
+        job.write_bytes(gzip.compress(raw + b"B000000003\n", mtime=2))
+        with pytest.raises(JobMismatchError, match="since this job started"):
+            open_ledger(tmp_path, fingerprint(job))
+        job.write_bytes(gzip.compress(raw, mtime=3)[:-9])  # damaged: no content digest
+        assert fingerprint(job).content_sha256 is None
 
     def test_changed_default_marketplace_is_refused(self, tmp_path: Path) -> None:
         """Resuming with another default marketplace would mix marketplaces: refused."""

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, BinaryIO, Final, Literal, TypeAlias
 
 from broker.asin import AsinCheck, check_asin
 from broker.errors import JobChangedError, JobFileError
@@ -218,13 +218,17 @@ def _row(
 class JobFingerprint:
     """What a job file was when the job started, to refuse a resume against a changed file.
 
-    ``sha256`` is the hex digest of the file's bytes as stored (compressed, for a ``.gz``).
+    ``sha256`` is the hex digest of the file's bytes as stored (compressed, for a ``.gz``);
+    ``content_sha256`` that of a gzip file's decompressed bytes (None for a plain file, or
+    gzip data that does not decompress): the same rows compressed again (gzip's header
+    holds a time) are the same job.
     """
 
     path: Path
     size: int
     mtime_ns: int
     sha256: str
+    content_sha256: str | None = None
 
     def same_content(self, other: JobFingerprint) -> bool:
         """True when ``other`` has the same bytes; the path and mtime may differ (a spool
@@ -351,16 +355,31 @@ def fingerprint(path: str | os.PathLike[str]) -> JobFingerprint:
         JobFileError: the file changed while it was being hashed (a producer still writing).
     """
     absolute = Path(path).absolute()
+    content: str | None = None
     with open(absolute, "rb") as stream, _reading(absolute):
         before = os.fstat(stream.fileno())
         digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        stream.seek(0)
+        if stream.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC:
+            stream.seek(0)
+            content = _content_digest(stream)
         after = os.fstat(stream.fileno())
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
         raise JobFileError(
             f"{absolute}: the file changed while it was being read; is it still being "
             "written? Producers should write to a temporary name and rename it into place."
         )
-    return JobFingerprint(absolute, before.st_size, before.st_mtime_ns, digest)
+    return JobFingerprint(absolute, before.st_size, before.st_mtime_ns, digest, content)
+
+
+def _content_digest(stream: BinaryIO) -> str | None:
+    """The SHA-256 of gzip data's decompressed bytes, or None when it does not decompress
+    (reading the job says what is wrong with it)."""
+    try:
+        with gzip.GzipFile(fileobj=stream, mode="rb") as data:
+            return hashlib.file_digest(data, "sha256").hexdigest()
+    except (OSError, EOFError, zlib.error):
+        return None
 
 
 def check_unchanged(started: JobFingerprint) -> None:
