@@ -1676,6 +1676,16 @@ class TestReruns:
         assert out.read_text() == ordered
 
 
+def _two_daily_jobs(tmp_path: Path) -> str:
+    """sa/daily.txt (3 rows) run to the end, sb/daily.txt (2 rows) beside it; the config."""
+    config = str(_config(tmp_path))
+    for folder, count in (("sa", 3), ("sb", 2)):
+        (tmp_path / folder).mkdir()
+        _job(tmp_path / folder, count, "daily.txt")
+    assert cli.main(["run", "sa/daily.txt", "--config", config]) == ExitCode.OK
+    return config
+
+
 def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1683,11 +1693,7 @@ def test_same_named_jobs_sharing_a_default_output_name_the_other_job(
     job's file, instead of calling its own input changed, and prints no rows line (the
     first job's 3 rows were shown as its own)."""
     monkeypatch.chdir(tmp_path)
-    config = str(_config(tmp_path))
-    for folder, count in (("sa", 3), ("sb", 2)):
-        (tmp_path / folder).mkdir()
-        _job(tmp_path / folder, count, "daily.txt")
-    assert cli.main(["run", "sa/daily.txt", "--config", config]) == ExitCode.OK
+    config = _two_daily_jobs(tmp_path)
     capsys.readouterr()
     assert cli.main(["run", "sb/daily.txt", "--config", config]) == ExitCode.DATA_ERROR
     err = capsys.readouterr().err
@@ -1703,11 +1709,7 @@ def test_refresh_does_not_replace_another_job_files_output(
     refused as a plain run is, and sa's output stays; it replaced it unasked, so two daily
     jobs of one name took turns overwriting each other. ``--new-job`` still replaces it."""
     monkeypatch.chdir(tmp_path)
-    config = str(_config(tmp_path))
-    for folder, count in (("sa", 3), ("sb", 2)):
-        (tmp_path / folder).mkdir()
-        _job(tmp_path / folder, count, "daily.txt")
-    assert cli.main(["run", "sa/daily.txt", "--config", config]) == ExitCode.OK
+    config = _two_daily_jobs(tmp_path)
     before = (tmp_path / "out" / "daily.jsonl").read_bytes()
     capsys.readouterr()
     code = cli.main(["run", "sb/daily.txt", "--config", config, "--refresh"])
