@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
-__all__ = ["barred", "cancel_kept", "read_only", "reconnect_once", "refused_credentials"]
+if TYPE_CHECKING:
+    from redis.asyncio.retry import Retry
+
+__all__ = [
+    "ReconnectOptions",
+    "barred",
+    "cancel_kept",
+    "read_only",
+    "reconnect_once",
+    "refused_credentials",
+]
 
 
 class cancel_kept:  # a context manager named as the function it replaced
@@ -82,7 +92,14 @@ def barred(exc: BaseException) -> bool:
     )
 
 
-def reconnect_once() -> dict[str, Any]:
+class ReconnectOptions(TypedDict):
+    """Keyword arguments of ``redis.asyncio.Redis.from_url`` (see :func:`reconnect_once`)."""
+
+    retry: Retry
+    retry_on_error: list[type[Exception]]
+
+
+def reconnect_once() -> ReconnectOptions:
     """redis-py client options for one retry of a command on a fresh connection when the
     pooled one turns out dead, never after a timeout.
 
@@ -96,10 +113,10 @@ def reconnect_once() -> dict[str, Any]:
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    return {
-        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        "retry_on_error": [RedisConnectionError],
-    }
+    return ReconnectOptions(
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError],
+    )
 
 
 def read_only(exc: BaseException) -> str | None:

@@ -472,8 +472,9 @@ class TestRedisFaults:
     async def test_other_data_under_the_cache_s_keys(self, server: RedisServer) -> None:
         """Something else written under the cache's bookkeeping keys: a size that is no
         number counts as none in stats, an index member that is no key is skipped by a purge
-        by ASIN (a ValueError and an IndexError before, tracebacks of ``broker cache``), and
-        a key of another type is named with what to do (it said to check Redis is up)."""
+        by ASIN, one that is no UTF-8 is dropped when it expires (a ValueError, an
+        IndexError and a UnicodeDecodeError before: tracebacks of ``broker cache``), and a
+        key of another type is named with what to do (it said to check Redis is up)."""
         client = Redis.from_url(server.url)
         try:
             async with RedisCache.from_url(
@@ -482,6 +483,7 @@ class TestRedisFaults:
                 await cache.put_many([answer(a) for a in ASINS_A[:2]])
                 await client.hset("x:creators:sizes", "junk", "many")
                 await client.zadd("x:creators:index", {"no-bars": time.time()})
+                await client.zadd("x:creators:index", {b"\xff\xfe old": time.time() - 2 * 86_400})
                 stats = await cache.stats()
                 assert stats.entries == 3
                 assert stats.bytes > 0

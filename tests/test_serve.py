@@ -920,6 +920,33 @@ class TestResume:
         assert [daemon._claim_next() for _ in range(2)] == ["old.txt", "j12.txt"]
         assert len(listings) == 2
 
+    def test_an_inbox_unreadable_while_a_listing_is_gone_through_is_polled_on(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """inbox/ turns unreadable after a listing was taken (a chmod, an ACL): the next
+        claim's look at its job says so once and polls on, and the job is claimed once the
+        inbox reads again. The PermissionError of that look ended the daemon."""
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=FakeClock())
+        daemon.spool.prepare()
+        for n in range(3):
+            path = tmp_path / "inbox" / f"j{n}.txt"
+            path.write_text("B000000001\n")
+            os.utime(path, ns=(n * 10**9, n * 10**9))
+        assert daemon._claim_next() == "j0.txt"
+        real = os.stat
+
+        def unreadable(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            if Path(path).parent == tmp_path / "inbox":
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        with structlog.testing.capture_logs() as logs:
+            monkeypatch.setattr(serve.os, "stat", unreadable)
+            assert daemon._claim_next() is None
+            monkeypatch.undo()
+        assert [e["event"] for e in logs] == ["broker.inbox_unreadable"]
+        assert daemon._claim_next() == "j1.txt"
+
     async def test_a_job_that_grew_under_the_same_mtime_is_not_settled(
         self, tmp_path: Path
     ) -> None:

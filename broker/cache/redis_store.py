@@ -160,9 +160,10 @@ class RedisCache(StoreCache):
     def _name(self, key: CacheKey) -> str:
         return f"{self._base}item:{key.text()}"
 
-    def _member_name(self, member: bytes | str) -> str:
-        text = member.decode() if isinstance(member, bytes) else member
-        return f"{self._base}item:{text}"
+    def _member_name(self, member: bytes | str) -> bytes:
+        # As bytes, never decoded: a member something else wrote may be no UTF-8 at all.
+        raw = member if isinstance(member, bytes) else member.encode()
+        return self._base.encode() + b"item:" + raw
 
     # -- the home -----------------------------------------------------------------------
 
@@ -394,8 +395,8 @@ class RedisCache(StoreCache):
         if refusal == "memory":
             return self.where, (
                 "Redis is up but takes no writes (out of memory under maxmemory-policy "
-                "noeviction): give the cache a Redis with an evicting policy "
-                "(allkeys-lru) or more maxmemory"
+                "noeviction): give the cache a Redis that evicts (maxmemory-policy "
+                "volatile-ttl; see the README's item cache), or more maxmemory"
             )
         if isinstance(error, ResponseError) and "WRONGTYPE" in str(error):
             return self.where, (

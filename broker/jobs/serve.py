@@ -1323,6 +1323,11 @@ class Daemon:
                     info = os.stat(self.spool.inbox / name, follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # claimed by another daemon, or taken back
+                except PermissionError as exc:
+                    # inbox/ unreadable since the listing: polled on, as at a listing.
+                    self._listing.clear()
+                    self._inbox_unreadable(exc)
+                    return None
                 if not stat.S_ISREG(info.st_mode):
                     continue  # no longer a job file: the next listing says what it is
             if _is_reserved(name):
