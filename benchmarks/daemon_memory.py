@@ -134,7 +134,8 @@ def _run(jobs: int, waiting: int, tmp: Path) -> dict[str, Any]:
         env = dict(os.environ)
         env[_SECRET_ENV] = str(account["secret"])
         env["XDG_STATE_HOME"] = str(tmp / "state")
-        command = [sys.executable, "-m", "broker", "serve", "--spool", str(spool)]
+        # -P: the installed broker, never a broker.py of the working directory.
+        command = [sys.executable, "-P", "-m", "broker", "serve", "--spool", str(spool)]
         command += ["--config", str(config), "--port", "0"]
         feeder = _Feeder(spool / "inbox", jobs, waiting)
         with (tmp / "daemon.stderr").open("w", encoding="utf-8") as stderr:

@@ -215,6 +215,7 @@ def _run(args: argparse.Namespace, rows: int, tmp: Path) -> dict[str, Any]:
         env["XDG_STATE_HOME"] = str(tmp / "state")
         command = [
             sys.executable,
+            "-P",  # the installed broker, never a broker.py of the working directory
             "-m",
             "broker",
             "run",

@@ -260,7 +260,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("jsonl", "csv", "sqlite"),
         help="output format (default: the one --out's name says: .jsonl or .ndjson, .csv, "
-        ".sqlite, .sqlite3 or .db; else output.format of the config)",
+        ".sqlite, .sqlite3 or .db; else output.format of the config, JSON lines for --out - "
+        "when that is sqlite)",
     )
     run.add_argument(
         "--strict",

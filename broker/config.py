@@ -121,6 +121,8 @@ _ACCESS_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 #: times; a few more or less when mistyped): in ``credential_id`` it is the two fields
 #: swapped. Access keys are 20 capital letters and digits.
 _PAAPI_SECRET: Final = re.compile(r"(?=.*[a-z+/])[A-Za-z0-9+/]{32,48}")
+#: A Cognito (Creators 2.x) client secret's shape; its client ids are 26 such characters.
+_COGNITO_SECRET: Final = re.compile(r"[a-z0-9]{40,}")
 #: How a Login with Amazon (Creators 3.x) client secret starts; ids start
 #: ``amzn1.application-oa2-client.``.
 _LWA_SECRET_PREFIX: Final = "amzn1.oa2-cs."
@@ -1169,6 +1171,14 @@ def _check_credential_id(credential_id: str, protocol: Protocol, path: str) -> N
             "not a credential id (amzn1.application-oa2-client...): put the secret in "
             "credential_secret_env or credential_secret_file and the id here (the value is "
             "not shown)",
+        )
+    if not paapi and _COGNITO_SECRET.fullmatch(credential_id):
+        raise ConfigError(
+            path,
+            "looks like a Creators 2.x (Cognito) client secret (40 or more lower-case letters "
+            "and digits), not a credential id (26 of them for 2.x, amzn1.application-oa2-"
+            "client... for 3.x): put the secret in credential_secret_env or "
+            "credential_secret_file and the id here (the value is not shown)",
         )
     if paapi and _PAAPI_SECRET.fullmatch(credential_id):
         raise ConfigError(

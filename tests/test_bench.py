@@ -12,6 +12,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import sighup_at_default
@@ -520,6 +521,34 @@ def test_the_simulator_child_runs_this_broker_whatever_the_working_directory(
     monkeypatch.chdir(tmp_path)
     with SimulatorProcess({}) as sim:
         assert sim.url.startswith("http://127.0.0.1:")
+
+
+def test_a_broker_reached_through_a_link_is_put_on_the_childs_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker imported through a linked package from the working directory (``proj/broker
+    -> checkout/broker``, run from ``proj``) is put on the child's path as that folder: the
+    link was resolved, the folder taken for another, and the child (``-P``) found no
+    broker."""
+    import broker
+    import broker.simulator.process as process
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "broker").symlink_to(Path(broker.__file__).parent)
+    monkeypatch.chdir(proj)
+    monkeypatch.setattr(process, "__file__", str(proj / "broker" / "simulator" / "process.py"))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    seen: dict[str, str] = {}
+
+    def popen(command: list[str], **options: Any) -> None:
+        seen.update(options["env"])
+        raise OSError("not started")
+
+    monkeypatch.setattr(process.subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="not started"), SimulatorProcess({}):
+        pass
+    assert seen["PYTHONPATH"] == str(proj)
 
 
 def test_bench_says_in_one_line_that_the_simulator_did_not_start(

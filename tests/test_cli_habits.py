@@ -1740,6 +1740,30 @@ def test_out_dash_writes_json_lines_when_the_config_says_sqlite(
     assert cli.main([*args, "--format", "sqlite"]) == ExitCode.USAGE
 
 
+def test_refresh_does_not_replace_another_job_files_stopped_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sa's ``--refresh`` stopped before it completed (its rows and ledger beside the
+    output): sb's ``--refresh`` of the same output is refused and leaves them. It took the
+    other job's refresh for its own stopped before a change, started it over, and
+    promoted its own output."""
+    monkeypatch.chdir(tmp_path)
+    config = str(_config(tmp_path))
+    for folder, count in (("sa", 3), ("sb", 2)):
+        (tmp_path / folder).mkdir()
+        _job(tmp_path / folder, count, "daily.txt")
+    # As a stopped refresh of sa leaves it (a plain run to that path makes the same files).
+    side = tmp_path / "out" / "daily.jsonl.refresh"
+    assert cli.main(["run", "sa/daily.txt", "--config", config, "--out", str(side)]) == 0
+    kept = side.read_bytes()
+    capsys.readouterr()
+    code = cli.main(["run", "sb/daily.txt", "--config", config, "--refresh"])
+    assert code == ExitCode.DATA_ERROR
+    assert "output of another job file" in capsys.readouterr().err
+    assert side.read_bytes() == kept
+    assert not (tmp_path / "out" / "daily.jsonl").exists()
+
+
 def test_a_finished_gzip_job_compressed_again_is_still_complete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -772,6 +772,11 @@ class TestDefaults:
                 "amzn1.oa2-cs.v1.9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a3928",
                 "looks like a Login with Amazon client secret",
             ),
+            (
+                "creators",
+                "1a2b3c4d5e6f7g8h9i0j1k2l3m4n5o6p7q8r9s0t1u2v3w4x5y6z",
+                "looks like a Creators 2.x (Cognito) client secret",
+            ),
             ("paapi5", "wJalrXUtnFEMIK7MDENGbPxRfiCY/EXAMPLEKEY", "looks like a PA-API secret key"),
             (
                 "paapi5",

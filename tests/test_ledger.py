@@ -303,6 +303,25 @@ class TestOpen:
         job.write_bytes(gzip.compress(raw, mtime=3)[:-9])  # damaged: no content digest
         assert fingerprint(job).content_sha256 is None
 
+    def test_a_gzip_job_an_older_broker_started_learns_its_content(self, tmp_path: Path) -> None:
+        """A gzip job whose ledger an older broker started (no content digest) takes the
+        digest at its next opening on the same bytes, so a later re-gzip of the same rows
+        resumes too (it stayed refused as edited for ever)."""
+        import gzip
+
+        raw = b"B000000001\n"
+        job = tmp_path / "job.txt.gz"
+        job.write_bytes(gzip.compress(raw, mtime=1))
+        first = fingerprint(job)
+        older = JobFingerprint(first.path, first.size, first.mtime_ns, first.sha256)
+        with open_ledger(tmp_path, older) as ledger:  # as an older broker started it
+            ledger.ingest(job_rows(asin(1)))
+        with open_ledger(tmp_path, first) as ledger:
+            assert ledger.total_rows == 1
+        job.write_bytes(gzip.compress(raw, mtime=2))
+        with open_ledger(tmp_path, fingerprint(job)) as ledger:
+            assert ledger.total_rows == 1
+
     def test_changed_default_marketplace_is_refused(self, tmp_path: Path) -> None:
         """Resuming with another default marketplace would mix marketplaces: refused."""
         with open_ledger(tmp_path) as ledger:

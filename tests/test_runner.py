@@ -303,6 +303,32 @@ class TestResume:
             assert summary.exit_code() == ExitCode.OK
         assert summary.already_complete is not None
 
+    async def test_the_job_file_is_hashed_off_the_event_loop(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The job file's fingerprint (a hash of all of it, a gzip one unpacked too) is
+        taken in a worker thread: a daemon's /healthz went unanswered for 13 s while a 3 MiB
+        gzip that unpacks to 4 GiB was hashed on the loop."""
+        import threading
+
+        seen: list[str] = []
+        real = runner.fingerprint
+
+        def recorded(path: Any) -> Any:
+            seen.append(threading.current_thread().name)
+            return real(path)
+
+        monkeypatch.setattr(runner, "fingerprint", recorded)
+        job = tmp_path / "job.txt.gz"
+        job.write_bytes(gzip.compress(b"B0GZIPJOB1\n"))
+        options = JobOptions(
+            job=job, out=tmp_path / "out.jsonl", progress="none", handle_signals=False
+        )
+        summary = await run_job(load_config(_config(tmp_path)), options)
+        assert summary.exit_code() == ExitCode.OK
+        assert seen
+        assert threading.main_thread().name not in seen
+
     def test_strict_new_job_refused_leaves_the_finished_job_as_it_was(self, tmp_path: Path) -> None:
         """--strict --new-job on a file with an invalid row is refused before the old job is
         dropped: with the original restored, the finished job is still complete."""

@@ -623,6 +623,30 @@ class TestCsvPassThrough:
             emit_closed(ledger, CsvSink(out))
         assert out.read_bytes() == whole
 
+    def test_an_older_brokers_header_with_a_quoted_name_resumes_whole(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An output an older broker began, its header holding a job's name ``'note`` as it
+        came, resumes with that column filled: the name read back as ``note``, and every
+        row written after the upgrade left its cell empty."""
+        rows = [JobRow(n, asin(n), asin(n), extra={"'note": f"n{n}"}) for n in range(1, 5)]
+        out = tmp_path / "out.csv"
+        ledger = Ledger.open(
+            tmp_path / "f.ledger", fingerprint=FP, default_marketplace=US, synchronous="NORMAL"
+        )
+        with ledger:
+            ledger.ingest(rows)
+            lookups = list(ledger.pending_lookups())
+            ledger.record_results([(lk, result(lk)) for lk in lookups[:2]])
+            with monkeypatch.context() as older:  # names written as they came
+                older.setattr(sinks, "_column_name", lambda name: name)
+                emit_closed(ledger, CsvSink(out, ledger.extra_names()))
+            assert out.read_bytes().split(b"\r\n")[0].endswith(b",'note")
+            ledger.record_results([(lk, result(lk)) for lk in lookups[2:]])
+            emit_closed(ledger, CsvSink(out, ledger.extra_names()))
+        notes = sorted(r["'note"] for r in csv_records(out))
+        assert notes == ["n1", "n2", "n3", "n4"]
+
     @pytest.mark.parametrize(
         ("name", "column"),
         [

@@ -636,7 +636,10 @@ class Ledger:
     ) -> None:
         size, sha256 = self._meta("job_size"), self._meta("job_sha256")
         if (size, sha256) == (fingerprint.size, fingerprint.sha256):
-            pass
+            if fingerprint.content_sha256 is not None and self._meta("job_content_sha256") is None:
+                # A job an older broker started: the same bytes, so their content is the
+                # job's, and a gzip compressed again later is known for the same rows.
+                self._set_meta("job_content_sha256", fingerprint.content_sha256)
         elif _recompressed(self._meta("job_content_sha256"), fingerprint):
             # The same rows compressed again (a producer's cron re-gzips its list, and
             # gzip's header holds a time): the job goes on, under the new file's bytes.

@@ -55,6 +55,7 @@ from broker.jobs.ledger import (
     JobMismatchError,
     Ledger,
     Lookup,
+    OtherJobsOutputError,
     SinkState,
     check_not_other_jobs,
     crash_point,
@@ -228,7 +229,8 @@ async def run_job(
         NoUsableKeyError: every key is out of rotation (rows stay pending for a rerun).
         OSError: the output or ledger cannot be written.
     """
-    job_print = fingerprint(options.job)
+    # In a thread: the hash reads the whole file (and unpacks a gzip one).
+    job_print = await _in_thread(lambda: fingerprint(options.job))
     finish_promotion(options.out)
     if not options.refresh:
         return await _run_once(config, options, broker, job_print)
@@ -240,6 +242,10 @@ async def run_job(
         side_options = dataclasses.replace(options, out=side, refresh=False, cache_refresh=True)
         try:
             summary = await _run_once(config, side_options, broker, job_print)
+        except OtherJobsOutputError:
+            # Another job file's refresh, stopped before it completed: not this job's to
+            # start over (only --new-job replaces another job's output).
+            raise
         except JobMismatchError as exc:
             # --refresh starts the job over on the file (and settings) as they are now: a
             # refresh stopped before they changed starts again instead of refusing, and

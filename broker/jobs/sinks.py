@@ -580,7 +580,7 @@ class CsvSink(_FileSink):
             # Cut back to the header alone (a hand-cut file): decide the columns again.
             self.close()
             state = super().open(SinkState())
-        self._extra = None if state.done_order == 0 else self._read_extra(header)
+        self._extra = None if state.done_order == 0 else self._read_extra(header, self._known)
         return state
 
     def write(self, rows: Sequence[DoneRow]) -> None:
@@ -611,9 +611,19 @@ class CsvSink(_FileSink):
             return next(csv.reader(stream), [])
 
     @staticmethod
-    def _read_extra(header: Sequence[str]) -> tuple[str, ...]:
-        """The pass-through columns a header of ours names after our columns."""
-        return tuple(_input_name(name) for name in header[len(CSV_COLUMNS) :])
+    def _read_extra(header: Sequence[str], known: Sequence[str] = ()) -> tuple[str, ...]:
+        """The pass-through columns a header of ours names after our columns.
+
+        ``known``: the job's own names. A cell that is one of them as it stands, where the
+        name it reads as is not, was written by an older broker, which wrote names as they
+        came (a name ``'note`` read as ``note`` left its column empty on resume).
+        """
+        names = set(known)
+        extra = []
+        for cell in header[len(CSV_COLUMNS) :]:
+            name = _input_name(cell)
+            extra.append(cell if name not in names and cell in names else name)
+        return tuple(extra)
 
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
         extra = self._extra or ()

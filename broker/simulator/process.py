@@ -4,7 +4,7 @@
 the simulator must not share the client's process: its CPU would land in the client's
 ``time.process_time`` and its event loop would delay the client's timers (``ratelimit.md``
 5.2: count on the server side, with the server's own clock). :class:`SimulatorProcess`
-runs ``python -m broker simulate --config <tmp toml> --port 0``, reads the bound URL from
+runs ``python -P -m broker simulate --config <tmp toml> --port 0``, reads the bound URL from
 the simulator's first stdout line, and removes the temporary file once the child has read it.
 """
 
@@ -128,8 +128,10 @@ class SimulatorProcess:
         # This process's broker, whatever the working directory holds: -P keeps that
         # directory off the child's path (a ./broker.py of the user's ran instead), unless
         # this broker was imported from it (a checkout run uninstalled from its root).
-        home = Path(__file__).resolve().parents[2]
-        if home == Path.cwd().resolve():
+        # (Its folder resolved, not the module: a package reached through a link is run
+        # from the folder holding the link.)
+        home = Path(__file__).absolute().parents[2]
+        if home.resolve() == Path.cwd().resolve():
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(home), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
             )
