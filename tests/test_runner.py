@@ -664,6 +664,7 @@ class _SharedBroker:
 
     def __init__(self) -> None:
         self.throttled = 40
+        self.clock = FakeClock()
 
     def metrics(self) -> _Metrics:
         return _Metrics(self.throttled)
@@ -754,6 +755,83 @@ def test_progress_eta_counts_the_days_the_daily_quota_takes(
         progress._show()
     (event,) = [e for e in logs if e["event"] == "broker.progress"]
     assert event["eta_s"] >= 12 * 3600
+
+
+def _progress_of(
+    tmp_path: Path, keys: list[KeySnapshot], **options: Any
+) -> tuple[runner._Progress, _SharedBroker]:
+    """A progress in log mode over ``_Tally`` (4 of 10 rows done) and ``keys``."""
+    broker = _SharedBroker()
+    broker.clock = FakeClock()  # 2026-05-01T12:00:00Z
+    monkeypatch_keys: dict[str, list[KeySnapshot]] = {"keys": keys}
+    broker.metrics = lambda: type(  # type: ignore[method-assign]
+        "M", (), {"throttled": 0, "keys": monkeypatch_keys["keys"]}
+    )
+    job = JobOptions(job=tmp_path / "j.txt", out=tmp_path / "o.jsonl", progress="log")
+    progress = runner._Progress(_Tally(), broker, job, **options)  # type: ignore[arg-type]
+    return progress, broker
+
+
+def _eta(progress: runner._Progress) -> Any:
+    with capture_logs() as logs:
+        progress._show()
+    (event,) = [e for e in logs if e["event"] == "broker.progress"]
+    return event["eta_s"], event["rows_per_s"]
+
+
+@pytest.mark.parametrize(("batch", "days"), [(10, False), (1, True)])
+def test_progress_eta_counts_requests_of_the_configured_batch_size(
+    tmp_path: Path, batch: int, days: bool
+) -> None:
+    """30 lookups left and 5 requests left of the key's day: in batches of 10 they fit
+    today, one by one (engine.batch_size = 1) they wait for the reset. Full batches were
+    assumed: an ETA of minutes for a job that takes days."""
+    us = _key_today(5, 0, resets_at="2026-05-02T00:00:00Z")
+    progress, broker = _progress_of(
+        tmp_path, [us], needed=lambda: {"demo"}, left={"www.amazon.com": 30}, batch_size=batch
+    )
+    progress._start_done = 0
+    broker.clock._now += 2.0  # type: ignore[attr-defined]
+    eta, _ = _eta(progress)
+    assert (eta >= 12 * 3600) is days
+
+
+def test_progress_eta_counts_the_requests_on_the_wire_as_the_rows_own(tmp_path: Path) -> None:
+    """Three requests' rows left, one request left of the key's day and two on the wire
+    (counted spent when booked): the job fits today. It was told to wait for the reset, a
+    job sized to the quota shown an ETA of 14 hours 5 s before it ended."""
+    us = dataclasses.replace(_key_today(1, 29, resets_at="2026-05-02T00:00:00Z"), in_flight=2)
+    progress, broker = _progress_of(
+        tmp_path, [us], needed=lambda: {"demo"}, left={"www.amazon.com": 30}
+    )
+    progress._start_done = 0
+    broker.clock._now += 2.0  # type: ignore[attr-defined]
+    eta, _ = _eta(progress)
+    assert eta < 60
+
+
+def test_progress_rate_after_a_hold_counts_from_its_end(tmp_path: Path) -> None:
+    """Held an hour for the keys' daily reset, then 20 rows in 10 s: 2 rows/s and an ETA
+    of seconds, not the rate over the hour waited (0.04 rows/s, an ETA of minutes for a
+    job ending in seconds)."""
+    until = "2026-05-02T00:00:00Z"
+    held = KeySnapshot("demo", "paused", 1, 1, 0, 1, 0, 0, 1, 8640, None, runner.QUOTA_WAIT, until)
+    answered = [0]
+    progress, broker = _progress_of(
+        tmp_path, [held], needed=lambda: {"demo"}, answered=lambda: answered[0]
+    )
+    clock = broker.clock
+    clock._now += 3600.0  # type: ignore[attr-defined]
+    assert _eta(progress) == (None, 0.0)
+    broker.metrics = lambda: type(  # type: ignore[method-assign]
+        "M", (), {"throttled": 0, "keys": [_key_today(None, 0)]}
+    )
+    _eta(progress)  # the hold is over
+    clock._now += 10.0  # type: ignore[attr-defined]
+    answered[0] = 20
+    eta, rate = _eta(progress)
+    assert rate == 2.0
+    assert eta == 3  # 6 rows left at 2 a second
 
 
 def test_a_write_error_on_a_relative_path_says_where_that_is(

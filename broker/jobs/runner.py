@@ -934,7 +934,15 @@ async def _fetch(
     # and with it a daemon's /healthz and /metrics and its signals.
     left = await _in_thread(ledger.pending_by_marketplace)
     needed = functools.partial(_keys_for_markets, broker, left)
-    progress = _Progress(ledger, broker, options, needed=needed, left=left)
+    progress = _Progress(
+        ledger,
+        broker,
+        options,
+        needed=needed,
+        left=left,
+        batch_size=config.engine.batch_size,
+        answered=lambda: answered,
+    )
 
     def record() -> bool:
         """Commit the buffered results to the ledger; True if there were any."""
@@ -943,9 +951,6 @@ async def _fetch(
         if not buffer:
             return False
         ledger.record_results(buffer)
-        for lookup, _ in buffer:
-            if lookup.marketplace in left:
-                left[lookup.marketplace] -= 1
         buffer.clear()
         crash_point("after_commit")
         return True
@@ -966,6 +971,10 @@ async def _fetch(
             lookup = result.query.tag
             assert isinstance(lookup, Lookup)
             buffer.append((lookup, result))
+            # Counted down at the answer, not at its commit: the progress weighs the rows
+            # left against the keys' quota, which counted their requests when booked.
+            if lookup.marketplace in left:
+                left[lookup.marketplace] -= 1
             if len(buffer) >= _COMMIT_ROWS or time.monotonic() - last_commit >= _COMMIT_EVERY_S:
                 await commit()
                 progress.tick()
@@ -1314,7 +1323,7 @@ def _signals(stop: _Stop, *, enabled: bool, drain: asyncio.Event | None) -> Iter
         stop.close()
 
 
-#: Lookups a GetItems request carries when its batch is full.
+#: Lookups a GetItems request carries when its batch is full (the most it takes).
 _FULL_BATCH: Final = 10
 
 
@@ -1329,9 +1338,16 @@ class _Progress:
         *,
         needed: Callable[[], Collection[str]] = frozenset,
         left: Mapping[str, int] | None = None,
+        batch_size: int = _FULL_BATCH,
+        answered: Callable[[], int] | None = None,
     ) -> None:
         self._ledger = ledger
         self._broker = broker
+        # The rows answered so far, for rows/s: the ledger's count moves only at each
+        # commit (about once a second), so every other look saw half the rate.
+        self._answered = answered if answered is not None else lambda: ledger.counts().done
+        # Lookups a request carries (engine.batch_size): the requests the rows left take.
+        self._batch_size = batch_size
         # The lookups left per marketplace (the fetch counts them down): the ETA's share of
         # each marketplace's daily quota.
         self._left: Mapping[str, int] = left if left is not None else {}
@@ -1346,8 +1362,11 @@ class _Progress:
         self._label = _label(options)
         self._every_s = 1.0 if self._live else options.progress_every_s
         self._first_s = options.first_progress_s
-        self._started = time.monotonic()
-        self._start_done = ledger.counts().done
+        # On the broker's clock: the rate's start, moved to the end of a hold.
+        self._started = broker.clock.monotonic()
+        self._start_done = self._answered()
+        # The job was held (its keys waited for their daily quota) at the last look.
+        self._held = False
         # The job's own 429s: a daemon's broker counts every job it ran before this one.
         self._start_throttled = broker.metrics().throttled
 
@@ -1367,16 +1386,22 @@ class _Progress:
             return
         counts = self._ledger.counts()
         metrics = self._broker.metrics()
-        elapsed = max(time.monotonic() - self._started, 1e-6)
-        rate = (counts.done - self._start_done) / elapsed
         keys_needed = self._needed() if counts.pending else ()
         waiting = quota_wait(metrics, keys=keys_needed) if keys_needed else None
+        moment = self._broker.clock.monotonic()
+        answered = self._answered()
+        if waiting is None and self._held:
+            # The hold is over: rows/s and the ETA count from its end (over the hours
+            # waited, the rate and the ETA were off by their length).
+            self._started, self._start_done = moment, answered
+        self._held = waiting is not None
+        rate = (answered - self._start_done) / max(moment - self._started, 1e-6)
         eta = None
         if rate > 0 and waiting is None:
             # The rows per second, or the days the daily quotas of the rows' marketplaces
             # take, if longer (each marketplace's lookups in full batches).
             eta = counts.pending / rate
-            requests = {m: math.ceil(n / _FULL_BATCH) for m, n in self._left.items() if n > 0}
+            requests = {m: math.ceil(n / self._batch_size) for m, n in self._left.items() if n > 0}
             if requests:
                 now = self._broker.clock.utcnow()
                 eta = max(eta, quota_eta(requests, metrics.keys, now=now))
@@ -1470,7 +1495,8 @@ def _quota_wait_s(needed: float, serving: Sequence[KeySnapshot], now: datetime) 
     (0: today's quota takes them, or a key has no daily limit)."""
     if not serving or any(k.daily_left is None or k.daily_resets_at is None for k in serving):
         return 0.0
-    today = sum(max(k.daily_left or 0, 0) for k in serving)
+    # The requests on the wire are counted spent already, and their rows are still left.
+    today = sum(max(k.daily_left or 0, 0) + k.in_flight for k in serving)
     if needed <= today:
         return 0.0
     reset = min(datetime.fromisoformat(k.daily_resets_at or "") for k in serving)
