@@ -1413,6 +1413,10 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     except OSError as exc:
         code, message = _unusable_path(exc, args.job)
         print(f"{prog()}: {message}", file=sys.stderr)
+        # As every error exit of a run does (an alert on the event must not miss it).
+        from broker.logs import get_logger
+
+        get_logger().error("broker.job_finished", job=args.job, error=message, exit_code=int(code))
         return code
     with paths:
         return _run_loop(_run(config, args, paths))
@@ -1550,6 +1554,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     from broker.jobs.signals import StoppedReading, stops_reading
 
     assert isinstance(paths, RunPaths)
+    summary = None
     options = JobOptions(
         job=paths.job,
         out=paths.out,
@@ -1596,7 +1601,16 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         print(f"{prog()}: {message}", file=sys.stderr)
         return code
     finally:
+        if summary is None:
+            paths.copy_out()  # what was written before the error (--out -)
+    try:
         paths.copy_out()
+    except OSError as exc:
+        if not isinstance(exc, BrokenPipeError):
+            # stdout unwritable (a full device): the run ends 74 on it, said by the
+            # top level, and logged as every error exit of a run is.
+            _log_stopped(paths, ExitCode.IO_ERROR, f"cannot write to stdout: {exc.strerror}")
+        raise
     _log_finished(summary, paths)
     _say_rows(
         summary.total, summary.by_status, summary.pending, read_complete=summary.read_complete

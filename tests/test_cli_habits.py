@@ -699,7 +699,12 @@ class TestRunPaths:
         loop = str(tmp_path / "l1")
         for given in (loop, f"{tmp_path}/./l1", f"{loop}/"):
             assert cli.main(["run", given, "--config", config]) == ExitCode.NO_INPUT
-            assert f"cannot read the job file {given}: " in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert f"cannot read the job file {given}: " in err
+            # Logged as every error exit of a run is (it was not).
+            events = [json.loads(line) for line in err.splitlines() if line[:1] == "{"]
+            (finished,) = [e for e in events if e["event"] == "broker.job_finished"]
+            assert (finished["level"], finished["exit_code"]) == ("error", 66)
         assert cli.main(["run", str(job), "--config", config, "--out", loop]) == 74
         assert f"cannot write {loop}: " in capsys.readouterr().err
         long = str(tmp_path / ("c" * 250))

@@ -219,6 +219,25 @@ def test_lookup_into_a_full_stdout_exits_74_without_a_traceback(tmp_path: Path) 
 
 
 @pytest.mark.skipif(not os.path.exists(_FULL), reason="no /dev/full")
+def test_run_out_dash_into_a_full_stdout_logs_its_end(tmp_path: Path) -> None:
+    """``broker run JOB --out -`` whose rows a full disk cannot take exits 74 with its
+    ``broker.job_finished`` error event and its rows line, as every error exit of a run
+    ends: it ended with the top level's line alone, the requests paid for untold."""
+    config = embedded_config(tmp_path / "c.toml")  # its logs are JSON lines
+    job = tmp_path / "job.txt"
+    job.write_text("B000TEST01\nB000TEST02\n")
+    args = ("run", str(job), "--out", "-", "--no-cache", "--config", str(config))
+    with open(_FULL, "wb") as full:
+        done = _broker(*args, stdout=full)
+    err = done.stderr.decode()
+    assert done.returncode == 74, err[-2000:]
+    assert "cannot write to stdout: No space left on device" in err
+    finished = [json.loads(line) for line in err.splitlines() if "broker.job_finished" in line]
+    assert [(e["level"], e["exit_code"]) for e in finished] == [("error", 74)]
+    assert "rows: 2" in err
+
+
+@pytest.mark.skipif(not os.path.exists(_FULL), reason="no /dev/full")
 def test_simulate_into_a_full_stdout_exits_74_not_a_port_error(tmp_path: Path) -> None:
     """``broker simulate`` whose ready line a full disk cannot take exits 74 saying so, as
     every command does; it blamed the port ("cannot listen on 127.0.0.1:0"), exit 78."""
