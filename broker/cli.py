@@ -1450,13 +1450,18 @@ def _as_stdin(message: str, copy: str) -> str:
     return f"stdin: line {message[len(prefix) :]}" if message.startswith(prefix) else message
 
 
-def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
+def _log_finished(summary: JobSummary, paths: RunPaths, *, failed: str | None = None) -> None:
     """The closing figures as one ``broker.job_finished`` event: with JSON logs, a log
-    collector reads them there instead of parsing the plain lines printed after it."""
+    collector reads them there instead of parsing the plain lines printed after it.
+    ``failed``: the run's rows are done, but what ends it is this error (exit 74): logged
+    at error level, with it."""
     from broker.logs import get_logger
 
-    get_logger().info(
+    logger = get_logger()
+    extra: dict[str, object] = {} if failed is None else {"error": failed}
+    (logger.info if failed is None else logger.error)(
         "broker.job_finished",
+        **extra,
         job=str(paths.job) if not paths.stdin else "-",
         out=paths.shown_out,
         rows={"total": summary.total, **summary.by_status},
@@ -1477,7 +1482,7 @@ def _log_finished(summary: JobSummary, paths: RunPaths) -> None:
             {"code": code, "marketplace": market, "rows": n}
             for code, market, n in summary.failed_causes
         ],
-        exit_code=int(summary.exit_code()),
+        exit_code=int(summary.exit_code() if failed is None else ExitCode.IO_ERROR),
     )
 
 
@@ -1602,14 +1607,21 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         return code
     finally:
         if summary is None:
-            paths.copy_out()  # what was written before the error (--out -)
+            try:
+                paths.copy_out()  # what was written before the error (--out -)
+            except OSError as exc:
+                if isinstance(exc, BrokenPipeError):
+                    raise  # the reader went away: quiet, as ever (141)
+                # The run's own error is what it ends on, as its event said.
+                print(f"{prog()}: cannot write to stdout: {exc.strerror}", file=sys.stderr)
     try:
         paths.copy_out()
     except OSError as exc:
         if not isinstance(exc, BrokenPipeError):
-            # stdout unwritable (a full device): the run ends 74 on it, said by the
-            # top level, and logged as every error exit of a run is.
-            _log_stopped(paths, ExitCode.IO_ERROR, f"cannot write to stdout: {exc.strerror}")
+            # stdout unwritable (a full device): the run ends 74 on it, said by the top
+            # level, logged with its figures as every error exit of a run is.
+            _log_finished(summary, paths, failed=f"cannot write to stdout: {exc.strerror}")
+            _say_rows(summary.total, summary.by_status, summary.pending)
         raise
     _log_finished(summary, paths)
     _say_rows(

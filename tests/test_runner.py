@@ -751,6 +751,7 @@ def test_progress_eta_counts_the_days_the_daily_quota_takes(
         left=left,
     )
     progress._start_done = 0  # four rows done since the start: a rate
+    clock._now += 2.0  # type: ignore[attr-defined]
     with capture_logs() as logs:
         progress._show()
     (event,) = [e for e in logs if e["event"] == "broker.progress"]
@@ -810,28 +811,54 @@ def test_progress_eta_counts_the_requests_on_the_wire_as_the_rows_own(tmp_path: 
     assert eta < 60
 
 
+class _Done:
+    """A ledger's counts with ``done`` of 100 rows done (settable)."""
+
+    def __init__(self, done: int) -> None:
+        self.done = done
+
+    def counts(self) -> Counts:
+        return Counts(total=100, done=self.done, pending=100 - self.done)
+
+
 def test_progress_rate_after_a_hold_counts_from_its_end(tmp_path: Path) -> None:
     """Held an hour for the keys' daily reset, then 20 rows in 10 s: 2 rows/s and an ETA
-    of seconds, not the rate over the hour waited (0.04 rows/s, an ETA of minutes for a
-    job ending in seconds)."""
+    of seconds from the first look after the hold, not the rate over the hour waited (0.04
+    rows/s, an ETA of minutes for a job ending in seconds)."""
     until = "2026-05-02T00:00:00Z"
     held = KeySnapshot("demo", "paused", 1, 1, 0, 1, 0, 0, 1, 8640, None, runner.QUOTA_WAIT, until)
-    answered = [0]
-    progress, broker = _progress_of(
-        tmp_path, [held], needed=lambda: {"demo"}, answered=lambda: answered[0]
-    )
+    ledger = _Done(4)
+    progress, broker = _progress_of(tmp_path, [held], needed=lambda: {"demo"})
+    progress._ledger = ledger  # type: ignore[assignment]
     clock = broker.clock
     clock._now += 3600.0  # type: ignore[attr-defined]
     assert _eta(progress) == (None, 0.0)
     broker.metrics = lambda: type(  # type: ignore[method-assign]
         "M", (), {"throttled": 0, "keys": [_key_today(None, 0)]}
     )
-    _eta(progress)  # the hold is over
     clock._now += 10.0  # type: ignore[attr-defined]
-    answered[0] = 20
+    ledger.done = 24
     eta, rate = _eta(progress)
     assert rate == 2.0
-    assert eta == 3  # 6 rows left at 2 a second
+    assert eta == 38  # 76 rows left at 2 a second
+
+
+def test_progress_rate_counts_up_to_the_last_commit(tmp_path: Path) -> None:
+    """Rows are committed about once a second: a look 0.9 s after a commit of 10 rows in
+    the run's first second says 10 rows/s (over the 1.9 s to the look, 5.3: every other
+    look showed about half the rate)."""
+    ledger = _Done(0)
+    committed = [0.0]
+    progress, broker = _progress_of(
+        tmp_path, [_key_today(None, 0)], committed_at=lambda: committed[0]
+    )
+    progress._ledger = ledger  # type: ignore[assignment]
+    progress._start_done = 0
+    start = broker.clock.monotonic()
+    ledger.done, committed[0] = 10, start + 1.0
+    broker.clock._now = start + 1.9  # type: ignore[attr-defined]
+    _, rate = _eta(progress)
+    assert rate == 10.0
 
 
 def test_a_write_error_on_a_relative_path_says_where_that_is(

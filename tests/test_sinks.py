@@ -629,7 +629,10 @@ class TestCsvPassThrough:
         """An output an older broker began, its header holding a job's name ``'note`` as it
         came, resumes with that column filled: the name read back as ``note``, and every
         row written after the upgrade left its cell empty."""
-        rows = [JobRow(n, asin(n), asin(n), extra={"'note": f"n{n}"}) for n in range(1, 5)]
+        rows = [
+            JobRow(n, asin(n), asin(n), extra={"note": f"p{n}", "'note": f"n{n}"})
+            for n in range(1, 5)
+        ]
         out = tmp_path / "out.csv"
         ledger = Ledger.open(
             tmp_path / "f.ledger", fingerprint=FP, default_marketplace=US, synchronous="NORMAL"
@@ -641,11 +644,12 @@ class TestCsvPassThrough:
             with monkeypatch.context() as older:  # names written as they came
                 older.setattr(sinks, "_column_name", lambda name: name)
                 emit_closed(ledger, CsvSink(out, ledger.extra_names()))
-            assert out.read_bytes().split(b"\r\n")[0].endswith(b",'note")
+            assert out.read_bytes().split(b"\r\n")[0].endswith(b",note,'note")
             ledger.record_results([(lk, result(lk)) for lk in lookups[2:]])
             emit_closed(ledger, CsvSink(out, ledger.extra_names()))
-        notes = sorted(r["'note"] for r in csv_records(out))
-        assert notes == ["n1", "n2", "n3", "n4"]
+        records = csv_records(out)
+        assert sorted(r["'note"] for r in records) == ["n1", "n2", "n3", "n4"]
+        assert sorted(r["note"] for r in records) == ["p1", "p2", "p3", "p4"]
 
     @pytest.mark.parametrize(
         ("name", "column"),

@@ -234,6 +234,8 @@ def test_run_out_dash_into_a_full_stdout_logs_its_end(tmp_path: Path) -> None:
     assert "cannot write to stdout: No space left on device" in err
     finished = [json.loads(line) for line in err.splitlines() if "broker.job_finished" in line]
     assert [(e["level"], e["exit_code"]) for e in finished] == [("error", 74)]
+    assert finished[0]["requests"] >= 1  # the requests paid for are told
+    assert "cannot write to stdout" in finished[0]["error"]
     assert "rows: 2" in err
 
 

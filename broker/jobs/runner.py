@@ -928,6 +928,8 @@ async def _fetch(
             yield Query(lookup.asin, lookup.marketplace, lookup.resources, tag=lookup)
 
     last_commit = time.monotonic()
+    # When rows were last committed, on the broker's clock (the progress's rows/s).
+    committed_at = broker.clock.monotonic()
     # The lookups left per marketplace: no_wait and the progress tell from them which keys
     # the rest of the job needs.
     # In a thread: a scan of every lookup (a second for 3 million) would stall the loop,
@@ -941,16 +943,17 @@ async def _fetch(
         needed=needed,
         left=left,
         batch_size=config.engine.batch_size,
-        answered=lambda: answered,
+        committed_at=lambda: committed_at,
     )
 
     def record() -> bool:
         """Commit the buffered results to the ledger; True if there were any."""
-        nonlocal last_commit
+        nonlocal last_commit, committed_at
         last_commit = time.monotonic()
         if not buffer:
             return False
         ledger.record_results(buffer)
+        committed_at = broker.clock.monotonic()
         buffer.clear()
         crash_point("after_commit")
         return True
@@ -1339,13 +1342,14 @@ class _Progress:
         needed: Callable[[], Collection[str]] = frozenset,
         left: Mapping[str, int] | None = None,
         batch_size: int = _FULL_BATCH,
-        answered: Callable[[], int] | None = None,
+        committed_at: Callable[[], float] | None = None,
     ) -> None:
         self._ledger = ledger
         self._broker = broker
-        # The rows answered so far, for rows/s: the ledger's count moves only at each
-        # commit (about once a second), so every other look saw half the rate.
-        self._answered = answered if answered is not None else lambda: ledger.counts().done
+        # When the rows done were last committed (the broker's clock): rows/s is measured
+        # up to then, as the ledger's count moves only at each commit (about once a
+        # second), and to each look every other look saw half the rate.
+        self._committed_at = committed_at
         # Lookups a request carries (engine.batch_size): the requests the rows left take.
         self._batch_size = batch_size
         # The lookups left per marketplace (the fetch counts them down): the ETA's share of
@@ -1364,9 +1368,7 @@ class _Progress:
         self._first_s = options.first_progress_s
         # On the broker's clock: the rate's start, moved to the end of a hold.
         self._started = broker.clock.monotonic()
-        self._start_done = self._answered()
-        # The job was held (its keys waited for their daily quota) at the last look.
-        self._held = False
+        self._start_done = ledger.counts().done
         # The job's own 429s: a daemon's broker counts every job it ran before this one.
         self._start_throttled = broker.metrics().throttled
 
@@ -1389,13 +1391,16 @@ class _Progress:
         keys_needed = self._needed() if counts.pending else ()
         waiting = quota_wait(metrics, keys=keys_needed) if keys_needed else None
         moment = self._broker.clock.monotonic()
-        answered = self._answered()
-        if waiting is None and self._held:
-            # The hold is over: rows/s and the ETA count from its end (over the hours
-            # waited, the rate and the ETA were off by their length).
-            self._started, self._start_done = moment, answered
-        self._held = waiting is not None
-        rate = (answered - self._start_done) / max(moment - self._started, 1e-6)
+        if waiting is not None:
+            # Held: rows/s and the ETA count from the last look of the hold once it is
+            # over (over the hours waited, they were off by their length).
+            self._started, self._start_done = moment, counts.done
+        upto = moment if self._committed_at is None else self._committed_at()
+        rate = (
+            (counts.done - self._start_done) / max(upto - self._started, 1e-6)
+            if upto > self._started
+            else 0.0
+        )
         eta = None
         if rate > 0 and waiting is None:
             # The rows per second, or the days the daily quotas of the rows' marketplaces

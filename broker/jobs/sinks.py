@@ -686,7 +686,13 @@ def _column_name(name: str) -> str:
 
 
 def _input_name(column: str) -> str:
-    """The inverse of :func:`_column_name`."""
+    """The inverse of :func:`_column_name`.
+
+    A cell of one ``'`` before anything but a formula's first character or another ``'``
+    is a name an older broker wrote as it came (this one writes such a name ``''x``).
+    """
+    if column[:1] == "'" and not column[1:].startswith(("'", *_FORMULA_START)):
+        return column
     return column.removeprefix("'").removeprefix(_INPUT_PREFIX)
 
 
