@@ -1440,6 +1440,44 @@ class TestRetries:
             assert [r.status for r in back.result()] == [Status.OK] * 3
             assert broker.metrics().keys[0].state == "active"
 
+    async def test_a_key_out_for_an_outage_comes_back_while_another_serves(self) -> None:
+        """Two keys for one marketplace; an outage of key a's token endpoint takes a out while
+        b serves on. Once it is over, a call made OUTAGE_RETRY_S later brings a back: it
+        stayed out for the broker's life (a daemon's), as a revival was tried only for a
+        marketplace no key served any more."""
+        clock = FakeClock()
+        down = True
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                if down and b"id-a" in request.body:
+                    raise EndpointUnreachable("connection refused")
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        keys = [
+            key_doc("a", credential_id="id-a", tps=5.0),
+            key_doc("b", credential_id="id-b", tps=5.0),
+        ]
+        broker, _ = _broker(
+            CREATORS, handler, clock, protocol="creators", keys=keys, retry={"outage_budget_s": 2}
+        )
+        loop = asyncio.get_running_loop()
+        async with broker:
+            first = loop.create_task(broker.get_items(asins(300)))  # b alone: 6 s
+            await clock.run_until(first)
+            assert all(r.ok for r in first.result())
+            states = {k.name: k.state for k in broker.metrics().keys}
+            assert states == {"a": "disabled", "b": "active"}
+            down = False
+            await clock.advance(OUTAGE_RETRY_S)
+            with capture_logs() as logs:
+                again = loop.create_task(broker.get_items(asins(40, "B1")))
+                await clock.run_until(again)
+            assert all(r.ok for r in again.result())
+            assert "broker.key_revived" in [e["event"] for e in logs]
+            assert {k.name: k.state for k in broker.metrics().keys}["a"] == "active"
+
     async def test_a_failing_key_sends_one_request_at_a_time(self) -> None:
         """Once its answers fail in a row, a key with four slots sends one request at a time,
         so each pause's end costs one batch one attempt, not four."""

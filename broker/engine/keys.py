@@ -686,6 +686,12 @@ class KeyState:
         self._disabled_markets[marketplace] = failure
         return True
 
+    @property
+    def out_by_outage(self) -> bool:
+        """True while an outage (of the endpoint, or of the key-state store) holds the key
+        out of rotation: :meth:`revive` may bring it back."""
+        return self._disabled is not None and self._disabled.code in OUTAGE_CODES
+
     def revive(self) -> bool:
         """Bring the key back into rotation if an outage took it out ``OUTAGE_RETRY_S`` ago
         or more; True if it came back.

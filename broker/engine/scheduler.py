@@ -10,7 +10,8 @@ When the last key for a marketplace leaves rotation, every batch of that marketp
 lingering in the batcher or waiting in the queue fails with :class:`NoUsableKeyError`, and
 so does every later lookup for it (N5): nothing waits for a key that will never come. A key
 an outage took out is the exception: a lookup made ``OUTAGE_RETRY_S`` later brings it back
-for one attempt (the network or the API may be back by then; a rejected key stays out).
+for one attempt (the network or the API may be back by then; a rejected key stays out),
+whether or not other keys served its marketplaces meanwhile.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class KeyPool:
         self._configured = frozenset(m for key in self._keys for m in key.tagged_marketplaces)
         #: marketplaces some key served at the last check; cleared when a key leaves
         self._serving: set[str] = set()
+        #: keys an outage took out, to bring back a while later whether or not another key
+        #: serves their marketplaces meanwhile (empty almost always: one check per lookup)
+        self._outage_out: list[KeyState] = []
 
     @property
     def keys(self) -> tuple[KeyState, ...]:
@@ -87,6 +91,8 @@ class KeyPool:
 
     def check_servable(self, marketplace: str) -> None:
         """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace`` now."""
+        if self._outage_out:
+            self._revive_outage_out()
         if marketplace in self._serving:
             return
         dead = self._dead.get(marketplace)
@@ -95,12 +101,28 @@ class KeyPool:
             raise NoUsableKeyError(dead.marketplace, dead.failures)
         if not any(key.serves(marketplace) for key in self._keys):
             raise self._no_key_error(marketplace)
-        self._serving.add(marketplace)
+        if not self._outage_out:
+            # The fast path skips this check: not while a key out for an outage waits to
+            # be brought back (each lookup then looks whether its time has come).
+            self._serving.add(marketplace)
 
     def _revive(self, marketplace: str) -> bool:
         """Bring back the keys for ``marketplace`` an outage took out a while ago (see
         :meth:`KeyState.revive`); True if one came back."""
-        revived = [key for key in self._keys if key.has_tag(marketplace) and key.revive()]
+        return self._revived([key for key in self._keys if key.has_tag(marketplace)])
+
+    def _revive_outage_out(self) -> None:
+        """Bring back the keys an outage took out a while ago, whatever serves their
+        marketplaces now: one taken out while another key served on (its own token
+        endpoint down, or the endpoint back before the other's budget ran out) stayed out
+        for the broker's life."""
+        self._revived(self._outage_out)
+        self._outage_out = [key for key in self._outage_out if key.out_by_outage]
+
+    def _revived(self, keys: Sequence[KeyState]) -> bool:
+        """Revive each of ``keys`` that is due (:meth:`KeyState.revive`); True if one came
+        back."""
+        revived = [key for key in keys if key.revive()]
         if not revived:
             return False
         for market in list(self._dead):
@@ -196,6 +218,8 @@ class KeyPool:
         affected = set() if marketplace is None else {marketplace}
         for each in condemned:
             if each.disable(code, message, remedy, marketplace=scope_marketplace):
+                if each.out_by_outage and each not in self._outage_out:
+                    self._outage_out.append(each)
                 logger.error(
                     "broker.key_disabled",
                     key=each.name,
