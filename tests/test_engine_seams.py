@@ -9,6 +9,7 @@ outage ages no lookup), and identity: every result carries the query that asked 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -800,6 +801,47 @@ class TestLifecycle:
                 pass
         assert broker._stack is None
         assert broker._engine is None
+
+    async def test_a_broker_closed_while_it_opens_closes_what_it_opened(
+        self, harness: Harness
+    ) -> None:
+        """aclose() while ``async with`` is still opening (a shutdown hook racing a startup
+        task): the open fails with BrokerClosedError and closes what it had opened. It
+        finished opening after the close, said "open", refused every call, and nothing
+        could close it: its engine tasks, session and simulator ran on."""
+        sim = await harness.simulator(FREE)
+        broker = Broker(make_config(sim.url))
+        gate = asyncio.Event()
+        start = broker._start
+
+        async def held(stack: contextlib.AsyncExitStack) -> None:
+            await gate.wait()  # the open is under way when the close comes
+            await start(stack)
+
+        broker._start = held  # type: ignore[method-assign]
+        opening = asyncio.ensure_future(broker.__aenter__())
+        await asyncio.sleep(0)
+        await broker.aclose()
+        gate.set()
+        with pytest.raises(BrokerClosedError, match="closed while it opened"):
+            await opening
+        assert broker._stack is None
+        assert broker._engine is None
+        await asyncio.sleep(0)
+        left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("broker-")]
+        assert left == []
+
+    async def test_metrics_from_another_thread_while_the_loop_runs_is_refused(
+        self, harness: Harness
+    ) -> None:
+        """metrics() read from a thread while the broker's loop runs raises
+        WrongEventLoopError naming SyncBroker (an exporter thread got a bare "deque mutated
+        during iteration" now and then); in the loop, and once the loop is done, it reads."""
+        sim = await harness.simulator(FREE)
+        async with Broker(make_config(sim.url)) as broker:
+            with pytest.raises(WrongEventLoopError, match="SyncBroker"):
+                await asyncio.to_thread(broker.metrics)
+            assert broker.metrics().requests == 0
 
     def test_second_event_loop_is_refused_at_once(self) -> None:
         """A broker opened on one loop raises WrongEventLoopError from another, for a call or

@@ -258,6 +258,12 @@ class Broker:
             await stack.aclose()
             raise
         self._stack = stack
+        if self._close_begun():
+            # aclose() ran while this opened (a shutdown hook racing a startup task) and
+            # found nothing to close: what was opened is closed now, and the open fails
+            # (opened, the broker would refuse every call, and no close would reach it).
+            await self._close()
+            raise BrokerClosedError("the broker was closed while it opened")
         logger.info(
             "broker.started",
             keys=[k.name for k in self._keys],
@@ -265,6 +271,10 @@ class Broker:
             endpoint=self._endpoint_label(),
         )
         return self
+
+    def _close_begun(self) -> bool:
+        """True once :meth:`aclose` began (read anew after an await)."""
+        return self._closing is not None
 
     async def _open_endpoint(self, stack: contextlib.AsyncExitStack) -> str | None:
         """The base URL to send to (None: Amazon's own hosts).
@@ -1029,7 +1039,26 @@ class Broker:
         return self._clock
 
     def metrics(self) -> MetricsSnapshot:
-        """Counters and per-key state right now."""
+        """Counters and per-key state right now.
+
+        Raises:
+            WrongEventLoopError: read from another thread (or loop) while the broker's loop
+                runs: its queues change under the read (a bare "deque mutated during
+                iteration", now and then). ``SyncBroker.metrics()`` reads it from any
+                thread. Once that loop has stopped, any thread may read it.
+        """
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                raise WrongEventLoopError(
+                    "metrics() read from another thread than the one running this Broker's "
+                    "event loop: read it in that loop (loop.call_soon_threadsafe), or use "
+                    "broker.SyncBroker, whose metrics() any thread may call"
+                )
         work = self._work
         return self._metrics.snapshot(
             queued_batches=len(work) if work is not None else 0,
