@@ -974,7 +974,7 @@ async def _fetch(
             lookup = result.query.tag
             assert isinstance(lookup, Lookup)
             buffer.append((lookup, result))
-            # Counted down at the answer, not at its commit: the progress weighs the rows
+            # Counted down at the answer, not at its commit: the progress weighs the lookups
             # left against the keys' quota, which counted their requests when booked.
             if lookup.marketplace in left:
                 left[lookup.marketplace] -= 1
@@ -1348,7 +1348,7 @@ class _Progress:
         self._broker = broker
         # When the rows done were last committed (the broker's clock): rows/s is measured
         # up to then, as the ledger's count moves only at each commit (about once a
-        # second), and to each look every other look saw half the rate.
+        # second); measured up to each look, every other look saw about half the rate.
         self._committed_at = committed_at
         # Lookups a request carries (engine.batch_size): the requests the rows left take.
         self._batch_size = batch_size
@@ -1366,7 +1366,7 @@ class _Progress:
         self._label = _label(options)
         self._every_s = 1.0 if self._live else options.progress_every_s
         self._first_s = options.first_progress_s
-        # On the broker's clock: the rate's start, moved to the end of a hold.
+        # On the broker's clock: the rate's start, moved to the last look of a hold.
         self._started = broker.clock.monotonic()
         self._start_done = ledger.counts().done
         # The job's own 429s: a daemon's broker counts every job it ran before this one.
@@ -1404,7 +1404,7 @@ class _Progress:
         eta = None
         if rate > 0 and waiting is None:
             # The rows per second, or the days the daily quotas of the rows' marketplaces
-            # take, if longer (each marketplace's lookups in full batches).
+            # take, if longer (each marketplace's lookups in batches of engine.batch_size).
             eta = counts.pending / rate
             requests = {m: math.ceil(n / self._batch_size) for m, n in self._left.items() if n > 0}
             if requests:
