@@ -261,6 +261,27 @@ class TestSharedFeedback:
         assert (await q.refresh()).count == 8
         assert (await p.refresh()).count == 8
 
+    async def test_a_day_begun_over_another_resets_is_warned_of(self) -> None:
+        """Process a (reset 00:00) sends and closes; process b (reset 08:00) asks at 09:00
+        and begins a new day: it warns once that two resets taking turns give the key its
+        quota twice a day."""
+        clock = FakeClock(epoch=dt.datetime(2026, 5, 1, 1, 0, tzinfo=dt.UTC))
+        store = _store(clock)
+        a = _limiter(clock, store, "a")
+        await a.commit()
+        await a.aclose()
+        await clock.advance(8 * 3600.0)
+        limits = dataclasses.replace(
+            KeyLimits(5.0, 0.05, 5.0, day_limit=1000, tpd=1000), reset_offset_s=8 * 3600
+        )
+        b = _limiter(clock, store, "b", limits)
+        with capture_logs() as logs:
+            await b.commit()
+            await clock.advance(0.5)
+            await b.commit()
+        said = [e for e in logs if e["event"] == "broker.daily_reset_differs"]
+        assert [(e["daily_reset_utc"], e["counted_under"]) for e in said] == [("08:00", "00:00")]
+
     async def test_a_refused_probe_does_not_leave_the_circuit_half_open(self) -> None:
         """Two parked processes: one probes; the other's refused probe re-opens its circuit,
         and once the probe got through it sends again."""

@@ -702,6 +702,25 @@ class TestDayAndProcesses:
         )
         assert d.count == sum(range(3, PRIOR_KEEP + 2)) + 10  # g01's 2 dropped now
 
+    async def test_a_day_begun_over_one_of_another_reset_is_told(self, backend: Backend) -> None:
+        """A process whose daily reset differs from the one the key's day was counted under
+        (none of that reset's processes live) begins a new day at its own reset: the
+        decision says so, with the other reset, once (processes of two resets taking turns
+        gave the key its quota twice a day, unsaid)."""
+        into_day = await _store_now_s(backend) % 86_400
+        if into_day < 120:
+            pytest.skip("too close to the store's midnight")
+        first = await backend.reserve()
+        assert first.day_taken_over_s == -1
+        await backend.leave(LIMITS, ME)
+        later = replace(LIMITS, reset_offset_s=into_day - 60)
+        other = ProcessMark("other:2:b")
+        taken = await backend.reserve(later, process=other)
+        assert taken.day_taken_over_s == 0
+        assert taken.count == 1  # a new day
+        again = await backend.reserve(later, process=other)
+        assert again.day_taken_over_s == -1
+
     async def test_a_park_from_before_a_loss_stands_whoever_asks_first(
         self, backend: Backend, request: pytest.FixtureRequest
     ) -> None:

@@ -365,6 +365,8 @@ class SharedKeyLimiter:
             # with a count that already holds sends since (they would be added twice).
             self._gen, self._gen_at = decision.gen, decision.now_us
             self._gen_sends = decision.gen_sends
+        if decision.day_taken_over_s >= 0:
+            self._say_reset_differs(decision.day_taken_over_s)
         if decision.day > self._hwm_day:
             self._hwm_day, self._hwm_count = decision.day, decision.count
         elif decision.day == self._hwm_day:
@@ -373,6 +375,20 @@ class SharedKeyLimiter:
             # One per cutting 429: at info a fleet would log about a line a second.
             logger.debug("broker.rate_cut", key=self._key.name, rate=round(decision.rate, 4))
         return decision
+
+    def _say_reset_differs(self, other_s: int) -> None:
+        """Warn that this process started the key's day at its reset over a day counted
+        under another reset (``other_s``): a changed ``daily_reset_utc`` does so once, but
+        processes of two resets taking turns on a key give it its quota twice a day."""
+        logger.warning(
+            "broker.daily_reset_differs",
+            key=self._key.name,
+            daily_reset_utc=_hhmm(self._limits.reset_offset_s),
+            counted_under=_hhmm(other_s),
+            note="a new day began at this process's daily reset over one counted under "
+            "another; if processes with different [rate] daily_reset_utc take turns on this "
+            "key, it may send up to twice its quota a day: give them one",
+        )
 
     async def _wait_for_store(self, exc: StateUnavailableError) -> None:
         """Sleep before asking the unreachable store again, or give up once it has been out
@@ -954,3 +970,10 @@ def shared_key_parts(
     adaptive = SharedAdaptiveRate(limiter, key.tps, clock=clock, settings=settings)
     circuit = SharedCircuit(limiter, clock, random=random, settings=settings)
     return limiter, adaptive, circuit
+
+
+def _hhmm(offset_s: int) -> str:
+    """A daily reset's offset (s after 00:00 UTC) as ``daily_reset_utc`` writes it."""
+    hours, rest = divmod(offset_s, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours:02d}:{minutes:02d}" + (f":{seconds:02d}" if seconds else "")

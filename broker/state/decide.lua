@@ -272,6 +272,7 @@ local kept = day >= 0 and day_offset >= 0 and day_offset ~= reset_offset and hel
 -- another reset it ends at this caller's next reset after its start; the record keeps the
 -- offset it was counted under.
 local counted = day
+local taken_over = -1
 if day >= 0 and day_offset >= 0 and day_offset ~= reset_offset then
   counted = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
 end
@@ -289,6 +290,10 @@ if kept then
 else
   local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
   if today > counted then
+    -- decision.py: a new day over one counted under another reset is said
+    if day >= 0 and day_offset >= 0 and day_offset ~= reset_offset then
+      taken_over = day_offset
+    end
     day = today
     counted = today
     day_offset = reset_offset
@@ -443,4 +448,5 @@ return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(math.max(next_slot, paused_until)), num(rate), int(counted), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
   int(last_429), cut, processes, int(day_limit),
-  int((now - last_429 <= run_gap) and run_429s or 0), gen, int(window_end), int(gen_sends)}
+  int((now - last_429 <= run_gap) and run_429s or 0), gen, int(window_end), int(gen_sends),
+  int(taken_over)}

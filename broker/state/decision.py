@@ -487,6 +487,7 @@ def decide(
     # some 24 h too long). The record keeps the offset it was counted under, so two
     # processes of different resets never shift it back and forth.
     counted = record.day
+    taken_over = -1
     if counted >= 0 and record.day_offset >= 0 and record.day_offset != offset:
         counted = day_number(day_end_us(record.day - 1, record.day_offset), offset)
     if kept:
@@ -500,6 +501,10 @@ def decide(
     else:
         day = day_number(wall, offset)
         if day > counted:
+            if record.day >= 0 and record.day_offset >= 0 and record.day_offset != offset:
+                # A new day at this caller's reset, over one counted under another: said
+                # (processes of two resets taking turns get the key's quota twice a day).
+                taken_over = record.day_offset
             counted = record.day = day
             record.day_offset = offset
             record.count = record.gen_sends = 0
@@ -590,4 +595,5 @@ def decide(
         gen=record.gen,
         window_end_us=window_end,
         gen_sends=record.gen_sends,
+        day_taken_over_s=taken_over,
     )

@@ -234,6 +234,8 @@ class Decision:
             (a key never seen, or lost: Redis restarted empty). A process whose mark names
             another one saw the key before that, and what it saw then is news to the record.
         gen_sends: the sends granted in that generation in window ``day``, this one included.
+        day_taken_over_s: this call started a new day at the caller's daily reset over a
+            day counted under another one: that one's offset (s after 00:00 UTC); -1: not so.
         window_end_us: when the window ``count`` belongs to ends (µs, the store's wall
             clock): the caller's next reset, or another live process's when the key keeps
             to the window counted under that one's reset (two configs differ). Every store
@@ -263,3 +265,4 @@ class Decision:
     gen: str = ""
     window_end_us: int = 0
     gen_sends: int = 0
+    day_taken_over_s: int = -1

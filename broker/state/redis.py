@@ -310,6 +310,7 @@ class RedisStateStore:
             gen=_text(reply[19]),
             window_end_us=int(reply[20]),
             gen_sends=int(reply[21]),
+            day_taken_over_s=int(reply[22]),
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
