@@ -1470,13 +1470,16 @@ class TestRetries:
             states = {k.name: k.state for k in broker.metrics().keys}
             assert states == {"a": "disabled", "b": "active"}
             down = False
+            sent = {k.name: k.sent for k in broker.metrics().keys}["a"]
             await clock.advance(OUTAGE_RETRY_S)
             with capture_logs() as logs:
-                again = loop.create_task(broker.get_items(asins(40, "B1")))
+                again = loop.create_task(broker.get_items(asins(300, "B1")))
                 await clock.run_until(again)
             assert all(r.ok for r in again.result())
             assert "broker.key_revived" in [e["event"] for e in logs]
-            assert {k.name: k.state for k in broker.metrics().keys}["a"] == "active"
+            after = {k.name: k for k in broker.metrics().keys}["a"]
+            assert after.state == "active"
+            assert after.sent > sent  # and it sends again
 
     async def test_a_failing_key_sends_one_request_at_a_time(self) -> None:
         """Once its answers fail in a row, a key with four slots sends one request at a time,

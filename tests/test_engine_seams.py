@@ -806,9 +806,10 @@ class TestLifecycle:
         self, harness: Harness
     ) -> None:
         """aclose() while ``async with`` is still opening (a shutdown hook racing a startup
-        task): the open fails with BrokerClosedError and closes what it had opened. It
-        finished opening after the close, said "open", refused every call, and nothing
-        could close it: its engine tasks, session and simulator ran on."""
+        task): the open fails with BrokerClosedError and closes what it had opened, and the
+        close returns once that is done. It finished opening after the close, said "open",
+        refused every call, and nothing could close it: its engine tasks, session and
+        simulator ran on."""
         sim = await harness.simulator(FREE)
         broker = Broker(make_config(sim.url))
         gate = asyncio.Event()
@@ -821,10 +822,14 @@ class TestLifecycle:
         broker._start = held  # type: ignore[method-assign]
         opening = asyncio.ensure_future(broker.__aenter__())
         await asyncio.sleep(0)
-        await broker.aclose()
+        closing = asyncio.ensure_future(broker.aclose())
+        await asyncio.sleep(0.01)
+        assert not closing.done()  # done when what the open opened is closed, not before
         gate.set()
         with pytest.raises(BrokerClosedError, match="closed while it opened"):
             await opening
+        await closing
+        await broker.aclose()
         assert broker._stack is None
         assert broker._engine is None
         await asyncio.sleep(0)

@@ -182,6 +182,9 @@ class Broker:
         self._engine: asyncio.Task[None] | None = None
         # Set while (and once) the broker is closed: every aclose() waits for the one close.
         self._closing: asyncio.Event | None = None
+        # Done when an ``async with`` that began has opened or failed (None: none began): a
+        # close while it opens waits for it.
+        self._opening: asyncio.Future[None] | None = None
         self._group: asyncio.TaskGroup | None = None
         #: pending SearchItems / GetVariations / GetBrowseNodes answers
         self._ops: set[asyncio.Future[Mapping[str, object]]] = set()
@@ -247,23 +250,27 @@ class Broker:
             # aclose() before opening (a shutdown path run before startup): opened now, it
             # would refuse every call, and its own close would close nothing.
             raise RuntimeError("a closed broker cannot be opened again: make a new Broker")
-        self._loop = asyncio.get_running_loop()
-        stack = contextlib.AsyncExitStack()
-        await stack.__aenter__()
+        self._loop = loop = asyncio.get_running_loop()
+        self._opening = opening = loop.create_future()
         try:
-            await self._start(stack)
-        except BaseException as exc:
-            # Said before the close, which may itself fail or be cancelled.
-            self._open_failed = type(exc).__name__
-            await stack.aclose()
-            raise
-        self._stack = stack
-        if self._close_begun():
-            # aclose() ran while this opened (a shutdown hook racing a startup task) and
-            # found nothing to close: what was opened is closed now, and the open fails
-            # (opened, the broker would refuse every call, and no close would reach it).
-            await self._close()
-            raise BrokerClosedError("the broker was closed while it opened")
+            stack = contextlib.AsyncExitStack()
+            await stack.__aenter__()
+            try:
+                await self._start(stack)
+            except BaseException as exc:
+                # Said before the close, which may itself fail or be cancelled.
+                self._open_failed = type(exc).__name__
+                await stack.aclose()
+                raise
+            self._stack = stack
+            if self._close_begun():
+                # aclose() came while this opened (a shutdown hook racing a startup task)
+                # and waits for it: what was opened is closed now, and the open fails
+                # (opened, the broker would refuse every call, and no close reach it).
+                await self._close()
+                raise BrokerClosedError("the broker was closed while it opened")
+        finally:
+            opening.set_result(None)
         logger.info(
             "broker.started",
             keys=[k.name for k in self._keys],
@@ -379,6 +386,7 @@ class Broker:
             config_source=str(config.source),
             default_marketplace=config.api.marketplace,
             marketplace_hint=config.marketplace_hint(),
+            clock=self._clock,
         )
         self._executor = Executor(
             dialect=dialect,
@@ -546,6 +554,11 @@ class Broker:
             return
         self._closing = closed = asyncio.Event()
         try:
+            opening = self._opening
+            if opening is not None and not opening.done():
+                # An open under way closes what it opened when it sees this close: done
+                # when that is (it returned before anything was closed).
+                await asyncio.wait((opening,))
             await self._close()
         finally:
             closed.set()

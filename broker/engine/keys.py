@@ -692,6 +692,11 @@ class KeyState:
         out of rotation: :meth:`revive` may bring it back."""
         return self._disabled is not None and self._disabled.code in OUTAGE_CODES
 
+    @property
+    def revive_due(self) -> float:
+        """When :meth:`revive` may bring the key back (the key's clock); inf: it may not."""
+        return self._disabled_at + OUTAGE_RETRY_S if self.out_by_outage else math.inf
+
     def revive(self) -> bool:
         """Bring the key back into rotation if an outage took it out ``OUTAGE_RETRY_S`` ago
         or more; True if it came back.

@@ -16,11 +16,13 @@ whether or not other keys served its marketplaces meanwhile.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from broker.clock import Clock, LoopClock
 from broker.engine.keys import OUTAGE_RETRY_S, STATE_OUTAGE_CODE
 from broker.errors import KeyUnusableError, NoUsableKeyError, Scope, StateUnavailableError
 from broker.logs import get_logger
@@ -49,6 +51,7 @@ class KeyPool:
         config_source: str,
         default_marketplace: str = "",
         marketplace_hint: str = "",
+        clock: Clock | None = None,
     ) -> None:
         self._keys = tuple(keys)
         self._config_source = config_source
@@ -63,8 +66,15 @@ class KeyPool:
         #: marketplaces some key served at the last check; cleared when a key leaves
         self._serving: set[str] = set()
         #: keys an outage took out, to bring back a while later whether or not another key
-        #: serves their marketplaces meanwhile (empty almost always: one check per lookup)
+        #: serves their marketplaces meanwhile (empty almost always), and when the first of
+        #: them is due (the pool's clock)
         self._outage_out: list[KeyState] = []
+        self._revive_due = math.inf
+        #: marketplaces some key served at the last check while ``_outage_out`` holds keys
+        #: (``_serving``, the intake's fast path, stays empty then: each lookup comes here
+        #: to look whether a revival is due, and finds its marketplace here)
+        self._servable: set[str] = set()
+        self._monotonic = (clock or LoopClock()).monotonic
 
     @property
     def keys(self) -> tuple[KeyState, ...]:
@@ -92,7 +102,10 @@ class KeyPool:
     def check_servable(self, marketplace: str) -> None:
         """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace`` now."""
         if self._outage_out:
-            self._revive_outage_out()
+            if self._monotonic() >= self._revive_due:
+                self._revive_outage_out()
+            elif marketplace in self._servable:
+                return
         if marketplace in self._serving:
             return
         dead = self._dead.get(marketplace)
@@ -101,9 +114,11 @@ class KeyPool:
             raise NoUsableKeyError(dead.marketplace, dead.failures)
         if not any(key.serves(marketplace) for key in self._keys):
             raise self._no_key_error(marketplace)
-        if not self._outage_out:
-            # The fast path skips this check: not while a key out for an outage waits to
-            # be brought back (each lookup then looks whether its time has come).
+        if self._outage_out:
+            # Not the intake's fast path, which skips this check: while a key out for an
+            # outage waits to be brought back, each lookup looks whether its time has come.
+            self._servable.add(marketplace)
+        else:
             self._serving.add(marketplace)
 
     def _revive(self, marketplace: str) -> bool:
@@ -118,6 +133,8 @@ class KeyPool:
         for the broker's life."""
         self._revived(self._outage_out)
         self._outage_out = [key for key in self._outage_out if key.out_by_outage]
+        self._revive_due = min((key.revive_due for key in self._outage_out), default=math.inf)
+        self._servable.clear()
 
     def _revived(self, keys: Sequence[KeyState]) -> bool:
         """Revive each of ``keys`` that is due (:meth:`KeyState.revive`); True if one came
@@ -214,12 +231,14 @@ class KeyPool:
         """
         scope_marketplace = marketplace if scope is Scope.KEY_MARKETPLACE else None
         self._serving.clear()
+        self._servable.clear()
         condemned = list(self._keys) if scope is Scope.GLOBAL else [key]
         affected = set() if marketplace is None else {marketplace}
         for each in condemned:
             if each.disable(code, message, remedy, marketplace=scope_marketplace):
                 if each.out_by_outage and each not in self._outage_out:
                     self._outage_out.append(each)
+                    self._revive_due = min(self._revive_due, each.revive_due)
                 logger.error(
                     "broker.key_disabled",
                     key=each.name,
