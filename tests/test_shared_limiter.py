@@ -261,6 +261,26 @@ class TestSharedFeedback:
         assert (await q.refresh()).count == 8
         assert (await p.refresh()).count == 8
 
+    async def test_a_loss_after_every_few_sends_loses_no_sends(self) -> None:
+        """Three processes take turns sending, the store losing the key after every second
+        send (Redis flushed again and again): the day's count, once each has asked again,
+        is every send granted. Each mark knew only its last generation, and a record that
+        forgot every earlier one at each loss counted a fraction (132 sends of a 101 a day
+        in a live run with a flush every 0.7 s)."""
+        clock = FakeClock()
+        store = _store(clock)
+        procs = [_limiter(clock, store, name) for name in ("p", "q", "r")]
+        sent = 0
+        for round_ in range(12):
+            for limiter in procs:
+                await limiter.commit()
+                sent += 1
+                await clock.advance(0.5)
+                if round_ % 2:
+                    store.drop(KEY)
+        counts = [(await limiter.refresh()).count for limiter in procs]
+        assert counts[-1] == sent == 36
+
     async def test_a_day_begun_over_another_resets_is_warned_of(self) -> None:
         """Process a (reset 00:00) sends and closes; process b (reset 08:00) asks at 09:00
         and begins a new day: it warns once that two resets taking turns give the key its

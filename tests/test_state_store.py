@@ -702,6 +702,27 @@ class TestDayAndProcesses:
         )
         assert d.count == sum(range(3, PRIOR_KEEP + 2)) + 10  # g01's 2 dropped now
 
+    async def test_each_process_s_own_sends_rebuild_a_lost_count(
+        self, backend: Backend, request: pytest.FixtureRequest
+    ) -> None:
+        """After a loss, each process's mark tells the sends it was granted today: the record
+        sums them over the processes that ask (exactly the day's, once every process that
+        sent has asked), whatever generation each last saw; told again, a process's sends
+        count once."""
+        first = await backend.reserve()
+        await _lose_the_key(backend, request)
+        await _lose_the_key(backend, request)
+        marks = [ProcessMark(f"p{n}:1:a", first.day, 3, gen="old", own_sends=n) for n in (4, 5)]
+        for mark in marks:
+            told = await backend.store.decide(
+                KEY, LIMITS, feedback=Feedback(), reserve=False, process=mark
+            )
+        assert told.count == 9
+        again = await backend.store.decide(
+            KEY, LIMITS, feedback=Feedback(), reserve=True, process=marks[0]
+        )
+        assert again.count == 10  # p4's 4 and its new send, p5's 5
+
     async def test_a_day_begun_over_one_of_another_reset_is_told(self, backend: Backend) -> None:
         """A process whose daily reset differs from the one the key's day was counted under
         (none of that reset's processes live) begins a new day at its own reset: the

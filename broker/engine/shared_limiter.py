@@ -211,6 +211,9 @@ class SharedKeyLimiter:
         self._gen_at = -1
         # The sends granted in that generation, as of that answer.
         self._gen_sends = 0
+        # The sends the store granted this process in the day ``_own_day``.
+        self._own_day = -1
+        self._own_sends = 0
         self._successes = 0
         self._throttled: list[int] = []
         # A success since the last call (the key's run of 429s is over), and the 429s since
@@ -325,6 +328,7 @@ class SharedKeyLimiter:
             park_reason="" if seen is None else seen.park_reason,
             gen=self._gen,
             gen_sends=self._gen_sends,
+            own_sends=self._own_sends if self._own_day == self._hwm_day else 0,
         )
         try:
             with cancel_kept():
@@ -365,6 +369,10 @@ class SharedKeyLimiter:
             # with a count that already holds sends since (they would be added twice).
             self._gen, self._gen_at = decision.gen, decision.now_us
             self._gen_sends = decision.gen_sends
+        if decision.day > self._own_day:
+            self._own_day, self._own_sends = decision.day, 0
+        if decision.granted and decision.day == self._own_day:
+            self._own_sends += 1
         if decision.day_taken_over_s >= 0:
             self._say_reset_differs(decision.day_taken_over_s)
         if decision.day > self._hwm_day:

@@ -1,7 +1,7 @@
 -- One send decision for one key, atomically, on Redis's own clock.
 -- The same steps as broker/state/decision.py (decide); tests hold the two to each other.
 -- KEYS[1] the key's hash, KEYS[2] its processes (sorted set: process id -> last seen, µs).
--- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[47].
+-- ARGV: see broker/state/redis.py (_args); throttled send times (µs) follow ARGV[48].
 -- With ARGV[25] = '1' the rate follows the ceiling-aware controller of broker/ratecontrol.py
 -- (cut_rate, recovered_rate), step for step; else the plain target-loss AIMD.
 local t = redis.call('TIME')
@@ -63,7 +63,9 @@ local mark_park_reason = ARGV[45]
 local mark_gen = ARGV[46]
 -- decision.py: ProcessMark.gen_sends (the sends of that generation the caller saw)
 local mark_gen_sends = tonumber(ARGV[47])
-local first_throttled = 48
+-- decision.py: ProcessMark.own_sends (the sends the caller was granted in its mark's day)
+local mark_own_sends = tonumber(ARGV[48])
+local first_throttled = 49
 local run_gap = 60000000  -- decision.py: RUN_GAP_S
 local run_cuts_from = 10  -- decision.py: RUN_CUTS_FROM
 
@@ -74,7 +76,7 @@ local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
   'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset',
-  'prior')
+  'prior', 'own')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -111,16 +113,40 @@ local gen_unparked = h[27] == '1'
 local day_offset = tonumber(h[28]) or -1
 -- decision.py: Record.prior, the most sends each earlier generation of the day was told to
 -- have granted (a JSON object; anything else reads as none)
-local prior = {}
-if h[29] then
-  local ok, decoded = pcall(cjson.decode, h[29])
-  if ok and type(decoded) == 'table' then
-    for name, sends in pairs(decoded) do
-      if type(name) == 'string' and type(sends) == 'number' then prior[name] = sends end
+-- A JSON object of counts by name from field value `raw` (anything else reads as none).
+local function counts_of(raw)
+  local out = {}
+  if raw then
+    local ok, decoded = pcall(cjson.decode, raw)
+    if ok and type(decoded) == 'table' then
+      for name, n in pairs(decoded) do
+        if type(name) == 'string' and type(n) == 'number' then out[name] = n end
+      end
     end
   end
+  return out
 end
+-- decision.py (_keep_most): set counts[name], then drop the smallest (the first name of
+-- equals) while more than `keep` are kept.
+local function keep_most(counts, name, value, keep)
+  counts[name] = value
+  while true do
+    local kept, smallest = 0, nil
+    for other, n in pairs(counts) do
+      kept = kept + 1
+      if smallest == nil or n < counts[smallest] or (n == counts[smallest] and other < smallest) then
+        smallest = other
+      end
+    end
+    if kept <= keep then return end
+    counts[smallest] = nil
+  end
+end
+local prior = counts_of(h[29])
 local prior_keep = 16  -- decision.py: PRIOR_KEEP
+-- decision.py: Record.own, the sends each process was granted in the day
+local own = counts_of(h[30])
+local own_keep = 256  -- decision.py: OWN_KEEP
 
 local function probe_wait(top)
   return rc_level * math.max(probe_after_s, probe_after_sends / (top * plateau))
@@ -284,6 +310,7 @@ if kept then
     count = 0
     gen_sends = 0
     prior = {}
+    own = {}
     counted = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
   end
   window_end = ((day + 1) * 86400 + day_offset) * 1000000
@@ -300,6 +327,7 @@ else
     count = 0
     gen_sends = 0
     prior = {}
+    own = {}
   end
   window_end = ((counted + 1) * 86400 + reset_offset) * 1000000
 end
@@ -311,20 +339,18 @@ if process_id ~= '' then
     if before and mark_gen ~= '' then
       -- decision.py (_tell_prior): the sends of the mark's generation join the others'.
       if mark_gen_sends > (prior[mark_gen] or 0) then
-        prior[mark_gen] = mark_gen_sends
-        local kept, smallest = 0, nil
-        for name, sends in pairs(prior) do
-          kept = kept + 1
-          if smallest == nil or sends < prior[smallest]
-              or (sends == prior[smallest] and name < smallest) then
-            smallest = name
-          end
-        end
-        if kept > prior_keep then prior[smallest] = nil end
+        keep_most(prior, mark_gen, mark_gen_sends, prior_keep)
       end
       local told = gen_sends
       for _, sends in pairs(prior) do told = told + sends end
       if told > seen then seen = told end
+    end
+    if mark_own_sends > (own[process_id] or 0) then
+      -- decision.py: what this process was granted today, as it saw it
+      keep_most(own, process_id, mark_own_sends, own_keep)
+      local total = 0
+      for _, sends in pairs(own) do total = total + sends end
+      if total > seen then seen = total end
     end
     if seen > count then count = seen end
   end
@@ -420,6 +446,7 @@ if reserve then
     next_slot = slot + interval
     count = count + 1
     gen_sends = gen_sends + 1
+    if process_id ~= '' then keep_most(own, process_id, (own[process_id] or 0) + 1, own_keep) end
     if parked_until > 0 then
       probe = 1
       probing_until = now + lease
@@ -438,7 +465,7 @@ if not view then
     'rc_r2', int(rc_r2), 'nominal_seen', int(nominal_seen), 'day_cap', int(day_cap),
     'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s), 'gen', gen,
     'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0',
-    'day_offset', int(day_offset), 'prior', cjson.encode(prior))
+    'day_offset', int(day_offset), 'prior', cjson.encode(prior), 'own', cjson.encode(own))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')

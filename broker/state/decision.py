@@ -45,6 +45,8 @@ PROCESS_KEEP_S = 600.0
 #: At most this many earlier generations are kept in a record's ``prior`` (the smallest
 #: goes first): losses in one day are few, and the count already holds what one told.
 PRIOR_KEEP: Final = 16
+#: At most this many processes' own sends are kept in a record's ``own`` (the smallest goes).
+OWN_KEEP: Final = 256
 #: A 429 this long (seconds) after the key's last one starts a new run of 429s.
 RUN_GAP_S: Final = 60.0
 #: From this many 429s in a row over every process (the classifier's streak limit), each
@@ -117,6 +119,10 @@ class Record:
     #: mark has told of: sends of disjoint generations, so their sum plus ``gen_sends`` is a
     #: floor of the day's count even when no one process saw every generation (two losses)
     prior: dict[str, int] = field(default_factory=dict)
+    #: the sends each process was granted in the day (by process id), the most it told or
+    #: was granted here: their sum is a floor of the day's count that survives any number
+    #: of losses, once each live process has asked again (at most OWN_KEEP kept)
+    own: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -269,12 +275,16 @@ def _held_by_another(record: Record, now: int, asker: str) -> bool:
 
 def _tell_prior(record: Record, gen: str, sends: int) -> None:
     """Keep ``sends`` as generation ``gen``'s in ``record.prior`` if it is more than known."""
-    if sends <= record.prior.get(gen, 0):
-        return
-    record.prior[gen] = sends
-    if len(record.prior) > PRIOR_KEEP:
-        # The smallest, the first name of equals (decide.lua drops the same one).
-        del record.prior[min(record.prior, key=lambda g: (record.prior[g], g))]
+    if sends > record.prior.get(gen, 0):
+        _keep_most(record.prior, gen, sends, PRIOR_KEEP)
+
+
+def _keep_most(counts: dict[str, int], name: str, value: int, keep: int) -> None:
+    """Set ``counts[name] = value``, then drop the smallest entry (the first name of equals:
+    decide.lua drops the same one) while more than ``keep`` are kept."""
+    counts[name] = value
+    while len(counts) > keep:
+        del counts[min(counts, key=lambda n: (counts[n], n))]
 
 
 def _run_over(record: Record, now: int) -> bool:
@@ -496,6 +506,7 @@ def decide(
             record.day = held
             record.count = record.gen_sends = 0
             record.prior = {}
+            record.own = {}
             counted = day_number(day_end_us(held - 1, record.day_offset), offset)
         window_end = day_end_us(record.day, record.day_offset)
     else:
@@ -509,6 +520,7 @@ def decide(
             record.day_offset = offset
             record.count = record.gen_sends = 0
             record.prior = {}
+            record.own = {}
         window_end = day_end_us(counted, offset)
     if process is not None:
         if process.hwm_day == counted:
@@ -521,6 +533,10 @@ def decide(
                 # knows of the other's.
                 _tell_prior(record, process.gen, process.gen_sends)
                 seen = max(seen, sum(record.prior.values()) + record.gen_sends)
+            if process.own_sends > record.own.get(process.process_id, 0):
+                # What this process was granted today, as it saw it: a loss forgot it.
+                _keep_most(record.own, process.process_id, process.own_sends, OWN_KEEP)
+                seen = max(seen, sum(record.own.values()))
             if seen > record.count:
                 record.count = seen
         if asking and entry is not None:
@@ -562,6 +578,13 @@ def decide(
             record.next_slot = slot + interval
             record.count += 1
             record.gen_sends += 1
+            if process is not None:
+                _keep_most(
+                    record.own,
+                    process.process_id,
+                    record.own.get(process.process_id, 0) + 1,
+                    OWN_KEEP,
+                )
             if record.parked_until:
                 probe = True
                 record.probing_until = now + int(limits.probe_lease_s * _US)

@@ -192,6 +192,9 @@ class ProcessMark:
             (:attr:`Decision.gen_sends`): a record rebuilt after a later loss sums these over
             the generations the marks name, so sends granted in a generation the asker never
             saw count too.
+        own_sends: the sends this process was granted in ``hwm_day``: a record rebuilt
+            after losses sums them over the processes that ask, whatever each saw of the
+            others.
     """
 
     process_id: str
@@ -202,6 +205,7 @@ class ProcessMark:
     park_reason: str = ""
     gen: str = ""
     gen_sends: int = 0
+    own_sends: int = 0
 
 
 @dataclass(frozen=True, slots=True)

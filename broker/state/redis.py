@@ -181,6 +181,7 @@ class RedisStateStore:
             "" if process is None else process.park_reason,
             "" if process is None else process.gen,
             0 if process is None else process.gen_sends,
+            0 if process is None else process.own_sends,
             *feedback.throttled,
         ]
         return [str(a) for a in args]
