@@ -1839,15 +1839,18 @@ def test_a_record_an_older_broker_wrote_takes_no_park_from_a_mark() -> None:
 
 
 def test_the_lua_decision_keeps_as_many_generations_as_decision_py() -> None:
-    """decide.lua's prior_keep is decision.PRIOR_KEEP (a constant there, not an argument)."""
+    """decide.lua's prior_keep and own_keep are decision.PRIOR_KEEP and OWN_KEEP (constants
+    there, not arguments)."""
     import re
 
     import broker.state as state_package
-    from broker.state.decision import PRIOR_KEEP
+    from broker.state.decision import OWN_KEEP, PRIOR_KEEP
 
     lua = (Path(state_package.__file__).with_name("decide.lua")).read_text()
     (value,) = re.findall(r"^local prior_keep = (\d+) ", lua, flags=re.MULTILINE)
     assert int(value) == PRIOR_KEEP
+    (value,) = re.findall(r"^local own_keep = (\d+) ", lua, flags=re.MULTILINE)
+    assert int(value) == OWN_KEEP
 
 
 def test_the_lua_decision_probes_as_ratecontrol_does() -> None:
