@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -251,10 +252,12 @@ class QuotaRig(NamedTuple):
 class Harness:
     """Starts simulators and brokers inside one exit stack (closed in reverse order)."""
 
-    async def quota_rig(self, *, tps: float, server_tpd: int, key_tpd: int) -> QuotaRig:
-        """A FakeClock at 12:00 UTC; the simulator's demo account at ``tps`` and
-        ``server_tpd`` a day; a broker whose demo key has ``tps`` and ``key_tpd``."""
-        clock = FakeClock()
+    async def quota_rig(
+        self, *, tps: float, server_tpd: int, key_tpd: int, epoch: datetime | None = None
+    ) -> QuotaRig:
+        """A FakeClock at 12:00 UTC (or ``epoch``); the simulator's demo account at ``tps``
+        and ``server_tpd`` a day; a broker whose demo key has ``tps`` and ``key_tpd``."""
+        clock = FakeClock() if epoch is None else FakeClock(epoch=epoch)
         settings = SimulatorSettings(
             accounts=(account("demo", "demo-id", "demo-secret", tps=tps, tpd=server_tpd),)
         )

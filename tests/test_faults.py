@@ -338,9 +338,11 @@ class TestB2QuotaExhausted:
         assert len(_rows(out)) == served  # ... and in the output
 
     async def test_daily_budget_waits_for_the_reset(self, harness: Harness, tmp_path: Path) -> None:
-        """broker run with TPD 3: rows pending, readyz 503 until midnight UTC, then all done."""
+        """broker run with TPD 3: rows pending, readyz 503 until midnight UTC, then all done.
+        (From 22:00: from noon, the wait took 21,600 looks at the store, 28 s of real time on
+        a slow machine, at the drive's 30-s limit.)"""
         clock, sim, transport, config, broker = await harness.quota_rig(
-            tps=5.0, server_tpd=3, key_tpd=3
+            tps=5.0, server_tpd=3, key_tpd=3, epoch=datetime(2026, 5, 1, 22, 0, tzinfo=UTC)
         )
         job, out = _job(tmp_path, 50), tmp_path / "out.jsonl"
         options = _options(job, out, progress="auto", progress_every_s=0.02)
