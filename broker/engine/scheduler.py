@@ -109,8 +109,10 @@ class KeyPool:
         if marketplace in self._serving:
             return
         dead = self._dead.get(marketplace)
-        if dead is not None and not self._revive(marketplace):
-            # A fresh instance per raise: re-raising one stored exception grows its traceback.
+        if dead is not None:
+            # (A key of it an outage took out, and now due, came back above, and took the
+            # marketplace out of _dead.) A fresh instance per raise: re-raising one stored
+            # exception grows its traceback.
             raise NoUsableKeyError(dead.marketplace, dead.failures)
         if not any(key.serves(marketplace) for key in self._keys):
             raise self._no_key_error(marketplace)
@@ -121,32 +123,21 @@ class KeyPool:
         else:
             self._serving.add(marketplace)
 
-    def _revive(self, marketplace: str) -> bool:
-        """Bring back the keys for ``marketplace`` an outage took out a while ago (see
-        :meth:`KeyState.revive`); True if one came back."""
-        return self._revived([key for key in self._keys if key.has_tag(marketplace)])
-
     def _revive_outage_out(self) -> None:
-        """Bring back the keys an outage took out a while ago, whatever serves their
-        marketplaces now: one taken out while another key served on (its own token
-        endpoint down, or the endpoint back before the other's budget ran out) stayed out
-        for the broker's life."""
-        self._revived(self._outage_out)
+        """Bring back the keys an outage took out a while ago (see :meth:`KeyState.revive`),
+        whatever serves their marketplaces now: one taken out while another key served on
+        (its own token endpoint down, or the endpoint back before the other's budget ran
+        out) stayed out for the broker's life. Every key an outage takes out is in
+        ``_outage_out`` (:meth:`take_out` puts it there), so this is the one way back."""
+        revived = [key for key in self._outage_out if key.revive()]
         self._outage_out = [key for key in self._outage_out if key.out_by_outage]
         self._revive_due = min((key.revive_due for key in self._outage_out), default=math.inf)
         self._servable.clear()
-
-    def _revived(self, keys: Sequence[KeyState]) -> bool:
-        """Revive each of ``keys`` that is due (:meth:`KeyState.revive`); True if one came
-        back."""
-        revived = [key for key in keys if key.revive()]
-        if not revived:
-            return False
-        for market in list(self._dead):
-            if any(key.serves(market) for key in revived):
-                del self._dead[market]
-        self._work.wake()
-        return True
+        if revived:
+            for market in list(self._dead):
+                if any(key.serves(market) for key in revived):
+                    del self._dead[market]
+            self._work.wake()
 
     def _no_key_error(self, marketplace: str) -> NoUsableKeyError:
         # The keys tagged for it only: a key with no tag there could never have served it,

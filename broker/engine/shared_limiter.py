@@ -211,8 +211,7 @@ class SharedKeyLimiter:
         self._gen_at = -1
         # The sends granted in that generation, as of that answer.
         self._gen_sends = 0
-        # The sends the store granted this process in the day ``_own_day``.
-        self._own_day = -1
+        # The sends the store granted this process in the day ``_hwm_day``.
         self._own_sends = 0
         self._successes = 0
         self._throttled: list[int] = []
@@ -328,7 +327,7 @@ class SharedKeyLimiter:
             park_reason="" if seen is None else seen.park_reason,
             gen=self._gen,
             gen_sends=self._gen_sends,
-            own_sends=self._own_sends if self._own_day == self._hwm_day else 0,
+            own_sends=self._own_sends,
         )
         try:
             with cancel_kept():
@@ -369,16 +368,15 @@ class SharedKeyLimiter:
             # with a count that already holds sends since (they would be added twice).
             self._gen, self._gen_at = decision.gen, decision.now_us
             self._gen_sends = decision.gen_sends
-        if decision.day > self._own_day:
-            self._own_day, self._own_sends = decision.day, 0
-        if decision.granted and decision.day == self._own_day:
-            self._own_sends += 1
         if decision.day_taken_over_s >= 0:
             self._say_reset_differs(decision.day_taken_over_s)
         if decision.day > self._hwm_day:
             self._hwm_day, self._hwm_count = decision.day, decision.count
+            self._own_sends = 0
         elif decision.day == self._hwm_day:
             self._hwm_count = max(self._hwm_count, decision.count)
+        if decision.granted and decision.day == self._hwm_day:
+            self._own_sends += 1
         if decision.cut:
             # One per cutting 429: at info a fleet would log about a line a second.
             logger.debug("broker.rate_cut", key=self._key.name, rate=round(decision.rate, 4))
