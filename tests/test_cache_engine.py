@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import Harness, asins, make_config
+from conftest import Harness, asins, drive, key_doc, make_config
 
 from broker.engine.broker import Broker
 from broker.models import Query, Status
 from broker.simulator.catalog import lookup
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import SimulatorSettings
+from broker.testing import FakeClock
 
 FREE = SimulatorSettings(limits=False)
 
@@ -69,6 +70,36 @@ class TestBrokerCache:
             results = await broker.get_items(wanted)
         assert transport.count("/catalog/") == 5
         assert [i % 2 == 0 for i in range(100)] == [r.cached for r in results]
+
+    async def test_a_cached_answer_held_while_the_call_waits_is_never_past_its_age(
+        self, harness: Harness, tmp_path: Path
+    ) -> None:
+        """get_items returns no cached answer older than the max age: one read at the start
+        of a call that then waits for its other lookups is looked up again."""
+        clock = FakeClock()
+        sim = await harness.simulator(FREE, clock=clock)
+        config = make_config(
+            sim.url,
+            keys=[key_doc(tps=1.0)],
+            engine={"batch_size": 1},
+            cache=_cache(tmp_path, max_age_s=5),
+        )
+        first, *others = asins(4)
+        transport = await harness.transport()
+        broker = await harness.broker(config, clock=clock, transport=transport)
+        task = asyncio.get_running_loop().create_task(broker.get_items([first]))
+        await drive(clock, task, transport)
+        await clock.advance(4.0)  # cached 4 s ago: fresh when the next call reads it
+        task = asyncio.get_running_loop().create_task(broker.get_items([first, *others]))
+        await drive(clock, task, transport)
+        returned = clock.utcnow()
+        results = task.result()
+        assert [r.asin for r in results] == [first, *others]
+        assert all(r.ok for r in results)
+        ages = {r.asin: (returned - r.fetched_at).total_seconds() for r in results if r.cached}
+        assert all(age <= 5 for age in ages.values()), ages
+        assert not results[0].cached  # asked again: 1 + 3 + 1 requests
+        assert transport.count("/catalog/") == 5
 
     async def test_not_found_is_not_cached(self, harness: Harness, tmp_path: Path) -> None:
         """not_found answers are asked again next time; ok ones are not."""

@@ -117,6 +117,11 @@ class CacheFront:
         for query in queries:
             self._ahead.pop(key_of(query), None)
 
+    def fresh(self, result: ItemResult) -> bool:
+        """True while ``result``, served by this cache, may still be handed on (its age
+        checked again now, against this run's limit)."""
+        return self.cache.is_fresh(result, max_age_s=self._max_age_s)
+
     async def get(self, query: Query) -> ItemResult | None:
         """The cached answer for a complete ``query`` (``cached=True``), or None."""
         if self._closed or not self._serves:

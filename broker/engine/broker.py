@@ -635,12 +635,39 @@ class Broker:
     ) -> list[ItemResult]:
         """Look up any number of ASINs; return one result per distinct query, in input order.
 
+        A cached answer is served only within its max age when the call returns: one read
+        at the start of a call that then waited for its other lookups, and aged past its
+        limit meanwhile, is looked up again.
+
         Raises:
             NoUsableKeyError: every key that could serve the marketplace left rotation.
             TypeError: ``asins`` is a single string (use :meth:`get_item`).
         """
         intake = self._require_open()
         refuse_single_string(asins)
+        results = await self._collect(intake, asins, marketplace, resources)
+        stale = [i for i, result in enumerate(results) if intake.stale(result)]
+        while stale:
+            # Each one's query is complete and distinct, so one answer each, in order.
+            asked: list[_Input] = []
+            for i in stale:
+                query = results[i].query
+                assert query is not None  # a cached answer always carries its query
+                asked.append(query)
+            again = await self._collect(intake, asked, marketplace, resources)
+            for i, result in zip(stale, again, strict=True):
+                results[i] = result
+            stale = [i for i in stale if intake.stale(results[i])]
+        return results
+
+    async def _collect(
+        self,
+        intake: Intake,
+        asins: Iterable[_Input],
+        marketplace: str | None,
+        resources: Sequence[str] | None,
+    ) -> list[ItemResult]:
+        """One pass of :meth:`get_items`: each distinct query answered once, in input order."""
         resources = intake.resources(resources)
         collector = _Collector(asyncio.get_running_loop())
         held: list[Lookup] = []
