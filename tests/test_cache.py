@@ -1520,6 +1520,27 @@ class TestFront:
         assert "locked" not in described
         assert "lookups" not in described
 
+    def test_a_read_only_shm_beside_a_writable_file_is_named(
+        self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A -shm left read-only (made while the file was) is named, with its remedy: the
+        advice named only the file and its directory, both writable, so the cache stayed
+        read-only after the user did as told."""
+        path = tmp_path / "item-cache.sqlite3"
+        path.write_bytes(b"")
+        shm = tmp_path / "item-cache.sqlite3-shm"
+        shm.write_bytes(b"")
+        access = os.access
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: access(p, mode) and not (p == shm and mode == os.W_OK)
+        )
+        cache = SqliteCache(path, CachePolicy(3_600), clock=clock)
+        error = sqlite3.OperationalError("attempt to write a readonly database")
+        error.sqlite_errorcode = sqlite3.SQLITE_READONLY
+        described = cache.describe_failure(error)
+        assert f"{shm} beside it is read-only" in described
+        assert "make it writable" in described
+
     async def test_a_directory_as_the_path_is_named_so(
         self, tmp_path: Path, clock: FakeClock
     ) -> None:

@@ -498,9 +498,18 @@ class SqliteCache(StoreCache):
                 "max_bytes lower or path elsewhere"
             )
         if isinstance(failed, OSError) and failed.errno == errno.EROFS:
+            # A -shm made while the file was read-only takes the file's mode, and no
+            # connection can replace it: mending the file alone would mend nothing.
+            companions = _read_only_companions(self.path)
+            named = " and ".join(str(part) for part in companions)
+            verb, them = ("is", "it") if len(companions) == 1 else ("are", "them")
+            mend = f"make {them} writable, or delete {them} while no process uses the cache"
+            if companions and os.access(self.path, os.W_OK):
+                return str(self.path), f"{named} beside it {verb} read-only: {mend}"
+            also = f"; so {verb} {named} beside it: {mend}" if companions else ""
             return str(self.path), (
                 "it or its directory is read-only: make it writable, or set [cache] path to a "
-                "writable place"
+                f"writable place{also}"
             )
         return str(self.path), (
             "if another process holds it locked, wait for it; if it is damaged, delete it "
@@ -531,7 +540,13 @@ def _writable(path: Path) -> bool:
         return False
     if path.exists() and not os.access(path, os.W_OK):
         return False
-    return os.access(folder, os.W_OK)
+    return os.access(folder, os.W_OK) and not _read_only_companions(path)
+
+
+def _read_only_companions(path: Path) -> list[Path]:
+    """The -wal and -shm beside ``path`` that exist and this process may not write."""
+    parts = (path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm"))
+    return [part for part in parts if os.access(part, os.F_OK) and not os.access(part, os.W_OK)]
 
 
 def _evict(db: sqlite3.Connection, max_items: int, max_bytes: int) -> int:
