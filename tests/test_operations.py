@@ -214,6 +214,13 @@ class TestSearchParams:
             ({"keywords": "x", "availability": 1}, TypeError, "availability"),
             ({"keywords": "x", "delivery_flags": [1]}, TypeError, "delivery_flags"),
             ({"keywords": " "}, ValueError, "keywords must not be blank"),
+            # Bytes that are not UTF-8, as Python decodes an argv or file name: no request.
+            (
+                {"keywords": "caf\udce9"},
+                ValueError,
+                "keywords holds .* at 3, a byte that was not UTF-8",
+            ),
+            ({"keywords": "x", "brand": "\ud800"}, ValueError, "brand holds"),
             ({"search_index": "All", "keywords": "x" * 1001}, ValueError, "at most 1000"),
             ({"item_count": 3}, ValueError, "needs something to search for"),
             ({"keywords": "x", "resources": ["Nope"]}, ValueError, "unknown resource 'Nope'"),

@@ -214,6 +214,15 @@ def _text(name: str, value: object, max_len: int = 1000) -> str:
         raise ValueError(f"{name} must not be blank")
     if len(value) > max_len:
         raise ValueError(f"{name} must be at most {max_len} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate: bytes that were not UTF-8 (an argv or file name decoded with
+        # surrogateescape). No JSON body can carry it; Amazon would refuse the request.
+        raise ValueError(
+            f"{name} holds {value[exc.start]!r} at {exc.start}, a byte that was not UTF-8 "
+            "text; decode the text as UTF-8 (or the encoding it was written in) first"
+        ) from None
     return value
 
 
