@@ -607,16 +607,27 @@ def _main(words: list[str], *, process_ends: bool = False) -> int:
 def _parse(words: list[str]) -> argparse.Namespace:
     """Parse the command line; a usage error (exit 2) for what argparse lets through."""
     parser = _build_parser()
-    args = parser.parse_args(words)
-    # Told with the command's own usage line, as argparse tells its own errors.
-    command = next(
-        (
-            action.choices[args.command]
-            for action in parser._actions
-            if isinstance(action, argparse._SubParsersAction) and args.command in action.choices
-        ),
-        parser,
-    )
+    # Known only: an unknown option after a command is told with that command's usage
+    # line below (parse_args told it with the top-level one: "usage: broker COMMAND ...").
+    args, unknown = parser.parse_known_args(words)
+    # Told with the command's own usage line (``broker cache stats``'s for its options), as
+    # argparse tells its own errors.
+    command = parser
+    while True:
+        chosen = next(
+            (
+                action.choices[getattr(args, action.dest)]
+                for action in command._actions
+                if isinstance(action, argparse._SubParsersAction)
+                and getattr(args, action.dest, None) in action.choices
+            ),
+            None,
+        )
+        if chosen is None:
+            break
+        command = chosen
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "config", None) is not None and not args.config.strip():
         # An empty --config (an unset variable in a script) must not fall back silently.
         command.error("--config names no file")

@@ -657,7 +657,8 @@ def load_config(
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {file}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"{file} is not valid TOML: {exc}") from None
+        hint = _unquoted_time_hint(raw[bom:], str(exc))
+        raise ConfigError("", f"{file} is not valid TOML: {exc}{hint}") from None
     except UnicodeDecodeError as exc:
         # TOML is UTF-8 by definition; a Latin-1 comment or a UTF-16 file fails here. The
         # offset counts from the file's start, a dropped byte order mark included.
@@ -674,6 +675,27 @@ def load_config(
         base_dir=file.parent,
         read_secrets=read_secrets,
     )
+
+
+#: ``key = 08:00`` (a time without seconds, which TOML 1.0 does not have): the likeliest
+#: way to write ``daily_reset_utc``, and a parse error, not a value the table can name.
+_UNQUOTED_TIME = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*=\s*(\d{1,2}:\d{2})\s*(?:#.*)?")
+_ERROR_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def _unquoted_time_hint(raw: bytes, error: str) -> str:
+    """``: write it in quotes (...)`` when the line a TOML error names is a bare HH:MM."""
+    at = _ERROR_LINE.search(error)
+    if at is None:
+        return ""
+    lines = raw.decode("utf-8", "replace").splitlines()
+    number = int(at.group(1))
+    if not 1 <= number <= len(lines):
+        return ""
+    bare = _UNQUOTED_TIME.fullmatch(lines[number - 1])
+    if bare is None:
+        return ""
+    return f': write it in quotes ({bare.group(1)} = "{bare.group(2)}")'
 
 
 def parse_config(
@@ -881,6 +903,14 @@ def _parse_api(table: TomlTable) -> ApiConfig:
             )
         _check_url(token_endpoint, "api.token_endpoint")
     resources = table.str_list("resources", DEFAULT_RESOURCES)
+    if not resources:
+        # resolve_resources' own word ("leave it out for the configured ones") is for a
+        # call or a row; here it is the configured ones.
+        raise ConfigError(
+            "api.resources",
+            "the list is empty: name at least one resource, or leave resources out for the "
+            f"default ({', '.join(DEFAULT_RESOURCES)})",
+        )
     if len(resources) > 100:
         raise ConfigError("api.resources", "Amazon accepts at most 100 resources")
     try:
@@ -1127,6 +1157,14 @@ def _parse_key(
     for marketplace, tag in tags.items():
         if len(tag) > 64:
             raise ConfigError(f"{path}.partner_tags.{marketplace}", "is longer than 64 characters")
+        if any(c.isspace() or not c.isprintable() for c in tag):
+            # No tracking id has one (a paste that took a neighbour's text): refused here,
+            # not by Amazon at the first request (InvalidPartnerTag, exit 77).
+            raise ConfigError(
+                f"{path}.partner_tags.{marketplace}",
+                f"{tag!r} holds white space or a control character, which no tracking id "
+                "has: write it as Associates Central shows it (like yourtag-20)",
+            )
     tps = table.number("tps", 1.0, exclusive=True, maximum=MAX_TPS, minimum=0.0)
     tpd_value = table.raw("tpd")
     tpd: int | None

@@ -190,6 +190,12 @@ class TomlTable:
         value = self.raw(name)
         if value is None:
             return default
+        if isinstance(value, float):
+            # "not a number" of 8640.0 would contradict itself: say what it is and, for a
+            # whole one, what to write.
+            whole = value.is_integer() and abs(value) < 2**53
+            hint = f": write {int(value)}" if whole else ""
+            raise ConfigError(self.key(name), f"must be an integer, not a decimal number{hint}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(self.key(name), f"must be an integer, not {_kind(value)}")
         too_low = minimum is not None and value < minimum

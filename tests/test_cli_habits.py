@@ -493,6 +493,23 @@ def test_port_out_of_range_is_a_usage_error(
     assert "--port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [(["status"], "status"), (["run", "job.txt"], "run"), (["cache", "stats"], "cache stats")],
+)
+def test_an_unknown_option_is_told_with_the_commands_usage(
+    capsys: pytest.CaptureFixture[str], command: list[str], usage: str
+) -> None:
+    """``broker status --jsn`` prints the usage of ``broker status``, whose options the
+    user needs to see; it printed the top-level one ("usage: broker [-h] ... COMMAND")."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--jsn"])
+    assert info.value.code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: broker {usage} ")
+    assert "error: unrecognized arguments: --jsn" in err
+
+
 @pytest.mark.parametrize("command", [["check-config"], ["lookup", "B0C1234567"], ["status"]])
 def test_empty_config_flag_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], command: list[str]

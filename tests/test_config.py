@@ -351,6 +351,22 @@ class TestSmallMistakes:
         error = _error(_with("keys.0.partner_tags", {"www.amazon.com": tag}))
         assert error.path.startswith("keys[0].partner_tags")
 
+    @pytest.mark.parametrize("tag", ["demo 20", "demo\t20", "demo-20\u200b"])
+    def test_partner_tag_with_white_space_inside_refused(self, tag: str) -> None:
+        """A tag with white space or an invisible character inside (a paste error) is
+        refused naming its entry; it passed check-config and failed the first lookup."""
+        error = _error(_with("keys.0.partner_tags", {"www.amazon.com": tag}))
+        assert error.path == "keys[0].partner_tags.www.amazon.com"
+        assert "white space or a control character" in error.message
+
+    def test_empty_resources_refused_naming_the_default(self) -> None:
+        """api.resources = [] names the default to fall back on; it said "leave resources
+        out for the configured ones (api.resources)", of api.resources itself."""
+        error = _error(_with("api.resources", []))
+        assert error.path == "api.resources"
+        assert "leave resources out for the default (itemInfo.title," in error.message
+        assert "configured ones" not in error.message
+
     def test_more_than_100_resources_refused(self) -> None:
         """api.resources of 101 names Amazon knows (repeated) is refused saying Amazon takes
         at most 100; 100 load."""
@@ -839,6 +855,29 @@ class TestDefaults:
         """A missing config file is a ConfigError naming the file."""
         with pytest.raises(ConfigError, match="not found"):
             load_config(tmp_path / "nope.toml", environ={})
+
+    @pytest.mark.parametrize(
+        ("line", "hint"),
+        [
+            ("daily_reset_utc = 08:00", ': write it in quotes (daily_reset_utc = "08:00")'),
+            (
+                "daily_reset_utc = 8:00  # Pacific",
+                ': write it in quotes (daily_reset_utc = "8:00")',
+            ),
+            ("tps = 1.5.2", ""),
+        ],
+    )
+    def test_a_bare_time_without_seconds_is_told_to_be_quoted(
+        self, tmp_path: Path, line: str, hint: str
+    ) -> None:
+        """``daily_reset_utc = 08:00`` (no seconds: not TOML) says to write it in quotes; it
+        was a bare parse error, while ``08:00:00`` parsed and got the hint."""
+        bad = tmp_path / "config.toml"
+        bad.write_text(f"[rate]\n{line}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(bad, environ={})
+        assert "(at line 2, column" in info.value.message
+        assert info.value.message.endswith(f"){hint}")
 
     def test_bad_toml(self, tmp_path: Path) -> None:
         """A file that is not TOML is a ConfigError, not a tomllib exception."""

@@ -88,6 +88,23 @@ class TestTomlTable:
 
 
 @pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("tpd = 8640.0", "must be an integer, not a decimal number: write 8640"),
+        ("tpd = 2.5", "must be an integer, not a decimal number"),
+        ("tpd = 1e300", "must be an integer, not a decimal number"),
+    ],
+)
+def test_a_decimal_where_an_integer_goes_says_what_to_write(text: str, said: str) -> None:
+    """``tpd = 8640.0``: "must be an integer, not a decimal number: write 8640"; it said
+    "not a number", of a number."""
+    table = TomlTable(tomllib.loads(text), "keys[0]")
+    with pytest.raises(ConfigError) as info:
+        table.integer("tpd", 1)
+    assert str(info.value).endswith(f"keys[0].tpd: {said}")
+
+
+@pytest.mark.parametrize(
     ("text", "kind"),
     [("version = 3.1", "a number"), ("daily_reset_utc = 08:00:00", "a time")],
 )
