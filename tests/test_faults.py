@@ -339,17 +339,18 @@ class TestB2QuotaExhausted:
 
     async def test_daily_budget_waits_for_the_reset(self, harness: Harness, tmp_path: Path) -> None:
         """broker run with TPD 3: rows pending, readyz 503 until midnight UTC, then all done.
-        (From 22:00: from noon, the wait took 21,600 looks at the store, 28 s of real time on
-        a slow machine, at the drive's 30-s limit.)"""
+        (30 rows from 23:55: 2 requests a day (3 times the guard) for 50 rows ran into a third
+        day, a look at the store each fake second, 17 s of real time and 31 s with the suite
+        run on both cores, past the drive's 30-s limit.)"""
         clock, sim, transport, config, broker = await harness.quota_rig(
-            tps=5.0, server_tpd=3, key_tpd=3, epoch=datetime(2026, 5, 1, 22, 0, tzinfo=UTC)
+            tps=5.0, server_tpd=3, key_tpd=3, epoch=datetime(2026, 5, 1, 23, 55, tzinfo=UTC)
         )
-        job, out = _job(tmp_path, 50), tmp_path / "out.jsonl"
+        job, out = _job(tmp_path, 30), tmp_path / "out.jsonl"
         options = _options(job, out, progress="auto", progress_every_s=0.02)
         with capture_logs() as logs:
             task = asyncio.get_running_loop().create_task(run_job(config, options, broker=broker))
             with pytest.raises(TimeoutError, match="fake time limit"):
-                await drive(clock, task, transport, limit_s=3600.0)
+                await drive(clock, task, transport, limit_s=150.0)
             # The key now sleeps until 00:00 UTC; the run is waiting, not failing.
             (key,) = broker.metrics().keys
             assert key.reason == "waiting for daily quota"
@@ -366,9 +367,10 @@ class TestB2QuotaExhausted:
         summary = task.result()
         assert summary.exit_code() == ExitCode.OK
         assert summary.pending == 0
-        assert sum(summary.by_status.values()) == 50
+        assert sum(summary.by_status.values()) == 30
+        assert clock.utcnow() < datetime(2026, 5, 2, 0, 1, tzinfo=UTC)  # done at the reset
         assert sim.stats.accounts["demo"].throttled == 0  # never hammered the server
-        assert sim.stats.accounts["demo"].accepted == 5  # 3 on day one, 2 after the reset
+        assert sim.stats.accounts["demo"].accepted == 3  # 2 on day one, 1 after the reset
         progress = [e for e in logs if e["event"] == "broker.progress"]
         assert {e["job"] for e in progress} == {str(job)}  # each names its job
         waiting = [
@@ -1087,7 +1089,7 @@ class TestB14ClockSkew:
         assert day_one == 1  # TPD 2 less the 1 % guard
         clock.wall_offset = -3600.0  # 22:3x: "yesterday" again, as far as the wall knows
         with pytest.raises(TimeoutError, match="fake time limit"):
-            await drive(clock, task, transport, limit_s=600.0)
+            await drive(clock, task, transport, limit_s=150.0)
         assert sim.stats.accounts["demo"].accepted == day_one  # the day was not handed out again
         (key,) = broker.metrics().keys
         assert key.until == "2026-05-02T00:00:00Z"
