@@ -544,6 +544,18 @@ class TestServe:
         assert await cache.purge() == 1
         assert (await cache.stats()).entries == 0
 
+    async def test_a_redis_entry_expires_24_hours_after_it_was_fetched(
+        self, clock: FakeClock
+    ) -> None:
+        """An answer written 23 h after Amazon sent it gets a TTL of at most an hour: the
+        TTL ends 86,400 s after fetched_at, not after the write (Amazon's 24-hour rule)."""
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        async with RedisCache(client, CachePolicy(86_400), clock=clock, owns_client=True) as cache:
+            answer = ok("B000000001", clock)
+            await clock.advance(23 * 3600)
+            await cache.put_many([answer])
+            assert 0 < await client.ttl(cache._name(key_of(q("B000000001")))) <= 3600
+
     async def test_a_redis_purge_goes_a_slice_at_a_time(
         self, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -72,6 +72,7 @@ from broker.simulator.app import SIMULATOR_KEY
 from broker.simulator.catalog import lookup
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import FaultRates, SimulatorSettings
+from broker.simulator.tokens import TokenStore
 from broker.testing import FakeClock
 
 if TYPE_CHECKING:
@@ -489,9 +490,14 @@ class TestB3ServerErrors:
         assert _statuses(task.result()) == {"ok": 200}
         assert sim.stats.faults["error_503"] > 0
         budget: RetryBudget = broker._keys[0].retry_budget
-        delays = [e["delay_s"] for e in logs if e["event"] == "broker.retry_scheduled"]
+        scheduled = [e for e in logs if e["event"] == "broker.retry_scheduled"]
+        delays = [e["delay_s"] for e in scheduled]
         assert len(delays) > budget.retries > 0  # the budget granted some and refused others
         assert max(delays) < 29.0
+        # A refused retry waits at least half the next step's ceiling (U(c/2, c)): only those
+        # the budget granted may come back sooner (all of them did when it was ignored).
+        sooner = [e for e in scheduled if e["delay_s"] < 0.5 * min(30.0, 0.5 * 2 ** e["attempt"])]
+        assert len(sooner) <= budget.retries
         # A flat max_delay per refused retry would have taken at least 30 s.
         assert clock.monotonic() - started < 30.0
 
@@ -873,6 +879,21 @@ class TestB11TokenExpired:
         assert len(_api_requests(transport)) == 20 + expired
         # Single flight: requests failing with the same token share one new token.
         assert 2 <= len(_token_requests(transport)) <= 1 + expired
+        assert "broker.key_disabled" not in [e["event"] for e in logs]
+
+    async def test_a_token_the_server_forgot_costs_one_refresh(self, harness: Harness) -> None:
+        """InvalidToken (a token revoked, or a server restarted since it was issued) is
+        refreshed once and retried, as TokenExpired is: every ASIN ok, one new token."""
+        sim = await harness.simulator(SimulatorSettings(limits=False))
+        transport = await harness.transport()
+        broker = await harness.broker(make_config(sim.url), transport=transport)
+        assert _statuses(await broker.get_items(asins(10))) == {"ok": 10}
+        sim.app[SIMULATOR_KEY].tokens = TokenStore()  # every token issued so far unknown
+        with capture_logs() as logs:
+            assert _statuses(await broker.get_items(asins(10, "B1"))) == {"ok": 10}
+        assert len(_token_requests(transport)) == 2
+        events = [e["event"] for e in logs]
+        assert events.count("broker.credentials_refreshed") == 1
         assert "broker.key_disabled" not in [e["event"] for e in logs]
 
     async def test_repeated_401_stops_the_job_with_77(self, tmp_path: Path) -> None:

@@ -325,6 +325,17 @@ def test_probes_left_by_a_killed_daemon_are_removed_at_start(spool: Spool) -> No
     assert fresh.exists()
 
 
+def test_a_claim_meeting_a_half_made_claim_drops_the_inbox_entry(spool: Spool) -> None:
+    """A daemon claiming inbox/x.txt that is already the same file as processing/x.txt
+    (another daemon stopped between link and unlink) drops the inbox entry, or the job ran
+    twice once the orphaned claim was taken over and filed."""
+    (spool.inbox / "x.txt").write_text("B000000001\n")
+    os.link(spool.inbox / "x.txt", spool.processing / "x.txt")  # claimed, not yet unlinked
+    assert spool.claim("x.txt") is False
+    assert not (spool.inbox / "x.txt").exists()
+    assert (spool.processing / "x.txt").read_text() == "B000000001\n"
+
+
 def test_a_stop_mid_claim_leaves_one_job_and_a_hard_linked_sibling_stays(spool: Spool) -> None:
     """At start, an inbox/ entry that is the job a stop mid-claim left in both places goes,
     but a job of another name that is the same file (a producer's ``ln list inbox/b.txt``)

@@ -1902,6 +1902,19 @@ class TestGridSlack:
         assert late.slot_us == first.slot_us + 200_000
         assert late.wait_s == 0.0
 
+    async def test_a_slot_further_in_the_past_is_not_caught_up(self, backend: Backend) -> None:
+        """A next slot more than the slack in the past (a key idle for a while) is not booked:
+        the key sends now and again one interval later, never two at once to catch up."""
+        await backend.reserve()  # 5/s: the next slot 200 ms on
+        await backend.advance(0.7)  # idle: that slot is 500 ms in the past
+        first = await backend.reserve()
+        second = await backend.reserve()
+        assert first.granted
+        assert second.granted
+        assert first.wait_s == 0.0
+        assert second.slot_us - first.slot_us == 200_000
+        assert second.wait_s >= 0.15
+
 
 class TestRebootAndWallClock:
     """The local home's two clocks: monotonic slots, a wall-clock day, a reboot."""
