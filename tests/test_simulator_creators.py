@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from typing import Any
 from unittest.mock import ANY
 
 import pytest
@@ -667,6 +668,96 @@ class TestOtherOperations:
         assert {i["itemInfo"]["byLineInfo"]["brand"]["displayValue"] for i in result["items"]} == {
             chosen
         }
+
+    async def test_search_refinements_describe_the_whole_search(self, start: Start) -> None:
+        """Every page of a search gives the same refinements, those of all its results: the
+        brands of page 1 were 3 of the search's 14, and page 2 named others."""
+        client, _ = await start()
+        token = await client.token()
+        body = {
+            "partnerTag": "demo-20",
+            "keywords": "kettle",
+            "itemCount": 10,
+            "resources": ["itemInfo.byLineInfo", "searchRefinements"],
+        }
+        pages = [
+            (await client.creators("searchItems", {**body, "itemPage": n}, token=token)).json()
+            for n in (1, 2, 3)
+        ]
+        refinements = [page["searchResult"]["searchRefinements"] for page in pages]
+        assert refinements[0] == refinements[1] == refinements[2]
+        (brands,) = refinements[0]["otherRefinements"]
+        named = {b["id"] for b in brands["bins"]}
+        seen = [
+            {
+                i["itemInfo"]["byLineInfo"]["brand"]["displayValue"]
+                for i in page["searchResult"]["items"]
+            }
+            for page in pages
+        ]
+        assert set.union(*seen) <= named
+        assert len(named) > len(seen[0])
+
+    @pytest.mark.parametrize(
+        ("option", "value", "kept"),
+        [
+            ("minReviewsRating", 4, lambda i: i["customerReviews"]["starRating"]["value"] >= 4),
+            (
+                "minSavingPercent",
+                30,
+                lambda i: i["offersV2"]["listings"][0]["price"]["savings"]["percentage"] >= 30,
+            ),
+            (
+                "deliveryFlags",
+                ["Prime"],
+                lambda i: i["offersV2"]["listings"][0]["merchantInfo"]["id"] == "ATVPDKIKX0DER",
+            ),
+            (
+                "availability",
+                "Available",
+                lambda i: i["offersV2"]["listings"][0]["availability"]["type"] != "OUT_OF_STOCK",
+            ),
+        ],
+    )
+    async def test_search_narrowed_by_its_filters(
+        self, start: Start, option: str, value: object, kept: Any
+    ) -> None:
+        """minReviewsRating, minSavingPercent, deliveryFlags and availability narrow a search
+        (they were checked, then ignored): fewer results, each one as asked."""
+        client, _ = await start()
+        token = await client.token()
+        body = {
+            "partnerTag": "demo-20",
+            "keywords": "kettle",
+            "itemCount": 50,
+            "availability": "IncludeOutOfStock",
+            "resources": [
+                "customerReviews.starRating",
+                "offersV2.listings.price",
+                "offersV2.listings.merchantInfo",
+                "offersV2.listings.availability",
+            ],
+        }
+        wide = (await client.creators("searchItems", body, token=token)).json()["searchResult"]
+        response = await client.creators("searchItems", {**body, option: value}, token=token)
+        assert response.status == 200
+        narrow = response.json()["searchResult"]
+        assert 0 < narrow["totalResultCount"] < wide["totalResultCount"]
+        assert all(kept(item) for item in narrow["items"])
+
+    async def test_search_leaves_out_of_stock_items_out_by_default(self, start: Start) -> None:
+        """Amazon's default availability is Available: a search without it finds what
+        availability Available finds, and IncludeOutOfStock finds more."""
+        client, _ = await start()
+        token = await client.token()
+        body = {"partnerTag": "demo-20", "keywords": "kettle", "itemCount": 10}
+        totals = [
+            (await client.creators("searchItems", {**body, **extra}, token=token)).json()[
+                "searchResult"
+            ]["totalResultCount"]
+            for extra in ({}, {"availability": "Available"}, {"availability": "IncludeOutOfStock"})
+        ]
+        assert totals[0] == totals[1] < totals[2]
 
     @pytest.mark.parametrize(
         ("order", "descending"), [("Price:LowToHigh", False), ("Price:HighToLow", True)]

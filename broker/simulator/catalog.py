@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from broker.simulator.marketplaces import Marketplace, format_amount, served_as
 
@@ -35,6 +35,7 @@ __all__ = [
     "lookup",
     "lookup_by_key",
     "search_asins",
+    "search_results",
     "variation_asins",
 ]
 
@@ -159,6 +160,22 @@ def search_asins(
     query: str,
     page: int,
     count: int,
+    **narrowing: Any,
+) -> tuple[int, list[str]]:
+    """Return (total result count, the ASINs of one page) of :func:`search_results`."""
+    found = search_results(settings, marketplace, query, **narrowing)
+    start = (page - 1) * count
+    return len(found), list(found[start : start + count])
+
+
+#: The seller whose offers the delivery flags keep (Amazon's own merchant id in the US).
+AMAZON_MERCHANT_ID: Final = "ATVPDKIKX0DER"
+
+
+def search_results(
+    settings: SimulatorSettings,
+    marketplace: str,
+    query: str,
     *,
     min_price: int | None = None,
     max_price: int | None = None,
@@ -166,8 +183,12 @@ def search_asins(
     browse_node: str | None = None,
     search_index: str | None = None,
     brand: str | None = None,
-) -> tuple[int, list[str]]:
-    """Return (total result count, the ASINs of one page) for a search, deterministically.
+    availability: str | None = None,
+    delivery_flags: Collection[str] = (),
+    min_reviews_rating: int | None = None,
+    min_saving_percent: int | None = None,
+) -> Sequence[str]:
+    """Every result of a search, in order, deterministically.
 
     A query that starts with ``noresults`` finds nothing (a documented simulator convention,
     so tests can reach the no-results answer). ``min_price`` and ``max_price`` (in the
@@ -176,19 +197,33 @@ def search_asins(
     ``search_index`` (a department's, as :func:`search_index_of` spells it and the
     refinements give it; ``All`` is every one) the items of that department; ``brand`` (as
     the refinements give it, in any case) the items of that brand; ``sort_by``
-    ``Price:LowToHigh`` or ``Price:HighToLow`` orders by the price.
+    ``Price:LowToHigh`` or ``Price:HighToLow`` orders by the price. ``availability``
+    ``IncludeOutOfStock`` keeps the items out of stock, which Amazon's default
+    (``Available``, or None) leaves out; ``delivery_flags`` (any of them) keep the items
+    Amazon sells itself; ``min_reviews_rating`` the items rated at least that many stars;
+    ``min_saving_percent`` the items whose offer saves at least that share.
     """
     if query.lower().startswith("noresults"):
-        return 0, []
+        return ()
     served = _served(
         settings.seed, settings.missing_share, settings.inaccessible_share, marketplace, query
     )
-    start = (page - 1) * count
     index = None if search_index in (None, "All") else search_index
     maker = None if brand is None else brand.strip().casefold()
-    filtered = min_price is not None or max_price is not None or browse_node or index or maker
+    in_stock = availability != "IncludeOutOfStock"
+    filtered = (
+        min_price is not None
+        or max_price is not None
+        or browse_node
+        or index
+        or maker
+        or in_stock
+        or delivery_flags
+        or min_reviews_rating is not None
+        or min_saving_percent is not None
+    )
     if not filtered and sort_by not in PRICE_ORDERS:
-        return len(served), list(served[start : start + count])
+        return served
     # A filter or a price order needs every result's item: all of them are looked up.
     market = served_as(marketplace)
     unit = 10**market.currency.decimals
@@ -196,6 +231,15 @@ def search_asins(
     for candidate in served:
         item = lookup(settings, marketplace, candidate).item
         if item is None:
+            continue
+        offer = item.listing
+        if in_stock and offer.availability_type == "OUT_OF_STOCK":
+            continue
+        if delivery_flags and offer.merchant_id != AMAZON_MERCHANT_ID:
+            continue
+        if min_reviews_rating is not None and item.star_rating < min_reviews_rating:
+            continue
+        if min_saving_percent is not None and (offer.savings_percentage or 0) < min_saving_percent:
             continue
         if browse_node and not any(
             browse_node == node.id or any(browse_node == a for a, _ in node.ancestors)
@@ -206,13 +250,13 @@ def search_asins(
             continue
         if maker and item.brand.casefold() != maker:
             continue
-        price = round(item.listing.amount * unit)
+        price = round(offer.amount * unit)
         if (min_price is None or price >= min_price) and (max_price is None or price <= max_price):
             priced.append((price, candidate))
     if sort_by in PRICE_ORDERS:
         # Stable: items of one price keep their relevance order.
         priced.sort(key=lambda entry: entry[0], reverse=PRICE_ORDERS[sort_by])
-    return len(priced), [asin for _, asin in priced[start : start + count]]
+    return [asin for _, asin in priced]
 
 
 @lru_cache(maxsize=64)  # a client pages through one search: each page reads the same list
@@ -542,7 +586,9 @@ def _make_listing(rng: random.Random, market: Marketplace, brand: str) -> Listin
         f"Amazon.{market.name.removeprefix('www.amazon.')}" if by_amazon else f"{brand} Direct"
     )
     merchant_id = (
-        "ATVPDKIKX0DER" if by_amazon else "A" + "".join(rng.choice(_ASIN_CHARS) for _ in range(12))
+        AMAZON_MERCHANT_ID
+        if by_amazon
+        else "A" + "".join(rng.choice(_ASIN_CHARS) for _ in range(12))
     )
     basis = round(amount * rng.uniform(1.1, 1.6), currency.decimals) if rng.random() < 0.3 else None
     saved = round(basis - amount, currency.decimals) if basis is not None else None

@@ -13,15 +13,15 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote_plus
 
 from broker.simulator.catalog import (
     browse_node,
     is_well_formed,
     lookup,
-    search_asins,
     search_index_of,
+    search_results,
     variation_asins,
 )
 from broker.simulator.marketplaces import served_as
@@ -277,18 +277,23 @@ def _check_request(body: Mapping[str, object], ctx: Context) -> None:
         _string_list(body, "languagesOfPreference", low=0, high=1, required=False)
 
 
-def _check_search_options(body: Mapping[str, object], ctx: Context) -> None:
-    """SearchItems' enums and ranges beyond the terms and prices (protocol.md 2.5)."""
+def _search_options(body: Mapping[str, object], ctx: Context) -> dict[str, Any]:
+    """SearchItems' enums and ranges beyond the terms and prices (protocol.md 2.5), as
+    :func:`search_results` narrows by them."""
     field = ctx.names("availability")
     value = body.get(field)
-    if value is not None:
-        _enum(field, value, _AVAILABILITY)
+    availability = None if value is None else _enum(field, value, _AVAILABILITY)
     field = ctx.names("deliveryFlags")
     flags = _string_list(body, field, low=0, high=len(_DELIVERY_FLAGS), required=False)
     for flag in flags or ():
         _enum(field, flag, _DELIVERY_FLAGS)
-    _integer(body, ctx.names("minReviewsRating"), 1, 1, 4)
-    _integer(body, ctx.names("minSavingPercent"), 1, 1, 99)
+    rating, saving = ctx.names("minReviewsRating"), ctx.names("minSavingPercent")
+    return {
+        "availability": availability,
+        "delivery_flags": tuple(flags or ()),
+        "min_reviews_rating": _integer(body, rating, 1, 1, 4) if rating in body else None,
+        "min_saving_percent": _integer(body, saving, 1, 1, 99) if saving in body else None,
+    }
 
 
 def _resources(
@@ -410,7 +415,7 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
     count = _integer(body, ctx.names("itemCount"), 10, 1, high)
     page = _integer(body, ctx.names("itemPage"), 1, 1, 10)
     _check_condition(body, ctx)
-    _check_search_options(body, ctx)
+    narrowing = _search_options(body, ctx)
     resources = _resources(body, ctx, EXTRA_RESOURCES["searchItems"])
     # At least 1 (the lowest currency unit) when given, as the SDK's field rules say.
     low = _integer(body, ctx.names("minPrice"), 0, 1, _MAX_PRICE)
@@ -418,19 +423,19 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
     sort_by = body.get(ctx.names("sortBy"))
     order = None if sort_by is None else _enum(ctx.names("sortBy"), sort_by, _SORT_ORDERS)
     query = " ".join(terms)
-    total, asins = search_asins(
+    found = search_results(
         ctx.settings,
         ctx.marketplace,
         query,
-        page,
-        count,
         min_price=low if ctx.names("minPrice") in body else None,
         max_price=high if ctx.names("maxPrice") in body else None,
         sort_by=order,
         browse_node=filters.get("browseNodeId"),
         search_index=filters.get("searchIndex"),
         brand=filters.get("brand"),
+        **narrowing,
     )
+    total, asins = len(found), found[(page - 1) * count : page * count]
     if not asins:
         raise Rejected(
             "not_found",
@@ -450,15 +455,15 @@ def _search_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome
         f"{json.dumps(ctx.names('searchURL'))}:{json.dumps(url)}"
     )
     if "searchRefinements" in resources:
-        refinements = json.dumps(_refinements(ctx, asins), ensure_ascii=False)
+        refinements = json.dumps(_refinements(ctx, found), ensure_ascii=False)
         extra += f",{json.dumps(ctx.names('searchRefinements'))}:{refinements}"
     return Outcome("searchResult", _join(ctx, "items", rendered, extra), (), len(rendered))
 
 
 def _refinements(ctx: Context, asins: Sequence[str]) -> dict[str, object]:
-    """SearchRefinements (the SDK's shape) for the items found: their departments, as root
-    browse nodes and as search indexes, and their brands, each bin once in order of first
-    appearance."""
+    """SearchRefinements (the SDK's shape) for every item the search found, not only the
+    page's: their departments, as root browse nodes and as search indexes, and their
+    brands, each bin once in order of first appearance."""
     n = ctx.names
     departments: dict[str, str] = {}
     brands: dict[str, None] = {}
