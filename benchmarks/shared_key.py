@@ -10,7 +10,8 @@ all configured with the key at 5 TPS and an endless backlog of unique ASINs, in 
 - ``local``: ``[state] backend = "local"``, one SQLite file shared by the N processes;
 - ``redis``: ``[state] backend = "redis"``, a ``redis-server`` on a free loopback port.
 
-Measured on the simulator's side over the window after the warm-up: utilisation (accepted
+Measured on the simulator's side over the window after the warm-up (counted from when every
+worker has its broker open and sends): utilisation (accepted
 requests / (5 TPS x window)) and the 429 share of all arrivals; on each worker's side its
 own sends per second (1 s bins, on the system-wide monotonic clock), for the plot. Then the
 cost of one decision (reserve + count, no feedback) in microseconds for the local store
@@ -31,6 +32,7 @@ import dataclasses
 import faulthandler
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -82,8 +84,9 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from broker.engine.transport import AiohttpTransport
 
     quiet_logging()
-    # A worker that has not finished 60 s after its stop time is stuck: show where, and end.
-    faulthandler.dump_traceback_later(spec["stop_at"] - time.monotonic() + 60.0, exit=True)
+    # A worker not up in 120 s, or not finished 60 s after its stop time, is stuck: show
+    # where, and end.
+    faulthandler.dump_traceback_later(120.0, exit=True)
     account = creators_account(0, tps=TPS)
     mode = spec["mode"]
     # The run's shared file in "local" mode, else one of the worker's own: in the run's
@@ -121,13 +124,27 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 pass
 
         task = asyncio.get_running_loop().create_task(consume())
-        await asyncio.sleep(max(0.0, spec["stop_at"] - time.monotonic()))
+        # Up: the parent starts the warm-up once every worker is, and answers with the
+        # stop time (a fixed lead for the slowest start took 5 s of every run).
+        print("ready", flush=True)
+        stop_at = float(await asyncio.to_thread(sys.stdin.readline))
+        faulthandler.dump_traceback_later(stop_at - time.monotonic() + 60.0, exit=True)
+        await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     return {"index": spec["index"], "sends": sends}
 
 
 # -- one run: N workers in one mode -----------------------------------------------------------
+
+
+def _await_ready(proc: subprocess.Popen[bytes], mode: str, n: int) -> None:
+    """Wait for a worker's "ready" line (its broker open), at most 120 s."""
+    assert proc.stdout is not None
+    readable, _, _ = select.select([proc.stdout], [], [], 120.0)
+    line = proc.stdout.readline() if readable else b""
+    if line.strip() != b"ready":
+        raise RuntimeError(f"worker did not start ({mode}, N={n}): exit {proc.poll()}")
 
 
 def _run(
@@ -142,9 +159,6 @@ def _run(
 ) -> dict[str, Any]:
     import aiohttp
 
-    # The workers start together: every one of them is up before the warm-up ends.
-    start_at = time.monotonic() + 4.0 + 0.5 * n
-    window = (start_at + warmup_s, start_at + warmup_s + duration_s)
     # One prefix per run, the same for its N workers: a fresh key state for every run.
     prefix = f"bench-{mode}-{n}-{time.monotonic_ns()}:"
     procs: list[subprocess.Popen[bytes]] = []
@@ -155,7 +169,6 @@ def _run(
                 "url": url,
                 "mode": mode,
                 "index": index,
-                "stop_at": window[1] + 0.5,
                 "state_path": str(tmp / f"{mode}-{n}.sqlite3"),
                 "redis_url": redis_url,
                 "key_prefix": prefix,
@@ -163,11 +176,21 @@ def _run(
             procs.append(
                 subprocess.Popen(
                     [sys.executable, __file__, "--worker", json.dumps(spec)],
+                    stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     cwd=REPO_ROOT,
                     env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                 )
             )
+        for proc in procs:
+            _await_ready(proc, mode, n)
+        # Every worker is up and sending: the warm-up starts now.
+        start_at = time.monotonic()
+        window = (start_at + warmup_s, start_at + warmup_s + duration_s)
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{window[1] + 0.5}\n".encode())
+            proc.stdin.flush()
         for proc in procs:
             out, _ = proc.communicate(timeout=window[1] - time.monotonic() + 120)
             if proc.returncode != 0:
@@ -328,7 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--duration", type=positive(float), default=None, help="measured window, seconds"
     )
-    parser.add_argument("--warmup", type=non_negative, default=None, help="warm-up, seconds")
+    parser.add_argument(
+        "--warmup",
+        type=non_negative,
+        default=None,
+        help="warm-up from when every process is up, seconds (default 8; 5 with --quick)",
+    )
     parser.add_argument(
         "--processes",
         type=positive(int),
@@ -352,7 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warn_if_busy()
     duration = args.duration or (3.0 if args.quick else 20.0)
-    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
+    # Counted from when every worker is up (it was 3 s after a fixed 4 + N/2 s lead for the
+    # starts, about as long from the first send).
+    warmup = args.warmup if args.warmup is not None else (5.0 if args.quick else 8.0)
     ns = args.processes or (QUICK_N if args.quick else FULL_N)
     modes = list(args.modes)
     if "redis" in modes and redis_server_binary() is None:
