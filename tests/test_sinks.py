@@ -743,11 +743,15 @@ def test_unicode_line_separators_are_escaped_in_json_lines() -> None:
 
 
 class TestSqliteSink:
-    def test_a_viewer_of_a_closed_output_does_not_stop_the_next_run(self, tmp_path: Path) -> None:
+    def test_a_viewer_of_a_closed_output_does_not_stop_the_next_run(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """A viewer with a closed output open (out of WAL mode) between its queries: the next
         run's open switches back to WAL and writes. One in a transaction held open stops
         the run with a clear error (exit 74: close it and run again), as a writer must wait
         for it outside WAL mode."""
+        monkeypatch.setattr(sinks, "_WAL_SWITCH_S", 0.05)  # not a second's wait for it
+        monkeypatch.setattr(sinks, "_BUSY_MS", 50)
         out = tmp_path / "out.sqlite"
         with make_ledger(tmp_path) as ledger:
             sink = SqliteSink(out)
@@ -1009,6 +1013,8 @@ class TestSqliteSink:
         monkeypatch.setattr(
             sinks.sqlite3, "connect", lambda *a, **k: connect(*a, **{**k, "timeout": 0.05})
         )
+        monkeypatch.setattr(sinks, "_WAL_SWITCH_S", 0.05)
+        monkeypatch.setattr(sinks, "_BUSY_MS", 50)  # the pragma replaces connect's timeout
         try:
             with pytest.raises(OSError, match="another program") as caught:
                 SqliteSink(out).open(SinkState(0, 0))
