@@ -994,7 +994,7 @@ def _outage_message(exc: NoUsableKeyError, budget_s: float) -> str:
             "without a usable answer",
             "check the network, DNS, proxy or firewall, and api.endpoint (api.token_endpoint "
             "when the last error is the token endpoint's; a 5xx or a reset each time: the API "
-            "itself is down, wait for it)",
+            "itself is down, wait for it; a 429 each time: it throttles the key, wait for it)",
         )
     return (
         f"gave up after {budget_s:g} s {waited} (--outage-budget): no key can serve "

@@ -618,6 +618,23 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         False,
         "Check the key's version.",
     ),
+    ErrorInfo(
+        "unauthorized_client",
+        "The token endpoint knows the credential but does not let it use the "
+        "client-credentials grant (a credential of another kind, or one disabled).",
+        Scope.KEY,
+        False,
+        "Check in Associates Central that the credential is a Creators API one and enabled, "
+        "and that the key's version is the one shown there.",
+    ),
+    ErrorInfo(
+        "invalid_grant",
+        "The token endpoint refused the grant (a credential revoked or expired).",
+        Scope.KEY,
+        False,
+        "Check in Associates Central that the credential is still active; make a new one if "
+        "it was revoked.",
+    ),
     # The broker's own codes for failures that carry no Amazon code.
     ErrorInfo(
         "NoTokenEndpoint",

@@ -577,10 +577,14 @@ class TestGetItemsNotFound:
         assert parsed.outcomes["B000000001"].status is Status.NOT_FOUND
 
     def test_other_404_raises(self) -> None:
-        """A 404 of another type (a wrong path) raises BadRequestError, not NOT_FOUND."""
-        error = failure(404, {"message": "Not Found"})
-        assert type(error) is BadRequestError
-        assert error.code == "Other"
+        """A 404 naming no code (a gateway's JSON "Not Found" for a path in api.endpoint)
+        raises BadRequestError UnknownOperation, not NOT_FOUND, and is not retried, as a
+        404 page that is not JSON: it was "Other", and every row failed with its remedy."""
+        for status in (404, 405):
+            error = failure(status, {"message": "Not Found"})
+            assert type(error) is BadRequestError
+            assert error.code == "UnknownOperation"
+            assert RetryPolicy().next_delay(1, error) is None
 
     @pytest.mark.parametrize(
         ("status", "code"),

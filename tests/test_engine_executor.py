@@ -1752,6 +1752,29 @@ class TestCredentials:
         assert events.count("broker.token_fetch_failed") == 1
         assert clock.monotonic() - start >= 1.0
 
+    async def test_a_throttling_token_endpoint_is_asked_again_after_its_retry_after(
+        self,
+    ) -> None:
+        """The token endpoint's 429 with Retry-After: 30 pauses the key 30 s, not the 2 s of
+        a failure's first back-off (it was asked twice in 5 s, and throttled again)."""
+        token_calls: list[float] = []
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                token_calls.append(clock.monotonic())
+                if len(token_calls) == 1:
+                    return _reply(429, {"error": "slow_down"}, {"Retry-After": "30"})
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators")
+        async with broker:
+            results = await _run(broker, clock, asins(3))
+        assert all(r.ok for r in results)
+        assert len(token_calls) == 2
+        assert token_calls[1] - token_calls[0] >= 30.0
+
     async def test_token_expired_single_refresh(self) -> None:
         """Three requests rejected with the same expired token cause one token refresh."""
         tokens = iter(["tok1", "tok2", "tok3"])

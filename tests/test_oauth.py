@@ -468,12 +468,21 @@ class TestInvalidate:
 
 class TestEndpointErrors:
     @pytest.mark.parametrize(
-        "code", ["invalid_client", "invalid_scope", "invalid_request", "unsupported_grant_type"]
+        "code",
+        [
+            "invalid_client",
+            "invalid_scope",
+            "invalid_request",
+            "unsupported_grant_type",
+            "unauthorized_client",
+            "invalid_grant",
+        ],
     )
     @pytest.mark.parametrize("status", [400, 401])
     async def test_oauth2_error_bodies(self, code: str, status: int) -> None:
-        """An OAuth2 error body is AuthError with code = error and its description, and
-        Amazon's request id (the token endpoint's errors dropped it)."""
+        """Every RFC 6749 5.2 error body is AuthError with code = error and its description,
+        and Amazon's request id (the token endpoint's errors dropped it), a code of the
+        catalogue (unauthorized_client and invalid_grant got the catch-all remedy)."""
         body = {"error_description": "Client authentication failed", "error": code}
         headers = {"date": "d", "x-amzn-requestid": "rid-7"}
         cache = make(Endpoint(RawResponse(status, headers, json.dumps(body).encode())))

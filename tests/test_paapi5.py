@@ -591,6 +591,32 @@ class TestErrorResponses:
         assert error.server_date == DATE
         assert error.info.retryable
 
+    @pytest.mark.parametrize(
+        ("exception", "code", "status", "cls"),
+        [
+            ("RequestExpiredException", "RequestExpired", 401, AuthError),
+            ("IncompleteSignatureException", "IncompleteSignature", 400, AuthError),
+            ("UnrecognizedClientException", "UnrecognizedClient", 401, AuthError),
+        ],
+    )
+    def test_a_type_alone_is_read_as_the_tables_code(
+        self, exception: str, code: str, status: int, cls: type[ApiError]
+    ) -> None:
+        """An AWS-style body with only ``__type`` (``...#RequestExpiredException``) is the
+        table's code (RequestExpired: re-signed and resent), not an unknown one that took
+        the key out on a clock skew."""
+        error = failure(status, {"__type": f"com.amazon.paapi5#{exception}", "message": "m"})
+        assert type(error) is cls
+        assert error.code == code
+
+    def test_a_json_404_naming_no_code_is_unknown_operation(self) -> None:
+        """A 404 or 405 with a JSON body naming no code (a gateway's "Not Found" for a
+        path in api.endpoint) is UnknownOperation, as a page that is not JSON is."""
+        for status in (404, 405):
+            error = failure(status, {"message": "Not Found"})
+            assert isinstance(error, BadRequestError)
+            assert error.code == "UnknownOperation"
+
     def test_code_falls_back_to_type_name(self) -> None:
         """Without Errors the __type's exception name is the code (AssociateEligibility)."""
         body = {"__type": "com.amazon.paapi5#AssociateEligibilityException"}

@@ -283,6 +283,10 @@ def _tag(partner_tag: str) -> str:
 
 
 def _fallback_code(status: int) -> str:
+    # A 404 or 405 naming no code is no answer of the API's (a gateway's JSON "Not Found"
+    # for a path in api.endpoint): as when its body is not JSON, no retry mends it.
+    if status in (404, 405):
+        return "UnknownOperation"
     code = _FALLBACK_CODES.get(status)
     if code is not None:
         return code

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 from broker.api.base import ItemOutcome, ParsedItems
 from broker.errors import (
+    CATALOGUE,
     ApiError,
     AuthError,
     BadRequestError,
@@ -378,10 +379,16 @@ def short(message: str) -> str:
 
 
 def strip_type(value: object) -> str | None:
-    """Return an exception type without its namespace (``com.amazon.paapi5#X`` -> ``X``)."""
+    """Return an exception type without its namespace (``com.amazon.paapi5#X`` -> ``X``),
+    and without an ``Exception`` suffix the code of Amazon's tables lacks (an AWS-style
+    ``...#RequestExpiredException`` is the table's ``RequestExpired``)."""
     if not isinstance(value, str) or not value:
         return None
-    return value.rpartition("#")[2] or None
+    name = value.rpartition("#")[2]
+    bare = name.removesuffix("Exception")
+    if name not in CATALOGUE and bare in CATALOGUE:
+        return bare
+    return name or None
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:

@@ -675,7 +675,8 @@ class Executor:
             f"({last}: {exc})",
             "check the network, DNS, proxy or firewall, and api.endpoint (api.token_endpoint "
             "when the last error is the token endpoint's; a 5xx or a reset each time: the "
-            "API itself is down, wait for it), then run again (a library "
+            "API itself is down, wait for it; a 429 each time: it throttles the key, wait for "
+            "it), then run again (a library "
             f"broker kept open tries again for a call made {OUTAGE_RETRY_S:g} s or more "
             "later); unfinished rows stay pending; retry.outage_budget_s sets how long a "
             "run waits",

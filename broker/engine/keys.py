@@ -560,6 +560,11 @@ class KeyState:
             return spent
         self._auth_failures += 1
         pause = min(_AUTH_PAUSE_CAP_S, _AUTH_PAUSE_S * 2 ** min(self._auth_failures, 10))
+        asked = getattr(error, "retry_after", None)
+        if isinstance(asked, int | float) and asked > 0:
+            # A throttling token endpoint's Retry-After: asked again sooner, it throttles
+            # again (it was asked twice in 5 s after saying 30).
+            pause = max(pause, min(float(asked), _AUTH_PAUSE_CAP_S))
         pause = min(pause, self._budget_left())
         self._paused_reason = f"token endpoint: {type(error).__name__}"
         now = self._clock.monotonic()
