@@ -864,12 +864,19 @@ def _region_warnings(config: BrokerConfig) -> list[str]:
     """Creators keys tagged for marketplaces outside their credential version's region:
     Amazon refuses their requests there (401 InvalidIssuer, protocol.md 2.1), a refusal of
     the key, which then leaves its own region's marketplaces too."""
+    import urllib.parse
+
     from broker.api.marketplaces import credential_version
     from broker.api.marketplaces import marketplace as lookup_marketplace
+    from broker.config import is_loopback_host
     from broker.models import Protocol
 
     if config.api.protocol is not Protocol.CREATORS or config.api.uses_simulator:
         return []  # the simulator's demo accounts serve every region (the starter's UK tag)
+    if is_loopback_host(urllib.parse.urlsplit(config.api.endpoint).hostname or ""):
+        # Amazon is never on this machine: a `broker simulate` (the README's recipe for
+        # `broker status`) or a stub, whose accounts serve every region too.
+        return []
     warnings = []
     for key in config.keys:
         if key.version is None:

@@ -320,3 +320,16 @@ class TestCheckConfig:
         assert "region" not in capsys.readouterr().err
         assert cli.main(["check-config", "--config", str(_config(tmp_path))]) == 0
         assert "region" not in capsys.readouterr().err
+
+    def test_no_region_warning_for_a_simulator_on_this_machine(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A `broker simulate` on a loopback port (the README's recipe for `broker status`,
+        with the starter's UK tag on the 3.1 demo key) gets no InvalidIssuer warning: its
+        accounts serve every region, and the lookup that follows works."""
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "demo-secret")
+        local = _CONFIG.replace(
+            'endpoint = "simulator"', 'endpoint = "http://127.0.0.1:18787"'
+        ).replace('version = "3.1"', 'version = "3.1"\ncredential_secret_env = "ASINB_DEMO_SECRET"')
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, local))]) == 0
+        assert "region" not in capsys.readouterr().err
