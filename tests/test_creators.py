@@ -586,6 +586,22 @@ class TestGetItemsNotFound:
             assert error.code == "UnknownOperation"
             assert RetryPolicy().next_delay(1, error) is None
 
+    def test_a_404_naming_a_resource_but_no_type_is_nothing_found(self) -> None:
+        """A 404 with no ``type`` that names its resource (the SDK's model of "no items
+        found") is that answer, every ASIN not_found, not a wrong path that takes every
+        key out; a search's is NoResults."""
+        body = {
+            "message": "No items found for the requested item IDs.",
+            "resourceType": "Item",
+            "resourceId": "B000000001",
+        }
+        parsed = parse(404, body, ["B000000001"])
+        assert parsed.outcomes["B000000001"].status is Status.NOT_FOUND
+        search = {"message": "No results", "resourceType": "SearchResult", "resourceId": "x"}
+        with pytest.raises(ApiError) as info:
+            DIALECT.parse_operation(response(404, search), SEARCH)
+        assert info.value.code == "NoResults"
+
     @pytest.mark.parametrize(
         ("status", "code"),
         [(404, "UnknownOperation"), (405, "UnknownOperation"), (400, "Other"), (413, "Other")],

@@ -243,7 +243,7 @@ class CreatorsDialect:
             )
         if status == 404:
             data = _error_body(response, "GetItems")
-            kind = strip_type(data.get("type")) or strip_type(data.get("__type"))
+            kind = _kind(data, status)
             if kind == "ResourceNotFoundException":
                 message = text(data.get("message")) or "No items found for the requested item IDs."
                 return not_found_all(requested, kind, message)
@@ -258,7 +258,7 @@ class CreatorsDialect:
 
     def _error(self, response: RawResponse, data: Mapping[str, object]) -> ApiError:
         status = response.status
-        kind = strip_type(data.get("type")) or strip_type(data.get("__type"))
+        kind = _kind(data, status)
         code = text(data.get("reason")) or kind or _fallback_code(status)
         if kind == "ResourceNotFoundException" and text(data.get("resourceType")) in _NOTHING_FOUND:
             # A search with no hits, an item with no variations: PA-API's name for the same
@@ -282,9 +282,21 @@ def _tag(partner_tag: str) -> str:
     return partner_tag
 
 
+def _kind(data: Mapping[str, object], status: int) -> str | None:
+    """An error body's exception type: its ``type`` (or ``__type``); for a 404 that names
+    none but names a resource, ResourceNotFoundException (the SDK's model of that answer
+    requires resourceType and resourceId; protocol.md leaves open which field names the
+    type), so "no items found" is never read as a wrong path."""
+    kind = strip_type(data.get("type")) or strip_type(data.get("__type"))
+    if kind is None and status == 404 and ("resourceType" in data or "resourceId" in data):
+        return "ResourceNotFoundException"
+    return kind
+
+
 def _fallback_code(status: int) -> str:
-    # A 404 or 405 naming no code is no answer of the API's (a gateway's JSON "Not Found"
-    # for a path in api.endpoint): as when its body is not JSON, no retry mends it.
+    # A 404 or 405 naming no code nor a resource is no answer of the API's (a gateway's
+    # JSON "Not Found" for a path in api.endpoint): as when its body is not JSON, no retry
+    # mends it.
     if status in (404, 405):
         return "UnknownOperation"
     code = _FALLBACK_CODES.get(status)
