@@ -15,7 +15,7 @@ from broker.simulator.catalog import (
     browse_node,
     is_well_formed,
     lookup,
-    search_asins,
+    search_results,
     variation_asins,
 )
 from broker.simulator.marketplaces import MARKETPLACES, format_amount
@@ -27,6 +27,15 @@ from broker.simulator.render import (
     render_item,
 )
 from broker.simulator.settings import SimulatorSettings
+
+
+def _page(
+    settings: SimulatorSettings, marketplace: str, query: str, page: int, count: int
+) -> tuple[int, list[str]]:
+    """(total, one page) of a search, as the simulator's SearchItems pages it."""
+    found = search_results(settings, marketplace, query)
+    return len(found), list(found[(page - 1) * count : page * count])
+
 
 SETTINGS = SimulatorSettings()
 ASINS = [f"B0{i:08d}" for i in range(2000)]
@@ -161,10 +170,10 @@ class TestCatalogue:
 
     def test_search_is_deterministic(self) -> None:
         """A search returns the same page of existing items each time."""
-        first = search_asins(SETTINGS, "www.amazon.com", "lamp", 1, 10)
-        assert first == search_asins(SETTINGS, "www.amazon.com", "lamp", 1, 10)
+        first = _page(SETTINGS, "www.amazon.com", "lamp", 1, 10)
+        assert first == _page(SETTINGS, "www.amazon.com", "lamp", 1, 10)
         assert len(first[1]) == 10
-        assert search_asins(SETTINGS, "www.amazon.com", "noresults", 1, 10) == (0, [])
+        assert _page(SETTINGS, "www.amazon.com", "noresults", 1, 10) == (0, [])
 
     def test_ean_label_carries_the_stores_locale(self) -> None:
         """An item's EAN label on www.amazon.de is in de_DE, as its other labels are."""
@@ -183,17 +192,15 @@ class TestCatalogue:
         """With a share of missing items, pages 1 to 10 of one search hold no ASIN twice, and
         the total is the query's alone (not the page size's) and counts only items served."""
         settings = replace(SETTINGS, missing_share=0.2)
-        pages = [
-            search_asins(settings, "www.amazon.com", "kettle", page, count) for page in range(1, 11)
-        ]
+        pages = [_page(settings, "www.amazon.com", "kettle", page, count) for page in range(1, 11)]
         seen = [asin for _, asins in pages for asin in asins]
         assert len(seen) == len(set(seen)) == 10 * count
         totals = {total for total, _ in pages}
         (total,) = totals
-        assert total == search_asins(settings, "www.amazon.com", "kettle", 1, 1)[0]
-        _, last = search_asins(settings, "www.amazon.com", "kettle", total, 1)
+        assert total == _page(settings, "www.amazon.com", "kettle", 1, 1)[0]
+        _, last = _page(settings, "www.amazon.com", "kettle", total, 1)
         assert len(last) == 1
-        assert search_asins(settings, "www.amazon.com", "kettle", total + 1, 1)[1] == []
+        assert _page(settings, "www.amazon.com", "kettle", total + 1, 1)[1] == []
 
 
 class TestKeyQuota:

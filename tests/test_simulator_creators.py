@@ -745,6 +745,17 @@ class TestOtherOperations:
         assert 0 < narrow["totalResultCount"] < wide["totalResultCount"]
         assert all(kept(item) for item in narrow["items"])
 
+    async def test_a_null_filter_is_no_filter(self, start: Start) -> None:
+        """minSavingPercent or minReviewsRating null narrows nothing, as a null is absent
+        everywhere else (it narrowed as a 1)."""
+        client, _ = await start()
+        token = await client.token()
+        body = {"partnerTag": "demo-20", "keywords": "kettle", "itemCount": 10}
+        plain = (await client.creators("searchItems", body, token=token)).json()
+        for field in ("minSavingPercent", "minReviewsRating"):
+            nulled = await client.creators("searchItems", {**body, field: None}, token=token)
+            assert nulled.json()["searchResult"] == plain["searchResult"]
+
     async def test_search_leaves_out_of_stock_items_out_by_default(self, start: Start) -> None:
         """Amazon's default availability is Available: a search without it finds what
         availability Available finds, and IncludeOutOfStock finds more."""

@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from broker.simulator.marketplaces import Marketplace, format_amount, served_as
 
@@ -34,7 +34,6 @@ __all__ = [
     "is_well_formed",
     "lookup",
     "lookup_by_key",
-    "search_asins",
     "search_results",
     "variation_asins",
 ]
@@ -154,24 +153,14 @@ def _department(node: BrowseNodeData) -> str:
     return node.ancestors[-1][1] if node.ancestors else node.name
 
 
-def search_asins(
-    settings: SimulatorSettings,
-    marketplace: str,
-    query: str,
-    page: int,
-    count: int,
-    **narrowing: Any,
-) -> tuple[int, list[str]]:
-    """Return (total result count, the ASINs of one page) of :func:`search_results`."""
-    found = search_results(settings, marketplace, query, **narrowing)
-    start = (page - 1) * count
-    return len(found), list(found[start : start + count])
-
-
 #: The seller whose offers the delivery flags keep (Amazon's own merchant id in the US).
 AMAZON_MERCHANT_ID: Final = "ATVPDKIKX0DER"
 
 
+# A client pages through one search: each page reads the same list. A search leaves out
+# the items out of stock by default, which takes every candidate's item (about 60 ms for a
+# few hundred, when they are not already built): once per search, not once per page.
+@lru_cache(maxsize=64)
 def search_results(
     settings: SimulatorSettings,
     marketplace: str,
@@ -184,7 +173,7 @@ def search_results(
     search_index: str | None = None,
     brand: str | None = None,
     availability: str | None = None,
-    delivery_flags: Collection[str] = (),
+    delivery_flags: tuple[str, ...] = (),
     min_reviews_rating: int | None = None,
     min_saving_percent: int | None = None,
 ) -> Sequence[str]:
@@ -256,7 +245,7 @@ def search_results(
     if sort_by in PRICE_ORDERS:
         # Stable: items of one price keep their relevance order.
         priced.sort(key=lambda entry: entry[0], reverse=PRICE_ORDERS[sort_by])
-    return [asin for _, asin in priced]
+    return tuple(asin for _, asin in priced)
 
 
 @lru_cache(maxsize=64)  # a client pages through one search: each page reads the same list

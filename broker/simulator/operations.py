@@ -291,8 +291,11 @@ def _search_options(body: Mapping[str, object], ctx: Context) -> dict[str, Any]:
     return {
         "availability": availability,
         "delivery_flags": tuple(flags or ()),
-        "min_reviews_rating": _integer(body, rating, 1, 1, 4) if rating in body else None,
-        "min_saving_percent": _integer(body, saving, 1, 1, 99) if saving in body else None,
+        # null is absent, as everywhere in the simulator (not _integer's default of 1).
+        "min_reviews_rating": None if body.get(rating) is None else _integer(body, rating, 1, 1, 4),
+        "min_saving_percent": None
+        if body.get(saving) is None
+        else _integer(body, saving, 1, 1, 99),
     }
 
 
