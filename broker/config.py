@@ -31,7 +31,7 @@ from broker.api.resources import resolve_resources
 from broker.cache.policy import CachePolicy, check_max_age
 from broker.errors import ConfigError
 from broker.models import Protocol, Secret
-from broker.tomltable import TomlTable, did_you_mean
+from broker.tomltable import TomlTable, did_you_mean, unquoted_time_hint
 
 __all__ = [
     "DEFAULT_RESOURCES",
@@ -657,7 +657,7 @@ def load_config(
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {file}") from None
     except tomllib.TOMLDecodeError as exc:
-        hint = _unquoted_time_hint(raw[bom:], str(exc))
+        hint = unquoted_time_hint(raw[bom:].decode("utf-8", "replace"), str(exc))
         raise ConfigError("", f"{file} is not valid TOML: {exc}{hint}") from None
     except UnicodeDecodeError as exc:
         # TOML is UTF-8 by definition; a Latin-1 comment or a UTF-16 file fails here. The
@@ -675,27 +675,6 @@ def load_config(
         base_dir=file.parent,
         read_secrets=read_secrets,
     )
-
-
-#: ``key = 08:00`` (a time without seconds, which TOML 1.0 does not have): the likeliest
-#: way to write ``daily_reset_utc``, and a parse error, not a value the table can name.
-_UNQUOTED_TIME = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*=\s*(\d{1,2}:\d{2})\s*(?:#.*)?")
-_ERROR_LINE = re.compile(r"\(at line (\d+), column \d+\)")
-
-
-def _unquoted_time_hint(raw: bytes, error: str) -> str:
-    """``: write it in quotes (...)`` when the line a TOML error names is a bare HH:MM."""
-    at = _ERROR_LINE.search(error)
-    if at is None:
-        return ""
-    lines = raw.decode("utf-8", "replace").splitlines()
-    number = int(at.group(1))
-    if not 1 <= number <= len(lines):
-        return ""
-    bare = _UNQUOTED_TIME.fullmatch(lines[number - 1])
-    if bare is None:
-        return ""
-    return f': write it in quotes ({bare.group(1)} = "{bare.group(2)}")'
 
 
 def parse_config(

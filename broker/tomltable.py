@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import cast
 
@@ -261,3 +262,24 @@ def did_you_mean(name: str, known: Sequence[str]) -> str:
     else ``""``."""
     close = difflib.get_close_matches(name.lower(), list(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
+
+
+#: ``daily_reset_utc = 08:00``, a time without seconds, which TOML 1.0 does not have: the
+#: likeliest way to write it, and a parse error, not a value a table can name.
+_UNQUOTED_TIME = re.compile(r"\s*(daily_reset_utc)\s*=\s*(\d{1,2}):(\d{2})\s*(?:#.*)?")
+_ERROR_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def unquoted_time_hint(text: str, error: str) -> str:
+    """``: write it in quotes (daily_reset_utc = "08:00")`` when the line a TOML error of
+    ``text`` names is that key with a bare HH:MM, else ``""``."""
+    at = _ERROR_LINE.search(error)
+    lines = text.splitlines()
+    if at is None or not 1 <= int(at.group(1)) <= len(lines):
+        return ""
+    bare = _UNQUOTED_TIME.fullmatch(lines[int(at.group(1)) - 1])
+    if bare is None:
+        return ""
+    key, hour, minute = bare.groups()
+    # Two digits of hour, as the key takes it: "8:00" would be refused next.
+    return f': write it in quotes ({key} = "{int(hour):02d}:{minute}")'

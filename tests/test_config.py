@@ -860,11 +860,13 @@ class TestDefaults:
         ("line", "hint"),
         [
             ("daily_reset_utc = 08:00", ': write it in quotes (daily_reset_utc = "08:00")'),
+            # Two digits of hour, as the key takes it: "8:00" would be refused next.
             (
                 "daily_reset_utc = 8:00  # Pacific",
-                ': write it in quotes (daily_reset_utc = "8:00")',
+                ': write it in quotes (daily_reset_utc = "08:00")',
             ),
             ("tps = 1.5.2", ""),
+            ("tps = 1:30", ""),  # not a time key: quoting it would not mend it
         ],
     )
     def test_a_bare_time_without_seconds_is_told_to_be_quoted(

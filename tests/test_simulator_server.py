@@ -282,6 +282,8 @@ def test_cli_reads_only_the_simulator_table(tmp_path: Path) -> None:
     [
         (None, "does not exist"),
         ("[simulator\n", "not valid TOML"),
+        # The broker's table in the same file: the same hint as check-config gives.
+        ("[rate]\ndaily_reset_utc = 08:00\n", 'write it in quotes (daily_reset_utc = "08:00")'),
         ("[simulator]\nburst = 0\n", "simulator.burst"),
         ("[simulatr]\nseed = 3\n", "simulatr: unknown table"),
         ('[api]\nprotocol = "creators"\n[bogus]\nx = 1\n', "bogus: unknown table"),

@@ -19,6 +19,7 @@ from broker.exitcode import ExitCode
 from broker.progname import prog
 from broker.simulator.server import SimulatorServer, check_host, serve_forever
 from broker.simulator.settings import SimulatorSettings
+from broker.tomltable import unquoted_time_hint
 
 __all__ = ["EX_CONFIG", "load_settings", "simulate_command"]
 
@@ -46,11 +47,13 @@ def load_settings(
             raise ConfigError("config", f"config file {path} does not exist")
         return SimulatorSettings()
     try:
-        document = tomllib.loads(file.read_text(encoding="utf-8-sig"))  # a BOM is dropped
+        text = file.read_text(encoding="utf-8-sig")  # a BOM is dropped
+        document = tomllib.loads(text)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("config", f"cannot read {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from exc
+        hint = unquoted_time_hint(text, str(exc))
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}{hint}") from exc
     unknown = sorted(set(document) - {"simulator", *tables})
     if unknown:
         # Read by nothing: most often a misspelt [simulator], whose settings would be lost.
