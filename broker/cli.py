@@ -873,13 +873,16 @@ def _region_warnings(config: BrokerConfig) -> list[str]:
 
     if config.api.protocol is not Protocol.CREATORS or config.api.uses_simulator:
         return []  # the simulator's demo accounts serve every region (the starter's UK tag)
+    demo: set[str] = set()
     if is_loopback_host(urllib.parse.urlsplit(config.api.endpoint).hostname or ""):
-        # Amazon is never on this machine: a `broker simulate` (the README's recipe for
-        # `broker status`) or a stub, whose accounts serve every region too.
-        return []
+        # A `broker simulate` here (the README's recipe for `broker status`): its demo
+        # accounts serve every region. Other keys may reach Amazon through a local proxy.
+        from broker.simulator.accounts import DEMO_ACCOUNTS
+
+        demo = {account.credential_id for account in DEMO_ACCOUNTS}
     warnings = []
     for key in config.keys:
-        if key.version is None:
+        if key.version is None or key.credential_id in demo:
             continue
         region = credential_version(key.version).region
         foreign = [m for m in key.partner_tags if lookup_marketplace(m).region is not region]

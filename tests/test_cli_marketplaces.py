@@ -325,11 +325,15 @@ class TestCheckConfig:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """A `broker simulate` on a loopback port (the README's recipe for `broker status`,
-        with the starter's UK tag on the 3.1 demo key) gets no InvalidIssuer warning: its
-        accounts serve every region, and the lookup that follows works."""
+        with the starter's UK tag on the 3.1 demo key) gets no InvalidIssuer warning for the
+        demo key, whose account serves every region; a key of another credential there
+        still gets it (a local proxy to Amazon)."""
         monkeypatch.setenv("ASINB_DEMO_SECRET", "demo-secret")
         local = _CONFIG.replace(
             'endpoint = "simulator"', 'endpoint = "http://127.0.0.1:18787"'
         ).replace('version = "3.1"', 'version = "3.1"\ncredential_secret_env = "ASINB_DEMO_SECRET"')
         assert cli.main(["check-config", "--config", str(_config(tmp_path, local))]) == 0
         assert "region" not in capsys.readouterr().err
+        proxied = local.replace('credential_id = "demo-id"', 'credential_id = "amzn1.mine"')
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, proxied))]) == 0
+        assert "key demo: credential version 3.1 is for the NA region" in capsys.readouterr().err
