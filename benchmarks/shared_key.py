@@ -144,7 +144,8 @@ def _await_ready(proc: subprocess.Popen[bytes], mode: str, n: int) -> None:
     readable, _, _ = select.select([proc.stdout], [], [], 120.0)
     line = proc.stdout.readline() if readable else b""
     if line.strip() != b"ready":
-        raise RuntimeError(f"worker did not start ({mode}, N={n}): exit {proc.poll()}")
+        state = "still running" if readable == [] else f"exit {proc.wait(timeout=5)}"
+        raise RuntimeError(f"worker did not start ({mode}, N={n}): {state}")
 
 
 def _run(
@@ -189,8 +190,13 @@ def _run(
         window = (start_at + warmup_s, start_at + warmup_s + duration_s)
         for proc in procs:
             assert proc.stdin is not None
-            proc.stdin.write(f"{window[1] + 0.5}\n".encode())
-            proc.stdin.flush()
+            try:
+                proc.stdin.write(f"{window[1] + 0.5}\n".encode())
+                proc.stdin.flush()
+            except BrokenPipeError:
+                # Died between "ready" and its stop time: its traceback is on stderr.
+                code = proc.wait(timeout=5)
+                raise RuntimeError(f"worker failed ({mode}, N={n}): exit {code}") from None
         for proc in procs:
             out, _ = proc.communicate(timeout=window[1] - time.monotonic() + 120)
             if proc.returncode != 0:

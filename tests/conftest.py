@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import hypothesis
 import pytest
 import structlog
 
@@ -35,6 +36,11 @@ from broker.testing import FakeClock, settle
 if TYPE_CHECKING:
     from broker.api.base import HttpRequest, RawResponse
     from broker.clock import Clock
+
+# No per-example deadline for the property tests: with the suite on every core, a worker
+# paused for another one's burst of work failed them as "too slow" (Flaky), proving nothing.
+hypothesis.settings.register_profile("suite", deadline=None)
+hypothesis.settings.load_profile("suite")
 
 #: Secrets of the simulator's demo accounts, as the environment would hold them.
 ENV: Mapping[str, str] = {

@@ -340,9 +340,9 @@ class TestB2QuotaExhausted:
 
     async def test_daily_budget_waits_for_the_reset(self, harness: Harness, tmp_path: Path) -> None:
         """broker run with TPD 3: rows pending, readyz 503 until midnight UTC, then all done.
-        (30 rows from 23:55: 2 requests a day (3 times the guard) for 50 rows ran into a third
-        day, a look at the store each fake second, 17 s of real time and 31 s with the suite
-        run on both cores, past the drive's 30-s limit.)"""
+        (30 rows from 23:55, 3 requests: a tpd of 3 less the 1 % guard sends 2 a day, so 50
+        rows, 5 requests, ran into a third day, a look at the store every fake second or two:
+        17 s of real time, and 31 s with the suite on both cores, past the drive's limit.)"""
         clock, sim, transport, config, broker = await harness.quota_rig(
             tps=5.0, server_tpd=3, key_tpd=3, epoch=datetime(2026, 5, 1, 23, 55, tzinfo=UTC)
         )

@@ -1913,7 +1913,9 @@ class TestGridSlack:
         assert second.granted
         assert first.wait_s == 0.0
         assert second.slot_us - first.slot_us == 200_000
-        assert second.wait_s >= 0.15
+        # About an interval less what passed between the two (Redis round trips included;
+        # the other worker may hold the core): a catch-up burst would wait nothing.
+        assert second.wait_s >= 0.1
 
 
 class TestRebootAndWallClock:
