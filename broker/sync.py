@@ -393,6 +393,11 @@ class SyncBroker:
         """Counters and per-key state right now."""
         return self._call(_metrics(self._broker))
 
+    def is_fresh(self, result: ItemResult) -> bool:
+        """False for a cached answer held past its max age (see the async
+        :meth:`Broker.is_fresh`): ask it again before handing it on."""
+        return self._broker.is_fresh(result)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -2623,6 +2623,36 @@ def test_lookup_whose_reader_leaves_mid_output_exits_141(tmp_path: Path) -> None
     _with_stdout_gone(tmp_path, args + [f"B0PIPE{i:04d}" for i in range(300)], after=100)
 
 
+def test_lookup_asks_again_for_a_cached_answer_that_aged_while_it_waited(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lookup prints once all are in: an answer read from the cache at the start that aged
+    past its max age while the others were looked up (1.5 s a round trip here) is asked
+    again, not printed stale (it was printed 9 s old against --max-age 6)."""
+    from broker.engine.broker import Broker
+
+    slow = embedded_toml(simulator="seed = 3\n[simulator.latency]\nfixed_ms = 750")
+    config = str(_config(tmp_path, slow))
+    assert cli.main(["lookup", "B0C1234567", "--json", "--config", config]) == 0
+    capsys.readouterr()
+    verdicts: list[bool] = []
+    is_fresh = Broker.is_fresh
+
+    def spy(self: Broker, result: Any) -> bool:
+        verdicts.append(is_fresh(self, result))
+        return verdicts[-1]
+
+    monkeypatch.setattr(Broker, "is_fresh", spy)
+    argv = ["lookup", "B0C1234567", "B0C1234568", "--json", "--max-age", "1"]
+    assert cli.main([*argv, "--config", config]) == 0
+    rows = _jsonl(capsys.readouterr().out)
+    assert [(row["asin"], row["cached"]) for row in rows] == [
+        ("B0C1234567", False),
+        ("B0C1234568", False),
+    ]
+    assert False in verdicts  # the cached answer was read, and found aged
+
+
 def test_lookup_shows_a_price_with_its_currency_s_decimals() -> None:
     """The summary shows $9.00 as 9.00 USD, not 9.0, and yen without decimals."""
     row: dict[str, object] = {

@@ -646,7 +646,7 @@ class Broker:
         intake = self._require_open()
         refuse_single_string(asins)
         results = await self._collect(intake, asins, marketplace, resources)
-        stale = [i for i, result in enumerate(results) if intake.stale(result)]
+        stale = [i for i, result in enumerate(results) if not self.is_fresh(result)]
         while stale:
             # Each one's query is complete and distinct, so one answer each, in order.
             asked: list[_Input] = []
@@ -657,7 +657,7 @@ class Broker:
             again = await self._collect(intake, asked, marketplace, resources)
             for i, result in zip(stale, again, strict=True):
                 results[i] = result
-            stale = [i for i in stale if intake.stale(results[i])]
+            stale = [i for i in stale if not self.is_fresh(results[i])]
         return results
 
     async def _collect(
@@ -1071,6 +1071,14 @@ class Broker:
         if self._cache is None:
             return None
         return await self._cache.stats()
+
+    def is_fresh(self, result: ItemResult) -> bool:
+        """False for an answer served from the item cache that has aged past its max age
+        since it was read: a caller that holds answers before handing them on (prints them
+        once all are in) asks such a one again, as :meth:`get_items` does by itself, or a
+        long wait would stretch Amazon's 24-hour rule. True for every other answer, and
+        when the cache is off."""
+        return not (result.cached and self._cache is not None and not self._cache.fresh(result))
 
     @property
     def clock(self) -> Clock:

@@ -342,12 +342,6 @@ class Intake:
             self._metrics.record_item(hit.status)
         return hit
 
-    def stale(self, result: ItemResult) -> bool:
-        """True for an answer served from the cache that has aged past its limit since:
-        a ``get_items`` that then waited for its other lookups (pacing, a daily reset)
-        must not hand it on, or a long wait would stretch the 24-hour rule."""
-        return result.cached and self._cache is not None and not self._cache.fresh(result)
-
     def fail_all(self, error: BaseException) -> None:
         """End every lookup in flight with ``error`` (the broker closed or crashed)."""
         for lookup in list(self._inflight.values()):
