@@ -609,6 +609,15 @@ class TestGetItems:
         assert sim.stats.accounts["demo"].items_served == 1
 
 
+#: A search whose items name their brand, with the refinements.
+_BRAND_SEARCH = {
+    "partnerTag": "demo-20",
+    "keywords": "kettle",
+    "itemCount": 10,
+    "resources": ["itemInfo.byLineInfo", "searchRefinements"],
+}
+
+
 class TestOtherOperations:
     async def test_search_items(self, start: Start) -> None:
         """searchItems returns searchResult with items and a total count."""
@@ -652,12 +661,7 @@ class TestOtherOperations:
         as one more search term, from 386 results to 904)."""
         client, _ = await start()
         token = await client.token()
-        body = {
-            "partnerTag": "demo-20",
-            "keywords": "kettle",
-            "itemCount": 10,
-            "resources": ["itemInfo.byLineInfo", "searchRefinements"],
-        }
+        body = _BRAND_SEARCH
         plain = (await client.creators("searchItems", body, token=token)).json()["searchResult"]
         (brands,) = plain["searchRefinements"]["otherRefinements"]
         chosen = brands["bins"][0]["id"]
@@ -674,12 +678,7 @@ class TestOtherOperations:
         brands of page 1 were 3 of the search's 14, and page 2 named others."""
         client, _ = await start()
         token = await client.token()
-        body = {
-            "partnerTag": "demo-20",
-            "keywords": "kettle",
-            "itemCount": 10,
-            "resources": ["itemInfo.byLineInfo", "searchRefinements"],
-        }
+        body = _BRAND_SEARCH
         pages = [
             (await client.creators("searchItems", {**body, "itemPage": n}, token=token)).json()
             for n in (1, 2, 3)
