@@ -288,14 +288,14 @@ def _search_options(body: Mapping[str, object], ctx: Context) -> dict[str, Any]:
     for flag in flags or ():
         _enum(field, flag, _DELIVERY_FLAGS)
     rating, saving = ctx.names("minReviewsRating"), ctx.names("minSavingPercent")
+    # null is absent, as everywhere in the simulator (not _integer's default of 1).
+    stars = None if body.get(rating) is None else _integer(body, rating, 1, 1, 4)
+    share = None if body.get(saving) is None else _integer(body, saving, 1, 1, 99)
     return {
         "availability": availability,
         "delivery_flags": tuple(flags or ()),
-        # null is absent, as everywhere in the simulator (not _integer's default of 1).
-        "min_reviews_rating": None if body.get(rating) is None else _integer(body, rating, 1, 1, 4),
-        "min_saving_percent": None
-        if body.get(saving) is None
-        else _integer(body, saving, 1, 1, 99),
+        "min_reviews_rating": stars,
+        "min_saving_percent": share,
     }
 
 
