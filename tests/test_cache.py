@@ -453,6 +453,31 @@ class TestServe:
         with pytest.raises(ConfigError, match="24 hours"):
             await cache.get_many([q("B000000001")], max_age_s=86_401)
 
+    async def test_answers_past_the_ceiling_a_read_only_file_keeps_are_counted_not_served(
+        self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file this process may only read, holding an answer past 24 h: stats count it
+        (its age shows it) and reads miss it, with one warning; both failed with "attempt to
+        write a readonly database", `broker cache stats` with exit 74."""
+        cache = SqliteCache(tmp_path / "c.sqlite3", CachePolicy(3_600), clock=clock)
+        await cache.put_many([ok("B000000001", clock)])
+        await clock.advance(90_000)
+
+        async def read_only(*args: object, **kwargs: object) -> int:
+            error = sqlite3.OperationalError("attempt to write a readonly database")
+            error.sqlite_errorcode = sqlite3.SQLITE_READONLY
+            raise error
+
+        monkeypatch.setattr(cache, "_delete", read_only)
+        with capture_logs() as logs:
+            stats = await cache.stats()
+            assert await cache.get_many([q("B000000001")]) == [None]
+        assert stats.entries == 1
+        assert stats.oldest_age_s is not None
+        assert stats.oldest_age_s > 86_400
+        assert "cache.expired_kept" in [e["event"] for e in logs]
+        await cache.aclose()
+
     async def test_an_answer_from_the_future_is_replaced(
         self, make: MakeCache, clock: FakeClock
     ) -> None:
