@@ -37,7 +37,7 @@ from creatorsapi_python_sdk.models.validation_exception_response_content import 
 )
 
 from broker.simulator.accounts import DEMO_ACCOUNTS, Account
-from broker.simulator.catalog import lookup
+from broker.simulator.catalog import lookup, search_results
 from broker.simulator.render import CREATORS_ITEM_RESOURCES, render_item
 from broker.simulator.settings import FaultRates, SimulatorSettings
 from broker.simulator.state import Simulator
@@ -743,6 +743,18 @@ class TestOtherOperations:
         narrow = response.json()["searchResult"]
         assert 0 < narrow["totalResultCount"] < wide["totalResultCount"]
         assert all(kept(item) for item in narrow["items"])
+
+    def test_a_search_with_accounts_of_its_own(self) -> None:
+        """A simulator given accounts of its own (``[[simulator.accounts]]``) searches: its
+        settings keyed the search's cache, and an account's dict of partner tags made every
+        SearchItems a 500."""
+        from conftest import account
+
+        own = SimulatorSettings(accounts=(account("mine", "mine-id", "mine-secret"),))
+        assert hash(own) == hash(SimulatorSettings())
+        found = search_results(own, "www.amazon.com", "kettle")
+        assert found == search_results(SimulatorSettings(), "www.amazon.com", "kettle")
+        assert found
 
     async def test_a_null_filter_is_no_filter(self, start: Start) -> None:
         """minSavingPercent or minReviewsRating null narrows nothing, as a null is absent

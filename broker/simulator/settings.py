@@ -60,7 +60,7 @@ Settings of ``[simulator]`` (defaults in brackets):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Final, Literal, cast
 
 from broker.api.marketplaces import marketplace as lookup_marketplace
@@ -205,7 +205,9 @@ class SimulatorSettings:
     omitted_asins: frozenset[str] = frozenset()
     latency: LatencyProfile = LatencyProfile()
     faults: FaultRates = FaultRates()
-    accounts: tuple[Account, ...] = ()
+    # Compared but left out of the hash: an account's partner tags are a dict, and the
+    # catalogue's caches (a search's results) are keyed on the settings.
+    accounts: tuple[Account, ...] = field(default=(), hash=False)
 
     def __post_init__(self) -> None:
         rates = {kind: float(getattr(self.faults, kind)) for kind in _DRAWN_KINDS}
