@@ -610,17 +610,43 @@ class TestKeysAndSignals:
 
         from broker.jobs.runner import quota_wait
 
+        now = datetime(2026, 5, 1, 12, tzinfo=UTC)
+        probe = "2026-05-01T12:15:00Z"
+
         def broker(*reasons: str) -> Any:
             keys = [
-                SimpleNamespace(state="parked", reason=r, until=None, daily_resets_at="Z")
+                SimpleNamespace(state="parked", reason=r, until=probe, daily_resets_at="Z")
                 for r in reasons
             ]
             return SimpleNamespace(metrics=lambda: SimpleNamespace(keys=keys))
 
         revoked = ThrottleVerdict.ACCESS_REVOKED.value
-        assert quota_wait(broker(revoked).metrics()) == "Z"
-        assert quota_wait(broker(revoked, "waiting for daily quota").metrics()) == "Z"
-        assert quota_wait(broker(revoked, "Retry-After").metrics()) is None
+        assert quota_wait(broker(revoked).metrics(), now=now) == probe
+        assert quota_wait(broker(revoked, "waiting for daily quota").metrics(), now=now) == probe
+        assert quota_wait(broker(revoked, "Retry-After").metrics(), now=now) is None
+
+    def test_a_parked_key_whose_probe_is_due_no_longer_waits(self) -> None:
+        """A key parked after 429s whose probe is due (no until, or one past) does not wait:
+        work must go to it to carry the probe. A daemon's job deferred on such a park
+        stayed deferred for ever, the key waiting for work to probe with; a spent tpd still
+        waits for its reset."""
+        from types import SimpleNamespace
+
+        from broker.jobs.runner import quota_wait
+
+        now = datetime(2026, 5, 1, 12, tzinfo=UTC)
+
+        def metrics(reason: str, until: str | None) -> Any:
+            key = SimpleNamespace(
+                name="k", state="parked", reason=reason, until=until, daily_resets_at="Z"
+            )
+            return SimpleNamespace(keys=[key])
+
+        revoked = ThrottleVerdict.ACCESS_REVOKED.value
+        assert quota_wait(metrics(revoked, "2026-05-01T12:15:00Z"), now=now) is not None
+        assert quota_wait(metrics(revoked, "2026-05-01T11:59:00Z"), now=now) is None
+        assert quota_wait(metrics(revoked, None), now=now) is None
+        assert quota_wait(metrics("waiting for daily quota", None), now=now) == "Z"
 
     async def test_tpd_spent_waits_instead_of_failing(self, tmp_path: Path) -> None:
         """With the daily budget spent the job waits (rows stay pending), it does not fail rows."""

@@ -688,7 +688,7 @@ class TestConcurrentBrokers:
         assert (key.state, key.reason) == ("parked", "daily quota exhausted")
         probe_at = clock.utcnow() + dt.timedelta(seconds=899.0)
         assert key.until == probe_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        assert quota_wait(broker.metrics()) == key.until
+        assert quota_wait(broker.metrics(), now=clock.utcnow()) == key.until
         assert not waiting.done()
         assert sim.stats.accounts["demo"].accepted == 1  # nothing sent into the park
         waiting.cancel()

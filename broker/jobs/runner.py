@@ -1112,17 +1112,27 @@ _DAY_LONG_WAITS: Final = (
 )
 
 
-def quota_wait(metrics: MetricsSnapshot, *, keys: Collection[str] | None = None) -> str | None:
+def quota_wait(
+    metrics: MetricsSnapshot, *, keys: Collection[str] | None = None, now: datetime
+) -> str | None:
     """When every key that is not disabled (of ``keys``, if given) waits for its daily
-    quota, by the broker's ``metrics``: the earliest reset."""
+    quota, by the broker's ``metrics``: the earliest reset.
+
+    A key parked after sustained 429s whose probe is due at ``now`` (no ``until``, or one
+    past) does not wait: work must go to it to carry the probe. A daemon's job deferred on
+    such a park stayed deferred for ever, its key waiting for work to probe with.
+    """
     waits: list[str] = []
     for key in metrics.keys:
         if key.state == "disabled" or (keys is not None and key.name not in keys):
             continue
         # A key parked after sustained 429s with its own count low waits as long (Amazon's
         # daily quota may be smaller than tpd says, or the account not eligible, and a 429
-        # does not tell which): --no-wait stops for it too.
+        # does not tell which): --no-wait stops for it too, until its probe is due.
         if key.reason not in _DAY_LONG_WAITS:
+            return None
+        parked = key.reason != QUOTA_WAIT
+        if parked and (key.until is None or datetime.fromisoformat(key.until) <= now):
             return None
         waits.append(key.until or key.daily_resets_at or "the next window")
     return min(waits) if waits else None
@@ -1155,10 +1165,11 @@ async def quota_spent(
     while True:
         await asyncio.sleep(QUOTA_POLL_S)
         keys = needed()
-        until = quota_wait(broker.metrics(), keys=keys) if keys else None
-        now = answered()
-        quiet_looks = quiet_looks + 1 if now == seen else 0
-        seen = now
+        metrics, now = broker.metrics(), broker.clock.utcnow()
+        until = quota_wait(metrics, keys=keys, now=now) if keys else None
+        count = answered()
+        quiet_looks = quiet_looks + 1 if count == seen else 0
+        seen = count
         if until is not None and quiet_looks * QUOTA_POLL_S >= QUOTA_QUIET_S:
             return until, keys
 
@@ -1389,7 +1400,8 @@ class _Progress:
         counts = self._ledger.counts()
         metrics = self._broker.metrics()
         keys_needed = self._needed() if counts.pending else ()
-        waiting = quota_wait(metrics, keys=keys_needed) if keys_needed else None
+        now = self._broker.clock.utcnow()
+        waiting = quota_wait(metrics, keys=keys_needed, now=now) if keys_needed else None
         moment = self._broker.clock.monotonic()
         if waiting is not None:
             # Held: rows/s and the ETA count from the last look of the hold once it is

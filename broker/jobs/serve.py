@@ -1198,7 +1198,7 @@ class Daemon:
                 # One snapshot a poll, for every deferred job.
                 metrics = metrics or broker.metrics()
             if metrics is not None and _keys_in_use(metrics, deferral.keys):
-                waiting = quota_wait(metrics, keys=deferral.keys) is not None
+                waiting = quota_wait(metrics, keys=deferral.keys, now=now) is not None
             else:
                 waiting = deferral.until > now
             if waiting:
