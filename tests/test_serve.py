@@ -860,6 +860,35 @@ class TestResume:
             assert daemon._next_job(cast("Broker", None)) is None
         assert [e["event"] for e in later] == []
 
+    async def test_a_deferred_job_replaced_while_it_waits_is_dropped_for_the_new_file(
+        self, tmp_path: Path
+    ) -> None:
+        """A job deferred for the daily quota with another list renamed over it in
+        processing/ is dropped with its work files, as a running job replaced so is, and
+        the new file is left to be claimed as a job of its own: it resumed the old job on
+        the new file, which failed it as "shrank" (65) and never ran the new list."""
+        clock = FakeClock()
+        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
+        daemon.spool.prepare()
+        job = daemon.spool.job("a.txt", "jsonl")
+        job.path.write_text("B000000001\nB000000002\n")
+        job.ledger.write_text("old\n")
+        ran = job.path.stat()
+        claim = job.claim_lock().acquire()
+        daemon._deferred["a.txt"] = serve._Deferral(
+            clock.utcnow(), frozenset(), claim, file_id=(ran.st_dev, ran.st_ino)
+        )
+        newer = tmp_path / "newer.txt"
+        newer.write_text("B000000003\n")
+        newer.replace(job.path)
+        with structlog.testing.capture_logs() as logs:
+            assert daemon._due_deferred(cast("Broker", None)) is None
+        assert [e["event"] for e in logs] == ["broker.job_vanished"]
+        assert "a.txt" not in daemon._deferred
+        assert not job.ledger.exists()
+        assert job.path.read_text() == "B000000003\n"  # left for a claim of its own
+        assert not job.claim_lock().lock_path.exists()
+
     async def test_a_new_namesake_of_a_deleted_deferred_job_runs_afresh(
         self, tmp_path: Path
     ) -> None:

@@ -205,6 +205,15 @@ class _Spent:
         )
 
 
+def _same_file(path: Path, file_id: tuple[int, int] | None) -> bool:
+    """True when ``path`` exists and, with ``file_id`` known, is still that file."""
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return file_id is None or (info.st_dev, info.st_ino) == file_id
+
+
 @dataclass(slots=True)
 class _Deferral:
     """A job ``no_wait`` stopped: when its keys' daily quota resets (as the run was told;
@@ -218,6 +227,9 @@ class _Deferral:
     claim: JobLock | None = None
     spent: _Spent = _Spent()
     rows: Mapping[str, int] = field(default_factory=dict)
+    #: (device, inode) of the file it ran: another renamed over it while it waited is a job
+    #: of its own, not a change to this one
+    file_id: tuple[int, int] | None = None
 
 
 #: The open-file limit ``broker serve`` raises its own soft limit to, when its hard one allows.
@@ -1184,8 +1196,10 @@ class Daemon:
         now = self._clock.utcnow()
         metrics: MetricsSnapshot | None = None
         for name, deferral in list(self._deferred.items()):
-            if not (self.spool.processing / name).exists():
-                # Removed while it waited (to cancel it), looked for at every poll: its
+            if not _same_file(self.spool.processing / name, deferral.file_id):
+                # Removed while it waited (to cancel it), or replaced (another list renamed
+                # over it: claimed next as a job of its own, as for a running job), looked
+                # for at every poll: its
                 # work files and claim go with it now, not at its reset hours later, or a
                 # new job of that name would run under its deferral (its figures, its
                 # claim lock already unlinked, so a sibling took the job for a dead one's).
@@ -1523,7 +1537,7 @@ class Daemon:
             self._current = None
         spent = (spent or _Spent()).plus(summary, before, broker.metrics())
         if summary.quota_wait_until is not None:
-            self._defer(job, summary.quota_wait_until, summary.quota_wait_keys, spent)
+            self._defer(job, summary.quota_wait_until, summary.quota_wait_keys, spent, before_stat)
             return
         if summary.stopped_by_signal or summary.pending:
             if self._stop.is_set():
@@ -1603,9 +1617,17 @@ class Daemon:
             self._fail_unreadable(job, exc)
         return None
 
-    def _defer(self, job: SpoolJob, until: str, keys: frozenset[str], spent: _Spent) -> None:
+    def _defer(
+        self,
+        job: SpoolJob,
+        until: str,
+        keys: frozenset[str],
+        spent: _Spent,
+        ran: os.stat_result | None,
+    ) -> None:
         """``no_wait``: the daily quota of ``keys`` (those the job's rows need) is spent;
-        resume the job after the reset (``spent``: what its runs spent so far)."""
+        resume the job after the reset (``spent``: what its runs spent so far; ``ran``: the
+        file it ran)."""
         try:
             when = datetime.fromisoformat(until.replace("Z", "+00:00"))
         except ValueError:
@@ -1614,7 +1636,8 @@ class Daemon:
             when = when.replace(tzinfo=UTC)
         # Read once: the ledger does not change while the job waits, and /metrics shows it.
         rows = read_tally(job.ledger) or {}
-        self._deferred[job.name] = _Deferral(when, keys, spent=spent, rows=rows)
+        file_id = None if ran is None else (ran.st_dev, ran.st_ino)
+        self._deferred[job.name] = _Deferral(when, keys, spent=spent, rows=rows, file_id=file_id)
         logger.warning(
             "broker.job_deferred",
             job=job.name,
