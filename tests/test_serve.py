@@ -43,7 +43,7 @@ from broker.jobs.metrics_http import (
     render_metrics,
 )
 from broker.jobs.runner import ExitCode, JobSummary
-from broker.jobs.serve import Daemon, ServeOptions, Spool, spool_name
+from broker.jobs.serve import Daemon, ServeOptions, Spool, SpoolJob, spool_name
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
 from broker.testing import FakeClock
@@ -82,6 +82,16 @@ def _config(*, tps: float = 100.0, tpd: int = 100_000, batch_size: int = 10) -> 
         "simulator": {"seed": 5, "missing_share": 0.1, "accounts": [_ACCOUNT]},
     }
     return parse_config(document, environ={})
+
+
+def _job_in_processing(tmp_path: Path, text: str) -> tuple[FakeClock, Daemon, SpoolJob]:
+    """A daemon on a fake clock whose spool holds job a.txt (``text``) in processing/."""
+    clock = FakeClock()
+    daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
+    daemon.spool.prepare()
+    job = daemon.spool.job("a.txt", "jsonl")
+    job.path.write_text(text)
+    return clock, daemon, job
 
 
 def _wrong_uk_tag(**simulator: object) -> BrokerConfig:
@@ -839,11 +849,7 @@ class TestResume:
         """A job deferred for the daily quota and deleted from processing/ meanwhile (to
         cancel it) has its work files dropped with it, as a running job's are, and is
         forgotten: the next poll says nothing more of it."""
-        clock = FakeClock()
-        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
-        daemon.spool.prepare()
-        job = daemon.spool.job("a.txt", "jsonl")
-        job.path.write_text("B000000001\n")
+        clock, daemon, job = _job_in_processing(tmp_path, "B000000001\n")
         for path in (job.ledger, job.out):
             path.write_text("old\n")
         claim = job.claim_lock().acquire()
@@ -867,11 +873,7 @@ class TestResume:
         processing/ is dropped with its work files, as a running job replaced so is, and
         the new file is left to be claimed as a job of its own: it resumed the old job on
         the new file, which failed it as "shrank" (65) and never ran the new list."""
-        clock = FakeClock()
-        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
-        daemon.spool.prepare()
-        job = daemon.spool.job("a.txt", "jsonl")
-        job.path.write_text("B000000001\nB000000002\n")
+        clock, daemon, job = _job_in_processing(tmp_path, "B000000001\nB000000002\n")
         job.ledger.write_text("old\n")
         ran = job.path.stat()
         claim = job.claim_lock().acquire()
@@ -897,11 +899,7 @@ class TestResume:
         and the old one's work files are gone at the next poll. It ran under the old
         deferral: its status carried the old job's requests, and under the old, unlinked
         claim lock a sibling daemon took it for a dead one's."""
-        clock = FakeClock()
-        daemon = Daemon(_config(), ServeOptions(spool=tmp_path, settle_s=0), clock=clock)
-        daemon.spool.prepare()
-        job = daemon.spool.job("a.txt", "jsonl")
-        job.path.write_text("B000000001\n")
+        clock, daemon, job = _job_in_processing(tmp_path, "B000000001\n")
         job.ledger.write_text("old\n")
         claim = job.claim_lock().acquire()
         until = clock.utcnow() + timedelta(hours=10)
