@@ -1199,10 +1199,10 @@ class Daemon:
             if not _same_file(self.spool.processing / name, deferral.file_id):
                 # Removed while it waited (to cancel it), or replaced (another list renamed
                 # over it: claimed next as a job of its own, as for a running job), looked
-                # for at every poll: its
-                # work files and claim go with it now, not at its reset hours later, or a
-                # new job of that name would run under its deferral (its figures, its
-                # claim lock already unlinked, so a sibling took the job for a dead one's).
+                # for at every poll: its work files and claim go with it now, not at its
+                # reset hours later, or a new job of that name would run under its deferral
+                # (its figures, its claim lock already unlinked, so a sibling took the job
+                # for a dead one's).
                 del self._deferred[name]
                 self._vanished(self.spool.job(name, self._config.output.format))
                 if deferral.claim is not None:
