@@ -34,6 +34,7 @@ from broker.sqlitewal import (
     file_identity,
     file_in_the_way,
     immediate,
+    journal_files,
     real_path,
     refuse_foreign,
     refuse_orphans,
@@ -545,7 +546,7 @@ def _writable(path: Path) -> bool:
 
 def _read_only_companions(path: Path) -> list[Path]:
     """The -wal and -shm beside ``path`` that exist and this process may not write."""
-    parts = (path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm"))
+    parts = journal_files(path)
     return [part for part in parts if os.access(part, os.F_OK) and not os.access(part, os.W_OK)]
 
 

@@ -124,7 +124,7 @@ from broker.jobs.signals import (
 from broker.jobs.sinks import SINK_FORMATS
 from broker.logs import get_logger, logs_are_json
 from broker.progname import prog
-from broker.sqlitewal import journal_files, rollback_journal
+from broker.sqlitewal import journal_files, rollback_journal, still_at
 from broker.wholefile import copies_of, original_of, write_whole
 
 if TYPE_CHECKING:
@@ -207,11 +207,7 @@ class _Spent:
 
 def _same_file(path: Path, file_id: tuple[int, int] | None) -> bool:
     """True when ``path`` exists and, with ``file_id`` known, is still that file."""
-    try:
-        info = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    return file_id is None or (info.st_dev, info.st_ino) == file_id
+    return path.exists() if file_id is None else still_at(path, file_id)
 
 
 @dataclass(slots=True)
@@ -1623,7 +1619,7 @@ class Daemon:
         until: str,
         keys: frozenset[str],
         spent: _Spent,
-        ran: os.stat_result | None,
+        ran: os.stat_result,
     ) -> None:
         """``no_wait``: the daily quota of ``keys`` (those the job's rows need) is spent;
         resume the job after the reset (``spent``: what its runs spent so far; ``ran``: the
@@ -1636,7 +1632,7 @@ class Daemon:
             when = when.replace(tzinfo=UTC)
         # Read once: the ledger does not change while the job waits, and /metrics shows it.
         rows = read_tally(job.ledger) or {}
-        file_id = None if ran is None else (ran.st_dev, ran.st_ino)
+        file_id = (ran.st_dev, ran.st_ino)
         self._deferred[job.name] = _Deferral(when, keys, spent=spent, rows=rows, file_id=file_id)
         logger.warning(
             "broker.job_deferred",

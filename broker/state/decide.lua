@@ -293,24 +293,29 @@ if rate <= 0 then rate = nominal end
 rate = math.min(max_rate, math.max(min_rate, rate))
 -- Another live process counts the day under another reset: its window holds for this
 -- caller too (decision.py: decide).
-local kept = day >= 0 and day_offset >= 0 and day_offset ~= reset_offset and held_by_another
+local other_reset = day >= 0 and day_offset >= 0 and day_offset ~= reset_offset
+local kept = other_reset and held_by_another
 -- The day counted, as this caller's window holding its start (decision.py: decide): under
 -- another reset it ends at this caller's next reset after its start; the record keeps the
 -- offset it was counted under.
 local counted = day
 local taken_over = -1
-if day >= 0 and day_offset >= 0 and day_offset ~= reset_offset then
+if other_reset then
   counted = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
+end
+-- decision.py (_new_day): begin window `d`; the last one's counts go.
+local function new_day(d)
+  day = d
+  count = 0
+  gen_sends = 0
+  prior = {}
+  own = {}
 end
 local window_end
 if kept then
   local held = math.floor((math.floor(now / 1000000) - day_offset) / 86400)
   if held > day then
-    day = held
-    count = 0
-    gen_sends = 0
-    prior = {}
-    own = {}
+    new_day(held)
     counted = math.floor((day * 86400 + day_offset - reset_offset) / 86400)
   end
   window_end = ((day + 1) * 86400 + day_offset) * 1000000
@@ -318,16 +323,12 @@ else
   local today = math.floor((math.floor(now / 1000000) - reset_offset) / 86400)
   if today > counted then
     -- decision.py: a new day over one counted under another reset is said
-    if day >= 0 and day_offset >= 0 and day_offset ~= reset_offset then
+    if other_reset then
       taken_over = day_offset
     end
-    day = today
     counted = today
+    new_day(today)
     day_offset = reset_offset
-    count = 0
-    gen_sends = 0
-    prior = {}
-    own = {}
   end
   window_end = ((counted + 1) * 86400 + reset_offset) * 1000000
 end

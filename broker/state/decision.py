@@ -287,6 +287,14 @@ def _keep_most(counts: dict[str, int], name: str, value: int, keep: int) -> None
         del counts[min(counts, key=lambda n: (counts[n], n))]
 
 
+def _new_day(record: Record, day: int) -> None:
+    """Begin window ``day`` in ``record``: the last one's counts go (decide.lua: new_day)."""
+    record.day = day
+    record.count = record.gen_sends = 0
+    record.prior = {}
+    record.own = {}
+
+
 def _run_over(record: Record, now: int) -> bool:
     """True once the key's last 429 is more than ``RUN_GAP_S`` old: its run of 429s ended."""
     return now - record.last_429 > RUN_GAP_S * _US
@@ -485,11 +493,9 @@ def decide(
     # window holds for this caller too, and starts over only at its own reset. Each
     # starting the day over at its own reset gave the key twice its quota a day. Its
     # entry leaves with it (a clean close at once; a kill a minute after its last ask).
-    kept = (
-        record.day >= 0
-        and record.day_offset >= 0
-        and record.day_offset != offset
-        and _held_by_another(record, now, "" if process is None else process.process_id)
+    other_reset = record.day >= 0 and record.day_offset >= 0 and record.day_offset != offset
+    kept = other_reset and _held_by_another(
+        record, now, "" if process is None else process.process_id
     )
     # The day counted, as this caller's window holding its start: the same day under the
     # same reset; under another (daily_reset_utc changed) it ends at this caller's next
@@ -498,29 +504,24 @@ def decide(
     # processes of different resets never shift it back and forth.
     counted = record.day
     taken_over = -1
-    if counted >= 0 and record.day_offset >= 0 and record.day_offset != offset:
+    if other_reset:
         counted = day_number(day_end_us(record.day - 1, record.day_offset), offset)
     if kept:
         held = day_number(wall, record.day_offset)
         if held > record.day:
-            record.day = held
-            record.count = record.gen_sends = 0
-            record.prior = {}
-            record.own = {}
+            _new_day(record, held)
             counted = day_number(day_end_us(held - 1, record.day_offset), offset)
         window_end = day_end_us(record.day, record.day_offset)
     else:
         day = day_number(wall, offset)
         if day > counted:
-            if record.day >= 0 and record.day_offset >= 0 and record.day_offset != offset:
+            if other_reset:
                 # A new day at this caller's reset, over one counted under another: said
                 # (processes of two resets taking turns get the key's quota twice a day).
                 taken_over = record.day_offset
-            counted = record.day = day
+            counted = day
+            _new_day(record, day)
             record.day_offset = offset
-            record.count = record.gen_sends = 0
-            record.prior = {}
-            record.own = {}
         window_end = day_end_us(counted, offset)
     if process is not None:
         if process.hwm_day == counted:
