@@ -401,6 +401,46 @@ async def test_a_key_parked_as_not_eligible_points_at_associates_central() -> No
     assert "Associates Central" in parked["remedy"]
 
 
+@pytest.mark.parametrize("home", ["process", "memory store", "sqlite store"])
+async def test_a_park_without_a_told_length_probes_just_after_the_daily_reset(
+    home: str, tmp_path: Any
+) -> None:
+    """An account whose real quota is below tpd spends it at 23:55 with the key's own count
+    far from spent: its 429s read as "access revoked", and the park (15 to 60 minutes) ran
+    on past the reset, so every day began up to an hour late. The probe now comes a minute
+    after the reset at the latest, wherever the key's state lives."""
+    clock = FakeClock()
+    clock.wall_offset = 11 * 3600 + 55 * 60  # 23:55 UTC
+    shared = None
+    if home != "process":
+        now_us = lambda: int(clock.monotonic() * 1e6)  # noqa: E731
+        wall_us = lambda: int(clock.utcnow().timestamp() * 1e6)  # noqa: E731
+        if home == "memory store":
+            store: Any = MemoryStateStore(now_us, wall_us)
+        else:
+            from broker.state.sqlite import SqliteStateStore
+
+            store = SqliteStateStore(tmp_path / "state.db", now_us=now_us, wall_us=wall_us)
+        shared = SharedState(store, "https://creators.test", "k")
+    key = _key(clock, shared, tpd=8640)
+    for _ in range(200):
+        if key.circuit.state is CircuitState.OPEN:
+            break
+        await clock.advance(1.0)
+        key.on_throttled(ThrottledError("TooManyRequests", "x", status=429), clock.monotonic())
+    assert key.circuit.verdict is ThrottleVerdict.ACCESS_REVOKED
+    midnight = dt.datetime(2026, 5, 2, tzinfo=dt.UTC)
+    until_reset = (midnight - clock.utcnow()).total_seconds()
+    assert 0 < until_reset < 300
+    probe_in = key.circuit.probe_at - clock.monotonic()  # type: ignore[operator]
+    assert until_reset < probe_in <= until_reset + 60.0
+    if shared is not None:  # every process sharing the key reads the same probe time
+        await cast("Any", key.limiter).refresh()
+        parked = key.limiter.parked()
+        assert parked is not None
+        assert midnight < parked[1] <= midnight + dt.timedelta(minutes=1)
+
+
 class TestCircuit:
     """A parked key is probed, and every probe outcome settles the circuit."""
 

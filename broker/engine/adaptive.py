@@ -455,13 +455,21 @@ class Circuit:
         """Monotonic time the next probe may go (``None`` unless open)."""
         return self._probe_at
 
-    def open(self, verdict: ThrottleVerdict, *, at_least_s: float = 0.0) -> float:
+    def open(
+        self,
+        verdict: ThrottleVerdict,
+        *,
+        at_least_s: float = 0.0,
+        at_most_s: float = math.inf,
+    ) -> float:
         """Park the key (or re-park it after a failed probe) and return the probe time.
 
         ``at_least_s``: the server's own word on how long (a Retry-After of hours): the
         probe waits for it, where the park's own steps would probe every 15 to 60 minutes
-        until then. While already open this changes nothing: late 429s of requests sent
-        before the park must not stretch it.
+        until then. ``at_most_s``: the latest the probe may come when the server said
+        nothing (just after the key's daily reset: whatever the 429s meant, a new day may
+        have ended them). While already open this changes nothing: late 429s of requests
+        sent before the park must not stretch it.
         """
         if self._state is CircuitState.OPEN and self._probe_at is not None:
             return self._probe_at
@@ -473,7 +481,8 @@ class Circuit:
         self._state = CircuitState.OPEN
         self._verdict = verdict
         now = self._clock.monotonic()
-        self._probe_at = now + max(park * (1.0 + s.probe_jitter * self._random()), at_least_s)
+        wait = min(park * (1.0 + s.probe_jitter * self._random()), at_most_s)
+        self._probe_at = now + max(wait, at_least_s)
         return self._probe_at
 
     def try_probe(self) -> bool:

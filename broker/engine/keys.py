@@ -84,6 +84,11 @@ _OUTAGE_GAP_S = 2 * max(_OUTAGE_PAUSE_CAP_S, _AUTH_PAUSE_CAP_S)
 _PARKED_RECHECK_S = 30.0
 #: The longest park a Retry-After sets: a day, the longest a daily quota lasts.
 _LONGEST_TOLD_PARK_S = 86_400.0
+#: A park the server gave no length for probes at the latest this long after the key's
+#: daily reset: a day spent well short of tpd (the account's quota is lower than the config
+#: says) reads as "access revoked", and its parks of up to an hour ran on past the reset. The
+#: minute allows for Amazon's clock and this one disagreeing.
+_AFTER_RESET_S = 60.0
 #: What ``broker.key_parked`` tells its reader to do, by verdict.
 _PARK_REMEDY = {
     ThrottleVerdict.QUOTA_EXHAUSTED: (
@@ -94,7 +99,9 @@ _PARK_REMEDY = {
     ThrottleVerdict.ACCESS_REVOKED: (
         "Amazon answers only 429s, even at the lowest rate with the day's quota left: the "
         "account may not be eligible yet or may have lost API access (no referred sales in "
-        "30 days). Check it in Associates Central; the key probes now and then meanwhile."
+        "30 days). Check it in Associates Central. If it came after many requests today, "
+        "the account's daily quota may be lower than tpd says: lower it. The key probes now "
+        "and then meanwhile, and just after the daily reset at the latest."
     ),
 }
 #: Refusals in a row that reject a key's credentials whatever else is waiting: one batch's
@@ -502,8 +509,11 @@ class KeyState:
         if parked_as is not None and self.circuit.state is not CircuitState.OPEN:
             # A Retry-After of hours is the server's own reset: no probe before it (a day
             # at most: no daily quota is longer).
+            until_reset = self.limiter.resets_at() - self.limiter.wall_now()
             probe_at = self.circuit.open(
-                parked_as, at_least_s=min(told, _LONGEST_TOLD_PARK_S) if told > 0 else 0.0
+                parked_as,
+                at_least_s=min(told, _LONGEST_TOLD_PARK_S) if told > 0 else 0.0,
+                at_most_s=max(0.0, until_reset.total_seconds()) + _AFTER_RESET_S,
             )
             logger.warning(
                 "broker.key_parked",

@@ -910,9 +910,15 @@ class SharedCircuit(Circuit):
             self._state = CircuitState.OPEN
             self._probe_at = self._clock.monotonic() + min(wait_s, _RECHECK_S)
 
-    def open(self, verdict: ThrottleVerdict, *, at_least_s: float = 0.0) -> float:
+    def open(
+        self,
+        verdict: ThrottleVerdict,
+        *,
+        at_least_s: float = 0.0,
+        at_most_s: float = math.inf,
+    ) -> float:
         """Park the key here and in the store (every process) until the probe time."""
-        probe_at = super().open(verdict, at_least_s=at_least_s)
+        probe_at = super().open(verdict, at_least_s=at_least_s, at_most_s=at_most_s)
         self._limiter.park(max(0.0, probe_at - self._clock.monotonic()), verdict.value)
         return probe_at
 
