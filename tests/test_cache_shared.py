@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +26,7 @@ from broker.cache.front import CacheFront
 from broker.cache.redis_store import RedisCache
 from broker.models import ItemResult, Query, Status
 from broker.sqlitewal import journal_files
-from broker.state.redis_server import RedisServer, redis_server_binary
+from broker.state.redis_server import RedisServer, free_port, redis_server_binary
 from broker.state.sqlite import SqliteStateStore
 from broker.testing import FakeClock
 
@@ -245,41 +242,12 @@ async def test_one_file_may_hold_the_cache_and_the_key_state(tmp_path: Path) -> 
     SqliteStateStore(path)._conn.close()
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(name="redis_url")
-def _redis_url(tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(binary):
+def _redis_url() -> Iterator[str]:
+    if redis_server_binary() is None:
         pytest.skip("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with RedisServer() as server:
+        yield server.url
 
 
 class TestRealRedis:
@@ -451,7 +419,7 @@ class TestRedisFaults:
         client = Redis.from_url(server.url)
         try:
             if refusal == "replica":
-                await client.execute_command("REPLICAOF", "127.0.0.1", str(_free_port()))
+                await client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
             else:
                 await client.config_set("maxmemory-policy", "noeviction")
                 await client.config_set("maxmemory", "1")

@@ -2347,3 +2347,38 @@ def test_a_negative_daily_limit_is_refused() -> None:
     the other homes as spent, so such a limit must never reach a store."""
     with pytest.raises(ValueError, match="day_limit"):
         KeyLimits(5.0, 0.05, 5.0, day_limit=-1)
+
+
+@needs_redis
+class TestThrowawayRedisServer:
+    """The tests' own redis-server starts as itself, even when parallel workers race for ports."""
+
+    def test_a_port_taken_before_the_server_binds_it_moves_to_another(
+        self, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A port found free that another worker's server binds first was reached as if it
+        were this server's (two tests shared one Redis); another port is tried instead."""
+        from redis import Redis
+
+        import broker.state.redis_server as module
+
+        ports = iter([redis_server.port])
+        real = module.free_port
+        monkeypatch.setattr(module, "free_port", lambda: next(ports, None) or real())
+        with RedisServer() as second:
+            assert second.port != redis_server.port
+            with Redis.from_url(second.url) as client:
+                info = client.info("server")
+            assert info["process_id"] != _server_pid_of(redis_server)
+
+    def test_a_port_given_and_taken_is_an_error(self, redis_server: RedisServer) -> None:
+        """A port the caller chose and another server holds is refused, not shared."""
+        with pytest.raises(RuntimeError, match="could not start"):
+            RedisServer(redis_server.port).start()
+
+
+def _server_pid_of(server: RedisServer) -> int:
+    from redis import Redis
+
+    with Redis.from_url(server.url) as client:
+        return int(client.info("server")["process_id"])

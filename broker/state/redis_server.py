@@ -34,6 +34,41 @@ def free_port() -> int:
         return port
 
 
+#: Ports tried before giving up when each one found free was taken before the server bound it.
+_PORT_TRIES = 5
+
+
+def _server_pid(port: int, password: str | None) -> int | None:
+    """The ``process_id`` the server on ``port`` reports (``None``: it refused to say, as
+    a server with another password does).
+
+    Raises:
+        OSError: nothing answers on the port yet.
+    """
+    commands: list[tuple[str, ...]] = [("INFO", "server")]
+    if password is not None:
+        commands.insert(0, ("AUTH", password))
+    with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+        for command in commands:
+            parts = [f"*{len(command)}\r\n".encode()]
+            for word in command:
+                data = word.encode()
+                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+            sock.sendall(b"".join(parts))
+        reader = sock.makefile("rb")
+        if password is not None and not reader.readline().startswith(b"+OK"):
+            return None
+        header = reader.readline()
+        if not header.startswith(b"$"):
+            return None
+        body = reader.read(int(header[1:]))
+    for line in body.decode("utf-8", "replace").splitlines():
+        name, _, value = line.partition(":")
+        if name == "process_id":
+            return int(value)
+    return None
+
+
 class RedisServer:
     """Start ``redis-server`` on ``127.0.0.1:port`` in a temp dir; stop it on exit.
 
@@ -48,6 +83,8 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed")
         self._binary = binary
         self.port = port if port is not None else free_port()
+        self._port_given = port is not None
+        self._started_once = False
         self._password = password
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -58,7 +95,28 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start the server (empty) and wait until it accepts connections."""
+        """Start the server (empty) and wait until it answers as itself.
+
+        A port found free may be taken by another process (a parallel test worker) before
+        the server binds it: the server then exits, and meanwhile the port may answer with
+        that other server. Only a server telling this one's pid counts as started; on a
+        port this object chose and never started on, another port is tried.
+
+        Raises:
+            RuntimeError: the server could not start (on the caller's port, or ever).
+        """
+        for _ in range(_PORT_TRIES):
+            if self._launch():
+                self._started_once = True
+                return
+            if self._port_given or self._started_once:
+                break
+            self.port = free_port()
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"redis-server could not start on 127.0.0.1:{self.port}")
+
+    def _launch(self) -> bool:
+        """Start the server on ``self.port``; False when another process holds the port."""
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="broker-redis-")
         argv = [
@@ -76,16 +134,22 @@ class RedisServer:
         ]
         if self._password is not None:
             argv += ["--requirepass", self._password]
-        self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = proc
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}")
+            if proc.poll() is not None:
+                self._proc = None
+                return False
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                pid = _server_pid(self.port, self._password)
             except OSError:
                 time.sleep(0.02)
+                continue
+            if pid == proc.pid:
+                return True
+            self.stop()  # another server holds the port: this one cannot bind it
+            return False
         self.stop()
         raise RuntimeError("redis-server did not start within 10 s")
 
