@@ -379,7 +379,7 @@ async def test_a_key_parked_for_its_spent_day_says_what_to_do() -> None:
         )
     (parked,) = [e for e in logs if e["event"] == "broker.key_parked"]
     assert parked["verdict"] == ThrottleVerdict.QUOTA_EXHAUSTED.value
-    assert "daily window resets" in parked["remedy"]
+    assert "daily window has reset" in parked["remedy"]
     assert "tpd" in parked["remedy"]
 
 
@@ -399,6 +399,37 @@ async def test_a_key_parked_as_not_eligible_points_at_associates_central() -> No
     (parked,) = [e for e in logs if e["event"] == "broker.key_parked"]
     assert parked["verdict"] == ThrottleVerdict.ACCESS_REVOKED.value
     assert "Associates Central" in parked["remedy"]
+
+
+@pytest.mark.parametrize(
+    ("answered_s_before", "verdict"),
+    [
+        (600.0, ThrottleVerdict.QUOTA_EXHAUSTED),  # 23:45 today
+        (86_400.0 + 300.0, ThrottleVerdict.ACCESS_REVOKED),  # 23:50 yesterday
+    ],
+)
+async def test_sustained_429s_after_an_answer_today_name_the_quota(
+    answered_s_before: float, verdict: ThrottleVerdict
+) -> None:
+    """A key answered earlier in today's window has access: sustained 429s at the floor
+    with most of its tpd left mean the account's quota is lower than tpd and spent, not
+    "access revoked" (which sent the user to Associates Central). An answer from an earlier
+    window says nothing of today."""
+    clock = FakeClock()
+    clock.wall_offset = 11 * 3600 + 55 * 60 - answered_s_before  # ends at 23:55 UTC
+    key = _key(clock, tpd=8640)
+    key.on_success(clock.monotonic(), US, demand_limited=False)
+    await clock.advance(answered_s_before)
+    with capture_logs() as logs:
+        for _ in range(200):
+            if key.circuit.state is CircuitState.OPEN:
+                break
+            await clock.advance(1.0)
+            key.on_throttled(ThrottledError("TooManyRequests", "x", status=429), clock.monotonic())
+    assert key.limiter.used_fraction is not None
+    assert key.limiter.used_fraction < 0.1
+    (parked,) = [e for e in logs if e["event"] == "broker.key_parked"]
+    assert parked["verdict"] == verdict.value
 
 
 @pytest.mark.parametrize("home", ["process", "memory store", "sqlite store"])

@@ -286,6 +286,7 @@ class AdaptiveRate:
         budget_exhausted: bool = False,
         quota_used: float | None = None,
         retry_after_s: float | None = None,
+        answered_today: bool = False,
     ) -> ThrottleVerdict:
         """Record a 429 and say what it means; cut the rate for a fresh rate 429.
 
@@ -301,6 +302,10 @@ class AdaptiveRate:
                 (``park_s``) says the daily quota is spent, whatever the rate (a server
                 telling the seconds to its reset), where pausing a minute at a time would
                 only meet it again every minute.
+            answered_today: a request of the key was answered in today's daily window. Its
+                access is fine, so sustained 429s at the floor mean the day's quota is
+                spent, however little of tpd the count says is used (the account's quota
+                is lower than its config says).
 
         Returns:
             The verdict; anything but ``RATE`` means "open the key's circuit".
@@ -309,7 +314,7 @@ class AdaptiveRate:
         self._consecutive += 1
         self._streak = 0
         self._boost = 1.0
-        verdict = self._classify(budget_exhausted, quota_used, retry_after_s)
+        verdict = self._classify(budget_exhausted, quota_used, retry_after_s, answered_today)
         if verdict is ThrottleVerdict.RATE and sent_at > self._last_cut_at:
             self._cut()
         return verdict
@@ -338,7 +343,11 @@ class AdaptiveRate:
         self._cuts += 1
 
     def _classify(
-        self, budget_exhausted: bool, quota_used: float | None, retry_after_s: float | None
+        self,
+        budget_exhausted: bool,
+        quota_used: float | None,
+        retry_after_s: float | None,
+        answered_today: bool,
     ) -> ThrottleVerdict:
         s = self._settings
         if budget_exhausted or (retry_after_s is not None and retry_after_s >= s.park_s):
@@ -348,7 +357,7 @@ class AdaptiveRate:
         )
         if not sustained or self._rate > s.floor_factor * self._min_rate:
             return ThrottleVerdict.RATE
-        if quota_used is not None and quota_used >= s.quota_nearly_fraction:
+        if answered_today or (quota_used is not None and quota_used >= s.quota_nearly_fraction):
             return ThrottleVerdict.QUOTA_EXHAUSTED
         return ThrottleVerdict.ACCESS_REVOKED
 

@@ -85,23 +85,23 @@ _PARKED_RECHECK_S = 30.0
 #: The longest park a Retry-After sets: a day, the longest a daily quota lasts.
 _LONGEST_TOLD_PARK_S = 86_400.0
 #: A park the server gave no length for probes at the latest this long after the key's
-#: daily reset: a day spent well short of tpd (the account's quota is lower than the config
-#: says) reads as "access revoked", and its parks of up to an hour ran on past the reset. The
-#: minute allows for Amazon's clock and this one disagreeing.
+#: daily reset: an account whose quota is lower than its tpd spends it while the key's own
+#: count is far from spent, and parks of 15 to 60 minutes ran on past the reset, so each day
+#: began late. The minute allows for Amazon's clock and this one disagreeing.
 _AFTER_RESET_S = 60.0
 #: What ``broker.key_parked`` tells its reader to do, by verdict.
 _PARK_REMEDY = {
     ThrottleVerdict.QUOTA_EXHAUSTED: (
-        "None needed: the key probes now and then and sends again once Amazon's daily "
-        "window resets. To finish sooner, add keys of other accounts; if this comes well "
-        "before the key's tpd is spent, the account's quota is lower than tpd says: lower it."
+        "None needed: the key probes now and then, and just after its daily reset, and "
+        "sends again once Amazon's daily window has reset. To finish sooner, add keys of "
+        "other accounts; if this comes well before the key's tpd is spent, the account's "
+        "quota is lower than tpd says: lower it."
     ),
     ThrottleVerdict.ACCESS_REVOKED: (
         "Amazon answers only 429s, even at the lowest rate with the day's quota left: the "
         "account may not be eligible yet or may have lost API access (no referred sales in "
-        "30 days). Check it in Associates Central. If it came after many requests today, "
-        "the account's daily quota may be lower than tpd says: lower it. The key probes now "
-        "and then meanwhile, and just after the daily reset at the latest."
+        "30 days). Check it in Associates Central; the key probes now and then meanwhile, "
+        "and just after the daily reset at the latest."
     ),
 }
 #: Refusals in a row that reject a key's credentials whatever else is waiting: one batch's
@@ -482,6 +482,7 @@ class KeyState:
             budget_exhausted=spent,
             quota_used=self.limiter.used_fraction,
             retry_after_s=error.retry_after,
+            answered_today=self._answered_today(),
         )
         self.limiter.set_rate(self.adaptive.rate)
         pause = self.adaptive.pause_for(error.retry_after)
@@ -523,6 +524,15 @@ class KeyState:
                 remedy=_PARK_REMEDY.get(parked_as),
             )
         return verdict
+
+    def _answered_today(self) -> bool:
+        """True when a request of this key sent in today's daily window was answered."""
+        answered = max(self._accepted_sent_at.values(), default=-math.inf)
+        if answered == -math.inf:
+            return False
+        ago = timedelta(seconds=self._clock.monotonic() - answered)
+        day_start = self.limiter.resets_at() - timedelta(days=1)
+        return self.limiter.wall_now() - ago >= day_start
 
     def on_failed_attempt(self, *, transient: bool, reached: bool = True) -> None:
         """An attempt ended without a 2xx or a 429: settle the parked key's probe, if it was one.

@@ -865,6 +865,7 @@ class SharedAdaptiveRate(AdaptiveRate):
         budget_exhausted: bool = False,
         quota_used: float | None = None,
         retry_after_s: float | None = None,
+        answered_today: bool = False,
     ) -> ThrottleVerdict:
         """Classify the 429 with the shared rate and the key's run of 429s over every
         process, and report it (the store decides the cut)."""
@@ -880,6 +881,7 @@ class SharedAdaptiveRate(AdaptiveRate):
             budget_exhausted=budget_exhausted,
             quota_used=quota_used,
             retry_after_s=retry_after_s,
+            answered_today=answered_today,
         )
 
 
