@@ -1654,6 +1654,23 @@ class TestReruns:
         assert self._run(tmp_path, "--ordered") == ExitCode.OK
         assert (out.stat().st_ino, out.read_text()) == (inode, text)
 
+    @pytest.mark.parametrize("flags", [(), ("--ordered",)])
+    def test_a_rerun_after_a_cell_was_edited_longer_leaves_every_row_whole(
+        self, tmp_path: Path, flags: tuple[str, ...]
+    ) -> None:
+        """A complete job's output with one cell made longer by hand, run again: it said
+        "already complete; nothing was fetched" and cut the last row in two. The output
+        is written again from the ledger (ordered again with --ordered)."""
+        _job(tmp_path, 40)
+        out = tmp_path / "out.jsonl"
+        assert self._run(tmp_path, *flags) == ExitCode.OK
+        written = out.read_text()
+        edited = written.replace('"status":"ok"', '"status":"ok (checked)"', 1)
+        assert edited != written
+        out.write_text(edited)
+        assert self._run(tmp_path, *flags) == ExitCode.OK
+        assert out.read_text() == written
+
     def test_ordered_rerun_orders_again_what_a_plain_run_appended(self, tmp_path: Path) -> None:
         """An ordered output cut short by hand gets its missing rows back on a rerun, and
         --ordered then puts them in input order again."""

@@ -103,7 +103,7 @@ def make_ledger(tmp_path: Path, count: int = 10) -> Ledger:
 
 def emit(ledger: Ledger, sink: ResultSink, *, batch: int = 3) -> SinkState:
     """Open ``sink`` from the ledger's state and write every missing row, as the runner does."""
-    state = sink.open(ledger.sink_state("out"))
+    state = sink.open(ledger.sink_state("out"), ledger.last_output_row("out"))
     ledger.set_sink_state("out", state)
     while rows := ledger.done_rows_after(state.done_order, limit=batch):
         sink.write(rows)
@@ -440,6 +440,47 @@ def emit_more(ledger: Ledger, sink: ResultSink) -> None:
         sink.write(rows)
         state = sink.flush()
         ledger.set_sink_state("out", state)
+
+
+class TestAnOutputEditedByHand:
+    """An output changed before its recorded end is written again, never cut mid-row."""
+
+    @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+    @pytest.mark.parametrize("grown", [10, 1])
+    def test_a_cell_made_longer_is_not_cut_into(self, tmp_path: Path, fmt: str, grown: int) -> None:
+        """One cell of a finished output made longer by hand: the file is as long as recorded
+        or longer, which read as a torn tail, and the cut at the recorded offset took the
+        last row's end off (a rerun of a complete job "fetched nothing" and broke it).
+        It is written again from the ledger, every row once, and says why."""
+        out = tmp_path / f"out.{fmt}"
+        with make_ledger(tmp_path) as ledger:
+            emit_closed(ledger, open_sink(fmt, out))
+            before = out.read_bytes()
+            edited = before.replace(b"B000000000", b"B000000000" + b"x" * grown, 1)
+            assert edited != before
+            out.write_bytes(edited)
+            with capture_logs() as logs:
+                state = emit_closed(ledger, open_sink(fmt, out))
+        assert out.read_bytes() == before
+        assert state.offset == len(before)
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "broker.output_changed"
+        ]
+
+    @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+    def test_an_intact_output_with_a_torn_tail_is_only_cut(self, tmp_path: Path, fmt: str) -> None:
+        """The check looks at the recorded last row: an untouched output with half a row
+        after it (a crash) is cut back as before, with nothing written again."""
+        out = tmp_path / f"out.{fmt}"
+        with make_ledger(tmp_path) as ledger:
+            emit_closed(ledger, open_sink(fmt, out))
+            before = out.read_bytes()
+            with open(out, "ab") as stream:
+                stream.write(b'{"line":9,"inp')
+            with capture_logs() as logs:
+                emit_closed(ledger, open_sink(fmt, out))
+        assert out.read_bytes() == before
+        assert [e for e in logs if e["log_level"] == "warning"] == []
 
 
 class TestCsvSink:

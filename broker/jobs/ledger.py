@@ -1011,6 +1011,21 @@ class Ledger:
             ordered = self._meta(_ORDERED + name)
         return ordered == _ordered_mark(state)
 
+    def last_output_row(self, name: str) -> DoneRow | None:
+        """The row the output ``name`` ends with as recorded: the last in file order for an
+        output a ``--ordered`` export left, else the one of its recorded ``done_order``
+        (``None`` before any row)."""
+        state = self.sink_state(name)
+        if not state.done_order:
+            return None
+        if self.is_ordered(name):
+            query = f"{_DONE_ROWS} WHERE r.done_order IS NOT NULL ORDER BY r.seq DESC LIMIT 1"
+            with self._lock:
+                found = self._conn.execute(query).fetchone()
+            return None if found is None else _done_row(found)
+        rows = self.done_rows_after(state.done_order - 1, limit=1)
+        return rows[0] if rows and rows[0].done_order == state.done_order else None
+
     def done_rows_after(self, done_order: int, *, limit: int = 1000) -> list[DoneRow]:
         """Return up to ``limit`` final rows with ``done_order`` above ``done_order``, in order."""
         with self._lock:

@@ -612,7 +612,8 @@ async def _output(
     # The sink may cut itself back further than recorded (a hand-truncated file). In a
     # thread: a SQLite output counts its rows as it opens (seconds for a million).
     try:
-        opened = await _in_thread(functools.partial(sink.open, state))
+        last = ledger.last_output_row(name)
+        opened = await _in_thread(functools.partial(sink.open, state, last))
     except asyncio.CancelledError:
         sink.close()  # opened meanwhile: _in_thread waited for it
         raise

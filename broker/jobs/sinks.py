@@ -118,9 +118,11 @@ _SQLITE_COLUMNS: Final = ("seq", *CSV_COLUMNS, "row_json")
 class ResultSink(Protocol):
     """Protocol: one output of a job, written from the ledger in ``done_order``.
 
-    - ``open(resume_from)`` opens (creating if needed) the output and returns the state it
-      really resumes from: usually ``resume_from``, less when the output lost rows (cut by
-      hand, deleted). The caller emits every row after the returned ``done_order``.
+    - ``open(resume_from, last)`` opens (creating if needed) the output and returns the
+      state it really resumes from: usually ``resume_from``, less when the output lost rows
+      (cut by hand, deleted) or was changed before its recorded end (``last``, the row that
+      state ends with, is not there). The caller emits every row after the returned
+      ``done_order``.
     - ``write(rows)`` takes rows in ``done_order``; a file sink requires them to continue the
       sequence without a gap (``ValueError`` otherwise). Rows may be buffered.
     - ``flush()`` makes everything written so far durable (fsync / commit) and returns the new
@@ -131,7 +133,7 @@ class ResultSink(Protocol):
       is then unusable and the state it reported last stays the truth.
     """
 
-    def open(self, resume_from: SinkState) -> SinkState: ...
+    def open(self, resume_from: SinkState, last: DoneRow | None = None) -> SinkState: ...
 
     def write(self, rows: Sequence[DoneRow]) -> None: ...
 
@@ -320,8 +322,12 @@ class _FileSink:
     def _encode(self, rows: Sequence[DoneRow]) -> bytes:
         raise NotImplementedError
 
-    def open(self, resume_from: SinkState) -> SinkState:
+    def open(self, resume_from: SinkState, last: DoneRow | None = None) -> SinkState:
         """Open the file and cut it back to a known-good state; return that state.
+
+        ``last``: the row ``resume_from`` ends with. A file that does not end it at the
+        recorded offset was changed before that offset (a row edited by hand): cut there,
+        a row would be cut in two, so it is written again from the ledger instead.
 
         Raises:
             OSError: the file cannot be opened, truncated or synced.
@@ -331,7 +337,7 @@ class _FileSink:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
         try:
-            state = self._resume(fd, resume_from)
+            state = self._resume(fd, resume_from, last)
             os.ftruncate(fd, state.offset)
             os.lseek(fd, state.offset, os.SEEK_SET)
             if state.offset == 0 and self._header:
@@ -352,12 +358,23 @@ class _FileSink:
         self._buffer.clear()
         return state
 
-    def _resume(self, fd: int, resume_from: SinkState) -> SinkState:
+    def _resume(self, fd: int, resume_from: SinkState, last: DoneRow | None) -> SinkState:
         if resume_from.offset == 0:
             return SinkState()
         size = os.fstat(fd).st_size
         if size >= resume_from.offset:
-            return resume_from
+            if last is None or self._ends_with(fd, resume_from.offset, last):
+                return resume_from  # whatever follows is a torn tail
+            logger.warning(
+                "broker.output_changed",
+                path=str(self.path),
+                recorded_bytes=resume_from.offset,
+                recorded_rows=resume_from.done_order,
+                size=size,
+                note="the output no longer ends its last recorded row where it did (edited "
+                "by hand?); it is written again from the ledger, every row once",
+            )
+            return SinkState()
         # Bytes the run had made durable are gone: cut, or records taken out anywhere in
         # the file. Which rows the rest holds cannot be told from its length, and keeping
         # it would repeat some rows and lose others; the ledger holds every row, so the
@@ -371,6 +388,12 @@ class _FileSink:
             note="the output is written again from the ledger, every row once",
         )
         return SinkState()
+
+    def _ends_with(self, fd: int, offset: int, last: DoneRow) -> bool:
+        """True when the file's bytes just before ``offset`` are the row ``last``."""
+        expected = self._encode([last])
+        start = offset - len(expected)
+        return start >= 0 and os.pread(fd, len(expected), start) == expected
 
     def write(self, rows: Sequence[DoneRow]) -> None:
         """Append rows (buffered); they must continue the ``done_order`` sequence.
@@ -498,11 +521,13 @@ def _torn(data: bytes) -> bytes:
 class JsonlSink(_FileSink):
     """JSON Lines output: UTF-8 without BOM, one compact object per row, ``\\n``-terminated."""
 
-    def open(self, resume_from: SinkState) -> SinkState:
+    def open(self, resume_from: SinkState, last: DoneRow | None = None) -> SinkState:
         """Open the file (see :meth:`_FileSink.open`); one an older broker began, whose rows
         lack fields of this version's (``cached``, ``summary.image_url``), is written again
         in full from the ledger, so that every row has the same fields."""
-        state = super().open(resume_from)
+        if last is not None and self.path.exists() and _an_older_row(self._first_line()):
+            last = None  # said below: its rows never read as this version writes them
+        state = super().open(resume_from, last)
         if state.done_order and _an_older_row(self._first_line()):
             _say_rewritten(self.path)
             self.close()
@@ -563,11 +588,11 @@ class CsvSink(_FileSink):
         #: the pass-through columns (input names); None until the first write decides them
         self._extra: tuple[str, ...] | None = None
 
-    def open(self, resume_from: SinkState) -> SinkState:
+    def open(self, resume_from: SinkState, last: DoneRow | None = None) -> SinkState:
         """Open the file (see :meth:`_FileSink.open`); a state with no row starts over."""
         if resume_from.done_order == 0:
             resume_from = SinkState()
-        state = super().open(resume_from)
+        state = super().open(resume_from, last)
         header = self._read_header() if state.done_order else list(CSV_COLUMNS)
         if header[: len(CSV_COLUMNS)] != list(CSV_COLUMNS):
             # Begun by an older broker under other columns: appended under its header, every
@@ -603,6 +628,18 @@ class CsvSink(_FileSink):
             self._failed = exc
             raise
         self._written = len(header)
+
+    def _ends_with(self, fd: int, offset: int, last: DoneRow) -> bool:
+        """See :meth:`_FileSink._ends_with`: the row as encoded under the file's header (one
+        not of ours, an older broker's, is rewritten by :meth:`open` whatever it ends with)."""
+        header = self._read_header()
+        if header[: len(CSV_COLUMNS)] != list(CSV_COLUMNS):
+            return True
+        self._extra = self._read_extra(header, self._known)
+        try:
+            return super()._ends_with(fd, offset, last)
+        finally:
+            self._extra = None
 
     def _read_header(self) -> list[str]:
         """The file's header: its first CSV record, which spans lines when a name holds a
@@ -744,8 +781,9 @@ class SqliteSink:
     def __repr__(self) -> str:
         return f"SqliteSink({str(self.path)!r})"
 
-    def open(self, resume_from: SinkState) -> SinkState:
-        """Open or create the database; return the state it holds (offset 0).
+    def open(self, resume_from: SinkState, last: DoneRow | None = None) -> SinkState:
+        """Open or create the database; return the state it holds (offset 0). ``last`` is
+        not needed: the table's rows are counted, wherever one was changed.
 
         Raises:
             JobFileError: the file exists but is not SQLite, or has a different ``results``
