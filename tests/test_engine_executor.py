@@ -632,6 +632,34 @@ class TestWhoCannotServe:
         assert "us-bad" not in str(error)
 
 
+class TestRefusedInOneMarketplace:
+    @pytest.mark.parametrize("code", ["InvalidSignature", "UnrecognizedClient"])
+    async def test_a_key_accepted_elsewhere_leaves_that_marketplace_only(self, code: str) -> None:
+        """A PA-API key signing right for the US and refused for DE (a SigV4 region Amazon
+        scopes otherwise) leaves DE only, with a remedy about DE: it was taken out of every
+        marketplace, the US rows stopped too, and the remedy said to regenerate the secret."""
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if json.loads(request.body)["Marketplace"] == DE:
+                return _paapi_error(401, code, "Credential should be scoped to a valid region")
+            return _paapi_ok(_ids(request))
+
+        clock = FakeClock()
+        keys = [paapi_key_doc(tags={US: "demo-20", DE: "demo-22"})]
+        broker, _ = _broker(PAAPI, handler, clock, keys=keys)
+        async with broker:
+            assert all(r.ok for r in await _run(broker, clock, asins(10)))
+            german = asyncio.ensure_future(broker.get_items(asins(3), marketplace="DE"))
+            await clock.run_until(german)
+            assert all(r.ok for r in await _run(broker, clock, asins(20)[10:]))
+        error = german.exception()
+        assert isinstance(error, NoUsableKeyError)
+        (failure,) = error.failures
+        assert failure.code == code
+        assert DE in failure.remedy
+        assert "secret" not in failure.remedy
+
+
 class TestPaapiEligibility:
     """PA-API's AssociateEligibilityException (protocol.md 3.5: per key, its status not
     documented) is the key's, whatever the status it comes with."""

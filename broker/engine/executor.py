@@ -644,8 +644,31 @@ class Executor:
             self._pool.submit(batch, front=True)
 
     def _take_out(self, key: KeyState, marketplace: str, exc: ApiError) -> None:
-        """Take the key (or key+marketplace) out of rotation; fail work no key can serve."""
+        """Take the key (or key+marketplace) out of rotation; fail work no key can serve.
+
+        A key's credentials refused here and accepted in another marketplace (a PA-API
+        signature of a region Amazon scopes otherwise, a store the account does not cover)
+        leave this marketplace only: the secret is right, and one store's rows must not
+        stop the others'.
+        """
         info = exc.info
+        if (
+            info.scope is Scope.KEY
+            and isinstance(exc, AuthError)
+            and key.accepted_elsewhere(marketplace)
+        ):
+            self._pool.take_out(
+                key,
+                marketplace,
+                exc.code,
+                f"refused for {marketplace} (accepted in other marketplaces): {exc.message}",
+                f"The key works elsewhere: check that it covers {marketplace} (for a PA-API "
+                "key, that store's host and SigV4 region; for a Creators credential, its "
+                "version's region) and its partner tag there, in the config and Associates "
+                "Central.",
+                scope=Scope.KEY_MARKETPLACE,
+            )
+            return
         self._pool.take_out(key, marketplace, exc.code, exc.message, info.remedy, scope=info.scope)
 
     def _refused_by_network(self, key: KeyState, batch: Batch, exc: NetworkRefused) -> None:
