@@ -912,6 +912,11 @@ async def test_wrong_redis_password_is_a_config_error() -> None:
             await limiter.refresh()
         assert info.value.path == "state.redis_password_env"
         assert "wrong-one" not in str(info.value)
+        # Feedback pushed between sends meets the same refusal: not "tried again" (the
+        # warning said so before the run stopped with exit 78).
+        with capture_logs() as logs:
+            await limiter._flush()
+        assert [e["event"] for e in logs] == []
         await store.aclose()
     finally:
         await asyncio.to_thread(server.__exit__, None, None, None)

@@ -48,7 +48,7 @@ from broker.engine.adaptive import (
     ThrottleVerdict,
 )
 from broker.engine.quota import day_limit
-from broker.errors import StateUnavailableError
+from broker.errors import ConfigError, StateUnavailableError
 from broker.logs import get_logger
 from broker.redisfaults import cancel_kept
 from broker.state import (
@@ -440,6 +440,8 @@ class SharedKeyLimiter:
             await self._call(reserve=False)
         except StateUnavailableError:
             pass  # logged by _call, once per outage
+        except ConfigError:
+            pass  # not to be tried again: the next send meets it and stops the engine
         except Exception as exc:
             logger.warning(
                 "broker.state_flush_failed",
