@@ -965,9 +965,10 @@ async def test_a_stop_forced_between_pages_of_a_write_leaves_no_row_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A second SIGTERM that lands between two pages of a commit's write (8,000 rows of one
-    ASIN, one lookup): the rows committed are all in the output when the run ends; the last
-    commit wrote nothing when its buffer was empty, so 2,000 rows were missing from an
-    output the run called complete."""
+    ASIN, one lookup): the write stops soon after (a million rows so held the run half a
+    minute, deaf to signals), and the run, whose output lacks rows, is not called complete
+    (2,000 rows were once missing from an output the run called complete): it is stopped,
+    and the rerun writes every row once."""
     from broker.jobs.signals import ECHO_S
 
     job = tmp_path / "job.txt"
@@ -988,11 +989,16 @@ async def test_a_stop_forced_between_pages_of_a_write_leaves_no_row_out(
 
     monkeypatch.setattr(runner, "crash_point", signal_mid_write)
     config = load_config(_config(tmp_path))
-    summary = await run_job(
-        config, JobOptions(job=job, out=out, progress="none", handle_signals=True)
-    )
+    options = JobOptions(job=job, out=out, progress="none", handle_signals=True)
+    summary = await run_job(config, options)
     assert summary.by_status == {"ok": 8000}
-    assert len(_rows(out)) == 8000
+    assert len(_rows(out)) < 8000
+    assert summary.stopped_by_signal
+    assert summary.exit_code() == ExitCode.RESUMABLE
+    monkeypatch.undo()
+    again = await run_job(config, options)
+    assert again.exit_code() == ExitCode.OK
+    assert [row["line"] for row in _rows(out)] == list(range(1, 8001))
 
 
 async def test_a_drain_timer_firing_after_the_fetch_ended_forces_nothing() -> None:

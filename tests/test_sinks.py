@@ -1209,15 +1209,36 @@ class TestEmittingOnTheLoop:
             sink = open_sink("jsonl", out)
             ledger.set_sink_state("out", sink.open(ledger.sink_state("out")))
             ticker = asyncio.ensure_future(tick())
+            stop = runner._Stop(grace_s=20.0)
             await asyncio.gather(
-                runner._emit_yielding(ledger, sink, "out"),
-                runner._emit_yielding(ledger, sink, "out"),
+                runner._emit_yielding(ledger, sink, "out", stop),
+                runner._emit_yielding(ledger, sink, "out", stop),
             )
             ticker.cancel()
             sink.close()
             expected = expected_lines(ledger)
         assert jsonl(out) == expected
         assert ticks >= 6  # 14 pages, two emitters: the loop ran between their pages
+
+    async def test_a_forced_stop_ends_the_write_between_pages(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A stop forced (a second signal) while rows are written a page at a time ends the
+        write at the next page: it went on to the last row, half a minute for a million,
+        deaf to every signal; the rest stay in the ledger for the rerun."""
+        from broker.jobs import runner
+
+        monkeypatch.setattr(runner, "_EMIT_ROWS", 3)
+        out = tmp_path / "out.jsonl"
+        with make_ledger(tmp_path, count=40) as ledger:
+            sink = open_sink("jsonl", out)
+            ledger.set_sink_state("out", sink.open(ledger.sink_state("out")))
+            stop = runner._Stop(grace_s=20.0)
+            asyncio.get_running_loop().call_soon(stop.fail, RuntimeError("forced"))
+            await runner._emit_yielding(ledger, sink, "out", stop)
+            sink.close()
+            assert ledger.sink_state("out").done_order == 3
+        assert len(jsonl(out)) == 3
 
     def test_an_ordering_a_signal_stops_leaves_the_output_as_it_was(self, tmp_path: Path) -> None:
         """--ordered's export stopped (a signal) keeps the output and its state as they were

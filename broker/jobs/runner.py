@@ -548,10 +548,13 @@ async def _run_once(
         summary.quota_wait_until = stop.quota_until if counts.pending else None
         summary.quota_wait_keys = stop.quota_keys if counts.pending else frozenset()
         summary.ordering_stopped = ordering_stopped
+        # A forced stop leaves rows done in the ledger but not in the output (their write
+        # would have held the run past the signal): the rerun writes them.
+        unwritten = counts.done - ledger.sink_state(name).done_order
         summary.stopped_by_signal = ordering_stopped or (
             stop.requested
             and summary.quota_wait_until is None
-            and (counts.pending > 0 or not ledger.ingest_complete)
+            and (counts.pending > 0 or not ledger.ingest_complete or unwritten > 0)
         )
         if resumed_complete and not ordering_stopped:
             # In a thread: it reads every result's time (seconds for a million).
@@ -621,7 +624,7 @@ async def _output(
     # No second emit on the way out: _fetch commits and emits what finished, and after
     # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
     try:
-        await _emit_yielding(ledger, sink, name)
+        await _emit_yielding(ledger, sink, name, stop)
         if ledger.pending_lookup_count() and not stop.requested:
             # The keys' daily counts, rates and pauses live in the shared key state
             # ([state]; by default a file every broker process of this machine shares),
@@ -888,12 +891,14 @@ def _emit(ledger: Ledger, sink: ResultSink, name: str, *, pages: int | None = No
     return True
 
 
-async def _emit_yielding(ledger: Ledger, sink: ResultSink, name: str) -> None:
+async def _emit_yielding(ledger: Ledger, sink: ResultSink, name: str, stop: _Stop) -> None:
     """:func:`_emit` a page at a time, letting the event loop run between pages: half a
     million rows final at ingestion, or a commit that ends 25,000 rows of duplicates, held
-    a daemon's /healthz and /metrics and a run's signals for seconds."""
+    a daemon's /healthz and /metrics and a run's signals for seconds. A forced stop (a
+    second signal, the drain's time up) ends it between pages: the rows not written stay
+    in the ledger, and the rerun writes them."""
     # A turn for the loop between pages: there is no event to wait on.
-    while _emit(ledger, sink, name, pages=1):  # noqa: ASYNC110
+    while not stop.forced and _emit(ledger, sink, name, pages=1):  # noqa: ASYNC110
         await asyncio.sleep(0)
 
 
@@ -964,7 +969,7 @@ async def _fetch(
             # A turn for the loop between the commit and the first page written: the two
             # in one step held it 0.1-0.25 s in big jobs (a daemon's /healthz, signals).
             await asyncio.sleep(0)
-            await _emit_yielding(ledger, output.sink, output.name)
+            await _emit_yielding(ledger, output.sink, output.name, stop)
 
     async def consume(marketplace: str | None) -> None:
         nonlocal cached, answered
@@ -1030,10 +1035,12 @@ async def _fetch(
         try:
             # At once, with no turn of the loop: the run may be stopping by force. Written
             # whether or not anything was left to record: a commit cancelled between pages
-            # of its write left rows committed but not yet in the output.
+            # of its write left rows committed but not yet in the output. Not when forced:
+            # a million rows of duplicates took half a minute, deaf to every signal; the
+            # ledger has them, and the rerun writes them.
             try:
                 record()
-                _emit(ledger, output.sink, output.name)
+                _emit(ledger, output.sink, output.name, pages=1 if stop.forced else None)
             except Exception as exc:
                 if not failed and stop.error is None:
                     raise
