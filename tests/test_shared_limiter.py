@@ -1238,6 +1238,37 @@ class TestGivingUp:
             waiting.result()
         assert clock.monotonic() - started <= 10.0 + 4.0 + 0.5
 
+    async def test_the_keep_alive_asking_meanwhile_does_not_stretch_the_budget(self) -> None:
+        """A hung Redis (each call fails at its 2-s timeout) with the keep-alive asking too,
+        as in every run: the wait gives up within one call of the budget, counted from the
+        outage's first failing call (the broker's first ask, at start). It timed the budget
+        from the last ask of any, which the keep-alive, re-asking back to back, kept
+        moving: 5 s of budget ran 11 s."""
+        clock = FakeClock()
+
+        class _SlowDownStore(_DownStore):
+            async def decide(self, *args: object, **kwargs: object) -> Decision:
+                await clock.sleep(2.0)
+                return await super().decide(*args, **kwargs)
+
+        store: Any = _SlowDownStore()
+        limits = KeyLimits(5.0, 0.05, 5.0)
+        limiter = SharedKeyLimiter(clock, store, KEY, limits, process_id="p", give_up_after_s=5.0)
+        began = clock.monotonic()
+        opening = asyncio.create_task(limiter.refresh())  # the broker's first ask, at start
+        while not opening.done():
+            await clock.advance(0.05)
+        with pytest.raises(StateUnavailableError):
+            opening.result()
+        beating = asyncio.create_task(limiter.keep_alive())
+        waiting = asyncio.create_task(limiter.wait_ready())
+        while not waiting.done() and clock.monotonic() - began < 60:
+            await clock.advance(0.05)
+        beating.cancel()
+        with pytest.raises(StateUnavailableError, match="still so after 5 s"):
+            waiting.result()
+        assert clock.monotonic() - began <= 5.0 + 2.0 + 0.2
+
     async def test_an_old_failure_does_not_shorten_a_new_outage(self) -> None:
         """A store call that failed an hour ago does not make a new outage give up at once."""
         clock = FakeClock()

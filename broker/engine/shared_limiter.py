@@ -203,6 +203,10 @@ class SharedKeyLimiter:
         self._wall_offset: float | None = None
         # when this process last asked the store (monotonic), for keep_alive
         self._asked_at = clock.monotonic()
+        #: when the last call the store failed (out of reach) ended
+        self._failed_at = -math.inf
+        #: when the first failing call of the current outage began
+        self._outage_began = -math.inf
         self._hold_until = -math.inf
         self._hwm_day = -1
         self._hwm_count = 0
@@ -315,7 +319,7 @@ class SharedKeyLimiter:
             self._probe_again_s = feedback.probe_again_s
 
     async def _call(self, *, reserve: bool) -> Decision:
-        self._asked_at = self._clock.monotonic()
+        asked = self._asked_at = self._clock.monotonic()
         feedback = self._take_feedback()
         seen = self._seen
         mark = ProcessMark(
@@ -343,8 +347,13 @@ class SharedKeyLimiter:
                     backend=exc.backend,
                     reason=exc.reason,
                 )
+            if self._unavailable is None or asked - self._failed_at > _RECHECK_S:
+                self._outage_began = asked  # the first failing call of a new outage
+            else:
+                self._outage_began = min(self._outage_began, asked)
             self._unavailable = exc
             self._unavailable_failures += 1
+            self._failed_at = self._clock.monotonic()
             raise
         except Exception:
             # Any other store failure (a full disk, a refused password) keeps it too; not a
@@ -396,16 +405,22 @@ class SharedKeyLimiter:
             "key, it may send up to twice its quota a day: give them one",
         )
 
-    async def _wait_for_store(self, exc: StateUnavailableError) -> None:
+    async def _wait_for_store(self, exc: StateUnavailableError, asked: float) -> None:
         """Sleep before asking the unreachable store again, or give up once it has been out
-        of reach for ``give_up_after_s``."""
+        of reach for ``give_up_after_s``; ``asked``: when the failed call began."""
         # Timed from the start of the call that failed before this outage's first wait (a
-        # hung Redis fails a call only at its timeout, which then counted too), not from
-        # any older failure (a background flush that failed an hour ago must not make a new
-        # blip give up at once).
+        # hung Redis fails a call only at its timeout, which then counted too), or from the
+        # outage's first failing call when that call began within the budget before it (the
+        # broker's first ask, at start): a hung Redis was waited out for twice the budget.
+        # Not from an older failure: a background flush that failed an hour ago, or an
+        # outage an idle process sat through for longer than the budget, leaves new work
+        # its whole budget.
         now = self._clock.monotonic()
         if self._unavailable_since is None:
-            self._unavailable_since = min(now, self._asked_at)
+            since = min(now, asked)
+            if asked - self._outage_began <= self._give_up_after_s:
+                since = min(since, self._outage_began)
+            self._unavailable_since = since
         left = self._give_up_after_s - (now - self._unavailable_since)
         if left <= 0:
             raise StateUnavailableError(
@@ -472,8 +487,12 @@ class SharedKeyLimiter:
         while True:
             # Out of reach, asked again at the outage's growing interval (up to 10 s): an
             # idle key would learn a beat late that the store is back (/readyz not ready).
-            wait = _RECHECK_S if self._unavailable is None else self._unavailable_pause()
-            due = self._asked_at + wait
+            if self._unavailable is None:
+                due = self._asked_at + _RECHECK_S
+            else:
+                # From the failed call's end: a hung Redis fails a call only at its timeout,
+                # and from its start the next ask came at once, back to back.
+                due = max(self._asked_at, self._failed_at) + self._unavailable_pause()
             now = self._clock.monotonic()
             if now < due:
                 await self._clock.sleep(due - now)
@@ -528,10 +547,11 @@ class SharedKeyLimiter:
         """
         while True:
             if self._last is None or self._unavailable is not None:
+                asked = self._clock.monotonic()
                 try:
                     await self._call(reserve=False)
                 except StateUnavailableError as exc:
-                    await self._wait_for_store(exc)
+                    await self._wait_for_store(exc, asked)
                     continue
             now = self._clock.monotonic()
             if self.exhausted and self._hold_until <= now:
@@ -571,10 +591,11 @@ class SharedKeyLimiter:
                 the batch back and ``wait_ready`` again.
         """
         while True:
+            asked = self._clock.monotonic()
             try:
                 decision = await self._call(reserve=True)
             except StateUnavailableError as exc:
-                await self._wait_for_store(exc)
+                await self._wait_for_store(exc, asked)
                 continue
             if decision.granted:
                 if booked is not None:
