@@ -352,9 +352,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "failed; 69 no usable answer from the API or its token endpoint, or the key-state "
         "store unreachable, for the outage budget; 74 a damaged or read-only state file; 75 "
         "every key the unanswered ids need waits for its daily quota, or is parked after "
-        "sustained 429s (Amazon's quota spent, or access revoked), or a stop signal "
-        f"(Ctrl-C, SIGTERM, SIGHUP: the first sends nothing more and waits at most "
-        f"{LOOKUP_DRAIN_S:g} s for the answers on the wire, a second stops at once); 77 a "
+        "sustained 429s (Amazon's quota spent, or access revoked), or a stop signal left "
+        f"ids unanswered (Ctrl-C, SIGTERM, SIGHUP: the first sends nothing more and waits "
+        f"at most {LOOKUP_DRAIN_S:g} s for the answers on the wire, a second stops at "
+        "once); 77 a "
         "key was rejected, or every key taken out (an untrusted TLS certificate, a proxy "
         "refusing); 78 bad config; 141 stdout's reader "
         "went away (| head). A lookup that stops early prints every answer it has first, "
@@ -1115,12 +1116,13 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
 
 async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.Event) -> int:
     """Run ``command``, stopping it at a stop signal (SIGINT, SIGTERM, SIGHUP: ``timeout``,
-    a closed terminal); then one line and exit 75, as the README's table says for every
-    stop signal.
+    a closed terminal); then one line, and exit 75 unless the command got every answer
+    (its own code then, as ``broker run``'s drain that finished the job exits 0).
 
     The first signal sets ``wind_down``: the command sends nothing more and ends once the
-    answers already on the wire (paid for) are in, for at most ``LOOKUP_DRAIN_S``. A second
-    signal, or that time, cancels it, and its own CancelledError handling prints what it has.
+    answers already on the wire (paid for) are in, for at most ``LOOKUP_DRAIN_S``, and
+    returns 75 itself if ids were left. A second signal, or that time, cancels it, and its
+    own CancelledError handling prints what it has.
     """
     from broker.jobs.signals import installed
 
@@ -1157,7 +1159,6 @@ async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.E
                 timer.cancel()
         if stopped:
             print(f"{prog()}: stopped by {stopped[0].name}", file=sys.stderr)
-            return ExitCode.RESUMABLE
         return code
 
 
@@ -1191,6 +1192,7 @@ async def _lookup(
     # Answers by argument position, kept as they come: a lookup that cannot finish (an
     # outage, the daily quota spent, Ctrl-C) still prints the answers it has.
     got: dict[int, ItemResult] = {}
+    stopped_short = False
     failure: tuple[int, str] | None = None
     # The marketplace of each argument, to tell when every key that serves one an unanswered
     # argument is for waits for its daily quota.
@@ -1257,6 +1259,8 @@ async def _lookup(
                         "again after that)"
                     ),
                 )
+            # A stop signal with ids not looked up: 75 (the caller says "stopped by SIGTERM").
+            stopped_short = stop.is_set() and len(got) < len(asins)
     except (NoUsableKeyError, StateUnavailableError, ConfigError, OSError) as exc:
         code, message = describe_failure(exc)
         # run's messages speak of rows left pending; a lookup has none, so say it plainly.
@@ -1282,6 +1286,8 @@ async def _lookup(
         code, message = failure
         print(f"{prog()}: {message}", file=sys.stderr)
         return code
+    if stopped_short:
+        return ExitCode.RESUMABLE
     return ExitCode.SOME_FAILED if any(r.status.value == "failed" for r in got.values()) else 0
 
 
