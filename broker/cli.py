@@ -1124,7 +1124,7 @@ async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.E
     returns 75 itself if ids were left. A second signal, or that time, cancels it, and its
     own CancelledError handling prints what it has.
     """
-    from broker.jobs.signals import installed
+    from broker.jobs.signals import StoppedBlocking, installed
 
     task = asyncio.current_task()
     stopped: list[signal.Signals] = []
@@ -1154,12 +1154,26 @@ async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.E
             if not stopped:
                 raise
             code = ExitCode.RESUMABLE
+        except StoppedBlocking as blocked:
+            # Printing to a reader that took no more: what was not printed is lost.
+            stopped.append(blocked.sig)
+            code = ExitCode.RESUMABLE
         finally:
             for timer in timers:
                 timer.cancel()
         if stopped:
             print(f"{prog()}: stopped by {stopped[0].name}", file=sys.stderr)
         return code
+
+
+def _copy_out(paths: RunPaths) -> None:
+    """``--out -``: the finished output to stdout; a stop signal ends the copy at once
+    (:class:`~broker.jobs.signals.StoppedBlocking`): a reader that stopped reading held the
+    run in its write for good, deaf to every signal."""
+    from broker.jobs.signals import stops_blocking
+
+    with stops_blocking():
+        paths.copy_out()
 
 
 async def _lookup(
@@ -1292,7 +1306,9 @@ async def _lookup(
 
 
 def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_json: bool) -> None:
-    """The rows answered so far, in argument order."""
+    """The rows answered so far, in argument order; a stop signal ends a write to a reader
+    that stopped reading (:class:`~broker.jobs.signals.StoppedBlocking`)."""
+    from broker.jobs.signals import stops_blocking
     from broker.jobs.sinks import json_lines
 
     rows = [_lookup_row(n + 1, asins[n], result) for n, result in sorted(got.items())]
@@ -1303,7 +1319,8 @@ def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_j
     else:
         encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
         data = "".join(f"{_readable(row)}\n" for row in rows).encode(encoding, "replace")
-    write_stdout(data)
+    with stops_blocking():
+        write_stdout(data)
 
 
 def _market_for(config: BrokerConfig, text: str, marketplace: str | None) -> str | None:
@@ -1595,7 +1612,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     from broker.jobs.ledger import OtherJobsOutputError
     from broker.jobs.paths import RunPaths
     from broker.jobs.runner import JobOptions, describe_failure, finish_promotion, run_job
-    from broker.jobs.signals import StoppedReading, stops_reading
+    from broker.jobs.signals import StoppedBlocking, stops_blocking
 
     assert isinstance(paths, RunPaths)
     summary = None
@@ -1624,12 +1641,12 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
             # A refresh's promotion a crash cut short, finished first: its input is the
             # job's saved one that stdin is compared with.
             finish_promotion(paths.out)
-            with stops_reading():
+            with stops_blocking():
                 paths.read_stdin(new_job=args.new_job, refresh=args.refresh)
             # A refresh of other input reads its own copy (the job's is kept until it completes).
             options = dataclasses.replace(options, job=paths.job)
         summary = await run_job(config, options)
-    except StoppedReading as stop:
+    except StoppedBlocking as stop:
         message = f"stopped by {stop.sig.name} while reading the job from stdin: nothing was sent"
         print(f"{prog()}: {message}", file=sys.stderr)
         return ExitCode.RESUMABLE
@@ -1647,14 +1664,23 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     finally:
         if summary is None:
             try:
-                paths.copy_out()  # what was written before the error (--out -)
+                _copy_out(paths)  # what was written before the error (--out -)
+            except StoppedBlocking:
+                pass  # the run's own error is what it ends on, as its event said
             except OSError as exc:
                 if isinstance(exc, BrokenPipeError):
                     raise  # the reader went away: quiet, as ever (141)
                 # The run's own error is what it ends on, as its event said.
                 print(f"{prog()}: cannot write to stdout: {exc.strerror}", file=sys.stderr)
     try:
-        paths.copy_out()
+        _copy_out(paths)
+    except StoppedBlocking as stop:
+        print(
+            f"{prog()}: stopped by {stop.sig.name} while writing the output to stdout (its "
+            "reader took no more): run it again to start over",
+            file=sys.stderr,
+        )
+        return ExitCode.RESUMABLE
     except OSError as exc:
         if not isinstance(exc, BrokenPipeError):
             # stdout unwritable (a full device): the run ends 74 on it, said by the top

@@ -19,12 +19,12 @@ from broker.jobs.signals import (
     ECHO_S,
     STOP_SIGNALS,
     UV_SIGINT_ECHO_S,
-    StoppedReading,
+    StoppedBlocking,
     StopSignals,
     caught_early,
     installed,
     sigint_echo_window,
-    stops_reading,
+    stops_blocking,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -225,6 +225,67 @@ class TestUvForwardedSigint:
         assert len(out.read_text().splitlines()) == 100
 
 
+class TestStalledStdoutReader:
+    """A reader that stops reading stdout does not make the command deaf to signals."""
+
+    @pytest.mark.parametrize("command", ["run", "lookup"])
+    def test_a_signal_ends_a_write_the_reader_never_takes(
+        self, tmp_path: Path, command: str
+    ) -> None:
+        """``broker run JOB --out - | loader`` or ``broker lookup ... | loader`` with a loader
+        that stalls: the write to the full pipe blocks, and SIGTERM (``timeout``,
+        systemd) ends it with 75 and the temporary output removed; the process stayed in
+        its write for good, every signal restarted it, and only SIGKILL ended it."""
+        fast = embedded_toml(tps=500.0, simulator="limits = false")
+        (tmp_path / "config.toml").write_text(fast, encoding="utf-8")
+        ids = [f"B0ST{i:06d}" for i in range(400)]  # far more than a pipe's 64 KiB of rows
+        if command == "run":
+            (tmp_path / "job.txt").write_text("".join(f"{i}\n" for i in ids))
+            argv = ["run", "job.txt", "--out", "-", "--progress", "none"]
+        else:
+            argv = ["lookup", "--json", *ids]
+        temp = tmp_path / "temp"
+        temp.mkdir()
+        read, write = os.pipe()
+        log = tmp_path / "stderr.txt"
+        with sighup_at_default(), log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "broker", *argv, "--no-cache"],
+                cwd=tmp_path,
+                stdout=write,
+                stderr=stderr,
+                env={**os.environ, "TMPDIR": str(temp)},
+            )
+        os.close(write)
+        try:
+            deadline = time.monotonic() + 60
+            while not _pipe_full(read):  # the command now waits for its reader
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the pipe never filled"
+                time.sleep(0.05)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            os.close(read)
+        assert code == 75, log.read_text()[-2000:]
+        said = "while writing the output to stdout" if command == "run" else "stopped by SIGTERM"
+        assert said in log.read_text()
+        assert list(temp.iterdir()) == []
+
+
+def _pipe_full(read_end: int) -> bool:
+    """True once the pipe holds its whole buffer (64 KiB on Linux) unread."""
+    import fcntl
+    import termios
+
+    buffered = bytearray(4)
+    fcntl.ioctl(read_end, termios.FIONREAD, buffered)
+    return int.from_bytes(buffered, sys.byteorder) >= 65536
+
+
 class TestJobOnStdin:
     @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
     def test_a_signal_while_stdin_stays_open_stops_the_run(
@@ -369,7 +430,7 @@ class TestCaughtEarly:
         Ctrl-C) is kept as before, not raised into the read's clean-up."""
         with caught_early():
             os.kill(os.getpid(), signal.SIGTERM)
-            with pytest.raises(StoppedReading) as early, stops_reading():
+            with pytest.raises(StoppedBlocking) as early, stops_blocking():
                 pass
             assert early.value.sig is signal.SIGTERM
         cleaned: list[bool] = []
@@ -378,13 +439,13 @@ class TestCaughtEarly:
             try:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)  # interrupted by the handler's raise
-            except StoppedReading:
+            except StoppedBlocking:
                 os.kill(os.getpid(), signal.SIGINT)  # the echo, during the clean-up
                 cleaned.append(True)
                 raise
 
         with caught_early():
-            with pytest.raises(StoppedReading) as during, stops_reading():
+            with pytest.raises(StoppedBlocking) as during, stops_blocking():
                 read_interrupted()
             assert during.value.sig is signal.SIGINT
             assert cleaned == [True]

@@ -34,13 +34,13 @@ __all__ = [
     "ECHO_S",
     "STOP_SIGNALS",
     "StopSignals",
-    "StoppedReading",
+    "StoppedBlocking",
     "caught_early",
     "installed",
     "release",
     "replay_early",
     "sigint_echo_window",
-    "stops_reading",
+    "stops_blocking",
 ]
 
 #: A repeat closer than this (seconds) to the previous signal is the same stop delivered twice.
@@ -202,8 +202,9 @@ def caught_early(*, process_ends: bool = False) -> Iterator[None]:
             signal.signal(sig, signal.SIG_IGN if process_ends else handler)
 
 
-class StoppedReading(Exception):
-    """A stop signal ended a blocking read the run waited for (its job on stdin)."""
+class StoppedBlocking(Exception):
+    """A stop signal ended a blocking read or write: the job on stdin, or the output to a
+    stdout whose reader stopped reading."""
 
     def __init__(self, sig: signal.Signals) -> None:
         self.sig = sig
@@ -211,18 +212,20 @@ class StoppedReading(Exception):
 
 
 @contextlib.contextmanager
-def stops_reading() -> Iterator[None]:
+def stops_blocking() -> Iterator[None]:
     """While the block runs (on the main thread), a stop signal raises
-    :class:`StoppedReading` at once, as does one kept before it began.
+    :class:`StoppedBlocking` at once, as does one kept before it began.
 
     For a blocking read before the run begins (its job on stdin, from a terminal or from a
-    producer that hangs): Python restarts a read a signal interrupts (PEP 475), so a signal
-    only kept for the run (:func:`caught_early`) waited for the end of the input, which a
-    terminal or a hung producer never gives; Ctrl-C, ``timeout`` and systemd's SIGTERM did
-    nothing. Nothing was sent yet, so there is nothing to drain.
+    producer that hangs), or a blocking write of what it prints (to a pipe whose reader
+    stalled): Python restarts a read or write a signal interrupts (PEP 475), so a signal
+    only kept for the run (:func:`caught_early`), or handled by the event loop, waited for
+    the end of the input, or for the reader, which may never come; Ctrl-C, ``timeout``
+    and systemd's SIGTERM did nothing. There is nothing to drain either way: nothing was
+    sent yet, or every answer is in.
     """
     if _early:
-        raise StoppedReading(_early[0])
+        raise StoppedBlocking(_early[0])
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def stop(signum: int, _frame: object) -> None:
@@ -230,7 +233,7 @@ def stops_reading() -> Iterator[None]:
         # and uv's) is kept as they keep it, not raised into the read's clean-up.
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        raise StoppedReading(signal.Signals(signum))
+        raise StoppedBlocking(signal.Signals(signum))
 
     for sig in STOP_SIGNALS:
         if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
