@@ -67,8 +67,10 @@ class Broker(EngineBroker):
         # On the broker's clock: a FakeClock in a test moves the simulator's time too, so
         # it judges the key's rate on the same timeline the broker paces it on.
         assert self._simulator_settings is not None  # read when the broker was built
+        # No grace at close: this broker is its only client and has ended its requests by
+        # then; a second Ctrl-C waited 2 s for handlers sleeping out simulated latency.
         server = await stack.enter_async_context(
-            SimulatorServer(self._simulator_settings, clock=self._clock)
+            SimulatorServer(self._simulator_settings, clock=self._clock, shutdown_timeout_s=0.01)
         )
         return server.url
 

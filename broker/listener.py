@@ -79,11 +79,16 @@ async def start_listener(
 ) -> Listener:
     """Serve ``app`` on ``host``:``port``, within ``limits`` if given.
 
+    ``shutdown_timeout_s``: how long closing waits for requests still being answered; it
+    must be positive (aiohttp takes 0 for no limit at all).
+
     The loop's ``create_server`` skips a turn once its socket listens, and a cancel landing
     there loses the server it was about to return, socket and all: it would listen until
     the loop closed. So the start is shielded, and a cancelled caller waits for it to end
     (however often it is cancelled meanwhile) and then closes what it opened.
     """
+    if not shutdown_timeout_s > 0:
+        raise ValueError(f"shutdown_timeout_s must be positive, got {shutdown_timeout_s}")
     _quiet_bad_requests()
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, access_log=None)
     await runner.setup()

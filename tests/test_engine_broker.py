@@ -106,6 +106,24 @@ class TestHealthy:
             results = await broker.get_items(asins(12))
         assert _statuses(results) == {"ok": 12}
 
+    async def test_closing_waits_for_no_answer_the_embedded_simulator_still_owes(self) -> None:
+        """Closed while its request sleeps out the simulator's 3-s latency (a second Ctrl-C),
+        the broker closes at once: its embedded simulator waited 2 s for that handler, and
+        more, for a grace of 0 is no limit at all to aiohttp."""
+        from conftest import embedded_document
+
+        from broker.config import parse_config
+
+        document = embedded_document(simulator={"latency": {"fixed_ms": 3000}})
+        async with Broker(parse_config(document, environ={})) as broker:
+            asking = asyncio.ensure_future(broker.get_items(asins(1)))
+            await asyncio.sleep(0.3)  # the request waits in the simulator
+            asking.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asking
+            closing = asyncio.get_running_loop().time()
+        assert asyncio.get_running_loop().time() - closing < 1.0
+
     def test_repr_of_a_broker_not_opened_yet_names_its_keys(self) -> None:
         """Before it is opened, a Broker says so and names its config's keys (not "closed",
         no keys)."""

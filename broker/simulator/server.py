@@ -63,6 +63,7 @@ class SimulatorServer:
             ...  # server.url is e.g. http://127.0.0.1:54321
 
     Attributes (after entering): ``url``, ``port``, ``app``, ``stats``.
+    ``shutdown_timeout_s``: how long closing waits for requests still being answered.
     """
 
     def __init__(
@@ -73,9 +74,11 @@ class SimulatorServer:
         port: int = 0,
         clock: Clock | None = None,
         allow_remote: bool = False,
+        shutdown_timeout_s: float = _SHUTDOWN_TIMEOUT_S,
     ) -> None:
         check_host(host, allow_remote=allow_remote)
         self._settings = settings
+        self._shutdown_timeout_s = shutdown_timeout_s
         self._host = host
         self._requested_port = port
         self._clock = clock
@@ -91,7 +94,7 @@ class SimulatorServer:
 
     async def __aenter__(self) -> SimulatorServer:
         listener = await start_listener(
-            self.app, self._host, self._requested_port, shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S
+            self.app, self._host, self._requested_port, shutdown_timeout_s=self._shutdown_timeout_s
         )
         self._listener = listener
         port = listener.port
