@@ -433,15 +433,18 @@ async def test_sustained_429s_after_an_answer_today_name_the_quota(
 
 
 @pytest.mark.parametrize("home", ["process", "memory store", "sqlite store"])
+@pytest.mark.parametrize("parked_at", ["23:55", "23:40, its probe throttled at 23:56"])
 async def test_a_park_without_a_told_length_probes_just_after_the_daily_reset(
-    home: str, tmp_path: Any
+    home: str, parked_at: str, tmp_path: Any
 ) -> None:
-    """An account whose real quota is below tpd spends it at 23:55 with the key's own count
-    far from spent: its 429s read as "access revoked", and the park (15 to 60 minutes) ran
-    on past the reset, so every day began up to an hour late. The probe now comes a minute
-    after the reset at the latest, wherever the key's state lives."""
+    """An account whose real quota is below tpd spends it late in the day with the key's
+    own count far from spent: its 429s read as "access revoked", and the park (15 to 60
+    minutes) ran on past the reset, so every day began up to an hour late. The probe now
+    comes a minute after the reset at the latest, wherever the key's state lives, and so
+    does the next one after a probe throttled before the reset (a shared key's store kept
+    the probe's own re-park of 15 minutes instead)."""
     clock = FakeClock()
-    clock.wall_offset = 11 * 3600 + 55 * 60  # 23:55 UTC
+    clock.wall_offset = 11 * 3600 + int(parked_at[3:5]) * 60  # 23:MM UTC
     shared = None
     if home != "process":
         now_us = lambda: int(clock.monotonic() * 1e6)  # noqa: E731
@@ -454,17 +457,25 @@ async def test_a_park_without_a_told_length_probes_just_after_the_daily_reset(
             store = SqliteStateStore(tmp_path / "state.db", now_us=now_us, wall_us=wall_us)
         shared = SharedState(store, "https://creators.test", "k")
     key = _key(clock, shared, tpd=8640)
+    throttled = ThrottledError("TooManyRequests", "x", status=429)
     for _ in range(200):
         if key.circuit.state is CircuitState.OPEN:
             break
         await clock.advance(1.0)
-        key.on_throttled(ThrottledError("TooManyRequests", "x", status=429), clock.monotonic())
+        key.on_throttled(throttled, clock.monotonic())
     assert key.circuit.verdict is ThrottleVerdict.ACCESS_REVOKED
     midnight = dt.datetime(2026, 5, 2, tzinfo=dt.UTC)
+    if "probe" in parked_at:
+        await clock.advance(key.circuit.probe_at - clock.monotonic() + 0.1)  # type: ignore[operator]
+        assert await _driven(clock, key.wait_ready(), within_s=60.0) is None
+        sent_at = await _driven(clock, key.try_send(), within_s=60.0)
+        assert sent_at is not None
+        assert key.circuit.state is CircuitState.PROBING
+        key.on_throttled(throttled, sent_at)
     until_reset = (midnight - clock.utcnow()).total_seconds()
     assert 0 < until_reset < 300
     probe_in = key.circuit.probe_at - clock.monotonic()  # type: ignore[operator]
-    assert until_reset < probe_in <= until_reset + 60.0
+    assert until_reset < probe_in <= until_reset + 60.001
     if shared is not None:  # every process sharing the key reads the same probe time
         await cast("Any", key.limiter).refresh()
         parked = key.limiter.parked()

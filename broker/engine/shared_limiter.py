@@ -732,9 +732,14 @@ class SharedKeyLimiter:
         shared = 0 if self._answered or self._last is None else self._last.run_429s
         return shared + self._run_429s
 
-    def park(self, park_s: float, reason: str) -> None:
-        """Park the key for every process for ``park_s`` (its 429s are not about rate)."""
-        if park_s > self._park_s:
+    def park(self, park_s: float, reason: str, *, exact: bool = False) -> None:
+        """Park the key for every process for ``park_s`` (its 429s are not about rate).
+
+        Of two parks before the store hears of them the longer wins, unless ``exact``: the
+        circuit's own length, which is the word on it (a throttled probe's re-park of
+        ``_REPARK_S``, set first, held the key 15 minutes past a circuit's probe just
+        after the daily reset)."""
+        if exact or park_s > self._park_s:
             self._park_s, self._park_reason = park_s, reason
         self._probe_lease_us = 0  # a park ends any probe lease
         self._kick()
@@ -944,7 +949,9 @@ class SharedCircuit(Circuit):
     ) -> float:
         """Park the key here and in the store (every process) until the probe time."""
         probe_at = super().open(verdict, at_least_s=at_least_s, at_most_s=at_most_s)
-        self._limiter.park(max(0.0, probe_at - self._clock.monotonic()), verdict.value)
+        self._limiter.park(
+            max(0.0, probe_at - self._clock.monotonic()), verdict.value, exact=True
+        )
         return probe_at
 
     def on_success(self) -> None:
