@@ -1124,7 +1124,7 @@ async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.E
     returns 75 itself if ids were left. A second signal, or that time, cancels it, and its
     own CancelledError handling prints what it has.
     """
-    from broker.jobs.signals import StoppedBlocking, installed
+    from broker.jobs.signals import StoppedWriting, installed
 
     task = asyncio.current_task()
     stopped: list[signal.Signals] = []
@@ -1154,9 +1154,12 @@ async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.E
             if not stopped:
                 raise
             code = ExitCode.RESUMABLE
-        except StoppedBlocking as blocked:
-            # Printing to a reader that took no more: what was not printed is lost.
-            stopped.append(blocked.sig)
+        except StoppedWriting as blocked:
+            # Printing to a reader that took no more in time: what was not printed is lost.
+            print(
+                f"{prog()}: {blocked} while printing (its reader took no more in time)",
+                file=sys.stderr,
+            )
             code = ExitCode.RESUMABLE
         finally:
             for timer in timers:
@@ -1166,14 +1169,25 @@ async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.E
         return code
 
 
-def _copy_out(paths: RunPaths) -> None:
-    """``--out -``: the finished output to stdout; a stop signal ends the copy at once
-    (:class:`~broker.jobs.signals.StoppedBlocking`): a reader that stopped reading held the
-    run in its write for good, deaf to every signal."""
-    from broker.jobs.signals import stops_blocking
+def _copy_out(paths: RunPaths, *, signalled: bool) -> None:
+    """``--out -``: the finished output to stdout, under the stop policy (a first signal
+    lets it go on for the drain's 20 s, a second ends it: a reader that stopped reading held
+    the run in its write for good, deaf to every signal); ``signalled``: the run was
+    stopped by one already. Ended so, what stdout still buffers is dropped, or the exit's
+    own flush would wait for the reader again.
 
-    with stops_blocking():
-        paths.copy_out()
+    Raises:
+        StoppedWriting: a stop signal ended the copy.
+    """
+    from broker.jobs.runner import DRAIN_GRACE_S
+    from broker.jobs.signals import StoppedWriting, writes_until_stopped
+
+    try:
+        with writes_until_stopped(DRAIN_GRACE_S, signalled=signalled):
+            paths.copy_out()
+    except StoppedWriting:
+        drop_stdout()
+        raise
 
 
 async def _lookup(
@@ -1293,9 +1307,11 @@ async def _lookup(
         print(f"{prog()}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except asyncio.CancelledError:
-        _print_lookup_rows(asins, got, as_json=as_json)  # Ctrl-C: what it has, then stop
+        # Ctrl-C: what it has, then stop.
+        _print_lookup_rows(asins, got, as_json=as_json, signalled=True)
         raise
-    _print_lookup_rows(asins, got, as_json=as_json)
+    signalled = wind_down is not None and wind_down.is_set()
+    _print_lookup_rows(asins, got, as_json=as_json, signalled=signalled)
     if failure is not None:
         code, message = failure
         print(f"{prog()}: {message}", file=sys.stderr)
@@ -1305,10 +1321,17 @@ async def _lookup(
     return ExitCode.SOME_FAILED if any(r.status.value == "failed" for r in got.values()) else 0
 
 
-def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_json: bool) -> None:
-    """The rows answered so far, in argument order; a stop signal ends a write to a reader
-    that stopped reading (:class:`~broker.jobs.signals.StoppedBlocking`)."""
-    from broker.jobs.signals import stops_blocking
+def _print_lookup_rows(
+    asins: Sequence[str], got: dict[int, ItemResult], *, as_json: bool, signalled: bool
+) -> None:
+    """The rows answered so far, in argument order, under the stop policy (a reader that
+    stopped reading held the lookup in its write for good, deaf to every signal; see
+    :func:`_copy_out`); ``signalled``: the lookup was stopped by one already.
+
+    Raises:
+        StoppedWriting: a stop signal ended the write (what stdout buffers is dropped).
+    """
+    from broker.jobs.signals import StoppedWriting, writes_until_stopped
     from broker.jobs.sinks import json_lines
 
     rows = [_lookup_row(n + 1, asins[n], result) for n, result in sorted(got.items())]
@@ -1319,8 +1342,12 @@ def _print_lookup_rows(asins: Sequence[str], got: dict[int, ItemResult], *, as_j
     else:
         encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
         data = "".join(f"{_readable(row)}\n" for row in rows).encode(encoding, "replace")
-    with stops_blocking():
-        write_stdout(data)
+    try:
+        with writes_until_stopped(LOOKUP_DRAIN_S, signalled=signalled):
+            write_stdout(data)
+    except StoppedWriting:
+        drop_stdout()
+        raise
 
 
 def _market_for(config: BrokerConfig, text: str, marketplace: str | None) -> str | None:
@@ -1612,7 +1639,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     from broker.jobs.ledger import OtherJobsOutputError
     from broker.jobs.paths import RunPaths
     from broker.jobs.runner import JobOptions, describe_failure, finish_promotion, run_job
-    from broker.jobs.signals import StoppedBlocking, stops_blocking
+    from broker.jobs.signals import StoppedReading, StoppedWriting, stops_reading
 
     assert isinstance(paths, RunPaths)
     summary = None
@@ -1641,12 +1668,12 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
             # A refresh's promotion a crash cut short, finished first: its input is the
             # job's saved one that stdin is compared with.
             finish_promotion(paths.out)
-            with stops_blocking():
+            with stops_reading():
                 paths.read_stdin(new_job=args.new_job, refresh=args.refresh)
             # A refresh of other input reads its own copy (the job's is kept until it completes).
             options = dataclasses.replace(options, job=paths.job)
         summary = await run_job(config, options)
-    except StoppedBlocking as stop:
+    except StoppedReading as stop:
         message = f"stopped by {stop.sig.name} while reading the job from stdin: nothing was sent"
         print(f"{prog()}: {message}", file=sys.stderr)
         return ExitCode.RESUMABLE
@@ -1664,8 +1691,8 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
     finally:
         if summary is None:
             try:
-                _copy_out(paths)  # what was written before the error (--out -)
-            except StoppedBlocking:
+                _copy_out(paths, signalled=False)  # what was written before the error
+            except StoppedWriting:
                 pass  # the run's own error is what it ends on, as its event said
             except OSError as exc:
                 if isinstance(exc, BrokenPipeError):
@@ -1673,11 +1700,11 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
                 # The run's own error is what it ends on, as its event said.
                 print(f"{prog()}: cannot write to stdout: {exc.strerror}", file=sys.stderr)
     try:
-        _copy_out(paths)
-    except StoppedBlocking as stop:
+        _copy_out(paths, signalled=summary.stopped_by_signal)
+    except StoppedWriting as stop:
         print(
-            f"{prog()}: stopped by {stop.sig.name} while writing the output to stdout (its "
-            "reader took no more): run it again to start over",
+            f"{prog()}: {stop} while writing the output to stdout (its reader took no more "
+            "in time): run it again to start over",
             file=sys.stderr,
         )
         return ExitCode.RESUMABLE

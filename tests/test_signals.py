@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,12 +21,14 @@ from broker.jobs.signals import (
     ECHO_S,
     STOP_SIGNALS,
     UV_SIGINT_ECHO_S,
-    StoppedBlocking,
+    StoppedReading,
+    StoppedWriting,
     StopSignals,
     caught_early,
     installed,
     sigint_echo_window,
-    stops_blocking,
+    stops_reading,
+    writes_until_stopped,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,44 +230,28 @@ class TestUvForwardedSigint:
 
 
 class TestStalledStdoutReader:
-    """A reader that stops reading stdout does not make the command deaf to signals."""
+    """A reader that stops reading stdout does not make the command deaf to signals, and
+    one that is only slow still gets everything."""
 
-    @pytest.mark.parametrize("command", ["run", "lookup"])
-    def test_a_signal_ends_a_write_the_reader_never_takes(
-        self, tmp_path: Path, command: str
+    @pytest.mark.parametrize(
+        ("command", "ids"),
+        [("run", 400), ("lookup", 400), ("run", 41)],  # 41 rows: the pipe's 64 KiB and a bit
+    )
+    def test_a_second_signal_ends_a_write_the_reader_never_takes(
+        self, tmp_path: Path, command: str, ids: int
     ) -> None:
         """``broker run JOB --out - | loader`` or ``broker lookup ... | loader`` with a loader
-        that stalls: the write to the full pipe blocks, and SIGTERM (``timeout``,
-        systemd) ends it with 75 and the temporary output removed; the process stayed in
-        its write for good, every signal restarted it, and only SIGKILL ended it."""
-        fast = embedded_toml(tps=500.0, simulator="limits = false")
-        (tmp_path / "config.toml").write_text(fast, encoding="utf-8")
-        ids = [f"B0ST{i:06d}" for i in range(400)]  # far more than a pipe's 64 KiB of rows
-        if command == "run":
-            (tmp_path / "job.txt").write_text("".join(f"{i}\n" for i in ids))
-            argv = ["run", "job.txt", "--out", "-", "--progress", "none"]
-        else:
-            argv = ["lookup", "--json", *ids]
-        temp = tmp_path / "temp"
-        temp.mkdir()
-        read, write = os.pipe()
-        log = tmp_path / "stderr.txt"
-        with sighup_at_default(), log.open("w") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "broker", *argv, "--no-cache"],
-                cwd=tmp_path,
-                stdout=write,
-                stderr=stderr,
-                env={**os.environ, "TMPDIR": str(temp)},
-            )
-        os.close(write)
+        that stalls: the write to the full pipe blocks; a first SIGTERM lets it go on (the
+        drain's grace), a second ends it with 75 and the temporary output removed, stdout
+        buffered or not. It stayed in its write for good, every signal restarted it (and
+        once one ended it, the exit's own flush of what stdout buffered blocked again)."""
+        proc, read, log, temp = _writing_to_a_pipe(tmp_path, command, ids)
         try:
-            deadline = time.monotonic() + 60
-            while not _pipe_full(read):  # the command now waits for its reader
-                assert proc.poll() is None, log.read_text()[-2000:]
-                assert time.monotonic() < deadline, "the pipe never filled"
-                time.sleep(0.05)
+            _wait_for(lambda: _pipe_full(read), proc, log)
             time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # the first signal drains: the copy may go on
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=20)
         finally:
@@ -271,9 +259,72 @@ class TestStalledStdoutReader:
                 proc.kill()
             os.close(read)
         assert code == 75, log.read_text()[-2000:]
-        said = "while writing the output to stdout" if command == "run" else "stopped by SIGTERM"
+        said = "while writing the output to stdout" if command == "run" else "while printing"
         assert said in log.read_text()
         assert list(temp.iterdir()) == []
+
+    @pytest.mark.parametrize("command", ["run", "lookup"])
+    def test_one_signal_while_a_slow_reader_reads_loses_nothing(
+        self, tmp_path: Path, command: str
+    ) -> None:
+        """A reader that is slow but reading, and one stop signal while the output is being
+        written: every row arrives whole and the command exits 0; the signal cut the output
+        mid-row with 75 and "its reader took no more"."""
+        proc, read, log, _ = _writing_to_a_pipe(tmp_path, command, 400)
+        received = bytearray()
+        try:
+            _wait_for(lambda: _pipe_full(read), proc, log)
+            proc.send_signal(signal.SIGTERM)
+            while chunk := os.read(read, 4096):
+                received += chunk
+                time.sleep(0.002)
+            code = proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            os.close(read)
+        assert code == 0, log.read_text()[-2000:]
+        rows = [json.loads(line) for line in received.decode().splitlines()]
+        assert len(rows) == 400
+
+
+def _writing_to_a_pipe(
+    tmp_path: Path, command: str, ids: int
+) -> tuple[subprocess.Popen[bytes], int, Path, Path]:
+    """``broker run --out -`` or ``broker lookup`` of ``ids`` ids writing to a pipe nobody
+    reads yet, stdout buffered (no PYTHONUNBUFFERED); the process, the pipe's read end, its
+    stderr file and its TMPDIR."""
+    fast = embedded_toml(tps=500.0, simulator="limits = false")
+    (tmp_path / "config.toml").write_text(fast, encoding="utf-8")
+    asins = [f"B0ST{i:06d}" for i in range(ids)]
+    if command == "run":
+        (tmp_path / "job.txt").write_text("".join(f"{i}\n" for i in asins))
+        argv = ["run", "job.txt", "--out", "-", "--progress", "none"]
+    else:
+        argv = ["lookup", "--json", *asins]
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    log = tmp_path / "stderr.txt"
+    with sighup_at_default(), log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", *argv, "--no-cache"],
+            cwd=tmp_path,
+            stdout=write,
+            stderr=stderr,
+            env={**env, "TMPDIR": str(temp)},
+        )
+    os.close(write)
+    return proc, read, log, temp
+
+
+def _wait_for(ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.05)
 
 
 def _pipe_full(read_end: int) -> bool:
@@ -284,6 +335,46 @@ def _pipe_full(read_end: int) -> bool:
     buffered = bytearray(4)
     fcntl.ioctl(read_end, termios.FIONREAD, buffered)
     return int.from_bytes(buffered, sys.byteorder) >= 65536
+
+
+class TestWritesUntilStopped:
+    """The stop policy for a blocking write of finished output."""
+
+    def test_the_first_signal_grants_a_grace_then_the_write_ends(self) -> None:
+        """One signal, a write that never completes: it ends once the grace is over."""
+        read, write = os.pipe()
+        os.write(write, b"x" * 65536)  # full: the next write blocks
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
+        started = time.monotonic()
+        try:
+            timer.start()
+            with pytest.raises(StoppedWriting) as stopped, writes_until_stopped(0.3):
+                os.write(write, b"y" * 4096)
+        finally:
+            timer.cancel()
+            os.close(read)
+            os.close(write)
+        assert stopped.value.sig is None
+        assert 0.35 <= time.monotonic() - started < 5.0
+
+    def test_a_signal_after_one_before_the_write_ends_it_at_once(self) -> None:
+        """Already stopped once (the command's drain): the next signal ends the write."""
+        read, write = os.pipe()
+        os.write(write, b"x" * 65536)
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            with (
+                pytest.raises(StoppedWriting) as stopped,
+                writes_until_stopped(60.0, signalled=True),
+            ):
+                os.write(write, b"y" * 4096)
+        finally:
+            timer.cancel()
+            os.close(read)
+            os.close(write)
+        assert stopped.value.sig is signal.SIGINT
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 class TestJobOnStdin:
@@ -430,7 +521,7 @@ class TestCaughtEarly:
         Ctrl-C) is kept as before, not raised into the read's clean-up."""
         with caught_early():
             os.kill(os.getpid(), signal.SIGTERM)
-            with pytest.raises(StoppedBlocking) as early, stops_blocking():
+            with pytest.raises(StoppedReading) as early, stops_reading():
                 pass
             assert early.value.sig is signal.SIGTERM
         cleaned: list[bool] = []
@@ -439,13 +530,13 @@ class TestCaughtEarly:
             try:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)  # interrupted by the handler's raise
-            except StoppedBlocking:
+            except StoppedReading:
                 os.kill(os.getpid(), signal.SIGINT)  # the echo, during the clean-up
                 cleaned.append(True)
                 raise
 
         with caught_early():
-            with pytest.raises(StoppedBlocking) as during, stops_blocking():
+            with pytest.raises(StoppedReading) as during, stops_reading():
                 read_interrupted()
             assert during.value.sig is signal.SIGINT
             assert cleaned == [True]

@@ -116,6 +116,10 @@ class StrictInputError(JobFileError):
     """``--strict``: the job file has invalid rows, so nothing was sent."""
 
 
+#: How long answers already on their way are waited for after a first stop signal.
+DRAIN_GRACE_S: Final = 20.0
+
+
 @dataclass(frozen=True, slots=True)
 class JobOptions:
     """How to run one job."""
@@ -132,7 +136,7 @@ class JobOptions:
     handle_signals: bool = True
     #: After a first SIGINT/SIGTERM/SIGHUP, how long lookups already admitted may take to finish
     #: before the run stops anyway; under the 30 s Kubernetes waits before SIGKILL.
-    drain_grace_s: float = 20.0
+    drain_grace_s: float = DRAIN_GRACE_S
     #: How log events name the job (``broker serve``: its spool name); None: the job
     #: file's path as given.
     label: str | None = None

@@ -17,7 +17,8 @@ The command line calls :func:`caught_early` before its event loop starts, so a s
 while the process is still starting, or after the run has removed its handlers and is
 finishing, never kills it with the default action (exit 143 instead of the documented 75): one
 that comes early is handed to the run's handler as soon as it is installed, and one that comes
-late is dropped, since the process is already on its way out.
+late counts only for the last write of the output to stdout (:func:`writes_until_stopped`), the
+process being on its way out.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ __all__ = [
     "ECHO_S",
     "STOP_SIGNALS",
     "StopSignals",
-    "StoppedBlocking",
+    "StoppedReading",
+    "StoppedWriting",
     "caught_early",
     "installed",
     "release",
     "replay_early",
     "sigint_echo_window",
-    "stops_blocking",
+    "stops_reading",
+    "writes_until_stopped",
 ]
 
 #: A repeat closer than this (seconds) to the previous signal is the same stop delivered twice.
@@ -202,9 +205,8 @@ def caught_early(*, process_ends: bool = False) -> Iterator[None]:
             signal.signal(sig, signal.SIG_IGN if process_ends else handler)
 
 
-class StoppedBlocking(Exception):
-    """A stop signal ended a blocking read or write: the job on stdin, or the output to a
-    stdout whose reader stopped reading."""
+class StoppedReading(Exception):
+    """A stop signal ended a blocking read the run waited for (its job on stdin)."""
 
     def __init__(self, sig: signal.Signals) -> None:
         self.sig = sig
@@ -212,20 +214,18 @@ class StoppedBlocking(Exception):
 
 
 @contextlib.contextmanager
-def stops_blocking() -> Iterator[None]:
+def stops_reading() -> Iterator[None]:
     """While the block runs (on the main thread), a stop signal raises
-    :class:`StoppedBlocking` at once, as does one kept before it began.
+    :class:`StoppedReading` at once, as does one kept before it began.
 
     For a blocking read before the run begins (its job on stdin, from a terminal or from a
-    producer that hangs), or a blocking write of what it prints (to a pipe whose reader
-    stalled): Python restarts a read or write a signal interrupts (PEP 475), so a signal
-    only kept for the run (:func:`caught_early`), or handled by the event loop, waited for
-    the end of the input, or for the reader, which may never come; Ctrl-C, ``timeout``
-    and systemd's SIGTERM did nothing. There is nothing to drain either way: nothing was
-    sent yet, or every answer is in.
+    producer that hangs): Python restarts a read a signal interrupts (PEP 475), so a signal
+    only kept for the run (:func:`caught_early`) waited for the end of the input, which a
+    terminal or a hung producer never gives; Ctrl-C, ``timeout`` and systemd's SIGTERM did
+    nothing. Nothing was sent yet, so there is nothing to drain.
     """
     if _early:
-        raise StoppedBlocking(_early[0])
+        raise StoppedReading(_early[0])
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def stop(signum: int, _frame: object) -> None:
@@ -233,7 +233,7 @@ def stops_blocking() -> Iterator[None]:
         # and uv's) is kept as they keep it, not raised into the read's clean-up.
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        raise StoppedBlocking(signal.Signals(signum))
+        raise StoppedReading(signal.Signals(signum))
 
     for sig in STOP_SIGNALS:
         if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
@@ -251,6 +251,65 @@ def replay_early(handler: Callable[[signal.Signals], None]) -> None:
     for sig in _early:
         loop.call_soon(handler, sig)
     _early.clear()
+
+
+class StoppedWriting(Exception):
+    """A stop signal ended a blocking write of finished output to stdout (a reader that
+    stopped taking it): a second signal, or the first one's grace running out (``sig``
+    None)."""
+
+    def __init__(self, sig: signal.Signals | None) -> None:
+        self.sig = sig
+        super().__init__(
+            "stopped by the grace running out" if sig is None else f"stopped by {sig.name}"
+        )
+
+
+@contextlib.contextmanager
+def writes_until_stopped(grace_s: float, *, signalled: bool = False) -> Iterator[None]:
+    """While the block runs (on the main thread), the stop policy holds for a write of
+    finished output to stdout: the first stop signal lets it go on for at most ``grace_s``,
+    and a later one (not an echo) ends it at once with :class:`StoppedWriting`, as does the
+    grace running out.
+
+    Python restarts a write a signal interrupts (PEP 475), so a write to a reader that
+    stopped reading (``| loader``, stalled) waited in it for good, every signal kept or
+    handled by the loop and the write started again; only SIGKILL ended it. A reader that
+    is only slow gets its whole output, as before, unless told twice.
+
+    ``signalled``: a stop signal came before the block (the command's own drain): the
+    grace runs from the start and the next signal ends the write. So does one kept after
+    the run removed its handlers (:func:`caught_early`).
+    """
+    watched = (*STOP_SIGNALS, signal.SIGALRM)
+    previous = {sig: signal.getsignal(sig) for sig in watched}
+
+    def first(_sig: signal.Signals) -> None:
+        signal.setitimer(signal.ITIMER_REAL, grace_s)
+
+    def now(sig: signal.Signals) -> None:
+        raise StoppedWriting(sig)
+
+    policy = StopSignals(first, now, sigint_echo=sigint_echo_window())
+
+    def stop(signum: int, _frame: object) -> None:
+        policy(signal.Signals(signum))
+
+    def grace_over(_signum: int, _frame: object) -> None:
+        raise StoppedWriting(None)
+
+    signal.signal(signal.SIGALRM, grace_over)
+    for sig in STOP_SIGNALS:
+        if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(sig, stop)
+    try:
+        if signalled or _early:
+            policy(_early[0] if _early else signal.SIGTERM)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def release() -> None:
