@@ -1269,6 +1269,26 @@ class TestGivingUp:
             waiting.result()
         assert clock.monotonic() - began <= 5.0 + 2.0 + 0.2
 
+    @pytest.mark.parametrize("arrives_s", [1.0, 30.0, 59.0])
+    async def test_work_arriving_in_an_outage_gets_its_whole_budget(self, arrives_s: float) -> None:
+        """An idle process whose keep-alive has met the store down since 0 s gets work at
+        ``arrives_s``: the work waits its whole budget, as work a minute later does; it was
+        left what remained of the budget since the keep-alive's first failure (1 s of 60)."""
+        clock = FakeClock()
+        store: Any = _DownStore()
+        limits = KeyLimits(5.0, 0.05, 5.0)
+        limiter = SharedKeyLimiter(clock, store, KEY, limits, process_id="p", give_up_after_s=60.0)
+        beating = asyncio.create_task(limiter.keep_alive())
+        await clock.advance(arrives_s)
+        arrived = clock.monotonic()
+        waiting = asyncio.create_task(limiter.wait_ready())
+        while not waiting.done() and clock.monotonic() - arrived < 200:
+            await clock.advance(0.1)
+        beating.cancel()
+        with pytest.raises(StateUnavailableError):
+            waiting.result()
+        assert 60.0 <= clock.monotonic() - arrived <= 60.5
+
     async def test_an_old_failure_does_not_shorten_a_new_outage(self) -> None:
         """A store call that failed an hour ago does not make a new outage give up at once."""
         clock = FakeClock()

@@ -205,7 +205,9 @@ class SharedKeyLimiter:
         self._asked_at = clock.monotonic()
         #: when the last call the store failed (out of reach) ended
         self._failed_at = -math.inf
-        #: when the first failing call of the current outage began
+        #: when the last call work waited on failed, and the first such call of the
+        #: current outage began (the keep-alive's beats count for neither)
+        self._work_failed_at = -math.inf
         self._outage_began = -math.inf
         self._hold_until = -math.inf
         self._hwm_day = -1
@@ -318,7 +320,9 @@ class SharedKeyLimiter:
             self._release_probe_us = feedback.release_probe_us
             self._probe_again_s = feedback.probe_again_s
 
-    async def _call(self, *, reserve: bool) -> Decision:
+    async def _call(self, *, reserve: bool, for_work: bool = True) -> Decision:
+        """Ask the store; ``for_work``: work waits on the answer (a send, a wait, the open's
+        first ask), not the keep-alive's beat or a feedback flush."""
         asked = self._asked_at = self._clock.monotonic()
         feedback = self._take_feedback()
         seen = self._seen
@@ -347,13 +351,18 @@ class SharedKeyLimiter:
                     backend=exc.backend,
                     reason=exc.reason,
                 )
-            if self._unavailable is None or asked - self._failed_at > _RECHECK_S:
-                self._outage_began = asked  # the first failing call of a new outage
-            else:
-                self._outage_began = min(self._outage_began, asked)
+            if for_work:
+                # The first failing ask of work waiting on the store, if the last was long
+                # ago or the store answered since: what the outage budget counts from.
+                if self._unavailable is None or asked - self._work_failed_at > _RECHECK_S:
+                    self._outage_began = asked
+                else:
+                    self._outage_began = min(self._outage_began, asked)
             self._unavailable = exc
             self._unavailable_failures += 1
             self._failed_at = self._clock.monotonic()
+            if for_work:
+                self._work_failed_at = self._failed_at
             raise
         except Exception:
             # Any other store failure (a full disk, a refused password) keeps it too; not a
@@ -410,11 +419,10 @@ class SharedKeyLimiter:
         of reach for ``give_up_after_s``; ``asked``: when the failed call began."""
         # Timed from the start of the call that failed before this outage's first wait (a
         # hung Redis fails a call only at its timeout, which then counted too), or from the
-        # outage's first failing call when that call began within the budget before it (the
-        # broker's first ask, at start): a hung Redis was waited out for twice the budget.
-        # Not from an older failure: a background flush that failed an hour ago, or an
-        # outage an idle process sat through for longer than the budget, leaves new work
-        # its whole budget.
+        # first failing ask of work in this outage when it began within the budget before
+        # (the broker's first ask, at start): a hung Redis was waited out for twice the
+        # budget. Not from the keep-alive's beats: work arriving at an outage an idle
+        # process sat through gets its whole budget, as it would a minute later.
         now = self._clock.monotonic()
         if self._unavailable_since is None:
             since = min(now, asked)
@@ -452,7 +460,7 @@ class SharedKeyLimiter:
         the feedback is kept for the next decision and the failure logged; a send meets a
         lasting one itself, so nothing here ends the engine."""
         try:
-            await self._call(reserve=False)
+            await self._call(reserve=False, for_work=False)
         except StateUnavailableError:
             pass  # logged by _call, once per outage
         except ConfigError:
@@ -949,9 +957,7 @@ class SharedCircuit(Circuit):
     ) -> float:
         """Park the key here and in the store (every process) until the probe time."""
         probe_at = super().open(verdict, at_least_s=at_least_s, at_most_s=at_most_s)
-        self._limiter.park(
-            max(0.0, probe_at - self._clock.monotonic()), verdict.value, exact=True
-        )
+        self._limiter.park(max(0.0, probe_at - self._clock.monotonic()), verdict.value, exact=True)
         return probe_at
 
     def on_success(self) -> None:
