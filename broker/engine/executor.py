@@ -662,10 +662,10 @@ class Executor:
                 marketplace,
                 exc.code,
                 f"refused for {marketplace} (accepted in other marketplaces): {exc.message}",
-                f"The key works elsewhere: check that it covers {marketplace} (for a PA-API "
-                "key, that store's host and SigV4 region; for a Creators credential, its "
-                "version's region) and its partner tag there, in the config and Associates "
-                "Central.",
+                f"The key works in other marketplaces, so this may be {marketplace}'s alone: "
+                f"check that it covers {marketplace} (for a PA-API key, that store's host and "
+                "SigV4 region; for a Creators credential, its version's region) and its "
+                f"partner tag there. Otherwise: {info.remedy}",
                 scope=Scope.KEY_MARKETPLACE,
             )
             return

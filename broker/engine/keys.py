@@ -92,8 +92,9 @@ _AFTER_RESET_S = 60.0
 #: What ``broker.key_parked`` tells its reader to do, by verdict.
 _PARK_REMEDY = {
     ThrottleVerdict.QUOTA_EXHAUSTED: (
-        "None needed: the key probes now and then, and just after its daily reset, and "
-        "sends again once Amazon's daily window has reset. To finish sooner, add keys of "
+        "None needed: the key probes now and then (just after its daily reset at the "
+        "latest, unless Amazon's Retry-After named a later time), and sends again once "
+        "Amazon's daily window has reset. To finish sooner, add keys of "
         "other accounts; if this comes well before the key's tpd is spent, the account's "
         "quota is lower than tpd says: lower it."
     ),
