@@ -912,11 +912,13 @@ async def test_wrong_redis_password_is_a_config_error() -> None:
             await limiter.refresh()
         assert info.value.path == "state.redis_password_env"
         assert "wrong-one" not in str(info.value)
-        # Feedback pushed between sends meets the same refusal: not "tried again" (the
-        # warning said so before the run stopped with exit 78).
+        # Feedback pushed between sends meets the same refusal: said once, as what it is
+        # (it was "a write failed and is tried again" before the run stopped with exit 78).
         with capture_logs() as logs:
             await limiter._flush()
-        assert [e["event"] for e in logs] == []
+            await limiter._flush()
+        assert [(e["event"], e["log_level"]) for e in logs] == [("broker.state_refused", "error")]
+        assert "wrong-one" not in str(logs)
         await store.aclose()
     finally:
         await asyncio.to_thread(server.__exit__, None, None, None)

@@ -480,9 +480,9 @@ class Broker:
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
         if isinstance(exc, StateUnavailableError | ConfigError):
-            # The documented end of a key-state outage past its budget (exit 69), or a
-            # key-state store the config cannot use (Redis refusing the password: exit 78),
-            # not a bug.
+            # A key-state store the config cannot use (Redis refusing the password: exit
+            # 78), not a bug; an outage past its budget takes the keys out instead, but one
+            # reaching here stops the engine as documented (exit 69).
             logger.error("broker.engine_stopped", reason=str(exc))
         else:
             logger.error("broker.task_crashed", error=repr(exc))

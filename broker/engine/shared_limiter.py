@@ -209,6 +209,8 @@ class SharedKeyLimiter:
         #: current outage began (the keep-alive's beats count for neither)
         self._work_failed_at = -math.inf
         self._outage_began = -math.inf
+        # broker.state_refused was logged (a store refusing this config, said once)
+        self._refusal_said = False
         self._hold_until = -math.inf
         self._hwm_day = -1
         self._hwm_count = 0
@@ -463,8 +465,12 @@ class SharedKeyLimiter:
             await self._call(reserve=False, for_work=False)
         except StateUnavailableError:
             pass  # logged by _call, once per outage
-        except ConfigError:
-            pass  # not to be tried again: the next send meets it and stops the engine
+        except ConfigError as exc:
+            # Not tried again in vain: the next send meets it and stops the engine (78).
+            # Said once, so an idle daemon whose Redis password was rotated says so.
+            if not self._refusal_said:
+                self._refusal_said = True
+                logger.error("broker.state_refused", key=self._key.name, error=str(exc))
         except Exception as exc:
             logger.warning(
                 "broker.state_flush_failed",

@@ -85,6 +85,7 @@ class RedisServer:
         self.port = port if port is not None else free_port()
         self._port_given = port is not None
         self._started_once = False
+        self._exit_code: int | None = None  # of the last server that exited at start
         self._password = password
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -113,7 +114,8 @@ class RedisServer:
                 break
             self.port = free_port()
         self.__exit__(None, None, None)
-        raise RuntimeError(f"redis-server could not start on 127.0.0.1:{self.port}")
+        exited = "" if self._exit_code is None else f" (it exited with {self._exit_code})"
+        raise RuntimeError(f"redis-server could not start on 127.0.0.1:{self.port}{exited}")
 
     def _launch(self) -> bool:
         """Start the server on ``self.port``; False when another process holds the port."""
@@ -140,6 +142,7 @@ class RedisServer:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 self._proc = None
+                self._exit_code = proc.returncode
                 return False
             try:
                 pid = _server_pid(self.port, self._password)
@@ -149,6 +152,7 @@ class RedisServer:
             if pid == proc.pid:
                 return True
             self.stop()  # another server holds the port: this one cannot bind it
+            self._exit_code = None
             return False
         self.stop()
         raise RuntimeError("redis-server did not start within 10 s")
