@@ -863,8 +863,8 @@ def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
 
 def _region_warnings(config: BrokerConfig) -> list[str]:
     """Creators keys tagged for marketplaces outside their credential version's region:
-    Amazon refuses their requests there (401 InvalidIssuer, protocol.md 2.1), a refusal of
-    the key, which then leaves its own region's marketplaces too."""
+    Amazon refuses their requests there (401 InvalidIssuer, protocol.md 2.1), and the key
+    leaves those marketplaces."""
     import urllib.parse
 
     from broker.api.marketplaces import credential_version
@@ -892,7 +892,7 @@ def _region_warnings(config: BrokerConfig) -> list[str]:
                 f"key {key.name}: credential version {key.version} is for the {region.value} "
                 f"region, and {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not: "
                 "Amazon refuses its requests there (InvalidIssuer), which takes the key out of "
-                "every marketplace; give them a key of their own region's version"
+                "those; give them a key of their own region's version"
             )
     return warnings
 

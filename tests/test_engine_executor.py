@@ -660,6 +660,38 @@ class TestRefusedInOneMarketplace:
         assert DE in failure.remedy
 
 
+class TestOutsideTheCredentialRegion:
+    async def test_a_refusal_outside_the_version_s_region_leaves_that_marketplace_only(
+        self,
+    ) -> None:
+        """A 3.1 (North America) credential tagged for the UK too, whose first answer is the
+        UK's InvalidIssuer: the key leaves the UK only and the US rows are answered. Whether
+        the key left every marketplace depended on whether a US answer had come first."""
+        uk = "www.amazon.co.uk"
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _token("tok")
+            if request.headers.get("x-marketplace") == uk:
+                body = {"type": "UnauthorizedException", "reason": "InvalidIssuer", "message": "x"}
+                return _reply(401, body)
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        keys = [key_doc(tags={US: "demo-20", uk: "demo-21"})]
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators", keys=keys)
+        async with broker:
+            british = asyncio.ensure_future(broker.get_items(asins(3), marketplace="UK"))
+            await clock.run_until(british)
+            assert all(r.ok for r in await _run(broker, clock, asins(10)))
+        error = british.exception()
+        assert isinstance(error, NoUsableKeyError)
+        (failure,) = error.failures
+        assert failure.code == "InvalidIssuer"
+        assert "outside the NA region of credential version 3.1" in failure.message
+        assert uk in failure.remedy
+
+
 class TestPaapiEligibility:
     """PA-API's AssociateEligibilityException (protocol.md 3.5: per key, its status not
     documented) is the key's, whatever the status it comes with."""

@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING
 
+from broker.api.marketplaces import credential_version
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.engine.adaptive import (
     AdaptiveRate,
@@ -463,6 +464,15 @@ class KeyState:
         if self._in_flight > 1 or others_waiting:
             return CredentialsVerdict.UNDECIDED
         return CredentialsVerdict.REJECTED
+
+    def region_left_out(self, marketplace: str) -> str | None:
+        """The region of the key's Creators credential version when ``marketplace`` lies
+        outside it (Amazon refuses its tokens there, InvalidIssuer, whatever it accepts in
+        its own region); None for a PA-API key or a marketplace of its region."""
+        if self.config.version is None:
+            return None
+        region = credential_version(self.config.version).region
+        return None if lookup_marketplace(marketplace).region is region else region.value
 
     def accepted_elsewhere(self, marketplace: str) -> bool:
         """True when the credentials were accepted in another marketplace, and not refused
