@@ -402,7 +402,9 @@ class TestJobs:
         assert failed["exit_code"] == ExitCode.NO_PERMISSION
         assert "www.amazon.co.uk" in failed["error"]
         # What a daemon's user does: the job's rows went with the filing, so "rows stay
-        # pending, run again" (broker run's advice) was not true here.
+        # pending, run again" (broker run's advice) was not true here; and the daemon takes
+        # the rejected key back only when it starts (moved back alone, the job failed again).
+        assert "restart the daemon" in failed["error"]
         assert "move the job back into inbox/" in failed["error"]
         assert "stay pending" not in failed["error"]
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1

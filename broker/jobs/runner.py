@@ -1615,7 +1615,8 @@ def describe_failure(
             else "the key"
         )
         again = (
-            f"fix {at_fault} and move the job back into inbox/ to run it again"
+            f"fix {at_fault}, restart the daemon (it reads its config, and takes a rejected "
+            "key back, only when it starts), and move the job back into inbox/ to run it again"
             if spooled
             else f"Unfinished rows stay pending; fix {at_fault} and run again"
         )
