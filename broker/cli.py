@@ -1097,6 +1097,7 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     )
     as_json = args.json or not sys.stdout.isatty()
     wind_down = asyncio.Event()
+    outcome: list[int] = []
     return _run_loop(
         _until_stopped(
             _lookup(
@@ -1108,13 +1109,19 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
                 wind_down=wind_down,
                 cache_max_age_s=_cache_max_age(args),
                 cache_refresh=args.refresh,
+                outcome=outcome,
             ),
             wind_down,
+            outcome,
         )
     )
 
 
-async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.Event) -> int:
+async def _until_stopped(
+    command: Coroutine[Any, Any, int],
+    wind_down: asyncio.Event,
+    outcome: list[int] | None = None,
+) -> int:
     """Run ``command``, stopping it at a stop signal (SIGINT, SIGTERM, SIGHUP: ``timeout``,
     a closed terminal); then one line, and exit 75 unless the command got every answer
     (its own code then, as ``broker run``'s drain that finished the job exits 0).
@@ -1153,7 +1160,8 @@ async def _until_stopped(command: Coroutine[Any, Any, int], wind_down: asyncio.E
         except asyncio.CancelledError:
             if not stopped:
                 raise
-            code = ExitCode.RESUMABLE
+            # Cancelled once every answer was printed (while the broker closed): done.
+            code = outcome[0] if outcome else ExitCode.RESUMABLE
         except StoppedWriting as blocked:
             # Printing to a reader that took no more in time: what was not printed is lost.
             print(
@@ -1200,8 +1208,12 @@ async def _lookup(
     wind_down: asyncio.Event | None = None,
     cache_max_age_s: float | None = None,
     cache_refresh: bool = False,
+    outcome: list[int] | None = None,
 ) -> int:
     """Look ``asins`` up and print a row for each answer, in argument order.
+
+    ``outcome`` gets the exit code of a lookup cancelled once every id's answer was in (a
+    second signal while the broker closes): its caller says 0 (or 3), not 75.
 
     Setting ``wind_down`` (a stop signal, or every key waiting for its daily quota) sends
     nothing more; the answers already on the wire still come and are printed.
@@ -1309,6 +1321,8 @@ async def _lookup(
     except asyncio.CancelledError:
         # Ctrl-C: what it has, then stop.
         _print_lookup_rows(asins, got, as_json=as_json, signalled=True)
+        if outcome is not None and len(got) == len(asins):
+            outcome.append(_answered_code(got))
         raise
     signalled = wind_down is not None and wind_down.is_set()
     _print_lookup_rows(asins, got, as_json=as_json, signalled=signalled)
@@ -1318,6 +1332,11 @@ async def _lookup(
         return code
     if stopped_short:
         return ExitCode.RESUMABLE
+    return _answered_code(got)
+
+
+def _answered_code(got: dict[int, ItemResult]) -> int:
+    """The exit code of a lookup with these answers: 3 if one failed, else 0."""
     return ExitCode.SOME_FAILED if any(r.status.value == "failed" for r in got.values()) else 0
 
 

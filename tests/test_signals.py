@@ -337,6 +337,25 @@ def _pipe_full(read_end: int) -> bool:
     return int.from_bytes(buffered, sys.byteorder) >= 65536
 
 
+async def test_a_lookup_cancelled_once_every_answer_is_in_exits_as_answered() -> None:
+    """A second signal while the lookup's broker closes, every answer already printed: exit
+    0, not 75 ("rows remain", which sent a retrying script round again)."""
+    from broker import cli
+
+    wind_down = asyncio.Event()
+    outcome: list[int] = []
+
+    async def lookup() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await wind_down.wait()
+        outcome.append(0)  # every answer printed; now the broker closes
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(30)
+        return 0
+
+    assert await cli._until_stopped(lookup(), wind_down, outcome) == 0
+
+
 class TestWritesUntilStopped:
     """The stop policy for a blocking write of finished output."""
 
