@@ -2627,7 +2627,7 @@ def test_lookup_summary_on_an_ascii_terminal_replaces_what_it_cannot_show(
     monkeypatch.setattr(sys, "stdout", stdout)
     summary = ItemSummary(title="Thé vert", price=4.5, currency="EUR")
     result = ItemResult("B0C0000001", "www.amazon.de", Status.OK, summary=summary)
-    cli._print_lookup_rows(["B0C0000001"], {0: result}, as_json=False)
+    cli._print_lookup_rows(["B0C0000001"], {0: result}, as_json=False, signalled=False)
     lines = raw.getvalue().splitlines()
     assert lines[1:] == [b"  Th? vert", b"  price 4.50 EUR"]
 
