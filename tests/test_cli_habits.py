@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import fcntl
 import gzip
@@ -1670,6 +1671,35 @@ class TestReruns:
         out.write_text(edited)
         assert self._run(tmp_path, *flags) == ExitCode.OK
         assert out.read_text() == written
+
+    def test_a_csv_output_an_older_broker_began_is_written_again_under_this_one(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A CSV job begun before formula-like cells got their leading ' (ledger version 2),
+        resumed now: the output is written again in full, every such cell escaped; resumed
+        as it was, the rows before the upgrade kept live formulas beside escaped ones."""
+        import sqlite3
+
+        job = tmp_path / "job.csv"
+        notes = ["-" if i % 5 == 0 else "x" for i in range(19)] + ["x"]
+        job.write_text("asin,note\n" + "".join(f"B0TEST{i:04d},{n}\n" for i, n in enumerate(notes)))
+        out = tmp_path / "out.csv"
+        argv = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main([*argv, "--progress", "none"]) == ExitCode.OK
+        written = out.read_bytes()
+        assert written.count(b",'-\r\n") == 4
+        # As the older broker left it: its cells as they came, its ledger version 2.
+        older = written.replace(b",'-\r\n", b",-\r\n")
+        out.write_bytes(older)
+        with contextlib.closing(sqlite3.connect(tmp_path / "out.csv.ledger")) as db, db:
+            db.execute("UPDATE sinks SET offset = ?", (len(older),))
+            db.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
+        capsys.readouterr()
+        assert cli.main([*argv, "--progress", "none"]) == ExitCode.OK
+        assert out.read_bytes() == written
+        err = capsys.readouterr().err
+        assert "broker.output_rewritten" in err
+        assert "broker.output_changed" not in err  # not taken for a hand edit
 
     def test_ordered_rerun_orders_again_what_a_plain_run_appended(self, tmp_path: Path) -> None:
         """An ordered output cut short by hand gets its missing rows back on a rerun, and

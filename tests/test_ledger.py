@@ -168,21 +168,22 @@ class TestOpen:
             (new,) = ledger.invalid_rows()
             assert new.error_code == "InvalidRow"
 
-    def test_a_ledger_this_broker_writes_is_refused_by_brokers_that_read_version_1(
+    def test_a_ledger_this_broker_writes_is_refused_by_brokers_that_read_version_2(
         self, tmp_path: Path
     ) -> None:
-        """A ledger written now says version 2: brokers from before the rows.code column,
+        """A ledger written now says version 3: brokers from before the rows.code column,
         the pinned answer settings and the image_url and cached columns read version 1
-        only, and refuse it instead of mislabelling its rows or misaligning its CSV."""
+        only, those before CSV cells were kept from running as formulas read 2 at most, and
+        both refuse it instead of mislabelling its rows or mixing two encodings in its CSV."""
         with open_ledger(tmp_path):
             pass
         with sqlite_db(tmp_path / "job.ledger") as db:
             version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'")
-            assert version.fetchone() == (2,)
+            assert version.fetchone() == (3,)
 
-    def test_a_version_1_ledger_is_read_and_marked_version_2(self, tmp_path: Path) -> None:
+    def test_a_version_1_ledger_is_read_and_marked_version_3(self, tmp_path: Path) -> None:
         """A ledger of an older broker (version 1, no rows.code) is read, migrated and marked
-        version 2, so the older broker no longer takes it back."""
+        version 3, so the older broker no longer takes it back."""
         with open_ledger(tmp_path) as ledger:
             ledger.ingest(job_rows(asin(1), None))
         with sqlite_db(tmp_path / "job.ledger") as db:
@@ -229,9 +230,9 @@ class TestOpen:
         assert path.read_bytes() == before
 
     def test_the_schema_version_names_the_schema_and_the_output_columns(self) -> None:
-        """Changing the ledger's tables or the output's columns means raising
-        SCHEMA_VERSION (and pinning the new digest here): older brokers then refuse the
-        ledger instead of resuming it under their own columns."""
+        """Changing the ledger's tables or the output's columns (or how a cell is written)
+        means raising SCHEMA_VERSION (and pinning the new digest here): older brokers then
+        refuse the ledger instead of resuming it under their own columns."""
         from broker.jobs import ledger as ledger_module
         from broker.jobs import sinks
 
@@ -245,7 +246,7 @@ class TestOpen:
             ]
         )
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        assert (SCHEMA_VERSION, digest) == (2, _SCHEMA_DIGEST)
+        assert (SCHEMA_VERSION, digest) == (3, _SCHEMA_DIGEST)
 
     def test_empty_file_becomes_a_ledger(self, tmp_path: Path) -> None:
         """An empty file (a crash right after creating it) is initialised, not refused."""

@@ -89,10 +89,14 @@ logger = get_logger("broker")
 #: or the output's columns change, so that an older broker refuses a ledger a newer one
 #: wrote instead of resuming it under its own columns (a test pins it to their digest).
 #: Version 2 (2026-12-06): rows.code, the pinned answer settings, image_url and cached.
-SCHEMA_VERSION: Final = 2
+#: Version 3 (2026-12-07): CSV cells a spreadsheet would take for a formula start with ``'``.
+SCHEMA_VERSION: Final = 3
 #: Versions this code reads: an older one is migrated and marked ``SCHEMA_VERSION`` when
-#: opened (version 1: a rows table without ``code``).
-_READABLE_VERSIONS: Final = (1, 2)
+#: opened (version 1: a rows table without ``code``; before 3, a CSV output is written again
+#: in full, see :attr:`Ledger.outputs_reset`).
+_READABLE_VERSIONS: Final = (1, 2, 3)
+#: The first version whose CSV outputs write cells as this code does.
+_CSV_CELLS_SINCE: Final = 3
 
 # Marks a SQLite file as ours, so a different database passed by mistake is refused, not reused.
 _APPLICATION: Final = "asin-broker-ledger"
@@ -419,7 +423,15 @@ class Ledger:
     Use :meth:`open` to create or open one; close it (or use it as a context manager).
     """
 
-    __slots__ = ("_conn", "_default_marketplace", "_identity", "_lock", "_path", "_synchronous")
+    __slots__ = (
+        "_conn",
+        "_default_marketplace",
+        "_identity",
+        "_lock",
+        "_path",
+        "_synchronous",
+        "outputs_reset",
+    )
 
     def __init__(
         self, conn: sqlite3.Connection, path: Path, default_marketplace: str, synchronous: str
@@ -433,6 +445,9 @@ class Ledger:
         # next commit instead of committing into an unlinked file (the job then could not
         # resume: its output has no ledger).
         self._identity: tuple[int, int] | None = None
+        #: the outputs (sink names) whose recorded progress this open reset, begun by an
+        #: older broker that wrote their cells otherwise: they are written again in full
+        self.outputs_reset: tuple[str, ...] = ()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -579,6 +594,7 @@ class Ledger:
                 "if they differed, --refresh fetches every row under these",
             )
         with immediate(self._conn):
+            self._reset_older_outputs()
             self._set_meta("schema_version", SCHEMA_VERSION)
             self._set_meta("job_path", _text(str(fingerprint.path)))
             self._set_meta("job_mtime_ns", fingerprint.mtime_ns)
@@ -588,6 +604,25 @@ class Ledger:
                 # so are the options of a file still being read.
                 if self._meta(_SETTING + name) is None or (reading and name.startswith("--")):
                     self._set_meta(_SETTING + name, value)
+
+    def _reset_older_outputs(self) -> None:
+        """A CSV output an older broker began (schema before 3, formula-like cells written
+        as they came) is written again in full: resumed, its rows would carry two encodings
+        of one cell, the older ones live formulas. Reset in the transaction that marks the
+        ledger as this version's, so a run stopped before the rewrite still does it."""
+        version = self._meta("schema_version")
+        if not isinstance(version, int) or version >= _CSV_CELLS_SINCE:
+            return
+        names = [
+            name
+            for (name,) in self._conn.execute(
+                "SELECT name FROM sinks WHERE name LIKE '%.csv' AND done_order > 0"
+            )
+        ]
+        for name in names:
+            self._conn.execute("DELETE FROM sinks WHERE name = ?", (name,))
+            self._conn.execute("DELETE FROM meta WHERE key = ?", (_ORDERED + name,))
+        self.outputs_reset = tuple(names)
 
     def _check_ours(self, tables: set[str]) -> None:
         found = None

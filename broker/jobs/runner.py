@@ -608,6 +608,13 @@ async def _output(
             note="the output is written again in full in the new format",
         )
         options.out.unlink()
+    if name in ledger.outputs_reset and options.out.exists():
+        logger.warning(
+            "broker.output_rewritten",
+            path=str(options.out),
+            note="begun by an older broker that wrote its cells otherwise (formula-like "
+            "cells without a leading '); written again in full under this version's",
+        )
     state = ledger.sink_state(name)
     # A CSV output started afresh names every row's pass-through columns in its header,
     # whichever row comes first (a resumed one reads them back from its header). Read
