@@ -1201,6 +1201,17 @@ class _HungStore(MemoryStateStore):
         raise AssertionError("unreachable")
 
 
+def _slow_down_store(clock: FakeClock, timeout_s: float) -> Any:
+    """A store that fails each call only after ``timeout_s`` (a hung Redis's timeout)."""
+
+    class _SlowDownStore(_DownStore):
+        async def decide(self, *args: object, **kwargs: object) -> Decision:
+            await clock.sleep(timeout_s)
+            return await super().decide(*args, **kwargs)
+
+    return _SlowDownStore()
+
+
 class TestGivingUp:
     async def test_unreachable_store_gives_up_after_the_outage_budget(self) -> None:
         """A store out of reach for give_up_after_s ends the wait with StateUnavailableError
@@ -1223,13 +1234,7 @@ class TestGivingUp:
         within one call of the budget; it counted from when that call had failed, a
         timeout late."""
         clock = FakeClock()
-
-        class _SlowDownStore(_DownStore):
-            async def decide(self, *args: object, **kwargs: object) -> Decision:
-                await clock.sleep(4.0)
-                return await super().decide(*args, **kwargs)
-
-        store: Any = _SlowDownStore()
+        store = _slow_down_store(clock, 4.0)
         limits = KeyLimits(5.0, 0.05, 5.0)
         limiter = SharedKeyLimiter(clock, store, KEY, limits, process_id="p", give_up_after_s=10.0)
         started = clock.monotonic()
@@ -1247,13 +1252,7 @@ class TestGivingUp:
         from the last ask of any, which the keep-alive, re-asking back to back, kept
         moving: 5 s of budget ran 11 s."""
         clock = FakeClock()
-
-        class _SlowDownStore(_DownStore):
-            async def decide(self, *args: object, **kwargs: object) -> Decision:
-                await clock.sleep(2.0)
-                return await super().decide(*args, **kwargs)
-
-        store: Any = _SlowDownStore()
+        store = _slow_down_store(clock, 2.0)
         limits = KeyLimits(5.0, 0.05, 5.0)
         limiter = SharedKeyLimiter(clock, store, KEY, limits, process_id="p", give_up_after_s=5.0)
         began = clock.monotonic()

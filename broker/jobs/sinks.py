@@ -365,27 +365,25 @@ class _FileSink:
         if size >= resume_from.offset:
             if last is None or self._ends_with(fd, resume_from.offset, last):
                 return resume_from  # whatever follows is a torn tail
-            logger.warning(
-                "broker.output_changed",
-                path=str(self.path),
-                recorded_bytes=resume_from.offset,
-                recorded_rows=resume_from.done_order,
-                size=size,
-                note="the output no longer ends its last recorded row where it did (edited "
-                "by hand?); it is written again from the ledger, every row once",
+            event = "broker.output_changed"
+            note = (
+                "the output no longer ends its last recorded row where it did (edited by "
+                "hand?); it is written again from the ledger, every row once"
             )
-            return SinkState()
-        # Bytes the run had made durable are gone: cut, or records taken out anywhere in
-        # the file. Which rows the rest holds cannot be told from its length, and keeping
-        # it would repeat some rows and lose others; the ledger holds every row, so the
-        # file is written again from it.
+        else:
+            # Bytes the run had made durable are gone: cut, or records taken out anywhere in
+            # the file. Which rows the rest holds cannot be told from its length, and keeping
+            # it would repeat some rows and lose others; the ledger holds every row, so the
+            # file is written again from it.
+            event = "broker.output_shorter_than_recorded"
+            note = "the output is written again from the ledger, every row once"
         logger.warning(
-            "broker.output_shorter_than_recorded",
+            event,
             path=str(self.path),
             recorded_bytes=resume_from.offset,
             recorded_rows=resume_from.done_order,
             size=size,
-            note="the output is written again from the ledger, every row once",
+            note=note,
         )
         return SinkState()
 
