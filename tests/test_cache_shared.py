@@ -273,7 +273,8 @@ class TestRealRedis:
             assert 86_390 <= ttl <= 86_400
             # The namespace's index and sizes go with their last entry: a namespace no
             # longer used (a partner tag changed) left them forever.
-            for record in (b"p1:creators:index", b"p1:creators:sizes", b"p1:creators:names"):
+            records = ("index", "sizes", "names", "bytes")
+            for record in (f"p1:creators:{name}".encode() for name in records):
                 assert 86_390 <= await client.ttl(record) <= 86_400, record
             async with RedisCache(client, CachePolicy(3_600), key_prefix="p2:") as other:
                 assert await other.get_many(queries(["B000000001"])) == [None]
@@ -312,6 +313,36 @@ class TestRealRedis:
             assert await cache.purge(asins=[ASINS_A[7]]) == 1
             assert await cache.purge() == 4
             assert (await cache.stats()).entries == 0
+
+    async def test_the_bytes_figure_is_kept_not_summed_per_stats(self, redis_url: str) -> None:
+        """The bytes figure follows every write, rewrite, eviction and purge, and a stats
+        call reads it instead of summing a million sizes (HVALS per /metrics scrape timed
+        out past a few hundred thousand entries and turned the cache off for a minute); a
+        namespace an older broker wrote, with no sum kept, is summed once."""
+        client = Redis.from_url(redis_url)
+
+        async def summed() -> int:
+            return sum(int(size) for size in await client.hvals("s:creators:sizes"))
+
+        try:
+            policy = CachePolicy(3_600, max_items=20)
+            async with RedisCache(client, policy, key_prefix="s:") as cache:
+                await cache.put_many([answer(a) for a in ASINS_A[:25]])  # 5 evicted
+                assert (await cache.stats()).bytes == await summed() > 0
+                bigger = [
+                    dataclasses.replace(answer(a), item={"ASIN": a, "blob": "x" * 500})
+                    for a in ASINS_A[20:22]
+                ]
+                await cache.put_many(bigger)  # rewritten, larger
+                assert (await cache.stats()).bytes == await summed()
+                await cache.purge(asins=ASINS_A[20:23])
+                assert (await cache.stats()).bytes == await summed()
+                await client.delete("s:creators:bytes")  # as an older broker left it
+                assert (await cache.stats()).bytes == await summed()
+                await client.set("s:creators:bytes", 12_345)
+                assert (await cache.stats()).bytes == 12_345  # read, not summed again
+        finally:
+            await client.aclose()
 
     async def test_writers_racing_keep_the_newest_answer(self, redis_url: str) -> None:
         """Two machines writing the same ASINs at once: the newer answer stays, whichever
