@@ -646,8 +646,9 @@ class Executor:
     def _take_out(self, key: KeyState, marketplace: str, exc: ApiError) -> None:
         """Take the key (or key+marketplace) out of rotation; fail work no key can serve.
 
-        A key's credentials refused here and accepted in another marketplace (a PA-API
-        signature of a region Amazon scopes otherwise, a store the account does not cover)
+        A key's credentials refused in a marketplace outside its Creators credential
+        version's region, or refused here and accepted in another marketplace (a PA-API
+        signature of a region Amazon scopes otherwise, a store the account does not cover),
         leave this marketplace only: the secret is right, and one store's rows must not
         stop the others'.
         """
