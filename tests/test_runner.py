@@ -961,6 +961,39 @@ def test_a_key_state_store_outage_stops_with_69_and_rows_pending() -> None:
     )
 
 
+async def test_a_long_read_of_the_job_file_is_said_as_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job file that takes a while to read (millions of rows) says how many rows it has
+    read, first after first_progress_s: nothing is sent before it all is, and a 2-million-row
+    job was silent for 26 s, a hang to anyone watching its log."""
+    job = tmp_path / "job.txt"
+    job.write_text("".join(f"B0RD{i:06d}\n" for i in range(40)))
+    real = runner._read
+
+    def slow(options: JobOptions) -> Iterator[Any]:
+        for row in real(options):
+            time.sleep(0.01)  # 0.4 s for the file
+            yield row
+
+    monkeypatch.setattr(runner, "_read", slow)
+    options = JobOptions(
+        job=job,
+        out=tmp_path / "out.jsonl",
+        progress="log",
+        first_progress_s=0.1,
+        progress_every_s=0.1,
+        handle_signals=False,
+    )
+    with capture_logs() as logs:
+        summary = await run_job(load_config(_config(tmp_path)), options)
+    assert summary.total == 40
+    reading = [e["rows_read"] for e in logs if e["event"] == "broker.job_reading"]
+    assert len(reading) >= 2
+    assert reading == sorted(reading)
+    assert 0 < reading[0] < 40
+
+
 async def test_a_stop_forced_between_pages_of_a_write_leaves_no_row_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

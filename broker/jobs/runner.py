@@ -812,10 +812,14 @@ async def _ingest(
     stored. Returns the rows stored, and whether the file was read to its end.
     """
 
+    read = 0
+
     def rows() -> Iterator[JobRow]:
+        nonlocal read
         for row in _read(options):
             if stop.requested:
                 raise _IngestStopped
+            read += 1
             yield row
 
     ingest = functools.partial(
@@ -824,10 +828,33 @@ async def _ingest(
         chunk=_INGEST_CHUNK,
         unchanged=functools.partial(check_unchanged, started),
     )
+    reporter = (
+        None
+        if options.progress == "none"
+        else asyncio.ensure_future(_say_reading(options, lambda: read))
+    )
     try:
         return await _in_thread(ingest, on_cancel=stop.ask), True
     except _IngestStopped:
         return ledger.total_rows, False
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+
+
+async def _say_reading(options: JobOptions, read: Callable[[], int]) -> None:
+    """While a big job file is read (nothing is sent before it all is: a million rows take
+    about 15 s), say so as progress would, first after ``first_progress_s`` and then every
+    ``progress_every_s``: a 2-million-row job was silent for 26 s, a hang to a watcher."""
+    await asyncio.sleep(options.first_progress_s)
+    while True:
+        logger.info(
+            "broker.job_reading",
+            job=_label(options),
+            rows_read=read(),
+            note="the job file is read to its end before anything is sent",
+        )
+        await asyncio.sleep(options.progress_every_s)
 
 
 _T = TypeVar("_T")
