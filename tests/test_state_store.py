@@ -2227,6 +2227,15 @@ class TestProcessesRunsAndExpiry:
         assert (await backend.reserve()).processes == 1
         assert (await backend.store.view(KEY, LIMITS)).decision.processes == 1
 
+    async def test_one_process_under_two_limits_counts_once(self, backend: Backend) -> None:
+        """Two [[keys]] entries naming one credential in one process, each with its own tpd,
+        enter the process twice (one entry per limit): broker status counted it as two."""
+        lower = replace(LIMITS, day_limit=40, tpd=40)
+        await backend.reserve()
+        assert (await backend.reserve(lower)).processes == 1
+        await backend.reserve(process=ProcessMark("other:2:b"))
+        assert (await backend.reserve(lower)).processes == 2
+
     async def test_a_run_of_429s_ends_after_a_minute_not_before(self, backend: Backend) -> None:
         """The run gap is a minute on every home (the script's run_gap is RUN_GAP_S): a run
         whose last 429 was 30 s ago goes on (reads 9); one 61 s old reads as none, and the

@@ -469,7 +469,17 @@ if not view then
     'day_offset', int(day_offset), 'prior', cjson.encode(prior), 'own', cjson.encode(own))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
-local processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
+-- Processes, not entries: one process enters once per daily limit it keeps (two [[keys]]
+-- entries of one credential, each with its tpd); its id is what precedes '~' or '|'.
+local processes = 0
+local counted_ids = {}
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+inf')) do
+  local id = string.match(entry, '^[^~|]*')
+  if not counted_ids[id] then
+    counted_ids[id] = true
+    processes = processes + 1
+  end
+end
 
 if paused_until <= now then pause_why = '' end
 return {granted, int(wait), refusal, probe, int(now), int(slot),

@@ -253,6 +253,11 @@ def process_entry(process: ProcessMark, day_limit: int | None, reset_offset_s: i
     return entry if day_limit is None else f"{entry}{_LIMIT_MARK}{day_limit}"
 
 
+def _process_id(entry: str) -> str:
+    """The process id of an entry among the key's processes (:func:`process_entry`)."""
+    return entry.split(_OFFSET_MARK, 1)[0].split(_LIMIT_MARK, 1)[0]
+
+
 #: Before a process's daily limit in its entry (an id never holds one).
 _LIMIT_MARK: Final = "|"
 #: Before a process's daily reset in its entry (an id never holds one: its host name
@@ -590,10 +595,9 @@ def decide(
                 probe = True
                 record.probing_until = now + int(limits.probe_lease_s * _US)
     recent = now - int(PROCESS_RECENT_S * _US)
-    live = 0
-    for seen in record.processes.values():
-        if seen >= recent:
-            live += 1
+    # Processes, not entries: one process enters once per daily limit it keeps (two
+    # [[keys]] entries of one credential, each with its tpd).
+    live = len({_process_id(entry) for entry, seen in record.processes.items() if seen >= recent})
     return Decision(
         granted=granted,
         wait_s=max(0, wait_us) / _US,
