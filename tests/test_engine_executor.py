@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import json
 import random
@@ -1278,6 +1279,53 @@ class TestPartialAnswers:
 
 class TestRetries:
     """Transient failures back off on the clock; 429s never fail an ASIN."""
+
+    def test_a_batch_s_age_leaves_out_its_wait_for_the_key(self) -> None:
+        """After a 429 the batch is due again at once, after a failure when its backoff
+        ends: what it waits past that for its key (a park till the reset, its pace) is not
+        retrying, and only the retry's own backoff ages it."""
+        from broker.engine.attempt import Attempts
+
+        attempts = Attempts()
+        attempts.begin(100.0)
+        attempts.throttled += 1
+        attempts.requeued(100.5)  # the 429's answer
+        assert attempts.age(3_700.0) == 0.5  # parked an hour meanwhile
+        attempts.begin(3_700.0)
+        attempts.requeued(3_700.5 + 2.0)  # a 503 at 3,700.5, and its 2-s backoff
+        assert attempts.age(3_702.5) == 3.0  # two half-second requests and the backoff
+        attempts.begin(9_000.0)  # the key's daily quota held it till then
+        assert attempts.age(9_000.0) == 3.0
+
+    @pytest.mark.parametrize("failures", [1, 2])
+    async def test_a_wait_for_the_key_s_daily_quota_is_not_retrying(self, failures: int) -> None:
+        """A 503, then the key's daily quota spent (one send a day) while the retry waited:
+        the night's wait for the reset counted toward retry.max_age_s, and the next 503 (or
+        the first retry) failed the lookup after two attempts of six."""
+        sent = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal sent
+            if "/auth/" in request.url:
+                return _token("tok")
+            sent += 1
+            if sent <= failures:
+                return _reply(503, {"message": "busy"})
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock(epoch=dt.datetime(2026, 5, 1, 23, 40, tzinfo=dt.UTC))
+        broker, _ = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            keys=[key_doc(tps=5.0, tpd=2)],  # the guard leaves one send a day
+            retry={"base_delay_s": 0.5, "max_delay_s": 2.0, "max_age_s": 600.0},
+        )
+        async with broker:
+            results = await _run(broker, clock, asins(5))
+        assert [r.status for r in results] == [Status.OK] * 5
+        assert sent == failures + 1
 
     async def test_a_batch_that_gave_up_is_warned_of_once_a_minute(self) -> None:
         """A 500 every time: the first batch to fail for good is logged at warning level with

@@ -3,7 +3,9 @@
 One :class:`Attempts` travels with each batch through its retries (a throttled batch may go
 back to the queue for whichever key can send soonest) and only the executor edits it, so
 no other module counts or un-counts attempts. ``age`` leaves out the time the batch waited
-out an outage (K6): a network it cannot fix must not age a lookup into failure.
+out an outage (K6): a network it cannot fix must not age a lookup into failure; and the time
+it waited past when it was due again (after a 429, or a retry's backoff) for a key that could
+not send: its pace, a pause, a park, its daily quota, none of them the batch's retrying.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class Attempts:
     paused_s: float = 0.0
     #: when the batch began waiting out an outage (None when it is not)
     unreachable_since: float | None = None
+    #: when the batch was due to go again, back in the queue (None when it is not): the
+    #: wait past it is the key's, left out of ``age``
+    due_at: float | None = None
     #: token refreshes or re-signings spent (bounded to avoid a loop)
     auth_retries: int = 0
     #: when the first request refused for its credentials went (None until one was)
@@ -50,6 +55,17 @@ class Attempts:
         if self.unreachable_since is not None:
             self.paused_s += max(0.0, sent_at - self.unreachable_since)
             self.unreachable_since = None
+        if self.due_at is not None:
+            self.paused_s += max(0.0, sent_at - self.due_at)
+            self.due_at = None
+
+    def requeued(self, due_at: float) -> None:
+        """The batch goes back to the queue, due to go again at ``due_at`` (at once after a
+        429; after the backoff for a retry): a wait past that, for its key, is not aged.
+        A daily quota spent while a 503's retry waited failed the lookup at its next 503 (a
+        night's wait "retrying" past ``max_age_s``), two attempts of six."""
+        if self.unreachable_since is None:
+            self.due_at = due_at
 
     def not_sent(self, now: float, *, outage: bool = False) -> None:
         """The attempt begun last never reached the API: it does not count.
@@ -82,12 +98,15 @@ class Attempts:
         return max(1, self.sent - self.throttled)
 
     def age(self, now: float) -> float:
-        """Seconds since the first send, less the time spent waiting out outages."""
+        """Seconds since the first send, less the time spent waiting out outages and waiting
+        for the key past when the batch was due."""
         if self.first_sent_at is None:
             return 0.0
         paused = self.paused_s
         if self.unreachable_since is not None:
             paused += max(0.0, now - self.unreachable_since)
+        if self.due_at is not None:
+            paused += max(0.0, now - self.due_at)
         return max(0.0, now - self.first_sent_at - paused)
 
     def child(self, *, missed: bool = False) -> Attempts:

@@ -203,6 +203,7 @@ class Executor:
             self._metrics.throttled += 1
             verdict = key.on_throttled(exc, sent_at)
             attempts.throttled += 1
+            attempts.requeued(self._clock.monotonic())
             if _LOG.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "broker.throttled",
@@ -578,6 +579,7 @@ class Executor:
             # why this waits instead of failing, and not a flat max_delay).
             delay = max(delay, self._policy.budget_delay(attempt))
         attempts.retry_due = True
+        attempts.requeued(now + max(0.0, delay))
         logger.debug(
             "broker.retry_scheduled",
             key=key.name,
