@@ -21,9 +21,12 @@ readable or writable before fails now:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from typing import Final
 
 import orjson
 
@@ -46,12 +49,14 @@ def dumps(value: object, *, default: Callable[[object], object] | None = None) -
         return orjson.dumps(value, default=default, option=_OPTIONS).decode()
     except orjson.JSONEncodeError:
         pass
-    # A lone surrogate, a big integer, a key that is not a string (or something ``default``
-    # refused: the stdlib then raises the same refusal).
+    # A lone surrogate, a big integer, a key that is not a string, nesting deeper than
+    # orjson writes (255 levels; it reads 1,024), or something ``default`` refused (the
+    # stdlib then raises the same refusal).
     try:
-        return json.dumps(
-            value, ensure_ascii=False, separators=(",", ":"), default=default, allow_nan=False
-        )
+        with _deep_enough():
+            return json.dumps(
+                value, ensure_ascii=False, separators=(",", ":"), default=default, allow_nan=False
+            )
     except ValueError as exc:
         if "Out of range float" not in str(exc):
             raise  # a value that holds itself, say
@@ -60,6 +65,26 @@ def dumps(value: object, *, default: Callable[[object], object] | None = None) -
         return json.dumps(
             _finite(value), ensure_ascii=False, separators=(",", ":"), default=default
         )
+
+
+#: The recursion limit the stdlib's writer gets: anything orjson read (at most 1,024 levels)
+#: fits, where Python's default of 1,000 made an answer nested some 980 deep (a hostile or
+#: broken endpoint) crash the run at its first write, and again at every rerun.
+_WRITE_RECURSION: Final = 4_000
+
+
+@contextlib.contextmanager
+def _deep_enough() -> Iterator[None]:
+    """Raise the recursion limit to :data:`_WRITE_RECURSION` for the block, if lower."""
+    before = sys.getrecursionlimit()
+    if before >= _WRITE_RECURSION:
+        yield
+        return
+    sys.setrecursionlimit(_WRITE_RECURSION)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
 
 
 def _finite(value: object) -> object:
@@ -73,20 +98,26 @@ def _finite(value: object) -> object:
     return value
 
 
-def loads(text: bytes | str) -> object:
+def loads(text: bytes | str, *, answer: bool = False) -> object:
     """Decode JSON with orjson, falling back to the stdlib for what orjson refuses.
 
     orjson rejects some JSON the stdlib reads (a lone UTF-16 surrogate escape, ``NaN``):
     one odd title must not fail ten items. A NaN or an infinity (``NaN``, ``Infinity``,
     ``1e999``) is read as null: kept, it would make every output that carries the item
-    invalid JSON.
+    invalid JSON. ``answer``: the text is a server's answer, refused when nested deeper
+    than orjson reads (1,024 levels), so that what the broker keeps of it (a row nests it a
+    few levels deeper) is always read back and written again.
 
     Raises:
-        ValueError: ``text`` is not JSON (``json.JSONDecodeError``).
+        ValueError: ``text`` is not JSON (``json.JSONDecodeError``), or is an ``answer``
+            nested too deep.
     """
     try:
         return orjson.loads(text)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if answer and str(exc).startswith("depth limit exceeded"):
+            raise ValueError("JSON nested deeper than 1,024 levels") from exc
+    with _deep_enough():
         return json.loads(text, parse_constant=_null, parse_float=_finite_or_null)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,6 +118,48 @@ class TestLoads:
         """Text that is not JSON raises ValueError."""
         with pytest.raises(ValueError, match="Expecting property name"):
             loads(b"{not json")
+
+
+def _nested(depth: int) -> list[object]:
+    outer: list[object] = []
+    inner = outer
+    for _ in range(depth - 1):
+        deeper: list[object] = []
+        inner.append(deeper)
+        inner = deeper
+    return outer
+
+
+class TestDeepAnswers:
+    """An answer nested as deep as orjson reads is kept, written and read back; deeper is
+    refused as the server's bad answer. Some 980 levels crashed a run at its first write
+    (RecursionError, exit 1) and again at every rerun, a daemon at every restart."""
+
+    def test_an_answer_orjson_reads_is_written_and_read_back_in_a_row(self) -> None:
+        """1,024 levels (orjson's most) inside a row a few levels deeper, from a thread as
+        the ledger writes: written by the stdlib, read back, written again the same."""
+        item = {"asin": "B000000001", "extra": _nested(1_023)}  # 1,024 levels in all
+        answer = loads(dumps(item).encode(), answer=True)
+        texts: list[str] = []
+
+        def write() -> None:
+            row = dumps({"item": answer, "line": 1})
+            texts.append(row)
+            texts.append(dumps(loads(row.encode())))
+
+        worker = threading.Thread(target=write)
+        worker.start()
+        worker.join()
+        assert len(texts) == 2
+        assert texts[0] == texts[1]
+        assert texts[0].count("[") == 1_023
+
+    def test_an_answer_deeper_than_orjson_reads_is_refused(self) -> None:
+        """Past 1,024 levels an answer is not JSON to the broker (a bad response, retried,
+        then failed), never an item it could not write or read back."""
+        with pytest.raises(ValueError, match="deeper than 1,024"):
+            loads(b"[" * 1_100 + b"]" * 1_100, answer=True)
+        assert isinstance(loads(b"[" * 1_100 + b"]" * 1_100), list)  # its own rows: read
 
 
 def test_a_jobs_extra_column_keeps_a_big_integer_exactly(tmp_path: Path) -> None:

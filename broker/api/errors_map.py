@@ -256,7 +256,7 @@ def load_object(body: bytes, *, status: int, what: str) -> Mapping[str, object]:
             which without quoting the body (a token response holds a credential).
     """
     try:
-        data = loads(body)
+        data = loads(body, answer=True)
     except (ValueError, RecursionError) as exc:
         raise ResponseError(
             f"{what}: HTTP {status} body is not JSON ({len(body)} bytes, {type(exc).__name__})",

@@ -33,7 +33,6 @@ import contextlib
 import csv
 import errno
 import io
-import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from broker.errors import JobFileError, describe
 from broker.jobs.ledger import DoneRow, SinkState, crash_point
-from broker.jsontext import dumps
+from broker.jsontext import dumps, loads
 from broker.logs import get_logger
 from broker.sqlitewal import disk_error, enable_wal, file_identity, held_error, still_at
 
@@ -545,7 +544,7 @@ def _an_older_row(line: bytes) -> bool:
     """True when ``line``, an output's first row, is an older broker's: a row object
     without a field every row of this version has."""
     try:
-        row = json.loads(line)
+        row = loads(line)  # as deep as any row this broker writes
     except ValueError:
         return False  # not a row (cut back to it at open, a first line is whole)
     if not isinstance(row, dict):
