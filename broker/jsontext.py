@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -73,18 +74,30 @@ def dumps(value: object, *, default: Callable[[object], object] | None = None) -
 _WRITE_RECURSION: Final = 4_000
 
 
+#: Blocks in :func:`_deep_enough` now, over every thread (the ledger writes in workers), and
+#: the limit before the first of them: the last one out puts it back, never one in between.
+_deep_users = 0
+_limit_before = 0
+_deep_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _deep_enough() -> Iterator[None]:
     """Raise the recursion limit to :data:`_WRITE_RECURSION` for the block, if lower."""
-    before = sys.getrecursionlimit()
-    if before >= _WRITE_RECURSION:
-        yield
-        return
-    sys.setrecursionlimit(_WRITE_RECURSION)
+    global _deep_users, _limit_before
+    with _deep_lock:
+        if _deep_users == 0:
+            _limit_before = sys.getrecursionlimit()
+            if _limit_before < _WRITE_RECURSION:
+                sys.setrecursionlimit(_WRITE_RECURSION)
+        _deep_users += 1
     try:
         yield
     finally:
-        sys.setrecursionlimit(before)
+        with _deep_lock:
+            _deep_users -= 1
+            if _deep_users == 0 and _limit_before < _WRITE_RECURSION:
+                sys.setrecursionlimit(_limit_before)
 
 
 def _finite(value: object) -> object:
