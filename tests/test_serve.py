@@ -1707,6 +1707,28 @@ class TestDaemonSurvives:
         assert "sticky" in told[0]["note"]
         assert os.listdir(spool / "inbox") == ["theirs.txt"]
 
+    @pytest.mark.parametrize("kind", ["symlink", "fifo"])
+    def test_an_entry_swapped_for_no_file_after_its_listing_is_not_claimed(
+        self, spool: Path, tmp_path: Path, kind: str
+    ) -> None:
+        """A producer renames a link or a pipe over a job's name between the listing (a
+        regular file) and the claim: it is not taken, and goes back to inbox/. Claimed, a
+        pipe blocked the daemon's loop for good (/healthz dead, SIGTERM unheard), and a link
+        to a file only the daemon may read published it in done/."""
+        spool_dir = Spool(spool)
+        spool_dir.prepare()
+        entry = spool / "inbox" / "j.txt"
+        if kind == "symlink":
+            secret = tmp_path / "secret"
+            secret.write_text("amzn1.oa2-cs.v1.0123\n")
+            secret.chmod(0o600)
+            entry.symlink_to(secret)
+        else:
+            os.mkfifo(entry)
+        assert not spool_dir.claim("j.txt")
+        assert os.listdir(spool / "processing") == []
+        assert os.listdir(spool / "inbox") == ["j.txt"]
+
     def test_a_claim_whose_inbox_entry_stays_is_undone(
         self, spool: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

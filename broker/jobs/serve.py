@@ -588,14 +588,41 @@ class Spool:
     def claim(self, name: str, as_name: str | None = None) -> bool:
         """Move ``inbox/<name>`` to ``processing/<as_name>`` (default: the same name).
 
+        Only a regular file is claimed: an entry swapped in after it was listed (a
+        symbolic link, a pipe renamed over the name) is put back where it was found.
+
         Returns:
-            False if someone else has it, or ``processing/`` has a job of that name.
+            False if someone else has it, ``processing/`` has a job of that name, or the
+            entry is no longer a regular file.
 
         Raises:
             PermissionError: the entry may not be moved (a sticky ``inbox/`` and another
                 user's file): it is left in ``inbox/``, unclaimed.
         """
         source, target = self.inbox / name, self.processing / (as_name or name)
+        if not self._claim(source, target):
+            return False
+        if stat.S_ISREG(target.lstat().st_mode):
+            return True
+        # A link or a pipe renamed over the name between the listing and the claim: it
+        # would have been opened (a pipe blocks the loop for good; a link to a file only
+        # the daemon may read would have been published in done/). Back to the inbox, whose
+        # listing leaves it where it is.
+        try:
+            os.link(target, source, follow_symlinks=False)
+        except OSError:
+            logger.warning(
+                "broker.inbox_entry_ignored",
+                entry=_shown(name),
+                kind="no regular file once claimed",
+                note="only regular files are jobs: it was taken out of processing/",
+            )
+        target.unlink(missing_ok=True)
+        return False
+
+    def _claim(self, source: Path, target: Path) -> bool:
+        """Move ``source`` to ``target`` by a link and an unlink (or a rename where links
+        are not made): False when another daemon has it."""
         try:
             os.link(source, target, follow_symlinks=False)
         except FileNotFoundError:
