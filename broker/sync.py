@@ -477,7 +477,16 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
     # asyncio.wait, not wait_for: at the timeout it returns, where wait_for would wait on
     # for a generator that ignores its cancellation.
     loop.run_until_complete(asyncio.wait((closing,), timeout=_CLOSE_STREAMS_S))
+    # Tasks still pending (an embedded simulator's handlers, which its short grace at close
+    # leaves cancelled but not yet ended) end here, as asyncio.run ends them: closed with
+    # them pending, the loop logged "Task was destroyed but it is pending!".
+    left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        loop.run_until_complete(asyncio.wait(left, timeout=_CLOSE_STREAMS_S))
     loop.close()
+    _LOOPS.discard(loop)
 
 
 def _shut_down(
@@ -522,11 +531,15 @@ def _detach_in_child() -> None:
     swap (a loop the parent's policy made otherwise is left as it is).
     """
     for loop in list(_LOOPS):
-        if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-            inherited = loop._selector  # type: ignore[attr-defined]  # no public handle
-            loop._selector = selectors.DefaultSelector()  # type: ignore[attr-defined]
-            with contextlib.suppress(OSError):
-                inherited.close()  # the child's copy of the epoll file only
+        # A closed loop (a broker closed earlier, still referenced) has no poller: swapping
+        # one in failed, and the failure ended the loop over the live ones, whose parent
+        # then waited out its request timeout after the child's exit.
+        if loop.is_closed() or not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+            continue
+        inherited = loop._selector  # type: ignore[attr-defined]  # no public handle
+        loop._selector = selectors.DefaultSelector()  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError, AttributeError):
+            inherited.close()  # the child's copy of the epoll file only
 
 
 if hasattr(os, "register_at_fork"):

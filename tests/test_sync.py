@@ -552,6 +552,63 @@ class TestSyncBroker:
         )
         assert "parent ok 1 True" in done.stdout, done.stdout + done.stderr
 
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+    def test_a_closed_broker_still_referenced_leaves_the_fork_hook_whole(
+        self, tmp_path: Path
+    ) -> None:
+        """Brokers opened and closed before the fork (a warm-up ``with`` block), still
+        referenced: the child detaches the live one's poller all the same, says nothing,
+        and the parent's next call is answered at once. The closed loop's missing poller
+        raised in the hook (a traceback in every child) and left the live one shared, so the
+        parent waited out its 30 s request timeout."""
+        done = _script(
+            tmp_path,
+            "import os, time\n"
+            "b.get_item('B000000003')\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    raise SystemExit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "started = time.monotonic()\n"
+            "result = b.get_item('B000000004')\n"
+            "quick = time.monotonic() - started < 5\n"
+            "print('parent', result.status.value, result.attempts, quick)\n",
+            before=(
+                "from broker import SyncBroker as _Warm\n"
+                "warm = []\n"
+                "for _ in range(4):\n"
+                "    with _Warm.from_dict({'api': {'endpoint': 'simulator'}, 'keys': [{'name': "
+                "'k', 'credential_id': 'demo-id', 'version': '3.1', 'partner_tags': "
+                "{'www.amazon.com': 'demo-20'}}]}) as w:\n"
+                "        w.get_item('B000000001')\n"
+                "    warm.append(w)\n"
+            ),
+        )
+        assert "parent ok 1 True" in done.stdout, done.stdout + done.stderr
+        assert "_detach_in_child" not in done.stderr
+
+    def test_closing_with_a_call_on_the_embedded_simulator_leaves_no_task(
+        self, tmp_path: Path
+    ) -> None:
+        """A call given up on (its timeout) while the embedded simulator still answers it,
+        then the broker closed: no task is left pending as the loop closes ("Task was
+        destroyed but it is pending!" twice, since the simulator closes in 10 ms)."""
+        script = (
+            "from broker import SyncBroker\n"
+            "doc = {'api': {'endpoint': 'simulator'}, 'keys': [{'name': 'k', 'credential_id':"
+            " 'demo-id', 'version': '3.1', 'partner_tags': {'www.amazon.com': 'demo-20'}}],"
+            " 'simulator': {'latency': {'fixed_ms': 300}}}\n"
+            "with SyncBroker.from_dict(doc) as b:\n"
+            "    try:\n"
+            "        b.get_item('B000000001', timeout=0.05)\n"
+            "    except TimeoutError:\n"
+            "        print('timed out')\n"
+            "print('closed')\n"
+        )
+        done = _python(tmp_path, script)
+        assert done.stdout.splitlines() == ["timed out", "closed"]
+        assert "Task was destroyed" not in done.stderr, done.stderr
+
     def test_after_the_exit_close_calls_say_closed(self, tmp_path: Path) -> None:
         """Closed at exit, the broker answers a later call (an atexit handler) with
         BrokerClosedError, and a stream left suspended ends without noise."""
