@@ -47,13 +47,17 @@ _TOKEN_BYTES = 4
 _COPY = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp", re.DOTALL)
 
 
-def write_whole(path: Path, text: str) -> None:
+def write_whole(path: Path, text: str, *, through_links: bool = True) -> None:
     """Write ``text`` (UTF-8) to ``path`` whole or not at all.
 
-    A symbolic link stays a link (the file it names is replaced); an existing file keeps
-    its mode. The copy has a name of its own (:func:`copy_for`).
+    A symbolic link stays a link (the file it names is replaced), unless not
+    ``through_links``: then the link itself is replaced, never its target, whenever it was
+    put there (a program's own file in a folder others may write: a link made between a
+    check and the write had it written through). An existing file keeps its mode. The copy
+    has a name of its own (:func:`copy_for`).
     """
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    follow = through_links and path.is_symlink()
+    target = Path(os.path.realpath(path)) if follow else path
     temporary = copy_for(target)
     try:
         with temporary.open("w", encoding="utf-8") as stream:
@@ -61,7 +65,9 @@ def write_whole(path: Path, text: str) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         with contextlib.suppress(FileNotFoundError):
-            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
+            held = os.stat(target, follow_symlinks=through_links)
+            if stat.S_ISREG(held.st_mode):
+                os.chmod(temporary, stat.S_IMODE(held.st_mode))
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -2377,3 +2377,30 @@ def test_a_link_at_a_status_files_name_is_not_written_through(tmp_path: Path) ->
     assert not victim.exists()
     assert not (done / "job.txt.status.json").is_symlink()
     assert json.loads((done / "job.txt.status.json").read_text()) == {"rows": 1}
+
+
+def test_a_link_planted_again_while_a_status_file_is_written_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer that plants the link again between the daemon's check and its write (it
+    races the daemon, link after link): the link is replaced all the same, and the file it
+    names is left alone. The write resolved the new link and replaced that file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("private\n")
+    done = tmp_path / "done"
+    done.mkdir()
+    status = done / "job.txt.status.json"
+    status.symlink_to(victim)
+    real_unlink = Path.unlink
+
+    def planted_again(self: Path, missing_ok: bool = False) -> None:
+        real_unlink(self, missing_ok=missing_ok)
+        if self == status:
+            status.symlink_to(victim)
+
+    monkeypatch.setattr(Path, "unlink", planted_again)
+    serve._write_status(status, {"rows": 1})
+    monkeypatch.undo()
+    assert victim.read_text() == "private\n"
+    assert not status.is_symlink()
+    assert json.loads(status.read_text()) == {"rows": 1}

@@ -913,11 +913,10 @@ def _write_status(path: Path, status: Mapping[str, object], *, only_writer: bool
     if only_writer:
         for left in copies_of(path):
             left.unlink(missing_ok=True)
-    if path.is_symlink():
-        # The daemon's own file: a link put in its place is removed, never written through
-        # (it would create or replace the file it names, as the daemon's user).
-        path.unlink(missing_ok=True)
-    write_whole(path, json.dumps(status, ensure_ascii=False, indent=2) + "\n")
+    # The daemon's own file: a link put in its place (before, or while it writes) is
+    # replaced, never written through (it would create or replace the file it names, as the
+    # daemon's user).
+    write_whole(path, json.dumps(status, ensure_ascii=False, indent=2) + "\n", through_links=False)
 
 
 def _fsync_dir(directory: Path) -> None:
