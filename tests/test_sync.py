@@ -53,6 +53,22 @@ def _script(tmp_path: Path, body: str, *, before: str = "") -> subprocess.Comple
     return _python(tmp_path, script)
 
 
+#: A script's body: a pooled keep-alive connection to inherit, a child forked that exits at
+#: once, then the parent's next call, and whether it came back quickly and first time.
+_FORK_THEN_CALL = (
+    "import os, time\n"
+    "b.get_item('B000000003')\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    raise SystemExit(0)\n"
+    "os.waitpid(pid, 0)\n"
+    "started = time.monotonic()\n"
+    "result = b.get_item('B000000004')\n"
+    "quick = time.monotonic() - started < 5\n"
+    "print('parent', result.status.value, result.attempts, quick)\n"
+)
+
+
 def _python(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in a fresh ``python -X dev`` with its own state directory; it must
     exit 0."""
@@ -539,16 +555,7 @@ class TestSyncBroker:
         request timeout)."""
         done = _script(
             tmp_path,
-            "import os, time\n"
-            "b.get_item('B000000003')\n"  # a pooled keep-alive connection to inherit
-            "pid = os.fork()\n"
-            "if pid == 0:\n"
-            "    raise SystemExit(0)\n"
-            "os.waitpid(pid, 0)\n"
-            "started = time.monotonic()\n"
-            "result = b.get_item('B000000004')\n"
-            "quick = time.monotonic() - started < 5\n"
-            "print('parent', result.status.value, result.attempts, quick)\n",
+            _FORK_THEN_CALL,
         )
         assert "parent ok 1 True" in done.stdout, done.stdout + done.stderr
 
@@ -563,16 +570,7 @@ class TestSyncBroker:
         parent waited out its 30 s request timeout."""
         done = _script(
             tmp_path,
-            "import os, time\n"
-            "b.get_item('B000000003')\n"
-            "pid = os.fork()\n"
-            "if pid == 0:\n"
-            "    raise SystemExit(0)\n"
-            "os.waitpid(pid, 0)\n"
-            "started = time.monotonic()\n"
-            "result = b.get_item('B000000004')\n"
-            "quick = time.monotonic() - started < 5\n"
-            "print('parent', result.status.value, result.attempts, quick)\n",
+            _FORK_THEN_CALL,
             before=(
                 "from broker import SyncBroker as _Warm\n"
                 "warm = []\n"
