@@ -31,7 +31,7 @@ from typing import Final
 
 import orjson
 
-__all__ = ["dumps", "loads"]
+__all__ = ["deep_enough", "dumps", "loads"]
 
 #: Datetimes and dataclasses go to ``default`` (or are refused), as with the stdlib: orjson
 #: would otherwise write them in a form of its own.
@@ -54,7 +54,7 @@ def dumps(value: object, *, default: Callable[[object], object] | None = None) -
     # orjson writes (255 levels; it reads 1,024), or something ``default`` refused (the
     # stdlib then raises the same refusal).
     try:
-        with _deep_enough():
+        with deep_enough():
             return json.dumps(
                 value, ensure_ascii=False, separators=(",", ":"), default=default, allow_nan=False
             )
@@ -74,7 +74,7 @@ def dumps(value: object, *, default: Callable[[object], object] | None = None) -
 _WRITE_RECURSION: Final = 4_000
 
 
-#: Blocks in :func:`_deep_enough` now, over every thread (the ledger writes in workers), and
+#: Blocks in :func:`deep_enough` now, over every thread (the ledger writes in workers), and
 #: the limit before the first of them: the last one out puts it back, never one in between.
 _deep_users = 0
 _limit_before = 0
@@ -82,8 +82,10 @@ _deep_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _deep_enough() -> Iterator[None]:
-    """Raise the recursion limit to :data:`_WRITE_RECURSION` for the block, if lower."""
+def deep_enough() -> Iterator[None]:
+    """Raise the recursion limit to :data:`_WRITE_RECURSION` for the block, if lower: for
+    the stdlib's JSON writer and reader, over anything orjson read (the item cache's own
+    encoder too)."""
     global _deep_users, _limit_before
     with _deep_lock:
         if _deep_users == 0:
@@ -130,7 +132,7 @@ def loads(text: bytes | str, *, answer: bool = False) -> object:
     except orjson.JSONDecodeError as exc:
         if answer and str(exc).startswith("depth limit exceeded"):
             raise ValueError("JSON nested deeper than 1,024 levels") from exc
-    with _deep_enough():
+    with deep_enough():
         return json.loads(text, parse_constant=_null, parse_float=_finite_or_null)
 
 

@@ -154,6 +154,22 @@ class TestDeepAnswers:
         assert texts[0] == texts[1]
         assert texts[0].count("[") == 1_023
 
+    def test_the_item_cache_keeps_an_answer_orjson_reads(self) -> None:
+        """The cache's own encoder writes it too, and decodes it back: it raised
+        RecursionError, the write batch was dropped and the cache left alone a minute."""
+        from broker.cache.entry import decode, encode
+        from broker.cache.policy import CacheKey
+        from broker.models import ItemResult, Status
+
+        item = loads(dumps({"asin": "B000000001", "extra": _nested(1_023)}).encode(), answer=True)
+        assert isinstance(item, dict)
+        result = ItemResult(
+            "B000000001", "www.amazon.com", Status.OK, item=item, fetched_at=datetime.now(UTC)
+        )
+        key = CacheKey.of("www.amazon.com", "B000000001", ("itemInfo.title",))
+        entry = encode(key, result)
+        assert dumps(decode(entry, None).item) == dumps(item)
+
     def test_an_answer_deeper_than_orjson_reads_is_refused(self) -> None:
         """Past 1,024 levels an answer is not JSON to the broker (a bad response, retried,
         then failed), never an item it could not write or read back."""

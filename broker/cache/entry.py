@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from broker.jsontext import loads
+from broker.jsontext import deep_enough, loads
 from broker.models import ItemResult, ItemSummary, Query, Status
 
 if TYPE_CHECKING:
@@ -73,7 +73,9 @@ def encode(key: CacheKey, result: ItemResult) -> Entry:
         # Half an emoji (a lone surrogate) in a title Amazon sent: orjson refuses it, and
         # the whole batch's write failed, the cache taken for out of use a minute. The
         # stdlib writes it escaped, and decode() reads it back as it came.
-        raw = json.dumps(document, separators=(",", ":")).encode()
+        # So is an answer nested deeper than orjson writes (255 levels; it reads 1,024).
+        with deep_enough():
+            raw = json.dumps(document, separators=(",", ":")).encode()
     # Copied to its exact size: orjson's bytes keep their over-allocated buffer (8 KB held
     # for 850 B of JSON), and the memory cache keeps each payload for a day.
     payload = memoryview(raw).tobytes()
