@@ -372,12 +372,16 @@ class SqliteCache(StoreCache):
             ]
             with immediate(db):
                 db.executemany(_UPSERT, rows)
-                db.execute(
-                    "DELETE FROM item_cache WHERE fetched_at < ? OR fetched_at > ?",
-                    (expire_before, ahead),
-                )
+                # A slice at most inside the write: the first write after a quiet day met a
+                # million expired answers, deleted in one transaction (50 s, every other
+                # process locked out); the rest go a slice at a time after it.
+                left = db.execute(_EXPIRE_SLICE, (expire_before, ahead, _DELETE_SLICE)).rowcount
                 evicted = _evict(db, policy.max_items, policy.max_bytes)
             _vacuum(db)
+            while left >= _DELETE_SLICE:
+                with immediate(db):
+                    left = db.execute(_EXPIRE_SLICE, (expire_before, ahead, _DELETE_SLICE)).rowcount
+                _vacuum(db)
             return evicted
 
         return await self._run(store)
@@ -579,6 +583,11 @@ def _evict(db: sqlite3.Connection, max_items: int, max_bytes: int) -> int:
 
 #: Rows a bulk delete (a day's expiry, a purge) removes per transaction.
 _DELETE_SLICE: Final = 5_000
+#: One slice of the answers past the ceiling (or stamped too far ahead), every namespace's.
+_EXPIRE_SLICE: Final = (
+    "DELETE FROM item_cache WHERE rowid IN (SELECT rowid FROM item_cache "
+    "WHERE fetched_at < ? OR fetched_at > ? LIMIT ?)"
+)
 
 
 def _vacuum(db: sqlite3.Connection) -> None:
