@@ -5,8 +5,9 @@ Layout under ``key_prefix`` + namespace (``asinb:cache:creators.amazon:``):
 - ``item:<marketplace>|<ASIN>|<resources>``: one string per answer, ``fetched_at`` (8-byte
   double) + 16-byte checksum + payload, with a TTL that ends 86,400 s after ``fetched_at``;
 - ``index``: a sorted set of those names scored by ``fetched_at``, to evict the oldest;
-- ``sizes``: a hash of payload sizes, and ``bytes``: their sum, kept as they change (summed
-  once when missing), so the bytes figure costs no scan of a million sizes per ``/metrics``.
+- ``sizes``: a hash of payload sizes, and ``bytes``: their sum, kept as they change and
+  summed again when missing and hourly, so the bytes figure costs no scan of a million
+  sizes per ``/metrics`` (running Lua: a Redis ACL user needs ``+@scripting``).
 
 A SET is atomic, so no reader sees half an entry; the checksum is checked on read anyway.
 A write is one WATCH/MULTI transaction that leaves alone any entry holding a newer answer,
@@ -52,6 +53,8 @@ _HEAD: Final = struct.Struct(">d16s")
 _WRITE_TRIES: Final = 5
 #: Entries deleted per transaction (each a key, two index members and a size).
 _DROP_SLICE: Final = 1_000
+#: How long the kept bytes figure lives before it is summed again (ms).
+_BYTES_LIFE_MS: Final = 3_600_000
 #: A size as ``sizes`` holds it, counted only when it is a whole number (a value written by
 #: something else counts as none).
 _LUA_SIZE: Final = """
@@ -60,40 +63,47 @@ local function size(value)
   return 0
 end
 """
-#: KEYS sizes, bytes; ARGV member, size: record one entry's size, the sum following it (begun
-#: with a namespace's first entry; one begun without it is summed once by _TOTAL_SIZE).
+#: KEYS sizes, bytes; ARGV member, size, the sum's life (ms): record one entry's size, the sum
+#: following it (begun with a namespace's first entry; one begun without it is summed by
+#: _TOTAL_SIZE). The sum lives an hour at most and is then summed again: sizes changed by
+#: others (an older broker during a rolling upgrade, Redis evicting the hash) would leave
+#: it wrong for good.
 _SET_SIZE: Final = (
     _LUA_SIZE
     + """
 local old = size(redis.call('HGET', KEYS[1], ARGV[1]))
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('HLEN', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[2], size(ARGV[2]), 'PX', ARGV[3])
+elseif redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('INCRBY', KEYS[2], size(ARGV[2]) - old)
-elseif redis.call('HLEN', KEYS[1]) == 1 then
-  redis.call('SET', KEYS[2], size(ARGV[2]))
 end
 return 0
 """
 )
-#: KEYS sizes, bytes; ARGV members: forget their sizes, the sum following them.
+#: KEYS sizes, bytes; ARGV members: forget their sizes, the sum following them (each member
+#: once; a sum gone below 0, whatever changed the sizes meanwhile, is dropped to be summed).
 _DROP_SIZES: Final = (
     _LUA_SIZE
     + """
-local gone = 0
+local gone, seen = 0, {}
 for _, member in ipairs(ARGV) do
-  gone = gone + size(redis.call('HGET', KEYS[1], member))
+  if not seen[member] then
+    seen[member] = true
+    gone = gone + size(redis.call('HGET', KEYS[1], member))
+  end
 end
 redis.call('HDEL', KEYS[1], unpack(ARGV))
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
-elseif redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('DECRBY', KEYS[2], gone)
+elseif redis.call('EXISTS', KEYS[2]) == 1 and redis.call('DECRBY', KEYS[2], gone) < 0 then
+  redis.call('DEL', KEYS[2])
 end
 return gone
 """
 )
-#: KEYS sizes, bytes: the sum of the sizes; summed once (kept, with the sizes' expiry) when
-#: it is missing (a namespace an older broker wrote, or its sum expired before its sizes).
+#: KEYS sizes, bytes; ARGV the sum's life (ms): the sum of the sizes; summed when it is
+#: missing (a namespace an older broker wrote, or its sum ran out), kept that long at most.
 _TOTAL_SIZE: Final = (
     _LUA_SIZE
     + """
@@ -103,7 +113,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local sum = 0
 for _, value in ipairs(redis.call('HVALS', KEYS[1])) do sum = sum + size(value) end
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('SET', KEYS[2], sum, 'PX', ttl) else redis.call('SET', KEYS[2], sum) end
+if ttl <= 0 or ttl > tonumber(ARGV[1]) then ttl = tonumber(ARGV[1]) end
+redis.call('SET', KEYS[2], sum, 'PX', ttl)
 return sum
 """
 )
@@ -256,7 +267,6 @@ class RedisCache(StoreCache):
                     # used (a partner tag changed) leaves nothing behind.
                     pipe.expire(self._index, math.ceil(CEILING_S))
                     pipe.expire(self._sizes, math.ceil(CEILING_S))
-                    pipe.expire(self._bytes, math.ceil(CEILING_S))
                     pipe.expire(self._names, math.ceil(CEILING_S))
                     await pipe.execute()
                     break
@@ -290,7 +300,7 @@ class RedisCache(StoreCache):
         pipe.set(name, _HEAD.pack(entry.fetched_at, entry.checksum) + entry.payload, ex=ttl_s)
         pipe.zadd(self._index, {member: entry.fetched_at})
         pipe.zadd(self._names, {member: 0})
-        pipe.eval(_SET_SIZE, 2, self._sizes, self._bytes, member, entry.size)
+        pipe.eval(_SET_SIZE, 2, self._sizes, self._bytes, member, entry.size, _BYTES_LIFE_MS)
 
     async def _forget_expired(self, expire_before: float) -> None:
         """Drop index and size records of entries whose TTL has run out."""
@@ -396,7 +406,7 @@ class RedisCache(StoreCache):
     async def _measure(self) -> tuple[int, int, float | None]:
         await self._forget_expired(self._now() - CEILING_S)
         entries = await self._redis.zcard(self._index)
-        total = await self._redis.eval(_TOTAL_SIZE, 2, self._sizes, self._bytes)
+        total = await self._redis.eval(_TOTAL_SIZE, 2, self._sizes, self._bytes, _BYTES_LIFE_MS)
         oldest = await self._redis.zrange(self._index, 0, 0, withscores=True)
         return int(entries), int(total), float(oldest[0][1]) if oldest else None
 
