@@ -1707,9 +1707,10 @@ class TestDaemonSurvives:
         assert "sticky" in told[0]["note"]
         assert os.listdir(spool / "inbox") == ["theirs.txt"]
 
+    @pytest.mark.parametrize("links", [True, False])
     @pytest.mark.parametrize("kind", ["symlink", "fifo"])
     def test_an_entry_swapped_for_no_file_after_its_listing_is_not_claimed(
-        self, spool: Path, tmp_path: Path, kind: str
+        self, spool: Path, tmp_path: Path, kind: str, links: bool, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A producer renames a link or a pipe over a job's name between the listing (a
         regular file) and the claim: it is not taken, and goes back to inbox/. Claimed, a
@@ -1725,6 +1726,12 @@ class TestDaemonSurvives:
             entry.symlink_to(secret)
         else:
             os.mkfifo(entry)
+        if not links:  # a file system without hard links: claimed (and put back) by rename
+
+            def no_link(*args: Any, **kwargs: Any) -> None:
+                raise OSError(errno.EPERM, "Operation not permitted")
+
+            monkeypatch.setattr(serve.os, "link", no_link)
         assert not spool_dir.claim("j.txt")
         assert os.listdir(spool / "processing") == []
         assert os.listdir(spool / "inbox") == ["j.txt"]

@@ -609,7 +609,8 @@ class Spool:
         # the daemon may read would have been published in done/). Back to the inbox, whose
         # listing leaves it where it is.
         try:
-            os.link(target, source, follow_symlinks=False)
+            if not self._claim(target, source):
+                raise FileExistsError(errno.EEXIST, "taken meanwhile", str(source))
         except OSError:
             logger.warning(
                 "broker.inbox_entry_ignored",
@@ -617,7 +618,7 @@ class Spool:
                 kind="no regular file once claimed",
                 note="only regular files are jobs: it was taken out of processing/",
             )
-        target.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
         return False
 
     def _claim(self, source: Path, target: Path) -> bool:
