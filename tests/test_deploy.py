@@ -573,6 +573,7 @@ class TestSystemd:
             (f"{spool}/inbox", "2770"),
             (f"{spool}/failed", "2770"),
             (f"{spool}/done", "2770"),
+            (f"{spool}/processing", "0750"),
         ):
             kind, _, mode, user, group, *_ = entries[directory]
             assert (kind, mode, user, group) == ("d", want, "asin-broker", "asin-broker")
