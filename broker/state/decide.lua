@@ -470,15 +470,20 @@ if not view then
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 -- Processes, not entries: one process enters once per daily limit it keeps (two [[keys]]
--- entries of one credential, each with its tpd); its id is what precedes '~' or '|'.
+-- entries of one credential, each with its tpd); its id is what precedes '~' or '|'. Only
+-- broker status reads the figure: a send gets the entries' count, without a second scan.
 local processes = 0
-local counted_ids = {}
-for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+inf')) do
-  local id = string.match(entry, '^[^~|]*')
-  if not counted_ids[id] then
-    counted_ids[id] = true
-    processes = processes + 1
+if view then
+  local counted_ids = {}
+  for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now - recent_us, '+inf')) do
+    local id = string.match(entry, '^[^~|]*')
+    if not counted_ids[id] then
+      counted_ids[id] = true
+      processes = processes + 1
+    end
   end
+else
+  processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
 end
 
 if paused_until <= now then pause_why = '' end
