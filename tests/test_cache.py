@@ -605,12 +605,14 @@ class TestServe:
             assert (stats.entries, stats.bytes) == (0, 0)
             assert await client.keys("*") == []
 
+    @pytest.mark.parametrize("by", ["stats", "a write"])
     async def test_a_sqlite_expiry_goes_a_slice_at_a_time(
-        self, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        self, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by: str
     ) -> None:
-        """A day's expiry deletes in transactions of a bounded size (one of a million rows
-        held the file 50 s, every other process locked out and running without the cache),
-        every answer past the ceiling all the same, the totals with them."""
+        """A day's expiry, swept by a stats call or by the first write after a quiet day,
+        deletes in transactions of a bounded size (one of a million rows held the file 50 s,
+        every other process locked out and running without the cache), every answer past
+        the ceiling all the same, the totals with them."""
         from broker.cache import sqlite as sqlite_module
 
         monkeypatch.setattr(sqlite_module, "_DELETE_SLICE", 4)
@@ -626,36 +628,13 @@ class TestServe:
             await cache.put_many([ok(f"B0000000{i:02d}", clock) for i in range(10)])
             await clock.advance(86_401)
             monkeypatch.setattr(sqlite_module, "immediate", counting)
+            if by == "a write":
+                await cache.put_many([ok("B000000099", clock)])
+                monkeypatch.undo()
             stats = await cache.stats()
-        assert transactions == 3
-        assert (stats.entries, stats.bytes) == (0, 0)
-
-    async def test_a_sqlite_write_after_a_quiet_day_expires_a_slice_at_a_time(
-        self, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """The first write after a day's quiet meets every answer past the ceiling: it
-        deleted them all inside its own transaction (50 s for a million, every other process
-        locked out); now a slice there and the rest a slice at a time after it."""
-        from broker.cache import sqlite as sqlite_module
-
-        monkeypatch.setattr(sqlite_module, "_DELETE_SLICE", 4)
-        transactions = 0
-        real = sqlite_module.immediate
-
-        def counting(db: Any) -> Any:
-            nonlocal transactions
-            transactions += 1
-            return real(db)
-
-        async with SqliteCache(tmp_path / "c.sqlite3", CachePolicy(3_600), clock=clock) as cache:
-            await cache.put_many([ok(f"B0000000{i:02d}", clock) for i in range(10)])
-            await clock.advance(86_401)
-            monkeypatch.setattr(sqlite_module, "immediate", counting)
-            await cache.put_many([ok("B000000099", clock)])
-            monkeypatch.undo()
-            stats = await cache.stats()
-        assert transactions == 3  # the write with 4 expired, then 4, then the last 2
-        assert stats.entries == 1
+        assert transactions == 3  # 4 expired, 4, the last 2 (the write's own among them)
+        expected = (1, True) if by == "a write" else (0, False)
+        assert (stats.entries, stats.bytes > 0) == expected
 
     async def test_stats(self, make: MakeCache, clock: FakeClock) -> None:
         """Stats count hits, misses, requests saved (per 10 hits), entries and bytes."""
