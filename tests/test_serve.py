@@ -1885,6 +1885,34 @@ class TestDaemonSurvives:
         with pytest.raises(NotADirectoryError, match="a file stands where the spool's folder"):
             spool.prepare()
 
+    @pytest.mark.parametrize("folder", ["done", "processing"])
+    def test_a_link_in_place_of_a_spool_folder_is_refused(
+        self, tmp_path: Path, folder: str
+    ) -> None:
+        """A spool folder replaced by a link (a producer with write access to the spool):
+        refused, never followed; done/ as a link to another folder had the daemon file its
+        jobs, outputs and status files there."""
+        spool = Spool(tmp_path / "spool")
+        spool.prepare()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (spool.root / folder).rmdir()
+        (spool.root / folder).symlink_to(elsewhere)
+        with pytest.raises(NotADirectoryError, match="a symbolic link stands where"):
+            spool.prepare()
+
+    @pytest.mark.skipif(
+        not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give it away"
+    )
+    def test_a_processing_folder_of_another_user_is_refused(self, tmp_path: Path) -> None:
+        """processing/ made by someone else before the daemon's first start (a producer of
+        the group, the spool writable): refused, not adopted with whatever links it holds."""
+        spool = Spool(tmp_path / "spool")
+        spool.processing.mkdir(parents=True)
+        os.chown(spool.processing, 65534, 65534)
+        with pytest.raises(PermissionError, match="another user's folder"):
+            spool.prepare()
+
     def test_a_world_writable_spool_lends_its_folders_no_more_than_group_access(
         self, tmp_path: Path
     ) -> None:

@@ -413,9 +413,22 @@ class Spool:
         self.failed = self.root / "failed"
 
     def prepare(self) -> list[Path]:
-        """Create the subdirectories that are missing; return those it created."""
+        """Create the subdirectories that are missing; return those it created.
+
+        Raises:
+            NotADirectoryError: a file, or a symbolic link, stands where a folder should be.
+            PermissionError: ``processing/`` is another user's.
+        """
         made = []
         for directory in (self.inbox, self.processing, self.done, self.failed):
+            if directory.is_symlink():
+                # Followed, the daemon would claim, write and file where the link points (a
+                # producer's done/ replaced by a link to another folder had jobs filed there).
+                raise NotADirectoryError(
+                    errno.ENOTDIR,
+                    f"{directory}: a symbolic link stands where the spool's folder should be; "
+                    "make it a folder of the spool (the daemon makes a missing one)",
+                )
             if not directory.is_dir():
                 if directory.exists():
                     # A file in its place: "File exists" from mkdir would send the operator
@@ -430,6 +443,14 @@ class Spool:
                 else:
                     self._make_shared(directory)
                 made.append(directory)
+        owner = self.processing.stat().st_uid
+        if hasattr(os, "geteuid") and owner != os.geteuid():
+            # The daemon's own: one a producer made first held links the runs wrote through.
+            raise PermissionError(
+                errno.EPERM,
+                f"{self.processing}: another user's folder (uid {owner}); processing/ is the "
+                "daemon's own: remove it, and the daemon makes it again",
+            )
         return made
 
     def check_one_file_system(self) -> None:
