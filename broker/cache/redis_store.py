@@ -166,6 +166,11 @@ class RedisCache(StoreCache):
         self._index = self._base + "index"
         self._sizes = self._base + "sizes"
         self._bytes = self._base + "bytes"
+        # Sent by their digest (EVALSHA), loaded once: a script's text with every entry of
+        # every write cost a few hundred bytes each.
+        self._set_size = client.register_script(_SET_SIZE)
+        self._drop_sizes = client.register_script(_DROP_SIZES)
+        self._total_size = client.register_script(_TOTAL_SIZE)
         # The index's members again, all at score 0, so those of one item are one range in
         # their byte order (ZRANGEBYLEX "marketplace|ASIN|"): Amazon's not_found deletes an
         # item's answers of every resource set without a scan of the whole index.
@@ -261,7 +266,7 @@ class RedisCache(StoreCache):
                     for entry, name, value in zip(entries, names, held, strict=True):
                         stored = _unpacked(value)
                         held_at = None if stored is None else stored[0]
-                        self._queue_write(pipe, entry, name, held_at, now)
+                        await self._queue_write(pipe, entry, name, held_at, now)
                     # The index and sizes outlive every entry they list (each expires
                     # within the ceiling of now) and then go too: a namespace no longer
                     # used (a partner tag changed) leaves nothing behind.
@@ -286,7 +291,7 @@ class RedisCache(StoreCache):
         await self._drop_members(members)
         return len(members)
 
-    def _queue_write(
+    async def _queue_write(
         self, pipe: Pipeline, entry: Entry, name: str, held_at: float | None, now: float
     ) -> None:
         """Queue ``entry``'s write, unless the answer held is newer (a late writer's older
@@ -300,7 +305,9 @@ class RedisCache(StoreCache):
         pipe.set(name, _HEAD.pack(entry.fetched_at, entry.checksum) + entry.payload, ex=ttl_s)
         pipe.zadd(self._index, {member: entry.fetched_at})
         pipe.zadd(self._names, {member: 0})
-        pipe.eval(_SET_SIZE, 2, self._sizes, self._bytes, member, entry.size, _BYTES_LIFE_MS)
+        await self._set_size(
+            keys=[self._sizes, self._bytes], args=[member, entry.size, _BYTES_LIFE_MS], client=pipe
+        )
 
     async def _forget_expired(self, expire_before: float) -> None:
         """Drop index and size records of entries whose TTL has run out."""
@@ -318,17 +325,17 @@ class RedisCache(StoreCache):
         for start in range(0, len(members), _DROP_SLICE):
             part = members[start : start + _DROP_SLICE]
             async with self._redis.pipeline(transaction=True) as pipe:
-                self._queue_drop(pipe, part)
+                await self._queue_drop(pipe, part)
                 count, _, _, _ = await pipe.execute()
             deleted += int(count)
         return deleted
 
-    def _queue_drop(self, pipe: Pipeline, members: Sequence[bytes | str]) -> None:
+    async def _queue_drop(self, pipe: Pipeline, members: Sequence[bytes | str]) -> None:
         """Queue the deletion of ``members``' entries with their index and size records."""
         pipe.delete(*[self._member_name(m) for m in members])
         pipe.zrem(self._index, *members)
         pipe.zrem(self._names, *members)
-        pipe.eval(_DROP_SIZES, 2, self._sizes, self._bytes, *members)
+        await self._drop_sizes(keys=[self._sizes, self._bytes], args=members, client=pipe)
 
     async def _delete_unchanged(self, entries: Sequence[Entry]) -> None:
         names = [self._name(entry.key) for entry in entries]
@@ -347,7 +354,7 @@ class RedisCache(StoreCache):
                     if not members:
                         return
                     pipe.multi()  # type: ignore[no-untyped-call]  # redis-py ships no types
-                    self._queue_drop(pipe, members)
+                    await self._queue_drop(pipe, members)
                     await pipe.execute()
                     return
                 except WatchError:
@@ -406,7 +413,7 @@ class RedisCache(StoreCache):
     async def _measure(self) -> tuple[int, int, float | None]:
         await self._forget_expired(self._now() - CEILING_S)
         entries = await self._redis.zcard(self._index)
-        total = await self._redis.eval(_TOTAL_SIZE, 2, self._sizes, self._bytes, _BYTES_LIFE_MS)
+        total = await self._total_size(keys=[self._sizes, self._bytes], args=[_BYTES_LIFE_MS])
         oldest = await self._redis.zrange(self._index, 0, 0, withscores=True)
         return int(entries), int(total), float(oldest[0][1]) if oldest else None
 
