@@ -1188,14 +1188,10 @@ def _copy_out(paths: RunPaths, *, signalled: bool) -> None:
         StoppedWriting: a stop signal ended the copy.
     """
     from broker.jobs.runner import DRAIN_GRACE_S
-    from broker.jobs.signals import StoppedWriting, writes_until_stopped
+    from broker.jobs.signals import writes_until_stopped
 
-    try:
-        with writes_until_stopped(DRAIN_GRACE_S, signalled=signalled):
-            paths.copy_out()
-    except StoppedWriting:
-        drop_stdout()
-        raise
+    with writes_until_stopped(DRAIN_GRACE_S, signalled=signalled):
+        paths.copy_out()
 
 
 async def _lookup(
@@ -1350,7 +1346,7 @@ def _print_lookup_rows(
     Raises:
         StoppedWriting: a stop signal ended the write (what stdout buffers is dropped).
     """
-    from broker.jobs.signals import StoppedWriting, writes_until_stopped
+    from broker.jobs.signals import writes_until_stopped
     from broker.jobs.sinks import json_lines
 
     rows = [_lookup_row(n + 1, asins[n], result) for n, result in sorted(got.items())]
@@ -1361,12 +1357,8 @@ def _print_lookup_rows(
     else:
         encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
         data = "".join(f"{_readable(row)}\n" for row in rows).encode(encoding, "replace")
-    try:
-        with writes_until_stopped(LOOKUP_DRAIN_S, signalled=signalled):
-            write_stdout(data)
-    except StoppedWriting:
-        drop_stdout()
-        raise
+    with writes_until_stopped(LOOKUP_DRAIN_S, signalled=signalled):
+        write_stdout(data)
 
 
 def _market_for(config: BrokerConfig, text: str, marketplace: str | None) -> str | None:

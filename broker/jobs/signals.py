@@ -28,8 +28,10 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final
+
+from broker.stdio import drop_stdout
 
 __all__ = [
     "ECHO_S",
@@ -46,6 +48,8 @@ __all__ = [
     "writes_until_stopped",
 ]
 
+#: A Python-level signal handler.
+_Handler = Callable[[int, Any], None]
 #: A repeat closer than this (seconds) to the previous signal is the same stop delivered twice.
 ECHO_S: Final = 0.05
 #: The signals that stop a run or the daemon.
@@ -226,7 +230,6 @@ def stops_reading() -> Iterator[None]:
     """
     if _early:
         raise StoppedReading(_early[0])
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def stop(signum: int, _frame: object) -> None:
         # The handlers before go back first: a second copy of one Ctrl-C (the terminal's
@@ -235,14 +238,23 @@ def stops_reading() -> Iterator[None]:
             signal.signal(sig, handler)
         raise StoppedReading(signal.Signals(signum))
 
-    for sig in STOP_SIGNALS:
-        if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(sig, stop)
-    try:
+    with _handled(dict.fromkeys(STOP_SIGNALS, stop)) as previous:
         yield
-    finally:
-        for sig, handler in previous.items():
+
+
+@contextlib.contextmanager
+def _handled(handlers: Mapping[signal.Signals, _Handler]) -> Iterator[dict[signal.Signals, Any]]:
+    """Install ``handlers`` for the block (a stop signal started ignored, nohup's SIGHUP,
+    stays so), yield the handlers before, and put those back after."""
+    previous = {sig: signal.getsignal(sig) for sig in handlers}
+    for sig, handler in handlers.items():
+        if sig not in STOP_SIGNALS or previous[sig] is not signal.SIG_IGN:
             signal.signal(sig, handler)
+    try:
+        yield previous
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def replay_early(handler: Callable[[signal.Signals], None]) -> None:
@@ -279,10 +291,9 @@ def writes_until_stopped(grace_s: float, *, signalled: bool = False) -> Iterator
 
     ``signalled``: a stop signal came before the block (the command's own drain): the
     grace runs from the start and the next signal ends the write. So does one kept after
-    the run removed its handlers (:func:`caught_early`).
+    the run removed its handlers (:func:`caught_early`). Ended so, what stdout still
+    buffers is dropped with it.
     """
-    watched = (*STOP_SIGNALS, signal.SIGALRM)
-    previous = {sig: signal.getsignal(sig) for sig in watched}
 
     def first(_sig: signal.Signals) -> None:
         signal.setitimer(signal.ITIMER_REAL, grace_s)
@@ -298,18 +309,21 @@ def writes_until_stopped(grace_s: float, *, signalled: bool = False) -> Iterator
     def grace_over(_signum: int, _frame: object) -> None:
         raise StoppedWriting(None)
 
-    signal.signal(signal.SIGALRM, grace_over)
-    for sig in STOP_SIGNALS:
-        if previous[sig] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(sig, stop)
+    handlers: dict[signal.Signals, _Handler] = dict.fromkeys(STOP_SIGNALS, stop)
+    handlers[signal.SIGALRM] = grace_over
     try:
-        if signalled or _early:
-            policy(_early[0] if _early else signal.SIGTERM)
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        with _handled(handlers):
+            try:
+                if signalled or _early:
+                    policy(_early[0] if _early else signal.SIGTERM)
+                yield
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)  # before SIGALRM's default is back
+    except StoppedWriting:
+        # What stdout still buffers cannot be written either: the exit's own flush would
+        # wait for the reader again, with every stop signal ignored by then.
+        drop_stdout()
+        raise
 
 
 def release() -> None:
