@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -245,8 +246,7 @@ class TestStalledStdoutReader:
         drain's grace), a second ends it with 75 and the temporary output removed, stdout
         buffered or not. It stayed in its write for good, every signal restarted it (and
         once one ended it, the exit's own flush of what stdout buffered blocked again)."""
-        proc, read, log, temp = _writing_to_a_pipe(tmp_path, command, ids)
-        try:
+        with _writing_to_a_pipe(tmp_path, command, ids) as (proc, read, log, temp):
             _wait_for(lambda: _pipe_full(read), proc, log)
             time.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
@@ -254,10 +254,6 @@ class TestStalledStdoutReader:
             assert proc.poll() is None  # the first signal drains: the copy may go on
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            os.close(read)
         assert code == 75, log.read_text()[-2000:]
         said = "while writing the output to stdout" if command == "run" else "while printing"
         assert said in log.read_text()
@@ -270,30 +266,26 @@ class TestStalledStdoutReader:
         """A reader that is slow but reading, and one stop signal while the output is being
         written: every row arrives whole and the command exits 0; the signal cut the output
         mid-row with 75 and "its reader took no more"."""
-        proc, read, log, _ = _writing_to_a_pipe(tmp_path, command, 400)
         received = bytearray()
-        try:
+        with _writing_to_a_pipe(tmp_path, command, 400) as (proc, read, log, _):
             _wait_for(lambda: _pipe_full(read), proc, log)
             proc.send_signal(signal.SIGTERM)
             while chunk := os.read(read, 4096):
                 received += chunk
                 time.sleep(0.002)
             code = proc.wait(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            os.close(read)
         assert code == 0, log.read_text()[-2000:]
         rows = [json.loads(line) for line in received.decode().splitlines()]
         assert len(rows) == 400
 
 
+@contextlib.contextmanager
 def _writing_to_a_pipe(
     tmp_path: Path, command: str, ids: int
-) -> tuple[subprocess.Popen[bytes], int, Path, Path]:
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Path, Path]]:
     """``broker run --out -`` or ``broker lookup`` of ``ids`` ids writing to a pipe nobody
-    reads yet, stdout buffered (no PYTHONUNBUFFERED); the process, the pipe's read end, its
-    stderr file and its TMPDIR."""
+    reads yet, stdout buffered (no PYTHONUNBUFFERED): the process, the pipe's read end, its
+    stderr file and its TMPDIR; killed if still running, and the pipe closed, after."""
     fast = embedded_toml(tps=500.0, simulator="limits = false")
     (tmp_path / "config.toml").write_text(fast, encoding="utf-8")
     asins = [f"B0ST{i:06d}" for i in range(ids)]
@@ -316,7 +308,12 @@ def _writing_to_a_pipe(
             env={**env, "TMPDIR": str(temp)},
         )
     os.close(write)
-    return proc, read, log, temp
+    try:
+        yield proc, read, log, temp
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(read)
 
 
 def _wait_for(ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path) -> None:
