@@ -655,37 +655,34 @@ class Executor:
         stop the others'.
         """
         info = exc.info
-        if info.scope is Scope.KEY and isinstance(exc, AuthError):
+        scope, message, remedy = info.scope, exc.message, info.remedy
+        if scope is Scope.KEY and isinstance(exc, AuthError):
             region = key.region_left_out(marketplace)
             if region is not None:
                 # Known without waiting for another marketplace's answer: whichever came
                 # first decided whether the key left every marketplace or this one.
-                self._pool.take_out(
-                    key,
-                    marketplace,
-                    exc.code,
+                scope = Scope.KEY_MARKETPLACE
+                message = (
                     f"refused for {marketplace}, outside the {region} region of credential "
-                    f"version {key.config.version}: {exc.message}",
+                    f"version {key.config.version}: {exc.message}"
+                )
+                remedy = (
                     f"Give {marketplace} a key of a credential version of its own region "
                     "(Associates Central of that region); this key stays in its region's "
-                    "marketplaces.",
-                    scope=Scope.KEY_MARKETPLACE,
+                    "marketplaces."
                 )
-                return
-            if key.accepted_elsewhere(marketplace):
-                self._pool.take_out(
-                    key,
-                    marketplace,
-                    exc.code,
-                    f"refused for {marketplace} (accepted in other marketplaces): {exc.message}",
+            elif key.accepted_elsewhere(marketplace):
+                scope = Scope.KEY_MARKETPLACE
+                message = (
+                    f"refused for {marketplace} (accepted in other marketplaces): {exc.message}"
+                )
+                remedy = (
                     f"The key works in other marketplaces, so this may be {marketplace}'s "
                     f"alone: check that it covers {marketplace} (for a PA-API key, that "
                     "store's host and SigV4 region; for a Creators credential, its version's "
-                    f"region) and its partner tag there. Otherwise: {info.remedy}",
-                    scope=Scope.KEY_MARKETPLACE,
+                    f"region) and its partner tag there. Otherwise: {info.remedy}"
                 )
-                return
-        self._pool.take_out(key, marketplace, exc.code, exc.message, info.remedy, scope=info.scope)
+        self._pool.take_out(key, marketplace, exc.code, message, remedy, scope=scope)
 
     def _refused_by_network(self, key: KeyState, batch: Batch, exc: NetworkRefused) -> None:
         """The way to the endpoint refused the request (an untrusted certificate, a proxy
