@@ -30,6 +30,7 @@ from broker.api.errors_map import (
     strip_type,
     text,
     unreadable_code,
+    wrong_path_code,
 )
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.errors import ApiError, ResponseError
@@ -294,12 +295,7 @@ def _kind(data: Mapping[str, object], status: int) -> str | None:
 
 
 def _fallback_code(status: int) -> str:
-    # A 404 or 405 naming no code nor a resource is no answer of the API's (a gateway's
-    # JSON "Not Found" for a path in api.endpoint): as when its body is not JSON, no retry
-    # mends it.
-    if status in (404, 405):
-        return "UnknownOperation"
-    code = _FALLBACK_CODES.get(status)
+    code = wrong_path_code(status) or _FALLBACK_CODES.get(status)
     if code is not None:
         return code
     return "ServerError" if status >= 500 else "Other"

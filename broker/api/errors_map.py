@@ -289,6 +289,13 @@ _UNREADABLE_4XX: Final[Mapping[int, str]] = {
 }
 
 
+def wrong_path_code(status: int) -> str | None:
+    """``UnknownOperation`` for a 404 or 405 whose JSON body names no code (a gateway's
+    "Not Found" for a path in api.endpoint, no answer of the API's): as when its body is
+    not JSON, no retry mends it. None for any other status."""
+    return "UnknownOperation" if status in (404, 405) else None
+
+
 def unreadable_code(status: int, body: bytes) -> str | None:
     """The error code of a ``status`` answer whose unreadable ``body`` is no API answer,
     or None when it is to be retried (a JSON answer cut short, or a status a page for

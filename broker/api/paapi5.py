@@ -34,6 +34,7 @@ from broker.api.errors_map import (
     strip_type,
     text,
     unreadable_code,
+    wrong_path_code,
 )
 from broker.api.marketplaces import Marketplace
 from broker.api.marketplaces import marketplace as lookup_marketplace
@@ -377,11 +378,7 @@ def _fallback_code(status: int) -> str:
     # something in between (a gateway's 502 or 504), as the Creators dialect says too.
     if status == 429:
         return "TooManyRequests"
-    if status in (404, 405):
-        # No answer of the API's (a gateway's JSON "Not Found" for a path in api.endpoint):
-        # as when its body is not JSON, no retry mends it.
-        return "UnknownOperation"
-    return "ServerError" if status >= 500 else "Other"
+    return wrong_path_code(status) or ("ServerError" if status >= 500 else "Other")
 
 
 def _failure(
