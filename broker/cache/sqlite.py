@@ -375,13 +375,12 @@ class SqliteCache(StoreCache):
                 # A slice at most inside the write: the first write after a quiet day met a
                 # million expired answers, deleted in one transaction (50 s, every other
                 # process locked out); the rest go a slice at a time after it.
-                left = db.execute(_EXPIRE_SLICE, (expire_before, ahead, _DELETE_SLICE)).rowcount
+                expired = (expire_before, ahead)
+                left = db.execute(_sliced(_EXPIRED), (*expired, _DELETE_SLICE)).rowcount
                 evicted = _evict(db, policy.max_items, policy.max_bytes)
             _vacuum(db)
-            while left >= _DELETE_SLICE:
-                with immediate(db):
-                    left = db.execute(_EXPIRE_SLICE, (expire_before, ahead, _DELETE_SLICE)).rowcount
-                _vacuum(db)
+            if left >= _DELETE_SLICE:
+                _delete_in_slices(db, _EXPIRED, expired)
             return evicted
 
         return await self._run(store)
@@ -395,8 +394,8 @@ class SqliteCache(StoreCache):
         every_resource_set: bool = False,
     ) -> int:
         def delete(db: sqlite3.Connection) -> int:
-            removed = 0
             if keys is not None:
+                removed = 0
                 with immediate(db):
                     for key in keys:
                         if every_resource_set:
@@ -421,19 +420,7 @@ class SqliteCache(StoreCache):
             if asins is not None:
                 where.append(f"asin IN ({','.join('?' * len(asins))})")
                 params.extend(asins)
-            # A transaction per slice, each vacuumed: a day's expiry of a million answers in
-            # one held the file for 50 s, every other process locked out meanwhile.
-            sliced = (
-                "DELETE FROM item_cache WHERE rowid IN (SELECT rowid FROM item_cache "
-                f"WHERE {' AND '.join(where)} LIMIT {_DELETE_SLICE})"
-            )
-            while True:
-                with immediate(db):
-                    count = db.execute(sliced, params).rowcount
-                removed += count
-                _vacuum(db)
-                if count < _DELETE_SLICE:
-                    return removed
+            return _delete_in_slices(db, " AND ".join(where), params)
 
         return await self._run(delete)
 
@@ -583,11 +570,30 @@ def _evict(db: sqlite3.Connection, max_items: int, max_bytes: int) -> int:
 
 #: Rows a bulk delete (a day's expiry, a purge) removes per transaction.
 _DELETE_SLICE: Final = 5_000
-#: One slice of the answers past the ceiling (or stamped too far ahead), every namespace's.
-_EXPIRE_SLICE: Final = (
-    "DELETE FROM item_cache WHERE rowid IN (SELECT rowid FROM item_cache "
-    "WHERE fetched_at < ? OR fetched_at > ? LIMIT ?)"
-)
+#: The answers past the ceiling (or stamped too far ahead), every namespace's.
+_EXPIRED: Final = "fetched_at < ? OR fetched_at > ?"
+
+
+def _sliced(where: str) -> str:
+    """A DELETE of at most ``?`` (the last parameter) rows matching ``where``."""
+    return (
+        "DELETE FROM item_cache WHERE rowid IN "
+        f"(SELECT rowid FROM item_cache WHERE {where} LIMIT ?)"
+    )
+
+
+def _delete_in_slices(db: sqlite3.Connection, where: str, params: Sequence[object]) -> int:
+    """Delete the rows matching ``where``, :data:`_DELETE_SLICE` per transaction, each
+    vacuumed: a day's expiry of a million answers in one held the file for 50 s, every
+    other process locked out meanwhile. Returns how many went."""
+    removed = 0
+    while True:
+        with immediate(db):
+            count = db.execute(_sliced(where), (*params, _DELETE_SLICE)).rowcount
+        removed += count
+        _vacuum(db)
+        if count < _DELETE_SLICE:
+            return removed
 
 
 def _vacuum(db: sqlite3.Connection) -> None:
