@@ -596,8 +596,10 @@ def decide(
                 record.probing_until = now + int(limits.probe_lease_s * _US)
     recent = now - int(PROCESS_RECENT_S * _US)
     # Processes, not entries: one process enters once per daily limit it keeps (two
-    # [[keys]] entries of one credential, each with its tpd).
-    live = len({_process_id(entry) for entry, seen in record.processes.items() if seen >= recent})
+    # [[keys]] entries of one credential, each with its tpd). Only broker status reads the
+    # figure: a send gets the entries' count, as from decide.lua.
+    recent_entries = [entry for entry, seen in record.processes.items() if seen >= recent]
+    live = len({_process_id(e) for e in recent_entries}) if view else len(recent_entries)
     return Decision(
         granted=granted,
         wait_s=max(0, wait_us) / _US,
