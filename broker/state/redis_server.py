@@ -45,28 +45,22 @@ def _server_pid(port: int, password: str | None) -> int | None:
     Raises:
         OSError: nothing answers on the port yet.
     """
-    commands: list[tuple[str, ...]] = [("INFO", "server")]
-    if password is not None:
-        commands.insert(0, ("AUTH", password))
-    with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-        for command in commands:
-            parts = [f"*{len(command)}\r\n".encode()]
-            for word in command:
-                data = word.encode()
-                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-            sock.sendall(b"".join(parts))
-        reader = sock.makefile("rb")
-        if password is not None and not reader.readline().startswith(b"+OK"):
-            return None
-        header = reader.readline()
-        if not header.startswith(b"$"):
-            return None
-        body = reader.read(int(header[1:]))
-    for line in body.decode("utf-8", "replace").splitlines():
-        name, _, value = line.partition(":")
-        if name == "process_id":
-            return int(value)
-    return None
+    from redis import Redis
+    from redis.exceptions import AuthenticationError, RedisError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    client = Redis(host="127.0.0.1", port=port, password=password, socket_timeout=1.0)
+    try:
+        return int(client.info("server")["process_id"])
+    except AuthenticationError:
+        return None  # a server of another password (an AuthenticationError is a "connection" one)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise OSError(str(exc)) from exc
+    except RedisError:
+        return None
+    finally:
+        client.close()
 
 
 class RedisServer:
