@@ -432,6 +432,40 @@ async def test_sustained_429s_after_an_answer_today_name_the_quota(
     assert parked["verdict"] == verdict.value
 
 
+@pytest.mark.parametrize("home", ["memory store", "sqlite store"])
+async def test_another_process_s_answer_today_names_the_quota(home: str, tmp_path: Any) -> None:
+    """Two processes share a key: the first was answered this morning, the second (a later
+    run) meets sustained 429s at the floor. The key's access is fine, so its park says the
+    day's quota is spent; it said "access revoked" (and pointed at Associates Central),
+    since only this process's own answers counted."""
+    clock = FakeClock()
+    clock.wall_offset = 9 * 3600  # 21:00 UTC
+    now_us = lambda: int(clock.monotonic() * 1e6)  # noqa: E731
+    wall_us = lambda: int(clock.utcnow().timestamp() * 1e6)  # noqa: E731
+    if home == "memory store":
+        store: Any = MemoryStateStore(now_us, wall_us)
+    else:
+        from broker.state.sqlite import SqliteStateStore
+
+        store = SqliteStateStore(tmp_path / "state.db", now_us=now_us, wall_us=wall_us)
+    morning = _key(clock, SharedState(store, "https://creators.test", "h:1:a"), tpd=8640)
+    assert await _driven(clock, morning.try_send(), within_s=1.0) is not None
+    morning.on_success(clock.monotonic(), US, demand_limited=False)
+    assert await _driven(clock, morning.try_send(), within_s=1.0) is not None  # tells it
+    await clock.advance(3600.0)
+    later = _key(clock, SharedState(store, "https://creators.test", "h:2:b"), tpd=8640)
+    throttled = ThrottledError("TooManyRequests", "x", status=429)
+    with capture_logs() as logs:
+        for _ in range(200):
+            if later.circuit.state is CircuitState.OPEN:
+                break
+            sent = await _driven(clock, later.try_send(), within_s=60.0)
+            assert sent is not None
+            later.on_throttled(throttled, clock.monotonic())
+    (parked,) = [e for e in logs if e["event"] == "broker.key_parked"]
+    assert parked["verdict"] == ThrottleVerdict.QUOTA_EXHAUSTED.value
+
+
 @pytest.mark.parametrize("home", ["process", "memory store", "sqlite store"])
 @pytest.mark.parametrize("parked_at", ["23:55", "23:40, its probe throttled at 23:56"])
 async def test_a_park_without_a_told_length_probes_just_after_the_daily_reset(

@@ -577,6 +577,19 @@ async def _lose_the_key(backend: Backend, request: pytest.FixtureRequest) -> Non
 class TestDayAndProcesses:
     """The daily count survives a lost store through high-water marks; processes are seen."""
 
+    async def test_an_answer_told_by_one_process_is_today_s_for_every_process(
+        self, backend: Backend
+    ) -> None:
+        """One process's answer of the key today is told to another that never had one (its
+        429s at the floor mean a spent quota, not access revoked); the next day it is not."""
+        assert not (await backend.reserve()).answered_today
+        await backend.reserve(successes=1, answered=True)
+        other = await backend.reserve(process=ProcessMark("other:2:b"))
+        assert other.answered_today
+        if backend.fake is not None:  # Redis's clock is real: no day passes in a test
+            await backend.advance(86_400.0)
+            assert not (await backend.reserve(process=ProcessMark("other:2:b"))).answered_today
+
     async def test_high_water_mark_rebuilds_a_lost_count(
         self, backend: Backend, request: pytest.FixtureRequest
     ) -> None:

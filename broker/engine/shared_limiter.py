@@ -746,6 +746,12 @@ class SharedKeyLimiter:
         shared = 0 if self._answered or self._last is None else self._last.run_429s
         return shared + self._run_429s
 
+    @property
+    def answered_today(self) -> bool:
+        """True when the store's last answer said a process told of an answer of the key in
+        its current daily window (this process's own answers are the key's to count)."""
+        return self._last is not None and self._last.answered_today
+
     def park(self, park_s: float, reason: str, *, exact: bool = False) -> None:
         """Park the key for every process for ``park_s`` (its 429s are not about rate).
 
@@ -923,7 +929,9 @@ class SharedAdaptiveRate(AdaptiveRate):
             budget_exhausted=budget_exhausted,
             quota_used=quota_used,
             retry_after_s=retry_after_s,
-            answered_today=answered_today,
+            # Another process's answer today says the key's access is fine as well as one
+            # of this process (a later run of the day named a spent quota "access revoked").
+            answered_today=answered_today or self._limiter.answered_today,
         )
 
 

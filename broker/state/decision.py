@@ -123,6 +123,10 @@ class Record:
     #: was granted here: their sum is a floor of the day's count that survives any number
     #: of losses, once each live process has asked again (at most OWN_KEEP kept)
     own: dict[str, int] = field(default_factory=dict)
+    #: the daily window (as ``day``, under ``day_offset``) in which a process last told of an
+    #: answer (-1: none): a key answered today has access, so a later process's sustained
+    #: 429s at the floor mean the day's quota is spent, not access revoked
+    answered_day: int = -1
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -335,6 +339,7 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
             record.boost = min(limits.max_boost, record.boost * 2.0)
     if feedback.answered:
         record.run_429s = 0
+        record.answered_day = record.day
         # Amazon answered since the record started afresh: a park from before is over.
         record.gen_unparked = True
     if feedback.run_429s:
@@ -626,4 +631,5 @@ def decide(
         window_end_us=window_end,
         gen_sends=record.gen_sends,
         day_taken_over_s=taken_over,
+        answered_today=record.day >= 0 and record.answered_day == record.day,
     )

@@ -240,6 +240,8 @@ class Decision:
         gen_sends: the sends granted in that generation in window ``day``, this one included.
         day_taken_over_s: this call started a new day at the caller's daily reset over a
             day counted under another one: that one's offset (s after 00:00 UTC); -1: not so.
+        answered_today: a process told of an answer of the key in window ``day`` (its access
+            is fine: sustained 429s mean the day's quota is spent).
         window_end_us: when the window ``count`` belongs to ends (µs, the store's wall
             clock): the caller's next reset, or another live process's when the key keeps
             to the window counted under that one's reset (two configs differ). Every store
@@ -270,3 +272,4 @@ class Decision:
     window_end_us: int = 0
     gen_sends: int = 0
     day_taken_over_s: int = -1
+    answered_today: bool = False

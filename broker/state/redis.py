@@ -312,6 +312,8 @@ class RedisStateStore:
             window_end_us=int(reply[20]),
             gen_sends=int(reply[21]),
             day_taken_over_s=int(reply[22]),
+            # An older script (a rolling upgrade) answers without it.
+            answered_today=len(reply) > 23 and int(reply[23]) == 1,
         )
 
     async def view(self, key: StateKey, limits: KeyLimits) -> KeyView:
