@@ -473,7 +473,9 @@ class TestIngest:
         with open_ledger(tmp_path) as ledger:
             with pytest.raises(KeyboardInterrupt):
                 ledger.ingest(dies(), chunk=2)
-            with pytest.raises(JobFileError, match="4 are already in the ledger"):
+            with pytest.raises(
+                JobFileError, match="ends before line 4, the last one of the 4 rows"
+            ):
                 ledger.ingest(rows[:2])
 
 

@@ -274,6 +274,58 @@ class TestResume:
         assert [row["status"] for row in sorted(rows, key=lambda r: r["line"])] == ["ok", "ok"]
         assert _main(tmp_path, *again, "--convert-isbn13") == ExitCode.OK
 
+    @pytest.mark.parametrize(
+        ("data", "first", "then", "expected"),
+        [
+            # A UTF-8 list with a line of only a no-break space (blank in UTF-8, the row "Â"
+            # in cp1252) stopped at a cp1252 byte, then resumed as the message advises: line
+            # 4 was written twice (and a stored line holding a byte cp1252 leaves undefined,
+            # 0x81, failed the resume).
+            (
+                b"B00005N5PF\n\xc2\xa0\nB0000000XX # \xc3\x81rv\nB000000001\nB000000002 # caf\xe9\n"
+                b"B000000003\n",
+                (),
+                ("--encoding", "cp1252"),
+                [1, 3, 4, 5, 6],
+            ),
+            # A wrong guess first (cp1252: the NBSP line a row), then UTF-8: line 5 was lost.
+            (
+                b"B00005N5PF\n\xc2\xa0\nB0000000XX\nB000000001\nB000000002 # \xc3\x81rv\n",
+                ("--encoding", "cp1252"),
+                (),
+                [1, 2, 3, 4, 5],  # line 2 as the first run read it: the row "Â", invalid
+            ),
+            # A UTF-8 export (its byte-order mark read) with a cp1252 row further on: the
+            # resume as cp1252 was refused for the mark, and without it for the byte.
+            (
+                b"\xef\xbb\xbfasin,t\r\nB00005N5PF,caf\xc3\xa9\r\nB0000000XX,ok\r\n"
+                b"B000000001,caf\xe9\r\n",
+                (),
+                ("--encoding", "cp1252"),
+                [2, 3, 4],
+            ),
+        ],
+        ids=["nbsp-then-cp1252", "cp1252-then-utf8", "bom-then-cp1252"],
+    )
+    def test_a_read_resumed_under_another_encoding_goes_on_after_the_stored_rows(
+        self,
+        tmp_path: Path,
+        data: bytes,
+        first: tuple[str, ...],
+        then: tuple[str, ...],
+        expected: list[int],
+    ) -> None:
+        """A read stopped on a byte its encoding cannot decode, resumed with another
+        --encoding: every row once, none lost, as the README says; it went on after as many
+        rows as were stored, which the other encoding counts otherwise."""
+        job = tmp_path / ("job.csv" if data.startswith(b"\xef") else "job.txt")
+        job.write_bytes(data)
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out), *first) == ExitCode.DATA_ERROR
+        assert _main(tmp_path, str(job), "--out", str(out), *then) == ExitCode.OK
+        lines = sorted(int(row["line"]) for row in _rows(out))  # type: ignore[call-overload]
+        assert lines == expected
+
     def test_strict_refuses_before_any_call(self, tmp_path: Path) -> None:
         """--strict refuses a file with an invalid row and writes nothing, not even a ledger."""
         job = tmp_path / "job.txt"
@@ -363,8 +415,10 @@ class TestResume:
         out = tmp_path / "out.jsonl"
         read = runner._read
 
-        def edited_midway(options: runner.JobOptions) -> Iterator[sources.JobRow]:
-            for count, row in enumerate(read(options)):
+        def edited_midway(
+            options: runner.JobOptions, stored_through_line: int = 0
+        ) -> Iterator[sources.JobRow]:
+            for count, row in enumerate(read(options, stored_through_line)):
                 if count == 300:  # overwrite line 901 in place, as an editor would
                     with job.open("r+b") as handle:
                         handle.seek(900 * 11)
@@ -971,8 +1025,8 @@ async def test_a_long_read_of_the_job_file_is_said_as_it_goes(
     job.write_text("".join(f"B0RD{i:06d}\n" for i in range(40)))
     real = runner._read
 
-    def slow(options: JobOptions) -> Iterator[Any]:
-        for row in real(options):
+    def slow(options: JobOptions, stored_through_line: int = 0) -> Iterator[Any]:
+        for row in real(options, stored_through_line):
             time.sleep(0.01)  # 0.4 s for the file
             yield row
 

@@ -337,8 +337,10 @@ class TestJobs:
         monkeypatch.setattr(runner, "_INGEST_CHUNK", 100)
         read = runner._read
 
-        def appended_midway(options: runner.JobOptions) -> Iterator[Any]:
-            for count, row in enumerate(read(options)):
+        def appended_midway(
+            options: runner.JobOptions, stored_through_line: int = 0
+        ) -> Iterator[Any]:
+            for count, row in enumerate(read(options, stored_through_line)):
                 if count == 150:  # a producer still writing
                     with options.job.open("a") as handle:
                         handle.write("B0LATEROW1\n")

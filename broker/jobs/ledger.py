@@ -48,7 +48,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -764,6 +764,21 @@ class Ledger:
         with self._lock:
             return self._meta_int("ingested_rows")
 
+    @property
+    def stored_through_line(self) -> int:
+        """The line of the last row ingestion stored (0: none): a resumed read goes on after
+        it, reading the lines up to it only for the file's structure (see :meth:`ingest`)."""
+        with self._lock:
+            return self._stored_through_line(self._meta_int("ingested_rows"))
+
+    def _stored_through_line(self, stored: int) -> int:
+        if not stored:
+            return 0
+        row = self._conn.execute("SELECT line FROM rows WHERE seq = ?", (stored - 1,)).fetchone()
+        if row is None:
+            raise JobFileError(f"{self._path}: the ledger is damaged: row {stored - 1} is missing")
+        return int(row[0])
+
     def ingest(
         self,
         rows: Iterable[JobRow],
@@ -773,10 +788,14 @@ class Ledger:
     ) -> int:
         """Store the job file's rows; idempotent and resumable.
 
-        Row ``seq`` is its index in ``rows``. Each chunk is one transaction that also records
+        Row ``seq`` is its index in the job. Each chunk is one transaction that also records
         how many rows are in, so after a crash mid-ingest the next call skips (reads past,
-        without writing) the rows already stored and continues. Once complete, further calls
-        return at once without reading ``rows``.
+        without writing) the rows up to the last stored one's line (:attr:`stored_through_line`)
+        and continues. By line, not by count: a run stopped by a byte its encoding could not
+        decode goes on under another ``--encoding``, which may read a line before the stop
+        as a row or as blank otherwise than the first did (a no-break space is blank in
+        UTF-8, a character in cp1252), so counting rows re-stored or skipped some. Once
+        complete, further calls return at once without reading ``rows``.
 
         Invalid rows (``row.error`` set or no ``asin``) are final at once: status
         ``invalid`` with the reason, and a ``done_order`` so the outputs carry them.
@@ -797,13 +816,22 @@ class Ledger:
             if self._meta_int("ingest_complete"):
                 return self._meta_int("ingested_rows")
             seq = self._meta_int("ingested_rows")
-        stream = iter(rows)
-        skipped = sum(1 for _ in islice(stream, seq))
-        if skipped < seq:
-            raise JobFileError(
-                f"{self._path}: the job file has {skipped} rows but {seq} are already in the "
-                "ledger; was it changed? Run with --new-job to start again."
-            )
+            through = self._stored_through_line(seq)
+        stream: Iterator[JobRow] = iter(rows)
+        if seq:
+            reached = False
+            for row in stream:
+                if row.line > through:
+                    stream = chain((row,), stream)
+                    break
+                reached = reached or row.line == through
+            else:
+                if not reached:
+                    raise JobFileError(
+                        f"{self._path}: the job file ends before line {through}, the last one "
+                        f"of the {seq} rows already in the ledger; was it changed? Run with "
+                        "--new-job to start again."
+                    )
         # Chunks need not be durable one by one: each records how far ingestion got in the
         # same transaction, so losing the last few to a power cut only means re-reading
         # them. The final commit runs at the configured level and makes all of them durable.

@@ -463,7 +463,7 @@ async def _run_once(
         resumed_complete = ledger.ingest_complete and at_start.pending == 0
         if not ledger.ingest_complete:
             if options.strict and not checked:
-                _refuse_invalid(options, config.api.protocol)
+                _refuse_invalid(options, config.api.protocol, ledger.stored_through_line)
             ingest_started = time.monotonic()
             try:
                 ingested, read_all = await _ingest(ledger, options, stop, job_print)
@@ -761,15 +761,22 @@ def _export_ordered(
     return True
 
 
-def _read(options: JobOptions) -> Iterator[JobRow]:
-    """The job file's rows, read as the options say (ingestion and --strict read alike)."""
-    return read_job(options.job, encoding=options.encoding, convert_isbn13=options.convert_isbn13)
+def _read(options: JobOptions, stored_through_line: int = 0) -> Iterator[JobRow]:
+    """The job file's rows, read as the options say (ingestion and --strict read alike);
+    those up to ``stored_through_line`` (stored by an earlier run) read leniently."""
+    return read_job(
+        options.job,
+        encoding=options.encoding,
+        convert_isbn13=options.convert_isbn13,
+        stored_through_line=stored_through_line,
+    )
 
 
-def _refuse_invalid(options: JobOptions, protocol: Protocol) -> None:
+def _refuse_invalid(options: JobOptions, protocol: Protocol, stored_through_line: int = 0) -> None:
     bad = [
         row if row.error else dataclasses.replace(row, error=_row_problem(row, protocol))
-        for row in _read(options)
+        for row in _read(options, stored_through_line)
+        if row.line > stored_through_line
     ]
     bad = [row for row in bad if row.error]
     if bad:
@@ -813,10 +820,12 @@ async def _ingest(
     """
 
     read = 0
+    # A resumed read goes on after the rows stored (the ledger skips them by line too).
+    stored_through_line = ledger.stored_through_line
 
     def rows() -> Iterator[JobRow]:
         nonlocal read
-        for row in _read(options):
+        for row in _read(options, stored_through_line):
             if stop.requested:
                 raise _IngestStopped
             read += 1

@@ -265,6 +265,7 @@ def read_job(
     encoding: str = "utf-8",
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     convert_isbn13: bool = False,
+    stored_through_line: int = 0,
 ) -> Iterator[JobRow]:
     """Stream a job file as one :class:`JobRow` per input row, in file order.
 
@@ -278,6 +279,12 @@ def read_job(
             ...). A UTF-8 byte-order mark at the start is always skipped.
         max_line_bytes: longer lines (not counting the line ending) become invalid rows.
         convert_isbn13: turn 978 ISBN-13s into ISBN-10s instead of reporting them invalid.
+        stored_through_line: a resumed read: the rows up to this line are stored already
+            (:attr:`broker.jobs.ledger.Ledger.stored_through_line`), and the caller skips
+            them. Their lines are read for the file's structure only (a CSV header, quoted
+            records), their bytes decoded leniently: an encoding given for the rest of the
+            file (a run stopped on a byte UTF-8 cannot decode) does not fail on them, nor
+            on a UTF-8 byte-order mark the first run read past.
 
     Returns:
         An iterator of rows, valid and invalid.
@@ -295,7 +302,7 @@ def read_job(
     def check(raw: str) -> AsinCheck:
         return check_asin(raw, convert_isbn13=convert_isbn13)
 
-    return _rows(Path(path), fmt, codec, encoding, max_line_bytes, check)
+    return _rows(Path(path), fmt, codec, encoding, max_line_bytes, check, stored_through_line)
 
 
 def count_rows(
@@ -559,6 +566,7 @@ def _lines(
     encoding: str,
     max_line_bytes: int,
     gzipped: bool,
+    lenient_through: int = 0,
 ) -> Iterator[_Line]:
     """Yield ``(line_number, text)`` per physical line, the text with its line ending.
 
@@ -566,7 +574,8 @@ def _lines(
     whitespace anyway, and ``csv`` needs it to keep newlines inside quoted fields; so no
     line is copied just to cut it off. A line longer than ``max_line_bytes`` (not counting
     its ending) is skipped in bounded reads and yielded as an :class:`_Oversize`, so memory
-    is bounded by the cap, not by the longest line.
+    is bounded by the cap, not by the longest line. Lines up to ``lenient_through`` hold
+    rows stored already (see :func:`read_job`): their bytes are decoded leniently.
     """
     readline = stream.readline
     # Room for a line of exactly the cap plus "\r\n"; anything that fills it is too long.
@@ -581,7 +590,7 @@ def _lines(
                 return
             lineno += 1
             if lineno == 1:
-                if not utf8 and data.startswith(_UTF8_BOM):
+                if not utf8 and data.startswith(_UTF8_BOM) and not lenient_through:
                     # The mark says UTF-8: read as the encoding given, every accented letter
                     # came out as two wrong ones (café as cafÃ©) and the run went on.
                     raise JobFileError(
@@ -604,7 +613,7 @@ def _lines(
                     yield lineno, _oversize(data, codec)
                     continue
             try:
-                text = data.decode(codec)
+                text = data.decode(codec, "replace" if lineno <= lenient_through else "strict")
             except UnicodeDecodeError as exc:
                 # We ask the stream where we are only here, on the way out, rather than
                 # keep a running offset for every line. The line starts len(data) before
@@ -763,6 +772,7 @@ def _rows(
     encoding: str,
     max_line_bytes: int,
     check: Callable[[str], AsinCheck],
+    stored_through_line: int = 0,
 ) -> Iterator[JobRow]:
     """Open the file, pick the format and yield its rows."""
     # A table is refused as a list only when its name made it one: a caller who names the
@@ -772,7 +782,7 @@ def _rows(
         fmt = detect_format(path)
     with ExitStack() as stack:
         stream, gzipped = _open(stack, path)
-        lines = _lines(stream, path, codec, encoding, max_line_bytes, gzipped)
+        lines = _lines(stream, path, codec, encoding, max_line_bytes, gzipped, stored_through_line)
         if fmt == "txt":
             yield from _txt_rows(lines, path if detected else None, max_line_bytes, check)
         elif fmt == "csv":
