@@ -406,6 +406,42 @@ class TestRedisFaults:
         with RedisServer() as server:
             yield server
 
+    async def test_the_documented_acl_rights_are_enough_and_a_missing_one_is_named(
+        self, server: RedisServer
+    ) -> None:
+        """A user granted CACHE_REDIS_PERMISSIONS (what the README names) writes, reads,
+        counts and purges; one without +@transaction (WATCH/MULTI) is told that right, as
+        the config's to mend. The README named only +@scripting beside read and write: every
+        write failed, and the warning blamed the password."""
+        from broker.cache.redis_store import CACHE_REDIS_PERMISSIONS
+
+        admin = Redis.from_url(server.url)
+        granted = CACHE_REDIS_PERMISSIONS.split()
+        users = {"full": granted, "notx": [p for p in granted if p != "+@transaction"]}
+        try:
+            for name, rights in users.items():
+                await admin.execute_command("ACL", "SETUSER", name, "on", ">pw", "~*", *rights)
+            full_url = server.url.replace("redis://", "redis://full:pw@", 1)
+            async with RedisCache.from_url(full_url, CachePolicy(3_600), key_prefix="acl:") as c:
+                assert await c.put_many([answer(a) for a in ASINS_A[:3]]) == 3
+                assert all(r is not None for r in await c.get_many(queries(ASINS_A[:3])))
+                assert (await c.stats()).entries == 3
+                assert await c.purge(asins=ASINS_A[:1]) == 1
+                assert await c.purge() == 2
+            notx_url = server.url.replace("redis://", "redis://notx:pw@", 1)
+            async with RedisCache.from_url(notx_url, CachePolicy(3_600), key_prefix="acl:") as c:
+                with pytest.raises(RedisError) as caught:
+                    await c.put_many([answer(ASINS_A[0])])
+                assert c.wrong_config(caught.value)
+                told = c.describe_failure(caught.value)
+                assert "lacks a permission" in told
+                assert "+@transaction" in told
+                assert "password" not in told
+        finally:
+            for name in users:
+                await admin.execute_command("ACL", "DELUSER", name)
+            await admin.aclose()
+
     async def test_a_restarted_redis_is_used_at_once(self, server: RedisServer) -> None:
         """Redis restarted between two reads: the second is answered on a fresh connection.
         It failed on the pooled connection that died with the old server, and the cache was

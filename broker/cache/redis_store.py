@@ -7,7 +7,7 @@ Layout under ``key_prefix`` + namespace (``asinb:cache:creators.amazon:``):
 - ``index``: a sorted set of those names scored by ``fetched_at``, to evict the oldest;
 - ``sizes``: a hash of payload sizes, and ``bytes``: their sum, kept as they change and
   summed again when missing and hourly, so the bytes figure costs no scan of a million
-  sizes per ``/metrics`` (running Lua: a Redis ACL user needs ``+@scripting``).
+  sizes per ``/metrics`` (an ACL user needs :data:`CACHE_REDIS_PERMISSIONS`).
 
 A SET is atomic, so no reader sees half an entry; the checksum is checked on read anyway.
 A write is one WATCH/MULTI transaction that leaves alone any entry holding a newer answer,
@@ -44,9 +44,13 @@ if TYPE_CHECKING:
 
     from broker.clock import Clock
 
-__all__ = ["RedisCache"]
+__all__ = ["CACHE_REDIS_PERMISSIONS", "RedisCache"]
 
 _log = get_logger("broker.cache")
+
+#: The ACL rights the item cache needs on its keys: reads and writes, the Lua that keeps
+#: the bytes figure, and WATCH/MULTI/EXEC for writes and purges.
+CACHE_REDIS_PERMISSIONS: Final = "+@scripting +@read +@write +@transaction"
 
 _HEAD: Final = struct.Struct(">d16s")
 #: How often a write reads again after another writer changed one of its keys meanwhile.
@@ -439,7 +443,15 @@ class RedisCache(StoreCache):
 
     def _failure_advice(self, error: BaseException) -> tuple[str, str]:
         """Redis, and what to check: its password when it refused one or wants one (it
-        read as "check that Redis is up"), TLS when a rediss:// URL timed out."""
+        read as "check that Redis is up"), the ACL user's rights when it barred a command,
+        TLS when a rediss:// URL timed out."""
+        if barred(error):
+            # Not the password: the user is known, and lacks a right (an ACL granting the
+            # read, write and scripting commands but not WATCH/MULTI lost every write).
+            return self.where, (
+                "the Redis user lacks a permission the item cache needs: grant it "
+                f"{CACHE_REDIS_PERMISSIONS} on the key prefix's keys, or use another user"
+            )
         if _refused_password(error):
             where = (
                 f"put the right one in {self._setting} (redis://:PASSWORD@host:port/db)"
