@@ -217,7 +217,9 @@ class SyncBroker:
                 coro.close()
                 raise BrokerClosedError("this SyncBroker is closed") from None
         try:
-            return future.result(timeout)
+            # Longer than a thread can wait (some 292 years) is as long as it takes.
+            wait = None if timeout is None or timeout >= threading.TIMEOUT_MAX else timeout
+            return future.result(wait)
         except TimeoutError:
             if future.done():
                 # Answered just as time ran out, or the call's own TimeoutError.
@@ -294,7 +296,10 @@ class SyncBroker:
         (up to about 384 beyond ``queue_size``, 100 more with the item cache on, which is
         read a chunk at a time) while the loop sends what it has; a chunk ends early once
         reading it has taken 50 ms, so a slow input's first items are sent while the rest
-        comes. Since that thread is also the one consuming results, an input
+        comes. An input that waits for its items (stdin fed by ``tail -f``, a queue) has
+        each one sent as it comes, and the answers of what it gave are yielded, for up to a
+        second, before it is read again: this thread yields nothing while it waits for
+        input. Since that thread is also the one consuming results, an input
         that waits for this stream's own results (a queue its consumer refills, as a crawler
         does) blocks: feed such an input from another thread, or use the async ``stream``.
         An input that raises raises here, after the answers for every item it gave before
@@ -314,17 +319,36 @@ class SyncBroker:
             feed, marketplace=marketplace, resources=self._resources(resources), stop=wind_down
         )
         pump = _Pump(agen, feed, patience_s=None if stop is None else _STOP_CHECK_S)
+        # Items given to the loop and not answered yet; the input's longest wait for one
+        # item in the last read (it waits between items: see _read), and until when the
+        # answers of what it gave are waited for before reading on.
+        outstanding = 0
+        waited = 0.0
+        linger_until = 0.0
         try:
             while True:
                 if wind_down is not None and stop is not None and stop.is_set():
                     self._call(_set(wind_down))
                     wind_down = None
-                step = self._call(pump.step())
+                linger_s = max(0.0, linger_until - time.monotonic()) if outstanding else 0.0
+                step = self._call(pump.step(linger_s))
                 if isinstance(step, ItemResult):
+                    outstanding -= 1
                     yield step
                 elif step is _Signal.MORE:
                     halted = stop is not None and stop.is_set()
-                    chunk, ended, failure = ([], True, None) if halted else _read(source, _CHUNK)
+                    chunk: list[str | Query] = []
+                    ended, failure = True, None
+                    if not halted:
+                        chunk, ended, failure, waited = _read(
+                            source, _CHUNK, one_by_one=waited >= _SLOW_INPUT_S
+                        )
+                    outstanding += len(chunk)
+                    # An input that waits for its items: its next read waits again, and
+                    # this thread yields nothing meanwhile, so the answers of what it gave
+                    # (due in a request or two) are yielded first, for up to that wait.
+                    slow = waited >= _SLOW_INPUT_S
+                    linger_until = time.monotonic() + min(waited, _LINGER_S) if slow else 0.0
                     self._call(feed.give(chunk, ended=ended, failure=failure))
                 elif step is _Signal.END:
                     return
@@ -565,6 +589,15 @@ _CHUNK = 256
 #: How often a waiting SyncBroker stream looks at its ``stop`` event, in seconds.
 _STOP_CHECK_S = 0.25
 
+#: An input that takes this long (s) for one item waits between items (a pipe fed by a
+#: producer, a queue): its items are handed over one at a time, and the answers of what it
+#: gave are yielded before it is read again.
+_SLOW_INPUT_S = 0.05
+
+#: At most this long (s) a SyncBroker stream waits for answers before it reads a slow input
+#: again (an item the input already holds waits no longer than this).
+_LINGER_S = 1.0
+
 
 class _Signal(enum.Enum):
     """What a stream's step says instead of a result."""
@@ -579,26 +612,34 @@ async def _set(event: asyncio.Event) -> None:
 
 
 def _read(
-    source: Iterator[str | Query], size: int, within_s: float = 0.05
-) -> tuple[list[str | Query], bool, Exception | None]:
-    """Up to ``size`` items of ``source``, whether it ended, and the error it raised after
-    them, if any.
+    source: Iterator[str | Query], size: int, within_s: float = 0.05, *, one_by_one: bool = False
+) -> tuple[list[str | Query], bool, Exception | None, float]:
+    """Up to ``size`` items of ``source``, whether it ended, the error it raised after
+    them, if any, and the longest it took for one item (s).
 
     Fewer items when reading them takes longer than ``within_s``: a slow input (a cursor
     over a network, a generator that waits) has its first items sent while the rest comes,
-    instead of nothing sent until ``size`` items are in. The items read before a failure
-    are kept: the stream answers them before the error.
+    instead of nothing sent until ``size`` items are in. ``one_by_one`` (the last read
+    waited for an item): one item, so an item given after a wait is sent before the input
+    is asked for the next, which may wait as long; a fast input is back to chunks at its
+    next read. The items read before a failure are kept: the stream answers them before
+    the error.
     """
     chunk: list[str | Query] = []
-    deadline = time.monotonic() + within_s
+    last = time.monotonic()
+    deadline = last + within_s
+    longest = 0.0
     try:
         for item in source:
+            now = time.monotonic()
+            longest = max(longest, now - last)
+            last = now
             chunk.append(item)
-            if len(chunk) >= size or time.monotonic() >= deadline:
-                return chunk, False, None
+            if one_by_one or len(chunk) >= size or now >= deadline:
+                return chunk, False, None, longest
     except Exception as exc:
-        return chunk, True, exc
-    return chunk, True, None
+        return chunk, True, exc, max(longest, time.monotonic() - last)
+    return chunk, True, None, max(longest, time.monotonic() - last)
 
 
 class _Feed:
@@ -661,14 +702,22 @@ class _Pump:
         self._patience_s = patience_s
         self._pending: asyncio.Task[ItemResult] | None = None
 
-    async def step(self) -> ItemResult | _Signal:
-        """The next result; MORE when the feed is hungry first; END at the end; IDLE when
-        neither came within the patience (None: wait as long as it takes)."""
+    async def step(self, linger_s: float = 0.0) -> ItemResult | _Signal:
+        """The next result; MORE when the feed is hungry first (after waiting up to
+        ``linger_s`` for a result); END at the end; IDLE when neither came within the
+        patience (None: wait as long as it takes)."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(anext(self._agen))
             # Its error is read by the next step, unless the SyncBroker was closed from
             # another thread meanwhile: then no step comes, and asyncio would report it.
             self._pending.add_done_callback(_retrieved)
+        if not self._pending.done() and self._feed.hungry.is_set() and linger_s > 0:
+            patience = self._patience_s
+            await asyncio.wait(
+                (self._pending,), timeout=linger_s if patience is None else min(patience, linger_s)
+            )
+            if not self._pending.done() and patience is not None and patience < linger_s:
+                return _Signal.IDLE  # a look at ``stop``, then the rest of the wait
         if not self._pending.done() and not self._feed.hungry.is_set():
             hungry = asyncio.ensure_future(self._feed.hungry.wait())
             try:

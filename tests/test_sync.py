@@ -199,6 +199,14 @@ class TestSyncBroker:
         with pytest.raises((TypeError, ValueError), match="timeout"):
             sync_broker.get_item("B000000001", timeout=timeout)  # type: ignore[arg-type]
 
+    @pytest.mark.parametrize("timeout", [1e10, 10**12, sys.float_info.max])
+    def test_a_timeout_longer_than_threads_can_wait_waits_as_long_as_it_takes(
+        self, sync_broker: SyncBroker, timeout: float
+    ) -> None:
+        """A finite timeout= past what a thread can wait (``threading.TIMEOUT_MAX``, some
+        292 years) is no timeout: the call is answered. It raised OverflowError."""
+        assert sync_broker.get_item("B000000001", timeout=timeout).ok
+
     def test_stream(self, sync_broker: SyncBroker) -> None:
         """stream yields every input once; leaving early releases the rest."""
         wanted = asins(30)
@@ -379,6 +387,35 @@ class TestSyncBroker:
 
         assert sorted(r.asin for r in sync_broker.stream(rows())) == wanted
         assert sent_before[-1] > 0, sent_before
+
+    @pytest.mark.parametrize("waits", ["before each item", "after each item"])
+    def test_an_input_that_waits_has_each_item_answered_before_the_next_comes(
+        self, sync_broker: SyncBroker, waits: str
+    ) -> None:
+        """An input that waits between items (stdin fed by ``tail -f``, a generator that
+        blocks on a queue): each item is sent as it comes and its answer yielded before the
+        stream waits for the next one. Each waited for the next item before it was even
+        sent, and the answers came out only when the input ended. (An item a generator
+        gives just before its first wait can only be seen slow once that wait is over.)"""
+        wanted = asins(4, "B7")
+        given: dict[str, float] = {}
+
+        def rows() -> Iterator[str]:
+            for asin in wanted:
+                if waits == "before each item":
+                    time.sleep(0.6)
+                given[asin] = time.monotonic()
+                yield asin
+                if waits == "after each item":
+                    time.sleep(0.6)
+
+        late = {
+            result.asin: round(time.monotonic() - given[result.asin], 2)
+            for result in sync_broker.stream(rows())
+        }
+        assert sorted(late) == wanted
+        answered_late = wanted[:1] if waits == "after each item" else []
+        assert [a for a in wanted if late[a] > 0.4] == answered_late, late
 
     def test_close_from_another_thread_mid_stream_is_quiet(self, tmp_path: Path) -> None:
         """close() from another thread while a stream reads its input ends the stream with
