@@ -1544,15 +1544,22 @@ def _as_stdin(message: str, copy: str) -> str:
     return f"stdin: line {message[len(prefix) :]}" if message.startswith(prefix) else message
 
 
-def _log_finished(summary: JobSummary, paths: RunPaths, *, failed: str | None = None) -> None:
+def _log_finished(
+    summary: JobSummary, paths: RunPaths, *, failed: str | None = None, reader_gone: bool = False
+) -> None:
     """The closing figures as one ``broker.job_finished`` event: with JSON logs, a log
     collector reads them there instead of parsing the plain lines printed after it.
     ``failed``: the run's rows are done, but what ends it is this error (exit 74): logged
-    at error level, with it."""
+    at error level, with it. ``reader_gone``: stdout's reader went away (``| head``), which
+    ends it with 141: at info level, the reader's choice."""
     from broker.logs import get_logger
 
     logger = get_logger()
     extra: dict[str, object] = {} if failed is None else {"error": failed}
+    code = summary.exit_code() if failed is None else ExitCode.IO_ERROR
+    if reader_gone:
+        extra["stdout"] = "its reader went away before it took every row"
+        code = ExitCode.BROKEN_PIPE
     (logger.info if failed is None else logger.error)(
         "broker.job_finished",
         **extra,
@@ -1576,7 +1583,7 @@ def _log_finished(summary: JobSummary, paths: RunPaths, *, failed: str | None = 
             {"code": code, "marketplace": market, "rows": n}
             for code, market, n in summary.failed_causes
         ],
-        exit_code=int(summary.exit_code() if failed is None else ExitCode.IO_ERROR),
+        exit_code=int(code),
     )
 
 
@@ -1720,7 +1727,11 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
         )
         return ExitCode.RESUMABLE
     except OSError as exc:
-        if not isinstance(exc, BrokenPipeError):
+        if isinstance(exc, BrokenPipeError):
+            # Quiet on stderr (141, said by the top level), but logged: without its closing
+            # event the run read as one that died after broker.job_started.
+            _log_finished(summary, paths, reader_gone=True)
+        else:
             # stdout unwritable (a full device): the run ends 74 on it, said by the top
             # level, logged with its figures as every error exit of a run is.
             _log_finished(summary, paths, failed=f"cannot write to stdout: {exc.strerror}")

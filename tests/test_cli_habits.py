@@ -1372,6 +1372,21 @@ class TestRunPaths:
         assert "Traceback" not in err
         assert "BrokenPipeError" not in err
 
+    def test_a_run_whose_reader_left_logs_its_end(self, tmp_path: Path) -> None:
+        """``broker run --out - | head``: the run's closing event is logged with exit 141
+        (info: the reader chose to stop), not left out, which read as a run that died after
+        ``broker.job_started``."""
+        job = tmp_path / "job.txt"
+        job.write_text("".join(f"B0PIPE{i:04d}\n" for i in range(40)))
+        args = ["run", str(job), "--out", "-", "--config", str(_config(tmp_path))]
+        err = _with_stdout_gone(tmp_path, args)
+        (finished,) = [
+            json.loads(line) for line in err.splitlines() if '"broker.job_finished"' in line
+        ]
+        assert (finished["exit_code"], finished["level"]) == (141, "info")
+        assert finished["rows"]["total"] == 40
+        assert "reader" in finished["stdout"]
+
     def test_cache_purge_into_a_gone_reader_is_quiet(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
