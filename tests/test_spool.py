@@ -92,6 +92,45 @@ def _finished_job(spool: Spool, name: str, rows: str) -> SpoolJob:
     return job
 
 
+class TestFilingRace:
+    """Two daemons filing two jobs at once into names one of them computes as free."""
+
+    def test_a_name_one_daemon_chose_is_not_filed_over_by_another(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Daemon 1 files a.txt (done/a.txt taken, so as a-2.txt) while daemon 2 files a job
+        named a-2.txt: each keeps its own name and rows. Both chose a-2.txt, and the second
+        filing replaced the first's job file, outputs and status (a replica pair lost 10
+        of 40 such jobs)."""
+        earlier = _finished_job(spool, "a.txt", "earlier\n")
+        spool.file(earlier, "done", {"job": "a.txt", "outcome": "done"})
+        first = _finished_job(spool, "a.txt", "first\n")
+        second = _finished_job(spool, "a-2.txt", "second\n")
+        other = Spool(spool.root)
+        original = serve._write_status
+        filed: list[Path] = []
+        started: list[bool] = []
+
+        def interleaved(path: Path, status: Mapping[str, object], **options: object) -> None:
+            if not started:  # daemon 1 chose its name; daemon 2 files meanwhile
+                started.append(True)
+                filed.append(other.file(second, "done", {"job": "a-2.txt", "outcome": "done"}))
+            original(path, status, **options)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(serve, "_write_status", interleaved)
+        filed.append(spool.file(first, "done", {"job": "a.txt", "outcome": "done"}))
+        assert len({path.name for path in filed}) == 2
+        rows = {
+            json.loads((spool.done / f"{p.name}.status.json").read_text())["job"]: (
+                spool.done / f"{p.name}.out.jsonl"
+            ).read_text()
+            for p in filed
+        }
+        assert rows == {"a.txt": "first\n", "a-2.txt": "second\n"}
+        assert len([p for p in spool.done.iterdir() if p.suffix == ".txt"]) == 3
+        assert not [p for p in spool.done.iterdir() if p.name.startswith(".")]
+
+
 class TestFilingCrash:
     """A crash while a job is filed, then the job is filed again at the next start."""
 

@@ -171,6 +171,10 @@ _CLAIM_RETRIES_S: Final = (0.05, 0.1, 0.2, 0.0)
 _CLAIM: Final = ".out.jsonl.claim"
 # The start of the hidden name under which an inbox/ entry is refused into failed/.
 _REFUSING: Final = ".refusing-"
+#: The start of a name's reservation in done/ or failed/ (``.taking.a-2.txt``), made with
+#: O_EXCL before a filing writes anything under the name: two daemons filing at once never
+#: choose one free name (the second filing replaced the first's job file, rows and status).
+_TAKING: Final = ".taking."
 #: How often an idle daemon looks in processing/ for a job no live daemon holds (its
 #: replica was killed while this one ran).
 _ORPHAN_CHECK_S: Final = 10.0
@@ -703,15 +707,18 @@ class Spool:
             os.rename(self.inbox / name, held)
         except FileNotFoundError:
             return None
-        base = _free_name(self.failed, target)
-        _write_status(_status_path(self.failed, base), status)
+        base = _take_free_name(self.failed, target, os.stat(held).st_ino)
         try:
-            os.rename(held, self.failed / base)
-        except FileNotFoundError:
-            # A daemon starting meanwhile put it back into inbox/: refused there again.
-            _status_path(self.failed, base).unlink(missing_ok=True)
-            return None
-        _fsync_dir(self.failed)
+            _write_status(_status_path(self.failed, base), status)
+            try:
+                os.rename(held, self.failed / base)
+            except FileNotFoundError:
+                # A daemon starting meanwhile put it back into inbox/: refused there again.
+                _status_path(self.failed, base).unlink(missing_ok=True)
+                return None
+            _fsync_dir(self.failed)
+        finally:
+            _reservation(self.failed, base).unlink(missing_ok=True)
         return self.failed / base
 
     def recover(self) -> list[str]:
@@ -755,6 +762,9 @@ class Spool:
         os.replace(job.path, dest / base)
         _fsync_dir(dest)
         _fsync_dir(self.processing)
+        # The name is the job file's now (a crash before this leaves the reservation: a
+        # hidden empty file, and the name its own, as the filing marker says).
+        _reservation(dest, base).unlink(missing_ok=True)
         for path in job.work_files():
             path.unlink(missing_ok=True)
         return dest / base
@@ -774,10 +784,14 @@ class Spool:
         # crash (network file systems, a volume mounted on another node).
         identity = os.stat(job.path).st_ino
         marked = self._marked(job, identity)
+        if marked is not None and marked[0] == dest.name:
+            if _reserve(dest, marked[1], identity):
+                return marked[1], True
+            # Cut short before it wrote anything there, and another daemon's filing has
+            # the name since: nothing there is this job's.
+            marked = None
         if marked is not None:
             where, name = marked
-            if where == dest.name:
-                return name, True
             # Filed elsewhere before the crash (the job's outcome changed): drop that try,
             # and the copy of its status a kill may have left.
             elsewhere = self.root / where
@@ -786,7 +800,7 @@ class Spool:
                 *copies_of(_status_path(elsewhere, name)),
             ):
                 left.unlink(missing_ok=True)
-        base = _free_name(dest, job.name)
+        base = _take_free_name(dest, job.name, identity)
         marker = {"dest": dest.name, "name": base, "file": identity}
         _write_status(job.filing_marker, marker, only_writer=True)
         return base, False
@@ -824,9 +838,15 @@ def _status_path(directory: Path, name: str) -> Path:
     return directory / f"{name}{_STATUS_SUFFIX}"
 
 
+def _reservation(directory: Path, name: str) -> Path:
+    """The file that reserves ``name`` in ``directory`` for the filing under way."""
+    return directory / f"{_TAKING}{name}"
+
+
 def _filing_files(directory: Path, name: str) -> list[Path]:
-    """The status and output files a filing under ``name`` writes into ``directory``."""
-    names = [_status_path(directory, name).name]
+    """The status and output files a filing under ``name`` writes into ``directory``, and
+    the name's reservation."""
+    names = [_reservation(directory, name).name, _status_path(directory, name).name]
     for fmt in _FORMATS:
         names += [f"{name}.out.{fmt}", f"{name}.out.{fmt}.invalid.jsonl"]
     return [directory / each for each in names]
@@ -890,13 +910,17 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def _free_name(directory: Path, name: str) -> str:
+def _free_name(directory: Path, name: str, identity: int | None = None) -> str:
     """``name``, or ``head-2.rest``, ``head-3.rest``... whichever has no file of its own yet:
-    no job file, status file or output (a refused file named ``r.txt.status.json`` holds
-    ``r.txt``'s status; an output kept after its job file was deleted holds its outputs)."""
+    no job file, status file, output or reservation (a refused file named
+    ``r.txt.status.json`` holds ``r.txt``'s status; an output kept after its job file was
+    deleted holds its outputs); a reservation for the file ``identity`` is its own."""
 
     def free(candidate: str) -> bool:
+        reservation = _reservation(directory, candidate)
         taken = [directory / candidate, *_filing_files(directory, candidate)]
+        if identity is not None and _reserved_for(reservation) == identity:
+            taken.remove(reservation)
         # A link takes its name too, dangling or not: written through, a status file would
         # land wherever a producer who can write done/ pointed it.
         return not any(os.path.lexists(path) for path in taken)
@@ -909,6 +933,41 @@ def _free_name(directory: Path, name: str) -> str:
         if free(candidate):
             return candidate
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _take_free_name(directory: Path, name: str, identity: int) -> str:
+    """The first free name for ``name`` in ``directory`` (:func:`_free_name`), reserved for
+    the file ``identity`` (its inode): of two daemons that found one name free, one takes it
+    and the other the next (see :data:`_TAKING`)."""
+    while True:
+        base = _free_name(directory, name, identity)
+        if _reserve(directory, base, identity):
+            return base
+
+
+def _reserve(directory: Path, name: str, identity: int) -> bool:
+    """Reserve ``name`` in ``directory`` for the file ``identity``; False when another
+    file's filing holds it. The reservation is made with O_EXCL and names the file, so the
+    same job filed again after a crash takes its own reservation back."""
+    path = _reservation(directory, name)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return _reserved_for(path) == identity
+    try:
+        os.write(fd, str(identity).encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def _reserved_for(path: Path) -> int | None:
+    """The inode the reservation ``path`` names; None if none can be read (being written,
+    gone, or cut short by a crash: never this filing's)."""
+    try:
+        return int(path.read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 def _move(source: Path, directory: Path, name: str) -> str | None:
