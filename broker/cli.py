@@ -872,12 +872,16 @@ def _region_warnings(config: BrokerConfig) -> list[str]:
     from broker.config import is_loopback_host
     from broker.models import Protocol
 
-    if config.api.protocol is not Protocol.CREATORS or config.api.uses_simulator:
-        return []  # the simulator's demo accounts serve every region (the starter's UK tag)
+    if config.api.protocol is not Protocol.CREATORS:
+        return []
     demo: set[str] = set()
-    if is_loopback_host(urllib.parse.urlsplit(config.api.endpoint).hostname or ""):
-        # A `broker simulate` here (the README's recipe for `broker status`): its demo
-        # accounts serve every region. Other keys may reach Amazon through a local proxy.
+    if config.api.uses_simulator or is_loopback_host(
+        urllib.parse.urlsplit(config.api.endpoint).hostname or ""
+    ):
+        # The embedded simulator, or a `broker simulate` here (the README's recipe for
+        # `broker status`): its demo accounts serve every region (the starter's UK tag);
+        # its other accounts, as Amazon's keys, their own region only. Other keys on a
+        # loopback address may reach Amazon through a local proxy.
         from broker.simulator.accounts import DEMO_ACCOUNTS
 
         demo = {account.credential_id for account in DEMO_ACCOUNTS}

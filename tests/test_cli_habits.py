@@ -2452,13 +2452,15 @@ def _with_second_key(name: str, marketplace: str, env: str) -> str:
     """The embedded simulator's demo key, and a key ``name`` for ``marketplace`` whose
     secret is read from ``env`` (the simulator has its account, with another secret)."""
     tags = f'partner_tags = {{ "{marketplace}" = "{name}-21" }}\n'
+    # Its region's version: the simulator's own accounts, as Amazon's, serve no other.
+    version = "3.2" if marketplace in ("www.amazon.co.uk", "www.amazon.de") else "3.1"
     key = (
-        f'[[keys]]\nname = "{name}"\ncredential_id = "{name}-id"\nversion = "3.1"\n'
+        f'[[keys]]\nname = "{name}"\ncredential_id = "{name}-id"\nversion = "{version}"\n'
         f'credential_secret_env = "{env}"\n{tags}\n'
     )
     account = (
         f'[[simulator.accounts]]\nname = "{name}"\nprotocol = "creators"\n'
-        f'credential_id = "{name}-id"\nsecret = "{name}-secret"\nversion = "3.1"\n{tags}'
+        f'credential_id = "{name}-id"\nsecret = "{name}-secret"\nversion = "{version}"\n{tags}'
     )
     log = '[log]\nformat = "json"\n'
     return embedded_toml(simulator="seed = 3").replace(log, key + log) + account

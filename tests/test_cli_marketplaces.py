@@ -337,3 +337,21 @@ class TestCheckConfig:
         proxied = local.replace('credential_id = "demo-id"', 'credential_id = "amzn1.mine"')
         assert cli.main(["check-config", "--config", str(_config(tmp_path, proxied))]) == 0
         assert "key demo: credential version 3.1 is for the NA region" in capsys.readouterr().err
+
+    def test_a_region_warning_for_the_embedded_simulator_s_own_accounts(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The embedded simulator: its demo key needs no warning (its account serves every
+        region), but a key of an account configured in [simulator] does, as that account
+        serves its own region only, as Amazon's do. Any embedded config went unwarned."""
+        assert cli.main(["check-config", "--config", str(_config(tmp_path))]) == 0
+        assert "region" not in capsys.readouterr().err
+        monkeypatch.setenv("ASINB_MINE", "mine-secret")
+        own = _CONFIG.replace('credential_id = "demo-id"', 'credential_id = "mine-id"').replace(
+            'version = "3.1"', 'version = "3.1"\ncredential_secret_env = "ASINB_MINE"'
+        ) + (
+            '\n[[simulator.accounts]]\nname = "mine"\nprotocol = "creators"\n'
+            'credential_id = "mine-id"\nsecret = "mine-secret"\nversion = "3.1"\n'
+        )
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, own))]) == 0
+        assert "key demo: credential version 3.1 is for the NA region" in capsys.readouterr().err

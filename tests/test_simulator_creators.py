@@ -258,6 +258,41 @@ class TestAuthorization:
         if status == 401:
             assert response.json()["reason"] == "InvalidIssuer"
 
+    @pytest.mark.parametrize(
+        ("version", "marketplace", "status"),
+        [
+            ("3.1", "www.amazon.com", 200),
+            ("3.1", "www.amazon.de", 401),
+            ("3.2", "www.amazon.de", 200),
+            ("3.2", "www.amazon.com", 401),
+            ("3.3", "www.amazon.co.jp", 200),
+            ("3.3", "www.amazon.co.uk", 401),
+        ],
+    )
+    async def test_a_token_serves_its_credential_version_s_region_only(
+        self, start: Start, version: str, marketplace: str, status: int
+    ) -> None:
+        """A key's token used in a marketplace outside its version's region family is 401
+        InvalidIssuer, as Amazon answers (protocol.md 2.1); it was served, so the broker's
+        handling of that refusal was never met over the wire. The demo accounts serve every
+        region (the starter config tags the demo key for the UK and Germany)."""
+        tags = {marketplace: ("t-21",)}
+        account = Account("k", "creators", "k-id", "k-secret", version, tags)
+        client, _ = await start(replace(OPEN, accounts=(account,)))
+        token = await client.token("k-id", "k-secret")
+        body = {"partnerTag": "t-21", "itemIds": [ASIN]}
+        response = await client.creators("getItems", body, token=token, marketplace=marketplace)
+        assert response.status == status, response.text
+        if status == 401:
+            assert response.json()["reason"] == "InvalidIssuer"
+        demo = await client.creators(
+            "getItems",
+            {"partnerTag": "demo-22", "itemIds": [ASIN]},
+            token=await client.token(),
+            marketplace="www.amazon.de",
+        )
+        assert demo.status == 200
+
     async def test_expired_token_injection(self, start: Start) -> None:
         """The expired_token fault answers a fresh token with 401 TokenExpired, and counts."""
         client, sim = await start(replace(OPEN, faults=FaultRates(expired_token=1.0)))

@@ -48,6 +48,10 @@ class Account:
         no_store: both answer ``InvalidAssociate`` (key not mapped to a store).
         tps: transactions per second allowed.
         tpd: transactions per day allowed (the day starts at 00:00 UTC).
+        every_region: a demo account: its Creators tokens serve every marketplace (the
+            starter config's UK and DE tags on one key). Amazon's, and the simulator's
+            other accounts, serve only their credential version's region (x.1 NA, x.2
+            EU, x.3 FE): elsewhere 401 ``InvalidIssuer`` (protocol.md 2.1).
     """
 
     name: str
@@ -62,6 +66,15 @@ class Account:
     no_store: bool = False
     tps: float = 1.0
     tpd: int = 8640
+    every_region: bool = False
+
+    @property
+    def region(self) -> str:
+        """The Creators region family its credential version serves (``NA``, ``EU``,
+        ``FE``), or ``""`` for PA-API keys."""
+        if self.protocol != "creators":
+            return ""
+        return _VERSION_REGIONS.get(self.version.rpartition(".")[2], "")
 
     @property
     def family(self) -> str:
@@ -75,6 +88,9 @@ class Account:
         return tag in self.partner_tags.get(marketplace, ())
 
 
+#: The region family of a Creators credential version, by its minor number (protocol.md 2.1).
+_VERSION_REGIONS: Mapping[str, str] = {"1": "NA", "2": "EU", "3": "FE"}
+
 _DEMO_TAGS: Mapping[str, tuple[str, ...]] = {
     "www.amazon.com": ("demo-20",),
     "www.amazon.co.uk": ("demo-21",),
@@ -83,7 +99,17 @@ _DEMO_TAGS: Mapping[str, tuple[str, ...]] = {
 
 #: Fixed, documented keys so that a fresh clone works against the simulator with no setup.
 DEMO_ACCOUNTS: tuple[Account, ...] = (
-    Account("demo", "creators", "demo-id", "demo-secret", "3.1", _DEMO_TAGS, tps=5.0, tpd=100_000),
+    Account(
+        "demo",
+        "creators",
+        "demo-id",
+        "demo-secret",
+        "3.1",
+        _DEMO_TAGS,
+        tps=5.0,
+        tpd=100_000,
+        every_region=True,
+    ),
     Account(
         "demo-v2",
         "creators",
@@ -93,6 +119,7 @@ DEMO_ACCOUNTS: tuple[Account, ...] = (
         _DEMO_TAGS,
         tps=5.0,
         tpd=100_000,
+        every_region=True,
     ),
     Account(
         "demo-paapi",
@@ -103,6 +130,7 @@ DEMO_ACCOUNTS: tuple[Account, ...] = (
         _DEMO_TAGS,
         tps=5.0,
         tpd=100_000,
+        every_region=True,
     ),
 )
 

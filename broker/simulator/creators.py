@@ -153,6 +153,9 @@ async def handle(request: web.Request, sim: Simulator) -> tuple[Reply, str | Non
             "FieldValidationFailed",
             fieldList=_field_list(sim, "x-marketplace", message),
         ), None
+    if not account.every_region and MARKETPLACES[marketplace].creators_region != account.region:
+        # Tokens are bound to their credential version's region family.
+        return _error(sim, account.name, 401, "UnauthorizedException", "InvalidIssuer"), None
     if account.not_eligible:
         return _error(sim, account.name, 403, "AccessDeniedException", "AssociateNotEligible"), None
 
