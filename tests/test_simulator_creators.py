@@ -338,6 +338,30 @@ class TestValidation:
         assert response.json()["reason"] == "FieldValidationFailed"
         assert response.json()["fieldList"][0]["name"] == "x-marketplace"
 
+    @pytest.mark.parametrize(
+        ("extra", "status"),
+        [
+            ({"itemIdType": "ASIN", "currencyOfPreference": "EUR", "properties": {"a": "b"}}, 200),
+            ({"languagesOfPreference": ["en_US"]}, 200),
+            ({"itemIdType": "ISBN"}, 400),
+            ({"itemIdType": 123}, 400),
+            ({"currencyOfPreference": ["USD"]}, 400),
+            ({"currencyOfPreference": "U" * 101}, 400),
+            ({"properties": [1]}, 400),
+            ({"properties": {"a": 1}}, 400),
+        ],
+    )
+    async def test_optional_fields_are_typed_as_the_model_types_them(
+        self, start: Start, extra: dict[str, object], status: int
+    ) -> None:
+        """getItems' optional fields of the wrong type or value (protocol.md 2.5) are 400
+        FieldValidationFailed, as Amazon answers; they were ignored and served."""
+        client, _ = await start()
+        response = await _get(client, await client.token(), [ASIN], **extra)
+        assert response.status == status, response.text
+        if status == 400:
+            assert response.json()["reason"] == "FieldValidationFailed"
+
     async def test_cannot_parse(self, start: Start) -> None:
         """A body that is not JSON is 400 CannotParse."""
         client, _ = await start()

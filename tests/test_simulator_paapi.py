@@ -416,6 +416,33 @@ class TestErrors:
         assert response.status == 400
         assert _code(response) == code
 
+    @pytest.mark.parametrize(
+        ("extra", "status"),
+        [
+            ({"ItemIdType": "ASIN", "CurrencyOfPreference": "USD", "OfferCount": 1}, 200),
+            ({"Merchant": "All", "LanguagesOfPreference": ["en_US"], "Properties": {}}, 200),
+            ({"ItemIdType": "UPC"}, 400),
+            ({"ItemIdType": 5}, 400),
+            ({"CurrencyOfPreference": 12}, 400),
+            ({"CurrencyOfPreference": "U" * 101}, 400),
+            ({"LanguagesOfPreference": "en_US"}, 400),
+            ({"Merchant": "Nobody"}, 400),
+            ({"OfferCount": 0}, 400),
+            ({"Properties": {"a": 1}}, 400),
+        ],
+    )
+    async def test_optional_fields_are_typed_as_the_model_types_them(
+        self, start: Start, extra: dict[str, object], status: int
+    ) -> None:
+        """GetItems' optional fields of the wrong type or value (protocol.md 3.3) are 400
+        InvalidParameterValue, as Amazon answers; they were ignored, so a client that sent
+        them wrongly was served."""
+        client, _, clock = await start()
+        response = await _call(client, clock, {**BODY, **extra})
+        assert response.status == status, response.text
+        if status == 400:
+            assert _code(response) == "InvalidParameterValue"
+
     async def test_search_condition_is_one_of_paapis(self, start: Start) -> None:
         """A SearchItems Condition outside Any, Collectible, New, Refurbished, Used is refused."""
         client, _, clock = await start()

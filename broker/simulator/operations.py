@@ -13,7 +13,7 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import quote_plus
 
 from broker.simulator.catalog import (
@@ -238,6 +238,13 @@ def _integer(body: Mapping[str, object], field: str, default: int, low: int, hig
     return int(raw)
 
 
+#: PA-API's ``Merchant`` values, ``ItemIdType``'s (and ``itemIdType``'s) one value, and the
+#: largest integer its models take.
+_MERCHANTS: Final = frozenset({"All", "Amazon"})
+_ITEM_ID_TYPES: Final = frozenset({"ASIN"})
+_MAX_INT32: Final = 2**31 - 1
+
+
 def _enum(field: str, value: object, allowed: frozenset[str]) -> str:
     """``value`` when it is one of ``allowed``; anything else, a list or a number too, is
     refused as a bad value (never a 500)."""
@@ -265,16 +272,37 @@ def _check_condition(body: Mapping[str, object], ctx: Context) -> None:
 
 def _check_request(body: Mapping[str, object], ctx: Context) -> None:
     """What every operation's request must hold: PA-API's ``PartnerType`` (required, with
-    its one value, protocol.md 3.3); on the Creators API, at most one language (2.5)."""
-    if ctx.names.style == "paapi5":
+    its one value, protocol.md 3.3), and its ``Merchant`` and ``OfferCount`` when given; on
+    the Creators API, at most one language (2.5); on both, the optional fields typed as the
+    models type them (a currency a string of at most 100 characters, languages a list of
+    strings, properties a map of strings). A client that sends them wrongly typed is
+    refused, as Amazon refuses it, not served."""
+    names = ctx.names
+    if names.style == "paapi5":
         partner_type = body.get("PartnerType")
         if partner_type is None:
             raise Rejected("missing", "PartnerType")
         if partner_type != "Associates":
             raise Rejected("bad_value", "PartnerType", value=str(partner_type))
-    if ctx.names.style == "creators":
-        # The Creators model takes one language (protocol.md 2.5); PA-API names no limit.
-        _string_list(body, "languagesOfPreference", low=0, high=1, required=False)
+        if body.get("Merchant") is not None:
+            _enum("Merchant", body["Merchant"], _MERCHANTS)
+        _integer(body, "OfferCount", 1, 1, _MAX_INT32)
+    # The Creators model takes one language (protocol.md 2.5); PA-API names no limit.
+    high = 1 if names.style == "creators" else _MAX_INT32
+    _string_list(body, names("languagesOfPreference"), low=0, high=high, required=False)
+    field = names("currencyOfPreference")
+    currency = body.get(field)
+    if currency is not None and not (isinstance(currency, str) and 0 < len(currency) <= 100):
+        raise Rejected("bad_value", field, value=str(currency), detail="must be a currency code")
+    field = names("properties")
+    properties = body.get(field)
+    if properties is not None and not (
+        isinstance(properties, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in properties.items())
+    ):
+        raise Rejected(
+            "bad_value", field, value=str(properties), detail="must map strings to strings"
+        )
 
 
 def _search_options(body: Mapping[str, object], ctx: Context) -> dict[str, Any]:
@@ -330,6 +358,9 @@ def _get_items(body: Mapping[str, object], ctx: Context, tag: str) -> Outcome:
     ids = _string_list(body, ctx.names("itemIds"), low=1, high=10)
     assert ids is not None
     _check_request(body, ctx)
+    field = ctx.names("itemIdType")
+    if body.get(field) is not None:
+        _enum(field, body[field], _ITEM_ID_TYPES)  # "ASIN", the only one (protocol.md 2.5)
     if ctx.names.style == "paapi5":
         # PA-API fails the whole request on one malformed id (protocol.md 3.4).
         for item_id in ids:
