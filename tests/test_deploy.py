@@ -929,6 +929,58 @@ class TestPromtool:
         for expr in exprs:
             assert "sum" not in expr, expr
 
+    def test_job_progress_shows_a_job_with_no_row_finished(self, tmp_path: Path) -> None:
+        """The "Job progress" panel shows a job none of whose rows is finished yet (just
+        started, or deferred for the daily quota) at 0, beside one half done; it left such
+        a job out, as its numerator had no series for it."""
+        panels = _dashboard()["panels"]
+        assert isinstance(panels, list)
+        (panel,) = [p for p in panels if p["title"] == "Job progress"]
+        (target,) = panel["targets"]
+        rules = {
+            "groups": [{"name": "p", "rules": [{"record": "progress", "expr": target["expr"]}]}]
+        }
+        (tmp_path / "rules.yml").write_text(json.dumps(rules))
+        tests = {
+            "rule_files": ["rules.yml"],
+            "evaluation_interval": "1m",
+            "tests": [
+                {
+                    "interval": "1m",
+                    "input_series": [
+                        {"series": 'asinb_job_rows{job_file="q1.txt",status="ok"}', "values": "8"},
+                        {
+                            "series": 'asinb_job_rows{job_file="q1.txt",status="pending"}',
+                            "values": "8",
+                        },
+                        {
+                            "series": 'asinb_job_rows{job_file="q2.txt",status="pending"}',
+                            "values": "30",
+                        },
+                    ],
+                    "promql_expr_test": [
+                        {
+                            "expr": "progress",
+                            "eval_time": "0m",
+                            "exp_samples": [
+                                {"labels": 'progress{job_file="q1.txt"}', "value": 0.5},
+                                {"labels": 'progress{job_file="q2.txt"}', "value": 0},
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+        (tmp_path / "rules.test.yml").write_text(json.dumps(tests))
+        done = subprocess.run(
+            ["promtool", "test", "rules", "rules.test.yml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
     def test_dashboard_queries_parse(self, tmp_path: Path) -> None:
         """Every dashboard query is valid PromQL (Grafana's $__rate_interval set to 5m)."""
         lines = ["groups:", "  - name: dashboard", "    rules:"]
