@@ -87,7 +87,7 @@ def _us_uk_config(
             {
                 "name": "uk",
                 "credential_id": "uk-id",
-                "version": "3.1",
+                "version": "3.2",  # Europe's: the simulator's own accounts serve no other
                 "tps": 50.0,
                 "tpd": 2,
                 "partner_tags": uk,
@@ -101,7 +101,7 @@ def _us_uk_config(
                     "protocol": "creators",
                     "credential_id": "uk-id",
                     "secret": "uk-secret",
-                    "version": "3.1",
+                    "version": "3.2",
                     "partner_tags": uk,
                 },
             ]
