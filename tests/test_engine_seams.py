@@ -119,6 +119,35 @@ class TestDeadKeys:
             assert metrics.outstanding_lookups == 0
             assert metrics.queued_batches == 0
 
+    async def test_a_call_larger_than_the_queue_fails_when_one_of_its_stores_dies(self) -> None:
+        """get_items over more queries than queue_size, one store of which loses its last
+        key: the call raises NoUsableKeyError at once, as stream() does, and admits nothing
+        more. It went on admitting the rest, waiting for room that only the other store's
+        slow (or quota-held) lookups could free, and raised once all was admitted: hours
+        later, or after sending every remaining request for nothing."""
+        clock = FakeClock()
+        us_sent: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if json.loads(request.body)["Marketplace"] == UK:
+                return RawResponse(403, {}, DENIED, 0.01)
+            us_sent.extend(_asked(request))
+            await clock.sleep(3600.0)  # a key waiting for its daily reset, say
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 3600.0)
+
+        keys = [
+            paapi_key_doc("us", tags={US: "us-20"}),
+            paapi_key_doc("uk", credential_id="UKACCESSKEY", tags={UK: "uk-21"}),
+        ]
+        config = _paapi(keys=keys, engine={"queue_size": 20})
+        queries = [Query(f"B0000002{i:02d}", UK) for i in range(5)]
+        queries += [Query(f"B00003{i:04d}", US) for i in range(300)]
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            call = asyncio.get_running_loop().create_task(broker.get_items(queries))
+            await clock.run_until(call, limit=60)
+            assert isinstance(call.exception(), NoUsableKeyError)
+            assert len(us_sent) <= 20
+
     async def test_lingering_lookups_fail_when_last_key_dies(self) -> None:
         """Lookups still lingering in the batcher fail when no key is left (N5)."""
         clock = FakeClock()

@@ -688,7 +688,7 @@ class Broker:
                         collector.receive(None, query, hit)
                         continue
                     lookup = intake.admit_now(query, collector)
-                    held.append(lookup or await intake.admit(query, collector))
+                    held.append(lookup or await _admit_unless_failed(intake, query, collector))
             self._flush()
             return await collector.results()
         except BaseException:
@@ -1150,6 +1150,28 @@ def _slot_of(query: Query) -> _Slot:
     return ident if query.tag is None else (ident, id(query))
 
 
+async def _admit_unless_failed(intake: Intake, query: Query, collector: _Collector) -> Lookup:
+    """Admit ``query`` for ``collector``'s call, waiting for room, unless the call fails
+    first: a lookup it admitted already failing (its store's last key gone) raises that at
+    once. The call fails anyway, and the room it waited for may be held for hours by
+    another store's lookups waiting for their quota (or it would send them for nothing).
+    """
+    failed = collector.failed
+    if failed.done():
+        raise failed.exception() or asyncio.CancelledError()
+    admitting = asyncio.ensure_future(intake.admit(query, collector))
+    try:
+        await asyncio.wait((admitting, failed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not admitting.done():
+            admitting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await admitting
+    if admitting.cancelled():
+        raise failed.exception() or asyncio.CancelledError()
+    return admitting.result()
+
+
 class _Collector:
     """The receiver of one ``get_items`` call: one slot per distinct query, one future."""
 
@@ -1162,6 +1184,11 @@ class _Collector:
         self._input_done = False
         self._future: asyncio.Future[None] = loop.create_future()
         self._done = False
+
+    @property
+    def failed(self) -> asyncio.Future[None]:
+        """Done once a lookup of the call failed (while the input is admitted, only then)."""
+        return self._future
 
     def add(self, slot: _Slot, result: ItemResult) -> None:
         """An answer known at once (invalid id, unknown marketplace)."""
