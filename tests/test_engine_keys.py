@@ -432,6 +432,18 @@ async def test_sustained_429s_after_an_answer_today_name_the_quota(
     assert parked["verdict"] == verdict.value
 
 
+def _store_on(clock: FakeClock, home: str, tmp_path: Any) -> Any:
+    """A key-state store on ``clock``: ``"memory store"`` or ``"sqlite store"`` (a file in
+    ``tmp_path``)."""
+    now_us = lambda: int(clock.monotonic() * 1e6)  # noqa: E731
+    wall_us = lambda: int(clock.utcnow().timestamp() * 1e6)  # noqa: E731
+    if home == "memory store":
+        return MemoryStateStore(now_us, wall_us)
+    from broker.state.sqlite import SqliteStateStore
+
+    return SqliteStateStore(tmp_path / "state.db", now_us=now_us, wall_us=wall_us)
+
+
 @pytest.mark.parametrize("home", ["memory store", "sqlite store"])
 async def test_another_process_s_answer_today_names_the_quota(home: str, tmp_path: Any) -> None:
     """Two processes share a key: the first was answered this morning, the second (a later
@@ -440,14 +452,7 @@ async def test_another_process_s_answer_today_names_the_quota(home: str, tmp_pat
     since only this process's own answers counted."""
     clock = FakeClock()
     clock.wall_offset = 9 * 3600  # 21:00 UTC
-    now_us = lambda: int(clock.monotonic() * 1e6)  # noqa: E731
-    wall_us = lambda: int(clock.utcnow().timestamp() * 1e6)  # noqa: E731
-    if home == "memory store":
-        store: Any = MemoryStateStore(now_us, wall_us)
-    else:
-        from broker.state.sqlite import SqliteStateStore
-
-        store = SqliteStateStore(tmp_path / "state.db", now_us=now_us, wall_us=wall_us)
+    store = _store_on(clock, home, tmp_path)
     morning = _key(clock, SharedState(store, "https://creators.test", "h:1:a"), tpd=8640)
     assert await _driven(clock, morning.try_send(), within_s=1.0) is not None
     morning.on_success(clock.monotonic(), US, demand_limited=False)
@@ -481,15 +486,7 @@ async def test_a_park_without_a_told_length_probes_just_after_the_daily_reset(
     clock.wall_offset = 11 * 3600 + int(parked_at[3:5]) * 60  # 23:MM UTC
     shared = None
     if home != "process":
-        now_us = lambda: int(clock.monotonic() * 1e6)  # noqa: E731
-        wall_us = lambda: int(clock.utcnow().timestamp() * 1e6)  # noqa: E731
-        if home == "memory store":
-            store: Any = MemoryStateStore(now_us, wall_us)
-        else:
-            from broker.state.sqlite import SqliteStateStore
-
-            store = SqliteStateStore(tmp_path / "state.db", now_us=now_us, wall_us=wall_us)
-        shared = SharedState(store, "https://creators.test", "k")
+        shared = SharedState(_store_on(clock, home, tmp_path), "https://creators.test", "k")
     key = _key(clock, shared, tpd=8640)
     throttled = ThrottledError("TooManyRequests", "x", status=429)
     for _ in range(200):
