@@ -596,6 +596,25 @@ class TestFaults:
         assert metrics.requests == 30 + sum(injected.values())
         assert max(r.attempts for r in results) > 1
 
+    async def test_resends_after_expired_tokens_and_left_out_items_count_as_retries(
+        self, harness: Harness
+    ) -> None:
+        """A request sent again with fresh credentials after TokenExpired, and an ASIN an
+        answer left out asked again alone, each count one retry, as a 5xx's resend does
+        (``broker bench`` showed "other retries 0" with a fifth of requests resent)."""
+        faults = FaultRates(expired_token=0.1, drop_item=0.1)
+        sim = await harness.simulator(SimulatorSettings(limits=False, seed=5, faults=faults))
+        broker = await harness.broker(make_config(sim.url))
+        wanted = asins(300)
+        results = await broker.get_items(wanted)
+        _assert_each_once(results, wanted)
+        assert _statuses(results) == {"ok": 300}
+        injected = sim.stats.faults
+        assert injected["expired_token"] > 0
+        assert injected["drop_item"] > 0
+        metrics = broker.metrics()
+        assert metrics.retries == injected["expired_token"] + injected["drop_item"]
+
     async def test_retries_exhausted(self, harness: Harness) -> None:
         """A server that always fails: each ASIN ends failed with the last error and its remedy."""
         sim = await harness.simulator(

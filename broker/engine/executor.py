@@ -379,8 +379,10 @@ class Executor:
         for lookup in list(lookups):
             if lookup in batch.lookups:
                 batch.lookups.remove(lookup)
-            single = Batch.of([lookup], attempts=batch.attempts.child(missed=missed_once))
-            self._pool.submit(single, front=True)
+            attempts = batch.attempts.child(missed=missed_once)
+            # Asked again after an answer that left it out: a retry, counted when it goes.
+            attempts.retry_due = missed_once
+            self._pool.submit(Batch.of([lookup], attempts=attempts), front=True)
 
     def _result(
         self,
@@ -452,6 +454,7 @@ class Executor:
             if attempts.auth_retries < _MAX_AUTH_RETRIES and key.authorizer.recover(exc, request):
                 attempts.auth_retries += 1
                 attempts.not_sent(self._clock.monotonic())
+                attempts.retry_due = True  # sent again after a failure: a retry, counted
                 logger.info("broker.credentials_refreshed", key=key.name, code=exc.code)
                 self._pool.submit(batch, front=True)
                 return
