@@ -462,8 +462,12 @@ class TestIngest:
         assert (counts.total, counts.done, counts.pending) == (3, 2, 1)
         assert counts.by_status == {"invalid": 2}
 
-    def test_shorter_source_on_resume_is_refused(self, tmp_path: Path) -> None:
-        """Resuming ingestion from a source with fewer rows than already stored is an error."""
+    def test_a_resumed_ingestion_goes_on_after_the_last_stored_row_s_line(
+        self, tmp_path: Path
+    ) -> None:
+        """Resumed, ingestion skips the rows up to the last stored one's line, however many
+        the source gives there (another encoding may read one line more or less as a row),
+        and stores the rest after them."""
         rows = job_rows(*(asin(i) for i in range(6)))
 
         def dies() -> Iterator[JobRow]:
@@ -473,10 +477,12 @@ class TestIngest:
         with open_ledger(tmp_path) as ledger:
             with pytest.raises(KeyboardInterrupt):
                 ledger.ingest(dies(), chunk=2)
-            with pytest.raises(
-                JobFileError, match="ends before line 4, the last one of the 4 rows"
-            ):
-                ledger.ingest(rows[:2])
+            assert ledger.stored_through_line == rows[3].line
+            extra = JobRow(rows[1].line, "x", None, error="not an ASIN")  # read otherwise now
+            assert ledger.ingest([rows[0], extra, *rows[2:]]) == 6
+            assert sorted(lookup.asin for lookup in ledger.pending_lookups()) == [
+                row.asin for row in rows
+            ]
 
 
 class TestWork:

@@ -326,6 +326,30 @@ class TestResume:
         lines = sorted(int(row["line"]) for row in _rows(out))  # type: ignore[call-overload]
         assert lines == expected
 
+    def test_strict_on_a_resumed_read_refuses_an_invalid_row_already_stored(
+        self, tmp_path: Path
+    ) -> None:
+        """--strict given to the run that resumes a stopped read judges the whole file, the
+        rows the first run stored too, as it did before reads resumed by line."""
+        job = tmp_path / "job.txt"
+        job.write_bytes(b"B00005N5PF\nnot-an-asin\nB0000000XX # caf\xe9\n")
+        out = tmp_path / "out.jsonl"
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.DATA_ERROR
+        again = (str(job), "--out", str(out), "--encoding", "cp1252", "--strict")
+        assert _main(tmp_path, *again) == ExitCode.DATA_ERROR
+
+    def test_a_resume_whose_last_stored_line_reads_blank_now_finishes(self, tmp_path: Path) -> None:
+        """The last row the first run stored (the row "Â" of a no-break space read as
+        cp1252) reads as a blank line under UTF-8, and nothing after it is a row: the resume
+        finishes, not refused as a file changed since."""
+        job = tmp_path / "job.txt"
+        job.write_bytes(b"B00005N5PF\n\xc2\xa0\n# \xc3\x81rv\n")
+        out = tmp_path / "out.jsonl"
+        first = (str(job), "--out", str(out), "--encoding", "cp1252")
+        assert _main(tmp_path, *first) == ExitCode.DATA_ERROR
+        assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
+        assert sorted(int(row["line"]) for row in _rows(out)) == [1, 2]  # type: ignore[call-overload]
+
     def test_strict_refuses_before_any_call(self, tmp_path: Path) -> None:
         """--strict refuses a file with an invalid row and writes nothing, not even a ledger."""
         job = tmp_path / "job.txt"

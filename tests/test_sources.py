@@ -1364,3 +1364,15 @@ def test_a_stray_quote_before_more_than_is_kept_still_costs_one_row(
     assert [row.line for row in found] == list(range(2, 1006))
     assert [row.asin for row in found[:4]] == [None] * 4
     assert all(row.asin == VALID for row in found[4:])
+
+
+def test_a_resumed_read_of_a_file_shorter_than_its_stored_rows_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Resumed after line 5 (``stored_through_line``), a file of three lines is refused as
+    changed: the job's rows cannot be found in it."""
+    job = tmp_path / "job.txt"
+    job.write_text("B000000001\nB000000002\nB000000003\n")
+    with pytest.raises(JobFileError, match="ends at line 3, before line 5"):
+        list(read_job(job, stored_through_line=5))
+    assert [row.line for row in read_job(job, stored_through_line=3)] == [1, 2, 3]

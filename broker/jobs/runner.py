@@ -773,10 +773,11 @@ def _read(options: JobOptions, stored_through_line: int = 0) -> Iterator[JobRow]
 
 
 def _refuse_invalid(options: JobOptions, protocol: Protocol, stored_through_line: int = 0) -> None:
+    # The whole file, the rows already stored too (a read stopped by Ctrl-C, resumed with
+    # --strict): their lines decoded leniently, as ingestion reads them.
     bad = [
         row if row.error else dataclasses.replace(row, error=_row_problem(row, protocol))
         for row in _read(options, stored_through_line)
-        if row.line > stored_through_line
     ]
     bad = [row for row in bad if row.error]
     if bad:

@@ -587,6 +587,12 @@ def _lines(
         while True:
             data = readline(limit)
             if not data:
+                if lineno < lenient_through:
+                    raise JobFileError(
+                        f"{path}: the file ends at line {lineno}, before line "
+                        f"{lenient_through}, where the rows already stored for this job end; "
+                        "was it changed? Run with --new-job to start again."
+                    )
                 return
             lineno += 1
             if lineno == 1:
@@ -859,8 +865,8 @@ def _txt_rows(
             first = False
             if _is_asin_header(text):
                 # A one-column sheet saved as text keeps its header. The first line only, for
-                # good: which lines are rows must not change between releases, as a stopped
-                # job resumes its reading by counting the rows it stored.
+                # good: which lines are rows must not change between releases, as the rows
+                # a stopped job stored are its rows (by their lines) when it resumes.
                 continue
             if path is not None:
                 _refuse_a_table(path, lineno, text)
