@@ -437,6 +437,15 @@ class TestRedisFaults:
                 assert "lacks a permission" in told
                 assert "+@transaction" in told
                 assert "password" not in told
+            # Another database than /0: redis-py sends SELECT, which the rights must allow.
+            other_db = full_url.rsplit("/", 1)[0] + "/2"
+            async with RedisCache.from_url(other_db, CachePolicy(3_600), key_prefix="acl:") as c:
+                with pytest.raises(RedisError) as caught:
+                    await c.put_many([answer(ASINS_A[0])])
+                assert "+select" in c.describe_failure(caught.value)
+            await admin.execute_command("ACL", "SETUSER", "full", "+select")
+            async with RedisCache.from_url(other_db, CachePolicy(3_600), key_prefix="acl:") as c:
+                assert await c.put_many([answer(ASINS_A[0])]) == 1
         finally:
             for name in users:
                 await admin.execute_command("ACL", "DELUSER", name)

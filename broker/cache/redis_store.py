@@ -450,7 +450,8 @@ class RedisCache(StoreCache):
             # read, write and scripting commands but not WATCH/MULTI lost every write).
             return self.where, (
                 "the Redis user lacks a permission the item cache needs: grant it "
-                f"{CACHE_REDIS_PERMISSIONS} on the key prefix's keys, or use another user"
+                f"{CACHE_REDIS_PERMISSIONS} on the key prefix's keys (and +select for a "
+                "database other than /0 in the URL), or use another user"
             )
         if _refused_password(error):
             where = (

@@ -231,7 +231,8 @@ class RedisStateStore:
             return ConfigError(
                 "state.redis_url",
                 f"the Redis user of {self._url} lacks a permission the broker needs ({exc}); "
-                f"grant it {REDIS_PERMISSIONS} on the key prefix's keys, or use another user",
+                f"grant it {REDIS_PERMISSIONS} on the key prefix's keys (and +select for a "
+                "database other than /0 in the URL), or use another user",
             )
         if isinstance(exc, AskError) or (
             isinstance(exc, ResponseError) and text.split(" ", 1)[0] in _CLUSTER_REPLIES
