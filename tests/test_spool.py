@@ -66,6 +66,26 @@ class TestRejectRace:
         assert _statuses(spool.failed)["r.out.csv.status.json"]["job"] == "r.out.csv"
         assert not list(spool.inbox.iterdir())
 
+    def test_an_entry_put_back_while_it_is_refused_is_left_to_be_refused_again(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A daemon starting just as another took the entry puts it back into inbox/
+        (recover) before the refusal names it: the refusal ends quietly (None), as when the
+        rename of its filing finds it gone, instead of raising FileNotFoundError."""
+        (spool.inbox / "r.out.csv").write_text("B000000001\n")
+        real_stat = os.stat
+
+        def recovered_first(path: object, *args: object, **kwargs: object) -> os.stat_result:
+            if serve._REFUSING in str(path):
+                Spool(spool.root).recover()
+            return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(serve.os, "stat", recovered_first)
+        assert spool.reject("r.out.csv", _status("r.out.csv")) is None
+        monkeypatch.undo()
+        assert [p.name for p in spool.inbox.iterdir()] == ["r.out.csv"]
+        assert not [p for p in spool.failed.iterdir()]
+
     def test_a_crash_mid_refusal_leaves_the_entry_to_be_refused_again(
         self, spool: Spool, monkeypatch: pytest.MonkeyPatch
     ) -> None:

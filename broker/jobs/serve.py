@@ -707,7 +707,11 @@ class Spool:
             os.rename(self.inbox / name, held)
         except FileNotFoundError:
             return None
-        base = _take_free_name(self.failed, target, os.stat(held).st_ino)
+        try:
+            identity = os.stat(held).st_ino
+        except FileNotFoundError:
+            return None  # a daemon starting meanwhile put it back into inbox/
+        base = _take_free_name(self.failed, target, identity)
         try:
             _write_status(_status_path(self.failed, base), status)
             try:
