@@ -121,8 +121,8 @@ class TestDeadKeys:
 
     async def test_a_call_larger_than_the_queue_fails_when_one_of_its_stores_dies(self) -> None:
         """get_items over more queries than queue_size, one store of which loses its last
-        key: the call raises NoUsableKeyError at once, as stream() does, and admits nothing
-        more. It went on admitting the rest, waiting for room that only the other store's
+        key: the call raises NoUsableKeyError at once, as stream() does, and waits for no
+        more room. It went on admitting the rest, waiting for room that only the other store's
         slow (or quota-held) lookups could free, and raised once all was admitted: hours
         later, or after sending every remaining request for nothing."""
         clock = FakeClock()
@@ -147,6 +147,40 @@ class TestDeadKeys:
             await clock.run_until(call, limit=60)
             assert isinstance(call.exception(), NoUsableKeyError)
             assert len(us_sent) <= 20
+
+    async def test_a_caller_cancelled_as_its_query_is_admitted_leaves_nothing_sent(
+        self,
+    ) -> None:
+        """get_items cancelled at the moment a query waiting for room is admitted: the
+        lookup admitted for it is let go, not sent for nobody while it holds the room (the
+        admission runs as a task of its own since calls fail at once on a dead store)."""
+        clock = FakeClock()
+        sent: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            sent.extend(_asked(request))
+            await clock.sleep(10.0)
+            return RawResponse(200, {}, _paapi_body(*_asked(request)), 10.0)
+
+        config = _paapi(engine={"queue_size": 1})
+        async with Broker(config, clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+            intake = broker._require_open()
+            real_admit = intake.admit
+            calls: list[asyncio.Task[list[ItemResult]]] = []
+
+            async def admit(query: Query, receiver: Any) -> Any:
+                lookup = await real_admit(query, receiver)
+                calls[0].cancel()  # the caller is cancelled as the room is handed over
+                return lookup
+
+            intake.admit = admit  # type: ignore[method-assign]
+            queries = [Query("B000000001", US), Query("B000000002", US)]
+            calls.append(asyncio.get_running_loop().create_task(broker.get_items(queries)))
+            await clock.run_until(calls[0], limit=600)
+            assert calls[0].cancelled()
+            await clock.advance(60.0)
+            assert sent == ["B000000001"]
+            assert broker.metrics().outstanding_lookups == 0
 
     async def test_lingering_lookups_fail_when_last_key_dies(self) -> None:
         """Lookups still lingering in the batcher fail when no key is left (N5)."""

@@ -1162,14 +1162,31 @@ async def _admit_unless_failed(intake: Intake, query: Query, collector: _Collect
     admitting = asyncio.ensure_future(intake.admit(query, collector))
     try:
         await asyncio.wait((admitting, failed), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not admitting.done():
-            admitting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await admitting
-    if admitting.cancelled():
-        raise failed.exception() or asyncio.CancelledError()
-    return admitting.result()
+    except BaseException:
+        # The caller was cancelled meanwhile: a lookup admitted at that very moment is let
+        # go (it reached no ``held`` list), and an admission still waiting ends.
+        _let_go(admitting, collector)
+        raise
+    if admitting.done():
+        return admitting.result()
+    _let_go(admitting, collector)
+    raise failed.exception() or asyncio.CancelledError()
+
+
+def _let_go(admitting: asyncio.Future[Lookup], collector: _Collector) -> None:
+    """End an admission the call no longer waits for: cancelled if still waiting (its room
+    handed on); a lookup it admitted anyway, now or later, detached from the call; its
+    error read, so asyncio does not report it as never retrieved."""
+
+    def settle(task: asyncio.Future[Lookup]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            task.result().detach(collector)
+
+    if admitting.done():
+        settle(admitting)
+    else:
+        admitting.cancel()
+        admitting.add_done_callback(settle)
 
 
 class _Collector:
