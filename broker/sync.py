@@ -297,11 +297,12 @@ class SyncBroker:
         read a chunk at a time) while the loop sends what it has; a chunk ends early once
         reading it has taken 50 ms, so a slow input's first items are sent while the rest
         comes. An input that waits for its items (stdin fed by ``tail -f``, a queue) has
-        each one sent as it comes, and the answers of what it gave are yielded, for up to a
-        second, before it is read again: this thread yields nothing while it waits for
-        input. Since that thread is also the one consuming results, an input
-        that waits for this stream's own results (a queue its consumer refills, as a crawler
-        does) blocks: feed such an input from another thread, or use the async ``stream``.
+        each one sent as it comes, and after a wait of half a second or more the answers of
+        what it gave are yielded, for up to half that wait (at most a second), before it is
+        read again: this thread yields nothing while it waits for input. Since that thread
+        is also the one consuming results, an input that waits for this stream's own results
+        (a queue its consumer refills, as a crawler does) blocks: feed such an input from
+        another thread, or use the async ``stream``.
         An input that raises raises here, after the answers for every item it gave before
         (as the async ``stream`` does).
 
@@ -344,11 +345,13 @@ class SyncBroker:
                             source, _CHUNK, one_by_one=waited >= _SLOW_INPUT_S
                         )
                     outstanding += len(chunk)
-                    # An input that waits for its items: its next read waits again, and
-                    # this thread yields nothing meanwhile, so the answers of what it gave
-                    # (due in a request or two) are yielded first, for up to that wait.
-                    slow = waited >= _SLOW_INPUT_S
-                    linger_until = time.monotonic() + min(waited, _LINGER_S) if slow else 0.0
+                    # An input that waits long for its items (stdin fed by `tail -f`): its
+                    # next read waits again, and this thread yields nothing meanwhile, so
+                    # the answers of what it gave are yielded first, for up to half that
+                    # wait. Not for one that takes a moment per item (a cursor fetching row
+                    # by row): waiting for answers between its items would slow its reading.
+                    linger = min(waited / 2, _LINGER_S) if waited >= _LINGER_AFTER_S else 0.0
+                    linger_until = time.monotonic() + linger
                     self._call(feed.give(chunk, ended=ended, failure=failure))
                 elif step is _Signal.END:
                     return
@@ -594,8 +597,11 @@ _STOP_CHECK_S = 0.25
 #: gave are yielded before it is read again.
 _SLOW_INPUT_S = 0.05
 
-#: At most this long (s) a SyncBroker stream waits for answers before it reads a slow input
-#: again (an item the input already holds waits no longer than this).
+#: An input that took this long (s) for an item has the answers of what it gave yielded
+#: before it is read again, for up to half that time and at most ``_LINGER_S``: a pull-driven
+#: input (whose next item is fetched only when asked for) then reads at two thirds of its
+#: own rate at worst, an input fed from elsewhere (a pipe) not slower at all.
+_LINGER_AFTER_S = 0.5
 _LINGER_S = 1.0
 
 
