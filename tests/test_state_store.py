@@ -590,6 +590,45 @@ class TestDayAndProcesses:
             await backend.advance(86_400.0)
             assert not (await backend.reserve(process=ProcessMark("other:2:b"))).answered_today
 
+    @pytest.mark.parametrize(
+        ("answer_reset_h", "answer_at_h", "asker_reset_h", "asked_at_h", "today"),
+        [
+            (0, 7, 0, 9, True),  # one reset: answered this morning
+            (0, 7, 8, 9, False),  # the asker's window began at 08:00, after the answer
+            (8, 31, 0, 31.5, True),  # the asker's window began at 00:00, before the answer
+        ],
+    )
+    def test_answered_today_is_judged_in_the_asking_process_s_window(
+        self,
+        answer_reset_h: int,
+        answer_at_h: float,
+        asker_reset_h: int,
+        asked_at_h: float,
+        today: bool,
+    ) -> None:
+        """Processes of two daily resets on one key: an answer told by one is "today" for
+        the other when it falls in the other's own window (a day number under one reset read
+        under the other said the opposite, both ways)."""
+        midnight_s = 20_000 * 86_400
+
+        def limits(reset_h: int) -> KeyLimits:
+            return replace(LIMITS, day_limit=8640, reset_offset_s=reset_h * 3600)
+
+        def at(hours: float) -> int:
+            return int((midnight_s + hours * 3600) * 1_000_000)
+
+        record, teller, asker = Record(), ProcessMark("a:1:a"), ProcessMark("b:2:b")
+        t = at(answer_at_h)
+        told = Feedback(successes=1, answered=True)
+        decide(record, t, limits(answer_reset_h), feedback=told, reserve=True, process=teller)
+        leave = Feedback(leaving=True)
+        decide(record, t, limits(answer_reset_h), feedback=leave, reserve=False, process=teller)
+        t = at(asked_at_h)
+        asked = decide(
+            record, t, limits(asker_reset_h), feedback=Feedback(), reserve=True, process=asker
+        )
+        assert asked.answered_today is today
+
     async def test_high_water_mark_rebuilds_a_lost_count(
         self, backend: Backend, request: pytest.FixtureRequest
     ) -> None:

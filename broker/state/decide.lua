@@ -76,7 +76,7 @@ local h = redis.call('HMGET', KEYS[1], 'rate', 'nominal', 'next_slot', 'cut_at',
   'streak', 'day', 'count', 'paused_until', 'pause_reason', 'parked_until', 'park_reason',
   'probing_until', 'last_429', 'rc_top', 'rc_level', 'rc_desc', 'rc_r1', 'rc_r2', 'nominal_seen',
   'day_cap', 'day_cap_seen', 'run_429s', 'gen', 'gen_sends', 'gen_unparked', 'day_offset',
-  'prior', 'own', 'answered_day')
+  'prior', 'own', 'answered_at')
 local rate = tonumber(h[1]) or 0
 local stored_nominal = tonumber(h[2]) or 0
 local next_slot = tonumber(h[3]) or 0
@@ -111,8 +111,8 @@ local gen_sends = tonumber(h[26]) or 0
 local gen_unparked = h[27] == '1'
 -- decision.py: Record.day_offset, the reset offset day was counted under (-1: unknown)
 local day_offset = tonumber(h[28]) or -1
--- decision.py: Record.answered_day, the window of the key's last answer told (-1: none)
-local answered_day = tonumber(h[31]) or -1
+-- decision.py: Record.answered_at, when a process last told of an answer (µs; 0: never)
+local answered_at = tonumber(h[31]) or 0
 -- decision.py: Record.prior, the most sends each earlier generation of the day was told to
 -- have granted (a JSON object; anything else reads as none)
 -- A JSON object of counts by name from field value `raw` (anything else reads as none).
@@ -376,7 +376,7 @@ for _ = 1, successes do
 end
 if answered then
   run_429s = 0
-  answered_day = day
+  answered_at = now  -- Redis's TIME is the wall clock
   -- Amazon answered since the record started afresh: a park from before is over.
   gen_unparked = true
 end
@@ -470,7 +470,7 @@ if not view then
     'day_cap_seen', int(day_cap_seen), 'run_429s', int(run_429s), 'gen', gen,
     'gen_sends', int(gen_sends), 'gen_unparked', gen_unparked and '1' or '0',
     'day_offset', int(day_offset), 'prior', cjson.encode(prior), 'own', cjson.encode(own),
-    'answered_day', int(answered_day))
+    'answered_at', int(answered_at))
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 -- Processes, not entries: one process enters once per daily limit it keeps (two [[keys]]
@@ -496,4 +496,4 @@ return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
   int(last_429), cut, processes, int(day_limit),
   int((now - last_429 <= run_gap) and run_429s or 0), gen, int(window_end), int(gen_sends),
-  int(taken_over), (day >= 0 and answered_day == day) and 1 or 0}
+  int(taken_over), (answered_at > 0 and answered_at >= window_end - 86400000000) and 1 or 0}

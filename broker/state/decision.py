@@ -40,6 +40,7 @@ from broker.state.model import (
 __all__ = ["PROCESS_KEEP_S", "Record", "decide", "process_entry", "slack_us"]
 
 _US = 1_000_000
+_DAY_US: Final = 86_400 * _US
 #: Processes not seen for this long are dropped from a key's record.
 PROCESS_KEEP_S = 600.0
 #: At most this many earlier generations are kept in a record's ``prior`` (the smallest
@@ -123,10 +124,11 @@ class Record:
     #: was granted here: their sum is a floor of the day's count that survives any number
     #: of losses, once each live process has asked again (at most OWN_KEEP kept)
     own: dict[str, int] = field(default_factory=dict)
-    #: the daily window (as ``day``, under ``day_offset``) in which a process last told of an
-    #: answer (-1: none): a key answered today has access, so a later process's sustained
-    #: 429s at the floor mean the day's quota is spent, not access revoked
-    answered_day: int = -1
+    #: when a process last told of an answer of the key (wall clock, µs; 0: never): a key
+    #: answered in the asking process's daily window has access, so that process's sustained
+    #: 429s at the floor mean the day's quota is spent, not access revoked. A time, not a
+    #: day number: processes of two daily resets read it each in their own window.
+    answered_at: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The record as a JSON-able mapping."""
@@ -339,7 +341,6 @@ def _apply_feedback(record: Record, now: int, limits: KeyLimits, feedback: Feedb
             record.boost = min(limits.max_boost, record.boost * 2.0)
     if feedback.answered:
         record.run_429s = 0
-        record.answered_day = record.day
         # Amazon answered since the record started afresh: a park from before is over.
         record.gen_unparked = True
     if feedback.run_429s:
@@ -560,6 +561,8 @@ def decide(
                 record.processes = {p: t for p, t in record.processes.items() if t >= horizon}
                 break
     cut = _apply_feedback(record, now, limits, feedback)
+    if feedback.answered:
+        record.answered_at = wall
     interval = max(1, round(_US / record.rate))
     horizon_us = int(limits.horizon_s * _US)
     # A wall clock stepped back must not hold the key for the size of the step.
@@ -631,5 +634,5 @@ def decide(
         window_end_us=window_end,
         gen_sends=record.gen_sends,
         day_taken_over_s=taken_over,
-        answered_today=record.day >= 0 and record.answered_day == record.day,
+        answered_today=0 < window_end - _DAY_US <= record.answered_at,
     )
