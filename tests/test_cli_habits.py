@@ -729,7 +729,7 @@ class TestRunPaths:
         assert cli.main(["run", str(job), "--config", config, "--out", long]) == 74
         err = capsys.readouterr().err
         assert "File name too long" in err
-        assert "give --out a shorter name" in err
+        assert "give --out a name of at most 229 bytes" in err
         assert "Traceback" not in err
         # A folder's name too long is no --out's suffix: no advice to shorten --out.
         folder = _config(tmp_path, _CONFIG + f'\n[output]\ndirectory = "{"k" * 300}"\n')

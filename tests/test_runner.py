@@ -350,6 +350,23 @@ class TestResume:
         assert _main(tmp_path, str(job), "--out", str(out)) == ExitCode.OK
         assert sorted(int(row["line"]) for row in _rows(out)) == [1, 2]  # type: ignore[call-overload]
 
+    def test_an_output_name_with_no_room_for_its_side_files_is_refused_first(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An output whose name leaves no room for the files kept beside it (a --refresh's
+        report, 26 bytes more) is refused before any request with 74 and the longest name
+        that fits; it fetched every row and then failed at the end, every run (or failed
+        its ledger with 65 "move the file away"). One byte shorter runs."""
+        job = tmp_path / "job.txt"
+        job.write_text("B000000001\nB000000002\n")
+        fits = tmp_path / ("o" * 223 + ".jsonl")  # 229 bytes
+        too_long = tmp_path / ("o" * 224 + ".jsonl")
+        assert _main(tmp_path, str(job), "--out", str(too_long)) == ExitCode.IO_ERROR
+        assert "give --out a name of at most 229 bytes" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "job.txt"]
+        assert _main(tmp_path, str(job), "--out", str(fits)) == ExitCode.OK
+        assert _main(tmp_path, str(job), "--out", str(fits), "--refresh") == ExitCode.OK
+
     def test_strict_refuses_before_any_call(self, tmp_path: Path) -> None:
         """--strict refuses a file with an invalid row and writes nothing, not even a ledger."""
         job = tmp_path / "job.txt"

@@ -303,6 +303,7 @@ def plan_paths(
         _refuse_clobber(job_path, out_path, given=out is not None)
     if not to_stdout:
         _refuse_foreign_output(out_path, given=out is not None)
+        _refuse_long_name(out_path)
     paths = RunPaths(job_path, out_path, fmt, stdin=stdin, to_stdout=to_stdout)
     paths._tmp = tmp
     return paths
@@ -464,6 +465,24 @@ def _is_report(path: Path) -> bool:
 _NAME_MAX: Final = 255
 
 
+#: The longest suffix of a file a run keeps beside its output (a --refresh's invalid-row
+#: report being written): the output's name leaves room for it, or the run fails at its end.
+_LONGEST_SIDE_SUFFIX: Final = ".refresh.invalid.jsonl.tmp"
+
+
+def _refuse_long_name(out: Path) -> None:
+    """Refuse a new output whose name leaves no room for the files kept beside it: the run
+    fetched every row, then failed writing its report at the end, every time (exit 74
+    after the quota was spent), or failed creating its ledger with advice to move that
+    ledger away (65). A job already begun goes on as before."""
+    if len(os.fsencode(out.name)) + len(_LONGEST_SIDE_SUFFIX) <= _NAME_MAX:
+        return
+    if ledger_path(out).exists():
+        return
+    side = out.with_name(out.name + _LONGEST_SIDE_SUFFIX)
+    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(side))
+
+
 def name_too_long_hint(exc: OSError) -> str:
     """What to do about a file name too long for the file system, else ``""``: the run
     names files after its output with a suffix, which the output's own name leaves no
@@ -472,9 +491,11 @@ def name_too_long_hint(exc: OSError) -> str:
         return ""
     if len(os.path.basename(os.fsencode(exc.filename))) <= _NAME_MAX:
         return ""
+    room = _NAME_MAX - len(_LONGEST_SIDE_SUFFIX)
     return (
         "; the run keeps files beside its output named after it with a suffix "
-        "(.ledger.lock, .invalid.jsonl): give --out a shorter name"
+        f"(.ledger.lock, .invalid.jsonl, {_LONGEST_SIDE_SUFFIX}): give --out a name of at "
+        f"most {room} bytes"
     )
 
 
