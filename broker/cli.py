@@ -465,9 +465,22 @@ def _run_loop(coro: Coroutine[Any, Any, object]) -> int:
         factory = uvloop.new_event_loop
     thresholds = gc.get_threshold()
     gc.set_threshold(max(_GC_YOUNG, thresholds[0]), *thresholds[1:])
+    runner = asyncio.Runner(loop_factory=factory)
     try:
-        with asyncio.Runner(loop_factory=factory) as runner:
+        try:
             result = runner.run(coro)
+        except BaseException:
+            with contextlib.suppress(RuntimeError):
+                runner.close()
+            raise
+        try:
+            runner.close()
+        except RuntimeError as exc:
+            # Closing starts a thread to shut the loop's executor down: a process that may
+            # start no more (a thread or memory limit) must not turn a finished command into
+            # a traceback and exit 1.
+            if "can't start new thread" not in str(exc):
+                raise
     finally:
         gc.set_threshold(*thresholds)  # cli.main may run inside another program (tests)
     return int(result) if isinstance(result, int) else 0

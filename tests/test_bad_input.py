@@ -9,6 +9,7 @@ details of each case are pinned in tests/test_sources.py; here is what a user of
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import csv
 import gzip
@@ -812,3 +813,35 @@ class TestC11TruncatedGz:
         assert outcome.code == ExitCode.DATA_ERROR
         assert "gzip data ends early" in (outcome.message or "")
         assert (outcome.stats.requests, outcome.counter.get_items) == (0, 0)
+
+
+def test_out_of_memory_is_told_as_the_process_s_limit() -> None:
+    """A MemoryError (a tight ulimit -v, which several threads' malloc arenas reach with
+    little memory used) is told as the memory limit, with what to change: it read
+    "internal error: MemoryError: " with nothing after it."""
+    code, message = describe_failure(MemoryError())
+    assert code == ExitCode.INTERNAL
+    assert message.startswith("out of memory")
+    assert "MALLOC_ARENA_MAX" in message
+
+
+def test_a_finished_command_whose_loop_cannot_start_its_closing_thread_keeps_its_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing the event loop starts a thread to shut its executor down: a process at its
+    thread (or memory) limit cannot, and a job that had finished ended with a traceback and
+    exit 1 instead of its own code."""
+    import threading
+
+    from broker import cli
+
+    async def command() -> int:
+        await asyncio.get_running_loop().run_in_executor(None, lambda: None)
+
+        def cannot(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", cannot)
+        return 3
+
+    assert cli._run_loop(command()) == 3

@@ -1695,4 +1695,13 @@ def describe_failure(
         )
     if isinstance(exc, BrokerError):
         return ExitCode.INTERNAL, str(exc)
+    if isinstance(exc, MemoryError):
+        # No bug of the broker's: the process's memory limit (ulimit -v, a container's),
+        # which several threads' malloc arenas reach long before their memory is used.
+        return ExitCode.INTERNAL, (
+            "out of memory: the process's memory limit is too low for it (ulimit -v, "
+            "MemoryMax= in a systemd unit, a container's limit); raise it, or set "
+            "MALLOC_ARENA_MAX=2, which lowers what its threads reserve. Rows done so far are "
+            "kept; run again to go on."
+        )
     return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
