@@ -291,6 +291,52 @@ def _out_of_space(path: Path) -> bool:
     return info.f_bavail * info.f_frsize < _NEARLY_FULL
 
 
+def _process_limit(path: Path) -> OSError | None:
+    """The process limit behind a file SQLite could not open or write, if one is reached:
+    out of open files (EMFILE: SQLite says only "unable to open database file", which read
+    as a damaged file to move away), or the file size limit (``ulimit -f``: EFBIG, which
+    read as a failing disk). sqlite3 hides the errno, so the limits are looked at here."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    out_of_files = OSError(errno.EMFILE, f"{path}: {os.strerror(errno.EMFILE)}", str(path))
+    try:
+        # A file in WAL mode takes three descriptors (the file, -wal, -shm): one that failed
+        # to open them may have closed those it got, so a probe's one open could succeed.
+        held = len(os.listdir("/proc/self/fd"))
+    except OSError as probe:
+        if probe.errno in (errno.EMFILE, errno.ENFILE):
+            return out_of_files
+    else:
+        if held + _WAL_FILES >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]:
+            return out_of_files
+    cap = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if cap == resource.RLIM_INFINITY:
+        return None
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-journal")):
+        try:
+            size = each.stat().st_size
+        except OSError:
+            continue
+        if size + _PAGE_ROOM >= cap:
+            return OSError(
+                errno.EFBIG,
+                f"{each}: the file size limit of {cap} bytes is reached (ulimit -f; LimitFSIZE= "
+                "in a systemd unit)",
+                str(each),
+            )
+    return None
+
+
+#: The descriptors a SQLite file in WAL mode holds, and one for looking.
+_WAL_FILES: Final = 4
+
+#: How close (bytes) to the file size limit a SQLite file must be for its failed write to be
+#: the limit's: SQLite writes a page (or a WAL frame) at a time, up to 64 KiB.
+_PAGE_ROOM: Final = 65_536 + 24
+
+
 def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     """The ``OSError`` a SQLite disk error means (full -> ENOSPC, I/O -> EIO, read-only ->
     EROFS), else None.
@@ -299,6 +345,10 @@ def disk_error(path: Path, exc: sqlite3.Error) -> OSError | None:
     like one under any other output (exit 74), not as an internal error.
     """
     primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR):
+        limit = _process_limit(path)
+        if limit is not None:
+            return limit
     # Each names its file (``filename``) too: an error naming none reads as stdout's.
     if primary == sqlite3.SQLITE_FULL:
         return OSError(errno.ENOSPC, f"{path}: disk full ({exc})", str(path))

@@ -106,3 +106,54 @@ def test_an_io_error_on_a_full_disk_is_a_full_disk(
     assert failed is not None
     assert failed.errno == errno.ENOSPC
     assert "disk full" in str(failed)
+
+
+def _sqlite_error(code: int, text: str) -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError(text)
+    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return exc
+
+
+def test_a_file_sqlite_cannot_open_for_want_of_descriptors_is_told_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "unable to open database file" with the process out of open files is EMFILE (told
+    as the open-file limit, exit 74), not a damaged ledger to move away (65)."""
+    import broker.sqlitewal as sqlitewal
+
+    def no_descriptors(path: str) -> list[str]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(sqlitewal.os, "listdir", no_descriptors)
+    path = tmp_path / "x.ledger"
+    failure = disk_error(path, _sqlite_error(sqlite3.SQLITE_CANTOPEN, "unable to open"))
+    assert failure is not None
+    assert failure.errno == errno.EMFILE
+
+
+def test_a_write_past_the_file_size_limit_is_told_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SQLite file at the process's file size limit (ulimit -f) fails its writes with
+    SQLITE_IOERR: told as that limit (EFBIG), not as a failing disk; a file far below it,
+    or no limit, still reads as an I/O error."""
+    import resource
+
+    path = tmp_path / "x.ledger"
+    path.write_bytes(b"\0" * 100_000)
+    real = resource.getrlimit
+
+    def capped(which: int) -> tuple[int, int]:
+        if which == resource.RLIMIT_FSIZE:
+            return (120_000, resource.RLIM_INFINITY)
+        return real(which)
+
+    monkeypatch.setattr(resource, "getrlimit", capped)
+    failure = disk_error(path, _sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error"))
+    assert failure is not None
+    assert failure.errno == errno.EFBIG
+    assert "ulimit -f" in str(failure)
+    monkeypatch.undo()
+    failure = disk_error(path, _sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error"))
+    assert failure is not None
+    assert failure.errno == errno.EIO
