@@ -309,7 +309,8 @@ def _process_limit(path: Path) -> OSError | None:
         if probe.errno in (errno.EMFILE, errno.ENFILE):
             return out_of_files
     else:
-        if held + _WAL_FILES >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]:
+        most = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if most != resource.RLIM_INFINITY and held + _WAL_FILES >= most:
             return out_of_files
     cap = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if cap == resource.RLIM_INFINITY:

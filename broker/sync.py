@@ -593,8 +593,7 @@ _CHUNK = 256
 _STOP_CHECK_S = 0.25
 
 #: An input that takes this long (s) for one item waits between items (a pipe fed by a
-#: producer, a queue): its items are handed over one at a time, and the answers of what it
-#: gave are yielded before it is read again.
+#: producer, a queue, a cursor fetching row by row): its items are handed over one at a time.
 _SLOW_INPUT_S = 0.05
 
 #: An input that took this long (s) for an item has the answers of what it gave yielded

@@ -1007,7 +1007,7 @@ def account_day_limit(key: KeyConfig, config: BrokerConfig) -> int | None:
 class _AccountDayLimits:
     """The lowest daily limit of each credential of the last config asked about, found in
     one pass over its keys: asked key by key while a broker starts, a scan of every key for
-    each one made a config of 10,000 keys take 20 s to start (100,000: hours)."""
+    each one took 3 s of the start of a config of 10,000 keys (of 100,000: some 5 minutes)."""
 
     __slots__ = ("_last",)
 

@@ -766,8 +766,8 @@ class Spool:
         os.replace(job.path, dest / base)
         _fsync_dir(dest)
         _fsync_dir(self.processing)
-        # The name is the job file's now (a crash before this leaves the reservation: a
-        # hidden empty file, and the name its own, as the filing marker says).
+        # The name is the job file's now (a crash before this leaves the reservation, a
+        # hidden file naming the job's inode, which its filing again takes back).
         _reservation(dest, base).unlink(missing_ok=True)
         for path in job.work_files():
             path.unlink(missing_ok=True)
