@@ -304,7 +304,7 @@ def _process_limit(path: Path) -> OSError | None:
     try:
         # A file in WAL mode takes three descriptors (the file, -wal, -shm): one that failed
         # to open them may have closed those it got, so a probe's one open could succeed.
-        held = len(os.listdir("/proc/self/fd"))
+        held = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
     except OSError as probe:
         if probe.errno in (errno.EMFILE, errno.ENFILE):
             return out_of_files

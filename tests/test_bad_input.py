@@ -823,6 +823,9 @@ def test_out_of_memory_is_told_as_the_process_s_limit() -> None:
     assert code == ExitCode.INTERNAL
     assert message.startswith("out of memory")
     assert "MALLOC_ARENA_MAX" in message
+    assert "run again" in message
+    _, spooled = describe_failure(MemoryError(), spooled=True)
+    assert "move it back into inbox/" in spooled
 
 
 def test_a_finished_command_whose_loop_cannot_start_its_closing_thread_keeps_its_code(

@@ -131,6 +131,30 @@ def test_a_file_sqlite_cannot_open_for_want_of_descriptors_is_told_so(
     assert failure.errno == errno.EMFILE
 
 
+@pytest.mark.parametrize(("open_files", "out"), [(1020, True), (1019, False)])
+def test_a_process_within_a_wal_file_s_descriptors_of_its_limit_is_out_of_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, open_files: int, out: bool
+) -> None:
+    """Failing to open a file with fewer free descriptors than a WAL file takes (the file,
+    -wal, -shm, and one for looking) is the open-file limit; with one more free, it is not
+    (the listing's own descriptor is not counted)."""
+    import resource
+
+    import broker.sqlitewal as sqlitewal
+
+    monkeypatch.setattr(sqlitewal.os, "listdir", lambda path: ["fd"] * (open_files + 1))
+    real = resource.getrlimit
+    monkeypatch.setattr(
+        resource,
+        "getrlimit",
+        lambda which: (1024, 4096) if which == resource.RLIMIT_NOFILE else real(which),
+    )
+    failure = disk_error(
+        tmp_path / "x.ledger", _sqlite_error(sqlite3.SQLITE_CANTOPEN, "unable to open")
+    )
+    assert (failure is not None and failure.errno == errno.EMFILE) is out
+
+
 def test_a_write_past_the_file_size_limit_is_told_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1701,7 +1701,12 @@ def describe_failure(
         return ExitCode.INTERNAL, (
             "out of memory: the process's memory limit is too low for it (ulimit -v, "
             "MemoryMax= in a systemd unit, a container's limit); raise it, or set "
-            "MALLOC_ARENA_MAX=2, which lowers what its threads reserve. Rows done so far are "
-            "kept; run again to go on."
+            "MALLOC_ARENA_MAX=2, which lowers what its threads reserve. "
+            + (
+                "The job is filed under failed/ with the rows it answered; move it back into "
+                "inbox/ to run it again."
+                if spooled
+                else "Rows done so far are kept; run again to go on."
+            )
         )
     return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
