@@ -629,6 +629,27 @@ class TestDayAndProcesses:
         )
         assert asked.answered_today is today
 
+    def test_answered_today_looks_back_no_further_than_the_day_counted(self) -> None:
+        """A day counted under a 00:00 reset (a send at 01:00), read at 03:00 by a process
+        whose reset is 08:00: its window is the one holding that day's start, which began
+        at 00:00, so yesterday's 10:00 answer is not today's (24 h before the window's end,
+        08:00, took it in)."""
+        midnight_s = 20_000 * 86_400
+
+        def at(hours: float) -> int:
+            return int((midnight_s + hours * 3600) * 1_000_000)
+
+        old = replace(LIMITS, day_limit=8640, reset_offset_s=0)
+        new = replace(old, reset_offset_s=8 * 3600)
+        record, teller, asker = Record(), ProcessMark("a:1:a"), ProcessMark("b:2:b")
+        told = Feedback(successes=1, answered=True)
+        decide(record, at(-14), old, feedback=told, reserve=True, process=teller)
+        decide(record, at(1), old, feedback=Feedback(), reserve=True, process=teller)
+        leave = Feedback(leaving=True)
+        decide(record, at(1), old, feedback=leave, reserve=False, process=teller)
+        asked = decide(record, at(3), new, feedback=Feedback(), reserve=True, process=asker)
+        assert not asked.answered_today
+
     async def test_high_water_mark_rebuilds_a_lost_count(
         self, backend: Backend, request: pytest.FixtureRequest
     ) -> None:

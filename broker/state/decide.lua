@@ -490,10 +490,13 @@ else
   processes = redis.call('ZCOUNT', KEYS[2], now - recent_us, '+inf')
 end
 
+-- decision.py (_day_start): when the day counted began, under the reset it was counted under
+local day_start = window_end - 86400000000
+if day >= 0 and day_offset >= 0 then day_start = (day * 86400 + day_offset) * 1000000 end
 if paused_until <= now then pause_why = '' end
 return {granted, int(wait), refusal, probe, int(now), int(slot),
   int(math.max(next_slot, paused_until)), num(rate), int(counted), int(count),
   int(paused_until > now and paused_until or 0), pause_why, int(parked_until), park_why,
   int(last_429), cut, processes, int(day_limit),
   int((now - last_429 <= run_gap) and run_429s or 0), gen, int(window_end), int(gen_sends),
-  int(taken_over), (answered_at > 0 and answered_at >= window_end - 86400000000) and 1 or 0}
+  int(taken_over), (answered_at > 0 and answered_at >= day_start) and 1 or 0}

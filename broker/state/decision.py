@@ -306,6 +306,15 @@ def _new_day(record: Record, day: int) -> None:
     record.own = {}
 
 
+def _day_start(record: Record, window_end: int) -> int:
+    """When the day counted began (µs, wall): under the reset it was counted under, which
+    another process's changed ``daily_reset_utc`` may make shorter than the 24 h before the
+    asker's window end; an older broker's record (offset unknown): 24 h before that end."""
+    if record.day >= 0 and record.day_offset >= 0:
+        return day_end_us(record.day - 1, record.day_offset)
+    return window_end - _DAY_US
+
+
 def _run_over(record: Record, now: int) -> bool:
     """True once the key's last 429 is more than ``RUN_GAP_S`` old: its run of 429s ended."""
     return now - record.last_429 > RUN_GAP_S * _US
@@ -634,5 +643,5 @@ def decide(
         window_end_us=window_end,
         gen_sends=record.gen_sends,
         day_taken_over_s=taken_over,
-        answered_today=0 < window_end - _DAY_US <= record.answered_at,
+        answered_today=0 < _day_start(record, window_end) <= record.answered_at,
     )
