@@ -240,9 +240,9 @@ class Decision:
         gen_sends: the sends granted in that generation in window ``day``, this one included.
         day_taken_over_s: this call started a new day at the caller's daily reset over a
             day counted under another one: that one's offset (s after 00:00 UTC); -1: not so.
-        answered_today: a process told of an answer of the key within the daily window that
-            ends at ``window_end_us`` (the asker's own): its access is fine, so sustained
-            429s mean the day's quota is spent.
+        answered_today: a process told of an answer of the key since the day counted began
+            (under the reset it was counted under; it ends at ``window_end_us``): its access
+            is fine, so sustained 429s mean the day's quota is spent.
         window_end_us: when the window ``count`` belongs to ends (µs, the store's wall
             clock): the caller's next reset, or another live process's when the key keeps
             to the window counted under that one's reset (two configs differ). Every store
