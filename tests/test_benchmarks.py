@@ -290,6 +290,15 @@ def test_pacer_precision_quick(tmp_path: Path) -> None:
     _written(tmp_path, "pacer_precision", body)
 
 
+def test_pacer_precision_measures_as_many_gaps_as_it_says(tmp_path: Path) -> None:
+    """A rate whose run is as short as its minimum of gaps allows (--quick: 3) has that many
+    gaps measured, each stamp a send: one fewer, as the first send and the one due at the
+    run's very end both fell out of the count."""
+    body = _run("pacer_precision.py", tmp_path, "--quick", "--rates", "20", "--seconds", "0.01")
+    for name in ("pacer_r20", "aiolimiter_1_per_0.05s_r20"):
+        assert body["results"][name]["sends"] >= body["min_gaps"] + 1, name
+
+
 def test_burst1_model_quick(tmp_path: Path) -> None:
     """burst1_model.py reports the controller's steady state and its windows' scatter."""
     body = _run("burst1_model.py", tmp_path, "--quick", "--trials", "3", "--steady", "120")
