@@ -335,7 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = args.rows or (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     warn_if_busy()
     if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
+        try:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, or in its path: a usage error, not a traceback
+            parser.error(f"--keep {args.keep}: {exc.strerror}; give a new or empty directory")
         if any(args.keep.iterdir()):
             # The job left there would be resumed (nothing measured) or refused as changed.
             parser.error(f"--keep {args.keep}: not empty; give a new or empty directory")

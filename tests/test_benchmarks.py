@@ -519,12 +519,14 @@ def test_shared_key_quick_run(tmp_path: Path) -> None:
         ("product_cost.py", ["--items", "0"], "--items: must be above 0"),
         ("sigv4_cost.py", ["--requests", "0"], "--requests: must be above 0"),
         ("pacer_precision.py", ["--rates", "10,-5"], "--rates: must be above 0"),
-        # 21 intervals at 1e-9/s: 21,000,000,000 s of running.
+        # 22 intervals at 1e-9/s: 22,000,000,000 s of running.
         ("pacer_precision.py", ["--rates", "1e-9"], "the slowest rate this measures"),
         ("engine_cost.py", ["--concurrency", "0"], "--concurrency: must be above 0"),
         ("utilisation.py", ["--keys", "0"], "--keys: must be above 0"),
         ("adaptation.py", ["--schedule", "2:nan"], "--schedule: expected SECONDS:TPS"),
         ("scale.py", ["--duplicates", "2"], "--duplicates: must be from 0 up to 1"),
+        ("scale.py", ["--keep", "{file}"], "give a new or empty directory"),
+        ("scale.py", ["--keep", "{file}/sub"], "give a new or empty directory"),
         ("daemon_memory.py", ["--jobs", "0"], "--jobs: must be above 0"),
         ("cache_rerun.py", ["--new", "-0.5"], "--new: must be from 0 up to 1"),
         ("loop_stall.py", ["--results-dir", "{file}/results"], "is not a directory"),
