@@ -19,6 +19,7 @@ __all__ = [
     "ReconnectOptions",
     "barred",
     "cancel_kept",
+    "grant",
     "read_only",
     "reconnect_once",
     "refused_credentials",
@@ -89,6 +90,15 @@ def barred(exc: BaseException) -> bool:
     return isinstance(exc, NoPermissionError) or (
         isinstance(exc, ResponseError)
         and (text.startswith("NOPERM") or "can't run this command" in text)
+    )
+
+
+def grant(rights: str) -> str:
+    """What to do for a user :func:`barred` a command: the ACL ``rights`` a store needs on
+    its keys, and ``+select`` with a database other than 0 (redis-py selects it first)."""
+    return (
+        f"grant it {rights} on the key prefix's keys (and +select for a database other than "
+        "/0 in the URL), or use another user"
     )
 
 

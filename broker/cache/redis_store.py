@@ -37,7 +37,7 @@ from broker.cache.policy import CEILING_S, FUTURE_S, CacheKey, CachePolicy
 from broker.config import check_redis_options, redacted_url
 from broker.errors import ConfigError
 from broker.logs import get_logger
-from broker.redisfaults import barred, read_only, reconnect_once, refused_credentials
+from broker.redisfaults import barred, grant, read_only, reconnect_once, refused_credentials
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -449,9 +449,8 @@ class RedisCache(StoreCache):
             # Not the password: the user is known, and lacks a right (an ACL granting the
             # read, write and scripting commands but not WATCH/MULTI lost every write).
             return self.where, (
-                "the Redis user lacks a permission the item cache needs: grant it "
-                f"{CACHE_REDIS_PERMISSIONS} on the key prefix's keys (and +select for a "
-                "database other than /0 in the URL), or use another user"
+                "the Redis user lacks a permission the item cache needs: "
+                + grant(CACHE_REDIS_PERMISSIONS)
             )
         if _refused_password(error):
             where = (

@@ -28,7 +28,7 @@ from broker.config import redacted_url
 from broker.errors import ConfigError, StateUnavailableError
 from broker.logs import get_logger
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
-from broker.redisfaults import barred, read_only, reconnect_once, refused_credentials
+from broker.redisfaults import barred, grant, read_only, reconnect_once, refused_credentials
 from broker.state.model import (
     PROCESS_RECENT_S,
     Decision,
@@ -231,8 +231,7 @@ class RedisStateStore:
             return ConfigError(
                 "state.redis_url",
                 f"the Redis user of {self._url} lacks a permission the broker needs ({exc}); "
-                f"grant it {REDIS_PERMISSIONS} on the key prefix's keys (and +select for a "
-                "database other than /0 in the URL), or use another user",
+                + grant(REDIS_PERMISSIONS),
             )
         if isinstance(exc, AskError) or (
             isinstance(exc, ResponseError) and text.split(" ", 1)[0] in _CLUSTER_REPLIES
