@@ -547,6 +547,21 @@ class TestJobs:
         assert len(_rows(spool / "done" / "again.txt.out.jsonl")) == 1
         assert len(_rows(spool / "done" / "again-2.txt.out.jsonl")) == 2
 
+    async def test_a_reservation_a_killed_filing_left_is_dropped_at_start(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A name reservation a filing killed with SIGKILL left in done/ (its job since
+        removed from processing/) is dropped at start: the next job of that name is filed
+        under it, not as ``again-2.txt`` beside no ``again.txt``."""
+        (spool / "done").mkdir(parents=True)
+        left = spool / "done" / ".taking.again.txt"
+        left.write_text("987654321")
+        os.utime(left, (time.time() - 3600, time.time() - 3600))
+        await start()
+        _drop(spool, "again.txt", "B0AGAIN001\n")
+        await _filed(spool, "again.txt")
+        assert not left.exists()
+
     async def test_a_job_named_like_a_status_file_is_refused(
         self, start: Start, spool: Path
     ) -> None:

@@ -406,3 +406,57 @@ def test_a_stop_mid_claim_leaves_one_job_and_a_hard_linked_sibling_stays(spool: 
     os.link(spool.inbox / "a.txt", spool.processing / "a.txt")  # claimed, not yet unlinked
     assert spool.drop_duplicates() == ["a.txt"]
     assert sorted(p.name for p in spool.inbox.iterdir()) == ["b.txt"]
+
+
+class TestStaleReservations:
+    """Name reservations a killed filing left in done/ or failed/, swept at start."""
+
+    @staticmethod
+    def _reservation(directory: Path, name: str, identity: int, age_s: float) -> Path:
+        path = directory / f"{serve._TAKING}{name}"
+        path.write_text(str(identity))
+        then = path.stat().st_mtime - age_s
+        os.utime(path, (then, then))
+        return path
+
+    def test_one_naming_no_file_is_dropped_and_frees_its_name(self, spool: Spool) -> None:
+        """A refusal killed after it reserved ``r.txt`` (its entry since deleted from inbox/)
+        no longer sends the next failed ``r.txt`` to ``r-2.txt``."""
+        gone = self._reservation(spool.failed, "r.txt", 987_654_321, age_s=3600)
+        assert spool.drop_stale_reservations() == [f"failed/{gone.name}"]
+        (spool.inbox / "r.txt").write_text("B000000001\n")
+        filed = spool.reject("r.txt", _status("r.txt"))
+        assert filed == spool.failed / "r.txt"
+        assert sorted(p.name for p in spool.failed.iterdir()) == ["r.txt", "r.txt.status.json"]
+
+    def test_reservations_a_filing_may_still_hold_are_kept(self, spool: Spool) -> None:
+        """Kept: one for a job in processing/ (filed again at start, which takes it back),
+        for an entry mid-refusal, for the reserved name's own file (between its last rename
+        and the reservation's removal), and one made in the last minutes."""
+        (spool.processing / "p.txt").write_text("B000000001\n")
+        (spool.failed / f"{serve._REFUSING}0a1b2c3d.q.txt").write_text("B000000001\n")
+        (spool.done / "d.txt").write_text("B000000001\n")
+        kept = [
+            self._reservation(
+                spool.done, "p.txt", (spool.processing / "p.txt").stat().st_ino, 3600
+            ),
+            self._reservation(
+                spool.failed,
+                "q.txt",
+                (spool.failed / f"{serve._REFUSING}0a1b2c3d.q.txt").stat().st_ino,
+                3600,
+            ),
+            self._reservation(spool.done, "d.txt", (spool.done / "d.txt").stat().st_ino, 3600),
+            self._reservation(spool.done, "n.txt", 987_654_321, age_s=0),
+        ]
+        assert spool.drop_stale_reservations() == []
+        assert all(path.exists() for path in kept)
+
+    def test_a_job_filed_again_after_the_sweep_keeps_its_name(self, spool: Spool) -> None:
+        """A job killed mid-filing is filed under the name it chose: the sweep at start left
+        its reservation, and nothing else took the name."""
+        job = _finished_job(spool, "a.txt", "rows\n")
+        self._reservation(spool.done, "a.txt", job.path.stat().st_ino, 3600)
+        assert spool.drop_stale_reservations() == []
+        assert spool.file(job, "done", {"job": "a.txt", "outcome": "done"}) == spool.done / "a.txt"
+        assert not [p for p in spool.done.iterdir() if p.name.startswith(".")]

@@ -175,6 +175,9 @@ _REFUSING: Final = ".refusing-"
 #: O_EXCL before a filing writes anything under the name: two daemons filing at once never
 #: choose one free name (the second filing replaced the first's job file, rows and status).
 _TAKING: Final = ".taking."
+#: How old a name reservation must be before a daemon starting up may drop it as one a
+#: killed filing left (a filing holds its reservation for a few renames).
+_STALE_RESERVATION_S: Final = 600.0
 #: How often an idle daemon looks in processing/ for a job no live daemon holds (its
 #: replica was killed while this one ran).
 _ORPHAN_CHECK_S: Final = 10.0
@@ -739,6 +742,47 @@ class Spool:
                 recovered.append(name)
         return recovered
 
+    def drop_stale_reservations(self) -> list[str]:
+        """Remove name reservations in ``done/`` and ``failed/`` that a killed filing left;
+        return their names.
+
+        Left there, one held its name for ever: the next job of that name was filed as
+        ``a-2.txt`` beside no ``a.txt``. A reservation is stale when it is older than
+        :data:`_STALE_RESERVATION_S` (a filing lasts a few renames) and the file it names is
+        nowhere a filing can hold it: not in ``processing/`` (to be filed again, which takes
+        its reservation back), not mid-refusal in ``failed/``, and not the reserved name's
+        own file. The places are looked at after the reservations are read, in the order a
+        file moves through them, so a filing under way is always found.
+        """
+        now = time.time()
+        found: list[tuple[Path, int, os.stat_result]] = []
+        for directory in (self.done, self.failed):
+            with os.scandir(directory) as entries:
+                names = [entry.name for entry in entries if entry.name.startswith(_TAKING)]
+            for name in names:
+                path = directory / name
+                with contextlib.suppress(OSError, ValueError):
+                    info = os.stat(path, follow_symlinks=False)
+                    if now - info.st_mtime >= _STALE_RESERVATION_S:
+                        found.append((path, int(path.read_bytes()), info))
+        if not found:
+            return []
+        held = _inodes(self.processing) | _inodes(self.failed, _REFUSING)
+        dropped = []
+        for path, identity, info in found:
+            if identity in held:
+                continue
+            with contextlib.suppress(OSError):
+                named = path.parent / path.name[len(_TAKING) :]
+                if os.stat(named, follow_symlinks=False).st_ino == identity:
+                    continue
+            with contextlib.suppress(FileNotFoundError):
+                # The same reservation still (not one made again since under its name).
+                if os.stat(path, follow_symlinks=False).st_ino == info.st_ino:
+                    path.unlink()
+                    dropped.append(f"{path.parent.name}/{path.name}")
+        return dropped
+
     def file(self, job: SpoolJob, outcome: str, status: Mapping[str, object]) -> Path:
         """Move a finished job into ``done/`` or ``failed/``, with its outputs: a failed
         job's holds the rows answered before it failed (paid for, and kept).
@@ -912,6 +956,17 @@ def _kind(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "named pipe"
     return "special file"
+
+
+def _inodes(directory: Path, prefix: str = "") -> set[int]:
+    """The inodes of the entries of ``directory`` whose names start with ``prefix``."""
+    found = set()
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    found.add(entry.inode())
+    return found
 
 
 def _free_name(directory: Path, name: str, identity: int | None = None) -> str:
@@ -1179,6 +1234,9 @@ class Daemon:
                 jobs=[_shown(name) for name in recovered],
                 note="a stop mid-refusal: back in inbox/, they are refused again",
             )
+        stale = self.spool.drop_stale_reservations()
+        if stale:
+            logger.info("broker.spool_reservations_dropped", removed=stale)
         duplicates = self.spool.drop_duplicates()
         if duplicates:
             logger.warning(
