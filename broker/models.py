@@ -11,7 +11,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 if TYPE_CHECKING:
     from broker.product import Product
@@ -111,13 +111,21 @@ class Query:
     ``marketplace`` and ``resources`` left as None take the config's defaults; the broker
     fills them in, so every :class:`ItemResult` carries the complete query it answers.
     ``tag`` is opaque to the broker (a row number, a request id): it comes back unchanged
-    with the result, so callers never match answers back by guessing.
+    with the result, so callers never match answers back by guessing. ``resources`` given
+    as a list is kept as its tuple: a query is a value, hashable like its result.
     """
 
     asin: str
     marketplace: str | None = None
     resources: tuple[str, ...] | None = None
     tag: object = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # A list is what call-level ``resources=`` takes and the README shows; kept as it
+        # came, the query could go in no set or dict (``hash`` raised TypeError).
+        given: object = self.resources
+        if isinstance(given, list):
+            object.__setattr__(self, "resources", tuple(given))
 
 
 class _ProductSlot:
@@ -220,6 +228,15 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+#: Why a config holding a secret does not reach a ``spawn`` or ``forkserver`` worker, and what
+#: to hand the worker instead.
+SECRET_NOT_PICKLED: Final = (
+    "a Secret cannot be pickled (it would be written out in the clear), nor a config holding "
+    "one: hand a worker process the config file's path and open its broker there with "
+    "from_config(path) (or the mapping and its secrets, for config_from_dict)"
+)
+
+
 class Secret:
     """A credential that never shows itself: ``repr`` and ``str`` are ``'***'``.
 
@@ -255,7 +272,7 @@ class Secret:
         return hash(self._value)
 
     def __reduce__(self) -> tuple[object, ...]:
-        raise TypeError("a Secret cannot be pickled")
+        raise TypeError(SECRET_NOT_PICKLED)
 
     def __copy__(self) -> Secret:
         return self

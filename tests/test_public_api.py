@@ -178,6 +178,38 @@ def test_documented_errors_import_from_the_package() -> None:
     assert issubclass(NoUsableKeyError, broker.BrokerError)
 
 
+def test_a_config_holding_a_secret_says_what_a_worker_process_needs_instead() -> None:
+    """Pickling a config with a secret (a ``spawn`` pool's initargs) is refused with what to
+    hand the worker instead, and the secret stays out of the message."""
+    import pickle
+
+    config = broker.config_from_dict(
+        {
+            "keys": [
+                {
+                    "name": "k",
+                    "credential_id": "id",
+                    "version": "3.1",
+                    "partner_tags": {"US": "t-20"},
+                }
+            ]
+        },
+        secrets={"k": "s3cr3t-value"},
+    )
+    with pytest.raises(TypeError) as refused:
+        pickle.dumps(config)
+    assert "from_config(path)" in str(refused.value)
+    assert "s3cr3t-value" not in str(refused.value)
+
+
+def test_a_query_given_a_list_of_resources_is_a_hashable_value() -> None:
+    """``Query(resources=[...])`` keeps the tuple (the README shows lists): it hashes and
+    equals the query written with a tuple."""
+    listed = broker.Query("B0C1234567", resources=["itemInfo.title"])  # type: ignore[arg-type]
+    assert listed.resources == ("itemInfo.title",)
+    assert hash(listed) == hash(broker.Query("B0C1234567", resources=("itemInfo.title",)))
+
+
 def test_a_config_deep_copies() -> None:
     """copy.deepcopy of a config works (its secrets are shared, never pickled)."""
     import copy

@@ -1136,7 +1136,8 @@ class Broker:
 #: are this process's; a worker makes its own.
 NOT_PICKLED: Final = (
     "a {name} cannot be pickled: start one in each process (a pool's initializer), from the "
-    "same config"
+    "same config file ({name}.from_config(path): a config holding a secret is not pickled "
+    "either)"
 )
 
 
