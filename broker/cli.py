@@ -854,8 +854,11 @@ def _simulator_secret_note(config: BrokerConfig, key: KeyConfig) -> str:
     from broker.client import simulator_account_secret
 
     if key.secret is None:
-        unset = f", {key.secret_source} unset" if key.secret_source else ""
-        return f"the simulator's own account{unset}"
+        if not key.secret_source:
+            return "the simulator's own account"
+        # A container's compose file passes ``${VAR:-}``: set, and empty.
+        blank = key.secret_source.startswith("$") and key.secret_source[1:] in os.environ
+        return f"the simulator's own account, {key.secret_source} {'empty' if blank else 'unset'}"
     # The simulator has the key's account (checked when the config was read).
     own = simulator_account_secret(config, key)
     if own is not None and own != key.secret.reveal():

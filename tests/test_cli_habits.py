@@ -365,6 +365,9 @@ class TestConfigLookup:
         out, err = capsys.readouterr()
         assert "secret from the simulator's own account, $ASINB_DEMO_SECRET unset" in out
         assert "warning" not in err
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "")
+        assert cli.main(["check-config", "--config", config]) == ExitCode.OK
+        assert "own account, $ASINB_DEMO_SECRET empty" in capsys.readouterr().out
         monkeypatch.setenv("ASINB_DEMO_SECRET", "not-the-demo-secret")
         assert cli.main(["check-config", "--config", config]) == ExitCode.OK
         err = capsys.readouterr().err
