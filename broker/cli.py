@@ -14,6 +14,7 @@ import gc
 import io
 import math
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -62,7 +63,20 @@ LOOKUP_DRAIN_S: Final = 20.0
 def resolve_config_path(given: str | None, environ: dict[str, str] | None = None) -> Path:
     """The config file to read: ``--config``, else ``$ASINB_CONFIG``, else ./config.toml
     (a blank ``$ASINB_CONFIG`` names none: the commands refuse it, :func:`_parse`)."""
-    return Path(given or _config_variable(environ) or DEFAULT_CONFIG)
+    return Path(_home(given or _config_variable(environ) or DEFAULT_CONFIG))
+
+
+def _shell_word(path: str | os.PathLike[str]) -> str:
+    """``path`` as one word of a command a message suggests, to be pasted into a shell as
+    it is shown (``my conf.toml`` quoted)."""
+    return shlex.quote(os.fspath(path))
+
+
+def _option_value(path: str | os.PathLike[str]) -> str:
+    """``path`` as an option's value in a suggested command: `` p`` quoted, or ``=-p`` for a
+    name starting with ``-`` (which argparse would take for an option)."""
+    word = _shell_word(path)
+    return f"={word}" if word.startswith("-") else f" {word}"
 
 
 def _config_variable(environ: Mapping[str, str] | None = None) -> str | None:
@@ -661,7 +675,23 @@ def _parse(words: list[str]) -> argparse.Namespace:
     if getattr(args, "job", None) is not None and not args.job.strip():
         # Path("") is the current directory: it was refused as "the job . is a directory".
         command.error("the job names no file (give a job file's path, or - for stdin)")
+    for name in _PATH_ARGUMENTS:
+        given = getattr(args, name, None)
+        if isinstance(given, str):
+            setattr(args, name, _home(given))
     return args
+
+
+#: The command-line arguments that name a file or folder (``path`` is init's).
+_PATH_ARGUMENTS: Final = ("config", "job", "out", "spool", "path")
+
+
+def _home(given: str) -> str:
+    """``given`` with a leading ``~`` (``~user``) made the home folder, as in every path
+    setting of the config. The shell leaves it in ``--out=~/o.jsonl``, in quotes and in a
+    systemd ``Environment=``: taken as written, the commands made a folder named ``~`` in
+    the working directory (which ``rm -rf ~`` then tidies away with the home folder)."""
+    return os.path.expanduser(given) if given.startswith("~") else given
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -671,7 +701,7 @@ def _command(args: argparse.Namespace) -> int:
         from broker.simulator.cli import simulate_command
 
         # Named by --config or $ASINB_CONFIG, the file must exist; ./config.toml need not.
-        named = args.config or os.environ.get(CONFIG_ENV)
+        named = args.config or _home(os.environ.get(CONFIG_ENV, ""))
         return simulate_command(
             args,
             config=named or DEFAULT_CONFIG,
@@ -696,7 +726,7 @@ def _command(args: argparse.Namespace) -> int:
         return _config_failure(
             args,
             f"config file not found: {path}{named}; create a starter with "
-            f"`{prog()} init {path}`, or name one with --config or ${CONFIG_ENV}",
+            f"`{prog()} init {_shell_word(path)}`, or name one with --config or ${CONFIG_ENV}",
         )
     try:
         # Commands that send nothing to Amazon run without its secrets, from any shell.
@@ -820,7 +850,7 @@ def _init(given: str, *, force: bool) -> int:
         found = False
     print(
         f"wrote {path}: it uses the embedded simulator; try `{prog()} lookup B0C1234567"
-        f"{'' if found else f' --config {path}'}`",
+        f"{'' if found else f' --config{_option_value(path)}'}`",
         file=sys.stderr,
     )
     return ExitCode.OK
@@ -1508,7 +1538,7 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             f"{prog()}: --input is the format of a job read from stdin; {args.job}'s comes from "
             f"its name ({_JOB_NAMES}), else from its first lines: "
             f"rename it (e.g. to .csv), or pipe it: {prog()} run - --input "
-            f"{args.input} < {args.job}",
+            f"{args.input} < {_shell_word(args.job)}",
             file=sys.stderr,
         )
         return ExitCode.USAGE

@@ -414,6 +414,45 @@ class TestConfigLookup:
         assert f"`asin-broker init {missing}`" in err
         assert err.startswith("asin-broker: ")
 
+    def test_a_leading_tilde_the_shell_left_is_the_home_folder(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``~`` the shell does not expand (``--config=~/c.toml``, a quoted path,
+        ``$ASINB_CONFIG``) is the home folder, as in the config's path settings: no folder
+        named ``~`` is made in the working directory, and the hint's file is found."""
+        home, work = tmp_path / "home", tmp_path / "work"
+        home.mkdir()
+        work.mkdir()
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.chdir(work)
+        assert cli.main(["init", "~/c.toml"]) == ExitCode.OK
+        assert (home / "c.toml").is_file()
+        assert cli.main(["check-config", "--config=~/c.toml"]) == ExitCode.OK
+        monkeypatch.setenv("ASINB_CONFIG", "~/c.toml")
+        assert cli.main(["check-config"]) == ExitCode.OK
+        assert not (work / "~").exists()
+        capsys.readouterr()
+
+    def test_hints_name_paths_as_a_shell_takes_them(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A path with a space (or a leading ``-``) is quoted in the commands the messages
+        suggest, so each runs as shown."""
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["broker", "init"])
+        assert cli.main(["init", "my conf.toml"]) == ExitCode.OK
+        assert "--config 'my conf.toml'`" in capsys.readouterr().err
+        assert cli.main(["check-config", "--config", "no such.toml"]) == ExitCode.CONFIG
+        assert "`broker init 'no such.toml'`" in capsys.readouterr().err
+        assert cli.main(["init", "--", "-x.toml"]) == ExitCode.OK
+        assert "--config=-x.toml`" in capsys.readouterr().err
+
     def test_python_m_broker_names_itself_so(
         self,
         tmp_path: Path,
