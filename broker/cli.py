@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO, cast
@@ -1035,10 +1036,11 @@ def _check_config(config: BrokerConfig) -> int:
     return ExitCode.OK
 
 
-def _outage_message(exc: NoUsableKeyError, budget_s: float) -> str:
-    """Why a lookup gave up on an outage: what it waited for, each key's failure once (keys
-    failing alike together), and one remedy said for the lookup, not each key's for a run
-    (rows left pending, retry.outage_budget_s)."""
+def _outage_message(exc: NoUsableKeyError, budget_s: float, waited_s: float) -> str:
+    """Why a lookup gave up on an outage: how long it waited (``waited_s``, the lookup's own
+    time, told when a hanging request took it past the budget), what for, each key's
+    failure once (keys failing alike together), and one remedy said for the lookup, not
+    each key's for a run (rows left pending, retry.outage_budget_s)."""
     from broker.engine.keys import STATE_OUTAGE_CODE
 
     keys: dict[str, list[str]] = {}
@@ -1057,8 +1059,16 @@ def _outage_message(exc: NoUsableKeyError, budget_s: float) -> str:
             "when the last error is the token endpoint's; a 5xx or a reset each time: the API "
             "itself is down, wait for it; a 429 each time: it throttles the key, wait for it)",
         )
+    took = f"{budget_s:g} s"
+    if waited_s > budget_s + 1.0:
+        # The budget counts from the first failed request's send, and a request that hangs
+        # is waited for until its timeout: "after 5 s" read false after a minute.
+        took = (
+            f"{waited_s:.0f} s (a request hung until engine.request_timeout_s, past the "
+            f"{budget_s:g}-s budget)"
+        )
     return (
-        f"gave up after {budget_s:g} s {waited} (--outage-budget): no key can serve "
+        f"gave up after {took} {waited} (--outage-budget): no key can serve "
         f"{exc.marketplace}: {reasons or 'no key configured'}; {remedy}, then look up again "
         "(--outage-budget SECONDS waits longer)"
     )
@@ -1283,6 +1293,7 @@ async def _lookup(
     # The marketplace of each argument, to tell when every key that serves one an unanswered
     # argument is for waits for its daily quota.
     needs = [_market_for(config, text, marketplace) for text in asins]
+    started = time.monotonic()
     try:
         # A marketplace no key is configured for is answered by the broker itself
         # (failed, NoKeyForMarketplace) without a request.
@@ -1353,7 +1364,7 @@ async def _lookup(
         if code == ExitCode.UNAVAILABLE and isinstance(exc, NoUsableKeyError):
             # The failure names what failed (the API, its token endpoint, or the key-state
             # store) and its error; the lead says which was waited for.
-            message = _outage_message(exc, config.retry.outage_budget_s)
+            message = _outage_message(exc, config.retry.outage_budget_s, time.monotonic() - started)
         elif isinstance(exc, NoUsableKeyError):
             message = f"stopped: {exc}"
         elif isinstance(exc, OSError):

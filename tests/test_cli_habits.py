@@ -1947,6 +1947,29 @@ class TestLookup:
         assert row["input"] == "\ufffdB0C123456"
         assert row["status"] == "invalid"
 
+    def test_a_hanging_token_endpoint_is_told_as_the_time_it_took(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A token endpoint that hangs until request_timeout_s (2 s) under a 0.5-s budget:
+        the lookup gives up at that first timeout (about 2 s, not two of them) and says how
+        long it took and why, not "after 0.5 s"."""
+        monkeypatch.delenv("ASINB_DEMO_SECRET", raising=False)
+        text = (
+            '[api]\nendpoint = "simulator"\n[engine]\nrequest_timeout_s = 2\n'
+            "[simulator.faults]\ntoken_slow = 1.0\nhang_s = 60\n"
+            '[[keys]]\nname = "demo"\ncredential_id = "demo-id"\nversion = "3.1"\n'
+            'credential_secret_env = "ASINB_DEMO_SECRET"\n'
+            'partner_tags = { "www.amazon.com" = "demo-20" }\n'
+        )
+        config = _config(tmp_path, text)
+        started = time.monotonic()
+        code = cli.main(["lookup", "B0C1234567", "--config", str(config), "--outage-budget", "0.5"])
+        took = time.monotonic() - started
+        assert code == ExitCode.UNAVAILABLE
+        assert took < 4.0
+        err = capsys.readouterr().err
+        assert "gave up after 2 s (a request hung until engine.request_timeout_s" in err
+
     def test_outage_exits_69_within_the_budget(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -1679,6 +1679,30 @@ class TestRetries:
             elapsed = clock.monotonic() - start
         assert 20.0 <= elapsed < 21.0
 
+    async def test_a_hanging_token_endpoint_counts_toward_the_outage_budget_from_the_send(
+        self,
+    ) -> None:
+        """Token fetches that hang until their 30-s timeout, under a 5-s budget: the key is
+        out at the first timeout (the outage began at its send), not after a second hang
+        that began once the first failure was told (a lookup's 5 s took 63)."""
+        clock = FakeClock()
+        start = clock.monotonic()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            await clock.sleep(30.0)
+            raise RequestTimeout(f"POST {request.url}: timed out")
+
+        broker, _ = _broker(
+            CREATORS, handler, clock, protocol="creators", retry={"outage_budget_s": 5.0}
+        )
+        async with broker:
+            task = asyncio.get_running_loop().create_task(broker.get_items(asins(5)))
+            await clock.run_until(task)
+            with pytest.raises(NoUsableKeyError):
+                task.result()
+            elapsed = clock.monotonic() - start
+        assert 30.0 <= elapsed < 31.0
+
     async def test_timeout_retried(self) -> None:
         """A transport timeout is retried and counted as a transport error."""
         calls = 0

@@ -73,6 +73,7 @@ class CreatorsTokenCache:
 
     __slots__ = (
         "_attempts",
+        "_began_at",
         "_came_due",
         "_clock",
         "_credential_id",
@@ -129,7 +130,8 @@ class CreatorsTokenCache:
         # fetching again at once (one fetch per attempt to send), while it is fresh.
         self._held_failure: Exception | None = None
         self._held_at = float("-inf")
-        # When the last fetch ended, however it ended.
+        # When the last fetch began and ended, however it ended.
+        self._began_at = float("inf")
         self._fetched_at = float("-inf")
         # Whether the token the last fetch brought was already due for a refresh when it came.
         self._came_due = False
@@ -249,6 +251,12 @@ class CreatorsTokenCache:
             self._drops += 1
             self._dropped = True
 
+    @property
+    def fetch_began(self) -> float:
+        """When the last token fetch began (monotonic; +inf before the first): a failure
+        :meth:`token` raises is that fetch's, which may have hung long before the send."""
+        return self._began_at
+
     def dropped(self) -> int | None:
         """Which drop it is (1, 2, ...) while the token :meth:`invalidate` dropped is not
         replaced yet, else None: a send booked before the drop would fetch late."""
@@ -283,7 +291,7 @@ class CreatorsTokenCache:
         self._failure = None
         self._came_due = False
         # Lifetime counts from before the request: the token was issued after this instant.
-        started = self._clock.monotonic()
+        started = self._began_at = self._clock.monotonic()
         try:
             self._requests_sent += 1
             response = await self._send(self._token_request())

@@ -10,6 +10,7 @@ between our clock and the server's ``Date`` header so the re-signed request is i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -49,6 +50,8 @@ class Authorizer(Protocol):
       delays the booking rather than squeezing the gap between two sends.
     - ``dropped()`` names the drop of a credential ``recover`` made that is not replaced
       yet (None when there is none): a send booked before it would fetch after booking.
+    - ``fetch_began()`` is when the last fetch began (+inf if none): a failure ``authorize``
+      raises is that fetch's, and an outage counts from it, not from the send.
     """
 
     async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest: ...
@@ -56,6 +59,8 @@ class Authorizer(Protocol):
     def due(self) -> bool: ...
 
     def dropped(self) -> int | None: ...
+
+    def fetch_began(self) -> float: ...
 
     async def prepare(self) -> None: ...
 
@@ -98,6 +103,10 @@ class BearerAuthorizer:
     def dropped(self) -> int | None:
         """Which drop of a stale token it is, while no new token replaced it (else None)."""
         return self._tokens.dropped()
+
+    def fetch_began(self) -> float:
+        """When the last token fetch began (+inf before the first)."""
+        return self._tokens.fetch_began
 
     async def prepare(self) -> None:
         """Fetch the token now if it is due (a failure is raised by the next authorize)."""
@@ -142,6 +151,10 @@ class SigV4Authorizer:
     def dropped(self) -> int | None:
         """Never: a signature is made at send time, from nothing that can go stale."""
         return None
+
+    def fetch_began(self) -> float:
+        """Never: nothing is fetched (+inf)."""
+        return math.inf
 
     async def prepare(self) -> None:
         """Nothing to fetch ahead: a signature is made at send time."""

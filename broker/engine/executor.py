@@ -151,10 +151,13 @@ class Executor:
             # The token endpoint is down, slow or throttling: not this batch's fault, and
             # no reason to take the key out of rotation (B13), unless it lasts (B15).
             attempts.not_sent(self._clock.monotonic(), outage=True)
+            # The failure is the last fetch's, made ahead of the booking (prepare) or by
+            # this attempt: the time without a token counts from the fetch's start.
+            began = min(sent_at, key.authorizer.fetch_began())
             if isinstance(exc, EndpointUnreachable):
-                spent = key.on_unreachable(exc, sent_at)
+                spent = key.on_unreachable(exc, began)
             else:
-                spent = key.pause_after_error(exc, sent_at)
+                spent = key.pause_after_error(exc, began)
             key.on_failed_attempt(transient=True, reached=False)
             if spent:
                 self._end_outage(key, batch.marketplace, exc, token_endpoint=True)

@@ -203,6 +203,8 @@ class KeyState:
         self._jitter = jitter
         self._outage_since: float | None = None
         self._outage_last = -math.inf
+        #: When the API last gave a usable answer: an outage begins no earlier.
+        self._reachable_at = -math.inf
         self._outage_rounds = 0
         # Transient failures (5xx, resets, unreadable answers) since the last usable answer,
         # and when the last one came.
@@ -583,7 +585,7 @@ class KeyState:
         Returns:
             True when the outage has lasted ``outage_budget_s``: take the key out.
         """
-        spent = self._outage_spent()
+        spent = self._outage_spent(sent_at)
         if sent_at <= self._auth_paused_at or spent:
             # No attempt can begin inside the pause, so one stamped at or before its start
             # waited on the fetch that set it (a coarse clock may stamp both alike). A spent
@@ -646,7 +648,7 @@ class KeyState:
         Returns:
             True when the outage has lasted ``outage_budget_s``: take the key out.
         """
-        spent = self._outage_spent()
+        spent = self._outage_spent(sent_at)
         now = self._clock.monotonic()
         if sent_at >= self._outage_paused_at and not spent:
             self._outage_rounds += 1
@@ -682,13 +684,23 @@ class KeyState:
         self._outage_rounds = 0
         self._outage_paused_at = -math.inf
         self._outage_probe = False
+        self._reachable_at = self._clock.monotonic()
 
-    def _outage_spent(self) -> bool:
+    def _outage_spent(self, sent_at: float) -> bool:
+        """Count a failure toward the outage it belongs to; True once that outage has lasted
+        ``outage_budget_s``.
+
+        An outage begins when its first failed attempt began (``sent_at``), not when the
+        failure was told: a token fetch or a request that hangs until its timeout is time
+        without an answer too (a lookup's 5-s budget took 63 s: two 30-s hangs before the
+        clock started). Never before the last usable answer, which another attempt may have
+        had while this one hung.
+        """
         now = self._clock.monotonic()
         if self._outage_probe:
             return True
         if self._outage_since is None or now - self._outage_last > _OUTAGE_GAP_S:
-            self._outage_since = now
+            self._outage_since = max(min(sent_at, now), self._reachable_at)
             self._outage_rounds = 0
             self._outage_paused_at = -math.inf
         self._outage_last = now
