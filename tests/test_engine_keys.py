@@ -636,6 +636,23 @@ class TestOutageClock:
         assert not key.on_unreachable(ConnectionRefusedError(), clock.monotonic())
         assert key.outage_s == 0.0
 
+    async def test_an_outage_counts_from_the_failed_send_not_before_an_answer(self) -> None:
+        """A request that hung 30 s counts from its send; one answered meanwhile (at 2 s)
+        moves the outage's start to that answer: the endpoint was reachable then."""
+        clock = FakeClock()
+        key = _key(clock)
+        sent = clock.monotonic()
+        await clock.advance(30.0)
+        key.on_unreachable(ConnectionRefusedError(), sent)
+        assert key.outage_s == 30.0
+        key.on_reachable()
+        sent = clock.monotonic()
+        await clock.advance(2.0)
+        key.on_reachable()
+        await clock.advance(28.0)
+        key.on_unreachable(ConnectionRefusedError(), sent)
+        assert key.outage_s == 28.0
+
     async def test_continuing_outage_spends_the_budget(self) -> None:
         """Failures every minute for the whole budget take the key out."""
         clock = FakeClock()
