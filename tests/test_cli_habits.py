@@ -523,6 +523,20 @@ class TestConfigLookup:
         assert "ASINB_CONFIG" in err
 
 
+def test_simulate_refuses_to_watch_a_process_that_is_not_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``simulate --exit-with-parent PID`` naming a process that is not its parent is a
+    usage error (exit 2): it said "listening" and then exited 0 at its first look."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ASINB_CONFIG", raising=False)
+    other = os.getppid() + 1
+    code = cli.main(["simulate", "--port", "0", "--exit-with-parent", str(other)])
+    assert code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert f"--exit-with-parent {other}: that process is not this one's parent" in err
+
+
 @pytest.mark.parametrize("command", [["simulate"], ["serve", "--spool", "spool"]])
 @pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
 def test_port_out_of_range_is_a_usage_error(

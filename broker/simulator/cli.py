@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import tomllib
 from collections.abc import Callable, Collection, Coroutine, Mapping
@@ -112,6 +113,15 @@ def simulate_command(
     Returns:
         The process exit code.
     """
+    parent = getattr(args, "exit_with_parent", None)
+    if parent is not None and parent != os.getppid():
+        # Watched, it would stop at its first look, silently and with exit 0.
+        print(
+            f"{prog()} simulate: --exit-with-parent {parent}: that process is not this one's "
+            f"parent (its parent is {os.getppid()})",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     try:
         check_host(args.host, allow_remote=bool(args.allow_remote))
         settings = load_settings(config, explicit=explicit, tables=tables)
@@ -122,7 +132,7 @@ def simulate_command(
                 port=int(args.port),
                 allow_remote=bool(args.allow_remote),
                 on_ready=functools.partial(_ready_line, settings=settings),
-                parent=getattr(args, "exit_with_parent", None),
+                parent=parent,
             )
         )
     except ConfigError as exc:
