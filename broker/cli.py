@@ -605,11 +605,11 @@ def _config_after_command(words: list[str]) -> list[str]:
     ``c.toml``."""
     moved: list[str] = []
     rest = words
-    while rest:
-        if rest[0] == "--config" and len(rest) > 2:
-            moved, rest = [*moved, *rest[:2]], rest[2:]
-        elif rest[0].startswith("--config="):
+    while rest and _names_config(rest[0]):
+        if "=" in rest[0]:
             moved, rest = [*moved, rest[0]], rest[1:]
+        elif len(rest) > 2:
+            moved, rest = [*moved, *rest[:2]], rest[2:]
         else:
             break
     if not moved or not rest or rest[0].startswith("-"):
@@ -617,6 +617,12 @@ def _config_after_command(words: list[str]) -> list[str]:
     # Before the first option after the command's words (or a "--"), else at the end.
     at = next((i for i, word in enumerate(rest) if word.startswith("-")), len(rest))
     return [*rest[:at], *moved, *rest[at:]]
+
+
+def _names_config(word: str) -> bool:
+    """``--config`` (``--config=FILE``), or an abbreviation the commands take (``--conf``)."""
+    name = word.partition("=")[0]
+    return len(name) >= len("--con") and "--config".startswith(name)
 
 
 def _main(words: list[str], *, process_ends: bool = False) -> int:
@@ -636,6 +642,13 @@ def _main(words: list[str], *, process_ends: bool = False) -> int:
 def _parse(words: list[str]) -> argparse.Namespace:
     """Parse the command line; a usage error (exit 2) for what argparse lets through."""
     parser = _build_parser()
+    if words and _names_config(words[0]):
+        # Left before the command (none follows it, or an option comes first): argparse
+        # took the file for the command ("invalid choice: 'c.toml'").
+        parser.error(
+            f"{words[0].partition('=')[0]} goes with a command, which must come right after "
+            f"it or first: {prog()} COMMAND ... --config FILE"
+        )
     # Known only: an unknown option after a command is told with that command's usage
     # line below (parse_args told it with the top-level one: "usage: broker COMMAND ...").
     args, unknown = parser.parse_known_args(words)

@@ -610,6 +610,24 @@ def test_config_before_the_command_is_taken(
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_config_before_the_command_abbreviated_or_without_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``broker --conf FILE COMMAND`` is taken as after the command; ``broker --config FILE``
+    with no command right after says where --config goes (exit 2), not "invalid choice:
+    FILE"."""
+    config = str(_config(tmp_path))
+    assert cli.main(["--conf", config, "check-config"]) == ExitCode.OK
+    capsys.readouterr()
+    for words in (["--config", config], ["--config", config, "--json", "status"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(words)
+        assert info.value.code == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert "--config goes with a command" in err
+        assert "invalid choice" not in err
+
+
 def test_config_given_twice_before_the_command_takes_the_last(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
