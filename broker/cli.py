@@ -708,6 +708,40 @@ def _home(given: str) -> str:
     return os.path.expanduser(given) if given.startswith("~") else given
 
 
+def _refused_before_config(args: argparse.Namespace) -> str | None:
+    """Why the command line is wrong whatever the config says, else None: told before the
+    config is read, so a script sees exit 2 for it even when the config is missing or
+    broken (it saw 78, "config file not found", for ``broker lookup -``)."""
+    if args.command == "lookup":
+        from broker.api.marketplaces import NAMING
+        from broker.api.marketplaces import marketplace as lookup_marketplace
+
+        if "-" in args.asins:
+            return (
+                "lookup takes ids as arguments; '-' is no id and stdin is not read: "
+                f"`xargs {prog()} lookup < ids.txt`, or `{prog()} run - --out -` for a list on "
+                "stdin"
+            )
+        if args.marketplace is not None:
+            try:
+                lookup_marketplace(args.marketplace)
+            except ValueError:
+                return f"unknown marketplace {args.marketplace!r}; {NAMING}"
+        budget = args.outage_budget
+        if budget is not None and not 0 < budget < math.inf:  # NaN too: it never runs out
+            return "--outage-budget must be a finite number of seconds above 0"
+    from broker.jobs.paths import STDIO
+
+    if args.command == "run" and args.input and args.job != STDIO:
+        # Silently reading a CSV named .txt as plain text would make every row invalid.
+        return (
+            f"--input is the format of a job read from stdin; {args.job}'s comes from its "
+            f"name ({_JOB_NAMES}), else from its first lines: rename it (e.g. to .csv), or "
+            f"pipe it: {prog()} run - --input {args.input} < {_shell_word(args.job)}"
+        )
+    return None
+
+
 def _command(args: argparse.Namespace) -> int:
     """Run the parsed command line."""
     if args.command == "simulate":
@@ -729,6 +763,10 @@ def _command(args: argparse.Namespace) -> int:
         return bench_command(args)
     if args.command == "init":
         return _init(args.path, force=args.force)
+    refused = _refused_before_config(args)
+    if refused is not None:
+        print(f"{prog()}: {refused}", file=sys.stderr)
+        return ExitCode.USAGE
     from broker.config import ReadSecrets, load_config
     from broker.errors import ConfigError
 
@@ -1091,16 +1129,8 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     """``broker lookup``: check the flags, then look up and print."""
     import dataclasses
 
-    from broker.api.marketplaces import NAMING
     from broker.api.marketplaces import marketplace as lookup_marketplace
 
-    if "-" in args.asins:
-        print(
-            f"{prog()}: lookup takes ids as arguments; '-' is no id and stdin is not read: "
-            f"`xargs {prog()} lookup < ids.txt`, or `{prog()} run - --out -` for a list on stdin",
-            file=sys.stderr,
-        )
-        return ExitCode.USAGE
     # Bytes that are not UTF-8 (Python keeps them as lone surrogates) would make the rows'
     # UTF-8 JSON invalid: they become U+FFFD, and the id is invalid as any non-ASCII one.
     args.asins = [os.fsencode(raw).decode("utf-8", "replace") for raw in args.asins]
@@ -1126,17 +1156,11 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return ExitCode.USAGE
-    # None: each id's own store (a product URL's), else api.marketplace of the config.
+    # None: each id's own store (a product URL's), else api.marketplace of the config
+    # (a name no store has was refused before the config was read).
     market: str | None = None
     if args.marketplace is not None:
-        try:
-            market = lookup_marketplace(args.marketplace).name
-        except ValueError:
-            print(
-                f"{prog()}: unknown marketplace {args.marketplace!r}; {NAMING}",
-                file=sys.stderr,
-            )
-            return ExitCode.USAGE
+        market = lookup_marketplace(args.marketplace).name
     resources: tuple[str, ...] | None = None
     if args.resources is not None:
         from broker.api.resources import resolve_resources
@@ -1160,11 +1184,6 @@ def _lookup_command(config: BrokerConfig, args: argparse.Namespace) -> int:
     budget = args.outage_budget
     if budget is None:
         budget = min(config.retry.outage_budget_s, LOOKUP_OUTAGE_BUDGET_S)
-    elif not 0 < budget < math.inf:  # NaN fails too: a budget that never runs out
-        print(
-            f"{prog()}: --outage-budget must be a finite number of seconds above 0", file=sys.stderr
-        )
-        return ExitCode.USAGE
     config = dataclasses.replace(
         config, retry=dataclasses.replace(config.retry, outage_budget_s=budget)
     )
@@ -1554,18 +1573,8 @@ def _readable_lines(row: dict[str, object]) -> list[str]:
 
 
 def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
-    from broker.jobs.paths import STDIO, UsageError, output_format, plan_paths
+    from broker.jobs.paths import UsageError, output_format, plan_paths
 
-    if args.input and args.job != STDIO:
-        # Silently reading a CSV named .txt as plain text would make every row invalid.
-        print(
-            f"{prog()}: --input is the format of a job read from stdin; {args.job}'s comes from "
-            f"its name ({_JOB_NAMES}), else from its first lines: "
-            f"rename it (e.g. to .csv), or pipe it: {prog()} run - --input "
-            f"{args.input} < {_shell_word(args.job)}",
-            file=sys.stderr,
-        )
-        return ExitCode.USAGE
     try:
         fmt = output_format(args.out, args.format, config.output.format)
         paths: RunPaths = plan_paths(

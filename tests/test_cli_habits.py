@@ -628,6 +628,29 @@ def test_config_before_the_command_abbreviated_or_without_one(
         assert "invalid choice" not in err
 
 
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["lookup", "-"],
+        ["lookup", "--marketplace", "XX", "B0C1234567"],
+        ["lookup", "--outage-budget", "-1", "B0C1234567"],
+        ["run", "job.txt", "--input", "csv"],
+    ],
+)
+def test_a_bad_command_line_is_a_usage_error_whatever_the_config(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    words: list[str],
+) -> None:
+    """Flags wrong whatever the config says exit 2 with no config file there: they were
+    checked after it was read, so a script saw 78 ("config file not found")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ASINB_CONFIG", raising=False)
+    assert cli.main(words) == ExitCode.USAGE
+    assert "config file not found" not in capsys.readouterr().err
+
+
 def test_config_given_twice_before_the_command_takes_the_last(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
