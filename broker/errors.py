@@ -278,6 +278,10 @@ class Scope(enum.Enum):
     KEY = "key"
     #: the key for one marketplace (its partner tag there)
     KEY_MARKETPLACE = "key+marketplace"
+    #: every key whose tokens come from the same token URL: that URL is wrong, not the key,
+    #: and keys of another credential family ask another one (2.x Cognito, 3.x Login with
+    #: Amazon)
+    TOKEN_URL = "token-url"
     #: every key: the service is gone or the client is wrong
     GLOBAL = "global"
 
@@ -640,7 +644,7 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "NoTokenEndpoint",
         "Nothing at the token URL answers as an OAuth2 token endpoint (an HTTP 404 or 405, "
         "or another API's own error).",
-        Scope.GLOBAL,
+        Scope.TOKEN_URL,
         False,
         "Check api.token_endpoint in the config (or api.endpoint, which it follows): the "
         "URL the error names takes no token requests.",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from aiohttp import web
 from conftest import (
     US,
     CountingTransport,
@@ -28,6 +29,8 @@ from structlog.testing import capture_logs
 from broker.client import Broker
 from broker.errors import ApiError, BrokerClosedError, NoUsableKeyError
 from broker.models import ItemResult, Query, Status
+from broker.simulator import oauth as sim_oauth
+from broker.simulator.app import SIMULATOR_KEY
 from broker.simulator.catalog import lookup
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import FaultRates, SimulatorSettings
@@ -692,6 +695,76 @@ class TestBrokenKeys:
         assert states["bad"].state == "disabled"
         assert states["bad"].reason is not None
         assert states["bad"].reason.startswith(code)
+
+    async def test_a_token_url_nothing_answers_at_takes_out_only_the_keys_that_ask_it(
+        self,
+    ) -> None:
+        """A 404 from the 2.x keys' token URL (Cognito's path) takes those keys out, not a
+        3.x key whose own token URL answers: it does every row. NoTokenEndpoint took every
+        key out, the working one too, and the run stopped with its rows pending."""
+        server = SimulatorServer(FREE)
+        sim = server.app[SIMULATOR_KEY]
+
+        async def lwa_only(request: web.Request) -> web.Response:
+            return await sim_oauth.token_endpoint(request, sim, "v3")
+
+        async def not_found(request: web.Request) -> web.Response:
+            return web.Response(status=404, text="404: Not Found")
+
+        # A gateway in front of the token servers that serves Login with Amazon's path only.
+        server.app.router.add_post("/gw/auth/o2/token", lwa_only)
+        server.app.router.add_post("/gw/oauth2/token", not_found)
+        cognito = key_doc(
+            "cognito", credential_id="demo-v2-id", env="ASINB_V2_SECRET", version="2.1"
+        )
+        async with server:
+            api = {"protocol": "creators", "endpoint": server.url}
+            config = make_config(
+                server.url,
+                keys=[key_doc("lwa"), cognito],
+                api={**api, "token_endpoint": server.url + "/gw"},
+            )
+            async with Broker(config) as broker:
+                with capture_logs() as logs:
+                    results = await broker.get_items(asins(30))
+                states = {k.name: k for k in broker.metrics().keys}
+        assert _statuses(results) == {"ok": 30}
+        assert {r.key for r in results} == {"lwa"}
+        disabled = [e for e in logs if e["event"] == "broker.key_disabled"]
+        assert [(e["key"], e["code"]) for e in disabled] == [("cognito", "NoTokenEndpoint")]
+        assert states["lwa"].state == "active"
+        assert states["cognito"].state == "disabled"
+
+    async def test_a_whole_token_url_nothing_answers_at_takes_out_every_key_asking_it(
+        self,
+    ) -> None:
+        """A token_endpoint given as a whole URL (its path ends in /token) is every key's:
+        a 404 there takes them all out at once, naming it, each key's own failure."""
+        server = SimulatorServer(FREE)
+
+        async def not_found(request: web.Request) -> web.Response:
+            return web.Response(status=404, text="404: Not Found")
+
+        server.app.router.add_post("/gone/token", not_found)
+        cognito = key_doc(
+            "cognito", credential_id="demo-v2-id", env="ASINB_V2_SECRET", version="2.1"
+        )
+        async with server:
+            api = {"protocol": "creators", "endpoint": server.url}
+            config = make_config(
+                server.url,
+                keys=[key_doc("lwa"), cognito],
+                api={**api, "token_endpoint": server.url + "/gone/token"},
+            )
+            async with Broker(config) as broker:
+                with pytest.raises(NoUsableKeyError) as caught:
+                    await broker.get_items(asins(3))
+        failures = caught.value.failures
+        assert sorted((f.key, f.code) for f in failures) == [
+            ("cognito", "NoTokenEndpoint"),
+            ("lwa", "NoTokenEndpoint"),
+        ]
+        assert all("/gone/token" in f.message for f in failures)
 
     async def test_every_key_broken(self, harness: Harness) -> None:
         """No usable key: NoUsableKeyError naming each key and why, now and on later calls."""

@@ -542,7 +542,7 @@ class TestEndpointErrors:
         # it was invalid_request, whose remedy blamed the key's version.
         assert info.value.code == "NoTokenEndpoint"
         assert "api.token_endpoint" in info.value.info.remedy
-        assert info.value.info.scope is Scope.GLOBAL
+        assert info.value.info.scope is Scope.TOKEN_URL
 
     async def test_429_is_throttled_with_retry_after(self) -> None:
         """A 429 from the token endpoint is ThrottledError with Retry-After."""

@@ -52,7 +52,12 @@ class Authorizer(Protocol):
       yet (None when there is none): a send booked before it would fetch after booking.
     - ``fetch_began()`` is when the last fetch began (+inf if none): a failure ``authorize``
       raises is that fetch's, and an outage counts from it, not from the send.
+    - ``token_url`` is where its tokens come from (None when it needs none): the keys a
+      wrong token URL takes out of rotation are the keys that ask it.
     """
+
+    @property
+    def token_url(self) -> str | None: ...
 
     async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest: ...
 
@@ -90,6 +95,11 @@ class BearerAuthorizer:
             send=send,
             clock=clock,
         )
+
+    @property
+    def token_url(self) -> str:
+        """The token endpoint its tokens come from."""
+        return self._tokens.token_url
 
     async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest:
         """Add ``Authorization: Bearer ...`` (with ``, Version x.y`` for 2.x credentials)."""
@@ -139,6 +149,11 @@ class SigV4Authorizer:
     def clock_offset_s(self) -> float:
         """Seconds to add to our wall clock to match the server's (learned from RequestExpired)."""
         return self._offset.total_seconds()
+
+    @property
+    def token_url(self) -> None:
+        """None: a signature needs no token."""
+        return None
 
     async def authorize(self, request: HttpRequest, *, region: str) -> HttpRequest:
         """Sign with the current (offset-corrected) time."""

@@ -214,8 +214,11 @@ class KeyPool:
     ) -> None:
         """Take ``key`` (or the key in ``marketplace``) out of rotation; with a global
         ``scope`` (the client or the endpoint is wrong, not the key), every key at once:
-        each other key would only spend a request to be refused the same way.
-        ``marketplace`` is the one whose request failed; None when no request was made.
+        each other key would only spend a request to be refused the same way. With a
+        token-URL scope (no token endpoint answers at ``key``'s), every key that asks that
+        URL: a key of another credential family asks another (2.x Cognito, 3.x Login with
+        Amazon) and goes on. ``marketplace`` is the one whose request failed; None when no
+        request was made.
 
         Work for a marketplace no key can serve any more fails at once, whether it waits
         in the queue or still lingers in the batcher.
@@ -223,7 +226,7 @@ class KeyPool:
         scope_marketplace = marketplace if scope is Scope.KEY_MARKETPLACE else None
         self._serving.clear()
         self._servable.clear()
-        condemned = list(self._keys) if scope is Scope.GLOBAL else [key]
+        condemned = self._condemned(key, scope)
         affected = set() if marketplace is None else {marketplace}
         for each in condemned:
             if each.disable(code, message, remedy, marketplace=scope_marketplace):
@@ -247,6 +250,15 @@ class KeyPool:
             for batch in self._work.drain(market) + self._batcher.drain(market):
                 batch.fail(NoUsableKeyError(market, self._dead[market].failures))
         self._work.wake()
+
+    def _condemned(self, key: KeyState, scope: Scope) -> list[KeyState]:
+        """The keys an error of ``scope`` that ``key`` met takes out of rotation."""
+        if scope is Scope.GLOBAL:
+            return list(self._keys)
+        url = key.authorizer.token_url
+        if scope is Scope.TOKEN_URL and url is not None:
+            return [each for each in self._keys if each.authorizer.token_url == url]
+        return [key]
 
     # -- dispatch -------------------------------------------------------------------------
 

@@ -1159,6 +1159,8 @@ QUOTA_POLL_S: Final = 0.5
 #: How long no row may be answered before --no-wait stops for the daily quota.
 QUOTA_QUIET_S: Final = 2.0
 
+#: Scopes of codes that take keys out for something else's fault (an endpoint, the client).
+_NOT_THE_KEYS: Final = frozenset({Scope.GLOBAL, Scope.TOKEN_URL})
 
 #: Key states that last until Amazon's daily window resets (or, probed, about as long).
 _DAY_LONG_WAITS: Final = (
@@ -1652,10 +1654,10 @@ def describe_failure(
             f"stopped: {exc}. Unfinished rows stay pending for the next run."
         )
     if isinstance(exc, NoUsableKeyError):
-        # A global code (a wrong endpoint, a client bug) is no key's fault.
+        # A global or token-URL code (a wrong endpoint, a client bug) is no key's fault.
         at_fault = (
             "what it names (the config, or a bug to report)"
-            if any(describe(failure.code).scope is Scope.GLOBAL for failure in exc.failures)
+            if any(describe(failure.code).scope in _NOT_THE_KEYS for failure in exc.failures)
             else "the key"
         )
         again = (
