@@ -639,6 +639,22 @@ CATALOGUE: Mapping[str, ErrorInfo] = _entries(
         "Check in Associates Central that the credential is still active; make a new one if "
         "it was revoked.",
     ),
+    ErrorInfo(
+        "temporarily_unavailable",
+        "The token endpoint is unavailable for now (sent with any HTTP status, a 400 too).",
+        Scope.REQUEST,
+        True,
+        "None needed: the key pauses and asks again; if it lasts past retry.outage_budget_s, "
+        "the run stops with its rows pending.",
+    ),
+    ErrorInfo(
+        "server_error",
+        "The token endpoint failed to process the request (sent with any HTTP status, a 400 too).",
+        Scope.REQUEST,
+        True,
+        "None needed: the key pauses and asks again; if it lasts past retry.outage_budget_s, "
+        "the run stops with its rows pending.",
+    ),
     # The broker's own codes for failures that carry no Amazon code.
     ErrorInfo(
         "NoTokenEndpoint",

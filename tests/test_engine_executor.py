@@ -1884,6 +1884,53 @@ class TestCredentials:
         assert events.count("broker.token_fetch_failed") == 1
         assert clock.monotonic() - start >= 1.0
 
+    @pytest.mark.parametrize("code", ["temporarily_unavailable", "server_error", "slow_down"])
+    async def test_an_oauth_try_later_code_sent_with_400_pauses_not_disables(
+        self, code: str
+    ) -> None:
+        """An OAuth2 "try later" error (temporarily_unavailable, server_error, slow_down)
+        sent with HTTP 400 pauses the key and tries again, as a 5xx: it rejected the key,
+        exit 77, though nothing was wrong with it."""
+        token_calls = 0
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            nonlocal token_calls
+            if "/auth/" in request.url:
+                token_calls += 1
+                if token_calls == 1:
+                    return _reply(400, {"error": code})
+                return _token("tok")
+            return _creators_ok(_ids(request))
+
+        clock = FakeClock()
+        broker, _ = _broker(CREATORS, handler, clock, protocol="creators")
+        with capture_logs() as logs:
+            async with broker:
+                results = await _run(broker, clock, asins(3))
+                state = broker.metrics().keys[0].state
+        assert all(r.ok for r in results)
+        assert token_calls == 2
+        assert state == "active"
+        events = [e["event"] for e in logs]
+        assert "broker.key_disabled" not in events
+        assert events.count("broker.token_fetch_failed") == 1
+
+    async def test_an_oauth_try_later_code_past_the_budget_is_an_outage(self) -> None:
+        """A token endpoint answering 400 temporarily_unavailable past retry.outage_budget_s
+        ends as an outage (rows pending, exit 69 for a job), not a rejected key."""
+        clock = FakeClock()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                return _reply(400, {"error": "temporarily_unavailable"})
+            return _creators_ok(_ids(request))
+
+        broker, _ = _broker(
+            CREATORS, handler, clock, protocol="creators", retry={"outage_budget_s": 60.0}
+        )
+        failure = await _outage_refusal(broker, clock)
+        assert "temporarily_unavailable" in failure.message
+
     async def test_a_throttling_token_endpoint_is_asked_again_after_its_retry_after(
         self,
     ) -> None:

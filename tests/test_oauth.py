@@ -544,6 +544,31 @@ class TestEndpointErrors:
         assert "api.token_endpoint" in info.value.info.remedy
         assert info.value.info.scope is Scope.TOKEN_URL
 
+    @pytest.mark.parametrize(
+        ("code", "kind"),
+        [
+            ("temporarily_unavailable", ServerError),
+            ("server_error", ServerError),
+            ("slow_down", ThrottledError),
+        ],
+    )
+    @pytest.mark.parametrize("status", [400, 401, 403])
+    async def test_an_oauth_try_later_code_is_transient_whatever_the_status(
+        self, code: str, kind: type[Exception], status: int
+    ) -> None:
+        """RFC 6749's temporarily_unavailable and server_error, and slow_down, mean "ask
+        again later" with any status: retryable (ServerError, ThrottledError with its
+        Retry-After), never a rejected credential."""
+        headers = {"retry-after": "7"}
+        body = json.dumps({"error": code, "error_description": "later"}).encode()
+        cache = make(Endpoint(RawResponse(status, headers, body)))
+        with pytest.raises(kind) as info:
+            await cache.token()
+        assert not isinstance(info.value, AuthError)
+        assert info.value.info.retryable
+        if kind is ThrottledError:
+            assert info.value.retry_after == 7.0
+
     async def test_429_is_throttled_with_retry_after(self) -> None:
         """A 429 from the token endpoint is ThrottledError with Retry-After."""
         cache = make(Endpoint(RawResponse(429, {"retry-after": "3"}, b"slow down")))

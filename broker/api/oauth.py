@@ -368,7 +368,8 @@ class CreatorsTokenCache:
         rid = request_id(response.headers)
         # Masked as the message is: a gateway may echo the secret in any header.
         rid = None if rid is None else self._scrub(rid)
-        if status == 429:
+        if status == 429 or error == _SLOW_DOWN:
+            # Throttled, whatever the status carrying it: paused, then asked again.
             wait = retry_after_s(None, response.headers, self._clock)
             return ThrottledError(
                 "TooManyRequests",
@@ -378,7 +379,9 @@ class CreatorsTokenCache:
                 server_date=date,
                 request_id=rid,
             )
-        if status >= 500:
+        if status >= 500 or error in _TRY_LATER:
+            # An OAuth2 "try later" code means it with a 400 too (a gateway's choice of
+            # status): an outage, waited out within its budget, not a rejected credential.
             return ServerError(
                 error or "ServerError", message, status=status, server_date=date, request_id=rid
             )
@@ -435,6 +438,12 @@ class CreatorsTokenCache:
                 message = message.replace(form, "***")
         return short(scrub(message))
 
+
+#: OAuth2 error codes that say the token endpoint cannot answer now (RFC 6749 4.1.2.1,
+#: which Login with Amazon sends from its token endpoint too), whatever the HTTP status.
+_TRY_LATER = frozenset({"temporarily_unavailable", "server_error"})
+#: The OAuth2 error code of a client asking too fast (RFC 8628 3.5; Login with Amazon).
+_SLOW_DOWN = "slow_down"
 
 #: A send still uses a token until this close to its expiry (seconds; a quarter of a short
 #: lifetime): refreshing it earlier, from ``refresh_margin_s`` before, is prepare()'s job.
