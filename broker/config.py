@@ -856,7 +856,7 @@ def _parse_api(table: TomlTable) -> ApiConfig:
         raise ConfigError("api.protocol", 'must be "creators" or "paapi5"') from None
     endpoint = table.text("endpoint", SIMULATOR)
     if endpoint not in (SIMULATOR, AMAZON):
-        _check_url(endpoint, "api.endpoint")
+        _check_url(endpoint, "api.endpoint", takes='"simulator", "amazon" or an http(s) URL')
         other = Protocol.PAAPI5 if protocol is Protocol.CREATORS else Protocol.CREATORS
         if _is_amazons(endpoint, other):
             # Kept from the other protocol's config (a move from PA-API): taken as a base
@@ -880,7 +880,11 @@ def _parse_api(table: TomlTable) -> ApiConfig:
                 "is the Creators API's OAuth token URL; PA-API 5.0 signs each request with "
                 'its access key and asks for no token: remove it (or set protocol = "creators")',
             )
-        _check_url(token_endpoint, "api.token_endpoint")
+        _check_url(
+            token_endpoint,
+            "api.token_endpoint",
+            takes="an http(s) URL (leave it out for Amazon's own token endpoint)",
+        )
     resources = table.str_list("resources", DEFAULT_RESOURCES)
     if not resources:
         # resolve_resources' own word ("leave it out for the configured ones") is for a
@@ -926,7 +930,9 @@ def _marketplace(name: str, path: str) -> str:
         raise ConfigError(path, str(exc)) from None
 
 
-def _check_url(url: str, path: str) -> None:
+def _check_url(url: str, path: str, *, takes: str) -> None:
+    """Refuse ``url`` at ``path`` unless it is an http(s) URL fit to send credentials to;
+    ``takes`` says what the setting takes, for the refusal of what is no URL."""
     # Credentials first, before any parsing: urlsplit reads "user:pa/ss@host" or "user:pa#ss@host"
     # as a host and a path or fragment, so only a plain "@" anywhere is a safe test (K5).
     if "@" in url:
@@ -941,13 +947,9 @@ def _check_url(url: str, path: str) -> None:
         port = parts.port  # a port out of 0..65535 or not a number raises here
     except ValueError:
         # urlsplit refuses some malformed hosts (an unclosed "[" for instance).
-        raise ConfigError(
-            path, f'must be "simulator", "amazon" or an http(s) URL, got {shown_url(url)!r}'
-        ) from None
+        raise ConfigError(path, f"must be {takes}, got {shown_url(url)!r}") from None
     if parts.scheme not in ("http", "https") or not hostname or any(c.isspace() for c in url):
-        raise ConfigError(
-            path, f'must be "simulator", "amazon" or an http(s) URL, got {shown_url(url)!r}'
-        )
+        raise ConfigError(path, f"must be {takes}, got {shown_url(url)!r}")
     if port == 0:
         raise ConfigError(path, "port 0 cannot be connected to; give the server's port")
     if parts.scheme == "http" and not is_loopback_host(hostname):

@@ -662,6 +662,18 @@ class TestEndpoints:
         error = _error(_with(where, url))
         assert error.path == where
 
+    @pytest.mark.parametrize("value", ["amazon", "simulator", "not a url"])
+    def test_a_token_endpoint_that_is_no_url_is_told_it_takes_a_url_only(self, value: str) -> None:
+        """api.token_endpoint takes a URL only, and its refusal says so (and to leave it out
+        for Amazon's own): it listed "simulator" and "amazon" as allowed, api.endpoint's
+        wording, while refusing them."""
+        error = _error(_with("api.token_endpoint", value))
+        assert error.path == "api.token_endpoint"
+        assert '"amazon"' not in error.message
+        assert '"simulator"' not in error.message
+        assert "an http(s) URL" in error.message
+        assert "leave it out for Amazon's own" in error.message
+
     def test_credentials_in_url_refused(self) -> None:
         """A URL carrying user:password is refused."""
         error = _error(_with("api.endpoint", "https://user:pw@creatorsapi.example"))
