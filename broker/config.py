@@ -885,6 +885,14 @@ def _parse_api(table: TomlTable) -> ApiConfig:
             "api.token_endpoint",
             takes="an http(s) URL (leave it out for Amazon's own token endpoint)",
         )
+        if endpoint == SIMULATOR:
+            # No real use: the embedded simulator answers only tokens it issued itself, and
+            # the demo key's secret would go to the other server, to be refused there.
+            raise ConfigError(
+                "api.token_endpoint",
+                'cannot be set with endpoint = "simulator": the embedded simulator issues its '
+                "own tokens; remove token_endpoint (or set endpoint to the API it belongs with)",
+            )
     resources = table.str_list("resources", DEFAULT_RESOURCES)
     if not resources:
         # resolve_resources' own word ("leave it out for the configured ones") is for a

@@ -674,6 +674,16 @@ class TestEndpoints:
         assert "an http(s) URL" in error.message
         assert "leave it out for Amazon's own" in error.message
 
+    def test_the_embedded_simulator_with_a_token_endpoint_is_refused(self) -> None:
+        """endpoint = "simulator" with api.token_endpoint set is refused naming the setting:
+        the embedded simulator accepts only the tokens it issues, and the demo key's secret
+        went to that other server (a lookup then failed, credentials rejected)."""
+        document = _with("api.endpoint", "simulator")
+        document["api"]["token_endpoint"] = "https://tokens.example"
+        error = _error(document)
+        assert error.path == "api.token_endpoint"
+        assert "issues its own tokens" in error.message
+
     def test_credentials_in_url_refused(self) -> None:
         """A URL carrying user:password is refused."""
         error = _error(_with("api.endpoint", "https://user:pw@creatorsapi.example"))
