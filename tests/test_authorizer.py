@@ -10,6 +10,7 @@ from email.utils import format_datetime
 from structlog.testing import capture_logs
 
 from broker.api.base import HttpRequest, RawResponse
+from broker.api.oauth import CreatorsTokenCache
 from broker.engine.authorizer import BearerAuthorizer, SigV4Authorizer
 from broker.errors import ApiError, AuthError
 from broker.models import Secret
@@ -41,12 +42,14 @@ class _TokenEndpoint:
 
 def _bearer(endpoint: _TokenEndpoint, version: str = "3.1") -> BearerAuthorizer:
     return BearerAuthorizer(
-        "client-id",
-        Secret(SECRET),
-        version,
-        token_url="https://creators.test/auth/o2/token",
-        send=endpoint,
-        clock=FakeClock(),
+        CreatorsTokenCache(
+            "client-id",
+            Secret(SECRET),
+            version,
+            token_url="https://creators.test/auth/o2/token",
+            send=endpoint,
+            clock=FakeClock(),
+        )
     )
 
 

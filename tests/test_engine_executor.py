@@ -9,6 +9,8 @@ import itertools
 import json
 import random
 import re
+import urllib.parse
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -1953,6 +1955,55 @@ class TestCredentials:
         assert all(r.ok for r in results)
         assert len(token_calls) == 2
         assert token_calls[1] - token_calls[0] >= 30.0
+
+    async def test_keys_naming_one_credential_share_its_token(self) -> None:
+        """Two [[keys]] entries naming one credential (one account, README) fetch one token
+        between them, and a TokenExpired on either drops it for both (one fetch more): each
+        entry fetched its own, though the docstrings said one cache per credential. Another
+        credential, or the same id with another secret, keeps a token of its own."""
+        fetched: Counter[tuple[str, str]] = Counter()
+        expired: list[str] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if request.url.endswith("/token"):
+                body = json.loads(request.body) if request.body[:1] == b"{" else {}
+                fields = body or dict(urllib.parse.parse_qsl(request.body.decode()))
+                credential = (fields["client_id"], fields["client_secret"])
+                fetched[credential] += 1
+                return _token(f"{credential[1]}-{fetched[credential]}")
+            if request.headers["Authorization"] == "Bearer demo-secret-1" and not expired:
+                expired.append(request.headers["Authorization"])
+                return _token_expired()
+            return _creators_ok(_ids(request))
+
+        keys = [
+            key_doc("a", tps=5.0),
+            key_doc("b", tps=5.0),
+            key_doc("c", tps=5.0, env="ASINB_OTHER_SECRET"),
+            key_doc(
+                "v2", tps=5.0, credential_id="demo-v2-id", env="ASINB_V2_SECRET", version="2.1"
+            ),
+        ]
+        clock = FakeClock()
+        broker, _ = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            keys=keys,
+            environ={"ASINB_OTHER_SECRET": "another-secret"},
+            engine={"batch_size": 1, "linger_s": 0.0},
+        )
+        async with broker:
+            results = await _run(broker, clock, asins(40))
+        assert all(r.ok for r in results)
+        assert {r.key for r in results} == {"a", "b", "c", "v2"}
+        assert expired
+        assert fetched == {
+            ("demo-id", "demo-secret"): 2,
+            ("demo-id", "another-secret"): 1,
+            ("demo-v2-id", "demo-v2-secret"): 1,
+        }
 
     async def test_token_expired_single_refresh(self) -> None:
         """Three requests rejected with the same expired token cause one token refresh."""

@@ -1246,7 +1246,9 @@ class TestReprsHideCredentials:
         assert await cache.token() == token
         request, _ = await cache.authorize(HttpRequest("POST", "https://x/y", {}, b"{}"))
         bearer = BearerAuthorizer(
-            "cid", Secret(secret), "2.1", token_url="https://x/t", send=send, clock=clock
+            CreatorsTokenCache(
+                "cid", Secret(secret), "2.1", token_url="https://x/t", send=send, clock=clock
+            )
         )
         texts = [repr(cache), str(cache), repr(request), repr(bearer), str(bearer)]
         await clock.advance(120.0)

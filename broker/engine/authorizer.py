@@ -11,7 +11,6 @@ between our clock and the server's ``Date`` header so the re-signed request is i
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,7 +20,7 @@ from broker.api.sigv4 import SigV4Signer
 from broker.logs import get_logger
 
 if TYPE_CHECKING:
-    from broker.api.base import HttpRequest, RawResponse
+    from broker.api.base import HttpRequest
     from broker.clock import Clock
     from broker.errors import ApiError
     from broker.models import Secret
@@ -73,28 +72,18 @@ class Authorizer(Protocol):
 
 
 class BearerAuthorizer:
-    """Creators API: a cached OAuth2 bearer token per key, refreshed single-flight."""
+    """Creators API: the cached OAuth2 bearer token of the key's credential, refreshed
+    single-flight.
+
+    ``tokens`` is the credential's one cache: keys that name one credential (one account)
+    share it, so they fetch one token between them, and a token the API called stale is
+    dropped for all of them at once.
+    """
 
     __slots__ = ("_tokens",)
 
-    def __init__(
-        self,
-        credential_id: str,
-        secret: Secret,
-        version: str,
-        *,
-        token_url: str,
-        send: Callable[[HttpRequest], Awaitable[RawResponse]],
-        clock: Clock,
-    ) -> None:
-        self._tokens = CreatorsTokenCache(
-            credential_id,
-            secret,
-            version,
-            token_url=token_url,
-            send=send,
-            clock=clock,
-        )
+    def __init__(self, tokens: CreatorsTokenCache) -> None:
+        self._tokens = tokens
 
     @property
     def token_url(self) -> str:

@@ -35,6 +35,7 @@ from broker.api.base import Dialect, Operation
 from broker.api.creators import CreatorsDialect
 from broker.api.marketplaces import marketplace as lookup_marketplace
 from broker.api.marketplaces import token_url
+from broker.api.oauth import CreatorsTokenCache
 from broker.api.paapi5 import PaapiDialect
 from broker.asin import check_asin, refuse_single_string
 from broker.cache import CacheFront, cache_namespace, cache_policy, open_cache
@@ -79,6 +80,9 @@ __all__ = ["Broker", "BrokerOptions", "Query"]
 logger = get_logger("broker")
 
 _Input = str | Query
+#: What makes [[keys]] entries one credential's, sharing one token: (token URL, credential
+#: id, version, secret; a Secret compares and hashes by value, and shows as ***).
+_Credential = tuple[str, str, str, Secret]
 
 #: Inputs a stream reads ahead to look up in the item cache in one batch.
 _CACHE_CHUNK = 100
@@ -336,10 +340,12 @@ class Broker:
             if self._budget_store is not None and self._state_store is None
             else self._open_state(stack, base_url)
         )
+        # One token cache per credential, shared by the [[keys]] entries that name it.
+        caches: dict[_Credential, CreatorsTokenCache] = {}
         self._keys = [
             KeyState.from_config(
                 key,
-                self._authorizer(key, transport, token_base),
+                self._authorizer(key, transport, token_base, caches),
                 config=config,
                 clock=self._clock,
                 rng=self._rng,
@@ -509,8 +515,15 @@ class Broker:
             producer.cancel()
 
     def _authorizer(
-        self, key: KeyConfig, transport: Transport, token_base: str | None
+        self,
+        key: KeyConfig,
+        transport: Transport,
+        token_base: str | None,
+        caches: dict[_Credential, CreatorsTokenCache],
     ) -> Authorizer:
+        """``key``'s authorizer; a Creators key's token cache is taken from ``caches`` when
+        an entry before it named the same credential (its id, secret, version and token
+        URL: one account, whose one token serves both), else made and put there."""
         secret = key.secret or self._missing_secret(key)
         if self.config.api.protocol is Protocol.PAAPI5:
             return SigV4Authorizer(key.credential_id, secret, clock=self._clock)
@@ -518,14 +531,19 @@ class Broker:
         url = token_url(
             key.version, token_base, as_given=self.config.api.token_endpoint is not None
         )
-        return BearerAuthorizer(
-            key.credential_id,
-            secret,
-            key.version,
-            token_url=url,
-            send=transport.send,
-            clock=self._clock,
-        )
+        # The secret too: an entry with the same id and another secret is refused alone.
+        credential = (url, key.credential_id, key.version, secret)
+        tokens = caches.get(credential)
+        if tokens is None:
+            tokens = caches[credential] = CreatorsTokenCache(
+                key.credential_id,
+                secret,
+                key.version,
+                token_url=url,
+                send=transport.send,
+                clock=self._clock,
+            )
+        return BearerAuthorizer(tokens)
 
     def _endpoint_label(self) -> str:
         return self.simulator_url or self.config.api.endpoint
