@@ -524,7 +524,7 @@ class Executor:
             # stops the run (77, rows pending) rather than fail every row a request each.
             self._fail(batch, exc, key=key.name, status=Status.FAILED)
             return
-        if info.scope in (Scope.KEY, Scope.KEY_MARKETPLACE, Scope.GLOBAL):
+        if info.scope in (Scope.KEY, Scope.KEY_MARKETPLACE, Scope.TOKEN_URL, Scope.GLOBAL):
             self._take_out(key, batch.marketplace, exc)
             attempts.not_sent(self._clock.monotonic())
             self._pool.submit(batch, front=True)
