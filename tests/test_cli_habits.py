@@ -1153,6 +1153,21 @@ class TestRunPaths:
         assert f"name it {Path(name).stem}" in err
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("res")]
 
+    @pytest.mark.parametrize("name", ["res.tsv", "res.JSON", "res.xlsx"])
+    def test_an_out_named_for_a_format_not_written_needs_format(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+    ) -> None:
+        """--out res.tsv is a usage error (exit 2) naming the formats written (it wrote JSON
+        lines into res.tsv); with --format the name is taken and holds that format."""
+        job = _job(tmp_path)
+        out = tmp_path / name
+        args = ["run", str(job), "--config", str(_config(tmp_path)), "--out", str(out)]
+        assert cli.main(args) == ExitCode.USAGE
+        assert "name it .jsonl, .csv or .sqlite, or give --format" in capsys.readouterr().err
+        assert not out.exists()
+        assert cli.main([*args, "--format", "csv"]) == ExitCode.OK
+        assert out.read_text().startswith("line,")
+
     def test_format_flag_wins_over_the_out_name(self, tmp_path: Path) -> None:
         """--format jsonl --out x.csv writes what --format says."""
         job = _job(tmp_path)

@@ -68,6 +68,9 @@ _BY_SUFFIX = {
 
 #: Names of compressed files: an output is never written compressed.
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+#: Names of formats the broker does not write (a .tsv holding JSON lines, a .json file no
+#: JSON reader can read): taken only with --format, which says the user means it.
+_OTHER_FORMATS = (".tsv", ".tab", ".json", ".xlsx", ".xls", ".parquet")
 
 
 def output_format(out: str | None, given: str | None, default: str) -> str:
@@ -76,8 +79,9 @@ def output_format(out: str | None, given: str | None, default: str) -> str:
     which needs a file: the config's format is the one for files).
 
     Raises:
-        UsageError: ``--out`` names a compressed file (``x.csv.gz``): the output would be
-            plain text under a name that says otherwise.
+        UsageError: ``--out`` names a compressed file (``x.csv.gz``), or without
+            ``--format`` a format the broker does not write (``x.tsv``, ``x.json``): the
+            output would be other than its name says.
     """
     if out and out != STDIO and Path(out).suffix.lower() in _COMPRESSED:
         plain = Path(out).stem
@@ -88,7 +92,14 @@ def output_format(out: str | None, given: str | None, default: str) -> str:
     if given:
         return given
     if out and out != STDIO:
-        return _BY_SUFFIX.get(Path(out).suffix.lower(), default)
+        suffix = Path(out).suffix.lower()
+        if suffix in _OTHER_FORMATS:
+            raise UsageError(
+                f"--out {out}: the broker does not write {suffix} files (it would write "
+                f"{default} under that name); name it .jsonl, .csv or .sqlite, or give "
+                "--format to write one of them under this name"
+            )
+        return _BY_SUFFIX.get(suffix, default)
     if out == STDIO and default == "sqlite":
         return "jsonl"
     return default
