@@ -829,16 +829,23 @@ def _command(args: argparse.Namespace) -> int:
 def _config_failure(args: argparse.Namespace, message: str) -> int:
     """A config that cannot be used: say why on stderr, and for ``status --json`` in its
     document on stdout too (a script reading stdout always gets one); exit 78. A ``run``
-    ends with its ``broker.job_finished`` error event too, as for every error exit (logged
-    as the defaults say: the config that would say otherwise is what failed)."""
+    ends with its ``broker.job_finished`` error event too, as for every error exit, and a
+    ``serve`` with JSON logs with ``broker.daemon_failed``, as for any other failed start
+    (a log shipper parses every line); both logged as the defaults say: the config that
+    would say otherwise is what failed."""
     print(f"{prog()}: {message}", file=sys.stderr)
-    if args.command == "run":
-        from broker.logs import configure_logging, get_logger
+    if args.command in ("run", "serve"):
+        from broker.logs import configure_logging, get_logger, logs_are_json
 
         configure_logging()
-        get_logger().error(
-            "broker.job_finished", job=args.job, error=message, exit_code=int(ExitCode.CONFIG)
-        )
+        if args.command == "run":
+            get_logger().error(
+                "broker.job_finished", job=args.job, error=message, exit_code=int(ExitCode.CONFIG)
+            )
+        elif logs_are_json():
+            get_logger().error(
+                "broker.daemon_failed", exit_code=int(ExitCode.CONFIG), error=message
+            )
     if args.command == "status" and args.json:
         from broker.status import print_no_keys
 

@@ -1558,6 +1558,37 @@ class TestProcess:
         assert events[-1]["exit_code"] == exit_code
         assert events[-1]["error"]
 
+    @pytest.mark.parametrize("config", ["secret-unset", "typo", "missing"])
+    def test_a_config_it_cannot_use_ends_with_a_daemon_failed_event(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        config: str,
+    ) -> None:
+        """A daemon refused for its config (exit 78) logs broker.daemon_failed as JSON off a
+        terminal, as for any other failed start, beside its plain line."""
+        monkeypatch.delenv("ASINB_UNSET_SECRET", raising=False)
+        path = tmp_path / "config.toml"
+        if config == "secret-unset":
+            path.write_text(
+                '[api]\nendpoint = "https://creatorsapi.example"\n\n[[keys]]\nname = "demo"\n'
+                'credential_id = "demo-id"\nversion = "3.1"\n'
+                'credential_secret_env = "ASINB_UNSET_SECRET"\n'
+                'partner_tags = { "www.amazon.com" = "demo-20" }\n'
+            )
+        elif config == "typo":
+            path.write_text('[api]\nendpont = "amazon"\n')
+        argv = ["serve", "--spool", str(tmp_path / "s"), "--config", str(path), "--port", "0"]
+        assert cli.main(argv) == ExitCode.CONFIG
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert lines[0].startswith("broker: ")
+        (event,) = [json.loads(line) for line in lines if line[:1] == "{"]
+        assert (event["event"], event["level"]) == ("broker.daemon_failed", "error")
+        assert event["exit_code"] == ExitCode.CONFIG
+        assert event["error"] == lines[0].removeprefix("broker: ")
+        assert not (tmp_path / "s").exists()
+
     def test_every_key_rejected_stops_with_77_and_keeps_the_job(
         self,
         tmp_path: Path,
