@@ -539,6 +539,59 @@ class TestDailyQuota:
         assert c.resets_at() == a.resets_at()
         assert c.resets_at() == dt.datetime.fromtimestamp(now_s - 3_600 + 86_400, dt.UTC)
 
+    async def test_a_spent_day_reads_spent_while_a_wait_asks_the_store_again(self) -> None:
+        """While a key waiting for its reset asks the store again (every 2 s), and while the
+        store is out of reach, it still reads as spent by the last answer: the quota
+        metrics, /readyz and the progress line read it as not spent for each ask."""
+        clock = FakeClock()
+        store = _GatedStore(clock)
+        limits = KeyLimits(5.0, 0.05, 5.0, day_limit=2, tpd=2)
+        limiter = SharedKeyLimiter(clock, cast("Any", store), KEY, limits, process_id="a")
+        await _send(clock, limiter, 2)
+        assert (limiter.exhausted, limiter.spent, limiter.remaining) == (True, 2, 0)
+        waiting = asyncio.create_task(limiter.wait_ready())
+        await clock.advance(0.0)
+        store.gate.clear()  # the next ask takes a while (a Redis round trip, stretched)
+        before = store.calls
+        await clock.advance(2.5)  # the hold ends: the wait asks again
+        assert store.calls == before + 1
+        assert (limiter.exhausted, limiter.spent, limiter.remaining) == (True, 2, 0)
+        store.down = True
+        store.gate.set()
+        await clock.advance(30.0)  # its asks fail meanwhile
+        assert store.calls > before + 1
+        assert (limiter.exhausted, limiter.spent, limiter.remaining) == (True, 2, 0)
+        store.down = False
+        await clock.advance(30.0)
+        assert (limiter.exhausted, limiter.spent) == (True, 2)
+        assert not waiting.done()
+        waiting.cancel()
+
+    async def test_a_park_reads_parked_while_a_wait_asks_the_store_again(self) -> None:
+        """A key parked for 15 minutes still reads as parked, at its reason, while its wait
+        asks the store again (every 30 s)."""
+        clock = FakeClock()
+        store = _GatedStore(clock)
+        limiter = SharedKeyLimiter(
+            clock, cast("Any", store), KEY, KeyLimits(5.0, 0.05, 5.0), process_id="a"
+        )
+        await limiter.commit()
+        limiter.park(900.0, "quota_exhausted")
+        await limiter.refresh()
+        rate = limiter.rate
+        waiting = asyncio.create_task(limiter.wait_ready())
+        await clock.advance(0.0)
+        store.gate.clear()
+        before = store.calls
+        await clock.advance(30.0)
+        assert store.calls == before + 1
+        parked = limiter.parked()
+        assert parked is not None
+        assert parked[0] == "quota_exhausted"
+        assert limiter.rate == rate
+        store.gate.set()
+        waiting.cancel()
+
     async def test_a_parked_key_asks_the_store_every_30_s(self) -> None:
         """A key parked for 15 minutes asks the store at least every 30 s while it waits."""
         clock = FakeClock()
@@ -970,6 +1023,22 @@ async def test_redis_database_out_of_range_is_a_config_error(redis_server: Redis
     assert info.value.path == "state.redis_url"
     assert "database" in info.value.message
     await store.aclose()
+
+
+class _GatedStore(OutageStore):
+    """A shared store whose decisions wait while ``gate`` is clear, as a Redis call yields
+    to the loop (a SQLite one does not); out of reach while ``down`` is set."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.calls = 0
+
+    async def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        self.calls += 1
+        await self.gate.wait()
+        return await super().decide(*args, **kwargs)
 
 
 class _DownStore:

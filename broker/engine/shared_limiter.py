@@ -193,9 +193,10 @@ class SharedKeyLimiter:
         self._limits = limits
         self._process_id = process_id
         self._last: Decision | None = None
-        # The last decision, kept while _last is dropped to make a wait ask again: what the
-        # process saw of the key goes in its mark (a store that lost it rebuilds from it).
-        self._seen: Decision | None = None
+        # A wait must ask the store before it trusts the last answer again (a hold or a long
+        # wait ended). The answer itself is kept meanwhile: the key's figures (metrics,
+        # /readyz, progress) read it until a new one comes, not the config's nominal ones.
+        self._ask_again = False
         # store seconds minus local monotonic seconds, from the last answer
         self._offset = 0.0
         # the store's wall seconds minus local monotonic seconds (None: no answer yet); the
@@ -327,7 +328,9 @@ class SharedKeyLimiter:
         first ask), not the keep-alive's beat or a feedback flush."""
         asked = self._asked_at = self._clock.monotonic()
         feedback = self._take_feedback()
-        seen = self._seen
+        # What the process saw of the key goes in its mark (a store that lost it rebuilds
+        # from it).
+        seen = self._last
         mark = ProcessMark(
             self._process_id,
             self._hwm_day,
@@ -381,7 +384,7 @@ class SharedKeyLimiter:
         local_us = self._clock.monotonic() * _US
         self._offset = math.ceil(decision.now_us - local_us) / _US
         self._wall_offset = (decision.wall_us - local_us) / _US
-        self._last = self._seen = decision
+        self._last = decision
         if decision.now_us >= self._gen_at:
             # The record's generation as of the latest answer by the store's clock: two
             # calls that end out of order across a loss must not pair the old generation
@@ -560,13 +563,14 @@ class SharedKeyLimiter:
             StateUnavailableError: the store stayed unreachable for ``give_up_after_s``.
         """
         while True:
-            if self._last is None or self._unavailable is not None:
+            if self._last is None or self._ask_again or self._unavailable is not None:
                 asked = self._clock.monotonic()
                 try:
                     await self._call(reserve=False)
                 except StateUnavailableError as exc:
                     await self._wait_for_store(exc, asked)
                     continue
+                self._ask_again = False
             now = self._clock.monotonic()
             if self.exhausted and self._hold_until <= now:
                 wait_s = self.quota_until().timestamp() - self._store_wall()
@@ -577,7 +581,7 @@ class SharedKeyLimiter:
                 await self._clock.sleep(min(self._hold_until - now, _RECHECK_S))
                 if self._clock.monotonic() >= self._hold_until:
                     self._hold_until = -math.inf
-                    self._last = None  # ask the store again before trusting the old answer
+                    self._ask_again = True
                 continue
             # Return a little before the slot: commit reserves it ahead and sleeps the exact
             # rest, so a late wake-up (a busy machine) delays one send, not the key's grid.
@@ -589,7 +593,7 @@ class SharedKeyLimiter:
             # day does: another process may have lifted it, and each ask carries our count.
             if due - now > _RECHECK_S:
                 await self._clock.sleep(_RECHECK_S)
-                self._last = None
+                self._ask_again = True
                 continue
             await self._clock.sleep(due - now)
 
