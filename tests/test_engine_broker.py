@@ -27,7 +27,8 @@ from conftest import (
 from structlog.testing import capture_logs
 
 from broker.client import Broker
-from broker.errors import ApiError, BrokerClosedError, NoUsableKeyError
+from broker.engine.shared_limiter import SharedKeyLimiter
+from broker.errors import ApiError, BrokerClosedError, NoUsableKeyError, StateUnavailableError
 from broker.models import ItemResult, Query, Status
 from broker.simulator import oauth as sim_oauth
 from broker.simulator.app import SIMULATOR_KEY
@@ -943,6 +944,14 @@ class _FullDisk:
         raise OSError(28, "No space left on device")
 
 
+async def _engine_stopped(broker: Broker) -> None:
+    """Wait until ``broker``'s engine has stopped (within 10 s)."""
+    async with asyncio.timeout(10):
+        # A stop has no event to wait on from outside the broker: poll its error.
+        while broker.engine_error is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
 class TestEngineCrash:
     """A dead engine task fails its waiters instead of hanging them."""
 
@@ -981,6 +990,53 @@ class TestEngineCrash:
             await asyncio.wait_for(broker.get_items(asins(30)), timeout=10)
         stats = await broker.cache_stats()
         assert stats is not None
+
+    async def test_a_crashed_task_is_logged_with_its_traceback(
+        self, harness: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An engine task dying of a bug is logged as broker.task_crashed with its
+        traceback (the report needs it), and the broker says that its engine stopped and
+        why (error, snapshot): an idle process holding it otherwise looked healthy."""
+
+        async def crash(self: SharedKeyLimiter) -> None:
+            await asyncio.sleep(0.05)
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(SharedKeyLimiter, "keep_alive", crash)
+        sim = await harness.simulator(FREE)
+        with capture_logs() as logs:
+            broker = await harness.broker(make_config(sim.url))
+            assert broker.engine_error is None
+            assert broker.metrics().engine_stopped is None
+            await _engine_stopped(broker)
+        (crashed,) = [e for e in logs if e["event"] == "broker.task_crashed"]
+        assert crashed["log_level"] == "error"
+        assert crashed["exc_info"] is broker.engine_error
+        assert isinstance(broker.engine_error, RuntimeError)
+        assert broker.metrics().engine_stopped == "RuntimeError: boom"
+        with pytest.raises(RuntimeError, match="boom"):
+            await broker.get_item(asins(1)[0])
+
+    async def test_an_engine_stopped_for_its_store_is_one_line(
+        self, harness: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An engine stopped by a key-state store it cannot use (no bug) is logged as
+        broker.engine_stopped without a traceback."""
+
+        async def refused(self: SharedKeyLimiter) -> None:
+            await asyncio.sleep(0.05)
+            raise StateUnavailableError("redis", "redis://127.0.0.1:1/0: ConnectionError")
+
+        monkeypatch.setattr(SharedKeyLimiter, "keep_alive", refused)
+        sim = await harness.simulator(FREE)
+        with capture_logs() as logs:
+            broker = await harness.broker(make_config(sim.url))
+            await _engine_stopped(broker)
+        (stopped,) = [e for e in logs if e["event"] == "broker.engine_stopped"]
+        assert "exc_info" not in stopped
+        assert broker.metrics().engine_stopped == (
+            "key-state store (redis) unavailable: redis://127.0.0.1:1/0: ConnectionError"
+        )
 
     async def test_caller_waiting_for_room_gets_the_crash(self, harness: Harness) -> None:
         """A caller blocked on a full queue when the engine dies raises the crash too."""

@@ -32,6 +32,7 @@ from broker.cache import CacheStats
 from broker.config import BrokerConfig, parse_config
 from broker.engine.adaptive import ThrottleVerdict
 from broker.engine.metrics import QUOTA_WAIT, KeySnapshot, MetricsSnapshot
+from broker.engine.shared_limiter import SharedKeyLimiter
 from broker.errors import ConfigError, NoUsableKeyError
 from broker.jobs import serve
 from broker.jobs.lock import JobLock
@@ -1393,6 +1394,33 @@ class TestHttp:
         assert readiness(snapshot, state="stopping").reason == "stopping"
         assert readiness(None, state="running").reason == "starting"
 
+    def test_a_stopped_engine_is_not_ready(self) -> None:
+        """An engine that stopped (a crash) is not ready, saying why, whatever its keys say."""
+        key = KeySnapshot("demo", "active", 1.0, 1.0, 0, 3, 0, 1, 3, 8640, None)
+        snapshot = MetricsSnapshot(
+            0, {}, 0, 0, 0, {}, (0,) * 11, 0.0, 0, 0, 0, keys=(key,),
+            engine_stopped="RuntimeError: boom",
+        )  # fmt: skip
+        verdict = readiness(snapshot, state="running")
+        assert (verdict.ready, verdict.reason) == (False, "engine stopped: RuntimeError: boom")
+
+    async def test_an_idle_daemon_whose_engine_dies_stops_at_once(
+        self, start: Start, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An idle daemon whose engine dies stops within a poll, raising the crash: it
+        answered ready and healthy, with no engine, until the next job met it."""
+
+        async def crash(self: SharedKeyLimiter) -> None:
+            await asyncio.sleep(0.3)
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(SharedKeyLimiter, "keep_alive", crash)
+        running = await start()
+        assert (await _get(f"{running.url}/readyz"))[0] == 200
+        with pytest.raises(RuntimeError, match="boom"):
+            async with asyncio.timeout(5):
+                await running.task
+
     def test_a_key_paused_by_retry_after_is_ready_though_it_says_until_when(self) -> None:
         """A Retry-After pause (seconds) shows its until, and the key still counts as able
         to send for /readyz; a pause of a failing endpoint does not."""
@@ -1589,6 +1617,36 @@ class TestProcess:
         assert event["error"] == lines[0].removeprefix("broker: ")
         assert not (tmp_path / "s").exists()
 
+    def test_a_crash_ends_the_daemon_with_its_traceback(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """An engine task dying of a bug ends the daemon with 1 (an internal error, which a
+        restart may mend); broker.task_crashed and broker.daemon_failed carry its traceback,
+        masked as the rest of the log is."""
+        token = "Atc|" + "x" * 40
+
+        async def crash(self: SharedKeyLimiter) -> None:
+            raise RuntimeError(f"boom Bearer {token}")
+
+        monkeypatch.setattr(SharedKeyLimiter, "keep_alive", crash)
+        spool = tmp_path / "s"
+        _drop(spool, "job.txt", "B0CRASH001\n")
+        argv = ["serve", "--spool", str(spool), "--config", str(_config_file(tmp_path))]
+        assert cli.main([*argv, "--port", "0"]) == ExitCode.INTERNAL
+        err = capsys.readouterr().err
+        assert token not in err
+        events = {e["event"]: e for e in map(json.loads, err.splitlines())}
+        for name in ("broker.task_crashed", "broker.daemon_failed"):
+            assert events[name]["exception"].startswith("Traceback (most recent call last)")
+            assert "RuntimeError: boom Bearer ***" in events[name]["exception"]
+        assert events["broker.daemon_failed"]["exit_code"] == ExitCode.INTERNAL
+        assert events["broker.daemon_failed"]["error"] == (
+            "internal error: RuntimeError: boom Bearer ***"
+        )
+
     def test_every_key_rejected_stops_with_77_and_keeps_the_job(
         self,
         tmp_path: Path,
@@ -1604,6 +1662,8 @@ class TestProcess:
         assert cli.main(argv) == ExitCode.NO_PERMISSION
         err = capsys.readouterr().err
         assert "demo" in err
+        # No bug: one line, no traceback.
+        assert "Traceback" not in err
         assert "wrong-secret" not in err
         assert (spool / "processing" / "job.txt").exists()
         assert not (spool / "failed" / "job.txt").exists()

@@ -57,7 +57,7 @@ from broker.errors import (
     StateUnavailableError,
     WrongEventLoopError,
 )
-from broker.logs import get_logger
+from broker.logs import get_logger, scrub
 from broker.models import ItemResult, Protocol, Query, Secret
 from broker.state import KeyStateStore, open_store, process_id
 
@@ -491,7 +491,8 @@ class Broker:
             # reaching here stops the engine as documented (exit 69).
             logger.error("broker.engine_stopped", reason=str(exc))
         else:
-            logger.error("broker.task_crashed", error=repr(exc))
+            # A bug: its report needs where it happened (masked as the rest of the log).
+            logger.error("broker.task_crashed", error=repr(exc), exc_info=exc)
         self._stop(exc)
 
     def _stop(self, exc: BaseException) -> None:
@@ -1131,7 +1132,20 @@ class Broker:
             outstanding_lookups=len(self._intake) if self._intake is not None else 0,
             keys=tuple(key.snapshot() for key in self._keys),
             waiting_markets=work.marketplaces() if work is not None else (),
+            engine_stopped=None if (error := self.engine_error) is None else _stop_reason(error),
         )
+
+    @property
+    def engine_error(self) -> BaseException | None:
+        """What stopped the engine while the broker is open: a crash of one of its tasks (a
+        bug), or a key-state store the config cannot use; None while it runs, and after a
+        close.
+
+        Every call raises it from then on. A process that holds the broker between calls
+        (a daemon, idle) reads it to stop at once, instead of at its next call.
+        """
+        stopped = self._stopped
+        return None if isinstance(stopped, BrokerClosedError) else stopped
 
     def _check_composition(self, config: BrokerConfig) -> None:
         """Refuse, when the broker is built, what the layer composing it cannot use (the
@@ -1157,6 +1171,14 @@ NOT_PICKLED: Final = (
     "same config file ({name}.from_config(path): a config holding a secret is not pickled "
     "either)"
 )
+
+
+def _stop_reason(exc: BaseException) -> str:
+    """Why the engine stopped, in a line an HTTP answer (``/readyz``) may show: a store it
+    cannot use says so itself; a crash names its exception. Credentials masked."""
+    if isinstance(exc, StateUnavailableError | ConfigError):
+        return scrub(str(exc))
+    return scrub(f"{type(exc).__name__}: {exc}")
 
 
 #: A ``get_items`` result slot: one per lookup identity, and one per tagged query (a tag

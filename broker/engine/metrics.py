@@ -67,6 +67,10 @@ class MetricsSnapshot:
     #: the marketplaces queued batches wait for a key in (sorted): whose keys' state
     #: decides whether the work can go on
     waiting_markets: tuple[str, ...] = ()
+    #: why the engine stopped while the broker is open (a crash, a key-state store the
+    #: config cannot use); None while it runs, and after a close. Every call fails from then
+    #: on, whatever the keys say.
+    engine_stopped: str | None = None
 
     def serving(self, markets: Collection[str]) -> tuple[KeySnapshot, ...]:
         """The keys that serve one of ``markets`` now (a key out of rotation in a
@@ -137,6 +141,7 @@ class EngineMetrics:
         outstanding_lookups: int,
         keys: tuple[KeySnapshot, ...],
         waiting_markets: tuple[str, ...] = (),
+        engine_stopped: str | None = None,
     ) -> MetricsSnapshot:
         """Return the counters as a frozen value."""
         return MetricsSnapshot(
@@ -153,4 +158,5 @@ class EngineMetrics:
             outstanding_lookups=outstanding_lookups,
             keys=keys,
             waiting_markets=waiting_markets,
+            engine_stopped=engine_stopped,
         )

@@ -155,14 +155,17 @@ def readiness(metrics: MetricsSnapshot | None, *, state: str) -> Readiness:
     The keys that count are those serving a marketplace batches wait for; with no work
     waiting, every key. So a job whose rows left are all for a marketplace whose keys wait
     for their daily quota is not ready (the daemon is held for hours), however fresh the
-    keys of other marketplaces. Not ready either while starting or stopping, or when every
-    such key is out of rotation (disabled, parked, or paused by a failing token endpoint);
-    a quota wait says until when (the earliest reset).
+    keys of other marketplaces. Not ready either while starting or stopping, once the
+    engine stopped (a crash: the daemon exits on it within a poll), or when every such key
+    is out of rotation (disabled, parked, or paused by a failing token endpoint); a quota
+    wait says until when (the earliest reset).
     """
     if state != "running":
         return Readiness(False, state)
     if metrics is None:
         return Readiness(False, "starting")
+    if metrics.engine_stopped is not None:
+        return Readiness(False, f"engine stopped: {metrics.engine_stopped}")
     keys = needed_keys(metrics)
     if not keys or any(_can_send(key) for key in keys):
         return Readiness(True)

@@ -1637,6 +1637,13 @@ def out_of_files(exc: BaseException) -> TypeGuard[OSError]:
     return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
 
 
+def unexpected(exc: BaseException) -> bool:
+    """Whether ``exc`` is one no run expects, which :func:`describe_failure` tells as an
+    ``internal error`` (exit 1): a bug, whose log event carries its traceback for the
+    report. The broker's own errors, a file's, memory running out are one line each."""
+    return not isinstance(exc, BrokerError | OSError | MemoryError)
+
+
 def describe_failure(
     exc: BaseException, *, job: Path | None = None, spooled: bool = False
 ) -> tuple[int, str]:

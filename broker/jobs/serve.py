@@ -113,6 +113,7 @@ from broker.jobs.runner import (
     outage_had_part,
     quota_wait,
     run_job,
+    unexpected,
 )
 from broker.jobs.signals import (
     STOP_SIGNALS,
@@ -1139,6 +1140,7 @@ class Daemon:
             NoUsableKeyError: every key is out of rotation (the job stays in processing/).
             ConfigError: the HTTP port cannot be bound, or a key has no secret.
             OSError: the spool cannot be written.
+            Exception: what stopped the broker's engine (a crash), within a poll of it.
         """
         loop = asyncio.get_running_loop()
         if self._options.handle_signals:
@@ -1251,6 +1253,12 @@ class Daemon:
                 break  # the rest are taken up as unheld jobs once deferred ones resume
             await self._process(broker, left, resumed=True)
         while not self._stop.is_set():
+            stopped = broker.engine_error
+            if stopped is not None:
+                # Every job would fail on it, so stop now (its exit code, 1 for a crash: a
+                # service manager restarts the daemon with a new engine) rather than idle
+                # on, answering healthy, until the next job meets it.
+                raise stopped
             self._restore_folders()
             name = self._next_job(broker)
             if name is None:
@@ -2081,11 +2089,14 @@ def serve_command(
             code, message = ExitCode.CONFIG, str(exc)
         else:
             code, message = describe_failure(exc)
-        if logs_are_json():
+        bug = unexpected(exc)
+        if logs_are_json() or bug:
             # A log shipper (journald's, a container's) parses every line: the last words
-            # are an event too.
-            logger.error("broker.daemon_failed", exit_code=code, error=message)
-        else:
+            # are an event too. A bug's carries its traceback, in either format.
+            logger.error(
+                "broker.daemon_failed", exit_code=code, error=message, exc_info=exc if bug else None
+            )
+        if not logs_are_json():
             print(f"{prog()} serve: {message}", file=sys.stderr)
         return code
     return ExitCode.OK
