@@ -828,6 +828,15 @@ def test_out_of_memory_is_told_as_the_process_s_limit() -> None:
     assert "move it back into inbox/" in spooled
 
 
+def test_an_internal_error_s_message_masks_credentials() -> None:
+    """An unexpected exception's message, which run and serve print on stderr as it is,
+    masks a credential it quotes, as the log line of it does."""
+    token = "Atc|" + "y" * 40
+    code, message = describe_failure(RuntimeError(f"refused Bearer {token} by proxy"))
+    assert code == ExitCode.INTERNAL
+    assert message == "internal error: RuntimeError: refused Bearer *** by proxy"
+
+
 def test_a_finished_command_whose_loop_cannot_start_its_closing_thread_keeps_its_code(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -79,7 +79,7 @@ from broker.jobs.sources import (
     fingerprint,
     read_job,
 )
-from broker.logs import end_live_line, get_logger, show_live_line
+from broker.logs import end_live_line, get_logger, scrub, show_live_line
 from broker.models import ItemResult, Protocol, Query
 from broker.sqlitewal import journal_files, rollback_journal
 from broker.stdio import as_shown
@@ -1718,4 +1718,6 @@ def describe_failure(
                 else "Rows done so far are kept; run again to go on."
             )
         )
-    return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    # Printed as it is on stderr, unlike the log's copy: a credential a foreign message
+    # quotes is masked here.
+    return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {scrub(str(exc))}"
