@@ -1700,16 +1700,24 @@ def _say_failures(causes: Sequence[tuple[str, str, int]]) -> None:
 
 
 def _log_stopped(
-    paths: RunPaths, code: int, message: str, *, refresh: bool = False, ours: bool = True
+    paths: RunPaths,
+    code: int,
+    message: str,
+    *,
+    refresh: bool = False,
+    ours: bool = True,
+    exc: BaseException | None = None,
 ) -> None:
     """``broker.job_finished`` of a run an error stopped: its exit code and why, with the
     rows as its ledger has them (none when it has no ledger yet); the rows line and where
     the output is are printed too, as a finished run prints them: rows other marketplaces
     did before the error are written, and resumable. A ``refresh`` run's rows are in its own
     ledger, beside the previous output it replaces only when it completes. Not ``ours``
-    (the output is another job file's): no rows, theirs are not this job's."""
+    (the output is another job file's): no rows, theirs are not this job's. ``exc``: the
+    error, whose traceback the event carries when it is a bug (an internal error)."""
     from broker.jobs.ledger import read_tally
     from broker.jobs.paths import ledger_path, refresh_path
+    from broker.jobs.runner import unexpected
     from broker.logs import get_logger
 
     tally = (
@@ -1728,6 +1736,7 @@ def _log_stopped(
         **figures,
         error=message,
         exit_code=int(code),
+        exc_info=exc if exc is not None and unexpected(exc) else None,
     )
     if tally is not None:
         _say_rows(total, done, pending)
@@ -1793,7 +1802,7 @@ async def _run(config: BrokerConfig, args: argparse.Namespace, paths: Any) -> in
             message = _as_stdin(message, str(options.job))
         # An output another job file owns: its rows are not this job's.
         ours = not isinstance(exc, OtherJobsOutputError)
-        _log_stopped(paths, code, message, refresh=args.refresh, ours=ours)
+        _log_stopped(paths, code, message, refresh=args.refresh, ours=ours, exc=exc)
         print(f"{prog()}: {message}", file=sys.stderr)
         return code
     finally:

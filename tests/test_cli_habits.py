@@ -3099,3 +3099,27 @@ def test_commands_run_with_a_larger_young_generation_and_restore_it() -> None:
 
     assert cli._run_loop(seen()) == 10_000
     assert gc.get_threshold() == before
+
+
+def test_a_bug_in_a_run_logs_its_traceback_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug outside the engine (the runner's own code) ends the run with 1 and a
+    broker.job_finished that carries its traceback, masked as the log is: the event said
+    only "internal error: RuntimeError: ...", nothing to report."""
+    from broker.jobs import runner
+
+    token = "Atc|" + "y" * 40
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"boom Bearer {token}")
+
+    monkeypatch.setattr(runner, "run_job", broken)
+    args = ["run", str(_job(tmp_path)), "--config", str(_config(tmp_path)), "--progress", "none"]
+    assert cli.main(args) == ExitCode.INTERNAL
+    err = capsys.readouterr().err
+    assert token not in err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    [event] = [e for e in events if e["event"] == "broker.job_finished"]
+    assert event["exception"].startswith("Traceback (most recent call last)")
+    assert "RuntimeError: boom Bearer ***" in event["exception"]
