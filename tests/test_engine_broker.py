@@ -39,9 +39,26 @@ from broker.testing import FakeClock
 
 if TYPE_CHECKING:
     from broker.api.base import HttpRequest, RawResponse
+    from broker.config import BrokerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FREE = SimulatorSettings(limits=False)
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    """A path of a server that is no token endpoint."""
+    return web.Response(status=404, text="404: Not Found")
+
+
+def _two_families(url: str, token_path: str) -> BrokerConfig:
+    """Two keys of the simulator at ``url``, a 3.x (Login with Amazon) and a 2.x (Cognito),
+    whose tokens come from ``url + token_path``."""
+    cognito = key_doc("cognito", credential_id="demo-v2-id", env="ASINB_V2_SECRET", version="2.1")
+    return make_config(
+        url,
+        keys=[key_doc("lwa"), cognito],
+        api={"protocol": "creators", "endpoint": url, "token_endpoint": url + token_path},
+    )
 
 
 def _statuses(results: list[ItemResult]) -> Counter[str]:
@@ -709,26 +726,13 @@ class TestBrokenKeys:
         async def lwa_only(request: web.Request) -> web.Response:
             return await sim_oauth.token_endpoint(request, sim, "v3")
 
-        async def not_found(request: web.Request) -> web.Response:
-            return web.Response(status=404, text="404: Not Found")
-
         # A gateway in front of the token servers that serves Login with Amazon's path only.
         server.app.router.add_post("/gw/auth/o2/token", lwa_only)
-        server.app.router.add_post("/gw/oauth2/token", not_found)
-        cognito = key_doc(
-            "cognito", credential_id="demo-v2-id", env="ASINB_V2_SECRET", version="2.1"
-        )
-        async with server:
-            api = {"protocol": "creators", "endpoint": server.url}
-            config = make_config(
-                server.url,
-                keys=[key_doc("lwa"), cognito],
-                api={**api, "token_endpoint": server.url + "/gw"},
-            )
-            async with Broker(config) as broker:
-                with capture_logs() as logs:
-                    results = await broker.get_items(asins(30))
-                states = {k.name: k for k in broker.metrics().keys}
+        server.app.router.add_post("/gw/oauth2/token", _not_found)
+        async with server, Broker(_two_families(server.url, "/gw")) as broker:
+            with capture_logs() as logs:
+                results = await broker.get_items(asins(30))
+            states = {k.name: k for k in broker.metrics().keys}
         assert _statuses(results) == {"ok": 30}
         assert {r.key for r in results} == {"lwa"}
         disabled = [e for e in logs if e["event"] == "broker.key_disabled"]
@@ -742,24 +746,10 @@ class TestBrokenKeys:
         """A token_endpoint given as a whole URL (its path ends in /token) is every key's:
         a 404 there takes them all out at once, naming it, each key's own failure."""
         server = SimulatorServer(FREE)
-
-        async def not_found(request: web.Request) -> web.Response:
-            return web.Response(status=404, text="404: Not Found")
-
-        server.app.router.add_post("/gone/token", not_found)
-        cognito = key_doc(
-            "cognito", credential_id="demo-v2-id", env="ASINB_V2_SECRET", version="2.1"
-        )
-        async with server:
-            api = {"protocol": "creators", "endpoint": server.url}
-            config = make_config(
-                server.url,
-                keys=[key_doc("lwa"), cognito],
-                api={**api, "token_endpoint": server.url + "/gone/token"},
-            )
-            async with Broker(config) as broker:
-                with pytest.raises(NoUsableKeyError) as caught:
-                    await broker.get_items(asins(3))
+        server.app.router.add_post("/gone/token", _not_found)
+        async with server, Broker(_two_families(server.url, "/gone/token")) as broker:
+            with pytest.raises(NoUsableKeyError) as caught:
+                await broker.get_items(asins(3))
         failures = caught.value.failures
         assert sorted((f.key, f.code) for f in failures) == [
             ("cognito", "NoTokenEndpoint"),

@@ -1447,15 +1447,21 @@ class TestRetries:
         assert {failure.code for failure in failures} == {code}
         assert all(failure.remedy == describe(code).remedy for failure in failures)
 
-    async def test_a_token_endpoint_failing_past_the_budget_is_named_as_such(self) -> None:
-        """A token endpoint answering 500 past retry.outage_budget_s (the API never asked):
-        the key's failure says the last error was the token endpoint's, and its remedy names
-        api.token_endpoint; it read as the API endpoint's outage."""
+    @pytest.mark.parametrize(
+        ("status", "code"), [(500, "server_error"), (400, "temporarily_unavailable")]
+    )
+    async def test_a_token_endpoint_failing_past_the_budget_is_named_as_such(
+        self, status: int, code: str
+    ) -> None:
+        """A token endpoint failing past retry.outage_budget_s (the API never asked), with a
+        500, or a 400 whose OAuth code says to try later: an outage (rows pending, exit 69
+        for a job), not a rejected key; the key's failure says the last error was the token
+        endpoint's, and its remedy names api.token_endpoint (it read as the API's outage)."""
         clock = FakeClock()
 
         async def handler(request: HttpRequest) -> RawResponse:
             if "/auth/" in request.url:
-                return _reply(500, {"error": "server_error"})
+                return _reply(status, {"error": code})
             return _creators_ok(_ids(request))
 
         broker, _ = _broker(
@@ -1463,6 +1469,7 @@ class TestRetries:
         )
         failure = await _outage_refusal(broker, clock)
         assert "the token endpoint's last error: " in failure.message
+        assert code in failure.message
         assert "api.token_endpoint" in failure.remedy
 
     async def test_a_server_failing_past_the_outage_budget_stops_the_run(self) -> None:
@@ -1916,22 +1923,6 @@ class TestCredentials:
         events = [e["event"] for e in logs]
         assert "broker.key_disabled" not in events
         assert events.count("broker.token_fetch_failed") == 1
-
-    async def test_an_oauth_try_later_code_past_the_budget_is_an_outage(self) -> None:
-        """A token endpoint answering 400 temporarily_unavailable past retry.outage_budget_s
-        ends as an outage (rows pending, exit 69 for a job), not a rejected key."""
-        clock = FakeClock()
-
-        async def handler(request: HttpRequest) -> RawResponse:
-            if "/auth/" in request.url:
-                return _reply(400, {"error": "temporarily_unavailable"})
-            return _creators_ok(_ids(request))
-
-        broker, _ = _broker(
-            CREATORS, handler, clock, protocol="creators", retry={"outage_budget_s": 60.0}
-        )
-        failure = await _outage_refusal(broker, clock)
-        assert "temporarily_unavailable" in failure.message
 
     async def test_a_throttling_token_endpoint_is_asked_again_after_its_retry_after(
         self,

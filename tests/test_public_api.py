@@ -9,6 +9,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +17,9 @@ import broker
 import broker.cache
 import broker.simulator
 import broker.testing
+
+if TYPE_CHECKING:
+    from broker.config import BrokerConfig
 
 MODULES = sorted(
     ["broker"]
@@ -178,24 +182,18 @@ def test_documented_errors_import_from_the_package() -> None:
     assert issubclass(NoUsableKeyError, broker.BrokerError)
 
 
+def _config_with_secret(secret: str) -> BrokerConfig:
+    """A config of one Creators key whose secret is ``secret``."""
+    key = {"name": "k", "credential_id": "id", "version": "3.1", "partner_tags": {"US": "t-20"}}
+    return broker.config_from_dict({"keys": [key]}, secrets={"k": secret})
+
+
 def test_a_config_holding_a_secret_says_what_a_worker_process_needs_instead() -> None:
     """Pickling a config with a secret (a ``spawn`` pool's initargs) is refused with what to
     hand the worker instead, and the secret stays out of the message."""
     import pickle
 
-    config = broker.config_from_dict(
-        {
-            "keys": [
-                {
-                    "name": "k",
-                    "credential_id": "id",
-                    "version": "3.1",
-                    "partner_tags": {"US": "t-20"},
-                }
-            ]
-        },
-        secrets={"k": "s3cr3t-value"},
-    )
+    config = _config_with_secret("s3cr3t-value")
     with pytest.raises(TypeError) as refused:
         pickle.dumps(config)
     assert "from_config(path)" in str(refused.value)
@@ -214,19 +212,7 @@ def test_a_config_deep_copies() -> None:
     """copy.deepcopy of a config works (its secrets are shared, never pickled)."""
     import copy
 
-    config = broker.config_from_dict(
-        {
-            "keys": [
-                {
-                    "name": "k",
-                    "credential_id": "id",
-                    "version": "3.1",
-                    "partner_tags": {"US": "t-20"},
-                }
-            ]
-        },
-        secrets={"k": "s3cr3t"},
-    )
+    config = _config_with_secret("s3cr3t")
     clone = copy.deepcopy(config)
     assert clone == config
     assert clone.keys[0].secret is config.keys[0].secret
