@@ -431,9 +431,12 @@ class TestStaleReservations:
 
     def test_reservations_a_filing_may_still_hold_are_kept(self, spool: Spool) -> None:
         """Kept: one for a job in processing/ (filed again at start, which takes it back),
-        for an entry mid-refusal, for the reserved name's own file (between its last rename
-        and the reservation's removal), and one made in the last minutes."""
+        for an entry a cut-short refusal put back into inbox/ (refused again under it, by a
+        daemon running meanwhile), for an entry mid-refusal, for the reserved name's own
+        file (between its last rename and the reservation's removal), and one made in the
+        last minutes."""
         (spool.processing / "p.txt").write_text("B000000001\n")
+        (spool.inbox / "i.txt").write_text("B000000001\n")
         (spool.failed / f"{serve._REFUSING}0a1b2c3d.q.txt").write_text("B000000001\n")
         (spool.done / "d.txt").write_text("B000000001\n")
         kept = [
@@ -447,6 +450,7 @@ class TestStaleReservations:
                 3600,
             ),
             self._reservation(spool.done, "d.txt", (spool.done / "d.txt").stat().st_ino, 3600),
+            self._reservation(spool.failed, "i.txt", (spool.inbox / "i.txt").stat().st_ino, 3600),
             self._reservation(spool.done, "n.txt", 987_654_321, age_s=0),
         ]
         assert spool.drop_stale_reservations() == []

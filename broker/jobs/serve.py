@@ -750,10 +750,12 @@ class Spool:
         Left there, one held its name for ever: the next job of that name was filed as
         ``a-2.txt`` beside no ``a.txt``. A reservation is stale when it is older than
         :data:`_STALE_RESERVATION_S` (a filing lasts a few renames) and the file it names is
-        nowhere a filing can hold it: not in ``processing/`` (to be filed again, which takes
-        its reservation back), not mid-refusal in ``failed/``, and not the reserved name's
-        own file. The places are looked at after the reservations are read, in the order a
-        file moves through them, so a filing under way is always found.
+        nowhere a filing can hold it: not in ``inbox/`` (a refusal a crash cut short puts its
+        entry back there, to be refused again under the reservation it left), not in
+        ``processing/`` (to be filed again, which takes its reservation back), not
+        mid-refusal in ``failed/``, and not the reserved name's own file. The places are
+        looked at after the reservations are read, in the order a file moves through them,
+        so a filing under way is always found.
         """
         now = time.time()
         found: list[tuple[Path, int, os.stat_result]] = []
@@ -768,7 +770,7 @@ class Spool:
                         found.append((path, int(path.read_bytes()), info))
         if not found:
             return []
-        held = _inodes(self.processing) | _inodes(self.failed, _REFUSING)
+        held = _inodes(self.inbox) | _inodes(self.processing) | _inodes(self.failed, _REFUSING)
         dropped = []
         for path, identity, info in found:
             if identity in held:
@@ -960,13 +962,15 @@ def _kind(mode: int) -> str:
 
 
 def _inodes(directory: Path, prefix: str = "") -> set[int]:
-    """The inodes of the entries of ``directory`` whose names start with ``prefix``."""
+    """The inodes of the entries of ``directory`` whose names start with ``prefix``, as
+    ``os.stat`` gives them (as a reservation names its file: a directory entry's own inode
+    may differ on an overlay file system)."""
     found = set()
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith(prefix):
                 with contextlib.suppress(FileNotFoundError):
-                    found.add(entry.inode())
+                    found.add(entry.stat(follow_symlinks=False).st_ino)
     return found
 
 
