@@ -1712,6 +1712,38 @@ class TestRetries:
             elapsed = clock.monotonic() - start
         assert 30.0 <= elapsed < 31.0
 
+    @pytest.mark.parametrize("shared", [True, False], ids=["one credential", "two"])
+    async def test_keys_out_at_different_times_do_not_revive_each_other(self, shared: bool) -> None:
+        """Two keys whose token endpoint hangs 30 s each fetch, under a 100-s budget: the
+        call ends once both are out, within about the budget and a hang or two. Taken out
+        30 s apart, each one's take-out brought the other back (its 30 s were up) to probe
+        for another hang, and the call went on for two hours."""
+        clock = FakeClock()
+        start = clock.monotonic()
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            if "/auth/" in request.url:
+                await clock.sleep(30.0)
+                raise RequestTimeout(f"POST {request.url}: timed out")
+            return _creators_ok(_ids(request))
+
+        other = "ASINB_DEMO_SECRET" if shared else "ASINB_OTHER_SECRET"
+        broker, _ = _broker(
+            CREATORS,
+            handler,
+            clock,
+            protocol="creators",
+            keys=[key_doc("a", tps=5.0), key_doc("b", tps=5.0, env=other)],
+            environ={"ASINB_OTHER_SECRET": "another"},
+            retry={"outage_budget_s": 100.0},
+        )
+        async with broker:
+            task = asyncio.get_running_loop().create_task(broker.get_items(asins(5)))
+            await clock.run_until(task)
+            with pytest.raises(NoUsableKeyError):
+                task.result()
+        assert clock.monotonic() - start < 200.0
+
     async def test_timeout_retried(self) -> None:
         """A transport timeout is retried and counted as a transport error."""
         calls = 0

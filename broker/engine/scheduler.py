@@ -99,10 +99,16 @@ class KeyPool:
         """True if some key is configured for ``marketplace`` (has a partner tag there)."""
         return marketplace in self._configured
 
-    def check_servable(self, marketplace: str) -> None:
-        """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace`` now."""
+    def check_servable(self, marketplace: str, *, revive: bool = True) -> None:
+        """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace`` now.
+
+        ``revive``: bring back keys an outage took out long enough ago (a new call's
+        check). Work already under way (a batch sent back to the queue) brings none back:
+        keys taken out 30 s apart revived each other at each take-out, every revived key
+        spent its probe on the hang that took it out, and a call went on for hours.
+        """
         if self._outage_out:
-            if self._monotonic() >= self._revive_due:
+            if revive and self._monotonic() >= self._revive_due:
                 self._revive_outage_out()
             elif marketplace in self._servable:
                 return
@@ -187,7 +193,8 @@ class KeyPool:
         if not batch.live():
             return
         try:
-            self.check_servable(batch.marketplace)
+            # Its callers were checked when they came (a revival then is theirs).
+            self.check_servable(batch.marketplace, revive=False)
         except NoUsableKeyError as exc:
             batch.fail(exc)
             return
