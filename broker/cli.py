@@ -830,14 +830,17 @@ def _config_failure(args: argparse.Namespace, message: str) -> int:
     document on stdout too (a script reading stdout always gets one); exit 78. A ``run``
     ends with its ``broker.job_finished`` error event too, as for every error exit, and a
     ``serve`` with JSON logs with ``broker.daemon_failed``, as for any other failed start
-    (a log shipper parses every line); both logged as the defaults say: the config that
-    would say otherwise is what failed."""
-    print(f"{prog()}: {message}", file=sys.stderr)
-    if args.command in ("run", "serve"):
+    (a log shipper parses every line), instead of the plain line, as ``serve_command`` ends
+    every failed start; both logged as the defaults say: the config that would say
+    otherwise is what failed."""
+    if args.command not in ("run", "serve"):
+        print(f"{prog()}: {message}", file=sys.stderr)
+    else:
         from broker.logs import configure_logging, get_logger, logs_are_json
 
         configure_logging()
         if args.command == "run":
+            print(f"{prog()}: {message}", file=sys.stderr)
             get_logger().error(
                 "broker.job_finished", job=args.job, error=message, exit_code=int(ExitCode.CONFIG)
             )
@@ -845,6 +848,8 @@ def _config_failure(args: argparse.Namespace, message: str) -> int:
             get_logger().error(
                 "broker.daemon_failed", exit_code=int(ExitCode.CONFIG), error=message
             )
+        else:
+            print(f"{prog()}: {message}", file=sys.stderr)
     if args.command == "status" and args.json:
         from broker.status import print_no_keys
 

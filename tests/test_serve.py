@@ -1595,7 +1595,7 @@ class TestProcess:
         config: str,
     ) -> None:
         """A daemon refused for its config (exit 78) logs broker.daemon_failed as JSON off a
-        terminal, as for any other failed start, beside its plain line."""
+        terminal, as for any other failed start, and no plain line among the JSON ones."""
         monkeypatch.delenv("ASINB_UNSET_SECRET", raising=False)
         path = tmp_path / "config.toml"
         if config == "secret-unset":
@@ -1610,11 +1610,10 @@ class TestProcess:
         argv = ["serve", "--spool", str(tmp_path / "s"), "--config", str(path), "--port", "0"]
         assert cli.main(argv) == ExitCode.CONFIG
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert lines[0].startswith("broker: ")
-        (event,) = [json.loads(line) for line in lines if line[:1] == "{"]
+        (event,) = [json.loads(line) for line in lines]
         assert (event["event"], event["level"]) == ("broker.daemon_failed", "error")
         assert event["exit_code"] == ExitCode.CONFIG
-        assert event["error"] == lines[0].removeprefix("broker: ")
+        assert event["error"].startswith("invalid config ") or "not found" in event["error"]
         assert not (tmp_path / "s").exists()
 
     def test_a_crash_ends_the_daemon_with_its_traceback(

@@ -1137,9 +1137,9 @@ class Broker:
 
     @property
     def engine_error(self) -> BaseException | None:
-        """What stopped the engine while the broker is open: a crash of one of its tasks (a
-        bug), or a key-state store the config cannot use; None while it runs, and after a
-        close.
+        """What stopped the engine: a crash of one of its tasks (a bug), or a key-state store
+        the config cannot use; None while it runs, and after a close that found it running
+        (a close keeps what stopped it before).
 
         Every call raises it from then on. A process that holds the broker between calls
         (a daemon, idle) reads it to stop at once, instead of at its next call.

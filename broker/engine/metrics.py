@@ -67,8 +67,8 @@ class MetricsSnapshot:
     #: the marketplaces queued batches wait for a key in (sorted): whose keys' state
     #: decides whether the work can go on
     waiting_markets: tuple[str, ...] = ()
-    #: why the engine stopped while the broker is open (a crash, a key-state store the
-    #: config cannot use); None while it runs, and after a close. Every call fails from then
+    #: why the engine stopped (a crash, a key-state store the config cannot use); None
+    #: while it runs, and after a close that found it running. Every call fails from then
     #: on, whatever the keys say.
     engine_stopped: str | None = None
 
