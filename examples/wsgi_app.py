@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from broker import ItemResult, SyncBroker
+from broker import BrokerError, ItemResult, SyncBroker
 from broker.errors import BadRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
+#: How long a request thread waits for its answer (an outage is waited out for minutes).
+_TIMEOUT_S = 20.0
 _broker: SyncBroker | None = None
 _lock = threading.Lock()
 
@@ -74,11 +76,13 @@ def application(
     body: dict[str, Any] = {"error": "try /item?asin=B000000001 or /search?q=kettle"}
     try:
         if path == "/item" and "asin" in query:
-            result = get_broker().get_item(query["asin"][0])
+            result = get_broker().get_item(query["asin"][0], timeout=_TIMEOUT_S)
             status = "200 OK" if result.ok else "404 Not Found"
             body = item_json(result)
         elif path == "/search" and "q" in query:
-            found = get_broker().search_items(keywords=query["q"][0], item_count=5)
+            found = get_broker().search_items(
+                keywords=query["q"][0], item_count=5, timeout=_TIMEOUT_S
+            )
             status = "200 OK"
             body = {
                 "total": found.total_result_count,
@@ -89,6 +93,10 @@ def application(
     except BadRequestError as exc:  # Amazon's answer to the request: NoResults, say
         status = "404 Not Found" if exc.code == "NoResults" else "400 Bad Request"
         body = {"error": exc.code, "message": exc.message}
+    except TimeoutError:  # the call's own timeout: the request thread is not held longer
+        status, body = "504 Gateway Timeout", {"error": "timeout"}
+    except BrokerError as exc:  # no usable key, or failures the retries did not get past
+        status, body = "503 Service Unavailable", {"error": type(exc).__name__}
     payload = json.dumps(body).encode()
     start_response(
         status, [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]

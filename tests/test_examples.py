@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,31 @@ def test_wsgi_search_that_finds_nothing_is_a_404() -> None:
     lines = _run("wsgi_app.py", "--demo")
     answers = [(line.split(" ", 1)[0], json.loads("{" + line.split(" {", 1)[1])) for line in lines]
     assert [status for status, body in answers if body.get("error") == "NoResults"] == ["404"]
+
+
+def test_wsgi_search_the_retries_do_not_get_past_is_a_503(tmp_path: Path) -> None:
+    """A search whose every answer is a gateway's HTML page (the retries run out) is
+    answered 503 naming the error, not a crash of the handler (a 500 with a traceback)."""
+    text = (REPO / "config.toml").read_text()
+    text = text.replace("max_attempts = 6", "max_attempts = 2")
+    config = tmp_path / "config.toml"
+    config.write_text(text + "\n[simulator.faults]\nhtml = 1.0\n")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import wsgi_app; seen = []\n"
+        "env = {'PATH_INFO': '/search', 'QUERY_STRING': 'q=kettle', 'REQUEST_METHOD': 'GET'}\n"
+        "body = wsgi_app.application(env, lambda status, headers: seen.append(status))\n"
+        "print(seen[0], b''.join(body).decode()); wsgi_app.get_broker().close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(EXAMPLES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "ASINB_CONFIG": str(config)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    status, _, body = done.stdout.strip().splitlines()[-1].partition(" {")
+    assert status == "503 Service Unavailable"
+    assert json.loads("{" + body) == {"error": "ResponseError"}

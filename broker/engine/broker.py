@@ -1009,6 +1009,9 @@ class Broker:
             TypeError, ValueError: an unknown option or a bad value (the message names it),
                 keywords given twice, or a marketplace that is not Amazon's.
             ApiError: Amazon refused the search (``NoResults`` included).
+            NoUsableKeyError: no key can serve the marketplace.
+            TransportError, ResponseError: the last failure, once the retries did not get
+                past it (timeouts, resets, an unreadable answer each time).
         """
         from broker.api import operations
 
@@ -1033,6 +1036,8 @@ class Broker:
                 marketplace (or a link's store) that is not Amazon's.
             NoUsableKeyError: no key can serve the marketplace (none has a tag there).
             ApiError: Amazon refused the request.
+            TransportError, ResponseError: the last failure, once the retries did not get
+                past it (timeouts, resets, an unreadable answer each time).
         """
         from broker.api import operations
 
@@ -1058,7 +1063,10 @@ class Broker:
 
         Raises:
             TypeError, ValueError: bad ids, an unknown option or a bad value.
+            NoUsableKeyError: no key can serve the marketplace.
             ApiError: Amazon refused the request.
+            TransportError, ResponseError: the last failure, once the retries did not get
+                past it (timeouts, resets, an unreadable answer each time).
         """
         from broker.api import operations
 
