@@ -142,11 +142,13 @@ class TestSend:
 
     @pytest.mark.parametrize("path", ["/big", "/chunked"])
     async def test_body_cap(self, server: str, path: str) -> None:
-        """A body over max_body_bytes is refused, declared (Content-Length) or streamed."""
+        """A body over max_body_bytes is refused, declared (Content-Length) or streamed,
+        naming the setting and what to do (the same answer comes again on a retry)."""
         async with AiohttpTransport(max_body_bytes=4096) as transport:
             with pytest.raises(BodyTooLarge, match="4096-byte cap") as info:
                 await transport.send(_request(server + path))
         assert isinstance(info.value, TransportError)
+        assert "engine.max_body_bytes: ask for fewer items or resources" in str(info.value)
 
     async def test_refused_body_is_not_kept_by_the_error(self, server: str) -> None:
         """The BodyTooLarge a retry keeps holds no part of the body in its traceback."""

@@ -35,6 +35,11 @@ from broker.logs import scrub
 
 __all__ = ["AiohttpTransport", "MockTransport", "Transport"]
 
+#: What to do about an answer over the read cap: Amazon sends the same answer again, so a
+#: retry alone mends only a body cut by the way (a search of 100 items with every resource
+#: is about 400 KB).
+_CAP_HINT = " (engine.max_body_bytes: ask for fewer items or resources, or raise the cap)"
+
 
 class Transport(Protocol):
     """Protocol: sends one request and returns the whole response.
@@ -223,7 +228,7 @@ class AiohttpTransport:
                 if declared is not None and declared > self._max_body_bytes:
                     raise BodyTooLarge(
                         f"{request.method} {request.url}: body of {declared} bytes is over "
-                        f"the {self._max_body_bytes}-byte cap"
+                        f"the {self._max_body_bytes}-byte cap{_CAP_HINT}"
                     )
                 body = await self._read_capped(request, response.content)
                 headers = {k.lower(): v for k, v in response.headers.items()}
@@ -268,7 +273,9 @@ class AiohttpTransport:
                 # hold this frame's buffer (up to the cap, per waiting batch) with it.
                 buffer.clear()
                 chunk = b""
-                raise BodyTooLarge(f"{request.method} {request.url}: body over the {cap}-byte cap")
+                raise BodyTooLarge(
+                    f"{request.method} {request.url}: body over the {cap}-byte cap{_CAP_HINT}"
+                )
 
     def __repr__(self) -> str:
         return f"AiohttpTransport(state={self._state.name}, timeout_s={self._timeout_s})"
