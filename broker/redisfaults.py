@@ -19,11 +19,16 @@ __all__ = [
     "ReconnectOptions",
     "barred",
     "cancel_kept",
+    "cluster_node",
     "grant",
+    "no_database",
     "read_only",
     "reconnect_once",
     "refused_credentials",
 ]
+
+#: The first words of the replies that only a Redis Cluster node gives.
+_CLUSTER_REPLIES = frozenset({"MOVED", "ASK", "CROSSSLOT", "CLUSTERDOWN", "TRYAGAIN"})
 
 
 class cancel_kept:  # a context manager named as the function it replaced
@@ -127,6 +132,35 @@ def reconnect_once() -> ReconnectOptions:
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError],
     )
+
+
+def no_database(exc: BaseException) -> bool:
+    """True when the URL's database (``/N``, ``?db=N``) is one the server does not have."""
+    from redis.exceptions import ResponseError
+
+    return isinstance(exc, ResponseError) and "DB index" in str(exc)
+
+
+def cluster_node(exc: BaseException) -> bool:
+    """True for a reply only a Redis Cluster node gives: a key redirected (``MOVED``,
+    ``ASK``), keys of one call in several slots (``CROSSSLOT``), slots not served
+    (``CLUSTERDOWN``), a slot being moved (``TRYAGAIN``). redis-py 5 gives these as
+    exceptions of their own whose text has lost the first word; before 5.1, ``MOVED`` is a
+    plain ``ResponseError``."""
+    from redis.exceptions import (
+        AskError,
+        ClusterCrossSlotError,
+        ClusterDownError,
+        MasterDownError,
+        ResponseError,
+        TryAgainError,
+    )
+
+    if isinstance(exc, MasterDownError):
+        return False  # MASTERDOWN: a replica that lost its primary, no cluster
+    if isinstance(exc, AskError | ClusterDownError | ClusterCrossSlotError | TryAgainError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _CLUSTER_REPLIES
 
 
 def read_only(exc: BaseException) -> str | None:

@@ -524,6 +524,35 @@ class TestRedisFaults:
                 await client.config_set("maxmemory", "0")
             await client.aclose()
 
+    async def test_a_database_the_server_lacks_is_the_config_s_to_mend(
+        self, server: RedisServer
+    ) -> None:
+        """A URL naming a database the server does not have (/99 of 16) is a config error
+        naming the path (exit 78 for ``broker cache``), not "check that Redis is up", 74."""
+        url = server.url.rsplit("/", 1)[0] + "/99"
+        async with RedisCache.from_url(url, CachePolicy(3_600)) as cache:
+            with pytest.raises(RedisError) as info:
+                await cache.put_many([answer(ASINS_A[0])])
+            assert cache.wrong_config(info.value)
+            said = cache.describe_failure(info.value)
+        assert "no such database" in said
+        assert "check that Redis is up" not in said
+
+    def test_a_redis_cluster_is_the_config_s_to_mend(self) -> None:
+        """A Redis Cluster node's replies (keys in several slots, slots not served, a key
+        redirected) are a config error naming the cluster: the cache's multi-key calls can
+        never be served there (it said "check that Redis is up", exit 74)."""
+        from redis.exceptions import ClusterCrossSlotError, ClusterDownError, MovedError
+
+        cache = RedisCache.from_url("redis://127.0.0.1:1/0", CachePolicy(3_600))
+        for error in (
+            ClusterCrossSlotError("Keys in request don't hash to the same slot"),
+            ClusterDownError("Hash slot not served"),
+            MovedError("10661 127.0.0.1:37053"),
+        ):
+            assert cache.wrong_config(error)
+            assert "Redis Cluster node" in cache.describe_failure(error)
+
     async def test_other_data_under_the_cache_s_keys(self, server: RedisServer) -> None:
         """Something else written under the cache's bookkeeping keys: a size that is no
         number counts as none in stats, an index member that is no key is skipped by a purge

@@ -37,7 +37,15 @@ from broker.cache.policy import CEILING_S, FUTURE_S, CacheKey, CachePolicy
 from broker.config import check_redis_options, redacted_url
 from broker.errors import ConfigError
 from broker.logs import get_logger
-from broker.redisfaults import barred, grant, read_only, reconnect_once, refused_credentials
+from broker.redisfaults import (
+    barred,
+    cluster_node,
+    grant,
+    no_database,
+    read_only,
+    reconnect_once,
+    refused_credentials,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -438,8 +446,9 @@ class RedisCache(StoreCache):
         return self._where
 
     def wrong_config(self, error: BaseException) -> bool:
-        """True when ``error`` is Redis refusing its password: the config's to mend."""
-        return _refused_password(error)
+        """True when ``error`` is the config's to mend: Redis refusing its password or a
+        command, a database it does not have, a Redis Cluster node."""
+        return _refused_password(error) or no_database(error) or cluster_node(error)
 
     def _failure_advice(self, error: BaseException) -> tuple[str, str]:
         """Redis, and what to check: its password when it refused one or wants one (it
@@ -471,6 +480,17 @@ class RedisCache(StoreCache):
                 "a rediss:// URL that times out is often a Redis that does not speak TLS: "
                 f"try redis://, else check that Redis is up and {self._setting} is right"
             )
+        if no_database(error):
+            return self.where, (
+                f"Redis has no such database: name one it has in {self._setting}'s path "
+                "(/0 by default)"
+            )
+        if cluster_node(error):
+            # Its reads and writes take several keys at once, in one slot only by chance.
+            return self.where, (
+                "a Redis Cluster node, which the item cache cannot use: name a standalone "
+                "Redis (or a primary of Sentinel's)"
+            )
         refusal = read_only(error)
         if refusal == "replica":
             return self.where, (
@@ -478,10 +498,12 @@ class RedisCache(StoreCache):
                 "at its primary"
             )
         if refusal == "memory":
+            # An evicting Redis says so too, when what it may evict does not free enough.
             return self.where, (
-                "Redis is up but takes no writes (out of memory under maxmemory-policy "
-                "noeviction): give the cache a Redis that evicts (maxmemory-policy "
-                "volatile-ttl; see the README's item cache), or more maxmemory"
+                "Redis is up but takes no writes (out of memory: under maxmemory-policy "
+                "noeviction, or with nothing left it may evict): give it more maxmemory, and "
+                "a policy that evicts the cache's keys (volatile-ttl; see the README's item "
+                "cache)"
             )
         if isinstance(error, ResponseError) and "WRONGTYPE" in str(error):
             return self.where, (

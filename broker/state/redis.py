@@ -28,7 +28,15 @@ from broker.config import redacted_url
 from broker.errors import ConfigError, StateUnavailableError
 from broker.logs import get_logger
 from broker.ratecontrol import DROP_WINDOW_S, RecoveryTuning
-from broker.redisfaults import barred, grant, read_only, reconnect_once, refused_credentials
+from broker.redisfaults import (
+    barred,
+    cluster_node,
+    grant,
+    no_database,
+    read_only,
+    reconnect_once,
+    refused_credentials,
+)
 from broker.state.model import (
     PROCESS_RECENT_S,
     Decision,
@@ -49,8 +57,6 @@ logger = get_logger("broker")
 
 #: What a Redis ACL user must be allowed: the script, and the commands it runs.
 REDIS_PERMISSIONS = "+@scripting +@read +@write +time"
-#: The first words of the replies that only a Redis Cluster node gives.
-_CLUSTER_REPLIES = frozenset({"MOVED", "ASK", "CROSSSLOT", "CLUSTERDOWN"})
 
 #: Prepended to every Redis key the broker writes.
 DEFAULT_KEY_PREFIX = "asin-broker:"
@@ -200,11 +206,9 @@ class RedisStateStore:
 
     def _failure(self, exc: Exception) -> ConfigError | StateUnavailableError:
         """What a Redis error means to the caller: a config error, or the store unavailable."""
-        from redis.exceptions import AskError, ResponseError
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        text = str(exc)
         if refused_credentials(exc):
             # A wrong or missing password never mends by waiting: a config error (exit 78).
             if not self._has_password:
@@ -219,7 +223,7 @@ class RedisStateStore:
                 f"Redis at {self._url} refused the credentials ({type(exc).__name__}: {exc}); "
                 "set the password's environment variable to the right value",
             )
-        if isinstance(exc, ResponseError) and "DB index" in text:
+        if no_database(exc):
             # The URL's /N names a database the server does not have: no wait mends it.
             return ConfigError(
                 "state.redis_url",
@@ -233,10 +237,7 @@ class RedisStateStore:
                 f"the Redis user of {self._url} lacks a permission the broker needs ({exc}); "
                 + grant(REDIS_PERMISSIONS),
             )
-        if isinstance(exc, AskError) or (
-            isinstance(exc, ResponseError) and text.split(" ", 1)[0] in _CLUSTER_REPLIES
-        ):
-            # A Redis Cluster node (redis-py before 5.1 gives MOVED as a plain ResponseError).
+        if cluster_node(exc):
             return ConfigError(
                 "state.redis_url",
                 f"{self._url} is a Redis Cluster node ({type(exc).__name__}: {exc}); Redis "
