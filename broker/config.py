@@ -531,7 +531,8 @@ def _parse_state(table: TomlTable, environ: Mapping[str, str], base_dir: Path) -
         # Refused whatever the backend: a secret written into the file is one too many.
         raise ConfigError(
             "state.redis_url",
-            "must not hold a password: name its env var in redis_password_env",
+            "must not hold a password: name its env var in redis_password_env (an ACL user "
+            "name may stay: redis://USER@host:port/0)",
         )
     unused = [name for name in ("redis_url", "redis_password_env") if table.has(name)]
     if unused and backend != "redis":
