@@ -275,7 +275,8 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=("jsonl", "csv", "sqlite"),
         help="output format (default: the one --out's name says: .jsonl or .ndjson, .csv, "
         ".sqlite, .sqlite3 or .db; else output.format of the config, JSON lines for --out - "
-        "when that is sqlite)",
+        "when that is sqlite); needed for an --out named for a format not written (.tsv, "
+        ".json, .xlsx: exit 2 without it)",
     )
     run.add_argument(
         "--strict",
@@ -777,7 +778,8 @@ def _command(args: argparse.Namespace) -> int:
         return _config_failure(
             args,
             f"config file not found: {path}{named}; create a starter with "
-            f"`{prog()} init {_shell_word(path)}`, or name one with --config or ${CONFIG_ENV}",
+            f"`{prog()} init {'-- ' if str(path).startswith('-') else ''}"
+            f"{_shell_word(path)}`, or name one with --config or ${CONFIG_ENV}",
         )
     try:
         # Commands that send nothing to Amazon run without its secrets, from any shell.

@@ -450,6 +450,8 @@ class TestConfigLookup:
         assert "--config 'my conf.toml'`" in capsys.readouterr().err
         assert cli.main(["check-config", "--config", "no such.toml"]) == ExitCode.CONFIG
         assert "`broker init 'no such.toml'`" in capsys.readouterr().err
+        assert cli.main(["check-config", "--config=-x.toml"]) == ExitCode.CONFIG
+        assert "`broker init -- -x.toml`" in capsys.readouterr().err
         assert cli.main(["init", "--", "-x.toml"]) == ExitCode.OK
         assert "--config=-x.toml`" in capsys.readouterr().err
 
