@@ -1511,17 +1511,19 @@ class TestBrokenStateFile:
             await store.aclose()
 
     def test_lookup_with_an_unopenable_state_path_says_so_at_once(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """A state path that cannot be made: exit 74 at once, naming it, no claim of a wait."""
-        from conftest import embedded_toml
-
         from broker import cli
 
         blocker = tmp_path / "file"
         blocker.write_text("x")
         config = tmp_path / "config.toml"
-        config.write_text(embedded_toml() + f'\n[state]\npath = "{blocker / "keys.sqlite3"}"\n')
+        config.write_text(_toml_with_state_file(blocker / "keys.sqlite3"))
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "demo-secret")
         args = ["lookup", "B0TEST0001", "--config", str(config), "--outage-budget", "300"]
         assert cli.main(args) == 74
         said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("broker:")]
@@ -1544,18 +1546,19 @@ class TestBrokenStateFile:
         assert f"{blocker / 'a' / 'b'} is a file" not in str(caught.value)
 
     def test_run_with_a_damaged_state_file_exits_74(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """broker run and broker lookup say the file is damaged and exit 74, no traceback."""
-        from conftest import embedded_toml
-
         from broker import cli
 
         damaged = tmp_path / "keys.sqlite3"
         damaged.write_bytes(os.urandom(8192))
         config = tmp_path / "config.toml"
-        # Named: the embedded simulator's keys otherwise stay in memory.
-        config.write_text(embedded_toml() + f'\n[state]\npath = "{damaged}"\n')
+        config.write_text(_toml_with_state_file(damaged))
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "demo-secret")
         (tmp_path / "job.txt").write_text("B0TEST0001\n")
         out = str(tmp_path / "out.jsonl")
         assert (
@@ -2475,3 +2478,34 @@ def _server_pid_of(server: RedisServer) -> int:
 
     with Redis.from_url(server.url) as client:
         return int(client.info("server")["process_id"])
+
+
+def test_the_embedded_simulator_s_keys_gather_no_rows_in_a_named_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``endpoint = "simulator"`` and a ``[state] path``, lookups leave no file: each
+    run's simulator has a new port, so its keys are new, and the file gained a row per run
+    for ever (966 rows after 500 runs)."""
+    from conftest import embedded_toml
+
+    from broker import cli
+
+    path = tmp_path / "keys.sqlite3"
+    config = tmp_path / "config.toml"
+    config.write_text(embedded_toml() + f'\n[state]\npath = "{path}"\n')
+    for _ in range(2):
+        assert cli.main(["lookup", "B0TEST0001", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert not path.exists()
+
+
+def _toml_with_state_file(path: Path) -> str:
+    """A config whose key state is the file ``path``, opened when the broker starts, before
+    anything is sent: an endpoint nothing answers at (the embedded simulator's keys stay in
+    memory whatever [state] says, a new port each run), its secret in $ASINB_DEMO_SECRET."""
+    return (
+        '[api]\nendpoint = "http://127.0.0.1:9"\n[[keys]]\nname = "demo"\n'
+        'credential_id = "demo-id"\ncredential_secret_env = "ASINB_DEMO_SECRET"\n'
+        'version = "3.1"\npartner_tags = { "www.amazon.com" = "demo-20" }\n'
+        f'[log]\nformat = "json"\n[state]\npath = "{path}"\n'
+    )

@@ -438,9 +438,11 @@ class Broker:
             state = self.config.state
             private = getattr(clock, "private_time", False)
             # The embedded simulator listens on a new port each run, so its keys are new
-            # each run too: the machine's file would only gather a row per run, forever.
-            ephemeral = private or self.config.api.uses_simulator
-            if ephemeral and state.backend == "local" and state.path is None:
+            # each run too: a file (the machine's, or one [state] path names) would only
+            # gather a row per run, forever, which nothing reads again.
+            if self.config.api.uses_simulator and state.backend == "local":
+                state = replace(state, backend="memory")
+            elif private and state.backend == "local" and state.path is None:
                 state = replace(state, backend="memory")
             store = open_store(
                 state,
