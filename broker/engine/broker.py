@@ -440,9 +440,9 @@ class Broker:
             # The embedded simulator listens on a new port each run, so its keys are new
             # each run too: a file (the machine's, or one [state] path names) would only
             # gather a row per run, forever, which nothing reads again.
-            if self.config.api.uses_simulator and state.backend == "local":
-                state = replace(state, backend="memory")
-            elif private and state.backend == "local" and state.path is None:
+            # A private clock (tests) keeps it in memory too, unless a file is named.
+            unshared = self.config.api.uses_simulator or (private and state.path is None)
+            if unshared and state.backend == "local":
                 state = replace(state, backend="memory")
             store = open_store(
                 state,
