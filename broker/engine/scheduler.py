@@ -102,10 +102,11 @@ class KeyPool:
     def check_servable(self, marketplace: str, *, revive: bool = True) -> None:
         """Raise :class:`NoUsableKeyError` when no key can serve ``marketplace`` now.
 
-        ``revive``: bring back keys an outage took out long enough ago (a new call's
-        check). Work already under way (a batch sent back to the queue) brings none back:
-        keys taken out 30 s apart revived each other at each take-out, every revived key
-        spent its probe on the hang that took it out, and a call went on for hours.
+        ``revive``: bring back keys an outage took out long enough ago. A batch sent back
+        to the queue of a marketplace no key serves any more brings none back: keys taken
+        out 30 s apart revived each other at each take-out, every revived key spent its
+        probe on the hang that took it out, and a call went on for hours. While another key
+        serves, it does (a long call gets the key back once its endpoint answers again).
         """
         if self._outage_out:
             if revive and self._monotonic() >= self._revive_due:
@@ -193,8 +194,7 @@ class KeyPool:
         if not batch.live():
             return
         try:
-            # Its callers were checked when they came (a revival then is theirs).
-            self.check_servable(batch.marketplace, revive=False)
+            self.check_servable(batch.marketplace, revive=batch.marketplace not in self._dead)
         except NoUsableKeyError as exc:
             batch.fail(exc)
             return
