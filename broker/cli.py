@@ -1126,7 +1126,7 @@ def _outage_message(exc: NoUsableKeyError, budget_s: float) -> str:
     return (
         # Not "after N s": a request that hangs is waited for whole (a 5-s budget ended
         # after a 30-s hang was told "after 5 s"); each failure says how long it lasted.
-        f"gave up: {waited} for the outage budget (--outage-budget {budget_s:g} s): "
+        f"gave up: {waited} for the outage budget ({budget_s:g} s): "
         f"no key can serve "
         f"{exc.marketplace}: {reasons or 'no key configured'}; {remedy}, then look up again "
         "(--outage-budget SECONDS waits longer)"

@@ -24,12 +24,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from broker import BrokerError, ItemResult, SyncBroker
+from broker import BrokerError, ItemResult, Status, SyncBroker
 from broker.errors import BadRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
 #: How long a request thread waits for its answer (an outage is waited out for minutes).
 _TIMEOUT_S = 20.0
+#: The answer for an item's status: a failed lookup (Amazon or the way to it failing each
+#: retry) is no missing item.
+_ITEM_STATUS = {
+    Status.OK: "200 OK",
+    Status.NOT_FOUND: "404 Not Found",
+    Status.INVALID: "404 Not Found",
+    Status.FAILED: "503 Service Unavailable",
+}
 _broker: SyncBroker | None = None
 _lock = threading.Lock()
 
@@ -77,7 +85,7 @@ def application(
     try:
         if path == "/item" and "asin" in query:
             result = get_broker().get_item(query["asin"][0], timeout=_TIMEOUT_S)
-            status = "200 OK" if result.ok else "404 Not Found"
+            status = _ITEM_STATUS[result.status]
             body = item_json(result)
         elif path == "/search" and "q" in query:
             found = get_broker().search_items(
@@ -93,7 +101,7 @@ def application(
     except BadRequestError as exc:  # Amazon's answer to the request: NoResults, say
         status = "404 Not Found" if exc.code == "NoResults" else "400 Bad Request"
         body = {"error": exc.code, "message": exc.message}
-    except TimeoutError:  # the call's own timeout: the request thread is not held longer
+    except TimeoutError:  # the call's timeout, or requests that timed out each retry
         status, body = "504 Gateway Timeout", {"error": "timeout"}
     except BrokerError as exc:  # no usable key, or failures the retries did not get past
         status, body = "503 Service Unavailable", {"error": type(exc).__name__}

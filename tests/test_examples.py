@@ -92,16 +92,20 @@ def test_wsgi_search_that_finds_nothing_is_a_404() -> None:
 
 def test_wsgi_search_the_retries_do_not_get_past_is_a_503(tmp_path: Path) -> None:
     """A search whose every answer is a gateway's HTML page (the retries run out) is
-    answered 503 naming the error, not a crash of the handler (a 500 with a traceback)."""
+    answered 503 naming the error, not a crash of the handler (a 500 with a traceback); an
+    item lookup failed so is 503 too, not 404 as if the item were missing."""
     text = (REPO / "config.toml").read_text()
     text = text.replace("max_attempts = 6", "max_attempts = 2")
     config = tmp_path / "config.toml"
     config.write_text(text + "\n[simulator.faults]\nhtml = 1.0\n")
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import wsgi_app; seen = []\n"
-        "env = {'PATH_INFO': '/search', 'QUERY_STRING': 'q=kettle', 'REQUEST_METHOD': 'GET'}\n"
-        "body = wsgi_app.application(env, lambda status, headers: seen.append(status))\n"
-        "print(seen[0], b''.join(body).decode()); wsgi_app.get_broker().close()\n"
+        "import sys; sys.path.insert(0, sys.argv[1]); import wsgi_app\n"
+        "for path, query in (('/search', 'q=kettle'), ('/item', 'asin=B000000001')):\n"
+        "    seen = []\n"
+        "    env = {'PATH_INFO': path, 'QUERY_STRING': query, 'REQUEST_METHOD': 'GET'}\n"
+        "    body = wsgi_app.application(env, lambda status, headers: seen.append(status))\n"
+        "    print(seen[0], b''.join(body).decode())\n"
+        "wsgi_app.get_broker().close()\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(EXAMPLES)],
@@ -113,6 +117,10 @@ def test_wsgi_search_the_retries_do_not_get_past_is_a_503(tmp_path: Path) -> Non
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    status, _, body = done.stdout.strip().splitlines()[-1].partition(" {")
+    search, item = done.stdout.strip().splitlines()[-2:]
+    status, _, body = search.partition(" {")
     assert status == "503 Service Unavailable"
     assert json.loads("{" + body) == {"error": "ResponseError"}
+    status, _, body = item.partition(" {")
+    assert status == "503 Service Unavailable"  # a failed lookup, not a missing item (404)
+    assert json.loads("{" + body)["status"] == "failed"

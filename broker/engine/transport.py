@@ -36,8 +36,7 @@ from broker.logs import scrub
 __all__ = ["AiohttpTransport", "MockTransport", "Transport"]
 
 #: What to do about an answer over the read cap: Amazon sends the same answer again, so a
-#: retry alone mends only a body cut by the way (a search of 100 items with every resource
-#: is about 400 KB).
+#: retry does not mend it (a search of 100 items with every resource is about 400 KB).
 _CAP_HINT = " (engine.max_body_bytes: ask for fewer items or resources, or raise the cap)"
 
 
