@@ -730,15 +730,17 @@ def _refused_before_config(args: argparse.Namespace) -> str | None:
         budget = args.outage_budget
         if budget is not None and not 0 < budget < math.inf:  # NaN too: it never runs out
             return "--outage-budget must be a finite number of seconds above 0"
-    from broker.jobs.paths import STDIO
+    if args.command == "run" and args.input:
+        from broker.jobs.paths import STDIO
 
-    if args.command == "run" and args.input and args.job != STDIO:
-        # Silently reading a CSV named .txt as plain text would make every row invalid.
-        return (
-            f"--input is the format of a job read from stdin; {args.job}'s comes from its "
-            f"name ({_JOB_NAMES}), else from its first lines: rename it (e.g. to .csv), or "
-            f"pipe it: {prog()} run - --input {args.input} < {_shell_word(args.job)}"
-        )
+        if args.job != STDIO:
+            # Silently reading a CSV named .txt as plain text would make every row invalid.
+            return (
+                f"--input is the format of a job read from stdin; {args.job}'s comes from "
+                f"its name ({_JOB_NAMES}), else from its first lines: rename it (e.g. to "
+                f".csv), or pipe it: {prog()} run - --input {args.input} < "
+                f"{_shell_word(args.job)}"
+            )
     return None
 
 
@@ -835,23 +837,19 @@ def _config_failure(args: argparse.Namespace, message: str) -> int:
     (a log shipper parses every line), instead of the plain line, as ``serve_command`` ends
     every failed start; both logged as the defaults say: the config that would say
     otherwise is what failed."""
-    if args.command not in ("run", "serve"):
-        print(f"{prog()}: {message}", file=sys.stderr)
-    else:
-        from broker.logs import configure_logging, get_logger, logs_are_json
+    from broker.logs import configure_logging, get_logger, logs_are_json
 
+    if args.command in ("run", "serve"):
         configure_logging()
-        if args.command == "run":
-            print(f"{prog()}: {message}", file=sys.stderr)
-            get_logger().error(
-                "broker.job_finished", job=args.job, error=message, exit_code=int(ExitCode.CONFIG)
-            )
-        elif logs_are_json():
-            get_logger().error(
-                "broker.daemon_failed", exit_code=int(ExitCode.CONFIG), error=message
-            )
-        else:
-            print(f"{prog()}: {message}", file=sys.stderr)
+    as_event = args.command == "serve" and logs_are_json()
+    if not as_event:
+        print(f"{prog()}: {message}", file=sys.stderr)
+    if args.command == "run":
+        get_logger().error(
+            "broker.job_finished", job=args.job, error=message, exit_code=int(ExitCode.CONFIG)
+        )
+    elif as_event:
+        get_logger().error("broker.daemon_failed", exit_code=int(ExitCode.CONFIG), error=message)
     if args.command == "status" and args.json:
         from broker.status import print_no_keys
 
