@@ -643,6 +643,22 @@ class TestCsvPassThrough:
         assert first["n"] == "-1.5"
         assert (second["input"], second["sku"], second["n"]) == ("'@SUM(1)", "'+SUM(1)", "+2")
 
+    @pytest.mark.parametrize("text", ["-inf", "-nan", "+Infinity", "-1_000", "-\u0663", "+\uff11"])
+    def test_what_only_python_takes_for_a_number_is_written_as_text(self, text: str) -> None:
+        """A cell starting with a sign that Python's float() reads and a spreadsheet does
+        not (infinity, NaN, underscores, other scripts' digits) gets its ' too: it was left
+        bare, a formula error in a spreadsheet and NaN in pandas."""
+        from broker.jobs.sinks import _inert
+
+        assert _inert(text) == "'" + text
+        assert [_inert(n) for n in ("-1.5", "+2", "-.5", "1e-3", "-2E+4")] == [
+            "-1.5",
+            "+2",
+            "-.5",
+            "1e-3",
+            "-2E+4",
+        ]
+
     def test_a_column_name_starting_like_a_formula_is_written_as_text(self, tmp_path: Path) -> None:
         """A pass-through column whose name starts like a formula (a third party's job)
         gets a leading ' in the header as a cell does, and a resumed output reads it back

@@ -34,6 +34,7 @@ import csv
 import errno
 import io
 import os
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -676,15 +677,21 @@ class CsvSink(_FileSink):
 _FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 
 
+#: A number as a spreadsheet reads one: ASCII digits, a sign, a point, an exponent (not
+#: what ``float`` also takes: ``-inf``, ``-nan``, ``-1_000``, other scripts' digits).
+_PLAIN_NUMBER: Final = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
 def _inert(value: object) -> object:
     """A CSV cell a spreadsheet shows as text: one starting like a formula (a seller's title
     ``=HYPERLINK(...)``, a job's own cell) gets a leading ``'``, which Excel and LibreOffice
     hide; a number (``-1.5``) is left as it is."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        try:
-            float(value)
-        except ValueError:
-            return "'" + value
+    if (
+        isinstance(value, str)
+        and value.startswith(_FORMULA_START)
+        and not _PLAIN_NUMBER.fullmatch(value)
+    ):
+        return "'" + value
     return value
 
 
