@@ -1169,10 +1169,13 @@ class TestHttp:
         was a 500 that fired AsinBrokerDown for a daemon busy with its job."""
         running = await start()
 
-        def unreadable(self: Spool) -> int:
+        def unreadable(self: Spool, *args: object) -> int:
             raise PermissionError(errno.EACCES, "Permission denied", str(self.inbox))
 
+        # Both readers of inbox/ fail, as they would: with the daemon's own listing still
+        # reading it, each listing between two scrapes said the inbox was readable again.
         monkeypatch.setattr(Spool, "waiting_count", unreadable)
+        monkeypatch.setattr(Spool, "waiting_entries", unreadable)
         with structlog.testing.capture_logs() as logs:
             for _ in range(2):
                 code, _, text = await _get(f"{running.url}/metrics")
