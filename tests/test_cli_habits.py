@@ -100,11 +100,13 @@ class TestVersionAndInit:
 
     def test_second_name_says_its_own_name(self) -> None:
         """Run as ``asin-broker``, --version and usage name asin-broker, not broker."""
+        # pyproject.toml declares the script, so the project's environment always has it.
         script = Path(sys.executable).parent / "asin-broker"
-        if not script.exists():
-            pytest.skip("the asin-broker script is not installed in this environment")
         done = subprocess.run([str(script), "--version"], capture_output=True, text=True)
         assert done.stdout.strip() == f"asin-broker {__version__}"
+        usage = subprocess.run([str(script), "run"], capture_output=True, text=True)
+        assert usage.returncode == ExitCode.USAGE
+        assert usage.stderr.startswith("usage: asin-broker run ")
 
     @pytest.mark.parametrize("age", ["90000", "-1", "nan", "soon"])
     def test_bad_max_age_is_a_usage_error_naming_the_flag(

@@ -502,6 +502,10 @@ def _check_parsed(parsed: ParsedItems, requested: Sequence[str]) -> None:
     asked = set(requested)
     assert set(parsed.outcomes) <= asked
     assert set(parsed.missing).isdisjoint(parsed.outcomes)
+    # ASINs are case-insensitive: two spellings of one in a request are one ASIN, answered
+    # (or missing) once, under one of its spellings.
+    told = [*parsed.outcomes, *parsed.missing]
+    assert sorted(asin.upper() for asin in told) == sorted({asin.upper() for asin in asked})
     for asin, outcome in parsed.outcomes.items():
         assert outcome.asin == asin
         assert isinstance(outcome.status, Status)

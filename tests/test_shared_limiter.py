@@ -1505,8 +1505,13 @@ class TestKilledProcess:
         times = [float(line) for line in rest.split()]
         before = [t for t in times if first + 0.2 <= t < killed_at]
         assert len(before) <= 0.65 * 20 * (killed_at - first - 0.2) + 1  # sharing: about half
-        after = [t for t in times if killed_at + 0.5 <= t < killed_at + 2.0]
-        assert len(after) >= 27  # 20/s for 1.5 s is 30; the dead process held one slot at most
+        after = [t for t in times if killed_at + 0.5 <= t]
+        assert len(after) >= 10
+        # The median gap, not a count in a window: a loaded machine stalls the survivor now
+        # and then, but its sends in between keep the key's 1/20 s (a dead process still
+        # holding its share would leave 1/10 s).
+        gaps = sorted(b - a for a, b in itertools.pairwise(after))
+        assert gaps[len(gaps) // 2] < 0.075
 
 
 def _one_failing(clock: FakeClock) -> tuple[_DiskFull, SharedKeyLimiter, SharedKeyLimiter]:

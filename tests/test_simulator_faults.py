@@ -46,6 +46,15 @@ async def _creators(client: SimulatorClient) -> SimResponse:
     return await client.creators("getItems", BODY, token=await client.token())
 
 
+async def _asleep_or_done(clock: FakeClock, call: asyncio.Future[SimResponse]) -> None:
+    """Wait (real time, up to 10 s: a loaded machine is slow) until the server's handler
+    sleeps on the fake clock or the call has its answer."""
+    for _ in range(2000):
+        if call.done() or clock.sleepers:
+            return
+        await asyncio.sleep(0.005)
+
+
 @pytest.mark.parametrize(
     ("kind", "status", "creators_body"),
     [
@@ -161,10 +170,7 @@ async def test_hanging_response_ends_at_shutdown() -> None:
     async with running_simulator(_faulty(hang=1.0), clock=clock) as (client, sim):
         token = await client.token()
         call = asyncio.ensure_future(client.creators("getItems", BODY, token=token))
-        for _ in range(200):
-            await asyncio.sleep(0.005)
-            if clock.sleepers:
-                break
+        await _asleep_or_done(clock, call)
         assert clock.sleepers == 1
         assert not call.done()
         assert sim.stats.faults["hang"] == 1
@@ -180,10 +186,8 @@ async def test_hang_is_bounded_by_hang_s() -> None:
     async with running_simulator(settings, clock=clock) as (client, _):
         token = await client.token()
         call = asyncio.ensure_future(client.creators("getItems", BODY, token=token))
-        for _ in range(200):
-            await asyncio.sleep(0.005)
-            if clock.sleepers:
-                break
+        await _asleep_or_done(clock, call)
+        assert clock.sleepers == 1
         await clock.advance(5.0)
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(call, 2.0)
@@ -217,10 +221,8 @@ async def test_latency_before_and_after_the_quota_check(start: Start) -> None:
     token = await client.token()
     started = clock.monotonic()
     call = asyncio.ensure_future(client.creators("getItems", BODY, token=token))
-    for _ in range(200):
-        await asyncio.sleep(0.005)
-        if clock.sleepers:
-            break
+    await _asleep_or_done(clock, call)
+    assert clock.sleepers == 1
     assert sim.stats.accounts["demo"].accepted == 0
     await clock.advance(0.04)
     await asyncio.sleep(0.02)
@@ -371,10 +373,7 @@ async def test_token_error_and_slow_token_endpoint() -> None:
         outcomes = []
         for _ in range(8):
             call = asyncio.ensure_future(client.token_response("demo-id", "demo-secret"))
-            for _ in range(200):
-                await asyncio.sleep(0.002)
-                if call.done() or clock.sleepers:
-                    break
+            await _asleep_or_done(clock, call)
             if not call.done():
                 assert clock.sleepers == 1
                 await clock.advance(6.9)
@@ -400,10 +399,7 @@ async def test_slow_token_left_by_its_client_logs_no_error(
     with caplog.at_level("ERROR"):
         async with running_simulator(settings, clock=clock) as (client, sim):
             call = asyncio.ensure_future(client.token_response("demo-id", "demo-secret"))
-            for _ in range(500):
-                await asyncio.sleep(0.002)
-                if clock.sleepers:
-                    break
+            await _asleep_or_done(clock, call)
             assert clock.sleepers == 1
             call.cancel()  # the client's timeout: its connection closes mid-request
             await asyncio.gather(call, return_exceptions=True)
