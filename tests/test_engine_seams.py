@@ -1019,6 +1019,30 @@ class TestOutages:
         finally:
             await runner.cleanup()
 
+    async def test_waiting_for_a_pooled_connection_spends_no_request_timeout(self) -> None:
+        """A request that waited for the one pooled connection still has its whole
+        ``request_timeout_s`` once it has one: three 0.5-s answers under a 0.8-s timeout all
+        get 200 (the wait used to count, so the second and third timed out unsent)."""
+
+        async def slow(_request: web.Request) -> web.Response:
+            await asyncio.sleep(0.5)
+            return web.Response(text="{}")
+
+        app = web.Application()
+        app.router.add_post("/", slow)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with AiohttpTransport(max_connections=1, timeout_s=0.8) as transport:
+                request = HttpRequest("POST", f"http://127.0.0.1:{port}/", {}, b"{}")
+                answers = await asyncio.gather(*(transport.send(request) for _ in range(3)))
+            assert [answer.status for answer in answers] == [200, 200, 200]
+        finally:
+            await runner.cleanup()
+
     async def test_outage_time_does_not_age_a_lookup(self) -> None:
         """After a 700 s outage a lookup keeps retrying, not failed as too old (K6)."""
         clock = FakeClock()

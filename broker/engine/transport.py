@@ -147,6 +147,7 @@ class AiohttpTransport:
         "_proxies",
         "_proxy_cache",
         "_session",
+        "_slots",
         "_state",
         "_timeout_s",
         "_trust_env",
@@ -169,6 +170,9 @@ class AiohttpTransport:
         self._max_body_bytes = max_body_bytes
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        # One per pooled connection: a send waits here, before its timeout starts, so the
+        # pool never makes a request wait inside aiohttp (where ``total`` would count it).
+        self._slots = asyncio.Semaphore(max_connections)
         self._state = _State.UNOPENED
 
     async def __aenter__(self) -> AiohttpTransport:
@@ -180,8 +184,9 @@ class AiohttpTransport:
             ttl_dns_cache=300,
         )
         # sock_connect, not connect: aiohttp's ``connect`` also counts the wait for a free
-        # pooled connection, and a busy pool is not an unreachable endpoint (K3). That wait
-        # is bounded by ``total`` like the rest of the request.
+        # pooled connection, and a busy pool is not an unreachable endpoint (K3). Nor is that
+        # wait part of ``total``: a send takes one of ``_slots`` first, so a connection is
+        # free by the time aiohttp is asked and the request has its whole time.
         timeout = aiohttp.ClientTimeout(
             total=self._timeout_s,
             sock_connect=self._connect_timeout_s,
@@ -213,9 +218,14 @@ class AiohttpTransport:
         """Send ``request`` and read the whole body (at most ``max_body_bytes``)."""
         if self._state is not _State.OPEN or self._session is None:
             raise RuntimeError("transport is not open (use 'async with')")
+        async with self._slots:
+            return await self._send(self._session, request)
+
+    async def _send(self, session: aiohttp.ClientSession, request: HttpRequest) -> RawResponse:
+        """Send ``request`` on a connection that is free (the caller holds a slot)."""
         started = time.perf_counter()
         with _mapped_errors(request):
-            async with self._session.request(
+            async with session.request(
                 request.method,
                 request.url,
                 data=request.body,
