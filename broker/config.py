@@ -112,6 +112,9 @@ _SECRET_NAME: Final = re.compile(
 )
 #: A conventional environment variable name: upper-case letters, digits and underscores.
 _ENV_NAME: Final = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+# A shell variable in a path setting ($HOME, ${XDG_STATE_HOME}): TOML expands none, so it
+# would name a folder called "$HOME".
+_SHELL_VARIABLE: Final = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
 #: What a PA-API access key may hold: Amazon's are 20 capital letters and digits. A comma,
 #: slash, dot or space would break the signature's ``Credential=`` field (IncompleteSignature,
 #: which condemns every key), a control character every request of the key (aiohttp refuses
@@ -1058,7 +1061,8 @@ def _parse_key(
         if read_secrets:
             try:
                 secret = _read_secret_file(
-                    # ~ is the home folder here too, as in every path setting.
+                    # ~ is the home folder here too, as in every path setting. No other
+                    # check of _path_text: the value may be a pasted secret, never echoed.
                     base_dir / os.path.expanduser(_named_on_disk(secret_file)),
                     f"{path}.credential_secret_file",
                     credentials_dir=environ.get("CREDENTIALS_DIRECTORY"),
@@ -1423,13 +1427,20 @@ def _path_text(table: TomlTable, name: str) -> str | None:
 
     Raises:
         ConfigError: it holds a NUL, which no path can (the OS would refuse it later, far
-            from the config).
+            from the config), or a shell variable, which nothing here expands.
     """
     raw = table.opt_text(name)
     if raw is None:
         return None
     if "\x00" in raw:
         raise ConfigError(table.key(name), "holds a NUL character, which no path can hold")
+    variable = _SHELL_VARIABLE.search(raw)
+    if variable is not None:
+        raise ConfigError(
+            table.key(name),
+            f"holds {variable.group()}, but no variable is expanded in a path setting (only a "
+            "leading ~, for your home): write the path itself",
+        )
     expanded = os.path.expanduser(_named_on_disk(raw))
     if expanded.startswith("~"):
         # ~name of a user this machine does not have: a folder named so would be made.

@@ -335,6 +335,38 @@ class TestPaths:
         assert error.path == path
         assert "NUL" in error.message
 
+    @pytest.mark.parametrize("where", ["output.directory", "state.path", "cache.path"])
+    @pytest.mark.parametrize(
+        ("text", "variable"),
+        [("$HOME/items", "$HOME"), ("${XDG_STATE_HOME}/x", "${XDG_STATE_HOME}"), ("a/$U", "$U")],
+    )
+    def test_shell_variable_in_a_path_is_refused(
+        self, where: str, text: str, variable: str
+    ) -> None:
+        """A path holding $NAME or ${NAME} is refused naming the key and the variable: none
+        is expanded, and a folder named "$HOME" used to be made beside the config."""
+        error = _error(_with(where, text))
+        assert error.path == where
+        assert f"holds {variable}, but no variable is expanded" in error.message
+
+    def test_shell_variable_in_the_secret_file_is_not_echoed(self) -> None:
+        """credential_secret_file = "$HOME/x" is told as naming no file, without its value:
+        the value may be a secret pasted there, and a secret may hold a $."""
+        document = _doc()
+        keys = document["keys"][0]
+        del keys["credential_secret_env"]
+        keys["credential_secret_file"] = "$HOME/demo.secret"
+        error = _error(document, environ={})
+        assert error.path == "keys[0].credential_secret_file"
+        assert "names no file" in error.message
+        assert "$HOME" not in str(error)
+
+    @pytest.mark.parametrize("text", ["price$/out", "out$", "cost-$5/out"])
+    def test_a_dollar_that_names_no_variable_is_a_path(self, text: str) -> None:
+        """A $ not followed by a name is an ordinary character of a folder's name."""
+        config = parse_config(_with("output.directory", text), environ=ENV)
+        assert config.output.directory == text
+
 
 class TestSmallMistakes:
     """Mistakes that were accepted or told confusingly."""
