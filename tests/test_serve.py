@@ -2378,6 +2378,34 @@ class TestNoWait:
         assert (await _filed(spool, "big.txt"))["rows"]["total"] == 12
         assert (await _filed(spool, "next.txt"))["rows"]["total"] == 1
 
+    async def test_a_job_named_as_a_deferred_one_is_said_to_wait_behind_it(
+        self, start: Start, spool: Path
+    ) -> None:
+        """no_wait: a new job of a deferred job's name stays in inbox/ (processing/ holds the
+        name), and a warning says why, once; it is claimed once the deferred one is filed.
+        Nothing said why it waited (a day, until the quota reset)."""
+        with structlog.testing.capture_logs() as logs:
+            first = await start(_config(tpd=2, batch_size=1), no_wait=True)
+            _drop(spool, "daily.txt", "\n".join(_asins(12, "B0BEHIND")) + "\n")
+            await _until(lambda: any(e["event"] == "broker.job_deferred" for e in logs))
+            _drop(spool, "daily.txt", "B0BEHIND99\n")
+            _drop(spool, "other.txt", "B0BEHIND98\n")  # claimed after it, in the same pass
+            await _until(lambda: not (spool / "inbox" / "other.txt").exists())
+            for n in range(3):  # more passes over the waiting entry: warned once only
+                _drop(spool, f"other{n}.txt", "B0BEHIND97\n")
+                await _until(lambda: not list((spool / "inbox").glob("other?.txt")))
+            assert (spool / "inbox" / "daily.txt").exists()
+            await first.stop()
+        waiting = [e for e in logs if e["event"] == "broker.inbox_entry_waiting"]
+        assert len(waiting) == 1
+        assert waiting[0]["entry"] == "daily.txt"
+        assert waiting[0]["reason"] == (
+            "processing/ holds a job of this name, deferred until its keys' daily quota resets"
+        )
+        await start(_config(tpd=100_000))
+        assert (await _filed(spool, "daily.txt"))["rows"]["total"] == 12
+        assert (await _filed(spool, "daily-2.txt"))["rows"]["total"] == 1
+
     async def test_a_job_deferred_and_resumed_is_filed_with_all_its_requests(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -1139,6 +1139,8 @@ class Daemon:
         self._ignored: set[str] = set()
         # inbox/ entries the daemon may not move, warned about once each
         self._immovable: set[str] = set()
+        # inbox/ entries waiting for processing/ to let go of their name, warned about once
+        self._behind: set[str] = set()
         # Why inbox/ could not be counted at the last scrape (warned once), or None.
         self._inbox_error: str | None = None
         # Jobs stopped by ``no_wait``, until their keys' daily quota resets.
@@ -1481,6 +1483,22 @@ class Daemon:
                 "the daemon's user; it is taken once it can be moved",
             )
 
+    def _say_behind(self, name: str, safe: str) -> None:
+        """Warn once about an inbox/ entry left there because ``processing/`` holds a job of
+        its name: a deferred one (``no_wait``), or another daemon's. It is claimed once that
+        one is filed; until then nothing else would say why it waits."""
+        if name in self._behind or not (self.spool.processing / safe).exists():
+            return
+        self._behind.add(name)
+        logger.warning(
+            "broker.inbox_entry_waiting",
+            entry=_shown(name),
+            reason="processing/ holds a job of this name"
+            + (", deferred until its keys' daily quota resets" if safe in self._deferred else ""),
+            note="it is claimed once that job is filed; give each job a name of its own (a "
+            "date or a counter in it) to run them side by side",
+        )
+
     def _say_ignored(self, skipped: dict[str, str]) -> None:
         """Warn once about each inbox/ entry that is no job file and stays there for good."""
         for name in skipped.keys() - self._ignored:
@@ -1518,6 +1536,7 @@ class Daemon:
             for gone in self._settling.keys() - seen:
                 del self._settling[gone]
             self._immovable &= seen
+            self._behind &= seen
             self._listing = collections.deque(waiting)
             self._listed_at = now
         looks_dead: bool | None = None
@@ -1567,22 +1586,24 @@ class Daemon:
                 # daemon's (it exited 74, and a restarting unit met the file again).
                 self._say_immovable(name, exc)
                 continue
-            if claimed:
-                self._settling.pop(name, None)
-                left = self.spool.drop_leftovers(safe)
-                if left:
-                    logger.warning(
-                        "broker.job_leftovers_dropped",
-                        job=safe,
-                        removed=[_shown(each) for each in left],
-                        note="an earlier job of this name left them (a daemon killed while "
-                        "filing it); the new job starts afresh",
-                    )
-                if safe == name:
-                    logger.info("broker.job_claimed", job=safe)
-                else:
-                    logger.info("broker.job_claimed", job=safe, received_as=_shown(name))
-                return safe
+            if not claimed:
+                self._say_behind(name, safe)
+                continue
+            self._settling.pop(name, None)
+            left = self.spool.drop_leftovers(safe)
+            if left:
+                logger.warning(
+                    "broker.job_leftovers_dropped",
+                    job=safe,
+                    removed=[_shown(each) for each in left],
+                    note="an earlier job of this name left them (a daemon killed while "
+                    "filing it); the new job starts afresh",
+                )
+            if safe == name:
+                logger.info("broker.job_claimed", job=safe)
+            else:
+                logger.info("broker.job_claimed", job=safe, received_as=_shown(name))
+            return safe
         return None
 
     def _settled(self, name: str, info: os.stat_result) -> bool:
