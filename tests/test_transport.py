@@ -12,9 +12,10 @@ import pytest
 from aiohttp import web
 
 from broker.api.base import HttpRequest, RawResponse
-from broker.engine.transport import AiohttpTransport, MockTransport
+from broker.engine.transport import AiohttpTransport, MockTransport, proxies_from_environment
 from broker.errors import (
     BodyTooLarge,
+    ConfigError,
     ConnectError,
     NetworkRefused,
     RequestTimeout,
@@ -120,6 +121,68 @@ class TestProxies:
             await runner.cleanup()
         assert response.body == b"echo:hello"
         assert seen == []
+
+    async def test_a_proxy_without_a_scheme_is_http(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """HTTPS_PROXY=host:port with a trailing blank is http://host:port, as curl and
+        requests take it (every request failed with InvalidURL, waited out as an outage)."""
+        seen: list[bytes] = []
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append(await reader.readuntil(b"\r\n"))
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 407 No\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        proxy = await asyncio.start_server(answer, "127.0.0.1", 0)
+        for name in ("https_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", f"127.0.0.1:{proxy.sockets[0].getsockname()[1]} ")
+        try:
+            async with AiohttpTransport(timeout_s=5, connect_timeout_s=2) as transport:
+                with pytest.raises(NetworkRefused):
+                    await transport.send(HttpRequest("POST", "https://example.com/x", {}, b"{}"))
+        finally:
+            proxy.close()
+            await proxy.wait_closed()
+        assert seen == [b"CONNECT example.com:443 HTTP/1.1\r\n"]
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "socks5://user:hunter2@127.0.0.1:1080",
+            "http://:3128",
+            "proxy.corp:99999",
+            "http://pro xy.corp:3128",
+            "user:hunter2@proxy.corp:port",
+        ],
+    )
+    async def test_a_proxy_that_cannot_be_used_is_refused_at_open(
+        self, monkeypatch: pytest.MonkeyPatch, value: str
+    ) -> None:
+        """A proxy variable that is no http(s) proxy URL is a ConfigError naming it, before
+        any request, its password masked (socks5:// got an HTTP CONNECT; the rest failed
+        every request with InvalidURL, retried as an outage)."""
+        monkeypatch.setenv("https_proxy", value)
+        with pytest.raises(ConfigError) as caught:
+            async with AiohttpTransport():
+                pass
+        assert caught.value.path == "https_proxy"
+        assert "hunter2" not in str(caught.value)
+
+    def test_the_environment_is_read_as_urllib_reads_it(self) -> None:
+        """A lowercase variable wins over its capitalised twin, an empty or blank one is no
+        proxy, and NO_PROXY is kept for the bypass check."""
+        environ = {
+            "HTTPS_PROXY": "http://upper:1",
+            "https_proxy": " lower:3128 ",
+            "http_proxy": "  ",
+            "NO_PROXY": "internal.example",
+        }
+        assert proxies_from_environment(environ) == {
+            "https": "http://lower:3128",
+            "no": "internal.example",
+        }
 
 
 class TestSend:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ from broker.api.base import HttpRequest, RawResponse
 from broker.config import is_loopback_host
 from broker.errors import (
     BodyTooLarge,
+    ConfigError,
     ConnectError,
     EndpointUnreachable,
     NetworkRefused,
@@ -33,11 +35,91 @@ from broker.errors import (
 )
 from broker.logs import scrub
 
-__all__ = ["AiohttpTransport", "MockTransport", "Transport"]
+__all__ = ["AiohttpTransport", "MockTransport", "Transport", "proxies_from_environment"]
 
 #: What to do about an answer over the read cap: Amazon sends the same answer again, so a
 #: retry does not mend it (a search of 100 items with every resource is about 400 KB).
 _CAP_HINT = " (engine.max_body_bytes: ask for fewer items or resources, or raise the cap)"
+
+
+#: The proxy schemes aiohttp speaks; to any other (socks5://) it would send an HTTP CONNECT.
+_PROXY_SCHEMES = ("http", "https")
+
+
+def proxies_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The proxies ``environ`` names, by URL scheme, as ``urllib`` reads them, and checked.
+
+    ``https_proxy`` and the like are read as curl and requests read them: a value without a
+    scheme (``proxy.corp:3128``, common) is ``http://``, blanks around it are dropped, and
+    an empty one is no proxy. Every proxy a request could take is checked here, once: one
+    that aiohttp would refuse on every send was retried as an outage of the network for the
+    whole outage budget. ``no`` (NO_PROXY) and proxies for other schemes are kept as given.
+
+    Raises:
+        ConfigError: the http or https proxy is no proxy URL, or one of a scheme aiohttp
+            cannot speak (socks5://); the error names the variable.
+    """
+    proxies: dict[str, str] = {}
+    for scheme, (variable, value) in _environment_proxies(environ).items():
+        if scheme not in _PROXY_SCHEMES:
+            proxies[scheme] = value
+        elif proxy := _proxy_url(variable, value):
+            proxies[scheme] = proxy
+    return proxies
+
+
+def _environment_proxies(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``urllib.request.getproxies_environment`` over ``environ``, keeping the variable that
+    named each proxy: scheme -> (variable, value).
+
+    As there, a lowercase variable wins over its capitalised twin (an empty one unsets it),
+    and HTTP_PROXY is ignored under CGI, where a client's ``Proxy:`` header sets it
+    (CVE-2016-1000110).
+    """
+    found: dict[str, tuple[str, str]] = {}
+    for name, value in environ.items():
+        if value and name.lower().endswith("_proxy"):
+            found[name.lower()[: -len("_proxy")]] = (name, value)
+    if "REQUEST_METHOD" in environ:
+        found.pop("http", None)
+    for name, value in environ.items():
+        if name.endswith("_proxy"):
+            scheme = name.lower()[: -len("_proxy")]
+            if value:
+                found[scheme] = (name, value)
+            else:
+                found.pop(scheme, None)
+    return found
+
+
+def _proxy_url(variable: str, value: str) -> str | None:
+    """The proxy URL ``variable`` gives (None: only blanks), or a ConfigError naming it."""
+    text = value.strip()
+    if not text:
+        return None
+    if "://" not in text:
+        text = f"http://{text}"
+    # Quoted masked: a proxy URL may carry its user and password.
+    shown = scrub(value.strip())
+    scheme = text.partition("://")[0].lower()
+    if scheme not in _PROXY_SCHEMES:
+        raise ConfigError(
+            variable,
+            f"{shown!r} is a {scheme}:// proxy, which the broker cannot use: give an HTTP "
+            "proxy (http://host:port), or unset it",
+        )
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - it raises ValueError for a port that is no port
+    except ValueError:
+        parts = None
+    if parts is None or not parts.hostname or any(c.isspace() for c in text):
+        raise ConfigError(
+            variable,
+            f"{shown!r} is not a proxy URL: give http://host:port (user:password@ before "
+            "the host if the proxy asks for them), or unset it",
+        )
+    return text
 
 
 class Transport(Protocol):
@@ -178,6 +260,13 @@ class AiohttpTransport:
     async def __aenter__(self) -> AiohttpTransport:
         if self._state is not _State.UNOPENED:
             raise RuntimeError("a transport can be opened only once")
+        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply, as users expect (not for the embedded
+        # simulator on loopback, which no proxy should see). Read once here and resolved
+        # once per host, not through aiohttp's trust_env, which looks them up (and .netrc)
+        # in a thread for every request: most of a request's CPU when measured. First, so a
+        # proxy refused leaves nothing open.
+        if self._trust_env:
+            self._proxies = proxies_from_environment(os.environ)
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             limit_per_host=self._max_connections,
@@ -192,12 +281,6 @@ class AiohttpTransport:
             sock_connect=self._connect_timeout_s,
             sock_read=self._timeout_s,
         )
-        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply, as users expect (not for the embedded
-        # simulator on loopback, which no proxy should see). Read once here and resolved
-        # once per host, not through aiohttp's trust_env, which looks them up (and .netrc)
-        # in a thread for every request: most of a request's CPU when measured.
-        if self._trust_env:
-            self._proxies = urllib.request.getproxies_environment()
         # auto_decompress stays on; skip_auto_headers keeps the bytes we sign as they are.
         self._session = aiohttp.ClientSession(
             connector=connector,
