@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+from broker.errors import ConfigError
+
 __all__ = [
     "OUR_TABLES",
     "RefusedFileError",
@@ -63,13 +65,40 @@ def state_dir(environ: Mapping[str, str] | None = None) -> Path:
     Where the files every broker process of a machine shares live by default (the key
     state, the item cache): one reading of the variable, so they never part. Nothing is
     created here.
+
+    Raises:
+        ConfigError: XDG_STATE_HOME is not set and there is no home directory.
     """
     env = os.environ if environ is None else environ
     # Blanks around it (a line of an env file) are no part of the path.
     base = env.get("XDG_STATE_HOME", "").strip()
     # The XDG spec says a relative path is invalid and must be ignored.
-    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "state"
-    return root / "asin-broker"
+    if base and os.path.isabs(base):
+        return Path(base) / "asin-broker"
+    return _home(env) / ".local" / "state" / "asin-broker"
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    """The user's home directory: ``HOME``, else the account's entry (``/etc/passwd``).
+
+    Without either (``env -i``, a container run as ``--user 4242``), Path.home() raised a
+    RuntimeError that reached users as a traceback; an empty HOME made it ``/``, and the
+    state went to ``/.local/state``. A relative HOME would move with the working directory.
+    """
+    home = env.get("HOME")
+    if home is None:
+        try:
+            home = str(Path.home())
+        except RuntimeError:
+            home = ""
+    if not os.path.isabs(home):
+        raise ConfigError(
+            "",
+            "no home directory found (HOME is unset, empty or relative, and the user has no "
+            "entry in /etc/passwd) to keep the key state and item cache in: set "
+            "XDG_STATE_HOME, or [state] path and [cache] path",
+        )
+    return Path(home)
 
 
 def file_in_the_way(path: Path) -> Path | None:

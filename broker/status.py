@@ -205,8 +205,11 @@ async def status_command(config: BrokerConfig, args: argparse.Namespace) -> int:
             "no shared state to show (use the local backend, the default, or redis to share it)",
         )
     if config.state.backend == "local":
-        # Followed as the store follows it: a link's target holds the -wal and -shm.
-        path = real_path(local_state_path(config.state))
+        try:
+            # Followed as the store follows it: a link's target holds the -wal and -shm.
+            path = real_path(local_state_path(config.state))
+        except ConfigError as exc:  # no home directory to find the default file in
+            return _cannot_show(config, args, f"invalid config: {exc}", ExitCode.CONFIG)
         try:
             path.stat()
             exists = True

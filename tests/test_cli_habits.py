@@ -1994,6 +1994,48 @@ def test_embedded_simulator_runs_leave_no_key_state_behind(
     assert not (tmp_path / "state" / "asin-broker" / "keys.sqlite3").exists()
 
 
+class TestNoHome:
+    """With no home directory (``env -i``, a container's ``--user 4242``) and no
+    XDG_STATE_HOME, every command that needs the default state or cache file says so."""
+
+    @pytest.fixture(autouse=True)
+    def _no_home(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def no_home() -> Path:
+            raise RuntimeError("Could not determine home directory.")
+
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+        monkeypatch.delenv("HOME", raising=False)
+        monkeypatch.setattr(Path, "home", no_home)
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "not-a-real-secret")
+
+    @pytest.mark.parametrize(
+        ("argv", "text"),
+        [
+            (["lookup", "B0C1234567"], _CONFIG),
+            (["cache", "stats"], _CONFIG),
+            (["status"], _DEAD),
+            (["run", "job.txt", "--out", "o.jsonl", "--progress", "none"], _CONFIG),
+        ],
+    )
+    def test_a_command_says_there_is_no_home(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        argv: list[str],
+        text: str,
+    ) -> None:
+        """Exit 78 with one message naming XDG_STATE_HOME and the path settings (lookup and
+        cache stats printed a traceback, run an "internal error: RuntimeError")."""
+        monkeypatch.chdir(tmp_path)
+        _job(tmp_path)
+        assert cli.main([*argv, "--config", str(_config(tmp_path, text))]) == ExitCode.CONFIG
+        err = capsys.readouterr().err
+        assert "no home directory found" in err
+        assert "XDG_STATE_HOME" in err
+        assert "RuntimeError" not in err
+
+
 class TestLookup:
     def test_a_dash_is_a_usage_error_pointing_to_run(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -1150,6 +1150,25 @@ class TestIdentityAndConfig:
         assert local_state_path(StateConfig(), env).parent == tmp_path / "asin-broker"
         assert default_cache_path(env).parent == tmp_path / "asin-broker"
 
+    @pytest.mark.parametrize("home", [None, "", "relative/home"])
+    def test_no_home_directory_is_a_config_error(
+        self, monkeypatch: pytest.MonkeyPatch, home: str | None
+    ) -> None:
+        """With no XDG_STATE_HOME and no home (HOME unset and no passwd entry, empty, or
+        relative), the default state directory is a ConfigError naming the settings that
+        mend it: it was a RuntimeError, and an empty HOME put the state in /.local/state."""
+
+        def no_home() -> Path:
+            raise RuntimeError("Could not determine home directory.")
+
+        monkeypatch.setattr(Path, "home", no_home)
+        environ = {} if home is None else {"HOME": home}
+        with pytest.raises(ConfigError) as caught:
+            state_dir(environ)
+        assert "no home directory" in str(caught.value)
+        assert "XDG_STATE_HOME" in str(caught.value)
+        assert "[state] path" in str(caught.value)
+
     def test_state_dir_follows_xdg(self, tmp_path: Path) -> None:
         """$XDG_STATE_HOME/asin-broker, else ~/.local/state/asin-broker; created mode 0700."""
         assert state_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "asin-broker"

@@ -85,6 +85,32 @@ def _python(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def test_no_home_directory_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker whose key state goes to the default file, with no home directory and no
+    XDG_STATE_HOME, raises ConfigError saying so (it was a RuntimeError)."""
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(Path, "home", no_home)
+    document = {
+        "api": {"endpoint": "http://127.0.0.1:9"},
+        "keys": [
+            {
+                "name": "k",
+                "credential_id": "k-id",
+                "credential_secret_env": "K_SECRET",
+                "version": "3.1",
+                "partner_tags": {"www.amazon.com": "k-20"},
+            }
+        ],
+    }
+    with pytest.raises(ConfigError, match="no home directory"):
+        SyncBroker.from_dict(document, environ={"K_SECRET": "not-a-real-secret"})
+
+
 @pytest.fixture(name="sync_broker")
 def _sync_broker() -> Any:
     with SyncBroker.from_dict(_document()) as broker:
