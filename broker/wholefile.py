@@ -17,7 +17,15 @@ import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["copies_of", "copy_for", "original_of", "write_whole"]
+__all__ = [
+    "copies_of",
+    "copy_for",
+    "give_attributes",
+    "held_attributes",
+    "keep_attributes",
+    "original_of",
+    "write_whole",
+]
 
 
 def copy_for(path: Path) -> Path:
@@ -53,8 +61,8 @@ def write_whole(path: Path, text: str, *, through_links: bool = True) -> None:
     A symbolic link stays a link (the file it names is replaced), unless not
     ``through_links``: then the link itself is replaced, never its target, whenever it was
     put there (a program's own file in a folder others may write: a link made between a
-    check and the write had it written through). An existing file keeps its mode. The copy
-    has a name of its own (:func:`copy_for`).
+    check and the write had it written through). An existing file keeps its mode and group
+    (:func:`keep_attributes`). The copy has a name of its own (:func:`copy_for`).
     """
     follow = through_links and path.is_symlink()
     target = Path(os.path.realpath(path)) if follow else path
@@ -64,11 +72,43 @@ def write_whole(path: Path, text: str, *, through_links: bool = True) -> None:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            held = os.stat(target, follow_symlinks=through_links)
-            if stat.S_ISREG(held.st_mode):
-                os.chmod(temporary, stat.S_IMODE(held.st_mode))
+        keep_attributes(temporary, target, follow_symlinks=through_links)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def keep_attributes(copy: Path, original: Path, *, follow_symlinks: bool = True) -> None:
+    """Give ``copy``, about to replace ``original``, the mode and group ``original`` has.
+
+    A file replaced by a new one takes the new one's mode and group, those a new file gets:
+    a user's ``chmod 600`` or ``chgrp`` of it was undone by the next rewrite. Nothing is
+    done when ``original`` is no regular file (or none).
+    """
+    give_attributes(copy, held_attributes(original, follow_symlinks=follow_symlinks))
+
+
+def held_attributes(path: Path, *, follow_symlinks: bool = True) -> os.stat_result | None:
+    """What :func:`give_attributes` keeps of ``path``, read before it is removed (None: no
+    regular file there)."""
+    try:
+        held = os.stat(path, follow_symlinks=follow_symlinks)
+    except FileNotFoundError:
+        return None
+    return held if stat.S_ISREG(held.st_mode) else None
+
+
+def give_attributes(path: Path, held: os.stat_result | None) -> None:
+    """Give ``path`` the mode and group of the file ``held`` describes (None: none).
+
+    The group only where this user may set it (a group it belongs to; root, any): else the
+    file keeps its own, as ``cp -p`` does for a user who may not. The group goes first, as
+    changing it clears the set-group-ID bit.
+    """
+    if held is None:
+        return
+    if os.stat(path).st_gid != held.st_gid:
+        with contextlib.suppress(PermissionError):
+            os.chown(path, -1, held.st_gid)
+    os.chmod(path, stat.S_IMODE(held.st_mode))

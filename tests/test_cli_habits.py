@@ -1578,6 +1578,28 @@ class TestReruns:
         assert "--refresh" in err
         assert "requests 0," in err
 
+    @pytest.mark.parametrize(
+        "how", [("--refresh",), ("--ordered",), ("--format", "csv"), ("--new-job",)]
+    )
+    def test_a_replaced_output_keeps_its_mode_and_group(
+        self, tmp_path: Path, how: tuple[str, ...]
+    ) -> None:
+        """An output --refresh, --ordered or another --format replaces keeps the mode and
+        group the user gave it, as a plain resume and --new-job (which starts it over in
+        place) do: it became 0644, the chgrp lost."""
+        _job(tmp_path)
+        assert self._run(tmp_path) == ExitCode.OK
+        out = tmp_path / "out.jsonl"
+        out.chmod(0o600)
+        others = [g for g in os.getgroups() if g != out.stat().st_gid]
+        group = others[0] if others else (4242 if os.geteuid() == 0 else None)
+        if group is not None:
+            os.chown(out, -1, group)
+        assert self._run(tmp_path, *how) == ExitCode.OK
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        if group is not None:
+            assert out.stat().st_gid == group
+
     def test_refresh_runs_the_job_file_as_it_is_now(self, tmp_path: Path) -> None:
         """--refresh of a list regenerated since (a daily cron) fetches the new list."""
         job = _job(tmp_path)

@@ -84,6 +84,7 @@ from broker.models import ItemResult, Protocol, Query
 from broker.sqlitewal import journal_files, rollback_journal
 from broker.stdio import as_shown
 from broker.termwidth import fit
+from broker.wholefile import give_attributes, held_attributes, keep_attributes
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -346,6 +347,7 @@ def finish_promotion(out: Path, *, locked: bool = False) -> None:
         # would lay the old run's pages over it.
         for path in (*journal_files(out), rollback_journal(out)):
             path.unlink(missing_ok=True)
+        keep_attributes(side, out)
         os.replace(side, out)
     _promote_stdin_copy(side, out)
     if ledger_path(side).exists():
@@ -596,6 +598,8 @@ async def _output(
     """Write the rows done so far to output ``name``, then fetch the pending ones, writing
     each as it ends; return a CSV output's pass-through names (None for other formats)."""
     earlier = _forget_other_formats(ledger, name)
+    # The replaced output's mode and group go to the new file, as for a --refresh.
+    held = held_attributes(options.out) if earlier else None
     if earlier and options.out.exists():
         # The job's own output in another format (its ledger says so): replaced, in every
         # format alike and said so; a SQLite sink refused it as "not a SQLite database,
@@ -632,6 +636,7 @@ async def _output(
         sink.close()  # opened meanwhile: _in_thread waited for it
         raise
     ledger.set_sink_state(name, opened)
+    give_attributes(options.out, held)
     # No second emit on the way out: _fetch commits and emits what finished, and after
     # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
     try:
@@ -756,6 +761,7 @@ def _export_ordered(
             temporary.unlink(missing_ok=True)
     if state is None:
         return False
+    keep_attributes(temporary, options.out)
     os.replace(temporary, options.out)
     ledger.set_sink_state(name, state, ordered=True)
     return True
