@@ -692,12 +692,37 @@ def _parse(words: list[str]) -> argparse.Namespace:
     for name in _PATH_ARGUMENTS:
         given = getattr(args, name, None)
         if isinstance(given, str):
-            setattr(args, name, _home(given))
+            expanded = _home(given)
+            nameless = _no_home(given, expanded)
+            # Only where a folder would be made: a job or config named so is not found.
+            if nameless is not None and name in _MADE:
+                command.error(f"{_MADE[name]}: {nameless}: write the path itself")
+            setattr(args, name, expanded)
     return args
 
 
 #: The command-line arguments that name a file or folder (``path`` is init's).
 _PATH_ARGUMENTS: Final = ("config", "job", "out", "spool", "path")
+#: Those a command creates (with their folders), as a message names them.
+_MADE: Final = {"out": "--out", "spool": "--spool", "path": "the path"}
+
+
+def _no_home(given: str, expanded: str) -> str | None:
+    """Why the leading ``~`` of ``given`` names no folder, else None.
+
+    ``~name`` of no user on this machine, or ``~`` with no home (HOME unset and no entry in
+    /etc/passwd, or HOME empty, which made ``~/x`` into ``/x``), was taken as written: a
+    folder named ``~nosuchuser`` was made in the working directory. The config's path
+    settings refuse the same.
+    """
+    if not given.startswith("~"):
+        return None
+    user = given.split("/", 1)[0]
+    if user == "~" and (expanded.startswith("~") or os.environ.get("HOME") == ""):
+        return "~ names no home folder (HOME is empty, or unset with no /etc/passwd entry)"
+    if expanded.startswith("~"):
+        return f"{user} names no user on this machine"
+    return None
 
 
 def _home(given: str) -> str:

@@ -438,6 +438,37 @@ class TestConfigLookup:
         assert not (work / "~").exists()
         capsys.readouterr()
 
+    @pytest.mark.parametrize(
+        ("out", "home", "why"),
+        [
+            ("~nosuchuser-asinb/o.jsonl", None, "~nosuchuser-asinb names no user"),
+            ("~/o.jsonl", "", "~ names no home folder"),
+        ],
+    )
+    def test_a_tilde_naming_no_folder_is_a_usage_error(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        out: str,
+        home: str | None,
+        why: str,
+    ) -> None:
+        """``--out=~nosuchuser/o.jsonl``, or ``~/o.jsonl`` with an empty HOME, is a usage
+        error naming the option, as in the config's path settings: a folder literally named
+        ``~nosuchuser`` was made (and ``/o.jsonl`` written)."""
+        monkeypatch.chdir(tmp_path)
+        if home is not None:
+            monkeypatch.setenv("HOME", home)
+        job = _job(tmp_path)
+        argv = ["run", str(job), "--config", str(_config(tmp_path)), f"--out={out}"]
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == ExitCode.USAGE
+        err = capsys.readouterr().err
+        assert f"--out: {why}" in err
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("~")]
+
     def test_hints_name_paths_as_a_shell_takes_them(
         self,
         tmp_path: Path,
