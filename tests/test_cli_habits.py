@@ -1418,6 +1418,27 @@ class TestRunPaths:
         assert "a.jsonl.stdin.txt, kept as it is" in err
         assert "stdin.csv" not in err
 
+    def test_a_stdin_that_cannot_be_read_is_unreadable_input(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``broker run - 0>/dev/null`` (stdin open for writing only, as under nohup on a
+        terminal) says it cannot read the job from stdin, exit 66: it said "cannot write:
+        Bad file descriptor", exit 74."""
+        fd = os.open(os.devnull, os.O_WRONLY)
+        stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(fd, "r", closefd=True)))
+        monkeypatch.setattr(sys, "stdin", stdin)
+        try:
+            argv = ["run", "-", "--config", str(_config(tmp_path)), "--progress", "none"]
+            code = cli.main([*argv, "--out", str(tmp_path / "x.jsonl")])
+        finally:
+            stdin.close()
+        err = capsys.readouterr().err
+        assert code == ExitCode.NO_INPUT, err
+        assert "cannot read the job from stdin: Bad file descriptor" in err
+
     @pytest.mark.parametrize("out", ["-", "a.jsonl"])
     def test_a_bad_line_on_stdin_is_named_as_stdin(
         self,

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import BinaryIO, Final
 
 from broker.errors import JobFileError
 from broker.jobs.lock import JobLock
@@ -32,6 +32,7 @@ __all__ = [
     "STDIN_FORMATS",
     "STDIO",
     "RunPaths",
+    "StdinUnreadable",
     "UsageError",
     "ledger_path",
     "ordering_path",
@@ -139,6 +140,35 @@ class UsageError(ValueError):
     """The command line asks for something impossible or destructive (exit 2)."""
 
 
+class StdinUnreadable(OSError):
+    """``broker run -`` cannot read its job from stdin (closed, or open for writing only:
+    ``0>/dev/null``, nohup on a terminal), which is unreadable input (exit 66). A failed
+    read of stdin names no file, and was told as an output that could not be written."""
+
+
+def _copy_stdin(target: BinaryIO) -> None:
+    """Copy stdin to ``target``, a failure to read it told from one to write the copy.
+
+    Raises:
+        StdinUnreadable: stdin is closed or cannot be read.
+    """
+    if sys.stdin is None:  # closed when the process started (0<&-)
+        raise StdinUnreadable(errno.EBADF, "stdin is closed")
+    source = sys.stdin.buffer
+    while True:
+        try:
+            chunk = source.read(_COPY_CHUNK)
+        except OSError as exc:
+            raise StdinUnreadable(exc.errno, exc.strerror) from exc
+        if not chunk:
+            return
+        target.write(chunk)
+
+
+#: Bytes of stdin read at a time (``shutil.copyfileobj``'s size).
+_COPY_CHUNK: Final = 64 * 1024
+
+
 @dataclass(slots=True)
 class RunPaths:
     """The settled paths of one run, and the temporary directory behind ``-`` if any.
@@ -187,7 +217,7 @@ class RunPaths:
                 # Held while the copy is under its temporary name: a later run removes only
                 # copies nobody holds, those of runs killed while they read stdin.
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                shutil.copyfileobj(sys.stdin.buffer, handle)
+                _copy_stdin(handle)
                 handle.flush()
                 same = self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False)
                 if same and not refresh:

@@ -62,6 +62,7 @@ from broker.jobs.ledger import (
 )
 from broker.jobs.lock import JobLock
 from broker.jobs.paths import (
+    StdinUnreadable,
     ledger_path,
     name_too_long_hint,
     ordering_path,
@@ -1692,6 +1693,8 @@ def describe_failure(
             f"out of open files: {os_error_text(exc)}{_where(exc.filename)}; raise the "
             "open-file limit (ulimit -n; LimitNOFILE= in a systemd unit)"
         )
+    if isinstance(exc, StdinUnreadable):
+        return ExitCode.NO_INPUT, f"cannot read the job from stdin: {exc.strerror}"
     if isinstance(exc, FileNotFoundError) and job is not None and is_about(exc, job):
         return ExitCode.NO_INPUT, f"input not found: {exc.filename}"
     if isinstance(exc, JobFileError):
