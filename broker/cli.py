@@ -798,6 +798,9 @@ def _command(args: argparse.Namespace) -> int:
     from broker.errors import ConfigError
 
     path = resolve_config_path(args.config)
+    if not path.exists() and _cwd_gone(path):
+        print(f"{prog()}: {_CWD_GONE}", file=sys.stderr)
+        return ExitCode.IO_ERROR
     if not path.exists():
         named = (
             "" if args.config or not os.environ.get(CONFIG_ENV) else f" (named by ${CONFIG_ENV})"
@@ -893,6 +896,9 @@ def _init(given: str, *, force: bool) -> int:
         write_stdout(template.encode())
         return ExitCode.OK
     path = Path(given)
+    if _cwd_gone(path):
+        print(f"{prog()}: {_CWD_GONE}", file=sys.stderr)
+        return ExitCode.IO_ERROR
     try:
         # "conf/" names a directory even before it exists (Path drops the slash).
         is_dir = path.is_dir() or given.endswith(("/", os.sep))
@@ -1629,6 +1635,26 @@ def _run_command(config: BrokerConfig, args: argparse.Namespace) -> int:
         return _run_loop(_run(config, args, paths))
 
 
+#: What every command says when a relative path it was given (or ./config.toml) cannot be
+#: found because the working directory was deleted under the shell.
+_CWD_GONE: Final = (
+    "the working directory is gone (deleted while the shell was in it): cd to a folder that "
+    "exists, or give every path in full (nothing was written)"
+)
+
+
+def _cwd_gone(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is relative to a working directory deleted under the shell (a
+    relative path then names nothing, and every command said its file was not found)."""
+    if os.path.isabs(path):
+        return False
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def _unusable_path(exc: OSError, job: str) -> tuple[ExitCode, str]:
     """The exit code and message for a path ``broker run`` could not even look at: a name
     too long, a loop of symbolic links, a working directory deleted under the shell."""
@@ -1636,13 +1662,8 @@ def _unusable_path(exc: OSError, job: str) -> tuple[ExitCode, str]:
 
     reason = exc.strerror or str(exc)
     if exc.filename is None:
-        try:
-            os.getcwd()
-        except FileNotFoundError:
-            return ExitCode.IO_ERROR, (
-                "the working directory is gone (deleted while the shell was in it): cd to a "
-                "folder that exists, or give every path in full (nothing was written)"
-            )
+        if _cwd_gone("."):
+            return ExitCode.IO_ERROR, _CWD_GONE
         return ExitCode.IO_ERROR, f"cannot use the paths given: {reason} (nothing was written)"
     named = os.fsdecode(exc.filename)
     if job != STDIO and Path(named) == Path(job):

@@ -469,6 +469,30 @@ class TestConfigLookup:
         assert f"--out: {why}" in err
         assert not [p for p in tmp_path.iterdir() if p.name.startswith("~")]
 
+    @pytest.mark.parametrize(
+        "argv",
+        [["status"], ["lookup", "B0C1234567"], ["check-config"], ["init"], ["cache", "stats"]],
+    )
+    def test_a_deleted_working_directory_is_named(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        argv: list[str],
+    ) -> None:
+        """From a working directory deleted under the shell, every command says so (74), as
+        broker run does: they said "config file not found: config.toml", and init then
+        failed to write it."""
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        monkeypatch.chdir(gone)
+        gone.rmdir()
+        monkeypatch.delenv("ASINB_CONFIG", raising=False)
+        assert cli.main(argv) == ExitCode.IO_ERROR
+        err = capsys.readouterr().err
+        assert "the working directory is gone (deleted while the shell was in it)" in err
+        assert "not found" not in err
+
     def test_hints_name_paths_as_a_shell_takes_them(
         self,
         tmp_path: Path,
