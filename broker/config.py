@@ -114,7 +114,7 @@ _SECRET_NAME: Final = re.compile(
 _ENV_NAME: Final = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 # A shell variable in a path setting ($HOME, ${XDG_STATE_HOME}): TOML expands none, so it
 # would name a folder called "$HOME".
-_SHELL_VARIABLE: Final = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+_SHELL_VARIABLE: Final = re.compile(r"\$(\{[^}/]*\}?|[A-Za-z_][A-Za-z0-9_]*)")
 #: What a PA-API access key may hold: Amazon's are 20 capital letters and digits. A comma,
 #: slash, dot or space would break the signature's ``Credential=`` field (IncompleteSignature,
 #: which condemns every key), a control character every request of the key (aiohttp refuses

@@ -338,7 +338,12 @@ class TestPaths:
     @pytest.mark.parametrize("where", ["output.directory", "state.path", "cache.path"])
     @pytest.mark.parametrize(
         ("text", "variable"),
-        [("$HOME/items", "$HOME"), ("${XDG_STATE_HOME}/x", "${XDG_STATE_HOME}"), ("a/$U", "$U")],
+        [
+            ("$HOME/items", "$HOME"),
+            ("${XDG_STATE_HOME}/x", "${XDG_STATE_HOME}"),
+            ("a/$U", "$U"),
+            ("${HOME:-/tmp}/state", "${HOME:-"),
+        ],
     )
     def test_shell_variable_in_a_path_is_refused(
         self, where: str, text: str, variable: str

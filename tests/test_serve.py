@@ -2406,6 +2406,27 @@ class TestNoWait:
         assert (await _filed(spool, "daily.txt"))["rows"]["total"] == 12
         assert (await _filed(spool, "daily-2.txt"))["rows"]["total"] == 1
 
+    async def test_a_file_another_daemon_claimed_first_is_not_said_to_wait(
+        self, start: Start, spool: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A claim lost to another daemon (its link first: the file is in processing/ and
+        gone from inbox/) is no entry waiting behind a job of its name: no warning."""
+        lost: list[str] = []
+
+        def claimed_elsewhere(self: Spool, name: str, as_name: str | None = None) -> bool:
+            os.link(self.inbox / name, self.processing / (as_name or name))
+            (self.inbox / name).unlink()
+            lost.append(name)
+            return False
+
+        monkeypatch.setattr(Spool, "claim", claimed_elsewhere)
+        with structlog.testing.capture_logs() as logs:
+            running = await start(_config())
+            _drop(spool, "race.txt", "B0RACE0001\n")
+            await _until(lambda: lost == ["race.txt"])
+            await running.stop()
+        assert [e for e in logs if e["event"] == "broker.inbox_entry_waiting"] == []
+
     async def test_a_job_deferred_and_resumed_is_filed_with_all_its_requests(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

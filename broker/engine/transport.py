@@ -267,6 +267,8 @@ class AiohttpTransport:
         # proxy refused leaves nothing open.
         if self._trust_env:
             self._proxies = proxies_from_environment(os.environ)
+        # The same limit as the slots (a backstop: a send holding a slot always finds a
+        # connection free here).
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             limit_per_host=self._max_connections,
@@ -298,10 +300,14 @@ class AiohttpTransport:
             self._session = None
 
     async def send(self, request: HttpRequest) -> RawResponse:
-        """Send ``request`` and read the whole body (at most ``max_body_bytes``)."""
+        """Send ``request`` and read the whole body (at most ``max_body_bytes``), once one
+        of the ``max_connections`` connections is free (the wait is outside the timeout and
+        outside the response's ``elapsed_s``)."""
         if self._state is not _State.OPEN or self._session is None:
             raise RuntimeError("transport is not open (use 'async with')")
         async with self._slots:
+            if self._state is not _State.OPEN or self._session is None:
+                raise RuntimeError("transport is not open (closed while this send waited)")
             return await self._send(self._session, request)
 
     async def _send(self, session: aiohttp.ClientSession, request: HttpRequest) -> RawResponse:

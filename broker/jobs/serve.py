@@ -1487,8 +1487,12 @@ class Daemon:
         """Warn once about an inbox/ entry left there because ``processing/`` holds a job of
         its name: a deferred one (``no_wait``), or another daemon's. It is claimed once that
         one is filed; until then nothing else would say why it waits."""
-        if name in self._behind or not (self.spool.processing / safe).exists():
-            return
+        held = self.spool.processing / safe
+        try:
+            if name in self._behind or os.path.samefile(self.spool.inbox / name, held):
+                return  # the claim of this very file (another daemon's, or one recovered)
+        except FileNotFoundError:
+            return  # gone from inbox/ (claimed by another daemon), or nothing holds the name
         self._behind.add(name)
         logger.warning(
             "broker.inbox_entry_waiting",
