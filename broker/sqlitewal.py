@@ -9,7 +9,9 @@ long as the busy timeout allows.
 
 Every such file also writes in short ``BEGIN IMMEDIATE`` transactions (:func:`immediate`:
 the write lock is taken up front, so a transaction never fails half-way on a lock upgrade),
-and reports a full or failing disk as the ``OSError`` it is (:func:`disk_error`).
+and reports a full or failing disk as the ``OSError`` it is (:func:`disk_error`). A file
+that must be whole alone (moved into place, or left out of WAL mode) has its log copied in
+explicitly (:func:`checkpoint`): SQLite's own copy at close fails silently on a full disk.
 
 Such a file may be deleted while processes use it (the advice for a damaged one). A process
 then looks at the path now and again and opens it again once the file there is another or
@@ -36,6 +38,7 @@ from broker.errors import ConfigError
 __all__ = [
     "OUR_TABLES",
     "RefusedFileError",
+    "checkpoint",
     "disk_error",
     "enable_wal",
     "file_identity",
@@ -48,6 +51,7 @@ __all__ = [
     "refuse_orphans",
     "replaced",
     "rollback_journal",
+    "self_contained",
     "state_dir",
     "still_at",
 ]
@@ -284,6 +288,51 @@ def immediate(conn: sqlite3.Connection) -> Iterator[None]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def checkpoint(conn: sqlite3.Connection, path: Path) -> None:
+    """Copy every page of ``conn``'s write-ahead log into its file ``path`` and empty the
+    log (``wal_checkpoint(TRUNCATE)``), so the file alone holds the database.
+
+    Closing the last connection checkpoints too, but says nothing when it cannot: on a full
+    disk the file cannot grow to take the pages, which stay in the ``-wal``, and the file
+    moved or read without it (a promoted ``--refresh``, a closed SQLite output) is damaged
+    or short. Called before such a close, so that failure is the error it is.
+
+    Raises:
+        OSError: the disk is full or failing (:func:`disk_error`), another program holds
+            the file (:func:`held_error`), or a reader elsewhere kept pages in the log past
+            the busy timeout (EBUSY). The log keeps the pages: the file is whole with it.
+        sqlite3.Error: any other.
+    """
+    try:
+        _busy, log, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error as exc:
+        failure = disk_error(path, exc) or held_error(path, exc)
+        if failure is not None:
+            raise failure from exc
+        raise
+    # Out of WAL mode there is no log: (0, -1, -1). A reader on an older snapshot keeps the
+    # pages after it from being copied; one on the latest only keeps the log from emptying,
+    # which is busy too, but every page is in the file then.
+    if log != copied:
+        raise OSError(
+            errno.EBUSY,
+            f"{path}: another program reads it (a sqlite3 shell or a viewer in a "
+            f"transaction), so {log - copied} of its {log} pages stayed in its -wal: close "
+            "it and run the same command again",
+            str(path),
+        )
+
+
+def self_contained(path: Path) -> bool:
+    """True when the file ``path`` alone holds its database: no ``-wal`` beside it holds
+    pages (it is absent, or emptied by :func:`checkpoint`)."""
+    wal, _ = journal_files(path)
+    try:
+        return wal.stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 def held_error(path: Path, exc: sqlite3.Error) -> OSError | None:

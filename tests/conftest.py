@@ -64,6 +64,27 @@ def sqlite_db(path: Path | str, **options: Any) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
+class FullAtCheckpoint:
+    """A SQLite connection on a disk that fills up before it closes: its commits went into
+    the write-ahead log, but copying the log into the file fails with SQLITE_FULL, as SQLite
+    says it on a full tmpfs (the file cannot grow to take the pages). Everything else is the
+    wrapped connection's."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        """Run ``sql``; a checkpoint, or a switch out of WAL mode (which checkpoints), fails."""
+        if "wal_checkpoint" in sql or "journal_mode = DELETE" in sql:
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+            raise error
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
 def asins(count: int, prefix: str = "B0") -> list[str]:
     """``count`` distinct well-formed ASINs starting with ``prefix``."""
     width = 10 - len(prefix)

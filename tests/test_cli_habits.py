@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FullAtCheckpoint, embedded_toml, key_doc, make_config
 from conftest import asins as asins_of
-from conftest import embedded_toml, key_doc, make_config
 
 from broker import __version__, cli
 from broker.exitcode import ExitCode
@@ -1726,6 +1726,54 @@ class TestReruns:
         assert self._run(tmp_path, "--refresh") == ExitCode.OK
         assert out.read_bytes() != before
         assert len(_jsonl(out.read_text())) == 5
+
+    @pytest.mark.parametrize("fmt", ["jsonl", "sqlite"])
+    def test_a_refresh_whose_files_a_full_disk_keeps_in_their_wal_is_not_promoted(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        fmt: str,
+    ) -> None:
+        """A --refresh whose new ledger (and SQLite output) a full disk keeps partly in their
+        -wal at close exits 74 naming the file and leaves the previous output and ledger in
+        place; the next --refresh completes it. It exited 0 and moved them into place
+        without their -wal: the next run found the ledger damaged (65)."""
+        from broker.jobs.ledger import Ledger
+        from broker.jobs.sinks import SqliteSink
+
+        _job(tmp_path)
+        out = tmp_path / f"out.{fmt}"
+        run = ["run", str(tmp_path / "job.txt"), "--config", str(_config(tmp_path))]
+        run += ["--out", str(out), "--progress", "none", "--format", fmt]
+        assert cli.main(run) == ExitCode.OK
+        before = out.read_bytes()
+
+        def full_at_close(close: Any) -> Any:
+            def closing(self: Any) -> None:
+                if ".refresh" in str(getattr(self, "path", "")):
+                    self._conn = FullAtCheckpoint(self._conn)
+                close(self)
+
+            return closing
+
+        capsys.readouterr()
+        with monkeypatch.context() as patch:
+            patch.setattr(Ledger, "close", full_at_close(Ledger.close))
+            patch.setattr(SqliteSink, "close", full_at_close(SqliteSink.close))
+            assert cli.main([*run, "--refresh"]) == ExitCode.IO_ERROR
+        err = capsys.readouterr().err
+        first = "out.sqlite.refresh:" if fmt == "sqlite" else "out.jsonl.refresh.ledger:"
+        assert f"{first} disk full" in err
+        assert out.read_bytes() == before
+        assert not list(tmp_path.glob("*.promote"))
+        assert cli.main(run) == ExitCode.OK  # the previous ledger: whole, complete
+        assert "already complete" in capsys.readouterr().err
+        assert cli.main([*run, "--refresh"]) == ExitCode.OK
+        assert out.read_bytes() != before
+        assert sorted(p.name for p in tmp_path.iterdir() if "refresh" in p.name) == []
+        assert cli.main(run) == ExitCode.OK
+        assert "already complete" in capsys.readouterr().err
 
     def test_changed_resources_are_refused_not_mixed(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

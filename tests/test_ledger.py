@@ -20,7 +20,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-from conftest import sqlite_db
+from conftest import FullAtCheckpoint, sqlite_db
 from structlog.testing import capture_logs
 
 from broker.errors import JobFileError
@@ -772,6 +772,33 @@ class TestFailures:
             assert ledger.record_results(results) == 2000
             done = ledger.done_rows_after(1995)
             assert [row.done_order for row in done] == list(range(1996, 2001))
+
+    def test_a_full_disk_at_close_is_an_os_error_naming_the_ledger(self, tmp_path: Path) -> None:
+        """A full disk that keeps the ledger's pages in its -wal at close raises ENOSPC naming
+        the ledger, and closes it all the same (SQLite's own copy at close failed silently:
+        a refresh then moved the ledger into place without its pages, damaged)."""
+        ledger = open_ledger(tmp_path)
+        ledger.ingest(job_rows(*(asin(i) for i in range(20))))
+        real = ledger._conn
+        ledger._conn = FullAtCheckpoint(real)  # type: ignore[assignment]
+        with pytest.raises(OSError, match="disk full") as caught:
+            ledger.close()
+        assert caught.value.errno == errno.ENOSPC
+        assert caught.value.filename == str(ledger.path)
+        with pytest.raises(sqlite3.ProgrammingError):
+            real.execute("SELECT 1")  # closed
+
+    def test_an_error_ending_the_block_is_not_masked_by_the_close(self, tmp_path: Path) -> None:
+        """The error that ended a ``with`` block is the one raised, not a full disk's at close
+        (the pages stay in the -wal beside the ledger, whole with it)."""
+
+        def fails() -> None:
+            with open_ledger(tmp_path) as ledger:
+                ledger._conn = FullAtCheckpoint(ledger._conn)  # type: ignore[assignment]
+                raise ValueError("the block's own")
+
+        with pytest.raises(ValueError, match="the block's own"):
+            fails()
 
     def test_crash_hook_signals_once_at_the_nth_hit_of_its_point(
         self, monkeypatch: pytest.MonkeyPatch

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import sqlite_db
+from conftest import FullAtCheckpoint, sqlite_db
 from structlog.testing import capture_logs
 
 from broker.errors import JobFileError
@@ -1050,6 +1050,42 @@ class TestSqliteSink:
             sink = SqliteSink(out)
             assert sink.open(SinkState(0, 2)) == SinkState(0, 2)
             sink.close()
+
+    def test_a_full_disk_at_close_is_an_os_error_naming_the_output(self, tmp_path: Path) -> None:
+        """A full disk that keeps the flushed rows in the -wal at close (they cannot be copied
+        into the file, nor the file leave WAL mode) raises ENOSPC naming the output, and
+        closes it; it was swallowed, the run exited 0 with the output in WAL mode."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            emit(ledger, sink)
+            real = sink._conn
+            assert real is not None
+            sink._conn = FullAtCheckpoint(real)  # type: ignore[assignment]
+            with pytest.raises(OSError, match="disk full") as caught:
+                sink.close()
+        assert caught.value.errno == errno.ENOSPC
+        assert caught.value.filename == str(out)
+        with pytest.raises(sqlite3.ProgrammingError):
+            real.execute("SELECT 1")  # closed
+
+    def test_a_reader_at_close_keeps_the_output_in_wal_mode_quietly(self, tmp_path: Path) -> None:
+        """A viewer in a read transaction at close keeps the output in WAL mode: no error (it
+        is whole with its -wal, where it is), and not waited for."""
+        out = tmp_path / "out.sqlite"
+        with make_ledger(tmp_path) as ledger:
+            sink = SqliteSink(out)
+            emit(ledger, sink, batch=100)
+            viewer = sqlite3.connect(out, isolation_level=None)
+            try:
+                viewer.execute("BEGIN")
+                viewer.execute("SELECT count(*) FROM results").fetchone()
+                sink.close()
+                (mode,) = viewer.execute("PRAGMA journal_mode").fetchone()
+            finally:
+                viewer.close()
+        assert mode == "wal"
+        assert len(sqlite_rows(out)) == 10
 
     def test_an_output_another_program_holds_is_an_os_error(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

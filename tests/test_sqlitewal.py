@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.sqlitewal import disk_error, enable_wal, immediate
+from broker.sqlitewal import checkpoint, disk_error, enable_wal, immediate, self_contained
 
 
 def _locked(path: Path) -> sqlite3.Connection:
@@ -181,3 +181,32 @@ def test_a_write_past_the_file_size_limit_is_told_so(
     failure = disk_error(path, _sqlite_error(sqlite3.SQLITE_IOERR, "disk I/O error"))
     assert failure is not None
     assert failure.errno == errno.EIO
+
+
+def test_a_checkpoint_a_reader_holds_back_is_an_error_and_one_done_empties_the_log(
+    tmp_path: Path,
+) -> None:
+    """checkpoint() raises EBUSY naming the file while a reader on an older snapshot keeps
+    pages in the -wal (the file alone is not the database then); once it lets go, the log
+    is copied and emptied, and the file is self-contained."""
+    path = tmp_path / "db.sqlite"
+    writer = sqlite3.connect(path, isolation_level=None)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA journal_mode = WAL")
+        writer.execute("PRAGMA busy_timeout = 50")
+        writer.execute("CREATE TABLE t (x)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchone()
+        writer.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(OSError, match="another program reads it") as caught:
+            checkpoint(writer, path)
+        assert caught.value.errno == errno.EBUSY
+        assert caught.value.filename == str(path)
+        assert not self_contained(path)
+        reader.execute("COMMIT")
+        checkpoint(writer, path)
+        assert self_contained(path)
+    finally:
+        reader.close()
+        writer.close()

@@ -58,7 +58,7 @@ from broker.errors import JobFileError
 from broker.jobs.sources import INVALID_ASIN
 from broker.jsontext import dumps, loads
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error, file_identity, immediate, still_at
+from broker.sqlitewal import checkpoint, disk_error, file_identity, immediate, still_at
 
 if TYPE_CHECKING:
     from broker.jobs.sources import JobFingerprint, JobRow
@@ -732,9 +732,21 @@ class Ledger:
         return self._path
 
     def close(self) -> None:
-        """Close the database; committed state is already durable."""
+        """Close the database, its write-ahead log copied into the file first.
+
+        Committed state is already durable; the copy makes the file alone the ledger, as a
+        completed ``--refresh`` is moved into place (without its ``-wal``). SQLite's own copy
+        at close fails silently (a full disk), which left such a ledger damaged.
+
+        Raises:
+            OSError: the log could not be copied (a full or failing disk, a reader holding
+                it): the ledger is closed all the same, and whole with its ``-wal``.
+        """
         with self._lock:
-            self._conn.close()
+            try:
+                checkpoint(self._conn, self._path)
+            finally:
+                self._conn.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -745,7 +757,13 @@ class Ledger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        # The error that ended the block is the one to tell: a log the close could not copy
+        # stays beside the ledger, whole with it, where a rerun finds it.
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self.close()
 
     def __repr__(self) -> str:
         return f"Ledger({str(self._path)!r})"

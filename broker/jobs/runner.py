@@ -82,7 +82,7 @@ from broker.jobs.sources import (
 )
 from broker.logs import end_live_line, get_logger, scrub, show_live_line
 from broker.models import ItemResult, Protocol, Query
-from broker.sqlitewal import journal_files, rollback_journal
+from broker.sqlitewal import journal_files, rollback_journal, self_contained
 from broker.stdio import as_shown
 from broker.termwidth import fit
 from broker.wholefile import give_attributes, held_attributes, keep_attributes
@@ -281,6 +281,17 @@ def _promote(side: Path, out: Path) -> None:
     A marker file is written first, so a crash half-way through is finished by the next run
     (:func:`finish_promotion`) instead of leaving a new output with the old ledger.
     """
+    for path in (side, ledger_path(side)):
+        # Closed, each file alone holds its database (see Ledger.close): one whose -wal still
+        # holds pages would be moved without them, damaged.
+        if not self_contained(path):
+            raise OSError(
+                errno.EBUSY,
+                f"{path}: part of it is still in its -wal (another program has it open), so "
+                "the refresh was not put in place and the previous output stays: close that "
+                "program and run the same command again (--refresh resumes)",
+                str(path),
+            )
     marker = side.with_name(side.name + ".promote")
     fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -356,6 +367,10 @@ def finish_promotion(out: Path, *, locked: bool = False) -> None:
         for path in journal_files(ledger):
             path.unlink(missing_ok=True)
         os.replace(ledger_path(side), ledger)
+    # The moved files' emptied logs (_promote saw them hold nothing): a next refresh's new
+    # files must not be read with them.
+    for path in (*journal_files(side), *journal_files(ledger_path(side))):
+        path.unlink(missing_ok=True)
     # Nobody holds the refresh's lock now (the main job's lock is held by this run).
     ledger_path(side).with_name(ledger_path(side).name + ".lock").unlink(missing_ok=True)
     marker.unlink()
@@ -634,7 +649,7 @@ async def _output(
         last = ledger.last_output_row(name)
         opened = await _in_thread(functools.partial(sink.open, state, last))
     except asyncio.CancelledError:
-        sink.close()  # opened meanwhile: _in_thread waited for it
+        _close_after_error(sink)  # opened meanwhile: _in_thread waited for it
         raise
     ledger.set_sink_state(name, opened)
     give_attributes(options.out, held)
@@ -666,9 +681,19 @@ async def _output(
                 summary.requests = after.requests - before.requests
                 summary.throttled = after.throttled - before.throttled
                 summary.retries = after.retries - before.retries
-    finally:
-        sink.close()
+    except BaseException:
+        _close_after_error(sink)
+        raise
+    # A SQLite output whose rows a full disk kept in its -wal fails the run here (exit 74).
+    sink.close()
     return columns
+
+
+def _close_after_error(sink: ResultSink) -> None:
+    """Close ``sink`` while an error ends the run: that error is the one to tell, and rows a
+    full disk kept in a SQLite output's -wal stay there, whole with it, for the rerun."""
+    with contextlib.suppress(OSError):
+        sink.close()
 
 
 def _keys_out(metrics: MetricsSnapshot) -> tuple[str, ...]:

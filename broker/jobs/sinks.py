@@ -29,7 +29,6 @@ rows, so it needs no byte offsets (``offset`` is always 0).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import io
@@ -46,7 +45,14 @@ from broker.errors import JobFileError, describe
 from broker.jobs.ledger import DoneRow, SinkState, crash_point
 from broker.jsontext import dumps, loads
 from broker.logs import get_logger
-from broker.sqlitewal import disk_error, enable_wal, file_identity, held_error, still_at
+from broker.sqlitewal import (
+    checkpoint,
+    disk_error,
+    enable_wal,
+    file_identity,
+    held_error,
+    still_at,
+)
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger
@@ -923,6 +929,10 @@ class SqliteSink:
         Out of WAL mode, the file alone is the database: a reader who may not write its
         folder (another user, a read-only volume) can open it, which in WAL mode needs a
         ``-shm`` file beside it. The next open of the job goes back to WAL.
+
+        Raises:
+            OSError: the disk is full or failing, so the rows in the ``-wal`` could not be
+                copied into the file (it is whole only with its ``-wal`` then, and closed).
         """
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -930,13 +940,29 @@ class SqliteSink:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 if self._failed is None:
-                    # A reader holding the file keeps it in WAL mode: harmless, not waited for.
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("PRAGMA busy_timeout = 100")
-                        conn.execute("PRAGMA journal_mode = DELETE")
+                    self._leave_wal(conn)
             finally:
                 # Closed even when the rollback fails (a failing disk): never leaked.
                 conn.close()
+
+    def _leave_wal(self, conn: sqlite3.Connection) -> None:
+        """Copy the log into the file and leave WAL mode; a full or failing disk that keeps
+        rows in the log raises (it was swallowed: the run exited 0 with them there)."""
+        conn.execute("PRAGMA busy_timeout = 100")
+        try:
+            checkpoint(conn, self.path)
+            conn.execute("PRAGMA journal_mode = DELETE")
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                self._failed = exc
+                raise
+        except sqlite3.Error as exc:
+            failure = disk_error(self.path, exc)
+            if failure is not None:
+                self._failed = failure
+                raise failure from exc
+        # Else a reader holds the file, which keeps it in WAL mode: harmless (it is whole
+        # with its log, where it is), not waited for.
 
     def _still_in_place(self, conn: sqlite3.Connection) -> None:
         """Raise, and fail the sink, if the file is no longer at its path."""
