@@ -823,6 +823,52 @@ class TestFailures:
         assert "mid_commit" in CRASH_POINTS
 
 
+class TestHeldByAnotherProgram:
+    """A ledger another program holds in a transaction (a sqlite3 shell's BEGIN EXCLUSIVE)."""
+
+    def test_at_the_start_it_is_an_os_error_saying_to_close_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Opening it is an OSError (exit 74) saying another program holds it: it was "cannot
+        be read as a job ledger", with advice to move a healthy ledger away (65)."""
+        open_ledger(tmp_path).close()
+        connect = sqlite3.connect
+        monkeypatch.setattr(
+            sqlite3, "connect", lambda *a, **k: connect(*a, **{**k, "timeout": 0.05})
+        )
+        with sqlite_db(tmp_path / "job.ledger", isolation_level=None) as holder:
+            holder.execute("BEGIN EXCLUSIVE")
+            try:
+                with pytest.raises(OSError, match="held by another program") as caught:
+                    open_ledger(tmp_path)
+            finally:
+                holder.execute("ROLLBACK")
+        assert caught.value.errno == errno.EBUSY
+        assert not isinstance(caught.value, JobFileError)
+        assert str(tmp_path / "job.ledger") in str(caught.value)
+        open_ledger(tmp_path).close()  # untouched, and whole
+
+    def test_mid_run_it_is_an_os_error_not_an_internal_one(self, tmp_path: Path) -> None:
+        """A statement meeting it mid-run is an OSError (exit 74) saying another program
+        holds it: it was a bare sqlite3 "database is locked", an internal error (exit 1)."""
+        ledger = open_ledger(tmp_path)
+        try:
+            ledger.ingest(job_rows(*(asin(i) for i in range(20))))
+            results = [(lk, result(lk)) for lk in ledger.pending_lookups()]
+            ledger._conn.execute("PRAGMA busy_timeout = 50")
+            with sqlite_db(tmp_path / "job.ledger", isolation_level=None) as holder:
+                holder.execute("BEGIN EXCLUSIVE")
+                try:
+                    with pytest.raises(OSError, match="held by another program") as caught:
+                        ledger.record_results(results)
+                finally:
+                    holder.execute("ROLLBACK")
+            assert caught.value.errno == errno.EBUSY
+            assert ledger.record_results(results) == 20  # let go: the run goes on
+        finally:
+            ledger.close()
+
+
 _HOLDER = """
 import sys
 from pathlib import Path

@@ -692,6 +692,31 @@ class TestResume:
         assert partial <= status["resumed_rows"] < 25
         assert os.listdir(spool / "processing") == []
 
+    async def test_a_job_whose_ledger_another_program_holds_stays_in_processing(
+        self, start: Start, spool: Path
+    ) -> None:
+        """A job resumed while another program holds its ledger in a transaction (a sqlite3
+        shell's BEGIN EXCLUSIVE) stops the daemon with the held-file error (exit 74), the
+        job and its ledger kept in processing/; the next start finishes it. It was filed
+        under failed/ (65, "cannot be read as a job ledger"), its ledger and rows deleted."""
+        slow = await _stopped_mid_job(start, spool)
+        ledger = spool / "processing" / "slow.txt.out.jsonl.ledger"
+        holder = sqlite3.connect(ledger, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            running = await start(slow)
+            with pytest.raises(OSError, match="held by another program") as caught:
+                await asyncio.wait_for(running.task, 30)
+        finally:
+            holder.close()
+        assert caught.value.errno == errno.EBUSY
+        assert (spool / "processing" / "slow.txt").exists()
+        assert ledger.exists()
+        assert not any((spool / "failed").iterdir())
+        await start(slow)
+        status = await _filed(spool, "slow.txt")
+        assert status["rows"]["total"] == 25
+
     async def test_a_job_file_changed_while_the_daemon_was_down_gets_the_spools_advice(
         self, start: Start, spool: Path
     ) -> None:

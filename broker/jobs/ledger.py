@@ -58,7 +58,14 @@ from broker.errors import JobFileError
 from broker.jobs.sources import INVALID_ASIN
 from broker.jsontext import dumps, loads
 from broker.logs import get_logger
-from broker.sqlitewal import checkpoint, disk_error, file_identity, immediate, still_at
+from broker.sqlitewal import (
+    checkpoint,
+    disk_error,
+    file_identity,
+    held_error,
+    immediate,
+    still_at,
+)
 
 if TYPE_CHECKING:
     from broker.jobs.sources import JobFingerprint, JobRow
@@ -1322,8 +1329,11 @@ class _Guard:
 
 def _file_failure(path: Path, exc: sqlite3.Error) -> Exception | None:
     """What a SQLite error says about the ledger file itself: full, failing or read-only
-    (:func:`~broker.sqlitewal.disk_error`), or damaged; None for any other."""
-    failure = disk_error(path, exc)
+    (:func:`~broker.sqlitewal.disk_error`), held by another program in a transaction (a
+    sqlite3 shell: :func:`~broker.sqlitewal.held_error`, exit 74, as for a SQLite output;
+    it was an internal error mid-run, and "cannot be read as a job ledger, move the file
+    away" at the start), or damaged; None for any other."""
+    failure = disk_error(path, exc) or held_error(path, exc)
     if failure is not None:
         return failure
     if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (
