@@ -1028,6 +1028,20 @@ class TestEngineCrash:
             "key-state store (redis) unavailable: redis://127.0.0.1:1/0: ConnectionError"
         )
 
+    async def test_an_engine_stopped_by_a_full_disk_is_one_line(self, harness: Harness) -> None:
+        """A full disk under the key state (an OSError: the machine's trouble, no bug) is
+        logged as broker.engine_stopped without a traceback; it was broker.task_crashed,
+        which the README calls a bug to report."""
+        sim = await harness.simulator(FREE)
+        with capture_logs() as logs:
+            broker = await harness.broker(make_config(sim.url), budget_store=_FullDisk())
+            with pytest.raises(OSError, match="No space left"):
+                await asyncio.wait_for(broker.get_items(asins(30)), timeout=10)
+        assert [e for e in logs if e["event"] == "broker.task_crashed"] == []
+        (stopped,) = [e for e in logs if e["event"] == "broker.engine_stopped"]
+        assert "exc_info" not in stopped
+        assert "No space left on device" in stopped["reason"]
+
     async def test_caller_waiting_for_room_gets_the_crash(self, harness: Harness) -> None:
         """A caller blocked on a full queue when the engine dies raises the crash too."""
         sim = await harness.simulator(FREE)

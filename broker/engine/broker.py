@@ -487,10 +487,12 @@ class Broker:
         # from a failing budget store stays an OSError).
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
-        if isinstance(exc, StateUnavailableError | ConfigError):
+        if isinstance(exc, StateUnavailableError | ConfigError | OSError):
             # A key-state store the config cannot use (Redis refusing the password: exit
             # 78), not a bug; an outage past its budget takes the keys out instead, but one
-            # reaching here stops the engine as documented (exit 69).
+            # reaching here stops the engine as documented (exit 69). An OSError is the
+            # machine's (a full disk or a read-only file under the key state: exit 74),
+            # and its message names the file.
             logger.error("broker.engine_stopped", reason=str(exc))
         else:
             # A bug: its report needs where it happened (masked as the rest of the log).
