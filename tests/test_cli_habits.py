@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import fcntl
 import gzip
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -1462,6 +1464,28 @@ class TestRunPaths:
         err = capsys.readouterr().err
         assert code == ExitCode.NO_INPUT, err
         assert "cannot read the job from stdin: Bad file descriptor" in err
+
+    def test_a_full_disk_under_the_stdin_copy_names_the_copy(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A full disk while stdin is saved says which file it could not write (exit 74),
+        and leaves no partial copy: it said "cannot write: No space left on device"."""
+        from broker.jobs import paths
+
+        def full(target: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(paths, "_copy_stdin", full)
+        code = _stdin_run(
+            tmp_path, monkeypatch, b"B0C1234567\n", "--out", str(tmp_path / "a.jsonl")
+        )
+        err = capsys.readouterr().err
+        assert code == ExitCode.IO_ERROR, err
+        assert re.search(r"cannot write: .*/\.a\.jsonl\.stdin\.txt\.\w+: No space left", err), err
+        assert not list(tmp_path.glob(".a.jsonl.stdin.txt.*"))
 
     @pytest.mark.parametrize("out", ["-", "a.jsonl"])
     def test_a_bad_line_on_stdin_is_named_as_stdin(

@@ -2379,6 +2379,24 @@ class TestServeConfig:
             assert len(dotted.encode()) <= 200
 
 
+def test_a_reservation_a_full_disk_cuts_short_is_named_and_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while a filing reserves its name raises an error naming the
+    reservation, and leaves none behind to hold the name (it named no file)."""
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(serve.os, "write", full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        serve._reserve(tmp_path, "daily.txt", 1234)
+    assert raised.value.filename is not None
+    assert Path(raised.value.filename).parent == tmp_path
+    assert "daily.txt" in raised.value.filename
+    assert list(tmp_path.iterdir()) == []
+
+
 class TestNoWait:
     async def test_job_deferred_on_spent_quota_stays_claimed_and_the_daemon_goes_on(
         self, start: Start, spool: Path

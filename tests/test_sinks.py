@@ -1144,6 +1144,23 @@ class TestInvalidReport:
         ]
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
 
+    def test_a_full_disk_names_the_report_and_leaves_no_part(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A full disk while the report is written raises an error naming it and leaves no
+        ``.tmp`` beside the output (it named no file, and the part stayed)."""
+        report = InvalidReport(tmp_path / "out.jsonl.invalid.jsonl")
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with make_ledger(tmp_path) as ledger:
+            monkeypatch.setattr(sinks.os, "fsync", full)
+            with pytest.raises(OSError, match="No space left") as raised:
+                report.write(ledger)
+        assert raised.value.filename == str(report.path) + ".tmp"
+        assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
     def test_no_invalid_rows_no_report(self, tmp_path: Path) -> None:
         """Without invalid rows there is no report, and a stale one is removed."""
         report = InvalidReport(tmp_path / "out.invalid.jsonl")

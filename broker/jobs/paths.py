@@ -217,8 +217,17 @@ class RunPaths:
                 # Held while the copy is under its temporary name: a later run removes only
                 # copies nobody holds, those of runs killed while they read stdin.
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                _copy_stdin(handle)
-                handle.flush()
+                try:
+                    _copy_stdin(handle)
+                    handle.flush()
+                except StdinUnreadable:
+                    raise
+                except OSError as exc:
+                    # A full disk under the copy names no file by itself: name the copy,
+                    # so the message says which disk to free.
+                    if exc.filename is not None:
+                        raise
+                    raise OSError(exc.errno, exc.strerror, temporary) from exc
                 same = self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False)
                 if same and not refresh:
                     Path(temporary).unlink()

@@ -1033,9 +1033,15 @@ def _reserve(directory: Path, name: str, identity: int) -> bool:
     except FileExistsError:
         return _reserved_for(path) == identity
     try:
-        os.write(fd, str(identity).encode())
-    finally:
-        os.close(fd)
+        try:
+            os.write(fd, str(identity).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # An empty reservation would hold the name from every filing until it is swept;
+        # and a full disk names no file by itself.
+        path.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     return True
 
 

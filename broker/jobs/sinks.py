@@ -1047,14 +1047,25 @@ class InvalidReport:
         count = 0
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as stream:
-                for row in ledger.invalid_rows():
-                    entry = {"line": row.line, "input": row.raw, "reason": _reason(row)}
-                    stream.write(_utf8(_json_line(entry)))
-                    count += 1
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as stream:
+                    for row in ledger.invalid_rows():
+                        entry = {"line": row.line, "input": row.raw, "reason": _reason(row)}
+                        stream.write(_utf8(_json_line(entry)))
+                        count += 1
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # A full disk: no half report left beside the output, and the error names the
+            # file (a buffered write's names none).
+            temporary.unlink(missing_ok=True)
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(temporary)) from exc
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         if count:
             os.replace(temporary, self.path)
         else:
