@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from broker.engine.adaptive import CircuitState, ThrottleVerdict
 from broker.engine.transport import AiohttpTransport, MockTransport
 from broker.errors import (
     BrokerClosedError,
+    ConfigError,
     EndpointUnreachable,
     NoUsableKeyError,
     WrongEventLoopError,
@@ -1042,6 +1044,61 @@ class TestOutages:
             assert [answer.status for answer in answers] == [200, 200, 200]
         finally:
             await runner.cleanup()
+
+    async def test_a_process_out_of_open_files_makes_no_connection_and_no_outage(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A socket the process's open-file limit refuses is that OSError (EMFILE), not an
+        unreachable endpoint: it was waited out as an outage (15 minutes, then exit 69)."""
+
+        async def no_files(*args: object, **kwargs: object) -> object:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(loop, "sock_connect", no_files)
+        async with AiohttpTransport() as transport:
+            request = HttpRequest("POST", "http://127.0.0.1:9/", {}, b"{}")
+            with pytest.raises(OSError, match="Too many open files") as caught:
+                await transport.send(request)
+        assert caught.value.errno == errno.EMFILE
+        assert not isinstance(caught.value, EndpointUnreachable)
+        assert "http://127.0.0.1:9/" in str(caught.value)
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            OSError(errno.EMFILE, "Too many open files"),
+            ConfigError("https_proxy", "'socks5://x' is a socks5:// proxy"),
+        ],
+        ids=["out-of-files", "bad-proxy"],
+    )
+    async def test_an_error_no_retry_mends_stops_the_engine_not_the_rows(
+        self, error: Exception
+    ) -> None:
+        """Out of open files, or a proxy variable no proxy URL: the engine stops with that
+        error for every caller (one line, broker.engine_stopped), instead of failing batch
+        after batch as a crash (every row of a job failed, exit 3)."""
+        clock = FakeClock()
+        sent: list[HttpRequest] = []
+
+        async def handler(request: HttpRequest) -> RawResponse:
+            sent.append(request)
+            raise error
+
+        with structlog.testing.capture_logs() as logs:
+            async with Broker(_paapi(), clock=clock, transport=MockTransport(handler)) as broker:  # type: ignore[arg-type]
+                task = asyncio.get_running_loop().create_task(
+                    broker.get_items([f"B00000000{n}" for n in range(1, 4)])
+                )
+                await clock.run_until(task, limit=60)
+                with pytest.raises(type(error)):
+                    task.result()
+                assert broker.engine_error is error
+        assert len(sent) == 1
+        events = [e["event"] for e in logs]
+        assert "broker.engine_stopped" in events
+        assert "broker.attempt_crashed" not in events
+        assert "broker.task_crashed" not in events
 
     async def test_outage_time_does_not_age_a_lookup(self) -> None:
         """After a 700 s outage a lookup keeps retrying, not failed as too old (K6)."""

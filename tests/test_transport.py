@@ -12,7 +12,12 @@ import pytest
 from aiohttp import web
 
 from broker.api.base import HttpRequest, RawResponse
-from broker.engine.transport import AiohttpTransport, MockTransport, proxies_from_environment
+from broker.engine.transport import (
+    AiohttpTransport,
+    MockTransport,
+    proxies_from_environment,
+    proxy_url,
+)
 from broker.errors import (
     BodyTooLarge,
     ConfigError,
@@ -157,32 +162,61 @@ class TestProxies:
             "user:hunter2@proxy.corp:port",
         ],
     )
-    async def test_a_proxy_that_cannot_be_used_is_refused_at_open(
+    async def test_a_proxy_that_cannot_be_used_is_refused_at_its_first_send(
         self, monkeypatch: pytest.MonkeyPatch, value: str
     ) -> None:
-        """A proxy variable that is no http(s) proxy URL is a ConfigError naming it, before
-        any request, its password masked (socks5:// got an HTTP CONNECT; the rest failed
-        every request with InvalidURL, retried as an outage)."""
+        """A proxy variable that is no http(s) proxy URL is a ConfigError naming it at the
+        first send that would take it, before anything is sent, its password masked
+        (socks5:// got an HTTP CONNECT; the rest failed every request with InvalidURL,
+        retried as an outage)."""
+        for name in ("HTTPS_PROXY", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("https_proxy", value)
-        with pytest.raises(ConfigError) as caught:
-            async with AiohttpTransport():
-                pass
-        assert caught.value.path == "https_proxy"
+        async with AiohttpTransport() as transport:
+            with pytest.raises(ConfigError) as caught:
+                await transport.send(HttpRequest("POST", "https://example.com/x", {}, b"{}"))
+        assert caught.value.path == "https_proxy (environment)"
         assert "hunter2" not in str(caught.value)
 
+    @pytest.mark.parametrize(
+        "environ",
+        [
+            {"https_proxy": "socks5://u:hunter2@127.0.0.1:1080"},  # loopback: never proxied
+            {"http_proxy": "socks5://127.0.0.1:1080", "ALL_PROXY": "socks5://127.0.0.1:1"},
+            {"https_proxy": "socks5://127.0.0.1:1080", "no_proxy": "*"},
+        ],
+        ids=["loopback", "other-schemes", "no-proxy"],
+    )
+    async def test_a_proxy_no_request_takes_is_not_refused(
+        self, server: str, monkeypatch: pytest.MonkeyPatch, environ: dict[str, str]
+    ) -> None:
+        """An unusable proxy that no request of the broker takes (its host is loopback or
+        in NO_PROXY, or it is for another scheme) is none of the broker's business: it was
+        refused at open, and `broker bench` in a shell with a socks5 proxy exited 2."""
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        async with AiohttpTransport() as transport:
+            response = await transport.send(_request(server + "/ok"))
+        assert response.body == b"echo:hello"
+
     def test_the_environment_is_read_as_urllib_reads_it(self) -> None:
-        """A lowercase variable wins over its capitalised twin, an empty or blank one is no
-        proxy, and NO_PROXY is kept for the bypass check."""
+        """A lowercase variable wins over its capitalised twin, an empty one unsets it, and
+        NO_PROXY is kept for the bypass check; a value is read as curl reads it."""
         environ = {
             "HTTPS_PROXY": "http://upper:1",
             "https_proxy": " lower:3128 ",
-            "http_proxy": "  ",
+            "HTTP_PROXY": "http://upper:2",
+            "http_proxy": "",
             "NO_PROXY": "internal.example",
         }
         assert proxies_from_environment(environ) == {
-            "https": "http://lower:3128",
-            "no": "internal.example",
+            "https": ("https_proxy", " lower:3128 "),
+            "no": ("NO_PROXY", "internal.example"),
         }
+        assert proxy_url("https_proxy", " lower:3128 ") == "http://lower:3128"
+        assert proxy_url("https_proxy", "   ") is None
 
 
 class TestSend:

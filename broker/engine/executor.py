@@ -20,10 +20,12 @@ from broker.api.errors_map import request_id
 from broker.api.oauth import bearer_token
 from broker.engine.batcher import Batch, BatchPlace, Lookup
 from broker.engine.keys import OUTAGE_CODE, OUTAGE_RETRY_S, CredentialsVerdict
+from broker.engine.transport import OUT_OF_FILES
 from broker.errors import (
     ApiError,
     AuthError,
     BrokerError,
+    ConfigError,
     EndpointUnreachable,
     NetworkRefused,
     NoUsableKeyError,
@@ -94,11 +96,18 @@ class Executor:
         """Carry out one attempt of ``batch`` on ``key`` and route its outcome.
 
         An unexpected exception (a bug) fails the batch instead of leaving its callers
-        waiting forever; cancellation passes through.
+        waiting forever; cancellation passes through. So do a process out of open files
+        and a proxy variable no proxy URL (a ConfigError at the first send through it): they
+        stop the engine (every caller gets the error; a job's rows stay pending), as no
+        retry mends them and failing batch after batch would fail every row.
         """
         try:
             await self._attempt(key, batch, sent_at, demand_limited)
         except Exception as exc:
+            if isinstance(exc, ConfigError) or (
+                isinstance(exc, OSError) and exc.errno in OUT_OF_FILES
+            ):
+                raise
             logger.exception(
                 "broker.attempt_crashed",
                 key=key.name,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import os
 import time
 import urllib.request
@@ -35,42 +36,30 @@ from broker.errors import (
 )
 from broker.logs import scrub
 
-__all__ = ["AiohttpTransport", "MockTransport", "Transport", "proxies_from_environment"]
+__all__ = [
+    "OUT_OF_FILES",
+    "AiohttpTransport",
+    "MockTransport",
+    "Transport",
+    "proxies_from_environment",
+    "proxy_url",
+]
 
 #: What to do about an answer over the read cap: Amazon sends the same answer again, so a
 #: retry does not mend it (a search of 100 items with every resource is about 400 KB).
 _CAP_HINT = " (engine.max_body_bytes: ask for fewer items or resources, or raise the cap)"
 
 
+#: The errors of a process (or machine) out of open files: a socket cannot be made either.
+OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})
+
 #: The proxy schemes aiohttp speaks; to any other (socks5://) it would send an HTTP CONNECT.
 _PROXY_SCHEMES = ("http", "https")
 
 
-def proxies_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The proxies ``environ`` names, by URL scheme, as ``urllib`` reads them, and checked.
-
-    ``https_proxy`` and the like are read as curl and requests read them: a value without a
-    scheme (``proxy.corp:3128``, common) is ``http://``, blanks around it are dropped, and
-    an empty one is no proxy. Every proxy a request could take is checked here, once: one
-    that aiohttp would refuse on every send was retried as an outage of the network for the
-    whole outage budget. ``no`` (NO_PROXY) and proxies for other schemes are kept as given.
-
-    Raises:
-        ConfigError: the http or https proxy is no proxy URL, or one of a scheme aiohttp
-            cannot speak (socks5://); the error names the variable.
-    """
-    proxies: dict[str, str] = {}
-    for scheme, (variable, value) in _environment_proxies(environ).items():
-        if scheme not in _PROXY_SCHEMES:
-            proxies[scheme] = value
-        elif proxy := _proxy_url(variable, value):
-            proxies[scheme] = proxy
-    return proxies
-
-
-def _environment_proxies(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+def proxies_from_environment(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     """``urllib.request.getproxies_environment`` over ``environ``, keeping the variable that
-    named each proxy: scheme -> (variable, value).
+    named each proxy: scheme -> (variable, value as given); ``no`` is NO_PROXY.
 
     As there, a lowercase variable wins over its capitalised twin (an empty one unsets it),
     and HTTP_PROXY is ignored under CGI, where a client's ``Proxy:`` header sets it
@@ -92,8 +81,17 @@ def _environment_proxies(environ: Mapping[str, str]) -> dict[str, tuple[str, str
     return found
 
 
-def _proxy_url(variable: str, value: str) -> str | None:
-    """The proxy URL ``variable`` gives (None: only blanks), or a ConfigError naming it."""
+def proxy_url(variable: str, value: str) -> str | None:
+    """The proxy URL ``variable`` gives, read as curl and requests read it (None: only blanks).
+
+    A value without a scheme (``proxy.corp:3128``, common) is ``http://``, and blanks around
+    it are dropped: such a value failed every request with InvalidURL, retried as an outage
+    of the network for the whole outage budget.
+
+    Raises:
+        ConfigError: it is no proxy URL, or one of a scheme aiohttp cannot speak (to a
+            socks5:// proxy it would send an HTTP CONNECT); the error names ``variable``.
+    """
     text = value.strip()
     if not text:
         return None
@@ -104,7 +102,7 @@ def _proxy_url(variable: str, value: str) -> str | None:
     scheme = text.partition("://")[0].lower()
     if scheme not in _PROXY_SCHEMES:
         raise ConfigError(
-            variable,
+            f"{variable} (environment)",
             f"{shown!r} is a {scheme}:// proxy, which the broker cannot use: give an HTTP "
             "proxy (http://host:port), or unset it",
         )
@@ -115,7 +113,7 @@ def _proxy_url(variable: str, value: str) -> str | None:
         parts = None
     if parts is None or not parts.hostname or any(c.isspace() for c in text):
         raise ConfigError(
-            variable,
+            f"{variable} (environment)",
             f"{shown!r} is not a proxy URL: give http://host:port (user:password@ before "
             "the host if the proxy asks for them), or unset it",
         )
@@ -155,6 +153,10 @@ def _mapped_errors(request: HttpRequest) -> Iterator[None]:
         yield
     except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
         _forget_frames(exc)
+        if isinstance(exc, aiohttp.ClientConnectorError) and exc.errno in OUT_OF_FILES:
+            # This process's (or the machine's) open-file limit, not the endpoint: no outage
+            # to wait out, and no retry mends it. Raised as the OSError it is.
+            raise OSError(exc.errno, f"{exc.strerror} (opening a connection for {where})") from None
         error, cause = _translated(where, exc)
         raise error from cause
 
@@ -228,6 +230,7 @@ class AiohttpTransport:
         "_max_connections",
         "_proxies",
         "_proxy_cache",
+        "_proxy_names",
         "_session",
         "_slots",
         "_state",
@@ -248,6 +251,7 @@ class AiohttpTransport:
         self._trust_env = trust_env
         self._proxies: dict[str, str] = {}
         self._proxy_cache: dict[tuple[str, str], str | None] = {}
+        self._proxy_names: dict[str, str] = {}
         self._connect_timeout_s = connect_timeout_s
         self._max_body_bytes = max_body_bytes
         self._max_connections = max_connections
@@ -263,10 +267,11 @@ class AiohttpTransport:
         # HTTPS_PROXY / HTTP_PROXY / NO_PROXY apply, as users expect (not for the embedded
         # simulator on loopback, which no proxy should see). Read once here and resolved
         # once per host, not through aiohttp's trust_env, which looks them up (and .netrc)
-        # in a thread for every request: most of a request's CPU when measured. First, so a
-        # proxy refused leaves nothing open.
+        # in a thread for every request: most of a request's CPU when measured.
         if self._trust_env:
-            self._proxies = proxies_from_environment(os.environ)
+            named = proxies_from_environment(os.environ)
+            self._proxies = {scheme: value for scheme, (_, value) in named.items()}
+            self._proxy_names = {scheme: variable for scheme, (variable, _) in named.items()}
         # The same limit as the slots (a backstop: a send holding a slot always finds a
         # connection free here).
         connector = aiohttp.TCPConnector(
@@ -347,6 +352,11 @@ class AiohttpTransport:
         # one, and through a proxy its secret and tokens would cross the network in clear.
         if proxy and (is_loopback_host(key[1]) or bypass(key[1], self._proxies)):
             proxy = None
+        if proxy:
+            # Checked only here, for a proxy a request takes: a socks5:// one in a shell that
+            # runs the broker against the embedded simulator (or a host NO_PROXY names) is
+            # none of the broker's business.
+            proxy = proxy_url(self._proxy_names[parts.scheme], proxy)
         self._proxy_cache[key] = proxy
         return proxy
 
