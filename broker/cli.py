@@ -715,7 +715,8 @@ def _no_home(given: str, expanded: str) -> str | None:
     folder named ``~nosuchuser`` was made in the working directory. The config's path
     settings refuse the same.
     """
-    if not given.startswith("~"):
+    if not given.startswith("~") or ("/" not in given and given != "~"):
+        # ``~tmp.jsonl`` alone names a file here, not a folder of a user's.
         return None
     user = given.split("/", 1)[0]
     if user == "~" and (expanded.startswith("~") or os.environ.get("HOME") == ""):

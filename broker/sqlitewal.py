@@ -100,7 +100,7 @@ def _home(env: Mapping[str, str]) -> Path:
             "",
             "no home directory found (HOME is unset, empty or relative, and the user has no "
             "entry in /etc/passwd) to keep the key state and item cache in: set "
-            "XDG_STATE_HOME, or [state] path and [cache] path",
+            "XDG_STATE_HOME (to an absolute path), or [state] path and [cache] path",
         )
     return Path(home)
 

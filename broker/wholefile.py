@@ -108,7 +108,12 @@ def give_attributes(path: Path, held: os.stat_result | None) -> None:
     """
     if held is None:
         return
-    if os.stat(path).st_gid != held.st_gid:
+    now = os.stat(path)
+    if now.st_gid != held.st_gid:
         with contextlib.suppress(PermissionError):
             os.chown(path, -1, held.st_gid)
-    os.chmod(path, stat.S_IMODE(held.st_mode))
+            now = os.stat(path)
+    # Not when it is right already (and the group kept the set-group-ID bit): a file
+    # system that refuses chmod (vfat, CIFS) made every rewrite fail.
+    if stat.S_IMODE(now.st_mode) != stat.S_IMODE(held.st_mode):
+        os.chmod(path, stat.S_IMODE(held.st_mode))

@@ -471,6 +471,17 @@ class TestConfigLookup:
         assert f"--out: {why}" in err
         assert not [p for p in tmp_path.iterdir() if p.name.startswith("~")]
 
+    def test_an_output_named_with_a_leading_tilde_is_a_file_here(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``--out ~tmp.jsonl`` (no slash: no user's folder) is that file in the working
+        directory, as it always was: it was refused as "names no user"."""
+        monkeypatch.chdir(tmp_path)
+        job = _job(tmp_path)
+        argv = ["run", str(job), "--config", str(_config(tmp_path)), "--out", "~tmp.jsonl"]
+        assert cli.main([*argv, "--progress", "none"]) == ExitCode.OK
+        assert len(_jsonl((tmp_path / "~tmp.jsonl").read_text())) == 5
+
     @pytest.mark.parametrize(
         "argv",
         [["status"], ["lookup", "B0C1234567"], ["check-config"], ["init"], ["cache", "stats"]],
@@ -1699,6 +1710,30 @@ class TestReruns:
         assert stat.S_IMODE(out.stat().st_mode) == 0o600
         if group is not None:
             assert out.stat().st_gid == group
+
+    @pytest.mark.parametrize("fmt", ["jsonl", "sqlite"])
+    def test_a_refresh_under_way_has_the_outputs_mode_from_its_first_byte(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+    ) -> None:
+        """The new output of a --refresh stopped before it completes (a full disk here) has
+        the old output's mode: it was 0644 (new rows readable by all) until the refresh was
+        put in place."""
+        from broker.jobs import runner
+
+        _job(tmp_path)
+        out = tmp_path / f"out.{fmt}"
+        assert self._run(tmp_path, "--out", str(out), "--format", fmt) == ExitCode.OK
+        out.chmod(0o600)
+
+        async def stopped(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(runner, "_fetch", stopped)
+            code = self._run(tmp_path, "--out", str(out), "--format", fmt, "--refresh")
+        assert code == ExitCode.IO_ERROR
+        side = out.with_name(out.name + ".refresh")
+        assert stat.S_IMODE(side.stat().st_mode) == 0o600
 
     def test_refresh_runs_the_job_file_as_it_is_now(self, tmp_path: Path) -> None:
         """--refresh of a list regenerated since (a daily cron) fetches the new list."""

@@ -1125,6 +1125,26 @@ class TestSqliteSink:
         assert out.read_text() == "my notes\n"
 
 
+def test_a_sqlite_output_made_like_another_has_its_mode_in_its_wal_too(tmp_path: Path) -> None:
+    """create_like gives a new SQLite output the mode of the one it replaces before SQLite
+    makes its -wal, which takes the file's mode when made (a chmod after left it 0644)."""
+    old = tmp_path / "old.sqlite"
+    old.write_bytes(b"")
+    old.chmod(0o600)
+    new = tmp_path / "new.sqlite"
+    sinks.create_like(new, os.stat(old))
+    sink = SqliteSink(new)
+    try:
+        with make_ledger(tmp_path) as ledger:
+            emit(ledger, sink)
+        wal = tmp_path / "new.sqlite-wal"
+        assert wal.exists()
+        assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+        assert stat.S_IMODE(new.stat().st_mode) == 0o600
+    finally:
+        sink.close()
+
+
 class TestInvalidReport:
     def test_lists_invalid_rows_and_rewrites(self, tmp_path: Path) -> None:
         """The report lists each invalid row's line, input and reason; rewriting is idempotent."""

@@ -141,9 +141,10 @@ class UsageError(ValueError):
 
 
 class StdinUnreadable(OSError):
-    """``broker run -`` cannot read its job from stdin (closed, or open for writing only:
+    """``broker run -`` cannot read its job from stdin (open for writing only:
     ``0>/dev/null``, nohup on a terminal), which is unreadable input (exit 66). A failed
-    read of stdin names no file, and was told as an output that could not be written."""
+    read of stdin names no file, and was told as an output that could not be written. (A
+    closed stdin is ``/dev/null`` by then: the CLI opens it so at start.)"""
 
 
 def _copy_stdin(target: BinaryIO) -> None:
@@ -152,7 +153,7 @@ def _copy_stdin(target: BinaryIO) -> None:
     Raises:
         StdinUnreadable: stdin is closed or cannot be read.
     """
-    if sys.stdin is None:  # closed when the process started (0<&-)
+    if sys.stdin is None:  # a caller that did not open the standard streams first
         raise StdinUnreadable(errno.EBADF, "stdin is closed")
     source = sys.stdin.buffer
     while True:

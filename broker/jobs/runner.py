@@ -71,7 +71,7 @@ from broker.jobs.paths import (
     stdin_copies,
 )
 from broker.jobs.signals import StopSignals, installed, sigint_echo_window
-from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, open_sink
+from broker.jobs.sinks import SINK_FORMATS, InvalidReport, ResultSink, create_like, open_sink
 from broker.jobs.sources import (
     JobFingerprint,
     JobRow,
@@ -85,7 +85,7 @@ from broker.models import ItemResult, Protocol, Query
 from broker.sqlitewal import journal_files, rollback_journal, self_contained
 from broker.stdio import as_shown
 from broker.termwidth import fit
-from broker.wholefile import give_attributes, held_attributes, keep_attributes
+from broker.wholefile import held_attributes, keep_attributes
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -166,6 +166,9 @@ class JobOptions:
     #: Read nothing from the item cache, write every answer to it (``refresh`` sets it for
     #: its run: fetched again means from Amazon, and later lookups get the new answers).
     cache_refresh: bool = False
+    #: The output whose mode and group a new output takes (a refresh's: the output it is
+    #: to replace); None: ``out`` itself, when another format's output is replaced.
+    attributes_from: Path | None = None
 
 
 @dataclass(slots=True)
@@ -245,7 +248,9 @@ async def run_job(
     with JobLock(ledger_path(options.out)):
         if not options.new_job:
             check_not_other_jobs(ledger_path(options.out), job_print, own=stdin_copies(options.out))
-        side_options = dataclasses.replace(options, out=side, refresh=False, cache_refresh=True)
+        side_options = dataclasses.replace(
+            options, out=side, refresh=False, cache_refresh=True, attributes_from=options.out
+        )
         try:
             summary = await _run_once(config, side_options, broker, job_print)
         except OtherJobsOutputError:
@@ -614,8 +619,10 @@ async def _output(
     """Write the rows done so far to output ``name``, then fetch the pending ones, writing
     each as it ends; return a CSV output's pass-through names (None for other formats)."""
     earlier = _forget_other_formats(ledger, name)
-    # The replaced output's mode and group go to the new file, as for a --refresh.
-    held = held_attributes(options.out) if earlier else None
+    # The replaced output's mode and group go to the new file (a refresh's, or the one
+    # another format's output replaces), from its first byte.
+    source = options.attributes_from or (options.out if earlier else None)
+    held = held_attributes(source) if source is not None else None
     if earlier and options.out.exists():
         # The job's own output in another format (its ledger says so): replaced, in every
         # format alike and said so; a SQLite sink refused it as "not a SQLite database,
@@ -643,6 +650,7 @@ async def _output(
     # In a thread: a scan of every row (seconds for a million with a few columns).
     columns = await _in_thread(ledger.extra_names) if options.format == "csv" else None
     sink = open_sink(options.format, options.out, extra=columns or ())
+    create_like(options.out, held)
     # The sink may cut itself back further than recorded (a hand-truncated file). In a
     # thread: a SQLite output counts its rows as it opens (seconds for a million).
     try:
@@ -652,7 +660,6 @@ async def _output(
         _close_after_error(sink)  # opened meanwhile: _in_thread waited for it
         raise
     ledger.set_sink_state(name, opened)
-    give_attributes(options.out, held)
     # No second emit on the way out: _fetch commits and emits what finished, and after
     # a failed write the sink refuses more; the rows stay in the ledger for the rerun.
     try:
@@ -767,6 +774,8 @@ def _export_ordered(
     sink = open_sink(options.format, temporary, extra=columns or ())
     state: SinkState | None = None
     try:
+        temporary.unlink(missing_ok=True)  # a killed export's: this one starts afresh
+        create_like(temporary, held_attributes(options.out))
         sink.open(SinkState())
         chunk: list[DoneRow] = []
         for count, row in enumerate(ledger.done_rows_in_file_order(), 1):
@@ -787,7 +796,6 @@ def _export_ordered(
             temporary.unlink(missing_ok=True)
     if state is None:
         return False
-    keep_attributes(temporary, options.out)
     os.replace(temporary, options.out)
     ledger.set_sink_state(name, state, ordered=True)
     return True

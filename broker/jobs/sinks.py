@@ -53,6 +53,7 @@ from broker.sqlitewal import (
     held_error,
     still_at,
 )
+from broker.wholefile import give_attributes
 
 if TYPE_CHECKING:
     from broker.jobs.ledger import Ledger
@@ -66,6 +67,7 @@ __all__ = [
     "JsonlSink",
     "ResultSink",
     "SqliteSink",
+    "create_like",
     "json_lines",
     "open_sink",
     "output_row",
@@ -306,6 +308,27 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def create_like(path: Path, held: os.stat_result | None) -> None:
+    """Create the output ``path``, empty, with the mode and group ``held`` describes (of the
+    output it is to replace), before any row is written to it; nothing when ``held`` is None
+    or the file exists.
+
+    A new output took the default mode until it replaced the old one: a ``chmod 600``
+    output's refresh sat world-readable while it ran (and a stopped one until resumed), and
+    a SQLite output's ``-wal`` took that mode for good (SQLite gives the journal its file's
+    mode when it creates it). Every sink opens an existing empty file as a new output.
+    """
+    if held is None:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+    give_attributes(path, held)
+    _fsync_dir(path.absolute().parent)
 
 
 class _FileSink:
