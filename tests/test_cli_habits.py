@@ -1735,6 +1735,22 @@ class TestReruns:
         side = out.with_name(out.name + ".refresh")
         assert stat.S_IMODE(side.stat().st_mode) == 0o600
 
+    def test_a_refresh_whose_files_still_have_a_wal_is_not_promoted(self, tmp_path: Path) -> None:
+        """A refresh's new output or ledger whose -wal still holds pages (a viewer kept them
+        there) is not put in place: moved without it, it would be damaged or short."""
+        from broker.jobs import runner
+
+        out = tmp_path / "out.jsonl"
+        side = out.with_name("out.jsonl.refresh")
+        side.write_text("{}\n")
+        side.with_name(side.name + "-wal").write_bytes(b"pages")
+        with pytest.raises(OSError, match="still in its -wal") as caught:
+            runner._promote(side, out)
+        assert caught.value.errno == errno.EBUSY
+        assert not side.with_name(side.name + ".promote").exists()
+        assert side.exists()
+        assert not out.exists()
+
     def test_refresh_runs_the_job_file_as_it_is_now(self, tmp_path: Path) -> None:
         """--refresh of a list regenerated since (a daily cron) fetches the new list."""
         job = _job(tmp_path)

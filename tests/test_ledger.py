@@ -41,6 +41,7 @@ from broker.jobs.ledger import (
 from broker.jobs.lock import JobLock, JobLockedError
 from broker.jobs.sources import JobFingerprint, JobRow, fingerprint
 from broker.models import ErrorDetail, ItemResult, ItemSummary, Status
+from broker.sqlitewal import self_contained
 
 US = "www.amazon.com"
 DE = "www.amazon.de"
@@ -787,6 +788,22 @@ class TestFailures:
         assert caught.value.filename == str(ledger.path)
         with pytest.raises(sqlite3.ProgrammingError):
             real.execute("SELECT 1")  # closed
+
+    def test_a_reader_at_close_is_no_error_and_a_second_close_nothing(self, tmp_path: Path) -> None:
+        """A reader on an older snapshot (a sqlite3 shell in BEGIN; SELECT) keeping pages in
+        the -wal at close is no error: the ledger is whole with its log, and a completed run
+        exited 74 (a daemon stopped). A second close does nothing."""
+        ledger = open_ledger(tmp_path)
+        with sqlite_db(ledger.path, isolation_level=None) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            ledger.ingest(job_rows(*(asin(i) for i in range(20))))
+            ledger.close()
+            ledger.close()
+            assert not self_contained(ledger.path)  # its pages wait in the -wal, whole with it
+            reader.execute("COMMIT")
+        with open_ledger(tmp_path) as again:
+            assert again.total_rows == 20
 
     def test_an_error_ending_the_block_is_not_masked_by_the_close(self, tmp_path: Path) -> None:
         """The error that ended a ``with`` block is the one raised, not a full disk's at close

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import aiohttp
 import pytest
 import structlog
-from conftest import ENV, key_doc
+from conftest import ENV, key_doc, sqlite_db
 
 from broker import cli
 from broker.cache import CacheStats
@@ -47,6 +47,7 @@ from broker.jobs.runner import ExitCode, JobSummary
 from broker.jobs.serve import Daemon, ServeOptions, Spool, SpoolJob, spool_name
 from broker.simulator.server import SimulatorServer
 from broker.simulator.settings import LatencyProfile, SimulatorSettings
+from broker.sqlitewal import journal_files
 from broker.testing import FakeClock
 
 if TYPE_CHECKING:
@@ -2008,6 +2009,27 @@ class TestDaemonSurvives:
             assert oct(folder.stat().st_mode & 0o7777) == oct(0o2770), folder
         # processing/ is the daemon's own: the umask's mode, no wider.
         assert spool.processing.stat().st_mode & 0o007 == 0
+
+    def test_a_sqlite_output_is_filed_with_the_rows_in_its_wal(self, tmp_path: Path) -> None:
+        """A SQLite output a viewer kept in WAL mode (its rows in the -wal) is filed with
+        its -wal and -shm: filed alone it read "no such table", its rows left behind in
+        processing/."""
+        spool = Spool(tmp_path / "spool")
+        spool.prepare()
+        (spool.processing / "j.txt").write_text("B0C1234567\n")
+        job = spool.job("j.txt", "sqlite")
+        with sqlite_db(job.out, isolation_level=None) as writer:
+            writer.execute("PRAGMA journal_mode = WAL")
+            writer.execute("PRAGMA wal_autocheckpoint = 0")
+            writer.execute("CREATE TABLE results (asin TEXT)")
+            writer.execute("INSERT INTO results VALUES ('B0C1234567')")
+            assert journal_files(job.out)[0].stat().st_size > 0
+            filed = spool.file(job, "done", {"job": "j.txt"})
+            out = filed.with_name("j.txt.out.sqlite")
+            with sqlite_db(out) as reader:  # the viewer still open, as it was
+                rows = reader.execute("SELECT asin FROM results").fetchall()
+        assert rows == [("B0C1234567",)]
+        assert sorted(p.name for p in spool.processing.iterdir()) == []
 
     def test_a_file_in_place_of_a_spool_folder_is_named_so(self, tmp_path: Path) -> None:
         """inbox/ replaced by a file while the daemon runs: the error says a file stands

@@ -431,6 +431,7 @@ class Ledger:
     """
 
     __slots__ = (
+        "_closed",
         "_conn",
         "_default_marketplace",
         "_identity",
@@ -444,6 +445,7 @@ class Ledger:
         self, conn: sqlite3.Connection, path: Path, default_marketplace: str, synchronous: str
     ) -> None:
         self._conn = conn
+        self._closed = False
         self._path = path
         self._default_marketplace = default_marketplace
         self._synchronous = synchronous
@@ -739,19 +741,30 @@ class Ledger:
         return self._path
 
     def close(self) -> None:
-        """Close the database, its write-ahead log copied into the file first.
+        """Close the database, its write-ahead log copied into the file first (a second
+        close does nothing).
 
         Committed state is already durable; the copy makes the file alone the ledger, as a
         completed ``--refresh`` is moved into place (without its ``-wal``). SQLite's own copy
-        at close fails silently (a full disk), which left such a ledger damaged.
+        at close fails silently (a full disk), which left such a ledger damaged. A reader
+        elsewhere (a sqlite3 shell, ``broker status``) that keeps pages in the log is no
+        error here, and not waited for: the ledger is whole with its log where it is, and a
+        refresh whose ledger is not so whole is refused where it would be moved.
 
         Raises:
-            OSError: the log could not be copied (a full or failing disk, a reader holding
-                it): the ledger is closed all the same, and whole with its ``-wal``.
+            OSError: a full or failing disk kept the log from being copied: the ledger is
+                closed all the same, and whole with its ``-wal``.
         """
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             try:
+                self._conn.execute("PRAGMA busy_timeout = 100")
                 checkpoint(self._conn, self._path)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
             finally:
                 self._conn.close()
 

@@ -383,6 +383,7 @@ class SpoolJob:
         return (
             self.filing_marker,
             self.out,
+            *journal_files(self.out),
             self.invalid_report,
             self.invalid_report.with_name(self.invalid_report.name + ".tmp"),
             ledger,
@@ -803,6 +804,10 @@ class Spool:
             _say_recreated([dest])
         base, again = self._filing_name(job, dest)
         record = dict(status)
+        # A SQLite output a viewer kept in WAL mode holds rows in its -wal: moved with it,
+        # first (a file filed without them read "no such table", its rows left behind).
+        for journal, suffix in zip(journal_files(job.out), ("-wal", "-shm"), strict=True):
+            _move(journal, dest, f"{base}.out.{job.format}{suffix}")
         record["output"] = _move(job.out, dest, f"{base}.out.{job.format}")
         record["invalid_report"] = _move(
             job.invalid_report, dest, f"{base}.out.{job.format}.invalid.jsonl"
