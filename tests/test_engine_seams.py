@@ -994,56 +994,49 @@ class TestLifecycle:
         assert "from that loop" not in done.stdout
 
 
+@contextlib.asynccontextmanager
+async def _slow_server(delay_s: float) -> AsyncIterator[str]:
+    """A loopback server answering every POST ``{}`` after ``delay_s``; yields its URL."""
+
+    async def slow(_request: web.Request) -> web.Response:
+        await asyncio.sleep(delay_s)
+        return web.Response(text="{}")
+
+    app = web.Application()
+    app.router.add_post("/", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/"
+    finally:
+        await runner.cleanup()
+
+
 class TestOutages:
     """K3 and K6: what is and is not an outage."""
 
     async def test_waiting_for_a_pooled_connection_is_not_an_outage(self) -> None:
         """With one pooled connection, a second request waits for it and gets 200 (K3)."""
-
-        async def slow(_request: web.Request) -> web.Response:
-            await asyncio.sleep(0.5)
-            return web.Response(text="{}")
-
-        app = web.Application()
-        app.router.add_post("/", slow)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with AiohttpTransport(max_connections=1, connect_timeout_s=0.2) as transport:
-                request = HttpRequest("POST", f"http://127.0.0.1:{port}/", {}, b"{}")
-                first, second = await asyncio.gather(
-                    transport.send(request), transport.send(request)
-                )
-            assert (first.status, second.status) == (200, 200)
-        finally:
-            await runner.cleanup()
+        async with (
+            _slow_server(0.5) as url,
+            AiohttpTransport(max_connections=1, connect_timeout_s=0.2) as transport,
+        ):
+            request = HttpRequest("POST", url, {}, b"{}")
+            first, second = await asyncio.gather(transport.send(request), transport.send(request))
+        assert (first.status, second.status) == (200, 200)
 
     async def test_waiting_for_a_pooled_connection_spends_no_request_timeout(self) -> None:
         """A request that waited for the one pooled connection still has its whole
         ``request_timeout_s`` once it has one: three 0.5-s answers under a 0.8-s timeout all
         get 200 (the wait used to count, so the second and third timed out unsent)."""
-
-        async def slow(_request: web.Request) -> web.Response:
-            await asyncio.sleep(0.5)
-            return web.Response(text="{}")
-
-        app = web.Application()
-        app.router.add_post("/", slow)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with AiohttpTransport(max_connections=1, timeout_s=0.8) as transport:
-                request = HttpRequest("POST", f"http://127.0.0.1:{port}/", {}, b"{}")
-                answers = await asyncio.gather(*(transport.send(request) for _ in range(3)))
-            assert [answer.status for answer in answers] == [200, 200, 200]
-        finally:
-            await runner.cleanup()
+        async with (
+            _slow_server(0.5) as url,
+            AiohttpTransport(max_connections=1, timeout_s=0.8) as transport,
+        ):
+            request = HttpRequest("POST", url, {}, b"{}")
+            answers = await asyncio.gather(*(transport.send(request) for _ in range(3)))
+        assert [answer.status for answer in answers] == [200, 200, 200]
 
     async def test_a_process_out_of_open_files_makes_no_connection_and_no_outage(
         self, monkeypatch: pytest.MonkeyPatch
