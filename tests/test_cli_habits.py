@@ -1751,6 +1751,28 @@ class TestReruns:
         assert side.exists()
         assert not out.exists()
 
+    def test_the_last_write_leaves_the_event_loop_free(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A run's last write to the output goes a page at a time, the loop turning between
+        pages: a million rows of a few ASINs took half a minute in one write at the end,
+        deaf to a second signal and a daemon's /healthz."""
+        from broker.jobs import runner
+
+        real_emit = runner._emit
+        whole: list[int | None] = []
+
+        def emit(*args: Any, pages: int | None = None) -> bool:
+            if pages is None:
+                whole.append(pages)
+            return real_emit(*args, pages=pages)
+
+        monkeypatch.setattr(runner, "_emit", emit)
+        _job(tmp_path)
+        assert self._run(tmp_path) == ExitCode.OK
+        assert len(_jsonl((tmp_path / "out.jsonl").read_text())) == 5
+        assert whole == []
+
     def test_refresh_runs_the_job_file_as_it_is_now(self, tmp_path: Path) -> None:
         """--refresh of a list regenerated since (a daily cron) fetches the new list."""
         job = _job(tmp_path)

@@ -1121,14 +1121,20 @@ async def _fetch(
         if quota_watch is not None:
             quota_watch.cancel()
         try:
-            # At once, with no turn of the loop: the run may be stopping by force. Written
-            # whether or not anything was left to record: a commit cancelled between pages
-            # of its write left rows committed but not yet in the output. Not when forced:
-            # a million rows of duplicates took half a minute, deaf to every signal; the
-            # ledger has them, and the rerun writes them.
+            # Written whether or not anything was left to record: a commit cancelled between
+            # pages of its write left rows committed but not yet in the output. Stopping by
+            # force (or cancelled), at once, with no turn of the loop, and a page at most when
+            # forced: the ledger has the rest, and the rerun writes it. Else a page at a time
+            # with the loop going on: a million rows of duplicates took half a minute to
+            # write at the end, deaf to a second signal (which now ends it between pages)
+            # and to a daemon's /healthz.
+            current = asyncio.current_task()
             try:
                 record()
-                _emit(ledger, output.sink, output.name, pages=1 if stop.forced else None)
+                if stop.forced or (current is not None and current.cancelling()):
+                    _emit(ledger, output.sink, output.name, pages=1 if stop.forced else None)
+                else:
+                    await _emit_yielding(ledger, output.sink, output.name, stop)
             except Exception as exc:
                 if not failed and stop.error is None:
                     raise
