@@ -1528,7 +1528,7 @@ class _Progress:
                 eta = max(eta, quota_eta(requests, metrics.keys, now=now))
         throttled = metrics.throttled - self._start_throttled
         keys = ", ".join(
-            f"{k.name} {k.rate:.2g}/s"
+            f"{k.name} {_rate_shown(k.rate)}/s"
             + (f" {k.daily_left} left today" if k.daily_left is not None else "")
             + (f" [{k.reason}{' until ' + k.until if k.until else ''}]" if k.reason else "")
             for k in metrics.keys
@@ -1659,6 +1659,12 @@ def _where(filename: object) -> str:
         return f" (in {os.getcwd()})"
     except OSError:
         return ""  # the working directory itself is gone
+
+
+def _rate_shown(rate: float) -> str:
+    """A key's rate in two significant digits (0.05, 4.7, 12), whole from 100 on: ``.2g``
+    alone showed 1000 TPS as ``1e+03``."""
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.2g}"
 
 
 def _fmt_eta(eta: float | None) -> str:
