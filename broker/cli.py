@@ -1042,6 +1042,43 @@ def _region_warnings(config: BrokerConfig) -> list[str]:
     return warnings
 
 
+def _environment_warnings(config: BrokerConfig, environ: Mapping[str, str]) -> list[str]:
+    """What this environment would refuse when the config runs, which ``check-config`` said
+    nothing of: no home directory for a default state or cache file, or a proxy variable
+    for the API that is no HTTP proxy URL (both refused by ``run``, exit 78)."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from broker.config import AMAZON, is_loopback_host
+    from broker.engine.transport import proxies_from_environment, proxy_url
+    from broker.errors import ConfigError
+    from broker.sqlitewal import state_dir
+
+    found: list[str] = []
+    defaults = (config.state.backend == "local" and config.state.path is None) or (
+        config.cache.backend == "sqlite" and config.cache.path is None
+    )
+    if defaults:
+        try:
+            state_dir(environ)
+        except ConfigError as exc:
+            found.append(exc.message)
+    endpoint = config.api.endpoint
+    if not config.api.uses_simulator:
+        parts = urlsplit(endpoint) if endpoint != AMAZON else None
+        scheme, host = ("https", "") if parts is None else (parts.scheme, parts.hostname or "")
+        named = proxies_from_environment(environ)
+        proxies = {each: value for each, (_, value) in named.items()}
+        # proxy_bypass_environment reads NO_PROXY; typeshed does not list it.
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        if scheme in named and not (host and (is_loopback_host(host) or bypass(host, proxies))):
+            try:
+                proxy_url(*named[scheme])
+            except ConfigError as exc:
+                found.append(f"{exc.path}: {exc.message} (a run stops at its first request)")
+    return found
+
+
 def _token_endpoint_warnings(config: BrokerConfig) -> list[str]:
     """Keys a whole ``api.token_endpoint`` URL cannot serve: one whose path ends in
     ``/token`` is used as it is for every key, but 2.x keys (Cognito) and 3.x keys (Login
@@ -1108,6 +1145,7 @@ def _check_config(config: BrokerConfig) -> int:
         *_region_warnings(config),
         *_token_endpoint_warnings(config),
         *_shared_account_warnings(config),
+        *_environment_warnings(config, os.environ),
     ]
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)

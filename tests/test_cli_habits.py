@@ -137,6 +137,40 @@ class TestVersionAndInit:
         [row] = _jsonl(capsys.readouterr().out)
         assert row["status"] == "ok"
 
+    def test_check_config_warns_of_no_home_directory(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """check-config warns that no home directory holds the default cache file (an empty
+        HOME, no XDG_STATE_HOME): it said OK, and run then refused the config (78)."""
+        monkeypatch.setenv("HOME", "")
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+        assert cli.main(["check-config", "--config", str(_config(tmp_path))]) == ExitCode.OK
+        assert "warning: no home directory found" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(("endpoint", "warned"), [("amazon", True), ("simulator", False)])
+    def test_check_config_warns_of_a_proxy_the_api_cannot_take(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        endpoint: str,
+        warned: bool,
+    ) -> None:
+        """A socks5:// https_proxy is warned of for Amazon's endpoint (its first request
+        stops the run), not for the embedded simulator, which no proxy sees."""
+        for name in ("HTTPS_PROXY", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("https_proxy", "socks5://u:hunter2@proxy.example:1080")
+        monkeypatch.setenv("ASINB_DEMO_SECRET", "a" * 64)
+        text = _DEAD.replace('endpoint = "http://127.0.0.1:9"', f'endpoint = "{endpoint}"')
+        assert cli.main(["check-config", "--config", str(_config(tmp_path, text))]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: https_proxy (environment): " in err) is warned
+        assert "hunter2" not in err
+
     def test_init_template_shows_the_optional_tables(self, tmp_path: Path) -> None:
         """The starter shows [state], [serve] and [cache] (commented), as the repository's
         config.toml does, so a user of the installed wheel finds them too."""
