@@ -436,6 +436,11 @@ class TestJobs:
             "failed": 0,
             "pending": 1,
         }
+        # And what it spent, as a done job's status says: the quota its paid rows took
+        # (the UK one's refused request too) was recorded nowhere per job.
+        assert failed["requests"] >= 2
+        assert failed["throttled"] == 0
+        assert failed["retries"] >= 0
         # Among the recent jobs of /metrics, as a done job is (named with its folder); the
         # row it left is unfinished (not pending: nothing works on it), so its progress
         # reads 20 of 21.

@@ -201,6 +201,16 @@ class _Spent:
     #: stretch found done
     resumed_rows: int | None = None
 
+    def requests_with(self, before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, int]:
+        """The requests, 429s and retries of these stretches and one more, from the broker's
+        counters around it (the same snapshot twice: none more): a failed job's status says
+        what it spent, as a done one's does."""
+        return {
+            "requests": self.requests + after.requests - before.requests,
+            "throttled": self.throttled + after.throttled - before.throttled,
+            "retries": self.retries + after.retries - before.retries,
+        }
+
     def plus(self, summary: JobSummary, before: MetricsSnapshot, after: MetricsSnapshot) -> _Spent:
         """These counts with one more stretch's: ``summary``, the broker's counters around it."""
         return _Spent(
@@ -1732,8 +1742,9 @@ class Daemon:
             logger.warning("broker.job_skipped", job=name, reason=str(exc))
             return
         except JobChangedError as exc:
-            if not self._fail_changed(job, before_stat):
-                self._fail(job, exc)  # changed and changed back: still refused
+            used = (spent or _Spent()).requests_with(before, broker.metrics())
+            if not self._fail_changed(job, before_stat, used):
+                self._fail(job, exc, used)  # changed and changed back: still refused
             return
         except JobFileChangedError as exc:
             # Changed while no daemon ran it (a producer writing it in place): the same
@@ -1742,12 +1753,12 @@ class Daemon:
             self._fail_message(job, message, ExitCode.DATA_ERROR)
             return
         except JobFileError as exc:
-            self._fail(job, exc)
+            self._fail(job, exc, (spent or _Spent()).requests_with(before, broker.metrics()))
             return
         except NoUsableKeyError as exc:
             if stops_daemon(exc, broker.metrics().keys):
                 raise  # the job stays claimed, for the next start (with the keys back)
-            self._fail(job, exc)
+            self._fail(job, exc, (spent or _Spent()).requests_with(before, broker.metrics()))
             return
         except OSError as exc:
             if out_of_files(exc):
@@ -1777,7 +1788,7 @@ class Daemon:
             else:
                 logger.error("broker.job_unfinished", job=name, pending=summary.pending)
             return
-        if self._fail_changed(job, before_stat):
+        if self._fail_changed(job, before_stat, spent.requests_with(before, before)):
             return
         self._finish(job, summary, spent)
 
@@ -1804,7 +1815,9 @@ class Daemon:
             again = dataclasses.replace(options, new_job=True)
             return await run_job(self._config, again, broker=broker)
 
-    def _fail_changed(self, job: SpoolJob, before: os.stat_result) -> bool:
+    def _fail_changed(
+        self, job: SpoolJob, before: os.stat_result, spent: Mapping[str, int] | None = None
+    ) -> bool:
         """File ``job`` in failed/ if it changed since ``before``, or drop it if it vanished
         or was replaced by another file; True if so.
 
@@ -1827,7 +1840,7 @@ class Daemon:
             f"changed while the job ran ({before.st_size} bytes when it started, "
             f"{after.st_size} now)"
         )
-        self._fail_message(job, message, ExitCode.DATA_ERROR)
+        self._fail_message(job, message, ExitCode.DATA_ERROR, spent)
         return True
 
     def _check_readable(self, job: SpoolJob) -> os.stat_result | None:
@@ -1943,13 +1956,15 @@ class Daemon:
             **{key: value for key, value in status.items() if key not in ("job", "outcome")},
         )
 
-    def _fail(self, job: SpoolJob, exc: BaseException) -> None:
+    def _fail(
+        self, job: SpoolJob, exc: BaseException, spent: Mapping[str, int] | None = None
+    ) -> None:
         code, message = describe_failure(exc, job=job.path, spooled=True)
         # The job is filed under failed/ by now: name it, not its place in processing/
         # (messages name the path as given, or made absolute).
         for place in (str(job.path.absolute()), str(job.path)):
             message = message.replace(place, job.name)
-        self._fail_message(job, message, code)
+        self._fail_message(job, message, code, spent)
 
     def _fail_unreadable(self, job: SpoolJob, exc: OSError) -> None:
         reason = exc.strerror or str(exc)
@@ -1961,11 +1976,17 @@ class Daemon:
         )
         self._fail_message(job, message, ExitCode.NO_INPUT)
 
-    def _fail_message(self, job: SpoolJob, message: str, code: int) -> None:
+    def _fail_message(
+        self, job: SpoolJob, message: str, code: int, spent: Mapping[str, int] | None = None
+    ) -> None:
+        """File ``job`` under failed/ with ``message``; ``spent``: the requests, 429s and
+        retries its runs made, when it ran."""
         if not job.path.exists():
             self._vanished(job)
             return
         status = self._failure_status(job.name, message, code)
+        if spent is not None:
+            status.update(spent)
         tally = read_tally(job.ledger) if job.ledger.exists() else None
         if tally is not None:
             # The rows it answered before it failed are in its output, filed with it: by
