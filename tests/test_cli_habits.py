@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -1784,6 +1785,40 @@ class TestReruns:
         assert not side.with_name(side.name + ".promote").exists()
         assert side.exists()
         assert not out.exists()
+
+    def test_a_second_signal_ends_the_last_write_between_pages(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two SIGTERMs during the run's last write (every row committed at the end, a page
+        of one row each) stop it between pages; the rerun writes the rest, each row once.
+        The second signal did nothing there (the fetch had ended), and a long last write
+        ran to its end."""
+        from broker.jobs import runner, signals
+
+        # Two signals a loop turn apart would be one signal and its copy (ECHO_S).
+        monkeypatch.setattr(signals, "ECHO_S", 0.0)
+        monkeypatch.setattr(runner, "_COMMIT_ROWS", 10**9)
+        monkeypatch.setattr(runner, "_COMMIT_EVERY_S", 3600.0)
+        monkeypatch.setattr(runner, "_EMIT_ROWS", 1)
+        real_emit = runner._emit
+        calls: list[int | None] = []
+
+        def emit(*args: Any, pages: int | None = None) -> bool:
+            calls.append(pages)
+            # The first call is the output's opening one (nothing done yet); the last write
+            # begins with the second.
+            if len(calls) in (2, 3):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_emit(*args, pages=pages)
+
+        monkeypatch.setattr(runner, "_emit", emit)
+        _job(tmp_path)
+        self._run(tmp_path)
+        out = tmp_path / "out.jsonl"
+        assert len(_jsonl(out.read_text())) < 5
+        monkeypatch.setattr(runner, "_emit", real_emit)
+        assert self._run(tmp_path) == ExitCode.OK
+        assert sorted(row["line"] for row in _jsonl(out.read_text())) == [1, 2, 3, 4, 5]
 
     def test_the_last_write_leaves_the_event_loop_free(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

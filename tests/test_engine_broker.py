@@ -1042,6 +1042,24 @@ class TestEngineCrash:
         assert "exc_info" not in stopped
         assert "No space left on device" in stopped["reason"]
 
+    async def test_a_stray_timeout_error_is_still_a_crash(
+        self, harness: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A TimeoutError (an OSError) escaping an engine task is a bug, logged as
+        broker.task_crashed with its traceback, not as the machine's trouble in one line."""
+
+        async def stray(self: SharedKeyLimiter) -> None:
+            await asyncio.sleep(0.05)
+            raise TimeoutError
+
+        monkeypatch.setattr(SharedKeyLimiter, "keep_alive", stray)
+        sim = await harness.simulator(FREE)
+        with capture_logs() as logs:
+            broker = await harness.broker(make_config(sim.url))
+            await _engine_stopped(broker)
+        (crashed,) = [e for e in logs if e["event"] == "broker.task_crashed"]
+        assert crashed["exc_info"] is broker.engine_error
+
     async def test_caller_waiting_for_room_gets_the_crash(self, harness: Harness) -> None:
         """A caller blocked on a full queue when the engine dies raises the crash too."""
         sim = await harness.simulator(FREE)

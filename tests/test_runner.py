@@ -1248,7 +1248,7 @@ def test_a_key_out_of_every_marketplace_is_told_once_per_marketplace() -> None:
 
 @pytest.mark.parametrize(
     ("rate", "shown"),
-    [(0.05, "0.05"), (4.7, "4.7"), (12.5, "12"), (150.0, "150"), (1000.0, "1000")],
+    [(0.05, "0.05"), (4.7, "4.7"), (12.5, "12"), (99.7, "100"), (150.0, "150"), (1000.0, "1000")],
 )
 def test_a_keys_rate_is_shown_without_an_exponent(rate: float, shown: str) -> None:
     """The progress line shows a key's rate as a plain number: 1000 TPS read "1e+03/s"."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import os
 import random
 from collections.abc import (
@@ -78,6 +79,23 @@ if TYPE_CHECKING:
 __all__ = ["Broker", "BrokerOptions", "Query"]
 
 logger = get_logger("broker")
+
+#: An OSError stopping the engine with one of these is the machine's (a full or read-only
+#: disk under the key state, a file it may not write, a file held, no open files left): told
+#: in one line, not as a crash.
+_MACHINE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EIO,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EBUSY,
+        errno.EMFILE,
+        errno.ENFILE,
+    }
+)
 
 _Input = str | Query
 #: What makes [[keys]] entries one credential's, sharing one token: (token URL, credential
@@ -487,12 +505,15 @@ class Broker:
         # from a failing budget store stays an OSError).
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
-        if isinstance(exc, StateUnavailableError | ConfigError | OSError):
+        if isinstance(exc, StateUnavailableError | ConfigError) or (
+            isinstance(exc, OSError) and exc.errno in _MACHINE_ERRNOS
+        ):
             # A key-state store the config cannot use (Redis refusing the password: exit
             # 78), not a bug; an outage past its budget takes the keys out instead, but one
-            # reaching here stops the engine as documented (exit 69). An OSError is the
-            # machine's (a full disk or a read-only file under the key state: exit 74),
-            # and its message names the file.
+            # reaching here stops the engine as documented (exit 69). So is the machine's
+            # trouble (a full disk or a read-only file under the key state, no open files
+            # left: exit 74), whose message says what; not any OSError (a TimeoutError or
+            # a ConnectionError that escaped is a bug, whose traceback the report needs).
             logger.error("broker.engine_stopped", reason=str(exc))
         else:
             # A bug: its report needs where it happened (masked as the rest of the log).
@@ -1149,12 +1170,15 @@ class Broker:
 
     @property
     def engine_error(self) -> BaseException | None:
-        """What stopped the engine: a crash of one of its tasks (a bug), or a key-state store
-        the config cannot use; None while it runs, and after a close that found it running
-        (a close keeps what stopped it before).
+        """What stopped the engine: a crash of one of its tasks (a bug), a key-state store
+        the config cannot use, the machine's trouble (a full disk under the key state, the
+        process out of open files: an OSError), or a proxy variable that is no HTTP proxy
+        URL (a ConfigError at the first request through it); None while it runs, and after a
+        close that found it running (a close keeps what stopped it before).
 
-        Every call raises it from then on. A process that holds the broker between calls
-        (a daemon, idle) reads it to stop at once, instead of at its next call.
+        Every call raises it from then on: a long-lived process (a web app) makes a new
+        broker once the cause is mended. A process that holds the broker between calls (a
+        daemon, idle) reads it to stop at once, instead of at its next call.
         """
         stopped = self._stopped
         return None if isinstance(stopped, BrokerClosedError) else stopped

@@ -218,17 +218,8 @@ class RunPaths:
                 # Held while the copy is under its temporary name: a later run removes only
                 # copies nobody holds, those of runs killed while they read stdin.
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-                try:
-                    _copy_stdin(handle)
-                    handle.flush()
-                except StdinUnreadable:
-                    raise
-                except OSError as exc:
-                    # A full disk under the copy names no file by itself: name the copy,
-                    # so the message says which disk to free.
-                    if exc.filename is not None:
-                        raise
-                    raise OSError(exc.errno, exc.strerror, temporary) from exc
+                _copy_stdin(handle)
+                handle.flush()
                 same = self.job.exists() and filecmp.cmp(temporary, self.job, shallow=False)
                 if same and not refresh:
                     Path(temporary).unlink()
@@ -258,6 +249,17 @@ class RunPaths:
                             "--new-job to start over with it"
                         )
                     os.replace(temporary, self.job)
+        except StdinUnreadable:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            Path(temporary).unlink(missing_ok=True)
+            # A full disk under the copy names no file by itself (and a small copy fails
+            # again as its handle closes, with no name either): name the copy, so the
+            # message says which disk to free.
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, temporary) from exc
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise

@@ -1134,7 +1134,11 @@ async def _fetch(
                 if stop.forced or (current is not None and current.cancelling()):
                     _emit(ledger, output.sink, output.name, pages=1 if stop.forced else None)
                 else:
-                    await _emit_yielding(ledger, output.sink, output.name, stop)
+                    stop.writing = True
+                    try:
+                        await _emit_yielding(ledger, output.sink, output.name, stop)
+                    finally:
+                        stop.writing = False
             except Exception as exc:
                 if not failed and stop.error is None:
                     raise
@@ -1311,6 +1315,7 @@ class _Stop:
         "quota_until",
         "requested",
         "signals",
+        "writing",
     )
 
     def __init__(self, grace_s: float) -> None:
@@ -1320,6 +1325,9 @@ class _Stop:
         self.forced = False
         #: every row is done and the output is being put in input order (``--ordered``)
         self.ordering = False
+        #: the fetch has ended and its last rows are being written to the output: a forced
+        #: stop ends that write between pages (the rows left stay in the ledger)
+        self.writing = False
         #: how many stop signals (or the caller's drain) came so far
         self.signals = 0
         #: why the fetch was stopped, when it was an error (see :meth:`fail`)
@@ -1400,14 +1408,17 @@ class _Stop:
         self._cancel()
 
     def _force(self, reason: str) -> None:
-        if self.forced or (self._fetch is not None and self._fetch.done()):
+        ended = self._fetch is not None and self._fetch.done()
+        if self.forced or (ended and not self.writing):
             # Also when the fetch has ended (the drain's timer running out during the
             # --ordered export): nothing is in flight to stop, and saying so misled.
             return
         logger.warning(
             "broker.job_stop_forced",
             reason=reason,
-            note="finished results are written; lookups in flight stay pending for the rerun",
+            note="the rows not written yet stay in the ledger for the rerun"
+            if ended
+            else "finished results are written; lookups in flight stay pending for the rerun",
         )
         self._cancel()
 
@@ -1664,7 +1675,7 @@ def _where(filename: object) -> str:
 def _rate_shown(rate: float) -> str:
     """A key's rate in two significant digits (0.05, 4.7, 12), whole from 100 on: ``.2g``
     alone showed 1000 TPS as ``1e+03``."""
-    return f"{rate:.0f}" if rate >= 100 else f"{rate:.2g}"
+    return f"{rate:.0f}" if rate >= 99.5 else f"{rate:.2g}"
 
 
 def _fmt_eta(eta: float | None) -> str:
