@@ -708,22 +708,14 @@ _MADE: Final = {"out": "--out", "spool": "--spool", "path": "the path"}
 
 
 def _no_home(given: str, expanded: str) -> str | None:
-    """Why the leading ``~`` of ``given`` names no folder, else None.
+    """Why the leading ``~`` of ``given`` names no folder, else None (as for the config's
+    path settings: :func:`broker.config.no_home`); a folder named ``~nosuchuser`` was made
+    in the working directory. ``~tmp.jsonl`` alone names a file here, not a user's folder."""
+    from broker.config import no_home
 
-    ``~name`` of no user on this machine, or ``~`` with no home (HOME unset and no entry in
-    /etc/passwd, or HOME empty, which made ``~/x`` into ``/x``), was taken as written: a
-    folder named ``~nosuchuser`` was made in the working directory. The config's path
-    settings refuse the same.
-    """
-    if not given.startswith("~") or ("/" not in given and given != "~"):
-        # ``~tmp.jsonl`` alone names a file here, not a folder of a user's.
+    if "/" not in given and given != "~":
         return None
-    user = given.split("/", 1)[0]
-    if user == "~" and (expanded.startswith("~") or os.environ.get("HOME") == ""):
-        return "~ names no home folder (HOME is empty, or unset with no /etc/passwd entry)"
-    if expanded.startswith("~"):
-        return f"{user} names no user on this machine"
-    return None
+    return no_home(given, expanded)
 
 
 def _home(given: str) -> str:
@@ -1046,11 +1038,10 @@ def _environment_warnings(config: BrokerConfig, environ: Mapping[str, str]) -> l
     """What this environment would refuse when the config runs, which ``check-config`` said
     nothing of: no home directory for a default state or cache file, or a proxy variable
     for the API that is no HTTP proxy URL (both refused by ``run``, exit 78)."""
-    import urllib.request
     from urllib.parse import urlsplit
 
-    from broker.config import AMAZON, is_loopback_host
-    from broker.engine.transport import proxies_from_environment, proxy_url
+    from broker.config import AMAZON
+    from broker.engine.transport import proxies_from_environment, proxy_to
     from broker.errors import ConfigError
     from broker.sqlitewal import state_dir
 
@@ -1067,15 +1058,10 @@ def _environment_warnings(config: BrokerConfig, environ: Mapping[str, str]) -> l
     if not config.api.uses_simulator:
         parts = urlsplit(endpoint) if endpoint != AMAZON else None
         scheme, host = ("https", "") if parts is None else (parts.scheme, parts.hostname or "")
-        named = proxies_from_environment(environ)
-        proxies = {each: value for each, (_, value) in named.items()}
-        # proxy_bypass_environment reads NO_PROXY; typeshed does not list it.
-        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-        if scheme in named and not (host and (is_loopback_host(host) or bypass(host, proxies))):
-            try:
-                proxy_url(*named[scheme])
-            except ConfigError as exc:
-                found.append(f"{exc.path}: {exc.message} (a run stops at its first request)")
+        try:
+            proxy_to(scheme, host, proxies_from_environment(environ))
+        except ConfigError as exc:
+            found.append(f"{exc.path}: {exc.message} (a run stops at its first request)")
     return found
 
 

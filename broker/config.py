@@ -56,6 +56,7 @@ __all__ = [
     "config_from_dict",
     "is_loopback_host",
     "load_config",
+    "no_home",
     "parse_config",
     "redacted_url",
     "require_config",
@@ -1442,10 +1443,28 @@ def _path_text(table: TomlTable, name: str) -> str | None:
             "leading ~, for your home): write the path itself",
         )
     expanded = os.path.expanduser(_named_on_disk(raw))
-    if expanded.startswith("~"):
-        # ~name of a user this machine does not have: a folder named so would be made.
-        raise ConfigError(table.key(name), f"{raw.split('/', 1)[0]} names no user on this machine")
+    why = no_home(raw, expanded)
+    if why is not None:
+        raise ConfigError(table.key(name), why)
     return expanded
+
+
+def no_home(given: str, expanded: str) -> str | None:
+    """Why the leading ``~`` of the path ``given`` names no folder (``expanded`` is what
+    ``os.path.expanduser`` made of it), else None.
+
+    ``~name`` of a user this machine does not have comes back as written, and a folder
+    named ``~name`` would be made; ``~`` with no home (HOME unset and no /etc/passwd entry,
+    or HOME empty, which makes ``~/x`` into ``/x``) likewise.
+    """
+    if not given.startswith("~"):
+        return None
+    user = given.split("/", 1)[0]
+    if user == "~" and (expanded.startswith("~") or os.environ.get("HOME") == ""):
+        return "~ names no home folder (HOME is empty, or unset with no /etc/passwd entry)"
+    if expanded.startswith("~"):
+        return f"{user} names no user on this machine"
+    return None
 
 
 def _named_on_disk(text: str) -> str:

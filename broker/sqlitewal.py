@@ -39,6 +39,7 @@ __all__ = [
     "OUR_TABLES",
     "RefusedFileError",
     "checkpoint",
+    "checkpoint_unless_read",
     "disk_error",
     "enable_wal",
     "file_identity",
@@ -323,6 +324,26 @@ def checkpoint(conn: sqlite3.Connection, path: Path) -> None:
             "it and run the same command again",
             str(path),
         )
+
+
+def checkpoint_unless_read(conn: sqlite3.Connection, path: Path) -> bool:
+    """:func:`checkpoint` as a file is closed: False, and nothing raised, when a reader
+    elsewhere (a sqlite3 shell, a viewer) keeps pages in the log, which is not waited for
+    (100 ms): the file is whole with its log where it is, and one that must stand alone is
+    refused where it would be moved (:func:`self_contained`).
+
+    Raises:
+        OSError: the disk is full or failing (:func:`disk_error`).
+        sqlite3.Error: any other.
+    """
+    conn.execute("PRAGMA busy_timeout = 100")
+    try:
+        checkpoint(conn, path)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        return False
+    return True
 
 
 def self_contained(path: Path) -> bool:

@@ -42,6 +42,7 @@ __all__ = [
     "MockTransport",
     "Transport",
     "proxies_from_environment",
+    "proxy_to",
     "proxy_url",
 ]
 
@@ -118,6 +119,29 @@ def proxy_url(variable: str, value: str) -> str | None:
             "the host if the proxy asks for them), or unset it",
         )
     return text
+
+
+def proxy_to(scheme: str, host: str, named: Mapping[str, tuple[str, str]]) -> str | None:
+    """The proxy a request to ``scheme://host`` takes under ``named``
+    (:func:`proxies_from_environment`), checked; None: connect directly.
+
+    Never for a loopback host, whatever NO_PROXY says: plain http:// is allowed only for
+    one, and through a proxy its secret and tokens would cross the network in clear.
+
+    Raises:
+        ConfigError: the proxy it would take is no HTTP proxy URL (:func:`proxy_url`).
+            Checked only here, for a proxy a request takes: a socks5:// one in a shell that
+            runs the broker against the embedded simulator (or for a host NO_PROXY names)
+            is none of the broker's business.
+    """
+    if scheme not in named:
+        return None
+    proxies = {each: value for each, (_, value) in named.items()}
+    # proxy_bypass_environment reads NO_PROXY; typeshed does not list it.
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if is_loopback_host(host) or bypass(host, proxies):
+        return None
+    return proxy_url(*named[scheme])
 
 
 class Transport(Protocol):
@@ -230,7 +254,6 @@ class AiohttpTransport:
         "_max_connections",
         "_proxies",
         "_proxy_cache",
-        "_proxy_names",
         "_session",
         "_slots",
         "_state",
@@ -249,9 +272,9 @@ class AiohttpTransport:
     ) -> None:
         self._timeout_s = timeout_s
         self._trust_env = trust_env
-        self._proxies: dict[str, str] = {}
+        # scheme -> (the variable that named it, its value), as proxies_from_environment
+        self._proxies: dict[str, tuple[str, str]] = {}
         self._proxy_cache: dict[tuple[str, str], str | None] = {}
-        self._proxy_names: dict[str, str] = {}
         self._connect_timeout_s = connect_timeout_s
         self._max_body_bytes = max_body_bytes
         self._max_connections = max_connections
@@ -269,9 +292,7 @@ class AiohttpTransport:
         # once per host, not through aiohttp's trust_env, which looks them up (and .netrc)
         # in a thread for every request: most of a request's CPU when measured.
         if self._trust_env:
-            named = proxies_from_environment(os.environ)
-            self._proxies = {scheme: value for scheme, (_, value) in named.items()}
-            self._proxy_names = {scheme: variable for scheme, (variable, _) in named.items()}
+            self._proxies = proxies_from_environment(os.environ)
         # The same limit as the slots (a backstop: a send holding a slot always finds a
         # connection free here).
         connector = aiohttp.TCPConnector(
@@ -338,26 +359,15 @@ class AiohttpTransport:
                 return RawResponse(response.status, headers, body, time.perf_counter() - started)
 
     def _proxy_for(self, url: str) -> str | None:
-        """The proxy the environment names for ``url`` (None: connect directly)."""
+        """The proxy the environment names for ``url`` (None: connect directly), looked up
+        once per (scheme, host)."""
         parts = urlsplit(url)
         key = (parts.scheme, parts.hostname or "")
         try:
             return self._proxy_cache[key]
         except KeyError:
             pass
-        proxy = self._proxies.get(parts.scheme)
-        # proxy_bypass_environment reads NO_PROXY; typeshed does not list it.
-        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-        # Never a loopback host, whatever NO_PROXY says: plain http:// is allowed only for
-        # one, and through a proxy its secret and tokens would cross the network in clear.
-        if proxy and (is_loopback_host(key[1]) or bypass(key[1], self._proxies)):
-            proxy = None
-        if proxy:
-            # Checked only here, for a proxy a request takes: a socks5:// one in a shell that
-            # runs the broker against the embedded simulator (or a host NO_PROXY names) is
-            # none of the broker's business.
-            proxy = proxy_url(self._proxy_names[parts.scheme], proxy)
-        self._proxy_cache[key] = proxy
+        proxy = self._proxy_cache[key] = proxy_to(key[0], key[1], self._proxies)
         return proxy
 
     async def _read_capped(self, request: HttpRequest, content: aiohttp.StreamReader) -> bytes:

@@ -59,7 +59,7 @@ from broker.jobs.sources import INVALID_ASIN
 from broker.jsontext import dumps, loads
 from broker.logs import get_logger
 from broker.sqlitewal import (
-    checkpoint,
+    checkpoint_unless_read,
     disk_error,
     file_identity,
     held_error,
@@ -760,11 +760,7 @@ class Ledger:
                 return
             self._closed = True
             try:
-                self._conn.execute("PRAGMA busy_timeout = 100")
-                checkpoint(self._conn, self._path)
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    raise
+                checkpoint_unless_read(self._conn, self._path)
             finally:
                 self._conn.close()
 

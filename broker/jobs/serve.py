@@ -201,25 +201,28 @@ class _Spent:
     #: stretch found done
     resumed_rows: int | None = None
 
-    def requests_with(self, before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, int]:
-        """The requests, 429s and retries of these stretches and one more, from the broker's
-        counters around it (the same snapshot twice: none more): a failed job's status says
-        what it spent, as a done one's does."""
-        return {
-            "requests": self.requests + after.requests - before.requests,
-            "throttled": self.throttled + after.throttled - before.throttled,
-            "retries": self.retries + after.retries - before.retries,
-        }
+    def counts(self) -> dict[str, int]:
+        """The requests, 429s and retries, as a job's status file gives them (a failed
+        job's too: what it spent)."""
+        return {"requests": self.requests, "throttled": self.throttled, "retries": self.retries}
+
+    def sent(self, before: MetricsSnapshot, after: MetricsSnapshot) -> _Spent:
+        """These counts with one more stretch's requests, 429s and retries: the broker's
+        counters around it (a stretch that failed has no summary)."""
+        return dataclasses.replace(
+            self,
+            requests=self.requests + after.requests - before.requests,
+            throttled=self.throttled + after.throttled - before.throttled,
+            retries=self.retries + after.retries - before.retries,
+        )
 
     def plus(self, summary: JobSummary, before: MetricsSnapshot, after: MetricsSnapshot) -> _Spent:
         """These counts with one more stretch's: ``summary``, the broker's counters around it."""
-        return _Spent(
-            self.requests + after.requests - before.requests,
-            self.throttled + after.throttled - before.throttled,
-            self.retries + after.retries - before.retries,
-            self.cached + summary.cached,
-            self.wall_s + summary.wall_s,
-            summary.resumed_rows if self.resumed_rows is None else self.resumed_rows,
+        return dataclasses.replace(
+            self.sent(before, after),
+            cached=self.cached + summary.cached,
+            wall_s=self.wall_s + summary.wall_s,
+            resumed_rows=summary.resumed_rows if self.resumed_rows is None else self.resumed_rows,
         )
 
 
@@ -1742,7 +1745,7 @@ class Daemon:
             logger.warning("broker.job_skipped", job=name, reason=str(exc))
             return
         except JobChangedError as exc:
-            used = (spent or _Spent()).requests_with(before, broker.metrics())
+            used = self._used(spent, before, broker)
             if not self._fail_changed(job, before_stat, used):
                 self._fail(job, exc, used)  # changed and changed back: still refused
             return
@@ -1753,12 +1756,12 @@ class Daemon:
             self._fail_message(job, message, ExitCode.DATA_ERROR)
             return
         except JobFileError as exc:
-            self._fail(job, exc, (spent or _Spent()).requests_with(before, broker.metrics()))
+            self._fail(job, exc, self._used(spent, before, broker))
             return
         except NoUsableKeyError as exc:
             if stops_daemon(exc, broker.metrics().keys):
                 raise  # the job stays claimed, for the next start (with the keys back)
-            self._fail(job, exc, (spent or _Spent()).requests_with(before, broker.metrics()))
+            self._fail(job, exc, self._used(spent, before, broker))
             return
         except OSError as exc:
             if out_of_files(exc):
@@ -1788,9 +1791,14 @@ class Daemon:
             else:
                 logger.error("broker.job_unfinished", job=name, pending=summary.pending)
             return
-        if self._fail_changed(job, before_stat, spent.requests_with(before, before)):
+        if self._fail_changed(job, before_stat, spent.counts()):
             return
         self._finish(job, summary, spent)
+
+    @staticmethod
+    def _used(spent: _Spent | None, before: MetricsSnapshot, broker: Broker) -> dict[str, int]:
+        """What a job's runs spent, its last stretch (since ``before``) ended by a failure."""
+        return (spent or _Spent()).sent(before, broker.metrics()).counts()
 
     async def _run_job(self, broker: Broker, options: JobOptions) -> JobSummary:
         """Run a job; one stopped under other answer settings than the config's now (a
@@ -1930,9 +1938,7 @@ class Daemon:
             "exit_code": summary.exit_code(),
             "rows": {"total": summary.total, **rows},
             # This daemon's runs of the job (several when it was deferred for the quota)...
-            "requests": spent.requests,
-            "throttled": spent.throttled,
-            "retries": spent.retries,
+            **spent.counts(),
             "from_cache": spent.cached,
             "wall_s": round(spent.wall_s, 3),
             # ...and the rows done before the first of them (a stop, a crash):

@@ -46,7 +46,7 @@ from broker.jobs.ledger import DoneRow, SinkState, crash_point
 from broker.jsontext import dumps, loads
 from broker.logs import get_logger
 from broker.sqlitewal import (
-    checkpoint,
+    checkpoint_unless_read,
     disk_error,
     enable_wal,
     file_identity,
@@ -971,14 +971,12 @@ class SqliteSink:
     def _leave_wal(self, conn: sqlite3.Connection) -> None:
         """Copy the log into the file and leave WAL mode; a full or failing disk that keeps
         rows in the log raises (it was swallowed: the run exited 0 with them there)."""
-        conn.execute("PRAGMA busy_timeout = 100")
         try:
-            checkpoint(conn, self.path)
-            conn.execute("PRAGMA journal_mode = DELETE")
+            if checkpoint_unless_read(conn, self.path):
+                conn.execute("PRAGMA journal_mode = DELETE")
         except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                self._failed = exc
-                raise
+            self._failed = exc
+            raise
         except sqlite3.Error as exc:
             failure = disk_error(self.path, exc)
             if failure is not None:
