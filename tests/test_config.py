@@ -321,6 +321,14 @@ class TestPaths:
         assert error.path == "output.directory"
         assert "~asinb-no-such-user names no user" in error.message
 
+    def test_home_of_an_empty_home_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """~/x under an empty HOME (which makes it /x, at the file system's root) is refused
+        naming the key, as --out=~/x is."""
+        monkeypatch.setenv("HOME", "")
+        error = _error(_with("output.directory", "~/asinb-out"))
+        assert error.path == "output.directory"
+        assert "~ names no home folder" in error.message
+
     @pytest.mark.parametrize(
         ("where", "path"),
         [
